@@ -1,0 +1,86 @@
+// tracin: exact TracIn influence kernels (C++17, no Python).
+//
+// influence(t, i) = sum_c w_c * <g_c(t), g_c(i)>, computed blocked over (train rows x test rows)
+// with top-k selected in the tile epilogue. All functions are thread-safe, keep no global state
+// and report problems through Status instead of throwing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tracin {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// A row-major matrix view: element (r, k) lives at data + (r * row_stride + k) * element_size.
+struct MatrixView {
+  const void* data = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+  std::int64_t row_stride = 0;  // in elements, >= cols
+  DType dtype = DType::kFloat32;
+};
+
+// One side (test or train) of the problem. Full mode: one matrix per checkpoint. Factored mode:
+// per checkpoint a left (n, p_c) and right (n, q_c) matrix, stored as blocks = {L_0, R_0, L_1, ...};
+// the gradient is the row-wise outer product L_i (x) R_i.
+struct GradientSide {
+  bool factored = false;
+  std::vector<MatrixView> blocks;
+
+  std::int64_t rows() const { return blocks.empty() ? 0 : blocks.front().rows; }
+  std::size_t checkpoints() const { return factored ? blocks.size() / 2 : blocks.size(); }
+};
+
+enum class Side : int { kProponents = 0, kOpponents = 1, kBoth = 2 };
+
+// Instruction set of the inner kernels; kAuto picks the best one the CPU supports.
+enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
+
+struct Options {
+  int num_threads = 0;           // 0: all hardware threads
+  std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
+  std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
+  Isa isa = Isa::kAuto;
+};
+
+enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kNonFinite = 2, kInternal = 3 };
+
+struct Status {
+  StatusCode code = StatusCode::kOk;
+  std::string message;
+  bool ok() const { return code == StatusCode::kOk; }
+  static Status Ok() { return {}; }
+};
+
+// Top-k output buffers, each (m, k) row-major; a side that is not requested may be null.
+struct TopKOutput {
+  float* proponent_values = nullptr;
+  std::int64_t* proponent_indices = nullptr;
+  float* opponent_values = nullptr;
+  std::int64_t* opponent_indices = nullptr;
+};
+
+// Dense scores, out is (test.rows(), train.rows()) row-major float32.
+Status Scores(const GradientSide& test, const GradientSide& train,
+              const std::vector<double>& weights, float* out, const Options& options = {});
+
+// Exact top-k over train rows for every test row. k must be <= train.rows().
+// Proponents: largest first; opponents: most negative first; ties: smaller train index first.
+Status TopK(const GradientSide& test, const GradientSide& train, const std::vector<double>& weights,
+            std::int64_t k, Side side, const TopKOutput& out, const Options& options = {});
+
+// out[i] = sum_c w_c * |g_c(i)|^2, out is (train.rows(),).
+Status SelfInfluence(const GradientSide& train, const std::vector<double>& weights, float* out,
+                     const Options& options = {});
+
+// out[i] = sum over test rows t of influence(t, i), out is (train.rows(),).
+Status Aggregate(const GradientSide& test, const GradientSide& train,
+                 const std::vector<double>& weights, float* out, const Options& options = {});
+
+// The instruction set kAuto resolves to on this CPU, and a name for it.
+Isa DetectIsa();
+const char* IsaName(Isa isa);
+
+}  // namespace tracin

@@ -1,0 +1,178 @@
+// tracin._core: a thin pybind11 layer over the C++ library. Takes buffers without copying,
+// releases the GIL while the kernel runs, turns a Status into ValueError / RuntimeError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tracin/tracin.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+// One side as passed from Python: (factored, blocks, dtype codes). Blocks are 2-D buffers whose
+// rows are contiguous; float16 / bfloat16 arrive as uint16 views with their dtype code.
+using SideSpec = std::tuple<bool, std::vector<py::buffer>, std::vector<int>>;
+
+struct HeldSide {
+  std::vector<py::buffer_info> buffers;  // keeps the memory alive and pinned
+  tracin::GradientSide side;
+};
+
+HeldSide Hold(const SideSpec& spec, const char* name) {
+  const auto& [factored, blocks, dtypes] = spec;
+  if (blocks.size() != dtypes.size())
+    throw py::value_error(std::string(name) + ": one dtype code per block expected");
+  HeldSide held;
+  held.side.factored = factored;
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    py::buffer_info info = blocks[b].request();
+    const int code = dtypes[b];
+    const py::ssize_t expected_size = code == 0 ? 4 : 2;
+    if (code < 0 || code > 2) throw py::value_error(std::string(name) + ": unknown dtype code");
+    if (info.ndim != 2 || info.itemsize != expected_size)
+      throw py::value_error(std::string(name) + ": block " + std::to_string(b) +
+                            " must be a 2-D buffer of " + std::to_string(expected_size) +
+                            "-byte elements");
+    if ((info.shape[1] > 1 && info.strides[1] != info.itemsize) || info.strides[0] < 0 ||
+        info.strides[0] % info.itemsize != 0)
+      throw py::value_error(std::string(name) + ": block " + std::to_string(b) +
+                            " must have contiguous rows and a non-negative row stride");
+    tracin::MatrixView view;
+    view.data = info.ptr;
+    view.rows = info.shape[0];
+    view.cols = info.shape[1];
+    view.row_stride = info.shape[0] > 1 ? info.strides[0] / info.itemsize : info.shape[1];
+    view.dtype = static_cast<tracin::DType>(code);
+    held.side.blocks.push_back(view);
+    held.buffers.push_back(std::move(info));
+  }
+  return held;
+}
+
+tracin::Options MakeOptions(int num_threads, std::int64_t train_block, std::int64_t test_block,
+                            const std::string& isa) {
+  tracin::Options o;
+  o.num_threads = num_threads;
+  o.train_block = train_block;
+  o.test_block = test_block;
+  if (isa == "auto")
+    o.isa = tracin::Isa::kAuto;
+  else if (isa == "generic")
+    o.isa = tracin::Isa::kGeneric;
+  else if (isa == "avx2")
+    o.isa = tracin::Isa::kAvx2;
+  else if (isa == "avx512")
+    o.isa = tracin::Isa::kAvx512;
+  else
+    throw py::value_error("isa must be one of 'auto', 'generic', 'avx2', 'avx512'");
+  return o;
+}
+
+void Raise(const tracin::Status& s) {
+  switch (s.code) {
+    case tracin::StatusCode::kOk:
+      return;
+    case tracin::StatusCode::kInvalidArgument:
+    case tracin::StatusCode::kNonFinite:
+      throw py::value_error(s.message);
+    default:
+      throw std::runtime_error(s.message);
+  }
+}
+
+#define TRACIN_OPTION_ARGS                                                              \
+  py::kw_only(), py::arg("num_threads") = 0, py::arg("train_block") = 0,                \
+      py::arg("test_block") = 0, py::arg("isa") = "auto"
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "tracin C++ kernel (internal; use the functions in the tracin package)";
+
+  m.def("scores",
+        [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
+           int num_threads, std::int64_t train_block, std::int64_t test_block,
+           const std::string& isa) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+          HeldSide t = Hold(test, "test"), x = Hold(train, "train");
+          py::array_t<float> out({t.side.rows(), x.side.rows()});
+          float* ptr = out.mutable_data();
+          tracin::Status s;
+          {
+            py::gil_scoped_release release;
+            s = tracin::Scores(t.side, x.side, weights, ptr, options);
+          }
+          Raise(s);
+          return out;
+        },
+        py::arg("test"), py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
+
+  m.def("top_k",
+        [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
+           std::int64_t k, int side, int num_threads, std::int64_t train_block,
+           std::int64_t test_block, const std::string& isa) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+          if (side < 0 || side > 2) throw py::value_error("side code must be 0, 1 or 2");
+          HeldSide t = Hold(test, "test"), x = Hold(train, "train");
+          const std::int64_t m_rows = t.side.rows();
+          const auto which = static_cast<tracin::Side>(side);
+          const bool prop = which != tracin::Side::kOpponents;
+          const bool opp = which != tracin::Side::kProponents;
+          py::array_t<float> pv({prop ? m_rows : 0, k}), ov({opp ? m_rows : 0, k});
+          py::array_t<std::int64_t> pi({prop ? m_rows : 0, k}), oi({opp ? m_rows : 0, k});
+          tracin::TopKOutput out{pv.mutable_data(), pi.mutable_data(), ov.mutable_data(),
+                                 oi.mutable_data()};
+          tracin::Status s;
+          {
+            py::gil_scoped_release release;
+            s = tracin::TopK(t.side, x.side, weights, k, which, out, options);
+          }
+          Raise(s);
+          return py::make_tuple(pv, pi, ov, oi);
+        },
+        py::arg("test"), py::arg("train"), py::arg("weights"), py::arg("k"), py::arg("side"),
+        TRACIN_OPTION_ARGS);
+
+  m.def("self_influence",
+        [](const SideSpec& train, const std::vector<double>& weights, int num_threads,
+           std::int64_t train_block, std::int64_t test_block, const std::string& isa) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+          HeldSide x = Hold(train, "train");
+          py::array_t<float> out(x.side.rows());
+          float* ptr = out.mutable_data();
+          tracin::Status s;
+          {
+            py::gil_scoped_release release;
+            s = tracin::SelfInfluence(x.side, weights, ptr, options);
+          }
+          Raise(s);
+          return out;
+        },
+        py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
+
+  m.def("aggregate",
+        [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
+           int num_threads, std::int64_t train_block, std::int64_t test_block,
+           const std::string& isa) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+          HeldSide t = Hold(test, "test"), x = Hold(train, "train");
+          py::array_t<float> out(x.side.rows());
+          float* ptr = out.mutable_data();
+          tracin::Status s;
+          {
+            py::gil_scoped_release release;
+            s = tracin::Aggregate(t.side, x.side, weights, ptr, options);
+          }
+          Raise(s);
+          return out;
+        },
+        py::arg("test"), py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
+
+  m.def("detect_isa", [] { return std::string(tracin::IsaName(tracin::DetectIsa())); },
+        "The instruction set the kernel uses on this CPU.");
+}

@@ -1,0 +1,261 @@
+// Public entry points: validation, then the tile engine with the right consumer.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "engine.hpp"
+#include "parallel.hpp"
+#include "topk.hpp"
+#include "tracin/tracin.hpp"
+
+namespace tracin {
+namespace detail {
+namespace {
+
+constexpr std::int64_t kHeapMaxK = 64;    // heap selection up to this k, partition buffers above
+constexpr std::int64_t kRowsPerTask = 256;  // rows per task in the row-wise functions
+
+class DenseConsumer final : public TileConsumer {
+ public:
+  DenseConsumer(float* out, std::int64_t n) : out_(out), n_(n) {}
+  void BeginPass(std::int64_t begin, std::int64_t count, int) override {
+    begin_ = begin;
+    count_ = count;
+  }
+  void Consume(int, std::int64_t j0, std::int64_t rows, const float* tile,
+               std::int64_t ldc) override {
+    for (std::int64_t r = 0; r < count_; ++r) {
+      float* dst = out_ + (begin_ + r) * n_ + j0;
+      for (std::int64_t j = 0; j < rows; ++j) dst[j] = tile[j * ldc + r];
+    }
+  }
+  Status EndPass() override { return Status::Ok(); }
+
+ private:
+  float* out_;
+  std::int64_t n_, begin_ = 0, count_ = 0;
+};
+
+// Sums each train row's scores over all test rows, in a fixed order.
+class SumConsumer final : public TileConsumer {
+ public:
+  explicit SumConsumer(std::int64_t n) : sums_(static_cast<std::size_t>(n), 0.0) {}
+  void BeginPass(std::int64_t, std::int64_t count, int) override { count_ = count; }
+  void Consume(int, std::int64_t j0, std::int64_t rows, const float* tile,
+               std::int64_t ldc) override {
+    for (std::int64_t j = 0; j < rows; ++j) {
+      double s = 0.0;
+      for (std::int64_t r = 0; r < count_; ++r) s += tile[j * ldc + r];
+      sums_[static_cast<std::size_t>(j0 + j)] += s;
+    }
+  }
+  Status EndPass() override { return Status::Ok(); }
+  const std::vector<double>& sums() const { return sums_; }
+
+ private:
+  std::vector<double> sums_;
+  std::int64_t count_ = 0;
+};
+
+template <class Selector>
+class TopKConsumer final : public TileConsumer {
+ public:
+  TopKConsumer(std::int64_t k, Side side, const TopKOutput& out, int threads)
+      : k_(k), want_prop_(side != Side::kOpponents), want_opp_(side != Side::kProponents),
+        out_(out), threads_(threads) {}
+
+  void BeginPass(std::int64_t begin, std::int64_t count, int threads) override {
+    begin_ = begin;
+    count_ = count;
+    prop_.clear();
+    opp_.clear();
+    for (int t = 0; t < threads; ++t) {
+      if (want_prop_) prop_.emplace_back(count, k_);
+      if (want_opp_) opp_.emplace_back(count, k_);
+    }
+  }
+
+  void Consume(int thread, std::int64_t j0, std::int64_t rows, const float* tile,
+               std::int64_t ldc) override {
+    if (want_prop_) Select(prop_[static_cast<std::size_t>(thread)], j0, rows, tile, ldc, false);
+    if (want_opp_) Select(opp_[static_cast<std::size_t>(thread)], j0, rows, tile, ldc, true);
+  }
+
+  Status EndPass() override {
+    std::atomic<bool> stop{false};
+    return ParallelFor(count_, threads_, stop, [&](std::int64_t r, int) {
+      std::vector<Candidate> pool;
+      const std::int64_t row = begin_ + r;
+      if (want_prop_) {
+        for (const Selector& s : prop_) s.AppendKept(r, &pool);
+        WriteBest(&pool, k_, false, out_.proponent_values + row * k_,
+                  out_.proponent_indices + row * k_);
+      }
+      if (want_opp_) {
+        pool.clear();
+        for (const Selector& s : opp_) s.AppendKept(r, &pool);
+        WriteBest(&pool, k_, true, out_.opponent_values + row * k_,
+                  out_.opponent_indices + row * k_);
+      }
+    });
+  }
+
+ private:
+  // Opponents are the proponents of the negated scores (negation is exact).
+  void Select(Selector& selector, std::int64_t j0, std::int64_t rows, const float* tile,
+              std::int64_t ldc, bool negate) const {
+    const float sign = negate ? -1.0f : 1.0f;
+    const float* thresholds = selector.thresholds();
+    for (std::int64_t j = 0; j < rows; ++j) {
+      const float* row = tile + j * ldc;
+      for (std::int64_t r = 0; r < count_; ++r) {
+        const float v = sign * row[r];
+        if (v >= thresholds[r]) selector.Offer(r, v, j0 + j);
+      }
+    }
+  }
+
+  std::int64_t k_;
+  bool want_prop_, want_opp_;
+  TopKOutput out_;
+  int threads_;
+  std::int64_t begin_ = 0, count_ = 0;
+  std::vector<Selector> prop_, opp_;
+};
+
+// Runs body(row, scratch) for every row in parallel; scratch holds room for one converted row.
+template <class Body>
+Status ForEachRow(std::int64_t n, std::int64_t width, const Options& options, Body&& body) {
+  std::atomic<bool> stop{false};
+  const int threads = ResolveThreads(options.num_threads);
+  std::vector<std::vector<float>> scratch(static_cast<std::size_t>(threads),
+                                          std::vector<float>(static_cast<std::size_t>(width)));
+  return ParallelFor((n + kRowsPerTask - 1) / kRowsPerTask, threads, stop,
+                     [&](std::int64_t task, int thread) {
+    const std::int64_t end = std::min(n, (task + 1) * kRowsPerTask);
+    for (std::int64_t i = task * kRowsPerTask; i < end; ++i)
+      body(i, scratch[static_cast<std::size_t>(thread)].data());
+  });
+}
+
+std::int64_t MaxCols(const GradientSide& side) {
+  std::int64_t width = 1;
+  for (const MatrixView& m : side.blocks) width = std::max(width, m.cols);
+  return width;
+}
+
+double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
+  LoadRow(kernels, m, row, 0, m.cols, buf);
+  double s = 0.0;
+  for (std::int64_t k = 0; k < m.cols; ++k) s += static_cast<double>(buf[k]) * buf[k];
+  return s;
+}
+
+bool AllFinite(const float* v, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i])) return false;
+  return true;
+}
+
+}  // namespace
+}  // namespace detail
+
+Status Scores(const GradientSide& test, const GradientSide& train,
+              const std::vector<double>& weights, float* out, const Options& options) {
+  Status s = detail::ValidatePair(test, train, weights);
+  if (!s.ok()) return s;
+  detail::DenseConsumer consumer(out, train.rows());
+  return detail::RunTiles(test, train, weights, options, consumer);
+}
+
+Status TopK(const GradientSide& test, const GradientSide& train, const std::vector<double>& weights,
+            std::int64_t k, Side side, const TopKOutput& out, const Options& options) {
+  Status s = detail::ValidatePair(test, train, weights);
+  if (!s.ok()) return s;
+  if (k < 0 || k > train.rows())
+    return {StatusCode::kInvalidArgument, "k must be between 0 and the number of train rows"};
+  if ((side != Side::kOpponents && (!out.proponent_values || !out.proponent_indices)) ||
+      (side != Side::kProponents && (!out.opponent_values || !out.opponent_indices)))
+    if (k > 0 && test.rows() > 0)
+      return {StatusCode::kInvalidArgument, "missing output buffers for the requested side"};
+  const int threads = detail::ResolveThreads(options.num_threads);
+  if (k == 0 || test.rows() == 0) return detail::CheckAllFinite(&test, train);
+  if (k <= detail::kHeapMaxK) {
+    detail::TopKConsumer<detail::HeapSelector> consumer(k, side, out, threads);
+    return detail::RunTiles(test, train, weights, options, consumer);
+  }
+  detail::TopKConsumer<detail::BufferSelector> consumer(k, side, out, threads);
+  return detail::RunTiles(test, train, weights, options, consumer);
+}
+
+Status SelfInfluence(const GradientSide& train, const std::vector<double>& weights, float* out,
+                     const Options& options) {
+  Status s = detail::ValidateSide(train, "train");
+  if (!s.ok()) return s;
+  if (weights.size() != train.checkpoints())
+    return {StatusCode::kInvalidArgument, "expected one weight per checkpoint"};
+  const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+  const std::int64_t n = train.rows();
+  s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
+    double total = 0.0;
+    for (std::size_t c = 0; c < train.checkpoints(); ++c) {
+      const double norm = train.factored
+                              ? detail::SquaredNorm(kernels, train.blocks[2 * c], i, buf) *
+                                    detail::SquaredNorm(kernels, train.blocks[2 * c + 1], i, buf)
+                              : detail::SquaredNorm(kernels, train.blocks[c], i, buf);
+      total += weights[c] * norm;
+    }
+    out[i] = static_cast<float>(total);
+  });
+  if (!s.ok()) return s;
+  if (!detail::AllFinite(out, n)) return detail::NonFiniteError(nullptr, train);
+  return Status::Ok();
+}
+
+Status Aggregate(const GradientSide& test, const GradientSide& train,
+                 const std::vector<double>& weights, float* out, const Options& options) {
+  Status s = detail::ValidatePair(test, train, weights);
+  if (!s.ok()) return s;
+  const std::int64_t n = train.rows();
+  if (train.factored) {
+    detail::SumConsumer consumer(n);
+    s = detail::RunTiles(test, train, weights, options, consumer);
+    if (!s.ok()) return s;
+    for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(consumer.sums()[i]);
+    return Status::Ok();
+  }
+  // Full gradients: the sum over test rows commutes with the inner product, so one weighted
+  // column sum of the test side per checkpoint, then one dot product per train row.
+  const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+  std::vector<std::vector<double>> column_sums;
+  std::vector<float> row(static_cast<std::size_t>(detail::MaxCols(test)));
+  for (std::size_t c = 0; c < test.blocks.size(); ++c) {
+    const MatrixView& m = test.blocks[c];
+    std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
+    for (std::int64_t r = 0; r < m.rows; ++r) {
+      detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
+      for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
+    }
+    for (double& v : sum) v *= weights[c];
+    column_sums.push_back(std::move(sum));
+  }
+  s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
+    double total = 0.0;
+    for (std::size_t c = 0; c < train.blocks.size(); ++c) {
+      const MatrixView& m = train.blocks[c];
+      detail::LoadRow(kernels, m, i, 0, m.cols, buf);
+      for (std::int64_t k = 0; k < m.cols; ++k) total += column_sums[c][k] * buf[k];
+    }
+    out[i] = static_cast<float>(total);
+  });
+  if (!s.ok()) return s;
+  bool finite = detail::AllFinite(out, n);
+  for (const auto& sum : column_sums)
+    for (double v : sum) finite = finite && std::isfinite(v);
+  if (!finite) return detail::NonFiniteError(&test, train);
+  return Status::Ok();
+}
+
+}  // namespace tracin

@@ -1,0 +1,354 @@
+#include "engine.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <string>
+
+#include "aligned.hpp"
+#include "half.hpp"
+#include "parallel.hpp"
+
+namespace tracin::detail {
+namespace {
+
+constexpr std::int64_t kDefaultTrainBlock = 96;
+constexpr std::int64_t kDefaultTestBlock = 512;
+
+std::int64_t RoundUp(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+std::int64_t Slices(std::int64_t depth) { return (depth + kSliceDepth - 1) / kSliceDepth; }
+
+std::string BlockName(const GradientSide& side, std::size_t block) {
+  std::ostringstream s;
+  if (side.factored)
+    s << (block % 2 == 0 ? "left" : "right") << " factor of checkpoint " << block / 2;
+  else
+    s << "checkpoint " << block;
+  return s.str();
+}
+
+bool IsFinite(DType dtype, const void* data, std::int64_t i) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      std::uint32_t bits;
+      std::memcpy(&bits, static_cast<const float*>(data) + i, sizeof bits);
+      return (bits & 0x7f800000u) != 0x7f800000u;
+    }
+    case DType::kFloat16:
+      return (static_cast<const std::uint16_t*>(data)[i] & 0x7c00u) != 0x7c00u;
+    default:
+      return (static_cast<const std::uint16_t*>(data)[i] & 0x7f80u) != 0x7f80u;
+  }
+}
+
+std::size_t ElementSize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+const char* RowAddress(const MatrixView& m, std::int64_t row) {
+  return static_cast<const char*>(m.data) +
+         static_cast<std::size_t>(row * m.row_stride) * ElementSize(m.dtype);
+}
+
+// First rows (up to `limit`) of m holding a NaN or Inf.
+std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) {
+  std::vector<std::int64_t> rows;
+  for (std::int64_t r = 0; r < m.rows && rows.size() < limit; ++r) {
+    const void* row = RowAddress(m, r);
+    for (std::int64_t k = 0; k < m.cols; ++k)
+      if (!IsFinite(m.dtype, row, k)) {
+        rows.push_back(r);
+        break;
+      }
+  }
+  return rows;
+}
+
+// Test rows of one pass, scaled by the checkpoint weights and laid out as panels of nr lanes:
+// block b, slice s, panel p holds kc x nr floats, lane = test row within the panel.
+class PackedTest {
+ public:
+  // Returns false if a value is NaN or Inf.
+  bool Pack(const KernelTable& kernels, const GradientSide& test,
+            const std::vector<double>& weights, std::int64_t begin, std::int64_t count, int nr) {
+    lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
+    nr_ = nr;
+    offsets_.clear();
+    std::size_t total = 0;
+    for (const MatrixView& m : test.blocks) {
+      offsets_.push_back(total);
+      total += static_cast<std::size_t>(Slices(m.cols) * kSliceDepth * lanes_);
+    }
+    data_.Resize(total);
+    data_.Zero();
+    std::vector<float> row;
+    for (std::size_t b = 0; b < test.blocks.size(); ++b) {
+      const MatrixView& m = test.blocks[b];
+      // Weights go on the left factor (or the whole gradient) of each checkpoint.
+      const bool weighted = !test.factored || b % 2 == 0;
+      const double w = weighted ? weights[test.factored ? b / 2 : b] : 1.0;
+      row.resize(static_cast<std::size_t>(m.cols));
+      for (std::int64_t r = 0; r < count; ++r) {
+        const std::int64_t panel = r / nr, lane = r % nr;
+        LoadRow(kernels, m, begin + r, 0, m.cols, row.data());
+        for (std::int64_t k = 0; k < m.cols; ++k) {
+          if (!std::isfinite(row[static_cast<std::size_t>(k)])) return false;
+          const std::int64_t s = k / kSliceDepth, kk = k % kSliceDepth;
+          const std::int64_t kc = std::min(kSliceDepth, m.cols - s * kSliceDepth);
+          const float v = static_cast<float>(w * static_cast<double>(row[static_cast<std::size_t>(k)]));
+          SliceMutable(b, s)[panel * kc * nr + kk * nr + lane] = v;
+        }
+      }
+    }
+    return true;
+  }
+
+  const float* Slice(std::size_t block, std::int64_t slice) const {
+    return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
+  }
+  std::int64_t lanes() const { return lanes_; }
+
+ private:
+  float* SliceMutable(std::size_t block, std::int64_t slice) {
+    return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
+  }
+
+  AlignedFloats data_;
+  std::vector<std::size_t> offsets_;
+  std::int64_t lanes_ = 0;
+  int nr_ = 0;
+};
+
+struct ThreadScratch {
+  AlignedFloats tile, left, right, rows;
+};
+
+class TileProducer {
+ public:
+  TileProducer(const KernelTable& kernels, const MicroTile& micro, const GradientSide& train,
+               const PackedTest& packed, std::int64_t train_block)
+      : kernels_(kernels), micro_(micro), train_(train), packed_(packed),
+        block_rows_(RoundUp(train_block, micro.mr)) {}
+
+  // Computes the tile of train rows [begin, begin + rows) into scratch.tile; returns false if
+  // any score in the valid region is NaN or Inf.
+  bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t test_count,
+               ThreadScratch& s) const {
+    const std::int64_t ldc = packed_.lanes();
+    const auto tile_size = static_cast<std::size_t>(block_rows_ * ldc);
+    s.tile.Resize(tile_size);
+    s.tile.Zero();
+    s.rows.Resize(static_cast<std::size_t>(micro_.mr * kSliceDepth));
+    if (!train_.factored) {
+      for (std::size_t b = 0; b < train_.blocks.size(); ++b)
+        Accumulate(b, begin, rows, s.tile.data(), s);
+    } else {
+      s.left.Resize(tile_size);
+      s.right.Resize(tile_size);
+      for (std::size_t c = 0; c < train_.blocks.size() / 2; ++c) {
+        s.left.Zero();
+        s.right.Zero();
+        Accumulate(2 * c, begin, rows, s.left.data(), s);
+        Accumulate(2 * c + 1, begin, rows, s.right.data(), s);
+        float* t = s.tile.data();
+        const float* l = s.left.data();
+        const float* r = s.right.data();
+        for (std::size_t i = 0; i < tile_size; ++i) t[i] += l[i] * r[i];
+      }
+    }
+    std::uint32_t worst = 0;
+    for (std::int64_t j = 0; j < rows; ++j) {
+      const float* row = s.tile.data() + j * ldc;
+      for (std::int64_t r = 0; r < test_count; ++r) {
+        std::uint32_t bits;
+        std::memcpy(&bits, row + r, sizeof bits);
+        worst = std::max(worst, bits & 0x7f800000u);
+      }
+    }
+    return worst != 0x7f800000u;
+  }
+
+  std::int64_t block_rows() const { return block_rows_; }
+
+ private:
+  // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes.
+  void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c,
+                  ThreadScratch& s) const {
+    const MatrixView& m = train_.blocks[b];
+    const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
+    for (std::int64_t slice = 0; slice < Slices(m.cols); ++slice) {
+      const std::int64_t k0 = slice * kSliceDepth;
+      const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
+      const float* panels = packed_.Slice(b, slice);
+      for (std::int64_t i = 0; i < rows; i += mr) {
+        const std::int64_t live = std::min(mr, rows - i);
+        const float* a;
+        std::int64_t lda;
+        if (m.dtype == DType::kFloat32 && live == mr) {
+          a = static_cast<const float*>(static_cast<const void*>(RowAddress(m, begin + i))) + k0;
+          lda = m.row_stride;
+        } else {
+          float* dst = s.rows.data();
+          for (std::int64_t r = 0; r < mr; ++r) {
+            if (r < live)
+              LoadRow(kernels_, m, begin + i + r, k0, kc, dst + r * kc);
+            else
+              std::memset(dst + r * kc, 0, static_cast<std::size_t>(kc) * sizeof(float));
+          }
+          a = dst;
+          lda = kc;
+        }
+        for (std::int64_t p = 0; p < ldc; p += nr)
+          micro_.kernel(kc, a, lda, panels + p * kc, c + i * ldc + p, ldc);
+      }
+    }
+  }
+
+  const KernelTable& kernels_;
+  const MicroTile& micro_;
+  const GradientSide& train_;
+  const PackedTest& packed_;
+  std::int64_t block_rows_;
+};
+
+std::string Join(const std::vector<std::int64_t>& v) {
+  std::ostringstream s;
+  for (std::size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  return s.str();
+}
+
+}  // namespace
+
+Status ValidateSide(const GradientSide& side, const char* name) {
+  const std::string n(name);
+  if (side.blocks.empty()) return {StatusCode::kInvalidArgument, n + " has no checkpoints"};
+  if (side.factored && side.blocks.size() % 2 != 0)
+    return {StatusCode::kInvalidArgument, n + ": factored gradients need a left and a right block per checkpoint"};
+  for (std::size_t b = 0; b < side.blocks.size(); ++b) {
+    const MatrixView& m = side.blocks[b];
+    if (m.rows != side.rows())
+      return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has " +
+                                                std::to_string(m.rows) + " rows, expected " +
+                                                std::to_string(side.rows())};
+    if (m.rows < 0 || m.cols < 0 || m.row_stride < m.cols)
+      return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has an invalid shape or row stride"};
+    if (m.data == nullptr && m.rows > 0 && m.cols > 0)
+      return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has no data"};
+  }
+  return Status::Ok();
+}
+
+Status ValidatePair(const GradientSide& test, const GradientSide& train,
+                    const std::vector<double>& weights) {
+  Status s = ValidateSide(test, "test");
+  if (!s.ok()) return s;
+  s = ValidateSide(train, "train");
+  if (!s.ok()) return s;
+  if (test.factored != train.factored)
+    return {StatusCode::kInvalidArgument, "test and train must both be factored or both full gradients"};
+  if (test.blocks.size() != train.blocks.size())
+    return {StatusCode::kInvalidArgument,
+            "test has " + std::to_string(test.checkpoints()) + " checkpoints, train has " +
+                std::to_string(train.checkpoints())};
+  for (std::size_t b = 0; b < test.blocks.size(); ++b)
+    if (test.blocks[b].cols != train.blocks[b].cols)
+      return {StatusCode::kInvalidArgument,
+              BlockName(test, b) + " has " + std::to_string(test.blocks[b].cols) +
+                  " columns in test but " + std::to_string(train.blocks[b].cols) + " in train"};
+  if (weights.size() != test.checkpoints())
+    return {StatusCode::kInvalidArgument, "expected one weight per checkpoint (" +
+                                              std::to_string(test.checkpoints()) + "), got " +
+                                              std::to_string(weights.size())};
+  for (double w : weights)
+    if (!std::isfinite(w)) return {StatusCode::kInvalidArgument, "weights must be finite"};
+  return Status::Ok();
+}
+
+void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, std::int64_t k0,
+             std::int64_t n, float* dst) {
+  const char* base = RowAddress(m, row);
+  switch (m.dtype) {
+    case DType::kFloat32:
+      std::memcpy(dst, reinterpret_cast<const float*>(base) + k0, static_cast<std::size_t>(n) * 4);
+      break;
+    case DType::kFloat16:
+      kernels.half_to_float(reinterpret_cast<const std::uint16_t*>(base) + k0, n, dst);
+      break;
+    case DType::kBFloat16:
+      kernels.bfloat_to_float(reinterpret_cast<const std::uint16_t*>(base) + k0, n, dst);
+      break;
+  }
+}
+
+Status NonFiniteError(const GradientSide* test, const GradientSide& train) {
+  const std::pair<const GradientSide*, const char*> sides[] = {{test, "test"}, {&train, "train"}};
+  for (const auto& [side, name] : sides) {
+    if (side == nullptr) continue;
+    for (std::size_t b = 0; b < side->blocks.size(); ++b) {
+      const std::vector<std::int64_t> rows = NonFiniteRows(side->blocks[b], 5);
+      if (!rows.empty())
+        return {StatusCode::kNonFinite, std::string(name) + " " + BlockName(*side, b) +
+                                            " contains NaN or Inf values, first in rows [" +
+                                            Join(rows) + "]"};
+    }
+  }
+  return {StatusCode::kNonFinite,
+          "influence overflowed float32 although every input is finite; rescale the gradients "
+          "(or the learning-rate weights)"};
+}
+
+Status CheckAllFinite(const GradientSide* test, const GradientSide& train) {
+  for (const GradientSide* side : {test, &train}) {
+    if (side == nullptr) continue;
+    for (const MatrixView& b : side->blocks)
+      if (!NonFiniteRows(b, 1).empty()) return NonFiniteError(test, train);
+  }
+  return Status::Ok();
+}
+
+Status RunTiles(const GradientSide& test, const GradientSide& train,
+                const std::vector<double>& weights, const Options& options,
+                TileConsumer& consumer) {
+  const KernelTable& kernels = KernelsFor(options.isa);
+  const std::int64_t m = test.rows(), n = train.rows();
+  // Nothing to score, but bad input is still bad input.
+  if (m == 0 || n == 0) return CheckAllFinite(&test, train);
+  const std::int64_t pass_rows =
+      std::max<std::int64_t>(1, options.test_block > 0 ? options.test_block : kDefaultTestBlock);
+  const std::int64_t first_pass = std::min(pass_rows, m);
+  // The narrow tile wastes fewer padded lanes on few test rows.
+  const MicroTile& micro = RoundUp(first_pass, kernels.narrow.nr) < RoundUp(first_pass, kernels.wide.nr)
+                               ? kernels.narrow
+                               : kernels.wide;
+  const int threads = ResolveThreads(options.num_threads);
+  PackedTest packed;
+  std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
+  for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
+    const std::int64_t count = std::min(pass_rows, m - begin);
+    if (!packed.Pack(kernels, test, weights, begin, count, micro.nr))
+      return NonFiniteError(&test, train);
+    const TileProducer producer(kernels, micro, train, packed,
+                                options.train_block > 0 ? options.train_block : kDefaultTrainBlock);
+    const std::int64_t block = producer.block_rows();
+    consumer.BeginPass(begin, count, threads);
+    std::atomic<bool> stop{false}, non_finite{false};
+    Status status = ParallelFor((n + block - 1) / block, threads, stop,
+                                [&](std::int64_t task, int thread) {
+      const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
+      ThreadScratch& s = scratch[static_cast<std::size_t>(thread)];
+      if (!producer.Compute(j0, rows, count, s)) {
+        non_finite = true;
+        stop = true;
+        return;
+      }
+      consumer.Consume(thread, j0, rows, s.tile.data(), packed.lanes());
+    });
+    if (!status.ok()) return status;
+    if (non_finite) return NonFiniteError(&test, train);
+    status = consumer.EndPass();
+    if (!status.ok()) return status;
+  }
+  return Status::Ok();
+}
+
+}  // namespace tracin::detail

@@ -1,0 +1,48 @@
+// The tile producer: score tiles of (train rows x test rows) handed to a consumer, never the whole
+// test x train matrix.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.hpp"
+#include "tracin/tracin.hpp"
+
+namespace tracin::detail {
+
+// What happens to each finished tile (top-k selection, dense copy, row sums).
+// A tile holds rows train rows x `ldc` floats; column r is test row test_begin + r of the current
+// pass, valid for r < test_count. Consume runs concurrently on different threads, never twice at
+// once for the same `thread`, and each train row is in exactly one tile per pass.
+class TileConsumer {
+ public:
+  virtual ~TileConsumer() = default;
+  virtual void BeginPass(std::int64_t test_begin, std::int64_t test_count, int threads) = 0;
+  virtual void Consume(int thread, std::int64_t train_begin, std::int64_t rows, const float* tile,
+                       std::int64_t ldc) = 0;
+  virtual Status EndPass() = 0;
+};
+
+// Shape checks shared by every entry point; `what` names the function for messages.
+Status ValidateSide(const GradientSide& side, const char* name);
+Status ValidatePair(const GradientSide& test, const GradientSide& train,
+                    const std::vector<double>& weights);
+
+// Copies float32 values of row `row`, columns [k0, k0 + n), of `m` into dst.
+void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, std::int64_t k0,
+             std::int64_t n, float* dst);
+
+// Ok, or the NonFiniteError if any input value is NaN or Inf (a full scan: for small inputs and
+// error paths).
+Status CheckAllFinite(const GradientSide* test, const GradientSide& train);
+
+// The error for non-finite results: names the side, checkpoint and first rows holding NaN or Inf,
+// or reports a float32 overflow when every input is finite.
+Status NonFiniteError(const GradientSide* test, const GradientSide& train);
+
+// Streams all train rows past each pass of test rows; see TileConsumer.
+Status RunTiles(const GradientSide& test, const GradientSide& train,
+                const std::vector<double>& weights, const Options& options,
+                TileConsumer& consumer);
+
+}  // namespace tracin::detail

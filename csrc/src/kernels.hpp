@@ -1,0 +1,47 @@
+// Instruction-set specific inner kernels, chosen at run time.
+#pragma once
+
+#include <cstdint>
+
+#include "tracin/tracin.hpp"
+
+namespace tracin::detail {
+
+// Depth of one slice of the inner dimension. Every dot product is summed as fixed slices of this
+// many terms (a sequential multiply-add chain each) added in order, whatever the tiling and thread
+// count, so results are bit-identical for any block size and number of threads.
+inline constexpr std::int64_t kSliceDepth = 256;
+
+// C[i * ldc + j] += sum_{k < kc} a[i * lda + k] * b[k * nr + j]   for i < mr, j < nr.
+// a: mr train rows of float32 (broadcast side); b: a packed panel of nr test lanes.
+using MicroKernel = void (*)(std::int64_t kc, const float* a, std::int64_t lda, const float* b,
+                             float* c, std::int64_t ldc);
+
+// dst[0, n) = float32(src[0, n)) for float16 / bfloat16 bits.
+using ConvertKernel = void (*)(const std::uint16_t* src, std::int64_t n, float* dst);
+
+struct MicroTile {
+  int mr = 0;  // train rows per micro tile
+  int nr = 0;  // test lanes per micro tile
+  MicroKernel kernel = nullptr;
+};
+
+struct KernelTable {
+  Isa isa = Isa::kGeneric;
+  MicroTile wide;    // for many test rows
+  MicroTile narrow;  // for few test rows (fewer padded lanes)
+  ConvertKernel half_to_float = nullptr;
+  ConvertKernel bfloat_to_float = nullptr;
+};
+
+const KernelTable& GenericKernels();
+#if defined(TRACIN_HAVE_X86_KERNELS)
+const KernelTable& Avx2Kernels();
+const KernelTable& Avx512Kernels();
+#endif
+
+// The table for `isa` (kAuto: the best this CPU supports). An isa the CPU lacks falls back to the
+// best supported one below it.
+const KernelTable& KernelsFor(Isa isa);
+
+}  // namespace tracin::detail

@@ -1,0 +1,58 @@
+// AVX2 + FMA + F16C kernels (compiled with -mavx2 -mfma -mf16c).
+#include <immintrin.h>
+
+#include "half.hpp"
+#include "kernels.hpp"
+
+namespace tracin::detail {
+namespace {
+
+// MR train rows x (NV * 8) test lanes; each lane is one fused multiply-add chain over k.
+template <int MR, int NV>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+           std::int64_t ldc) {
+  __m256 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (std::int64_t k = 0; k < kc; ++k) {
+    __m256 bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = _mm256_loadu_ps(b + k * NV * 8 + v * 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i * lda + k);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bk[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + v * 8;
+      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][v]));
+    }
+}
+
+void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+
+void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w =
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
+}
+
+}  // namespace
+
+const KernelTable& Avx2Kernels() {
+  static const KernelTable table{Isa::kAvx2, {6, 16, &Micro<6, 2>}, {12, 8, &Micro<12, 1>},
+                                 &HalfToFloatRun, &BFloatToFloatRun};
+  return table;
+}
+
+}  // namespace tracin::detail

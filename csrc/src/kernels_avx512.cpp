@@ -1,0 +1,65 @@
+// AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c).
+#include <immintrin.h>
+
+#include "kernels.hpp"
+
+namespace tracin::detail {
+namespace {
+
+// MR train rows x (NV * 16) test lanes; each lane is one fused multiply-add chain over k.
+template <int MR, int NV>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+           std::int64_t ldc) {
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (std::int64_t k = 0; k < kc; ++k) {
+    __m512 bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = _mm512_loadu_ps(b + k * NV * 16 + v * 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bk[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      float* ci = c + i * ldc + v * 16;
+      _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][v]));
+    }
+}
+
+void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                  reinterpret_cast<const __m256i*>(src + i))));
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, src + i);
+    _mm512_mask_storeu_ps(dst + i, mask, _mm512_cvtph_ps(h));
+  }
+}
+
+void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  if (i < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src + i));
+    _mm512_mask_storeu_ps(dst + i, mask, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+}
+
+}  // namespace
+
+const KernelTable& Avx512Kernels() {
+  static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {24, 16, &Micro<24, 1>},
+                                 &HalfToFloatRun, &BFloatToFloatRun};
+  return table;
+}
+
+}  // namespace tracin::detail

@@ -1,0 +1,49 @@
+// Portable kernels: plain C++ the compiler may vectorise for any target.
+#include <cmath>
+
+#include "half.hpp"
+#include "kernels.hpp"
+
+namespace tracin::detail {
+namespace {
+
+inline float MulAdd(float a, float b, float c) {
+#if defined(FP_FAST_FMAF)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+template <int MR, int NR>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+           std::int64_t ldc) {
+  float acc[MR][NR] = {};
+  for (std::int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * NR;
+    for (int i = 0; i < MR; ++i) {
+      const float ai = a[i * lda + k];
+      for (int j = 0; j < NR; ++j) acc[i][j] = MulAdd(ai, bk[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+}
+
+void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+
+void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
+}
+
+}  // namespace
+
+const KernelTable& GenericKernels() {
+  static const KernelTable table{Isa::kGeneric, {4, 8, &Micro<4, 8>}, {4, 4, &Micro<4, 4>},
+                                 &HalfToFloatRun, &BFloatToFloatRun};
+  return table;
+}
+
+}  // namespace tracin::detail

@@ -1,0 +1,63 @@
+// A fork-join loop over tasks on the kernel's own threads (created per call, no shared pool).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tracin/tracin.hpp"
+
+namespace tracin::detail {
+
+inline int ResolveThreads(int requested) {
+  if (requested > 0) return requested;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+// Runs body(task, thread) for task in [0, n_tasks) on up to n_threads threads, tasks handed out
+// dynamically. `stop` lets a body end the loop early. Exceptions become a Status.
+template <class Body>
+Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop, Body&& body) {
+  n_threads = static_cast<int>(std::min<std::int64_t>(n_threads, std::max<std::int64_t>(n_tasks, 1)));
+  std::atomic<std::int64_t> next{0};
+  std::mutex error_mutex;
+  Status error;
+  auto worker = [&](int thread) {
+    try {
+      for (std::int64_t task = next++; task < n_tasks && !stop.load(std::memory_order_relaxed);
+           task = next++)
+        body(task, thread);
+    } catch (const std::bad_alloc&) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      error = {StatusCode::kInternal, "out of memory in the tracin kernel"};
+      stop = true;
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      error = {StatusCode::kInternal, std::string("tracin kernel failed: ") + e.what()};
+      stop = true;
+    }
+  };
+  if (n_threads <= 1) {
+    worker(0);
+    return error;
+  }
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<std::size_t>(n_threads - 1));
+  try {
+    for (int t = 1; t < n_threads; ++t) threads.emplace_back(worker, t);
+  } catch (const std::system_error&) {
+    // Fewer threads than asked for: the ones running finish the work.
+  }
+  worker(0);
+  for (auto& t : threads) t.join();
+  return error;
+}
+
+}  // namespace tracin::detail

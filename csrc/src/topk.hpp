@@ -1,0 +1,114 @@
+// Exact top-k selection per row: candidates are (value, index), larger value first, ties to the
+// smaller index. Values at or above a row's threshold must be offered; lower ones cannot enter.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace tracin::detail {
+
+struct Candidate {
+  float value;
+  std::int64_t index;
+};
+
+inline bool Better(const Candidate& a, const Candidate& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+// A bounded binary heap per row, its worst candidate on top. Best for small k.
+class HeapSelector {
+ public:
+  HeapSelector(std::int64_t rows, std::int64_t k)
+      : k_(k),
+        items_(static_cast<std::size_t>(rows * k)),
+        counts_(static_cast<std::size_t>(rows), 0),
+        thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {}
+
+  const float* thresholds() const { return thresholds_.data(); }
+
+  void Offer(std::int64_t row, float value, std::int64_t index) {
+    Candidate* heap = &items_[static_cast<std::size_t>(row * k_)];
+    std::int64_t& count = counts_[static_cast<std::size_t>(row)];
+    const Candidate c{value, index};
+    if (count < k_) {
+      heap[count++] = c;
+      std::push_heap(heap, heap + count, Better);
+    } else if (Better(c, heap[0])) {
+      std::pop_heap(heap, heap + k_, Better);
+      heap[k_ - 1] = c;
+      std::push_heap(heap, heap + k_, Better);
+    } else {
+      return;
+    }
+    if (count == k_) thresholds_[static_cast<std::size_t>(row)] = heap[0].value;
+  }
+
+  void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
+    const Candidate* heap = &items_[static_cast<std::size_t>(row * k_)];
+    out->insert(out->end(), heap, heap + counts_[static_cast<std::size_t>(row)]);
+  }
+
+ private:
+  std::int64_t k_;
+  std::vector<Candidate> items_;
+  std::vector<std::int64_t> counts_;
+  std::vector<float> thresholds_;
+};
+
+// An append buffer of 2k per row, cut back to the best k by partition when full. Best for large k:
+// amortised O(1) per accepted candidate.
+class BufferSelector {
+ public:
+  BufferSelector(std::int64_t rows, std::int64_t k)
+      : k_(k),
+        capacity_(2 * k),
+        items_(static_cast<std::size_t>(rows * capacity_)),
+        counts_(static_cast<std::size_t>(rows), 0),
+        kth_(static_cast<std::size_t>(rows), Candidate{0.0f, -1}),
+        thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {}
+
+  const float* thresholds() const { return thresholds_.data(); }
+
+  void Offer(std::int64_t row, float value, std::int64_t index) {
+    const auto r = static_cast<std::size_t>(row);
+    const Candidate c{value, index};
+    if (kth_[r].index >= 0 && !Better(c, kth_[r])) return;
+    Candidate* buffer = &items_[r * static_cast<std::size_t>(capacity_)];
+    buffer[counts_[r]++] = c;
+    if (counts_[r] == capacity_) {
+      std::nth_element(buffer, buffer + (k_ - 1), buffer + capacity_, Better);
+      kth_[r] = buffer[k_ - 1];
+      thresholds_[r] = kth_[r].value;
+      counts_[r] = k_;
+    }
+  }
+
+  void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
+    const Candidate* buffer = &items_[static_cast<std::size_t>(row * capacity_)];
+    out->insert(out->end(), buffer, buffer + counts_[static_cast<std::size_t>(row)]);
+  }
+
+ private:
+  std::int64_t k_;
+  std::int64_t capacity_;
+  std::vector<Candidate> items_;
+  std::vector<std::int64_t> counts_;
+  std::vector<Candidate> kth_;
+  std::vector<float> thresholds_;
+};
+
+// The best k of `pool` (any order in, best first out) written to values / indices.
+inline void WriteBest(std::vector<Candidate>* pool, std::int64_t k, bool negate, float* values,
+                      std::int64_t* indices) {
+  const auto keep = static_cast<std::ptrdiff_t>(std::min<std::size_t>(pool->size(), k));
+  std::partial_sort(pool->begin(), pool->begin() + keep, pool->end(), Better);
+  for (std::ptrdiff_t j = 0; j < keep; ++j) {
+    values[j] = negate ? -(*pool)[j].value : (*pool)[j].value;
+    indices[j] = (*pool)[j].index;
+  }
+}
+
+}  // namespace tracin::detail

@@ -1,0 +1,258 @@
+// Kernel tests without Python: every entry point against a float64 reference, determinism across
+// threads, block sizes and instruction sets, half-precision inputs, factored mode, bad input.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tracin/tracin.hpp"
+
+namespace {
+
+int g_failed = 0, g_passed = 0;
+
+void Check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+struct Matrix {
+  std::int64_t rows, cols;
+  std::vector<float> data;
+  tracin::MatrixView View() const {
+    return {data.data(), rows, cols, cols, tracin::DType::kFloat32};
+  }
+};
+
+Matrix Random(std::int64_t rows, std::int64_t cols, std::mt19937& rng) {
+  std::normal_distribution<float> normal;
+  Matrix m{rows, cols, std::vector<float>(static_cast<std::size_t>(rows * cols))};
+  for (float& v : m.data) v = normal(rng);
+  return m;
+}
+
+tracin::GradientSide Full(const std::vector<Matrix>& ms) {
+  tracin::GradientSide s;
+  for (const Matrix& m : ms) s.blocks.push_back(m.View());
+  return s;
+}
+
+double Dot(const Matrix& a, std::int64_t i, const Matrix& b, std::int64_t j) {
+  double s = 0;
+  for (std::int64_t k = 0; k < a.cols; ++k)
+    s += static_cast<double>(a.data[i * a.cols + k]) * b.data[j * b.cols + k];
+  return s;
+}
+
+double Norm(const Matrix& a, std::int64_t i) { return std::sqrt(Dot(a, i, a, i)); }
+
+// Reference scores and the scale-aware error bound of DESIGN.md, float64.
+void Reference(const std::vector<Matrix>& test, const std::vector<Matrix>& train,
+               const std::vector<double>& w, std::vector<double>* exact,
+               std::vector<double>* bound) {
+  const std::int64_t m = test[0].rows, n = train[0].rows;
+  exact->assign(static_cast<std::size_t>(m * n), 0.0);
+  bound->assign(static_cast<std::size_t>(m * n), 0.0);
+  for (std::size_t c = 0; c < test.size(); ++c)
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        (*exact)[i * n + j] += w[c] * Dot(test[c], i, train[c], j);
+        (*bound)[i * n + j] += 1e-5 * std::abs(w[c]) * Norm(test[c], i) * Norm(train[c], j);
+      }
+}
+
+void TestScoresAndDeterminism() {
+  std::mt19937 rng(1);
+  const std::vector<Matrix> test = {Random(37, 300, rng), Random(37, 5, rng)};
+  const std::vector<Matrix> train = {Random(211, 300, rng), Random(211, 5, rng)};
+  const std::vector<double> w = {0.5, -2.0};
+  std::vector<double> exact, bound;
+  Reference(test, train, w, &exact, &bound);
+  std::vector<float> first;
+  for (tracin::Isa isa : {tracin::Isa::kGeneric, tracin::Isa::kAvx2, tracin::Isa::kAvx512})
+    for (int threads : {1, 3})
+      for (std::int64_t block : {0, 7, 1000}) {
+        tracin::Options o;
+        o.isa = isa;
+        o.num_threads = threads;
+        o.train_block = block;
+        o.test_block = block;
+        std::vector<float> out(exact.size());
+        tracin::Status s = tracin::Scores(Full(test), Full(train), w, out.data(), o);
+        Check(s.ok(), "Scores ok: " + s.message);
+        bool close = true;
+        for (std::size_t i = 0; i < out.size(); ++i)
+          close = close && std::abs(out[i] - exact[i]) <= bound[i];
+        Check(close, std::string("Scores within the scale-aware bound, isa ") + tracin::IsaName(isa));
+        if (isa == tracin::DetectIsa() || (isa == tracin::Isa::kAvx512 && first.empty())) {
+          if (first.empty()) first = out;
+          Check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0,
+                "identical bits for any thread count and block size");
+        }
+      }
+}
+
+void TestTopK() {
+  std::mt19937 rng(2);
+  const std::vector<Matrix> test = {Random(5, 33, rng)};
+  Matrix train = Random(500, 33, rng);
+  // Duplicate rows create exact ties; the smaller index must come first.
+  std::copy_n(train.data.begin(), 33, train.data.begin() + 100 * 33);
+  const std::vector<Matrix> trains = {train};
+  const std::vector<double> w = {1.0};
+  std::vector<float> dense(5 * 500);
+  Check(tracin::Scores(Full(test), Full(trains), w, dense.data()).ok(), "dense scores");
+  for (std::int64_t k : {1, 10, 100, 500}) {
+    std::vector<float> pv(5 * k), ov(5 * k);
+    std::vector<std::int64_t> pi(5 * k), oi(5 * k);
+    tracin::Options o;
+    o.train_block = 13;
+    tracin::Status s = tracin::TopK(Full(test), Full(trains), w, k, tracin::Side::kBoth,
+                                    {pv.data(), pi.data(), ov.data(), oi.data()}, o);
+    Check(s.ok(), "TopK ok: " + s.message);
+    bool same = true;
+    for (std::int64_t r = 0; r < 5; ++r) {
+      std::vector<std::int64_t> order(500);
+      std::iota(order.begin(), order.end(), 0);
+      const float* row = dense.data() + r * 500;
+      std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] > row[b]; });
+      for (std::int64_t j = 0; j < k; ++j)
+        same = same && pi[r * k + j] == order[j] && pv[r * k + j] == row[order[j]];
+      std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] < row[b]; });
+      for (std::int64_t j = 0; j < k; ++j)
+        same = same && oi[r * k + j] == order[j] && ov[r * k + j] == row[order[j]];
+    }
+    Check(same, "TopK matches a stable sort of the dense scores, k=" + std::to_string(k));
+  }
+}
+
+std::uint16_t ToBFloat16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<std::uint16_t>(bits >> 16);  // truncation: exactly representable below
+}
+
+void TestHalfPrecisionAndFactored() {
+  std::mt19937 rng(3);
+  Matrix left_t = Random(9, 4, rng), right_t = Random(9, 20, rng);
+  Matrix left_x = Random(50, 4, rng), right_x = Random(50, 20, rng);
+  for (Matrix* m : {&left_t, &right_t, &left_x, &right_x})
+    for (float& v : m->data) {
+      const std::uint16_t b = ToBFloat16(v);
+      std::uint32_t bits = std::uint32_t{b} << 16;
+      std::memcpy(&v, &bits, 4);
+    }
+  tracin::GradientSide t, x;
+  t.factored = x.factored = true;
+  t.blocks = {left_t.View(), right_t.View()};
+  x.blocks = {left_x.View(), right_x.View()};
+  std::vector<float> out(9 * 50);
+  Check(tracin::Scores(t, x, {0.25}, out.data()).ok(), "factored scores");
+  bool close = true;
+  for (std::int64_t i = 0; i < 9; ++i)
+    for (std::int64_t j = 0; j < 50; ++j) {
+      const double e = 0.25 * Dot(left_t, i, left_x, j) * Dot(right_t, i, right_x, j);
+      const double b = 1e-5 * 0.25 * Norm(left_t, i) * Norm(right_t, i) * Norm(left_x, j) *
+                       Norm(right_x, j);
+      close = close && std::abs(out[i * 50 + j] - e) <= b;
+    }
+  Check(close, "factored scores within bound");
+
+  // The same values as bfloat16 bits give the same scores.
+  std::vector<std::vector<std::uint16_t>> bits;
+  for (const Matrix* m : {&left_t, &right_t, &left_x, &right_x}) {
+    bits.emplace_back();
+    for (float v : m->data) bits.back().push_back(ToBFloat16(v));
+  }
+  tracin::GradientSide tb = t, xb = x;
+  for (int b = 0; b < 2; ++b) {
+    tb.blocks[b].data = bits[b].data();
+    tb.blocks[b].dtype = tracin::DType::kBFloat16;
+    xb.blocks[b].data = bits[2 + b].data();
+    xb.blocks[b].dtype = tracin::DType::kBFloat16;
+  }
+  std::vector<float> out_b(out.size());
+  Check(tracin::Scores(tb, xb, {0.25}, out_b.data()).ok(), "bfloat16 factored scores");
+  Check(out == out_b, "bfloat16 inputs give the float32 results bit for bit");
+
+  // Float16: 1.5 is 0x3e00, -0.25 is 0xb400.
+  const std::vector<std::uint16_t> h = {0x3e00, 0xb400};
+  tracin::GradientSide hs;
+  hs.blocks = {{h.data(), 1, 2, 2, tracin::DType::kFloat16}};
+  float self = 0;
+  Check(tracin::SelfInfluence(hs, {2.0}, &self).ok(), "float16 self-influence");
+  Check(self == 2.0f * (2.25f + 0.0625f), "float16 decoded exactly");
+}
+
+void TestSelfInfluenceAndAggregate() {
+  std::mt19937 rng(4);
+  const std::vector<Matrix> test = {Random(8, 40, rng), Random(8, 3, rng)};
+  const std::vector<Matrix> train = {Random(30, 40, rng), Random(30, 3, rng)};
+  const std::vector<double> w = {0.1, 3.0};
+  std::vector<float> self(30), agg(30);
+  Check(tracin::SelfInfluence(Full(train), w, self.data()).ok(), "self-influence ok");
+  Check(tracin::Aggregate(Full(test), Full(train), w, agg.data()).ok(), "aggregate ok");
+  bool ok_self = true, ok_agg = true;
+  for (std::int64_t j = 0; j < 30; ++j) {
+    double e = 0, b = 0, a = 0, ab = 0;
+    for (int c = 0; c < 2; ++c) {
+      e += w[c] * Dot(train[c], j, train[c], j);
+      b += 1e-5 * w[c] * Dot(train[c], j, train[c], j);
+      for (std::int64_t i = 0; i < 8; ++i) {
+        a += w[c] * Dot(test[c], i, train[c], j);
+        ab += 1e-5 * w[c] * Norm(test[c], i) * Norm(train[c], j);
+      }
+    }
+    ok_self = ok_self && std::abs(self[j] - e) <= b;
+    ok_agg = ok_agg && std::abs(agg[j] - a) <= ab;
+  }
+  Check(ok_self, "self-influence within bound");
+  Check(ok_agg, "aggregate within bound");
+}
+
+void TestBadInput() {
+  std::mt19937 rng(5);
+  std::vector<Matrix> test = {Random(4, 8, rng)};
+  std::vector<Matrix> train = {Random(20, 8, rng)};
+  train[0].data[13 * 8 + 2] = std::nanf("");
+  train[0].data[17 * 8 + 0] = INFINITY;
+  std::vector<float> out(4 * 20);
+  tracin::Status s = tracin::Scores(Full(test), Full(train), {1.0}, out.data());
+  Check(s.code == tracin::StatusCode::kNonFinite &&
+            s.message.find("train checkpoint 0") != std::string::npos &&
+            s.message.find("[13, 17]") != std::string::npos,
+        "NaN/Inf names the checkpoint and rows: " + s.message);
+  std::vector<Matrix> other = {Random(20, 9, rng)};
+  s = tracin::Scores(Full(test), Full(other), {1.0}, out.data());
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "mismatched dims rejected");
+  s = tracin::Scores(Full(test), Full(test), {1.0, 2.0}, out.data());
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "wrong weight count rejected");
+  std::vector<float> v(4 * 30);
+  std::vector<std::int64_t> i(4 * 30);
+  s = tracin::TopK(Full(test), Full(test), {1.0}, 30, tracin::Side::kProponents,
+                   {v.data(), i.data(), nullptr, nullptr});
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "k beyond the train rows rejected");
+}
+
+}  // namespace
+
+int main() {
+  std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
+  TestScoresAndDeterminism();
+  TestTopK();
+  TestHalfPrecisionAndFactored();
+  TestSelfInfluenceAndAggregate();
+  TestBadInput();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
