@@ -1,0 +1,24 @@
+"""tracin: exact, fast TracIn training-data influence for PyTorch, JAX and NumPy.
+
+influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>.
+"""
+
+from ._core import detect_isa
+from .gradients import FactoredGradients, GradientSet, Gradients
+from .scoring import BothSides, TopK, aggregate, merge_top_k, scores, self_influence, top_k
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BothSides",
+    "FactoredGradients",
+    "GradientSet",
+    "Gradients",
+    "TopK",
+    "aggregate",
+    "detect_isa",
+    "merge_top_k",
+    "scores",
+    "self_influence",
+    "top_k",
+]

@@ -1,0 +1,181 @@
+"""Gradient sets: per-checkpoint gradient matrices plus the learning-rate weights."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._arrays import DTYPE_CODES, as_matrix
+
+KernelSide = tuple[bool, list[np.ndarray], list[int]]
+
+
+def _as_list(x: Any, name: str) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ValueError(f"{name} must hold at least one checkpoint")
+        return list(x)
+    return [x]
+
+
+def _weights(weights: Any, count: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(count)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != count:
+        raise ValueError(f"weights: expected one per checkpoint ({count}), got {w.size}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"weights must be finite, got {w.tolist()}")
+    return w
+
+
+class GradientSet:
+    """What every gradient set offers to the scoring functions.
+
+    Subclasses hold per checkpoint either one (n, d_c) matrix or a (left, right) factor pair.
+    `weights` is float64 (n_checkpoints,); `weights_given` says whether the user chose them (a set
+    with default weights takes the weights of the set it is scored against).
+    """
+
+    factored: bool
+    weights: np.ndarray
+    weights_given: bool
+    metadata: dict
+
+    @property
+    def n_rows(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.weights)
+
+    @property
+    def dims(self) -> tuple:
+        """Per checkpoint d_c (full) or (p_c, q_c) (factored)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def row_chunks(self) -> int | None:
+        """Preferred rows per kernel call when streaming (None: everything at once)."""
+        return None
+
+    def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
+        """(factored, blocks, dtype codes) for rows [start, stop), as the kernel takes them."""
+        raise NotImplementedError
+
+
+class _InMemory(GradientSet):
+    """Shared code of Gradients and FactoredGradients: blocks of views plus their dtype names."""
+
+    _blocks: list[np.ndarray]
+    _dtypes: list[str]
+
+    def _init_blocks(self, arrays: list[Any], names: list[str]) -> None:
+        self._blocks, self._dtypes = [], []
+        for arr, name in zip(arrays, names):
+            view, dtype = as_matrix(arr, name)
+            self._blocks.append(view)
+            self._dtypes.append(dtype)
+        rows = {b.shape[0] for b in self._blocks}
+        if len(rows) != 1:
+            detail = ", ".join(f"{n}: {b.shape[0]}" for n, b in zip(names, self._blocks))
+            raise ValueError(f"every checkpoint must have the same number of rows ({detail})")
+
+    @property
+    def n_rows(self) -> int:
+        return self._blocks[0].shape[0]
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(self._dtypes)
+
+    def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
+        blocks = [b[start:stop] for b in self._blocks]
+        return self.factored, blocks, [DTYPE_CODES[d] for d in self._dtypes]
+
+    def _sliced(self, rows: slice):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._blocks = [b[rows] for b in self._blocks]
+        return clone
+
+    def __getitem__(self, rows: slice):
+        """A view of a contiguous range of rows (step 1), e.g. grads[1000:2000]."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("gradient sets can be sliced by contiguous row ranges only, e.g. g[10:20]")
+        return self._sliced(rows)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_rows={self.n_rows}, dims={list(self.dims)}, "
+            f"dtypes={list(self.dtypes)}, weights={self.weights.tolist()})"
+        )
+
+
+class Gradients(_InMemory):
+    """Full per-example gradients: one (n, d_c) matrix per checkpoint c.
+
+    matrices: a 2-D array or a sequence of them (NumPy, np.memmap, CPU torch tensors, JAX arrays)
+        in float32, float16 or bfloat16; d_c may differ between checkpoints. Views, not copies.
+    weights: one learning-rate weight w_c per checkpoint (float64); default 1 each.
+    metadata: free-form provenance (layers, projection, ...), kept with the set.
+    """
+
+    factored = False
+
+    def __init__(self, matrices: Any, weights: Sequence[float] | None = None, *, metadata: dict | None = None):
+        arrays = _as_list(matrices, "matrices")
+        self._init_blocks(arrays, [f"matrices[{c}]" for c in range(len(arrays))])
+        self.weights = _weights(weights, len(arrays))
+        self.weights_given = weights is not None
+        self.metadata = dict(metadata or {})
+
+    @property
+    def matrices(self) -> tuple[np.ndarray, ...]:
+        """Per checkpoint the (n, d_c) view (bfloat16 as its uint16 bits)."""
+        return tuple(self._blocks)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(b.shape[1] for b in self._blocks)
+
+
+class FactoredGradients(_InMemory):
+    """Last-layer gradients as factors: per checkpoint c a left (n, p_c) and a right (n, q_c)
+    matrix whose row-wise outer product left[i] (x) right[i] is example i's (p_c * q_c) gradient.
+
+    For a linear layer y = W x + b, left is dL/dy and right is x with a 1 appended for the bias.
+    """
+
+    factored = True
+
+    def __init__(self, left: Any, right: Any, weights: Sequence[float] | None = None, *,
+                 metadata: dict | None = None):
+        lefts, rights = _as_list(left, "left"), _as_list(right, "right")
+        if len(lefts) != len(rights):
+            raise ValueError(f"left has {len(lefts)} checkpoints but right has {len(rights)}")
+        arrays, names = [], []
+        for c, (l, r) in enumerate(zip(lefts, rights)):
+            arrays += [l, r]
+            names += [f"left[{c}]", f"right[{c}]"]
+        self._init_blocks(arrays, names)
+        self.weights = _weights(weights, len(lefts))
+        self.weights_given = weights is not None
+        self.metadata = dict(metadata or {})
+
+    @property
+    def left(self) -> tuple[np.ndarray, ...]:
+        return tuple(self._blocks[0::2])
+
+    @property
+    def right(self) -> tuple[np.ndarray, ...]:
+        return tuple(self._blocks[1::2])
+
+    @property
+    def dims(self) -> tuple[tuple[int, int], ...]:
+        return tuple((l.shape[1], r.shape[1]) for l, r in zip(self.left, self.right))

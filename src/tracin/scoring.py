@@ -1,0 +1,187 @@
+"""The public scoring functions: validation, then the C++ kernel (tracin._core)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _core
+from .gradients import GradientSet, Gradients
+
+_SIDES = {"proponents": 0, "opponents": 1, "both": 2}
+
+
+class TopK(NamedTuple):
+    """values float32 (m, k) and indices int64 (m, k) into the train rows, best first per row."""
+
+    values: np.ndarray
+    indices: np.ndarray
+
+
+class BothSides(NamedTuple):
+    """Proponents (largest first) and opponents (most negative first) from one pass."""
+
+    proponents: TopK
+    opponents: TopK
+
+
+def as_gradient_set(x: Any, name: str) -> GradientSet:
+    """A GradientSet as is; a bare array (or list of per-checkpoint arrays) as Gradients."""
+    if isinstance(x, GradientSet):
+        return x
+    try:
+        return Gradients(x)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+
+
+def _threads(num_threads: int | None) -> int:
+    if num_threads is None:
+        return 0
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+    return int(num_threads)
+
+
+def _weights(test: GradientSet, train: GradientSet) -> list[float]:
+    """The weights both sides agree on (a side with default weights takes the other's)."""
+    if test.n_checkpoints != train.n_checkpoints:
+        raise ValueError(
+            f"test has {test.n_checkpoints} checkpoints but train has {train.n_checkpoints}; "
+            "both sides must come from the same checkpoints"
+        )
+    if test.weights_given and train.weights_given and not np.array_equal(test.weights, train.weights):
+        raise ValueError(
+            f"test and train carry different checkpoint weights ({test.weights.tolist()} vs "
+            f"{train.weights.tolist()}); they must come from the same checkpoints"
+        )
+    return (train.weights if train.weights_given or not test.weights_given else test.weights).tolist()
+
+
+def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]:
+    test, train = as_gradient_set(test, "test"), as_gradient_set(train, "train")
+    if test.factored != train.factored:
+        raise ValueError(
+            "test and train must both be full gradients or both FactoredGradients "
+            f"(test is {'factored' if test.factored else 'full'}, train is "
+            f"{'factored' if train.factored else 'full'})"
+        )
+    if test.dims != train.dims:
+        raise ValueError(f"test dims {list(test.dims)} differ from train dims {list(train.dims)}")
+    return test, train, _weights(test, train)
+
+
+def _chunks(s: GradientSet) -> list[tuple[int, int]]:
+    step = s.row_chunks() or max(s.n_rows, 1)
+    return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
+
+
+def scores(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarray:
+    """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
+
+    Materialises the whole matrix: for small problems. Use top_k for large ones.
+    """
+    test, train, w = _pair(test, train)
+    threads = _threads(num_threads)
+    out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
+    for t0, t1 in _chunks(test):
+        t_side = test.kernel_side(t0, t1)
+        for i0, i1 in _chunks(train):
+            out[t0:t1, i0:i1] = _core.scores(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+    return out
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
+          num_threads: int | None = None) -> TopK | BothSides:
+    """Exact top-k training examples per test example, without the dense score matrix.
+
+    side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
+    (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
+    k larger than the number of train rows gives that many columns.
+    """
+    test, train, w = _pair(test, train)
+    k = _check_k(k)
+    if side not in _SIDES:
+        raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
+    threads = _threads(num_threads)
+    code = _SIDES[side]
+    parts = []  # per test chunk: per train chunk (prop TopK, opp TopK)
+    for t0, t1 in _chunks(test):
+        t_side = test.kernel_side(t0, t1)
+        results, offsets = [], []
+        for i0, i1 in _chunks(train):
+            kk = min(k, i1 - i0)
+            pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, kk, code,
+                                         num_threads=threads)
+            results.append((TopK(pv, pi), TopK(ov, oi)))
+            offsets.append(i0)
+        parts.append([merge_top_k([r[s] for r in results], offsets, k=k, side=name)
+                      for s, name in ((0, "proponents"), (1, "opponents"))])
+    prop = TopK(*(np.concatenate([p[0][f] for p in parts]) for f in (0, 1)))
+    opp = TopK(*(np.concatenate([p[1][f] for p in parts]) for f in (0, 1)))
+    if side == "proponents":
+        return prop
+    if side == "opponents":
+        return opp
+    return BothSides(prop, opp)
+
+
+def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None,
+                side: str = "proponents") -> TopK:
+    """Merge top-k results computed on row shards of the train side into the result on the whole.
+
+    results: TopK per shard (indices local to the shard); offsets: the first global train row of
+    each shard. k defaults to the widest input. Exactly equal to top_k on the unsharded data,
+    ties included (smaller global index first).
+    """
+    if len(results) != len(offsets):
+        raise ValueError(f"results has {len(results)} entries but offsets has {len(offsets)}")
+    if side not in ("proponents", "opponents"):
+        raise ValueError(f"side must be 'proponents' or 'opponents', got {side!r}")
+    if not results:
+        raise ValueError("results must hold at least one TopK")
+    rows = {r.values.shape[0] for r in results}
+    if len(rows) != 1:
+        raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
+    values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
+    indices = np.concatenate(
+        [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets)], axis=1)
+    width = values.shape[1] if k is None else min(_check_k(k), values.shape[1])
+    key = -values if side == "proponents" else values
+    # lexsort: last key is primary; stable order by (score, global index).
+    order = np.lexsort((indices, key), axis=1)[:, :width]
+    return TopK(np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1))
+
+
+def self_influence(train: Any, *, num_threads: int | None = None) -> np.ndarray:
+    """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
+
+    High values flag mislabelled or unusual examples.
+    """
+    train = as_gradient_set(train, "train")
+    threads = _threads(num_threads)
+    w = train.weights.tolist()
+    out = [_core.self_influence(train.kernel_side(a, b), w, num_threads=threads)
+           for a, b in _chunks(train)]
+    return np.concatenate(out)
+
+
+def aggregate(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarray:
+    """float32 (n,): influence of each training example summed over the whole test set
+    (group influence, for data selection)."""
+    test, train, w = _pair(test, train)
+    threads = _threads(num_threads)
+    total = np.zeros(train.n_rows, dtype=np.float64)
+    for t0, t1 in _chunks(test):
+        t_side = test.kernel_side(t0, t1)
+        for i0, i1 in _chunks(train):
+            total[i0:i1] += _core.aggregate(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+    return total.astype(np.float32)
