@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: interleaved timing with medians, peak memory, machine facts, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 5,
+                     warmup: int = 1) -> dict[str, dict]:
+    """Runs every contender `warmup` times, then `repeats` rounds of one call each (interleaved, so
+    machine noise hits all alike). Returns per name {"median_s", "times_s"}."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
+
+
+def peak_rss_of(code: str, timeout: float = 1800) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of running `code` in a fresh Python process."""
+    wrapper = (
+        "import resource, time\nt0 = time.perf_counter()\n" + code +
+        "\nprint('__BENCH__', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
+        " time.perf_counter() - t0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
+                         timeout=timeout, check=True).stdout
+    line = next(l for l in out.splitlines() if l.startswith("__BENCH__"))
+    _, rss, wall = line.split()
+    return float(rss), float(wall)
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import numpy as np
+
+    import tracin
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+        "tracin": tracin.__version__,
+        "tracin_isa": tracin.detect_isa(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                        for p in threadpool_info()]
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:
+    """Writes results/NAME.json (machine facts added) and returns its path."""
+    directory = directory or RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    payload = {"benchmark": name, "machine": machine_info(), **payload}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    tmp.replace(path)
+    return path
