@@ -1,0 +1,91 @@
+"""Checkpoints: (state_dict or path, learning_rate) pairs, validated against the model, loaded one at
+a time (each exactly once) onto the model's device."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+_PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
+
+
+def parse_checkpoints(checkpoints: Any) -> tuple[list[Any], list[float]]:
+    """([state_dict or path, ...], [learning_rate, ...]) from a sequence of pairs."""
+    if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
+        raise TypeError("checkpoints must be a sequence of (state_dict or path, learning_rate) pairs, "
+                        f"got {type(checkpoints).__name__}")
+    if not checkpoints:
+        raise ValueError("checkpoints is empty; give at least one (state_dict or path, learning_rate)")
+    sources, rates = [], []
+    for i, pair in enumerate(checkpoints):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"checkpoints[{i}] must be a (state_dict or path, learning_rate) pair, "
+                            f"got {type(pair).__name__}")
+        source, lr = pair
+        if not isinstance(source, (str, os.PathLike, Mapping)):
+            raise TypeError(f"checkpoints[{i}][0] must be a state_dict or a path, got {type(source).__name__}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr):
+            raise ValueError(f"checkpoints[{i}][1] (learning rate) must be a finite number, got {lr!r}")
+        sources.append(source)
+        rates.append(float(lr))
+    return sources, rates
+
+
+def describe(source: Any, index: int) -> str:
+    """How a checkpoint is named in metadata: its path, or its position for in-memory state dicts."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"state_dict[{index}]"
+
+
+def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap(obj[key], name)
+    raise ValueError(f"{name} is not a state_dict (a mapping of names to tensors), nor a dict holding "
+                     f"one under {', '.join(repr(k) for k in _NESTED_KEYS)}")
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
+    """Drops a DataParallel 'module.' prefix when every key has it and the model's keys do not."""
+    if state and all(k.startswith(_PREFIX) for k in state) and not any(k.startswith(_PREFIX) for k in expected):
+        return {k[len(_PREFIX):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, keyed like `reference` (the model's state_dict), each on the
+    reference tensor's device and dtype. Paths are read with torch.load(weights_only=True)."""
+    name = f"checkpoints[{index}] ({describe(source, index)})"
+    if isinstance(source, (str, os.PathLike)):
+        device = next(iter(reference.values())).device if reference else "cpu"
+        try:
+            obj = torch.load(source, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"{name}: no such file") from None
+    else:
+        obj = source
+    state = _strip_prefix(_unwrap(obj, name), reference)
+    missing = [k for k in reference if k not in state]
+    unexpected = [k for k in state if k not in reference]
+    if missing or unexpected:
+        raise ValueError(
+            f"{name} does not match the model: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
+    out = {}
+    for key, ref in reference.items():
+        t = state[key]
+        if t.shape != ref.shape:
+            raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, the model's has {tuple(ref.shape)}")
+        dtype = ref.dtype if t.is_floating_point() else t.dtype
+        out[key] = t.detach().to(device=ref.device, dtype=dtype)
+    return out

@@ -1,0 +1,144 @@
+"""Turning the user's data into a re-iterable stream of (inputs, targets) batches.
+
+Accepted forms:
+- an (inputs, targets) pair whose targets is a tensor (inputs a tensor or a tuple/dict of them),
+- a torch Dataset yielding (input, target) items,
+- a DataLoader (not shuffling: rows must come in the same order for every checkpoint),
+- any re-iterable of (inputs, targets) batches (a list, say).
+
+Inputs and targets are "trees": a tensor, or a tuple/list/dict of tensors, all sharing the batch
+dimension 0. A tuple or list of inputs is passed to the model positionally, a dict by keyword.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Tree = Any  # a tensor, or a tuple / list / dict of trees
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
+    """`fn` applied to every tensor of `tree`, keeping its structure."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    raise TypeError(
+        f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}"
+    )
+
+
+def tree_leaves(tree: Tree) -> list[torch.Tensor]:
+    leaves: list[torch.Tensor] = []
+    tree_map(leaves.append, tree)
+    return leaves
+
+
+def batch_rows(tree: Tree, name: str) -> int:
+    """The common size of dimension 0 of every tensor in `tree`."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} holds no tensors")
+    sizes = {t.shape[0] if t.dim() else None for t in leaves}
+    if None in sizes or len(sizes) != 1:
+        shapes = [tuple(t.shape) for t in leaves]
+        raise ValueError(f"every tensor in {name} must share the batch dimension 0; got shapes {shapes}")
+    return sizes.pop()
+
+
+def call_model(model: Callable, inputs: Tree) -> Any:
+    """model(x), model(*x) for a tuple/list, model(**x) for a dict."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@dataclass
+class Batches:
+    """A re-iterable stream of (inputs, targets) batches of at most `max_rows` rows each.
+
+    n_rows: total examples when known up front, else None.
+    """
+
+    source: Iterable
+    n_rows: int | None
+    max_rows: int
+    one_shot: bool
+
+    def __iter__(self) -> Iterator[tuple[int, Tree, Tree]]:
+        """Yields (start row, inputs, targets); big incoming batches are split into max_rows pieces."""
+        start = 0
+        for i, batch in enumerate(self.source):
+            inputs, targets = _split_pair(batch, f"batch {i}")
+            rows = batch_rows(targets, f"the targets of batch {i}")
+            in_rows = batch_rows(inputs, f"the inputs of batch {i}")
+            if in_rows != rows:
+                raise ValueError(f"batch {i}: inputs have {in_rows} rows but targets have {rows}")
+            for a in range(0, rows, self.max_rows):
+                b = min(a + self.max_rows, rows)
+                whole = a == 0 and b == rows
+                yield (start + a,
+                       inputs if whole else tree_map(lambda t: t[a:b], inputs),
+                       targets if whole else tree_map(lambda t: t[a:b], targets))
+            start += rows
+
+
+def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{name} must be an (inputs, targets) pair, got {type(batch).__name__}"
+                        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    return batch[0], batch[1]
+
+
+def _is_tensor_pair(data: Any) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+
+
+def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    if loader.batch_size is None:  # a custom batch_sampler: rows per batch unknown
+        return None
+    return (n // loader.batch_size) * loader.batch_size if loader.drop_last else n
+
+
+def as_batches(data: Any, max_rows: int) -> Batches:
+    """Batches over `data` (see the module docstring), at most `max_rows` rows per batch."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+
+    if _is_tensor_pair(data):
+        n = batch_rows(data[1], "data targets")
+        return Batches([tuple(data)], n, max_rows, one_shot=False)
+    if isinstance(data, DataLoader):
+        if isinstance(data.sampler, RandomSampler):
+            raise ValueError(
+                "data is a shuffling DataLoader; rows must come in the same order for every "
+                "checkpoint: build it with shuffle=False"
+            )
+        return Batches(data, _loader_rows(data), max_rows, one_shot=False)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        if not hasattr(data, "__len__"):
+            raise TypeError("data is a Dataset without __len__; wrap it in a DataLoader")
+        loader = DataLoader(data, batch_size=max_rows, shuffle=False)
+        return Batches(loader, len(data), max_rows, one_shot=False)
+    if isinstance(data, Iterable):
+        one_shot = iter(data) is data
+        n = None
+        if isinstance(data, (list, tuple)):
+            n = sum(batch_rows(_split_pair(b, f"batch {i}")[1], f"the targets of batch {i}")
+                    for i, b in enumerate(data))
+        return Batches(data, n, max_rows, one_shot=one_shot)
+    raise TypeError(
+        "data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or an iterable "
+        f"of (inputs, targets) batches; got {type(data).__name__}"
+    )

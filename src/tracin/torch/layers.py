@@ -1,0 +1,62 @@
+"""Choosing the parameters whose gradients are exported, and finding the last Linear layer."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A module-name prefix ("fc2" matches fc2.weight, fc2.bias) or a glob ("encoder.*.weight")."""
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
+    """Names of the chosen parameters, in the model's order.
+
+    layers=None: every parameter with requires_grad. Otherwise every parameter (frozen or not)
+    matched by one of the patterns; each pattern must match at least one.
+    """
+    params = dict(model.named_parameters())
+    if layers is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+        if not names:
+            raise ValueError("the model has no trainable parameters; name the layers to use with layers=")
+        return names
+    if isinstance(layers, str):
+        layers = [layers]
+    if not all(isinstance(p, str) for p in layers) or not layers:
+        raise TypeError(f"layers must be a non-empty list of module names or globs, got {layers!r}")
+    for pattern in layers:
+        if not any(_matches(n, pattern) for n in params):
+            modules = [m for m, _ in model.named_modules() if m]
+            raise ValueError(f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
+                             f"{' ...' if len(modules) > 30 else ''}")
+    return [n for n in params if any(_matches(n, p) for p in layers)]
+
+
+def linear_by_name(model: nn.Module, name: str) -> nn.Linear:
+    module = dict(model.named_modules()).get(name)
+    if not isinstance(module, nn.Linear):
+        found = type(module).__name__ if module is not None else "nothing"
+        raise ValueError(f"layers: mode='last_layer' needs the name of one nn.Linear module; {name!r} is {found}")
+    return module
+
+
+def last_linear(model: nn.Module, run_forward) -> str:
+    """Name of the nn.Linear module whose forward runs last when `run_forward()` is called."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[mod])) for m in names]
+    try:
+        with torch.no_grad():
+            run_forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise ValueError("mode='last_layer' needs an nn.Linear layer in the model's forward; none ran")
+    return order[-1]
