@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,6 +71,9 @@ def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tenso
             obj = torch.load(source, map_location=device, weights_only=True)
         except FileNotFoundError:
             raise ValueError(f"{name}: no such file") from None
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{name} cannot be read with torch.load(weights_only=True), which only "
+                             f"allows tensors and plain containers: {str(e).splitlines()[0]}") from None
     else:
         obj = source
     state = _strip_prefix(_unwrap(obj, name), reference)

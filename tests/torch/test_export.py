@@ -1,0 +1,248 @@
+"""export_gradients end to end, against Captum TracInCP as the oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data, mlp,
+                          train_checkpoints)
+
+import tracin
+from tracin.torch import export_gradients
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = mlp()
+    train = classification_data(40, seed=1)
+    test = classification_data(7, seed=2)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    return model, checkpoints, train, test
+
+
+def test_scores_top_k_and_self_influence_match_captum(trained):
+    model, checkpoints, train, test = trained
+    g_train = export_gradients(model, checkpoints, train, LOSS, batch_size=16, progress=False)
+    g_test = export_gradients(model, checkpoints, test, LOSS, progress=False)
+    oracle = captum_tracin(model, checkpoints, train)
+
+    expected = captum_scores(oracle, test)
+    assert_scores_match(tracin.scores(g_test, g_train), expected)
+
+    both = tracin.top_k(g_test, g_train, k=5, side="both")
+    for ours, proponents in ((both.proponents, True), (both.opponents, False)):
+        theirs_idx, theirs_val = oracle.influence(test, k=5, proponents=proponents)
+        np.testing.assert_array_equal(ours.indices, theirs_idx.numpy())
+        assert_scores_match(ours.values, theirs_val.numpy(), rtol=1e-4)
+
+    theirs_self = oracle.self_influence().detach().numpy()
+    np.testing.assert_allclose(tracin.self_influence(g_train), theirs_self, rtol=1e-4)
+
+
+def test_weights_are_the_learning_rates_and_metadata_describes_the_export(trained):
+    model, checkpoints, train, _ = trained
+    g = export_gradients(model, checkpoints, train, LOSS, progress=False)
+    np.testing.assert_array_equal(g.weights, [lr for _, lr in checkpoints])
+    meta = g.metadata
+    assert meta["framework"] == "torch" and meta["mode"] == "full" and meta["dtype"] == "float32"
+    assert meta["parameters"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
+    assert meta["dims"] == sum(p.numel() for p in model.parameters()) == g.dims[0]
+    assert meta["checkpoints"] == [p for p, _ in checkpoints] and meta["projection"] is None
+
+
+def test_layers_by_prefix_and_glob_match_captum_layers(trained):
+    model, checkpoints, train, test = trained
+    layers = ["2", "4.*"]
+    g_train = export_gradients(model, checkpoints, train, LOSS, layers=layers, progress=False)
+    g_test = export_gradients(model, checkpoints, test, LOSS, layers=layers, progress=False)
+    oracle = captum_tracin(model, checkpoints, train, layers=["2", "4"])
+    assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
+    assert [n for n, _ in g_train.metadata["parameters"]] == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    assert g_train.metadata["layers"] == layers
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Dropout(0.5))
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def test_cnn_with_batchnorm_and_dropout_runs_in_eval_mode_like_captum_on_an_eval_model(tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 6, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+    checkpoints = train_checkpoints(model, x, y, tmp_path)
+    train, test = (x[:24], y[:24]), (x[24:], y[24:])
+    assert model.training  # the user's model is in train mode; the export must not use batch stats
+    g_train = export_gradients(model, checkpoints, train, LOSS, batch_size=8, progress=False)
+    g_test = export_gradients(model, checkpoints, test, LOSS, progress=False)
+    oracle = captum_tracin(model, checkpoints, train)
+    assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
+    # dropout off: the same export twice is bitwise identical
+    again = export_gradients(model, checkpoints, test, LOSS, progress=False)
+    np.testing.assert_array_equal(again.matrices[0], g_test.matrices[0])
+
+
+class TinyAttention(nn.Module):
+    """Embedding + one self-attention block + mean pooling over unmasked tokens + classifier."""
+
+    def __init__(self, vocab=20, dim=8, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads=2, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        a, _ = self.attn(h, h, h, key_padding_mask=attention_mask == 0, need_weights=False)
+        h = self.norm(h + a)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+def test_dict_inputs_with_embedding_and_attention_match_captum(tmp_path, recwarn):
+    torch.manual_seed(0)
+    model = TinyAttention()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 20, (30, 5), generator=g)
+    mask = torch.ones(30, 5, dtype=torch.long)
+    mask[::3, 3:] = 0  # some padded sequences
+    y = torch.randint(0, 3, (30,), generator=g)
+    checkpoints = train_checkpoints(model, (ids, mask), y, tmp_path)
+    train = ({"input_ids": ids[:24], "attention_mask": mask[:24]}, y[:24])
+    test = ({"input_ids": ids[24:], "attention_mask": mask[24:]}, y[24:])
+    g_train = export_gradients(model, checkpoints, train, LOSS, batch_size=10, progress=False)
+    g_test = export_gradients(model, checkpoints, test, LOSS, progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # vmap path, no fallback
+    oracle = captum_tracin(model, checkpoints, (ids[:24], mask[:24], y[:24]))
+    expected = captum_scores(oracle, (ids[24:], mask[24:], y[24:]))
+    assert_scores_match(tracin.scores(g_test, g_train), expected)
+    layers = export_gradients(model, checkpoints, test, LOSS, layers=["attn.*proj*"], progress=False)
+    assert [n for n, _ in layers.metadata["parameters"]] == [
+        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
+
+
+def test_model_is_left_exactly_as_it_was(trained):
+    model, checkpoints, train, _ = trained
+    model.train()
+    model[1].eval()  # a mixed-mode model
+    model[0].bias.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    export_gradients(model, checkpoints, train, LOSS, progress=False)
+    export_gradients(model, checkpoints, train, LOSS, mode="last_layer", progress=False)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.parametrize("loss_fn, message", [
+    (nn.CrossEntropyLoss(), "reduction='mean'"),
+    (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
+    (lambda out, y: nn.functional.cross_entropy(out, y), "mean- or sum-reduced"),
+    (lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum"), "mean- or sum-reduced"),
+    (lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")[:, None], r"shape \(40,\)"),
+    ("cross_entropy", "must be callable"),
+])
+def test_reduced_or_malformed_losses_are_refused(trained, loss_fn, message):
+    model, checkpoints, train, _ = trained
+    with pytest.raises((ValueError, TypeError), match=message):
+        export_gradients(model, checkpoints, train, loss_fn, progress=False)
+
+
+def test_a_reduced_loss_is_refused_even_with_batches_of_one(trained):
+    model, checkpoints, train, _ = trained
+    with pytest.raises(ValueError, match="mean- or sum-reduced"):
+        export_gradients(model, checkpoints, train, lambda o, y: nn.functional.cross_entropy(o, y),
+                         batch_size=1, progress=False)
+
+
+def test_every_data_form_gives_the_same_rows(trained):
+    model, checkpoints, (x, y), _ = trained
+    expected = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=7, progress=False)
+    forms = {
+        "dataset": TensorDataset(x, y),
+        "loader": DataLoader(TensorDataset(x, y), batch_size=6),
+        "list of batches": [(x[i:i + 9], y[i:i + 9]) for i in range(0, 40, 9)],
+    }
+    for name, data in forms.items():
+        got = export_gradients(model, checkpoints, data, LOSS, batch_size=4, progress=False)
+        for a, b in zip(got.matrices, expected.matrices):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    one = export_gradients(model, checkpoints[:1], ((x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)),
+                           LOSS, progress=False)  # a generator: row count unknown up front
+    np.testing.assert_allclose(one.matrices[0], expected.matrices[0], rtol=1e-5, atol=1e-6)
+
+
+def test_data_errors_are_explained(trained):
+    model, checkpoints, (x, y), _ = trained
+    with pytest.raises(ValueError, match="shuffle=False"):
+        export_gradients(model, checkpoints, DataLoader(TensorDataset(x, y), shuffle=True), LOSS, progress=False)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        export_gradients(model, checkpoints, iter([(x, y)]), LOSS, progress=False)
+    with pytest.raises(ValueError, match="inputs have 40 rows but targets have 5"):
+        export_gradients(model, checkpoints, (x, y[:5]), LOSS, progress=False)
+    with pytest.raises(TypeError, match="data must be"):
+        export_gradients(model, checkpoints, 3, LOSS, progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "diagonal"}, "mode must be"),
+    ({"dtype": "float64"}, "dtype must be"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"projection": object()}, "tracin.Projection"),
+])
+def test_bad_options_are_refused(trained, kwargs, message):
+    model, checkpoints, train, _ = trained
+    with pytest.raises((ValueError, TypeError), match=message):
+        export_gradients(model, checkpoints, train, LOSS, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_storage_is_the_rounded_float32_gradient(trained, dtype):
+    model, checkpoints, train, test = trained
+    full = export_gradients(model, checkpoints, train, LOSS, progress=False)
+    half = export_gradients(model, checkpoints, train, LOSS, dtype=dtype, progress=False)
+    assert half.dtypes == (dtype,) * 3 and half.metadata["dtype"] == dtype
+    torch_dtype = getattr(torch, dtype)
+    for h, f in zip(half.matrices, full.matrices):
+        expected = torch.from_numpy(f).to(torch_dtype)
+        got = torch.from_numpy(h).view(torch_dtype) if dtype == "bfloat16" else torch.from_numpy(h)
+        assert torch.equal(got, expected)
+
+
+def test_progress_bar_counts_examples_over_all_checkpoints(trained, capsys):
+    model, checkpoints, train, _ = trained
+    export_gradients(model, checkpoints, train, LOSS, batch_size=16)
+    err = capsys.readouterr().err
+    assert "120/120" in err and "ex/s" in err and "checkpoint 3/3" in err
+    export_gradients(model, checkpoints, train, LOSS, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_model_matches_cpu(trained):
+    model, checkpoints, train, _ = trained
+    cpu = export_gradients(model, checkpoints, train, LOSS, progress=False)
+    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, train, LOSS, progress=False)
+    for a, b in zip(gpu.matrices, cpu.matrices):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
