@@ -61,9 +61,24 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
     return dict(state)
 
 
-def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, keyed like `reference` (the model's state_dict), each on the
-    reference tensor's device and dtype. Paths are read with torch.load(weights_only=True)."""
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """state_dict names that are second names of a tied parameter or buffer (e.g. a decoder weight
+    shared with the embedding); functional_call takes each tied tensor under its first name only."""
+    seen: set[int] = set()
+    second: set[str] = set()
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if id(t) in seen:
+            second.add(name)
+        seen.add(id(t))
+    return second
+
+
+def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tensor],
+                    skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
+    `skip`, each on the reference tensor's device and dtype. Paths are read with
+    torch.load(weights_only=True)."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next(iter(reference.values())).device if reference else "cpu"
@@ -87,6 +102,8 @@ def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tenso
         )
     out = {}
     for key, ref in reference.items():
+        if key in skip:
+            continue
         t = state[key]
         if t.shape != ref.shape:
             raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, the model's has {tuple(ref.shape)}")

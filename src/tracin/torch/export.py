@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import describe, load_checkpoint, parse_checkpoints
+from .checkpoints import describe, load_checkpoint, parse_checkpoints, tied_aliases
 from .data import Batches, as_batches, batch_rows, call_model, tree_map
 from .last_layer import LastLayerFactors
 from .layers import last_linear, linear_by_name, select_parameters
@@ -131,6 +131,7 @@ class _Run:
         self.compute, self.project, self.dtype, self.device = compute, project, dtype, device
         self.sink, self.batches, self.n_checkpoints = sink, batches, n_checkpoints
         self.loss_checked = False
+        self.tied = tied_aliases(compute.model)
         self.n_rows = batches.n_rows
         total = None if self.n_rows is None else self.n_rows * n_checkpoints
         if progress:
@@ -151,7 +152,7 @@ class _Run:
             return
         if hasattr(self.bar, "set_postfix_str"):
             self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
-        state = load_checkpoint(source, c, reference)
+        state = load_checkpoint(source, c, reference, skip=self.tied)
         seen = 0
         for start, inputs, targets in self.batches:
             rows = batch_rows(targets, "targets")

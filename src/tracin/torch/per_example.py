@@ -48,12 +48,6 @@ def losses_of(model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: Loss
     return loss_fn(call_model(model_caller(model, state), inputs), targets)
 
 
-def aliases(model: nn.Module) -> dict[str, str]:
-    """Every parameter name (tied ones included) -> the name named_parameters() reports for it."""
-    primary = {id(p): n for n, p in model.named_parameters()}
-    return {n: primary[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
-
-
 class PerExampleGradients:
     """(batch, d) gradients of the per-example losses w.r.t. the chosen parameters, flattened and
     concatenated in `names` order, in the parameters' dtype on their device.
@@ -65,15 +59,12 @@ class PerExampleGradients:
 
     def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: LossFn):
         self.model, self.names, self.loss_fn = model, list(names), loss_fn
-        alias = aliases(model)
-        chosen = set(self.names)
-        self._tied_to_chosen = {n for n, p in alias.items() if p in chosen}
         self.vectorised = True
         self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
 
     def _split(self, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
         chosen = {n: state[n] for n in self.names}
-        rest = {n: t for n, t in state.items() if n not in self._tied_to_chosen}
+        rest = {n: t for n, t in state.items() if n not in chosen}
         return chosen, rest
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""Checkpoint loading: paths and state dicts, DataParallel prefixes, nesting, mismatches, load once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_oracle import classification_data, mlp, train_checkpoints
+
+from tracin.torch import export_gradients
+from tracin.torch.checkpoints import load_checkpoint, parse_checkpoints
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = mlp()
+    data = classification_data(12, seed=5)
+    return model, train_checkpoints(model, *data, tmp_path, steps=1), data
+
+
+def test_paths_and_in_memory_state_dicts_give_the_same_gradients(setup):
+    model, checkpoints, data = setup
+    from_paths = export_gradients(model, checkpoints, data, LOSS, progress=False)
+    in_memory = [(torch.load(p, weights_only=True), lr) for p, lr in checkpoints]
+    from_dicts = export_gradients(model, in_memory, data, LOSS, progress=False)
+    for a, b in zip(from_paths.matrices, from_dicts.matrices):
+        np.testing.assert_array_equal(a, b)
+    assert from_dicts.metadata["checkpoints"] == ["state_dict[0]", "state_dict[1]", "state_dict[2]"]
+
+
+def test_gradients_are_those_of_each_checkpoint_not_of_the_current_weights(setup):
+    model, checkpoints, (x, y) = setup
+    g = export_gradients(model, checkpoints, (x[:1], y[:1]), LOSS, progress=False)
+    for c, (path, _) in enumerate(checkpoints):
+        twin = mlp()
+        twin.load_state_dict(torch.load(path, weights_only=True))
+        nn.functional.cross_entropy(twin(x[:1]), y[:1]).backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in twin.parameters()]).numpy()
+        np.testing.assert_allclose(g.matrices[c][0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_dataparallel_prefix_and_nested_dicts_are_understood(setup, tmp_path):
+    model, checkpoints, data = setup
+    plain = export_gradients(model, checkpoints[:1], data, LOSS, progress=False)
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    prefixed = {f"module.{k}": v for k, v in state.items()}
+    torch.save({"state_dict": prefixed, "epoch": 3}, tmp_path / "wrapped.pt")
+    for source in (prefixed, {"model_state_dict": state}, str(tmp_path / "wrapped.pt")):
+        got = export_gradients(model, [(source, 0.5)], data, LOSS, progress=False)
+        np.testing.assert_array_equal(got.matrices[0], plain.matrices[0])
+
+
+def test_each_checkpoint_is_loaded_once(setup, monkeypatch):
+    model, checkpoints, data = setup
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    export_gradients(model, checkpoints, data, LOSS, batch_size=2, progress=False)  # 6 batches
+    assert len(calls) == 3
+    assert all(k.get("weights_only") is True for k in calls)
+
+
+def test_mismatched_checkpoints_are_clear_errors(setup, tmp_path):
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    missing = {k: v for k, v in state.items() if k != "4.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \['4.weight'\]"):
+        export_gradients(model, [(missing, 1.0)], data, LOSS, progress=False)
+    extra = {**state, "head.weight": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"unexpected keys \['head.weight'\]"):
+        export_gradients(model, [(extra, 1.0)], data, LOSS, progress=False)
+    resized = {**state, "4.weight": torch.zeros(4, 9)}
+    with pytest.raises(ValueError, match=r"4.weight has shape \(4, 9\), the model's has \(4, 8\)"):
+        export_gradients(model, [(resized, 1.0)], data, LOSS, progress=False)
+    with pytest.raises(ValueError, match="no such file"):
+        export_gradients(model, [(str(tmp_path / "nope.pt"), 1.0)], data, LOSS, progress=False)
+
+
+class NotATensor:
+    pass
+
+
+def test_unsafe_pickles_are_refused_by_weights_only(setup, tmp_path):
+    model, _, data = setup
+    torch.save({"state_dict": model.state_dict(), "extra": NotATensor()}, tmp_path / "unsafe.pt")
+    with pytest.raises(ValueError, match="weights_only=True"):
+        export_gradients(model, [(str(tmp_path / "unsafe.pt"), 1.0)], data, LOSS, progress=False)
+
+
+@pytest.mark.parametrize("checkpoints, message", [
+    ("ckpt.pt", "sequence of"),
+    ([], "empty"),
+    ([("a.pt",)], "pair"),
+    ([("a.pt", float("nan"))], "learning rate"),
+    ([("a.pt", "0.1")], "learning rate"),
+    ([(3, 0.1)], "state_dict or a path"),
+])
+def test_malformed_checkpoint_lists_are_refused(checkpoints, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        parse_checkpoints(checkpoints)
+
+
+def test_non_state_dicts_are_refused(setup):
+    model, _, _ = setup
+    with pytest.raises(ValueError, match="not a state_dict"):
+        load_checkpoint({"weights": [1, 2]}, 0, model.state_dict())

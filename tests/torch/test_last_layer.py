@@ -1,0 +1,93 @@
+"""mode='last_layer': factored gradients of the last Linear layer, against Captum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data, mlp,
+                          train_checkpoints)
+
+import tracin
+from tracin.torch import export_gradients
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def _export_both(model, checkpoints, train, test, **kwargs):
+    return (export_gradients(model, checkpoints, train, LOSS, mode="last_layer", batch_size=16,
+                             progress=False, **kwargs),
+            export_gradients(model, checkpoints, test, LOSS, mode="last_layer", progress=False, **kwargs))
+
+
+def test_weight_only_layer_matches_captum_tracincp_fast(tmp_path):
+    model = mlp(bias_last=False)
+    train, test = classification_data(40, seed=1), classification_data(6, seed=2)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    g_train, g_test = _export_both(model, checkpoints, train, test)
+    assert g_train.dims == ((4, 8),) * 3 and g_train.metadata["last_layer"] == {"module": "4", "bias": False}
+    oracle = captum_tracin(model, checkpoints, train, fast_layer="4")
+    assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
+    both = tracin.top_k(g_test, g_train, k=4, side="both")
+    for ours, proponents in ((both.proponents, True), (both.opponents, False)):
+        theirs_idx, theirs_val = oracle.influence(test, k=4, proponents=proponents)
+        np.testing.assert_array_equal(ours.indices, theirs_idx.numpy())
+    np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)
+
+
+def test_weight_and_bias_match_captum_tracincp_on_that_layer(tmp_path):
+    model = mlp()
+    train, test = classification_data(40, seed=1), classification_data(6, seed=2)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    g_train, g_test = _export_both(model, checkpoints, train, test)
+    assert g_train.dims == ((4, 9),) * 3
+    assert g_train.metadata["parameters"] == [["4.weight", [4, 8]], ["4.bias", [4]]]
+    oracle = captum_tracin(model, checkpoints, train, layers=["4"])
+    assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
+    np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)
+
+
+def test_a_named_inner_linear_layer_equals_its_full_gradients(tmp_path):
+    model = mlp()
+    train = classification_data(20, seed=1)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    factored = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", layers=["2"], progress=False)
+    full = export_gradients(model, checkpoints, train, LOSS, layers=["2"], progress=False)
+    for left, right, g in zip(factored.left, factored.right, full.matrices):
+        outer = np.einsum("np,nq->npq", left, right)  # (n, out, in + 1): weight columns, then bias
+        as_full = np.concatenate([outer[:, :, :-1].reshape(20, -1), outer[:, :, -1]], axis=1)
+        np.testing.assert_allclose(as_full, g, rtol=1e-5, atol=1e-7)
+
+
+class PerToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 3)
+        self.twice = nn.Linear(3, 3)
+
+    def forward(self, ids):
+        return self.twice(self.twice(self.proj(self.embed(ids)).mean(1)))
+
+
+def test_layers_without_a_rank_one_gradient_are_refused():
+    model = PerToken()
+    data = (torch.randint(0, 10, (5, 4)), torch.randint(0, 3, (5,)))
+    ckpt = [(model.state_dict(), 1.0)]
+    with pytest.raises(ValueError, match=r"input of shape \(5, 4, 4\).*mode='full' with layers=\['proj'\]"):
+        export_gradients(model, ckpt, data, LOSS, mode="last_layer", layers=["proj"], progress=False)
+    with pytest.raises(ValueError, match="'twice' ran 2 times"):
+        export_gradients(model, ckpt, data, LOSS, mode="last_layer", progress=False)
+    with pytest.raises(ValueError, match="takes one nn.Linear"):
+        export_gradients(model, ckpt, data, LOSS, mode="last_layer", layers=["proj", "twice"], progress=False)
+    with pytest.raises(ValueError, match="'embed' is Embedding"):
+        export_gradients(model, ckpt, data, LOSS, mode="last_layer", layers="embed", progress=False)
+
+
+def test_reduced_losses_are_refused_in_last_layer_mode():
+    model = mlp()
+    data = classification_data(8, seed=1)
+    with pytest.raises(ValueError, match="mean- or sum-reduced"):
+        export_gradients(model, [(model.state_dict(), 1.0)], data, lambda o, y: nn.functional.cross_entropy(o, y),
+                         mode="last_layer", progress=False)

@@ -1,0 +1,109 @@
+"""Per-example gradients: the vmap path, and the per-example fallback for models vmap cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch_oracle import classification_data
+
+from tracin.torch import export_gradients
+from tracin.torch.per_example import PerExampleGradients, check_losses
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def autograd_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Independent reference: one ordinary backward per example."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows).numpy()
+
+
+class Square(torch.autograd.Function):
+    """A custom autograd function in the old style (no setup_context): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class CustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.b(Square.apply(self.a(x)))
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 4)
+        self.register_buffer("offset", torch.full((5,), 0.1))
+
+    def forward(self, x):
+        h = self.offset.clone().expand(x.shape[0], 5).contiguous()
+        h += torch.tanh(self.a(x))  # in place into an unbatched tensor: vmap refuses this
+        return self.b(h)
+
+
+@pytest.mark.parametrize("cls", [CustomOp, InPlace])
+def test_models_vmap_cannot_run_fall_back_with_a_warning_and_stay_exact(cls):
+    model = cls()
+    x, y = classification_data(9, seed=3)
+    with pytest.warns(RuntimeWarning, match="falling back to a slower per-example loop"):
+        g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=4, progress=False)
+    np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_path_is_exact_without_warning(recwarn):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
+    x, y = classification_data(9, seed=3)
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    got = compute(dict(model.state_dict()), x, y)
+    assert compute.vectorised and not recwarn.list
+    np.testing.assert_allclose(got.numpy(), autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_get_the_sum_of_both_uses():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.inp, self.out = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.out.weight = self.inp.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.inp(x)))
+
+    model = Tied()
+    x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
+    g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, progress=False)
+    assert g.metadata["parameters"] == [["inp.weight", [4, 4]]]
+    np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_check_losses_explains_what_is_wrong():
+    check_losses(torch.zeros(3), 3)
+    with pytest.raises(ValueError, match="mean- or sum-reduced"):
+        check_losses(torch.tensor(1.0), 3)
+    with pytest.raises(ValueError, match=r"shape \(3,\).*got shape \(3, 2\)"):
+        check_losses(torch.zeros(3, 2), 3)
+    with pytest.raises(TypeError, match="tensor of per-example losses"):
+        check_losses([0.0, 1.0, 2.0], 3)
