@@ -1,0 +1,82 @@
+"""Data forms: tensor pairs, Datasets, DataLoaders, iterables of batches; tuple and dict inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from tracin.torch.data import as_batches, batch_rows, call_model, tree_map
+
+
+def _collect(batches):
+    return [(start, inputs, targets) for start, inputs, targets in batches]
+
+
+def test_tensor_pair_is_split_into_batches_with_their_start_rows():
+    x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
+    b = as_batches((x, y), 4)
+    assert b.n_rows == 10 and not b.one_shot
+    got = _collect(b)
+    assert [s for s, _, _ in got] == [0, 4, 8]
+    assert torch.equal(torch.cat([t for _, _, t in got]), y)
+    assert _collect(b)[2][0] == 8  # re-iterable
+
+
+def test_dict_and_tuple_inputs_are_sliced_together():
+    ids, mask, y = torch.arange(12).reshape(6, 2), torch.ones(6, 2), torch.arange(6)
+    got = _collect(as_batches(({"ids": ids, "mask": mask}, y), 4))
+    assert got[1][1]["ids"].tolist() == [[8, 9], [10, 11]] and got[1][1]["mask"].shape == (2, 2)
+    got = _collect(as_batches(((ids, mask), y), 5))
+    assert isinstance(got[0][1], tuple) and got[1][1][0].tolist() == [[10, 11]]
+
+
+def test_loaders_keep_their_row_counts_and_big_batches_are_split():
+    ds = TensorDataset(torch.randn(11, 2), torch.arange(11))
+    assert as_batches(DataLoader(ds, batch_size=3), 100).n_rows == 11
+    assert as_batches(DataLoader(ds, batch_size=3, drop_last=True), 100).n_rows == 9
+    got = _collect(as_batches(DataLoader(ds, batch_size=5), 2))
+    assert [s for s, _, _ in got] == [0, 2, 4, 5, 7, 9, 10]
+    assert as_batches(ds, 4).n_rows == 11 and len(_collect(as_batches(ds, 4))) == 3
+
+
+class DictItems(Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        return {"ids": torch.full((3,), i), "mask": torch.ones(3)}, torch.tensor(i % 2)
+
+
+def test_datasets_of_dict_items_are_collated():
+    (start, inputs, targets), = _collect(as_batches(DictItems(), 8))
+    assert inputs["ids"].shape == (5, 3) and targets.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_lists_of_batches_count_rows_and_generators_are_one_shot():
+    batches = [(torch.zeros(3, 2), torch.zeros(3)), (torch.zeros(2, 2), torch.zeros(2))]
+    assert as_batches(batches, 10).n_rows == 5
+    gen = as_batches((b for b in batches), 10)
+    assert gen.one_shot and gen.n_rows is None
+
+
+def test_call_model_spreads_tuples_and_dicts():
+    def f(a, b=0):
+        return a - b
+
+    assert call_model(f, (5, 2)) == 3
+    assert call_model(f, {"a": 5, "b": 1}) == 4
+    assert call_model(lambda a: a, 7) == 7
+
+
+def test_malformed_batches_are_explained():
+    with pytest.raises(TypeError, match=r"batch 0 must be an \(inputs, targets\) pair"):
+        _collect(as_batches([(torch.zeros(2), torch.zeros(2), torch.zeros(2))], 4))
+    with pytest.raises(ValueError, match="share the batch dimension"):
+        batch_rows({"a": torch.zeros(3), "b": torch.zeros(4)}, "inputs")
+    with pytest.raises(ValueError, match="share the batch dimension"):
+        batch_rows(torch.tensor(1.0), "targets")
+    with pytest.raises(TypeError, match="got str"):
+        tree_map(lambda t: t, {"a": "text"})
+    with pytest.raises(ValueError, match="shuffle=False"):
+        as_batches(DataLoader(TensorDataset(torch.zeros(3), torch.zeros(3)), shuffle=True), 2)
