@@ -2,7 +2,7 @@
 
 Example i's gradient w.r.t. [W | b] is the outer product dL_i/dy_i (x) [x_i, 1]: the left factor
 (batch, out) and the right factor (batch, in + 1) (no trailing 1 when the layer has no bias).
-Exact for that layer, and one ordinary backward pass per batch gives all rows.
+Exact for that layer; one ordinary backward pass per batch gives all rows (linear_capture).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .data import Tree, batch_rows
-from .per_example import LossFn, check_losses, losses_of
+from .data import Tree
+from .linear_capture import NotRankOne, capture_linear
+from .per_example import LossFn
 
 
 class LastLayerFactors:
@@ -30,33 +31,9 @@ class LastLayerFactors:
 
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree,
                  targets: Tree) -> tuple[torch.Tensor, torch.Tensor]:
-        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def capture(module, args, output):
-            x = args[0].detach()
-            y = output.detach().requires_grad_(True)  # cut the graph: only dL/dy is needed
-            seen.append((x, y))
-            return y
-
-        handle = self.layer.register_forward_hook(capture)
         try:
-            with torch.enable_grad():
-                losses = losses_of(self.model, state, self.loss_fn, inputs, targets)
-        finally:
-            handle.remove()
-        rows = batch_rows(targets, "targets")
-        check_losses(losses, rows)
-        if len(seen) != 1:
-            raise ValueError(f"mode='last_layer': layer {self.name!r} ran {len(seen)} times in one forward "
-                             "pass; its gradient is then not one outer product. Use mode='full'.")
-        x, y = seen[0]
-        if x.dim() != 2 or x.shape[0] != rows:
-            raise ValueError(
-                f"mode='last_layer': layer {self.name!r} got input of shape {tuple(x.shape)}; the factored "
-                f"form needs (batch, in_features) = ({rows}, {self.layer.in_features}). For layers applied "
-                f"per token use mode='full' with layers=[{self.name!r}].")
-        (left,) = torch.autograd.grad(losses.sum(), y, allow_unused=True)
-        if left is None:
-            left = torch.zeros_like(y)
+            ((x, left),) = capture_linear(self.model, [self.name], state, self.loss_fn, inputs, targets).values()
+        except NotRankOne as e:
+            raise ValueError(f"mode='last_layer': {e}. Use mode='full' with layers=[{self.name!r}].") from None
         right = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if self.bias else x
-        return left.detach(), right
+        return left, right

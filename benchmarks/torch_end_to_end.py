@@ -1,0 +1,212 @@
+"""End-to-end TracIn on a real small task: sklearn digits, an MLP, three checkpoints.
+
+The job: per-example gradients of train and test examples at every checkpoint, self-influence of
+every training example, and the top-10 proponents and opponents of every test example.
+Contenders, measured in the same run:
+  tracin  tracin.torch.export_gradients + tracin.self_influence + tracin.top_k(side="both")
+  plain   a plain torch.func (vmap(grad)) + NumPy script doing the same job
+  captum  captum.influence.TracInCP (self_influence, influence(k=10) for both sides)
+Reports median time, peak RSS (fresh process each) and agreement of the results (JSON).
+
+    PYTHONPATH=src:. python benchmarks/torch_end_to_end.py [--repeats 3] [--captum-train N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import peak_rss_of, time_interleaved, write_json  # noqa: E402
+
+LRS = (0.2, 0.05, 0.01)
+K = 10
+HIDDEN = 128
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
+
+
+def prepare(workdir: Path) -> None:
+    """Digits split 80/20, standardised; the MLP trained with three learning rates, a checkpoint
+    saved after each phase; everything written to workdir."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(x.astype(np.float32), y, test_size=0.2, random_state=0)
+    mean, std = x_tr.mean(0), x_tr.std(0) + 1e-3
+    data = {"x_train": torch.from_numpy((x_tr - mean) / std), "y_train": torch.from_numpy(y_tr),
+            "x_test": torch.from_numpy((x_te - mean) / std), "y_test": torch.from_numpy(y_te)}
+    torch.save(data, workdir / "data.pt")
+    model = make_model()
+    loss = nn.CrossEntropyLoss()
+    for c, lr in enumerate(LRS):
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        for _ in range(3):  # epochs per phase
+            for idx in torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(c)).split(64):
+                opt.zero_grad()
+                loss(model(data["x_train"][idx]), data["y_train"][idx]).backward()
+                opt.step()
+        torch.save(model.state_dict(), workdir / f"ckpt{c}.pt")
+
+
+def _load(workdir: Path):
+    data = torch.load(workdir / "data.pt", weights_only=True)
+    return data, [(str(workdir / f"ckpt{c}.pt"), lr) for c, lr in enumerate(LRS)]
+
+
+def run_tracin(workdir: Path, n_train: int | None = None) -> dict:
+    import tracin
+    from tracin.torch import export_gradients
+
+    data, checkpoints = _load(workdir)
+    model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
+    train = (data["x_train"][:n_train], data["y_train"][:n_train])
+    g_train = export_gradients(model, checkpoints, train, loss, progress=False)
+    g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False)
+    both = tracin.top_k(g_test, g_train, k=K, side="both")
+    return {"self": tracin.self_influence(g_train),
+            "pro": (both.proponents.indices, both.proponents.values),
+            "opp": (both.opponents.indices, both.opponents.values)}
+
+
+def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> dict:
+    """What one writes by hand: vmap(grad) per checkpoint, NumPy for the scores."""
+    from torch.func import functional_call, grad, vmap
+
+    data, checkpoints = _load(workdir)
+    model, loss = make_model().eval(), nn.CrossEntropyLoss(reduction="none")
+
+    def loss_one(params, x, y):
+        return loss(functional_call(model, params, (x[None],)), y[None]).sum()
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+    def grads(params, x, y):
+        out = []
+        for i in range(0, len(x), batch):
+            g = per_example(params, x[i:i + batch], y[i:i + batch])
+            out.append(torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1))
+        return torch.cat(out).numpy()
+
+    x_tr, y_tr = data["x_train"][:n_train], data["y_train"][:n_train]
+    scores = np.zeros((len(data["y_test"]), len(y_tr)), np.float32)
+    self_inf = np.zeros(len(y_tr), np.float32)
+    for path, lr in checkpoints:
+        params = torch.load(path, weights_only=True)
+        g_tr = grads(params, x_tr, y_tr)
+        g_te = grads(params, data["x_test"], data["y_test"])
+        scores += lr * (g_te @ g_tr.T)
+        self_inf += lr * np.einsum("ij,ij->i", g_tr, g_tr)
+    rows = np.arange(len(scores))[:, None]
+    pro = np.argpartition(-scores, K, axis=1)[:, :K]
+    pro = pro[rows, np.argsort(-scores[rows, pro], axis=1, kind="stable")]
+    opp = np.argpartition(scores, K, axis=1)[:, :K]
+    opp = opp[rows, np.argsort(scores[rows, opp], axis=1, kind="stable")]
+    return {"self": self_inf, "pro": (pro, scores[rows, pro]), "opp": (opp, scores[rows, opp])}
+
+
+def run_captum(workdir: Path, n_train: int | None = None) -> dict:
+    from captum.influence import TracInCP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data, checkpoints = _load(workdir)
+    model = make_model().eval()
+    rates = dict(checkpoints)
+
+    def load(m: nn.Module, path: str) -> float:
+        m.load_state_dict(torch.load(path, weights_only=True))
+        return rates[path]
+
+    train = TensorDataset(data["x_train"][:n_train], data["y_train"][:n_train])
+    tracin_cp = TracInCP(model, DataLoader(train, batch_size=256), [p for p, _ in checkpoints],
+                         checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+                         batch_size=256)
+    test = (data["x_test"], data["y_test"])
+    pro = tracin_cp.influence(test, k=K, proponents=True)
+    opp = tracin_cp.influence(test, k=K, proponents=False)
+    return {"self": tracin_cp.self_influence().numpy(),
+            "pro": (pro[0].numpy(), pro[1].numpy()), "opp": (opp[0].numpy(), opp[1].numpy())}
+
+
+def agreement(ours: dict, theirs: dict) -> dict:
+    """How closely two results agree: top-k index sets and values, self-influence."""
+    out = {}
+    for side in ("pro", "opp"):
+        (ia, va), (ib, vb) = ours[side], theirs[side]
+        scale = float(np.abs(vb).max())
+        out[side] = {"same_indices_fraction": float(np.mean(ia == ib)),
+                     "same_sets_fraction": float(np.mean([set(a) == set(b) for a, b in zip(ia, ib)])),
+                     "max_abs_value_diff_over_scale": float(np.abs(va - vb).max() / scale)}
+    sa, sb = ours["self"], theirs["self"]
+    out["self_max_rel_diff"] = float(np.max(np.abs(sa - sb) / np.abs(sb)))
+    return out
+
+
+def _child(fn: str, workdir: Path, n_train: int | None) -> str:
+    return (f"import sys; sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT)!r}]\n"
+            f"from pathlib import Path\nfrom benchmarks.torch_end_to_end import {fn}\n"
+            f"{fn}(Path({str(workdir)!r}), {n_train!r})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of tracin and plain")
+    parser.add_argument("--captum-train", type=int, default=None,
+                        help="train examples for the Captum comparison (default: all; it is slow)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        prepare(workdir)
+        data, _ = _load(workdir)
+        n_train, n_test = len(data["y_train"]), len(data["y_test"])
+        dims = sum(p.numel() for p in make_model().parameters())
+
+        # The full task: tracin against the plain script.
+        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir)},
+                                  repeats=args.repeats, warmup=1)
+        vs_plain = agreement(run_tracin(workdir), run_plain(workdir))
+        memory = {name: peak_rss_of(_child(fn, workdir, None))[0]
+                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"))}
+
+        # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
+        nc = args.captum_train
+        captum_timing = time_interleaved({"tracin": lambda: run_tracin(workdir, nc),
+                                          "captum": lambda: run_captum(workdir, nc)}, repeats=1, warmup=0)
+        vs_captum = agreement(run_tracin(workdir, nc), run_captum(workdir, nc))
+        captum_memory = peak_rss_of(_child("run_captum", workdir, nc))[0]
+
+    payload = {
+        "task": {"dataset": "sklearn digits", "n_train": n_train, "n_test": n_test, "k": K,
+                 "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10", "parameters": dims, "checkpoints": len(LRS),
+                 "learning_rates": list(LRS), "torch_threads": torch.get_num_threads(),
+                 "captum_n_train": nc or n_train},
+        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"],
+                   "tracin_captum_task": captum_timing["tracin"], "captum": captum_timing["captum"]},
+        "peak_rss_mib": {**memory, "captum": captum_memory},
+        "speedup": {"vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
+                    "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"]},
+        "agreement": {"vs_plain": vs_plain, "vs_captum": vs_captum},
+    }
+    path = write_json("torch_end_to_end", payload)
+    print(f"wrote {path}")
+    for key in ("time_s", "peak_rss_mib", "speedup"):
+        print(key, {k: (v["median_s"] if isinstance(v, dict) else v) for k, v in payload[key].items()})
+    print("agreement", payload["agreement"])
+
+
+if __name__ == "__main__":
+    main()
