@@ -44,9 +44,10 @@ class CustomOp(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))  # not a Linear: no outer-product path
 
     def forward(self, x):
-        return self.b(Square.apply(self.a(x)))
+        return self.b(Square.apply(self.a(x)) * self.scale)
 
 
 class InPlace(nn.Module):
@@ -55,11 +56,12 @@ class InPlace(nn.Module):
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 4)
         self.register_buffer("offset", torch.full((5,), 0.1))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 5))
 
     def forward(self, x):
         h = self.offset.clone().expand(x.shape[0], 5).contiguous()
         h += torch.tanh(self.a(x))  # in place into an unbatched tensor: vmap refuses this
-        return self.b(h)
+        return self.b(h * self.scale)
 
 
 @pytest.mark.parametrize("cls", [CustomOp, InPlace])
@@ -71,14 +73,49 @@ def test_models_vmap_cannot_run_fall_back_with_a_warning_and_stay_exact(cls):
     np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
+def _compute(model, x, y, batch=9):
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    state = dict(model.state_dict())
+    rows = torch.cat([compute(state, x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
+    return compute, rows.numpy()
+
+
 def test_vmap_path_is_exact_without_warning(recwarn):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4))
     x, y = classification_data(9, seed=3)
-    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
-    got = compute(dict(model.state_dict()), x, y)
-    assert compute.vectorised and not recwarn.list
-    np.testing.assert_allclose(got.numpy(), autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+    compute, got = _compute(model, x, y)
+    assert compute.linear_plan is None and compute.vectorised and not recwarn.list
+    np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_layers_take_the_outer_product_path_exactly():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 4))
+    x, y = classification_data(20, seed=3)
+    compute, got = _compute(model, x, y, batch=7)
+    assert compute.linear_plan is not None and compute.linear_checked
+    np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+class ReusedWeight(nn.Module):
+    """fc's weight is also used outside fc's forward, where hooks cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) @ self.fc.weight)
+
+
+def test_uses_the_hooks_cannot_see_are_caught_and_computed_by_vmap():
+    model = ReusedWeight()
+    x, y = classification_data(9, seed=3)
+    compute, got = _compute(model, x, y)
+    assert compute.linear_plan is None and compute.vectorised
+    np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
 def test_tied_weights_get_the_sum_of_both_uses():

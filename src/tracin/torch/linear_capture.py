@@ -29,7 +29,8 @@ def capture_linear(model: nn.Module, names: Sequence[str], state: Mapping[str, t
 
     def hook_for(name):
         def capture(module, args, output):
-            y = output.detach().requires_grad_(True)  # gradient w.r.t. y, not w.r.t. what made it
+            # y must be in the graph for dL/dy; where nothing upstream needs gradients, start it here
+            y = output if output.requires_grad else output.detach().requires_grad_(True)
             seen[name].append((args[0].detach(), y))
             return y
         return capture
