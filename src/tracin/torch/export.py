@@ -141,6 +141,15 @@ class _Run:
         else:
             self.bar = contextlib.nullcontext()
 
+    def _destination(self, c: int, start: int, rows: int) -> torch.Tensor | None:
+        """The sink's own rows, when full gradients can be computed straight into them (CPU, no
+        projection, stored in the model's dtype)."""
+        if (self.project.projection is not None or self.device.type != "cpu"
+                or not isinstance(self.compute, PerExampleGradients) or self.compute.dtype != self.dtype
+                or not hasattr(self.sink, "destination")):
+            return None
+        return self.sink.destination(c, start, rows, self.compute.width, self.dtype)
+
     def _advance(self, rows: int) -> None:
         if hasattr(self.bar, "update"):
             self.bar.update(rows)
@@ -166,8 +175,11 @@ class _Run:
                 with torch.no_grad():
                     check_losses(losses_of(self.compute.model, state, self.compute.loss_fn, inputs, targets), rows)
                 self.loss_checked = True
-            block = self.project(self.compute(state, inputs, targets), self.dtype)
-            self.sink.write(c, start, block)
+            dest = self._destination(c, start, rows)
+            block = self.compute(state, inputs, targets, out=dest) if dest is not None else \
+                self.compute(state, inputs, targets)
+            if dest is None:
+                self.sink.write(c, start, self.project(block, self.dtype))
             self._advance(rows)
         if self.n_rows is None:
             self.n_rows = seen

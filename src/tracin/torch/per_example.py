@@ -67,6 +67,7 @@ class PerExampleGradients:
         params = dict(model.named_parameters())
         self.widths = [params[n].numel() for n in self.names]
         self.width = sum(self.widths)
+        self.dtype = params[self.names[0]].dtype
         self.linear_plan = _linear_plan(model, self.names, self.widths)
         self.linear_checked = False
         self.vectorised = True

@@ -31,6 +31,17 @@ class MemorySink:
     def rows_done(self, checkpoint: int) -> int:
         return 0
 
+    def destination(self, checkpoint: int, start: int, rows: int, width: int,
+                    dtype: torch.dtype) -> torch.Tensor | None:
+        """Where rows [start, start + rows) of a full checkpoint will be kept, for writing in place
+        (None when the rows are collected another way)."""
+        if self.factored or self.n_rows is None:
+            return None
+        if self._full[checkpoint] is None:
+            self._full[checkpoint] = [torch.empty((self.n_rows, width), dtype=dtype)]
+        full = self._full[checkpoint][0]
+        return full[start:start + rows] if full.dtype == dtype and full.shape[1] == width else None
+
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         pieces = block if self.factored else (block,)
         if self.n_rows is None:
