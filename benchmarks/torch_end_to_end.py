@@ -164,8 +164,8 @@ def _child(fn: str, workdir: Path, n_train: int | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of tracin and plain")
-    parser.add_argument("--captum-train", type=int, default=300,
-                        help="train examples for the Captum comparison (it takes minutes on all 1437)")
+    parser.add_argument("--captum-train", type=int, default=None,
+                        help="train examples for the Captum comparison (default: all 1437; Captum is slow)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
