@@ -246,3 +246,28 @@ def test_cuda_model_matches_cpu(trained):
     gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, train, LOSS, progress=False)
     for a, b in zip(gpu.matrices, cpu.matrices):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer):
+    model, checkpoints, train, _ = trained
+    projection = tracin.Projection(12, seed=3, per_layer=per_layer)
+    full = export_gradients(model, checkpoints, train, LOSS, progress=False)
+    projected = export_gradients(model, checkpoints, train, LOSS, projection=projection, batch_size=16,
+                                 progress=False)
+    widths = [int(np.prod(shape)) for _, shape in full.metadata["parameters"]]
+    assert projected.dims == (12,) * 3 and projected.metadata["projection"] == projection.to_dict()
+    for got, g in zip(projected.matrices, full.matrices):
+        np.testing.assert_allclose(got, projection.apply(g, segments=widths), rtol=1e-5, atol=1e-6)
+
+
+def test_projection_of_last_layer_factors_is_the_kronecker_projection(trained):
+    model, checkpoints, train, _ = trained
+    projection = tracin.Projection(12, seed=4)
+    factors = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", progress=False)
+    projected = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", projection=projection,
+                                 progress=False)
+    for l, r, pl, pr in zip(factors.left, factors.right, projected.left, projected.right):
+        el, er = projection.apply_factored(l, r)
+        np.testing.assert_allclose(pl, el, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pr, er, rtol=1e-5, atol=1e-6)
