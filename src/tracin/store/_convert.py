@@ -28,7 +28,8 @@ def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
     """C-contiguous (rows, d) array of `x` in the store dtype (bfloat16 as uint16 bits).
 
     x: 2-D NumPy / torch (any device) / JAX array in float32, float16 or bfloat16. No copy when
-    `x` is already a contiguous array of that dtype.
+    `x` is already a contiguous array of that dtype. Finite values that would become infinite in
+    the store dtype are a ValueError (rather than silently stored as inf).
     """
     if type(x).__module__.startswith("torch") and x.device.type != "cpu":
         x = x.detach().cpu()
@@ -37,5 +38,14 @@ def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
         return np.ascontiguousarray(view)
     as_f32 = bfloat16_bits_to_float32(view) if source == "bfloat16" else view.astype(np.float32)
     if dtype == "bfloat16":
-        return float32_to_bfloat16_bits(as_f32)
-    return np.ascontiguousarray(as_f32.astype(dtype))
+        out = float32_to_bfloat16_bits(as_f32)
+        finite = (out & 0x7F80) != 0x7F80
+    else:
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(as_f32.astype(dtype))
+        finite = np.isfinite(out)
+    if dtype != "float32" and not np.all(finite | ~np.isfinite(as_f32)):
+        limit = np.finfo(np.float16).max if dtype == "float16" else 3.3895314e38
+        raise ValueError(f"{name} holds {source} values beyond the {dtype} range (|x| > {limit:g}); "
+                         "store them as float32 (or bfloat16 instead of float16)")
+    return out
