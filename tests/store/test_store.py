@@ -100,6 +100,9 @@ def test_shards_cover_the_rows_and_merge_to_the_whole_ties_included(tmp_path):
 def test_shard_and_slice_arguments(tmp_path):
     store = write_store(tmp_path / "s", random_blocks(5, [2], "float32", False))
     assert [store.shard(i, 8).n_rows for i in range(8)] == [0, 1, 0, 1, 1, 0, 1, 1]
+    empty = store.shard(0, 8)
+    assert tracin.top_k(np.ones((2, 2), np.float32), empty, k=3).indices.shape == (2, 0)
+    assert tracin.self_influence(empty).shape == (0,)
     assert store[1:3].n_rows == 2 and store[3:1].n_rows == 0 and store[-2:].shard_offset() == 3
     for i, n in [(2, 2), (-1, 3), (0, 0)]:
         with pytest.raises(ValueError, match="0 <= i < n"):

@@ -137,6 +137,8 @@ def test_one_writer_at_a_time(tmp_path):
         assert isinstance(again, GradientStoreWriter)
     with pytest.raises(ValueError, match="writer of .* is closed"):
         again.write(0, 0, np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match="writer of .* is closed"):
+        again.finalize()
 
 
 @pytest.mark.parametrize("args, kwargs, error, message", [

@@ -192,7 +192,11 @@ def _check_ranges(ranges: Any, n_rows: int, fail, name: str) -> None:
 # -- files ------------------------------------------------------------------------------------------
 
 def write_json_atomic(path: Path, doc: dict) -> None:
-    """Replaces `path` by `doc` atomically and durably: write a temporary, fsync, rename, fsync dir."""
+    """Replaces `path` by `doc` atomically: write a temporary, fsync it, rename it over `path`.
+
+    Readers and a crashed writer see the old or the new document, never a mix. (The rename itself
+    becomes durable against power loss with fsync_dir; until then a crash can only lose progress.)
+    """
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
     with open(tmp, "wb") as f:
@@ -200,7 +204,6 @@ def write_json_atomic(path: Path, doc: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

@@ -118,12 +118,15 @@ class GradientStoreWriter:
         from ._store import GradientStore
 
         if not self._manifest.complete:
+            if self._fds is None:
+                raise ValueError(f"the writer of {self.path} is closed; create() it again to finish it")
             missing = {c: self.missing(c) for c in range(self.n_checkpoints) if self.missing(c)}
             if missing:
                 detail = "; ".join(f"checkpoint {c}: rows {_ranges_text(r)}" for c, r in missing.items())
                 raise ValueError(f"cannot finalize {self.path}: rows not written yet ({detail})")
             self._manifest.complete = True
             write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+            fsync_dir(self.path)
         self.close()
         return GradientStore.open(self.path)
 
@@ -228,6 +231,7 @@ def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequen
                 os.fsync(f.fileno())
         fsync_dir(root)
         write_json_atomic(root / MANIFEST, wanted.to_json())  # last: the store exists from here on
+        fsync_dir(root)
         return GradientStoreWriter(root, wanted, lock_fd)
     except BaseException:
         if lock_fd is not None:
