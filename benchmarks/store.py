@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         "times": times,
         "ratios": {"store warm / ram time": med["store_warm"] / med["ram"],
                    "store cold / ram time": med["store_cold"] / med["ram"]},
-        "cold_read_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"],
+        "cold_scored_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"],
         "peak_rss_mib": {"store": rss_store, "ram": rss_ram},
         "identical_results": identical,
     }
