@@ -172,4 +172,6 @@ def test_describe_reports_the_facts(tmp_path):
     assert store.nbytes == 20 * (3 + 4 + 2 + 5) * 2 == store.shard(0, 1).nbytes
     w = tracin.GradientStore.create(tmp_path / "u", 9, [2, 2], dtype="bfloat16")
     w.write(1, 0, np.ones((5, 2), np.float32))
-    assert "complete        no (rows written per checkpoint: 0, 5)" in describe(tmp_path / "u")
+    text = describe(tmp_path / "u")
+    assert "complete        no (rows written per checkpoint: 0, 5)" in text
+    assert "checkpoints     2  (weights 1, 1, the default)" in text

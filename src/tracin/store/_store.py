@@ -195,6 +195,7 @@ class GradientStore(GradientSet):
             "mode": "factored" if m.factored else "full",
             "dims": [list(d) if m.factored else d[0] for d in m.dims],
             "weights": list(m.weights),
+            "weights_given": m.weights_given,
             "dtype": m.dtype,
             "file_bytes": sum(s.st_size for s in stats),
             "disk_bytes": sum(getattr(s, "st_blocks", s.st_size // 512) * 512 for s in stats),
@@ -213,7 +214,8 @@ class GradientStore(GradientSet):
             f"gradient store  {i['path']}  (format v{i['format_version']})",
             f"complete        {state}",
             f"rows            {i['rows']}",
-            f"checkpoints     {i['checkpoints']}  (weights {', '.join(f'{w:g}' for w in i['weights'])})",
+            f"checkpoints     {i['checkpoints']}  (weights {', '.join(f'{w:g}' for w in i['weights'])}"
+            f"{'' if i['weights_given'] else ', the default'})",
             f"mode            {i['mode']}",
             f"dims            {', '.join(str(d) for d in i['dims'])}",
             f"dtype           {i['dtype']}",
