@@ -140,12 +140,15 @@ class GradientStore(GradientSet):
         blocks = []
         names = [n for names in m.files for n in names]
         columns = [d for dims in m.dims for d in dims]
+        ahead = min(rows, self._stop - self._start - stop)  # rows the next chunk will likely read
         for name, offset, cols in zip(names, self._offsets, columns):
+            row_bytes = cols * disk.itemsize
             if rows == 0:
                 blocks.append(np.empty((0, cols), dtype=disk))
-            else:
-                blocks.append(np.memmap(self.path / name, dtype=disk, mode="r", shape=(rows, cols),
-                                        offset=offset + first * cols * disk.itemsize))
+                continue
+            blocks.append(np.memmap(self.path / name, dtype=disk, mode="r", shape=(rows, cols),
+                                    offset=offset + first * row_bytes))
+            _read_ahead(self.path / name, offset + first * row_bytes, (rows + ahead) * row_bytes)
         return self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks)
 
     # -- views ----------------------------------------------------------------------------------
@@ -236,6 +239,18 @@ class GradientStore(GradientSet):
 def describe(path: str | os.PathLike) -> str:
     """describe() of the store at `path`, finished or not (what `tracin info PATH` prints)."""
     return GradientStore.open(path, allow_partial=True).describe()
+
+
+def _read_ahead(path: Path, offset: int, nbytes: int) -> None:
+    """Asks the OS to start reading a byte range into its cache (asynchronously; a hint only), so
+    disk reads overlap the kernel's work on the chunk before."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def _check_ids_file(path: Path, n_rows: int) -> None:
