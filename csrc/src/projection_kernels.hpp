@@ -11,6 +11,9 @@
 #include "tracin/projection.hpp"
 
 namespace tracin::detail {
+// Internal linkage: every ISA file compiles its own copy for its instruction set (one shared
+// inline definition could be the AVX-512 one called on a CPU without it).
+namespace {
 
 inline std::uint64_t Mix64(std::uint64_t z) {  // the splitmix64 finaliser
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -67,11 +70,11 @@ inline float RademacherEntry(std::uint32_t word, std::uint64_t k) {
 // ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, series to s^9 (error < 1e-9).
 inline float LogUnit(float u) {
   const std::uint32_t bits = FloatAsBits(u);
-  int e = static_cast<int>(bits >> 23) - 127;
-  float m = BitsAsFloat((bits & 0x7fffffU) | 0x3f800000U);
-  const bool big = m > 1.41421356f;
-  m = big ? m * 0.5f : m;
-  e = big ? e + 1 : e;
+  std::uint32_t m_bits = (bits & 0x7fffffU) | 0x3f800000U;
+  const std::uint32_t big = m_bits > 0x3fb504f3U ? 1U : 0U;  // m > sqrt(2): halve m, e + 1
+  m_bits -= big << 23;
+  const float m = BitsAsFloat(m_bits);
+  const std::int32_t e = static_cast<std::int32_t>(bits >> 23) - 127 + static_cast<std::int32_t>(big);
   const float s = (m - 1.0f) / (m + 1.0f);
   const float s2 = s * s;
   float p = s2 * (1.0f / 9.0f);
@@ -86,11 +89,11 @@ inline float LogUnit(float u) {
 // theta = 2 pi w2 / 2^32 in quarter turns q and a remainder x in [0, pi / 2); even columns take
 // r cos(theta), odd columns r sin(theta). sin / cos of x by Taylor series (error < 1e-7).
 inline float GaussianEntry(std::uint32_t w1, std::uint32_t w2, std::uint32_t odd) {
-  const float u1 = static_cast<float>((w1 >> 8) + 1U) * 0x1p-24f;
+  const float u1 = static_cast<float>(static_cast<std::int32_t>((w1 >> 8) + 1U)) * 0x1p-24f;
   const float r = __builtin_sqrtf(-2.0f * LogUnit(u1));
-  const float t = static_cast<float>(w2 >> 8) * 0x1p-22f;  // [0, 4), exact
+  const float t = static_cast<float>(static_cast<std::int32_t>(w2 >> 8)) * 0x1p-22f;  // [0, 4)
   const std::uint32_t q = w2 >> 30;                         // = floor(t)
-  const float x = (t - static_cast<float>(q)) * 1.57079633f;
+  const float x = (t - static_cast<float>(static_cast<std::int32_t>(q))) * 1.57079633f;
   const float x2 = x * x;
   float sn = x2 * (-1.0f / 39916800.0f);
   sn = x2 * ((1.0f / 362880.0f) + sn);
@@ -107,8 +110,9 @@ inline float GaussianEntry(std::uint32_t w1, std::uint32_t w2, std::uint32_t odd
   cs = 1.0f + cs;
   // cos(theta) in quadrant q is (cos, -sin, -cos, sin)[q]; sin(theta) is cos in quadrant q - 1.
   const std::uint32_t qq = (q + 4U - odd) & 3U;
-  const float v = (qq & 1U) ? sn : cs;
-  const float signed_v = ((qq ^ (qq >> 1)) & 1U) ? -v : v;
+  const std::uint32_t pick = 0U - (qq & 1U);  // all ones: sin
+  const std::uint32_t v = (FloatAsBits(sn) & pick) | (FloatAsBits(cs) & ~pick);
+  const float signed_v = BitsAsFloat(v ^ (((qq ^ (qq >> 1)) & 1U) << 31));
   return r * signed_v;
 }
 
@@ -142,6 +146,8 @@ void FillPanel(ProjectionKind kind, const std::uint32_t* lo, const std::uint32_t
     }
   }
 }
+
+}  // namespace
 
 // c[i * ldc + j] = fma chain over k < kc of a[i * lda + k] * b[k * nr + j], starting from the
 // value already in c, for i < mr, j < nr.
