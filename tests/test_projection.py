@@ -329,4 +329,6 @@ def test_bad_segments(rng):
         layered.apply(x, segments=[1, 2, 3, 4])
     with pytest.raises(ValueError, match="segments entry must be >= 1"):
         layered.apply(x, segments=[10, 0])
+    with pytest.raises(ValueError, match="column_offset applies with per_layer=False only"):
+        layered.apply(x, column_offset=3)
     assert tracin.Projection(3).apply(x, segments=[4, 4]).shape == (4, 3)  # ignored without per_layer

@@ -141,6 +141,8 @@ class Projection:
         views = _views(matrix)
         threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
         column_offset = _check_int(column_offset, "column_offset", 0)
+        if column_offset and self.per_layer:
+            raise ValueError("column_offset applies with per_layer=False only")
         n = views[0][0].shape[0]
         d = sum(v.shape[1] for v, _ in views)
         out = np.empty((n, self.dim), dtype=np.float32)
