@@ -7,6 +7,7 @@ from ._core import detect_isa
 from .gradients import FactoredGradients, GradientSet, Gradients
 from .projection import Projection
 from .scoring import BothSides, TopK, aggregate, merge_top_k, scores, self_influence, top_k
+from .store import GradientStore
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "BothSides",
     "FactoredGradients",
     "GradientSet",
+    "GradientStore",
     "Gradients",
     "Projection",
     "TopK",
