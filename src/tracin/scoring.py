@@ -68,9 +68,10 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
             f"(test is {'factored' if test.factored else 'full'}, train is "
             f"{'factored' if train.factored else 'full'})"
         )
+    weights = _weights(test, train)
     if test.dims != train.dims:
         raise ValueError(f"test dims {list(test.dims)} differ from train dims {list(train.dims)}")
-    return test, train, _weights(test, train)
+    return test, train, weights
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:

@@ -1,0 +1,27 @@
+"""top_k never materialises the test x train matrix: extra memory is independent of n_train."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import resource, numpy as np, tracin
+rng = np.random.default_rng(0)
+test = rng.standard_normal((2000, 32), dtype=np.float32)
+train = rng.standard_normal((200_000, 32), dtype=np.float32)
+tracin.top_k(test[:4], train[:1000], k=10)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = tracin.top_k(test, train, k=10, side="both")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dense = test[:3] @ train.T
+assert np.array_equal(result.proponents.indices[:3], np.argsort(-dense, axis=1, kind="stable")[:, :10])
+print((after - before) / 1024)
+"""
+
+
+def test_top_k_memory_is_bounded():
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    # The dense float32 matrix alone would be 1526 MiB.
+    assert growth_mib < 200, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
