@@ -12,7 +12,7 @@ import numpy as np
 from ..gradients import FactoredGradients, Gradients
 from .batches import BatchPlan
 from .checkpoints import describe, parse_checkpoints, restore
-from .params import layout_of
+from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
 from .sinks import MemorySink, StoreSink
 
@@ -93,6 +93,7 @@ def export_gradients(
     dtype = _dtype_name(dtype)
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
+    layers = as_patterns(layers) if layers is not None else None
     entries = parse_checkpoints(checkpoints)
     weights = [lr for _, lr in entries]
     plan = BatchPlan(data, batch_size)
@@ -122,7 +123,7 @@ def export_gradients(
     metadata = {
         "framework": "jax",
         "mode": mode,
-        "layers": list(layers) if layers is not None else None,
+        "layers": layers,
         "params": params_meta,
         "param_order": PARAM_ORDER,
         "dtype": dtype,

@@ -117,7 +117,7 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     if layers is None:
         selected = floats
     else:
-        patterns = _patterns(layers)
+        patterns = as_patterns(layers)
         selected = [i for i in floats if any(matches(paths[i], p) for p in patterns)]
         for p in patterns:
             if not any(matches(paths[i], p) for i in floats):
@@ -130,7 +130,8 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static))
 
 
-def _patterns(layers: Any) -> list[str]:
+def as_patterns(layers: Any) -> list[str]:
+    """layers as a list of path patterns (a single string is one pattern)."""
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) and p for p in layers):
