@@ -134,3 +134,28 @@ def test_progress_bar(mlp, data, capsys):
     assert "140/140" in err and "ex/s" in err
     export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
+    (dict(mode="all"), ValueError, "mode must be 'full' or 'last_layer'"),
+    (dict(mode="last_layer", layers=["l2"]), ValueError, "needs layers=.* and layer_input="),
+    (dict(layer_input=lambda p, x: x), ValueError, "layer_input is only used with mode='last_layer'"),
+    (dict(dtype="float64"), ValueError, "dtype must be one of"),
+    (dict(dtype=np.int8), ValueError, "dtype must be one of"),
+    (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
+    (dict(store=3), TypeError, "store must be a directory path"),
+    (dict(layers=[3]), TypeError, "layers must be a non-empty list of path patterns"),
+    (dict(data="iterator"), ValueError, "one-shot iterator but there are several checkpoints"),
+    (dict(data="generator", store="somewhere"), ValueError, "store= needs data of known size"),
+])
+def test_bad_arguments(mlp, data, kwargs, error, message):
+    x, y = data
+    args = dict(loss_fn=mlp.loss_fn, checkpoints=list(zip(mlp.params, mlp.lrs)), data=(x, y), progress=False)
+    args.update(kwargs)
+    if args["data"] == "iterator":
+        args["data"] = iter([(x, y)])
+    elif args["data"] == "generator":
+        args["data"], args["checkpoints"] = ((x, y) for _ in range(1)), args["checkpoints"][:1]
+    with pytest.raises(error, match=message):
+        export_gradients(args.pop("loss_fn"), args.pop("checkpoints"), args.pop("data"), **args)

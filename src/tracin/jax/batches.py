@@ -93,7 +93,7 @@ class BatchPlan:
                 raise ValueError("data has no rows")
             self.size: int | None = min(batch_size or DEFAULT_BATCH_SIZE, self.n_rows)
         else:
-            if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+            if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
                 raise TypeError("data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
                                 f"batches, got {type(data).__name__}")
             self.n_rows = self._count_rows(data)
