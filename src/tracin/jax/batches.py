@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,10 +102,10 @@ class BatchPlan:
 
     @staticmethod
     def _count_rows(data: Any) -> int | None:
-        """Total rows of a list/tuple of batches (None for other iterables)."""
-        if not isinstance(data, (list, tuple)):
+        """Total rows of a sequence of batches such as a list (None for other iterables)."""
+        if not isinstance(data, Sequence):
             return None
-        return sum(_rows(*_pair(b, f"data[{i}]"), f"data[{i}]") for i, b in enumerate(data))
+        return sum(_rows(*_pair(data[i], f"data[{i}]"), f"data[{i}]") for i in range(len(data)))
 
     def __iter__(self) -> Iterator[Batch]:
         if self._pair:

@@ -163,6 +163,9 @@ def export_gradients(
                 sink.write(c, batch.start + skip, _rows(block, skip))
                 bar.update(batch.count)
             first = None
+    except BaseException:
+        sink.close()
+        raise
     finally:
         bar.close()
     return sink.finish(weights, metadata)

@@ -25,6 +25,9 @@ class MemorySink:
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         self._parts[checkpoint].append(block)
 
+    def close(self) -> None:
+        self._parts = []
+
     def finish(self, weights: list[float], metadata: dict) -> Gradients | FactoredGradients:
         if self._factored:
             left = [np.concatenate([l for l, _ in parts]) for parts in self._parts]
@@ -49,6 +52,10 @@ class StoreSink:
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         self._writer.write(checkpoint, start, block)
+
+    def close(self) -> None:
+        """Releases the store after a failure; the rows written so far stay for a resume."""
+        self._writer.close()
 
     def finish(self, weights: list[float], metadata: dict):
         return self._writer.finalize()
