@@ -74,19 +74,20 @@ def test_last_batch_is_padded_not_recompiled(mlp, data):
         traces.append(inputs.shape)  # runs only while JAX traces the function
         return mlp.loss_fn(params, inputs, targets)
 
-    def run(n):
-        traces.clear()
-        grads = export_gradients(counted_loss, list(zip(mlp.params, mlp.lrs)), (x[:n], y[:n]), batch_size=16,
-                                 progress=False)
-        return grads, list(traces)
-
-    even, even_traces = run(64)   # 4 full batches
-    ragged, ragged_traces = run(70)  # 4 full batches + one of 6 rows, padded to 16
-    assert ragged_traces == even_traces, "the padded last batch must reuse the compiled function"
-    assert len(ragged_traces) == 2  # one abstract shape check (batch of 16) + one vmap(grad) trace
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    ragged = export_gradients(counted_loss, ckpts, (x, y), batch_size=16, progress=False)
+    # 2 checkpoints x 5 batches (the last of 6 rows, padded to 16): one abstract check of the batched
+    # loss, then a single trace of the per-example function (a batch of one inside vmap).
+    assert traces == [(16, 5), (1, 5)]
     ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[1], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
     _close(ragged.matrices[1], ref)
+    traces.clear()
+    even = export_gradients(counted_loss, ckpts, (x[:64], y[:64]), batch_size=16, progress=False)
+    assert traces == [(16, 5)], "a later export with the same loss, params and batch size reuses the compilation"
     np.testing.assert_array_equal(ragged.matrices[0][:64], even.matrices[0])
+    traces.clear()
+    export_gradients(counted_loss, ckpts, (x, y), batch_size=32, progress=False)
+    assert traces == [(32, 5), (1, 5)]  # another batch size: compiled once more
 
 
 def test_iterable_of_batches_equals_arrays(mlp, data):
