@@ -79,8 +79,23 @@ class TopKConsumer final : public TileConsumer {
 
   void Consume(int thread, std::int64_t j0, std::int64_t rows, const float* tile,
                std::int64_t ldc) override {
-    if (want_prop_) Select(prop_[static_cast<std::size_t>(thread)], j0, rows, tile, ldc, false);
-    if (want_opp_) Select(opp_[static_cast<std::size_t>(thread)], j0, rows, tile, ldc, true);
+    const auto t = static_cast<std::size_t>(thread);
+    Selector* prop = want_prop_ ? &prop_[t] : nullptr;
+    Selector* opp = want_opp_ ? &opp_[t] : nullptr;
+    // Opponents are the proponents of the negated scores (negation is exact). A row below both
+    // thresholds everywhere (the common case once the selectors fill) is dismissed by a
+    // branch-free, vectorisable scan.
+    const float* prop_thr = prop ? prop->thresholds() : nullptr;
+    const float* opp_thr = opp ? opp->thresholds() : nullptr;
+    for (std::int64_t j = 0; j < rows; ++j) {
+      const float* row = tile + j * ldc;
+      if (!AnyCandidate(row, prop_thr, opp_thr)) continue;
+      for (std::int64_t r = 0; r < count_; ++r) {
+        const float v = row[r];
+        if (prop && v >= prop_thr[r]) prop->Offer(r, v, j0 + j);
+        if (opp && -v >= opp_thr[r]) opp->Offer(r, -v, j0 + j);
+      }
+    }
   }
 
   Status EndPass() override {
@@ -103,18 +118,13 @@ class TopKConsumer final : public TileConsumer {
   }
 
  private:
-  // Opponents are the proponents of the negated scores (negation is exact).
-  void Select(Selector& selector, std::int64_t j0, std::int64_t rows, const float* tile,
-              std::int64_t ldc, bool negate) const {
-    const float sign = negate ? -1.0f : 1.0f;
-    const float* thresholds = selector.thresholds();
-    for (std::int64_t j = 0; j < rows; ++j) {
-      const float* row = tile + j * ldc;
-      for (std::int64_t r = 0; r < count_; ++r) {
-        const float v = sign * row[r];
-        if (v >= thresholds[r]) selector.Offer(r, v, j0 + j);
-      }
-    }
+  bool AnyCandidate(const float* row, const float* prop_thr, const float* opp_thr) const {
+    int any = 0;
+    if (prop_thr)
+      for (std::int64_t r = 0; r < count_; ++r) any |= row[r] >= prop_thr[r];
+    if (opp_thr)
+      for (std::int64_t r = 0; r < count_; ++r) any |= -row[r] >= opp_thr[r];
+    return any != 0;
   }
 
   std::int64_t k_;

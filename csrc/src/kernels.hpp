@@ -5,6 +5,15 @@
 
 #include "tracin/tracin.hpp"
 
+// Full unrolling of the micro-kernel loops keeps the accumulators in registers.
+#if defined(__clang__)
+#define TRACIN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define TRACIN_UNROLL _Pragma("GCC unroll 64")
+#else
+#define TRACIN_UNROLL
+#endif
+
 namespace tracin::detail {
 
 // Depth of one slice of the inner dimension. Every dot product is summed as fixed slices of this

@@ -12,17 +12,24 @@ template <int MR, int NV>
 void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
            std::int64_t ldc) {
   __m256 acc[MR][NV];
+  TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
   for (std::int64_t k = 0; k < kc; ++k) {
     __m256 bk[NV];
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) bk[v] = _mm256_loadu_ps(b + k * NV * 8 + v * 8);
+    TRACIN_UNROLL
     for (int i = 0; i < MR; ++i) {
       const __m256 ai = _mm256_broadcast_ss(a + i * lda + k);
+      TRACIN_UNROLL
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(ai, bk[v], acc[i][v]);
     }
   }
+  TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) {
       float* ci = c + i * ldc + v * 8;
       _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][v]));

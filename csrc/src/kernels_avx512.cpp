@@ -11,17 +11,24 @@ template <int MR, int NV>
 void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
            std::int64_t ldc) {
   __m512 acc[MR][NV];
+  TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (std::int64_t k = 0; k < kc; ++k) {
     __m512 bk[NV];
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) bk[v] = _mm512_loadu_ps(b + k * NV * 16 + v * 16);
+    TRACIN_UNROLL
     for (int i = 0; i < MR; ++i) {
       const __m512 ai = _mm512_set1_ps(a[i * lda + k]);
+      TRACIN_UNROLL
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(ai, bk[v], acc[i][v]);
     }
   }
+  TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
+    TRACIN_UNROLL
     for (int v = 0; v < NV; ++v) {
       float* ci = c + i * ldc + v * 16;
       _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][v]));
@@ -57,7 +64,7 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
-  static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {24, 16, &Micro<24, 1>},
+  static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {12, 16, &Micro<12, 1>},
                                  &HalfToFloatRun, &BFloatToFloatRun};
   return table;
 }

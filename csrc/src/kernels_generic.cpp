@@ -21,12 +21,16 @@ void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, fl
   float acc[MR][NR] = {};
   for (std::int64_t k = 0; k < kc; ++k) {
     const float* bk = b + k * NR;
+    TRACIN_UNROLL
     for (int i = 0; i < MR; ++i) {
       const float ai = a[i * lda + k];
+      TRACIN_UNROLL
       for (int j = 0; j < NR; ++j) acc[i][j] = MulAdd(ai, bk[j], acc[i][j]);
     }
   }
+  TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
+    TRACIN_UNROLL
     for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
 }
 
