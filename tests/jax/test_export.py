@@ -160,3 +160,44 @@ def test_bad_arguments(mlp, data, kwargs, error, message):
         args["data"], args["checkpoints"] = ((x, y) for _ in range(1)), args["checkpoints"][:1]
     with pytest.raises(error, match=message):
         export_gradients(args.pop("loss_fn"), args.pop("checkpoints"), args.pop("data"), **args)
+
+
+class _GaussianMap:
+    """A projection with tracin.Projection's interface (apply / apply_factored / to_dict), as a plain
+    NumPy Gaussian map, to check what the adapter hands to a projection and does with its output."""
+
+    def __init__(self, dim: int):
+        self.dim, self.segments = dim, []
+
+    def _matrix(self, d: int) -> np.ndarray:
+        return np.random.default_rng(d).normal(size=(d, self.dim)).astype(np.float32) / np.sqrt(self.dim)
+
+    def apply(self, matrix, *, segments=None):
+        self.segments.append(segments)
+        return matrix @ self._matrix(matrix.shape[1])
+
+    def apply_factored(self, left, right):
+        return left @ self._matrix(left.shape[1]), right @ self._matrix(right.shape[1])
+
+    def to_dict(self):
+        return {"kind": "gaussian-test", "dim": self.dim}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_projection_is_applied_to_every_batch(mlp, data, dtype):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    proj = _GaussianMap(16)
+    full = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=32, progress=False)
+    projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=proj, dtype=dtype, batch_size=32,
+                                 progress=False)
+    assert projected.dims == (16, 16) and projected.dtypes == (dtype, dtype)
+    assert projected.metadata["projection"] == {"kind": "gaussian-test", "dim": 16}
+    assert all(s == [8, 40, 3, 24] for s in proj.segments)  # per-parameter widths, in row order
+    for ours, rows in zip(projected.matrices, full.matrices):
+        expected = (rows @ proj._matrix(75)).astype(dtype)
+        np.testing.assert_allclose(ours.astype(np.float32), expected, rtol=2e-3 if dtype == "float16" else 1e-5,
+                                   atol=1e-3 if dtype == "float16" else 1e-6)
+    factored = export_gradients(mlp.loss_fn, ckpts, (x, y), mode="last_layer", layers=["l2"],
+                                layer_input=mlp.hidden, projection=proj, progress=False)
+    assert factored.dims == ((16, 16), (16, 16))
