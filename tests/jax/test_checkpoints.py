@@ -44,6 +44,9 @@ def test_checkpoints_must_share_the_first_structure(mlp, data):
     other = {**mlp.params[1], "l3": {"kernel": mlp.params[1]["l2"]["kernel"]}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: the params pytree differs.*l3/kernel"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (other, 1.0)], (x, y), progress=False)
+    fewer = {"l1": mlp.params[1]["l1"], "l2": {"bias": mlp.params[1]["l2"]["bias"]}}
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: the params pytree differs.*l2/kernel"):
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (fewer, 1.0)], (x, y), progress=False)
     wrong = {"l1": mlp.params[1]["l1"], "l2": {"kernel": mlp.params[1]["l2"]["kernel"][:, :2],
                                                "bias": mlp.params[1]["l2"]["bias"][:2]}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: parameter 'l2/bias' has shape \(2,\)"):

@@ -18,9 +18,22 @@ import jax
 import numpy as np
 
 
+def _key_name(key: Any) -> str:
+    tu = jax.tree_util
+    if isinstance(key, tu.DictKey):
+        return str(key.key)
+    if isinstance(key, tu.GetAttrKey):
+        return key.name
+    if isinstance(key, tu.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, tu.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
 def leaf_path(path: tuple) -> str:
-    """'/'-joined key names of a pytree key path."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+    """'/'-joined key names of a pytree key path: dict keys, attribute names, sequence indices."""
+    return "/".join(_key_name(k) for k in path)
 
 
 def is_float_array(leaf: Any) -> bool:
