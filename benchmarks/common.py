@@ -34,13 +34,15 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int =
 def peak_rss_of(code: str, timeout: float = 1800) -> tuple[float, float]:
     """(peak RSS in MiB, wall seconds) of running `code` in a fresh Python process.
 
-    Linux: VmHWM of the child's own address space (ru_maxrss would carry over the parent's peak
-    through fork + exec); elsewhere ru_maxrss."""
+    Reads VmHWM from /proc/self/status where there is one: on Linux ru_maxrss of a child carries
+    over the parent's peak (it is taken across fork/exec), so it would report this process's size.
+    """
     wrapper = (
         "import resource, time\nt0 = time.perf_counter()\n" + code +
-        "\ntry:\n    peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))"
-        "\nexcept (OSError, StopIteration):\n    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
-        "\nprint('__BENCH__', peak / 1024, time.perf_counter() - t0)\n"
+        "\ntry:\n    _peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+        "except (OSError, IndexError, ValueError):\n"
+        "    _peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print('__BENCH__', _peak / 1024, time.perf_counter() - t0)\n"
     )
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
                          timeout=timeout, check=True).stdout

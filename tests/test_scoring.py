@@ -232,3 +232,18 @@ def test_default_weights_take_the_other_sides(rng):
     test, train = random_set(rng, 2, [3]), random_set(rng, 5, [3])
     got = tracin.scores(tracin.Gradients(test), tracin.Gradients(train, [0.25]))
     assert_close_to_exact(got, test, train, [0.25])
+
+
+def test_gradients_under_different_projections_are_refused(rng):
+    a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
+    spec = tracin.Projection(8, seed=1).to_dict()
+    other = tracin.Projection(8, seed=2).to_dict()
+    with pytest.raises(ValueError, match="projection mismatch.*seed: 1 here, 2 in test"):
+        tracin.scores(tracin.Gradients(a, metadata={"projection": other}),
+                      tracin.Gradients(b, metadata={"projection": spec}))
+    with pytest.raises(ValueError, match="train is not projected"):
+        tracin.scores(tracin.Gradients(a, metadata={"projection": spec}),
+                      tracin.Gradients(b, metadata={"projection": None}))
+    same = tracin.scores(tracin.Gradients(a, metadata={"projection": spec}),
+                         tracin.Gradients(b, metadata={"projection": spec}))
+    assert_close_to_exact(same, a, b, [1.0])

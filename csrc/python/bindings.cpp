@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "tracin/projection.hpp"
 #include "tracin/tracin.hpp"
 
 namespace py = pybind11;
@@ -172,6 +173,33 @@ PYBIND11_MODULE(_core, m) {
           return out;
         },
         py::arg("test"), py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
+
+  m.def("project",
+        [](int kind, std::uint64_t seed, std::uint64_t stream, std::int64_t dim, int nonzeros,
+           const SideSpec& pieces, std::int64_t column_offset, py::buffer out, int num_threads,
+           const std::string& isa) {
+          const auto options = MakeOptions(num_threads, 0, 0, isa);
+          if (kind < 0 || kind > 2) throw py::value_error("kind code must be 0, 1 or 2");
+          const tracin::ProjectionSpec spec{static_cast<tracin::ProjectionKind>(kind), seed, stream,
+                                            dim, nonzeros};
+          HeldSide x = Hold(pieces, "matrix");
+          py::buffer_info o = out.request(true);
+          if (o.ndim != 2 || o.itemsize != 4 || o.format != py::format_descriptor<float>::format() ||
+              o.shape[0] != x.side.rows() || o.shape[1] != dim ||
+              (dim > 1 && o.strides[1] != 4) || o.strides[0] % 4 != 0 || o.strides[0] < 0)
+            throw py::value_error("out must be a writable float32 (rows, dim) array with contiguous rows");
+          const std::int64_t stride = o.shape[0] > 1 ? o.strides[0] / 4 : dim;
+          float* ptr = static_cast<float*>(o.ptr);
+          tracin::Status s;
+          {
+            py::gil_scoped_release release;
+            s = tracin::Project(spec, x.side.blocks, column_offset, ptr, stride, options);
+          }
+          Raise(s);
+        },
+        py::arg("kind"), py::arg("seed"), py::arg("stream"), py::arg("dim"), py::arg("nonzeros"),
+        py::arg("pieces"), py::arg("column_offset"), py::arg("out"), py::kw_only(),
+        py::arg("num_threads") = 0, py::arg("isa") = "auto");
 
   m.def("detect_isa", [] { return std::string(tracin::IsaName(tracin::DetectIsa())); },
         "The instruction set the kernel uses on this CPU.");

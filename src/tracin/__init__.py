@@ -5,7 +5,9 @@ influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>
 
 from ._core import detect_isa
 from .gradients import FactoredGradients, GradientSet, Gradients
+from .projection import Projection
 from .scoring import BothSides, TopK, aggregate, merge_top_k, scores, self_influence, top_k
+from .store import GradientStore
 
 __version__ = "0.1.0"
 
@@ -13,7 +15,9 @@ __all__ = [
     "BothSides",
     "FactoredGradients",
     "GradientSet",
+    "GradientStore",
     "Gradients",
+    "Projection",
     "TopK",
     "aggregate",
     "detect_isa",

@@ -69,9 +69,24 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
             f"{'factored' if train.factored else 'full'})"
         )
     weights = _weights(test, train)
+    _check_same_projection(test, train)
     if test.dims != train.dims:
         raise ValueError(f"test dims {list(test.dims)} differ from train dims {list(train.dims)}")
     return test, train, weights
+
+
+def _check_same_projection(test: GradientSet, train: GradientSet) -> None:
+    """Gradients projected under different projections (or one side not at all) are not
+    comparable; the adapters record the spec as metadata["projection"] (None: unprojected)."""
+    if "projection" not in test.metadata or "projection" not in train.metadata:
+        return
+    specs = {"test": test.metadata["projection"], "train": train.metadata["projection"]}
+    if specs["test"] == specs["train"]:
+        return
+    from .projection import Projection
+
+    mine, other = ("train", "test") if specs["train"] is not None else ("test", "train")
+    Projection.from_dict(specs[mine]).check_compatible(specs[other], what=other)
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:

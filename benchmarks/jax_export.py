@@ -1,0 +1,107 @@
+"""Export throughput (examples/s) of tracin.jax.export_gradients against PyTorch on the same MLP, CPU.
+
+Peers, timed interleaved in the same run (median of repeats): a plain torch.func loop
+(functional_call + vmap(grad), rows concatenated into NumPy) and, when installed, tracin.torch's
+export_gradients. Every contender exports full float32 per-example gradients of all parameters for the
+same weights and data, one checkpoint, same batch size; the JAX export is compiled during warm-up
+(a later export with the same loss and batch size reuses the compilation).
+
+    PYTHONPATH=src python benchmarks/jax_export.py [--n 4096] [--hidden 256] [--batch 256] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import time_interleaved, write_json  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096, help="examples exported per call")
+    parser.add_argument("--features", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    import tracin.jax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.n, args.features)).astype(np.float32)
+    y = rng.integers(0, args.classes, args.n)
+    model = torch.nn.Sequential(torch.nn.Linear(args.features, args.hidden), torch.nn.Tanh(),
+                                torch.nn.Linear(args.hidden, args.hidden), torch.nn.Tanh(),
+                                torch.nn.Linear(args.hidden, args.classes))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = {f"l{i}": {"kernel": jnp.asarray(state[f"{2 * i}.weight"].numpy().T),
+                        "bias": jnp.asarray(state[f"{2 * i}.bias"].numpy())} for i in range(3)}
+
+    def jax_loss(p, inputs, targets):
+        h = inputs
+        for i in range(3):
+            h = h @ p[f"l{i}"]["kernel"] + p[f"l{i}"]["bias"]
+            h = jnp.tanh(h) if i < 2 else h
+        return -jnp.take_along_axis(jax.nn.log_softmax(h), targets[:, None], axis=1)[:, 0]
+
+    def run_jax():
+        return tracin.jax.export_gradients(jax_loss, [(params, 1.0)], (x, y), batch_size=args.batch, progress=False)
+
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+
+    def torch_one(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_example = vmap(grad(torch_one), in_dims=(None, 0, 0))
+
+    def run_torch_func():
+        rows = []
+        for s in range(0, args.n, args.batch):
+            g = per_example(state, xt[s:s + args.batch], yt[s:s + args.batch])
+            rows.append(torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).numpy())
+        return np.concatenate(rows)
+
+    contenders = {"tracin.jax": run_jax, "torch.func loop": run_torch_func}
+    try:
+        import tracin.torch
+
+        ce = torch.nn.CrossEntropyLoss(reduction="none")
+        contenders["tracin.torch"] = lambda: tracin.torch.export_gradients(
+            model, [(state, 1.0)], (xt, yt), ce, batch_size=args.batch, progress=False)
+    except ImportError:
+        pass
+
+    # Same influence from both before timing (parameter order differs, inner products do not).
+    ours, ref = np.asarray(run_jax().matrices[0][:64], np.float64), run_torch_func()[:64].astype(np.float64)
+    gram_diff = float(np.abs(ours @ ours.T - ref @ ref.T).max() / np.abs(ref @ ref.T).max())
+    assert gram_diff < 1e-5, gram_diff
+    timings = time_interleaved(contenders, repeats=args.repeats, warmup=1)
+    results = {name: {**t, "examples_per_s": args.n / t["median_s"]} for name, t in timings.items()}
+    base = results["tracin.jax"]["examples_per_s"]
+    for name, r in results.items():
+        r["jax_speedup"] = base / r["examples_per_s"]
+        print(f"{name:16s} {r['median_s']:.3f} s  {r['examples_per_s']:10.0f} ex/s  (tracin.jax is "
+              f"{r['jax_speedup']:.2f}x)")
+    d = sum(v.numel() for v in state.values())
+    path = write_json("jax_export", {
+        "config": {**vars(args), "params": d, "dtype": "float32", "jax": jax.__version__, "torch": torch.__version__},
+        "results": results,
+        "influence_rel_diff_vs_torch_func": gram_diff,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

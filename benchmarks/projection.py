@@ -1,0 +1,153 @@
+"""Random projection: speed against torch's matmul with an explicit Gaussian matrix, and top-k
+recall of projected against exact influence on a real model's per-example gradients.
+
+    PYTHONPATH=src python benchmarks/projection.py            # the issue's sizes
+    PYTHONPATH=src python benchmarks/projection.py --quick    # a smoke run
+
+Speed: project n gradients of d dims to `dim` dims (default 1000 x 200 000 -> 2048). The peer
+draws a (d, dim) Gaussian matrix with torch.randn and multiplies (creation counted). Medians of
+interleaved repeats.
+
+Recall: an MLP trained briefly on sklearn digits; per-example gradients of all its parameters by
+torch.func (vmap of grad); exact influence = test . train^T; for each kind and dim, the fraction of
+each test point's exact top-k proponents found in the projected top-k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tracin  # noqa: E402
+from benchmarks.common import time_interleaved, write_json  # noqa: E402
+
+KINDS = ("rademacher", "gaussian", "sparse")
+
+
+def speed(n: int, d: int, dim: int, repeats: int) -> dict:
+    import torch
+
+    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    xt = torch.from_numpy(x)
+
+    def torch_matmul():
+        gen = torch.Generator().manual_seed(0)
+        return xt @ (torch.randn(d, dim, generator=gen) / dim**0.5)
+
+    contenders = {"torch_randn_matmul": torch_matmul}
+    for kind in KINDS:
+        contenders[kind] = (lambda p: lambda: p.apply(x))(tracin.Projection(dim, 0, kind))
+    timings = time_interleaved(contenders, repeats=repeats)
+    gigabytes = x.nbytes / 1e9
+    for t in timings.values():
+        t["gb_per_s"] = gigabytes / t["median_s"]
+    peer = timings["torch_randn_matmul"]["median_s"]
+    dense = timings["rademacher"]["median_s"]
+    return {
+        "n": n, "d": d, "dim": dim, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+        "timings": timings,
+        "speed_vs_torch": {k: peer / timings[k]["median_s"] for k in KINDS},
+        "sparse_speedup_over_rademacher": dense / timings["sparse"]["median_s"],
+        "sparse_speedup_over_gaussian": timings["gaussian"]["median_s"] / timings["sparse"]["median_s"],
+    }
+
+
+def digits_gradients(n_train: int, n_test: int, hidden: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example loss gradients (all parameters, flattened) of an MLP trained on sklearn digits."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(x))
+    train, test = perm[:n_train], perm[n_train:n_train + n_test]
+    layers, width = [], x.shape[1]
+    for h in hidden:
+        layers += [torch.nn.Linear(width, h), torch.nn.Tanh()]
+        width = h
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        for batch in torch.split(train[torch.randperm(len(train))], 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi[None],))
+        return torch.nn.functional.cross_entropy(out, yi[None])
+
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+
+    def flat(idx):
+        rows = []
+        for batch in torch.split(idx, 256):
+            g = per_example(params, x[batch], y[batch])
+            rows.append(torch.cat([g[k].reshape(len(batch), -1) for k in params], dim=1))
+        return torch.cat(rows).numpy()
+
+    return flat(train), flat(test)
+
+
+def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict:
+    exact = test.astype(np.float64) @ train.T.astype(np.float64)
+    exact_top = np.argsort(-exact, axis=1)[:, :k]
+    table = {}
+    for kind in KINDS:
+        table[kind] = {}
+        for dim in dims:
+            proj = tracin.Projection(dim, 0, kind)
+            got = tracin.top_k(tracin.Gradients(proj.apply(test)), tracin.Gradients(proj.apply(train)), k=k)
+            hits = [len(set(a) & set(b)) / k for a, b in zip(got.indices, exact_top)]
+            table[kind][dim] = float(np.mean(hits))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--d", type=int, default=200_000)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.d, args.dim, args.repeats = 200, 5000, 256, 1
+    hidden = (32,) if args.quick else (256, 128)
+    dims = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
+
+    result = {"speed": speed(args.n, args.d, args.dim, args.repeats)}
+    s = result["speed"]
+    print(f"project {args.n} x {args.d} -> {args.dim}:")
+    for name, t in s["timings"].items():
+        print(f"  {name:20s} {t['median_s']:8.3f} s  {t['gb_per_s']:6.2f} GB/s")
+    for kind, ratio in s["speed_vs_torch"].items():
+        print(f"  {kind} speed / torch: {ratio:.2f}x")
+    print(f"  sparse speedup over rademacher {s['sparse_speedup_over_rademacher']:.1f}x, "
+          f"over gaussian {s['sparse_speedup_over_gaussian']:.1f}x")
+
+    train, test = digits_gradients(1000, 100, hidden)
+    table = recall(train, test, dims, args.k)
+    result["recall"] = {"model": f"MLP 64-{'-'.join(map(str, hidden))}-10 on sklearn digits",
+                        "d": train.shape[1], "n_train": len(train), "n_test": len(test), "k": args.k,
+                        "top_k_recall": table}
+    print(f"top-{args.k} recall of projected vs exact influence (d = {train.shape[1]}):")
+    print("  dim    " + "  ".join(f"{kind:>10s}" for kind in KINDS))
+    for dim in dims:
+        print(f"  {dim:<6d} " + "  ".join(f"{table[kind][dim]:10.3f}" for kind in KINDS))
+    path = write_json("projection_quick" if args.quick else "projection", result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Gradient store benchmark (issue 4): top-k over an fp16 store on disk against the same in RAM.
+
+    python -m benchmarks.store [--size 1] [--test-rows 64] [--k 10] [--repeats 3] [--dir DIR]
+
+Writes a store of --size GiB (float16, two checkpoints of --dim columns), then times
+tracin.top_k(test, store) against tracin.top_k(test, the same matrices loaded in RAM), interleaved:
+the store warm (pages in the OS cache, as right after writing) and cold (its pages dropped from
+the cache with posix_fadvise before each call). Peak RSS of each, in a fresh process, shows the
+store is streamed in bounded chunks. The issue's size is 4 GiB (--size 4). Writes
+results/store.json (store_SIZE.json for other sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tracin
+
+from .common import RESULTS_DIR, peak_rss_of, time_interleaved, write_json
+
+BLOCK_ROWS = 4096
+
+
+def write_store(path: Path, n_rows: int, dims: list[int], seed: int = 0) -> float:
+    """Writes a float16 store of random gradients in blocks of BLOCK_ROWS rows; returns the seconds
+    spent in the writer (data generation excluded). Blocks are row shuffles of one random pool per
+    checkpoint, so later blocks repeat rows (ties for top-k) and generating them is cheap."""
+    rng = np.random.default_rng(seed)
+    writer = tracin.GradientStore.create(path, n_rows, dims, [0.1, 0.05][:len(dims)], "float16",
+                                         overwrite=True)
+    spent = 0.0
+    for c, d in enumerate(dims):
+        pool = rng.standard_normal((BLOCK_ROWS, d), dtype=np.float32).astype(np.float16)
+        for start in range(0, n_rows, BLOCK_ROWS):
+            block = pool[rng.permutation(BLOCK_ROWS)[:n_rows - start]]
+            t0 = time.perf_counter()
+            writer.write(c, start, block)
+            spent += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.finalize()
+    return spent + time.perf_counter() - t0
+
+
+def evict(store: tracin.GradientStore) -> None:
+    """Drops the store's pages from the OS cache (clean pages only; affects no other file)."""
+    for name in (p for p in store.path.iterdir() if p.suffix == ".npy"):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_in_ram(path: Path) -> tracin.Gradients:
+    """The store's matrices read into RAM with plain NumPy (np.load of the files the manifest names)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    return tracin.Gradients([np.load(path / c["file"]) for c in manifest["checkpoints"]],
+                            [c["weight"] for c in manifest["checkpoints"]])
+
+
+def peak_rss(path: Path, test_path: Path, in_ram: bool, k: int) -> tuple[float, float]:
+    """(peak RSS MiB, seconds) of a fresh process running top_k over the store or its copy in RAM."""
+    train = f"load_in_ram(Path({str(path)!r}))" if in_ram else f"tracin.GradientStore.open({str(path)!r})"
+    code = ("from pathlib import Path\nimport numpy as np, tracin\nfrom benchmarks.store import load_in_ram\n"
+            f"train = {train}\ntest = tracin.Gradients(list(np.load({str(test_path)!r}).values()))\n"
+            f"tracin.top_k(test, train, k={k}, side='both')\n")
+    return peak_rss_of(code)
+
+
+def run(args: argparse.Namespace) -> dict:
+    dims = [args.dim] * args.checkpoints
+    row_bytes = sum(dims) * 2
+    n_rows = int(args.size * 2**30) // row_bytes
+    root = Path(tempfile.mkdtemp(prefix="tracin-store-bench-", dir=args.dir))
+    try:
+        write_s = write_store(root / "store", n_rows, dims)
+        store = tracin.GradientStore.open(root / "store")
+        rng = np.random.default_rng(1)
+        test = [rng.standard_normal((args.test_rows, d), dtype=np.float32).astype(np.float16) for d in dims]
+        np.savez(root / "test.npz", *test)
+        test_set = tracin.Gradients(test)
+        ram = load_in_ram(root / "store")
+
+        def on_store_cold() -> object:
+            evict(store)
+            return tracin.top_k(test_set, store, k=args.k, side="both")
+
+        contenders = {
+            "ram": lambda: tracin.top_k(test_set, ram, k=args.k, side="both"),
+            "store_warm": lambda: tracin.top_k(test_set, store, k=args.k, side="both"),
+            "store_cold": on_store_cold,
+        }
+        times = time_interleaved(contenders, repeats=args.repeats)
+        a, b = contenders["ram"](), contenders["store_warm"]()
+        identical = all(np.array_equal(x.values, y.values) and np.array_equal(x.indices, y.indices)
+                        for x, y in zip(a, b))
+        del ram
+        rss_store, _ = peak_rss(root / "store", root / "test.npz", False, args.k)
+        rss_ram, _ = peak_rss(root / "store", root / "test.npz", True, args.k)
+    finally:
+        shutil.rmtree(root)
+    med = {name: t["median_s"] for name, t in times.items()}
+    return {
+        "config": {"size_gib": args.size, "n_rows": n_rows, "dims": dims, "dtype": "float16",
+                   "test_rows": args.test_rows, "k": args.k, "side": "both", "repeats": args.repeats,
+                   "chunk_bytes": store.row_chunks() * row_bytes},
+        "store_bytes": n_rows * row_bytes,
+        "write_s": write_s,
+        "write_gib_per_s": n_rows * row_bytes / 2**30 / write_s,
+        "times": times,
+        "ratios": {"store warm / ram time": med["store_warm"] / med["ram"],
+                   "store cold / ram time": med["store_cold"] / med["ram"]},
+        "cold_scored_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"],
+        "peak_rss_mib": {"store": rss_store, "ram": rss_ram},
+        "identical_results": identical,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.store", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=float, default=1.0, help="store size in GiB (default 1; the issue asks 4)")
+    p.add_argument("--dim", type=int, default=4096, help="columns per checkpoint (default 4096)")
+    p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
+    p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
+    p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default 3)")
+    p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = run(args)
+    name = "store" if args.size == 1.0 else f"store_{args.size:g}gib"
+    path = write_json(name, result, args.out)
+    med = {k: v["median_s"] for k, v in result["times"].items()}
+    print(f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, {result['config']['n_rows']} rows, "
+          f"dims {result['config']['dims']}; written at {result['write_gib_per_s']:.2f} GiB/s")
+    print(f"top-{args.k} both sides, {args.test_rows} test rows: RAM {med['ram']:.3f} s, "
+          f"store warm {med['store_warm']:.3f} s ({result['ratios']['store warm / ram time']:.2f}x), "
+          f"store cold {med['store_cold']:.3f} s ({result['ratios']['store cold / ram time']:.2f}x)")
+    print(f"peak RSS: store {result['peak_rss_mib']['store']:.0f} MiB, RAM {result['peak_rss_mib']['ram']:.0f} MiB; "
+          f"identical results: {result['identical_results']}; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+// Random projection: validation, blocking and threading around the kernels of
+// projection_kernels.hpp. Dense kinds: a blocked product with panels of P generated per task;
+// sparse kind: per row, scatter-adds of each column into its few output positions.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "aligned.hpp"
+#include "half.hpp"
+#include "kernels.hpp"
+#include "parallel.hpp"
+#include "projection_kernels.hpp"
+#include "tracin/projection.hpp"
+
+namespace tracin {
+namespace detail {
+namespace {
+
+constexpr std::int64_t kDenseColumns = 128;   // columns of X per panel (k block)
+constexpr std::int64_t kDenseOutputs = 256;   // outputs per task
+constexpr std::int64_t kDenseRows = 512;      // rows per task
+constexpr std::int64_t kSparseColumns = 2048;  // columns per hashed chunk
+constexpr std::int64_t kSparseRows = 256;      // rows per task
+
+const ProjectionKernels& ProjectionKernelsFor(Isa isa) {
+  const Isa best = DetectIsa();
+  if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
+#if defined(TRACIN_HAVE_X86_KERNELS)
+  if (isa == Isa::kAvx512) return Avx512ProjectionKernels();
+  if (isa == Isa::kAvx2) return Avx2ProjectionKernels();
+#endif
+  return GenericProjectionKernels();
+}
+
+std::int64_t RoundUp(std::int64_t x, std::int64_t to) { return (x + to - 1) / to * to; }
+
+Status Invalid(const std::string& message) { return {StatusCode::kInvalidArgument, message}; }
+
+// The column-wise concatenation of the pieces, read as float32.
+class Concat {
+ public:
+  Concat(const std::vector<MatrixView>& pieces, const KernelTable& convert)
+      : pieces_(pieces), convert_(convert) {
+    starts_.push_back(0);
+    for (const MatrixView& p : pieces_) starts_.push_back(starts_.back() + p.cols);
+  }
+
+  std::int64_t cols() const { return starts_.back(); }
+
+  // dst[0, n) = row r, columns [k0, k0 + n) of the concatenation, as float32.
+  void Read(std::int64_t r, std::int64_t k0, std::int64_t n, float* dst) const {
+    std::size_t p = static_cast<std::size_t>(
+        std::upper_bound(starts_.begin(), starts_.end(), k0) - starts_.begin() - 1);
+    while (n > 0) {
+      const MatrixView& v = pieces_[p];
+      const std::int64_t local = k0 - starts_[p];
+      const std::int64_t take = std::min(n, v.cols - local);
+      const std::int64_t at = r * v.row_stride + local;
+      switch (v.dtype) {
+        case DType::kFloat32:
+          std::memcpy(dst, static_cast<const float*>(v.data) + at, sizeof(float) * take);
+          break;
+        case DType::kFloat16:
+          convert_.half_to_float(static_cast<const std::uint16_t*>(v.data) + at, take, dst);
+          break;
+        case DType::kBFloat16:
+          convert_.bfloat_to_float(static_cast<const std::uint16_t*>(v.data) + at, take, dst);
+          break;
+      }
+      dst += take;
+      k0 += take;
+      n -= take;
+      ++p;
+    }
+  }
+
+ private:
+  const std::vector<MatrixView>& pieces_;
+  const KernelTable& convert_;
+  std::vector<std::int64_t> starts_;
+};
+
+Status Validate(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
+                std::int64_t column_offset, const float* out, std::int64_t out_stride) {
+  if (spec.kind != ProjectionKind::kRademacher && spec.kind != ProjectionKind::kGaussian &&
+      spec.kind != ProjectionKind::kSparse)
+    return Invalid("unknown projection kind");
+  if (spec.dim < 1) return Invalid("projection dim must be >= 1, got " + std::to_string(spec.dim));
+  if (spec.kind == ProjectionKind::kSparse && spec.nonzeros < 1)
+    return Invalid("sparse projection needs nonzeros >= 1");
+  if (pieces.empty()) return Invalid("the matrix to project has no pieces");
+  if (column_offset < 0) return Invalid("column_offset must be >= 0");
+  std::int64_t cols = 0;
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    const MatrixView& p = pieces[i];
+    const std::string name = "piece " + std::to_string(i);
+    if (p.rows != pieces.front().rows)
+      return Invalid(name + " has " + std::to_string(p.rows) + " rows, piece 0 has " +
+                     std::to_string(pieces.front().rows));
+    if (p.rows < 0 || p.cols < 0 || p.row_stride < p.cols)
+      return Invalid(name + ": negative shape or row stride smaller than its columns");
+    if (p.dtype != DType::kFloat32 && p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16)
+      return Invalid(name + ": unknown dtype");
+    if (p.data == nullptr && p.rows > 0 && p.cols > 0) return Invalid(name + ": null data");
+    cols += p.cols;
+  }
+  if (cols < 1) return Invalid("the matrix to project has no columns");
+  if (pieces.front().rows > 0 && (out == nullptr || out_stride < spec.dim))
+    return Invalid("output buffer missing or its row stride is smaller than dim");
+  return Status::Ok();
+}
+
+// out = scale * X P^T for the dense kinds; every (row, output) one fma chain over the columns.
+Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t rows,
+                    std::uint64_t column_offset, float* out, std::int64_t out_stride,
+                    const Options& options) {
+  const ProjectionKernels& kern = ProjectionKernelsFor(options.isa);
+  const std::int64_t mr = kern.mr, nr = kern.nr, kc_max = kDenseColumns;
+  const std::int64_t outputs = std::min(kDenseOutputs, RoundUp(spec.dim, nr));
+  const std::int64_t row_block = std::min(kDenseRows, RoundUp(rows, mr));
+  const std::int64_t col_blocks = (spec.dim + outputs - 1) / outputs;
+  const std::int64_t row_blocks = (rows + row_block - 1) / row_block;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.dim)));
+  const std::int64_t d = x.cols();
+
+  const int n_threads = ResolveThreads(options.num_threads);
+  struct Workspace {
+    AlignedFloats panel, tile, acc;
+    std::vector<std::uint32_t> lo, hi;
+  };
+  std::vector<Workspace> spaces(static_cast<std::size_t>(n_threads));
+  std::atomic<bool> stop{false};
+  return ParallelFor(row_blocks * col_blocks, n_threads, stop, [&](std::int64_t task, int thread) {
+    Workspace& ws = spaces[static_cast<std::size_t>(thread)];
+    const std::int64_t r0 = task / col_blocks * row_block, i0 = task % col_blocks * outputs;
+    const std::int64_t n_rows = std::min(row_block, rows - r0);
+    const std::int64_t n_out = std::min(outputs, spec.dim - i0);
+    const std::int64_t rows_pad = RoundUp(n_rows, mr), strips = (n_out + nr - 1) / nr;
+    const std::int64_t ldc = strips * nr;
+    ws.panel.Resize(static_cast<std::size_t>(ldc * kc_max));
+    ws.tile.Resize(static_cast<std::size_t>(rows_pad * kc_max));
+    ws.tile.Zero();  // padding rows stay zero
+    ws.acc.Resize(static_cast<std::size_t>(rows_pad * ldc));
+    ws.acc.Zero();
+    ws.lo.resize(static_cast<std::size_t>(ldc));
+    ws.hi.resize(static_cast<std::size_t>(ldc));
+    for (std::int64_t l = 0; l < ldc; ++l) {
+      const RowKey key = KeyOfRow(spec.seed, spec.stream, static_cast<std::uint64_t>(i0 + l));
+      ws.lo[static_cast<std::size_t>(l)] = key.lo;
+      ws.hi[static_cast<std::size_t>(l)] = key.hi;
+    }
+    for (std::int64_t k0 = 0; k0 < d; k0 += kc_max) {
+      const std::int64_t kc = std::min(kc_max, d - k0);
+      for (std::int64_t r = 0; r < n_rows; ++r) x.Read(r0 + r, k0, kc, ws.tile.data() + r * kc_max);
+      for (std::int64_t s = 0; s < strips; ++s) {
+        float* panel = ws.panel.data() + s * nr * kc_max;
+        kern.fill(spec.kind, ws.lo.data() + s * nr, ws.hi.data() + s * nr,
+                  column_offset + static_cast<std::uint64_t>(k0), kc, panel);
+        for (std::int64_t rb = 0; rb < rows_pad; rb += mr)
+          kern.micro(kc, ws.tile.data() + rb * kc_max, kc_max, panel,
+                     ws.acc.data() + rb * ldc + s * nr, ldc);
+      }
+    }
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      const float* src = ws.acc.data() + r * ldc;
+      float* dst = out + (r0 + r) * out_stride + i0;
+      for (std::int64_t i = 0; i < n_out; ++i) dst[i] = src[i] * scale;
+    }
+  });
+}
+
+// out = scale * X P^T for the sparse kind: per row, in column order, each column's value is added
+// with its sign to its `nonzeros` output positions.
+Status ProjectSparse(const ProjectionSpec& spec, const Concat& x, std::int64_t rows,
+                     std::uint64_t column_offset, float* out, std::int64_t out_stride,
+                     const Options& options) {
+  const std::int64_t s = std::min<std::int64_t>(spec.nonzeros, spec.dim);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+  std::vector<RowKey> keys;
+  std::vector<std::uint64_t> block_lo, block_len;
+  for (std::int64_t j = 0; j < s; ++j) {
+    keys.push_back(KeyOfRow(spec.seed, spec.stream, static_cast<std::uint64_t>(j)));
+    block_lo.push_back(static_cast<std::uint64_t>(j * spec.dim / s));
+    block_len.push_back(static_cast<std::uint64_t>((j + 1) * spec.dim / s - j * spec.dim / s));
+  }
+  const std::int64_t d = x.cols();
+  const std::int64_t row_blocks = (rows + kSparseRows - 1) / kSparseRows;
+  std::atomic<bool> stop{false};
+  return ParallelFor(row_blocks, ResolveThreads(options.num_threads), stop,
+                     [&](std::int64_t task, int) {
+    const std::int64_t r0 = task * kSparseRows, n_rows = std::min(kSparseRows, rows - r0);
+    std::vector<std::uint32_t> pos(static_cast<std::size_t>(kSparseColumns * s));
+    std::vector<float> sign(pos.size()), values(static_cast<std::size_t>(kSparseColumns));
+    for (std::int64_t r = 0; r < n_rows; ++r)
+      std::fill_n(out + (r0 + r) * out_stride, spec.dim, 0.0f);
+    for (std::int64_t k0 = 0; k0 < d; k0 += kSparseColumns) {
+      const std::int64_t kc = std::min(kSparseColumns, d - k0);
+      for (std::int64_t j = 0; j < s; ++j) {
+        const RowKey key = keys[static_cast<std::size_t>(j)];
+        const std::uint64_t lo = block_lo[static_cast<std::size_t>(j)];
+        const std::uint64_t len = block_len[static_cast<std::size_t>(j)];
+        for (std::int64_t k = 0; k < kc; ++k) {
+          const std::uint32_t w =
+              Word(key.lo, key.hi, column_offset + static_cast<std::uint64_t>(k0 + k));
+          const std::size_t at = static_cast<std::size_t>(k * s + j);
+          pos[at] = static_cast<std::uint32_t>(lo + (((w & 0x7fffffffU) * len) >> 31));
+          sign[at] = (w >> 31) ? -1.0f : 1.0f;
+        }
+      }
+      for (std::int64_t r = 0; r < n_rows; ++r) {
+        x.Read(r0 + r, k0, kc, values.data());
+        float* y = out + (r0 + r) * out_stride;
+        for (std::int64_t k = 0; k < kc; ++k) {
+          const float v = values[static_cast<std::size_t>(k)];
+          const std::size_t at = static_cast<std::size_t>(k * s);
+          for (std::int64_t j = 0; j < s; ++j)
+            y[pos[at + static_cast<std::size_t>(j)]] += sign[at + static_cast<std::size_t>(j)] * v;
+        }
+      }
+    }
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      float* y = out + (r0 + r) * out_stride;
+      for (std::int64_t i = 0; i < spec.dim; ++i) y[i] *= scale;
+    }
+  });
+}
+
+Status CheckFinite(const float* out, std::int64_t rows, std::int64_t dim, std::int64_t stride) {
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t i = 0; i < dim; ++i)
+      if (!std::isfinite(out[r * stride + i]))
+        return {StatusCode::kNonFinite,
+                "the projection of row " + std::to_string(r) +
+                    " is not finite: the input holds NaN or Inf, or its values overflow float32"};
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace detail
+
+Status Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
+               std::int64_t column_offset, float* out, std::int64_t out_stride,
+               const Options& options) {
+  Status status = detail::Validate(spec, pieces, column_offset, out, out_stride);
+  if (!status.ok()) return status;
+  const std::int64_t rows = pieces.front().rows;
+  if (rows == 0) return Status::Ok();
+  const detail::Concat x(pieces, detail::KernelsFor(options.isa));
+  const auto offset = static_cast<std::uint64_t>(column_offset);
+  status = spec.kind == ProjectionKind::kSparse
+               ? detail::ProjectSparse(spec, x, rows, offset, out, out_stride, options)
+               : detail::ProjectDense(spec, x, rows, offset, out, out_stride, options);
+  if (!status.ok()) return status;
+  return detail::CheckFinite(out, rows, spec.dim, out_stride);
+}
+
+}  // namespace tracin

@@ -1,0 +1,185 @@
+// Projection tests without Python: the product against a float64 reference built from P itself,
+// the scaling of every kind, and identical bits across threads, instruction sets, row chunking,
+// splits of the columns into pieces and half-precision inputs; bad input.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tracin/projection.hpp"
+
+namespace {
+
+int g_failed = 0, g_passed = 0;
+
+void Check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+using tracin::DType;
+using tracin::MatrixView;
+using tracin::ProjectionKind;
+using tracin::ProjectionSpec;
+
+const char* KindName(ProjectionKind kind) {
+  return kind == ProjectionKind::kRademacher ? "rademacher"
+         : kind == ProjectionKind::kGaussian ? "gaussian"
+                                             : "sparse";
+}
+
+std::vector<float> Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
+                           std::int64_t offset = 0, int threads = 0,
+                           tracin::Isa isa = tracin::Isa::kAuto) {
+  tracin::Options options;
+  options.num_threads = threads;
+  options.isa = isa;
+  std::vector<float> out(static_cast<std::size_t>(pieces.front().rows * spec.dim), -7.0f);
+  const tracin::Status s = tracin::Project(spec, pieces, offset, out.data(), spec.dim, options);
+  Check(s.ok(), std::string("Project ok: ") + s.message);
+  return out;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Column k of P (dim values) = the projection of the unit vector e_k.
+std::vector<double> ExplicitP(const ProjectionSpec& spec, std::int64_t d) {
+  std::vector<float> eye(static_cast<std::size_t>(d * d), 0.0f);
+  for (std::int64_t k = 0; k < d; ++k) eye[static_cast<std::size_t>(k * d + k)] = 1.0f;
+  const std::vector<float> pt = Project(spec, {{eye.data(), d, d, d, DType::kFloat32}});
+  return {pt.begin(), pt.end()};  // (d, dim): row k is column k of P
+}
+
+void TestKind(ProjectionKind kind) {
+  const std::string name = KindName(kind);
+  const std::int64_t n = 37, d = 301, dim = 72;
+  ProjectionSpec spec{kind, 1234, 0, dim, 4};
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<std::size_t>(n * d));
+  for (float& v : x) v = normal(rng);
+  const MatrixView whole{x.data(), n, d, d, DType::kFloat32};
+
+  // Scaling: every column of P has unit norm for rademacher and sparse, about 1 for gaussian.
+  const std::vector<double> pt = ExplicitP(spec, d);
+  double worst = 0, mean_sq = 0;
+  for (std::int64_t k = 0; k < d; ++k) {
+    double sq = 0;
+    for (std::int64_t i = 0; i < dim; ++i) sq += pt[k * dim + i] * pt[k * dim + i];
+    worst = std::max(worst, std::fabs(sq - 1.0));
+    mean_sq += sq / static_cast<double>(d);
+  }
+  if (kind == ProjectionKind::kGaussian)
+    Check(std::fabs(mean_sq - 1.0) < 0.03, name + ": mean squared column norm near 1");
+  else
+    Check(worst < 1e-6, name + ": unit column norms");
+
+  // The product against float64 X . P^T.
+  const std::vector<float> y = Project(spec, {whole});
+  double err = 0;
+  for (std::int64_t r = 0; r < n; ++r)
+    for (std::int64_t i = 0; i < dim; ++i) {
+      double ref = 0, bound = 0;
+      for (std::int64_t k = 0; k < d; ++k) {
+        ref += x[r * d + k] * pt[k * dim + i];
+        bound += std::fabs(x[r * d + k] * pt[k * dim + i]);
+      }
+      err = std::max(err, std::fabs(y[r * dim + i] - ref) / bound);
+    }
+  Check(err < 1e-5, name + ": product matches float64 reference (rel err " + std::to_string(err) + ")");
+
+  // Identical bits across threads and instruction sets.
+  for (int threads : {1, 2, 5})
+    Check(SameBits(Project(spec, {whole}, 0, threads), y), name + ": threads " + std::to_string(threads));
+  for (tracin::Isa isa : {tracin::Isa::kGeneric, tracin::Isa::kAvx2, tracin::Isa::kAvx512})
+    Check(SameBits(Project(spec, {whole}, 0, 2, isa), y),
+          name + ": isa " + tracin::IsaName(isa));
+
+  // Row chunking: rows [5, 20) alone give the same bits as within the whole.
+  const std::vector<float> part = Project(spec, {{x.data() + 5 * d, 15, d, d, DType::kFloat32}});
+  Check(std::memcmp(part.data(), y.data() + 5 * dim, part.size() * sizeof(float)) == 0,
+        name + ": row chunking");
+
+  // Pieces: the columns split in three (views into x with a row stride) give the same bits.
+  const std::vector<MatrixView> pieces{{x.data(), n, 100, d, DType::kFloat32},
+                                       {x.data() + 100, n, 1, d, DType::kFloat32},
+                                       {x.data() + 101, n, d - 101, d, DType::kFloat32}};
+  Check(SameBits(Project(spec, pieces), y), name + ": pieces");
+
+  // Column offset: projecting columns [100, d) at offset 100 plus columns [0, 100) gives X P^T.
+  const std::vector<float> head = Project(spec, {pieces[0]});
+  const std::vector<float> tail = Project(spec, {{x.data() + 100, n, d - 100, d, DType::kFloat32}}, 100);
+  double off_err = 0;
+  for (std::size_t i = 0; i < y.size(); ++i)
+    off_err = std::max(off_err, std::fabs(static_cast<double>(head[i]) + tail[i] - y[i]));
+  Check(off_err < 1e-4, name + ": column offset sums to the whole");
+
+  // Half precision: float16 / bfloat16 bits give what their float32 values give.
+  std::vector<std::uint16_t> bf(x.size());
+  std::vector<float> bf_as_float(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x[i], 4);
+    bf[i] = static_cast<std::uint16_t>(bits >> 16);
+    bits = std::uint32_t{bf[i]} << 16;
+    std::memcpy(&bf_as_float[i], &bits, 4);
+  }
+  Check(SameBits(Project(spec, {{bf.data(), n, d, d, DType::kBFloat16}}),
+                 Project(spec, {{bf_as_float.data(), n, d, d, DType::kFloat32}})),
+        name + ": bfloat16 input");
+  std::vector<std::uint16_t> half(x.size(), 0x3c00);  // 1.0
+  std::vector<float> ones(x.size(), 1.0f);
+  Check(SameBits(Project(spec, {{half.data(), n, d, d, DType::kFloat16}}),
+                 Project(spec, {{ones.data(), n, d, d, DType::kFloat32}})),
+        name + ": float16 input");
+
+  // Seeds and streams change the matrix.
+  ProjectionSpec other = spec;
+  other.seed = 1235;
+  Check(!SameBits(Project(other, {whole}), y), name + ": seed changes the result");
+  other = spec;
+  other.stream = 1;
+  Check(!SameBits(Project(other, {whole}), y), name + ": stream changes the result");
+}
+
+void TestErrors() {
+  std::vector<float> x(12, 1.0f), out(64);
+  const MatrixView v{x.data(), 3, 4, 4, DType::kFloat32};
+  auto code = [&](ProjectionSpec spec, std::vector<MatrixView> pieces, std::int64_t off = 0) {
+    return tracin::Project(spec, pieces, off, out.data(), spec.dim).code;
+  };
+  using tracin::StatusCode;
+  Check(code({ProjectionKind::kRademacher, 0, 0, 0, 8}, {v}) == StatusCode::kInvalidArgument, "dim 0");
+  Check(code({ProjectionKind::kSparse, 0, 0, 4, 0}, {v}) == StatusCode::kInvalidArgument, "nonzeros 0");
+  Check(code({ProjectionKind::kRademacher, 0, 0, 4, 8}, {}) == StatusCode::kInvalidArgument, "no pieces");
+  Check(code({ProjectionKind::kRademacher, 0, 0, 4, 8}, {v}, -1) == StatusCode::kInvalidArgument,
+        "negative offset");
+  Check(code({ProjectionKind::kRademacher, 0, 0, 4, 8}, {v, {x.data(), 2, 4, 4, DType::kFloat32}}) ==
+            StatusCode::kInvalidArgument,
+        "row mismatch");
+  Check(code({ProjectionKind::kRademacher, 0, 0, 4, 8}, {{x.data(), 3, 4, 3, DType::kFloat32}}) ==
+            StatusCode::kInvalidArgument,
+        "row stride");
+  x[5] = std::nanf("");
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
+    Check(code({kind, 0, 0, 4, 2}, {v}) == StatusCode::kNonFinite, std::string("NaN: ") + KindName(kind));
+}
+
+}  // namespace
+
+int main() {
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
+    TestKind(kind);
+  TestErrors();
+  std::printf("%d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

@@ -1,0 +1,7 @@
+"""python -m tracin: the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Data as fixed-size batches: the last, shorter batch is padded so one compiled shape serves all."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows [start, start + count) of the data, padded to the batch size by repeating the last row.
+
+    inputs / targets: pytrees of arrays with leading dimension = the padded size; only the first
+    `count` rows of a result are real, the padded rows' results are dropped.
+    """
+
+    start: int
+    count: int
+    inputs: Any
+    targets: Any
+
+
+def _leaves(tree: Any, name: str) -> list:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} holds no arrays")
+    return leaves
+
+
+def _as_array(a: Any) -> Any:
+    return a if isinstance(a, (jax.Array, np.ndarray)) else np.asarray(a)
+
+
+def _rows(inputs: Any, targets: Any, where: str) -> int:
+    """The common leading dimension of every array in inputs and targets."""
+    sizes = set()
+    for name, tree in (("inputs", inputs), ("targets", targets)):
+        for leaf in _leaves(tree, f"{where} {name}"):
+            if np.ndim(leaf) == 0:
+                raise ValueError(f"{where} {name}: expected arrays with a leading batch dimension, got a scalar")
+            sizes.add(np.shape(leaf)[0])
+    if len(sizes) != 1:
+        raise ValueError(f"{where}: inputs and targets must have the same number of rows, got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _is_array_pair(data: Any) -> bool:
+    """(inputs, targets) arrays rather than a sequence of batches: a 2-tuple whose targets is an array."""
+    return isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape") and np.ndim(data[1]) >= 1
+
+
+def _slice(tree: Any, start: int, stop: int) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
+
+
+def _pad(tree: Any, size: int) -> Any:
+    def pad(a: Any) -> Any:
+        extra = size - a.shape[0]
+        if extra == 0:
+            return a
+        xp = jnp if isinstance(a, jax.Array) else np
+        return xp.concatenate([a, xp.repeat(a[-1:], extra, axis=0)], axis=0)
+
+    return jax.tree_util.tree_map(pad, tree)
+
+
+class BatchPlan:
+    """Iterates the data, once per checkpoint, as padded Batches of one size.
+
+    data: (inputs, targets) arrays (leading dimension n), or an iterable of (inputs, targets)
+    batches; inputs and targets may be pytrees of arrays. batch_size: the padded size (default: 64
+    for arrays, the first batch's size for iterables); longer batches are cut into pieces.
+    """
+
+    def __init__(self, data: Any, batch_size: int | None):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        self._data = data
+        self._pair = _is_array_pair(data)
+        if self._pair:
+            inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in data)
+            self._data = (inputs, targets)
+            self.n_rows: int | None = _rows(inputs, targets, "data")
+            if self.n_rows == 0:
+                raise ValueError("data has no rows")
+            self.size: int | None = min(batch_size or DEFAULT_BATCH_SIZE, self.n_rows)
+        else:
+            if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
+                raise TypeError("data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
+                                f"batches, got {type(data).__name__}")
+            self.n_rows = self._count_rows(data)
+            self.size = batch_size
+        self.one_shot = not self._pair and iter(data) is data
+
+    @staticmethod
+    def _count_rows(data: Any) -> int | None:
+        """Total rows of a sequence of batches such as a list (None for other iterables)."""
+        if not isinstance(data, Sequence):
+            return None
+        return sum(_rows(*_pair(data[i], f"data[{i}]"), f"data[{i}]") for i in range(len(data)))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._pair:
+            inputs, targets = self._data
+            for start in range(0, self.n_rows, self.size):
+                stop = min(start + self.size, self.n_rows)
+                yield self._batch(start, _slice(inputs, start, stop), _slice(targets, start, stop), stop - start)
+            return
+        start = 0
+        for i, batch in enumerate(self._data):
+            inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in _pair(batch, f"data[{i}]"))
+            rows = _rows(inputs, targets, f"data[{i}]")
+            if rows == 0:
+                continue
+            if self.size is None:
+                self.size = rows
+            for lo in range(0, rows, self.size):
+                hi = min(lo + self.size, rows)
+                yield self._batch(start + lo, _slice(inputs, lo, hi), _slice(targets, lo, hi), hi - lo)
+            start += rows
+        if start == 0:
+            raise ValueError("data has no rows")
+
+    def _batch(self, start: int, inputs: Any, targets: Any, count: int) -> Batch:
+        return Batch(start, count, _pad(inputs, self.size), _pad(targets, self.size))
+
+
+def _pair(batch: Any, where: str) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+    return batch[0], batch[1]

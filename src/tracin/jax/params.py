@@ -1,0 +1,153 @@
+"""Parameter pytrees: stable leaf order, '/'-joined paths, and selection by path patterns.
+
+Order: the leaves in `jax.tree_util` flatten order (dict keys sorted, dataclass / module fields in
+declaration order, sequences by index). A leaf's path joins its keys with '/', e.g.
+"params/Dense_1/kernel" (Flax linen), "l2/kernel/value" (NNX state), "layers/1/weight" (Equinox).
+Each leaf is flattened row-major (C order); a gradient row is the concatenation of the selected
+leaves in this order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _key_name(key: Any) -> str:
+    tu = jax.tree_util
+    if isinstance(key, tu.DictKey):
+        return str(key.key)
+    if isinstance(key, tu.GetAttrKey):
+        return key.name
+    if isinstance(key, tu.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, tu.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def leaf_path(path: tuple) -> str:
+    """'/'-joined key names of a pytree key path: dict keys, attribute names, sequence indices."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def is_float_array(leaf: Any) -> bool:
+    """True for JAX / NumPy arrays with a floating (differentiable) dtype."""
+    return isinstance(leaf, (jax.Array, np.ndarray)) and np.issubdtype(leaf.dtype, np.inexact)
+
+
+def matches(path: str, pattern: str) -> bool:
+    """A pattern selects a leaf by its path, a '/'-prefix of it ("l2" -> "l2/kernel"), or a glob
+    (fnmatch, where '*' also crosses '/': "params/Dense_1/*")."""
+    return path == pattern or path.startswith(pattern.rstrip("/") + "/") or fnmatch.fnmatchcase(path, pattern)
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """How a params pytree is split for differentiation.
+
+    treedef: the pytree structure; paths: every leaf's path; selected: indices of the
+    differentiated leaves (in flatten order); arrays: indices of the other array leaves (passed to
+    the compiled function as arguments); static: leaves that are not arrays (functions, ints...),
+    baked into the compiled function.
+    """
+
+    treedef: Any
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    selected: tuple[int, ...]
+    arrays: tuple[int, ...]
+    static: tuple[tuple[int, Any], ...]
+
+    @property
+    def widths(self) -> list[int]:
+        """Per selected leaf its number of entries (the segment widths of a gradient row)."""
+        return [int(np.prod(self.shapes[i], dtype=np.int64)) for i in self.selected]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.widths)
+
+    def describe(self) -> list[dict]:
+        """Metadata: path and shape of each selected leaf, in row order."""
+        return [{"path": self.paths[i], "shape": list(self.shapes[i])} for i in self.selected]
+
+    def split(self, params: Any) -> tuple[list, list]:
+        """(selected leaves, other array leaves) of a params pytree with this layout."""
+        leaves = self.treedef.flatten_up_to(params)
+        return [leaves[i] for i in self.selected], [leaves[i] for i in self.arrays]
+
+    def merge(self, selected: Sequence, arrays: Sequence) -> Any:
+        """The params pytree rebuilt from the two leaf lists (inverse of split)."""
+        leaves: list[Any] = [None] * len(self.paths)
+        for i, leaf in zip(self.selected, selected):
+            leaves[i] = leaf
+        for i, leaf in zip(self.arrays, arrays):
+            leaves[i] = leaf
+        for i, leaf in self.static:
+            leaves[i] = leaf
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def check_same(self, other: ParamLayout, where: str) -> None:
+        """Raises ValueError unless `other` (another checkpoint's layout) has the same structure."""
+        if other.treedef != self.treedef or other.paths != self.paths:
+            missing = sorted(set(self.paths) ^ set(other.paths))[:5]
+            raise ValueError(f"{where}: the params pytree differs from the first checkpoint's "
+                             f"(differing leaves: {missing or 'same paths, different structure'})")
+        for i in self.selected:
+            if other.shapes[i] != self.shapes[i]:
+                raise ValueError(f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
+                                 f"the first checkpoint has {self.shapes[i]}")
+        for (i, a), (_, b) in zip(self.static, other.static):
+            if a is not b and not _equal(a, b):
+                raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are not equal here
+        return False
+
+
+def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
+    """The ParamLayout of `params` with the floating leaves matched by `layers` selected
+    (all floating array leaves when layers is None)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not flat:
+        raise ValueError("params has no leaves: expected a pytree of arrays")
+    paths = tuple(leaf_path(p) for p, _ in flat)
+    leaves = [leaf for _, leaf in flat]
+    shapes = tuple(tuple(np.shape(leaf)) if isinstance(leaf, (jax.Array, np.ndarray)) else () for leaf in leaves)
+    floats = [i for i, leaf in enumerate(leaves) if is_float_array(leaf)]
+    if not floats:
+        raise ValueError("params has no floating-point array leaves to differentiate")
+    if layers is None:
+        selected = floats
+    else:
+        patterns = as_patterns(layers)
+        selected = [i for i in floats if any(matches(paths[i], p) for p in patterns)]
+        for p in patterns:
+            if not any(matches(paths[i], p) for i in floats):
+                shown = ", ".join(repr(paths[i]) for i in floats[:8])
+                raise ValueError(f"layers: pattern {p!r} matches no floating-point parameter; "
+                                 f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}")
+    chosen = set(selected)
+    arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and isinstance(leaf, (jax.Array, np.ndarray))]
+    static = [(i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, (jax.Array, np.ndarray))]
+    return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static))
+
+
+def as_patterns(layers: Any) -> list[str]:
+    """layers as a list of path patterns (a single string is one pattern)."""
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) and p for p in layers):
+        raise TypeError(f"layers must be a non-empty list of path patterns (strings) such as ['l2'] or "
+                        f"['params/Dense_1/*'], got {layers!r}")
+    return list(layers)

@@ -1,0 +1,244 @@
+"""Random projections (Johnson-Lindenstrauss maps) of gradient matrices, computed by the C++ kernel.
+
+A `Projection` stands for a dim x d matrix P whose entries are generated on the fly from
+(seed, row, column) by a counter-based hash, so no such matrix is ever held and P's column k is
+the same whatever d is. Inner products are preserved on average: E[<Pg, Pg'>] = <g, g'>.
+
+Kinds:
+    "rademacher"  entries +-1/sqrt(dim)
+    "gaussian"    entries N(0, 1)/sqrt(dim)
+    "sparse"      8 non-zeros +-1/sqrt(8) per input column, one in each eighth of the outputs;
+                  about dim/8 times less work than the dense kinds
+
+Results are bit-identical for a given (seed, kind, dim, d) whatever the batch size, the thread
+count, the instruction set, or how the columns are split into pieces passed together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._arrays import DTYPE_CODES, as_matrix
+
+KINDS = {"rademacher": 0, "gaussian": 1, "sparse": 2}
+SPARSE_NONZEROS = 8
+# Version of the entry generator (csrc/src/projection_kernels.hpp); a spec from another version
+# describes another matrix.
+GENERATOR_VERSION = 1
+# Independent matrices drawn from one seed: stream 0 projects whole rows, 1 + j the j-th per-layer
+# piece, and these two the left and right Kronecker factors.
+_LEFT_STREAM, _RIGHT_STREAM = 1 << 62, (1 << 62) + 1
+
+_View = tuple[np.ndarray, str]
+
+
+def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _views(matrix: Any) -> list[_View]:
+    """Kernel views of one (n, d) matrix or of a sequence of (n, d_j) pieces taken side by side."""
+    if isinstance(matrix, (list, tuple)):
+        if not matrix:
+            raise ValueError("matrix: an empty sequence of pieces")
+        views = [as_matrix(piece, f"matrix[{j}]") for j, piece in enumerate(matrix)]
+        rows = {v.shape[0] for v, _ in views}
+        if len(rows) != 1:
+            raise ValueError(f"matrix: the pieces must have the same number of rows, got {sorted(rows)}")
+        return views
+    return [as_matrix(matrix, "matrix")]
+
+
+def _column_slice(views: list[_View], start: int, stop: int) -> list[_View]:
+    """Columns [start, stop) of the pieces taken side by side, as views."""
+    out, offset = [], 0
+    for arr, dtype in views:
+        lo, hi = max(start - offset, 0), min(stop - offset, arr.shape[1])
+        if lo < hi:
+            out.append((arr[:, lo:hi], dtype))
+        offset += arr.shape[1]
+    return out
+
+
+def _balanced_factors(dim: int) -> tuple[int, int]:
+    """(dl, dr) with dl * dr = dim, dr the largest divisor of dim not above sqrt(dim)."""
+    dr = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
+    return dim // dr, dr
+
+
+class Projection:
+    """A random projection to `dim` dimensions.
+
+    Args:
+        dim: output dimension (>= 1).
+        seed: any int in [0, 2**64).
+        kind: "rademacher", "gaussian" or "sparse".
+        per_layer: project each segment of the columns (one per layer) on its own; see `apply`.
+    """
+
+    def __init__(self, dim: int, seed: int = 0, kind: str = "rademacher", *, per_layer: bool = False):
+        self.dim = _check_int(dim, "dim", 1)
+        self.seed = _check_int(seed, "seed", 0, 2**64 - 1)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        self.kind = kind
+        if not isinstance(per_layer, (bool, np.bool_)):
+            raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}")
+        self.per_layer = bool(per_layer)
+
+    @property
+    def nonzeros(self) -> int | None:
+        """Non-zeros per input column of the sparse kind (None for the dense kinds)."""
+        return min(SPARSE_NONZEROS, self.dim) if self.kind == "sparse" else None
+
+    @property
+    def factored_dims(self) -> tuple[int, int]:
+        """(dl, dr) of `apply_factored`: the most balanced factorisation dl * dr = dim, dl >= dr
+        (dim = 2048 gives (64, 32)). Choose a dim with balanced factors: a prime dim gives (dim, 1)."""
+        return _balanced_factors(self.dim)
+
+    def segment_dims(self, n_segments: int) -> list[int]:
+        """Output dims of the segments with per_layer=True: dim split as evenly as possible,
+        the first dim % n_segments segments one larger. Needs n_segments <= dim."""
+        n_segments = _check_int(n_segments, "number of segments", 1)
+        if n_segments > self.dim:
+            raise ValueError(f"per_layer projection: {n_segments} segments need dim >= {n_segments}, "
+                             f"got dim={self.dim}")
+        base, extra = divmod(self.dim, n_segments)
+        return [base + (j < extra) for j in range(n_segments)]
+
+    def apply(self, matrix: Any, *, segments: Sequence[int] | None = None, column_offset: int = 0,
+              num_threads: int | None = None) -> np.ndarray:
+        """Projects the rows of `matrix`.
+
+        Args:
+            matrix: (n, d) float32/float16/bfloat16 array (NumPy, torch CPU tensor, JAX array), or a
+                sequence of (n, d_j) pieces taken side by side (not copied; same bits as their
+                concatenation).
+            segments: with per_layer=True, the column widths of the layers (sum = d; default: the
+                widths of the pieces). Segment j is projected on its own matrix to
+                `segment_dims(len(segments))[j]` dims, and the results are concatenated.
+                Ignored with per_layer=False.
+            column_offset: with per_layer=False, the columns of `matrix` are columns
+                [column_offset, column_offset + d) of P: projecting the pieces of a row at their
+                offsets and summing gives the projection of the whole row (up to rounding).
+            num_threads: kernel threads (default: all cores).
+
+        Returns:
+            (n, dim) float32.
+        """
+        views = _views(matrix)
+        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        column_offset = _check_int(column_offset, "column_offset", 0)
+        if column_offset and self.per_layer:
+            raise ValueError("column_offset applies with per_layer=False only")
+        n = views[0][0].shape[0]
+        d = sum(v.shape[1] for v, _ in views)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        if not self.per_layer:
+            self._project(views, 0, self.dim, column_offset, out, threads)
+            return out
+        widths = [v.shape[1] for v, _ in views] if segments is None else self._segments(segments, d)
+        dims = self.segment_dims(len(widths))
+        start = out_start = 0
+        for j, (width, dim) in enumerate(zip(widths, dims)):
+            self._project(_column_slice(views, start, start + width), 1 + j, dim, 0,
+                          out[:, out_start:out_start + dim], threads)
+            start += width
+            out_start += dim
+        return out
+
+    def apply_factored(self, left: Any, right: Any, *,
+                       num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Projects a factored gradient (the row-wise outer product left (x) right) by the
+        Kronecker product P_L (x) P_R, factor by factor: (P_L l) (x) (P_R r) = (P_L (x) P_R)(l (x) r).
+
+        Args:
+            left: (n, p) array; right: (n, q) array (dtypes as in `apply`).
+
+        Returns:
+            (left' (n, dl) float32, right' (n, dr) float32) with (dl, dr) = `factored_dims`.
+            P_L and P_R are independent matrices of this kind scaled for dl and dr dims, so
+            E[<l' (x) r', m' (x) s'>] = <l (x) r, m (x) s>.
+        """
+        lv, rv = as_matrix(left, "left"), as_matrix(right, "right")
+        if lv[0].shape[0] != rv[0].shape[0]:
+            raise ValueError(f"left and right must have the same number of rows, got "
+                             f"{lv[0].shape[0]} and {rv[0].shape[0]}")
+        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        dl, dr = self.factored_dims
+        out_l = np.empty((lv[0].shape[0], dl), dtype=np.float32)
+        out_r = np.empty((rv[0].shape[0], dr), dtype=np.float32)
+        self._project([lv], _LEFT_STREAM, dl, 0, out_l, threads)
+        self._project([rv], _RIGHT_STREAM, dr, 0, out_r, threads)
+        return out_l, out_r
+
+    def _segments(self, segments: Sequence[int], d: int) -> list[int]:
+        widths = [_check_int(w, "segments entry", 1) for w in segments]
+        if not widths:
+            raise ValueError("segments must hold at least one width")
+        if sum(widths) != d:
+            raise ValueError(f"segments must sum to the number of columns {d}, got sum {sum(widths)}")
+        return widths
+
+    def _project(self, views: list[_View], stream: int, dim: int, column_offset: int,
+                 out: np.ndarray, threads: int) -> None:
+        nonzeros = min(SPARSE_NONZEROS, dim)
+        pieces = (False, [v for v, _ in views], [DTYPE_CODES[t] for _, t in views])
+        _core.project(KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out,
+                      num_threads=threads)
+
+    # --- the spec: stored with projected gradients, compared when more are projected later ---
+
+    def to_dict(self) -> dict:
+        """A JSON-able spec; `Projection.from_dict` rebuilds the same matrix."""
+        return {"type": "tracin.Projection", "generator": GENERATOR_VERSION, "kind": self.kind,
+                "dim": self.dim, "seed": self.seed, "per_layer": self.per_layer}
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> Projection:
+        if not isinstance(spec, dict) or spec.get("type") != "tracin.Projection":
+            raise ValueError(f"not a tracin.Projection spec: {spec!r}")
+        if spec.get("generator") != GENERATOR_VERSION:
+            raise ValueError(f"projection spec from generator version {spec.get('generator')!r}; this "
+                             f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it")
+        missing = {"kind", "dim", "seed", "per_layer"} - spec.keys()
+        if missing:
+            raise ValueError(f"projection spec lacks {sorted(missing)}")
+        return cls(spec["dim"], spec["seed"], spec["kind"], per_layer=spec["per_layer"])
+
+    def check_compatible(self, other: Projection | dict | None, what: str = "the other side") -> None:
+        """Raises ValueError naming every field in which `other` (a Projection, its spec, or None
+        for unprojected gradients) differs from this projection."""
+        if other is None:
+            raise ValueError(f"projection mismatch: {what} is not projected, this side uses {self!r}")
+        spec = other.to_dict() if isinstance(other, Projection) else other
+        mine = self.to_dict()
+        if not isinstance(spec, dict):
+            raise TypeError(f"expected a Projection or its spec dict, got {type(spec).__name__}")
+        diffs = [f"{key}: {mine[key]!r} here, {spec.get(key, '<missing>')!r} in {what}"
+                 for key in mine if spec.get(key, "<missing>") != mine[key]]
+        if diffs:
+            raise ValueError("projection mismatch (projected gradients are only comparable under "
+                             "the same projection): " + "; ".join(diffs))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Projection) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.dim, self.seed, self.per_layer))
+
+    def __repr__(self) -> str:
+        extra = ", per_layer=True" if self.per_layer else ""
+        return f"Projection(dim={self.dim}, seed={self.seed}, kind={self.kind!r}{extra})"

@@ -1,0 +1,271 @@
+"""GradientStore: a gradient set on disk, read in memory-mapped row chunks."""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._arrays import DTYPE_CODES
+from ..gradients import GradientSet, KernelSide
+from ._format import (
+    DISK_DTYPES,
+    FORMAT_VERSION,
+    IDS_FILE,
+    MANIFEST,
+    Manifest,
+    StoreFormatError,
+    npy_data_offset,
+    read_manifest,
+)
+from ._writer import GradientStoreWriter, create
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+class GradientStore(GradientSet):
+    """Per-example gradients on disk (docs/format.md), usable wherever Gradients are.
+
+    Never loaded whole: the scoring functions ask for rows in chunks of about `chunk_bytes`
+    (row_chunks()), each memory-mapped for one kernel call and unmapped after, so peak memory
+    stays bounded for stores larger than RAM. A store can be a view of a contiguous row range of
+    the files (shard(), slicing); row indices are then relative to the view.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, offsets: list[int], start: int, stop: int,
+                 allow_partial: bool, chunk_bytes: int):
+        self.path = path
+        self._manifest = manifest
+        self._offsets = offsets  # data offset of each file, in kernel block order
+        self._start, self._stop = start, stop
+        self._allow_partial = allow_partial
+        self._chunk_bytes = chunk_bytes
+        self.factored = manifest.factored
+        self.weights = np.asarray(manifest.weights, dtype=np.float64)
+        self.weights_given = manifest.weights_given
+        self.metadata = manifest.metadata
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, n_rows: int, dims: Sequence,
+               weights: Sequence[float] | None = None, dtype: str = "float32", *, factored: bool = False,
+               metadata: dict | None = None, ids: Sequence | np.ndarray | None = None,
+               overwrite: bool = False) -> GradientStoreWriter:
+        """A writer for a new store at `path` (a directory, created if needed), or for the store
+        already there if it has the same spec, to resume writing it.
+
+        n_rows: rows (examples); dims: per checkpoint d_c (full) or (p_c, q_c) (factored=True);
+        weights: per checkpoint learning rate (default 1 each); dtype: "float32", "float16" or
+        "bfloat16"; metadata: JSON-serialisable provenance (layers, projection, ...); ids: one int or
+        str per row. An unfinished store with the same spec is reopened (see writer.rows_done), a
+        finished one gives a writer whose .complete is True; a different spec is a ValueError
+        naming what differs, unless overwrite=True, which replaces the old store.
+        """
+        return create(path, n_rows, dims, weights, dtype, factored=factored, metadata=metadata,
+                      ids=ids, overwrite=overwrite)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, allow_partial: bool = False,
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "GradientStore":
+        """Opens the store at `path` after checking the manifest against the files.
+
+        An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
+        the rows written so far for every checkpoint (a prefix). chunk_bytes: bytes of rows
+        (all checkpoints together) mapped per kernel call.
+        """
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+        root = Path(path)
+        m = read_manifest(root)
+        offsets = []
+        for c, names in enumerate(m.files):
+            for name, d in zip(names, m.dims[c]):
+                offsets.append(npy_data_offset(root / name, DISK_DTYPES[m.dtype], (m.n_rows, d)))
+        if m.has_ids:
+            _check_ids_file(root / IDS_FILE, m.n_rows)
+        stop = m.n_rows
+        if allow_partial and not m.complete:
+            stop = min(m.rows_done(c) for c in range(len(m.dims)))
+        return cls(root, m, offsets, 0, stop, bool(allow_partial), int(chunk_bytes))
+
+    # -- GradientSet ----------------------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return self._stop - self._start
+
+    @property
+    def dims(self) -> tuple:
+        return tuple(d if self.factored else d[0] for d in self._manifest.dims)
+
+    @property
+    def dtype(self) -> str:
+        return self._manifest.dtype
+
+    @property
+    def complete(self) -> bool:
+        """Whether the writer finalized the store (all rows written)."""
+        return self._manifest.complete
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row over all checkpoints (and factors)."""
+        return sum(sum(d) for d in self._manifest.dims) * DISK_DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of gradient data in this view."""
+        return self.n_rows * self.row_bytes
+
+    def row_chunks(self) -> int:
+        return max(1, self._chunk_bytes // self.row_bytes)
+
+    def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
+        """Memory-mapped (read-only) views of rows [start, stop) of this view, for one kernel call;
+        the mapping is released when the views are dropped."""
+        if not (self.complete or self._allow_partial):
+            done = [self._manifest.rows_done(c) for c in range(self.n_checkpoints)]
+            raise ValueError(
+                f"gradient store {self.path} is unfinished (rows written per checkpoint: {done} of "
+                f"{self._manifest.n_rows}); finish writing it (GradientStore.create with the same "
+                "arguments resumes), or open it with allow_partial=True to use the rows written so far")
+        stop = self.n_rows if stop is None else stop
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"row range [{start}, {stop}) is outside the store's {self.n_rows} rows")
+        m, disk = self._manifest, DISK_DTYPES[self.dtype]
+        first, rows = self._start + start, stop - start
+        blocks = []
+        names = [n for names in m.files for n in names]
+        columns = [d for dims in m.dims for d in dims]
+        ahead = min(rows, self._stop - self._start - stop)  # rows the next chunk will likely read
+        for name, offset, cols in zip(names, self._offsets, columns):
+            row_bytes = cols * disk.itemsize
+            if rows == 0:
+                blocks.append(np.empty((0, cols), dtype=disk))
+                continue
+            blocks.append(np.memmap(self.path / name, dtype=disk, mode="r", shape=(rows, cols),
+                                    offset=offset + first * row_bytes))
+            _read_ahead(self.path / name, offset + first * row_bytes, (rows + ahead) * row_bytes)
+        return self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks)
+
+    # -- views ----------------------------------------------------------------------------------
+    def shard(self, i: int, n: int) -> "GradientStore":
+        """The i-th of n contiguous, near-equal row ranges (rows [i*N//n, (i+1)*N//n))."""
+        for name, v in (("n", n), ("i", i)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"shard needs n >= 1 and 0 <= i < n, got i={i}, n={n}")
+        return self[i * self.n_rows // n:(i + 1) * self.n_rows // n]
+
+    def shard_offset(self) -> int:
+        """First row of this view in the whole store (e.g. the offsets for merge_top_k)."""
+        return self._start
+
+    def __getitem__(self, rows: slice) -> "GradientStore":
+        """A view of a contiguous range of rows (step 1), e.g. store[1000:2000]."""
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("gradient stores can be sliced by contiguous row ranges only, e.g. s[10:20]")
+        a, b, _ = rows.indices(self.n_rows)
+        return type(self)(self.path, self._manifest, self._offsets, self._start + a,
+                          self._start + max(a, b), self._allow_partial, self._chunk_bytes)
+
+    @property
+    def ids(self) -> np.ndarray | None:
+        """Example ids of the rows in this view (int or str, memory-mapped), or None if none were given."""
+        if not self._manifest.has_ids:
+            return None
+        return np.load(self.path / IDS_FILE, mmap_mode="r", allow_pickle=False)[self._start:self._stop]
+
+    # -- description ----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Facts about the whole store (not just this view), as plain Python values."""
+        m = self._manifest
+        files = [self.path / MANIFEST] + [self.path / n for names in m.files for n in names]
+        if m.has_ids:
+            files.append(self.path / IDS_FILE)
+        stats = [f.stat() for f in files]
+        return {
+            "path": str(self.path),
+            "format_version": FORMAT_VERSION,
+            "complete": m.complete,
+            "rows": m.n_rows,
+            "rows_written": [m.rows_done(c) for c in range(len(m.dims))],
+            "checkpoints": len(m.dims),
+            "mode": "factored" if m.factored else "full",
+            "dims": [list(d) if m.factored else d[0] for d in m.dims],
+            "weights": list(m.weights),
+            "weights_given": m.weights_given,
+            "dtype": m.dtype,
+            "file_bytes": sum(s.st_size for s in stats),
+            "disk_bytes": sum(getattr(s, "st_blocks", s.st_size // 512) * 512 for s in stats),
+            "ids": m.has_ids,
+            "metadata": m.metadata,
+        }
+
+    def describe(self) -> str:
+        """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not."""
+        i = self.info()
+        if i["complete"]:
+            state = "yes"
+        else:
+            state = f"no (rows written per checkpoint: {', '.join(map(str, i['rows_written']))})"
+        lines = [
+            f"gradient store  {i['path']}  (format v{i['format_version']})",
+            f"complete        {state}",
+            f"rows            {i['rows']}",
+            f"checkpoints     {i['checkpoints']}  (weights {', '.join(f'{w:g}' for w in i['weights'])}"
+            f"{'' if i['weights_given'] else ', the default'})",
+            f"mode            {i['mode']}",
+            f"dims            {', '.join(str(d) for d in i['dims'])}",
+            f"dtype           {i['dtype']}",
+            f"size on disk    {_human(i['disk_bytes'])} (files {_human(i['file_bytes'])})",
+            f"ids             {'yes' if i['ids'] else 'no'}",
+        ]
+        if i["metadata"]:
+            lines.append(f"metadata        {', '.join(sorted(i['metadata']))}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        view = "" if (self._start, self._stop) == (0, self._manifest.n_rows) else \
+            f", rows=[{self._start}, {self._stop})"
+        return (f"GradientStore({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
+                f"dtype={self.dtype!r}, complete={self.complete}{view})")
+
+
+def describe(path: str | os.PathLike) -> str:
+    """describe() of the store at `path`, finished or not (what `tracin info PATH` prints)."""
+    return GradientStore.open(path, allow_partial=True).describe()
+
+
+def _read_ahead(path: Path, offset: int, nbytes: int) -> None:
+    """Asks the OS to start reading a byte range into its cache (asynchronously; a hint only), so
+    disk reads overlap the kernel's work on the chunk before."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
+def _check_ids_file(path: Path, n_rows: int) -> None:
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise StoreFormatError(f"{path}: unreadable ids file ({e})") from None
+    if ids.shape != (n_rows,) or ids.dtype.kind not in "iuU":
+        raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape "
+                               f"{ids.shape} dtype {ids.dtype}")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,53 @@
+"""Checkpoint entries: in-memory pytrees, orbax directories, Flax msgpack files, and bad lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import serialization
+
+from tracin.jax import export_gradients
+from tracin.jax.checkpoints import parse_checkpoints
+
+
+def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
+    x, y = data
+    saver = ocp.StandardCheckpointer()
+    saver.save(tmp_path / "ckpt0", mlp.params[0])
+    saver.wait_until_finished()
+    (tmp_path / "ckpt1.msgpack").write_bytes(serialization.msgpack_serialize(mlp.params[1]))
+    in_memory = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=False)
+    on_disk = export_gradients(mlp.loss_fn, [(tmp_path / "ckpt0", mlp.lrs[0]), (str(tmp_path / "ckpt1.msgpack"),
+                                                                                  mlp.lrs[1])], (x, y), progress=False)
+    for a, b in zip(in_memory.matrices, on_disk.matrices):
+        np.testing.assert_array_equal(a, b)
+    assert on_disk.metadata["checkpoints"] == [str(tmp_path / "ckpt0"), str(tmp_path / "ckpt1.msgpack")]
+    with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: no checkpoint at .*missing"):
+        export_gradients(mlp.loss_fn, [(tmp_path / "missing", 1.0)], (x, y), progress=False)
+
+
+@pytest.mark.parametrize("checkpoints, error, message", [
+    ("ckpt", TypeError, "list of \\(params, learning_rate\\) pairs"),
+    ([], ValueError, "at least one"),
+    ([{"w": 1}], TypeError, r"checkpoints\[0\] must be a \(params, learning_rate\) pair"),
+    ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]: learning_rate must be a number"),
+    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError, r"checkpoints\[1\]: learning_rate must be finite"),
+])
+def test_bad_checkpoint_lists(checkpoints, error, message):
+    with pytest.raises(error, match=message):
+        parse_checkpoints(checkpoints)
+
+
+def test_checkpoints_must_share_the_first_structure(mlp, data):
+    x, y = data
+    other = {**mlp.params[1], "l3": {"kernel": mlp.params[1]["l2"]["kernel"]}}
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: the params pytree differs.*l3/kernel"):
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (other, 1.0)], (x, y), progress=False)
+    fewer = {"l1": mlp.params[1]["l1"], "l2": {"bias": mlp.params[1]["l2"]["bias"]}}
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: the params pytree differs.*l2/kernel"):
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (fewer, 1.0)], (x, y), progress=False)
+    wrong = {"l1": mlp.params[1]["l1"], "l2": {"kernel": mlp.params[1]["l2"]["kernel"][:, :2],
+                                               "bias": mlp.params[1]["l2"]["bias"][:2]}}
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: parameter 'l2/bias' has shape \(2,\)"):
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (wrong, 1.0)], (x, y), progress=False)

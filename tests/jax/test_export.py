@@ -1,0 +1,203 @@
+"""tracin.jax.export_gradients on nested-dict params, against the float64 NumPy reference of conftest."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import assert_close_to_exact, factored_to_full
+
+import tracin
+from tracin.jax import export_gradients
+
+KERNELS = {"w1", "w2"}  # Flax-style (in, out) kernels: the reference (out, in) gradient transposed
+
+
+def _close(ours, ref):
+    ours = np.asarray(ours, np.float64)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_full_rows_and_scores_match_reference(mlp, data):
+    x, y = data
+    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), batch_size=32, progress=False)
+    assert isinstance(grads, tracin.Gradients)
+    assert grads.n_rows == 70 and grads.dims == (75, 75)
+    np.testing.assert_array_equal(grads.weights, mlp.lrs)
+    assert [p["path"] for p in grads.metadata["params"]] == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
+    assert [p["shape"] for p in grads.metadata["params"]] == [[8], [5, 8], [3], [8, 3]]
+    refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS)
+            for w in mlp.weights]
+    for ours, ref in zip(grads.matrices, refs):
+        _close(ours, ref)
+    test = grads[:10]
+    assert_close_to_exact(tracin.scores(test, grads), [r[:10] for r in refs], refs, mlp.lrs)
+
+
+@pytest.mark.parametrize("layers, names", [
+    (["l2"], ["b2", "w2"]),
+    (["l1/kernel", "l2/bias"], ["w1", "b2"]),
+    (["*/kernel"], ["w1", "w2"]),
+    ("l1/*", ["b1", "w1"]),
+])
+def test_layers_select_parameters_in_stable_order(mlp, data, layers, names):
+    x, y = data
+    grads = export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], (x, y), layers=layers, progress=False)
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), names, KERNELS)
+    _close(grads.matrices[0], ref)
+    assert grads.metadata["layers"] == ([layers] if isinstance(layers, str) else layers)
+
+
+def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
+    x, y = data
+    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode="last_layer",
+                             layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
+    assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((3, 9), (3, 9))
+    assert grads.metadata["last_layer"]["kernel"] == "l2/kernel"
+    for c, w in enumerate(mlp.weights):
+        ref = mlp.reference_grads(w, x, y)
+        _close(grads.left[c], ref["b2"])
+        _close(grads.right[c], np.hstack([ref["hidden"], np.ones((70, 1))]))
+    # The factors' outer products are the layer's (weight | bias) gradient, so scores are TracIn on it.
+    full = [np.concatenate([r["w2"], r["b2"][:, :, None]], axis=2).reshape(70, -1)
+            for r in (mlp.reference_grads(w, x, y) for w in mlp.weights)]
+    np.testing.assert_allclose(factored_to_full(grads.left, grads.right)[0], full[0], rtol=1e-5, atol=1e-7)
+    assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
+
+
+def test_last_batch_is_padded_not_recompiled(mlp, data):
+    x, y = data
+    traces = []
+
+    def counted_loss(params, inputs, targets):
+        traces.append(inputs.shape)  # runs only while JAX traces the function
+        return mlp.loss_fn(params, inputs, targets)
+
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    ragged = export_gradients(counted_loss, ckpts, (x, y), batch_size=16, progress=False)
+    # 2 checkpoints x 5 batches (the last of 6 rows, padded to 16): one abstract check of the batched
+    # loss, then a single trace of the per-example function (a batch of one inside vmap).
+    assert traces == [(16, 5), (1, 5)]
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[1], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
+    _close(ragged.matrices[1], ref)
+    traces.clear()
+    even = export_gradients(counted_loss, ckpts, (x[:64], y[:64]), batch_size=16, progress=False)
+    assert traces == [(16, 5)], "a later export with the same loss, params and batch size reuses the compilation"
+    np.testing.assert_array_equal(ragged.matrices[0][:64], even.matrices[0])
+    traces.clear()
+    export_gradients(counted_loss, ckpts, (x, y), batch_size=32, progress=False)
+    assert traces == [(32, 5), (1, 5)]  # another batch size: compiled once more
+
+
+def test_iterable_of_batches_equals_arrays(mlp, data):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    whole = export_gradients(mlp.loss_fn, ckpts, (x, y), progress=False)
+    cuts = [0, 30, 55, 61, 70]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    listed = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
+    capped = export_gradients(mlp.loss_fn, ckpts, batches, batch_size=8, progress=False)
+    once = export_gradients(mlp.loss_fn, ckpts[:1], iter(batches), progress=False)
+    for g in (listed, capped):
+        for a, b in zip(g.matrices, whole.matrices):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(once.matrices[0], whole.matrices[0], rtol=1e-6, atol=1e-7)
+
+
+def test_dict_inputs_pytree(mlp, data):
+    x, y = data
+
+    def loss(params, inputs, targets):
+        return mlp.loss_fn(params, inputs["a"] + inputs["b"], targets)
+
+    grads = export_gradients(loss, [(mlp.params[0], 1.0)], ({"a": x, "b": 0 * x}, y), batch_size=32, progress=False)
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
+    _close(grads.matrices[0], ref)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", jnp.bfloat16, np.float16])
+def test_dtypes_are_the_float32_rows_rounded(mlp, data, dtype):
+    x, y = data
+    ckpts = [(mlp.params[0], 1.0)]
+    exact = export_gradients(mlp.loss_fn, ckpts, (x, y), progress=False).matrices[0]
+    low = export_gradients(mlp.loss_fn, ckpts, (x, y), dtype=dtype, progress=False)
+    name = np.dtype(dtype).name
+    assert low.dtypes == (name,) and low.metadata["dtype"] == name
+    as_stored = low.matrices[0].view(ml_dtypes.bfloat16) if name == "bfloat16" else low.matrices[0]
+    np.testing.assert_array_equal(as_stored, exact.astype(np.dtype(dtype)))
+
+
+def test_progress_bar(mlp, data, capsys):
+    x, y = data
+    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=True)
+    err = capsys.readouterr().err
+    assert "140/140" in err and "ex/s" in err
+    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
+    (dict(mode="all"), ValueError, "mode must be 'full' or 'last_layer'"),
+    (dict(mode="last_layer", layers=["l2"]), ValueError, "needs layers=.* and layer_input="),
+    (dict(layer_input=lambda p, x: x), ValueError, "layer_input is only used with mode='last_layer'"),
+    (dict(dtype="float64"), ValueError, "dtype must be one of"),
+    (dict(dtype=np.int8), ValueError, "dtype must be one of"),
+    (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
+    (dict(store=3), TypeError, "store must be a directory path"),
+    (dict(layers=[3]), TypeError, "layers must be a non-empty list of path patterns"),
+    (dict(data="iterator"), ValueError, "one-shot iterator but there are several checkpoints"),
+    (dict(data="generator", store="somewhere"), ValueError, "store= needs data of known size"),
+])
+def test_bad_arguments(mlp, data, kwargs, error, message):
+    x, y = data
+    args = dict(loss_fn=mlp.loss_fn, checkpoints=list(zip(mlp.params, mlp.lrs)), data=(x, y), progress=False)
+    args.update(kwargs)
+    if args["data"] == "iterator":
+        args["data"] = iter([(x, y)])
+    elif args["data"] == "generator":
+        args["data"], args["checkpoints"] = ((x, y) for _ in range(1)), args["checkpoints"][:1]
+    with pytest.raises(error, match=message):
+        export_gradients(args.pop("loss_fn"), args.pop("checkpoints"), args.pop("data"), **args)
+
+
+class _GaussianMap:
+    """A projection with tracin.Projection's interface (apply / apply_factored / to_dict), as a plain
+    NumPy Gaussian map, to check what the adapter hands to a projection and does with its output."""
+
+    def __init__(self, dim: int):
+        self.dim, self.segments = dim, []
+
+    def _matrix(self, d: int) -> np.ndarray:
+        return np.random.default_rng(d).normal(size=(d, self.dim)).astype(np.float32) / np.sqrt(self.dim)
+
+    def apply(self, matrix, *, segments=None):
+        self.segments.append(segments)
+        return matrix @ self._matrix(matrix.shape[1])
+
+    def apply_factored(self, left, right):
+        return left @ self._matrix(left.shape[1]), right @ self._matrix(right.shape[1])
+
+    def to_dict(self):
+        return {"kind": "gaussian-test", "dim": self.dim}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_projection_is_applied_to_every_batch(mlp, data, dtype):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    proj = _GaussianMap(16)
+    full = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=32, progress=False)
+    projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=proj, dtype=dtype, batch_size=32,
+                                 progress=False)
+    assert projected.dims == (16, 16) and projected.dtypes == (dtype, dtype)
+    assert projected.metadata["projection"] == {"kind": "gaussian-test", "dim": 16}
+    assert all(s == [8, 40, 3, 24] for s in proj.segments)  # per-parameter widths, in row order
+    for ours, rows in zip(projected.matrices, full.matrices):
+        expected = (rows @ proj._matrix(75)).astype(dtype)
+        np.testing.assert_allclose(ours.astype(np.float32), expected, rtol=2e-3 if dtype == "float16" else 1e-5,
+                                   atol=1e-3 if dtype == "float16" else 1e-6)
+    factored = export_gradients(mlp.loss_fn, ckpts, (x, y), mode="last_layer", layers=["l2"],
+                                layer_input=mlp.hidden, projection=proj, progress=False)
+    assert factored.dims == ((16, 16), (16, 16))

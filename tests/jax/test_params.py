@@ -1,0 +1,146 @@
+"""Parameter pytrees of every kind (nested dicts, Flax linen, Flax NNX, Equinox): paths, order, layers,
+and exported gradients against the float64 reference of conftest."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tracin.jax import export_gradients
+from tracin.jax.params import layout_of, matches
+
+KERNELS = {"w1", "w2"}
+
+
+def _close(ours, ref):
+    np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("path, pattern, hit", [
+    ("l2/kernel", "l2", True), ("l2/kernel", "l2/", True), ("l2/kernel", "l2/kernel", True),
+    ("l20/kernel", "l2", False), ("params/Dense_1/bias", "params/Dense_1/*", True),
+    ("params/Dense_10/bias", "params/Dense_1/*", False), ("a/b/c", "*/c", True), ("a/b/c", "b", False),
+])
+def test_pattern_matching(path, pattern, hit):
+    assert matches(path, pattern) is hit
+
+
+def test_layout_skips_non_float_leaves_and_reports_missing_patterns():
+    params = {"w": jnp.ones((2, 3)), "step": jnp.array(3), "act": jax.nn.relu, "b": np.zeros(3, np.float32)}
+    layout = layout_of(params, None)
+    assert [layout.paths[i] for i in layout.selected] == ["b", "w"]
+    assert layout.widths == [3, 6] and layout.dim == 9
+    assert layout.merge(*layout.split(params))["act"] is jax.nn.relu
+    with pytest.raises(ValueError, match="'nope' matches no floating-point parameter.*'b', 'w'"):
+        layout_of(params, ["nope"])
+    with pytest.raises(ValueError, match="'step' matches no floating-point"):
+        layout_of(params, ["step"])
+    with pytest.raises(TypeError, match="layers must be a non-empty list"):
+        layout_of(params, [])
+
+
+def test_flax_linen(mlp, data):
+    x, y = data
+
+    class MLP(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            h = jnp.tanh(linen.Dense(8)(x))  # Dense_0
+            return linen.Dense(3)(h)  # Dense_1
+
+    model = MLP()
+    w = mlp.weights[0]
+    params = {"params": {"Dense_0": {"kernel": w["w1"].T, "bias": w["b1"]},
+                         "Dense_1": {"kernel": w["w2"].T, "bias": w["b2"]}}}
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(model.init(jax.random.key(0), x[:1]))
+
+    def loss(p, inputs, targets):
+        return mlp.cross_entropy(model.apply(p, inputs), targets)
+
+    ref = mlp.reference_grads(w, x, y)
+    full = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+    assert [p["path"] for p in full.metadata["params"]] == [
+        "params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
+    _close(full.matrices[0], mlp.reference_rows(ref, ["b1", "w1", "b2", "w2"], KERNELS))
+    head = export_gradients(loss, [(params, 1.0)], (x, y), layers=["params/Dense_1/*"], progress=False)
+    _close(head.matrices[0], mlp.reference_rows(ref, ["b2", "w2"], KERNELS))
+
+
+def test_flax_nnx_state(mlp, data):
+    x, y = data
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.l2 = nnx.Linear(5, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    model = MLP(nnx.Rngs(0))
+    w = mlp.weights[0]
+    for layer, k, b in ((model.l1, "w1", "b1"), (model.l2, "w2", "b2")):
+        layer.kernel[...] = jnp.asarray(w[k].T, jnp.float32)
+        layer.bias[...] = jnp.asarray(w[b], jnp.float32)
+    graphdef, state = nnx.split(model, nnx.Param)
+
+    def loss(s, inputs, targets):
+        return mlp.cross_entropy(nnx.merge(graphdef, s)(inputs), targets)
+
+    grads = export_gradients(loss, [(state, 1.0)], (x, y), layers=["l2"], progress=False)
+    assert [p["path"] for p in grads.metadata["params"]] == ["l2/bias/value", "l2/kernel/value"]
+    _close(grads.matrices[0], mlp.reference_rows(mlp.reference_grads(w, x, y), ["b2", "w2"], KERNELS))
+
+
+def _equinox_mlp(w):
+    model = eqx.nn.MLP(5, 3, 8, depth=1, activation=jnp.tanh, key=jax.random.key(0))
+    f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight, m.layers[1].bias),
+                       model, (f(w["w1"]), f(w["b1"]), f(w["w2"]), f(w["b2"])))
+
+
+def test_equinox_module_and_partition(mlp, data):
+    x, y = data
+    w = mlp.weights[0]
+    model = _equinox_mlp(w)
+    ref = mlp.reference_rows(mlp.reference_grads(w, x, y), ["w1", "b1", "w2", "b2"])  # (out, in) weights
+
+    def module_loss(m, inputs, targets):
+        return mlp.cross_entropy(jax.vmap(m)(inputs), targets)
+
+    whole = export_gradients(module_loss, [(model, 1.0)], (x, y), progress=False)
+    assert [p["path"] for p in whole.metadata["params"]] == [
+        "layers/0/weight", "layers/0/bias", "layers/1/weight", "layers/1/bias"]
+    _close(whole.matrices[0], ref)
+
+    arrays, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def split_loss(a, inputs, targets):
+        return module_loss(eqx.combine(a, static), inputs, targets)
+
+    parted = export_gradients(split_loss, [(arrays, 1.0)], (x, y), progress=False)
+    _close(parted.matrices[0], ref)
+
+
+def test_equinox_last_layer_with_out_in_kernel(mlp, data):
+    x, y = data
+    w = mlp.weights[1]
+    model = _equinox_mlp(w)
+
+    def loss(m, inputs, targets):
+        return mlp.cross_entropy(jax.vmap(m)(inputs), targets)
+
+    def layer_input(m, inputs):
+        return jax.vmap(lambda v: jnp.tanh(m.layers[0](v)))(inputs)
+
+    grads = export_gradients(loss, [(model, 1.0)], (x, y), mode="last_layer", layers=["layers/1"],
+                             layer_input=layer_input, progress=False)
+    ref = mlp.reference_grads(w, x, y)
+    assert grads.dims == ((3, 9),)
+    _close(grads.left[0], ref["b2"])
+    _close(grads.right[0], np.hstack([ref["hidden"], np.ones((70, 1))]))

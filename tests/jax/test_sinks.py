@@ -1,0 +1,77 @@
+"""Exports into a GradientStore: same rows as in memory, and a killed export resumes where it stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.jax import export_gradients, per_example
+
+
+def _blocks(gradient_set):
+    factored, blocks, _ = gradient_set.kernel_side(0, None)
+    return [np.asarray(b) for b in blocks]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _FailingOnce(list):
+    """A list of batches whose iteration raises after `after` batches of its `on`-th pass."""
+
+    def __init__(self, batches, on: int, after: int):
+        super().__init__(batches)
+        self.on, self.after, self.passes = on, after, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(super().__iter__()):
+            if self.passes == self.on and i == self.after:
+                raise _Interrupted
+            yield b
+
+
+@pytest.mark.parametrize("mode, dtype", [("full", "float32"), ("last_layer", "bfloat16")])
+def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
+    x, y = data
+    kw = dict(mode=mode, dtype=dtype, batch_size=16, progress=False)
+    if mode == "last_layer":
+        kw.update(layers=["l2"], layer_input=mlp.hidden)
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    memory = export_gradients(mlp.loss_fn, ckpts, (x, y), **kw)
+    store = export_gradients(mlp.loss_fn, ckpts, (x, y), store=tmp_path / "g", **kw)
+    assert isinstance(store, tracin.GradientStore) and store.n_rows == 70 and store.dims == memory.dims
+    np.testing.assert_array_equal(store.weights, mlp.lrs)
+    assert store.metadata["params"] == memory.metadata["params"]
+    for a, b in zip(_blocks(store), _blocks(memory)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(tracin.scores(memory[:5], store), tracin.scores(memory[:5], memory))
+
+
+def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypatch):
+    x, y = data
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]  # 5 batches, the last of 6 rows
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    calls = []
+    original = per_example.FullRows.__call__
+
+    def counted(self, selected, arrays, batch):
+        calls.append(batch.start)
+        return original(self, selected, arrays, batch)
+
+    monkeypatch.setattr(per_example.FullRows, "__call__", counted)
+    flaky = _FailingOnce(batches, on=2, after=3)  # dies in checkpoint 1 after 3 of its batches
+    with pytest.raises(_Interrupted):
+        export_gradients(mlp.loss_fn, ckpts, flaky, store=tmp_path / "g", progress=False)
+    assert calls == [0, 16, 32, 48, 64, 0, 16, 32]
+    calls.clear()
+    resumed = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
+    assert calls == [48, 64], "only the batches not yet written are computed"
+    memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
+    for a, b in zip(_blocks(resumed), _blocks(memory)):
+        np.testing.assert_array_equal(a, b)
+    calls.clear()
+    again = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
+    assert calls == [] and again.complete

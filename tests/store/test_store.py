@@ -1,0 +1,177 @@
+"""GradientStore as a gradient set: scoring equals in memory, partial use, shards, readers, describe."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.store import describe
+
+from reference import assert_close_to_exact, exact_scores, factored_to_full, score_bound
+from .helpers import in_memory, random_blocks, write_store
+
+W = [0.3, -0.7]
+
+
+def _both(tmp_path, n, dims, factored, dtype="float32", seed=0, chunk_rows=None, name="s"):
+    """(store, the same gradients in memory); chunk_rows forces small kernel calls."""
+    blocks = random_blocks(n, dims, dtype, factored, seed)
+    store = write_store(tmp_path / name, blocks, W, dtype, factored)
+    if chunk_rows:
+        store = tracin.GradientStore.open(store.path, chunk_bytes=chunk_rows * store.row_bytes)
+        assert store.row_chunks() == chunk_rows
+    return store, in_memory(blocks, W, factored), blocks
+
+
+@pytest.mark.parametrize("factored, dims", [(False, [9, 5]), (True, [(3, 4), (2, 5)])])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scoring_a_store_equals_scoring_the_same_gradients_in_memory(tmp_path, factored, dims, dtype):
+    test_s, test_m, test_b = _both(tmp_path, 11, dims, factored, dtype, seed=1, chunk_rows=4, name="t")
+    train_s, train_m, train_b = _both(tmp_path, 37, dims, factored, dtype, seed=2, chunk_rows=5)
+    for t, x in [(test_s, train_s), (test_m, train_s), (test_s, train_m)]:
+        np.testing.assert_array_equal(tracin.scores(t, x), tracin.scores(test_m, train_m))
+        ours, ref = tracin.top_k(t, x, k=6, side="both"), tracin.top_k(test_m, train_m, k=6, side="both")
+        for a, b in zip(ours, ref):
+            np.testing.assert_array_equal(a.values, b.values)
+            np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(tracin.self_influence(train_s), tracin.self_influence(train_m))
+    np.testing.assert_array_equal(tracin.aggregate(test_m, train_s), tracin.aggregate(test_m, train_m))
+    # All agree with the float64 reference; aggregate over a test side read in several chunks sums
+    # per-chunk float32 results, so it is within the bound rather than bit-identical.
+    as_full = (lambda b: factored_to_full([l for l, _ in b], [r for _, r in b])) if factored else list
+    test_f, train_f = as_full(test_b), as_full(train_b)
+    assert_close_to_exact(tracin.scores(test_s, train_s), test_f, train_f, W)
+    err = np.abs(tracin.aggregate(test_s, train_s) - exact_scores(test_f, train_f, W).sum(0))
+    assert np.all(err <= score_bound(test_f, train_f, W).sum(0))
+
+
+def test_an_unfinished_store_is_refused_unless_partial_use_is_asked_for(tmp_path):
+    blocks = random_blocks(10, [3, 2], "float32", False)
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [3, 2], W)
+    w.write(0, 0, blocks[0][:7])
+    w.write(1, 0, blocks[1][:4])
+    w.write(1, 6, blocks[1][6:])
+    store = tracin.GradientStore.open(tmp_path / "s")
+    assert not store.complete and store.n_rows == 10
+    with pytest.raises(ValueError, match=r"unfinished \(rows written per checkpoint: \[7, 4\] of 10\).*allow_partial=True"):
+        tracin.self_influence(store)
+    with pytest.raises(ValueError, match="unfinished"):
+        tracin.top_k(blocks, store)
+    partial = tracin.GradientStore.open(tmp_path / "s", allow_partial=True)
+    assert partial.n_rows == 4  # rows written for every checkpoint
+    np.testing.assert_array_equal(tracin.self_influence(partial),
+                                  tracin.self_influence(tracin.Gradients([b[:4] for b in blocks], W)))
+    w.write(1, 4, blocks[1][4:6])  # a reader opened during writing sees the rows as of opening
+    assert tracin.GradientStore.open(tmp_path / "s", allow_partial=True).n_rows == 7
+    assert partial.n_rows == 4
+
+
+def test_shards_cover_the_rows_and_merge_to_the_whole_ties_included(tmp_path):
+    rng = np.random.default_rng(3)
+    # Few distinct rows, so that many train rows score exactly the same (ties across shards).
+    distinct = [rng.integers(-2, 3, (4, d)).astype(np.float32) for d in (6, 3)]
+    picks = rng.integers(0, 4, 41)
+    train = [d[picks] for d in distinct]
+    test = [rng.integers(-2, 3, (5, d)).astype(np.float32) for d in (6, 3)]
+    store = write_store(tmp_path / "s", train, W)
+    for n in (1, 3, 7):
+        shards = [store.shard(i, n) for i in range(n)]
+        assert [s.shard_offset() for s in shards] == [i * 41 // n for i in range(n)]
+        assert sum(s.n_rows for s in shards) == 41
+        for side in ("proponents", "opponents"):
+            whole = tracin.top_k(test, store, k=9, side=side)
+            parts = [tracin.top_k(test, s, k=9, side=side) for s in shards]
+            merged = tracin.merge_top_k(parts, [s.shard_offset() for s in shards], k=9, side=side)
+            np.testing.assert_array_equal(merged.values, whole.values)
+            np.testing.assert_array_equal(merged.indices, whole.indices)
+            # ties really occur, and go to the smaller index
+            tied = np.diff(whole.values, axis=1) == 0
+            assert tied.any() and (np.diff(whole.indices, axis=1)[tied] > 0).all()
+    nested = store.shard(1, 2).shard(0, 2)
+    assert (nested.shard_offset(), nested.n_rows) == (20, 10)
+    np.testing.assert_array_equal(tracin.self_influence(nested),
+                                  tracin.self_influence(tracin.Gradients([t[20:30] for t in train], W)))
+
+
+def test_shard_and_slice_arguments(tmp_path):
+    store = write_store(tmp_path / "s", random_blocks(5, [2], "float32", False))
+    assert [store.shard(i, 8).n_rows for i in range(8)] == [0, 1, 0, 1, 1, 0, 1, 1]
+    empty = store.shard(0, 8)
+    assert tracin.top_k(np.ones((2, 2), np.float32), empty, k=3).indices.shape == (2, 0)
+    assert tracin.self_influence(empty).shape == (0,)
+    assert store[1:3].n_rows == 2 and store[3:1].n_rows == 0 and store[-2:].shard_offset() == 3
+    for i, n in [(2, 2), (-1, 3), (0, 0)]:
+        with pytest.raises(ValueError, match="0 <= i < n"):
+            store.shard(i, n)
+    with pytest.raises(ValueError, match="n must be an integer"):
+        store.shard(0, 1.5)
+    with pytest.raises(TypeError, match="contiguous row ranges"):
+        store[::2]
+    with pytest.raises(ValueError, match=r"row range \[0, 6\) is outside"):
+        store.kernel_side(0, 6)
+    with pytest.raises(ValueError, match="chunk_bytes must be a positive integer"):
+        tracin.GradientStore.open(store.path, chunk_bytes=0)
+
+
+def test_ids_and_metadata_follow_views(tmp_path):
+    ids = [f"img_{i:02d}" for i in range(12)]
+    store = write_store(tmp_path / "s", random_blocks(12, [2], "float32", False), ids=ids,
+                        metadata={"layers": ["fc.weight"], "projection": None})
+    assert store.ids.tolist() == ids and store.shard(2, 3).ids.tolist() == ids[8:]
+    assert store.metadata == {"layers": ["fc.weight"], "projection": None}
+    assert write_store(tmp_path / "n", random_blocks(3, [2], "float32", False)).ids is None
+
+
+def test_chunk_mappings_are_released_after_use(tmp_path):
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux) to see the process's mappings")
+    store, _, blocks = _both(tmp_path, 30, [4, 3], False, chunk_rows=4)
+    tracin.top_k(blocks, store, k=3)
+    tracin.self_influence(store)
+    assert str(store.path) not in maps.read_text()
+    side = store.kernel_side(0, 4)
+    assert str(store.path) in maps.read_text()  # mapped while held, for one kernel call
+    del side
+    assert str(store.path) not in maps.read_text()
+
+
+def test_two_readers_at_once(tmp_path):
+    store, memory, _ = _both(tmp_path, 40, [16, 8], False, chunk_rows=3)
+    expected = tracin.self_influence(memory)
+    script = textwrap.dedent(f"""
+        import numpy as np, tracin
+        s = tracin.GradientStore.open({str(store.path)!r}, chunk_bytes={3 * store.row_bytes})
+        for _ in range(20):
+            np.save({str(tmp_path / 'other.npy')!r}, tracin.self_influence(s))
+    """)
+    other = subprocess.Popen([sys.executable, "-c", script], env={"PYTHONPATH": ":".join(sys.path)})
+    here = tracin.GradientStore.open(store.path, chunk_bytes=3 * store.row_bytes)
+    while other.poll() is None:
+        np.testing.assert_array_equal(tracin.self_influence(here), expected)
+        np.testing.assert_array_equal(tracin.self_influence(store), expected)
+    assert other.returncode == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "other.npy"), expected)
+
+
+def test_describe_reports_the_facts(tmp_path):
+    store = write_store(tmp_path / "s", random_blocks(20, [(3, 4), (2, 5)], "float16", True), W,
+                        "float16", True, metadata={"layers": ["fc"]})
+    text = describe(store.path)
+    for line in ["complete        yes", "rows            20", "checkpoints     2  (weights 0.3, -0.7)",
+                 "mode            factored", "dims            [3, 4], [2, 5]", "dtype           float16",
+                 "metadata        layers"]:
+        assert line in text, text
+    info = store.info()
+    on_disk = sum(p.stat().st_size for p in store.path.iterdir())
+    assert info["file_bytes"] == on_disk and info["disk_bytes"] > 0
+    assert store.nbytes == 20 * (3 + 4 + 2 + 5) * 2 == store.shard(0, 1).nbytes
+    w = tracin.GradientStore.create(tmp_path / "u", 9, [2, 2], dtype="bfloat16")
+    w.write(1, 0, np.ones((5, 2), np.float32))
+    text = describe(tmp_path / "u")
+    assert "complete        no (rows written per checkpoint: 0, 5)" in text
+    assert "checkpoints     2  (weights 1, 1, the default)" in text

@@ -1,0 +1,193 @@
+"""GradientStoreWriter: round trips, progress, resume, spec checks, bad input."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tracin
+from tracin.store import GradientStoreWriter
+
+from .helpers import random_blocks, read_rows, write_store
+
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def _disk(x: np.ndarray, dtype: str) -> np.ndarray:
+    """What `x` should look like on disk in `dtype` (reference cast via ml_dtypes)."""
+    out = np.asarray(x).astype(np.float32).astype({"float32": np.float32, "float16": np.float16,
+                                                    "bfloat16": ml_dtypes.bfloat16}[dtype])
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("source", DTYPES)
+def test_round_trip_every_dtype_and_mode(tmp_path, dtype, source, factored):
+    dims = [(3, 4), (2, 5)] if factored else [6, 9]
+    blocks = random_blocks(23, dims, source, factored)
+    store = write_store(tmp_path / "s", blocks, [0.5, 0.25], dtype, factored)
+    flat = [a for b in blocks for a in (b if factored else [b])]
+    got = read_rows(store)
+    assert len(got) == len(flat)
+    for ours, x in zip(got, flat):
+        np.testing.assert_array_equal(ours, _disk(x, dtype))
+    assert store.n_rows == 23 and store.dtype == dtype and store.factored == factored
+    assert store.dims == (((3, 4), (2, 5)) if factored else (6, 9))
+    np.testing.assert_array_equal(store.weights, [0.5, 0.25])
+    assert store.complete
+
+
+def test_the_files_are_plain_npy_that_numpy_loads(tmp_path):
+    blocks = random_blocks(10, [4, 3], "float16", False)
+    write_store(tmp_path / "s", blocks, dtype="float16", ids=[f"ex{i}" for i in range(10)])
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for entry, b in zip(manifest["checkpoints"], blocks):
+        np.testing.assert_array_equal(np.load(tmp_path / "s" / entry["file"]), b)
+    assert np.load(tmp_path / "s" / "ids.npy").tolist() == [f"ex{i}" for i in range(10)]
+
+
+def test_rows_done_tracks_the_written_prefix_and_out_of_order_writes(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [2, 2])
+    block = np.ones((3, 2), np.float32)
+    w.write(0, 3, block)
+    assert w.rows_done(0) == 0 and w.missing(0) == [[0, 3], [6, 10]]
+    w.write(0, 0, block)
+    assert w.rows_done(0) == 6
+    w.write(0, 5, np.ones((5, 2), np.float32))  # overlaps what is written
+    assert w.rows_done(0) == 10 and w.rows_done(1) == 0 and not w.complete
+    with pytest.raises(ValueError, match=r"checkpoint 1: rows \[0, 10\)"):
+        w.finalize()
+    w.write(1, 0, np.ones((10, 2), np.float32))
+    assert w.complete
+    assert w.finalize().complete
+
+
+def test_reopening_an_unfinished_store_resumes_it(tmp_path):
+    blocks = random_blocks(12, [3], "float32", False)
+    w = tracin.GradientStore.create(tmp_path / "s", 12, [3], [0.1], metadata={"layers": ["fc"]})
+    w.write(0, 0, blocks[0][:5])
+    w.close()
+    w = tracin.GradientStore.create(tmp_path / "s", 12, [3], [0.1], metadata={"layers": ["fc"]})
+    assert w.rows_done(0) == 5 and not w.complete
+    w.write(0, 5, blocks[0][5:])
+    store = w.finalize()
+    np.testing.assert_array_equal(read_rows(store)[0], blocks[0])
+    assert store.metadata == {"layers": ["fc"]}
+
+
+def test_reopening_a_finished_store_gives_a_complete_writer(tmp_path):
+    write_store(tmp_path / "s", random_blocks(5, [2], "float32", False))
+    w = tracin.GradientStore.create(tmp_path / "s", 5, [2])
+    assert w.complete and w.rows_done(0) == 5
+    with pytest.raises(ValueError, match="is finalized"):
+        w.write(0, 0, np.zeros((1, 2), np.float32))
+    assert w.finalize().n_rows == 5
+
+
+def test_a_different_spec_names_what_differs(tmp_path):
+    tracin.GradientStore.create(tmp_path / "s", 5, [2, 3], [1.0, 2.0], "float16").close()
+    with pytest.raises(ValueError, match=r"dtype 'float16' there vs 'float32' here; dims \[2, 3\] there vs \[2, 4\] here") as e:
+        tracin.GradientStore.create(tmp_path / "s", 5, [2, 4], [1.0, 2.0], "float32")
+    assert "overwrite=True" in str(e.value)
+    for kwargs, what in [({"weights": [1.0, 3.0]}, "weights"), ({"weights": None}, "weights"),
+                         ({"n_rows": 6}, "n_rows"), ({"metadata": {"a": 1}}, "metadata"),
+                         ({"ids": list(range(5))}, "ids")]:
+        args = {"n_rows": 5, "dims": [2, 3], "weights": [1.0, 2.0], "dtype": "float16", **kwargs}
+        with pytest.raises(ValueError, match=what):
+            tracin.GradientStore.create(tmp_path / "s", **args)
+    with pytest.raises(ValueError, match="mode 'full' there vs 'factored' here"):
+        tracin.GradientStore.create(tmp_path / "s", 5, [(1, 2), (1, 3)], [1.0, 2.0], "float16", factored=True)
+
+
+def test_overwrite_replaces_the_old_store(tmp_path):
+    write_store(tmp_path / "s", random_blocks(5, [2, 3], "float32", False), ids=list(range(5)))
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [7], dtype="bfloat16", overwrite=True)
+    assert w.rows_done(0) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["checkpoint_000.npy", "manifest.json"]
+
+
+def test_refuses_a_directory_that_holds_other_things(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"not empty and not a gradient store \(holds notes.txt\)"):
+            tracin.GradientStore.create(tmp_path, 5, [2], overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        tracin.GradientStore.create(tmp_path / "file", 5, [2])
+
+
+def test_leftovers_of_an_interrupted_create_are_replaced(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "checkpoint_000.npy").write_bytes(b"half a header")
+    (tmp_path / "s" / "manifest.json.tmp").write_bytes(b"{")
+    w = tracin.GradientStore.create(tmp_path / "s", 3, [2])
+    w.write(0, 0, np.ones((3, 2), np.float32))
+    np.testing.assert_array_equal(read_rows(w.finalize())[0], np.ones((3, 2)))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 3, [2])
+    with pytest.raises(RuntimeError, match="being written by another writer"):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2])
+    w.close()
+    with tracin.GradientStore.create(tmp_path / "s", 3, [2]) as again:
+        assert isinstance(again, GradientStoreWriter)
+    with pytest.raises(ValueError, match="writer of .* is closed"):
+        again.write(0, 0, np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match="writer of .* is closed"):
+        again.finalize()
+
+
+@pytest.mark.parametrize("args, kwargs, error, message", [
+    ((0, [2]), {}, ValueError, "n_rows must be a positive integer"),
+    ((3, []), {}, ValueError, "dims must be a non-empty list"),
+    ((3, [0]), {}, ValueError, r"dims\[0\] must be a positive integer d_c"),
+    ((3, [2]), {"factored": True}, ValueError, r"dims\[0\] must be a \(p_c, q_c\) pair"),
+    ((3, [2, 3], [1.0]), {}, ValueError, "weights: expected one per checkpoint"),
+    ((3, [2], None, "float64"), {}, ValueError, "dtype must be 'float32', 'float16' or 'bfloat16'"),
+    ((3, [2]), {"ids": [1, 2]}, ValueError, "ids must be a 1-D sequence of 3 entries"),
+    ((3, [2]), {"ids": [1.5, 2, 3]}, TypeError, "ids must be integers or strings"),
+    ((3, [2]), {"metadata": {"x": object()}}, TypeError, "metadata must be JSON-serialisable"),
+    ((3, [2]), {"metadata": [1]}, TypeError, "metadata must be a dict"),
+])
+def test_create_rejects_bad_arguments(tmp_path, args, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tracin.GradientStore.create(tmp_path / "s", *args, **kwargs)
+
+
+def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):
+    meta = {"projection": {"dim": np.int64(8), "seed": 0}, "lr": np.array([0.1, 0.2])}
+    w = tracin.GradientStore.create(tmp_path / "s", 1, [1], metadata=meta)
+    w.write(0, 0, np.ones((1, 1), np.float32))
+    assert w.finalize().metadata == {"projection": {"dim": 8, "seed": 0}, "lr": [0.1, 0.2]}
+    # The same metadata resumes the same store.
+    assert tracin.GradientStore.create(tmp_path / "s", 1, [1], metadata=meta).complete
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda w: w.write(2, 0, np.ones((1, 3), np.float32)), ValueError, r"checkpoint must be an integer in \[0, 2\)"),
+    (lambda w: w.write(0, -1, np.ones((1, 3), np.float32)), ValueError, "start must be a non-negative integer"),
+    (lambda w: w.write(0, 4, np.ones((2, 3), np.float32)), ValueError, r"rows \[4, 6\) exceed the store's 5 rows"),
+    (lambda w: w.write(1, 0, np.ones((1, 3), np.float32)), ValueError, "block has 3 columns but checkpoint 1 has 4"),
+    (lambda w: w.write(0, 0, np.ones((1, 3))), TypeError, "block has dtype float64"),
+    (lambda w: w.write(0, 0, np.ones(3, np.float32)), ValueError, "block must be 2-D"),
+    (lambda w: w.rows_done(-1), ValueError, "checkpoint must be an integer"),
+])
+def test_write_rejects_bad_blocks(tmp_path, call, error, message):
+    w = tracin.GradientStore.create(tmp_path / "s", 5, [3, 4])
+    with pytest.raises(error, match=message):
+        call(w)
+    assert w.rows_done(0) == 0
+
+
+def test_factored_write_rejects_bad_pairs(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 5, [(2, 3)], factored=True)
+    with pytest.raises(TypeError, match=r"\(left, right\) pair"):
+        w.write(0, 0, np.ones((1, 2), np.float32))
+    with pytest.raises(ValueError, match="left has 2 rows but right has 1"):
+        w.write(0, 0, (np.ones((2, 2), np.float32), np.ones((1, 3), np.float32)))
+    with pytest.raises(ValueError, match="right has 4 columns but checkpoint 0 has 3"):
+        w.write(0, 0, (np.ones((1, 2), np.float32), np.ones((1, 4), np.float32)))

@@ -1,0 +1,334 @@
+"""tracin.Projection against an independent NumPy re-implementation of the entry generator (the spec
+that must hold on every machine), float64 products, JL statistics, determinism and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tracin
+from tracin.projection import SPARSE_NONZEROS
+
+KINDS = ["rademacher", "gaussian", "sparse"]
+M64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+
+# --- the generator of csrc/src/projection_kernels.hpp, written again in NumPy / Python ints ---
+
+def _mix64(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def _row_key(seed: int, stream: int, row: int) -> tuple[np.uint32, np.uint32]:
+    base = _mix64(_mix64((seed + GOLDEN) & M64) ^ ((stream * GOLDEN + 0x632BE59BD9B4E019) & M64))
+    key = _mix64((base + (row + 1) * GOLDEN) & M64)
+    return np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32)
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def _word(key: tuple[np.uint32, np.uint32], g: np.ndarray) -> np.ndarray:
+    x = _mix32(g.astype(np.uint32) ^ key[0])
+    return _mix32(x ^ key[1] ^ (g >> np.uint64(32)).astype(np.uint32))
+
+
+def reference_matrix(kind: str, seed: int, dim: int, d: int, stream: int = 0, offset: int = 0) -> np.ndarray:
+    """P (dim, d) in float64, columns [offset, offset + d)."""
+    k = np.arange(offset, offset + d, dtype=np.uint64)
+    p = np.zeros((dim, d))
+    if kind == "sparse":
+        s = min(SPARSE_NONZEROS, dim)
+        for j in range(s):
+            w = _word(_row_key(seed, stream, j), k).astype(np.uint64)
+            lo, length = j * dim // s, (j + 1) * dim // s - j * dim // s
+            pos = lo + (((w & np.uint64(0x7FFFFFFF)) * np.uint64(length)) >> np.uint64(31))
+            p[pos.astype(np.int64), np.arange(d)] += np.where(w >> np.uint64(31), -1.0, 1.0)
+        return p / math.sqrt(s)
+    for i in range(dim):
+        key = _row_key(seed, stream, i)
+        if kind == "rademacher":
+            bits = (_word(key, k >> np.uint64(5)) >> (k & np.uint64(31)).astype(np.uint32)) & np.uint32(1)
+            p[i] = np.where(bits, -1.0, 1.0)
+        else:  # Box-Muller in float64
+            w1 = _word(key, k & ~np.uint64(1)).astype(np.float64)
+            w2 = _word(key, k | np.uint64(1)).astype(np.float64)
+            u1 = (np.floor(w1 / 256) + 1) * 2.0**-24
+            theta = 2 * np.pi * np.floor(w2 / 256) * 2.0**-24
+            p[i] = np.sqrt(-2 * np.log(u1)) * np.where(k % 2 == 1, np.sin(theta), np.cos(theta))
+    return p / math.sqrt(dim)
+
+
+def _explicit(proj: tracin.Projection, d: int) -> np.ndarray:
+    """P (dim, d) as our kernel applies it: the projections of the unit vectors."""
+    return proj.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20240601)
+
+
+# --- the matrix and the product ---
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dim,d,seed", [(1, 5, 0), (37, 70, 3), (72, 300, 2**64 - 1)])
+def test_entries_match_the_numpy_generator(kind, dim, d, seed):
+    ours = _explicit(tracin.Projection(dim, seed, kind), d)
+    ref = reference_matrix(kind, seed, dim, d)
+    if kind == "gaussian":  # polynomial log / sin / cos versus libm
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+    else:
+        np.testing.assert_array_equal(ours, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_product_matches_float64_reference(kind, rng):
+    x = rng.standard_normal((23, 517)).astype(np.float32)
+    proj = tracin.Projection(130, seed=9, kind=kind)
+    p = reference_matrix(kind, 9, 130, 517)
+    exact = x.astype(np.float64) @ p.T
+    bound = np.abs(x.astype(np.float64)) @ np.abs(p.T)
+    assert np.all(np.abs(proj.apply(x) - exact) <= 1e-5 * bound + 1e-30)
+
+
+def test_gaussian_entries_are_standard_normal():
+    from scipy import stats
+
+    z = _explicit(tracin.Projection(64, 5, "gaussian"), 400).ravel() * 8.0
+    assert stats.kstest(z, "norm").pvalue > 0.01
+    assert abs(z.mean()) < 0.02 and abs(z.var() - 1) < 0.02 and abs(stats.kurtosis(z)) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+def test_unit_columns(kind):
+    p = _explicit(tracin.Projection(48, 1, kind), 200)
+    np.testing.assert_allclose(np.linalg.norm(p, axis=0), 1.0, rtol=1e-6)
+    if kind == "sparse":
+        assert np.all((p != 0).sum(axis=0) == SPARSE_NONZEROS)
+
+
+# --- statistics: unbiased inner products, distortion within the JL bound ---
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inner_products_unbiased(kind, rng):
+    d, dim, seeds = 300, 16, 300
+    g = rng.standard_normal(d)
+    h = 0.6 * g + 0.8 * rng.standard_normal(d)
+    x = np.stack([g, h]).astype(np.float32)
+    est = np.array([np.dot(*tracin.Projection(dim, s, kind).apply(x).astype(np.float64)) for s in range(seeds)])
+    exact = float(g @ h)
+    sigma = math.sqrt((g @ g * (h @ h) + exact**2) / dim)  # per-seed std of the Gaussian kind
+    assert abs(est.mean() - exact) < 4 * sigma / math.sqrt(seeds)
+    if kind != "sparse":
+        assert 0.5 * sigma**2 < est.var() < 1.5 * sigma**2
+
+
+def _jl_epsilon(k: int, m: int) -> float:
+    """Smallest eps <= 1 with k >= 8 ln m / (eps^2 / 2 - eps^3 / 3): by Dasgupta and Gupta's
+    proof, all m (m - 1) / 2 pairwise distances then keep within 1 +- eps with probability
+    >= 1 - 1 / m^2 for a Gaussian map."""
+    assert k >= 48 * math.log(m), "the bound needs eps <= 1"
+    lo, hi = 1e-6, 1.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if k >= 8 * math.log(m) / (mid**2 / 2 - mid**3 / 3) else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distortion_within_jl_bound(kind, rng):
+    m, d = 30, 2000
+    x = rng.standard_normal((m, d))
+    x[:5] = np.eye(5, d)           # axis-aligned points
+    x[5] = np.ones(d)              # a dense constant point
+    x[6, ::7] = 10.0               # a spiky point
+    diff = (x[:, None, :] - x[None, :, :])[np.triu_indices(m, 1)].astype(np.float32)
+    exact = np.sum(diff.astype(np.float64) ** 2, axis=1)
+    worst = []
+    for dim in (256, 1024, 4096):
+        y = tracin.Projection(dim, 11, kind).apply(diff).astype(np.float64)
+        distortion = np.abs(np.sum(y**2, axis=1) / exact - 1)
+        assert distortion.max() <= _jl_epsilon(dim, m), (dim, distortion.max())
+        worst.append(distortion.max())
+    assert worst[2] < worst[0] / 2  # distortion shrinks like 1 / sqrt(dim)
+
+
+# --- determinism ---
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_bits_for_any_chunking_threads_and_split(kind, rng):
+    x = rng.standard_normal((50, 700)).astype(np.float32)
+    proj = tracin.Projection(100, 4, kind)
+    whole = proj.apply(x, num_threads=1)
+    assert np.array_equal(proj.apply(x, num_threads=3), whole)
+    assert np.array_equal(np.concatenate([proj.apply(x[a:b]) for a, b in [(0, 1), (1, 17), (17, 50)]]), whole)
+    assert np.array_equal(proj.apply([x[:, :3], x[:, 3:400], x[:, 400:]]), whole)
+    assert np.array_equal(tracin.Projection(100, 4, kind).apply(x), whole)  # same spec, same bits
+    assert not np.array_equal(tracin.Projection(100, 5, kind).apply(x), whole)
+    # Pieces projected alone at their column offsets sum to the whole (up to rounding).
+    parts = proj.apply(x[:, :250]) + proj.apply(x[:, 250:], column_offset=250)
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-4)
+
+
+def test_columns_do_not_depend_on_d():
+    proj = tracin.Projection(20, 8)
+    assert np.array_equal(_explicit(proj, 300)[:, :100], _explicit(proj, 100))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_and_framework_inputs(kind, rng):
+    import jax.numpy as jnp
+    import torch
+
+    x = rng.standard_normal((9, 300)).astype(np.float32)
+    proj = tracin.Projection(40, 2, kind)
+    for low in (np.float16, ml_dtypes.bfloat16):
+        xl = x.astype(low)
+        assert np.array_equal(proj.apply(xl), proj.apply(xl.astype(np.float32)))
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    assert np.array_equal(proj.apply(xb), proj.apply(xb.float().numpy()))
+    assert np.array_equal(proj.apply(torch.from_numpy(x).requires_grad_()), proj.apply(x))
+    assert np.array_equal(proj.apply(jnp.asarray(x)), proj.apply(x))
+    assert np.array_equal(proj.apply(x[:, ::2]), proj.apply(np.ascontiguousarray(x[:, ::2])))
+
+
+# --- per-layer and factored ---
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_layer_projects_each_segment_on_its_own(kind, rng):
+    x = rng.standard_normal((6, 90)).astype(np.float32)
+    proj = tracin.Projection(11, 3, kind, per_layer=True)
+    assert proj.segment_dims(3) == [4, 4, 3]
+    y = proj.apply(x, segments=[20, 1, 69])
+    starts, out = [0, 20, 21, 90], [0, 4, 8, 11]
+    for j in range(3):
+        p = reference_matrix(kind, 3, proj.segment_dims(3)[j], starts[j + 1] - starts[j], stream=1 + j)
+        np.testing.assert_allclose(y[:, out[j]:out[j + 1]], x[:, starts[j]:starts[j + 1]] @ p.T,
+                                   rtol=1e-4, atol=1e-5)
+    assert np.array_equal(proj.apply([x[:, :20], x[:, 20:21], x[:, 21:]]), y)  # pieces as segments
+    assert np.array_equal(proj.apply([x[:, :5], x[:, 5:]], segments=[20, 1, 69]), y)
+
+
+def test_factored_dims():
+    assert tracin.Projection(2048).factored_dims == (64, 32)
+    assert tracin.Projection(12).factored_dims == (4, 3)
+    assert tracin.Projection(7).factored_dims == (7, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_factored_is_a_kronecker_projection(kind, rng):
+    left, right = rng.standard_normal((5, 30)), rng.standard_normal((5, 8))
+    proj = tracin.Projection(24, 6, kind)
+    lp, rp = proj.apply_factored(left.astype(np.float32), right.astype(np.float32))
+    assert lp.shape == (5, 6) and rp.shape == (5, 4)
+    pl = reference_matrix(kind, 6, 6, 30, stream=1 << 62)
+    pr = reference_matrix(kind, 6, 4, 8, stream=(1 << 62) + 1)
+    full = np.einsum("np,nq->npq", left, right).reshape(5, -1)
+    kron = np.einsum("np,nq->npq", lp, rp).reshape(5, -1)
+    np.testing.assert_allclose(kron, full @ np.kron(pl, pr).T, rtol=1e-4, atol=1e-5)
+
+
+def test_factored_inner_products_unbiased(rng):
+    left, right = rng.standard_normal((2, 40)), rng.standard_normal((2, 10))
+    exact = float(left[0] @ left[1] * (right[0] @ right[1]))
+    est = []
+    for seed in range(300):
+        lp, rp = tracin.Projection(64, seed).apply_factored(left.astype(np.float32), right.astype(np.float32))
+        est.append(float(lp[0] @ lp[1]) * float(rp[0] @ rp[1]))
+    assert abs(np.mean(est) - exact) < 4 * np.std(est) / math.sqrt(len(est))
+
+
+# --- the spec ---
+
+def test_spec_round_trip_and_equality():
+    proj = tracin.Projection(512, 7, "sparse", per_layer=True)
+    spec = json.loads(json.dumps(proj.to_dict()))
+    assert tracin.Projection.from_dict(spec) == proj
+    assert hash(tracin.Projection.from_dict(spec)) == hash(proj)
+    assert proj != tracin.Projection(512, 7, "sparse")
+    proj.check_compatible(spec)
+    proj.check_compatible(tracin.Projection(512, 7, "sparse", per_layer=True))
+
+
+def test_mismatch_names_what_differs():
+    proj = tracin.Projection(512, 7)
+    with pytest.raises(ValueError, match=r"dim: 512 here, 256.*seed: 7 here, 8"):
+        proj.check_compatible(tracin.Projection(256, 8))
+    with pytest.raises(ValueError, match="kind: 'rademacher' here, 'gaussian'"):
+        proj.check_compatible(tracin.Projection(512, 7, "gaussian").to_dict())
+    with pytest.raises(ValueError, match="not projected"):
+        proj.check_compatible(None)
+    with pytest.raises(ValueError, match="generator version"):
+        tracin.Projection.from_dict({**proj.to_dict(), "generator": 99})
+    with pytest.raises(ValueError, match="not a tracin.Projection"):
+        tracin.Projection.from_dict({"dim": 3})
+
+
+# --- bad input ---
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((0,), {}, ValueError, "dim must be >= 1"),
+    ((1.5,), {}, TypeError, "dim must be an int"),
+    ((True,), {}, TypeError, "dim must be an int"),
+    ((8, -1), {}, ValueError, "seed must be in"),
+    ((8, 2**64), {}, ValueError, "seed must be in"),
+    ((8, 0, "dense"), {}, ValueError, "kind must be one of"),
+    ((8,), {"per_layer": 1}, TypeError, "per_layer must be a bool"),
+])
+def test_bad_construction(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tracin.Projection(*args, **kwargs)
+
+
+def test_bad_apply_input(rng):
+    proj = tracin.Projection(8)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    with pytest.raises(ValueError, match="must be 2-D"):
+        proj.apply(x[0])
+    with pytest.raises(TypeError, match="float64"):
+        proj.apply(x.astype(np.float64))
+    with pytest.raises(TypeError, match="int32"):
+        proj.apply(x.astype(np.int32))
+    with pytest.raises(ValueError, match="no columns"):
+        proj.apply(np.zeros((4, 0), np.float32))
+    with pytest.raises(ValueError, match="same number of rows"):
+        proj.apply([x, x[:3]])
+    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+        proj.apply(x, num_threads=0)
+    with pytest.raises(ValueError, match="column_offset must be >= 0"):
+        proj.apply(x, column_offset=-1)
+    with pytest.raises(ValueError, match="same number of rows"):
+        proj.apply_factored(x, x[:2])
+    for kind in KINDS:
+        bad = x.copy()
+        bad[2, 3] = np.nan
+        with pytest.raises(ValueError, match="row 2 is not finite"):
+            tracin.Projection(8, kind=kind).apply(bad)
+    assert proj.apply(np.zeros((0, 10), np.float32)).shape == (0, 8)
+
+
+def test_bad_segments(rng):
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    layered = tracin.Projection(3, per_layer=True)
+    with pytest.raises(ValueError, match="sum to the number of columns 10"):
+        layered.apply(x, segments=[4, 4])
+    with pytest.raises(ValueError, match="4 segments need dim >= 4"):
+        layered.apply(x, segments=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match="segments entry must be >= 1"):
+        layered.apply(x, segments=[10, 0])
+    with pytest.raises(ValueError, match="column_offset applies with per_layer=False only"):
+        layered.apply(x, column_offset=3)
+    assert tracin.Projection(3).apply(x, segments=[4, 4]).shape == (4, 3)  # ignored without per_layer
