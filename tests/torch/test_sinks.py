@@ -12,8 +12,6 @@ import tracin
 from tracin.torch import export_gradients
 from tracin.torch.sinks import MemorySink
 
-store_module = pytest.importorskip("tracin.store", reason="GradientStore (issue 4) is not on main yet")
-
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
