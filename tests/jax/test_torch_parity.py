@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import assert_close_to_exact, exact_scores
+from reference import assert_close_to_exact, exact_scores, factored_to_full
 from torch.func import functional_call, grad, vmap
 
 import tracin
@@ -80,3 +80,38 @@ def test_last_layer_matches_torch(mlp, split):
     ref_train = [torch_rows(w, xtr, ytr, ["2.weight", "2.bias"]) for w in mlp.weights]
     ref_test = [torch_rows(w, xte, yte, ["2.weight", "2.bias"]) for w in mlp.weights]
     _check_influence(test, train, ref_test, ref_train, mlp.lrs)
+
+
+@pytest.mark.parametrize("mode, jax_layers, torch_layers", [
+    ("full", None, None), ("full", ["l2"], ["2"]), ("last_layer", ["l2"], ["2"]),
+])
+def test_same_influence_as_tracin_torch(mlp, split, mode, jax_layers, torch_layers):
+    import tracin.torch
+
+    (xtr, ytr), (xte, yte) = split
+    models = [_torch_model(w) for w in mlp.weights]
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    extra = dict(layer_input=mlp.hidden) if mode == "last_layer" else {}
+
+    def ours(x, y):
+        return export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode=mode, layers=jax_layers,
+                                progress=False, **extra)
+
+    def theirs(x, y):
+        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs)), (torch.as_tensor(x),
+                                             torch.as_tensor(y)), ce, mode=mode, layers=torch_layers, progress=False)
+
+    jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
+    assert jax_train.dims == torch_train.dims
+    if mode == "last_layer":  # both factor as dL/d(output) and [input, 1]
+        for a, b in zip(jax_train.left + jax_train.right, torch_train.left + torch_train.right):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        ref_test, ref_train = factored_to_full(torch_test.left, torch_test.right), factored_to_full(
+            torch_train.left, torch_train.right)
+    else:
+        ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
+    assert_close_to_exact(tracin.scores(jax_test, jax_train), ref_test, ref_train, mlp.lrs)
+    for side in ("proponents", "opponents"):
+        np.testing.assert_array_equal(tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
+                                      tracin.top_k(torch_test, torch_train, k=5, side=side).indices)
