@@ -72,8 +72,11 @@ def test_errors_are_messages_with_exit_codes(tmp_path, stores, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1
     assert "no gradient store" in capsys.readouterr().err
     paths, _, _ = stores
-    assert main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-k", "0"]) == 1
-    assert "k must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-k", "0"])
+    assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path)]) == 1  # a directory
+    assert "error" in capsys.readouterr().err
     assert main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]),
                  "-o", str(tmp_path / "x.txt")]) == 1
     assert ".npz or .csv" in capsys.readouterr().err

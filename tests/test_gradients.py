@@ -69,6 +69,8 @@ def test_slicing_rows_gives_views(rng):
         (np.zeros((2, 2), np.float32), [1.0, 2.0], ValueError, "one per checkpoint"),
         (np.zeros((2, 2), np.float32), [np.nan], ValueError, "finite"),
         ([], None, ValueError, "at least one checkpoint"),
+        (np.zeros((2, 2), np.float32), "abc", TypeError, "weights must be a sequence of numbers"),
+        (np.zeros((2, 2), np.float32), [[1.0]], ValueError, r"weights must be 1-D"),
     ],
 )
 def test_gradients_validation(matrices, weights, error, match):

@@ -198,19 +198,62 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"k": 0}, "k must be a positive integer"),
-        ({"k": 2.5}, "k must be a positive integer"),
-        ({"k": True}, "k must be a positive integer"),
-        ({"side": "left"}, "side must be"),
-        ({"num_threads": 0}, "num_threads must be a positive integer"),
+        ({"k": 0}, ValueError, "k must be a positive integer"),
+        ({"k": 2.5}, TypeError, "k must be a positive integer"),
+        ({"k": True}, TypeError, "k must be a positive integer"),
+        ({"side": "left"}, ValueError, "side must be"),
+        ({"num_threads": 0}, ValueError, "num_threads must be a positive integer"),
+        ({"num_threads": 2**40}, ValueError, "num_threads must be a positive integer no larger than"),
     ],
 )
-def test_top_k_argument_errors(rng, kwargs, match):
+def test_top_k_argument_errors(rng, kwargs, error, match):
     test, train = random_set(rng, 2, [3]), random_set(rng, 5, [3])
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         tracin.top_k(test, train, **kwargs)
+    assert tracin.top_k(test, train, k=np.int64(2)).indices.shape == (2, 2)
+
+
+def test_merge_top_k_argument_errors(rng):
+    test, train = random_set(rng, 2, [3]), random_set(rng, 5, [3])
+    both = tracin.top_k(test, train, k=2, side="both")
+    with pytest.raises(TypeError, match=r"results\[0\] must be a TopK .*pass .proponents"):
+        tracin.merge_top_k([both], [0])
+    with pytest.raises(ValueError, match=r"results\[1\]: values and indices must be 2-D"):
+        tracin.merge_top_k([both.proponents, tracin.TopK(np.zeros(2), np.zeros(2))], [0, 5])
+    with pytest.raises(ValueError, match=r"offsets\[0\] must be a non-negative integer"):
+        tracin.merge_top_k([both.proponents], ["a"])
+    with pytest.raises(ValueError, match="2 entries but offsets has 1"):
+        tracin.merge_top_k([both.proponents] * 2, [0])
+
+
+def test_top_k_over_many_chunks_keeps_memory_bounded(rng):
+    """Chunked train sides merge as they go: memory O(m k), not O(m k chunks)."""
+    import tracemalloc
+
+    from tracin.gradients import GradientSet
+
+    class Chunked(GradientSet):  # in-memory rows handed to the kernel 7 at a time
+        def __init__(self, inner):
+            self.inner, self.factored, self.weights = inner, False, inner.weights
+            self.weights_given, self.metadata = False, {}
+
+        n_rows = property(lambda self: self.inner.n_rows)
+        dims = property(lambda self: self.inner.dims)
+        row_chunks = lambda self: 7  # noqa: E731
+        kernel_side = lambda self, a=0, b=None: self.inner.kernel_side(a, b)  # noqa: E731
+
+    test, train = random_set(rng, 300, [4]), random_set(rng, 3000, [4])
+    whole = tracin.top_k(test, train, k=5, side="both")
+    tracemalloc.start()
+    chunked = tracin.top_k(test, Chunked(tracin.Gradients(train)), k=5, side="both")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.values, b.values)
+    assert peak < 2_000_000, f"top_k over 429 chunks peaked at {peak} bytes"
 
 
 def test_pair_errors(rng):
@@ -247,3 +290,15 @@ def test_gradients_under_different_projections_are_refused(rng):
     same = tracin.scores(tracin.Gradients(a, metadata={"projection": spec}),
                          tracin.Gradients(b, metadata={"projection": spec}))
     assert_close_to_exact(same, a, b, [1.0])
+
+
+def test_gradients_of_different_parameters_or_modes_are_refused(rng):
+    a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
+    meta = lambda mode, name: {"framework": "torch", "mode": mode,  # noqa: E731
+                               "params": [{"name": name, "shape": [8]}]}
+    with pytest.raises(ValueError, match="different parameters.*fc1.weight.*fc2.weight"):
+        tracin.scores(tracin.Gradients(a, metadata=meta("full", "fc1.weight")),
+                      tracin.Gradients(b, metadata=meta("full", "fc2.weight")))
+    with pytest.raises(ValueError, match="mode='full' but train gradients are mode='last_layer'"):
+        tracin.scores(tracin.Gradients(a, metadata=meta("full", "w")),
+                      tracin.Gradients(b, metadata=meta("last_layer", "w")))

@@ -162,8 +162,8 @@ PYBIND11_MODULE(_core, m) {
            const std::string& isa) {
           const auto options = MakeOptions(num_threads, train_block, test_block, isa);
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
-          py::array_t<float> out(x.side.rows());
-          float* ptr = out.mutable_data();
+          py::array_t<double> out(x.side.rows());
+          double* ptr = out.mutable_data();
           tracin::Status s;
           {
             py::gil_scoped_release release;

@@ -163,7 +163,8 @@ double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t
   return s;
 }
 
-bool AllFinite(const float* v, std::int64_t n) {
+template <class T>
+bool AllFinite(const T* v, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i)
     if (!std::isfinite(v[i])) return false;
   return true;
@@ -225,7 +226,7 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
 }
 
 Status Aggregate(const GradientSide& test, const GradientSide& train,
-                 const std::vector<double>& weights, float* out, const Options& options) {
+                 const std::vector<double>& weights, double* out, const Options& options) {
   Status s = detail::ValidatePair(test, train, weights);
   if (!s.ok()) return s;
   const std::int64_t n = train.rows();
@@ -233,7 +234,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
     detail::SumConsumer consumer(n);
     s = detail::RunTiles(test, train, weights, options, consumer);
     if (!s.ok()) return s;
-    for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(consumer.sums()[i]);
+    std::copy(consumer.sums().begin(), consumer.sums().end(), out);
     return Status::Ok();
   }
   // Full gradients: the sum over test rows commutes with the inner product, so one weighted
@@ -258,7 +259,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
       detail::LoadRow(kernels, m, i, 0, m.cols, buf);
       for (std::int64_t k = 0; k < m.cols; ++k) total += column_sums[c][k] * buf[k];
     }
-    out[i] = static_cast<float>(total);
+    out[i] = total;
   });
   if (!s.ok()) return s;
   bool finite = detail::AllFinite(out, n);

@@ -199,7 +199,8 @@ void TestSelfInfluenceAndAggregate() {
   const std::vector<Matrix> test = {Random(8, 40, rng), Random(8, 3, rng)};
   const std::vector<Matrix> train = {Random(30, 40, rng), Random(30, 3, rng)};
   const std::vector<double> w = {0.1, 3.0};
-  std::vector<float> self(30), agg(30);
+  std::vector<float> self(30);
+  std::vector<double> agg(30);
   Check(tracin::SelfInfluence(Full(train), w, self.data()).ok(), "self-influence ok");
   Check(tracin::Aggregate(Full(test), Full(train), w, agg.data()).ok(), "aggregate ok");
   bool ok_self = true, ok_agg = true;

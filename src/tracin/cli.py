@@ -40,20 +40,20 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     import tracin
 
+    out = Path(args.output)
+    if out.suffix not in (".npz", ".csv"):
+        raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
     test, train = _open_store(args.test), _open_store(args.train)
     result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads)
     sides = {"proponents": result} if args.side == "proponents" else \
         {"opponents": result} if args.side == "opponents" else result._asdict()
-    out = Path(args.output)
     if out.suffix == ".npz":
         arrays = {}
         for name, r in sides.items():
             arrays[f"{name}_values"], arrays[f"{name}_indices"] = r.values, r.indices
         np.savez(out, **arrays)
-    elif out.suffix == ".csv":
-        _write_pairs_csv(out, sides, test_ids=_ids(test), train_ids=_ids(train))
     else:
-        raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
+        _write_pairs_csv(out, sides, test_ids=_ids(test), train_ids=_ids(train))
     print(f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows -> {out}")
 
 
@@ -118,6 +118,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(config, progress=not args.no_progress)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracin", description="TracIn training-data influence: proponents, opponents, self-influence.",
@@ -132,17 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="top-k proponents/opponents of test rows among train rows")
     p.add_argument("--test", required=True, help="test gradient store")
     p.add_argument("--train", required=True, help="train gradient store")
-    p.add_argument("-k", type=int, default=10, help="examples per test row (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="examples per test row (default 10)")
     p.add_argument("--side", choices=["proponents", "opponents", "both"], default="both")
     p.add_argument("-o", "--output", default="influence.npz", help="result file, .npz or .csv")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("self-influence", help="rank training rows by self-influence (mislabel search)")
     p.add_argument("path", help="train gradient store")
     p.add_argument("-o", "--output", default="self_influence.csv", help="CSV ranking, highest first")
-    p.add_argument("--top", type=int, default=None, help="keep only the first N rows of the ranking")
-    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows of the ranking")
+    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
     p.set_defaults(func=cmd_self_influence)
 
     p = sub.add_parser("bench", help="kernel benchmark against faiss / numpy / torch",
@@ -153,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="find mislabelled digits with TracIn (needs tracin[demo])")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
-    p.add_argument("--checkpoints", type=int, default=5, help="checkpoints saved during training")
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--checkpoints", type=positive_int, default=5, help="checkpoints saved during training")
+    p.add_argument("--epochs", type=positive_int, default=150)
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(f"tracin: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:
         print(f"tracin {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

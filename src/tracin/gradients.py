@@ -23,7 +23,14 @@ def _as_list(x: Any, name: str) -> list[Any]:
 def _weights(weights: Any, count: int) -> np.ndarray:
     if weights is None:
         return np.ones(count)
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights must be a sequence of numbers (one per checkpoint), got {weights!r}") from None
+    if w.ndim == 0:
+        w = w.reshape(1)
+    if w.ndim != 1:
+        raise ValueError(f"weights must be 1-D (one per checkpoint), got shape {w.shape}")
     if w.size != count:
         raise ValueError(f"weights: expected one per checkpoint ({count}), got {w.size}")
     if not np.all(np.isfinite(w)):

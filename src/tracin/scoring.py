@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _core
+from ._validate import positive_int, thread_count
 from .gradients import GradientSet, Gradients
 
 _SIDES = {"proponents": 0, "opponents": 1, "both": 2}
@@ -37,14 +38,6 @@ def as_gradient_set(x: Any, name: str) -> GradientSet:
         raise type(e)(f"{name}: {e}") from None
 
 
-def _threads(num_threads: int | None) -> int:
-    if num_threads is None:
-        return 0
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
-    return int(num_threads)
-
-
 def _weights(test: GradientSet, train: GradientSet) -> list[float]:
     """The weights both sides agree on (a side with default weights takes the other's)."""
     if test.n_checkpoints != train.n_checkpoints:
@@ -69,24 +62,31 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
             f"{'factored' if train.factored else 'full'})"
         )
     weights = _weights(test, train)
-    _check_same_projection(test, train)
+    _check_same_gradient_space(test, train)
     if test.dims != train.dims:
         raise ValueError(f"test dims {list(test.dims)} differ from train dims {list(train.dims)}")
     return test, train, weights
 
 
-def _check_same_projection(test: GradientSet, train: GradientSet) -> None:
-    """Gradients projected under different projections (or one side not at all) are not
-    comparable; the adapters record the spec as metadata["projection"] (None: unprojected)."""
-    if "projection" not in test.metadata or "projection" not in train.metadata:
-        return
-    specs = {"test": test.metadata["projection"], "train": train.metadata["projection"]}
-    if specs["test"] == specs["train"]:
+def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
+    """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
+    the same thing: a different mode, different parameters (same framework), or a different
+    projection (metadata["projection"] None: unprojected). Sets without metadata are trusted."""
+    t, x = test.metadata, train.metadata
+    if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
+        raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
+    if t.get("framework") is not None and t.get("framework") == x.get("framework") \
+            and "params" in t and "params" in x and t["params"] != x["params"]:
+        names = lambda m: [p["name"] for p in m["params"]]  # noqa: E731
+        raise ValueError(f"test and train gradients are of different parameters: "
+                         f"{names(t)} vs {names(x)}")
+    if "projection" not in t or "projection" not in x or t["projection"] == x["projection"]:
         return
     from .projection import Projection
 
-    mine, other = ("train", "test") if specs["train"] is not None else ("test", "train")
-    Projection.from_dict(specs[mine]).check_compatible(specs[other], what=other)
+    mine, other = ("train", "test") if x["projection"] is not None else ("test", "train")
+    Projection.from_dict({"test": t, "train": x}[mine]["projection"]).check_compatible(
+        {"test": t, "train": x}[other]["projection"], what=other)
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
@@ -100,19 +100,13 @@ def scores(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarr
     Materialises the whole matrix: for small problems. Use top_k for large ones.
     """
     test, train, w = _pair(test, train)
-    threads = _threads(num_threads)
+    threads = thread_count(num_threads)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     for t0, t1 in _chunks(test):
         t_side = test.kernel_side(t0, t1)
         for i0, i1 in _chunks(train):
             out[t0:t1, i0:i1] = _core.scores(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
     return out
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
 
 
 def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
@@ -124,25 +118,24 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
     k larger than the number of train rows gives that many columns.
     """
     test, train, w = _pair(test, train)
-    k = _check_k(k)
+    k = positive_int(k, "k")
     if side not in _SIDES:
         raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
-    threads = _threads(num_threads)
+    threads = thread_count(num_threads)
     code = _SIDES[side]
-    parts = []  # per test chunk: per train chunk (prop TopK, opp TopK)
+    per_test_chunk = []
     for t0, t1 in _chunks(test):
         t_side = test.kernel_side(t0, t1)
-        results, offsets = [], []
+        best: list[TopK | None] = [None, None]  # running (proponents, opponents), global indices
         for i0, i1 in _chunks(train):
-            kk = min(k, i1 - i0)
-            pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, kk, code,
+            pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, min(k, i1 - i0), code,
                                          num_threads=threads)
-            results.append((TopK(pv, pi), TopK(ov, oi)))
-            offsets.append(i0)
-        parts.append([merge_top_k([r[s] for r in results], offsets, k=k, side=name)
-                      for s, name in ((0, "proponents"), (1, "opponents"))])
-    prop = TopK(*(np.concatenate([p[0][f] for p in parts]) for f in (0, 1)))
-    opp = TopK(*(np.concatenate([p[1][f] for p in parts]) for f in (0, 1)))
+            for s, (part, name) in enumerate(((TopK(pv, pi), "proponents"), (TopK(ov, oi), "opponents"))):
+                best[s] = part._replace(indices=part.indices + i0) if best[s] is None else \
+                    merge_top_k([best[s], part], [0, i0], k=k, side=name)
+        per_test_chunk.append(best)
+    prop, opp = (TopK(*(np.concatenate([b[s][f] for b in per_test_chunk]) for f in (0, 1)))
+                 for s in (0, 1))
     if side == "proponents":
         return prop
     if side == "opponents":
@@ -158,19 +151,29 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     each shard. k defaults to the widest input. Exactly equal to top_k on the unsharded data,
     ties included (smaller global index first).
     """
-    if len(results) != len(offsets):
-        raise ValueError(f"results has {len(results)} entries but offsets has {len(offsets)}")
     if side not in ("proponents", "opponents"):
         raise ValueError(f"side must be 'proponents' or 'opponents', got {side!r}")
+    results, offsets = list(results), list(offsets)
+    if len(results) != len(offsets):
+        raise ValueError(f"results has {len(results)} entries but offsets has {len(offsets)}")
     if not results:
         raise ValueError("results must hold at least one TopK")
+    for i, (r, o) in enumerate(zip(results, offsets)):
+        if not isinstance(r, TopK):
+            raise TypeError(f"results[{i}] must be a TopK (values, indices), got {type(r).__name__}"
+                            + (" (pass .proponents or .opponents)" if isinstance(r, BothSides) else ""))
+        if np.ndim(r.values) != 2 or np.shape(r.values) != np.shape(r.indices):
+            raise ValueError(f"results[{i}]: values and indices must be 2-D of the same shape, got "
+                             f"{np.shape(r.values)} and {np.shape(r.indices)}")
+        if isinstance(o, bool) or not isinstance(o, numbers.Integral) or o < 0:
+            raise ValueError(f"offsets[{i}] must be a non-negative integer, got {o!r}")
     rows = {r.values.shape[0] for r in results}
     if len(rows) != 1:
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
     values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     indices = np.concatenate(
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets)], axis=1)
-    width = values.shape[1] if k is None else min(_check_k(k), values.shape[1])
+    width = values.shape[1] if k is None else min(positive_int(k, "k"), values.shape[1])
     key = -values if side == "proponents" else values
     # lexsort: last key is primary; stable order by (score, global index).
     order = np.lexsort((indices, key), axis=1)[:, :width]
@@ -183,7 +186,7 @@ def self_influence(train: Any, *, num_threads: int | None = None) -> np.ndarray:
     High values flag mislabelled or unusual examples.
     """
     train = as_gradient_set(train, "train")
-    threads = _threads(num_threads)
+    threads = thread_count(num_threads)
     w = train.weights.tolist()
     out = [_core.self_influence(train.kernel_side(a, b), w, num_threads=threads)
            for a, b in _chunks(train)]
@@ -192,10 +195,10 @@ def self_influence(train: Any, *, num_threads: int | None = None) -> np.ndarray:
 
 def aggregate(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
-    (group influence, for data selection)."""
+    (group influence, for data selection). Summed in float64 whatever the chunking."""
     test, train, w = _pair(test, train)
-    threads = _threads(num_threads)
-    total = np.zeros(train.n_rows, dtype=np.float64)
+    threads = thread_count(num_threads)
+    total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the kernel
     for t0, t1 in _chunks(test):
         t_side = test.kernel_side(t0, t1)
         for i0, i1 in _chunks(train):

@@ -39,9 +39,9 @@ def test_scoring_a_store_equals_scoring_the_same_gradients_in_memory(tmp_path, f
             np.testing.assert_array_equal(a.values, b.values)
             np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(tracin.self_influence(train_s), tracin.self_influence(train_m))
-    np.testing.assert_array_equal(tracin.aggregate(test_m, train_s), tracin.aggregate(test_m, train_m))
-    # All agree with the float64 reference; aggregate over a test side read in several chunks sums
-    # per-chunk float32 results, so it is within the bound rather than bit-identical.
+    for t, x in [(test_m, train_s), (test_s, train_m), (test_s, train_s)]:
+        np.testing.assert_array_equal(tracin.aggregate(t, x), tracin.aggregate(test_m, train_m))
+    # All agree with the float64 reference.
     as_full = (lambda b: factored_to_full([l for l, _ in b], [r for _, r in b])) if factored else list
     test_f, train_f = as_full(test_b), as_full(train_b)
     assert_close_to_exact(tracin.scores(test_s, train_s), test_f, train_f, W)

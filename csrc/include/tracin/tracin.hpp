@@ -75,9 +75,10 @@ Status TopK(const GradientSide& test, const GradientSide& train, const std::vect
 Status SelfInfluence(const GradientSide& train, const std::vector<double>& weights, float* out,
                      const Options& options = {});
 
-// out[i] = sum over test rows t of influence(t, i), out is (train.rows(),).
+// out[i] = sum over test rows t of influence(t, i), out is (train.rows(),) float64, so that sums
+// over several calls (test rows in chunks) stay exact to float32 precision.
 Status Aggregate(const GradientSide& test, const GradientSide& train,
-                 const std::vector<double>& weights, float* out, const Options& options = {});
+                 const std::vector<double>& weights, double* out, const Options& options = {});
 
 // The instruction set kAuto resolves to on this CPU, and a name for it.
 Isa DetectIsa();

@@ -1,0 +1,21 @@
+"""Argument checks shared by every public function, with messages naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
+    """`value` as an int >= 1 (Python or NumPy integer, not bool); TypeError / ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1 or (maximum is not None and value > maximum):
+        limit = f" no larger than {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be a positive integer{limit}, got {value!r}")
+    return int(value)
+
+
+def thread_count(num_threads: Any) -> int:
+    """Kernel thread count: None -> 0 (all cores), else a positive integer."""
+    return 0 if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
