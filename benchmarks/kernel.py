@@ -98,23 +98,36 @@ def run_case(case: case_defs.Case, repeats: int, warmup: int, limits: dict) -> d
             "ratios": ratios, "checks": _checks(case, stash)}
 
 
+def roofline_limit(case: dict, numerator: str, denominator: str) -> float:
+    """The ratio at the roofline. Two runs of one library (e.g. tracin vs tracin): both at their
+    bounds, what the work itself allows (e.g. the FLOP ratio of factored mode). tracin against a
+    peer: the peer as measured, tracin at its bound (the most any kernel could gain here)."""
+    num, den = case["contenders"][numerator], case["contenders"][denominator]
+    top = num["roofline"]["bound_s"] if num["peer"] == den["peer"] else num["median_s"]
+    return top / den["roofline"]["bound_s"]
+
+
 def evaluate_goals(case_records: list[dict]) -> list[dict]:
-    """Each goal with its measured value and whether it is met (None: not run or report only);
-    plus one exactness goal over every check made."""
+    """Each goal with its measured value, its roofline limit and whether it is met (None: not
+    run or report only); plus one exactness goal over every check made."""
     by_name = {c["name"]: c for c in case_records}
     out = []
     for g in GOALS:
-        ratio = by_name.get(g.case, {}).get("ratios", {}).get(g.ratio)
-        measured = None if ratio is None else ratio["value"]
-        met = None
-        if measured is not None and g.op != "report":
-            met = measured >= g.target if g.op == ">=" else measured <= g.target
+        case = by_name.get(g.case, {})
+        ratio = case.get("ratios", {}).get(g.ratio)
+        measured = limit = met = None
+        if ratio is not None:
+            measured = ratio["value"]
+            limit = roofline_limit(case, ratio["numerator"], ratio["denominator"])
+            if g.op != "report":
+                met = measured >= g.target if g.op == ">=" else measured <= g.target
         out.append({"goal": g.description, "case": g.case, "ratio": g.ratio, "op": g.op,
-                    "target": g.target, "measured": measured, "met": met})
+                    "target": g.target, "measured": measured, "roofline_limit": limit, "met": met})
     checks = [ch for c in case_records for ch in c["checks"]]
     wrong = sum(not ch["ok"] for ch in checks)
     out.append({"goal": "exact: top-k equal to the peers' except at ties", "case": "all", "ratio": "wrong checks",
-                "op": "<=", "target": 0, "measured": wrong, "met": wrong == 0 if checks else None})
+                "op": "<=", "target": 0, "measured": wrong, "roofline_limit": None,
+                "met": wrong == 0 if checks else None})
     return out
 
 

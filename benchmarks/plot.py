@@ -131,7 +131,8 @@ def roofline(payload: dict, path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     intensities = [r["roofline"]["intensity_flop_per_byte"] for _, _, r in points]
-    xs = np.logspace(np.log10(min(intensities) / 2), np.log10(max(intensities) * 2), 100)
+    ridge = peak / bandwidth  # FLOP/byte where memory stops being the limit
+    xs = np.logspace(np.log10(min(min(intensities), ridge) / 2), np.log10(max(max(intensities), ridge) * 2), 100)
     ax.plot(xs, np.minimum(peak, bandwidth * xs), color="black", label=f"roofline ({t} threads)")
     for case, name, r in points:
         x = r["roofline"]["intensity_flop_per_byte"]

@@ -25,12 +25,12 @@ def _fmt(x: float | None, digits: int = 2) -> str:
 
 
 def _goal_rows(goals: list[dict]) -> list[str]:
-    rows = ["| Goal | Target | Measured | Met |", "|---|---|---|---|"]
+    rows = ["| Goal | Target | Measured | Roofline limit | Met |", "|---|---|---|---|---|"]
     for g in goals:
         target = "report" if g["op"] == "report" else f"{g['op']} {g['target']}"
         met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
         measured = g["measured"] if isinstance(g["measured"], int) else _fmt(g["measured"])
-        rows.append(f"| {g['goal']} | {target} | {measured} | {met} |")
+        rows.append(f"| {g['goal']} | {target} | {measured} | {_fmt(g.get('roofline_limit'))} | {met} |")
     return rows
 
 
@@ -57,7 +57,9 @@ def markdown(payload: dict, source: str | None = None) -> str:
             f"numpy {m.get('numpy', '?')}; median of {cfg['repeats']} interleaved repeats after "
             f"{cfg['warmup']} warm-up. Machine limits: peak sgemm {lim['peak_sgemm_gflops'][t]:.0f} GFLOP/s, "
             f"read bandwidth {lim['read_bandwidth_gbs'][t]:.1f} GB/s. Ratios are peer time / tracin time "
-            f"(> 1: tracin faster) unless named a cost.")
+            f"(> 1: tracin faster) unless named a cost. Roofline limit: the ratio with tracin at its "
+            f"roofline bound (max(FLOPs / peak, least bytes / bandwidth)) against the peer as measured, "
+            f"or, tracin against tracin, both at their bounds.")
     if cfg.get("quick"):
         head += " **Quick (smoke-test) sizes: not meaningful as speeds.**"
     if source:
