@@ -1,0 +1,232 @@
+"""Kernel speed benchmark (issue 3): tracin.top_k against faiss, numpy, torch and the bare sgemm.
+
+    python -m benchmarks.kernel [--quick] [--cases top10,both,...] [--repeats 5] [--threads 2]
+
+Each case times its contenders interleaved (warm-up, then `repeats` rounds; medians), checks the
+top-k results against a peer in float64 (ties forgiven, nothing else), and puts each time against
+the roofline measured on this machine. Writes results/kernel.json (kernel_quick.json for --quick)
+and PNG plots beside it; `benchmarks.report` turns the JSON into the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cases as case_defs
+from . import roofline
+from .common import RESULTS_DIR, machine_info, time_interleaved, write_json
+from .exactness import check_top_k
+from .peers import thread_limits
+
+ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target of issue 3: ratio `ratio` of case `case` compared by `op` with `target`
+    (op "report": measured and shown, no target)."""
+
+    description: str
+    case: str
+    ratio: str
+    op: str
+    target: float | None = None
+
+
+GOALS = [
+    Goal("one-sided top-10: speed vs faiss", "top10", "tracin vs faiss", ">=", 1.0),
+    Goal("one-sided top-10: speed vs the bare sgemm", "top10", "tracin vs sgemm", ">=", 0.9),
+    Goal("both sides in one call vs two faiss searches", "both", "tracin vs faiss", ">=", 1.8),
+    Goal("skinny queries (m=16, n=1M): speed vs faiss", "skinny", "tracin vs faiss", ">=", 5.0),
+    Goal("skinny queries: fp16 train side vs fp32", "skinny", "fp16 vs fp32", ">=", 1.4),
+    Goal("k=1000 cost / k=10 cost", "k", "tracin k=1000 / k=10 cost", "<=", 1.5),
+    Goal("k=100 cost / k=10 cost", "k", "tracin k=100 / k=10 cost", "report"),
+    Goal("C=5 checkpoints cost / one checkpoint of 5x dims", "checkpoints", "C checkpoints / one wide cost", "<=", 1.1),
+    Goal("factored (10 x 513) vs materialised (5130 dims)", "factored", "factored vs materialised", ">=", 20.0),
+    Goal("threads 1 -> 2 speed-up (tracin)", "threads", "tracin t=1 -> t=2", "report"),
+    Goal("threads 1 -> 2 speed-up (faiss)", "threads", "faiss t=1 -> t=2", "report"),
+]
+
+
+def _stashing(name: str, fn: Callable[[], object], stash: dict) -> Callable[[], None]:
+    def run() -> None:
+        stash[name] = fn()
+
+    return run
+
+
+def _checks(case: case_defs.Case, stash: dict) -> list[dict]:
+    out = []
+    for check in case.checks:
+        ours = stash[check.ours]
+        if isinstance(check.reference, str):
+            reference, ref_name = stash[check.reference], check.reference
+        else:
+            reference, ref_name = check.reference(), check.reference_name
+        sides = [("proponents", 0), ("opponents", 1)] if check.side == "both" else [(check.side, None)]
+        for side, part in sides:
+            mine = ours if part is None else ours[part]
+            theirs = reference if part is None else reference[part]
+            result = check_top_k(check.test, check.train, tuple(mine), tuple(theirs), side)
+            out.append({"ours": check.ours, "reference": ref_name, "side": side, **result})
+    return out
+
+
+def run_case(case: case_defs.Case, repeats: int, warmup: int) -> dict:
+    """Times and checks one case; the JSON record of it (rooflines come later, attach_rooflines)."""
+    stash: dict = {}
+    timing = time_interleaved({c.name: _stashing(c.name, c.run, stash) for c in case.contenders},
+                              repeats=repeats, warmup=warmup)
+    contenders = {}
+    for c in case.contenders:
+        median = timing[c.name]["median_s"]
+        contenders[c.name] = {"peer": c.peer, "threads": c.threads, "median_s": median,
+                              "times_s": timing[c.name]["times_s"], "flops": c.flops, "bytes": c.bytes,
+                              "gflops": c.flops / median / 1e9}
+    ratios = {label: {"value": contenders[num]["median_s"] / contenders[den]["median_s"],
+                      "numerator": num, "denominator": den}
+              for label, (num, den) in case.ratios.items()}
+    return {"name": case.name, "title": case.title, "params": case.params, "contenders": contenders,
+            "ratios": ratios, "checks": _checks(case, stash)}
+
+
+def attach_rooflines(case_records: list[dict], limits: dict) -> None:
+    """Raises the peak to the fastest bare sgemm seen in the run (a peak measured while the
+    machine was busy is too low; the machine did at least that), then gives every contender its
+    roofline bound and the fraction of it reached."""
+    peaks = limits["peak_sgemm_gflops"]
+    for c in (c for r in case_records for c in r["contenders"].values() if c["peer"] == "sgemm"):
+        for t in (t for t in peaks if int(t) >= c["threads"]):
+            peaks[t] = max(peaks[t], c["flops"] / min(c["times_s"]) / 1e9)
+    for c in (c for r in case_records for c in r["contenders"].values()):
+        bound = roofline.bound(c["flops"], c["bytes"], peaks[str(c["threads"])],
+                               limits["read_bandwidth_gbs"][str(c["threads"])])
+        c["roofline"] = bound
+        c["roofline_fraction"] = bound["bound_s"] / c["median_s"]
+
+
+def roofline_limit(case: dict, numerator: str, denominator: str) -> float:
+    """The ratio at the roofline. Two runs of one library (e.g. tracin vs tracin): both at their
+    bounds, what the work itself allows (e.g. the FLOP ratio of factored mode). tracin against a
+    peer: the peer as measured, tracin at its bound (the most any kernel could gain here)."""
+    num, den = case["contenders"][numerator], case["contenders"][denominator]
+    top = num["roofline"]["bound_s"] if num["peer"] == den["peer"] else num["median_s"]
+    return top / den["roofline"]["bound_s"]
+
+
+def evaluate_goals(case_records: list[dict]) -> list[dict]:
+    """Each goal with its measured value, its roofline limit and whether it is met (None: not
+    run or report only); plus one exactness goal over every check made."""
+    by_name = {c["name"]: c for c in case_records}
+    out = []
+    for g in GOALS:
+        case = by_name.get(g.case, {})
+        ratio = case.get("ratios", {}).get(g.ratio)
+        measured = limit = met = None
+        if ratio is not None:
+            measured = ratio["value"]
+            limit = roofline_limit(case, ratio["numerator"], ratio["denominator"])
+            if g.op != "report":
+                met = measured >= g.target if g.op == ">=" else measured <= g.target
+        out.append({"goal": g.description, "case": g.case, "ratio": g.ratio, "op": g.op,
+                    "target": g.target, "measured": measured, "roofline_limit": limit, "met": met})
+    checks = [ch for c in case_records for ch in c["checks"]]
+    wrong = sum(not ch["ok"] for ch in checks)
+    out.append({"goal": "exact: top-k equal to the peers' except at ties", "case": "all", "ratio": "wrong checks",
+                "op": "<=", "target": 0, "measured": wrong, "roofline_limit": None,
+                "met": wrong == 0 if checks else None})
+    return out
+
+
+def _versions() -> dict:
+    import faiss
+    import matplotlib
+    import threadpoolctl
+    import torch
+
+    return {"faiss": faiss.__version__, "torch": torch.__version__, "threadpoolctl": threadpoolctl.__version__,
+            "matplotlib": matplotlib.__version__,
+            "faiss_distance_compute_blas_threshold": faiss.cvar.distance_compute_blas_threshold}
+
+
+def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, warmup: int,
+        quick: bool, log: Callable[[str], None] = print) -> dict:
+    """Measures the machine's limits, then every case of `groups`; the JSON payload."""
+    thread_counts = sorted({1, threads})
+    log(f"measuring peak sgemm and read bandwidth at threads {thread_counts} ...")
+    limits = roofline.machine_limits(thread_counts, quick=quick)
+    log(f"  {limits['peak_sgemm_gflops']} GFLOP/s, {limits['read_bandwidth_gbs']} GB/s")
+    data = case_defs.Data()
+    records = []
+    for group in groups:
+        for case in case_defs.GROUPS[group](sizes, data, threads):
+            log(f"case {case.name}: {case.title}")
+            with thread_limits(threads):
+                record = run_case(case, repeats, warmup)
+            record["group"] = group
+            records.append(record)
+            for name, c in record["contenders"].items():
+                log(f"  {name:24s} {c['median_s'] * 1e3:10.2f} ms {c['gflops']:8.1f} GFLOP/s")
+            bad = [ch for ch in record["checks"] if not ch["ok"]]
+            log("  exactness: " + ("ok" if not bad else f"{len(bad)} FAILED CHECKS: {bad}"))
+            del case
+    attach_rooflines(records, limits)
+    return {
+        "machine": machine_info(),
+        "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
+                   "sizes": sizes.__dict__},
+        "versions": _versions(),
+        "environment": {v: os.environ.get(v) for v in ENV_VARS},
+        "limits": limits,
+        "cases": records,
+        "goals": evaluate_goals(records),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracin bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+    p.add_argument("--cases", default=",".join(case_defs.GROUPS),
+                   help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)})")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads for every library (default: all cores); the threads case also runs 1")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
+    p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks.kernel` and `tracin bench`; returns the exit code."""
+    from . import plot, report
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.cases.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in case_defs.GROUPS]
+    if unknown or not groups:
+        parser.error(f"--cases: unknown {unknown}; choose from {','.join(case_defs.GROUPS)}")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    name = args.name or ("kernel_quick" if args.quick else "kernel")
+    sizes = case_defs.QUICK if args.quick else case_defs.FULL
+    payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick)
+    payload["plots"] = [p.name for p in plot.plot_all(payload, args.out, name)]
+    path = write_json(name, payload, directory=args.out)
+    print(report.markdown(payload))
+    print(f"wrote {path} and {', '.join(payload['plots'])}")
+    if args.readme:
+        report.update_readme(args.readme, payload, source=os.path.relpath(path, args.readme.parent))
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

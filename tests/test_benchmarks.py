@@ -1,0 +1,181 @@
+"""The kernel benchmark harness: --quick smoke run (JSON, PNGs, README table) and its exactness check.
+
+No timing assertions: speed is measured by the benchmark itself, not in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss")
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+from benchmarks import cases, kernel, report  # noqa: E402
+from benchmarks.exactness import check_top_k  # noqa: E402
+from benchmarks.roofline import bound  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text("# project\n\nintro\n")
+    code = kernel.main(["--quick", "--repeats", "2", "--warmup", "0", "--threads", "2",
+                        "--out", str(out), "--readme", str(readme)])
+    return code, out, readme, json.loads((out / "kernel_quick.json").read_text())
+
+
+def test_quick_run_writes_well_formed_json(quick_run):
+    code, _, _, payload = quick_run
+    assert code == 0
+    for key in ("benchmark", "machine", "versions", "environment", "config", "limits", "cases", "goals", "plots"):
+        assert key in payload
+    assert payload["config"]["repeats"] == 2 and payload["config"]["quick"] is True
+    assert "OPENBLAS_CORETYPE" in payload["environment"]
+    assert {c["group"] for c in payload["cases"]} == set(cases.GROUPS)
+    for t in ("1", "2"):
+        assert payload["limits"]["peak_sgemm_gflops"][t] > 0
+        assert payload["limits"]["read_bandwidth_gbs"][t] > 0
+    for case in payload["cases"]:
+        peers = {c["peer"] for c in case["contenders"].values()}
+        assert "tracin" in peers and len(peers) >= 2, case["name"]
+        for c in case["contenders"].values():
+            assert len(c["times_s"]) == 2
+            assert c["median_s"] == pytest.approx(float(np.median(c["times_s"])))
+            assert c["gflops"] == pytest.approx(c["roofline"]["flops"] / c["median_s"] / 1e9)
+            assert c["roofline"]["bound_s"] == max(c["roofline"]["compute_s"], c["roofline"]["memory_s"])
+        for r in case["ratios"].values():
+            expected = (case["contenders"][r["numerator"]]["median_s"]
+                        / case["contenders"][r["denominator"]]["median_s"])
+            assert r["value"] == pytest.approx(expected)
+        assert case["checks"], case["name"]
+        for check in case["checks"]:
+            assert check["ok"], check
+            assert check["identical_rows"] + check["tie_only_rows"] == check["rows"]
+
+
+def test_quick_run_covers_every_peer_and_goal(quick_run):
+    payload = quick_run[3]
+    by_name = {c["name"]: c for c in payload["cases"]}
+    assert {c["peer"] for c in by_name["top10"]["contenders"].values()} == {"tracin", "faiss", "numpy", "torch",
+                                                                             "sgemm"}
+    assert {"tracin fp32", "tracin fp16"} <= set(by_name["skinny"]["contenders"])
+    assert {f"tracin k={k}" for k in (1, 10, 100, 1000)} <= set(by_name["k"]["contenders"])
+    assert by_name["factored"]["params"]["flop_ratio"] == pytest.approx(10 * 33 / (10 + 33))
+    goals = payload["goals"]
+    assert [g["goal"] for g in goals[:-1]] == [g.description for g in kernel.GOALS]
+    for g in goals:
+        assert g["measured"] is not None and math.isfinite(g["measured"]), g
+        if g["op"] == "report":
+            assert g["met"] is None
+        else:
+            assert isinstance(g["met"], bool)
+    assert goals[-1]["met"] is True  # every exactness check passed
+
+
+def test_quick_run_writes_png_plots(quick_run):
+    _, out, _, payload = quick_run
+    assert sorted(payload["plots"]) == sorted(f"kernel_quick_{k}.png" for k in ("speedups", "k", "threads", "n",
+                                                                                  "roofline"))
+    for name in payload["plots"]:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_quick_run_writes_readme_table(quick_run):
+    _, _, readme, payload = quick_run
+    text = readme.read_text()
+    assert text.startswith("# project\n\nintro\n")
+    assert text.count(report.START) == 1 and text.count(report.END) == 1
+    block = text.split(report.START)[1].split(report.END)[0]
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(payload["goals"]) + 2 + len(payload["cases"])
+    for case in payload["cases"]:
+        assert case["title"] in block
+    assert all(line.count("|") == table[0].count("|") for line in table[: 2 + len(payload["goals"])])
+
+
+def test_update_readme_replaces_only_between_markers(quick_run, tmp_path):
+    payload = quick_run[3]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{report.START}\nold numbers\n{report.END}\nafter\n")
+    report.update_readme(readme, payload)
+    report.update_readme(readme, payload)
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith(f"{report.END}\nafter\n")
+    assert "old numbers" not in text and text.count(report.START) == 1
+
+
+def test_bad_cases_option_is_a_usage_error():
+    with pytest.raises(SystemExit) as e:
+        kernel.main(["--quick", "--cases", "top10,nope"])
+    assert e.value.code == 2
+
+
+def _reference_top_k(q, x, k, largest=True):
+    s = q.astype(np.float64) @ x.astype(np.float64).T
+    order = np.argsort(-s if largest else s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1).astype(np.float32), order
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+def test_exactness_check_accepts_right_and_rejects_wrong(side):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((6, 16), dtype=np.float32)
+    x = rng.standard_normal((200, 16), dtype=np.float32)
+    right = _reference_top_k(q, x, 5, largest=side == "proponents")
+    result = check_top_k(q, x, right, right, side)
+    assert result["ok"] and result["identical_rows"] == 6 and result["wrong_rows"] == 0
+
+    values, indices = right[0].copy(), right[1].copy()
+    worst = _reference_top_k(q[2:3], x, 1, largest=side != "proponents")[1][0, 0]
+    indices[2, -1] = worst  # a clearly worse row in row 2, with its true score reported
+    values[2, -1] = np.float32(q[2].astype(np.float64) @ x[worst].astype(np.float64))
+    wrong = check_top_k(q, x, (values, indices), right, side)
+    assert not wrong["ok"] and wrong["wrong_rows"] == 1 and wrong["identical_rows"] == 5
+
+    garbled = right[0].copy()
+    garbled[0] += np.float32(0.1) if side == "proponents" else np.float32(-0.1)
+    assert not check_top_k(q, x, (garbled, right[1]), right, side)["ok"]
+
+
+def test_exactness_check_forgives_exact_ties():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((3, 8), dtype=np.float32)
+    x = rng.standard_normal((50, 8), dtype=np.float32)
+    ref = _reference_top_k(q, x, 3)
+    best = ref[1][0, 0]
+    x = np.vstack([x, x[best:best + 1]])  # row 50 ties exactly with row 0's best
+    ours = (ref[0], ref[1].copy())
+    ours[1][0, 0] = 50
+    result = check_top_k(q, x, ours, ref)
+    assert result["ok"] and result["tie_only_rows"] == 1 and result["identical_rows"] == 2
+
+
+def test_exactness_check_rejects_malformed_results():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4), dtype=np.float32)
+    x = rng.standard_normal((20, 4), dtype=np.float32)
+    ref = _reference_top_k(q, x, 3)
+    dup = ref[1].copy()
+    dup[0, 1] = dup[0, 0]
+    assert "twice" in check_top_k(q, x, (ref[0], dup), ref)["problem"]
+    out_of_range = ref[1].copy()
+    out_of_range[1, 2] = 20
+    assert not check_top_k(q, x, (ref[0], out_of_range), ref)["ok"]
+    assert "sorted" in check_top_k(q, x, (ref[0][:, ::-1], ref[1][:, ::-1]), ref)["problem"]
+
+
+def test_roofline_bound_picks_the_slower_limit():
+    b = bound(flops=2e9, nbytes=1e9, peak_gflops=100.0, bandwidth_gbs=10.0)
+    assert b["compute_s"] == pytest.approx(0.02) and b["memory_s"] == pytest.approx(0.1)
+    assert b["bound_s"] == pytest.approx(0.1) and b["bound_by"] == "memory"
+    assert b["intensity_flop_per_byte"] == pytest.approx(2.0)
+    assert bound(2e12, 1e9, 100.0, 10.0)["bound_by"] == "compute"
