@@ -16,7 +16,6 @@ namespace {
 
 constexpr std::int64_t kDefaultTrainBlock = 96;
 constexpr std::int64_t kDefaultTestBlock = 512;
-constexpr std::int64_t kPrefetchBlocks = 2;  // micro-blocks of train rows fetched ahead
 
 std::int64_t RoundUp(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 std::int64_t Slices(std::int64_t depth) { return (depth + kSliceDepth - 1) / kSliceDepth; }
@@ -120,23 +119,56 @@ class PackedTest {
   int nr_ = 0;
 };
 
-// Asks for the rows the next micro-block will copy while this one computes, so that memory
-// latency overlaps with arithmetic.
-void PrefetchRows(const MatrixView& m, std::int64_t first, std::int64_t count, std::int64_t k0,
-                  std::int64_t kc) {
-#if defined(__GNUC__)
-  const std::int64_t line = 64, bytes = kc * static_cast<std::int64_t>(ElementSize(m.dtype));
-  for (std::int64_t r = 0; r < count; ++r) {
-    const char* p = RowAddress(m, first + r) + k0 * static_cast<std::int64_t>(ElementSize(m.dtype));
-    for (std::int64_t b = 0; b < bytes; b += line) __builtin_prefetch(p + b, 0, 3);
+// Fetches the next tile's train rows into the cache a little at a time while the current tile
+// computes, so that memory reads overlap arithmetic instead of stalling the next tile's copy.
+class RowPrefetcher {
+ public:
+  // Rows [first, first + count) of every block of `side`; nothing when count is 0.
+  void Reset(const GradientSide& side, std::int64_t first, std::int64_t count) {
+    ranges_.clear();
+    for (const MatrixView& m : side.blocks) {
+      if (count <= 0 || m.cols == 0) continue;
+      const auto row_bytes = static_cast<std::int64_t>(m.cols * ElementSize(m.dtype));
+      const auto stride = static_cast<std::int64_t>(m.row_stride * ElementSize(m.dtype));
+      if (stride == row_bytes)
+        ranges_.push_back({RowAddress(m, first), row_bytes * count});
+      else
+        for (std::int64_t r = 0; r < count; ++r) ranges_.push_back({RowAddress(m, first + r), row_bytes});
+    }
+    total_ = 0;
+    for (const auto& r : ranges_) total_ += r.second;
+    issued_ = 0;
+    range_ = 0;
+    offset_ = 0;
   }
-#else
-  (void)m, (void)first, (void)count, (void)k0, (void)kc;
+
+  // Issues prefetches up to `done` of `total` of the way through the rows.
+  void Advance(std::int64_t done, std::int64_t total) {
+    const std::int64_t target = total > 0 ? total_ * done / total : total_;
+    while (issued_ < target && range_ < ranges_.size()) {
+#if defined(__GNUC__)
+      __builtin_prefetch(ranges_[range_].first + offset_, 0, 2);
 #endif
-}
+      offset_ += kLine;
+      issued_ += kLine;
+      if (offset_ >= ranges_[range_].second) {
+        issued_ += ranges_[range_].second - offset_;  // the range's last partial line
+        offset_ = 0;
+        ++range_;
+      }
+    }
+  }
+
+ private:
+  static constexpr std::int64_t kLine = 64;
+  std::vector<std::pair<const char*, std::int64_t>> ranges_;
+  std::int64_t total_ = 0, issued_ = 0, offset_ = 0;
+  std::size_t range_ = 0;
+};
 
 struct ThreadScratch {
   AlignedFloats tile, left, right, rows;
+  RowPrefetcher prefetch;
 };
 
 class TileProducer {
@@ -146,26 +178,30 @@ class TileProducer {
       : kernels_(kernels), micro_(micro), train_(train), packed_(packed),
         block_rows_(RoundUp(train_block, micro.mr)) {}
 
-  // Computes the tile of train rows [begin, begin + rows) into scratch.tile; returns false if
-  // any score in the valid region is NaN or Inf.
-  bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t test_count,
-               ThreadScratch& s) const {
+  // Computes the tile of train rows [begin, begin + rows) into scratch.tile, prefetching rows
+  // [next_begin, next_begin + next_rows) meanwhile; returns false if any score in the valid
+  // region is NaN or Inf.
+  bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t next_begin,
+               std::int64_t next_rows, std::int64_t test_count, ThreadScratch& s) const {
+    s.prefetch.Reset(train_, next_begin, next_rows);
+    const std::int64_t steps = MicroSteps(rows);
+    std::int64_t done = 0;
     const std::int64_t ldc = packed_.lanes();
     const auto tile_size = static_cast<std::size_t>(block_rows_ * ldc);
     s.tile.Resize(tile_size);
     s.tile.Zero();
-    s.rows.Resize(static_cast<std::size_t>(micro_.mr * kSliceDepth));
+    s.rows.Resize(static_cast<std::size_t>(block_rows_ * kSliceDepth));
     if (!train_.factored) {
       for (std::size_t b = 0; b < train_.blocks.size(); ++b)
-        Accumulate(b, begin, rows, s.tile.data(), s);
+        Accumulate(b, begin, rows, s.tile.data(), s, done, steps);
     } else {
       s.left.Resize(tile_size);
       s.right.Resize(tile_size);
       for (std::size_t c = 0; c < train_.blocks.size() / 2; ++c) {
         s.left.Zero();
         s.right.Zero();
-        Accumulate(2 * c, begin, rows, s.left.data(), s);
-        Accumulate(2 * c + 1, begin, rows, s.right.data(), s);
+        Accumulate(2 * c, begin, rows, s.left.data(), s, done, steps);
+        Accumulate(2 * c + 1, begin, rows, s.right.data(), s, done, steps);
         float* t = s.tile.data();
         const float* l = s.left.data();
         const float* r = s.right.data();
@@ -189,30 +225,36 @@ class TileProducer {
   std::int64_t block_rows() const { return block_rows_; }
 
  private:
+  // Micro-blocks (mr rows x one slice of one block) in a tile of `rows` train rows.
+  std::int64_t MicroSteps(std::int64_t rows) const {
+    std::int64_t slices = 0;
+    for (const MatrixView& m : train_.blocks) slices += Slices(m.cols);
+    return slices * ((rows + micro_.mr - 1) / micro_.mr);
+  }
+
   // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes.
+  // `done` counts micro-blocks of the tile computed so far, out of `steps`.
   void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c,
-                  ThreadScratch& s) const {
+                  ThreadScratch& s, std::int64_t& done, std::int64_t steps) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
     for (std::int64_t slice = 0; slice < Slices(m.cols); ++slice) {
       const std::int64_t k0 = slice * kSliceDepth;
       const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
       const float* panels = packed_.Slice(b, slice);
+      // The tile's rows are first copied (and converted) into a contiguous scratch block, rows
+      // padded with zeros to a multiple of mr: long sequential reads stream from memory far
+      // faster than the micro-kernel's interleaved walk over mr rows would.
+      float* a_block = s.rows.data();
+      const std::int64_t padded = RoundUp(rows, mr);
+      for (std::int64_t r = 0; r < rows; ++r) LoadRow(kernels_, m, begin + r, k0, kc, a_block + r * kc);
+      std::memset(a_block + rows * kc, 0, static_cast<std::size_t>((padded - rows) * kc) * sizeof(float));
       for (std::int64_t i = 0; i < rows; i += mr) {
-        const std::int64_t live = std::min(mr, rows - i);
-        // Rows are copied (and converted) into a contiguous scratch block first: one sequential
-        // stream per row reads memory far faster than the kernel's interleaved walk over mr rows.
-        float* a = s.rows.data();
-        for (std::int64_t r = 0; r < mr; ++r) {
-          if (r < live)
-            LoadRow(kernels_, m, begin + i + r, k0, kc, a + r * kc);
-          else
-            std::memset(a + r * kc, 0, static_cast<std::size_t>(kc) * sizeof(float));
-        }
+        const float* a = a_block + i * kc;
         const std::int64_t lda = kc;
-        PrefetchRows(m, begin + i + kPrefetchBlocks * mr, std::min(mr, rows - i - kPrefetchBlocks * mr), k0, kc);
         for (std::int64_t p = 0; p < ldc; p += nr)
           micro_.kernel(kc, a, lda, panels + p * kc, c + i * ldc + p, ldc);
+        s.prefetch.Advance(++done, steps);
       }
     }
   }
@@ -345,11 +387,13 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     const std::int64_t block = producer.block_rows();
     consumer.BeginPass(begin, count, threads);
     std::atomic<bool> stop{false}, non_finite{false};
-    Status status = ParallelFor((n + block - 1) / block, threads, stop,
-                                [&](std::int64_t task, int thread) {
+    const std::int64_t tasks = (n + block - 1) / block;
+    Status status = ParallelFor(tasks, threads, stop,
+                                [&](std::int64_t task, std::int64_t upcoming, int thread) {
       const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
+      const std::int64_t next0 = upcoming * block, next_rows = std::max<std::int64_t>(0, std::min(block, n - next0));
       ThreadScratch& s = scratch[static_cast<std::size_t>(thread)];
-      if (!producer.Compute(j0, rows, count, s)) {
+      if (!producer.Compute(j0, rows, next0, next_rows, count, s)) {
         non_finite = true;
         stop = true;
         return;

@@ -9,6 +9,7 @@
 #include <new>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "tracin/tracin.hpp"
@@ -22,7 +23,9 @@ inline int ResolveThreads(int requested) {
 }
 
 // Runs body(task, thread) for task in [0, n_tasks) on up to n_threads threads, tasks handed out
-// dynamically. `stop` lets a body end the loop early. Exceptions become a Status.
+// dynamically. A body taking (task, upcoming, thread) is also told the task its thread runs next
+// (n_tasks if none), e.g. to prefetch its data. `stop` lets a body end the loop early.
+// Exceptions become a Status.
 template <class Body>
 Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop, Body&& body) {
   n_threads = static_cast<int>(std::min<std::int64_t>(n_threads, std::max<std::int64_t>(n_tasks, 1)));
@@ -31,9 +34,15 @@ Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
   Status error;
   auto worker = [&](int thread) {
     try {
-      for (std::int64_t task = next++; task < n_tasks && !stop.load(std::memory_order_relaxed);
-           task = next++)
-        body(task, thread);
+      std::int64_t task = next++;
+      while (task < n_tasks && !stop.load(std::memory_order_relaxed)) {
+        const std::int64_t upcoming = std::min<std::int64_t>(next++, n_tasks);
+        if constexpr (std::is_invocable_v<Body&, std::int64_t, std::int64_t, int>)
+          body(task, upcoming, thread);
+        else
+          body(task, thread);
+        task = upcoming;
+      }
     } catch (const std::bad_alloc&) {
       std::lock_guard<std::mutex> lock(error_mutex);
       error = {StatusCode::kInternal, "out of memory in the tracin kernel"};
