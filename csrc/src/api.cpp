@@ -16,6 +16,7 @@ namespace {
 
 constexpr std::int64_t kHeapMaxK = 64;    // heap selection up to this k, partition buffers above
 constexpr std::int64_t kRowsPerTask = 256;  // rows per task in the row-wise functions
+constexpr std::int64_t kScanLanes = 16;     // tile lanes checked against thresholds at once
 
 class DenseConsumer final : public TileConsumer {
  public:
@@ -82,18 +83,19 @@ class TopKConsumer final : public TileConsumer {
     const auto t = static_cast<std::size_t>(thread);
     Selector* prop = want_prop_ ? &prop_[t] : nullptr;
     Selector* opp = want_opp_ ? &opp_[t] : nullptr;
-    // Opponents are the proponents of the negated scores (negation is exact). A row below both
-    // thresholds everywhere (the common case once the selectors fill) is dismissed by a
-    // branch-free, vectorisable scan.
+    // Opponents are the proponents of the negated scores (negation is exact).
     const float* prop_thr = prop ? prop->thresholds() : nullptr;
     const float* opp_thr = opp ? opp->thresholds() : nullptr;
     for (std::int64_t j = 0; j < rows; ++j) {
       const float* row = tile + j * ldc;
-      if (!AnyCandidate(row, prop_thr, opp_thr)) continue;
-      for (std::int64_t r = 0; r < count_; ++r) {
-        const float v = row[r];
-        if (prop && v >= prop_thr[r]) prop->Offer(r, v, j0 + j);
-        if (opp && -v >= opp_thr[r]) opp->Offer(r, -v, j0 + j);
+      for (std::int64_t r0 = 0; r0 < count_; r0 += kScanLanes) {
+        const std::int64_t r1 = std::min(count_, r0 + kScanLanes);
+        if (!AnyCandidate(row, prop_thr, opp_thr, r0, r1)) continue;
+        for (std::int64_t r = r0; r < r1; ++r) {
+          const float v = row[r];
+          if (prop && v >= prop_thr[r]) prop->Offer(r, v, j0 + j);
+          if (opp && -v >= opp_thr[r]) opp->Offer(r, -v, j0 + j);
+        }
       }
     }
   }
@@ -118,12 +120,15 @@ class TopKConsumer final : public TileConsumer {
   }
 
  private:
-  bool AnyCandidate(const float* row, const float* prop_thr, const float* opp_thr) const {
+  // Lanes [r0, r1) of a tile row below both thresholds everywhere (the common case once the
+  // selectors fill) are dismissed by this branch-free, vectorisable scan.
+  static bool AnyCandidate(const float* row, const float* prop_thr, const float* opp_thr,
+                           std::int64_t r0, std::int64_t r1) {
     int any = 0;
     if (prop_thr)
-      for (std::int64_t r = 0; r < count_; ++r) any |= row[r] >= prop_thr[r];
+      for (std::int64_t r = r0; r < r1; ++r) any |= row[r] >= prop_thr[r];
     if (opp_thr)
-      for (std::int64_t r = 0; r < count_; ++r) any |= -row[r] >= opp_thr[r];
+      for (std::int64_t r = r0; r < r1; ++r) any |= -row[r] >= opp_thr[r];
     return any != 0;
   }
 

@@ -16,8 +16,18 @@ namespace {
 
 constexpr std::int64_t kDefaultTrainBlock = 96;
 constexpr std::int64_t kDefaultTestBlock = 512;
+constexpr std::int64_t kPackedTestBudget = std::int64_t{32} << 20;
 
 std::int64_t RoundUp(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
+
+// Test rows per pass over the train side: up to kDefaultTestBlock, fewer when the packed copy of
+// the pass (all checkpoints' columns, float32) would exceed kPackedTestBudget bytes.
+std::int64_t DefaultPassRows(const GradientSide& test) {
+  std::int64_t row_bytes = 0;
+  for (const MatrixView& m : test.blocks) row_bytes += m.cols * 4;
+  const std::int64_t by_budget = kPackedTestBudget / std::max<std::int64_t>(row_bytes, 1);
+  return std::clamp<std::int64_t>(by_budget / 32 * 32, 32, kDefaultTestBlock);
+}
 std::int64_t Slices(std::int64_t depth) { return (depth + kSliceDepth - 1) / kSliceDepth; }
 
 std::string BlockName(const GradientSide& side, std::size_t block) {
@@ -368,8 +378,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t m = test.rows(), n = train.rows();
   // Nothing to score, but bad input is still bad input.
   if (m == 0 || n == 0) return CheckAllFinite(&test, train);
-  const std::int64_t pass_rows =
-      std::max<std::int64_t>(1, options.test_block > 0 ? options.test_block : kDefaultTestBlock);
+  const std::int64_t pass_rows = options.test_block > 0 ? options.test_block : DefaultPassRows(test);
   const std::int64_t first_pass = std::min(pass_rows, m);
   // The narrow tile wastes fewer padded lanes on few test rows.
   const MicroTile& micro = RoundUp(first_pass, kernels.narrow.nr) < RoundUp(first_pass, kernels.wide.nr)

@@ -14,9 +14,13 @@ struct Candidate {
   std::int64_t index;
 };
 
-inline bool Better(const Candidate& a, const Candidate& b) {
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
+// The order of results (a functor, so that the standard algorithms inline it).
+struct BetterThan {
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    return a.value > b.value || (a.value == b.value && a.index < b.index);
+  }
+};
+inline constexpr BetterThan Better{};
 
 // A bounded binary heap per row, its worst candidate on top. Best for small k.
 class HeapSelector {
@@ -104,7 +108,9 @@ class BufferSelector {
 inline void WriteBest(std::vector<Candidate>* pool, std::int64_t k, bool negate, float* values,
                       std::int64_t* indices) {
   const auto keep = static_cast<std::ptrdiff_t>(std::min<std::size_t>(pool->size(), k));
-  std::partial_sort(pool->begin(), pool->begin() + keep, pool->end(), Better);
+  if (keep < static_cast<std::ptrdiff_t>(pool->size()))
+    std::nth_element(pool->begin(), pool->begin() + keep, pool->end(), Better);
+  std::sort(pool->begin(), pool->begin() + keep, Better);
   for (std::ptrdiff_t j = 0; j < keep; ++j) {
     values[j] = negate ? -(*pool)[j].value : (*pool)[j].value;
     indices[j] = (*pool)[j].index;
