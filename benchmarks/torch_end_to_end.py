@@ -3,7 +3,10 @@
 The job: per-example gradients of train and test examples at every checkpoint, self-influence of
 every training example, and the top-10 proponents and opponents of every test example.
 Contenders, measured in the same run:
-  tracin  tracin.torch.export_gradients + tracin.self_influence + tracin.top_k(side="both")
+  tracin        tracin.torch.export_gradients + tracin.self_influence + tracin.top_k(side="both"),
+                gradients in memory
+  tracin_store  the same with store=: gradients written to a GradientStore (temporary directory)
+                and scored from it in memory-mapped row chunks
   plain   a plain torch.func (vmap(grad)) + NumPy script doing the same job
   captum  captum.influence.TracInCP (self_influence, influence(k=10) for both sides)
 Reports median time, peak RSS (fresh process each) and agreement of the results (JSON).
@@ -80,6 +83,23 @@ def run_tracin(workdir: Path, n_train: int | None = None) -> dict:
     return {"self": tracin.self_influence(g_train),
             "pro": (both.proponents.indices, both.proponents.values),
             "opp": (both.opponents.indices, both.opponents.values)}
+
+
+def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
+    import tracin
+    from tracin.torch import export_gradients
+
+    data, checkpoints = _load(workdir)
+    model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
+    train = (data["x_train"][:n_train], data["y_train"][:n_train])
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        g_train = export_gradients(model, checkpoints, train, loss, progress=False, store=Path(tmp) / "train")
+        g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False,
+                                  store=Path(tmp) / "test")
+        both = tracin.top_k(g_test, g_train, k=K, side="both")
+        return {"self": tracin.self_influence(g_train),
+                "pro": (both.proponents.indices, both.proponents.values),
+                "opp": (both.opponents.indices, both.opponents.values)}
 
 
 def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> dict:
