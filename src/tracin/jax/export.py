@@ -182,11 +182,11 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
 def _finish_block(block: Any, count: int, projection: Any, widths: list[int], dtype: str) -> Any:
     """Host arrays of the real rows of a computed block, projected and cast to dtype."""
     if isinstance(block, tuple):
-        left, right = (np.asarray(b[:count]) for b in block)
+        left, right = (np.asarray(b)[:count] for b in block)  # host views, no device-side slice copy
         if projection is not None:
             left, right = projection.apply_factored(left, right)
         return _cast(np.asarray(left), dtype), _cast(np.asarray(right), dtype)
-    rows = np.asarray(block[:count])
+    rows = np.asarray(block)[:count]
     if projection is not None:
         rows = np.asarray(projection.apply(rows, segments=widths))
     return _cast(rows, dtype)
