@@ -196,11 +196,15 @@ def main() -> None:
         dims = sum(p.numel() for p in make_model().parameters())
 
         # The full task: tracin against the plain script.
-        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir)},
+        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir),
+                                   "tracin_store": lambda: run_tracin_store(workdir)},
                                   repeats=args.repeats, warmup=1)
-        vs_plain = agreement(run_tracin(workdir), run_plain(workdir))
+        plain = run_plain(workdir)
+        vs_plain = agreement(run_tracin(workdir), plain)
+        store_vs_plain = agreement(run_tracin_store(workdir), plain)
         memory = {name: peak_rss_of(_child(fn, workdir, None))[0]
-                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"))}
+                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"),
+                                   ("tracin_store", "run_tracin_store"))}
 
         # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
         nc = args.captum_train
@@ -214,12 +218,13 @@ def main() -> None:
                  "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10", "parameters": dims, "checkpoints": len(LRS),
                  "learning_rates": list(LRS), "torch_threads": torch.get_num_threads(),
                  "captum_n_train": nc or n_train},
-        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"],
+        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"], "tracin_store": timing["tracin_store"],
                    "tracin_captum_task": captum_timing["tracin"], "captum": captum_timing["captum"]},
         "peak_rss_mib": {**memory, "captum": captum_memory},
         "speedup": {"vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
+                    "store_vs_plain": timing["plain"]["median_s"] / timing["tracin_store"]["median_s"],
                     "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"]},
-        "agreement": {"vs_plain": vs_plain, "vs_captum": vs_captum},
+        "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "vs_captum": vs_captum},
     }
     path = write_json("torch_end_to_end", payload)
     print(f"wrote {path}")
