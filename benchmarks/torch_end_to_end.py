@@ -3,7 +3,10 @@
 The job: per-example gradients of train and test examples at every checkpoint, self-influence of
 every training example, and the top-10 proponents and opponents of every test example.
 Contenders, measured in the same run:
-  tracin  tracin.torch.export_gradients + tracin.self_influence + tracin.top_k(side="both")
+  tracin        tracin.torch.export_gradients + tracin.self_influence + tracin.top_k(side="both"),
+                gradients in memory
+  tracin_store  the same with store=: gradients written to a GradientStore (temporary directory)
+                and scored from it in memory-mapped row chunks
   plain   a plain torch.func (vmap(grad)) + NumPy script doing the same job
   captum  captum.influence.TracInCP (self_influence, influence(k=10) for both sides)
 Reports median time, peak RSS (fresh process each) and agreement of the results (JSON).
@@ -80,6 +83,23 @@ def run_tracin(workdir: Path, n_train: int | None = None) -> dict:
     return {"self": tracin.self_influence(g_train),
             "pro": (both.proponents.indices, both.proponents.values),
             "opp": (both.opponents.indices, both.opponents.values)}
+
+
+def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
+    import tracin
+    from tracin.torch import export_gradients
+
+    data, checkpoints = _load(workdir)
+    model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
+    train = (data["x_train"][:n_train], data["y_train"][:n_train])
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        g_train = export_gradients(model, checkpoints, train, loss, progress=False, store=Path(tmp) / "train")
+        g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False,
+                                  store=Path(tmp) / "test")
+        both = tracin.top_k(g_test, g_train, k=K, side="both")
+        return {"self": tracin.self_influence(g_train),
+                "pro": (both.proponents.indices, both.proponents.values),
+                "opp": (both.opponents.indices, both.opponents.values)}
 
 
 def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> dict:
@@ -176,11 +196,15 @@ def main() -> None:
         dims = sum(p.numel() for p in make_model().parameters())
 
         # The full task: tracin against the plain script.
-        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir)},
+        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir),
+                                   "tracin_store": lambda: run_tracin_store(workdir)},
                                   repeats=args.repeats, warmup=1)
-        vs_plain = agreement(run_tracin(workdir), run_plain(workdir))
+        plain = run_plain(workdir)
+        vs_plain = agreement(run_tracin(workdir), plain)
+        store_vs_plain = agreement(run_tracin_store(workdir), plain)
         memory = {name: peak_rss_of(_child(fn, workdir, None))[0]
-                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"))}
+                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"),
+                                   ("tracin_store", "run_tracin_store"))}
 
         # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
         nc = args.captum_train
@@ -194,12 +218,13 @@ def main() -> None:
                  "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10", "parameters": dims, "checkpoints": len(LRS),
                  "learning_rates": list(LRS), "torch_threads": torch.get_num_threads(),
                  "captum_n_train": nc or n_train},
-        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"],
+        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"], "tracin_store": timing["tracin_store"],
                    "tracin_captum_task": captum_timing["tracin"], "captum": captum_timing["captum"]},
         "peak_rss_mib": {**memory, "captum": captum_memory},
         "speedup": {"vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
+                    "store_vs_plain": timing["plain"]["median_s"] / timing["tracin_store"]["median_s"],
                     "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"]},
-        "agreement": {"vs_plain": vs_plain, "vs_captum": vs_captum},
+        "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "vs_captum": vs_captum},
     }
     path = write_json("torch_end_to_end", payload)
     print(f"wrote {path}")

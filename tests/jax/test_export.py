@@ -162,42 +162,65 @@ def test_bad_arguments(mlp, data, kwargs, error, message):
         export_gradients(args.pop("loss_fn"), args.pop("checkpoints"), args.pop("data"), **args)
 
 
-class _GaussianMap:
-    """A projection with tracin.Projection's interface (apply / apply_factored / to_dict), as a plain
-    NumPy Gaussian map, to check what the adapter hands to a projection and does with its output."""
-
-    def __init__(self, dim: int):
-        self.dim, self.segments = dim, []
-
-    def _matrix(self, d: int) -> np.ndarray:
-        return np.random.default_rng(d).normal(size=(d, self.dim)).astype(np.float32) / np.sqrt(self.dim)
-
-    def apply(self, matrix, *, segments=None):
-        self.segments.append(segments)
-        return matrix @ self._matrix(matrix.shape[1])
-
-    def apply_factored(self, left, right):
-        return left @ self._matrix(left.shape[1]), right @ self._matrix(right.shape[1])
-
-    def to_dict(self):
-        return {"kind": "gaussian-test", "dim": self.dim}
+def _projection_matrix(projection: tracin.Projection, d: int, segments: list[int] | None = None) -> np.ndarray:
+    """The (d, dim) float64 matrix of `projection` on d columns, read off by projecting the identity."""
+    return projection.apply(np.eye(d, dtype=np.float32), segments=segments).astype(np.float64)
 
 
+def _factor_matrices(projection: tracin.Projection, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (p, dl) and (q, dr) float64 factor matrices of projection.apply_factored."""
+    eye = np.eye(max(p, q), dtype=np.float32)
+    left, right = projection.apply_factored(eye[:, :p], eye[:, :q])
+    return left[:p].astype(np.float64), right[:q].astype(np.float64)
+
+
+WIDTHS = [8, 40, 3, 24]  # l1/bias, l1/kernel, l2/bias, l2/kernel: the per-layer segments
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_projection_is_applied_to_every_batch(mlp, data, dtype):
+def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, per_layer, dtype):
     x, y = data
+    projection = tracin.Projection(16, seed=5, per_layer=per_layer)
     ckpts = list(zip(mlp.params, mlp.lrs))
-    proj = _GaussianMap(16)
-    full = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=32, progress=False)
-    projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=proj, dtype=dtype, batch_size=32,
+    projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=projection, dtype=dtype, batch_size=32,
                                  progress=False)
+    assert isinstance(projected, tracin.Gradients)
     assert projected.dims == (16, 16) and projected.dtypes == (dtype, dtype)
-    assert projected.metadata["projection"] == {"kind": "gaussian-test", "dim": 16}
-    assert all(s == [8, 40, 3, 24] for s in proj.segments)  # per-parameter widths, in row order
-    for ours, rows in zip(projected.matrices, full.matrices):
-        expected = (rows @ proj._matrix(75)).astype(dtype)
-        np.testing.assert_allclose(ours.astype(np.float32), expected, rtol=2e-3 if dtype == "float16" else 1e-5,
-                                   atol=1e-3 if dtype == "float16" else 1e-6)
-    factored = export_gradients(mlp.loss_fn, ckpts, (x, y), mode="last_layer", layers=["l2"],
-                                layer_input=mlp.hidden, projection=proj, progress=False)
-    assert factored.dims == ((16, 16), (16, 16))
+    assert projected.metadata["projection"] == projection.to_dict()
+    matrix = _projection_matrix(projection, 75, WIDTHS)
+    if per_layer:  # each parameter's columns go to its own block of outputs only
+        dims = projection.segment_dims(4)
+        rows, cols = np.cumsum([0] + WIDTHS), np.cumsum([0] + dims)
+        for j in range(4):
+            outside = np.delete(matrix[rows[j]:rows[j + 1]], np.s_[cols[j]:cols[j + 1]], axis=1)
+            assert not outside.any()
+    refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS) @ matrix
+            for w in mlp.weights]
+    if dtype == "float16":
+        for ours, ref in zip(projected.matrices, refs):
+            np.testing.assert_allclose(ours.astype(np.float64), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    else:
+        for ours, ref in zip(projected.matrices, refs):
+            _close(ours, ref)
+        assert_close_to_exact(tracin.scores(projected[:10], projected), [r[:10] for r in refs], refs, mlp.lrs)
+
+
+def test_projected_last_layer_factors_are_the_kronecker_projection(mlp, data):
+    x, y = data
+    projection = tracin.Projection(12, seed=9)  # factored_dims (4, 3)
+    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode="last_layer",
+                             layers=["l2"], layer_input=mlp.hidden, projection=projection, batch_size=16,
+                             progress=False)
+    assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((4, 3), (4, 3))
+    assert grads.metadata["projection"] == projection.to_dict()
+    pl, pr = _factor_matrices(projection, 3, 9)
+    lefts, rights = [], []
+    for c, w in enumerate(mlp.weights):
+        ref = mlp.reference_grads(w, x, y)
+        lefts.append(ref["b2"] @ pl)
+        rights.append(np.hstack([ref["hidden"], np.ones((70, 1))]) @ pr)
+        _close(grads.left[c], lefts[-1])
+        _close(grads.right[c], rights[-1])
+    full = factored_to_full(lefts, rights)
+    assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)

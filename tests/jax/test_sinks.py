@@ -75,3 +75,47 @@ def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypa
     calls.clear()
     again = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
     assert calls == [] and again.complete
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_projected_store_holds_the_projected_rows_and_its_spec(mlp, data, tmp_path, mode):
+    x, y = data
+    projection = tracin.Projection(12, seed=2, per_layer=mode == "full")
+    kw = dict(mode=mode, projection=projection, batch_size=16, progress=False)
+    if mode == "last_layer":
+        kw.update(layers=["l2"], layer_input=mlp.hidden)
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    memory = export_gradients(mlp.loss_fn, ckpts, (x, y), **kw)
+    store = export_gradients(mlp.loss_fn, ckpts, (x, y), store=tmp_path / "g", **kw)
+    assert store.dims == memory.dims == (((4, 3),) * 2 if mode == "last_layer" else (12, 12))
+    assert tracin.Projection.from_dict(store.metadata["projection"]) == projection
+    for a, b in zip(_blocks(store), _blocks(memory)):
+        np.testing.assert_array_equal(a, b)
+    reopened = tracin.GradientStore.open(tmp_path / "g")
+    np.testing.assert_array_equal(tracin.self_influence(reopened), tracin.self_influence(memory))
+
+
+def test_scoring_refuses_a_store_projected_differently(mlp, data, tmp_path):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    store = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=tracin.Projection(12, seed=2),
+                             store=tmp_path / "g", progress=False)
+    other = export_gradients(mlp.loss_fn, ckpts, (x[:5], y[:5]), projection=tracin.Projection(12, seed=3),
+                             progress=False)
+    with pytest.raises(ValueError, match="projection mismatch.*seed"):
+        tracin.top_k(other, store, k=3)
+    plain = export_gradients(mlp.loss_fn, ckpts, (x[:5], y[:5]), layers=["l2"], progress=False)
+    with pytest.raises(ValueError, match="projection mismatch.*not projected"):
+        tracin.scores(plain, store)
+
+
+@pytest.mark.parametrize("n_rows", [None, 5])
+def test_memory_sink_puts_blocks_at_their_rows(n_rows):
+    from tracin.jax.sinks import MemorySink
+
+    sink = MemorySink(1, True, n_rows)
+    sink.write(0, 3, (np.full((2, 2), 2.0, np.float32), np.full((2, 1), 4.0, np.float32)))
+    sink.write(0, 0, (np.full((3, 2), 1.0, np.float32), np.full((3, 1), 3.0, np.float32)))
+    g = sink.finish([1.0], {})
+    np.testing.assert_array_equal(g.left[0][:, 0], [1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(g.right[0][:, 0], [3, 3, 3, 4, 4])

@@ -6,6 +6,7 @@ influence of the torch gradients."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -115,3 +116,53 @@ def test_same_influence_as_tracin_torch(mlp, split, mode, jax_layers, torch_laye
     for side in ("proponents", "opponents"):
         np.testing.assert_array_equal(tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
                                       tracin.top_k(torch_test, torch_train, k=5, side=side).indices)
+
+
+def _torch_layout_params(w: dict) -> list:
+    """JAX params laid out as torch's: a list [w1 (out, in), b1, w2 (out, in), b2], so the flattened
+    gradient rows have torch's column order and a projection of them is the same map on both sides."""
+    return [jnp.asarray(w[k], jnp.float32) for k in ("w1", "b1", "w2", "b2")]
+
+
+def _torch_layout_loss(mlp):
+    def loss(params, x, y):
+        w1, b1, w2, b2 = params
+        return mlp.cross_entropy(jnp.tanh(x @ w1.T + b1) @ w2.T + b2, y)
+
+    return loss
+
+
+@pytest.mark.parametrize("mode, per_layer", [("full", False), ("full", True), ("last_layer", False)])
+def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mode, per_layer):
+    import tracin.torch
+
+    (xtr, ytr), (xte, yte) = split
+    projection = tracin.Projection(16, seed=11, per_layer=per_layer)
+    models = [_torch_model(w) for w in mlp.weights]
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    if mode == "full":
+        loss_fn, params, extra = _torch_layout_loss(mlp), [_torch_layout_params(w) for w in mlp.weights], {}
+    else:
+        loss_fn, params, extra = mlp.loss_fn, mlp.params, dict(layers=["l2"], layer_input=mlp.hidden)
+
+    def ours(x, y):
+        return export_gradients(loss_fn, list(zip(params, mlp.lrs)), (x, y), mode=mode, projection=projection,
+                                progress=False, **extra)
+
+    def theirs(x, y):
+        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs)), (torch.as_tensor(x),
+                                             torch.as_tensor(y)), ce, mode=mode, projection=projection,
+                                             progress=False)
+
+    jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
+    assert jax_train.dims == torch_train.dims
+    assert jax_train.metadata["projection"] == torch_train.metadata["projection"] == projection.to_dict()
+    if mode == "last_layer":
+        ref_test = factored_to_full(torch_test.left, torch_test.right)
+        ref_train = factored_to_full(torch_train.left, torch_train.right)
+    else:
+        assert [p["shape"] for p in jax_train.metadata["params"]] == [
+            shape for _, shape in torch_train.metadata["parameters"]]
+        ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
+    _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)

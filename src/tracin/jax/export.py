@@ -135,7 +135,7 @@ def export_gradients(
                                   "left": "dL/d(output)", "right": "layer input with 1 appended (bias)"}
     store_dims = [dims if factored else dims[0]] * len(entries)
     sink = (StoreSink(store, plan.n_rows, store_dims, weights, dtype, factored, metadata) if store is not None
-            else MemorySink(len(entries), factored))
+            else MemorySink(len(entries), factored, plan.n_rows))
 
     bar = _progress_bar(plan.n_rows * len(entries) if plan.n_rows is not None else None, progress)
     checked = False
@@ -158,9 +158,9 @@ def export_gradients(
                     if factored:
                         compute.check_layer_input(params, batch)
                     checked = True
-                block = _finish_block(compute(selected, arrays, batch), batch.count, projection, layout.widths, dtype)
                 skip = max(0, done - batch.start)
-                sink.write(c, batch.start + skip, _rows(block, skip))
+                sink.write(c, batch.start + skip, _rows(_finish_block(compute(selected, arrays, batch), batch.count,
+                                                                      projection, layout.widths, dtype), skip))
                 bar.update(batch.count)
             first = None
     except BaseException:
@@ -182,11 +182,11 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
 def _finish_block(block: Any, count: int, projection: Any, widths: list[int], dtype: str) -> Any:
     """Host arrays of the real rows of a computed block, projected and cast to dtype."""
     if isinstance(block, tuple):
-        left, right = (np.asarray(b[:count]) for b in block)
+        left, right = (np.asarray(b)[:count] for b in block)  # host views, no device-side slice copy
         if projection is not None:
             left, right = projection.apply_factored(left, right)
         return _cast(np.asarray(left), dtype), _cast(np.asarray(right), dtype)
-    rows = np.asarray(block[:count])
+    rows = np.asarray(block)[:count]
     if projection is not None:
         rows = np.asarray(projection.apply(rows, segments=widths))
     return _cast(rows, dtype)

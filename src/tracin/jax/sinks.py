@@ -13,27 +13,41 @@ Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when
 
 
 class MemorySink:
-    """Collects each checkpoint's blocks and joins them into one in-memory gradient set."""
+    """Keeps each checkpoint's rows in memory: written into preallocated arrays when the row count
+    is known (no second copy at the end), else collected and joined in row order."""
 
-    def __init__(self, n_checkpoints: int, factored: bool):
-        self._parts: list[list[Block]] = [[] for _ in range(n_checkpoints)]
-        self._factored = factored
+    def __init__(self, n_checkpoints: int, factored: bool, n_rows: int | None = None):
+        self._parts: list[list[tuple[int, Block]]] = [[] for _ in range(n_checkpoints)]
+        self._full: list[tuple[np.ndarray, ...] | None] = [None] * n_checkpoints
+        self._factored, self._n_rows = factored, n_rows
 
     def rows_done(self, checkpoint: int) -> int:
         return 0
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
-        self._parts[checkpoint].append(block)
+        pieces = block if self._factored else (block,)
+        if self._n_rows is None:
+            self._parts[checkpoint].append((start, pieces))
+            return
+        if self._full[checkpoint] is None:
+            self._full[checkpoint] = tuple(np.empty((self._n_rows, p.shape[1]), p.dtype) for p in pieces)
+        for dest, p in zip(self._full[checkpoint], pieces):
+            dest[start:start + p.shape[0]] = p
 
     def close(self) -> None:
-        self._parts = []
+        self._parts, self._full = [], []
 
     def finish(self, weights: list[float], metadata: dict) -> Gradients | FactoredGradients:
+        per_ckpt = []
+        for full, parts in zip(self._full, self._parts):
+            if full is None:
+                pieces = [p for _, p in sorted(parts, key=lambda sp: sp[0])]
+                full = tuple(np.concatenate([p[k] for p in pieces]) for k in range(len(pieces[0])))
+                parts.clear()
+            per_ckpt.append(full)
         if self._factored:
-            left = [np.concatenate([l for l, _ in parts]) for parts in self._parts]
-            right = [np.concatenate([r for _, r in parts]) for parts in self._parts]
-            return FactoredGradients(left, right, weights, metadata=metadata)
-        return Gradients([np.concatenate(parts) for parts in self._parts], weights, metadata=metadata)
+            return FactoredGradients([f[0] for f in per_ckpt], [f[1] for f in per_ckpt], weights, metadata=metadata)
+        return Gradients([f[0] for f in per_ckpt], weights, metadata=metadata)
 
 
 class StoreSink:

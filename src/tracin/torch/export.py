@@ -176,11 +176,11 @@ class _Run:
                     check_losses(losses_of(self.compute.model, state, self.compute.loss_fn, inputs, targets), rows)
                 self.loss_checked = True
             dest = self._destination(c, start, rows)
-            block = self.compute(state, inputs, targets, out=dest) if dest is not None else \
-                self.compute(state, inputs, targets)
-            if dest is None:
-                self.sink.write(c, start, self.project(block, self.dtype))
-            self._advance(rows)
+            if dest is not None:
+                self.compute(state, inputs, targets, out=dest)
+            else:
+                self.sink.write(c, start, self.project(self.compute(state, inputs, targets), self.dtype))
+            self._advance(rows)  # no batch buffer outlives its iteration: the next one is not doubled
         if self.n_rows is None:
             self.n_rows = seen
         elif seen != self.n_rows:
