@@ -75,18 +75,18 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
     t, x = test.metadata, train.metadata
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
+    if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
+        from .projection import Projection
+
+        mine, other = ("train", "test") if x["projection"] is not None else ("test", "train")
+        Projection.from_dict({"test": t, "train": x}[mine]["projection"]).check_compatible(
+            {"test": t, "train": x}[other]["projection"], what=other)
     if t.get("framework") is not None and t.get("framework") == x.get("framework") \
             and "params" in t and "params" in x and t["params"] != x["params"]:
-        names = lambda m: [p["name"] for p in m["params"]]  # noqa: E731
+        names = lambda m: [p.get("name", p.get("path")) if isinstance(p, dict) else p  # noqa: E731
+                           for p in m["params"]]
         raise ValueError(f"test and train gradients are of different parameters: "
                          f"{names(t)} vs {names(x)}")
-    if "projection" not in t or "projection" not in x or t["projection"] == x["projection"]:
-        return
-    from .projection import Projection
-
-    mine, other = ("train", "test") if x["projection"] is not None else ("test", "train")
-    Projection.from_dict({"test": t, "train": x}[mine]["projection"]).check_compatible(
-        {"test": t, "train": x}[other]["projection"], what=other)
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
