@@ -16,15 +16,20 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 5,
-                     warmup: int = 1) -> dict[str, dict]:
+                     warmup: int = 1, pause_s: float = 0.25) -> dict[str, dict]:
     """Runs every contender `warmup` times, then `repeats` rounds of one call each (interleaved, so
-    machine noise hits all alike). Returns per name {"median_s", "times_s"}."""
+    machine noise hits all alike). Returns per name {"median_s", "times_s"}.
+
+    Each timed call starts `pause_s` after the previous one ends: OpenMP and BLAS worker threads
+    keep spinning for a while after a call, and would otherwise tax whichever contender runs next.
+    """
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
+            time.sleep(pause_s)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

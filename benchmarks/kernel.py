@@ -77,11 +77,11 @@ def _checks(case: case_defs.Case, stash: dict) -> list[dict]:
     return out
 
 
-def run_case(case: case_defs.Case, repeats: int, warmup: int) -> dict:
+def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) -> dict:
     """Times and checks one case; the JSON record of it (rooflines come later, attach_rooflines)."""
     stash: dict = {}
     timing = time_interleaved({c.name: _stashing(c.name, c.run, stash) for c in case.contenders},
-                              repeats=repeats, warmup=warmup)
+                              repeats=repeats, warmup=warmup, pause_s=pause_s)
     contenders = {}
     for c in case.contenders:
         median = timing[c.name]["median_s"]
@@ -167,7 +167,8 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
         for case in case_defs.GROUPS[group](sizes, data, threads):
             log(f"case {case.name}: {case.title}")
             with thread_limits(threads):
-                record = run_case(case, repeats, warmup)
+                # A pause lets other libraries' spinning worker threads go idle (not in --quick).
+                record = run_case(case, repeats, warmup, pause_s=0.0 if quick else 0.25)
             record["group"] = group
             records.append(record)
             for name, c in record["contenders"].items():
@@ -179,6 +180,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
     return {
         "machine": machine_info(),
         "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
+                   "pause_between_calls_s": 0.0 if quick else 0.25,
                    "sizes": sizes.__dict__},
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},

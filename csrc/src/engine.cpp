@@ -82,7 +82,6 @@ class PackedTest {
   bool Pack(const KernelTable& kernels, const GradientSide& test,
             const std::vector<double>& weights, std::int64_t begin, std::int64_t count, int nr) {
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
-    nr_ = nr;
     offsets_.clear();
     std::size_t total = 0;
     for (const MatrixView& m : test.blocks) {
@@ -126,7 +125,6 @@ class PackedTest {
   AlignedFloats data_;
   std::vector<std::size_t> offsets_;
   std::int64_t lanes_ = 0;
-  int nr_ = 0;
 };
 
 // Fetches the next tile's train rows into the cache a little at a time while the current tile
