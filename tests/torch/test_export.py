@@ -52,9 +52,11 @@ def test_weights_are_the_learning_rates_and_metadata_describes_the_export(traine
     np.testing.assert_array_equal(g.weights, [lr for _, lr in checkpoints])
     meta = g.metadata
     assert meta["framework"] == "torch" and meta["mode"] == "full" and meta["dtype"] == "float32"
-    assert meta["parameters"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
-    assert meta["dims"] == sum(p.numel() for p in model.parameters()) == g.dims[0]
-    assert meta["checkpoints"] == [p for p, _ in checkpoints] and meta["projection"] is None
+    assert meta["params"] == [{"name": n, "shape": list(p.shape)} for n, p in model.named_parameters()]
+    assert sum(p.numel() for p in model.parameters()) == g.dims[0]
+    assert meta["projection"] is None and meta["layers"] is None and "last_layer" not in meta
+    assert len(meta["fingerprints"]["checkpoints"]) == len(checkpoints)
+    assert not any("version" in key for key in meta)  # versions would break resuming after an upgrade
 
 
 def test_layers_by_prefix_and_glob_match_captum_layers(trained):
@@ -64,7 +66,7 @@ def test_layers_by_prefix_and_glob_match_captum_layers(trained):
     g_test = export_gradients(model, checkpoints, test, LOSS, layers=layers, progress=False)
     oracle = captum_tracin(model, checkpoints, train, layers=["2", "4"])
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
-    assert [n for n, _ in g_train.metadata["parameters"]] == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    assert [p["name"] for p in g_train.metadata["params"]] == ["2.weight", "2.bias", "4.weight", "4.bias"]
     assert g_train.metadata["layers"] == layers
 
 
@@ -132,7 +134,7 @@ def test_dict_inputs_with_embedding_and_attention_match_captum(tmp_path, recwarn
     expected = captum_scores(oracle, (ids[24:], mask[24:], y[24:]))
     assert_scores_match(tracin.scores(g_test, g_train), expected)
     layers = export_gradients(model, checkpoints, test, LOSS, layers=["attn.*proj*"], progress=False)
-    assert [n for n, _ in layers.metadata["parameters"]] == [
+    assert [p["name"] for p in layers.metadata["params"]] == [
         "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
 
 
@@ -255,7 +257,7 @@ def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer)
     full = export_gradients(model, checkpoints, train, LOSS, progress=False)
     projected = export_gradients(model, checkpoints, train, LOSS, projection=projection, batch_size=16,
                                  progress=False)
-    widths = [int(np.prod(shape)) for _, shape in full.metadata["parameters"]]
+    widths = [int(np.prod(p["shape"])) for p in full.metadata["params"]]
     assert projected.dims == (12,) * 3 and projected.metadata["projection"] == projection.to_dict()
     for got, g in zip(projected.matrices, full.matrices):
         np.testing.assert_allclose(got, projection.apply(g, segments=widths), rtol=1e-5, atol=1e-6)

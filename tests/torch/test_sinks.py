@@ -10,17 +10,8 @@ from torch_oracle import classification_data, mlp, train_checkpoints
 
 import tracin
 from tracin.torch import export_gradients
-from tracin.torch.sinks import MemorySink
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
-
-
-def test_memory_sink_joins_pieces_in_row_order_when_the_row_count_is_unknown():
-    sink = MemorySink(None, 1, False, [1.0], {})
-    sink.write(0, 3, torch.full((2, 2), 2.0))
-    sink.write(0, 0, torch.full((3, 2), 1.0))
-    g = sink.finish()
-    np.testing.assert_array_equal(g.matrices[0][:, 0], [1, 1, 1, 2, 2])
 
 
 @pytest.fixture
