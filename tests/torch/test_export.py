@@ -273,3 +273,60 @@ def test_projection_of_last_layer_factors_is_the_kronecker_projection(trained):
         el, er = projection.apply_factored(l, r)
         np.testing.assert_allclose(pl, el, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pr, er, rtol=1e-5, atol=1e-6)
+
+
+class _Reshuffling:
+    """A re-iterable that yields the same batches in a new order on every pass (like an iterable
+    dataset that shuffles)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = list(range(len(self.batches)))
+        order = order[self.passes % len(order):] + order[:self.passes % len(order)]
+        return iter([self.batches[i] for i in order])
+
+
+def test_data_that_changes_order_between_checkpoints_is_refused(trained):
+    model, checkpoints, (x, y), _ = trained
+    data = _Reshuffling([(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)])
+    with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
+        export_gradients(model, checkpoints, data, LOSS, progress=False)
+
+
+def test_equal_width_gradients_of_different_layers_are_not_scored_together(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    x, y = classification_data(10, seed=3, features=4)
+    first = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, layers=["0"], progress=False)
+    third = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, layers=["2"], progress=False)
+    assert first.dims == third.dims
+    with pytest.raises(ValueError, match=r"different parameters: \['0.weight', '0.bias'\] vs \['2.weight', '2.bias'\]"):
+        tracin.scores(first, third)
+
+
+def test_gradients_beyond_the_float16_range_are_an_error_at_export(trained, tmp_path):
+    model, checkpoints, data, _ = trained
+    huge = lambda out, y: LOSS(out, y) * 1e6  # noqa: E731  (gradients far above 65504)
+    for store in (None, tmp_path / "g"):
+        with pytest.raises(ValueError, match="beyond the float16 range"):
+            export_gradients(model, checkpoints, data, huge, dtype="float16", store=store, progress=False)
+
+
+def test_numpy_batch_sizes_and_data_are_accepted(trained):
+    model, checkpoints, (x, y), _ = trained
+    ref = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5, progress=False)
+    got = export_gradients(model, checkpoints, (x.numpy(), y.numpy()), LOSS, batch_size=np.int64(5), progress=False)
+    for a, b in zip(ref.matrices, got.matrices):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="batch_size must be a positive integer"):
+        export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5.0, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_empty_data_is_refused_clearly(trained, mode):
+    model, checkpoints, (x, y), _ = trained
+    for data in ((x[:0], y[:0]), [], iter([])):
+        with pytest.raises(ValueError, match="data has no rows"):
+            export_gradients(model, checkpoints[:1], data, LOSS, mode=mode, progress=False)
