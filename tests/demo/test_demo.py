@@ -31,7 +31,15 @@ def test_noisy_digits_flip_labels_to_other_classes():
 
 
 def test_demo_finds_flipped_labels_better_than_loss_and_random(tmp_path):
-    result = run_demo(DemoConfig(output=tmp_path), progress=False, log=lambda *_: None)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_demo(DemoConfig(output=tmp_path), progress=False, log=lambda *_: None)
+        assert torch.get_num_threads() == 2  # the demo's single thread does not leak into the caller
+    finally:
+        torch.set_num_threads(before)
     tracin_found = result.found["TracIn self-influence"]
     loss_found = result.found["loss (final model)"]
     assert result.train_accuracy_noisy > 0.97  # the model fits the noisy labels

@@ -39,7 +39,7 @@ def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
     ([np.zeros((4, 2))], None, TypeError, r"data\[0\]: each batch must be an \(inputs, targets\) pair"),
     ([(np.zeros((4, 2)), np.float32(1))], None, ValueError, "leading batch dimension"),
     ((np.zeros((4, 2)), np.zeros(4)), 0, ValueError, "batch_size must be a positive int"),
-    ((np.zeros((4, 2)), np.zeros(4)), 2.5, ValueError, "batch_size must be a positive int"),
+    ((np.zeros((4, 2)), np.zeros(4)), 2.5, TypeError, "batch_size must be a positive int"),
 ])
 def test_bad_data(data, batch_size, error, message):
     with pytest.raises(error, match=message):

@@ -22,17 +22,20 @@ def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
                                                                                   mlp.lrs[1])], (x, y), progress=False)
     for a, b in zip(in_memory.matrices, on_disk.matrices):
         np.testing.assert_array_equal(a, b)
-    assert on_disk.metadata["checkpoints"] == [str(tmp_path / "ckpt0"), str(tmp_path / "ckpt1.msgpack")]
+    digests = on_disk.metadata["fingerprints"]["checkpoints"]
+    assert len(set(digests)) == 2 and digests != in_memory.metadata["fingerprints"]["checkpoints"]
     with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: no checkpoint at .*missing"):
         export_gradients(mlp.loss_fn, [(tmp_path / "missing", 1.0)], (x, y), progress=False)
 
 
 @pytest.mark.parametrize("checkpoints, error, message", [
-    ("ckpt", TypeError, "list of \\(params, learning_rate\\) pairs"),
+    ("ckpt", TypeError, "sequence of \\(params pytree or path, learning_rate\\) pairs"),
     ([], ValueError, "at least one"),
-    ([{"w": 1}], TypeError, r"checkpoints\[0\] must be a \(params, learning_rate\) pair"),
-    ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]: learning_rate must be a number"),
-    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError, r"checkpoints\[1\]: learning_rate must be finite"),
+    ([{"w": 1}], TypeError, r"checkpoints\[0\] must be a \(params pytree or path, learning_rate\) pair"),
+    ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+    ([({"w": 1}, "0.1")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+    ([({"w": 1}, True)], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError, r"checkpoints\[1\]\[1\] \(learning rate\) must be finite"),
 ])
 def test_bad_checkpoint_lists(checkpoints, error, message):
     with pytest.raises(error, match=message):

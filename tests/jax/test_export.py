@@ -10,6 +10,7 @@ from reference import assert_close_to_exact, factored_to_full
 
 import tracin
 from tracin.jax import export_gradients
+from tracin._export.metadata import LEFT, RIGHT
 
 KERNELS = {"w1", "w2"}  # Flax-style (in, out) kernels: the reference (out, in) gradient transposed
 
@@ -25,7 +26,7 @@ def test_full_rows_and_scores_match_reference(mlp, data):
     assert isinstance(grads, tracin.Gradients)
     assert grads.n_rows == 70 and grads.dims == (75, 75)
     np.testing.assert_array_equal(grads.weights, mlp.lrs)
-    assert [p["path"] for p in grads.metadata["params"]] == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
+    assert [p["name"] for p in grads.metadata["params"]] == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
     assert [p["shape"] for p in grads.metadata["params"]] == [[8], [5, 8], [3], [8, 3]]
     refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS)
             for w in mlp.weights]
@@ -54,7 +55,8 @@ def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
     grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode="last_layer",
                              layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
     assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((3, 9), (3, 9))
-    assert grads.metadata["last_layer"]["kernel"] == "l2/kernel"
+    assert grads.metadata["last_layer"] == {"layer": "l2", "weight": "l2/kernel", "bias": "l2/bias",
+                                             "left": LEFT, "right": RIGHT}
     for c, w in enumerate(mlp.weights):
         ref = mlp.reference_grads(w, x, y)
         _close(grads.left[c], ref["b2"])
@@ -146,9 +148,9 @@ def test_progress_bar(mlp, data, capsys):
     (dict(dtype=np.int8), ValueError, "dtype must be one of"),
     (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
     (dict(store=3), TypeError, "store must be a directory path"),
-    (dict(layers=[3]), TypeError, "layers must be a non-empty list of path patterns"),
+    (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),
     (dict(data="iterator"), ValueError, "one-shot iterator but there are several checkpoints"),
-    (dict(data="generator", store="somewhere"), ValueError, "store= needs data of known size"),
+    (dict(data="generator", store="somewhere"), ValueError, "store= needs the number of examples up front"),
 ])
 def test_bad_arguments(mlp, data, kwargs, error, message):
     x, y = data

@@ -65,7 +65,7 @@ def test_flax_linen(mlp, data):
 
     ref = mlp.reference_grads(w, x, y)
     full = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
-    assert [p["path"] for p in full.metadata["params"]] == [
+    assert [p["name"] for p in full.metadata["params"]] == [
         "params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
     _close(full.matrices[0], mlp.reference_rows(ref, ["b1", "w1", "b2", "w2"], KERNELS))
     head = export_gradients(loss, [(params, 1.0)], (x, y), layers=["params/Dense_1/*"], progress=False)
@@ -93,7 +93,7 @@ def test_flax_nnx_state(mlp, data):
         return mlp.cross_entropy(nnx.merge(graphdef, s)(inputs), targets)
 
     grads = export_gradients(loss, [(state, 1.0)], (x, y), layers=["l2"], progress=False)
-    assert [p["path"] for p in grads.metadata["params"]] == ["l2/bias/value", "l2/kernel/value"]
+    assert [p["name"] for p in grads.metadata["params"]] == ["l2/bias/value", "l2/kernel/value"]
     _close(grads.matrices[0], mlp.reference_rows(mlp.reference_grads(w, x, y), ["b2", "w2"], KERNELS))
 
 
@@ -114,7 +114,7 @@ def test_equinox_module_and_partition(mlp, data):
         return mlp.cross_entropy(jax.vmap(m)(inputs), targets)
 
     whole = export_gradients(module_loss, [(model, 1.0)], (x, y), progress=False)
-    assert [p["path"] for p in whole.metadata["params"]] == [
+    assert [p["name"] for p in whole.metadata["params"]] == [
         "layers/0/weight", "layers/0/bias", "layers/1/weight", "layers/1/bias"]
     _close(whole.matrices[0], ref)
 

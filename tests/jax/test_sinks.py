@@ -62,7 +62,7 @@ def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypa
         return original(self, selected, arrays, batch)
 
     monkeypatch.setattr(per_example.FullRows, "__call__", counted)
-    flaky = _FailingOnce(batches, on=2, after=3)  # dies in checkpoint 1 after 3 of its batches
+    flaky = _FailingOnce(batches, on=3, after=3)  # pass 1 fingerprints the data; dies in checkpoint 1 after 3 batches
     with pytest.raises(_Interrupted):
         export_gradients(mlp.loss_fn, ckpts, flaky, store=tmp_path / "g", progress=False)
     assert calls == [0, 16, 32, 48, 64, 0, 16, 32]
@@ -109,13 +109,65 @@ def test_scoring_refuses_a_store_projected_differently(mlp, data, tmp_path):
         tracin.scores(plain, store)
 
 
-@pytest.mark.parametrize("n_rows", [None, 5])
-def test_memory_sink_puts_blocks_at_their_rows(n_rows):
-    from tracin.jax.sinks import MemorySink
+def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    path = tmp_path / "g"
+    export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False)
+    other = x.copy()
+    other[-1] += 1  # same size, one input changed
+    with pytest.raises(ValueError, match="different spec.*metadata"):
+        export_gradients(mlp.loss_fn, ckpts, (other, y), store=path, progress=False)
+    swapped = [(mlp.params[1], mlp.lrs[0]), (mlp.params[0], mlp.lrs[1])]  # same rates, other weights
+    with pytest.raises(ValueError, match="different spec.*metadata"):
+        export_gradients(mlp.loss_fn, swapped, (x, y), store=path, progress=False)
+    assert export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False).complete
 
-    sink = MemorySink(1, True, n_rows)
-    sink.write(0, 3, (np.full((2, 2), 2.0, np.float32), np.full((2, 1), 4.0, np.float32)))
-    sink.write(0, 0, (np.full((3, 2), 1.0, np.float32), np.full((3, 1), 3.0, np.float32)))
-    g = sink.finish([1.0], {})
-    np.testing.assert_array_equal(g.left[0][:, 0], [1, 1, 1, 2, 2])
-    np.testing.assert_array_equal(g.right[0][:, 0], [3, 3, 3, 4, 4])
+
+def test_an_interrupted_export_leaves_byte_identical_files_after_resume(mlp, data, tmp_path):
+    x, y = data
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    with pytest.raises(_Interrupted):
+        export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=3, after=2), store=tmp_path / "g",
+                         dtype="float16", progress=False)
+    export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", dtype="float16", progress=False)
+    export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "f", dtype="float16", progress=False)
+    files = lambda p: {f.name: f.read_bytes() for f in sorted(p.iterdir()) if f.suffix in (".npy", ".json")}  # noqa: E731
+    assert files(tmp_path / "g") == files(tmp_path / "f") and len(files(tmp_path / "f")) == 3
+
+
+class _Rotating(list):
+    """A list of batches iterated from a different start on every pass (a shuffling iterable)."""
+
+    passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        k = self.passes % len(self)
+        return iter(list.__getitem__(self, slice(k, None)) + list.__getitem__(self, slice(0, k)))
+
+
+def test_data_that_changes_order_between_checkpoints_is_refused(mlp, data):
+    x, y = data
+    rotating = _Rotating([(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)])
+    with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
+        export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), rotating, progress=False)
+
+
+def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tmp_path):
+    x, y = data
+    huge = lambda params, xs, ys: mlp.loss_fn(params, xs, ys) * 1e6  # noqa: E731
+    for store in (None, tmp_path / "g"):
+        with pytest.raises(ValueError, match="beyond the float16 range"):
+            export_gradients(huge, list(zip(mlp.params, mlp.lrs)), (x, y), dtype="float16", store=store,
+                             progress=False)
+
+
+def test_numpy_batch_sizes_are_accepted(mlp, data):
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    a = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=16, progress=False)
+    b = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=np.int64(16), progress=False)
+    for m, n in zip(a.matrices, b.matrices):
+        np.testing.assert_array_equal(m, n)

@@ -163,6 +163,6 @@ def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mo
         ref_train = factored_to_full(torch_train.left, torch_train.right)
     else:
         assert [p["shape"] for p in jax_train.metadata["params"]] == [
-            shape for _, shape in torch_train.metadata["parameters"]]
+            p["shape"] for p in torch_train.metadata["params"]]
         ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
     _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)

@@ -52,9 +52,11 @@ def test_weights_are_the_learning_rates_and_metadata_describes_the_export(traine
     np.testing.assert_array_equal(g.weights, [lr for _, lr in checkpoints])
     meta = g.metadata
     assert meta["framework"] == "torch" and meta["mode"] == "full" and meta["dtype"] == "float32"
-    assert meta["parameters"] == [[n, list(p.shape)] for n, p in model.named_parameters()]
-    assert meta["dims"] == sum(p.numel() for p in model.parameters()) == g.dims[0]
-    assert meta["checkpoints"] == [p for p, _ in checkpoints] and meta["projection"] is None
+    assert meta["params"] == [{"name": n, "shape": list(p.shape)} for n, p in model.named_parameters()]
+    assert sum(p.numel() for p in model.parameters()) == g.dims[0]
+    assert meta["projection"] is None and meta["layers"] is None and "last_layer" not in meta
+    assert len(meta["fingerprints"]["checkpoints"]) == len(checkpoints)
+    assert not any("version" in key for key in meta)  # versions would break resuming after an upgrade
 
 
 def test_layers_by_prefix_and_glob_match_captum_layers(trained):
@@ -64,7 +66,7 @@ def test_layers_by_prefix_and_glob_match_captum_layers(trained):
     g_test = export_gradients(model, checkpoints, test, LOSS, layers=layers, progress=False)
     oracle = captum_tracin(model, checkpoints, train, layers=["2", "4"])
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
-    assert [n for n, _ in g_train.metadata["parameters"]] == ["2.weight", "2.bias", "4.weight", "4.bias"]
+    assert [p["name"] for p in g_train.metadata["params"]] == ["2.weight", "2.bias", "4.weight", "4.bias"]
     assert g_train.metadata["layers"] == layers
 
 
@@ -132,7 +134,7 @@ def test_dict_inputs_with_embedding_and_attention_match_captum(tmp_path, recwarn
     expected = captum_scores(oracle, (ids[24:], mask[24:], y[24:]))
     assert_scores_match(tracin.scores(g_test, g_train), expected)
     layers = export_gradients(model, checkpoints, test, LOSS, layers=["attn.*proj*"], progress=False)
-    assert [n for n, _ in layers.metadata["parameters"]] == [
+    assert [p["name"] for p in layers.metadata["params"]] == [
         "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
 
 
@@ -255,7 +257,7 @@ def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer)
     full = export_gradients(model, checkpoints, train, LOSS, progress=False)
     projected = export_gradients(model, checkpoints, train, LOSS, projection=projection, batch_size=16,
                                  progress=False)
-    widths = [int(np.prod(shape)) for _, shape in full.metadata["parameters"]]
+    widths = [int(np.prod(p["shape"])) for p in full.metadata["params"]]
     assert projected.dims == (12,) * 3 and projected.metadata["projection"] == projection.to_dict()
     for got, g in zip(projected.matrices, full.matrices):
         np.testing.assert_allclose(got, projection.apply(g, segments=widths), rtol=1e-5, atol=1e-6)
@@ -271,3 +273,60 @@ def test_projection_of_last_layer_factors_is_the_kronecker_projection(trained):
         el, er = projection.apply_factored(l, r)
         np.testing.assert_allclose(pl, el, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pr, er, rtol=1e-5, atol=1e-6)
+
+
+class _Reshuffling:
+    """A re-iterable that yields the same batches in a new order on every pass (like an iterable
+    dataset that shuffles)."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = list(range(len(self.batches)))
+        order = order[self.passes % len(order):] + order[:self.passes % len(order)]
+        return iter([self.batches[i] for i in order])
+
+
+def test_data_that_changes_order_between_checkpoints_is_refused(trained):
+    model, checkpoints, (x, y), _ = trained
+    data = _Reshuffling([(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)])
+    with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
+        export_gradients(model, checkpoints, data, LOSS, progress=False)
+
+
+def test_equal_width_gradients_of_different_layers_are_not_scored_together(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    x, y = classification_data(10, seed=3, features=4)
+    first = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, layers=["0"], progress=False)
+    third = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, layers=["2"], progress=False)
+    assert first.dims == third.dims
+    with pytest.raises(ValueError, match=r"different parameters: \['0.weight', '0.bias'\] vs \['2.weight', '2.bias'\]"):
+        tracin.scores(first, third)
+
+
+def test_gradients_beyond_the_float16_range_are_an_error_at_export(trained, tmp_path):
+    model, checkpoints, data, _ = trained
+    huge = lambda out, y: LOSS(out, y) * 1e6  # noqa: E731  (gradients far above 65504)
+    for store in (None, tmp_path / "g"):
+        with pytest.raises(ValueError, match="beyond the float16 range"):
+            export_gradients(model, checkpoints, data, huge, dtype="float16", store=store, progress=False)
+
+
+def test_numpy_batch_sizes_and_data_are_accepted(trained):
+    model, checkpoints, (x, y), _ = trained
+    ref = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5, progress=False)
+    got = export_gradients(model, checkpoints, (x.numpy(), y.numpy()), LOSS, batch_size=np.int64(5), progress=False)
+    for a, b in zip(ref.matrices, got.matrices):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="batch_size must be a positive integer"):
+        export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5.0, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_empty_data_is_refused_clearly(trained, mode):
+    model, checkpoints, (x, y), _ = trained
+    for data in ((x[:0], y[:0]), [], iter([])):
+        with pytest.raises(ValueError, match="data has no rows"):
+            export_gradients(model, checkpoints[:1], data, LOSS, mode=mode, progress=False)

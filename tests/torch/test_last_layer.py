@@ -11,6 +11,7 @@ from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, cla
 
 import tracin
 from tracin.torch import export_gradients
+from tracin._export.metadata import LEFT, RIGHT
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -26,7 +27,8 @@ def test_weight_only_layer_matches_captum_tracincp_fast(tmp_path):
     train, test = classification_data(40, seed=1), classification_data(6, seed=2)
     checkpoints = train_checkpoints(model, *train, tmp_path)
     g_train, g_test = _export_both(model, checkpoints, train, test)
-    assert g_train.dims == ((4, 8),) * 3 and g_train.metadata["last_layer"] == {"module": "4", "bias": False}
+    assert g_train.dims == ((4, 8),) * 3 and g_train.metadata["last_layer"] == {
+        "layer": "4", "weight": "4.weight", "bias": None, "left": LEFT, "right": RIGHT}
     oracle = captum_tracin(model, checkpoints, train, fast_layer="4")
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
     both = tracin.top_k(g_test, g_train, k=4, side="both")
@@ -42,7 +44,8 @@ def test_weight_and_bias_match_captum_tracincp_on_that_layer(tmp_path):
     checkpoints = train_checkpoints(model, *train, tmp_path)
     g_train, g_test = _export_both(model, checkpoints, train, test)
     assert g_train.dims == ((4, 9),) * 3
-    assert g_train.metadata["parameters"] == [["4.weight", [4, 8]], ["4.bias", [4]]]
+    assert g_train.metadata["params"] == [{"name": "4.weight", "shape": [4, 8]},
+                                          {"name": "4.bias", "shape": [4]}]
     oracle = captum_tracin(model, checkpoints, train, layers=["4"])
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
     np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)

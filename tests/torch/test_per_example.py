@@ -132,7 +132,7 @@ def test_tied_weights_get_the_sum_of_both_uses():
     model = Tied()
     x, y = torch.randn(5, 4), torch.randint(0, 4, (5,))
     g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, progress=False)
-    assert g.metadata["parameters"] == [["inp.weight", [4, 4]]]
+    assert g.metadata["params"] == [{"name": "inp.weight", "shape": [4, 4]}]
     np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 

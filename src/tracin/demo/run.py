@@ -11,6 +11,7 @@ import numpy as np
 
 import tracin
 
+from .._export.progress import progress_bar
 from .data import load_noisy_digits
 from .detection import detection_curve, found_at, random_curve
 from .plots import plot_detection, plot_influence_grid
@@ -63,8 +64,20 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
 
     from tracin.torch import export_gradients
 
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads cost more than they give
+    try:
+        return _run_demo(config, progress, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(config: DemoConfig, progress: bool, log) -> DemoResult:
+    import torch
+
+    from tracin.torch import export_gradients
+
+    start = time.perf_counter()
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     data = load_noisy_digits(config.noise, config.seed)
@@ -72,7 +85,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     log(f"digits: {len(data.x_train)} train ({flipped.sum()} labels flipped), {len(data.x_test)} test")
 
     log(f"training an MLP for {config.training.epochs} epochs, saving {config.training.checkpoints} checkpoints")
-    bar = _progress(config.training.epochs, "train", progress)
+    bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
     model, checkpoints = train_with_checkpoints(
         data.x_train, data.y_train, config.training, out / "checkpoints", on_epoch=lambda _: bar.update())
     bar.close()
@@ -110,12 +123,6 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     _log_summary(result, log)
     log(f"wrote {', '.join(str(p) for p in files.values())}")
     return result
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, unit="epoch")
 
 
 def _write_ranking(path: Path, self_influence: np.ndarray, loss: np.ndarray, data) -> Path:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._validate import positive_int
+
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -80,9 +82,8 @@ class BatchPlan:
     """
 
     def __init__(self, data: Any, batch_size: int | None):
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if batch_size is not None:
+            batch_size = positive_int(batch_size, "batch_size")
         self._data = data
         self._pair = _is_array_pair(data)
         if self._pair:

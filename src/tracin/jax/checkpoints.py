@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
 from typing import Any
+
+import jax
+import numpy as np
+
+from .._export.checkpoints import parse_checkpoints as shared_parse
+from .._export.fingerprint import digest_arrays, digest_path
+from .params import leaf_path
 
 
 def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
-    """Validates `checkpoints` and returns [(params or path, lr)] with lr as float."""
-    if isinstance(checkpoints, (str, os.PathLike)) or not isinstance(checkpoints, (list, tuple)):
-        raise TypeError("checkpoints must be a list of (params, learning_rate) pairs, "
-                        f"got {type(checkpoints).__name__}")
-    if not checkpoints:
-        raise ValueError("checkpoints must hold at least one (params, learning_rate) pair")
-    parsed = []
-    for c, entry in enumerate(checkpoints):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            raise TypeError(f"checkpoints[{c}] must be a (params, learning_rate) pair, got {type(entry).__name__}")
-        params, lr = entry
-        try:
-            lr = float(lr)
-        except (TypeError, ValueError):
-            raise TypeError(f"checkpoints[{c}]: learning_rate must be a number, got {lr!r}") from None
-        if not math.isfinite(lr):
-            raise ValueError(f"checkpoints[{c}]: learning_rate must be finite, got {lr}")
-        parsed.append((params, lr))
-    return parsed
+    """[(params or path, learning rate)] from a sequence of pairs (see tracin._export.checkpoints)."""
+    return shared_parse(checkpoints, "params pytree or path")
 
 
-def describe(params: Any) -> str:
-    """What a checkpoint entry was, for the metadata: its path, or 'in-memory pytree'."""
-    return os.fspath(params) if isinstance(params, (str, os.PathLike)) else "in-memory pytree"
+def checkpoint_digest(source: Any, where: str) -> str:
+    """Fingerprint of a checkpoint: the bytes under its path, or the paths and contents of the
+    array leaves of an in-memory params pytree (non-array leaves are compared by the layout)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(source))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{where}: no checkpoint at {path}")
+        return digest_path(path)
+    arrays = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), np.asarray(leaf)]
+    return digest_arrays(arrays)
 
 
 def restore(source: Any, where: str) -> Any:
@@ -60,9 +58,3 @@ def restore(source: Any, where: str) -> Any:
         with open(path, "rb") as f:
             return serialization.msgpack_restore(f.read())
     raise FileNotFoundError(f"{where}: no checkpoint at {path}")
-
-
-def iter_params(entries: list[tuple[Any, float]]) -> Iterator[tuple[int, Any]]:
-    """(index, params pytree) per checkpoint, each restored only when reached."""
-    for c, (source, _) in enumerate(entries):
-        yield c, restore(source, f"checkpoints[{c}]")

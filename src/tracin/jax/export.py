@@ -6,15 +6,20 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._export.fingerprint import DataFingerprint
+from .._export.metadata import export_metadata, last_layer_entry
+from .._export.progress import progress_bar
+from .._export.projection import check_projection, project, projected_dims
+from .._export.sinks import MemorySink, StoreSink, need_row_count
 from ..gradients import FactoredGradients, Gradients
 from .batches import BatchPlan
-from .checkpoints import describe, parse_checkpoints, restore
+from .checkpoints import checkpoint_digest, parse_checkpoints, restore
 from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
-from .sinks import MemorySink, StoreSink
 
 DTYPES = ("float32", "float16", "bfloat16")
 PARAM_ORDER = ("jax.tree_util flatten order of the params pytree (dict keys sorted, module fields in "
@@ -29,14 +34,6 @@ def _dtype_name(dtype: Any) -> str:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return name
-
-
-def _check_projection(projection: Any, mode: str) -> None:
-    need = "apply_factored" if mode == "last_layer" else "apply"
-    if projection is not None and not (callable(getattr(projection, need, None))
-                                       and callable(getattr(projection, "to_dict", None))):
-        raise TypeError(f"projection must be a tracin.Projection (with .{need} and .to_dict), "
-                        f"got {type(projection).__name__}")
 
 
 def export_gradients(
@@ -62,6 +59,7 @@ def export_gradients(
         directory / Flax msgpack file. Every checkpoint must have the first one's structure.
     data: (inputs, targets) arrays with a leading row dimension, or an iterable of such batches
         (re-iterable when there are several checkpoints); inputs / targets may be pytrees of arrays.
+        Every checkpoint must see the same targets in the same order (checked by fingerprints).
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
         leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -70,13 +68,15 @@ def export_gradients(
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
-        killed part-way resumes where it stopped when run again with the same arguments.
+        killed part-way resumes where it stopped when run again with the same arguments. Its
+        metadata (compared on resume) holds fingerprints of all the data (read once more, up front)
+        and of every checkpoint, so other data or checkpoints are refused rather than mixed in.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it, so the per-example function compiles once.
     progress: show a tqdm progress bar (examples/s).
 
-    Returns Gradients / FactoredGradients (metadata: parameter paths and shapes, layers, dtype,
-    projection, ...), or the finalized GradientStore when store is given.
+    Returns Gradients / FactoredGradients (metadata: the schema of tracin._export.metadata, framework
+    "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, inputs, targets), got {type(loss_fn).__name__}")
@@ -89,7 +89,8 @@ def export_gradients(
         raise ValueError("layer_input is only used with mode='last_layer'")
     if layer_input is not None and not callable(layer_input):
         raise TypeError(f"layer_input must be callable, got {type(layer_input).__name__}")
-    _check_projection(projection, mode)
+    factored = mode == "last_layer"
+    check_projection(projection, factored)
     dtype = _dtype_name(dtype)
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
@@ -100,44 +101,41 @@ def export_gradients(
     if plan.one_shot and len(entries) > 1:
         raise ValueError("data is a one-shot iterator but there are several checkpoints: pass (inputs, targets) "
                          "arrays or a re-iterable sequence of batches (e.g. a list)")
-    if store is not None and plan.n_rows is None:
-        raise ValueError("store= needs data of known size: (inputs, targets) arrays or a list of batches")
+    if store is not None:
+        need_row_count(plan.n_rows)
+    digests = [checkpoint_digest(source, f"checkpoints[{c}]") for c, (source, _) in enumerate(entries)]
 
     first = restore(entries[0][0], "checkpoints[0]")
-    factored = mode == "last_layer"
+    last = None
     if factored:
-        compute = LastLayer(loss_fn, layer_input, first, layers)
+        compute: Any = LastLayer(loss_fn, layer_input, first, layers)
         layout = compute.layout
-        dims: tuple = (compute.p, compute.q + 1)
-        params_meta = [{"path": compute.kernel_path, "shape": list(compute.kernel_shape)},
-                       {"path": compute.bias_path, "shape": [compute.p]}]
+        raw_dims: Any = (compute.p, compute.q + 1)
+        segments = None
+        params_meta = [(compute.kernel_path, compute.kernel_shape), (compute.bias_path, (compute.p,))]
+        last = last_layer_entry(compute.kernel_path.rpartition("/")[0], compute.kernel_path, compute.bias_path)
     else:
         layout = layout_of(first, layers)
-        compute = FullRows(loss_fn, layout, jnp.float32 if projection is not None or dtype == "float32"
-                           else jnp.dtype(dtype))
-        dims = (layout.dim,)
+        compute = FullRows(loss_fn, layout, jnp.float32)  # cast by the sink, which checks the range
+        raw_dims = layout.dim
+        segments = layout.widths
         params_meta = layout.describe()
-    if projection is not None:
-        dims = _projected_dims(projection, dims, layout.widths, factored)
+    dims = projected_dims(projection, raw_dims, segments)
+    metadata = export_metadata("jax", mode, params_meta, layers, dtype, projection, last_layer=last,
+                               checkpoints=digests, data=None)
+    fingerprint = DataFingerprint()
+    if store is not None:
+        fingerprint.begin("data")
+        for batch in plan:
+            fingerprint.batch(_host_leaves(batch.targets, batch.count), _host_leaves(batch.inputs, batch.count))
+        fingerprint.end()
+        metadata["fingerprints"]["data"] = fingerprint.data
+        sink: Any = StoreSink(store, plan.n_rows, [dims] * len(entries), dtype, factored, weights, metadata)
+    else:
+        sink = MemorySink(plan.n_rows, len(entries), dtype, factored, weights, wrap=_as_array)
 
-    metadata = {
-        "framework": "jax",
-        "mode": mode,
-        "layers": layers,
-        "params": params_meta,
-        "param_order": PARAM_ORDER,
-        "dtype": dtype,
-        "projection": projection.to_dict() if projection is not None else None,
-        "checkpoints": [describe(source) for source, _ in entries],
-    }
-    if factored:
-        metadata["last_layer"] = {"kernel": compute.kernel_path, "bias": compute.bias_path,
-                                  "left": "dL/d(output)", "right": "layer input with 1 appended (bias)"}
-    store_dims = [dims if factored else dims[0]] * len(entries)
-    sink = (StoreSink(store, plan.n_rows, store_dims, weights, dtype, factored, metadata) if store is not None
-            else MemorySink(len(entries), factored, plan.n_rows))
-
-    bar = _progress_bar(plan.n_rows * len(entries) if plan.n_rows is not None else None, progress)
+    bar = progress_bar(plan.n_rows * len(entries) if plan.n_rows is not None else None, progress,
+                       "tracin.jax export")
     checked = False
     try:
         for c, (source, _) in enumerate(entries):
@@ -148,7 +146,10 @@ def export_gradients(
             params = first if c == 0 else restore(source, f"checkpoints[{c}]")
             layout.check_same(layout_of(params, None), f"checkpoints[{c}]")
             selected, arrays = layout.split(params)
+            fingerprint.begin(f"checkpoint {c}")
             for batch in plan:
+                fingerprint.batch(_host_leaves(batch.targets, batch.count),
+                                  _host_leaves(batch.inputs, batch.count) if fingerprint.recording else ())
                 stop = batch.start + batch.count
                 if stop <= done:
                     bar.update(batch.count)
@@ -159,48 +160,38 @@ def export_gradients(
                         compute.check_layer_input(params, batch)
                     checked = True
                 skip = max(0, done - batch.start)
-                sink.write(c, batch.start + skip, _rows(_finish_block(compute(selected, arrays, batch), batch.count,
-                                                                      projection, layout.widths, dtype), skip))
+                block = _host_rows(compute(selected, arrays, batch), batch.count)
+                if projection is not None:
+                    block = project(projection, block, segments)
+                sink.write(c, batch.start + skip, _rows(block, skip))
                 bar.update(batch.count)
+            fingerprint.end()
             first = None
+        metadata["fingerprints"]["data"] = fingerprint.data
+        return sink.finish(metadata)
     except BaseException:
         sink.close()
         raise
     finally:
         bar.close()
-    return sink.finish(weights, metadata)
+
+
+def _host_leaves(tree: Any, count: int) -> list[np.ndarray]:
+    """The real rows of every array of a padded batch's pytree, on the host (for fingerprints)."""
+    return [np.asarray(leaf)[:count] for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def _host_rows(block: Any, count: int) -> Any:
+    """Host views of the real rows of a computed block (no device-side slice copy)."""
+    if isinstance(block, tuple):
+        return tuple(np.asarray(b)[:count] for b in block)
+    return np.asarray(block)[:count]
 
 
 def _rows(block: Any, start: int) -> Any:
     return tuple(b[start:] for b in block) if isinstance(block, tuple) else block[start:]
 
 
-def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
-    return x if x.dtype.name == dtype else x.astype(jnp.dtype(dtype))
-
-
-def _finish_block(block: Any, count: int, projection: Any, widths: list[int], dtype: str) -> Any:
-    """Host arrays of the real rows of a computed block, projected and cast to dtype."""
-    if isinstance(block, tuple):
-        left, right = (np.asarray(b)[:count] for b in block)  # host views, no device-side slice copy
-        if projection is not None:
-            left, right = projection.apply_factored(left, right)
-        return _cast(np.asarray(left), dtype), _cast(np.asarray(right), dtype)
-    rows = np.asarray(block)[:count]
-    if projection is not None:
-        rows = np.asarray(projection.apply(rows, segments=widths))
-    return _cast(rows, dtype)
-
-
-def _projected_dims(projection: Any, dims: tuple, widths: list[int], factored: bool) -> tuple:
-    """Output widths of the projection, found by projecting one zero row."""
-    if factored:
-        left, right = projection.apply_factored(np.zeros((1, dims[0]), np.float32), np.zeros((1, dims[1]), np.float32))
-        return (np.shape(left)[1], np.shape(right)[1])
-    return (np.shape(projection.apply(np.zeros((1, dims[0]), np.float32), segments=widths))[1],)
-
-
-def _progress_bar(total: int | None, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="ex", unit_scale=True, desc="tracin.jax export", disable=not enabled)
+def _as_array(array: np.ndarray, dtype: str) -> np.ndarray:
+    """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy)."""
+    return array.view(jnp.bfloat16) if dtype == "bfloat16" else array

@@ -9,13 +9,15 @@ leaves in this order.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
+
+from .._export.layers import as_patterns as shared_patterns
+from .._export.layers import matches as shared_matches
 
 
 def _key_name(key: Any) -> str:
@@ -44,7 +46,7 @@ def is_float_array(leaf: Any) -> bool:
 def matches(path: str, pattern: str) -> bool:
     """A pattern selects a leaf by its path, a '/'-prefix of it ("l2" -> "l2/kernel"), or a glob
     (fnmatch, where '*' also crosses '/': "params/Dense_1/*")."""
-    return path == pattern or path.startswith(pattern.rstrip("/") + "/") or fnmatch.fnmatchcase(path, pattern)
+    return shared_matches(path, pattern, "/")
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,8 @@ class ParamLayout:
         return sum(self.widths)
 
     def describe(self) -> list[dict]:
-        """Metadata: path and shape of each selected leaf, in row order."""
-        return [{"path": self.paths[i], "shape": list(self.shapes[i])} for i in self.selected]
+        """(path, shape) of each selected leaf, in row order (metadata["params"])."""
+        return [(self.paths[i], self.shapes[i]) for i in self.selected]
 
     def split(self, params: Any) -> tuple[list, list]:
         """(selected leaves, other array leaves) of a params pytree with this layout."""
@@ -145,9 +147,4 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
 
 def as_patterns(layers: Any) -> list[str]:
     """layers as a list of path patterns (a single string is one pattern)."""
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) and p for p in layers):
-        raise TypeError(f"layers must be a non-empty list of path patterns (strings) such as ['l2'] or "
-                        f"['params/Dense_1/*'], got {layers!r}")
-    return list(layers)
+    return shared_patterns(layers, "['l2'] or ['params/Dense_1/*']")

@@ -3,39 +3,41 @@ a time (each exactly once) onto the model's device."""
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+
+from .._export.checkpoints import parse_checkpoints as shared_parse
+from .._export.fingerprint import digest_arrays, digest_path
+from .data import host_array
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
 
 
-def parse_checkpoints(checkpoints: Any) -> tuple[list[Any], list[float]]:
-    """([state_dict or path, ...], [learning_rate, ...]) from a sequence of pairs."""
-    if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
-        raise TypeError("checkpoints must be a sequence of (state_dict or path, learning_rate) pairs, "
-                        f"got {type(checkpoints).__name__}")
-    if not checkpoints:
-        raise ValueError("checkpoints is empty; give at least one (state_dict or path, learning_rate)")
-    sources, rates = [], []
-    for i, pair in enumerate(checkpoints):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"checkpoints[{i}] must be a (state_dict or path, learning_rate) pair, "
-                            f"got {type(pair).__name__}")
-        source, lr = pair
-        if not isinstance(source, (str, os.PathLike, Mapping)):
-            raise TypeError(f"checkpoints[{i}][0] must be a state_dict or a path, got {type(source).__name__}")
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr):
-            raise ValueError(f"checkpoints[{i}][1] (learning rate) must be a finite number, got {lr!r}")
-        sources.append(source)
-        rates.append(float(lr))
-    return sources, rates
+def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
+    """[(state_dict or path, learning rate)] from a sequence of pairs (see tracin._export.checkpoints)."""
+    return shared_parse(checkpoints, "state_dict or a path",
+                        accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)))
+
+
+def checkpoint_digest(source: Any, index: int) -> str:
+    """Fingerprint of a checkpoint: the bytes of its file, or the names and contents of the
+    tensors of an in-memory state_dict (in name order)."""
+    name = f"checkpoints[{index}] ({describe(source, index)})"
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.exists(source):
+            raise ValueError(f"{name}: no such file")
+        return digest_path(source)
+    state = _unwrap(source, name)
+    arrays = []
+    for key in sorted(state):
+        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(state[key])]
+    return digest_arrays(arrays)
 
 
 def describe(source: Any, index: int) -> str:

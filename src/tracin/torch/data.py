@@ -3,11 +3,11 @@
 Accepted forms:
 - an (inputs, targets) pair whose targets is a tensor (inputs a tensor or a tuple/dict of them),
 - a torch Dataset yielding (input, target) items,
-- a DataLoader (not shuffling: rows must come in the same order for every checkpoint),
+- a DataLoader over a SequentialSampler (rows must come in the same order for every checkpoint),
 - any re-iterable of (inputs, targets) batches (a list, say).
 
 Inputs and targets are "trees": a tensor, or a tuple/list/dict of tensors, all sharing the batch
-dimension 0. A tuple or list of inputs is passed to the model positionally, a dict by keyword.
+dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed to the model positionally, a dict by keyword.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 Tree = Any  # a tensor, or a tuple / list / dict of trees
@@ -32,6 +33,32 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     raise TypeError(
         f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}"
     )
+
+
+def as_tensors(tree: Tree) -> Tree:
+    """`tree` with NumPy arrays turned into tensors sharing their memory (torch.from_numpy)."""
+    if isinstance(tree, np.ndarray):
+        return torch.from_numpy(tree)
+    if isinstance(tree, dict):
+        return {k: as_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(as_tensors(v) for v in tree)
+    return tree
+
+
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU NumPy view (or copy, from another device) of a tensor's contents; dtypes NumPy lacks
+    (bfloat16...) as raw bytes. For fingerprints."""
+    t = t.detach().cpu().contiguous()
+    try:
+        return t.numpy()
+    except TypeError:
+        return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def host_arrays(tree: Tree) -> list[np.ndarray]:
+    """host_array of every tensor of `tree`, in tree order."""
+    return [host_array(t) for t in tree_leaves(tree)]
 
 
 def tree_leaves(tree: Tree) -> list[torch.Tensor]:
@@ -77,7 +104,7 @@ class Batches:
         """Yields (start row, inputs, targets); big incoming batches are split into max_rows pieces."""
         start = 0
         for i, batch in enumerate(self.source):
-            inputs, targets = _split_pair(batch, f"batch {i}")
+            inputs, targets = (as_tensors(part) for part in _split_pair(batch, f"batch {i}"))
             rows = batch_rows(targets, f"the targets of batch {i}")
             in_rows = batch_rows(inputs, f"the inputs of batch {i}")
             if in_rows != rows:
@@ -93,13 +120,36 @@ class Batches:
 
 def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must be an (inputs, targets) pair, got {type(batch).__name__}"
+        raise TypeError(f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
+                        f"got {type(batch).__name__}"
                         + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
     return batch[0], batch[1]
 
 
 def _is_tensor_pair(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray))
+
+
+def check_sequential(loader: torch.utils.data.DataLoader) -> None:
+    """ValueError unless the loader reads its map-style dataset in order: a SequentialSampler, or a
+    batch_sampler over one. (An IterableDataset's order is its own; fingerprints check it.)"""
+    from torch.utils.data import IterableDataset, SequentialSampler
+
+    if isinstance(loader.dataset, IterableDataset):
+        return
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    inner = getattr(sampler, "sampler", sampler)
+    if not isinstance(inner, SequentialSampler):
+        raise ValueError(
+            f"data is a DataLoader drawing rows with {type(inner).__name__}; rows must come in the same "
+            "order for every checkpoint: build it with shuffle=False and no sampler (a SequentialSampler, "
+            "or a batch_sampler over one)")
+
+
+def _no_rows(n: int | None) -> int | None:
+    if n == 0:
+        raise ValueError("data has no rows")
+    return n
 
 
 def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
@@ -114,31 +164,31 @@ def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
 
 def as_batches(data: Any, max_rows: int) -> Batches:
     """Batches over `data` (see the module docstring), at most `max_rows` rows per batch."""
-    from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, "
+                        f"a DataLoader or an iterable of (inputs, targets) batches; got one {type(data).__name__}")
     if _is_tensor_pair(data):
-        n = batch_rows(data[1], "data targets")
-        return Batches([tuple(data)], n, max_rows, one_shot=False)
+        pair = tuple(as_tensors(part) for part in data)
+        n = _no_rows(batch_rows(pair[1], "data targets"))
+        return Batches([pair], n, max_rows, one_shot=False)
     if isinstance(data, DataLoader):
-        if isinstance(data.sampler, RandomSampler):
-            raise ValueError(
-                "data is a shuffling DataLoader; rows must come in the same order for every "
-                "checkpoint: build it with shuffle=False"
-            )
-        return Batches(data, _loader_rows(data), max_rows, one_shot=False)
+        check_sequential(data)
+        return Batches(data, _no_rows(_loader_rows(data)), max_rows, one_shot=False)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         if not hasattr(data, "__len__"):
             raise TypeError("data is a Dataset without __len__; wrap it in a DataLoader")
         loader = DataLoader(data, batch_size=max_rows, shuffle=False)
-        return Batches(loader, len(data), max_rows, one_shot=False)
+        return Batches(loader, _no_rows(len(data)), max_rows, one_shot=False)
     if isinstance(data, Iterable):
         one_shot = iter(data) is data
         n = None
         if isinstance(data, (list, tuple)):
-            n = sum(batch_rows(_split_pair(b, f"batch {i}")[1], f"the targets of batch {i}")
-                    for i, b in enumerate(data))
+            n = _no_rows(sum(batch_rows(as_tensors(_split_pair(b, f"batch {i}")[1]), f"the targets of batch {i}")
+                             for i, b in enumerate(data)))
         return Batches(data, n, max_rows, one_shot=one_shot)
     raise TypeError(
-        "data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or an iterable "
+        "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an iterable "
         f"of (inputs, targets) batches; got {type(data).__name__}"
     )

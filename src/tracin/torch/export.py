@@ -5,20 +5,30 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoints import describe, load_checkpoint, parse_checkpoints, tied_aliases
-from .data import Batches, as_batches, batch_rows, call_model, tree_map
+from .._export.fingerprint import DataFingerprint
+from .._export.layers import as_patterns
+from .._export.metadata import export_metadata, last_layer_entry
+from .._export.progress import progress_bar
+from .._export.projection import check_projection, project, projected_dims
+from .._export.sinks import MemorySink, StoreSink, need_row_count
+from .._validate import positive_int
+from .checkpoints import checkpoint_digest, load_checkpoint, parse_checkpoints, tied_aliases
+from .data import Batches, as_batches, batch_rows, call_model, host_arrays, tree_map
 from .last_layer import LastLayerFactors
-from .layers import last_linear, linear_by_name, select_parameters
+from .layers import EXAMPLE, last_linear, linear_by_name, select_parameters
 from .per_example import PerExampleGradients, check_loss_fn, check_losses, losses_of
-from .sinks import MemorySink, StoreSink
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    from ..gradients import FactoredGradients, Gradients
+    from ..store import GradientStore
+
+_DTYPES = ("float32", "float16", "bfloat16")
 _MODES = ("full", "last_layer")
 _BATCH_BYTES = 256 * 2**20  # per-example gradient bytes a default batch aims at
 _MAX_DEFAULT_BATCH = 1024
@@ -27,15 +37,17 @@ _MAX_DEFAULT_BATCH = 1024
 def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn: Any, *,
                      layers: Sequence[str] | str | None = None, mode: str = "full", projection: Any = None,
                      dtype: str = "float32", store: str | os.PathLike | None = None,
-                     batch_size: int | None = None, progress: bool = True):
+                     batch_size: int | None = None, progress: bool = True) -> Gradients | FactoredGradients | GradientStore:
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
         left exactly as it was (weights, train/eval flags, requires_grad).
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (paths with
         torch.load(weights_only=True)); a DataParallel "module." prefix is removed.
-    data: (inputs, targets) tensors, a Dataset, a non-shuffling DataLoader, or a re-iterable of
-        (inputs, targets) batches; inputs a tensor or a tuple/dict of tensors.
+    data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
+        over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs a tensor or
+        a tuple/dict of tensors. Every checkpoint must see the same targets in the same order
+        (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run).
@@ -44,25 +56,29 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     projection: a tracin.Projection applied to every batch before it is stored (float32 out).
     dtype: stored element type, "float32", "float16" or "bfloat16".
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
-        earlier call with the same arguments was interrupted. Returns the finished store.
+        earlier call with the same arguments was interrupted. Returns the finished store. Its
+        metadata (compared on resume) holds fingerprints of all the data (read once more, up front)
+        and of every checkpoint, so other data or checkpoints are refused rather than mixed in.
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
     progress: show a tqdm bar over checkpoints x examples.
+
+    Metadata: the schema of tracin._export.metadata (framework "torch").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
     check_loss_fn(loss_fn)
-    sources, rates = parse_checkpoints(checkpoints)
+    check_projection(projection, mode == "last_layer")
+    entries = parse_checkpoints(checkpoints)
 
     with _evaluating(model):
-        return _export(model, sources, rates, data, loss_fn, layers, projection, dtype, store,
+        return _export(model, entries, data, loss_fn, layers, projection, dtype, store,
                        batch_size, progress, model.state_dict(), factored=mode == "last_layer")
 
 
@@ -78,96 +94,123 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _export(model, sources, rates, data, loss_fn, layers, projection, dtype, store, batch_size,
+def _export(model, entries, data, loss_fn, layers, projection, dtype, store, batch_size,
             progress, reference, *, factored: bool):
     device = next(iter(reference.values())).device if reference else torch.device("cpu")
-    meta: dict[str, Any] = {"framework": "torch", "torch_version": torch.__version__,
-                            "mode": "last_layer" if factored else "full", "layers": _layers_spec(layers)}
+    layers = None if layers is None else as_patterns(layers, EXAMPLE)
+    last = None
     if factored:
         name = _last_layer_name(model, layers, data, device)
-        compute = LastLayerFactors(model, name, loss_fn)
-        layer = compute.layer
-        meta["parameters"] = [[n, list(p.shape)] for n, p in layer.named_parameters(prefix=name)]
-        meta["last_layer"] = {"module": name, "bias": compute.bias}
+        compute: Any = LastLayerFactors(model, name, loss_fn)
+        params = [(n, p.shape) for n, p in compute.layer.named_parameters(prefix=name)]
+        last = last_layer_entry(name, f"{name}.weight", f"{name}.bias" if compute.bias else None)
         raw_dims: Any = compute.dims
+        segments = None
         row_elems = sum(raw_dims)
     else:
         names = select_parameters(model, layers)
-        params = dict(model.named_parameters())
-        widths = [params[n].numel() for n in names]
+        all_params = dict(model.named_parameters())
         compute = PerExampleGradients(model, names, loss_fn)
-        meta["parameters"] = [[n, list(params[n].shape)] for n in names]
-        raw_dims = sum(widths)
+        params = [(n, all_params[n].shape) for n in names]
+        segments = compute.widths
+        raw_dims = compute.width
         row_elems = raw_dims
     rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
     batches = as_batches(data, rows_per_batch)
-    if batches.one_shot and len(sources) > 1:
+    if batches.one_shot and len(entries) > 1:
         raise TypeError("data is a one-shot iterator, but it is read once per checkpoint; pass a list of "
                         "batches, a DataLoader or a Dataset")
-
-    project = _projector(projection, factored, raw_dims, None if factored else widths)
-    dims = project.dims
-    meta.update(dtype=dtype, dims=raw_dims if not factored else list(raw_dims),
-                projection=None if projection is None else projection.to_dict(),
-                checkpoints=[describe(s, i) for i, s in enumerate(sources)], learning_rates=rates)
+    dims = projected_dims(projection, raw_dims, segments)
+    rates = [lr for _, lr in entries]
+    meta = export_metadata("torch", "last_layer" if factored else "full", params, layers, dtype, projection,
+                           last_layer=last, data=None,
+                           checkpoints=[checkpoint_digest(s, i) for i, (s, _) in enumerate(entries)])
+    fingerprint = DataFingerprint()
     if store is not None:
-        sink: Any = StoreSink(store, batches.n_rows, [dims] * len(sources), dtype, factored, rates, meta)
-        if sink.complete:
-            return sink.finish()
+        need_row_count(batches.n_rows)
+        _read_through(batches, fingerprint)
+        meta["fingerprints"]["data"] = fingerprint.data
+        sink: Any = StoreSink(store, batches.n_rows, [dims] * len(entries), dtype, factored, rates, meta)
     else:
-        sink = MemorySink(batches.n_rows, len(sources), factored, rates, meta)
+        sink = MemorySink(batches.n_rows, len(entries), dtype, factored, rates, wrap=_as_tensor)
+    try:
+        if not sink.complete:
+            run = _Run(compute, projection, segments, device, sink, batches, fingerprint, progress, len(entries))
+            try:
+                for c, (source, _) in enumerate(entries):
+                    run.checkpoint(c, source, reference)
+            finally:
+                run.bar.close()
+        meta["fingerprints"]["data"] = fingerprint.data
+        return sink.finish(meta)
+    except BaseException:
+        sink.close()
+        raise
 
-    run = _Run(compute, project, _DTYPES[dtype], device, sink, batches, progress, len(sources))
-    with run.bar:
-        for c, source in enumerate(sources):
-            run.checkpoint(c, source, reference)
-    return sink.finish()
+
+def _read_through(batches: Batches, fingerprint: DataFingerprint) -> None:
+    """One pass over the data recording its fingerprint (before a store, whose spec holds it, is opened)."""
+    fingerprint.begin("data")
+    for _, inputs, targets in batches:
+        fingerprint.batch(host_arrays(targets), host_arrays(inputs))
+    fingerprint.end()
+
+
+def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """A tensor sharing the memory of a stored array (bfloat16 kept as uint16 bits)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _to_host(block: Any) -> Any:
+    """A computed block (tensor, or (left, right) pair) on the CPU in a dtype the sinks take."""
+    if isinstance(block, tuple):
+        return tuple(_to_host(b) for b in block)
+    block = block.detach()
+    if block.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        block = block.float()
+    return block.cpu()
 
 
 class _Run:
-    """The loop over checkpoints x batches, with the progress bar and the loss check."""
+    """The loop over checkpoints x batches, with the progress bar, the loss check and the data
+    fingerprint check."""
 
-    def __init__(self, compute, project, dtype, device, sink, batches: Batches, progress, n_checkpoints):
-        self.compute, self.project, self.dtype, self.device = compute, project, dtype, device
-        self.sink, self.batches, self.n_checkpoints = sink, batches, n_checkpoints
+    def __init__(self, compute, projection, segments, device, sink, batches: Batches,
+                 fingerprint: DataFingerprint, progress, n_checkpoints):
+        self.compute, self.projection, self.segments, self.device = compute, projection, segments, device
+        self.sink, self.batches, self.fingerprint, self.n_checkpoints = sink, batches, fingerprint, n_checkpoints
         self.loss_checked = False
         self.tied = tied_aliases(compute.model)
         self.n_rows = batches.n_rows
         total = None if self.n_rows is None else self.n_rows * n_checkpoints
-        if progress:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="ex", desc="tracin export", dynamic_ncols=True)
-        else:
-            self.bar = contextlib.nullcontext()
+        self.bar = progress_bar(total, progress, "tracin.torch export")
 
     def _destination(self, c: int, start: int, rows: int) -> torch.Tensor | None:
         """The sink's own rows, when full gradients can be computed straight into them (CPU, no
-        projection, stored in the model's dtype)."""
-        if (self.project.projection is not None or self.device.type != "cpu"
-                or not isinstance(self.compute, PerExampleGradients) or self.compute.dtype != self.dtype
-                or not hasattr(self.sink, "destination")):
+        projection, float32 model and stored dtype)."""
+        if (self.projection is not None or self.device.type != "cpu"
+                or not isinstance(self.compute, PerExampleGradients) or self.compute.dtype != torch.float32):
             return None
-        return self.sink.destination(c, start, rows, self.compute.width, self.dtype)
-
-    def _advance(self, rows: int) -> None:
-        if hasattr(self.bar, "update"):
-            self.bar.update(rows)
+        dest = self.sink.destination(c, start, rows, self.compute.width)
+        return None if dest is None else torch.from_numpy(dest)
 
     def checkpoint(self, c: int, source: Any, reference: dict) -> None:
         done = self.sink.rows_done(c)
         if self.n_rows is not None and done >= self.n_rows:
-            self._advance(self.n_rows)
+            self.bar.update(self.n_rows)
             return
-        if hasattr(self.bar, "set_postfix_str"):
-            self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
+        self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
         state = load_checkpoint(source, c, reference, skip=self.tied)
         seen = 0
+        self.fingerprint.begin(f"checkpoint {c}")
         for start, inputs, targets in self.batches:
             rows = batch_rows(targets, "targets")
+            self.fingerprint.batch(host_arrays(targets), host_arrays(inputs) if self.fingerprint.recording else ())
             seen = start + rows
             if seen <= done:
-                self._advance(rows)
+                self.bar.update(rows)
                 continue
             inputs, targets = (tree_map(lambda t: t.to(self.device, non_blocking=True), x)
                                for x in (inputs, targets))
@@ -179,66 +222,35 @@ class _Run:
             if dest is not None:
                 self.compute(state, inputs, targets, out=dest)
             else:
-                self.sink.write(c, start, self.project(self.compute(state, inputs, targets), self.dtype))
-            self._advance(rows)  # no batch buffer outlives its iteration: the next one is not doubled
+                block = _to_host(self.compute(state, inputs, targets))
+                if self.projection is not None:
+                    block = project(self.projection, _float_numpy(block), self.segments)
+                self.sink.write(c, start, block)
+            self.bar.update(rows)  # no batch buffer outlives its iteration: the next one is not doubled
+        if seen == 0:
+            raise ValueError("data has no rows")
         if self.n_rows is None:
             self.n_rows = seen
         elif seen != self.n_rows:
             raise ValueError(f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
                              "it must give the same rows for every checkpoint")
+        self.fingerprint.end()
 
 
-def _layers_spec(layers: Any) -> list[str] | None:
-    if layers is None:
-        return None
-    return [layers] if isinstance(layers, str) else list(layers)
+def _float_numpy(block: Any) -> Any:
+    if isinstance(block, tuple):
+        return tuple(_float_numpy(b) for b in block)
+    return block.float().numpy()
 
 
-def _last_layer_name(model: nn.Module, layers: Any, data: Any, device: torch.device) -> str:
-    spec = _layers_spec(layers)
-    if spec is not None:
-        if len(spec) != 1:
-            raise ValueError(f"layers: mode='last_layer' takes one nn.Linear module name, got {spec}")
-        linear_by_name(model, spec[0])
-        return spec[0]
+def _last_layer_name(model: nn.Module, layers: list[str] | None, data: Any, device: torch.device) -> str:
+    if layers is not None:
+        if len(layers) != 1:
+            raise ValueError(f"layers: mode='last_layer' takes one nn.Linear module name, got {layers}")
+        linear_by_name(model, layers[0])
+        return layers[0]
     first = next(iter(as_batches(data, 1)), None)
     if first is None:
-        raise ValueError("data is empty")
+        raise ValueError("data has no rows")
     inputs = tree_map(lambda t: t.to(device), first[1])
     return last_linear(model, lambda: call_model(model, inputs))
-
-
-class _Projector:
-    """Moves a computed block to the host in the stored dtype, projecting it first if asked."""
-
-    def __init__(self, projection: Any, factored: bool, segments: list[int] | None, dims: Any):
-        self.projection, self.factored, self.segments, self.dims = projection, factored, segments, dims
-
-    def __call__(self, block: Any, dtype: torch.dtype) -> Any:
-        if self.projection is None:
-            if self.factored:
-                return tuple(b.to(dtype).cpu() for b in block)
-            return block.to(dtype).cpu()
-        if self.factored:
-            left, right = (b.float().cpu().numpy() for b in block)
-            return tuple(torch.from_numpy(np.ascontiguousarray(m)).to(dtype)
-                         for m in self.projection.apply_factored(left, right))
-        kwargs = {"segments": self.segments} if self.segments is not None else {}
-        out = self.projection.apply(block.float().cpu().numpy(), **kwargs)
-        return torch.from_numpy(np.ascontiguousarray(out)).to(dtype)
-
-
-def _projector(projection: Any, factored: bool, raw_dims: Any, segments: list[int] | None) -> _Projector:
-    """The projector, with the per-checkpoint dims of what it stores (probed on a zero row)."""
-    if projection is None:
-        return _Projector(None, factored, segments, tuple(raw_dims) if factored else raw_dims)
-    if not (hasattr(projection, "apply") and hasattr(projection, "to_dict")):
-        raise TypeError(f"projection must be a tracin.Projection, got {type(projection).__name__}")
-    probe = _Projector(projection, factored, segments, None)
-    if factored:
-        p, q = raw_dims
-        left, right = probe((torch.zeros(1, p), torch.zeros(1, q)), torch.float32)
-        probe.dims = (left.shape[1], right.shape[1])
-    else:
-        probe.dims = probe(torch.zeros(1, raw_dims), torch.float32).shape[1]
-    return probe

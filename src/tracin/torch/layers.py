@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from .._export.layers import as_patterns, matches
+
+EXAMPLE = "['fc2'] or ['encoder.layer.11.*']"
+
 
 def _matches(name: str, pattern: str) -> bool:
     """A module-name prefix ("fc2" matches fc2.weight, fc2.bias) or a glob ("encoder.*.weight")."""
-    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+    return matches(name, pattern, ".")
 
 
 def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
@@ -26,10 +29,7 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> l
         if not names:
             raise ValueError("the model has no trainable parameters; name the layers to use with layers=")
         return names
-    if isinstance(layers, str):
-        layers = [layers]
-    if not all(isinstance(p, str) for p in layers) or not layers:
-        raise TypeError(f"layers must be a non-empty list of module names or globs, got {layers!r}")
+    layers = as_patterns(layers, EXAMPLE)
     for pattern in layers:
         if not any(_matches(n, pattern) for n in params):
             modules = [m for m, _ in model.named_modules() if m]

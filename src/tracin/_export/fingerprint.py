@@ -1,0 +1,93 @@
+"""Fingerprints of what an export reads, so that a resumed store or a later checkpoint is known to
+see the same data and the same checkpoints.
+
+A digest is a 128-bit BLAKE2b of the arrays' dtypes, shapes and bytes (hex string). Paths are
+digested by their bytes (a file) or by every file under them (a directory, in sorted order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+_CHUNK = 1 << 22  # bytes read at a time when digesting files
+
+
+def _hasher() -> "hashlib._Hash":
+    return hashlib.blake2b(digest_size=16)
+
+
+def digest_arrays(arrays: Iterable[np.ndarray]) -> str:
+    """Digest of a sequence of NumPy arrays: order, dtype, shape and contents all count."""
+    h = _hasher()
+    for a in arrays:
+        a = np.asarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        if a.dtype.hasobject:
+            h.update(repr(a.tolist()).encode())
+        else:
+            h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def digest_path(path: str | os.PathLike) -> str:
+    """Digest of a file's bytes, or of every file under a directory (relative names and bytes)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = _hasher()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix() if f != root else ''};".encode())
+        with open(f, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class DataFingerprint:
+    """Order-sensitive digests of the batches one export reads, pass after pass.
+
+    The first complete pass over the data records a digest of each batch's targets, and folds
+    inputs and targets into `data`, a digest of the whole data. Every later pass must give the
+    same targets in the same batches, else ValueError: a shuffling loader or an iterable whose
+    content changes between checkpoints would otherwise mix up rows silently.
+    Usage per pass: begin(where), then batch(...) for every batch (skipped ones too), then end().
+    """
+
+    def __init__(self) -> None:
+        self._reference: list[str] | None = None
+        self._seen: list[str] = []
+        self._whole = _hasher()
+        self._where = ""
+        self.data: str | None = None  # digest of every batch's inputs and targets, after the first pass
+
+    @property
+    def recording(self) -> bool:
+        """True during the first pass, which needs the inputs too."""
+        return self._reference is None
+
+    def begin(self, where: str) -> None:
+        self._seen, self._where = [], where
+
+    def batch(self, targets: Iterable[np.ndarray], inputs: Iterable[np.ndarray] = ()) -> None:
+        """One batch's target arrays (and, while recording, its input arrays)."""
+        d = digest_arrays(targets)
+        i = len(self._seen)
+        self._seen.append(d)
+        if self._reference is None:
+            self._whole.update(digest_arrays(inputs).encode() + d.encode())
+        elif i >= len(self._reference) or self._reference[i] != d:
+            raise ValueError(
+                f"{self._where}: batch {i} of the data holds other targets than on the first pass; the "
+                "data must give the same rows in the same order for every checkpoint (a shuffling "
+                "DataLoader or sampler, or an iterable that changes between passes?)")
+
+    def end(self) -> None:
+        if self._reference is None:
+            self._reference, self.data = self._seen, self._whole.hexdigest()
+        elif len(self._seen) != len(self._reference):
+            raise ValueError(f"{self._where}: the data gave {len(self._seen)} batches, the first pass gave "
+                             f"{len(self._reference)}; it must give the same rows for every checkpoint")

@@ -1,0 +1,130 @@
+"""Where exported rows go: in memory (Gradients / FactoredGradients) or a GradientStore on disk.
+
+Both take, per checkpoint c, blocks of rows at a start row: a (rows, d) array, or a (left, right)
+pair when factored; NumPy, torch or JAX, float32 / float16 / bfloat16. Both convert them to the
+stored dtype the same way (tracin.store's to_store_dtype), so values beyond the range of float16 /
+bfloat16 are the same ValueError at export time. Close a sink on any error (close()).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..gradients import FactoredGradients, Gradients
+from ..store._convert import to_store_dtype
+from ..store._format import DISK_DTYPES
+
+Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
+Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
+
+
+class MemorySink:
+    """Keeps each checkpoint's rows in memory, in the stored dtype (bfloat16 as uint16 bits until
+    `wrap` turns them into the framework's arrays at finish). Preallocated (n_rows, width) arrays
+    when the row count is known, else pieces joined in row order at the end."""
+
+    complete = False
+
+    def __init__(self, n_rows: int | None, n_checkpoints: int, dtype: str, factored: bool,
+                 weights: list[float], wrap: Wrap = lambda a, dtype: a):
+        self.n_rows, self.dtype, self.factored, self.weights, self._wrap = n_rows, dtype, factored, weights, wrap
+        self._full: list[list[np.ndarray] | None] = [None] * n_checkpoints
+        self._parts: list[list[tuple[int, list[np.ndarray]]]] = [[] for _ in range(n_checkpoints)]
+
+    def rows_done(self, checkpoint: int) -> int:
+        return 0
+
+    def destination(self, checkpoint: int, start: int, rows: int, width: int) -> np.ndarray | None:
+        """Rows [start, start + rows) of a full float32 checkpoint of `width` columns, for computing
+        into in place (None when rows are kept another way)."""
+        if self.factored or self.n_rows is None or self.dtype != "float32":
+            return None
+        full = self._allocate(checkpoint, [width])
+        return full[0][start:start + rows] if full[0].shape[1] == width else None
+
+    def _allocate(self, checkpoint: int, widths: list[int]) -> list[np.ndarray]:
+        if self._full[checkpoint] is None:
+            self._full[checkpoint] = [np.empty((self.n_rows, w), DISK_DTYPES[self.dtype]) for w in widths]
+        return self._full[checkpoint]
+
+    def write(self, checkpoint: int, start: int, block: Block) -> None:
+        pieces = _convert(block, self.factored, self.dtype)
+        if self.n_rows is None:
+            self._parts[checkpoint].append((start, pieces))
+            return
+        for dest, p in zip(self._allocate(checkpoint, [p.shape[1] for p in pieces]), pieces):
+            dest[start:start + p.shape[0]] = p
+
+    def close(self) -> None:
+        self._full, self._parts = [], []
+
+    def finish(self, metadata: dict) -> Gradients | FactoredGradients:
+        per_ckpt = []
+        for c, full in enumerate(self._full):
+            if full is None:  # row count unknown up front: join the pieces in row order
+                pieces = [p for _, p in sorted(self._parts[c], key=lambda sp: sp[0])]
+                if not pieces:
+                    raise ValueError("data has no rows")
+                full = [np.concatenate([p[k] for p in pieces]) for k in range(len(pieces[0]))]
+                self._parts[c] = []
+            per_ckpt.append([self._wrap(a, self.dtype) for a in full])
+        if self.factored:
+            return FactoredGradients([f[0] for f in per_ckpt], [f[1] for f in per_ckpt], self.weights,
+                                     metadata=metadata)
+        return Gradients([f[0] for f in per_ckpt], self.weights, metadata=metadata)
+
+
+def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
+    """The block's arrays in the stored dtype (bfloat16 as uint16 bits), named as the store
+    writer names them in its range error."""
+    if factored:
+        if not isinstance(block, (tuple, list)) or len(block) != 2:
+            raise TypeError(f"block must be a (left, right) pair, got {type(block).__name__}")
+        return [to_store_dtype(b, dtype, f"block[{i}]") for i, b in enumerate(block)]
+    return [to_store_dtype(block, dtype, "block")]
+
+
+def need_row_count(n_rows: int | None) -> None:
+    """ValueError when a store is asked for but the data's row count is unknown up front."""
+    if n_rows is None:
+        raise ValueError(
+            "store= needs the number of examples up front, and it cannot be known for this data: pass "
+            "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches")
+
+
+class StoreSink:
+    """Writes rows into a GradientStore as they come; creating it again with the same spec
+    (n_rows, dims, dtype, weights, metadata) resumes it."""
+
+    def __init__(self, path: str | os.PathLike, n_rows: int | None, dims: list, dtype: str, factored: bool,
+                 weights: list[float], metadata: dict):
+        from ..store import GradientStore
+
+        need_row_count(n_rows)
+        self._writer = GradientStore.create(path, n_rows, dims, weights=weights, dtype=dtype,
+                                            factored=factored, metadata=metadata)
+
+    @property
+    def complete(self) -> bool:
+        return self._writer.complete
+
+    def rows_done(self, checkpoint: int) -> int:
+        return self._writer.rows_done(checkpoint)
+
+    def destination(self, checkpoint: int, start: int, rows: int, width: int) -> None:
+        return None
+
+    def write(self, checkpoint: int, start: int, block: Block) -> None:
+        self._writer.write(checkpoint, start, block)
+
+    def close(self) -> None:
+        """Releases the store (and its lock); the rows written so far stay for a resume."""
+        self._writer.close()
+
+    def finish(self, metadata: dict | None = None) -> Any:
+        """The finalized GradientStore (its metadata is the one given at creation)."""
+        return self._writer.finalize()

@@ -1,0 +1,35 @@
+"""Checkpoint lists and learning rates, validated the same way for both adapters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tracin._export.checkpoints import learning_rate, parse_checkpoints
+
+
+@pytest.mark.parametrize("lr", ["0.1", True, False, None, 1j, [0.1]])
+def test_learning_rates_must_be_real_numbers_not_bools_or_strings(lr):
+    with pytest.raises(TypeError, match=r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"):
+        parse_checkpoints([("a", lr)], "params")
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), np.float32("-inf")])
+def test_learning_rates_must_be_finite(lr):
+    with pytest.raises(ValueError, match="must be finite"):
+        learning_rate(lr, "lr")
+
+
+def test_numpy_and_integer_rates_become_floats():
+    parsed = parse_checkpoints([("a", np.float32(0.5)), ("b", 2), ("c", np.int64(-1))], "params")
+    assert parsed == [("a", 0.5), ("b", 2.0), ("c", -1.0)]
+    assert all(type(lr) is float for _, lr in parsed)
+
+
+def test_sources_are_checked_by_the_adapter_rule():
+    with pytest.raises(TypeError, match=r"checkpoints\[1\]\[0\] must be a path"):
+        parse_checkpoints([("a", 1.0), (3, 1.0)], "path", accepts=lambda s: isinstance(s, str))
+    with pytest.raises(TypeError, match="sequence of"):
+        parse_checkpoints({"a": 1.0}, "path")
+    with pytest.raises(ValueError, match="empty"):
+        parse_checkpoints([], "path")

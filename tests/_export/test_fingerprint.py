@@ -1,0 +1,55 @@
+"""Fingerprints of data and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tracin._export.fingerprint import DataFingerprint, digest_arrays, digest_path
+
+
+def test_array_digests_see_order_dtype_shape_and_contents():
+    a, b = np.arange(6, dtype=np.float32), np.ones(3, np.int64)
+    base = digest_arrays([a, b])
+    assert digest_arrays([a.copy(), b.copy()]) == base
+    assert len({base, digest_arrays([b, a]), digest_arrays([a.astype(np.float64), b]),
+                digest_arrays([a.reshape(2, 3), b]), digest_arrays([a + 1, b])}) == 5
+
+
+def test_path_digests_follow_file_contents(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_bytes(b"abc")
+    before = digest_path(tmp_path / "d")
+    (tmp_path / "d" / "x").write_bytes(b"abd")
+    assert digest_path(tmp_path / "d") != before
+    assert digest_path(tmp_path / "d" / "x") != digest_path(tmp_path / "d")  # names count too
+
+
+def _pass(fp: DataFingerprint, batches, where="pass"):
+    fp.begin(where)
+    for x, y in batches:
+        fp.batch([y], [x] if fp.recording else ())
+    fp.end()
+
+
+def test_later_passes_must_see_the_first_pass_targets_in_order():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 2)), np.arange(6)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    fp = DataFingerprint()
+    _pass(fp, batches)
+    data = fp.data
+    _pass(fp, batches)  # same data: fine
+    with pytest.raises(ValueError, match="checkpoint 2: batch 0 of the data holds other targets"):
+        _pass(fp, [(x[3:], y[3:]), (x[:3], y[:3])], "checkpoint 2")
+    with pytest.raises(ValueError, match="gave 1 batches, the first pass gave 2"):
+        _pass(fp, batches[:1])
+    assert fp.data == data
+
+
+def test_the_data_digest_covers_inputs():
+    x, y = np.zeros((4, 2)), np.arange(4)
+    one, other = DataFingerprint(), DataFingerprint()
+    _pass(one, [(x, y)])
+    _pass(other, [(x + 1, y)])
+    assert one.data != other.data

@@ -1,0 +1,59 @@
+"""Sinks: in memory and GradientStore, the same dtype conversion and range check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin._export.sinks import MemorySink, StoreSink
+
+
+@pytest.mark.parametrize("n_rows", [None, 5])
+def test_memory_sink_puts_blocks_at_their_rows(n_rows):
+    sink = MemorySink(n_rows, 1, "float32", True, [1.0])
+    sink.write(0, 3, (np.full((2, 2), 2.0, np.float32), np.full((2, 1), 4.0, np.float32)))
+    sink.write(0, 0, (np.full((3, 2), 1.0, np.float32), np.full((3, 1), 3.0, np.float32)))
+    g = sink.finish({"mode": "last_layer"})
+    np.testing.assert_array_equal(g.left[0][:, 0], [1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(g.right[0][:, 0], [3, 3, 3, 4, 4])
+    assert g.metadata == {"mode": "last_layer"}
+
+
+@pytest.mark.parametrize("dtype, big", [("float16", 7e4), ("bfloat16", 3.4e38)])
+def test_both_sinks_refuse_values_beyond_the_stored_range(tmp_path, dtype, big):
+    block = np.array([[1.0, big]], np.float32)
+    memory = MemorySink(1, 1, dtype, False, [1.0])
+    store = StoreSink(tmp_path / "g", 1, [2], dtype, False, [1.0], {})
+    errors = []
+    for sink in (memory, store):
+        with pytest.raises(ValueError, match=f"beyond the {dtype} range") as e:
+            sink.write(0, 0, block)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
+    store.close()
+
+
+def test_memory_sink_keeps_the_stored_dtype_and_values():
+    sink = MemorySink(2, 1, "float16", False, [0.5])
+    sink.write(0, 0, np.array([[1.0, 2.5], [-3.0, 65504.0]], np.float32))
+    g = sink.finish({})
+    assert g.matrices[0].dtype == np.float16
+    np.testing.assert_array_equal(g.matrices[0], [[1.0, 2.5], [-3.0, 65504.0]])
+
+
+def test_closing_a_store_sink_lets_a_new_writer_resume(tmp_path):
+    sink = StoreSink(tmp_path / "g", 2, [1], "float32", False, [1.0], {"k": 1})
+    sink.write(0, 0, np.ones((1, 1), np.float32))
+    sink.close()
+    again = StoreSink(tmp_path / "g", 2, [1], "float32", False, [1.0], {"k": 1})
+    assert again.rows_done(0) == 1
+    again.write(0, 1, np.full((1, 1), 2.0, np.float32))
+    store = again.finish()
+    assert isinstance(store, tracin.GradientStore)
+    np.testing.assert_array_equal(tracin.self_influence(store), [1.0, 4.0])  # rows 1 and 2, squared
+
+
+def test_a_store_needs_the_row_count(tmp_path):
+    with pytest.raises(ValueError, match="store= needs the number of examples up front"):
+        StoreSink(tmp_path / "g", None, [1], "float32", False, [1.0], {})
