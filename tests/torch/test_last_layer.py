@@ -1,4 +1,4 @@
-"""mode='last_layer': factored gradients of the last Linear layer, against Captum."""
+"""mode="last_layer" and mode="factored": factored gradients of nn.Linear layers, against Captum."""
 
 from __future__ import annotations
 
@@ -94,3 +94,46 @@ def test_reduced_losses_are_refused_in_last_layer_mode():
     with pytest.raises(ValueError, match="mean- or sum-reduced"):
         export_gradients(model, [(model.state_dict(), 1.0)], data, lambda o, y: nn.functional.cross_entropy(o, y),
                          mode="last_layer", progress=False)
+
+
+def test_factored_mode_matches_captum_on_every_linear_layer(tmp_path):
+    """mode="factored": a (left, right) pair per Linear layer per checkpoint; exact TracIn over all
+    of the MLP's parameters, like Captum's TracInCP on the full gradients."""
+    model = mlp()
+    train, test = classification_data(40, seed=1), classification_data(6, seed=2)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    g_train = export_gradients(model, checkpoints, train, LOSS, mode="factored", batch_size=16, progress=False)
+    g_test = export_gradients(model, checkpoints, test, LOSS, mode="factored", progress=False)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert g_train.n_checkpoints == 3 * len(linear)
+    assert g_train.weights.tolist() == [lr for _, lr in checkpoints for _ in linear]
+    assert g_train.metadata["mode"] == "factored"
+    assert [p["name"] for p in g_train.metadata["params"]] == [n for n, _ in model.named_parameters()]
+    oracle = captum_tracin(model, checkpoints, train)
+    assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
+    theirs_idx, _ = oracle.influence(test, k=5, proponents=True)
+    np.testing.assert_array_equal(tracin.top_k(g_test, g_train, k=5).indices, theirs_idx.numpy())
+    np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)
+    full = export_gradients(model, checkpoints, test, LOSS, progress=False)
+    with pytest.raises(ValueError, match="both be full gradients or both FactoredGradients"):
+        tracin.scores(full, g_train)
+
+
+def test_factored_mode_store_equals_memory_and_refuses_non_linear_parameters(tmp_path):
+    model = mlp()
+    train = classification_data(30, seed=3)
+    checkpoints = train_checkpoints(model, *train, tmp_path)
+    memory = export_gradients(model, checkpoints, train, LOSS, mode="factored", batch_size=7, progress=False)
+    store = export_gradients(model, checkpoints, train, LOSS, mode="factored", store=tmp_path / "s",
+                             batch_size=7, progress=False)
+    np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 4))
+    x, y = torch.randn(5, 1, 10), torch.randint(0, 4, (5,))
+    with pytest.raises(ValueError, match="needs every chosen parameter to be an nn.Linear"):
+        export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored", progress=False)
+    with pytest.raises(ValueError, match="factors whole nn.Linear layers"):
+        export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored",
+                         layers=["2.weight"], progress=False)
+    only_linear = export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored",
+                                   layers=["2"], progress=False)
+    assert only_linear.dims == ((4, 17),)

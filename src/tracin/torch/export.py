@@ -20,8 +20,8 @@ from .._export.sinks import MemorySink, StoreSink, need_row_count
 from .._validate import positive_int
 from .checkpoints import checkpoint_digest, load_checkpoint, parse_checkpoints, tied_aliases
 from .data import Batches, as_batches, batch_rows, call_model, host_arrays, tree_map
-from .last_layer import LastLayerFactors
-from .layers import EXAMPLE, last_linear, linear_by_name, select_parameters
+from .last_layer import LinearFactors
+from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
 from .per_example import PerExampleGradients, check_loss_fn, check_losses, losses_of
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..store import GradientStore
 
 _DTYPES = ("float32", "float16", "bfloat16")
-_MODES = ("full", "last_layer")
+_MODES = ("full", "last_layer", "factored")
 _BATCH_BYTES = 256 * 2**20  # per-example gradient bytes a default batch aims at
 _MAX_DEFAULT_BATCH = 1024
 
@@ -52,7 +52,11 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run).
     mode: "full" -> Gradients, one (n, d) matrix per checkpoint; "last_layer" -> FactoredGradients,
-        left (n, out) and right (n, in + 1) per checkpoint (exact for that layer's weight and bias).
+        left (n, out) and right (n, in + 1) per checkpoint (exact for that layer's weight and bias);
+        "factored" -> FactoredGradients with such a pair for every chosen nn.Linear layer of every
+        checkpoint (checkpoint c, layer l at position c * layers + l, weight repeated): exact
+        TracIn over those layers at a fraction of the cost of full gradients (all chosen parameters
+        must be nn.Linear weights and biases, each layer applied once per example).
     projection: a tracin.Projection applied to every batch before it is stored (float32 out).
     dtype: stored element type, "float32", "float16" or "bfloat16".
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
@@ -74,12 +78,12 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
     check_loss_fn(loss_fn)
-    check_projection(projection, mode == "last_layer")
+    check_projection(projection, mode != "full")
     entries = parse_checkpoints(checkpoints)
 
     with _evaluating(model):
         return _export(model, entries, data, loss_fn, layers, projection, dtype, store,
-                       batch_size, progress, model.state_dict(), factored=mode == "last_layer")
+                       batch_size, progress, model.state_dict(), mode)
 
 
 @contextlib.contextmanager
@@ -95,34 +99,43 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 
 
 def _export(model, entries, data, loss_fn, layers, projection, dtype, store, batch_size,
-            progress, reference, *, factored: bool):
+            progress, reference, mode: str):
     device = next(iter(reference.values())).device if reference else torch.device("cpu")
     layers = None if layers is None else as_patterns(layers, EXAMPLE)
     last = None
+    factored = mode != "full"
     if factored:
-        name = _last_layer_name(model, layers, data, device)
-        compute: Any = LastLayerFactors(model, name, loss_fn)
-        params = [(n, p.shape) for n, p in compute.layer.named_parameters(prefix=name)]
-        last = last_layer_entry(name, f"{name}.weight", f"{name}.bias" if compute.bias else None)
-        raw_dims: Any = compute.dims
+        if mode == "last_layer":
+            names = [_last_layer_name(model, layers, data, device)]
+        else:
+            names = linear_modules_of(model, select_parameters(model, layers))
+        compute: Any = LinearFactors(model, names, loss_fn, mode)
+        modules = dict(model.named_modules())
+        params = [(n, p.shape) for name in names for n, p in modules[name].named_parameters(prefix=name)]
+        if mode == "last_layer":
+            name = names[0]
+            last = last_layer_entry(name, f"{name}.weight", f"{name}.bias" if modules[name].bias is not None else None)
+        slot_dims: list = compute.dims  # one (left, right) pair per layer
         segments = None
-        row_elems = sum(raw_dims)
+        row_elems = sum(p + q for p, q in slot_dims)
     else:
         names = select_parameters(model, layers)
         all_params = dict(model.named_parameters())
         compute = PerExampleGradients(model, names, loss_fn)
         params = [(n, all_params[n].shape) for n in names]
         segments = compute.widths
-        raw_dims = compute.width
-        row_elems = raw_dims
+        slot_dims = [compute.width]
+        row_elems = compute.width
     rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
     batches = as_batches(data, rows_per_batch)
     if batches.one_shot and len(entries) > 1:
         raise TypeError("data is a one-shot iterator, but it is read once per checkpoint; pass a list of "
                         "batches, a DataLoader or a Dataset")
-    dims = projected_dims(projection, raw_dims, segments)
-    rates = [lr for _, lr in entries]
-    meta = export_metadata("torch", "last_layer" if factored else "full", params, layers, dtype, projection,
+    # Sink slots: per checkpoint one per layer (factored) or one; the weight repeats per slot.
+    slots = len(slot_dims)
+    dims = [projected_dims(projection, d, segments) for d in slot_dims]
+    rates = [lr for _, lr in entries for _ in range(slots)]
+    meta = export_metadata("torch", mode, params, layers, dtype, projection,
                            last_layer=last, data=None,
                            checkpoints=[checkpoint_digest(s, i) for i, (s, _) in enumerate(entries)])
     fingerprint = DataFingerprint()
@@ -130,12 +143,13 @@ def _export(model, entries, data, loss_fn, layers, projection, dtype, store, bat
         need_row_count(batches.n_rows)
         _read_through(batches, fingerprint)
         meta["fingerprints"]["data"] = fingerprint.data
-        sink: Any = StoreSink(store, batches.n_rows, [dims] * len(entries), dtype, factored, rates, meta)
+        sink: Any = StoreSink(store, batches.n_rows, dims * len(entries), dtype, factored, rates, meta)
     else:
-        sink = MemorySink(batches.n_rows, len(entries), dtype, factored, rates, wrap=_as_tensor)
+        sink = MemorySink(batches.n_rows, len(entries) * slots, dtype, factored, rates, wrap=_as_tensor)
     try:
         if not sink.complete:
-            run = _Run(compute, projection, segments, device, sink, batches, fingerprint, progress, len(entries))
+            run = _Run(compute, projection, segments, device, sink, batches, fingerprint, progress, len(entries),
+                       slots)
             try:
                 for c, (source, _) in enumerate(entries):
                     run.checkpoint(c, source, reference)
@@ -164,9 +178,10 @@ def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def _to_host(block: Any) -> Any:
-    """A computed block (tensor, or (left, right) pair) on the CPU in a dtype the sinks take."""
-    if isinstance(block, tuple):
-        return tuple(_to_host(b) for b in block)
+    """A computed block (tensor, (left, right) pair, or list of pairs) on the CPU in a dtype the
+    sinks take."""
+    if isinstance(block, (tuple, list)):
+        return type(block)(_to_host(b) for b in block)
     block = block.detach()
     if block.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         block = block.float()
@@ -175,12 +190,14 @@ def _to_host(block: Any) -> Any:
 
 class _Run:
     """The loop over checkpoints x batches, with the progress bar, the loss check and the data
-    fingerprint check."""
+    fingerprint check. Checkpoint c fills sink slots c * slots ... c * slots + slots - 1 (one per
+    factored layer)."""
 
     def __init__(self, compute, projection, segments, device, sink, batches: Batches,
-                 fingerprint: DataFingerprint, progress, n_checkpoints):
+                 fingerprint: DataFingerprint, progress, n_checkpoints, slots):
         self.compute, self.projection, self.segments, self.device = compute, projection, segments, device
         self.sink, self.batches, self.fingerprint, self.n_checkpoints = sink, batches, fingerprint, n_checkpoints
+        self.slots = slots
         self.loss_checked = False
         self.tied = tied_aliases(compute.model)
         self.n_rows = batches.n_rows
@@ -197,7 +214,7 @@ class _Run:
         return None if dest is None else torch.from_numpy(dest)
 
     def checkpoint(self, c: int, source: Any, reference: dict) -> None:
-        done = self.sink.rows_done(c)
+        done = min(self.sink.rows_done(c * self.slots + s) for s in range(self.slots))
         if self.n_rows is not None and done >= self.n_rows:
             self.bar.update(self.n_rows)
             return
@@ -222,10 +239,11 @@ class _Run:
             if dest is not None:
                 self.compute(state, inputs, targets, out=dest)
             else:
-                block = _to_host(self.compute(state, inputs, targets))
-                if self.projection is not None:
-                    block = project(self.projection, _float_numpy(block), self.segments)
-                self.sink.write(c, start, block)
+                computed = _to_host(self.compute(state, inputs, targets))
+                for s, block in enumerate(computed if isinstance(computed, list) else [computed]):
+                    if self.projection is not None:
+                        block = project(self.projection, _float_numpy(block), self.segments)
+                    self.sink.write(c * self.slots + s, start, block)
             self.bar.update(rows)  # no batch buffer outlives its iteration: the next one is not doubled
         if seen == 0:
             raise ValueError("data has no rows")

@@ -1,8 +1,10 @@
-"""Factored per-example gradients of one nn.Linear layer y = W x + b.
+"""Factored per-example gradients of nn.Linear layers y = W x + b.
 
 Example i's gradient w.r.t. [W | b] is the outer product dL_i/dy_i (x) [x_i, 1]: the left factor
 (batch, out) and the right factor (batch, in + 1) (no trailing 1 when the layer has no bias).
-Exact for that layer; one ordinary backward pass per batch gives all rows (linear_capture).
+Exact for each layer; one ordinary backward pass per batch gives all rows (linear_capture).
+mode="last_layer" factors one layer, mode="factored" every chosen layer (TracIn then sums the
+per-layer products (L_t . L_i)(R_t . R_i), far fewer operations than the materialised gradients).
 """
 
 from __future__ import annotations
@@ -17,23 +19,26 @@ from .linear_capture import NotRankOne, capture_linear
 from .per_example import LossFn
 
 
-class LastLayerFactors:
-    """(left (batch, out), right (batch, in [+1])) for the Linear module `name` of `model`."""
+class LinearFactors:
+    """Per nn.Linear module of `names` (in order), (left (batch, out), right (batch, in [+1]))."""
 
-    def __init__(self, model: nn.Module, name: str, loss_fn: LossFn):
-        self.model, self.name, self.loss_fn = model, name, loss_fn
-        self.layer = dict(model.named_modules())[name]
-        self.bias = self.layer.bias is not None
+    def __init__(self, model: nn.Module, names: list[str], loss_fn: LossFn, mode: str):
+        self.model, self.names, self.loss_fn, self.mode = model, names, loss_fn, mode
+        modules = dict(model.named_modules())
+        self.layers = [modules[n] for n in names]
 
     @property
-    def dims(self) -> tuple[int, int]:
-        return self.layer.out_features, self.layer.in_features + int(self.bias)
+    def dims(self) -> list[tuple[int, int]]:
+        return [(m.out_features, m.in_features + int(m.bias is not None)) for m in self.layers]
 
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree,
-                 targets: Tree) -> tuple[torch.Tensor, torch.Tensor]:
+                 targets: Tree) -> list[tuple[torch.Tensor, torch.Tensor]]:
         try:
-            ((x, left),) = capture_linear(self.model, [self.name], state, self.loss_fn, inputs, targets).values()
+            captured = capture_linear(self.model, self.names, state, self.loss_fn, inputs, targets)
         except NotRankOne as e:
-            raise ValueError(f"mode='last_layer': {e}. Use mode='full' with layers=[{self.name!r}].") from None
-        right = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if self.bias else x
-        return left, right
+            raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self.names!r}.") from None
+        pairs = []
+        for name, layer in zip(self.names, self.layers):
+            x, left = captured[name]
+            pairs.append((left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x))
+        return pairs

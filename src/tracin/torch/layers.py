@@ -60,3 +60,24 @@ def last_linear(model: nn.Module, run_forward) -> str:
     if not order:
         raise ValueError("mode='last_layer' needs an nn.Linear layer in the model's forward; none ran")
     return order[-1]
+
+
+def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The nn.Linear modules owning the parameters `names`, in the model's order; ValueError if a
+    parameter is not a Linear's weight or bias, or a Linear is chosen without all its parameters."""
+    modules = dict(model.named_modules())
+    owners: list[str] = []
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        if not isinstance(modules.get(owner), nn.Linear) or leaf not in ("weight", "bias"):
+            raise ValueError(f"mode='factored' needs every chosen parameter to be an nn.Linear weight or "
+                             f"bias; {name!r} is not (choose layers=, or use mode='full')")
+        if owner not in owners:
+            owners.append(owner)
+    chosen = set(names)
+    for owner in owners:
+        missing = [n for n, _ in modules[owner].named_parameters(prefix=owner) if n not in chosen]
+        if missing:
+            raise ValueError(f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} "
+                             "is not chosen")
+    return owners
