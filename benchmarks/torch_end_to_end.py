@@ -7,6 +7,8 @@ Contenders, measured in the same run:
                 gradients in memory
   tracin_store  the same with store=: gradients written to a GradientStore (temporary directory)
                 and scored from it in memory-mapped row chunks
+  tracin_factored  the same with mode="factored": each Linear layer's per-example gradient kept as
+                its two factors (exact; the MLP has only Linear parameters)
   plain   a plain torch.func (vmap(grad)) + NumPy script doing the same job
   captum  captum.influence.TracInCP (self_influence, influence(k=10) for both sides)
 Reports median time, peak RSS (fresh process each) and agreement of the results (JSON).
@@ -70,19 +72,25 @@ def _load(workdir: Path):
     return data, [(str(workdir / f"ckpt{c}.pt"), lr) for c, lr in enumerate(LRS)]
 
 
-def run_tracin(workdir: Path, n_train: int | None = None) -> dict:
+def run_tracin(workdir: Path, n_train: int | None = None, mode: str = "full") -> dict:
     import tracin
     from tracin.torch import export_gradients
 
     data, checkpoints = _load(workdir)
     model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
     train = (data["x_train"][:n_train], data["y_train"][:n_train])
-    g_train = export_gradients(model, checkpoints, train, loss, progress=False)
-    g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False)
+    g_train = export_gradients(model, checkpoints, train, loss, mode=mode, progress=False)
+    g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, mode=mode,
+                              progress=False)
     both = tracin.top_k(g_test, g_train, k=K, side="both")
     return {"self": tracin.self_influence(g_train),
             "pro": (both.proponents.indices, both.proponents.values),
             "opp": (both.opponents.indices, both.opponents.values)}
+
+
+def run_tracin_factored(workdir: Path, n_train: int | None = None) -> dict:
+    """The same scores from mode="factored": each Linear layer's gradient as its two factors."""
+    return run_tracin(workdir, n_train, mode="factored")
 
 
 def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
@@ -197,20 +205,26 @@ def main() -> None:
 
         # The full task: tracin against the plain script.
         timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir),
-                                   "tracin_store": lambda: run_tracin_store(workdir)},
+                                   "tracin_store": lambda: run_tracin_store(workdir),
+                                   "tracin_factored": lambda: run_tracin_factored(workdir)},
                                   repeats=args.repeats, warmup=1)
         plain = run_plain(workdir)
         vs_plain = agreement(run_tracin(workdir), plain)
         store_vs_plain = agreement(run_tracin_store(workdir), plain)
+        factored_vs_plain = agreement(run_tracin_factored(workdir), plain)
         memory = {name: peak_rss_of(_child(fn, workdir, None))[0]
                   for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"),
-                                   ("tracin_store", "run_tracin_store"))}
+                                   ("tracin_store", "run_tracin_store"),
+                                   ("tracin_factored", "run_tracin_factored"))}
 
         # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
         nc = args.captum_train
         captum_timing = time_interleaved({"tracin": lambda: run_tracin(workdir, nc),
-                                          "captum": lambda: run_captum(workdir, nc)}, repeats=1, warmup=0)
-        vs_captum = agreement(run_tracin(workdir, nc), run_captum(workdir, nc))
+                                          "tracin_factored": lambda: run_tracin_factored(workdir, nc),
+                                          "captum": lambda: run_captum(workdir, nc)}, repeats=3, warmup=0)
+        captum = run_captum(workdir, nc)
+        vs_captum = agreement(run_tracin(workdir, nc), captum)
+        factored_vs_captum = agreement(run_tracin_factored(workdir, nc), captum)
         captum_memory = peak_rss_of(_child("run_captum", workdir, nc))[0]
 
     payload = {
@@ -219,12 +233,19 @@ def main() -> None:
                  "learning_rates": list(LRS), "torch_threads": torch.get_num_threads(),
                  "captum_n_train": nc or n_train},
         "time_s": {"tracin": timing["tracin"], "plain": timing["plain"], "tracin_store": timing["tracin_store"],
-                   "tracin_captum_task": captum_timing["tracin"], "captum": captum_timing["captum"]},
+                   "tracin_factored": timing["tracin_factored"],
+                   "tracin_captum_task": captum_timing["tracin"],
+                   "tracin_factored_captum_task": captum_timing["tracin_factored"],
+                   "captum": captum_timing["captum"]},
         "peak_rss_mib": {**memory, "captum": captum_memory},
         "speedup": {"vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
                     "store_vs_plain": timing["plain"]["median_s"] / timing["tracin_store"]["median_s"],
-                    "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"]},
-        "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "vs_captum": vs_captum},
+                    "factored_vs_plain": timing["plain"]["median_s"] / timing["tracin_factored"]["median_s"],
+                    "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"],
+                    "factored_vs_captum": captum_timing["captum"]["median_s"]
+                    / captum_timing["tracin_factored"]["median_s"]},
+        "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "factored_vs_plain": factored_vs_plain,
+                      "vs_captum": vs_captum, "factored_vs_captum": factored_vs_captum},
     }
     path = write_json("torch_end_to_end", payload)
     print(f"wrote {path}")
