@@ -90,3 +90,10 @@ def test_console_entry_point_help():
     assert out.returncode == 0
     for command in ("info", "score", "self-influence", "bench", "demo", "examples:"):
         assert command in out.stdout
+
+
+def test_bench_passes_its_options_to_the_harness(capsys, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # the checkout root
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--quick" in capsys.readouterr().out

@@ -156,9 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
     p.set_defaults(func=cmd_self_influence)
 
-    p = sub.add_parser("bench", help="kernel benchmark against faiss / numpy / torch",
-                       add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.kernel")
+    p = sub.add_parser("bench", help="kernel benchmark against faiss / numpy / torch "
+                       "(its own options follow: tracin bench --help)", add_help=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="find mislabelled digits with TracIn (needs tracin[demo])")
@@ -173,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra  # benchmarks.kernel parses (and documents) its own options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except CommandError as e:
