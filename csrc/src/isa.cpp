@@ -45,9 +45,14 @@ const char* IsaName(Isa isa) {
 
 namespace detail {
 
-const KernelTable& KernelsFor(Isa isa) {
+Isa ResolveIsa(Isa requested) {
   const Isa best = DetectIsa();
-  if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
+  return requested == Isa::kAuto || static_cast<int>(requested) > static_cast<int>(best) ? best
+                                                                                          : requested;
+}
+
+const KernelTable& KernelsFor(Isa isa) {
+  isa = ResolveIsa(isa);
 #if defined(TRACIN_HAVE_X86_KERNELS)
   if (isa == Isa::kAvx512) return Avx512Kernels();
   if (isa == Isa::kAvx2) return Avx2Kernels();

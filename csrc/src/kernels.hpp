@@ -49,8 +49,11 @@ const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
 #endif
 
-// The table for `isa` (kAuto: the best this CPU supports). An isa the CPU lacks falls back to the
-// best supported one below it.
+// The instruction set to run for a requested one: kAuto, or one this CPU lacks, gives the best
+// the CPU supports (at most the one requested).
+Isa ResolveIsa(Isa requested);
+
+// The table for ResolveIsa(isa).
 const KernelTable& KernelsFor(Isa isa);
 
 }  // namespace tracin::detail

@@ -26,8 +26,7 @@ constexpr std::int64_t kSparseColumns = 2048;  // columns per hashed chunk
 constexpr std::int64_t kSparseRows = 256;      // rows per task
 
 const ProjectionKernels& ProjectionKernelsFor(Isa isa) {
-  const Isa best = DetectIsa();
-  if (isa == Isa::kAuto || static_cast<int>(isa) > static_cast<int>(best)) isa = best;
+  isa = detail::ResolveIsa(isa);
 #if defined(TRACIN_HAVE_X86_KERNELS)
   if (isa == Isa::kAvx512) return Avx512ProjectionKernels();
   if (isa == Isa::kAvx2) return Avx2ProjectionKernels();
