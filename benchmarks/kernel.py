@@ -167,8 +167,9 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
         for case in case_defs.GROUPS[group](sizes, data, threads):
             log(f"case {case.name}: {case.title}")
             with thread_limits(threads):
-                # A pause lets other libraries' spinning worker threads go idle (not in --quick).
-                record = run_case(case, repeats, warmup, pause_s=0.0 if quick else 0.25)
+                # A pause lets the peers' spinning worker threads and freed memory settle before the
+                # next timed call (not in --quick).
+                record = run_case(case, repeats, warmup, pause_s=0.0 if quick else 1.0)
             record["group"] = group
             records.append(record)
             for name, c in record["contenders"].items():
@@ -180,7 +181,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
     return {
         "machine": machine_info(),
         "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
-                   "pause_between_calls_s": 0.0 if quick else 0.25,
+                   "pause_between_calls_s": 0.0 if quick else 1.0,
                    "sizes": sizes.__dict__},
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},
