@@ -11,20 +11,12 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "tracin/tracin.hpp"
 
 namespace {
 
-int g_failed = 0, g_passed = 0;
-
-void Check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using tracin_test::Check;
 
 struct Matrix {
   std::int64_t rows, cols;
@@ -254,6 +246,5 @@ int main() {
   TestHalfPrecisionAndFactored();
   TestSelfInfluenceAndAggregate();
   TestBadInput();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return tracin_test::Report();
 }

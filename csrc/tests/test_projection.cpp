@@ -9,20 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "tracin/projection.hpp"
 
 namespace {
 
-int g_failed = 0, g_passed = 0;
-
-void Check(bool ok, const std::string& what) {
-  if (ok) {
-    ++g_passed;
-  } else {
-    ++g_failed;
-    std::printf("FAILED: %s\n", what.c_str());
-  }
-}
+using tracin_test::Check;
 
 using tracin::DType;
 using tracin::MatrixView;
@@ -180,6 +172,5 @@ int main() {
   for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
     TestKind(kind);
   TestErrors();
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return tracin_test::Report();
 }
