@@ -78,15 +78,12 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         from .projection import Projection
 
-        mine, other = ("train", "test") if x["projection"] is not None else ("test", "train")
-        Projection.from_dict({"test": t, "train": x}[mine]["projection"]).check_compatible(
-            {"test": t, "train": x}[other]["projection"], what=other)
+        projected, other, other_name = (x, t, "test") if x["projection"] is not None else (t, x, "train")
+        Projection.from_dict(projected["projection"]).check_compatible(other["projection"], what=other_name)
     if t.get("framework") is not None and t.get("framework") == x.get("framework") \
             and "params" in t and "params" in x and t["params"] != x["params"]:
-        names = lambda m: [p.get("name", p.get("path")) if isinstance(p, dict) else p  # noqa: E731
-                           for p in m["params"]]
         raise ValueError(f"test and train gradients are of different parameters: "
-                         f"{names(t)} vs {names(x)}")
+                         f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}")
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
