@@ -78,9 +78,10 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // block b, slice s, panel p holds kc x nr floats, lane = test row within the panel.
 class PackedTest {
  public:
-  // Returns false if a value is NaN or Inf.
-  bool Pack(const KernelTable& kernels, const GradientSide& test,
-            const std::vector<double>& weights, std::int64_t begin, std::int64_t count, int nr) {
+  // Packs on up to `threads` threads, one panel of one block per task. Status kNonFinite (with
+  // no message) if a value is NaN or Inf, or overflows float32 once weighted.
+  Status Pack(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+              std::int64_t begin, std::int64_t count, int nr, int threads) {
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -89,27 +90,18 @@ class PackedTest {
       total += static_cast<std::size_t>(Slices(m.cols) * kSliceDepth * lanes_);
     }
     data_.Resize(total);
-    data_.Zero();
-    std::vector<float> row;
-    for (std::size_t b = 0; b < test.blocks.size(); ++b) {
-      const MatrixView& m = test.blocks[b];
-      // Weights go on the left factor (or the whole gradient) of each checkpoint.
-      const bool weighted = !test.factored || b % 2 == 0;
-      const double w = weighted ? weights[test.factored ? b / 2 : b] : 1.0;
-      row.resize(static_cast<std::size_t>(m.cols));
-      for (std::int64_t r = 0; r < count; ++r) {
-        const std::int64_t panel = r / nr, lane = r % nr;
-        LoadRow(kernels, m, begin + r, 0, m.cols, row.data());
-        for (std::int64_t k = 0; k < m.cols; ++k) {
-          if (!std::isfinite(row[static_cast<std::size_t>(k)])) return false;
-          const std::int64_t s = k / kSliceDepth, kk = k % kSliceDepth;
-          const std::int64_t kc = std::min(kSliceDepth, m.cols - s * kSliceDepth);
-          const float v = static_cast<float>(w * static_cast<double>(row[static_cast<std::size_t>(k)]));
-          SliceMutable(b, s)[panel * kc * nr + kk * nr + lane] = v;
-        }
+    const std::int64_t panels = lanes_ / nr;
+    const auto blocks = static_cast<std::int64_t>(test.blocks.size());
+    std::atomic<bool> stop{false}, finite{true};
+    const Status status = ParallelFor(blocks * panels, threads, stop, [&](std::int64_t task, int) {
+      const auto b = static_cast<std::size_t>(task / panels);
+      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b), begin, count, task % panels, nr)) {
+        finite = false;
+        stop = true;
       }
-    }
-    return true;
+    });
+    if (!status.ok()) return status;
+    return finite ? Status::Ok() : Status{StatusCode::kNonFinite, ""};
   }
 
   const float* Slice(std::size_t block, std::int64_t slice) const {
@@ -122,56 +114,76 @@ class PackedTest {
     return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
   }
 
+  // Weights go on the left factor (or the whole gradient) of each checkpoint.
+  static double WeightOf(const GradientSide& test, const std::vector<double>& weights, std::size_t b) {
+    if (!test.factored) return weights[b];
+    return b % 2 == 0 ? weights[b / 2] : 1.0;
+  }
+
+  // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`.
+  // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache.
+  bool PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
+                 std::int64_t begin, std::int64_t count, std::int64_t panel, int nr) {
+    const MatrixView& m = test.blocks[b];
+    const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
+    float piece[kSliceDepth];
+    std::uint32_t flags = 0;
+    for (std::int64_t s = 0; s < Slices(m.cols); ++s) {
+      const std::int64_t k0 = s * kSliceDepth, kc = std::min(kSliceDepth, m.cols - k0);
+      float* slice = SliceMutable(b, s) + panel * kc * nr;
+      for (std::int64_t lane = 0; lane < rows; ++lane) {
+        LoadRow(kernels, m, begin + panel * nr + lane, k0, kc, piece);
+        for (std::int64_t kk = 0; kk < kc; ++kk) {
+          const float v = static_cast<float>(w * static_cast<double>(piece[kk]));
+          std::uint32_t bits;
+          std::memcpy(&bits, &v, sizeof bits);
+          flags |= (bits & 0x7f800000u) + 0x00800000u;  // sign bit set only for NaN or Inf
+          slice[kk * nr + lane] = v;
+        }
+      }
+      for (std::int64_t kk = 0; kk < kc && rows < nr; ++kk)
+        std::fill(slice + kk * nr + rows, slice + (kk + 1) * nr, 0.0f);
+    }
+    return (flags & 0x80000000u) == 0;
+  }
+
   AlignedFloats data_;
   std::vector<std::size_t> offsets_;
   std::int64_t lanes_ = 0;
 };
 
-// Fetches the next tile's train rows into the cache a little at a time while the current tile
-// computes, so that memory reads overlap arithmetic instead of stalling the next tile's copy.
+// Fetches the next piece of train data (rows x one slice of one block) into the cache a little
+// at a time while the current piece computes, so that memory reads overlap arithmetic instead of
+// stalling the copy of the next piece. A piece is small enough (block rows x 1 KiB) to stay in
+// the L2 cache until it is used, whatever the gradient width.
 class RowPrefetcher {
  public:
-  // Rows [first, first + count) of every block of `side`; nothing when count is 0.
-  void Reset(const GradientSide& side, std::int64_t first, std::int64_t count) {
-    ranges_.clear();
-    for (const MatrixView& m : side.blocks) {
-      if (count <= 0 || m.cols == 0) continue;
-      const auto row_bytes = static_cast<std::int64_t>(m.cols * ElementSize(m.dtype));
-      const auto stride = static_cast<std::int64_t>(m.row_stride * ElementSize(m.dtype));
-      if (stride == row_bytes)
-        ranges_.push_back({RowAddress(m, first), row_bytes * count});
-      else
-        for (std::int64_t r = 0; r < count; ++r) ranges_.push_back({RowAddress(m, first + r), row_bytes});
-    }
-    total_ = 0;
-    for (const auto& r : ranges_) total_ += r.second;
+  // Columns [k0, k0 + kc) of rows [first, first + count) of m; nothing when count is 0.
+  void Reset(const MatrixView& m, std::int64_t first, std::int64_t count, std::int64_t k0, std::int64_t kc) {
+    m_ = &m;
+    first_ = first;
+    count_ = std::max<std::int64_t>(count, 0);
+    offset_ = static_cast<std::int64_t>(k0 * ElementSize(m.dtype));
+    bytes_ = static_cast<std::int64_t>(kc * ElementSize(m.dtype));
     issued_ = 0;
-    range_ = 0;
-    offset_ = 0;
   }
 
-  // Issues prefetches up to `done` of `total` of the way through the rows.
+  // Issues prefetches up to `done` of `total` of the way through the piece.
   void Advance(std::int64_t done, std::int64_t total) {
-    const std::int64_t target = total > 0 ? total_ * done / total : total_;
-    while (issued_ < target && range_ < ranges_.size()) {
+    const std::int64_t lines_per_row = (bytes_ + kLine - 1) / kLine;
+    const std::int64_t target = total > 0 ? count_ * lines_per_row * done / total : 0;
+    for (; issued_ < target; ++issued_) {
+      const std::int64_t row = issued_ / lines_per_row, line = issued_ % lines_per_row;
 #if defined(__GNUC__)
-      __builtin_prefetch(ranges_[range_].first + offset_, 0, 2);
+      __builtin_prefetch(RowAddress(*m_, first_ + row) + offset_ + line * kLine, 0, 2);
 #endif
-      offset_ += kLine;
-      issued_ += kLine;
-      if (offset_ >= ranges_[range_].second) {
-        issued_ += ranges_[range_].second - offset_;  // the range's last partial line
-        offset_ = 0;
-        ++range_;
-      }
     }
   }
 
  private:
   static constexpr std::int64_t kLine = 64;
-  std::vector<std::pair<const char*, std::int64_t>> ranges_;
-  std::int64_t total_ = 0, issued_ = 0, offset_ = 0;
-  std::size_t range_ = 0;
+  const MatrixView* m_ = nullptr;
+  std::int64_t first_ = 0, count_ = 0, offset_ = 0, bytes_ = 0, issued_ = 0;
 };
 
 struct ThreadScratch {
@@ -191,9 +203,7 @@ class TileProducer {
   // region is NaN or Inf.
   bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t next_begin,
                std::int64_t next_rows, std::int64_t test_count, ThreadScratch& s) const {
-    s.prefetch.Reset(train_, next_begin, next_rows);
-    const std::int64_t steps = MicroSteps(rows);
-    std::int64_t done = 0;
+    const NextTile next{next_begin, next_rows};
     const std::int64_t ldc = packed_.lanes();
     const auto tile_size = static_cast<std::size_t>(block_rows_ * ldc);
     s.tile.Resize(tile_size);
@@ -201,15 +211,15 @@ class TileProducer {
     s.rows.Resize(static_cast<std::size_t>(block_rows_ * kSliceDepth));
     if (!train_.factored) {
       for (std::size_t b = 0; b < train_.blocks.size(); ++b)
-        Accumulate(b, begin, rows, s.tile.data(), s, done, steps);
+        Accumulate(b, begin, rows, s.tile.data(), s, next);
     } else {
       s.left.Resize(tile_size);
       s.right.Resize(tile_size);
       for (std::size_t c = 0; c < train_.blocks.size() / 2; ++c) {
         s.left.Zero();
         s.right.Zero();
-        Accumulate(2 * c, begin, rows, s.left.data(), s, done, steps);
-        Accumulate(2 * c + 1, begin, rows, s.right.data(), s, done, steps);
+        Accumulate(2 * c, begin, rows, s.left.data(), s, next);
+        Accumulate(2 * c + 1, begin, rows, s.right.data(), s, next);
         float* t = s.tile.data();
         const float* l = s.left.data();
         const float* r = s.right.data();
@@ -233,17 +243,30 @@ class TileProducer {
   std::int64_t block_rows() const { return block_rows_; }
 
  private:
-  // Micro-blocks (mr rows x one slice of one block) in a tile of `rows` train rows.
-  std::int64_t MicroSteps(std::int64_t rows) const {
-    std::int64_t slices = 0;
-    for (const MatrixView& m : train_.blocks) slices += Slices(m.cols);
-    return slices * ((rows + micro_.mr - 1) / micro_.mr);
+  struct NextTile {
+    std::int64_t begin, rows;
+  };
+
+  // Points the prefetcher at the piece computed after slice `slice` of block b of the tile of
+  // rows [begin, begin + rows): the next slice, else the next block's first, else the next tile's.
+  void PrefetchAfter(std::size_t b, std::int64_t slice, std::int64_t begin, std::int64_t rows,
+                     const NextTile& next, RowPrefetcher& prefetch) const {
+    const MatrixView& m = train_.blocks[b];
+    if (slice + 1 < Slices(m.cols)) {
+      const std::int64_t k0 = (slice + 1) * kSliceDepth;
+      prefetch.Reset(m, begin, rows, k0, std::min(kSliceDepth, m.cols - k0));
+    } else if (b + 1 < train_.blocks.size()) {
+      const MatrixView& n = train_.blocks[b + 1];
+      prefetch.Reset(n, begin, rows, 0, std::min(kSliceDepth, n.cols));
+    } else {
+      const MatrixView& first = train_.blocks[0];
+      prefetch.Reset(first, next.begin, next.rows, 0, std::min(kSliceDepth, first.cols));
+    }
   }
 
   // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes.
-  // `done` counts micro-blocks of the tile computed so far, out of `steps`.
   void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c,
-                  ThreadScratch& s, std::int64_t& done, std::int64_t steps) const {
+                  ThreadScratch& s, const NextTile& next) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
     for (std::int64_t slice = 0; slice < Slices(m.cols); ++slice) {
@@ -257,12 +280,14 @@ class TileProducer {
       const std::int64_t padded = RoundUp(rows, mr);
       for (std::int64_t r = 0; r < rows; ++r) LoadRow(kernels_, m, begin + r, k0, kc, a_block + r * kc);
       std::memset(a_block + rows * kc, 0, static_cast<std::size_t>((padded - rows) * kc) * sizeof(float));
+      PrefetchAfter(b, slice, begin, rows, next, s.prefetch);
+      const std::int64_t steps = padded / mr;
       for (std::int64_t i = 0; i < rows; i += mr) {
         const float* a = a_block + i * kc;
         const std::int64_t lda = kc;
         for (std::int64_t p = 0; p < ldc; p += nr)
           micro_.kernel(kc, a, lda, panels + p * kc, c + i * ldc + p, ldc);
-        s.prefetch.Advance(++done, steps);
+        s.prefetch.Advance(i / mr + 1, steps);
       }
     }
   }
@@ -387,8 +412,9 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
   for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
     const std::int64_t count = std::min(pass_rows, m - begin);
-    if (!packed.Pack(kernels, test, weights, begin, count, micro.nr))
-      return NonFiniteError(&test, train);
+    const Status packing = packed.Pack(kernels, test, weights, begin, count, micro.nr, threads);
+    if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
+    if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed,
                                 options.train_block > 0 ? options.train_block : kDefaultTrainBlock);
     const std::int64_t block = producer.block_rows();
