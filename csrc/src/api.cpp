@@ -161,11 +161,23 @@ std::int64_t MaxCols(const GradientSide& side) {
   return width;
 }
 
+// Sum of squares of one row in float64: kLanes independent partial sums (so the loop is not
+// bound by the latency of one addition chain), combined in a fixed order.
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
-  LoadRow(kernels, m, row, 0, m.cols, buf);
-  double s = 0.0;
-  for (std::int64_t k = 0; k < m.cols; ++k) s += static_cast<double>(buf[k]) * buf[k];
-  return s;
+  constexpr std::int64_t kLanes = 16;
+  const float* x = buf;
+  if (m.dtype == DType::kFloat32)
+    x = static_cast<const float*>(m.data) + row * m.row_stride;
+  else
+    LoadRow(kernels, m, row, 0, m.cols, buf);
+  double lanes[kLanes] = {};
+  std::int64_t k = 0;
+  for (; k + kLanes <= m.cols; k += kLanes)
+    for (std::int64_t j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+  for (std::int64_t j = 0; k + j < m.cols; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+  for (std::int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (std::int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
 }
 
 template <class T>
