@@ -197,6 +197,18 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
         tracin.scores(big, big)
 
 
+def test_non_finite_test_rows_found_in_any_panel_and_weighting_overflow(rng):
+    test, train = random_set(rng, 150, [700]), random_set(rng, 40, [700])
+    test[0][133, 650] = np.nan  # a late panel and slice of a test side packed on several threads
+    for threads in (1, 3):
+        with pytest.raises(ValueError, match=r"test checkpoint 0 .* rows \[133\]"):
+            tracin.top_k(test, train, num_threads=threads)
+    # Finite inputs whose weighted values overflow float32 while packing.
+    heavy = tracin.Gradients([np.full((3, 5), 1e30, np.float32)], [1e10])
+    with pytest.raises(ValueError, match="overflowed float32"):
+        tracin.top_k(heavy, [np.ones((4, 5), np.float32)])
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
