@@ -30,6 +30,22 @@ std::int64_t DefaultPassRows(const GradientSide& test) {
   const std::int64_t by_budget = kPackedTestBudget / std::max<std::int64_t>(row_bytes, 1);
   return std::clamp<std::int64_t>(by_budget / 32 * 32, 32, kDefaultTestBlock);
 }
+// Train rows per task: kDefaultTrainBlock, or a somewhat larger multiple of mr when that spreads
+// the tiles more evenly over the threads (with 15 tiles on 2 threads, one thread computes 8 while
+// the other idles through the last; 10 larger tiles split 5 and 5). The slowest thread's rows,
+// counting each task as a full tile, must drop by more than 2% to leave the default.
+std::int64_t DefaultTrainBlock(std::int64_t n, int threads, int mr) {
+  const auto makespan = [&](std::int64_t block) {
+    const std::int64_t tasks = (n + block - 1) / block;
+    return (tasks + threads - 1) / threads * block;
+  };
+  const std::int64_t base = RoundUp(kDefaultTrainBlock, mr);
+  std::int64_t best = base;
+  for (std::int64_t block = base + mr; block <= 2 * base; block += mr)
+    if (makespan(block) < makespan(best)) best = block;
+  return makespan(best) * 50 < makespan(base) * 49 ? best : base;
+}
+
 std::int64_t Slices(std::int64_t depth) { return (depth + kSliceDepth - 1) / kSliceDepth; }
 
 std::string BlockName(const GradientSide& side, std::size_t block) {
@@ -418,7 +434,8 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed,
-                                options.train_block > 0 ? options.train_block : kDefaultTrainBlock);
+                                options.train_block > 0 ? options.train_block
+                                                        : DefaultTrainBlock(n, threads, micro.mr));
     const std::int64_t block = producer.block_rows();
     consumer.BeginPass(begin, count, threads);
     std::atomic<bool> stop{false}, non_finite{false};
