@@ -11,7 +11,9 @@ Contenders, measured in the same run:
                 its two factors (exact; the MLP has only Linear parameters)
   plain   a plain torch.func (vmap(grad)) + NumPy script doing the same job
   captum  captum.influence.TracInCP (self_influence, influence(k=10) for both sides)
-Reports median time, peak RSS (fresh process each) and agreement of the results (JSON).
+Reports median time, peak RSS (fresh process each) and agreement of the results (JSON), the time of
+each stage of the full-mode job, and the floor no full-gradient method can beat: the m x n x C*d
+product at the measured peak sgemm.
 
     PYTHONPATH=src:. python benchmarks/torch_end_to_end.py [--repeats 3] [--captum-train N]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +111,45 @@ def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
         return {"self": tracin.self_influence(g_train),
                 "pro": (both.proponents.indices, both.proponents.values),
                 "opp": (both.opponents.indices, both.opponents.values)}
+
+
+def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
+    """Median seconds of each stage of the full-mode tracin job (export train, export test,
+    top-10 both sides, self-influence): where the time goes."""
+    import tracin
+    from tracin.torch import export_gradients
+
+    data, checkpoints = _load(workdir)
+    model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
+    stages: dict[str, list[float]] = {"export_train": [], "export_test": [], "top_k_both": [], "self_influence": []}
+    for _ in range(repeats):
+        marks = [time.perf_counter()]
+        g_train = export_gradients(model, checkpoints, (data["x_train"], data["y_train"]), loss, progress=False)
+        marks.append(time.perf_counter())
+        g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False)
+        marks.append(time.perf_counter())
+        tracin.top_k(g_test, g_train, k=K, side="both")
+        marks.append(time.perf_counter())
+        tracin.self_influence(g_train)
+        marks.append(time.perf_counter())
+        for name, a, b in zip(stages, marks, marks[1:]):
+            stages[name].append(b - a)
+        del g_train, g_test
+        time.sleep(1.0)
+    return {name: float(np.median(t)) for name, t in stages.items()}
+
+
+def full_mode_floor(n_train: int, n_test: int, dims: int, captum_s: float, plain_s: float) -> dict:
+    """The product every full-gradient method must compute (m x n dot products of C * d terms)
+    at the machine's measured peak sgemm: no full-mode tracin can beat a peer by more than the
+    peer's time over this floor."""
+    from benchmarks.roofline import peak_sgemm_gflops
+
+    flops = 2.0 * n_test * n_train * dims * len(LRS)
+    peak = peak_sgemm_gflops(torch.get_num_threads())
+    floor = flops / (peak * 1e9)
+    return {"gflop": flops / 1e9, "peak_sgemm_gflops": peak, "floor_s": floor,
+            "max_speedup_vs_captum": captum_s / floor, "max_speedup_vs_plain": plain_s / floor}
 
 
 def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> dict:
@@ -226,6 +268,9 @@ def main() -> None:
         vs_captum = agreement(run_tracin(workdir, nc), captum)
         factored_vs_captum = agreement(run_tracin_factored(workdir, nc), captum)
         captum_memory = peak_rss_of(_child("run_captum", workdir, nc))[0]
+        stages = tracin_stages(workdir)
+        floor = full_mode_floor(nc or n_train, n_test, dims, captum_timing["captum"]["median_s"],
+                                timing["plain"]["median_s"])
 
     payload = {
         "task": {"dataset": "sklearn digits", "n_train": n_train, "n_test": n_test, "k": K,
@@ -244,12 +289,14 @@ def main() -> None:
                     "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"],
                     "factored_vs_captum": captum_timing["captum"]["median_s"]
                     / captum_timing["tracin_factored"]["median_s"]},
+        "tracin_full_stages_s": stages,
+        "full_mode_floor": floor,
         "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "factored_vs_plain": factored_vs_plain,
                       "vs_captum": vs_captum, "factored_vs_captum": factored_vs_captum},
     }
     path = write_json("torch_end_to_end", payload)
     print(f"wrote {path}")
-    for key in ("time_s", "peak_rss_mib", "speedup"):
+    for key in ("time_s", "peak_rss_mib", "speedup", "tracin_full_stages_s", "full_mode_floor"):
         print(key, {k: (v["median_s"] if isinstance(v, dict) else v) for k, v in payload[key].items()})
     print("agreement", payload["agreement"])
 
