@@ -68,6 +68,20 @@ def test_self_influence_ranking(stores, tmp_path):
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])
 
 
+def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):
+    import tracin.scoring
+
+    paths, _, _ = stores
+    monkeypatch.setattr(tracin.scoring, "_AUTO_PROGRESS_MACS", 0)  # every run counts as long
+    score = ["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-o", str(tmp_path / "t.npz")]
+    rank = ["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv")]
+    for command, bar in ((score, "tracin top_k"), (rank, "tracin self_influence")):
+        assert main(command) == 0
+        assert bar in capsys.readouterr().err
+        assert main([*command, "--no-progress"]) == 0
+        assert bar not in capsys.readouterr().err
+
+
 def test_errors_are_messages_with_exit_codes(tmp_path, stores, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1
     assert "no gradient store" in capsys.readouterr().err

@@ -314,3 +314,62 @@ def test_gradients_of_different_parameters_or_modes_are_refused(rng):
     with pytest.raises(ValueError, match="mode='full' but train gradients are mode='last_layer'"):
         tracin.scores(tracin.Gradients(a, metadata=meta("full", "w")),
                       tracin.Gradients(b, metadata=meta("last_layer", "w")))
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys, factored):
+    n = 3 * 4096 + 17  # several pieces of the minimum size
+    if factored:
+        make = lambda rows: tracin.FactoredGradients(  # noqa: E731
+            [rng.standard_normal((rows, 3)).astype(np.float32)], [rng.standard_normal((rows, 4)).astype(np.float32)], [0.5])
+    else:
+        make = lambda rows: tracin.Gradients(random_set(rng, rows, [6, 2]), [0.5, 2.0])  # noqa: E731
+    test, train = make(9), make(n)
+    calls = {"top_k": lambda **kw: tracin.top_k(test, train, k=5, side="both", **kw),
+             "scores": lambda **kw: tracin.scores(test, train, **kw),
+             "self_influence": lambda **kw: tracin.self_influence(train, **kw),
+             "aggregate": lambda **kw: tracin.aggregate(test, train, **kw)}
+    for name, call in calls.items():
+        quiet = call(progress=False)
+        assert capsys.readouterr().err == ""
+        shown = call(progress=True)
+        err = capsys.readouterr().err
+        assert f"tracin {name}" in err and "100%" in err, err
+        if name == "top_k":
+            for a, b in zip(quiet, shown):
+                np.testing.assert_array_equal(a.values, b.values)
+                np.testing.assert_array_equal(a.indices, b.indices)
+        else:
+            np.testing.assert_array_equal(quiet, shown)
+
+
+def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
+    from tracin.scoring import _MIN_PIECE_ROWS, _Progress
+
+    train = tracin.Gradients(random_set(rng, 3 * _MIN_PIECE_ROWS + 5, [2]))
+    with _Progress(True, 0, train, 1, "t") as run:
+        pieces = run.pieces
+    assert len(pieces) == 4 and pieces[0] == (0, _MIN_PIECE_ROWS) and pieces[-1][1] == train.n_rows
+    assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+    with _Progress(False, 0, train, 1, "t") as run:
+        assert run.pieces == [(0, train.n_rows)]
+
+
+def test_progress_automatic_only_for_long_work(rng, capsys, monkeypatch):
+    import tracin.scoring
+
+    test, train = random_set(rng, 4, [8]), random_set(rng, 50, [8])
+    tracin.top_k(test, train)
+    assert capsys.readouterr().err == ""  # far below the threshold: no bar
+    monkeypatch.setattr(tracin.scoring, "_AUTO_PROGRESS_MACS", 100)
+    tracin.top_k(test, train)
+    assert "tracin top_k" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        tracin.top_k(test, train, progress="yes")
+
+
+def test_progress_on_empty_train_side(rng):
+    test = random_set(rng, 3, [4])
+    empty = [np.zeros((0, 4), np.float32)]
+    assert tracin.top_k(test, empty, k=2, progress=True).values.shape == (3, 0)
+    assert tracin.self_influence(empty, progress=True).shape == (0,)

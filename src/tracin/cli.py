@@ -44,7 +44,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if out.suffix not in (".npz", ".csv"):
         raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
     test, train = _open_store(args.test), _open_store(args.train)
-    result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads)
+    result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads,
+                          progress=False if args.no_progress else None)
     sides = {"proponents": result} if args.side == "proponents" else \
         {"opponents": result} if args.side == "opponents" else result._asdict()
     if out.suffix == ".npz":
@@ -83,7 +84,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     store = _open_store(args.path)
-    scores = tracin.self_influence(store, num_threads=args.threads)
+    scores = tracin.self_influence(store, num_threads=args.threads, progress=False if args.no_progress else None)
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store)
     with open(args.output, "w", newline="") as f:
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--side", choices=["proponents", "opponents", "both"], default="both")
     p.add_argument("-o", "--output", default="influence.npz", help="result file, .npz or .csv")
     p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for long runs)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("self-influence", help="rank training rows by self-influence (mislabel search)")
@@ -154,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="self_influence.csv", help="CSV ranking, highest first")
     p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows of the ranking")
     p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for long runs)")
     p.set_defaults(func=cmd_self_influence)
 
     p = sub.add_parser("bench", help="kernel benchmark against faiss / numpy / torch "

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _core
+from ._progress import progress_bar
 from ._validate import positive_int, thread_count
 from .gradients import GradientSet, Gradients
 
 _SIDES = {"proponents": 0, "opponents": 1, "both": 2}
+_AUTO_PROGRESS_MACS = 5e11  # progress=None shows a bar above this many multiply-adds (seconds of work)
+_BAR_STEPS = 100  # with a bar, the train side is scored in about this many pieces...
+_MIN_PIECE_ROWS = 4096  # ...of at least this many rows
 
 
 class TopK(NamedTuple):
@@ -91,28 +96,66 @@ def _chunks(s: GradientSet) -> list[tuple[int, int]]:
     return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
 
 
-def scores(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarray:
+def _width(s: GradientSet) -> int:
+    """Multiply-adds per pair of rows: the summed dims (p + q per factored checkpoint)."""
+    return int(sum(np.sum(d) for d in s.dims))
+
+
+class _Progress:
+    """The train-side row ranges to score one kernel call each, and the tqdm bar they advance.
+
+    progress: True, False, or None (a bar when tqdm is installed and the work exceeds
+    _AUTO_PROGRESS_MACS multiply-adds). With a bar, the train side is cut into up to _BAR_STEPS
+    pieces per store chunk so that the bar moves; results do not depend on the cut.
+    """
+
+    def __init__(self, progress: Any, macs: float, train: GradientSet, passes: int, desc: str,
+                 split: bool = True):
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+        if progress is None:
+            progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+        self.pieces = _chunks(train)
+        if progress and split:
+            step = max(_MIN_PIECE_ROWS, -(-train.n_rows // _BAR_STEPS))
+            self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
+        self.bar = progress_bar(passes * train.n_rows, progress, desc, unit="row")
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
     Materialises the whole matrix: for small problems. Use top_k for large ones.
+    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
     """
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
-    for t0, t1 in _chunks(test):
-        t_side = test.kernel_side(t0, t1)
-        for i0, i1 in _chunks(train):
-            out[t0:t1, i0:i1] = _core.scores(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+    test_chunks = _chunks(test)
+    with _Progress(progress, test.n_rows * train.n_rows * _width(train), train, len(test_chunks),
+                   "tracin scores") as run:
+        for t0, t1 in test_chunks:
+            t_side = test.kernel_side(t0, t1)
+            for i0, i1 in run.pieces:
+                out[t0:t1, i0:i1] = _core.scores(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+                run.bar.update(i1 - i0)
     return out
 
 
 def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
-          num_threads: int | None = None) -> TopK | BothSides:
+          num_threads: int | None = None, progress: bool | None = None) -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
 
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
+    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
@@ -121,16 +164,20 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
     threads = thread_count(num_threads)
     code = _SIDES[side]
     per_test_chunk = []
-    for t0, t1 in _chunks(test):
-        t_side = test.kernel_side(t0, t1)
-        best: list[TopK | None] = [None, None]  # running (proponents, opponents), global indices
-        for i0, i1 in _chunks(train):
-            pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, min(k, i1 - i0), code,
-                                         num_threads=threads)
-            for s, (part, name) in enumerate(((TopK(pv, pi), "proponents"), (TopK(ov, oi), "opponents"))):
-                best[s] = part._replace(indices=part.indices + i0) if best[s] is None else \
-                    merge_top_k([best[s], part], [0, i0], k=k, side=name)
-        per_test_chunk.append(best)
+    test_chunks = _chunks(test)
+    with _Progress(progress, test.n_rows * train.n_rows * _width(train), train, len(test_chunks),
+                   f"tracin top_k ({side})") as run:
+        for t0, t1 in test_chunks:
+            t_side = test.kernel_side(t0, t1)
+            best: list[TopK | None] = [None, None]  # running (proponents, opponents), global indices
+            for i0, i1 in run.pieces:
+                pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, min(k, i1 - i0), code,
+                                             num_threads=threads)
+                for s, (part, name) in enumerate(((TopK(pv, pi), "proponents"), (TopK(ov, oi), "opponents"))):
+                    best[s] = part._replace(indices=part.indices + i0) if best[s] is None else \
+                        merge_top_k([best[s], part], [0, i0], k=k, side=name)
+                run.bar.update(i1 - i0)
+            per_test_chunk.append(best)
     prop, opp = (TopK(*(np.concatenate([b[s][f] for b in per_test_chunk]) for f in (0, 1)))
                  for s in (0, 1))
     if side == "proponents":
@@ -177,27 +224,38 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     return TopK(np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1))
 
 
-def self_influence(train: Any, *, num_threads: int | None = None) -> np.ndarray:
+def self_influence(train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
     High values flag mislabelled or unusual examples.
+    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
     """
     train = as_gradient_set(train, "train")
     threads = thread_count(num_threads)
     w = train.weights.tolist()
-    out = [_core.self_influence(train.kernel_side(a, b), w, num_threads=threads)
-           for a, b in _chunks(train)]
+    out = []
+    with _Progress(progress, train.n_rows * _width(train), train, 1, "tracin self_influence") as run:
+        for a, b in run.pieces:
+            out.append(_core.self_influence(train.kernel_side(a, b), w, num_threads=threads))
+            run.bar.update(b - a)
     return np.concatenate(out)
 
 
-def aggregate(test: Any, train: Any, *, num_threads: int | None = None) -> np.ndarray:
+def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
-    (group influence, for data selection). Summed in float64 whatever the chunking."""
+    (group influence, for data selection). Summed in float64 whatever the chunking.
+    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed)."""
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
     total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the kernel
-    for t0, t1 in _chunks(test):
-        t_side = test.kernel_side(t0, t1)
-        for i0, i1 in _chunks(train):
-            total[i0:i1] += _core.aggregate(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+    test_chunks = _chunks(test)
+    # Full gradients: one column sum of the test side per call plus a product per train row, so
+    # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
+    macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
+    with _Progress(progress, macs, train, len(test_chunks), "tracin aggregate", split=train.factored) as run:
+        for t0, t1 in test_chunks:
+            t_side = test.kernel_side(t0, t1)
+            for i0, i1 in run.pieces:
+                total[i0:i1] += _core.aggregate(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
+                run.bar.update(i1 - i0)
     return total.astype(np.float32)

@@ -11,7 +11,7 @@ import numpy as np
 
 import tracin
 
-from .._export.progress import progress_bar
+from .._progress import progress_bar
 from .data import load_noisy_digits
 from .detection import detection_curve, found_at, random_curve
 from .plots import plot_detection, plot_influence_grid

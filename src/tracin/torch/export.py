@@ -14,7 +14,7 @@ from torch import nn
 from .._export.fingerprint import DataFingerprint
 from .._export.layers import as_patterns
 from .._export.metadata import export_metadata, last_layer_entry
-from .._export.progress import progress_bar
+from .._progress import progress_bar
 from .._export.projection import check_projection, project, projected_dims
 from .._export.sinks import MemorySink, StoreSink, need_row_count
 from .._validate import positive_int

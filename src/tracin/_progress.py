@@ -1,4 +1,4 @@
-"""The tqdm progress bar of an export (examples per second); a disabled bar when not wanted."""
+"""tqdm progress bars (tqdm is imported only when a bar is shown); a silent bar when not wanted."""
 
 from __future__ import annotations
 
