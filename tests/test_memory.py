@@ -25,3 +25,24 @@ def test_top_k_memory_is_bounded():
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     # The dense float32 matrix alone would be 1526 MiB.
     assert growth_mib < 200, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
+
+
+NARROW_FACTORS = """
+import resource, numpy as np, tracin
+rng = np.random.default_rng(0)
+sides = [tracin.FactoredGradients([rng.standard_normal((rows, 16), dtype=np.float32) for _ in range(200)],
+                                  [rng.standard_normal((rows, 16), dtype=np.float32) for _ in range(200)])
+         for rows in (512, 64)]
+tracin.top_k(sides[0], sides[1], k=2)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+tracin.top_k(sides[0], sides[1], k=2)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_packed_test_copy_is_the_size_of_its_columns():
+    # 512 test rows of 400 factors of 16 columns: 13 MiB packed. Padding every factor to a whole
+    # slice of 256 columns, written, would take 200 MiB.
+    out = subprocess.run([sys.executable, "-c", NARROW_FACTORS], capture_output=True, text=True, check=True)
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    assert growth_mib < 60, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -373,3 +375,24 @@ def test_progress_on_empty_train_side(rng):
     empty = [np.zeros((0, 4), np.float32)]
     assert tracin.top_k(test, empty, k=2, progress=True).values.shape == (3, 0)
     assert tracin.self_influence(empty, progress=True).shape == (0,)
+
+
+def test_misaligned_float32_rows_score_like_aligned_ones(rng):
+    raw = np.zeros(3 * 40 * 4 + 1, np.uint8)
+    misaligned = np.frombuffer(raw, np.float32, count=120, offset=1).reshape(3, 40)
+    assert not misaligned.flags.aligned
+    misaligned[:] = rng.standard_normal((3, 40)).astype(np.float32)
+    aligned = np.ascontiguousarray(misaligned)
+    np.testing.assert_array_equal(tracin.self_influence(misaligned), tracin.self_influence(aligned))
+    np.testing.assert_array_equal(tracin.scores(misaligned, misaligned), tracin.scores(aligned, aligned))
+
+
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer's operator new ends the process instead of throwing")
+def test_an_impossible_allocation_is_a_memory_error():
+    from numpy.lib.stride_tricks import as_strided
+
+    # 2^40 columns over a small buffer: the kernel's packed copy is refused before any value is read.
+    huge = as_strided(np.ones(64, np.float32), shape=(32, 2**40), strides=(2**42, 4))
+    with pytest.raises(MemoryError, match="out of memory in the tracin kernel"):
+        tracin.top_k(huge, huge, progress=False)

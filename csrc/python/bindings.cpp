@@ -81,6 +81,9 @@ void Raise(const tracin::Status& s) {
     case tracin::StatusCode::kInvalidArgument:
     case tracin::StatusCode::kNonFinite:
       throw py::value_error(s.message);
+    case tracin::StatusCode::kOutOfMemory:
+      PyErr_SetString(PyExc_MemoryError, s.message.c_str());
+      throw py::error_already_set();
     default:
       throw std::runtime_error(s.message);
   }

@@ -2,10 +2,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "engine.hpp"
+#include "guarded.hpp"
 #include "parallel.hpp"
 #include "topk.hpp"
 #include "tracin/tracin.hpp"
@@ -166,7 +168,8 @@ std::int64_t MaxCols(const GradientSide& side) {
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
   constexpr std::int64_t kLanes = 16;
   const float* x = buf;
-  if (m.dtype == DType::kFloat32)
+  // float32 rows are read in place when aligned (a misaligned buffer is legal input)
+  if (m.dtype == DType::kFloat32 && reinterpret_cast<std::uintptr_t>(m.data) % alignof(float) == 0)
     x = static_cast<const float*>(m.data) + row * m.row_stride;
   else
     LoadRow(kernels, m, row, 0, m.cols, buf);
@@ -192,98 +195,106 @@ bool AllFinite(const T* v, std::int64_t n) {
 
 Status Scores(const GradientSide& test, const GradientSide& train,
               const std::vector<double>& weights, float* out, const Options& options) {
-  Status s = detail::ValidatePair(test, train, weights);
-  if (!s.ok()) return s;
-  detail::DenseConsumer consumer(out, train.rows());
-  return detail::RunTiles(test, train, weights, options, consumer);
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidatePair(test, train, weights);
+    if (!s.ok()) return s;
+    detail::DenseConsumer consumer(out, train.rows());
+    return detail::RunTiles(test, train, weights, options, consumer);
+  });
 }
 
 Status TopK(const GradientSide& test, const GradientSide& train, const std::vector<double>& weights,
             std::int64_t k, Side side, const TopKOutput& out, const Options& options) {
-  Status s = detail::ValidatePair(test, train, weights);
-  if (!s.ok()) return s;
-  if (k < 0 || k > train.rows())
-    return {StatusCode::kInvalidArgument, "k must be between 0 and the number of train rows"};
-  if ((side != Side::kOpponents && (!out.proponent_values || !out.proponent_indices)) ||
-      (side != Side::kProponents && (!out.opponent_values || !out.opponent_indices)))
-    if (k > 0 && test.rows() > 0)
-      return {StatusCode::kInvalidArgument, "missing output buffers for the requested side"};
-  const int threads = detail::ResolveThreads(options.num_threads);
-  if (k == 0 || test.rows() == 0) return detail::CheckAllFinite(&test, train);
-  if (k <= detail::kHeapMaxK) {
-    detail::TopKConsumer<detail::HeapSelector> consumer(k, side, out, threads);
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidatePair(test, train, weights);
+    if (!s.ok()) return s;
+    if (k < 0 || k > train.rows())
+      return {StatusCode::kInvalidArgument, "k must be between 0 and the number of train rows"};
+    if ((side != Side::kOpponents && (!out.proponent_values || !out.proponent_indices)) ||
+        (side != Side::kProponents && (!out.opponent_values || !out.opponent_indices)))
+      if (k > 0 && test.rows() > 0)
+        return {StatusCode::kInvalidArgument, "missing output buffers for the requested side"};
+    const int threads = detail::ResolveThreads(options.num_threads);
+    if (k == 0 || test.rows() == 0) return detail::CheckAllFinite(&test, train);
+    if (k <= detail::kHeapMaxK) {
+      detail::TopKConsumer<detail::HeapSelector> consumer(k, side, out, threads);
+      return detail::RunTiles(test, train, weights, options, consumer);
+    }
+    detail::TopKConsumer<detail::BufferSelector> consumer(k, side, out, threads);
     return detail::RunTiles(test, train, weights, options, consumer);
-  }
-  detail::TopKConsumer<detail::BufferSelector> consumer(k, side, out, threads);
-  return detail::RunTiles(test, train, weights, options, consumer);
+  });
 }
 
 Status SelfInfluence(const GradientSide& train, const std::vector<double>& weights, float* out,
                      const Options& options) {
-  Status s = detail::ValidateSide(train, "train");
-  if (!s.ok()) return s;
-  if (weights.size() != train.checkpoints())
-    return {StatusCode::kInvalidArgument, "expected one weight per checkpoint"};
-  const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
-  const std::int64_t n = train.rows();
-  s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
-    double total = 0.0;
-    for (std::size_t c = 0; c < train.checkpoints(); ++c) {
-      const double norm = train.factored
-                              ? detail::SquaredNorm(kernels, train.blocks[2 * c], i, buf) *
-                                    detail::SquaredNorm(kernels, train.blocks[2 * c + 1], i, buf)
-                              : detail::SquaredNorm(kernels, train.blocks[c], i, buf);
-      total += weights[c] * norm;
-    }
-    out[i] = static_cast<float>(total);
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidateSide(train, "train");
+    if (!s.ok()) return s;
+    if (weights.size() != train.checkpoints())
+      return {StatusCode::kInvalidArgument, "expected one weight per checkpoint"};
+    const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+    const std::int64_t n = train.rows();
+    s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
+      double total = 0.0;
+      for (std::size_t c = 0; c < train.checkpoints(); ++c) {
+        const double norm = train.factored
+                                ? detail::SquaredNorm(kernels, train.blocks[2 * c], i, buf) *
+                                      detail::SquaredNorm(kernels, train.blocks[2 * c + 1], i, buf)
+                                : detail::SquaredNorm(kernels, train.blocks[c], i, buf);
+        total += weights[c] * norm;
+      }
+      out[i] = static_cast<float>(total);
+    });
+    if (!s.ok()) return s;
+    if (!detail::AllFinite(out, n)) return detail::NonFiniteError(nullptr, train);
+    return Status::Ok();
   });
-  if (!s.ok()) return s;
-  if (!detail::AllFinite(out, n)) return detail::NonFiniteError(nullptr, train);
-  return Status::Ok();
 }
 
 Status Aggregate(const GradientSide& test, const GradientSide& train,
                  const std::vector<double>& weights, double* out, const Options& options) {
-  Status s = detail::ValidatePair(test, train, weights);
-  if (!s.ok()) return s;
-  const std::int64_t n = train.rows();
-  if (train.factored) {
-    detail::SumConsumer consumer(n);
-    s = detail::RunTiles(test, train, weights, options, consumer);
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidatePair(test, train, weights);
     if (!s.ok()) return s;
-    std::copy(consumer.sums().begin(), consumer.sums().end(), out);
+    const std::int64_t n = train.rows();
+    if (train.factored) {
+      detail::SumConsumer consumer(n);
+      s = detail::RunTiles(test, train, weights, options, consumer);
+      if (!s.ok()) return s;
+      std::copy(consumer.sums().begin(), consumer.sums().end(), out);
+      return Status::Ok();
+    }
+    // Full gradients: the sum over test rows commutes with the inner product, so one weighted
+    // column sum of the test side per checkpoint, then one dot product per train row.
+    const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+    std::vector<std::vector<double>> column_sums;
+    std::vector<float> row(static_cast<std::size_t>(detail::MaxCols(test)));
+    for (std::size_t c = 0; c < test.blocks.size(); ++c) {
+      const MatrixView& m = test.blocks[c];
+      std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
+      for (std::int64_t r = 0; r < m.rows; ++r) {
+        detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
+        for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
+      }
+      for (double& v : sum) v *= weights[c];
+      column_sums.push_back(std::move(sum));
+    }
+    s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
+      double total = 0.0;
+      for (std::size_t c = 0; c < train.blocks.size(); ++c) {
+        const MatrixView& m = train.blocks[c];
+        detail::LoadRow(kernels, m, i, 0, m.cols, buf);
+        for (std::int64_t k = 0; k < m.cols; ++k) total += column_sums[c][k] * buf[k];
+      }
+      out[i] = total;
+    });
+    if (!s.ok()) return s;
+    bool finite = detail::AllFinite(out, n);
+    for (const auto& sum : column_sums)
+      for (double v : sum) finite = finite && std::isfinite(v);
+    if (!finite) return detail::NonFiniteError(&test, train);
     return Status::Ok();
-  }
-  // Full gradients: the sum over test rows commutes with the inner product, so one weighted
-  // column sum of the test side per checkpoint, then one dot product per train row.
-  const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
-  std::vector<std::vector<double>> column_sums;
-  std::vector<float> row(static_cast<std::size_t>(detail::MaxCols(test)));
-  for (std::size_t c = 0; c < test.blocks.size(); ++c) {
-    const MatrixView& m = test.blocks[c];
-    std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
-    for (std::int64_t r = 0; r < m.rows; ++r) {
-      detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
-      for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
-    }
-    for (double& v : sum) v *= weights[c];
-    column_sums.push_back(std::move(sum));
-  }
-  s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
-    double total = 0.0;
-    for (std::size_t c = 0; c < train.blocks.size(); ++c) {
-      const MatrixView& m = train.blocks[c];
-      detail::LoadRow(kernels, m, i, 0, m.cols, buf);
-      for (std::int64_t k = 0; k < m.cols; ++k) total += column_sums[c][k] * buf[k];
-    }
-    out[i] = total;
   });
-  if (!s.ok()) return s;
-  bool finite = detail::AllFinite(out, n);
-  for (const auto& sum : column_sums)
-    for (double v : sum) finite = finite && std::isfinite(v);
-  if (!finite) return detail::NonFiniteError(&test, train);
-  return Status::Ok();
 }
 
 }  // namespace tracin

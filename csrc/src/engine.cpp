@@ -109,7 +109,7 @@ class PackedTest {
     std::size_t total = 0;
     for (const MatrixView& m : test.blocks) {
       offsets_.push_back(total);
-      total += static_cast<std::size_t>(Slices(m.cols) * kSliceDepth * lanes_);
+      total += static_cast<std::size_t>(m.cols * lanes_);  // slices of kc x lanes, the last one short
     }
     data_.Resize(total);
     const std::int64_t panels = lanes_ / nr;

@@ -4,14 +4,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <exception>
 #include <mutex>
-#include <new>
 #include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "guarded.hpp"
 #include "tracin/tracin.hpp"
 
 namespace tracin::detail {
@@ -33,7 +32,7 @@ Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
   std::mutex error_mutex;
   Status error;
   auto worker = [&](int thread) {
-    try {
+    const Status status = Guarded([&] {
       std::int64_t task = next++;
       while (task < n_tasks && !stop.load(std::memory_order_relaxed)) {
         const std::int64_t upcoming = std::min<std::int64_t>(next++, n_tasks);
@@ -43,13 +42,11 @@ Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
           body(task, thread);
         task = upcoming;
       }
-    } catch (const std::bad_alloc&) {
+      return Status::Ok();
+    });
+    if (!status.ok()) {
       std::lock_guard<std::mutex> lock(error_mutex);
-      error = {StatusCode::kInternal, "out of memory in the tracin kernel"};
-      stop = true;
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      error = {StatusCode::kInternal, std::string("tracin kernel failed: ") + e.what()};
+      error = status;
       stop = true;
     }
   };

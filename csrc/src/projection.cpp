@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "guarded.hpp"
 #include "aligned.hpp"
 #include "half.hpp"
 #include "kernels.hpp"
@@ -243,17 +244,19 @@ Status CheckFinite(const float* out, std::int64_t rows, std::int64_t dim, std::i
 Status Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
                std::int64_t column_offset, float* out, std::int64_t out_stride,
                const Options& options) {
-  Status status = detail::Validate(spec, pieces, column_offset, out, out_stride);
-  if (!status.ok()) return status;
-  const std::int64_t rows = pieces.front().rows;
-  if (rows == 0) return Status::Ok();
-  const detail::Concat x(pieces, detail::KernelsFor(options.isa));
-  const auto offset = static_cast<std::uint64_t>(column_offset);
-  status = spec.kind == ProjectionKind::kSparse
-               ? detail::ProjectSparse(spec, x, rows, offset, out, out_stride, options)
-               : detail::ProjectDense(spec, x, rows, offset, out, out_stride, options);
-  if (!status.ok()) return status;
-  return detail::CheckFinite(out, rows, spec.dim, out_stride);
+  return detail::Guarded([&]() -> Status {
+    Status status = detail::Validate(spec, pieces, column_offset, out, out_stride);
+    if (!status.ok()) return status;
+    const std::int64_t rows = pieces.front().rows;
+    if (rows == 0) return Status::Ok();
+    const detail::Concat x(pieces, detail::KernelsFor(options.isa));
+    const auto offset = static_cast<std::uint64_t>(column_offset);
+    status = spec.kind == ProjectionKind::kSparse
+                 ? detail::ProjectSparse(spec, x, rows, offset, out, out_stride, options)
+                 : detail::ProjectDense(spec, x, rows, offset, out, out_stride, options);
+    if (!status.ok()) return status;
+    return detail::CheckFinite(out, rows, spec.dim, out_stride);
+  });
 }
 
 }  // namespace tracin

@@ -45,7 +45,7 @@ struct Options {
   Isa isa = Isa::kAuto;
 };
 
-enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kNonFinite = 2, kInternal = 3 };
+enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kNonFinite = 2, kInternal = 3, kOutOfMemory = 4 };
 
 struct Status {
   StatusCode code = StatusCode::kOk;
