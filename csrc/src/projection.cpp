@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "guarded.hpp"
 #include "aligned.hpp"
+#include "guarded.hpp"
 #include "half.hpp"
 #include "kernels.hpp"
 #include "parallel.hpp"
