@@ -241,15 +241,6 @@ def test_progress_bar_counts_examples_over_all_checkpoints(trained, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_model_matches_cpu(trained):
-    model, checkpoints, train, _ = trained
-    cpu = export_gradients(model, checkpoints, train, LOSS, progress=False)
-    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, train, LOSS, progress=False)
-    for a, b in zip(gpu.matrices, cpu.matrices):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer):
     model, checkpoints, train, _ = trained

@@ -1,0 +1,66 @@
+"""CUDA models: gradients computed on the device equal those computed on the CPU, in every mode.
+
+These run only where torch sees a CUDA device (`.ci/gpu-check` runs them on such a machine).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from test_export import LOSS, SmallCNN
+from torch_oracle import classification_data, mlp, train_checkpoints
+
+import tracin
+from tracin.torch import export_gradients
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def trained(tmp_path):
+    model = mlp()
+    train = classification_data(40, seed=1)
+    return model, train_checkpoints(model, *train, tmp_path), train
+
+
+def assert_same_influence(gpu, cpu, rtol: float = 1e-4) -> None:
+    """Equal scores among the rows and self-influence, within rtol of the largest (any gradient
+    set: Gradients, FactoredGradients or a store, in any stored dtype)."""
+    for ours, theirs in ((tracin.scores(gpu, gpu), tracin.scores(cpu, cpu)),
+                         (tracin.self_influence(gpu), tracin.self_influence(cpu))):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=rtol * float(np.abs(theirs).max()))
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "factored"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_model_matches_cpu_in_every_mode(trained, mode, dtype):
+    model, checkpoints, train = trained
+    cpu = export_gradients(model, checkpoints, train, LOSS, mode=mode, dtype=dtype, batch_size=16, progress=False)
+    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, train, LOSS, mode=mode, dtype=dtype,
+                           batch_size=16, progress=False)
+    assert_same_influence(gpu, cpu, rtol=1e-4 if dtype == "float32" else 2e-2)
+    assert next(model.parameters()).device.type == "cpu"  # the user's model untouched
+
+
+def test_cuda_inputs_projection_and_store(trained, tmp_path):
+    model, checkpoints, (x, y) = trained
+    projection = tracin.Projection(16, seed=1)
+    cpu = export_gradients(model, checkpoints, (x, y), LOSS, projection=projection, progress=False)
+    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, (x.cuda(), y.cuda()), LOSS,
+                           projection=projection, store=tmp_path / "store", progress=False)
+    assert isinstance(gpu, tracin.GradientStore) and gpu.complete
+    assert_same_influence(gpu, cpu)
+
+
+def test_cuda_cnn_through_vmap_matches_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    checkpoints = train_checkpoints(model, x, y, tmp_path)
+    cpu = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=8, progress=False)
+    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, (x, y), LOSS, batch_size=8, progress=False)
+    assert_same_influence(gpu, cpu)
