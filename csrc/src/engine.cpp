@@ -32,6 +32,7 @@ std::int64_t DefaultPassRows(const GradientSide& test) {
   const std::int64_t by_budget = kPackedTestBudget / std::max<std::int64_t>(row_bytes, 1);
   return std::clamp<std::int64_t>(by_budget / 32 * 32, 32, kDefaultTestBlock);
 }
+
 // Train rows per task: kDefaultTrainBlock, or a somewhat larger multiple of mr when that spreads
 // the tiles more evenly over the threads (with 15 tiles on 2 threads, one thread computes 8 while
 // the other idles through the last; 10 larger tiles split 5 and 5). The slowest thread's rows,
