@@ -14,6 +14,16 @@ def _blocks(gradient_set):
     return [np.asarray(b) for b in blocks]
 
 
+def _in_memory_and_stored(mlp, data, path, mode: str, **options):
+    """The same export of `mlp` over `data` in memory and into a store at `path` (batches of 16;
+    last_layer on l2)."""
+    kw = dict(mode=mode, batch_size=16, progress=False, **options)
+    if mode == "last_layer":
+        kw.update(layers=["l2"], layer_input=mlp.hidden)
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    return export_gradients(mlp.loss_fn, ckpts, data, **kw), export_gradients(mlp.loss_fn, ckpts, data, store=path, **kw)
+
+
 class _Interrupted(Exception):
     pass
 
@@ -35,13 +45,7 @@ class _FailingOnce(list):
 
 @pytest.mark.parametrize("mode, dtype", [("full", "float32"), ("last_layer", "bfloat16")])
 def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
-    x, y = data
-    kw = dict(mode=mode, dtype=dtype, batch_size=16, progress=False)
-    if mode == "last_layer":
-        kw.update(layers=["l2"], layer_input=mlp.hidden)
-    ckpts = list(zip(mlp.params, mlp.lrs))
-    memory = export_gradients(mlp.loss_fn, ckpts, (x, y), **kw)
-    store = export_gradients(mlp.loss_fn, ckpts, (x, y), store=tmp_path / "g", **kw)
+    memory, store = _in_memory_and_stored(mlp, data, tmp_path / "g", mode, dtype=dtype)
     assert isinstance(store, tracin.GradientStore) and store.n_rows == 70 and store.dims == memory.dims
     np.testing.assert_array_equal(store.weights, mlp.lrs)
     assert store.metadata["params"] == memory.metadata["params"]
@@ -79,14 +83,8 @@ def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypa
 
 @pytest.mark.parametrize("mode", ["full", "last_layer"])
 def test_projected_store_holds_the_projected_rows_and_its_spec(mlp, data, tmp_path, mode):
-    x, y = data
     projection = tracin.Projection(12, seed=2, per_layer=mode == "full")
-    kw = dict(mode=mode, projection=projection, batch_size=16, progress=False)
-    if mode == "last_layer":
-        kw.update(layers=["l2"], layer_input=mlp.hidden)
-    ckpts = list(zip(mlp.params, mlp.lrs))
-    memory = export_gradients(mlp.loss_fn, ckpts, (x, y), **kw)
-    store = export_gradients(mlp.loss_fn, ckpts, (x, y), store=tmp_path / "g", **kw)
+    memory, store = _in_memory_and_stored(mlp, data, tmp_path / "g", mode, projection=projection)
     assert store.dims == memory.dims == (((4, 3),) * 2 if mode == "last_layer" else (12, 12))
     assert tracin.Projection.from_dict(store.metadata["projection"]) == projection
     for a, b in zip(_blocks(store), _blocks(memory)):

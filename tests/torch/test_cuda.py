@@ -10,11 +10,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_export import LOSS, SmallCNN
-from torch_oracle import classification_data, mlp, train_checkpoints
+from torch import nn
+from torch_oracle import classification_data, cnn_with_checkpoints, mlp, train_checkpoints
 
 import tracin
 from tracin.torch import export_gradients
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -56,11 +58,7 @@ def test_cuda_inputs_projection_and_store(trained, tmp_path):
 
 
 def test_cuda_cnn_through_vmap_matches_cpu(tmp_path):
-    torch.manual_seed(0)
-    model = SmallCNN()
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
-    checkpoints = train_checkpoints(model, x, y, tmp_path)
+    model, checkpoints, (x, y) = cnn_with_checkpoints(tmp_path, 24)
     cpu = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=8, progress=False)
     gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, (x, y), LOSS, batch_size=8, progress=False)
     assert_same_influence(gpu, cpu)

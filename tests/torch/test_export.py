@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data, mlp,
-                          train_checkpoints)
+from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data,
+                          cnn_with_checkpoints, mlp, train_checkpoints)
 
 import tracin
 from tracin.torch import export_gradients
@@ -70,23 +70,8 @@ def test_layers_by_prefix_and_glob_match_captum_layers(trained):
     assert g_train.metadata["layers"] == layers
 
 
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                      nn.MaxPool2d(2), nn.Dropout(0.5))
-        self.head = nn.Linear(4 * 3 * 3, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x).flatten(1))
-
-
 def test_cnn_with_batchnorm_and_dropout_runs_in_eval_mode_like_captum_on_an_eval_model(tmp_path):
-    torch.manual_seed(0)
-    model = SmallCNN()
-    g = torch.Generator().manual_seed(3)
-    x, y = torch.randn(30, 1, 6, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
-    checkpoints = train_checkpoints(model, x, y, tmp_path)
+    model, checkpoints, (x, y) = cnn_with_checkpoints(tmp_path, 30)
     train, test = (x[:24], y[:24]), (x[24:], y[24:])
     assert model.training  # the user's model is in train mode; the export must not use batch stats
     g_train = export_gradients(model, checkpoints, train, LOSS, batch_size=8, progress=False)

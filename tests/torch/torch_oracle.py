@@ -19,6 +19,29 @@ def mlp(seed: int = 0, bias_last: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4, bias=bias_last))
 
 
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + dropout + a Linear head, for paths that go through vmap (3 classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Dropout(0.5))
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x).flatten(1))
+
+
+def cnn_with_checkpoints(tmp_path: Path, n: int):
+    """A SmallCNN trained on n random 6 x 6 images (left in train mode), its checkpoints, and the
+    data: (model, [(path, lr), ...], (x, y))."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return model, train_checkpoints(model, x, y, tmp_path), (x, y)
+
+
 def classification_data(n: int, seed: int, features: int = 6, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
