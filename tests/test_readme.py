@@ -1,0 +1,31 @@
+"""Every Python block of README.md runs as written, from an empty folder, as a reader would copy it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks() -> list[tuple[int, str]]:
+    """(line number, source) of each ```python block of README.md."""
+    text = README.read_text()
+    return [(text.count("\n", 0, m.start()) + 1, m.group(1))
+            for m in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M)]
+
+
+def test_readme_has_python_blocks():
+    assert len(python_blocks()) >= 4
+
+
+@pytest.mark.parametrize("line, source", python_blocks(), ids=lambda x: f"line{x}" if isinstance(x, int) else "")
+def test_readme_block_runs(tmp_path, line, source):
+    script = tmp_path / "block.py"
+    script.write_text(source)
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"README.md block at line {line} failed:\n{done.stderr[-3000:]}"
