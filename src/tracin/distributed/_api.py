@@ -1,0 +1,125 @@
+"""tracin.top_k / self_influence / aggregate over shards of a GradientStore on a Dask cluster."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import numpy as np
+
+from .._validate import positive_int
+from ..gradients import GradientSet
+from ..scoring import _AUTO_PROGRESS_MACS, _SIDES, BothSides, TopK, _pair, _width, as_gradient_set
+from ..store import GradientStore
+from . import _tasks
+from ._cluster import client_for, slots_by_host
+from ._run import Job
+from ._shards import StoreRows, as_side, shard_ranges
+
+
+def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, client: Any = None,
+          shards: int | None = None, num_threads: int | None = None,
+          progress: bool | None = None) -> TopK | BothSides:
+    """tracin.top_k on a Dask cluster, the same result bit for bit (ties included).
+
+    test, train: gradient sets as for tracin.top_k, at least one a GradientStore (or a path to
+    one). The train side is cut into row shards if it is a store, else the test side; each task
+    opens its shard by path, so every worker must see the store at the same path. An in-memory
+    side is sent to each worker once. Per shard the values float32 (m, <= k) and indices int64
+    travel back, merged by a tree of merge_top_k tasks on the cluster.
+    client: a distributed.Client; None: the default client, else a LocalCluster for this call.
+    shards: number of row shards (None: a few per worker thread, at most 256 MiB each).
+    num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
+    progress: a tqdm bar over shards (None: for seconds of work, if tqdm is installed).
+    """
+    test, train = as_side(test, "test"), as_side(train, "train")
+    test_set, train_set, _ = _pair(test, train)
+    k = positive_int(k, "k")
+    if side not in _SIDES:
+        raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
+    shards, num_threads, progress = _options(shards, num_threads, progress,
+                                             test_set.n_rows * train_set.n_rows * _width(train_set))
+    names = _tasks.SIDE_NAMES[side]
+    with client_for(client) as c:
+        job, slots = Job(c, f"top_k ({side})"), slots_by_host(c)
+        if isinstance(train_set, GradientStore):
+            rows, other = StoreRows.of(train_set), _sent(job, test_set)
+            parts = [job.submit(_tasks.top_k_part, other, rows.rows(a, b), k, side, a, num_threads, slots,
+                                label=str(rows.rows(a, b)))
+                     for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+            found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
+        else:
+            rows, other = _store_rows(test_set, "test or train"), _sent(job, train_set)
+            parts = [job.submit(_tasks.top_k_part, rows.rows(a, b), other, k, side, 0, num_threads, slots,
+                                label=str(rows.rows(a, b)))
+                     for a, b in shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards)]
+            pieces = job.wait(parts, progress)
+            found = tuple(TopK(*(np.concatenate([p[s][f] for p in pieces]) for f in (0, 1)))
+                          for s in range(len(names)))
+    return BothSides(*found) if side == "both" else found[0]
+
+
+def self_influence(train: Any, *, client: Any = None, shards: int | None = None, num_threads: int | None = None,
+                   progress: bool | None = None) -> np.ndarray:
+    """tracin.self_influence (float32 (n,)) of a GradientStore (or a path to one) on a Dask
+    cluster, the same result bit for bit. Options as for tracin.distributed.top_k."""
+    train_set = as_gradient_set(as_side(train, "train"), "train")
+    rows = _store_rows(train_set, "train")
+    shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
+    with client_for(client) as c:
+        job, slots = Job(c, "self_influence"), slots_by_host(c)
+        parts = [job.submit(_tasks.self_influence_part, rows.rows(a, b), num_threads, slots,
+                            label=str(rows.rows(a, b)))
+                 for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+        return np.concatenate(job.wait(parts, progress))
+
+
+def aggregate(test: Any, train: Any, *, client: Any = None, shards: int | None = None,
+              num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
+    """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
+    for bit. Sides and options as for tracin.distributed.top_k; when the test side is the one cut,
+    its shards follow the store's row chunks and their float64 partial sums are added in order."""
+    test, train = as_side(test, "test"), as_side(train, "train")
+    test_set, train_set, _ = _pair(test, train)
+    macs = (test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows)
+    shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
+    with client_for(client) as c:
+        job, slots = Job(c, "aggregate"), slots_by_host(c)
+        if isinstance(train_set, GradientStore):
+            rows, other = StoreRows.of(train_set), _sent(job, test_set)
+            parts = [job.submit(_tasks.aggregate_part, other, rows.rows(a, b), num_threads, slots,
+                                label=str(rows.rows(a, b)))
+                     for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+            total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
+        else:
+            rows, other = _store_rows(test_set, "test or train"), _sent(job, train_set)
+            ranges = shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards,
+                                  align=test_set.row_chunks())
+            parts = [job.submit(_tasks.aggregate_part, rows.rows(a, b), other, num_threads, slots,
+                                label=str(rows.rows(a, b))) for a, b in ranges]
+            total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
+    return total.astype(np.float32)
+
+
+def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool]:
+    """Checked shards and num_threads (None or a positive int), and whether to show a bar."""
+    shards = None if shards is None else positive_int(shards, "shards")
+    num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    if progress is None:
+        progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+    return shards, num_threads, progress
+
+
+def _store_rows(s: GradientSet, name: str) -> StoreRows:
+    if not isinstance(s, GradientStore):
+        raise TypeError(f"{name} must be a GradientStore (or a path to one): tasks open their shard of "
+                        f"it by path; for in-memory gradient sets use tracin's own functions, got "
+                        f"{type(s).__name__}")
+    return StoreRows.of(s)
+
+
+def _sent(job: Job, s: GradientSet) -> Any:
+    """A store side by path; an in-memory side copied to the workers once."""
+    return StoreRows.of(s) if isinstance(s, GradientStore) else job.send(s)

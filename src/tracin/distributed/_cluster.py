@@ -1,0 +1,58 @@
+"""The Dask client to run on, and how many kernel threads each task may use."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from distributed.comm import get_address_host
+
+from distributed import Client, LocalCluster, default_client, get_worker
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def client_for(client: Any) -> Iterator[Client]:
+    """`client` if given; else the default client if one exists; else a LocalCluster for the call:
+    one single-threaded worker process per core, on loopback only, its dashboard link printed."""
+    if client is not None:
+        if not isinstance(client, Client):
+            raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
+        yield client
+        return
+    try:
+        yield default_client()
+        return
+    except ValueError:  # no client in this process: start one below
+        pass
+    with LocalCluster(n_workers=usable_cores(), threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as local:
+        print(f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
+              f"{local.dashboard_link}", file=sys.stderr)
+        yield local
+
+
+def slots_by_host(client: Client) -> dict[str, int]:
+    """Task slots (worker threads) per host: tasks that may run there at once."""
+    slots: Counter[str] = Counter()
+    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+        slots[w["host"]] += w["nthreads"]
+    return dict(slots)
+
+
+def kernel_threads(num_threads: int | None, slots: dict[str, int]) -> int:
+    """On a worker: num_threads if given, else this host's cores shared evenly among its task
+    slots (1 with the default LocalCluster), so that tasks running at once do not oversubscribe."""
+    if num_threads is not None:
+        return num_threads
+    worker = get_worker()
+    here = slots.get(get_address_host(worker.address), worker.state.nthreads)
+    return max(1, usable_cores() // max(here, 1))

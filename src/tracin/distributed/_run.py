@@ -1,0 +1,65 @@
+"""One distributed job: tasks submitted with retries, a tree of merges, progress, clear failures."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client, Future, KilledWorker, as_completed
+
+from .._progress import progress_bar
+
+RETRIES = 2  # a task that raises is run again this often (a worker that dies: Dask reschedules)
+FAN_IN = 8  # results merged per merge task (tree depth log_8 of the shard count)
+
+
+class Job:
+    """The tasks of one call on `client`; every future it made is released when it ends."""
+
+    def __init__(self, client: Client, what: str):
+        self.client = client
+        self.what = what
+        self.token = uuid.uuid4().hex[:12]
+        self.futures: list[Future] = []
+        self.labels: dict[str, str] = {}  # task key -> the shard it works on
+
+    def send(self, value: Any) -> Future:
+        """`value` (a small in-memory side) copied to every worker once."""
+        future = self.client.scatter(value, broadcast=True, hash=False)
+        self.futures.append(future)
+        return future
+
+    def submit(self, fn: Callable, *args: Any, label: str | None = None) -> Future:
+        key = f"tracin-{self.what}-{fn.__name__}-{len(self.futures)}-{self.token}"
+        future = self.client.submit(fn, *args, key=key, pure=False, retries=RETRIES)
+        self.futures.append(future)
+        if label is not None:
+            self.labels[key] = label
+        return future
+
+    def reduce(self, parts: list[Future], merge: Callable, *args: Any) -> Future:
+        """merge(list of results, *args) applied as a tree on the cluster until one result is left."""
+        while len(parts) > 1:
+            parts = [self.submit(merge, parts[i:i + FAN_IN], *args) for i in range(0, len(parts), FAN_IN)]
+        return parts[0]
+
+    def wait(self, shards: list[Future], progress: bool, final: Future | None = None) -> Any:
+        """Waits for the shard tasks (a bar over them if `progress`), then returns final's result, or
+        the shards' results in order. The first failure is raised as is; a task that kept killing
+        its workers as a RuntimeError naming its shard. Cancels what is left either way."""
+        bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard")
+        try:
+            for done in as_completed(shards):
+                if done.status == "error":
+                    done.result()
+                bar.update(1)
+            return final.result() if final is not None else self.client.gather(shards)
+        except KilledWorker as e:
+            task = self.labels.get(e.task, e.task)
+            raise RuntimeError(f"tracin.distributed {self.what}: the task on {task} failed because the "
+                               f"workers running it died {e.allowed_failures + 1} times (out of memory? "
+                               "a file changed while mapped?)") from e
+        finally:
+            bar.close()
+            self.client.cancel(self.futures)

@@ -1,0 +1,80 @@
+"""Shards of a gradient store: row ranges named by path, opened where the work runs."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..gradients import GradientSet
+from ..store import GradientStore
+
+MAX_SHARD_BYTES = 256 * 2**20  # no shard larger than this (one kernel call's worth of rows)...
+MIN_SHARD_BYTES = 4 * 2**20  # ...none smaller, unless the store is...
+SHARDS_PER_SLOT = 4  # ...large enough to give every task slot this many (load balance)
+
+
+@dataclass(frozen=True)
+class StoreRows:
+    """Rows [start, stop) of the store at `path`: what a task needs to open its shard itself.
+
+    Only this travels to the workers; every worker must see the same store at `path` (a shared
+    file system, or an identical copy).
+    """
+
+    path: str
+    start: int
+    stop: int
+    allow_partial: bool
+    chunk_bytes: int
+
+    @classmethod
+    def of(cls, store: GradientStore) -> StoreRows:
+        """The rows a store view covers (a whole store, a shard or a slice)."""
+        start = store.shard_offset()
+        return cls(str(store.path), start, start + store.n_rows, store._allow_partial, store._chunk_bytes)
+
+    def rows(self, a: int, b: int) -> StoreRows:
+        """Rows [a, b) of this range (relative to its start)."""
+        return StoreRows(self.path, self.start + a, self.start + b, self.allow_partial, self.chunk_bytes)
+
+    def open(self) -> GradientStore:
+        """Opens the store by path, checking its files (StoreFormatError / FileNotFoundError naming
+        the file when one is missing or corrupt), and returns the view of these rows."""
+        store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
+        if store.n_rows < self.stop:
+            raise ValueError(f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "
+                             f"[{self.start}, {self.stop}) were asked for: do all workers see the same store?")
+        return store[self.start:self.stop]
+
+    def __str__(self) -> str:
+        return f"rows [{self.start}, {self.stop}) of {self.path}"
+
+
+def as_side(x: Any, name: str) -> GradientSet | Any:
+    """A path (str or os.PathLike) opened as a GradientStore; anything else as given."""
+    if isinstance(x, (str, os.PathLike)):
+        try:
+            return GradientStore.open(Path(x))
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
+    return x
+
+
+def shard_ranges(n_rows: int, row_bytes: int, slots: int, shards: int | None, align: int = 1) -> list[tuple[int, int]]:
+    """Near-equal contiguous row ranges covering [0, n_rows), each starting at a multiple of `align`.
+
+    shards: how many (at most one per aligned unit of rows); None: SHARDS_PER_SLOT for each of
+    `slots` task slots, but none smaller than MIN_SHARD_BYTES, and more if needed so that none is
+    larger than MAX_SHARD_BYTES.
+    """
+    units = max(1, math.ceil(n_rows / align))
+    if shards is None:
+        nbytes = n_rows * row_bytes
+        shards = max(math.ceil(nbytes / MAX_SHARD_BYTES),
+                     min(SHARDS_PER_SLOT * slots, math.ceil(nbytes / MIN_SHARD_BYTES)), 1)
+    shards = min(shards, units)
+    cuts = [min(n_rows, (i * units // shards) * align) for i in range(shards + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))

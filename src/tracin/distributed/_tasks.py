@@ -1,0 +1,66 @@
+"""What the workers run: the single-machine kernel on one shard, and the merges of the results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from ..gradients import GradientSet
+from ..scoring import TopK, _chunks, _pair, merge_top_k, self_influence, top_k
+from ._cluster import kernel_threads
+from ._shards import StoreRows
+
+Side = StoreRows | GradientSet  # a store shard named by path, or a (small) set sent by value
+SIDE_NAMES = {"proponents": ("proponents",), "opponents": ("opponents",), "both": ("proponents", "opponents")}
+
+
+def _opened(side: Side) -> GradientSet:
+    return side.open() if isinstance(side, StoreRows) else side
+
+
+def top_k_part(test: Side, train: Side, k: int, side: str, offset: int, num_threads: int | None,
+               slots: dict[str, int]) -> tuple[TopK, ...]:
+    """tracin.top_k of one shard: a TopK per name in SIDE_NAMES[side], values float32 (m, <= k),
+    indices int64 (m, <= k) shifted by `offset` (the shard's first train row)."""
+    found = top_k(_opened(test), _opened(train), k, side, num_threads=kernel_threads(num_threads, slots),
+                  progress=False)
+    parts = tuple(found) if side == "both" else (found,)
+    return tuple(p._replace(indices=p.indices + offset) for p in parts)
+
+
+def merge_parts(parts: list[tuple[TopK, ...]], k: int, side: str) -> tuple[TopK, ...]:
+    """Merges top_k_part results of disjoint train rows (global indices) into one per side."""
+    return tuple(merge_top_k([p[s] for p in parts], [0] * len(parts), k=k, side=name)
+                 for s, name in enumerate(SIDE_NAMES[side]))
+
+
+def self_influence_part(train: Side, num_threads: int | None, slots: dict[str, int]) -> np.ndarray:
+    """tracin.self_influence of one shard: float32 (rows,)."""
+    return self_influence(_opened(train), num_threads=kernel_threads(num_threads, slots), progress=False)
+
+
+def aggregate_part(test: Side, train: Side, num_threads: int | None, slots: dict[str, int]) -> np.ndarray:
+    """float64 (test chunks, train rows): per chunk of test rows (as tracin.aggregate cuts them)
+    the kernel's float64 sum over that chunk, so that adding the rows in order reproduces
+    tracin.aggregate's float64 total bit for bit."""
+    test_set, train_set, w = _pair(_opened(test), _opened(train))
+    threads = kernel_threads(num_threads, slots)
+    test_chunks = _chunks(test_set)
+    out = np.empty((len(test_chunks), train_set.n_rows), dtype=np.float64)
+    for j, (t0, t1) in enumerate(test_chunks):
+        t_side = test_set.kernel_side(t0, t1)
+        for i0, i1 in _chunks(train_set):
+            out[j, i0:i1] = _core.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads)
+    return out
+
+
+def add_in_order(partials: Any) -> np.ndarray:
+    """float64 sum of the rows of (c, n) partials, added one after another from zero (not
+    pairwise, as np.sum would), the order tracin.aggregate adds its test chunks in."""
+    partials = np.asarray(partials, dtype=np.float64)
+    total = np.zeros(partials.shape[1], dtype=np.float64)
+    for row in partials:
+        total += row
+    return total
