@@ -1,11 +1,19 @@
 // tracin._core: a thin pybind11 layer over the C++ library. Takes buffers without copying,
-// releases the GIL while the kernel runs, turns a Status into ValueError / RuntimeError.
+// releases the GIL while the kernel runs (and answers Ctrl-C meanwhile), turns a Status into
+// ValueError / MemoryError / RuntimeError.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "tracin/projection.hpp"
@@ -55,23 +63,70 @@ HeldSide Hold(const SideSpec& spec, const char* name) {
   return held;
 }
 
+tracin::Isa ParseIsa(const std::string& isa) {
+  if (isa == "auto") return tracin::Isa::kAuto;
+  if (isa == "generic") return tracin::Isa::kGeneric;
+  if (isa == "avx2") return tracin::Isa::kAvx2;
+  if (isa == "avx512") return tracin::Isa::kAvx512;
+  throw py::value_error("isa must be one of 'auto', 'generic', 'avx2', 'avx512', got '" + isa + "'");
+}
+
 tracin::Options MakeOptions(int num_threads, std::int64_t train_block, std::int64_t test_block,
                             const std::string& isa) {
   tracin::Options o;
   o.num_threads = num_threads;
   o.train_block = train_block;
   o.test_block = test_block;
-  if (isa == "auto")
-    o.isa = tracin::Isa::kAuto;
-  else if (isa == "generic")
-    o.isa = tracin::Isa::kGeneric;
-  else if (isa == "avx2")
-    o.isa = tracin::Isa::kAvx2;
-  else if (isa == "avx512")
-    o.isa = tracin::Isa::kAvx512;
-  else
-    throw py::value_error("isa must be one of 'auto', 'generic', 'avx2', 'avx512'");
+  o.isa = ParseIsa(isa);
   return o;
+}
+
+// How often the waiting Python thread looks for a pending signal (Ctrl-C) during a kernel call.
+constexpr std::chrono::milliseconds kSignalPoll{50};
+
+// Runs kernel(options) with the GIL released on a helper thread while this thread, every
+// kSignalPoll, takes the GIL back to run Python's signal handlers. If a handler raises (Ctrl-C:
+// KeyboardInterrupt), the kernel is cancelled through options.cancel, joined (no kernel thread
+// outlives the call), and the Python exception propagates. Call with the GIL held.
+template <class Kernel>
+tracin::Status RunInterruptibly(tracin::Options options, Kernel&& kernel) {
+  std::atomic<bool> cancel{false};
+  options.cancel = &cancel;
+  std::mutex mutex;
+  std::condition_variable finished;
+  bool done = false;
+  bool interrupted = false;
+  tracin::Status status;
+  {
+    py::gil_scoped_release release;
+    std::thread helper;
+    try {
+      helper = std::thread([&] {
+        tracin::Status s = kernel(options);
+        std::lock_guard<std::mutex> lock(mutex);
+        status = std::move(s);
+        done = true;
+        finished.notify_one();
+      });
+    } catch (const std::system_error&) {
+      return kernel(options);  // no thread to spare: run here, without Ctrl-C
+    }
+    std::unique_lock<std::mutex> lock(mutex);
+    while (!finished.wait_for(lock, kSignalPoll, [&] { return done; })) {
+      if (interrupted) continue;  // cancelled: wait for the kernel's threads to stop
+      lock.unlock();
+      {
+        py::gil_scoped_acquire acquire;
+        interrupted = PyErr_CheckSignals() != 0;  // the exception stays set on this thread
+      }
+      if (interrupted) cancel = true;
+      lock.lock();
+    }
+    lock.unlock();
+    helper.join();
+  }
+  if (interrupted) throw py::error_already_set();
+  return status;
 }
 
 void Raise(const tracin::Status& s) {
@@ -106,11 +161,9 @@ PYBIND11_MODULE(_core, m) {
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<float> out({t.side.rows(), x.side.rows()});
           float* ptr = out.mutable_data();
-          tracin::Status s;
-          {
-            py::gil_scoped_release release;
-            s = tracin::Scores(t.side, x.side, weights, ptr, options);
-          }
+          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+            return tracin::Scores(t.side, x.side, weights, ptr, o);
+          });
           Raise(s);
           return out;
         },
@@ -131,11 +184,9 @@ PYBIND11_MODULE(_core, m) {
           py::array_t<std::int64_t> pi({prop ? m_rows : 0, k}), oi({opp ? m_rows : 0, k});
           tracin::TopKOutput out{pv.mutable_data(), pi.mutable_data(), ov.mutable_data(),
                                  oi.mutable_data()};
-          tracin::Status s;
-          {
-            py::gil_scoped_release release;
-            s = tracin::TopK(t.side, x.side, weights, k, which, out, options);
-          }
+          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+            return tracin::TopK(t.side, x.side, weights, k, which, out, o);
+          });
           Raise(s);
           return py::make_tuple(pv, pi, ov, oi);
         },
@@ -149,11 +200,9 @@ PYBIND11_MODULE(_core, m) {
           HeldSide x = Hold(train, "train");
           py::array_t<float> out(x.side.rows());
           float* ptr = out.mutable_data();
-          tracin::Status s;
-          {
-            py::gil_scoped_release release;
-            s = tracin::SelfInfluence(x.side, weights, ptr, options);
-          }
+          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+            return tracin::SelfInfluence(x.side, weights, ptr, o);
+          });
           Raise(s);
           return out;
         },
@@ -167,11 +216,9 @@ PYBIND11_MODULE(_core, m) {
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<double> out(x.side.rows());
           double* ptr = out.mutable_data();
-          tracin::Status s;
-          {
-            py::gil_scoped_release release;
-            s = tracin::Aggregate(t.side, x.side, weights, ptr, options);
-          }
+          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+            return tracin::Aggregate(t.side, x.side, weights, ptr, o);
+          });
           Raise(s);
           return out;
         },
@@ -193,11 +240,9 @@ PYBIND11_MODULE(_core, m) {
             throw py::value_error("out must be a writable float32 (rows, dim) array with contiguous rows");
           const std::int64_t stride = o.shape[0] > 1 ? o.strides[0] / 4 : dim;
           float* ptr = static_cast<float*>(o.ptr);
-          tracin::Status s;
-          {
-            py::gil_scoped_release release;
-            s = tracin::Project(spec, x.side.blocks, column_offset, ptr, stride, options);
-          }
+          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+            return tracin::Project(spec, x.side.blocks, column_offset, ptr, stride, o);
+          });
           Raise(s);
         },
         py::arg("kind"), py::arg("seed"), py::arg("stream"), py::arg("dim"), py::arg("nonzeros"),
@@ -206,4 +251,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("detect_isa", [] { return std::string(tracin::IsaName(tracin::DetectIsa())); },
         "The instruction set the kernel uses on this CPU.");
+
+  m.def("resolve_isa",
+        [](const std::string& isa) { return std::string(tracin::IsaName(tracin::ResolveIsa(ParseIsa(isa)))); },
+        py::arg("isa"),
+        "The instruction set a call with isa=... runs with on this CPU: the one asked if the CPU has it, "
+        "else the best one it has.");
 }

@@ -10,15 +10,12 @@
 #include "guarded.hpp"
 #include "parallel.hpp"
 #include "topk.hpp"
+#include "tunables.hpp"
 #include "tracin/tracin.hpp"
 
 namespace tracin {
 namespace detail {
 namespace {
-
-constexpr std::int64_t kHeapMaxK = 64;    // heap selection up to this k, partition buffers above
-constexpr std::int64_t kRowsPerTask = 256;  // rows per task in the row-wise functions
-constexpr std::int64_t kScanLanes = 16;     // tile lanes checked against thresholds at once
 
 class DenseConsumer final : public TileConsumer {
  public:
@@ -104,7 +101,7 @@ class TopKConsumer final : public TileConsumer {
 
   Status EndPass() override {
     std::atomic<bool> stop{false};
-    return ParallelFor(count_, threads_, stop, [&](std::int64_t r, int) {
+    return ParallelFor(count_, threads_, stop, nullptr, [&](std::int64_t r, int) {
       std::vector<Candidate> pool;
       const std::int64_t row = begin_ + r;
       if (want_prop_) {
@@ -149,7 +146,7 @@ Status ForEachRow(std::int64_t n, std::int64_t width, const Options& options, Bo
   const int threads = ResolveThreads(options.num_threads);
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(threads),
                                           std::vector<float>(static_cast<std::size_t>(width)));
-  return ParallelFor((n + kRowsPerTask - 1) / kRowsPerTask, threads, stop,
+  return ParallelFor((n + kRowsPerTask - 1) / kRowsPerTask, threads, stop, options.cancel,
                      [&](std::int64_t task, int thread) {
     const std::int64_t end = std::min(n, (task + 1) * kRowsPerTask);
     for (std::int64_t i = task * kRowsPerTask; i < end; ++i)
@@ -163,22 +160,21 @@ std::int64_t MaxCols(const GradientSide& side) {
   return width;
 }
 
-// Sum of squares of one row in float64: kLanes independent partial sums (so the loop is not
+// Sum of squares of one row in float64: kNormLanes independent partial sums (so the loop is not
 // bound by the latency of one addition chain), combined in a fixed order.
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
-  constexpr std::int64_t kLanes = 16;
   const float* x = buf;
   // float32 rows are read in place when aligned (a misaligned buffer is legal input)
   if (m.dtype == DType::kFloat32 && reinterpret_cast<std::uintptr_t>(m.data) % alignof(float) == 0)
     x = static_cast<const float*>(m.data) + row * m.row_stride;
   else
     LoadRow(kernels, m, row, 0, m.cols, buf);
-  double lanes[kLanes] = {};
+  double lanes[kNormLanes] = {};
   std::int64_t k = 0;
-  for (; k + kLanes <= m.cols; k += kLanes)
-    for (std::int64_t j = 0; j < kLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+  for (; k + kNormLanes <= m.cols; k += kNormLanes)
+    for (std::int64_t j = 0; j < kNormLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
   for (std::int64_t j = 0; k + j < m.cols; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
-  for (std::int64_t width = kLanes / 2; width > 0; width /= 2)
+  for (std::int64_t width = kNormLanes / 2; width > 0; width /= 2)
     for (std::int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
   return lanes[0];
 }
@@ -273,6 +269,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
       const MatrixView& m = test.blocks[c];
       std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
       for (std::int64_t r = 0; r < m.rows; ++r) {
+        if (detail::IsCancelled(options.cancel)) return detail::Cancelled();
         detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
         for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
       }

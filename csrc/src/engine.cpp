@@ -10,33 +10,29 @@
 #include "aligned.hpp"
 #include "half.hpp"
 #include "parallel.hpp"
+#include "tunables.hpp"
 
 namespace tracin::detail {
 namespace {
 
-constexpr std::int64_t kDefaultTrainBlock = 96;
-constexpr std::int64_t kDefaultTestBlock = 512;
-constexpr std::int64_t kPackedTestBudget = std::int64_t{64} << 20;
-constexpr std::size_t kParallelPackBytes = std::size_t{8} << 20;
-
 std::int64_t RoundUp(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
-// Test rows per pass over the train side: up to kDefaultTestBlock, fewer when the packed copy of
-// the pass (all checkpoints' columns, float32) would exceed kPackedTestBudget bytes. Every pass
-// reads the whole train side again (from disk, for a store), so wide gradients get a generous
-// budget: 360 test rows of 78k columns in two passes instead of four is 7% faster in memory (and
-// one pass, with twice the copy, no faster than two).
-std::int64_t DefaultPassRows(const GradientSide& test) {
+// Test rows per pass over the train side: up to kDefaultTestBlock, a multiple of kPassRowQuantum,
+// fewer when the packed copy of the pass (all checkpoints' columns, float32) would exceed
+// kPackedTestBudget bytes; for rows too wide for kPassRowQuantum of them, a multiple of `lanes`
+// (the narrow micro-tile's, so that the padded copy stays within the budget), at least `lanes`.
+std::int64_t DefaultPassRows(const GradientSide& test, std::int64_t lanes) {
   std::int64_t row_bytes = 0;
   for (const MatrixView& m : test.blocks) row_bytes += m.cols * 4;
   const std::int64_t by_budget = kPackedTestBudget / std::max<std::int64_t>(row_bytes, 1);
-  return std::clamp<std::int64_t>(by_budget / 32 * 32, 32, kDefaultTestBlock);
+  if (by_budget < kPassRowQuantum) return std::max(by_budget / lanes * lanes, lanes);
+  return std::min(by_budget / kPassRowQuantum * kPassRowQuantum, kDefaultTestBlock);
 }
 
 // Train rows per task: kDefaultTrainBlock, or a somewhat larger multiple of mr when that spreads
 // the tiles more evenly over the threads (with 15 tiles on 2 threads, one thread computes 8 while
-// the other idles through the last; 10 larger tiles split 5 and 5). The slowest thread's rows,
-// counting each task as a full tile, must drop by more than 2% to leave the default.
+// the other idles through the last; 10 larger tiles split 5 and 5), counting each task as a full
+// tile, by more than kBalanceGainPercent.
 std::int64_t DefaultTrainBlock(std::int64_t n, int threads, int mr) {
   const auto makespan = [&](std::int64_t block) {
     const std::int64_t tasks = (n + block - 1) / block;
@@ -46,7 +42,7 @@ std::int64_t DefaultTrainBlock(std::int64_t n, int threads, int mr) {
   std::int64_t best = base;
   for (std::int64_t block = base + mr; block <= 2 * base; block += mr)
     if (makespan(block) < makespan(best)) best = block;
-  return makespan(best) * 50 < makespan(base) * 49 ? best : base;
+  return makespan(best) * 100 < makespan(base) * (100 - kBalanceGainPercent) ? best : base;
 }
 
 std::int64_t Slices(std::int64_t depth) { return (depth + kSliceDepth - 1) / kSliceDepth; }
@@ -99,12 +95,12 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // block b, slice s, panel p holds kc x nr floats, lane = test row within the panel.
 class PackedTest {
  public:
-  // Packs one panel of one block per task, on up to `threads` threads when the pass is large
-  // (for a small one, a second thread costs more than it saves: the compute that follows ran
-  // 20% slower in a 256 x 128 test). Status kNonFinite (with no message) if a value is NaN or
-  // Inf, or overflows float32 once weighted.
+  // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
+  // least kParallelPackBytes. Status kNonFinite (with no message) if a value is NaN or Inf, or
+  // overflows float32 once weighted; kCancelled if `cancel` is set.
   Status Pack(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
-              std::int64_t begin, std::int64_t count, int nr, int threads) {
+              std::int64_t begin, std::int64_t count, int nr, int threads,
+              const std::atomic<bool>* cancel) {
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -117,7 +113,7 @@ class PackedTest {
     const auto blocks = static_cast<std::int64_t>(test.blocks.size());
     std::atomic<bool> stop{false}, finite{true};
     const int workers = total * sizeof(float) >= kParallelPackBytes ? threads : 1;
-    const Status status = ParallelFor(blocks * panels, workers, stop, [&](std::int64_t task, int) {
+    const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
       const auto b = static_cast<std::size_t>(task / panels);
       if (!PackPanel(kernels, test, b, WeightOf(test, weights, b), begin, count, task % panels, nr)) {
         finite = false;
@@ -431,7 +427,8 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t m = test.rows(), n = train.rows();
   // Nothing to score, but bad input is still bad input.
   if (m == 0 || n == 0) return CheckAllFinite(&test, train);
-  const std::int64_t pass_rows = options.test_block > 0 ? options.test_block : DefaultPassRows(test);
+  const std::int64_t pass_rows =
+      options.test_block > 0 ? options.test_block : DefaultPassRows(test, kernels.narrow.nr);
   const std::int64_t first_pass = std::min(pass_rows, m);
   // The narrow tile wastes fewer padded lanes on few test rows.
   const MicroTile& micro = RoundUp(first_pass, kernels.narrow.nr) < RoundUp(first_pass, kernels.wide.nr)
@@ -442,7 +439,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
   for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
     const std::int64_t count = std::min(pass_rows, m - begin);
-    const Status packing = packed.Pack(kernels, test, weights, begin, count, micro.nr, threads);
+    const Status packing = packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed,
@@ -452,7 +449,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     consumer.BeginPass(begin, count, threads);
     std::atomic<bool> stop{false}, non_finite{false};
     const std::int64_t tasks = (n + block - 1) / block;
-    Status status = ParallelFor(tasks, threads, stop,
+    Status status = ParallelFor(tasks, threads, stop, options.cancel,
                                 [&](std::int64_t task, std::int64_t upcoming, int thread) {
       const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
       const std::int64_t next0 = upcoming * block, next_rows = std::max<std::int64_t>(0, std::min(block, n - next0));

@@ -23,7 +23,7 @@ class TileConsumer {
   virtual Status EndPass() = 0;
 };
 
-// Shape checks shared by every entry point; `what` names the function for messages.
+// Shape checks shared by every entry point; `name` names the side ("test", "train") in messages.
 Status ValidateSide(const GradientSide& side, const char* name);
 Status ValidatePair(const GradientSide& test, const GradientSide& train,
                     const std::vector<double>& weights);
@@ -40,7 +40,8 @@ Status CheckAllFinite(const GradientSide* test, const GradientSide& train);
 // or reports a float32 overflow when every input is finite.
 Status NonFiniteError(const GradientSide* test, const GradientSide& train);
 
-// Streams all train rows past each pass of test rows; see TileConsumer.
+// Streams all train rows past each pass of test rows; see TileConsumer. kCancelled when
+// options.cancel is set before or during the call.
 Status RunTiles(const GradientSide& test, const GradientSide& train,
                 const std::vector<double>& weights, const Options& options,
                 TileConsumer& consumer);

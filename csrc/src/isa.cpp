@@ -43,13 +43,13 @@ const char* IsaName(Isa isa) {
   }
 }
 
-namespace detail {
-
 Isa ResolveIsa(Isa requested) {
   const Isa best = DetectIsa();
   return requested == Isa::kAuto || static_cast<int>(requested) > static_cast<int>(best) ? best
                                                                                           : requested;
 }
+
+namespace detail {
 
 const KernelTable& KernelsFor(Isa isa) {
   isa = ResolveIsa(isa);

@@ -49,11 +49,7 @@ const KernelTable& Avx2Kernels();
 const KernelTable& Avx512Kernels();
 #endif
 
-// The instruction set to run for a requested one: kAuto, or one this CPU lacks, gives the best
-// the CPU supports (at most the one requested).
-Isa ResolveIsa(Isa requested);
-
-// The table for ResolveIsa(isa).
+// The table for tracin::ResolveIsa(isa).
 const KernelTable& KernelsFor(Isa isa);
 
 }  // namespace tracin::detail

@@ -21,12 +21,20 @@ inline int ResolveThreads(int requested) {
   return hw == 0 ? 1 : static_cast<int>(hw);
 }
 
+inline bool IsCancelled(const std::atomic<bool>* cancel) {
+  return cancel != nullptr && cancel->load(std::memory_order_relaxed);
+}
+
+inline Status Cancelled() { return {StatusCode::kCancelled, "cancelled"}; }
+
 // Runs body(task, thread) for task in [0, n_tasks) on up to n_threads threads, tasks handed out
 // dynamically. A body taking (task, upcoming, thread) is also told the task its thread runs next
-// (n_tasks if none), e.g. to prefetch its data. `stop` lets a body end the loop early.
+// (n_tasks if none), e.g. to prefetch its data. `stop` lets a body end the loop early; `cancel`
+// (Options::cancel, may be null) is checked before every task and ends the loop with kCancelled.
 // Exceptions become a Status.
 template <class Body>
-Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop, Body&& body) {
+Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
+                   const std::atomic<bool>* cancel, Body&& body) {
   n_threads = static_cast<int>(std::min<std::int64_t>(n_threads, std::max<std::int64_t>(n_tasks, 1)));
   std::atomic<std::int64_t> next{0};
   std::mutex error_mutex;
@@ -35,6 +43,7 @@ Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
     const Status status = Guarded([&] {
       std::int64_t task = next++;
       while (task < n_tasks && !stop.load(std::memory_order_relaxed)) {
+        if (IsCancelled(cancel)) return Cancelled();
         const std::int64_t upcoming = std::min<std::int64_t>(next++, n_tasks);
         if constexpr (std::is_invocable_v<Body&, std::int64_t, std::int64_t, int>)
           body(task, upcoming, thread);

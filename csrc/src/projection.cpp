@@ -14,20 +14,15 @@
 #include "kernels.hpp"
 #include "parallel.hpp"
 #include "projection_kernels.hpp"
+#include "tunables.hpp"
 #include "tracin/projection.hpp"
 
 namespace tracin {
 namespace detail {
 namespace {
 
-constexpr std::int64_t kDenseColumns = 128;   // columns of X per panel (k block)
-constexpr std::int64_t kDenseOutputs = 256;   // outputs per task
-constexpr std::int64_t kDenseRows = 512;      // rows per task
-constexpr std::int64_t kSparseColumns = 2048;  // columns per hashed chunk
-constexpr std::int64_t kSparseRows = 256;      // rows per task
-
 const ProjectionKernels& ProjectionKernelsFor(Isa isa) {
-  isa = detail::ResolveIsa(isa);
+  isa = ResolveIsa(isa);
 #if defined(TRACIN_HAVE_X86_KERNELS)
   if (isa == Isa::kAvx512) return Avx512ProjectionKernels();
   if (isa == Isa::kAvx2) return Avx2ProjectionKernels();
@@ -133,7 +128,7 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
   };
   std::vector<Workspace> spaces(static_cast<std::size_t>(n_threads));
   std::atomic<bool> stop{false};
-  return ParallelFor(row_blocks * col_blocks, n_threads, stop, [&](std::int64_t task, int thread) {
+  return ParallelFor(row_blocks * col_blocks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
     Workspace& ws = spaces[static_cast<std::size_t>(thread)];
     const std::int64_t r0 = task / col_blocks * row_block, i0 = task % col_blocks * outputs;
     const std::int64_t n_rows = std::min(row_block, rows - r0);
@@ -189,7 +184,7 @@ Status ProjectSparse(const ProjectionSpec& spec, const Concat& x, std::int64_t r
   const std::int64_t d = x.cols();
   const std::int64_t row_blocks = (rows + kSparseRows - 1) / kSparseRows;
   std::atomic<bool> stop{false};
-  return ParallelFor(row_blocks, ResolveThreads(options.num_threads), stop,
+  return ParallelFor(row_blocks, ResolveThreads(options.num_threads), stop, options.cancel,
                      [&](std::int64_t task, int) {
     const std::int64_t r0 = task * kSparseRows, n_rows = std::min(kSparseRows, rows - r0);
     std::vector<std::uint32_t> pos(static_cast<std::size_t>(kSparseColumns * s));

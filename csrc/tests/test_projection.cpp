@@ -1,6 +1,7 @@
 // Projection tests without Python: the product against a float64 reference built from P itself,
 // the scaling of every kind, and identical bits across threads, instruction sets, row chunking,
-// splits of the columns into pieces and half-precision inputs; bad input.
+// splits of the columns into pieces and half-precision inputs; bad input; cancellation.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -92,7 +93,7 @@ void TestKind(ProjectionKind kind) {
   // Identical bits across threads and instruction sets.
   for (int threads : {1, 2, 5})
     Check(SameBits(Project(spec, {whole}, 0, threads), y), name + ": threads " + std::to_string(threads));
-  for (tracin::Isa isa : {tracin::Isa::kGeneric, tracin::Isa::kAvx2, tracin::Isa::kAvx512})
+  for (tracin::Isa isa : tracin_test::RunnableIsas("Project"))
     Check(SameBits(Project(spec, {whole}, 0, 2, isa), y),
           name + ": isa " + tracin::IsaName(isa));
 
@@ -166,11 +167,24 @@ void TestErrors() {
     Check(code({kind, 0, 0, 4, 2}, {v}) == StatusCode::kNonFinite, std::string("NaN: ") + KindName(kind));
 }
 
+void TestCancellation() {
+  std::vector<float> x(40 * 30, 1.0f), out(40 * 16);
+  const std::atomic<bool> cancel{true};
+  tracin::Options options;
+  options.cancel = &cancel;
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
+    Check(tracin::Project({kind, 0, 0, 16, 2}, {{x.data(), 40, 30, 30, DType::kFloat32}}, 0, out.data(), 16,
+                          options)
+                  .code == tracin::StatusCode::kCancelled,
+          std::string("a set cancellation flag stops Project: ") + KindName(kind));
+}
+
 }  // namespace
 
 int main() {
   for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
     TestKind(kind);
   TestErrors();
+  TestCancellation();
   return tracin_test::Report();
 }

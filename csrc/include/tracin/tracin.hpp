@@ -5,6 +5,7 @@
 // and report problems through Status instead of throwing.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -35,7 +36,8 @@ struct GradientSide {
 
 enum class Side : int { kProponents = 0, kOpponents = 1, kBoth = 2 };
 
-// Instruction set of the inner kernels; kAuto picks the best one the CPU supports.
+// Instruction set of the inner kernels; kAuto picks the best one the CPU supports, and a set the
+// CPU lacks runs as the best one it has (see ResolveIsa).
 enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
 
 struct Options {
@@ -43,9 +45,19 @@ struct Options {
   std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
   std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
   Isa isa = Isa::kAuto;
+  // Cancellation: when non-null and set (by another thread) during the call, the call stops
+  // between tasks and returns kCancelled; outputs are then partly written. Null: never cancelled.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
-enum class StatusCode : int { kOk = 0, kInvalidArgument = 1, kNonFinite = 2, kInternal = 3, kOutOfMemory = 4 };
+enum class StatusCode : int {
+  kOk = 0,
+  kInvalidArgument = 1,
+  kNonFinite = 2,
+  kInternal = 3,
+  kOutOfMemory = 4,
+  kCancelled = 5,
+};
 
 struct Status {
   StatusCode code = StatusCode::kOk;
@@ -83,5 +95,9 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
 // The instruction set kAuto resolves to on this CPU, and a name for it.
 Isa DetectIsa();
 const char* IsaName(Isa isa);
+
+// The instruction set a call with options.isa = requested runs with on this CPU: the request if
+// the CPU supports it, else the best one it does (kAuto: DetectIsa()).
+Isa ResolveIsa(Isa requested);
 
 }  // namespace tracin
