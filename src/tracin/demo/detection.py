@@ -22,3 +22,8 @@ def found_at(curve: np.ndarray, fraction: float) -> float:
 def random_curve(n: int, flipped_count: int) -> np.ndarray:
     """Expected curve of inspecting in random order: a straight line."""
     return np.linspace(0.0, 1.0, n + 1) if flipped_count else np.zeros(n + 1)
+
+
+def perfect_curve(n: int, flipped_count: int) -> np.ndarray:
+    """The best possible curve: every inspected example is a flipped one until all are found."""
+    return np.minimum(np.arange(n + 1) / max(flipped_count, 1), 1.0)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+_STYLES = {  # method -> (line style, colour)
+    "TracIn self-influence": ("-", "tab:blue"),
+    "loss (final model)": ("--", "tab:orange"),
+    "random": (":", "tab:green"),
+    "perfect detector": ("-.", "black"),
+}
 
 
 def _pyplot():
@@ -16,52 +24,75 @@ def _pyplot():
     return plt
 
 
-def plot_detection(curves: dict[str, np.ndarray], path: Path, noise: float) -> Path:
-    """Fraction of flipped labels found against fraction of training data inspected."""
+def plot_detection(curves: dict[str, np.ndarray], path: Path, flip_rate: float) -> Path:
+    """Fraction of flipped labels found against fraction of training data inspected, one line per
+    method (curves: float (n + 1,) each), and a labelled line at the flip rate."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
-    styles = {"TracIn self-influence": "-", "loss (final model)": "--", "random": ":"}
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for name, curve in curves.items():
-        ax.plot(np.linspace(0, 1, len(curve)), curve, styles.get(name, "-"), label=name, linewidth=2)
-    ax.axvline(noise, color="grey", linewidth=0.8)
-    ax.set_xlabel("fraction of training data inspected")
+        style, colour = _STYLES.get(name, ("-", None))
+        ax.plot(np.linspace(0, 1, len(curve)), curve, style, color=colour, label=name,
+                linewidth=1.2 if name == "perfect detector" else 2)
+    ax.axvline(flip_rate, color="grey", linewidth=0.8,
+               label=f"{flip_rate:.1%} inspected = the number of flipped labels")
+    ax.set_xlabel("fraction of training data inspected (highest score first)")
     ax.set_ylabel("fraction of flipped labels found")
-    ax.set_title(f"Mislabel detection on digits ({noise:.0%} labels flipped)")
+    ax.set_title(f"Mislabel detection on digits ({flip_rate:.1%} of labels flipped)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
 
 
-def plot_influence_grid(x_test: np.ndarray, y_test: np.ndarray, test_rows: list[int],
-                        x_train: np.ndarray, y_train: np.ndarray, flipped: np.ndarray,
-                        proponents, opponents, path: Path) -> Path:
-    """Per chosen test digit: the digit, its top proponents (green) and opponents (red), each
-    titled with its training label (flipped labels marked with '!')."""
+@dataclass(frozen=True)
+class GridExample:
+    """One row of the influence grid: a test digit (image (64,), true label, predicted label) and
+    its top proponents / opponents (train row indices (k,) and scores (k,))."""
+
+    image: np.ndarray
+    label: int
+    predicted: int
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+
+
+def _train_title(score: float, given: int, true: int) -> str:
+    return f"{score:+.2g}\ngiven {given}" + ("" if given == true else f", true {true}")
+
+
+def plot_influence_grid(examples: list[GridExample], x_train: np.ndarray, y_given: np.ndarray,
+                        y_true: np.ndarray, path: Path) -> Path:
+    """Per test digit: the digit titled with its label and the model's prediction, then its top
+    proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
     plt = _pyplot()
-    k = proponents.indices.shape[1]
-    rows = len(test_rows)
-    fig, axes = plt.subplots(rows, 2 * k + 1, figsize=(1.1 * (2 * k + 1), 1.35 * rows), dpi=120)
+    k = len(examples[0].proponents)
+    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.7 * len(examples) + 0.5),
+                             dpi=120)
     axes = np.atleast_2d(axes)
-    for r, t in enumerate(test_rows):
-        panels = [(x_test[t], f"test: {y_test[t]}", "black")]
-        for side, colour in ((proponents, "tab:green"), (opponents, "tab:red")):
-            for i, score in zip(side.indices[r], side.values[r]):
-                mark = "!" if flipped[i] else ""
-                panels.append((x_train[i], f"{y_train[i]}{mark} {score:+.2g}", colour))
-        for ax, (image, title, colour) in zip(axes[r], panels):
+    for row, ex in zip(axes, examples):
+        verdict = "right" if ex.predicted == ex.label else "WRONG"
+        panels = [(ex.image, f"test digit {ex.label}\npredicted {ex.predicted}: {verdict}", "black")]
+        for rows, scores, colour in ((ex.proponents, ex.proponent_scores, "tab:green"),
+                                     (ex.opponents, ex.opponent_scores, "tab:red")):
+            panels += [(x_train[i], _train_title(s, y_given[i], y_true[i]), colour) for i, s in zip(rows, scores)]
+        for ax, (image, title, colour) in zip(row, panels):
             ax.imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_title(title, fontsize=7, color=colour)
+            flipped = "true" in title
+            ax.set_title(title, fontsize=7, color=colour, fontweight="bold" if flipped else "normal")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
-    fig.suptitle(f"Test digits, their top {k} proponents (green) and opponents (red); "
-                 "'!' = flipped training label", fontsize=8)
+                spine.set_linewidth(2.5 if flipped else 1)
+    fig.suptitle(f"Each test digit, then its top {k} proponents (green: training on them lowered its loss) and "
+                 f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
+                 "in bold with a thick frame, the true label where it was flipped.", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

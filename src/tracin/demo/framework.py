@@ -1,0 +1,64 @@
+"""Which framework trains the demo's model and computes its gradients, and what each must supply."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..store import GradientStore
+from ..store._format import MANIFEST
+from .data import NoisyDigits
+from .training import TrainingConfig
+
+FRAMEWORKS = ("numpy", "jax", "torch")  # lightest first; numpy needs nothing beyond the demo extra
+_MODULES = {"numpy": "with_numpy", "jax": "with_jax", "torch": "with_torch"}
+_EXTRAS = {"jax": "pip install 'tracin[jax]'", "torch": "pip install 'tracin[torch]'"}
+
+
+class TrainedModel(Protocol):
+    """The demo's MLP after training, with its checkpoints (paths and learning rates)."""
+
+    checkpoints: list[tuple[Path, float]]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Final model's outputs: float32 (n, 10) for x float32 (n, 64)."""
+
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
+        """Per-example loss gradients at every checkpoint, written to a finished GradientStore at path."""
+
+
+Train = Callable[[NoisyDigits, TrainingConfig, Path, Callable[[int], None]], TrainedModel]
+
+
+def available() -> list[str]:
+    """The frameworks installed here, lightest first."""
+    return [f for f in FRAMEWORKS if f == "numpy" or importlib.util.find_spec(f) is not None]
+
+
+def trainer(framework: str | None) -> tuple[str, Train]:
+    """(name, train function) of `framework` (None: the lightest one installed, NumPy);
+    ValueError naming the choices or the package to install."""
+    name = "numpy" if framework is None else framework
+    if name not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if name not in available():
+        raise ValueError(f"framework {name!r} is not installed: {_EXTRAS[name]}")
+    module = importlib.import_module(f"{__package__}.{_MODULES[name]}")
+    return name, module.train
+
+
+def fresh_store_path(path: Path) -> Path:
+    """`path`, with the gradient store an earlier demo run left there removed; ValueError if
+    something else is there."""
+    if path.exists():
+        if not (path / MANIFEST).is_file():
+            raise ValueError(f"{path} exists and is not a gradient store; choose another output folder")
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,95 @@
+"""The demo's report.md: what was done, what the numbers and figures mean, what to try next."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .run import DemoConfig, DemoResult
+
+HOW_TO_READ = (
+    "**How to read influence scores.** The influence of a training example on a test example is the sum, "
+    "over the saved checkpoints, of the learning rate times the dot product of their loss gradients. "
+    "Positive (a *proponent*): training on that example lowered the test example's loss, it pulled the "
+    "model towards this prediction; negative (an *opponent*): it raised the loss, it pulled the other "
+    "way. Larger magnitude means a stronger pull; compare the scores of one test example with each "
+    "other, as their scale varies from one test example to the next. *Self-influence* is an example's "
+    "influence on itself (the learning-rate-weighted squared gradient norms): high when the model kept "
+    "having to change to fit it, as for a wrong label."
+)
+
+
+def summary_rows(result: DemoResult) -> list[str]:
+    """The found-at-x%-inspected table of result.found, as Markdown rows."""
+    fractions = list(next(iter(result.found.values())))
+    header = "| method | " + " | ".join(f"found at {f:.0%} inspected" for f in fractions) + " |"
+    rows = [header, "|---" * (len(fractions) + 1) + "|"]
+    for name, by_fraction in result.found.items():
+        rows.append(f"| {name} | " + " | ".join(f"{v:.1%}" for v in by_fraction.values()) + " |")
+    return rows
+
+
+def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
+    """Writes report.md (Markdown, figures linked by relative path) and returns its path."""
+    from .run import LOSS, PERFECT, RANDOM, TRACIN
+
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    first = min(result.found[TRACIN])
+    found = {name: result.found[name][first] for name in (TRACIN, LOSS, RANDOM, PERFECT)}
+    epochs, checkpoints = config.training.epochs, config.training.checkpoints
+    lines = [
+        "# tracin demo: finding mislabelled digits",
+        "",
+        f"{result.n_flipped} of the {result.n_train} training labels ({result.flip_rate:.1%}) were flipped "
+        f"to a wrong class. A two-layer MLP trained with {result.framework} for {epochs} epochs on these "
+        f"labels reached {result.train_accuracy_noisy:.1%} accuracy on them (it memorised most flipped "
+        f"labels too) and {result.test_accuracy:.1%} on the correctly labelled test set.",
+        "",
+        "## Finding the flipped labels",
+        "",
+        f"Every training example was scored by TracIn self-influence over {checkpoints} checkpoints and "
+        "inspected from the highest score down. The table gives the fraction of the flipped labels found "
+        "after inspecting a fraction of the training set:",
+        "",
+        *summary_rows(result),
+        "",
+        f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
+        f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
+        f"one). TracIn self-influence found {found[TRACIN]:.1%}, ranking by the final model's loss "
+        f"{found[LOSS]:.1%}, and inspecting at random finds {found[RANDOM]:.1%} on average.",
+        "",
+        "![mislabel detection](mislabel_detection.png)",
+        "",
+        "## Proponents and opponents",
+        "",
+        HOW_TO_READ,
+        "",
+        "Each row of the figure is a test digit (its true label, the model's prediction and whether it was "
+        "right), then its top proponents (green) and opponents (red) in the training set, each titled with "
+        "its score and its given label, and, when that label was flipped, the true one. A digit whose "
+        "given label differs from what it shows is often among the opponents: it taught the model "
+        "another class for this shape.",
+        "",
+        "![proponents and opponents](proponents_opponents.png)",
+        "",
+        "## Files",
+        "",
+        "- `self_influence_ranking.csv`: every training example, highest self-influence first, with its "
+        "given and true label (`digits_row` is its row in `sklearn.datasets.load_digits()`).",
+        "- `grads/train`, `grads/test`: the per-example gradients at every checkpoint, as tracin gradient "
+        "stores (`tracin.GradientStore.open(path)` in Python).",
+        "- `checkpoints/`: the model at each checkpoint.",
+        "",
+        "## Next: the command line on these stores",
+        "",
+        "```",
+        *result.next_commands,
+        "```",
+        "",
+        f"Settings: `{settings}`; run time {result.seconds:.1f} s.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,74 @@
+"""The demo on JAX: the same MLP trained with a jitted SGD step, gradients by tracin.jax (full rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..jax import export_gradients
+from ..store import GradientStore
+from .data import NoisyDigits
+from .mlp import Params, init_params
+from .training import TrainingConfig, batches, sgd_momentum
+
+
+def _logits(params, x):
+    h = jax.nn.relu(x @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def _per_example_loss(params, x, y):
+    """Cross-entropy per example, shape (batch,)."""
+    log_p = jax.nn.log_softmax(_logits(params, x))
+    return -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+
+
+def _mean_loss(params, x, y):
+    return _per_example_loss(params, x, y).mean()
+
+
+class JaxMLP:
+    """The trained parameters (a dict of arrays); checkpoints are .npz files of them."""
+
+    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]]):
+        self.params = params
+        self.checkpoints = checkpoints
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.jit(_logits)(self.params, x))
+
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
+        """tracin.jax.export_gradients in "full" mode: one row of all parameters per example and checkpoint."""
+        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints]
+        return export_gradients(_per_example_loss, states, (x, y), store=path, progress=progress)
+
+
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
+          on_epoch: Callable[[int], None]) -> JaxMLP:
+    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
+
+    @jax.jit
+    def step(params, velocity, x, y, lr):
+        grads = jax.grad(_mean_loss)(params, x, y)
+        return sgd_momentum(params, velocity, grads, lr, config.momentum)
+
+    params = {k: jnp.asarray(v) for k, v in init_params(data.x_train.shape[1], config.hidden, 10, config.seed).items()}
+    velocity = {k: jnp.zeros_like(v) for k, v in params.items()}
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    save_at = config.checkpoint_epochs()
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoints = []
+    for epoch, epoch_batches in batches(config, len(x)):
+        lr = config.learning_rate_at(epoch)
+        for rows in epoch_batches:
+            params, velocity = step(params, velocity, x[rows], y[rows], jnp.float32(lr))
+        if epoch in save_at:
+            path = directory / f"checkpoint_{epoch + 1:04d}.npz"
+            np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
+            checkpoints.append((path, lr))
+        on_epoch(epoch)
+    return JaxMLP({k: np.asarray(v) for k, v in params.items()}, checkpoints)

@@ -1,0 +1,65 @@
+"""The demo on NumPy alone: SGD training of the MLP and exact per-example gradients, factored per layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..store import GradientStore
+from .data import NoisyDigits
+from .mlp import LAYERS, Params, batch_gradient, forward, init_params, per_example_factors
+from .training import TrainingConfig, batches, sgd_momentum
+
+_ROWS_PER_WRITE = 512
+
+
+class NumpyMLP:
+    """The trained MLP; checkpoints are .npz files of its parameters (mlp.Params)."""
+
+    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]]):
+        self.params = params
+        self.checkpoints = checkpoints
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return forward(self.params, x)[1]
+
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
+        """A factored store: checkpoint c, layer l at position c * 2 + l, left d(loss)/d(output)
+        (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning rate."""
+        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints]
+        dims = [(self.params[w].shape[1], self.params[w].shape[0] + 1) for _ in states for w, _ in LAYERS]
+        weights = [lr for _, lr in states for _ in LAYERS]
+        meta = {"framework": "numpy", "mode": "factored", "layers": None, "projection": None,
+                "params": [{"name": k, "shape": list(v.shape)} for k, v in self.params.items()],
+                "factors": {"left": "d(loss)/d(layer output)", "right": "layer input, with 1 appended"}}
+        writer = GradientStore.create(path, len(x), dims, weights, factored=True, metadata=meta)
+        with writer:
+            for c, (params, _) in enumerate(states):
+                for start in range(0, len(x), _ROWS_PER_WRITE):
+                    rows = slice(start, start + _ROWS_PER_WRITE)
+                    for layer, factors in enumerate(per_example_factors(params, x[rows], y[rows])):
+                        writer.write(c * len(LAYERS) + layer, start, factors)
+            return writer.finalize()
+
+
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
+          on_epoch: Callable[[int], None]) -> NumpyMLP:
+    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
+    params = init_params(data.x_train.shape[1], config.hidden, 10, config.seed)
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
+    save_at = config.checkpoint_epochs()
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoints = []
+    for epoch, epoch_batches in batches(config, len(data.x_train)):
+        lr = config.learning_rate_at(epoch)
+        for rows in epoch_batches:
+            grads = batch_gradient(params, data.x_train[rows], data.y_train[rows])
+            params, velocity = sgd_momentum(params, velocity, grads, lr, config.momentum)
+        if epoch in save_at:
+            path = directory / f"checkpoint_{epoch + 1:04d}.npz"
+            np.savez(path, **params)
+            checkpoints.append((path, lr))
+        on_epoch(epoch)
+    return NumpyMLP(params, checkpoints)

@@ -1,0 +1,89 @@
+"""The demo on PyTorch: the same MLP trained with torch.optim.SGD, gradients by tracin.torch (factored mode)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..store import GradientStore
+from ..torch import export_gradients
+from .data import NoisyDigits
+from .mlp import init_params
+from .training import TrainingConfig, batches
+
+
+def _per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch on one thread inside (the model is tiny: threads cost more than they give), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class TorchMLP:
+    """The trained nn.Sequential; checkpoints are .pt state dicts."""
+
+    def __init__(self, model: nn.Module, checkpoints: list[tuple[Path, float]]):
+        self.model = model
+        self.checkpoints = checkpoints
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x)).numpy()
+
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
+        """tracin.torch.export_gradients in "factored" mode: exact, both layers."""
+        with _one_thread():
+            return export_gradients(self.model, self.checkpoints, (torch.from_numpy(x), torch.from_numpy(y)),
+                                    _per_example_cross_entropy, mode="factored", store=path, progress=progress)
+
+
+def _model(data: NoisyDigits, config: TrainingConfig) -> nn.Module:
+    """nn.Sequential(Linear, ReLU, Linear) holding mlp.init_params (nn.Linear keeps weights as (out, in))."""
+    params = init_params(data.x_train.shape[1], config.hidden, 10, config.seed)
+    model = nn.Sequential(nn.Linear(data.x_train.shape[1], config.hidden), nn.ReLU(), nn.Linear(config.hidden, 10))
+    with torch.no_grad():
+        for layer, (w, b) in zip((model[0], model[2]), (("w1", "b1"), ("w2", "b2"))):
+            layer.weight.copy_(torch.from_numpy(params[w].T))
+            layer.bias.copy_(torch.from_numpy(params[b]))
+    return model
+
+
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
+          on_epoch: Callable[[int], None]) -> TorchMLP:
+    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.pt."""
+    with _one_thread():
+        model = _model(data, config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        save_at = config.checkpoint_epochs()
+        directory.mkdir(parents=True, exist_ok=True)
+        checkpoints = []
+        for epoch, epoch_batches in batches(config, len(x)):
+            lr = config.learning_rate_at(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for rows in epoch_batches:
+                rows = torch.from_numpy(rows)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x[rows]), y[rows]).backward()
+                optimizer.step()
+            if epoch in save_at:
+                path = directory / f"checkpoint_{epoch + 1:04d}.pt"
+                torch.save(model.state_dict(), path)
+                checkpoints.append((path, lr))
+            on_epoch(epoch)
+    return TorchMLP(model, checkpoints)
