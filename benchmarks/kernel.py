@@ -1,18 +1,22 @@
-"""Kernel speed benchmark (issue 3): tracin.top_k against faiss, numpy, torch and the bare sgemm.
+"""Kernel speed benchmark: tracin.top_k against faiss, numpy, torch and the bare sgemm.
 
     python -m benchmarks.kernel [--quick] [--cases top10,both,...] [--repeats 5] [--threads 2]
 
-Each case times its contenders interleaved (warm-up, then `repeats` rounds; medians), checks the
-top-k results against a peer in float64 (ties forgiven, nothing else), and puts each time against
-the roofline measured on this machine. Writes results/kernel.json (kernel_quick.json for --quick)
-and PNG plots beside it; `benchmarks.report` turns the JSON into the README table.
+Run from a source checkout with the bench extra (pip install 'tracin[bench]'). Each case times its
+contenders interleaved (warm-up, then `repeats` rounds; medians), checks the top-k results against
+a peer in float64 (ties forgiven, nothing else), and puts each time against the roofline measured
+on this machine. Writes results/kernel.json and PNG plots beside it (--quick: kernel_quick.json in
+a new temporary folder, so smoke runs leave nothing in the checkout); `benchmarks.report` turns
+the JSON into the README table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +28,16 @@ from .exactness import check_top_k
 from .peers import thread_limits
 
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+BENCH_EXTRA = ("faiss", "torch", "matplotlib", "threadpoolctl")  # modules of pip install 'tracin[bench]'
+# Pause before each timed call of a full run: OpenMP/BLAS worker threads of the previous contender
+# stop spinning and its freed memory settles; --quick runs do not pause.
+PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of issue 3: ratio `ratio` of case `case` compared by `op` with `target`
-    (op "report": measured and shown, no target)."""
+    """A speed target: ratio `ratio` of case `case` compared by `op` with `target`
+    (op "report": measured and shown, no target). The targets are set here and nowhere else."""
 
     description: str
     case: str
@@ -96,13 +104,13 @@ def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) ->
 
 
 def attach_rooflines(case_records: list[dict], limits: dict) -> None:
-    """Raises the peak to the fastest bare sgemm seen in the run (a peak measured while the
-    machine was busy is too low; the machine did at least that), then gives every contender its
-    roofline bound and the fraction of it reached."""
+    """Raises the peak at each thread count to the fastest bare sgemm seen at that count in the run
+    (a peak measured while the machine was busy is too low; the machine did at least that), then
+    gives every contender its roofline bound and the fraction of it reached."""
     peaks = limits["peak_sgemm_gflops"]
     for c in (c for r in case_records for c in r["contenders"].values() if c["peer"] == "sgemm"):
-        for t in (t for t in peaks if int(t) >= c["threads"]):
-            peaks[t] = max(peaks[t], c["flops"] / min(c["times_s"]) / 1e9)
+        t = str(c["threads"])
+        peaks[t] = max(peaks[t], c["flops"] / min(c["times_s"]) / 1e9)
     for c in (c for r in case_records for c in r["contenders"].values()):
         bound = roofline.bound(c["flops"], c["bytes"], peaks[str(c["threads"])],
                                limits["read_bandwidth_gbs"][str(c["threads"])])
@@ -147,6 +155,7 @@ def _versions() -> dict:
     import faiss
     import matplotlib
     import threadpoolctl
+
     import torch
 
     return {"faiss": faiss.__version__, "torch": torch.__version__, "threadpoolctl": threadpoolctl.__version__,
@@ -167,9 +176,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
         for case in case_defs.GROUPS[group](sizes, data, threads):
             log(f"case {case.name}: {case.title}")
             with thread_limits(threads):
-                # A pause lets the peers' spinning worker threads and freed memory settle before the
-                # next timed call (not in --quick).
-                record = run_case(case, repeats, warmup, pause_s=0.0 if quick else 1.0)
+                    record = run_case(case, repeats, warmup, pause_s=0.0 if quick else PAUSE_S)
             record["group"] = group
             records.append(record)
             for name, c in record["contenders"].items():
@@ -181,7 +188,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
     return {
         "machine": machine_info(),
         "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
-                   "pause_between_calls_s": 0.0 if quick else 1.0,
+                   "pause_between_calls_s": 0.0 if quick else PAUSE_S,
                    "sizes": sizes.__dict__},
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},
@@ -192,7 +199,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tracin bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
     p.add_argument("--cases", default=",".join(case_defs.GROUPS),
                    help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)})")
@@ -200,16 +207,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for every library (default: all cores); the threads case also runs 1")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)")
     p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
     p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m benchmarks.kernel` and `tracin bench`; returns the exit code."""
-    from . import plot, report
+def missing_extra() -> list[str]:
+    """The bench extra's modules that are not installed."""
+    return [m for m in BENCH_EXTRA if importlib.util.find_spec(m) is None]
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m benchmarks.kernel`; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.cases.split(",") if g.strip()]
@@ -218,11 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases: unknown {unknown}; choose from {','.join(case_defs.GROUPS)}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    missing = missing_extra()
+    if missing:
+        print(f"{parser.prog}: error: needs the bench extra: pip install 'tracin[bench]' "
+              f"(missing: {', '.join(missing)})", file=sys.stderr)
+        return 1
+    from . import plot, report
+
     name = args.name or ("kernel_quick" if args.quick else "kernel")
     sizes = case_defs.QUICK if args.quick else case_defs.FULL
+    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-bench-quick-")) if args.quick else RESULTS_DIR)
     payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick)
-    payload["plots"] = [p.name for p in plot.plot_all(payload, args.out, name)]
-    path = write_json(name, payload, directory=args.out)
+    payload["plots"] = [p.name for p in plot.plot_all(payload, out, name)]
+    path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
     print(f"wrote {path} and {', '.join(payload['plots'])}")
     if args.readme:

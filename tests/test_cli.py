@@ -1,17 +1,39 @@
-"""The tracin command line: subcommands on real stores, errors and exit codes."""
+"""The tracin command line: subcommands on real stores, errors and exit codes, the self-benchmark,
+and the progress bars it shows."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import inspect
+import io
+import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import tracin
-from tracin.cli import main
 from reference import exact_scores
+from tracin import _progress, selfbench
+from tracin.cli import build_parser, main
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _write_store(path, mats, weights, rows=None, ids=None):
+    """A store of `mats` (one (n, d) per checkpoint); only the first `rows` rows written (unfinished) if given."""
+    n = len(mats[0])
+    w = tracin.GradientStore.create(path, n, [m.shape[1] for m in mats], weights=weights, ids=ids)
+    for c, m in enumerate(mats):
+        w.write(c, 0, m[: n if rows is None else rows])
+    if rows is None:
+        w.finalize()
+    return path
 
 
 @pytest.fixture
@@ -19,17 +41,24 @@ def stores(tmp_path, rng):
     weights = [0.5, 0.1]
     blocks = {side: [rng.standard_normal((n, d)).astype(np.float32) for d in (6, 4)]
               for side, n in (("test", 3), ("train", 40))}
-    paths = {}
-    for side, mats in blocks.items():
-        w = tracin.GradientStore.create(tmp_path / side, len(mats[0]), [6, 4], weights=weights,
-                                        ids=[f"{side}-{i}" for i in range(len(mats[0]))])
-        for c, m in enumerate(mats):
-            w.write(c, 0, m)
-        w.finalize()
-        paths[side] = tmp_path / side
+    paths = {side: _write_store(tmp_path / side, mats, weights, ids=[f"{side}-{i}" for i in range(len(mats[0]))])
+             for side, mats in blocks.items()}
     return paths, blocks, weights
 
 
+def _score(paths, *extra):
+    return ["score", "--test", str(paths["test"]), "--train", str(paths["train"]), *extra]
+
+
+def _error_line(err: str, command: str) -> str:
+    """The single stderr line of a failed command, checked for the one prefix style."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"tracin {command}: error: "), lines[0]
+    return lines[0]
+
+
+# -- commands ------------------------------------------------------------------------------------
 def test_info_describes_a_store(stores, capsys):
     paths, _, _ = stores
     assert main(["info", str(paths["train"])]) == 0
@@ -37,11 +66,11 @@ def test_info_describes_a_store(stores, capsys):
     assert "40" in out and "float32" in out and "complete" in out
 
 
-def test_score_writes_npz_equal_to_reference(stores, tmp_path):
+def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "top.npz"
-    assert main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-k", "5",
-                 "--side", "both", "-o", str(out)]) == 0
+    assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(out))) == 0
+    assert str(out) in capsys.readouterr().out  # the path written is said
     got = np.load(out)
     exact = exact_scores(blocks["test"], blocks["train"], weights)
     np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
@@ -51,21 +80,40 @@ def test_score_writes_npz_equal_to_reference(stores, tmp_path):
 def test_score_csv_carries_ids(stores, tmp_path):
     paths, blocks, weights = stores
     out = tmp_path / "top.csv"
-    assert main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-k", "2",
-                 "--side", "proponents", "-o", str(out)]) == 0
+    assert main(_score(paths, "-k", "2", "--side", "proponents", "-o", str(out))) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 3 * 2
     best = int(np.argmax(exact_scores(blocks["test"], blocks["train"], weights)[0]))
     assert rows[0]["test_id"] == "test-0" and rows[0]["train_id"] == f"train-{best}"
 
 
-def test_self_influence_ranking(stores, tmp_path):
+def test_self_influence_ranking(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "rank.csv"
     assert main(["self-influence", str(paths["train"]), "-o", str(out), "--top", "7"]) == 0
+    assert str(out) in capsys.readouterr().out
     rows = list(csv.DictReader(open(out)))
-    exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"]))
+    exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])
+
+
+def test_without_output_results_go_to_stdout_and_no_file_is_written(stores, tmp_path, capsys, monkeypatch):
+    paths, blocks, weights = stores
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(_score(paths, "-k", "3")) == 0
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(io.StringIO(out)))
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    got = np.array([int(r["train_row"]) for r in rows]).reshape(3, 3)
+    np.testing.assert_array_equal(got, np.argsort(-exact, axis=1)[:, :3])  # proponents, the library's default
+    assert {r["side"] for r in rows} == {"proponents"}
+    assert main(["self-influence", str(paths["train"]), "--top", "4"]) == 0
+    ranked = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    self_exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
+    assert [int(r["train_row"]) for r in ranked] == list(np.argsort(-self_exact)[:4])
+    assert list(cwd.iterdir()) == []
 
 
 def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):
@@ -73,7 +121,7 @@ def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsy
 
     paths, _, _ = stores
     monkeypatch.setattr(tracin.scoring, "_AUTO_PROGRESS_MACS", 0)  # every run counts as long
-    score = ["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-o", str(tmp_path / "t.npz")]
+    score = _score(paths, "-o", str(tmp_path / "t.npz"))
     rank = ["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv")]
     for command, bar in ((score, "tracin top_k"), (rank, "tracin self_influence")):
         assert main(command) == 0
@@ -82,32 +130,173 @@ def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsy
         assert bar not in capsys.readouterr().err
 
 
-def test_errors_are_messages_with_exit_codes(tmp_path, stores, capsys):
+# -- unfinished stores ---------------------------------------------------------------------------
+def test_unfinished_store_is_named_before_a_shape_mismatch(stores, tmp_path, rng, capsys):
+    paths, _, _ = stores
+    three = [rng.standard_normal((40, 5)).astype(np.float32) for _ in range(3)]  # 3 checkpoints, not 2
+    partial = _write_store(tmp_path / "partial", three, [1.0] * 3, rows=10)
+    assert main(["score", "--test", str(paths["test"]), "--train", str(partial)]) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert "--train" in line and "unfinished" in line and "--allow-partial" in line and "10, 10, 10 of 40" in line
+    assert "checkpoint" not in line.split("unfinished")[0]  # not reported as a mismatch
+    assert main(["self-influence", str(partial)]) == 1
+    assert "--allow-partial" in _error_line(capsys.readouterr().err, "self-influence")
+
+
+def test_allow_partial_scores_the_rows_written(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    partial = _write_store(tmp_path / "partial", blocks["train"], weights, rows=25)
+    assert main(["score", "--test", str(paths["test"]), "--train", str(partial), "-k", "4", "--allow-partial"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    exact = exact_scores(blocks["test"], [m[:25] for m in blocks["train"]], weights)
+    got = np.array([int(r["train_row"]) for r in rows]).reshape(3, 4)
+    np.testing.assert_array_equal(got, np.argsort(-exact, axis=1)[:, :4])
+    assert main(["self-influence", str(partial), "--allow-partial"]) == 0
+    ranked = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(ranked) == 25
+
+
+# -- errors --------------------------------------------------------------------------------------
+def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1
-    assert "no gradient store" in capsys.readouterr().err
+    assert "no gradient store" in _error_line(capsys.readouterr().err, "info")
     paths, _, _ = stores
     with pytest.raises(SystemExit) as e:
-        main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]), "-k", "0"])
+        main(_score(paths, "-k", "0"))
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
     assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path)]) == 1  # a directory
-    assert "error" in capsys.readouterr().err
-    assert main(["score", "--test", str(paths["test"]), "--train", str(paths["train"]),
-                 "-o", str(tmp_path / "x.txt")]) == 1
-    assert ".npz or .csv" in capsys.readouterr().err
+    _error_line(capsys.readouterr().err, "self-influence")
+    assert main(_score(paths, "-o", str(tmp_path / "x.txt"))) == 1
+    assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
+    assert main(["score", "--test", str(tmp_path / "nowhere"), "--train", str(paths["train"])]) == 1
+    assert "--test: no gradient store" in _error_line(capsys.readouterr().err, "score")
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
 
 
+def test_malformed_stores_are_one_line_errors(stores, tmp_path, capsys):
+    from tracin.store._format import MANIFEST
+
+    paths, _, _ = stores
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["info", str(empty)]) == 1
+    assert MANIFEST in _error_line(capsys.readouterr().err, "info")
+    (paths["train"] / MANIFEST).write_text("{not json")
+    for command in (["info", str(paths["train"])], _score(paths), ["self-influence", str(paths["train"])]):
+        assert main(command) == 1
+        assert "corrupt manifest" in _error_line(capsys.readouterr().err, command[0])
+
+
+def test_broken_pipe_ends_quietly(stores):
+    paths, _, _ = stores
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written, as with `| head -0`
+    try:
+        done = subprocess.run([sys.executable, "-m", "tracin", "info", str(paths["train"])], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+# -- help ----------------------------------------------------------------------------------------
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
 def test_console_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "tracin", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tracin", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for command in ("info", "score", "self-influence", "bench", "demo", "examples:"):
         assert command in out.stdout
 
 
-def test_bench_passes_its_options_to_the_harness(capsys, monkeypatch):
-    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # the checkout root
-    with pytest.raises(SystemExit) as e:
-        main(["bench", "--help"])
-    assert e.value.code == 0 and "--quick" in capsys.readouterr().out
+def test_help_shows_every_default_and_no_internal_references(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the defaults
+    for name, parser in _subparsers().items():
+        text = " ".join(parser.format_help().split())
+        assert not re.search(r"\bissue\s*#?\d", text, re.IGNORECASE), (name, text)
+        for action in parser._actions:
+            if action.option_strings and not isinstance(action.default, bool) and action.default is not None \
+                    and action.default != argparse.SUPPRESS:
+                assert f"(default: {action.default})" in text, (name, action.dest)
+
+
+def test_score_defaults_are_the_librarys():
+    library = inspect.signature(tracin.top_k).parameters
+    score = _subparsers()["score"]
+    defaults = {a.dest: a.default for a in score._actions}
+    assert defaults["side"] == library["side"].default == "proponents"
+    assert defaults["k"] == library["k"].default
+
+
+# -- bench ---------------------------------------------------------------------------------------
+def test_bench_runs_without_the_bench_extra_or_the_checkout(monkeypatch, capsys):
+    for module in ("faiss", "torch", "matplotlib", "threadpoolctl", "benchmarks", "benchmarks.kernel"):
+        monkeypatch.setitem(sys.modules, module, None)  # any import of these fails
+    assert main(["bench", "--quick", "-n", "3000", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tracin is \d+\.\d\dx the speed of NumPy", out) and "matches float64" in out
+    assert "python -m benchmarks.kernel" in out
+
+
+def test_bench_never_imports_the_source_tree():
+    code = "import sys, tracin.cli; tracin.cli.main(['bench', '--quick', '-n', '2000', '--repeats', '1']); " \
+           "print('imported benchmarks' if 'benchmarks' in sys.modules else 'clean')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("clean")
+
+
+def test_selfbench_numpy_top_k_is_the_float64_top_k(rng):
+    test = rng.standard_normal((300, 16)).astype(np.float32)
+    train = rng.standard_normal((500, 16)).astype(np.float32)
+    values, indices = selfbench.numpy_top_k(test, train, 7)
+    exact = test.astype(np.float64) @ train.astype(np.float64).T
+    np.testing.assert_array_equal(indices, np.argsort(-exact, axis=1, kind="stable")[:, :7])
+    np.testing.assert_allclose(values, np.take_along_axis(exact, indices, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_selfbench_check_rejects_a_wrong_top_k(rng):
+    test = rng.standard_normal((10, 8)).astype(np.float32)
+    train = rng.standard_normal((200, 8)).astype(np.float32)
+    exact = test.astype(np.float64) @ train.astype(np.float64).T
+    indices = np.argsort(-exact, axis=1)[:, :5]
+    values = np.take_along_axis(exact, indices, 1).astype(np.float32)
+    assert selfbench.matches_float64(test, train, values, indices)
+    worse = indices.copy()
+    worse[1, 0] = np.argmin(exact[1])  # the worst row, reported with its true score
+    worse_values = np.take_along_axis(exact, worse, 1).astype(np.float32)
+    assert not selfbench.matches_float64(test, train, worse_values, worse)
+    shifted = values.copy()
+    shifted[0, 2] += 0.01  # the right row with a wrong value
+    assert not selfbench.matches_float64(test, train, shifted, indices)
+
+
+# -- progress bars -------------------------------------------------------------------------------
+def test_bar_over_passes_counts_examples_not_examples_times_passes(capsys):
+    bar = _progress.progress_bar(500, True, "export", passes=3)
+    for _ in range(7):
+        bar.update(200)  # counts cross pass boundaries
+    bar.update(100)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "500/500" in err and "checkpoint 3/3" in err
+    assert not re.search(r"/(1500|1\.5k|1\.50k)\b", err)  # no total of 1500 (examples x passes)
+
+
+def test_automatic_bar_appears_only_after_the_delay(capsys, monkeypatch):
+    bar = _progress.progress_bar(10, None, "quick work")
+    bar.update(10)
+    bar.close()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.05)
+    bar = _progress.progress_bar(10, None, "slow work")
+    time.sleep(0.1)
+    bar.update(10)
+    bar.close()
+    assert "slow work" in capsys.readouterr().err

@@ -1,18 +1,76 @@
-"""tqdm progress bars (tqdm is imported only when a bar is shown); a silent bar when not wanted."""
+"""tqdm progress bars (tqdm is imported only when a bar may be shown); a silent bar when not wanted.
+
+enabled=None is the automatic choice for work of unknown length: the bar appears only once the
+work has run AUTO_DELAY_S seconds, so quick calls print nothing. Work that goes over the same
+examples several times (once per checkpoint) is shown as one pass at a time, counting examples.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
+AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar appears
 
-def progress_bar(total: int | None, enabled: bool, desc: str, unit: str = "ex") -> Any:
-    """A tqdm bar counting `unit`s towards `total` (None: unknown); a no-op bar when not enabled.
-    Needs tqdm only when enabled."""
+
+def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "ex", *,
+                 passes: int = 1, pass_name: str = "checkpoint") -> Any:
+    """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
+    and close().
+
+    enabled: True shows the bar, False gives a silent one, None shows it after AUTO_DELAY_S seconds
+    if tqdm is installed. passes > 1: the work goes `passes` times over `total` units (e.g. the
+    examples, once per checkpoint); update() counts over all passes as before, and the bar shows
+    the current pass ("desc checkpoint 2/3") and its units, so that it counts examples, not
+    examples x passes. tqdm is needed only when enabled is True.
+    """
+    if enabled is None:
+        enabled = importlib.util.find_spec("tqdm") is not None
+        delay = AUTO_DELAY_S
+    else:
+        delay = 0.0
     if not enabled:
         return _Silent()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=_pass_desc(desc, pass_name, 0, passes),
+               dynamic_ncols=True, delay=delay)
+    if passes == 1 or total is None:
+        return bar
+    return _Passes(bar, total, passes, desc, pass_name)
+
+
+def _pass_desc(desc: str, pass_name: str, i: int, passes: int) -> str:
+    return desc if passes == 1 else f"{desc} {pass_name} {i + 1}/{passes}"
+
+
+class _Passes:
+    """A tqdm bar over one pass of `total` units, restarted for each of `passes` passes; update()
+    takes counts over all passes (a count that crosses a pass boundary moves to the next pass)."""
+
+    def __init__(self, bar: Any, total: int, passes: int, desc: str, pass_name: str):
+        self._bar, self._total, self._passes = bar, total, passes
+        self._desc, self._pass_name = desc, pass_name
+        self._pass, self._done = 0, 0  # current pass, units done in it
+
+    def update(self, n: int = 1) -> None:
+        while n > 0:
+            step = min(n, self._total - self._done)
+            self._bar.update(step)
+            self._done += step
+            n -= step
+            if self._done == self._total and self._pass + 1 < self._passes:
+                self._pass, self._done = self._pass + 1, 0
+                self._bar.reset(total=self._total)
+                self._bar.set_description_str(_pass_desc(self._desc, self._pass_name, self._pass, self._passes))
+            elif step == 0:
+                break  # more than every pass holds: nothing left to count
+
+    def set_postfix_str(self, s: str) -> None:
+        self._bar.set_postfix_str(s)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class _Silent:

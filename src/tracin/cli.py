@@ -1,38 +1,77 @@
-"""The `tracin` command line: info, score, self-influence, bench, demo."""
+"""The `tracin` command line: info, score, self-influence, bench, demo.
+
+Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 1 (2 for usage
+errors, from argparse); output cut short by a closed pipe (`tracin info STORE | head -1`) ends
+quietly with exit code 141, as for a process killed by SIGPIPE.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 import sys
 from pathlib import Path
+from typing import IO, Any
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
   tracin info grads/train                       # what a gradient store holds
-  tracin self-influence grads/train -o ranking.csv --top 100
+  tracin self-influence grads/train --top 100   # the 100 most self-influential rows, CSV on stdout
   tracin score --test grads/test --train grads/train -k 10 --side both -o top10.npz
-  tracin bench --quick                          # kernel benchmark (from a source checkout)
+  tracin bench                                  # tracin.top_k against NumPy on this machine
 """
+
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
+EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
 
 class CommandError(Exception):
-    """A problem the user can fix; printed without a traceback, exit code 1."""
+    """A problem the user can fix; printed as one line without a traceback, exit code 1."""
 
 
-def _open_store(path: str):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' layout and appends "(default: X)" to options that have a default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+# -- stores --------------------------------------------------------------------------------------
+def _open_store(path: str, option: str, allow_partial: bool):
+    """The store at `path`; an unfinished one is an error naming --allow-partial unless allowed."""
     from .store import GradientStore
 
     if not Path(path).exists():
-        raise CommandError(f"no gradient store at {path}")
-    return GradientStore.open(path)
+        raise CommandError(f"{option}: no gradient store at {path}")
+    store = GradientStore.open(path, allow_partial=allow_partial)
+    if not store.complete and not allow_partial:
+        written = ", ".join(map(str, store.info()["rows_written"]))
+        raise CommandError(
+            f"{option}: gradient store {path} is unfinished (rows written per checkpoint: {written} of "
+            f"{store.n_rows}); finish the export, or pass --allow-partial to use the rows written so far")
+    return store
 
 
+def _ids(store) -> list | None:
+    ids = store.ids
+    return None if ids is None else ids.tolist()
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+# -- commands ------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> None:
-    from .store import GradientStore
+    from .store import describe
 
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
-    print(GradientStore.open(args.path, allow_partial=True).describe())
+    print(describe(args.path))
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -40,72 +79,72 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     import tracin
 
-    out = Path(args.output)
-    if out.suffix not in (".npz", ".csv"):
+    out = None if args.output is None else Path(args.output)
+    if out is not None and out.suffix not in (".npz", ".csv"):
         raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
-    test, train = _open_store(args.test), _open_store(args.train)
+    test = _open_store(args.test, "--test", args.allow_partial)
+    train = _open_store(args.train, "--train", args.allow_partial)
     result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads,
-                          progress=False if args.no_progress else None)
-    sides = {"proponents": result} if args.side == "proponents" else \
-        {"opponents": result} if args.side == "opponents" else result._asdict()
-    if out.suffix == ".npz":
-        arrays = {}
-        for name, r in sides.items():
-            arrays[f"{name}_values"], arrays[f"{name}_indices"] = r.values, r.indices
+                          progress=_progress(args))
+    sides = result._asdict() if args.side == "both" else {args.side: result}
+    summary = f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows"
+    if out is None:
+        _write_pairs_csv(sys.stdout, sides, _ids(test), _ids(train))
+        print(summary, file=sys.stderr)
+    elif out.suffix == ".npz":
+        arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         np.savez(out, **arrays)
+        print(f"{summary}: wrote {out}")
     else:
-        _write_pairs_csv(out, sides, test_ids=_ids(test), train_ids=_ids(train))
-    print(f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows -> {out}")
+        with open(out, "w", newline="") as f:
+            _write_pairs_csv(f, sides, _ids(test), _ids(train))
+        print(f"{summary}: wrote {out}")
 
 
-def _ids(store):
-    ids = getattr(store, "ids", None)
-    return None if ids is None else list(ids)
-
-
-def _write_pairs_csv(path: Path, sides: dict, test_ids, train_ids) -> None:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"])
-        for name, r in sides.items():
-            for t in range(r.indices.shape[0]):
-                for rank, (i, v) in enumerate(zip(r.indices[t], r.values[t]), 1):
-                    w.writerow([t, test_ids[t] if test_ids else t, name, rank, int(i),
-                                train_ids[i] if train_ids else int(i), f"{v:.8g}"])
+def _write_pairs_csv(f: IO[str], sides: dict, test_ids: list | None, train_ids: list | None) -> None:
+    """One CSV row per (test row, side, rank): the train row chosen and its influence."""
+    w = csv.writer(f)
+    w.writerow(["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"])
+    for name, r in sides.items():
+        for t in range(r.indices.shape[0]):
+            for rank, (i, v) in enumerate(zip(r.indices[t].tolist(), r.values[t].tolist(), strict=True), 1):
+                w.writerow([t, test_ids[t] if test_ids else t, name, rank, i,
+                            train_ids[i] if train_ids else i, f"{v:.8g}"])
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
-    import csv
-
     import numpy as np
 
     import tracin
 
-    store = _open_store(args.path)
-    scores = tracin.self_influence(store, num_threads=args.threads, progress=False if args.no_progress else None)
+    store = _open_store(args.path, "PATH", args.allow_partial)
+    scores = tracin.self_influence(store, num_threads=args.threads, progress=_progress(args))
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store)
-    with open(args.output, "w", newline="") as f:
+    summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
+
+    def write(f: IO[str]) -> None:
         w = csv.writer(f)
         w.writerow(["rank", "train_row", "id", "self_influence"])
-        for rank, i in enumerate(order, 1):
-            w.writerow([rank, int(i), ids[i] if ids else int(i), f"{scores[i]:.8g}"])
-    print(f"self-influence of {store.n_rows} rows, {len(order)} ranked -> {args.output}")
+        for rank, i in enumerate(order.tolist(), 1):
+            w.writerow([rank, i, ids[i] if ids else i, f"{scores[i]:.8g}"])
+
+    if args.output is None:
+        write(sys.stdout)
+        print(summary, file=sys.stderr)
+    else:
+        with open(args.output, "w", newline="") as f:
+            write(f)
+        print(f"{summary}: wrote {args.output}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    if Path("benchmarks", "kernel.py").is_file() and "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        from benchmarks.kernel import main as bench_main
-    except ImportError as e:
-        raise CommandError(
-            "the benchmark harness lives in the source checkout's benchmarks/ folder: run "
-            "`tracin bench` from the repository root (with the bench extra installed)"
-        ) from e
-    bench_main(args.bench_args)
+    from . import selfbench
+
+    base = selfbench.QUICK if args.quick else selfbench.BenchConfig()
+    sizes = {name: getattr(args, name) for name in ("m", "n", "d", "k", "repeats") if getattr(args, name) is not None}
+    config = selfbench.BenchConfig(**{**base.__dict__, **sizes, "threads": args.threads})
+    print(selfbench.report(selfbench.run(config)))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -119,6 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(config, progress=not args.no_progress)
 
 
+# -- parser --------------------------------------------------------------------------------------
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -130,69 +170,116 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="score an unfinished store's rows written so far instead of refusing it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (one appears for long runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracin", description="TracIn training-data influence: proponents, opponents, self-influence.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXAMPLES, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="describe a gradient store", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="gradient store directory")
-    p.set_defaults(func=cmd_info)
+    def command(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("score", help="top-k proponents/opponents of test rows among train rows")
+    p = command("info", "describe a gradient store", cmd_info)
+    p.add_argument("path", help="gradient store directory")
+
+    p = command("score", "top-k proponents/opponents of test rows among train rows", cmd_score)
     p.add_argument("--test", required=True, help="test gradient store")
     p.add_argument("--train", required=True, help="train gradient store")
-    p.add_argument("-k", type=positive_int, default=10, help="examples per test row (default 10)")
-    p.add_argument("--side", choices=["proponents", "opponents", "both"], default="both")
-    p.add_argument("-o", "--output", default="influence.npz", help="result file, .npz or .csv")
-    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for long runs)")
-    p.set_defaults(func=cmd_score)
+    p.add_argument("-k", type=positive_int, default=10, help="train rows per test row")
+    p.add_argument("--side", choices=["proponents", "opponents", "both"], default="proponents",
+                   help="proponents: largest influence first; opponents: most negative first")
+    p.add_argument("-o", "--output", default=None,
+                   help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv (default: CSV on stdout)")
+    _scoring_options(p)
 
-    p = sub.add_parser("self-influence", help="rank training rows by self-influence (mislabel search)")
+    p = command("self-influence", "rank training rows by self-influence (mislabel search)", cmd_self_influence)
     p.add_argument("path", help="train gradient store")
-    p.add_argument("-o", "--output", default="self_influence.csv", help="CSV ranking, highest first")
-    p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows of the ranking")
-    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one for long runs)")
-    p.set_defaults(func=cmd_self_influence)
+    p.add_argument("-o", "--output", default=None, help="CSV ranking, highest first (default: stdout)")
+    p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
+    _scoring_options(p)
 
-    p = sub.add_parser("bench", help="kernel benchmark against faiss / numpy / torch "
-                       "(its own options follow: tracin bench --help)", add_help=False)
-    p.set_defaults(func=cmd_bench)
+    p = command("bench", "time tracin.top_k against NumPy (matmul + argpartition) on generated data", cmd_bench)
+    p.epilog = "The full peer benchmark (faiss, torch, roofline) is `python -m benchmarks.kernel` in a source checkout."
+    p.add_argument("--quick", action="store_true", help="a small problem (seconds), for a smoke test")
+    for name, text in (("m", "test rows"), ("n", "train rows"), ("d", "dims per row"), ("k", "top-k per test row"),
+                       ("repeats", "timed calls of each, after a warm-up")):
+        flag = f"-{name}" if len(name) == 1 else f"--{name}"
+        p.add_argument(flag, dest=name, type=positive_int, default=None,
+                       help=f"{text} (default: {getattr(_bench_defaults(), name)}, "
+                            f"{getattr(_bench_defaults(quick=True), name)} with --quick)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)")
 
-    p = sub.add_parser("demo", help="find mislabelled digits with TracIn (needs tracin[demo])")
-    p.add_argument("--seed", type=int, default=0)
+    p = command("demo", "find mislabelled digits with TracIn (needs tracin[demo])", cmd_demo)
+    p.add_argument("--seed", type=int, default=0, help="random seed of data, noise and training")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
     p.add_argument("--checkpoints", type=positive_int, default=5, help="checkpoints saved during training")
-    p.add_argument("--epochs", type=positive_int, default=150)
+    p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "bench":
-        args.bench_args = extra  # benchmarks.kernel parses (and documents) its own options
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+def _bench_defaults(quick: bool = False) -> Any:
+    from . import selfbench
+
+    return selfbench.QUICK if quick else selfbench.BenchConfig()
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Runs the command; returns the exit code, failures reported as one line on stderr."""
+    from .store import StoreFormatError
+
+    prefix = f"tracin {args.command}: error:"
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        raise
     except CommandError as e:
-        print(f"tracin: error: {e}", file=sys.stderr)
+        print(f"{prefix} {_one_line(e)}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError, OSError) as e:
-        print(f"tracin {args.command}: error: {e}", file=sys.stderr)
+    except StoreFormatError as e:
+        print(f"{prefix} malformed gradient store: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("tracin: interrupted", file=sys.stderr)
-        return 130
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get(args.command)
+        hint = f"pip install 'tracin[{extra}]'" if extra else f"pip install the package providing {e.name}"
+        print(f"{prefix} missing module {e.name!r}: {hint}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError, MemoryError) as e:
+        print(f"{prefix} {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader went away: drop what is still buffered (so the exit flush cannot fail again).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_EXIT
+    except KeyboardInterrupt:
+        print(f"tracin {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""`tracin bench`: tracin.top_k against NumPy (matmul + argpartition) on a generated problem.
+
+A quick answer to "how fast is tracin on this machine?" that needs only NumPy. The full peer
+benchmark (faiss, torch, the bare sgemm, rooflines) is `python -m benchmarks.kernel` in a source
+checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+NUMPY_CHUNK_BYTES = 128 * 2**20  # score matrix NumPy holds at once (test rows per chunk follow from it)
+CHECKED_ROWS = 8  # test rows whose top-k is checked against float64
+TOLERANCE = 1e-5  # the numerical contract's scale-aware bound (docs/architecture.md)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A generated top-k problem: m test rows, n train rows, d dims (float32 Gaussian), k per row."""
+
+    m: int = 256
+    n: int = 100_000
+    d: int = 256
+    k: int = 10
+    threads: int | None = None  # tracin's threads (None: all cores); BLAS keeps its own default
+    repeats: int = 3
+    seed: int = 0
+
+
+QUICK = BenchConfig(m=64, n=20_000, d=64, repeats=2)
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Median seconds of each contender, and whether tracin's top-k matches float64 on CHECKED_ROWS rows."""
+
+    config: BenchConfig
+    tracin_s: float
+    numpy_s: float
+    exact: bool
+
+    @property
+    def speedup(self) -> float:
+        """NumPy time / tracin time (> 1: tracin faster)."""
+        return self.numpy_s / self.tracin_s
+
+
+def numpy_top_k(test: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Proponents with NumPy alone: test @ train.T in chunks of test rows, argpartition, then a
+    sort of the k. Returns (values float32 (m, k), indices int64 (m, k)), largest first."""
+    m, n = test.shape[0], train.shape[0]
+    k = min(k, n)
+    values, indices = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
+    rows = max(1, NUMPY_CHUNK_BYTES // (4 * max(n, 1)))
+    for a in range(0, m, rows):
+        scores = test[a:a + rows] @ train.T
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+        top = np.take_along_axis(scores, part, 1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        values[a:a + rows] = np.take_along_axis(top, order, 1)
+        indices[a:a + rows] = np.take_along_axis(part, order, 1)
+    return values, indices
+
+
+def matches_float64(test: np.ndarray, train: np.ndarray, values: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether a proponent top-k (values, indices) is right for the first CHECKED_ROWS test rows:
+    each value within TOLERANCE * |t| * |x_i| of the float64 score, and no row left out that
+    beats the k-th chosen one by more than that bound."""
+    rows = min(CHECKED_ROWS, test.shape[0])
+    q, x = test[:rows].astype(np.float64), train.astype(np.float64)
+    exact = q @ x.T
+    scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+    bound = TOLERANCE * scale
+    chosen = indices[:rows]
+    if np.any(np.abs(values[:rows] - np.take_along_axis(exact, chosen, 1)) > np.take_along_axis(bound, chosen, 1)):
+        return False
+    left_out = exact.copy()
+    np.put_along_axis(left_out, chosen, -np.inf, 1)
+    kth = np.take_along_axis(exact, chosen[:, -1:], 1)
+    return bool(np.all(left_out - kth <= 2 * bound))
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(config: BenchConfig) -> BenchResult:
+    """Generates the problem, times both contenders (warm-up, then `repeats` calls each; medians)
+    and checks tracin's result against float64."""
+    import tracin
+
+    rng = np.random.default_rng(config.seed)
+    test = rng.standard_normal((config.m, config.d), dtype=np.float32)
+    train = rng.standard_normal((config.n, config.d), dtype=np.float32)
+    ours = tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False)
+    exact = matches_float64(test, train, ours.values, ours.indices)
+    tracin_s = _median_seconds(
+        lambda: tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False), config.repeats)
+    numpy_s = _median_seconds(lambda: numpy_top_k(test, train, config.k), config.repeats)
+    return BenchResult(config, tracin_s, numpy_s, exact)
+
+
+def report(result: BenchResult) -> str:
+    """The lines `tracin bench` prints."""
+    c = result.config
+    threads = c.threads or os.cpu_count() or 1
+    return "\n".join([
+        f"top-{c.k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
+        f"tracin on {threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
+        f"  tracin.top_k                 {result.tracin_s * 1e3:10.1f} ms",
+        f"  numpy matmul + argpartition  {result.numpy_s * 1e3:10.1f} ms",
+        f"  tracin is {result.speedup:.2f}x the speed of NumPy; top-k "
+        + ("matches float64" if result.exact else "DOES NOT MATCH float64 (please report)")
+        + f" on {min(CHECKED_ROWS, c.m)} checked rows",
+        "  the full peer benchmark (faiss, torch, roofline) is `python -m benchmarks.kernel` in a source checkout",
+    ])
