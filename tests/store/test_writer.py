@@ -121,11 +121,13 @@ def test_refuses_a_directory_that_holds_other_things(tmp_path):
 
 def test_leftovers_of_an_interrupted_create_are_replaced(tmp_path):
     (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "create-in-progress").write_bytes(b"")  # the marker create() leaves first
     (tmp_path / "s" / "checkpoint_000.npy").write_bytes(b"half a header")
     (tmp_path / "s" / "manifest.json.tmp").write_bytes(b"{")
     w = tracin.GradientStore.create(tmp_path / "s", 3, [2])
     w.write(0, 0, np.ones((3, 2), np.float32))
     np.testing.assert_array_equal(read_rows(w.finalize())[0], np.ones((3, 2)))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["checkpoint_000.npy", "manifest.json"]
 
 
 def test_one_writer_at_a_time(tmp_path):

@@ -1,17 +1,16 @@
-"""The on-disk format of a gradient store (docs/format.md): manifest schema, validation, file I/O.
+"""The manifest of a gradient store (docs/format.md): schema, validation, JSON parsing. No file I/O.
 
 A store is a directory holding `manifest.json`, one .npy file per checkpoint (two, left and right,
-in factored mode) and optionally `ids.npy`. Everything here is plain NumPy + JSON.
+in factored mode) and optionally `ids.npy`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
+import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +19,26 @@ FORMAT_NAME = "tracin-gradient-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IDS_FILE = "ids.npy"
+# Present while create() builds a store: with it, files of ours in a folder without a manifest are
+# the leftovers of an interrupted create (replaced); without it, they are someone else's (refused).
+CREATING = "create-in-progress"
 # NumPy dtype each store dtype is kept as on disk (NumPy has no bfloat16: its raw uint16 bits).
 DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-# Names a store may write into its directory (used to recognise leftovers of an interrupted create).
-_OWN_FILE = re.compile(r"(checkpoint_\d+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?)")
+# Names a store may write into its directory.
+_OWN_FILE = re.compile(r"(checkpoint_\d+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress)")
+_DATA_FILE = re.compile(r"checkpoint_\d+(_left|_right)?\.npy")
+_STORE_ID = re.compile(r"[0-9a-f]{32}")
+_MAX_COUNT = 2**63 - 1  # rows and columns must fit a signed 64-bit integer
 
 Ranges = list[list[int]]  # sorted, disjoint [start, stop) row ranges
 
 
 class StoreFormatError(ValueError):
-    """A gradient store's manifest or files do not match the format (corrupt, truncated, newer)."""
+    """A gradient store's manifest or files do not match the format (corrupt, truncated, newer, hostile)."""
+
+
+class StoreChangedError(StoreFormatError):
+    """The store was re-created, replaced or truncated after this reader opened it; open it again."""
 
 
 def data_files(checkpoint: int, factored: bool) -> list[str]:
@@ -39,12 +48,19 @@ def data_files(checkpoint: int, factored: bool) -> list[str]:
 
 
 def is_own_file(name: str) -> bool:
+    """Whether a store may have written a file of this name."""
     return _OWN_FILE.fullmatch(name) is not None
+
+
+def new_store_id() -> str:
+    """A random identity for a new store (32 hex digits): a reader checks it before each chunk."""
+    return secrets.token_hex(16)
 
 
 @dataclass
 class Manifest:
-    """Everything manifest.json records. `dims` per checkpoint: (d,) full or (p, q) factored."""
+    """Everything manifest.json records. `dims` per checkpoint: (d,) full or (p, q) factored;
+    `store_id` is None only for stores written before ids were recorded."""
 
     n_rows: int
     dtype: str
@@ -57,6 +73,7 @@ class Manifest:
     written: list[Ranges]
     complete: bool = False
     files: list[list[str]] = field(default_factory=list)
+    store_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -99,9 +116,10 @@ class Manifest:
                 entry.update(dim=dims[0], file=self.files[c][0])
             entry["written"] = self.written[c]
             checkpoints.append(entry)
-        return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+        doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
+        if self.store_id is not None:
+            doc["id"] = self.store_id
+        doc.update({
             "mode": "factored" if self.factored else "full",
             "dtype": self.dtype,
             "n_rows": self.n_rows,
@@ -110,10 +128,11 @@ class Manifest:
             "ids": IDS_FILE if self.has_ids else None,
             "metadata": self.metadata,
             "complete": self.complete,
-        }
+        })
+        return doc
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> "Manifest":
+    def from_json(cls, doc: Any, where: str) -> Manifest:
         """Parses and checks a manifest document; StoreFormatError says what is wrong."""
         def fail(msg: str) -> StoreFormatError:
             return StoreFormatError(f"{where}: {msg}")
@@ -122,9 +141,9 @@ class Manifest:
             raise fail(f"not a tracin gradient store manifest (no \"format\": \"{FORMAT_NAME}\")")
         version = doc.get("version")
         if not _is_int(version) or version < 1:
-            raise fail(f"format version must be a positive integer, got {version!r}")
+            raise fail(f"format version must be a positive integer, got {_short(version)}")
         if version > FORMAT_VERSION:
-            raise fail(f"written in format version {version}, but this tracin reads versions up to "
+            raise fail(f"written in format version {_short(version)}, but this tracin reads versions up to "
                        f"{FORMAT_VERSION}; upgrade tracin to read it")
         try:
             mode, dtype, n_rows = doc["mode"], doc["dtype"], doc["n_rows"]
@@ -132,47 +151,101 @@ class Manifest:
             weights_given, metadata, ids = doc["weights_given"], doc["metadata"], doc["ids"]
         except KeyError as e:
             raise fail(f"missing key {e.args[0]!r}") from None
+        store_id = doc.get("id")
+        if store_id is not None and not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
+            raise fail(f"id must be 32 lowercase hex digits, got {_short(store_id)}")
         if mode not in ("full", "factored"):
-            raise fail(f"mode must be 'full' or 'factored', got {mode!r}")
+            raise fail(f"mode must be 'full' or 'factored', got {_short(mode)}")
         if dtype not in DISK_DTYPES:
-            raise fail(f"dtype must be one of {sorted(DISK_DTYPES)}, got {dtype!r}")
-        if not _is_int(n_rows) or n_rows < 1:
-            raise fail(f"n_rows must be a positive integer, got {n_rows!r}")
+            raise fail(f"dtype must be one of {sorted(DISK_DTYPES)}, got {_short(dtype)}")
+        if not _is_count(n_rows):
+            raise fail(f"n_rows must be a positive integer below 2**63, got {_short(n_rows)}")
+        if not isinstance(complete, bool) or not isinstance(weights_given, bool):
+            raise fail(f"complete and weights_given must be true or false, got {_short(complete)} and "
+                       f"{_short(weights_given)}")
         if not isinstance(entries, list) or not entries:
             raise fail("checkpoints must be a non-empty list")
         if not isinstance(metadata, dict) or ids not in (None, IDS_FILE):
             raise fail(f"metadata must be an object and ids null or {IDS_FILE!r}")
         factored = mode == "factored"
         dims, weights, written, files = [], [], [], []
+        used: set[str] = set()
         for c, entry in enumerate(entries):
             try:
                 d = tuple(entry["dims"]) if factored else (entry["dim"],)
                 names = [entry["left"], entry["right"]] if factored else [entry["file"]]
                 weight, ranges = entry["weight"], entry["written"]
-            except (KeyError, TypeError) as e:
-                raise fail(f"checkpoints[{c}] is malformed ({e!r})") from None
-            if len(d) != (2 if factored else 1) or not all(_is_int(x) and x >= 1 for x in d):
-                raise fail(f"checkpoints[{c}] dims must be positive integers, got {list(d)}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-                raise fail(f"checkpoints[{c}] weight must be a finite number, got {weight!r}")
-            if not all(isinstance(n, str) and is_own_file(n) and not n.startswith(("ids", "manifest"))
-                       for n in names):
-                raise fail(f"checkpoints[{c}] names unexpected data files {names}")
+            except (KeyError, TypeError, IndexError) as e:
+                raise fail(f"checkpoints[{c}] is malformed ({_short(e)})") from None
+            if len(d) != (2 if factored else 1) or not all(_is_count(x) for x in d):
+                raise fail(f"checkpoints[{c}] dims must be positive integers below 2**63, got {_short(list(d))}")
+            finite = _finite_float(weight)
+            if finite is None:
+                raise fail(f"checkpoints[{c}] weight must be a finite number, got {_short(weight)}")
+            if not all(isinstance(n, str) and _DATA_FILE.fullmatch(n) for n in names):
+                raise fail(f"checkpoints[{c}] names unexpected data files {_short(names)}")
+            if used.intersection(names) or len(set(names)) < len(names):
+                raise fail(f"checkpoints[{c}] names a data file already used: {names}")
+            used.update(names)
             _check_ranges(ranges, n_rows, fail, f"checkpoints[{c}].written")
             dims.append(d)
-            weights.append(float(weight))
+            weights.append(finite)
             written.append([list(r) for r in ranges])
             files.append(names)
         manifest = cls(n_rows=n_rows, dtype=dtype, factored=factored, dims=dims, weights=weights,
-                       weights_given=bool(weights_given), metadata=metadata, has_ids=ids is not None,
-                       written=written, complete=bool(complete), files=files)
+                       weights_given=weights_given, metadata=metadata, has_ids=ids is not None,
+                       written=written, complete=complete, files=files, store_id=store_id)
         if manifest.complete and any(manifest.missing(c) for c in range(len(dims))):
             raise fail("marked complete but some rows are not recorded as written")
         return manifest
 
 
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """The Manifest in the bytes of a manifest.json (strict JSON: no NaN or infinite numbers);
+    any malformed input is a StoreFormatError naming `where`."""
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"number {text[:40]} is beyond the float64 range")
+        return value
+
+    try:
+        doc = json.loads(data, parse_constant=no_constant, parse_float=finite)
+    except RecursionError:
+        raise StoreFormatError(f"{where}: corrupt manifest, JSON nested too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, NaN / Infinity, integers beyond Python's digit limit
+        raise StoreFormatError(f"{where}: corrupt manifest, not valid JSON ({_short(e)})") from None
+    return Manifest.from_json(doc, where)
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_count(x: Any) -> bool:
+    return _is_int(x) and 1 <= x <= _MAX_COUNT
+
+
+def _finite_float(x: Any) -> float | None:
+    """x as a finite float, or None if it is not a number or out of the float64 range."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """repr(x) cut to `limit` characters (hostile manifests can hold huge values)."""
+    if _is_int(x) and x.bit_length() > 200:
+        return f"an integer of {x.bit_length()} bits"
+    text = repr(x) if not isinstance(x, BaseException) else str(x)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_ranges(ranges: Any, n_rows: int, fail, name: str) -> None:
@@ -186,92 +259,4 @@ def _check_ranges(ranges: Any, n_rows: int, fail, name: str) -> None:
         pos = r[1]
     if not ok:
         raise fail(f"{name} must be sorted, disjoint [start, stop) ranges within [0, {n_rows}], "
-                   f"got {ranges!r}")
-
-
-# -- files ------------------------------------------------------------------------------------------
-
-def write_json_atomic(path: Path, doc: dict) -> None:
-    """Replaces `path` by `doc` atomically: write a temporary, fsync it, rename it over `path`.
-
-    Readers and a crashed writer see the old or the new document, never a mix. (The rename itself
-    becomes durable against power loss with fsync_dir; until then a crash can only lose progress.)
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def fsync_dir(path: Path) -> None:
-    """Makes renames and new files in a directory durable (a no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise FileNotFoundError(f"no gradient store at {root} (not a directory)")
-    if not path.is_file():
-        raise FileNotFoundError(f"no gradient store at {root} (no {MANIFEST})")
-    try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreFormatError(f"{path}: corrupt manifest, not valid JSON ({e})") from None
-    return Manifest.from_json(doc, str(path))
-
-
-def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> None:
-    """An .npy file of the given shape whose data is all zero bytes (sparse where the OS allows)."""
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
-        f.truncate(f.tell() + shape[0] * shape[1] * dtype.itemsize)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def npy_data_offset(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> int:
-    """Byte offset of the data in an .npy file, after checking its header and size against
-    the expected dtype and shape (StoreFormatError otherwise)."""
-    if not path.is_file():
-        raise StoreFormatError(f"{path}: data file is missing")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read is None:
-                raise ValueError(f"unsupported .npy version {version}")
-            found_shape, fortran, found_dtype = read(f)
-            offset = f.tell()
-    except (ValueError, OSError, SyntaxError) as e:
-        raise StoreFormatError(f"{path}: corrupt .npy header ({e})") from None
-    if found_dtype != dtype:
-        raise StoreFormatError(f"{path}: dtype {found_dtype} on disk, but the manifest implies {dtype}")
-    if tuple(found_shape) != shape:
-        raise StoreFormatError(f"{path}: shape {tuple(found_shape)} on disk, but the manifest "
-                               f"implies {shape}")
-    if fortran:
-        raise StoreFormatError(f"{path}: stored in Fortran order; the format requires C order")
-    expected = offset + shape[0] * shape[1] * dtype.itemsize
-    size = path.stat().st_size
-    if size < expected:
-        raise StoreFormatError(f"{path}: truncated, {size} bytes on disk but {expected} expected "
-                               f"for shape {shape} {dtype}")
-    if size > expected:
-        raise StoreFormatError(f"{path}: {size - expected} unexpected bytes after the data "
-                               f"({size} bytes on disk, {expected} expected)")
-    return offset
+                   f"got {_short(ranges)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +13,50 @@ import numpy as np
 
 from .._arrays import DTYPE_CODES
 from ..gradients import GradientSet, KernelSide
-from ._format import (
-    DISK_DTYPES,
-    FORMAT_VERSION,
-    IDS_FILE,
-    MANIFEST,
-    Manifest,
-    StoreFormatError,
-    npy_data_offset,
-    read_manifest,
-)
-from ._writer import GradientStoreWriter, create
+from ._create import create
+from ._files import open_file, read_manifest
+from ._format import DISK_DTYPES, FORMAT_VERSION, IDS_FILE, MANIFEST, Manifest, StoreChangedError, StoreFormatError
+from ._npy import check_npy, map_array, read_ids
+from ._writer import GradientStoreWriter
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _DataFile:
+    """A data file of an opened store: where its data starts, and its size and identity then."""
+
+    name: str
+    offset: int
+    size: int
+    identity: tuple[int, int]  # (st_dev, st_ino)
+
+    @classmethod
+    def inspect(cls, root: Path, name: str, dtype: np.dtype, shape: tuple[int, int]) -> _DataFile:
+        """Checks the file (a regular file, header and size as the manifest implies) and records it."""
+        path = root / name
+        try:
+            fd = open_file(path)
+        except FileNotFoundError:
+            raise StoreFormatError(f"{path}: data file is missing") from None
+        try:
+            offset = check_npy(fd, path, dtype, shape)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return cls(name, offset, st.st_size, (st.st_dev, st.st_ino))
+
+    def check_unchanged(self, fd: int, root: Path) -> None:
+        """StoreChangedError if the file open at `fd` is another file or another size than at opening."""
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise StoreChangedError(f"{root / self.name} was replaced by another file after the gradient "
+                                    "store was opened; open it again")
+        if st.st_size != self.size:
+            raise StoreChangedError(
+                f"{root / self.name} is {st.st_size} bytes now but was {self.size} when the gradient store was "
+                "opened (truncated or extended by another process); refusing to map it, since reading past "
+                "the end of a mapped file kills the process (SIGBUS)")
 
 
 class GradientStore(GradientSet):
@@ -34,13 +66,17 @@ class GradientStore(GradientSet):
     (row_chunks()), each memory-mapped for one kernel call and unmapped after, so peak memory
     stays bounded for stores larger than RAM. A store can be a view of a contiguous row range of
     the files (shard(), slicing); row indices are then relative to the view.
+
+    Before each chunk it checks that the store is still the one it opened (the manifest's store id,
+    each file's device and inode) and that no file changed size, so a store re-created or truncated
+    under a reader is an error (StoreChangedError), not stale or zero scores, nor a SIGBUS.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, offsets: list[int], start: int, stop: int,
+    def __init__(self, path: Path, manifest: Manifest, files: list[_DataFile], start: int, stop: int,
                  allow_partial: bool, chunk_bytes: int):
         self.path = path
         self._manifest = manifest
-        self._offsets = offsets  # data offset of each file, in kernel block order
+        self._files = files  # in kernel block order
         self._start, self._stop = start, stop
         self._allow_partial = allow_partial
         self._chunk_bytes = chunk_bytes
@@ -63,34 +99,36 @@ class GradientStore(GradientSet):
         "bfloat16"; metadata: JSON-serialisable provenance (layers, projection, ...); ids: one int or
         str per row. An unfinished store with the same spec is reopened (see writer.rows_done), a
         finished one gives a writer whose .complete is True; a different spec is a ValueError
-        naming what differs, unless overwrite=True, which replaces the old store.
+        naming what differs, unless overwrite=True, which replaces the old store. A folder holding
+        anything but a store's files is refused; one holding files named like a store's but no
+        manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True.
         """
         return create(path, n_rows, dims, weights, dtype, factored=factored, metadata=metadata,
-                      ids=ids, overwrite=overwrite)
+                      ids=ids, overwrite=overwrite, open_store=cls.open)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False,
-             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> "GradientStore":
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GradientStore:
         """Opens the store at `path` after checking the manifest against the files.
 
         An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
         the rows written so far for every checkpoint (a prefix). chunk_bytes: bytes of rows
-        (all checkpoints together) mapped per kernel call.
+        (all checkpoints together) mapped per kernel call. A malformed manifest or file, or a
+        symbolic link in the store, is a StoreFormatError; an OS error (e.g. permission denied)
+        is raised as the OSError it is, naming the file.
         """
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
         root = Path(path)
         m = read_manifest(root)
-        offsets = []
-        for c, names in enumerate(m.files):
-            for name, d in zip(names, m.dims[c]):
-                offsets.append(npy_data_offset(root / name, DISK_DTYPES[m.dtype], (m.n_rows, d)))
+        files = [_DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d))
+                 for c, names in enumerate(m.files) for name, d in zip(names, m.dims[c], strict=True)]
         if m.has_ids:
-            _check_ids_file(root / IDS_FILE, m.n_rows)
+            read_ids(root / IDS_FILE, m.n_rows)
         stop = m.n_rows
         if allow_partial and not m.complete:
             stop = min(m.rows_done(c) for c in range(len(m.dims)))
-        return cls(root, m, offsets, 0, stop, bool(allow_partial), int(chunk_bytes))
+        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes))
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -125,7 +163,8 @@ class GradientStore(GradientSet):
 
     def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
         """Memory-mapped (read-only) views of rows [start, stop) of this view, for one kernel call;
-        the mapping is released when the views are dropped."""
+        the mapping is released when the views are dropped. StoreChangedError if the store was
+        re-created, replaced or resized since it was opened."""
         if not (self.complete or self._allow_partial):
             done = [self._manifest.rows_done(c) for c in range(self.n_checkpoints)]
             raise ValueError(
@@ -135,24 +174,59 @@ class GradientStore(GradientSet):
         stop = self.n_rows if stop is None else stop
         if not 0 <= start <= stop <= self.n_rows:
             raise ValueError(f"row range [{start}, {stop}) is outside the store's {self.n_rows} rows")
-        m, disk = self._manifest, DISK_DTYPES[self.dtype]
+        disk = DISK_DTYPES[self.dtype]
         first, rows = self._start + start, stop - start
+        columns = [d for dims in self._manifest.dims for d in dims]
+        if rows == 0:
+            return self.factored, [np.empty((0, cols), dtype=disk) for cols in columns], \
+                [DTYPE_CODES[self.dtype]] * len(columns)
+        ahead = min(rows, self._stop - stop)  # rows the next chunk will likely read
         blocks = []
-        names = [n for names in m.files for n in names]
-        columns = [d for dims in m.dims for d in dims]
-        ahead = min(rows, self._stop - self._start - stop)  # rows the next chunk will likely read
-        for name, offset, cols in zip(names, self._offsets, columns):
-            row_bytes = cols * disk.itemsize
-            if rows == 0:
-                blocks.append(np.empty((0, cols), dtype=disk))
-                continue
-            blocks.append(np.memmap(self.path / name, dtype=disk, mode="r", shape=(rows, cols),
-                                    offset=offset + first * row_bytes))
-            _read_ahead(self.path / name, offset + first * row_bytes, (rows + ahead) * row_bytes)
+        fds = self._open_unchanged()
+        try:
+            for fd, file, cols in zip(fds, self._files, columns, strict=True):
+                at = file.offset + first * cols * disk.itemsize
+                blocks.append(map_array(fd, disk, at, (rows, cols)))
+                _read_ahead(fd, at, (rows + ahead) * cols * disk.itemsize)
+        finally:
+            for fd in fds:
+                os.close(fd)
         return self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks)
 
+    def _open_unchanged(self) -> list[int]:
+        """Read descriptors of the data files, after checking that the store is still the one
+        opened: the same store id in the manifest (checked after the files are opened, so they
+        are that store's), the same files (device, inode), the same sizes (mapping a file that
+        became shorter would kill the process with SIGBUS when the kernel reads past its end)."""
+        fds: list[int] = []
+        try:
+            for file in self._files:
+                try:
+                    fds.append(open_file(self.path / file.name))
+                except FileNotFoundError:
+                    raise StoreChangedError(f"{self.path / file.name} was removed after the gradient store "
+                                            "was opened; open it again") from None
+            self._check_same_store()
+            for fd, file in zip(fds, self._files, strict=True):
+                file.check_unchanged(fd, self.path)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def _check_same_store(self) -> None:
+        try:
+            now = read_manifest(self.path).store_id
+        except FileNotFoundError:
+            raise StoreChangedError(f"gradient store {self.path} was removed after it was opened "
+                                    f"(no {MANIFEST} now)") from None
+        if now != self._manifest.store_id:
+            raise StoreChangedError(f"gradient store {self.path} was re-created after it was opened (store "
+                                    f"id {self._manifest.store_id} then, {now} now); open it again")
+
     # -- views ----------------------------------------------------------------------------------
-    def shard(self, i: int, n: int) -> "GradientStore":
+    def shard(self, i: int, n: int) -> GradientStore:
         """The i-th of n contiguous, near-equal row ranges (rows [i*N//n, (i+1)*N//n))."""
         for name, v in (("n", n), ("i", i)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -165,12 +239,12 @@ class GradientStore(GradientSet):
         """First row of this view in the whole store (e.g. the offsets for merge_top_k)."""
         return self._start
 
-    def __getitem__(self, rows: slice) -> "GradientStore":
+    def __getitem__(self, rows: slice) -> GradientStore:
         """A view of a contiguous range of rows (step 1), e.g. store[1000:2000]."""
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("gradient stores can be sliced by contiguous row ranges only, e.g. s[10:20]")
         a, b, _ = rows.indices(self.n_rows)
-        return type(self)(self.path, self._manifest, self._offsets, self._start + a,
+        return type(self)(self.path, self._manifest, self._files, self._start + a,
                           self._start + max(a, b), self._allow_partial, self._chunk_bytes)
 
     @property
@@ -178,7 +252,9 @@ class GradientStore(GradientSet):
         """Example ids of the rows in this view (int or str, memory-mapped), or None if none were given."""
         if not self._manifest.has_ids:
             return None
-        return np.load(self.path / IDS_FILE, mmap_mode="r", allow_pickle=False)[self._start:self._stop]
+        ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
+        self._check_same_store()  # after mapping: the ids mapped are this store's (see _open_unchanged)
+        return ids[self._start:self._stop]
 
     # -- description ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -187,7 +263,7 @@ class GradientStore(GradientSet):
         files = [self.path / MANIFEST] + [self.path / n for names in m.files for n in names]
         if m.has_ids:
             files.append(self.path / IDS_FILE)
-        stats = [f.stat() for f in files]
+        stats = [os.lstat(f) for f in files]
         return {
             "path": str(self.path),
             "format_version": FORMAT_VERSION,
@@ -241,26 +317,11 @@ def describe(path: str | os.PathLike) -> str:
     return GradientStore.open(path, allow_partial=True).describe()
 
 
-def _read_ahead(path: Path, offset: int, nbytes: int) -> None:
+def _read_ahead(fd: int, offset: int, nbytes: int) -> None:
     """Asks the OS to start reading a byte range into its cache (asynchronously; a hint only), so
     disk reads overlap the kernel's work on the chunk before."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
-
-
-def _check_ids_file(path: Path, n_rows: int) -> None:
-    try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise StoreFormatError(f"{path}: unreadable ids file ({e})") from None
-    if ids.shape != (n_rows,) or ids.dtype.kind not in "iuU":
-        raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape "
-                               f"{ids.shape} dtype {ids.dtype}")
 
 
 def _human(n: float) -> str:

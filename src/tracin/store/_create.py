@@ -1,0 +1,195 @@
+"""Creating a gradient store, or reopening an unfinished one with the same spec to resume it."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..gradients import GradientSet, _weights
+from ._files import create_file, fsync_dir, read_manifest, remove_if_present, write_json_atomic
+from ._format import (
+    CREATING,
+    DISK_DTYPES,
+    IDS_FILE,
+    MANIFEST,
+    Manifest,
+    StoreFormatError,
+    is_own_file,
+    new_store_id,
+)
+from ._npy import create_npy, read_ids, write_npy
+from ._writer import DataFiles, DirectoryLock, GradientStoreWriter
+
+
+def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequence[float] | None,
+           dtype: str, *, factored: bool, metadata: dict | None, ids: Sequence | np.ndarray | None,
+           overwrite: bool, open_store: Callable[[Path], GradientSet]) -> GradientStoreWriter:
+    """See GradientStore.create; `open_store` is what the writer's finalize() returns."""
+    wanted = _wanted_manifest(n_rows, dims, weights, dtype, factored, metadata)
+    id_array = _check_ids(ids, wanted.n_rows)
+    wanted.has_ids = id_array is not None
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"path {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(root)
+    try:
+        if os.path.lexists(root / MANIFEST) and not overwrite:
+            manifest = _resumable(root, wanted, id_array)
+            files = None if manifest.complete else _resumable_files(root, manifest)
+        else:
+            _build(root, wanted, id_array, overwrite)
+            manifest = wanted
+            files = DataFiles(root, manifest)
+    except BaseException:
+        lock.release()
+        raise
+    return GradientStoreWriter(root, manifest, lock, files, open_store)
+
+
+def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool) -> None:
+    """Replaces what `root` holds by a new store. Order: the creation marker, then the old files go
+    (the manifest first), then the data files and ids come, then the manifest (from then on the store
+    exists), then the marker goes; a create killed on the way leaves files the next one replaces."""
+    names = _clearable(root, overwrite)
+    if CREATING not in names:
+        os.close(create_file(root / CREATING))
+        fsync_dir(root)
+    for n in sorted(names, key=lambda n: n != MANIFEST):
+        if n != CREATING:
+            remove_if_present(root / n)
+    fsync_dir(root)
+    for c, files in enumerate(wanted.files):
+        for name, d in zip(files, wanted.dims[c], strict=True):
+            create_npy(root / name, DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+    if ids is not None:
+        write_npy(root / IDS_FILE, ids)
+    wanted.store_id = new_store_id()
+    fsync_dir(root)
+    write_json_atomic(root / MANIFEST, wanted.to_json())
+    fsync_dir(root)
+    os.unlink(root / CREATING)
+    fsync_dir(root)
+
+
+def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any,
+                     metadata: Any) -> Manifest:
+    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 1:
+        raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}")
+    if not isinstance(factored, bool):
+        raise TypeError(f"factored must be True or False, got {factored!r}")
+    if dtype not in DISK_DTYPES:
+        raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    per = "(p_c, q_c) pair" if factored else "positive integer d_c"
+    if not isinstance(dims, Sequence) or isinstance(dims, str) or not dims:
+        raise ValueError(f"dims must be a non-empty list with one {per} per checkpoint, got {dims!r}")
+    parsed = []
+    for c, d in enumerate(dims):
+        entry = tuple(d) if factored and isinstance(d, Sequence) else (d,)
+        if len(entry) != (2 if factored else 1) or not all(
+                isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in entry):
+            raise ValueError(f"dims[{c}] must be a {per}, got {d!r}")
+        parsed.append(tuple(int(x) for x in entry))
+    w = _weights(weights, len(parsed))
+    return Manifest(n_rows=int(n_rows), dtype=dtype, factored=factored, dims=parsed,
+                    weights=[float(x) for x in w], weights_given=weights is not None,
+                    metadata=_json_metadata(metadata), has_ids=False, written=[[] for _ in parsed])
+
+
+def _json_metadata(metadata: Any) -> dict:
+    """metadata as it reads back from JSON (NumPy scalars and arrays become numbers and lists)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (np.generic, np.ndarray)):
+            return x.tolist()
+        raise TypeError(f"metadata must be JSON-serialisable; {type(x).__name__} is not")
+
+    return json.loads(json.dumps(metadata, default=plain, allow_nan=False))
+
+
+def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
+    if ids is None:
+        return None
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or arr.shape[0] != n_rows:
+        raise ValueError(f"ids must be a 1-D sequence of {n_rows} entries (one per row), got shape {arr.shape}")
+    if arr.dtype.kind not in "iuU":
+        raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}")
+    return arr
+
+
+def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None) -> Manifest:
+    """The manifest of the store already at `root`, if it was created with the same spec."""
+    try:
+        existing = read_manifest(root)
+    except StoreFormatError as e:
+        raise StoreFormatError(f"{e}; pass overwrite=True to replace it") from None
+    differs = []
+    for name, ours, theirs in (
+        ("n_rows", wanted.n_rows, existing.n_rows),
+        ("mode", "factored" if wanted.factored else "full", "factored" if existing.factored else "full"),
+        ("dtype", wanted.dtype, existing.dtype),
+        ("dims", wanted.dims, existing.dims),
+        ("weights", wanted.weights if wanted.weights_given else None,
+         existing.weights if existing.weights_given else None),
+        ("metadata", wanted.metadata, existing.metadata),
+    ):
+        if ours != theirs:
+            differs.append(f"{name} {_show(theirs)} there vs {_show(ours)} here")
+    if ids is not None or existing.has_ids:
+        stored = read_ids(root / IDS_FILE, existing.n_rows) if existing.has_ids else None
+        if stored is None or ids is None or not np.array_equal(stored, ids):
+            differs.append("ids " + ("absent" if stored is None else "given") + " there vs "
+                           + ("absent" if ids is None else "given" if stored is None else "different")
+                           + " here")
+    if differs:
+        raise ValueError(f"{root} already holds a gradient store with a different spec ("
+                         + "; ".join(differs) + "); pass overwrite=True to replace it or use another path")
+    return existing
+
+
+def _show(x: Any) -> str:
+    if isinstance(x, list) and x and isinstance(x[0], tuple):
+        x = [d[0] if len(d) == 1 else list(d) for d in x]
+    text = repr(x)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _resumable_files(root: Path, manifest: Manifest) -> DataFiles:
+    """The data files of an unfinished store, opened to resume writing; a damaged one (not an OS
+    error, which is reported as it is) says that overwrite=True starts over."""
+    try:
+        return DataFiles(root, manifest)
+    except StoreFormatError as e:
+        raise StoreFormatError(f"{e}; pass overwrite=True to replace the store") from None
+
+
+def _clearable(root: Path, overwrite: bool) -> list[str]:
+    """Names in `root`, after checking that a new store may replace them: only files a store
+    writes, and without a manifest only the leftovers of an interrupted create (marked by CREATING)
+    unless overwrite=True (they could be a user's own checkpoint_000.npy)."""
+    names = [p.name for p in root.iterdir()]
+    foreign = [n for n in names if not is_own_file(n)]
+    if foreign:
+        raise ValueError(f"{root} is not empty and not a gradient store (holds {_listing(foreign)}); "
+                         "choose an empty or new directory")
+    if names and not overwrite and CREATING not in names:
+        raise ValueError(f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin "
+                         "wrote: pass overwrite=True to replace these files, or choose an empty or new directory")
+    return names
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(sorted(names)[:5]) + (" ..." if len(names) > 5 else "")

@@ -1,0 +1,164 @@
+"""Files inside a store directory: opened without following links, OS errors naming the file.
+
+Every file a store reads or writes is opened by name with O_NOFOLLOW (a planted symbolic link is
+refused, never followed) and O_NONBLOCK (a planted FIFO cannot hang the open), then checked to be
+a regular file; new files are created with O_EXCL. A failed read or write raises the OSError that
+happened (permission denied, too many open files, disk full), with the file's path in it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ._format import MANIFEST, Manifest, StoreFormatError, parse_manifest
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a bigger one is refused unread
+
+
+@contextmanager
+def naming(path: Path, doing: str) -> Iterator[None]:
+    """Re-raises an OSError that carries no file name (pwrite, fsync, ...) with `path` in it, and
+    says "the disk is full" for ENOSPC / EDQUOT. `doing`: "writing", "reading", ..."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        reason = e.strerror or "error"
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            reason = f"the disk is full ({reason})"
+        raise type(e)(e.errno, f"{reason}, while {doing}", str(path)) from e
+
+
+def open_file(path: Path, writable: bool = False) -> int:
+    """Descriptor of the existing regular file `path`, read-only or read-write.
+
+    A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError; a missing
+    file a FileNotFoundError; any other OS error propagates (it names the file).
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            raise StoreFormatError(f"{path} is a symbolic link; a gradient store holds regular files only "
+                                   "and never follows links") from None
+        if e.errno == errno.EISDIR:
+            raise StoreFormatError(f"{path} is a directory, not a data file") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
+    return fd
+
+
+def create_file(path: Path) -> int:
+    """Write descriptor of a new empty file at `path`; FileExistsError if anything (even a link) is there."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)
+
+
+def write_all(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+    """Writes all of `data` at byte `offset` (pwrite may write less than asked: continue)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    with naming(path, "writing"):
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+
+def sync(fd: int, path: Path) -> None:
+    """fsync, naming the file on failure."""
+    with naming(path, "flushing it to disk"):
+        os.fsync(fd)
+
+
+def read_all(fd: int, limit: int, path: Path) -> bytes:
+    """The whole file open at `fd`; StoreFormatError if it is longer than `limit` bytes."""
+    parts, size = [], 0
+    with naming(path, "reading"):
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise StoreFormatError(f"{path}: larger than {limit} bytes, refused unread")
+    return b"".join(parts)
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Creates `path` (exclusively, see create_file) holding `data`, durably."""
+    fd = create_file(path)
+    try:
+        write_all(fd, data, 0, path)
+        sync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, doc: dict) -> None:
+    """Replaces `path` by `doc` atomically: write a new temporary, fsync it, rename it over `path`.
+
+    Readers and a crashed writer see the old or the new document, never a mix. (The rename itself
+    becomes durable against power loss with fsync_dir; until then a crash can only lose progress.)
+    A stale temporary (or a link planted in its place) is removed first, never written through.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    data = json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
+    remove_if_present(tmp)
+    try:
+        write_new_file(tmp, data)
+    except BaseException:
+        remove_if_present(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def remove_if_present(path: Path) -> None:
+    """Unlinks `path` (a link itself, never its target) if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_dir(path: Path) -> None:
+    """Makes renames and new files in a directory durable (a no-op where directories can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The checked manifest of the store at `root`; FileNotFoundError if there is none."""
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise FileNotFoundError(f"no gradient store at {root} (not a directory)")
+    try:
+        fd = open_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no gradient store at {root} (no {MANIFEST})") from None
+    try:
+        data = read_all(fd, MAX_MANIFEST_BYTES, path)
+    finally:
+        os.close(fd)
+    return parse_manifest(data, str(path))

@@ -1,0 +1,115 @@
+"""The .npy files of a store: headers parsed from untrusted bytes, checked, created and mapped."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._files import create_file, naming, open_file, sync, write_all
+from ._format import StoreFormatError
+
+_MAX_HEADER = 10000  # NumPy's own limit for headers it reads without allow_pickle
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def parse_header(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, data offset) from the first bytes of an .npy file (at least
+    the whole header); anything that is not a valid version 1.0 / 2.0 header is a StoreFormatError."""
+    f = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = _HEADER_READERS.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read(f, max_header_size=_MAX_HEADER)
+    # The input is bytes in memory, so every exception here means a malformed header (NumPy's parser
+    # raises ValueError, but also SyntaxError, TypeError or RecursionError from ast on hostile text).
+    except Exception as e:  # noqa: BLE001
+        raise StoreFormatError(f"{where}: corrupt .npy header ({type(e).__name__}: {str(e)[:200]})") from None
+    return dtype, tuple(shape), fortran, f.tell()
+
+
+def read_header(fd: int, path: Path) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """parse_header of the .npy file open at `fd` (OS errors name the file)."""
+    with naming(path, "reading"):
+        head = os.pread(fd, _MAX_HEADER + 16, 0)
+    return parse_header(head, str(path))
+
+
+def check_npy(fd: int, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """Byte offset of the data in the .npy file open at `fd`, after checking its header and exact
+    size against the expected dtype and C-order shape (StoreFormatError otherwise)."""
+    found_dtype, found_shape, fortran, offset = read_header(fd, path)
+    if found_dtype != dtype:
+        raise StoreFormatError(f"{path}: dtype {found_dtype} on disk, but the manifest implies {dtype}")
+    if found_shape != shape:
+        raise StoreFormatError(f"{path}: shape {found_shape} on disk, but the manifest implies {shape}")
+    if fortran:
+        raise StoreFormatError(f"{path}: stored in Fortran order; the format requires C order")
+    expected = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    with naming(path, "reading"):
+        size = os.fstat(fd).st_size
+    if size < expected:
+        raise StoreFormatError(f"{path}: truncated, {size} bytes on disk but {expected} expected "
+                               f"for shape {shape} {dtype}")
+    if size > expected:
+        raise StoreFormatError(f"{path}: {size - expected} unexpected bytes after the data "
+                               f"({size} bytes on disk, {expected} expected)")
+    return offset
+
+
+def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> None:
+    """A new .npy file of the given shape whose data is all zero bytes (sparse where the OS allows)."""
+    header = _header_bytes(dtype, shape)
+    fd = create_file(path)
+    try:
+        write_all(fd, header, 0, path)
+        with naming(path, "setting its size"):
+            os.ftruncate(fd, len(header) + shape[0] * shape[1] * dtype.itemsize)
+        sync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    """A new .npy file holding `array` (no object dtype), durably; a full disk names the file."""
+    array = np.ascontiguousarray(array)
+    header = _header_bytes(array.dtype, array.shape)
+    fd = create_file(path)
+    try:
+        write_all(fd, header, 0, path)
+        write_all(fd, array.reshape(-1).view(np.uint8), len(header), path)
+        sync(fd, path)
+    finally:
+        os.close(fd)
+
+
+def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.memmap:
+    """A read-only memory map of `shape` from byte `offset` of the file open at `fd`; the map keeps
+    its own reference to the file, so `fd` may be closed after."""
+    with open(fd, "rb", closefd=False) as f:
+        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
+def read_ids(path: Path, n_rows: int) -> np.memmap:
+    """The ids file of a store, memory-mapped (never through a link): n_rows integers or strings;
+    StoreFormatError if it is anything else."""
+    fd = open_file(path)
+    try:
+        dtype, shape, _, _ = read_header(fd, path)
+        if shape != (n_rows,) or dtype.kind not in "iuU":
+            raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape "
+                                   f"{shape} dtype {dtype}")
+        return map_array(fd, dtype, check_npy(fd, path, dtype, shape), shape)
+    finally:
+        os.close(fd)
