@@ -5,35 +5,43 @@ No timing assertions: speed is measured by the benchmark itself, not in tests.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss")
-pytest.importorskip("torch")
-pytest.importorskip("matplotlib")
-
-from benchmarks import cases, kernel, report  # noqa: E402
-from benchmarks.exactness import check_top_k  # noqa: E402
-from benchmarks.roofline import bound  # noqa: E402
+from benchmarks import cases, kernel, report, roofline
+from benchmarks.exactness import check_top_k
+from benchmarks.roofline import bound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    readme = out / "README.md"
+    """A --quick run with the default output folder (which must not be in the checkout)."""
+    for module in kernel.BENCH_EXTRA:
+        pytest.importorskip(module)
+    readme = tmp_path_factory.mktemp("readme") / "README.md"
     readme.write_text("# project\n\nintro\n")
-    code = kernel.main(["--quick", "--repeats", "2", "--warmup", "0", "--threads", "2",
-                        "--out", str(out), "--readme", str(readme)])
-    return code, out, readme, json.loads((out / "kernel_quick.json").read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = kernel.main(["--quick", "--repeats", "2", "--warmup", "0", "--threads", "2", "--readme", str(readme)])
+    out = Path(re.search(r"^wrote (\S+kernel_quick\.json) and ", printed.getvalue(), re.MULTILINE)[1]).parent
+    yield code, out, readme, json.loads((out / "kernel_quick.json").read_text()), printed.getvalue()
+    shutil.rmtree(out)
 
 
 def test_quick_run_writes_well_formed_json(quick_run):
-    code, _, _, payload = quick_run
+    code, _, _, payload, _ = quick_run
     assert code == 0
     for key in ("benchmark", "machine", "versions", "environment", "config", "limits", "cases", "goals", "plots"):
         assert key in payload
@@ -81,7 +89,7 @@ def test_quick_run_covers_every_peer_and_goal(quick_run):
 
 
 def test_quick_run_writes_png_plots(quick_run):
-    _, out, _, payload = quick_run
+    _, out, _, payload, _ = quick_run
     assert sorted(payload["plots"]) == sorted(f"kernel_quick_{k}.png" for k in ("speedups", "k", "threads", "n",
                                                                                   "roofline"))
     for name in payload["plots"]:
@@ -90,7 +98,7 @@ def test_quick_run_writes_png_plots(quick_run):
 
 
 def test_quick_run_writes_readme_table(quick_run):
-    _, _, readme, payload = quick_run
+    _, _, readme, payload, _ = quick_run
     text = readme.read_text()
     assert text.startswith("# project\n\nintro\n")
     assert text.count(report.START) == 1 and text.count(report.END) == 1
@@ -111,6 +119,63 @@ def test_update_readme_replaces_only_between_markers(quick_run, tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith(f"{report.END}\nafter\n")
     assert "old numbers" not in text and text.count(report.START) == 1
+
+
+def test_quick_run_leaves_nothing_in_the_checkout(quick_run):
+    out = quick_run[1]
+    assert not out.resolve().is_relative_to(CHECKOUT)
+    assert not list((CHECKOUT / "benchmarks" / "results").glob("kernel_quick*"))
+
+
+def test_quick_goal_table_is_no_verdict(quick_run):
+    payload, printed = quick_run[3], quick_run[4]
+    goal_table = printed.split("| Goal |")[1].split("\n\n")[0]
+    assert "Met at toy sizes (no verdict)" in goal_table and "**no**" not in goal_table
+    assert "goals are judged only by a full run" in printed
+    full = report.markdown({**payload, "config": {**payload["config"], "quick": False}})
+    assert "| Met |" in full and "no verdict" not in full
+
+
+def test_missing_bench_extra_is_one_line_naming_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
+    assert kernel.main(["--quick"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'tracin[bench]'" in err and "faiss" in err
+
+
+def test_help_has_no_internal_references(capsys):
+    with pytest.raises(SystemExit):
+        kernel.main(["--help"])
+    assert not re.search(r"\bissue\s*#?\d", capsys.readouterr().out, re.IGNORECASE)
+
+
+def test_peak_is_measured_at_each_thread_count_not_copied(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    from threadpoolctl import threadpool_info
+
+    seconds = {1: 0.010, 2: 0.020}  # a machine where 2 BLAS threads are slower than 1
+    now = [0.0]
+
+    def matmul(a, b, out=None):  # takes the time of the BLAS thread count in force
+        (threads,) = {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+        now[0] += seconds[threads]
+
+    monkeypatch.setattr(roofline.np, "matmul", matmul)
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(roofline, "read_bandwidth_gbs", lambda threads, nbytes, repeats: 10.0 * threads)
+    limits = roofline.machine_limits([1, 2], quick=True)
+    size = roofline.QUICK[0]
+    expected = {str(t): 2.0 * size**3 / s / 1e9 for t, s in seconds.items()}
+    assert limits["peak_sgemm_gflops"] == pytest.approx(expected)
+    assert limits["read_bandwidth_gbs"] == {"1": 10.0, "2": 20.0}
+
+
+def test_rooflines_raise_a_peak_only_from_its_own_thread_count():
+    limits = {"peak_sgemm_gflops": {"1": 50.0, "2": 90.0}, "read_bandwidth_gbs": {"1": 10.0, "2": 15.0}}
+    sgemm = {"peer": "sgemm", "threads": 1, "flops": 1e9, "bytes": 1e6, "times_s": [0.01, 0.02], "median_s": 0.015}
+    record = {"contenders": {"sgemm t=1": sgemm}}
+    kernel.attach_rooflines([record], limits)
+    assert limits["peak_sgemm_gflops"] == {"1": pytest.approx(100.0), "2": 90.0}
 
 
 def test_bad_cases_option_is_a_usage_error():
