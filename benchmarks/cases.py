@@ -1,4 +1,4 @@
-"""The benchmark cases of issue 3: data, contenders (tracin and its peers) and exactness checks.
+"""The kernel benchmark cases: data, contenders (tracin and its peers) and exactness checks.
 
 Each builder yields Case objects holding closures over their data; the runner (benchmarks/kernel.py)
 times the contenders of one case interleaved, then checks the results. Data is random Gaussian

@@ -13,6 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Pause between timed calls of the full kernel run and between end-to-end repeats: OpenMP and BLAS
+# worker threads of the previous call stop spinning and its freed memory settles. time_interleaved's
+# default (0.25 s) serves the benchmarks whose calls run for seconds.
+SETTLE_S = 1.0
 
 
 def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 5,

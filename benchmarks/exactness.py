@@ -1,7 +1,7 @@
 """Is a top-k result right? Checked in float64 against a reference result, forgiving only ties.
 
 Two results for a row agree when they select the same train rows, or when their exact (float64)
-scores, sorted, agree within the float32 contract of DESIGN.md (so they differ only by which of
+scores, sorted, agree within the float32 contract of docs/architecture.md (so they differ only by which of
 (nearly) equally scored rows they kept). Anything else is a wrong row: a fast but wrong kernel
 cannot pass.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-RELATIVE_TOLERANCE = 1e-5  # DESIGN.md: |ours - exact| <= 1e-5 * |g(t)| * |g(i)| for float32
+RELATIVE_TOLERANCE = 1e-5  # docs/architecture.md: |ours - exact| <= 1e-5 * |g(t)| * |g(i)| for float32
 _GATHER_ELEMENTS = 1 << 22  # float64 elements gathered per row block (32 MiB)
 
 

@@ -23,15 +23,12 @@ from pathlib import Path
 
 from . import cases as case_defs
 from . import roofline
-from .common import RESULTS_DIR, machine_info, time_interleaved, write_json
+from .common import RESULTS_DIR, SETTLE_S, machine_info, time_interleaved, write_json
 from .exactness import check_top_k
 from .peers import thread_limits
 
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 BENCH_EXTRA = ("faiss", "torch", "matplotlib", "threadpoolctl")  # modules of pip install 'tracin[bench]'
-# Pause before each timed call of a full run: OpenMP/BLAS worker threads of the previous contender
-# stop spinning and its freed memory settles; --quick runs do not pause.
-PAUSE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
         for case in case_defs.GROUPS[group](sizes, data, threads):
             log(f"case {case.name}: {case.title}")
             with thread_limits(threads):
-                    record = run_case(case, repeats, warmup, pause_s=0.0 if quick else PAUSE_S)
+                    record = run_case(case, repeats, warmup, pause_s=0.0 if quick else SETTLE_S)
             record["group"] = group
             records.append(record)
             for name, c in record["contenders"].items():
@@ -188,7 +185,7 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
     return {
         "machine": machine_info(),
         "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
-                   "pause_between_calls_s": 0.0 if quick else PAUSE_S,
+                   "pause_between_calls_s": 0.0 if quick else SETTLE_S,
                    "sizes": sizes.__dict__},
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},

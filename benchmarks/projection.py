@@ -1,7 +1,7 @@
 """Random projection: speed against torch's matmul with an explicit Gaussian matrix, and top-k
 recall of projected against exact influence on a real model's per-example gradients.
 
-    PYTHONPATH=src python benchmarks/projection.py            # the issue's sizes
+    PYTHONPATH=src python benchmarks/projection.py            # the recorded sizes (results/projection.json)
     PYTHONPATH=src python benchmarks/projection.py --quick    # a smoke run
 
 Speed: project n gradients of d dims to `dim` dims (default 1000 x 200 000 -> 2048). The peer

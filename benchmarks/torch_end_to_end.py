@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import peak_rss_of, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import SETTLE_S, peak_rss_of, time_interleaved, write_json  # noqa: E402
 
 LRS = (0.2, 0.05, 0.01)
 K = 10
@@ -135,7 +135,7 @@ def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
         for name, a, b in zip(stages, marks, marks[1:]):
             stages[name].append(b - a)
         del g_train, g_test
-        time.sleep(1.0)
+        time.sleep(SETTLE_S)
     return {name: float(np.median(t)) for name, t in stages.items()}
 
 
