@@ -40,16 +40,17 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, clien
     shards, num_threads, progress = _options(shards, num_threads, progress,
                                              test_set.n_rows * train_set.n_rows * _width(train_set))
     names = _tasks.SIDE_NAMES[side]
+    rows = _cut_rows(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, f"top_k ({side})"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
-            rows, other = StoreRows.of(train_set), _sent(job, test_set)
+            other = _sent(job, test_set)
             parts = [job.submit(_tasks.top_k_part, other, rows.rows(a, b), k, side, a, num_threads, slots,
                                 label=str(rows.rows(a, b)))
                      for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
             found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
         else:
-            rows, other = _store_rows(test_set, "test or train"), _sent(job, train_set)
+            other = _sent(job, train_set)
             parts = [job.submit(_tasks.top_k_part, rows.rows(a, b), other, k, side, 0, num_threads, slots,
                                 label=str(rows.rows(a, b)))
                      for a, b in shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards)]
@@ -83,16 +84,17 @@ def aggregate(test: Any, train: Any, *, client: Any = None, shards: int | None =
     test_set, train_set, _ = _pair(test, train)
     macs = (test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows)
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
+    rows = _cut_rows(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, "aggregate"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
-            rows, other = StoreRows.of(train_set), _sent(job, test_set)
+            other = _sent(job, test_set)
             parts = [job.submit(_tasks.aggregate_part, other, rows.rows(a, b), num_threads, slots,
                                 label=str(rows.rows(a, b)))
                      for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
             total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
         else:
-            rows, other = _store_rows(test_set, "test or train"), _sent(job, train_set)
+            other = _sent(job, train_set)
             ranges = shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards,
                                   align=test_set.row_chunks())
             parts = [job.submit(_tasks.aggregate_part, rows.rows(a, b), other, num_threads, slots,
@@ -114,10 +116,14 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
 
 def _store_rows(s: GradientSet, name: str) -> StoreRows:
     if not isinstance(s, GradientStore):
-        raise TypeError(f"{name} must be a GradientStore (or a path to one): tasks open their shard of "
-                        f"it by path; for in-memory gradient sets use tracin's own functions, got "
-                        f"{type(s).__name__}")
+        raise TypeError(f"{name} must be a GradientStore (or a path to one), got {type(s).__name__}: tasks "
+                        "open their shard of it by path; for in-memory gradient sets use tracin's own functions")
     return StoreRows.of(s)
+
+
+def _cut_rows(test: GradientSet, train: GradientSet) -> StoreRows:
+    """The rows to cut into shards: the train side if it is a store, else the test side."""
+    return StoreRows.of(train) if isinstance(train, GradientStore) else _store_rows(test, "test or train")
 
 
 def _sent(job: Job, s: GradientSet) -> Any:

@@ -50,7 +50,7 @@ class Job:
         its workers as a RuntimeError naming its shard. Cancels what is left either way."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard")
         try:
-            for done in as_completed(shards):
+            for done in as_completed(shards, loop=self.client.loop):
                 if done.status == "error":
                     done.result()
                 bar.update(1)

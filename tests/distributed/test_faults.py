@@ -1,0 +1,95 @@
+"""Faults during a distributed job on a real LocalCluster: a worker killed, a shard file missing or corrupt."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import tracin
+import tracin.distributed as td
+from tracin.distributed._run import Job
+from tracin.store import StoreFormatError
+
+from .conftest import ALLOWED_FAILURES, write_store
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A store whose distributed top_k takes a few seconds on two single-threaded workers."""
+    rng = np.random.default_rng(3)
+    train = [rng.standard_normal((24000, 256)).astype(np.float32)]
+    test = tracin.Gradients(rng.standard_normal((600, 256)).astype(np.float32))
+    return {"store": write_store(tmp_path_factory.mktemp("slow") / "store", train, None), "test": test}
+
+
+def test_worker_killed_mid_top_k(client, slow):
+    expected = tracin.top_k(slow["test"], slow["store"], 25, "both")
+    pids = client.run(os.getpid)
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(found=td.top_k(slow["test"], slow["store"], 25, "both",
+                                                                    client=client, shards=12)))
+    job.start()
+    victim = None
+    for _ in range(2000):  # wait for a shard task to be running, then kill its worker
+        busy = [w for w, keys in client.processing().items() if any("top_k_part" in str(k) for k in keys)]
+        if busy:
+            victim = busy[0]
+            break
+        time.sleep(0.005)
+    assert victim is not None and job.is_alive()
+    os.kill(pids[victim], signal.SIGKILL)
+    job.join(timeout=120)
+    assert not job.is_alive()
+    assert victim not in client.scheduler_info()["workers"]  # the killed worker is gone
+    for f, e in zip(out["found"], expected, strict=True):
+        np.testing.assert_array_equal(f.values, e.values)
+        np.testing.assert_array_equal(f.indices, e.indices)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it: leave the cluster as found
+
+
+def _copy(store: tracin.GradientStore, path) -> tracin.GradientStore:
+    shutil.copytree(store.path, path)
+    return tracin.GradientStore.open(path)
+
+
+def test_missing_shard_file_is_named(client, tied, tmp_path):
+    store = _copy(tied["store"], tmp_path / "s")  # opened while complete, as by a user before the loss
+    lost = store.path / "checkpoint_001.npy"
+    lost.unlink()
+    with pytest.raises(StoreFormatError, match=f"{lost}: data file is missing"):
+        td.top_k(tied["test"], store, 3, client=client, shards=4)
+    with pytest.raises(StoreFormatError, match=str(lost)):  # by path: found on the client already
+        td.self_influence(str(store.path), client=client)
+
+
+def test_corrupt_shard_file_is_named(client, tied, tmp_path):
+    store = _copy(tied["store"], tmp_path / "s")
+    bad = store.path / "checkpoint_000.npy"
+    with open(bad, "r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(StoreFormatError, match=f"{bad}: corrupt .npy header"):
+        td.aggregate(tied["test"], store, client=client, shards=4)
+    _copy(tied["store"], tmp_path / "t")
+    truncated = tmp_path / "t" / "checkpoint_001.npy"
+    store = tracin.GradientStore.open(tmp_path / "t")
+    os.truncate(truncated, truncated.stat().st_size - 12)
+    with pytest.raises(StoreFormatError, match=str(truncated)):
+        td.top_k(tied["test"], store, 3, client=client, shards=4)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_task_that_keeps_killing_workers_is_named(client):
+    job = Job(client, "test")
+    doomed = job.submit(_die, label="rows [0, 10) of /some/store")
+    with pytest.raises(RuntimeError, match=rf"rows \[0, 10\) of /some/store .* died {ALLOWED_FAILURES + 1} times"):
+        job.wait([doomed], progress=False)
+    client.wait_for_workers(2, timeout=60)

@@ -1,0 +1,65 @@
+"""Bad arguments: clear errors naming the argument, raised before any cluster is started."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+import tracin.distributed as td
+from tracin.distributed._shards import shard_ranges
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"k": 0}, ValueError, "k must be a positive integer"),
+    ({"side": "best"}, ValueError, "side must be"),
+    ({"shards": 0}, ValueError, "shards must be a positive integer"),
+    ({"shards": 2.5}, TypeError, "shards must be a positive integer"),
+    ({"num_threads": -1}, ValueError, "num_threads must be a positive integer"),
+    ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
+    ({"client": "tcp://127.0.0.1:8786"}, TypeError, "client must be a distributed.Client"),
+])
+def test_bad_options(tied, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        td.top_k(tied["test"], tied["store"], **kwargs)
+
+
+def test_in_memory_sides_are_refused(tied):
+    train = tracin.Gradients([np.asarray(m) for m in tied["train"]], [0.5, 2.0])
+    with pytest.raises(TypeError, match="test or train must be a GradientStore"):
+        td.top_k(tied["test"], train)
+    with pytest.raises(TypeError, match="train must be a GradientStore"):
+        td.self_influence(train)
+    with pytest.raises(TypeError, match="test or train must be a GradientStore"):
+        td.aggregate(tied["test"], train)
+
+
+def test_mismatched_sides_are_refused_as_on_one_machine(tied):
+    with pytest.raises(ValueError, match="checkpoints"):
+        td.top_k(tracin.Gradients(tied["test_arrays"][0]), tied["store"])
+
+
+def test_missing_store_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"train: no gradient store at {tmp_path / 'nowhere'}"):
+        td.self_influence(tmp_path / "nowhere")
+
+
+def test_shard_ranges_cover_the_rows_in_near_equal_parts():
+    ranges = shard_ranges(1003, 40, slots=2, shards=7)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1003 and len(ranges) == 7
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert {b - a for a, b in ranges} <= {143, 144}
+
+
+def test_shard_ranges_by_bytes():
+    mib = 2**20
+    assert len(shard_ranges(10, mib, slots=4, shards=None)) == 3  # 10 MiB: no shard under 4 MiB
+    assert len(shard_ranges(1000, mib, slots=4, shards=None)) == 16  # 4 per slot, each under 256 MiB
+    assert len(shard_ranges(4096, mib, slots=2, shards=None)) == 16  # 4 GiB: 256 MiB each at most
+    assert shard_ranges(3, mib, slots=4, shards=10) == [(0, 1), (1, 2), (2, 3)]  # one row each at most
+
+
+def test_shard_ranges_aligned_to_chunks():
+    ranges = shard_ranges(40, 8, slots=1, shards=3, align=7)
+    assert ranges == [(0, 14), (14, 28), (28, 40)]
+    assert all(a % 7 == 0 for a, _ in ranges)

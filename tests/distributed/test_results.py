@@ -1,0 +1,98 @@
+"""Distributed results against float64 NumPy references and, bit for bit, the single-machine functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+import tracin.distributed as td
+
+from .conftest import exact_top_k
+
+
+def _same(a: tracin.TopK, b: tracin.TopK) -> None:
+    assert a.values.dtype == b.values.dtype == np.float32 and a.indices.dtype == b.indices.dtype == np.int64
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def _check_exact(found: tracin.TopK, scores: np.ndarray, k: int, side: str) -> None:
+    """Against the float64 reference; the tied store's scores are exact in float32."""
+    values, indices = exact_top_k(scores, k, side)
+    np.testing.assert_array_equal(found.indices, indices)
+    np.testing.assert_array_equal(found.values, values.astype(np.float32))
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents", "both"])
+@pytest.mark.parametrize("k", [5, 150, 1500])  # within a shard, larger than a shard (100 rows), larger than n
+def test_top_k_ties_match_reference_and_one_machine(client, tied, side, k):
+    found = td.top_k(tied["test"], tied["store"], k, side, client=client, shards=10)
+    local = tracin.top_k(tied["test"], tied["store"], k, side)
+    assert len(np.unique(tied["scores"][0])) < 100  # many ties among 1000 scores
+    for name, f, one in zip(["proponents", "opponents"] if side == "both" else [side],
+                          found if side == "both" else [found], local if side == "both" else [local], strict=True):
+        _check_exact(f, tied["scores"], min(k, 1000), name)
+        _same(f, one)
+
+
+def test_default_shards_and_a_path(client, tied):
+    expected = tracin.top_k(tied["test"], tied["store"], 7, "both")
+    for train in (tied["store"], str(tied["store"].path)):
+        found = td.top_k(tied["test"], train, 7, "both", client=client)
+        _same(found.proponents, expected.proponents)
+        _same(found.opponents, expected.opponents)
+
+
+def test_store_view_indices_are_relative_to_the_view(client, tied):
+    view = tied["store"][137:912]
+    found = td.top_k(tied["test"], view, 12, "opponents", client=client, shards=4)
+    _check_exact(found, tied["scores"][:, 137:912], 12, "opponents")
+
+
+def _within_bound(found: tracin.TopK, data: dict, test_rows: slice = slice(None)) -> None:
+    """Values equal the exact scores of the returned indices, within the scale-aware bound."""
+    scale = sum(abs(w) * np.linalg.norm(t[test_rows], axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+                for w, t, x in zip(data["weights"], data["test"], data["train"], strict=True))
+    exact = np.take_along_axis(data["scores"][test_rows], found.indices, 1)
+    bound = 1e-5 * np.take_along_axis(scale, found.indices, 1)
+    assert np.all(np.abs(found.values - exact) <= bound)
+
+
+def test_both_sides_stores(client, floats):
+    found = td.top_k(floats["test_store"], floats["store"], 20, "both", client=client, shards=6)
+    local = tracin.top_k(floats["test_store"], floats["store"], 20, "both")
+    for f, one, name in zip(found, local, ["proponents", "opponents"], strict=True):
+        _same(f, one)
+        _within_bound(f, floats)
+        kth = exact_top_k(floats["scores"], 20, name)[0][:, -1]
+        assert np.allclose(f.values[:, -1], kth, rtol=0, atol=1e-4)
+
+
+def test_test_side_store_with_train_in_memory(client, floats):
+    train = tracin.Gradients([m[:500] for m in floats["train"]], floats["weights"])
+    found = td.top_k(floats["test_store"], train, 9, client=client, shards=3)
+    _same(found, tracin.top_k(floats["test_store"], train, 9))
+    np.testing.assert_array_equal(found.indices, exact_top_k(floats["scores"][:, :500], 9, "proponents")[1])
+
+
+def test_self_influence(client, floats):
+    found = td.self_influence(floats["store"], client=client, shards=5)
+    np.testing.assert_array_equal(found, tracin.self_influence(floats["store"]))
+    exact = sum(w * np.sum(x.astype(np.float64) ** 2, axis=1) for w, x in zip(floats["weights"], floats["train"],
+                                                                               strict=True))
+    np.testing.assert_allclose(found, exact, rtol=1e-5)
+
+
+def test_aggregate_over_train_shards(client, floats):
+    found = td.aggregate(floats["test_store"], floats["store"], client=client, shards=7)
+    assert found.dtype == np.float32
+    np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], floats["store"]))
+    np.testing.assert_allclose(found, floats["scores"].sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_aggregate_over_test_shards_adds_float64_partials_in_order(client, floats):
+    train = tracin.Gradients([m[:300] for m in floats["train"]], floats["weights"])
+    found = td.aggregate(floats["test_store"], train, client=client, shards=3)  # 40 rows in chunks of 7
+    np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
+    np.testing.assert_allclose(found, floats["scores"][:, :300].sum(0), rtol=1e-4, atol=1e-4)
