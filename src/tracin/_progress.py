@@ -22,7 +22,7 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
     if tqdm is installed. passes > 1: the work goes `passes` times over `total` units (e.g. the
     examples, once per checkpoint); update() counts over all passes as before, and the bar shows
     the current pass ("desc checkpoint 2/3") and its units, so that it counts examples, not
-    examples x passes. tqdm is needed only when enabled is True.
+    examples x passes (with total None, one plain bar). tqdm is needed only when enabled is True.
     """
     if enabled is None:
         enabled = importlib.util.find_spec("tqdm") is not None
@@ -33,15 +33,14 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
         return _Silent()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=_pass_desc(desc, pass_name, 0, passes),
+    plain = passes == 1 or total is None  # one pass, or passes of unknown length
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc if plain else _pass_desc(desc, pass_name, 0, passes),
                dynamic_ncols=True, delay=delay)
-    if passes == 1 or total is None:
-        return bar
-    return _Passes(bar, total, passes, desc, pass_name)
+    return bar if plain else _Passes(bar, total, passes, desc, pass_name)
 
 
 def _pass_desc(desc: str, pass_name: str, i: int, passes: int) -> str:
-    return desc if passes == 1 else f"{desc} {pass_name} {i + 1}/{passes}"
+    return f"{desc} {pass_name} {i + 1}/{passes}"
 
 
 class _Passes:
