@@ -1,0 +1,91 @@
+"""Type stub of tracin._core, the pybind11 module over the C++ kernel (csrc/python/bindings.cpp).
+
+Internal: use the functions of the tracin package. A side is (factored, blocks, dtype codes):
+full gradients one (rows, d_c) block per checkpoint, factored ones (left_0, right_0, left_1, ...);
+blocks are 2-D buffers with contiguous rows (float32, or uint16 bits with code 1 float16 /
+2 bfloat16). Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about
+0.1 s. Errors: ValueError (bad input, NaN / Inf, float32 overflow), MemoryError, RuntimeError.
+isa: "auto", "generic", "avx2" or "avx512"; a set the CPU lacks runs as resolve_isa(isa).
+"""
+
+from collections.abc import Sequence
+from typing import SupportsFloat, SupportsIndex
+
+import numpy as np
+import numpy.typing as npt
+from typing_extensions import Buffer
+
+Side = tuple[bool, Sequence[Buffer], Sequence[SupportsIndex]]
+
+def scores(
+    test: Side,
+    train: Side,
+    weights: Sequence[SupportsFloat],
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+) -> npt.NDArray[np.float32]:
+    """Dense scores, float32 (test rows, train rows)."""
+
+def top_k(
+    test: Side,
+    train: Side,
+    weights: Sequence[SupportsFloat],
+    k: SupportsIndex,
+    side: SupportsIndex,
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """(proponent values, proponent indices, opponent values, opponent indices), each (m, k);
+    side 0 proponents, 1 opponents, 2 both; a side not asked for is (0, k). k <= train rows."""
+
+def self_influence(
+    train: Side,
+    weights: Sequence[SupportsFloat],
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+) -> npt.NDArray[np.float32]:
+    """float32 (train rows,): sum_c w_c |g_c(i)|^2."""
+
+def aggregate(
+    test: Side,
+    train: Side,
+    weights: Sequence[SupportsFloat],
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+) -> npt.NDArray[np.float64]:
+    """float64 (train rows,): influence of each train row summed over the test rows."""
+
+def project(
+    kind: SupportsIndex,
+    seed: SupportsIndex,
+    stream: SupportsIndex,
+    dim: SupportsIndex,
+    nonzeros: SupportsIndex,
+    pieces: Side,
+    column_offset: SupportsIndex,
+    out: Buffer,
+    *,
+    num_threads: SupportsIndex = 0,
+    isa: str = "auto",
+) -> None:
+    """Writes into out, a writable float32 (rows, dim) buffer with contiguous rows, the random
+    projection of the column-wise concatenation of pieces (not factored) whose first column is
+    column column_offset of the matrix; kind 0 rademacher, 1 gaussian, 2 sparse."""
+
+def detect_isa() -> str:
+    """The instruction set the kernel uses on this CPU: "avx512", "avx2" or "generic"."""
+
+def resolve_isa(isa: str) -> str:
+    """The instruction set a call with isa=... runs with on this CPU."""

@@ -1,0 +1,178 @@
+"""tracin._core itself: the instruction set a call runs with, Ctrl-C during a long call, the
+packed test copy's memory bound, and the type stub against the module."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import assert_close_to_exact
+from tracin import _core
+
+# The CPU features (as NumPy names them) each instruction set of the kernel needs.
+ISA_FEATURES = {
+    "generic": (),
+    "avx2": ("AVX2", "FMA3", "F16C"),
+    "avx512": ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "FMA3"),
+}
+
+
+def missing_cpu_features(isa: str) -> list[str]:
+    """The features `isa` needs that this CPU lacks, by NumPy's own detection (not the kernel's)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # NumPy < 2
+        from numpy.core._multiarray_umath import __cpu_features__
+    return [f for f in ISA_FEATURES[isa] if not __cpu_features__.get(f, False)]
+
+
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_every_instruction_set_is_exact(rng, isa):
+    missing = missing_cpu_features(isa)
+    if missing:
+        used = _core.resolve_isa(isa)
+        assert used != isa and not missing_cpu_features(used), f"{isa} without {missing} runs as {used}"
+        pytest.skip(f"this CPU lacks {', '.join(missing)}, needed by {isa}")
+    assert _core.resolve_isa(isa) == isa
+    test = [rng.standard_normal((19, d), dtype=np.float32) for d in (300, 5)]
+    train = [rng.standard_normal((130, d), dtype=np.float32) for d in (300, 5)]
+    w = [1.0, -0.5]
+    got = _core.scores(tracin.Gradients(test).kernel_side(), tracin.Gradients(train).kernel_side(), w, isa=isa)
+    assert_close_to_exact(got, test, train, w)
+
+
+def test_auto_resolves_to_the_detected_instruction_set():
+    assert _core.resolve_isa("auto") == _core.detect_isa() == tracin.detect_isa()
+    assert not missing_cpu_features(_core.detect_isa())
+
+
+def test_unknown_instruction_set_is_refused():
+    with pytest.raises(ValueError, match="isa must be one of 'auto', 'generic', 'avx2', 'avx512', got 'sse'"):
+        _core.resolve_isa("sse")
+
+
+# About 1e12 multiply-adds: over ten seconds on two cores.
+LONG_TOP_K = """
+import os, sys, time
+import numpy as np
+import tracin
+rng = np.random.default_rng(0)
+test = rng.standard_normal((40_000, 256), dtype=np.float32)
+train = rng.standard_normal((100_000, 256), dtype=np.float32)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+print("started", flush=True)
+start = time.perf_counter()
+try:
+    tracin.top_k(test, train, k=10, side="both", num_threads=2, progress=False)
+except KeyboardInterrupt:
+    print("interrupted", time.perf_counter() - start, threads() - before, flush=True)
+    raise
+print("finished", time.perf_counter() - start, flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_ctrl_c_interrupts_a_long_top_k():
+    child = subprocess.Popen([sys.executable, "-c", LONG_TOP_K], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "started", child.stderr.read()
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        sent = time.perf_counter()
+        out, err = child.communicate(timeout=30)
+        ended = time.perf_counter() - sent
+    finally:
+        child.kill()
+    assert "interrupted" in out, f"top_k was not interrupted: {out!r} {err[-2000:]!r}"
+    _, seconds, extra_threads = out.split()
+    assert "KeyboardInterrupt" in err and child.returncode != 0
+    assert ended < 3.0, f"the process ended {ended:.1f} s after Ctrl-C"
+    assert float(seconds) < 5.0
+    assert int(extra_threads) == 0, "kernel threads outlived the interrupted call"
+
+
+def test_signal_handler_raising_during_a_call_interrupts_it(rng):
+    # About 5e10 multiply-adds (a second or more); the handler's exception must end the call
+    # early, not wait for it to return, and leave the next call exact.
+    test = rng.standard_normal((4000, 256), dtype=np.float32)
+    train = rng.standard_normal((50_000, 256), dtype=np.float32)
+
+    def handler(signum, frame):
+        raise TimeoutError("alarm")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        start = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(TimeoutError, match="alarm"):
+            tracin.top_k(test, train, k=3, num_threads=2, progress=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert elapsed < 0.5, f"the call ended {elapsed:.2f} s after it started"
+    small = train[:500]
+    got = tracin.top_k(test[:4], small, k=3, progress=False)
+    exact = test[:4].astype(np.float64) @ small.T.astype(np.float64)
+    np.testing.assert_array_equal(got.indices, np.argsort(-exact, axis=1, kind="stable")[:, :3])
+
+
+# 16 test rows of 2,000,000 columns (8 MB each): the 64 MiB budget allows 8 rows per pass.
+WIDE_ROWS = """
+import resource, numpy as np, tracin
+rng = np.random.default_rng(0)
+test = rng.random((16, 2_000_000), dtype=np.float32)
+train = rng.random((8, 2_000_000), dtype=np.float32)
+test -= 0.5  # in place: a temporary would raise the peak before the call
+train -= 0.5
+tracin.top_k(test[:1, :64], train[:, :64], k=2)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = tracin.top_k(test, train, k=2, num_threads=2, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+exact = sum(test[:, a:a + 100_000].astype(np.float64) @ train[:, a:a + 100_000].T.astype(np.float64)
+            for a in range(0, 2_000_000, 100_000))
+assert np.array_equal(result.indices[:, 0], np.argmax(exact, axis=1))
+print((after - before) / 1024)
+"""
+
+
+def test_packed_copy_of_wide_rows_stays_within_64_mib():
+    out = subprocess.run([sys.executable, "-c", WIDE_ROWS], capture_output=True, text=True, check=True)
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    # 16 rows in one pass would pack 122 MiB; 8 rows pack 61 MiB, plus tiles and heaps.
+    assert growth_mib < 70, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
+
+
+def stub_functions() -> dict[str, list[str]]:
+    """Parameter names of every function in src/tracin/_core.pyi."""
+    stub = ast.parse((Path(tracin.__file__).parent / "_core.pyi").read_text())
+    return {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs]
+            for f in stub.body if isinstance(f, ast.FunctionDef)}
+
+
+def module_functions() -> dict[str, list[str]]:
+    """Parameter names of every function of the compiled module, from pybind11's signatures."""
+    functions = {}
+    for name, fn in inspect.getmembers(_core, callable):
+        if name.startswith("_"):
+            continue
+        signature = fn.__doc__.strip().splitlines()[0]
+        params = signature[len(name) + 1: signature.rindex(") ->")]
+        functions[name] = re.findall(r"(?:^|, )(\w+):", params)
+    return functions
+
+
+def test_stub_matches_the_module():
+    assert stub_functions() == module_functions()
