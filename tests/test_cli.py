@@ -201,6 +201,12 @@ def test_broken_pipe_ends_quietly(stores):
     assert (done.returncode, done.stderr) == (141, "")
 
 
+def test_demo_framework_not_installed_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "jax", None)  # as if JAX were not installed
+    assert main(["demo", "--framework", "jax", "--no-progress", "-o", str(tmp_path / "out")]) == 1
+    assert "pip install 'tracin[jax]'" in _error_line(capsys.readouterr().err, "demo")
+
+
 # -- help ----------------------------------------------------------------------------------------
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()

@@ -154,7 +154,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]' ({e})") from e
     training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
-    config = DemoConfig(noise=args.noise, seed=args.seed, output=Path(args.output), training=training)
+    config = DemoConfig(noise=args.noise, seed=args.seed, output=Path(args.output), training=training,
+                        framework=args.framework)
     run_demo(config, progress=not args.no_progress)
 
 
@@ -220,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)")
 
     p = command("demo", "find mislabelled digits with TracIn (needs tracin[demo])", cmd_demo)
+    p.add_argument("--framework", choices=["numpy", "jax", "torch"], default="numpy",
+                   help="what trains the model and computes its gradients (numpy needs no extra)")
     p.add_argument("--seed", type=int, default=0, help="random seed of data, noise and training")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
     p.add_argument("--checkpoints", type=positive_int, default=5, help="checkpoints saved during training")
