@@ -50,22 +50,24 @@ class JaxMLP:
 def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
           on_epoch: Callable[[int], None]) -> JaxMLP:
     """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
+    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 
     @jax.jit
-    def step(params, velocity, x, y, lr):
-        grads = jax.grad(_mean_loss)(params, x, y)
-        return sgd_momentum(params, velocity, grads, lr, config.momentum)
+    def epoch_steps(params, velocity, epoch_batches, lr):
+        """One epoch, compiled whole (one call per epoch instead of one per batch)."""
+        for rows in epoch_batches:
+            grads = jax.grad(_mean_loss)(params, x[rows], y[rows])
+            params, velocity = sgd_momentum(params, velocity, grads, lr, config.momentum)
+        return params, velocity
 
     params = {k: jnp.asarray(v) for k, v in init_params(data.x_train.shape[1], config.hidden, 10, config.seed).items()}
     velocity = {k: jnp.zeros_like(v) for k, v in params.items()}
-    x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     save_at = config.checkpoint_epochs()
     directory.mkdir(parents=True, exist_ok=True)
     checkpoints = []
-    for epoch, epoch_batches in batches(config, len(x)):
+    for epoch, epoch_batches in batches(config, len(data.x_train)):
         lr = config.learning_rate_at(epoch)
-        for rows in epoch_batches:
-            params, velocity = step(params, velocity, x[rows], y[rows], jnp.float32(lr))
+        params, velocity = epoch_steps(params, velocity, epoch_batches, jnp.float32(lr))
         if epoch in save_at:
             path = directory / f"checkpoint_{epoch + 1:04d}.npz"
             np.savez(path, **{k: np.asarray(v) for k, v in params.items()})

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..store import GradientStore
 from .data import NoisyDigits
@@ -46,7 +47,13 @@ class NumpyMLP:
 
 def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
           on_epoch: Callable[[int], None]) -> NumpyMLP:
-    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
+    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz. BLAS runs on
+    one thread: on these small matrices more threads only wait for each other."""
+    with threadpool_limits(1):
+        return _train(data, config, directory, on_epoch)
+
+
+def _train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> NumpyMLP:
     params = init_params(data.x_train.shape[1], config.hidden, 10, config.seed)
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     save_at = config.checkpoint_epochs()
