@@ -208,7 +208,7 @@ def checkpoints(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
     weights = [0.1 * (c - i) for i in range(c)]
     qs = [data.matrix(m, d, f"ckpt-test-{i}") for i in range(c)]
     xs = [data.matrix(n, d, f"ckpt-{i}") for i in range(c)]
-    q_folded = np.hstack([np.float32(w) * qc for w, qc in zip(weights, qs)])
+    q_folded = np.hstack([np.float32(w) * qc for w, qc in zip(weights, qs, strict=True)])
     x_folded = np.hstack(xs)
     many = (tracin.Gradients(qs), tracin.Gradients(xs, weights))
     flops, nbytes = _one_sided(m, n, c * d, k)
@@ -246,8 +246,8 @@ def factored(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
         right = data.matrix(rows, q, f"right-{tag}").copy()
         right[:, -1] = 1.0  # the bias input
         sides.append((left, right))
-    test_f, train_f = (tracin.FactoredGradients(l, r) for l, r in sides)
-    test_full, train_full = (_materialise(l, r) for l, r in sides)
+    test_f, train_f = (tracin.FactoredGradients(left, right) for left, right in sides)
+    test_full, train_full = (_materialise(left, right) for left, right in sides)
     index = peers.faiss_index(train_full)
     full = _one_sided(m, n, p * q, k)
     fact = (2.0 * m * n * (p + q) + m * n, n * (p + q) * F32 + m * (p + q) * F32 + m * k * 12.0)

@@ -55,7 +55,7 @@ def peak_rss_of(code: str, timeout: float = 1800) -> tuple[float, float]:
     )
     out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
                          timeout=timeout, check=True).stdout
-    line = next(l for l in out.splitlines() if l.startswith("__BENCH__"))
+    line = next(s for s in out.splitlines() if s.startswith("__BENCH__"))
     _, rss, wall = line.split()
     return float(rss), float(wall)
 
@@ -78,7 +78,7 @@ def machine_info() -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            info["cpu_model"] = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
     except (OSError, StopIteration):
         pass
     try:

@@ -107,7 +107,7 @@ def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict
         for dim in dims:
             proj = tracin.Projection(dim, 0, kind)
             got = tracin.top_k(tracin.Gradients(proj.apply(test)), tracin.Gradients(proj.apply(train)), k=k)
-            hits = [len(set(a) & set(b)) / k for a, b in zip(got.indices, exact_top)]
+            hits = [len(set(a) & set(b)) / k for a, b in zip(got.indices, exact_top, strict=True)]
             table[kind][dim] = float(np.mean(hits))
     return table
 

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         times = time_interleaved(contenders, repeats=args.repeats)
         a, b = contenders["ram"](), contenders["store_warm"]()
         identical = all(np.array_equal(x.values, y.values) and np.array_equal(x.indices, y.indices)
-                        for x, y in zip(a, b))
+                        for x, y in zip(a, b, strict=True))
         in_ram.clear()
         rss_store, _ = peak_rss(root / "store", root / "test.npz", False, args.k)
         rss_ram, _ = peak_rss(root / "store", root / "test.npz", True, args.k)

@@ -132,7 +132,7 @@ def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
         marks.append(time.perf_counter())
         tracin.self_influence(g_train)
         marks.append(time.perf_counter())
-        for name, a, b in zip(stages, marks, marks[1:]):
+        for name, a, b in zip(stages, marks[:-1], marks[1:], strict=True):
             stages[name].append(b - a)
         del g_train, g_test
         time.sleep(SETTLE_S)
@@ -218,7 +218,7 @@ def agreement(ours: dict, theirs: dict) -> dict:
         (ia, va), (ib, vb) = ours[side], theirs[side]
         scale = float(np.abs(vb).max())
         out[side] = {"same_indices_fraction": float(np.mean(ia == ib)),
-                     "same_sets_fraction": float(np.mean([set(a) == set(b) for a, b in zip(ia, ib)])),
+                     "same_sets_fraction": float(np.mean([set(a) == set(b) for a, b in zip(ia, ib, strict=True)])),
                      "max_abs_value_diff_over_scale": float(np.abs(va - vb).max() / scale)}
     sa, sb = ours["self"], theirs["self"]
     out["self_max_abs_diff_over_scale"] = float(np.abs(sa - sb).max() / np.abs(sb).max())
