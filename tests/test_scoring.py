@@ -346,14 +346,14 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
 
 
 def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
-    from tracin.scoring import _MIN_PIECE_ROWS, _Progress
+    from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 
     train = tracin.Gradients(random_set(rng, 3 * _MIN_PIECE_ROWS + 5, [2]))
-    with _Progress(True, 0, train, 1, "t") as run:
+    with _Loop(None, train, True, 0, "t") as run:
         pieces = run.pieces
     assert len(pieces) == 4 and pieces[0] == (0, _MIN_PIECE_ROWS) and pieces[-1][1] == train.n_rows
     assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
-    with _Progress(False, 0, train, 1, "t") as run:
+    with _Loop(None, train, False, 0, "t") as run:
         assert run.pieces == [(0, train.n_rows)]
 
 

@@ -4,7 +4,7 @@ influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>
 """
 
 from ._core import detect_isa
-from .gradients import FactoredGradients, GradientSet, Gradients
+from .gradients import FactoredGradients, Gradients, GradientSet
 from .projection import Projection
 from .scoring import BothSides, TopK, aggregate, merge_top_k, scores, self_influence, top_k
 from .store import GradientStore

@@ -27,8 +27,9 @@ def _from_torch(x: Any, name: str) -> tuple[np.ndarray, str]:
 def as_matrix(x: Any, name: str) -> tuple[np.ndarray, str]:
     """(view, dtype name) for a 2-D floating array; bfloat16 comes back as its uint16 bits.
 
-    No data is copied unless the rows themselves are not contiguous, in which case a contiguous
-    copy is made (the kernel reads each row as one run).
+    No data is copied when each row is one contiguous run and rows do not overlap; otherwise
+    (column-strided, reversed, broadcast or sliding-window views) a C-contiguous copy is made,
+    since the kernel reads each row as one run at a row stride of at least the row length.
     """
     if type(x).__module__.startswith("torch"):
         arr, dtype = _from_torch(x, name)
@@ -44,6 +45,15 @@ def as_matrix(x: Any, name: str) -> tuple[np.ndarray, str]:
             )
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows, dims), got shape {arr.shape}")
-    if arr.shape[1] > 1 and arr.strides[1] != arr.itemsize or arr.strides[0] < 0:
+    if not _rows_are_runs(arr):
         arr = np.ascontiguousarray(arr)
     return arr, dtype
+
+
+def _rows_are_runs(arr: np.ndarray) -> bool:
+    """Whether every row of a 2-D array is one contiguous run, rows in order and not overlapping."""
+    rows, cols = arr.shape
+    row_stride, col_stride = arr.strides
+    if cols > 1 and col_stride != arr.itemsize:
+        return False
+    return rows < 2 or (row_stride >= cols * arr.itemsize and row_stride % arr.itemsize == 0)

@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._arrays import DTYPE_CODES, as_matrix
 
-KernelSide = tuple[bool, list[np.ndarray], list[int]]
+
+class KernelSide(NamedTuple):
+    """Rows of one gradient set as a scoring backend takes them.
+
+    factored: blocks alternate left (n, p_c) and right (n, q_c) per checkpoint, else one (n, d_c)
+    block per checkpoint. blocks: 2-D arrays with contiguous rows and a row stride of at least the
+    row length (bfloat16 as uint16 bits). dtypes: per block its code in DTYPE_CODES.
+    A plain (factored, blocks, dtypes) tuple is accepted wherever a KernelSide is.
+    """
+
+    factored: bool
+    blocks: list[np.ndarray]
+    dtypes: list[int]
 
 
 def _as_list(x: Any, name: str) -> list[Any]:
@@ -84,13 +96,13 @@ class _InMemory(GradientSet):
 
     def _init_blocks(self, arrays: list[Any], names: list[str]) -> None:
         self._blocks, self._dtypes = [], []
-        for arr, name in zip(arrays, names):
+        for arr, name in zip(arrays, names, strict=True):
             view, dtype = as_matrix(arr, name)
             self._blocks.append(view)
             self._dtypes.append(dtype)
         rows = {b.shape[0] for b in self._blocks}
         if len(rows) != 1:
-            detail = ", ".join(f"{n}: {b.shape[0]}" for n, b in zip(names, self._blocks))
+            detail = ", ".join(f"{n}: {b.shape[0]}" for n, b in zip(names, self._blocks, strict=True))
             raise ValueError(f"every checkpoint must have the same number of rows ({detail})")
 
     @property
@@ -103,7 +115,7 @@ class _InMemory(GradientSet):
 
     def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
         blocks = [b[start:stop] for b in self._blocks]
-        return self.factored, blocks, [DTYPE_CODES[d] for d in self._dtypes]
+        return KernelSide(self.factored, blocks, [DTYPE_CODES[d] for d in self._dtypes])
 
     def _sliced(self, rows: slice):
         clone = object.__new__(type(self))
@@ -167,8 +179,8 @@ class FactoredGradients(_InMemory):
         if len(lefts) != len(rights):
             raise ValueError(f"left has {len(lefts)} checkpoints but right has {len(rights)}")
         arrays, names = [], []
-        for c, (l, r) in enumerate(zip(lefts, rights)):
-            arrays += [l, r]
+        for c, (lf, rt) in enumerate(zip(lefts, rights, strict=True)):
+            arrays += [lf, rt]
             names += [f"left[{c}]", f"right[{c}]"]
         self._init_blocks(arrays, names)
         self.weights = _weights(weights, len(lefts))
@@ -185,4 +197,4 @@ class FactoredGradients(_InMemory):
 
     @property
     def dims(self) -> tuple[tuple[int, int], ...]:
-        return tuple((l.shape[1], r.shape[1]) for l, r in zip(self.left, self.right))
+        return tuple((lf.shape[1], rt.shape[1]) for lf, rt in zip(self.left, self.right, strict=True))

@@ -1,36 +1,25 @@
-"""The public scoring functions: validation, then the C++ kernel (tracin._core)."""
+"""The public scoring functions: validation, then one generic loop over (test chunk x train piece)
+that hands each pair to a scoring backend (tracin.backends; "cpu" is the C++ kernel)."""
 
 from __future__ import annotations
 
 import importlib.util
 import numbers
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _core
+from . import backends
 from ._progress import progress_bar
+from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
+from ._tunables import BAR_STEPS as _BAR_STEPS
+from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._validate import positive_int, thread_count
-from .gradients import GradientSet, Gradients
+from .backends import Backend, BothSides, TopK
+from .gradients import Gradients, GradientSet, KernelSide
 
-_SIDES = {"proponents": 0, "opponents": 1, "both": 2}
-_AUTO_PROGRESS_MACS = 5e11  # progress=None shows a bar above this many multiply-adds (seconds of work)
-_BAR_STEPS = 100  # with a bar, the train side is scored in about this many pieces...
-_MIN_PIECE_ROWS = 4096  # ...of at least this many rows
-
-
-class TopK(NamedTuple):
-    """values float32 (m, k) and indices int64 (m, k) into the train rows, best first per row."""
-
-    values: np.ndarray
-    indices: np.ndarray
-
-
-class BothSides(NamedTuple):
-    """Proponents (largest first) and opponents (most negative first) from one pass."""
-
-    proponents: TopK
-    opponents: TopK
+_SIDES = ("proponents", "opponents", "both")
 
 
 def as_gradient_set(x: Any, name: str) -> GradientSet:
@@ -101,27 +90,60 @@ def _width(s: GradientSet) -> int:
     return int(sum(np.sum(d) for d in s.dims))
 
 
-class _Progress:
-    """The train-side row ranges to score one kernel call each, and the tqdm bar they advance.
+def _check_side(side: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(side, str) or side not in allowed:
+        choices = " or ".join([", ".join(map(repr, allowed[:-1])), repr(allowed[-1])])
+        raise (ValueError if isinstance(side, str) else TypeError)(f"side must be {choices}, got {side!r}")
 
-    progress: True, False, or None (a bar when tqdm is installed and the work exceeds
-    _AUTO_PROGRESS_MACS multiply-adds). With a bar, the train side is cut into up to _BAR_STEPS
-    pieces per store chunk so that the bar moves; results do not depend on the cut.
+
+def _backend() -> Backend:
+    """The backend that scores this call (the C++ kernel; a device= argument will choose it)."""
+    return backends.get("cpu")
+
+
+class _Pair(NamedTuple):
+    """One step of the generic loop: test rows [test_rows] against train rows [train_rows], each side
+    as a backend takes it (test None for self-influence)."""
+
+    test_rows: slice
+    test: KernelSide | None
+    train_rows: slice
+    train: KernelSide
+
+
+class _Loop:
+    """The generic loop over (test chunk x train piece), and the tqdm bar over train rows it advances.
+
+    Test chunks and train pieces follow each set's row_chunks() (a store maps that many rows per
+    call). progress: True, False, or None (a bar when tqdm is installed and the work exceeds
+    _AUTO_PROGRESS_MACS multiply-adds). With a bar and `split`, each train chunk is cut into up to
+    _BAR_STEPS pieces of at least _MIN_PIECE_ROWS rows so that the bar moves; results do not
+    depend on the cut. test None: train pieces only (self-influence).
     """
 
-    def __init__(self, progress: Any, macs: float, train: GradientSet, passes: int, desc: str,
+    def __init__(self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str,
                  split: bool = True):
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
         if progress is None:
             progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+        self.test, self.train = test, train
+        self.test_chunks = [(0, 0)] if test is None else _chunks(test)
         self.pieces = _chunks(train)
         if progress and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // _BAR_STEPS))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
-        self.bar = progress_bar(passes * train.n_rows, progress, desc, unit="row")
+        self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
 
-    def __enter__(self) -> _Progress:
+    def pairs(self) -> Iterator[_Pair]:
+        """Every (test chunk, train piece), test chunks outer; the bar advances once a pair is used."""
+        for t0, t1 in self.test_chunks:
+            test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
+            for i0, i1 in self.pieces:
+                yield _Pair(slice(t0, t1), test, slice(i0, i1), KernelSide._make(self.train.kernel_side(i0, i1)))
+                self.bar.update(i1 - i0)
+
+    def __enter__(self) -> _Loop:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -136,15 +158,11 @@ def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: b
     """
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
+    backend = _backend()
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
-    test_chunks = _chunks(test)
-    with _Progress(progress, test.n_rows * train.n_rows * _width(train), train, len(test_chunks),
-                   "tracin scores") as run:
-        for t0, t1 in test_chunks:
-            t_side = test.kernel_side(t0, t1)
-            for i0, i1 in run.pieces:
-                out[t0:t1, i0:i1] = _core.scores(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
-                run.bar.update(i1 - i0)
+    with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), "tracin scores") as loop:
+        for p in loop.pairs():
+            out[p.test_rows, p.train_rows] = backend.scores(p.test, p.train, w, num_threads=threads)
     return out
 
 
@@ -159,32 +177,37 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
-    if side not in _SIDES:
-        raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
+    _check_side(side, _SIDES)
     threads = thread_count(num_threads)
-    code = _SIDES[side]
-    per_test_chunk = []
-    test_chunks = _chunks(test)
-    with _Progress(progress, test.n_rows * train.n_rows * _width(train), train, len(test_chunks),
-                   f"tracin top_k ({side})") as run:
-        for t0, t1 in test_chunks:
-            t_side = test.kernel_side(t0, t1)
-            best: list[TopK | None] = [None, None]  # running (proponents, opponents), global indices
-            for i0, i1 in run.pieces:
-                pv, pi, ov, oi = _core.top_k(t_side, train.kernel_side(i0, i1), w, min(k, i1 - i0), code,
-                                             num_threads=threads)
-                for s, (part, name) in enumerate(((TopK(pv, pi), "proponents"), (TopK(ov, oi), "opponents"))):
-                    best[s] = part._replace(indices=part.indices + i0) if best[s] is None else \
-                        merge_top_k([best[s], part], [0, i0], k=k, side=name)
-                run.bar.update(i1 - i0)
-            per_test_chunk.append(best)
-    prop, opp = (TopK(*(np.concatenate([b[s][f] for b in per_test_chunk]) for f in (0, 1)))
-                 for s in (0, 1))
+    backend = _backend()
+    best: dict[int, list[TopK | None]] = {}  # per test chunk: running (proponents, opponents), global indices
+    with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), f"tracin top_k ({side})") as loop:
+        for p in loop.pairs():
+            i0 = p.train_rows.start
+            parts = backend.top_k(p.test, p.train, w, min(k, p.train_rows.stop - i0), side, num_threads=threads)
+            running = best.setdefault(p.test_rows.start, [None, None])
+            for s, (part, name) in enumerate(zip(parts, ("proponents", "opponents"), strict=True)):
+                if part is None:
+                    continue
+                part = part._replace(indices=part.indices + i0)
+                running[s] = part if running[s] is None else _select(
+                    np.concatenate([running[s].values, part.values], axis=1),
+                    np.concatenate([running[s].indices, part.indices], axis=1), k, name)
+    prop, opp = (TopK(*(np.concatenate([b[s][f] for b in best.values()]) for f in (0, 1)))
+                 if side in (name, "both") else None for s, name in enumerate(("proponents", "opponents")))
     if side == "proponents":
         return prop
     if side == "opponents":
         return opp
     return BothSides(prop, opp)
+
+
+def _select(values: np.ndarray, indices: np.ndarray, width: int, side: str) -> TopK:
+    """The best `width` columns per row of (m, w) candidates: by score, ties to the smaller index."""
+    key = -values if side == "proponents" else values
+    # lexsort: last key is primary; stable order by (score, global index).
+    order = np.lexsort((indices, key), axis=1)[:, :width]
+    return TopK(np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1))
 
 
 def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None,
@@ -193,16 +216,19 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
     each shard. k defaults to the widest input. Exactly equal to top_k on the unsharded data,
-    ties included (smaller global index first).
+    ties included (smaller global index first). A train row present twice (the same shard given
+    twice, or overlapping shards) is refused.
     """
-    if side not in ("proponents", "opponents"):
-        raise ValueError(f"side must be 'proponents' or 'opponents', got {side!r}")
+    _check_side(side, ("proponents", "opponents"))
+    for name, value in (("results", results), ("offsets", offsets)):
+        if isinstance(value, (str, bytes, TopK)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{name} must be a sequence (one entry per shard), got {type(value).__name__}")
     results, offsets = list(results), list(offsets)
     if len(results) != len(offsets):
         raise ValueError(f"results has {len(results)} entries but offsets has {len(offsets)}")
     if not results:
         raise ValueError("results must hold at least one TopK")
-    for i, (r, o) in enumerate(zip(results, offsets)):
+    for i, (r, o) in enumerate(zip(results, offsets, strict=True)):
         if not isinstance(r, TopK):
             raise TypeError(f"results[{i}] must be a TopK (values, indices), got {type(r).__name__}"
                             + (" (pass .proponents or .opponents)" if isinstance(r, BothSides) else ""))
@@ -216,12 +242,20 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
     values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     indices = np.concatenate(
-        [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets)], axis=1)
-    width = values.shape[1] if k is None else min(positive_int(k, "k"), values.shape[1])
-    key = -values if side == "proponents" else values
-    # lexsort: last key is primary; stable order by (score, global index).
-    order = np.lexsort((indices, key), axis=1)[:, :width]
-    return TopK(np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1))
+        [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1)
+    _refuse_repeated_rows(indices)
+    width = max(r.values.shape[1] for r in results) if k is None else positive_int(k, "k")
+    return _select(values, indices, width, side)
+
+
+def _refuse_repeated_rows(indices: np.ndarray) -> None:
+    """ValueError if a row of (m, w) global train indices names a train row twice."""
+    ordered = np.sort(indices, axis=1)
+    repeated = np.argwhere(ordered[:, 1:] == ordered[:, :-1])
+    if repeated.size:
+        row, col = repeated[0]
+        raise ValueError(f"results name train row {ordered[row, col]} more than once (test row {row}); "
+                         "give each shard once, at offsets whose row ranges do not overlap")
 
 
 def self_influence(train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
@@ -232,30 +266,34 @@ def self_influence(train: Any, *, num_threads: int | None = None, progress: bool
     """
     train = as_gradient_set(train, "train")
     threads = thread_count(num_threads)
+    backend = _backend()
     w = train.weights.tolist()
-    out = []
-    with _Progress(progress, train.n_rows * _width(train), train, 1, "tracin self_influence") as run:
-        for a, b in run.pieces:
-            out.append(_core.self_influence(train.kernel_side(a, b), w, num_threads=threads))
-            run.bar.update(b - a)
-    return np.concatenate(out)
+    out = np.empty(train.n_rows, dtype=np.float32)
+    with _Loop(None, train, progress, train.n_rows * _width(train), "tracin self_influence") as loop:
+        for p in loop.pairs():
+            out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads)
+    return out
 
 
 def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
-    (group influence, for data selection). Summed in float64 whatever the chunking.
+    (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
+    float32's range is a ValueError, as in the other scoring functions.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed)."""
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
-    total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the kernel
-    test_chunks = _chunks(test)
+    backend = _backend()
+    total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the backend
     # Full gradients: one column sum of the test side per call plus a product per train row, so
     # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
-    with _Progress(progress, macs, train, len(test_chunks), "tracin aggregate", split=train.factored) as run:
-        for t0, t1 in test_chunks:
-            t_side = test.kernel_side(t0, t1)
-            for i0, i1 in run.pieces:
-                total[i0:i1] += _core.aggregate(t_side, train.kernel_side(i0, i1), w, num_threads=threads)
-                run.bar.update(i1 - i0)
-    return total.astype(np.float32)
+    with _Loop(test, train, progress, macs, "tracin aggregate", split=train.factored) as loop:
+        for p in loop.pairs():
+            total[p.train_rows] += backend.aggregate(p.test, p.train, w, num_threads=threads)
+    with np.errstate(over="ignore"):
+        out = total.astype(np.float32)
+    overflowed = np.flatnonzero(~np.isfinite(out))
+    if overflowed.size:
+        raise ValueError(f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
+                         "although every input is finite; rescale the gradients (or the learning-rate weights)")
+    return out

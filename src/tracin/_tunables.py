@@ -1,0 +1,32 @@
+"""Tunable constants of the scoring loop, each documented here once with the evidence for it.
+
+Figures quoted are from the 2-core AMD EPYC benchmark machine (benchmarks/results/*.json).
+The C++ kernel's own constants (tile sizes, packing budgets) are documented in csrc/.
+"""
+
+AUTO_PROGRESS_MACS = 5e11
+"""progress=None shows a bar once a call does at least this many multiply-adds.
+
+benchmarks/results/kernel.json, case "top10": 5.12e10 multiply-adds in 0.51 s (202 GFLOP/s, about
+1e11 multiply-adds/s on 2 threads), so the threshold is about 5 s of kernel time there; calls
+below it finish before a bar would be read.
+"""
+
+BAR_STEPS = 100
+"""With a bar, the train side is scored in about this many pieces (one kernel call each), so the
+bar moves in steps of about 1%. Results do not depend on the cut (tests/test_scoring.py)."""
+
+MIN_PIECE_ROWS = 4096
+"""...but no piece is smaller than this many train rows: each kernel call packs the test side
+again and has a fixed cost. benchmarks/results/kernel.json, group "n" (top-10, m=256, d=128):
+70 GFLOP/s at n=10,000 against 189 at n=1,000,000, so small calls lose up to two thirds of the
+speed. The piece size itself has not been benchmarked; this floor only applies when a bar is shown,
+that is to calls of at least AUTO_PROGRESS_MACS.
+"""
+
+STORE_CHUNK_BYTES = 256 * 2**20
+"""Default bytes of train rows a GradientStore maps for one kernel call (GradientStore.open's
+chunk_bytes). benchmarks/results/store.json and store_4gib.json (64 test rows, both sides, top-10,
+float16 rows of 2 x 4096): scoring the store from disk takes 1.02x (1 GiB, warm) to 1.30x (4 GiB,
+cold) the in-memory time, with a peak RSS of 293 MiB against 1057 / 4129 MiB in memory.
+"""

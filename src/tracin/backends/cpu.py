@@ -1,0 +1,36 @@
+"""The CPU backend: the C++ kernel tracin._core (blocked tiles, its own threads, GIL released)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .. import _core
+from ..gradients import KernelSide
+from .base import TopK
+
+_SIDE_CODES = {"proponents": 0, "opponents": 1, "both": 2}  # csrc/include/tracin/tracin.hpp: Side
+
+
+class CpuBackend:
+    """Scores row-major float32 / float16 / bfloat16 blocks in place, without copies."""
+
+    name = "cpu"
+
+    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *,
+               num_threads: int) -> np.ndarray:
+        return _core.scores(test, train, weights, num_threads=num_threads)
+
+    def top_k(self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *,
+              num_threads: int) -> tuple[TopK | None, TopK | None]:
+        pv, pi, ov, oi = _core.top_k(test, train, weights, k, _SIDE_CODES[side], num_threads=num_threads)
+        return (TopK(pv, pi) if side != "opponents" else None,
+                TopK(ov, oi) if side != "proponents" else None)
+
+    def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+        return _core.self_influence(train, weights, num_threads=num_threads)
+
+    def aggregate(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *,
+                  num_threads: int) -> np.ndarray:
+        return _core.aggregate(test, train, weights, num_threads=num_threads)
