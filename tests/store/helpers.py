@@ -37,7 +37,7 @@ def write_store(path: Path, blocks: list, weights=None, dtype: str = "float32", 
 
 def in_memory(blocks: list, weights=None, factored: bool = False):
     if factored:
-        return tracin.FactoredGradients([l for l, _ in blocks], [r for _, r in blocks], weights)
+        return tracin.FactoredGradients([left for left, _ in blocks], [r for _, r in blocks], weights)
     return tracin.Gradients(blocks, weights)
 
 

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
+import torch
 from tracin.store._convert import float32_to_bfloat16_bits, to_store_dtype
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38,

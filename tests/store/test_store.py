@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import tracin
+from reference import assert_close_to_exact, exact_scores, factored_to_full, score_bound
 from tracin.store import describe
 
-from reference import assert_close_to_exact, exact_scores, factored_to_full, score_bound
 from .helpers import in_memory, random_blocks, write_store
 
 W = [0.3, -0.7]
@@ -35,14 +35,14 @@ def test_scoring_a_store_equals_scoring_the_same_gradients_in_memory(tmp_path, f
     for t, x in [(test_s, train_s), (test_m, train_s), (test_s, train_m)]:
         np.testing.assert_array_equal(tracin.scores(t, x), tracin.scores(test_m, train_m))
         ours, ref = tracin.top_k(t, x, k=6, side="both"), tracin.top_k(test_m, train_m, k=6, side="both")
-        for a, b in zip(ours, ref):
+        for a, b in zip(ours, ref, strict=True):
             np.testing.assert_array_equal(a.values, b.values)
             np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(tracin.self_influence(train_s), tracin.self_influence(train_m))
     for t, x in [(test_m, train_s), (test_s, train_m), (test_s, train_s)]:
         np.testing.assert_array_equal(tracin.aggregate(t, x), tracin.aggregate(test_m, train_m))
     # All agree with the float64 reference.
-    as_full = (lambda b: factored_to_full([l for l, _ in b], [r for _, r in b])) if factored else list
+    as_full = (lambda b: factored_to_full([left for left, _ in b], [r for _, r in b])) if factored else list
     test_f, train_f = as_full(test_b), as_full(train_b)
     assert_close_to_exact(tracin.scores(test_s, train_s), test_f, train_f, W)
     err = np.abs(tracin.aggregate(test_s, train_s) - exact_scores(test_f, train_f, W).sum(0))
@@ -57,7 +57,8 @@ def test_an_unfinished_store_is_refused_unless_partial_use_is_asked_for(tmp_path
     w.write(1, 6, blocks[1][6:])
     store = tracin.GradientStore.open(tmp_path / "s")
     assert not store.complete and store.n_rows == 10
-    with pytest.raises(ValueError, match=r"unfinished \(rows written per checkpoint: \[7, 4\] of 10\).*allow_partial=True"):
+    unfinished = r"unfinished \(rows written per checkpoint: \[7, 4\] of 10\).*allow_partial=True"
+    with pytest.raises(ValueError, match=unfinished):
         tracin.self_influence(store)
     with pytest.raises(ValueError, match="unfinished"):
         tracin.top_k(blocks, store)

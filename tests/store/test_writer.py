@@ -31,7 +31,7 @@ def test_round_trip_every_dtype_and_mode(tmp_path, dtype, source, factored):
     flat = [a for b in blocks for a in (b if factored else [b])]
     got = read_rows(store)
     assert len(got) == len(flat)
-    for ours, x in zip(got, flat):
+    for ours, x in zip(got, flat, strict=True):
         np.testing.assert_array_equal(ours, _disk(x, dtype))
     assert store.n_rows == 23 and store.dtype == dtype and store.factored == factored
     assert store.dims == (((3, 4), (2, 5)) if factored else (6, 9))
@@ -43,7 +43,7 @@ def test_the_files_are_plain_npy_that_numpy_loads(tmp_path):
     blocks = random_blocks(10, [4, 3], "float16", False)
     write_store(tmp_path / "s", blocks, dtype="float16", ids=[f"ex{i}" for i in range(10)])
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    for entry, b in zip(manifest["checkpoints"], blocks):
+    for entry, b in zip(manifest["checkpoints"], blocks, strict=True):
         np.testing.assert_array_equal(np.load(tmp_path / "s" / entry["file"]), b)
     assert np.load(tmp_path / "s" / "ids.npy").tolist() == [f"ex{i}" for i in range(10)]
 
@@ -88,7 +88,8 @@ def test_reopening_a_finished_store_gives_a_complete_writer(tmp_path):
 
 def test_a_different_spec_names_what_differs(tmp_path):
     tracin.GradientStore.create(tmp_path / "s", 5, [2, 3], [1.0, 2.0], "float16").close()
-    with pytest.raises(ValueError, match=r"dtype 'float16' there vs 'float32' here; dims \[2, 3\] there vs \[2, 4\] here") as e:
+    differs = r"dtype 'float16' there vs 'float32' here; dims \[2, 3\] there vs \[2, 4\] here"
+    with pytest.raises(ValueError, match=differs) as e:
         tracin.GradientStore.create(tmp_path / "s", 5, [2, 4], [1.0, 2.0], "float32")
     assert "overwrite=True" in str(e.value)
     for kwargs, what in [({"weights": [1.0, 3.0]}, "weights"), ({"weights": None}, "weights"),

@@ -156,7 +156,7 @@ class Manifest:
             raise fail(f"id must be 32 lowercase hex digits, got {_short(store_id)}")
         if mode not in ("full", "factored"):
             raise fail(f"mode must be 'full' or 'factored', got {_short(mode)}")
-        if dtype not in DISK_DTYPES:
+        if not isinstance(dtype, str) or dtype not in DISK_DTYPES:
             raise fail(f"dtype must be one of {sorted(DISK_DTYPES)}, got {_short(dtype)}")
         if not _is_count(n_rows):
             raise fail(f"n_rows must be a positive integer below 2**63, got {_short(n_rows)}")

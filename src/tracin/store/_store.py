@@ -24,15 +24,21 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class _DataFile:
-    """A data file of an opened store: where its data starts, and its size and identity then."""
+    """A data file of an opened store: where its data starts, and its size and identity then:
+    (device, inode, modification time), the time only for a finished store (a writer may still be
+    writing an unfinished one)."""
 
     name: str
     offset: int
     size: int
-    identity: tuple[int, int]  # (st_dev, st_ino)
+    identity: tuple[int, int, int | None]
+
+    @staticmethod
+    def identify(st: os.stat_result, finished: bool) -> tuple[int, int, int | None]:
+        return st.st_dev, st.st_ino, st.st_mtime_ns if finished else None
 
     @classmethod
-    def inspect(cls, root: Path, name: str, dtype: np.dtype, shape: tuple[int, int]) -> _DataFile:
+    def inspect(cls, root: Path, name: str, dtype: np.dtype, shape: tuple[int, int], finished: bool) -> _DataFile:
         """Checks the file (a regular file, header and size as the manifest implies) and records it."""
         path = root / name
         try:
@@ -44,19 +50,19 @@ class _DataFile:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return cls(name, offset, st.st_size, (st.st_dev, st.st_ino))
+        return cls(name, offset, st.st_size, cls.identify(st, finished))
 
     def check_unchanged(self, fd: int, root: Path) -> None:
         """StoreChangedError if the file open at `fd` is another file or another size than at opening."""
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != self.identity:
-            raise StoreChangedError(f"{root / self.name} was replaced by another file after the gradient "
-                                    "store was opened; open it again")
         if st.st_size != self.size:
             raise StoreChangedError(
                 f"{root / self.name} is {st.st_size} bytes now but was {self.size} when the gradient store was "
                 "opened (truncated or extended by another process); refusing to map it, since reading past "
                 "the end of a mapped file kills the process (SIGBUS)")
+        if self.identify(st, self.identity[2] is not None) != self.identity:
+            raise StoreChangedError(f"{root / self.name} was replaced or modified after the gradient store "
+                                    "was opened; open it again")
 
 
 class GradientStore(GradientSet):
@@ -121,7 +127,7 @@ class GradientStore(GradientSet):
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
         root = Path(path)
         m = read_manifest(root)
-        files = [_DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d))
+        files = [_DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
                  for c, names in enumerate(m.files) for name, d in zip(names, m.dims[c], strict=True)]
         if m.has_ids:
             read_ids(root / IDS_FILE, m.n_rows)

@@ -1,0 +1,345 @@
+"""Stores tracin did not write, or that change under it: planted links and foreign files, hostile
+manifests, OS errors (permission denied, too many open files, a full disk), stores re-created or
+truncated under a reader. Nothing is written outside the store, nothing crashes or hangs, and every
+error names the file and says what happened."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import gc
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.cli import main
+from tracin.store import StoreChangedError, StoreFormatError
+
+from .helpers import random_blocks, read_rows, write_store
+
+HAS_PROC_FD = Path("/proc/self/fd").is_dir()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A finished store of 6 rows, two checkpoints, with ids."""
+    return write_store(tmp_path / "s", random_blocks(6, [4, 3], "float32", False), [0.5, 2.0],
+                       ids=list(range(6)))
+
+
+def _unfinished(path: Path) -> np.ndarray:
+    """An unfinished store at `path` (rows [0, 3) of 6 written); returns the rows written."""
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
+    w = tracin.GradientStore.create(path, 6, [4])
+    w.write(0, 0, rows)
+    w.close()
+    return rows
+
+
+def _deny(monkeypatch, name: str, code: int, builtin_open: bool = True) -> None:
+    """Opening a file called `name` fails with OSError `code`, through os.open (and open())."""
+    def check(path) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)) and Path(os.fsdecode(path)).name == name:
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, *args, **kwargs):
+        check(path)
+        return real_os_open(path, *args, **kwargs)
+
+    def open_(file, *args, **kwargs):
+        check(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    if builtin_open:
+        monkeypatch.setattr(builtins, "open", open_)
+
+
+def _fill_disk(monkeypatch, name: str, room: int = 496) -> None:
+    """Writes into a file called `name` stop after `room` bytes with ENOSPC (a full disk)."""
+    real = os.pwrite
+    written = [0]
+
+    def pwrite(fd, data, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + name):
+            if written[0] >= room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = real(fd, memoryview(data)[:room - written[0]], offset)
+            written[0] += n
+            return n
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def _one_line_cli_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"tracin {argv[0]}: error:"), captured.err
+    return captured.err
+
+
+# -- planted links -----------------------------------------------------------------------------------
+
+def test_a_link_planted_as_the_manifest_temporary_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    tracin.GradientStore.create(tmp_path / "s", 10, [4]).close()
+    os.symlink(victim, tmp_path / "s" / "manifest.json.tmp")
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [4])
+    w.write(0, 0, np.ones((2, 4), np.float32))
+    w.close()
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "s" / "manifest.json").is_symlink()
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["checkpoints"][0]["written"] == [[0, 2]]
+
+
+def test_a_data_file_replaced_by_a_link_is_refused_on_resume_and_on_open(tmp_path):
+    _unfinished(tmp_path / "s")
+    data = tmp_path / "s" / "checkpoint_000.npy"
+    outside = tmp_path / "outside.npy"
+    outside.write_bytes(data.read_bytes())  # a valid file of the very same shape
+    before = outside.read_bytes()
+    data.unlink()
+    os.symlink(outside, data)
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy is a symbolic link"):
+        tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy is a symbolic link"):
+        tracin.GradientStore.open(tmp_path / "s", allow_partial=True)
+    assert outside.read_bytes() == before
+    # overwrite=True removes the link, never its target
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [4], overwrite=True)
+    w.write(0, 0, np.full((6, 4), 7, np.float32))
+    np.testing.assert_array_equal(read_rows(w.finalize())[0], np.full((6, 4), 7))
+    assert outside.read_bytes() == before and not data.is_symlink()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "ids.npy", "checkpoint_001.npy"])
+def test_links_in_a_finished_store_are_refused_on_open(store, tmp_path, name):
+    target = tmp_path / f"copy-of-{name}"
+    (store.path / name).rename(target)
+    os.symlink(target, store.path / name)
+    with pytest.raises(StoreFormatError, match=f"{name} is a symbolic link"):
+        tracin.GradientStore.open(store.path)
+
+
+def test_a_fifo_in_place_of_a_data_file_is_refused_without_hanging(store):
+    (store.path / "checkpoint_000.npy").unlink()
+    os.mkfifo(store.path / "checkpoint_000.npy")
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy is not a regular file"):
+        tracin.GradientStore.open(store.path)
+
+
+# -- foreign files --------------------------------------------------------------------------------
+
+def test_a_folder_of_user_files_named_like_a_store_is_not_replaced_without_overwrite(tmp_path):
+    mine = tmp_path / "work"
+    mine.mkdir()
+    np.save(mine / "checkpoint_000.npy", np.arange(8.0).reshape(2, 4))
+    np.save(mine / "ids.npy", np.arange(2))
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    with pytest.raises(ValueError, match=r"holds checkpoint_000.npy, ids.npy but no manifest.json.*overwrite=True"):
+        tracin.GradientStore.create(mine, 2, [4])
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    w = tracin.GradientStore.create(mine, 2, [4], overwrite=True)  # asked for: replaced
+    assert w.rows_done(0) == 0 and sorted(p.name for p in mine.iterdir()) == ["checkpoint_000.npy", "manifest.json"]
+
+
+# -- OS errors are reported as what they are -----------------------------------------------------------
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EMFILE])
+def test_an_os_error_on_a_data_file_is_not_called_corruption(store, monkeypatch, code):
+    _deny(monkeypatch, "checkpoint_001.npy", code)
+    with pytest.raises(OSError) as failure:
+        tracin.GradientStore.open(store.path)
+    assert failure.value.errno == code and not isinstance(failure.value, StoreFormatError)
+    text = str(failure.value)
+    assert "checkpoint_001.npy" in text and os.strerror(code) in text
+    assert "corrupt" not in text and "overwrite" not in text
+
+
+def test_an_os_error_on_resume_gives_no_advice_to_overwrite(tmp_path, monkeypatch):
+    _unfinished(tmp_path / "s")
+    _deny(monkeypatch, "checkpoint_000.npy", errno.EACCES)
+    with pytest.raises(PermissionError) as failure:
+        tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    assert "checkpoint_000.npy" in str(failure.value) and "overwrite" not in str(failure.value)
+
+
+def test_an_os_error_on_the_ids_file_is_not_called_unreadable_ids(store, monkeypatch):
+    _deny(monkeypatch, "ids.npy", errno.EACCES)
+    with pytest.raises(PermissionError, match="ids.npy"):
+        tracin.GradientStore.open(store.path)
+
+
+def test_the_cli_reports_an_os_error_as_one_line(store, monkeypatch, capsys):
+    _deny(monkeypatch, "checkpoint_000.npy", errno.EACCES)
+    err = _one_line_cli_error(capsys, ["info", str(store.path)])
+    assert "Permission denied" in err and "checkpoint_000.npy" in err and "corrupt" not in err
+
+
+def test_a_failed_create_closes_its_lock_descriptor_once(tmp_path, monkeypatch):
+    _unfinished(tmp_path / "s")
+    lock_fds = []
+    real_open = os.open
+
+    def spy(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if Path(os.fsdecode(path)) == tmp_path / "s":
+            lock_fds.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    _deny(monkeypatch, "checkpoint_000.npy", errno.EMFILE, builtin_open=False)  # fails opening to write
+    with pytest.raises(OSError) as failure:
+        tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    monkeypatch.undo()
+    with open(tmp_path / "log.txt", "w") as log:
+        assert log.fileno() == lock_fds[0]  # the user's next file gets the lock's old descriptor number
+        del failure
+        gc.collect()  # whatever the failed create left behind goes now
+        log.write("still mine")
+        log.flush()
+    assert (tmp_path / "log.txt").read_text() == "still mine"
+
+
+# -- a full disk --------------------------------------------------------------------------------------
+
+pytestmark_disk = pytest.mark.skipif(not HAS_PROC_FD, reason="needs /proc/self/fd to see which file is written")
+
+
+@pytestmark_disk
+def test_a_full_disk_while_creating_names_the_file(tmp_path, monkeypatch):
+    _fill_disk(monkeypatch, "ids.npy")
+    with pytest.raises(OSError) as failure:
+        tracin.GradientStore.create(tmp_path / "s", 20000, [2], ids=[f"example-{i}" for i in range(20000)])
+    assert failure.value.errno == errno.ENOSPC
+    assert "ids.npy" in str(failure.value) and "the disk is full" in str(failure.value)
+    monkeypatch.undo()  # space freed: the same create starts again from scratch
+    assert tracin.GradientStore.create(tmp_path / "s", 20000, [2], ids=[f"example-{i}" for i in range(20000)])
+
+
+@pytestmark_disk
+def test_a_full_disk_while_writing_names_the_file_and_the_rows_can_be_redone(tmp_path, monkeypatch):
+    w = tracin.GradientStore.create(tmp_path / "s", 300, [4, 8])
+    block = np.ones((300, 8), np.float32)
+    _fill_disk(monkeypatch, "checkpoint_001.npy")
+    with pytest.raises(OSError) as failure:
+        w.write(1, 0, block)
+    assert failure.value.errno == errno.ENOSPC
+    assert "checkpoint_001.npy" in str(failure.value) and "the disk is full" in str(failure.value)
+    assert w.rows_done(1) == 0  # nothing recorded
+    monkeypatch.undo()
+    w.write(1, 0, block)
+    w.write(0, 0, np.ones((300, 4), np.float32))
+    np.testing.assert_array_equal(read_rows(w.finalize())[1], block)
+
+
+@pytestmark_disk
+def test_a_full_disk_while_recording_progress_names_the_manifest(tmp_path, monkeypatch):
+    w = tracin.GradientStore.create(tmp_path / "s", 3, [4])
+    _fill_disk(monkeypatch, "manifest.json.tmp", room=10)
+    with pytest.raises(OSError, match=r"the disk is full.*manifest\.json\.tmp"):
+        w.write(0, 0, np.ones((3, 4), np.float32))
+    assert not (tmp_path / "s" / "manifest.json.tmp").exists()
+
+
+# -- hostile manifests ------------------------------------------------------------------------------
+
+def _with_raw(store_path: Path, replace: str, by: str) -> None:
+    text = (store_path / "manifest.json").read_text()
+    assert replace in text
+    (store_path / "manifest.json").write_text(text.replace(replace, by, 1))
+
+
+@pytest.mark.parametrize("replace, by, message", [
+    ('"weight": 0.5', '"weight": 1' + "0" * 400, "weight must be a finite number"),
+    ('"weight": 0.5', '"weight": 1e400', "beyond the float64 range"),
+    ('"weight": 0.5', '"weight": NaN', "NaN is not a JSON number"),
+    ('"n_rows": 6', '"n_rows": 1' + "0" * 5000, "not valid JSON"),
+    ('"n_rows": 6', '"n_rows": 100000000000000000000', "n_rows must be a positive integer below 2"),
+    ('"metadata": {}', '"metadata": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('"complete": true', '"complete": "yes"', "complete and weights_given must be true or false"),
+    ('"checkpoint_001.npy"', '"checkpoint_000.npy"', "names a data file already used"),
+    ('"checkpoint_001.npy"', '"ids.npy"', "names unexpected data files"),
+    ('"id": "', '"id": "zz', "id must be 32 lowercase hex digits"),
+])
+def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace, by, message):
+    _with_raw(store.path, replace, by)
+    with pytest.raises(StoreFormatError, match=message):
+        tracin.GradientStore.open(store.path)
+    with pytest.raises(StoreFormatError, match=message):
+        tracin.GradientStore.create(store.path, 6, [4, 3], [0.5, 2.0], ids=list(range(6)))
+    assert "malformed gradient store" in _one_line_cli_error(capsys, ["info", str(store.path)])
+
+
+def test_a_huge_manifest_is_refused_unread(store):
+    with open(store.path / "manifest.json", "r+b") as f:
+        f.truncate(65 * 2**20)
+    with pytest.raises(StoreFormatError, match="larger than 67108864 bytes"):
+        tracin.GradientStore.open(store.path)
+
+
+# -- stores that change under a reader --------------------------------------------------------------
+
+def test_a_store_re_created_under_a_reader_is_an_error_not_zeros(store, tmp_path):
+    blocks = random_blocks(6, [4, 3], "float32", False)
+    old = tracin.GradientStore.open(store.path)
+    ids = old.ids
+    new = tracin.GradientStore.create(store.path, 6, [4, 3], [0.5, 2.0], ids=list(range(6)), overwrite=True)
+    with pytest.raises(StoreChangedError, match="re-created after it was opened"):
+        tracin.top_k(blocks, old, k=2)
+    for c, b in enumerate(blocks):
+        new.write(c, 0, b)
+    new.finalize()
+    with pytest.raises(StoreChangedError, match="re-created after it was opened"):
+        tracin.self_influence(old)
+    with pytest.raises(StoreChangedError):
+        old.ids  # noqa: B018
+    assert ids.tolist() == list(range(6))  # what was mapped before stays valid
+    again = tracin.GradientStore.open(store.path)
+    exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip([0.5, 2.0], blocks, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(again), exact, rtol=1e-6)
+
+
+def test_a_data_file_replaced_or_modified_under_a_reader_is_an_error(store):
+    reader = tracin.GradientStore.open(store.path)
+    data = store.path / "checkpoint_001.npy"
+    other = data.with_name("other.npy")
+    other.write_bytes(data.read_bytes())
+    os.replace(other, data)  # another file (inode), same name, size and bytes
+    with pytest.raises(StoreChangedError, match="checkpoint_001.npy was replaced or modified after"):
+        reader.kernel_side(0, 6)
+    reader = tracin.GradientStore.open(store.path)
+    with open(data, "r+b") as f:  # modified in place (a finished store is never written again)
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff" * 4)
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clock tick later, surely
+    with pytest.raises(StoreChangedError, match="checkpoint_001.npy was replaced or modified after"):
+        reader.kernel_side(0, 6)
+
+
+def test_a_reader_of_an_unfinished_store_keeps_working_while_the_writer_resumes(tmp_path):
+    rows = _unfinished(tmp_path / "s")
+    reader = tracin.GradientStore.open(tmp_path / "s", allow_partial=True)
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    w.write(0, 3, np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(tracin.self_influence(reader), (rows.astype(np.float64) ** 2).sum(1))
+    w.close()
+
+
+@pytest.mark.parametrize("new_size", [lambda size: size // 3, lambda size: size + 4096])
+def test_a_data_file_resized_under_a_reader_is_refused_before_it_is_mapped(tmp_path, new_size):
+    store = write_store(tmp_path / "s", [np.ones((4096, 256), np.float32)], step=4096)
+    reader = tracin.GradientStore.open(store.path, chunk_bytes=64 * 256 * 4)
+    path = store.path / "checkpoint_000.npy"
+    os.truncate(path, new_size(path.stat().st_size))  # another process cuts the file short (or extends it)
+    with pytest.raises(StoreChangedError, match=r"checkpoint_000.npy is \d+ bytes now but was \d+ .*SIGBUS"):
+        tracin.self_influence(reader)
