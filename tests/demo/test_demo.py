@@ -234,6 +234,15 @@ def test_demo_command_line_options(tmp_path, capsys):
                  "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "saving 2 checkpoints" in out and "report.md" in out and "140 of their labels flipped (10.0%)" in out
-    assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*"))) == 2
+    assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2  # numpy by default
     assert main(["demo", "--epochs", "3", "--checkpoints", "5", "-o", str(tmp_path / "bad")]) == 1
     assert "checkpoints must be between 1 and epochs" in capsys.readouterr().err
+
+
+def test_demo_command_line_framework_option(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert main(["demo", "--framework", "torch", "--epochs", "2", "--checkpoints", "1",
+                 "-o", str(tmp_path), "--no-progress"]) == 0
+    assert "training an MLP with torch" in capsys.readouterr().out
+    assert len(list((tmp_path / "checkpoints").glob("checkpoint_*.pt"))) == 1
+    assert GradientStore.open(tmp_path / "grads" / "test").n_rows == 397
