@@ -90,8 +90,8 @@ def test_mlp_gradients_match_float64_finite_differences():
     for name, g in batch_gradient(params, x, y).items():
         np.testing.assert_allclose(g, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
     for i in range(3):  # per example: [weight; bias] = right x left
-        expected = _numerical_gradient(lambda p: loss(p, slice(i, i + 1)), params)
-        for (w, b), (left, right) in zip((("w1", "b1"), ("w2", "b2")), per_example_factors(params, x, y)):
+        expected = _numerical_gradient(lambda p, i=i: loss(p, slice(i, i + 1)), params)
+        for (w, b), (left, right) in zip((("w1", "b1"), ("w2", "b2")), per_example_factors(params, x, y), strict=True):
             full = np.outer(right[i], left[i])
             np.testing.assert_allclose(full[:-1], expected[w], rtol=1e-4, atol=1e-7, err_msg=f"{w}, row {i}")
             np.testing.assert_allclose(full[-1], expected[b], rtol=1e-4, atol=1e-7, err_msg=f"{b}, row {i}")

@@ -65,7 +65,7 @@ def per_example_factors(params: Params, x: np.ndarray, y: np.ndarray) -> list[tu
 def batch_gradient(params: Params, x: np.ndarray, y: np.ndarray) -> Params:
     """Gradient of the mean loss over the batch, one array per parameter (float32)."""
     grads = {}
-    for (weight, bias), (left, right) in zip(LAYERS, per_example_factors(params, x, y)):
+    for (weight, bias), (left, right) in zip(LAYERS, per_example_factors(params, x, y), strict=True):
         full = right.T @ left / len(x)  # (in + 1, out): the weight's rows, then the bias
         grads[weight], grads[bias] = full[:-1], full[-1]
     return grads

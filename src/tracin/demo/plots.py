@@ -75,13 +75,14 @@ def plot_influence_grid(examples: list[GridExample], x_train: np.ndarray, y_give
     fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.7 * len(examples) + 0.5),
                              dpi=120)
     axes = np.atleast_2d(axes)
-    for row, ex in zip(axes, examples):
+    for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"
         panels = [(ex.image, f"test digit {ex.label}\npredicted {ex.predicted}: {verdict}", "black")]
         for rows, scores, colour in ((ex.proponents, ex.proponent_scores, "tab:green"),
                                      (ex.opponents, ex.opponent_scores, "tab:red")):
-            panels += [(x_train[i], _train_title(s, y_given[i], y_true[i]), colour) for i, s in zip(rows, scores)]
-        for ax, (image, title, colour) in zip(row, panels):
+            panels += [(x_train[i], _train_title(s, y_given[i], y_true[i]), colour)
+                       for i, s in zip(rows, scores, strict=True)]
+        for ax, (image, title, colour) in zip(row, panels, strict=True):
             ax.imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             flipped = "true" in title
             ax.set_title(title, fontsize=7, color=colour, fontweight="bold" if flipped else "normal")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+import jax
 
 from ..jax import export_gradients
 from ..store import GradientStore

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
+
+import torch
 from torch import nn
 
 from ..store import GradientStore
@@ -56,7 +57,7 @@ def _model(data: NoisyDigits, config: TrainingConfig) -> nn.Module:
     params = init_params(data.x_train.shape[1], config.hidden, 10, config.seed)
     model = nn.Sequential(nn.Linear(data.x_train.shape[1], config.hidden), nn.ReLU(), nn.Linear(config.hidden, 10))
     with torch.no_grad():
-        for layer, (w, b) in zip((model[0], model[2]), (("w1", "b1"), ("w2", "b2"))):
+        for layer, (w, b) in zip((model[0], model[2]), (("w1", "b1"), ("w2", "b2")), strict=True):
             layer.weight.copy_(torch.from_numpy(params[w].T))
             layer.bias.copy_(torch.from_numpy(params[b]))
     return model
