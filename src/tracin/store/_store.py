@@ -184,8 +184,8 @@ class GradientStore(GradientSet):
         first, rows = self._start + start, stop - start
         columns = [d for dims in self._manifest.dims for d in dims]
         if rows == 0:
-            return self.factored, [np.empty((0, cols), dtype=disk) for cols in columns], \
-                [DTYPE_CODES[self.dtype]] * len(columns)
+            return KernelSide(self.factored, [np.empty((0, cols), dtype=disk) for cols in columns],
+                              [DTYPE_CODES[self.dtype]] * len(columns))
         ahead = min(rows, self._stop - stop)  # rows the next chunk will likely read
         blocks = []
         fds = self._open_unchanged()
@@ -197,7 +197,7 @@ class GradientStore(GradientSet):
         finally:
             for fd in fds:
                 os.close(fd)
-        return self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks)
+        return KernelSide(self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks))
 
     def _open_unchanged(self) -> list[int]:
         """Read descriptors of the data files, after checking that the store is still the one
