@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
-from tracin._export.fingerprint import DataFingerprint, digest_arrays, digest_path
+from tracin._export.fingerprint import DataFingerprint, callable_identity, digest_arrays, digest_path
 
 
 def test_array_digests_see_order_dtype_shape_and_contents():
@@ -53,3 +55,27 @@ def test_the_data_digest_covers_inputs():
     _pass(one, [(x, y)])
     _pass(other, [(x + 1, y)])
     assert one.data != other.data
+
+
+def _loss(outputs, targets):
+    return outputs
+
+
+class _Loss:
+    def __init__(self, smoothing: float):
+        self.smoothing, self._cache = smoothing, object()
+
+    def __call__(self, outputs, targets):
+        return outputs
+
+
+def test_callable_identity_names_functions_and_settings_not_addresses():
+    assert callable_identity(_loss) == f"{__name__}._loss"
+    assert callable_identity(functools.wraps(_loss)(lambda o, t: o)) == f"{__name__}._loss"
+    assert callable_identity(lambda o, t: o) == (f"{__name__}.test_callable_identity_names_functions_and_settings_"
+                                                 "not_addresses.<locals>.<lambda>")
+    assert callable_identity(functools.partial(_loss, targets=1)) == f"partial({__name__}._loss, (), {{'targets': 1}})"
+    a, b = _Loss(0.1), _Loss(0.1)
+    assert callable_identity(a) == callable_identity(b)  # two objects: same repr once addresses are dropped
+    assert "{'smoothing': 0.1}" in callable_identity(a) and " at 0x" not in callable_identity(a)
+    assert callable_identity(_Loss(0.2)) != callable_identity(a)

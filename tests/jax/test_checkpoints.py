@@ -35,7 +35,8 @@ def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
     ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
     ([({"w": 1}, "0.1")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
     ([({"w": 1}, True)], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
-    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError, r"checkpoints\[1\]\[1\] \(learning rate\) must be finite"),
+    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError,
+     r"checkpoints\[1\]\[1\] \(learning rate\) must be finite"),
 ])
 def test_bad_checkpoint_lists(checkpoints, error, message):
     with pytest.raises(error, match=message):

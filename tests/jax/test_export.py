@@ -149,7 +149,7 @@ def test_progress_bar(mlp, data, capsys):
     (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
     (dict(store=3), TypeError, "store must be a directory path"),
     (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),
-    (dict(data="iterator"), ValueError, "one-shot iterator but there are several checkpoints"),
+    (dict(data="iterator"), ValueError, "one-shot iterator, but it is read once per checkpoint"),
     (dict(data="generator", store="somewhere"), ValueError, "store= needs the number of examples up front"),
 ])
 def test_bad_arguments(mlp, data, kwargs, error, message):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,17 @@ def _in_memory_and_stored(mlp, data, path, mode: str, **options):
     if mode == "last_layer":
         kw.update(layers=["l2"], layer_input=mlp.hidden)
     ckpts = list(zip(mlp.params, mlp.lrs))
-    return export_gradients(mlp.loss_fn, ckpts, data, **kw), export_gradients(mlp.loss_fn, ckpts, data, store=path, **kw)
+    memory = export_gradients(mlp.loss_fn, ckpts, data, **kw)
+    return memory, export_gradients(mlp.loss_fn, ckpts, data, store=path, **kw)
+
+
+def _store_files(path):
+    """{file name: bytes} of a store directory's .npy files, and its manifest without the random
+    store id (a new one per store)."""
+    files = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.suffix == ".npy"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    files["manifest.json"] = json.dumps({k: v for k, v in manifest.items() if k != "id"}, sort_keys=True).encode()
+    return files
 
 
 class _Interrupted(Exception):
@@ -114,10 +126,10 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path)
     export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False)
     other = x.copy()
     other[-1] += 1  # same size, one input changed
-    with pytest.raises(ValueError, match="different spec.*metadata"):
+    with pytest.raises(ValueError, match=r"other inputs: the data \(inputs or targets\) differ\. "):
         export_gradients(mlp.loss_fn, ckpts, (other, y), store=path, progress=False)
     swapped = [(mlp.params[1], mlp.lrs[0]), (mlp.params[0], mlp.lrs[1])]  # same rates, other weights
-    with pytest.raises(ValueError, match="different spec.*metadata"):
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs; checkpoints\[1\] differs\. "):
         export_gradients(mlp.loss_fn, swapped, (x, y), store=path, progress=False)
     assert export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False).complete
 
@@ -131,8 +143,7 @@ def test_an_interrupted_export_leaves_byte_identical_files_after_resume(mlp, dat
                          dtype="float16", progress=False)
     export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", dtype="float16", progress=False)
     export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "f", dtype="float16", progress=False)
-    files = lambda p: {f.name: f.read_bytes() for f in sorted(p.iterdir()) if f.suffix in (".npy", ".json")}  # noqa: E731
-    assert files(tmp_path / "g") == files(tmp_path / "f") and len(files(tmp_path / "f")) == 3
+    assert _store_files(tmp_path / "g") == _store_files(tmp_path / "f") and len(_store_files(tmp_path / "f")) == 3
 
 
 class _Rotating(list):
@@ -169,3 +180,22 @@ def test_numpy_batch_sizes_are_accepted(mlp, data):
     b = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=np.int64(16), progress=False)
     for m, n in zip(a.matrices, b.matrices):
         np.testing.assert_array_equal(m, n)
+
+
+def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
+    x, y = data
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
+    ckpts = list(zip(mlp.params, mlp.lrs))
+    with pytest.raises(_Interrupted):  # pass 1 fingerprints the data; dies in checkpoint 0
+        export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=2, after=2), store=tmp_path / "g", progress=False)
+
+    def squared_error(params, inputs, targets):
+        return (mlp.loss_fn(params, inputs, targets) - 1.0) ** 2
+
+    with pytest.raises(ValueError, match=r"other inputs: the loss function differs \(.*loss_fn there, "
+                                         r".*squared_error here\)"):
+        export_gradients(squared_error, ckpts, batches, store=tmp_path / "g", progress=False)
+    resumed = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
+    memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
+    for a, b in zip(_blocks(resumed), _blocks(memory)):
+        np.testing.assert_array_equal(a, b)

@@ -76,7 +76,7 @@ def test_mismatched_checkpoints_are_clear_errors(setup, tmp_path):
     resized = {**state, "4.weight": torch.zeros(4, 9)}
     with pytest.raises(ValueError, match=r"4.weight has shape \(4, 9\), the model's has \(4, 8\)"):
         export_gradients(model, [(resized, 1.0)], data, LOSS, progress=False)
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: no checkpoint at .*nope.pt"):
         export_gradients(model, [(str(tmp_path / "nope.pt"), 1.0)], data, LOSS, progress=False)
 
 

@@ -28,6 +28,19 @@ def trained(tmp_path):
     return model, train_checkpoints(model, *train, tmp_path), train
 
 
+def export_on_cuda(model: nn.Module, *args, **kwargs):
+    """export_gradients of a CUDA copy of `model`; asserts the export left that user's model as it
+    was: the same Parameter objects, still on the GPU, with the same values."""
+    user_model = copy.deepcopy(model).cuda()
+    before = [(name, p, p.detach().clone()) for name, p in user_model.named_parameters()]
+    result = export_gradients(user_model, *args, **kwargs)
+    after = dict(user_model.named_parameters())
+    assert [name for name, *_ in before] == list(after)
+    for name, p, values in before:
+        assert after[name] is p and p.device.type == "cuda" and torch.equal(p.detach(), values), name
+    return result
+
+
 def assert_same_influence(gpu, cpu, rtol: float = 1e-4) -> None:
     """Equal scores among the rows and self-influence, within rtol of the largest (any gradient
     set: Gradients, FactoredGradients or a store, in any stored dtype)."""
@@ -41,18 +54,16 @@ def assert_same_influence(gpu, cpu, rtol: float = 1e-4) -> None:
 def test_cuda_model_matches_cpu_in_every_mode(trained, mode, dtype):
     model, checkpoints, train = trained
     cpu = export_gradients(model, checkpoints, train, LOSS, mode=mode, dtype=dtype, batch_size=16, progress=False)
-    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, train, LOSS, mode=mode, dtype=dtype,
-                           batch_size=16, progress=False)
+    gpu = export_on_cuda(model, checkpoints, train, LOSS, mode=mode, dtype=dtype, batch_size=16, progress=False)
     assert_same_influence(gpu, cpu, rtol=1e-4 if dtype == "float32" else 2e-2)
-    assert next(model.parameters()).device.type == "cpu"  # the user's model untouched
 
 
 def test_cuda_inputs_projection_and_store(trained, tmp_path):
     model, checkpoints, (x, y) = trained
     projection = tracin.Projection(16, seed=1)
     cpu = export_gradients(model, checkpoints, (x, y), LOSS, projection=projection, progress=False)
-    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, (x.cuda(), y.cuda()), LOSS,
-                           projection=projection, store=tmp_path / "store", progress=False)
+    gpu = export_on_cuda(model, checkpoints, (x.cuda(), y.cuda()), LOSS, projection=projection,
+                         store=tmp_path / "store", progress=False)
     assert isinstance(gpu, tracin.GradientStore) and gpu.complete
     assert_same_influence(gpu, cpu)
 
@@ -60,5 +71,5 @@ def test_cuda_inputs_projection_and_store(trained, tmp_path):
 def test_cuda_cnn_through_vmap_matches_cpu(tmp_path):
     model, checkpoints, (x, y) = cnn_with_checkpoints(tmp_path, 24)
     cpu = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=8, progress=False)
-    gpu = export_gradients(copy.deepcopy(model).cuda(), checkpoints, (x, y), LOSS, batch_size=8, progress=False)
+    gpu = export_on_cuda(model, checkpoints, (x, y), LOSS, batch_size=8, progress=False)
     assert_same_influence(gpu, cpu)

@@ -184,7 +184,7 @@ def test_data_errors_are_explained(trained):
     model, checkpoints, (x, y), _ = trained
     with pytest.raises(ValueError, match="shuffle=False"):
         export_gradients(model, checkpoints, DataLoader(TensorDataset(x, y), shuffle=True), LOSS, progress=False)
-    with pytest.raises(TypeError, match="one-shot iterator"):
+    with pytest.raises(ValueError, match="one-shot iterator"):
         export_gradients(model, checkpoints, iter([(x, y)]), LOSS, progress=False)
     with pytest.raises(ValueError, match="inputs have 40 rows but targets have 5"):
         export_gradients(model, checkpoints, (x, y[:5]), LOSS, progress=False)

@@ -9,7 +9,8 @@ from torch import nn
 from torch_oracle import classification_data
 
 from tracin.torch import export_gradients
-from tracin.torch.per_example import PerExampleGradients, check_losses
+from tracin.torch.losses import check_losses
+from tracin.torch.per_example import PerExampleGradients
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_oracle import classification_data, mlp, train_checkpoints
+from torch_oracle import classification_data, cnn_with_checkpoints, mlp, train_checkpoints
 
 import tracin
 from tracin.store._format import data_files
@@ -40,8 +42,12 @@ def test_store_holds_what_memory_holds(setup, tmp_path, mode):
 
 
 def _store_bytes(path):
-    """{file name: bytes} of a store directory: the .npy files and the manifest."""
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.suffix in (".npy", ".json")}
+    """{file name: bytes} of a store directory's .npy files, and its manifest without the random
+    store id (a new one per store)."""
+    files = {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.suffix == ".npy"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    files["manifest.json"] = json.dumps({k: v for k, v in manifest.items() if k != "id"}, sort_keys=True).encode()
+    return files
 
 
 class Killed(Exception):
@@ -70,8 +76,8 @@ def test_an_interrupted_export_resumes_skipping_finished_batches(setup, tmp_path
                         lambda self, *a, **k: counted.append(1) or real(self, *a, **k))
     resumed = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=path)
     assert len(counted) == 3 + 4  # the rest of checkpoint 1, all of checkpoint 2
-    fresh = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "fresh")
-    assert _store_bytes(path) == _store_bytes(tmp_path / "fresh")  # identical files, manifest included
+    export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "fresh")
+    assert _store_bytes(path) == _store_bytes(tmp_path / "fresh")  # identical files and manifest (less its id)
     assert len(_store_bytes(path)) == 1 + len(checkpoints)
     counted.clear()
     again = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=path)
@@ -109,8 +115,8 @@ def test_a_keyboard_interrupt_releases_the_store_for_a_resume(setup, tmp_path, m
     with pytest.raises(KeyboardInterrupt) as caught:  # the traceback keeps the export's frames alive
         export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "g")
     monkeypatch.setattr(per_example.PerExampleGradients, "__call__", real)
-    resumed = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "g")
-    fresh = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "f")
+    export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "g")
+    export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "f")
     assert caught.value is not None and _store_bytes(tmp_path / "g") == _store_bytes(tmp_path / "f")
 
 
@@ -120,10 +126,10 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(setup, tmp_path):
     export_gradients(model, checkpoints, (x, y), LOSS, progress=False, store=path)
     other_x = x.clone()
     other_x[-1] += 1  # same size, one input changed
-    with pytest.raises(ValueError, match="different spec.*metadata"):
+    with pytest.raises(ValueError, match=r"other inputs: the data \(inputs or targets\) differ\. "):
         export_gradients(model, checkpoints, (other_x, y), LOSS, progress=False, store=path)
     swapped = [(checkpoints[1][0], checkpoints[0][1])] + checkpoints[1:]  # same learning rates, other weights
-    with pytest.raises(ValueError, match="different spec.*metadata"):
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
         export_gradients(model, swapped, (x, y), LOSS, progress=False, store=path)
     again = export_gradients(model, checkpoints, (x, y), LOSS, progress=False, store=path)
     assert again.complete
@@ -141,3 +147,61 @@ def test_a_loader_that_shuffles_its_iterable_dataset_is_caught(setup):
     loader = torch.utils.data.DataLoader(Shuffled(), batch_size=10)
     with pytest.raises(ValueError, match="holds other targets than on the first pass"):
         export_gradients(model, checkpoints, loader, LOSS, progress=False)
+
+
+class _Failing(list):
+    """A list of batches whose `on`-th pass raises after `after` batches (an export killed part-way)."""
+
+    def __init__(self, batches, on: int, after: int):
+        super().__init__(batches)
+        self.on, self.after, self.passes = on, after, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(super().__iter__()):
+            if self.passes == self.on and i == self.after:
+                raise Killed
+            yield b
+
+
+def _mlp_with(activation: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), activation, nn.Linear(10, 4))
+
+
+def test_resuming_after_the_model_was_edited_is_refused(tmp_path):
+    (x, y), path = classification_data(24, seed=3), tmp_path / "g"
+    tanh = _mlp_with(nn.Tanh())
+    checkpoints = [(tanh.state_dict(), 1.0), ({k: v + 0.1 for k, v in tanh.state_dict().items()}, 0.5)]
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    # pass 1 counts the rows, pass 2 fingerprints the data, pass 3 (checkpoint 0) dies after one batch
+    with pytest.raises(Killed):
+        export_gradients(tanh, checkpoints, _Failing(batches, on=3, after=1), LOSS, progress=False, store=path)
+    assert tracin.GradientStore.open(path, allow_partial=True).info()["rows_written"] == [8, 0]
+    relu = _mlp_with(nn.ReLU())  # same parameter names and shapes, other gradients
+    with pytest.raises(ValueError, match=r"other inputs: the model differs \(module types"):
+        export_gradients(relu, checkpoints, batches, LOSS, progress=False, store=path)
+    smoothed = nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"the loss function differs \(.*CrossEntropyLoss.*'label_smoothing': 0.1"):
+        export_gradients(tanh, checkpoints, batches, smoothed, progress=False, store=path)
+    resumed = export_gradients(tanh, checkpoints, batches, LOSS, progress=False, store=path)
+    fresh = export_gradients(tanh, checkpoints, (x, y), LOSS, progress=False)
+    np.testing.assert_array_equal(tracin.self_influence(resumed), tracin.self_influence(fresh))
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+@pytest.mark.parametrize("loss_fn", [
+    lambda out, y: torch.zeros(len(y)),
+    lambda out, y: nn.functional.cross_entropy(out.detach(), y, reduction="none"),
+    lambda out, y: torch.as_tensor(nn.functional.cross_entropy(out, y, reduction="none").detach().numpy()),
+], ids=["constant", "detached", "numpy round trip"])
+def test_a_loss_that_does_not_depend_on_the_parameters_is_explained(setup, loss_fn, mode):
+    model, checkpoints, data = setup
+    with pytest.raises(ValueError, match="loss_fn's losses do not depend on the chosen parameters"):
+        export_gradients(model, checkpoints, data, loss_fn, mode=mode, progress=False)
+
+
+def test_a_loss_that_does_not_depend_on_the_parameters_is_explained_on_the_vmap_path(tmp_path):
+    model, checkpoints, data = cnn_with_checkpoints(tmp_path, 6)
+    with pytest.raises(ValueError, match=r"do not depend on the chosen parameters \(features.0.weight"):
+        export_gradients(model, checkpoints, data, lambda out, y: out.detach().sum(1), progress=False)

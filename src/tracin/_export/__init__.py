@@ -1,4 +1,5 @@
-"""Plumbing shared by the framework adapters (tracin.torch, tracin.jax): checkpoint lists, layer
-patterns, data and checkpoint fingerprints, the metadata schema, projection, sinks and the progress
-bar. Each adapter keeps only its framework's gradient computation. Imports only numpy (tqdm lazily).
+"""What the framework adapters (tracin.torch, tracin.jax) share: the export loop itself (driver),
+checkpoint lists, layer patterns, data / checkpoint / function fingerprints, the metadata schema,
+row transforms (projection), sinks and the resume check. Each adapter keeps only its framework's
+gradient computation. Imports only numpy (tqdm lazily).
 """

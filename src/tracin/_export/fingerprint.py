@@ -1,5 +1,5 @@
 """Fingerprints of what an export reads, so that a resumed store or a later checkpoint is known to
-see the same data and the same checkpoints.
+see the same data, the same checkpoints and the same functions.
 
 A digest is a 128-bit BLAKE2b of the arrays' dtypes, shapes and bytes (hex string). Paths are
 digested by their bytes (a file) or by every file under them (a directory, in sorted order).
@@ -7,10 +7,15 @@ digested by their bytes (a file) or by every file under them (a directory, in so
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import os
+import re
+import types
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +50,42 @@ def digest_path(path: str | os.PathLike) -> str:
             while chunk := stream.read(_CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def checkpoint_file_digest(source: str | os.PathLike, index: int) -> str:
+    """digest_path of a checkpoint given by path; FileNotFoundError naming it when it is missing."""
+    path = os.path.abspath(os.fspath(source))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {path}")
+    return digest_path(path)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def without_addresses(text: str) -> str:
+    """`text` without memory addresses (" at 0x7f..."), which differ from run to run."""
+    return _ADDRESS.sub("", text)
+
+
+def stable_repr(obj: Any) -> str:
+    """repr(obj) without memory addresses."""
+    return without_addresses(repr(obj))
+
+
+def callable_identity(fn: Any) -> str:
+    """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
+    by where they are defined), the wrapped function and arguments of a functools.partial, else the
+    object's type, repr and plain public settings (a loss module's reduction, label_smoothing...)."""
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_identity(fn.func)}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})"
+    fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is the function it wraps
+    if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
+        return f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
+    kind = type(fn)
+    settings = {k: v for k, v in sorted(getattr(fn, "__dict__", {}).items())
+                if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
+    return f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}" + (f" {settings}" if settings else "")
 
 
 class DataFingerprint:

@@ -1,21 +1,25 @@
 """The metadata both adapters record with exported gradients (one schema; scoring relies on it).
 
     framework      "torch" | "jax"
-    mode           "full" | "last_layer"
+    mode           "full" | "last_layer" | "factored"
     params         [{"name": str, "shape": [int, ...]}, ...]  the parameters, in row order
     layers         the user's layer patterns, or None
     dtype          the stored dtype name
-    projection     Projection.to_dict(), or None
+    projection     Projection.to_dict(), or None (likewise any other row transform, under its key)
     last_layer     only with mode="last_layer": {"layer", "weight", "bias", "left", "right"}
-    fingerprints   {"data": digest of inputs and targets, "checkpoints": [digest per checkpoint]}
+    fingerprints   {"data": digest of inputs and targets, "checkpoints": [digest per checkpoint],
+                    plus what the adapter adds: "model" (torch: module types, parameter names,
+                    shapes and dtypes), "loss" (the loss function's identity), "layer_input" (jax)}
 
 Version strings are left out on purpose: a store's metadata is its spec, compared on resume.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from .transforms import RowTransform
 
 LEFT = "dL/d(output)"
 RIGHT = "layer input, with 1 appended when the layer has a bias"
@@ -28,19 +32,22 @@ def last_layer_entry(layer: str, weight: str, bias: str | None) -> dict:
 
 
 def export_metadata(framework: str, mode: str, params: Sequence[tuple[str, Sequence[int]]],
-                    layers: list[str] | None, dtype: str, projection: Any, *,
-                    last_layer: dict | None = None, checkpoints: list[str], data: str | None) -> dict:
+                    layers: list[str] | None, dtype: str, transforms: Sequence[RowTransform], *,
+                    last_layer: dict | None = None, fingerprints: Mapping[str, Any]) -> dict:
     """The metadata dict (see the module docstring). params: (name, shape) in row order;
-    checkpoints: a digest per checkpoint; data: the data digest (None until known)."""
+    transforms: the row transforms applied, in order; fingerprints: "data", "checkpoints" and the
+    adapter's own entries."""
     meta: dict[str, Any] = {
         "framework": framework,
         "mode": mode,
         "params": [{"name": name, "shape": [int(s) for s in shape]} for name, shape in params],
         "layers": layers,
         "dtype": dtype,
-        "projection": None if projection is None else projection.to_dict(),
+        "projection": None,
     }
+    for t in transforms:
+        meta[t.key] = t.to_dict()
     if last_layer is not None:
         meta["last_layer"] = last_layer
-    meta["fingerprints"] = {"data": data, "checkpoints": list(checkpoints)}
+    meta["fingerprints"] = dict(fingerprints)
     return meta

@@ -17,6 +17,7 @@ import numpy as np
 from ..gradients import FactoredGradients, Gradients
 from ..store._convert import to_store_dtype
 from ..store._format import DISK_DTYPES
+from .resume import refuse_another_export
 
 Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
 Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
@@ -105,6 +106,7 @@ class StoreSink:
         from ..store import GradientStore
 
         need_row_count(n_rows)
+        refuse_another_export(path, metadata)
         self._writer = GradientStore.create(path, n_rows, dims, weights=weights, dtype=dtype,
                                             factored=factored, metadata=metadata)
 
@@ -125,6 +127,6 @@ class StoreSink:
         """Releases the store (and its lock); the rows written so far stay for a resume."""
         self._writer.close()
 
-    def finish(self, metadata: dict | None = None) -> Any:
+    def finish(self) -> Any:
         """The finalized GradientStore (its metadata is the one given at creation)."""
         return self._writer.finalize()

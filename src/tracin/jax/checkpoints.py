@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays, digest_path
+from .._export.fingerprint import digest_arrays
 from .params import leaf_path
 
 
@@ -18,16 +18,12 @@ def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
     return shared_parse(checkpoints, "params pytree or path")
 
 
-def checkpoint_digest(source: Any, where: str) -> str:
-    """Fingerprint of a checkpoint: the bytes under its path, or the paths and contents of the
-    array leaves of an in-memory params pytree (non-array leaves are compared by the layout)."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(source))
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{where}: no checkpoint at {path}")
-        return digest_path(path)
+def state_digest(params: Any) -> str:
+    """Fingerprint of an in-memory params pytree: the paths and contents of its array leaves
+    (non-array leaves are compared by the layout). (A checkpoint path is fingerprinted by its
+    bytes, in tracin._export.)"""
     arrays = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, (jax.Array, np.ndarray)):
             arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), np.asarray(leaf)]
     return digest_arrays(arrays)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._export.fingerprint import DataFingerprint
-from .._export.metadata import export_metadata, last_layer_entry
-from .._progress import progress_bar
-from .._export.projection import check_projection, project, projected_dims
-from .._export.sinks import MemorySink, StoreSink, need_row_count
+from .._export.driver import Options, check_store, export
+from .._export.fingerprint import callable_identity
+from .._export.metadata import last_layer_entry
+from .._export.projection import check_projection
+from .._export.transforms import row_transforms
 from ..gradients import FactoredGradients, Gradients
-from .batches import BatchPlan
-from .checkpoints import checkpoint_digest, parse_checkpoints, restore
+from .batches import Batch, BatchPlan
+from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
 
@@ -89,109 +89,84 @@ def export_gradients(
         raise ValueError("layer_input is only used with mode='last_layer'")
     if layer_input is not None and not callable(layer_input):
         raise TypeError(f"layer_input must be callable, got {type(layer_input).__name__}")
-    factored = mode == "last_layer"
-    check_projection(projection, factored)
+    check_projection(projection, mode == "last_layer")
     dtype = _dtype_name(dtype)
-    if store is not None and not isinstance(store, (str, os.PathLike)):
-        raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
+    check_store(store)
     layers = as_patterns(layers) if layers is not None else None
     entries = parse_checkpoints(checkpoints)
-    weights = [lr for _, lr in entries]
-    plan = BatchPlan(data, batch_size)
-    if plan.one_shot and len(entries) > 1:
-        raise ValueError("data is a one-shot iterator but there are several checkpoints: pass (inputs, targets) "
-                         "arrays or a re-iterable sequence of batches (e.g. a list)")
-    if store is not None:
-        need_row_count(plan.n_rows)
-    digests = [checkpoint_digest(source, f"checkpoints[{c}]") for c, (source, _) in enumerate(entries)]
+    framework = _JaxExport(loss_fn, layer_input, layers, mode, BatchPlan(data, batch_size), entries[0][0])
+    return export(framework, entries, Options(mode, layers, dtype, store, progress),
+                  row_transforms(projection, framework.segments))
 
-    first = restore(entries[0][0], "checkpoints[0]")
-    last = None
-    if factored:
-        compute: Any = LastLayer(loss_fn, layer_input, first, layers)
-        layout = compute.layout
-        raw_dims: Any = (compute.p, compute.q + 1)
-        segments = None
-        params_meta = [(compute.kernel_path, compute.kernel_shape), (compute.bias_path, (compute.p,))]
-        last = last_layer_entry(compute.kernel_path.rpartition("/")[0], compute.kernel_path, compute.bias_path)
-    else:
-        layout = layout_of(first, layers)
-        compute = FullRows(loss_fn, layout, jnp.float32)  # cast by the sink, which checks the range
-        raw_dims = layout.dim
-        segments = layout.widths
-        params_meta = layout.describe()
-    dims = projected_dims(projection, raw_dims, segments)
-    metadata = export_metadata("jax", mode, params_meta, layers, dtype, projection, last_layer=last,
-                               checkpoints=digests, data=None)
-    fingerprint = DataFingerprint()
-    if store is not None:
-        fingerprint.begin("data")
-        for batch in plan:
-            fingerprint.batch(_host_leaves(batch.targets, batch.count), _host_leaves(batch.inputs, batch.count))
-        fingerprint.end()
-        metadata["fingerprints"]["data"] = fingerprint.data
-        sink: Any = StoreSink(store, plan.n_rows, [dims] * len(entries), dtype, factored, weights, metadata)
-    else:
-        sink = MemorySink(plan.n_rows, len(entries), dtype, factored, weights, wrap=_as_array)
 
-    bar = progress_bar(plan.n_rows * len(entries) if plan.n_rows is not None else None, progress,
-                       "tracin.jax export")
-    checked = False
-    try:
-        for c, (source, _) in enumerate(entries):
-            done = sink.rows_done(c)
-            if plan.n_rows is not None and done >= plan.n_rows:
-                bar.update(plan.n_rows)
-                continue
-            params = first if c == 0 else restore(source, f"checkpoints[{c}]")
-            layout.check_same(layout_of(params, None), f"checkpoints[{c}]")
-            selected, arrays = layout.split(params)
-            fingerprint.begin(f"checkpoint {c}")
-            for batch in plan:
-                fingerprint.batch(_host_leaves(batch.targets, batch.count),
-                                  _host_leaves(batch.inputs, batch.count) if fingerprint.recording else ())
-                stop = batch.start + batch.count
-                if stop <= done:
-                    bar.update(batch.count)
-                    continue
-                if not checked:
-                    check_per_example(loss_fn, layout, selected, arrays, batch)
-                    if factored:
-                        compute.check_layer_input(params, batch)
-                    checked = True
-                skip = max(0, done - batch.start)
-                block = _host_rows(compute(selected, arrays, batch), batch.count)
-                if projection is not None:
-                    block = project(projection, block, segments)
-                sink.write(c, batch.start + skip, _rows(block, skip))
-                bar.update(batch.count)
-            fingerprint.end()
-            first = None
-        metadata["fingerprints"]["data"] = fingerprint.data
-        return sink.finish(metadata)
-    except BaseException:
-        sink.close()
-        raise
-    finally:
-        bar.close()
+class _JaxExport:
+    """The JAX side of one export (see tracin._export.driver.Framework): the params layout of the
+    first checkpoint, the compiled per-example function of the mode, the data as padded batches."""
+
+    name = "jax"
+    inplace_width = None
+
+    def __init__(self, loss_fn: Callable, layer_input: Callable | None, layers: list[str] | None, mode: str,
+                 plan: BatchPlan, first: Any):
+        self.loss_fn, self.plan = loss_fn, plan
+        self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
+        self._first = restore(first, "checkpoints[0]")
+        self.last_layer = None
+        self.fingerprints = {"loss": callable_identity(loss_fn)}
+        if mode == "last_layer":
+            self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers)
+            self.layout = self.compute_rows.layout
+            c = self.compute_rows
+            self.slot_dims: list = [(c.p, c.q + 1)]
+            self.segments: list[int] | None = None
+            self.params = [(c.kernel_path, c.kernel_shape), (c.bias_path, (c.p,))]
+            self.last_layer = last_layer_entry(c.kernel_path.rpartition("/")[0], c.kernel_path, c.bias_path)
+            self.fingerprints["layer_input"] = callable_identity(layer_input)
+        else:
+            self.layout = layout_of(self._first, layers)
+            self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink, which checks the range
+            self.slot_dims = [self.layout.dim]
+            self.segments = self.layout.widths
+            self.params = self.layout.describe()
+
+    def batches(self) -> Iterator[Batch]:
+        return iter(self.plan)
+
+    def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return _host_leaves(batch.targets, batch.count), _host_leaves(batch.inputs, batch.count) if inputs else []
+
+    def state_digest(self, source: Any, index: int) -> str:
+        return state_digest(source)
+
+    def load(self, source: Any, index: int) -> tuple[list, list, Any]:
+        """(selected leaves, other array leaves, params) of checkpoint `index`."""
+        params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
+        self._first = None  # checkpoint 0 is loaded once
+        self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
+        return (*self.layout.split(params), params)
+
+    def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
+        selected, arrays, params = state
+        check_per_example(self.loss_fn, self.layout, selected, arrays, batch)
+        if isinstance(self.compute_rows, LastLayer):
+            self.compute_rows.check_layer_input(params, batch)
+
+    def compute(self, state: tuple[list, list, Any], batch: Batch) -> Any:
+        return self.compute_rows(state[0], state[1], batch)
+
+    def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
+        """Host views of the real rows of the computed block (no device-side slice copy); the
+        compiled functions already give float32."""
+        if isinstance(computed, tuple):
+            return [tuple(np.asarray(b)[:count] for b in computed)]
+        return [np.asarray(computed)[:count]]
+
+    @staticmethod
+    def wrap(array: np.ndarray, dtype: str) -> np.ndarray:
+        """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy)."""
+        return array.view(jnp.bfloat16) if dtype == "bfloat16" else array
 
 
 def _host_leaves(tree: Any, count: int) -> list[np.ndarray]:
     """The real rows of every array of a padded batch's pytree, on the host (for fingerprints)."""
     return [np.asarray(leaf)[:count] for leaf in jax.tree_util.tree_leaves(tree)]
-
-
-def _host_rows(block: Any, count: int) -> Any:
-    """Host views of the real rows of a computed block (no device-side slice copy)."""
-    if isinstance(block, tuple):
-        return tuple(np.asarray(b)[:count] for b in block)
-    return np.asarray(block)[:count]
-
-
-def _rows(block: Any, start: int) -> Any:
-    return tuple(b[start:] for b in block) if isinstance(block, tuple) else block[start:]
-
-
-def _as_array(array: np.ndarray, dtype: str) -> np.ndarray:
-    """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy)."""
-    return array.view(jnp.bfloat16) if dtype == "bfloat16" else array

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays, digest_path
+from .._export.fingerprint import digest_arrays
 from .data import host_array
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
@@ -25,15 +25,10 @@ def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
                         accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)))
 
 
-def checkpoint_digest(source: Any, index: int) -> str:
-    """Fingerprint of a checkpoint: the bytes of its file, or the names and contents of the
-    tensors of an in-memory state_dict (in name order)."""
-    name = f"checkpoints[{index}] ({describe(source, index)})"
-    if isinstance(source, (str, os.PathLike)):
-        if not os.path.exists(source):
-            raise ValueError(f"{name}: no such file")
-        return digest_path(source)
-    state = _unwrap(source, name)
+def state_digest(source: Mapping, index: int) -> str:
+    """Fingerprint of an in-memory checkpoint: the names and contents of its state_dict's tensors
+    (in name order). (A checkpoint file is fingerprinted by its bytes, in tracin._export.)"""
+    state = _unwrap(source, f"checkpoints[{index}] ({describe(source, index)})")
     arrays = []
     for key in sorted(state):
         arrays += [np.frombuffer(key.encode(), np.uint8), host_array(state[key])]
@@ -87,7 +82,7 @@ def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tenso
         try:
             obj = torch.load(source, map_location=device, weights_only=True)
         except FileNotFoundError:
-            raise ValueError(f"{name}: no such file") from None
+            raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {os.path.abspath(source)}") from None
         except pickle.UnpicklingError as e:
             raise ValueError(f"{name} cannot be read with torch.load(weights_only=True), which only "
                              f"allows tensors and plain containers: {str(e).splitlines()[0]}") from None

@@ -7,7 +7,8 @@ Accepted forms:
 - any re-iterable of (inputs, targets) batches (a list, say).
 
 Inputs and targets are "trees": a tensor, or a tuple/list/dict of tensors, all sharing the batch
-dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed to the model positionally, a dict by keyword.
+dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed
+to the model positionally, a dict by keyword.
 """
 
 from __future__ import annotations
@@ -189,6 +190,6 @@ def as_batches(data: Any, max_rows: int) -> Batches:
                              for i, b in enumerate(data)))
         return Batches(data, n, max_rows, one_shot=one_shot)
     raise TypeError(
-        "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an iterable "
-        f"of (inputs, targets) batches; got {type(data).__name__}"
+        "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an "
+        f"iterable of (inputs, targets) batches; got {type(data).__name__}"
     )

@@ -5,24 +5,27 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._export.fingerprint import DataFingerprint
+from .._export.driver import Options, check_store, export
+from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
-from .._export.metadata import export_metadata, last_layer_entry
-from .._progress import progress_bar
-from .._export.projection import check_projection, project, projected_dims
-from .._export.sinks import MemorySink, StoreSink, need_row_count
+from .._export.metadata import last_layer_entry
+from .._export.projection import check_projection
+from .._export.transforms import row_transforms
 from .._validate import positive_int
-from .checkpoints import checkpoint_digest, load_checkpoint, parse_checkpoints, tied_aliases
-from .data import Batches, as_batches, batch_rows, call_model, host_arrays, tree_map
+from .checkpoints import load_checkpoint, parse_checkpoints, state_digest, tied_aliases
+from .data import Tree, as_batches, batch_rows, call_model, host_arrays, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
-from .per_example import PerExampleGradients, check_loss_fn, check_losses, losses_of
+from .losses import check_loss_fn, check_loss_on
+from .model_fingerprint import model_digest
+from .per_example import PerExampleGradients
 
 if TYPE_CHECKING:
     from ..gradients import FactoredGradients, Gradients
@@ -37,7 +40,8 @@ _MAX_DEFAULT_BATCH = 1024
 def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn: Any, *,
                      layers: Sequence[str] | str | None = None, mode: str = "full", projection: Any = None,
                      dtype: str = "float32", store: str | os.PathLike | None = None,
-                     batch_size: int | None = None, progress: bool = True) -> Gradients | FactoredGradients | GradientStore:
+                     batch_size: int | None = None,
+                     progress: bool = True) -> Gradients | FactoredGradients | GradientStore:
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
@@ -79,11 +83,14 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
         batch_size = positive_int(batch_size, "batch_size")
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
+    check_store(store)
     entries = parse_checkpoints(checkpoints)
+    layers = None if layers is None else as_patterns(layers, EXAMPLE)
+    options = Options(mode, layers, dtype, store, progress)
 
     with _evaluating(model):
-        return _export(model, entries, data, loss_fn, layers, projection, dtype, store,
-                       batch_size, progress, model.state_dict(), mode)
+        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size)
+        return export(framework, entries, options, row_transforms(projection, framework.segments))
 
 
 @contextlib.contextmanager
@@ -98,167 +105,107 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _export(model, entries, data, loss_fn, layers, projection, dtype, store, batch_size,
-            progress, reference, mode: str):
-    device = next(iter(reference.values())).device if reference else torch.device("cpu")
-    layers = None if layers is None else as_patterns(layers, EXAMPLE)
-    last = None
-    factored = mode != "full"
-    if factored:
-        if mode == "last_layer":
-            names = [_last_layer_name(model, layers, data, device)]
-        else:
-            names = linear_modules_of(model, select_parameters(model, layers))
-        compute: Any = LinearFactors(model, names, loss_fn, mode)
+@dataclass
+class _Batch:
+    """Rows [start, start + count) of the data, as the user's tensors."""
+
+    start: int
+    count: int
+    inputs: Tree
+    targets: Tree
+
+
+class _TorchExport:
+    """The PyTorch side of one export (see tracin._export.driver.Framework): the model's chosen
+    parameters, the gradient computation of the mode, the data as batches, the device."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, loss_fn: Any, layers: list[str] | None, mode: str, data: Any,
+                 batch_size: int | None):
+        self.model, self.loss_fn = model, loss_fn
+        self.reference = model.state_dict()
+        self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
+        self.tied = tied_aliases(model)
         modules = dict(model.named_modules())
-        params = [(n, p.shape) for name in names for n, p in modules[name].named_parameters(prefix=name)]
-        if mode == "last_layer":
-            name = names[0]
-            last = last_layer_entry(name, f"{name}.weight", f"{name}.bias" if modules[name].bias is not None else None)
-        slot_dims: list = compute.dims  # one (left, right) pair per layer
-        segments = None
-        row_elems = sum(p + q for p, q in slot_dims)
-    else:
-        names = select_parameters(model, layers)
-        all_params = dict(model.named_parameters())
-        compute = PerExampleGradients(model, names, loss_fn)
-        params = [(n, all_params[n].shape) for n in names]
-        segments = compute.widths
-        slot_dims = [compute.width]
-        row_elems = compute.width
-    rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
-    batches = as_batches(data, rows_per_batch)
-    if batches.one_shot and len(entries) > 1:
-        raise TypeError("data is a one-shot iterator, but it is read once per checkpoint; pass a list of "
-                        "batches, a DataLoader or a Dataset")
-    # Sink slots: per checkpoint one per layer (factored) or one; the weight repeats per slot.
-    slots = len(slot_dims)
-    dims = [projected_dims(projection, d, segments) for d in slot_dims]
-    rates = [lr for _, lr in entries for _ in range(slots)]
-    meta = export_metadata("torch", mode, params, layers, dtype, projection,
-                           last_layer=last, data=None,
-                           checkpoints=[checkpoint_digest(s, i) for i, (s, _) in enumerate(entries)])
-    fingerprint = DataFingerprint()
-    if store is not None:
-        need_row_count(batches.n_rows)
-        _read_through(batches, fingerprint)
-        meta["fingerprints"]["data"] = fingerprint.data
-        sink: Any = StoreSink(store, batches.n_rows, dims * len(entries), dtype, factored, rates, meta)
-    else:
-        sink = MemorySink(batches.n_rows, len(entries) * slots, dtype, factored, rates, wrap=_as_tensor)
-    try:
-        if not sink.complete:
-            run = _Run(compute, projection, segments, device, sink, batches, fingerprint, progress, len(entries),
-                       slots)
-            try:
-                for c, (source, _) in enumerate(entries):
-                    run.checkpoint(c, source, reference)
-            finally:
-                run.bar.close()
-        meta["fingerprints"]["data"] = fingerprint.data
-        return sink.finish(meta)
-    except BaseException:
-        sink.close()
-        raise
+        self.last_layer = None
+        if mode == "full":
+            names = select_parameters(model, layers)
+            self.compute_rows: Any = PerExampleGradients(model, names, loss_fn)
+            all_params = dict(model.named_parameters())
+            self.params = [(n, tuple(all_params[n].shape)) for n in names]
+            self.segments: list[int] | None = self.compute_rows.widths
+            self.slot_dims: list = [self.compute_rows.width]
+            row_elems = self.compute_rows.width
+            inplace = self.device.type == "cpu" and self.compute_rows.dtype == torch.float32
+            self.inplace_width = self.compute_rows.width if inplace else None
+        else:
+            linears = ([_last_layer_name(model, layers, data, self.device)] if mode == "last_layer"
+                       else linear_modules_of(model, select_parameters(model, layers)))
+            self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
+            self.params = [(n, tuple(p.shape)) for name in linears
+                           for n, p in modules[name].named_parameters(prefix=name)]
+            names = [n for n, _ in self.params]
+            if mode == "last_layer":
+                layer = linears[0]
+                self.last_layer = last_layer_entry(layer, f"{layer}.weight",
+                                                   f"{layer}.bias" if modules[layer].bias is not None else None)
+            self.segments = None
+            self.slot_dims = self.compute_rows.dims  # one (left, right) pair per layer
+            row_elems = sum(p + q for p, q in self.slot_dims)
+            self.inplace_width = None
+        self.names = names
+        self.fingerprints = {"model": model_digest(model), "loss": callable_identity(loss_fn)}
+        rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
+        self._batches = as_batches(data, rows_per_batch)
+        self.n_rows, self.one_shot = self._batches.n_rows, self._batches.one_shot
+
+    def batches(self) -> Iterator[_Batch]:
+        for start, inputs, targets in self._batches:
+            yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
+
+    def fingerprint_arrays(self, batch: _Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return host_arrays(batch.targets), host_arrays(batch.inputs) if inputs else []
+
+    def state_digest(self, source: Any, index: int) -> str:
+        return state_digest(source, index)
+
+    def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
+        return load_checkpoint(source, index, self.reference, skip=self.tied)
+
+    def _on_device(self, batch: _Batch) -> tuple[Tree, Tree]:
+        return tuple(tree_map(lambda t: t.to(self.device, non_blocking=True), x) for x in (batch.inputs, batch.targets))
+
+    def check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
+        check_loss_on(self.model, state, self.names, self.loss_fn, *self._on_device(batch), batch.count)
+
+    def compute(self, state: dict[str, torch.Tensor], batch: _Batch) -> Any:
+        return self.compute_rows(state, *self._on_device(batch))
+
+    def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
+        self.compute_rows(state, *self._on_device(batch), out=torch.from_numpy(out))
+
+    def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
+        """A (batch, d) tensor or a list of (left, right) pairs, on the CPU: float32 NumPy when
+        asked, else tensors in a dtype the sinks take."""
+        return [_host(block, float32) for block in (computed if isinstance(computed, list) else [computed])]
+
+    @staticmethod
+    def wrap(array: np.ndarray, dtype: str) -> torch.Tensor:
+        """A tensor sharing the memory of a stored array (bfloat16 kept as uint16 bits)."""
+        if dtype == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
 
 
-def _read_through(batches: Batches, fingerprint: DataFingerprint) -> None:
-    """One pass over the data recording its fingerprint (before a store, whose spec holds it, is opened)."""
-    fingerprint.begin("data")
-    for _, inputs, targets in batches:
-        fingerprint.batch(host_arrays(targets), host_arrays(inputs))
-    fingerprint.end()
-
-
-def _as_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A tensor sharing the memory of a stored array (bfloat16 kept as uint16 bits)."""
-    if dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
-def _to_host(block: Any) -> Any:
-    """A computed block (tensor, (left, right) pair, or list of pairs) on the CPU in a dtype the
-    sinks take."""
-    if isinstance(block, (tuple, list)):
-        return type(block)(_to_host(b) for b in block)
-    block = block.detach()
-    if block.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        block = block.float()
-    return block.cpu()
-
-
-class _Run:
-    """The loop over checkpoints x batches, with the progress bar, the loss check and the data
-    fingerprint check. Checkpoint c fills sink slots c * slots ... c * slots + slots - 1 (one per
-    factored layer)."""
-
-    def __init__(self, compute, projection, segments, device, sink, batches: Batches,
-                 fingerprint: DataFingerprint, progress, n_checkpoints, slots):
-        self.compute, self.projection, self.segments, self.device = compute, projection, segments, device
-        self.sink, self.batches, self.fingerprint, self.n_checkpoints = sink, batches, fingerprint, n_checkpoints
-        self.slots = slots
-        self.loss_checked = False
-        self.tied = tied_aliases(compute.model)
-        self.n_rows = batches.n_rows
-        total = None if self.n_rows is None else self.n_rows * n_checkpoints
-        self.bar = progress_bar(total, progress, "tracin.torch export")
-
-    def _destination(self, c: int, start: int, rows: int) -> torch.Tensor | None:
-        """The sink's own rows, when full gradients can be computed straight into them (CPU, no
-        projection, float32 model and stored dtype)."""
-        if (self.projection is not None or self.device.type != "cpu"
-                or not isinstance(self.compute, PerExampleGradients) or self.compute.dtype != torch.float32):
-            return None
-        dest = self.sink.destination(c, start, rows, self.compute.width)
-        return None if dest is None else torch.from_numpy(dest)
-
-    def checkpoint(self, c: int, source: Any, reference: dict) -> None:
-        done = min(self.sink.rows_done(c * self.slots + s) for s in range(self.slots))
-        if self.n_rows is not None and done >= self.n_rows:
-            self.bar.update(self.n_rows)
-            return
-        self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
-        state = load_checkpoint(source, c, reference, skip=self.tied)
-        seen = 0
-        self.fingerprint.begin(f"checkpoint {c}")
-        for start, inputs, targets in self.batches:
-            rows = batch_rows(targets, "targets")
-            self.fingerprint.batch(host_arrays(targets), host_arrays(inputs) if self.fingerprint.recording else ())
-            seen = start + rows
-            if seen <= done:
-                self.bar.update(rows)
-                continue
-            inputs, targets = (tree_map(lambda t: t.to(self.device, non_blocking=True), x)
-                               for x in (inputs, targets))
-            if not self.loss_checked:
-                with torch.no_grad():
-                    check_losses(losses_of(self.compute.model, state, self.compute.loss_fn, inputs, targets), rows)
-                self.loss_checked = True
-            dest = self._destination(c, start, rows)
-            if dest is not None:
-                self.compute(state, inputs, targets, out=dest)
-            else:
-                computed = _to_host(self.compute(state, inputs, targets))
-                for s, block in enumerate(computed if isinstance(computed, list) else [computed]):
-                    if self.projection is not None:
-                        block = project(self.projection, _float_numpy(block), self.segments)
-                    self.sink.write(c * self.slots + s, start, block)
-            self.bar.update(rows)  # no batch buffer outlives its iteration: the next one is not doubled
-        if seen == 0:
-            raise ValueError("data has no rows")
-        if self.n_rows is None:
-            self.n_rows = seen
-        elif seen != self.n_rows:
-            raise ValueError(f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
-                             "it must give the same rows for every checkpoint")
-        self.fingerprint.end()
-
-
-def _float_numpy(block: Any) -> Any:
+def _host(block: Any, float32: bool) -> Any:
     if isinstance(block, tuple):
-        return tuple(_float_numpy(b) for b in block)
-    return block.float().numpy()
+        return tuple(_host(b, float32) for b in block)
+    block = block.detach()
+    if float32 or block.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        block = block.float()
+    block = block.cpu()
+    return block.numpy() if float32 else block
 
 
 def _last_layer_name(model: nn.Module, layers: list[str] | None, data: Any, device: torch.device) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .data import Tree
 from .linear_capture import NotRankOne, capture_linear
-from .per_example import LossFn
+from .losses import LossFn
 
 
 class LinearFactors:

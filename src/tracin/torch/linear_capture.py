@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .data import Tree, batch_rows
-from .per_example import LossFn, check_losses, losses_of
+from .losses import LossFn, check_losses, losses_of
 
 
 class NotRankOne(ValueError):

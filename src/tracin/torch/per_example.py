@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from .data import Tree, batch_rows, call_model, tree_map
-
-LossFn = Callable[[object, Tree], torch.Tensor]
-
-
-def check_loss_fn(loss_fn: object) -> None:
-    """Refuses non-callables and loss modules with a reduction other than 'none', up front."""
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    reduction = getattr(loss_fn, "reduction", "none")
-    if reduction != "none":
-        raise ValueError(
-            f"loss_fn has reduction={reduction!r}; TracIn needs one loss per example: build it with "
-            f"reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
-        )
-
-
-def check_losses(losses: object, rows: int) -> None:
-    """Refuses a loss_fn whose output on a batch of `rows` is not a (rows,) tensor of losses."""
-    if not isinstance(losses, torch.Tensor):
-        raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
-    if losses.shape != (rows,):
-        hint = (" It looks mean- or sum-reduced: a reduced loss mixes the examples of a batch, so "
-                "per-example gradients cannot be taken from it. Return one loss per example "
-                "(reduction='none').") if losses.dim() == 0 else ""
-        raise ValueError(f"loss_fn must return per-example losses of shape ({rows},) for a batch of "
-                         f"{rows}; got shape {tuple(losses.shape)}.{hint}")
-
-
-def model_caller(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Callable[..., object]:
-    """A callable running `model` with the tensors of `state` in place of its own."""
-    return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs)
-
-
-def losses_of(model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn,
-              inputs: Tree, targets: Tree) -> torch.Tensor:
-    return loss_fn(call_model(model_caller(model, state), inputs), targets)
+from .data import Tree, batch_rows, tree_map
+from .linear_capture import NotRankOne, capture_linear
+from .losses import LossFn, losses_of
 
 
 class PerExampleGradients:
@@ -109,8 +75,6 @@ class PerExampleGradients:
         return out
 
     def _by_linear_capture(self, state, chosen, rest, inputs, targets, out) -> bool:
-        from .linear_capture import NotRankOne, capture_linear
-
         try:
             captured = capture_linear(self.model, list(self.linear_plan), state, self.loss_fn, inputs, targets)
         except NotRankOne:

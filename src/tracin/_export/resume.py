@@ -1,0 +1,53 @@
+"""Naming what changed when an export is run again into a store written from other inputs.
+
+The store refuses any spec change on its own (with both metadata dicts in full); this check comes
+first and says in words which fingerprinted input differs: the data, a checkpoint, the model's
+structure or the loss function.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_WHAT = {
+    "data": "the data (inputs or targets) differ",
+    "model": "the model differs (module types or settings, parameter names, shapes or dtypes)",
+    "loss": "the loss function differs",
+    "layer_input": "layer_input differs",
+}
+
+
+def changed_inputs(before: dict, now: dict) -> list[str]:
+    """What differs between two exports' metadata["fingerprints"], in words."""
+    changes = []
+    old, new = before.get("checkpoints"), now.get("checkpoints")
+    if old != new:
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new)) if a != b]
+        else:
+            changes.append(f"the checkpoints differ ({len(old) if isinstance(old, list) else 'unknown'} "
+                           f"there, {len(new) if isinstance(new, list) else 'unknown'} here)")
+    for key in sorted(set(before) | set(now)):
+        if key != "checkpoints" and before.get(key) != now.get(key):
+            detail = f" ({before.get(key)} there, {now.get(key)} here)" if key in ("loss", "layer_input") else ""
+            changes.append(_WHAT.get(key, f"fingerprint {key!r} differs") + detail)
+    return changes
+
+
+def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
+    """ValueError naming the changed inputs when `path` holds a store exported with other
+    fingerprints than `metadata`'s; nothing when there is no readable store there yet."""
+    from ..store import GradientStore
+
+    try:
+        existing: Any = GradientStore.open(path, allow_partial=True).metadata
+    except (OSError, ValueError):  # no store yet, or one whose defects the writer reports
+        return
+    if not isinstance(existing, dict) or not isinstance(existing.get("fingerprints"), dict) \
+            or not isinstance(metadata.get("fingerprints"), dict):
+        return
+    changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"])
+    if changes:
+        raise ValueError(f"{os.fspath(path)} holds gradients exported from other inputs: " + "; ".join(changes)
+                         + ". Rows from both cannot be mixed: export into another directory, or delete this one")

@@ -1,0 +1,68 @@
+"""Row transforms: what happens to each batch of exported rows on the host, between the framework's
+gradients and the sink (today: random projection; later optimizer preconditioning, normalisation).
+
+A transform maps a block (rows, d) float32 -> (rows, d') float32, or a factored (left (rows, p),
+right (rows, q)) pair -> another pair, row by row (so any split of the rows into batches gives the
+same result). The export driver applies a list of them in order; each records itself in the
+metadata under its `key`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .projection import project, projected_dims
+
+Dims = Any  # int d, or (p, q) when factored
+Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
+
+
+class RowTransform(Protocol):
+    """One step of the chain: `dims` maps the widths it is given to the widths it returns, `apply`
+    a host block to the transformed block, `to_dict` what the metadata records under `key`."""
+
+    key: str
+
+    def dims(self, dims: Dims) -> Dims: ...
+
+    def apply(self, block: Block) -> Block: ...
+
+    def to_dict(self) -> dict: ...
+
+
+class Projected:
+    """A tracin.Projection as a row transform; `segments` are the parameter widths of a full row
+    (for per-layer projections), None when factored."""
+
+    key = "projection"
+
+    def __init__(self, projection: Any, segments: Sequence[int] | None):
+        self.projection, self.segments = projection, segments
+
+    def dims(self, dims: Dims) -> Dims:
+        return projected_dims(self.projection, dims, self.segments)
+
+    def apply(self, block: Block) -> Block:
+        return project(self.projection, block, self.segments)
+
+    def to_dict(self) -> dict:
+        return self.projection.to_dict()
+
+
+def row_transforms(projection: Any, segments: Sequence[int] | None) -> list[RowTransform]:
+    """The chain an export applies, in order, from its options."""
+    return [] if projection is None else [Projected(projection, segments)]
+
+
+def chained_dims(transforms: Sequence[RowTransform], dims: Dims) -> Dims:
+    """The widths a block of `dims` has after every transform."""
+    for t in transforms:
+        dims = t.dims(dims)
+    return dims
+
+
+def apply_all(transforms: Sequence[RowTransform], block: Block) -> Block:
+    for t in transforms:
+        block = t.apply(block)
+    return block

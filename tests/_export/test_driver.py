@@ -1,0 +1,209 @@
+"""The shared export loop, driven by a small NumPy 'framework' (rows = inputs * the checkpoint's scale),
+so that resume, transforms, the in-place path and the errors are checked without torch or JAX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin._export.driver import Options, export
+from tracin._export.sinks import StoreSink
+from tracin._export.transforms import row_transforms
+
+
+@dataclass
+class _Batch:
+    start: int
+    count: int
+    x: np.ndarray
+
+
+class _Scaled:
+    """Rows of checkpoint {"scale": s} are s * x (float64 reference: the same product)."""
+
+    name = "numpy"
+    params = [("w", (3,))]
+    last_layer = None
+    slot_dims = [3]
+    segments = [3]
+    fingerprints = {"loss": "scaled"}
+    inplace_width = None
+
+    def __init__(self, batches: list[np.ndarray], n_rows: int | None = -1, one_shot: bool = False):
+        self.data, self.one_shot = batches, one_shot
+        self.n_rows = sum(len(b) for b in batches) if n_rows == -1 else n_rows
+        self.computed: list[int] = []  # start row of every batch computed
+        self.into: list[int] = []  # start row of every batch computed in place
+        self.checked = 0
+
+    def batches(self):
+        start = 0
+        for x in self.data:
+            yield _Batch(start, len(x), x)
+            start += len(x)
+
+    def fingerprint_arrays(self, batch, inputs):
+        return [batch.x[:, 0]], [batch.x] if inputs else []
+
+    def state_digest(self, source, index):
+        return str(source["scale"])
+
+    def load(self, source, index):
+        return source["scale"]
+
+    def check(self, state, batch):
+        self.checked += 1
+
+    def compute(self, state, batch):
+        self.computed.append(batch.start)
+        return batch.x * np.float32(state)
+
+    def to_host(self, computed, count, float32):
+        return [np.asarray(computed[:count], np.float32)]
+
+    def compute_into(self, state, batch, out):
+        self.into.append(batch.start)
+        out[:] = batch.x * np.float32(state)
+
+    @staticmethod
+    def wrap(array, dtype):
+        return array
+
+
+def _data(n: int = 10, size: int = 4) -> list[np.ndarray]:
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) / 7
+    return [x[i:i + size] for i in range(0, n, size)]
+
+
+CKPTS = [({"scale": 2.0}, 0.5), ({"scale": -1.0}, 0.25)]
+
+
+def _options(store=None, mode="full") -> Options:
+    return Options(mode, None, "float32", store, progress=False)
+
+
+def test_rows_weights_and_metadata_in_memory():
+    data = _data()
+    g = export(_Scaled(data), CKPTS, _options(), [])
+    x = np.concatenate(data).astype(np.float64)
+    for m, (ckpt, _) in zip(g.matrices, CKPTS):
+        np.testing.assert_allclose(m, x * ckpt["scale"], rtol=1e-6)
+    np.testing.assert_array_equal(g.weights, [0.5, 0.25])
+    fp = g.metadata["fingerprints"]
+    assert fp["checkpoints"] == ["2.0", "-1.0"] and fp["loss"] == "scaled" and fp["data"] is not None
+    assert g.metadata["framework"] == "numpy" and g.metadata["projection"] is None
+
+
+def test_transforms_are_applied_in_order_and_recorded_under_their_key():
+    class Doubled:
+        key = "doubling"
+
+        def dims(self, dims):
+            return 2 * dims
+
+        def apply(self, block):
+            return np.hstack([block, -block])
+
+        def to_dict(self):
+            return {"kind": "doubling"}
+
+    projection = tracin.Projection(4, seed=1)
+    chain = [Doubled(), *row_transforms(projection, None)]
+    g = export(_Scaled(_data()), CKPTS[:1], _options(), chain)
+    x = np.concatenate(_data()).astype(np.float64) * 2.0
+    expected = projection.apply(np.hstack([x, -x]).astype(np.float32))
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=1e-5, atol=1e-6)
+    assert g.metadata["doubling"] == {"kind": "doubling"} and g.metadata["projection"] == projection.to_dict()
+
+
+def test_in_place_rows_are_used_only_without_transforms():
+    framework = _Scaled(_data())
+    framework.inplace_width = 3
+    g = export(framework, CKPTS, _options(), [])
+    assert framework.into == [0, 4, 8] * 2 and framework.computed == []
+    np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * -1.0, rtol=1e-6)
+    projected = _Scaled(_data())
+    projected.inplace_width = 3
+    export(projected, CKPTS, _options(), row_transforms(tracin.Projection(2), [3]))
+    assert projected.into == [] and projected.computed == [0, 4, 8] * 2
+
+
+def test_resume_writes_only_the_missing_rows_of_a_partly_written_batch(tmp_path, monkeypatch):
+    path = tmp_path / "g"
+    real_write = StoreSink.write
+
+    def torn(self, c, start, block):  # killed half-way through checkpoint 1's second batch
+        if c == 1 and start == 4:
+            real_write(self, c, start, block[:2])
+            raise KeyboardInterrupt
+        real_write(self, c, start, block)
+
+    monkeypatch.setattr(StoreSink, "write", torn)
+    with pytest.raises(KeyboardInterrupt):
+        export(_Scaled(_data()), CKPTS, _options(path), [])
+    writes = []
+    monkeypatch.setattr(StoreSink, "write", lambda self, c, start, block: writes.append((c, start, len(block)))
+                        or real_write(self, c, start, block))
+    again = _Scaled(_data())  # batches at rows 0, 4, 8
+    store = export(again, CKPTS, _options(path), [])
+    assert again.computed == [4, 8]  # checkpoint 0 and rows 0..6 of checkpoint 1 are done
+    assert writes == [(1, 6, 2), (1, 8, 2)]
+    x = np.concatenate(_data()).astype(np.float64)
+    np.testing.assert_allclose(tracin.self_influence(store), 0.5 * 4 * (x**2).sum(1) + 0.25 * (x**2).sum(1),
+                               rtol=1e-5)
+
+
+def test_a_finished_store_computes_nothing(tmp_path):
+    export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [])
+    again = _Scaled(_data())
+    assert export(again, CKPTS, _options(tmp_path / "g"), []).complete
+    assert again.computed == [] and again.checked == 0
+
+
+def test_the_users_functions_are_checked_once():
+    framework = _Scaled(_data())
+    export(framework, CKPTS, _options(), [])
+    assert framework.checked == 1
+
+
+@pytest.mark.parametrize("framework, error, message", [
+    (_Scaled([], n_rows=0), ValueError, "data has no rows"),
+    (_Scaled([], n_rows=None), ValueError, "data has no rows"),
+    (_Scaled(_data(), n_rows=None, one_shot=True), ValueError, r"one-shot iterator, but it is read once per "
+                                                               r"checkpoint \(2 checkpoints\)"),
+    (_Scaled(_data(), n_rows=11), ValueError, "data gave 10 rows at checkpoint 0, expected 11"),
+])
+def test_data_mistakes(framework, error, message):
+    with pytest.raises(error, match=message):
+        export(framework, CKPTS, _options(), [])
+
+
+def test_a_missing_checkpoint_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoints\[1\]: no checkpoint at .*nope"):
+        export(_Scaled(_data()), [CKPTS[0], (str(tmp_path / "nope"), 1.0)], _options(), [])
+
+
+def test_a_store_needs_the_row_count_and_is_closed_on_error(tmp_path):
+    with pytest.raises(ValueError, match="store= needs the number of examples"):
+        export(_Scaled(_data(), n_rows=None), CKPTS[:1], _options(tmp_path / "g"), [])
+    failing = _Scaled(_data())
+    failing.compute = lambda state, batch: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        export(failing, CKPTS, _options(tmp_path / "h"), [])
+    # the lock was released: the same export resumes at once
+    assert export(_Scaled(_data()), CKPTS, _options(tmp_path / "h"), []).complete
+
+
+def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
+    export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [])
+    other_loss = _Scaled(_data())
+    other_loss.fingerprints = {"loss": "squared"}
+    with pytest.raises(ValueError, match=r"other inputs: the loss function differs \(scaled there, squared here\)"):
+        export(other_loss, CKPTS, _options(tmp_path / "g"), [])
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] differs"):
+        export(_Scaled(_data()), [CKPTS[0], ({"scale": 3.0}, 0.25)], _options(tmp_path / "g"), [])
+    with pytest.raises(ValueError, match="the data .* differ"):
+        export(_Scaled([b + 1 for b in _data()]), CKPTS, _options(tmp_path / "g"), [])
