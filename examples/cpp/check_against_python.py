@@ -57,8 +57,10 @@ def main(argv: list[str]) -> int:
         sys.exit("usage: check_against_python.py PATH/TO/top_k_example")
     test = tracin.Gradients(make_gradients(TEST_ROWS, 1), weights=LEARNING_RATES)
     train = tracin.Gradients(make_gradients(TRAIN_ROWS, 2), weights=LEARNING_RATES)
-    pairs = [(w, a.astype(np.float64), b.astype(np.float64))
-             for w, a, b in zip(LEARNING_RATES, test.matrices, train.matrices)]
+    pairs = [
+        (w, a.astype(np.float64), b.astype(np.float64))
+        for w, a, b in zip(LEARNING_RATES, test.matrices, train.matrices, strict=True)
+    ]
     exact = sum(w * a @ b.T for w, a, b in pairs)
     # The numerical contract's scale-aware bound per entry: 1e-5 * sum_c |w_c| |g_c(t)| |g_c(i)|.
     bound = 1e-5 * sum(abs(w) * np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)) for w, a, b in pairs)
@@ -67,10 +69,14 @@ def main(argv: list[str]) -> int:
             run = subprocess.run([argv[0], str(k), str(threads)], capture_output=True, text=True, check=True)
             values, indices = parse(run.stdout, k)
             expected = tracin.top_k(test, train, k=k, num_threads=threads)
-            if not (np.array_equal(values.view(np.int32), expected.values.view(np.int32))
-                    and np.array_equal(indices, expected.indices)):
-                sys.exit(f"k={k}, {threads} thread(s): the C++ example and tracin.top_k differ\n"
-                         f"C++:\n{run.stdout}\nPython:\n{expected.values}\n{expected.indices}")
+            if not (
+                np.array_equal(values.view(np.int32), expected.values.view(np.int32))
+                and np.array_equal(indices, expected.indices)
+            ):
+                sys.exit(
+                    f"k={k}, {threads} thread(s): the C++ example and tracin.top_k differ\n"
+                    f"C++:\n{run.stdout}\nPython:\n{expected.values}\n{expected.indices}"
+                )
             # And both agree with float64 NumPy (no ties among these scores, so the order is unique).
             np.testing.assert_array_equal(indices, np.argsort(-exact, axis=1, kind="stable")[:, :k])
             error = np.abs(values - np.take_along_axis(exact, indices, axis=1))
