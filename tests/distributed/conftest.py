@@ -25,9 +25,11 @@ def client() -> Iterator[Client]:
         yield c
 
 
-def write_store(path: Path, matrices: list[np.ndarray], weights: list[float] | None, **open_kw) -> tracin.GradientStore:
+def write_store(path: Path, matrices: list[np.ndarray], weights: list[float] | None, overwrite: bool = False,
+                **open_kw) -> tracin.GradientStore:
     """A finished store holding `matrices` (one (n, d_c) float32 array per checkpoint)."""
-    writer = tracin.GradientStore.create(path, len(matrices[0]), [m.shape[1] for m in matrices], weights)
+    writer = tracin.GradientStore.create(path, len(matrices[0]), [m.shape[1] for m in matrices], weights,
+                                         overwrite=overwrite)
     for c, m in enumerate(matrices):
         writer.write(c, 0, m)
     writer.finalize()

@@ -14,7 +14,7 @@ import pytest
 import tracin
 import tracin.distributed as td
 from tracin.distributed._run import Job
-from tracin.store import StoreFormatError
+from tracin.store import StoreChangedError, StoreFormatError
 
 from .conftest import ALLOWED_FAILURES, write_store
 
@@ -93,3 +93,10 @@ def test_task_that_keeps_killing_workers_is_named(client):
     with pytest.raises(RuntimeError, match=rf"rows \[0, 10\) of /some/store .* died {ALLOWED_FAILURES + 1} times"):
         job.wait([doomed], progress=False)
     client.wait_for_workers(2, timeout=60)
+
+
+def test_store_recreated_after_opening_is_refused(client, tied, tmp_path):
+    store = _copy(tied["store"], tmp_path / "s")
+    write_store(tmp_path / "s", [m[::-1].copy() for m in tied["train"]], [0.5, 2.0], overwrite=True)
+    with pytest.raises(StoreChangedError, match=f"gradient store {store.path} here is not the one opened"):
+        td.top_k(tied["test"], store, 3, client=client, shards=2)

@@ -25,13 +25,13 @@ class Job:
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
 
     def send(self, value: Any) -> Future:
-        """`value` (a small in-memory side) copied to every worker once."""
-        future = self.client.scatter(value, broadcast=True, hash=False)
-        self.futures.append(future)
-        return future
+        """`value` (a small in-memory side) as the result of a task, so that each worker fetches it
+        once and the scheduler can make it again if every worker holding it dies (scattered data
+        would be lost with them)."""
+        return self.submit(_value, value)
 
     def submit(self, fn: Callable, *args: Any, label: str | None = None) -> Future:
-        key = f"tracin-{self.what}-{fn.__name__}-{len(self.futures)}-{self.token}"
+        key = f"tracin_{fn.__name__}-{self.token}-{len(self.futures)}"  # grouped by fn on the dashboard
         future = self.client.submit(fn, *args, key=key, pure=False, retries=RETRIES)
         self.futures.append(future)
         if label is not None:
@@ -63,3 +63,7 @@ class Job:
         finally:
             bar.close()
             self.client.cancel(self.futures)
+
+
+def _value(x: Any) -> Any:
+    return x

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..gradients import GradientSet
-from ..store import GradientStore
+from ..store import GradientStore, StoreChangedError
 
 MAX_SHARD_BYTES = 256 * 2**20  # no shard larger than this (one kernel call's worth of rows)...
 MIN_SHARD_BYTES = 4 * 2**20  # ...none smaller, unless the store is...
@@ -29,21 +29,30 @@ class StoreRows:
     stop: int
     allow_partial: bool
     chunk_bytes: int
+    store_id: str | None  # the random id the store's manifest was created with
 
     @classmethod
     def of(cls, store: GradientStore) -> StoreRows:
         """The rows a store view covers (a whole store, a shard or a slice)."""
         start = store.shard_offset()
-        return cls(str(store.path), start, start + store.n_rows, store._allow_partial, store._chunk_bytes)
+        # Private state read here until GradientStore exposes it: how the view was opened, and
+        # which store it is.
+        return cls(str(store.path), start, start + store.n_rows, store._allow_partial, store._chunk_bytes,
+                   store._manifest.store_id)
 
     def rows(self, a: int, b: int) -> StoreRows:
         """Rows [a, b) of this range (relative to its start)."""
-        return StoreRows(self.path, self.start + a, self.start + b, self.allow_partial, self.chunk_bytes)
+        return replace(self, start=self.start + a, stop=self.start + b)
 
     def open(self) -> GradientStore:
         """Opens the store by path, checking its files (StoreFormatError / FileNotFoundError naming
-        the file when one is missing or corrupt), and returns the view of these rows."""
+        the file when one is missing or corrupt) and that it is the store opened on the client
+        (StoreChangedError otherwise), and returns the view of these rows."""
         store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
+        if store._manifest.store_id != self.store_id:
+            raise StoreChangedError(f"gradient store {self.path} here is not the one opened on the client (store id "
+                                    f"{self.store_id} there, {store._manifest.store_id} here): it was re-created "
+                                    "since, or this machine's copy differs; open it again")
         if store.n_rows < self.stop:
             raise ValueError(f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "
                              f"[{self.start}, {self.stop}) were asked for: do all workers see the same store?")

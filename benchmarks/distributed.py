@@ -1,0 +1,173 @@
+"""Distributed top-k benchmark: a LocalCluster against tracin.top_k on the same store, and a scaling model.
+
+    python -m benchmarks.distributed [--size 1] [--workers 2] [--test-rows 64] [--k 10] [--repeats 5]
+
+Writes a float16 store of --size GiB, starts a LocalCluster of --workers single-threaded worker
+processes on 127.0.0.1 and times tracin.distributed.top_k(test, store, side="both") against
+tracin.top_k(test, store, side="both", num_threads=--workers), interleaved, the store warm in the
+OS cache. From Dask's task stream: the time of each shard task and merge task. The fixed cost per
+task comes from a store of --tiny-shards rows cut into one shard per row, against one shard per
+worker. A projection for 10, 100 and 1000 workers on a 1 TiB store is built from these measured
+parts (not measured: see "projection" in the JSON). Writes results/distributed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import tracin
+import tracin.distributed as td
+from distributed import Client, LocalCluster, get_task_stream
+from tracin.distributed._run import FAN_IN
+from tracin.distributed._shards import MAX_SHARD_BYTES, shard_ranges
+
+from .common import RESULTS_DIR, time_interleaved, write_json
+from .store import write_store
+
+TIB = 2**40
+PROJECTED_WORKERS = (10, 100, 1000)
+
+
+def _compute_seconds(stream: list[dict], prefix: str) -> list[float]:
+    """Compute time of each task in a Dask task stream whose key starts with `prefix`."""
+    return [s["stop"] - s["start"] for t in stream if str(t["key"]).startswith(prefix)
+            for s in t["startstops"] if s["action"] == "compute"]
+
+
+def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: int) -> dict:
+    """Extra wall time per extra task: a tiny store cut into `shards` one-row shards against one
+    shard per worker, both doing (almost) no kernel work."""
+    small = write_store(root / "tiny", shards, [8]) and tracin.GradientStore.open(root / "tiny")
+    test = tracin.Gradients(np.ones((1, 8), dtype=np.float16))
+    times = time_interleaved({
+        "per_worker": lambda: td.top_k(test, small, 1, client=client, shards=workers, progress=False),
+        "per_row": lambda: td.top_k(test, small, 1, client=client, shards=shards, progress=False),
+    }, repeats=repeats)
+    few, many = times["per_worker"]["median_s"], times["per_row"]["median_s"]
+    return {"tasks": shards, "times": times, "call_s_one_shard_per_worker": few,
+            "fixed_cost_per_task_s": (many - few) / (shards - workers)}
+
+
+def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: float) -> list[dict]:
+    """Projected seconds for a 1 TiB store: waves of default-size shards over the workers, each
+    shard costing its measured kernel time plus the fixed cost per task, then the merge tree (its
+    depth in merge tasks), plus the fixed cost of one call."""
+    rows = []
+    for w in PROJECTED_WORKERS:
+        shards = len(shard_ranges(TIB // 2**14, 2**14, w, None))  # 16 KiB rows; the count is what matters
+        per_shard = TIB / shards * shard_s_per_byte + task_s
+        depth = math.ceil(math.log(shards, FAN_IN))
+        total = call_s + math.ceil(shards / w) * per_shard + depth * (merge_s + task_s)
+        rows.append({"workers": w, "shards": shards, "shard_gib": TIB / shards / 2**30, "waves": math.ceil(shards / w),
+                     "shard_s": per_shard, "merge_depth": depth, "projected_s": total})
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    dims = [args.dim] * args.checkpoints
+    row_bytes = sum(dims) * 2
+    n_rows = int(args.size * 2**30) // row_bytes
+    root = Path(tempfile.mkdtemp(prefix="tracin-distributed-bench-", dir=args.dir))
+    try:
+        write_store(root / "store", n_rows, dims)
+        store = tracin.GradientStore.open(root / "store")
+        rng = np.random.default_rng(1)
+        test = tracin.Gradients([rng.standard_normal((args.test_rows, d), dtype=np.float32).astype(np.float16)
+                                 for d in dims])
+        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as client:
+            contenders = {
+                "single_machine": lambda: tracin.top_k(test, store, args.k, "both", num_threads=args.workers),
+                "distributed": lambda: td.top_k(test, store, args.k, "both", client=client, progress=False),
+            }
+            times = time_interleaved(contenders, repeats=args.repeats)
+            with get_task_stream(client=client) as stream:
+                found = contenders["distributed"]()
+            expected = contenders["single_machine"]()
+            identical = all(np.array_equal(a.values, b.values) and np.array_equal(a.indices, b.indices)
+                            for a, b in zip(found, expected, strict=True))
+            fixed = _fixed_cost(client, root, args.workers, args.tiny_shards, args.repeats)
+    finally:
+        shutil.rmtree(root)
+    shard_s = _compute_seconds(stream.data, "tracin_top_k_part")
+    merge_s = _compute_seconds(stream.data, "tracin_merge_parts")
+    med = {name: t["median_s"] for name, t in times.items()}
+    shard_bytes = store.nbytes / len(shard_s)
+    per_byte = statistics.median(shard_s) / shard_bytes
+    merge = statistics.median(merge_s) if merge_s else 0.0
+    return {
+        "config": {"size_gib": args.size, "n_rows": n_rows, "dims": dims, "dtype": "float16",
+                   "test_rows": args.test_rows, "k": args.k, "side": "both", "workers": args.workers,
+                   "threads_per_worker": 1, "single_machine_threads": args.workers, "repeats": args.repeats,
+                   "cache": "warm (store pages in the OS cache)"},
+        "store_bytes": store.nbytes,
+        "times": times,
+        "ratio_distributed_over_single_machine": med["distributed"] / med["single_machine"],
+        "goal_ratio": 1.15,
+        "identical_results": identical,
+        "shards": len(shard_s),
+        "shard_bytes": shard_bytes,
+        "shard_compute_s": shard_s,
+        "shard_gib_per_s_per_worker": 1 / per_byte / 2**30,
+        "merge_tasks": len(merge_s),
+        "merge_compute_s": merge_s,
+        "fixed_cost": fixed,
+        "projection": {
+            "note": "PROJECTION, not a measurement: 1 TiB float16 store, this machine's measured per-byte shard time "
+                    "(single-threaded task, warm cache), merge time and fixed costs; assumes storage feeds every "
+                    f"worker at >= {1 / per_byte / 2**30:.2f} GiB/s and default shards (at most "
+                    f"{MAX_SHARD_BYTES // 2**20} MiB).",
+            "rows": _projection(per_byte, merge, fixed["call_s_one_shard_per_worker"],
+                                fixed["fixed_cost_per_task_s"]),
+        },
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=float, default=1.0, help="store size in GiB (default 1)")
+    p.add_argument("--dim", type=int, default=4096, help="columns per checkpoint (default 4096)")
+    p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
+    p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
+    p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
+    p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
+    p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    t0 = time.perf_counter()
+    result = run(args)
+    path = write_json("distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib", result, args.out)
+    med = {k: v["median_s"] for k, v in result["times"].items()}
+    print(f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, top-{args.k} both sides, {args.test_rows} test rows: "
+          f"single machine ({args.workers} threads) {med['single_machine']:.3f} s, LocalCluster ({args.workers} "
+          f"workers, {result['shards']} shards) {med['distributed']:.3f} s = "
+          f"{result['ratio_distributed_over_single_machine']:.3f}x (goal <= 1.15x); identical: "
+          f"{result['identical_results']}")
+    print(f"shard task {statistics.median(result['shard_compute_s']):.3f} s "
+          f"({result['shard_gib_per_s_per_worker']:.2f} GiB/s per worker), merge task "
+          f"{statistics.median(result['merge_compute_s'] or [0]) * 1e3:.2f} ms, fixed cost per task "
+          f"{result['fixed_cost']['fixed_cost_per_task_s'] * 1e3:.1f} ms, per call "
+          f"{result['fixed_cost']['call_s_one_shard_per_worker'] * 1e3:.0f} ms")
+    for r in result["projection"]["rows"]:
+        print(f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s")
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
