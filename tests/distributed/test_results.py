@@ -8,7 +8,7 @@ import pytest
 import tracin
 import tracin.distributed as td
 
-from .conftest import exact_top_k
+from .conftest import exact_top_k, write_store
 
 
 def _same(a: tracin.TopK, b: tracin.TopK) -> None:
@@ -96,3 +96,10 @@ def test_aggregate_over_test_shards_adds_float64_partials_in_order(client, float
     found = td.aggregate(floats["test_store"], train, client=client, shards=3)  # 40 rows in chunks of 7
     np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
     np.testing.assert_allclose(found, floats["scores"][:, :300].sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_aggregate_beyond_float32_is_refused(client, tmp_path):
+    train = [np.full((6, 4), 3e19, dtype=np.float32)]  # 3 test rows x 4 columns x 3e38: 3.6e39 per train row
+    store = write_store(tmp_path / "big", train, None)
+    with pytest.raises(ValueError, match=r"overflowed float32 for train rows \[0, 1, 2, 3, 4\]"):
+        td.aggregate(tracin.Gradients(np.ones((3, 4), dtype=np.float32) * 1e19), store, client=client, shards=2)

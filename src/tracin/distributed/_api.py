@@ -100,7 +100,18 @@ def aggregate(test: Any, train: Any, *, client: Any = None, shards: int | None =
             parts = [job.submit(_tasks.aggregate_part, rows.rows(a, b), other, num_threads, slots,
                                 label=str(rows.rows(a, b))) for a, b in ranges]
             total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
-    return total.astype(np.float32)
+    return _float32(total)
+
+
+def _float32(total: np.ndarray) -> np.ndarray:
+    """The float64 sums as float32, refusing sums beyond float32's range (as tracin.aggregate does)."""
+    with np.errstate(over="ignore"):
+        out = total.astype(np.float32)
+    overflowed = np.flatnonzero(~np.isfinite(out) & np.isfinite(total))
+    if overflowed.size:
+        raise ValueError(f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
+                         "although every input is finite; rescale the gradients (or the learning-rate weights)")
+    return out
 
 
 def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool]:
