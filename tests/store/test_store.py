@@ -176,3 +176,18 @@ def test_describe_reports_the_facts(tmp_path):
     text = describe(tmp_path / "u")
     assert "complete        no (rows written per checkpoint: 0, 5)" in text
     assert "checkpoints     2  (weights 1, 1, the default)" in text
+
+
+def test_the_store_id_stays_over_a_resume_and_changes_with_a_new_store(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [2])
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    w.close()
+    opened = tracin.GradientStore.open(tmp_path / "s", allow_partial=True, chunk_bytes=24)
+    assert len(opened.store_id) == 32 and int(opened.store_id, 16) >= 0
+    assert (opened.allow_partial, opened.chunk_bytes) == (True, 24)
+    assert opened[1:3].store_id == opened.store_id and opened.shard(1, 2).chunk_bytes == 24
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [2])
+    w.write(0, 2, np.ones((2, 2), np.float32))
+    assert w.finalize().store_id == opened.store_id
+    again = write_store(tmp_path / "s", random_blocks(4, [2], "float32", False), overwrite=True)
+    assert again.store_id != opened.store_id and not again.allow_partial

@@ -155,6 +155,22 @@ class GradientStore(GradientSet):
         return self._manifest.complete
 
     @property
+    def store_id(self) -> str | None:
+        """The random identity the store was created with (docs/format.md; None for stores written
+        before ids were recorded): another store at the same path has another id."""
+        return self._manifest.store_id
+
+    @property
+    def allow_partial(self) -> bool:
+        """Whether the store was opened with allow_partial=True."""
+        return self._allow_partial
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of rows (all checkpoints together) mapped per kernel call."""
+        return self._chunk_bytes
+
+    @property
     def row_bytes(self) -> int:
         """Bytes of one row over all checkpoints (and factors)."""
         return sum(sum(d) for d in self._manifest.dims) * DISK_DTYPES[self.dtype].itemsize
