@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tracin
+from tracin.gradients import KernelSide
 
 
 def test_views_share_memory_with_numpy_and_memmap(rng, tmp_path):
@@ -87,3 +88,41 @@ def test_factored_validation(rng):
         tracin.FactoredGradients([left], [right, right])
     with pytest.raises(ValueError, match="same number of rows"):
         tracin.FactoredGradients(left, right[:3])
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda a: np.broadcast_to(a[0], (6, 10)),  # row stride 0
+        lambda a: np.lib.stride_tricks.sliding_window_view(a.ravel(), 10)[::4][:6],  # rows overlap
+        lambda a: a[::-1][:6],  # negative row stride
+    ],
+    ids=["broadcast_to", "sliding_window_view", "reversed"],
+)
+def test_overlapping_or_reversed_rows_are_copied(rng, view):
+    a = rng.standard_normal((8, 10), dtype=np.float32)
+    rows = view(a)
+    g = tracin.Gradients(rows)
+    assert g.matrices[0].flags.c_contiguous and not np.shares_memory(g.matrices[0], a)
+    np.testing.assert_array_equal(g.matrices[0], rows)
+
+
+def test_row_stride_not_a_multiple_of_the_item_size_is_copied(rng):
+    raw = np.zeros(6 * 42, np.uint8)
+    rows = np.lib.stride_tricks.as_strided(raw[:4 * 10].view(np.float32), (6, 10), (42, 4), writeable=False)
+    values = rng.standard_normal((6, 10), dtype=np.float32)
+    for r in range(6):
+        raw[42 * r:42 * r + 40] = values[r].view(np.uint8)
+    g = tracin.Gradients(rows)
+    assert g.matrices[0].flags.c_contiguous
+    np.testing.assert_array_equal(g.matrices[0], values)
+
+
+def test_kernel_side_is_a_named_tuple_of_row_views(rng):
+    left = rng.standard_normal((5, 3), dtype=np.float32)
+    right = rng.standard_normal((5, 4)).astype(np.float16)
+    side = tracin.FactoredGradients(left, right).kernel_side(1, 4)
+    assert isinstance(side, KernelSide) and side.factored and side.dtypes == [0, 1]
+    factored, blocks, dtypes = side  # still a (factored, blocks, dtypes) tuple
+    assert [b.shape for b in blocks] == [(3, 3), (3, 4)] and np.shares_memory(blocks[0], left)
+    np.testing.assert_array_equal(blocks[1], right[1:4])

@@ -71,20 +71,33 @@ def test_top_k_equals_sorted_dense_scores(m, n, k, side, seed, quantise):
     np.testing.assert_array_equal(values, ref_values)
 
 
+def assert_top_k_within_bound(got, test, train, w, k: int, side: str) -> None:
+    """`got` is a top-k of the float64 reference scores up to the scale-aware bound: distinct
+    indices, values equal to their exact scores within the bound, best first, and no row left out
+    beats a kept one by more than both their bounds."""
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    sign = 1.0 if side == "proponents" else -1.0
+    rows = np.arange(exact.shape[0])[:, None]
+    assert got.indices.shape == got.values.shape == (exact.shape[0], min(k, exact.shape[1]))
+    assert all(len(set(r)) == len(r) for r in got.indices.tolist())
+    kept, kept_bound = exact[rows, got.indices], bound[rows, got.indices]
+    assert np.all(np.abs(got.values - kept) <= kept_bound)
+    assert np.all(sign * np.diff(got.values, axis=1) <= 0)
+    left_out = np.ones(exact.shape, bool)
+    left_out[rows, got.indices] = False
+    best_left_out = np.max(np.where(left_out, sign * exact - bound, -np.inf), axis=1, initial=-np.inf)
+    assert np.all(best_left_out <= np.min(sign * kept + kept_bound, axis=1, initial=np.inf))
+
+
 @pytest.mark.parametrize("k", [1, 10, 64, 65, 1024])
 def test_both_sides_in_one_call(rng, k):
     test, train = random_set(rng, 9, [33]), random_set(rng, 3000, [33])
     both = tracin.top_k(test, train, k=k, side="both")
-    dense = exact_scores(test, train, [1.0])
-    for got, side in ((both.proponents, "proponents"), (both.opponents, "opponents")):
-        _, ref = reference_topk(dense, k, side)
-        # float32 vs float64 rounding may swap near-equal neighbours; compare the selected sets
-        # and check the order is the kernel's own exact one.
-        overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(got.indices, ref)])
-        assert overlap > 0.99
-        step = np.diff(got.values, axis=1)
-        assert np.all(step <= 0) if side == "proponents" else np.all(step >= 0)
-    assert np.all(both.proponents.values[:, 0] >= both.opponents.values[:, 0])
+    assert_top_k_within_bound(both.proponents, test, train, [1.0], k, "proponents")
+    assert_top_k_within_bound(both.opponents, test, train, [1.0], k, "opponents")
+    one_sided = tracin.top_k(test, train, k=k, side="opponents")
+    np.testing.assert_array_equal(both.opponents.indices, one_sided.indices)
+    np.testing.assert_array_equal(both.opponents.values, one_sided.values)
 
 
 def test_negative_weights_flip_proponents_and_opponents(rng):
@@ -181,6 +194,56 @@ def test_merge_top_k_of_shards_equals_whole(rng):
         np.testing.assert_array_equal(merged.values, whole.values)
 
 
+def test_merge_top_k_without_k_keeps_the_widest_input(rng):
+    test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])
+    cuts = [0, 10, 20, 30]
+    parts = [tracin.top_k(test, [train[0][a:b]], k=7) for a, b in zip(cuts, cuts[1:], strict=False)]
+    merged = tracin.merge_top_k(parts, cuts[:-1])
+    assert merged.values.shape == (4, 7)
+    assert_top_k_within_bound(merged, test, train, [1.0], 7, "proponents")
+    narrow = [tracin.top_k(test, [train[0][a:b]], k=k) for (a, b), k in zip([(0, 10), (10, 20), (20, 30)], [3, 5, 2],
+                                                                             strict=True)]
+    assert tracin.merge_top_k(narrow, cuts[:-1]).values.shape == (4, 5)
+
+
+def test_merge_top_k_refuses_a_train_row_given_twice(rng):
+    test, train = random_set(rng, 3, [4]), random_set(rng, 30, [4])
+    shard = tracin.top_k(test, [train[0][:15]], k=4, side="opponents")
+    with pytest.raises(ValueError, match=r"results name train row \d+ more than once \(test row 0\)"):
+        tracin.merge_top_k([shard, shard], [0, 0], side="opponents")
+    # Overlapping shards [0, 20) and [10, 30), every row kept: rows 10..19 appear twice.
+    halves = [tracin.top_k(test, [train[0][a:a + 20]], k=20) for a in (0, 10)]
+    with pytest.raises(ValueError, match="more than once"):
+        tracin.merge_top_k(halves, [0, 10])
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_aggregate_beyond_float32_is_an_error(factored):
+    def gradients(value: float):
+        g = np.full((2, 1), value, np.float32)
+        return tracin.FactoredGradients([g], [np.ones((2, 1), np.float32)]) if factored else tracin.Gradients(g)
+
+    # Every score (1.5e19)^2 = 2.25e38 fits float32, their sum over the two test rows does not.
+    big = gradients(1.5e19)
+    assert np.all(np.isfinite(tracin.scores(big, big)))
+    with pytest.raises(ValueError, match=r"aggregate influence overflowed float32 for train rows \[0, 1\]"):
+        tracin.aggregate(big, big)
+    near = np.float64(np.float32(1.2e19))  # sum 2.88e38: close to the limit, still in range
+    np.testing.assert_allclose(tracin.aggregate(gradients(1.2e19), gradients(1.2e19)), 2 * near**2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("view", ["broadcast_to", "sliding_window_view"])
+def test_overlapping_row_views_are_scored_like_copies(rng, view):
+    base = rng.standard_normal(40).astype(np.float32)
+    rows = (np.broadcast_to(base[:24], (5, 24)) if view == "broadcast_to"
+            else np.lib.stride_tricks.sliding_window_view(base, 24)[::3])
+    assert rows.strides[0] < rows.shape[1] * rows.itemsize  # rows overlap in memory
+    test = random_set(rng, 3, [24])
+    assert_close_to_exact(tracin.scores(test, rows), test, [rows], [1.0])
+    assert_top_k_within_bound(tracin.top_k(test, rows, k=2), test, [rows], [1.0], 2, "proponents")
+    np.testing.assert_allclose(tracin.self_influence(rows), (to_float64(rows) ** 2).sum(1), rtol=1e-5)
+
+
 def test_non_finite_inputs_name_checkpoint_and_rows(rng):
     test, train = random_set(rng, 3, [4, 6]), random_set(rng, 50, [4, 6])
     train[1][7, 2] = np.nan
@@ -218,6 +281,8 @@ def test_non_finite_test_rows_found_in_any_panel_and_weighting_overflow(rng):
         ({"k": 2.5}, TypeError, "k must be a positive integer"),
         ({"k": True}, TypeError, "k must be a positive integer"),
         ({"side": "left"}, ValueError, "side must be"),
+        ({"side": ["both"]}, TypeError, r"side must be 'proponents', 'opponents' or 'both', got \['both'\]"),
+        ({"side": None}, TypeError, "side must be .* got None"),
         ({"num_threads": 0}, ValueError, "num_threads must be a positive integer"),
         ({"num_threads": 2**40}, ValueError, "num_threads must be a positive integer no larger than"),
     ],
@@ -240,6 +305,14 @@ def test_merge_top_k_argument_errors(rng):
         tracin.merge_top_k([both.proponents], ["a"])
     with pytest.raises(ValueError, match="2 entries but offsets has 1"):
         tracin.merge_top_k([both.proponents] * 2, [0])
+    with pytest.raises(TypeError, match=r"side must be 'proponents' or 'opponents', got \['opponents'\]"):
+        tracin.merge_top_k([both.opponents], [0], side=["opponents"])
+    with pytest.raises(TypeError, match="results must be a sequence"):
+        tracin.merge_top_k(None, [0])
+    with pytest.raises(TypeError, match="results must be a sequence"):
+        tracin.merge_top_k(both.proponents, [0])
+    with pytest.raises(TypeError, match="offsets must be a sequence"):
+        tracin.merge_top_k([both.proponents], 0)
 
 
 def test_top_k_over_many_chunks_keeps_memory_bounded(rng):
