@@ -104,9 +104,9 @@ def test_ctrl_c_interrupts_a_long_top_k():
 
 
 def test_signal_handler_raising_during_a_call_interrupts_it(rng):
-    # About 5e10 multiply-adds (a second or more); the handler's exception must end the call
-    # early, not wait for it to return, and leave the next call exact.
-    test = rng.standard_normal((4000, 256), dtype=np.float32)
+    # About 1e11 multiply-adds (over a second); the handler's exception must end the call early,
+    # not wait for it to return, and leave the next call exact.
+    test = rng.standard_normal((8000, 256), dtype=np.float32)
     train = rng.standard_normal((50_000, 256), dtype=np.float32)
 
     def handler(signum, frame):

@@ -84,12 +84,28 @@ tracin::Options MakeOptions(int num_threads, std::int64_t train_block, std::int6
 // How often the waiting Python thread looks for a pending signal (Ctrl-C) during a kernel call.
 constexpr std::chrono::milliseconds kSignalPoll{50};
 
-// Runs kernel(options) with the GIL released on a helper thread while this thread, every
-// kSignalPoll, takes the GIL back to run Python's signal handlers. If a handler raises (Ctrl-C:
-// KeyboardInterrupt), the kernel is cancelled through options.cancel, joined (no kernel thread
-// outlives the call), and the Python exception propagates. Call with the GIL held.
+// Calls of fewer multiply-adds (milliseconds of work) run on the calling thread: they end before
+// a Ctrl-C needs answering, and a helper thread would add tens of microseconds to each.
+constexpr double kInterruptibleWork = 1e8;
+
+// Multiply-adds of scoring `rows` rows against the side `other` (its columns, summed).
+double Work(std::int64_t rows, const tracin::GradientSide& other) {
+  double cols = 0;
+  for (const tracin::MatrixView& m : other.blocks) cols += static_cast<double>(m.cols);
+  return static_cast<double>(rows) * static_cast<double>(other.rows()) * cols;
+}
+
+// Runs kernel(options) with the GIL released. For `work` (multiply-adds) of at least
+// kInterruptibleWork, on a helper thread while this thread, every kSignalPoll, takes the GIL
+// back to run Python's signal handlers: if a handler raises (Ctrl-C: KeyboardInterrupt), the
+// kernel is cancelled through options.cancel, joined (no kernel thread outlives the call), and
+// the Python exception propagates. Call with the GIL held.
 template <class Kernel>
-tracin::Status RunInterruptibly(tracin::Options options, Kernel&& kernel) {
+tracin::Status RunInterruptibly(tracin::Options options, double work, Kernel&& kernel) {
+  if (work < kInterruptibleWork) {
+    py::gil_scoped_release release;
+    return kernel(options);
+  }
   std::atomic<bool> cancel{false};
   options.cancel = &cancel;
   std::mutex mutex;
@@ -161,7 +177,8 @@ PYBIND11_MODULE(_core, m) {
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<float> out({t.side.rows(), x.side.rows()});
           float* ptr = out.mutable_data();
-          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+          const double work = Work(t.side.rows(), x.side);
+          const tracin::Status s = RunInterruptibly(options, work, [&](const tracin::Options& o) {
             return tracin::Scores(t.side, x.side, weights, ptr, o);
           });
           Raise(s);
@@ -184,7 +201,8 @@ PYBIND11_MODULE(_core, m) {
           py::array_t<std::int64_t> pi({prop ? m_rows : 0, k}), oi({opp ? m_rows : 0, k});
           tracin::TopKOutput out{pv.mutable_data(), pi.mutable_data(), ov.mutable_data(),
                                  oi.mutable_data()};
-          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+          const double work = Work(t.side.rows(), x.side);
+          const tracin::Status s = RunInterruptibly(options, work, [&](const tracin::Options& o) {
             return tracin::TopK(t.side, x.side, weights, k, which, out, o);
           });
           Raise(s);
@@ -200,7 +218,7 @@ PYBIND11_MODULE(_core, m) {
           HeldSide x = Hold(train, "train");
           py::array_t<float> out(x.side.rows());
           float* ptr = out.mutable_data();
-          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+          const tracin::Status s = RunInterruptibly(options, Work(1, x.side), [&](const tracin::Options& o) {
             return tracin::SelfInfluence(x.side, weights, ptr, o);
           });
           Raise(s);
@@ -216,7 +234,8 @@ PYBIND11_MODULE(_core, m) {
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<double> out(x.side.rows());
           double* ptr = out.mutable_data();
-          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+          const double work = Work(t.side.rows(), x.side);
+          const tracin::Status s = RunInterruptibly(options, work, [&](const tracin::Options& o) {
             return tracin::Aggregate(t.side, x.side, weights, ptr, o);
           });
           Raise(s);
@@ -240,7 +259,7 @@ PYBIND11_MODULE(_core, m) {
             throw py::value_error("out must be a writable float32 (rows, dim) array with contiguous rows");
           const std::int64_t stride = o.shape[0] > 1 ? o.strides[0] / 4 : dim;
           float* ptr = static_cast<float*>(o.ptr);
-          const tracin::Status s = RunInterruptibly(options, [&](const tracin::Options& o) {
+          const tracin::Status s = RunInterruptibly(options, Work(dim, x.side), [&](const tracin::Options& o) {
             return tracin::Project(spec, x.side.blocks, column_offset, ptr, stride, o);
           });
           Raise(s);
