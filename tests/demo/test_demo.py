@@ -48,6 +48,7 @@ def test_perfect_curve_bounds_every_ranking():
     for _ in range(20):
         assert np.all(detection_curve(rng.random(50), flipped) <= best + 1e-12)
     np.testing.assert_allclose(detection_curve(flipped.astype(float), flipped), best)  # the oracle ranking
+    np.testing.assert_array_equal(perfect_curve(4, 0), np.zeros(5))  # nothing to find
 
 
 def test_noisy_digits_flip_exactly_the_asked_fraction_to_other_classes():

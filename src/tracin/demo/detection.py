@@ -26,4 +26,4 @@ def random_curve(n: int, flipped_count: int) -> np.ndarray:
 
 def perfect_curve(n: int, flipped_count: int) -> np.ndarray:
     """The best possible curve: every inspected example is a flipped one until all are found."""
-    return np.minimum(np.arange(n + 1) / max(flipped_count, 1), 1.0)
+    return np.minimum(np.arange(n + 1) / flipped_count, 1.0) if flipped_count else np.zeros(n + 1)

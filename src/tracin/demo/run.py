@@ -105,9 +105,10 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         "train store": stores["train"],
         "test store": stores["test"],
     }
-    result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, 0.0, files, _next_commands(out))
-    result.seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, seconds, files, _next_commands(out))
     files["report"] = write_report(out / "report.md", result, config)
+    log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
     for row in summary_rows(result):
         log(row)
     log(f"wrote {', '.join(str(p) for p in files.values())}")
