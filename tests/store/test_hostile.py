@@ -211,10 +211,10 @@ def test_a_failed_create_closes_its_lock_descriptor_once(tmp_path, monkeypatch):
 
 # -- a full disk --------------------------------------------------------------------------------------
 
-pytestmark_disk = pytest.mark.skipif(not HAS_PROC_FD, reason="needs /proc/self/fd to see which file is written")
+needs_proc_fd = pytest.mark.skipif(not HAS_PROC_FD, reason="needs /proc/self/fd to see which file is written")
 
 
-@pytestmark_disk
+@needs_proc_fd
 def test_a_full_disk_while_creating_names_the_file(tmp_path, monkeypatch):
     _fill_disk(monkeypatch, "ids.npy")
     with pytest.raises(OSError) as failure:
@@ -225,7 +225,7 @@ def test_a_full_disk_while_creating_names_the_file(tmp_path, monkeypatch):
     assert tracin.GradientStore.create(tmp_path / "s", 20000, [2], ids=[f"example-{i}" for i in range(20000)])
 
 
-@pytestmark_disk
+@needs_proc_fd
 def test_a_full_disk_while_writing_names_the_file_and_the_rows_can_be_redone(tmp_path, monkeypatch):
     w = tracin.GradientStore.create(tmp_path / "s", 300, [4, 8])
     block = np.ones((300, 8), np.float32)
@@ -241,7 +241,7 @@ def test_a_full_disk_while_writing_names_the_file_and_the_rows_can_be_redone(tmp
     np.testing.assert_array_equal(read_rows(w.finalize())[1], block)
 
 
-@pytestmark_disk
+@needs_proc_fd
 def test_a_full_disk_while_recording_progress_names_the_manifest(tmp_path, monkeypatch):
     w = tracin.GradientStore.create(tmp_path / "s", 3, [4])
     _fill_disk(monkeypatch, "manifest.json.tmp", room=10)

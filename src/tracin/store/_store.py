@@ -218,8 +218,8 @@ class GradientStore(GradientSet):
     def _open_unchanged(self) -> list[int]:
         """Read descriptors of the data files, after checking that the store is still the one
         opened: the same store id in the manifest (checked after the files are opened, so they
-        are that store's), the same files (device, inode), the same sizes (mapping a file that
-        became shorter would kill the process with SIGBUS when the kernel reads past its end)."""
+        are that store's), the same sizes (mapping a file that became shorter would kill the
+        process with SIGBUS when the kernel reads past its end), the same files (_DataFile.identify)."""
         fds: list[int] = []
         try:
             for file in self._files:
