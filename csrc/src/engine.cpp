@@ -17,16 +17,28 @@ namespace {
 
 std::int64_t RoundUp(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
+// Bytes of one test row in the packed copy: all checkpoints' columns, float32.
+std::int64_t PackedRowBytes(const GradientSide& test) {
+  std::int64_t bytes = 0;
+  for (const MatrixView& m : test.blocks) bytes += m.cols * 4;
+  return std::max<std::int64_t>(bytes, 1);
+}
+
 // Test rows per pass over the train side: up to kDefaultTestBlock, a multiple of kPassRowQuantum,
-// fewer when the packed copy of the pass (all checkpoints' columns, float32) would exceed
-// kPackedTestBudget bytes; for rows too wide for kPassRowQuantum of them, a multiple of `lanes`
-// (the narrow micro-tile's, so that the padded copy stays within the budget), at least `lanes`.
-std::int64_t DefaultPassRows(const GradientSide& test, std::int64_t lanes) {
-  std::int64_t row_bytes = 0;
-  for (const MatrixView& m : test.blocks) row_bytes += m.cols * 4;
-  const std::int64_t by_budget = kPackedTestBudget / std::max<std::int64_t>(row_bytes, 1);
+// fewer when the packed copy of the pass would exceed kPackedTestBudget bytes; for rows too wide
+// for kPassRowQuantum of them, a multiple of the thin micro-tile's lanes (so that the padded copy
+// stays within the budget), at least one thin tile.
+std::int64_t DefaultPassRows(std::int64_t row_bytes, const KernelTable& kernels) {
+  const std::int64_t by_budget = kPackedTestBudget / row_bytes, lanes = kernels.thin.nr;
   if (by_budget < kPassRowQuantum) return std::max(by_budget / lanes * lanes, lanes);
   return std::min(by_budget / kPassRowQuantum * kPassRowQuantum, kDefaultTestBlock);
+}
+
+// The micro-tile for passes of `rows` test rows: of the wide and narrow ones, the one padding
+// fewer lanes; the thin one when the narrow one's padded copy would exceed kPackedTestBudget.
+const MicroTile& TileFor(std::int64_t rows, std::int64_t row_bytes, const KernelTable& kernels) {
+  if (RoundUp(rows, kernels.narrow.nr) * row_bytes > kPackedTestBudget) return kernels.thin;
+  return RoundUp(rows, kernels.narrow.nr) < RoundUp(rows, kernels.wide.nr) ? kernels.narrow : kernels.wide;
 }
 
 // Train rows per task: kDefaultTrainBlock, or a somewhat larger multiple of mr when that spreads
@@ -427,13 +439,9 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t m = test.rows(), n = train.rows();
   // Nothing to score, but bad input is still bad input.
   if (m == 0 || n == 0) return CheckAllFinite(&test, train);
-  const std::int64_t pass_rows =
-      options.test_block > 0 ? options.test_block : DefaultPassRows(test, kernels.narrow.nr);
-  const std::int64_t first_pass = std::min(pass_rows, m);
-  // The narrow tile wastes fewer padded lanes on few test rows.
-  const MicroTile& micro = RoundUp(first_pass, kernels.narrow.nr) < RoundUp(first_pass, kernels.wide.nr)
-                               ? kernels.narrow
-                               : kernels.wide;
+  const std::int64_t row_bytes = PackedRowBytes(test);
+  const std::int64_t pass_rows = options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels);
+  const MicroTile& micro = TileFor(std::min(pass_rows, m), row_bytes, kernels);
   const int threads = ResolveThreads(options.num_threads);
   PackedTest packed;
   std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));

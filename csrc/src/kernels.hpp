@@ -39,6 +39,7 @@ struct KernelTable {
   Isa isa = Isa::kGeneric;
   MicroTile wide;    // for many test rows
   MicroTile narrow;  // for few test rows (fewer padded lanes)
+  MicroTile thin;    // the fewest lanes: for passes of rows so wide that the narrow one's would not fit
   ConvertKernel half_to_float = nullptr;
   ConvertKernel bfloat_to_float = nullptr;
 };

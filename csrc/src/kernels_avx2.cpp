@@ -58,7 +58,7 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
 
 const KernelTable& Avx2Kernels() {
   static const KernelTable table{Isa::kAvx2, {6, 16, &Micro<6, 2>}, {12, 8, &Micro<12, 1>},
-                                 &HalfToFloatRun, &BFloatToFloatRun};
+                                 {12, 8, &Micro<12, 1>}, &HalfToFloatRun, &BFloatToFloatRun};
   return table;
 }
 

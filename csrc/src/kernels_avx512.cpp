@@ -64,8 +64,10 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
+  // Thin: the AVX2 narrow tile (8 lanes; AVX-512 CPUs run AVX2, and each lane is the same
+  // multiply-add chain, so the bits are the same).
   static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {12, 16, &Micro<12, 1>},
-                                 &HalfToFloatRun, &BFloatToFloatRun};
+                                 Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun};
   return table;
 }
 

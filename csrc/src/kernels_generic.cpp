@@ -46,7 +46,7 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
 
 const KernelTable& GenericKernels() {
   static const KernelTable table{Isa::kGeneric, {4, 8, &Micro<4, 8>}, {4, 4, &Micro<4, 4>},
-                                 &HalfToFloatRun, &BFloatToFloatRun};
+                                 {4, 4, &Micro<4, 4>}, &HalfToFloatRun, &BFloatToFloatRun};
   return table;
 }
 

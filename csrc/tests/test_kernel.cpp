@@ -240,6 +240,25 @@ void TestBadInput() {
   Check(s.code == tracin::StatusCode::kInvalidArgument, "k beyond the train rows rejected");
 }
 
+// Rows so wide (600,000 columns) that fewer than 32 fit the packed budget: passes of fewer rows,
+// on the thin micro-tile where the narrow one's padding would not fit, still exact.
+void TestWideRows() {
+  std::mt19937 rng(7);
+  const std::vector<Matrix> test = {Random(30, 600000, rng)};
+  const std::vector<Matrix> train = {Random(4, 600000, rng)};
+  std::vector<double> exact, bound;
+  Reference(test, train, {0.5}, &exact, &bound);
+  for (tracin::Isa isa : tracin_test::RunnableIsas("wide rows")) {
+    tracin::Options o;
+    o.isa = isa;
+    std::vector<float> out(exact.size());
+    const tracin::Status s = tracin::Scores(Full(test), Full(train), {0.5}, out.data(), o);
+    bool close = s.ok();
+    for (std::size_t i = 0; i < out.size(); ++i) close = close && std::abs(out[i] - exact[i]) <= bound[i];
+    Check(close, std::string("wide rows within the scale-aware bound, isa ") + tracin::IsaName(isa));
+  }
+}
+
 // A cancellation flag set before the call stops every entry point with kCancelled; one set by
 // another thread during a long call stops it early.
 void TestCancellation() {
@@ -330,6 +349,7 @@ int main() {
   TestSelfInfluenceAndAggregate();
   TestBadInput();
   TestOutOfMemoryIsAStatus();
+  TestWideRows();
   TestCancellation();
   return tracin_test::Report();
 }
