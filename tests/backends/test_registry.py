@@ -1,0 +1,80 @@
+"""tracin.backends: the registry the scoring functions get their backend from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin import backends
+from tracin.backends.cpu import CpuBackend
+
+from .numpy_reference import NumpyReference
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry, restored after the test."""
+    monkeypatch.setattr(backends, "_factories", dict(backends._factories))
+    monkeypatch.setattr(backends, "_loaded", {})
+    return backends
+
+
+def test_cpu_is_registered_and_created_once():
+    assert "cpu" in backends.names()
+    cpu = backends.get("cpu")
+    assert isinstance(cpu, CpuBackend) and cpu.name == "cpu" and backends.get("cpu") is cpu
+
+
+def test_a_registered_factory_runs_on_first_use_only(registry):
+    made = []
+    registry.register("reference", lambda: made.append(1) or NumpyReference())
+    assert made == [] and registry.names()[-1] == "reference"
+    assert isinstance(registry.get("reference"), NumpyReference)
+    registry.get("reference")
+    assert made == [1]
+
+
+@pytest.mark.parametrize(
+    "name, error, match",
+    [
+        ("tpu", ValueError, r"unknown scoring backend 'tpu'; registered: 'cpu'"),
+        (["cpu"], TypeError, r"backend name must be a string \('cpu'\), got \['cpu'\]"),
+        (None, TypeError, "backend name must be a string"),
+    ],
+)
+def test_get_errors(name, error, match):
+    with pytest.raises(error, match=match):
+        backends.get(name)
+
+
+def test_register_errors(registry):
+    with pytest.raises(ValueError, match="a scoring backend named 'cpu' is already registered"):
+        registry.register("cpu", NumpyReference)
+    with pytest.raises(TypeError, match="backend name must be a non-empty string"):
+        registry.register("", NumpyReference)
+    with pytest.raises(TypeError, match="factory for backend 'x' must be callable"):
+        registry.register("x", NumpyReference())
+    assert registry.names() == ("cpu",)
+
+
+def test_scoring_reaches_the_kernel_through_the_registry(registry, rng):
+    """Whatever is registered as "cpu" scores every public function: no other path to the kernel."""
+    calls = []
+
+    class Recording:
+        name = "cpu"
+
+        def __getattr__(self, method):
+            calls.append(method)
+            return getattr(NumpyReference(), method)
+
+    registry._factories["cpu"] = Recording
+    test = np.round(rng.standard_normal((3, 5))).astype(np.float32)
+    train = np.round(rng.standard_normal((9, 5))).astype(np.float32)
+    exact = test.astype(np.float64) @ train.T.astype(np.float64)  # integers: exact in float32
+    np.testing.assert_array_equal(tracin.scores(test, train), exact)
+    assert tracin.top_k(test, train, k=2).indices.shape == (3, 2)
+    np.testing.assert_array_equal(tracin.self_influence(train), (train.astype(np.float64) ** 2).sum(1))
+    np.testing.assert_array_equal(tracin.aggregate(test, train), exact.sum(0))
+    assert calls == ["scores", "top_k", "self_influence", "aggregate"]
