@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +74,18 @@ def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: 
     return rows
 
 
-def run(args: argparse.Namespace) -> dict:
+def _cluster(args: argparse.Namespace, client: Client | None, stack: ExitStack) -> Client:
+    """`client`, or a LocalCluster of --workers single-threaded processes on loopback for this run."""
+    if client is not None:
+        return client
+    cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                               host="127.0.0.1", dashboard_address=None))
+    return stack.enter_context(Client(cluster, set_as_default=False))
+
+
+def run(args: argparse.Namespace, client: Client | None = None) -> dict:
+    """The measurements as a JSON-ready dict; on `client` if given (with --workers single-threaded
+    workers), else on a LocalCluster started for the run."""
     dims = [args.dim] * args.checkpoints
     row_bytes = sum(dims) * 2
     n_rows = int(args.size * 2**30) // row_bytes
@@ -83,11 +96,12 @@ def run(args: argparse.Namespace) -> dict:
         rng = np.random.default_rng(1)
         test = tracin.Gradients([rng.standard_normal((args.test_rows, d), dtype=np.float32).astype(np.float16)
                                  for d in dims])
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as client:
+        with ExitStack() as stack:
+            client = _cluster(args, client, stack)
             contenders = {
                 "single_machine": lambda: tracin.top_k(test, store, args.k, "both", num_threads=args.workers),
-                "distributed": lambda: td.top_k(test, store, args.k, "both", client=client, progress=False),
+                "distributed": lambda: td.top_k(test, store, args.k, "both", client=client, shards=args.shards,
+                                                progress=False),
             }
             times = time_interleaved(contenders, repeats=args.repeats)
             with get_task_stream(client=client) as stream:
@@ -109,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
                    "test_rows": args.test_rows, "k": args.k, "side": "both", "workers": args.workers,
                    "threads_per_worker": 1, "single_machine_threads": args.workers, "repeats": args.repeats,
                    "cache": "warm (store pages in the OS cache)"},
+        "load_average_after": os.getloadavg(),
         "store_bytes": store.nbytes,
         "times": times,
         "ratio_distributed_over_single_machine": med["distributed"] / med["single_machine"],
@@ -140,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
     p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each (default 2)")
+    p.add_argument("--shards", type=int, default=None, help="shards (default: tracin.distributed's choice)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
