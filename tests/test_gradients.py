@@ -79,6 +79,18 @@ def test_gradients_validation(matrices, weights, error, match):
         tracin.Gradients(matrices, weights)
 
 
+def test_metadata_must_be_a_dict():
+    a = np.zeros((2, 2), np.float32)
+    with pytest.raises(TypeError, match="metadata must be a dict .* got list"):
+        tracin.Gradients(a, metadata=[("mode", "full")])
+    with pytest.raises(TypeError, match="metadata must be a dict .* got str"):
+        tracin.FactoredGradients(a, a, metadata="full")
+    meta = {"mode": "full"}
+    g = tracin.Gradients(a, metadata=meta)
+    meta["mode"] = "changed"
+    assert g.metadata == {"mode": "full"}  # a copy
+
+
 def test_factored_validation(rng):
     left = rng.standard_normal((4, 3), dtype=np.float32)
     right = rng.standard_normal((4, 5), dtype=np.float32)

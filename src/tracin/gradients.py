@@ -50,6 +50,14 @@ def _weights(weights: Any, count: int) -> np.ndarray:
     return w
 
 
+def _metadata(metadata: Any) -> dict:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict (free-form provenance) or None, got {type(metadata).__name__}")
+    return dict(metadata)
+
+
 class GradientSet:
     """What every gradient set offers to the scoring functions.
 
@@ -152,7 +160,7 @@ class Gradients(_InMemory):
         self._init_blocks(arrays, [f"matrices[{c}]" for c in range(len(arrays))])
         self.weights = _weights(weights, len(arrays))
         self.weights_given = weights is not None
-        self.metadata = dict(metadata or {})
+        self.metadata = _metadata(metadata)
 
     @property
     def matrices(self) -> tuple[np.ndarray, ...]:
@@ -185,7 +193,7 @@ class FactoredGradients(_InMemory):
         self._init_blocks(arrays, names)
         self.weights = _weights(weights, len(lefts))
         self.weights_given = weights is not None
-        self.metadata = dict(metadata or {})
+        self.metadata = _metadata(metadata)
 
     @property
     def left(self) -> tuple[np.ndarray, ...]:
