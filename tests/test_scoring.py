@@ -120,7 +120,7 @@ def test_factored_matches_materialised_outer_products(rng):
     bound = score_bound(factored_to_full(left_t, right_t), full_x, w).sum(0)
     assert np.all(np.abs(agg - exact) <= bound)
     self_inf = tracin.self_influence(tracin.FactoredGradients(left_x, right_x, w))
-    exact_self = sum(wc * (f ** 2).sum(1) for wc, f in zip(w, full_x))
+    exact_self = sum(wc * (f ** 2).sum(1) for wc, f in zip(w, full_x, strict=True))
     np.testing.assert_allclose(self_inf, exact_self, rtol=1e-5, atol=1e-5 * np.abs(exact_self).max())
 
 
@@ -130,7 +130,7 @@ def test_self_influence_and_aggregate(rng, dtype):
     train = random_set(rng, 500, [40, 7], DTYPES[dtype])
     w = [0.01, 0.5]
     self_inf = tracin.self_influence(tracin.Gradients(train, w))
-    exact_self = sum(wc * (to_float64(x) ** 2).sum(1) for wc, x in zip(w, train))
+    exact_self = sum(wc * (to_float64(x) ** 2).sum(1) for wc, x in zip(w, train, strict=True))
     assert self_inf.dtype == np.float32 and self_inf.shape == (500,)
     assert np.all(np.abs(self_inf - exact_self) <= 1e-5 * exact_self)
     agg = tracin.aggregate(tracin.Gradients(test, w), tracin.Gradients(train, w))
@@ -149,7 +149,8 @@ def test_memmap_and_torch_and_jax_inputs_agree(rng, tmp_path):
     np.testing.assert_array_equal(tracin.scores(jnp.asarray(test[0]), jnp.asarray(train[0])), expected)
     # Non-contiguous inputs (a column slice) agree with their contiguous copies.
     wide = rng.standard_normal((80, 24)).astype(np.float32)
-    np.testing.assert_array_equal(tracin.scores(test, wide[:, ::2]), tracin.scores(test, np.ascontiguousarray(wide[:, ::2])))
+    np.testing.assert_array_equal(tracin.scores(test, wide[:, ::2]),
+                                  tracin.scores(test, np.ascontiguousarray(wide[:, ::2])))
 
 
 def test_same_bits_for_any_thread_count_and_block_size(rng):
@@ -167,7 +168,7 @@ def test_same_bits_for_any_thread_count_and_block_size(rng):
     top = tracin.top_k(g_test, g_train, k=17, side="both", num_threads=1)
     for threads in (2, 5):
         again = tracin.top_k(g_test, g_train, k=17, side="both", num_threads=threads)
-        for a, b in zip(top, again):
+        for a, b in zip(top, again, strict=True):
             np.testing.assert_array_equal(a.values, b.values)
             np.testing.assert_array_equal(a.indices, b.indices)
 
@@ -188,7 +189,7 @@ def test_merge_top_k_of_shards_equals_whole(rng):
     for side in ("proponents", "opponents"):
         whole = tracin.top_k(test, train, k=30, side=side)
         cuts = [0, 17, 150, 151, 400]
-        parts = [tracin.top_k(test, [train[0][a:b]], k=30, side=side) for a, b in zip(cuts, cuts[1:])]
+        parts = [tracin.top_k(test, [train[0][a:b]], k=30, side=side) for a, b in zip(cuts, cuts[1:], strict=False)]
         merged = tracin.merge_top_k(parts, cuts[:-1], k=30, side=side)
         np.testing.assert_array_equal(merged.indices, whole.indices)
         np.testing.assert_array_equal(merged.values, whole.values)
@@ -337,7 +338,7 @@ def test_top_k_over_many_chunks_keeps_memory_bounded(rng):
     chunked = tracin.top_k(test, Chunked(tracin.Gradients(train)), k=5, side="both")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    for a, b in zip(whole, chunked):
+    for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_array_equal(a.indices, b.indices)
         np.testing.assert_array_equal(a.values, b.values)
     assert peak < 2_000_000, f"top_k over 429 chunks peaked at {peak} bytes"
@@ -396,7 +397,8 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
     n = 3 * 4096 + 17  # several pieces of the minimum size
     if factored:
         make = lambda rows: tracin.FactoredGradients(  # noqa: E731
-            [rng.standard_normal((rows, 3)).astype(np.float32)], [rng.standard_normal((rows, 4)).astype(np.float32)], [0.5])
+            [rng.standard_normal((rows, 3)).astype(np.float32)], [rng.standard_normal((rows, 4)).astype(np.float32)],
+            [0.5])
     else:
         make = lambda rows: tracin.Gradients(random_set(rng, rows, [6, 2]), [0.5, 2.0])  # noqa: E731
     test, train = make(9), make(n)
@@ -411,7 +413,7 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
         err = capsys.readouterr().err
         assert f"tracin {name}" in err and "100%" in err, err
         if name == "top_k":
-            for a, b in zip(quiet, shown):
+            for a, b in zip(quiet, shown, strict=True):
                 np.testing.assert_array_equal(a.values, b.values)
                 np.testing.assert_array_equal(a.indices, b.indices)
         else:
@@ -425,7 +427,7 @@ def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
     with _Loop(None, train, True, 0, "t") as run:
         pieces = run.pieces
     assert len(pieces) == 4 and pieces[0] == (0, _MIN_PIECE_ROWS) and pieces[-1][1] == train.n_rows
-    assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:]))
+    assert all(b == c for (_, b), (c, _) in zip(pieces, pieces[1:], strict=False))
     with _Loop(None, train, False, 0, "t") as run:
         assert run.pieces == [(0, train.n_rows)]
 

@@ -21,8 +21,9 @@ def side_float64(side: KernelSide) -> list[np.ndarray]:
         blocks.append(b.astype(np.float64))
     if not side.factored:
         return blocks
-    return [np.einsum("np,nq->npq", lf, rt).reshape(len(lf), -1)
-            for lf, rt in zip(blocks[0::2], blocks[1::2], strict=True)]
+    return [
+        np.einsum("np,nq->npq", lf, rt).reshape(len(lf), -1) for lf, rt in zip(blocks[0::2], blocks[1::2], strict=True)
+    ]
 
 
 def to_float32(x: np.ndarray) -> np.ndarray:
@@ -40,8 +41,10 @@ class NumpyReference:
 
     def _exact(self, test: KernelSide, train: KernelSide, weights) -> np.ndarray:
         t, x = side_float64(test), side_float64(train)
-        return sum((w * a @ b.T for w, a, b in zip(weights, t, x, strict=True)),
-                   np.zeros((len(test.blocks[0]), len(train.blocks[0]))))
+        return sum(
+            (w * a @ b.T for w, a, b in zip(weights, t, x, strict=True)),
+            np.zeros((len(test.blocks[0]), len(train.blocks[0]))),
+        )
 
     def scores(self, test, train, weights, *, num_threads):
         return to_float32(self._exact(test, train, weights))

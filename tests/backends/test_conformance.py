@@ -25,13 +25,15 @@ def backend(request):
 
 def pair(rng, m: int, n: int, dims: list[int], dtype=np.float32, factored=False, integers=False):
     """(test side, train side) as KernelSides of random (or small-integer) rows."""
+
     def rows(count: int, d: int):
         x = rng.standard_normal((count, d))
         return (np.round(2 * x) if integers else x).astype(dtype)
 
     if factored:
         make = lambda count: tracin.FactoredGradients(  # noqa: E731
-            [rows(count, d) for d in dims], [rows(count, d + 2) for d in dims])
+            [rows(count, d) for d in dims], [rows(count, d + 2) for d in dims]
+        )
     else:
         make = lambda count: tracin.Gradients([rows(count, d) for d in dims])  # noqa: E731
     return make(m).kernel_side(), make(n).kernel_side()
@@ -53,8 +55,10 @@ def test_scores_aggregate_and_self_influence_within_the_bound(backend, rng, dtyp
     own = backend.self_influence(train, w, num_threads=2)
     own_exact = sum(c * (x**2).sum(1) for c, x in zip(w, side_float64(train), strict=True))
     assert own.dtype == np.float32 and own.shape == (70,)
-    assert np.all(np.abs(own - own_exact) <= 1e-5 * sum(abs(c) * (x**2).sum(1)
-                                                        for c, x in zip(w, side_float64(train), strict=True)))
+    assert np.all(
+        np.abs(own - own_exact)
+        <= 1e-5 * sum(abs(c) * (x**2).sum(1) for c, x in zip(w, side_float64(train), strict=True))
+    )
 
 
 @pytest.mark.parametrize("side", ["proponents", "opponents", "both"])
@@ -76,13 +80,16 @@ def test_top_k_of_exact_scores_with_ties(backend, rng, side, k):
 def test_results_do_not_depend_on_the_thread_count(backend, rng):
     test, train = pair(rng, 40, 300, [130, 7])
     w = [0.3, 2.0]
+
     def arrays(result) -> list[np.ndarray]:
         return [a for part in result for a in part] if isinstance(result, tuple) else [result]
 
-    for call in (lambda t: backend.scores(test, train, w, num_threads=t),
-                 lambda t: backend.top_k(test, train, w, 9, "both", num_threads=t),
-                 lambda t: backend.aggregate(test, train, w, num_threads=t),
-                 lambda t: backend.self_influence(train, w, num_threads=t)):
+    for call in (
+        lambda t: backend.scores(test, train, w, num_threads=t),
+        lambda t: backend.top_k(test, train, w, 9, "both", num_threads=t),
+        lambda t: backend.aggregate(test, train, w, num_threads=t),
+        lambda t: backend.self_influence(train, w, num_threads=t),
+    ):
         for a, b in zip(arrays(call(1)), arrays(call(3)), strict=True):
             np.testing.assert_array_equal(a, b)
 
@@ -100,10 +107,12 @@ def test_empty_pieces(backend, rng):
 def test_non_finite_rows_and_overflow_are_value_errors(backend, rng):
     test, train = pair(rng, 3, 20, [4, 6])
     train.blocks[1][7, 2] = np.nan
-    for call in (lambda: backend.scores(test, train, [1.0, 1.0], num_threads=1),
-                 lambda: backend.top_k(test, train, [1.0, 1.0], 3, "both", num_threads=1),
-                 lambda: backend.aggregate(test, train, [1.0, 1.0], num_threads=1),
-                 lambda: backend.self_influence(train, [1.0, 1.0], num_threads=1)):
+    for call in (
+        lambda: backend.scores(test, train, [1.0, 1.0], num_threads=1),
+        lambda: backend.top_k(test, train, [1.0, 1.0], 3, "both", num_threads=1),
+        lambda: backend.aggregate(test, train, [1.0, 1.0], num_threads=1),
+        lambda: backend.self_influence(train, [1.0, 1.0], num_threads=1),
+    ):
         with pytest.raises(ValueError, match="NaN or Inf"):
             call()
     big = tracin.Gradients(np.full((2, 4), 3e38, np.float32)).kernel_side()

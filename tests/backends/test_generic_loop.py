@@ -107,7 +107,7 @@ def test_each_test_chunk_meets_every_train_row_once_in_order(recording, rng, mon
     assert [ids for ids, _ in recording.seen] == [c for c in test_chunks for _ in range(len(recording.seen) // 3)]
     per_chunk = len(recording.seen) // 3
     for c in range(3):
-        pieces = [train_ids for _, train_ids in recording.seen[c * per_chunk:(c + 1) * per_chunk]]
+        pieces = [train_ids for _, train_ids in recording.seen[c * per_chunk : (c + 1) * per_chunk]]
         assert sum(pieces, []) == list(range(40))
         assert all(0 < len(p) <= 11 for p in pieces) and len(pieces) > 4  # store chunks, cut for the bar
     recording.seen.clear()

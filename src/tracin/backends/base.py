@@ -40,12 +40,12 @@ class Backend(Protocol):
 
     name: str
 
-    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *,
-               num_threads: int) -> np.ndarray:
+    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
         """float32 (m, n): entry (t, i) = sum_c w_c <test_c[t], train_c[i]>."""
 
-    def top_k(self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *,
-              num_threads: int) -> tuple[TopK | None, TopK | None]:
+    def top_k(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *, num_threads: int
+    ) -> tuple[TopK | None, TopK | None]:
         """(proponents, opponents) of this train piece, each (m, k) with indices local to the piece,
         or None for a side not asked for. side: "proponents", "opponents" or "both"; k <= n.
         Proponents descending, opponents ascending, ties to the smaller index."""
@@ -53,6 +53,7 @@ class Backend(Protocol):
     def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
         """float32 (n,): sum_c w_c |train_c[i]|^2."""
 
-    def aggregate(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *,
-                  num_threads: int) -> np.ndarray:
+    def aggregate(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int
+    ) -> np.ndarray:
         """float64 (n,): sum over the test rows of the scores, for the caller to sum across chunks."""
