@@ -84,8 +84,9 @@ print("finished", time.perf_counter() - start, flush=True)
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
 def test_ctrl_c_interrupts_a_long_top_k():
-    child = subprocess.Popen([sys.executable, "-c", LONG_TOP_K], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LONG_TOP_K], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "started", child.stderr.read()
         time.sleep(1.0)
@@ -158,8 +159,9 @@ def test_packed_copy_of_wide_rows_stays_within_64_mib():
 def stub_functions() -> dict[str, list[str]]:
     """Parameter names of every function in src/tracin/_core.pyi."""
     stub = ast.parse((Path(tracin.__file__).parent / "_core.pyi").read_text())
-    return {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs]
-            for f in stub.body if isinstance(f, ast.FunctionDef)}
+    return {
+        f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] for f in stub.body if isinstance(f, ast.FunctionDef)
+    }
 
 
 def module_functions() -> dict[str, list[str]]:
@@ -169,7 +171,7 @@ def module_functions() -> dict[str, list[str]]:
         if name.startswith("_"):
             continue
         signature = fn.__doc__.strip().splitlines()[0]
-        params = signature[len(name) + 1: signature.rindex(") ->")]
+        params = signature[len(name) + 1 : signature.rindex(") ->")]
         functions[name] = re.findall(r"(?:^|, )(\w+):", params)
     return functions
 
