@@ -103,3 +103,21 @@ def test_aggregate_beyond_float32_is_refused(client, tmp_path):
     store = write_store(tmp_path / "big", train, None)
     with pytest.raises(ValueError, match=r"overflowed float32 for train rows \[0, 1, 2, 3, 4\]"):
         td.aggregate(tracin.Gradients(np.ones((3, 4), dtype=np.float32) * 1e19), store, client=client, shards=2)
+
+
+def test_factored_store(client, tmp_path):
+    rng = np.random.default_rng(5)
+    (p, q), weights = (5, 7), [0.7]
+    left, right = (rng.standard_normal((800, d)).astype(np.float32) for d in (p, q))
+    t_left, t_right = (rng.standard_normal((4, d)).astype(np.float32) for d in (p, q))
+    writer = tracin.GradientStore.create(tmp_path / "f", 800, [(p, q)], weights, factored=True)
+    writer.write(0, 0, (left, right))
+    store = writer.finalize()
+    test = tracin.FactoredGradients(t_left, t_right, weights)
+    found = td.top_k(test, store, 6, "both", client=client, shards=5)
+    local = tracin.top_k(test, store, 6, "both")
+    exact = 0.7 * (t_left.astype(np.float64) @ left.T) * (t_right.astype(np.float64) @ right.T)
+    for f, one, name in zip(found, local, ["proponents", "opponents"], strict=True):
+        _same(f, one)
+        np.testing.assert_array_equal(f.indices, exact_top_k(exact, 6, name)[1])
+    np.testing.assert_array_equal(td.aggregate(test, store, client=client, shards=3), tracin.aggregate(test, store))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from collections import Counter
@@ -35,8 +36,9 @@ def client_for(client: Any) -> Iterator[Client]:
         pass
     with LocalCluster(n_workers=usable_cores(), threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as local:
+        needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
         print(f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
-              f"{local.dashboard_link}", file=sys.stderr)
+              f"{local.dashboard_link}{needs}", file=sys.stderr)
         yield local
 
 
