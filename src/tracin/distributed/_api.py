@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from distributed import Future
 
 from .._validate import positive_int
 from ..gradients import GradientSet
@@ -39,24 +42,21 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, clien
         raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
     shards, num_threads, progress = _options(shards, num_threads, progress,
                                              test_set.n_rows * train_set.n_rows * _width(train_set))
-    names = _tasks.SIDE_NAMES[side]
-    rows = _cut_rows(test_set, train_set)
+    _check_cuttable(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, f"top_k ({side})"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
-            parts = [job.submit(_tasks.top_k_part, other, rows.rows(a, b), k, side, a, num_threads, slots,
-                                label=str(rows.rows(a, b)))
-                     for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+            parts = _per_shard(job, _tasks.top_k_part, train_set, shards, slots,
+                               lambda rows, first: (other, rows, k, side, first, num_threads, slots))
             found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
         else:
             other = _sent(job, train_set)
-            parts = [job.submit(_tasks.top_k_part, rows.rows(a, b), other, k, side, 0, num_threads, slots,
-                                label=str(rows.rows(a, b)))
-                     for a, b in shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards)]
+            parts = _per_shard(job, _tasks.top_k_part, test_set, shards, slots,
+                               lambda rows, _: (rows, other, k, side, 0, num_threads, slots))
             pieces = job.wait(parts, progress)
             found = tuple(TopK(*(np.concatenate([p[s][f] for p in pieces]) for f in (0, 1)))
-                          for s in range(len(names)))
+                          for s in range(len(_tasks.SIDE_NAMES[side])))
     return BothSides(*found) if side == "both" else found[0]
 
 
@@ -65,13 +65,12 @@ def self_influence(train: Any, *, client: Any = None, shards: int | None = None,
     """tracin.self_influence (float32 (n,)) of a GradientStore (or a path to one) on a Dask
     cluster, the same result bit for bit. Options as for tracin.distributed.top_k."""
     train_set = as_gradient_set(as_side(train, "train"), "train")
-    rows = _store_rows(train_set, "train")
+    _check_store(train_set, "train")
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     with client_for(client) as c:
         job, slots = Job(c, "self_influence"), slots_by_host(c)
-        parts = [job.submit(_tasks.self_influence_part, rows.rows(a, b), num_threads, slots,
-                            label=str(rows.rows(a, b)))
-                 for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+        parts = _per_shard(job, _tasks.self_influence_part, train_set, shards, slots,
+                           lambda rows, _: (rows, num_threads, slots))
         return np.concatenate(job.wait(parts, progress))
 
 
@@ -84,21 +83,18 @@ def aggregate(test: Any, train: Any, *, client: Any = None, shards: int | None =
     test_set, train_set, _ = _pair(test, train)
     macs = (test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows)
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
-    rows = _cut_rows(test_set, train_set)
+    _check_cuttable(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, "aggregate"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
-            parts = [job.submit(_tasks.aggregate_part, other, rows.rows(a, b), num_threads, slots,
-                                label=str(rows.rows(a, b)))
-                     for a, b in shard_ranges(train_set.n_rows, train_set.row_bytes, sum(slots.values()), shards)]
+            parts = _per_shard(job, _tasks.aggregate_part, train_set, shards, slots,
+                               lambda rows, _: (other, rows, num_threads, slots))
             total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
-        else:
+        else:  # test shards start on the store's row chunks, so their partial sums are tracin.aggregate's
             other = _sent(job, train_set)
-            ranges = shard_ranges(test_set.n_rows, test_set.row_bytes, sum(slots.values()), shards,
-                                  align=test_set.row_chunks())
-            parts = [job.submit(_tasks.aggregate_part, rows.rows(a, b), other, num_threads, slots,
-                                label=str(rows.rows(a, b))) for a, b in ranges]
+            parts = _per_shard(job, _tasks.aggregate_part, test_set, shards, slots,
+                               lambda rows, _: (rows, other, num_threads, slots), align=test_set.row_chunks())
             total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
     return _float32(total)
 
@@ -125,16 +121,26 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
     return shards, num_threads, progress
 
 
-def _store_rows(s: GradientSet, name: str) -> StoreRows:
+def _check_store(s: GradientSet, name: str) -> None:
     if not isinstance(s, GradientStore):
         raise TypeError(f"{name} must be a GradientStore (or a path to one), got {type(s).__name__}: tasks "
                         "open their shard of it by path; for in-memory gradient sets use tracin's own functions")
-    return StoreRows.of(s)
 
 
-def _cut_rows(test: GradientSet, train: GradientSet) -> StoreRows:
-    """The rows to cut into shards: the train side if it is a store, else the test side."""
-    return StoreRows.of(train) if isinstance(train, GradientStore) else _store_rows(test, "test or train")
+def _check_cuttable(test: GradientSet, train: GradientSet) -> None:
+    """The train side is cut into shards if it is a store, else the test side, which must be one."""
+    if not isinstance(train, GradientStore):
+        _check_store(test, "test or train")
+
+
+def _per_shard(job: Job, fn: Callable, cut: GradientStore, shards: int | None, slots: dict[str, int],
+               args: Callable[[StoreRows, int], tuple], align: int = 1) -> list[Future]:
+    """One task fn(*args(rows, first row)) per row shard of `cut`, in row order."""
+    whole, futures = StoreRows.of(cut), []
+    for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):
+        rows = whole.rows(a, b)
+        futures.append(job.submit(fn, *args(rows, a), label=str(rows)))
+    return futures
 
 
 def _sent(job: Job, s: GradientSet) -> Any:
