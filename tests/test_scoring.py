@@ -233,6 +233,16 @@ def test_aggregate_beyond_float32_is_an_error(factored):
     np.testing.assert_allclose(tracin.aggregate(gradients(1.2e19), gradients(1.2e19)), 2 * near**2, rtol=1e-6)
 
 
+def test_float32_overflow_check_follows_rounding():
+    from tracin.scoring import _refuse_float32_overflow
+
+    largest = float(np.finfo(np.float32).max)
+    half_step = 2.0 ** (127 - 24)  # half the float32 spacing at the top: beyond it, rounding gives inf
+    _refuse_float32_overflow(np.array([0.0, largest + 0.9 * half_step, -largest]))  # rounds to +-largest
+    with pytest.raises(ValueError, match=r"train rows \[1, 2\]"):
+        _refuse_float32_overflow(np.array([0.0, largest + half_step, -1e39]))
+
+
 @pytest.mark.parametrize("view", ["broadcast_to", "sliding_window_view"])
 def test_overlapping_row_views_are_scored_like_copies(rng, view):
     base = rng.standard_normal(40).astype(np.float32)

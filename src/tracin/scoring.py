@@ -20,6 +20,7 @@ from .backends import Backend, BothSides, TopK
 from .gradients import Gradients, GradientSet, KernelSide
 
 _SIDES = ("proponents", "opponents", "both")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def as_gradient_set(x: Any, name: str) -> GradientSet:
@@ -290,10 +291,16 @@ def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress
     with _Loop(test, train, progress, macs, "tracin aggregate", split=train.factored) as loop:
         for p in loop.pairs():
             total[p.train_rows] += backend.aggregate(p.test, p.train, w, num_threads=threads)
+    _refuse_float32_overflow(total)
+    return total.astype(np.float32)
+
+
+def _refuse_float32_overflow(total: np.ndarray) -> None:
+    """ValueError naming the first rows of float64 (n,) sums that round to inf in float32."""
+    if np.abs(total).max(initial=0.0) <= _FLOAT32_MAX:
+        return
     with np.errstate(over="ignore"):
-        out = total.astype(np.float32)
-    overflowed = np.flatnonzero(~np.isfinite(out))
+        overflowed = np.flatnonzero(np.isinf(total.astype(np.float32)))
     if overflowed.size:
         raise ValueError(f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
                          "although every input is finite; rescale the gradients (or the learning-rate weights)")
-    return out
