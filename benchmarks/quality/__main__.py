@@ -1,0 +1,50 @@
+"""python -m benchmarks.quality: run the suite, write quality.json and its plots, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from ..common import RESULTS_DIR, machine_info, write_json
+from . import config, plots, report
+from .run import run
+
+NEEDS = ("torch", "sklearn", "scipy", "matplotlib")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument("--quick", action="store_true", help="small models and few subset models: a smoke test")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"subset-model cache (default: {RESULTS_DIR / '.cache'}, or OUT/.cache with --quick)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import importlib.util
+
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]' "
+              "scikit-learn)", file=sys.stderr)
+        return 1
+    suite = config.QUICK if args.quick else config.FULL
+    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-quality-quick-")) if args.quick else RESULTS_DIR)
+    cache = args.cache or ((out / ".cache") if args.quick else RESULTS_DIR / ".cache")
+    name = "quality_quick" if args.quick else "quality"
+    payload = run(suite, cache, log=lambda s: print(s, flush=True))
+    payload["machine"] = machine_info()
+    payload["plots"] = [p.name for p in plots.plot_all(payload, out, name)]
+    path = write_json(name, payload, directory=out)
+    print(report.markdown(payload))
+    print(f"wrote {path} and {', '.join(payload['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

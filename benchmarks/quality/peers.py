@@ -1,0 +1,112 @@
+"""Peers: Captum TracInCP as an oracle on a small case, and TRAK (`traker`) as an attributor when it
+is installed. Neither is a dependency; a peer that is missing or fails is reported, not fatal."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.metadata
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader, TensorDataset
+
+import torch
+import tracin
+import tracin.torch
+from torch import nn
+
+from .influence import _loss
+from .training import Trajectory
+
+
+@contextlib.contextmanager
+def _quiet_tqdm() -> Iterator[None]:
+    """No progress bars from a peer (tqdm reads TQDM_DISABLE when a bar is made)."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
+def version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def captum_check(run: Trajectory, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 y_test: np.ndarray) -> dict:
+    """Captum TracInCP and tracin on the same checkpoints (weights = learning rates), full
+    gradients: influence matrix and self-influence, max abs difference and the scale it is read at."""
+    from captum.influence import TracInCP
+
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    xs, ys = torch.from_numpy(x_test), torch.from_numpy(y_test)
+    checkpoints = [(c.state, c.learning_rate) for c in run.checkpoints]
+    t0 = time.perf_counter()
+    grads_train = tracin.torch.export_gradients(run.model, checkpoints, (xt, yt), _loss, progress=False)
+    grads_test = tracin.torch.export_gradients(run.model, checkpoints, (xs, ys), _loss, progress=False)
+    ours = tracin.scores(grads_test, grads_train).astype(np.float64)
+    ours_self = tracin.self_influence(grads_train).astype(np.float64)
+    ours_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, rates = [], {}
+        for i, (state, lr) in enumerate(checkpoints):
+            paths.append(str(Path(tmp) / f"c{i}.pt"))
+            torch.save(state, paths[-1])
+            rates[paths[-1]] = lr
+
+        def load(model: nn.Module, path: str) -> float:
+            model.load_state_dict(torch.load(path, weights_only=True))
+            return rates[path]
+
+        t0 = time.perf_counter()
+        captum = TracInCP(copy.deepcopy(run.model).eval(), DataLoader(TensorDataset(xt, yt), batch_size=16), paths,
+                          checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=16)
+        theirs = captum.influence((xs, ys)).detach().double().numpy()
+        theirs_self = captum.self_influence().detach().double().numpy()
+        captum_s = time.perf_counter() - t0
+    return {"version": version("captum"), "n_train": len(x_train), "n_test": len(x_test),
+            "checkpoints": len(checkpoints),
+            "max_abs_diff_scores": float(np.abs(ours - theirs).max()), "max_abs_scores": float(np.abs(theirs).max()),
+            "max_abs_diff_self_influence": float(np.abs(ours_self - theirs_self).max()),
+            "max_abs_self_influence": float(np.abs(theirs_self).max()),
+            "captum_s": captum_s, "tracin_s": ours_s}
+
+
+def trak_attributions(run: Trajectory, chosen: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                      x_test: np.ndarray, y_test: np.ndarray, proj_dim: int) -> np.ndarray:
+    """TRAK scores (m, n), float64, from the chosen checkpoints, on the CPU in float32."""
+    from trak import TRAKer
+
+    model = copy.deepcopy(run.model).eval()
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    xs, ys = torch.from_numpy(x_test), torch.from_numpy(y_test)
+    with tempfile.TemporaryDirectory() as tmp, _quiet_tqdm():
+        traker = TRAKer(model=model, task="image_classification", train_set_size=len(x_train), save_dir=tmp,
+                        device="cpu", proj_dim=proj_dim, use_half_precision=False, logging_level=logging.ERROR)
+        for i in chosen:
+            traker.load_checkpoint(run.checkpoints[i].state, model_id=int(i))
+            traker.featurize(batch=(xt, yt), num_samples=len(x_train))
+        traker.finalize_features()
+        # traker 0.3.2's BasicProjector frees its matrix in finalize_features and rebuilds it only when
+        # the model id changes: without this, scoring after a single featurized model fails.
+        traker.projector.model_id = -1
+        for i in chosen:
+            traker.start_scoring_checkpoint(exp_name="quality", checkpoint=run.checkpoints[i].state, model_id=int(i),
+                                            num_targets=len(x_test))
+            traker.score(batch=(xs, ys), num_samples=len(x_test))
+        scores = traker.finalize_scores(exp_name="quality")
+    return np.asarray(scores, dtype=np.float64).T

@@ -1,0 +1,58 @@
+"""PNG plots of a quality payload: detection curves per dataset, LDS per method with error bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..plot import _pyplot, _save
+
+
+def detection_curves(payload: dict, path: Path) -> Path:
+    """Fraction of flipped labels found against fraction inspected, one panel per dataset."""
+    plt = _pyplot()
+    detect = payload["detection"]
+    fig, axes = plt.subplots(1, len(detect), figsize=(4.2 * len(detect), 4.2), squeeze=False)
+    for ax, (name, d) in zip(axes[0], detect.items(), strict=True):
+        xs = [0.0, *d["inspect"]]
+        ax.plot(xs, [0.0, *d["perfect"]], "k--", linewidth=1, label="perfect detector")
+        for method, r in d["methods"].items():
+            style = "-" if method.startswith("tracin") else ":"
+            ax.plot(xs, [0.0, *r["found"]], style, marker="o", markersize=3, label=method)
+        ax.set_title(f"{name} ({d['n_train']} train, {payload['config']['noise']:.0%} flipped)", fontsize=9)
+        ax.set_xlabel("fraction of training data inspected")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("fraction of flipped labels found")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def lds_bars(payload: dict, path: Path) -> Path:
+    """LDS mean +- standard error over held-out examples, one bar group per method."""
+    plt = _pyplot()
+    results = payload["lds"]
+    names = list(dict.fromkeys(m for d in results.values() for m in d["methods"]))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(names) * len(results) / 2), 4.8))
+    width = 0.8 / len(results)
+    for j, (dataset, d) in enumerate(results.items()):
+        xs = [i + j * width for i, m in enumerate(names) if m in d["methods"]]
+        ax.bar(xs, [d["methods"][m]["mean"] for m in names if m in d["methods"]], width,
+               yerr=[d["methods"][m]["se"] for m in names if m in d["methods"]], capsize=2, label=dataset)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("LDS (Spearman, mean ± s.e. over test examples)")
+    ax.set_title(f"Linear datamodeling score, {payload['config']['lds_models']} models on random "
+                 f"{payload['config']['lds_fraction']:.0%} subsets", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_all(payload: dict, directory: Path, name: str) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return [detection_curves(payload, directory / f"{name}_detection.png"),
+            lds_bars(payload, directory / f"{name}_lds.png")]

@@ -1,0 +1,156 @@
+"""The suite's runs: per dataset, detection over seeds and the LDS against cached subset models,
+every registered method side by side; the payload that becomes quality.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import methods, metrics, peers
+from .cases import AttributionCase, DetectionCase
+from .config import Suite
+from .data import Split, flip_labels, load
+from .influence import RunInfluence
+from .subsets import subset_models
+from .training import train
+
+TIE = 0.02  # detection: within this of the best fraction found counts as a tie
+
+
+def _call(name: str, fn: Callable, case) -> tuple[np.ndarray | None, str | None]:
+    """The method's output, or (None, why) for a peer that is not installed or fails."""
+    needs = methods.PEERS.get(name)
+    if needs is None:
+        return fn(case), None
+    if importlib.util.find_spec(needs) is None:
+        return None, f"not installed (pip install {needs})"
+    try:
+        return fn(case), None
+    except Exception as e:  # a peer's failure is a result to report, not a crash of the suite
+        return None, f"{type(e).__name__}: {e}"
+
+
+def detection(split: Split, suite: Suite, log: Callable[[str], None]) -> tuple[dict, DetectionCase]:
+    """Fraction of flipped labels found per method (mean over seeds and per seed); the seed-0 case."""
+    spec = suite.detection[split.name]
+    per_method: dict[str, list] = {name: [] for name in methods.DETECTORS}
+    errors: dict[str, str] = {}
+    facts, first = [], None
+    for seed in suite.seeds:
+        noisy = flip_labels(split.y_train, split.classes, suite.noise, seed)
+        run = train(split.x_train, noisy, split.classes, spec, seed, split.x_test, split.y_test)
+        flipped = noisy != split.y_train
+        case = DetectionCase(run, split.x_train, noisy, flipped, RunInfluence(run, split.x_train, noisy), seed)
+        if first is None:
+            first = case
+        facts.append({"seed": seed, "flipped": int(flipped.sum()),
+                      "final_train_accuracy": float(run.train_accuracy[-1]),
+                      "train_accuracy_on_flipped": float((run.margins[-1][flipped] > 0).mean()),
+                      "best_held_out_epoch": int(np.argmax(run.test_accuracy)) + 1,
+                      "final_held_out_accuracy": float(run.test_accuracy[-1]),
+                      "checkpoint_epochs": [c.epoch for c in run.checkpoints],
+                      "checkpoint_rates": [c.learning_rate for c in run.checkpoints]})
+        for name, fn in methods.DETECTORS.items():
+            scores, error = _call(name, fn, case)
+            if error:
+                errors[name] = error
+            else:
+                per_method[name].append(metrics.found_fractions(scores, flipped, suite.inspect))
+        log(f"  {split.name} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; "
+            f"tracin all {per_method['tracin all checkpoints'][-1]}, final loss {per_method['final loss'][-1]}")
+    n, n_flipped = len(split.y_train), facts[0]["flipped"]
+    result = {
+        "n_train": n, "classes": split.classes, "runs": facts, "inspect": list(suite.inspect),
+        "perfect": metrics.perfect_fractions(n, n_flipped, suite.inspect),
+        "methods": {name: {"found": np.mean(v, axis=0).tolist(), "per_seed": v}
+                    for name, v in per_method.items() if v},
+        "errors": errors,
+    }
+    return result, first
+
+
+def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> dict:
+    """LDS mean +- s.e. over held-out examples per method, against subset models trained on clean labels."""
+    spec, n_test = suite.lds[split.name], min(suite.lds_test, len(split.x_test))
+    t0 = time.perf_counter()
+    masks, losses, cached = subset_models(split, spec, suite.lds_models, suite.lds_fraction, n_test, cache, log)
+    subsets_s = time.perf_counter() - t0
+    run = train(split.x_train, split.y_train, split.classes, spec, 0, split.x_test, split.y_test)
+    x_test, y_test = split.x_test[:n_test], split.y_test[:n_test]
+    case = AttributionCase(run, split.x_train, split.y_train, x_test, y_test,
+                           RunInfluence(run, split.x_train, split.y_train, x_test, y_test), 0, suite.trak_dim)
+    scores, errors, seconds = {}, {}, {}
+    for name, fn in methods.ATTRIBUTORS.items():
+        t0 = time.perf_counter()
+        attributions, error = _call(name, fn, case)
+        seconds[name] = time.perf_counter() - t0
+        if error:
+            errors[name] = error
+            continue
+        result = metrics.lds(attributions, masks, losses)
+        scores[name] = {"mean": result["mean"], "se": result["se"]}
+    log(f"  {split.name} LDS: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in scores.items()))
+    return {"models": suite.lds_models, "subset_fraction": suite.lds_fraction, "test_examples": n_test,
+            "n_train": len(split.x_train), "subset_models_cached": cached, "subset_models_s": subsets_s,
+            "full_model_test_accuracy": float(run.test_accuracy[-1]),
+            "checkpoint_epochs": [c.epoch for c in run.checkpoints], "methods": scores, "errors": errors,
+            "method_s": seconds}
+
+
+def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) -> dict:
+    """Per dataset the best detector at `at` inspected, and the methods within TIE of the best on
+    every dataset (detection) / within one s.e. of the best on every dataset (LDS)."""
+    out: dict = {"detection_at": at, "tie": TIE, "detection_best": {}, "lds_best": {}}
+    ties: list[set] = []
+    for name, d in detect.items():
+        j = d["inspect"].index(at)
+        found = {m: r["found"][j] for m, r in d["methods"].items()}
+        best = max(found.values())
+        out["detection_best"][name] = {"best": best, "methods": sorted(m for m, v in found.items() if v == best)}
+        ties.append({m for m, v in found.items() if v >= best - TIE})
+    out["detection_wins_or_ties_everywhere"] = sorted(set.intersection(*ties)) if ties else []
+    lds_ties: list[set] = []
+    for name, d in lds_results.items():
+        best_name = max(d["methods"], key=lambda m: d["methods"][m]["mean"])
+        best = d["methods"][best_name]
+        out["lds_best"][name] = {"method": best_name, "mean": best["mean"], "se": best["se"]}
+        lds_ties.append({m for m, r in d["methods"].items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
+    out["lds_within_se_of_best_everywhere"] = sorted(set.intersection(*lds_ties)) if lds_ties else []
+    return out
+
+
+def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
+    """Every dataset of the suite; returns the JSON payload (without machine facts)."""
+    import torch
+
+    torch.set_num_threads(1)  # small MLPs: one thread is fastest and leaves the other core to tracin
+    methods.register_projected(suite.projection_dims)
+    t_start = time.perf_counter()
+    detect, lds_results, timings, captum = {}, {}, {}, None
+    for name in suite.datasets:
+        split = load(name)
+        t0 = time.perf_counter()
+        detect[name], case = detection(split, suite, log)
+        timings[f"{name} detection"] = time.perf_counter() - t0
+        if captum is None:
+            n_train, n_test = suite.captum_rows
+            captum = _captum(case, split, n_train, n_test)
+            log(f"  Captum TracInCP check: {captum}")
+        t0 = time.perf_counter()
+        lds_results[name] = lds(split, suite, cache, log)
+        timings[f"{name} lds"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    return {"config": suite.as_dict(), "peers": {"captum": captum, "trak": {"version": peers.version("traker")}},
+            "detection": detect, "lds": lds_results, "winners": winners(detect, lds_results, 0.2),
+            "timings_s": timings}
+
+
+def _captum(case: DetectionCase, split: Split, n_train: int, n_test: int) -> dict:
+    if importlib.util.find_spec("captum") is None:
+        return {"error": "not installed (pip install captum)"}
+    return peers.captum_check(case.run, case.x_train[:n_train], case.y_train[:n_train], split.x_test[:n_test],
+                              split.y_test[:n_test])

@@ -1,0 +1,85 @@
+"""An MLP trained with SGD on the CPU, with its checkpoints (weights and learning rate) and the
+per-epoch margins and accuracies the baselines and the recipes read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import torch
+from torch import nn
+
+from .config import Training
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    learning_rate: float
+    epoch: int
+
+
+@dataclass
+class Trajectory:
+    """checkpoints: ascending in epoch; margins: float32 (epochs, n) logit of the training label minus
+    the largest other logit, after each epoch; train_accuracy / test_accuracy: (epochs,) on the labels
+    trained on and on the held-out set."""
+
+    model: nn.Module
+    checkpoints: list[Checkpoint]
+    margins: np.ndarray
+    train_accuracy: np.ndarray
+    test_accuracy: np.ndarray
+
+
+def mlp(features: int, hidden: int, classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n,) logit of class y minus the largest other logit."""
+    assigned = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return assigned - others.max(dim=1).values
+
+
+def train(x: np.ndarray, y: np.ndarray, classes: int, spec: Training, seed: int,
+          x_test: np.ndarray | None = None, y_test: np.ndarray | None = None) -> Trajectory:
+    """Trains mlp(features, spec.hidden, classes) on (x float32 (n, f), y int64 (n,)) from `seed`."""
+    torch.manual_seed(seed)
+    model = mlp(x.shape[1], spec.hidden, classes)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xv = torch.from_numpy(x_test) if x_test is not None else None
+    order = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+    loss_fn = nn.CrossEntropyLoss()
+    keep = set(spec.checkpoint_epochs())
+    checkpoints, margin_rows, train_acc, test_acc = [], [], [], []
+    for epoch in range(spec.epochs):
+        rate = spec.rate_at(epoch)
+        for group in opt.param_groups:
+            group["lr"] = rate
+        perm = torch.randperm(len(x), generator=order)
+        for start in range(0, len(x), spec.batch_size):
+            rows = perm[start:start + spec.batch_size]
+            opt.zero_grad()
+            loss_fn(model(xt[rows]), yt[rows]).backward()
+            opt.step()
+        with torch.no_grad():
+            logits = model(xt)
+            margin_rows.append(margins(logits, yt).numpy())
+            train_acc.append(float((logits.argmax(1) == yt).float().mean()))
+            if xv is not None:
+                test_acc.append(float((model(xv).argmax(1).numpy() == y_test).mean()))
+        if epoch + 1 in keep:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            checkpoints.append(Checkpoint(state, rate, epoch + 1))
+    return Trajectory(model, checkpoints, np.stack(margin_rows), np.array(train_acc), np.array(test_acc))
+
+
+def test_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float64 (n,) cross-entropy of `model` on each example."""
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y),
+                                           reduction="none").double().numpy()

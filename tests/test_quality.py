@@ -1,0 +1,252 @@
+"""The attribution-quality suite (benchmarks/quality): its metrics against independent references, its
+data and checkpoint rules, the subset-model cache, and a --quick run end to end (JSON schema, plots,
+table, an oracle detector added as one function, Captum agreement, random baselines near chance)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from benchmarks.quality import __main__ as quality_main  # noqa: E402
+from benchmarks.quality import config, data, methods, metrics, report, subsets  # noqa: E402
+from benchmarks.quality.training import Checkpoint, Trajectory  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+# Metrics against brute-force and SciPy references -------------------------------------------------
+
+def test_found_fractions_match_a_brute_force_count():
+    rng = np.random.default_rng(0)
+    scores, flipped = rng.random(200), rng.random(200) < 0.2
+    for q in (0.05, 0.1, 0.2, 0.3):
+        k = round(q * 200)
+        top = sorted(range(200), key=lambda i: -scores[i])[:k]
+        expected = sum(bool(flipped[i]) for i in top) / flipped.sum()
+        assert metrics.found_fractions(scores, flipped, (q,)) == [pytest.approx(expected)]
+
+
+def test_an_oracle_detector_finds_what_a_perfect_detector_finds():
+    flipped = np.zeros(100, dtype=bool)
+    flipped[np.random.default_rng(1).choice(100, 20, replace=False)] = True
+    found = metrics.found_fractions(flipped.astype(float), flipped, (0.05, 0.1, 0.2, 0.3))
+    assert found == [0.25, 0.5, 1.0, 1.0]
+    assert metrics.perfect_fractions(100, 20, (0.05, 0.1, 0.2, 0.3)) == [0.25, 0.5, 1.0, 1.0]
+
+
+def test_ties_are_broken_by_lower_index_first():
+    flipped = np.array([False, True, False, True])
+    assert metrics.found_fractions(np.zeros(4), flipped, (0.5,)) == [0.5]
+
+
+def test_spearman_columns_match_scipy_and_constant_columns_are_zero():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((30, 5)), rng.standard_normal((30, 5))
+    a[:, 1] = b[:, 1] ** 3  # monotone: rho = 1
+    b[:5, 2] = b[5, 2]  # ties
+    expected = [spearmanr(a[:, j], b[:, j]).statistic for j in range(5)]
+    np.testing.assert_allclose(metrics.spearman_columns(a, b), expected, rtol=1e-12, atol=1e-12)
+    a[:, 0] = 7.0
+    assert metrics.spearman_columns(a, b)[0] == 0.0
+
+
+def test_lds_is_one_for_the_true_linear_datamodel_and_minus_one_reversed():
+    rng = np.random.default_rng(3)
+    truth = rng.standard_normal((6, 40))  # attribution of each of 40 train rows to each of 6 test examples
+    masks = rng.random((50, 40)) < 0.5
+    losses = 1.0 - masks @ truth.T  # training on a proponent lowers the loss
+    good, bad = metrics.lds(truth, masks, losses), metrics.lds(-truth, masks, losses)
+    assert good["mean"] == pytest.approx(1.0) and good["se"] == pytest.approx(0.0, abs=1e-12)
+    assert bad["mean"] == pytest.approx(-1.0)
+    noisy = metrics.lds(truth + rng.standard_normal(truth.shape), masks, losses)
+    rho = np.array(noisy["per_example"])
+    assert 0.0 < noisy["mean"] < 1.0
+    assert noisy["se"] == pytest.approx(rho.std(ddof=1) / np.sqrt(6))
+
+
+# Data, training schedule and checkpoint selections ---------------------------------------------
+
+@pytest.mark.parametrize("name", config.DATASETS)
+def test_datasets_are_standardised_on_the_training_rows(name):
+    split = data.load(name)
+    assert split.x_train.dtype == np.float32 and split.y_train.dtype == np.int64
+    np.testing.assert_allclose(split.x_train.mean(axis=0), 0.0, atol=1e-4)
+    std = split.x_train.std(axis=0)
+    assert np.all((np.abs(std - 1.0) < 1e-3) | (std < 1e-6))
+    assert len(split.x_test) == round(0.2 * (len(split.x_train) + len(split.x_test)))
+
+
+def test_flip_labels_changes_exactly_the_fraction_each_to_another_class():
+    y = np.random.default_rng(4).integers(0, 3, 500)
+    noisy = data.flip_labels(y, 3, 0.2, seed=0)
+    assert (noisy != y).sum() == 100
+    assert set(np.unique(noisy)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="fraction must be in"):
+        data.flip_labels(y, 3, 1.0, seed=0)
+
+
+def test_unknown_dataset_is_named():
+    with pytest.raises(ValueError, match="dataset must be one of .*'mnist'"):
+        data.load("mnist")
+
+
+def test_schedule_and_checkpoint_epochs():
+    spec = config.Training(epochs=150, checkpoints=10, learning_rate=0.03, decay_at=0.6)
+    assert spec.checkpoint_epochs() == list(range(15, 151, 15))
+    assert spec.rate_at(89) == 0.03 and spec.rate_at(90) == pytest.approx(0.003)
+
+
+def _trajectory(epochs: list[int], rates: list[float], test_accuracy: list[float]) -> Trajectory:
+    return Trajectory(None, [Checkpoint({}, r, e) for e, r in zip(epochs, rates, strict=True)],
+                      np.zeros((len(test_accuracy), 1)), np.zeros(len(test_accuracy)), np.array(test_accuracy))
+
+
+def test_checkpoint_selections():
+    acc = [0.5] * 100
+    acc[31] = 0.9  # best held-out accuracy after epoch 32
+    run = _trajectory([20, 40, 60, 80, 100], [0.1, 0.1, 0.1, 0.01, 0.01], acc)
+    assert methods.early_half(run).tolist() == [0, 1]
+    assert methods.before_rate_drop(run).tolist() == [0, 1, 2]
+    assert methods.up_to_held_out_peak(run).tolist() == [0, 1]
+    assert methods.final_checkpoint(run).tolist() == [4]
+
+
+# The subset-model cache -------------------------------------------------------------------------
+
+def test_subset_models_are_cached_under_a_key_of_their_settings(tmp_path):
+    split = data.load("wine")
+    spec = config.Training(epochs=2, checkpoints=1, hidden=8, batch_size=32)
+    masks, losses, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
+    assert not cached and masks.shape == (3, len(split.x_train)) and losses.shape == (3, 5)
+    assert (masks.sum(axis=1) == round(0.5 * len(split.x_train))).all() and np.isfinite(losses).all()
+    again, losses_again, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
+    assert cached and (again == masks).all() and (losses_again == losses).all()
+    other = subsets.cache_key(split, config.Training(epochs=3, checkpoints=1, hidden=8), 3, 0.5, 5)
+    assert other != subsets.cache_key(split, spec, 3, 0.5, 5)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+
+# A --quick run end to end --------------------------------------------------------------------------
+
+ORACLE = "test oracle (knows the flipped labels)"
+MISSING_PEER = "test peer that is not installed"
+
+
+@pytest.fixture(scope="module")
+def quick_run():
+    """`python -m benchmarks.quality --quick` with its default (temporary) output folder, with one
+    extra detector (an oracle) and one attributor needing a missing module registered as one function each."""
+    methods.detector(ORACLE)(lambda case: case.flipped.astype(float))
+    methods.attributor(MISSING_PEER, needs="no_such_module_for_tracin_tests")(lambda case: None)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = quality_main.main(["--quick"])
+    finally:
+        del methods.DETECTORS[ORACLE], methods.ATTRIBUTORS[MISSING_PEER], methods.PEERS[MISSING_PEER]
+    out = Path(re.search(r"^wrote (\S+quality_quick\.json) and ", printed.getvalue(), re.MULTILINE)[1]).parent
+    yield code, out, json.loads((out / "quality_quick.json").read_text()), printed.getvalue()
+    shutil.rmtree(out)
+
+
+def test_quick_run_writes_outside_the_checkout_with_its_cache(quick_run):
+    code, out, payload, _ = quick_run
+    assert code == 0
+    assert not out.resolve().is_relative_to(CHECKOUT)
+    assert list((out / ".cache").glob("lds-*.npz"))
+    for name in payload["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_quick_run_json_schema(quick_run):
+    payload = quick_run[2]
+    for key in ("benchmark", "machine", "config", "peers", "detection", "lds", "winners", "timings_s", "plots"):
+        assert key in payload
+    assert payload["config"]["quick"] is True
+    assert list(payload["detection"]) == list(payload["config"]["datasets"]) == list(payload["lds"])
+    for name, d in payload["detection"].items():
+        assert set(d["methods"]) | set(d["errors"]) == set(methods.DETECTORS) | {ORACLE}, name
+        assert not d["errors"]
+        for r in d["methods"].values():
+            assert all(0.0 <= v <= 1.0 for v in r["found"]) and r["found"] == sorted(r["found"])
+            assert len(r["per_seed"]) == len(payload["config"]["seeds"])
+    for name, d in payload["lds"].items():
+        assert set(d["methods"]) | set(d["errors"]) == set(methods.ATTRIBUTORS) | {MISSING_PEER}, name
+        assert d["errors"][MISSING_PEER] == "not installed (pip install no_such_module_for_tracin_tests)"
+        for r in d["methods"].values():
+            assert -1.0 <= r["mean"] <= 1.0 and r["se"] > 0
+
+
+def test_quick_run_perfect_curve_and_oracle_detector(quick_run):
+    payload = quick_run[2]
+    for d in payload["detection"].values():
+        flipped, n = d["runs"][0]["flipped"], d["n_train"]
+        assert flipped == round(payload["config"]["noise"] * n)
+        assert d["perfect"] == [min(1.0, round(q * n) / flipped) for q in d["inspect"]]
+        assert d["methods"][ORACLE]["found"] == d["perfect"]
+
+
+def test_quick_run_tracin_beats_random_and_random_is_near_chance(quick_run):
+    payload = quick_run[2]
+    for name, d in payload["detection"].items():
+        j = d["inspect"].index(0.2)
+        assert abs(d["methods"]["random"]["found"][j] - 0.2) < 0.15, name
+        assert d["methods"]["tracin all checkpoints"]["found"][j] > 0.5, name
+    for name, d in payload["lds"].items():
+        rand = d["methods"]["random"]
+        assert abs(rand["mean"]) < 4 * rand["se"], name
+        assert d["methods"]["tracin all checkpoints"]["mean"] > 0.15, name
+
+
+def test_quick_run_factored_equals_full_for_an_mlp(quick_run):
+    """Every parameter of the MLP is an nn.Linear weight or bias: factored TracIn is the full one."""
+    payload = quick_run[2]
+    for d in payload["detection"].values():
+        assert d["methods"]["tracin factored"]["found"] == d["methods"]["tracin all checkpoints"]["found"]
+    for d in payload["lds"].values():
+        assert d["methods"]["tracin factored"]["mean"] == pytest.approx(d["methods"]["tracin all checkpoints"]["mean"],
+                                                                        abs=1e-3)
+
+
+def test_quick_run_agrees_with_captum(quick_run):
+    captum = quick_run[2]["peers"]["captum"]
+    pytest.importorskip("captum")
+    assert captum["max_abs_diff_scores"] <= 1e-5 * captum["max_abs_scores"]
+    assert captum["max_abs_diff_self_influence"] <= 1e-5 * captum["max_abs_self_influence"]
+
+
+def test_quick_run_trak_runs_on_the_cpu_or_is_reported_missing(quick_run):
+    import importlib.util
+
+    for d in quick_run[2]["lds"].values():
+        for name in ("TRAK (final checkpoint)", "TRAK (all checkpoints)"):
+            if importlib.util.find_spec("trak") is None:
+                assert d["errors"][name].startswith("not installed")
+            else:
+                assert name in d["methods"], d["errors"].get(name)
+
+
+def test_quick_run_table_is_the_json(quick_run):
+    payload, printed = quick_run[2], quick_run[3]
+    table = report.markdown(payload)
+    assert table in printed
+    j = payload["detection"]["digits"]["inspect"].index(0.2)
+    found = payload["detection"]["digits"]["methods"]["final loss"]["found"][j]
+    assert re.search(rf"^\| final loss \| \**{found:.3f}\** \|", table, re.MULTILINE)
+    lds = payload["lds"]["digits"]["methods"]["tracin all checkpoints"]
+    assert f"{lds['mean']:.3f} ± {lds['se']:.3f}" in table
+    assert "Quick (smoke-test) settings" in table
