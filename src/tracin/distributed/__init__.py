@@ -5,7 +5,9 @@ None: the default client, else a LocalCluster on this machine) and shards= (row 
 store side). Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send
 back only (m, k) results (or one value per row), merged on the cluster with merge_top_k: the
 answers are identical bit for bit to the single-machine functions. Every worker must see the store
-at the same path (a shared file system, or an identical copy on each machine).
+at the same path (a shared file system, or an identical copy on each machine). A script that
+lets client=None start a LocalCluster must call from under `if __name__ == "__main__":` (the
+worker processes are spawned and import the script).
 """
 
 try:
