@@ -1,9 +1,9 @@
 // Every tuning constant of the kernel, each defined and explained once. They trade speed against
 // memory; none changes a float32 result bit except kNormLanes (the float64 summation order of
 // self_influence). The depth of the summed slices is part of the numerical contract, not a
-// tunable: kSliceDepth in kernels.hpp. Each names the benchmark record that shows its effect (benchmarks/results/, on
-// the 2-core machine of that record) and the commit that chose it; rerun that benchmark before
-// changing one.
+// tunable: kSliceDepth in kernels.hpp. Each names the benchmark record that shows its effect
+// (benchmarks/results/, on the 2-core machine of that record) and the commit that chose it; rerun
+// that benchmark before changing one.
 #pragma once
 
 #include <cstddef>
@@ -32,14 +32,16 @@ inline constexpr std::int64_t kPassRowQuantum = 32;
 
 // Bytes of the packed (float32, weighted) test rows of one pass. Every pass reads the whole train
 // side again, so a larger budget means fewer passes for wide gradients; beyond this one the copy
-// grew without the passes getting faster. Fewer rows per pass (down to one micro-tile of lanes)
-// keep wide rows within it.
+// grew without the passes getting faster. Fewer rows per pass, down to one thin micro-tile (8
+// lanes; 4 generic), keep rows of up to 2,097,152 columns (4,194,304 generic) within it; a wider
+// row exceeds it by that one tile of rows.
 // Record: torch_end_to_end.json "tracin_full_stages_s"."top_k_both" (360 test rows of 26,122
 // columns; commit 7358eae, after eea404d tried 128 MiB).
 inline constexpr std::int64_t kPackedTestBudget = std::int64_t{64} << 20;
 
 // A packed pass smaller than this is packed on one thread: a second thread cost the compute that
-// follows more than it saved. Record: kernel.json case "skinny" (commit 5d318e3).
+// follows more than it saved. Record: kernel.json cases "n=..." (256 test rows of 128 columns;
+// commit 5d318e3).
 inline constexpr std::size_t kParallelPackBytes = std::size_t{8} << 20;
 
 // --- Top-k and row-wise functions (api.cpp) ---
@@ -47,7 +49,8 @@ inline constexpr std::size_t kParallelPackBytes = std::size_t{8} << 20;
 // Heap selection up to this k, partition buffers above. Record: kernel.json case "k" (commit 5fb2acf).
 inline constexpr std::int64_t kHeapMaxK = 64;
 
-// Rows per task in self_influence and aggregate. Record: kernel.json (commit 5fb2acf).
+// Rows per task in self_influence and aggregate.
+// Record: torch_end_to_end.json "tracin_full_stages_s"."self_influence" (commit 5fb2acf).
 inline constexpr std::int64_t kRowsPerTask = 256;
 
 // Tile lanes checked against the top-k thresholds at once (one vectorised compare).
