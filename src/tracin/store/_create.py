@@ -23,13 +23,18 @@ from ._format import (
     is_own_file,
     new_store_id,
 )
+from ._locks import DirectoryLock, RangeLock
 from ._npy import create_npy, read_ids, write_npy
-from ._writer import DataFiles, DirectoryLock, GradientStoreWriter
+from ._range_writer import GradientStoreRangeWriter, initial_progress
+from ._ranges import merge_progress, read_progress
+from ._writer import DataFiles, GradientStoreWriter
+
+_REPLACE = "pass overwrite=True to replace it"
 
 
 def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequence[float] | None,
            dtype: str, *, factored: bool, metadata: dict | None, ids: Sequence | np.ndarray | None,
-           overwrite: bool, open_store: Callable[[Path], GradientSet]) -> GradientStoreWriter:
+           overwrite: bool, rows: Any, open_store: Callable[[Path], GradientSet]) -> GradientStoreWriter:
     """See GradientStore.create; `open_store` is what the writer's finalize() returns."""
     wanted = _wanted_manifest(n_rows, dims, weights, dtype, factored, metadata)
     id_array = _check_ids(ids, wanted.n_rows)
@@ -37,14 +42,17 @@ def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequen
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     root = Path(path)
+    if rows is not None:
+        return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store)
     if root.exists() and not root.is_dir():
         raise ValueError(f"path {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(root)
     try:
         if os.path.lexists(root / MANIFEST) and not overwrite:
-            manifest = _resumable(root, wanted, id_array)
-            files = None if manifest.complete else _resumable_files(root, manifest)
+            manifest = _resumable(root, wanted, id_array, _REPLACE)
+            merge_progress(root, manifest)
+            files = None if manifest.complete else _resumable_files(root, manifest, _REPLACE)
         else:
             _build(root, wanted, id_array, overwrite)
             manifest = wanted
@@ -53,6 +61,46 @@ def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequen
         lock.release()
         raise
     return GradientStoreWriter(root, manifest, lock, files, open_store)
+
+
+def _range_writer(root: Path, wanted: Manifest, ids: np.ndarray | None, rows: tuple[int, int], overwrite: bool,
+                  open_store: Callable[[Path], GradientSet]) -> GradientStoreRangeWriter:
+    """A writer of rows [start, stop) of the store at `root`, which must exist with the spec `wanted`."""
+    if overwrite:
+        raise ValueError("overwrite=True cannot be combined with rows=: range writers write into a store that "
+                         "exists; create (or replace) it first without rows=")
+    start, stop = rows
+    if not os.path.lexists(root / MANIFEST):
+        raise FileNotFoundError(f"no gradient store at {root} to write rows [{start}, {stop}) into: create it "
+                                "first with GradientStore.create(path, ...) without rows=, then open range writers")
+    lock = DirectoryLock(root, shared=True)
+    claim = None
+    try:
+        advice = "create the store again without rows= (overwrite=True) before opening range writers"
+        manifest = _resumable(root, wanted, ids, advice)
+        found = None
+        files = None
+        if not manifest.complete:
+            claim = RangeLock(root, start, stop)
+            found = read_progress(root, manifest, start, stop)
+            files = _resumable_files(root, manifest, advice)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        lock.release()
+        raise
+    return GradientStoreRangeWriter(root, manifest, lock, claim, files, initial_progress(manifest, found, start, stop),
+                                    open_store)
+
+
+def _check_rows(rows: Any, n_rows: int) -> tuple[int, int]:
+    """rows as (start, stop) with 0 <= start < stop <= n_rows."""
+    if (isinstance(rows, (tuple, list)) and len(rows) == 2
+            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows)
+            and 0 <= rows[0] < rows[1] <= n_rows):
+        return int(rows[0]), int(rows[1])
+    raise ValueError(f"rows must be a (start, stop) pair of integers with 0 <= start < stop <= n_rows ({n_rows}), "
+                     f"got {rows!r}")
 
 
 def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool) -> None:
@@ -130,12 +178,13 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
     return arr
 
 
-def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None) -> Manifest:
-    """The manifest of the store already at `root`, if it was created with the same spec."""
+def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str) -> Manifest:
+    """The manifest of the store already at `root`, if it was created with the same spec (else an
+    error ending with `advice`)."""
     try:
         existing = read_manifest(root)
     except StoreFormatError as e:
-        raise StoreFormatError(f"{e}; pass overwrite=True to replace it") from None
+        raise StoreFormatError(f"{e}; {advice}") from None
     differs = []
     for name, ours, theirs in (
         ("n_rows", wanted.n_rows, existing.n_rows),
@@ -156,7 +205,7 @@ def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None) -> Manifest
                            + " here")
     if differs:
         raise ValueError(f"{root} already holds a gradient store with a different spec ("
-                         + "; ".join(differs) + "); pass overwrite=True to replace it or use another path")
+                         + "; ".join(differs) + f"); {advice}" + (" or use another path" if advice == _REPLACE else ""))
     return existing
 
 
@@ -167,13 +216,13 @@ def _show(x: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _resumable_files(root: Path, manifest: Manifest) -> DataFiles:
+def _resumable_files(root: Path, manifest: Manifest, advice: str) -> DataFiles:
     """The data files of an unfinished store, opened to resume writing; a damaged one (not an OS
-    error, which is reported as it is) says that overwrite=True starts over."""
+    error, which is reported as it is) ends with `advice` (how to start over)."""
     try:
         return DataFiles(root, manifest)
     except StoreFormatError as e:
-        raise StoreFormatError(f"{e}; pass overwrite=True to replace the store") from None
+        raise StoreFormatError(f"{e}; {advice}") from None
 
 
 def _clearable(root: Path, overwrite: bool) -> list[str]:

@@ -10,6 +10,7 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,11 @@ IDS_FILE = "ids.npy"
 CREATING = "create-in-progress"
 # NumPy dtype each store dtype is kept as on disk (NumPy has no bfloat16: its raw uint16 bits).
 DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-# Names a store may write into its directory.
+# Names a store may write into its directory (besides the range files below).
 _OWN_FILE = re.compile(r"(checkpoint_\d+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress)")
+# Files of a range writer of rows [start, stop): rows-<start>-<stop>.json (its progress), .json.tmp,
+# .lock (held by the live writer). Numbers in decimal without leading zeros.
+RANGE_FILE = re.compile(r"rows-(0|[1-9]\d*)-([1-9]\d*)\.(json|json\.tmp|lock)")
 _DATA_FILE = re.compile(r"checkpoint_\d+(_left|_right)?\.npy")
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_COUNT = 2**63 - 1  # rows and columns must fit a signed 64-bit integer
@@ -49,7 +53,39 @@ def data_files(checkpoint: int, factored: bool) -> list[str]:
 
 def is_own_file(name: str) -> bool:
     """Whether a store may have written a file of this name."""
-    return _OWN_FILE.fullmatch(name) is not None
+    return _OWN_FILE.fullmatch(name) is not None or RANGE_FILE.fullmatch(name) is not None
+
+
+def range_file(start: int, stop: int, kind: str) -> str:
+    """Name of a range writer's file: kind "json" (progress) or "lock"."""
+    return f"rows-{start}-{stop}.{kind}"
+
+
+def add_range(ranges: Ranges, start: int, stop: int) -> Ranges:
+    """`ranges` with [start, stop) added, merged into sorted, disjoint ranges (a new list)."""
+    merged: Ranges = []
+    for a, b in sorted([list(r) for r in ranges] + [[start, stop]]):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def gaps(ranges: Ranges, start: int, stop: int) -> Ranges:
+    """The parts of [start, stop) that sorted, disjoint `ranges` do not cover."""
+    found, pos = [], start
+    for a, b in ranges:
+        if b <= pos:
+            continue
+        if a >= stop:
+            break
+        if a > pos:
+            found.append([pos, a])
+        pos = max(pos, b)
+    if pos < stop:
+        found.append([pos, stop])
+    return found
 
 
 def new_store_id() -> str:
@@ -87,23 +123,10 @@ class Manifest:
 
     def missing(self, checkpoint: int) -> Ranges:
         """Row ranges of the checkpoint not written yet."""
-        gaps, pos = [], 0
-        for a, b in self.written[checkpoint]:
-            if a > pos:
-                gaps.append([pos, a])
-            pos = b
-        if pos < self.n_rows:
-            gaps.append([pos, self.n_rows])
-        return gaps
+        return gaps(self.written[checkpoint], 0, self.n_rows)
 
     def mark_written(self, checkpoint: int, start: int, stop: int) -> None:
-        merged: Ranges = []
-        for a, b in sorted(self.written[checkpoint] + [[start, stop]]):
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        self.written[checkpoint] = merged
+        self.written[checkpoint] = add_range(self.written[checkpoint], start, stop)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -140,10 +163,10 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise fail(f"not a tracin gradient store manifest (no \"format\": \"{FORMAT_NAME}\")")
         version = doc.get("version")
-        if not _is_int(version) or version < 1:
-            raise fail(f"format version must be a positive integer, got {_short(version)}")
+        if not is_int(version) or version < 1:
+            raise fail(f"format version must be a positive integer, got {short(version)}")
         if version > FORMAT_VERSION:
-            raise fail(f"written in format version {_short(version)}, but this tracin reads versions up to "
+            raise fail(f"written in format version {short(version)}, but this tracin reads versions up to "
                        f"{FORMAT_VERSION}; upgrade tracin to read it")
         try:
             mode, dtype, n_rows = doc["mode"], doc["dtype"], doc["n_rows"]
@@ -153,16 +176,16 @@ class Manifest:
             raise fail(f"missing key {e.args[0]!r}") from None
         store_id = doc.get("id")
         if store_id is not None and not (isinstance(store_id, str) and _STORE_ID.fullmatch(store_id)):
-            raise fail(f"id must be 32 lowercase hex digits, got {_short(store_id)}")
+            raise fail(f"id must be 32 lowercase hex digits, got {short(store_id)}")
         if mode not in ("full", "factored"):
-            raise fail(f"mode must be 'full' or 'factored', got {_short(mode)}")
+            raise fail(f"mode must be 'full' or 'factored', got {short(mode)}")
         if not isinstance(dtype, str) or dtype not in DISK_DTYPES:
-            raise fail(f"dtype must be one of {sorted(DISK_DTYPES)}, got {_short(dtype)}")
+            raise fail(f"dtype must be one of {sorted(DISK_DTYPES)}, got {short(dtype)}")
         if not _is_count(n_rows):
-            raise fail(f"n_rows must be a positive integer below 2**63, got {_short(n_rows)}")
+            raise fail(f"n_rows must be a positive integer below 2**63, got {short(n_rows)}")
         if not isinstance(complete, bool) or not isinstance(weights_given, bool):
-            raise fail(f"complete and weights_given must be true or false, got {_short(complete)} and "
-                       f"{_short(weights_given)}")
+            raise fail(f"complete and weights_given must be true or false, got {short(complete)} and "
+                       f"{short(weights_given)}")
         if not isinstance(entries, list) or not entries:
             raise fail("checkpoints must be a non-empty list")
         if not isinstance(metadata, dict) or ids not in (None, IDS_FILE):
@@ -176,18 +199,18 @@ class Manifest:
                 names = [entry["left"], entry["right"]] if factored else [entry["file"]]
                 weight, ranges = entry["weight"], entry["written"]
             except (KeyError, TypeError, IndexError) as e:
-                raise fail(f"checkpoints[{c}] is malformed ({_short(e)})") from None
+                raise fail(f"checkpoints[{c}] is malformed ({short(e)})") from None
             if len(d) != (2 if factored else 1) or not all(_is_count(x) for x in d):
-                raise fail(f"checkpoints[{c}] dims must be positive integers below 2**63, got {_short(list(d))}")
+                raise fail(f"checkpoints[{c}] dims must be positive integers below 2**63, got {short(list(d))}")
             finite = _finite_float(weight)
             if finite is None:
-                raise fail(f"checkpoints[{c}] weight must be a finite number, got {_short(weight)}")
+                raise fail(f"checkpoints[{c}] weight must be a finite number, got {short(weight)}")
             if not all(isinstance(n, str) and _DATA_FILE.fullmatch(n) for n in names):
-                raise fail(f"checkpoints[{c}] names unexpected data files {_short(names)}")
+                raise fail(f"checkpoints[{c}] names unexpected data files {short(names)}")
             if used.intersection(names) or len(set(names)) < len(names):
                 raise fail(f"checkpoints[{c}] names a data file already used: {names}")
             used.update(names)
-            _check_ranges(ranges, n_rows, fail, f"checkpoints[{c}].written")
+            check_ranges(ranges, 0, n_rows, fail, f"checkpoints[{c}].written")
             dims.append(d)
             weights.append(finite)
             written.append([list(r) for r in ranges])
@@ -203,6 +226,12 @@ class Manifest:
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """The Manifest in the bytes of a manifest.json (strict JSON: no NaN or infinite numbers);
     any malformed input is a StoreFormatError naming `where`."""
+    return Manifest.from_json(strict_json(data, where, "manifest"), where)
+
+
+def strict_json(data: bytes, where: str, what: str) -> Any:
+    """The JSON document in `data` (no NaN or infinite numbers, bounded nesting); anything else is a
+    StoreFormatError naming `where` and saying it is a corrupt `what`."""
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not a JSON number")
 
@@ -215,18 +244,18 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     try:
         doc = json.loads(data, parse_constant=no_constant, parse_float=finite)
     except RecursionError:
-        raise StoreFormatError(f"{where}: corrupt manifest, JSON nested too deeply") from None
+        raise StoreFormatError(f"{where}: corrupt {what}, JSON nested too deeply") from None
     except ValueError as e:  # bad JSON or UTF-8, NaN / Infinity, integers beyond Python's digit limit
-        raise StoreFormatError(f"{where}: corrupt manifest, not valid JSON ({_short(e)})") from None
-    return Manifest.from_json(doc, where)
+        raise StoreFormatError(f"{where}: corrupt {what}, not valid JSON ({short(e)})") from None
+    return doc
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_count(x: Any) -> bool:
-    return _is_int(x) and 1 <= x <= _MAX_COUNT
+    return is_int(x) and 1 <= x <= _MAX_COUNT
 
 
 def _finite_float(x: Any) -> float | None:
@@ -240,23 +269,24 @@ def _finite_float(x: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _short(x: Any, limit: int = 80) -> str:
+def short(x: Any, limit: int = 80) -> str:
     """repr(x) cut to `limit` characters (hostile manifests can hold huge values)."""
-    if _is_int(x) and x.bit_length() > 200:
+    if is_int(x) and x.bit_length() > 200:
         return f"an integer of {x.bit_length()} bits"
     text = repr(x) if not isinstance(x, BaseException) else str(x)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _check_ranges(ranges: Any, n_rows: int, fail, name: str) -> None:
-    pos = 0
+def check_ranges(ranges: Any, start: int, stop: int, fail: Callable[[str], Exception], name: str) -> None:
+    """Raises fail(message) unless `ranges` is a list of sorted, disjoint [a, b) lists within [start, stop]."""
+    pos = start
     ok = isinstance(ranges, list)
     for r in ranges if ok else []:
-        if not (isinstance(r, list) and len(r) == 2 and _is_int(r[0]) and _is_int(r[1])
-                and pos <= r[0] < r[1] <= n_rows):
+        if not (isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_int(r[1])
+                and pos <= r[0] < r[1] <= stop):
             ok = False
             break
         pos = r[1]
     if not ok:
-        raise fail(f"{name} must be sorted, disjoint [start, stop) ranges within [0, {n_rows}], "
-                   f"got {_short(ranges)}")
+        raise fail(f"{name} must be sorted, disjoint [start, stop) ranges within [{start}, {stop}], "
+                   f"got {short(ranges)}")

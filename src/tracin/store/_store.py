@@ -96,7 +96,7 @@ class GradientStore(GradientSet):
     def create(cls, path: str | os.PathLike, n_rows: int, dims: Sequence,
                weights: Sequence[float] | None = None, dtype: str = "float32", *, factored: bool = False,
                metadata: dict | None = None, ids: Sequence | np.ndarray | None = None,
-               overwrite: bool = False) -> GradientStoreWriter:
+               overwrite: bool = False, rows: tuple[int, int] | None = None) -> GradientStoreWriter:
         """A writer for a new store at `path` (a directory, created if needed), or for the store
         already there if it has the same spec, to resume writing it.
 
@@ -108,9 +108,16 @@ class GradientStore(GradientSet):
         naming what differs, unless overwrite=True, which replaces the old store. A folder holding
         anything but a store's files is refused; one holding files named like a store's but no
         manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True.
+
+        rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
+        must already be at `path` with this spec: several may write disjoint ranges at once, in
+        processes or machines sharing the file system (a distributed export), each resuming its
+        range after a crash. Create the store first (this call without rows=, then close()); once
+        every range is written, this call without rows= again merges their progress and its
+        finalize() finishes the store (a ValueError naming the rows still missing otherwise).
         """
         return create(path, n_rows, dims, weights, dtype, factored=factored, metadata=metadata,
-                      ids=ids, overwrite=overwrite, open_store=cls.open)
+                      ids=ids, overwrite=overwrite, rows=rows, open_store=cls.open)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, allow_partial: bool = False,

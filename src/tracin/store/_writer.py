@@ -13,33 +13,9 @@ import numpy as np
 from ..gradients import GradientSet
 from ._convert import to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
-from ._format import DISK_DTYPES, MANIFEST, Manifest
+from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, gaps
+from ._locks import DirectoryLock
 from ._npy import check_npy
-
-
-class DirectoryLock:
-    """An exclusive flock on a store directory, held by its one writer (no-op where the OS has no
-    flock). release() is idempotent: the descriptor is closed once, by whoever releases first."""
-
-    def __init__(self, root: Path):
-        self._fd: int | None = None
-        try:
-            import fcntl
-        except ImportError:
-            return
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"gradient store {root} is being written by another writer (in this or "
-                               "another process); close that writer first") from None
-        self._fd = fd
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
 
 
 class DataFiles:
@@ -75,8 +51,9 @@ class GradientStoreWriter:
     """Writes rows of a store, durably: each write() flushes and fsyncs the data, then records the
     rows in the manifest atomically, so a killed process resumes where it stopped.
 
-    One writer per store at a time (enforced with a lock on the directory where the OS has flock);
-    not thread-safe. Use it as a context manager or call finalize() / close().
+    One writer of the whole store at a time, and none beside range writers (GradientStoreRangeWriter),
+    enforced with a lock on the directory where the OS has flock; not thread-safe. Use it as a
+    context manager or call finalize() / close().
     """
 
     def __init__(self, path: Path, manifest: Manifest, lock: DirectoryLock, files: DataFiles | None,
@@ -111,18 +88,25 @@ class GradientStoreWriter:
     def n_checkpoints(self) -> int:
         return len(self._manifest.dims)
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """[start, stop) of the rows this writer may write: all of them (a range writer: its range)."""
+        return 0, self.n_rows
+
     def rows_done(self, checkpoint: int) -> int:
-        """r such that rows [0, r) of `checkpoint` are durably written."""
-        return self._manifest.rows_done(self._checkpoint(checkpoint))
+        """r such that rows [start, r) of `checkpoint` are durably written (start = self.rows[0])."""
+        start = self.rows[0]
+        first = self._written(self._checkpoint(checkpoint))[:1]
+        return first[0][1] if first and first[0][0] <= start < first[0][1] else start
 
     def missing(self, checkpoint: int) -> list[list[int]]:
-        """[start, stop) row ranges of `checkpoint` not written yet."""
-        return self._manifest.missing(self._checkpoint(checkpoint))
+        """[start, stop) row ranges of `checkpoint` within self.rows not written yet."""
+        return gaps(self._written(self._checkpoint(checkpoint)), *self.rows)
 
     @property
     def complete(self) -> bool:
-        """True when every row of every checkpoint is written (finalize() may still be due)."""
-        return all(not self._manifest.missing(c) for c in range(self.n_checkpoints))
+        """True when every row (of self.rows) of every checkpoint is written (finalize() may still be due)."""
+        return all(not self.missing(c) for c in range(self.n_checkpoints))
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, checkpoint: int, start: int, block: Any) -> None:
@@ -147,14 +131,16 @@ class GradientStoreWriter:
         rows = arrays[0].shape[0]
         if start + rows > self.n_rows:
             raise ValueError(f"rows [{start}, {start + rows}) exceed the store's {self.n_rows} rows")
+        if not self.rows[0] <= start <= start + rows <= self.rows[1]:
+            raise ValueError(f"rows [{start}, {start + rows}) are outside this writer's rows "
+                             f"[{self.rows[0]}, {self.rows[1]})")
         if rows == 0:
             return
         for fd, path, offset, arr in zip(files.fds[c], files.paths[c], files.offsets[c], arrays, strict=True):
             write_all(fd, arr.reshape(-1).view(np.uint8), offset + start * arr.shape[1] * arr.itemsize, path)
         for fd, path in zip(files.fds[c], files.paths[c], strict=True):
             sync(fd, path)
-        self._manifest.mark_written(c, start, start + rows)
-        write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+        self._record(c, start, start + rows)
 
     def finalize(self) -> GradientSet:
         """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
@@ -195,6 +181,15 @@ class GradientStoreWriter:
                 f"dtype={self.dtype!r}, rows_done={done})")
 
     # -- helpers --------------------------------------------------------------------------------
+    def _written(self, c: int) -> Ranges:
+        """Sorted, disjoint row ranges of checkpoint c known to be written."""
+        return self._manifest.written[c]
+
+    def _record(self, c: int, start: int, stop: int) -> None:
+        """Records rows [start, stop) of checkpoint c as written, durably (their data is synced)."""
+        self._manifest.mark_written(c, start, stop)
+        write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+
     def _checkpoint(self, checkpoint: int) -> int:
         if (isinstance(checkpoint, bool) or not isinstance(checkpoint, numbers.Integral)
                 or not 0 <= checkpoint < self.n_checkpoints):
