@@ -36,7 +36,7 @@ struct ProjectionSpec {
 
 // Projects the rows of the column-wise concatenation of `pieces` (all with the same row count)
 // whose first column is column `column_offset` of P. out[r * out_stride + i] for i < spec.dim.
-// Uses options.num_threads and options.isa; the block sizes in options are ignored.
+// Uses options.num_threads, options.isa and options.cancel; the block sizes in options are ignored.
 // A non-finite result (NaN / Inf in the input, or overflow) is reported as kNonFinite.
 Status Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
                std::int64_t column_offset, float* out, std::int64_t out_stride,

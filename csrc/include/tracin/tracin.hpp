@@ -45,8 +45,9 @@ struct Options {
   std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
   std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
   Isa isa = Isa::kAuto;
-  // Cancellation: when non-null and set (by another thread) during the call, the call stops
-  // between tasks and returns kCancelled; outputs are then partly written. Null: never cancelled.
+  // Cancellation: when non-null and set (before the call, or by another thread during it), the
+  // call stops at its next task (milliseconds) and returns kCancelled with its outputs partly
+  // written. A flag left clear changes nothing, to the bit.
   const std::atomic<bool>* cancel = nullptr;
 };
 
