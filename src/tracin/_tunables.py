@@ -1,7 +1,7 @@
 """Tunable constants of the scoring loop, each documented here once with the evidence for it.
 
 Figures quoted are from the 2-core AMD EPYC benchmark machine (benchmarks/results/*.json).
-The C++ kernel's own constants (tile sizes, packing budgets) are documented in csrc/.
+The C++ kernel's own constants (tile sizes, packing budgets) are in csrc/src/tunables.hpp.
 """
 
 AUTO_PROGRESS_MACS = 5e11
