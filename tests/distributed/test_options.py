@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import tracin
 import tracin.distributed as td
+from tracin.distributed._cluster import kernel_threads, slots_by_host
 from tracin.distributed._shards import shard_ranges
 
 
@@ -63,3 +66,11 @@ def test_shard_ranges_aligned_to_chunks():
     ranges = shard_ranges(40, 8, slots=1, shards=3, align=7)
     assert ranges == [(0, 14), (14, 28), (28, 40)]
     assert all(a % 7 == 0 for a, _ in ranges)
+
+
+def test_kernel_threads_share_the_host_cores_among_its_task_slots(client):
+    cores = len(os.sched_getaffinity(0))  # the workers are this process's children: same cores
+    assert client.submit(kernel_threads, None, {"127.0.0.1": 1}, pure=False).result() == cores
+    assert client.submit(kernel_threads, None, {"127.0.0.1": 2 * cores}, pure=False).result() == 1
+    assert client.submit(kernel_threads, 3, {"127.0.0.1": 2}, pure=False).result() == 3
+    assert slots_by_host(client) == {"127.0.0.1": 2}
