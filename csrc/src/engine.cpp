@@ -43,8 +43,8 @@ const MicroTile& TileFor(std::int64_t rows, std::int64_t row_bytes, const Kernel
 
 // Train rows per task: kDefaultTrainBlock, or a somewhat larger multiple of mr when that spreads
 // the tiles more evenly over the threads (with 15 tiles on 2 threads, one thread computes 8 while
-// the other idles through the last; 10 larger tiles split 5 and 5), counting each task as a full
-// tile, by more than kBalanceGainPercent.
+// the other idles through the last; 10 larger tiles split 5 and 5): when the slowest thread's
+// rows, each task counted as a full tile, drop by more than kBalanceGainPercent percent.
 std::int64_t DefaultTrainBlock(std::int64_t n, int threads, int mr) {
   const auto makespan = [&](std::int64_t block) {
     const std::int64_t tasks = (n + block - 1) / block;

@@ -25,7 +25,7 @@ inline bool IsCancelled(const std::atomic<bool>* cancel) {
   return cancel != nullptr && cancel->load(std::memory_order_relaxed);
 }
 
-inline Status Cancelled() { return {StatusCode::kCancelled, "cancelled"}; }
+inline Status Cancelled() { return {StatusCode::kCancelled, "cancelled through Options::cancel"}; }
 
 // Runs body(task, thread) for task in [0, n_tasks) on up to n_threads threads, tasks handed out
 // dynamically. A body taking (task, upcoming, thread) is also told the task its thread runs next
