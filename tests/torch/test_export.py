@@ -306,3 +306,18 @@ def test_empty_data_is_refused_clearly(trained, mode):
     for data in ((x[:0], y[:0]), [], iter([])):
         with pytest.raises(ValueError, match="data has no rows"):
             export_gradients(model, checkpoints[:1], data, LOSS, mode=mode, progress=False)
+
+
+def test_full_float32_rows_are_computed_straight_into_the_result(trained, monkeypatch):
+    from tracin.torch import export as torch_export
+
+    model, checkpoints, train, _ = trained
+
+    def no_copy_path(self, state, batch):
+        raise AssertionError("full float32 rows in memory must be computed in place, not copied")
+
+    monkeypatch.setattr(torch_export._TorchExport, "compute", no_copy_path)
+    g = export_gradients(model, checkpoints, train, LOSS, batch_size=16, progress=False)  # (values: the Captum tests)
+    assert g.n_rows == 40 and g.dims == (sum(p.numel() for p in model.parameters()),) * 3
+    with pytest.raises(AssertionError, match="computed in place"):  # a projection needs the rows first
+        export_gradients(model, checkpoints, train, LOSS, projection=tracin.Projection(4), progress=False)

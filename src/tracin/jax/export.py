@@ -69,14 +69,18 @@ def export_gradients(
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
-        metadata (compared on resume) holds fingerprints of all the data (read once more, up front)
-        and of every checkpoint, so other data or checkpoints are refused rather than mixed in.
+        metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
+        of every checkpoint and of loss_fn / layer_input (by qualified name), so a resume with any of
+        them changed is a ValueError naming what changed rather than rows mixed from two exports.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it, so the per-example function compiles once.
     progress: show a tqdm progress bar (examples/s).
 
     Returns Gradients / FactoredGradients (metadata: the schema of tracin._export.metadata, framework
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
+    Errors shared with tracin.torch (tracin._export.driver): a one-shot iterator with several
+    checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
+    checkpoint file is FileNotFoundError.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, inputs, targets), got {type(loss_fn).__name__}")

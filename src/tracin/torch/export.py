@@ -65,13 +65,19 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     dtype: stored element type, "float32", "float16" or "bfloat16".
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
         earlier call with the same arguments was interrupted. Returns the finished store. Its
-        metadata (compared on resume) holds fingerprints of all the data (read once more, up front)
-        and of every checkpoint, so other data or checkpoints are refused rather than mixed in.
+        metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
+        of every checkpoint, of the model's structure (module types and settings, parameter names,
+        shapes and dtypes) and of loss_fn, so a resume with any of them changed is a ValueError
+        naming what changed rather than rows mixed from two exports.
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
     progress: show a tqdm bar over checkpoints x examples.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").
+    Errors shared with tracin.jax (tracin._export.driver): a one-shot iterator with several
+    checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
+    checkpoint file is FileNotFoundError. A loss_fn whose losses do not depend on the chosen
+    parameters (constant, detached) is a ValueError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
