@@ -16,6 +16,7 @@ from ..gradients import GradientSet, KernelSide
 from ._create import create
 from ._files import open_file, read_manifest
 from ._format import DISK_DTYPES, FORMAT_VERSION, IDS_FILE, MANIFEST, Manifest, StoreChangedError, StoreFormatError
+from ._locks import range_files
 from ._npy import check_npy, map_array, read_ids
 from ._writer import GradientStoreWriter
 
@@ -298,8 +299,10 @@ class GradientStore(GradientSet):
             "format_version": FORMAT_VERSION,
             "complete": m.complete,
             "rows": m.n_rows,
-            "rows_written": [m.rows_done(c) for c in range(len(m.dims))],
+            "rows_written": [m.rows_done(c) for c in range(len(m.dims))],  # the prefix usable with allow_partial
+            "rows_recorded": [sum(b - a for a, b in m.written[c]) for c in range(len(m.dims))],  # anywhere
             "checkpoints": len(m.dims),
+            "layers_per_checkpoint": _layers_per_checkpoint(m),
             "mode": "factored" if m.factored else "full",
             "dims": [list(d) if m.factored else d[0] for d in m.dims],
             "weights": list(m.weights),
@@ -308,6 +311,7 @@ class GradientStore(GradientSet):
             "file_bytes": sum(s.st_size for s in stats),
             "disk_bytes": sum(getattr(s, "st_blocks", s.st_size // 512) * 512 for s in stats),
             "ids": m.has_ids,
+            "range_writers": sorted({(a, b) for _, a, b, _ in range_files(self.path)}),
             "metadata": m.metadata,
         }
 
@@ -317,19 +321,23 @@ class GradientStore(GradientSet):
         if i["complete"]:
             state = "yes"
         else:
-            state = f"no (rows written per checkpoint: {', '.join(map(str, i['rows_written']))})"
+            state = f"no (rows written per checkpoint: {', '.join(map(str, i['rows_recorded']))})"
+        ids = "yes (ids.npy)" if i["ids"] else f"no (rows are named by their index 0..{i['rows'] - 1})"
         lines = [
             f"gradient store  {i['path']}  (format v{i['format_version']})",
             f"complete        {state}",
             f"rows            {i['rows']}",
-            f"checkpoints     {i['checkpoints']}  (weights {', '.join(f'{w:g}' for w in i['weights'])}"
-            f"{'' if i['weights_given'] else ', the default'})",
+            f"checkpoints     {_checkpoints_text(i)}",
             f"mode            {i['mode']}",
-            f"dims            {', '.join(str(d) for d in i['dims'])}",
+            f"dims            {_dims_text(i)}",
             f"dtype           {i['dtype']}",
             f"size on disk    {_human(i['disk_bytes'])} (files {_human(i['file_bytes'])})",
-            f"ids             {'yes' if i['ids'] else 'no'}",
+            f"ids             {ids}",
         ]
+        if i["range_writers"]:
+            spans = ", ".join(f"[{a}, {b})" for a, b in i["range_writers"])
+            lines.append(f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
+                         "merged into the counts above when the store is next opened to write the whole of it")
         if i["metadata"]:
             lines.append(f"metadata        {', '.join(sorted(i['metadata']))}")
         return "\n".join(lines)
@@ -344,6 +352,37 @@ class GradientStore(GradientSet):
 def describe(path: str | os.PathLike) -> str:
     """describe() of the store at `path`, finished or not (what `tracin info PATH` prints)."""
     return GradientStore.open(path, allow_partial=True).describe()
+
+
+def _layers_per_checkpoint(m: Manifest) -> int:
+    """L when a factored store holds L factor pairs (layers) per checkpoint: the torch adapter's
+    mode="factored" records one fingerprint per real checkpoint in metadata["fingerprints"]["checkpoints"]
+    and stores checkpoint c, layer l at slot c * L + l. 1 otherwise."""
+    fingerprints = m.metadata.get("fingerprints")
+    digests = fingerprints.get("checkpoints") if isinstance(fingerprints, dict) else None
+    if not m.factored or not isinstance(digests, list) or not digests or len(m.dims) % len(digests):
+        return 1
+    return len(m.dims) // len(digests)
+
+
+def _checkpoints_text(i: dict[str, Any]) -> str:
+    """`5 x 2 layers  (10 factor pairs; weights ...)`, or `10  (weights ...)`: one weight per
+    checkpoint where its layers share it, else one per slot."""
+    slots, layers, weights = i["checkpoints"], i["layers_per_checkpoint"], i["weights"]
+    if layers > 1 and all(len(set(weights[c:c + layers])) == 1 for c in range(0, slots, layers)):
+        weights = weights[::layers]
+    shown = f"weights {', '.join(f'{w:g}' for w in weights)}{'' if i['weights_given'] else ', the default'}"
+    if layers == 1:
+        return f"{slots}  ({shown})"
+    return f"{slots // layers} x {layers} layers  ({slots} factor pairs; {shown})"
+
+
+def _dims_text(i: dict[str, Any]) -> str:
+    """The dims of every slot, or of one checkpoint's layers when every checkpoint has the same."""
+    dims, layers = i["dims"], i["layers_per_checkpoint"]
+    if layers > 1 and all(dims[c:c + layers] == dims[:layers] for c in range(0, len(dims), layers)):
+        return f"{', '.join(str(d) for d in dims[:layers])} (each checkpoint's layers)"
+    return ", ".join(str(d) for d in dims)
 
 
 def _read_ahead(fd: int, offset: int, nbytes: int) -> None:

@@ -1,0 +1,89 @@
+"""describe() / `tracin info`: checkpoints of a factored store counted as checkpoints x layers, ids
+explained, range writers' files shown."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.cli import main
+from tracin.store import describe
+
+from .helpers import random_blocks, write_store
+
+
+def _line(text: str, key: str) -> str:
+    (found,) = [line for line in text.splitlines() if line.startswith(key + " ")]
+    return found
+
+
+def test_a_torch_factored_store_shows_checkpoints_times_layers(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    later = {k: v + 0.1 for k, v in model.state_dict().items()}
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    store = export_gradients(model, [(model.state_dict(), 0.1), (later, 0.05)], (x, y),
+                             torch.nn.CrossEntropyLoss(reduction="none"), mode="factored", store=tmp_path / "s",
+                             progress=False)
+    assert store.n_checkpoints == 4 and len(store.metadata["fingerprints"]["checkpoints"]) == 2
+    text = describe(tmp_path / "s")
+    assert _line(text, "checkpoints") == "checkpoints     2 x 2 layers  (4 factor pairs; weights 0.1, 0.05)"
+    # layer 0: left dL/d(output) (5), right input + 1 (5); layer 1: 3 and 6
+    assert _line(text, "dims") == "dims            [5, 5], [3, 6] (each checkpoint's layers)"
+    assert _line(text, "ids") == "ids             no (rows are named by their index 0..6)"
+    assert main(["info", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.strip() == text
+
+
+def _factored_store(path, dims, weights, digests):
+    """A finished factored store with metadata["fingerprints"]["checkpoints"] = `digests`."""
+    blocks = random_blocks(3, dims, "float32", True)
+    return write_store(path, blocks, weights, factored=True, metadata={"fingerprints": {"checkpoints": digests}})
+
+
+@pytest.mark.parametrize("dims, weights, digests, checkpoints, dims_line", [
+    # layers sharing their checkpoint's weight, dims repeating: one of each per checkpoint
+    ([(2, 3), (4, 1)] * 3, [0.5, 0.5, 0.2, 0.2, 0.1, 0.1], ["a", "b", "c"],
+     "3 x 2 layers  (6 factor pairs; weights 0.5, 0.2, 0.1)", "[2, 3], [4, 1] (each checkpoint's layers)"),
+    # weights differing within a checkpoint, dims changing: every slot
+    ([(2, 3), (4, 1), (2, 3), (4, 2)], [0.5, 0.4, 0.2, 0.2], ["a", "b"],
+     "2 x 2 layers  (4 factor pairs; weights 0.5, 0.4, 0.2, 0.2)", "[2, 3], [4, 1], [2, 3], [4, 2]"),
+    # fingerprints that do not divide the slots, or none: plain checkpoints
+    ([(2, 3)] * 3, [1.0, 2.0, 3.0], ["a", "b"], "3  (weights 1, 2, 3)", "[2, 3], [2, 3], [2, 3]"),
+    ([(2, 3)] * 2, [1.0, 2.0], "not a list", "2  (weights 1, 2)", "[2, 3], [2, 3]"),
+])
+def test_checkpoints_and_dims_lines(tmp_path, dims, weights, digests, checkpoints, dims_line):
+    _factored_store(tmp_path / "s", dims, weights, digests)
+    text = describe(tmp_path / "s")
+    assert _line(text, "checkpoints") == "checkpoints     " + checkpoints
+    assert _line(text, "dims") == "dims            " + dims_line
+
+
+def test_a_full_store_with_one_fingerprint_per_slot_stays_plain(tmp_path):
+    write_store(tmp_path / "s", random_blocks(4, [3, 3], "float32", False), [1.0, 1.0],
+                metadata={"fingerprints": {"checkpoints": ["a"]}})
+    assert _line(describe(tmp_path / "s"), "checkpoints") == "checkpoints     2  (weights 1, 1)"
+
+
+def test_ids_are_explained(tmp_path):
+    write_store(tmp_path / "with", random_blocks(4, [3], "float32", False), ids=["a", "b", "c", "d"])
+    write_store(tmp_path / "without", random_blocks(4, [3], "float32", False))
+    assert _line(describe(tmp_path / "with"), "ids") == "ids             yes (ids.npy)"
+    assert _line(describe(tmp_path / "without"), "ids") == "ids             no (rows are named by their index 0..3)"
+
+
+def test_range_writers_files_are_shown_until_merged(tmp_path):
+    tracin.GradientStore.create(tmp_path / "s", 10, [2]).close()
+    with tracin.GradientStore.create(tmp_path / "s", 10, [2], rows=(4, 10)) as w:
+        w.write(0, 4, np.ones((6, 2), np.float32))
+        text = describe(tmp_path / "s")  # a reader while the range writer works
+    assert "complete        no (rows written per checkpoint: 0)" in text
+    assert _line(text, "range writers").startswith("range writers   1 with files (rows [4, 10)); their progress")
+    tracin.GradientStore.create(tmp_path / "s", 10, [2]).close()  # merged
+    text = describe(tmp_path / "s")
+    assert "range writers" not in text
+    assert _line(text, "complete") == "complete        no (rows written per checkpoint: 6)"  # rows [4, 10)
