@@ -8,12 +8,14 @@ tracin.top_k(test, store, side="both", num_threads=--workers), interleaved, the 
 OS cache. From Dask's task stream: the time of each shard task and merge task. The fixed cost per
 task comes from a store of --tiny-shards rows cut into one shard per row, against one shard per
 worker. A projection for 10, 100 and 1000 workers on a 1 TiB store is built from these measured
-parts (not measured: see "projection" in the JSON). Writes results/distributed.json.
+parts and a simulation of the default shards handed to free workers (not measured: see
+"projection" in the JSON). Writes results/distributed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import math
 import os
 import shutil
@@ -60,17 +62,24 @@ def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: 
 
 
 def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: float) -> list[dict]:
-    """Projected seconds for a 1 TiB store: waves of default-size shards over the workers, each
-    shard costing its measured kernel time plus the fixed cost per task, then the merge tree (its
-    depth in merge tasks), plus the fixed cost of one call."""
+    """Projected seconds for a 1 TiB store: tracin.distributed's default shards handed in order to
+    whichever worker is free first (as Dask's scheduler does), each costing its bytes at the measured
+    kernel time per byte plus the fixed cost per task; then the merge tree (its depth in merge
+    tasks) and the fixed cost of one call."""
     rows = []
+    row_bytes = 2**14  # 16 KiB rows, as in the measured store; only the byte count matters
     for w in PROJECTED_WORKERS:
-        shards = len(shard_ranges(TIB // 2**14, 2**14, w, None))  # 16 KiB rows; the count is what matters
-        per_shard = TIB / shards * shard_s_per_byte + task_s
-        depth = math.ceil(math.log(shards, FAN_IN))
-        total = call_s + math.ceil(shards / w) * per_shard + depth * (merge_s + task_s)
-        rows.append({"workers": w, "shards": shards, "shard_gib": TIB / shards / 2**30, "waves": math.ceil(shards / w),
-                     "shard_s": per_shard, "merge_depth": depth, "projected_s": total})
+        ranges = shard_ranges(TIB // row_bytes, row_bytes, w, None)
+        free = [0.0] * w
+        for a, b in ranges:
+            heapq.heappush(free, heapq.heappop(free) + (b - a) * row_bytes * shard_s_per_byte + task_s)
+        depth = math.ceil(math.log(len(ranges), FAN_IN))
+        scoring = max(free)
+        rows.append({"workers": w, "shards": len(ranges),
+                     "largest_shard_mib": max(b - a for a, b in ranges) * row_bytes / 2**20,
+                     "smallest_shard_mib": min(b - a for a, b in ranges) * row_bytes / 2**20,
+                     "ideal_scoring_s": TIB * shard_s_per_byte / w, "scoring_s": scoring, "merge_depth": depth,
+                     "projected_s": call_s + scoring + depth * (merge_s + task_s)})
     return rows
 
 
@@ -115,8 +124,7 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
     shard_s = _compute_seconds(stream.data, "tracin_top_k_part")
     merge_s = _compute_seconds(stream.data, "tracin_merge_parts")
     med = {name: t["median_s"] for name, t in times.items()}
-    shard_bytes = store.nbytes / len(shard_s)
-    per_byte = statistics.median(shard_s) / shard_bytes
+    per_byte = sum(shard_s) / store.nbytes  # shards differ in size: compute seconds per byte over all
     merge = statistics.median(merge_s) if merge_s else 0.0
     return {
         "config": {"size_gib": args.size, "n_rows": n_rows, "dims": dims, "dtype": "float16",
@@ -130,7 +138,6 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
         "goal_ratio": 1.15,
         "identical_results": identical,
         "shards": len(shard_s),
-        "shard_bytes": shard_bytes,
         "shard_compute_s": shard_s,
         "shard_gib_per_s_per_worker": 1 / per_byte / 2**30,
         "merge_tasks": len(merge_s),
@@ -139,8 +146,8 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
         "projection": {
             "note": "PROJECTION, not a measurement: 1 TiB float16 store, this machine's measured per-byte shard time "
                     "(single-threaded task, warm cache), merge time and fixed costs; assumes storage feeds every "
-                    f"worker at >= {1 / per_byte / 2**30:.2f} GiB/s and default shards (at most "
-                    f"{MAX_SHARD_BYTES // 2**20} MiB).",
+                    f"worker at >= {1 / per_byte / 2**30:.2f} GiB/s; default shards (at most "
+                    f"{MAX_SHARD_BYTES // 2**20} MiB, large first) handed to the first free worker.",
             "rows": _projection(per_byte, merge, fixed["call_s_one_shard_per_worker"],
                                 fixed["fixed_cost_per_task_s"]),
         },
@@ -174,13 +181,13 @@ def main(argv: list[str] | None = None) -> int:
           f"workers, {result['shards']} shards) {med['distributed']:.3f} s = "
           f"{result['ratio_distributed_over_single_machine']:.3f}x (goal <= 1.15x); identical: "
           f"{result['identical_results']}")
-    print(f"shard task {statistics.median(result['shard_compute_s']):.3f} s "
-          f"({result['shard_gib_per_s_per_worker']:.2f} GiB/s per worker), merge task "
+    print(f"{result['shards']} shard tasks, {result['shard_gib_per_s_per_worker']:.2f} GiB/s per worker; merge task "
           f"{statistics.median(result['merge_compute_s'] or [0]) * 1e3:.2f} ms, fixed cost per task "
           f"{result['fixed_cost']['fixed_cost_per_task_s'] * 1e3:.1f} ms, per call "
           f"{result['fixed_cost']['call_s_one_shard_per_worker'] * 1e3:.0f} ms")
     for r in result["projection"]["rows"]:
-        print(f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s")
+        print(f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s "
+              f"(scoring {r['scoring_s']:.0f} s, ideal {r['ideal_scoring_s']:.0f} s)")
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
     return 0
 

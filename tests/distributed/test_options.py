@@ -54,18 +54,26 @@ def test_shard_ranges_cover_the_rows_in_near_equal_parts():
     assert {b - a for a, b in ranges} <= {143, 144}
 
 
-def test_shard_ranges_by_bytes():
-    mib = 2**20
-    assert len(shard_ranges(10, mib, slots=4, shards=None)) == 3  # 10 MiB: no shard under 4 MiB
-    assert len(shard_ranges(1000, mib, slots=4, shards=None)) == 16  # 4 per slot, each under 256 MiB
-    assert len(shard_ranges(4096, mib, slots=2, shards=None)) == 16  # 4 GiB: 256 MiB each at most
-    assert shard_ranges(3, mib, slots=4, shards=10) == [(0, 1), (1, 2), (2, 3)]  # one row each at most
+@pytest.mark.parametrize("n_rows, slots", [(10, 4), (100, 2), (1024, 2), (4096, 2), (300_000, 1000)])
+def test_default_shard_ranges_are_guided_by_bytes(n_rows, slots):
+    mib = 2**20  # one MiB per row
+    sizes = [b - a for a, b in shard_ranges(n_rows, mib, slots=slots, shards=None)]
+    assert sum(sizes) == n_rows and sizes == sorted(sizes, reverse=True)
+    assert max(sizes) == min(256, max(16, -(-n_rows // (2 * slots))), n_rows)
+    assert all(s >= 16 for s in sizes[:-1])  # only the last may be small
+    assert len(sizes) >= min(slots, n_rows // 16)  # every slot busy when there is enough
+
+
+def test_guided_sizes_halve_per_round_of_slots():
+    sizes = [b - a for a, b in shard_ranges(1024, 2**20, slots=2, shards=None)]
+    assert sizes[:5] == [256, 192, 144, 108, 81]  # a quarter of what is left each time
+    assert sizes[-3:] == [16, 16, 8]
 
 
 def test_shard_ranges_aligned_to_chunks():
-    ranges = shard_ranges(40, 8, slots=1, shards=3, align=7)
-    assert ranges == [(0, 14), (14, 28), (28, 40)]
-    assert all(a % 7 == 0 for a, _ in ranges)
+    assert shard_ranges(40, 8, slots=1, shards=3, align=7) == [(0, 14), (14, 28), (28, 40)]
+    ranges = shard_ranges(10_000, 2**20, slots=3, shards=None, align=7)
+    assert ranges[-1][1] == 10_000 and all(a % 7 == 0 for a, _ in ranges)
 
 
 def test_kernel_threads_share_the_host_cores_among_its_task_slots(client):

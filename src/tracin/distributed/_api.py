@@ -31,7 +31,8 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, clien
     side is sent to each worker once. Per shard the values float32 (m, <= k) and indices int64
     travel back, merged by a tree of merge_top_k tasks on the cluster.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
-    shards: number of row shards (None: a few per worker thread, at most 256 MiB each).
+    shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
+    small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
     progress: a tqdm bar over shards (None: for seconds of work, if tqdm is installed).
     """

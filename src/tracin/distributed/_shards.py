@@ -11,9 +11,9 @@ from typing import Any
 from ..gradients import GradientSet
 from ..store import GradientStore, StoreChangedError
 
-MAX_SHARD_BYTES = 256 * 2**20  # no shard larger than this (one kernel call's worth of rows)...
-MIN_SHARD_BYTES = 4 * 2**20  # ...none smaller, unless the store is...
-SHARDS_PER_SLOT = 4  # ...large enough to give every task slot this many (load balance)
+MAX_SHARD_BYTES = 256 * 2**20  # no default shard larger (a store's default chunk: one kernel call)
+MIN_SHARD_BYTES = 16 * 2**20  # none smaller but the last: a task costs ~15 ms (benchmarks/results/distributed.json)
+GUIDE = 2  # each default shard takes 1 / (GUIDE * task slots) of the rows not yet given out
 
 
 @dataclass(frozen=True)
@@ -73,17 +73,23 @@ def as_side(x: Any, name: str) -> GradientSet | Any:
 
 
 def shard_ranges(n_rows: int, row_bytes: int, slots: int, shards: int | None, align: int = 1) -> list[tuple[int, int]]:
-    """Near-equal contiguous row ranges covering [0, n_rows), each starting at a multiple of `align`.
+    """Contiguous row ranges covering [0, n_rows) in order, each starting at a multiple of `align`.
 
-    shards: how many (at most one per aligned unit of rows); None: SHARDS_PER_SLOT for each of
-    `slots` task slots, but none smaller than MIN_SHARD_BYTES, and more if needed so that none is
-    larger than MAX_SHARD_BYTES.
+    shards: that many near-equal ranges (at most one per `align` rows). None: guided sizes, each
+    range 1 / (GUIDE * slots) of the rows not yet given out, within [MIN_SHARD_BYTES,
+    MAX_SHARD_BYTES] (the last may be smaller): large ranges run first and small ones fill the
+    end, so that the `slots` task slots finish close together even when some run slower.
     """
     units = max(1, math.ceil(n_rows / align))
-    if shards is None:
-        nbytes = n_rows * row_bytes
-        shards = max(math.ceil(nbytes / MAX_SHARD_BYTES),
-                     min(SHARDS_PER_SLOT * slots, math.ceil(nbytes / MIN_SHARD_BYTES)), 1)
-    shards = min(shards, units)
-    cuts = [min(n_rows, (i * units // shards) * align) for i in range(shards + 1)]
+    if shards is not None:
+        shards = min(shards, units)
+        cuts = [min(n_rows, (i * units // shards) * align) for i in range(shards + 1)]
+    else:
+        unit_bytes = max(1, row_bytes * align)
+        low = max(1, MIN_SHARD_BYTES // unit_bytes)
+        high = max(low, MAX_SHARD_BYTES // unit_bytes)
+        cuts, given = [0], 0
+        while given < units:
+            given += min(units - given, max(low, min(high, math.ceil((units - given) / (GUIDE * max(slots, 1))))))
+            cuts.append(min(n_rows, given * align))
     return list(zip(cuts[:-1], cuts[1:], strict=True))
