@@ -67,7 +67,7 @@ def test_default_shard_ranges_are_guided_by_bytes(n_rows, slots):
 def test_guided_sizes_halve_per_round_of_slots():
     sizes = [b - a for a, b in shard_ranges(1024, 2**20, slots=2, shards=None)]
     assert sizes[:5] == [256, 192, 144, 108, 81]  # a quarter of what is left each time
-    assert sizes[-3:] == [16, 16, 8]
+    assert sizes[5:] == [61, 46, 34, 26, 19, 16, 16, 16, 9]  # then the 16 MiB floor, and what is left
 
 
 def test_shard_ranges_aligned_to_chunks():
