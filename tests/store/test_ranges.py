@@ -5,6 +5,7 @@ are refused with errors naming them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ import pytest
 
 import tracin
 from tracin.store import GradientStoreRangeWriter, StoreFormatError
+from tracin.store import _locks as locks
 
 from .ranges_task import BLOCK, DIMS, N_ROWS, SPEC, WEIGHTS, range_task, rows, write_missing
 
@@ -306,3 +308,19 @@ def test_a_fifo_planted_as_a_progress_file_is_refused_without_hanging(tmp_path):
     os.mkfifo(path / "rows-0-300.json")
     with pytest.raises(StoreFormatError, match="rows-0-300.json is not a regular file"):
         tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
+
+
+@pytest.mark.skipif(locks.fcntl is None, reason="needs flock (POSIX)")
+def test_a_file_system_without_flock_is_written_unlocked_and_other_lock_errors_are_raised(tmp_path, monkeypatch):
+    def flock(fd, op, code=errno.ENOLCK):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(locks.fcntl, "flock", flock)
+    _create(tmp_path / "s")  # as on an NFS mount refusing locks on directories
+    with tracin.GradientStore.create(tmp_path / "s", **SPEC, rows=(0, 300)) as w:
+        write_missing(w, 0, 300)
+    with pytest.raises(ValueError, match=r"overlap rows \[0, 300\)"):  # the overlap check still runs
+        tracin.GradientStore.create(tmp_path / "s", **SPEC, rows=(200, 400))
+    monkeypatch.setattr(locks.fcntl, "flock", lambda fd, op: flock(fd, op, errno.EIO))
+    with pytest.raises(OSError, match="Input/output error"):
+        tracin.GradientStore.create(tmp_path / "s", **SPEC, rows=(300, 600))

@@ -3,7 +3,7 @@
 A writer of the whole store holds an exclusive flock on the directory; range writers (rows=) hold a
 shared one, so they run beside each other but never beside a writer of the whole store. Each range
 writer also holds an exclusive flock on rows-<start>-<stop>.lock: one live writer per range. Where
-the OS has no flock the locks are no-ops (the overlap check of ranges still runs).
+the OS or the file system has no flock the locks are no-ops (the overlap check of ranges still runs).
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ except ImportError:  # no flock on this OS
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
+# flock errors that mean "no locks on this file system" (some network file systems, e.g. exclusive locks
+# on a directory over NFS): the store is then written unlocked, as where the OS has no flock.
+_NO_LOCKS = {errno.ENOLCK, errno.EBADF, errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
 def _try_flock(fd: int, exclusive: bool) -> bool:
     """Takes the flock without waiting; False if another holder has it."""
     if fcntl is None:
@@ -31,6 +36,9 @@ def _try_flock(fd: int, exclusive: bool) -> bool:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
     return True
 
 
@@ -43,7 +51,12 @@ class DirectoryLock:
         if fcntl is None:
             return
         fd = os.open(root, os.O_RDONLY)
-        if _try_flock(fd, exclusive=not shared):
+        try:
+            taken = _try_flock(fd, exclusive=not shared)
+        except BaseException:
+            os.close(fd)
+            raise
+        if taken:
             self._fd = fd
             return
         os.close(fd)
