@@ -1,4 +1,5 @@
-"""Creating a gradient store, or reopening an unfinished one with the same spec to resume it."""
+"""Creating a gradient store, reopening an unfinished one with the same spec to resume it, or opening a writer of
+one row range of it (rows=)."""
 
 from __future__ import annotations
 

@@ -90,10 +90,10 @@ def merge_progress(root: Path, manifest: Manifest) -> None:
     files = range_files(root)
     if not files:
         return
-    if not manifest.complete:
-        for _, start, stop, kind in files:
-            progress = read_progress(root, manifest, start, stop) if kind == "json" else None
-            for c, ranges in enumerate(progress.written if progress else []):
+    if not manifest.complete:  # (a finished store's range files are leftovers of a finalize cut short)
+        found = [read_progress(root, manifest, start, stop) for _, start, stop, kind in files if kind == "json"]
+        for progress in found:
+            for c, ranges in enumerate(progress.written if progress is not None else []):
                 for a, b in ranges:
                     manifest.mark_written(c, a, b)
         write_json_atomic(root / MANIFEST, manifest.to_json())
