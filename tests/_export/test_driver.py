@@ -89,7 +89,7 @@ def test_rows_weights_and_metadata_in_memory():
     data = _data()
     g = export(_Scaled(data), CKPTS, _options(), [])
     x = np.concatenate(data).astype(np.float64)
-    for m, (ckpt, _) in zip(g.matrices, CKPTS):
+    for m, (ckpt, _) in zip(g.matrices, CKPTS, strict=True):
         np.testing.assert_allclose(m, x * ckpt["scale"], rtol=1e-6)
     np.testing.assert_array_equal(g.weights, [0.5, 0.25])
     fp = g.metadata["fingerprints"]

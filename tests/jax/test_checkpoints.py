@@ -17,10 +17,10 @@ def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
     saver.save(tmp_path / "ckpt0", mlp.params[0])
     saver.wait_until_finished()
     (tmp_path / "ckpt1.msgpack").write_bytes(serialization.msgpack_serialize(mlp.params[1]))
-    in_memory = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=False)
+    in_memory = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=False)
     on_disk = export_gradients(mlp.loss_fn, [(tmp_path / "ckpt0", mlp.lrs[0]), (str(tmp_path / "ckpt1.msgpack"),
                                                                                   mlp.lrs[1])], (x, y), progress=False)
-    for a, b in zip(in_memory.matrices, on_disk.matrices):
+    for a, b in zip(in_memory.matrices, on_disk.matrices, strict=True):
         np.testing.assert_array_equal(a, b)
     digests = on_disk.metadata["fingerprints"]["checkpoints"]
     assert len(set(digests)) == 2 and digests != in_memory.metadata["fingerprints"]["checkpoints"]

@@ -22,7 +22,8 @@ def _close(ours, ref):
 
 def test_full_rows_and_scores_match_reference(mlp, data):
     x, y = data
-    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), batch_size=32, progress=False)
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    grads = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=32, progress=False)
     assert isinstance(grads, tracin.Gradients)
     assert grads.n_rows == 70 and grads.dims == (75, 75)
     np.testing.assert_array_equal(grads.weights, mlp.lrs)
@@ -30,7 +31,7 @@ def test_full_rows_and_scores_match_reference(mlp, data):
     assert [p["shape"] for p in grads.metadata["params"]] == [[8], [5, 8], [3], [8, 3]]
     refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS)
             for w in mlp.weights]
-    for ours, ref in zip(grads.matrices, refs):
+    for ours, ref in zip(grads.matrices, refs, strict=True):
         _close(ours, ref)
     test = grads[:10]
     assert_close_to_exact(tracin.scores(test, grads), [r[:10] for r in refs], refs, mlp.lrs)
@@ -52,7 +53,7 @@ def test_layers_select_parameters_in_stable_order(mlp, data, layers, names):
 
 def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
     x, y = data
-    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode="last_layer",
+    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode="last_layer",
                              layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
     assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((3, 9), (3, 9))
     assert grads.metadata["last_layer"] == {"layer": "l2", "weight": "l2/kernel", "bias": "l2/bias",
@@ -76,7 +77,7 @@ def test_last_batch_is_padded_not_recompiled(mlp, data):
         traces.append(inputs.shape)  # runs only while JAX traces the function
         return mlp.loss_fn(params, inputs, targets)
 
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     ragged = export_gradients(counted_loss, ckpts, (x, y), batch_size=16, progress=False)
     # 2 checkpoints x 5 batches (the last of 6 rows, padded to 16): one abstract check of the batched
     # loss, then a single trace of the per-example function (a batch of one inside vmap).
@@ -94,15 +95,15 @@ def test_last_batch_is_padded_not_recompiled(mlp, data):
 
 def test_iterable_of_batches_equals_arrays(mlp, data):
     x, y = data
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     whole = export_gradients(mlp.loss_fn, ckpts, (x, y), progress=False)
     cuts = [0, 30, 55, 61, 70]
-    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    batches = [(x[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     listed = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
     capped = export_gradients(mlp.loss_fn, ckpts, batches, batch_size=8, progress=False)
     once = export_gradients(mlp.loss_fn, ckpts[:1], iter(batches), progress=False)
     for g in (listed, capped):
-        for a, b in zip(g.matrices, whole.matrices):
+        for a, b in zip(g.matrices, whole.matrices, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(once.matrices[0], whole.matrices[0], rtol=1e-6, atol=1e-7)
 
@@ -132,10 +133,10 @@ def test_dtypes_are_the_float32_rows_rounded(mlp, data, dtype):
 
 def test_progress_bar(mlp, data, capsys):
     x, y = data
-    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=True)
+    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=True)
     err = capsys.readouterr().err
     assert "140/140" in err and "ex/s" in err
-    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), progress=False)
+    export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -154,7 +155,8 @@ def test_progress_bar(mlp, data, capsys):
 ])
 def test_bad_arguments(mlp, data, kwargs, error, message):
     x, y = data
-    args = dict(loss_fn=mlp.loss_fn, checkpoints=list(zip(mlp.params, mlp.lrs)), data=(x, y), progress=False)
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    args = dict(loss_fn=mlp.loss_fn, checkpoints=ckpts, data=(x, y), progress=False)
     args.update(kwargs)
     if args["data"] == "iterator":
         args["data"] = iter([(x, y)])
@@ -184,7 +186,7 @@ WIDTHS = [8, 40, 3, 24]  # l1/bias, l1/kernel, l2/bias, l2/kernel: the per-layer
 def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, per_layer, dtype):
     x, y = data
     projection = tracin.Projection(16, seed=5, per_layer=per_layer)
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=projection, dtype=dtype, batch_size=32,
                                  progress=False)
     assert isinstance(projected, tracin.Gradients)
@@ -200,10 +202,10 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
     refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS) @ matrix
             for w in mlp.weights]
     if dtype == "float16":
-        for ours, ref in zip(projected.matrices, refs):
+        for ours, ref in zip(projected.matrices, refs, strict=True):
             np.testing.assert_allclose(ours.astype(np.float64), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     else:
-        for ours, ref in zip(projected.matrices, refs):
+        for ours, ref in zip(projected.matrices, refs, strict=True):
             _close(ours, ref)
         assert_close_to_exact(tracin.scores(projected[:10], projected), [r[:10] for r in refs], refs, mlp.lrs)
 
@@ -211,7 +213,7 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
 def test_projected_last_layer_factors_are_the_kronecker_projection(mlp, data):
     x, y = data
     projection = tracin.Projection(12, seed=9)  # factored_dims (4, 3)
-    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode="last_layer",
+    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode="last_layer",
                              layers=["l2"], layer_input=mlp.hidden, projection=projection, batch_size=16,
                              progress=False)
     assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((4, 3), (4, 3))

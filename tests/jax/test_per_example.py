@@ -10,8 +10,8 @@ from tracin.jax import export_gradients
 
 @pytest.mark.parametrize("reduce, message", [
     (jnp.mean, r"per-example losses of shape \(64,\) for a batch of 64, got \(\) \(a mean or sum"),
-    (lambda l: l[:, None], r"shape \(64,\) for a batch of 64, got \(64, 1\)"),
-    (lambda l: (l > 1).astype(jnp.int32), "floating-point losses, got dtype int32"),
+    (lambda losses: losses[:, None], r"shape \(64,\) for a batch of 64, got \(64, 1\)"),
+    (lambda losses: (losses > 1).astype(jnp.int32), "floating-point losses, got dtype int32"),
 ])
 def test_reduced_or_misshaped_losses_are_refused(mlp, data, reduce, message):
     x, y = data

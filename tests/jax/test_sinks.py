@@ -22,7 +22,7 @@ def _in_memory_and_stored(mlp, data, path, mode: str, **options):
     kw = dict(mode=mode, batch_size=16, progress=False, **options)
     if mode == "last_layer":
         kw.update(layers=["l2"], layer_input=mlp.hidden)
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     memory = export_gradients(mlp.loss_fn, ckpts, data, **kw)
     return memory, export_gradients(mlp.loss_fn, ckpts, data, store=path, **kw)
 
@@ -61,7 +61,7 @@ def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
     assert isinstance(store, tracin.GradientStore) and store.n_rows == 70 and store.dims == memory.dims
     np.testing.assert_array_equal(store.weights, mlp.lrs)
     assert store.metadata["params"] == memory.metadata["params"]
-    for a, b in zip(_blocks(store), _blocks(memory)):
+    for a, b in zip(_blocks(store), _blocks(memory), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(tracin.scores(memory[:5], store), tracin.scores(memory[:5], memory))
 
@@ -69,7 +69,7 @@ def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
 def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypatch):
     x, y = data
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]  # 5 batches, the last of 6 rows
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     calls = []
     original = per_example.FullRows.__call__
 
@@ -86,7 +86,7 @@ def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypa
     resumed = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
     assert calls == [48, 64], "only the batches not yet written are computed"
     memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
-    for a, b in zip(_blocks(resumed), _blocks(memory)):
+    for a, b in zip(_blocks(resumed), _blocks(memory), strict=True):
         np.testing.assert_array_equal(a, b)
     calls.clear()
     again = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
@@ -99,7 +99,7 @@ def test_projected_store_holds_the_projected_rows_and_its_spec(mlp, data, tmp_pa
     memory, store = _in_memory_and_stored(mlp, data, tmp_path / "g", mode, projection=projection)
     assert store.dims == memory.dims == (((4, 3),) * 2 if mode == "last_layer" else (12, 12))
     assert tracin.Projection.from_dict(store.metadata["projection"]) == projection
-    for a, b in zip(_blocks(store), _blocks(memory)):
+    for a, b in zip(_blocks(store), _blocks(memory), strict=True):
         np.testing.assert_array_equal(a, b)
     reopened = tracin.GradientStore.open(tmp_path / "g")
     np.testing.assert_array_equal(tracin.self_influence(reopened), tracin.self_influence(memory))
@@ -107,7 +107,7 @@ def test_projected_store_holds_the_projected_rows_and_its_spec(mlp, data, tmp_pa
 
 def test_scoring_refuses_a_store_projected_differently(mlp, data, tmp_path):
     x, y = data
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     store = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=tracin.Projection(12, seed=2),
                              store=tmp_path / "g", progress=False)
     other = export_gradients(mlp.loss_fn, ckpts, (x[:5], y[:5]), projection=tracin.Projection(12, seed=3),
@@ -121,7 +121,7 @@ def test_scoring_refuses_a_store_projected_differently(mlp, data, tmp_path):
 
 def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path):
     x, y = data
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     path = tmp_path / "g"
     export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False)
     other = x.copy()
@@ -137,7 +137,7 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path)
 def test_an_interrupted_export_leaves_byte_identical_files_after_resume(mlp, data, tmp_path):
     x, y = data
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     with pytest.raises(_Interrupted):
         export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=3, after=2), store=tmp_path / "g",
                          dtype="float16", progress=False)
@@ -161,7 +161,7 @@ def test_data_that_changes_order_between_checkpoints_is_refused(mlp, data):
     x, y = data
     rotating = _Rotating([(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)])
     with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
-        export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), rotating, progress=False)
+        export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), rotating, progress=False)
 
 
 def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tmp_path):
@@ -169,23 +169,23 @@ def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tm
     huge = lambda params, xs, ys: mlp.loss_fn(params, xs, ys) * 1e6  # noqa: E731
     for store in (None, tmp_path / "g"):
         with pytest.raises(ValueError, match="beyond the float16 range"):
-            export_gradients(huge, list(zip(mlp.params, mlp.lrs)), (x, y), dtype="float16", store=store,
+            export_gradients(huge, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), dtype="float16", store=store,
                              progress=False)
 
 
 def test_numpy_batch_sizes_are_accepted(mlp, data):
     x, y = data
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     a = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=16, progress=False)
     b = export_gradients(mlp.loss_fn, ckpts, (x, y), batch_size=np.int64(16), progress=False)
-    for m, n in zip(a.matrices, b.matrices):
+    for m, n in zip(a.matrices, b.matrices, strict=True):
         np.testing.assert_array_equal(m, n)
 
 
 def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
     x, y = data
     batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     with pytest.raises(_Interrupted):  # pass 1 fingerprints the data; dies in checkpoint 0
         export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=2, after=2), store=tmp_path / "g", progress=False)
 
@@ -197,5 +197,5 @@ def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
         export_gradients(squared_error, ckpts, batches, store=tmp_path / "g", progress=False)
     resumed = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
     memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
-    for a, b in zip(_blocks(resumed), _blocks(memory)):
+    for a, b in zip(_blocks(resumed), _blocks(memory), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -53,7 +53,7 @@ def _check_influence(ours_test, ours_train, ref_test, ref_train, lrs):
     np.testing.assert_array_equal(both[1].indices, np.argsort(exact, axis=1, kind="stable")[:, :5])
     self_ours = tracin.self_influence(ours_train)
     self_ref = sum(lr * np.einsum("nd,nd->n", r.astype(np.float64), r.astype(np.float64))
-                   for lr, r in zip(lrs, ref_train))
+                   for lr, r in zip(lrs, ref_train, strict=True))
     np.testing.assert_allclose(self_ours, self_ref, rtol=1e-5)
 
 
@@ -63,7 +63,7 @@ def _check_influence(ours_test, ours_train, ref_test, ref_train, lrs):
 ])
 def test_full_gradients_match_torch(mlp, split, layers, torch_names):
     (xtr, ytr), (xte, yte) = split
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     train = export_gradients(mlp.loss_fn, ckpts, (xtr, ytr), layers=layers, batch_size=16, progress=False)
     test = export_gradients(mlp.loss_fn, ckpts, (xte, yte), layers=layers, progress=False)
     ref_train = [torch_rows(w, xtr, ytr, torch_names) for w in mlp.weights]
@@ -74,7 +74,7 @@ def test_full_gradients_match_torch(mlp, split, layers, torch_names):
 
 def test_last_layer_matches_torch(mlp, split):
     (xtr, ytr), (xte, yte) = split
-    ckpts = list(zip(mlp.params, mlp.lrs))
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     kw = dict(mode="last_layer", layers=["l2"], layer_input=mlp.hidden, progress=False)
     train = export_gradients(mlp.loss_fn, ckpts, (xtr, ytr), batch_size=16, **kw)
     test = export_gradients(mlp.loss_fn, ckpts, (xte, yte), **kw)
@@ -96,17 +96,17 @@ def test_same_influence_as_tracin_torch(mlp, split, mode, jax_layers, torch_laye
     extra = dict(layer_input=mlp.hidden) if mode == "last_layer" else {}
 
     def ours(x, y):
-        return export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs)), (x, y), mode=mode, layers=jax_layers,
-                                progress=False, **extra)
+        return export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode=mode,
+                                layers=jax_layers, progress=False, **extra)
 
     def theirs(x, y):
-        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs)), (torch.as_tensor(x),
+        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs, strict=True)), (torch.as_tensor(x),
                                              torch.as_tensor(y)), ce, mode=mode, layers=torch_layers, progress=False)
 
     jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
     assert jax_train.dims == torch_train.dims
     if mode == "last_layer":  # both factor as dL/d(output) and [input, 1]
-        for a, b in zip(jax_train.left + jax_train.right, torch_train.left + torch_train.right):
+        for a, b in zip(jax_train.left + jax_train.right, torch_train.left + torch_train.right, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         ref_test, ref_train = factored_to_full(torch_test.left, torch_test.right), factored_to_full(
             torch_train.left, torch_train.right)
@@ -147,11 +147,11 @@ def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mo
         loss_fn, params, extra = mlp.loss_fn, mlp.params, dict(layers=["l2"], layer_input=mlp.hidden)
 
     def ours(x, y):
-        return export_gradients(loss_fn, list(zip(params, mlp.lrs)), (x, y), mode=mode, projection=projection,
-                                progress=False, **extra)
+        return export_gradients(loss_fn, list(zip(params, mlp.lrs, strict=True)), (x, y), mode=mode,
+                                projection=projection, progress=False, **extra)
 
     def theirs(x, y):
-        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs)), (torch.as_tensor(x),
+        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs, strict=True)), (torch.as_tensor(x),
                                              torch.as_tensor(y)), ce, mode=mode, projection=projection,
                                              progress=False)
 

@@ -26,7 +26,7 @@ def test_paths_and_in_memory_state_dicts_give_the_same_gradients(setup):
     from_paths = export_gradients(model, checkpoints, data, LOSS, progress=False)
     in_memory = [(torch.load(p, weights_only=True), lr) for p, lr in checkpoints]
     from_dicts = export_gradients(model, in_memory, data, LOSS, progress=False)
-    for a, b in zip(from_paths.matrices, from_dicts.matrices):
+    for a, b in zip(from_paths.matrices, from_dicts.matrices, strict=True):
         np.testing.assert_array_equal(a, b)
     digests = from_dicts.metadata["fingerprints"]["checkpoints"]
     assert len(set(digests)) == 3  # one per checkpoint, all different

@@ -139,7 +139,8 @@ def test_model_is_left_exactly_as_it_was(trained):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert all((g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all((g is None and p.grad is None) or torch.equal(g, p.grad)
+               for g, p in zip(grads, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("loss_fn, message", [
@@ -173,7 +174,7 @@ def test_every_data_form_gives_the_same_rows(trained):
     }
     for name, data in forms.items():
         got = export_gradients(model, checkpoints, data, LOSS, batch_size=4, progress=False)
-        for a, b in zip(got.matrices, expected.matrices):
+        for a, b in zip(got.matrices, expected.matrices, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
     one = export_gradients(model, checkpoints[:1], ((x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)),
                            LOSS, progress=False)  # a generator: row count unknown up front
@@ -211,7 +212,7 @@ def test_half_precision_storage_is_the_rounded_float32_gradient(trained, dtype):
     half = export_gradients(model, checkpoints, train, LOSS, dtype=dtype, progress=False)
     assert half.dtypes == (dtype,) * 3 and half.metadata["dtype"] == dtype
     torch_dtype = getattr(torch, dtype)
-    for h, f in zip(half.matrices, full.matrices):
+    for h, f in zip(half.matrices, full.matrices, strict=True):
         expected = torch.from_numpy(f).to(torch_dtype)
         got = torch.from_numpy(h).view(torch_dtype) if dtype == "bfloat16" else torch.from_numpy(h)
         assert torch.equal(got, expected)
@@ -235,7 +236,7 @@ def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer)
                                  progress=False)
     widths = [int(np.prod(p["shape"])) for p in full.metadata["params"]]
     assert projected.dims == (12,) * 3 and projected.metadata["projection"] == projection.to_dict()
-    for got, g in zip(projected.matrices, full.matrices):
+    for got, g in zip(projected.matrices, full.matrices, strict=True):
         np.testing.assert_allclose(got, projection.apply(g, segments=widths), rtol=1e-5, atol=1e-6)
 
 
@@ -245,8 +246,8 @@ def test_projection_of_last_layer_factors_is_the_kronecker_projection(trained):
     factors = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", progress=False)
     projected = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", projection=projection,
                                  progress=False)
-    for l, r, pl, pr in zip(factors.left, factors.right, projected.left, projected.right):
-        el, er = projection.apply_factored(l, r)
+    for left, right, pl, pr in zip(factors.left, factors.right, projected.left, projected.right, strict=True):
+        el, er = projection.apply_factored(left, right)
         np.testing.assert_allclose(pl, el, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(pr, er, rtol=1e-5, atol=1e-6)
 
@@ -294,7 +295,7 @@ def test_numpy_batch_sizes_and_data_are_accepted(trained):
     model, checkpoints, (x, y), _ = trained
     ref = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5, progress=False)
     got = export_gradients(model, checkpoints, (x.numpy(), y.numpy()), LOSS, batch_size=np.int64(5), progress=False)
-    for a, b in zip(ref.matrices, got.matrices):
+    for a, b in zip(ref.matrices, got.matrices, strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match="batch_size must be a positive integer"):
         export_gradients(model, checkpoints, (x, y), LOSS, batch_size=5.0, progress=False)

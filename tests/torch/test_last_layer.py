@@ -57,7 +57,7 @@ def test_a_named_inner_linear_layer_equals_its_full_gradients(tmp_path):
     checkpoints = train_checkpoints(model, *train, tmp_path)
     factored = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", layers=["2"], progress=False)
     full = export_gradients(model, checkpoints, train, LOSS, layers=["2"], progress=False)
-    for left, right, g in zip(factored.left, factored.right, full.matrices):
+    for left, right, g in zip(factored.left, factored.right, full.matrices, strict=True):
         outer = np.einsum("np,nq->npq", left, right)  # (n, out, in + 1): weight columns, then bias
         as_full = np.concatenate([outer[:, :, :-1].reshape(20, -1), outer[:, :, -1]], axis=1)
         np.testing.assert_allclose(as_full, g, rtol=1e-5, atol=1e-7)

@@ -37,7 +37,7 @@ def test_store_holds_what_memory_holds(setup, tmp_path, mode):
     for c in range(len(checkpoints)):  # the stored rows are the in-memory rows, bit for bit
         stored = [np.load(tmp_path / "grads" / name) for name in data_files(c, mode == "last_layer")]
         kept = [memory.left[c], memory.right[c]] if mode == "last_layer" else [memory.matrices[c]]
-        for a, b in zip(stored, kept):
+        for a, b in zip(stored, kept, strict=True):
             assert a.dtype == np.float32 and a.tobytes() == np.asarray(b).tobytes()
 
 
@@ -141,7 +141,7 @@ def test_a_loader_that_shuffles_its_iterable_dataset_is_caught(setup):
     class Shuffled(torch.utils.data.IterableDataset):
         def __iter__(self):
             order = torch.randperm(len(y))
-            return iter(zip(x[order], y[order]))
+            return iter(zip(x[order], y[order], strict=True))
 
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(Shuffled(), batch_size=10)

@@ -22,7 +22,7 @@ import numpy as np
 _CHUNK = 1 << 22  # bytes read at a time when digesting files
 
 
-def _hasher() -> "hashlib._Hash":
+def _hasher() -> hashlib._Hash:
     return hashlib.blake2b(digest_size=16)
 
 

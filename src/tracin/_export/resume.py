@@ -24,7 +24,7 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
     old, new = before.get("checkpoints"), now.get("checkpoints")
     if old != new:
         if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-            changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new)) if a != b]
+            changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
         else:
             changes.append(f"the checkpoints differ ({len(old) if isinstance(old, list) else 'unknown'} "
                            f"there, {len(new) if isinstance(new, list) else 'unknown'} here)")

@@ -57,7 +57,7 @@ class MemorySink:
         if self.n_rows is None:
             self._parts[checkpoint].append((start, pieces))
             return
-        for dest, p in zip(self._allocate(checkpoint, [p.shape[1] for p in pieces]), pieces):
+        for dest, p in zip(self._allocate(checkpoint, [p.shape[1] for p in pieces]), pieces, strict=True):
             dest[start:start + p.shape[0]] = p
 
     def close(self) -> None:

@@ -87,9 +87,9 @@ class ParamLayout:
     def merge(self, selected: Sequence, arrays: Sequence) -> Any:
         """The params pytree rebuilt from the two leaf lists (inverse of split)."""
         leaves: list[Any] = [None] * len(self.paths)
-        for i, leaf in zip(self.selected, selected):
+        for i, leaf in zip(self.selected, selected, strict=True):
             leaves[i] = leaf
-        for i, leaf in zip(self.arrays, arrays):
+        for i, leaf in zip(self.arrays, arrays, strict=True):
             leaves[i] = leaf
         for i, leaf in self.static:
             leaves[i] = leaf
@@ -105,7 +105,7 @@ class ParamLayout:
             if other.shapes[i] != self.shapes[i]:
                 raise ValueError(f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
                                  f"the first checkpoint has {self.shapes[i]}")
-        for (i, a), (_, b) in zip(self.static, other.static):
+        for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if a is not b and not _equal(a, b):
                 raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
 

@@ -36,6 +36,11 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     )
 
 
+def slice_rows(tree: Tree, start: int, stop: int) -> Tree:
+    """Rows [start, stop) of every tensor of `tree` (views)."""
+    return tree_map(lambda t: t[start:stop], tree)
+
+
 def as_tensors(tree: Tree) -> Tree:
     """`tree` with NumPy arrays turned into tensors sharing their memory (torch.from_numpy)."""
     if isinstance(tree, np.ndarray):
@@ -114,8 +119,8 @@ class Batches:
                 b = min(a + self.max_rows, rows)
                 whole = a == 0 and b == rows
                 yield (start + a,
-                       inputs if whole else tree_map(lambda t: t[a:b], inputs),
-                       targets if whole else tree_map(lambda t: t[a:b], targets))
+                       inputs if whole else slice_rows(inputs, a, b),
+                       targets if whole else slice_rows(targets, a, b))
             start += rows
 
 

@@ -38,7 +38,7 @@ class LinearFactors:
         except NotRankOne as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self.names!r}.") from None
         pairs = []
-        for name, layer in zip(self.names, self.layers):
+        for name, layer in zip(self.names, self.layers, strict=True):
             x, left = captured[name]
             pairs.append((left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x))
         return pairs

@@ -55,4 +55,4 @@ def capture_linear(model: nn.Module, names: Sequence[str], state: Mapping[str, t
     ys = [seen[n][0][1] for n in names]
     out_grads = torch.autograd.grad(losses.sum(), ys, allow_unused=True)
     return {n: (seen[n][0][0], torch.zeros_like(y) if g is None else g)
-            for n, y, g in zip(names, ys, out_grads)}
+            for n, y, g in zip(names, ys, out_grads, strict=True)}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .data import Tree, batch_rows, tree_map
+from .data import Tree, batch_rows, slice_rows, tree_map
 from .linear_capture import NotRankOne, capture_linear
 from .losses import LossFn, losses_of
 
@@ -67,7 +67,7 @@ class PerExampleGradients:
                 self.vectorised = False
             else:
                 offset = 0
-                for n, w in zip(self.names, self.widths):
+                for n, w in zip(self.names, self.widths, strict=True):
                     out[:, offset:offset + w].copy_(grads[n].reshape(out.shape[0], w))
                     offset += w
                 return out
@@ -91,7 +91,7 @@ class PerExampleGradients:
         if not self.linear_checked:
             rows = min(4, out.shape[0])
             reference = torch.empty_like(out[:rows])
-            head = (tree_map(lambda t: t[:rows], inputs), tree_map(lambda t: t[:rows], targets))
+            head = (slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows))
             self._one_at_a_time(chosen, rest, *head, reference)
             scale = reference.abs().max().item()
             if not torch.allclose(out[:rows], reference, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
@@ -103,13 +103,12 @@ class PerExampleGradients:
     def _one_at_a_time(self, chosen: dict, rest: dict, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
         leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
         for i in range(out.shape[0]):
-            x = tree_map(lambda t: t[i:i + 1], inputs)
-            y = tree_map(lambda t: t[i:i + 1], targets)
+            x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
             with torch.enable_grad():
                 loss = losses_of(self.model, {**rest, **leaves}, self.loss_fn, x, y).sum()
                 parts = torch.autograd.grad(loss, [leaves[n] for n in self.names], allow_unused=True)
             out[i] = torch.cat([(g if g is not None else torch.zeros_like(leaves[n])).reshape(-1)
-                                for n, g in zip(self.names, parts)])
+                                for n, g in zip(self.names, parts, strict=True)])
 
 
 def _linear_plan(model: nn.Module, names: Sequence[str], widths: Sequence[int]) -> dict | None:
@@ -121,7 +120,7 @@ def _linear_plan(model: nn.Module, names: Sequence[str], widths: Sequence[int]) 
         counts[id(p)] = counts.get(id(p), 0) + 1
     plan: dict[str, list] = {}
     offset = 0
-    for name, width in zip(names, widths):
+    for name, width in zip(names, widths, strict=True):
         owner, _, kind = name.rpartition(".")
         module = modules.get(owner)
         if not isinstance(module, nn.Linear) or kind not in ("weight", "bias") or counts[id(getattr(module, kind))] > 1:
