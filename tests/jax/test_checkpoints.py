@@ -55,3 +55,21 @@ def test_checkpoints_must_share_the_first_structure(mlp, data):
                                                "bias": mlp.params[1]["l2"]["bias"][:2]}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: parameter 'l2/bias' has shape \(2,\)"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (wrong, 1.0)], (x, y), progress=False)
+
+
+@pytest.mark.parametrize("kind, package", [("directory", "orbax-checkpoint"), ("file", "flax")])
+def test_a_missing_reader_package_is_named(tmp_path, monkeypatch, kind, package):
+    import importlib
+
+    from tracin.jax import checkpoints
+
+    path = tmp_path / "ckpt"
+    path.mkdir() if kind == "directory" else path.write_bytes(b"")
+
+    def absent(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", absent)
+    with pytest.raises(ImportError, match=rf"checkpoints\[2\]: .*ckpt is a {kind} .*needs {package} \(pip install "
+                                          rf"{package}\)"):
+        checkpoints.restore(path, "checkpoints[2]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -39,18 +40,18 @@ def restore(source: Any, where: str) -> Any:
         return source
     path = os.path.abspath(os.fspath(source))
     if os.path.isdir(path):
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise ImportError(f"{where}: {path} is a directory (an orbax checkpoint); reading it needs "
-                              "orbax-checkpoint (pip install orbax-checkpoint)") from None
+        ocp = _reader("orbax.checkpoint", "orbax-checkpoint", f"{where}: {path} is a directory (an orbax checkpoint)")
         return ocp.StandardCheckpointer().restore(path)
     if os.path.isfile(path):
-        try:
-            from flax import serialization
-        except ImportError:
-            raise ImportError(f"{where}: {path} is a file (a Flax msgpack checkpoint); reading it needs "
-                              "flax (pip install flax)") from None
+        serialization = _reader("flax.serialization", "flax", f"{where}: {path} is a file (a Flax msgpack checkpoint)")
         with open(path, "rb") as f:
             return serialization.msgpack_restore(f.read())
     raise FileNotFoundError(f"{where}: no checkpoint at {path}")
+
+
+def _reader(module: str, package: str, what: str) -> Any:
+    """The module that reads a checkpoint format; ImportError saying `what` needs `package` if absent."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{what}; reading it needs {package} (pip install {package})") from None
