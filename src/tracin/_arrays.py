@@ -1,4 +1,4 @@
-"""Turning user arrays (NumPy, np.memmap, torch tensors, JAX arrays) into kernel-ready views."""
+"""Turning user arrays (NumPy, np.memmap, torch tensors, JAX / CuPy arrays) into kernel-ready views."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import numpy as np
 
 # Kernel dtype codes (csrc/include/tracin/tracin.hpp: DType).
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+# DLPack device types in host memory: kDLCPU (1) and kDLCUDAHost (3, pinned). Anything else is on a device.
+_DLPACK_HOST = (1, 3)
 
 
-def _from_torch(x: Any, name: str) -> tuple[np.ndarray, str]:
+def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
     import torch
 
     if x.device.type != "cpu":
-        raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first (.cpu())")
+        if not device_arrays:
+            raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first (.cpu())")
+        return _device_tensor(x, name)
     x = x.detach()
     if x.dtype == torch.bfloat16:
         # NumPy has no bfloat16: hand over the raw bits, shared with the tensor.
@@ -24,25 +28,77 @@ def _from_torch(x: Any, name: str) -> tuple[np.ndarray, str]:
     return x.numpy(), str(x.numpy().dtype)
 
 
-def as_matrix(x: Any, name: str) -> tuple[np.ndarray, str]:
+def _device_tensor(x: Any, name: str) -> tuple[Any, str]:
+    """(tensor, dtype name) of a 2-D floating torch tensor on an accelerator, kept there (bfloat16
+    stays a torch.bfloat16 tensor); copied on its device only if its rows are not contiguous runs."""
+    import torch
+
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dims), got shape {tuple(x.shape)}")
+    rows, cols = x.shape
+    if (cols > 1 and x.stride(1) != 1) or (rows > 1 and x.stride(0) < cols):
+        x = x.contiguous()
+    return x, str(x.dtype).removeprefix("torch.")
+
+
+def _from_dlpack_device(x: Any, name: str) -> tuple[Any, str]:
+    """A device-resident DLPack array (JAX on a GPU, CuPy) as a torch tensor sharing its memory."""
+    try:
+        import torch
+    except ImportError:
+        raise TypeError(f"{name} is an array on a GPU; scoring it there needs torch installed "
+                        "(pip install torch), or copy it to the host first") from None
+    try:
+        tensor = torch.from_dlpack(x)
+    except (RuntimeError, TypeError, BufferError) as e:
+        raise TypeError(f"{name}: torch cannot take this device array through DLPack ({e})") from None
+    return _device_tensor(tensor, name)
+
+
+def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, str]:
     """(view, dtype name) for a 2-D floating array; bfloat16 comes back as its uint16 bits.
 
     No data is copied when each row is one contiguous run and rows do not overlap; otherwise
     (column-strided, reversed, broadcast or sliding-window views) a C-contiguous copy is made,
     since the kernel reads each row as one run at a row stride of at least the row length.
+
+    device_arrays: torch tensors on a GPU (and JAX / CuPy GPU arrays, through DLPack as torch
+    tensors) come back as torch tensors on their device (bfloat16 as torch.bfloat16), for the
+    device backends; otherwise a CUDA tensor is a ValueError.
     """
     if type(x).__module__.startswith("torch"):
-        arr, dtype = _from_torch(x, name)
-    else:
-        arr = np.asarray(x)
-        dtype = arr.dtype.name
-        if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
-            arr = arr.view(np.uint16)
-        elif dtype not in ("float32", "float16"):
-            raise TypeError(
-                f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 "
-                f"(convert with .astype(np.float32))"
-            )
+        return _check_2d(*_from_torch(x, name, device_arrays), name)
+    if device_arrays and _on_device(x):
+        return _from_dlpack_device(x, name)
+    arr = np.asarray(x)
+    dtype = arr.dtype.name
+    if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
+        arr = arr.view(np.uint16)
+    elif dtype not in ("float32", "float16"):
+        raise TypeError(
+            f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 "
+            f"(convert with .astype(np.float32))"
+        )
+    return _check_2d(arr, dtype, name)
+
+
+def _on_device(x: Any) -> bool:
+    """Whether x is a DLPack array that lives outside host memory (a GPU array of JAX or CuPy)."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__"):
+        return False
+    try:
+        kind = int(x.__dlpack_device__()[0])
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return kind not in _DLPACK_HOST
+
+
+def _check_2d(arr: Any, dtype: str, name: str) -> tuple[Any, str]:
+    if not isinstance(arr, np.ndarray):  # a device tensor, checked by _device_tensor
+        return arr, dtype
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows, dims), got shape {arr.shape}")
     if not _rows_are_runs(arr):

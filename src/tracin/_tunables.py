@@ -30,3 +30,19 @@ chunk_bytes). benchmarks/results/store.json and store_4gib.json (64 test rows, b
 float16 rows of 2 x 4096): scoring the store from disk takes 1.02x (1 GiB, warm) to 1.30x (4 GiB,
 cold) the in-memory time, with a peak RSS of 293 MiB against 1057 / 4129 MiB in memory.
 """
+
+DEVICE_TILE_BYTES = 64 * 2**20
+"""Device backends (tracin.backends.torch_device): bytes of train rows (as stored on the host, all
+checkpoints together) per tile, which is also the unit of one host-to-device copy when train rows
+stream from the host, and of each of the two pinned staging buffers. Large enough that one copy
+runs near the link's bandwidth (copies of tens of MiB do on PCIe 4/5) and one tile's GEMM keeps the
+GPU busy for about a millisecond at m=1000, d=512; small enough that two staging buffers and two
+device buffers stay a fraction of a GB. Not yet measured on a GPU: rerun benchmarks/gpu.py.
+"""
+
+DEVICE_TILE_SCORES = 2**25
+"""Device backends: at most this many scores (test rows x train rows of a tile, float32: 128 MiB)
+exist at once; the test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. This bounds
+the device memory of top_k whatever m and n are (the full (m, n) matrix is never held), and keeps
+each GEMM large (m=1000 x 32,768 rows at d=512). Not yet measured on a GPU: rerun benchmarks/gpu.py.
+"""

@@ -16,7 +16,7 @@ from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import BAR_STEPS as _BAR_STEPS
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._validate import positive_int, thread_count
-from .backends import Backend, BothSides, TopK
+from .backends import Backend, BothSides, TopK, placement
 from .gradients import Gradients, GradientSet, KernelSide
 
 _SIDES = ("proponents", "opponents", "both")
@@ -97,9 +97,9 @@ def _check_side(side: Any, allowed: tuple[str, ...]) -> None:
         raise (ValueError if isinstance(side, str) else TypeError)(f"side must be {choices}, got {side!r}")
 
 
-def _backend() -> Backend:
-    """The backend that scores this call (the C++ kernel; a device= argument will choose it)."""
-    return backends.get("cpu")
+def _backend(device: Any, precision: Any, **sets: GradientSet) -> Backend:
+    """The backend that scores this call (tracin.backends.placement.choose)."""
+    return placement.choose(device, precision, sets)
 
 
 class _Pair(NamedTuple):
@@ -139,8 +139,10 @@ class _Loop:
     def pairs(self) -> Iterator[_Pair]:
         """Every (test chunk, train piece), test chunks outer; the bar advances once a pair is used."""
         for t0, t1 in self.test_chunks:
-            test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
             for i0, i1 in self.pieces:
+                # The test side is taken again for every piece, so that a store's checks that it is
+                # unchanged (done per kernel_side call) cover the test side for the whole run.
+                test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
                 yield _Pair(slice(t0, t1), test, slice(i0, i1), KernelSide._make(self.train.kernel_side(i0, i1)))
                 self.bar.update(i1 - i0)
 
@@ -151,15 +153,17 @@ class _Loop:
         self.bar.close()
 
 
-def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
+def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None,
+           device: str | None = None, precision: str = "float32") -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
     Materialises the whole matrix: for small problems. Use top_k for large ones.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    device, precision: where and how to score, as in top_k.
     """
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
-    backend = _backend()
+    backend = _backend(device, precision, test=test, train=train)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), "tracin scores") as loop:
         for p in loop.pairs():
@@ -168,19 +172,27 @@ def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: b
 
 
 def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
-          num_threads: int | None = None, progress: bool | None = None) -> TopK | BothSides:
+          num_threads: int | None = None, progress: bool | None = None,
+          device: str | None = None, precision: str = "float32") -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
 
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    device: where to score. None (default): on the GPU holding the rows when they are GPU arrays
+    (torch CUDA tensors; JAX / CuPy GPU arrays through DLPack), else "cpu" (the C++ kernel).
+    "cuda" / "cuda:N": on that GPU through torch, host rows (NumPy, stores) streamed to it; within
+    the same scale-aware bound of the exact scores, but not the same bits as "cpu".
+    "torch:cpu": the torch backend on the CPU (for tests and debugging).
+    precision: "float32" (default) or "tf32" (TF32 GEMMs on a CUDA device: faster, errors up to
+    about 1e-3 of sum_c |w_c| |g_c(t)| |g_c(i)|).
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
     _check_side(side, _SIDES)
     threads = thread_count(num_threads)
-    backend = _backend()
+    backend = _backend(device, precision, test=test, train=train)
     best: dict[int, list[TopK | None]] = {}  # per test chunk: running (proponents, opponents), global indices
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), f"tracin top_k ({side})") as loop:
         for p in loop.pairs():
@@ -259,15 +271,17 @@ def _refuse_repeated_rows(indices: np.ndarray) -> None:
                          "give each shard once, at offsets whose row ranges do not overlap")
 
 
-def self_influence(train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
+def self_influence(train: Any, *, num_threads: int | None = None, progress: bool | None = None,
+                   device: str | None = None, precision: str = "float32") -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
     High values flag mislabelled or unusual examples.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    device, precision: where and how to score, as in top_k.
     """
     train = as_gradient_set(train, "train")
     threads = thread_count(num_threads)
-    backend = _backend()
+    backend = _backend(device, precision, train=train)
     w = train.weights.tolist()
     out = np.empty(train.n_rows, dtype=np.float32)
     with _Loop(None, train, progress, train.n_rows * _width(train), "tracin self_influence") as loop:
@@ -276,14 +290,16 @@ def self_influence(train: Any, *, num_threads: int | None = None, progress: bool
     return out
 
 
-def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
+def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None,
+              device: str | None = None, precision: str = "float32") -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
-    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed)."""
+    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    device, precision: where and how to score, as in top_k."""
     test, train, w = _pair(test, train)
     threads = thread_count(num_threads)
-    backend = _backend()
+    backend = _backend(device, precision, test=test, train=train)
     total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the backend
     # Full gradients: one column sum of the test side per call plus a product per train row, so
     # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.

@@ -1,7 +1,8 @@
 """Scoring backends by name: the generic loop in tracin.scoring asks `get(name)` for one.
 
-"cpu" (the C++ kernel) is registered here. Another backend (e.g. CUDA) registers a factory under
-its name; the factory runs on first use only, so registering costs no import of its framework.
+Registered here: "cpu" (the C++ kernel), "cuda" (the torch backend on a CUDA device; "cuda:N"
+for device N) and "torch:cpu" (the same torch backend on CPU tensors: a testing and debugging
+device). A factory runs on first use only, so registering costs no import of its framework.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from .base import Backend, BothSides, TopK
 
 __all__ = ["Backend", "BothSides", "TopK", "get", "names", "register"]
 
-_factories: dict[str, Callable[[], Backend]] = {}
+_factories: dict[str, Callable[..., Backend]] = {}
+_indexed: set[str] = set()
 _loaded: dict[str, Backend] = {}
 
 
-def register(name: str, factory: Callable[[], Backend]) -> None:
-    """Make `factory()` (called once, on first use) the backend called `name`."""
+def register(name: str, factory: Callable[..., Backend], *, indexed: bool = False) -> None:
+    """Make `factory()` (called once, on first use) the backend called `name`.
+
+    indexed: the backend runs on one of several numbered devices; `get("NAME:i")` calls factory(i)
+    and `get("NAME")` factory(None) (the current device).
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"backend name must be a non-empty string, got {name!r}")
     if not callable(factory):
@@ -25,6 +31,8 @@ def register(name: str, factory: Callable[[], Backend]) -> None:
     if name in _factories:
         raise ValueError(f"a scoring backend named {name!r} is already registered")
     _factories[name] = factory
+    if indexed:
+        _indexed.add(name)
 
 
 def names() -> tuple[str, ...]:
@@ -33,18 +41,25 @@ def names() -> tuple[str, ...]:
 
 
 def get(name: str) -> Backend:
-    """The backend registered as `name` (created on first use)."""
+    """The backend registered as `name`, or "NAME:i" for an indexed one (created on first use)."""
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a string ({_choices()}), got {name!r}")
-    if name not in _factories:
-        raise ValueError(f"unknown scoring backend {name!r}; registered: {_choices()}")
     if name not in _loaded:
-        _loaded[name] = _factories[name]()
+        _loaded[name] = _factory(name)()
     return _loaded[name]
 
 
+def _factory(name: str) -> Callable[[], Backend]:
+    base, _, index = name.rpartition(":")
+    if name in _factories:
+        return (lambda: _factories[name](None)) if name in _indexed else _factories[name]
+    if base in _factories and base in _indexed and index.isdigit():
+        return lambda: _factories[base](int(index))
+    raise ValueError(f"unknown scoring backend {name!r}; registered: {_choices()}")
+
+
 def _choices() -> str:
-    return ", ".join(repr(n) for n in _factories)
+    return ", ".join(repr(n) + (f" (or '{n}:N')" if n in _indexed else "") for n in _factories)
 
 
 def _cpu() -> Backend:
@@ -53,4 +68,15 @@ def _cpu() -> Backend:
     return CpuBackend()
 
 
+def _torch(device: str) -> Backend:
+    try:
+        from .torch_device import make
+    except ImportError as e:
+        raise ValueError(f"device={device!r} scores with torch, which is not installed ({e}); "
+                         "pip install torch, or use device='cpu'") from None
+    return make(device)
+
+
 register("cpu", _cpu)
+register("cuda", lambda index: _torch("cuda" if index is None else f"cuda:{index}"), indexed=True)
+register("torch:cpu", lambda: _torch("cpu"))

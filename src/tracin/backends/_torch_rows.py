@@ -1,0 +1,143 @@
+"""Rows of a KernelSide on a torch device, for the torch backend.
+
+Blocks already on the device are used in place. Host blocks (NumPy views, memory-mapped store
+chunks, bfloat16 as uint16 bits) are copied in tiles: on a CUDA device through two pinned staging
+buffers, each copied to one of two device buffers on a side stream, so that the copy of tile j + 1
+overlaps the compute on tile j; on a CPU device through the same two buffers without streams.
+Everything reaches the compute as float32 (float16 / bfloat16 widen exactly on the device).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..gradients import KernelSide
+
+_BFLOAT16 = 2  # tracin._arrays.DTYPE_CODES["bfloat16"]
+_HOST_DTYPES = {0: torch.float32, 1: torch.float16, _BFLOAT16: torch.bfloat16}
+
+
+def on_host(block: Any) -> bool:
+    """Whether a block is in host memory (a NumPy array or a CPU tensor)."""
+    return str(getattr(block, "device", "cpu")) == "cpu"
+
+
+def host_tensor(block: Any, code: int) -> torch.Tensor:
+    """A CPU tensor sharing a host block's memory (uint16 bfloat16 bits as torch.bfloat16)."""
+    if isinstance(block, torch.Tensor):
+        return block
+    with warnings.catch_warnings():  # read-only store maps: torch warns, but nothing here writes them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(block.view(np.int16) if code == _BFLOAT16 else block)
+    return tensor.view(torch.bfloat16) if code == _BFLOAT16 else tensor
+
+
+def block_name(side: KernelSide, b: int) -> str:
+    """The name the C++ kernel gives block b of a side in its errors."""
+    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if side.factored else \
+        f"checkpoint {b}"
+
+
+def check_device(side: KernelSide, what: str, device: torch.device) -> None:
+    """ValueError if a device-resident block of the side is on another device than `device`."""
+    for b, block in enumerate(side.blocks):
+        if not on_host(block) and block.device != device:
+            raise ValueError(f"{what} {block_name(side, b)} is on {block.device} but scoring runs on {device}; "
+                             f"pass device={str(block.device)!r} or move the rows")
+
+
+def whole(side: KernelSide, device: torch.device) -> list[torch.Tensor]:
+    """Every block of the side as float32 on the device (for the test side, which stays there)."""
+    return [host_tensor(b, code).to(device).float() if on_host(b) else b.float()
+            for b, code in zip(side.blocks, side.dtypes, strict=True)]
+
+
+def tile_rows(side: KernelSide, tile_bytes: int) -> int:
+    """Train rows per tile: `tile_bytes` of rows as stored on the host, at least one."""
+    row_bytes = sum(b.shape[1] * (4 if code == 0 else 2) for b, code in zip(side.blocks, side.dtypes, strict=True))
+    return max(1, tile_bytes // max(row_bytes, 1))
+
+
+class _Staging:
+    """Two slots, each a host buffer (pinned on CUDA) and a device buffer per host block, with the
+    CUDA events that order their reuse. On a CPU device the events are absent: each step is done
+    when the call returns."""
+
+    def __init__(self, side: KernelSide, host: list[int], rows: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.compute_stream = torch.cuda.current_stream(device) if self.cuda else None
+        self.host, self.dev, self.copied, self.consumed = [], [], [], []
+        for _ in range(2):
+            shapes = [(rows, side.blocks[b].shape[1], _HOST_DTYPES[side.dtypes[b]]) for b in host]
+            self.host.append([torch.empty(r, c, dtype=t, pin_memory=self.cuda) for r, c, t in shapes])
+            self.dev.append([torch.empty(r, c, dtype=t, device=device) for r, c, t in shapes])
+            self.copied.append(torch.cuda.Event() if self.cuda else None)
+            self.consumed.append(torch.cuda.Event() if self.cuda else None)
+        if self.cuda:
+            for slot in self.dev:
+                for buffer in slot:
+                    buffer.record_stream(self.copy_stream)  # written there, freed on the compute stream
+
+    def fill(self, slot: int, pieces: list[torch.Tensor]) -> None:
+        """Copies host pieces (rows of the host blocks) into the slot's host buffers (after the slot's
+        previous upload has read them), then uploads them on the side stream (after the compute on
+        the slot's previous tile has read the device buffers)."""
+        rows = pieces[0].shape[0] if pieces else 0
+        if self.cuda:
+            self.copied[slot].synchronize()
+        for buffer, piece in zip(self.host[slot], pieces, strict=True):
+            buffer[:rows].copy_(piece)
+        if not self.cuda:
+            for dev, buffer in zip(self.dev[slot], self.host[slot], strict=True):
+                dev[:rows].copy_(buffer[:rows])
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.consumed[slot])
+            for dev, buffer in zip(self.dev[slot], self.host[slot], strict=True):
+                dev[:rows].copy_(buffer[:rows], non_blocking=True)
+            self.copied[slot].record(self.copy_stream)
+
+    def take(self, slot: int, rows: int) -> list[torch.Tensor]:
+        """The slot's device buffers (first `rows` rows), once their upload is done (on the compute stream)."""
+        if self.cuda:
+            self.compute_stream.wait_event(self.copied[slot])
+        return [dev[:rows] for dev in self.dev[slot]]
+
+    def release(self, slot: int) -> None:
+        """Marks the compute enqueued so far as the last reader of the slot's device buffers."""
+        if self.cuda:
+            self.consumed[slot].record(self.compute_stream)
+
+
+def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """(first row, end row, float32 blocks on the device) for consecutive tiles of `rows` rows.
+
+    The caller must enqueue all its work on a tile before asking for the next one: the device
+    buffers of tile j are refilled with tile j + 2 once the work enqueued on tile j is done.
+    """
+    n = side.blocks[0].shape[0]
+    starts = list(range(0, n, rows))
+    host = [b for b, block in enumerate(side.blocks) if on_host(block)]
+    staging = _Staging(side, host, min(rows, n), device) if host and starts else None
+
+    def upload(j: int) -> None:
+        i0 = starts[j]
+        i1 = min(i0 + rows, n)
+        staging.fill(j % 2, [host_tensor(side.blocks[b][i0:i1], side.dtypes[b]) for b in host])
+
+    if staging is not None:
+        upload(0)
+    for j, i0 in enumerate(starts):
+        i1 = min(i0 + rows, n)
+        staged = iter(staging.take(j % 2, i1 - i0) if staging is not None else [])
+        yield i0, i1, [next(staged).float() if on_host(block) else block[i0:i1].float() for block in side.blocks]
+        if staging is not None:
+            staging.release(j % 2)
+            if j + 1 < len(starts):
+                upload(j + 1)  # host copy while the device computes tile j, upload once tile j - 1 is done

@@ -1,0 +1,68 @@
+"""Which backend scores a call: device= and precision= checked against where the rows live.
+
+device None: the GPU the rows are on when some are on one (torch CUDA tensors, JAX or CuPy GPU
+arrays), else "cpu". "cpu" is the C++ kernel; "cuda" / "cuda:N" the torch backend on that GPU
+(host rows stream to it); "torch:cpu" the torch backend on the CPU, for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..gradients import GradientSet
+from . import get
+from .base import Backend
+
+PRECISIONS = ("float32", "tf32")
+_DEVICE = re.compile(r"cpu|torch:cpu|cuda(:\d+)?")
+
+
+def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend:
+    """The backend for `device` and `precision` given the named sets (e.g. {"test": ..., "train": ...})."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise (ValueError if isinstance(precision, str) else TypeError)(
+            f"precision must be 'float32' or 'tf32' (TF32 GEMMs, CUDA devices only), got {precision!r}")
+    if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device)):
+        raise (ValueError if isinstance(device, str) else TypeError)(
+            "device must be 'cpu' (the C++ kernel), 'cuda' or 'cuda:N' (a GPU, through torch) or 'torch:cpu' "
+            f"(the torch backend on the CPU, for tests), or None (where the rows are), got {device!r}")
+    resident = {name: _resident_device(name, s) for name, s in sets.items()}
+    on_gpu = {name: d for name, d in resident.items() if d is not None}
+    if device is None:
+        if len(set(on_gpu.values())) > 1:
+            raise ValueError(f"the sets are on different devices ({_listed(on_gpu)}); put them on one")
+        device = next(iter(on_gpu.values()), "cpu")
+    elif device == "cuda":
+        device = _current_cuda()
+    for name, where in on_gpu.items():
+        if where != device:
+            raise ValueError(f"device={device!r} but {name} is on {where}; pass device={where!r} (or leave "
+                             "device= out), or move the rows")
+    if precision == "tf32" and not device.startswith("cuda"):
+        raise ValueError(f"precision='tf32' needs a CUDA device (device='cuda'), not {device!r}")
+    backend = get(device)
+    return backend.with_tf32() if precision == "tf32" else backend
+
+
+def _resident_device(name: str, s: GradientSet) -> str | None:
+    """The device (e.g. "cuda:0") of the set's rows that are not in host memory, None if all are."""
+    devices = {str(b.device) for b in s.kernel_side(0, 0).blocks if str(getattr(b, "device", "cpu")) != "cpu"}
+    if len(devices) > 1:
+        raise ValueError(f"{name} has rows on several devices ({', '.join(sorted(devices))}); put them on one")
+    return devices.pop() if devices else None
+
+
+def _current_cuda() -> str:
+    """"cuda:N" of torch's current CUDA device; ValueError if there is none."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("device='cuda' scores with torch, which is not installed; pip install torch") from None
+    if not torch.cuda.is_available():
+        raise ValueError(f"device='cuda': torch {torch.__version__} sees no CUDA device")
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def _listed(where: dict[str, str]) -> str:
+    return ", ".join(f"{name} on {d}" for name, d in where.items())

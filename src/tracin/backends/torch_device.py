@@ -1,0 +1,227 @@
+"""The torch backend: scoring on a torch device, "cuda:N" (cuBLAS GEMMs, selection on the GPU) or
+"torch:cpu" (the same code on CPU tensors, for tests and debugging).
+
+Blocked like the C++ kernel: the test side goes to the device once per call; train rows pass in
+tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host, or used in place when already on the
+device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
+float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
+and added in float32. top_k keeps each test row's best across tiles on the device; the (m, n)
+matrix never exists. The host waits for the device once per call, at the end.
+
+Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
+same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
+sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py). TF32 is off unless
+precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
+scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
+may swap places between runs cut differently; exact ties always go to the smaller train index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from .. import _tunables
+from ..gradients import KernelSide
+from . import _torch_rows as rows
+from ._torch_topk import _LOW, RunningTopK
+from .base import TopK
+
+
+@dataclass(frozen=True)
+class TorchBackend:
+    """The Backend protocol on one torch device; num_threads is ignored (torch's own threads)."""
+
+    device: torch.device
+    tf32: bool = False
+
+    @property
+    def name(self) -> str:
+        return "torch:cpu" if self.device.type == "cpu" else str(self.device)
+
+    def with_tf32(self) -> TorchBackend:
+        """This backend with TF32 GEMMs (precision="tf32")."""
+        return replace(self, tf32=True)
+
+    # -- the Backend protocol --------------------------------------------------------------------
+    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+        out = np.empty((test.blocks[0].shape[0], train.blocks[0].shape[0]), dtype=np.float32)
+        with self._call(test, train) as call:
+            for t, i, s in call.products(weights):
+                out[t, i] = s.cpu().numpy()
+        return out
+
+    def top_k(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *, num_threads: int
+    ) -> tuple[TopK | None, TopK | None]:
+        if train.blocks[0].shape[0] >= _LOW:
+            raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
+        found = self._top_k(test, train, weights, k, side, exact=False)
+        if found is None:  # ties at the k-th score were cut unevenly: select again with exact keys
+            found = self._top_k(test, train, weights, k, side, exact=True)
+        return found
+
+    def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+        with self._call(None, train) as call:
+            parts = []
+            for _, _, x in call.train_tiles():
+                norms = [(b.square().sum(1)) for b in x]
+                if train.factored:
+                    norms = [a * b for a, b in zip(norms[0::2], norms[1::2], strict=True)]
+                parts.append(sum(w * n.double() for w, n in zip(weights, norms, strict=True)))
+            total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            out = total.float().cpu().numpy()
+        if not np.all(np.isfinite(out)):
+            raise ValueError(_OVERFLOW)
+        return out
+
+    def aggregate(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int
+    ) -> np.ndarray:
+        total = np.zeros(train.blocks[0].shape[0], dtype=np.float64)
+        with self._call(test, train) as call:
+            if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
+                for _, i, s in call.products(weights):
+                    total[i] += s.sum(0, dtype=torch.float64).cpu().numpy()
+            else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once
+                sums = [t.sum(0, dtype=torch.float64) for t in call.test]
+                for i0, i1, x in call.train_tiles():
+                    part = sum(w * (b.double() @ s) for w, b, s in zip(weights, x, sums, strict=True))
+                    total[i0:i1] = part.cpu().numpy()
+        return total
+
+    # -- the work of one call --------------------------------------------------------------------
+    def _top_k(self, test, train, weights, k, side, exact) -> tuple[TopK | None, TopK | None] | None:
+        sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
+        m = test.blocks[0].shape[0]
+        with self._call(test, train) as call:
+            running = {(t0, s): RunningTopK(k, s, t1 - t0, self.device, exact)
+                       for t0, t1 in call.test_blocks() for s in sides}
+            for t, i, s in call.products(weights):
+                for name in sides:
+                    running[t.start, name].add(s, i.start)
+            if not all(bool(r.ties_ok) for r in running.values()):
+                return None
+            found = {s: [running[t0, s].result() for t0, _ in call.test_blocks()] for s in sides}
+        width = min(k, train.blocks[0].shape[0])
+        empty = TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
+        merged = {s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
+                  for s, parts in found.items()}
+        return merged.get("proponents"), merged.get("opponents")
+
+    @contextlib.contextmanager
+    def _call(self, test: KernelSide | None, train: KernelSide) -> Iterator[_Call]:
+        """A call's work on the device, TF32 as chosen; ValueError at the end for non-finite input
+        or scores (checked on the device while working, read once)."""
+        for what, side in (("test", test), ("train", train)):
+            if side is not None:
+                rows.check_device(side, what, self.device)
+        with _device_scope(self.device, self.tf32):
+            call = _Call(test, train, self.device)
+            yield call
+            if bool(call.bad_input):
+                raise ValueError(_non_finite_message(test, train))
+            if bool(call.bad_score):
+                raise ValueError(_OVERFLOW)
+
+
+_OVERFLOW = ("influence overflowed float32 although every input is finite; rescale the gradients "
+             "(or the learning-rate weights)")
+
+
+class _Call:
+    """The tile producer of one call: the test side on the device, train tiles, score tiles."""
+
+    def __init__(self, test: KernelSide | None, train: KernelSide, device: torch.device):
+        self.train, self.factored = train, train.factored
+        self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
+        self.bad_score = torch.zeros((), dtype=torch.bool, device=device)
+        self.device = device
+        self.tile_rows = rows.tile_rows(train, _tunables.DEVICE_TILE_BYTES)
+        self.test = [] if test is None else rows.whole(test, device)
+        self.m = 0 if test is None else test.blocks[0].shape[0]
+        for t in self.test:
+            self.bad_input |= ~torch.isfinite(t).all()
+
+    def test_blocks(self) -> list[tuple[int, int]]:
+        """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
+        step = max(1, _tunables.DEVICE_TILE_SCORES // self.tile_rows)
+        return [(t0, min(t0 + step, self.m)) for t0 in range(0, self.m, step)]
+
+    def train_tiles(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """(first row, end row, float32 blocks) of each train tile, checked for NaN / Inf."""
+        for i0, i1, x in rows.tiles(self.train, self.device, self.tile_rows):
+            for b in x:
+                self.bad_input |= ~torch.isfinite(b).all()
+            yield i0, i1, x
+
+    def products(self, weights: Sequence[float]) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer."""
+        blocks = self.test_blocks()
+        for i0, i1, x in self.train_tiles():
+            for t0, t1 in blocks:
+                s = _product([t[t0:t1] for t in self.test], x, weights, self.factored)
+                self.bad_score |= ~torch.isfinite(s).all()
+                yield slice(t0, t1), slice(i0, i1), s
+
+
+def _product(test: list[torch.Tensor], train: list[torch.Tensor], weights: Sequence[float],
+             factored: bool) -> torch.Tensor:
+    """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
+    elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32."""
+    out = None
+    for c, w in enumerate(weights):
+        if factored:
+            part = torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+            out = part.mul_(w) if out is None else out.add_(part, alpha=w)
+        elif out is None:
+            out = torch.empty(test[c].shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
+            out.addmm_(test[c], train[c].T, beta=0, alpha=w)
+        else:
+            out.addmm_(test[c], train[c].T, alpha=w)
+    return out
+
+
+def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
+    """The C++ kernel's message for the first block holding NaN or Inf, naming its first rows."""
+    for what, side in (("test", test), ("train", train)):
+        if side is None:
+            continue
+        for b, (block, code) in enumerate(zip(side.blocks, side.dtypes, strict=True)):
+            tensor = rows.host_tensor(block, code) if rows.on_host(block) else block
+            bad = torch.nonzero(~torch.isfinite(tensor).all(dim=1)).flatten()[:5].tolist()
+            if bad:
+                return (f"{what} {rows.block_name(side, b)} contains NaN or Inf values, first in rows "
+                        f"[{', '.join(map(str, bad))}]")
+    return "NaN or Inf values in the input"
+
+
+@contextlib.contextmanager
+def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
+    """On a CUDA device: it is the current device, and float32 GEMMs use TF32 or not as asked
+    (torch's process-wide float32 matmul precision, restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        with torch.cuda.device(device):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def make(device: str) -> TorchBackend:
+    """The backend on `device` ("cpu" or "cuda:N"); ValueError naming what is missing for CUDA."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: torch {torch.__version__} sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return TorchBackend(dev)
