@@ -19,7 +19,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
 from benchmarks.quality import __main__ as quality_main  # noqa: E402
-from benchmarks.quality import config, data, methods, metrics, report, subsets  # noqa: E402
+from benchmarks.quality import config, data, methods, metrics, report, run, subsets  # noqa: E402
 from benchmarks.quality.training import Checkpoint, Trajectory  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -90,6 +90,12 @@ def test_datasets_are_standardised_on_the_training_rows(name):
     assert len(split.x_test) == round(0.2 * (len(split.x_train) + len(split.x_test)))
 
 
+def test_demo_digits_are_the_demo_setting():
+    split = data.load("digits_demo")
+    assert len(split.x_train) == 1400 and split.x_train.min() == 0.0 and split.x_train.max() == 1.0
+    np.testing.assert_array_equal(np.unique(split.x_train * 16), np.arange(17))
+
+
 def test_flip_labels_changes_exactly_the_fraction_each_to_another_class():
     y = np.random.default_rng(4).integers(0, 3, 500)
     noisy = data.flip_labels(y, 3, 0.2, seed=0)
@@ -123,6 +129,40 @@ def test_checkpoint_selections():
     assert methods.before_rate_drop(run).tolist() == [0, 1, 2]
     assert methods.up_to_held_out_peak(run).tolist() == [0, 1]
     assert methods.final_checkpoint(run).tolist() == [4]
+
+
+def test_a_failing_or_missing_peer_is_reported_and_our_own_methods_raise():
+    def boom(case):
+        raise RuntimeError("boom")
+
+    methods.PEERS["test peer"] = "numpy"
+    try:
+        assert run._call("test peer", boom, None) == (None, "RuntimeError: boom")
+    finally:
+        del methods.PEERS["test peer"]
+    methods.PEERS["test missing"] = "no_such_module_for_tracin_tests"
+    try:
+        assert run._call("test missing", boom, None) == (None, "not installed (pip install "
+                                                               "no_such_module_for_tracin_tests)")
+    finally:
+        del methods.PEERS["test missing"]
+    with pytest.raises(RuntimeError, match="boom"):
+        run._call("not a peer", boom, None)
+
+
+def test_winners_ties_within_the_tolerance_on_every_dataset():
+    def det(values):
+        return {"inspect": [0.1, 0.2], "methods": {m: {"found": [0.0, v]} for m, v in values.items()}}
+
+    def lds(values):
+        return {"methods": {m: {"mean": mean, "se": se} for m, (mean, se) in values.items()}}
+
+    w = run.winners({"a": det({"x": 0.90, "y": 0.89, "z": 0.5}), "b": det({"x": 0.80, "y": 0.85, "z": 0.84})},
+                    {"a": lds({"x": (0.5, 0.01), "y": (0.45, 0.02)}), "b": lds({"x": (0.3, 0.01), "y": (0.31, 0.01)})},
+                    0.2)
+    assert w["detection_best"] == {"a": {"best": 0.90, "methods": ["x"]}, "b": {"best": 0.85, "methods": ["y"]}}
+    assert w["detection_wins_or_ties_everywhere"] == ["y"]  # x is 0.05 behind on b, z 0.40 behind on a
+    assert w["lds_best"]["b"]["method"] == "y" and w["lds_within_se_of_best_everywhere"] == ["x"]
 
 
 # The subset-model cache -------------------------------------------------------------------------
@@ -177,7 +217,9 @@ def test_quick_run_json_schema(quick_run):
     for key in ("benchmark", "machine", "config", "peers", "detection", "lds", "winners", "timings_s", "plots"):
         assert key in payload
     assert payload["config"]["quick"] is True
-    assert list(payload["detection"]) == list(payload["config"]["datasets"]) == list(payload["lds"])
+    cfg = payload["config"]
+    assert list(payload["detection"]) == [*cfg["datasets"], *cfg["detection_only"]]
+    assert list(payload["lds"]) == cfg["datasets"]
     for name, d in payload["detection"].items():
         assert set(d["methods"]) | set(d["errors"]) == set(methods.DETECTORS) | {ORACLE}, name
         assert not d["errors"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 TEST_FRACTION = 0.2
+DEMO_TRAIN = 1400
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Split:
 def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
     from sklearn import datasets
 
-    if name == "digits":
+    if name in ("digits", "digits_demo"):
         return datasets.load_digits(return_X_y=True)
     if name == "breast_cancer":
         return datasets.load_breast_cancer(return_X_y=True)
@@ -36,17 +37,20 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "synthetic":
         return datasets.make_classification(n_samples=1500, n_features=20, n_informative=10, n_redundant=4,
                                             n_classes=4, class_sep=1.0, flip_y=0.0, random_state=0)
-    raise ValueError(f"dataset must be one of digits, breast_cancer, wine, synthetic; got {name!r}")
+    raise ValueError(f"dataset must be one of digits, digits_demo, breast_cancer, wine, synthetic; got {name!r}")
 
 
 def load(name: str, seed: int = 0) -> Split:
-    """A random 80/20 split of dataset `name` (fixed by `seed`), standardised."""
+    """A random 80/20 split of dataset `name` (fixed by `seed`), standardised. "digits_demo" is the
+    `tracin demo` setting instead: 1400 training digits, pixels scaled to [0, 1]."""
     x, y = _raw(name)
     order = np.random.default_rng(seed).permutation(len(x))
-    n_train = len(x) - round(TEST_FRACTION * len(x))
+    n_train = DEMO_TRAIN if name == "digits_demo" else len(x) - round(TEST_FRACTION * len(x))
     train, test = order[:n_train], order[n_train:]
     mean, std = x[train].mean(axis=0), x[train].std(axis=0)
     std[std == 0] = 1.0
+    if name == "digits_demo":
+        mean, std = np.zeros_like(mean), np.full_like(std, 16.0)
 
     def scale(rows: np.ndarray) -> np.ndarray:
         return ((x[rows] - mean) / std).astype(np.float32)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.metadata
+import io
 import logging
-import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +22,6 @@ from torch import nn
 
 from .influence import _loss
 from .training import Trajectory
-
-
-@contextlib.contextmanager
-def _quiet_tqdm() -> Iterator[None]:
-    """No progress bars from a peer (tqdm reads TQDM_DISABLE when a bar is made)."""
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = old
 
 
 def version(dist: str) -> str | None:
@@ -94,7 +79,7 @@ def trak_attributions(run: Trajectory, chosen: np.ndarray, x_train: np.ndarray, 
     model = copy.deepcopy(run.model).eval()
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     xs, ys = torch.from_numpy(x_test), torch.from_numpy(y_test)
-    with tempfile.TemporaryDirectory() as tmp, _quiet_tqdm():
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):  # TRAK's bars
         traker = TRAKer(model=model, task="image_classification", train_set_size=len(x_train), save_dir=tmp,
                         device="cpu", proj_dim=proj_dim, use_half_precision=False, logging_level=logging.ERROR)
         for i in chosen:

@@ -5,27 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..plot import _pyplot, _save
+from .report import method_order
 
 
 def detection_curves(payload: dict, path: Path) -> Path:
     """Fraction of flipped labels found against fraction inspected, one panel per dataset."""
     plt = _pyplot()
     detect = payload["detection"]
-    fig, axes = plt.subplots(1, len(detect), figsize=(4.2 * len(detect), 4.2), squeeze=False)
-    for ax, (name, d) in zip(axes[0], detect.items(), strict=True):
+    cols = min(3, len(detect))
+    rows = -(-len(detect) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.8 * rows + 1.2), squeeze=False)
+    for ax in axes.flat[len(detect):]:
+        ax.set_visible(False)
+    for ax, (name, d) in zip(axes.flat, detect.items(), strict=False):
         xs = [0.0, *d["inspect"]]
         ax.plot(xs, [0.0, *d["perfect"]], "k--", linewidth=1, label="perfect detector")
-        for method, r in d["methods"].items():
+        colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]
+        for i, method in enumerate(m for m in method_order(detect) if m in d["methods"]):
             style = "-" if method.startswith("tracin") else ":"
-            ax.plot(xs, [0.0, *r["found"]], style, marker="o", markersize=3, label=method)
+            ax.plot(xs, [0.0, *d["methods"][method]["found"]], style, marker="o", markersize=3, label=method,
+                    color=colours[i % len(colours)])
         ax.set_title(f"{name} ({d['n_train']} train, {payload['config']['noise']:.0%} flipped)", fontsize=9)
         ax.set_xlabel("fraction of training data inspected")
+        ax.set_ylabel("fraction of flipped labels found")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("fraction of flipped labels found")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 1.1 / (3.8 * rows + 1.2), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -35,7 +42,7 @@ def lds_bars(payload: dict, path: Path) -> Path:
     """LDS mean +- standard error over held-out examples, one bar group per method."""
     plt = _pyplot()
     results = payload["lds"]
-    names = list(dict.fromkeys(m for d in results.values() for m in d["methods"]))
+    names = [m for m in method_order(results) if any(m in d["methods"] for d in results.values())]
     fig, ax = plt.subplots(figsize=(max(8.0, 0.75 * len(names) * len(results) / 2), 4.8))
     width = 0.8 / len(results)
     for j, (dataset, d) in enumerate(results.items()):

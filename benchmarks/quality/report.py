@@ -13,10 +13,23 @@ from pathlib import Path
 from ..common import RESULTS_DIR
 
 
+def _failed(errors: dict[str, str], method: str) -> str:
+    """A short cell for a method that did not run on a dataset (the JSON keeps the whole message)."""
+    if method not in errors:
+        return "-"
+    return "not installed" if errors[method].startswith("not installed") else "failed (see JSON)"
+
+
+def method_order(results: dict[str, dict]) -> list[str]:
+    """Every method of any dataset (reported or failed), tracin recipes first, then in registration order."""
+    names = list(dict.fromkeys(m for d in results.values() for m in [*d["methods"], *d["errors"]]))
+    return sorted(names, key=lambda m: (not m.startswith("tracin"), names.index(m)))
+
+
 def _detection_rows(payload: dict) -> list[str]:
     detect = payload["detection"]
     at = payload["winners"]["detection_at"]
-    names = list(dict.fromkeys(m for d in detect.values() for m in d["methods"]))
+    names = method_order(detect)
     rows = [f"| Flipped labels found at {at:.0%} inspected | " + " | ".join(detect) + " |",
             "|---|" + "---|" * len(detect)]
     rows.append("| perfect detector | " + " | ".join(f"{d['perfect'][d['inspect'].index(at)]:.3f}"
@@ -25,7 +38,7 @@ def _detection_rows(payload: dict) -> list[str]:
         cells = []
         for name, d in detect.items():
             if m not in d["methods"]:
-                cells.append(d["errors"].get(m, "-"))
+                cells.append(_failed(d["errors"], m))
                 continue
             v = d["methods"][m]["found"][d["inspect"].index(at)]
             best = v == payload["winners"]["detection_best"][name]["best"]
@@ -36,7 +49,7 @@ def _detection_rows(payload: dict) -> list[str]:
 
 def _lds_rows(payload: dict) -> list[str]:
     results = payload["lds"]
-    names = list(dict.fromkeys(m for d in results.values() for m in [*d["methods"], *d["errors"]]))
+    names = method_order(results)
     rows = ["| LDS (mean ± s.e.) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for m in names:
         cells = []
@@ -47,7 +60,7 @@ def _lds_rows(payload: dict) -> list[str]:
                 cell = f"{r['mean']:.3f} ± {r['se']:.3f}"
                 cells.append(f"**{cell}**" if best else cell)
             else:
-                cells.append(d["errors"].get(m, "-"))
+                cells.append(_failed(d["errors"], m))
         rows.append(f"| {m} | " + " | ".join(cells) + " |")
     return rows
 
@@ -58,7 +71,9 @@ def markdown(payload: dict) -> str:
     cfg, m, w = payload["config"], payload.get("machine", {}), payload["winners"]
     captum = payload["peers"]["captum"] or {}
     head = (f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
-            f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split). Detection: "
+            f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split)"
+            + (f" and, for detection only, {', '.join(cfg['detection_only'])} (`tracin demo`'s data and training)"
+               if cfg.get("detection_only") else "") + ". Detection: "
             f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}; best in bold. "
             f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "
             f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples.")
@@ -71,7 +86,8 @@ def markdown(payload: dict) -> str:
         head += " **Quick (smoke-test) settings: not meaningful as quality numbers.**"
     tail = (f"Within {w['tie']} of the best detector on every dataset: "
             f"{', '.join(w['detection_wins_or_ties_everywhere']) or 'none'}. Within one s.e. of the best LDS on "
-            f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}.")
+            f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}; of the tracin recipes: "
+            f"{', '.join(w['lds_within_se_of_best_tracin_everywhere']) or 'none'}.")
     return "\n".join([head, "", *_detection_rows(payload), "", *_lds_rows(payload), "", tail])
 
 

@@ -60,8 +60,9 @@ def detection(split: Split, suite: Suite, log: Callable[[str], None]) -> tuple[d
                 errors[name] = error
             else:
                 per_method[name].append(metrics.found_fractions(scores, flipped, suite.inspect))
-        log(f"  {split.name} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; "
-            f"tracin all {per_method['tracin all checkpoints'][-1]}, final loss {per_method['final loss'][-1]}")
+        found = {m: v[-1][suite.inspect.index(0.2)] for m, v in per_method.items() if v and 0.2 in suite.inspect}
+        log(f"  {split.name} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; found at "
+            "20% inspected: " + ", ".join(f"{m} {v:.3f}" for m, v in found.items()))
     n, n_flipped = len(split.y_train), facts[0]["flipped"]
     result = {
         "n_train": n, "classes": split.classes, "runs": facts, "inspect": list(suite.inspect),
@@ -103,7 +104,8 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
 
 def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) -> dict:
     """Per dataset the best detector at `at` inspected, and the methods within TIE of the best on
-    every dataset (detection) / within one s.e. of the best on every dataset (LDS)."""
+    every dataset (detection) / within one s.e. of the best on every dataset (LDS, of all methods and
+    of the tracin recipes)."""
     out: dict = {"detection_at": at, "tie": TIE, "detection_best": {}, "lds_best": {}}
     ties: list[set] = []
     for name, d in detect.items():
@@ -120,7 +122,18 @@ def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) ->
         out["lds_best"][name] = {"method": best_name, "mean": best["mean"], "se": best["se"]}
         lds_ties.append({m for m, r in d["methods"].items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
     out["lds_within_se_of_best_everywhere"] = sorted(set.intersection(*lds_ties)) if lds_ties else []
+    out["lds_within_se_of_best_tracin_everywhere"] = _within_se_of_best(lds_results, "tracin")
     return out
+
+
+def _within_se_of_best(lds_results: dict[str, dict], prefix: str) -> list[str]:
+    """Methods named `prefix`... within one s.e. (the larger of the two) of the best such method on every dataset."""
+    ties = []
+    for d in lds_results.values():
+        scores = {m: r for m, r in d["methods"].items() if m.startswith(prefix)}
+        best = max(scores.values(), key=lambda r: r["mean"])
+        ties.append({m for m, r in scores.items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
+    return sorted(set.intersection(*ties)) if ties else []
 
 
 def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
@@ -131,7 +144,7 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
     methods.register_projected(suite.projection_dims)
     t_start = time.perf_counter()
     detect, lds_results, timings, captum = {}, {}, {}, None
-    for name in suite.datasets:
+    for name in (*suite.datasets, *suite.detection_only):
         split = load(name)
         t0 = time.perf_counter()
         detect[name], case = detection(split, suite, log)
@@ -140,6 +153,8 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
             n_train, n_test = suite.captum_rows
             captum = _captum(case, split, n_train, n_test)
             log(f"  Captum TracInCP check: {captum}")
+        if name in suite.detection_only:
+            continue
         t0 = time.perf_counter()
         lds_results[name] = lds(split, suite, cache, log)
         timings[f"{name} lds"] = time.perf_counter() - t0
