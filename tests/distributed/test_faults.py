@@ -100,3 +100,11 @@ def test_store_recreated_after_opening_is_refused(client, tied, tmp_path):
     write_store(tmp_path / "s", [m[::-1].copy() for m in tied["train"]], [0.5, 2.0], overwrite=True)
     with pytest.raises(StoreChangedError, match=f"gradient store {store.path} here is not the one opened"):
         td.top_k(tied["test"], store, 3, client=client, shards=2)
+
+
+def test_failure_on_the_default_client_is_raised_as_is(client, tied, tmp_path):
+    store = _copy(tied["store"], tmp_path / "s")
+    lost = store.path / "checkpoint_000.npy"
+    lost.unlink()
+    with client.as_current(), pytest.raises(StoreFormatError, match=f"{lost}: data file is missing"):
+        td.self_influence(store, shards=2)

@@ -24,22 +24,26 @@ def usable_cores() -> int:
 def client_for(client: Any) -> Iterator[Client]:
     """`client` if given; else the default client if one exists; else a LocalCluster for the call:
     one single-threaded worker process per core, on loopback only, its dashboard link printed."""
+    if client is None:
+        client = _default_client()
     if client is not None:
         if not isinstance(client, Client):
             raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
         yield client
         return
-    try:
-        yield default_client()
-        return
-    except ValueError:  # no client in this process: start one below
-        pass
     with LocalCluster(n_workers=usable_cores(), threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as local:
         needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
         print(f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
               f"{local.dashboard_link}{needs}", file=sys.stderr)
         yield local
+
+
+def _default_client() -> Client | None:
+    try:
+        return default_client()
+    except ValueError:  # no client in this process
+        return None
 
 
 def slots_by_host(client: Client) -> dict[str, int]:
