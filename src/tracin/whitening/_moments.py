@@ -1,0 +1,88 @@
+"""Streaming second moments of gradient rows, one pass over any gradient set (in memory or a store).
+
+Full gradients: per checkpoint R_c = G_c^T G_c / n (d_c, d_c). Factored gradients: per checkpoint
+the Kronecker factors B_c = E[left left^T] (p_c, p_c) and A_c = E[right right^T] (q_c, q_c).
+Each block of at most BLOCK_ROWS rows is multiplied in float32 (BLAS, G^T G as a symmetric rank-k
+update, multithreaded) and its partial sum added into a float64 accumulator, so the rounding of a
+float32 partial stays within about BLOCK_ROWS * 2^-24 * sum_i |g_ia g_ib| per entry (typically
+sqrt(BLOCK_ROWS) times less) and does not grow with the number of blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .._arrays import DTYPE_CODES
+from .._progress import progress_bar
+from ..gradients import GradientSet
+from ..store._convert import bfloat16_bits_to_float32
+
+BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
+BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
+RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
+
+
+def default_max_bytes() -> int:
+    """RAM_FRACTION of this machine's physical memory in bytes (os.sysconf)."""
+    return int(RAM_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def matrix_sides(s: GradientSet) -> list[int]:
+    """Side length of every accumulated matrix, in kernel block order (d_c, or p_c and q_c)."""
+    return [int(x) for d in s.dims for x in (d if s.factored else (d,))]
+
+
+def check_budget(sides: list[int], copies: int, max_bytes: int) -> None:
+    """ValueError when `copies` float64 sets of (side, side) matrices plus the inversion's work
+    space (three more of the largest) exceed max_bytes."""
+    need = 8 * (copies * sum(k * k for k in sides) + 3 * max(sides) ** 2)
+    if need > max_bytes:
+        raise ValueError(
+            f"whitening keeps a float64 d x d matrix per checkpoint: dims {sides} need {need / 2**30:.2f} GiB, "
+            f"above max_bytes={max_bytes} ({max_bytes / 2**30:.2f} GiB); project the gradients to fewer "
+            "dimensions first (tracin.Projection, projection= on the exports), use factored gradients "
+            "(Kronecker-factored whitening), or raise max_bytes")
+
+
+def row_ranges(s: GradientSet) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of `s` read at once: at most BLOCK_ROWS rows, BLOCK_BYTES of float32
+    rows of the widest block, and the set's own row_chunks() (a store maps that many rows per read)."""
+    step = max(1, min(BLOCK_ROWS, BLOCK_BYTES // (4 * max(matrix_sides(s)))))
+    if s.row_chunks():
+        step = min(step, s.row_chunks())
+    return [(a, min(a + step, s.n_rows)) for a in range(0, s.n_rows, step)]
+
+
+def second_moments(s: GradientSet, bar: Any) -> list[np.ndarray]:
+    """float64 (k, k) matrices E[x x^T] over the rows of `s`, one per kernel block (see module
+    docstring); `bar` advances by the rows done."""
+    sides = matrix_sides(s)
+    acc = [np.zeros((k, k)) for k in sides]
+    for start, stop in row_ranges(s):
+        side = s.kernel_side(start, stop)
+        for total, block, code in zip(acc, side.blocks, side.dtypes, strict=True):
+            x = as_float32(block, code)
+            total += x.T @ x  # NumPy computes a.T @ a as a symmetric rank-k update (half the work)
+        del side
+        bar.update(stop - start)
+    for total in acc:
+        total /= s.n_rows
+    return acc
+
+
+def as_float32(block: np.ndarray, code: int) -> np.ndarray:
+    """A C-contiguous float32 array of a kernel block (float32 kept as is, float16 / bfloat16 bits
+    converted)."""
+    if code == DTYPE_CODES["bfloat16"]:
+        return bfloat16_bits_to_float32(np.asarray(block))
+    return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def fit_bar(total: int, progress: bool | None) -> Any:
+    """The progress bar over the rows a fit reads."""
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    return progress_bar(total, progress, "tracin whitening fit", unit="row")
