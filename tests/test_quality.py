@@ -158,11 +158,13 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
         return {"methods": {m: {"mean": mean, "se": se} for m, (mean, se) in values.items()}}
 
     w = run.winners({"a": det({"x": 0.90, "y": 0.89, "z": 0.5}), "b": det({"x": 0.80, "y": 0.85, "z": 0.84})},
-                    {"a": lds({"x": (0.5, 0.01), "y": (0.45, 0.02)}), "b": lds({"x": (0.3, 0.01), "y": (0.31, 0.01)})},
+                    {"a": lds({"tracin x": (0.5, 0.01), "tracin y": (0.45, 0.02), "peer": (0.4, 0.01)}),
+                     "b": lds({"tracin x": (0.3, 0.01), "tracin y": (0.31, 0.01), "peer": (0.5, 0.01)})},
                     0.2)
     assert w["detection_best"] == {"a": {"best": 0.90, "methods": ["x"]}, "b": {"best": 0.85, "methods": ["y"]}}
     assert w["detection_wins_or_ties_everywhere"] == ["y"]  # x is 0.05 behind on b, z 0.40 behind on a
-    assert w["lds_best"]["b"]["method"] == "y" and w["lds_within_se_of_best_everywhere"] == ["x"]
+    assert w["lds_best"]["b"]["method"] == "peer" and w["lds_within_se_of_best_everywhere"] == []
+    assert w["lds_within_se_of_best_tracin_everywhere"] == ["tracin x"]  # y is 0.05 behind on a
 
 
 # The subset-model cache -------------------------------------------------------------------------

@@ -131,6 +131,8 @@ def _within_se_of_best(lds_results: dict[str, dict], prefix: str) -> list[str]:
     ties = []
     for d in lds_results.values():
         scores = {m: r for m, r in d["methods"].items() if m.startswith(prefix)}
+        if not scores:
+            return []
         best = max(scores.values(), key=lambda r: r["mean"])
         ties.append({m for m, r in scores.items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
     return sorted(set.intersection(*ties)) if ties else []
