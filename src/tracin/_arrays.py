@@ -53,7 +53,7 @@ def _from_dlpack_device(x: Any, name: str) -> tuple[Any, str]:
                         "(pip install torch), or copy it to the host first") from None
     try:
         tensor = torch.from_dlpack(x)
-    except (RuntimeError, TypeError, BufferError) as e:
+    except (RuntimeError, TypeError, ValueError, BufferError, AssertionError) as e:  # a CPU-only torch asserts
         raise TypeError(f"{name}: torch cannot take this device array through DLPack ({e})") from None
     return _device_tensor(tensor, name)
 

@@ -18,9 +18,24 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 REFERENCE = NumpyReference()
 
 
-@pytest.fixture(params=backends.names())
-def backend(request):
-    return backends.get(request.param)
+TORCH_BACKENDS = ("torch:cpu", "cuda")
+
+
+@pytest.fixture(params=[*backends.names(), *(f"{name} tiled" for name in TORCH_BACKENDS)])
+def backend(request, monkeypatch):
+    """Every registered backend; the torch ones also with tiles of a few rows (several train tiles
+    and test blocks per call, so that streaming and merging across tiles are exercised)."""
+    name, _, tiled = request.param.partition(" ")
+    if name in TORCH_BACKENDS:
+        torch = pytest.importorskip("torch")
+        if name == "cuda" and not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device (.ci/gpu-check runs these)")
+    if tiled:
+        from tracin import _tunables
+
+        monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 1000)
+        monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 300)
+    return backends.get(name)
 
 
 def pair(rng, m: int, n: int, dims: list[int], dtype=np.float32, factored=False, integers=False):

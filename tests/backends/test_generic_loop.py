@@ -123,3 +123,19 @@ def test_factored_sides_reach_the_backend_factored(recording, rng):
     exact = outer(left_t, right_t).astype(np.float64) @ outer(left_x, right_x).T
     np.testing.assert_array_equal(tracin.scores(t, x), exact)
     np.testing.assert_array_equal(tracin.aggregate(t, x), exact.sum(0))
+
+
+def test_the_test_side_is_taken_again_for_every_train_piece(recording, rng):
+    """A store checks that it is unchanged on each kernel_side call: the test side is asked for
+    its rows once per (test chunk, train piece), not once per test chunk."""
+    asked: list[tuple[int, int]] = []
+
+    class Counting(Chunked):
+        def kernel_side(self, start: int = 0, stop: int | None = None) -> tuple:
+            asked.append((start, stop))
+            return super().kernel_side(start, stop)
+
+    t = Counting(tracin.Gradients(with_ids(rng, 10, [4])), 6)
+    x = Chunked(tracin.Gradients(with_ids(rng, 25, [4])), 10)
+    tracin.top_k(t, x, k=3, progress=False)
+    assert [a for a in asked if a != (0, 0)] == [(0, 6)] * 3 + [(6, 10)] * 3  # (0, 0): where the rows live

@@ -38,8 +38,10 @@ def test_a_registered_factory_runs_on_first_use_only(registry):
 @pytest.mark.parametrize(
     "name, error, match",
     [
-        ("tpu", ValueError, r"unknown scoring backend 'tpu'; registered: 'cpu'"),
-        (["cpu"], TypeError, r"backend name must be a string \('cpu'\), got \['cpu'\]"),
+        ("tpu", ValueError, r"unknown scoring backend 'tpu'; registered: 'cpu', 'cuda' \(or 'cuda:N'\), 'torch:cpu'"),
+        ("cpu:1", ValueError, r"unknown scoring backend 'cpu:1'"),
+        ("cuda:x", ValueError, r"unknown scoring backend 'cuda:x'"),
+        (["cpu"], TypeError, r"backend name must be a string \('cpu', .*\), got \['cpu'\]"),
         (None, TypeError, "backend name must be a string"),
     ],
 )
@@ -55,7 +57,15 @@ def test_register_errors(registry):
         registry.register("", NumpyReference)
     with pytest.raises(TypeError, match="factory for backend 'x' must be callable"):
         registry.register("x", NumpyReference())
-    assert registry.names() == ("cpu",)
+    assert registry.names() == ("cpu", "cuda", "torch:cpu")
+
+
+def test_an_indexed_factory_gets_the_device_number(registry):
+    made = []
+    registry.register("gpu", lambda index: made.append(index) or NumpyReference(), indexed=True)
+    first, second = registry.get("gpu:3"), registry.get("gpu")
+    assert made == [3, None] and first is not second and registry.get("gpu:3") is first
+    assert registry.names()[-1] == "gpu"
 
 
 def test_scoring_reaches_the_kernel_through_the_registry(registry, rng):

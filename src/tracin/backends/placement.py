@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..gradients import GradientSet
+from ..gradients import GradientSet, KernelSide
 from . import get
 from .base import Backend
 
@@ -47,7 +47,8 @@ def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend
 
 def _resident_device(name: str, s: GradientSet) -> str | None:
     """The device (e.g. "cuda:0") of the set's rows that are not in host memory, None if all are."""
-    devices = {str(b.device) for b in s.kernel_side(0, 0).blocks if str(getattr(b, "device", "cpu")) != "cpu"}
+    blocks = KernelSide._make(s.kernel_side(0, 0)).blocks
+    devices = {str(b.device) for b in blocks if str(getattr(b, "device", "cpu")) != "cpu"}
     if len(devices) > 1:
         raise ValueError(f"{name} has rows on several devices ({', '.join(sorted(devices))}); put them on one")
     return devices.pop() if devices else None

@@ -1,0 +1,237 @@
+"""The torch backend through the public functions on the CPU (device="torch:cpu"): the code path of
+device="cuda" (tiles, host rows staged through two buffers, top-k merged across tiles and pieces,
+both sides, ties) against the C++ kernel and float64 NumPy; device= placement and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import exact_scores, factored_to_full, score_bound
+from tracin import _tunables, backends
+from tracin._arrays import as_matrix
+from tracin.backends import _torch_topk, placement
+from tracin.gradients import GradientSet, KernelSide
+
+torch = pytest.importorskip("torch")
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 512 bytes of train rows and at most 200 scores: many tiles and test blocks per call."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 512)
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 200)
+
+
+def stable_top_k(exact: np.ndarray, k: int, sign: int) -> np.ndarray:
+    """Indices of the k best per row (sign -1: largest first), ties to the smaller index."""
+    return np.argsort(sign * exact, axis=1, kind="stable")[:, :k]
+
+
+def test_top_k_equals_the_cpu_kernel_on_tie_free_data(rng, small_tiles):
+    test = [rng.standard_normal((23, 16)).astype(np.float32), rng.standard_normal((23, 5)).astype(np.float32)]
+    train = [rng.standard_normal((700, 16)).astype(np.float32), rng.standard_normal((700, 5)).astype(np.float32)]
+    t, x = tracin.Gradients(test, [0.3, -1.2]), tracin.Gradients(train, [0.3, -1.2])
+    ours = tracin.top_k(t, x, k=40, side="both", device="torch:cpu")
+    kernel = tracin.top_k(t, x, k=40, side="both", device="cpu")
+    exact, bound = exact_scores(test, train, [0.3, -1.2]), score_bound(test, train, [0.3, -1.2])
+    for got, want in zip(ours, kernel, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        assert got.values.dtype == np.float32 and got.indices.dtype == np.int64
+        assert np.all(np.abs(got.values - np.take_along_axis(exact, got.indices, 1))
+                      <= np.take_along_axis(bound, got.indices, 1))
+
+
+@pytest.mark.parametrize("k", [1, 7, 300, 1000])
+def test_top_k_follows_the_tie_rule_on_tied_data(rng, small_tiles, k):
+    """Small integers: exact scores with many ties, at every tile and piece boundary."""
+    test = np.round(rng.standard_normal((9, 3))).astype(np.float32)
+    train = np.round(rng.standard_normal((300, 3))).astype(np.float32)
+    exact = exact_scores([test], [train], [1.0])
+    both = tracin.top_k(test, train, k=k, side="both", device="torch:cpu")
+    for got, sign in ((both.proponents, -1), (both.opponents, 1)):
+        order = stable_top_k(exact, min(k, 300), sign)
+        assert got.indices.shape == (9, min(k, 300))  # k > n: n columns
+        np.testing.assert_array_equal(got.indices, order)
+        np.testing.assert_array_equal(got.values, np.take_along_axis(exact, order, 1))
+    one = tracin.top_k(test, train, k=k, side="opponents", device="torch:cpu")
+    np.testing.assert_array_equal(one.indices, both.opponents.indices)
+
+
+def test_when_torch_topk_splits_ties_wrongly_the_call_selects_again_exactly(rng, monkeypatch):
+    """Forces the fallback (as if torch.topk had kept a larger tied index) and checks it is exact;
+    and on tie-free data the fast selection is kept (no second pass)."""
+    test = np.round(rng.standard_normal((5, 4))).astype(np.float32)
+    train = np.round(rng.standard_normal((80, 4))).astype(np.float32)
+    exact = exact_scores([test], [train], [1.0])
+    monkeypatch.setattr(_torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool))
+    got = tracin.top_k(test, train, k=13, device="torch:cpu")
+    np.testing.assert_array_equal(got.indices, stable_top_k(exact, 13, -1))
+    monkeypatch.undo()
+    passes = []
+    backend = backends.get("torch:cpu")
+    original = type(backend)._top_k
+    monkeypatch.setattr(type(backend), "_top_k",
+                        lambda self, *a, exact: passes.append(exact) or original(self, *a, exact=exact))
+    tracin.top_k(rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((80, 4)).astype(np.float32),
+                 k=13, device="torch:cpu")
+    assert passes == [False]
+
+
+@pytest.mark.parametrize(
+    "scores, kept_columns, ok",
+    [([[3, 1, 1, 1]], [0, 1], True), ([[3, 1, 1, 1]], [0, 2], False), ([[1, 1, 5, 1]], [2, 0], True),
+     ([[1, 1, 5, 1]], [2, 3], False), ([[2, 0, -0.0]], [0, 1], True), ([[4, 2, 9]], [2, 0], True)],
+)
+def test_the_tie_check_of_one_tile(scores, kept_columns, ok):
+    """True exactly when the kept scores equal to the k-th are the smallest such columns (-0.0 == 0.0)."""
+    s = torch.tensor(scores, dtype=torch.float32)
+    local = torch.tensor([kept_columns])
+    assert bool(_torch_topk._smallest_tied_kept(s, s.gather(1, local), local, "proponents")) is ok
+
+
+def test_keys_order_by_value_then_smaller_index():
+    values = torch.tensor([[-np.inf, -3.5, -0.0, 0.0, 1e-45, 2.0, 2.0, np.float32(3e38)]], dtype=torch.float32)
+    indices = torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]])
+    for side, expected in (("proponents", [0, 1, 2, 3, 4, 5, 6, 7]), ("opponents", [7, 6, 4, 5, 3, 1, 2, 0])):
+        _, order = _torch_topk.best(values, indices, 8, side)
+        assert order[0].tolist() == expected, side
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_rows_widen_exactly(rng, small_tiles, dtype):
+    cast = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    test, train = rng.standard_normal((6, 12)).astype(cast), rng.standard_normal((90, 12)).astype(cast)
+    exact, bound = exact_scores([test], [train], [0.5]), score_bound([test], [train], [0.5])
+    t, x = tracin.Gradients(test, [0.5]), tracin.Gradients(train, [0.5])
+    assert np.all(np.abs(tracin.scores(t, x, device="torch:cpu") - exact) <= bound)
+    both = tracin.top_k(t, x, k=90, side="both", device="torch:cpu")
+    np.testing.assert_array_equal(both.proponents.indices, tracin.top_k(t, x, k=90, device="cpu").indices)
+    own = 0.5 * (train.astype(np.float64) ** 2).sum(1)
+    np.testing.assert_allclose(tracin.self_influence(x, device="torch:cpu"), own, rtol=1e-5)
+
+
+def test_factored_sets(rng, small_tiles):
+    left_t, right_t = [rng.standard_normal((7, 3)).astype(np.float32)], [rng.standard_normal((7, 6)).astype(np.float32)]
+    left_x, right_x = [rng.standard_normal((60, 3)).astype(np.float32)], [rng.standard_normal((60, 6)).astype(np.float32)]
+    t = tracin.FactoredGradients(left_t, right_t, [2.0])
+    x = tracin.FactoredGradients(left_x, right_x, [2.0])
+    full_t, full_x = factored_to_full(left_t, right_t), factored_to_full(left_x, right_x)
+    exact, bound = exact_scores(full_t, full_x, [2.0]), score_bound(full_t, full_x, [2.0])
+    assert np.all(np.abs(tracin.scores(t, x, device="torch:cpu") - exact) <= bound)
+    assert np.all(np.abs(tracin.aggregate(t, x, device="torch:cpu") - exact.sum(0)) <= bound.sum(0))
+    got = tracin.top_k(t, x, k=8, side="both", device="torch:cpu")
+    np.testing.assert_array_equal(got.proponents.indices, stable_top_k(exact, 8, -1))
+    np.testing.assert_array_equal(got.opponents.indices, stable_top_k(exact, 8, 1))
+    own = 2.0 * (full_x[0] ** 2).sum(1)
+    np.testing.assert_allclose(tracin.self_influence(x, device="torch:cpu"), own, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_store_streams_in_chunks_and_tiles(rng, tmp_path, small_tiles, dtype):
+    """A store read in memory-mapped chunks (read-only), each cut into tiles staged through the two
+    buffers, as on a GPU; test side a store too."""
+    w = [0.1, 0.02]
+    train = [rng.standard_normal((333, 8)).astype(np.float32), rng.standard_normal((333, 4)).astype(np.float32)]
+    test = [rng.standard_normal((20, 8)).astype(np.float32), rng.standard_normal((20, 4)).astype(np.float32)]
+    stores = []
+    for name, rows in (("train", train), ("test", test)):
+        writer = tracin.GradientStore.create(tmp_path / name, len(rows[0]), [8, 4], w, dtype)
+        for c, block in enumerate(rows):
+            writer.write(c, 0, block)
+        writer.finalize()
+        stores.append(tracin.GradientStore.open(tmp_path / name, chunk_bytes=700))
+    store_x, store_t = stores
+    both = tracin.top_k(store_t, store_x, k=50, side="both", device="torch:cpu")
+    kernel = tracin.top_k(store_t, store_x, k=50, side="both", device="cpu")
+    for got, want in zip(both, kernel, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_allclose(tracin.aggregate(store_t, store_x, device="torch:cpu"),
+                               tracin.aggregate(store_t, store_x, device="cpu"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tracin.self_influence(store_x, device="torch:cpu"),
+                               tracin.self_influence(store_x, device="cpu"), rtol=1e-5)
+
+
+def test_non_finite_train_rows_name_the_checkpoint_and_rows(rng, small_tiles):
+    train = [rng.standard_normal((50, 4)).astype(np.float32), rng.standard_normal((50, 3)).astype(np.float32)]
+    train[1][[31, 44], 0] = [np.inf, np.nan]
+    test = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 3)).astype(np.float32)]
+    for call in (lambda: tracin.top_k(test, train, k=5, device="torch:cpu"),
+                 lambda: tracin.self_influence(train, device="torch:cpu")):
+        with pytest.raises(ValueError, match=r"train checkpoint 1 contains NaN or Inf values, first in rows \[31, 44\]"):
+            call()
+
+
+class OnDevice(GradientSet):
+    """A set whose rows claim to live on `device` (only their .device is looked at by placement)."""
+
+    factored, weights, weights_given, metadata = False, np.ones(1), False, {}
+
+    def __init__(self, *devices: str):
+        self.devices = devices
+
+    n_rows = property(lambda self: 4)
+    dims = property(lambda self: (3,))
+
+    def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
+        return KernelSide(False, [type("Block", (), {"device": d})() for d in self.devices], [0] * len(self.devices))
+
+
+@pytest.mark.parametrize(
+    "device, sets, match",
+    [
+        ("cpu", {"test": OnDevice("cuda:1")}, r"device='cpu' but test is on cuda:1; pass device='cuda:1'"),
+        ("cuda:0", {"train": OnDevice("cuda:1")}, r"device='cuda:0' but train is on cuda:1"),
+        ("torch:cpu", {"train": OnDevice("cuda:0")}, r"device='torch:cpu' but train is on cuda:0"),
+        (None, {"test": OnDevice("cuda:0"), "train": OnDevice("cuda:1")},
+         r"the sets are on different devices \(test on cuda:0, train on cuda:1\)"),
+        (None, {"train": OnDevice("cuda:0", "cuda:1")}, r"train has rows on several devices \(cuda:0, cuda:1\)"),
+        (None, {"train": OnDevice("cuda:2")}, r"device='cuda:2': torch .* sees no CUDA device"),
+        ("cuda", {"train": OnDevice()}, r"device='cuda': torch .* sees no CUDA device"),
+        ("cuda:7", {"train": OnDevice()}, r"device='cuda:7': torch .* sees no CUDA device"),
+        ("gpu", {}, r"device must be 'cpu' \(the C\+\+ kernel\), 'cuda' or 'cuda:N'"),
+    ],
+)
+def test_placement_errors(device, sets, match):
+    if torch.cuda.is_available():
+        pytest.skip("the messages for a missing GPU are checked on machines without one")
+    with pytest.raises(ValueError, match=match):
+        placement.choose(device, "float32", sets)
+
+
+def test_placement_choices_and_argument_errors(rng):
+    host = tracin.Gradients(rng.standard_normal((3, 2)).astype(np.float32))
+    assert placement.choose(None, "float32", {"train": host}).name == "cpu"
+    assert placement.choose("torch:cpu", "float32", {"train": host}).name == "torch:cpu"
+    with pytest.raises(ValueError, match=r"precision must be 'float32' or 'tf32'"):
+        tracin.top_k(host, host, precision="float16")
+    with pytest.raises(TypeError, match=r"device must be"):
+        tracin.scores(host, host, device=0)
+    with pytest.raises(ValueError, match=r"precision='tf32' needs a CUDA device \(device='cuda'\), not 'torch:cpu'"):
+        tracin.aggregate(host, host, device="torch:cpu", precision="tf32")
+
+
+def test_as_matrix_keeps_device_tensors_only_when_asked():
+    meta = torch.empty(5, 3, device="meta", dtype=torch.bfloat16).T  # a non-CPU tensor, columns strided
+    with pytest.raises(ValueError, match=r"m is a torch tensor on meta; move it to the CPU first"):
+        as_matrix(meta, "m")
+    kept, dtype = as_matrix(meta, "m", device_arrays=True)
+    assert dtype == "bfloat16" and kept.device.type == "meta" and kept.shape == (3, 5) and kept.stride() == (5, 1)
+    with pytest.raises(TypeError, match=r"m has dtype torch.int32"):
+        as_matrix(torch.empty(2, 2, device="meta", dtype=torch.int32), "m", device_arrays=True)
+    with pytest.raises(ValueError, match=r"m must be 2-D"):
+        as_matrix(torch.empty(2, device="meta"), "m", device_arrays=True)
+    cpu, dtype = as_matrix(torch.ones(2, 3), "m", device_arrays=True)
+    assert isinstance(cpu, np.ndarray) and dtype == "float32"
+
+    class GpuArray:  # a DLPack array on a CUDA device (kDLCUDA = 2) that torch cannot take here
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, **kwargs):
+            raise BufferError("no device here")
+
+    with pytest.raises(TypeError, match=r"g: torch cannot take this device array through DLPack"):
+        as_matrix(GpuArray(), "g", device_arrays=True)
