@@ -1,4 +1,4 @@
-"""Independent float64 NumPy reference for TracIn and the scale-aware error bound of DESIGN.md."""
+"""Independent float64 NumPy reference for TracIn and the scale-aware error bound of docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -189,6 +189,20 @@ def test_malformed_stores_are_one_line_errors(stores, tmp_path, capsys):
         assert "corrupt manifest" in _error_line(capsys.readouterr().err, command[0])
 
 
+def test_a_store_recreated_while_scoring_is_named_as_changed(stores, monkeypatch, capsys):
+    paths, _, _ = stores
+    real = tracin.top_k
+
+    def recreate_then_score(test, train, **kwargs):
+        n, dims = train.n_rows, [int(d) for d in train.dims]
+        tracin.GradientStore.create(paths["train"], n, dims, overwrite=True).close()
+        return real(test, train, **kwargs)
+
+    monkeypatch.setattr(tracin, "top_k", recreate_then_score)
+    assert main(_score(paths)) == 1
+    assert "gradient store changed while reading" in _error_line(capsys.readouterr().err, "score")
+
+
 def test_broken_pipe_ends_quietly(stores):
     paths, _, _ = stores
     read, write = os.pipe()

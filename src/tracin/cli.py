@@ -245,7 +245,7 @@ def _one_line(e: BaseException) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     """Runs the command; returns the exit code, failures reported as one line on stderr."""
-    from .store import StoreFormatError
+    from .store import StoreChangedError, StoreFormatError
 
     prefix = f"tracin {args.command}: error:"
     try:
@@ -255,6 +255,9 @@ def _run(args: argparse.Namespace) -> int:
         raise
     except CommandError as e:
         print(f"{prefix} {_one_line(e)}", file=sys.stderr)
+        return 1
+    except StoreChangedError as e:
+        print(f"{prefix} gradient store changed while reading: {_one_line(e)}", file=sys.stderr)
         return 1
     except StoreFormatError as e:
         print(f"{prefix} malformed gradient store: {_one_line(e)}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Cross-framework: the same MLP weights in PyTorch and JAX give the same TracIn influence and top-k.
 
 The PyTorch side is an independent torch.func reference (functional_call + vmap(grad)) computed here;
-scores from tracin.jax gradients must be within the scale-aware bound of DESIGN.md of the float64
+scores from tracin.jax gradients must be within the scale-aware bound of docs/architecture.md of the float64
 influence of the torch gradients."""
 
 from __future__ import annotations

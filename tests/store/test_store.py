@@ -1,5 +1,6 @@
 """GradientStore as a gradient set: scoring equals in memory, partial use, shards, readers, describe."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -150,7 +151,7 @@ def test_two_readers_at_once(tmp_path):
         for _ in range(20):
             np.save({str(tmp_path / 'other.npy')!r}, tracin.self_influence(s))
     """)
-    other = subprocess.Popen([sys.executable, "-c", script], env={"PYTHONPATH": ":".join(sys.path)})
+    other = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     here = tracin.GradientStore.open(store.path, chunk_bytes=3 * store.row_bytes)
     while other.poll() is None:
         np.testing.assert_array_equal(tracin.self_influence(here), expected)
