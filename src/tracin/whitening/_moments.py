@@ -2,10 +2,12 @@
 
 Full gradients: per checkpoint R_c = G_c^T G_c / n (d_c, d_c). Factored gradients: per checkpoint
 the Kronecker factors B_c = E[left left^T] (p_c, p_c) and A_c = E[right right^T] (q_c, q_c).
-Each block of at most BLOCK_ROWS rows is multiplied in float32 (BLAS, G^T G as a symmetric rank-k
-update, multithreaded) and its partial sum added into a float64 accumulator, so the rounding of a
-float32 partial stays within about BLOCK_ROWS * 2^-24 * sum_i |g_ia g_ib| per entry (typically
-sqrt(BLOCK_ROWS) times less) and does not grow with the number of blocks.
+Each block of at most BLOCK_ROWS rows is multiplied by BLAS (G^T G as a symmetric rank-k update,
+multithreaded) and its partial sum added into a float64 accumulator. precision="float32" multiplies
+in float32, as fast as NumPy's own float32 G.T @ G: the rounding of a partial stays within about
+BLOCK_ROWS * 2^-24 * sum_i |g_ia g_ib| per entry (typically sqrt(BLOCK_ROWS) times less) and does
+not grow with the number of blocks. precision="float64" multiplies in float64 (exact products of
+the float32 values, float64 sums) at about half the speed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..store._convert import bfloat16_bits_to_float32
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
 RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
+PRECISIONS = {"float32": np.float32, "float64": np.float64}  # the dtype of the block products
 
 
 def default_max_bytes() -> int:
@@ -56,15 +59,15 @@ def row_ranges(s: GradientSet) -> list[tuple[int, int]]:
     return [(a, min(a + step, s.n_rows)) for a in range(0, s.n_rows, step)]
 
 
-def second_moments(s: GradientSet, bar: Any) -> list[np.ndarray]:
-    """float64 (k, k) matrices E[x x^T] over the rows of `s`, one per kernel block (see module
-    docstring); `bar` advances by the rows done."""
+def second_moments(s: GradientSet, bar: Any, precision: str) -> list[np.ndarray]:
+    """float64 (k, k) matrices E[x x^T] over the rows of `s`, one per kernel block, from block
+    products in `precision` (see module docstring); `bar` advances by the rows done."""
     sides = matrix_sides(s)
     acc = [np.zeros((k, k)) for k in sides]
     for start, stop in row_ranges(s):
         side = s.kernel_side(start, stop)
         for total, block, code in zip(acc, side.blocks, side.dtypes, strict=True):
-            x = as_float32(block, code)
+            x = as_float32(block, code).astype(PRECISIONS[precision], copy=False)
             total += x.T @ x  # NumPy computes a.T @ a as a symmetric rank-k update (half the work)
         del side
         bar.update(stop - start)
@@ -79,6 +82,14 @@ def as_float32(block: np.ndarray, code: int) -> np.ndarray:
     if code == DTYPE_CODES["bfloat16"]:
         return bfloat16_bits_to_float32(np.asarray(block))
     return np.ascontiguousarray(block, dtype=np.float32)
+
+
+def check_precision(precision: Any) -> str:
+    """`precision` if it names a block product dtype (TypeError / ValueError naming the argument)."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise (ValueError if isinstance(precision, str) else TypeError)(
+            f"precision must be 'float32' or 'float64' (the block products' dtype), got {precision!r}")
+    return precision
 
 
 def fit_bar(total: int, progress: bool | None) -> Any:

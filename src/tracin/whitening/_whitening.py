@@ -15,7 +15,16 @@ import numpy as np
 
 from ..gradients import FactoredGradients, Gradients, GradientSet
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
-from ._moments import as_float32, check_budget, default_max_bytes, fit_bar, matrix_sides, row_ranges, second_moments
+from ._moments import (
+    as_float32,
+    check_budget,
+    check_precision,
+    default_max_bytes,
+    fit_bar,
+    matrix_sides,
+    row_ranges,
+    second_moments,
+)
 from ._threads import blas_threads
 
 _SPACE_KEYS = ("mode", "projection", "framework", "params")  # metadata naming the gradient space
@@ -27,7 +36,8 @@ class WhiteningSpec:
     """What a Whitening was fitted with; recorded as metadata["whitening"] of the sets it whitens.
 
     kind: "full" (exact (R + lambda I)^-1) or "kfac" (Kronecker-factored, for factored gradients).
-    damping: lambda as a multiple of the mean eigenvalue trace(R) / d. lambdas: per checkpoint lambda
+    damping: lambda as a multiple of the mean eigenvalue trace(R) / d. precision: dtype of the block
+    products R was summed from (see Whitening.fit). lambdas: per checkpoint lambda
     (full) or [lambda_B, lambda_A] (kfac). dims: per checkpoint d_c or [p_c, q_c]. n_rows / mix_rows:
     rows fitted on (train, mix set); mix_weight: the mix set's share of R. fingerprint: sha256 (16 hex
     digits) of the float64 second moments before damping. fitted_on: the train store's id (None in
@@ -36,6 +46,7 @@ class WhiteningSpec:
 
     kind: str
     damping: float
+    precision: str
     lambdas: list
     dims: list
     n_rows: int
@@ -73,7 +84,7 @@ class Whitening:
     # -- fitting --------------------------------------------------------------------------------
     @classmethod
     def fit(cls, train: Any, *, damping: float = 1.0, mix: Any = None, mix_weight: float = 0.5,
-            max_bytes: int | None = None, progress: bool | None = None,
+            precision: str = "float32", max_bytes: int | None = None, progress: bool | None = None,
             num_threads: int | None = None) -> Whitening:
         """Fits the whitening to the train gradients (Gradients, FactoredGradients, a GradientStore or
         arrays) in one streaming pass over their rows, never loading a store whole.
@@ -87,17 +98,21 @@ class Whitening:
         progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
         num_threads: BLAS threads (None: BLAS's default; a number needs threadpoolctl).
 
-        R is accumulated in float64 from float32 products of up to 4096 rows each (BLAS syrk), so each
-        entry is within about 4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically
-        64 times less).
+        precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
+            rows each (BLAS syrk, as fast as NumPy's float32 G.T @ G), each entry within about
+            4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically 64 times less), which
+            (R + lambda I)^-1 amplifies by up to its condition number (at most 1 + d / damping);
+            "float64" multiplies in float64 (exact to float64 rounding) at about half the speed:
+            for small damping.
         """
         from ..scoring import as_gradient_set
 
         damping = check_damping(damping)
+        precision = check_precision(precision)
         train = as_gradient_set(train, "train")
         sets = [("train", train)]
         if mix is not None:
-            mix = _matching(as_gradient_set(mix, "mix"), train, "mix")
+            mix = _matching(as_gradient_set(mix, "mix"), train, "mix", "train")
             sets.append(("mix", mix))
         mix_weight = _check_mix_weight(mix_weight)
         for name, s in sets:
@@ -110,7 +125,7 @@ class Whitening:
         bar = fit_bar(sum(s.n_rows for _, s in sets), progress)
         try:
             with blas_threads(num_threads):
-                moments = [second_moments(s, bar) for _, s in sets]
+                moments = [second_moments(s, bar, precision) for _, s in sets]
                 blended = moments[0] if mix is None else [
                     (1.0 - mix_weight) * r + mix_weight * e for r, e in zip(*moments, strict=True)]
                 del moments
@@ -119,7 +134,7 @@ class Whitening:
         finally:
             bar.close()
         spec = WhiteningSpec(
-            kind="kfac" if train.factored else "full", damping=damping, lambdas=lambdas,
+            kind="kfac" if train.factored else "full", damping=damping, precision=precision, lambdas=lambdas,
             dims=[list(d) if train.factored else int(d) for d in train.dims], n_rows=train.n_rows,
             mix_rows=0 if mix is None else mix.n_rows, mix_weight=mix_weight if mix is not None else 0.0,
             fingerprint=fingerprint, fitted_on=getattr(train, "store_id", None),
@@ -228,18 +243,19 @@ class Whitening:
                 f"fingerprint={s.fingerprint!r})")
 
 
-def _matching(s: GradientSet, fitted: Any, name: str) -> GradientSet:
-    """`s` if it has the fitted set's kind, checkpoints, dims and gradient space; ValueError otherwise."""
+def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
+    """`s` if it has the kind, checkpoints, dims and gradient space of `fitted` (named `against` in
+    messages); ValueError otherwise."""
     from ..scoring import _check_same_gradient_space
 
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
-        raise ValueError(f"{name} gradients are {kinds[s.factored]} but the whitening is for "
+        raise ValueError(f"{name} gradients are {kinds[s.factored]} but {against} is for "
                          f"{kinds[fitted.factored]} gradients")
     if s.n_checkpoints != fitted.n_checkpoints:
-        raise ValueError(f"{name} has {s.n_checkpoints} checkpoints but the whitening has {fitted.n_checkpoints}")
+        raise ValueError(f"{name} has {s.n_checkpoints} checkpoints but {against} has {fitted.n_checkpoints}")
     if tuple(s.dims) != tuple(fitted.dims):
-        raise ValueError(f"{name} dims {list(s.dims)} differ from the whitening's dims {list(fitted.dims)}")
+        raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}")
     _check_same_gradient_space(s, fitted)
     return s
 

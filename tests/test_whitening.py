@@ -1,0 +1,263 @@
+"""tracin.whitening.Whitening against a float64 NumPy reference: (R + lambda I)^-1 solved in float64
+from the same data, in memory and from stores read in small chunks, full and Kronecker-factored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import assert_close_to_exact, factored_to_full, to_float64
+from store.helpers import NUMPY_DTYPES, write_store
+from tracin.whitening import Whitening, _moments
+
+WEIGHTS = [0.5, 2.0]
+
+
+def anisotropic(rng: np.random.Generator, n: int, d: int, dtype=np.float32) -> np.ndarray:
+    """(n, d) rows with correlated columns of scales over three decades, so whitening matters."""
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    return ((rng.standard_normal((n, d)) * np.logspace(0, -3, d)) @ (np.eye(d) + mix)).astype(dtype)
+
+
+def reference_inverse(g: np.ndarray, damping: float, mix: np.ndarray | None = None, mix_weight: float = 0.0):
+    """float64 (R + lambda I)^-1 with R = G^T G / n (blended with the mix set's), lambda = damping * tr(R) / d."""
+    g = to_float64(g)
+    r = g.T @ g / len(g)
+    if mix is not None:
+        e = to_float64(mix)
+        r = (1 - mix_weight) * r + mix_weight * e.T @ e / len(e)
+    lam = damping * np.trace(r) / len(r)
+    return np.linalg.solve(r + lam * np.eye(len(r)), np.eye(len(r))), lam
+
+
+def assert_rows_close(ours: np.ndarray, exact: np.ndarray, rtol: float = 1e-5) -> None:
+    """Each row of ours within rtol * |exact row| (Euclidean) of the float64 row."""
+    err = np.linalg.norm(to_float64(ours) - exact, axis=1)
+    bound = rtol * np.linalg.norm(exact, axis=1)
+    assert np.all(err <= bound), f"worst row error {np.max(err - bound) + bound[np.argmax(err - bound)]}"
+
+
+@pytest.fixture
+def full(rng):
+    train = [anisotropic(rng, 700, 24), anisotropic(rng, 700, 9)]
+    test = [anisotropic(rng, 11, 24), anisotropic(rng, 11, 9)]
+    return train, test
+
+
+@pytest.mark.parametrize(("damping", "precision"), [(1.0, "float32"), (0.01, "float64")])
+def test_full_in_memory_matches_float64_solve(full, damping, precision):
+    """Within 1e-5: at the default damping from float32 block products, at small damping (condition
+    numbers up to 1 + d / damping amplify R's rounding) from float64 ones."""
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train, WEIGHTS), damping=damping, precision=precision)
+    assert w.spec.precision == precision
+    white = w.apply(tracin.Gradients(test, WEIGHTS))
+    refs = [reference_inverse(g, damping) for g in train]
+    exact = [to_float64(t) @ inv for t, (inv, _) in zip(test, refs, strict=True)]
+    for ours, ex in zip(white.matrices, exact, strict=True):
+        assert ours.dtype == np.float32
+        assert_rows_close(ours, ex)
+    np.testing.assert_allclose(w.spec.lambdas, [lam for _, lam in refs], rtol=1e-6)
+    assert_close_to_exact(tracin.scores(white, tracin.Gradients(train, WEIGHTS)), exact, train, WEIGHTS)
+    plain = tracin.scores(tracin.Gradients(test, WEIGHTS), tracin.Gradients(train, WEIGHTS))
+    assert not np.allclose(plain, tracin.scores(white, tracin.Gradients(train, WEIGHTS)), rtol=0.1)
+
+
+def test_partials_over_many_blocks(full, monkeypatch):
+    """R summed from float32 partials of a few rows each into float64 equals the float64 R."""
+    train, test = full
+    monkeypatch.setattr(_moments, "BLOCK_ROWS", 13)
+    white = Whitening.fit(tracin.Gradients(train)).apply(tracin.Gradients(test))
+    for ours, t, g in zip(white.matrices, test, train, strict=True):
+        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, 1.0)[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_from_store_streams_small_chunks(tmp_path, full, dtype, monkeypatch):
+    train, test = full
+    cast = [g.astype(NUMPY_DTYPES[dtype]) for g in train]
+    write_store(tmp_path / "s", cast, WEIGHTS, dtype=dtype, step=37)
+    store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=4000)
+    reads = []
+    original = store.kernel_side
+
+    def spy(start=0, stop=None):
+        reads.append(stop - start)
+        return original(start, stop)
+
+    monkeypatch.setattr(store, "kernel_side", spy)
+    w = Whitening.fit(store)
+    assert len(reads) > 10 and max(reads) <= store.row_chunks() < len(store)
+    assert w.spec.fitted_on == store.store_id and w.spec.n_rows == 700
+    white = w.apply(tracin.Gradients(test, WEIGHTS))
+    exact = [to_float64(t) @ reference_inverse(g, 1.0)[0] for t, g in zip(test, cast, strict=True)]
+    for ours, ex in zip(white.matrices, exact, strict=True):
+        assert_rows_close(ours, ex)
+    assert_close_to_exact(tracin.scores(white, store), exact, cast, WEIGHTS)
+
+    reads.clear()
+    exact_self = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 1.0)[0], to_float64(g))
+                     for wc, g in zip(WEIGHTS, cast, strict=True))
+    np.testing.assert_allclose(w.self_influence(store), exact_self, rtol=1e-5)
+    assert len(reads) > 10
+
+
+def test_self_influence_two_sided(full):
+    train, _ = full
+    sets = tracin.Gradients(train, WEIGHTS)
+    ours = Whitening.fit(sets, damping=0.1).self_influence(sets)
+    exact = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
+                for wc, g in zip(WEIGHTS, train, strict=True))
+    assert ours.dtype == np.float32 and ours.shape == (700,)
+    np.testing.assert_allclose(ours, exact, rtol=1e-5)
+
+
+def test_mix_blends_train_and_evaluation_moments(rng, full):
+    train, test = full
+    evaluation = [anisotropic(rng, 50, 24), anisotropic(rng, 50, 9)]
+    w = Whitening.fit(tracin.Gradients(train), mix=tracin.Gradients(evaluation), mix_weight=0.3)
+    assert w.spec.mix_rows == 50 and w.spec.mix_weight == 0.3
+    for ours, t, g, e in zip(w.apply(tracin.Gradients(test)).matrices, test, train, evaluation, strict=True):
+        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, 1.0, e, 0.3)[0])
+
+
+def kron_reference(left, right, damping):
+    """Per checkpoint the float64 explicit ((B + l_B I) (x) (A + l_A I))^-1, pi-damped as documented."""
+    out = []
+    for lf, rt in zip(left, right, strict=True):
+        factors = []
+        for x in (to_float64(lf), to_float64(rt)):
+            m = x.T @ x / len(x)
+            factors.append(m + np.sqrt(damping) * np.trace(m) / len(m) * np.eye(len(m)))
+        out.append(np.linalg.inv(np.kron(*factors)))
+    return out
+
+
+def test_factored_matches_explicit_kronecker_formula(rng):
+    left = [anisotropic(rng, 400, 5), anisotropic(rng, 400, 3)]
+    right = [anisotropic(rng, 400, 7), anisotropic(rng, 400, 4)]
+    t_left = [anisotropic(rng, 6, 5), anisotropic(rng, 6, 3)]
+    t_right = [anisotropic(rng, 6, 7), anisotropic(rng, 6, 4)]
+    train = tracin.FactoredGradients(left, right, WEIGHTS)
+    damping = 0.5
+    w = Whitening.fit(train, damping=damping)
+    white = w.apply(tracin.FactoredGradients(t_left, t_right, WEIGHTS))
+    assert white.factored and white.dims == train.dims
+    inverses = kron_reference(left, right, damping)
+    full_test, full_train = factored_to_full(t_left, t_right), factored_to_full(left, right)
+    exact = [t @ inv for t, inv in zip(full_test, inverses, strict=True)]
+    ours_full = factored_to_full(white.left, white.right)
+    for ours, ex in zip(ours_full, exact, strict=True):
+        assert_rows_close(ours, ex)
+    assert_close_to_exact(tracin.scores(white, train), exact, full_train, WEIGHTS)
+    exact_self = sum(wc * np.einsum("ij,ij->i", g @ inv, g)
+                     for wc, g, inv in zip(WEIGHTS, full_train, inverses, strict=True))
+    np.testing.assert_allclose(w.self_influence(train), exact_self, rtol=1e-5)
+
+
+def test_factored_from_store(tmp_path, rng):
+    blocks = [(anisotropic(rng, 300, 4), anisotropic(rng, 300, 6))]
+    write_store(tmp_path / "f", blocks, factored=True, step=23)
+    store = tracin.GradientStore.open(tmp_path / "f", chunk_bytes=200)
+    t_left, t_right = anisotropic(rng, 5, 4), anisotropic(rng, 5, 6)
+    white = Whitening.fit(store).apply(tracin.FactoredGradients(t_left, t_right))
+    (inv,) = kron_reference([blocks[0][0]], [blocks[0][1]], 1.0)
+    (exact,) = factored_to_full([t_left], [t_right])
+    (ours,) = factored_to_full(white.left, white.right)
+    assert_rows_close(ours, exact @ inv)
+
+
+def test_metadata_records_spec_and_refuses_double_whitening(full):
+    train, test = full
+    g = tracin.Gradients(train, metadata={"mode": "full", "projection": None})
+    w = Whitening.fit(g, damping=0.25)
+    white = w.apply(tracin.Gradients(test, metadata={"mode": "full", "projection": None}))
+    spec = white.metadata["whitening"]
+    assert white.metadata["mode"] == "full"
+    assert spec["kind"] == "full" and spec["damping"] == 0.25 and spec["fingerprint"] == w.spec.fingerprint
+    assert json.loads(json.dumps(spec)) == spec
+    with pytest.raises(ValueError, match="test is already whitened"):
+        w.apply(white)
+    with pytest.raises(ValueError, match="train is already whitened"):
+        Whitening.fit(white)
+    with pytest.raises(ValueError, match="mode"):
+        w.apply(tracin.Gradients(test, metadata={"mode": "last_layer"}))
+
+
+def test_refuses_sets_of_another_shape(full, rng):
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train))
+    with pytest.raises(ValueError, match=r"test dims \[24, 8\] differ"):
+        w.apply(tracin.Gradients([test[0], test[1][:, :8]]))
+    with pytest.raises(ValueError, match="test has 1 checkpoints but the whitening has 2"):
+        w.apply(tracin.Gradients([test[0]]))
+    with pytest.raises(ValueError, match="test gradients are factored but the whitening is for full"):
+        w.apply(tracin.FactoredGradients([test[0]], [test[1]]))
+    with pytest.raises(ValueError, match=r"mix dims \[24, 5\] differ from train's dims \[24, 9\]"):
+        Whitening.fit(tracin.Gradients(train), mix=tracin.Gradients([train[0], train[1][:, :5]]))
+
+
+def test_refuses_what_would_not_fit_in_memory():
+    wide = tracin.Gradients(np.zeros((1, 300_000), dtype=np.float32))  # 720 GB of float64 d x d
+    with pytest.raises(ValueError, match=r"d x d matrix per checkpoint.*above max_bytes=.*tracin\.Projection"):
+        Whitening.fit(wide)
+    with pytest.raises(ValueError, match=r"dims \[24, 9\] need .* above max_bytes=10000 "):
+        Whitening.fit(tracin.Gradients([np.ones((3, 24), np.float32), np.ones((3, 9), np.float32)]),
+                      max_bytes=10_000)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
+def test_bad_damping_values(full, bad):
+    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+        Whitening.fit(tracin.Gradients(full[0]), damping=bad)
+
+
+@pytest.mark.parametrize("bad", ["1", None, True, [1.0]])
+def test_bad_damping_types(full, bad):
+    with pytest.raises(TypeError, match="damping must be a positive number"):
+        Whitening.fit(tracin.Gradients(full[0]), damping=bad)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mix_weight": 1.5}, "mix_weight must be a number in"),
+    ({"max_bytes": 0}, "max_bytes must be a positive integer"),
+    ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
+    ({"num_threads": 0}, "num_threads must be a positive integer"),
+    ({"progress": "yes"}, "progress must be True, False or None"),
+])
+def test_bad_arguments(full, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        Whitening.fit(tracin.Gradients(full[0]), **kwargs)
+
+
+def test_refuses_all_zero_or_empty_gradients():
+    with pytest.raises(ValueError, match="checkpoint 0: .* mean eigenvalue 0.0"):
+        Whitening.fit(tracin.Gradients(np.zeros((5, 3), dtype=np.float32)))
+    with pytest.raises(ValueError, match="train has no rows"):
+        Whitening.fit(tracin.Gradients(np.zeros((0, 3), dtype=np.float32)))
+
+
+def test_num_threads_and_progress_give_the_same_result(full):
+    pytest.importorskip("threadpoolctl")
+    train, test = full
+    a = Whitening.fit(tracin.Gradients(train)).apply(tracin.Gradients(test))
+    b = Whitening.fit(tracin.Gradients(train), num_threads=1, progress=True).apply(tracin.Gradients(test),
+                                                                                    num_threads=1)
+    for x, y in zip(a.matrices, b.matrices, strict=True):
+        assert_rows_close(x, to_float64(y), rtol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path, full):
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3)
+    w.save(tmp_path / "w.npz")
+    back = Whitening.load(tmp_path / "w.npz")
+    assert back.to_dict() == w.to_dict()
+    for x, y in zip(w.apply(tracin.Gradients(test)).matrices, back.apply(tracin.Gradients(test)).matrices, strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.savez(tmp_path / "other.npz", spec=np.array("{}"))
+    with pytest.raises(ValueError, match="is not a saved tracin.Whitening"):
+        Whitening.load(tmp_path / "other.npz")
