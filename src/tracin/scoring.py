@@ -10,7 +10,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import backends
 from ._progress import progress_bar
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import BAR_STEPS as _BAR_STEPS

@@ -114,8 +114,8 @@ def test_half_precision_rows_widen_exactly(rng, small_tiles, dtype):
 
 
 def test_factored_sets(rng, small_tiles):
-    left_t, right_t = [rng.standard_normal((7, 3)).astype(np.float32)], [rng.standard_normal((7, 6)).astype(np.float32)]
-    left_x, right_x = [rng.standard_normal((60, 3)).astype(np.float32)], [rng.standard_normal((60, 6)).astype(np.float32)]
+    left_t, right_t = [rng.standard_normal((7, 3), dtype=np.float32)], [rng.standard_normal((7, 6), dtype=np.float32)]
+    left_x, right_x = [rng.standard_normal((60, 3), dtype=np.float32)], [rng.standard_normal((60, 6), dtype=np.float32)]
     t = tracin.FactoredGradients(left_t, right_t, [2.0])
     x = tracin.FactoredGradients(left_x, right_x, [2.0])
     full_t, full_x = factored_to_full(left_t, right_t), factored_to_full(left_x, right_x)
@@ -160,7 +160,7 @@ def test_non_finite_train_rows_name_the_checkpoint_and_rows(rng, small_tiles):
     test = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 3)).astype(np.float32)]
     for call in (lambda: tracin.top_k(test, train, k=5, device="torch:cpu"),
                  lambda: tracin.self_influence(train, device="torch:cpu")):
-        with pytest.raises(ValueError, match=r"train checkpoint 1 contains NaN or Inf values, first in rows \[31, 44\]"):
+        with pytest.raises(ValueError, match=r"train checkpoint 1 contains NaN or Inf values, first in rows \[31, 44"):
             call()
 
 

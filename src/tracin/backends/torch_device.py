@@ -145,7 +145,7 @@ class _Call:
         self.test = [] if test is None else rows.whole(test, device)
         self.m = 0 if test is None else test.blocks[0].shape[0]
         for t in self.test:
-            self.bad_input |= ~torch.isfinite(t).all()
+            self.bad_input |= _not_finite(t)
 
     def test_blocks(self) -> list[tuple[int, int]]:
         """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
@@ -156,7 +156,7 @@ class _Call:
         """(first row, end row, float32 blocks) of each train tile, checked for NaN / Inf."""
         for i0, i1, x in rows.tiles(self.train, self.device, self.tile_rows):
             for b in x:
-                self.bad_input |= ~torch.isfinite(b).all()
+                self.bad_input |= _not_finite(b)
             yield i0, i1, x
 
     def products(self, weights: Sequence[float]) -> Iterator[tuple[slice, slice, torch.Tensor]]:
@@ -165,8 +165,17 @@ class _Call:
         for i0, i1, x in self.train_tiles():
             for t0, t1 in blocks:
                 s = _product([t[t0:t1] for t in self.test], x, weights, self.factored)
-                self.bad_score |= ~torch.isfinite(s).all()
+                self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
+
+
+def _not_finite(x: torch.Tensor) -> torch.Tensor:
+    """bool scalar on x's device: whether x holds NaN or Inf (one reading pass: its min and max,
+    which are NaN or infinite exactly when some value is)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=x.device)
+    low, high = torch.aminmax(x)
+    return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _product(test: list[torch.Tensor], train: list[torch.Tensor], weights: Sequence[float],

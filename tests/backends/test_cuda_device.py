@@ -1,0 +1,111 @@
+"""Scoring on a CUDA device: rows on the GPU used in place, host rows and stores streamed to it,
+TF32 off unless asked, against the C++ kernel and float64 NumPy.
+
+These run only where torch sees a CUDA device (`.ci/gpu-check` runs them on such a machine); the
+same code path runs on the CPU in tests/backends/test_torch_device.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import exact_scores, factored_to_full, score_bound
+from tracin import _tunables
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def on_gpu(rows: list[np.ndarray], dtype=torch.float32) -> list:
+    return [torch.from_numpy(r).to("cuda", dtype) for r in rows]
+
+
+def stable_top_k(exact: np.ndarray, k: int, sign: int) -> np.ndarray:
+    return np.argsort(sign * exact, axis=1, kind="stable")[:, :k]
+
+
+def test_gpu_rows_are_scored_on_their_device_within_the_bound(rng):
+    w = [0.5, -0.25]
+    test = [rng.standard_normal((40, 300)).astype(np.float32), rng.standard_normal((40, 70)).astype(np.float32)]
+    train = [rng.standard_normal((5000, 300)).astype(np.float32), rng.standard_normal((5000, 70)).astype(np.float32)]
+    t, x = tracin.Gradients(on_gpu(test), w), tracin.Gradients(on_gpu(train), w)
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    assert np.all(np.abs(tracin.scores(t, x) - exact) <= bound)  # device=None: the rows' GPU
+    assert np.all(np.abs(tracin.aggregate(t, x) - exact.sum(0)) <= bound.sum(0))
+    own = sum(c * (b.astype(np.float64) ** 2).sum(1) for c, b in zip(w, train, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(x), own, rtol=1e-5)
+    both = tracin.top_k(t, x, k=3000, side="both")  # k beyond faiss-gpu's 2048
+    kernel = tracin.top_k(tracin.Gradients(test, w), tracin.Gradients(train, w), k=3000, side="both")
+    for got, want in zip(both, kernel, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+
+
+def test_ties_go_to_the_smaller_index_on_the_gpu(rng, monkeypatch):
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 4096)  # many tiles: ties across tiles too
+    test = np.round(rng.standard_normal((17, 4))).astype(np.float32)
+    train = np.round(rng.standard_normal((3000, 4))).astype(np.float32)
+    exact = exact_scores([test], [train], [1.0])
+    for rows in (on_gpu([train])[0], train):  # on the device, and streamed from the host
+        both = tracin.top_k(on_gpu([test])[0], rows, k=700, side="both", device="cuda")
+        np.testing.assert_array_equal(both.proponents.indices, stable_top_k(exact, 700, -1))
+        np.testing.assert_array_equal(both.opponents.indices, stable_top_k(exact, 700, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_store_streams_to_the_gpu(rng, tmp_path, monkeypatch, dtype):
+    """Pinned double buffers on a side stream, many tiles per store chunk, many chunks."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 64 * 1024)
+    w = [0.1, 0.02]
+    train = [rng.standard_normal((40_000, 96)).astype(np.float32), rng.standard_normal((40_000, 32)).astype(np.float32)]
+    writer = tracin.GradientStore.create(tmp_path / "s", 40_000, [96, 32], w, dtype)
+    for c, block in enumerate(train):
+        writer.write(c, 0, block)
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=3 * 2**20)
+    test = tracin.Gradients([rng.standard_normal((30, d)).astype(np.float32) for d in (96, 32)], w)
+    gpu = tracin.top_k(test, store, k=25, side="both", device="cuda")
+    cpu = tracin.top_k(test, store, k=25, side="both", device="cpu")
+    for got, want in zip(gpu, cpu, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(tracin.self_influence(store, device="cuda"), tracin.self_influence(store), rtol=1e-5)
+
+
+def test_factored_sets_on_the_gpu(rng):
+    left_t, right_t = [rng.standard_normal((9, 10), dtype=np.float32)], [rng.standard_normal((9, 65), dtype=np.float32)]
+    left_x = [rng.standard_normal((800, 10), dtype=np.float32)]
+    right_x = [rng.standard_normal((800, 65), dtype=np.float32)]
+    t = tracin.FactoredGradients(on_gpu(left_t), on_gpu(right_t), [0.3])
+    x = tracin.FactoredGradients(on_gpu(left_x), on_gpu(right_x), [0.3])
+    full_t, full_x = factored_to_full(left_t, right_t), factored_to_full(left_x, right_x)
+    exact, bound = exact_scores(full_t, full_x, [0.3]), score_bound(full_t, full_x, [0.3])
+    assert np.all(np.abs(tracin.scores(t, x) - exact) <= bound)
+    assert np.all(np.abs(tracin.aggregate(t, x) - exact.sum(0)) <= bound.sum(0))
+
+
+def test_tf32_only_when_asked_and_the_global_setting_is_restored(rng):
+    test, train = rng.standard_normal((64, 4096), dtype=np.float32), rng.standard_normal((512, 4096), dtype=np.float32)
+    exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
+    t, x = on_gpu([test])[0], on_gpu([train])[0]
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # the user allows TF32 globally: scoring still refuses it
+    try:
+        plain = tracin.scores(t, x)
+        assert torch.get_float32_matmul_precision() == "high"
+        fast = tracin.scores(t, x, precision="tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert np.all(np.abs(plain - exact) <= bound)
+    assert np.all(np.abs(fast - exact) <= 200 * bound)  # TF32: up to about 1e-3 of the scale
+    assert not np.array_equal(plain, fast)
+
+
+def test_device_mismatches_and_bad_rows_are_value_errors(rng):
+    rows = torch.randn(6, 5, device="cuda")
+    with pytest.raises(ValueError, match=r"device='cpu' but test is on cuda:0; pass device='cuda:0'"):
+        tracin.top_k(rows, rows.cpu().numpy(), device="cpu")
+    rows[4, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"train checkpoint 0 contains NaN or Inf values, first in rows \[4\]"):
+        tracin.top_k(torch.randn(2, 5, device="cuda"), rows)
