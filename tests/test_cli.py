@@ -320,3 +320,13 @@ def test_automatic_bar_appears_only_after_the_delay(capsys, monkeypatch):
     bar.update(10)
     bar.close()
     assert "slow work" in capsys.readouterr().err
+
+
+def test_bar_of_whole_units_without_unit_scale(capsys):
+    for scaled in (True, False):
+        bar = _progress.progress_bar(6, True, "shards", unit="shard", unit_scale=scaled)
+        bar.update(6)
+        bar.close()
+    err = capsys.readouterr().err
+    assert "6.00/6.00" in err  # scaled counts get decimals ...
+    assert re.search(r"\| 6/6 \[", err)  # ... whole units do not

@@ -14,7 +14,7 @@ AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar app
 
 
 def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "ex", *,
-                 passes: int = 1, pass_name: str = "checkpoint") -> Any:
+                 passes: int = 1, pass_name: str = "checkpoint", unit_scale: bool = True) -> Any:
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
     and close().
 
@@ -22,7 +22,9 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
     if tqdm is installed. passes > 1: the work goes `passes` times over `total` units (e.g. the
     examples, once per checkpoint); update() counts over all passes as before, and the bar shows
     the current pass ("desc checkpoint 2/3") and its units, so that it counts examples, not
-    examples x passes (with total None, one plain bar). tqdm is needed only when enabled is True.
+    examples x passes (with total None, one plain bar). unit_scale: counts shown with SI prefixes
+    ("1.2k ex"); False for small counts of whole units ("6/6 shard", not "6.00/6.00 shard").
+    tqdm is needed only when enabled is True.
     """
     if enabled is None:
         enabled = importlib.util.find_spec("tqdm") is not None
@@ -34,8 +36,8 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
     from tqdm.auto import tqdm
 
     plain = passes == 1 or total is None  # one pass, or passes of unknown length
-    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc if plain else _pass_desc(desc, pass_name, 0, passes),
-               dynamic_ncols=True, delay=delay)
+    bar = tqdm(total=total, unit=unit, unit_scale=unit_scale, dynamic_ncols=True, delay=delay,
+               desc=desc if plain else _pass_desc(desc, pass_name, 0, passes))
     return bar if plain else _Passes(bar, total, passes, desc, pass_name)
 
 

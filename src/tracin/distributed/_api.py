@@ -12,7 +12,8 @@ from distributed import Future
 
 from .._validate import positive_int
 from ..gradients import GradientSet
-from ..scoring import _AUTO_PROGRESS_MACS, _SIDES, BothSides, TopK, _pair, _width, as_gradient_set
+from .._tunables import AUTO_PROGRESS_MACS
+from ..scoring import _SIDES, BothSides, TopK, _pair, _width, as_gradient_set
 from ..store import GradientStore
 from . import _tasks
 from ._cluster import client_for, slots_by_host
@@ -118,7 +119,7 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
     if progress is None:
-        progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+        progress = macs >= AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
     return shards, num_threads, progress
 
 

@@ -48,7 +48,8 @@ class Job:
         """Waits for the shard tasks (a bar over them if `progress`), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
         its workers as a RuntimeError naming its shard. Cancels what is left either way."""
-        bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard")
+        bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard",
+                           unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
                 if done.status == "error":

@@ -35,10 +35,8 @@ class StoreRows:
     def of(cls, store: GradientStore) -> StoreRows:
         """The rows a store view covers (a whole store, a shard or a slice)."""
         start = store.shard_offset()
-        # Private state read here until GradientStore exposes it: how the view was opened, and
-        # which store it is.
-        return cls(str(store.path), start, start + store.n_rows, store._allow_partial, store._chunk_bytes,
-                   store._manifest.store_id)
+        return cls(str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes,
+                   store.store_id)
 
     def rows(self, a: int, b: int) -> StoreRows:
         """Rows [a, b) of this range (relative to its start)."""
@@ -49,9 +47,9 @@ class StoreRows:
         the file when one is missing or corrupt) and that it is the store opened on the client
         (StoreChangedError otherwise), and returns the view of these rows."""
         store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
-        if store._manifest.store_id != self.store_id:
+        if store.store_id != self.store_id:
             raise StoreChangedError(f"gradient store {self.path} here is not the one opened on the client (store id "
-                                    f"{self.store_id} there, {store._manifest.store_id} here): it was re-created "
+                                    f"{self.store_id} there, {store.store_id} here): it was re-created "
                                     "since, or this machine's copy differs; open it again")
         if store.n_rows < self.stop:
             raise ValueError(f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "

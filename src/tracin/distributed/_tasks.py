@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _core
+from .. import backends
 from ..gradients import GradientSet
 from ..scoring import TopK, _chunks, _pair, merge_top_k, self_influence, top_k
 from ._cluster import kernel_threads
@@ -46,13 +46,13 @@ def aggregate_part(test: Side, train: Side, num_threads: int | None, slots: dict
     the kernel's float64 sum over that chunk, so that adding the rows in order reproduces
     tracin.aggregate's float64 total bit for bit."""
     test_set, train_set, w = _pair(_opened(test), _opened(train))
-    threads = kernel_threads(num_threads, slots)
+    threads, cpu = kernel_threads(num_threads, slots), backends.get("cpu")
     test_chunks = _chunks(test_set)
     out = np.empty((len(test_chunks), train_set.n_rows), dtype=np.float64)
     for j, (t0, t1) in enumerate(test_chunks):
         t_side = test_set.kernel_side(t0, t1)
         for i0, i1 in _chunks(train_set):
-            out[j, i0:i1] = _core.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads)
+            out[j, i0:i1] = cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads)
     return out
 
 
