@@ -9,9 +9,9 @@ from pathlib import Path
 import dask
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 import tracin
-from distributed import Client, LocalCluster
 
 ALLOWED_FAILURES = 1  # a task may lose one worker and be rerun; the second death fails it
 

@@ -7,12 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 from distributed import Future
 
+from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
 from ..gradients import GradientSet
-from .._tunables import AUTO_PROGRESS_MACS
 from ..scoring import _SIDES, BothSides, TopK, _pair, _width, as_gradient_set
 from ..store import GradientStore
 from . import _tasks

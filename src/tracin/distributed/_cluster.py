@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from distributed.comm import get_address_host
-
 from distributed import Client, LocalCluster, default_client, get_worker
+from distributed.comm import get_address_host
 
 
 def usable_cores() -> int:
