@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -59,14 +59,17 @@ DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
 # `tracin demo`'s training: 150 epochs, batch 64, 128 hidden units, rate 0.1 (momentum 0.9) dropped 10x
 # after 60% of the epochs, 5 checkpoints; with its data ("digits_demo": pixels in [0, 1], 1400 train).
 DEMO = Training(150, 5, hidden=128, batch_size=64, learning_rate=0.1)
+# Detection settings that train on another setting's data (here: the demo with a checkpoint every 15 epochs).
+SAME_DATA = {"digits_demo_10ckpt": "digits_demo"}
 BATCH = {"digits": 64, "breast_cancer": 32, "wine": 32, "synthetic": 64}  # about 10+ steps per epoch
 
 FULL = Suite(
     datasets=DATASETS,
     seeds=(0, 1, 2),
-    detection={**{name: Training(150, 10, batch_size=BATCH[name]) for name in DATASETS}, "digits_demo": DEMO},
+    detection={**{name: Training(150, 10, batch_size=BATCH[name]) for name in DATASETS}, "digits_demo": DEMO,
+               "digits_demo_10ckpt": replace(DEMO, checkpoints=10)},
     lds={name: Training(40, 8, batch_size=BATCH[name]) for name in DATASETS},
-    detection_only=("digits_demo",),
+    detection_only=("digits_demo", "digits_demo_10ckpt"),
     lds_models=50,
     lds_test=100,
     projection_dims=(64, 256),
@@ -85,3 +88,8 @@ QUICK = Suite(
     quick=True,
     captum_rows=(24, 4),
 )
+
+
+def dataset_of(setting: str) -> str:
+    """The dataset (benchmarks.quality.data name) a detection setting trains on."""
+    return SAME_DATA.get(setting, setting)

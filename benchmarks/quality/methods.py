@@ -3,7 +3,14 @@
 A detector maps a DetectionCase to float64 (n,) suspicion scores (higher: inspect first). An
 attributor maps an AttributionCase to float64 (m, n) attributions of each training example to each
 test example (higher: training on it lowers that test loss). To add a method, write one function
-and decorate it with @detector("name") and/or @attributor("name").
+and decorate it with @detector("name") and/or @attributor("name"), for example
+
+    @attributor("tracin whitened")
+    def tracin_whitened(case: AttributionCase) -> np.ndarray:
+        ...  # case.run.checkpoints, case.x_train / case.x_test, or case.influence's shared terms
+
+A method that needs an optional package is registered with needs="module": when the module is
+missing or the method raises, the suite reports that instead of stopping.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def markdown(payload: dict) -> str:
     captum = payload["peers"]["captum"] or {}
     head = (f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
             f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split)"
-            + (f" and, for detection only, {', '.join(cfg['detection_only'])} (`tracin demo`'s data and training)"
+            + (" and, for detection only, `tracin demo`'s data and training: " + ", ".join(
+                f"{name} ({cfg['detection'][name]['checkpoints']} checkpoints)" for name in cfg["detection_only"])
                if cfg.get("detection_only") else "") + ". Detection: "
             f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}; best in bold. "
             f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import methods, metrics, peers
 from .cases import AttributionCase, DetectionCase
-from .config import Suite
+from .config import Suite, dataset_of
 from .data import Split, flip_labels, load
 from .influence import RunInfluence
 from .subsets import subset_models
@@ -34,9 +34,10 @@ def _call(name: str, fn: Callable, case) -> tuple[np.ndarray | None, str | None]
         return None, f"{type(e).__name__}: {e}"
 
 
-def detection(split: Split, suite: Suite, log: Callable[[str], None]) -> tuple[dict, DetectionCase]:
-    """Fraction of flipped labels found per method (mean over seeds and per seed); the seed-0 case."""
-    spec = suite.detection[split.name]
+def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], None]) -> tuple[dict, DetectionCase]:
+    """Fraction of flipped labels found per method (mean over seeds and per seed) with the training
+    of suite.detection[setting] on `split`; the first seed's case."""
+    spec = suite.detection[setting]
     per_method: dict[str, list] = {name: [] for name in methods.DETECTORS}
     errors: dict[str, str] = {}
     facts, first = [], None
@@ -61,7 +62,7 @@ def detection(split: Split, suite: Suite, log: Callable[[str], None]) -> tuple[d
             else:
                 per_method[name].append(metrics.found_fractions(scores, flipped, suite.inspect))
         found = {m: v[-1][suite.inspect.index(0.2)] for m, v in per_method.items() if v and 0.2 in suite.inspect}
-        log(f"  {split.name} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; found at "
+        log(f"  {setting} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; found at "
             "20% inspected: " + ", ".join(f"{m} {v:.3f}" for m, v in found.items()))
     n, n_flipped = len(split.y_train), facts[0]["flipped"]
     result = {
@@ -147,9 +148,9 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
     t_start = time.perf_counter()
     detect, lds_results, timings, captum = {}, {}, {}, None
     for name in (*suite.datasets, *suite.detection_only):
-        split = load(name)
+        split = load(dataset_of(name))
         t0 = time.perf_counter()
-        detect[name], case = detection(split, suite, log)
+        detect[name], case = detection(name, split, suite, log)
         timings[f"{name} detection"] = time.perf_counter() - t0
         if captum is None:
             n_train, n_test = suite.captum_rows
