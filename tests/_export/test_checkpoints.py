@@ -22,8 +22,17 @@ def test_learning_rates_must_be_finite(lr):
 
 def test_numpy_and_integer_rates_become_floats():
     parsed = parse_checkpoints([("a", np.float32(0.5)), ("b", 2), ("c", np.int64(-1))], "params")
-    assert parsed == [("a", 0.5), ("b", 2.0), ("c", -1.0)]
-    assert all(type(lr) is float for _, lr in parsed)
+    assert parsed == [("a", 0.5, None), ("b", 2.0, None), ("c", -1.0, None)]
+    assert all(type(entry.lr) is float for entry in parsed)
+
+
+def test_a_third_item_is_the_optimizer_state_wrapped_by_the_adapter():
+    parsed = parse_checkpoints([("a", 1.0, {"m": 1}), ("b", 2.0), ("c", 3.0, None)], "params",
+                               optimizer=lambda state, i: (i, state))
+    assert [entry.optimizer for entry in parsed] == [(0, {"m": 1}), None, None]
+    with pytest.raises(TypeError, match=r"checkpoints\[0\] must be a \(params, learning_rate\) pair or a "
+                                        r"\(params, learning_rate, optimizer_state\) triple, got a tuple of length 4"):
+        parse_checkpoints([("a", 1.0, {}, 0)], "params")
 
 
 def test_sources_are_checked_by_the_adapter_rule():

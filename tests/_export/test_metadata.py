@@ -22,7 +22,7 @@ def test_transforms_and_fingerprints_are_recorded():
     assert meta == {
         "framework": "torch", "mode": "factored",
         "params": [{"name": "fc.weight", "shape": [3, 4]}, {"name": "fc.bias", "shape": [3]}],
-        "layers": ["fc"], "dtype": "bfloat16", "projection": projection.to_dict(),
+        "layers": ["fc"], "dtype": "bfloat16", "projection": projection.to_dict(), "preconditioner": None,
         "normalisation": {"kind": "unit rows"},
         "fingerprints": {"data": "d", "checkpoints": ["c0", "c1"], "loss": "l"},
     }
@@ -32,6 +32,6 @@ def test_no_projection_is_recorded_as_none_and_last_layer_only_when_given():
     last = last_layer_entry("head", "head.weight", None)
     meta = export_metadata("jax", "last_layer", [], None, "float32", [], last_layer=last,
                            fingerprints={"data": None, "checkpoints": []})
-    assert meta["projection"] is None and meta["last_layer"]["bias"] is None and meta["last_layer"]["layer"] == "head"
+    assert meta["projection"] is None and meta["preconditioner"] is None and meta["last_layer"]["bias"] is None and meta["last_layer"]["layer"] == "head"
     assert "last_layer" not in export_metadata("jax", "full", [], None, "float32", [],
                                                fingerprints={"data": None, "checkpoints": []})

@@ -1,4 +1,5 @@
-"""Checkpoint lists: (source, learning_rate) pairs, validated the same way by every adapter."""
+"""Checkpoint lists: (source, learning_rate) pairs, or (source, learning_rate, optimizer_state)
+triples, validated the same way by every adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
+
+
+class Checkpoint(NamedTuple):
+    """One parsed checkpoint: its source (in memory or a path), learning rate, and the optimizer
+    state saved with it as the adapter wraps it (None when not given)."""
+
+    source: Any
+    lr: float
+    optimizer: Any = None
 
 
 def learning_rate(lr: Any, where: str) -> float:
@@ -18,12 +28,14 @@ def learning_rate(lr: Any, where: str) -> float:
     return float(lr)
 
 
-def parse_checkpoints(checkpoints: Any, source: str,
-                      accepts: Callable[[Any], bool] = lambda _: True) -> list[tuple[Any, float]]:
-    """[(source, learning rate as float)] from a sequence of (source, learning_rate) pairs.
+def parse_checkpoints(checkpoints: Any, source: str, accepts: Callable[[Any], bool] = lambda _: True,
+                      optimizer: Callable[[Any, int], Any] = lambda state, _: state) -> list[Checkpoint]:
+    """Checkpoints from a sequence of (source, learning_rate) pairs or (source, learning_rate,
+    optimizer_state) triples.
 
     source: how a checkpoint is called in messages ("state_dict or path", "params"); accepts:
-    which checkpoint objects are allowed (others are a TypeError).
+    which checkpoint objects are allowed (others are a TypeError); optimizer(state, index): the
+    adapter's wrapper of a given optimizer state (it raises on states it cannot take).
     """
     if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
         raise TypeError(f"checkpoints must be a sequence of ({source}, learning_rate) pairs, "
@@ -31,10 +43,18 @@ def parse_checkpoints(checkpoints: Any, source: str,
     if not checkpoints:
         raise ValueError(f"checkpoints is empty; give at least one ({source}, learning_rate) pair")
     parsed = []
-    for i, pair in enumerate(checkpoints):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise TypeError(f"checkpoints[{i}] must be a ({source}, learning_rate) pair, got {type(pair).__name__}")
-        if not accepts(pair[0]):
-            raise TypeError(f"checkpoints[{i}][0] must be a {source}, got {type(pair[0]).__name__}")
-        parsed.append((pair[0], learning_rate(pair[1], f"checkpoints[{i}][1]")))
+    for i, entry in enumerate(checkpoints):
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise TypeError(f"checkpoints[{i}] must be a ({source}, learning_rate) pair or a ({source}, "
+                            f"learning_rate, optimizer_state) triple, got {_describe(entry)}")
+        if not accepts(entry[0]):
+            raise TypeError(f"checkpoints[{i}][0] must be a {source}, got {type(entry[0]).__name__}")
+        state = None if len(entry) == 2 or entry[2] is None else optimizer(entry[2], i)
+        parsed.append(Checkpoint(entry[0], learning_rate(entry[1], f"checkpoints[{i}][1]"), state))
     return parsed
+
+
+def _describe(entry: Any) -> str:
+    if isinstance(entry, (tuple, list)):
+        return f"a {type(entry).__name__} of length {len(entry)}"
+    return type(entry).__name__

@@ -5,22 +5,28 @@ the few framework-specific steps (load a checkpoint, compute a batch's rows, mov
 host, fingerprint a batch). Everything else is decided here, once, for both: the checkpoint and
 data fingerprints, the metadata, opening the sink (in memory, or a GradientStore read through once
 first so its spec holds the data's fingerprint), resuming a store (only the rows not yet written
-are computed and written; a batch straddling the resume point is trimmed), the row transforms,
-the progress bar, the errors for the same mistakes, and closing the sink on any error.
+are computed and written; a batch straddling the resume point is trimmed), the row transforms
+(an optimizer preconditioner first, from the checkpoints' optimizer states, then the adapter's),
+the progress bar, the errors for the same mistakes, and closing the sink on any error. Inside
+`store_rows(start, stop)` an export writes only those rows of its store, beside other writers.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from .._progress import progress_bar
+from .checkpoints import Checkpoint
 from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
+from .preconditioner import Preconditioned, check_preconditioner
 from .sinks import MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
@@ -85,13 +91,39 @@ class Framework(Protocol):
 
 @dataclass(frozen=True)
 class Options:
-    """The export options every adapter takes (validated by the adapter before the driver runs)."""
+    """The export options every adapter takes (validated by the adapter before the driver runs).
+
+    preconditioner: None, "adam" or "adam_update" (tracin._export.preconditioner; checked here);
+    preconditioner_settings: what the metadata records with it (hyperparameters the adapter was
+    given), None when they are read from each checkpoint's optimizer state.
+    """
 
     mode: str
     layers: list[str] | None
     dtype: str
     store: str | os.PathLike | None
     progress: bool
+    preconditioner: str | None = None
+    preconditioner_settings: Mapping[str, Any] | None = None
+
+
+_ROWS: ContextVar[tuple[int, int] | None] = ContextVar("tracin_export_rows", default=None)
+
+
+@contextmanager
+def store_rows(start: int, stop: int) -> Iterator[None]:
+    """Exports run inside write only rows [start, stop) of their store=, as one of several writers
+    on disjoint ranges (tracin.distributed.export_gradients): the store must exist (created by an
+    export inside store_rows(0, 0), which creates or checks it and computes nothing), the export
+    returns None and leaves the store unfinalized; a plain export of the same arguments afterwards
+    merges the ranges' progress and finalizes it. Every batch is computed whole (the same bits as
+    one export), then cut to the range; a range writer killed part way resumes from its last block.
+    """
+    token = _ROWS.set((start, stop))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
 
 
 def check_store(store: Any) -> None:
@@ -100,51 +132,81 @@ def check_store(store: Any) -> None:
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
 
 
-def export(framework: Framework, checkpoints: list[tuple[Any, float]], options: Options,
+def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], options: Options,
            transforms: Sequence[RowTransform]) -> Any:
     """Runs the export: Gradients / FactoredGradients in memory, or the finished GradientStore.
 
-    checkpoints: parsed (source, learning rate) pairs; source a path or an in-memory checkpoint.
+    checkpoints: parsed (source, learning rate[, optimizer state]) entries; source a path or an
+    in-memory checkpoint, optimizer state an OptimizerState (tracin._export.preconditioner) or None.
     Checkpoint c fills sink slots c * slots ... (c + 1) * slots - 1, each weighted by its rate.
+    transforms: the adapter's row transforms; a preconditioner from `options` goes before them.
     """
+    checkpoints = [Checkpoint(*entry) for entry in checkpoints]
+    check_preconditioner(options.preconditioner, options.mode)
+    transforms = [*_preconditioning(options, checkpoints, framework), *transforms]
     n_rows = framework.n_rows
     if n_rows == 0:
         raise ValueError("data has no rows")
     if framework.one_shot and len(checkpoints) > 1:
         raise ValueError(f"data is a one-shot iterator, but it is read once per checkpoint ({len(checkpoints)} "
                          "checkpoints): pass a re-iterable such as a list of (inputs, targets) batches")
+    rows = _ROWS.get()
+    if rows is not None and options.store is None:
+        raise ValueError("an export of a row range (tracin.distributed) needs store=, a directory every writer sees")
     if options.store is not None:
         need_row_count(n_rows)
     digests = [checkpoint_file_digest(source, c) if isinstance(source, (str, os.PathLike))
-               else framework.state_digest(source, c) for c, (source, _) in enumerate(checkpoints)]
+               else framework.state_digest(source, c) for c, (source, _, _) in enumerate(checkpoints)]
+    extra = {"optimizer_states": [entry.optimizer.digest() for entry in checkpoints]} if options.preconditioner else {}
     slots = len(framework.slot_dims)
     dims = [chained_dims(transforms, d) for d in framework.slot_dims]
-    rates = [lr for _, lr in checkpoints for _ in range(slots)]
+    rates = [entry.lr for entry in checkpoints for _ in range(slots)]
     factored = options.mode != "full"
 
     def metadata(data_digest: str | None) -> dict:
         return export_metadata(framework.name, options.mode, framework.params, options.layers, options.dtype,
                                transforms, last_layer=framework.last_layer,
-                               fingerprints={"data": data_digest, "checkpoints": digests, **framework.fingerprints})
+                               fingerprints={"data": data_digest, "checkpoints": digests, **extra,
+                                             **framework.fingerprints})
 
     fingerprint = DataFingerprint()
     if options.store is not None:
         _read_through(framework, fingerprint)
         sink: Any = StoreSink(options.store, n_rows, dims * len(checkpoints), options.dtype, factored, rates,
-                              metadata(fingerprint.data))
+                              metadata(fingerprint.data), rows=None if rows is None or rows[0] == rows[1] else rows)
+        if rows is not None and rows[0] == rows[1]:  # the store created (or checked) for range writers
+            sink.close()
+            return None
     else:
         sink = MemorySink(n_rows, len(checkpoints) * slots, options.dtype, factored, rates, wrap=framework.wrap)
-    loop = _Loop(framework, sink, fingerprint, transforms, slots, len(checkpoints), options.progress)
+    loop = _Loop(framework, sink, fingerprint, transforms, slots, len(checkpoints), options.progress,
+                 stop=None if rows is None else rows[1])
     try:
         if not sink.complete:
-            for c, (source, _) in enumerate(checkpoints):
-                loop.checkpoint(c, source)
+            for c, entry in enumerate(checkpoints):
+                loop.checkpoint(c, entry.source)
         return sink.finish() if isinstance(sink, StoreSink) else sink.finish(metadata(fingerprint.data))
     except BaseException:
         sink.close()
         raise
     finally:
         loop.bar.close()
+
+
+def _preconditioning(options: Options, checkpoints: list[Checkpoint], framework: Framework) -> list[Preconditioned]:
+    """[the Preconditioned transform] when options ask for one (every checkpoint must then carry its
+    optimizer state), else []."""
+    kind = options.preconditioner
+    if kind is None:
+        return []
+    for c, entry in enumerate(checkpoints):
+        if entry.optimizer is None:
+            raise ValueError(f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
+                             "(checkpoint, learning_rate, optimizer_state) for every checkpoint")
+    settings = options.preconditioner_settings
+    if settings is None:
+        settings = {"hyperparameters": "b1, b2, eps and step of each checkpoint's optimizer state"}
+    return [Preconditioned(kind, lambda c: checkpoints[c].optimizer.moments(framework.params), settings)]
 
 
 def _read_through(framework: Framework, fingerprint: DataFingerprint) -> None:
@@ -157,20 +219,24 @@ def _read_through(framework: Framework, fingerprint: DataFingerprint) -> None:
 
 class _Loop:
     """The pass over the data at each checkpoint, with the progress bar, the one-time check of the
-    user's functions and the data fingerprint check."""
+    user's functions and the data fingerprint check. stop: the end of the range the sink writes
+    (None: every row); rows from there on are not computed."""
 
     def __init__(self, framework: Framework, sink: Any, fingerprint: DataFingerprint,
-                 transforms: Sequence[RowTransform], slots: int, n_checkpoints: int, progress: bool):
+                 transforms: Sequence[RowTransform], slots: int, n_checkpoints: int, progress: bool,
+                 stop: int | None = None):
         self.framework, self.sink, self.fingerprint, self.transforms = framework, sink, fingerprint, transforms
         self.slots, self.n_checkpoints = slots, n_checkpoints
         self.n_rows = framework.n_rows
+        self.stop = stop
         self.checked = False
         total = None if self.n_rows is None else self.n_rows * n_checkpoints
         self.bar = progress_bar(total, progress, f"tracin.{framework.name} export")
 
     def checkpoint(self, c: int, source: Any) -> None:
         done = min(self.sink.rows_done(c * self.slots + s) for s in range(self.slots))
-        if self.n_rows is not None and done >= self.n_rows:
+        end = self.n_rows if self.stop is None else self.stop
+        if end is not None and done >= end:
             self.bar.update(self.n_rows)
             return
         self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
@@ -180,8 +246,9 @@ class _Loop:
         for batch in self.framework.batches():
             self.fingerprint.batch(*self.framework.fingerprint_arrays(batch, inputs=self.fingerprint.recording))
             seen = batch.start + batch.count
-            if seen > done:
-                self._rows(c, state, batch, skip=max(0, done - batch.start))
+            if seen > done and (self.stop is None or batch.start < self.stop):
+                keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)
+                self._rows(c, state, batch, skip=max(0, done - batch.start), keep=keep)
             self.bar.update(batch.count)  # no batch buffer outlives its iteration: the next one is not doubled
         if seen == 0:
             raise ValueError("data has no rows")
@@ -192,19 +259,19 @@ class _Loop:
                              "it must give the same rows for every checkpoint")
         self.fingerprint.end()
 
-    def _rows(self, c: int, state: Any, batch: Batch, skip: int) -> None:
-        """Computes the batch and writes its rows from `skip` on (those not yet in the sink)."""
+    def _rows(self, c: int, state: Any, batch: Batch, skip: int, keep: int) -> None:
+        """Computes the batch and writes its rows [skip, keep) (those of the sink's range not yet in it)."""
         if not self.checked:
             self.framework.check(state, batch)
             self.checked = True
         width = self.framework.inplace_width
-        if width is not None and not self.transforms and skip == 0:
+        if width is not None and not self.transforms and skip == 0 and keep == batch.count:
             dest = self.sink.destination(c * self.slots, batch.start, batch.count, width)
             if dest is not None:
                 self.framework.compute_into(state, batch, dest)
                 return
         blocks = self.framework.to_host(self.framework.compute(state, batch), batch.count, bool(self.transforms))
         for s, block in enumerate(blocks):
-            if skip:
-                block = tuple(b[skip:] for b in block) if isinstance(block, tuple) else block[skip:]
-            self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block))
+            if skip or keep < batch.count:
+                block = tuple(b[skip:keep] for b in block) if isinstance(block, tuple) else block[skip:keep]
+            self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c))

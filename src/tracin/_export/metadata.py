@@ -6,10 +6,12 @@
     layers         the user's layer patterns, or None
     dtype          the stored dtype name
     projection     Projection.to_dict(), or None (likewise any other row transform, under its key)
+    preconditioner {"kind": "adam" | "adam_update", hyperparameters...}, or None (plain gradients)
     last_layer     only with mode="last_layer": {"layer", "weight", "bias", "left", "right"}
     fingerprints   {"data": digest of inputs and targets, "checkpoints": [digest per checkpoint],
                     plus what the adapter adds: "model" (torch: module types, parameter names,
-                    shapes and dtypes), "loss" (the loss function's identity), "layer_input" (jax)}
+                    shapes and dtypes), "loss" (the loss function's identity), "layer_input" (jax),
+                    "optimizer_states" (digest per checkpoint, only with a preconditioner)}
 
 Version strings are left out on purpose: a store's metadata is its spec, compared on resume.
 """
@@ -44,6 +46,7 @@ def export_metadata(framework: str, mode: str, params: Sequence[tuple[str, Seque
         "layers": layers,
         "dtype": dtype,
         "projection": None,
+        "preconditioner": None,
     }
     for t in transforms:
         meta[t.key] = t.to_dict()

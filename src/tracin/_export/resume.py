@@ -15,6 +15,7 @@ _WHAT = {
     "model": "the model differs (module types or settings, parameter names, shapes or dtypes)",
     "loss": "the loss function differs",
     "layer_input": "layer_input differs",
+    "optimizer_states": "the optimizer states saved with the checkpoints differ",
 }
 
 

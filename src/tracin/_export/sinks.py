@@ -99,16 +99,18 @@ def need_row_count(n_rows: int | None) -> None:
 
 class StoreSink:
     """Writes rows into a GradientStore as they come; creating it again with the same spec
-    (n_rows, dims, dtype, weights, metadata) resumes it."""
+    (n_rows, dims, dtype, weights, metadata) resumes it. rows=(start, stop): only those rows, as one
+    of several writers of a store that exists (a GradientStoreRangeWriter)."""
 
     def __init__(self, path: str | os.PathLike, n_rows: int | None, dims: list, dtype: str, factored: bool,
-                 weights: list[float], metadata: dict):
+                 weights: list[float], metadata: dict, rows: tuple[int, int] | None = None):
         from ..store import GradientStore
 
         need_row_count(n_rows)
         refuse_another_export(path, metadata)
         self._writer = GradientStore.create(path, n_rows, dims, weights=weights, dtype=dtype,
-                                            factored=factored, metadata=metadata)
+                                            factored=factored, metadata=metadata, rows=rows)
+        self._ranged = rows is not None
 
     @property
     def complete(self) -> bool:
@@ -128,5 +130,9 @@ class StoreSink:
         self._writer.close()
 
     def finish(self) -> Any:
-        """The finalized GradientStore (its metadata is the one given at creation)."""
+        """The finalized GradientStore (its metadata is the one given at creation); None for a range
+        writer, which is closed instead (a writer of the whole store finalizes)."""
+        if self._ranged:
+            self._writer.close()
+            return None
         return self._writer.finalize()

@@ -1,9 +1,10 @@
 """Row transforms: what happens to each batch of exported rows on the host, between the framework's
-gradients and the sink (today: random projection; later optimizer preconditioning, normalisation).
+gradients and the sink: optimizer preconditioning (preconditioner.py), then random projection.
 
 A transform maps a block (rows, d) float32 -> (rows, d') float32, or a factored (left (rows, p),
 right (rows, q)) pair -> another pair, row by row (so any split of the rows into batches gives the
-same result). The export driver applies a list of them in order; each records itself in the
+same result). The export driver applies a list of them in order, telling each which checkpoint the
+rows are of (a preconditioner uses that checkpoint's optimizer state); each records itself in the
 metadata under its `key`.
 """
 
@@ -20,13 +21,14 @@ Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when
 
 class RowTransform(Protocol):
     """One step of the chain: `dims` maps the widths it is given to the widths it returns, `apply`
-    a host block to the transformed block, `to_dict` what the metadata records under `key`."""
+    a host block of checkpoint `checkpoint` (its index in the list) to the transformed block,
+    `to_dict` what the metadata records under `key`."""
 
     key: str
 
     def dims(self, dims: Dims) -> Dims: ...
 
-    def apply(self, block: Block) -> Block: ...
+    def apply(self, block: Block, checkpoint: int) -> Block: ...
 
     def to_dict(self) -> dict: ...
 
@@ -43,7 +45,7 @@ class Projected:
     def dims(self, dims: Dims) -> Dims:
         return projected_dims(self.projection, dims, self.segments)
 
-    def apply(self, block: Block) -> Block:
+    def apply(self, block: Block, checkpoint: int) -> Block:
         return project(self.projection, block, self.segments)
 
     def to_dict(self) -> dict:
@@ -62,7 +64,8 @@ def chained_dims(transforms: Sequence[RowTransform], dims: Dims) -> Dims:
     return dims
 
 
-def apply_all(transforms: Sequence[RowTransform], block: Block) -> Block:
+def apply_all(transforms: Sequence[RowTransform], block: Block, checkpoint: int) -> Block:
+    """`block` (rows of checkpoint `checkpoint`) through every transform, in order."""
     for t in transforms:
-        block = t.apply(block)
+        block = t.apply(block, checkpoint)
     return block

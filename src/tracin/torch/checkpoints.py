@@ -1,28 +1,154 @@
-"""Checkpoints: (state_dict or path, learning_rate) pairs, validated against the model, loaded one at
-a time (each exactly once) onto the model's device."""
+"""Checkpoints: (state_dict or path, learning_rate) pairs, or (state_dict or path, learning_rate,
+optimizer_state) triples, validated against the model, loaded one at a time (each exactly once) onto
+the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path)
+read on the host and mapped to parameter names."""
 
 from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays
+from .._export.fingerprint import digest_arrays, digest_path
+from .._export.preconditioner import AdamMoments, check_moments
 from .data import host_array
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
 
 
-def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
-    """[(state_dict or path, learning rate)] from a sequence of pairs (see tracin._export.checkpoints)."""
+def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
+    """Checkpoints from a sequence of (state_dict or path, learning_rate[, optimizer_state]) entries
+    (see tracin._export.checkpoints); an optimizer state needs the `model` (its parameter order)."""
+    def optimizer(state: Any, index: int) -> OptimizerState:
+        if model is None:
+            raise TypeError(f"checkpoints[{index}][2]: an optimizer state needs the model to map it to parameters")
+        return OptimizerState(state, index, model)
+
     return shared_parse(checkpoints, "state_dict or a path",
-                        accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)))
+                        accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)), optimizer=optimizer)
+
+
+class OptimizerState:
+    """A torch.optim.Adam / AdamW `optimizer.state_dict()` (or the path of a file holding one, read
+    with torch.load(weights_only=True)) saved with checkpoint `index`.
+
+    Parameters are identified by the "param_names" of the param_groups when the optimizer recorded
+    them (torch >= 2.6 with named parameters), else by position: the optimizer must have been built
+    over the model's parameters in `model.named_parameters()` order (`Adam(model.parameters())`, or
+    groups that list them in that order), all of them or the trainable ones; shapes are checked.
+    betas and eps come from each parameter's group, the step count from its state.
+    """
+
+    def __init__(self, source: Any, index: int, model: torch.nn.Module):
+        self.where = f"checkpoints[{index}][2] (optimizer state)"
+        if not isinstance(source, (str, os.PathLike, Mapping)):
+            raise TypeError(f"{self.where} must be an optimizer.state_dict() or its path, got {type(source).__name__}")
+        if isinstance(source, Mapping):
+            _check_optimizer_dict(source, self.where)
+        self.source = source
+        named = list(model.named_parameters())
+        self.all_names = [n for n, _ in named]
+        self.trainable_names = [n for n, p in named if p.requires_grad]
+
+    def digest(self) -> str:
+        """Fingerprint: a file's bytes, or the tensors and settings of the in-memory state."""
+        if isinstance(self.source, (str, os.PathLike)):
+            path = os.path.abspath(os.fspath(self.source))
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{self.where}: no optimizer state at {path}")
+            return digest_path(path)
+        return digest_arrays(_leaves(self.source))
+
+    def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
+        """The Adam moments of `params` ((name, shape) in row order), on the host."""
+        state = self._load()
+        owner = self._owners(state["param_groups"])
+        moments = []
+        for name, shape in params:
+            if name not in owner:
+                raise ValueError(f"{self.where}: parameter {name} is in none of the optimizer's param_groups")
+            key, group = owner[name]
+            entry = state["state"].get(key, state["state"].get(str(key)))
+            if not isinstance(entry, Mapping) or "exp_avg" not in entry or "exp_avg_sq" not in entry:
+                raise ValueError(f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
+                                 "an Adam / AdamW optimizer that has taken at least one step is needed")
+            step = float(entry.get("step", 0))
+            m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
+            check_moments(name, shape, m, v, step, self.where)
+            b1, b2 = (float(b) for b in group["betas"])
+            moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
+        return moments
+
+    def _load(self) -> Mapping:
+        if not isinstance(self.source, (str, os.PathLike)):
+            return self.source
+        try:
+            state = torch.load(self.source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.where}: no optimizer state at {os.path.abspath(self.source)}") from None
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{self.where} cannot be read with torch.load(weights_only=True): "
+                             f"{str(e).splitlines()[0]}") from None
+        _check_optimizer_dict(state, self.where)
+        return state
+
+    def _owners(self, groups: Sequence[Mapping]) -> dict[str, tuple[Any, Mapping]]:
+        """parameter name -> (its key in state["state"], its param group)."""
+        keys = [(k, g) for g in groups for k in g["params"]]
+        if all("param_names" in g for g in groups):
+            names = [_strip(n) for g in groups for n in g["param_names"]]
+        else:
+            names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
+            if names is None:
+                raise ValueError(
+                    f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
+                    f"({len(self.trainable_names)} trainable): the optimizer must have been built over the "
+                    "model's parameters in model.named_parameters() order")
+        return dict(zip(names, keys, strict=True))
+
+
+def _float_array(t: Any, what: str, where: str) -> np.ndarray:
+    """A floating tensor on the host as float32 or float64 NumPy (half types widened exactly)."""
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise ValueError(f"{where}: {what} must be a floating-point tensor, got {type(t).__name__}")
+    t = t.detach().cpu()
+    return (t if t.dtype == torch.float64 else t.float()).numpy()
+
+
+def _strip(name: str) -> str:
+    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+
+
+def _check_optimizer_dict(state: Any, where: str) -> None:
+    """ValueError unless `state` looks like an optimizer.state_dict(): "state" and "param_groups"."""
+    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping) \
+            or not isinstance(state.get("param_groups"), (list, tuple)) \
+            or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"]):
+        raise ValueError(f"{where} is not an optimizer.state_dict() (a dict with 'state' and 'param_groups')")
+    for g in state["param_groups"]:
+        if "betas" not in g or "eps" not in g:
+            raise ValueError(f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps)")
+
+
+def _leaves(obj: Any) -> list[np.ndarray]:
+    """Every tensor and setting of a nested optimizer state, keys included, in a stable order."""
+    if isinstance(obj, Mapping):
+        out = []
+        for key in sorted(obj, key=repr):
+            out += [np.frombuffer(repr(key).encode(), np.uint8), *_leaves(obj[key])]
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [a for item in obj for a in _leaves(item)]
+    if isinstance(obj, torch.Tensor):
+        return [host_array(obj)]
+    return [np.frombuffer(repr(obj).encode(), np.uint8)]
 
 
 def state_digest(source: Mapping, index: int) -> str:

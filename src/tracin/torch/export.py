@@ -40,14 +40,15 @@ _MAX_DEFAULT_BATCH = 1024
 def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn: Any, *,
                      layers: Sequence[str] | str | None = None, mode: str = "full", projection: Any = None,
                      dtype: str = "float32", store: str | os.PathLike | None = None,
-                     batch_size: int | None = None,
-                     progress: bool = True) -> Gradients | FactoredGradients | GradientStore:
+                     batch_size: int | None = None, progress: bool = True,
+                     preconditioner: str | None = None) -> Gradients | FactoredGradients | GradientStore:
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
         left exactly as it was (weights, train/eval flags, requires_grad).
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (paths with
-        torch.load(weights_only=True)); a DataParallel "module." prefix is removed.
+        torch.load(weights_only=True)); a DataParallel "module." prefix is removed. An entry may be
+        (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner.
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
         over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs a tensor or
         a tuple/dict of tensors. Every checkpoint must see the same targets in the same order
@@ -72,6 +73,10 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
     progress: show a tqdm bar over checkpoints x examples.
+    preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
+        on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
+        score against test rows exported with None: LESS-style data selection); mode="full" only.
+        See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").
     Errors shared with tracin.jax (tracin._export.driver): a one-shot iterator with several
@@ -90,9 +95,9 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
-    entries = parse_checkpoints(checkpoints)
+    entries = parse_checkpoints(checkpoints, model)
     layers = None if layers is None else as_patterns(layers, EXAMPLE)
-    options = Options(mode, layers, dtype, store, progress)
+    options = Options(mode, layers, dtype, store, progress, preconditioner)
 
     with _evaluating(model):
         framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size)

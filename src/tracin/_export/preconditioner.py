@@ -1,0 +1,123 @@
+"""Optimizer-aware gradients: Adam's second-moment preconditioning of exported rows.
+
+TracIn as published weights plain gradients by the learning rate, which is what SGD does. A model
+trained with Adam moves along preconditioned gradients instead. Two row transforms, applied before
+any projection, use the optimizer state saved with each checkpoint (step t, betas b1 / b2, eps,
+first and second moments m and v, per parameter):
+
+    "adam"         g / (sqrt(v / (1 - b2^t)) + eps) on BOTH sides (TrackStar's optimizer
+                   correction, for attribution: which training examples a prediction leans on).
+    "adam_update"  the direction of one Adam step from the saved state, for TRAIN rows only:
+                   m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,
+                   (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)
+                   scored against PLAIN test gradients (preconditioner=None), as LESS selects
+                   training data for a target task.
+
+Weight decay (AdamW) and AMSGrad's running maximum are not part of the direction. Only full rows
+are supported (mode="full"): a diagonal does not keep the rank-one structure of factored rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+PRECONDITIONERS = ("adam", "adam_update")
+
+
+@dataclass(frozen=True)
+class AdamMoments:
+    """One parameter's Adam state: m, v flattened row-major (shape (size,), the optimizer's float
+    dtype), the number of steps taken `step` (>= 1), and the optimizer's b1, b2, eps."""
+
+    m: np.ndarray
+    v: np.ndarray
+    step: float
+    b1: float
+    b2: float
+    eps: float
+
+
+class OptimizerState(Protocol):
+    """A checkpoint's optimizer state as an adapter wraps it."""
+
+    def digest(self) -> str:
+        """Fingerprint of the state (for the metadata, compared on resume)."""
+
+    def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
+        """The Adam moments of `params` ((name, shape) in row order), one per parameter."""
+
+
+def check_preconditioner(preconditioner: Any, mode: str) -> None:
+    """ValueError unless `preconditioner` is None or one of PRECONDITIONERS, with mode="full"."""
+    if preconditioner is None:
+        return
+    if not isinstance(preconditioner, str) or preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be None, 'adam' or 'adam_update', got {preconditioner!r}")
+    if mode != "full":
+        raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' (full gradient rows); "
+                         f"mode={mode!r} is not supported with a preconditioner yet")
+
+
+class Preconditioned:
+    """The Adam preconditioner as a row transform on full float32 rows.
+
+    kind: "adam" or "adam_update"; moments(checkpoint) -> the AdamMoments of each parameter of the
+    row, in row order (called once per checkpoint, the first time a block of it comes);
+    settings: what the metadata records besides the kind (the hyperparameters or where they
+    come from).
+    """
+
+    key = "preconditioner"
+
+    def __init__(self, kind: str, moments: Callable[[int], list[AdamMoments]], settings: Mapping[str, Any]):
+        self.kind, self._moments, self.settings = kind, moments, dict(settings)
+        self._checkpoint: int | None = None
+        self._state: list[tuple[int, AdamMoments, Any]] = []
+
+    def dims(self, dims: Any) -> Any:
+        return dims
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **self.settings}
+
+    def apply(self, block: Any, checkpoint: int) -> np.ndarray:
+        """(rows, d) float32 -> (rows, d) float32, computed in float64 one parameter's columns at a time."""
+        if checkpoint != self._checkpoint:
+            self._state = self._segments(self._moments(checkpoint), block.shape[1])
+            self._checkpoint = checkpoint
+        out = np.empty(block.shape, np.float32)
+        for start, a, scale in self._state:
+            cols = slice(start, start + a.v.size)
+            g = np.asarray(block[:, cols], np.float64)
+            if self.kind == "adam":
+                out[:, cols] = g * scale
+                continue
+            m_next = a.b1 * a.m + (1 - a.b1) * g
+            v_next = a.b2 * a.v + (1 - a.b2) * np.square(g)
+            t = a.step + 1
+            out[:, cols] = (m_next / (1 - a.b1 ** t)) / (np.sqrt(v_next / (1 - a.b2 ** t)) + a.eps)
+        return out
+
+    def _segments(self, moments: list[AdamMoments], width: int) -> list[tuple[int, AdamMoments, Any]]:
+        """(first column, moments, "adam" scale 1 / (sqrt(v_hat) + eps) or None) per parameter."""
+        total = sum(a.v.size for a in moments)
+        if total != width:
+            raise ValueError(f"the optimizer state has {total} entries for a row of {width}")
+        starts = np.cumsum([0] + [a.v.size for a in moments[:-1]])
+        return [(int(s), a, 1.0 / (np.sqrt(np.asarray(a.v, np.float64) / (1 - a.b2 ** a.step)) + a.eps)
+                 if self.kind == "adam" else None) for s, a in zip(starts, moments, strict=True)]
+
+
+def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str) -> None:
+    """ValueError naming the parameter unless m and v have its shape and step is a count >= 1."""
+    for label, a in (("first moment", m), ("second moment", v)):
+        if tuple(np.shape(a)) != tuple(shape):
+            raise ValueError(f"{where}: the {label} of {name} has shape {tuple(np.shape(a))}, "
+                             f"the parameter has {tuple(shape)}")
+    if not np.isfinite(step) or step < 1:
+        raise ValueError(f"{where}: the step count of {name} is {step}; Adam state after at least one step "
+                         "is needed")
