@@ -69,7 +69,7 @@ class TorchBackend:
         with self._call(None, train) as call:
             parts = []
             for _, _, x in call.train_tiles():
-                norms = [(b.square().sum(1)) for b in x]
+                norms = [b.square().sum(1) for b in x]
                 if train.factored:
                     norms = [a * b for a, b in zip(norms[0::2], norms[1::2], strict=True)]
                 parts.append(sum(w * n.double() for w, n in zip(weights, norms, strict=True)))
