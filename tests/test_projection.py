@@ -95,6 +95,19 @@ def test_entries_match_the_numpy_generator(kind, dim, d, seed):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [7, 129])
+def test_entries_at_odd_column_offsets_match_the_numpy_generator(kind, offset):
+    # Gaussian columns are drawn in (even, odd) pairs: at an odd offset every panel of the kernel
+    # starts and ends with half a pair.
+    ours = tracin.Projection(40, 3, kind).apply(np.eye(300, dtype=np.float32), column_offset=offset).T
+    ref = reference_matrix(kind, 3, 40, 300, offset=offset)
+    if kind == "gaussian":
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+    else:
+        np.testing.assert_array_equal(ours, ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_product_matches_float64_reference(kind, rng):
     x = rng.standard_normal((23, 517)).astype(np.float32)
     proj = tracin.Projection(130, seed=9, kind=kind)
@@ -181,6 +194,18 @@ def test_same_bits_for_any_chunking_threads_and_split(kind, rng):
     # Pieces projected alone at their column offsets sum to the whole (up to rounding).
     parts = proj.apply(x[:, :250]) + proj.apply(x[:, 250:], column_offset=250)
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_many_rows_same_bits_as_row_chunks(kind, rng):
+    # More rows than one dense task takes (4096) and than one tile of rows (96).
+    x = rng.standard_normal((4203, 45)).astype(np.float32)
+    proj = tracin.Projection(40, 2, kind)
+    whole = proj.apply(x, num_threads=2)
+    chunks = np.concatenate([proj.apply(x[a:b], num_threads=1) for a, b in [(0, 97), (97, 4100), (4100, 4203)]])
+    assert np.array_equal(chunks, whole)
+    ref = x.astype(np.float64) @ reference_matrix(kind, 2, 40, 45).T
+    np.testing.assert_allclose(whole, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_columns_do_not_depend_on_d():

@@ -109,36 +109,41 @@ Status Validate(const ProjectionSpec& spec, const std::vector<MatrixView>& piece
 }
 
 // out = scale * X P^T for the dense kinds; every (row, output) one fma chain over the columns.
+// A task owns a block of outputs and a group of rows: it generates each panel of P (its outputs x
+// kDenseColumns columns) once and applies it to every row of the group, tile by tile. The rows form
+// one group unless they exceed kDenseRows or the output blocks alone are too few for the threads.
 Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t rows,
                     std::uint64_t column_offset, float* out, std::int64_t out_stride,
                     const Options& options) {
   const ProjectionKernels& kern = ProjectionKernelsFor(options.isa);
   const std::int64_t mr = kern.mr, nr = kern.nr, kc_max = kDenseColumns;
   const std::int64_t outputs = std::min(kDenseOutputs, RoundUp(spec.dim, nr));
-  const std::int64_t row_block = std::min(kDenseRows, RoundUp(rows, mr));
   const std::int64_t col_blocks = (spec.dim + outputs - 1) / outputs;
-  const std::int64_t row_blocks = (rows + row_block - 1) / row_block;
+  const int n_threads = ResolveThreads(options.num_threads);
+  const std::int64_t most_groups = (rows + mr - 1) / mr;
+  const std::int64_t groups = std::min(
+      most_groups, std::max((rows + kDenseRows - 1) / kDenseRows, (n_threads + col_blocks - 1) / col_blocks));
+  const std::int64_t group_rows = RoundUp((rows + groups - 1) / groups, mr);
+  const std::int64_t row_groups = (rows + group_rows - 1) / group_rows;
+  const std::int64_t tile_rows = std::min(RoundUp(kDenseTileRows, mr), group_rows);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(spec.dim)));
   const std::int64_t d = x.cols();
 
-  const int n_threads = ResolveThreads(options.num_threads);
   struct Workspace {
     AlignedFloats panel, tile, acc;
     std::vector<std::uint32_t> lo, hi;
   };
   std::vector<Workspace> spaces(static_cast<std::size_t>(n_threads));
   std::atomic<bool> stop{false};
-  return ParallelFor(row_blocks * col_blocks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
+  return ParallelFor(row_groups * col_blocks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
     Workspace& ws = spaces[static_cast<std::size_t>(thread)];
-    const std::int64_t r0 = task / col_blocks * row_block, i0 = task % col_blocks * outputs;
-    const std::int64_t n_rows = std::min(row_block, rows - r0);
+    const std::int64_t r0 = task / col_blocks * group_rows, i0 = task % col_blocks * outputs;
+    const std::int64_t n_rows = std::min(group_rows, rows - r0);
     const std::int64_t n_out = std::min(outputs, spec.dim - i0);
-    const std::int64_t rows_pad = RoundUp(n_rows, mr), strips = (n_out + nr - 1) / nr;
-    const std::int64_t ldc = strips * nr;
+    const std::int64_t strips = (n_out + nr - 1) / nr, ldc = strips * nr;
     ws.panel.Resize(static_cast<std::size_t>(ldc * kc_max));
-    ws.tile.Resize(static_cast<std::size_t>(rows_pad * kc_max));
-    ws.tile.Zero();  // padding rows stay zero
-    ws.acc.Resize(static_cast<std::size_t>(rows_pad * ldc));
+    ws.tile.Resize(static_cast<std::size_t>(tile_rows * kc_max));
+    ws.acc.Resize(static_cast<std::size_t>(RoundUp(n_rows, mr) * ldc));
     ws.acc.Zero();
     ws.lo.resize(static_cast<std::size_t>(ldc));
     ws.hi.resize(static_cast<std::size_t>(ldc));
@@ -149,14 +154,18 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
     }
     for (std::int64_t k0 = 0; k0 < d; k0 += kc_max) {
       const std::int64_t kc = std::min(kc_max, d - k0);
-      for (std::int64_t r = 0; r < n_rows; ++r) x.Read(r0 + r, k0, kc, ws.tile.data() + r * kc_max);
-      for (std::int64_t s = 0; s < strips; ++s) {
-        float* panel = ws.panel.data() + s * nr * kc_max;
+      for (std::int64_t s = 0; s < strips; ++s)
         kern.fill(spec.kind, ws.lo.data() + s * nr, ws.hi.data() + s * nr,
-                  column_offset + static_cast<std::uint64_t>(k0), kc, panel);
-        for (std::int64_t rb = 0; rb < rows_pad; rb += mr)
-          kern.micro(kc, ws.tile.data() + rb * kc_max, kc_max, panel,
-                     ws.acc.data() + rb * ldc + s * nr, ldc);
+                  column_offset + static_cast<std::uint64_t>(k0), kc, ws.panel.data() + s * nr * kc_max);
+      for (std::int64_t t0 = 0; t0 < n_rows; t0 += tile_rows) {
+        const std::int64_t t_rows = std::min(tile_rows, n_rows - t0), t_pad = RoundUp(t_rows, mr);
+        for (std::int64_t r = 0; r < t_rows; ++r) x.Read(r0 + t0 + r, k0, kc, ws.tile.data() + r * kc_max);
+        if (t_rows < t_pad)  // the last tile of the group: rows past its end stay zero
+          std::fill(ws.tile.data() + t_rows * kc_max, ws.tile.data() + t_pad * kc_max, 0.0f);
+        for (std::int64_t s = 0; s < strips; ++s)
+          for (std::int64_t rb = 0; rb < t_pad; rb += mr)
+            kern.micro(kc, ws.tile.data() + rb * kc_max, kc_max, ws.panel.data() + s * nr * kc_max,
+                       ws.acc.data() + (t0 + rb) * ldc + s * nr, ldc);
       }
     }
     for (std::int64_t r = 0; r < n_rows; ++r) {

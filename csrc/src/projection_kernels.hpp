@@ -85,10 +85,20 @@ inline float LogUnit(float u) {
   return static_cast<float>(e) * 0.693147181f + ln_m;
 }
 
-// Gaussian entry (unscaled) by Box-Muller: u1 = (w1 / 2^8 + 1) / 2^24 in (0, 1],
-// theta = 2 pi w2 / 2^32 in quarter turns q and a remainder x in [0, pi / 2); even columns take
-// r cos(theta), odd columns r sin(theta). sin / cos of x by Taylor series (error < 1e-7).
-inline float GaussianEntry(std::uint32_t w1, std::uint32_t w2, std::uint32_t odd) {
+// cos(theta) for theta in quadrant qq with remainder x, given sn = sin(x) and cs = cos(x): in
+// quadrant qq it is (cos, -sin, -cos, sin)[qq].
+inline float CosInQuadrant(float sn, float cs, std::uint32_t qq) {
+  const std::uint32_t pick = 0U - (qq & 1U);  // all ones: sin
+  const std::uint32_t v = (FloatAsBits(sn) & pick) | (FloatAsBits(cs) & ~pick);
+  return BitsAsFloat(v ^ (((qq ^ (qq >> 1)) & 1U) << 31));
+}
+
+// The Gaussian entries (unscaled) of an even column and the odd column after it, by Box-Muller
+// from w1 = Word(key, even) and w2 = Word(key, odd): u1 = (w1 / 2^8 + 1) / 2^24 in (0, 1],
+// theta = 2 pi w2 / 2^32 in quarter turns q and a remainder x in [0, pi / 2); the even column takes
+// r cos(theta), the odd one r sin(theta) (cos in quadrant q - 1). sin / cos of x by Taylor series
+// (error < 1e-7).
+inline void GaussianPair(std::uint32_t w1, std::uint32_t w2, float& even, float& odd) {
   const float u1 = static_cast<float>(static_cast<std::int32_t>((w1 >> 8) + 1U)) * 0x1p-24f;
   const float r = __builtin_sqrtf(-2.0f * LogUnit(u1));
   const float t = static_cast<float>(static_cast<std::int32_t>(w2 >> 8)) * 0x1p-22f;  // [0, 4)
@@ -108,12 +118,8 @@ inline float GaussianEntry(std::uint32_t w1, std::uint32_t w2, std::uint32_t odd
   cs = x2 * ((1.0f / 24.0f) + cs);
   cs = x2 * ((-1.0f / 2.0f) + cs);
   cs = 1.0f + cs;
-  // cos(theta) in quadrant q is (cos, -sin, -cos, sin)[q]; sin(theta) is cos in quadrant q - 1.
-  const std::uint32_t qq = (q + 4U - odd) & 3U;
-  const std::uint32_t pick = 0U - (qq & 1U);  // all ones: sin
-  const std::uint32_t v = (FloatAsBits(sn) & pick) | (FloatAsBits(cs) & ~pick);
-  const float signed_v = BitsAsFloat(v ^ (((qq ^ (qq >> 1)) & 1U) << 31));
-  return r * signed_v;
+  even = r * CosInQuadrant(sn, cs, q);
+  odd = r * CosInQuadrant(sn, cs, (q + 3U) & 3U);
 }
 
 // panel[k * NR + l] = unscaled entry (row with key (lo[l], hi[l]), column k0 + k), k < kc.
@@ -130,19 +136,21 @@ void FillPanel(ProjectionKind kind, const std::uint32_t* lo, const std::uint32_t
         group = col >> 5;
         for (int l = 0; l < NR; ++l) words[l] = Word(lo[l], hi[l], group);
       }
-      const std::uint32_t shift = static_cast<std::uint32_t>(col & 31);
       float* row = panel + k * NR;
-      for (int l = 0; l < NR; ++l)
-        row[l] = BitsAsFloat(0x3f800000U | (((words[l] >> shift) & 1U) << 31));
+      for (int l = 0; l < NR; ++l) row[l] = RademacherEntry(words[l], col);
     }
   } else {
-    for (std::int64_t k = 0; k < kc; ++k) {
-      const std::uint64_t col = k0 + static_cast<std::uint64_t>(k);
-      const std::uint64_t even = col & ~std::uint64_t{1}, odd_col = col | 1U;
-      const std::uint32_t odd = static_cast<std::uint32_t>(col & 1U);
-      float* row = panel + k * NR;
+    // Columns in (even, odd) pairs sharing one Box-Muller draw; a pair cut by the panel's edge is
+    // drawn whole and its other half dropped.
+    float even[NR], odd[NR];
+    for (std::int64_t k = -static_cast<std::int64_t>(k0 & 1U); k < kc; k += 2) {
+      const std::uint64_t col = k0 + static_cast<std::uint64_t>(k);  // even
       for (int l = 0; l < NR; ++l)
-        row[l] = GaussianEntry(Word(lo[l], hi[l], even), Word(lo[l], hi[l], odd_col), odd);
+        GaussianPair(Word(lo[l], hi[l], col), Word(lo[l], hi[l], col + 1U), even[l], odd[l]);
+      if (k >= 0)
+        for (int l = 0; l < NR; ++l) panel[k * NR + l] = even[l];
+      if (k + 1 < kc)
+        for (int l = 0; l < NR; ++l) panel[(k + 1) * NR + l] = odd[l];
     }
   }
 }

@@ -62,11 +62,12 @@ inline constexpr std::int64_t kScanLanes = 16;
 inline constexpr std::int64_t kNormLanes = 16;
 
 // --- Random projection (projection.cpp) ---
-// Record for all five: projection.json "speed" (commit e35044c).
+// Record: projection.json "speed" (kDenseRows and kDenseTileRows: issue 19; the others: commit e35044c).
 
 inline constexpr std::int64_t kDenseColumns = 128;    // columns of X per generated panel of P
 inline constexpr std::int64_t kDenseOutputs = 256;    // outputs per task
-inline constexpr std::int64_t kDenseRows = 512;       // rows per task
+inline constexpr std::int64_t kDenseRows = 4096;      // most rows per task (each panel generated once for them)
+inline constexpr std::int64_t kDenseTileRows = 96;    // rows of X copied per tile (rounded up to the kernel's mr)
 inline constexpr std::int64_t kSparseColumns = 2048;  // columns per hashed chunk
 inline constexpr std::int64_t kSparseRows = 256;      // rows per task
 
