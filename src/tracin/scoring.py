@@ -270,23 +270,38 @@ def _refuse_repeated_rows(indices: np.ndarray) -> None:
                          "give each shard once, at offsets whose row ranges do not overlap")
 
 
-def self_influence(train: Any, *, num_threads: int | None = None, progress: bool | None = None,
-                   device: str | None = None, precision: str = "float32") -> np.ndarray:
+def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int | None = None,
+                   progress: bool | None = None, device: str | None = None, precision: str = "float32") -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
     High values flag mislabelled or unusual examples.
+    per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term w_c |g_c(i)|^2
+    (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
     device, precision: where and how to score, as in top_k.
     """
     train = as_gradient_set(train, "train")
+    if not isinstance(per_checkpoint, bool):
+        raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
     threads = thread_count(num_threads)
     backend = _backend(device, precision, train=train)
     w = train.weights.tolist()
-    out = np.empty(train.n_rows, dtype=np.float32)
+    out = np.empty((train.n_rows, len(w)) if per_checkpoint else train.n_rows, dtype=np.float32)
     with _Loop(None, train, progress, train.n_rows * _width(train), "tracin self_influence") as loop:
         for p in loop.pairs():
-            out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads)
+            if per_checkpoint:
+                for c in range(len(w)):
+                    out[p.train_rows, c] = backend.self_influence(_checkpoint_of(p.train, c), [w[c]],
+                                                                  num_threads=threads)
+            else:
+                out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads)
     return out
+
+
+def _checkpoint_of(side: KernelSide, c: int) -> KernelSide:
+    """Checkpoint c's blocks of a kernel side (its left and right factor when factored)."""
+    per = 2 if side.factored else 1
+    return KernelSide(side.factored, side.blocks[c * per:(c + 1) * per], side.dtypes[c * per:(c + 1) * per])
 
 
 def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None,
