@@ -1,0 +1,115 @@
+"""Whitening fit: the second moment R = G^T G / n of 200k x 4096 float32 gradients, against NumPy's own
+float32 G.T @ G and this machine's sgemm throughput.
+
+    PYTHONPATH=src python benchmarks/whitening.py            # the recorded size (results/whitening.json)
+    PYTHONPATH=src python benchmarks/whitening.py --quick    # a smoke run (JSON in the temp folder)
+
+Contenders, interleaved (benchmarks.common.time_interleaved), on the same in-memory (n, d) float32 G:
+numpy_gtg (G.T @ G in float32: OpenBLAS ssyrk, float32 sums over all n rows), tracin_float32 (the
+fit's accumulation: float32 products of up to 4096 rows added into float64, precision="float32"),
+tracin_float64 (precision="float64"). Rates are GEMM-equivalent GFLOP/s, 2 n d^2 / seconds (a
+symmetric product does half that, so a rate above the sgemm rate is possible); sgemm is a square
+d x d float32 product (2 d^3 flops). Also timed once: the damped inverse of one d x d R (Cholesky and
+inverse in float64) and the whole Whitening.fit. The goal (issue 21): tracin_float32 at >= 70% of
+this machine's sgemm rate, and of numpy_gtg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tracin  # noqa: E402
+from benchmarks.common import RESULTS_DIR, time_interleaved, write_json  # noqa: E402
+from tracin.whitening import Whitening  # noqa: E402
+from tracin.whitening._inverse import damped_inverse  # noqa: E402
+from tracin.whitening._moments import second_moments  # noqa: E402
+from tracin.whitening._threads import blas_threads  # noqa: E402
+
+GOAL = 0.7  # fraction of the sgemm rate (and of NumPy's G.T @ G) the float32 fit must reach
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def random_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 standard normal rows, drawn in blocks (no float64 copy of the whole)."""
+    rng = np.random.default_rng(seed)
+    g = np.empty((n, d), dtype=np.float32)
+    for a in range(0, n, 8192):
+        g[a:a + 8192] = rng.standard_normal((min(8192, n - a), d), dtype=np.float32)
+    return g
+
+
+def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
+    g = random_rows(n, d)
+    grads = tracin.Gradients(g)
+    square = g[:d] if n >= d else random_rows(d, d, 1)
+    square_t = np.ascontiguousarray(square.T)
+    with blas_threads(threads):
+        sgemm = time_interleaved({"sgemm": lambda: square @ square_t}, repeats=max(repeats, 3))["sgemm"]
+        timings = time_interleaved({
+            "numpy_gtg": lambda: g.T @ g,
+            "tracin_float32": lambda: second_moments(grads, _NoBar(), "float32"),
+            "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
+        }, repeats=repeats, warmup=0, pause_s=1.0)
+        (r,) = second_moments(grads, _NoBar(), "float64")
+        t0 = time.perf_counter()
+        damped_inverse(r, float(np.trace(r)) / d, "benchmark")
+        inverse_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        Whitening.fit(grads, progress=False)
+        fit_s = time.perf_counter() - t0
+    sgemm_rate = 2 * d**3 / sgemm["median_s"] / 1e9
+    for t in timings.values():
+        t["gflops"] = 2 * n * d * d / t["median_s"] / 1e9
+        t["fraction_of_sgemm"] = t["gflops"] / sgemm_rate
+    ours = timings["tracin_float32"]
+    return {
+        "n": n, "d": d, "repeats": repeats, "threads": threads,
+        "sgemm": {**sgemm, "gflops": sgemm_rate},
+        "timings": timings,
+        "float32_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / ours["median_s"],
+        "float64_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / timings["tracin_float64"]["median_s"],
+        "damped_inverse_s": inverse_s,
+        "whitening_fit_s": fit_s,
+        "goal": {"fraction": GOAL, "met": bool(ours["fraction_of_sgemm"] >= GOAL
+                                               and timings["numpy_gtg"]["median_s"] / ours["median_s"] >= GOAL)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200_000, help="rows (default 200000)")
+    parser.add_argument("--d", type=int, default=4096, help="dims (default 4096)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the JSON (default benchmarks/results, the temp folder with --quick)")
+    args = parser.parse_args(argv)
+    n, d = (8192, 512) if args.quick else (args.n, args.d)
+    result = measure(n, d, args.repeats, args.threads)
+    out = args.out or (Path(tempfile.gettempdir()) if args.quick else RESULTS_DIR)
+    path = write_json("whitening_quick" if args.quick else "whitening", result, out)
+    t = result["timings"]
+    print(f"R of {n} x {d}: sgemm {result['sgemm']['gflops']:.1f} GFLOP/s; numpy G.T @ G "
+          f"{t['numpy_gtg']['gflops']:.1f}, tracin float32 {t['tracin_float32']['gflops']:.1f} "
+          f"({t['tracin_float32']['fraction_of_sgemm']:.0%} of sgemm, {result['float32_vs_numpy_gtg']:.0%} of "
+          f"numpy), float64 {t['tracin_float64']['gflops']:.1f}; inverse {result['damped_inverse_s']:.1f} s, "
+          f"fit {result['whitening_fit_s']:.1f} s; goal met: {result['goal']['met']}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
