@@ -32,6 +32,7 @@ def test_no_projection_is_recorded_as_none_and_last_layer_only_when_given():
     last = last_layer_entry("head", "head.weight", None)
     meta = export_metadata("jax", "last_layer", [], None, "float32", [], last_layer=last,
                            fingerprints={"data": None, "checkpoints": []})
-    assert meta["projection"] is None and meta["preconditioner"] is None and meta["last_layer"]["bias"] is None and meta["last_layer"]["layer"] == "head"
+    assert meta["projection"] is None and meta["preconditioner"] is None
+    assert meta["last_layer"]["bias"] is None and meta["last_layer"]["layer"] == "head"
     assert "last_layer" not in export_metadata("jax", "full", [], None, "float32", [],
                                                fingerprints={"data": None, "checkpoints": []})

@@ -19,6 +19,7 @@ are supported (mode="full"): a diagonal does not keep the rank-one structure of 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 PRECONDITIONERS = ("adam", "adam_update")
+ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's and torch.optim.Adam's defaults
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,27 @@ class Preconditioned:
         starts = np.cumsum([0] + [a.v.size for a in moments[:-1]])
         return [(int(s), a, 1.0 / (np.sqrt(np.asarray(a.v, np.float64) / (1 - a.b2 ** a.step)) + a.eps)
                  if self.kind == "adam" else None) for s, a in zip(starts, moments, strict=True)]
+
+
+def adam_settings(options: Any) -> dict[str, float]:
+    """{"b1", "b2", "eps"} from a user's preconditioner_options (None: ADAM_DEFAULTS; missing keys
+    take their default); ValueError / TypeError naming the bad key."""
+    if options is None:
+        return dict(ADAM_DEFAULTS)
+    if not isinstance(options, Mapping):
+        raise TypeError(f"preconditioner_options must be a dict with keys b1, b2, eps, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(ADAM_DEFAULTS), key=str)
+    if unknown:
+        raise ValueError(f"preconditioner_options: unknown keys {unknown}; expected b1, b2, eps")
+    settings = {**ADAM_DEFAULTS, **options}
+    for key, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"preconditioner_options[{key!r}] must be a real number, got {value!r}")
+        low_ok = value > 0 if key == "eps" else value >= 0
+        if not (low_ok and (key == "eps" or value < 1) and np.isfinite(value)):
+            raise ValueError(f"preconditioner_options[{key!r}] must be in "
+                             f"{'(0, inf)' if key == 'eps' else '[0, 1)'}, got {value!r}")
+    return {k: float(v) for k, v in settings.items()}
 
 
 def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str) -> None:

@@ -1,22 +1,74 @@
-"""Checkpoint lists: (params, learning_rate) pairs, params a pytree or a saved checkpoint's path."""
+"""Checkpoint lists: (params, learning_rate) pairs, params a pytree or a saved checkpoint's path, or
+(params, learning_rate, optax optimizer state) triples for a preconditioner."""
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays
+from .._export.preconditioner import AdamMoments, check_moments
 from .params import leaf_path
 
 
-def parse_checkpoints(checkpoints: Any) -> list[tuple[Any, float]]:
-    """[(params or path, learning rate)] from a sequence of pairs (see tracin._export.checkpoints)."""
-    return shared_parse(checkpoints, "params pytree or path")
+def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
+    """Checkpoints from a sequence of (params or path, learning_rate[, optimizer state]) entries (see
+    tracin._export.checkpoints); `adam`: the b1, b2, eps the optimizer states were made with."""
+    return shared_parse(checkpoints, "params pytree or path",
+                        optimizer=lambda state, i: OptimizerState(state, i, adam or {}))
+
+
+def _is_adam(node: Any) -> bool:
+    """An optax ScaleByAdamState (found by its fields: optax is not imported)."""
+    return isinstance(node, tuple) and all(hasattr(node, f) for f in ("mu", "nu", "count"))
+
+
+class OptimizerState:
+    """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
+    optax.adam / adamw and chains containing them make it; mu and nu must have the params' pytree
+    structure (the optimizer was initialised on the same params pytree). b1, b2, eps are not in
+    the state: they are given (`adam`)."""
+
+    def __init__(self, state: Any, index: int, adam: Mapping[str, float]):
+        self.where = f"checkpoints[{index}][2] (optimizer state)"
+        if isinstance(state, (str, os.PathLike)):
+            raise TypeError(f"{self.where}: give the optax state pytree itself, not a path (a restored file "
+                            "loses the ScaleByAdamState type)")
+        found = [n for n in jax.tree_util.tree_leaves(state, is_leaf=_is_adam) if _is_adam(n)]
+        if len(found) != 1:
+            raise ValueError(f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), "
+                             f"found {len(found)}")
+        self.adam, self.settings = found[0], dict(adam)
+
+    def digest(self) -> str:
+        """Fingerprint: paths and contents of the state's mu, nu and count."""
+        return state_digest({"mu": self.adam.mu, "nu": self.adam.nu, "count": self.adam.count})
+
+    def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
+        """The Adam moments of `params` ((leaf path, shape) in row order), on the host."""
+        step = float(np.asarray(self.adam.count))
+        mu, nu = (_by_path(tree) for tree in (self.adam.mu, self.adam.nu))
+        out = []
+        for name, shape in params:
+            if name not in mu or name not in nu:
+                raise ValueError(f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
+                                 "been initialised on the same params pytree")
+            m, v = np.asarray(mu[name]), np.asarray(nu[name])
+            check_moments(name, shape, m, v, step, self.where)
+            out.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"],
+                                   self.settings["eps"]))
+        return out
+
+
+def _by_path(tree: Any) -> dict[str, Any]:
+    return {leaf_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def state_digest(params: Any) -> str:

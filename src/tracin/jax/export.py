@@ -13,6 +13,7 @@ import numpy as np
 from .._export.driver import Options, check_store, export
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
+from .._export.preconditioner import adam_settings
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from ..gradients import FactoredGradients, Gradients
@@ -49,6 +50,8 @@ def export_gradients(
     store: str | os.PathLike | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    preconditioner: str | None = None,
+    preconditioner_options: dict[str, float] | None = None,
 ) -> Gradients | FactoredGradients | Any:
     """Per-example loss gradients at each checkpoint, as TracIn gradients weighted by learning rate.
 
@@ -56,7 +59,8 @@ def export_gradients(
         refused). It is differentiated one example at a time (jax.vmap of jax.grad over a batch of one).
     checkpoints: [(params, learning_rate)], params any pytree (nested dicts, Flax linen variables, NNX
         state, an Equinox module or its eqx.partition'ed arrays), or the path of an orbax checkpoint
-        directory / Flax msgpack file. Every checkpoint must have the first one's structure.
+        directory / Flax msgpack file. Every checkpoint must have the first one's structure. An entry
+        may be (params, learning_rate, optax optimizer state) for a preconditioner.
     data: (inputs, targets) arrays with a leading row dimension, or an iterable of such batches
         (re-iterable when there are several checkpoints); inputs / targets may be pytrees of arrays.
         Every checkpoint must see the same targets in the same order (checked by fingerprints).
@@ -75,6 +79,13 @@ def export_gradients(
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it, so the per-example function compiles once.
     progress: show a tqdm progress bar (examples/s).
+    preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
+        on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
+        score against test rows exported with None: LESS-style data selection); mode="full" only.
+        Every checkpoint then carries its optax state holding one ScaleByAdamState (see
+        tracin._export.preconditioner and tracin.jax.checkpoints.OptimizerState).
+    preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
+        1e-8); recorded in metadata["preconditioner"].
 
     Returns Gradients / FactoredGradients (metadata: the schema of tracin._export.metadata, framework
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
@@ -97,10 +108,11 @@ def export_gradients(
     dtype = _dtype_name(dtype)
     check_store(store)
     layers = as_patterns(layers) if layers is not None else None
-    entries = parse_checkpoints(checkpoints)
-    framework = _JaxExport(loss_fn, layer_input, layers, mode, BatchPlan(data, batch_size), entries[0][0])
-    return export(framework, entries, Options(mode, layers, dtype, store, progress),
-                  row_transforms(projection, framework.segments))
+    adam = adam_settings(preconditioner_options)
+    entries = parse_checkpoints(checkpoints, adam)
+    framework = _JaxExport(loss_fn, layer_input, layers, mode, BatchPlan(data, batch_size), entries[0].source)
+    options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)
+    return export(framework, entries, options, row_transforms(projection, framework.segments))
 
 
 class _JaxExport:

@@ -1,0 +1,180 @@
+"""Optimizer-aware gradients (preconditioner="adam" | "adam_update") from real torch.optim.Adam / AdamW
+states, against float64 references: per-example gradients by float64 autograd one example at a time,
+and Adam's formulas evaluated in NumPy from the optimizer.state_dict()."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tracin
+from tracin.torch import export_gradients
+
+N = 12
+
+
+def _loss(out, y):
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def _trained(optimizer: str = "adam", groups: bool = False, steps: int = 3):
+    """A 5 -> 8 -> 3 tanh MLP trained in two phases; returns (model, [(state_dict, lr, optimizer
+    state_dict)] after each phase, (x, y))."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+    if groups:  # per-group betas and eps, to check each parameter takes its own group's
+        params = [{"params": list(model[0].parameters()), "betas": (0.8, 0.95), "eps": 1e-3},
+                  {"params": list(model[2].parameters())}]
+        opt = cls(params, lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    else:
+        opt = cls(model.parameters(), lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    checkpoints = []
+    for lr in (0.05, 0.02):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        checkpoints.append((copy.deepcopy(model.state_dict()), lr, copy.deepcopy(opt.state_dict())))
+    return model, checkpoints, (x, y)
+
+
+def _reference_grads(model: nn.Module, state: dict, x, y) -> np.ndarray:
+    """(n, d) float64 per-example gradients in named_parameters order, by float64 autograd per example."""
+    ref = copy.deepcopy(model).double()
+    ref.load_state_dict({k: v.double() for k, v in state.items()})
+    params = list(ref.parameters())
+    rows = []
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(ref(x[i:i + 1].double()), y[i:i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).numpy())
+    return np.stack(rows)
+
+
+def _per_element(opt_state: dict) -> dict[str, np.ndarray]:
+    """m, v, step, b1, b2, eps of every row entry (float64), from the optimizer's state_dict, in the
+    parameters' order (the optimizer was built over model.parameters(), in order)."""
+    out: dict[str, list] = {k: [] for k in ("m", "v", "step", "b1", "b2", "eps")}
+    for group in opt_state["param_groups"]:
+        for i in group["params"]:
+            s = opt_state["state"][i]
+            m, v = s["exp_avg"].double().numpy().reshape(-1), s["exp_avg_sq"].double().numpy().reshape(-1)
+            for key, value in (("m", m), ("v", v), ("step", float(s["step"])), ("b1", group["betas"][0]),
+                               ("b2", group["betas"][1]), ("eps", group["eps"])):
+                out[key].append(np.broadcast_to(np.float64(value), m.shape))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _adam(g: np.ndarray, s: dict) -> np.ndarray:
+    return g / (np.sqrt(s["v"] / (1 - s["b2"] ** s["step"])) + s["eps"])
+
+
+def _adam_update(g: np.ndarray, s: dict) -> np.ndarray:
+    m = s["b1"] * s["m"] + (1 - s["b1"]) * g
+    v = s["b2"] * s["v"] + (1 - s["b2"]) * g**2
+    t = s["step"] + 1
+    return (m / (1 - s["b1"] ** t)) / (np.sqrt(v / (1 - s["b2"] ** t)) + s["eps"])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("kind, formula", [("adam", _adam), ("adam_update", _adam_update)])
+def test_rows_follow_adam_formulas_from_the_optimizer_state(optimizer, groups, kind, formula):
+    model, checkpoints, (x, y) = _trained(optimizer, groups)
+    g = export_gradients(model, checkpoints, (x, y), _loss, preconditioner=kind, batch_size=5, progress=False)
+    for c, (state, _, opt_state) in enumerate(checkpoints):
+        expected = formula(_reference_grads(model, state, x, y), _per_element(opt_state))
+        got = np.asarray(g.matrices[c], np.float64)
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(g.weights, [0.05, 0.02])
+    assert g.metadata["preconditioner"]["kind"] == kind
+    assert len(g.metadata["fingerprints"]["optimizer_states"]) == 2
+
+
+def test_plain_export_ignores_optimizer_states_and_records_no_preconditioner():
+    model, checkpoints, (x, y) = _trained()
+    g = export_gradients(model, checkpoints, (x, y), _loss, progress=False)
+    np.testing.assert_allclose(np.asarray(g.matrices[1], np.float64),
+                               _reference_grads(model, checkpoints[1][0], x, y), rtol=1e-5, atol=1e-6)
+    assert g.metadata["preconditioner"] is None and "optimizer_states" not in g.metadata["fingerprints"]
+
+
+def test_optimizer_state_from_a_file_and_projection_after_preconditioning(tmp_path):
+    model, checkpoints, (x, y) = _trained()
+    paths = []
+    for c, (state, lr, opt_state) in enumerate(checkpoints):
+        torch.save(opt_state, tmp_path / f"opt{c}.pt")
+        paths.append((state, lr, str(tmp_path / f"opt{c}.pt")))
+    projection = tracin.Projection(16, seed=3)
+    g = export_gradients(model, paths, (x, y), _loss, preconditioner="adam", projection=projection, progress=False)
+    expected = _adam(_reference_grads(model, checkpoints[0][0], x, y), _per_element(checkpoints[0][2]))
+    want = projection.apply(expected.astype(np.float32))
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert g.metadata["projection"] == projection.to_dict()
+
+
+def test_layers_pick_their_moments_by_parameter_name():
+    model, checkpoints, (x, y) = _trained()
+    g = export_gradients(model, checkpoints, (x, y), _loss, layers=["2"], preconditioner="adam", progress=False)
+    s = _per_element(checkpoints[0][2])
+    last = slice(8 * 5 + 8, None)  # the rows of 2.weight and 2.bias follow 0.weight and 0.bias
+    expected = _adam(_reference_grads(model, checkpoints[0][0], x, y)[:, last], {k: v[last] for k, v in s.items()})
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+
+def test_missing_optimizer_state_names_the_checkpoint():
+    model, checkpoints, data = _trained()
+    entries = [checkpoints[0], checkpoints[1][:2]]
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] has no optimizer state, which preconditioner='adam'"):
+        export_gradients(model, entries, data, _loss, preconditioner="adam", progress=False)
+
+
+def test_resume_with_another_optimizer_state_is_refused(tmp_path):
+    model, checkpoints, data = _trained()
+    store = tmp_path / "store"
+    export_gradients(model, checkpoints, data, _loss, preconditioner="adam", store=store, progress=False)
+    other = copy.deepcopy(checkpoints[1][2])
+    other["state"][0]["exp_avg_sq"] *= 2
+    changed = [checkpoints[0], (*checkpoints[1][:2], other)]
+    with pytest.raises(ValueError, match="optimizer states saved with the checkpoints differ"):
+        export_gradients(model, changed, data, _loss, preconditioner="adam", store=store, progress=False)
+
+
+def test_bad_preconditioner_arguments_are_clear_errors():
+    model, checkpoints, data = _trained()
+    with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'sgd'"):
+        export_gradients(model, checkpoints, data, _loss, preconditioner="sgd", progress=False)
+    with pytest.raises(ValueError, match="preconditioner='adam' needs mode='full'.*mode='factored'"):
+        export_gradients(model, checkpoints, data, _loss, mode="factored", preconditioner="adam", progress=False)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) is not the state of an Adam"):
+        export_gradients(model, [(checkpoints[0][0], 1.0, sgd.state_dict())], data, _loss, progress=False)
+    with pytest.raises(TypeError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) must be an optimizer.state_dict"):
+        export_gradients(model, [(checkpoints[0][0], 1.0, 3)], data, _loss, progress=False)
+
+
+def test_an_optimizer_over_other_parameters_is_refused():
+    model, checkpoints, data = _trained()
+    head_only = torch.optim.Adam(model[2].parameters())
+    model(data[0]).sum().backward()
+    head_only.step()
+    with pytest.raises(ValueError, match=r"holds 2 parameters, the model has 4 \(4 trainable\)"):
+        export_gradients(model, [(checkpoints[0][0], 1.0, head_only.state_dict())], data, _loss,
+                         preconditioner="adam", progress=False)
+
+
+def test_a_parameter_without_adam_state_is_named():
+    model, checkpoints, data = _trained()
+    state = copy.deepcopy(checkpoints[0][2])
+    del state["state"][3]
+    with pytest.raises(ValueError, match=r"no Adam state \(exp_avg, exp_avg_sq\) for parameter 2.bias"):
+        export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam",
+                         progress=False)
