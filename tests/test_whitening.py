@@ -113,6 +113,10 @@ def test_self_influence_two_sided(full):
                 for wc, g in zip(WEIGHTS, train, strict=True))
     assert ours.dtype == np.float32 and ours.shape == (700,)
     np.testing.assert_allclose(ours, exact, rtol=1e-5)
+    columns = Whitening.fit(sets, damping=0.1).self_influence(sets, per_checkpoint=True)
+    assert columns.shape == (700, 2)
+    np.testing.assert_allclose(columns[:, 1], WEIGHTS[1] * np.einsum(
+        "ij,ij->i", to_float64(train[1]) @ reference_inverse(train[1], 0.1)[0], to_float64(train[1])), rtol=1e-5)
 
 
 def test_mix_blends_train_and_evaluation_moments(rng, full):

@@ -170,16 +170,19 @@ class Whitening:
             return FactoredGradients(out[0::2], out[1::2], weights, metadata=metadata)
         return Gradients(out, weights, metadata=metadata)
 
-    def self_influence(self, train: Any, *, progress: bool | None = None,
+    def self_influence(self, train: Any, *, per_checkpoint: bool = False, progress: bool | None = None,
                        num_threads: int | None = None) -> np.ndarray:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
-        streaming the rows (factored: the product of the left and right quadratic forms)."""
+        streaming the rows (factored: the product of the left and right quadratic forms).
+        per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
         from .._progress import progress_bar
 
         train = self._accept(train, "train")
+        if not isinstance(per_checkpoint, bool):
+            raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
-        total = np.zeros(train.n_rows)
+        total = np.zeros((train.n_rows, train.n_checkpoints))
         bar = progress_bar(train.n_rows, progress, "tracin whitened self_influence", unit="row")
         try:
             with blas_threads(num_threads):
@@ -189,15 +192,15 @@ class Whitening:
                     for inv, block, code in zip(self._inverses, side.blocks, side.dtypes, strict=True):
                         x = as_float32(block, code).astype(np.float64)
                         forms.append(np.einsum("ij,ij->i", x @ inv, x))
-                    per_checkpoint = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] \
-                        if self.factored else forms
-                    total[start:stop] = sum(w * f for w, f in zip(train.weights, per_checkpoint, strict=True))
+                    terms = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] if self.factored else forms
+                    total[start:stop] = np.stack(terms, axis=1) * train.weights
                     bar.update(stop - start)
         finally:
             bar.close()
-        if np.abs(total).max(initial=0.0) > _FLOAT32_MAX:
+        result = total if per_checkpoint else total.sum(axis=1)
+        if np.abs(result).max(initial=0.0) > _FLOAT32_MAX:
             raise ValueError("whitened self-influence overflowed float32; rescale the gradients or raise damping")
-        return total.astype(np.float32)
+        return result.astype(np.float32)
 
     def _accept(self, s: Any, name: str) -> GradientSet:
         """`s` as a gradient set of the fitted kind, dims and gradient space, not already whitened."""
