@@ -1,0 +1,189 @@
+"""Per-checkpoint diagnostics: how much each checkpoint contributes to influence, and how the
+self-influence ranking changes when late checkpoints are dropped (e.g. after the model has memorised
+noisy labels, their large gradients can drown the signal of the earlier ones).
+
+    diag = tracin.report.checkpoint_diagnostics(train, path="checkpoints.png")  # needs matplotlib
+    parts = tracin.report.checkpoint_contributions(test, train, tracin.top_k(test, train, k=5))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._arrays import DTYPE_CODES
+from .backends import TopK
+from .gradients import GradientSet
+from .scoring import _pair, as_gradient_set, self_influence
+from .store import GradientStore
+from .store._convert import bfloat16_bits_to_float32
+
+_GATHER_BYTES = 64 << 20  # float64 bytes of gathered train rows per test chunk in checkpoint_contributions
+
+
+def _float64(block: np.ndarray, code: int) -> np.ndarray:
+    """A kernel block (bfloat16 as uint16 bits) as float64."""
+    if code == DTYPE_CODES["bfloat16"]:
+        block = bfloat16_bits_to_float32(np.asarray(block))
+    return np.asarray(block, dtype=np.float64)
+
+
+def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
+    """float64 (m, k, C): entry (t, j, c) is checkpoint c's term w_c <g_c(t), g_c(i)> of the pair
+    (test row t, train row i = result.indices[t, j]), in float64; summed over c it is the pair's
+    influence (result.values[t, j], up to float32 rounding).
+
+    result: a TopK of top_k(test, train, ...) (for side="both", pass .proponents or .opponents).
+    """
+    test, train, weights = _pair(test, train)
+    if not isinstance(result, TopK):
+        raise TypeError(f"result must be a TopK (values, indices) from tracin.top_k, got {type(result).__name__}"
+                        " (for side='both' pass .proponents or .opponents)")
+    indices = np.asarray(result.indices)
+    if indices.ndim != 2 or indices.shape[0] != test.n_rows or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"result.indices must be integer (m, k) with m = {test.n_rows} test rows, got "
+                         f"{indices.dtype} {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= train.n_rows):
+        raise ValueError(f"result.indices must lie in [0, {train.n_rows}) (the train rows), got values from "
+                         f"{indices.min()} to {indices.max()}")
+    m, k = indices.shape
+    out = np.zeros((m, k, len(weights)))
+    everything = train.kernel_side(0, train.n_rows)
+    width = max(b.shape[1] for b in everything.blocks)
+    step = max(1, _GATHER_BYTES // max(1, 8 * k * width))
+    for t0 in range(0, m, step):
+        t1 = min(m, t0 + step)
+        rows = indices[t0:t1]
+        side = test.kernel_side(t0, t1)
+        dots = [np.einsum("td,tjd->tj", _float64(tb, code), _float64(np.asarray(tr)[rows], code))
+                for tb, tr, code in zip(side.blocks, everything.blocks, everything.dtypes, strict=True)]
+        if train.factored:
+            dots = [left * right for left, right in zip(dots[0::2], dots[1::2], strict=True)]
+        for c, (w, d) in enumerate(zip(weights, dots, strict=True)):
+            out[t0:t1, :, c] = w * d
+    return out
+
+
+@dataclass(frozen=True)
+class CheckpointDiagnostics:
+    """What checkpoint_diagnostics measured on n training rows and C checkpoints.
+
+    terms: float32 (n, C) each checkpoint's self-influence term w_c |g_c(i)|^2 (layers summed).
+    share_all / share_top: float64 (C,) each checkpoint's share of the summed self-influence over
+    all rows / over the `top` rows ranked highest by self-influence over all checkpoints.
+    overlap: float64 (C,) entry c: the fraction of those `top` rows that are also among the `top`
+    rows when only checkpoints 0..c are traced (the last entry is 1).
+    figure: the PNG written, or None.
+    """
+
+    terms: np.ndarray
+    share_all: np.ndarray
+    share_top: np.ndarray
+    overlap: np.ndarray
+    top: int
+    figure: Path | None
+
+
+def _slots_per_checkpoint(train: GradientSet, layers_per_checkpoint: int | None) -> int:
+    if layers_per_checkpoint is None:
+        return int(train.info()["layers_per_checkpoint"]) if isinstance(train, GradientStore) else 1
+    if isinstance(layers_per_checkpoint, bool) or not isinstance(layers_per_checkpoint, int) \
+            or layers_per_checkpoint < 1 or train.n_checkpoints % layers_per_checkpoint:
+        raise ValueError(f"layers_per_checkpoint must be a positive integer dividing the set's "
+                         f"{train.n_checkpoints} checkpoint slots, got {layers_per_checkpoint!r}")
+    return layers_per_checkpoint
+
+
+def _top_rows(scores: np.ndarray, top: int) -> np.ndarray:
+    """Indices of the `top` highest scores (ties: smaller index first)."""
+    return np.argsort(-scores, kind="stable")[:top]
+
+
+def checkpoint_diagnostics(train: Any, *, top: int | None = None, layers_per_checkpoint: int | None = None,
+                           path: str | Path | None = None, labels: Sequence[str] | None = None,
+                           traced: int | None = None, num_threads: int | None = None) -> CheckpointDiagnostics:
+    """Per-checkpoint self-influence of a gradient set (in memory or a store) and, with `path`, a
+    PNG of it (needs matplotlib): each checkpoint's share over the top rows and over all rows, and
+    the overlap of the top-`top` ranking when tracing checkpoints 0..c against all of them.
+
+    top: rows of the ranking compared (default: 10% of the rows, at least 1).
+    layers_per_checkpoint: slots of the set that belong to one checkpoint (factored exports store
+    one slot per layer); default: what a store records, else 1.
+    labels: one name per checkpoint for the figure (default "1", "2", ...); traced: the number of
+    checkpoints a recipe traces, marked in the figure.
+    """
+    train = as_gradient_set(train, "train")
+    per = _slots_per_checkpoint(train, layers_per_checkpoint)
+    n = train.n_rows
+    if n == 0:
+        raise ValueError("train has no rows")
+    if top is None:
+        top = max(1, math.ceil(0.1 * n))
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= n:
+        raise ValueError(f"top must be an integer from 1 to the {n} train rows, got {top!r}")
+    slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
+    terms = slots.reshape(n, -1, per).sum(axis=2)
+    total = terms.sum(axis=1)
+    best = _top_rows(total, top)
+    prefix = np.cumsum(terms, axis=1)
+    overlap = np.array([np.intersect1d(_top_rows(prefix[:, c], top), best).size / top
+                        for c in range(terms.shape[1])])
+    diag = CheckpointDiagnostics(terms.astype(np.float32), _shares(terms), _shares(terms[best]), overlap, top, None)
+    if path is None:
+        return diag
+    figure = plot_checkpoint_diagnostics(diag, path, labels=labels, traced=traced)
+    return CheckpointDiagnostics(diag.terms, diag.share_all, diag.share_top, diag.overlap, top, figure)
+
+
+def _shares(terms: np.ndarray) -> np.ndarray:
+    """float64 (C,): each column's sum over the rows, divided by the sum of all (zeros if that is 0)."""
+    sums = terms.sum(axis=0)
+    whole = sums.sum()
+    return sums / whole if whole else np.zeros_like(sums)
+
+
+def plot_checkpoint_diagnostics(diag: CheckpointDiagnostics, path: str | Path, *,
+                                labels: Sequence[str] | None = None, traced: int | None = None) -> Path:
+    """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns it."""
+    count = diag.terms.shape[1]
+    labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
+    if len(labels) != count:
+        raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
+    if traced is not None and (isinstance(traced, bool) or not isinstance(traced, int) or not 1 <= traced <= count):
+        raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plotting the diagnostics needs matplotlib: pip install matplotlib "
+                          "(checkpoint_diagnostics without path returns the numbers alone)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(count)
+    fig, (shares, ranking) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    shares.bar(x - 0.2, diag.share_top, 0.4, label=f"top {diag.top} rows by self-influence", color="tab:red")
+    shares.bar(x + 0.2, diag.share_all, 0.4, label="all rows", color="tab:grey")
+    shares.set_ylabel("share of summed self-influence")
+    shares.set_title("How much each checkpoint contributes")
+    ranking.plot(x, diag.overlap, "o-", color="tab:blue")
+    ranking.set_ylim(0, 1.05)
+    ranking.set_ylabel(f"overlap of the top {diag.top} with all checkpoints")
+    ranking.set_title("Ranking when tracing only checkpoints 1..c")
+    for ax in (shares, ranking):
+        ax.set_xticks(x, labels, rotation=45 if count > 12 else 0, fontsize=8)
+        ax.set_xlabel("checkpoint" if ax is shares else "last checkpoint traced (c)")
+        ax.grid(alpha=0.3, axis="y")
+        if traced is not None:
+            ax.axvline(traced - 1 + (0.5 if ax is shares else 0), color="black", linestyle="--", linewidth=1,
+                       label=f"the recipe traces 1..{labels[traced - 1]}")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,137 @@
+"""Per-checkpoint self-influence and top-k contributions, and the checkpoint diagnostics of
+tracin.report, against float64 NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.report import checkpoint_contributions, checkpoint_diagnostics
+
+
+def _full(rng, n, dims=(7, 3, 12), dtype=np.float32):
+    return [rng.standard_normal((n, d)).astype(dtype) for d in dims]
+
+
+def _factored(rng, n, dims=((4, 5), (3, 6))):
+    return ([rng.standard_normal((n, p)).astype(np.float32) for p, _ in dims],
+            [rng.standard_normal((n, q)).astype(np.float32) for _, q in dims])
+
+
+def test_per_checkpoint_self_influence_matches_float64_terms():
+    rng = np.random.default_rng(0)
+    mats, w = _full(rng, 300), [0.5, -2.0, 0.1]
+    got = tracin.self_influence(tracin.Gradients(mats, w), per_checkpoint=True)
+    expected = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip(w, mats, strict=True)], axis=1)
+    assert got.dtype == np.float32 and got.shape == (300, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(got.sum(1), tracin.self_influence(tracin.Gradients(mats, w)), rtol=1e-5, atol=1e-5)
+
+
+def test_per_checkpoint_self_influence_of_factored_and_stored_sets(tmp_path):
+    rng = np.random.default_rng(1)
+    left, right = _factored(rng, 200)
+    w = [0.1, 0.01]
+    expected = np.stack([wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
+                         for wc, lf, rt in zip(w, left, right, strict=True)], axis=1)
+    np.testing.assert_allclose(tracin.self_influence(tracin.FactoredGradients(left, right, w), per_checkpoint=True),
+                               expected, rtol=1e-5)
+    mats = _full(rng, 200, dtype=np.float16)
+    writer = tracin.GradientStore.create(tmp_path / "s", 200, [m.shape[1] for m in mats], [1.0, 2.0, 3.0],
+                                         dtype="float16")
+    with writer:
+        for c, m in enumerate(mats):
+            writer.write(c, 0, m)
+        store = writer.finalize()
+    expected = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip([1, 2, 3], mats, strict=True)], 1)
+    np.testing.assert_allclose(tracin.self_influence(store, per_checkpoint=True), expected, rtol=1e-5)
+
+
+def test_per_checkpoint_must_be_a_bool():
+    with pytest.raises(TypeError, match="per_checkpoint must be True or False"):
+        tracin.self_influence(np.ones((3, 2), np.float32), per_checkpoint="yes")
+
+
+def _pair_terms(test, train, w, indices):
+    """float64 (m, k, C) reference: w_c <t_c, x_c[indices]> per checkpoint."""
+    return np.stack([wc * np.einsum("td,tkd->tk", t.astype(np.float64), x.astype(np.float64)[indices])
+                     for wc, t, x in zip(w, test, train, strict=True)], axis=2)
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+def test_checkpoint_contributions_of_full_gradients_match_float64(side):
+    rng = np.random.default_rng(2)
+    train, test, w = _full(rng, 500), _full(rng, 9), [1.0, 0.3, -0.2]
+    result = tracin.top_k(tracin.Gradients(test, w), tracin.Gradients(train, w), k=6, side=side)
+    got = checkpoint_contributions(tracin.Gradients(test, w), tracin.Gradients(train, w), result)
+    np.testing.assert_allclose(got, _pair_terms(test, train, w, result.indices), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_contributions_of_factored_gradients_match_float64():
+    rng = np.random.default_rng(3)
+    (left, right), (tl, tr), w = _factored(rng, 300), _factored(rng, 5), [0.1, 2.0]
+    train, test = tracin.FactoredGradients(left, right, w), tracin.FactoredGradients(tl, tr, w)
+    result = tracin.top_k(test, train, k=4)
+    got = checkpoint_contributions(test, train, result)
+    expected = _pair_terms(tl, left, w, result.indices) * _pair_terms(tr, right, [1, 1], result.indices)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_contributions_refuse_bad_results():
+    rng = np.random.default_rng(4)
+    train, test = tracin.Gradients(_full(rng, 20)), tracin.Gradients(_full(rng, 3))
+    both = tracin.top_k(test, train, k=2, side="both")
+    with pytest.raises(TypeError, match="pass .proponents or .opponents"):
+        checkpoint_contributions(test, train, both)
+    bad = both.proponents._replace(indices=both.proponents.indices + 20)
+    with pytest.raises(ValueError, match=r"result.indices must lie in \[0, 20\)"):
+        checkpoint_contributions(test, train, bad)
+    with pytest.raises(ValueError, match="with m = 3 test rows"):
+        checkpoint_contributions(test, train, both.proponents._replace(indices=both.proponents.indices[:2]))
+
+
+def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):
+    """Three checkpoints: the first two separate `noisy` rows (large gradients there), the last has
+    large gradients on other rows and dominates the sum."""
+    mats = [rng.standard_normal((n, 8)).astype(np.float32) * 0.1 for _ in range(3)]
+    mats[0][:noisy] *= 10
+    mats[1][:noisy] *= 8
+    mats[2][noisy:2 * noisy + 40] *= 60
+    return mats
+
+
+def test_diagnostics_shares_and_overlap_match_numpy(tmp_path):
+    mats = _late_checkpoint_drowns_signal(np.random.default_rng(5))
+    w = [1.0, 1.0, 0.5]
+    diag = checkpoint_diagnostics(tracin.Gradients(mats, w), top=40, path=tmp_path / "d.png", traced=2,
+                                  labels=["epoch 10", "epoch 20", "epoch 30"])
+    terms = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip(w, mats, strict=True)], 1)
+    best = set(np.argsort(-terms.sum(1), kind="stable")[:40])
+    np.testing.assert_allclose(diag.share_all, terms.sum(0) / terms.sum(), rtol=1e-6)
+    top_terms = terms[sorted(best)]
+    np.testing.assert_allclose(diag.share_top, top_terms.sum(0) / top_terms.sum(), rtol=1e-6)
+    for c in range(3):
+        prefix = set(np.argsort(-terms[:, :c + 1].sum(1), kind="stable")[:40])
+        assert diag.overlap[c] == len(prefix & best) / 40
+    assert diag.overlap[1] < 0.2 and diag.overlap[2] == 1.0  # the late checkpoint replaces the ranking
+    assert set(range(40)) == set(np.argsort(-terms[:, :2].sum(1))[:40])  # the early ones find the noisy rows
+    assert diag.figure == tmp_path / "d.png" and diag.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_diagnostics_sum_the_layers_of_each_checkpoint(tmp_path):
+    rng = np.random.default_rng(6)
+    left, right = _factored(rng, 100, dims=((3, 4), (2, 5), (3, 4), (2, 5)))  # 2 checkpoints x 2 layers
+    w = [0.1, 0.1, 0.01, 0.01]
+    diag = checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), layers_per_checkpoint=2)
+    slots = np.stack([wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
+                      for wc, lf, rt in zip(w, left, right, strict=True)], 1)
+    np.testing.assert_allclose(diag.terms, slots[:, 0::2] + slots[:, 1::2], rtol=1e-5)
+    assert diag.top == 10 and diag.figure is None
+    with pytest.raises(ValueError, match="layers_per_checkpoint must be a positive integer dividing the set's 4"):
+        checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), layers_per_checkpoint=3)
+    with pytest.raises(ValueError, match="top must be an integer from 1 to the 100 train rows"):
+        checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), top=0)
+    with pytest.raises(ValueError, match="labels must name each of the 4 checkpoints"):
+        checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), path=tmp_path / "x.png", labels=["a"])
