@@ -83,19 +83,24 @@ def _compute(model, x, y, batch=9):
 
 def test_vmap_path_is_exact_without_warning(recwarn):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4))
+    model = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Unflatten(1, (2, 4)),
+                          nn.Conv1d(2, 4, 4), nn.Flatten())  # no layer the hooks cover
     x, y = classification_data(9, seed=3)
     compute, got = _compute(model, x, y)
-    assert compute.linear_plan is None and compute.vectorised and not recwarn.list
+    assert compute.hooks is None and compute.vectorised and not recwarn.list
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
-def test_linear_layers_take_the_outer_product_path_exactly():
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 4)),
+    lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4)),
+])
+def test_covered_layers_take_the_hook_path_exactly(make, recwarn):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 4))
+    model = make()
     x, y = classification_data(20, seed=3)
     compute, got = _compute(model, x, y, batch=7)
-    assert compute.linear_plan is not None and compute.linear_checked
+    assert compute.hooks is not None and compute.checked and not compute.others and not recwarn.list
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
@@ -114,8 +119,9 @@ class ReusedWeight(nn.Module):
 def test_uses_the_hooks_cannot_see_are_caught_and_computed_by_vmap():
     model = ReusedWeight()
     x, y = classification_data(9, seed=3)
-    compute, got = _compute(model, x, y)
-    assert compute.linear_plan is None and compute.vectorised
+    with pytest.warns(RuntimeWarning, match="disagree with per-example autograd"):
+        compute, got = _compute(model, x, y)
+    assert compute.hooks is None and compute.vectorised
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 

@@ -2,7 +2,7 @@
 
 Example i's gradient w.r.t. [W | b] is the outer product dL_i/dy_i (x) [x_i, 1]: the left factor
 (batch, out) and the right factor (batch, in + 1) (no trailing 1 when the layer has no bias).
-Exact for each layer; one ordinary backward pass per batch gives all rows (linear_capture).
+Exact for each layer; one ordinary backward pass per batch gives all rows (capture).
 mode="last_layer" factors one layer, mode="factored" every chosen layer (TracIn then sums the
 per-layer products (L_t . L_i)(R_t . R_i), far fewer operations than the materialised gradients).
 """
@@ -14,8 +14,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .data import Tree
-from .linear_capture import NotRankOne, capture_linear
+from .capture import NotCaptured, capture
+from .data import Tree, batch_rows
+from .layer_rules import token_form
 from .losses import LossFn
 
 
@@ -34,11 +35,24 @@ class LinearFactors:
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree,
                  targets: Tree) -> list[tuple[torch.Tensor, torch.Tensor]]:
         try:
-            captured = capture_linear(self.model, self.names, state, self.loss_fn, inputs, targets)
-        except NotRankOne as e:
+            captured = self._captured(state, inputs, targets)
+        except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self.names!r}.") from None
+        return [(left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
+                for (x, left), layer in zip(captured, self.layers, strict=True)]
+
+    def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(x (batch, in), dL/dy (batch, out)) per layer; NotCaptured unless each ran once on (batch, in)."""
+        calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets)
+        rows = batch_rows(targets, "targets")
         pairs = []
         for name, layer in zip(self.names, self.layers, strict=True):
-            x, left = captured[name]
-            pairs.append((left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x))
+            if len(calls[name]) != 1:
+                raise NotCaptured(f"layer {name!r} ran {len(calls[name])} times in one forward pass; its gradient "
+                                  "is then not one outer product")
+            x, dy = token_form(layer, calls[name][0], rows)
+            if x.shape[1] != 1:
+                raise NotCaptured(f"layer {name!r} got input of shape {tuple(calls[name][0].input.shape)}; the "
+                                  f"outer-product form needs (batch, in_features) = ({rows}, {layer.in_features})")
+            pairs.append((x[:, 0], dy[:, 0]))
         return pairs

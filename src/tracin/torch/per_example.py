@@ -1,7 +1,9 @@
-"""Per-example gradients of chosen parameters: torch.func vmap(grad) with a per-example fallback."""
+"""Per-example gradients of chosen parameters: batched hooks where the layer types allow, torch.func
+vmap(grad) for the rest, a per-example loop where vmap cannot run the model."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -9,23 +11,32 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from .capture import NotCaptured
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .linear_capture import NotRankOne, capture_linear
+from .hook_gradients import HookGradients
+from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
+
+_CHECKED_ROWS = 2  # rows of the first batch recomputed one by one to check the hook path (>= 2 sees mixing)
 
 
 class PerExampleGradients:
     """(batch, d) gradients of the per-example losses w.r.t. the chosen parameters, flattened and
     concatenated in `names` order, in the parameters' dtype on their device.
 
-    Three ways, fastest first:
-    - all chosen parameters are weights/biases of nn.Linear layers applied once to (batch, in)
-      inputs: one batched backward captures inputs and output gradients, and the outer products
-      are written straight into the output (linear_capture). Checked once, on the first rows of
-      the first batch, against the per-example loop; any disagreement turns it off.
-    - torch.func vmap(grad) over the batch.
-    - if vmap cannot run the model (in-place ops, custom autograd functions), a warning, then
-      one example at a time with torch.autograd.grad.
+    The rule, parameter by parameter:
+    - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face
+      Conv1D, nn.Embedding or nn.LayerNorm running its own forward. One batched forward and
+      backward for all of them, no vmap (transformers that vmap cannot run get here). Not used at
+      all when a module mixes the examples of a batch in eval mode (BatchNorm without running
+      statistics: a warning). Checked once, on the first rows of the first batch, against the
+      per-example loop: a disagreement (a layer that mixes examples, a parameter also used outside
+      its module's forward) or an input that is not batch-first sends every parameter to vmap, with
+      a warning; a covered layer that never ran through its forward sends its parameters to vmap.
+    - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
+      hooks and some do not, one warning names the modules of those that do not.
+    - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
+      flow): a warning, then one example at a time with torch.autograd.grad.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: LossFn):
@@ -34,15 +45,20 @@ class PerExampleGradients:
         self.widths = [params[n].numel() for n in self.names]
         self.width = sum(self.widths)
         self.dtype = params[self.names[0]].dtype
-        self.linear_plan = _linear_plan(model, self.names, self.widths)
-        self.linear_checked = False
+        offsets = itertools.accumulate(self.widths, initial=0)
+        self.columns = {n: (o, w) for n, o, w in zip(self.names, offsets, self.widths, strict=False)}
+        self.hooks: HookGradients | None = HookGradients(model, self.names, loss_fn)
+        mixing = [n for n, m in model.named_modules() if mixes_examples(m)]
+        if mixing and self.hooks.plan:
+            warnings.warn(f"{_listed(mixing)} mix the examples of a batch even in eval mode (BatchNorm without "
+                          "running statistics); per-example gradients are taken with torch.func.vmap, one example "
+                          "at a time", RuntimeWarning, stacklevel=4)
+        if mixing or not self.hooks.plan:
+            self.hooks = None
+        self.others = [n for n in self.names if self.hooks is None or n not in self.hooks.plan]
+        self.checked = False
         self.vectorised = True
         self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
-
-    def _split(self, state: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
-        chosen = {n: state[n] for n in self.names}
-        rest = {n: t for n, t in state.items() if n not in chosen}
-        return chosen, rest
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> torch.Tensor:
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
@@ -51,80 +67,91 @@ class PerExampleGradients:
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """Writes into `out` ((batch, d), the parameters' dtype and device) when given."""
-        chosen, rest = self._split(state)
         if out is None:
-            first = next(iter(chosen.values()))
+            first = state[self.names[0]]
             out = torch.empty((batch_rows(targets, "targets"), self.width), dtype=first.dtype, device=first.device)
-        if self.linear_plan is not None and self._by_linear_capture(state, chosen, rest, inputs, targets, out):
-            return out
+        if self.hooks is not None and not self._by_hooks(state, inputs, targets, out):
+            self.hooks, self.others = None, list(self.names)
+        if self.others:
+            self._by_autodiff(self.others, state, inputs, targets, out)
+        return out
+
+    def _by_hooks(self, state, inputs, targets, out) -> bool:
+        """Hook-path columns of `out`; False (hooks to be given up) when the first batch shows they
+        cannot be trusted."""
+        try:
+            silent = self.hooks(state, inputs, targets, out, self.columns)
+        except (NotCaptured, RuntimeError) as e:
+            _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            return False
+        if self.checked:
+            return True
+        if silent:
+            moved = set(self.hooks.drop(silent))
+            self.others = [n for n in self.names if n in moved or n in self.others]
+            if not self.hooks.plan:
+                return False
+        rows = min(_CHECKED_ROWS, out.shape[0])
+        hooked = list(self.hooks.plan)
+        reference = torch.empty((rows, self.width), dtype=out.dtype, device=out.device)
+        head = (slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows))
+        self._one_at_a_time(hooked, state, *head, reference)
+        cols = torch.cat([torch.arange(o, o + w, device=out.device) for o, w in (self.columns[n] for n in hooked)])
+        got, want = out[:rows, cols], reference[:, cols]
+        scale = want.abs().max().item()
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+            _warn_leaving("they disagree with per-example autograd on the first batch: a layer mixes the "
+                          "examples of a batch, or a parameter is also used outside its module's forward")
+            return False
+        self.checked = True
+        if self.others:
+            modules = dict(self.model.named_modules())
+            owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)
+            named = [f"{m or 'the model itself'} ({type(modules[m]).__name__})" for m in owners]
+            warnings.warn(f"the batched per-example hooks cover nn.Linear, Conv1D, nn.Embedding and nn.LayerNorm "
+                          f"layers run through their forward; {_listed(named)} are computed with torch.func.vmap "
+                          "instead", UserWarning, stacklevel=4)
+        return True
+
+    def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> None:
+        """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed."""
         if self.vectorised:
+            chosen = {n: state[n] for n in names}
+            rest = {n: t for n, t in state.items() if n not in chosen}
             try:
                 grads = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
                 warnings.warn(
                     f"torch.func.vmap cannot run this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                    "falling back to a slower per-example loop", RuntimeWarning, stacklevel=3)
+                    "falling back to a slower per-example loop", RuntimeWarning, stacklevel=4)
                 self.vectorised = False
             else:
-                offset = 0
-                for n, w in zip(self.names, self.widths, strict=True):
-                    out[:, offset:offset + w].copy_(grads[n].reshape(out.shape[0], w))
-                    offset += w
-                return out
-        self._one_at_a_time(chosen, rest, inputs, targets, out)
-        return out
+                for n in names:
+                    offset, width = self.columns[n]
+                    out[:, offset:offset + width].copy_(grads[n].reshape(out.shape[0], width))
+                return
+        self._one_at_a_time(names, state, inputs, targets, out)
 
-    def _by_linear_capture(self, state, chosen, rest, inputs, targets, out) -> bool:
-        try:
-            captured = capture_linear(self.model, list(self.linear_plan), state, self.loss_fn, inputs, targets)
-        except NotRankOne:
-            self.linear_plan = None
-            return False
-        for module, pieces in self.linear_plan.items():
-            x, dy = captured[module]
-            for kind, offset, width in pieces:
-                dest = out[:, offset:offset + width]
-                if kind == "weight":
-                    torch.mul(dy[:, :, None], x[:, None, :], out=dest.view(-1, dy.shape[1], x.shape[1]))
-                else:
-                    dest.copy_(dy)
-        if not self.linear_checked:
-            rows = min(4, out.shape[0])
-            reference = torch.empty_like(out[:rows])
-            head = (slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows))
-            self._one_at_a_time(chosen, rest, *head, reference)
-            scale = reference.abs().max().item()
-            if not torch.allclose(out[:rows], reference, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
-                self.linear_plan = None  # the layers are used in ways the hooks cannot see
-                return False
-            self.linear_checked = True
-        return True
-
-    def _one_at_a_time(self, chosen: dict, rest: dict, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
-        leaves = {n: t.detach().requires_grad_(True) for n, t in chosen.items()}
+    def _one_at_a_time(self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
+        """Columns of `names`, one example at a time with torch.autograd.grad."""
+        leaves = {n: state[n].detach().requires_grad_(True) for n in names}
         for i in range(out.shape[0]):
             x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
             with torch.enable_grad():
-                loss = losses_of(self.model, {**rest, **leaves}, self.loss_fn, x, y).sum()
-                parts = torch.autograd.grad(loss, [leaves[n] for n in self.names], allow_unused=True)
-            out[i] = torch.cat([(g if g is not None else torch.zeros_like(leaves[n])).reshape(-1)
-                                for n, g in zip(self.names, parts, strict=True)])
+                loss = losses_of(self.model, {**state, **leaves}, self.loss_fn, x, y).sum()
+                parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            for n, g in zip(names, parts, strict=True):
+                offset, width = self.columns[n]
+                if g is None:
+                    out[i, offset:offset + width].zero_()
+                else:
+                    out[i, offset:offset + width].copy_(g.reshape(-1))
 
 
-def _linear_plan(model: nn.Module, names: Sequence[str], widths: Sequence[int]) -> dict | None:
-    """{Linear module name: [("weight" | "bias", column offset, width), ...]} when every chosen
-    parameter is an untied weight or bias of an nn.Linear; else None."""
-    modules = dict(model.named_modules())
-    counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    plan: dict[str, list] = {}
-    offset = 0
-    for name, width in zip(names, widths, strict=True):
-        owner, _, kind = name.rpartition(".")
-        module = modules.get(owner)
-        if not isinstance(module, nn.Linear) or kind not in ("weight", "bias") or counts[id(getattr(module, kind))] > 1:
-            return None
-        plan.setdefault(owner, []).append((kind, offset, width))
-        offset += width
-    return plan
+def _listed(items: Sequence[str]) -> str:
+    return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+
+def _warn_leaving(reason: str) -> None:
+    warnings.warn(f"per-example gradients by batched hooks given up ({reason}); using torch.func.vmap",
+                  RuntimeWarning, stacklevel=5)

@@ -1,0 +1,133 @@
+"""Per-example parameter gradients of the layer types transformers are made of, from captured calls.
+
+A rule first brings one captured call (capture.Call) to token form: an input a (B, T, in) and an
+output gradient b (B, T, out) over the T positions the layer ran on in each example (T = 1 for a
+layer applied once per example). From there, example i's gradients are
+
+    nn.Linear       y = x W^T + c      dW_i = sum_t b_it a_it^T  (out, in)    dc_i = sum_t b_it
+    HF Conv1D       y = x W + c        dW_i = sum_t a_it b_it^T  (in, out)    dc_i = sum_t b_it
+    nn.Embedding    y = W[ids]         dW_i = rows ids_it of zeros, b_it scatter-added (padding row 0)
+    nn.LayerNorm    y = x_hat w + c    dw_i = sum_t b_it * x_hat_it           dc_i = sum_t b_it
+
+(a is the ids (B, T) for Embedding and the normalised input x_hat for LayerNorm). Only modules
+running their type's own forward are covered; subclasses that override it are not. The token form
+is also what a per-token projection takes, so it never needs the (out, in) matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import Call, NotCaptured
+
+Tokens = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    tokens: Callable[[nn.Module, Call, int], Tokens]
+    grads: Callable[[nn.Module, torch.Tensor, torch.Tensor, str], torch.Tensor]  # (B, *parameter shape)
+
+
+def covers(module: nn.Module) -> bool:
+    """Whether the per-example gradients of `module`'s own parameters follow from its calls."""
+    return _rule_of(module) is not None
+
+
+def token_form(module: nn.Module, call: Call, rows: int) -> Tokens:
+    """(a (B, T, in) or ids (B, T), b (B, T, out)) of one call of a covered module on `rows` examples;
+    NotCaptured if the call's tensors are not batch-first or the module is not covered."""
+    rule = _rule_of(module)
+    if rule is None:
+        raise NotCaptured(f"{type(module).__name__} is not a layer type the hooks cover")
+    return rule.tokens(module, call, rows)
+
+
+def per_example_grad(module: nn.Module, leaf: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, *shape) gradients of the parameter `leaf` ("weight" or "bias") of a covered module, from
+    one call's token form."""
+    return _rule_of(module).grads(module, a, b, leaf)
+
+
+def mixes_examples(module: nn.Module) -> bool:
+    """Whether `module` in its current mode makes one example's output depend on the others of the
+    batch (BatchNorm normalising with batch statistics: in training mode, or without running stats)."""
+    batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return isinstance(module, batch_norms) and (module.training or module.running_mean is None)
+
+
+def _rule_of(module: nn.Module) -> _Rule | None:
+    kind = type(module)
+    if issubclass(kind, nn.Linear) and kind.forward is nn.Linear.forward:
+        return _LINEAR
+    if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."):
+        return _CONV1D
+    if (issubclass(kind, nn.Embedding) and kind.forward is nn.Embedding.forward and module.max_norm is None
+            and not module.scale_grad_by_freq):
+        return _EMBEDDING
+    if issubclass(kind, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward:
+        return _LAYER_NORM
+    return None
+
+
+def _batch_first(t: torch.Tensor, rows: int, tail: tuple[int, ...], what: str) -> torch.Tensor:
+    """`t` as (rows, T, prod(tail)), refusing a tensor that is not (rows, ..., *tail)."""
+    if t.dim() < 1 + len(tail) or t.shape[0] != rows or tuple(t.shape[t.dim() - len(tail):]) != tail:
+        raise NotCaptured(f"{what} of shape {tuple(t.shape)} is not (batch={rows}, ..., {', '.join(map(str, tail))})")
+    return t.reshape(rows, -1, math.prod(tail))
+
+
+def _dense_tokens(width_in: Callable[[nn.Module], int], width_out: Callable[[nn.Module], int]):
+    def tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
+        return (_batch_first(call.input, rows, (width_in(module),), "input"),
+                _batch_first(call.grad, rows, (width_out(module),), "output gradient"))
+    return tokens
+
+
+def _linear_grads(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
+    return torch.bmm(b.transpose(1, 2), a) if leaf == "weight" else b.sum(1)
+
+
+def _conv1d_grads(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
+    return torch.bmm(a.transpose(1, 2), b) if leaf == "weight" else b.sum(1)
+
+
+def _embedding_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
+    ids = call.input
+    if ids.dtype.is_floating_point or ids.dim() < 1 or ids.shape[0] != rows:
+        raise NotCaptured(f"ids of shape {tuple(ids.shape)} and dtype {ids.dtype} are not integers of shape "
+                          f"(batch={rows}, ...)")
+    return ids.reshape(rows, -1), _batch_first(call.grad, rows, (module.embedding_dim,), "output gradient")
+
+
+def _embedding_grads(module: nn.Module, ids: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
+    rows, tokens = ids.shape
+    g = b.new_zeros((rows, module.num_embeddings, module.embedding_dim))
+    example = torch.arange(rows, device=ids.device)[:, None].expand(rows, tokens)
+    g.index_put_((example, ids), b, accumulate=True)
+    if module.padding_idx is not None:
+        g[:, module.padding_idx] = 0  # torch gives the padding row no gradient
+    return g
+
+
+def _layer_norm_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
+    shape = tuple(module.normalized_shape)
+    x = _batch_first(call.input, rows, shape, "input")
+    x_hat = nn.functional.layer_norm(x, (x.shape[-1],), eps=module.eps)
+    return x_hat, _batch_first(call.grad, rows, shape, "output gradient")
+
+
+def _layer_norm_grads(module: nn.Module, x_hat: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
+    g = (x_hat * b).sum(1) if leaf == "weight" else b.sum(1)
+    return g.reshape(g.shape[0], *module.normalized_shape)
+
+
+_LINEAR = _Rule(_dense_tokens(lambda m: m.in_features, lambda m: m.out_features), _linear_grads)
+_CONV1D = _Rule(_dense_tokens(lambda m: m.weight.shape[0], lambda m: m.weight.shape[1]), _conv1d_grads)
+_EMBEDDING = _Rule(_embedding_tokens, _embedding_grads)
+_LAYER_NORM = _Rule(_layer_norm_tokens, _layer_norm_grads)
