@@ -22,15 +22,17 @@ _EXTRAS = {"jax": "pip install 'tracin[jax]'", "torch": "pip install 'tracin[tor
 
 
 class TrainedModel(Protocol):
-    """The demo's MLP after training, with its checkpoints (paths and learning rates)."""
+    """The demo's MLP after training, with its checkpoints (paths and learning rates) and its
+    accuracy on the held-out set after each epoch (float64 (epochs,))."""
 
     checkpoints: list[tuple[Path, float]]
+    held_out_accuracy: np.ndarray
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final model's outputs: float32 (n, 10) for x float32 (n, 64)."""
 
-    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
-        """Per-example loss gradients at every checkpoint, written to a finished GradientStore at path."""
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
+        """Per-example loss gradients at the first `traced` checkpoints, written to a finished GradientStore at path."""
 
 
 Train = Callable[[NoisyDigits, TrainingConfig, Path, Callable[[int], None]], TrainedModel]

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 _STYLES = {  # method -> (line style, colour)
-    "TracIn self-influence": ("-", "tab:blue"),
+    "TracIn self-influence (recipe)": ("-", "tab:blue"),
+    "TracIn self-influence, all checkpoints": ("-", "tab:purple"),
     "loss (final model)": ("--", "tab:orange"),
     "random": (":", "tab:green"),
     "perfect detector": ("-.", "black"),
@@ -42,6 +43,30 @@ def plot_detection(curves: dict[str, np.ndarray], path: Path, flip_rate: float) 
     ax.set_ylim(0, 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], traced: int, path: Path) -> Path:
+    """Held-out accuracy (float (epochs,)) after each epoch, the checkpoints (0-based epochs, ascending)
+    as dots, the first `traced` of them filled: the ones the recipe traces."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    epochs = np.arange(1, len(accuracy) + 1)
+    ax.plot(epochs, accuracy, color="tab:grey", linewidth=1.5, label="held-out accuracy after each epoch")
+    saved = np.asarray(checkpoint_epochs)
+    ax.plot(saved[:traced] + 1, accuracy[saved[:traced]], "o", color="tab:blue", label="checkpoints traced")
+    ax.plot(saved[traced:] + 1, accuracy[saved[traced:]], "o", markerfacecolor="white", color="tab:blue",
+            label="checkpoints not traced")
+    best = int(np.argmax(accuracy))
+    ax.axvline(best + 1, color="black", linestyle="--", linewidth=1, label=f"best held-out epoch ({best + 1})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy on held-out digits")
+    ax.set_title("The recipe traces the checkpoints up to the held-out peak")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -6,6 +6,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .recipe import RULE
+
 if TYPE_CHECKING:
     from .run import DemoConfig, DemoResult
 
@@ -33,12 +35,15 @@ def summary_rows(result: DemoResult) -> list[str]:
 
 def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
     """Writes report.md (Markdown, figures linked by relative path) and returns its path."""
-    from .run import LOSS, PERFECT, RANDOM, TRACIN
+    from .run import DIAGNOSED, LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     first = min(result.found[TRACIN])
-    found = {name: result.found[name][first] for name in (TRACIN, LOSS, RANDOM, PERFECT)}
+    found = {name: result.found[name][first] for name in (TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT)}
     epochs, checkpoints = config.training.epochs, config.training.checkpoints
+    traced = result.checkpoint_epochs[:result.traced]
+    which = f"the first checkpoint (epoch {traced[0]}) was" if len(traced) == 1 else \
+        f"the first {len(traced)} checkpoints (epochs {traced[0]} to {traced[-1]}) were"
     lines = [
         "# tracin demo: finding mislabelled digits",
         "",
@@ -47,18 +52,40 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         f"labels reached {result.train_accuracy_noisy:.1%} accuracy on them (it memorised most flipped "
         f"labels too) and {result.test_accuracy:.1%} on the correctly labelled test set.",
         "",
+        "## Which checkpoints are traced",
+        "",
+        f"The recipe: {RULE}. It was chosen from the measurements of `benchmarks/quality` (it won or tied "
+        "on every dataset there) and needs nothing but the training run: no labels known to be wrong.",
+        "",
+        f"Here {checkpoints} checkpoints were saved, after epochs {', '.join(map(str, result.checkpoint_epochs))}; "
+        f"held-out accuracy was best after epoch {result.best_epoch}, so {which} traced. After the peak the model "
+        "memorises the flipped labels: they are fitted, their gradients shrink, and later checkpoints rank them "
+        "lower.",
+        "",
+        "![held-out accuracy](held_out_accuracy.png)",
+        "",
+        f"The diagnostic below (`tracin.report.checkpoint_diagnostics`, which you can run on your own gradient "
+        f"store) uses all {checkpoints} checkpoints. Left: each checkpoint's share of the summed self-influence, "
+        f"over the {DIAGNOSED:.0%} of the rows ranked highest and over all rows: checkpoints with a larger share "
+        "among the top rows than among all rows are the ones that put those rows on top. Right: the fraction "
+        "of the top rows that tracing only checkpoints 1..c shares with tracing all of them; where it is low, "
+        "the later checkpoints reorder the ranking.",
+        "",
+        "![per-checkpoint diagnostics](checkpoint_diagnostics.png)",
+        "",
         "## Finding the flipped labels",
         "",
-        f"Every training example was scored by TracIn self-influence over {checkpoints} checkpoints and "
-        "inspected from the highest score down. The table gives the fraction of the flipped labels found "
+        "Every training example was scored by TracIn self-influence over the traced checkpoints "
+        "and inspected from the highest score down. The table gives the fraction of the flipped labels found "
         "after inspecting a fraction of the training set:",
         "",
         *summary_rows(result),
         "",
         f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
         f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
-        f"one). TracIn self-influence found {found[TRACIN]:.1%}, ranking by the final model's loss "
-        f"{found[LOSS]:.1%}, and inspecting at random finds {found[RANDOM]:.1%} on average.",
+        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over all {checkpoints} checkpoints "
+        f"{found[TRACIN_ALL]:.1%}), ranking by the final model's loss {found[LOSS]:.1%}, and inspecting at random "
+        f"finds {found[RANDOM]:.1%} on average.",
         "",
         "![mislabel detection](mislabel_detection.png)",
         "",
@@ -78,8 +105,9 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "",
         "- `self_influence_ranking.csv`: every training example, highest self-influence first, with its "
         "given and true label (`digits_row` is its row in `sklearn.datasets.load_digits()`).",
-        "- `grads/train`, `grads/test`: the per-example gradients at every checkpoint, as tracin gradient "
-        "stores (`tracin.GradientStore.open(path)` in Python).",
+        "- `grads/train`, `grads/test`: the per-example gradients at the traced checkpoints, as tracin gradient "
+        "stores (`tracin.GradientStore.open(path)` in Python); `grads/train_all_checkpoints`: the training "
+        "examples' gradients at every checkpoint, for the diagnostics.",
         "- `checkpoints/`: the model at each checkpoint.",
         "",
         "## Next: the command line on these stores",

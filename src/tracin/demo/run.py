@@ -13,16 +13,20 @@ import numpy as np
 import tracin
 
 from .._progress import progress_bar
+from ..report import checkpoint_diagnostics
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import fresh_store_path, trainer
 from .mlp import cross_entropy
-from .plots import GridExample, plot_detection, plot_influence_grid
+from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
+from .recipe import checkpoints_to_trace
 from .report import summary_rows, write_report
 from .training import TrainingConfig
 
 INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the summary
-TRACIN, LOSS, RANDOM, PERFECT = "TracIn self-influence", "loss (final model)", "random", "perfect detector"
+DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
+TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
+LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,9 @@ class DemoConfig:
 @dataclass
 class DemoResult:
     """found[method][fraction]: fraction of the flipped labels found after inspecting that fraction
-    of the training set, methods TRACIN, LOSS, RANDOM, PERFECT; next_commands: shell lines to try."""
+    of the training set, methods TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT; next_commands: shell lines
+    to try; checkpoint_epochs: 1-based epoch of each checkpoint saved; best_epoch: 1-based epoch of
+    best held-out accuracy; traced: how many checkpoints (the first ones) the recipe traced."""
 
     framework: str
     n_train: int
@@ -53,6 +59,9 @@ class DemoResult:
     seconds: float
     files: dict[str, Path]
     next_commands: list[str]
+    checkpoint_epochs: list[int]
+    best_epoch: int
+    traced: int
 
     @property
     def flip_rate(self) -> float:
@@ -65,7 +74,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     start = time.perf_counter()
     framework, train = trainer(config.framework)
     out = Path(config.output)
-    stores = {side: fresh_store_path(out / "grads" / side) for side in ("train", "test")}
+    stores = {name: fresh_store_path(out / "grads" / folder) for name, folder in
+              (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))}
     data = load_noisy_digits(config.noise, config.seed)
     flipped = data.flipped
     log(f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
@@ -83,13 +93,22 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     test_acc = float((test_pred == data.y_test).mean())
     log(f"accuracy on the noisy training labels {train_acc:.1%}, on the test set {test_acc:.1%}")
 
-    train_grads = model.export(data.x_train, data.y_train, stores["train"], progress)
-    test_grads = model.export(data.x_test, data.y_test, stores["test"], progress)
+    epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
+    traced = checkpoints_to_trace(epochs, model.held_out_accuracy)
+    best_epoch = int(np.argmax(model.held_out_accuracy)) + 1
+    log(f"held-out accuracy peaked after epoch {best_epoch} ({model.held_out_accuracy.max():.1%}): tracing "
+        f"checkpoints 1-{traced} of {len(epochs)} (epochs {epochs[0] + 1}-{epochs[traced - 1] + 1})")
+
+    train_grads = model.export(data.x_train, data.y_train, stores["train"], progress, traced)
+    test_grads = model.export(data.x_test, data.y_test, stores["test"], progress, traced)
+    every = model.export(data.x_train, data.y_train, stores["train, all checkpoints"], progress, len(epochs))
     self_influence = tracin.self_influence(train_grads)
 
     n, n_flipped = len(flipped), int(flipped.sum())
-    curves = {TRACIN: detection_curve(self_influence, flipped), LOSS: detection_curve(train_loss, flipped),
-              RANDOM: random_curve(n, n_flipped), PERFECT: perfect_curve(n, n_flipped)}
+    curves = {TRACIN: detection_curve(self_influence, flipped),
+              TRACIN_ALL: detection_curve(tracin.self_influence(every), flipped),
+              LOSS: detection_curve(train_loss, flipped), RANDOM: random_curve(n, n_flipped),
+              PERFECT: perfect_curve(n, n_flipped)}
     found = {name: {f: found_at(c, f) for f in INSPECTED} for name, c in curves.items()}
 
     shown = _shown_test_rows(test_pred, data.y_test, config.examples)
@@ -97,16 +116,25 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     examples = [GridExample(data.x_test[t], int(data.y_test[t]), int(test_pred[t]),
                             both.proponents.indices[t], both.proponents.values[t],
                             both.opponents.indices[t], both.opponents.values[t]) for t in shown]
+    diagnostics = checkpoint_diagnostics(every, top=max(1, round(DIAGNOSED * n)),
+                                         path=out / "checkpoint_diagnostics.png",
+                                         layers_per_checkpoint=every.n_checkpoints // len(epochs),
+                                         labels=[f"ep {e + 1}" for e in epochs], traced=traced)
     files = {
+        "held-out accuracy": plot_held_out_accuracy(model.held_out_accuracy, epochs, traced,
+                                                    out / "held_out_accuracy.png"),
+        "checkpoint diagnostics": diagnostics.figure,
         "detection": plot_detection(curves, out / "mislabel_detection.png", data.flip_rate),
         "influence": plot_influence_grid(examples, data.x_train, data.y_train, data.y_train_clean,
                                          out / "proponents_opponents.png"),
         "ranking": _write_ranking(out / "self_influence_ranking.csv", self_influence, train_loss, data),
         "train store": stores["train"],
         "test store": stores["test"],
+        "train store, all checkpoints": stores["train, all checkpoints"],
     }
     seconds = time.perf_counter() - start
-    result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, seconds, files, _next_commands(out))
+    result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, seconds, files, _next_commands(out),
+                        [e + 1 for e in epochs], best_epoch, traced)
     files["report"] = write_report(out / "report.md", result, config)
     log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
     for row in summary_rows(result):

@@ -18,7 +18,7 @@ class TrainingConfig:
     learning_rate: float = 0.1
     momentum: float = 0.9
     decay_at: float = 0.6  # fraction of epochs after which the rate drops 10x
-    checkpoints: int = 5
+    checkpoints: int = 10  # one every 10% of training (the recipe of tracin.demo.recipe)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -32,6 +32,11 @@ class TrainingConfig:
     def checkpoint_epochs(self) -> set[int]:
         """0-based epochs after which a checkpoint is saved: `checkpoints` evenly spaced, the last one included."""
         return set(np.linspace(0, self.epochs, self.checkpoints + 1, dtype=int)[1:] - 1)
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of rows whose largest logit (n, classes) is at the label y (n,)."""
+    return float((np.asarray(logits).argmax(1) == np.asarray(y)).mean())
 
 
 def batches(config: TrainingConfig, n: int) -> Iterator[tuple[int, list[np.ndarray]]]:

@@ -14,7 +14,7 @@ from ..jax import export_gradients
 from ..store import GradientStore
 from .data import NoisyDigits
 from .mlp import Params, init_params
-from .training import TrainingConfig, batches, sgd_momentum
+from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
 
 def _logits(params, x):
@@ -35,16 +35,18 @@ def _mean_loss(params, x, y):
 class JaxMLP:
     """The trained parameters (a dict of arrays); checkpoints are .npz files of them."""
 
-    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]]):
+    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]], held_out_accuracy: np.ndarray):
         self.params = params
         self.checkpoints = checkpoints
+        self.held_out_accuracy = held_out_accuracy
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(jax.jit(_logits)(self.params, x))
 
-    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
-        """tracin.jax.export_gradients in "full" mode: one row of all parameters per example and checkpoint."""
-        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints]
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
+        """tracin.jax.export_gradients in "full" mode at the first `traced` checkpoints: one row of all
+        parameters per example and checkpoint."""
+        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints[:traced]]
         return export_gradients(_per_example_loss, states, (x, y), store=path, progress=progress)
 
 
@@ -65,13 +67,15 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
     velocity = {k: jnp.zeros_like(v) for k, v in params.items()}
     save_at = config.checkpoint_epochs()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoints = []
+    checkpoints, held_out = [], []
+    logits = jax.jit(_logits)
     for epoch, epoch_batches in batches(config, len(data.x_train)):
         lr = config.learning_rate_at(epoch)
         params, velocity = epoch_steps(params, velocity, epoch_batches, jnp.float32(lr))
+        held_out.append(accuracy(logits(params, data.x_test), data.y_test))
         if epoch in save_at:
             path = directory / f"checkpoint_{epoch + 1:04d}.npz"
             np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
             checkpoints.append((path, lr))
         on_epoch(epoch)
-    return JaxMLP({k: np.asarray(v) for k, v in params.items()}, checkpoints)
+    return JaxMLP({k: np.asarray(v) for k, v in params.items()}, checkpoints, np.array(held_out))

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 from ..store import GradientStore
 from .data import NoisyDigits
 from .mlp import LAYERS, Params, batch_gradient, forward, init_params, per_example_factors
-from .training import TrainingConfig, batches, sgd_momentum
+from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
 _ROWS_PER_WRITE = 512
 
@@ -19,17 +19,18 @@ _ROWS_PER_WRITE = 512
 class NumpyMLP:
     """The trained MLP; checkpoints are .npz files of its parameters (mlp.Params)."""
 
-    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]]):
+    def __init__(self, params: Params, checkpoints: list[tuple[Path, float]], held_out_accuracy: np.ndarray):
         self.params = params
         self.checkpoints = checkpoints
+        self.held_out_accuracy = held_out_accuracy
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return forward(self.params, x)[1]
 
-    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
-        """A factored store: checkpoint c, layer l at position c * 2 + l, left d(loss)/d(output)
-        (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning rate."""
-        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints]
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
+        """A factored store of the first `traced` checkpoints: checkpoint c, layer l at position c * 2 + l,
+        left d(loss)/d(output) (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning rate."""
+        states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints[:traced]]
         dims = [(self.params[w].shape[1], self.params[w].shape[0] + 1) for _ in states for w, _ in LAYERS]
         weights = [lr for _, lr in states for _ in LAYERS]
         meta = {"framework": "numpy", "mode": "factored", "layers": None, "projection": None,
@@ -58,15 +59,16 @@ def _train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch:
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     save_at = config.checkpoint_epochs()
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoints = []
+    checkpoints, held_out = [], []
     for epoch, epoch_batches in batches(config, len(data.x_train)):
         lr = config.learning_rate_at(epoch)
         for rows in epoch_batches:
             grads = batch_gradient(params, data.x_train[rows], data.y_train[rows])
             params, velocity = sgd_momentum(params, velocity, grads, lr, config.momentum)
+        held_out.append(accuracy(forward(params, data.x_test)[1], data.y_test))
         if epoch in save_at:
             path = directory / f"checkpoint_{epoch + 1:04d}.npz"
             np.savez(path, **params)
             checkpoints.append((path, lr))
         on_epoch(epoch)
-    return NumpyMLP(params, checkpoints)
+    return NumpyMLP(params, checkpoints, np.array(held_out))

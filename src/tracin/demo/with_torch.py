@@ -16,7 +16,7 @@ from ..store import GradientStore
 from ..torch import export_gradients
 from .data import NoisyDigits
 from .mlp import init_params
-from .training import TrainingConfig, batches
+from .training import TrainingConfig, accuracy, batches
 
 
 def _per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -37,18 +37,19 @@ def _one_thread() -> Iterator[None]:
 class TorchMLP:
     """The trained nn.Sequential; checkpoints are .pt state dicts."""
 
-    def __init__(self, model: nn.Module, checkpoints: list[tuple[Path, float]]):
+    def __init__(self, model: nn.Module, checkpoints: list[tuple[Path, float]], held_out_accuracy: np.ndarray):
         self.model = model
         self.checkpoints = checkpoints
+        self.held_out_accuracy = held_out_accuracy
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).numpy()
 
-    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool) -> GradientStore:
-        """tracin.torch.export_gradients in "factored" mode: exact, both layers."""
+    def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
+        """tracin.torch.export_gradients in "factored" mode at the first `traced` checkpoints: exact, both layers."""
         with _one_thread():
-            return export_gradients(self.model, self.checkpoints, (torch.from_numpy(x), torch.from_numpy(y)),
+            return export_gradients(self.model, self.checkpoints[:traced], (torch.from_numpy(x), torch.from_numpy(y)),
                                     _per_example_cross_entropy, mode="factored", store=path, progress=progress)
 
 
@@ -70,9 +71,10 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
         model = _model(data, config)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        x_held_out = torch.from_numpy(data.x_test)
         save_at = config.checkpoint_epochs()
         directory.mkdir(parents=True, exist_ok=True)
-        checkpoints = []
+        checkpoints, held_out = [], []
         for epoch, epoch_batches in batches(config, len(x)):
             lr = config.learning_rate_at(epoch)
             for group in optimizer.param_groups:
@@ -82,9 +84,11 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
                 optimizer.zero_grad()
                 F.cross_entropy(model(x[rows]), y[rows]).backward()
                 optimizer.step()
+            with torch.no_grad():
+                held_out.append(accuracy(model(x_held_out).numpy(), data.y_test))
             if epoch in save_at:
                 path = directory / f"checkpoint_{epoch + 1:04d}.pt"
                 torch.save(model.state_dict(), path)
                 checkpoints.append((path, lr))
             on_epoch(epoch)
-    return TorchMLP(model, checkpoints)
+    return TorchMLP(model, checkpoints, np.array(held_out))
