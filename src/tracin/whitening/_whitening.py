@@ -93,17 +93,16 @@ class Whitening:
             0.517 vs 0.391 at 0.1 and 0.182 at 0.001; see the README).
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix.
-        max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
-            above it a ValueError points to projection.
-        progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
-        num_threads: BLAS threads (None: BLAS's default; a number needs threadpoolctl).
-
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
-            rows each (BLAS syrk, as fast as NumPy's float32 G.T @ G), each entry within about
+            rows each (BLAS syrk, near the speed of NumPy's float32 G.T @ G), each entry within about
             4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically 64 times less), which
             (R + lambda I)^-1 amplifies by up to its condition number (at most 1 + d / damping);
             "float64" multiplies in float64 (exact to float64 rounding) at about half the speed:
             for small damping.
+        max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
+            above it a ValueError points to projection.
+        progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
+        num_threads: BLAS threads (None: BLAS's default; a number needs threadpoolctl).
         """
         from ..scoring import as_gradient_set
 
