@@ -47,8 +47,9 @@ class DemoConfig:
 class DemoResult:
     """found[method][fraction]: fraction of the flipped labels found after inspecting that fraction
     of the training set, methods TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT; next_commands: shell lines
-    to try; checkpoint_epochs: 1-based epoch of each checkpoint saved; best_epoch: 1-based epoch of
-    best held-out accuracy; traced: how many checkpoints (the first ones) the recipe traced."""
+    to try; held_out_accuracy: float64 (epochs,) after each epoch; checkpoint_epochs: 1-based epoch of
+    each checkpoint saved; best_epoch: 1-based epoch of best held-out accuracy; traced: how many
+    checkpoints (the first ones) the recipe traced."""
 
     framework: str
     n_train: int
@@ -59,6 +60,7 @@ class DemoResult:
     seconds: float
     files: dict[str, Path]
     next_commands: list[str]
+    held_out_accuracy: np.ndarray
     checkpoint_epochs: list[int]
     best_epoch: int
     traced: int
@@ -134,7 +136,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     }
     seconds = time.perf_counter() - start
     result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, seconds, files, _next_commands(out),
-                        [e + 1 for e in epochs], best_epoch, traced)
+                        model.held_out_accuracy, [e + 1 for e in epochs], best_epoch, traced)
     files["report"] = write_report(out / "report.md", result, config)
     log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
     for row in summary_rows(result):
