@@ -3,6 +3,8 @@
 Each builder yields Case objects holding closures over their data; the runner (benchmarks/kernel.py)
 times the contenders of one case interleaved, then checks the results. Data is random Gaussian
 float32 (ties are then vanishingly rare, so a row that differs from the reference is a bug).
+Every builder takes `isa`: "native" (tracin.top_k as users call it), or an instruction set to force
+on tracin's kernel ("avx2" on an AVX-512 CPU measures the AVX2 path there).
 """
 
 from __future__ import annotations
@@ -91,10 +93,34 @@ class Data:
         return self._cache[key]
 
 
-def _tracin(test, train, k: int, side: str, threads: int) -> Callable[[], object]:
+def native_isa() -> str:
+    """The instruction set tracin's kernel picks on this CPU ("avx512", "avx2" or "generic")."""
+    from tracin import _core
+
+    return _core.resolve_isa("auto")
+
+
+def _tracin(test, train, k: int, side: str, threads: int, isa: str = "native") -> Callable[[], object]:
+    """tracin.top_k on (test, train); with `isa` other than this CPU's own, the same kernel call with
+    its instruction set forced (tracin._core.top_k(..., isa=isa)), results as tracin.top_k gives them."""
     import tracin
 
-    return lambda: tracin.top_k(test, train, k, side, num_threads=threads)
+    if isa in ("native", native_isa()):
+        return lambda: tracin.top_k(test, train, k, side, num_threads=threads)
+    from tracin import _core
+    from tracin.gradients import GradientSet
+
+    t, x = (s if isinstance(s, GradientSet) else tracin.Gradients(s) for s in (test, train))
+    weights = list(x.weights if x.weights_given else t.weights)
+    code, kk = {"proponents": 0, "opponents": 1, "both": 2}[side], min(k, x.n_rows)
+    t_side, x_side = t.kernel_side(), x.kernel_side()
+
+    def run():
+        pv, pi, ov, oi = _core.top_k(t_side, x_side, weights, kk, code, num_threads=threads, isa=isa)
+        prop, opp = tracin.TopK(pv, pi), tracin.TopK(ov, oi)
+        return {"proponents": prop, "opponents": opp, "both": (prop, opp)}[side]
+
+    return run
 
 
 def _one_sided(m: int, n: int, d: int, k: int, itemsize: int = F32) -> tuple[float, float]:
@@ -107,7 +133,8 @@ def _dense(m: int, n: int, d: int, select: bool) -> tuple[float, float]:
     return 2.0 * m * n * d, (n + m) * d * F32 + m * n * F32 * (2 if select else 1)
 
 
-def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int) -> list[Contender]:
+def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int,
+               isa: str = "native") -> list[Contender]:
     """tracin, faiss, numpy, torch and the bare sgemm on one (q, x) problem."""
     import torch
 
@@ -123,7 +150,7 @@ def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int) ->
         faiss_run = lambda: peers.faiss_top_k(index, q, k)  # noqa: E731
     one = _one_sided(m, n, d, k)
     return [
-        Contender("tracin", "tracin", _tracin(q, x, k, side, threads), *one, threads),
+        Contender("tracin", "tracin", _tracin(q, x, k, side, threads, isa), *one, threads),
         Contender("faiss", "faiss", faiss_run, one[0] * searches, one[1] * searches, threads),
         Contender("numpy", "numpy", lambda: peers.numpy_top_k(q, x, k, side), *_dense(m, n, d, True), threads),
         Contender("torch", "torch", lambda: peers.torch_top_k(tq, tx, k, side), *_dense(m, n, d, True), threads),
@@ -135,35 +162,35 @@ _PEER_RATIOS = {"tracin vs faiss": ("faiss", "tracin"), "tracin vs numpy": ("num
                 "tracin vs torch": ("torch", "tracin"), "tracin vs sgemm": ("sgemm", "tracin")}
 
 
-def top10(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def top10(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """Headline: one-sided top-10 against every peer."""
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
     checks = [Check("tracin", "faiss", q, x), Check("tracin", "numpy", q, x)]
     yield Case("top10", f"one-sided top-10, m={m} n={n} d={d} fp32",
                {"m": m, "n": n, "d": d, "k": 10, "side": "proponents", "dtype": "float32", "threads": threads},
-               _all_peers(q, x, 10, "proponents", threads), dict(_PEER_RATIOS), checks)
+               _all_peers(q, x, 10, "proponents", threads, isa), dict(_PEER_RATIOS), checks)
 
 
-def both(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def both(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """Proponents and opponents in one tracin call; faiss needs two searches (q and -q)."""
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
     checks = [Check("tracin", "faiss", q, x, "both"), Check("tracin", "numpy", q, x, "both")]
     yield Case("both", f"both sides top-10 in one call vs two faiss searches, m={m} n={n} d={d}",
                {"m": m, "n": n, "d": d, "k": 10, "side": "both", "dtype": "float32", "threads": threads},
-               _all_peers(q, x, 10, "both", threads), dict(_PEER_RATIOS), checks)
+               _all_peers(q, x, 10, "both", threads, isa), dict(_PEER_RATIOS), checks)
 
 
-def skinny(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def skinny(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """Few queries against a large train side, fp32 and fp16 train (faiss and the rest get fp32)."""
     m, n, d = sizes.skinny
     k = 10
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
     x16 = x.astype(np.float16)
-    contenders = _all_peers(q, x, k, "proponents", threads)
+    contenders = _all_peers(q, x, k, "proponents", threads, isa)
     contenders[0].name = "tracin fp32"
-    contenders.insert(1, Contender("tracin fp16", "tracin", _tracin(q, x16, k, "proponents", threads),
+    contenders.insert(1, Contender("tracin fp16", "tracin", _tracin(q, x16, k, "proponents", threads, isa),
                                    *_one_sided(m, n, d, k, itemsize=2), threads))
     fp16_reference = lambda: peers.numpy_top_k(q, x16.astype(np.float32), k)  # noqa: E731
     checks = [Check("tracin fp32", "faiss", q, x), Check("tracin fp32", "numpy", q, x),
@@ -176,7 +203,7 @@ def skinny(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
                 "threads": threads}, contenders, ratios, checks)
 
 
-def k_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def k_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """Cost as k grows: tracin and faiss at each k, in one interleaved run."""
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
@@ -185,7 +212,7 @@ def k_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
     ks = [k for k in sizes.ks if k <= n]
     for k in ks:
         flops, nbytes = _one_sided(m, n, d, k)
-        contenders.append(Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads),
+        contenders.append(Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads, isa),
                                     flops, nbytes, threads))
         contenders.append(Contender(f"faiss k={k}", "faiss", lambda k=k: peers.faiss_top_k(index, q, k),
                                     flops, nbytes, threads))
@@ -199,7 +226,7 @@ def k_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
                contenders, ratios, checks)
 
 
-def checkpoints(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def checkpoints(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """C checkpoints of d dims against one checkpoint of C*d dims (the same scores)."""
     import tracin
 
@@ -214,8 +241,9 @@ def checkpoints(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
     flops, nbytes = _one_sided(m, n, c * d, k)
     index = peers.faiss_index(x_folded)
     contenders = [
-        Contender(f"tracin C={c}", "tracin", _tracin(*many, k, "proponents", threads), flops, nbytes, threads),
-        Contender(f"tracin 1x{c * d}", "tracin", _tracin(q_folded, x_folded, k, "proponents", threads),
+        Contender(f"tracin C={c}", "tracin", _tracin(*many, k, "proponents", threads, isa), flops, nbytes,
+                  threads),
+        Contender(f"tracin 1x{c * d}", "tracin", _tracin(q_folded, x_folded, k, "proponents", threads, isa),
                   flops, nbytes, threads),
         Contender("faiss", "faiss", lambda: peers.faiss_top_k(index, q_folded, k), flops, nbytes, threads),
         Contender("sgemm", "sgemm", peers.bare_sgemm(q_folded, x_folded), *_dense(m, n, c * d, False), threads),
@@ -234,7 +262,7 @@ def _materialise(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return (left[:, :, None] * right[:, None, :]).reshape(left.shape[0], -1)
 
 
-def factored(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def factored(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """Last-layer factors (left p, right q with a bias column) against the materialised p*q rows."""
     import tracin
 
@@ -252,8 +280,9 @@ def factored(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
     full = _one_sided(m, n, p * q, k)
     fact = (2.0 * m * n * (p + q) + m * n, n * (p + q) * F32 + m * (p + q) * F32 + m * k * 12.0)
     contenders = [
-        Contender("tracin factored", "tracin", _tracin(test_f, train_f, k, "proponents", threads), *fact, threads),
-        Contender("tracin materialised", "tracin", _tracin(test_full, train_full, k, "proponents", threads),
+        Contender("tracin factored", "tracin", _tracin(test_f, train_f, k, "proponents", threads, isa), *fact,
+                  threads),
+        Contender("tracin materialised", "tracin", _tracin(test_full, train_full, k, "proponents", threads, isa),
                   *full, threads),
         Contender("faiss materialised", "faiss", lambda: peers.faiss_top_k(index, test_full, k), *full, threads),
         Contender("sgemm materialised", "sgemm", peers.bare_sgemm(test_full, train_full),
@@ -277,7 +306,7 @@ def _limited(fn: Callable[[], object], threads: int) -> Callable[[], object]:
     return run
 
 
-def thread_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def thread_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """1 thread against `threads` threads for tracin, faiss and the bare sgemm."""
     m, _, d = sizes.main
     n = sizes.threads_n
@@ -289,7 +318,7 @@ def thread_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
     sgemm = peers.bare_sgemm(q, x)
     for t in counts:
         contenders += [
-            Contender(f"tracin t={t}", "tracin", _tracin(q, x, 10, "proponents", t), flops, nbytes, t),
+            Contender(f"tracin t={t}", "tracin", _tracin(q, x, 10, "proponents", t, isa), flops, nbytes, t),
             Contender(f"faiss t={t}", "faiss", _limited(lambda: peers.faiss_top_k(index, q, 10), t),
                       flops, nbytes, t),
             Contender(f"sgemm t={t}", "sgemm", _limited(sgemm, t), *_dense(m, n, d, False), t),
@@ -304,7 +333,7 @@ def thread_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
                {"m": m, "n": n, "d": d, "k": 10, "thread_counts": counts}, contenders, ratios, checks)
 
 
-def n_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
+def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
     """tracin, faiss and the bare sgemm as the train side grows."""
     m, d, ns = sizes.n_scan
     q, x_all = data.matrix(m, d, "scan-test"), data.matrix(max(ns), d)
@@ -313,7 +342,7 @@ def n_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
         index = peers.faiss_index(x)
         one = _one_sided(m, n, d, 10)
         contenders = [
-            Contender("tracin", "tracin", _tracin(q, x, 10, "proponents", threads), *one, threads),
+            Contender("tracin", "tracin", _tracin(q, x, 10, "proponents", threads, isa), *one, threads),
             Contender("faiss", "faiss", lambda index=index: peers.faiss_top_k(index, q, 10), *one, threads),
             Contender("sgemm", "sgemm", peers.bare_sgemm(q, x), *_dense(m, n, d, False), threads),
         ]
@@ -324,7 +353,7 @@ def n_scan(sizes: Sizes, data: Data, threads: int) -> Iterator[Case]:
         del index, contenders
 
 
-GROUPS: dict[str, Callable[[Sizes, Data, int], Iterator[Case]]] = {
+GROUPS: dict[str, Callable[[Sizes, Data, int, str], Iterator[Case]]] = {
     "top10": top10, "both": both, "skinny": skinny, "k": k_scan, "checkpoints": checkpoints,
     "factored": factored, "threads": thread_scan, "n": n_scan,
 }

@@ -1,13 +1,16 @@
 """Kernel speed benchmark: tracin.top_k against faiss, numpy, torch and the bare sgemm.
 
     python -m benchmarks.kernel [--quick] [--cases top10,both,...] [--repeats 5] [--threads 2]
+                                [--isa native,avx2]
 
 Run from a source checkout with the bench extra (pip install 'tracin[bench]'). Each case times its
 contenders interleaved (warm-up, then `repeats` rounds; medians), checks the top-k results against
 a peer in float64 (ties forgiven, nothing else), and puts each time against the roofline measured
 on this machine. Writes results/kernel.json and PNG plots beside it (--quick: kernel_quick.json in
 a new temporary folder, so smoke runs leave nothing in the checkout); `benchmarks.report` turns
-the JSON into the README table.
+the JSON into the README table. --isa runs every case once per instruction set of tracin's kernel
+(native: the one it picks on this CPU; avx2 on an AVX-512 CPU forces the AVX2 path), the peers
+timed again beside it; each case record names the set it ran with.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .exactness import check_top_k
 from .peers import thread_limits
 
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+ISA_NAMES = ("native", "avx512", "avx2", "generic")
 BENCH_EXTRA = ("faiss", "torch", "matplotlib", "threadpoolctl")  # modules of pip install 'tracin[bench]'
 
 
@@ -100,6 +104,19 @@ def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) ->
             "ratios": ratios, "checks": _checks(case, stash)}
 
 
+def resolve_isas(names: list[str]) -> list[str]:
+    """The distinct instruction sets tracin's kernel runs with for `names` on this CPU, in order
+    ("native" -> the one it picks; a set the CPU lacks -> the one it falls back to)."""
+    from tracin import _core
+
+    out: list[str] = []
+    for name in names:
+        isa = _core.resolve_isa("auto" if name == "native" else name)
+        if isa not in out:
+            out.append(isa)
+    return out
+
+
 def attach_rooflines(case_records: list[dict], limits: dict) -> None:
     """Raises the peak at each thread count to the fastest bare sgemm seen at that count in the run
     (a peak measured while the machine was busy is too low; the machine did at least that), then
@@ -124,10 +141,12 @@ def roofline_limit(case: dict, numerator: str, denominator: str) -> float:
     return top / den["roofline"]["bound_s"]
 
 
-def evaluate_goals(case_records: list[dict]) -> list[dict]:
+def evaluate_goals(case_records: list[dict], isa: str | None = None) -> list[dict]:
     """Each goal with its measured value, its roofline limit and whether it is met (None: not
-    run or report only); plus one exactness goal over every check made."""
-    by_name = {c["name"]: c for c in case_records}
+    run or report only), on the cases run with instruction set `isa` (None: all cases); plus one
+    exactness goal over every check made on them."""
+    records = [c for c in case_records if isa is None or c.get("isa") == isa]
+    by_name = {c["name"]: c for c in records}
     out = []
     for g in GOALS:
         case = by_name.get(g.case, {})
@@ -139,12 +158,12 @@ def evaluate_goals(case_records: list[dict]) -> list[dict]:
             if g.op != "report":
                 met = measured >= g.target if g.op == ">=" else measured <= g.target
         out.append({"goal": g.description, "case": g.case, "ratio": g.ratio, "op": g.op,
-                    "target": g.target, "measured": measured, "roofline_limit": limit, "met": met})
-    checks = [ch for c in case_records for ch in c["checks"]]
+                    "target": g.target, "measured": measured, "roofline_limit": limit, "met": met, "isa": isa})
+    checks = [ch for c in records for ch in c["checks"]]
     wrong = sum(not ch["ok"] for ch in checks)
     out.append({"goal": "exact: top-k equal to the peers' except at ties", "case": "all", "ratio": "wrong checks",
                 "op": "<=", "target": 0, "measured": wrong, "roofline_limit": None,
-                "met": wrong == 0 if checks else None})
+                "met": wrong == 0 if checks else None, "isa": isa})
     return out
 
 
@@ -161,37 +180,44 @@ def _versions() -> dict:
 
 
 def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, warmup: int,
-        quick: bool, log: Callable[[str], None] = print) -> dict:
-    """Measures the machine's limits, then every case of `groups`; the JSON payload."""
+        quick: bool, log: Callable[[str], None] = print, isas: list[str] | None = None) -> dict:
+    """Measures the machine's limits, then every case of `groups` once per instruction set of
+    `isas` (resolved names, default: this CPU's own); the JSON payload."""
+    isas = isas or resolve_isas(["native"])
+    native = case_defs.native_isa()
     thread_counts = sorted({1, threads})
     log(f"measuring peak sgemm and read bandwidth at threads {thread_counts} ...")
     limits = roofline.machine_limits(thread_counts, quick=quick)
     log(f"  {limits['peak_sgemm_gflops']} GFLOP/s, {limits['read_bandwidth_gbs']} GB/s")
     data = case_defs.Data()
     records = []
-    for group in groups:
-        for case in case_defs.GROUPS[group](sizes, data, threads):
-            log(f"case {case.name}: {case.title}")
-            with thread_limits(threads):
+    for isa in isas:
+        log(f"tracin kernel: {isa}" + (" (this CPU's own)" if isa == native else " (forced)"))
+        for group in groups:
+            for case in case_defs.GROUPS[group](sizes, data, threads, isa):
+                log(f"case {case.name}: {case.title}")
+                with thread_limits(threads):
                     record = run_case(case, repeats, warmup, pause_s=0.0 if quick else SETTLE_S)
-            record["group"] = group
-            records.append(record)
-            for name, c in record["contenders"].items():
-                log(f"  {name:24s} {c['median_s'] * 1e3:10.2f} ms {c['gflops']:8.1f} GFLOP/s")
-            bad = [ch for ch in record["checks"] if not ch["ok"]]
-            log("  exactness: " + ("ok" if not bad else f"{len(bad)} FAILED CHECKS: {bad}"))
-            del case
+                record["group"] = group
+                record["isa"] = isa
+                records.append(record)
+                for name, c in record["contenders"].items():
+                    log(f"  {name:24s} {c['median_s'] * 1e3:10.2f} ms {c['gflops']:8.1f} GFLOP/s")
+                bad = [ch for ch in record["checks"] if not ch["ok"]]
+                log("  exactness: " + ("ok" if not bad else f"{len(bad)} FAILED CHECKS: {bad}"))
+                del case
     attach_rooflines(records, limits)
     return {
         "machine": machine_info(),
         "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
-                   "pause_between_calls_s": 0.0 if quick else SETTLE_S,
+                   "isas": isas, "pause_between_calls_s": 0.0 if quick else SETTLE_S,
                    "sizes": sizes.__dict__},
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},
         "limits": limits,
         "cases": records,
-        "goals": evaluate_goals(records),
+        "goals": evaluate_goals(records, isas[0]),
+        "goals_by_isa": {isa: evaluate_goals(records, isa) for isa in isas},
     }
 
 
@@ -208,6 +234,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)")
     p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
     p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
+    p.add_argument("--isa", default="native",
+                   help="comma-separated instruction sets of tracin's kernel, each run on every case: native "
+                        "(the one it picks on this CPU), avx512, avx2, generic (default: native)")
     return p
 
 
@@ -226,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases: unknown {unknown}; choose from {','.join(case_defs.GROUPS)}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    isa_names = [i.strip() for i in args.isa.split(",") if i.strip()]
+    bad_isa = [i for i in isa_names if i not in ISA_NAMES]
+    if bad_isa or not isa_names:
+        parser.error(f"--isa: unknown {bad_isa}; choose from {','.join(ISA_NAMES)}")
     missing = missing_extra()
     if missing:
         print(f"{parser.prog}: error: needs the bench extra: pip install 'tracin[bench]' "
@@ -236,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or ("kernel_quick" if args.quick else "kernel")
     sizes = case_defs.QUICK if args.quick else case_defs.FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-bench-quick-")) if args.quick else RESULTS_DIR)
-    payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick)
+    payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick, isas=resolve_isas(isa_names))
     payload["plots"] = [p.name for p in plot.plot_all(payload, out, name)]
     path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
