@@ -104,7 +104,7 @@ def test_transforms_are_applied_in_order_and_recorded_under_their_key():
         def dims(self, dims):
             return 2 * dims
 
-        def apply(self, block, checkpoint):
+        def apply(self, block, checkpoint, slot):
             return np.hstack([block, -block])
 
         def to_dict(self):

@@ -92,6 +92,9 @@ def test_missing_or_wrong_optimizer_states_are_clear_errors(mlp, data):
     fresh = optax.adam(0.1).init(mlp.params[0])
     with pytest.raises(ValueError, match="the step count of l1/bias is 0.0; Adam state after at least one step"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, fresh)], (x, y), preconditioner="adam", progress=False)
+    with pytest.raises(ValueError, match="preconditioner='adam' needs mode='full' in tracin.jax"):
+        export_gradients(mlp.loss_fn, checkpoints, (x, y), mode="last_layer", layers=["l2"], layer_input=mlp.hidden,
+                         preconditioner="adam", progress=False)
     other = (_adam_state(optax.adam(0.1).init({"l1": mlp.params[0]["l1"]}))._replace(count=jnp.ones([], jnp.int32)),)
     with pytest.raises(ValueError, match="the Adam moments have no leaf 'l2/bias'"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, other)], (x, y), preconditioner="adam", progress=False)

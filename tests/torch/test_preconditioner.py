@@ -152,8 +152,9 @@ def test_bad_preconditioner_arguments_are_clear_errors():
     model, checkpoints, data = _trained()
     with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'sgd'"):
         export_gradients(model, checkpoints, data, _loss, preconditioner="sgd", progress=False)
-    with pytest.raises(ValueError, match="preconditioner='adam' needs mode='full'.*mode='factored'"):
-        export_gradients(model, checkpoints, data, _loss, mode="factored", preconditioner="adam", progress=False)
+    with pytest.raises(ValueError, match="preconditioner='adam_update' needs mode='full'.*mode='factored'"):
+        export_gradients(model, checkpoints, data, _loss, mode="factored", preconditioner="adam_update",
+                         progress=False)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) is not the state of an Adam"):
         export_gradients(model, [(checkpoints[0][0], 1.0, sgd.state_dict())], data, _loss, progress=False)
@@ -178,3 +179,58 @@ def test_a_parameter_without_adam_state_is_named():
     with pytest.raises(ValueError, match=r"no Adam state \(exp_avg, exp_avg_sq\) for parameter 2.bias"):
         export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam",
                          progress=False)
+
+
+def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:
+    """Per linear layer of the MLP, (n, out, in + 1) [weight | bias] gradients from (n, d) rows."""
+    n, out = len(g), []
+    start = 0
+    for o, i in ((8, 5), (3, 8)):
+        w = g[:, start:start + o * i].reshape(n, o, i)
+        b = g[:, start + o * i:start + o * i + o].reshape(n, o, 1)
+        out.append(np.concatenate([w, b], axis=2))
+        start += o * i + o
+    return out
+
+
+def _layer_v(opt_state: dict) -> list[np.ndarray]:
+    """Per layer the bias-corrected [v_weight | v_bias] (out, in + 1), float64."""
+    s = opt_state["state"]
+    b2, t = opt_state["param_groups"][0]["betas"][1], float(s[0]["step"])
+    return [np.hstack([s[k]["exp_avg_sq"].double().numpy(), s[k + 1]["exp_avg_sq"].double().numpy()[:, None]])
+            / (1 - b2**t) for k in (0, 2)]
+
+
+def _factored_products(g) -> list[np.ndarray]:
+    return [np.einsum("np,nq->npq", np.asarray(left, np.float64), np.asarray(right, np.float64))
+            for left, right in zip(g.left, g.right, strict=True)]
+
+
+def test_factored_adam_scales_by_the_rank_one_factorisation_of_v():
+    model, checkpoints, (x, y) = _trained()
+    g = export_gradients(model, checkpoints[:1], (x, y), _loss, mode="factored", preconditioner="adam",
+                         progress=False)
+    full = _layer_matrices(_reference_grads(model, checkpoints[0][0], x, y))
+    for got, grad, v in zip(_factored_products(g), full, _layer_v(checkpoints[0][2]), strict=True):
+        r, c = v.sum(1), v.sum(0)
+        expected = grad * np.sqrt(r.sum() / r)[:, None] / np.sqrt(c)[None, :]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert g.metadata["preconditioner"]["kind"] == "adam" and "rank-one" in g.metadata["preconditioner"]["factored"]
+
+
+def test_factored_adam_is_exact_for_a_rank_one_second_moment():
+    model, checkpoints, (x, y) = _trained()
+    state, lr, opt_state = copy.deepcopy(checkpoints[0])
+    rng = np.random.default_rng(5)
+    opt_state["param_groups"][0]["eps"] = 0.0
+    for k, (o, i) in zip((0, 2), ((8, 5), (3, 8)), strict=True):  # v = r c^T / sum(r), as Adafactor keeps it
+        r, c = rng.uniform(0.5, 2, o), rng.uniform(0.5, 2, i + 1)
+        v = np.outer(r, c) / r.sum()
+        opt_state["state"][k]["exp_avg_sq"] = torch.tensor(v[:, :i], dtype=torch.float32)
+        opt_state["state"][k + 1]["exp_avg_sq"] = torch.tensor(v[:, i], dtype=torch.float32)
+    g = export_gradients(model, [(state, lr, opt_state)], (x, y), _loss, mode="factored", preconditioner="adam",
+                         progress=False)
+    full = _layer_matrices(_reference_grads(model, state, x, y))
+    for got, grad, v in zip(_factored_products(g), full, _layer_v(opt_state), strict=True):
+        expected = grad / np.sqrt(v)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

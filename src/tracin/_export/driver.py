@@ -27,6 +27,7 @@ from .checkpoints import Checkpoint
 from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
+from .rank_one import RankOneAdam, layer_groups
 from .sinks import MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
@@ -193,9 +194,10 @@ def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], opti
         loop.bar.close()
 
 
-def _preconditioning(options: Options, checkpoints: list[Checkpoint], framework: Framework) -> list[Preconditioned]:
-    """[the Preconditioned transform] when options ask for one (every checkpoint must then carry its
-    optimizer state), else []."""
+def _preconditioning(options: Options, checkpoints: list[Checkpoint],
+                     framework: Framework) -> list[Preconditioned | RankOneAdam]:
+    """[the preconditioner transform] when options ask for one (every checkpoint must then carry its
+    optimizer state): Preconditioned for full rows, RankOneAdam for factored ones; else []."""
     kind = options.preconditioner
     if kind is None:
         return []
@@ -206,7 +208,12 @@ def _preconditioning(options: Options, checkpoints: list[Checkpoint], framework:
     settings = options.preconditioner_settings
     if settings is None:
         settings = {"hyperparameters": "b1, b2, eps and step of each checkpoint's optimizer state"}
-    return [Preconditioned(kind, lambda c: checkpoints[c].optimizer.moments(framework.params), settings)]
+    def moments(c: int) -> list:
+        return checkpoints[c].optimizer.moments(framework.params)
+
+    if options.mode != "full":
+        return [RankOneAdam(moments, layer_groups(framework.params, framework.slot_dims), settings)]
+    return [Preconditioned(kind, moments, settings)]
 
 
 def _read_through(framework: Framework, fingerprint: DataFingerprint) -> None:
@@ -274,4 +281,4 @@ class _Loop:
         for s, block in enumerate(blocks):
             if skip or keep < batch.count:
                 block = tuple(b[skip:keep] for b in block) if isinstance(block, tuple) else block[skip:keep]
-            self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c))
+            self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c, s))

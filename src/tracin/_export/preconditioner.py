@@ -13,8 +13,9 @@ first and second moments m and v, per parameter):
                    scored against PLAIN test gradients (preconditioner=None), as LESS selects
                    training data for a target task.
 
-Weight decay (AdamW) and AMSGrad's running maximum are not part of the direction. Only full rows
-are supported (mode="full"): a diagonal does not keep the rank-one structure of factored rows.
+Weight decay (AdamW) and AMSGrad's running maximum are not part of the direction. Factored rows
+take "adam" through a rank-one factorisation of v (rank_one.py, an approximation for Adam);
+"adam_update" needs full rows (m' is not rank one).
 """
 
 from __future__ import annotations
@@ -54,14 +55,14 @@ class OptimizerState(Protocol):
 
 
 def check_preconditioner(preconditioner: Any, mode: str) -> None:
-    """ValueError unless `preconditioner` is None or one of PRECONDITIONERS, with mode="full"."""
+    """ValueError unless `preconditioner` is None or one of PRECONDITIONERS ("adam_update" with mode="full")."""
     if preconditioner is None:
         return
     if not isinstance(preconditioner, str) or preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be None, 'adam' or 'adam_update', got {preconditioner!r}")
-    if mode != "full":
-        raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' (full gradient rows); "
-                         f"mode={mode!r} is not supported with a preconditioner yet")
+    if mode != "full" and preconditioner != "adam":
+        raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' (full gradient rows): the next "
+                         f"step's direction is not rank one, so mode={mode!r} cannot keep it")
 
 
 class Preconditioned:
@@ -86,7 +87,7 @@ class Preconditioned:
     def to_dict(self) -> dict:
         return {"kind": self.kind, **self.settings}
 
-    def apply(self, block: Any, checkpoint: int) -> np.ndarray:
+    def apply(self, block: Any, checkpoint: int, slot: int) -> np.ndarray:
         """(rows, d) float32 -> (rows, d) float32, computed in float64 one parameter's columns at a time."""
         if checkpoint != self._checkpoint:
             self._state = self._segments(self._moments(checkpoint), block.shape[1])

@@ -3,9 +3,9 @@ gradients and the sink: optimizer preconditioning (preconditioner.py), then rand
 
 A transform maps a block (rows, d) float32 -> (rows, d') float32, or a factored (left (rows, p),
 right (rows, q)) pair -> another pair, row by row (so any split of the rows into batches gives the
-same result). The export driver applies a list of them in order, telling each which checkpoint the
-rows are of (a preconditioner uses that checkpoint's optimizer state); each records itself in the
-metadata under its `key`.
+same result). The export driver applies a list of them in order, telling each which checkpoint and
+sink slot (the layer, when factored; 0 for full rows) the rows are of (a preconditioner uses that
+checkpoint's optimizer state); each records itself in the metadata under its `key`.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when
 
 class RowTransform(Protocol):
     """One step of the chain: `dims` maps the widths it is given to the widths it returns, `apply`
-    a host block of checkpoint `checkpoint` (its index in the list) to the transformed block,
+    a host block of checkpoint `checkpoint` (its index in the list) and slot `slot` to the transformed block,
     `to_dict` what the metadata records under `key`."""
 
     key: str
 
     def dims(self, dims: Dims) -> Dims: ...
 
-    def apply(self, block: Block, checkpoint: int) -> Block: ...
+    def apply(self, block: Block, checkpoint: int, slot: int) -> Block: ...
 
     def to_dict(self) -> dict: ...
 
@@ -45,7 +45,7 @@ class Projected:
     def dims(self, dims: Dims) -> Dims:
         return projected_dims(self.projection, dims, self.segments)
 
-    def apply(self, block: Block, checkpoint: int) -> Block:
+    def apply(self, block: Block, checkpoint: int, slot: int) -> Block:
         return project(self.projection, block, self.segments)
 
     def to_dict(self) -> dict:
@@ -64,8 +64,8 @@ def chained_dims(transforms: Sequence[RowTransform], dims: Dims) -> Dims:
     return dims
 
 
-def apply_all(transforms: Sequence[RowTransform], block: Block, checkpoint: int) -> Block:
-    """`block` (rows of checkpoint `checkpoint`) through every transform, in order."""
+def apply_all(transforms: Sequence[RowTransform], block: Block, checkpoint: int, slot: int) -> Block:
+    """`block` (rows of checkpoint `checkpoint`, sink slot `slot` of it) through every transform, in order."""
     for t in transforms:
-        block = t.apply(block, checkpoint)
+        block = t.apply(block, checkpoint, slot)
     return block

@@ -81,9 +81,10 @@ def export_gradients(
     progress: show a tqdm progress bar (examples/s).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
-        score against test rows exported with None: LESS-style data selection); mode="full" only.
-        Every checkpoint then carries its optax state holding one ScaleByAdamState (see
-        tracin._export.preconditioner and tracin.jax.checkpoints.OptimizerState).
+        score against test rows exported with None: LESS-style data selection); mode="full" only
+        (tracin.torch also takes "adam" factored). Every checkpoint then carries its optax state
+        holding one ScaleByAdamState (see tracin._export.preconditioner and
+        tracin.jax.checkpoints.OptimizerState).
     preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
         1e-8); recorded in metadata["preconditioner"].
 
@@ -104,6 +105,8 @@ def export_gradients(
         raise ValueError("layer_input is only used with mode='last_layer'")
     if layer_input is not None and not callable(layer_input):
         raise TypeError(f"layer_input must be callable, got {type(layer_input).__name__}")
+    if preconditioner is not None and mode != "full":
+        raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' in tracin.jax (mode={mode!r})")
     check_projection(projection, mode == "last_layer")
     dtype = _dtype_name(dtype)
     check_store(store)

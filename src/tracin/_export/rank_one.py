@@ -1,0 +1,88 @@
+"""Adam's "adam" preconditioner for factored rows, through a rank-one factorisation of v.
+
+A factored row of a linear layer is a pair (left b (p,), right a (q,)) whose outer product b a^T is
+the gradient of the layer's [weight | bias] matrix (p, q). Dividing it elementwise by sqrt(v_hat)
+would break the rank-one structure, so v_hat (bias-corrected, bias as the last column) is replaced
+by its Adafactor-style factorisation r c^T / sum(r), r = row sums (p,), c = column sums (q,):
+
+    b a^T / sqrt(r c^T / s)  =  (b * sqrt(s) / sqrt(r)) (a / sqrt(c))^T,   s = sum(r)
+
+so the left factor is scaled by sqrt(s / r) and the right by 1 / sqrt(c). This equals the full
+"adam" row when v is exactly rank one and eps is 0 (as for a model trained with Adafactor's
+factored second moments); for Adam's full v it is an approximation, and eps is left out. Entries
+where r or c is 0 are scaled by 0 (a parameter row or column that never had a gradient).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .preconditioner import AdamMoments
+
+
+def layer_groups(params: Sequence[tuple[str, Sequence[int]]],
+                 slot_dims: Sequence[Any]) -> list[tuple[int, bool, int]]:
+    """Per factored slot (p, q): (index of its weight in `params`, whether a bias follows it, p).
+    The weight is (p, q), or (p, q - 1) followed by a (p,) bias; ValueError otherwise."""
+    groups, k = [], 0
+    for p, q in slot_dims:
+        shape = tuple(params[k][1]) if k < len(params) else None
+        bias = k + 1 < len(params) and shape == (p, q - 1) and tuple(params[k + 1][1]) == (p,)
+        if shape != (p, q) and not bias:
+            raise ValueError(f"the factored layer of dims {(p, q)} has no (out, in) weight in params "
+                             f"{[name for name, _ in params]}: the rank-one preconditioner cannot place it")
+        groups.append((k, bias, p))
+        k += 2 if bias else 1
+    return groups
+
+
+class RankOneAdam:
+    """The "adam" preconditioner as a row transform on factored (left, right) blocks.
+
+    moments(checkpoint) -> the AdamMoments of every parameter in `params` order (once per
+    checkpoint); groups: layer_groups of the sink slots; settings: as for Preconditioned.
+    """
+
+    key = "preconditioner"
+
+    def __init__(self, moments: Callable[[int], list[AdamMoments]], groups: list[tuple[int, bool, int]],
+                 settings: Mapping[str, Any]):
+        self._moments, self.groups, self.settings = moments, groups, dict(settings)
+        self._checkpoint: int | None = None
+        self._scales: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def dims(self, dims: Any) -> Any:
+        return dims
+
+    def to_dict(self) -> dict:
+        return {"kind": "adam", "factored": "rank-one r c^T / sum(r) of v (exact for Adafactor, approximate "
+                                            "for Adam, eps left out)", **self.settings}
+
+    def apply(self, block: Any, checkpoint: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """(left (rows, p), right (rows, q)) float32 -> the scaled pair, float32."""
+        if checkpoint != self._checkpoint:
+            moments = self._moments(checkpoint)
+            self._scales = [_scales(moments, k, bias, p) for k, bias, p in self.groups]
+            self._checkpoint = checkpoint
+        left_scale, right_scale = self._scales[slot]
+        left, right = block
+        return ((np.asarray(left, np.float64) * left_scale).astype(np.float32),
+                (np.asarray(right, np.float64) * right_scale).astype(np.float32))
+
+
+def _scales(moments: list[AdamMoments], k: int, bias: bool, p: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
+    moments[k + 1] when `bias`)."""
+    w = moments[k]
+    v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2 ** w.step)
+    if bias:
+        b = moments[k + 1]
+        v = np.hstack([v, np.asarray(b.v, np.float64).reshape(p, 1) / (1 - b.b2 ** b.step)])
+    r, c = v.sum(1), v.sum(0)
+    with np.errstate(divide="ignore"):
+        left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
+        right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
+    return left, right
