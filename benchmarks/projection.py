@@ -3,6 +3,10 @@ recall of projected against exact influence on a real model's per-example gradie
 
     PYTHONPATH=src python benchmarks/projection.py            # the recorded sizes (results/projection.json)
     PYTHONPATH=src python benchmarks/projection.py --quick    # a smoke run
+    PYTHONPATH=src python benchmarks/projection.py --isa native,avx2   # AVX2 measured too on AVX-512
+
+Each speed figure is recorded with the instruction set tracin's kernel ran with (--isa: native, the
+one it picks on this CPU, or one forced through tracin._core.project(isa=...)) and the load average.
 
 Speed: project n gradients of d dims to `dim` dims (default 1000 x 200 000 -> 2048). The peer
 draws a (d, dim) Gaussian matrix with torch.randn and multiplies (creation counted). Medians of
@@ -16,7 +20,9 @@ each test point's exact top-k proponents found in the projected top-k.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,26 @@ from benchmarks.common import time_interleaved, write_json  # noqa: E402
 KINDS = ("rademacher", "gaussian", "sparse")
 
 
-def speed(n: int, d: int, dim: int, repeats: int) -> dict:
+def _project(kind: str, dim: int, isa: str) -> Callable[[np.ndarray], np.ndarray]:
+    """x -> tracin.Projection(dim, 0, kind).apply(x), the kernel's instruction set forced to `isa`
+    (through tracin._core.project) unless that is the one it picks on this CPU."""
+    from tracin import _core
+    from tracin.projection import KINDS as KIND_CODES
+    from tracin.projection import SPARSE_NONZEROS
+
+    if isa == _core.resolve_isa("auto"):
+        return tracin.Projection(dim, 0, kind).apply
+
+    def forced(x: np.ndarray) -> np.ndarray:
+        out = np.empty((len(x), dim), dtype=np.float32)
+        _core.project(KIND_CODES[kind], 0, 0, dim, min(SPARSE_NONZEROS, dim), (False, [x], [0]), 0, out, isa=isa)
+        return out
+
+    return forced
+
+
+def speed(n: int, d: int, dim: int, repeats: int, isas: list[str]) -> dict:
+    """Per kernel instruction set of `isas`, each kind against torch, timed interleaved in one run."""
     import torch
 
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
@@ -40,20 +65,25 @@ def speed(n: int, d: int, dim: int, repeats: int) -> dict:
         return xt @ (torch.randn(d, dim, generator=gen) / dim**0.5)
 
     contenders = {"torch_randn_matmul": torch_matmul}
-    for kind in KINDS:
-        contenders[kind] = (lambda p: lambda: p.apply(x))(tracin.Projection(dim, 0, kind))
+    for isa in isas:
+        for kind in KINDS:
+            contenders[f"{kind} {isa}"] = (lambda f: lambda: f(x))(_project(kind, dim, isa))
+    load_before = os.getloadavg()[0]
     timings = time_interleaved(contenders, repeats=repeats)
     gigabytes = x.nbytes / 1e9
     for t in timings.values():
         t["gb_per_s"] = gigabytes / t["median_s"]
     peer = timings["torch_randn_matmul"]["median_s"]
-    dense = timings["rademacher"]["median_s"]
+    by_isa = {}
+    for isa in isas:
+        med = {kind: timings[f"{kind} {isa}"]["median_s"] for kind in KINDS}
+        by_isa[isa] = {"speed_vs_torch": {k: peer / med[k] for k in KINDS},
+                       "sparse_speedup_over_rademacher": med["rademacher"] / med["sparse"],
+                       "sparse_speedup_over_gaussian": med["gaussian"] / med["sparse"]}
     return {
         "n": n, "d": d, "dim": dim, "repeats": repeats, "torch_threads": torch.get_num_threads(),
-        "timings": timings,
-        "speed_vs_torch": {k: peer / timings[k]["median_s"] for k in KINDS},
-        "sparse_speedup_over_rademacher": dense / timings["sparse"]["median_s"],
-        "sparse_speedup_over_gaussian": timings["gaussian"]["median_s"] / timings["sparse"]["median_s"],
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        "timings": timings, "by_isa": by_isa,
     }
 
 
@@ -120,22 +150,35 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    parser.add_argument("--isa", default="native",
+                        help="comma-separated kernel instruction sets to time: native (the one tracin picks "
+                             "here), avx512, avx2, generic (default: native)")
     args = parser.parse_args()
+    from tracin import _core
+
+    isas: list[str] = []
+    for name in (i.strip() for i in args.isa.split(",") if i.strip()):
+        if name not in ("native", "avx512", "avx2", "generic"):
+            parser.error(f"--isa: unknown {name!r}; choose from native, avx512, avx2, generic")
+        isa = _core.resolve_isa("auto" if name == "native" else name)
+        if isa not in isas:
+            isas.append(isa)
     if args.quick:
         args.n, args.d, args.dim, args.repeats = 200, 5000, 256, 1
     hidden = (32,) if args.quick else (256, 128)
     dims = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
 
-    result = {"speed": speed(args.n, args.d, args.dim, args.repeats)}
+    result = {"speed": speed(args.n, args.d, args.dim, args.repeats, isas)}
     s = result["speed"]
-    print(f"project {args.n} x {args.d} -> {args.dim}:")
+    load = s["load_average_1min"]
+    print(f"project {args.n} x {args.d} -> {args.dim} (load average {load['before']:.1f} -> {load['after']:.1f}):")
     for name, t in s["timings"].items():
         print(f"  {name:20s} {t['median_s']:8.3f} s  {t['gb_per_s']:6.2f} GB/s")
-    for kind, ratio in s["speed_vs_torch"].items():
-        print(f"  {kind} speed / torch: {ratio:.2f}x")
-    print(f"  sparse speedup over rademacher {s['sparse_speedup_over_rademacher']:.1f}x, "
-          f"over gaussian {s['sparse_speedup_over_gaussian']:.1f}x")
-
+    for isa, r in s["by_isa"].items():
+        for kind, ratio in r["speed_vs_torch"].items():
+            print(f"  [{isa}] {kind} speed / torch: {ratio:.2f}x")
+        print(f"  [{isa}] sparse speedup over rademacher {r['sparse_speedup_over_rademacher']:.1f}x, "
+              f"over gaussian {r['sparse_speedup_over_gaussian']:.1f}x")
     train, test = digits_gradients(1000, 100, hidden)
     table = recall(train, test, dims, args.k)
     result["recall"] = {"model": f"MLP 64-{'-'.join(map(str, hidden))}-10 on sklearn digits",
