@@ -235,3 +235,26 @@ def test_as_matrix_keeps_device_tensors_only_when_asked():
 
     with pytest.raises(TypeError, match=r"g: torch cannot take this device array through DLPack"):
         as_matrix(GpuArray(), "g", device_arrays=True)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_rows_on_the_device_are_used_in_place_beside_streamed_ones(rng, small_tiles, factored):
+    """CPU tensors are resident on "torch:cpu" (as CUDA tensors are on "cuda"): sliced per tile in
+    place, while the NumPy blocks of the same side go through the staging buffers."""
+    backend = backends.get("torch:cpu")
+    dims = [5, 3, 4, 6] if factored else [5, 3]
+    test = [rng.standard_normal((8, d), dtype=np.float32) for d in dims]
+    train = [rng.standard_normal((120, d), dtype=np.float32) for d in dims]
+    mixed = KernelSide(factored, [torch.from_numpy(b) if i % 2 else b for i, b in enumerate(train)], [0] * len(dims))
+    plain = KernelSide(factored, train, [0] * len(dims))
+    t = KernelSide(factored, test, [0] * len(dims))
+    w = [0.5, 2.0]
+    full_t = factored_to_full(test[0::2], test[1::2]) if factored else test
+    full_x = factored_to_full(train[0::2], train[1::2]) if factored else train
+    exact, bound = exact_scores(full_t, full_x, w), score_bound(full_t, full_x, w)
+    got = backend.scores(t, mixed, w, num_threads=1)
+    assert np.all(np.abs(got - exact) <= bound)
+    np.testing.assert_array_equal(got, backend.scores(t, plain, w, num_threads=1))
+    prop, opp = backend.top_k(t, mixed, w, 30, "both", num_threads=1)
+    np.testing.assert_array_equal(prop.indices, stable_top_k(exact, 30, -1))
+    np.testing.assert_array_equal(opp.indices, stable_top_k(exact, 30, 1))

@@ -1,9 +1,10 @@
 """Rows of a KernelSide on a torch device, for the torch backend.
 
-Blocks already on the device are used in place. Host blocks (NumPy views, memory-mapped store
-chunks, bfloat16 as uint16 bits) are copied in tiles: on a CUDA device through two pinned staging
-buffers, each copied to one of two device buffers on a side stream, so that the copy of tile j + 1
-overlaps the compute on tile j; on a CPU device through the same two buffers without streams.
+Blocks already on the device (tensors there; CPU tensors on a CPU device) are used in place.
+Other blocks (NumPy views, memory-mapped store chunks, bfloat16 as uint16 bits, CPU tensors for a
+GPU) are copied in tiles: on a CUDA device through two pinned staging buffers, each copied to one
+of two device buffers on a side stream, so that the copy of tile j + 1 overlaps the compute on
+tile j; on a CPU device through the same two buffers without streams.
 Everything reaches the compute as float32 (float16 / bfloat16 widen exactly on the device).
 """
 
@@ -25,6 +26,11 @@ _HOST_DTYPES = {0: torch.float32, 1: torch.float16, _BFLOAT16: torch.bfloat16}
 def on_host(block: Any) -> bool:
     """Whether a block is in host memory (a NumPy array or a CPU tensor)."""
     return str(getattr(block, "device", "cpu")) == "cpu"
+
+
+def resident(block: Any, device: torch.device) -> bool:
+    """Whether a block is a tensor on `device` already (used in place; CPU tensors on "torch:cpu")."""
+    return isinstance(block, torch.Tensor) and block.device == device
 
 
 def host_tensor(block: Any, code: int) -> torch.Tensor:
@@ -53,8 +59,7 @@ def check_device(side: KernelSide, what: str, device: torch.device) -> None:
 
 def whole(side: KernelSide, device: torch.device) -> list[torch.Tensor]:
     """Every block of the side as float32 on the device (for the test side, which stays there)."""
-    return [host_tensor(b, code).to(device).float() if on_host(b) else b.float()
-            for b, code in zip(side.blocks, side.dtypes, strict=True)]
+    return [host_tensor(b, code).to(device).float() for b, code in zip(side.blocks, side.dtypes, strict=True)]
 
 
 def tile_rows(side: KernelSide, tile_bytes: int) -> int:
@@ -123,7 +128,7 @@ def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[i
     """
     n = side.blocks[0].shape[0]
     starts = list(range(0, n, rows))
-    host = [b for b, block in enumerate(side.blocks) if on_host(block)]
+    host = [b for b, block in enumerate(side.blocks) if not resident(block, device)]
     staging = _Staging(side, host, min(rows, n), device) if host and starts else None
 
     def upload(j: int) -> None:
@@ -136,7 +141,8 @@ def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[i
     for j, i0 in enumerate(starts):
         i1 = min(i0 + rows, n)
         staged = iter(staging.take(j % 2, i1 - i0) if staging is not None else [])
-        yield i0, i1, [next(staged).float() if on_host(block) else block[i0:i1].float() for block in side.blocks]
+        yield i0, i1, [block[i0:i1].float() if resident(block, device) else next(staged).float()
+                       for block in side.blocks]
         if staging is not None:
             staging.release(j % 2)
             if j + 1 < len(starts):
