@@ -226,11 +226,13 @@ def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
 
 
 def make(device: str) -> TorchBackend:
-    """The backend on `device` ("cpu" or "cuda:N"); ValueError naming what is missing for CUDA."""
+    """The backend on `device` ("cpu", "cuda" (the current GPU) or "cuda:N"); ValueError naming what
+    is missing for CUDA."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r}: torch {torch.__version__} sees no CUDA device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
     return TorchBackend(dev)
