@@ -62,6 +62,10 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
         checkpoint (checkpoint c, layer l at position c * layers + l, weight repeated): exact
         TracIn over those layers at a fraction of the cost of full gradients (all chosen parameters
         must be nn.Linear weights and biases, each layer applied once per example).
+        With "full", parameters of nn.Linear, Hugging Face Conv1D, nn.Embedding and nn.LayerNorm
+        layers come from one batched forward and backward pass with hooks (over any number of
+        tokens; Hugging Face transformers that torch.func.vmap cannot run included), the others
+        from vmap, or a per-example loop where vmap fails (the rule: per_example.PerExampleGradients).
     projection: a tracin.Projection applied to every batch before it is stored (float32 out).
     dtype: stored element type, "float32", "float16" or "bfloat16".
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
