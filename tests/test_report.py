@@ -19,10 +19,13 @@ def _factored(rng, n, dims=((4, 5), (3, 6))):
             [rng.standard_normal((n, q)).astype(np.float32) for _, q in dims])
 
 
-def test_per_checkpoint_self_influence_matches_float64_terms():
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_per_checkpoint_self_influence_matches_float64_terms(device):
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
     rng = np.random.default_rng(0)
     mats, w = _full(rng, 300), [0.5, -2.0, 0.1]
-    got = tracin.self_influence(tracin.Gradients(mats, w), per_checkpoint=True)
+    got = tracin.self_influence(tracin.Gradients(mats, w), per_checkpoint=True, device=device)
     expected = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip(w, mats, strict=True)], axis=1)
     assert got.dtype == np.float32 and got.shape == (300, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
