@@ -1,9 +1,9 @@
 """Which checkpoints to trace, chosen from the training run (measured in benchmarks/quality).
 
 A model trained on noisy labels first learns the clean pattern, then memorises the wrong labels;
-from then on held-out accuracy stops rising and the flipped examples' gradients shrink as they are
-fitted, while late checkpoints still weight every example. Tracing only up to the held-out peak
-keeps the checkpoints at which flipped examples still stand out.
+from then on held-out accuracy falls, and once fitted the flipped examples' gradients are no larger
+than those of hard but correctly labelled ones. Tracing only up to the held-out peak keeps the
+checkpoints at which the flipped examples still stand out.
 """
 
 from __future__ import annotations
