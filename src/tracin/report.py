@@ -180,7 +180,7 @@ def plot_checkpoint_diagnostics(diag: CheckpointDiagnostics, path: str | Path, *
         ax.grid(alpha=0.3, axis="y")
         if traced is not None:
             ax.axvline(traced - 1 + (0.5 if ax is shares else 0), color="black", linestyle="--", linewidth=1,
-                       label=f"the recipe traces 1..{labels[traced - 1]}")
+                       label=f"traced: up to {labels[traced - 1]}")
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)
