@@ -18,8 +18,6 @@ from tracin.torch.checkpoints import tied_aliases
 from tracin.torch.layers import select_parameters
 from tracin.torch.per_example import PerExampleGradients
 
-transformers = pytest.importorskip("transformers")
-
 CE = nn.CrossEntropyLoss(reduction="none")
 
 
@@ -55,7 +53,13 @@ def token_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
     return losses.sum(1)
 
 
+def hugging_face():
+    """The transformers package (a test dependency: the models are built from configs, no download)."""
+    return pytest.importorskip("transformers")
+
+
 def gpt2(seed: int = 0) -> nn.Module:
+    transformers = hugging_face()
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
                                      bos_token_id=0, eos_token_id=0)
@@ -110,6 +114,7 @@ def test_gpt2_export_scores_match_float64_influence():
 
 
 def test_bert_classifier_padded_takes_the_hook_path_exactly():
+    transformers = hugging_face()
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16, num_labels=3)
@@ -172,4 +177,28 @@ def test_layers_mixing_examples_leave_the_hook_path_and_stay_per_example(mixer, 
     compute, got, caught = hook_rows(model, names, CE, {"input": x}, y)
     assert any(message in str(w.message) for w in caught) and compute.hooks is None
     want = autograd_rows(model, names, CE, {"input": x}, y)  # each example alone, as TracIn defines it
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+
+class SequenceFirst(nn.Module):
+    """Runs its token layer on (tokens, batch, features): not batch-first, so not for the hooks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.token, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.token(x.transpose(0, 1))).mean(0))
+
+
+@pytest.mark.parametrize("tokens", [7, 6])  # 6 tokens = batch of 6: shapes look batch-first, values do not
+def test_layers_run_sequence_first_leave_the_hook_path_exactly(tokens):
+    model = SequenceFirst().double()
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(6, tokens, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    compute, got, caught = hook_rows(model, names, CE, {"x": x}, y, batch=6)
+    assert any("given up" in str(w.message) for w in caught) and compute.hooks is None
+    want = autograd_rows(model, names, CE, {"x": x}, y)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
