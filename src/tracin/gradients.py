@@ -15,7 +15,8 @@ class KernelSide(NamedTuple):
 
     factored: blocks alternate left (n, p_c) and right (n, q_c) per checkpoint, else one (n, d_c)
     block per checkpoint. blocks: 2-D arrays with contiguous rows and a row stride of at least the
-    row length (bfloat16 as uint16 bits). dtypes: per block its code in DTYPE_CODES.
+    row length (bfloat16 as uint16 bits), or torch tensors on a GPU (bfloat16 as torch.bfloat16).
+    dtypes: per block its code in DTYPE_CODES.
     A plain (factored, blocks, dtypes) tuple is accepted wherever a KernelSide is.
     """
 
@@ -105,7 +106,7 @@ class _InMemory(GradientSet):
     def _init_blocks(self, arrays: list[Any], names: list[str]) -> None:
         self._blocks, self._dtypes = [], []
         for arr, name in zip(arrays, names, strict=True):
-            view, dtype = as_matrix(arr, name)
+            view, dtype = as_matrix(arr, name, device_arrays=True)
             self._blocks.append(view)
             self._dtypes.append(dtype)
         rows = {b.shape[0] for b in self._blocks}
@@ -147,7 +148,8 @@ class _InMemory(GradientSet):
 class Gradients(_InMemory):
     """Full per-example gradients: one (n, d_c) matrix per checkpoint c.
 
-    matrices: a 2-D array or a sequence of them (NumPy, np.memmap, CPU torch tensors, JAX arrays)
+    matrices: a 2-D array or a sequence of them (NumPy, np.memmap, torch tensors on the CPU or a
+        GPU, JAX / CuPy arrays)
         in float32, float16 or bfloat16; d_c may differ between checkpoints. Views, not copies.
     weights: one learning-rate weight w_c per checkpoint (float64); default 1 each.
     metadata: free-form provenance (layers, projection, ...), kept with the set.
