@@ -3,7 +3,9 @@ per-example autograd loop and torch.func vmap(grad) where vmap can run the model
 
 Models are built from small configs (random weights, no download): a GPT-2 language model (loss: the
 summed next-token cross-entropy of each sequence) and a BERT sequence classifier (cross-entropy),
-on right-padded sequences with attention masks, all parameters chosen. Every contender produces the
+on right-padded sequences with attention masks, all parameters chosen; vmap cannot run either. A
+plain-PyTorch causal transformer of the same size (Embedding, Linear, LayerNorm, scaled dot-product
+attention), which vmap can run, puts the hook path beside vmap. Every contender produces the
 same float32 (n, d) matrix for the same weights and data, one checkpoint; the rows of tracin and of
 vmap are checked against the loop's before timing. Timed interleaved, median of repeats.
 
@@ -65,8 +67,11 @@ def main() -> None:
     def class_loss(outputs, labels):
         return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
 
+    labels = ids.masked_fill(mask == 0, -100)
+    native = _native_transformer(args.vocab, args.tokens, args.width, args.layers).eval()
     cases = {
-        "gpt2": (gpt2, token_loss, ids.masked_fill(mask == 0, -100)),
+        "gpt2": (gpt2, token_loss, labels),
+        "torch_native": (native, token_loss, labels),
         "bert": (bert, class_loss, torch.randint(0, 4, (args.n,), generator=g)),
     }
     results = {}
@@ -76,6 +81,42 @@ def main() -> None:
     payload = {"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
                "goal_speedup_vs_loop": GOAL_SPEEDUP, "cases": results}
     print(write_json("transformer_export", payload))
+
+
+def _native_transformer(vocab: int, tokens: int, width: int, layers: int):
+    """A GPT-style decoder in plain PyTorch, returning an object with .logits like transformers."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.ln_2, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+        def forward(self, h, keep):
+            q, k, v = (t.unflatten(-1, (4, -1)).transpose(1, 2) for t in self.qkv(self.ln_1(h)).chunk(3, dim=-1))
+            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            h = h + self.proj(a.transpose(1, 2).flatten(2))
+            return h + self.down(nn.functional.gelu(self.up(self.ln_2(h))))
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(vocab, width), nn.Embedding(tokens, width)
+            self.blocks = nn.ModuleList(Block() for _ in range(layers))
+            self.ln_f, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+
+        def forward(self, input_ids, attention_mask):
+            t = input_ids.shape[1]
+            causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+            keep = (causal & attention_mask[:, None, :].bool())[:, None]
+            h = self.wte(input_ids) + self.wpe(torch.arange(t, device=input_ids.device)[None])
+            for block in self.blocks:
+                h = block(h, keep)
+            return type("Output", (), {"logits": self.head(self.ln_f(h))})()
+
+    return Decoder()
 
 
 def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -> dict:

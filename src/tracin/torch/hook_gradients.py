@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .capture import capture
+from .capture import NotCaptured, capture
 from .data import Tree, batch_rows
 from .layer_rules import covers, per_example_grad, token_form
 from .losses import LossFn
@@ -51,25 +51,31 @@ class HookGradients:
         return gone
 
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor,
-                 columns: Mapping[str, tuple[int, int]]) -> list[str]:
+                 columns: Mapping[str, tuple[int, int]]) -> tuple[list[str], dict[str, str]]:
         """Writes each planned parameter's (batch, width) gradients into out[:, offset:offset + width]
-        (columns: name -> (offset, width)); returns the captured layers that did not run (their
-        parameters' columns are zero)."""
+        (columns: name -> (offset, width)). Returns the captured layers that did not run (they add
+        nothing) and {layer: why} for those that ran on tensors that are not batch-first (their
+        parameters' columns are left unwritten)."""
         calls = capture(self.model, self.layers, state, self.loss_fn, inputs, targets)
         rows = batch_rows(targets, "targets")
-        tokens = {m: [token_form(self._modules[m], c, rows) for c in cs] for m, cs in calls.items()}
+        tokens, unusable = {}, {}
+        for m, cs in calls.items():
+            try:
+                tokens[m] = [token_form(self._modules[m], c, rows) for c in cs]
+            except NotCaptured as e:
+                unusable[m] = str(e)
         for name, holders in self.plan.items():
+            if any(m in unusable for m, _ in holders):
+                continue
             offset, width = columns[name]
             dest = out[:, offset:offset + width]
-            written = False
-            for m, leaf in holders:
-                for a, b in tokens[m]:
-                    part = per_example_grad(self._modules[m], leaf, a, b).reshape(rows, width)
-                    if written:
-                        dest.add_(part)
-                    else:
-                        dest.copy_(part)
-                    written = True
-            if not written:
+            parts = (per_example_grad(self._modules[m], leaf, a, b).reshape(rows, width)
+                     for m, leaf in holders for a, b in tokens[m])
+            first = next(parts, None)
+            if first is None:
                 dest.zero_()
-        return [m for m, cs in calls.items() if not cs]
+                continue
+            dest.copy_(first)
+            for part in parts:
+                dest.add_(part)
+        return [m for m, cs in calls.items() if not cs], unusable

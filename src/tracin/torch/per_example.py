@@ -29,10 +29,12 @@ class PerExampleGradients:
       Conv1D, nn.Embedding or nn.LayerNorm running its own forward. One batched forward and
       backward for all of them, no vmap (transformers that vmap cannot run get here). Not used at
       all when a module mixes the examples of a batch in eval mode (BatchNorm without running
-      statistics: a warning). Checked once, on the first rows of the first batch, against the
-      per-example loop: a disagreement (a layer that mixes examples, a parameter also used outside
-      its module's forward) or an input that is not batch-first sends every parameter to vmap, with
-      a warning; a covered layer that never ran through its forward sends its parameters to vmap.
+      statistics: a warning). On the first batch, a covered layer that did not run through its
+      forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
+      parameters to vmap; then the rest is checked once, on the first rows, against the per-example
+      loop: a disagreement (a layer that mixes examples, a parameter also used outside its module's
+      forward) sends every parameter to vmap, with a warning. Calls shared by the batch (batch size
+      1, broadcast later, as Hugging Face position embeddings) are covered; unbatched ones are not.
     - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
       hooks and some do not, one warning names the modules of those that do not.
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
@@ -56,6 +58,7 @@ class PerExampleGradients:
         if mixing or not self.hooks.plan:
             self.hooks = None
         self.others = [n for n in self.names if self.hooks is None or n not in self.hooks.plan]
+        self.skipped: dict[str, str] = {}  # covered layers the first batch showed unusable, and why
         self.checked = False
         self.vectorised = True
         self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
@@ -80,14 +83,18 @@ class PerExampleGradients:
         """Hook-path columns of `out`; False (hooks to be given up) when the first batch shows they
         cannot be trusted."""
         try:
-            silent = self.hooks(state, inputs, targets, out, self.columns)
+            silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
         except (NotCaptured, RuntimeError) as e:
             _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return False
         if self.checked:
+            if unusable:
+                _warn_leaving("; ".join(f"{m}: {why}" for m, why in unusable.items()))
+                return False
             return True
-        if silent:
-            moved = set(self.hooks.drop(silent))
+        self.skipped = {**dict.fromkeys(silent, "did not run through its forward"), **unusable}
+        if self.skipped:
+            moved = set(self.hooks.drop(list(self.skipped)))
             self.others = [n for n in self.names if n in moved or n in self.others]
             if not self.hooks.plan:
                 return False
@@ -107,7 +114,8 @@ class PerExampleGradients:
         if self.others:
             modules = dict(self.model.named_modules())
             owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)
-            named = [f"{m or 'the model itself'} ({type(modules[m]).__name__})" for m in owners]
+            named = [f"{m or 'the model itself'} ({type(modules[m]).__name__}"
+                     f"{': ' + self.skipped[m] if m in self.skipped else ''})" for m in owners]
             warnings.warn(f"the batched per-example hooks cover nn.Linear, Conv1D, nn.Embedding and nn.LayerNorm "
                           f"layers run through their forward; {_listed(named)} are computed with torch.func.vmap "
                           "instead", UserWarning, stacklevel=4)
