@@ -92,7 +92,8 @@ def _native_transformer(vocab: int, tokens: int, width: int, layers: int):
         def __init__(self):
             super().__init__()
             self.ln_1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
-            self.ln_2, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+            self.ln_2, self.up = nn.LayerNorm(width), nn.Linear(width, 4 * width)
+            self.down = nn.Linear(4 * width, width)
 
         def forward(self, h, keep):
             q, k, v = (t.unflatten(-1, (4, -1)).transpose(1, 2) for t in self.qkv(self.ln_1(h)).chunk(3, dim=-1))
