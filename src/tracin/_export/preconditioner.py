@@ -79,7 +79,7 @@ class Preconditioned:
     def __init__(self, kind: str, moments: Callable[[int], list[AdamMoments]], settings: Mapping[str, Any]):
         self.kind, self._moments, self.settings = kind, moments, dict(settings)
         self._checkpoint: int | None = None
-        self._state: list[tuple[int, AdamMoments, Any]] = []
+        self._state: list[tuple[slice, tuple]] = []
 
     def dims(self, dims: Any) -> Any:
         return dims
@@ -88,31 +88,47 @@ class Preconditioned:
         return {"kind": self.kind, **self.settings}
 
     def apply(self, block: Any, checkpoint: int, slot: int) -> np.ndarray:
-        """(rows, d) float32 -> (rows, d) float32, computed in float64 one parameter's columns at a time."""
+        """(rows, d) float32 -> (rows, d) float32, one parameter's columns at a time, in float32 with
+        per-element constants computed in float64."""
         if checkpoint != self._checkpoint:
             self._state = self._segments(self._moments(checkpoint), block.shape[1])
             self._checkpoint = checkpoint
-        out = np.empty(block.shape, np.float32)
-        for start, a, scale in self._state:
-            cols = slice(start, start + a.v.size)
-            g = np.asarray(block[:, cols], np.float64)
+        g_all = np.asarray(block, np.float32)
+        out = np.empty(g_all.shape, np.float32)
+        for cols, consts in self._state:
+            g, o = g_all[:, cols], out[:, cols]
             if self.kind == "adam":
-                out[:, cols] = g * scale
+                np.multiply(g, consts[0], out=o)
                 continue
-            m_next = a.b1 * a.m + (1 - a.b1) * g
-            v_next = a.b2 * a.v + (1 - a.b2) * np.square(g)
-            t = a.step + 1
-            out[:, cols] = (m_next / (1 - a.b1 ** t)) / (np.sqrt(v_next / (1 - a.b2 ** t)) + a.eps)
+            m_part, m_rate, v_part, v_rate, eps = consts  # (m_part + m_rate g) / (sqrt(v_part + v_rate g^2) + eps)
+            den = np.square(g)
+            den *= v_rate
+            den += v_part
+            np.sqrt(den, out=den)
+            den += eps
+            np.multiply(g, m_rate, out=o)
+            o += m_part
+            o /= den
         return out
 
-    def _segments(self, moments: list[AdamMoments], width: int) -> list[tuple[int, AdamMoments, Any]]:
-        """(first column, moments, "adam" scale 1 / (sqrt(v_hat) + eps) or None) per parameter."""
+    def _segments(self, moments: list[AdamMoments], width: int) -> list[tuple[slice, tuple]]:
+        """Per parameter its columns and float32 constants: "adam" (1 / (sqrt(v_hat) + eps),);
+        "adam_update" (b1 m / c1, (1 - b1) / c1, b2 v / c2, (1 - b2) / c2, eps), c = 1 - b^(t + 1)."""
         total = sum(a.v.size for a in moments)
         if total != width:
             raise ValueError(f"the optimizer state has {total} entries for a row of {width}")
-        starts = np.cumsum([0] + [a.v.size for a in moments[:-1]])
-        return [(int(s), a, 1.0 / (np.sqrt(np.asarray(a.v, np.float64) / (1 - a.b2 ** a.step)) + a.eps)
-                 if self.kind == "adam" else None) for s, a in zip(starts, moments, strict=True)]
+        out, start = [], 0
+        for a in moments:
+            m, v = np.asarray(a.m, np.float64), np.asarray(a.v, np.float64)
+            if self.kind == "adam":
+                consts: tuple = (1.0 / (np.sqrt(v / (1 - a.b2 ** a.step)) + a.eps),)
+            else:
+                c1, c2 = 1 - a.b1 ** (a.step + 1), 1 - a.b2 ** (a.step + 1)
+                consts = (a.b1 * m / c1, (1 - a.b1) / c1, a.b2 * v / c2, (1 - a.b2) / c2, a.eps)
+            out.append((slice(start, start + v.size), tuple(np.float32(c) if np.ndim(c) == 0 else
+                                                             np.asarray(c, np.float32) for c in consts)))
+            start += v.size
+        return out
 
 
 def adam_settings(options: Any) -> dict[str, float]:
