@@ -1,0 +1,74 @@
+"""The preconditioner transforms on their own: shared checks, layer placement of factored rows, and
+Adam's formulas against float64 NumPy on hand-made moments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tracin._export.preconditioner import AdamMoments, Preconditioned, adam_settings, check_preconditioner
+from tracin._export.rank_one import RankOneAdam, layer_groups
+
+
+def _moments(rng, shapes, step=3.0, b1=0.9, b2=0.99, eps=1e-3):
+    return [AdamMoments(rng.normal(size=int(np.prod(s))).astype(np.float32),
+                        rng.uniform(0.1, 2, int(np.prod(s))).astype(np.float32), step, b1, b2, eps) for s in shapes]
+
+
+def test_full_rows_follow_the_formulas_per_parameter():
+    rng = np.random.default_rng(0)
+    moments = _moments(rng, [(2, 3), (2,)])
+    moments[1] = AdamMoments(moments[1].m, moments[1].v, 7.0, 0.5, 0.9, 1e-2)  # its own step and hyperparameters
+    g = rng.normal(size=(4, 8)).astype(np.float32)
+    m = np.concatenate([a.m for a in moments]).astype(np.float64)
+    v = np.concatenate([a.v for a in moments]).astype(np.float64)
+    t, b1, b2, eps = (np.repeat([getattr(a, k) for a in moments], [6, 2]) for k in ("step", "b1", "b2", "eps"))
+    adam = Preconditioned("adam", lambda c: moments, {}).apply(g, 0, 0)
+    np.testing.assert_allclose(adam, g / (np.sqrt(v / (1 - b2**t)) + eps), rtol=1e-6)
+    update = Preconditioned("adam_update", lambda c: moments, {}).apply(g, 0, 0)
+    m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+    np.testing.assert_allclose(update, (m2 / (1 - b1 ** (t + 1))) / (np.sqrt(v2 / (1 - b2 ** (t + 1))) + eps),
+                               rtol=1e-5)
+
+
+def test_moments_are_read_once_per_checkpoint_and_must_cover_the_row():
+    rng = np.random.default_rng(1)
+    calls = []
+    t = Preconditioned("adam", lambda c: calls.append(c) or _moments(rng, [(3,)]), {"b1": 0.9})
+    block = np.ones((2, 3), np.float32)
+    t.apply(block, 0, 0), t.apply(block, 0, 0), t.apply(block, 1, 0)
+    assert calls == [0, 1] and t.to_dict() == {"kind": "adam", "b1": 0.9}
+    with pytest.raises(ValueError, match="the optimizer state has 3 entries for a row of 4"):
+        t.apply(np.ones((2, 4), np.float32), 2, 0)
+
+
+def test_layers_are_placed_by_shape_with_or_without_bias():
+    params = [("a.weight", (4, 3)), ("a.bias", (4,)), ("b.weight", (2, 4))]
+    assert layer_groups(params, [(4, 4), (2, 4)]) == [(0, True, 4), (2, False, 2)]
+    with pytest.raises(ValueError, match=r"factored layer of dims \(3, 5\) has no \(out, in\) weight"):
+        layer_groups([("k", (4, 3)), ("b", (3,))], [(3, 5)])
+
+
+def test_rank_one_scales_match_the_factorisation_of_v():
+    rng = np.random.default_rng(2)
+    moments = _moments(rng, [(4, 3), (4,)], step=2.0, b2=0.95)
+    left, right = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    got_l, got_r = RankOneAdam(lambda c: moments, [(0, True, 4)], {}).apply((left, right), 0, 0)
+    v = np.hstack([moments[0].v.reshape(4, 3), moments[1].v.reshape(4, 1)]).astype(np.float64) / (1 - 0.95**2)
+    r, c = v.sum(1), v.sum(0)
+    np.testing.assert_allclose(got_l, left * np.sqrt(r.sum() / r), rtol=1e-6)
+    np.testing.assert_allclose(got_r, right / np.sqrt(c), rtol=1e-6)
+
+
+def test_options_and_modes_are_checked():
+    assert adam_settings(None) == {"b1": 0.9, "b2": 0.999, "eps": 1e-8}
+    assert adam_settings({"eps": 1e-6})["eps"] == 1e-6
+    with pytest.raises(TypeError, match=r"preconditioner_options\['b1'\] must be a real number, got '0.9'"):
+        adam_settings({"b1": "0.9"})
+    with pytest.raises(ValueError, match=r"preconditioner_options\['eps'\] must be in \(0, inf\)"):
+        adam_settings({"eps": 0})
+    check_preconditioner("adam", "factored")
+    with pytest.raises(ValueError, match="preconditioner='adam_update' needs mode='full'"):
+        check_preconditioner("adam_update", "last_layer")
+    with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'Adam'"):
+        check_preconditioner("Adam", "full")
