@@ -1,4 +1,7 @@
-"""tracin's scoring functions on a Dask cluster (pip install 'tracin[distributed]').
+"""tracin's scoring functions and gradient exports on a Dask cluster (pip install 'tracin[distributed]').
+
+export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
+adapter's export as row ranges written by the tasks into one store (see its docstring).
 
 Same arguments as tracin.top_k / self_influence / aggregate plus client= (a distributed.Client;
 None: the default client, else a LocalCluster on this machine) and shards= (row shards of the
@@ -17,5 +20,6 @@ except ImportError as e:
                       "(or pip install 'dask[distributed]')") from e
 
 from ._api import aggregate, self_influence, top_k
+from ._export import export_gradients
 
-__all__ = ["aggregate", "self_influence", "top_k"]
+__all__ = ["aggregate", "export_gradients", "self_influence", "top_k"]

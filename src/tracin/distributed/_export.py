@@ -1,0 +1,82 @@
+"""tracin.torch / tracin.jax export_gradients on a Dask cluster: row ranges written into one store."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .._export.driver import store_rows
+from .._validate import positive_int
+from ..store import GradientStore
+from ._cluster import client_for, kernel_threads, slots_by_host
+from ._run import Job
+from ._shards import shard_ranges
+
+ADAPTERS = ("torch", "jax")
+
+
+def export_gradients(adapter: str, *args: Any, store: str | os.PathLike, client: Any = None,
+                     shards: int | None = None, num_threads: int | None = None, progress: bool | None = None,
+                     **kwargs: Any) -> GradientStore:
+    """tracin.<adapter>.export_gradients(*args, store=store, **kwargs) on a Dask cluster: the finished
+    store, byte for byte the one a single-process export writes.
+
+    adapter: "torch" (args: model, checkpoints, data, loss_fn) or "jax" (args: loss_fn, checkpoints,
+        data); kwargs: that function's keyword options (layers, mode, projection, dtype, batch_size...).
+    store: the store's directory; every worker must see it at this path (a shared file system).
+    The client creates the store, each task exports one row range for every checkpoint into it (a
+    range writer: every batch is computed whole, as in one export, and cut to the range), and the
+    client finally merges the ranges' progress and finalizes the store. A task whose worker dies is
+    run again by Dask and resumes after its last written block; running the same call again after
+    an interruption resumes the store. args and kwargs travel to the workers pickled (cloudpickle:
+    lambdas and torch modules pickle; checkpoints given as paths must be readable there), once per
+    worker; each task reads all the data (its fingerprint is checked) but computes only its rows.
+    client: a distributed.Client; None: the default client, else a LocalCluster for this call.
+    shards: number of row ranges (None: one per worker thread).
+    num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
+        threads); the JAX adapter leaves its threads as they are.
+    progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
+    """
+    fn = _export_function(adapter)
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a directory path that every worker sees, got {type(store).__name__}")
+    shards = None if shards is None else positive_int(shards, "shards")
+    num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    path = os.path.abspath(store)
+    with store_rows(0, 0):  # creates the store (or checks the one there against these arguments)
+        fn(*args, store=path, progress=False, **kwargs)
+    n_rows = GradientStore.open(path, allow_partial=True).info()["rows"]  # all rows, not the written prefix
+    with client_for(client) as c:
+        job, slots = Job(c, f"export ({adapter})"), slots_by_host(c)
+        # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
+        sent = job.send(cloudpickle.dumps((args, kwargs)))
+        ranges = shard_ranges(n_rows, 1, sum(slots.values()), shards or sum(slots.values()))
+        parts = [job.submit(export_part, adapter, sent, path, a, b, num_threads, slots,
+                            label=f"rows [{a}, {b}) of {path}") for a, b in ranges]
+        job.wait(parts, progress)
+    return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
+
+
+def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None,
+                slots: dict[str, int]) -> None:
+    """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
+    written into the store at `path`."""
+    args, kwargs = cloudpickle.loads(sent)
+    if adapter == "torch":
+        import torch
+
+        torch.set_num_threads(kernel_threads(num_threads, slots))
+    with store_rows(start, stop):
+        _export_function(adapter)(*args, store=path, progress=False, **kwargs)
+
+
+def _export_function(adapter: Any) -> Callable[..., Any]:
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+    return importlib.import_module(f"tracin.{adapter}").export_gradients

@@ -1,0 +1,120 @@
+"""Distributed export on a real LocalCluster: the finished store is byte for byte a single-process
+export's, also when a worker is killed mid-export (docs/format.md, "Several writers: row ranges")."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import get_task_stream
+
+torch = pytest.importorskip("torch")
+
+import tracin  # noqa: E402
+import tracin.distributed as td  # noqa: E402
+import tracin.torch  # noqa: E402
+
+
+def _setup(n_rows: int, width: int, seed: int = 0) -> tuple:
+    """(model, two in-memory checkpoints, (inputs, targets), per-example loss)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(10, width), torch.nn.Tanh(), torch.nn.Linear(width, 3))
+    checkpoints = []
+    for lr in (0.1, 0.05):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        checkpoints.append(({k: v.clone() for k, v in model.state_dict().items()}, lr))
+    inputs = torch.randn(n_rows, 10)
+    targets = torch.randint(0, 3, (n_rows,))
+    return model, checkpoints, (inputs, targets), torch.nn.CrossEntropyLoss(reduction="none")
+
+
+def _same_store(found: tracin.GradientStore, expected: tracin.GradientStore) -> None:
+    """Every data file equal byte for byte, and the same metadata and weights."""
+    files = sorted(p.name for p in Path(expected.path).glob("*.npy"))
+    assert files and files == sorted(p.name for p in Path(found.path).glob("*.npy"))
+    for name in files:
+        assert (Path(found.path) / name).read_bytes() == (Path(expected.path) / name).read_bytes(), name
+    assert found.metadata == expected.metadata
+    assert not list(Path(found.path).glob("rows-*"))  # range progress merged and removed at finalize
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 16}, {"mode": "factored", "batch_size": 7, "dtype": "float16"}])
+def test_export_equals_single_process_export(client, tmp_path, kw):
+    model, checkpoints, data, loss = _setup(203, 8)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
+                                             progress=False, **kw)
+    with get_task_stream(client) as tasks:
+        found = td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "many",
+                                    client=client, shards=5, progress=False, **kw)
+    assert sum("export_part" in t["key"] for t in tasks.data) == 5  # the rows were written by the tasks
+    assert found.complete
+    _same_store(found, expected)
+    if "mode" not in kw:  # and the rows are the gradients (not only equal files): self-influence in float64
+        grads = [np.load(Path(found.path) / f"checkpoint_{c:03d}.npy").astype(np.float64) for c in (0, 1)]
+        ref = sum(lr * (g * g).sum(1) for g, (_, lr) in zip(grads, checkpoints, strict=True))
+        np.testing.assert_allclose(td.self_influence(found, client=client, progress=False), ref, rtol=1e-5)
+
+
+def test_interrupted_export_resumes_with_other_shards(client, tmp_path):
+    model, checkpoints, data, loss = _setup(150, 8)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
+                                             batch_size=10, progress=False)
+    store = tmp_path / "many"
+    from tracin._export.driver import store_rows  # what a task runs: rows [25, 80) only, left unfinalized
+
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
+    with store_rows(25, 80):
+        assert tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10,
+                                             progress=False) is None
+    assert not tracin.GradientStore.open(store, allow_partial=True).complete
+    found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=3,
+                                batch_size=10, progress=False)
+    _same_store(found, expected)
+
+
+def test_worker_killed_mid_export(client, tmp_path):
+    model, checkpoints, data, loss = _setup(2000, 256, seed=1)
+    kw = {"batch_size": 25}
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
+                                             progress=False, **kw)
+    pids = client.run(os.getpid)
+    store = tmp_path / "many"
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(found=td.export_gradients(
+        "torch", model, checkpoints, data, loss, store=store, client=client, shards=2, progress=False, **kw)))
+    job.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until a range has written rows, then kill a worker exporting one
+        written = [json.loads(p.read_text()) for p in store.glob("rows-*.json")] if store.exists() else []
+        busy = [w for w, keys in client.processing().items() if any("export_part" in str(k) for k in keys)]
+        if written and busy:
+            victim = busy[0]
+            break
+        time.sleep(0.01)
+    assert victim is not None and job.is_alive()
+    os.kill(pids[victim], signal.SIGKILL)
+    job.join(timeout=300)
+    assert not job.is_alive()
+    _same_store(out["found"], expected)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it: leave the cluster as found
+
+
+def test_bad_arguments_are_named(client, tmp_path):
+    model, checkpoints, data, loss = _setup(20, 4)
+    with pytest.raises(ValueError, match=r"adapter must be one of \('torch', 'jax'\), got 'tf'"):
+        td.export_gradients("tf", model, checkpoints, data, loss, store=tmp_path / "s", client=client)
+    with pytest.raises(TypeError, match="store must be a directory path that every worker sees, got NoneType"):
+        td.export_gradients("torch", model, checkpoints, data, loss, store=None, client=client)
+    with pytest.raises(ValueError, match="shards must be a positive integer"):
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, shards=0)
+    assert not (tmp_path / "s").exists()  # refused before anything was written
