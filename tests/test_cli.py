@@ -297,6 +297,49 @@ def test_selfbench_check_rejects_a_wrong_top_k(rng):
     assert not selfbench.matches_float64(test, train, shifted, indices)
 
 
+
+# -- on a Dask cluster ---------------------------------------------------------------------------
+def test_scheduler_local_gives_the_local_results(stores, tmp_path):
+    pytest.importorskip("distributed")
+    paths, blocks, weights = stores
+    local, spread = tmp_path / "local.npz", tmp_path / "spread.npz"
+    assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(local))) == 0
+    cli = [sys.executable, "-m", "tracin"]  # as a user runs it: the spawned workers import __main__ again
+    for command in (_score(paths, "-k", "5", "--side", "both", "-o", str(spread)),
+                    ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")]):
+        done = subprocess.run([*cli, *command, "--scheduler", "local", "--workers", "2"], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "LocalCluster of 2 workers" in done.stderr and "wrote" in done.stdout
+    got, expected = np.load(spread), np.load(local)
+    assert sorted(got.files) == sorted(expected.files)
+    for name in expected.files:
+        np.testing.assert_array_equal(got[name], expected[name])
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
+    rows = list(csv.DictReader(open(tmp_path / "rank.csv")))
+    self_exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
+    assert [int(r["train_row"]) for r in rows] == list(np.argsort(-self_exact))
+    np.testing.assert_allclose([float(r["self_influence"]) for r in rows], np.sort(self_exact)[::-1], rtol=1e-6)
+
+
+def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    import tracin.cli
+
+    paths, _, _ = stores
+    assert main(_score(paths, "--workers", "2")) == 1
+    assert "--workers needs --scheduler local" in _error_line(capsys.readouterr().err, "score")
+    assert main(["self-influence", str(paths["train"]), "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"]) == 1
+    assert "needs --scheduler local, not tcp://127.0.0.1:1" in _error_line(capsys.readouterr().err, "self-influence")
+    monkeypatch.setattr(tracin.cli, "SCHEDULER_TIMEOUT_S", 1)
+    assert main(_score(paths, "--scheduler", "tcp://127.0.0.1:1")) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert "--scheduler: cannot connect to a Dask scheduler at tcp://127.0.0.1:1" in line
+    with pytest.raises(SystemExit, match="2"):  # argparse: a usage error
+        main(_score(paths, "--workers", "0"))
+    assert "argument --workers: expected a positive integer, got '0'" in capsys.readouterr().err
+
 # -- progress bars -------------------------------------------------------------------------------
 def test_bar_over_passes_counts_examples_not_examples_times_passes(capsys):
     bar = _progress.progress_bar(500, True, "export", passes=3)

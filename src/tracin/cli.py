@@ -11,6 +11,8 @@ import argparse
 import csv
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -19,9 +21,11 @@ EXAMPLES = """examples:
   tracin info grads/train                       # what a gradient store holds
   tracin self-influence grads/train --top 100   # the 100 most self-influential rows, CSV on stdout
   tracin score --test grads/test --train grads/train -k 10 --side both -o top10.npz
+  tracin score --test grads/test --train grads/train --scheduler local --workers 4   # on a Dask LocalCluster
   tracin bench                                  # tracin.top_k against NumPy on this machine
 """
 
+SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
@@ -65,6 +69,37 @@ def _progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
 
 
+@contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """None without --scheduler; else a Dask client: of a new LocalCluster of --workers processes
+    (--scheduler local), or connected to the scheduler at the address given."""
+    if args.scheduler is None:
+        if args.workers is not None:
+            raise CommandError("--workers needs --scheduler local (the workers of a LocalCluster to start)")
+        yield None
+        return
+    try:
+        from distributed import Client
+
+        from .distributed._cluster import local_client, usable_cores
+    except ImportError as e:
+        raise CommandError(f"--scheduler needs Dask: pip install 'tracin[distributed]' ({e})") from e
+    if args.scheduler == "local":
+        with local_client(args.workers or usable_cores()) as client:
+            yield client
+        return
+    if args.workers is not None:
+        raise CommandError(f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
+                           "the workers of a running scheduler are its own")
+    try:
+        client = Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"--scheduler: cannot connect to a Dask scheduler at {args.scheduler} "
+                           f"({_one_line(e)})") from e
+    with client:
+        yield client
+
+
 # -- commands ------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> None:
     from .store import describe
@@ -84,8 +119,15 @@ def cmd_score(args: argparse.Namespace) -> None:
         raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
-    result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads,
-                          progress=_progress(args))
+    with _cluster(args) as client:
+        if client is None:
+            result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads,
+                                  progress=_progress(args))
+        else:
+            from . import distributed
+
+            result = distributed.top_k(test, train, k=args.k, side=args.side, client=client,
+                                       num_threads=args.threads, progress=_progress(args))
     sides = result._asdict() if args.side == "both" else {args.side: result}
     summary = f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows"
     if out is None:
@@ -118,7 +160,14 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     store = _open_store(args.path, "PATH", args.allow_partial)
-    scores = tracin.self_influence(store, num_threads=args.threads, progress=_progress(args))
+    with _cluster(args) as client:
+        if client is None:
+            scores = tracin.self_influence(store, num_threads=args.threads, progress=_progress(args))
+        else:
+            from . import distributed
+
+            scores = distributed.self_influence(store, client=client, num_threads=args.threads,
+                                                progress=_progress(args))
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store)
     summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
@@ -172,7 +221,14 @@ def positive_int(text: str) -> int:
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="kernel threads (default: all cores; with --scheduler, per task: each host's cores shared)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS|local",
+                   help="run on a Dask cluster (pip install 'tracin[distributed]'): a scheduler's address "
+                        "(tcp://host:8786; every worker must see the stores at the same paths), or local "
+                        "for a LocalCluster on this machine")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="with --scheduler local: worker processes, one thread each (default: one per core)")
     p.add_argument("--allow-partial", action="store_true",
                    help="score an unfinished store's rows written so far instead of refusing it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one appears for long runs)")

@@ -30,7 +30,15 @@ def client_for(client: Any) -> Iterator[Client]:
             raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
         yield client
         return
-    with LocalCluster(n_workers=usable_cores(), threads_per_worker=1, processes=True, host="127.0.0.1",
+    with local_client(usable_cores()) as local:
+        yield local
+
+
+@contextmanager
+def local_client(n_workers: int) -> Iterator[Client]:
+    """A client of a new LocalCluster: `n_workers` single-threaded worker processes on loopback
+    only, its dashboard link printed on stderr; closed at the end."""
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as local:
         needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
         print(f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
