@@ -481,3 +481,20 @@ def test_an_impossible_allocation_is_a_memory_error():
     huge = as_strided(np.ones(64, np.float32), shape=(32, 2**40), strides=(2**42, 4))
     with pytest.raises(MemoryError, match="out of memory in the tracin kernel"):
         tracin.top_k(huge, huge, progress=False)
+
+
+@pytest.mark.parametrize("test_kind, train_kind, allowed", [
+    (None, None, True), ("adam", "adam", True), (None, "adam_update", True),
+    ("adam", None, False), (None, "adam", False), ("adam_update", "adam_update", False), ("adam_update", None, False),
+])
+def test_preconditioned_sets_are_scored_only_with_their_kind(rng, test_kind, train_kind, allowed):
+    def side(n, kind):
+        meta = {"mode": "full", "preconditioner": None if kind is None else {"kind": kind, "eps": 1e-8}}
+        return tracin.Gradients(rng.standard_normal((n, 6)).astype(np.float32), metadata=meta)
+
+    test, train = side(3, test_kind), side(5, train_kind)
+    if allowed:
+        assert tracin.scores(test, train).shape == (3, 5)
+    else:
+        with pytest.raises(ValueError, match="preconditioner="):
+            tracin.scores(test, train)

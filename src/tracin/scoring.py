@@ -69,6 +69,7 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
     t, x = test.metadata, train.metadata
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
+    _check_same_preconditioner(t, x)
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         from .projection import Projection
 
@@ -78,6 +79,20 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
             and "params" in t and "params" in x and t["params"] != x["params"]:
         raise ValueError(f"test and train gradients are of different parameters: "
                          f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}")
+
+
+def _check_same_preconditioner(t: dict, x: dict) -> None:
+    """Both sides preconditioned alike (metadata["preconditioner"]: None or {"kind": ...}), except the
+    LESS pairing: train rows "adam_update" against plain test rows. Hyperparameters may differ."""
+    if "mode" not in t or "mode" not in x:
+        return
+    kt, kx = ((m.get("preconditioner") or {}).get("kind") for m in (t, x))
+    if kt == "adam_update":
+        raise ValueError("test gradients are preconditioner='adam_update', which is for train rows only: "
+                         "export test rows with preconditioner=None")
+    if kt != kx and not (kt is None and kx == "adam_update"):
+        raise ValueError(f"test gradients are preconditioner={kt!r} but train gradients are "
+                         f"preconditioner={kx!r}: export both sides with the same one")
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
