@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the JSON (default benchmarks/results, the temp folder with --quick)")
     args = parser.parse_args(argv)
-    n, d = (8192, 512) if args.quick else (args.n, args.d)
+    n, d = (4096, 256) if args.quick else (args.n, args.d)
     result = measure(n, d, args.repeats, args.threads)
     out = args.out or (Path(tempfile.gettempdir()) if args.quick else RESULTS_DIR)
     path = write_json("whitening_quick" if args.quick else "whitening", result, out)

@@ -265,3 +265,17 @@ def test_save_load_round_trip(tmp_path, full):
     np.savez(tmp_path / "other.npz", spec=np.array("{}"))
     with pytest.raises(ValueError, match="is not a saved tracin.Whitening"):
         Whitening.load(tmp_path / "other.npz")
+
+
+def test_benchmark_quick_run_writes_consistent_json(tmp_path, capsys):
+    from benchmarks import whitening as bench
+
+    assert bench.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "whitening_quick.json").read_text())
+    assert (result["n"], result["d"]) == (4096, 256)
+    t = result["timings"]
+    for name in ("numpy_gtg", "tracin_float32", "tracin_float64"):
+        assert t[name]["gflops"] == pytest.approx(2 * 4096 * 256**2 / t[name]["median_s"] / 1e9)
+    assert result["float32_vs_numpy_gtg"] == pytest.approx(t["numpy_gtg"]["median_s"] / t["tracin_float32"]["median_s"])
+    assert result["goal"]["fraction"] == 0.7 and isinstance(result["goal"]["met"], bool)
+    assert "whitening_quick.json" in capsys.readouterr().out
