@@ -191,6 +191,20 @@ def test_metadata_records_spec_and_refuses_double_whitening(full):
         w.apply(tracin.Gradients(test, metadata={"mode": "last_layer"}))
 
 
+def test_preconditioners_pair_as_in_scoring(full):
+    """Fitted on LESS's adam_update train rows: plain test rows are whitened (the pairing scoring
+    allows), the same train rows get self-influence, rows preconditioned otherwise are refused."""
+    train, test = full
+    adam_update = {"mode": "full", "preconditioner": {"kind": "adam_update"}}
+    w = Whitening.fit(tracin.Gradients(train, metadata=adam_update))
+    assert w.apply(tracin.Gradients(test, metadata={"mode": "full", "preconditioner": None})).n_rows == 11
+    assert w.self_influence(tracin.Gradients(train, metadata=adam_update)).shape == (700,)
+    with pytest.raises(ValueError, match="train gradients are preconditioner=None but the whitening was fitted on"):
+        w.self_influence(tracin.Gradients(train, metadata={"mode": "full", "preconditioner": None}))
+    with pytest.raises(ValueError, match="preconditioner='adam'"):
+        w.apply(tracin.Gradients(test, metadata={"mode": "full", "preconditioner": {"kind": "adam"}}))
+
+
 def test_refuses_sets_of_another_shape(full, rng):
     train, test = full
     w = Whitening.fit(tracin.Gradients(train))

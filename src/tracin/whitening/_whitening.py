@@ -27,7 +27,7 @@ from ._moments import (
 )
 from ._threads import blas_threads
 
-_SPACE_KEYS = ("mode", "projection", "framework", "params")  # metadata naming the gradient space
+_SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params")  # metadata naming the gradient space
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -208,8 +208,18 @@ class Whitening:
         s = as_gradient_set(s, name)
         if "whitening" in s.metadata:
             raise ValueError(f"{name} is already whitened (metadata['whitening']); whiten only unwhitened gradients")
-        return _matching(s, SimpleNamespace(factored=self.factored, dims=self._dims(),
-                                            metadata=self.spec.space, n_checkpoints=len(self.spec.dims)), name)
+        fitted = SimpleNamespace(factored=self.factored, dims=self._dims(), metadata=self.spec.space,
+                                 n_checkpoints=len(self.spec.dims))
+        if name == "test":  # scored against the train side: the pairings scoring allows (e.g. LESS's)
+            return _matching(s, fitted, name)
+        kinds = [(m.get("preconditioner") or {}).get("kind") for m in (s.metadata, self.spec.space)]
+        if "mode" in s.metadata and "mode" in self.spec.space and kinds[0] != kinds[1]:
+            raise ValueError(f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
+                             f"preconditioner={kinds[1]!r}")
+        plain = [{k: v for k, v in m.items() if k != "preconditioner"} for m in (s.metadata, self.spec.space)]
+        _matching(SimpleNamespace(factored=s.factored, dims=s.dims, metadata=plain[0], n_checkpoints=s.n_checkpoints),
+                  SimpleNamespace(**{**vars(fitted), "metadata": plain[1]}), name)
+        return s
 
     def _dims(self) -> tuple:
         return tuple(tuple(d) for d in self.spec.dims) if self.factored else tuple(self.spec.dims)
