@@ -119,6 +119,28 @@ def test_self_influence_two_sided(full):
         "ij,ij->i", to_float64(train[1]) @ reference_inverse(train[1], 0.1)[0], to_float64(train[1])), rtol=1e-5)
 
 
+def test_public_self_influence_takes_the_whitening(full):
+    train, _ = full
+    sets = tracin.Gradients(train, WEIGHTS)
+    w = Whitening.fit(sets, damping=0.1)
+    exact = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
+                for wc, g in zip(WEIGHTS, train, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(sets, whitening=w), exact, rtol=1e-5)
+    with pytest.raises(TypeError, match="whitening must be a tracin.Whitening"):
+        tracin.self_influence(sets, whitening="yes")
+    with pytest.raises(ValueError, match="device must be None or 'cpu'"):
+        tracin.self_influence(sets, whitening=w, device="torch:cpu")
+
+
+def test_two_whitened_sets_are_not_scored_together(full):
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train, WEIGHTS))
+    whitened = w.apply(tracin.Gradients(test, WEIGHTS))
+    assert tracin.scores(whitened, tracin.Gradients(train, WEIGHTS)).shape == (11, 700)
+    with pytest.raises(ValueError, match="both whitened"):
+        tracin.scores(whitened, whitened)
+
+
 def test_mix_blends_train_and_evaluation_moments(rng, full):
     train, test = full
     evaluation = [anisotropic(rng, 50, 24), anisotropic(rng, 50, 9)]

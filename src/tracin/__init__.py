@@ -8,6 +8,7 @@ from .gradients import FactoredGradients, Gradients, GradientSet
 from .projection import Projection
 from .scoring import BothSides, TopK, aggregate, merge_top_k, scores, self_influence, top_k
 from .store import GradientStore
+from .whitening import Whitening
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "Gradients",
     "Projection",
     "TopK",
+    "Whitening",
     "aggregate",
     "detect_isa",
     "merge_top_k",

@@ -17,6 +17,7 @@ from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._validate import positive_int, thread_count
 from .backends import Backend, BothSides, TopK, placement
 from .gradients import Gradients, GradientSet, KernelSide
+from .whitening import Whitening
 
 _SIDES = ("proponents", "opponents", "both")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -75,6 +76,9 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
 
         projected, other, other_name = (x, t, "test") if x["projection"] is not None else (t, x, "train")
         Projection.from_dict(projected["projection"]).check_compatible(other["projection"], what=other_name)
+    if "whitening" in t and "whitening" in x:
+        raise ValueError("test and train are both whitened (metadata['whitening']); whiten only the test side "
+                         "(Whitening.apply) and score it against the unwhitened train gradients")
     if t.get("framework") is not None and t.get("framework") == x.get("framework") \
             and "params" in t and "params" in x and t["params"] != x["params"]:
         raise ValueError(f"test and train gradients are of different parameters: "
@@ -286,7 +290,8 @@ def _refuse_repeated_rows(indices: np.ndarray) -> None:
 
 
 def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int | None = None,
-                   progress: bool | None = None, device: str | None = None, precision: str = "float32") -> np.ndarray:
+                   progress: bool | None = None, device: str | None = None, precision: str = "float32",
+                   whitening: Whitening | None = None) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
     High values flag mislabelled or unusual examples.
@@ -294,7 +299,16 @@ def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int
     (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
     device, precision: where and how to score, as in top_k.
+    whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
+    instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
     """
+    if whitening is not None:
+        if not isinstance(whitening, Whitening):
+            raise TypeError(f"whitening must be a tracin.Whitening or None, got {type(whitening).__name__}")
+        if device not in (None, "cpu"):
+            raise ValueError(f"whitening runs on the CPU (float64 BLAS); device must be None or 'cpu', got {device!r}")
+        return whitening.self_influence(train, per_checkpoint=per_checkpoint, num_threads=num_threads,
+                                        progress=progress)
     train = as_gradient_set(train, "train")
     if not isinstance(per_checkpoint, bool):
         raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
