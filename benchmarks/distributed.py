@@ -10,12 +10,22 @@ task comes from a store of --tiny-shards rows cut into one shard per row, agains
 worker. A projection for 10, 100 and 1000 workers on a 1 TiB store is built from these measured
 parts and a simulation of the default shards handed to free workers (not measured: see
 "projection" in the JSON). Writes results/distributed.json.
+
+    python -m benchmarks.distributed --only export [--export-rows 4000] [--workers 2] [--repeats 2]
+
+times tracin.distributed.export_gradients("torch", ...) on the LocalCluster (one row range per
+worker) against tracin.torch.export_gradients with --workers torch threads, both into a fresh store
+each call, checks that the data files are byte-identical to a one-thread export (a task's threads),
+and records it under "export"
+in results/distributed.json (the rest of the record kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
 import heapq
+import json
 import math
 import os
 import shutil
@@ -27,10 +37,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+from distributed import Client, LocalCluster, get_task_stream
 
 import tracin
 import tracin.distributed as td
-from distributed import Client, LocalCluster, get_task_stream
 from tracin.distributed._run import FAN_IN
 from tracin.distributed._shards import MAX_SHARD_BYTES, shard_ranges
 
@@ -154,6 +164,74 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
     }
 
 
+def _export_problem(n_rows: int) -> tuple:
+    """A small torch MLP (32 -> 256 -> 10, 11k parameters), two checkpoints, n_rows examples, its loss."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10))
+    checkpoints = []
+    for lr in (0.1, 0.05):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        checkpoints.append(({k: v.clone() for k, v in model.state_dict().items()}, lr))
+    data = (torch.randn(n_rows, 32), torch.randint(0, 10, (n_rows,)))
+    return model, checkpoints, data, torch.nn.CrossEntropyLoss(reduction="none")
+
+
+def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
+    """Distributed export (one row range per worker) against one process, as a JSON-ready dict."""
+    import torch
+
+    import tracin.torch
+
+    model, checkpoints, data, loss = _export_problem(args.export_rows)
+    kw = {"batch_size": args.export_batch}
+    root = Path(tempfile.mkdtemp(prefix="tracin-distributed-export-bench-", dir=args.dir))
+    calls = iter(range(10**6))
+    try:
+        with ExitStack() as stack:
+            client = _cluster(args, client, stack)
+
+            def single() -> Path:
+                torch.set_num_threads(args.workers)
+                path = root / f"one-{next(calls)}"
+                tracin.torch.export_gradients(model, checkpoints, data, loss, store=path, progress=False, **kw)
+                return path
+
+            def spread() -> Path:
+                path = root / f"many-{next(calls)}"
+                td.export_gradients("torch", model, checkpoints, data, loss, store=path, client=client,
+                                    shards=args.workers, progress=False, **kw)
+                return path
+
+            times = time_interleaved({"single_process": single, "distributed": spread}, repeats=args.repeats)
+            torch.set_num_threads(1)  # the bits of torch's kernels depend on its threads: compare like with like
+            path = root / "one-thread"
+            tracin.torch.export_gradients(model, checkpoints, data, loss, store=path, progress=False, **kw)
+            one, many = path, spread()
+            files = sorted(f.name for f in one.glob("*.npy"))
+            identical = bool(files) and all(filecmp.cmp(one / f, many / f, shallow=False) for f in files)
+            nbytes = sum((one / f).stat().st_size for f in files)
+    finally:
+        shutil.rmtree(root)
+    med = {name: t["median_s"] for name, t in times.items()}
+    rows = args.export_rows * len(checkpoints)
+    return {
+        "config": {"model": "MLP 32-256-10 (11,018 parameters), full gradients, float32", "n_rows": args.export_rows,
+                   "checkpoints": len(checkpoints), "batch_size": args.export_batch, "workers": args.workers,
+                   "threads_per_worker": 1, "shards": args.workers, "single_process_torch_threads": args.workers,
+                   "repeats": args.repeats},
+        "load_average_after": os.getloadavg(),
+        "store_data_bytes": nbytes,
+        "times": times,
+        "rows_per_s": {name: rows / t for name, t in med.items()},
+        "speedup_distributed_over_single_process": med["single_process"] / med["distributed"],
+        "identical_data_files_to_one_thread_export": identical,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=float, default=1.0, help="store size in GiB (default 1)")
@@ -167,12 +245,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    p.add_argument("--only", choices=("top_k", "export"), default="top_k",
+                   help="top_k: the scoring record; export: the export record, kept beside it")
+    p.add_argument("--export-rows", type=int, default=4000, help="examples exported (default 4000)")
+    p.add_argument("--export-batch", type=int, default=50, help="export batch size (default 50)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
+    if args.only == "export":
+        return _main_export(args, t0)
     result = run(args)
     path = write_json("distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib", result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
@@ -188,6 +272,21 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["projection"]["rows"]:
         print(f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s "
               f"(scoring {r['scoring_s']:.0f} s, ideal {r['ideal_scoring_s']:.0f} s)")
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def _main_export(args: argparse.Namespace, t0: float) -> int:
+    found = run_export(args)
+    record = args.out / "distributed.json"
+    kept = json.loads(record.read_text()) if record.exists() else {}
+    kept = {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
+    path = write_json("distributed", {**kept, "export": found}, args.out)
+    med = {k: v["median_s"] for k, v in found["times"].items()}
+    print(f"export of {args.export_rows} rows x 2 checkpoints: one process ({args.workers} torch threads) "
+          f"{med['single_process']:.2f} s, LocalCluster ({args.workers} workers) {med['distributed']:.2f} s = "
+          f"{found['speedup_distributed_over_single_process']:.2f}x speed-up; identical files: "
+          f"{found['identical_data_files_to_one_thread_export']}")
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -28,3 +28,17 @@ def test_tiny_run_records_every_part(client):
         assert r["ideal_scoring_s"] <= r["scoring_s"] <= r["ideal_scoring_s"] + largest + r["shards"] / r["workers"] * \
             result["fixed_cost"]["fixed_cost_per_task_s"] + 1e-9
         assert r["smallest_shard_mib"] <= r["largest_shard_mib"] <= 256
+
+
+def test_tiny_export_run_records_identical_files(client):
+    pytest.importorskip("torch")
+    args = bench._parser().parse_args(["--only", "export", "--export-rows", "60", "--export-batch", "7",
+                                       "--repeats", "1"])
+    result = bench.run_export(args, client)
+    assert result["identical_data_files_to_one_thread_export"] is True
+    data = 60 * 11018 * 4 * 2  # float32 rows of every parameter, two checkpoints, and two .npy headers
+    assert data < result["store_data_bytes"] <= data + 2 * 4096
+    med = {name: t["median_s"] for name, t in result["times"].items()}
+    speedup = result["speedup_distributed_over_single_process"]
+    assert speedup == pytest.approx(med["single_process"] / med["distributed"])
+    assert result["rows_per_s"]["distributed"] == pytest.approx(120 / med["distributed"])

@@ -36,6 +36,15 @@ def _setup(n_rows: int, width: int, seed: int = 0) -> tuple:
     return model, checkpoints, (inputs, targets), torch.nn.CrossEntropyLoss(reduction="none")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Single-process exports here use one torch thread, as each task does (torch's bits depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _same_store(found: tracin.GradientStore, expected: tracin.GradientStore) -> None:
     """Every data file equal byte for byte, and the same metadata and weights."""
     files = sorted(p.name for p in Path(expected.path).glob("*.npy"))
@@ -53,7 +62,7 @@ def test_export_equals_single_process_export(client, tmp_path, kw):
                                              progress=False, **kw)
     with get_task_stream(client) as tasks:
         found = td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "many",
-                                    client=client, shards=5, progress=False, **kw)
+                                    client=client, shards=5, num_threads=1, progress=False, **kw)
     assert sum("export_part" in t["key"] for t in tasks.data) == 5  # the rows were written by the tasks
     assert found.complete
     _same_store(found, expected)

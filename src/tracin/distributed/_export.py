@@ -23,7 +23,8 @@ def export_gradients(adapter: str, *args: Any, store: str | os.PathLike, client:
                      shards: int | None = None, num_threads: int | None = None, progress: bool | None = None,
                      **kwargs: Any) -> GradientStore:
     """tracin.<adapter>.export_gradients(*args, store=store, **kwargs) on a Dask cluster: the finished
-    store, byte for byte the one a single-process export writes.
+    store, byte for byte the one a single-process export writes with the tasks' thread count (torch
+    splits a batch's rows differently over 2 threads than over 1: such exports differ in the last bits).
 
     adapter: "torch" (args: model, checkpoints, data, loss_fn) or "jax" (args: loss_fn, checkpoints,
         data); kwargs: that function's keyword options (layers, mode, projection, dtype, batch_size...).
@@ -38,7 +39,7 @@ def export_gradients(adapter: str, *args: Any, store: str | os.PathLike, client:
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
     shards: number of row ranges (None: one per worker thread).
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
-        threads); the JAX adapter leaves its threads as they are.
+        threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
     progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
     """
     fn = _export_function(adapter)
