@@ -1,6 +1,7 @@
 // Random projection: validation, blocking and threading around the kernels of
-// projection_kernels.hpp. Dense kinds: a blocked product with panels of P generated per task;
-// sparse kind: per row, scatter-adds of each column into its few output positions.
+// projection_kernels.hpp. Dense kinds: a blocked product, each panel of P generated once per task
+// and applied to all the task's rows; sparse kind: per row, scatter-adds of each column into its
+// few output positions.
 #include <algorithm>
 #include <atomic>
 #include <cmath>

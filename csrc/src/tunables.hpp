@@ -62,7 +62,7 @@ inline constexpr std::int64_t kScanLanes = 16;
 inline constexpr std::int64_t kNormLanes = 16;
 
 // --- Random projection (projection.cpp) ---
-// Record: projection.json "speed" (kDenseRows and kDenseTileRows: issue 19; the others: commit e35044c).
+// Record: projection.json "speed" (kDenseRows and kDenseTileRows: commit f673e23; the others: commit e35044c).
 
 inline constexpr std::int64_t kDenseColumns = 128;    // columns of X per generated panel of P
 inline constexpr std::int64_t kDenseOutputs = 256;    // outputs per task
