@@ -127,3 +127,32 @@ def test_bad_arguments_are_named(client, tmp_path):
     with pytest.raises(ValueError, match="shards must be a positive integer"):
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, shards=0)
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def _jax_loss(params, inputs, targets):
+    """Per-example squared error of a linear model (sent to the workers by value, through cloudpickle)."""
+    return ((inputs @ params["w"] + params["b"] - targets) ** 2).sum(-1)
+
+
+def test_jax_export_equals_single_process_export(client, tmp_path):
+    pytest.importorskip("jax")
+    import cloudpickle
+
+    import tracin.jax
+
+    cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import this test module
+    rng = np.random.default_rng(5)
+    ckpts = [({"w": rng.standard_normal((6, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)},
+              lr) for lr in (0.2, 0.1)]
+    data = (rng.standard_normal((90, 6)).astype(np.float32), rng.standard_normal((90, 3)).astype(np.float32))
+    expected = tracin.jax.export_gradients(_jax_loss, ckpts, data, store=tmp_path / "one", batch_size=16,
+                                           progress=False)
+    found = td.export_gradients("jax", _jax_loss, ckpts, data, store=tmp_path / "many", client=client, shards=4,
+                                batch_size=16, progress=False)
+    _same_store(found, expected)
+    x, y = (a.astype(np.float64) for a in data)
+    for c, (params, _) in enumerate(ckpts):  # and the rows are the gradients, b then w: 2 r and 2 x r^T
+        r = x @ params["w"].astype(np.float64) + params["b"] - y
+        exact = np.concatenate([2 * r, (2 * x[:, :, None] * r[:, None, :]).reshape(90, -1)], axis=1)
+        got = np.load(Path(found.path) / f"checkpoint_{c:03d}.npy")
+        np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)
