@@ -20,7 +20,7 @@ from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
 from .checkpoints import load_checkpoint, parse_checkpoints, state_digest, tied_aliases
-from .data import Tree, as_batches, batch_rows, call_model, host_arrays, tree_map
+from .data import Tree, as_batches, batch_rows, call_model, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
 from .losses import check_loss_fn, check_loss_on
@@ -35,6 +35,7 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _MODES = ("full", "last_layer", "factored")
 _BATCH_BYTES = 256 * 2**20  # per-example gradient bytes a default batch aims at
 _MAX_DEFAULT_BATCH = 1024
+_CHECKED_ROWS = 2  # rows the loss_fn checks run on, once per export
 
 
 def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn: Any, *,
@@ -192,7 +193,15 @@ class _TorchExport:
         return tuple(tree_map(lambda t: t.to(self.device, non_blocking=True), x) for x in (batch.inputs, batch.targets))
 
     def check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
-        check_loss_on(self.model, state, self.names, self.loss_fn, *self._on_device(batch), batch.count)
+        """The loss checks on the batch's first rows; on the whole batch only to word an error for it
+        (a forward pass of the whole batch costs a good part of the batched gradients)."""
+        inputs, targets = self._on_device(batch)
+        rows = min(_CHECKED_ROWS, batch.count)
+        try:
+            check_loss_on(self.model, state, self.names, self.loss_fn, slice_rows(inputs, 0, rows),
+                          slice_rows(targets, 0, rows), rows)
+        except (TypeError, ValueError):
+            check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
 
     def compute(self, state: dict[str, torch.Tensor], batch: _Batch) -> Any:
         return self.compute_rows(state, *self._on_device(batch))
