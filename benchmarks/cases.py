@@ -71,12 +71,24 @@ class Sizes:
     n_scan: tuple[int, int, tuple[int, ...]]  # m, d, ns
 
 
-FULL = Sizes(main=(1000, 100_000, 512), skinny=(16, 1_000_000, 128), ks=(1, 10, 100, 1000),
-             checkpoints=(1000, 20_000, 5, 512), factored=(1000, 10_000, 10, 513), threads_n=20_000,
-             n_scan=(256, 128, (10_000, 30_000, 100_000, 300_000, 1_000_000)))
-QUICK = Sizes(main=(64, 4000, 64), skinny=(16, 20_000, 32), ks=(1, 10, 100, 1000),
-              checkpoints=(64, 2000, 5, 32), factored=(64, 1000, 10, 33), threads_n=2000,
-              n_scan=(32, 32, (1000, 3000, 10_000)))
+FULL = Sizes(
+    main=(1000, 100_000, 512),
+    skinny=(16, 1_000_000, 128),
+    ks=(1, 10, 100, 1000),
+    checkpoints=(1000, 20_000, 5, 512),
+    factored=(1000, 10_000, 10, 513),
+    threads_n=20_000,
+    n_scan=(256, 128, (10_000, 30_000, 100_000, 300_000, 1_000_000)),
+)
+QUICK = Sizes(
+    main=(64, 4000, 64),
+    skinny=(16, 20_000, 32),
+    ks=(1, 10, 100, 1000),
+    checkpoints=(64, 2000, 5, 32),
+    factored=(64, 1000, 10, 33),
+    threads_n=2000,
+    n_scan=(32, 32, (1000, 3000, 10_000)),
+)
 
 
 class Data:
@@ -133,8 +145,7 @@ def _dense(m: int, n: int, d: int, select: bool) -> tuple[float, float]:
     return 2.0 * m * n * d, (n + m) * d * F32 + m * n * F32 * (2 if select else 1)
 
 
-def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int,
-               isa: str = "native") -> list[Contender]:
+def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int, isa: str = "native") -> list[Contender]:
     """tracin, faiss, numpy, torch and the bare sgemm on one (q, x) problem."""
     import torch
 
@@ -158,8 +169,12 @@ def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int,
     ]
 
 
-_PEER_RATIOS = {"tracin vs faiss": ("faiss", "tracin"), "tracin vs numpy": ("numpy", "tracin"),
-                "tracin vs torch": ("torch", "tracin"), "tracin vs sgemm": ("sgemm", "tracin")}
+_PEER_RATIOS = {
+    "tracin vs faiss": ("faiss", "tracin"),
+    "tracin vs numpy": ("numpy", "tracin"),
+    "tracin vs torch": ("torch", "tracin"),
+    "tracin vs sgemm": ("sgemm", "tracin"),
+}
 
 
 def top10(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -167,9 +182,14 @@ def top10(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterat
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
     checks = [Check("tracin", "faiss", q, x), Check("tracin", "numpy", q, x)]
-    yield Case("top10", f"one-sided top-10, m={m} n={n} d={d} fp32",
-               {"m": m, "n": n, "d": d, "k": 10, "side": "proponents", "dtype": "float32", "threads": threads},
-               _all_peers(q, x, 10, "proponents", threads, isa), dict(_PEER_RATIOS), checks)
+    yield Case(
+        "top10",
+        f"one-sided top-10, m={m} n={n} d={d} fp32",
+        {"m": m, "n": n, "d": d, "k": 10, "side": "proponents", "dtype": "float32", "threads": threads},
+        _all_peers(q, x, 10, "proponents", threads, isa),
+        dict(_PEER_RATIOS),
+        checks,
+    )
 
 
 def both(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -177,9 +197,14 @@ def both(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterato
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
     checks = [Check("tracin", "faiss", q, x, "both"), Check("tracin", "numpy", q, x, "both")]
-    yield Case("both", f"both sides top-10 in one call vs two faiss searches, m={m} n={n} d={d}",
-               {"m": m, "n": n, "d": d, "k": 10, "side": "both", "dtype": "float32", "threads": threads},
-               _all_peers(q, x, 10, "both", threads, isa), dict(_PEER_RATIOS), checks)
+    yield Case(
+        "both",
+        f"both sides top-10 in one call vs two faiss searches, m={m} n={n} d={d}",
+        {"m": m, "n": n, "d": d, "k": 10, "side": "both", "dtype": "float32", "threads": threads},
+        _all_peers(q, x, 10, "both", threads, isa),
+        dict(_PEER_RATIOS),
+        checks,
+    )
 
 
 def skinny(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -190,17 +215,38 @@ def skinny(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
     x16 = x.astype(np.float16)
     contenders = _all_peers(q, x, k, "proponents", threads, isa)
     contenders[0].name = "tracin fp32"
-    contenders.insert(1, Contender("tracin fp16", "tracin", _tracin(q, x16, k, "proponents", threads, isa),
-                                   *_one_sided(m, n, d, k, itemsize=2), threads))
+    contenders.insert(
+        1,
+        Contender(
+            "tracin fp16",
+            "tracin",
+            _tracin(q, x16, k, "proponents", threads, isa),
+            *_one_sided(m, n, d, k, itemsize=2),
+            threads,
+        ),
+    )
     fp16_reference = lambda: peers.numpy_top_k(q, x16.astype(np.float32), k)  # noqa: E731
-    checks = [Check("tracin fp32", "faiss", q, x), Check("tracin fp32", "numpy", q, x),
-              Check("tracin fp16", fp16_reference, q, x16, reference_name="numpy on fp16 data")]
-    ratios = {"tracin vs faiss": ("faiss", "tracin fp32"), "tracin fp16 vs faiss": ("faiss", "tracin fp16"),
-              "tracin vs numpy": ("numpy", "tracin fp32"), "tracin vs torch": ("torch", "tracin fp32"),
-              "tracin vs sgemm": ("sgemm", "tracin fp32"), "fp16 vs fp32": ("tracin fp32", "tracin fp16")}
-    yield Case("skinny", f"skinny queries top-10, m={m} n={n} d={d}, fp32 and fp16 train side",
-               {"m": m, "n": n, "d": d, "k": k, "side": "proponents", "dtype": "float32+float16",
-                "threads": threads}, contenders, ratios, checks)
+    checks = [
+        Check("tracin fp32", "faiss", q, x),
+        Check("tracin fp32", "numpy", q, x),
+        Check("tracin fp16", fp16_reference, q, x16, reference_name="numpy on fp16 data"),
+    ]
+    ratios = {
+        "tracin vs faiss": ("faiss", "tracin fp32"),
+        "tracin fp16 vs faiss": ("faiss", "tracin fp16"),
+        "tracin vs numpy": ("numpy", "tracin fp32"),
+        "tracin vs torch": ("torch", "tracin fp32"),
+        "tracin vs sgemm": ("sgemm", "tracin fp32"),
+        "fp16 vs fp32": ("tracin fp32", "tracin fp16"),
+    }
+    yield Case(
+        "skinny",
+        f"skinny queries top-10, m={m} n={n} d={d}, fp32 and fp16 train side",
+        {"m": m, "n": n, "d": d, "k": k, "side": "proponents", "dtype": "float32+float16", "threads": threads},
+        contenders,
+        ratios,
+        checks,
+    )
 
 
 def k_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -212,18 +258,25 @@ def k_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
     ks = [k for k in sizes.ks if k <= n]
     for k in ks:
         flops, nbytes = _one_sided(m, n, d, k)
-        contenders.append(Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads, isa),
-                                    flops, nbytes, threads))
-        contenders.append(Contender(f"faiss k={k}", "faiss", lambda k=k: peers.faiss_top_k(index, q, k),
-                                    flops, nbytes, threads))
+        contenders.append(
+            Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads, isa), flops, nbytes, threads)
+        )
+        contenders.append(
+            Contender(f"faiss k={k}", "faiss", lambda k=k: peers.faiss_top_k(index, q, k), flops, nbytes, threads)
+        )
         checks.append(Check(f"tracin k={k}", f"faiss k={k}", q, x))
         ratios[f"tracin vs faiss k={k}"] = (f"faiss k={k}", f"tracin k={k}")
     for k in ks:
         if k != 10 and 10 in ks:
             ratios[f"tracin k={k} / k=10 cost"] = (f"tracin k={k}", "tracin k=10")
-    yield Case("k", f"top-k for k in {ks}, m={m} n={n} d={d}",
-               {"m": m, "n": n, "d": d, "ks": ks, "side": "proponents", "dtype": "float32", "threads": threads},
-               contenders, ratios, checks)
+    yield Case(
+        "k",
+        f"top-k for k in {ks}, m={m} n={n} d={d}",
+        {"m": m, "n": n, "d": d, "ks": ks, "side": "proponents", "dtype": "float32", "threads": threads},
+        contenders,
+        ratios,
+        checks,
+    )
 
 
 def checkpoints(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -241,20 +294,35 @@ def checkpoints(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
     flops, nbytes = _one_sided(m, n, c * d, k)
     index = peers.faiss_index(x_folded)
     contenders = [
-        Contender(f"tracin C={c}", "tracin", _tracin(*many, k, "proponents", threads, isa), flops, nbytes,
-                  threads),
-        Contender(f"tracin 1x{c * d}", "tracin", _tracin(q_folded, x_folded, k, "proponents", threads, isa),
-                  flops, nbytes, threads),
+        Contender(f"tracin C={c}", "tracin", _tracin(*many, k, "proponents", threads, isa), flops, nbytes, threads),
+        Contender(
+            f"tracin 1x{c * d}",
+            "tracin",
+            _tracin(q_folded, x_folded, k, "proponents", threads, isa),
+            flops,
+            nbytes,
+            threads,
+        ),
         Contender("faiss", "faiss", lambda: peers.faiss_top_k(index, q_folded, k), flops, nbytes, threads),
         Contender("sgemm", "sgemm", peers.bare_sgemm(q_folded, x_folded), *_dense(m, n, c * d, False), threads),
     ]
-    ratios = {"C checkpoints / one wide cost": (f"tracin C={c}", f"tracin 1x{c * d}"),
-              "tracin vs faiss": ("faiss", f"tracin C={c}"), "tracin vs sgemm": ("sgemm", f"tracin C={c}")}
-    checks = [Check(f"tracin C={c}", "faiss", q_folded, x_folded),
-              Check(f"tracin 1x{c * d}", "faiss", q_folded, x_folded)]
-    yield Case("checkpoints", f"C={c} checkpoints of d={d} vs one of d={c * d}, m={m} n={n} top-10",
-               {"m": m, "n": n, "C": c, "d": d, "k": k, "weights": weights, "threads": threads},
-               contenders, ratios, checks)
+    ratios = {
+        "C checkpoints / one wide cost": (f"tracin C={c}", f"tracin 1x{c * d}"),
+        "tracin vs faiss": ("faiss", f"tracin C={c}"),
+        "tracin vs sgemm": ("sgemm", f"tracin C={c}"),
+    }
+    checks = [
+        Check(f"tracin C={c}", "faiss", q_folded, x_folded),
+        Check(f"tracin 1x{c * d}", "faiss", q_folded, x_folded),
+    ]
+    yield Case(
+        "checkpoints",
+        f"C={c} checkpoints of d={d} vs one of d={c * d}, m={m} n={n} top-10",
+        {"m": m, "n": n, "C": c, "d": d, "k": k, "weights": weights, "threads": threads},
+        contenders,
+        ratios,
+        checks,
+    )
 
 
 def _materialise(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -280,22 +348,36 @@ def factored(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Ite
     full = _one_sided(m, n, p * q, k)
     fact = (2.0 * m * n * (p + q) + m * n, n * (p + q) * F32 + m * (p + q) * F32 + m * k * 12.0)
     contenders = [
-        Contender("tracin factored", "tracin", _tracin(test_f, train_f, k, "proponents", threads, isa), *fact,
-                  threads),
-        Contender("tracin materialised", "tracin", _tracin(test_full, train_full, k, "proponents", threads, isa),
-                  *full, threads),
+        Contender("tracin factored", "tracin", _tracin(test_f, train_f, k, "proponents", threads, isa), *fact, threads),
+        Contender(
+            "tracin materialised",
+            "tracin",
+            _tracin(test_full, train_full, k, "proponents", threads, isa),
+            *full,
+            threads,
+        ),
         Contender("faiss materialised", "faiss", lambda: peers.faiss_top_k(index, test_full, k), *full, threads),
-        Contender("sgemm materialised", "sgemm", peers.bare_sgemm(test_full, train_full),
-                  *_dense(m, n, p * q, False), threads),
+        Contender(
+            "sgemm materialised", "sgemm", peers.bare_sgemm(test_full, train_full), *_dense(m, n, p * q, False), threads
+        ),
     ]
-    ratios = {"factored vs materialised": ("tracin materialised", "tracin factored"),
-              "factored vs faiss materialised": ("faiss materialised", "tracin factored"),
-              "factored vs sgemm materialised": ("sgemm materialised", "tracin factored")}
-    checks = [Check("tracin factored", "faiss materialised", test_full, train_full),
-              Check("tracin materialised", "faiss materialised", test_full, train_full)]
-    yield Case("factored", f"factored left {p} x right {q} vs materialised {p * q} dims, m={m} n={n} top-10",
-               {"m": m, "n": n, "p": p, "q": q, "k": k, "threads": threads,
-                "flop_ratio": (p * q) / (p + q)}, contenders, ratios, checks)
+    ratios = {
+        "factored vs materialised": ("tracin materialised", "tracin factored"),
+        "factored vs faiss materialised": ("faiss materialised", "tracin factored"),
+        "factored vs sgemm materialised": ("sgemm materialised", "tracin factored"),
+    }
+    checks = [
+        Check("tracin factored", "faiss materialised", test_full, train_full),
+        Check("tracin materialised", "faiss materialised", test_full, train_full),
+    ]
+    yield Case(
+        "factored",
+        f"factored left {p} x right {q} vs materialised {p * q} dims, m={m} n={n} top-10",
+        {"m": m, "n": n, "p": p, "q": q, "k": k, "threads": threads, "flop_ratio": (p * q) / (p + q)},
+        contenders,
+        ratios,
+        checks,
+    )
 
 
 def _limited(fn: Callable[[], object], threads: int) -> Callable[[], object]:
@@ -319,8 +401,7 @@ def thread_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
     for t in counts:
         contenders += [
             Contender(f"tracin t={t}", "tracin", _tracin(q, x, 10, "proponents", t, isa), flops, nbytes, t),
-            Contender(f"faiss t={t}", "faiss", _limited(lambda: peers.faiss_top_k(index, q, 10), t),
-                      flops, nbytes, t),
+            Contender(f"faiss t={t}", "faiss", _limited(lambda: peers.faiss_top_k(index, q, 10), t), flops, nbytes, t),
             Contender(f"sgemm t={t}", "sgemm", _limited(sgemm, t), *_dense(m, n, d, False), t),
         ]
         checks.append(Check(f"tracin t={t}", f"faiss t={t}", q, x))
@@ -329,8 +410,14 @@ def thread_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
         for peer in ("tracin", "faiss", "sgemm"):
             ratios[f"{peer} t=1 -> t={top}"] = (f"{peer} t=1", f"{peer} t={top}")
         checks.append(Check(f"tracin t={top}", "tracin t=1", q, x))
-    yield Case("threads", f"threads {' -> '.join(map(str, counts))}, top-10, m={m} n={n} d={d}",
-               {"m": m, "n": n, "d": d, "k": 10, "thread_counts": counts}, contenders, ratios, checks)
+    yield Case(
+        "threads",
+        f"threads {' -> '.join(map(str, counts))}, top-10, m={m} n={n} d={d}",
+        {"m": m, "n": n, "d": d, "k": 10, "thread_counts": counts},
+        contenders,
+        ratios,
+        checks,
+    )
 
 
 def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterator[Case]:
@@ -346,14 +433,24 @@ def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
             Contender("faiss", "faiss", lambda index=index: peers.faiss_top_k(index, q, 10), *one, threads),
             Contender("sgemm", "sgemm", peers.bare_sgemm(q, x), *_dense(m, n, d, False), threads),
         ]
-        yield Case(f"n={n}", f"top-10 with n={n}, m={m} d={d}",
-                   {"m": m, "n": n, "d": d, "k": 10, "threads": threads, "scan": "n"}, contenders,
-                   {"tracin vs faiss": ("faiss", "tracin"), "tracin vs sgemm": ("sgemm", "tracin")},
-                   [Check("tracin", "faiss", q, x)])
+        yield Case(
+            f"n={n}",
+            f"top-10 with n={n}, m={m} d={d}",
+            {"m": m, "n": n, "d": d, "k": 10, "threads": threads, "scan": "n"},
+            contenders,
+            {"tracin vs faiss": ("faiss", "tracin"), "tracin vs sgemm": ("sgemm", "tracin")},
+            [Check("tracin", "faiss", q, x)],
+        )
         del index, contenders
 
 
 GROUPS: dict[str, Callable[[Sizes, Data, int, str], Iterator[Case]]] = {
-    "top10": top10, "both": both, "skinny": skinny, "k": k_scan, "checkpoints": checkpoints,
-    "factored": factored, "threads": thread_scan, "n": n_scan,
+    "top10": top10,
+    "both": both,
+    "skinny": skinny,
+    "k": k_scan,
+    "checkpoints": checkpoints,
+    "factored": factored,
+    "threads": thread_scan,
+    "n": n_scan,
 }

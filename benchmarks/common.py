@@ -19,8 +19,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0
 
 
-def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int = 5,
-                     warmup: int = 1, pause_s: float = 0.25) -> dict[str, dict]:
+def time_interleaved(
+    contenders: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, pause_s: float = 0.25
+) -> dict[str, dict]:
     """Runs every contender `warmup` times, then `repeats` rounds of one call each (interleaved, so
     machine noise hits all alike). Returns per name {"median_s", "times_s"}.
 
@@ -47,14 +48,16 @@ def peak_rss_of(code: str, timeout: float = 1800) -> tuple[float, float]:
     over the parent's peak (it is taken across fork/exec), so it would report this process's size.
     """
     wrapper = (
-        "import resource, time\nt0 = time.perf_counter()\n" + code +
-        "\ntry:\n    _peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
+        "import resource, time\nt0 = time.perf_counter()\n"
+        + code
+        + "\ntry:\n    _peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])\n"
         "except (OSError, IndexError, ValueError):\n"
         "    _peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print('__BENCH__', _peak / 1024, time.perf_counter() - t0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True,
-                         timeout=timeout, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout, check=True
+    ).stdout
     line = next(s for s in out.splitlines() if s.startswith("__BENCH__"))
     _, rss, wall = line.split()
     return float(rss), float(wall)
@@ -84,8 +87,9 @@ def machine_info() -> dict:
     try:
         from threadpoolctl import threadpool_info
 
-        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                        for p in threadpool_info()]
+        info["blas"] = [
+            {k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture")} for p in threadpool_info()
+        ]
     except ImportError:
         pass
     return info

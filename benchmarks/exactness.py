@@ -18,7 +18,7 @@ def row_norms(x: np.ndarray, block: int = 65536) -> np.ndarray:
     """float64 (n,) Euclidean norms of the rows of x (any float dtype), a block at a time."""
     out = np.empty(x.shape[0])
     for a in range(0, x.shape[0], block):
-        out[a:a + block] = np.linalg.norm(x[a:a + block].astype(np.float64), axis=1)
+        out[a : a + block] = np.linalg.norm(x[a : a + block].astype(np.float64), axis=1)
     return out
 
 
@@ -27,8 +27,7 @@ def _exact(test: np.ndarray, train: np.ndarray, rows: slice, indices: np.ndarray
     return np.einsum("rd,rkd->rk", q, train[indices].astype(np.float64))
 
 
-def _well_formed(indices: np.ndarray, values: np.ndarray, m: int, k: int, n: int,
-                 descending: bool) -> str | None:
+def _well_formed(indices: np.ndarray, values: np.ndarray, m: int, k: int, n: int, descending: bool) -> str | None:
     if indices.shape != (m, k) or values.shape != (m, k):
         return f"shape {indices.shape} / {values.shape}, expected {(m, k)}"
     if indices.min(initial=0) < 0 or indices.max(initial=0) >= n:
@@ -41,8 +40,7 @@ def _well_formed(indices: np.ndarray, values: np.ndarray, m: int, k: int, n: int
     return None
 
 
-def check_top_k(test: np.ndarray, train: np.ndarray, ours: tuple, reference: tuple,
-                side: str = "proponents") -> dict:
+def check_top_k(test: np.ndarray, train: np.ndarray, ours: tuple, reference: tuple, side: str = "proponents") -> dict:
     """Compares one side's top-k result `ours` = (values (m, k), indices (m, k)) with `reference`.
 
     test (m, d) and train (n, d) are the data both results are about (weights folded in, factors

@@ -57,7 +57,7 @@ def sgemm_tflops(test: torch.Tensor, train: torch.Tensor, repeats: int) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         for i0 in range(0, n, step):
-            torch.mm(test, train[i0:i0 + step].T)
+            torch.mm(test, train[i0 : i0 + step].T)
         _sync(device)
         if r:  # round 0 warms up
             best = min(best, time.perf_counter() - t0)
@@ -82,7 +82,7 @@ def h2d_gbs(nbytes: int, device: torch.device, repeats: int) -> float:
 def write_store(path: Path, train: np.ndarray) -> tracin.GradientStore:
     writer = tracin.GradientStore.create(path, len(train), [train.shape[1]], overwrite=True)
     for i0 in range(0, len(train), STORE_BLOCK_ROWS):
-        writer.write(0, i0, train[i0:i0 + STORE_BLOCK_ROWS])
+        writer.write(0, i0, train[i0 : i0 + STORE_BLOCK_ROWS])
     writer.finalize()
     return tracin.GradientStore.open(path)
 
@@ -113,8 +113,10 @@ def run(args: argparse.Namespace) -> dict:
     test_host = rng.standard_normal((m, d), dtype=np.float32)
     train_host = rng.standard_normal((n, d), dtype=np.float32)
     test, train = torch.from_numpy(test_host).to(device), torch.from_numpy(train_host).to(device)
-    limits = {"sgemm": sgemm_tflops(test, train, args.repeats), "h2d_gbs": h2d_gbs(min(train_host.nbytes, 1 << 30),
-                                                                                   device, args.repeats)}
+    limits = {
+        "sgemm": sgemm_tflops(test, train, args.repeats),
+        "h2d_gbs": h2d_gbs(min(train_host.nbytes, 1 << 30), device, args.repeats),
+    }
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-bench-", dir=args.dir))
     try:
         store = write_store(folder / "train", train_host)
@@ -139,10 +141,12 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
         if k > n:
             continue
         contenders: dict[str, Callable[[], object]] = {
-            "tracin_device_resident": lambda k=k: tracin.top_k(on_device, train_set, k, device=tracin_device,
-                                                               progress=False),
-            "tracin_host_store_streamed": lambda k=k: tracin.top_k(test_host, store, k, device=tracin_device,
-                                                                   progress=False),
+            "tracin_device_resident": lambda k=k: tracin.top_k(
+                on_device, train_set, k, device=tracin_device, progress=False
+            ),
+            "tracin_host_store_streamed": lambda k=k: tracin.top_k(
+                test_host, store, k, device=tracin_device, progress=False
+            ),
         }
         if full_fits:
             contenders["torch_matmul_topk_whole_matrix"] = lambda k=k: torch_full(k)
@@ -152,16 +156,33 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
         for t in times.values():
             t["tflops"] = 2.0 * m * n * test.shape[1] / t["median_s"] / 1e12
         cases.append({"k": k, "side": "proponents", "times": times})
-    both = time_interleaved({"tracin_device_resident_both_sides": lambda: tracin.top_k(
-        on_device, train_set, 10, side="both", device=tracin_device, progress=False)}, repeats=args.repeats,
-        pause_s=0.05)
+    both = time_interleaved(
+        {
+            "tracin_device_resident_both_sides": lambda: tracin.top_k(
+                on_device, train_set, 10, side="both", device=tracin_device, progress=False
+            )
+        },
+        repeats=args.repeats,
+        pause_s=0.05,
+    )
     cases.append({"k": 10, "side": "both", "times": both})
     return {
-        "config": {"device": str(device), "tracin_device": tracin_device, "quick": args.quick, "m": m, "n": n,
-                   "d": test.shape[1], "dtype": "float32", "repeats": args.repeats, "torch": torch.__version__,
-                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                   "store_bytes": store.nbytes, "store_chunk_bytes": store.chunk_bytes,
-                   "faiss": faiss_search is not None, "torch_whole_matrix": full_fits},
+        "config": {
+            "device": str(device),
+            "tracin_device": tracin_device,
+            "quick": args.quick,
+            "m": m,
+            "n": n,
+            "d": test.shape[1],
+            "dtype": "float32",
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "store_bytes": store.nbytes,
+            "store_chunk_bytes": store.chunk_bytes,
+            "faiss": faiss_search is not None,
+            "torch_whole_matrix": full_fits,
+        },
         "limits": limits,
         "cases": cases,
         "agreement": _agreement(on_device, train_set, tracin_device, test, train) if full_fits else None,
@@ -176,8 +197,11 @@ def _agreement(on_device, train_set, tracin_device, test, train) -> dict:
     same = (ours.indices == indices.cpu().numpy()).all(1)
     gap = float(np.abs(ours.values - values.cpu().numpy()).max(initial=0.0))
     scale = float(torch.linalg.norm(test, dim=1).max() * torch.linalg.norm(train, dim=1).max())
-    return {"rows_with_equal_indices": float(same.mean()), "max_value_gap": gap,
-            "max_value_gap_over_norm_product": gap / scale if scale else 0.0}
+    return {
+        "rows_with_equal_indices": float(same.mean()),
+        "max_value_gap": gap,
+        "max_value_gap_over_norm_product": gap / scale if scale else 0.0,
+    }
 
 
 def _goals(cases: list[dict], limits: dict, store_bytes: int) -> dict:
@@ -187,8 +211,9 @@ def _goals(cases: list[dict], limits: dict, store_bytes: int) -> dict:
     streamed = store_bytes / (limits["h2d_gbs"] * 1e9) / k10["tracin_host_store_streamed"]["median_s"]
     out = {"device_resident_fraction_of_sgemm": resident, "host_streamed_fraction_of_h2d_bound": streamed}
     if 1000 in by_k:
-        out["k1000_over_k10"] = by_k[1000]["tracin_device_resident"]["median_s"] / k10["tracin_device_resident"][
-            "median_s"]
+        out["k1000_over_k10"] = (
+            by_k[1000]["tracin_device_resident"]["median_s"] / k10["tracin_device_resident"]["median_s"]
+        )
     out["met"] = {
         "device_resident_fraction_of_sgemm": resident >= GOALS["device_resident_fraction_of_sgemm"],
         "host_streamed_fraction_of_h2d_bound": streamed >= GOALS["host_streamed_fraction_of_h2d_bound"],
@@ -220,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"k={case['k']:<5} {case['side']:<10} {name:34s} {t['median_s'] * 1e3:9.2f} ms")
     limits = result["limits"]
     print(f"sgemm {limits['sgemm']['tflops']:.2f} TFLOP/s, host-to-device {limits['h2d_gbs']:.1f} GB/s")
-    print("goals:", {k: round(v, 3) for k, v in result["goals"].items() if isinstance(v, float)},
-          "met:", result["goals"]["met"])
+    print(
+        "goals:",
+        {k: round(v, 3) for k, v in result["goals"].items() if isinstance(v, float)},
+        "met:",
+        result["goals"]["met"],
+    )
     print(f"wrote {path}")
     return 0
 

@@ -42,12 +42,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.n, args.features)).astype(np.float32)
     y = rng.integers(0, args.classes, args.n)
-    model = torch.nn.Sequential(torch.nn.Linear(args.features, args.hidden), torch.nn.Tanh(),
-                                torch.nn.Linear(args.hidden, args.hidden), torch.nn.Tanh(),
-                                torch.nn.Linear(args.hidden, args.classes))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(args.features, args.hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(args.hidden, args.hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(args.hidden, args.classes),
+    )
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    params = {f"l{i}": {"kernel": jnp.asarray(state[f"{2 * i}.weight"].numpy().T),
-                        "bias": jnp.asarray(state[f"{2 * i}.bias"].numpy())} for i in range(3)}
+    params = {
+        f"l{i}": {
+            "kernel": jnp.asarray(state[f"{2 * i}.weight"].numpy().T),
+            "bias": jnp.asarray(state[f"{2 * i}.bias"].numpy()),
+        }
+        for i in range(3)
+    }
 
     def jax_loss(p, inputs, targets):
         h = inputs
@@ -69,7 +78,7 @@ def main() -> None:
     def run_torch_func():
         rows = []
         for s in range(0, args.n, args.batch):
-            g = per_example(state, xt[s:s + args.batch], yt[s:s + args.batch])
+            g = per_example(state, xt[s : s + args.batch], yt[s : s + args.batch])
             rows.append(torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).numpy())
         return np.concatenate(rows)
 
@@ -79,7 +88,8 @@ def main() -> None:
 
         ce = torch.nn.CrossEntropyLoss(reduction="none")
         contenders["tracin.torch"] = lambda: tracin.torch.export_gradients(
-            model, [(state, 1.0)], (xt, yt), ce, batch_size=args.batch, progress=False)
+            model, [(state, 1.0)], (xt, yt), ce, batch_size=args.batch, progress=False
+        )
     except ImportError:
         pass
 
@@ -92,14 +102,25 @@ def main() -> None:
     base = results["tracin.jax"]["examples_per_s"]
     for name, r in results.items():
         r["jax_speedup"] = base / r["examples_per_s"]
-        print(f"{name:16s} {r['median_s']:.3f} s  {r['examples_per_s']:10.0f} ex/s  (tracin.jax is "
-              f"{r['jax_speedup']:.2f}x)")
+        print(
+            f"{name:16s} {r['median_s']:.3f} s  {r['examples_per_s']:10.0f} ex/s  (tracin.jax is "
+            f"{r['jax_speedup']:.2f}x)"
+        )
     d = sum(v.numel() for v in state.values())
-    path = write_json("jax_export", {
-        "config": {**vars(args), "params": d, "dtype": "float32", "jax": jax.__version__, "torch": torch.__version__},
-        "results": results,
-        "influence_rel_diff_vs_torch_func": gram_diff,
-    })
+    path = write_json(
+        "jax_export",
+        {
+            "config": {
+                **vars(args),
+                "params": d,
+                "dtype": "float32",
+                "jax": jax.__version__,
+                "torch": torch.__version__,
+            },
+            "results": results,
+            "influence_rel_diff_vs_torch_func": gram_diff,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -89,19 +89,40 @@ def _checks(case: case_defs.Case, stash: dict) -> list[dict]:
 def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) -> dict:
     """Times and checks one case; the JSON record of it (rooflines come later, attach_rooflines)."""
     stash: dict = {}
-    timing = time_interleaved({c.name: _stashing(c.name, c.run, stash) for c in case.contenders},
-                              repeats=repeats, warmup=warmup, pause_s=pause_s)
+    timing = time_interleaved(
+        {c.name: _stashing(c.name, c.run, stash) for c in case.contenders},
+        repeats=repeats,
+        warmup=warmup,
+        pause_s=pause_s,
+    )
     contenders = {}
     for c in case.contenders:
         median = timing[c.name]["median_s"]
-        contenders[c.name] = {"peer": c.peer, "threads": c.threads, "median_s": median,
-                              "times_s": timing[c.name]["times_s"], "flops": c.flops, "bytes": c.bytes,
-                              "gflops": c.flops / median / 1e9}
-    ratios = {label: {"value": contenders[num]["median_s"] / contenders[den]["median_s"],
-                      "numerator": num, "denominator": den}
-              for label, (num, den) in case.ratios.items()}
-    return {"name": case.name, "title": case.title, "params": case.params, "contenders": contenders,
-            "ratios": ratios, "checks": _checks(case, stash)}
+        contenders[c.name] = {
+            "peer": c.peer,
+            "threads": c.threads,
+            "median_s": median,
+            "times_s": timing[c.name]["times_s"],
+            "flops": c.flops,
+            "bytes": c.bytes,
+            "gflops": c.flops / median / 1e9,
+        }
+    ratios = {
+        label: {
+            "value": contenders[num]["median_s"] / contenders[den]["median_s"],
+            "numerator": num,
+            "denominator": den,
+        }
+        for label, (num, den) in case.ratios.items()
+    }
+    return {
+        "name": case.name,
+        "title": case.title,
+        "params": case.params,
+        "contenders": contenders,
+        "ratios": ratios,
+        "checks": _checks(case, stash),
+    }
 
 
 def resolve_isas(names: list[str]) -> list[str]:
@@ -126,8 +147,9 @@ def attach_rooflines(case_records: list[dict], limits: dict) -> None:
         t = str(c["threads"])
         peaks[t] = max(peaks[t], c["flops"] / min(c["times_s"]) / 1e9)
     for c in (c for r in case_records for c in r["contenders"].values()):
-        bound = roofline.bound(c["flops"], c["bytes"], peaks[str(c["threads"])],
-                               limits["read_bandwidth_gbs"][str(c["threads"])])
+        bound = roofline.bound(
+            c["flops"], c["bytes"], peaks[str(c["threads"])], limits["read_bandwidth_gbs"][str(c["threads"])]
+        )
         c["roofline"] = bound
         c["roofline_fraction"] = bound["bound_s"] / c["median_s"]
 
@@ -157,13 +179,34 @@ def evaluate_goals(case_records: list[dict], isa: str | None = None) -> list[dic
             limit = roofline_limit(case, ratio["numerator"], ratio["denominator"])
             if g.op != "report":
                 met = measured >= g.target if g.op == ">=" else measured <= g.target
-        out.append({"goal": g.description, "case": g.case, "ratio": g.ratio, "op": g.op,
-                    "target": g.target, "measured": measured, "roofline_limit": limit, "met": met, "isa": isa})
+        out.append(
+            {
+                "goal": g.description,
+                "case": g.case,
+                "ratio": g.ratio,
+                "op": g.op,
+                "target": g.target,
+                "measured": measured,
+                "roofline_limit": limit,
+                "met": met,
+                "isa": isa,
+            }
+        )
     checks = [ch for c in records for ch in c["checks"]]
     wrong = sum(not ch["ok"] for ch in checks)
-    out.append({"goal": "exact: top-k equal to the peers' except at ties", "case": "all", "ratio": "wrong checks",
-                "op": "<=", "target": 0, "measured": wrong, "roofline_limit": None,
-                "met": wrong == 0 if checks else None, "isa": isa})
+    out.append(
+        {
+            "goal": "exact: top-k equal to the peers' except at ties",
+            "case": "all",
+            "ratio": "wrong checks",
+            "op": "<=",
+            "target": 0,
+            "measured": wrong,
+            "roofline_limit": None,
+            "met": wrong == 0 if checks else None,
+            "isa": isa,
+        }
+    )
     return out
 
 
@@ -171,16 +214,27 @@ def _versions() -> dict:
     import faiss
     import matplotlib
     import threadpoolctl
-
     import torch
 
-    return {"faiss": faiss.__version__, "torch": torch.__version__, "threadpoolctl": threadpoolctl.__version__,
-            "matplotlib": matplotlib.__version__,
-            "faiss_distance_compute_blas_threshold": faiss.cvar.distance_compute_blas_threshold}
+    return {
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "threadpoolctl": threadpoolctl.__version__,
+        "matplotlib": matplotlib.__version__,
+        "faiss_distance_compute_blas_threshold": faiss.cvar.distance_compute_blas_threshold,
+    }
 
 
-def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, warmup: int,
-        quick: bool, log: Callable[[str], None] = print, isas: list[str] | None = None) -> dict:
+def run(
+    groups: list[str],
+    sizes: case_defs.Sizes,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    quick: bool,
+    log: Callable[[str], None] = print,
+    isas: list[str] | None = None,
+) -> dict:
     """Measures the machine's limits, then every case of `groups` once per instruction set of
     `isas` (resolved names, default: this CPU's own); the JSON payload."""
     isas = isas or resolve_isas(["native"])
@@ -209,9 +263,16 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
     attach_rooflines(records, limits)
     return {
         "machine": machine_info(),
-        "config": {"quick": quick, "repeats": repeats, "warmup": warmup, "threads": threads, "cases": groups,
-                   "isas": isas, "pause_between_calls_s": 0.0 if quick else SETTLE_S,
-                   "sizes": sizes.__dict__},
+        "config": {
+            "quick": quick,
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": threads,
+            "cases": groups,
+            "isas": isas,
+            "pause_between_calls_s": 0.0 if quick else SETTLE_S,
+            "sizes": sizes.__dict__,
+        },
         "versions": _versions(),
         "environment": {v: os.environ.get(v) for v in ENV_VARS},
         "limits": limits,
@@ -224,19 +285,33 @@ def run(groups: list[str], sizes: case_defs.Sizes, threads: int, repeats: int, w
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
-    p.add_argument("--cases", default=",".join(case_defs.GROUPS),
-                   help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)})")
+    p.add_argument(
+        "--cases",
+        default=",".join(case_defs.GROUPS),
+        help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)})",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for every library (default: all cores); the threads case also runs 1")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads for every library (default: all cores); the threads case also runs 1",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
+    )
     p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
     p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
-    p.add_argument("--isa", default="native",
-                   help="comma-separated instruction sets of tracin's kernel, each run on every case: native "
-                        "(the one it picks on this CPU), avx512, avx2, generic (default: native)")
+    p.add_argument(
+        "--isa",
+        default="native",
+        help="comma-separated instruction sets of tracin's kernel, each run on every case: native "
+        "(the one it picks on this CPU), avx512, avx2, generic (default: native)",
+    )
     return p
 
 
@@ -261,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--isa: unknown {bad_isa}; choose from {','.join(ISA_NAMES)}")
     missing = missing_extra()
     if missing:
-        print(f"{parser.prog}: error: needs the bench extra: pip install 'tracin[bench]' "
-              f"(missing: {', '.join(missing)})", file=sys.stderr)
+        print(
+            f"{parser.prog}: error: needs the bench extra: pip install 'tracin[bench]' (missing: {', '.join(missing)})",
+            file=sys.stderr,
+        )
         return 1
     from . import plot, report
 

@@ -60,7 +60,7 @@ def _select_numpy(scores: np.ndarray, k: int, largest: bool) -> Pair:
     """argpartition for the k best per row, then a sort of those k only."""
     n = scores.shape[1]
     if largest:
-        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
     else:
         part = np.argpartition(scores, k - 1, axis=1)[:, :k]
     values = np.take_along_axis(scores, part, 1)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-COLOURS = {"tracin": "tab:blue", "faiss": "tab:orange", "numpy": "tab:green", "torch": "tab:red",
-           "sgemm": "tab:gray"}
+COLOURS = {"tracin": "tab:blue", "faiss": "tab:orange", "numpy": "tab:green", "torch": "tab:red", "sgemm": "tab:gray"}
 
 
 def _pyplot():
@@ -26,9 +25,11 @@ def _save(fig, path: Path) -> Path:
 
 def speedups(payload: dict, path: Path) -> Path | None:
     """Per headline case, tracin's speed-up over each peer (median time ratio, > 1: tracin faster)."""
-    rows = [(c["name"], {r.split(" vs ")[1]: v["value"] for r, v in c["ratios"].items()
-                         if r.startswith("tracin vs ")})
-            for c in payload["cases"] if c["group"] in ("top10", "both", "skinny", "checkpoints")]
+    rows = [
+        (c["name"], {r.split(" vs ")[1]: v["value"] for r, v in c["ratios"].items() if r.startswith("tracin vs ")})
+        for c in payload["cases"]
+        if c["group"] in ("top10", "both", "skinny", "checkpoints")
+    ]
     rows = [(name, vals) for name, vals in rows if vals]
     if not rows:
         return None
@@ -50,8 +51,11 @@ def speedups(payload: dict, path: Path) -> Path | None:
 
 def _series(case: dict, peer: str, prefix: str) -> tuple[list[float], list[float]]:
     """(parameter, median seconds) of the contenders `peer prefix=value` in one case."""
-    pts = sorted((float(name.split("=")[1]), c["median_s"]) for name, c in case["contenders"].items()
-                 if c["peer"] == peer and name.startswith(f"{peer} {prefix}="))
+    pts = sorted(
+        (float(name.split("=")[1]), c["median_s"])
+        for name, c in case["contenders"].items()
+        if c["peer"] == peer and name.startswith(f"{peer} {prefix}=")
+    )
     return [p for p, _ in pts], [t for _, t in pts]
 
 
@@ -122,8 +126,12 @@ def roofline(payload: dict, path: Path) -> Path | None:
     limits = payload["limits"]
     t = str(payload["config"]["threads"])
     peak, bandwidth = limits["peak_sgemm_gflops"][t], limits["read_bandwidth_gbs"][t]
-    points = [(c["name"], name, r) for c in payload["cases"] for name, r in c["contenders"].items()
-              if r["peer"] in ("tracin", "faiss") and str(r["threads"]) == t]
+    points = [
+        (c["name"], name, r)
+        for c in payload["cases"]
+        for name, r in c["contenders"].items()
+        if r["peer"] in ("tracin", "faiss") and str(r["threads"]) == t
+    ]
     if not points:
         return None
     import numpy as np

@@ -77,13 +77,20 @@ def speed(n: int, d: int, dim: int, repeats: int, isas: list[str]) -> dict:
     by_isa = {}
     for isa in isas:
         med = {kind: timings[f"{kind} {isa}"]["median_s"] for kind in KINDS}
-        by_isa[isa] = {"speed_vs_torch": {k: peer / med[k] for k in KINDS},
-                       "sparse_speedup_over_rademacher": med["rademacher"] / med["sparse"],
-                       "sparse_speedup_over_gaussian": med["gaussian"] / med["sparse"]}
+        by_isa[isa] = {
+            "speed_vs_torch": {k: peer / med[k] for k in KINDS},
+            "sparse_speedup_over_rademacher": med["rademacher"] / med["sparse"],
+            "sparse_speedup_over_gaussian": med["gaussian"] / med["sparse"],
+        }
     return {
-        "n": n, "d": d, "dim": dim, "repeats": repeats, "torch_threads": torch.get_num_threads(),
+        "n": n,
+        "d": d,
+        "dim": dim,
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "timings": timings, "by_isa": by_isa,
+        "timings": timings,
+        "by_isa": by_isa,
     }
 
 
@@ -98,7 +105,7 @@ def digits_gradients(n_train: int, n_test: int, hidden: tuple[int, ...]) -> tupl
     x = torch.tensor(data.data / 16.0, dtype=torch.float32)
     y = torch.tensor(data.target)
     perm = torch.randperm(len(x))
-    train, test = perm[:n_train], perm[n_train:n_train + n_test]
+    train, test = perm[:n_train], perm[n_train : n_train + n_test]
     layers, width = [], x.shape[1]
     for h in hidden:
         layers += [torch.nn.Linear(width, h), torch.nn.Tanh()]
@@ -150,9 +157,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--isa", default="native",
-                        help="comma-separated kernel instruction sets to time: native (the one tracin picks "
-                             "here), avx512, avx2, generic (default: native)")
+    parser.add_argument(
+        "--isa",
+        default="native",
+        help="comma-separated kernel instruction sets to time: native (the one tracin picks "
+        "here), avx512, avx2, generic (default: native)",
+    )
     args = parser.parse_args()
     from tracin import _core
 
@@ -177,13 +187,20 @@ def main() -> None:
     for isa, r in s["by_isa"].items():
         for kind, ratio in r["speed_vs_torch"].items():
             print(f"  [{isa}] {kind} speed / torch: {ratio:.2f}x")
-        print(f"  [{isa}] sparse speedup over rademacher {r['sparse_speedup_over_rademacher']:.1f}x, "
-              f"over gaussian {r['sparse_speedup_over_gaussian']:.1f}x")
+        print(
+            f"  [{isa}] sparse speedup over rademacher {r['sparse_speedup_over_rademacher']:.1f}x, "
+            f"over gaussian {r['sparse_speedup_over_gaussian']:.1f}x"
+        )
     train, test = digits_gradients(1000, 100, hidden)
     table = recall(train, test, dims, args.k)
-    result["recall"] = {"model": f"MLP 64-{'-'.join(map(str, hidden))}-10 on sklearn digits",
-                        "d": train.shape[1], "n_train": len(train), "n_test": len(test), "k": args.k,
-                        "top_k_recall": table}
+    result["recall"] = {
+        "model": f"MLP 64-{'-'.join(map(str, hidden))}-10 on sklearn digits",
+        "d": train.shape[1],
+        "n_train": len(train),
+        "n_test": len(test),
+        "k": args.k,
+        "top_k_recall": table,
+    }
     print(f"top-{args.k} recall of projected vs exact influence (d = {train.shape[1]}):")
     print("  dim    " + "  ".join(f"{kind:>10s}" for kind in KINDS))
     for dim in dims:

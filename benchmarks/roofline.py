@@ -71,11 +71,13 @@ def machine_limits(threads: list[int], quick: bool = False) -> dict:
     return {
         "peak_sgemm_gflops": {str(t): v for t, v in peak.items()},
         "read_bandwidth_gbs": {str(t): v for t, v in bandwidth.items()},
-        "measured": {"peak_sgemm_gflops": {str(t): v for t, v in peak.items()},
-                     "read_bandwidth_gbs": {str(t): v for t, v in bandwidth.items()}},
+        "measured": {
+            "peak_sgemm_gflops": {str(t): v for t, v in peak.items()},
+            "read_bandwidth_gbs": {str(t): v for t, v in bandwidth.items()},
+        },
         "method": f"peak: best of {repeats} float32 {size}^3 numpy matmuls per thread count, the counts "
-                  f"taking turns; bandwidth: best of {repeats} threaded sums over {nbytes >> 20} MiB; "
-                  f"each peak raised to the fastest bare sgemm of the run at its own thread count",
+        f"taking turns; bandwidth: best of {repeats} threaded sums over {nbytes >> 20} MiB; "
+        f"each peak raised to the fastest bare sgemm of the run at its own thread count",
     }
 
 

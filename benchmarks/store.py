@@ -35,13 +35,12 @@ def write_store(path: Path, n_rows: int, dims: list[int], seed: int = 0) -> floa
     spent in the writer (data generation excluded). Blocks are row shuffles of one random pool per
     checkpoint, so later blocks repeat rows (ties for top-k) and generating them is cheap."""
     rng = np.random.default_rng(seed)
-    writer = tracin.GradientStore.create(path, n_rows, dims, [0.1, 0.05][:len(dims)], "float16",
-                                         overwrite=True)
+    writer = tracin.GradientStore.create(path, n_rows, dims, [0.1, 0.05][: len(dims)], "float16", overwrite=True)
     spent = 0.0
     for c, d in enumerate(dims):
         pool = rng.standard_normal((BLOCK_ROWS, d), dtype=np.float32).astype(np.float16)
         for start in range(0, n_rows, BLOCK_ROWS):
-            block = pool[rng.permutation(BLOCK_ROWS)[:n_rows - start]]
+            block = pool[rng.permutation(BLOCK_ROWS)[: n_rows - start]]
             t0 = time.perf_counter()
             writer.write(c, start, block)
             spent += time.perf_counter() - t0
@@ -63,16 +62,19 @@ def evict(store: tracin.GradientStore) -> None:
 def load_in_ram(path: Path) -> tracin.Gradients:
     """The store's matrices read into RAM with plain NumPy (np.load of the files the manifest names)."""
     manifest = json.loads((path / "manifest.json").read_text())
-    return tracin.Gradients([np.load(path / c["file"]) for c in manifest["checkpoints"]],
-                            [c["weight"] for c in manifest["checkpoints"]])
+    return tracin.Gradients(
+        [np.load(path / c["file"]) for c in manifest["checkpoints"]], [c["weight"] for c in manifest["checkpoints"]]
+    )
 
 
 def peak_rss(path: Path, test_path: Path, in_ram: bool, k: int) -> tuple[float, float]:
     """(peak RSS MiB, seconds) of a fresh process running top_k over the store or its copy in RAM."""
     train = f"load_in_ram(Path({str(path)!r}))" if in_ram else f"tracin.GradientStore.open({str(path)!r})"
-    code = ("from pathlib import Path\nimport numpy as np, tracin\nfrom benchmarks.store import load_in_ram\n"
-            f"train = {train}\ntest = tracin.Gradients(list(np.load({str(test_path)!r}).values()))\n"
-            f"tracin.top_k(test, train, k={k}, side='both')\n")
+    code = (
+        "from pathlib import Path\nimport numpy as np, tracin\nfrom benchmarks.store import load_in_ram\n"
+        f"train = {train}\ntest = tracin.Gradients(list(np.load({str(test_path)!r}).values()))\n"
+        f"tracin.top_k(test, train, k={k}, side='both')\n"
+    )
     return peak_rss_of(code)
 
 
@@ -101,8 +103,10 @@ def run(args: argparse.Namespace) -> dict:
         }
         times = time_interleaved(contenders, repeats=args.repeats)
         a, b = contenders["ram"](), contenders["store_warm"]()
-        identical = all(np.array_equal(x.values, y.values) and np.array_equal(x.indices, y.indices)
-                        for x, y in zip(a, b, strict=True))
+        identical = all(
+            np.array_equal(x.values, y.values) and np.array_equal(x.indices, y.indices)
+            for x, y in zip(a, b, strict=True)
+        )
         in_ram.clear()
         rss_store, _ = peak_rss(root / "store", root / "test.npz", False, args.k)
         rss_ram, _ = peak_rss(root / "store", root / "test.npz", True, args.k)
@@ -110,15 +114,25 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(root)
     med = {name: t["median_s"] for name, t in times.items()}
     return {
-        "config": {"size_gib": args.size, "n_rows": n_rows, "dims": dims, "dtype": "float16",
-                   "test_rows": args.test_rows, "k": args.k, "side": "both", "repeats": args.repeats,
-                   "chunk_bytes": store.row_chunks() * row_bytes},
+        "config": {
+            "size_gib": args.size,
+            "n_rows": n_rows,
+            "dims": dims,
+            "dtype": "float16",
+            "test_rows": args.test_rows,
+            "k": args.k,
+            "side": "both",
+            "repeats": args.repeats,
+            "chunk_bytes": store.row_chunks() * row_bytes,
+        },
         "store_bytes": n_rows * row_bytes,
         "write_s": write_s,
         "write_gib_per_s": n_rows * row_bytes / 2**30 / write_s,
         "times": times,
-        "ratios": {"store warm / ram time": med["store_warm"] / med["ram"],
-                   "store cold / ram time": med["store_cold"] / med["ram"]},
+        "ratios": {
+            "store warm / ram time": med["store_warm"] / med["ram"],
+            "store cold / ram time": med["store_cold"] / med["ram"],
+        },
         "cold_scored_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"],
         "peak_rss_mib": {"store": rss_store, "ram": rss_ram},
         "identical_results": identical,
@@ -127,8 +141,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.store", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=float, default=1.0,
-                   help="store size in GiB (default 1; results/store_4gib.json used 4)")
+    p.add_argument(
+        "--size", type=float, default=1.0, help="store size in GiB (default 1; results/store_4gib.json used 4)"
+    )
     p.add_argument("--dim", type=int, default=4096, help="columns per checkpoint (default 4096)")
     p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
     p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
@@ -145,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     name = "store" if args.size == 1.0 else f"store_{args.size:g}gib"
     path = write_json(name, result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
-    print(f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, {result['config']['n_rows']} rows, "
-          f"dims {result['config']['dims']}; written at {result['write_gib_per_s']:.2f} GiB/s")
-    print(f"top-{args.k} both sides, {args.test_rows} test rows: RAM {med['ram']:.3f} s, "
-          f"store warm {med['store_warm']:.3f} s ({result['ratios']['store warm / ram time']:.2f}x), "
-          f"store cold {med['store_cold']:.3f} s ({result['ratios']['store cold / ram time']:.2f}x)")
-    print(f"peak RSS: store {result['peak_rss_mib']['store']:.0f} MiB, RAM {result['peak_rss_mib']['ram']:.0f} MiB; "
-          f"identical results: {result['identical_results']}; wrote {path}")
+    print(
+        f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, {result['config']['n_rows']} rows, "
+        f"dims {result['config']['dims']}; written at {result['write_gib_per_s']:.2f} GiB/s"
+    )
+    print(
+        f"top-{args.k} both sides, {args.test_rows} test rows: RAM {med['ram']:.3f} s, "
+        f"store warm {med['store_warm']:.3f} s ({result['ratios']['store warm / ram time']:.2f}x), "
+        f"store cold {med['store_cold']:.3f} s ({result['ratios']['store cold / ram time']:.2f}x)"
+    )
+    print(
+        f"peak RSS: store {result['peak_rss_mib']['store']:.0f} MiB, RAM {result['peak_rss_mib']['ram']:.0f} MiB; "
+        f"identical results: {result['identical_results']}; wrote {path}"
+    )
     return 0
 
 

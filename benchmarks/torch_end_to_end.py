@@ -55,8 +55,12 @@ def prepare(workdir: Path) -> None:
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x.astype(np.float32), y, test_size=0.2, random_state=0)
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-3
-    data = {"x_train": torch.from_numpy((x_tr - mean) / std), "y_train": torch.from_numpy(y_tr),
-            "x_test": torch.from_numpy((x_te - mean) / std), "y_test": torch.from_numpy(y_te)}
+    data = {
+        "x_train": torch.from_numpy((x_tr - mean) / std),
+        "y_train": torch.from_numpy(y_tr),
+        "x_test": torch.from_numpy((x_te - mean) / std),
+        "y_test": torch.from_numpy(y_te),
+    }
     torch.save(data, workdir / "data.pt")
     model = make_model()
     loss = nn.CrossEntropyLoss()
@@ -83,12 +87,13 @@ def run_tracin(workdir: Path, n_train: int | None = None, mode: str = "full") ->
     model, loss = make_model(), nn.CrossEntropyLoss(reduction="none")
     train = (data["x_train"][:n_train], data["y_train"][:n_train])
     g_train = export_gradients(model, checkpoints, train, loss, mode=mode, progress=False)
-    g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, mode=mode,
-                              progress=False)
+    g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, mode=mode, progress=False)
     both = tracin.top_k(g_test, g_train, k=K, side="both")
-    return {"self": tracin.self_influence(g_train),
-            "pro": (both.proponents.indices, both.proponents.values),
-            "opp": (both.opponents.indices, both.opponents.values)}
+    return {
+        "self": tracin.self_influence(g_train),
+        "pro": (both.proponents.indices, both.proponents.values),
+        "opp": (both.opponents.indices, both.opponents.values),
+    }
 
 
 def run_tracin_factored(workdir: Path, n_train: int | None = None) -> dict:
@@ -105,12 +110,15 @@ def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
     train = (data["x_train"][:n_train], data["y_train"][:n_train])
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         g_train = export_gradients(model, checkpoints, train, loss, progress=False, store=Path(tmp) / "train")
-        g_test = export_gradients(model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False,
-                                  store=Path(tmp) / "test")
+        g_test = export_gradients(
+            model, checkpoints, (data["x_test"], data["y_test"]), loss, progress=False, store=Path(tmp) / "test"
+        )
         both = tracin.top_k(g_test, g_train, k=K, side="both")
-        return {"self": tracin.self_influence(g_train),
-                "pro": (both.proponents.indices, both.proponents.values),
-                "opp": (both.opponents.indices, both.opponents.values)}
+        return {
+            "self": tracin.self_influence(g_train),
+            "pro": (both.proponents.indices, both.proponents.values),
+            "opp": (both.opponents.indices, both.opponents.values),
+        }
 
 
 def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
@@ -148,8 +156,13 @@ def full_mode_floor(n_train: int, n_test: int, dims: int, captum_s: float, plain
     flops = 2.0 * n_test * n_train * dims * len(LRS)
     peak = peak_sgemm_gflops(torch.get_num_threads())
     floor = flops / (peak * 1e9)
-    return {"gflop": flops / 1e9, "peak_sgemm_gflops": peak, "floor_s": floor,
-            "max_speedup_vs_captum": captum_s / floor, "max_speedup_vs_plain": plain_s / floor}
+    return {
+        "gflop": flops / 1e9,
+        "peak_sgemm_gflops": peak,
+        "floor_s": floor,
+        "max_speedup_vs_captum": captum_s / floor,
+        "max_speedup_vs_plain": plain_s / floor,
+    }
 
 
 def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> dict:
@@ -167,7 +180,7 @@ def run_plain(workdir: Path, n_train: int | None = None, batch: int = 256) -> di
     def grads(params, x, y):
         out = []
         for i in range(0, len(x), batch):
-            g = per_example(params, x[i:i + batch], y[i:i + batch])
+            g = per_example(params, x[i : i + batch], y[i : i + batch])
             out.append(torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], 1))
         return torch.cat(out).numpy()
 
@@ -201,14 +214,22 @@ def run_captum(workdir: Path, n_train: int | None = None) -> dict:
         return rates[path]
 
     train = TensorDataset(data["x_train"][:n_train], data["y_train"][:n_train])
-    tracin_cp = TracInCP(model, DataLoader(train, batch_size=256), [p for p, _ in checkpoints],
-                         checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"),
-                         batch_size=256)
+    tracin_cp = TracInCP(
+        model,
+        DataLoader(train, batch_size=256),
+        [p for p, _ in checkpoints],
+        checkpoints_load_func=load,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=256,
+    )
     test = (data["x_test"], data["y_test"])
     pro = tracin_cp.influence(test, k=K, proponents=True)
     opp = tracin_cp.influence(test, k=K, proponents=False)
-    return {"self": tracin_cp.self_influence().numpy(),
-            "pro": (pro[0].numpy(), pro[1].numpy()), "opp": (opp[0].numpy(), opp[1].numpy())}
+    return {
+        "self": tracin_cp.self_influence().numpy(),
+        "pro": (pro[0].numpy(), pro[1].numpy()),
+        "opp": (opp[0].numpy(), opp[1].numpy()),
+    }
 
 
 def agreement(ours: dict, theirs: dict) -> dict:
@@ -217,25 +238,33 @@ def agreement(ours: dict, theirs: dict) -> dict:
     for side in ("pro", "opp"):
         (ia, va), (ib, vb) = ours[side], theirs[side]
         scale = float(np.abs(vb).max())
-        out[side] = {"same_indices_fraction": float(np.mean(ia == ib)),
-                     "same_sets_fraction": float(np.mean([set(a) == set(b) for a, b in zip(ia, ib, strict=True)])),
-                     "max_abs_value_diff_over_scale": float(np.abs(va - vb).max() / scale)}
+        out[side] = {
+            "same_indices_fraction": float(np.mean(ia == ib)),
+            "same_sets_fraction": float(np.mean([set(a) == set(b) for a, b in zip(ia, ib, strict=True)])),
+            "max_abs_value_diff_over_scale": float(np.abs(va - vb).max() / scale),
+        }
     sa, sb = ours["self"], theirs["self"]
     out["self_max_abs_diff_over_scale"] = float(np.abs(sa - sb).max() / np.abs(sb).max())
     return out
 
 
 def _child(fn: str, workdir: Path, n_train: int | None) -> str:
-    return (f"import sys; sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT)!r}]\n"
-            f"from pathlib import Path\nfrom benchmarks.torch_end_to_end import {fn}\n"
-            f"{fn}(Path({str(workdir)!r}), {n_train!r})")
+    return (
+        f"import sys; sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT)!r}]\n"
+        f"from pathlib import Path\nfrom benchmarks.torch_end_to_end import {fn}\n"
+        f"{fn}(Path({str(workdir)!r}), {n_train!r})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of tracin and plain")
-    parser.add_argument("--captum-train", type=int, default=None,
-                        help="train examples for the Captum comparison (default: all 1437; Captum is slow)")
+    parser.add_argument(
+        "--captum-train",
+        type=int,
+        default=None,
+        help="train examples for the Captum comparison (default: all 1437; Captum is slow)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,53 +275,89 @@ def main() -> None:
         dims = sum(p.numel() for p in make_model().parameters())
 
         # The full task: tracin against the plain script.
-        timing = time_interleaved({"tracin": lambda: run_tracin(workdir), "plain": lambda: run_plain(workdir),
-                                   "tracin_store": lambda: run_tracin_store(workdir),
-                                   "tracin_factored": lambda: run_tracin_factored(workdir)},
-                                  repeats=args.repeats, warmup=1)
+        timing = time_interleaved(
+            {
+                "tracin": lambda: run_tracin(workdir),
+                "plain": lambda: run_plain(workdir),
+                "tracin_store": lambda: run_tracin_store(workdir),
+                "tracin_factored": lambda: run_tracin_factored(workdir),
+            },
+            repeats=args.repeats,
+            warmup=1,
+        )
         plain = run_plain(workdir)
         vs_plain = agreement(run_tracin(workdir), plain)
         store_vs_plain = agreement(run_tracin_store(workdir), plain)
         factored_vs_plain = agreement(run_tracin_factored(workdir), plain)
-        memory = {name: peak_rss_of(_child(fn, workdir, None))[0]
-                  for name, fn in (("tracin", "run_tracin"), ("plain", "run_plain"),
-                                   ("tracin_store", "run_tracin_store"),
-                                   ("tracin_factored", "run_tracin_factored"))}
+        memory = {
+            name: peak_rss_of(_child(fn, workdir, None))[0]
+            for name, fn in (
+                ("tracin", "run_tracin"),
+                ("plain", "run_plain"),
+                ("tracin_store", "run_tracin_store"),
+                ("tracin_factored", "run_tracin_factored"),
+            )
+        }
 
         # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
         nc = args.captum_train
-        captum_timing = time_interleaved({"tracin": lambda: run_tracin(workdir, nc),
-                                          "tracin_factored": lambda: run_tracin_factored(workdir, nc),
-                                          "captum": lambda: run_captum(workdir, nc)}, repeats=3, warmup=0)
+        captum_timing = time_interleaved(
+            {
+                "tracin": lambda: run_tracin(workdir, nc),
+                "tracin_factored": lambda: run_tracin_factored(workdir, nc),
+                "captum": lambda: run_captum(workdir, nc),
+            },
+            repeats=3,
+            warmup=0,
+        )
         captum = run_captum(workdir, nc)
         vs_captum = agreement(run_tracin(workdir, nc), captum)
         factored_vs_captum = agreement(run_tracin_factored(workdir, nc), captum)
         captum_memory = peak_rss_of(_child("run_captum", workdir, nc))[0]
         stages = tracin_stages(workdir)
-        floor = full_mode_floor(nc or n_train, n_test, dims, captum_timing["captum"]["median_s"],
-                                timing["plain"]["median_s"])
+        floor = full_mode_floor(
+            nc or n_train, n_test, dims, captum_timing["captum"]["median_s"], timing["plain"]["median_s"]
+        )
 
     payload = {
-        "task": {"dataset": "sklearn digits", "n_train": n_train, "n_test": n_test, "k": K,
-                 "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10", "parameters": dims, "checkpoints": len(LRS),
-                 "learning_rates": list(LRS), "torch_threads": torch.get_num_threads(),
-                 "captum_n_train": nc or n_train},
-        "time_s": {"tracin": timing["tracin"], "plain": timing["plain"], "tracin_store": timing["tracin_store"],
-                   "tracin_factored": timing["tracin_factored"],
-                   "tracin_captum_task": captum_timing["tracin"],
-                   "tracin_factored_captum_task": captum_timing["tracin_factored"],
-                   "captum": captum_timing["captum"]},
+        "task": {
+            "dataset": "sklearn digits",
+            "n_train": n_train,
+            "n_test": n_test,
+            "k": K,
+            "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10",
+            "parameters": dims,
+            "checkpoints": len(LRS),
+            "learning_rates": list(LRS),
+            "torch_threads": torch.get_num_threads(),
+            "captum_n_train": nc or n_train,
+        },
+        "time_s": {
+            "tracin": timing["tracin"],
+            "plain": timing["plain"],
+            "tracin_store": timing["tracin_store"],
+            "tracin_factored": timing["tracin_factored"],
+            "tracin_captum_task": captum_timing["tracin"],
+            "tracin_factored_captum_task": captum_timing["tracin_factored"],
+            "captum": captum_timing["captum"],
+        },
         "peak_rss_mib": {**memory, "captum": captum_memory},
-        "speedup": {"vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
-                    "store_vs_plain": timing["plain"]["median_s"] / timing["tracin_store"]["median_s"],
-                    "factored_vs_plain": timing["plain"]["median_s"] / timing["tracin_factored"]["median_s"],
-                    "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"],
-                    "factored_vs_captum": captum_timing["captum"]["median_s"]
-                    / captum_timing["tracin_factored"]["median_s"]},
+        "speedup": {
+            "vs_plain": timing["plain"]["median_s"] / timing["tracin"]["median_s"],
+            "store_vs_plain": timing["plain"]["median_s"] / timing["tracin_store"]["median_s"],
+            "factored_vs_plain": timing["plain"]["median_s"] / timing["tracin_factored"]["median_s"],
+            "vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin"]["median_s"],
+            "factored_vs_captum": captum_timing["captum"]["median_s"] / captum_timing["tracin_factored"]["median_s"],
+        },
         "tracin_full_stages_s": stages,
         "full_mode_floor": floor,
-        "agreement": {"vs_plain": vs_plain, "store_vs_plain": store_vs_plain, "factored_vs_plain": factored_vs_plain,
-                      "vs_captum": vs_captum, "factored_vs_captum": factored_vs_captum},
+        "agreement": {
+            "vs_plain": vs_plain,
+            "store_vs_plain": store_vs_plain,
+            "factored_vs_plain": factored_vs_plain,
+            "vs_captum": vs_captum,
+            "factored_vs_captum": factored_vs_captum,
+        },
     }
     path = write_json("torch_end_to_end", payload)
     print(f"wrote {path}")

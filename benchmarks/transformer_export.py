@@ -52,16 +52,33 @@ def main() -> None:
     ids = ids * mask
     inputs = {"input_ids": ids, "attention_mask": mask}
 
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=args.vocab, n_positions=args.tokens, n_embd=args.width, n_layer=args.layers, n_head=4,
-        bos_token_id=0, eos_token_id=0)).eval()
-    bert = transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers, num_attention_heads=4,
-        intermediate_size=4 * args.width, max_position_embeddings=args.tokens, num_labels=4)).eval()
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=args.tokens,
+            n_embd=args.width,
+            n_layer=args.layers,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.width,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            intermediate_size=4 * args.width,
+            max_position_embeddings=args.tokens,
+            num_labels=4,
+        )
+    ).eval()
 
     def token_loss(outputs, labels):
-        losses = torch.nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), labels[:, 1:],
-                                                   ignore_index=-100, reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            outputs.logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none"
+        )
         return losses.sum(1)
 
     def class_loss(outputs, labels):
@@ -78,8 +95,13 @@ def main() -> None:
     for name, (model, loss_fn, targets) in cases.items():
         results[name] = _run_case(model, loss_fn, inputs, targets, args.repeats, export_gradients)
         print(name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
-    payload = {"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
-               "goal_speedup_vs_loop": GOAL_SPEEDUP, "cases": results}
+    payload = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "goal_speedup_vs_loop": GOAL_SPEEDUP,
+        "cases": results,
+    }
     print(write_json("transformer_export", payload))
 
 
@@ -139,12 +161,13 @@ def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -
         out = np.empty((n, width), dtype=np.float32)
         leaves = [params[k] for k in names]
         for i in range(n):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
+            one = {k: v[i : i + 1] for k, v in inputs.items()}
             with torch.enable_grad():
-                loss = loss_fn(model(**one), targets[i:i + 1]).sum()
+                loss = loss_fn(model(**one), targets[i : i + 1]).sum()
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            out[i] = torch.cat([(torch.zeros_like(p) if gr is None else gr).reshape(-1)
-                                for p, gr in zip(leaves, grads, strict=True)]).numpy()
+            out[i] = torch.cat(
+                [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(leaves, grads, strict=True)]
+            ).numpy()
         return out
 
     def loss_of_one(chosen, x, y):
@@ -170,9 +193,14 @@ def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -
         contenders[label] = fn
     timings = time_interleaved(contenders, repeats=repeats, warmup=0)
     rates = {k: n / t["median_s"] for k, t in timings.items()}
-    return {"params": width, "examples": n, "examples_per_s": rates,
-            "speedup_vs_loop": {k: r / rates["loop"] for k, r in rates.items() if k != "loop"},
-            "max_relative_error_vs_loop": errors, "timings": timings}
+    return {
+        "params": width,
+        "examples": n,
+        "examples_per_s": rates,
+        "speedup_vs_loop": {k: r / rates["loop"] for k, r in rates.items() if k != "loop"},
+        "max_relative_error_vs_loop": errors,
+        "timings": timings,
+    }
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def random_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     g = np.empty((n, d), dtype=np.float32)
     for a in range(0, n, 8192):
-        g[a:a + 8192] = rng.standard_normal((min(8192, n - a), d), dtype=np.float32)
+        g[a : a + 8192] = rng.standard_normal((min(8192, n - a), d), dtype=np.float32)
     return g
 
 
@@ -57,11 +57,16 @@ def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
     square_t = np.ascontiguousarray(square.T)
     with blas_threads(threads):
         sgemm = time_interleaved({"sgemm": lambda: square @ square_t}, repeats=max(repeats, 3))["sgemm"]
-        timings = time_interleaved({
-            "numpy_gtg": lambda: g.T @ g,
-            "tracin_float32": lambda: second_moments(grads, _NoBar(), "float32"),
-            "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
-        }, repeats=repeats, warmup=0, pause_s=1.0)
+        timings = time_interleaved(
+            {
+                "numpy_gtg": lambda: g.T @ g,
+                "tracin_float32": lambda: second_moments(grads, _NoBar(), "float32"),
+                "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
+            },
+            repeats=repeats,
+            warmup=0,
+            pause_s=1.0,
+        )
         (r,) = second_moments(grads, _NoBar(), "float64")
         t0 = time.perf_counter()
         damped_inverse(r, float(np.trace(r)) / d, "benchmark")
@@ -75,15 +80,22 @@ def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
         t["fraction_of_sgemm"] = t["gflops"] / sgemm_rate
     ours = timings["tracin_float32"]
     return {
-        "n": n, "d": d, "repeats": repeats, "threads": threads,
+        "n": n,
+        "d": d,
+        "repeats": repeats,
+        "threads": threads,
         "sgemm": {**sgemm, "gflops": sgemm_rate},
         "timings": timings,
         "float32_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / ours["median_s"],
         "float64_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / timings["tracin_float64"]["median_s"],
         "damped_inverse_s": inverse_s,
         "whitening_fit_s": fit_s,
-        "goal": {"fraction": GOAL, "met": bool(ours["fraction_of_sgemm"] >= GOAL
-                                               and timings["numpy_gtg"]["median_s"] / ours["median_s"] >= GOAL)},
+        "goal": {
+            "fraction": GOAL,
+            "met": bool(
+                ours["fraction_of_sgemm"] >= GOAL and timings["numpy_gtg"]["median_s"] / ours["median_s"] >= GOAL
+            ),
+        },
     }
 
 
@@ -94,19 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the JSON (default benchmarks/results, the temp folder with --quick)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON (default benchmarks/results, the temp folder with --quick)",
+    )
     args = parser.parse_args(argv)
     n, d = (4096, 256) if args.quick else (args.n, args.d)
     result = measure(n, d, args.repeats, args.threads)
     out = args.out or (Path(tempfile.gettempdir()) if args.quick else RESULTS_DIR)
     path = write_json("whitening_quick" if args.quick else "whitening", result, out)
     t = result["timings"]
-    print(f"R of {n} x {d}: sgemm {result['sgemm']['gflops']:.1f} GFLOP/s; numpy G.T @ G "
-          f"{t['numpy_gtg']['gflops']:.1f}, tracin float32 {t['tracin_float32']['gflops']:.1f} "
-          f"({t['tracin_float32']['fraction_of_sgemm']:.0%} of sgemm, {result['float32_vs_numpy_gtg']:.0%} of "
-          f"numpy), float64 {t['tracin_float64']['gflops']:.1f}; inverse {result['damped_inverse_s']:.1f} s, "
-          f"fit {result['whitening_fit_s']:.1f} s; goal met: {result['goal']['met']}")
+    print(
+        f"R of {n} x {d}: sgemm {result['sgemm']['gflops']:.1f} GFLOP/s; numpy G.T @ G "
+        f"{t['numpy_gtg']['gflops']:.1f}, tracin float32 {t['tracin_float32']['gflops']:.1f} "
+        f"({t['tracin_float32']['fraction_of_sgemm']:.0%} of sgemm, {result['float32_vs_numpy_gtg']:.0%} of "
+        f"numpy), float64 {t['tracin_float64']['gflops']:.1f}; inverse {result['damped_inverse_s']:.1f} s, "
+        f"fit {result['whitening_fit_s']:.1f} s; goal met: {result['goal']['met']}"
+    )
     print(f"wrote {path}")
     return 0
 

@@ -14,20 +14,23 @@ def to_float64(a) -> np.ndarray:
 
 def exact_scores(test: list, train: list, weights) -> np.ndarray:
     """(m, n) float64: sum_c w_c * test[c] @ train[c].T."""
-    return sum(w * to_float64(t) @ to_float64(x).T for w, t, x in zip(weights, test, train))
+    return sum(w * to_float64(t) @ to_float64(x).T for w, t, x in zip(weights, test, train, strict=True))
 
 
 def score_bound(test: list, train: list, weights) -> np.ndarray:
     """(m, n): 1e-5 * sum_c |w_c| |g_c(t)| |g_c(i)| — the allowed |ours - exact| per entry."""
     return sum(
         1e-5 * abs(w) * np.outer(np.linalg.norm(to_float64(t), axis=1), np.linalg.norm(to_float64(x), axis=1))
-        for w, t, x in zip(weights, test, train)
+        for w, t, x in zip(weights, test, train, strict=True)
     )
 
 
 def factored_to_full(left: list, right: list) -> list:
     """Per checkpoint the (n, p*q) gradients whose rows are the outer products left[i] (x) right[i]."""
-    return [np.einsum("np,nq->npq", to_float64(l), to_float64(r)).reshape(len(l), -1) for l, r in zip(left, right)]
+    return [
+        np.einsum("np,nq->npq", to_float64(a), to_float64(b)).reshape(len(a), -1)
+        for a, b in zip(left, right, strict=True)
+    ]
 
 
 def assert_close_to_exact(ours: np.ndarray, test: list, train: list, weights) -> None:

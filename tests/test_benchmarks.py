@@ -60,8 +60,7 @@ def test_quick_run_writes_well_formed_json(quick_run):
             assert c["gflops"] == pytest.approx(c["roofline"]["flops"] / c["median_s"] / 1e9)
             assert c["roofline"]["bound_s"] == max(c["roofline"]["compute_s"], c["roofline"]["memory_s"])
         for r in case["ratios"].values():
-            expected = (case["contenders"][r["numerator"]]["median_s"]
-                        / case["contenders"][r["denominator"]]["median_s"])
+            expected = case["contenders"][r["numerator"]]["median_s"] / case["contenders"][r["denominator"]]["median_s"]
             assert r["value"] == pytest.approx(expected)
         assert case["checks"], case["name"]
         for check in case["checks"]:
@@ -72,8 +71,13 @@ def test_quick_run_writes_well_formed_json(quick_run):
 def test_quick_run_covers_every_peer_and_goal(quick_run):
     payload = quick_run[3]
     by_name = {c["name"]: c for c in payload["cases"]}
-    assert {c["peer"] for c in by_name["top10"]["contenders"].values()} == {"tracin", "faiss", "numpy", "torch",
-                                                                             "sgemm"}
+    assert {c["peer"] for c in by_name["top10"]["contenders"].values()} == {
+        "tracin",
+        "faiss",
+        "numpy",
+        "torch",
+        "sgemm",
+    }
     assert {"tracin fp32", "tracin fp16"} <= set(by_name["skinny"]["contenders"])
     assert {f"tracin k={k}" for k in (1, 10, 100, 1000)} <= set(by_name["k"]["contenders"])
     assert by_name["factored"]["params"]["flop_ratio"] == pytest.approx(10 * 33 / (10 + 33))
@@ -90,8 +94,9 @@ def test_quick_run_covers_every_peer_and_goal(quick_run):
 
 def test_quick_run_writes_png_plots(quick_run):
     _, out, _, payload, _ = quick_run
-    assert sorted(payload["plots"]) == sorted(f"kernel_quick_{k}.png" for k in ("speedups", "k", "threads", "n",
-                                                                                  "roofline"))
+    assert sorted(payload["plots"]) == sorted(
+        f"kernel_quick_{k}.png" for k in ("speedups", "k", "threads", "n", "roofline")
+    )
     for name in payload["plots"]:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
@@ -217,7 +222,7 @@ def test_exactness_check_forgives_exact_ties():
     x = rng.standard_normal((50, 8), dtype=np.float32)
     ref = _reference_top_k(q, x, 3)
     best = ref[1][0, 0]
-    x = np.vstack([x, x[best:best + 1]])  # row 50 ties exactly with row 0's best
+    x = np.vstack([x, x[best : best + 1]])  # row 50 ties exactly with row 0's best
     ours = (ref[0], ref[1].copy())
     ours[1][0, 0] = 50
     result = check_top_k(q, x, ours, ref)

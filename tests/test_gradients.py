@@ -121,10 +121,10 @@ def test_overlapping_or_reversed_rows_are_copied(rng, view):
 
 def test_row_stride_not_a_multiple_of_the_item_size_is_copied(rng):
     raw = np.zeros(6 * 42, np.uint8)
-    rows = np.lib.stride_tricks.as_strided(raw[:4 * 10].view(np.float32), (6, 10), (42, 4), writeable=False)
+    rows = np.lib.stride_tricks.as_strided(raw[: 4 * 10].view(np.float32), (6, 10), (42, 4), writeable=False)
     values = rng.standard_normal((6, 10), dtype=np.float32)
     for r in range(6):
-        raw[42 * r:42 * r + 40] = values[r].view(np.uint8)
+        raw[42 * r : 42 * r + 40] = values[r].view(np.uint8)
     g = tracin.Gradients(rows)
     assert g.matrices[0].flags.c_contiguous
     np.testing.assert_array_equal(g.matrices[0], values)

@@ -20,6 +20,7 @@ GOLDEN = 0x9E3779B97F4A7C15
 
 # --- the generator of csrc/src/projection_kernels.hpp, written again in NumPy / Python ints ---
 
+
 def _mix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
@@ -83,6 +84,7 @@ def rng() -> np.random.Generator:
 
 # --- the matrix and the product ---
 
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dim,d,seed", [(1, 5, 0), (37, 70, 3), (72, 300, 2**64 - 1)])
 def test_entries_match_the_numpy_generator(kind, dim, d, seed):
@@ -135,6 +137,7 @@ def test_unit_columns(kind):
 
 # --- statistics: unbiased inner products, distortion within the JL bound ---
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_inner_products_unbiased(kind, rng):
     d, dim, seeds = 300, 16, 300
@@ -165,9 +168,9 @@ def _jl_epsilon(k: int, m: int) -> float:
 def test_distortion_within_jl_bound(kind, rng):
     m, d = 30, 2000
     x = rng.standard_normal((m, d))
-    x[:5] = np.eye(5, d)           # axis-aligned points
-    x[5] = np.ones(d)              # a dense constant point
-    x[6, ::7] = 10.0               # a spiky point
+    x[:5] = np.eye(5, d)  # axis-aligned points
+    x[5] = np.ones(d)  # a dense constant point
+    x[6, ::7] = 10.0  # a spiky point
     diff = (x[:, None, :] - x[None, :, :])[np.triu_indices(m, 1)].astype(np.float32)
     exact = np.sum(diff.astype(np.float64) ** 2, axis=1)
     worst = []
@@ -180,6 +183,7 @@ def test_distortion_within_jl_bound(kind, rng):
 
 
 # --- determinism ---
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_bits_for_any_chunking_threads_and_split(kind, rng):
@@ -232,6 +236,7 @@ def test_half_precision_and_framework_inputs(kind, rng):
 
 # --- per-layer and factored ---
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_per_layer_projects_each_segment_on_its_own(kind, rng):
     x = rng.standard_normal((6, 90)).astype(np.float32)
@@ -241,8 +246,9 @@ def test_per_layer_projects_each_segment_on_its_own(kind, rng):
     starts, out = [0, 20, 21, 90], [0, 4, 8, 11]
     for j in range(3):
         p = reference_matrix(kind, 3, proj.segment_dims(3)[j], starts[j + 1] - starts[j], stream=1 + j)
-        np.testing.assert_allclose(y[:, out[j]:out[j + 1]], x[:, starts[j]:starts[j + 1]] @ p.T,
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            y[:, out[j] : out[j + 1]], x[:, starts[j] : starts[j + 1]] @ p.T, rtol=1e-4, atol=1e-5
+        )
     assert np.array_equal(proj.apply([x[:, :20], x[:, 20:21], x[:, 21:]]), y)  # pieces as segments
     assert np.array_equal(proj.apply([x[:, :5], x[:, 5:]], segments=[20, 1, 69]), y)
 
@@ -278,6 +284,7 @@ def test_factored_inner_products_unbiased(rng):
 
 # --- the spec ---
 
+
 def test_spec_round_trip_and_equality():
     proj = tracin.Projection(512, 7, "sparse", per_layer=True)
     spec = json.loads(json.dumps(proj.to_dict()))
@@ -304,15 +311,19 @@ def test_mismatch_names_what_differs():
 
 # --- bad input ---
 
-@pytest.mark.parametrize("args,kwargs,error,match", [
-    ((0,), {}, ValueError, "dim must be >= 1"),
-    ((1.5,), {}, TypeError, "dim must be an int"),
-    ((True,), {}, TypeError, "dim must be an int"),
-    ((8, -1), {}, ValueError, "seed must be in"),
-    ((8, 2**64), {}, ValueError, "seed must be in"),
-    ((8, 0, "dense"), {}, ValueError, "kind must be one of"),
-    ((8,), {"per_layer": 1}, TypeError, "per_layer must be a bool"),
-])
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((0,), {}, ValueError, "dim must be >= 1"),
+        ((1.5,), {}, TypeError, "dim must be an int"),
+        ((True,), {}, TypeError, "dim must be an int"),
+        ((8, -1), {}, ValueError, "seed must be in"),
+        ((8, 2**64), {}, ValueError, "seed must be in"),
+        ((8, 0, "dense"), {}, ValueError, "kind must be one of"),
+        ((8,), {"per_layer": 1}, TypeError, "per_layer must be a bool"),
+    ],
+)
 def test_bad_construction(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         tracin.Projection(*args, **kwargs)

@@ -28,6 +28,7 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 # Metrics against brute-force and SciPy references -------------------------------------------------
 
+
 def test_found_fractions_match_a_brute_force_count():
     rng = np.random.default_rng(0)
     scores, flipped = rng.random(200), rng.random(200) < 0.2
@@ -80,6 +81,7 @@ def test_lds_is_one_for_the_true_linear_datamodel_and_minus_one_reversed():
 
 # Data, training schedule and checkpoint selections ---------------------------------------------
 
+
 @pytest.mark.parametrize("name", config.DATASETS)
 def test_datasets_are_standardised_on_the_training_rows(name):
     split = data.load(name)
@@ -117,8 +119,13 @@ def test_schedule_and_checkpoint_epochs():
 
 
 def _trajectory(epochs: list[int], rates: list[float], test_accuracy: list[float]) -> Trajectory:
-    return Trajectory(None, [Checkpoint({}, r, e) for e, r in zip(epochs, rates, strict=True)],
-                      np.zeros((len(test_accuracy), 1)), np.zeros(len(test_accuracy)), np.array(test_accuracy))
+    return Trajectory(
+        None,
+        [Checkpoint({}, r, e) for e, r in zip(epochs, rates, strict=True)],
+        np.zeros((len(test_accuracy), 1)),
+        np.zeros(len(test_accuracy)),
+        np.array(test_accuracy),
+    )
 
 
 def test_checkpoint_selections():
@@ -142,8 +149,10 @@ def test_a_failing_or_missing_peer_is_reported_and_our_own_methods_raise():
         del methods.PEERS["test peer"]
     methods.PEERS["test missing"] = "no_such_module_for_tracin_tests"
     try:
-        assert run._call("test missing", boom, None) == (None, "not installed (pip install "
-                                                               "no_such_module_for_tracin_tests)")
+        assert run._call("test missing", boom, None) == (
+            None,
+            "not installed (pip install no_such_module_for_tracin_tests)",
+        )
     finally:
         del methods.PEERS["test missing"]
     with pytest.raises(RuntimeError, match="boom"):
@@ -157,10 +166,14 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
     def lds(values):
         return {"methods": {m: {"mean": mean, "se": se} for m, (mean, se) in values.items()}}
 
-    w = run.winners({"a": det({"x": 0.90, "y": 0.89, "z": 0.5}), "b": det({"x": 0.80, "y": 0.85, "z": 0.84})},
-                    {"a": lds({"tracin x": (0.5, 0.01), "tracin y": (0.45, 0.02), "peer": (0.4, 0.01)}),
-                     "b": lds({"tracin x": (0.3, 0.01), "tracin y": (0.31, 0.01), "peer": (0.5, 0.01)})},
-                    0.2)
+    w = run.winners(
+        {"a": det({"x": 0.90, "y": 0.89, "z": 0.5}), "b": det({"x": 0.80, "y": 0.85, "z": 0.84})},
+        {
+            "a": lds({"tracin x": (0.5, 0.01), "tracin y": (0.45, 0.02), "peer": (0.4, 0.01)}),
+            "b": lds({"tracin x": (0.3, 0.01), "tracin y": (0.31, 0.01), "peer": (0.5, 0.01)}),
+        },
+        0.2,
+    )
     assert w["detection_best"] == {"a": {"best": 0.90, "methods": ["x"]}, "b": {"best": 0.85, "methods": ["y"]}}
     assert w["detection_wins_or_ties_everywhere"] == ["y"]  # x is 0.05 behind on b, z 0.40 behind on a
     assert w["lds_best"]["b"]["method"] == "peer" and w["lds_within_se_of_best_everywhere"] == []
@@ -168,6 +181,7 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
 
 
 # The subset-model cache -------------------------------------------------------------------------
+
 
 def test_subset_models_are_cached_under_a_key_of_their_settings(tmp_path):
     split = data.load("wine")
@@ -262,8 +276,9 @@ def test_quick_run_factored_equals_full_for_an_mlp(quick_run):
     for d in payload["detection"].values():
         assert d["methods"]["tracin factored"]["found"] == d["methods"]["tracin all checkpoints"]["found"]
     for d in payload["lds"].values():
-        assert d["methods"]["tracin factored"]["mean"] == pytest.approx(d["methods"]["tracin all checkpoints"]["mean"],
-                                                                        abs=1e-3)
+        assert d["methods"]["tracin factored"]["mean"] == pytest.approx(
+            d["methods"]["tracin all checkpoints"]["mean"], abs=1e-3
+        )
 
 
 def test_quick_run_agrees_with_captum(quick_run):

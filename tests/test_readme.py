@@ -16,9 +16,11 @@ def python_blocks() -> list[tuple[int, str]]:
     """(line number, source) of each ```python block of README.md, except those right after a
     `<!-- not-run: reason -->` line (code for machines this one is not, such as a SLURM cluster)."""
     text = README.read_text()
-    return [(text.count("\n", 0, m.start()) + 1, m.group(2))
-            for m in re.finditer(r"^(<!-- not-run: [^>]+ -->\n)?```python\n(.*?)^```", text, re.S | re.M)
-            if not m.group(1)]
+    return [
+        (text.count("\n", 0, m.start()) + 1, m.group(2))
+        for m in re.finditer(r"^(<!-- not-run: [^>]+ -->\n)?```python\n(.*?)^```", text, re.S | re.M)
+        if not m.group(1)
+    ]
 
 
 def test_readme_has_python_blocks():

@@ -15,8 +15,10 @@ def _full(rng, n, dims=(7, 3, 12), dtype=np.float32):
 
 
 def _factored(rng, n, dims=((4, 5), (3, 6))):
-    return ([rng.standard_normal((n, p)).astype(np.float32) for p, _ in dims],
-            [rng.standard_normal((n, q)).astype(np.float32) for _, q in dims])
+    return (
+        [rng.standard_normal((n, p)).astype(np.float32) for p, _ in dims],
+        [rng.standard_normal((n, q)).astype(np.float32) for _, q in dims],
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
@@ -36,13 +38,20 @@ def test_per_checkpoint_self_influence_of_factored_and_stored_sets(tmp_path):
     rng = np.random.default_rng(1)
     left, right = _factored(rng, 200)
     w = [0.1, 0.01]
-    expected = np.stack([wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
-                         for wc, lf, rt in zip(w, left, right, strict=True)], axis=1)
-    np.testing.assert_allclose(tracin.self_influence(tracin.FactoredGradients(left, right, w), per_checkpoint=True),
-                               expected, rtol=1e-5)
+    expected = np.stack(
+        [
+            wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
+            for wc, lf, rt in zip(w, left, right, strict=True)
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(
+        tracin.self_influence(tracin.FactoredGradients(left, right, w), per_checkpoint=True), expected, rtol=1e-5
+    )
     mats = _full(rng, 200, dtype=np.float16)
-    writer = tracin.GradientStore.create(tmp_path / "s", 200, [m.shape[1] for m in mats], [1.0, 2.0, 3.0],
-                                         dtype="float16")
+    writer = tracin.GradientStore.create(
+        tmp_path / "s", 200, [m.shape[1] for m in mats], [1.0, 2.0, 3.0], dtype="float16"
+    )
     with writer:
         for c, m in enumerate(mats):
             writer.write(c, 0, m)
@@ -58,8 +67,13 @@ def test_per_checkpoint_must_be_a_bool():
 
 def _pair_terms(test, train, w, indices):
     """float64 (m, k, C) reference: w_c <t_c, x_c[indices]> per checkpoint."""
-    return np.stack([wc * np.einsum("td,tkd->tk", t.astype(np.float64), x.astype(np.float64)[indices])
-                     for wc, t, x in zip(w, test, train, strict=True)], axis=2)
+    return np.stack(
+        [
+            wc * np.einsum("td,tkd->tk", t.astype(np.float64), x.astype(np.float64)[indices])
+            for wc, t, x in zip(w, test, train, strict=True)
+        ],
+        axis=2,
+    )
 
 
 @pytest.mark.parametrize("side", ["proponents", "opponents"])
@@ -101,22 +115,27 @@ def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):
     mats = [rng.standard_normal((n, 8)).astype(np.float32) * 0.1 for _ in range(3)]
     mats[0][:noisy] *= 10
     mats[1][:noisy] *= 8
-    mats[2][noisy:2 * noisy + 40] *= 60
+    mats[2][noisy : 2 * noisy + 40] *= 60
     return mats
 
 
 def test_diagnostics_shares_and_overlap_match_numpy(tmp_path):
     mats = _late_checkpoint_drowns_signal(np.random.default_rng(5))
     w = [1.0, 1.0, 0.5]
-    diag = checkpoint_diagnostics(tracin.Gradients(mats, w), top=40, path=tmp_path / "d.png", traced=2,
-                                  labels=["epoch 10", "epoch 20", "epoch 30"])
+    diag = checkpoint_diagnostics(
+        tracin.Gradients(mats, w),
+        top=40,
+        path=tmp_path / "d.png",
+        traced=2,
+        labels=["epoch 10", "epoch 20", "epoch 30"],
+    )
     terms = np.stack([wc * (m.astype(np.float64) ** 2).sum(1) for wc, m in zip(w, mats, strict=True)], 1)
     best = set(np.argsort(-terms.sum(1), kind="stable")[:40])
     np.testing.assert_allclose(diag.share_all, terms.sum(0) / terms.sum(), rtol=1e-6)
     top_terms = terms[sorted(best)]
     np.testing.assert_allclose(diag.share_top, top_terms.sum(0) / top_terms.sum(), rtol=1e-6)
     for c in range(3):
-        prefix = set(np.argsort(-terms[:, :c + 1].sum(1), kind="stable")[:40])
+        prefix = set(np.argsort(-terms[:, : c + 1].sum(1), kind="stable")[:40])
         assert diag.overlap[c] == len(prefix & best) / 40
     assert diag.overlap[1] < 0.2 and diag.overlap[2] == 1.0  # the late checkpoint replaces the ranking
     assert set(range(40)) == set(np.argsort(-terms[:, :2].sum(1))[:40])  # the early ones find the noisy rows
@@ -128,8 +147,13 @@ def test_diagnostics_sum_the_layers_of_each_checkpoint(tmp_path):
     left, right = _factored(rng, 100, dims=((3, 4), (2, 5), (3, 4), (2, 5)))  # 2 checkpoints x 2 layers
     w = [0.1, 0.1, 0.01, 0.01]
     diag = checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), layers_per_checkpoint=2)
-    slots = np.stack([wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
-                      for wc, lf, rt in zip(w, left, right, strict=True)], 1)
+    slots = np.stack(
+        [
+            wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
+            for wc, lf, rt in zip(w, left, right, strict=True)
+        ],
+        1,
+    )
     np.testing.assert_allclose(diag.terms, slots[:, 0::2] + slots[:, 1::2], rtol=1e-5)
     assert diag.top == 10 and diag.figure is None
     with pytest.raises(ValueError, match="layers_per_checkpoint must be a positive integer dividing the set's 4"):

@@ -120,7 +120,7 @@ def test_factored_matches_materialised_outer_products(rng):
     bound = score_bound(factored_to_full(left_t, right_t), full_x, w).sum(0)
     assert np.all(np.abs(agg - exact) <= bound)
     self_inf = tracin.self_influence(tracin.FactoredGradients(left_x, right_x, w))
-    exact_self = sum(wc * (f ** 2).sum(1) for wc, f in zip(w, full_x, strict=True))
+    exact_self = sum(wc * (f**2).sum(1) for wc, f in zip(w, full_x, strict=True))
     np.testing.assert_allclose(self_inf, exact_self, rtol=1e-5, atol=1e-5 * np.abs(exact_self).max())
 
 
@@ -149,8 +149,9 @@ def test_memmap_and_torch_and_jax_inputs_agree(rng, tmp_path):
     np.testing.assert_array_equal(tracin.scores(jnp.asarray(test[0]), jnp.asarray(train[0])), expected)
     # Non-contiguous inputs (a column slice) agree with their contiguous copies.
     wide = rng.standard_normal((80, 24)).astype(np.float32)
-    np.testing.assert_array_equal(tracin.scores(test, wide[:, ::2]),
-                                  tracin.scores(test, np.ascontiguousarray(wide[:, ::2])))
+    np.testing.assert_array_equal(
+        tracin.scores(test, wide[:, ::2]), tracin.scores(test, np.ascontiguousarray(wide[:, ::2]))
+    )
 
 
 def test_same_bits_for_any_thread_count_and_block_size(rng):
@@ -162,8 +163,9 @@ def test_same_bits_for_any_thread_count_and_block_size(rng):
     reference = _core.scores(g_test.kernel_side(), g_train.kernel_side(), w, num_threads=1)
     for threads in (2, 3, 8):
         for block in (0, 1, 13, 500):
-            got = _core.scores(g_test.kernel_side(), g_train.kernel_side(), w, num_threads=threads,
-                               train_block=block, test_block=block)
+            got = _core.scores(
+                g_test.kernel_side(), g_train.kernel_side(), w, num_threads=threads, train_block=block, test_block=block
+            )
             assert np.array_equal(got, reference), (threads, block)
     top = tracin.top_k(g_test, g_train, k=17, side="both", num_threads=1)
     for threads in (2, 5):
@@ -202,8 +204,10 @@ def test_merge_top_k_without_k_keeps_the_widest_input(rng):
     merged = tracin.merge_top_k(parts, cuts[:-1])
     assert merged.values.shape == (4, 7)
     assert_top_k_within_bound(merged, test, train, [1.0], 7, "proponents")
-    narrow = [tracin.top_k(test, [train[0][a:b]], k=k) for (a, b), k in zip([(0, 10), (10, 20), (20, 30)], [3, 5, 2],
-                                                                             strict=True)]
+    narrow = [
+        tracin.top_k(test, [train[0][a:b]], k=k)
+        for (a, b), k in zip([(0, 10), (10, 20), (20, 30)], [3, 5, 2], strict=True)
+    ]
     assert tracin.merge_top_k(narrow, cuts[:-1]).values.shape == (4, 5)
 
 
@@ -213,7 +217,7 @@ def test_merge_top_k_refuses_a_train_row_given_twice(rng):
     with pytest.raises(ValueError, match=r"results name train row \d+ more than once \(test row 0\)"):
         tracin.merge_top_k([shard, shard], [0, 0], side="opponents")
     # Overlapping shards [0, 20) and [10, 30), every row kept: rows 10..19 appear twice.
-    halves = [tracin.top_k(test, [train[0][a:a + 20]], k=20) for a in (0, 10)]
+    halves = [tracin.top_k(test, [train[0][a : a + 20]], k=20) for a in (0, 10)]
     with pytest.raises(ValueError, match="more than once"):
         tracin.merge_top_k(halves, [0, 10])
 
@@ -246,8 +250,11 @@ def test_float32_overflow_check_follows_rounding():
 @pytest.mark.parametrize("view", ["broadcast_to", "sliding_window_view"])
 def test_overlapping_row_views_are_scored_like_copies(rng, view):
     base = rng.standard_normal(40).astype(np.float32)
-    rows = (np.broadcast_to(base[:24], (5, 24)) if view == "broadcast_to"
-            else np.lib.stride_tricks.sliding_window_view(base, 24)[::3])
+    rows = (
+        np.broadcast_to(base[:24], (5, 24))
+        if view == "broadcast_to"
+        else np.lib.stride_tricks.sliding_window_view(base, 24)[::3]
+    )
     assert rows.strides[0] < rows.shape[1] * rows.itemsize  # rows overlap in memory
     test = random_set(rng, 3, [24])
     assert_close_to_exact(tracin.scores(test, rows), test, [rows], [1.0])
@@ -380,26 +387,34 @@ def test_gradients_under_different_projections_are_refused(rng):
     spec = tracin.Projection(8, seed=1).to_dict()
     other = tracin.Projection(8, seed=2).to_dict()
     with pytest.raises(ValueError, match="projection mismatch.*seed: 1 here, 2 in test"):
-        tracin.scores(tracin.Gradients(a, metadata={"projection": other}),
-                      tracin.Gradients(b, metadata={"projection": spec}))
+        tracin.scores(
+            tracin.Gradients(a, metadata={"projection": other}), tracin.Gradients(b, metadata={"projection": spec})
+        )
     with pytest.raises(ValueError, match="train is not projected"):
-        tracin.scores(tracin.Gradients(a, metadata={"projection": spec}),
-                      tracin.Gradients(b, metadata={"projection": None}))
-    same = tracin.scores(tracin.Gradients(a, metadata={"projection": spec}),
-                         tracin.Gradients(b, metadata={"projection": spec}))
+        tracin.scores(
+            tracin.Gradients(a, metadata={"projection": spec}), tracin.Gradients(b, metadata={"projection": None})
+        )
+    same = tracin.scores(
+        tracin.Gradients(a, metadata={"projection": spec}), tracin.Gradients(b, metadata={"projection": spec})
+    )
     assert_close_to_exact(same, a, b, [1.0])
 
 
 def test_gradients_of_different_parameters_or_modes_are_refused(rng):
     a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
-    meta = lambda mode, name: {"framework": "torch", "mode": mode,  # noqa: E731
-                               "params": [{"name": name, "shape": [8]}]}
+
+    def meta(mode, name):
+        return {"framework": "torch", "mode": mode, "params": [{"name": name, "shape": [8]}]}
+
     with pytest.raises(ValueError, match="different parameters.*fc1.weight.*fc2.weight"):
-        tracin.scores(tracin.Gradients(a, metadata=meta("full", "fc1.weight")),
-                      tracin.Gradients(b, metadata=meta("full", "fc2.weight")))
+        tracin.scores(
+            tracin.Gradients(a, metadata=meta("full", "fc1.weight")),
+            tracin.Gradients(b, metadata=meta("full", "fc2.weight")),
+        )
     with pytest.raises(ValueError, match="mode='full' but train gradients are mode='last_layer'"):
-        tracin.scores(tracin.Gradients(a, metadata=meta("full", "w")),
-                      tracin.Gradients(b, metadata=meta("last_layer", "w")))
+        tracin.scores(
+            tracin.Gradients(a, metadata=meta("full", "w")), tracin.Gradients(b, metadata=meta("last_layer", "w"))
+        )
 
 
 @pytest.mark.parametrize("factored", [False, True])
@@ -407,15 +422,19 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
     n = 3 * 4096 + 17  # several pieces of the minimum size
     if factored:
         make = lambda rows: tracin.FactoredGradients(  # noqa: E731
-            [rng.standard_normal((rows, 3)).astype(np.float32)], [rng.standard_normal((rows, 4)).astype(np.float32)],
-            [0.5])
+            [rng.standard_normal((rows, 3)).astype(np.float32)],
+            [rng.standard_normal((rows, 4)).astype(np.float32)],
+            [0.5],
+        )
     else:
         make = lambda rows: tracin.Gradients(random_set(rng, rows, [6, 2]), [0.5, 2.0])  # noqa: E731
     test, train = make(9), make(n)
-    calls = {"top_k": lambda **kw: tracin.top_k(test, train, k=5, side="both", **kw),
-             "scores": lambda **kw: tracin.scores(test, train, **kw),
-             "self_influence": lambda **kw: tracin.self_influence(train, **kw),
-             "aggregate": lambda **kw: tracin.aggregate(test, train, **kw)}
+    calls = {
+        "top_k": lambda **kw: tracin.top_k(test, train, k=5, side="both", **kw),
+        "scores": lambda **kw: tracin.scores(test, train, **kw),
+        "self_influence": lambda **kw: tracin.self_influence(train, **kw),
+        "aggregate": lambda **kw: tracin.aggregate(test, train, **kw),
+    }
     for name, call in calls.items():
         quiet = call(progress=False)
         assert capsys.readouterr().err == ""
@@ -472,8 +491,10 @@ def test_misaligned_float32_rows_score_like_aligned_ones(rng):
     np.testing.assert_array_equal(tracin.scores(misaligned, misaligned), tracin.scores(aligned, aligned))
 
 
-@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
-                    reason="AddressSanitizer's operator new ends the process instead of throwing")
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="AddressSanitizer's operator new ends the process instead of throwing",
+)
 def test_an_impossible_allocation_is_a_memory_error():
     from numpy.lib.stride_tricks import as_strided
 
@@ -483,10 +504,18 @@ def test_an_impossible_allocation_is_a_memory_error():
         tracin.top_k(huge, huge, progress=False)
 
 
-@pytest.mark.parametrize("test_kind, train_kind, allowed", [
-    (None, None, True), ("adam", "adam", True), (None, "adam_update", True),
-    ("adam", None, False), (None, "adam", False), ("adam_update", "adam_update", False), ("adam_update", None, False),
-])
+@pytest.mark.parametrize(
+    "test_kind, train_kind, allowed",
+    [
+        (None, None, True),
+        ("adam", "adam", True),
+        (None, "adam_update", True),
+        ("adam", None, False),
+        (None, "adam", False),
+        ("adam_update", "adam_update", False),
+        ("adam_update", None, False),
+    ],
+)
 def test_preconditioned_sets_are_scored_only_with_their_kind(rng, test_kind, train_kind, allowed):
     def side(n, kind):
         meta = {"mode": "full", "preconditioner": None if kind is None else {"kind": kind, "eps": 1e-8}}

@@ -99,8 +99,10 @@ def test_full_from_store_streams_small_chunks(tmp_path, full, dtype, monkeypatch
     assert_close_to_exact(tracin.scores(white, store), exact, cast, WEIGHTS)
 
     reads.clear()
-    exact_self = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 1.0)[0], to_float64(g))
-                     for wc, g in zip(WEIGHTS, cast, strict=True))
+    exact_self = sum(
+        wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 1.0)[0], to_float64(g))
+        for wc, g in zip(WEIGHTS, cast, strict=True)
+    )
     np.testing.assert_allclose(w.self_influence(store), exact_self, rtol=1e-5)
     assert len(reads) > 10
 
@@ -109,22 +111,30 @@ def test_self_influence_two_sided(full):
     train, _ = full
     sets = tracin.Gradients(train, WEIGHTS)
     ours = Whitening.fit(sets, damping=0.1).self_influence(sets)
-    exact = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
-                for wc, g in zip(WEIGHTS, train, strict=True))
+    exact = sum(
+        wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
+        for wc, g in zip(WEIGHTS, train, strict=True)
+    )
     assert ours.dtype == np.float32 and ours.shape == (700,)
     np.testing.assert_allclose(ours, exact, rtol=1e-5)
     columns = Whitening.fit(sets, damping=0.1).self_influence(sets, per_checkpoint=True)
     assert columns.shape == (700, 2)
-    np.testing.assert_allclose(columns[:, 1], WEIGHTS[1] * np.einsum(
-        "ij,ij->i", to_float64(train[1]) @ reference_inverse(train[1], 0.1)[0], to_float64(train[1])), rtol=1e-5)
+    np.testing.assert_allclose(
+        columns[:, 1],
+        WEIGHTS[1]
+        * np.einsum("ij,ij->i", to_float64(train[1]) @ reference_inverse(train[1], 0.1)[0], to_float64(train[1])),
+        rtol=1e-5,
+    )
 
 
 def test_public_self_influence_takes_the_whitening(full):
     train, _ = full
     sets = tracin.Gradients(train, WEIGHTS)
     w = Whitening.fit(sets, damping=0.1)
-    exact = sum(wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
-                for wc, g in zip(WEIGHTS, train, strict=True))
+    exact = sum(
+        wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 0.1)[0], to_float64(g))
+        for wc, g in zip(WEIGHTS, train, strict=True)
+    )
     np.testing.assert_allclose(tracin.self_influence(sets, whitening=w), exact, rtol=1e-5)
     with pytest.raises(TypeError, match="whitening must be a tracin.Whitening"):
         tracin.self_influence(sets, whitening="yes")
@@ -179,8 +189,9 @@ def test_factored_matches_explicit_kronecker_formula(rng):
     for ours, ex in zip(ours_full, exact, strict=True):
         assert_rows_close(ours, ex)
     assert_close_to_exact(tracin.scores(white, train), exact, full_train, WEIGHTS)
-    exact_self = sum(wc * np.einsum("ij,ij->i", g @ inv, g)
-                     for wc, g, inv in zip(WEIGHTS, full_train, inverses, strict=True))
+    exact_self = sum(
+        wc * np.einsum("ij,ij->i", g @ inv, g) for wc, g, inv in zip(WEIGHTS, full_train, inverses, strict=True)
+    )
     np.testing.assert_allclose(w.self_influence(train), exact_self, rtol=1e-5)
 
 
@@ -245,8 +256,7 @@ def test_refuses_what_would_not_fit_in_memory():
     with pytest.raises(ValueError, match=r"d x d matrix per checkpoint.*above max_bytes=.*tracin\.Projection"):
         Whitening.fit(wide)
     with pytest.raises(ValueError, match=r"dims \[24, 9\] need .* above max_bytes=10000 "):
-        Whitening.fit(tracin.Gradients([np.ones((3, 24), np.float32), np.ones((3, 9), np.float32)]),
-                      max_bytes=10_000)
+        Whitening.fit(tracin.Gradients([np.ones((3, 24), np.float32), np.ones((3, 9), np.float32)]), max_bytes=10_000)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
@@ -261,13 +271,16 @@ def test_bad_damping_types(full, bad):
         Whitening.fit(tracin.Gradients(full[0]), damping=bad)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"mix_weight": 1.5}, "mix_weight must be a number in"),
-    ({"max_bytes": 0}, "max_bytes must be a positive integer"),
-    ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
-    ({"num_threads": 0}, "num_threads must be a positive integer"),
-    ({"progress": "yes"}, "progress must be True, False or None"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mix_weight": 1.5}, "mix_weight must be a number in"),
+        ({"max_bytes": 0}, "max_bytes must be a positive integer"),
+        ({"precision": "float16"}, "precision must be 'float32' or 'float64'"),
+        ({"num_threads": 0}, "num_threads must be a positive integer"),
+        ({"progress": "yes"}, "progress must be True, False or None"),
+    ],
+)
 def test_bad_arguments(full, kwargs, match):
     with pytest.raises((TypeError, ValueError), match=match):
         Whitening.fit(tracin.Gradients(full[0]), **kwargs)
@@ -284,8 +297,9 @@ def test_num_threads_and_progress_give_the_same_result(full):
     pytest.importorskip("threadpoolctl")
     train, test = full
     a = Whitening.fit(tracin.Gradients(train)).apply(tracin.Gradients(test))
-    b = Whitening.fit(tracin.Gradients(train), num_threads=1, progress=True).apply(tracin.Gradients(test),
-                                                                                    num_threads=1)
+    b = Whitening.fit(tracin.Gradients(train), num_threads=1, progress=True).apply(
+        tracin.Gradients(test), num_threads=1
+    )
     for x, y in zip(a.matrices, b.matrices, strict=True):
         assert_rows_close(x, to_float64(y), rtol=1e-6)
 

@@ -17,10 +17,18 @@ NEEDS = ("torch", "sklearn", "scipy", "matplotlib")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split(":", 1)[1].strip())
     p.add_argument("--quick", action="store_true", help="small models and few subset models: a smoke test")
-    p.add_argument("--out", type=Path, default=None,
-                   help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)")
-    p.add_argument("--cache", type=Path, default=None,
-                   help=f"subset-model cache (default: {RESULTS_DIR / '.cache'}, or OUT/.cache with --quick)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help=f"subset-model cache (default: {RESULTS_DIR / '.cache'}, or OUT/.cache with --quick)",
+    )
     return p
 
 
@@ -30,8 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]' "
-              "scikit-learn)", file=sys.stderr)
+        print(
+            f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]' "
+            "scikit-learn)",
+            file=sys.stderr,
+        )
         return 1
     suite = config.QUICK if args.quick else config.FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-quality-quick-")) if args.quick else RESULTS_DIR)

@@ -66,8 +66,11 @@ BATCH = {"digits": 64, "breast_cancer": 32, "wine": 32, "synthetic": 64}  # abou
 FULL = Suite(
     datasets=DATASETS,
     seeds=(0, 1, 2),
-    detection={**{name: Training(150, 10, batch_size=BATCH[name]) for name in DATASETS}, "digits_demo": DEMO,
-               "digits_demo_10ckpt": replace(DEMO, checkpoints=10)},
+    detection={
+        **{name: Training(150, 10, batch_size=BATCH[name]) for name in DATASETS},
+        "digits_demo": DEMO,
+        "digits_demo_10ckpt": replace(DEMO, checkpoints=10),
+    },
     lds={name: Training(40, 8, batch_size=BATCH[name]) for name in DATASETS},
     detection_only=("digits_demo", "digits_demo_10ckpt"),
     lds_models=50,

@@ -35,8 +35,16 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
     if name == "wine":
         return datasets.load_wine(return_X_y=True)
     if name == "synthetic":
-        return datasets.make_classification(n_samples=1500, n_features=20, n_informative=10, n_redundant=4,
-                                            n_classes=4, class_sep=1.0, flip_y=0.0, random_state=0)
+        return datasets.make_classification(
+            n_samples=1500,
+            n_features=20,
+            n_informative=10,
+            n_redundant=4,
+            n_classes=4,
+            class_sep=1.0,
+            flip_y=0.0,
+            random_state=0,
+        )
     raise ValueError(f"dataset must be one of digits, digits_demo, breast_cancer, wine, synthetic; got {name!r}")
 
 

@@ -5,11 +5,11 @@ shared by every recipe: self-influence (C, n) and test-by-train scores (C, m, n)
 from __future__ import annotations
 
 import numpy as np
-
 import torch
+from torch import nn
+
 import tracin
 import tracin.torch
-from torch import nn
 
 from .training import Trajectory
 
@@ -29,8 +29,14 @@ class RunInfluence:
     and optional test data. Recipe keys: mode "full" | "last_layer" | "factored", dim (projection
     dimension or 0), normalised (cosine: unit rows per checkpoint, full mode only)."""
 
-    def __init__(self, run: Trajectory, x_train: np.ndarray, y_train: np.ndarray,
-                 x_test: np.ndarray | None = None, y_test: np.ndarray | None = None):
+    def __init__(
+        self,
+        run: Trajectory,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray | None = None,
+        y_test: np.ndarray | None = None,
+    ):
         self.run = run
         self.train = (torch.from_numpy(x_train), torch.from_numpy(y_train))
         self.test = None if x_test is None else (torch.from_numpy(x_test), torch.from_numpy(y_test))
@@ -49,15 +55,25 @@ class RunInfluence:
 
     def _export(self, checkpoint: int, data: tuple, mode: str, dim: int):
         projection = tracin.Projection(dim, seed=checkpoint) if dim else None
-        return tracin.torch.export_gradients(self.run.model, [(self.run.checkpoints[checkpoint].state, 1.0)], data,
-                                             _loss, mode=mode, projection=projection, progress=False)
+        return tracin.torch.export_gradients(
+            self.run.model,
+            [(self.run.checkpoints[checkpoint].state, 1.0)],
+            data,
+            _loss,
+            mode=mode,
+            projection=projection,
+            progress=False,
+        )
 
     def self_terms(self, mode: str = "full", dim: int = 0) -> np.ndarray:
         """float64 (C, n): |g_c(z_i)|^2 per checkpoint c and training example i (computed once)."""
         if (mode, dim) not in self._self:
-            self._self[mode, dim] = np.stack([
-                tracin.self_influence(self._export(c, self.train, mode, dim)).astype(np.float64)
-                for c in range(len(self.run.checkpoints))])
+            self._self[mode, dim] = np.stack(
+                [
+                    tracin.self_influence(self._export(c, self.train, mode, dim)).astype(np.float64)
+                    for c in range(len(self.run.checkpoints))
+                ]
+            )
         return self._self[mode, dim]
 
     def pair_terms(self, mode: str = "full", dim: int = 0, normalised: bool = False) -> np.ndarray:

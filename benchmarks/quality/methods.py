@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
 import torch
 
 from . import peers
@@ -39,6 +38,7 @@ def detector(name: str, needs: str | None = None) -> Callable[[Detector], Detect
         if needs:
             PEERS[name] = needs
         return fn
+
     return register
 
 
@@ -48,10 +48,12 @@ def attributor(name: str, needs: str | None = None) -> Callable[[Attributor], At
         if needs:
             PEERS[name] = needs
         return fn
+
     return register
 
 
 # Checkpoint selections (indices into the run's checkpoints) -------------------------------------
+
 
 def all_checkpoints(run: Trajectory) -> np.ndarray:
     return np.arange(len(run.checkpoints))
@@ -87,6 +89,7 @@ def traced(terms: np.ndarray, influence: RunInfluence, chosen: np.ndarray) -> np
 
 
 # TracIn recipes: self-influence for detection, test-by-train scores for attribution ---------------
+
 
 @detector("tracin all checkpoints")
 def tracin_all_si(case: DetectionCase) -> np.ndarray:
@@ -161,6 +164,7 @@ def tracin_cosine(case: AttributionCase) -> np.ndarray:
 def register_projected(dims: tuple[int, ...]) -> None:
     """'tracin projected d=DIM' (all checkpoints) for each dimension, both as detector and attributor."""
     for dim in dims:
+
         def detect(case: DetectionCase, dim: int = dim) -> np.ndarray:
             return traced(case.influence.self_terms("full", dim), case.influence, all_checkpoints(case.run))
 
@@ -172,6 +176,7 @@ def register_projected(dims: tuple[int, ...]) -> None:
 
 
 # Peers -------------------------------------------------------------------------------------------
+
 
 def _trak(case: AttributionCase, chosen: np.ndarray) -> np.ndarray:
     dim = min(case.trak_dim, len(case.x_train) // 2)  # TRAK inverts a dim x dim kernel of the train rows
@@ -190,6 +195,7 @@ def trak_all(case: AttributionCase) -> np.ndarray:
 
 # Baselines ---------------------------------------------------------------------------------------
 
+
 def _final_logits(case: DetectionCase) -> torch.Tensor:
     model = case.run.model
     model.load_state_dict(case.run.checkpoints[-1].state)
@@ -199,8 +205,9 @@ def _final_logits(case: DetectionCase) -> torch.Tensor:
 
 @detector("final loss")
 def final_loss(case: DetectionCase) -> np.ndarray:
-    return torch.nn.functional.cross_entropy(_final_logits(case), torch.from_numpy(case.y_train),
-                                             reduction="none").numpy()
+    return torch.nn.functional.cross_entropy(
+        _final_logits(case), torch.from_numpy(case.y_train), reduction="none"
+    ).numpy()
 
 
 @detector("GraNd (final gradient norm)")
@@ -229,4 +236,3 @@ def random_detector(case: DetectionCase) -> np.ndarray:
 @attributor("random")
 def random_attributor(case: AttributionCase) -> np.ndarray:
     return np.random.default_rng(1000 + case.seed).standard_normal((len(case.x_test), len(case.x_train)))
-

@@ -17,8 +17,10 @@ def found_fractions(scores: np.ndarray, flipped: np.ndarray, fractions: tuple[fl
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     hits = np.cumsum(flipped[order])
     total = int(flipped.sum())
-    return [float(hits[inspected_count(len(order), q) - 1] / total) if inspected_count(len(order), q) else 0.0
-            for q in fractions]
+    return [
+        float(hits[inspected_count(len(order), q) - 1] / total) if inspected_count(len(order), q) else 0.0
+        for q in fractions
+    ]
 
 
 def perfect_fractions(n: int, n_flipped: int, fractions: tuple[float, ...]) -> list[float]:
@@ -31,7 +33,7 @@ def spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     column is constant (no ranking, no correlation)."""
     ra, rb = rankdata(a, axis=0), rankdata(b, axis=0)
     ra, rb = ra - ra.mean(axis=0), rb - rb.mean(axis=0)
-    denom = np.sqrt((ra ** 2).sum(axis=0) * (rb ** 2).sum(axis=0))
+    denom = np.sqrt((ra**2).sum(axis=0) * (rb**2).sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, (ra * rb).sum(axis=0) / np.where(denom > 0, denom, 1.0), 0.0)
 
@@ -43,5 +45,4 @@ def lds(attributions: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> dict
     Returns {"mean", "se", "per_example"} over the m test examples."""
     predicted = masks.astype(np.float64) @ np.asarray(attributions, dtype=np.float64).T
     rho = spearman_columns(predicted, -np.asarray(losses, dtype=np.float64))
-    return {"mean": float(rho.mean()), "se": float(rho.std(ddof=1) / np.sqrt(len(rho))),
-            "per_example": rho.tolist()}
+    return {"mean": float(rho.mean()), "se": float(rho.std(ddof=1) / np.sqrt(len(rho))), "per_example": rho.tolist()}

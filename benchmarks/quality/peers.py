@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import torch
 import tracin
 import tracin.torch
-from torch import nn
 
 from .influence import _loss
 from .training import Trajectory
@@ -31,8 +31,9 @@ def version(dist: str) -> str | None:
         return None
 
 
-def captum_check(run: Trajectory, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                 y_test: np.ndarray) -> dict:
+def captum_check(
+    run: Trajectory, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray
+) -> dict:
     """Captum TracInCP and tracin on the same checkpoints (weights = learning rates), full
     gradients: influence matrix and self-influence, max abs difference and the scale it is read at."""
     from captum.influence import TracInCP
@@ -58,21 +59,40 @@ def captum_check(run: Trajectory, x_train: np.ndarray, y_train: np.ndarray, x_te
             return rates[path]
 
         t0 = time.perf_counter()
-        captum = TracInCP(copy.deepcopy(run.model).eval(), DataLoader(TensorDataset(xt, yt), batch_size=16), paths,
-                          checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=16)
+        captum = TracInCP(
+            copy.deepcopy(run.model).eval(),
+            DataLoader(TensorDataset(xt, yt), batch_size=16),
+            paths,
+            checkpoints_load_func=load,
+            loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            batch_size=16,
+        )
         theirs = captum.influence((xs, ys)).detach().double().numpy()
         theirs_self = captum.self_influence().detach().double().numpy()
         captum_s = time.perf_counter() - t0
-    return {"version": version("captum"), "n_train": len(x_train), "n_test": len(x_test),
-            "checkpoints": len(checkpoints),
-            "max_abs_diff_scores": float(np.abs(ours - theirs).max()), "max_abs_scores": float(np.abs(theirs).max()),
-            "max_abs_diff_self_influence": float(np.abs(ours_self - theirs_self).max()),
-            "max_abs_self_influence": float(np.abs(theirs_self).max()),
-            "captum_s": captum_s, "tracin_s": ours_s}
+    return {
+        "version": version("captum"),
+        "n_train": len(x_train),
+        "n_test": len(x_test),
+        "checkpoints": len(checkpoints),
+        "max_abs_diff_scores": float(np.abs(ours - theirs).max()),
+        "max_abs_scores": float(np.abs(theirs).max()),
+        "max_abs_diff_self_influence": float(np.abs(ours_self - theirs_self).max()),
+        "max_abs_self_influence": float(np.abs(theirs_self).max()),
+        "captum_s": captum_s,
+        "tracin_s": ours_s,
+    }
 
 
-def trak_attributions(run: Trajectory, chosen: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
-                      x_test: np.ndarray, y_test: np.ndarray, proj_dim: int) -> np.ndarray:
+def trak_attributions(
+    run: Trajectory,
+    chosen: np.ndarray,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    proj_dim: int,
+) -> np.ndarray:
     """TRAK scores (m, n), float64, from the chosen checkpoints, on the CPU in float32."""
     from trak import TRAKer
 
@@ -80,8 +100,16 @@ def trak_attributions(run: Trajectory, chosen: np.ndarray, x_train: np.ndarray, 
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
     xs, ys = torch.from_numpy(x_test), torch.from_numpy(y_test)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):  # TRAK's bars
-        traker = TRAKer(model=model, task="image_classification", train_set_size=len(x_train), save_dir=tmp,
-                        device="cpu", proj_dim=proj_dim, use_half_precision=False, logging_level=logging.ERROR)
+        traker = TRAKer(
+            model=model,
+            task="image_classification",
+            train_set_size=len(x_train),
+            save_dir=tmp,
+            device="cpu",
+            proj_dim=proj_dim,
+            use_half_precision=False,
+            logging_level=logging.ERROR,
+        )
         for i in chosen:
             traker.load_checkpoint(run.checkpoints[i].state, model_id=int(i))
             traker.featurize(batch=(xt, yt), num_samples=len(x_train))
@@ -90,8 +118,9 @@ def trak_attributions(run: Trajectory, chosen: np.ndarray, x_train: np.ndarray, 
         # the model id changes: without this, scoring after a single featurized model fails.
         traker.projector.model_id = -1
         for i in chosen:
-            traker.start_scoring_checkpoint(exp_name="quality", checkpoint=run.checkpoints[i].state, model_id=int(i),
-                                            num_targets=len(x_test))
+            traker.start_scoring_checkpoint(
+                exp_name="quality", checkpoint=run.checkpoints[i].state, model_id=int(i), num_targets=len(x_test)
+            )
             traker.score(batch=(xs, ys), num_samples=len(x_test))
         scores = traker.finalize_scores(exp_name="quality")
     return np.asarray(scores, dtype=np.float64).T

@@ -15,7 +15,7 @@ def detection_curves(payload: dict, path: Path) -> Path:
     cols = min(3, len(detect))
     rows = -(-len(detect) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.8 * rows + 1.2), squeeze=False)
-    for ax in axes.flat[len(detect):]:
+    for ax in axes.flat[len(detect) :]:
         ax.set_visible(False)
     for ax, (name, d) in zip(axes.flat, detect.items(), strict=False):
         xs = [0.0, *d["inspect"]]
@@ -23,8 +23,15 @@ def detection_curves(payload: dict, path: Path) -> Path:
         colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]
         for i, method in enumerate(m for m in method_order(detect) if m in d["methods"]):
             style = "-" if method.startswith("tracin") else ":"
-            ax.plot(xs, [0.0, *d["methods"][method]["found"]], style, marker="o", markersize=3, label=method,
-                    color=colours[i % len(colours)])
+            ax.plot(
+                xs,
+                [0.0, *d["methods"][method]["found"]],
+                style,
+                marker="o",
+                markersize=3,
+                label=method,
+                color=colours[i % len(colours)],
+            )
         ax.set_title(f"{name} ({d['n_train']} train, {payload['config']['noise']:.0%} flipped)", fontsize=9)
         ax.set_xlabel("fraction of training data inspected")
         ax.set_ylabel("fraction of flipped labels found")
@@ -47,19 +54,31 @@ def lds_bars(payload: dict, path: Path) -> Path:
     width = 0.8 / len(results)
     for j, (dataset, d) in enumerate(results.items()):
         xs = [i + j * width for i, m in enumerate(names) if m in d["methods"]]
-        ax.bar(xs, [d["methods"][m]["mean"] for m in names if m in d["methods"]], width,
-               yerr=[d["methods"][m]["se"] for m in names if m in d["methods"]], capsize=2, label=dataset)
+        ax.bar(
+            xs,
+            [d["methods"][m]["mean"] for m in names if m in d["methods"]],
+            width,
+            yerr=[d["methods"][m]["se"] for m in names if m in d["methods"]],
+            capsize=2,
+            label=dataset,
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right",
-                  fontsize=8)
+    ax.set_xticks(
+        [i + width * (len(results) - 1) / 2 for i in range(len(names))], names, rotation=35, ha="right", fontsize=8
+    )
     ax.set_ylabel("LDS (Spearman, mean ± s.e. over test examples)")
-    ax.set_title(f"Linear datamodeling score, {payload['config']['lds_models']} models on random "
-                 f"{payload['config']['lds_fraction']:.0%} subsets", fontsize=10)
+    ax.set_title(
+        f"Linear datamodeling score, {payload['config']['lds_models']} models on random "
+        f"{payload['config']['lds_fraction']:.0%} subsets",
+        fontsize=10,
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
 def plot_all(payload: dict, directory: Path, name: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    return [detection_curves(payload, directory / f"{name}_detection.png"),
-            lds_bars(payload, directory / f"{name}_lds.png")]
+    return [
+        detection_curves(payload, directory / f"{name}_detection.png"),
+        lds_bars(payload, directory / f"{name}_lds.png"),
+    ]

@@ -1,6 +1,6 @@
 """The Markdown tables of a quality payload (generated from the JSON, never typed by hand).
 
-    python -m benchmarks.quality.report [--json benchmarks/results/quality.json]
+python -m benchmarks.quality.report [--json benchmarks/results/quality.json]
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ def _detection_rows(payload: dict) -> list[str]:
     detect = payload["detection"]
     at = payload["winners"]["detection_at"]
     names = method_order(detect)
-    rows = [f"| Flipped labels found at {at:.0%} inspected | " + " | ".join(detect) + " |",
-            "|---|" + "---|" * len(detect)]
-    rows.append("| perfect detector | " + " | ".join(f"{d['perfect'][d['inspect'].index(at)]:.3f}"
-                                                    for d in detect.values()) + " |")
+    rows = [
+        f"| Flipped labels found at {at:.0%} inspected | " + " | ".join(detect) + " |",
+        "|---|" + "---|" * len(detect),
+    ]
+    rows.append(
+        "| perfect detector | "
+        + " | ".join(f"{d['perfect'][d['inspect'].index(at)]:.3f}" for d in detect.values())
+        + " |"
+    )
     for m in names:
         cells = []
         for name, d in detect.items():
@@ -70,25 +75,37 @@ def markdown(payload: dict) -> str:
     tie everywhere."""
     cfg, m, w = payload["config"], payload.get("machine", {}), payload["winners"]
     captum = payload["peers"]["captum"] or {}
-    head = (f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
-            f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split)"
-            + (" and, for detection only, `tracin demo`'s data and training: " + ", ".join(
-                f"{name} ({cfg['detection'][name]['checkpoints']} checkpoints)" for name in cfg["detection_only"])
-               if cfg.get("detection_only") else "") + ". Detection: "
-            f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}; best in bold. "
-            f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "
-            f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples.")
+    head = (
+        f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
+        f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split)"
+        + (
+            " and, for detection only, `tracin demo`'s data and training: "
+            + ", ".join(
+                f"{name} ({cfg['detection'][name]['checkpoints']} checkpoints)" for name in cfg["detection_only"]
+            )
+            if cfg.get("detection_only")
+            else ""
+        )
+        + ". Detection: "
+        f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}; best in bold. "
+        f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "
+        f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples."
+    )
     if "max_abs_diff_scores" in captum:
-        head += (f" Captum TracInCP {captum['version']} on {captum['n_test']}x{captum['n_train']} examples: max abs "
-                 f"difference {captum['max_abs_diff_scores']:.2e} (scores up to {captum['max_abs_scores']:.2e}), "
-                 f"self-influence {captum['max_abs_diff_self_influence']:.2e} "
-                 f"(up to {captum['max_abs_self_influence']:.2e}).")
+        head += (
+            f" Captum TracInCP {captum['version']} on {captum['n_test']}x{captum['n_train']} examples: max abs "
+            f"difference {captum['max_abs_diff_scores']:.2e} (scores up to {captum['max_abs_scores']:.2e}), "
+            f"self-influence {captum['max_abs_diff_self_influence']:.2e} "
+            f"(up to {captum['max_abs_self_influence']:.2e})."
+        )
     if cfg.get("quick"):
         head += " **Quick (smoke-test) settings: not meaningful as quality numbers.**"
-    tail = (f"Within {w['tie']} of the best detector on every dataset: "
-            f"{', '.join(w['detection_wins_or_ties_everywhere']) or 'none'}. Within one s.e. of the best LDS on "
-            f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}; of the tracin recipes: "
-            f"{', '.join(w['lds_within_se_of_best_tracin_everywhere']) or 'none'}.")
+    tail = (
+        f"Within {w['tie']} of the best detector on every dataset: "
+        f"{', '.join(w['detection_wins_or_ties_everywhere']) or 'none'}. Within one s.e. of the best LDS on "
+        f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}; of the tracin recipes: "
+        f"{', '.join(w['lds_within_se_of_best_tracin_everywhere']) or 'none'}."
+    )
     return "\n".join([head, "", *_detection_rows(payload), "", *_lds_rows(payload), "", tail])
 
 

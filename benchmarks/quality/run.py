@@ -48,13 +48,18 @@ def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], Non
         case = DetectionCase(run, split.x_train, noisy, flipped, RunInfluence(run, split.x_train, noisy), seed)
         if first is None:
             first = case
-        facts.append({"seed": seed, "flipped": int(flipped.sum()),
-                      "final_train_accuracy": float(run.train_accuracy[-1]),
-                      "train_accuracy_on_flipped": float((run.margins[-1][flipped] > 0).mean()),
-                      "best_held_out_epoch": int(np.argmax(run.test_accuracy)) + 1,
-                      "final_held_out_accuracy": float(run.test_accuracy[-1]),
-                      "checkpoint_epochs": [c.epoch for c in run.checkpoints],
-                      "checkpoint_rates": [c.learning_rate for c in run.checkpoints]})
+        facts.append(
+            {
+                "seed": seed,
+                "flipped": int(flipped.sum()),
+                "final_train_accuracy": float(run.train_accuracy[-1]),
+                "train_accuracy_on_flipped": float((run.margins[-1][flipped] > 0).mean()),
+                "best_held_out_epoch": int(np.argmax(run.test_accuracy)) + 1,
+                "final_held_out_accuracy": float(run.test_accuracy[-1]),
+                "checkpoint_epochs": [c.epoch for c in run.checkpoints],
+                "checkpoint_rates": [c.learning_rate for c in run.checkpoints],
+            }
+        )
         for name, fn in methods.DETECTORS.items():
             scores, error = _call(name, fn, case)
             if error:
@@ -62,14 +67,18 @@ def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], Non
             else:
                 per_method[name].append(metrics.found_fractions(scores, flipped, suite.inspect))
         found = {m: v[-1][suite.inspect.index(0.2)] for m, v in per_method.items() if v and 0.2 in suite.inspect}
-        log(f"  {setting} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; found at "
-            "20% inspected: " + ", ".join(f"{m} {v:.3f}" for m, v in found.items()))
+        log(
+            f"  {setting} seed {seed}: trained to {facts[-1]['final_train_accuracy']:.3f} on noisy labels; found at "
+            "20% inspected: " + ", ".join(f"{m} {v:.3f}" for m, v in found.items())
+        )
     n, n_flipped = len(split.y_train), facts[0]["flipped"]
     result = {
-        "n_train": n, "classes": split.classes, "runs": facts, "inspect": list(suite.inspect),
+        "n_train": n,
+        "classes": split.classes,
+        "runs": facts,
+        "inspect": list(suite.inspect),
         "perfect": metrics.perfect_fractions(n, n_flipped, suite.inspect),
-        "methods": {name: {"found": np.mean(v, axis=0).tolist(), "per_seed": v}
-                    for name, v in per_method.items() if v},
+        "methods": {name: {"found": np.mean(v, axis=0).tolist(), "per_seed": v} for name, v in per_method.items() if v},
         "errors": errors,
     }
     return result, first
@@ -83,8 +92,16 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
     subsets_s = time.perf_counter() - t0
     run = train(split.x_train, split.y_train, split.classes, spec, 0, split.x_test, split.y_test)
     x_test, y_test = split.x_test[:n_test], split.y_test[:n_test]
-    case = AttributionCase(run, split.x_train, split.y_train, x_test, y_test,
-                           RunInfluence(run, split.x_train, split.y_train, x_test, y_test), 0, suite.trak_dim)
+    case = AttributionCase(
+        run,
+        split.x_train,
+        split.y_train,
+        x_test,
+        y_test,
+        RunInfluence(run, split.x_train, split.y_train, x_test, y_test),
+        0,
+        suite.trak_dim,
+    )
     scores, errors, seconds = {}, {}, {}
     for name, fn in methods.ATTRIBUTORS.items():
         t0 = time.perf_counter()
@@ -96,11 +113,19 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
         result = metrics.lds(attributions, masks, losses)
         scores[name] = {"mean": result["mean"], "se": result["se"]}
     log(f"  {split.name} LDS: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in scores.items()))
-    return {"models": suite.lds_models, "subset_fraction": suite.lds_fraction, "test_examples": n_test,
-            "n_train": len(split.x_train), "subset_models_cached": cached, "subset_models_s": subsets_s,
-            "full_model_test_accuracy": float(run.test_accuracy[-1]),
-            "checkpoint_epochs": [c.epoch for c in run.checkpoints], "methods": scores, "errors": errors,
-            "method_s": seconds}
+    return {
+        "models": suite.lds_models,
+        "subset_fraction": suite.lds_fraction,
+        "test_examples": n_test,
+        "n_train": len(split.x_train),
+        "subset_models_cached": cached,
+        "subset_models_s": subsets_s,
+        "full_model_test_accuracy": float(run.test_accuracy[-1]),
+        "checkpoint_epochs": [c.epoch for c in run.checkpoints],
+        "methods": scores,
+        "errors": errors,
+        "method_s": seconds,
+    }
 
 
 def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) -> dict:
@@ -162,13 +187,19 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
         lds_results[name] = lds(split, suite, cache, log)
         timings[f"{name} lds"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    return {"config": suite.as_dict(), "peers": {"captum": captum, "trak": {"version": peers.version("traker")}},
-            "detection": detect, "lds": lds_results, "winners": winners(detect, lds_results, 0.2),
-            "timings_s": timings}
+    return {
+        "config": suite.as_dict(),
+        "peers": {"captum": captum, "trak": {"version": peers.version("traker")}},
+        "detection": detect,
+        "lds": lds_results,
+        "winners": winners(detect, lds_results, 0.2),
+        "timings_s": timings,
+    }
 
 
 def _captum(case: DetectionCase, split: Split, n_train: int, n_test: int) -> dict:
     if importlib.util.find_spec("captum") is None:
         return {"error": "not installed (pip install captum)"}
-    return peers.captum_check(case.run, case.x_train[:n_train], case.y_train[:n_train], split.x_test[:n_test],
-                              split.y_test[:n_test])
+    return peers.captum_check(
+        case.run, case.x_train[:n_train], case.y_train[:n_train], split.x_test[:n_test], split.y_test[:n_test]
+    )

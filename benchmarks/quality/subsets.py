@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from .config import Training
@@ -23,13 +22,24 @@ def cache_key(split: Split, spec: Training, models: int, fraction: float, n_test
     digest = hashlib.sha256()
     for a in (split.x_train, split.y_train, split.x_test[:n_test], split.y_test[:n_test]):
         digest.update(np.ascontiguousarray(a).tobytes())
-    digest.update(json.dumps({"spec": asdict(spec), "models": models, "fraction": fraction, "format": FORMAT,
-                              "torch": torch.__version__.split("+")[0]}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {
+                "spec": asdict(spec),
+                "models": models,
+                "fraction": fraction,
+                "format": FORMAT,
+                "torch": torch.__version__.split("+")[0],
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return digest.hexdigest()[:16]
 
 
-def subset_models(split: Split, spec: Training, models: int, fraction: float, n_test: int,
-                  cache: Path, log=print) -> tuple[np.ndarray, np.ndarray, bool]:
+def subset_models(
+    split: Split, spec: Training, models: int, fraction: float, n_test: int, cache: Path, log=print
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """(masks bool (models, n_train), losses float64 (models, n_test), whether read from the cache).
     Model k trains on a random round(fraction * n_train) rows from seed 10_000 + k; its final
     parameters are cached with the masks and losses."""

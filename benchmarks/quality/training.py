@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -44,8 +43,15 @@ def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return assigned - others.max(dim=1).values
 
 
-def train(x: np.ndarray, y: np.ndarray, classes: int, spec: Training, seed: int,
-          x_test: np.ndarray | None = None, y_test: np.ndarray | None = None) -> Trajectory:
+def train(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: int,
+    spec: Training,
+    seed: int,
+    x_test: np.ndarray | None = None,
+    y_test: np.ndarray | None = None,
+) -> Trajectory:
     """Trains mlp(features, spec.hidden, classes) on (x float32 (n, f), y int64 (n,)) from `seed`."""
     torch.manual_seed(seed)
     model = mlp(x.shape[1], spec.hidden, classes)
@@ -62,7 +68,7 @@ def train(x: np.ndarray, y: np.ndarray, classes: int, spec: Training, seed: int,
             group["lr"] = rate
         perm = torch.randperm(len(x), generator=order)
         for start in range(0, len(x), spec.batch_size):
-            rows = perm[start:start + spec.batch_size]
+            rows = perm[start : start + spec.batch_size]
             opt.zero_grad()
             loss_fn(model(xt[rows]), yt[rows]).backward()
             opt.step()
@@ -81,5 +87,8 @@ def train(x: np.ndarray, y: np.ndarray, classes: int, spec: Training, seed: int,
 def test_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """float64 (n,) cross-entropy of `model` on each example."""
     with torch.no_grad():
-        return nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y),
-                                           reduction="none").double().numpy()
+        return (
+            nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y), reduction="none")
+            .double()
+            .numpy()
+        )

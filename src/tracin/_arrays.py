@@ -49,8 +49,10 @@ def _from_dlpack_device(x: Any, name: str) -> tuple[Any, str]:
     try:
         import torch
     except ImportError:
-        raise TypeError(f"{name} is an array on a GPU; scoring it there needs torch installed "
-                        "(pip install torch), or copy it to the host first") from None
+        raise TypeError(
+            f"{name} is an array on a GPU; scoring it there needs torch installed "
+            "(pip install torch), or copy it to the host first"
+        ) from None
     try:
         tensor = torch.from_dlpack(x)
     except (RuntimeError, TypeError, ValueError, BufferError, AssertionError) as e:  # a CPU-only torch asserts
@@ -79,8 +81,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
         arr = arr.view(np.uint16)
     elif dtype not in ("float32", "float16"):
         raise TypeError(
-            f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 "
-            f"(convert with .astype(np.float32))"
+            f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 (convert with .astype(np.float32))"
         )
     return _check_2d(arr, dtype, name)
 

@@ -183,8 +183,7 @@ class FactoredGradients(_InMemory):
 
     factored = True
 
-    def __init__(self, left: Any, right: Any, weights: Sequence[float] | None = None, *,
-                 metadata: dict | None = None):
+    def __init__(self, left: Any, right: Any, weights: Sequence[float] | None = None, *, metadata: dict | None = None):
         lefts, rights = _as_list(left, "left"), _as_list(right, "right")
         if len(lefts) != len(rights):
             raise ValueError(f"left has {len(lefts)} checkpoints but right has {len(rights)}")

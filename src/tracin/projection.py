@@ -113,13 +113,20 @@ class Projection:
         the first dim % n_segments segments one larger. Needs n_segments <= dim."""
         n_segments = _check_int(n_segments, "number of segments", 1)
         if n_segments > self.dim:
-            raise ValueError(f"per_layer projection: {n_segments} segments need dim >= {n_segments}, "
-                             f"got dim={self.dim}")
+            raise ValueError(
+                f"per_layer projection: {n_segments} segments need dim >= {n_segments}, got dim={self.dim}"
+            )
         base, extra = divmod(self.dim, n_segments)
         return [base + (j < extra) for j in range(n_segments)]
 
-    def apply(self, matrix: Any, *, segments: Sequence[int] | None = None, column_offset: int = 0,
-              num_threads: int | None = None) -> np.ndarray:
+    def apply(
+        self,
+        matrix: Any,
+        *,
+        segments: Sequence[int] | None = None,
+        column_offset: int = 0,
+        num_threads: int | None = None,
+    ) -> np.ndarray:
         """Projects the rows of `matrix`.
 
         Args:
@@ -152,15 +159,15 @@ class Projection:
         widths = [v.shape[1] for v, _ in views] if segments is None else self._segments(segments, d)
         dims = self.segment_dims(len(widths))
         start = out_start = 0
-        for j, (width, dim) in enumerate(zip(widths, dims)):
-            self._project(_column_slice(views, start, start + width), 1 + j, dim, 0,
-                          out[:, out_start:out_start + dim], threads)
+        for j, (width, dim) in enumerate(zip(widths, dims, strict=True)):
+            self._project(
+                _column_slice(views, start, start + width), 1 + j, dim, 0, out[:, out_start : out_start + dim], threads
+            )
             start += width
             out_start += dim
         return out
 
-    def apply_factored(self, left: Any, right: Any, *,
-                       num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def apply_factored(self, left: Any, right: Any, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Projects a factored gradient (the row-wise outer product left (x) right) by the
         Kronecker product P_L (x) P_R, factor by factor: (P_L l) (x) (P_R r) = (P_L (x) P_R)(l (x) r).
 
@@ -174,8 +181,9 @@ class Projection:
         """
         lv, rv = as_matrix(left, "left"), as_matrix(right, "right")
         if lv[0].shape[0] != rv[0].shape[0]:
-            raise ValueError(f"left and right must have the same number of rows, got "
-                             f"{lv[0].shape[0]} and {rv[0].shape[0]}")
+            raise ValueError(
+                f"left and right must have the same number of rows, got {lv[0].shape[0]} and {rv[0].shape[0]}"
+            )
         threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
         dl, dr = self.factored_dims
         out_l = np.empty((lv[0].shape[0], dl), dtype=np.float32)
@@ -192,27 +200,37 @@ class Projection:
             raise ValueError(f"segments must sum to the number of columns {d}, got sum {sum(widths)}")
         return widths
 
-    def _project(self, views: list[_View], stream: int, dim: int, column_offset: int,
-                 out: np.ndarray, threads: int) -> None:
+    def _project(
+        self, views: list[_View], stream: int, dim: int, column_offset: int, out: np.ndarray, threads: int
+    ) -> None:
         nonzeros = min(SPARSE_NONZEROS, dim)
         pieces = (False, [v for v, _ in views], [DTYPE_CODES[t] for _, t in views])
-        _core.project(KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out,
-                      num_threads=threads)
+        _core.project(
+            KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out, num_threads=threads
+        )
 
     # --- the spec: stored with projected gradients, compared when more are projected later ---
 
     def to_dict(self) -> dict:
         """A JSON-able spec; `Projection.from_dict` rebuilds the same matrix."""
-        return {"type": "tracin.Projection", "generator": GENERATOR_VERSION, "kind": self.kind,
-                "dim": self.dim, "seed": self.seed, "per_layer": self.per_layer}
+        return {
+            "type": "tracin.Projection",
+            "generator": GENERATOR_VERSION,
+            "kind": self.kind,
+            "dim": self.dim,
+            "seed": self.seed,
+            "per_layer": self.per_layer,
+        }
 
     @classmethod
     def from_dict(cls, spec: dict) -> Projection:
         if not isinstance(spec, dict) or spec.get("type") != "tracin.Projection":
             raise ValueError(f"not a tracin.Projection spec: {spec!r}")
         if spec.get("generator") != GENERATOR_VERSION:
-            raise ValueError(f"projection spec from generator version {spec.get('generator')!r}; this "
-                             f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it")
+            raise ValueError(
+                f"projection spec from generator version {spec.get('generator')!r}; this "
+                f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it"
+            )
         missing = {"kind", "dim", "seed", "per_layer"} - spec.keys()
         if missing:
             raise ValueError(f"projection spec lacks {sorted(missing)}")
@@ -227,11 +245,16 @@ class Projection:
         mine = self.to_dict()
         if not isinstance(spec, dict):
             raise TypeError(f"expected a Projection or its spec dict, got {type(spec).__name__}")
-        diffs = [f"{key}: {mine[key]!r} here, {spec.get(key, '<missing>')!r} in {what}"
-                 for key in mine if spec.get(key, "<missing>") != mine[key]]
+        diffs = [
+            f"{key}: {mine[key]!r} here, {spec.get(key, '<missing>')!r} in {what}"
+            for key in mine
+            if spec.get(key, "<missing>") != mine[key]
+        ]
         if diffs:
-            raise ValueError("projection mismatch (projected gradients are only comparable under "
-                             "the same projection): " + "; ".join(diffs))
+            raise ValueError(
+                "projection mismatch (projected gradients are only comparable under "
+                "the same projection): " + "; ".join(diffs)
+            )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Projection) and self.to_dict() == other.to_dict()

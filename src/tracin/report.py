@@ -42,15 +42,21 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
     """
     test, train, weights = _pair(test, train)
     if not isinstance(result, TopK):
-        raise TypeError(f"result must be a TopK (values, indices) from tracin.top_k, got {type(result).__name__}"
-                        " (for side='both' pass .proponents or .opponents)")
+        raise TypeError(
+            f"result must be a TopK (values, indices) from tracin.top_k, got {type(result).__name__}"
+            " (for side='both' pass .proponents or .opponents)"
+        )
     indices = np.asarray(result.indices)
     if indices.ndim != 2 or indices.shape[0] != test.n_rows or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"result.indices must be integer (m, k) with m = {test.n_rows} test rows, got "
-                         f"{indices.dtype} {indices.shape}")
+        raise ValueError(
+            f"result.indices must be integer (m, k) with m = {test.n_rows} test rows, got "
+            f"{indices.dtype} {indices.shape}"
+        )
     if indices.size and (indices.min() < 0 or indices.max() >= train.n_rows):
-        raise ValueError(f"result.indices must lie in [0, {train.n_rows}) (the train rows), got values from "
-                         f"{indices.min()} to {indices.max()}")
+        raise ValueError(
+            f"result.indices must lie in [0, {train.n_rows}) (the train rows), got values from "
+            f"{indices.min()} to {indices.max()}"
+        )
     m, k = indices.shape
     out = np.zeros((m, k, len(weights)))
     everything = train.kernel_side(0, train.n_rows)
@@ -60,8 +66,10 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
         t1 = min(m, t0 + step)
         rows = indices[t0:t1]
         side = test.kernel_side(t0, t1)
-        dots = [np.einsum("td,tjd->tj", _float64(tb, code), _float64(np.asarray(tr)[rows], code))
-                for tb, tr, code in zip(side.blocks, everything.blocks, everything.dtypes, strict=True)]
+        dots = [
+            np.einsum("td,tjd->tj", _float64(tb, code), _float64(np.asarray(tr)[rows], code))
+            for tb, tr, code in zip(side.blocks, everything.blocks, everything.dtypes, strict=True)
+        ]
         if train.factored:
             dots = [left * right for left, right in zip(dots[0::2], dots[1::2], strict=True)]
         for c, (w, d) in enumerate(zip(weights, dots, strict=True)):
@@ -92,10 +100,16 @@ class CheckpointDiagnostics:
 def _slots_per_checkpoint(train: GradientSet, layers_per_checkpoint: int | None) -> int:
     if layers_per_checkpoint is None:
         return int(train.info()["layers_per_checkpoint"]) if isinstance(train, GradientStore) else 1
-    if isinstance(layers_per_checkpoint, bool) or not isinstance(layers_per_checkpoint, int) \
-            or layers_per_checkpoint < 1 or train.n_checkpoints % layers_per_checkpoint:
-        raise ValueError(f"layers_per_checkpoint must be a positive integer dividing the set's "
-                         f"{train.n_checkpoints} checkpoint slots, got {layers_per_checkpoint!r}")
+    if (
+        isinstance(layers_per_checkpoint, bool)
+        or not isinstance(layers_per_checkpoint, int)
+        or layers_per_checkpoint < 1
+        or train.n_checkpoints % layers_per_checkpoint
+    ):
+        raise ValueError(
+            f"layers_per_checkpoint must be a positive integer dividing the set's "
+            f"{train.n_checkpoints} checkpoint slots, got {layers_per_checkpoint!r}"
+        )
     return layers_per_checkpoint
 
 
@@ -104,9 +118,16 @@ def _top_rows(scores: np.ndarray, top: int) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:top]
 
 
-def checkpoint_diagnostics(train: Any, *, top: int | None = None, layers_per_checkpoint: int | None = None,
-                           path: str | Path | None = None, labels: Sequence[str] | None = None,
-                           traced: int | None = None, num_threads: int | None = None) -> CheckpointDiagnostics:
+def checkpoint_diagnostics(
+    train: Any,
+    *,
+    top: int | None = None,
+    layers_per_checkpoint: int | None = None,
+    path: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    traced: int | None = None,
+    num_threads: int | None = None,
+) -> CheckpointDiagnostics:
     """Per-checkpoint self-influence of a gradient set (in memory or a store) and, with `path`, a
     PNG of it (needs matplotlib): each checkpoint's share over the top rows and over all rows, and
     the overlap of the top-`top` ranking when tracing checkpoints 0..c against all of them.
@@ -131,8 +152,7 @@ def checkpoint_diagnostics(train: Any, *, top: int | None = None, layers_per_che
     total = terms.sum(axis=1)
     best = _top_rows(total, top)
     prefix = np.cumsum(terms, axis=1)
-    overlap = np.array([np.intersect1d(_top_rows(prefix[:, c], top), best).size / top
-                        for c in range(terms.shape[1])])
+    overlap = np.array([np.intersect1d(_top_rows(prefix[:, c], top), best).size / top for c in range(terms.shape[1])])
     diag = CheckpointDiagnostics(terms.astype(np.float32), _shares(terms), _shares(terms[best]), overlap, top, None)
     if path is None:
         return diag
@@ -147,8 +167,9 @@ def _shares(terms: np.ndarray) -> np.ndarray:
     return sums / whole if whole else np.zeros_like(sums)
 
 
-def plot_checkpoint_diagnostics(diag: CheckpointDiagnostics, path: str | Path, *,
-                                labels: Sequence[str] | None = None, traced: int | None = None) -> Path:
+def plot_checkpoint_diagnostics(
+    diag: CheckpointDiagnostics, path: str | Path, *, labels: Sequence[str] | None = None, traced: int | None = None
+) -> Path:
     """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns it."""
     count = diag.terms.shape[1]
     labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
@@ -159,8 +180,10 @@ def plot_checkpoint_diagnostics(diag: CheckpointDiagnostics, path: str | Path, *
     try:
         import matplotlib
     except ImportError as e:
-        raise ImportError("plotting the diagnostics needs matplotlib: pip install matplotlib "
-                          "(checkpoint_diagnostics without path returns the numbers alone)") from e
+        raise ImportError(
+            "plotting the diagnostics needs matplotlib: pip install matplotlib "
+            "(checkpoint_diagnostics without path returns the numbers alone)"
+        ) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -179,8 +202,13 @@ def plot_checkpoint_diagnostics(diag: CheckpointDiagnostics, path: str | Path, *
         ax.set_xlabel("checkpoint" if ax is shares else "last checkpoint traced (c)")
         ax.grid(alpha=0.3, axis="y")
         if traced is not None:
-            ax.axvline(traced - 1 + (0.5 if ax is shares else 0), color="black", linestyle="--", linewidth=1,
-                       label=f"traced: up to {labels[traced - 1]}")
+            ax.axvline(
+                traced - 1 + (0.5 if ax is shares else 0),
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"traced: up to {labels[traced - 1]}",
+            )
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = Path(path)

@@ -77,12 +77,21 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
         projected, other, other_name = (x, t, "test") if x["projection"] is not None else (t, x, "train")
         Projection.from_dict(projected["projection"]).check_compatible(other["projection"], what=other_name)
     if "whitening" in t and "whitening" in x:
-        raise ValueError("test and train are both whitened (metadata['whitening']); whiten only the test side "
-                         "(Whitening.apply) and score it against the unwhitened train gradients")
-    if t.get("framework") is not None and t.get("framework") == x.get("framework") \
-            and "params" in t and "params" in x and t["params"] != x["params"]:
-        raise ValueError(f"test and train gradients are of different parameters: "
-                         f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}")
+        raise ValueError(
+            "test and train are both whitened (metadata['whitening']); whiten only the test side "
+            "(Whitening.apply) and score it against the unwhitened train gradients"
+        )
+    if (
+        t.get("framework") is not None
+        and t.get("framework") == x.get("framework")
+        and "params" in t
+        and "params" in x
+        and t["params"] != x["params"]
+    ):
+        raise ValueError(
+            f"test and train gradients are of different parameters: "
+            f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
+        )
 
 
 def _check_same_preconditioner(t: dict, x: dict) -> None:
@@ -92,11 +101,15 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
         return
     kt, kx = ((m.get("preconditioner") or {}).get("kind") for m in (t, x))
     if kt == "adam_update":
-        raise ValueError("test gradients are preconditioner='adam_update', which is for train rows only: "
-                         "export test rows with preconditioner=None")
+        raise ValueError(
+            "test gradients are preconditioner='adam_update', which is for train rows only: "
+            "export test rows with preconditioner=None"
+        )
     if kt != kx and not (kt is None and kx == "adam_update"):
-        raise ValueError(f"test gradients are preconditioner={kt!r} but train gradients are "
-                         f"preconditioner={kx!r}: export both sides with the same one")
+        raise ValueError(
+            f"test gradients are preconditioner={kt!r} but train gradients are "
+            f"preconditioner={kx!r}: export both sides with the same one"
+        )
 
 
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
@@ -140,8 +153,9 @@ class _Loop:
     depend on the cut. test None: train pieces only (self-influence).
     """
 
-    def __init__(self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str,
-                 split: bool = True):
+    def __init__(
+        self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str, split: bool = True
+    ):
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
         if progress is None:
@@ -171,8 +185,15 @@ class _Loop:
         self.bar.close()
 
 
-def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None,
-           device: str | None = None, precision: str = "float32") -> np.ndarray:
+def scores(
+    test: Any,
+    train: Any,
+    *,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+) -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
     Materialises the whole matrix: for small problems. Use top_k for large ones.
@@ -189,9 +210,17 @@ def scores(test: Any, train: Any, *, num_threads: int | None = None, progress: b
     return out
 
 
-def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
-          num_threads: int | None = None, progress: bool | None = None,
-          device: str | None = None, precision: str = "float32") -> TopK | BothSides:
+def top_k(
+    test: Any,
+    train: Any,
+    k: int = 10,
+    side: str = "proponents",
+    *,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+) -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
 
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
@@ -221,11 +250,20 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *,
                 if part is None:
                     continue
                 part = part._replace(indices=part.indices + i0)
-                running[s] = part if running[s] is None else _select(
-                    np.concatenate([running[s].values, part.values], axis=1),
-                    np.concatenate([running[s].indices, part.indices], axis=1), k, name)
-    prop, opp = (TopK(*(np.concatenate([b[s][f] for b in best.values()]) for f in (0, 1)))
-                 if side in (name, "both") else None for s, name in enumerate(("proponents", "opponents")))
+                running[s] = (
+                    part
+                    if running[s] is None
+                    else _select(
+                        np.concatenate([running[s].values, part.values], axis=1),
+                        np.concatenate([running[s].indices, part.indices], axis=1),
+                        k,
+                        name,
+                    )
+                )
+    prop, opp = (
+        TopK(*(np.concatenate([b[s][f] for b in best.values()]) for f in (0, 1))) if side in (name, "both") else None
+        for s, name in enumerate(("proponents", "opponents"))
+    )
     if side == "proponents":
         return prop
     if side == "opponents":
@@ -241,8 +279,7 @@ def _select(values: np.ndarray, indices: np.ndarray, width: int, side: str) -> T
     return TopK(np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1))
 
 
-def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None,
-                side: str = "proponents") -> TopK:
+def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None, side: str = "proponents") -> TopK:
     """Merge top-k results computed on row shards of the train side into the result on the whole.
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
@@ -261,11 +298,15 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         raise ValueError("results must hold at least one TopK")
     for i, (r, o) in enumerate(zip(results, offsets, strict=True)):
         if not isinstance(r, TopK):
-            raise TypeError(f"results[{i}] must be a TopK (values, indices), got {type(r).__name__}"
-                            + (" (pass .proponents or .opponents)" if isinstance(r, BothSides) else ""))
+            raise TypeError(
+                f"results[{i}] must be a TopK (values, indices), got {type(r).__name__}"
+                + (" (pass .proponents or .opponents)" if isinstance(r, BothSides) else "")
+            )
         if np.ndim(r.values) != 2 or np.shape(r.values) != np.shape(r.indices):
-            raise ValueError(f"results[{i}]: values and indices must be 2-D of the same shape, got "
-                             f"{np.shape(r.values)} and {np.shape(r.indices)}")
+            raise ValueError(
+                f"results[{i}]: values and indices must be 2-D of the same shape, got "
+                f"{np.shape(r.values)} and {np.shape(r.indices)}"
+            )
         if isinstance(o, bool) or not isinstance(o, numbers.Integral) or o < 0:
             raise ValueError(f"offsets[{i}] must be a non-negative integer, got {o!r}")
     rows = {r.values.shape[0] for r in results}
@@ -273,7 +314,8 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
     values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     indices = np.concatenate(
-        [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1)
+        [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
+    )
     _refuse_repeated_rows(indices)
     width = max(r.values.shape[1] for r in results) if k is None else positive_int(k, "k")
     return _select(values, indices, width, side)
@@ -285,13 +327,22 @@ def _refuse_repeated_rows(indices: np.ndarray) -> None:
     repeated = np.argwhere(ordered[:, 1:] == ordered[:, :-1])
     if repeated.size:
         row, col = repeated[0]
-        raise ValueError(f"results name train row {ordered[row, col]} more than once (test row {row}); "
-                         "give each shard once, at offsets whose row ranges do not overlap")
+        raise ValueError(
+            f"results name train row {ordered[row, col]} more than once (test row {row}); "
+            "give each shard once, at offsets whose row ranges do not overlap"
+        )
 
 
-def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int | None = None,
-                   progress: bool | None = None, device: str | None = None, precision: str = "float32",
-                   whitening: Whitening | None = None) -> np.ndarray:
+def self_influence(
+    train: Any,
+    *,
+    per_checkpoint: bool = False,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+    whitening: Whitening | None = None,
+) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
     High values flag mislabelled or unusual examples.
@@ -307,8 +358,9 @@ def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int
             raise TypeError(f"whitening must be a tracin.Whitening or None, got {type(whitening).__name__}")
         if device not in (None, "cpu"):
             raise ValueError(f"whitening runs on the CPU (float64 BLAS); device must be None or 'cpu', got {device!r}")
-        return whitening.self_influence(train, per_checkpoint=per_checkpoint, num_threads=num_threads,
-                                        progress=progress)
+        return whitening.self_influence(
+            train, per_checkpoint=per_checkpoint, num_threads=num_threads, progress=progress
+        )
     train = as_gradient_set(train, "train")
     if not isinstance(per_checkpoint, bool):
         raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
@@ -320,8 +372,9 @@ def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int
         for p in loop.pairs():
             if per_checkpoint:
                 for c in range(len(w)):
-                    out[p.train_rows, c] = backend.self_influence(_checkpoint_of(p.train, c), [w[c]],
-                                                                  num_threads=threads)
+                    out[p.train_rows, c] = backend.self_influence(
+                        _checkpoint_of(p.train, c), [w[c]], num_threads=threads
+                    )
             else:
                 out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads)
     return out
@@ -330,11 +383,18 @@ def self_influence(train: Any, *, per_checkpoint: bool = False, num_threads: int
 def _checkpoint_of(side: KernelSide, c: int) -> KernelSide:
     """Checkpoint c's blocks of a kernel side (its left and right factor when factored)."""
     per = 2 if side.factored else 1
-    return KernelSide(side.factored, side.blocks[c * per:(c + 1) * per], side.dtypes[c * per:(c + 1) * per])
+    return KernelSide(side.factored, side.blocks[c * per : (c + 1) * per], side.dtypes[c * per : (c + 1) * per])
 
 
-def aggregate(test: Any, train: Any, *, num_threads: int | None = None, progress: bool | None = None,
-              device: str | None = None, precision: str = "float32") -> np.ndarray:
+def aggregate(
+    test: Any,
+    train: Any,
+    *,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
@@ -361,5 +421,7 @@ def _refuse_float32_overflow(total: np.ndarray) -> None:
     with np.errstate(over="ignore"):
         overflowed = np.flatnonzero(np.isinf(total.astype(np.float32)))
     if overflowed.size:
-        raise ValueError(f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
-                         "although every input is finite; rescale the gradients (or the learning-rate weights)")
+        raise ValueError(
+            f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
+            "although every input is finite; rescale the gradients (or the learning-rate weights)"
+        )

@@ -59,12 +59,12 @@ def numpy_top_k(test: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray
     values, indices = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
     rows = max(1, NUMPY_CHUNK_BYTES // (4 * max(n, 1)))
     for a in range(0, m, rows):
-        scores = test[a:a + rows] @ train.T
-        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+        scores = test[a : a + rows] @ train.T
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
         top = np.take_along_axis(scores, part, 1)
         order = np.argsort(-top, axis=1, kind="stable")
-        values[a:a + rows] = np.take_along_axis(top, order, 1)
-        indices[a:a + rows] = np.take_along_axis(part, order, 1)
+        values[a : a + rows] = np.take_along_axis(top, order, 1)
+        indices[a : a + rows] = np.take_along_axis(part, order, 1)
     return values, indices
 
 
@@ -107,7 +107,8 @@ def run(config: BenchConfig) -> BenchResult:
     ours = tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False)
     exact = matches_float64(test, train, ours.values, ours.indices)
     tracin_s = _median_seconds(
-        lambda: tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False), config.repeats)
+        lambda: tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False), config.repeats
+    )
     numpy_s = _median_seconds(lambda: numpy_top_k(test, train, config.k), config.repeats)
     return BenchResult(config, tracin_s, numpy_s, exact)
 
@@ -116,13 +117,15 @@ def report(result: BenchResult) -> str:
     """The lines `tracin bench` prints."""
     c = result.config
     threads = c.threads or os.cpu_count() or 1
-    return "\n".join([
-        f"top-{c.k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
-        f"tracin on {threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
-        f"  tracin.top_k                 {result.tracin_s * 1e3:10.1f} ms",
-        f"  numpy matmul + argpartition  {result.numpy_s * 1e3:10.1f} ms",
-        f"  tracin is {result.speedup:.2f}x the speed of NumPy; top-k "
-        + ("matches float64" if result.exact else "DOES NOT MATCH float64 (please report)")
-        + f" on {min(CHECKED_ROWS, c.m)} checked rows",
-        "  the full peer benchmark (faiss, torch, roofline) is `python -m benchmarks.kernel` in a source checkout",
-    ])
+    return "\n".join(
+        [
+            f"top-{c.k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
+            f"tracin on {threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
+            f"  tracin.top_k                 {result.tracin_s * 1e3:10.1f} ms",
+            f"  numpy matmul + argpartition  {result.numpy_s * 1e3:10.1f} ms",
+            f"  tracin is {result.speedup:.2f}x the speed of NumPy; top-k "
+            + ("matches float64" if result.exact else "DOES NOT MATCH float64 (please report)")
+            + f" on {min(CHECKED_ROWS, c.m)} checked rows",
+            "  the full peer benchmark (faiss, torch, roofline) is `python -m benchmarks.kernel` in a source checkout",
+        ]
+    )

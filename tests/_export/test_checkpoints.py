@@ -27,11 +27,15 @@ def test_numpy_and_integer_rates_become_floats():
 
 
 def test_a_third_item_is_the_optimizer_state_wrapped_by_the_adapter():
-    parsed = parse_checkpoints([("a", 1.0, {"m": 1}), ("b", 2.0), ("c", 3.0, None)], "params",
-                               optimizer=lambda state, i: (i, state))
+    parsed = parse_checkpoints(
+        [("a", 1.0, {"m": 1}), ("b", 2.0), ("c", 3.0, None)], "params", optimizer=lambda state, i: (i, state)
+    )
     assert [entry.optimizer for entry in parsed] == [(0, {"m": 1}), None, None]
-    with pytest.raises(TypeError, match=r"checkpoints\[0\] must be a \(params, learning_rate\) pair or a "
-                                        r"\(params, learning_rate, optimizer_state\) triple, got a tuple of length 4"):
+    with pytest.raises(
+        TypeError,
+        match=r"checkpoints\[0\] must be a \(params, learning_rate\) pair or a "
+        r"\(params, learning_rate, optimizer_state\) triple, got a tuple of length 4",
+    ):
         parse_checkpoints([("a", 1.0, {}, 0)], "params")
 
 

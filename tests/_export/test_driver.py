@@ -75,7 +75,7 @@ class _Scaled:
 
 def _data(n: int = 10, size: int = 4) -> list[np.ndarray]:
     x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) / 7
-    return [x[i:i + size] for i in range(0, n, size)]
+    return [x[i : i + size] for i in range(0, n, size)]
 
 
 CKPTS = [({"scale": 2.0}, 0.5), ({"scale": -1.0}, 0.25)]
@@ -145,15 +145,17 @@ def test_resume_writes_only_the_missing_rows_of_a_partly_written_batch(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         export(_Scaled(_data()), CKPTS, _options(path), [])
     writes = []
-    monkeypatch.setattr(StoreSink, "write", lambda self, c, start, block: writes.append((c, start, len(block)))
-                        or real_write(self, c, start, block))
+    monkeypatch.setattr(
+        StoreSink,
+        "write",
+        lambda self, c, start, block: writes.append((c, start, len(block))) or real_write(self, c, start, block),
+    )
     again = _Scaled(_data())  # batches at rows 0, 4, 8
     store = export(again, CKPTS, _options(path), [])
     assert again.computed == [4, 8]  # checkpoint 0 and rows 0..6 of checkpoint 1 are done
     assert writes == [(1, 6, 2), (1, 8, 2)]
     x = np.concatenate(_data()).astype(np.float64)
-    np.testing.assert_allclose(tracin.self_influence(store), 0.5 * 4 * (x**2).sum(1) + 0.25 * (x**2).sum(1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(tracin.self_influence(store), 0.5 * 4 * (x**2).sum(1) + 0.25 * (x**2).sum(1), rtol=1e-5)
 
 
 def test_a_finished_store_computes_nothing(tmp_path):
@@ -169,13 +171,20 @@ def test_the_users_functions_are_checked_once():
     assert framework.checked == 1
 
 
-@pytest.mark.parametrize("framework, error, message", [
-    (_Scaled([], n_rows=0), ValueError, "data has no rows"),
-    (_Scaled([], n_rows=None), ValueError, "data has no rows"),
-    (_Scaled(_data(), n_rows=None, one_shot=True), ValueError, r"one-shot iterator, but it is read once per "
-                                                               r"checkpoint \(2 checkpoints\)"),
-    (_Scaled(_data(), n_rows=11), ValueError, "data gave 10 rows at checkpoint 0, expected 11"),
-])
+@pytest.mark.parametrize(
+    "framework, error, message",
+    [
+        (_Scaled([], n_rows=0), ValueError, "data has no rows"),
+        (_Scaled([], n_rows=None), ValueError, "data has no rows"),
+        (
+            _Scaled(_data(), n_rows=None, one_shot=True),
+            ValueError,
+            r"one-shot iterator, but it is read once per "
+            r"checkpoint \(2 checkpoints\)",
+        ),
+        (_Scaled(_data(), n_rows=11), ValueError, "data gave 10 rows at checkpoint 0, expected 11"),
+    ],
+)
 def test_data_mistakes(framework, error, message):
     with pytest.raises(error, match=message):
         export(framework, CKPTS, _options(), [])

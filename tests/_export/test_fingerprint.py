@@ -14,8 +14,18 @@ def test_array_digests_see_order_dtype_shape_and_contents():
     a, b = np.arange(6, dtype=np.float32), np.ones(3, np.int64)
     base = digest_arrays([a, b])
     assert digest_arrays([a.copy(), b.copy()]) == base
-    assert len({base, digest_arrays([b, a]), digest_arrays([a.astype(np.float64), b]),
-                digest_arrays([a.reshape(2, 3), b]), digest_arrays([a + 1, b])}) == 5
+    assert (
+        len(
+            {
+                base,
+                digest_arrays([b, a]),
+                digest_arrays([a.astype(np.float64), b]),
+                digest_arrays([a.reshape(2, 3), b]),
+                digest_arrays([a + 1, b]),
+            }
+        )
+        == 5
+    )
 
 
 def test_path_digests_follow_file_contents(tmp_path):
@@ -72,8 +82,9 @@ class _Loss:
 def test_callable_identity_names_functions_and_settings_not_addresses():
     assert callable_identity(_loss) == f"{__name__}._loss"
     assert callable_identity(functools.wraps(_loss)(lambda o, t: o)) == f"{__name__}._loss"
-    assert callable_identity(lambda o, t: o) == (f"{__name__}.test_callable_identity_names_functions_and_settings_"
-                                                 "not_addresses.<locals>.<lambda>")
+    assert callable_identity(lambda o, t: o) == (
+        f"{__name__}.test_callable_identity_names_functions_and_settings_not_addresses.<locals>.<lambda>"
+    )
     assert callable_identity(functools.partial(_loss, targets=1)) == f"partial({__name__}._loss, (), {{'targets': 1}})"
     a, b = _Loss(0.1), _Loss(0.1)
     assert callable_identity(a) == callable_identity(b)  # two objects: same repr once addresses are dropped

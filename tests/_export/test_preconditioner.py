@@ -11,8 +11,17 @@ from tracin._export.rank_one import RankOneAdam, layer_groups
 
 
 def _moments(rng, shapes, step=3.0, b1=0.9, b2=0.99, eps=1e-3):
-    return [AdamMoments(rng.normal(size=int(np.prod(s))).astype(np.float32),
-                        rng.uniform(0.1, 2, int(np.prod(s))).astype(np.float32), step, b1, b2, eps) for s in shapes]
+    return [
+        AdamMoments(
+            rng.normal(size=int(np.prod(s))).astype(np.float32),
+            rng.uniform(0.1, 2, int(np.prod(s))).astype(np.float32),
+            step,
+            b1,
+            b2,
+            eps,
+        )
+        for s in shapes
+    ]
 
 
 def test_full_rows_follow_the_formulas_per_parameter():
@@ -27,8 +36,9 @@ def test_full_rows_follow_the_formulas_per_parameter():
     np.testing.assert_allclose(adam, g / (np.sqrt(v / (1 - b2**t)) + eps), rtol=1e-6)
     update = Preconditioned("adam_update", lambda c: moments, {}).apply(g, 0, 0)
     m2, v2 = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype(np.float64) ** 2
-    np.testing.assert_allclose(update, (m2 / (1 - b1 ** (t + 1))) / (np.sqrt(v2 / (1 - b2 ** (t + 1))) + eps),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        update, (m2 / (1 - b1 ** (t + 1))) / (np.sqrt(v2 / (1 - b2 ** (t + 1))) + eps), rtol=1e-5
+    )
 
 
 def test_moments_are_read_once_per_checkpoint_and_must_cover_the_row():

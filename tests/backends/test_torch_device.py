@@ -40,8 +40,9 @@ def test_top_k_equals_the_cpu_kernel_on_tie_free_data(rng, small_tiles):
     for got, want in zip(ours, kernel, strict=True):
         np.testing.assert_array_equal(got.indices, want.indices)
         assert got.values.dtype == np.float32 and got.indices.dtype == np.int64
-        assert np.all(np.abs(got.values - np.take_along_axis(exact, got.indices, 1))
-                      <= np.take_along_axis(bound, got.indices, 1))
+        assert np.all(
+            np.abs(got.values - np.take_along_axis(exact, got.indices, 1)) <= np.take_along_axis(bound, got.indices, 1)
+        )
 
 
 @pytest.mark.parametrize("k", [1, 7, 300, 1000])
@@ -73,17 +74,28 @@ def test_when_torch_topk_splits_ties_wrongly_the_call_selects_again_exactly(rng,
     passes = []
     backend = backends.get("torch:cpu")
     original = type(backend)._top_k
-    monkeypatch.setattr(type(backend), "_top_k",
-                        lambda self, *a, exact: passes.append(exact) or original(self, *a, exact=exact))
-    tracin.top_k(rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((80, 4)).astype(np.float32),
-                 k=13, device="torch:cpu")
+    monkeypatch.setattr(
+        type(backend), "_top_k", lambda self, *a, exact: passes.append(exact) or original(self, *a, exact=exact)
+    )
+    tracin.top_k(
+        rng.standard_normal((5, 4)).astype(np.float32),
+        rng.standard_normal((80, 4)).astype(np.float32),
+        k=13,
+        device="torch:cpu",
+    )
     assert passes == [False]
 
 
 @pytest.mark.parametrize(
     "scores, kept_columns, ok",
-    [([[3, 1, 1, 1]], [0, 1], True), ([[3, 1, 1, 1]], [0, 2], False), ([[1, 1, 5, 1]], [2, 0], True),
-     ([[1, 1, 5, 1]], [2, 3], False), ([[2, 0, -0.0]], [0, 1], True), ([[4, 2, 9]], [2, 0], True)],
+    [
+        ([[3, 1, 1, 1]], [0, 1], True),
+        ([[3, 1, 1, 1]], [0, 2], False),
+        ([[1, 1, 5, 1]], [2, 0], True),
+        ([[1, 1, 5, 1]], [2, 3], False),
+        ([[2, 0, -0.0]], [0, 1], True),
+        ([[4, 2, 9]], [2, 0], True),
+    ],
 )
 def test_the_tie_check_of_one_tile(scores, kept_columns, ok):
     """True exactly when the kept scores equal to the k-th are the smallest such columns (-0.0 == 0.0)."""
@@ -148,18 +160,25 @@ def test_a_store_streams_in_chunks_and_tiles(rng, tmp_path, small_tiles, dtype):
     kernel = tracin.top_k(store_t, store_x, k=50, side="both", device="cpu")
     for got, want in zip(both, kernel, strict=True):
         np.testing.assert_array_equal(got.indices, want.indices)
-    np.testing.assert_allclose(tracin.aggregate(store_t, store_x, device="torch:cpu"),
-                               tracin.aggregate(store_t, store_x, device="cpu"), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(tracin.self_influence(store_x, device="torch:cpu"),
-                               tracin.self_influence(store_x, device="cpu"), rtol=1e-5)
+    np.testing.assert_allclose(
+        tracin.aggregate(store_t, store_x, device="torch:cpu"),
+        tracin.aggregate(store_t, store_x, device="cpu"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        tracin.self_influence(store_x, device="torch:cpu"), tracin.self_influence(store_x, device="cpu"), rtol=1e-5
+    )
 
 
 def test_non_finite_train_rows_name_the_checkpoint_and_rows(rng, small_tiles):
     train = [rng.standard_normal((50, 4)).astype(np.float32), rng.standard_normal((50, 3)).astype(np.float32)]
     train[1][[31, 44], 0] = [np.inf, np.nan]
     test = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 3)).astype(np.float32)]
-    for call in (lambda: tracin.top_k(test, train, k=5, device="torch:cpu"),
-                 lambda: tracin.self_influence(train, device="torch:cpu")):
+    for call in (
+        lambda: tracin.top_k(test, train, k=5, device="torch:cpu"),
+        lambda: tracin.self_influence(train, device="torch:cpu"),
+    ):
         with pytest.raises(ValueError, match=r"train checkpoint 1 contains NaN or Inf values, first in rows \[31, 44"):
             call()
 
@@ -185,8 +204,11 @@ class OnDevice(GradientSet):
         ("cpu", {"test": OnDevice("cuda:1")}, r"device='cpu' but test is on cuda:1; pass device='cuda:1'"),
         ("cuda:0", {"train": OnDevice("cuda:1")}, r"device='cuda:0' but train is on cuda:1"),
         ("torch:cpu", {"train": OnDevice("cuda:0")}, r"device='torch:cpu' but train is on cuda:0"),
-        (None, {"test": OnDevice("cuda:0"), "train": OnDevice("cuda:1")},
-         r"the sets are on different devices \(test on cuda:0, train on cuda:1\)"),
+        (
+            None,
+            {"test": OnDevice("cuda:0"), "train": OnDevice("cuda:1")},
+            r"the sets are on different devices \(test on cuda:0, train on cuda:1\)",
+        ),
         (None, {"train": OnDevice("cuda:0", "cuda:1")}, r"train has rows on several devices \(cuda:0, cuda:1\)"),
         (None, {"train": OnDevice("cuda:2")}, r"device='cuda:2': torch .* sees no CUDA device"),
         ("cuda", {"train": OnDevice()}, r"device='cuda': torch .* sees no CUDA device"),

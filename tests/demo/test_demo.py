@@ -113,8 +113,12 @@ def _load_torch(path):
     import torch
 
     state = torch.load(path, weights_only=True)
-    return {"w1": state["0.weight"].numpy().T, "b1": state["0.bias"].numpy(),
-            "w2": state["2.weight"].numpy().T, "b2": state["2.bias"].numpy()}
+    return {
+        "w1": state["0.weight"].numpy().T,
+        "b1": state["0.bias"].numpy(),
+        "w2": state["2.weight"].numpy().T,
+        "b2": state["2.bias"].numpy(),
+    }
 
 
 @pytest.mark.parametrize("framework", ["numpy", "jax", "torch"])
@@ -235,8 +239,12 @@ def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
 
 def test_demo_writes_figures_and_stores_that_open(default_demo):
     out, result, _ = default_demo
-    for name in ("mislabel_detection.png", "proponents_opponents.png", "held_out_accuracy.png",
-                 "checkpoint_diagnostics.png"):
+    for name in (
+        "mislabel_detection.png",
+        "proponents_opponents.png",
+        "held_out_accuracy.png",
+        "checkpoint_diagnostics.png",
+    ):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     train, test = GradientStore.open(out / "grads" / "train"), GradientStore.open(out / "grads" / "test")
     assert (train.n_rows, test.n_rows) == (1400, 397)
@@ -257,8 +265,9 @@ def test_the_printed_next_commands_run_as_printed(default_demo, tmp_path):
     assert all(command in (out / "report.md").read_text() for command in printed)
     for command in printed:
         argv = shlex.split(command)
-        done = subprocess.run([sys.executable, "-m", "tracin", *argv[1:]], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "tracin", *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, (command, done.stderr)
         assert "error" not in done.stderr.lower(), (command, done.stderr)
         if argv[1] == "info":
@@ -268,8 +277,11 @@ def test_the_printed_next_commands_run_as_printed(default_demo, tmp_path):
 def test_demo_with_a_path_that_needs_quoting_prints_runnable_commands(tmp_path):
     out = tmp_path / "my demo"
     lines: list[str] = []
-    run_demo(DemoConfig(output=out, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
-             progress=False, log=lines.append)
+    run_demo(
+        DemoConfig(output=out, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
+        progress=False,
+        log=lines.append,
+    )
     info = next(line.strip() for line in lines if line.startswith("  tracin info"))
     argv = shlex.split(info)
     assert Path(argv[2]) == out / "grads" / "train"
@@ -280,14 +292,34 @@ def test_demo_with_a_path_that_needs_quoting_prints_runnable_commands(tmp_path):
 def test_demo_reruns_into_the_same_folder(tmp_path):
     config = DemoConfig(output=tmp_path, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2)
     run_demo(config, progress=False, log=lambda *_: None)
-    again = run_demo(DemoConfig(output=tmp_path, seed=1, training=config.training, examples=1, k=2),
-                     progress=False, log=lambda *_: None)
+    again = run_demo(
+        DemoConfig(output=tmp_path, seed=1, training=config.training, examples=1, k=2),
+        progress=False,
+        log=lambda *_: None,
+    )
     assert GradientStore.open(again.files["train store"]).n_rows == 1400
 
 
 def test_demo_command_line_options(tmp_path, capsys):
-    assert main(["demo", "--epochs", "10", "--checkpoints", "2", "--noise", "0.1", "--seed", "1",
-                 "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--epochs",
+                "10",
+                "--checkpoints",
+                "2",
+                "--noise",
+                "0.1",
+                "--seed",
+                "1",
+                "-o",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "saving 2 checkpoints" in out and "report.md" in out and "140 of their labels flipped (10.0%)" in out
     assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2  # numpy by default
@@ -297,8 +329,23 @@ def test_demo_command_line_options(tmp_path, capsys):
 
 def test_demo_command_line_framework_option(tmp_path, capsys):
     pytest.importorskip("torch")
-    assert main(["demo", "--framework", "torch", "--epochs", "2", "--checkpoints", "1",
-                 "-o", str(tmp_path), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--framework",
+                "torch",
+                "--epochs",
+                "2",
+                "--checkpoints",
+                "1",
+                "-o",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "training an MLP with torch" in capsys.readouterr().out
     assert len(list((tmp_path / "checkpoints").glob("checkpoint_*.pt"))) == 1
     assert GradientStore.open(tmp_path / "grads" / "test").n_rows == 397

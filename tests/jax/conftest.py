@@ -16,8 +16,12 @@ IN, HIDDEN, OUT = 5, 8, 3
 def mlp_weights(seed: int) -> dict[str, np.ndarray]:
     """Torch-layout weights: w1 (HIDDEN, IN), b1, w2 (OUT, HIDDEN), b2 (float32)."""
     r = np.random.default_rng(seed)
-    return {"w1": r.normal(0, 0.6, (HIDDEN, IN)), "b1": r.normal(0, 0.3, HIDDEN),
-            "w2": r.normal(0, 0.6, (OUT, HIDDEN)), "b2": r.normal(0, 0.3, OUT)}
+    return {
+        "w1": r.normal(0, 0.6, (HIDDEN, IN)),
+        "b1": r.normal(0, 0.3, HIDDEN),
+        "w2": r.normal(0, 0.6, (OUT, HIDDEN)),
+        "b2": r.normal(0, 0.3, OUT),
+    }
 
 
 def as_params(w: dict) -> dict:
@@ -46,10 +50,9 @@ def reference_grads(w: dict, x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarr
     z = h @ w["w2"].T + w["b2"]
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    d2 = p - np.eye(OUT)[y]                      # dL/dz (n, OUT)
-    d1 = (d2 @ w["w2"]) * (1 - h**2)             # dL/d(pre-activation) (n, HIDDEN)
-    return {"w2": np.einsum("no,nh->noh", d2, h), "b2": d2, "w1": np.einsum("nh,ni->nhi", d1, x), "b1": d1,
-            "hidden": h}
+    d2 = p - np.eye(OUT)[y]  # dL/dz (n, OUT)
+    d1 = (d2 @ w["w2"]) * (1 - h**2)  # dL/d(pre-activation) (n, HIDDEN)
+    return {"w2": np.einsum("no,nh->noh", d2, h), "b2": d2, "w1": np.einsum("nh,ni->nhi", d1, x), "b1": d1, "hidden": h}
 
 
 def reference_rows(ref: dict, names: list[str], transpose: set[str] = frozenset()) -> np.ndarray:
@@ -70,6 +73,14 @@ def data():
 @pytest.fixture
 def mlp():
     weights = [mlp_weights(1), mlp_weights(2)]
-    return SimpleNamespace(weights=weights, params=[as_params(w) for w in weights], lrs=[0.5, 0.125],
-                           loss_fn=loss_fn, hidden=hidden, cross_entropy=cross_entropy, as_params=as_params,
-                           reference_grads=reference_grads, reference_rows=reference_rows)
+    return SimpleNamespace(
+        weights=weights,
+        params=[as_params(w) for w in weights],
+        lrs=[0.5, 0.125],
+        loss_fn=loss_fn,
+        hidden=hidden,
+        cross_entropy=cross_entropy,
+        as_params=as_params,
+        reference_grads=reference_grads,
+        reference_rows=reference_rows,
+    )

@@ -27,20 +27,23 @@ def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
     batches = list(plan)
     assert [(b.start, b.count) for b in batches] == [(0, 3), (3, 3), (6, 3), (9, 1)]
     np.testing.assert_array_equal(batches[3].targets, [9, 9, 9])
-    generator = BatchPlan(((x[i:i + 5], y[i:i + 5]) for i in (0, 5)), batch_size=None)
+    generator = BatchPlan(((x[i : i + 5], y[i : i + 5]) for i in (0, 5)), batch_size=None)
     assert generator.one_shot and generator.n_rows is None
 
 
-@pytest.mark.parametrize("data, batch_size, error, message", [
-    ((np.zeros((4, 2)), np.zeros(3)), None, ValueError, "same number of rows"),
-    ((np.zeros((0, 2)), np.zeros(0)), None, ValueError, "no rows"),
-    (np.zeros((4, 2)), None, TypeError, "iterable of \\(inputs, targets\\) batches"),
-    ("data", None, TypeError, "must be \\(inputs, targets\\) arrays"),
-    ([np.zeros((4, 2))], None, TypeError, r"data\[0\]: each batch must be an \(inputs, targets\) pair"),
-    ([(np.zeros((4, 2)), np.float32(1))], None, ValueError, "leading batch dimension"),
-    ((np.zeros((4, 2)), np.zeros(4)), 0, ValueError, "batch_size must be a positive int"),
-    ((np.zeros((4, 2)), np.zeros(4)), 2.5, TypeError, "batch_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "data, batch_size, error, message",
+    [
+        ((np.zeros((4, 2)), np.zeros(3)), None, ValueError, "same number of rows"),
+        ((np.zeros((0, 2)), np.zeros(0)), None, ValueError, "no rows"),
+        (np.zeros((4, 2)), None, TypeError, "iterable of \\(inputs, targets\\) batches"),
+        ("data", None, TypeError, "must be \\(inputs, targets\\) arrays"),
+        ([np.zeros((4, 2))], None, TypeError, r"data\[0\]: each batch must be an \(inputs, targets\) pair"),
+        ([(np.zeros((4, 2)), np.float32(1))], None, ValueError, "leading batch dimension"),
+        ((np.zeros((4, 2)), np.zeros(4)), 0, ValueError, "batch_size must be a positive int"),
+        ((np.zeros((4, 2)), np.zeros(4)), 2.5, TypeError, "batch_size must be a positive int"),
+    ],
+)
 def test_bad_data(data, batch_size, error, message):
     with pytest.raises(error, match=message):
         list(BatchPlan(data, batch_size))

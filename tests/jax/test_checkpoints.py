@@ -18,8 +18,12 @@ def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
     saver.wait_until_finished()
     (tmp_path / "ckpt1.msgpack").write_bytes(serialization.msgpack_serialize(mlp.params[1]))
     in_memory = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=False)
-    on_disk = export_gradients(mlp.loss_fn, [(tmp_path / "ckpt0", mlp.lrs[0]), (str(tmp_path / "ckpt1.msgpack"),
-                                                                                  mlp.lrs[1])], (x, y), progress=False)
+    on_disk = export_gradients(
+        mlp.loss_fn,
+        [(tmp_path / "ckpt0", mlp.lrs[0]), (str(tmp_path / "ckpt1.msgpack"), mlp.lrs[1])],
+        (x, y),
+        progress=False,
+    )
     for a, b in zip(in_memory.matrices, on_disk.matrices, strict=True):
         np.testing.assert_array_equal(a, b)
     digests = on_disk.metadata["fingerprints"]["checkpoints"]
@@ -28,16 +32,22 @@ def test_saved_checkpoints_give_the_in_memory_gradients(mlp, data, tmp_path):
         export_gradients(mlp.loss_fn, [(tmp_path / "missing", 1.0)], (x, y), progress=False)
 
 
-@pytest.mark.parametrize("checkpoints, error, message", [
-    ("ckpt", TypeError, "sequence of \\(params pytree or path, learning_rate\\) pairs"),
-    ([], ValueError, "at least one"),
-    ([{"w": 1}], TypeError, r"checkpoints\[0\] must be a \(params pytree or path, learning_rate\) pair"),
-    ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
-    ([({"w": 1}, "0.1")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
-    ([({"w": 1}, True)], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
-    ([({"w": 1}, 0.1), ({"w": 1}, float("nan"))], ValueError,
-     r"checkpoints\[1\]\[1\] \(learning rate\) must be finite"),
-])
+@pytest.mark.parametrize(
+    "checkpoints, error, message",
+    [
+        ("ckpt", TypeError, "sequence of \\(params pytree or path, learning_rate\\) pairs"),
+        ([], ValueError, "at least one"),
+        ([{"w": 1}], TypeError, r"checkpoints\[0\] must be a \(params pytree or path, learning_rate\) pair"),
+        ([({"w": 1}, "fast")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+        ([({"w": 1}, "0.1")], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+        ([({"w": 1}, True)], TypeError, r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+        (
+            [({"w": 1}, 0.1), ({"w": 1}, float("nan"))],
+            ValueError,
+            r"checkpoints\[1\]\[1\] \(learning rate\) must be finite",
+        ),
+    ],
+)
 def test_bad_checkpoint_lists(checkpoints, error, message):
     with pytest.raises(error, match=message):
         parse_checkpoints(checkpoints)
@@ -51,8 +61,10 @@ def test_checkpoints_must_share_the_first_structure(mlp, data):
     fewer = {"l1": mlp.params[1]["l1"], "l2": {"bias": mlp.params[1]["l2"]["bias"]}}
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: the params pytree differs.*l2/kernel"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (fewer, 1.0)], (x, y), progress=False)
-    wrong = {"l1": mlp.params[1]["l1"], "l2": {"kernel": mlp.params[1]["l2"]["kernel"][:, :2],
-                                               "bias": mlp.params[1]["l2"]["bias"][:2]}}
+    wrong = {
+        "l1": mlp.params[1]["l1"],
+        "l2": {"kernel": mlp.params[1]["l2"]["kernel"][:, :2], "bias": mlp.params[1]["l2"]["bias"][:2]},
+    }
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: parameter 'l2/bias' has shape \(2,\)"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (wrong, 1.0)], (x, y), progress=False)
 
@@ -70,6 +82,9 @@ def test_a_missing_reader_package_is_named(tmp_path, monkeypatch, kind, package)
         raise ImportError(f"No module named {name!r}")
 
     monkeypatch.setattr(importlib, "import_module", absent)
-    with pytest.raises(ImportError, match=rf"checkpoints\[2\]: .*ckpt is a {kind} .*needs {package} \(pip install "
-                                          rf"{package}\)"):
+    with pytest.raises(
+        ImportError,
+        match=rf"checkpoints\[2\]: .*ckpt is a {kind} .*needs {package} \(pip install "
+        rf"{package}\)",
+    ):
         checkpoints.restore(path, "checkpoints[2]")

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from reference import assert_close_to_exact, factored_to_full
 
 import tracin
-from tracin.jax import export_gradients
+from reference import assert_close_to_exact, factored_to_full
 from tracin._export.metadata import LEFT, RIGHT
+from tracin.jax import export_gradients
 
 KERNELS = {"w1", "w2"}  # Flax-style (in, out) kernels: the reference (out, in) gradient transposed
 
@@ -29,20 +29,22 @@ def test_full_rows_and_scores_match_reference(mlp, data):
     np.testing.assert_array_equal(grads.weights, mlp.lrs)
     assert [p["name"] for p in grads.metadata["params"]] == ["l1/bias", "l1/kernel", "l2/bias", "l2/kernel"]
     assert [p["shape"] for p in grads.metadata["params"]] == [[8], [5, 8], [3], [8, 3]]
-    refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS)
-            for w in mlp.weights]
+    refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS) for w in mlp.weights]
     for ours, ref in zip(grads.matrices, refs, strict=True):
         _close(ours, ref)
     test = grads[:10]
     assert_close_to_exact(tracin.scores(test, grads), [r[:10] for r in refs], refs, mlp.lrs)
 
 
-@pytest.mark.parametrize("layers, names", [
-    (["l2"], ["b2", "w2"]),
-    (["l1/kernel", "l2/bias"], ["w1", "b2"]),
-    (["*/kernel"], ["w1", "w2"]),
-    ("l1/*", ["b1", "w1"]),
-])
+@pytest.mark.parametrize(
+    "layers, names",
+    [
+        (["l2"], ["b2", "w2"]),
+        (["l1/kernel", "l2/bias"], ["w1", "b2"]),
+        (["*/kernel"], ["w1", "w2"]),
+        ("l1/*", ["b1", "w1"]),
+    ],
+)
 def test_layers_select_parameters_in_stable_order(mlp, data, layers, names):
     x, y = data
     grads = export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], (x, y), layers=layers, progress=False)
@@ -53,18 +55,33 @@ def test_layers_select_parameters_in_stable_order(mlp, data, layers, names):
 
 def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
     x, y = data
-    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode="last_layer",
-                             layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
+    grads = export_gradients(
+        mlp.loss_fn,
+        list(zip(mlp.params, mlp.lrs, strict=True)),
+        (x, y),
+        mode="last_layer",
+        layers=["l2"],
+        layer_input=mlp.hidden,
+        batch_size=16,
+        progress=False,
+    )
     assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((3, 9), (3, 9))
-    assert grads.metadata["last_layer"] == {"layer": "l2", "weight": "l2/kernel", "bias": "l2/bias",
-                                             "left": LEFT, "right": RIGHT}
+    assert grads.metadata["last_layer"] == {
+        "layer": "l2",
+        "weight": "l2/kernel",
+        "bias": "l2/bias",
+        "left": LEFT,
+        "right": RIGHT,
+    }
     for c, w in enumerate(mlp.weights):
         ref = mlp.reference_grads(w, x, y)
         _close(grads.left[c], ref["b2"])
         _close(grads.right[c], np.hstack([ref["hidden"], np.ones((70, 1))]))
     # The factors' outer products are the layer's (weight | bias) gradient, so scores are TracIn on it.
-    full = [np.concatenate([r["w2"], r["b2"][:, :, None]], axis=2).reshape(70, -1)
-            for r in (mlp.reference_grads(w, x, y) for w in mlp.weights)]
+    full = [
+        np.concatenate([r["w2"], r["b2"][:, :, None]], axis=2).reshape(70, -1)
+        for r in (mlp.reference_grads(w, x, y) for w in mlp.weights)
+    ]
     np.testing.assert_allclose(factored_to_full(grads.left, grads.right)[0], full[0], rtol=1e-5, atol=1e-7)
     assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
 
@@ -140,19 +157,22 @@ def test_progress_bar(mlp, data, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
-    (dict(mode="all"), ValueError, "mode must be 'full' or 'last_layer'"),
-    (dict(mode="last_layer", layers=["l2"]), ValueError, "needs layers=.* and layer_input="),
-    (dict(layer_input=lambda p, x: x), ValueError, "layer_input is only used with mode='last_layer'"),
-    (dict(dtype="float64"), ValueError, "dtype must be one of"),
-    (dict(dtype=np.int8), ValueError, "dtype must be one of"),
-    (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
-    (dict(store=3), TypeError, "store must be a directory path"),
-    (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),
-    (dict(data="iterator"), ValueError, "one-shot iterator, but it is read once per checkpoint"),
-    (dict(data="generator", store="somewhere"), ValueError, "store= needs the number of examples up front"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
+        (dict(mode="all"), ValueError, "mode must be 'full' or 'last_layer'"),
+        (dict(mode="last_layer", layers=["l2"]), ValueError, "needs layers=.* and layer_input="),
+        (dict(layer_input=lambda p, x: x), ValueError, "layer_input is only used with mode='last_layer'"),
+        (dict(dtype="float64"), ValueError, "dtype must be one of"),
+        (dict(dtype=np.int8), ValueError, "dtype must be one of"),
+        (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
+        (dict(store=3), TypeError, "store must be a directory path"),
+        (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),
+        (dict(data="iterator"), ValueError, "one-shot iterator, but it is read once per checkpoint"),
+        (dict(data="generator", store="somewhere"), ValueError, "store= needs the number of examples up front"),
+    ],
+)
 def test_bad_arguments(mlp, data, kwargs, error, message):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
@@ -187,8 +207,9 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
     x, y = data
     projection = tracin.Projection(16, seed=5, per_layer=per_layer)
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
-    projected = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=projection, dtype=dtype, batch_size=32,
-                                 progress=False)
+    projected = export_gradients(
+        mlp.loss_fn, ckpts, (x, y), projection=projection, dtype=dtype, batch_size=32, progress=False
+    )
     assert isinstance(projected, tracin.Gradients)
     assert projected.dims == (16, 16) and projected.dtypes == (dtype, dtype)
     assert projected.metadata["projection"] == projection.to_dict()
@@ -197,10 +218,12 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
         dims = projection.segment_dims(4)
         rows, cols = np.cumsum([0] + WIDTHS), np.cumsum([0] + dims)
         for j in range(4):
-            outside = np.delete(matrix[rows[j]:rows[j + 1]], np.s_[cols[j]:cols[j + 1]], axis=1)
+            outside = np.delete(matrix[rows[j] : rows[j + 1]], np.s_[cols[j] : cols[j + 1]], axis=1)
             assert not outside.any()
-    refs = [mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS) @ matrix
-            for w in mlp.weights]
+    refs = [
+        mlp.reference_rows(mlp.reference_grads(w, x, y), ["b1", "w1", "b2", "w2"], KERNELS) @ matrix
+        for w in mlp.weights
+    ]
     if dtype == "float16":
         for ours, ref in zip(projected.matrices, refs, strict=True):
             np.testing.assert_allclose(ours.astype(np.float64), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
@@ -213,9 +236,17 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
 def test_projected_last_layer_factors_are_the_kronecker_projection(mlp, data):
     x, y = data
     projection = tracin.Projection(12, seed=9)  # factored_dims (4, 3)
-    grads = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode="last_layer",
-                             layers=["l2"], layer_input=mlp.hidden, projection=projection, batch_size=16,
-                             progress=False)
+    grads = export_gradients(
+        mlp.loss_fn,
+        list(zip(mlp.params, mlp.lrs, strict=True)),
+        (x, y),
+        mode="last_layer",
+        layers=["l2"],
+        layer_input=mlp.hidden,
+        projection=projection,
+        batch_size=16,
+        progress=False,
+    )
     assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((4, 3), (4, 3))
     assert grads.metadata["projection"] == projection.to_dict()
     pl, pr = _factor_matrices(projection, 3, 9)

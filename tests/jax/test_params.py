@@ -21,11 +21,19 @@ def _close(ours, ref):
     np.testing.assert_allclose(np.asarray(ours, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("path, pattern, hit", [
-    ("l2/kernel", "l2", True), ("l2/kernel", "l2/", True), ("l2/kernel", "l2/kernel", True),
-    ("l20/kernel", "l2", False), ("params/Dense_1/bias", "params/Dense_1/*", True),
-    ("params/Dense_10/bias", "params/Dense_1/*", False), ("a/b/c", "*/c", True), ("a/b/c", "b", False),
-])
+@pytest.mark.parametrize(
+    "path, pattern, hit",
+    [
+        ("l2/kernel", "l2", True),
+        ("l2/kernel", "l2/", True),
+        ("l2/kernel", "l2/kernel", True),
+        ("l20/kernel", "l2", False),
+        ("params/Dense_1/bias", "params/Dense_1/*", True),
+        ("params/Dense_10/bias", "params/Dense_1/*", False),
+        ("a/b/c", "*/c", True),
+        ("a/b/c", "b", False),
+    ],
+)
 def test_pattern_matching(path, pattern, hit):
     assert matches(path, pattern) is hit
 
@@ -55,8 +63,9 @@ def test_flax_linen(mlp, data):
 
     model = MLP()
     w = mlp.weights[0]
-    params = {"params": {"Dense_0": {"kernel": w["w1"].T, "bias": w["b1"]},
-                         "Dense_1": {"kernel": w["w2"].T, "bias": w["b2"]}}}
+    params = {
+        "params": {"Dense_0": {"kernel": w["w1"].T, "bias": w["b1"]}, "Dense_1": {"kernel": w["w2"].T, "bias": w["b2"]}}
+    }
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(model.init(jax.random.key(0), x[:1]))
 
@@ -66,7 +75,11 @@ def test_flax_linen(mlp, data):
     ref = mlp.reference_grads(w, x, y)
     full = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
     assert [p["name"] for p in full.metadata["params"]] == [
-        "params/Dense_0/bias", "params/Dense_0/kernel", "params/Dense_1/bias", "params/Dense_1/kernel"]
+        "params/Dense_0/bias",
+        "params/Dense_0/kernel",
+        "params/Dense_1/bias",
+        "params/Dense_1/kernel",
+    ]
     _close(full.matrices[0], mlp.reference_rows(ref, ["b1", "w1", "b2", "w2"], KERNELS))
     head = export_gradients(loss, [(params, 1.0)], (x, y), layers=["params/Dense_1/*"], progress=False)
     _close(head.matrices[0], mlp.reference_rows(ref, ["b2", "w2"], KERNELS))
@@ -100,8 +113,11 @@ def test_flax_nnx_state(mlp, data):
 def _equinox_mlp(w):
     model = eqx.nn.MLP(5, 3, 8, depth=1, activation=jnp.tanh, key=jax.random.key(0))
     f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    return eqx.tree_at(lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight, m.layers[1].bias),
-                       model, (f(w["w1"]), f(w["b1"]), f(w["w2"]), f(w["b2"])))
+    return eqx.tree_at(
+        lambda m: (m.layers[0].weight, m.layers[0].bias, m.layers[1].weight, m.layers[1].bias),
+        model,
+        (f(w["w1"]), f(w["b1"]), f(w["w2"]), f(w["b2"])),
+    )
 
 
 def test_equinox_module_and_partition(mlp, data):
@@ -115,7 +131,11 @@ def test_equinox_module_and_partition(mlp, data):
 
     whole = export_gradients(module_loss, [(model, 1.0)], (x, y), progress=False)
     assert [p["name"] for p in whole.metadata["params"]] == [
-        "layers/0/weight", "layers/0/bias", "layers/1/weight", "layers/1/bias"]
+        "layers/0/weight",
+        "layers/0/bias",
+        "layers/1/weight",
+        "layers/1/bias",
+    ]
     _close(whole.matrices[0], ref)
 
     arrays, static = eqx.partition(model, eqx.is_inexact_array)
@@ -138,8 +158,9 @@ def test_equinox_last_layer_with_out_in_kernel(mlp, data):
     def layer_input(m, inputs):
         return jax.vmap(lambda v: jnp.tanh(m.layers[0](v)))(inputs)
 
-    grads = export_gradients(loss, [(model, 1.0)], (x, y), mode="last_layer", layers=["layers/1"],
-                             layer_input=layer_input, progress=False)
+    grads = export_gradients(
+        loss, [(model, 1.0)], (x, y), mode="last_layer", layers=["layers/1"], layer_input=layer_input, progress=False
+    )
     ref = mlp.reference_grads(w, x, y)
     assert grads.dims == ((3, 9),)
     _close(grads.left[0], ref["b2"])

@@ -34,8 +34,12 @@ def _trained(mlp, x, y, steps=(2, 3)):
 
 
 def _torch_weights(params) -> dict[str, np.ndarray]:
-    return {"w1": np.asarray(params["l1"]["kernel"]).T, "b1": np.asarray(params["l1"]["bias"]),
-            "w2": np.asarray(params["l2"]["kernel"]).T, "b2": np.asarray(params["l2"]["bias"])}
+    return {
+        "w1": np.asarray(params["l1"]["kernel"]).T,
+        "b1": np.asarray(params["l1"]["bias"]),
+        "w2": np.asarray(params["l2"]["kernel"]).T,
+        "b2": np.asarray(params["l2"]["bias"]),
+    }
 
 
 def _flat(tree) -> np.ndarray:
@@ -64,12 +68,20 @@ def _reference(mlp, params, state, x, y, kind):
 def test_rows_follow_adam_formulas_from_the_optax_state(mlp, data, kind):
     x, y = data
     checkpoints = _trained(mlp, x, y)
-    g = export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner=kind, batch_size=16,
-                         preconditioner_options={"b1": B1, "b2": B2, "eps": EPS}, progress=False)
+    g = export_gradients(
+        mlp.loss_fn,
+        checkpoints,
+        (x, y),
+        preconditioner=kind,
+        batch_size=16,
+        preconditioner_options={"b1": B1, "b2": B2, "eps": EPS},
+        progress=False,
+    )
     for c, (params, _, state) in enumerate(checkpoints):
         expected = _reference(mlp, params, state, x, y, kind)
-        np.testing.assert_allclose(np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5,
-                                   atol=2e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )
     assert g.metadata["preconditioner"] == {"kind": kind, "b1": B1, "b2": B2, "eps": EPS}
     assert [int(_adam_state(s).count) for *_, s in checkpoints] == [2, 5]
 
@@ -80,21 +92,39 @@ def test_missing_or_wrong_optimizer_states_are_clear_errors(mlp, data):
     with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state, which preconditioner='adam'"):
         export_gradients(mlp.loss_fn, [c[:2] for c in checkpoints], (x, y), preconditioner="adam", progress=False)
     sgd_state = optax.sgd(0.1, momentum=0.9).init(mlp.params[0])
-    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) must hold exactly one optax "
-                                         r"ScaleByAdamState"):
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] \(optimizer state\) must hold exactly one optax "
+        r"ScaleByAdamState",
+    ):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, sgd_state)], (x, y), progress=False)
     with pytest.raises(ValueError, match=r"preconditioner_options: unknown keys \['beta1'\]"):
-        export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam",
-                         preconditioner_options={"beta1": 0.9}, progress=False)
+        export_gradients(
+            mlp.loss_fn,
+            checkpoints,
+            (x, y),
+            preconditioner="adam",
+            preconditioner_options={"beta1": 0.9},
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"preconditioner_options\['b2'\] must be in \[0, 1\)"):
-        export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam",
-                         preconditioner_options={"b2": 1.0}, progress=False)
+        export_gradients(
+            mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", preconditioner_options={"b2": 1.0}, progress=False
+        )
     fresh = optax.adam(0.1).init(mlp.params[0])
     with pytest.raises(ValueError, match="the step count of l1/bias is 0.0; Adam state after at least one step"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, fresh)], (x, y), preconditioner="adam", progress=False)
     with pytest.raises(ValueError, match="preconditioner='adam' needs mode='full' in tracin.jax"):
-        export_gradients(mlp.loss_fn, checkpoints, (x, y), mode="last_layer", layers=["l2"], layer_input=mlp.hidden,
-                         preconditioner="adam", progress=False)
+        export_gradients(
+            mlp.loss_fn,
+            checkpoints,
+            (x, y),
+            mode="last_layer",
+            layers=["l2"],
+            layer_input=mlp.hidden,
+            preconditioner="adam",
+            progress=False,
+        )
     other = (_adam_state(optax.adam(0.1).init({"l1": mlp.params[0]["l1"]}))._replace(count=jnp.ones([], jnp.int32)),)
     with pytest.raises(ValueError, match="the Adam moments have no leaf 'l2/bias'"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, other)], (x, y), preconditioner="adam", progress=False)
@@ -105,19 +135,30 @@ def test_resume_with_another_optimizer_state_is_refused(mlp, data, tmp_path):
     checkpoints = _trained(mlp, x, y)
     export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", store=tmp_path / "s", progress=False)
     params, lr, state = checkpoints[1]
-    doubled = jax.tree_util.tree_map(lambda a: a * 2 if isinstance(a, jax.Array) and a.dtype == jnp.float32 else a,
-                                     state)
+    doubled = jax.tree_util.tree_map(
+        lambda a: a * 2 if isinstance(a, jax.Array) and a.dtype == jnp.float32 else a, state
+    )
     with pytest.raises(ValueError, match="optimizer states saved with the checkpoints differ"):
-        export_gradients(mlp.loss_fn, [checkpoints[0], (params, lr, doubled)], (x, y), preconditioner="adam",
-                         store=tmp_path / "s", progress=False)
+        export_gradients(
+            mlp.loss_fn,
+            [checkpoints[0], (params, lr, doubled)],
+            (x, y),
+            preconditioner="adam",
+            store=tmp_path / "s",
+            progress=False,
+        )
 
 
 def _torch_checkpoints(checkpoints):
     """The same weights and Adam states as torch (state_dict, lr, optimizer state_dict) triples."""
     torch = pytest.importorskip("torch")
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    names = {"0.weight": ("l1", "kernel"), "0.bias": ("l1", "bias"), "2.weight": ("l2", "kernel"),
-             "2.bias": ("l2", "bias")}
+    names = {
+        "0.weight": ("l1", "kernel"),
+        "0.bias": ("l1", "bias"),
+        "2.weight": ("l2", "kernel"),
+        "2.bias": ("l2", "bias"),
+    }
 
     def as_torch(tree, name):
         a = np.asarray(tree[names[name][0]][names[name][1]])
@@ -128,8 +169,14 @@ def _torch_checkpoints(checkpoints):
         adam = _adam_state(state)
         opt = torch.optim.Adam(model.parameters(), betas=(B1, B2), eps=EPS)
         opt_state = opt.state_dict()
-        opt_state["state"] = {i: {"step": torch.tensor(float(adam.count)), "exp_avg": as_torch(adam.mu, name),
-                                  "exp_avg_sq": as_torch(adam.nu, name)} for i, name in enumerate(names)}
+        opt_state["state"] = {
+            i: {
+                "step": torch.tensor(float(adam.count)),
+                "exp_avg": as_torch(adam.mu, name),
+                "exp_avg_sq": as_torch(adam.nu, name),
+            }
+            for i, name in enumerate(names)
+        }
         out.append(({name: as_torch(params, name) for name in names}, lr, opt_state))
     return model, out
 
@@ -137,6 +184,7 @@ def _torch_checkpoints(checkpoints):
 @pytest.mark.parametrize("train_kind, test_kind", [("adam", "adam"), ("adam_update", None)])
 def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind):
     from tracin.torch import export_gradients as torch_export
+
     torch = pytest.importorskip("torch")
 
     x, y = data
@@ -146,14 +194,27 @@ def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind)
     loss = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
     sides = {}
     for side, kind, rows in (("train", train_kind, slice(0, 50)), ("test", test_kind, slice(50, 70))):
-        sides["jax", side] = export_gradients(mlp.loss_fn, checkpoints, (x[rows], y[rows]), preconditioner=kind,
-                                              preconditioner_options=options, progress=False)
-        sides["torch", side] = torch_export(model, torch_checkpoints, (torch.as_tensor(x[rows]),
-                                            torch.as_tensor(y[rows])), loss, preconditioner=kind, progress=False)
+        sides["jax", side] = export_gradients(
+            mlp.loss_fn,
+            checkpoints,
+            (x[rows], y[rows]),
+            preconditioner=kind,
+            preconditioner_options=options,
+            progress=False,
+        )
+        sides["torch", side] = torch_export(
+            model,
+            torch_checkpoints,
+            (torch.as_tensor(x[rows]), torch.as_tensor(y[rows])),
+            loss,
+            preconditioner=kind,
+            progress=False,
+        )
     ours = tracin.scores(sides["jax", "test"], sides["jax", "train"])
     theirs = tracin.scores(sides["torch", "test"], sides["torch", "train"])
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
-    exact = sum(w * _reference(mlp, p, s, x[50:], y[50:], test_kind) @ _reference(mlp, p, s, x[:50], y[:50],
-                                                                               train_kind).T
-                for p, w, s in checkpoints)
+    exact = sum(
+        w * _reference(mlp, p, s, x[50:], y[50:], test_kind) @ _reference(mlp, p, s, x[:50], y[:50], train_kind).T
+        for p, w, s in checkpoints
+    )
     np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())

@@ -31,8 +31,10 @@ def _jax_export(checkpoints, data, **kw):
     import jax.numpy as jnp
 
     r = np.random.default_rng(2)
-    params = {"w1": jnp.asarray(r.normal(size=(5, 4)), jnp.float32),
-              "w2": jnp.asarray(r.normal(size=(4, 3)), jnp.float32)}
+    params = {
+        "w1": jnp.asarray(r.normal(size=(5, 4)), jnp.float32),
+        "w2": jnp.asarray(r.normal(size=(4, 3)), jnp.float32),
+    }
     ckpts = [(params if c == "params" else c, lr) for c, lr in checkpoints]
 
     def cross_entropy(p, x, y):
@@ -62,27 +64,42 @@ def _once_first(hook, fn):
 
 
 def _batches():
-    return [(X[i:i + 4], Y[i:i + 4]) for i in range(0, 12, 4)]
+    return [(X[i : i + 4], Y[i : i + 4]) for i in range(0, 12, 4)]
 
 
 CASES = {
-    "one-shot iterator": (dict(checkpoints=TWO, data=lambda: iter(_batches())), ValueError,
-                          r"data is a one-shot iterator, but it is read once per checkpoint \(2 checkpoints\)"),
-    "missing checkpoint": (dict(checkpoints=lambda tmp: [("params", 1.0), (str(tmp / "gone"), 1.0)], data=None),
-                           FileNotFoundError, r"checkpoints\[1\]: no checkpoint at .*gone"),
+    "one-shot iterator": (
+        dict(checkpoints=TWO, data=lambda: iter(_batches())),
+        ValueError,
+        r"data is a one-shot iterator, but it is read once per checkpoint \(2 checkpoints\)",
+    ),
+    "missing checkpoint": (
+        dict(checkpoints=lambda tmp: [("params", 1.0), (str(tmp / "gone"), 1.0)], data=None),
+        FileNotFoundError,
+        r"checkpoints\[1\]: no checkpoint at .*gone",
+    ),
     "no rows (arrays)": (dict(checkpoints=TWO[:1], data=lambda: (X[:0], Y[:0])), ValueError, "data has no rows"),
     "no rows (list)": (dict(checkpoints=TWO[:1], data=lambda: []), ValueError, "data has no rows"),
     "no rows (iterator)": (dict(checkpoints=TWO[:1], data=lambda: iter([])), ValueError, "data has no rows"),
     # the list of batches loses its last batch while checkpoint 0 is being computed
-    "rows lost during the export": (dict(checkpoints=TWO, data=_batches, shrink=True), ValueError,
-                                    "data gave 8 rows at checkpoint 0, expected 12; it must give the same rows"),
+    "rows lost during the export": (
+        dict(checkpoints=TWO, data=_batches, shrink=True),
+        ValueError,
+        "data gave 8 rows at checkpoint 0, expected 12; it must give the same rows",
+    ),
     "store not a path": (dict(checkpoints=TWO, data=None, store=3), TypeError, "store must be a directory path"),
-    "store without a row count": (dict(checkpoints=TWO[:1], data=lambda: iter(_batches()), store="s"), ValueError,
-                                  "store= needs the number of examples up front"),
+    "store without a row count": (
+        dict(checkpoints=TWO[:1], data=lambda: iter(_batches()), store="s"),
+        ValueError,
+        "store= needs the number of examples up front",
+    ),
     "loss not callable": (dict(checkpoints=TWO, data=None, loss="ce"), TypeError, "loss_fn must be callable"),
     "empty checkpoint list": (dict(checkpoints=[], data=None), ValueError, "checkpoints is empty"),
-    "bad learning rate": (dict(checkpoints=[("params", "fast")], data=None), TypeError,
-                          r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number"),
+    "bad learning rate": (
+        dict(checkpoints=[("params", "fast")], data=None),
+        TypeError,
+        r"checkpoints\[0\]\[1\] \(learning rate\) must be a real number",
+    ),
 }
 
 

@@ -68,7 +68,7 @@ def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
 
 def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypatch):
     x, y = data
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]  # 5 batches, the last of 6 rows
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]  # 5 batches, the last of 6 rows
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     calls = []
     original = per_example.FullRows.__call__
@@ -108,10 +108,12 @@ def test_projected_store_holds_the_projected_rows_and_its_spec(mlp, data, tmp_pa
 def test_scoring_refuses_a_store_projected_differently(mlp, data, tmp_path):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
-    store = export_gradients(mlp.loss_fn, ckpts, (x, y), projection=tracin.Projection(12, seed=2),
-                             store=tmp_path / "g", progress=False)
-    other = export_gradients(mlp.loss_fn, ckpts, (x[:5], y[:5]), projection=tracin.Projection(12, seed=3),
-                             progress=False)
+    store = export_gradients(
+        mlp.loss_fn, ckpts, (x, y), projection=tracin.Projection(12, seed=2), store=tmp_path / "g", progress=False
+    )
+    other = export_gradients(
+        mlp.loss_fn, ckpts, (x[:5], y[:5]), projection=tracin.Projection(12, seed=3), progress=False
+    )
     with pytest.raises(ValueError, match="projection mismatch.*seed"):
         tracin.top_k(other, store, k=3)
     plain = export_gradients(mlp.loss_fn, ckpts, (x[:5], y[:5]), layers=["l2"], progress=False)
@@ -136,11 +138,17 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path)
 
 def test_an_interrupted_export_leaves_byte_identical_files_after_resume(mlp, data, tmp_path):
     x, y = data
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     with pytest.raises(_Interrupted):
-        export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=3, after=2), store=tmp_path / "g",
-                         dtype="float16", progress=False)
+        export_gradients(
+            mlp.loss_fn,
+            ckpts,
+            _FailingOnce(batches, on=3, after=2),
+            store=tmp_path / "g",
+            dtype="float16",
+            progress=False,
+        )
     export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", dtype="float16", progress=False)
     export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "f", dtype="float16", progress=False)
     assert _store_files(tmp_path / "g") == _store_files(tmp_path / "f") and len(_store_files(tmp_path / "f")) == 3
@@ -159,7 +167,7 @@ class _Rotating(list):
 
 def test_data_that_changes_order_between_checkpoints_is_refused(mlp, data):
     x, y = data
-    rotating = _Rotating([(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)])
+    rotating = _Rotating([(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)])
     with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
         export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), rotating, progress=False)
 
@@ -169,8 +177,9 @@ def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tm
     huge = lambda params, xs, ys: mlp.loss_fn(params, xs, ys) * 1e6  # noqa: E731
     for store in (None, tmp_path / "g"):
         with pytest.raises(ValueError, match="beyond the float16 range"):
-            export_gradients(huge, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), dtype="float16", store=store,
-                             progress=False)
+            export_gradients(
+                huge, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), dtype="float16", store=store, progress=False
+            )
 
 
 def test_numpy_batch_sizes_are_accepted(mlp, data):
@@ -184,7 +193,7 @@ def test_numpy_batch_sizes_are_accepted(mlp, data):
 
 def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
     x, y = data
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 70, 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     with pytest.raises(_Interrupted):  # pass 1 fingerprints the data; dies in checkpoint 0
         export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=2, after=2), store=tmp_path / "g", progress=False)
@@ -192,8 +201,11 @@ def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
     def squared_error(params, inputs, targets):
         return (mlp.loss_fn(params, inputs, targets) - 1.0) ** 2
 
-    with pytest.raises(ValueError, match=r"other inputs: the loss function differs \(.*loss_fn there, "
-                                         r".*squared_error here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"other inputs: the loss function differs \(.*loss_fn there, "
+        r".*squared_error here\)",
+    ):
         export_gradients(squared_error, ckpts, batches, store=tmp_path / "g", progress=False)
     resumed = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "g", progress=False)
     memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import assert_close_to_exact, exact_scores, factored_to_full
 from torch.func import functional_call, grad, vmap
 
 import tracin
+from reference import assert_close_to_exact, exact_scores, factored_to_full
 from tracin.jax import export_gradients
 
 
@@ -34,8 +34,9 @@ def torch_rows(w: dict, x: np.ndarray, y: np.ndarray, names: list[str]) -> np.nd
         out = functional_call(model, {**params, **chosen}, (xi[None],))
         return torch.nn.functional.cross_entropy(out, yi[None])
 
-    grads = vmap(grad(loss), in_dims=(None, 0, 0))({k: params[k] for k in names}, torch.as_tensor(x),
-                                                   torch.as_tensor(y))
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(
+        {k: params[k] for k in names}, torch.as_tensor(x), torch.as_tensor(y)
+    )
     return torch.cat([grads[k].reshape(len(x), -1) for k in names], dim=1).numpy()
 
 
@@ -52,15 +53,20 @@ def _check_influence(ours_test, ours_train, ref_test, ref_train, lrs):
     np.testing.assert_array_equal(both[0].indices, np.argsort(-exact, axis=1, kind="stable")[:, :5])
     np.testing.assert_array_equal(both[1].indices, np.argsort(exact, axis=1, kind="stable")[:, :5])
     self_ours = tracin.self_influence(ours_train)
-    self_ref = sum(lr * np.einsum("nd,nd->n", r.astype(np.float64), r.astype(np.float64))
-                   for lr, r in zip(lrs, ref_train, strict=True))
+    self_ref = sum(
+        lr * np.einsum("nd,nd->n", r.astype(np.float64), r.astype(np.float64))
+        for lr, r in zip(lrs, ref_train, strict=True)
+    )
     np.testing.assert_allclose(self_ours, self_ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layers, torch_names", [
-    (None, ["0.weight", "0.bias", "2.weight", "2.bias"]),
-    (["l2"], ["2.weight", "2.bias"]),
-])
+@pytest.mark.parametrize(
+    "layers, torch_names",
+    [
+        (None, ["0.weight", "0.bias", "2.weight", "2.bias"]),
+        (["l2"], ["2.weight", "2.bias"]),
+    ],
+)
 def test_full_gradients_match_torch(mlp, split, layers, torch_names):
     (xtr, ytr), (xte, yte) = split
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
@@ -83,9 +89,14 @@ def test_last_layer_matches_torch(mlp, split):
     _check_influence(test, train, ref_test, ref_train, mlp.lrs)
 
 
-@pytest.mark.parametrize("mode, jax_layers, torch_layers", [
-    ("full", None, None), ("full", ["l2"], ["2"]), ("last_layer", ["l2"], ["2"]),
-])
+@pytest.mark.parametrize(
+    "mode, jax_layers, torch_layers",
+    [
+        ("full", None, None),
+        ("full", ["l2"], ["2"]),
+        ("last_layer", ["l2"], ["2"]),
+    ],
+)
 def test_same_influence_as_tracin_torch(mlp, split, mode, jax_layers, torch_layers):
     import tracin.torch
 
@@ -96,26 +107,44 @@ def test_same_influence_as_tracin_torch(mlp, split, mode, jax_layers, torch_laye
     extra = dict(layer_input=mlp.hidden) if mode == "last_layer" else {}
 
     def ours(x, y):
-        return export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), mode=mode,
-                                layers=jax_layers, progress=False, **extra)
+        return export_gradients(
+            mlp.loss_fn,
+            list(zip(mlp.params, mlp.lrs, strict=True)),
+            (x, y),
+            mode=mode,
+            layers=jax_layers,
+            progress=False,
+            **extra,
+        )
 
     def theirs(x, y):
-        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs, strict=True)), (torch.as_tensor(x),
-                                             torch.as_tensor(y)), ce, mode=mode, layers=torch_layers, progress=False)
+        return tracin.torch.export_gradients(
+            models[0],
+            list(zip(states, mlp.lrs, strict=True)),
+            (torch.as_tensor(x), torch.as_tensor(y)),
+            ce,
+            mode=mode,
+            layers=torch_layers,
+            progress=False,
+        )
 
     jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
     assert jax_train.dims == torch_train.dims
     if mode == "last_layer":  # both factor as dL/d(output) and [input, 1]
         for a, b in zip(jax_train.left + jax_train.right, torch_train.left + torch_train.right, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        ref_test, ref_train = factored_to_full(torch_test.left, torch_test.right), factored_to_full(
-            torch_train.left, torch_train.right)
+        ref_test, ref_train = (
+            factored_to_full(torch_test.left, torch_test.right),
+            factored_to_full(torch_train.left, torch_train.right),
+        )
     else:
         ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
     assert_close_to_exact(tracin.scores(jax_test, jax_train), ref_test, ref_train, mlp.lrs)
     for side in ("proponents", "opponents"):
-        np.testing.assert_array_equal(tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
-                                      tracin.top_k(torch_test, torch_train, k=5, side=side).indices)
+        np.testing.assert_array_equal(
+            tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
+            tracin.top_k(torch_test, torch_train, k=5, side=side).indices,
+        )
 
 
 def _torch_layout_params(w: dict) -> list:
@@ -147,13 +176,26 @@ def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mo
         loss_fn, params, extra = mlp.loss_fn, mlp.params, dict(layers=["l2"], layer_input=mlp.hidden)
 
     def ours(x, y):
-        return export_gradients(loss_fn, list(zip(params, mlp.lrs, strict=True)), (x, y), mode=mode,
-                                projection=projection, progress=False, **extra)
+        return export_gradients(
+            loss_fn,
+            list(zip(params, mlp.lrs, strict=True)),
+            (x, y),
+            mode=mode,
+            projection=projection,
+            progress=False,
+            **extra,
+        )
 
     def theirs(x, y):
-        return tracin.torch.export_gradients(models[0], list(zip(states, mlp.lrs, strict=True)), (torch.as_tensor(x),
-                                             torch.as_tensor(y)), ce, mode=mode, projection=projection,
-                                             progress=False)
+        return tracin.torch.export_gradients(
+            models[0],
+            list(zip(states, mlp.lrs, strict=True)),
+            (torch.as_tensor(x), torch.as_tensor(y)),
+            ce,
+            mode=mode,
+            projection=projection,
+            progress=False,
+        )
 
     jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
     assert jax_train.dims == torch_train.dims
@@ -163,6 +205,7 @@ def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mo
         ref_train = factored_to_full(torch_train.left, torch_train.right)
     else:
         assert [p["shape"] for p in jax_train.metadata["params"]] == [
-            p["shape"] for p in torch_train.metadata["params"]]
+            p["shape"] for p in torch_train.metadata["params"]
+        ]
         ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
     _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)

@@ -17,20 +17,20 @@ def random_blocks(n: int, dims: list, dtype: str, factored: bool, seed: int = 0)
     rng = np.random.default_rng(seed)
     cast = NUMPY_DTYPES[dtype]
     if factored:
-        return [(rng.standard_normal((n, p)).astype(cast), rng.standard_normal((n, q)).astype(cast))
-                for p, q in dims]
+        return [(rng.standard_normal((n, p)).astype(cast), rng.standard_normal((n, q)).astype(cast)) for p, q in dims]
     return [rng.standard_normal((n, d)).astype(cast) for d in dims]
 
 
-def write_store(path: Path, blocks: list, weights=None, dtype: str = "float32", factored: bool = False,
-                step: int = 10, **kwargs) -> tracin.GradientStore:
+def write_store(
+    path: Path, blocks: list, weights=None, dtype: str = "float32", factored: bool = False, step: int = 10, **kwargs
+) -> tracin.GradientStore:
     """A finished store holding `blocks`, written in row blocks of `step`, checkpoints interleaved."""
     n = len(blocks[0][0] if factored else blocks[0])
     dims = [(b[0].shape[1], b[1].shape[1]) if factored else b.shape[1] for b in blocks]
     writer = tracin.GradientStore.create(path, n, dims, weights, dtype, factored=factored, **kwargs)
     for start in range(0, n, step):
         for c, b in enumerate(blocks):
-            part = (b[0][start:start + step], b[1][start:start + step]) if factored else b[start:start + step]
+            part = (b[0][start : start + step], b[1][start : start + step]) if factored else b[start : start + step]
             writer.write(c, start, part)
     return writer.finalize()
 

@@ -10,8 +10,14 @@ import numpy as np
 import tracin
 
 N_ROWS, BLOCK, DIMS, WEIGHTS = 600, 40, [48, 16], [0.5, 0.25]
-SPEC = dict(n_rows=N_ROWS, dims=DIMS, weights=WEIGHTS, dtype="bfloat16", metadata={"run": "ranges"},
-            ids=[f"ex-{i}" for i in range(N_ROWS)])
+SPEC = dict(
+    n_rows=N_ROWS,
+    dims=DIMS,
+    weights=WEIGHTS,
+    dtype="bfloat16",
+    metadata={"run": "ranges"},
+    ids=[f"ex-{i}" for i in range(N_ROWS)],
+)
 
 
 def rows(c: int) -> np.ndarray:
@@ -25,7 +31,7 @@ def write_missing(w: tracin.GradientStoreWriter, start: int, stop: int, report: 
     for c in range(len(DIMS)):
         data = rows(c)
         for a in range(w.rows_done(c), stop, BLOCK):
-            w.write(c, a, data[a:min(a + BLOCK, stop)])
+            w.write(c, a, data[a : min(a + BLOCK, stop)])
             if report:
                 print("wrote", c, a, flush=True)
 

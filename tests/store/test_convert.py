@@ -4,13 +4,31 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 import torch
+
 from tracin.store._convert import float32_to_bfloat16_bits, to_store_dtype
 
-SPECIAL = np.array([0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, np.nan, 3.4028235e38, -3.4028235e38,
-                    1e-40, -1e-45, 1.00390625, 1.01171875, 1.0039063, 65504.0, 70000.0],
-                   dtype=np.float32)
+SPECIAL = np.array(
+    [
+        0.0,
+        -0.0,
+        1.0,
+        -2.5,
+        np.inf,
+        -np.inf,
+        np.nan,
+        3.4028235e38,
+        -3.4028235e38,
+        1e-40,
+        -1e-45,
+        1.00390625,
+        1.01171875,
+        1.0039063,
+        65504.0,
+        70000.0,
+    ],
+    dtype=np.float32,
+)
 
 
 def _bits(x) -> np.ndarray:
@@ -37,8 +55,7 @@ def test_bfloat16_rounding_matches_ml_dtypes():
 def test_every_source_dtype_and_framework_converts_like_a_direct_cast(source, target, kind):
     rng = np.random.default_rng(1)
     special = SPECIAL[np.abs(SPECIAL) <= (60000 if target == "float16" else 3e38)]
-    base = np.concatenate([rng.standard_normal((6, 5)).astype(np.float32) * 3,
-                           np.resize(special, 10).reshape(2, 5)])
+    base = np.concatenate([rng.standard_normal((6, 5)).astype(np.float32) * 3, np.resize(special, 10).reshape(2, 5)])
     cast = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
     x = base.astype(cast[source])
     if kind == "torch":
@@ -57,8 +74,10 @@ def test_every_source_dtype_and_framework_converts_like_a_direct_cast(source, ta
     assert same.all(), (ours, ref)
 
 
-@pytest.mark.parametrize("source, target, value", [
-    ("float32", "float16", 70000.0), ("bfloat16", "float16", -1e10), ("float32", "bfloat16", 3.4e38)])
+@pytest.mark.parametrize(
+    "source, target, value",
+    [("float32", "float16", 70000.0), ("bfloat16", "float16", -1e10), ("float32", "bfloat16", 3.4e38)],
+)
 def test_finite_values_beyond_the_store_range_are_refused(source, target, value):
     cast = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
     x = np.array([[1.0, value]], dtype=np.float32).astype(cast[source])

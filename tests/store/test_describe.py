@@ -26,9 +26,15 @@ def test_a_torch_factored_store_shows_checkpoints_times_layers(tmp_path, capsys)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     later = {k: v + 0.1 for k, v in model.state_dict().items()}
     x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
-    store = export_gradients(model, [(model.state_dict(), 0.1), (later, 0.05)], (x, y),
-                             torch.nn.CrossEntropyLoss(reduction="none"), mode="factored", store=tmp_path / "s",
-                             progress=False)
+    store = export_gradients(
+        model,
+        [(model.state_dict(), 0.1), (later, 0.05)],
+        (x, y),
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        mode="factored",
+        store=tmp_path / "s",
+        progress=False,
+    )
     assert store.n_checkpoints == 4 and len(store.metadata["fingerprints"]["checkpoints"]) == 2
     text = describe(tmp_path / "s")
     assert _line(text, "checkpoints") == "checkpoints     2 x 2 layers  (4 factor pairs; weights 0.1, 0.05)"
@@ -45,17 +51,30 @@ def _factored_store(path, dims, weights, digests):
     return write_store(path, blocks, weights, factored=True, metadata={"fingerprints": {"checkpoints": digests}})
 
 
-@pytest.mark.parametrize("dims, weights, digests, checkpoints, dims_line", [
-    # layers sharing their checkpoint's weight, dims repeating: one of each per checkpoint
-    ([(2, 3), (4, 1)] * 3, [0.5, 0.5, 0.2, 0.2, 0.1, 0.1], ["a", "b", "c"],
-     "3 x 2 layers  (6 factor pairs; weights 0.5, 0.2, 0.1)", "[2, 3], [4, 1] (each checkpoint's layers)"),
-    # weights differing within a checkpoint, dims changing: every slot
-    ([(2, 3), (4, 1), (2, 3), (4, 2)], [0.5, 0.4, 0.2, 0.2], ["a", "b"],
-     "2 x 2 layers  (4 factor pairs; weights 0.5, 0.4, 0.2, 0.2)", "[2, 3], [4, 1], [2, 3], [4, 2]"),
-    # fingerprints that do not divide the slots, or none: plain checkpoints
-    ([(2, 3)] * 3, [1.0, 2.0, 3.0], ["a", "b"], "3  (weights 1, 2, 3)", "[2, 3], [2, 3], [2, 3]"),
-    ([(2, 3)] * 2, [1.0, 2.0], "not a list", "2  (weights 1, 2)", "[2, 3], [2, 3]"),
-])
+@pytest.mark.parametrize(
+    "dims, weights, digests, checkpoints, dims_line",
+    [
+        # layers sharing their checkpoint's weight, dims repeating: one of each per checkpoint
+        (
+            [(2, 3), (4, 1)] * 3,
+            [0.5, 0.5, 0.2, 0.2, 0.1, 0.1],
+            ["a", "b", "c"],
+            "3 x 2 layers  (6 factor pairs; weights 0.5, 0.2, 0.1)",
+            "[2, 3], [4, 1] (each checkpoint's layers)",
+        ),
+        # weights differing within a checkpoint, dims changing: every slot
+        (
+            [(2, 3), (4, 1), (2, 3), (4, 2)],
+            [0.5, 0.4, 0.2, 0.2],
+            ["a", "b"],
+            "2 x 2 layers  (4 factor pairs; weights 0.5, 0.4, 0.2, 0.2)",
+            "[2, 3], [4, 1], [2, 3], [4, 2]",
+        ),
+        # fingerprints that do not divide the slots, or none: plain checkpoints
+        ([(2, 3)] * 3, [1.0, 2.0, 3.0], ["a", "b"], "3  (weights 1, 2, 3)", "[2, 3], [2, 3], [2, 3]"),
+        ([(2, 3)] * 2, [1.0, 2.0], "not a list", "2  (weights 1, 2)", "[2, 3], [2, 3]"),
+    ],
+)
 def test_checkpoints_and_dims_lines(tmp_path, dims, weights, digests, checkpoints, dims_line):
     _factored_store(tmp_path / "s", dims, weights, digests)
     text = describe(tmp_path / "s")
@@ -64,8 +83,12 @@ def test_checkpoints_and_dims_lines(tmp_path, dims, weights, digests, checkpoint
 
 
 def test_a_full_store_with_one_fingerprint_per_slot_stays_plain(tmp_path):
-    write_store(tmp_path / "s", random_blocks(4, [3, 3], "float32", False), [1.0, 1.0],
-                metadata={"fingerprints": {"checkpoints": ["a"]}})
+    write_store(
+        tmp_path / "s",
+        random_blocks(4, [3, 3], "float32", False),
+        [1.0, 1.0],
+        metadata={"fingerprints": {"checkpoints": ["a"]}},
+    )
     assert _line(describe(tmp_path / "s"), "checkpoints") == "checkpoints     2  (weights 1, 1)"
 
 

@@ -13,8 +13,7 @@ from .helpers import random_blocks, write_store
 
 @pytest.fixture
 def store_dir(tmp_path):
-    write_store(tmp_path / "s", random_blocks(6, [4, 3], "float16", False), dtype="float16",
-                ids=list(range(6)))
+    write_store(tmp_path / "s", random_blocks(6, [4, 3], "float16", False), dtype="float16", ids=list(range(6)))
     return tmp_path / "s"
 
 
@@ -90,18 +89,21 @@ def test_corrupt_manifest(store_dir):
         tracin.GradientStore.open(store_dir)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.pop("dtype"), "missing key 'dtype'"),
-    (lambda d: d.update(format="other"), "not a tracin gradient store manifest"),
-    (lambda d: d.update(dtype="int8"), "dtype must be one of"),
-    (lambda d: d.update(mode="diagonal"), "mode must be 'full' or 'factored'"),
-    (lambda d: d.update(n_rows=-1), "n_rows must be a positive integer"),
-    (lambda d: d["checkpoints"][0].update(weight="fast"), r"checkpoints\[0\] weight must be a finite number"),
-    (lambda d: d["checkpoints"][1].update(written=[[0, 9]]), r"checkpoints\[1\].written must be sorted"),
-    (lambda d: d["checkpoints"][1].update(file="../elsewhere.npy"), "names unexpected data files"),
-    (lambda d: d["checkpoints"][1].pop("file"), r"checkpoints\[1\] is malformed"),
-    (lambda d: d["checkpoints"][1].update(written=[[0, 2]]), "marked complete but some rows are not"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.pop("dtype"), "missing key 'dtype'"),
+        (lambda d: d.update(format="other"), "not a tracin gradient store manifest"),
+        (lambda d: d.update(dtype="int8"), "dtype must be one of"),
+        (lambda d: d.update(mode="diagonal"), "mode must be 'full' or 'factored'"),
+        (lambda d: d.update(n_rows=-1), "n_rows must be a positive integer"),
+        (lambda d: d["checkpoints"][0].update(weight="fast"), r"checkpoints\[0\] weight must be a finite number"),
+        (lambda d: d["checkpoints"][1].update(written=[[0, 9]]), r"checkpoints\[1\].written must be sorted"),
+        (lambda d: d["checkpoints"][1].update(file="../elsewhere.npy"), "names unexpected data files"),
+        (lambda d: d["checkpoints"][1].pop("file"), r"checkpoints\[1\] is malformed"),
+        (lambda d: d["checkpoints"][1].update(written=[[0, 2]]), "marked complete but some rows are not"),
+    ],
+)
 def test_malformed_manifests(store_dir, change, message):
     _edit_manifest(store_dir, change)
     with pytest.raises(StoreFormatError, match=message):
@@ -116,8 +118,10 @@ def test_no_store_there(tmp_path):
 
 
 def test_resuming_into_a_damaged_store_says_so(store_dir):
-    _edit_manifest(store_dir, lambda d: d.update(complete=False, checkpoints=[
-        {**c, "written": [[0, 3]]} for c in d["checkpoints"]]))
+    _edit_manifest(
+        store_dir,
+        lambda d: d.update(complete=False, checkpoints=[{**c, "written": [[0, 3]]} for c in d["checkpoints"]]),
+    )
     f = store_dir / "checkpoint_000.npy"
     f.write_bytes(f.read_bytes()[:-1])
     with pytest.raises(StoreFormatError, match="truncated.*pass overwrite=True"):

@@ -18,17 +18,30 @@ from tracin.store._npy import parse_header
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 def _valid_doc(factored: bool) -> dict:
     dims = [(2, 3), (1, 4)] if factored else [(5,), (7,)]
-    m = Manifest(n_rows=9, dtype="float16", factored=factored, dims=dims, weights=[0.5, -1.0], weights_given=True,
-                 metadata={"layers": ["fc"]}, has_ids=True, written=[[[0, 9]], [[2, 4], [6, 9]]],
-                 store_id="0123456789abcdef0123456789abcdef")
+    m = Manifest(
+        n_rows=9,
+        dtype="float16",
+        factored=factored,
+        dims=dims,
+        weights=[0.5, -1.0],
+        weights_given=True,
+        metadata={"layers": ["fc"]},
+        has_ids=True,
+        written=[[[0, 9]], [[2, 4], [6, 9]]],
+        store_id="0123456789abcdef0123456789abcdef",
+    )
     return m.to_json()
 
 
@@ -91,7 +104,7 @@ def test_manifest_bytes_with_random_edits(factored, edits):
     data = bytearray(json.dumps(_valid_doc(factored), indent=2).encode())
     for at, new in edits:
         at %= len(data) + 1
-        data[at:at + len(new)] = new
+        data[at : at + len(new)] = new
     _check_manifest(bytes(data))
 
 
@@ -104,7 +117,8 @@ def test_arbitrary_manifest_bytes(data):
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -124,13 +138,16 @@ def test_valid_npy_headers_parse_as_numpy_reads_them(dtype, shape):
 
 
 @FUZZ
-@given(dtype=npy_dtypes, shape=npy_shapes,
-       edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
+@given(
+    dtype=npy_dtypes,
+    shape=npy_shapes,
+    edits=st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=1, max_size=3)), min_size=1, max_size=4),
+)
 def test_npy_headers_with_random_edits(dtype, shape, edits):
     head = bytearray(_npy_header(dtype, shape))
     for at, new in edits:
         at %= len(head)
-        head[at:at + len(new)] = new
+        head[at : at + len(new)] = new
     try:
         found_dtype, found_shape, fortran, offset = parse_header(bytes(head), "x")
     except StoreFormatError:

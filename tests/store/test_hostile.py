@@ -27,8 +27,7 @@ HAS_PROC_FD = Path("/proc/self/fd").is_dir()
 @pytest.fixture
 def store(tmp_path):
     """A finished store of 6 rows, two checkpoints, with ids."""
-    return write_store(tmp_path / "s", random_blocks(6, [4, 3], "float32", False), [0.5, 2.0],
-                       ids=list(range(6)))
+    return write_store(tmp_path / "s", random_blocks(6, [4, 3], "float32", False), [0.5, 2.0], ids=list(range(6)))
 
 
 def _unfinished(path: Path) -> np.ndarray:
@@ -42,6 +41,7 @@ def _unfinished(path: Path) -> np.ndarray:
 
 def _deny(monkeypatch, name: str, code: int, builtin_open: bool = True) -> None:
     """Opening a file called `name` fails with OSError `code`, through os.open (and open())."""
+
     def check(path) -> None:
         if isinstance(path, (str, bytes, os.PathLike)) and Path(os.fsdecode(path)).name == name:
             raise OSError(code, os.strerror(code), os.fsdecode(path))
@@ -70,7 +70,7 @@ def _fill_disk(monkeypatch, name: str, room: int = 496) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + name):
             if written[0] >= room:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            n = real(fd, memoryview(data)[:room - written[0]], offset)
+            n = real(fd, memoryview(data)[: room - written[0]], offset)
             written[0] += n
             return n
         return real(fd, data, offset)
@@ -86,6 +86,7 @@ def _one_line_cli_error(capsys, argv: list[str]) -> str:
 
 
 # -- planted links -----------------------------------------------------------------------------------
+
 
 def test_a_link_planted_as_the_manifest_temporary_is_never_written_through(tmp_path):
     victim = tmp_path / "victim.txt"
@@ -138,6 +139,7 @@ def test_a_fifo_in_place_of_a_data_file_is_refused_without_hanging(store):
 
 # -- foreign files --------------------------------------------------------------------------------
 
+
 def test_a_folder_of_user_files_named_like_a_store_is_not_replaced_without_overwrite(tmp_path):
     mine = tmp_path / "work"
     mine.mkdir()
@@ -152,6 +154,7 @@ def test_a_folder_of_user_files_named_like_a_store_is_not_replaced_without_overw
 
 
 # -- OS errors are reported as what they are -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EMFILE])
 def test_an_os_error_on_a_data_file_is_not_called_corruption(store, monkeypatch, code):
@@ -256,24 +259,28 @@ def test_a_full_disk_while_recording_progress_names_the_manifest(tmp_path, monke
 
 # -- hostile manifests ------------------------------------------------------------------------------
 
+
 def _with_raw(store_path: Path, replace: str, by: str) -> None:
     text = (store_path / "manifest.json").read_text()
     assert replace in text
     (store_path / "manifest.json").write_text(text.replace(replace, by, 1))
 
 
-@pytest.mark.parametrize("replace, by, message", [
-    ('"weight": 0.5', '"weight": 1' + "0" * 400, "weight must be a finite number"),
-    ('"weight": 0.5', '"weight": 1e400', "beyond the float64 range"),
-    ('"weight": 0.5', '"weight": NaN', "NaN is not a JSON number"),
-    ('"n_rows": 6', '"n_rows": 1' + "0" * 5000, "not valid JSON"),
-    ('"n_rows": 6', '"n_rows": 100000000000000000000', "n_rows must be a positive integer below 2"),
-    ('"metadata": {}', '"metadata": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    ('"complete": true', '"complete": "yes"', "complete and weights_given must be true or false"),
-    ('"checkpoint_001.npy"', '"checkpoint_000.npy"', "names a data file already used"),
-    ('"checkpoint_001.npy"', '"ids.npy"', "names unexpected data files"),
-    ('"id": "', '"id": "zz', "id must be 32 lowercase hex digits"),
-])
+@pytest.mark.parametrize(
+    "replace, by, message",
+    [
+        ('"weight": 0.5', '"weight": 1' + "0" * 400, "weight must be a finite number"),
+        ('"weight": 0.5', '"weight": 1e400', "beyond the float64 range"),
+        ('"weight": 0.5', '"weight": NaN', "NaN is not a JSON number"),
+        ('"n_rows": 6', '"n_rows": 1' + "0" * 5000, "not valid JSON"),
+        ('"n_rows": 6', '"n_rows": 100000000000000000000', "n_rows must be a positive integer below 2"),
+        ('"metadata": {}', '"metadata": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('"complete": true', '"complete": "yes"', "complete and weights_given must be true or false"),
+        ('"checkpoint_001.npy"', '"checkpoint_000.npy"', "names a data file already used"),
+        ('"checkpoint_001.npy"', '"ids.npy"', "names unexpected data files"),
+        ('"id": "', '"id": "zz', "id must be 32 lowercase hex digits"),
+    ],
+)
 def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace, by, message):
     _with_raw(store.path, replace, by)
     with pytest.raises(StoreFormatError, match=message):
@@ -291,6 +298,7 @@ def test_a_huge_manifest_is_refused_unread(store):
 
 
 # -- stores that change under a reader --------------------------------------------------------------
+
 
 def test_a_store_re_created_under_a_reader_is_an_error_not_zeros(store, tmp_path):
     blocks = random_blocks(6, [4, 3], "float32", False)

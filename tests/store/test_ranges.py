@@ -57,8 +57,10 @@ def test_two_processes_writing_halves_at_once_make_the_single_writer_store(tmp_p
     _create(tmp_path / "ranges")
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(2)  # both writers are open before either writes: they run at the same time
-    tasks = [ctx.Process(target=range_task, args=(str(tmp_path / "ranges"), a, b, barrier))
-             for a, b in [(0, 280), (280, N_ROWS)]]
+    tasks = [
+        ctx.Process(target=range_task, args=(str(tmp_path / "ranges"), a, b, barrier))
+        for a, b in [(0, 280), (280, N_ROWS)]
+    ]
     for t in tasks:
         t.start()
     for t in tasks:
@@ -68,16 +70,20 @@ def test_two_processes_writing_halves_at_once_make_the_single_writer_store(tmp_p
     expected = _single_writer_store(tmp_path / "single")
     _assert_byte_identical(tmp_path / "ranges", tmp_path / "single")
     squares = [(rows(c).astype(ml_dtypes.bfloat16).astype(np.float64) ** 2).sum(1) for c in range(2)]
-    np.testing.assert_allclose(tracin.self_influence(finished), WEIGHTS[0] * squares[0] + WEIGHTS[1] * squares[1],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        tracin.self_influence(finished), WEIGHTS[0] * squares[0] + WEIGHTS[1] * squares[1], rtol=1e-5
+    )
     assert finished.ids.tolist() == expected.ids.tolist()
 
 
 def _range_process(path: Path, start: int, stop: int) -> subprocess.Popen:
     """A range writer in its own process, printing "wrote C ROW" after each block."""
-    return subprocess.Popen([sys.executable, "-m", "store.ranges_task", str(path), str(start), str(stop)],
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return subprocess.Popen(
+        [sys.executable, "-m", "store.ranges_task", str(path), str(start), str(stop)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
@@ -120,8 +126,11 @@ def test_overlapping_ranges_are_refused_and_leave_nothing_behind(tmp_path):
     first = tracin.GradientStore.create(path, **SPEC, rows=(0, 300))
     before = sorted(os.listdir(path))
     for a, b in [(299, 400), (0, 600), (100, 200)]:
-        with pytest.raises(ValueError, match=rf"rows \[{a}, {b}\) overlap rows \[0, 300\) of another "
-                                             r"range writer .*\(files rows-0-300\.\*\)"):
+        with pytest.raises(
+            ValueError,
+            match=rf"rows \[{a}, {b}\) overlap rows \[0, 300\) of another "
+            r"range writer .*\(files rows-0-300\.\*\)",
+        ):
             tracin.GradientStore.create(path, **SPEC, rows=(a, b))
     assert sorted(os.listdir(path)) == before  # a refused claim would otherwise block a correct range
     with pytest.raises(RuntimeError, match=r"rows \[0, 300\) .* being written by another range writer"):
@@ -151,8 +160,11 @@ def test_finalize_names_the_rows_a_range_writer_left_unwritten(tmp_path):
             w.finalize()
     whole = tracin.GradientStore.create(path, **SPEC)
     assert [whole.missing(c) for c in range(2)] == [[[440, 600]], [[300, 600]]]
-    with pytest.raises(ValueError, match=r"rows not written yet \(checkpoint 0: rows \[440, 600\); "
-                                         r"checkpoint 1: rows \[300, 600\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rows not written yet \(checkpoint 0: rows \[440, 600\); "
+        r"checkpoint 1: rows \[300, 600\)\)",
+    ):
         whole.finalize()
     whole.close()
     assert not [n for n in os.listdir(path) if n.startswith("rows-")]  # merged into the manifest
@@ -208,14 +220,21 @@ def test_a_finished_store_gives_a_complete_range_writer_and_cleans_leftovers(tmp
     assert sorted(os.listdir(path)) == ["checkpoint_000.npy", "checkpoint_001.npy", "ids.npy", "manifest.json"]
 
 
-@pytest.mark.parametrize("span, error, message", [
-    ((5, 5), ValueError, r"rows must be a \(start, stop\) pair of integers with 0 <= start < stop <= n_rows \(600\)"),
-    ((-1, 5), ValueError, "rows must be a"),
-    ((0, 601), ValueError, "rows must be a"),
-    ((True, 5), ValueError, "rows must be a"),
-    ("0:5", ValueError, "rows must be a"),
-    ((0, 5, 9), ValueError, "rows must be a"),
-])
+@pytest.mark.parametrize(
+    "span, error, message",
+    [
+        (
+            (5, 5),
+            ValueError,
+            r"rows must be a \(start, stop\) pair of integers with 0 <= start < stop <= n_rows \(600\)",
+        ),
+        ((-1, 5), ValueError, "rows must be a"),
+        ((0, 601), ValueError, "rows must be a"),
+        ((True, 5), ValueError, "rows must be a"),
+        ("0:5", ValueError, "rows must be a"),
+        ((0, 5, 9), ValueError, "rows must be a"),
+    ],
+)
 def test_bad_rows_are_refused(tmp_path, span, error, message):
     _create(tmp_path / "s")
     with pytest.raises(error, match=message):
@@ -229,39 +248,59 @@ def test_range_writers_need_the_store_with_the_same_spec(tmp_path):
     _create(tmp_path / "s")
     with pytest.raises(ValueError, match="overwrite=True cannot be combined with rows="):
         tracin.GradientStore.create(tmp_path / "s", **SPEC, rows=(0, 10), overwrite=True)
-    with pytest.raises(ValueError, match=r"different spec \(dtype 'bfloat16' there vs 'float16' here\); create the "
-                                         "store again without rows="):
+    with pytest.raises(
+        ValueError,
+        match=r"different spec \(dtype 'bfloat16' there vs 'float16' here\); create the "
+        "store again without rows=",
+    ):
         tracin.GradientStore.create(tmp_path / "s", **{**SPEC, "dtype": "float16"}, rows=(0, 10))
-    assert sorted(os.listdir(tmp_path / "s")) == ["checkpoint_000.npy", "checkpoint_001.npy", "ids.npy",
-                                                  "manifest.json"]
+    assert sorted(os.listdir(tmp_path / "s")) == [
+        "checkpoint_000.npy",
+        "checkpoint_001.npy",
+        "ids.npy",
+        "manifest.json",
+    ]
 
 
 # -- hostile range files -------------------------------------------------------------------------
+
 
 def _progress(path: Path, **changes) -> str:
     """The text of a valid progress file of rows [0, 300) of the store at `path` (rows [0, 40) of
     checkpoint 0 written), with `changes` applied."""
     store_id = json.loads((path / "manifest.json").read_text())["id"]
-    doc = {"format": "tracin-gradient-store-range", "version": 1, "id": store_id, "rows": [0, 300],
-           "written": [[[0, 40]], []], **changes}
+    doc = {
+        "format": "tracin-gradient-store-range",
+        "version": 1,
+        "id": store_id,
+        "rows": [0, 300],
+        "written": [[[0, 40]], []],
+        **changes,
+    }
     return json.dumps(doc)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"format": "other"}, "not a range writer's progress file"),
-    ({"version": 2}, "version must be an integer from 1 to 1"),
-    ({"id": "0" * 32}, "written for another store"),
-    ({"rows": [0, 301]}, r"rows must be \[0, 300\] as the file's name says"),
-    ({"written": [[[0, 40]]]}, "written must be a list of 2 range lists"),
-    ({"written": [[[0, 400]], []]}, r"written\[0\] must be sorted, disjoint \[start, stop\) ranges within \[0, 300\]"),
-    ({"written": [[[20, 40], [0, 10]], []]}, r"written\[0\] must be sorted"),
-    ({"written": [[[0, "BIG"]], []]}, "beyond the float64 range"),
-    (None, "corrupt progress file, not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format": "other"}, "not a range writer's progress file"),
+        ({"version": 2}, "version must be an integer from 1 to 1"),
+        ({"id": "0" * 32}, "written for another store"),
+        ({"rows": [0, 301]}, r"rows must be \[0, 300\] as the file's name says"),
+        ({"written": [[[0, 40]]]}, "written must be a list of 2 range lists"),
+        (
+            {"written": [[[0, 400]], []]},
+            r"written\[0\] must be sorted, disjoint \[start, stop\) ranges within \[0, 300\]",
+        ),
+        ({"written": [[[20, 40], [0, 10]], []]}, r"written\[0\] must be sorted"),
+        ({"written": [[[0, "BIG"]], []]}, "beyond the float64 range"),
+        (None, "corrupt progress file, not valid JSON"),
+    ],
+)
 def test_a_malformed_progress_file_is_refused_naming_it(tmp_path, changes, message):
     path = tmp_path / "s"
     _create(path)
-    text = "{\"format\": " if changes is None else _progress(path, **changes).replace('"BIG"', "1e400")
+    text = '{"format": ' if changes is None else _progress(path, **changes).replace('"BIG"', "1e400")
     (path / "rows-0-300.json").write_text(text)
     pattern = rf"rows-0-300\.json: .*{message}.*; remove it to write rows \[0, 300\) again"
     with pytest.raises(StoreFormatError, match=pattern):

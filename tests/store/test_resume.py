@@ -36,8 +36,13 @@ WRITER = textwrap.dedent(f"""
 
 
 def _run(path: Path) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", WRITER, str(path)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
@@ -46,9 +51,12 @@ def test_killed_writer_resumes_and_the_store_is_byte_identical(tmp_path):
     reference = _run(tmp_path / "uninterrupted")
     assert len(reference) == 2 * N_ROWS // BLOCK + 1
 
-    victim = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "killed")],
-                              stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    victim = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path / "killed")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     for _ in range(N_ROWS // BLOCK + 5):  # into checkpoint 1, then kill while it keeps writing
         assert victim.stdout.readline().startswith("wrote")
     victim.send_signal(signal.SIGKILL)
@@ -79,8 +87,9 @@ def test_killed_writer_resumes_and_the_store_is_byte_identical(tmp_path):
     for name in names:
         if name != "manifest.json":
             assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "uninterrupted" / name).read_bytes(), name
-    killed, uninterrupted = (json.loads((tmp_path / s / "manifest.json").read_text())
-                             for s in ("killed", "uninterrupted"))
+    killed, uninterrupted = (
+        json.loads((tmp_path / s / "manifest.json").read_text()) for s in ("killed", "uninterrupted")
+    )
     assert killed.pop("id") == killed_id != uninterrupted.pop("id")
     assert killed == uninterrupted
     store = tracin.GradientStore.open(tmp_path / "killed")

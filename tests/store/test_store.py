@@ -65,8 +65,9 @@ def test_an_unfinished_store_is_refused_unless_partial_use_is_asked_for(tmp_path
         tracin.top_k(blocks, store)
     partial = tracin.GradientStore.open(tmp_path / "s", allow_partial=True)
     assert partial.n_rows == 4  # rows written for every checkpoint
-    np.testing.assert_array_equal(tracin.self_influence(partial),
-                                  tracin.self_influence(tracin.Gradients([b[:4] for b in blocks], W)))
+    np.testing.assert_array_equal(
+        tracin.self_influence(partial), tracin.self_influence(tracin.Gradients([b[:4] for b in blocks], W))
+    )
     w.write(1, 4, blocks[1][4:6])  # a reader opened during writing sees the rows as of opening
     assert tracin.GradientStore.open(tmp_path / "s", allow_partial=True).n_rows == 7
     assert partial.n_rows == 4
@@ -95,8 +96,9 @@ def test_shards_cover_the_rows_and_merge_to_the_whole_ties_included(tmp_path):
             assert tied.any() and (np.diff(whole.indices, axis=1)[tied] > 0).all()
     nested = store.shard(1, 2).shard(0, 2)
     assert (nested.shard_offset(), nested.n_rows) == (20, 10)
-    np.testing.assert_array_equal(tracin.self_influence(nested),
-                                  tracin.self_influence(tracin.Gradients([t[20:30] for t in train], W)))
+    np.testing.assert_array_equal(
+        tracin.self_influence(nested), tracin.self_influence(tracin.Gradients([t[20:30] for t in train], W))
+    )
 
 
 def test_shard_and_slice_arguments(tmp_path):
@@ -121,8 +123,12 @@ def test_shard_and_slice_arguments(tmp_path):
 
 def test_ids_and_metadata_follow_views(tmp_path):
     ids = [f"img_{i:02d}" for i in range(12)]
-    store = write_store(tmp_path / "s", random_blocks(12, [2], "float32", False), ids=ids,
-                        metadata={"layers": ["fc.weight"], "projection": None})
+    store = write_store(
+        tmp_path / "s",
+        random_blocks(12, [2], "float32", False),
+        ids=ids,
+        metadata={"layers": ["fc.weight"], "projection": None},
+    )
     assert store.ids.tolist() == ids and store.shard(2, 3).ids.tolist() == ids[8:]
     assert store.metadata == {"layers": ["fc.weight"], "projection": None}
     assert write_store(tmp_path / "n", random_blocks(3, [2], "float32", False)).ids is None
@@ -149,9 +155,11 @@ def test_two_readers_at_once(tmp_path):
         import numpy as np, tracin
         s = tracin.GradientStore.open({str(store.path)!r}, chunk_bytes={3 * store.row_bytes})
         for _ in range(20):
-            np.save({str(tmp_path / 'other.npy')!r}, tracin.self_influence(s))
+            np.save({str(tmp_path / "other.npy")!r}, tracin.self_influence(s))
     """)
-    other = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    other = subprocess.Popen(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    )
     here = tracin.GradientStore.open(store.path, chunk_bytes=3 * store.row_bytes)
     while other.poll() is None:
         np.testing.assert_array_equal(tracin.self_influence(here), expected)
@@ -161,12 +169,24 @@ def test_two_readers_at_once(tmp_path):
 
 
 def test_describe_reports_the_facts(tmp_path):
-    store = write_store(tmp_path / "s", random_blocks(20, [(3, 4), (2, 5)], "float16", True), W,
-                        "float16", True, metadata={"layers": ["fc"]})
+    store = write_store(
+        tmp_path / "s",
+        random_blocks(20, [(3, 4), (2, 5)], "float16", True),
+        W,
+        "float16",
+        True,
+        metadata={"layers": ["fc"]},
+    )
     text = describe(store.path)
-    for line in ["complete        yes", "rows            20", "checkpoints     2  (weights 0.3, -0.7)",
-                 "mode            factored", "dims            [3, 4], [2, 5]", "dtype           float16",
-                 "metadata        layers"]:
+    for line in [
+        "complete        yes",
+        "rows            20",
+        "checkpoints     2  (weights 0.3, -0.7)",
+        "mode            factored",
+        "dims            [3, 4], [2, 5]",
+        "dtype           float16",
+        "metadata        layers",
+    ]:
         assert line in text, text
     info = store.info()
     on_disk = sum(p.stat().st_size for p in store.path.iterdir())

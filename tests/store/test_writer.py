@@ -16,8 +16,11 @@ DTYPES = ["float32", "float16", "bfloat16"]
 
 def _disk(x: np.ndarray, dtype: str) -> np.ndarray:
     """What `x` should look like on disk in `dtype` (reference cast via ml_dtypes)."""
-    out = np.asarray(x).astype(np.float32).astype({"float32": np.float32, "float16": np.float16,
-                                                    "bfloat16": ml_dtypes.bfloat16}[dtype])
+    out = (
+        np.asarray(x)
+        .astype(np.float32)
+        .astype({"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype])
+    )
     return out.view(np.uint16) if dtype == "bfloat16" else out
 
 
@@ -92,9 +95,13 @@ def test_a_different_spec_names_what_differs(tmp_path):
     with pytest.raises(ValueError, match=differs) as e:
         tracin.GradientStore.create(tmp_path / "s", 5, [2, 4], [1.0, 2.0], "float32")
     assert "overwrite=True" in str(e.value)
-    for kwargs, what in [({"weights": [1.0, 3.0]}, "weights"), ({"weights": None}, "weights"),
-                         ({"n_rows": 6}, "n_rows"), ({"metadata": {"a": 1}}, "metadata"),
-                         ({"ids": list(range(5))}, "ids")]:
+    for kwargs, what in [
+        ({"weights": [1.0, 3.0]}, "weights"),
+        ({"weights": None}, "weights"),
+        ({"n_rows": 6}, "n_rows"),
+        ({"metadata": {"a": 1}}, "metadata"),
+        ({"ids": list(range(5))}, "ids"),
+    ]:
         args = {"n_rows": 5, "dims": [2, 3], "weights": [1.0, 2.0], "dtype": "float16", **kwargs}
         with pytest.raises(ValueError, match=what):
             tracin.GradientStore.create(tmp_path / "s", **args)
@@ -144,18 +151,21 @@ def test_one_writer_at_a_time(tmp_path):
         again.finalize()
 
 
-@pytest.mark.parametrize("args, kwargs, error, message", [
-    ((0, [2]), {}, ValueError, "n_rows must be a positive integer"),
-    ((3, []), {}, ValueError, "dims must be a non-empty list"),
-    ((3, [0]), {}, ValueError, r"dims\[0\] must be a positive integer d_c"),
-    ((3, [2]), {"factored": True}, ValueError, r"dims\[0\] must be a \(p_c, q_c\) pair"),
-    ((3, [2, 3], [1.0]), {}, ValueError, "weights: expected one per checkpoint"),
-    ((3, [2], None, "float64"), {}, ValueError, "dtype must be 'float32', 'float16' or 'bfloat16'"),
-    ((3, [2]), {"ids": [1, 2]}, ValueError, "ids must be a 1-D sequence of 3 entries"),
-    ((3, [2]), {"ids": [1.5, 2, 3]}, TypeError, "ids must be integers or strings"),
-    ((3, [2]), {"metadata": {"x": object()}}, TypeError, "metadata must be JSON-serialisable"),
-    ((3, [2]), {"metadata": [1]}, TypeError, "metadata must be a dict"),
-])
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        ((0, [2]), {}, ValueError, "n_rows must be a positive integer"),
+        ((3, []), {}, ValueError, "dims must be a non-empty list"),
+        ((3, [0]), {}, ValueError, r"dims\[0\] must be a positive integer d_c"),
+        ((3, [2]), {"factored": True}, ValueError, r"dims\[0\] must be a \(p_c, q_c\) pair"),
+        ((3, [2, 3], [1.0]), {}, ValueError, "weights: expected one per checkpoint"),
+        ((3, [2], None, "float64"), {}, ValueError, "dtype must be 'float32', 'float16' or 'bfloat16'"),
+        ((3, [2]), {"ids": [1, 2]}, ValueError, "ids must be a 1-D sequence of 3 entries"),
+        ((3, [2]), {"ids": [1.5, 2, 3]}, TypeError, "ids must be integers or strings"),
+        ((3, [2]), {"metadata": {"x": object()}}, TypeError, "metadata must be JSON-serialisable"),
+        ((3, [2]), {"metadata": [1]}, TypeError, "metadata must be a dict"),
+    ],
+)
 def test_create_rejects_bad_arguments(tmp_path, args, kwargs, error, message):
     with pytest.raises(error, match=message):
         tracin.GradientStore.create(tmp_path / "s", *args, **kwargs)
@@ -170,15 +180,26 @@ def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):
     assert tracin.GradientStore.create(tmp_path / "s", 1, [1], metadata=meta).complete
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda w: w.write(2, 0, np.ones((1, 3), np.float32)), ValueError, r"checkpoint must be an integer in \[0, 2\)"),
-    (lambda w: w.write(0, -1, np.ones((1, 3), np.float32)), ValueError, "start must be a non-negative integer"),
-    (lambda w: w.write(0, 4, np.ones((2, 3), np.float32)), ValueError, r"rows \[4, 6\) exceed the store's 5 rows"),
-    (lambda w: w.write(1, 0, np.ones((1, 3), np.float32)), ValueError, "block has 3 columns but checkpoint 1 has 4"),
-    (lambda w: w.write(0, 0, np.ones((1, 3))), TypeError, "block has dtype float64"),
-    (lambda w: w.write(0, 0, np.ones(3, np.float32)), ValueError, "block must be 2-D"),
-    (lambda w: w.rows_done(-1), ValueError, "checkpoint must be an integer"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (
+            lambda w: w.write(2, 0, np.ones((1, 3), np.float32)),
+            ValueError,
+            r"checkpoint must be an integer in \[0, 2\)",
+        ),
+        (lambda w: w.write(0, -1, np.ones((1, 3), np.float32)), ValueError, "start must be a non-negative integer"),
+        (lambda w: w.write(0, 4, np.ones((2, 3), np.float32)), ValueError, r"rows \[4, 6\) exceed the store's 5 rows"),
+        (
+            lambda w: w.write(1, 0, np.ones((1, 3), np.float32)),
+            ValueError,
+            "block has 3 columns but checkpoint 1 has 4",
+        ),
+        (lambda w: w.write(0, 0, np.ones((1, 3))), TypeError, "block has dtype float64"),
+        (lambda w: w.write(0, 0, np.ones(3, np.float32)), ValueError, "block must be 2-D"),
+        (lambda w: w.rows_done(-1), ValueError, "checkpoint must be an integer"),
+    ],
+)
 def test_write_rejects_bad_blocks(tmp_path, call, error, message):
     w = tracin.GradientStore.create(tmp_path / "s", 5, [3, 4])
     with pytest.raises(error, match=message):

@@ -28,8 +28,12 @@ def learning_rate(lr: Any, where: str) -> float:
     return float(lr)
 
 
-def parse_checkpoints(checkpoints: Any, source: str, accepts: Callable[[Any], bool] = lambda _: True,
-                      optimizer: Callable[[Any, int], Any] = lambda state, _: state) -> list[Checkpoint]:
+def parse_checkpoints(
+    checkpoints: Any,
+    source: str,
+    accepts: Callable[[Any], bool] = lambda _: True,
+    optimizer: Callable[[Any, int], Any] = lambda state, _: state,
+) -> list[Checkpoint]:
     """Checkpoints from a sequence of (source, learning_rate) pairs or (source, learning_rate,
     optimizer_state) triples.
 
@@ -38,15 +42,18 @@ def parse_checkpoints(checkpoints: Any, source: str, accepts: Callable[[Any], bo
     adapter's wrapper of a given optimizer state (it raises on states it cannot take).
     """
     if isinstance(checkpoints, (str, bytes, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
-        raise TypeError(f"checkpoints must be a sequence of ({source}, learning_rate) pairs, "
-                        f"got {type(checkpoints).__name__}")
+        raise TypeError(
+            f"checkpoints must be a sequence of ({source}, learning_rate) pairs, got {type(checkpoints).__name__}"
+        )
     if not checkpoints:
         raise ValueError(f"checkpoints is empty; give at least one ({source}, learning_rate) pair")
     parsed = []
     for i, entry in enumerate(checkpoints):
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
-            raise TypeError(f"checkpoints[{i}] must be a ({source}, learning_rate) pair or a ({source}, "
-                            f"learning_rate, optimizer_state) triple, got {_describe(entry)}")
+            raise TypeError(
+                f"checkpoints[{i}] must be a ({source}, learning_rate) pair or a ({source}, "
+                f"learning_rate, optimizer_state) triple, got {_describe(entry)}"
+            )
         if not accepts(entry[0]):
             raise TypeError(f"checkpoints[{i}][0] must be a {source}, got {type(entry[0]).__name__}")
         state = None if len(entry) == 2 or entry[2] is None else optimizer(entry[2], i)

@@ -83,8 +83,11 @@ def callable_identity(fn: Any) -> str:
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
         return f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
     kind = type(fn)
-    settings = {k: v for k, v in sorted(getattr(fn, "__dict__", {}).items())
-                if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
+    settings = {
+        k: v
+        for k, v in sorted(getattr(fn, "__dict__", {}).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+    }
     return f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}" + (f" {settings}" if settings else "")
 
 
@@ -124,11 +127,14 @@ class DataFingerprint:
             raise ValueError(
                 f"{self._where}: batch {i} of the data holds other targets than on the first pass; the "
                 "data must give the same rows in the same order for every checkpoint (a shuffling "
-                "DataLoader or sampler, or an iterable that changes between passes?)")
+                "DataLoader or sampler, or an iterable that changes between passes?)"
+            )
 
     def end(self) -> None:
         if self._reference is None:
             self._reference, self.data = self._seen, self._whole.hexdigest()
         elif len(self._seen) != len(self._reference):
-            raise ValueError(f"{self._where}: the data gave {len(self._seen)} batches, the first pass gave "
-                             f"{len(self._reference)}; it must give the same rows for every checkpoint")
+            raise ValueError(
+                f"{self._where}: the data gave {len(self._seen)} batches, the first pass gave "
+                f"{len(self._reference)}; it must give the same rows for every checkpoint"
+            )

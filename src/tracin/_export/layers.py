@@ -12,13 +12,11 @@ def as_patterns(layers: Any, example: str) -> list[str]:
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, (list, tuple)) or not layers or not all(isinstance(p, str) and p for p in layers):
-        raise TypeError(f"layers must be a non-empty list of name patterns (strings) such as {example}, "
-                        f"got {layers!r}")
+        raise TypeError(f"layers must be a non-empty list of name patterns (strings) such as {example}, got {layers!r}")
     return list(layers)
 
 
 def matches(name: str, pattern: str, sep: str) -> bool:
     """True when `pattern` is `name`, a `sep`-separated prefix of it ("fc2" matches "fc2.weight"
     with sep "."), or a glob matching it (fnmatch; '*' also crosses `sep`)."""
-    return (name == pattern or name.startswith(pattern.rstrip(sep) + sep)
-            or fnmatch.fnmatchcase(name, pattern))
+    return name == pattern or name.startswith(pattern.rstrip(sep) + sep) or fnmatch.fnmatchcase(name, pattern)

@@ -33,9 +33,17 @@ def last_layer_entry(layer: str, weight: str, bias: str | None) -> dict:
     return {"layer": layer, "weight": weight, "bias": bias, "left": LEFT, "right": RIGHT}
 
 
-def export_metadata(framework: str, mode: str, params: Sequence[tuple[str, Sequence[int]]],
-                    layers: list[str] | None, dtype: str, transforms: Sequence[RowTransform], *,
-                    last_layer: dict | None = None, fingerprints: Mapping[str, Any]) -> dict:
+def export_metadata(
+    framework: str,
+    mode: str,
+    params: Sequence[tuple[str, Sequence[int]]],
+    layers: list[str] | None,
+    dtype: str,
+    transforms: Sequence[RowTransform],
+    *,
+    last_layer: dict | None = None,
+    fingerprints: Mapping[str, Any],
+) -> dict:
     """The metadata dict (see the module docstring). params: (name, shape) in row order;
     transforms: the row transforms applied, in order; fingerprints: "data", "checkpoints" and the
     adapter's own entries."""

@@ -61,8 +61,10 @@ def check_preconditioner(preconditioner: Any, mode: str) -> None:
     if not isinstance(preconditioner, str) or preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be None, 'adam' or 'adam_update', got {preconditioner!r}")
     if mode != "full" and preconditioner != "adam":
-        raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' (full gradient rows): the next "
-                         f"step's direction is not rank one, so mode={mode!r} cannot keep it")
+        raise ValueError(
+            f"preconditioner={preconditioner!r} needs mode='full' (full gradient rows): the next "
+            f"step's direction is not rank one, so mode={mode!r} cannot keep it"
+        )
 
 
 class Preconditioned:
@@ -121,12 +123,16 @@ class Preconditioned:
         for a in moments:
             m, v = np.asarray(a.m, np.float64), np.asarray(a.v, np.float64)
             if self.kind == "adam":
-                consts: tuple = (1.0 / (np.sqrt(v / (1 - a.b2 ** a.step)) + a.eps),)
+                consts: tuple = (1.0 / (np.sqrt(v / (1 - a.b2**a.step)) + a.eps),)
             else:
                 c1, c2 = 1 - a.b1 ** (a.step + 1), 1 - a.b2 ** (a.step + 1)
                 consts = (a.b1 * m / c1, (1 - a.b1) / c1, a.b2 * v / c2, (1 - a.b2) / c2, a.eps)
-            out.append((slice(start, start + v.size), tuple(np.float32(c) if np.ndim(c) == 0 else
-                                                             np.asarray(c, np.float32) for c in consts)))
+            out.append(
+                (
+                    slice(start, start + v.size),
+                    tuple(np.float32(c) if np.ndim(c) == 0 else np.asarray(c, np.float32) for c in consts),
+                )
+            )
             start += v.size
         return out
 
@@ -147,8 +153,9 @@ def adam_settings(options: Any) -> dict[str, float]:
             raise TypeError(f"preconditioner_options[{key!r}] must be a real number, got {value!r}")
         low_ok = value > 0 if key == "eps" else value >= 0
         if not (low_ok and (key == "eps" or value < 1) and np.isfinite(value)):
-            raise ValueError(f"preconditioner_options[{key!r}] must be in "
-                             f"{'(0, inf)' if key == 'eps' else '[0, 1)'}, got {value!r}")
+            raise ValueError(
+                f"preconditioner_options[{key!r}] must be in {'(0, inf)' if key == 'eps' else '[0, 1)'}, got {value!r}"
+            )
     return {k: float(v) for k, v in settings.items()}
 
 
@@ -156,8 +163,8 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
     """ValueError naming the parameter unless m and v have its shape and step is a count >= 1."""
     for label, a in (("first moment", m), ("second moment", v)):
         if tuple(np.shape(a)) != tuple(shape):
-            raise ValueError(f"{where}: the {label} of {name} has shape {tuple(np.shape(a))}, "
-                             f"the parameter has {tuple(shape)}")
+            raise ValueError(
+                f"{where}: the {label} of {name} has shape {tuple(np.shape(a))}, the parameter has {tuple(shape)}"
+            )
     if not np.isfinite(step) or step < 1:
-        raise ValueError(f"{where}: the step count of {name} is {step}; Adam state after at least one step "
-                         "is needed")
+        raise ValueError(f"{where}: the step count of {name} is {step}; Adam state after at least one step is needed")

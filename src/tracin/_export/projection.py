@@ -12,10 +12,12 @@ def check_projection(projection: Any, factored: bool) -> None:
     """TypeError unless `projection` is None or has what the mode needs (.apply or .apply_factored,
     and .to_dict for the metadata)."""
     need = "apply_factored" if factored else "apply"
-    if projection is not None and not (callable(getattr(projection, need, None))
-                                       and callable(getattr(projection, "to_dict", None))):
-        raise TypeError(f"projection must be a tracin.Projection (with .{need} and .to_dict), "
-                        f"got {type(projection).__name__}")
+    if projection is not None and not (
+        callable(getattr(projection, need, None)) and callable(getattr(projection, "to_dict", None))
+    ):
+        raise TypeError(
+            f"projection must be a tracin.Projection (with .{need} and .to_dict), got {type(projection).__name__}"
+        )
 
 
 def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:

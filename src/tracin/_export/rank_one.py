@@ -23,8 +23,7 @@ import numpy as np
 from .preconditioner import AdamMoments
 
 
-def layer_groups(params: Sequence[tuple[str, Sequence[int]]],
-                 slot_dims: Sequence[Any]) -> list[tuple[int, bool, int]]:
+def layer_groups(params: Sequence[tuple[str, Sequence[int]]], slot_dims: Sequence[Any]) -> list[tuple[int, bool, int]]:
     """Per factored slot (p, q): (index of its weight in `params`, whether a bias follows it, p).
     The weight is (p, q), or (p, q - 1) followed by a (p,) bias; ValueError otherwise."""
     groups, k = [], 0
@@ -32,8 +31,10 @@ def layer_groups(params: Sequence[tuple[str, Sequence[int]]],
         shape = tuple(params[k][1]) if k < len(params) else None
         bias = k + 1 < len(params) and shape == (p, q - 1) and tuple(params[k + 1][1]) == (p,)
         if shape != (p, q) and not bias:
-            raise ValueError(f"the factored layer of dims {(p, q)} has no (out, in) weight in params "
-                             f"{[name for name, _ in params]}: the rank-one preconditioner cannot place it")
+            raise ValueError(
+                f"the factored layer of dims {(p, q)} has no (out, in) weight in params "
+                f"{[name for name, _ in params]}: the rank-one preconditioner cannot place it"
+            )
         groups.append((k, bias, p))
         k += 2 if bias else 1
     return groups
@@ -48,8 +49,12 @@ class RankOneAdam:
 
     key = "preconditioner"
 
-    def __init__(self, moments: Callable[[int], list[AdamMoments]], groups: list[tuple[int, bool, int]],
-                 settings: Mapping[str, Any]):
+    def __init__(
+        self,
+        moments: Callable[[int], list[AdamMoments]],
+        groups: list[tuple[int, bool, int]],
+        settings: Mapping[str, Any],
+    ):
         self._moments, self.groups, self.settings = moments, groups, dict(settings)
         self._checkpoint: int | None = None
         self._scales: list[tuple[np.ndarray, np.ndarray]] = []
@@ -58,8 +63,11 @@ class RankOneAdam:
         return dims
 
     def to_dict(self) -> dict:
-        return {"kind": "adam", "factored": "rank-one r c^T / sum(r) of v (exact for Adafactor, approximate "
-                                            "for Adam, eps left out)", **self.settings}
+        return {
+            "kind": "adam",
+            "factored": "rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out)",
+            **self.settings,
+        }
 
     def apply(self, block: Any, checkpoint: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """(left (rows, p), right (rows, q)) float32 -> the scaled pair, float32."""
@@ -69,18 +77,20 @@ class RankOneAdam:
             self._checkpoint = checkpoint
         left_scale, right_scale = self._scales[slot]
         left, right = block
-        return ((np.asarray(left, np.float64) * left_scale).astype(np.float32),
-                (np.asarray(right, np.float64) * right_scale).astype(np.float32))
+        return (
+            (np.asarray(left, np.float64) * left_scale).astype(np.float32),
+            (np.asarray(right, np.float64) * right_scale).astype(np.float32),
+        )
 
 
 def _scales(moments: list[AdamMoments], k: int, bias: bool, p: int) -> tuple[np.ndarray, np.ndarray]:
     """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
     moments[k + 1] when `bias`)."""
     w = moments[k]
-    v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2 ** w.step)
+    v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
     if bias:
         b = moments[k + 1]
-        v = np.hstack([v, np.asarray(b.v, np.float64).reshape(p, 1) / (1 - b.b2 ** b.step)])
+        v = np.hstack([v, np.asarray(b.v, np.float64).reshape(p, 1) / (1 - b.b2**b.step)])
     r, c = v.sum(1), v.sum(0)
     with np.errstate(divide="ignore"):
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)

@@ -27,8 +27,10 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
         if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
             changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
         else:
-            changes.append(f"the checkpoints differ ({len(old) if isinstance(old, list) else 'unknown'} "
-                           f"there, {len(new) if isinstance(new, list) else 'unknown'} here)")
+            changes.append(
+                f"the checkpoints differ ({len(old) if isinstance(old, list) else 'unknown'} "
+                f"there, {len(new) if isinstance(new, list) else 'unknown'} here)"
+            )
     for key in sorted(set(before) | set(now)):
         if key != "checkpoints" and before.get(key) != now.get(key):
             detail = f" ({before.get(key)} there, {now.get(key)} here)" if key in ("loss", "layer_input") else ""
@@ -45,10 +47,16 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
         existing: Any = GradientStore.open(path, allow_partial=True).metadata
     except (OSError, ValueError):  # no store yet, or one whose defects the writer reports
         return
-    if not isinstance(existing, dict) or not isinstance(existing.get("fingerprints"), dict) \
-            or not isinstance(metadata.get("fingerprints"), dict):
+    if (
+        not isinstance(existing, dict)
+        or not isinstance(existing.get("fingerprints"), dict)
+        or not isinstance(metadata.get("fingerprints"), dict)
+    ):
         return
     changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"])
     if changes:
-        raise ValueError(f"{os.fspath(path)} holds gradients exported from other inputs: " + "; ".join(changes)
-                         + ". Rows from both cannot be mixed: export into another directory, or delete this one")
+        raise ValueError(
+            f"{os.fspath(path)} holds gradients exported from other inputs: "
+            + "; ".join(changes)
+            + ". Rows from both cannot be mixed: export into another directory, or delete this one"
+        )

@@ -72,8 +72,9 @@ def _torch(device: str) -> Backend:
     try:
         from .torch_device import make
     except ImportError as e:
-        raise ValueError(f"device={device!r} scores with torch, which is not installed ({e}); "
-                         "pip install torch, or use device='cpu'") from None
+        raise ValueError(
+            f"device={device!r} scores with torch, which is not installed ({e}); pip install torch, or use device='cpu'"
+        ) from None
     return make(device)
 
 

@@ -45,16 +45,17 @@ def host_tensor(block: Any, code: int) -> torch.Tensor:
 
 def block_name(side: KernelSide, b: int) -> str:
     """The name the C++ kernel gives block b of a side in its errors."""
-    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if side.factored else \
-        f"checkpoint {b}"
+    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if side.factored else f"checkpoint {b}"
 
 
 def check_device(side: KernelSide, what: str, device: torch.device) -> None:
     """ValueError if a device-resident block of the side is on another device than `device`."""
     for b, block in enumerate(side.blocks):
         if not on_host(block) and block.device != device:
-            raise ValueError(f"{what} {block_name(side, b)} is on {block.device} but scoring runs on {device}; "
-                             f"pass device={str(block.device)!r} or move the rows")
+            raise ValueError(
+                f"{what} {block_name(side, b)} is on {block.device} but scoring runs on {device}; "
+                f"pass device={str(block.device)!r} or move the rows"
+            )
 
 
 def whole(side: KernelSide, device: torch.device) -> list[torch.Tensor]:
@@ -141,8 +142,11 @@ def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[i
     for j, i0 in enumerate(starts):
         i1 = min(i0 + rows, n)
         staged = iter(staging.take(j % 2, i1 - i0) if staging is not None else [])
-        yield i0, i1, [block[i0:i1].float() if resident(block, device) else next(staged).float()
-                       for block in side.blocks]
+        yield (
+            i0,
+            i1,
+            [block[i0:i1].float() if resident(block, device) else next(staged).float() for block in side.blocks],
+        )
         if staging is not None:
             staging.release(j % 2)
             if j + 1 < len(starts):

@@ -22,11 +22,13 @@ def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend
     """The backend for `device` and `precision` given the named sets (e.g. {"test": ..., "train": ...})."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise (ValueError if isinstance(precision, str) else TypeError)(
-            f"precision must be 'float32' or 'tf32' (TF32 GEMMs, CUDA devices only), got {precision!r}")
+            f"precision must be 'float32' or 'tf32' (TF32 GEMMs, CUDA devices only), got {precision!r}"
+        )
     if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device)):
         raise (ValueError if isinstance(device, str) else TypeError)(
             "device must be 'cpu' (the C++ kernel), 'cuda' or 'cuda:N' (a GPU, through torch) or 'torch:cpu' "
-            f"(the torch backend on the CPU, for tests), or None (where the rows are), got {device!r}")
+            f"(the torch backend on the CPU, for tests), or None (where the rows are), got {device!r}"
+        )
     resident = {name: _resident_device(name, s) for name, s in sets.items()}
     on_gpu = {name: d for name, d in resident.items() if d is not None}
     if device is None:
@@ -37,8 +39,10 @@ def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend
         device = _current_cuda()
     for name, where in on_gpu.items():
         if where != device:
-            raise ValueError(f"device={device!r} but {name} is on {where}; pass device={where!r} (or leave "
-                             "device= out), or move the rows")
+            raise ValueError(
+                f"device={device!r} but {name} is on {where}; pass device={where!r} (or leave "
+                "device= out), or move the rows"
+            )
     if precision == "tf32" and not device.startswith("cuda"):
         raise ValueError(f"precision='tf32' needs a CUDA device (device='cuda'), not {device!r}")
     backend = get(device)
@@ -55,7 +59,7 @@ def _resident_device(name: str, s: GradientSet) -> str | None:
 
 
 def _current_cuda() -> str:
-    """"cuda:N" of torch's current CUDA device; ValueError if there is none."""
+    """ "cuda:N" of torch's current CUDA device; ValueError if there is none."""
     try:
         import torch
     except ImportError:

@@ -99,8 +99,9 @@ class TorchBackend:
         sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
         m = test.blocks[0].shape[0]
         with self._call(test, train) as call:
-            running = {(t0, s): RunningTopK(k, s, t1 - t0, self.device, exact)
-                       for t0, t1 in call.test_blocks() for s in sides}
+            running = {
+                (t0, s): RunningTopK(k, s, t1 - t0, self.device, exact) for t0, t1 in call.test_blocks() for s in sides
+            }
             for t, i, s in call.products(weights):
                 for name in sides:
                     running[t.start, name].add(s, i.start)
@@ -109,8 +110,10 @@ class TorchBackend:
             found = {s: [running[t0, s].result() for t0, _ in call.test_blocks()] for s in sides}
         width = min(k, train.blocks[0].shape[0])
         empty = TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
-        merged = {s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
-                  for s, parts in found.items()}
+        merged = {
+            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
+            for s, parts in found.items()
+        }
         return merged.get("proponents"), merged.get("opponents")
 
     @contextlib.contextmanager
@@ -129,8 +132,9 @@ class TorchBackend:
                 raise ValueError(_OVERFLOW)
 
 
-_OVERFLOW = ("influence overflowed float32 although every input is finite; rescale the gradients "
-             "(or the learning-rate weights)")
+_OVERFLOW = (
+    "influence overflowed float32 although every input is finite; rescale the gradients (or the learning-rate weights)"
+)
 
 
 class _Call:
@@ -178,8 +182,9 @@ def _not_finite(x: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _product(test: list[torch.Tensor], train: list[torch.Tensor], weights: Sequence[float],
-             factored: bool) -> torch.Tensor:
+def _product(
+    test: list[torch.Tensor], train: list[torch.Tensor], weights: Sequence[float], factored: bool
+) -> torch.Tensor:
     """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
     elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32."""
     out = None
@@ -204,8 +209,10 @@ def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
             tensor = rows.host_tensor(block, code) if rows.on_host(block) else block
             bad = torch.nonzero(~torch.isfinite(tensor).all(dim=1)).flatten()[:5].tolist()
             if bad:
-                return (f"{what} {rows.block_name(side, b)} contains NaN or Inf values, first in rows "
-                        f"[{', '.join(map(str, bad))}]")
+                return (
+                    f"{what} {rows.block_name(side, b)} contains NaN or Inf values, first in rows "
+                    f"[{', '.join(map(str, bad))}]"
+                )
     return "NaN or Inf values in the input"
 
 

@@ -49,5 +49,4 @@ def load_noisy_digits(noise: float, seed: int, n_train: int = 1400) -> NoisyDigi
     flip = rng.choice(n_train, size=round(noise * n_train), replace=False)
     noisy = clean.copy()
     noisy[flip] = (clean[flip] + rng.integers(1, 10, len(flip))) % 10
-    return NoisyDigits(x[train], noisy, clean, x[test], y[test].astype(np.int64),
-                       train.astype(np.int64))
+    return NoisyDigits(x[train], noisy, clean, x[test], y[test].astype(np.int64), train.astype(np.int64))

@@ -21,8 +21,12 @@ def init_params(n_in: int, hidden: int, n_out: int, seed: int) -> Params:
         bound = 1.0 / np.sqrt(fan_in)
         return rng.uniform(-bound, bound, shape).astype(np.float32)
 
-    return {"w1": uniform((n_in, hidden), n_in), "b1": uniform((hidden,), n_in),
-            "w2": uniform((hidden, n_out), hidden), "b2": uniform((n_out,), hidden)}
+    return {
+        "w1": uniform((n_in, hidden), n_in),
+        "b1": uniform((hidden,), n_in),
+        "w2": uniform((hidden, n_out), hidden),
+        "b2": uniform((n_out,), hidden),
+    }
 
 
 def forward(params: Params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

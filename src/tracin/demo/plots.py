@@ -32,10 +32,17 @@ def plot_detection(curves: dict[str, np.ndarray], path: Path, flip_rate: float) 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     for name, curve in curves.items():
         style, colour = _STYLES.get(name, ("-", None))
-        ax.plot(np.linspace(0, 1, len(curve)), curve, style, color=colour, label=name,
-                linewidth=1.2 if name == "perfect detector" else 2)
-    ax.axvline(flip_rate, color="grey", linewidth=0.8,
-               label=f"{flip_rate:.1%} inspected = the number of flipped labels")
+        ax.plot(
+            np.linspace(0, 1, len(curve)),
+            curve,
+            style,
+            color=colour,
+            label=name,
+            linewidth=1.2 if name == "perfect detector" else 2,
+        )
+    ax.axvline(
+        flip_rate, color="grey", linewidth=0.8, label=f"{flip_rate:.1%} inspected = the number of flipped labels"
+    )
     ax.set_xlabel("fraction of training data inspected (highest score first)")
     ax.set_ylabel("fraction of flipped labels found")
     ax.set_title(f"Mislabel detection on digits ({flip_rate:.1%} of labels flipped)")
@@ -58,8 +65,14 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
     ax.plot(epochs, accuracy, color="tab:grey", linewidth=1.5, label="held-out accuracy after each epoch")
     saved = np.asarray(checkpoint_epochs)
     ax.plot(saved[:traced] + 1, accuracy[saved[:traced]], "o", color="tab:blue", label="checkpoints traced")
-    ax.plot(saved[traced:] + 1, accuracy[saved[traced:]], "o", markerfacecolor="white", color="tab:blue",
-            label="checkpoints not traced")
+    ax.plot(
+        saved[traced:] + 1,
+        accuracy[saved[traced:]],
+        "o",
+        markerfacecolor="white",
+        color="tab:blue",
+        label="checkpoints not traced",
+    )
     best = int(np.argmax(accuracy))
     ax.axvline(best + 1, color="black", linestyle="--", linewidth=1, label=f"best held-out epoch ({best + 1})")
     ax.set_xlabel("epoch")
@@ -91,22 +104,25 @@ def _train_title(score: float, given: int, true: int) -> str:
     return f"{score:+.2g}\ngiven {given}" + ("" if given == true else f", true {true}")
 
 
-def plot_influence_grid(examples: list[GridExample], x_train: np.ndarray, y_given: np.ndarray,
-                        y_true: np.ndarray, path: Path) -> Path:
+def plot_influence_grid(
+    examples: list[GridExample], x_train: np.ndarray, y_given: np.ndarray, y_true: np.ndarray, path: Path
+) -> Path:
     """Per test digit: the digit titled with its label and the model's prediction, then its top
     proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
     plt = _pyplot()
     k = len(examples[0].proponents)
-    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.7 * len(examples) + 0.5),
-                             dpi=120)
+    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.7 * len(examples) + 0.5), dpi=120)
     axes = np.atleast_2d(axes)
     for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"
         panels = [(ex.image, f"test digit {ex.label}\npredicted {ex.predicted}: {verdict}", "black")]
-        for rows, scores, colour in ((ex.proponents, ex.proponent_scores, "tab:green"),
-                                     (ex.opponents, ex.opponent_scores, "tab:red")):
-            panels += [(x_train[i], _train_title(s, y_given[i], y_true[i]), colour)
-                       for i, s in zip(rows, scores, strict=True)]
+        for rows, scores, colour in (
+            (ex.proponents, ex.proponent_scores, "tab:green"),
+            (ex.opponents, ex.opponent_scores, "tab:red"),
+        ):
+            panels += [
+                (x_train[i], _train_title(s, y_given[i], y_true[i]), colour) for i, s in zip(rows, scores, strict=True)
+            ]
         for ax, (image, title, colour) in zip(row, panels, strict=True):
             ax.imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             flipped = "true" in title
@@ -116,9 +132,12 @@ def plot_influence_grid(examples: list[GridExample], x_train: np.ndarray, y_give
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5 if flipped else 1)
-    fig.suptitle(f"Each test digit, then its top {k} proponents (green: training on them lowered its loss) and "
-                 f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
-                 "in bold with a thick frame, the true label where it was flipped.", fontsize=8)
+    fig.suptitle(
+        f"Each test digit, then its top {k} proponents (green: training on them lowered its loss) and "
+        f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
+        "in bold with a thick frame, the true label where it was flipped.",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

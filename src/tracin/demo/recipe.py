@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-RULE = ("save a checkpoint every ~10% of training, record held-out accuracy after every epoch, and trace the "
-        "checkpoints up to and including the first one saved at or after the epoch of best held-out accuracy "
-        "(each weighted by its learning rate)")
+RULE = (
+    "save a checkpoint every ~10% of training, record held-out accuracy after every epoch, and trace the "
+    "checkpoints up to and including the first one saved at or after the epoch of best held-out accuracy "
+    "(each weighted by its learning rate)"
+)
 
 
 def checkpoints_to_trace(checkpoint_epochs: Sequence[int], held_out_accuracy: Sequence[float]) -> int:
@@ -29,8 +31,9 @@ def checkpoints_to_trace(checkpoint_epochs: Sequence[int], held_out_accuracy: Se
     if epochs.ndim != 1 or not epochs.size or np.any(np.diff(epochs) <= 0):
         raise ValueError(f"checkpoint_epochs must be a non-empty ascending sequence, got {epochs.tolist()}")
     if accuracy.ndim != 1 or not accuracy.size:
-        raise ValueError(f"held_out_accuracy must be a non-empty 1-D sequence (one per epoch), got shape "
-                         f"{accuracy.shape}")
+        raise ValueError(
+            f"held_out_accuracy must be a non-empty 1-D sequence (one per epoch), got shape {accuracy.shape}"
+        )
     best = int(np.argmax(accuracy))
     after = np.flatnonzero(epochs >= best)
     return int(after[0]) + 1 if after.size else len(epochs)

@@ -41,9 +41,12 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
     first = min(result.found[TRACIN])
     found = {name: result.found[name][first] for name in (TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT)}
     epochs, checkpoints = config.training.epochs, config.training.checkpoints
-    traced = result.checkpoint_epochs[:result.traced]
-    which = f"the first checkpoint (epoch {traced[0]}) was" if len(traced) == 1 else \
-        f"the first {len(traced)} checkpoints (epochs {traced[0]} to {traced[-1]}) were"
+    traced = result.checkpoint_epochs[: result.traced]
+    which = (
+        f"the first checkpoint (epoch {traced[0]}) was"
+        if len(traced) == 1
+        else f"the first {len(traced)} checkpoints (epochs {traced[0]} to {traced[-1]}) were"
+    )
     lines = [
         "# tracin demo: finding mislabelled digits",
         "",

@@ -76,15 +76,21 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     start = time.perf_counter()
     framework, train = trainer(config.framework)
     out = Path(config.output)
-    stores = {name: fresh_store_path(out / "grads" / folder) for name, folder in
-              (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))}
+    stores = {
+        name: fresh_store_path(out / "grads" / folder)
+        for name, folder in (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))
+    }
     data = load_noisy_digits(config.noise, config.seed)
     flipped = data.flipped
-    log(f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
-        f"{len(data.x_test)} test")
+    log(
+        f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
+        f"{len(data.x_test)} test"
+    )
 
-    log(f"training an MLP with {framework} for {config.training.epochs} epochs, "
-        f"saving {config.training.checkpoints} checkpoints")
+    log(
+        f"training an MLP with {framework} for {config.training.epochs} epochs, "
+        f"saving {config.training.checkpoints} checkpoints"
+    )
     bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
     model = train(data, config.training, out / "checkpoints", lambda _: bar.update())
     bar.close()
@@ -98,8 +104,10 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
     traced = checkpoints_to_trace(epochs, model.held_out_accuracy)
     best_epoch = int(np.argmax(model.held_out_accuracy)) + 1
-    log(f"held-out accuracy peaked after epoch {best_epoch} ({model.held_out_accuracy.max():.1%}): tracing "
-        f"checkpoints 1-{traced} of {len(epochs)} (epochs {epochs[0] + 1}-{epochs[traced - 1] + 1})")
+    log(
+        f"held-out accuracy peaked after epoch {best_epoch} ({model.held_out_accuracy.max():.1%}): tracing "
+        f"checkpoints 1-{traced} of {len(epochs)} (epochs {epochs[0] + 1}-{epochs[traced - 1] + 1})"
+    )
 
     train_grads = model.export(data.x_train, data.y_train, stores["train"], progress, traced)
     test_grads = model.export(data.x_test, data.y_test, stores["test"], progress, traced)
@@ -107,36 +115,67 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     self_influence = tracin.self_influence(train_grads)
 
     n, n_flipped = len(flipped), int(flipped.sum())
-    curves = {TRACIN: detection_curve(self_influence, flipped),
-              TRACIN_ALL: detection_curve(tracin.self_influence(every), flipped),
-              LOSS: detection_curve(train_loss, flipped), RANDOM: random_curve(n, n_flipped),
-              PERFECT: perfect_curve(n, n_flipped)}
+    curves = {
+        TRACIN: detection_curve(self_influence, flipped),
+        TRACIN_ALL: detection_curve(tracin.self_influence(every), flipped),
+        LOSS: detection_curve(train_loss, flipped),
+        RANDOM: random_curve(n, n_flipped),
+        PERFECT: perfect_curve(n, n_flipped),
+    }
     found = {name: {f: found_at(c, f) for f in INSPECTED} for name, c in curves.items()}
 
     shown = _shown_test_rows(test_pred, data.y_test, config.examples)
     both = tracin.top_k(test_grads, train_grads, k=config.k, side="both")
-    examples = [GridExample(data.x_test[t], int(data.y_test[t]), int(test_pred[t]),
-                            both.proponents.indices[t], both.proponents.values[t],
-                            both.opponents.indices[t], both.opponents.values[t]) for t in shown]
-    diagnostics = checkpoint_diagnostics(every, top=max(1, round(DIAGNOSED * n)),
-                                         path=out / "checkpoint_diagnostics.png",
-                                         layers_per_checkpoint=every.n_checkpoints // len(epochs),
-                                         labels=[f"ep {e + 1}" for e in epochs], traced=traced)
+    examples = [
+        GridExample(
+            data.x_test[t],
+            int(data.y_test[t]),
+            int(test_pred[t]),
+            both.proponents.indices[t],
+            both.proponents.values[t],
+            both.opponents.indices[t],
+            both.opponents.values[t],
+        )
+        for t in shown
+    ]
+    diagnostics = checkpoint_diagnostics(
+        every,
+        top=max(1, round(DIAGNOSED * n)),
+        path=out / "checkpoint_diagnostics.png",
+        layers_per_checkpoint=every.n_checkpoints // len(epochs),
+        labels=[f"ep {e + 1}" for e in epochs],
+        traced=traced,
+    )
     files = {
-        "held-out accuracy": plot_held_out_accuracy(model.held_out_accuracy, epochs, traced,
-                                                    out / "held_out_accuracy.png"),
+        "held-out accuracy": plot_held_out_accuracy(
+            model.held_out_accuracy, epochs, traced, out / "held_out_accuracy.png"
+        ),
         "checkpoint diagnostics": diagnostics.figure,
         "detection": plot_detection(curves, out / "mislabel_detection.png", data.flip_rate),
-        "influence": plot_influence_grid(examples, data.x_train, data.y_train, data.y_train_clean,
-                                         out / "proponents_opponents.png"),
+        "influence": plot_influence_grid(
+            examples, data.x_train, data.y_train, data.y_train_clean, out / "proponents_opponents.png"
+        ),
         "ranking": _write_ranking(out / "self_influence_ranking.csv", self_influence, train_loss, data),
         "train store": stores["train"],
         "test store": stores["test"],
         "train store, all checkpoints": stores["train, all checkpoints"],
     }
     seconds = time.perf_counter() - start
-    result = DemoResult(framework, n, n_flipped, found, train_acc, test_acc, seconds, files, _next_commands(out),
-                        model.held_out_accuracy, [e + 1 for e in epochs], best_epoch, traced)
+    result = DemoResult(
+        framework,
+        n,
+        n_flipped,
+        found,
+        train_acc,
+        test_acc,
+        seconds,
+        files,
+        _next_commands(out),
+        model.held_out_accuracy,
+        [e + 1 for e in epochs],
+        best_epoch,
+        traced,
+    )
     files["report"] = write_report(out / "report.md", result, config)
     log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
     for row in summary_rows(result):
@@ -159,18 +198,31 @@ def _shown_test_rows(predicted: np.ndarray, truth: np.ndarray, count: int) -> li
 
 def _next_commands(out: Path) -> list[str]:
     train, test = shlex.quote(str(out / "grads" / "train")), shlex.quote(str(out / "grads" / "test"))
-    return [f"tracin info {train}",
-            f"tracin self-influence {train} --top 20",
-            f"tracin score --test {test} --train {train} -k 5 --side both"]
+    return [
+        f"tracin info {train}",
+        f"tracin self-influence {train} --top 20",
+        f"tracin score --test {test} --train {train} -k 5 --side both",
+    ]
 
 
 def _write_ranking(path: Path, self_influence: np.ndarray, loss: np.ndarray, data: NoisyDigits) -> Path:
     order = np.argsort(-self_influence, kind="stable")
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["rank", "train_row", "digits_row", "self_influence", "loss", "given_label", "true_label",
-                    "flipped"])
+        w.writerow(
+            ["rank", "train_row", "digits_row", "self_influence", "loss", "given_label", "true_label", "flipped"]
+        )
         for rank, i in enumerate(order, 1):
-            w.writerow([rank, int(i), int(data.train_index[i]), f"{self_influence[i]:.6g}", f"{loss[i]:.6g}",
-                        int(data.y_train[i]), int(data.y_train_clean[i]), bool(data.flipped[i])])
+            w.writerow(
+                [
+                    rank,
+                    int(i),
+                    int(data.train_index[i]),
+                    f"{self_influence[i]:.6g}",
+                    f"{loss[i]:.6g}",
+                    int(data.y_train[i]),
+                    int(data.y_train_clean[i]),
+                    bool(data.flipped[i]),
+                ]
+            )
     return path

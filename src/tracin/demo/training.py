@@ -44,11 +44,12 @@ def batches(config: TrainingConfig, n: int) -> Iterator[tuple[int, list[np.ndarr
     rng = np.random.default_rng(config.seed)
     for epoch in range(config.epochs):
         order = rng.permutation(n)
-        yield epoch, [order[s:s + config.batch_size] for s in range(0, n, config.batch_size)]
+        yield epoch, [order[s : s + config.batch_size] for s in range(0, n, config.batch_size)]
 
 
-def sgd_momentum(params: dict[str, Any], velocity: dict[str, Any], grads: dict[str, Any], lr: float,
-                 momentum: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def sgd_momentum(
+    params: dict[str, Any], velocity: dict[str, Any], grads: dict[str, Any], lr: float, momentum: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """One step of SGD with momentum as torch.optim.SGD takes it (v = momentum * v + g; p -= lr * v),
     on dicts of NumPy or JAX arrays; velocity starts at zeros. Returns (params, velocity)."""
     velocity = {k: momentum * velocity[k] + grads[k] for k in params}

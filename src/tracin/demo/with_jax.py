@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-
-import jax
 
 from ..jax import export_gradients
 from ..store import GradientStore
@@ -50,8 +49,7 @@ class JaxMLP:
         return export_gradients(_per_example_loss, states, (x, y), store=path, progress=progress)
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
-          on_epoch: Callable[[int], None]) -> JaxMLP:
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> JaxMLP:
     """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 

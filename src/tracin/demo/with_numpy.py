@@ -33,9 +33,14 @@ class NumpyMLP:
         states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints[:traced]]
         dims = [(self.params[w].shape[1], self.params[w].shape[0] + 1) for _ in states for w, _ in LAYERS]
         weights = [lr for _, lr in states for _ in LAYERS]
-        meta = {"framework": "numpy", "mode": "factored", "layers": None, "projection": None,
-                "params": [{"name": k, "shape": list(v.shape)} for k, v in self.params.items()],
-                "factors": {"left": "d(loss)/d(layer output)", "right": "layer input, with 1 appended"}}
+        meta = {
+            "framework": "numpy",
+            "mode": "factored",
+            "layers": None,
+            "projection": None,
+            "params": [{"name": k, "shape": list(v.shape)} for k, v in self.params.items()],
+            "factors": {"left": "d(loss)/d(layer output)", "right": "layer input, with 1 appended"},
+        }
         writer = GradientStore.create(path, len(x), dims, weights, factored=True, metadata=meta)
         with writer:
             for c, (params, _) in enumerate(states):
@@ -46,8 +51,7 @@ class NumpyMLP:
             return writer.finalize()
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
-          on_epoch: Callable[[int], None]) -> NumpyMLP:
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> NumpyMLP:
     """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz. BLAS runs on
     one thread: on these small matrices more threads only wait for each other."""
     with threadpool_limits(1):

@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..store import GradientStore
@@ -49,8 +48,15 @@ class TorchMLP:
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """tracin.torch.export_gradients in "factored" mode at the first `traced` checkpoints: exact, both layers."""
         with _one_thread():
-            return export_gradients(self.model, self.checkpoints[:traced], (torch.from_numpy(x), torch.from_numpy(y)),
-                                    _per_example_cross_entropy, mode="factored", store=path, progress=progress)
+            return export_gradients(
+                self.model,
+                self.checkpoints[:traced],
+                (torch.from_numpy(x), torch.from_numpy(y)),
+                _per_example_cross_entropy,
+                mode="factored",
+                store=path,
+                progress=progress,
+            )
 
 
 def _model(data: NoisyDigits, config: TrainingConfig) -> nn.Module:
@@ -64,8 +70,7 @@ def _model(data: NoisyDigits, config: TrainingConfig) -> nn.Module:
     return model
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path,
-          on_epoch: Callable[[int], None]) -> TorchMLP:
+def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> TorchMLP:
     """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.pt."""
     with _one_thread():
         model = _model(data, config)

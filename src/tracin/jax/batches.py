@@ -95,8 +95,10 @@ class BatchPlan:
             self.size: int | None = min(batch_size or DEFAULT_BATCH_SIZE, self.n_rows)
         else:
             if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
-                raise TypeError("data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
-                                f"batches, got {type(data).__name__}")
+                raise TypeError(
+                    "data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
+                    f"batches, got {type(data).__name__}"
+                )
             self.n_rows = self._count_rows(data)
             self.size = batch_size
         self.one_shot = not self._pair and iter(data) is data

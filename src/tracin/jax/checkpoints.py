@@ -21,8 +21,9 @@ from .params import leaf_path
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
     """Checkpoints from a sequence of (params or path, learning_rate[, optimizer state]) entries (see
     tracin._export.checkpoints); `adam`: the b1, b2, eps the optimizer states were made with."""
-    return shared_parse(checkpoints, "params pytree or path",
-                        optimizer=lambda state, i: OptimizerState(state, i, adam or {}))
+    return shared_parse(
+        checkpoints, "params pytree or path", optimizer=lambda state, i: OptimizerState(state, i, adam or {})
+    )
 
 
 def _is_adam(node: Any) -> bool:
@@ -39,12 +40,15 @@ class OptimizerState:
     def __init__(self, state: Any, index: int, adam: Mapping[str, float]):
         self.where = f"checkpoints[{index}][2] (optimizer state)"
         if isinstance(state, (str, os.PathLike)):
-            raise TypeError(f"{self.where}: give the optax state pytree itself, not a path (a restored file "
-                            "loses the ScaleByAdamState type)")
+            raise TypeError(
+                f"{self.where}: give the optax state pytree itself, not a path (a restored file "
+                "loses the ScaleByAdamState type)"
+            )
         found = [n for n in jax.tree_util.tree_leaves(state, is_leaf=_is_adam) if _is_adam(n)]
         if len(found) != 1:
-            raise ValueError(f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), "
-                             f"found {len(found)}")
+            raise ValueError(
+                f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), found {len(found)}"
+            )
         self.adam, self.settings = found[0], dict(adam)
 
     def digest(self) -> str:
@@ -58,12 +62,17 @@ class OptimizerState:
         out = []
         for name, shape in params:
             if name not in mu or name not in nu:
-                raise ValueError(f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
-                                 "been initialised on the same params pytree")
+                raise ValueError(
+                    f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
+                    "been initialised on the same params pytree"
+                )
             m, v = np.asarray(mu[name]), np.asarray(nu[name])
             check_moments(name, shape, m, v, step, self.where)
-            out.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"],
-                                   self.settings["eps"]))
+            out.append(
+                AdamMoments(
+                    m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"], self.settings["eps"]
+                )
+            )
         return out
 
 

@@ -23,8 +23,10 @@ from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
 
 DTYPES = ("float32", "float16", "bfloat16")
-PARAM_ORDER = ("jax.tree_util flatten order of the params pytree (dict keys sorted, module fields in "
-               "declaration order); each leaf flattened row-major; paths are keys joined by '/'")
+PARAM_ORDER = (
+    "jax.tree_util flatten order of the params pytree (dict keys sorted, module fields in "
+    "declaration order); each leaf flattened row-major; paths are keys joined by '/'"
+)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -99,8 +101,10 @@ def export_gradients(
     if mode not in ("full", "last_layer"):
         raise ValueError(f"mode must be 'full' or 'last_layer', got {mode!r}")
     if mode == "last_layer" and (layers is None or layer_input is None):
-        raise ValueError("mode='last_layer' needs layers=[path of the final dense layer] and "
-                         "layer_input=fn(params, inputs) -> that layer's input, shape (batch, in_features)")
+        raise ValueError(
+            "mode='last_layer' needs layers=[path of the final dense layer] and "
+            "layer_input=fn(params, inputs) -> that layer's input, shape (batch, in_features)"
+        )
     if mode == "full" and layer_input is not None:
         raise ValueError("layer_input is only used with mode='last_layer'")
     if layer_input is not None and not callable(layer_input):
@@ -125,8 +129,15 @@ class _JaxExport:
     name = "jax"
     inplace_width = None
 
-    def __init__(self, loss_fn: Callable, layer_input: Callable | None, layers: list[str] | None, mode: str,
-                 plan: BatchPlan, first: Any):
+    def __init__(
+        self,
+        loss_fn: Callable,
+        layer_input: Callable | None,
+        layers: list[str] | None,
+        mode: str,
+        plan: BatchPlan,
+        first: Any,
+    ):
         self.loss_fn, self.plan = loss_fn, plan
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
         self._first = restore(first, "checkpoints[0]")

@@ -99,12 +99,16 @@ class ParamLayout:
         """Raises ValueError unless `other` (another checkpoint's layout) has the same structure."""
         if other.treedef != self.treedef or other.paths != self.paths:
             missing = sorted(set(self.paths) ^ set(other.paths))[:5]
-            raise ValueError(f"{where}: the params pytree differs from the first checkpoint's "
-                             f"(differing leaves: {missing or 'same paths, different structure'})")
+            raise ValueError(
+                f"{where}: the params pytree differs from the first checkpoint's "
+                f"(differing leaves: {missing or 'same paths, different structure'})"
+            )
         for i in self.selected:
             if other.shapes[i] != self.shapes[i]:
-                raise ValueError(f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
-                                 f"the first checkpoint has {self.shapes[i]}")
+                raise ValueError(
+                    f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
+                    f"the first checkpoint has {self.shapes[i]}"
+                )
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if a is not b and not _equal(a, b):
                 raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
@@ -137,8 +141,10 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
         for p in patterns:
             if not any(matches(paths[i], p) for i in floats):
                 shown = ", ".join(repr(paths[i]) for i in floats[:8])
-                raise ValueError(f"layers: pattern {p!r} matches no floating-point parameter; "
-                                 f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}")
+                raise ValueError(
+                    f"layers: pattern {p!r} matches no floating-point parameter; "
+                    f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}"
+                )
     chosen = set(selected)
     arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and isinstance(leaf, (jax.Array, np.ndarray))]
     static = [(i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, (jax.Array, np.ndarray))]

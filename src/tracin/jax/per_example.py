@@ -52,16 +52,19 @@ def check_per_example(loss_fn: LossFn, layout: ParamLayout, selected: list, arra
     abstractly (nothing is computed)."""
     size = jax.tree_util.tree_leaves(batch.targets)[0].shape[0]
     try:
-        out = jax.eval_shape(lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y),
-                             selected, arrays, batch.inputs, batch.targets)
+        out = jax.eval_shape(
+            lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), selected, arrays, batch.inputs, batch.targets
+        )
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
         raise ValueError(f"loss_fn(params, inputs, targets) failed on a batch of {size}: {err}") from err
     shape = getattr(out, "shape", None)
     if shape != (size,):
         hint = " (a mean or sum over the batch?)" if shape == () else ""
-        raise ValueError(f"loss_fn must return per-example losses of shape ({size},) for a batch of {size}, "
-                         f"got {shape if shape is not None else type(out).__name__}{hint}; return the "
-                         f"unreduced losses, e.g. optax.softmax_cross_entropy_with_integer_labels(...) without .mean()")
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape ({size},) for a batch of {size}, "
+            f"got {shape if shape is not None else type(out).__name__}{hint}; return the "
+            f"unreduced losses, e.g. optax.softmax_cross_entropy_with_integer_labels(...) without .mean()"
+        )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}")
 
@@ -104,13 +107,17 @@ class LastLayer:
         kernels = [i for i, s in shapes.items() if len(s) == 2]
         if len(shapes) != 2 or len(biases) != 1 or len(kernels) != 1:
             found = [f"{matched.paths[i]} {list(s)}" for i, s in shapes.items()]
-            raise ValueError("mode='last_layer': layers must name one dense layer, i.e. match exactly one "
-                             f"2-D kernel and one 1-D bias, got {found}")
+            raise ValueError(
+                "mode='last_layer': layers must name one dense layer, i.e. match exactly one "
+                f"2-D kernel and one 1-D bias, got {found}"
+            )
         self.bias_path, self.kernel_path = matched.paths[biases[0]], matched.paths[kernels[0]]
         p = shapes[biases[0]][0]
         if p not in shapes[kernels[0]]:
-            raise ValueError(f"mode='last_layer': kernel {self.kernel_path} {list(shapes[kernels[0]])} does not "
-                             f"fit bias {self.bias_path} ({p},)")
+            raise ValueError(
+                f"mode='last_layer': kernel {self.kernel_path} {list(shapes[kernels[0]])} does not "
+                f"fit bias {self.bias_path} ({p},)"
+            )
         self.kernel_shape = rows, cols = shapes[kernels[0]]
         self.p, self.q = p, (cols if rows == p else rows)  # kernel (p, q) as in torch/Equinox, or (q, p) as in Flax
         self.layout = layout_of(params, [self.bias_path])
@@ -145,8 +152,10 @@ class LastLayer:
             raise ValueError(f"layer_input(params, inputs) failed: {err}") from err
         size = jax.tree_util.tree_leaves(batch.targets)[0].shape[0]
         if getattr(x, "shape", None) != (size, self.q):
-            raise ValueError(f"layer_input(params, inputs) must return the (batch, {self.q}) input of "
-                             f"{self.kernel_path}, got shape {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"layer_input(params, inputs) must return the (batch, {self.q}) input of "
+                f"{self.kernel_path}, got shape {getattr(x, 'shape', type(x).__name__)}"
+            )
         head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
         left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
         ksel, karrs = self._kernel_layout.split(params)
@@ -154,8 +163,12 @@ class LastLayer:
         outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
         outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
         scale = np.linalg.norm(grad, axis=1) + 1e-30
-        fits = [np.all(np.linalg.norm(grad - o, axis=1) <= 1e-4 * scale + 1e-6 * np.linalg.norm(o, axis=1))
-                for o in (outer_px, outer_xp)]
+        fits = [
+            np.all(np.linalg.norm(grad - o, axis=1) <= 1e-4 * scale + 1e-6 * np.linalg.norm(o, axis=1))
+            for o in (outer_px, outer_xp)
+        ]
         if not any(fits):
-            raise ValueError(f"layer_input(params, inputs) does not return the input of {self.kernel_path}: "
-                             "its per-example gradient is not dL/d(output) (x) input")
+            raise ValueError(
+                f"layer_input(params, inputs) does not return the input of {self.kernel_path}: "
+                "its per-example gradient is not dL/d(output) (x) input"
+            )

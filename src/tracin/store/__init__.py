@@ -5,5 +5,12 @@ from ._range_writer import GradientStoreRangeWriter
 from ._store import GradientStore, describe
 from ._writer import GradientStoreWriter
 
-__all__ = ["FORMAT_VERSION", "GradientStore", "GradientStoreRangeWriter", "GradientStoreWriter", "StoreChangedError",
-           "StoreFormatError", "describe"]
+__all__ = [
+    "FORMAT_VERSION",
+    "GradientStore",
+    "GradientStoreRangeWriter",
+    "GradientStoreWriter",
+    "StoreChangedError",
+    "StoreFormatError",
+    "describe",
+]

@@ -46,6 +46,8 @@ def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
         finite = np.isfinite(out)
     if dtype != "float32" and not np.all(finite | ~np.isfinite(as_f32)):
         limit = np.finfo(np.float16).max if dtype == "float16" else 3.3895314e38
-        raise ValueError(f"{name} holds {source} values beyond the {dtype} range (|x| > {limit:g}); "
-                         "store them as float32 (or bfloat16 instead of float16)")
+        raise ValueError(
+            f"{name} holds {source} values beyond the {dtype} range (|x| > {limit:g}); "
+            "store them as float32 (or bfloat16 instead of float16)"
+        )
     return out

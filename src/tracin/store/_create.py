@@ -33,9 +33,20 @@ from ._writer import DataFiles, GradientStoreWriter
 _REPLACE = "pass overwrite=True to replace it"
 
 
-def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequence[float] | None,
-           dtype: str, *, factored: bool, metadata: dict | None, ids: Sequence | np.ndarray | None,
-           overwrite: bool, rows: Any, open_store: Callable[[Path], GradientSet]) -> GradientStoreWriter:
+def create(
+    path: str | os.PathLike,
+    n_rows: int,
+    dims: Sequence,
+    weights: Sequence[float] | None,
+    dtype: str,
+    *,
+    factored: bool,
+    metadata: dict | None,
+    ids: Sequence | np.ndarray | None,
+    overwrite: bool,
+    rows: Any,
+    open_store: Callable[[Path], GradientSet],
+) -> GradientStoreWriter:
     """See GradientStore.create; `open_store` is what the writer's finalize() returns."""
     wanted = _wanted_manifest(n_rows, dims, weights, dtype, factored, metadata)
     id_array = _check_ids(ids, wanted.n_rows)
@@ -64,16 +75,26 @@ def create(path: str | os.PathLike, n_rows: int, dims: Sequence, weights: Sequen
     return GradientStoreWriter(root, manifest, lock, files, open_store)
 
 
-def _range_writer(root: Path, wanted: Manifest, ids: np.ndarray | None, rows: tuple[int, int], overwrite: bool,
-                  open_store: Callable[[Path], GradientSet]) -> GradientStoreRangeWriter:
+def _range_writer(
+    root: Path,
+    wanted: Manifest,
+    ids: np.ndarray | None,
+    rows: tuple[int, int],
+    overwrite: bool,
+    open_store: Callable[[Path], GradientSet],
+) -> GradientStoreRangeWriter:
     """A writer of rows [start, stop) of the store at `root`, which must exist with the spec `wanted`."""
     if overwrite:
-        raise ValueError("overwrite=True cannot be combined with rows=: range writers write into a store that "
-                         "exists; create (or replace) it first without rows=")
+        raise ValueError(
+            "overwrite=True cannot be combined with rows=: range writers write into a store that "
+            "exists; create (or replace) it first without rows="
+        )
     start, stop = rows
     if not os.path.lexists(root / MANIFEST):
-        raise FileNotFoundError(f"no gradient store at {root} to write rows [{start}, {stop}) into: create it "
-                                "first with GradientStore.create(path, ...) without rows=, then open range writers")
+        raise FileNotFoundError(
+            f"no gradient store at {root} to write rows [{start}, {stop}) into: create it "
+            "first with GradientStore.create(path, ...) without rows=, then open range writers"
+        )
     lock = DirectoryLock(root, shared=True)
     claim = None
     try:
@@ -90,18 +111,23 @@ def _range_writer(root: Path, wanted: Manifest, ids: np.ndarray | None, rows: tu
             claim.release()
         lock.release()
         raise
-    return GradientStoreRangeWriter(root, manifest, lock, claim, files, initial_progress(manifest, found, start, stop),
-                                    open_store)
+    return GradientStoreRangeWriter(
+        root, manifest, lock, claim, files, initial_progress(manifest, found, start, stop), open_store
+    )
 
 
 def _check_rows(rows: Any, n_rows: int) -> tuple[int, int]:
     """rows as (start, stop) with 0 <= start < stop <= n_rows."""
-    if (isinstance(rows, (tuple, list)) and len(rows) == 2
-            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows)
-            and 0 <= rows[0] < rows[1] <= n_rows):
+    if (
+        isinstance(rows, (tuple, list))
+        and len(rows) == 2
+        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows)
+        and 0 <= rows[0] < rows[1] <= n_rows
+    ):
         return int(rows[0]), int(rows[1])
-    raise ValueError(f"rows must be a (start, stop) pair of integers with 0 <= start < stop <= n_rows ({n_rows}), "
-                     f"got {rows!r}")
+    raise ValueError(
+        f"rows must be a (start, stop) pair of integers with 0 <= start < stop <= n_rows ({n_rows}), got {rows!r}"
+    )
 
 
 def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool) -> None:
@@ -129,8 +155,7 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
 
 
-def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any,
-                     metadata: Any) -> Manifest:
+def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any, metadata: Any) -> Manifest:
     if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 1:
         raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}")
     if not isinstance(factored, bool):
@@ -144,13 +169,22 @@ def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored:
     for c, d in enumerate(dims):
         entry = tuple(d) if factored and isinstance(d, Sequence) else (d,)
         if len(entry) != (2 if factored else 1) or not all(
-                isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in entry):
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 1 for x in entry
+        ):
             raise ValueError(f"dims[{c}] must be a {per}, got {d!r}")
         parsed.append(tuple(int(x) for x in entry))
     w = _weights(weights, len(parsed))
-    return Manifest(n_rows=int(n_rows), dtype=dtype, factored=factored, dims=parsed,
-                    weights=[float(x) for x in w], weights_given=weights is not None,
-                    metadata=_json_metadata(metadata), has_ids=False, written=[[] for _ in parsed])
+    return Manifest(
+        n_rows=int(n_rows),
+        dtype=dtype,
+        factored=factored,
+        dims=parsed,
+        weights=[float(x) for x in w],
+        weights_given=weights is not None,
+        metadata=_json_metadata(metadata),
+        has_ids=False,
+        written=[[] for _ in parsed],
+    )
 
 
 def _json_metadata(metadata: Any) -> dict:
@@ -192,8 +226,11 @@ def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str
         ("mode", "factored" if wanted.factored else "full", "factored" if existing.factored else "full"),
         ("dtype", wanted.dtype, existing.dtype),
         ("dims", wanted.dims, existing.dims),
-        ("weights", wanted.weights if wanted.weights_given else None,
-         existing.weights if existing.weights_given else None),
+        (
+            "weights",
+            wanted.weights if wanted.weights_given else None,
+            existing.weights if existing.weights_given else None,
+        ),
         ("metadata", wanted.metadata, existing.metadata),
     ):
         if ours != theirs:
@@ -201,12 +238,20 @@ def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str
     if ids is not None or existing.has_ids:
         stored = read_ids(root / IDS_FILE, existing.n_rows) if existing.has_ids else None
         if stored is None or ids is None or not np.array_equal(stored, ids):
-            differs.append("ids " + ("absent" if stored is None else "given") + " there vs "
-                           + ("absent" if ids is None else "given" if stored is None else "different")
-                           + " here")
+            differs.append(
+                "ids "
+                + ("absent" if stored is None else "given")
+                + " there vs "
+                + ("absent" if ids is None else "given" if stored is None else "different")
+                + " here"
+            )
     if differs:
-        raise ValueError(f"{root} already holds a gradient store with a different spec ("
-                         + "; ".join(differs) + f"); {advice}" + (" or use another path" if advice == _REPLACE else ""))
+        raise ValueError(
+            f"{root} already holds a gradient store with a different spec ("
+            + "; ".join(differs)
+            + f"); {advice}"
+            + (" or use another path" if advice == _REPLACE else "")
+        )
     return existing
 
 
@@ -233,11 +278,15 @@ def _clearable(root: Path, overwrite: bool) -> list[str]:
     names = [p.name for p in root.iterdir()]
     foreign = [n for n in names if not is_own_file(n)]
     if foreign:
-        raise ValueError(f"{root} is not empty and not a gradient store (holds {_listing(foreign)}); "
-                         "choose an empty or new directory")
+        raise ValueError(
+            f"{root} is not empty and not a gradient store (holds {_listing(foreign)}); "
+            "choose an empty or new directory"
+        )
     if names and not overwrite and CREATING not in names:
-        raise ValueError(f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin "
-                         "wrote: pass overwrite=True to replace these files, or choose an empty or new directory")
+        raise ValueError(
+            f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin "
+            "wrote: pass overwrite=True to replace these files, or choose an empty or new directory"
+        )
     return names
 
 

@@ -50,8 +50,9 @@ def open_file(path: Path, writable: bool = False) -> int:
         fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP or os.path.islink(path):
-            raise StoreFormatError(f"{path} is a symbolic link; a gradient store holds regular files only "
-                                   "and never follows links") from None
+            raise StoreFormatError(
+                f"{path} is a symbolic link; a gradient store holds regular files only and never follows links"
+            ) from None
         if e.errno == errno.EISDIR:
             raise StoreFormatError(f"{path} is a directory, not a data file") from None
         raise

@@ -142,32 +142,37 @@ class Manifest:
         doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
         if self.store_id is not None:
             doc["id"] = self.store_id
-        doc.update({
-            "mode": "factored" if self.factored else "full",
-            "dtype": self.dtype,
-            "n_rows": self.n_rows,
-            "weights_given": self.weights_given,
-            "checkpoints": checkpoints,
-            "ids": IDS_FILE if self.has_ids else None,
-            "metadata": self.metadata,
-            "complete": self.complete,
-        })
+        doc.update(
+            {
+                "mode": "factored" if self.factored else "full",
+                "dtype": self.dtype,
+                "n_rows": self.n_rows,
+                "weights_given": self.weights_given,
+                "checkpoints": checkpoints,
+                "ids": IDS_FILE if self.has_ids else None,
+                "metadata": self.metadata,
+                "complete": self.complete,
+            }
+        )
         return doc
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> Manifest:
         """Parses and checks a manifest document; StoreFormatError says what is wrong."""
+
         def fail(msg: str) -> StoreFormatError:
             return StoreFormatError(f"{where}: {msg}")
 
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise fail(f"not a tracin gradient store manifest (no \"format\": \"{FORMAT_NAME}\")")
+            raise fail(f'not a tracin gradient store manifest (no "format": "{FORMAT_NAME}")')
         version = doc.get("version")
         if not is_int(version) or version < 1:
             raise fail(f"format version must be a positive integer, got {short(version)}")
         if version > FORMAT_VERSION:
-            raise fail(f"written in format version {short(version)}, but this tracin reads versions up to "
-                       f"{FORMAT_VERSION}; upgrade tracin to read it")
+            raise fail(
+                f"written in format version {short(version)}, but this tracin reads versions up to "
+                f"{FORMAT_VERSION}; upgrade tracin to read it"
+            )
         try:
             mode, dtype, n_rows = doc["mode"], doc["dtype"], doc["n_rows"]
             entries, complete = doc["checkpoints"], doc["complete"]
@@ -184,8 +189,9 @@ class Manifest:
         if not _is_count(n_rows):
             raise fail(f"n_rows must be a positive integer below 2**63, got {short(n_rows)}")
         if not isinstance(complete, bool) or not isinstance(weights_given, bool):
-            raise fail(f"complete and weights_given must be true or false, got {short(complete)} and "
-                       f"{short(weights_given)}")
+            raise fail(
+                f"complete and weights_given must be true or false, got {short(complete)} and {short(weights_given)}"
+            )
         if not isinstance(entries, list) or not entries:
             raise fail("checkpoints must be a non-empty list")
         if not isinstance(metadata, dict) or ids not in (None, IDS_FILE):
@@ -215,9 +221,20 @@ class Manifest:
             weights.append(finite)
             written.append([list(r) for r in ranges])
             files.append(names)
-        manifest = cls(n_rows=n_rows, dtype=dtype, factored=factored, dims=dims, weights=weights,
-                       weights_given=weights_given, metadata=metadata, has_ids=ids is not None,
-                       written=written, complete=complete, files=files, store_id=store_id)
+        manifest = cls(
+            n_rows=n_rows,
+            dtype=dtype,
+            factored=factored,
+            dims=dims,
+            weights=weights,
+            weights_given=weights_given,
+            metadata=metadata,
+            has_ids=ids is not None,
+            written=written,
+            complete=complete,
+            files=files,
+            store_id=store_id,
+        )
         if manifest.complete and any(manifest.missing(c) for c in range(len(dims))):
             raise fail("marked complete but some rows are not recorded as written")
         return manifest
@@ -232,6 +249,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 def strict_json(data: bytes, where: str, what: str) -> Any:
     """The JSON document in `data` (no NaN or infinite numbers, bounded nesting); anything else is a
     StoreFormatError naming `where` and saying it is a corrupt `what`."""
+
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not a JSON number")
 
@@ -282,11 +300,11 @@ def check_ranges(ranges: Any, start: int, stop: int, fail: Callable[[str], Excep
     pos = start
     ok = isinstance(ranges, list)
     for r in ranges if ok else []:
-        if not (isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_int(r[1])
-                and pos <= r[0] < r[1] <= stop):
+        if not (isinstance(r, list) and len(r) == 2 and is_int(r[0]) and is_int(r[1]) and pos <= r[0] < r[1] <= stop):
             ok = False
             break
         pos = r[1]
     if not ok:
-        raise fail(f"{name} must be sorted, disjoint [start, stop) ranges within [{start}, {stop}], "
-                   f"got {short(ranges)}")
+        raise fail(
+            f"{name} must be sorted, disjoint [start, stop) ranges within [{start}, {stop}], got {short(ranges)}"
+        )

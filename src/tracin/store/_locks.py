@@ -61,10 +61,14 @@ class DirectoryLock:
             return
         os.close(fd)
         if shared:
-            raise RuntimeError(f"gradient store {root} is being written by a writer of the whole store (in this or "
-                               "another process); close it before opening range writers (rows=)")
-        raise RuntimeError(f"gradient store {root} is being written by another writer (in this or another "
-                           "process; a writer of the whole store or range writers); close that writer first")
+            raise RuntimeError(
+                f"gradient store {root} is being written by a writer of the whole store (in this or "
+                "another process); close it before opening range writers (rows=)"
+            )
+        raise RuntimeError(
+            f"gradient store {root} is being written by another writer (in this or another "
+            "process; a writer of the whole store or range writers); close that writer first"
+        )
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -92,7 +96,8 @@ class RangeLock:
                 raise ValueError(
                     f"rows [{start}, {stop}) overlap rows {_text(others)} of {whose} of gradient store {root} "
                     f"(files {names}): range writers of one store need disjoint row ranges (or the same range, "
-                    "to resume it)")
+                    "to resume it)"
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -112,8 +117,10 @@ class RangeLock:
                     continue
             try:
                 if not _try_flock(fd, exclusive=True):
-                    raise RuntimeError(f"rows [{start}, {stop}) of gradient store {path.parent} are being written by "
-                                       "another range writer (in this or another process); close that writer first")
+                    raise RuntimeError(
+                        f"rows [{start}, {stop}) of gradient store {path.parent} are being written by "
+                        "another range writer (in this or another process); close that writer first"
+                    )
                 if _same_file(fd, path):
                     return fd, created
             except BaseException:

@@ -53,11 +53,13 @@ def check_npy(fd: int, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> i
     with naming(path, "reading"):
         size = os.fstat(fd).st_size
     if size < expected:
-        raise StoreFormatError(f"{path}: truncated, {size} bytes on disk but {expected} expected "
-                               f"for shape {shape} {dtype}")
+        raise StoreFormatError(
+            f"{path}: truncated, {size} bytes on disk but {expected} expected for shape {shape} {dtype}"
+        )
     if size > expected:
-        raise StoreFormatError(f"{path}: {size - expected} unexpected bytes after the data "
-                               f"({size} bytes on disk, {expected} expected)")
+        raise StoreFormatError(
+            f"{path}: {size - expected} unexpected bytes after the data ({size} bytes on disk, {expected} expected)"
+        )
     return offset
 
 
@@ -108,8 +110,7 @@ def read_ids(path: Path, n_rows: int) -> np.memmap:
     try:
         dtype, shape, _, _ = read_header(fd, path)
         if shape != (n_rows,) or dtype.kind not in "iuU":
-            raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape "
-                                   f"{shape} dtype {dtype}")
+            raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape {shape} dtype {dtype}")
         return map_array(fd, dtype, check_npy(fd, path, dtype, shape), shape)
     finally:
         os.close(fd)

@@ -26,9 +26,16 @@ class GradientStoreRangeWriter(GradientStoreWriter):
     missing.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, lock: DirectoryLock, claim: RangeLock | None,
-                 files: DataFiles | None, progress: RangeProgress,
-                 open_store: Callable[[Path], GradientSet]):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        lock: DirectoryLock,
+        claim: RangeLock | None,
+        files: DataFiles | None,
+        progress: RangeProgress,
+        open_store: Callable[[Path], GradientSet],
+    ):
         """Takes ownership of `lock`, `claim` and `files` (None for a finished store); `progress`
         holds every row of the range known to be written (the store's and the range file's)."""
         super().__init__(path, manifest, lock, files, open_store)
@@ -44,7 +51,8 @@ class GradientStoreRangeWriter(GradientStoreWriter):
         raise ValueError(
             f"a range writer of {self.path} (rows [{self.rows[0]}, {self.rows[1]})) does not finalize the "
             "store: close() it, and once every range is written call GradientStore.create(path, <the same "
-            "spec>) without rows= and finalize() that writer")
+            "spec>) without rows= and finalize() that writer"
+        )
 
     def close(self) -> None:
         super().close()
@@ -53,8 +61,10 @@ class GradientStoreRangeWriter(GradientStoreWriter):
 
     def __repr__(self) -> str:
         done = [self.rows_done(c) for c in range(self.n_checkpoints)]
-        return (f"GradientStoreRangeWriter({str(self.path)!r}, rows={list(self.rows)}, dims={list(self.dims)}, "
-                f"dtype={self.dtype!r}, rows_done={done})")
+        return (
+            f"GradientStoreRangeWriter({str(self.path)!r}, rows={list(self.rows)}, dims={list(self.dims)}, "
+            f"dtype={self.dtype!r}, rows_done={done})"
+        )
 
     def _written(self, c: int) -> Ranges:
         return self._progress.written[c]

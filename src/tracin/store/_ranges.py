@@ -31,30 +31,38 @@ class RangeProgress:
     written: list[Ranges]
 
     def to_json(self) -> dict:
-        return {"format": PROGRESS_FORMAT, "version": PROGRESS_VERSION, "id": self.store_id,
-                "rows": [self.start, self.stop], "written": self.written}
+        return {
+            "format": PROGRESS_FORMAT,
+            "version": PROGRESS_VERSION,
+            "id": self.store_id,
+            "rows": [self.start, self.stop],
+            "written": self.written,
+        }
 
     @classmethod
     def from_json(cls, doc: Any, where: str, manifest: Manifest, start: int, stop: int) -> RangeProgress:
         """Parses and checks a progress document against the store's manifest and the range its file
         name gives; StoreFormatError says what is wrong."""
+
         def fail(msg: str) -> StoreFormatError:
             return StoreFormatError(f"{where}: {msg}")
 
         if not isinstance(doc, dict) or doc.get("format") != PROGRESS_FORMAT:
-            raise fail(f"not a range writer's progress file (no \"format\": \"{PROGRESS_FORMAT}\")")
+            raise fail(f'not a range writer\'s progress file (no "format": "{PROGRESS_FORMAT}")')
         version = doc.get("version")
         if not is_int(version) or not 1 <= version <= PROGRESS_VERSION:
             raise fail(f"version must be an integer from 1 to {PROGRESS_VERSION}, got {short(version)}")
         if doc.get("id") != manifest.store_id:
-            raise fail(f"written for another store (id {short(doc.get('id'))}, but the store's id is "
-                       f"{manifest.store_id})")
+            raise fail(
+                f"written for another store (id {short(doc.get('id'))}, but the store's id is {manifest.store_id})"
+            )
         if doc.get("rows") != [start, stop]:
             raise fail(f"rows must be [{start}, {stop}] as the file's name says, got {short(doc.get('rows'))}")
         written = doc.get("written")
         if not isinstance(written, list) or len(written) != len(manifest.dims):
-            raise fail(f"written must be a list of {len(manifest.dims)} range lists (one per checkpoint), "
-                       f"got {short(written)}")
+            raise fail(
+                f"written must be a list of {len(manifest.dims)} range lists (one per checkpoint), got {short(written)}"
+            )
         for c, ranges in enumerate(written):
             check_ranges(ranges, start, stop, fail, f"written[{c}]")
         return cls(manifest.store_id, start, stop, [[list(r) for r in ranges] for ranges in written])
@@ -73,8 +81,7 @@ def read_progress(root: Path, manifest: Manifest, start: int, stop: int) -> Rang
             data = read_all(fd, MAX_MANIFEST_BYTES, path)
         finally:
             os.close(fd)
-        return RangeProgress.from_json(strict_json(data, str(path), "progress file"), str(path), manifest,
-                                       start, stop)
+        return RangeProgress.from_json(strict_json(data, str(path), "progress file"), str(path), manifest, start, stop)
     except StoreFormatError as e:
         raise StoreFormatError(f"{e}; remove it to write rows [{start}, {stop}) again") from None
 

@@ -60,10 +60,12 @@ class _DataFile:
             raise StoreChangedError(
                 f"{root / self.name} is {st.st_size} bytes now but was {self.size} when the gradient store was "
                 "opened (truncated or extended by another process); refusing to map it, since reading past "
-                "the end of a mapped file kills the process (SIGBUS)")
+                "the end of a mapped file kills the process (SIGBUS)"
+            )
         if self.identify(st, self.identity[2] is not None) != self.identity:
-            raise StoreChangedError(f"{root / self.name} was replaced or modified after the gradient store "
-                                    "was opened; open it again")
+            raise StoreChangedError(
+                f"{root / self.name} was replaced or modified after the gradient store was opened; open it again"
+            )
 
 
 class GradientStore(GradientSet):
@@ -79,8 +81,16 @@ class GradientStore(GradientSet):
     under a reader is an error (StoreChangedError), not stale or zero scores, nor a SIGBUS.
     """
 
-    def __init__(self, path: Path, manifest: Manifest, files: list[_DataFile], start: int, stop: int,
-                 allow_partial: bool, chunk_bytes: int):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        files: list[_DataFile],
+        start: int,
+        stop: int,
+        allow_partial: bool,
+        chunk_bytes: int,
+    ):
         self.path = path
         self._manifest = manifest
         self._files = files  # in kernel block order
@@ -94,10 +104,20 @@ class GradientStore(GradientSet):
 
     # -- opening --------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, n_rows: int, dims: Sequence,
-               weights: Sequence[float] | None = None, dtype: str = "float32", *, factored: bool = False,
-               metadata: dict | None = None, ids: Sequence | np.ndarray | None = None,
-               overwrite: bool = False, rows: tuple[int, int] | None = None) -> GradientStoreWriter:
+    def create(
+        cls,
+        path: str | os.PathLike,
+        n_rows: int,
+        dims: Sequence,
+        weights: Sequence[float] | None = None,
+        dtype: str = "float32",
+        *,
+        factored: bool = False,
+        metadata: dict | None = None,
+        ids: Sequence | np.ndarray | None = None,
+        overwrite: bool = False,
+        rows: tuple[int, int] | None = None,
+    ) -> GradientStoreWriter:
         """A writer for a new store at `path` (a directory, created if needed), or for the store
         already there if it has the same spec, to resume writing it.
 
@@ -117,12 +137,24 @@ class GradientStore(GradientSet):
         every range is written, this call without rows= again merges their progress and its
         finalize() finishes the store (a ValueError naming the rows still missing otherwise).
         """
-        return create(path, n_rows, dims, weights, dtype, factored=factored, metadata=metadata,
-                      ids=ids, overwrite=overwrite, rows=rows, open_store=cls.open)
+        return create(
+            path,
+            n_rows,
+            dims,
+            weights,
+            dtype,
+            factored=factored,
+            metadata=metadata,
+            ids=ids,
+            overwrite=overwrite,
+            rows=rows,
+            open_store=cls.open,
+        )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, allow_partial: bool = False,
-             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> GradientStore:
+    def open(
+        cls, path: str | os.PathLike, *, allow_partial: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> GradientStore:
         """Opens the store at `path` after checking the manifest against the files.
 
         An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
@@ -135,8 +167,11 @@ class GradientStore(GradientSet):
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
         root = Path(path)
         m = read_manifest(root)
-        files = [_DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
-                 for c, names in enumerate(m.files) for name, d in zip(names, m.dims[c], strict=True)]
+        files = [
+            _DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
+            for c, names in enumerate(m.files)
+            for name, d in zip(names, m.dims[c], strict=True)
+        ]
         if m.has_ids:
             read_ids(root / IDS_FILE, m.n_rows)
         stop = m.n_rows
@@ -200,7 +235,8 @@ class GradientStore(GradientSet):
             raise ValueError(
                 f"gradient store {self.path} is unfinished (rows written per checkpoint: {done} of "
                 f"{self._manifest.n_rows}); finish writing it (GradientStore.create with the same "
-                "arguments resumes), or open it with allow_partial=True to use the rows written so far")
+                "arguments resumes), or open it with allow_partial=True to use the rows written so far"
+            )
         stop = self.n_rows if stop is None else stop
         if not 0 <= start <= stop <= self.n_rows:
             raise ValueError(f"row range [{start}, {stop}) is outside the store's {self.n_rows} rows")
@@ -208,8 +244,11 @@ class GradientStore(GradientSet):
         first, rows = self._start + start, stop - start
         columns = [d for dims in self._manifest.dims for d in dims]
         if rows == 0:
-            return KernelSide(self.factored, [np.empty((0, cols), dtype=disk) for cols in columns],
-                              [DTYPE_CODES[self.dtype]] * len(columns))
+            return KernelSide(
+                self.factored,
+                [np.empty((0, cols), dtype=disk) for cols in columns],
+                [DTYPE_CODES[self.dtype]] * len(columns),
+            )
         ahead = min(rows, self._stop - stop)  # rows the next chunk will likely read
         blocks = []
         fds = self._open_unchanged()
@@ -234,8 +273,9 @@ class GradientStore(GradientSet):
                 try:
                     fds.append(open_file(self.path / file.name))
                 except FileNotFoundError:
-                    raise StoreChangedError(f"{self.path / file.name} was removed after the gradient store "
-                                            "was opened; open it again") from None
+                    raise StoreChangedError(
+                        f"{self.path / file.name} was removed after the gradient store was opened; open it again"
+                    ) from None
             self._check_same_store()
             for fd, file in zip(fds, self._files, strict=True):
                 file.check_unchanged(fd, self.path)
@@ -249,11 +289,14 @@ class GradientStore(GradientSet):
         try:
             now = read_manifest(self.path).store_id
         except FileNotFoundError:
-            raise StoreChangedError(f"gradient store {self.path} was removed after it was opened "
-                                    f"(no {MANIFEST} now)") from None
+            raise StoreChangedError(
+                f"gradient store {self.path} was removed after it was opened (no {MANIFEST} now)"
+            ) from None
         if now != self._manifest.store_id:
-            raise StoreChangedError(f"gradient store {self.path} was re-created after it was opened (store "
-                                    f"id {self._manifest.store_id} then, {now} now); open it again")
+            raise StoreChangedError(
+                f"gradient store {self.path} was re-created after it was opened (store "
+                f"id {self._manifest.store_id} then, {now} now); open it again"
+            )
 
     # -- views ----------------------------------------------------------------------------------
     def shard(self, i: int, n: int) -> GradientStore:
@@ -263,7 +306,7 @@ class GradientStore(GradientSet):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
         if n < 1 or not 0 <= i < n:
             raise ValueError(f"shard needs n >= 1 and 0 <= i < n, got i={i}, n={n}")
-        return self[i * self.n_rows // n:(i + 1) * self.n_rows // n]
+        return self[i * self.n_rows // n : (i + 1) * self.n_rows // n]
 
     def shard_offset(self) -> int:
         """First row of this view in the whole store (e.g. the offsets for merge_top_k)."""
@@ -274,8 +317,15 @@ class GradientStore(GradientSet):
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError("gradient stores can be sliced by contiguous row ranges only, e.g. s[10:20]")
         a, b, _ = rows.indices(self.n_rows)
-        return type(self)(self.path, self._manifest, self._files, self._start + a,
-                          self._start + max(a, b), self._allow_partial, self._chunk_bytes)
+        return type(self)(
+            self.path,
+            self._manifest,
+            self._files,
+            self._start + a,
+            self._start + max(a, b),
+            self._allow_partial,
+            self._chunk_bytes,
+        )
 
     @property
     def ids(self) -> np.ndarray | None:
@@ -284,7 +334,7 @@ class GradientStore(GradientSet):
             return None
         ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
         self._check_same_store()  # after mapping: the ids mapped are this store's (see _open_unchanged)
-        return ids[self._start:self._stop]
+        return ids[self._start : self._stop]
 
     # -- description ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -336,17 +386,22 @@ class GradientStore(GradientSet):
         ]
         if i["range_writers"]:
             spans = ", ".join(f"[{a}, {b})" for a, b in i["range_writers"])
-            lines.append(f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
-                         "merged into the counts above when the store is next opened to write the whole of it")
+            lines.append(
+                f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
+                "merged into the counts above when the store is next opened to write the whole of it"
+            )
         if i["metadata"]:
             lines.append(f"metadata        {', '.join(sorted(i['metadata']))}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        view = "" if (self._start, self._stop) == (0, self._manifest.n_rows) else \
-            f", rows=[{self._start}, {self._stop})"
-        return (f"GradientStore({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
-                f"dtype={self.dtype!r}, complete={self.complete}{view})")
+        view = (
+            "" if (self._start, self._stop) == (0, self._manifest.n_rows) else f", rows=[{self._start}, {self._stop})"
+        )
+        return (
+            f"GradientStore({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
+            f"dtype={self.dtype!r}, complete={self.complete}{view})"
+        )
 
 
 def describe(path: str | os.PathLike) -> str:
@@ -369,7 +424,7 @@ def _checkpoints_text(i: dict[str, Any]) -> str:
     """`5 x 2 layers  (10 factor pairs; weights ...)`, or `10  (weights ...)`: one weight per
     checkpoint where its layers share it, else one per slot."""
     slots, layers, weights = i["checkpoints"], i["layers_per_checkpoint"], i["weights"]
-    if layers > 1 and all(len(set(weights[c:c + layers])) == 1 for c in range(0, slots, layers)):
+    if layers > 1 and all(len(set(weights[c : c + layers])) == 1 for c in range(0, slots, layers)):
         weights = weights[::layers]
     shown = f"weights {', '.join(f'{w:g}' for w in weights)}{'' if i['weights_given'] else ', the default'}"
     if layers == 1:
@@ -380,7 +435,7 @@ def _checkpoints_text(i: dict[str, Any]) -> str:
 def _dims_text(i: dict[str, Any]) -> str:
     """The dims of every slot, or of one checkpoint's layers when every checkpoint has the same."""
     dims, layers = i["dims"], i["layers_per_checkpoint"]
-    if layers > 1 and all(dims[c:c + layers] == dims[:layers] for c in range(0, len(dims), layers)):
+    if layers > 1 and all(dims[c : c + layers] == dims[:layers] for c in range(0, len(dims), layers)):
         return f"{', '.join(str(d) for d in dims[:layers])} (each checkpoint's layers)"
     return ", ".join(str(d) for d in dims)
 

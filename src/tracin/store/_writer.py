@@ -56,8 +56,14 @@ class GradientStoreWriter:
     context manager or call finalize() / close().
     """
 
-    def __init__(self, path: Path, manifest: Manifest, lock: DirectoryLock, files: DataFiles | None,
-                 open_store: Callable[[Path], GradientSet]):
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        lock: DirectoryLock,
+        files: DataFiles | None,
+        open_store: Callable[[Path], GradientSet],
+    ):
         """Takes ownership of `lock` and `files` (None for a finished store); `open_store(path)` is
         what finalize() returns (GradientStore.open)."""
         self.path = path
@@ -118,8 +124,10 @@ class GradientStoreWriter:
         (e.g. a full disk) names the file; the rows are then not recorded, and a resume redoes them.
         """
         if self._manifest.complete:
-            raise ValueError(f"gradient store {self.path} is finalized; it cannot be written again "
-                             "(create it with overwrite=True to start over)")
+            raise ValueError(
+                f"gradient store {self.path} is finalized; it cannot be written again "
+                "(create it with overwrite=True to start over)"
+            )
         files = self._files
         if files is None or files.fds is None:
             raise ValueError(f"the writer of {self.path} is closed")
@@ -132,8 +140,9 @@ class GradientStoreWriter:
         if start + rows > self.n_rows:
             raise ValueError(f"rows [{start}, {start + rows}) exceed the store's {self.n_rows} rows")
         if not self.rows[0] <= start <= start + rows <= self.rows[1]:
-            raise ValueError(f"rows [{start}, {start + rows}) are outside this writer's rows "
-                             f"[{self.rows[0]}, {self.rows[1]})")
+            raise ValueError(
+                f"rows [{start}, {start + rows}) are outside this writer's rows [{self.rows[0]}, {self.rows[1]})"
+            )
         if rows == 0:
             return
         for fd, path, offset, arr in zip(files.fds[c], files.paths[c], files.offsets[c], arrays, strict=True):
@@ -177,8 +186,10 @@ class GradientStoreWriter:
 
     def __repr__(self) -> str:
         done = [self.rows_done(c) for c in range(self.n_checkpoints)]
-        return (f"GradientStoreWriter({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
-                f"dtype={self.dtype!r}, rows_done={done})")
+        return (
+            f"GradientStoreWriter({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
+            f"dtype={self.dtype!r}, rows_done={done})"
+        )
 
     # -- helpers --------------------------------------------------------------------------------
     def _written(self, c: int) -> Ranges:
@@ -191,18 +202,21 @@ class GradientStoreWriter:
         write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
 
     def _checkpoint(self, checkpoint: int) -> int:
-        if (isinstance(checkpoint, bool) or not isinstance(checkpoint, numbers.Integral)
-                or not 0 <= checkpoint < self.n_checkpoints):
-            raise ValueError(f"checkpoint must be an integer in [0, {self.n_checkpoints}), "
-                             f"got {checkpoint!r}")
+        if (
+            isinstance(checkpoint, bool)
+            or not isinstance(checkpoint, numbers.Integral)
+            or not 0 <= checkpoint < self.n_checkpoints
+        ):
+            raise ValueError(f"checkpoint must be an integer in [0, {self.n_checkpoints}), got {checkpoint!r}")
         return int(checkpoint)
 
     def _blocks(self, c: int, block: Any) -> list[np.ndarray]:
         m = self._manifest
         if m.factored:
             if not isinstance(block, (tuple, list)) or len(block) != 2:
-                raise TypeError("block must be a (left, right) pair of arrays for a factored store, "
-                                f"got {type(block).__name__}")
+                raise TypeError(
+                    f"block must be a (left, right) pair of arrays for a factored store, got {type(block).__name__}"
+                )
             arrays = [to_store_dtype(b, m.dtype, f"block[{i}]") for i, b in enumerate(block)]
             if arrays[0].shape[0] != arrays[1].shape[0]:
                 raise ValueError(f"left has {arrays[0].shape[0]} rows but right has {arrays[1].shape[0]}")

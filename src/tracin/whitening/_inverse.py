@@ -14,8 +14,9 @@ def check_damping(damping: Any) -> float:
     if isinstance(damping, bool) or not isinstance(damping, numbers.Real):
         raise TypeError(f"damping must be a positive number (a multiple of the mean eigenvalue), got {damping!r}")
     if not (math.isfinite(damping) and damping > 0):
-        raise ValueError(f"damping must be a finite number > 0 (a multiple of the mean eigenvalue of R), "
-                         f"got {damping!r}")
+        raise ValueError(
+            f"damping must be a finite number > 0 (a multiple of the mean eigenvalue of R), got {damping!r}"
+        )
     return float(damping)
 
 
@@ -23,8 +24,10 @@ def mean_eigenvalue(r: np.ndarray, what: str) -> float:
     """trace(r) / side of a float64 second moment; ValueError if it is not a finite positive number."""
     mean = float(np.trace(r)) / r.shape[0]
     if not (math.isfinite(mean) and mean > 0):
-        raise ValueError(f"{what}: the gradients' second moment has mean eigenvalue {mean} (all-zero or "
-                         "non-finite gradients); whitening needs finite, not all-zero gradients")
+        raise ValueError(
+            f"{what}: the gradients' second moment has mean eigenvalue {mean} (all-zero or "
+            "non-finite gradients); whitening needs finite, not all-zero gradients"
+        )
     return mean
 
 
@@ -35,7 +38,9 @@ def damped_inverse(r: np.ndarray, lam: float, what: str) -> np.ndarray:
     try:
         lower = np.linalg.cholesky(r)
     except np.linalg.LinAlgError:
-        raise ValueError(f"{what}: R + lambda I is not positive definite (lambda = {lam}); the gradients "
-                         "hold non-finite values, or damping is too small for float64") from None
+        raise ValueError(
+            f"{what}: R + lambda I is not positive definite (lambda = {lam}); the gradients "
+            "hold non-finite values, or damping is too small for float64"
+        ) from None
     inv_lower = np.linalg.inv(lower)
     return inv_lower.T @ inv_lower

@@ -47,7 +47,8 @@ def check_budget(sides: list[int], copies: int, max_bytes: int) -> None:
             f"whitening keeps a float64 d x d matrix per checkpoint: dims {sides} need {need / 2**30:.2f} GiB, "
             f"above max_bytes={max_bytes} ({max_bytes / 2**30:.2f} GiB); project the gradients to fewer "
             "dimensions first (tracin.Projection, projection= on the exports), use factored gradients "
-            "(Kronecker-factored whitening), or raise max_bytes")
+            "(Kronecker-factored whitening), or raise max_bytes"
+        )
 
 
 def row_ranges(s: GradientSet) -> list[tuple[int, int]]:
@@ -88,7 +89,8 @@ def check_precision(precision: Any) -> str:
     """`precision` if it names a block product dtype (TypeError / ValueError naming the argument)."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise (ValueError if isinstance(precision, str) else TypeError)(
-            f"precision must be 'float32' or 'float64' (the block products' dtype), got {precision!r}")
+            f"precision must be 'float32' or 'float64' (the block products' dtype), got {precision!r}"
+        )
     return precision
 
 

@@ -16,6 +16,8 @@ def blas_threads(num_threads: Any) -> contextlib.AbstractContextManager:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        raise ImportError("num_threads= on whitening needs threadpoolctl to set BLAS's thread count "
-                          "(pip install threadpoolctl); num_threads=None uses every core") from None
+        raise ImportError(
+            "num_threads= on whitening needs threadpoolctl to set BLAS's thread count "
+            "(pip install threadpoolctl); num_threads=None uses every core"
+        ) from None
     return threadpool_limits(limits=count, user_api="blas")

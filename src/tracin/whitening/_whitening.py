@@ -83,9 +83,18 @@ class Whitening:
 
     # -- fitting --------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, train: Any, *, damping: float = 1.0, mix: Any = None, mix_weight: float = 0.5,
-            precision: str = "float32", max_bytes: int | None = None, progress: bool | None = None,
-            num_threads: int | None = None) -> Whitening:
+    def fit(
+        cls,
+        train: Any,
+        *,
+        damping: float = 1.0,
+        mix: Any = None,
+        mix_weight: float = 0.5,
+        precision: str = "float32",
+        max_bytes: int | None = None,
+        progress: bool | None = None,
+        num_threads: int | None = None,
+    ) -> Whitening:
         """Fits the whitening to the train gradients (Gradients, FactoredGradients, a GradientStore or
         arrays) in one streaming pass over their rows, never loading a store whole.
 
@@ -125,19 +134,29 @@ class Whitening:
         try:
             with blas_threads(num_threads):
                 moments = [second_moments(s, bar, precision) for _, s in sets]
-                blended = moments[0] if mix is None else [
-                    (1.0 - mix_weight) * r + mix_weight * e for r, e in zip(*moments, strict=True)]
+                blended = (
+                    moments[0]
+                    if mix is None
+                    else [(1.0 - mix_weight) * r + mix_weight * e for r, e in zip(*moments, strict=True)]
+                )
                 del moments
                 fingerprint = _fingerprint(blended)
                 inverses, lambdas = _invert(blended, damping, train.factored)
         finally:
             bar.close()
         spec = WhiteningSpec(
-            kind="kfac" if train.factored else "full", damping=damping, precision=precision, lambdas=lambdas,
-            dims=[list(d) if train.factored else int(d) for d in train.dims], n_rows=train.n_rows,
-            mix_rows=0 if mix is None else mix.n_rows, mix_weight=mix_weight if mix is not None else 0.0,
-            fingerprint=fingerprint, fitted_on=getattr(train, "store_id", None),
-            space={k: train.metadata[k] for k in _SPACE_KEYS if k in train.metadata})
+            kind="kfac" if train.factored else "full",
+            damping=damping,
+            precision=precision,
+            lambdas=lambdas,
+            dims=[list(d) if train.factored else int(d) for d in train.dims],
+            n_rows=train.n_rows,
+            mix_rows=0 if mix is None else mix.n_rows,
+            mix_weight=mix_weight if mix is not None else 0.0,
+            fingerprint=fingerprint,
+            fitted_on=getattr(train, "store_id", None),
+            space={k: train.metadata[k] for k in _SPACE_KEYS if k in train.metadata},
+        )
         return cls(inverses, spec)
 
     # -- using it -------------------------------------------------------------------------------
@@ -169,8 +188,9 @@ class Whitening:
             return FactoredGradients(out[0::2], out[1::2], weights, metadata=metadata)
         return Gradients(out, weights, metadata=metadata)
 
-    def self_influence(self, train: Any, *, per_checkpoint: bool = False, progress: bool | None = None,
-                       num_threads: int | None = None) -> np.ndarray:
+    def self_influence(
+        self, train: Any, *, per_checkpoint: bool = False, progress: bool | None = None, num_threads: int | None = None
+    ) -> np.ndarray:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
         per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
@@ -208,17 +228,23 @@ class Whitening:
         s = as_gradient_set(s, name)
         if "whitening" in s.metadata:
             raise ValueError(f"{name} is already whitened (metadata['whitening']); whiten only unwhitened gradients")
-        fitted = SimpleNamespace(factored=self.factored, dims=self._dims(), metadata=self.spec.space,
-                                 n_checkpoints=len(self.spec.dims))
+        fitted = SimpleNamespace(
+            factored=self.factored, dims=self._dims(), metadata=self.spec.space, n_checkpoints=len(self.spec.dims)
+        )
         if name == "test":  # scored against the train side: the pairings scoring allows (e.g. LESS's)
             return _matching(s, fitted, name)
         kinds = [(m.get("preconditioner") or {}).get("kind") for m in (s.metadata, self.spec.space)]
         if "mode" in s.metadata and "mode" in self.spec.space and kinds[0] != kinds[1]:
-            raise ValueError(f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
-                             f"preconditioner={kinds[1]!r}")
+            raise ValueError(
+                f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
+                f"preconditioner={kinds[1]!r}"
+            )
         plain = [{k: v for k, v in m.items() if k != "preconditioner"} for m in (s.metadata, self.spec.space)]
-        _matching(SimpleNamespace(factored=s.factored, dims=s.dims, metadata=plain[0], n_checkpoints=s.n_checkpoints),
-                  SimpleNamespace(**{**vars(fitted), "metadata": plain[1]}), name)
+        _matching(
+            SimpleNamespace(factored=s.factored, dims=s.dims, metadata=plain[0], n_checkpoints=s.n_checkpoints),
+            SimpleNamespace(**{**vars(fitted), "metadata": plain[1]}),
+            name,
+        )
         return s
 
     def _dims(self) -> tuple:
@@ -251,8 +277,10 @@ class Whitening:
 
     def __repr__(self) -> str:
         s = self.spec
-        return (f"Whitening(kind={s.kind!r}, damping={s.damping}, dims={s.dims}, n_rows={s.n_rows}, "
-                f"fingerprint={s.fingerprint!r})")
+        return (
+            f"Whitening(kind={s.kind!r}, damping={s.damping}, dims={s.dims}, n_rows={s.n_rows}, "
+            f"fingerprint={s.fingerprint!r})"
+        )
 
 
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
@@ -262,8 +290,9 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
 
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
-        raise ValueError(f"{name} gradients are {kinds[s.factored]} but {against} is for "
-                         f"{kinds[fitted.factored]} gradients")
+        raise ValueError(
+            f"{name} gradients are {kinds[s.factored]} but {against} is for {kinds[fitted.factored]} gradients"
+        )
     if s.n_checkpoints != fitted.n_checkpoints:
         raise ValueError(f"{name} has {s.n_checkpoints} checkpoints but {against} has {fitted.n_checkpoints}")
     if tuple(s.dims) != tuple(fitted.dims):
@@ -284,7 +313,7 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[
     root = math.sqrt(damping)
     for c in range(len(moments) // 2):
         pair = []
-        for r, factor in zip(moments[2 * c:2 * c + 2], ("left", "right"), strict=True):
+        for r, factor in zip(moments[2 * c : 2 * c + 2], ("left", "right"), strict=True):
             what = f"checkpoint {c} ({factor} factor)"
             lam = root * mean_eigenvalue(r, what)
             inverses.append(damped_inverse(r, lam, what))
