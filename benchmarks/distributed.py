@@ -53,8 +53,13 @@ PROJECTED_WORKERS = (10, 100, 1000)
 
 def _compute_seconds(stream: list[dict], prefix: str) -> list[float]:
     """Compute time of each task in a Dask task stream whose key starts with `prefix`."""
-    return [s["stop"] - s["start"] for t in stream if str(t["key"]).startswith(prefix)
-            for s in t["startstops"] if s["action"] == "compute"]
+    return [
+        s["stop"] - s["start"]
+        for t in stream
+        if str(t["key"]).startswith(prefix)
+        for s in t["startstops"]
+        if s["action"] == "compute"
+    ]
 
 
 def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: int) -> dict:
@@ -62,13 +67,20 @@ def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: 
     shard per worker, both doing (almost) no kernel work."""
     small = write_store(root / "tiny", shards, [8]) and tracin.GradientStore.open(root / "tiny")
     test = tracin.Gradients(np.ones((1, 8), dtype=np.float16))
-    times = time_interleaved({
-        "per_worker": lambda: td.top_k(test, small, 1, client=client, shards=workers, progress=False),
-        "per_row": lambda: td.top_k(test, small, 1, client=client, shards=shards, progress=False),
-    }, repeats=repeats)
+    times = time_interleaved(
+        {
+            "per_worker": lambda: td.top_k(test, small, 1, client=client, shards=workers, progress=False),
+            "per_row": lambda: td.top_k(test, small, 1, client=client, shards=shards, progress=False),
+        },
+        repeats=repeats,
+    )
     few, many = times["per_worker"]["median_s"], times["per_row"]["median_s"]
-    return {"tasks": shards, "times": times, "call_s_one_shard_per_worker": few,
-            "fixed_cost_per_task_s": (many - few) / (shards - workers)}
+    return {
+        "tasks": shards,
+        "times": times,
+        "call_s_one_shard_per_worker": few,
+        "fixed_cost_per_task_s": (many - few) / (shards - workers),
+    }
 
 
 def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: float) -> list[dict]:
@@ -85,11 +97,18 @@ def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: 
             heapq.heappush(free, heapq.heappop(free) + (b - a) * row_bytes * shard_s_per_byte + task_s)
         depth = math.ceil(math.log(len(ranges), FAN_IN))
         scoring = max(free)
-        rows.append({"workers": w, "shards": len(ranges),
-                     "largest_shard_mib": max(b - a for a, b in ranges) * row_bytes / 2**20,
-                     "smallest_shard_mib": min(b - a for a, b in ranges) * row_bytes / 2**20,
-                     "ideal_scoring_s": TIB * shard_s_per_byte / w, "scoring_s": scoring, "merge_depth": depth,
-                     "projected_s": call_s + scoring + depth * (merge_s + task_s)})
+        rows.append(
+            {
+                "workers": w,
+                "shards": len(ranges),
+                "largest_shard_mib": max(b - a for a, b in ranges) * row_bytes / 2**20,
+                "smallest_shard_mib": min(b - a for a, b in ranges) * row_bytes / 2**20,
+                "ideal_scoring_s": TIB * shard_s_per_byte / w,
+                "scoring_s": scoring,
+                "merge_depth": depth,
+                "projected_s": call_s + scoring + depth * (merge_s + task_s),
+            }
+        )
     return rows
 
 
@@ -97,8 +116,11 @@ def _cluster(args: argparse.Namespace, client: Client | None, stack: ExitStack) 
     """`client`, or a LocalCluster of --workers single-threaded processes on loopback for this run."""
     if client is not None:
         return client
-    cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                               host="127.0.0.1", dashboard_address=None))
+    cluster = stack.enter_context(
+        LocalCluster(
+            n_workers=args.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        )
+    )
     return stack.enter_context(Client(cluster, set_as_default=False))
 
 
@@ -113,21 +135,25 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
         write_store(root / "store", n_rows, dims)
         store = tracin.GradientStore.open(root / "store")
         rng = np.random.default_rng(1)
-        test = tracin.Gradients([rng.standard_normal((args.test_rows, d), dtype=np.float32).astype(np.float16)
-                                 for d in dims])
+        test = tracin.Gradients(
+            [rng.standard_normal((args.test_rows, d), dtype=np.float32).astype(np.float16) for d in dims]
+        )
         with ExitStack() as stack:
             client = _cluster(args, client, stack)
             contenders = {
                 "single_machine": lambda: tracin.top_k(test, store, args.k, "both", num_threads=args.workers),
-                "distributed": lambda: td.top_k(test, store, args.k, "both", client=client, shards=args.shards,
-                                                progress=False),
+                "distributed": lambda: td.top_k(
+                    test, store, args.k, "both", client=client, shards=args.shards, progress=False
+                ),
             }
             times = time_interleaved(contenders, repeats=args.repeats)
             with get_task_stream(client=client) as stream:
                 found = contenders["distributed"]()
             expected = contenders["single_machine"]()
-            identical = all(np.array_equal(a.values, b.values) and np.array_equal(a.indices, b.indices)
-                            for a, b in zip(found, expected, strict=True))
+            identical = all(
+                np.array_equal(a.values, b.values) and np.array_equal(a.indices, b.indices)
+                for a, b in zip(found, expected, strict=True)
+            )
             fixed = _fixed_cost(client, root, args.workers, args.tiny_shards, args.repeats)
     finally:
         shutil.rmtree(root)
@@ -137,10 +163,20 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
     per_byte = sum(shard_s) / store.nbytes  # shards differ in size: compute seconds per byte over all
     merge = statistics.median(merge_s) if merge_s else 0.0
     return {
-        "config": {"size_gib": args.size, "n_rows": n_rows, "dims": dims, "dtype": "float16",
-                   "test_rows": args.test_rows, "k": args.k, "side": "both", "workers": args.workers,
-                   "threads_per_worker": 1, "single_machine_threads": args.workers, "repeats": args.repeats,
-                   "cache": "warm (store pages in the OS cache)"},
+        "config": {
+            "size_gib": args.size,
+            "n_rows": n_rows,
+            "dims": dims,
+            "dtype": "float16",
+            "test_rows": args.test_rows,
+            "k": args.k,
+            "side": "both",
+            "workers": args.workers,
+            "threads_per_worker": 1,
+            "single_machine_threads": args.workers,
+            "repeats": args.repeats,
+            "cache": "warm (store pages in the OS cache)",
+        },
         "load_average_after": os.getloadavg(),
         "store_bytes": store.nbytes,
         "times": times,
@@ -155,11 +191,10 @@ def run(args: argparse.Namespace, client: Client | None = None) -> dict:
         "fixed_cost": fixed,
         "projection": {
             "note": "PROJECTION, not a measurement: 1 TiB float16 store, this machine's measured per-byte shard time "
-                    "(single-threaded task, warm cache), merge time and fixed costs; assumes storage feeds every "
-                    f"worker at >= {1 / per_byte / 2**30:.2f} GiB/s; default shards (at most "
-                    f"{MAX_SHARD_BYTES // 2**20} MiB, large first) handed to the first free worker.",
-            "rows": _projection(per_byte, merge, fixed["call_s_one_shard_per_worker"],
-                                fixed["fixed_cost_per_task_s"]),
+            "(single-threaded task, warm cache), merge time and fixed costs; assumes storage feeds every "
+            f"worker at >= {1 / per_byte / 2**30:.2f} GiB/s; default shards (at most "
+            f"{MAX_SHARD_BYTES // 2**20} MiB, large first) handed to the first free worker.",
+            "rows": _projection(per_byte, merge, fixed["call_s_one_shard_per_worker"], fixed["fixed_cost_per_task_s"]),
         },
     }
 
@@ -202,8 +237,18 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
 
             def spread() -> Path:
                 path = root / f"many-{next(calls)}"
-                td.export_gradients("torch", model, checkpoints, data, loss, store=path, client=client,
-                                    shards=args.workers, progress=False, **kw)
+                td.export_gradients(
+                    "torch",
+                    model,
+                    checkpoints,
+                    data,
+                    loss,
+                    store=path,
+                    client=client,
+                    shards=args.workers,
+                    progress=False,
+                    **kw,
+                )
                 return path
 
             times = time_interleaved({"single_process": single, "distributed": spread}, repeats=args.repeats)
@@ -219,10 +264,17 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
     med = {name: t["median_s"] for name, t in times.items()}
     rows = args.export_rows * len(checkpoints)
     return {
-        "config": {"model": "MLP 32-256-10 (11,018 parameters), full gradients, float32", "n_rows": args.export_rows,
-                   "checkpoints": len(checkpoints), "batch_size": args.export_batch, "workers": args.workers,
-                   "threads_per_worker": 1, "shards": args.workers, "single_process_torch_threads": args.workers,
-                   "repeats": args.repeats},
+        "config": {
+            "model": "MLP 32-256-10 (11,018 parameters), full gradients, float32",
+            "n_rows": args.export_rows,
+            "checkpoints": len(checkpoints),
+            "batch_size": args.export_batch,
+            "workers": args.workers,
+            "threads_per_worker": 1,
+            "shards": args.workers,
+            "single_process_torch_threads": args.workers,
+            "repeats": args.repeats,
+        },
         "load_average_after": os.getloadavg(),
         "store_data_bytes": nbytes,
         "times": times,
@@ -245,8 +297,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
-    p.add_argument("--only", choices=("top_k", "export"), default="top_k",
-                   help="top_k: the scoring record; export: the export record, kept beside it")
+    p.add_argument(
+        "--only",
+        choices=("top_k", "export"),
+        default="top_k",
+        help="top_k: the scoring record; export: the export record, kept beside it",
+    )
     p.add_argument("--export-rows", type=int, default=4000, help="examples exported (default 4000)")
     p.add_argument("--export-batch", type=int, default=50, help="export batch size (default 50)")
     return p
@@ -260,18 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     path = write_json("distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib", result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
-    print(f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, top-{args.k} both sides, {args.test_rows} test rows: "
-          f"single machine ({args.workers} threads) {med['single_machine']:.3f} s, LocalCluster ({args.workers} "
-          f"workers, {result['shards']} shards) {med['distributed']:.3f} s = "
-          f"{result['ratio_distributed_over_single_machine']:.3f}x (goal <= 1.15x); identical: "
-          f"{result['identical_results']}")
-    print(f"{result['shards']} shard tasks, {result['shard_gib_per_s_per_worker']:.2f} GiB/s per worker; merge task "
-          f"{statistics.median(result['merge_compute_s'] or [0]) * 1e3:.2f} ms, fixed cost per task "
-          f"{result['fixed_cost']['fixed_cost_per_task_s'] * 1e3:.1f} ms, per call "
-          f"{result['fixed_cost']['call_s_one_shard_per_worker'] * 1e3:.0f} ms")
+    print(
+        f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, top-{args.k} both sides, {args.test_rows} test rows: "
+        f"single machine ({args.workers} threads) {med['single_machine']:.3f} s, LocalCluster ({args.workers} "
+        f"workers, {result['shards']} shards) {med['distributed']:.3f} s = "
+        f"{result['ratio_distributed_over_single_machine']:.3f}x (goal <= 1.15x); identical: "
+        f"{result['identical_results']}"
+    )
+    print(
+        f"{result['shards']} shard tasks, {result['shard_gib_per_s_per_worker']:.2f} GiB/s per worker; merge task "
+        f"{statistics.median(result['merge_compute_s'] or [0]) * 1e3:.2f} ms, fixed cost per task "
+        f"{result['fixed_cost']['fixed_cost_per_task_s'] * 1e3:.1f} ms, per call "
+        f"{result['fixed_cost']['call_s_one_shard_per_worker'] * 1e3:.0f} ms"
+    )
     for r in result["projection"]["rows"]:
-        print(f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s "
-              f"(scoring {r['scoring_s']:.0f} s, ideal {r['ideal_scoring_s']:.0f} s)")
+        print(
+            f"PROJECTION 1 TiB, {r['workers']:>4} workers: {r['shards']} shards, {r['projected_s']:.0f} s "
+            f"(scoring {r['scoring_s']:.0f} s, ideal {r['ideal_scoring_s']:.0f} s)"
+        )
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
     return 0
 
@@ -283,10 +345,12 @@ def _main_export(args: argparse.Namespace, t0: float) -> int:
     kept = {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
     path = write_json("distributed", {**kept, "export": found}, args.out)
     med = {k: v["median_s"] for k, v in found["times"].items()}
-    print(f"export of {args.export_rows} rows x 2 checkpoints: one process ({args.workers} torch threads) "
-          f"{med['single_process']:.2f} s, LocalCluster ({args.workers} workers) {med['distributed']:.2f} s = "
-          f"{found['speedup_distributed_over_single_process']:.2f}x speed-up; identical files: "
-          f"{found['identical_data_files_to_one_thread_export']}")
+    print(
+        f"export of {args.export_rows} rows x 2 checkpoints: one process ({args.workers} torch threads) "
+        f"{med['single_process']:.2f} s, LocalCluster ({args.workers} workers) {med['distributed']:.2f} s = "
+        f"{found['speedup_distributed_over_single_process']:.2f}x speed-up; identical files: "
+        f"{found['identical_data_files_to_one_thread_export']}"
+    )
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
     return 0
 

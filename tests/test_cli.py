@@ -39,10 +39,14 @@ def _write_store(path, mats, weights, rows=None, ids=None):
 @pytest.fixture
 def stores(tmp_path, rng):
     weights = [0.5, 0.1]
-    blocks = {side: [rng.standard_normal((n, d)).astype(np.float32) for d in (6, 4)]
-              for side, n in (("test", 3), ("train", 40))}
-    paths = {side: _write_store(tmp_path / side, mats, weights, ids=[f"{side}-{i}" for i in range(len(mats[0]))])
-             for side, mats in blocks.items()}
+    blocks = {
+        side: [rng.standard_normal((n, d)).astype(np.float32) for d in (6, 4)]
+        for side, n in (("test", 3), ("train", 40))
+    }
+    paths = {
+        side: _write_store(tmp_path / side, mats, weights, ids=[f"{side}-{i}" for i in range(len(mats[0]))])
+        for side, mats in blocks.items()
+    }
     return paths, blocks, weights
 
 
@@ -208,8 +212,13 @@ def test_broken_pipe_ends_quietly(stores):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before anything is written, as with `| head -0`
     try:
-        done = subprocess.run([sys.executable, "-m", "tracin", "info", str(paths["train"])], stdout=write,
-                              stderr=subprocess.PIPE, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "tracin", "info", str(paths["train"])],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
@@ -241,8 +250,12 @@ def test_help_shows_every_default_and_no_internal_references(monkeypatch):
         text = " ".join(parser.format_help().split())
         assert not re.search(r"\bissue\s*#?\d", text, re.IGNORECASE), (name, text)
         for action in parser._actions:
-            if action.option_strings and not isinstance(action.default, bool) and action.default is not None \
-                    and action.default != argparse.SUPPRESS:
+            if (
+                action.option_strings
+                and not isinstance(action.default, bool)
+                and action.default is not None
+                and action.default != argparse.SUPPRESS
+            ):
                 assert f"(default: {action.default})" in text, (name, action.dest)
 
 
@@ -265,8 +278,10 @@ def test_bench_runs_without_the_bench_extra_or_the_checkout(monkeypatch, capsys)
 
 
 def test_bench_never_imports_the_source_tree():
-    code = "import sys, tracin.cli; tracin.cli.main(['bench', '--quick', '-n', '2000', '--repeats', '1']); " \
-           "print('imported benchmarks' if 'benchmarks' in sys.modules else 'clean')"
+    code = (
+        "import sys, tracin.cli; tracin.cli.main(['bench', '--quick', '-n', '2000', '--repeats', '1']); "
+        "print('imported benchmarks' if 'benchmarks' in sys.modules else 'clean')"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("clean")
@@ -297,7 +312,6 @@ def test_selfbench_check_rejects_a_wrong_top_k(rng):
     assert not selfbench.matches_float64(test, train, shifted, indices)
 
 
-
 # -- on a Dask cluster ---------------------------------------------------------------------------
 def test_scheduler_local_gives_the_local_results(stores, tmp_path):
     pytest.importorskip("distributed")
@@ -305,10 +319,13 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
     local, spread = tmp_path / "local.npz", tmp_path / "spread.npz"
     assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(local))) == 0
     cli = [sys.executable, "-m", "tracin"]  # as a user runs it: the spawned workers import __main__ again
-    for command in (_score(paths, "-k", "5", "--side", "both", "-o", str(spread)),
-                    ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")]):
-        done = subprocess.run([*cli, *command, "--scheduler", "local", "--workers", "2"], capture_output=True,
-                              text=True, timeout=300)
+    for command in (
+        _score(paths, "-k", "5", "--side", "both", "-o", str(spread)),
+        ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")],
+    ):
+        done = subprocess.run(
+            [*cli, *command, "--scheduler", "local", "--workers", "2"], capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr
         assert "LocalCluster of 2 workers" in done.stderr and "wrote" in done.stdout
     got, expected = np.load(spread), np.load(local)
@@ -339,6 +356,7 @@ def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="2"):  # argparse: a usage error
         main(_score(paths, "--workers", "0"))
     assert "argument --workers: expected a positive integer, got '0'" in capsys.readouterr().err
+
 
 # -- progress bars -------------------------------------------------------------------------------
 def test_bar_over_passes_counts_examples_not_examples_times_passes(capsys):

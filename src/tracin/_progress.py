@@ -13,8 +13,16 @@ from typing import Any
 AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar appears
 
 
-def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str = "ex", *,
-                 passes: int = 1, pass_name: str = "checkpoint", unit_scale: bool = True) -> Any:
+def progress_bar(
+    total: int | None,
+    enabled: bool | None,
+    desc: str,
+    unit: str = "ex",
+    *,
+    passes: int = 1,
+    pass_name: str = "checkpoint",
+    unit_scale: bool = True,
+) -> Any:
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
     and close().
 
@@ -36,8 +44,14 @@ def progress_bar(total: int | None, enabled: bool | None, desc: str, unit: str =
     from tqdm.auto import tqdm
 
     plain = passes == 1 or total is None  # one pass, or passes of unknown length
-    bar = tqdm(total=total, unit=unit, unit_scale=unit_scale, dynamic_ncols=True, delay=delay,
-               desc=desc if plain else _pass_desc(desc, pass_name, 0, passes))
+    bar = tqdm(
+        total=total,
+        unit=unit,
+        unit_scale=unit_scale,
+        dynamic_ncols=True,
+        delay=delay,
+        desc=desc if plain else _pass_desc(desc, pass_name, 0, passes),
+    )
     return bar if plain else _Passes(bar, total, passes, desc, pass_name)
 
 
@@ -62,8 +76,11 @@ class _Passes:
             n -= step
             if self._done == self._total and self._pass + 1 < self._passes:
                 self._pass, self._done = self._pass + 1, 0
-                self._bar.reset(total=self._total)
-                self._bar.set_description_str(_pass_desc(self._desc, self._pass_name, self._pass, self._passes))
+                # Not tqdm's reset(), which redraws at once: a bar still inside its delay stays hidden.
+                self._bar.n = self._bar.last_print_n = 0
+                self._bar.set_description_str(
+                    _pass_desc(self._desc, self._pass_name, self._pass, self._passes), refresh=False
+                )
             elif step == 0:
                 break  # more than every pass holds: nothing left to count
 

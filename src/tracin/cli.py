@@ -56,7 +56,8 @@ def _open_store(path: str, option: str, allow_partial: bool):
         written = ", ".join(map(str, store.info()["rows_written"]))
         raise CommandError(
             f"{option}: gradient store {path} is unfinished (rows written per checkpoint: {written} of "
-            f"{store.n_rows}); finish the export, or pass --allow-partial to use the rows written so far")
+            f"{store.n_rows}); finish the export, or pass --allow-partial to use the rows written so far"
+        )
     return store
 
 
@@ -89,13 +90,16 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
             yield client
         return
     if args.workers is not None:
-        raise CommandError(f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
-                           "the workers of a running scheduler are its own")
+        raise CommandError(
+            f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
+            "the workers of a running scheduler are its own"
+        )
     try:
         client = Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
     except (OSError, ValueError) as e:
-        raise CommandError(f"--scheduler: cannot connect to a Dask scheduler at {args.scheduler} "
-                           f"({_one_line(e)})") from e
+        raise CommandError(
+            f"--scheduler: cannot connect to a Dask scheduler at {args.scheduler} ({_one_line(e)})"
+        ) from e
     with client:
         yield client
 
@@ -121,13 +125,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     train = _open_store(args.train, "--train", args.allow_partial)
     with _cluster(args) as client:
         if client is None:
-            result = tracin.top_k(test, train, k=args.k, side=args.side, num_threads=args.threads,
-                                  progress=_progress(args))
+            result = tracin.top_k(
+                test, train, k=args.k, side=args.side, num_threads=args.threads, progress=_progress(args)
+            )
         else:
             from . import distributed
 
-            result = distributed.top_k(test, train, k=args.k, side=args.side, client=client,
-                                       num_threads=args.threads, progress=_progress(args))
+            result = distributed.top_k(
+                test, train, k=args.k, side=args.side, client=client, num_threads=args.threads, progress=_progress(args)
+            )
     sides = result._asdict() if args.side == "both" else {args.side: result}
     summary = f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows"
     if out is None:
@@ -150,8 +156,9 @@ def _write_pairs_csv(f: IO[str], sides: dict, test_ids: list | None, train_ids: 
     for name, r in sides.items():
         for t in range(r.indices.shape[0]):
             for rank, (i, v) in enumerate(zip(r.indices[t].tolist(), r.values[t].tolist(), strict=True), 1):
-                w.writerow([t, test_ids[t] if test_ids else t, name, rank, i,
-                            train_ids[i] if train_ids else i, f"{v:.8g}"])
+                w.writerow(
+                    [t, test_ids[t] if test_ids else t, name, rank, i, train_ids[i] if train_ids else i, f"{v:.8g}"]
+                )
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
@@ -166,8 +173,9 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         else:
             from . import distributed
 
-            scores = distributed.self_influence(store, client=client, num_threads=args.threads,
-                                                progress=_progress(args))
+            scores = distributed.self_influence(
+                store, client=client, num_threads=args.threads, progress=_progress(args)
+            )
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store)
     summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
@@ -203,8 +211,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]' ({e})") from e
     training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
-    config = DemoConfig(noise=args.noise, seed=args.seed, output=Path(args.output), training=training,
-                        framework=args.framework)
+    config = DemoConfig(
+        noise=args.noise, seed=args.seed, output=Path(args.output), training=training, framework=args.framework
+    )
     run_demo(config, progress=not args.no_progress)
 
 
@@ -221,23 +230,41 @@ def positive_int(text: str) -> int:
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="kernel threads (default: all cores; with --scheduler, per task: each host's cores shared)")
-    p.add_argument("--scheduler", default=None, metavar="ADDRESS|local",
-                   help="run on a Dask cluster (pip install 'tracin[distributed]'): a scheduler's address "
-                        "(tcp://host:8786; every worker must see the stores at the same paths), or local "
-                        "for a LocalCluster on this machine")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="with --scheduler local: worker processes, one thread each (default: one per core)")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="score an unfinished store's rows written so far instead of refusing it")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="kernel threads (default: all cores; with --scheduler, per task: each host's cores shared)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS|local",
+        help="run on a Dask cluster (pip install 'tracin[distributed]'): a scheduler's address "
+        "(tcp://host:8786; every worker must see the stores at the same paths), or local "
+        "for a LocalCluster on this machine",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="with --scheduler local: worker processes, one thread each (default: one per core)",
+    )
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="score an unfinished store's rows written so far instead of refusing it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one appears for long runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tracin", description="TracIn training-data influence: proponents, opponents, self-influence.",
-        epilog=EXAMPLES, formatter_class=_HelpFormatter)
+        prog="tracin",
+        description="TracIn training-data influence: proponents, opponents, self-influence.",
+        epilog=EXAMPLES,
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -252,10 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", required=True, help="test gradient store")
     p.add_argument("--train", required=True, help="train gradient store")
     p.add_argument("-k", type=positive_int, default=10, help="train rows per test row")
-    p.add_argument("--side", choices=["proponents", "opponents", "both"], default="proponents",
-                   help="proponents: largest influence first; opponents: most negative first")
-    p.add_argument("-o", "--output", default=None,
-                   help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv (default: CSV on stdout)")
+    p.add_argument(
+        "--side",
+        choices=["proponents", "opponents", "both"],
+        default="proponents",
+        help="proponents: largest influence first; opponents: most negative first",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv (default: CSV on stdout)",
+    )
     _scoring_options(p)
 
     p = command("self-influence", "rank training rows by self-influence (mislabel search)", cmd_self_influence)
@@ -267,21 +302,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("bench", "time tracin.top_k against NumPy (matmul + argpartition) on generated data", cmd_bench)
     p.epilog = "The full peer benchmark (faiss, torch, roofline) is `python -m benchmarks.kernel` in a source checkout."
     p.add_argument("--quick", action="store_true", help="a small problem (seconds), for a smoke test")
-    for name, text in (("m", "test rows"), ("n", "train rows"), ("d", "dims per row"), ("k", "top-k per test row"),
-                       ("repeats", "timed calls of each, after a warm-up")):
+    for name, text in (
+        ("m", "test rows"),
+        ("n", "train rows"),
+        ("d", "dims per row"),
+        ("k", "top-k per test row"),
+        ("repeats", "timed calls of each, after a warm-up"),
+    ):
         flag = f"-{name}" if len(name) == 1 else f"--{name}"
-        p.add_argument(flag, dest=name, type=positive_int, default=None,
-                       help=f"{text} (default: {getattr(_bench_defaults(), name)}, "
-                            f"{getattr(_bench_defaults(quick=True), name)} with --quick)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)")
+        p.add_argument(
+            flag,
+            dest=name,
+            type=positive_int,
+            default=None,
+            help=f"{text} (default: {getattr(_bench_defaults(), name)}, "
+            f"{getattr(_bench_defaults(quick=True), name)} with --quick)",
+        )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)",
+    )
 
     p = command("demo", "find mislabelled digits with TracIn (needs tracin[demo])", cmd_demo)
-    p.add_argument("--framework", choices=["numpy", "jax", "torch"], default="numpy",
-                   help="what trains the model and computes its gradients (numpy needs no extra)")
+    p.add_argument(
+        "--framework",
+        choices=["numpy", "jax", "torch"],
+        default="numpy",
+        help="what trains the model and computes its gradients (numpy needs no extra)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of data, noise and training")
     p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
-    p.add_argument("--checkpoints", type=positive_int, default=5, help="checkpoints saved during training")
+    p.add_argument(
+        "--checkpoints",
+        type=positive_int,
+        default=10,
+        help="checkpoints saved during training (the recipe: one every ~10%%)",
+    )
     p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,18 +18,23 @@ ALLOWED_FAILURES = 1  # a task may lose one worker and be rerun; the second deat
 
 @pytest.fixture(scope="session")
 def client() -> Iterator[Client]:
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                         dashboard_address=None) as cluster, \
-            Client(cluster, set_as_default=False) as c:
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
         yield c
 
 
-def write_store(path: Path, matrices: list[np.ndarray], weights: list[float] | None, overwrite: bool = False,
-                **open_kw) -> tracin.GradientStore:
+def write_store(
+    path: Path, matrices: list[np.ndarray], weights: list[float] | None, overwrite: bool = False, **open_kw
+) -> tracin.GradientStore:
     """A finished store holding `matrices` (one (n, d_c) float32 array per checkpoint)."""
-    writer = tracin.GradientStore.create(path, len(matrices[0]), [m.shape[1] for m in matrices], weights,
-                                         overwrite=overwrite)
+    writer = tracin.GradientStore.create(
+        path, len(matrices[0]), [m.shape[1] for m in matrices], weights, overwrite=overwrite
+    )
     for c, m in enumerate(matrices):
         writer.write(c, 0, m)
     writer.finalize()
@@ -38,8 +43,9 @@ def write_store(path: Path, matrices: list[np.ndarray], weights: list[float] | N
 
 def exact_scores(test: list[np.ndarray], train: list[np.ndarray], weights: list[float]) -> np.ndarray:
     """float64 (m, n): sum_c w_c T_c X_c^T."""
-    return sum(w * (t.astype(np.float64) @ x.astype(np.float64).T)
-               for t, x, w in zip(test, train, weights, strict=True))
+    return sum(
+        w * (t.astype(np.float64) @ x.astype(np.float64).T) for t, x, w in zip(test, train, weights, strict=True)
+    )
 
 
 def exact_top_k(scores: np.ndarray, k: int, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +65,13 @@ def tied(tmp_path_factory: pytest.TempPathFactory) -> dict:
     train = [rng.integers(-2, 3, (1000, d)).astype(np.float32) for d in dims]
     test = [rng.integers(-2, 3, (9, d)).astype(np.float32) for d in dims]
     store = write_store(tmp_path_factory.mktemp("tied") / "store", train, weights)
-    return {"store": store, "test": tracin.Gradients(test, weights), "test_arrays": test, "train": train,
-            "scores": exact_scores(test, train, weights)}
+    return {
+        "store": store,
+        "test": tracin.Gradients(test, weights),
+        "test_arrays": test,
+        "train": train,
+        "scores": exact_scores(test, train, weights),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +84,11 @@ def floats(tmp_path_factory: pytest.TempPathFactory) -> dict:
     test = [rng.standard_normal((40, d)).astype(np.float32) for d in dims]
     root = tmp_path_factory.mktemp("floats")
     row_bytes = sum(dims) * 4
-    return {"store": write_store(root / "train", train, weights),
-            "test_store": write_store(root / "test", test, weights, chunk_bytes=7 * row_bytes),
-            "train": train, "test": test, "weights": weights, "scores": exact_scores(test, train, weights)}
+    return {
+        "store": write_store(root / "train", train, weights),
+        "test_store": write_store(root / "test", test, weights, chunk_bytes=7 * row_bytes),
+        "train": train,
+        "test": test,
+        "weights": weights,
+        "scores": exact_scores(test, train, weights),
+    }

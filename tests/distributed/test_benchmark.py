@@ -8,13 +8,15 @@ from benchmarks import distributed as bench
 
 
 def test_tiny_run_records_every_part(client):
-    args = bench._parser().parse_args(["--size", "0.002", "--dim", "64", "--shards", "9", "--repeats", "1",
-                                     "--tiny-shards", "6"])
+    args = bench._parser().parse_args(
+        ["--size", "0.002", "--dim", "64", "--shards", "9", "--repeats", "1", "--tiny-shards", "6"]
+    )
     result = bench.run(args, client)
     assert result["identical_results"] is True
     times = {name: t["median_s"] for name, t in result["times"].items()}
-    assert result["ratio_distributed_over_single_machine"] == pytest.approx(times["distributed"] /
-                                                                           times["single_machine"])
+    assert result["ratio_distributed_over_single_machine"] == pytest.approx(
+        times["distributed"] / times["single_machine"]
+    )
     assert result["shards"] == len(result["shard_compute_s"]) == 9 and result["merge_tasks"] == 3  # 8 + 1, then 1
     assert result["fixed_cost"]["tasks"] == 6
     per_byte = sum(result["shard_compute_s"]) / result["store_bytes"]
@@ -25,15 +27,22 @@ def test_tiny_run_records_every_part(client):
     for r in rows:  # a list schedule is never faster than perfect division, nor slower than it plus one shard
         largest = r["largest_shard_mib"] * 2**20 * per_byte + result["fixed_cost"]["fixed_cost_per_task_s"]
         assert r["ideal_scoring_s"] == pytest.approx(2**40 * per_byte / r["workers"])
-        assert r["ideal_scoring_s"] <= r["scoring_s"] <= r["ideal_scoring_s"] + largest + r["shards"] / r["workers"] * \
-            result["fixed_cost"]["fixed_cost_per_task_s"] + 1e-9
+        assert (
+            r["ideal_scoring_s"]
+            <= r["scoring_s"]
+            <= r["ideal_scoring_s"]
+            + largest
+            + r["shards"] / r["workers"] * result["fixed_cost"]["fixed_cost_per_task_s"]
+            + 1e-9
+        )
         assert r["smallest_shard_mib"] <= r["largest_shard_mib"] <= 256
 
 
 def test_tiny_export_run_records_identical_files(client):
     pytest.importorskip("torch")
-    args = bench._parser().parse_args(["--only", "export", "--export-rows", "60", "--export-batch", "7",
-                                       "--repeats", "1"])
+    args = bench._parser().parse_args(
+        ["--only", "export", "--export-rows", "60", "--export-batch", "7", "--repeats", "1"]
+    )
     result = bench.run_export(args, client)
     assert result["identical_data_files_to_one_thread_export"] is True
     data = 60 * 11018 * 4 * 2  # float32 rows of every parameter, two checkpoints, and two .npy headers

@@ -58,11 +58,23 @@ def _same_store(found: tracin.GradientStore, expected: tracin.GradientStore) -> 
 @pytest.mark.parametrize("kw", [{"batch_size": 16}, {"mode": "factored", "batch_size": 7, "dtype": "float16"}])
 def test_export_equals_single_process_export(client, tmp_path, kw):
     model, checkpoints, data, loss = _setup(203, 8)
-    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
-                                             progress=False, **kw)
+    expected = tracin.torch.export_gradients(
+        model, checkpoints, data, loss, store=tmp_path / "one", progress=False, **kw
+    )
     with get_task_stream(client) as tasks:
-        found = td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "many",
-                                    client=client, shards=5, num_threads=1, progress=False, **kw)
+        found = td.export_gradients(
+            "torch",
+            model,
+            checkpoints,
+            data,
+            loss,
+            store=tmp_path / "many",
+            client=client,
+            shards=5,
+            num_threads=1,
+            progress=False,
+            **kw,
+        )
     assert sum("export_part" in t["key"] for t in tasks.data) == 5  # the rows were written by the tasks
     assert found.complete
     _same_store(found, expected)
@@ -74,32 +86,42 @@ def test_export_equals_single_process_export(client, tmp_path, kw):
 
 def test_interrupted_export_resumes_with_other_shards(client, tmp_path):
     model, checkpoints, data, loss = _setup(150, 8)
-    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
-                                             batch_size=10, progress=False)
+    expected = tracin.torch.export_gradients(
+        model, checkpoints, data, loss, store=tmp_path / "one", batch_size=10, progress=False
+    )
     store = tmp_path / "many"
     from tracin._export.driver import store_rows  # what a task runs: rows [25, 80) only, left unfinalized
 
     with store_rows(0, 0):
         tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
     with store_rows(25, 80):
-        assert tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10,
-                                             progress=False) is None
+        assert (
+            tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
+            is None
+        )
     assert not tracin.GradientStore.open(store, allow_partial=True).complete
-    found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=3,
-                                batch_size=10, progress=False)
+    found = td.export_gradients(
+        "torch", model, checkpoints, data, loss, store=store, client=client, shards=3, batch_size=10, progress=False
+    )
     _same_store(found, expected)
 
 
 def test_worker_killed_mid_export(client, tmp_path):
     model, checkpoints, data, loss = _setup(2000, 256, seed=1)
     kw = {"batch_size": 25}
-    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one",
-                                             progress=False, **kw)
+    expected = tracin.torch.export_gradients(
+        model, checkpoints, data, loss, store=tmp_path / "one", progress=False, **kw
+    )
     pids = client.run(os.getpid)
     store = tmp_path / "many"
     out: dict = {}
-    job = threading.Thread(target=lambda: out.update(found=td.export_gradients(
-        "torch", model, checkpoints, data, loss, store=store, client=client, shards=2, progress=False, **kw)))
+    job = threading.Thread(
+        target=lambda: out.update(
+            found=td.export_gradients(
+                "torch", model, checkpoints, data, loss, store=store, client=client, shards=2, progress=False, **kw
+            )
+        )
+    )
     job.start()
     victim = None
     deadline = time.monotonic() + 120
@@ -142,13 +164,17 @@ def test_jax_export_equals_single_process_export(client, tmp_path):
 
     cloudpickle.register_pickle_by_value(__import__(__name__))  # the workers cannot import this test module
     rng = np.random.default_rng(5)
-    ckpts = [({"w": rng.standard_normal((6, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)},
-              lr) for lr in (0.2, 0.1)]
+    ckpts = [
+        ({"w": rng.standard_normal((6, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32)}, lr)
+        for lr in (0.2, 0.1)
+    ]
     data = (rng.standard_normal((90, 6)).astype(np.float32), rng.standard_normal((90, 3)).astype(np.float32))
-    expected = tracin.jax.export_gradients(_jax_loss, ckpts, data, store=tmp_path / "one", batch_size=16,
-                                           progress=False)
-    found = td.export_gradients("jax", _jax_loss, ckpts, data, store=tmp_path / "many", client=client, shards=4,
-                                batch_size=16, progress=False)
+    expected = tracin.jax.export_gradients(
+        _jax_loss, ckpts, data, store=tmp_path / "one", batch_size=16, progress=False
+    )
+    found = td.export_gradients(
+        "jax", _jax_loss, ckpts, data, store=tmp_path / "many", client=client, shards=4, batch_size=16, progress=False
+    )
     _same_store(found, expected)
     x, y = (a.astype(np.float64) for a in data)
     for c, (params, _) in enumerate(ckpts):  # and the rows are the gradients, b then w: 2 r and 2 x r^T

@@ -32,8 +32,9 @@ def test_worker_killed_mid_top_k(client, slow):
     expected = tracin.top_k(slow["test"], slow["store"], 25, "both")
     pids = client.run(os.getpid)
     out: dict = {}
-    job = threading.Thread(target=lambda: out.update(found=td.top_k(slow["test"], slow["store"], 25, "both",
-                                                                    client=client, shards=12)))
+    job = threading.Thread(
+        target=lambda: out.update(found=td.top_k(slow["test"], slow["store"], 25, "both", client=client, shards=12))
+    )
     job.start()
     victim = None
     for _ in range(2000):  # wait for a shard task to be running, then kill its worker

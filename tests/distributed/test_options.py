@@ -13,15 +13,18 @@ from tracin.distributed._cluster import kernel_threads, slots_by_host
 from tracin.distributed._shards import shard_ranges
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    ({"k": 0}, ValueError, "k must be a positive integer"),
-    ({"side": "best"}, ValueError, "side must be"),
-    ({"shards": 0}, ValueError, "shards must be a positive integer"),
-    ({"shards": 2.5}, TypeError, "shards must be a positive integer"),
-    ({"num_threads": -1}, ValueError, "num_threads must be a positive integer"),
-    ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
-    ({"client": "tcp://127.0.0.1:8786"}, TypeError, "client must be a distributed.Client"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"k": 0}, ValueError, "k must be a positive integer"),
+        ({"side": "best"}, ValueError, "side must be"),
+        ({"shards": 0}, ValueError, "shards must be a positive integer"),
+        ({"shards": 2.5}, TypeError, "shards must be a positive integer"),
+        ({"num_threads": -1}, ValueError, "num_threads must be a positive integer"),
+        ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
+        ({"client": "tcp://127.0.0.1:8786"}, TypeError, "client must be a distributed.Client"),
+    ],
+)
 def test_bad_options(tied, kwargs, error, words):
     with pytest.raises(error, match=words):
         td.top_k(tied["test"], tied["store"], **kwargs)

@@ -30,8 +30,12 @@ def test_top_k_ties_match_reference_and_one_machine(client, tied, side, k):
     found = td.top_k(tied["test"], tied["store"], k, side, client=client, shards=10)
     local = tracin.top_k(tied["test"], tied["store"], k, side)
     assert len(np.unique(tied["scores"][0])) < 100  # many ties among 1000 scores
-    for name, f, one in zip(["proponents", "opponents"] if side == "both" else [side],
-                          found if side == "both" else [found], local if side == "both" else [local], strict=True):
+    for name, f, one in zip(
+        ["proponents", "opponents"] if side == "both" else [side],
+        found if side == "both" else [found],
+        local if side == "both" else [local],
+        strict=True,
+    ):
         _check_exact(f, tied["scores"], min(k, 1000), name)
         _same(f, one)
 
@@ -52,8 +56,10 @@ def test_store_view_indices_are_relative_to_the_view(client, tied):
 
 def _within_bound(found: tracin.TopK, data: dict, test_rows: slice = slice(None)) -> None:
     """Values equal the exact scores of the returned indices, within the scale-aware bound."""
-    scale = sum(abs(w) * np.linalg.norm(t[test_rows], axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
-                for w, t, x in zip(data["weights"], data["test"], data["train"], strict=True))
+    scale = sum(
+        abs(w) * np.linalg.norm(t[test_rows], axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+        for w, t, x in zip(data["weights"], data["test"], data["train"], strict=True)
+    )
     exact = np.take_along_axis(data["scores"][test_rows], found.indices, 1)
     bound = 1e-5 * np.take_along_axis(scale, found.indices, 1)
     assert np.all(np.abs(found.values - exact) <= bound)
@@ -79,8 +85,9 @@ def test_test_side_store_with_train_in_memory(client, floats):
 def test_self_influence(client, floats):
     found = td.self_influence(floats["store"], client=client, shards=5)
     np.testing.assert_array_equal(found, tracin.self_influence(floats["store"]))
-    exact = sum(w * np.sum(x.astype(np.float64) ** 2, axis=1) for w, x in zip(floats["weights"], floats["train"],
-                                                                               strict=True))
+    exact = sum(
+        w * np.sum(x.astype(np.float64) ** 2, axis=1) for w, x in zip(floats["weights"], floats["train"], strict=True)
+    )
     np.testing.assert_allclose(found, exact, rtol=1e-5)
 
 

@@ -152,7 +152,7 @@ def test_progress_bar(mlp, data, capsys):
     x, y = data
     export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=True)
     err = capsys.readouterr().err
-    assert "140/140" in err and "ex/s" in err
+    assert "70/70" in err and "140/140" not in err and "checkpoint 2/2" in err and "ex/s" in err
     export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (x, y), progress=False)
     assert capsys.readouterr().err == ""
 

@@ -91,14 +91,17 @@ def test_unsafe_pickles_are_refused_by_weights_only(setup, tmp_path):
         export_gradients(model, [(str(tmp_path / "unsafe.pt"), 1.0)], data, LOSS, progress=False)
 
 
-@pytest.mark.parametrize("checkpoints, message", [
-    ("ckpt.pt", "sequence of"),
-    ([], "empty"),
-    ([("a.pt",)], "pair"),
-    ([("a.pt", float("nan"))], "learning rate"),
-    ([("a.pt", "0.1")], "learning rate"),
-    ([(3, 0.1)], "state_dict or a path"),
-])
+@pytest.mark.parametrize(
+    "checkpoints, message",
+    [
+        ("ckpt.pt", "sequence of"),
+        ([], "empty"),
+        ([("a.pt",)], "pair"),
+        ([("a.pt", float("nan"))], "learning rate"),
+        ([("a.pt", "0.1")], "learning rate"),
+        ([(3, 0.1)], "state_dict or a path"),
+    ],
+)
 def test_malformed_checkpoint_lists_are_refused(checkpoints, message):
     with pytest.raises((TypeError, ValueError), match=message):
         parse_checkpoints(checkpoints)

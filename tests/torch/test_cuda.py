@@ -44,8 +44,10 @@ def export_on_cuda(model: nn.Module, *args, **kwargs):
 def assert_same_influence(gpu, cpu, rtol: float = 1e-4) -> None:
     """Equal scores among the rows and self-influence, within rtol of the largest (any gradient
     set: Gradients, FactoredGradients or a store, in any stored dtype)."""
-    for ours, theirs in ((tracin.scores(gpu, gpu), tracin.scores(cpu, cpu)),
-                         (tracin.self_influence(gpu), tracin.self_influence(cpu))):
+    for ours, theirs in (
+        (tracin.scores(gpu, gpu), tracin.scores(cpu, cpu)),
+        (tracin.self_influence(gpu), tracin.self_influence(cpu)),
+    ):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=rtol * float(np.abs(theirs).max()))
 
 
@@ -62,8 +64,9 @@ def test_cuda_inputs_projection_and_store(trained, tmp_path):
     model, checkpoints, (x, y) = trained
     projection = tracin.Projection(16, seed=1)
     cpu = export_gradients(model, checkpoints, (x, y), LOSS, projection=projection, progress=False)
-    gpu = export_on_cuda(model, checkpoints, (x.cuda(), y.cuda()), LOSS, projection=projection,
-                         store=tmp_path / "store", progress=False)
+    gpu = export_on_cuda(
+        model, checkpoints, (x.cuda(), y.cuda()), LOSS, projection=projection, store=tmp_path / "store", progress=False
+    )
     assert isinstance(gpu, tracin.GradientStore) and gpu.complete
     assert_same_influence(gpu, cpu)
 

@@ -49,7 +49,7 @@ class DictItems(Dataset):
 
 
 def test_datasets_of_dict_items_are_collated():
-    (start, inputs, targets), = _collect(as_batches(DictItems(), 8))
+    ((start, inputs, targets),) = _collect(as_batches(DictItems(), 8))
     assert inputs["ids"].shape == (5, 3) and targets.tolist() == [0, 1, 0, 1, 0]
 
 
@@ -86,13 +86,21 @@ def _loader(**kwargs):
     return DataLoader(TensorDataset(torch.arange(6.0), torch.arange(6)), **kwargs)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: _loader(sampler=torch.utils.data.SubsetRandomSampler(range(6))),
-    lambda: _loader(sampler=torch.utils.data.WeightedRandomSampler([1.0] * 6, 6)),
-    lambda: _loader(sampler=torch.utils.data.DistributedSampler(
-        TensorDataset(torch.arange(6.0), torch.arange(6)), num_replicas=1, rank=0, shuffle=True)),
-    lambda: _loader(batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(6)), 2, False)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _loader(sampler=torch.utils.data.SubsetRandomSampler(range(6))),
+        lambda: _loader(sampler=torch.utils.data.WeightedRandomSampler([1.0] * 6, 6)),
+        lambda: _loader(
+            sampler=torch.utils.data.DistributedSampler(
+                TensorDataset(torch.arange(6.0), torch.arange(6)), num_replicas=1, rank=0, shuffle=True
+            )
+        ),
+        lambda: _loader(
+            batch_sampler=torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(6)), 2, False)
+        ),
+    ],
+)
 def test_loaders_that_do_not_read_in_order_are_refused(make):
     with pytest.raises(ValueError, match=r"DataLoader drawing rows with \w+Sampler.*shuffle=False"):
         as_batches(make(), 4)
@@ -108,21 +116,24 @@ def test_numpy_arrays_are_taken_as_tensors_without_a_copy():
     import numpy as np
 
     x, y = np.arange(8.0).reshape(4, 2), np.arange(4)
-    (start, inputs, targets), = _collect(as_batches((x, y), 8))
+    ((start, inputs, targets),) = _collect(as_batches((x, y), 8))
     assert isinstance(inputs, torch.Tensor) and np.shares_memory(inputs.numpy(), x)
     assert targets.tolist() == [0, 1, 2, 3]
-    (_, inputs, _), = _collect(as_batches([(x, y)], 8))
+    ((_, inputs, _),) = _collect(as_batches([(x, y)], 8))
     assert isinstance(inputs, torch.Tensor)
     with pytest.raises(TypeError, match="pair of torch tensors"):
         as_batches(x, 4)
 
 
-@pytest.mark.parametrize("data", [
-    (torch.zeros(0, 2), torch.zeros(0)),
-    TensorDataset(torch.zeros(0, 2), torch.zeros(0)),
-    [(torch.zeros(0, 2), torch.zeros(0))],
-    lambda: DataLoader(TensorDataset(torch.zeros(0, 2), torch.zeros(0)), batch_size=2),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        (torch.zeros(0, 2), torch.zeros(0)),
+        TensorDataset(torch.zeros(0, 2), torch.zeros(0)),
+        [(torch.zeros(0, 2), torch.zeros(0))],
+        lambda: DataLoader(TensorDataset(torch.zeros(0, 2), torch.zeros(0)), batch_size=2),
+    ],
+)
 def test_empty_data_is_refused(data):
     with pytest.raises(ValueError, match="data has no rows"):
         as_batches(data() if callable(data) else data, 4)

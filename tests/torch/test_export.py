@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data,
-                          cnn_with_checkpoints, mlp, train_checkpoints)
+from torch_oracle import (
+    assert_scores_match,
+    captum_scores,
+    captum_tracin,
+    classification_data,
+    cnn_with_checkpoints,
+    mlp,
+    train_checkpoints,
+)
 
 import tracin
 from tracin.torch import export_gradients
@@ -120,7 +127,11 @@ def test_dict_inputs_with_embedding_and_attention_match_captum(tmp_path, recwarn
     assert_scores_match(tracin.scores(g_test, g_train), expected)
     layers = export_gradients(model, checkpoints, test, LOSS, layers=["attn.*proj*"], progress=False)
     assert [p["name"] for p in layers.metadata["params"]] == [
-        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias"]
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+    ]
 
 
 def test_model_is_left_exactly_as_it_was(trained):
@@ -139,18 +150,22 @@ def test_model_is_left_exactly_as_it_was(trained):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert all((g is None and p.grad is None) or torch.equal(g, p.grad)
-               for g, p in zip(grads, model.parameters(), strict=True))
+    assert all(
+        (g is None and p.grad is None) or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True)
+    )
 
 
-@pytest.mark.parametrize("loss_fn, message", [
-    (nn.CrossEntropyLoss(), "reduction='mean'"),
-    (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
-    (lambda out, y: nn.functional.cross_entropy(out, y), "mean- or sum-reduced"),
-    (lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum"), "mean- or sum-reduced"),
-    (lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")[:, None], r"shape \(40,\)"),
-    ("cross_entropy", "must be callable"),
-])
+@pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        (nn.CrossEntropyLoss(), "reduction='mean'"),
+        (nn.CrossEntropyLoss(reduction="sum"), "reduction='sum'"),
+        (lambda out, y: nn.functional.cross_entropy(out, y), "mean- or sum-reduced"),
+        (lambda out, y: nn.functional.cross_entropy(out, y, reduction="sum"), "mean- or sum-reduced"),
+        (lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")[:, None], r"shape \(40,\)"),
+        ("cross_entropy", "must be callable"),
+    ],
+)
 def test_reduced_or_malformed_losses_are_refused(trained, loss_fn, message):
     model, checkpoints, train, _ = trained
     with pytest.raises((ValueError, TypeError), match=message):
@@ -160,8 +175,9 @@ def test_reduced_or_malformed_losses_are_refused(trained, loss_fn, message):
 def test_a_reduced_loss_is_refused_even_with_batches_of_one(trained):
     model, checkpoints, train, _ = trained
     with pytest.raises(ValueError, match="mean- or sum-reduced"):
-        export_gradients(model, checkpoints, train, lambda o, y: nn.functional.cross_entropy(o, y),
-                         batch_size=1, progress=False)
+        export_gradients(
+            model, checkpoints, train, lambda o, y: nn.functional.cross_entropy(o, y), batch_size=1, progress=False
+        )
 
 
 def test_every_data_form_gives_the_same_rows(trained):
@@ -170,14 +186,15 @@ def test_every_data_form_gives_the_same_rows(trained):
     forms = {
         "dataset": TensorDataset(x, y),
         "loader": DataLoader(TensorDataset(x, y), batch_size=6),
-        "list of batches": [(x[i:i + 9], y[i:i + 9]) for i in range(0, 40, 9)],
+        "list of batches": [(x[i : i + 9], y[i : i + 9]) for i in range(0, 40, 9)],
     }
     for name, data in forms.items():
         got = export_gradients(model, checkpoints, data, LOSS, batch_size=4, progress=False)
         for a, b in zip(got.matrices, expected.matrices, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
-    one = export_gradients(model, checkpoints[:1], ((x[i:i + 8], y[i:i + 8]) for i in range(0, 40, 8)),
-                           LOSS, progress=False)  # a generator: row count unknown up front
+    one = export_gradients(
+        model, checkpoints[:1], ((x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)), LOSS, progress=False
+    )  # a generator: row count unknown up front
     np.testing.assert_allclose(one.matrices[0], expected.matrices[0], rtol=1e-5, atol=1e-6)
 
 
@@ -193,12 +210,15 @@ def test_data_errors_are_explained(trained):
         export_gradients(model, checkpoints, 3, LOSS, progress=False)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"mode": "diagonal"}, "mode must be"),
-    ({"dtype": "float64"}, "dtype must be"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"projection": object()}, "tracin.Projection"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mode": "diagonal"}, "mode must be"),
+        ({"dtype": "float64"}, "dtype must be"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"projection": object()}, "tracin.Projection"),
+    ],
+)
 def test_bad_options_are_refused(trained, kwargs, message):
     model, checkpoints, train, _ = trained
     with pytest.raises((ValueError, TypeError), match=message):
@@ -218,12 +238,14 @@ def test_half_precision_storage_is_the_rounded_float32_gradient(trained, dtype):
         assert torch.equal(got, expected)
 
 
-def test_progress_bar_counts_examples_over_all_checkpoints(trained, capsys):
+def test_progress_bar_counts_examples_per_checkpoint(trained, capsys):
     model, checkpoints, train, _ = trained
-    export_gradients(model, checkpoints, train, LOSS, batch_size=16)
+    export_gradients(model, checkpoints, train, LOSS, batch_size=16, progress=True)
     err = capsys.readouterr().err
-    assert "120/120" in err and "ex/s" in err and "checkpoint 3/3" in err
+    assert "40/40" in err and "120/120" not in err and "ex/s" in err and "checkpoint 3/3" in err
     export_gradients(model, checkpoints, train, LOSS, progress=False)
+    assert capsys.readouterr().err == ""
+    export_gradients(model, checkpoints, train, LOSS)  # automatic: no bar for a fraction of a second
     assert capsys.readouterr().err == ""
 
 
@@ -232,8 +254,7 @@ def test_projection_is_applied_to_every_batch_before_storing(trained, per_layer)
     model, checkpoints, train, _ = trained
     projection = tracin.Projection(12, seed=3, per_layer=per_layer)
     full = export_gradients(model, checkpoints, train, LOSS, progress=False)
-    projected = export_gradients(model, checkpoints, train, LOSS, projection=projection, batch_size=16,
-                                 progress=False)
+    projected = export_gradients(model, checkpoints, train, LOSS, projection=projection, batch_size=16, progress=False)
     widths = [int(np.prod(p["shape"])) for p in full.metadata["params"]]
     assert projected.dims == (12,) * 3 and projected.metadata["projection"] == projection.to_dict()
     for got, g in zip(projected.matrices, full.matrices, strict=True):
@@ -244,8 +265,9 @@ def test_projection_of_last_layer_factors_is_the_kronecker_projection(trained):
     model, checkpoints, train, _ = trained
     projection = tracin.Projection(12, seed=4)
     factors = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", progress=False)
-    projected = export_gradients(model, checkpoints, train, LOSS, mode="last_layer", projection=projection,
-                                 progress=False)
+    projected = export_gradients(
+        model, checkpoints, train, LOSS, mode="last_layer", projection=projection, progress=False
+    )
     for left, right, pl, pr in zip(factors.left, factors.right, projected.left, projected.right, strict=True):
         el, er = projection.apply_factored(left, right)
         np.testing.assert_allclose(pl, el, rtol=1e-5, atol=1e-6)
@@ -262,13 +284,13 @@ class _Reshuffling:
     def __iter__(self):
         self.passes += 1
         order = list(range(len(self.batches)))
-        order = order[self.passes % len(order):] + order[:self.passes % len(order)]
+        order = order[self.passes % len(order) :] + order[: self.passes % len(order)]
         return iter([self.batches[i] for i in order])
 
 
 def test_data_that_changes_order_between_checkpoints_is_refused(trained):
     model, checkpoints, (x, y), _ = trained
-    data = _Reshuffling([(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)])
+    data = _Reshuffling([(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)])
     with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other targets"):
         export_gradients(model, checkpoints, data, LOSS, progress=False)
 

@@ -26,11 +26,17 @@ def autograd_rows(model: nn.Module, names: list[str], loss_fn, inputs: dict, tar
     params = dict(model.named_parameters())
     rows = []
     for i in range(len(targets)):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        loss = loss_fn(model(**one), targets[i:i + 1]).sum()
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        loss = loss_fn(model(**one), targets[i : i + 1]).sum()
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
-                               for n, g in zip(names, grads, strict=True)]))
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+                    for n, g in zip(names, grads, strict=True)
+                ]
+            )
+        )
     return torch.stack(rows).detach().double().numpy()
 
 
@@ -41,8 +47,10 @@ def hook_rows(model: nn.Module, names: list[str], loss_fn, inputs, targets, batc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compute = PerExampleGradients(model, names, loss_fn)
-        rows = [compute(state, {k: v[i:i + batch] for k, v in inputs.items()}, targets[i:i + batch])
-                for i in range(0, n, batch)]
+        rows = [
+            compute(state, {k: v[i : i + batch] for k, v in inputs.items()}, targets[i : i + batch])
+            for i in range(0, n, batch)
+        ]
     return compute, torch.cat(rows).detach().double().numpy(), caught
 
 
@@ -61,8 +69,9 @@ def hugging_face():
 def gpt2(seed: int = 0) -> nn.Module:
     transformers = hugging_face()
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(config).double().eval()
 
 
@@ -116,8 +125,15 @@ def test_gpt2_export_scores_match_float64_influence():
 def test_bert_classifier_padded_takes_the_hook_path_exactly():
     transformers = hugging_face()
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(config).double().eval()
     inputs, _ = padded_sequences(9, 8, 40, seed=5)
     inputs["token_type_ids"] = (torch.arange(8)[None, :] >= 4).long().expand(9, 8).clone()
@@ -151,7 +167,11 @@ def test_cnn_conv_goes_to_vmap_with_one_warning_and_the_rest_to_hooks_exactly():
     compute, got, caught = hook_rows(model, names, CE, {"x": x}, y)
     assert [str(w.message).count("conv (Conv2d)") for w in caught] == [1]
     assert compute.others == ["conv.weight", "conv.bias"] and sorted(compute.hooks.plan) == [
-        "head.bias", "head.weight", "norm.bias", "norm.weight"]
+        "head.bias",
+        "head.weight",
+        "norm.bias",
+        "norm.weight",
+    ]
     want = autograd_rows(model, names, CE, {"x": x}, y)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
@@ -163,11 +183,16 @@ class BatchMean(nn.Module):
         return x + 0.5 * x.mean(0, keepdim=True)
 
 
-@pytest.mark.parametrize("mixer, message", [
-    (lambda: nn.Sequential(nn.Unflatten(1, (2, 4)), nn.BatchNorm1d(2, track_running_stats=False), nn.Flatten()),
-     "mix the examples of a batch even in eval mode"),
-    (BatchMean, "disagree with per-example autograd"),
-])
+@pytest.mark.parametrize(
+    "mixer, message",
+    [
+        (
+            lambda: nn.Sequential(nn.Unflatten(1, (2, 4)), nn.BatchNorm1d(2, track_running_stats=False), nn.Flatten()),
+            "mix the examples of a batch even in eval mode",
+        ),
+        (BatchMean, "disagree with per-example autograd"),
+    ],
+)
 def test_layers_mixing_examples_leave_the_hook_path_and_stay_per_example(mixer, message):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), mixer(), nn.Tanh(), nn.Linear(8, 4)).double().eval()
@@ -201,8 +226,10 @@ def test_layers_run_sequence_first_leave_the_hook_path_exactly(tokens):
     compute, got, caught = hook_rows(model, names, CE, {"x": x}, y, batch=6)
     if tokens == 7:  # seen by its shape: that layer alone goes to vmap
         assert [str(w.message).count("token (Linear: input of shape (7, 6, 3)") for w in caught] == [1]
-        assert compute.others == ["token.weight", "token.bias"] and sorted(compute.hooks.plan) == ["head.bias",
-                                                                                                 "head.weight"]
+        assert compute.others == ["token.weight", "token.bias"] and sorted(compute.hooks.plan) == [
+            "head.bias",
+            "head.weight",
+        ]
     else:  # seen by the first-batch check: every parameter goes to vmap
         assert any("given up" in str(w.message) for w in caught) and compute.hooks is None
     want = autograd_rows(model, names, CE, {"x": x}, y)

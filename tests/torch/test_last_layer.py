@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_oracle import (assert_scores_match, captum_scores, captum_tracin, classification_data, mlp,
-                          train_checkpoints)
+from torch_oracle import assert_scores_match, captum_scores, captum_tracin, classification_data, mlp, train_checkpoints
 
 import tracin
-from tracin.torch import export_gradients
 from tracin._export.metadata import LEFT, RIGHT
+from tracin.torch import export_gradients
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
 
 def _export_both(model, checkpoints, train, test, **kwargs):
-    return (export_gradients(model, checkpoints, train, LOSS, mode="last_layer", batch_size=16,
-                             progress=False, **kwargs),
-            export_gradients(model, checkpoints, test, LOSS, mode="last_layer", progress=False, **kwargs))
+    return (
+        export_gradients(model, checkpoints, train, LOSS, mode="last_layer", batch_size=16, progress=False, **kwargs),
+        export_gradients(model, checkpoints, test, LOSS, mode="last_layer", progress=False, **kwargs),
+    )
 
 
 def test_weight_only_layer_matches_captum_tracincp_fast(tmp_path):
@@ -28,7 +28,12 @@ def test_weight_only_layer_matches_captum_tracincp_fast(tmp_path):
     checkpoints = train_checkpoints(model, *train, tmp_path)
     g_train, g_test = _export_both(model, checkpoints, train, test)
     assert g_train.dims == ((4, 8),) * 3 and g_train.metadata["last_layer"] == {
-        "layer": "4", "weight": "4.weight", "bias": None, "left": LEFT, "right": RIGHT}
+        "layer": "4",
+        "weight": "4.weight",
+        "bias": None,
+        "left": LEFT,
+        "right": RIGHT,
+    }
     oracle = captum_tracin(model, checkpoints, train, fast_layer="4")
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
     both = tracin.top_k(g_test, g_train, k=4, side="both")
@@ -44,8 +49,7 @@ def test_weight_and_bias_match_captum_tracincp_on_that_layer(tmp_path):
     checkpoints = train_checkpoints(model, *train, tmp_path)
     g_train, g_test = _export_both(model, checkpoints, train, test)
     assert g_train.dims == ((4, 9),) * 3
-    assert g_train.metadata["params"] == [{"name": "4.weight", "shape": [4, 8]},
-                                          {"name": "4.bias", "shape": [4]}]
+    assert g_train.metadata["params"] == [{"name": "4.weight", "shape": [4, 8]}, {"name": "4.bias", "shape": [4]}]
     oracle = captum_tracin(model, checkpoints, train, layers=["4"])
     assert_scores_match(tracin.scores(g_test, g_train), captum_scores(oracle, test))
     np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)
@@ -92,8 +96,14 @@ def test_reduced_losses_are_refused_in_last_layer_mode():
     model = mlp()
     data = classification_data(8, seed=1)
     with pytest.raises(ValueError, match="mean- or sum-reduced"):
-        export_gradients(model, [(model.state_dict(), 1.0)], data, lambda o, y: nn.functional.cross_entropy(o, y),
-                         mode="last_layer", progress=False)
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            data,
+            lambda o, y: nn.functional.cross_entropy(o, y),
+            mode="last_layer",
+            progress=False,
+        )
 
 
 def test_factored_mode_matches_captum_on_every_linear_layer(tmp_path):
@@ -124,16 +134,19 @@ def test_factored_mode_store_equals_memory_and_refuses_non_linear_parameters(tmp
     train = classification_data(30, seed=3)
     checkpoints = train_checkpoints(model, *train, tmp_path)
     memory = export_gradients(model, checkpoints, train, LOSS, mode="factored", batch_size=7, progress=False)
-    store = export_gradients(model, checkpoints, train, LOSS, mode="factored", store=tmp_path / "s",
-                             batch_size=7, progress=False)
+    store = export_gradients(
+        model, checkpoints, train, LOSS, mode="factored", store=tmp_path / "s", batch_size=7, progress=False
+    )
     np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(16, 4))
     x, y = torch.randn(5, 1, 10), torch.randint(0, 4, (5,))
     with pytest.raises(ValueError, match="needs every chosen parameter to be an nn.Linear"):
         export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored", progress=False)
     with pytest.raises(ValueError, match="factors whole nn.Linear layers"):
-        export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored",
-                         layers=["2.weight"], progress=False)
-    only_linear = export_gradients(conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored",
-                                   layers=["2"], progress=False)
+        export_gradients(
+            conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored", layers=["2.weight"], progress=False
+        )
+    only_linear = export_gradients(
+        conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored", layers=["2"], progress=False
+    )
     assert only_linear.dims == ((4, 17),)

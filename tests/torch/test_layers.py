@@ -29,8 +29,7 @@ def test_prefix_matches_whole_module_names_only():
 
 def test_globs_and_prefixes_combine_in_model_order():
     names = select_parameters(Net(), ["fc2", "encoder.layer.2.*", "*.0.bias"])
-    assert names == ["encoder.layer.0.bias", "encoder.layer.2.weight", "encoder.layer.2.bias",
-                     "fc2.weight", "fc2.bias"]
+    assert names == ["encoder.layer.0.bias", "encoder.layer.2.weight", "encoder.layer.2.bias", "fc2.weight", "fc2.bias"]
     assert select_parameters(Net(), "fc2") == ["fc2.weight", "fc2.bias"]
 
 

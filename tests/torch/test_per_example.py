@@ -20,7 +20,7 @@ def autograd_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndar
     rows = []
     for i in range(len(x)):
         model.zero_grad()
-        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     model.zero_grad(set_to_none=True)
     return torch.stack(rows).numpy()
@@ -77,24 +77,34 @@ def test_models_vmap_cannot_run_fall_back_with_a_warning_and_stay_exact(cls):
 def _compute(model, x, y, batch=9):
     compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
     state = dict(model.state_dict())
-    rows = torch.cat([compute(state, x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)])
+    rows = torch.cat([compute(state, x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)])
     return compute, rows.numpy()
 
 
 def test_vmap_path_is_exact_without_warning(recwarn):
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Unflatten(1, (2, 4)),
-                          nn.Conv1d(2, 4, 4), nn.Flatten())  # no layer the hooks cover
+    model = nn.Sequential(
+        nn.Unflatten(1, (1, 6)),
+        nn.Conv1d(1, 2, 3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Unflatten(1, (2, 4)),
+        nn.Conv1d(2, 4, 4),
+        nn.Flatten(),
+    )  # no layer the hooks cover
     x, y = classification_data(9, seed=3)
     compute, got = _compute(model, x, y)
     assert compute.hooks is None and compute.vectorised and not recwarn.list
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 4)),
-    lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4)),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 5, bias=False), nn.Tanh(), nn.Linear(5, 4)),
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4)),
+    ],
+)
 def test_covered_layers_take_the_hook_path_exactly(make, recwarn):
     torch.manual_seed(1)
     model = make()

@@ -30,8 +30,10 @@ def _trained(optimizer: str = "adam", groups: bool = False, steps: int = 3):
     x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     if groups:  # per-group betas and eps, to check each parameter takes its own group's
-        params = [{"params": list(model[0].parameters()), "betas": (0.8, 0.95), "eps": 1e-3},
-                  {"params": list(model[2].parameters())}]
+        params = [
+            {"params": list(model[0].parameters()), "betas": (0.8, 0.95), "eps": 1e-3},
+            {"params": list(model[2].parameters())},
+        ]
         opt = cls(params, lr=0.05, betas=(0.85, 0.99), eps=1e-6)
     else:
         opt = cls(model.parameters(), lr=0.05, betas=(0.85, 0.99), eps=1e-6)
@@ -54,7 +56,7 @@ def _reference_grads(model: nn.Module, state: dict, x, y) -> np.ndarray:
     params = list(ref.parameters())
     rows = []
     for i in range(len(x)):
-        loss = nn.functional.cross_entropy(ref(x[i:i + 1].double()), y[i:i + 1])
+        loss = nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1])
         rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).numpy())
     return np.stack(rows)
 
@@ -67,8 +69,14 @@ def _per_element(opt_state: dict) -> dict[str, np.ndarray]:
         for i in group["params"]:
             s = opt_state["state"][i]
             m, v = s["exp_avg"].double().numpy().reshape(-1), s["exp_avg_sq"].double().numpy().reshape(-1)
-            for key, value in (("m", m), ("v", v), ("step", float(s["step"])), ("b1", group["betas"][0]),
-                               ("b2", group["betas"][1]), ("eps", group["eps"])):
+            for key, value in (
+                ("m", m),
+                ("v", v),
+                ("step", float(s["step"])),
+                ("b1", group["betas"][0]),
+                ("b2", group["betas"][1]),
+                ("eps", group["eps"]),
+            ):
                 out[key].append(np.broadcast_to(np.float64(value), m.shape))
     return {k: np.concatenate(v) for k, v in out.items()}
 
@@ -102,8 +110,9 @@ def test_rows_follow_adam_formulas_from_the_optimizer_state(optimizer, groups, k
 def test_plain_export_ignores_optimizer_states_and_records_no_preconditioner():
     model, checkpoints, (x, y) = _trained()
     g = export_gradients(model, checkpoints, (x, y), _loss, progress=False)
-    np.testing.assert_allclose(np.asarray(g.matrices[1], np.float64),
-                               _reference_grads(model, checkpoints[1][0], x, y), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g.matrices[1], np.float64), _reference_grads(model, checkpoints[1][0], x, y), rtol=1e-5, atol=1e-6
+    )
     assert g.metadata["preconditioner"] is None and "optimizer_states" not in g.metadata["fingerprints"]
 
 
@@ -153,8 +162,7 @@ def test_bad_preconditioner_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'sgd'"):
         export_gradients(model, checkpoints, data, _loss, preconditioner="sgd", progress=False)
     with pytest.raises(ValueError, match="preconditioner='adam_update' needs mode='full'.*mode='factored'"):
-        export_gradients(model, checkpoints, data, _loss, mode="factored", preconditioner="adam_update",
-                         progress=False)
+        export_gradients(model, checkpoints, data, _loss, mode="factored", preconditioner="adam_update", progress=False)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) is not the state of an Adam"):
         export_gradients(model, [(checkpoints[0][0], 1.0, sgd.state_dict())], data, _loss, progress=False)
@@ -168,8 +176,14 @@ def test_an_optimizer_over_other_parameters_is_refused():
     model(data[0]).sum().backward()
     head_only.step()
     with pytest.raises(ValueError, match=r"holds 2 parameters, the model has 4 \(4 trainable\)"):
-        export_gradients(model, [(checkpoints[0][0], 1.0, head_only.state_dict())], data, _loss,
-                         preconditioner="adam", progress=False)
+        export_gradients(
+            model,
+            [(checkpoints[0][0], 1.0, head_only.state_dict())],
+            data,
+            _loss,
+            preconditioner="adam",
+            progress=False,
+        )
 
 
 def test_a_parameter_without_adam_state_is_named():
@@ -177,8 +191,7 @@ def test_a_parameter_without_adam_state_is_named():
     state = copy.deepcopy(checkpoints[0][2])
     del state["state"][3]
     with pytest.raises(ValueError, match=r"no Adam state \(exp_avg, exp_avg_sq\) for parameter 2.bias"):
-        export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam",
-                         progress=False)
+        export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
 
 
 def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:
@@ -186,8 +199,8 @@ def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:
     n, out = len(g), []
     start = 0
     for o, i in ((8, 5), (3, 8)):
-        w = g[:, start:start + o * i].reshape(n, o, i)
-        b = g[:, start + o * i:start + o * i + o].reshape(n, o, 1)
+        w = g[:, start : start + o * i].reshape(n, o, i)
+        b = g[:, start + o * i : start + o * i + o].reshape(n, o, 1)
         out.append(np.concatenate([w, b], axis=2))
         start += o * i + o
     return out
@@ -197,19 +210,22 @@ def _layer_v(opt_state: dict) -> list[np.ndarray]:
     """Per layer the bias-corrected [v_weight | v_bias] (out, in + 1), float64."""
     s = opt_state["state"]
     b2, t = opt_state["param_groups"][0]["betas"][1], float(s[0]["step"])
-    return [np.hstack([s[k]["exp_avg_sq"].double().numpy(), s[k + 1]["exp_avg_sq"].double().numpy()[:, None]])
-            / (1 - b2**t) for k in (0, 2)]
+    return [
+        np.hstack([s[k]["exp_avg_sq"].double().numpy(), s[k + 1]["exp_avg_sq"].double().numpy()[:, None]]) / (1 - b2**t)
+        for k in (0, 2)
+    ]
 
 
 def _factored_products(g) -> list[np.ndarray]:
-    return [np.einsum("np,nq->npq", np.asarray(left, np.float64), np.asarray(right, np.float64))
-            for left, right in zip(g.left, g.right, strict=True)]
+    return [
+        np.einsum("np,nq->npq", np.asarray(left, np.float64), np.asarray(right, np.float64))
+        for left, right in zip(g.left, g.right, strict=True)
+    ]
 
 
 def test_factored_adam_scales_by_the_rank_one_factorisation_of_v():
     model, checkpoints, (x, y) = _trained()
-    g = export_gradients(model, checkpoints[:1], (x, y), _loss, mode="factored", preconditioner="adam",
-                         progress=False)
+    g = export_gradients(model, checkpoints[:1], (x, y), _loss, mode="factored", preconditioner="adam", progress=False)
     full = _layer_matrices(_reference_grads(model, checkpoints[0][0], x, y))
     for got, grad, v in zip(_factored_products(g), full, _layer_v(checkpoints[0][2]), strict=True):
         r, c = v.sum(1), v.sum(0)
@@ -228,8 +244,9 @@ def test_factored_adam_is_exact_for_a_rank_one_second_moment():
         v = np.outer(r, c) / r.sum()
         opt_state["state"][k]["exp_avg_sq"] = torch.tensor(v[:, :i], dtype=torch.float32)
         opt_state["state"][k + 1]["exp_avg_sq"] = torch.tensor(v[:, i], dtype=torch.float32)
-    g = export_gradients(model, [(state, lr, opt_state)], (x, y), _loss, mode="factored", preconditioner="adam",
-                         progress=False)
+    g = export_gradients(
+        model, [(state, lr, opt_state)], (x, y), _loss, mode="factored", preconditioner="adam", progress=False
+    )
     full = _layer_matrices(_reference_grads(model, state, x, y))
     for got, grad, v in zip(_factored_products(g), full, _layer_v(opt_state), strict=True):
         expected = grad / np.sqrt(v)

@@ -28,8 +28,9 @@ def setup(tmp_path):
 def test_store_holds_what_memory_holds(setup, tmp_path, mode):
     model, checkpoints, data = setup
     memory = export_gradients(model, checkpoints, data, LOSS, mode=mode, batch_size=8, progress=False)
-    store = export_gradients(model, checkpoints, data, LOSS, mode=mode, batch_size=8, progress=False,
-                             store=tmp_path / "grads")
+    store = export_gradients(
+        model, checkpoints, data, LOSS, mode=mode, batch_size=8, progress=False, store=tmp_path / "grads"
+    )
     assert isinstance(store, tracin.GradientStore)
     assert store.metadata["mode"] == mode and store.metadata["framework"] == "torch"
     np.testing.assert_array_equal(store.weights, memory.weights)
@@ -72,8 +73,9 @@ def test_an_interrupted_export_resumes_skipping_finished_batches(setup, tmp_path
     with pytest.raises(Killed):
         export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=path)
     counted = []
-    monkeypatch.setattr(per_example.PerExampleGradients, "__call__",
-                        lambda self, *a, **k: counted.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(
+        per_example.PerExampleGradients, "__call__", lambda self, *a, **k: counted.append(1) or real(self, *a, **k)
+    )
     resumed = export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=path)
     assert len(counted) == 3 + 4  # the rest of checkpoint 1, all of checkpoint 2
     export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "fresh")
@@ -173,7 +175,7 @@ def test_resuming_after_the_model_was_edited_is_refused(tmp_path):
     (x, y), path = classification_data(24, seed=3), tmp_path / "g"
     tanh = _mlp_with(nn.Tanh())
     checkpoints = [(tanh.state_dict(), 1.0), ({k: v + 0.1 for k, v in tanh.state_dict().items()}, 0.5)]
-    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 24, 8)]
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
     # pass 1 counts the rows, pass 2 fingerprints the data, pass 3 (checkpoint 0) dies after one batch
     with pytest.raises(Killed):
         export_gradients(tanh, checkpoints, _Failing(batches, on=3, after=1), LOSS, progress=False, store=path)
@@ -190,11 +192,15 @@ def test_resuming_after_the_model_was_edited_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["full", "last_layer"])
-@pytest.mark.parametrize("loss_fn", [
-    lambda out, y: torch.zeros(len(y)),
-    lambda out, y: nn.functional.cross_entropy(out.detach(), y, reduction="none"),
-    lambda out, y: torch.as_tensor(nn.functional.cross_entropy(out, y, reduction="none").detach().numpy()),
-], ids=["constant", "detached", "numpy round trip"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda out, y: torch.zeros(len(y)),
+        lambda out, y: nn.functional.cross_entropy(out.detach(), y, reduction="none"),
+        lambda out, y: torch.as_tensor(nn.functional.cross_entropy(out, y, reduction="none").detach().numpy()),
+    ],
+    ids=["constant", "detached", "numpy round trip"],
+)
 def test_a_loss_that_does_not_depend_on_the_parameters_is_explained(setup, loss_fn, mode):
     model, checkpoints, data = setup
     with pytest.raises(ValueError, match="loss_fn's losses do not depend on the chosen parameters"):

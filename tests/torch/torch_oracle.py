@@ -24,8 +24,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                      nn.MaxPool2d(2), nn.Dropout(0.5))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5)
+        )
         self.head = nn.Linear(4 * 3 * 3, 3)
 
     def forward(self, x):
@@ -47,8 +48,9 @@ def classification_data(n: int, seed: int, features: int = 6, classes: int = 4) 
     return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def train_checkpoints(model: nn.Module, inputs, targets, tmp_path: Path, lrs=LRS, steps: int = 4,
-                      call=None) -> list[tuple[str, float]]:
+def train_checkpoints(
+    model: nn.Module, inputs, targets, tmp_path: Path, lrs=LRS, steps: int = 4, call=None
+) -> list[tuple[str, float]]:
     """SGD with each learning rate in turn; the state after each phase saved to tmp_path.
     Returns [(path, lr), ...]; the model is left in its trained state (train mode)."""
     call = call or (lambda m, x: m(*x) if isinstance(x, tuple) else m(x))
@@ -83,10 +85,24 @@ def captum_tracin(model: nn.Module, checkpoints, train: tuple, *, layers=None, f
     paths = [p for p, _ in checkpoints]
     if fast_layer is not None:
         layer = dict(model.named_modules())[fast_layer]
-        return TracInCPFast(model, layer, loader, paths, checkpoints_load_func=load,
-                            loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=16)
-    return TracInCP(model, loader, paths, checkpoints_load_func=load, layers=layers,
-                    loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=16)
+        return TracInCPFast(
+            model,
+            layer,
+            loader,
+            paths,
+            checkpoints_load_func=load,
+            loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            batch_size=16,
+        )
+    return TracInCP(
+        model,
+        loader,
+        paths,
+        checkpoints_load_func=load,
+        layers=layers,
+        loss_fn=nn.CrossEntropyLoss(reduction="none"),
+        batch_size=16,
+    )
 
 
 def captum_scores(tracin, test: tuple) -> np.ndarray:

@@ -103,7 +103,7 @@ class Options:
     layers: list[str] | None
     dtype: str
     store: str | os.PathLike | None
-    progress: bool
+    progress: bool | None
     preconditioner: str | None = None
     preconditioner_settings: Mapping[str, Any] | None = None
 
@@ -133,8 +133,12 @@ def check_store(store: Any) -> None:
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
 
 
-def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], options: Options,
-           transforms: Sequence[RowTransform]) -> Any:
+def export(
+    framework: Framework,
+    checkpoints: Sequence[Checkpoint | tuple],
+    options: Options,
+    transforms: Sequence[RowTransform],
+) -> Any:
     """Runs the export: Gradients / FactoredGradients in memory, or the finished GradientStore.
 
     checkpoints: parsed (source, learning rate[, optimizer state]) entries; source a path or an
@@ -149,15 +153,21 @@ def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], opti
     if n_rows == 0:
         raise ValueError("data has no rows")
     if framework.one_shot and len(checkpoints) > 1:
-        raise ValueError(f"data is a one-shot iterator, but it is read once per checkpoint ({len(checkpoints)} "
-                         "checkpoints): pass a re-iterable such as a list of (inputs, targets) batches")
+        raise ValueError(
+            f"data is a one-shot iterator, but it is read once per checkpoint ({len(checkpoints)} "
+            "checkpoints): pass a re-iterable such as a list of (inputs, targets) batches"
+        )
     rows = _ROWS.get()
     if rows is not None and options.store is None:
         raise ValueError("an export of a row range (tracin.distributed) needs store=, a directory every writer sees")
     if options.store is not None:
         need_row_count(n_rows)
-    digests = [checkpoint_file_digest(source, c) if isinstance(source, (str, os.PathLike))
-               else framework.state_digest(source, c) for c, (source, _, _) in enumerate(checkpoints)]
+    digests = [
+        checkpoint_file_digest(source, c)
+        if isinstance(source, (str, os.PathLike))
+        else framework.state_digest(source, c)
+        for c, (source, _, _) in enumerate(checkpoints)
+    ]
     extra = {"optimizer_states": [entry.optimizer.digest() for entry in checkpoints]} if options.preconditioner else {}
     slots = len(framework.slot_dims)
     dims = [chained_dims(transforms, d) for d in framework.slot_dims]
@@ -165,23 +175,45 @@ def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], opti
     factored = options.mode != "full"
 
     def metadata(data_digest: str | None) -> dict:
-        return export_metadata(framework.name, options.mode, framework.params, options.layers, options.dtype,
-                               transforms, last_layer=framework.last_layer,
-                               fingerprints={"data": data_digest, "checkpoints": digests, **extra,
-                                             **framework.fingerprints})
+        return export_metadata(
+            framework.name,
+            options.mode,
+            framework.params,
+            options.layers,
+            options.dtype,
+            transforms,
+            last_layer=framework.last_layer,
+            fingerprints={"data": data_digest, "checkpoints": digests, **extra, **framework.fingerprints},
+        )
 
     fingerprint = DataFingerprint()
     if options.store is not None:
         _read_through(framework, fingerprint)
-        sink: Any = StoreSink(options.store, n_rows, dims * len(checkpoints), options.dtype, factored, rates,
-                              metadata(fingerprint.data), rows=None if rows is None or rows[0] == rows[1] else rows)
+        sink: Any = StoreSink(
+            options.store,
+            n_rows,
+            dims * len(checkpoints),
+            options.dtype,
+            factored,
+            rates,
+            metadata(fingerprint.data),
+            rows=None if rows is None or rows[0] == rows[1] else rows,
+        )
         if rows is not None and rows[0] == rows[1]:  # the store created (or checked) for range writers
             sink.close()
             return None
     else:
         sink = MemorySink(n_rows, len(checkpoints) * slots, options.dtype, factored, rates, wrap=framework.wrap)
-    loop = _Loop(framework, sink, fingerprint, transforms, slots, len(checkpoints), options.progress,
-                 stop=None if rows is None else rows[1])
+    loop = _Loop(
+        framework,
+        sink,
+        fingerprint,
+        transforms,
+        slots,
+        len(checkpoints),
+        options.progress,
+        stop=None if rows is None else rows[1],
+    )
     try:
         if not sink.complete:
             for c, entry in enumerate(checkpoints):
@@ -194,8 +226,9 @@ def export(framework: Framework, checkpoints: Sequence[Checkpoint | tuple], opti
         loop.bar.close()
 
 
-def _preconditioning(options: Options, checkpoints: list[Checkpoint],
-                     framework: Framework) -> list[Preconditioned | RankOneAdam]:
+def _preconditioning(
+    options: Options, checkpoints: list[Checkpoint], framework: Framework
+) -> list[Preconditioned | RankOneAdam]:
     """[the preconditioner transform] when options ask for one (every checkpoint must then carry its
     optimizer state): Preconditioned for full rows, RankOneAdam for factored ones; else []."""
     kind = options.preconditioner
@@ -203,11 +236,14 @@ def _preconditioning(options: Options, checkpoints: list[Checkpoint],
         return []
     for c, entry in enumerate(checkpoints):
         if entry.optimizer is None:
-            raise ValueError(f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
-                             "(checkpoint, learning_rate, optimizer_state) for every checkpoint")
+            raise ValueError(
+                f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
+                "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
+            )
     settings = options.preconditioner_settings
     if settings is None:
         settings = {"hyperparameters": "b1, b2, eps and step of each checkpoint's optimizer state"}
+
     def moments(c: int) -> list:
         return checkpoints[c].optimizer.moments(framework.params)
 
@@ -229,16 +265,25 @@ class _Loop:
     user's functions and the data fingerprint check. stop: the end of the range the sink writes
     (None: every row); rows from there on are not computed."""
 
-    def __init__(self, framework: Framework, sink: Any, fingerprint: DataFingerprint,
-                 transforms: Sequence[RowTransform], slots: int, n_checkpoints: int, progress: bool,
-                 stop: int | None = None):
+    def __init__(
+        self,
+        framework: Framework,
+        sink: Any,
+        fingerprint: DataFingerprint,
+        transforms: Sequence[RowTransform],
+        slots: int,
+        n_checkpoints: int,
+        progress: bool | None,
+        stop: int | None = None,
+    ):
         self.framework, self.sink, self.fingerprint, self.transforms = framework, sink, fingerprint, transforms
         self.slots, self.n_checkpoints = slots, n_checkpoints
         self.n_rows = framework.n_rows
         self.stop = stop
         self.checked = False
-        total = None if self.n_rows is None else self.n_rows * n_checkpoints
-        self.bar = progress_bar(total, progress, f"tracin.{framework.name} export")
+        self.bar = progress_bar(
+            self.n_rows, progress, f"tracin.{framework.name} export", passes=n_checkpoints, unit_scale=False
+        )
 
     def checkpoint(self, c: int, source: Any) -> None:
         done = min(self.sink.rows_done(c * self.slots + s) for s in range(self.slots))
@@ -246,7 +291,6 @@ class _Loop:
         if end is not None and done >= end:
             self.bar.update(self.n_rows)
             return
-        self.bar.set_postfix_str(f"checkpoint {c + 1}/{self.n_checkpoints}")
         state = self.framework.load(source, c)
         seen = 0
         self.fingerprint.begin(f"checkpoint {c}")
@@ -262,8 +306,10 @@ class _Loop:
         if self.n_rows is None:
             self.n_rows = seen
         elif seen != self.n_rows:
-            raise ValueError(f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
-                             "it must give the same rows for every checkpoint")
+            raise ValueError(
+                f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
+                "it must give the same rows for every checkpoint"
+            )
         self.fingerprint.end()
 
     def _rows(self, c: int, state: Any, batch: Batch, skip: int, keep: int) -> None:

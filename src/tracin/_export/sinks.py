@@ -30,8 +30,15 @@ class MemorySink:
 
     complete = False
 
-    def __init__(self, n_rows: int | None, n_checkpoints: int, dtype: str, factored: bool,
-                 weights: list[float], wrap: Wrap = lambda a, dtype: a):
+    def __init__(
+        self,
+        n_rows: int | None,
+        n_checkpoints: int,
+        dtype: str,
+        factored: bool,
+        weights: list[float],
+        wrap: Wrap = lambda a, dtype: a,
+    ):
         self.n_rows, self.dtype, self.factored, self.weights, self._wrap = n_rows, dtype, factored, weights, wrap
         self._full: list[list[np.ndarray] | None] = [None] * n_checkpoints
         self._parts: list[list[tuple[int, list[np.ndarray]]]] = [[] for _ in range(n_checkpoints)]
@@ -45,7 +52,7 @@ class MemorySink:
         if self.factored or self.n_rows is None or self.dtype != "float32":
             return None
         full = self._allocate(checkpoint, [width])
-        return full[0][start:start + rows] if full[0].shape[1] == width else None
+        return full[0][start : start + rows] if full[0].shape[1] == width else None
 
     def _allocate(self, checkpoint: int, widths: list[int]) -> list[np.ndarray]:
         if self._full[checkpoint] is None:
@@ -58,7 +65,7 @@ class MemorySink:
             self._parts[checkpoint].append((start, pieces))
             return
         for dest, p in zip(self._allocate(checkpoint, [p.shape[1] for p in pieces]), pieces, strict=True):
-            dest[start:start + p.shape[0]] = p
+            dest[start : start + p.shape[0]] = p
 
     def close(self) -> None:
         self._full, self._parts = [], []
@@ -74,8 +81,9 @@ class MemorySink:
                 self._parts[c] = []
             per_ckpt.append([self._wrap(a, self.dtype) for a in full])
         if self.factored:
-            return FactoredGradients([f[0] for f in per_ckpt], [f[1] for f in per_ckpt], self.weights,
-                                     metadata=metadata)
+            return FactoredGradients(
+                [f[0] for f in per_ckpt], [f[1] for f in per_ckpt], self.weights, metadata=metadata
+            )
         return Gradients([f[0] for f in per_ckpt], self.weights, metadata=metadata)
 
 
@@ -94,7 +102,8 @@ def need_row_count(n_rows: int | None) -> None:
     if n_rows is None:
         raise ValueError(
             "store= needs the number of examples up front, and it cannot be known for this data: pass "
-            "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches")
+            "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches"
+        )
 
 
 class StoreSink:
@@ -102,14 +111,24 @@ class StoreSink:
     (n_rows, dims, dtype, weights, metadata) resumes it. rows=(start, stop): only those rows, as one
     of several writers of a store that exists (a GradientStoreRangeWriter)."""
 
-    def __init__(self, path: str | os.PathLike, n_rows: int | None, dims: list, dtype: str, factored: bool,
-                 weights: list[float], metadata: dict, rows: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_rows: int | None,
+        dims: list,
+        dtype: str,
+        factored: bool,
+        weights: list[float],
+        metadata: dict,
+        rows: tuple[int, int] | None = None,
+    ):
         from ..store import GradientStore
 
         need_row_count(n_rows)
         refuse_another_export(path, metadata)
-        self._writer = GradientStore.create(path, n_rows, dims, weights=weights, dtype=dtype,
-                                            factored=factored, metadata=metadata, rows=rows)
+        self._writer = GradientStore.create(
+            path, n_rows, dims, weights=weights, dtype=dtype, factored=factored, metadata=metadata, rows=rows
+        )
         self._ranged = rows is not None
 
     @property

@@ -16,8 +16,9 @@ adapter's export as row ranges written by the tasks into one store (see its docs
 try:
     import distributed as _distributed  # noqa: F401
 except ImportError as e:
-    raise ImportError("tracin.distributed needs Dask: pip install 'tracin[distributed]' "
-                      "(or pip install 'dask[distributed]')") from e
+    raise ImportError(
+        "tracin.distributed needs Dask: pip install 'tracin[distributed]' (or pip install 'dask[distributed]')"
+    ) from e
 
 from ._api import aggregate, self_influence, top_k
 from ._export import export_gradients

@@ -20,9 +20,17 @@ from ._run import Job
 from ._shards import StoreRows, as_side, shard_ranges
 
 
-def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, client: Any = None,
-          shards: int | None = None, num_threads: int | None = None,
-          progress: bool | None = None) -> TopK | BothSides:
+def top_k(
+    test: Any,
+    train: Any,
+    k: int = 10,
+    side: str = "proponents",
+    *,
+    client: Any = None,
+    shards: int | None = None,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> TopK | BothSides:
     """tracin.top_k on a Dask cluster, the same result bit for bit (ties included).
 
     test, train: gradient sets as for tracin.top_k, at least one a GradientStore (or a path to
@@ -41,28 +49,49 @@ def top_k(test: Any, train: Any, k: int = 10, side: str = "proponents", *, clien
     k = positive_int(k, "k")
     if side not in _SIDES:
         raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
-    shards, num_threads, progress = _options(shards, num_threads, progress,
-                                             test_set.n_rows * train_set.n_rows * _width(train_set))
+    shards, num_threads, progress = _options(
+        shards, num_threads, progress, test_set.n_rows * train_set.n_rows * _width(train_set)
+    )
     _check_cuttable(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, f"top_k ({side})"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
-            parts = _per_shard(job, _tasks.top_k_part, train_set, shards, slots,
-                               lambda rows, first: (other, rows, k, side, first, num_threads, slots))
+            parts = _per_shard(
+                job,
+                _tasks.top_k_part,
+                train_set,
+                shards,
+                slots,
+                lambda rows, first: (other, rows, k, side, first, num_threads, slots),
+            )
             found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
         else:
             other = _sent(job, train_set)
-            parts = _per_shard(job, _tasks.top_k_part, test_set, shards, slots,
-                               lambda rows, _: (rows, other, k, side, 0, num_threads, slots))
+            parts = _per_shard(
+                job,
+                _tasks.top_k_part,
+                test_set,
+                shards,
+                slots,
+                lambda rows, _: (rows, other, k, side, 0, num_threads, slots),
+            )
             pieces = job.wait(parts, progress)
-            found = tuple(TopK(*(np.concatenate([p[s][f] for p in pieces]) for f in (0, 1)))
-                          for s in range(len(_tasks.SIDE_NAMES[side])))
+            found = tuple(
+                TopK(*(np.concatenate([p[s][f] for p in pieces]) for f in (0, 1)))
+                for s in range(len(_tasks.SIDE_NAMES[side]))
+            )
     return BothSides(*found) if side == "both" else found[0]
 
 
-def self_influence(train: Any, *, client: Any = None, shards: int | None = None, num_threads: int | None = None,
-                   progress: bool | None = None) -> np.ndarray:
+def self_influence(
+    train: Any,
+    *,
+    client: Any = None,
+    shards: int | None = None,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
     """tracin.self_influence (float32 (n,)) of a GradientStore (or a path to one) on a Dask
     cluster, the same result bit for bit. Options as for tracin.distributed.top_k."""
     train_set = as_gradient_set(as_side(train, "train"), "train")
@@ -70,32 +99,48 @@ def self_influence(train: Any, *, client: Any = None, shards: int | None = None,
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     with client_for(client) as c:
         job, slots = Job(c, "self_influence"), slots_by_host(c)
-        parts = _per_shard(job, _tasks.self_influence_part, train_set, shards, slots,
-                           lambda rows, _: (rows, num_threads, slots))
+        parts = _per_shard(
+            job, _tasks.self_influence_part, train_set, shards, slots, lambda rows, _: (rows, num_threads, slots)
+        )
         return np.concatenate(job.wait(parts, progress))
 
 
-def aggregate(test: Any, train: Any, *, client: Any = None, shards: int | None = None,
-              num_threads: int | None = None, progress: bool | None = None) -> np.ndarray:
+def aggregate(
+    test: Any,
+    train: Any,
+    *,
+    client: Any = None,
+    shards: int | None = None,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
     for bit. Sides and options as for tracin.distributed.top_k; when the test side is the one cut,
     its shards follow the store's row chunks and their float64 partial sums are added in order."""
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
-    macs = (test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows)
+    macs = test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
     with client_for(client) as c:
         job, slots = Job(c, "aggregate"), slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
-            parts = _per_shard(job, _tasks.aggregate_part, train_set, shards, slots,
-                               lambda rows, _: (other, rows, num_threads, slots))
+            parts = _per_shard(
+                job, _tasks.aggregate_part, train_set, shards, slots, lambda rows, _: (other, rows, num_threads, slots)
+            )
             total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
         else:  # test shards start on the store's row chunks, so their partial sums are tracin.aggregate's
             other = _sent(job, train_set)
-            parts = _per_shard(job, _tasks.aggregate_part, test_set, shards, slots,
-                               lambda rows, _: (rows, other, num_threads, slots), align=test_set.row_chunks())
+            parts = _per_shard(
+                job,
+                _tasks.aggregate_part,
+                test_set,
+                shards,
+                slots,
+                lambda rows, _: (rows, other, num_threads, slots),
+                align=test_set.row_chunks(),
+            )
             total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
     return _float32(total)
 
@@ -106,8 +151,10 @@ def _float32(total: np.ndarray) -> np.ndarray:
         out = total.astype(np.float32)
     overflowed = np.flatnonzero(~np.isfinite(out) & np.isfinite(total))
     if overflowed.size:
-        raise ValueError(f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
-                         "although every input is finite; rescale the gradients (or the learning-rate weights)")
+        raise ValueError(
+            f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
+            "although every input is finite; rescale the gradients (or the learning-rate weights)"
+        )
     return out
 
 
@@ -124,8 +171,10 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
 
 def _check_store(s: GradientSet, name: str) -> None:
     if not isinstance(s, GradientStore):
-        raise TypeError(f"{name} must be a GradientStore (or a path to one), got {type(s).__name__}: tasks "
-                        "open their shard of it by path; for in-memory gradient sets use tracin's own functions")
+        raise TypeError(
+            f"{name} must be a GradientStore (or a path to one), got {type(s).__name__}: tasks "
+            "open their shard of it by path; for in-memory gradient sets use tracin's own functions"
+        )
 
 
 def _check_cuttable(test: GradientSet, train: GradientSet) -> None:
@@ -134,8 +183,15 @@ def _check_cuttable(test: GradientSet, train: GradientSet) -> None:
         _check_store(test, "test or train")
 
 
-def _per_shard(job: Job, fn: Callable, cut: GradientStore, shards: int | None, slots: dict[str, int],
-               args: Callable[[StoreRows, int], tuple], align: int = 1) -> list[Future]:
+def _per_shard(
+    job: Job,
+    fn: Callable,
+    cut: GradientStore,
+    shards: int | None,
+    slots: dict[str, int],
+    args: Callable[[StoreRows, int], tuple],
+    align: int = 1,
+) -> list[Future]:
     """One task fn(*args(rows, first row)) per row shard of `cut`, in row order."""
     whole, futures = StoreRows.of(cut), []
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):

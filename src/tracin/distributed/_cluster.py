@@ -38,11 +38,18 @@ def client_for(client: Any) -> Iterator[Client]:
 def local_client(n_workers: int) -> Iterator[Client]:
     """A client of a new LocalCluster: `n_workers` single-threaded worker processes on loopback
     only, its dashboard link printed on stderr; closed at the end."""
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as local:
+    with (
+        LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster) as local,
+    ):
         needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
-        print(f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
-              f"{local.dashboard_link}{needs}", file=sys.stderr)
+        print(
+            f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
+            f"{local.dashboard_link}{needs}",
+            file=sys.stderr,
+        )
         yield local
 
 

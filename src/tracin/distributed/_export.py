@@ -19,9 +19,16 @@ from ._shards import shard_ranges
 ADAPTERS = ("torch", "jax")
 
 
-def export_gradients(adapter: str, *args: Any, store: str | os.PathLike, client: Any = None,
-                     shards: int | None = None, num_threads: int | None = None, progress: bool | None = None,
-                     **kwargs: Any) -> GradientStore:
+def export_gradients(
+    adapter: str,
+    *args: Any,
+    store: str | os.PathLike,
+    client: Any = None,
+    shards: int | None = None,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> GradientStore:
     """tracin.<adapter>.export_gradients(*args, store=store, **kwargs) on a Dask cluster: the finished
     store, byte for byte the one a single-process export writes with the tasks' thread count (torch
     splits a batch's rows differently over 2 threads than over 1: such exports differ in the last bits).
@@ -58,14 +65,17 @@ def export_gradients(adapter: str, *args: Any, store: str | os.PathLike, client:
         # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
         sent = job.send(cloudpickle.dumps((args, kwargs)))
         ranges = shard_ranges(n_rows, 1, sum(slots.values()), shards or sum(slots.values()))
-        parts = [job.submit(export_part, adapter, sent, path, a, b, num_threads, slots,
-                            label=f"rows [{a}, {b}) of {path}") for a, b in ranges]
+        parts = [
+            job.submit(export_part, adapter, sent, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}")
+            for a, b in ranges
+        ]
         job.wait(parts, progress)
     return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
 
 
-def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None,
-                slots: dict[str, int]) -> None:
+def export_part(
+    adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
+) -> None:
     """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
     written into the store at `path`."""
     args, kwargs = cloudpickle.loads(sent)

@@ -41,15 +41,14 @@ class Job:
     def reduce(self, parts: list[Future], merge: Callable, *args: Any) -> Future:
         """merge(list of results, *args) applied as a tree on the cluster until one result is left."""
         while len(parts) > 1:
-            parts = [self.submit(merge, parts[i:i + FAN_IN], *args) for i in range(0, len(parts), FAN_IN)]
+            parts = [self.submit(merge, parts[i : i + FAN_IN], *args) for i in range(0, len(parts), FAN_IN)]
         return parts[0]
 
     def wait(self, shards: list[Future], progress: bool, final: Future | None = None) -> Any:
         """Waits for the shard tasks (a bar over them if `progress`), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
         its workers as a RuntimeError naming its shard. Cancels what is left either way."""
-        bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard",
-                           unit_scale=False)
+        bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
                 if done.status == "error":
@@ -58,9 +57,11 @@ class Job:
             return final.result() if final is not None else self.client.gather(shards)
         except KilledWorker as e:
             task = self.labels.get(e.task, e.task)
-            raise RuntimeError(f"tracin.distributed {self.what}: the task on {task} failed because the "
-                               f"workers running it died {e.allowed_failures + 1} times (out of memory? "
-                               "a file changed while mapped?)") from e
+            raise RuntimeError(
+                f"tracin.distributed {self.what}: the task on {task} failed because the "
+                f"workers running it died {e.allowed_failures + 1} times (out of memory? "
+                "a file changed while mapped?)"
+            ) from e
         finally:
             bar.close()
             self.client.cancel(self.futures)

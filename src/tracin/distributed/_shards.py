@@ -35,8 +35,7 @@ class StoreRows:
     def of(cls, store: GradientStore) -> StoreRows:
         """The rows a store view covers (a whole store, a shard or a slice)."""
         start = store.shard_offset()
-        return cls(str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes,
-                   store.store_id)
+        return cls(str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes, store.store_id)
 
     def rows(self, a: int, b: int) -> StoreRows:
         """Rows [a, b) of this range (relative to its start)."""
@@ -48,13 +47,17 @@ class StoreRows:
         (StoreChangedError otherwise), and returns the view of these rows."""
         store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
         if store.store_id != self.store_id:
-            raise StoreChangedError(f"gradient store {self.path} here is not the one opened on the client (store id "
-                                    f"{self.store_id} there, {store.store_id} here): it was re-created "
-                                    "since, or this machine's copy differs; open it again")
+            raise StoreChangedError(
+                f"gradient store {self.path} here is not the one opened on the client (store id "
+                f"{self.store_id} there, {store.store_id} here): it was re-created "
+                "since, or this machine's copy differs; open it again"
+            )
         if store.n_rows < self.stop:
-            raise ValueError(f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "
-                             f"[{self.start}, {self.stop}) were asked for: do all workers see the same store?")
-        return store[self.start:self.stop]
+            raise ValueError(
+                f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "
+                f"[{self.start}, {self.stop}) were asked for: do all workers see the same store?"
+            )
+        return store[self.start : self.stop]
 
     def __str__(self) -> str:
         return f"rows [{self.start}, {self.stop}) of {self.path}"

@@ -20,20 +20,23 @@ def _opened(side: Side) -> GradientSet:
     return side.open() if isinstance(side, StoreRows) else side
 
 
-def top_k_part(test: Side, train: Side, k: int, side: str, offset: int, num_threads: int | None,
-               slots: dict[str, int]) -> tuple[TopK, ...]:
+def top_k_part(
+    test: Side, train: Side, k: int, side: str, offset: int, num_threads: int | None, slots: dict[str, int]
+) -> tuple[TopK, ...]:
     """tracin.top_k of one shard: a TopK per name in SIDE_NAMES[side], values float32 (m, <= k),
     indices int64 (m, <= k) shifted by `offset` (the shard's first train row)."""
-    found = top_k(_opened(test), _opened(train), k, side, num_threads=kernel_threads(num_threads, slots),
-                  progress=False)
+    found = top_k(
+        _opened(test), _opened(train), k, side, num_threads=kernel_threads(num_threads, slots), progress=False
+    )
     parts = tuple(found) if side == "both" else (found,)
     return tuple(p._replace(indices=p.indices + offset) for p in parts)
 
 
 def merge_parts(parts: list[tuple[TopK, ...]], k: int, side: str) -> tuple[TopK, ...]:
     """Merges top_k_part results of disjoint train rows (global indices) into one per side."""
-    return tuple(merge_top_k([p[s] for p in parts], [0] * len(parts), k=k, side=name)
-                 for s, name in enumerate(SIDE_NAMES[side]))
+    return tuple(
+        merge_top_k([p[s] for p in parts], [0] * len(parts), k=k, side=name) for s, name in enumerate(SIDE_NAMES[side])
+    )
 
 
 def self_influence_part(train: Side, num_threads: int | None, slots: dict[str, int]) -> np.ndarray:

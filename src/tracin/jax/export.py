@@ -51,7 +51,7 @@ def export_gradients(
     dtype: Any = "float32",
     store: str | os.PathLike | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     preconditioner: str | None = None,
     preconditioner_options: dict[str, float] | None = None,
 ) -> Gradients | FactoredGradients | Any:
@@ -80,7 +80,8 @@ def export_gradients(
         them changed is a ValueError naming what changed rather than rows mixed from two exports.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it, so the per-example function compiles once.
-    progress: show a tqdm progress bar (examples/s).
+    progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
+        a couple of seconds, if tqdm is installed).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
         score against test rows exported with None: LESS-style data selection); mode="full" only

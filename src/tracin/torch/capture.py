@@ -32,8 +32,14 @@ class Call:
     grad: torch.Tensor
 
 
-def capture(model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], loss_fn: LossFn,
-            inputs: Tree, targets: Tree) -> dict[str, list[Call]]:
+def capture(
+    model: nn.Module,
+    names: Sequence[str],
+    state: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+) -> dict[str, list[Call]]:
     """{module name: its calls, in order} for the modules `names`, from one forward pass of the model
     with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input and
     output have batch size 1 in a batch of more rows (shared by all, broadcast later) is recorded
@@ -56,6 +62,7 @@ def capture(model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Te
             y = output if output.requires_grad else output.detach().requires_grad_(True)
             seen[name].append((x, y))
             return y
+
         return record
 
     handles = [modules[n].register_forward_hook(hook_for(n), with_kwargs=True) for n in names]

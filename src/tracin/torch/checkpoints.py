@@ -26,13 +26,18 @@ _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prep
 def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
     """Checkpoints from a sequence of (state_dict or path, learning_rate[, optimizer_state]) entries
     (see tracin._export.checkpoints); an optimizer state needs the `model` (its parameter order)."""
+
     def optimizer(state: Any, index: int) -> OptimizerState:
         if model is None:
             raise TypeError(f"checkpoints[{index}][2]: an optimizer state needs the model to map it to parameters")
         return OptimizerState(state, index, model)
 
-    return shared_parse(checkpoints, "state_dict or a path",
-                        accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)), optimizer=optimizer)
+    return shared_parse(
+        checkpoints,
+        "state_dict or a path",
+        accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)),
+        optimizer=optimizer,
+    )
 
 
 class OptimizerState:
@@ -77,8 +82,10 @@ class OptimizerState:
             key, group = owner[name]
             entry = state["state"].get(key, state["state"].get(str(key)))
             if not isinstance(entry, Mapping) or "exp_avg" not in entry or "exp_avg_sq" not in entry:
-                raise ValueError(f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
-                                 "an Adam / AdamW optimizer that has taken at least one step is needed")
+                raise ValueError(
+                    f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
+                    "an Adam / AdamW optimizer that has taken at least one step is needed"
+                )
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
             check_moments(name, shape, m, v, step, self.where)
@@ -94,8 +101,9 @@ class OptimizerState:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.where}: no optimizer state at {os.path.abspath(self.source)}") from None
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{self.where} cannot be read with torch.load(weights_only=True): "
-                             f"{str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"{self.where} cannot be read with torch.load(weights_only=True): {str(e).splitlines()[0]}"
+            ) from None
         _check_optimizer_dict(state, self.where)
         return state
 
@@ -110,7 +118,8 @@ class OptimizerState:
                 raise ValueError(
                     f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
                     f"({len(self.trainable_names)} trainable): the optimizer must have been built over the "
-                    "model's parameters in model.named_parameters() order")
+                    "model's parameters in model.named_parameters() order"
+                )
         return dict(zip(names, keys, strict=True))
 
 
@@ -123,14 +132,17 @@ def _float_array(t: Any, what: str, where: str) -> np.ndarray:
 
 
 def _strip(name: str) -> str:
-    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
 
 
 def _check_optimizer_dict(state: Any, where: str) -> None:
     """ValueError unless `state` looks like an optimizer.state_dict(): "state" and "param_groups"."""
-    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping) \
-            or not isinstance(state.get("param_groups"), (list, tuple)) \
-            or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"]):
+    if (
+        not isinstance(state, Mapping)
+        or not isinstance(state.get("state"), Mapping)
+        or not isinstance(state.get("param_groups"), (list, tuple))
+        or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"])
+    ):
         raise ValueError(f"{where} is not an optimizer.state_dict() (a dict with 'state' and 'param_groups')")
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
@@ -173,14 +185,16 @@ def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), Mapping):
                 return _unwrap(obj[key], name)
-    raise ValueError(f"{name} is not a state_dict (a mapping of names to tensors), nor a dict holding "
-                     f"one under {', '.join(repr(k) for k in _NESTED_KEYS)}")
+    raise ValueError(
+        f"{name} is not a state_dict (a mapping of names to tensors), nor a dict holding "
+        f"one under {', '.join(repr(k) for k in _NESTED_KEYS)}"
+    )
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
     """Drops a DataParallel 'module.' prefix when every key has it and the model's keys do not."""
     if state and all(k.startswith(_PREFIX) for k in state) and not any(k.startswith(_PREFIX) for k in expected):
-        return {k[len(_PREFIX):]: v for k, v in state.items()}
+        return {k[len(_PREFIX) :]: v for k, v in state.items()}
     return dict(state)
 
 
@@ -197,8 +211,9 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return second
 
 
-def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tensor],
-                    skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def load_checkpoint(
+    source: Any, index: int, reference: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip`, each on the reference tensor's device and dtype. Paths are read with
     torch.load(weights_only=True)."""
@@ -210,8 +225,10 @@ def load_checkpoint(source: Any, index: int, reference: Mapping[str, torch.Tenso
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {os.path.abspath(source)}") from None
         except pickle.UnpicklingError as e:
-            raise ValueError(f"{name} cannot be read with torch.load(weights_only=True), which only "
-                             f"allows tensors and plain containers: {str(e).splitlines()[0]}") from None
+            raise ValueError(
+                f"{name} cannot be read with torch.load(weights_only=True), which only "
+                f"allows tensors and plain containers: {str(e).splitlines()[0]}"
+            ) from None
     else:
         obj = source
     state = _strip_prefix(_unwrap(obj, name), reference)

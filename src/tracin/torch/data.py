@@ -31,9 +31,7 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
         return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
         return type(tree)(tree_map(fn, v) for v in tree)
-    raise TypeError(
-        f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}"
-    )
+    raise TypeError(f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}")
 
 
 def slice_rows(tree: Tree, start: int, stop: int) -> Tree:
@@ -118,17 +116,20 @@ class Batches:
             for a in range(0, rows, self.max_rows):
                 b = min(a + self.max_rows, rows)
                 whole = a == 0 and b == rows
-                yield (start + a,
-                       inputs if whole else slice_rows(inputs, a, b),
-                       targets if whole else slice_rows(targets, a, b))
+                yield (
+                    start + a,
+                    inputs if whole else slice_rows(inputs, a, b),
+                    targets if whole else slice_rows(targets, a, b),
+                )
             start += rows
 
 
 def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
-                        f"got {type(batch).__name__}"
-                        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+        raise TypeError(
+            f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
+            f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
     return batch[0], batch[1]
 
 
@@ -149,7 +150,8 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> None:
         raise ValueError(
             f"data is a DataLoader drawing rows with {type(inner).__name__}; rows must come in the same "
             "order for every checkpoint: build it with shuffle=False and no sampler (a SequentialSampler, "
-            "or a batch_sampler over one)")
+            "or a batch_sampler over one)"
+        )
 
 
 def _no_rows(n: int | None) -> int | None:
@@ -173,8 +175,10 @@ def as_batches(data: Any, max_rows: int) -> Batches:
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     if isinstance(data, (torch.Tensor, np.ndarray)):
-        raise TypeError(f"data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, "
-                        f"a DataLoader or an iterable of (inputs, targets) batches; got one {type(data).__name__}")
+        raise TypeError(
+            f"data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, "
+            f"a DataLoader or an iterable of (inputs, targets) batches; got one {type(data).__name__}"
+        )
     if _is_tensor_pair(data):
         pair = tuple(as_tensors(part) for part in data)
         n = _no_rows(batch_rows(pair[1], "data targets"))
@@ -191,8 +195,12 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         one_shot = iter(data) is data
         n = None
         if isinstance(data, (list, tuple)):
-            n = _no_rows(sum(batch_rows(as_tensors(_split_pair(b, f"batch {i}")[1]), f"the targets of batch {i}")
-                             for i, b in enumerate(data)))
+            n = _no_rows(
+                sum(
+                    batch_rows(as_tensors(_split_pair(b, f"batch {i}")[1]), f"the targets of batch {i}")
+                    for i, b in enumerate(data)
+                )
+            )
         return Batches(data, n, max_rows, one_shot=one_shot)
     raise TypeError(
         "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an "

@@ -38,11 +38,21 @@ _MAX_DEFAULT_BATCH = 1024
 _CHECKED_ROWS = 2  # rows the loss_fn checks run on, once per export
 
 
-def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn: Any, *,
-                     layers: Sequence[str] | str | None = None, mode: str = "full", projection: Any = None,
-                     dtype: str = "float32", store: str | os.PathLike | None = None,
-                     batch_size: int | None = None, progress: bool = True,
-                     preconditioner: str | None = None) -> Gradients | FactoredGradients | GradientStore:
+def export_gradients(
+    model: nn.Module,
+    checkpoints: Sequence,
+    data: Any,
+    loss_fn: Any,
+    *,
+    layers: Sequence[str] | str | None = None,
+    mode: str = "full",
+    projection: Any = None,
+    dtype: str = "float32",
+    store: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    preconditioner: str | None = None,
+) -> Gradients | FactoredGradients | GradientStore:
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
@@ -77,10 +87,13 @@ def export_gradients(model: nn.Module, checkpoints: Sequence, data: Any, loss_fn
         naming what changed rather than rows mixed from two exports.
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
-    progress: show a tqdm bar over checkpoints x examples.
+    progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
+        a couple of seconds, if tqdm is installed).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
-        score against test rows exported with None: LESS-style data selection); mode="full" only.
+        score against test rows exported with None: LESS-style data selection). "adam_update" needs
+        mode="full"; "adam" also works factored / last_layer through a rank-one factorisation of v
+        (exact for a rank-one v, an approximation for Adam).
         See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").
@@ -137,8 +150,9 @@ class _TorchExport:
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, loss_fn: Any, layers: list[str] | None, mode: str, data: Any,
-                 batch_size: int | None):
+    def __init__(
+        self, model: nn.Module, loss_fn: Any, layers: list[str] | None, mode: str, data: Any, batch_size: int | None
+    ):
         self.model, self.loss_fn = model, loss_fn
         self.reference = model.state_dict()
         self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
@@ -156,16 +170,21 @@ class _TorchExport:
             inplace = self.device.type == "cpu" and self.compute_rows.dtype == torch.float32
             self.inplace_width = self.compute_rows.width if inplace else None
         else:
-            linears = ([_last_layer_name(model, layers, data, self.device)] if mode == "last_layer"
-                       else linear_modules_of(model, select_parameters(model, layers)))
+            linears = (
+                [_last_layer_name(model, layers, data, self.device)]
+                if mode == "last_layer"
+                else linear_modules_of(model, select_parameters(model, layers))
+            )
             self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
-            self.params = [(n, tuple(p.shape)) for name in linears
-                           for n, p in modules[name].named_parameters(prefix=name)]
+            self.params = [
+                (n, tuple(p.shape)) for name in linears for n, p in modules[name].named_parameters(prefix=name)
+            ]
             names = [n for n, _ in self.params]
             if mode == "last_layer":
                 layer = linears[0]
-                self.last_layer = last_layer_entry(layer, f"{layer}.weight",
-                                                   f"{layer}.bias" if modules[layer].bias is not None else None)
+                self.last_layer = last_layer_entry(
+                    layer, f"{layer}.weight", f"{layer}.bias" if modules[layer].bias is not None else None
+                )
             self.segments = None
             self.slot_dims = self.compute_rows.dims  # one (left, right) pair per layer
             row_elems = sum(p + q for p, q in self.slot_dims)
@@ -198,8 +217,15 @@ class _TorchExport:
         inputs, targets = self._on_device(batch)
         rows = min(_CHECKED_ROWS, batch.count)
         try:
-            check_loss_on(self.model, state, self.names, self.loss_fn, slice_rows(inputs, 0, rows),
-                          slice_rows(targets, 0, rows), rows)
+            check_loss_on(
+                self.model,
+                state,
+                self.names,
+                self.loss_fn,
+                slice_rows(inputs, 0, rows),
+                slice_rows(targets, 0, rows),
+                rows,
+            )
         except (TypeError, ValueError):
             check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
 

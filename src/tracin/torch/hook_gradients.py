@@ -34,8 +34,9 @@ class HookGradients:
         modules = dict(model.named_modules())
         owners = parameter_owners(model)
         params = dict(model.named_parameters())
-        self.plan = {n: owners[id(params[n])] for n in names
-                     if all(covers(modules[m]) for m, _ in owners[id(params[n])])}
+        self.plan = {
+            n: owners[id(params[n])] for n in names if all(covers(modules[m]) for m, _ in owners[id(params[n])])
+        }
         self._modules = modules
 
     @property
@@ -50,8 +51,14 @@ class HookGradients:
             del self.plan[n]
         return gone
 
-    def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor,
-                 columns: Mapping[str, tuple[int, int]]) -> tuple[list[str], dict[str, str]]:
+    def __call__(
+        self,
+        state: Mapping[str, torch.Tensor],
+        inputs: Tree,
+        targets: Tree,
+        out: torch.Tensor,
+        columns: Mapping[str, tuple[int, int]],
+    ) -> tuple[list[str], dict[str, str]]:
         """Writes each planned parameter's (batch, width) gradients into out[:, offset:offset + width]
         (columns: name -> (offset, width)). Returns the captured layers that did not run (they add
         nothing) and {layer: why} for those that ran on tensors that are not batch-first (their
@@ -68,9 +75,12 @@ class HookGradients:
             if any(m in unusable for m, _ in holders):
                 continue
             offset, width = columns[name]
-            dest = out[:, offset:offset + width]
-            parts = (per_example_grad(self._modules[m], leaf, a, b).reshape(rows, width)
-                     for m, leaf in holders for a, b in tokens[m])
+            dest = out[:, offset : offset + width]
+            parts = (
+                per_example_grad(self._modules[m], leaf, a, b).reshape(rows, width)
+                for m, leaf in holders
+                for a, b in tokens[m]
+            )
             first = next(parts, None)
             if first is None:
                 dest.zero_()

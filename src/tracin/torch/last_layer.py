@@ -32,14 +32,17 @@ class LinearFactors:
     def dims(self) -> list[tuple[int, int]]:
         return [(m.out_features, m.in_features + int(m.bias is not None)) for m in self.layers]
 
-    def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree,
-                 targets: Tree) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(
+        self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         try:
             captured = self._captured(state, inputs, targets)
         except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self.names!r}.") from None
-        return [(left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
-                for (x, left), layer in zip(captured, self.layers, strict=True)]
+        return [
+            (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
+            for (x, left), layer in zip(captured, self.layers, strict=True)
+        ]
 
     def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(x (batch, in), dL/dy (batch, out)) per layer; NotCaptured unless each ran once on (batch, in)."""
@@ -48,11 +51,15 @@ class LinearFactors:
         pairs = []
         for name, layer in zip(self.names, self.layers, strict=True):
             if len(calls[name]) != 1:
-                raise NotCaptured(f"layer {name!r} ran {len(calls[name])} times in one forward pass; its gradient "
-                                  "is then not one outer product")
+                raise NotCaptured(
+                    f"layer {name!r} ran {len(calls[name])} times in one forward pass; its gradient "
+                    "is then not one outer product"
+                )
             x, dy = token_form(layer, calls[name][0], rows)
             if x.shape[1] != 1:
-                raise NotCaptured(f"layer {name!r} got input of shape {tuple(calls[name][0].input.shape)}; the "
-                                  f"outer-product form needs (batch, in_features) = ({rows}, {layer.in_features})")
+                raise NotCaptured(
+                    f"layer {name!r} got input of shape {tuple(calls[name][0].input.shape)}; the "
+                    f"outer-product form needs (batch, in_features) = ({rows}, {layer.in_features})"
+                )
             pairs.append((x[:, 0], dy[:, 0]))
         return pairs

@@ -67,8 +67,12 @@ def _rule_of(module: nn.Module) -> _Rule | None:
         return _LINEAR
     if kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."):
         return _CONV1D
-    if (issubclass(kind, nn.Embedding) and kind.forward is nn.Embedding.forward and module.max_norm is None
-            and not module.scale_grad_by_freq):
+    if (
+        issubclass(kind, nn.Embedding)
+        and kind.forward is nn.Embedding.forward
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    ):
         return _EMBEDDING
     if issubclass(kind, nn.LayerNorm) and kind.forward is nn.LayerNorm.forward:
         return _LAYER_NORM
@@ -77,15 +81,18 @@ def _rule_of(module: nn.Module) -> _Rule | None:
 
 def _batch_first(t: torch.Tensor, rows: int, tail: tuple[int, ...], what: str) -> torch.Tensor:
     """`t` as (rows, T, prod(tail)), refusing a tensor that is not (rows, ..., *tail)."""
-    if t.dim() < 1 + len(tail) or t.shape[0] != rows or tuple(t.shape[t.dim() - len(tail):]) != tail:
+    if t.dim() < 1 + len(tail) or t.shape[0] != rows or tuple(t.shape[t.dim() - len(tail) :]) != tail:
         raise NotCaptured(f"{what} of shape {tuple(t.shape)} is not (batch={rows}, ..., {', '.join(map(str, tail))})")
     return t.reshape(rows, -1, math.prod(tail))
 
 
 def _dense_tokens(width_in: Callable[[nn.Module], int], width_out: Callable[[nn.Module], int]):
     def tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
-        return (_batch_first(call.input, rows, (width_in(module),), "input"),
-                _batch_first(call.grad, rows, (width_out(module),), "output gradient"))
+        return (
+            _batch_first(call.input, rows, (width_in(module),), "input"),
+            _batch_first(call.grad, rows, (width_out(module),), "output gradient"),
+        )
+
     return tokens
 
 
@@ -100,8 +107,9 @@ def _conv1d_grads(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str
 def _embedding_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
     ids = call.input
     if ids.dtype.is_floating_point or ids.dim() < 1 or ids.shape[0] != rows:
-        raise NotCaptured(f"ids of shape {tuple(ids.shape)} and dtype {ids.dtype} are not integers of shape "
-                          f"(batch={rows}, ...)")
+        raise NotCaptured(
+            f"ids of shape {tuple(ids.shape)} and dtype {ids.dtype} are not integers of shape (batch={rows}, ...)"
+        )
     return ids.reshape(rows, -1), _batch_first(call.grad, rows, (module.embedding_dim,), "output gradient")
 
 

@@ -33,8 +33,10 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> l
     for pattern in layers:
         if not any(_matches(n, pattern) for n in params):
             modules = [m for m, _ in model.named_modules() if m]
-            raise ValueError(f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
-                             f"{' ...' if len(modules) > 30 else ''}")
+            raise ValueError(
+                f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
+                f"{' ...' if len(modules) > 30 else ''}"
+            )
     return [n for n in params if any(_matches(n, p) for p in layers)]
 
 
@@ -70,14 +72,15 @@ def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
     for name in names:
         owner, _, leaf = name.rpartition(".")
         if not isinstance(modules.get(owner), nn.Linear) or leaf not in ("weight", "bias"):
-            raise ValueError(f"mode='factored' needs every chosen parameter to be an nn.Linear weight or "
-                             f"bias; {name!r} is not (choose layers=, or use mode='full')")
+            raise ValueError(
+                f"mode='factored' needs every chosen parameter to be an nn.Linear weight or "
+                f"bias; {name!r} is not (choose layers=, or use mode='full')"
+            )
         if owner not in owners:
             owners.append(owner)
     chosen = set(names)
     for owner in owners:
         missing = [n for n, _ in modules[owner].named_parameters(prefix=owner) if n not in chosen]
         if missing:
-            raise ValueError(f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} "
-                             "is not chosen")
+            raise ValueError(f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} is not chosen")
     return owners

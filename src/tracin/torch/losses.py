@@ -31,11 +31,19 @@ def check_losses(losses: object, rows: int) -> None:
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
     if losses.shape != (rows,):
-        hint = (" It looks mean- or sum-reduced: a reduced loss mixes the examples of a batch, so "
+        hint = (
+            (
+                " It looks mean- or sum-reduced: a reduced loss mixes the examples of a batch, so "
                 "per-example gradients cannot be taken from it. Return one loss per example "
-                "(reduction='none').") if losses.dim() == 0 else ""
-        raise ValueError(f"loss_fn must return per-example losses of shape ({rows},) for a batch of "
-                         f"{rows}; got shape {tuple(losses.shape)}.{hint}")
+                "(reduction='none')."
+            )
+            if losses.dim() == 0
+            else ""
+        )
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape ({rows},) for a batch of "
+            f"{rows}; got shape {tuple(losses.shape)}.{hint}"
+        )
 
 
 def model_caller(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Callable[..., object]:
@@ -43,14 +51,22 @@ def model_caller(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Callabl
     return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs)
 
 
-def losses_of(model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn,
-              inputs: Tree, targets: Tree) -> torch.Tensor:
+def losses_of(
+    model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+) -> torch.Tensor:
     """loss_fn(model(inputs) with `state`'s tensors, targets)."""
     return loss_fn(call_model(model_caller(model, state), inputs), targets)
 
 
-def check_loss_on(model: nn.Module, state: Mapping[str, torch.Tensor], names: list[str], loss_fn: LossFn,
-                  inputs: Tree, targets: Tree, rows: int) -> None:
+def check_loss_on(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    names: list[str],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+    rows: int,
+) -> None:
     """Runs loss_fn once on a batch of `rows` and refuses it unless it gives (rows,) losses that
     depend on the chosen parameters `names` (a constant or detached loss has no gradient to trace)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
@@ -62,4 +78,5 @@ def check_loss_on(model: nn.Module, state: Mapping[str, torch.Tensor], names: li
             f"loss_fn's losses do not depend on the chosen parameters ({', '.join(names[:4])}"
             f"{', ...' if len(names) > 4 else ''}): they are constant or detached from the model's outputs "
             "(.detach(), .item(), a NumPy round trip, torch.no_grad()), so every gradient would be zero. "
-            "Compute the losses from the outputs with torch operations")
+            "Compute the losses from the outputs with torch operations"
+        )

@@ -52,9 +52,13 @@ class PerExampleGradients:
         self.hooks: HookGradients | None = HookGradients(model, self.names, loss_fn)
         mixing = [n for n, m in model.named_modules() if mixes_examples(m)]
         if mixing and self.hooks.plan:
-            warnings.warn(f"{_listed(mixing)} mix the examples of a batch even in eval mode (BatchNorm without "
-                          "running statistics); per-example gradients are taken with torch.func.vmap, one example "
-                          "at a time", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"{_listed(mixing)} mix the examples of a batch even in eval mode (BatchNorm without "
+                "running statistics); per-example gradients are taken with torch.func.vmap, one example "
+                "at a time",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if mixing or not self.hooks.plan:
             self.hooks = None
         self.others = [n for n in self.names if self.hooks is None or n not in self.hooks.plan]
@@ -67,8 +71,9 @@ class PerExampleGradients:
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
         return losses_of(self.model, {**rest, **chosen}, self.loss_fn, *one).sum()
 
-    def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Writes into `out` ((batch, d), the parameters' dtype and device) when given."""
         if out is None:
             first = state[self.names[0]]
@@ -107,18 +112,27 @@ class PerExampleGradients:
         got, want = out[:rows, cols], reference[:, cols]
         scale = want.abs().max().item()
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
-            _warn_leaving("they disagree with per-example autograd on the first batch: a layer mixes the "
-                          "examples of a batch, or a parameter is also used outside its module's forward")
+            _warn_leaving(
+                "they disagree with per-example autograd on the first batch: a layer mixes the "
+                "examples of a batch, or a parameter is also used outside its module's forward"
+            )
             return False
         self.checked = True
         if self.others:
             modules = dict(self.model.named_modules())
             owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)
-            named = [f"{m or 'the model itself'} ({type(modules[m]).__name__}"
-                     f"{': ' + self.skipped[m] if m in self.skipped else ''})" for m in owners]
-            warnings.warn(f"the batched per-example hooks cover nn.Linear, Conv1D, nn.Embedding and nn.LayerNorm "
-                          f"layers run through their forward; {_listed(named)} are computed with torch.func.vmap "
-                          "instead", UserWarning, stacklevel=4)
+            named = [
+                f"{m or 'the model itself'} ({type(modules[m]).__name__}"
+                f"{': ' + self.skipped[m] if m in self.skipped else ''})"
+                for m in owners
+            ]
+            warnings.warn(
+                f"the batched per-example hooks cover nn.Linear, Conv1D, nn.Embedding and nn.LayerNorm "
+                f"layers run through their forward; {_listed(named)} are computed with torch.func.vmap "
+                "instead",
+                UserWarning,
+                stacklevel=4,
+            )
         return True
 
     def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> None:
@@ -131,12 +145,15 @@ class PerExampleGradients:
             except (RuntimeError, NotImplementedError) as e:
                 warnings.warn(
                     f"torch.func.vmap cannot run this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                    "falling back to a slower per-example loop", RuntimeWarning, stacklevel=4)
+                    "falling back to a slower per-example loop",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 self.vectorised = False
             else:
                 for n in names:
                     offset, width = self.columns[n]
-                    out[:, offset:offset + width].copy_(grads[n].reshape(out.shape[0], width))
+                    out[:, offset : offset + width].copy_(grads[n].reshape(out.shape[0], width))
                 return
         self._one_at_a_time(names, state, inputs, targets, out)
 
@@ -151,9 +168,9 @@ class PerExampleGradients:
             for n, g in zip(names, parts, strict=True):
                 offset, width = self.columns[n]
                 if g is None:
-                    out[i, offset:offset + width].zero_()
+                    out[i, offset : offset + width].zero_()
                 else:
-                    out[i, offset:offset + width].copy_(g.reshape(-1))
+                    out[i, offset : offset + width].copy_(g.reshape(-1))
 
 
 def _listed(items: Sequence[str]) -> str:
@@ -161,5 +178,8 @@ def _listed(items: Sequence[str]) -> str:
 
 
 def _warn_leaving(reason: str) -> None:
-    warnings.warn(f"per-example gradients by batched hooks given up ({reason}); using torch.func.vmap",
-                  RuntimeWarning, stacklevel=5)
+    warnings.warn(
+        f"per-example gradients by batched hooks given up ({reason}); using torch.func.vmap",
+        RuntimeWarning,
+        stacklevel=5,
+    )
