@@ -175,16 +175,6 @@ def test_same_bits_for_any_thread_count_and_block_size(rng):
             np.testing.assert_array_equal(a.indices, b.indices)
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_every_instruction_set_is_exact(rng, isa):
-    from tracin import _core
-
-    test, train = random_set(rng, 19, [300, 5]), random_set(rng, 130, [300, 5])
-    w = [1.0, -0.5]
-    got = _core.scores(tracin.Gradients(test).kernel_side(), tracin.Gradients(train).kernel_side(), w, isa=isa)
-    assert_close_to_exact(got, test, train, w)
-
-
 def test_merge_top_k_of_shards_equals_whole(rng):
     test = [np.round(rng.standard_normal((6, 5)) * 2).astype(np.float32)]
     train = [np.round(rng.standard_normal((400, 5)) * 2).astype(np.float32)]  # many ties
