@@ -183,6 +183,59 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
 # The subset-model cache -------------------------------------------------------------------------
 
 
+def _float64_gradients(model, state: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """float64 (n, d) per-example cross-entropy gradients over all parameters, one backward pass per row."""
+    import copy
+
+    import torch
+
+    model64 = copy.deepcopy(model)
+    model64.load_state_dict(state)
+    model64.double()
+    rows = []
+    for xi, yi in zip(torch.from_numpy(x).double(), torch.from_numpy(y), strict=True):
+        model64.zero_grad()
+        torch.nn.functional.cross_entropy(model64(xi[None]), yi[None]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model64.parameters()]).numpy())
+    return np.stack(rows)
+
+
+def test_whitened_terms_match_a_float64_solve_with_the_damped_second_moment():
+    from benchmarks.quality.influence import RunInfluence
+    from benchmarks.quality.training import train
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 5)).astype(np.float32), rng.integers(0, 3, 40)
+    xt, yt = rng.standard_normal((6, 5)).astype(np.float32), rng.integers(0, 3, 6)
+    run_ = train(x, y, 3, config.Training(epochs=4, checkpoints=2, hidden=4, batch_size=8), 0)
+    influence = RunInfluence(run_, x, y, xt, yt)
+    assert influence.whitening_space == {"parameters": 5 * 4 + 4 + 4 * 3 + 3, "projected_to": None}
+    dampings = (0.1, 10.0)
+    pairs, selfs = influence.whitened_pair_terms(dampings), influence.whitened_self_terms(dampings)
+    for c, checkpoint in enumerate(run_.checkpoints):
+        g = _float64_gradients(run_.model, checkpoint.state, x, y)
+        gt = _float64_gradients(run_.model, checkpoint.state, xt, yt)
+        r = g.T @ g / len(g)
+        for damping in dampings:
+            damped = r + damping * np.trace(r) / len(r) * np.eye(len(r))
+            expected_pairs = gt @ np.linalg.solve(damped, g.T)
+            expected_self = np.einsum("ij,ji->i", g, np.linalg.solve(damped, g.T))
+            scale = np.abs(expected_pairs).max()
+            np.testing.assert_allclose(pairs[damping][c], expected_pairs, rtol=1e-3, atol=1e-3 * scale)
+            np.testing.assert_allclose(selfs[damping][c], expected_self, rtol=1e-3, atol=1e-3 * expected_self.max())
+
+
+def test_whitening_projects_gradients_wider_than_4096():
+    from benchmarks.quality.influence import RunInfluence
+    from benchmarks.quality.training import mlp
+
+    wide = Trajectory(mlp(64, 128, 10), [], np.zeros((1, 1)), np.zeros(1), np.zeros(1))
+    narrow = Trajectory(mlp(20, 128, 2), [], np.zeros((1, 1)), np.zeros(1), np.zeros(1))
+    x, y = np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
+    assert RunInfluence(wide, x, y).whitening_space == {"parameters": 9610, "projected_to": 2048}
+    assert RunInfluence(narrow, x, y).whitening_space == {"parameters": 2946, "projected_to": None}
+
+
 def test_subset_models_are_cached_under_a_key_of_their_settings(tmp_path):
     split = data.load("wine")
     spec = config.Training(epochs=2, checkpoints=1, hidden=8, batch_size=32)

@@ -329,3 +329,10 @@ def test_benchmark_quick_run_writes_consistent_json(tmp_path, capsys):
     assert result["float32_vs_numpy_gtg"] == pytest.approx(t["numpy_gtg"]["median_s"] / t["tracin_float32"]["median_s"])
     assert result["goal"]["fraction"] == 0.7 and isinstance(result["goal"]["met"], bool)
     assert "whitening_quick.json" in capsys.readouterr().out
+
+
+def test_self_influence_with_whitening_checks_precision(full):
+    train, _ = full
+    sets = tracin.Gradients(train, WEIGHTS)
+    with pytest.raises(ValueError, match="precision must be"):
+        tracin.self_influence(sets, whitening=Whitening.fit(sets), precision="bogus")

@@ -1,6 +1,7 @@
 """Per-checkpoint TracIn terms of one trained run through tracin's public API, computed once and
 shared by every recipe: self-influence (C, n) and test-by-train scores (C, m, n), unweighted
-(each recipe chooses its checkpoints and multiplies by their learning rates)."""
+(each recipe chooses its checkpoints and multiplies by their learning rates), plain or whitened
+(tracin.Whitening fitted per checkpoint on that checkpoint's train gradients)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from .training import Trajectory
 
 def _loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+WHITENING_MAX_DIM = 4096  # whitening inverts a d x d matrix: wider gradients are projected first
+WHITENING_PROJECTION = 2048
 
 
 def unit_rows(matrix: np.ndarray) -> np.ndarray:
@@ -42,6 +47,7 @@ class RunInfluence:
         self.test = None if x_test is None else (torch.from_numpy(x_test), torch.from_numpy(y_test))
         self._self: dict[tuple, np.ndarray] = {}
         self._pairs: dict[tuple, np.ndarray] = {}
+        self._whitened: dict[tuple, dict[float, np.ndarray]] = {}
 
     @property
     def rates(self) -> np.ndarray:
@@ -94,3 +100,37 @@ class RunInfluence:
                 train = tracin.Gradients([unit_rows(train.matrices[0])])
             out.append(tracin.scores(test, train).astype(np.float64))
         return np.stack(out)
+
+    @property
+    def whitening_space(self) -> dict:
+        """The gradients whitening is fitted on: all parameters, projected when there are too many."""
+        params = sum(p.numel() for p in self.run.model.parameters())
+        return {"parameters": params, "projected_to": WHITENING_PROJECTION if params > WHITENING_MAX_DIM else None}
+
+    def whitened_self_terms(self, dampings: tuple[float, ...]) -> dict[float, np.ndarray]:
+        """Per damping, float64 (C, n): g_c(z_i)^T (R_c + lambda I)^-1 g_c(z_i) (computed once)."""
+        return self._whitened_terms("self", dampings)
+
+    def whitened_pair_terms(self, dampings: tuple[float, ...]) -> dict[float, np.ndarray]:
+        """Per damping, float64 (C, m, n): g_c(test_j)^T (R_c + lambda I)^-1 g_c(train_i) (computed once)."""
+        if self.test is None:
+            raise ValueError("whitened_pair_terms needs test data")
+        return self._whitened_terms("pairs", dampings)
+
+    def _whitened_terms(self, kind: str, dampings: tuple[float, ...]) -> dict[float, np.ndarray]:
+        """Each checkpoint's gradients exported once, then one Whitening per damping fitted on the train side."""
+        if (kind, dampings) not in self._whitened:
+            dim = self.whitening_space["projected_to"] or 0
+            out: dict[float, list] = {d: [] for d in dampings}
+            for c in range(len(self.run.checkpoints)):
+                train = self._export(c, self.train, "full", dim)
+                test = self._export(c, self.test, "full", dim) if kind == "pairs" else None
+                for d in dampings:
+                    w = tracin.Whitening.fit(train, damping=d, progress=False)
+                    if test is None:
+                        terms = w.self_influence(train, progress=False)
+                    else:
+                        terms = tracin.scores(w.apply(test), train)
+                    out[d].append(terms.astype(np.float64))
+            self._whitened[kind, dampings] = {d: np.stack(v) for d, v in out.items()}
+        return self._whitened[kind, dampings]

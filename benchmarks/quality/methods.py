@@ -161,6 +161,29 @@ def tracin_cosine(case: AttributionCase) -> np.ndarray:
     return traced(case.influence.pair_terms(normalised=True), case.influence, all_checkpoints(case.run))
 
 
+WHITENING_DAMPINGS = (0.1, 1.0, 10.0)  # lambda as a multiple of the mean eigenvalue of R_c
+
+
+def register_whitened(dampings: tuple[float, ...] = WHITENING_DAMPINGS) -> None:
+    """'tracin whitened (damping D)' (all checkpoints) for each damping, both as detector (whitened on
+    both sides) and attributor (test side whitened); the gradient space is the JSON's "whitening_space"."""
+    for damping in dampings:
+
+        def detect(case: DetectionCase, damping: float = damping) -> np.ndarray:
+            terms = case.influence.whitened_self_terms(dampings)[damping]
+            return traced(terms, case.influence, all_checkpoints(case.run))
+
+        def attribute(case: AttributionCase, damping: float = damping) -> np.ndarray:
+            terms = case.influence.whitened_pair_terms(dampings)[damping]
+            return traced(terms, case.influence, all_checkpoints(case.run))
+
+        detector(f"tracin whitened (damping {damping:g})")(detect)
+        attributor(f"tracin whitened (damping {damping:g})")(attribute)
+
+
+register_whitened()
+
+
 def register_projected(dims: tuple[int, ...]) -> None:
     """'tracin projected d=DIM' (all checkpoints) for each dimension, both as detector and attributor."""
     for dim in dims:

@@ -354,6 +354,7 @@ def self_influence(
     instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
     """
     if whitening is not None:
+        placement.check_precision(precision)
         if not isinstance(whitening, Whitening):
             raise TypeError(f"whitening must be a tracin.Whitening or None, got {type(whitening).__name__}")
         if device not in (None, "cpu"):

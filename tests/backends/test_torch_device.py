@@ -280,3 +280,11 @@ def test_rows_on_the_device_are_used_in_place_beside_streamed_ones(rng, small_ti
     prop, opp = backend.top_k(t, mixed, w, 30, "both", num_threads=1)
     np.testing.assert_array_equal(prop.indices, stable_top_k(exact, 30, -1))
     np.testing.assert_array_equal(opp.indices, stable_top_k(exact, 30, 1))
+
+
+def test_self_influence_sums_squares_in_float64_like_the_cpu_kernel():
+    rows = np.full((2, 4), 3e19, dtype=np.float32)  # |g|^2 overflows float32, w |g|^2 does not
+    grads = tracin.Gradients([rows], weights=[1e-20])
+    cpu = tracin.self_influence(grads, device="cpu")
+    np.testing.assert_allclose(tracin.self_influence(grads, device="torch:cpu"), cpu, rtol=1e-6)
+    np.testing.assert_allclose(cpu, 1e-20 * 4 * 3e19**2, rtol=1e-6)

@@ -344,3 +344,19 @@ def test_full_float32_rows_are_computed_straight_into_the_result(trained, monkey
     assert g.n_rows == 40 and g.dims == (sum(p.numel() for p in model.parameters()),) * 3
     with pytest.raises(AssertionError, match="computed in place"):  # a projection needs the rows first
         export_gradients(model, checkpoints, train, LOSS, projection=tracin.Projection(4), progress=False)
+
+
+def test_a_store_export_failing_before_its_first_batch_releases_the_store(trained, tmp_path, monkeypatch):
+    from tracin._export import driver
+
+    model, checkpoints, train, _ = trained
+
+    def no_bar(*args, **kwargs):
+        raise ImportError("tqdm is not installed")
+
+    monkeypatch.setattr(driver, "progress_bar", no_bar)
+    with pytest.raises(ImportError, match="tqdm"):
+        export_gradients(model, checkpoints, train, LOSS, store=tmp_path / "s", progress=True)
+    monkeypatch.undo()
+    store = export_gradients(model, checkpoints, train, LOSS, store=tmp_path / "s", progress=False)
+    assert store.complete and store.n_rows == 40

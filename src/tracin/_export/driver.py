@@ -204,17 +204,18 @@ def export(
             return None
     else:
         sink = MemorySink(n_rows, len(checkpoints) * slots, options.dtype, factored, rates, wrap=framework.wrap)
-    loop = _Loop(
-        framework,
-        sink,
-        fingerprint,
-        transforms,
-        slots,
-        len(checkpoints),
-        options.progress,
-        stop=None if rows is None else rows[1],
-    )
-    try:
+    loop = None
+    try:  # the sink (a store's lock and files) is released on any error, the bar's creation included
+        loop = _Loop(
+            framework,
+            sink,
+            fingerprint,
+            transforms,
+            slots,
+            len(checkpoints),
+            options.progress,
+            stop=None if rows is None else rows[1],
+        )
         if not sink.complete:
             for c, entry in enumerate(checkpoints):
                 loop.checkpoint(c, entry.source)
@@ -223,7 +224,8 @@ def export(
         sink.close()
         raise
     finally:
-        loop.bar.close()
+        if loop is not None:
+            loop.bar.close()
 
 
 def _preconditioning(

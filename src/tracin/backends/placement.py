@@ -18,12 +18,17 @@ PRECISIONS = ("float32", "tf32")
 _DEVICE = re.compile(r"cpu|torch:cpu|cuda(:\d+)?")
 
 
-def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend:
-    """The backend for `device` and `precision` given the named sets (e.g. {"test": ..., "train": ...})."""
+def check_precision(precision: Any) -> None:
+    """TypeError / ValueError unless `precision` is one of PRECISIONS."""
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise (ValueError if isinstance(precision, str) else TypeError)(
             f"precision must be 'float32' or 'tf32' (TF32 GEMMs, CUDA devices only), got {precision!r}"
         )
+
+
+def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend:
+    """The backend for `device` and `precision` given the named sets (e.g. {"test": ..., "train": ...})."""
+    check_precision(precision)
     if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device)):
         raise (ValueError if isinstance(device, str) else TypeError)(
             "device must be 'cpu' (the C++ kernel), 'cuda' or 'cuda:N' (a GPU, through torch) or 'torch:cpu' "

@@ -69,10 +69,10 @@ class TorchBackend:
         with self._call(None, train) as call:
             parts = []
             for _, _, x in call.train_tiles():
-                norms = [b.square().sum(1) for b in x]
+                norms = [b.double().square().sum(1) for b in x]  # float64, as the C++ kernel sums
                 if train.factored:
                     norms = [a * b for a, b in zip(norms[0::2], norms[1::2], strict=True)]
-                parts.append(sum(w * n.double() for w, n in zip(weights, norms, strict=True)))
+                parts.append(sum(w * n for w, n in zip(weights, norms, strict=True)))
             total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
             out = total.float().cpu().numpy()
         if not np.all(np.isfinite(out)):

@@ -12,7 +12,7 @@ from distributed import Future
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
 from ..gradients import GradientSet
-from ..scoring import _SIDES, BothSides, TopK, _pair, _width, as_gradient_set
+from ..scoring import _SIDES, BothSides, TopK, _pair, _refuse_float32_overflow, _width, as_gradient_set
 from ..store import GradientStore
 from . import _tasks
 from ._cluster import client_for, slots_by_host
@@ -147,15 +147,8 @@ def aggregate(
 
 def _float32(total: np.ndarray) -> np.ndarray:
     """The float64 sums as float32, refusing sums beyond float32's range (as tracin.aggregate does)."""
-    with np.errstate(over="ignore"):
-        out = total.astype(np.float32)
-    overflowed = np.flatnonzero(~np.isfinite(out) & np.isfinite(total))
-    if overflowed.size:
-        raise ValueError(
-            f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
-            "although every input is finite; rescale the gradients (or the learning-rate weights)"
-        )
-    return out
+    _refuse_float32_overflow(total)
+    return total.astype(np.float32)
 
 
 def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool]:

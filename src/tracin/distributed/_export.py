@@ -79,12 +79,20 @@ def export_part(
     """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
     written into the store at `path`."""
     args, kwargs = cloudpickle.loads(sent)
-    if adapter == "torch":
-        import torch
+    export = _export_function(adapter)
+    if adapter != "torch":
+        with store_rows(start, stop):
+            export(*args, store=path, progress=False, **kwargs)
+        return
+    import torch
 
-        torch.set_num_threads(kernel_threads(num_threads, slots))
-    with store_rows(start, stop):
-        _export_function(adapter)(*args, store=path, progress=False, **kwargs)
+    before = torch.get_num_threads()  # process-wide: restored for the worker's later tasks
+    torch.set_num_threads(kernel_threads(num_threads, slots))
+    try:
+        with store_rows(start, stop):
+            export(*args, store=path, progress=False, **kwargs)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _export_function(adapter: Any) -> Callable[..., Any]:

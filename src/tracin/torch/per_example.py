@@ -89,7 +89,11 @@ class PerExampleGradients:
         cannot be trusted."""
         try:
             silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (NotCaptured, RuntimeError) as e:
+            if self.checked and not isinstance(e, NotCaptured):
+                raise  # after the first batch a failure is the model's, not the hooks'
             _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return False
         if self.checked:
