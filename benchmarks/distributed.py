@@ -79,7 +79,9 @@ def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: 
         "tasks": shards,
         "times": times,
         "call_s_one_shard_per_worker": few,
-        "fixed_cost_per_task_s": (many - few) / (shards - workers),
+        # Clamped at 0: a negative difference is timing noise, and a negative task cost would let
+        # the projection's schedule finish shards in less than no time.
+        "fixed_cost_per_task_s": max(0.0, (many - few) / (shards - workers)),
     }
 
 
