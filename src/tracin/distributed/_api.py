@@ -12,7 +12,16 @@ from distributed import Future
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
 from ..gradients import GradientSet
-from ..scoring import _SIDES, BothSides, TopK, _pair, _refuse_float32_overflow, _width, as_gradient_set
+from ..scoring import (
+    _SIDES,
+    BothSides,
+    TopK,
+    _check_side,
+    _pair,
+    _refuse_float32_overflow,
+    _width,
+    as_gradient_set,
+)
 from ..store import GradientStore
 from . import _tasks
 from ._cluster import client_for, slots_by_host
@@ -47,8 +56,7 @@ def top_k(
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
     k = positive_int(k, "k")
-    if side not in _SIDES:
-        raise ValueError(f"side must be 'proponents', 'opponents' or 'both', got {side!r}")
+    _check_side(side, _SIDES)
     shards, num_threads, progress = _options(
         shards, num_threads, progress, test_set.n_rows * train_set.n_rows * _width(train_set)
     )
