@@ -3,6 +3,7 @@ from the same data, in memory and from stores read in small chunks, full and Kro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -64,6 +65,33 @@ def test_full_in_memory_matches_float64_solve(full, damping, precision):
     assert_close_to_exact(tracin.scores(white, tracin.Gradients(train, WEIGHTS)), exact, train, WEIGHTS)
     plain = tracin.scores(tracin.Gradients(test, WEIGHTS), tracin.Gradients(train, WEIGHTS))
     assert not np.allclose(plain, tracin.scores(white, tracin.Gradients(train, WEIGHTS)), rtol=0.1)
+
+
+def test_with_damping_reuses_one_fit_and_matches_float64_solve(full, rng, monkeypatch):
+    """Other dampings from one pass over the rows (full and factored), each equal to a fresh float64 solve."""
+    train, test = full
+    passes = []
+    original = _moments.second_moments
+    monkeypatch.setattr("tracin.whitening._whitening.second_moments", lambda *a: passes.append(1) or original(*a))
+    w = Whitening.fit(tracin.Gradients(train, WEIGHTS), damping=1.0)
+    for damping in (0.1, 3.0, 100.0):
+        other = w.with_damping(damping)
+        assert other.spec == dataclasses.replace(w.spec, damping=damping, lambdas=other.spec.lambdas)
+        refs = [reference_inverse(g, damping) for g in train]
+        np.testing.assert_allclose(other.spec.lambdas, [lam for _, lam in refs], rtol=1e-6)
+        for ours, t, (inv, _) in zip(other.apply(tracin.Gradients(test)).matrices, test, refs, strict=True):
+            assert_rows_close(ours, to_float64(t) @ inv)
+    assert len(passes) == 1
+    back = w.with_damping(0.1).with_damping(1.0)
+    for x, y in zip(back.inverses, w.inverses, strict=True):
+        np.testing.assert_array_equal(x, y)
+    left, right = [anisotropic(rng, 300, 5)], [anisotropic(rng, 300, 4)]
+    factored = tracin.FactoredGradients(left, right)
+    white = Whitening.fit(factored, damping=0.5).with_damping(4.0).apply(factored)
+    exact = factored_to_full(left, right)[0] @ kron_reference(left, right, 4.0)[0]
+    assert_rows_close(factored_to_full(white.left, white.right)[0], exact)
+    with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+        w.with_damping(0.0)
 
 
 def test_partials_over_many_blocks(full, monkeypatch):
@@ -311,6 +339,8 @@ def test_save_load_round_trip(tmp_path, full):
     back = Whitening.load(tmp_path / "w.npz")
     assert back.to_dict() == w.to_dict()
     for x, y in zip(w.apply(tracin.Gradients(test)).matrices, back.apply(tracin.Gradients(test)).matrices, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(w.with_damping(2.0).inverses, back.with_damping(2.0).inverses, strict=True):
         np.testing.assert_array_equal(x, y)
     np.savez(tmp_path / "other.npz", spec=np.array("{}"))
     with pytest.raises(ValueError, match="is not a saved tracin.Whitening"):

@@ -33,14 +33,16 @@ def mean_eigenvalue(r: np.ndarray, what: str) -> float:
 
 def damped_inverse(r: np.ndarray, lam: float, what: str) -> np.ndarray:
     """float64 (R + lam I)^-1 of a symmetric (k, k) R, as L^-T L^-1 with L the Cholesky factor
-    (symmetric by construction). R is overwritten (its diagonal gets lam)."""
-    r[np.diag_indices_from(r)] += lam
+    (symmetric by construction); R is left as it is."""
+    shifted = r.copy()
+    shifted[np.diag_indices_from(shifted)] += lam
     try:
-        lower = np.linalg.cholesky(r)
+        lower = np.linalg.cholesky(shifted)
     except np.linalg.LinAlgError:
         raise ValueError(
             f"{what}: R + lambda I is not positive definite (lambda = {lam}); the gradients "
             "hold non-finite values, or damping is too small for float64"
         ) from None
+    del shifted
     inv_lower = np.linalg.inv(lower)
     return inv_lower.T @ inv_lower

@@ -72,12 +72,16 @@ class Whitening:
     exact for (B + lambda_B I) (x) (A + lambda_A I), an approximation of (R + lambda I).
 
     Use Whitening.fit(train), then tracin.scores / top_k / aggregate(w.apply(test), train) and
-    w.self_influence(train). Needs a float64 d_c x d_c matrix per checkpoint: project wide gradients.
+    w.self_influence(train); w.with_damping(d) gives the same R at another damping without a second
+    pass. Keeps two float64 d_c x d_c matrices per checkpoint (R and its damped inverse): project wide
+    gradients.
     """
 
-    def __init__(self, inverses: list[np.ndarray], spec: WhiteningSpec):
-        """inverses: float64 symmetric matrices in kernel block order, (d_c, d_c) per checkpoint (full)
-        or (p_c, p_c), (q_c, q_c) per checkpoint (kfac); spec: as fitted. Use fit() or load()."""
+    def __init__(self, moments: list[np.ndarray], inverses: list[np.ndarray], spec: WhiteningSpec):
+        """moments: the undamped float64 second moments in kernel block order, (d_c, d_c) per checkpoint
+        (full) or (p_c, p_c), (q_c, q_c) per checkpoint (kfac); inverses: their damped inverses, same
+        shapes; spec: as fitted. Use fit() or load()."""
+        self._moments = moments
         self._inverses = inverses
         self.spec = spec
 
@@ -157,7 +161,15 @@ class Whitening:
             fitted_on=getattr(train, "store_id", None),
             space={k: train.metadata[k] for k in _SPACE_KEYS if k in train.metadata},
         )
-        return cls(inverses, spec)
+        return cls(blended, inverses, spec)
+
+    def with_damping(self, damping: float) -> Whitening:
+        """The same fitted R at another damping (lambda_c = damping * trace(R_c) / d_c, as in fit),
+        without reading the gradients again: only the damped inverses are recomputed (one Cholesky
+        per matrix). Its spec differs in damping and lambdas; the fingerprint of R is the same."""
+        damping = check_damping(damping)
+        inverses, lambdas = _invert(self._moments, damping, self.factored)
+        return Whitening(self._moments, inverses, dataclasses.replace(self.spec, damping=damping, lambdas=lambdas))
 
     # -- using it -------------------------------------------------------------------------------
     @property
@@ -256,8 +268,10 @@ class Whitening:
         return dataclasses.asdict(self.spec)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the spec and the float64 inverses to one .npz file at `path`."""
+        """Writes the spec, the float64 inverses and the undamped moments (for with_damping) to one
+        .npz file at `path`."""
         arrays = {f"inverse_{i}": inv for i, inv in enumerate(self._inverses)}
+        arrays.update({f"moment_{i}": m for i, m in enumerate(self._moments)})
         np.savez(path, spec=np.array(json.dumps(self.to_dict())), **arrays)
 
     @classmethod
@@ -267,13 +281,16 @@ class Whitening:
             try:
                 spec = WhiteningSpec(**json.loads(str(f["spec"])))
                 count = len(spec.dims) * (2 if spec.kind == "kfac" else 1)
-                inverses = [np.asarray(f[f"inverse_{i}"], dtype=np.float64) for i in range(count)]
+                inverses, moments = (
+                    [np.asarray(f[f"{kind}_{i}"], dtype=np.float64) for i in range(count)]
+                    for kind in ("inverse", "moment")
+                )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path} is not a saved tracin.Whitening ({e})") from None
         sides = [x for d in spec.dims for x in (d if spec.kind == "kfac" else [d])]
-        if [inv.shape for inv in inverses] != [(k, k) for k in sides]:
+        if [m.shape for m in (*inverses, *moments)] != [(k, k) for k in sides] * 2:
             raise ValueError(f"{path} is not a saved tracin.Whitening (matrix shapes do not match dims {spec.dims})")
-        return cls(inverses, spec)
+        return cls(moments, inverses, spec)
 
     def __repr__(self) -> str:
         s = self.spec
@@ -302,7 +319,7 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
 
 
 def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[list[np.ndarray], list]:
-    """Damped inverses (overwriting `moments`) and the lambdas, per checkpoint (see Whitening)."""
+    """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are."""
     inverses, lambdas = [], []
     if not factored:
         for c, r in enumerate(moments):
