@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,3 +113,68 @@ def test_non_state_dicts_are_refused(setup):
     model, _, _ = setup
     with pytest.raises(ValueError, match="not a state_dict"):
         load_checkpoint({"weights": [1, 2]}, 0, model.state_dict())
+
+
+def _shards(state: dict, n: int) -> list[dict]:
+    keys = list(state)
+    return [{k: state[k] for k in keys[i::n]} for i in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors_sharded", "bin", "bin_sharded"])
+def test_save_pretrained_folders_give_the_state_dicts_gradients(setup, tmp_path, layout):
+    from safetensors.torch import save_file
+
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    folder = tmp_path / layout
+    folder.mkdir()
+
+    def save(tensors: dict, name: str) -> None:
+        if name.endswith(".safetensors"):
+            save_file(tensors, str(folder / name))
+        else:
+            torch.save(tensors, folder / name)
+
+    stem, ext = ("model", "safetensors") if layout.startswith("safetensors") else ("pytorch_model", "bin")
+    if layout.endswith("sharded"):
+        weight_map = {}
+        for i, shard in enumerate(_shards(state, 2)):
+            name = f"{stem}-0000{i + 1}-of-00002.{ext}"
+            save(shard, name)
+            weight_map.update(dict.fromkeys(shard, name))
+        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        save(state, f"{stem}.{ext}")
+    (folder / "config.json").write_text("{}")
+    want = export_gradients(model, [(state, 0.5)], data, LOSS, progress=False)
+    got = export_gradients(model, [(str(folder), 0.5)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(got.matrices[0], want.matrices[0])
+
+
+def test_folder_without_weights_and_missing_shard_are_clear_errors(setup, tmp_path):
+    model, _, data = setup
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="directory without model.safetensors, pytorch_model.bin"):
+        export_gradients(model, [(str(tmp_path / "empty"), 1.0)], data, LOSS, progress=False)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"0.weight": "gone.safetensors"}}'
+    )
+    with pytest.raises(FileNotFoundError, match="no shard listed by its index at .*gone.safetensors"):
+        export_gradients(model, [(str(tmp_path / "broken"), 1.0)], data, LOSS, progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a sharded checkpoint index"):
+        export_gradients(model, [(str(tmp_path / "bad"), 1.0)], data, LOSS, progress=False)
+
+
+def test_tied_weights_left_out_of_a_checkpoint_are_taken_from_their_first_name():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    model[1].weight = model[0].weight
+    state = {k: v for k, v in model.state_dict().items() if k != "1.weight"}
+    loaded = load_checkpoint(state, 0, model.state_dict(), skip={"1.weight"})
+    assert list(loaded) == ["0.weight"]
+    with pytest.raises(ValueError, match=r"missing keys \['1.weight'\]"):
+        load_checkpoint(state, 0, model.state_dict())

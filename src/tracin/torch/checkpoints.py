@@ -1,10 +1,12 @@
 """Checkpoints: (state_dict or path, learning_rate) pairs, or (state_dict or path, learning_rate,
 optimizer_state) triples, validated against the model, loaded one at a time (each exactly once) onto
 the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path)
-read on the host and mapped to parameter names."""
+read on the host and mapped to parameter names. A checkpoint path may be a file for torch.load or a
+Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, sharded or not)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -21,6 +23,11 @@ from .data import host_array
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
+# What a save_pretrained folder holds, in the order looked for: (weights file, sharded index, safetensors)
+_FOLDER_FILES = (
+    ("model.safetensors", "model.safetensors.index.json", True),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", False),
+)
 
 
 def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
@@ -215,24 +222,19 @@ def load_checkpoint(
     source: Any, index: int, reference: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
-    `skip`, each on the reference tensor's device and dtype. Paths are read with
-    torch.load(weights_only=True)."""
+    `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
+    dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next(iter(reference.values())).device if reference else "cpu"
-        try:
-            obj = torch.load(source, map_location=device, weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {os.path.abspath(source)}") from None
-        except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{name} cannot be read with torch.load(weights_only=True), which only "
-                f"allows tensors and plain containers: {str(e).splitlines()[0]}"
-            ) from None
+        if os.path.isdir(source):
+            obj = _read_folder(source, device, name)
+        else:
+            obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint")
     else:
         obj = source
     state = _strip_prefix(_unwrap(obj, name), reference)
-    missing = [k for k in reference if k not in state]
+    missing = [k for k in reference if k not in state and k not in skip]  # save_pretrained drops tied copies
     unexpected = [k for k in state if k not in reference]
     if missing or unexpected:
         raise ValueError(
@@ -250,3 +252,59 @@ def load_checkpoint(
         dtype = ref.dtype if t.is_floating_point() else t.dtype
         out[key] = t.detach().to(device=ref.device, dtype=dtype)
     return out
+
+
+def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:
+    """torch.load(weights_only=True) of a checkpoint file; errors name it (`missing`: how a missing
+    file is reported, before its path)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{missing} at {os.path.abspath(path)}") from None
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{name} cannot be read with torch.load(weights_only=True), which only "
+            f"allows tensors and plain containers: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face save_pretrained folder: model.safetensors, or its shards
+    listed by model.safetensors.index.json; else pytorch_model.bin, or its shards."""
+    for single, index_file, safe in _FOLDER_FILES:
+        if os.path.isfile(os.path.join(path, single)):
+            files = [single]
+        elif os.path.isfile(os.path.join(path, index_file)):
+            files = _shards(os.path.join(path, index_file), name)
+        else:
+            continue
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(_read_shard(os.path.join(path, f), device, safe, name))
+        return state
+    raise ValueError(
+        f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
+        "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
+    )
+
+
+def _shards(index_path: str, name: str) -> list[str]:
+    """The shard files of a sharded save_pretrained index, in first-use order."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None
+
+
+def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torch.Tensor]:
+    if not safe:
+        return _unwrap(_read_file(path, device, name, f"{name}: no shard listed by its index"), name)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"{name}: reading model.safetensors needs the safetensors package") from None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name}: no shard listed by its index at {path}")
+    return load_file(path, device=str(device))

@@ -57,8 +57,10 @@ def export_gradients(
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
         left exactly as it was (weights, train/eval flags, requires_grad).
-    checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (paths with
-        torch.load(weights_only=True)); a DataParallel "module." prefix is removed. An entry may be
+    checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (files with
+        torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
+        model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
+        from their first name); a DataParallel "module." prefix is removed. An entry may be
         (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner.
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
         over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs a tensor or
