@@ -118,15 +118,17 @@ class RunInfluence:
         return self._whitened_terms("pairs", dampings)
 
     def _whitened_terms(self, kind: str, dampings: tuple[float, ...]) -> dict[float, np.ndarray]:
-        """Each checkpoint's gradients exported once, then one Whitening per damping fitted on the train side."""
+        """Each checkpoint's gradients exported once and R fitted once on the train side, then
+        re-damped per damping (Whitening.with_damping)."""
         if (kind, dampings) not in self._whitened:
             dim = self.whitening_space["projected_to"] or 0
             out: dict[float, list] = {d: [] for d in dampings}
             for c in range(len(self.run.checkpoints)):
                 train = self._export(c, self.train, "full", dim)
                 test = self._export(c, self.test, "full", dim) if kind == "pairs" else None
+                fitted = tracin.Whitening.fit(train, damping=dampings[0], progress=False)
                 for d in dampings:
-                    w = tracin.Whitening.fit(train, damping=d, progress=False)
+                    w = fitted.with_damping(d)
                     if test is None:
                         terms = w.self_influence(train, progress=False)
                     else:

@@ -161,7 +161,7 @@ def tracin_cosine(case: AttributionCase) -> np.ndarray:
     return traced(case.influence.pair_terms(normalised=True), case.influence, all_checkpoints(case.run))
 
 
-WHITENING_DAMPINGS = (0.1, 1.0, 10.0)  # lambda as a multiple of the mean eigenvalue of R_c
+WHITENING_DAMPINGS = (0.1, 1.0, 3.0, 10.0, 30.0, 100.0)  # lambda as a multiple of the mean eigenvalue of R_c
 
 
 def register_whitened(dampings: tuple[float, ...] = WHITENING_DAMPINGS) -> None:
