@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     payload["plots"] = [p.name for p in plots.plot_all(payload, out, name)]
     path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
+    whitened = report.whitening_markdown(payload)
+    if whitened:
+        print(f"\n{whitened}")
     print(f"wrote {path} and {', '.join(payload['plots'])}")
     return 0
 

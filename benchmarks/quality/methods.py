@@ -216,6 +216,21 @@ def trak_all(case: AttributionCase) -> np.ndarray:
     return _trak(case, all_checkpoints(case.run))
 
 
+def _dattri_trak(case: AttributionCase, chosen: np.ndarray) -> np.ndarray:
+    dim = min(case.trak_dim, len(case.x_train) // 2)  # as _trak: the dim x dim kernel must be invertible
+    return peers.dattri_trak_attributions(case.run, chosen, case.x_train, case.y_train, case.x_test, case.y_test, dim)
+
+
+@attributor("dattri TRAK (final checkpoint)", needs="dattri")
+def dattri_trak_final(case: AttributionCase) -> np.ndarray:
+    return _dattri_trak(case, final_checkpoint(case.run))
+
+
+@attributor("dattri TRAK (all checkpoints)", needs="dattri")
+def dattri_trak_all(case: AttributionCase) -> np.ndarray:
+    return _dattri_trak(case, all_checkpoints(case.run))
+
+
 # Baselines ---------------------------------------------------------------------------------------
 
 

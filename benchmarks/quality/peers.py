@@ -1,5 +1,5 @@
-"""Peers: Captum TracInCP as an oracle on a small case, and TRAK (`traker`) as an attributor when it
-is installed. Neither is a dependency; a peer that is missing or fails is reported, not fatal."""
+"""Peers: Captum TracInCP as an oracle on a small case, and TRAK (`traker`, and dattri's TRAKAttributor)
+as attributors when installed. None is a dependency; a peer that is missing or fails is reported, not fatal."""
 
 from __future__ import annotations
 
@@ -124,3 +124,42 @@ def trak_attributions(
             traker.score(batch=(xs, ys), num_samples=len(x_test))
         scores = traker.finalize_scores(exp_name="quality")
     return np.asarray(scores, dtype=np.float64).T
+
+
+def dattri_trak_attributions(
+    run: Trajectory,
+    chosen: np.ndarray,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    proj_dim: int,
+) -> np.ndarray:
+    """dattri's TRAK scores (m, n), float64, from the chosen checkpoints (model output: the margin
+    log p / (1 - p) of the true class, as TRAK's classification task), on the CPU."""
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = copy.deepcopy(run.model).eval()
+
+    def log_p(params: dict, data: tuple) -> torch.Tensor:
+        x, y = data
+        return -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
+
+    def margin(params: dict, data: tuple) -> torch.Tensor:
+        lp = log_p(params, data)
+        return lp - torch.log1p(-torch.exp(lp))
+
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=[{**run.checkpoints[i].state} for i in chosen])
+    attributor = TRAKAttributor(
+        task=task,
+        correct_probability_func=lambda params, data: torch.exp(log_p(params, data)),
+        projector_kwargs={"proj_dim": proj_dim, "device": "cpu"},
+        device="cpu",
+    )
+    train = DataLoader(TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)), batch_size=64)
+    test = DataLoader(TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)), batch_size=64)
+    with contextlib.redirect_stderr(io.StringIO()):  # dattri's bars
+        attributor.cache(train)
+        scores = attributor.attribute(test)
+    return scores.detach().double().numpy().T

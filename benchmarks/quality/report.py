@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -70,6 +71,65 @@ def _lds_rows(payload: dict) -> list[str]:
     return rows
 
 
+WHITENED = re.compile(r"^tracin whitened \(damping ([0-9.e+-]+)\)$")
+PLAIN = "tracin all checkpoints"  # what whitening is compared with: the same checkpoints, unwhitened
+
+
+def damping_ranks(payload: dict) -> dict:
+    """Per whitened damping (ascending): its LDS rank among the dampings on each LDS dataset (1 = best
+    mean), the mean rank, the mean LDS and the mean fraction of flipped labels found at the winners'
+    `detection_at` over the detection settings; "best": the damping of lowest mean rank, ties broken
+    by the higher mean LDS (None without whitened results on every LDS dataset)."""
+    lds, detect, at = payload["lds"], payload["detection"], payload["winners"]["detection_at"]
+    names = {float(m[1]): m[0] for m in (WHITENED.match(n) for n in method_order(lds)) if m}
+    names = {d: n for d, n in sorted(names.items()) if all(n in r["methods"] for r in lds.values())}
+    rows: dict = {d: {"ranks": []} for d in names}
+    for r in lds.values():
+        order = sorted(names, key=lambda d: -r["methods"][names[d]]["mean"])
+        for d in names:
+            rows[d]["ranks"].append(order.index(d) + 1)
+    for d, n in names.items():
+        rows[d]["mean_rank"] = sum(rows[d]["ranks"]) / len(lds)
+        rows[d]["mean_lds"] = sum(r["methods"][n]["mean"] for r in lds.values()) / len(lds)
+        found = [x["methods"][n]["found"][x["inspect"].index(at)] for x in detect.values() if n in x["methods"]]
+        rows[d]["mean_found"] = sum(found) / len(found) if found else None
+    best = min(rows, key=lambda d: (rows[d]["mean_rank"], -rows[d]["mean_lds"])) if rows else None
+    return {"dampings": rows, "names": names, "best": best}
+
+
+def whitening_markdown(payload: dict) -> str:
+    """The whitened methods per damping beside plain TracIn (all checkpoints): LDS per dataset, mean LDS,
+    mean rank, mean fraction of flipped labels found; the damping chosen by damping_ranks in bold.
+    Empty when the payload has no whitened results."""
+    choice = damping_ranks(payload)
+    if choice["best"] is None:
+        return ""
+    lds, detect, at = payload["lds"], payload["detection"], payload["winners"]["detection_at"]
+    rows = [
+        f"| Whitened TracIn (all checkpoints) | LDS {' | LDS '.join(lds)} | mean LDS | mean LDS rank | "
+        f"flipped labels found at {at:.0%} inspected (mean of {len(detect)} settings) |",
+        "|---|" + "---|" * (len(lds) + 3),
+    ]
+    plain_found = [x["methods"][PLAIN]["found"][x["inspect"].index(at)] for x in detect.values()]
+    plain_lds = [r["methods"][PLAIN]["mean"] for r in lds.values()]
+    rows.append(
+        f"| not whitened | {' | '.join(f'{v:.3f}' for v in plain_lds)} | {sum(plain_lds) / len(lds):.3f} | - | "
+        f"{sum(plain_found) / len(plain_found):.3f} |"
+    )
+    for d, r in choice["dampings"].items():
+        cells = [f"{lds[k]['methods'][choice['names'][d]]['mean']:.3f}" for k in lds]
+        label = f"damping {d:g}"
+        rows.append(
+            f"| {f'**{label}**' if d == choice['best'] else label} | {' | '.join(cells)} | {r['mean_lds']:.3f} | "
+            f"{r['mean_rank']:.2f} | {r['mean_found']:.3f} |"
+        )
+    rule = (
+        f"Rank: 1 = the best damping's LDS on a dataset. Chosen (lowest mean rank, ties: higher mean LDS): "
+        f"damping {choice['best']:g}."
+    )
+    return "\n".join([*rows, "", rule])
+
+
 def markdown(payload: dict) -> str:
     """Where and how it was measured, the detection table, the LDS table and the recipes that win or
     tie everywhere."""
@@ -118,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as e:
         p.error(f"--json: cannot read {args.json}: {e}")
     print(markdown(payload))
+    whitened = whitening_markdown(payload)
+    if whitened:
+        print(f"\n{whitened}")
     return 0
 
 
