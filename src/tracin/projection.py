@@ -12,12 +12,19 @@ Kinds:
 
 Results are bit-identical for a given (seed, kind, dim, d) whatever the batch size, the thread
 count, the instruction set, or how the columns are split into pieces passed together.
+
+Kronecker projections (kronecker=True) project a layer's weight gradient G (rows x cols, the bias as
+a last column) to P_rows G P_cols^T (k_rows x k_cols), two independent matrices of this kind per
+layer, so that a per-example gradient sum_t b_t a_t^T over tokens projects token by token as
+sum_t (P_rows b_t)(P_cols a_t)^T without the rows x cols matrix ever being formed (tracin.torch).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,8 +38,11 @@ SPARSE_NONZEROS = 8
 # describes another matrix.
 GENERATOR_VERSION = 1
 # Independent matrices drawn from one seed: stream 0 projects whole rows, 1 + j the j-th per-layer
-# piece, and these two the left and right Kronecker factors.
+# piece, and these two the left and right Kronecker factors; kronecker=True's segment j draws its
+# row and column matrices from streams _KRONECKER_STREAM + 2j and + 2j + 1.
 _LEFT_STREAM, _RIGHT_STREAM = 1 << 62, (1 << 62) + 1
+_KRONECKER_STREAM = 1 << 61
+_IDENTITY_ROWS = 256  # rows of the identity projected at a time to materialise a Kronecker factor
 
 _View = tuple[np.ndarray, str]
 
@@ -77,6 +87,37 @@ def _balanced_factors(dim: int) -> tuple[int, int]:
     return dim // dr, dr
 
 
+@dataclass(frozen=True)
+class LayerMatrix:
+    """A segment of a flat gradient row holding a layer's weight gradient as a `rows` x `cols` matrix
+    (nn.Linear: out x in), for kronecker=True projections: the weight's entries row-major, or
+    column-major when `transposed` (Hugging Face Conv1D stores its weight (in, out)), then when
+    `bias` the bias gradient (rows,), taken as a last column: the matrix is rows x (cols + 1)."""
+
+    rows: int
+    cols: int
+    bias: bool = False
+    transposed: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int(self.rows, "LayerMatrix.rows", 1)
+        _check_int(self.cols, "LayerMatrix.cols", 1)
+        for name in ("bias", "transposed"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"LayerMatrix.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+
+    @property
+    def width(self) -> int:
+        """Columns of the flat row it covers."""
+        return self.rows * (self.cols + int(self.bias))
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "cols": self.cols, "bias": bool(self.bias), "transposed": bool(self.transposed)}
+
+
+Segment = int | LayerMatrix  # a plain segment's width, or a layer projected by a Kronecker product
+
+
 class Projection:
     """A random projection to `dim` dimensions.
 
@@ -85,9 +126,21 @@ class Projection:
         seed: any int in [0, 2**64).
         kind: "rademacher", "gaussian" or "sparse".
         per_layer: project each segment of the columns (one per layer) on its own; see `apply`.
+        kronecker: (needs per_layer) segments given as LayerMatrix are projected by a Kronecker
+            product P_rows (x) P_cols (see `kronecker_dims`, `layer_factors`); tracin.torch then
+            projects per token without forming per-example weight gradients. Plain segments are
+            projected as with per_layer alone.
     """
 
-    def __init__(self, dim: int, seed: int = 0, kind: str = "rademacher", *, per_layer: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        seed: int = 0,
+        kind: str = "rademacher",
+        *,
+        per_layer: bool = False,
+        kronecker: bool = False,
+    ):
         self.dim = _check_int(dim, "dim", 1)
         self.seed = _check_int(seed, "seed", 0, 2**64 - 1)
         if kind not in KINDS:
@@ -96,6 +149,11 @@ class Projection:
         if not isinstance(per_layer, (bool, np.bool_)):
             raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}")
         self.per_layer = bool(per_layer)
+        if not isinstance(kronecker, (bool, np.bool_)):
+            raise TypeError(f"kronecker must be a bool, got {type(kronecker).__name__}")
+        if kronecker and not per_layer:
+            raise ValueError("kronecker=True projects layer by layer: pass per_layer=True with it")
+        self.kronecker = bool(kronecker)
 
     @property
     def nonzeros(self) -> int | None:
@@ -119,6 +177,29 @@ class Projection:
         base, extra = divmod(self.dim, n_segments)
         return [base + (j < extra) for j in range(n_segments)]
 
+    @staticmethod
+    def kronecker_dims(dim: int, layer: LayerMatrix) -> tuple[int, int]:
+        """(k_rows, k_cols) of a layer's segment of `dim` outputs (k_rows * k_cols = dim): the most
+        balanced factorisation, its larger factor on the larger side of the matrix (rows, or cols + 1
+        with a bias). Choose dim = n_segments * k with k of balanced factors (k = 4096: 64 x 64)."""
+        big, small = _balanced_factors(_check_int(dim, "dim", 1))
+        return (big, small) if layer.rows >= layer.cols + int(layer.bias) else (small, big)
+
+    def layer_factors(self, index: int, layer: LayerMatrix, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(P_rows (k_rows, rows), P_cols (k_cols, cols [+ 1])) float32, read-only: the two matrices
+        of segment `index` (its position in the layout) projecting `layer` to `dim` outputs,
+        (k_rows, k_cols) = kronecker_dims(dim, layer). The segment's projection is
+        P_rows G P_cols^T flattened row-major, G the rows x (cols [+ 1]) gradient."""
+        if not self.kronecker:
+            raise ValueError("layer_factors needs a Projection(..., per_layer=True, kronecker=True)")
+        index = _check_int(index, "index", 0)
+        k_rows, k_cols = self.kronecker_dims(dim, layer)
+        stream = _KRONECKER_STREAM + 2 * index
+        return (
+            _factor(self.kind, self.seed, stream, k_rows, layer.rows),
+            _factor(self.kind, self.seed, stream + 1, k_cols, layer.cols + int(layer.bias)),
+        )
+
     def apply(
         self,
         matrix: Any,
@@ -133,10 +214,12 @@ class Projection:
             matrix: (n, d) float32/float16/bfloat16 array (NumPy, torch CPU tensor, JAX array), or a
                 sequence of (n, d_j) pieces taken side by side (not copied; same bits as their
                 concatenation).
-            segments: with per_layer=True, the column widths of the layers (sum = d; default: the
-                widths of the pieces). Segment j is projected on its own matrix to
-                `segment_dims(len(segments))[j]` dims, and the results are concatenated.
-                Ignored with per_layer=False.
+            segments: with per_layer=True, the column widths of the layers (sum of widths = d;
+                default: the widths of the pieces). Segment j is projected on its own matrix to
+                `segment_dims(len(segments))[j]` dims, and the results are concatenated. With
+                kronecker=True an entry may be a LayerMatrix (or its to_dict(), as the metadata of a
+                Kronecker export records the layout under projection["segments"]): that segment is
+                projected to P_rows G P_cols^T (see layer_factors). Ignored with per_layer=False.
             column_offset: with per_layer=False, the columns of `matrix` are columns
                 [column_offset, column_offset + d) of P: projecting the pieces of a row at their
                 offsets and summing gives the projection of the whole row (up to rounding).
@@ -156,15 +239,31 @@ class Projection:
         if not self.per_layer:
             self._project(views, 0, self.dim, column_offset, out, threads)
             return out
-        widths = [v.shape[1] for v, _ in views] if segments is None else self._segments(segments, d)
-        dims = self.segment_dims(len(widths))
+        layout = [v.shape[1] for v, _ in views] if segments is None else self._segments(segments, d)
+        dims = self.segment_dims(len(layout))
         start = out_start = 0
-        for j, (width, dim) in enumerate(zip(widths, dims, strict=True)):
-            self._project(
-                _column_slice(views, start, start + width), 1 + j, dim, 0, out[:, out_start : out_start + dim], threads
-            )
-            start += width
+        for j, (segment, dim) in enumerate(zip(layout, dims, strict=True)):
+            piece = _column_slice(views, start, start + _width(segment))
+            self._project_segment(piece, j, segment, dim, out[:, out_start : out_start + dim], threads)
+            start += _width(segment)
             out_start += dim
+        return out
+
+    def project_segment(
+        self, matrix: Any, index: int, segment: Segment | dict, dim: int, *, num_threads: int | None = None
+    ) -> np.ndarray:
+        """Segment `index` of a per_layer layout projected from its own columns alone: matrix (n, width)
+        (dtypes as in `apply`) -> (n, dim) float32, the columns `apply` gives it when `dim` is its
+        entry of segment_dims. For exports that compute some segments another way (tracin.torch)."""
+        if not self.per_layer:
+            raise ValueError("project_segment needs a Projection(..., per_layer=True)")
+        view = as_matrix(matrix, "matrix")
+        segment = self._segment(segment)
+        if view[0].shape[1] != _width(segment):
+            raise ValueError(f"matrix has {view[0].shape[1]} columns, segment {segment!r} covers {_width(segment)}")
+        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        out = np.empty((view[0].shape[0], _check_int(dim, "dim", 1)), dtype=np.float32)
+        self._project_segment([view], _check_int(index, "index", 0), segment, dim, out, threads)
         return out
 
     def apply_factored(self, left: Any, right: Any, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -179,6 +278,8 @@ class Projection:
             P_L and P_R are independent matrices of this kind scaled for dl and dr dims, so
             E[<l' (x) r', m' (x) s'>] = <l (x) r, m (x) s>.
         """
+        if self.kronecker:
+            raise ValueError("a kronecker=True projection projects full rows layer by layer, not factored rows")
         lv, rv = as_matrix(left, "left"), as_matrix(right, "right")
         if lv[0].shape[0] != rv[0].shape[0]:
             raise ValueError(
@@ -192,13 +293,46 @@ class Projection:
         self._project([rv], _RIGHT_STREAM, dr, 0, out_r, threads)
         return out_l, out_r
 
-    def _segments(self, segments: Sequence[int], d: int) -> list[int]:
-        widths = [_check_int(w, "segments entry", 1) for w in segments]
-        if not widths:
+    def _segments(self, segments: Sequence[Any], d: int) -> list[Segment]:
+        layout = [self._segment(entry) for entry in segments]
+        if not layout:
             raise ValueError("segments must hold at least one width")
-        if sum(widths) != d:
-            raise ValueError(f"segments must sum to the number of columns {d}, got sum {sum(widths)}")
-        return widths
+        total = sum(_width(s) for s in layout)
+        if total != d:
+            raise ValueError(f"segments must sum to the number of columns {d}, got sum {total}")
+        return layout
+
+    def _segment(self, entry: Any) -> Segment:
+        if isinstance(entry, dict):
+            try:
+                entry = LayerMatrix(**entry)
+            except TypeError as e:
+                raise ValueError(f"segments entry {entry!r} is not a LayerMatrix spec: {e}") from None
+        if isinstance(entry, LayerMatrix):
+            if not self.kronecker:
+                raise ValueError("segments: a LayerMatrix entry needs a Projection(..., kronecker=True)")
+            return entry
+        return _check_int(entry, "segments entry", 1)
+
+    def _project_segment(
+        self, piece: list[_View], index: int, segment: Segment, dim: int, out: np.ndarray, threads: int
+    ) -> None:
+        if isinstance(segment, LayerMatrix):
+            out[:] = self._project_layer(piece, index, segment, dim)
+        else:
+            self._project(piece, 1 + index, dim, 0, out, threads)
+
+    def _project_layer(self, piece: list[_View], index: int, layer: LayerMatrix, dim: int) -> np.ndarray:
+        """(n, dim) float32: P_rows G P_cols^T of each row's layer gradient G, flattened row-major."""
+        g = np.hstack([_widened(v, t) for v, t in piece])
+        p_rows, p_cols = self.layer_factors(index, layer, dim)
+        n, weights = g.shape[0], layer.rows * layer.cols
+        w = g[:, :weights].reshape(n, layer.cols, layer.rows).transpose(0, 2, 1) if layer.transposed else None
+        w = g[:, :weights].reshape(n, layer.rows, layer.cols) if w is None else w
+        out = p_rows @ (w @ p_cols[:, : layer.cols].T)  # (n, k_rows, k_cols)
+        if layer.bias:
+            out += (g[:, weights:] @ p_rows.T)[:, :, None] * p_cols[:, layer.cols]
+        return out.reshape(n, dim)
 
     def _project(
         self, views: list[_View], stream: int, dim: int, column_offset: int, out: np.ndarray, threads: int
@@ -220,6 +354,7 @@ class Projection:
             "dim": self.dim,
             "seed": self.seed,
             "per_layer": self.per_layer,
+            **({"kronecker": True} if self.kronecker else {}),  # absent when False: older specs stay valid
         }
 
     @classmethod
@@ -234,7 +369,9 @@ class Projection:
         missing = {"kind", "dim", "seed", "per_layer"} - spec.keys()
         if missing:
             raise ValueError(f"projection spec lacks {sorted(missing)}")
-        return cls(spec["dim"], spec["seed"], spec["kind"], per_layer=spec["per_layer"])
+        return cls(
+            spec["dim"], spec["seed"], spec["kind"], per_layer=spec["per_layer"], kronecker=spec.get("kronecker", False)
+        )
 
     def check_compatible(self, other: Projection | dict | None, what: str = "the other side") -> None:
         """Raises ValueError naming every field in which `other` (a Projection, its spec, or None
@@ -242,9 +379,10 @@ class Projection:
         if other is None:
             raise ValueError(f"projection mismatch: {what} is not projected, this side uses {self!r}")
         spec = other.to_dict() if isinstance(other, Projection) else other
-        mine = self.to_dict()
         if not isinstance(spec, dict):
             raise TypeError(f"expected a Projection or its spec dict, got {type(spec).__name__}")
+        mine = {**self.to_dict(), "kronecker": self.kronecker}
+        spec = {**spec, "kronecker": spec.get("kronecker", False)}
         diffs = [
             f"{key}: {mine[key]!r} here, {spec.get(key, '<missing>')!r} in {what}"
             for key in mine
@@ -260,8 +398,35 @@ class Projection:
         return isinstance(other, Projection) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash((self.kind, self.dim, self.seed, self.per_layer))
+        return hash((self.kind, self.dim, self.seed, self.per_layer, self.kronecker))
 
     def __repr__(self) -> str:
-        extra = ", per_layer=True" if self.per_layer else ""
+        extra = (", per_layer=True" if self.per_layer else "") + (", kronecker=True" if self.kronecker else "")
         return f"Projection(dim={self.dim}, seed={self.seed}, kind={self.kind!r}{extra})"
+
+
+def _width(segment: Segment) -> int:
+    return segment.width if isinstance(segment, LayerMatrix) else segment
+
+
+def _widened(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A kernel view as float32 (bfloat16 bits widened exactly)."""
+    if dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _factor(kind: str, seed: int, stream: int, dim: int, d: int) -> np.ndarray:
+    """P (dim, d) float32 of one stream, read-only: the projections of the unit vectors, a block of
+    the identity at a time (column offsets), so memory stays O(dim * d)."""
+    out = np.empty((d, dim), dtype=np.float32)
+    nonzeros = min(SPARSE_NONZEROS, dim)
+    for start in range(0, d, _IDENTITY_ROWS):
+        rows = min(_IDENTITY_ROWS, d - start)
+        eye = np.eye(rows, dtype=np.float32)
+        pieces = (False, [eye], [DTYPE_CODES["float32"]])
+        _core.project(KINDS[kind], seed, stream, dim, nonzeros, pieces, start, out[start : start + rows])
+    p = np.ascontiguousarray(out.T)
+    p.flags.writeable = False
+    return p

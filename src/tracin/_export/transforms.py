@@ -52,6 +52,24 @@ class Projected:
         return self.projection.to_dict()
 
 
+class Recorded:
+    """A step the adapter has already taken while computing the rows (tracin.torch's per-token Kronecker
+    projection, with the preconditioning folded into it): rows pass unchanged, the metadata records
+    `spec` under `key` as for the host transform it replaces."""
+
+    def __init__(self, key: str, spec: dict, dims: Dims):
+        self.key, self.spec, self._dims = key, spec, dims
+
+    def dims(self, dims: Dims) -> Dims:
+        return self._dims
+
+    def apply(self, block: Block, checkpoint: int, slot: int) -> Block:
+        return block
+
+    def to_dict(self) -> dict:
+        return self.spec
+
+
 def row_transforms(projection: Any, segments: Sequence[int] | None) -> list[RowTransform]:
     """The chain an export applies, in order, from its options."""
     return [] if projection is None else [Projected(projection, segments)]

@@ -16,6 +16,7 @@ from .._export.driver import Options, check_store, export
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
 from .._export.metadata import last_layer_entry
+from .._export.preconditioner import check_preconditioner
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
@@ -26,6 +27,7 @@ from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, sel
 from .losses import check_loss_fn, check_loss_on
 from .model_fingerprint import model_digest
 from .per_example import PerExampleGradients
+from .token_projection import KroneckerRows
 
 if TYPE_CHECKING:
     from ..gradients import FactoredGradients, Gradients
@@ -117,11 +119,39 @@ def export_gradients(
     check_store(store)
     entries = parse_checkpoints(checkpoints, model)
     layers = None if layers is None else as_patterns(layers, EXAMPLE)
-    options = Options(mode, layers, dtype, store, progress, preconditioner)
+    kronecker = _kronecker(projection, mode, preconditioner, entries)
+    # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
+    options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
 
     with _evaluating(model):
-        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size)
+        kron = (projection, entries, preconditioner) if kronecker else None
+        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, kron)
+        if kronecker:
+            return export(framework, entries, options, framework.compute_rows.recorded())
         return export(framework, entries, options, row_transforms(projection, framework.segments))
+
+
+def _kronecker(projection: Any, mode: str, preconditioner: Any, entries: list) -> bool:
+    """Whether `projection` is a Kronecker one (kronecker=True); ValueError for what it cannot go with."""
+    if not getattr(projection, "kronecker", False):
+        return False
+    if mode != "full":
+        raise ValueError(
+            f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
+        )
+    check_preconditioner(preconditioner, mode)
+    if preconditioner == "adam_update":
+        raise ValueError(
+            "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
+            "use preconditioner='adam', or a projection without kronecker"
+        )
+    for c, entry in enumerate(entries):
+        if preconditioner and entry.optimizer is None:
+            raise ValueError(
+                f"checkpoints[{c}] has no optimizer state, which preconditioner={preconditioner!r} needs: give "
+                "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
+            )
+    return True
 
 
 @contextlib.contextmanager
@@ -153,7 +183,14 @@ class _TorchExport:
     name = "torch"
 
     def __init__(
-        self, model: nn.Module, loss_fn: Any, layers: list[str] | None, mode: str, data: Any, batch_size: int | None
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        layers: list[str] | None,
+        mode: str,
+        data: Any,
+        batch_size: int | None,
+        kronecker: tuple | None = None,
     ):
         self.model, self.loss_fn = model, loss_fn
         self.reference = model.state_dict()
@@ -161,7 +198,19 @@ class _TorchExport:
         self.tied = tied_aliases(model)
         modules = dict(model.named_modules())
         self.last_layer = None
-        if mode == "full":
+        extra: dict = {}
+        if kronecker is not None:  # (projection, checkpoints, preconditioner)
+            names = select_parameters(model, layers)
+            self.compute_rows = KroneckerRows(model, names, loss_fn, *kronecker)
+            all_params = dict(model.named_parameters())
+            self.params = [(n, tuple(all_params[n].shape)) for n in names]
+            self.segments = None
+            self.slot_dims = [kronecker[0].dim]
+            row_elems = self.compute_rows.batch_elements
+            self.inplace_width = None
+            if kronecker[2]:
+                extra = {"optimizer_states": [entry.optimizer.digest() for entry in kronecker[1]]}
+        elif mode == "full":
             names = select_parameters(model, layers)
             self.compute_rows: Any = PerExampleGradients(model, names, loss_fn)
             all_params = dict(model.named_parameters())
@@ -192,7 +241,7 @@ class _TorchExport:
             row_elems = sum(p + q for p, q in self.slot_dims)
             self.inplace_width = None
         self.names = names
-        self.fingerprints = {"model": model_digest(model), "loss": callable_identity(loss_fn)}
+        self.fingerprints = {"model": model_digest(model), "loss": callable_identity(loss_fn), **extra}
         rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
         self._batches = as_batches(data, rows_per_batch)
         self.n_rows, self.one_shot = self._batches.n_rows, self._batches.one_shot
@@ -208,7 +257,10 @@ class _TorchExport:
         return state_digest(source, index)
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
-        return load_checkpoint(source, index, self.reference, skip=self.tied)
+        state = load_checkpoint(source, index, self.reference, skip=self.tied)
+        if isinstance(self.compute_rows, KroneckerRows):
+            self.compute_rows.begin(index)
+        return state
 
     def _on_device(self, batch: _Batch) -> tuple[Tree, Tree]:
         return tuple(tree_map(lambda t: t.to(self.device, non_blocking=True), x) for x in (batch.inputs, batch.targets))
@@ -230,6 +282,8 @@ class _TorchExport:
             )
         except (TypeError, ValueError):
             check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
+        if isinstance(self.compute_rows, KroneckerRows):
+            self.compute_rows.check(state, inputs, targets)
 
     def compute(self, state: dict[str, torch.Tensor], batch: _Batch) -> Any:
         return self.compute_rows(state, *self._on_device(batch))

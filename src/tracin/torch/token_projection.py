@@ -1,0 +1,327 @@
+"""Per-example gradients projected per token by Kronecker products (tracin.Projection(..., kronecker=True)).
+
+A layer applied over T tokens has the per-example weight gradient G_i = sum_t b_it a_it^T (b: output
+gradient, a: input with a 1 appended for the bias). Its segment of the projected row is
+
+    P_rows G_i P_cols^T = sum_t (P_rows b_it) (P_cols a_it)^T        (k_rows x k_cols, row-major)
+
+computed from one batched forward and backward pass (capture, layer_rules) without forming G_i:
+O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose output gradient is zero
+(padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too)
+of every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input
+side is a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module
+alone. Every other chosen parameter (LayerNorm, tied weights, other layer types) is one plain
+segment: its per-example gradient is computed in full (PerExampleGradients, a second pass) and
+projected flat. The result equals Projection.apply on the full rows with the same layout.
+
+preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
+columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint; plain
+segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._export.checkpoints import Checkpoint
+from .._export.preconditioner import AdamMoments, Preconditioned
+from .._export.rank_one import _scales
+from .._export.transforms import Recorded
+from ..projection import LayerMatrix, Projection
+from .capture import NotCaptured, capture
+from .data import Tree, batch_rows, slice_rows
+from .hook_gradients import parameter_owners
+from .layer_rules import covers, token_form
+from .losses import LossFn, losses_of
+from .per_example import PerExampleGradients
+
+_TOKENS_PER_EXAMPLE = 256  # tokens an example is assumed to have when choosing the default batch size
+_CHECKED_ROWS = 2  # rows of the first batch checked against per-example autograd
+_FACTORED_ADAM = (
+    "Kronecker layers: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left "
+    "out); other parameters: g / (sqrt(v_hat) + eps)"
+)
+
+
+@dataclass
+class _Segment:
+    """One segment of the projected row: a Kronecker layer (module set) or a plain parameter."""
+
+    index: int  # position in the layout
+    names: list[str]  # the parameters it covers, in row order
+    layer: LayerMatrix | int
+    dim: int
+    start: int  # first output column
+    module: str | None = None
+    kind: str | None = None  # "dense" (Linear, Conv1D) or "embedding" for Kronecker segments
+
+
+class KroneckerRows:
+    """(batch, projection.dim) float32 CPU rows: the chosen parameters' per-example gradients
+    projected segment by segment (the layout `segments`), Kronecker segments per token.
+
+    checkpoints: the parsed checkpoints (their optimizer states, for `preconditioner`); preconditioner:
+    None or "adam".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        loss_fn: LossFn,
+        projection: Projection,
+        checkpoints: Sequence[Checkpoint],
+        preconditioner: str | None,
+    ):
+        self.model, self.loss_fn, self.projection = model, loss_fn, projection
+        self.checkpoints, self.preconditioner = checkpoints, preconditioner
+        self._modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        self._shapes = {n: tuple(params[n].shape) for n in names}
+        plan = _plan(model, list(names))
+        dims = projection.segment_dims(len(plan))
+        self.segments: list[_Segment] = []
+        start = 0
+        for j, ((seg_names, layer, module, kind), dim) in enumerate(zip(plan, dims, strict=True)):
+            self.segments.append(_Segment(j, seg_names, layer, dim, start, module, kind))
+            start += dim
+        self.kron = [s for s in self.segments if s.module is not None]
+        self.plain = [s for s in self.segments if s.module is None]
+        plain_names = [n for s in self.plain for n in s.names]
+        self._plain_rows = PerExampleGradients(model, plain_names, loss_fn) if plain_names else None
+        self._plain_adam = (
+            Preconditioned("adam", lambda c: self._moments(c, plain_names), {})
+            if preconditioner and plain_names
+            else None
+        )
+        first = params[self.kron[0].names[0]] if self.kron else params[names[0]]
+        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.device = first.device
+        self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._checkpoint: int | None = None
+
+    # --- what the export records ---
+
+    @property
+    def layout(self) -> list[LayerMatrix | int]:
+        """The segments as Projection.apply takes them (on the full rows in `names` order)."""
+        return [s.layer for s in self.segments]
+
+    @property
+    def batch_elements(self) -> int:
+        """Elements held per example, for the default batch size: the projected row, the plain
+        segments' full gradients, the captured inputs and output gradients of _TOKENS_PER_EXAMPLE tokens."""
+        plain = sum(s.layer for s in self.plain)
+        captured = sum(s.layer.rows + s.layer.cols for s in self.kron) * _TOKENS_PER_EXAMPLE
+        return self.projection.dim + plain + captured
+
+    def recorded(self) -> list[Recorded]:
+        """The row transforms the metadata records: the preconditioner (if any) and the projection
+        with its layout (what Projection.apply needs to reproduce the rows from full ones)."""
+        out = []
+        if self.preconditioner:
+            out.append(
+                Recorded(
+                    "preconditioner",
+                    {
+                        "kind": "adam",
+                        "factored": _FACTORED_ADAM,
+                        "hyperparameters": "b1, b2, eps and step of each checkpoint's optimizer state",
+                    },
+                    self.projection.dim,
+                )
+            )
+        spec = {**self.projection.to_dict(), "segments": [_spec(s.layer) for s in self.segments]}
+        out.append(Recorded("projection", spec, self.projection.dim))
+        return out
+
+    # --- per checkpoint and per batch ---
+
+    def begin(self, checkpoint: int) -> None:
+        """The factors of checkpoint `checkpoint` (scaled by its optimizer state with "adam")."""
+        if checkpoint == self._checkpoint:
+            return
+        moments = self._moments(checkpoint, [n for s in self.kron for n in s.names]) if self.preconditioner else None
+        self._factors, k = [], 0
+        for seg in self.kron:
+            p_rows, p_cols = (
+                np.asarray(p, np.float64) for p in self.projection.layer_factors(seg.index, seg.layer, seg.dim)
+            )
+            if moments is not None:
+                left, right = _layer_scales(moments[k : k + len(seg.names)], seg.layer)
+                p_rows, p_cols = p_rows * left, p_cols * right
+            k += len(seg.names)
+            self._factors.append(
+                tuple(torch.as_tensor(p, dtype=self.dtype, device=self.device) for p in (p_rows, p_cols))
+            )
+        self._checkpoint = checkpoint
+
+    def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> torch.Tensor:
+        rows = batch_rows(targets, "targets")
+        out = torch.empty((rows, self.projection.dim), dtype=torch.float32)
+        if self.kron:
+            for seg, block in zip(self.kron, self._projected(state, inputs, targets, rows), strict=True):
+                out[:, seg.start : seg.start + seg.dim] = block.to("cpu", torch.float32)
+        if self._plain_rows is not None:
+            self._plain(state, inputs, targets, out)
+        return out
+
+    def check(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> None:
+        """ValueError naming the Kronecker layers whose rows on the first rows differ from per-example
+        autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
+        also used outside its module's forward)."""
+        if not self.kron:
+            return
+        rows = min(_CHECKED_ROWS, batch_rows(targets, "targets"))
+        inputs, targets = slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows)
+        got = self._projected(state, inputs, targets, rows)
+        names = [n for s in self.kron for n in s.names]
+        bad = set()
+        for i in range(rows):
+            leaves = {n: state[n].detach().requires_grad_(True) for n in names}
+            one = (slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1))
+            with torch.enable_grad():
+                loss = losses_of(self.model, {**state, **leaves}, self.loss_fn, *one).sum()
+                grads = dict(
+                    zip(names, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True)
+                )
+            for seg, (p_rows, p_cols), block in zip(self.kron, self._factors, got, strict=True):
+                parts = [torch.zeros_like(leaves[n]) if grads[n] is None else grads[n] for n in seg.names]
+                g = _layer_matrix(seg, [t.to(self.dtype) for t in parts])
+                want = (p_rows @ g @ p_cols.T).reshape(-1)
+                scale = want.abs().max().item()
+                if not torch.allclose(block[i].to(want.dtype), want, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
+                    bad.add(seg.module)
+        if bad:
+            raise ValueError(
+                f"projection with kronecker=True: the per-token gradients of {sorted(bad)} disagree with "
+                "per-example autograd on the first rows: a layer mixes the examples of a batch, or its "
+                "weight is also used outside the module's forward. Leave these layers out of layers=, or "
+                "use a projection without kronecker"
+            )
+
+    # --- the pieces ---
+
+    def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
+        """Per Kronecker segment its (rows, dim) projected gradients, on the device."""
+        calls = capture(self.model, [s.module for s in self.kron], state, self.loss_fn, inputs, targets)
+        out = []
+        for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True):
+            total = torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
+            for call in calls[seg.module]:
+                try:
+                    a, b = token_form(self._modules[seg.module], call, rows)
+                except NotCaptured as e:
+                    raise ValueError(
+                        f"projection with kronecker=True: layer {seg.module!r} cannot be projected per token ({e})"
+                    ) from None
+                total += _token_product(seg, a, b, p_rows, p_cols, self._modules[seg.module], self.dtype)
+            out.append(total.reshape(rows, seg.dim))
+        return out
+
+    def _plain(self, state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
+        """The plain segments: full per-example gradients, preconditioned on the host, projected flat."""
+        full = self._plain_rows(state, inputs, targets).detach().to("cpu", torch.float32).numpy()
+        if self._plain_adam is not None:
+            full = self._plain_adam.apply(full, self._checkpoint, 0)
+        col = 0
+        for seg in self.plain:
+            part = np.ascontiguousarray(full[:, col : col + seg.layer])
+            projected = self.projection.project_segment(part, seg.index, seg.layer, seg.dim)
+            out[:, seg.start : seg.start + seg.dim] = torch.from_numpy(projected)
+            col += seg.layer
+
+    def _moments(self, checkpoint: int, names: list[str]) -> list[AdamMoments]:
+        return self.checkpoints[checkpoint].optimizer.moments([(n, self._shapes[n]) for n in names])
+
+
+def _kind(module: nn.Module) -> str | None:
+    """ "dense" (y = x W^T + c or HF Conv1D y = x W + c), "embedding", or None (not per-token projectable)."""
+    if not covers(module):
+        return None
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return "dense"
+    return "embedding" if isinstance(module, nn.Embedding) else None
+
+
+def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatrix | int, str | None, str | None]]:
+    """The segments in row order: (parameter names, LayerMatrix or plain width, module, kind)."""
+    modules, params, owners = dict(model.named_modules()), dict(model.named_parameters()), parameter_owners(model)
+    plan, i = [], 0
+    while i < len(names):
+        name = names[i]
+        holders = owners[id(params[name])]
+        module_name, leaf = holders[0]
+        module = modules[module_name]
+        kind = _kind(module) if len(holders) == 1 and leaf == "weight" else None
+        if kind is None:
+            plan.append(([name], params[name].numel(), None, None))
+            i += 1
+            continue
+        bias_param = getattr(module, "bias", None) if kind == "dense" else None
+        bias_name = f"{module_name}.bias" if module_name else "bias"
+        bias = (
+            isinstance(bias_param, torch.Tensor)
+            and i + 1 < len(names)
+            and names[i + 1] == bias_name
+            and len(owners[id(bias_param)]) == 1
+        )
+        w = params[name]
+        if isinstance(module, nn.Linear) or kind == "embedding":
+            layer = LayerMatrix(w.shape[0], w.shape[1], bias=bias)
+        else:  # Conv1D: weight (in, out)
+            layer = LayerMatrix(w.shape[1], w.shape[0], bias=bias, transposed=True)
+        plan.append(([name, bias_name] if bias else [name], layer, module_name, kind))
+        i += 2 if bias else 1
+    return plan
+
+
+def _token_product(
+    seg: _Segment,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p_rows: torch.Tensor,
+    p_cols: torch.Tensor,
+    module: nn.Module,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """sum_t (P_rows x_t)(P_cols y_t)^T of one call in token form, (B, k_rows, k_cols): for a dense layer
+    x = b (output gradient), y = [a, 1]; for an embedding x = one-hot ids (a gather), y = b."""
+    layer = seg.layer
+    b = b.to(dtype)
+    if seg.kind == "embedding":
+        left = p_rows.T[a]  # (B, T, k_rows)
+        if module.padding_idx is not None:
+            left = left * (a != module.padding_idx).unsqueeze(-1).to(dtype)
+        right = b @ p_cols.T
+    else:
+        left = b @ p_rows.T
+        right = a.to(dtype) @ p_cols[:, : layer.cols].T
+        if layer.bias:
+            right = right + p_cols[:, layer.cols]
+    return left.transpose(1, 2) @ right
+
+
+def _layer_matrix(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
+    """The rows x (cols [+ 1]) gradient of a Kronecker segment from its parameters' gradients."""
+    w = grads[0].T if seg.layer.transposed else grads[0]
+    return torch.cat([w, grads[1][:, None]], dim=1) if seg.layer.bias else w
+
+
+def _layer_scales(moments: list[AdamMoments], layer: LayerMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation."""
+    weight = moments[0]
+    if layer.transposed:  # Conv1D: v stored (in, out); the factorisation wants (out, in)
+        v = np.asarray(weight.v).reshape(layer.cols, layer.rows).T.reshape(-1)
+        weight = AdamMoments(weight.m, v, weight.step, weight.b1, weight.b2, weight.eps)
+    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows)
+
+
+def _spec(layer: LayerMatrix | int) -> Any:
+    return layer.to_dict() if isinstance(layer, LayerMatrix) else layer
