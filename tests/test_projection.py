@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin.projection import SPARSE_NONZEROS
+from tracin.projection import SPARSE_NONZEROS, LayerMatrix
 
 KINDS = ["rademacher", "gaussian", "sparse"]
 M64 = (1 << 64) - 1
@@ -368,3 +368,123 @@ def test_bad_segments(rng):
     with pytest.raises(ValueError, match="column_offset applies with per_layer=False only"):
         layered.apply(x, column_offset=3)
     assert tracin.Projection(3).apply(x, segments=[4, 4]).shape == (4, 3)  # ignored without per_layer
+
+
+# --- Kronecker (kronecker=True) ---
+
+KRONECKER = 1 << 61  # the streams of segment j: KRONECKER + 2j (rows), + 2j + 1 (columns)
+
+
+def _layer_grid(g: np.ndarray, layer: LayerMatrix) -> np.ndarray:
+    """(n, rows, cols [+ 1]) float64 matrices of a LayerMatrix segment's flat columns, written out."""
+    n, weights = g.shape[0], layer.rows * layer.cols
+    w = g[:, :weights].astype(np.float64)
+    w = w.reshape(n, layer.cols, layer.rows).transpose(0, 2, 1) if layer.transposed else w.reshape(n, layer.rows, -1)
+    return np.concatenate([w, g[:, weights:, None]], axis=2) if layer.bias else w
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias,transposed", [(False, False), (True, False), (True, True), (False, True)])
+def test_kronecker_segments_are_the_kronecker_product_of_two_generated_matrices(kind, bias, transposed, rng):
+    layer = LayerMatrix(9, 5, bias=bias, transposed=transposed)
+    x = rng.standard_normal((4, 7 + layer.width + 3)).astype(np.float32)
+    proj = tracin.Projection(3 * 12, 4, kind, per_layer=True, kronecker=True)
+    y = proj.apply(x, segments=[7, layer, 3])
+    assert y.shape == (4, 36) and proj.segment_dims(3) == [12, 12, 12]
+    k_rows, k_cols = proj.kronecker_dims(12, layer)
+    assert (k_rows, k_cols) == (4, 3)  # the larger factor on the larger side (9 rows)
+    p_rows = reference_matrix(kind, 4, k_rows, 9, stream=KRONECKER + 2)
+    p_cols = reference_matrix(kind, 4, k_cols, 5 + bias, stream=KRONECKER + 3)
+    grid = _layer_grid(x[:, 7 : 7 + layer.width], layer)
+    want = grid.reshape(4, -1) @ np.kron(p_rows, p_cols).T
+    np.testing.assert_allclose(y[:, 12:24], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # plain segments are projected as with per_layer alone, on streams 1 + j
+    np.testing.assert_allclose(y[:, :12], x[:, :7] @ reference_matrix(kind, 4, 12, 7, stream=1).T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        y[:, 24:], x[:, -3:] @ reference_matrix(kind, 4, 12, 3, stream=3).T, rtol=1e-4, atol=1e-5
+    )
+    f_rows, f_cols = proj.layer_factors(1, layer, 12)
+    np.testing.assert_allclose(f_rows, p_rows, rtol=1e-6)
+    np.testing.assert_allclose(f_cols, p_cols, rtol=1e-6)
+    assert not f_rows.flags.writeable
+    # the same from each segment's columns alone, from dict specs, from half precision, from pieces
+    np.testing.assert_array_equal(proj.project_segment(x[:, 7 : 7 + layer.width], 1, layer, 12), y[:, 12:24])
+    assert np.array_equal(proj.apply(x, segments=[7, layer.to_dict(), 3]), y)
+    assert np.array_equal(proj.apply([x[:, :10], x[:, 10:]], segments=[7, layer, 3]), y)
+    half = x.astype(np.float16)
+    np.testing.assert_array_equal(
+        proj.apply(half.astype(ml_dtypes.bfloat16), segments=[7, layer, 3]),
+        proj.apply(half.astype(ml_dtypes.bfloat16).astype(np.float32), segments=[7, layer, 3]),
+    )
+    np.testing.assert_array_equal(
+        proj.apply(half, segments=[7, layer, 3]), proj.apply(half.astype(np.float32), segments=[7, layer, 3])
+    )
+
+
+def test_kronecker_per_token_sum_equals_the_projected_gradient(rng):
+    """sum_t (P_rows b_t)(P_cols [a_t, 1])^T is the projection of sum_t b_t [a_t, 1]^T (what tracin.torch uses)."""
+    a, b = rng.standard_normal((6, 10)), rng.standard_normal((6, 8))
+    layer = LayerMatrix(8, 10, bias=True)
+    proj = tracin.Projection(20, 1, per_layer=True, kronecker=True)
+    p_rows, p_cols = (f.astype(np.float64) for f in proj.layer_factors(0, layer, 20))
+    a1 = np.hstack([a, np.ones((6, 1))])
+    per_token = sum(np.outer(p_rows @ b[t], p_cols @ a1[t]) for t in range(6)).reshape(1, -1)
+    grad = sum(np.outer(b[t], a1[t]) for t in range(6))  # (8, 11): [dW | dc]
+    flat = np.concatenate([grad[:, :10].reshape(-1), grad[:, 10]])[None].astype(np.float32)
+    np.testing.assert_allclose(proj.apply(flat, segments=[layer]), per_token, rtol=1e-5, atol=1e-5)
+
+
+def test_kronecker_inner_products_unbiased(rng):
+    g = rng.standard_normal((2, 6 * 5)).astype(np.float32)
+    exact = float(g[0].astype(np.float64) @ g[1])
+    est = [
+        float(
+            np.prod(
+                tracin.Projection(16, s, per_layer=True, kronecker=True).apply(g, segments=[LayerMatrix(6, 5)]), 0
+            ).sum()
+        )
+        for s in range(300)
+    ]
+    assert abs(np.mean(est) - exact) < 4 * np.std(est) / math.sqrt(len(est))
+
+
+def test_kronecker_spec_is_recorded_and_refused_against_other_projections():
+    proj = tracin.Projection(64, 2, per_layer=True, kronecker=True)
+    spec = json.loads(json.dumps({**proj.to_dict(), "segments": [3, LayerMatrix(4, 2).to_dict()]}))
+    assert tracin.Projection.from_dict(spec) == proj and hash(tracin.Projection.from_dict(spec)) == hash(proj)
+    assert repr(proj) == "Projection(dim=64, seed=2, kind='rademacher', per_layer=True, kronecker=True)"
+    proj.check_compatible(spec)
+    plain = tracin.Projection(64, 2, per_layer=True)
+    assert "kronecker" not in plain.to_dict()  # specs written before kronecker existed stay equal
+    for a, b in ((proj, plain), (plain, proj), (plain, spec)):
+        with pytest.raises(ValueError, match="kronecker: (True here, False|False here, True)"):
+            a.check_compatible(b)
+
+
+def test_bad_kronecker_use(rng):
+    x = rng.standard_normal((2, 12)).astype(np.float32)
+    with pytest.raises(ValueError, match="kronecker=True projects layer by layer: pass per_layer=True"):
+        tracin.Projection(8, kronecker=True)
+    with pytest.raises(TypeError, match="kronecker must be a bool"):
+        tracin.Projection(8, per_layer=True, kronecker="yes")
+    with pytest.raises(ValueError, match="a LayerMatrix entry needs a Projection\\(..., kronecker=True\\)"):
+        tracin.Projection(8, per_layer=True).apply(x, segments=[LayerMatrix(3, 4)])
+    proj = tracin.Projection(8, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match="sum to the number of columns 12, got sum 15"):
+        proj.apply(x, segments=[LayerMatrix(3, 4, bias=True)])
+    with pytest.raises(ValueError, match="not a LayerMatrix spec"):
+        proj.apply(x, segments=[{"rows": 3, "columns": 4}])
+    with pytest.raises(ValueError, match="LayerMatrix.rows must be >= 1"):
+        LayerMatrix(0, 4)
+    with pytest.raises(TypeError, match="LayerMatrix.bias must be a bool"):
+        LayerMatrix(3, 4, bias=1)
+    with pytest.raises(ValueError, match="matrix has 12 columns, segment .* covers 15"):
+        proj.project_segment(x, 0, LayerMatrix(3, 4, bias=True), 8)
+    with pytest.raises(ValueError, match="not factored rows"):
+        proj.apply_factored(x, x)
+    with pytest.raises(ValueError, match="layer_factors needs"):
+        tracin.Projection(8, per_layer=True).layer_factors(0, LayerMatrix(3, 4), 8)
+    bad = x.copy()
+    bad[1, 5] = np.inf
+    with pytest.raises(ValueError, match="row 1 is not finite"):
+        proj.apply(bad, segments=[LayerMatrix(3, 4)])

@@ -325,6 +325,9 @@ class Projection:
     def _project_layer(self, piece: list[_View], index: int, layer: LayerMatrix, dim: int) -> np.ndarray:
         """(n, dim) float32: P_rows G P_cols^T of each row's layer gradient G, flattened row-major."""
         g = np.hstack([_widened(v, t) for v, t in piece])
+        finite = np.isfinite(g).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"matrix: row {int(np.argmin(finite))} is not finite (NaN or Inf)")
         p_rows, p_cols = self.layer_factors(index, layer, dim)
         n, weights = g.shape[0], layer.rows * layer.cols
         w = g[:, :weights].reshape(n, layer.cols, layer.rows).transpose(0, 2, 1) if layer.transposed else None

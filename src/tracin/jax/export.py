@@ -72,6 +72,8 @@ def export_gradients(
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
+        kronecker=True (per-token Kronecker projection) is tracin.torch only for now: a JAX loss gives
+        no per-token layer inputs and output gradients to project, so it is a NotImplementedError.
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
@@ -113,6 +115,11 @@ def export_gradients(
     if preconditioner is not None and mode != "full":
         raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' in tracin.jax (mode={mode!r})")
     check_projection(projection, mode == "last_layer")
+    if getattr(projection, "kronecker", False):
+        raise NotImplementedError(
+            "projection with kronecker=True is not available in tracin.jax (the per-token projection needs "
+            "the layers' inputs and output gradients, which tracin.torch captures); use per_layer=True alone"
+        )
     dtype = _dtype_name(dtype)
     check_store(store)
     layers = as_patterns(layers) if layers is not None else None

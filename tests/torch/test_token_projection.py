@@ -1,0 +1,305 @@
+"""Per-token Kronecker-projected gradients (Projection(..., per_layer=True, kronecker=True)) against float64
+references: per-example gradients by float64 autograd one unpadded example at a time, projected by
+(P_rows kron P_cols) vec(G) for layers and P g for the other parameters, with and without Adam."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tracin
+from tracin.projection import LayerMatrix
+from tracin.torch import export_gradients
+
+VOCAB, WIDTH, HIDDEN, CLASSES = 13, 6, 10, 5
+
+
+class TokenModel(nn.Module):
+    """Embedding (padding id 0) -> Linear -> LayerNorm -> a bias-free Linear run twice -> causal running
+    mean over positions -> Linear head: every layer runs once per token, positions mix causally."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH, padding_idx=0)
+        self.fc = nn.Linear(WIDTH, HIDDEN)
+        self.ln = nn.LayerNorm(HIDDEN)
+        self.mix = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, ids):
+        h = self.ln(torch.tanh(self.fc(self.emb(ids))))
+        h = h + torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        h = torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.head(h)
+
+
+def token_loss(logits, labels):
+    """Per sequence: the summed cross-entropy of its tokens, padding (label -100) left out."""
+    return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
+
+
+def sequences(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ids (padding 0), labels (-100 on padding) and the true lengths."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    ids = torch.randint(1, VOCAB, (n, length), generator=g) * mask
+    labels = torch.randint(0, CLASSES, (n, length), generator=g).masked_fill(~mask, -100)
+    return ids, labels, lengths.tolist()
+
+
+def model_and_checkpoints(seed: int = 0):
+    torch.manual_seed(seed)
+    model = TokenModel()
+    first = copy.deepcopy(model.state_dict())
+    later = {k: v + 0.05 * torch.randn_like(v) for k, v in first.items()}
+    return model, [(first, 0.5), (later, 0.1)]
+
+
+def autograd_grads(model: nn.Module, state: dict, ids, labels, lengths) -> list[dict[str, np.ndarray]]:
+    """Per example {parameter: float64 gradient}, by float64 autograd on the example WITHOUT its padding."""
+    ref = copy.deepcopy(model).double()
+    ref.load_state_dict({k: v.double() for k, v in state.items()})
+    params = dict(ref.named_parameters())
+    out = []
+    for i, n in enumerate(lengths):
+        loss = token_loss(ref(ids[i : i + 1, :n]), labels[i : i + 1, :n]).sum()
+        grads = torch.autograd.grad(loss, list(params.values()))
+        out.append({name: g.numpy() for name, g in zip(params, grads, strict=True)})
+    return out
+
+
+def projected_reference(proj: tracin.Projection, layout: list, grads: list[dict], names: list[str]) -> np.ndarray:
+    """(n, dim) float64: per layout segment, (P_rows kron P_cols) vec([W | c]) or P g."""
+    dims = proj.segment_dims(len(layout))
+    rows = []
+    for g in grads:
+        parts, k = [], 0
+        for j, (segment, dim) in enumerate(zip(layout, dims, strict=True)):
+            if isinstance(segment, dict):
+                layer = LayerMatrix(**segment)
+                w = g[names[k]].T if layer.transposed else g[names[k]]
+                if layer.bias:
+                    w = np.hstack([w, g[names[k + 1]][:, None]])
+                p_rows, p_cols = (f.astype(np.float64) for f in proj.layer_factors(j, layer, dim))
+                parts.append(np.kron(p_rows, p_cols) @ w.reshape(-1))
+                k += 1 + layer.bias
+            else:
+                p = proj.project_segment(np.eye(segment, dtype=np.float32), j, segment, dim).T.astype(np.float64)
+                parts.append(p @ g[names[k]].reshape(-1))
+                k += 1
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+def assert_rows_close(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
+def test_rows_are_the_kronecker_projection_of_float64_autograd_gradients(kind):
+    model, checkpoints = model_and_checkpoints()
+    ids, labels, lengths = sequences(9, 7, seed=1)
+    proj = tracin.Projection(6 * 12, 3, kind, per_layer=True, kronecker=True)
+    g = export_gradients(model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=4, progress=False)
+    layout = g.metadata["projection"]["segments"]
+    # emb, fc (weight + bias), ln.weight, ln.bias, mix (run twice), head (weight + bias)
+    assert layout == [
+        LayerMatrix(VOCAB, WIDTH).to_dict(),
+        LayerMatrix(HIDDEN, WIDTH, bias=True).to_dict(),
+        HIDDEN,
+        HIDDEN,
+        LayerMatrix(HIDDEN, HIDDEN).to_dict(),
+        LayerMatrix(CLASSES, HIDDEN, bias=True).to_dict(),
+    ]
+    assert g.metadata["projection"]["kronecker"] is True and list(g.dims) == [proj.dim, proj.dim]
+    names = [n for n, _ in model.named_parameters()]
+    for c, (state, _) in enumerate(checkpoints):
+        want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
+        assert_rows_close(g.matrices[c], want)
+
+
+def test_padding_tokens_add_nothing():
+    model, checkpoints = model_and_checkpoints(seed=2)
+    ids, labels, lengths = sequences(6, 5, seed=3)
+    padded_ids = torch.cat([ids, torch.zeros(6, 4, dtype=ids.dtype)], 1)
+    padded_labels = torch.cat([labels, torch.full((6, 4), -100)], 1)
+    proj = tracin.Projection(6 * 9, 1, per_layer=True, kronecker=True)
+    kwargs = {"projection": proj, "progress": False}
+    short = export_gradients(model, checkpoints, (ids, labels), token_loss, **kwargs)
+    long = export_gradients(model, checkpoints, (padded_ids, padded_labels), token_loss, **kwargs)
+    for a, b in zip(short.matrices, long.matrices, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def test_projection_apply_on_full_rows_gives_the_same_rows_for_any_batch_size_and_layers():
+    model, checkpoints = model_and_checkpoints(seed=4)
+    ids, labels, _ = sequences(10, 6, seed=5)
+    layers = ["fc", "mix", "ln.weight"]
+    full = export_gradients(model, checkpoints, (ids, labels), token_loss, layers=layers, progress=False)
+    proj = tracin.Projection(3 * 16, 9, "sparse", per_layer=True, kronecker=True)
+    runs = [
+        export_gradients(
+            model, checkpoints, (ids, labels), token_loss, layers=layers, projection=proj, batch_size=b, progress=False
+        )
+        for b in (3, 10)
+    ]
+    layout = runs[0].metadata["projection"]["segments"]
+    assert layout == [LayerMatrix(HIDDEN, WIDTH, bias=True).to_dict(), HIDDEN, LayerMatrix(HIDDEN, HIDDEN).to_dict()]
+    for c in range(2):
+        want = proj.apply(full.matrices[c], segments=layout)
+        for run in runs:
+            assert_rows_close(run.matrices[c], want)
+    assert runs[0].metadata["params"] == full.metadata["params"]
+
+
+def test_store_resume_dtype_and_scoring(tmp_path, monkeypatch):
+    model, checkpoints = model_and_checkpoints(seed=6)
+    ids, labels, _ = sequences(12, 5, seed=7)
+    proj = tracin.Projection(6 * 4, 2, per_layer=True, kronecker=True)
+    kwargs = {"projection": proj, "batch_size": 4, "progress": False}
+    memory = export_gradients(model, checkpoints, (ids, labels), token_loss, **kwargs)
+    from tracin.torch import token_projection
+
+    real = token_projection.KroneckerRows.__call__
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "g", **kwargs)
+    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", real)
+    store = export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "g", **kwargs)
+    fresh = export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "f", **kwargs)
+    assert calls and store.metadata == memory.metadata == fresh.metadata
+    for name in sorted(p.name for p in (tmp_path / "f").glob("*.npy")):
+        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
+    half = export_gradients(model, checkpoints, (ids, labels), token_loss, dtype="float16", **kwargs)
+    np.testing.assert_array_equal(half.matrices[0], memory.matrices[0].astype(np.float16))
+    np.testing.assert_allclose(tracin.scores(store, memory), tracin.scores(memory, memory), rtol=1e-6)
+    flat = export_gradients(
+        model,
+        checkpoints,
+        (ids, labels),
+        token_loss,
+        projection=tracin.Projection(24, 2, per_layer=True),
+        progress=False,
+    )
+    with pytest.raises(ValueError, match="kronecker"):
+        tracin.scores(flat, memory)
+
+
+def _adam_checkpoint(model: nn.Module, ids, labels) -> tuple[dict, float, dict]:
+    opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.99), eps=1e-6)
+    for _ in range(3):
+        opt.zero_grad()
+        token_loss(model(ids), labels).mean().backward()
+        opt.step()
+    return copy.deepcopy(model.state_dict()), 0.02, copy.deepcopy(opt.state_dict())
+
+
+def test_adam_scales_layers_by_the_rank_one_factorisation_and_other_parameters_exactly():
+    model, _ = model_and_checkpoints(seed=8)
+    ids, labels, lengths = sequences(8, 6, seed=9)
+    checkpoint = _adam_checkpoint(model, ids, labels)
+    layers = ["emb", "fc", "ln", "head"]
+    proj = tracin.Projection(5 * 9, 4, per_layer=True, kronecker=True)
+    g = export_gradients(
+        model,
+        [checkpoint],
+        (ids, labels),
+        token_loss,
+        layers=layers,
+        projection=proj,
+        preconditioner="adam",
+        progress=False,
+    )
+    assert g.metadata["preconditioner"]["kind"] == "adam" and "rank-one" in g.metadata["preconditioner"]["factored"]
+    assert len(g.metadata["fingerprints"]["optimizer_states"]) == 1
+    state, _, opt_state = checkpoint
+    names = [n for n, _ in model.named_parameters()]
+    groups = opt_state["param_groups"][0]
+    b2, eps = groups["betas"][1], groups["eps"]
+    v = {
+        n: opt_state["state"][i]["exp_avg_sq"].double().numpy() / (1 - b2 ** float(opt_state["state"][i]["step"]))
+        for i, n in enumerate(names)
+    }
+    chosen = ["emb.weight", "fc.weight", "fc.bias", "ln.weight", "ln.bias", "head.weight", "head.bias"]
+    scaled = []
+    for grads in autograd_grads(model, state, ids, labels, lengths):
+        out = dict(grads)
+        for w, b in (("emb.weight", None), ("fc.weight", "fc.bias"), ("head.weight", "head.bias")):
+            vw = v[w] if b is None else np.hstack([v[w], v[b][:, None]])
+            r, c = vw.sum(1), vw.sum(0)
+            with np.errstate(divide="ignore"):  # rows never used (the padding id) get 0
+                scale = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)[:, None] / np.sqrt(c)[None, :]
+            out[w] = grads[w] * (scale if b is None else scale[:, :-1])
+            if b is not None:
+                out[b] = grads[b] * scale[:, -1]
+        for p in ("ln.weight", "ln.bias"):
+            out[p] = grads[p] / (np.sqrt(v[p]) + eps)
+        scaled.append(out)
+    layout = g.metadata["projection"]["segments"]
+    assert_rows_close(g.matrices[0], projected_reference(proj, layout, scaled, chosen))
+
+
+def test_a_layer_whose_weight_is_also_used_outside_its_forward_is_refused():
+    class Penalised(TokenModel):
+        def forward(self, ids):
+            return super().forward(ids) + self.head.weight[:, 0]  # a per-class offset outside head's forward
+
+    torch.manual_seed(0)
+    model = Penalised()
+    ids, labels, _ = sequences(4, 5, seed=1)
+    proj = tracin.Projection(4, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=r"per-token gradients of \['head'\] disagree with per-example autograd"):
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            (ids, labels),
+            token_loss,
+            layers=["head"],
+            projection=proj,
+            progress=False,
+        )
+
+
+def test_bad_combinations_are_clear_errors():
+    model, checkpoints = model_and_checkpoints()
+    ids, labels, _ = sequences(4, 5, seed=1)
+    proj = tracin.Projection(8, per_layer=True, kronecker=True)
+    data = (ids, labels)
+    with pytest.raises(ValueError, match="kronecker=True projects full rows per token: it needs mode='full'"):
+        export_gradients(model, checkpoints, data, token_loss, layers=["fc"], mode="factored", projection=proj)
+    with pytest.raises(ValueError, match="adam_update' is not rank one"):
+        export_gradients(
+            model,
+            [(*checkpoints[0], {"state": {}, "param_groups": [{"params": [], "betas": (0.9, 0.9), "eps": 1e-8}]})],
+            data,
+            token_loss,
+            projection=proj,
+            preconditioner="adam_update",
+        )
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state"):
+        export_gradients(model, checkpoints, data, token_loss, projection=proj, preconditioner="adam")
+
+
+def test_jax_refuses_kronecker_projections():
+    pytest.importorskip("jax")
+    from tracin.jax import export_gradients as jax_export
+
+    proj = tracin.Projection(8, per_layer=True, kronecker=True)
+    with pytest.raises(NotImplementedError, match="kronecker=True is not available in tracin.jax"):
+        jax_export(
+            lambda p, x, y: x, [({"w": np.zeros(2, np.float32)}, 1.0)], (np.zeros((2, 2)), np.zeros(2)), projection=proj
+        )
