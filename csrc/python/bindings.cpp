@@ -72,12 +72,13 @@ tracin::Isa ParseIsa(const std::string& isa) {
 }
 
 tracin::Options MakeOptions(int num_threads, std::int64_t train_block, std::int64_t test_block,
-                            const std::string& isa) {
+                            const std::string& isa, std::int64_t normalize = 0) {
   tracin::Options o;
   o.num_threads = num_threads;
   o.train_block = train_block;
   o.test_block = test_block;
   o.isa = ParseIsa(isa);
+  o.normalize = normalize;
   return o;
 }
 
@@ -162,7 +163,7 @@ void Raise(const tracin::Status& s) {
 
 #define TRACIN_OPTION_ARGS                                                              \
   py::kw_only(), py::arg("num_threads") = 0, py::arg("train_block") = 0,                \
-      py::arg("test_block") = 0, py::arg("isa") = "auto"
+      py::arg("test_block") = 0, py::arg("isa") = "auto", py::arg("normalize") = 0
 
 }  // namespace
 
@@ -172,8 +173,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("scores",
         [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
            int num_threads, std::int64_t train_block, std::int64_t test_block,
-           const std::string& isa) {
-          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+           const std::string& isa, std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<float> out({t.side.rows(), x.side.rows()});
           float* ptr = out.mutable_data();
@@ -189,8 +190,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("top_k",
         [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
            std::int64_t k, int side, int num_threads, std::int64_t train_block,
-           std::int64_t test_block, const std::string& isa) {
-          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+           std::int64_t test_block, const std::string& isa, std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
           if (side < 0 || side > 2) throw py::value_error("side code must be 0, 1 or 2");
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           const std::int64_t m_rows = t.side.rows();
@@ -213,8 +214,9 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("self_influence",
         [](const SideSpec& train, const std::vector<double>& weights, int num_threads,
-           std::int64_t train_block, std::int64_t test_block, const std::string& isa) {
-          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+           std::int64_t train_block, std::int64_t test_block, const std::string& isa,
+           std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
           HeldSide x = Hold(train, "train");
           py::array_t<float> out(x.side.rows());
           float* ptr = out.mutable_data();
@@ -229,8 +231,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("aggregate",
         [](const SideSpec& test, const SideSpec& train, const std::vector<double>& weights,
            int num_threads, std::int64_t train_block, std::int64_t test_block,
-           const std::string& isa) {
-          const auto options = MakeOptions(num_threads, train_block, test_block, isa);
+           const std::string& isa, std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
           py::array_t<double> out(x.side.rows());
           double* ptr = out.mutable_data();

@@ -160,8 +160,7 @@ std::int64_t MaxCols(const GradientSide& side) {
   return width;
 }
 
-// Sum of squares of one row in float64: kNormLanes independent partial sums (so the loop is not
-// bound by the latency of one addition chain), combined in a fixed order.
+// Sum of squares of one row in float64 (SumOfSquares over the whole row).
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
   const float* x = buf;
   // float32 rows are read in place when aligned (a misaligned buffer is legal input)
@@ -169,14 +168,7 @@ double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t
     x = static_cast<const float*>(m.data) + row * m.row_stride;
   else
     LoadRow(kernels, m, row, 0, m.cols, buf);
-  double lanes[kNormLanes] = {};
-  std::int64_t k = 0;
-  for (; k + kNormLanes <= m.cols; k += kNormLanes)
-    for (std::int64_t j = 0; j < kNormLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
-  for (std::int64_t j = 0; k + j < m.cols; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
-  for (std::int64_t width = kNormLanes / 2; width > 0; width /= 2)
-    for (std::int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  return lanes[0];
+  return SumOfSquares(x, m.cols);
 }
 
 template <class T>
@@ -193,6 +185,7 @@ Status Scores(const GradientSide& test, const GradientSide& train,
               const std::vector<double>& weights, float* out, const Options& options) {
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidatePair(test, train, weights);
+    if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
     if (!s.ok()) return s;
     detail::DenseConsumer consumer(out, train.rows());
     return detail::RunTiles(test, train, weights, options, consumer);
@@ -203,6 +196,7 @@ Status TopK(const GradientSide& test, const GradientSide& train, const std::vect
             std::int64_t k, Side side, const TopKOutput& out, const Options& options) {
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidatePair(test, train, weights);
+    if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
     if (!s.ok()) return s;
     if (k < 0 || k > train.rows())
       return {StatusCode::kInvalidArgument, "k must be between 0 and the number of train rows"};
@@ -228,6 +222,9 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
     if (!s.ok()) return s;
     if (weights.size() != train.checkpoints())
       return {StatusCode::kInvalidArgument, "expected one weight per checkpoint"};
+    if (options.normalize != 0)
+      return {StatusCode::kInvalidArgument,
+              "self-influence takes no normalize: every nonzero row's cosine self-influence is the sum of its weights"};
     const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
     const std::int64_t n = train.rows();
     s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
@@ -251,6 +248,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
                  const std::vector<double>& weights, double* out, const Options& options) {
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidatePair(test, train, weights);
+    if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
     if (!s.ok()) return s;
     const std::int64_t n = train.rows();
     if (train.factored) {
@@ -261,27 +259,46 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
       return Status::Ok();
     }
     // Full gradients: the sum over test rows commutes with the inner product, so one weighted
-    // column sum of the test side per checkpoint, then one dot product per train row.
+    // column sum of the test side per checkpoint, then one dot product per train row. Cosine
+    // scores: test rows enter the sums scaled by their inverse norms, and each train row's dot
+    // products over a run of checkpoints by its own (summed from the row as it is read).
     const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+    const std::size_t checkpoints = train.checkpoints();
+    const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
     std::vector<std::vector<double>> column_sums;
     std::vector<float> row(static_cast<std::size_t>(detail::MaxCols(test)));
-    for (std::size_t c = 0; c < test.blocks.size(); ++c) {
+    std::vector<double> scales;  // cosine scores: inverse norm of test row r over run g at r * runs + g
+    const std::size_t runs = checkpoints / run;
+    for (std::int64_t r = 0; r < test.rows() && options.normalize > 0; ++r)
+      for (std::size_t g = 0; g < runs; ++g)
+        scales.push_back(detail::InverseNorm(detail::RunSquaredNorm(kernels, test, g * run, run, r, row.data())));
+    for (std::size_t c = 0; c < checkpoints; ++c) {
       const MatrixView& m = test.blocks[c];
       std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
       for (std::int64_t r = 0; r < m.rows; ++r) {
         if (detail::IsCancelled(options.cancel)) return detail::Cancelled();
         detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
-        for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
+        if (options.normalize > 0) {
+          const double scale = scales[static_cast<std::size_t>(r) * runs + c / run];
+          for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += scale * row[k];
+        } else {
+          for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
+        }
       }
       for (double& v : sum) v *= weights[c];
       column_sums.push_back(std::move(sum));
     }
     s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
       double total = 0.0;
-      for (std::size_t c = 0; c < train.blocks.size(); ++c) {
-        const MatrixView& m = train.blocks[c];
-        detail::LoadRow(kernels, m, i, 0, m.cols, buf);
-        for (std::int64_t k = 0; k < m.cols; ++k) total += column_sums[c][k] * buf[k];
+      for (std::size_t c0 = 0; c0 < checkpoints; c0 += run) {
+        double dot = 0.0, squares = 0.0;
+        for (std::size_t c = c0; c < c0 + run; ++c) {
+          const MatrixView& m = train.blocks[c];
+          detail::LoadRow(kernels, m, i, 0, m.cols, buf);
+          for (std::int64_t k = 0; k < m.cols; ++k) dot += column_sums[c][k] * buf[k];
+          if (options.normalize > 0) squares += detail::SlicedSumOfSquares(buf, m.cols);
+        }
+        total += options.normalize > 0 ? dot * detail::InverseNorm(squares) : dot;
       }
       out[i] = total;
     });

@@ -103,16 +103,19 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
   return rows;
 }
 
-// Test rows of one pass, scaled by the checkpoint weights and laid out as panels of nr lanes:
-// block b, slice s, panel p holds kc x nr floats, lane = test row within the panel.
+// Test rows of one pass, scaled by the checkpoint weights (and, for cosine scores, by each row's
+// inverse norm per run of checkpoints) and laid out as panels of nr lanes: block b, slice s,
+// panel p holds kc x nr floats, lane = test row within the panel.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
-  // least kParallelPackBytes. Status kNonFinite (with no message) if a value is NaN or Inf, or
-  // overflows float32 once weighted; kCancelled if `cancel` is set.
+  // least kParallelPackBytes. normalize: as Options::normalize. Status kNonFinite (with no
+  // message) if a value is NaN or Inf, or overflows float32 once weighted; kCancelled if `cancel`
+  // is set.
   Status Pack(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
-              std::int64_t begin, std::int64_t count, int nr, int threads,
+              std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
               const std::atomic<bool>* cancel) {
+    InverseNorms(kernels, test, begin, count, normalize);
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -127,7 +130,8 @@ class PackedTest {
     const int workers = total * sizeof(float) >= kParallelPackBytes ? threads : 1;
     const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
       const auto b = static_cast<std::size_t>(task / panels);
-      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b), begin, count, task % panels, nr)) {
+      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b), ScalesOf(test, b, normalize), begin,
+                     count, task % panels, nr)) {
         finite = false;
         stop = true;
       }
@@ -152,10 +156,35 @@ class PackedTest {
     return b % 2 == 0 ? weights[b / 2] : 1.0;
   }
 
-  // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`.
+  // Cosine scores: inverse norms of the pass's rows per run of `normalize` checkpoints, row-major
+  // (count x runs); nothing otherwise.
+  void InverseNorms(const KernelTable& kernels, const GradientSide& test, std::int64_t begin,
+                    std::int64_t count, std::int64_t normalize) {
+    runs_ = normalize > 0 ? test.checkpoints() / static_cast<std::size_t>(normalize) : 0;
+    scales_.assign(static_cast<std::size_t>(count) * runs_, 0.0);
+    std::int64_t width = 1;
+    for (const MatrixView& m : test.blocks) width = std::max(width, m.cols);
+    std::vector<float> buf(runs_ > 0 ? static_cast<std::size_t>(width) : 0);
+    const auto group = static_cast<std::size_t>(normalize);
+    for (std::int64_t r = 0; r < count && runs_ > 0; ++r)
+      for (std::size_t g = 0; g < runs_; ++g)
+        scales_[static_cast<std::size_t>(r) * runs_ + g] =
+            InverseNorm(RunSquaredNorm(kernels, test, g * group, group, begin + r, buf.data()));
+  }
+
+  // The inverse norms block b is scaled by (stride runs_, one per row of the pass), or null: plain
+  // scores, or a right factor (a checkpoint's scale goes on its left factor, with its weight).
+  const double* ScalesOf(const GradientSide& test, std::size_t b, std::int64_t normalize) const {
+    if (runs_ == 0 || (test.factored && b % 2 == 1)) return nullptr;
+    const std::size_t checkpoint = test.factored ? b / 2 : b;
+    return scales_.data() + checkpoint / static_cast<std::size_t>(normalize);
+  }
+
+  // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
+  // each scaled by w (times its entry of `scales`, stride runs_, when not null).
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache.
   bool PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
-                 std::int64_t begin, std::int64_t count, std::int64_t panel, int nr) {
+                 const double* scales, std::int64_t begin, std::int64_t count, std::int64_t panel, int nr) {
     const MatrixView& m = test.blocks[b];
     const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
     float piece[kSliceDepth];
@@ -164,9 +193,11 @@ class PackedTest {
       const std::int64_t k0 = s * kSliceDepth, kc = std::min(kSliceDepth, m.cols - k0);
       float* slice = SliceMutable(b, s) + panel * kc * nr;
       for (std::int64_t lane = 0; lane < rows; ++lane) {
-        LoadRow(kernels, m, begin + panel * nr + lane, k0, kc, piece);
+        const std::int64_t r = panel * nr + lane;
+        const double lw = scales ? w * scales[static_cast<std::size_t>(r) * runs_] : w;
+        LoadRow(kernels, m, begin + r, k0, kc, piece);
         for (std::int64_t kk = 0; kk < kc; ++kk) {
-          const float v = static_cast<float>(w * static_cast<double>(piece[kk]));
+          const float v = static_cast<float>(lw * static_cast<double>(piece[kk]));
           std::uint32_t bits;
           std::memcpy(&bits, &v, sizeof bits);
           flags |= (bits & 0x7f800000u) + 0x00800000u;  // sign bit set only for NaN or Inf
@@ -182,6 +213,8 @@ class PackedTest {
   AlignedFloats data_;
   std::vector<std::size_t> offsets_;
   std::int64_t lanes_ = 0;
+  std::vector<double> scales_;  // InverseNorms
+  std::size_t runs_ = 0;
 };
 
 // Fetches the next piece of train data (rows x one slice of one block) into the cache a little
@@ -225,44 +258,69 @@ class RowPrefetcher {
 };
 
 struct ThreadScratch {
-  AlignedFloats tile, left, right, rows;
+  AlignedFloats tile, left, right, rows, run;
+  std::vector<double> norms, left_squares, right_squares;  // cosine scores: per tile row
   RowPrefetcher prefetch;
 };
 
 class TileProducer {
  public:
+  // normalize: as Options::normalize (0: plain scores).
   TileProducer(const KernelTable& kernels, const MicroTile& micro, const GradientSide& train,
-               const PackedTest& packed, std::int64_t train_block)
+               const PackedTest& packed, std::int64_t train_block, std::int64_t normalize)
       : kernels_(kernels), micro_(micro), train_(train), packed_(packed),
-        block_rows_(RoundUp(train_block, micro.mr)) {}
+        block_rows_(RoundUp(train_block, micro.mr)), normalize_(normalize) {}
 
   // Computes the tile of train rows [begin, begin + rows) into scratch.tile, prefetching rows
   // [next_begin, next_begin + next_rows) meanwhile; returns false if any score in the valid
   // region is NaN or Inf.
+  // Cosine scores: each run of checkpoints is summed apart (the first in the tile itself, later ones
+  // in scratch.run) while the squared norms of its train rows are summed from the rows loaded for
+  // it, then scaled row by row by the inverse norms (the epilogue) and added to the tile.
   bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t next_begin,
                std::int64_t next_rows, std::int64_t test_count, ThreadScratch& s) const {
     const NextTile next{next_begin, next_rows};
     const std::int64_t ldc = packed_.lanes();
     const auto tile_size = static_cast<std::size_t>(block_rows_ * ldc);
+    const std::size_t checkpoints = train_.checkpoints();
+    const std::size_t run = normalize_ > 0 ? static_cast<std::size_t>(normalize_) : checkpoints;
     s.tile.Resize(tile_size);
     s.tile.Zero();
     s.rows.Resize(static_cast<std::size_t>(block_rows_ * kSliceDepth));
-    if (!train_.factored) {
-      for (std::size_t b = 0; b < train_.blocks.size(); ++b)
-        Accumulate(b, begin, rows, s.tile.data(), s, next);
-    } else {
+    if (train_.factored) {
       s.left.Resize(tile_size);
       s.right.Resize(tile_size);
-      for (std::size_t c = 0; c < train_.blocks.size() / 2; ++c) {
+    }
+    double* squares = nullptr;
+    if (normalize_ > 0) {
+      s.run.Resize(tile_size);
+      for (auto* v : {&s.norms, &s.left_squares, &s.right_squares}) v->resize(static_cast<std::size_t>(rows));
+      squares = s.left_squares.data();
+    }
+    for (std::size_t c0 = 0; c0 < checkpoints; c0 += run) {
+      float* sum = normalize_ > 0 && c0 > 0 ? s.run.data() : s.tile.data();
+      if (sum != s.tile.data()) s.run.Zero();
+      std::fill(s.norms.begin(), s.norms.end(), 0.0);
+      for (std::size_t c = c0; c < c0 + run; ++c) {
+        if (!train_.factored) {
+          if (squares) std::fill(s.left_squares.begin(), s.left_squares.end(), 0.0);
+          Accumulate(c, begin, rows, sum, squares, s, next);
+          for (std::size_t j = 0; squares && j < s.norms.size(); ++j) s.norms[j] += squares[j];
+          continue;
+        }
         s.left.Zero();
         s.right.Zero();
-        Accumulate(2 * c, begin, rows, s.left.data(), s, next);
-        Accumulate(2 * c + 1, begin, rows, s.right.data(), s, next);
-        float* t = s.tile.data();
+        if (squares)
+          for (auto* v : {&s.left_squares, &s.right_squares}) std::fill(v->begin(), v->end(), 0.0);
+        Accumulate(2 * c, begin, rows, s.left.data(), squares, s, next);
+        Accumulate(2 * c + 1, begin, rows, s.right.data(), squares ? s.right_squares.data() : nullptr, s, next);
         const float* l = s.left.data();
         const float* r = s.right.data();
-        for (std::size_t i = 0; i < tile_size; ++i) t[i] += l[i] * r[i];
+        for (std::size_t i = 0; i < tile_size; ++i) sum[i] += l[i] * r[i];
+        for (std::size_t j = 0; squares && j < s.norms.size(); ++j)
+          s.norms[j] += s.left_squares[j] * s.right_squares[j];
       }
+      if (normalize_ > 0) ScaleRun(sum, rows, ldc, s);
     }
     // (bits & exponent) + 1 ulp of exponent reaches the sign bit only for an all-ones exponent
     // (NaN or Inf); plain integer operations, so the loop vectorises.
@@ -285,6 +343,20 @@ class TileProducer {
     std::int64_t begin, rows;
   };
 
+  // The epilogue of a run of checkpoints summed into `sum` (the tile itself for the first run):
+  // row j of the tile gets row j of `sum` times the inverse norm of train row j over the run.
+  static void ScaleRun(const float* sum, std::int64_t rows, std::int64_t ldc, ThreadScratch& s) {
+    for (std::int64_t j = 0; j < rows; ++j) {
+      const auto scale = static_cast<float>(InverseNorm(s.norms[static_cast<std::size_t>(j)]));
+      float* t = s.tile.data() + j * ldc;
+      const float* x = sum + j * ldc;
+      if (x == t)
+        for (std::int64_t r = 0; r < ldc; ++r) t[r] *= scale;
+      else
+        for (std::int64_t r = 0; r < ldc; ++r) t[r] += scale * x[r];
+    }
+  }
+
   // Points the prefetcher at the piece computed after slice `slice` of block b of the tile of
   // rows [begin, begin + rows): the next slice, else the next block's first, else the next tile's.
   void PrefetchAfter(std::size_t b, std::int64_t slice, std::int64_t begin, std::int64_t rows,
@@ -302,8 +374,9 @@ class TileProducer {
     }
   }
 
-  // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes.
-  void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c,
+  // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes;
+  // squares (when not null) [i] += the row's SumOfSquares per slice, in slice order.
+  void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c, double* squares,
                   ThreadScratch& s, const NextTile& next) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
@@ -317,6 +390,7 @@ class TileProducer {
       float* a_block = s.rows.data();
       const std::int64_t padded = RoundUp(rows, mr);
       for (std::int64_t r = 0; r < rows; ++r) LoadRow(kernels_, m, begin + r, k0, kc, a_block + r * kc);
+      for (std::int64_t r = 0; squares && r < rows; ++r) squares[r] += SumOfSquares(a_block + r * kc, kc);
       std::memset(a_block + rows * kc, 0, static_cast<std::size_t>((padded - rows) * kc) * sizeof(float));
       PrefetchAfter(b, slice, begin, rows, next, s.prefetch);
       const std::int64_t steps = padded / mr;
@@ -335,6 +409,7 @@ class TileProducer {
   const GradientSide& train_;
   const PackedTest& packed_;
   std::int64_t block_rows_;
+  std::int64_t normalize_;
 };
 
 std::string Join(const std::vector<std::int64_t>& v) {
@@ -406,6 +481,54 @@ void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, 
   }
 }
 
+double SumOfSquares(const float* x, std::int64_t n) {
+  double lanes[kNormLanes] = {};
+  std::int64_t k = 0;
+  for (; k + kNormLanes <= n; k += kNormLanes)
+    for (std::int64_t j = 0; j < kNormLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+  for (std::int64_t j = 0; k + j < n; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+  for (std::int64_t width = kNormLanes / 2; width > 0; width /= 2)
+    for (std::int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+  return lanes[0];
+}
+
+double SlicedSumOfSquares(const float* x, std::int64_t n) {
+  double total = 0.0;
+  for (std::int64_t k0 = 0; k0 < n; k0 += kSliceDepth)
+    total += SumOfSquares(x + k0, std::min(kSliceDepth, n - k0));
+  return total;
+}
+
+namespace {
+
+double SlicedSquares(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
+  LoadRow(kernels, m, row, 0, m.cols, buf);
+  return SlicedSumOfSquares(buf, m.cols);
+}
+
+}  // namespace
+
+double RunSquaredNorm(const KernelTable& kernels, const GradientSide& side, std::size_t first,
+                      std::size_t count, std::int64_t row, float* buf) {
+  double total = 0.0;
+  for (std::size_t c = first; c < first + count; ++c)
+    total += side.factored ? SlicedSquares(kernels, side.blocks[2 * c], row, buf) *
+                                 SlicedSquares(kernels, side.blocks[2 * c + 1], row, buf)
+                           : SlicedSquares(kernels, side.blocks[c], row, buf);
+  return total;
+}
+
+double InverseNorm(double squared) { return squared == 0.0 ? 0.0 : 1.0 / std::sqrt(squared); }
+
+Status ValidateNormalize(const GradientSide& side, std::int64_t normalize) {
+  const auto checkpoints = static_cast<std::int64_t>(side.checkpoints());
+  if (normalize < 0 || (normalize > 0 && checkpoints % normalize != 0))
+    return {StatusCode::kInvalidArgument,
+            "normalize must be 0 (plain scores) or a divisor of the " + std::to_string(checkpoints) +
+                " checkpoints (checkpoints per norm), got " + std::to_string(normalize)};
+  return Status::Ok();
+}
+
 Status NonFiniteError(const GradientSide* test, const GradientSide& train) {
   const std::pair<const GradientSide*, const char*> sides[] = {{test, "test"}, {&train, "train"}};
   for (const auto& [side, name] : sides) {
@@ -447,12 +570,14 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
   for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
     const std::int64_t count = std::min(pass_rows, m - begin);
-    const Status packing = packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.cancel);
+    const Status packing =
+        packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed,
                                 options.train_block > 0 ? options.train_block
-                                                        : DefaultTrainBlock(n, threads, micro.mr));
+                                                        : DefaultTrainBlock(n, threads, micro.mr),
+                                options.normalize);
     const std::int64_t block = producer.block_rows();
     consumer.BeginPass(begin, count, threads);
     std::atomic<bool> stop{false}, non_finite{false};

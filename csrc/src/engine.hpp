@@ -32,6 +32,25 @@ Status ValidatePair(const GradientSide& test, const GradientSide& train,
 void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, std::int64_t k0,
              std::int64_t n, float* dst);
 
+// float64 sum of squares of x[0, n) in kNormLanes independent partial sums combined in a fixed order.
+double SumOfSquares(const float* x, std::int64_t n);
+
+// SumOfSquares of x[0, n) per slice of kSliceDepth values, the slices' sums added in order: the
+// squared norm of a row as cosine scores sum it (the tile producer, slice by slice as it loads rows).
+double SlicedSumOfSquares(const float* x, std::int64_t n);
+
+// Cosine scores (Options::normalize): the squared norm of row `row` of `side` over checkpoints
+// [first, first + count), float64: per block SlicedSumOfSquares, blocks in order; factored: sum of
+// |left|^2 |right|^2. buf holds the widest block.
+double RunSquaredNorm(const KernelTable& kernels, const GradientSide& side, std::size_t first,
+                      std::size_t count, std::int64_t row, float* buf);
+
+// 1 / sqrt(squared): 0 for a zero gradient (its cosine scores are 0); NaN stays NaN.
+double InverseNorm(double squared);
+
+// Ok, or kInvalidArgument unless normalize is 0 or a positive divisor of side's checkpoints.
+Status ValidateNormalize(const GradientSide& side, std::int64_t normalize);
+
 // Ok, or the NonFiniteError if any input value is NaN or Inf (a full scan: for small inputs and
 // error paths).
 Status CheckAllFinite(const GradientSide* test, const GradientSide& train);

@@ -1,6 +1,6 @@
 // Kernel tests without Python: every entry point against a float64 reference, determinism across
 // threads and block sizes for every instruction set the CPU runs, half-precision inputs, factored
-// mode, bad input, cancellation.
+// mode, bad input, cancellation, cosine scores.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -341,6 +341,96 @@ void TestOutOfMemoryIsAStatus() {
 #endif
 }
 
+// Cosine scores (Options::normalize): rows unit-normalised over each run of checkpoints, against a
+// float64 reference of the normalised rows; zero rows score 0; the same bits for any thread count
+// and block size; self-influence and a run not dividing the checkpoints refused.
+void TestCosineScores() {
+  std::mt19937 rng(8);
+  std::vector<Matrix> test = {Random(9, 300, rng), Random(9, 5, rng)};
+  std::vector<Matrix> train = {Random(101, 300, rng), Random(101, 5, rng)};
+  for (Matrix* m : {&test[0], &test[1], &train[0], &train[1]}) {
+    const std::int64_t zero = m->rows == 9 ? 2 : 40;
+    std::fill(m->data.begin() + zero * m->cols, m->data.begin() + (zero + 1) * m->cols, 0.0f);
+  }
+  const std::vector<double> w = {0.5, -2.0};
+  for (std::int64_t run : {1, 2}) {
+    // The reference: float64 rows divided by their norm over the run, then plain scores.
+    std::vector<std::vector<double>> scaled_t, scaled_x;
+    for (const auto* side : {&test, &train}) {
+      std::vector<std::vector<double>> rows;
+      for (std::size_t c = 0; c < side->size(); ++c) {
+        const std::size_t c0 = c / static_cast<std::size_t>(run) * static_cast<std::size_t>(run);
+        const Matrix& m = (*side)[c];
+        std::vector<double> v(m.data.size());
+        for (std::int64_t i = 0; i < m.rows; ++i) {
+          double squares = 0;
+          for (std::size_t d = c0; d < c0 + static_cast<std::size_t>(run); ++d)
+            squares += Dot((*side)[d], i, (*side)[d], i);
+          for (std::int64_t k = 0; k < m.cols; ++k)
+            v[i * m.cols + k] = squares > 0 ? m.data[i * m.cols + k] / std::sqrt(squares) : 0.0;
+        }
+        rows.push_back(std::move(v));
+      }
+      (side == &test ? scaled_t : scaled_x) = std::move(rows);
+    }
+    const std::int64_t m = 9, n = 101;
+    std::vector<double> exact(m * n, 0.0);
+    for (std::size_t c = 0; c < 2; ++c)
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < n; ++j)
+          for (std::int64_t k = 0; k < test[c].cols; ++k)
+            exact[i * n + j] += w[c] * scaled_t[c][i * test[c].cols + k] * scaled_x[c][j * test[c].cols + k];
+    const double bound = 1e-5 * (std::abs(w[0]) + std::abs(w[1]));
+    for (tracin::Isa isa : tracin_test::RunnableIsas("cosine Scores")) {
+      std::vector<float> first;
+      for (int threads : {1, 3})
+        for (std::int64_t block : {0, 7}) {
+          tracin::Options o;
+          o.isa = isa;
+          o.num_threads = threads;
+          o.train_block = o.test_block = block;
+          o.normalize = run;
+          std::vector<float> out(exact.size());
+          Check(tracin::Scores(Full(test), Full(train), w, out.data(), o).ok(), "cosine Scores ok");
+          bool close = true, zeros = true;
+          for (std::int64_t i = 0; i < m; ++i)
+            for (std::int64_t j = 0; j < n; ++j) {
+              close = close && std::abs(out[i * n + j] - exact[i * n + j]) <= bound;
+              zeros = zeros && ((i != 2 && j != 40) || out[i * n + j] == 0.0f);
+            }
+          Check(close, std::string("cosine Scores within the bound, isa ") + tracin::IsaName(isa));
+          Check(zeros, "zero rows have cosine scores 0");
+          if (first.empty()) first = out;
+          Check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0, "cosine Scores: identical bits");
+          std::vector<double> agg(n);
+          Check(tracin::Aggregate(Full(test), Full(train), w, agg.data(), o).ok(), "cosine Aggregate ok");
+          bool agg_close = true;
+          for (std::int64_t j = 0; j < n; ++j) {
+            double sum = 0;
+            for (std::int64_t i = 0; i < m; ++i) sum += exact[i * n + j];
+            agg_close = agg_close && std::abs(agg[j] - sum) <= m * bound;
+          }
+          Check(agg_close, "cosine Aggregate within the bound");
+          std::vector<float> v(m * 3);
+          std::vector<std::int64_t> idx(m * 3);
+          const tracin::TopKOutput top{v.data(), idx.data(), nullptr, nullptr};
+          Check(tracin::TopK(Full(test), Full(train), w, 3, tracin::Side::kProponents, top, o).ok(), "cosine TopK ok");
+          bool same = true;
+          for (std::int64_t i = 0; i < m * 3; ++i) same = same && v[i] == out[(i / 3) * n + idx[i]];
+          Check(same, "cosine TopK values are the cosine scores of their indices");
+        }
+    }
+  }
+  tracin::Options o;
+  o.normalize = 1;
+  std::vector<float> self(101), out(9 * 101);
+  Check(tracin::SelfInfluence(Full(train), w, self.data(), o).code == tracin::StatusCode::kInvalidArgument,
+        "cosine self-influence refused");
+  o.normalize = 3;
+  Check(tracin::Scores(Full(test), Full(train), w, out.data(), o).code == tracin::StatusCode::kInvalidArgument,
+        "a run not dividing the checkpoints refused");
+}
+
 int main() {
   std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
   TestScoresAndDeterminism();
@@ -351,5 +441,6 @@ int main() {
   TestOutOfMemoryIsAStatus();
   TestWideRows();
   TestCancellation();
+  TestCosineScores();
   return tracin_test::Report();
 }

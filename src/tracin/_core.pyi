@@ -6,6 +6,8 @@ blocks are 2-D buffers with contiguous rows (float32, or uint16 bits with code 1
 2 bfloat16). Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about
 0.1 s. Errors: ValueError (bad input, NaN / Inf, float32 overflow), MemoryError, RuntimeError.
 isa: "auto", "generic", "avx2" or "avx512"; a set the CPU lacks runs as resolve_isa(isa).
+normalize: 0 plain scores; L > 0 cosine scores, each row unit-normalised over every run of L
+consecutive checkpoints (float64 norms, a zero gradient scores 0); L must divide the checkpoints.
 """
 
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ def scores(
     train_block: SupportsIndex = 0,
     test_block: SupportsIndex = 0,
     isa: str = "auto",
+    normalize: SupportsIndex = 0,
 ) -> npt.NDArray[np.float32]:
     """Dense scores, float32 (test rows, train rows)."""
 
@@ -40,6 +43,7 @@ def top_k(
     train_block: SupportsIndex = 0,
     test_block: SupportsIndex = 0,
     isa: str = "auto",
+    normalize: SupportsIndex = 0,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """(proponent values, proponent indices, opponent values, opponent indices), each (m, k);
     side 0 proponents, 1 opponents, 2 both; a side not asked for is (0, k). k <= train rows."""
@@ -52,8 +56,9 @@ def self_influence(
     train_block: SupportsIndex = 0,
     test_block: SupportsIndex = 0,
     isa: str = "auto",
+    normalize: SupportsIndex = 0,
 ) -> npt.NDArray[np.float32]:
-    """float32 (train rows,): sum_c w_c |g_c(i)|^2."""
+    """float32 (train rows,): sum_c w_c |g_c(i)|^2; normalize must be 0."""
 
 def aggregate(
     test: Side,
@@ -64,6 +69,7 @@ def aggregate(
     train_block: SupportsIndex = 0,
     test_block: SupportsIndex = 0,
     isa: str = "auto",
+    normalize: SupportsIndex = 0,
 ) -> npt.NDArray[np.float64]:
     """float64 (train rows,): influence of each train row summed over the test rows."""
 

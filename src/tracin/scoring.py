@@ -112,6 +112,39 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
         )
 
 
+def _checkpoint_run(s: GradientSet) -> int | None:
+    """Checkpoint slots per real checkpoint as an export records them (one fingerprint per real
+    checkpoint in metadata["fingerprints"]["checkpoints"]; mode="factored" stores checkpoint c,
+    layer l at slot c * L + l), or None when the metadata does not say."""
+    fingerprints = s.metadata.get("fingerprints")
+    digests = fingerprints.get("checkpoints") if isinstance(fingerprints, dict) else None
+    if not isinstance(digests, list) or not digests or s.n_checkpoints % len(digests):
+        return None
+    return s.n_checkpoints // len(digests)
+
+
+def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int:
+    """The backends' `normalize`: 0 for plain scores, else the checkpoint slots normalised together
+    (the layers of one real checkpoint, from the sets' metadata; 1 when neither records it)."""
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    if not normalize:
+        return 0
+    if "whitening" in test.metadata or "whitening" in train.metadata:
+        raise ValueError(
+            "normalize=True does not combine with whitened gradients (metadata['whitening']): the test "
+            "side is whitened and the train side is not, so a cosine of the two compares different "
+            "spaces; score whitened sets with normalize=False"
+        )
+    runs = {name: r for name, r in (("test", _checkpoint_run(test)), ("train", _checkpoint_run(train))) if r}
+    if len(set(runs.values())) > 1:
+        raise ValueError(
+            f"test records {runs['test']} checkpoint slots (layers) per checkpoint but train {runs['train']} "
+            "(metadata['fingerprints']['checkpoints']); normalize=True needs the same grouping on both sides"
+        )
+    return next(iter(runs.values()), 1)
+
+
 def _chunks(s: GradientSet) -> list[tuple[int, int]]:
     step = s.row_chunks() or max(s.n_rows, 1)
     return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
@@ -193,20 +226,22 @@ def scores(
     progress: bool | None = None,
     device: str | None = None,
     precision: str = "float32",
+    normalize: bool = False,
 ) -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
     Materialises the whole matrix: for small problems. Use top_k for large ones.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
-    device, precision: where and how to score, as in top_k.
+    device, precision, normalize: where and how to score, as in top_k.
     """
     test, train, w = _pair(test, train)
+    run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), "tracin scores") as loop:
         for p in loop.pairs():
-            out[p.test_rows, p.train_rows] = backend.scores(p.test, p.train, w, num_threads=threads)
+            out[p.test_rows, p.train_rows] = backend.scores(p.test, p.train, w, num_threads=threads, normalize=run)
     return out
 
 
@@ -220,6 +255,7 @@ def top_k(
     progress: bool | None = None,
     device: str | None = None,
     precision: str = "float32",
+    normalize: bool = False,
 ) -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
 
@@ -234,17 +270,23 @@ def top_k(
     "torch:cpu": the torch backend on the CPU (for tests and debugging).
     precision: "float32" (default) or "tf32" (TF32 GEMMs on a CUDA device: faster, errors up to
     about 1e-3 of sum_c |w_c| |g_c(t)| |g_c(i)|).
+    normalize: cosine scores instead: each row's gradient is unit-normalised per checkpoint (over all
+    its layers: for mode="factored" exports the norm of checkpoint c is sqrt(sum_l |L_l|^2 |R_l|^2)),
+    then weighted and summed: sum_c w_c <g_c(t), g_c(i)> / (|g_c(t)| |g_c(i)|); a zero gradient scores
+    0. Norms are computed in the kernel (float64), no normalised copy of the data is made.
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
     _check_side(side, _SIDES)
+    run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
     best: dict[int, list[TopK | None]] = {}  # per test chunk: running (proponents, opponents), global indices
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), f"tracin top_k ({side})") as loop:
         for p in loop.pairs():
             i0 = p.train_rows.start
-            parts = backend.top_k(p.test, p.train, w, min(k, p.train_rows.stop - i0), side, num_threads=threads)
+            width = min(k, p.train_rows.stop - i0)
+            parts = backend.top_k(p.test, p.train, w, width, side, num_threads=threads, normalize=run)
             running = best.setdefault(p.test_rows.start, [None, None])
             for s, (part, name) in enumerate(zip(parts, ("proponents", "opponents"), strict=True)):
                 if part is None:
@@ -342,6 +384,7 @@ def self_influence(
     device: str | None = None,
     precision: str = "float32",
     whitening: Whitening | None = None,
+    normalize: bool = False,
 ) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
@@ -352,7 +395,17 @@ def self_influence(
     device, precision: where and how to score, as in top_k.
     whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
     instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
+    normalize: True is refused (ValueError): with unit-normalised gradients every row's self-influence
+    is sum_c w_c (0 for a zero gradient), which ranks nothing; it is accepted as False for callers that
+    pass the scoring functions one set of options.
     """
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    if normalize:
+        raise ValueError(
+            "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every "
+            "row would score sum_c w_c; rank by self_influence(normalize=False)"
+        )
     if whitening is not None:
         placement.check_precision(precision)
         if not isinstance(whitening, Whitening):
@@ -395,13 +448,16 @@ def aggregate(
     progress: bool | None = None,
     device: str | None = None,
     precision: str = "float32",
+    normalize: bool = False,
 ) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
     progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
-    device, precision: where and how to score, as in top_k."""
+    device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
+    cosine scores)."""
     test, train, w = _pair(test, train)
+    run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
     total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the backend
@@ -410,7 +466,7 @@ def aggregate(
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
     with _Loop(test, train, progress, macs, "tracin aggregate", split=train.factored) as loop:
         for p in loop.pairs():
-            total[p.train_rows] += backend.aggregate(p.test, p.train, w, num_threads=threads)
+            total[p.train_rows] += backend.aggregate(p.test, p.train, w, num_threads=threads, normalize=run)
     _refuse_float32_overflow(total)
     return total.astype(np.float32)
 

@@ -26,6 +26,19 @@ def side_float64(side: KernelSide) -> list[np.ndarray]:
     ]
 
 
+def normalized(blocks: list[np.ndarray], run: int) -> list[np.ndarray]:
+    """Per checkpoint slot the float64 rows divided by their norm over their run of `run` slots
+    (one real checkpoint's layers); zero rows stay zero. run 0: the blocks as they are."""
+    if run == 0:
+        return blocks
+    out = []
+    for c0 in range(0, len(blocks), run):
+        norms = np.sqrt(sum((b**2).sum(1) for b in blocks[c0 : c0 + run]))
+        inverse = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        out += [b * inverse[:, None] for b in blocks[c0 : c0 + run]]
+    return out
+
+
 def to_float32(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         out = x.astype(np.float32)
@@ -39,18 +52,18 @@ class NumpyReference:
 
     name = "numpy-reference"
 
-    def _exact(self, test: KernelSide, train: KernelSide, weights) -> np.ndarray:
-        t, x = side_float64(test), side_float64(train)
+    def _exact(self, test: KernelSide, train: KernelSide, weights, normalize: int = 0) -> np.ndarray:
+        t, x = normalized(side_float64(test), normalize), normalized(side_float64(train), normalize)
         return sum(
             (w * a @ b.T for w, a, b in zip(weights, t, x, strict=True)),
             np.zeros((len(test.blocks[0]), len(train.blocks[0]))),
         )
 
-    def scores(self, test, train, weights, *, num_threads):
-        return to_float32(self._exact(test, train, weights))
+    def scores(self, test, train, weights, *, num_threads, normalize=0):
+        return to_float32(self._exact(test, train, weights, normalize))
 
-    def top_k(self, test, train, weights, k, side, *, num_threads):
-        dense = to_float32(self._exact(test, train, weights))
+    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0):
+        dense = to_float32(self._exact(test, train, weights, normalize))
         found = []
         for name in ("proponents", "opponents"):
             if side not in (name, "both"):
@@ -64,5 +77,5 @@ class NumpyReference:
         x = side_float64(train)
         return to_float32(sum((w * (b**2).sum(1) for w, b in zip(weights, x, strict=True)), np.zeros(len(x[0]))))
 
-    def aggregate(self, test, train, weights, *, num_threads):
-        return self._exact(test, train, weights).sum(0)
+    def aggregate(self, test, train, weights, *, num_threads, normalize=0):
+        return self._exact(test, train, weights, normalize).sum(0)

@@ -10,7 +10,7 @@ import tracin
 from reference import score_bound
 from tracin import backends
 
-from .numpy_reference import NumpyReference, side_float64
+from .numpy_reference import NumpyReference, normalized, side_float64
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -133,3 +133,64 @@ def test_non_finite_rows_and_overflow_are_value_errors(backend, rng):
     big = tracin.Gradients(np.full((2, 4), 3e38, np.float32)).kernel_side()
     with pytest.raises(ValueError, match="overflowed float32"):
         backend.scores(big, big, [1.0], num_threads=1)
+
+
+def cosine_pair(rng, factored: bool):
+    """(test, train) KernelSides of 4 checkpoint slots with zero rows: test row 3 and train row 10
+    everywhere, train row 11 in slots 0 and 1 only (one run of 2, or two runs of 1)."""
+    test, train = pair(rng, 13, 70, [9, 33, 5, 300], factored=factored)
+    per = 2 if factored else 1
+    for b in test.blocks:
+        b[3] = 0
+    for b in train.blocks:
+        b[10] = 0
+    for b in train.blocks[: 2 * per]:
+        b[11] = 0
+    return test, train
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("run", [1, 2, 4])
+def test_cosine_scores_top_k_and_aggregate_within_the_bound(backend, rng, factored, run):
+    test, train = cosine_pair(rng, factored)
+    w = [[0.7, -1.3, 0.4, 2.0], [0.7, 0.7, -2.0, -2.0], [1.5] * 4][[1, 2, 4].index(run)]
+    # independent float64 reference: rows divided by their norm over each run of slots
+    t64, x64 = normalized(side_float64(test), run), normalized(side_float64(train), run)
+    exact = sum(c * a @ b.T for c, a, b in zip(w, t64, x64, strict=True))
+    bound = score_bound(t64, x64, w)
+    assert np.abs(exact).max() <= sum(abs(c) for c in w) / run + 1e-12  # cosines: at most the weights
+    got = backend.scores(test, train, w, num_threads=2, normalize=run)
+    assert got.dtype == np.float32 and np.all(np.abs(got - exact) <= bound)
+    assert np.all(got[3] == 0) and np.all(got[:, 10] == 0)  # zero gradients score 0
+    plain = backend.scores(test, train, w, num_threads=2)
+    assert not np.allclose(plain, got)  # normalising changed something
+    total = backend.aggregate(test, train, w, num_threads=2, normalize=run)
+    assert np.all(np.abs(total - exact.sum(0)) <= bound.sum(0))
+    prop, opp = backend.top_k(test, train, w, 5, "both", num_threads=2, normalize=run)
+    for found, sign in ((prop, 1), (opp, -1)):
+        chosen = np.take_along_axis(exact, found.indices, 1)
+        assert np.all(np.abs(found.values - chosen) <= np.take_along_axis(bound, found.indices, 1))
+        kth = np.sort(sign * exact, axis=1)[:, ::-1][:, 4:5]  # the exact k-th best, up to the bound
+        assert np.all(sign * chosen >= kth - 2 * bound.max(axis=1, keepdims=True))
+
+
+def test_cosine_scores_do_not_depend_on_the_thread_count(backend, rng):
+    test, train = cosine_pair(rng, factored=True)
+    w = [0.3, 0.3, 2.0, 2.0]
+    for call in (
+        lambda t: [backend.scores(test, train, w, num_threads=t, normalize=2)],
+        lambda t: [a for part in backend.top_k(test, train, w, 9, "both", num_threads=t, normalize=2) for a in part],
+        lambda t: [backend.aggregate(test, train, w, num_threads=t, normalize=2)],
+    ):
+        for a, b in zip(call(1), call(3), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_cosine_scores_of_non_finite_rows_are_value_errors(backend, rng):
+    test, train = cosine_pair(rng, factored=False)
+    train.blocks[2][7, 2] = np.inf  # its inverse norm is 0: the error must not vanish with it
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        backend.scores(test, train, [1.0] * 4, num_threads=1, normalize=2)
+    test.blocks[0][1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        backend.top_k(test, train, [1.0] * 4, 3, "both", num_threads=1, normalize=1)

@@ -42,21 +42,21 @@ class Recording(NumpyReference):
         ids = lambda side: [] if side is None else side.blocks[0][:, 0].astype(int).tolist()  # noqa: E731
         self.seen.append((ids(test), ids(train)))
 
-    def scores(self, test, train, weights, *, num_threads):
+    def scores(self, test, train, weights, *, num_threads, normalize=0):
         self._note(test, train)
-        return super().scores(test, train, weights, num_threads=num_threads)
+        return super().scores(test, train, weights, num_threads=num_threads, normalize=normalize)
 
-    def top_k(self, test, train, weights, k, side, *, num_threads):
+    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0):
         self._note(test, train)
-        return super().top_k(test, train, weights, k, side, num_threads=num_threads)
+        return super().top_k(test, train, weights, k, side, num_threads=num_threads, normalize=normalize)
 
     def self_influence(self, train, weights, *, num_threads):
         self._note(None, train)
         return super().self_influence(train, weights, num_threads=num_threads)
 
-    def aggregate(self, test, train, weights, *, num_threads):
+    def aggregate(self, test, train, weights, *, num_threads, normalize=0):
         self._note(test, train)
-        return super().aggregate(test, train, weights, num_threads=num_threads)
+        return super().aggregate(test, train, weights, num_threads=num_threads, normalize=normalize)
 
 
 @pytest.fixture

@@ -49,6 +49,15 @@ struct Options {
   // call stops at its next task (milliseconds) and returns kCancelled with its outputs partly
   // written. A flag left clear changes nothing, to the bit.
   const std::atomic<bool>* cancel = nullptr;
+  // Cosine scores (Scores, TopK, Aggregate; SelfInfluence refuses them). 0: plain scores. g > 0:
+  // each row's gradient is unit-normalised over every run of g consecutive checkpoints (g > 1: the
+  // layers of one real checkpoint, stored one factor pair per layer), then weighted and summed:
+  //   sum_c w_c <g_c(t), g_c(i)> / (|g(t)|_C(c) |g(i)|_C(c)),  |g|_C the norm over c's run.
+  // A run whose gradient is zero scores 0. g must divide the number of checkpoints. Norms are summed
+  // in float64 per row, once per call for test rows and per tile pass for train rows (from the rows
+  // already loaded for the tile), and applied to the test rows as they are packed and to each run's
+  // tile before it is added: no normalised copy of the train data.
+  std::int64_t normalize = 0;
 };
 
 enum class StatusCode : int {
@@ -75,7 +84,7 @@ struct TopKOutput {
   std::int64_t* opponent_indices = nullptr;
 };
 
-// Dense scores, out is (test.rows(), train.rows()) row-major float32.
+// Dense scores, out is (test.rows(), train.rows()) row-major float32 (options.normalize: cosine).
 Status Scores(const GradientSide& test, const GradientSide& train,
               const std::vector<double>& weights, float* out, const Options& options = {});
 
@@ -84,7 +93,7 @@ Status Scores(const GradientSide& test, const GradientSide& train,
 Status TopK(const GradientSide& test, const GradientSide& train, const std::vector<double>& weights,
             std::int64_t k, Side side, const TopKOutput& out, const Options& options = {});
 
-// out[i] = sum_c w_c * |g_c(i)|^2, out is (train.rows(),).
+// out[i] = sum_c w_c * |g_c(i)|^2, out is (train.rows(),). options.normalize must be 0.
 Status SelfInfluence(const GradientSide& train, const std::vector<double>& weights, float* out,
                      const Options& options = {});
 

@@ -18,19 +18,31 @@ class CpuBackend:
 
     name = "cpu"
 
-    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
-        return _core.scores(test, train, weights, num_threads=num_threads)
+    def scores(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+    ) -> np.ndarray:
+        return _core.scores(test, train, weights, num_threads=num_threads, normalize=normalize)
 
     def top_k(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *, num_threads: int
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        k: int,
+        side: str,
+        *,
+        num_threads: int,
+        normalize: int = 0,
     ) -> tuple[TopK | None, TopK | None]:
-        pv, pi, ov, oi = _core.top_k(test, train, weights, k, _SIDE_CODES[side], num_threads=num_threads)
+        pv, pi, ov, oi = _core.top_k(
+            test, train, weights, k, _SIDE_CODES[side], num_threads=num_threads, normalize=normalize
+        )
         return (TopK(pv, pi) if side != "opponents" else None, TopK(ov, oi) if side != "proponents" else None)
 
     def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
         return _core.self_influence(train, weights, num_threads=num_threads)
 
     def aggregate(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
     ) -> np.ndarray:
-        return _core.aggregate(test, train, weights, num_threads=num_threads)
+        return _core.aggregate(test, train, weights, num_threads=num_threads, normalize=normalize)

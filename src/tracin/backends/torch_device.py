@@ -5,8 +5,10 @@ Blocked like the C++ kernel: the test side goes to the device once per call; tra
 tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host, or used in place when already on the
 device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
 float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
-and added in float32. top_k keeps each test row's best across tiles on the device; the (m, n)
-matrix never exists. The host waits for the device once per call, at the end.
+and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
+norms once per call (a copy on the device), and each checkpoint's score block by the train rows'
+inverse norms, computed per train tile in float64. top_k keeps each test row's best across tiles
+on the device; the (m, n) matrix never exists. The host waits for the device once per call, at the end.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -48,21 +50,31 @@ class TorchBackend:
         return replace(self, tf32=True)
 
     # -- the Backend protocol --------------------------------------------------------------------
-    def scores(self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+    def scores(
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+    ) -> np.ndarray:
         out = np.empty((test.blocks[0].shape[0], train.blocks[0].shape[0]), dtype=np.float32)
-        with self._call(test, train) as call:
+        with self._call(test, train, normalize) as call:
             for t, i, s in call.products(weights):
                 out[t, i] = s.cpu().numpy()
         return out
 
     def top_k(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], k: int, side: str, *, num_threads: int
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        k: int,
+        side: str,
+        *,
+        num_threads: int,
+        normalize: int = 0,
     ) -> tuple[TopK | None, TopK | None]:
         if train.blocks[0].shape[0] >= _LOW:
             raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
-        found = self._top_k(test, train, weights, k, side, exact=False)
+        found = self._top_k(test, train, weights, k, side, normalize, exact=False)
         if found is None:  # ties at the k-th score were cut unevenly: select again with exact keys
-            found = self._top_k(test, train, weights, k, side, exact=True)
+            found = self._top_k(test, train, weights, k, side, normalize, exact=True)
         return found
 
     def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
@@ -80,25 +92,29 @@ class TorchBackend:
         return out
 
     def aggregate(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int
+        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
     ) -> np.ndarray:
         total = np.zeros(train.blocks[0].shape[0], dtype=np.float64)
-        with self._call(test, train) as call:
+        with self._call(test, train, normalize) as call:
             if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
                 for _, i, s in call.products(weights):
                     total[i] += s.sum(0, dtype=torch.float64).cpu().numpy()
             else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once
                 sums = [t.sum(0, dtype=torch.float64) for t in call.test]
                 for i0, i1, x in call.train_tiles():
-                    part = sum(w * (b.double() @ s) for w, b, s in zip(weights, x, sums, strict=True))
+                    scales = call.train_scales(x)
+                    part = sum(
+                        w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
+                        for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
+                    )
                     total[i0:i1] = part.cpu().numpy()
         return total
 
     # -- the work of one call --------------------------------------------------------------------
-    def _top_k(self, test, train, weights, k, side, exact) -> tuple[TopK | None, TopK | None] | None:
+    def _top_k(self, test, train, weights, k, side, normalize, exact) -> tuple[TopK | None, TopK | None] | None:
         sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
         m = test.blocks[0].shape[0]
-        with self._call(test, train) as call:
+        with self._call(test, train, normalize) as call:
             running = {
                 (t0, s): RunningTopK(k, s, t1 - t0, self.device, exact) for t0, t1 in call.test_blocks() for s in sides
             }
@@ -117,14 +133,14 @@ class TorchBackend:
         return merged.get("proponents"), merged.get("opponents")
 
     @contextlib.contextmanager
-    def _call(self, test: KernelSide | None, train: KernelSide) -> Iterator[_Call]:
-        """A call's work on the device, TF32 as chosen; ValueError at the end for non-finite input
-        or scores (checked on the device while working, read once)."""
+    def _call(self, test: KernelSide | None, train: KernelSide, normalize: int = 0) -> Iterator[_Call]:
+        """A call's work on the device, TF32 as chosen, cosine scores for normalize > 0; ValueError at
+        the end for non-finite input or scores (checked on the device while working, read once)."""
         for what, side in (("test", test), ("train", train)):
             if side is not None:
                 rows.check_device(side, what, self.device)
         with _device_scope(self.device, self.tf32):
-            call = _Call(test, train, self.device)
+            call = _Call(test, train, self.device, normalize)
             yield call
             if bool(call.bad_input):
                 raise ValueError(_non_finite_message(test, train))
@@ -140,8 +156,8 @@ _OVERFLOW = (
 class _Call:
     """The tile producer of one call: the test side on the device, train tiles, score tiles."""
 
-    def __init__(self, test: KernelSide | None, train: KernelSide, device: torch.device):
-        self.train, self.factored = train, train.factored
+    def __init__(self, test: KernelSide | None, train: KernelSide, device: torch.device, normalize: int = 0):
+        self.train, self.factored, self.normalize = train, train.factored, normalize
         self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_score = torch.zeros((), dtype=torch.bool, device=device)
         self.device = device
@@ -150,6 +166,15 @@ class _Call:
         self.m = 0 if test is None else test.blocks[0].shape[0]
         for t in self.test:
             self.bad_input |= _not_finite(t)
+        if normalize and self.test:  # a scaled copy (never in place: the blocks may be the caller's)
+            scales = _inverse_norms(self.test, self.factored, normalize)
+            per = 2 if self.factored else 1
+            for c in range(len(self.test) // per):
+                self.test[c * per] = self.test[c * per] * scales[c // normalize].float()[:, None]
+
+    def train_scales(self, x: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Cosine scores: float64 (rows,) inverse norms of a train tile's rows per run of checkpoints."""
+        return _inverse_norms(x, self.factored, self.normalize) if self.normalize else None
 
     def test_blocks(self) -> list[tuple[int, int]]:
         """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
@@ -167,8 +192,10 @@ class _Call:
         """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer."""
         blocks = self.test_blocks()
         for i0, i1, x in self.train_tiles():
+            scales = self.train_scales(x)
+            scales = None if scales is None else [v.float()[None, :] for v in scales]
             for t0, t1 in blocks:
-                s = _product([t[t0:t1] for t in self.test], x, weights, self.factored)
+                s = _product([t[t0:t1] for t in self.test], x, weights, self.factored, scales, self.normalize)
                 self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
 
@@ -182,15 +209,38 @@ def _not_finite(x: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _inverse_norms(blocks: list[torch.Tensor], factored: bool, run: int) -> list[torch.Tensor]:
+    """float64 (rows,) per run of `run` checkpoints: 1 / the rows' norm over the run (0 for a zero
+    row, NaN for NaN); factored checkpoints count |left|^2 |right|^2."""
+    squares = [b.double().square().sum(1) for b in blocks]
+    if factored:
+        squares = [a * b for a, b in zip(squares[0::2], squares[1::2], strict=True)]
+    runs = [sum(squares[c0 : c0 + run]) for c0 in range(0, len(squares), run)]
+    return [torch.where(s == 0, torch.zeros_like(s), s.rsqrt()) for s in runs]
+
+
 def _product(
-    test: list[torch.Tensor], train: list[torch.Tensor], weights: Sequence[float], factored: bool
+    test: list[torch.Tensor],
+    train: list[torch.Tensor],
+    weights: Sequence[float],
+    factored: bool,
+    scales: list[torch.Tensor] | None = None,
+    run: int = 0,
 ) -> torch.Tensor:
     """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
-    elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32."""
+    elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32.
+    scales: cosine scores, float32 (1, r) train inverse norms per run of `run` checkpoints, applied
+    to each checkpoint's block (the test side comes scaled)."""
     out = None
     for c, w in enumerate(weights):
-        if factored:
-            part = torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+        if factored or scales is not None:
+            part = (
+                torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+                if factored
+                else torch.mm(test[c], train[c].T)
+            )
+            if scales is not None:
+                part.mul_(scales[c // run])
             out = part.mul_(w) if out is None else out.add_(part, alpha=w)
         elif out is None:
             out = torch.empty(test[c].shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
