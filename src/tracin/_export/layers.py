@@ -18,5 +18,12 @@ def as_patterns(layers: Any, example: str) -> list[str]:
 
 def matches(name: str, pattern: str, sep: str) -> bool:
     """True when `pattern` is `name`, a `sep`-separated prefix of it ("fc2" matches "fc2.weight"
-    with sep "."), or a glob matching it (fnmatch; '*' also crosses `sep`)."""
-    return name == pattern or name.startswith(pattern.rstrip(sep) + sep) or fnmatch.fnmatchcase(name, pattern)
+    with sep "."), or a glob matching it or such a prefix of it ("h.*.mlp" matches "h.0.mlp.bias";
+    fnmatch: '*' also crosses `sep`)."""
+    prefix = pattern.rstrip(sep) + sep
+    return (
+        name == pattern
+        or name.startswith(prefix)
+        or fnmatch.fnmatchcase(name, pattern)
+        or fnmatch.fnmatchcase(name, prefix + "*")
+    )
