@@ -180,6 +180,54 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
     assert w["lds_within_se_of_best_tracin_everywhere"] == ["tracin x"]  # y is 0.05 behind on a
 
 
+def test_damping_choice_is_the_lowest_mean_rank_ties_by_mean_lds():
+    def lds(plain, values):
+        methods_ = {"tracin all checkpoints": {"mean": plain, "se": 0.01}}
+        methods_.update({f"tracin whitened (damping {d:g})": {"mean": v, "se": 0.01} for d, v in values.items()})
+        return {"methods": methods_, "errors": {}}
+
+    def det(values):
+        found = {f"tracin whitened (damping {d:g})": {"found": [0.0, v]} for d, v in values.items()}
+        return {"inspect": [0.1, 0.2], "methods": {"tracin all checkpoints": {"found": [0.0, 0.7]}, **found}}
+
+    payload = {
+        "winners": {"detection_at": 0.2},
+        # ranks: a: 0.1 -> 3, 1 -> 1, 10 -> 2; b: 0.1 -> 1, 1 -> 3, 10 -> 2; c: 0.1 -> 3, 1 -> 2, 10 -> 1
+        "lds": {
+            "a": lds(0.4, {0.1: 0.30, 1.0: 0.60, 10.0: 0.50}),
+            "b": lds(0.5, {0.1: 0.52, 1.0: 0.40, 10.0: 0.45}),
+            "c": lds(0.3, {0.1: 0.10, 1.0: 0.31, 10.0: 0.35}),
+        },
+        "detection": {"a": det({0.1: 0.5, 1.0: 0.6, 10.0: 0.8}), "b": det({0.1: 0.3, 1.0: 0.4, 10.0: 0.6})},
+    }
+    choice = report.damping_ranks(payload)
+    assert {d: r["ranks"] for d, r in choice["dampings"].items()} == {0.1: [3, 1, 3], 1.0: [1, 3, 2], 10.0: [2, 2, 1]}
+    assert choice["best"] == 10.0  # mean rank 5/3 beats 2 and 7/3
+    assert choice["dampings"][1.0]["mean_lds"] == pytest.approx((0.60 + 0.40 + 0.31) / 3)
+    assert choice["dampings"][10.0]["mean_found"] == pytest.approx(0.7)
+    table = report.whitening_markdown(payload)
+    assert "| not whitened | 0.400 | 0.500 | 0.300 | 0.400 | - | 0.700 |" in table
+    assert "| **damping 10** | 0.500 | 0.450 | 0.350 | 0.433 | 1.67 | 0.700 |" in table
+    assert "| damping 1 | 0.600 | 0.400 | 0.310 | 0.437 | 2.00 | 0.500 |" in table
+    payload["lds"]["c"] = lds(0.3, {0.1: 0.10, 1.0: 0.36, 10.0: 0.35})  # 1 and 10 tie on rank: higher mean LDS
+    assert report.damping_ranks(payload)["best"] == 1.0
+    del payload["lds"]["c"]["methods"]["tracin whitened (damping 1)"]  # not on every dataset: not ranked
+    assert list(report.damping_ranks(payload)["dampings"]) == [0.1, 10.0]
+
+
+def test_readme_quality_blocks_are_the_committed_json():
+    """README's generated tables (between their markers) are report's rendering of quality.json."""
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "quality.json").read_text())
+    readme = (CHECKOUT / "README.md").read_text()
+    for marker, text in (
+        ("quality", report.markdown(payload)),
+        ("quality-whitening", report.whitening_markdown(payload)),
+    ):
+        block = re.search(rf"<!-- {marker}:start -->\n(.*?)\n<!-- {marker}:end -->", readme, re.S)
+        assert block is not None, f"README.md has no <!-- {marker}:start/end --> block"
+        assert block[1] == text
+
+
 # The subset-model cache -------------------------------------------------------------------------
 
 
@@ -225,15 +273,17 @@ def test_whitened_terms_match_a_float64_solve_with_the_damped_second_moment():
             np.testing.assert_allclose(selfs[damping][c], expected_self, rtol=1e-3, atol=1e-3 * expected_self.max())
 
 
-def test_whitening_projects_gradients_wider_than_4096():
+def test_whitening_projects_gradients_wider_than_1024():
     from benchmarks.quality.influence import RunInfluence
     from benchmarks.quality.training import mlp
 
     wide = Trajectory(mlp(64, 128, 10), [], np.zeros((1, 1)), np.zeros(1), np.zeros(1))
     narrow = Trajectory(mlp(20, 128, 2), [], np.zeros((1, 1)), np.zeros(1), np.zeros(1))
     x, y = np.zeros((1, 1), np.float32), np.zeros(1, np.int64)
-    assert RunInfluence(wide, x, y).whitening_space == {"parameters": 9610, "projected_to": 2048}
-    assert RunInfluence(narrow, x, y).whitening_space == {"parameters": 2946, "projected_to": None}
+    small = Trajectory(mlp(20, 40, 4), [], np.zeros((1, 1)), np.zeros(1), np.zeros(1))
+    assert RunInfluence(wide, x, y).whitening_space == {"parameters": 9610, "projected_to": 1024}
+    assert RunInfluence(narrow, x, y).whitening_space == {"parameters": 2946, "projected_to": 1024}
+    assert RunInfluence(small, x, y).whitening_space == {"parameters": 20 * 40 + 40 + 40 * 4 + 4, "projected_to": None}
 
 
 def test_subset_models_are_cached_under_a_key_of_their_settings(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import tracin
 from reference import assert_close_to_exact, factored_to_full, to_float64
 from store.helpers import NUMPY_DTYPES, write_store
-from tracin.whitening import Whitening, _moments
+from tracin.whitening import Whitening, _inverse, _moments
 
 WEIGHTS = [0.5, 2.0]
 
@@ -92,6 +92,16 @@ def test_with_damping_reuses_one_fit_and_matches_float64_solve(full, rng, monkey
     assert_rows_close(factored_to_full(white.left, white.right)[0], exact)
     with pytest.raises(ValueError, match="damping must be a finite number > 0"):
         w.with_damping(0.0)
+
+
+@pytest.mark.parametrize(("side", "base"), [(1, 128), (300, 128), (37, 2)])
+def test_lower_inverse_by_halves_matches_a_float64_solve(rng, monkeypatch, side, base):
+    """The triangular inverse behind damped_inverse, on odd halves and down to tiny blocks."""
+    monkeypatch.setattr(_inverse, "TRIANGLE_BASE", base)
+    lower = np.tril(rng.standard_normal((side, side))) / np.sqrt(side) + 2 * np.eye(side)
+    ours = _inverse.lower_inverse(lower)
+    assert np.array_equal(ours, np.tril(ours))
+    np.testing.assert_allclose(ours, np.linalg.solve(lower, np.eye(side)), rtol=0, atol=1e-12)
 
 
 def test_partials_over_many_blocks(full, monkeypatch):

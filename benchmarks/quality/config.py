@@ -75,7 +75,7 @@ FULL = Suite(
     detection_only=("digits_demo", "digits_demo_10ckpt"),
     lds_models=50,
     lds_test=100,
-    projection_dims=(64, 256),
+    projection_dims=(64, 256, 1024),  # 1024: the space the whitened methods are fitted in (influence.py)
     trak_dim=512,
 )
 

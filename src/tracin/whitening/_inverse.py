@@ -44,5 +44,23 @@ def damped_inverse(r: np.ndarray, lam: float, what: str) -> np.ndarray:
             "hold non-finite values, or damping is too small for float64"
         ) from None
     del shifted
-    inv_lower = np.linalg.inv(lower)
-    return inv_lower.T @ inv_lower
+    inv_lower = lower_inverse(lower)
+    return inv_lower.T @ inv_lower  # NumPy computes a.T @ a as a symmetric rank-k update
+
+
+TRIANGLE_BASE = 128  # side below which lower_inverse inverts directly (LAPACK); above, halves by matrix products
+
+
+def lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """float64 inverse of a nonsingular lower-triangular (k, k) matrix, by halves:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]; about 2k^3/3 flops in matrix products,
+    a quarter of a general inverse's."""
+    k = lower.shape[0]
+    if k <= TRIANGLE_BASE:
+        return np.linalg.inv(lower)
+    h = k // 2
+    out = np.zeros_like(lower)
+    out[:h, :h] = lower_inverse(lower[:h, :h])
+    out[h:, h:] = lower_inverse(lower[h:, h:])
+    out[h:, :h] = -(out[h:, h:] @ (lower[h:, :h] @ out[:h, :h]))
+    return out
