@@ -17,6 +17,7 @@ from ..scoring import (
     BothSides,
     TopK,
     _check_side,
+    _normalize_run,
     _pair,
     _refuse_float32_overflow,
     _width,
@@ -39,6 +40,7 @@ def top_k(
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    normalize: bool = False,
 ) -> TopK | BothSides:
     """tracin.top_k on a Dask cluster, the same result bit for bit (ties included).
 
@@ -52,11 +54,14 @@ def top_k(
     small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
     progress: a tqdm bar over shards (None: for seconds of work, if tqdm is installed).
+    normalize: cosine scores, as in tracin.top_k (each train row's norms are its own, so shards
+    change nothing).
     """
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
     k = positive_int(k, "k")
     _check_side(side, _SIDES)
+    _normalize_run(normalize, test_set, train_set)
     shards, num_threads, progress = _options(
         shards, num_threads, progress, test_set.n_rows * train_set.n_rows * _width(train_set)
     )
@@ -71,7 +76,7 @@ def top_k(
                 train_set,
                 shards,
                 slots,
-                lambda rows, first: (other, rows, k, side, first, num_threads, slots),
+                lambda rows, first: (other, rows, k, side, first, num_threads, slots, normalize),
             )
             found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
         else:
@@ -82,7 +87,7 @@ def top_k(
                 test_set,
                 shards,
                 slots,
-                lambda rows, _: (rows, other, k, side, 0, num_threads, slots),
+                lambda rows, _: (rows, other, k, side, 0, num_threads, slots, normalize),
             )
             pieces = job.wait(parts, progress)
             found = tuple(
@@ -121,12 +126,15 @@ def aggregate(
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    normalize: bool = False,
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
-    for bit. Sides and options as for tracin.distributed.top_k; when the test side is the one cut,
-    its shards follow the store's row chunks and their float64 partial sums are added in order."""
+    for bit. Sides and options (normalize included) as for tracin.distributed.top_k; when the test
+    side is the one cut, its shards follow the store's row chunks and their float64 partial sums
+    are added in order."""
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
+    _normalize_run(normalize, test_set, train_set)
     macs = test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
@@ -135,7 +143,12 @@ def aggregate(
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
-                job, _tasks.aggregate_part, train_set, shards, slots, lambda rows, _: (other, rows, num_threads, slots)
+                job,
+                _tasks.aggregate_part,
+                train_set,
+                shards,
+                slots,
+                lambda rows, _: (other, rows, num_threads, slots, normalize),
             )
             total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
         else:  # test shards start on the store's row chunks, so their partial sums are tracin.aggregate's
@@ -146,7 +159,7 @@ def aggregate(
                 test_set,
                 shards,
                 slots,
-                lambda rows, _: (rows, other, num_threads, slots),
+                lambda rows, _: (rows, other, num_threads, slots, normalize),
                 align=test_set.row_chunks(),
             )
             total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))

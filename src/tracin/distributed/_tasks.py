@@ -8,7 +8,7 @@ import numpy as np
 
 from .. import backends
 from ..gradients import GradientSet
-from ..scoring import TopK, _chunks, _pair, merge_top_k, self_influence, top_k
+from ..scoring import TopK, _chunks, _normalize_run, _pair, merge_top_k, self_influence, top_k
 from ._cluster import kernel_threads
 from ._shards import StoreRows
 
@@ -21,13 +21,19 @@ def _opened(side: Side) -> GradientSet:
 
 
 def top_k_part(
-    test: Side, train: Side, k: int, side: str, offset: int, num_threads: int | None, slots: dict[str, int]
+    test: Side,
+    train: Side,
+    k: int,
+    side: str,
+    offset: int,
+    num_threads: int | None,
+    slots: dict[str, int],
+    normalize: bool,
 ) -> tuple[TopK, ...]:
     """tracin.top_k of one shard: a TopK per name in SIDE_NAMES[side], values float32 (m, <= k),
     indices int64 (m, <= k) shifted by `offset` (the shard's first train row)."""
-    found = top_k(
-        _opened(test), _opened(train), k, side, num_threads=kernel_threads(num_threads, slots), progress=False
-    )
+    threads = kernel_threads(num_threads, slots)
+    found = top_k(_opened(test), _opened(train), k, side, num_threads=threads, progress=False, normalize=normalize)
     parts = tuple(found) if side == "both" else (found,)
     return tuple(p._replace(indices=p.indices + offset) for p in parts)
 
@@ -44,18 +50,21 @@ def self_influence_part(train: Side, num_threads: int | None, slots: dict[str, i
     return self_influence(_opened(train), num_threads=kernel_threads(num_threads, slots), progress=False)
 
 
-def aggregate_part(test: Side, train: Side, num_threads: int | None, slots: dict[str, int]) -> np.ndarray:
+def aggregate_part(
+    test: Side, train: Side, num_threads: int | None, slots: dict[str, int], normalize: bool
+) -> np.ndarray:
     """float64 (test chunks, train rows): per chunk of test rows (as tracin.aggregate cuts them)
-    the kernel's float64 sum over that chunk, so that adding the rows in order reproduces
-    tracin.aggregate's float64 total bit for bit."""
+    the kernel's float64 sum over that chunk (cosine scores with normalize), so that adding the
+    rows in order reproduces tracin.aggregate's float64 total bit for bit."""
     test_set, train_set, w = _pair(_opened(test), _opened(train))
+    run = _normalize_run(normalize, test_set, train_set)
     threads, cpu = kernel_threads(num_threads, slots), backends.get("cpu")
     test_chunks = _chunks(test_set)
     out = np.empty((len(test_chunks), train_set.n_rows), dtype=np.float64)
     for j, (t0, t1) in enumerate(test_chunks):
         t_side = test_set.kernel_side(t0, t1)
         for i0, i1 in _chunks(train_set):
-            out[j, i0:i1] = cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads)
+            out[j, i0:i1] = cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads, normalize=run)
     return out
 
 
