@@ -81,6 +81,25 @@ def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     np.testing.assert_array_equal(got["opponents_indices"], np.argsort(exact, axis=1)[:, :5])
 
 
+def test_score_normalize_writes_cosine_top_k(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    out = tmp_path / "cos.npz"
+    assert main(_score(paths, "-k", "4", "--side", "both", "--normalize", "-o", str(out))) == 0
+    assert "(cosine scores)" in capsys.readouterr().out
+    unit = {s: [m / np.linalg.norm(m.astype(np.float64), axis=1, keepdims=True) for m in b] for s, b in blocks.items()}
+    exact = exact_scores(unit["test"], unit["train"], weights)  # float64, rows normalised per checkpoint
+    with np.load(out) as got:
+        for side, sign in (("proponents", 1), ("opponents", -1)):
+            order = np.argsort(-sign * exact, axis=1, kind="stable")[:, :4]
+            np.testing.assert_array_equal(got[f"{side}_indices"], order)
+            expected = np.take_along_axis(exact, order, 1)
+            np.testing.assert_allclose(got[f"{side}_values"], expected, atol=1e-5 * sum(weights))
+    plain = tmp_path / "plain.npz"
+    assert main(_score(paths, "-k", "4", "--side", "both", "-o", str(plain))) == 0
+    with np.load(out) as a, np.load(plain) as b:
+        assert not np.array_equal(a["proponents_values"], b["proponents_values"])
+
+
 def test_score_csv_carries_ids(stores, tmp_path):
     paths, blocks, weights = stores
     out = tmp_path / "top.csv"
@@ -318,9 +337,11 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
     paths, blocks, weights = stores
     local, spread = tmp_path / "local.npz", tmp_path / "spread.npz"
     assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(local))) == 0
+    assert main(_score(paths, "-k", "5", "--side", "both", "--normalize", "-o", str(tmp_path / "cos-local.npz"))) == 0
     cli = [sys.executable, "-m", "tracin"]  # as a user runs it: the spawned workers import __main__ again
     for command in (
         _score(paths, "-k", "5", "--side", "both", "-o", str(spread)),
+        _score(paths, "-k", "5", "--side", "both", "--normalize", "-o", str(tmp_path / "cos-spread.npz")),
         ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")],
     ):
         done = subprocess.run(
@@ -328,10 +349,14 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
         )
         assert done.returncode == 0, done.stderr
         assert "LocalCluster of 2 workers" in done.stderr and "wrote" in done.stdout
-    got, expected = np.load(spread), np.load(local)
-    assert sorted(got.files) == sorted(expected.files)
-    for name in expected.files:
-        np.testing.assert_array_equal(got[name], expected[name])
+    for got, expected in (
+        (np.load(spread), np.load(local)),
+        (np.load(tmp_path / "cos-spread.npz"), np.load(tmp_path / "cos-local.npz")),
+    ):
+        assert sorted(got.files) == sorted(expected.files)
+        for name in expected.files:
+            np.testing.assert_array_equal(got[name], expected[name])
+    got = np.load(spread)
     exact = exact_scores(blocks["test"], blocks["train"], weights)
     np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
     rows = list(csv.DictReader(open(tmp_path / "rank.csv")))

@@ -126,16 +126,30 @@ def cmd_score(args: argparse.Namespace) -> None:
     with _cluster(args) as client:
         if client is None:
             result = tracin.top_k(
-                test, train, k=args.k, side=args.side, num_threads=args.threads, progress=_progress(args)
+                test,
+                train,
+                k=args.k,
+                side=args.side,
+                num_threads=args.threads,
+                progress=_progress(args),
+                normalize=args.normalize,
             )
         else:
             from . import distributed
 
             result = distributed.top_k(
-                test, train, k=args.k, side=args.side, client=client, num_threads=args.threads, progress=_progress(args)
+                test,
+                train,
+                k=args.k,
+                side=args.side,
+                client=client,
+                num_threads=args.threads,
+                progress=_progress(args),
+                normalize=args.normalize,
             )
     sides = result._asdict() if args.side == "both" else {args.side: result}
-    summary = f"top-{args.k} {args.side} of {test.n_rows} test rows over {train.n_rows} train rows"
+    scores = " (cosine scores)" if args.normalize else ""
+    summary = f"top-{args.k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows"
     if out is None:
         _write_pairs_csv(sys.stdout, sides, _ids(test), _ids(train))
         print(summary, file=sys.stderr)
@@ -290,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default=None,
         help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv (default: CSV on stdout)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="cosine scores: each gradient unit-normalised per checkpoint, then weighted and summed "
+        "(tracin.top_k(normalize=True))",
     )
     _scoring_options(p)
 
