@@ -4,12 +4,14 @@ gradient of the summed per-example losses w.r.t. that call's output.
 When no layer mixes the examples of a batch, row i of an output gradient is dL_i/dy_i, so the
 per-example gradient of a parameter used only inside these modules' forward follows from the
 (input, output gradient) pairs alone (layer_rules), without per-example autograd. Shared by the
-full-gradient hook path (per_example), the factored modes (last_layer) and per-token projections.
+full-gradient hook path (hook_gradients, which consumes each call inside the backward pass, as soon
+as its gradient exists: no call's tensors outlive their use, and they are still in cache), the
+factored modes (last_layer) and per-token projections.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,9 @@ class Call:
     grad: torch.Tensor
 
 
+Consumer = Callable[[str, int, Call], None]  # (module name, index of the call in forward order, the call)
+
+
 def capture(
     model: nn.Module,
     names: Sequence[str],
@@ -44,9 +49,32 @@ def capture(
     with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input and
     output have batch size 1 in a batch of more rows (shared by all, broadcast later) is recorded
     expanded to the batch, its output replaced by the expanded tensor."""
+    calls: dict[str, dict[int, Call]] = {n: {} for n in names}
+
+    def keep(name: str, index: int, call: Call) -> None:
+        calls[name][index] = call
+
+    stream(model, names, state, loss_fn, inputs, targets, keep)
+    return {n: [by_index[i] for i in sorted(by_index)] for n, by_index in calls.items()}
+
+
+def stream(
+    model: nn.Module,
+    names: Sequence[str],
+    state: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+    consume: Consumer,
+) -> dict[str, int]:
+    """The pass of `capture`, handing each call to consume(name, index, call) instead of keeping it:
+    inside the backward pass when its output gradient is complete (in backward order), after it with
+    a zero gradient for calls the loss does not reach. Returns {name: number of calls}."""
     modules = dict(model.named_modules())
     rows = batch_rows(targets, "targets")
-    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in names}
+    outputs: list[torch.Tensor] = []
+    pending: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # calls whose gradient is not yet in
+    counts = dict.fromkeys(names, 0)
 
     def hook_for(name):
         def record(module, args, kwargs, output):
@@ -60,10 +88,18 @@ def capture(
                 x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:])
             # dL/dy needs y in the graph; where nothing upstream needs gradients, start the graph here
             y = output if output.requires_grad else output.detach().requires_grad_(True)
-            seen[name].append((x, y))
+            key = (name, counts[name])
+            counts[name] += 1
+            pending[key] = (x, y)
+            y.register_hook(lambda g: hand_over(key, g))
+            outputs.append(y)
             return y
 
         return record
+
+    def hand_over(key: tuple[str, int], g: torch.Tensor) -> None:
+        x, _ = pending.pop(key)
+        consume(*key, Call(x, g))
 
     handles = [modules[n].register_forward_hook(hook_for(n), with_kwargs=True) for n in names]
     try:
@@ -73,13 +109,9 @@ def capture(
         for h in handles:
             h.remove()
     check_losses(losses, rows)
-    outputs = [y for calls in seen.values() for _, y in calls]
-    needed = outputs and losses.requires_grad
-    grads = iter(torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if needed else [None] * len(outputs))
-    result: dict[str, list[Call]] = {}
-    for name, calls in seen.items():
-        result[name] = []
-        for x, y in calls:
-            g = next(grads)
-            result[name].append(Call(x, torch.zeros_like(y) if g is None else g))
-    return result
+    if outputs and losses.requires_grad:
+        # the gradients returned are those the hooks already handed over: dropped at once
+        torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+    for key, (_, y) in list(pending.items()):
+        hand_over(key, torch.zeros_like(y))
+    return counts

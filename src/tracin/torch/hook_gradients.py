@@ -1,5 +1,6 @@
 """Per-example gradients of the chosen parameters that layer_rules covers, from one batched forward
-and backward pass (capture), written straight into their columns of the (batch, d) output."""
+and backward pass (capture.stream), written straight into their columns of the (batch, d) output
+inside the backward pass, each layer's as soon as its output gradient exists."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .capture import NotCaptured, capture
+from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows
-from .layer_rules import covers, per_example_grad, token_form
+from .layer_rules import covers, token_form, write_per_example_grad
 from .losses import LossFn
 
 
@@ -63,29 +64,32 @@ class HookGradients:
         (columns: name -> (offset, width)). Returns the captured layers that did not run (they add
         nothing) and {layer: why} for those that ran on tensors that are not batch-first (their
         parameters' columns are left unwritten)."""
-        calls = capture(self.model, self.layers, state, self.loss_fn, inputs, targets)
         rows = batch_rows(targets, "targets")
-        tokens, unusable = {}, {}
-        for m, cs in calls.items():
-            try:
-                tokens[m] = [token_form(self._modules[m], c, rows) for c in cs]
-            except NotCaptured as e:
-                unusable[m] = str(e)
+        held: dict[str, list[tuple[str, str]]] = {}  # layer -> [(parameter, attribute)] it holds
         for name, holders in self.plan.items():
-            if any(m in unusable for m, _ in holders):
-                continue
-            offset, width = columns[name]
-            dest = out[:, offset : offset + width]
-            parts = (
-                per_example_grad(self._modules[m], leaf, a, b).reshape(rows, width)
-                for m, leaf in holders
-                for a, b in tokens[m]
-            )
-            first = next(parts, None)
-            if first is None:
-                dest.zero_()
-                continue
-            dest.copy_(first)
-            for part in parts:
-                dest.add_(part)
-        return [m for m, cs in calls.items() if not cs], unusable
+            for m, leaf in holders:
+                held.setdefault(m, []).append((name, leaf))
+        written: set[str] = set()
+        unusable: dict[str, str] = {}
+
+        def consume(layer: str, index: int, call: Call) -> None:
+            if layer in unusable:
+                return
+            module = self._modules[layer]
+            try:
+                a, b = token_form(module, call, rows)
+            except NotCaptured as e:
+                unusable[layer] = str(e)
+                return
+            for name, leaf in held[layer]:
+                offset, width = columns[name]
+                dest = out[:, offset : offset + width].view(rows, *getattr(module, leaf).shape)
+                write_per_example_grad(module, leaf, a, b, dest, accumulate=name in written)
+                written.add(name)
+
+        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume)
+        for name, holders in self.plan.items():
+            if name not in written and not any(m in unusable for m, _ in holders):
+                offset, width = columns[name]
+                out[:, offset : offset + width].zero_()  # its layers did not run
+        return [m for m, count in counts.items() if not count], unusable

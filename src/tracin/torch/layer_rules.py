@@ -12,6 +12,10 @@ layer applied once per example). From there, example i's gradients are
 (a is the ids (B, T) for Embedding and the normalised input x_hat for LayerNorm). Only modules
 running their type's own forward are covered; subclasses that override it are not. The token form
 is also what a per-token projection takes, so it never needs the (out, in) matrices.
+
+write_per_example_grad puts the gradients straight into (or adds them to) a destination view, such as
+the parameter's columns of the (B, d) export rows: no (B, *shape) temporary, and a tied weight's
+holders (GPT-2's Embedding and lm_head) accumulate in place.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ Tokens = tuple[torch.Tensor, torch.Tensor]
 @dataclass(frozen=True)
 class _Rule:
     tokens: Callable[[nn.Module, Call, int], Tokens]
-    grads: Callable[[nn.Module, torch.Tensor, torch.Tensor, str], torch.Tensor]  # (B, *parameter shape)
+    write: Callable[[nn.Module, torch.Tensor, torch.Tensor, str, torch.Tensor, bool], None]
 
 
 def covers(module: nn.Module) -> bool:
@@ -51,7 +55,24 @@ def token_form(module: nn.Module, call: Call, rows: int) -> Tokens:
 def per_example_grad(module: nn.Module, leaf: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, *shape) gradients of the parameter `leaf` ("weight" or "bias") of a covered module, from
     one call's token form."""
-    return _rule_of(module).grads(module, a, b, leaf)
+    out = b.new_empty((b.shape[0], *getattr(module, leaf).shape))
+    write_per_example_grad(module, leaf, a, b, out, accumulate=False)
+    return out
+
+
+def write_per_example_grad(
+    module: nn.Module, leaf: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
+) -> None:
+    """per_example_grad written into `out` (B, *shape), or added to it when `accumulate`; `out` may be
+    a strided view (its last dimension contiguous) and of another dtype than b."""
+    if out.dtype != b.dtype:  # computed in the layer's dtype, converted once
+        part = per_example_grad(module, leaf, a, b)
+        if accumulate:
+            out.add_(part)
+        else:
+            out.copy_(part)
+        return
+    _rule_of(module).write(module, a, b, leaf, out, accumulate)
 
 
 def mixes_examples(module: nn.Module) -> bool:
@@ -96,12 +117,27 @@ def _dense_tokens(width_in: Callable[[nn.Module], int], width_out: Callable[[nn.
     return tokens
 
 
-def _linear_grads(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
-    return torch.bmm(b.transpose(1, 2), a) if leaf == "weight" else b.sum(1)
+def _dense_write(weight_is_out_by_in: bool):
+    def write(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str, out: torch.Tensor, accumulate: bool):
+        if leaf != "weight":
+            _sum_tokens(b, out, accumulate)
+            return
+        left, right = (b.transpose(1, 2), a) if weight_is_out_by_in else (a.transpose(1, 2), b)
+        if accumulate:
+            out.baddbmm_(left, right)
+        else:
+            torch.bmm(left, right, out=out)
+
+    return write
 
 
-def _conv1d_grads(module: nn.Module, a: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
-    return torch.bmm(a.transpose(1, 2), b) if leaf == "weight" else b.sum(1)
+def _sum_tokens(t: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """out (B, *shape) = or += the sum over tokens of t (B, T, prod(shape))."""
+    flat = out.view(out.shape[0], -1)
+    if accumulate:
+        flat.add_(t.sum(1))
+    else:
+        torch.sum(t, 1, out=flat)
 
 
 def _embedding_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
@@ -113,14 +149,17 @@ def _embedding_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
     return ids.reshape(rows, -1), _batch_first(call.grad, rows, (module.embedding_dim,), "output gradient")
 
 
-def _embedding_grads(module: nn.Module, ids: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
+def _embedding_write(
+    module: nn.Module, ids: torch.Tensor, b: torch.Tensor, leaf: str, out: torch.Tensor, accumulate: bool
+) -> None:
     rows, tokens = ids.shape
-    g = b.new_zeros((rows, module.num_embeddings, module.embedding_dim))
+    if not accumulate:
+        out.zero_()
     example = torch.arange(rows, device=ids.device)[:, None].expand(rows, tokens)
-    g.index_put_((example, ids), b, accumulate=True)
-    if module.padding_idx is not None:
-        g[:, module.padding_idx] = 0  # torch gives the padding row no gradient
-    return g
+    if module.padding_idx is not None:  # torch gives the padding row no gradient
+        used = ids != module.padding_idx
+        example, ids, b = example[used], ids[used], b[used]
+    out.index_put_((example, ids), b, accumulate=True)
 
 
 def _layer_norm_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
@@ -130,12 +169,13 @@ def _layer_norm_tokens(module: nn.Module, call: Call, rows: int) -> Tokens:
     return x_hat, _batch_first(call.grad, rows, shape, "output gradient")
 
 
-def _layer_norm_grads(module: nn.Module, x_hat: torch.Tensor, b: torch.Tensor, leaf: str) -> torch.Tensor:
-    g = (x_hat * b).sum(1) if leaf == "weight" else b.sum(1)
-    return g.reshape(g.shape[0], *module.normalized_shape)
+def _layer_norm_write(
+    module: nn.Module, x_hat: torch.Tensor, b: torch.Tensor, leaf: str, out: torch.Tensor, accumulate: bool
+) -> None:
+    _sum_tokens(x_hat * b if leaf == "weight" else b, out, accumulate)
 
 
-_LINEAR = _Rule(_dense_tokens(lambda m: m.in_features, lambda m: m.out_features), _linear_grads)
-_CONV1D = _Rule(_dense_tokens(lambda m: m.weight.shape[0], lambda m: m.weight.shape[1]), _conv1d_grads)
-_EMBEDDING = _Rule(_embedding_tokens, _embedding_grads)
-_LAYER_NORM = _Rule(_layer_norm_tokens, _layer_norm_grads)
+_LINEAR = _Rule(_dense_tokens(lambda m: m.in_features, lambda m: m.out_features), _dense_write(True))
+_CONV1D = _Rule(_dense_tokens(lambda m: m.weight.shape[0], lambda m: m.weight.shape[1]), _dense_write(False))
+_EMBEDDING = _Rule(_embedding_tokens, _embedding_write)
+_LAYER_NORM = _Rule(_layer_norm_tokens, _layer_norm_write)
