@@ -82,6 +82,15 @@ def export_gradients(
         tokens; Hugging Face transformers that torch.func.vmap cannot run included), the others
         from vmap, or a per-example loop where vmap fails (the rule: per_example.PerExampleGradients).
     projection: a tracin.Projection applied to every batch before it is stored (float32 out).
+        Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
+        the weight (with its bias, when chosen) of every chosen nn.Linear and Hugging Face Conv1D, and
+        of every nn.Embedding, is projected per token, sum_t (P_rows b_t)(P_cols a_t)^T, from the one
+        batched forward and backward, never forming the (out, in) gradient; the other chosen
+        parameters (LayerNorm, tied weights, other layers) are computed in full (a second pass) and
+        projected flat. dim is split evenly over these segments (each layer's share factored
+        k_rows x k_cols, see Projection.kronecker_dims); metadata["projection"]["segments"] is the
+        layout, and Projection.apply(full rows, segments=that layout) gives the same rows.
+        tracin.torch.token_projection says more.
     dtype: stored element type, "float32", "float16" or "bfloat16".
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
         earlier call with the same arguments was interrupted. Returns the finished store. Its
@@ -96,8 +105,8 @@ def export_gradients(
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
         score against test rows exported with None: LESS-style data selection). "adam_update" needs
-        mode="full"; "adam" also works factored / last_layer through a rank-one factorisation of v
-        (exact for a rank-one v, an approximation for Adam).
+        mode="full"; "adam" also works factored / last_layer and with a kronecker=True projection
+        through a rank-one factorisation of v (exact for a rank-one v, an approximation for Adam).
         See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").

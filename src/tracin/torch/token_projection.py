@@ -109,11 +109,6 @@ class KroneckerRows:
     # --- what the export records ---
 
     @property
-    def layout(self) -> list[LayerMatrix | int]:
-        """The segments as Projection.apply takes them (on the full rows in `names` order)."""
-        return [s.layer for s in self.segments]
-
-    @property
     def batch_elements(self) -> int:
         """Elements held per example, for the default batch size: the projected row, the plain
         segments' full gradients, the captured inputs and output gradients of _TOKENS_PER_EXAMPLE tokens."""
