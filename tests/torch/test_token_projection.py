@@ -292,6 +292,11 @@ def test_bad_combinations_are_clear_errors():
         )
     with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state"):
         export_gradients(model, checkpoints, data, token_loss, projection=proj, preconditioner="adam")
+    prime = tracin.Projection(2 * 67, per_layer=True, kronecker=True)  # 67 outputs per layer: 67 x 1
+    with pytest.raises(
+        ValueError, match=r"layer 'fc' 67 outputs, whose most balanced factors are \(67, 1\); choose dim = 2"
+    ):
+        export_gradients(model, checkpoints, data, token_loss, layers=["fc", "mix"], projection=prime)
 
 
 def test_jax_refuses_kronecker_projections():

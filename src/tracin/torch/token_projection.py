@@ -21,6 +21,7 @@ segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their proje
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,7 @@ class KroneckerRows:
             self.segments.append(_Segment(j, seg_names, layer, dim, start, module, kind))
             start += dim
         self.kron = [s for s in self.segments if s.module is not None]
+        _check_balanced(self.kron, projection, len(self.segments))
         self.plain = [s for s in self.segments if s.module is None]
         plain_names = [n for s in self.plain for n in s.names]
         self._plain_rows = PerExampleGradients(model, plain_names, loss_fn) if plain_names else None
@@ -275,6 +277,19 @@ def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatr
         plan.append(([name, bias_name] if bias else [name], layer, module_name, kind))
         i += 2 if bias else 1
     return plan
+
+
+def _check_balanced(kron: list[_Segment], projection: Projection, n_segments: int) -> None:
+    """ValueError when a layer's share of dim factors badly (a prime share p gives p x 1: every token's
+    input is projected to one number)."""
+    for seg in kron:
+        small = min(projection.kronecker_dims(seg.dim, seg.layer))
+        if small < math.isqrt(seg.dim) // 2:
+            raise ValueError(
+                f"projection: dim={projection.dim} gives layer {seg.module!r} {seg.dim} outputs, whose most "
+                f"balanced factors are {projection.kronecker_dims(seg.dim, seg.layer)}; choose dim = "
+                f"{n_segments} segments x k with k of balanced factors (e.g. {n_segments} x 1024 = {n_segments * 1024})"
+            )
 
 
 def _token_product(
