@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernel [--quick] [--cases top10,both,...] [--repeats 5] [--threads 2]
                                 [--isa native,avx2]
+    python -m benchmarks.kernel --cases cosine      # normalize=True against plain scores (opt-in)
 
 Run from a source checkout with the bench extra (pip install 'tracin[bench]'). Each case times its
 contenders interleaved (warm-up, then `repeats` rounds; medians), checks the top-k results against
@@ -20,15 +21,17 @@ import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from . import cases as case_defs
 from . import roofline
 from .common import RESULTS_DIR, SETTLE_S, machine_info, time_interleaved, write_json
 from .exactness import check_top_k
-from .peers import thread_limits
+from .peers import numpy_top_k, thread_limits
 
 ENV_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 ISA_NAMES = ("native", "avx512", "avx2", "generic")
@@ -59,7 +62,62 @@ GOALS = [
     Goal("factored (10 x 513) vs materialised (5130 dims)", "factored", "factored vs materialised", ">=", 20.0),
     Goal("threads 1 -> 2 speed-up (tracin)", "threads", "tracin t=1 -> t=2", "report"),
     Goal("threads 1 -> 2 speed-up (faiss)", "threads", "faiss t=1 -> t=2", "report"),
+    Goal("cosine scores (normalize=True) cost / plain, top-10", "cosine", "cosine / plain cost", "<=", 1.1),
+    Goal("cosine scores cost / plain, skinny queries", "cosine skinny", "cosine / plain cost", "<=", 1.1),
 ]
+
+
+def _top_k_call(q: np.ndarray, x: np.ndarray, threads: int, isa: str, normalize: bool) -> Callable[[], object]:
+    """tracin.top_k(q, x, 10, normalize=...); with `isa` other than this CPU's own, the kernel call
+    with its instruction set forced, as cases._tracin does."""
+    import tracin
+
+    if isa in ("native", case_defs.native_isa()):
+        return lambda: tracin.top_k(q, x, 10, num_threads=threads, normalize=normalize)
+    from tracin import _core
+
+    t, s = tracin.Gradients(q).kernel_side(), tracin.Gradients(x).kernel_side()
+    return lambda: tracin.TopK(
+        *_core.top_k(t, s, [1.0], 10, 0, num_threads=threads, isa=isa, normalize=int(normalize))[:2]
+    )
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    """float32 rows divided by their float64 norms (the cosine reference's data)."""
+    return (a / np.linalg.norm(a.astype(np.float64), axis=1, keepdims=True)).astype(np.float32)
+
+
+def cosine(sizes: case_defs.Sizes, data: case_defs.Data, threads: int, isa: str = "native") -> Iterator[case_defs.Case]:
+    """top-10 with normalize=True against plain scores on the same data (the cost of the norms in
+    the kernel), on the headline and the skinny shapes; numpy on unit rows as the peer and check."""
+    for name, (m, n, d) in (("cosine", sizes.main), ("cosine skinny", sizes.skinny)):
+        q, x = data.matrix(m, d, "test"), data.matrix(n, d)
+        qu, xu = _unit(q), _unit(x)
+        flops, least = 2.0 * m * n * d, n * d * 4.0 + m * d * 4.0 + m * 10 * 12.0
+        yield case_defs.Case(
+            name,
+            f"top-10 cosine (normalize=True) vs plain scores, m={m} n={n} d={d} fp32",
+            {"m": m, "n": n, "d": d, "k": 10, "side": "proponents", "dtype": "float32", "threads": threads},
+            [
+                case_defs.Contender(
+                    "tracin plain", "tracin", _top_k_call(q, x, threads, isa, False), flops, least, threads
+                ),
+                case_defs.Contender(
+                    "tracin cosine", "tracin", _top_k_call(q, x, threads, isa, True), flops, least, threads
+                ),
+                case_defs.Contender(
+                    "numpy on unit rows", "numpy", lambda qu=qu, xu=xu: numpy_top_k(qu, xu, 10), flops, least, threads
+                ),
+            ],
+            {
+                "cosine / plain cost": ("tracin cosine", "tracin plain"),
+                "tracin vs numpy": ("numpy on unit rows", "tracin cosine"),
+            },
+            [case_defs.Check("tracin cosine", "numpy on unit rows", qu, xu)],
+        )
+
+
+GROUPS = {**case_defs.GROUPS, "cosine": cosine}  # the default run: case_defs.GROUPS; cosine on request
 
 
 def _stashing(name: str, fn: Callable[[], object], stash: dict) -> Callable[[], None]:
@@ -248,7 +306,7 @@ def run(
     for isa in isas:
         log(f"tracin kernel: {isa}" + (" (this CPU's own)" if isa == native else " (forced)"))
         for group in groups:
-            for case in case_defs.GROUPS[group](sizes, data, threads, isa):
+            for case in GROUPS[group](sizes, data, threads, isa):
                 log(f"case {case.name}: {case.title}")
                 with thread_limits(threads):
                     record = run_case(case, repeats, warmup, pause_s=0.0 if quick else SETTLE_S)
@@ -288,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cases",
         default=",".join(case_defs.GROUPS),
-        help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)})",
+        help=f"comma-separated case groups (default: all of {','.join(case_defs.GROUPS)}; also: cosine)",
     )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per contender first (default 1)")
@@ -325,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.cases.split(",") if g.strip()]
-    unknown = [g for g in groups if g not in case_defs.GROUPS]
+    unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        parser.error(f"--cases: unknown {unknown}; choose from {','.join(case_defs.GROUPS)}")
+        parser.error(f"--cases: unknown {unknown}; choose from {','.join(GROUPS)}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
     isa_names = [i.strip() for i in args.isa.split(",") if i.strip()]

@@ -160,7 +160,7 @@ std::int64_t MaxCols(const GradientSide& side) {
   return width;
 }
 
-// Sum of squares of one row in float64 (SumOfSquares over the whole row).
+// Sum of squares of one row in float64.
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
   const float* x = buf;
   // float32 rows are read in place when aligned (a misaligned buffer is legal input)
@@ -168,7 +168,7 @@ double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t
     x = static_cast<const float*>(m.data) + row * m.row_stride;
   else
     LoadRow(kernels, m, row, 0, m.cols, buf);
-  return SumOfSquares(x, m.cols);
+  return SumOfSquares(kernels, x, m.cols);
 }
 
 template <class T>
@@ -296,7 +296,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
           const MatrixView& m = train.blocks[c];
           detail::LoadRow(kernels, m, i, 0, m.cols, buf);
           for (std::int64_t k = 0; k < m.cols; ++k) dot += column_sums[c][k] * buf[k];
-          if (options.normalize > 0) squares += detail::SlicedSumOfSquares(buf, m.cols);
+          if (options.normalize > 0) squares += detail::SumOfSquares(kernels, buf, m.cols);
         }
         total += options.normalize > 0 ? dot * detail::InverseNorm(squares) : dot;
       }

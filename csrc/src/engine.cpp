@@ -259,7 +259,8 @@ class RowPrefetcher {
 
 struct ThreadScratch {
   AlignedFloats tile, left, right, rows, run;
-  std::vector<double> norms, left_squares, right_squares;  // cosine scores: per tile row
+  std::vector<double> norms;             // cosine scores: per tile row, its squared norm over the run
+  std::vector<double> left_sums, right_sums;  // and kNormLanes partial sums per row of a block
   RowPrefetcher prefetch;
 };
 
@@ -291,34 +292,38 @@ class TileProducer {
       s.left.Resize(tile_size);
       s.right.Resize(tile_size);
     }
-    double* squares = nullptr;
+    double* sums = nullptr;
     if (normalize_ > 0) {
       s.run.Resize(tile_size);
-      for (auto* v : {&s.norms, &s.left_squares, &s.right_squares}) v->resize(static_cast<std::size_t>(rows));
-      squares = s.left_squares.data();
+      s.norms.resize(static_cast<std::size_t>(rows));
+      for (auto* v : {&s.left_sums, &s.right_sums}) v->resize(static_cast<std::size_t>(rows * kNormLanes));
+      sums = s.left_sums.data();
     }
+    // Cosine scores: row j's squared norm over block b, from the partial sums Accumulate left.
+    const auto squares = [&](std::vector<double>& block_sums, std::int64_t j) {
+      return CombineSums(block_sums.data() + j * kNormLanes);
+    };
     for (std::size_t c0 = 0; c0 < checkpoints; c0 += run) {
       float* sum = normalize_ > 0 && c0 > 0 ? s.run.data() : s.tile.data();
       if (sum != s.tile.data()) s.run.Zero();
       std::fill(s.norms.begin(), s.norms.end(), 0.0);
       for (std::size_t c = c0; c < c0 + run; ++c) {
+        if (sums) std::fill(s.left_sums.begin(), s.left_sums.end(), 0.0);
+        if (sums && train_.factored) std::fill(s.right_sums.begin(), s.right_sums.end(), 0.0);
         if (!train_.factored) {
-          if (squares) std::fill(s.left_squares.begin(), s.left_squares.end(), 0.0);
-          Accumulate(c, begin, rows, sum, squares, s, next);
-          for (std::size_t j = 0; squares && j < s.norms.size(); ++j) s.norms[j] += squares[j];
+          Accumulate(c, begin, rows, sum, sums, s, next);
+          for (std::int64_t j = 0; sums && j < rows; ++j) s.norms[j] += squares(s.left_sums, j);
           continue;
         }
         s.left.Zero();
         s.right.Zero();
-        if (squares)
-          for (auto* v : {&s.left_squares, &s.right_squares}) std::fill(v->begin(), v->end(), 0.0);
-        Accumulate(2 * c, begin, rows, s.left.data(), squares, s, next);
-        Accumulate(2 * c + 1, begin, rows, s.right.data(), squares ? s.right_squares.data() : nullptr, s, next);
+        Accumulate(2 * c, begin, rows, s.left.data(), sums, s, next);
+        Accumulate(2 * c + 1, begin, rows, s.right.data(), sums ? s.right_sums.data() : nullptr, s, next);
         const float* l = s.left.data();
         const float* r = s.right.data();
         for (std::size_t i = 0; i < tile_size; ++i) sum[i] += l[i] * r[i];
-        for (std::size_t j = 0; squares && j < s.norms.size(); ++j)
-          s.norms[j] += s.left_squares[j] * s.right_squares[j];
+        for (std::int64_t j = 0; sums && j < rows; ++j)
+          s.norms[j] += squares(s.left_sums, j) * squares(s.right_sums, j);
       }
       if (normalize_ > 0) ScaleRun(sum, rows, ldc, s);
     }
@@ -375,8 +380,9 @@ class TileProducer {
   }
 
   // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes;
-  // squares (when not null) [i] += the row's SumOfSquares per slice, in slice order.
-  void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c, double* squares,
+  // sums (when not null): row i's kNormLanes partial sums of squares (kernels.sum_of_squares) at
+  // sums + i * kNormLanes, added to slice by slice.
+  void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c, double* sums,
                   ThreadScratch& s, const NextTile& next) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
@@ -390,7 +396,7 @@ class TileProducer {
       float* a_block = s.rows.data();
       const std::int64_t padded = RoundUp(rows, mr);
       for (std::int64_t r = 0; r < rows; ++r) LoadRow(kernels_, m, begin + r, k0, kc, a_block + r * kc);
-      for (std::int64_t r = 0; squares && r < rows; ++r) squares[r] += SumOfSquares(a_block + r * kc, kc);
+      if (sums) kernels_.sum_of_squares(a_block, rows, kc, sums);
       std::memset(a_block + rows * kc, 0, static_cast<std::size_t>((padded - rows) * kc) * sizeof(float));
       PrefetchAfter(b, slice, begin, rows, next, s.prefetch);
       const std::int64_t steps = padded / mr;
@@ -481,29 +487,23 @@ void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, 
   }
 }
 
-double SumOfSquares(const float* x, std::int64_t n) {
-  double lanes[kNormLanes] = {};
-  std::int64_t k = 0;
-  for (; k + kNormLanes <= n; k += kNormLanes)
-    for (std::int64_t j = 0; j < kNormLanes; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
-  for (std::int64_t j = 0; k + j < n; ++j) lanes[j] += static_cast<double>(x[k + j]) * x[k + j];
+double CombineSums(double* sums) {
   for (std::int64_t width = kNormLanes / 2; width > 0; width /= 2)
-    for (std::int64_t j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-  return lanes[0];
+    for (std::int64_t j = 0; j < width; ++j) sums[j] += sums[j + width];
+  return sums[0];
 }
 
-double SlicedSumOfSquares(const float* x, std::int64_t n) {
-  double total = 0.0;
-  for (std::int64_t k0 = 0; k0 < n; k0 += kSliceDepth)
-    total += SumOfSquares(x + k0, std::min(kSliceDepth, n - k0));
-  return total;
+double SumOfSquares(const KernelTable& kernels, const float* x, std::int64_t n) {
+  double sums[kNormLanes] = {};
+  kernels.sum_of_squares(x, 1, n, sums);
+  return CombineSums(sums);
 }
 
 namespace {
 
-double SlicedSquares(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
+double RowSquares(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
   LoadRow(kernels, m, row, 0, m.cols, buf);
-  return SlicedSumOfSquares(buf, m.cols);
+  return SumOfSquares(kernels, buf, m.cols);
 }
 
 }  // namespace
@@ -512,9 +512,9 @@ double RunSquaredNorm(const KernelTable& kernels, const GradientSide& side, std:
                       std::size_t count, std::int64_t row, float* buf) {
   double total = 0.0;
   for (std::size_t c = first; c < first + count; ++c)
-    total += side.factored ? SlicedSquares(kernels, side.blocks[2 * c], row, buf) *
-                                 SlicedSquares(kernels, side.blocks[2 * c + 1], row, buf)
-                           : SlicedSquares(kernels, side.blocks[c], row, buf);
+    total += side.factored ? RowSquares(kernels, side.blocks[2 * c], row, buf) *
+                                 RowSquares(kernels, side.blocks[2 * c + 1], row, buf)
+                           : RowSquares(kernels, side.blocks[c], row, buf);
   return total;
 }
 

@@ -32,16 +32,16 @@ Status ValidatePair(const GradientSide& test, const GradientSide& train,
 void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, std::int64_t k0,
              std::int64_t n, float* dst);
 
-// float64 sum of squares of x[0, n) in kNormLanes independent partial sums combined in a fixed order.
-double SumOfSquares(const float* x, std::int64_t n);
+// One sum of kNormLanes partial sums (kernels.sum_of_squares), combined pairwise: sum j += sum
+// j + 8, then + 4, + 2, + 1. Overwrites them.
+double CombineSums(double* sums);
 
-// SumOfSquares of x[0, n) per slice of kSliceDepth values, the slices' sums added in order: the
-// squared norm of a row as cosine scores sum it (the tile producer, slice by slice as it loads rows).
-double SlicedSumOfSquares(const float* x, std::int64_t n);
+// float64 sum of squares of x[0, n): kernels.sum_of_squares into fresh sums, then CombineSums.
+double SumOfSquares(const KernelTable& kernels, const float* x, std::int64_t n);
 
 // Cosine scores (Options::normalize): the squared norm of row `row` of `side` over checkpoints
-// [first, first + count), float64: per block SlicedSumOfSquares, blocks in order; factored: sum of
-// |left|^2 |right|^2. buf holds the widest block.
+// [first, first + count), float64: per block SumOfSquares (the bits the tile producer gets slice by
+// slice), blocks in order; factored: sum of |left|^2 |right|^2. buf holds the widest block.
 double RunSquaredNorm(const KernelTable& kernels, const GradientSide& side, std::size_t first,
                       std::size_t count, std::int64_t row, float* buf);
 

@@ -29,6 +29,13 @@ using MicroKernel = void (*)(std::int64_t kc, const float* a, std::int64_t lda, 
 // dst[0, n) = float32(src[0, n)) for float16 / bfloat16 bits.
 using ConvertKernel = void (*)(const std::uint16_t* src, std::int64_t n, float* dst);
 
+// Squares of `rows` rows of n float32 values (row r at x + r * n) added in float64 to kNormLanes
+// (16) partial sums per row: value k of row r to sums[r * 16 + k % 16]. Called slice by slice with
+// n a multiple of 16 but for a row's last slice, the sums carry on across slices; CombineSums
+// (engine.hpp) makes one sum of them. Every square of a float32 is exact in float64, so each
+// instruction set gives the same bits.
+using SquaresKernel = void (*)(const float* x, std::int64_t rows, std::int64_t n, double* sums);
+
 struct MicroTile {
   int mr = 0;  // train rows per micro tile
   int nr = 0;  // test lanes per micro tile
@@ -42,6 +49,7 @@ struct KernelTable {
   MicroTile thin;    // the fewest lanes: for passes of rows so wide that the narrow one's would not fit
   ConvertKernel half_to_float = nullptr;
   ConvertKernel bfloat_to_float = nullptr;
+  SquaresKernel sum_of_squares = nullptr;
 };
 
 const KernelTable& GenericKernels();

@@ -3,6 +3,7 @@
 
 #include "half.hpp"
 #include "kernels.hpp"
+#include "tunables.hpp"
 
 namespace tracin::detail {
 namespace {
@@ -54,11 +55,29 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
 }
 
+// SquaresKernel (kernels.hpp) in four registers of 4 doubles: the generic kernel's bits (an exact
+// square added to a sum rounds once, fused or not).
+void SquaresRun(const float* x, std::int64_t rows, std::int64_t n, double* sums) {
+  static_assert(kNormLanes == 16, "SquaresRun keeps 16 sums");
+  for (std::int64_t r = 0; r < rows; ++r, x += n, sums += 16) {
+    __m256d acc[4];
+    for (int v = 0; v < 4; ++v) acc[v] = _mm256_loadu_pd(sums + 4 * v);
+    std::int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+      for (int v = 0; v < 4; ++v) {
+        const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + k + 4 * v));
+        acc[v] = _mm256_fmadd_pd(a, a, acc[v]);
+      }
+    for (int v = 0; v < 4; ++v) _mm256_storeu_pd(sums + 4 * v, acc[v]);
+    for (std::int64_t j = 0; k + j < n; ++j) sums[j] += static_cast<double>(x[k + j]) * x[k + j];
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx2Kernels() {
   static const KernelTable table{Isa::kAvx2, {6, 16, &Micro<6, 2>}, {12, 8, &Micro<12, 1>},
-                                 {12, 8, &Micro<12, 1>}, &HalfToFloatRun, &BFloatToFloatRun};
+                                 {12, 8, &Micro<12, 1>}, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun};
   return table;
 }
 

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "kernels.hpp"
+#include "tunables.hpp"
 
 namespace tracin::detail {
 namespace {
@@ -61,13 +62,32 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
   }
 }
 
+// SquaresKernel (kernels.hpp) in two registers of 8 doubles: the generic kernel's bits (an exact
+// square added to a sum rounds once, fused or not).
+void SquaresRun(const float* x, std::int64_t rows, std::int64_t n, double* sums) {
+  static_assert(kNormLanes == 16, "SquaresRun keeps 16 sums");
+  for (std::int64_t r = 0; r < rows; ++r, x += n, sums += 16) {
+    __m512d low = _mm512_loadu_pd(sums), high = _mm512_loadu_pd(sums + 8);
+    std::int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+      const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(x + k));
+      const __m512d b = _mm512_cvtps_pd(_mm256_loadu_ps(x + k + 8));
+      low = _mm512_fmadd_pd(a, a, low);
+      high = _mm512_fmadd_pd(b, b, high);
+    }
+    _mm512_storeu_pd(sums, low);
+    _mm512_storeu_pd(sums + 8, high);
+    for (std::int64_t j = 0; k + j < n; ++j) sums[j] += static_cast<double>(x[k + j]) * x[k + j];
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
   // Thin: the AVX2 narrow tile (8 lanes; AVX-512 CPUs run AVX2, and each lane is the same
   // multiply-add chain, so the bits are the same).
   static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {12, 16, &Micro<12, 1>},
-                                 Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun};
+                                 Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun};
   return table;
 }
 

@@ -3,6 +3,7 @@
 
 #include "half.hpp"
 #include "kernels.hpp"
+#include "tunables.hpp"
 
 namespace tracin::detail {
 namespace {
@@ -42,11 +43,16 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
   for (std::int64_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
 }
 
+void SquaresRun(const float* x, std::int64_t rows, std::int64_t n, double* sums) {
+  for (std::int64_t r = 0; r < rows; ++r, x += n, sums += kNormLanes)
+    for (std::int64_t k = 0; k < n; ++k) sums[k % kNormLanes] += static_cast<double>(x[k]) * x[k];
+}
+
 }  // namespace
 
 const KernelTable& GenericKernels() {
   static const KernelTable table{Isa::kGeneric, {4, 8, &Micro<4, 8>}, {4, 4, &Micro<4, 4>},
-                                 {4, 4, &Micro<4, 4>}, &HalfToFloatRun, &BFloatToFloatRun};
+                                 {4, 4, &Micro<4, 4>}, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun};
   return table;
 }
 

@@ -1,6 +1,6 @@
 // Every tuning constant of the kernel, each defined and explained once. They trade speed against
 // memory; none changes a float32 result bit except kNormLanes (the float64 summation order of
-// self_influence). The depth of the summed slices is part of the numerical contract, not a
+// self_influence and of the norms of cosine scores). The depth of the summed slices is part of the numerical contract, not a
 // tunable: kSliceDepth in kernels.hpp. Each names the benchmark record that shows its effect
 // (benchmarks/results/, on the 2-core machine of that record) and the commit that chose it; rerun
 // that benchmark before changing one.
@@ -57,8 +57,8 @@ inline constexpr std::int64_t kRowsPerTask = 256;
 // Record: kernel.json case "top10" (commit e3ffe02).
 inline constexpr std::int64_t kScanLanes = 16;
 
-// Independent float64 partial sums per row in self_influence (breaks the addition latency
-// chain). Record: torch_end_to_end.json "tracin_full_stages_s"."self_influence" (commit 5380ec1).
+// Independent float64 partial sums per row in self_influence and the norms of cosine scores
+// (breaks the addition latency chain; the x86 SquaresRun kernels hold exactly 16). Record: torch_end_to_end.json "tracin_full_stages_s"."self_influence" (commit 5380ec1).
 inline constexpr std::int64_t kNormLanes = 16;
 
 // --- Random projection (projection.cpp) ---
