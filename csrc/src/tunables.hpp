@@ -1,9 +1,9 @@
 // Every tuning constant of the kernel, each defined and explained once. They trade speed against
 // memory; none changes a float32 result bit except kNormLanes (the float64 summation order of
 // self_influence and of the norms of cosine scores). The depth of the summed slices is part of
-// the numerical contract, not a tunable: kSliceDepth in kernels.hpp. Each names the benchmark record that shows its effect
-// (benchmarks/results/, on the 2-core machine of that record) and the commit that chose it; rerun
-// that benchmark before changing one.
+// the numerical contract, not a tunable: kSliceDepth in kernels.hpp. Each names the benchmark
+// record that shows its effect (benchmarks/results/, on the 2-core machine of that record) and the
+// commit that chose it; rerun that benchmark before changing one.
 #pragma once
 
 #include <cstddef>
