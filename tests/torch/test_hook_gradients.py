@@ -14,7 +14,10 @@ from torch import nn
 import tracin
 from reference import assert_close_to_exact
 from tracin.torch import export_gradients
+from tracin.torch.capture import Call, capture, stream
 from tracin.torch.checkpoints import tied_aliases
+from tracin.torch.hook_gradients import HookGradients
+from tracin.torch.layer_rules import per_example_grad, token_form, write_per_example_grad
 from tracin.torch.layers import select_parameters
 from tracin.torch.per_example import PerExampleGradients
 
@@ -234,3 +237,127 @@ def test_layers_run_sequence_first_leave_the_hook_path_exactly(tokens):
         assert any("given up" in str(w.message) for w in caught) and compute.hooks is None
     want = autograd_rows(model, names, CE, {"x": x}, y)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+
+class TwiceAndUnused(nn.Module):
+    """`shared` runs twice; `unused` runs on a tensor the loss never sees."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared, self.head, self.unused = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        first = self.shared(x)
+        second = self.shared(torch.tanh(first))
+        self.unused(second)
+        return self.head(second)
+
+
+def test_capture_and_stream_hand_over_each_call_once_with_its_output_gradient():
+    model = TwiceAndUnused().double()
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # independent reference: the same forward written out, autograd w.r.t. each output
+    with torch.no_grad():
+        params = {k: v.clone().requires_grad_(True) for k, v in state.items()}
+    first = nn.functional.linear(x, params["shared.weight"], params["shared.bias"])
+    second = nn.functional.linear(torch.tanh(first), params["shared.weight"], params["shared.bias"])
+    logits = nn.functional.linear(second, params["head.weight"], params["head.bias"])
+    d_first, d_second, d_logits = torch.autograd.grad(CE(logits, y).sum(), [first, second, logits])
+    names = ["shared", "head", "unused"]
+
+    calls = capture(model, names, state, CE, x, y)
+    expected = {
+        "shared": [(x, d_first), (torch.tanh(first), d_second)],
+        "head": [(second, d_logits)],
+        "unused": [(second, torch.zeros(5, 2, dtype=torch.float64))],
+    }
+    for name, pairs in expected.items():
+        assert len(calls[name]) == len(pairs)
+        for call, (want_input, want_grad) in zip(calls[name], pairs, strict=True):
+            torch.testing.assert_close(call.input, want_input.detach(), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(call.grad, want_grad, rtol=1e-12, atol=1e-12)
+
+    order = []
+    counts = stream(model, names, state, CE, x, y, lambda name, index, call: order.append((name, index)))
+    assert counts == {"shared": 2, "head": 1, "unused": 1}
+    # backward order for the calls the loss reaches, then the unreached one (zero gradient)
+    assert order == [("head", 0), ("shared", 1), ("shared", 0), ("unused", 0)]
+
+
+class TiedEmbedding(nn.Module):
+    """A padded token model whose output layer shares the input embedding, and a Linear run twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix = nn.Embedding(7, 3, padding_idx=0), nn.Linear(3, 3)
+        self.out = nn.Linear(3, 7, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.mix(torch.tanh(self.mix(self.embed(ids))))
+        return self.out(h).sum(1)
+
+
+def test_hook_gradients_write_tied_and_repeated_layers_into_their_columns_only():
+    model = TiedEmbedding().double()
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 7, (6, 5), generator=g)
+    ids[:, 3:] = 0  # padding: no gradient for the embedding's row 0, but the output layer's use counts
+    y = torch.randint(0, 7, (6,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    hooks = HookGradients(model, names, CE)
+    assert set(hooks.plan) == set(names) and hooks.plan["embed.weight"] == [("embed", "weight"), ("out", "weight")]
+    widths = [p.numel() for p in model.parameters()]
+    columns, offset = {}, 2
+    for n, w in zip(names, widths, strict=True):
+        columns[n], offset = (offset, w), offset + w
+    out = torch.full((6, offset + 3), 7.0, dtype=torch.float64)  # columns of no parameter keep their 7s
+    state = {k: v for k, v in model.state_dict().items() if k not in tied_aliases(model)}
+    silent, unusable = hooks(state, {"ids": ids}, y, out, columns)
+    assert silent == [] and unusable == {}
+    want = autograd_rows(model, names, CE, {"ids": ids}, y)
+    np.testing.assert_allclose(out[:, 2:-3].numpy(), want, rtol=1e-12, atol=1e-14 * np.abs(want).max())
+    assert (out[:, :2] == 7).all() and (out[:, -3:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # the layer's own, another
+@pytest.mark.parametrize(
+    "make, leaf",
+    [
+        (lambda: nn.Linear(3, 4), "weight"),
+        (lambda: nn.Linear(3, 4), "bias"),
+        (lambda: nn.Embedding(6, 4, padding_idx=2), "weight"),
+        (lambda: nn.LayerNorm(4), "weight"),
+        (lambda: nn.LayerNorm(4), "bias"),
+    ],
+)
+def test_written_gradients_add_to_a_strided_view(make, leaf, dtype):
+    torch.manual_seed(0)
+    layer = make().double()
+    g = torch.Generator().manual_seed(12)
+    if isinstance(layer, nn.Embedding):
+        x = torch.randint(0, 6, (3, 5), generator=g)
+    else:
+        x = torch.randn(3, 5, 3 if isinstance(layer, nn.Linear) else 4, generator=g, dtype=torch.float64)
+    y = layer(x)
+    b = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    # independent reference: per example, autograd of <b_i, layer(x_i)> w.r.t. the parameter
+    want = torch.stack(
+        [torch.autograd.grad((layer(x[i : i + 1]) * b[i : i + 1]).sum(), getattr(layer, leaf))[0] for i in range(3)]
+    )
+    a, b_tokens = token_form(layer, Call(x, b), 3)
+    shape = tuple(getattr(layer, leaf).shape)
+    width = want[0].numel()
+    rows = torch.randn(3, width + 4, generator=g).to(dtype)
+    before = rows.clone()
+    dest = rows[:, 1 : 1 + width].view(3, *shape)  # strided: the export's columns
+    write_per_example_grad(layer, leaf, a, b_tokens, dest, accumulate=True)
+    torch.testing.assert_close(
+        dest.double(), before[:, 1 : 1 + width].view(3, *shape).double() + want, rtol=1e-6, atol=1e-6
+    )
+    assert torch.equal(rows[:, 0], before[:, 0]) and torch.equal(rows[:, 1 + width :], before[:, 1 + width :])
+    torch.testing.assert_close(per_example_grad(layer, leaf, a, b_tokens), want, rtol=1e-12, atol=1e-12)
