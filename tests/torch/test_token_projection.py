@@ -308,3 +308,25 @@ def test_jax_refuses_kronecker_projections():
         jax_export(
             lambda p, x, y: x, [({"w": np.zeros(2, np.float32)}, 1.0)], (np.zeros((2, 2)), np.zeros(2)), projection=proj
         )
+
+
+def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
+    class TimeFirst(TokenModel):
+        def forward(self, ids):
+            h = self.emb(ids).transpose(0, 1)  # (T, B, width) into fc
+            return self.head(torch.tanh(self.fc(h)).transpose(0, 1))
+
+    torch.manual_seed(0)
+    model = TimeFirst()
+    ids, labels, _ = sequences(4, 6, seed=1)
+    proj = tracin.Projection(4, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=r"layer 'fc' cannot be projected per token \(input of shape \(6, \d, 6\) is not \(batch="):
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            (ids, labels),
+            token_loss,
+            layers=["fc"],
+            projection=proj,
+            progress=False,
+        )

@@ -5,7 +5,7 @@ gradient, a: input with a 1 appended for the bias). Its segment of the projected
 
     P_rows G_i P_cols^T = sum_t (P_rows b_it) (P_cols a_it)^T        (k_rows x k_cols, row-major)
 
-computed from one batched forward and backward pass (capture, layer_rules) without forming G_i:
+computed in one batched forward and backward pass (capture.stream, layer_rules) without forming G_i:
 O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose output gradient is zero
 (padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too)
 of every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input
@@ -35,7 +35,7 @@ from .._export.preconditioner import AdamMoments, Preconditioned
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import NotCaptured, capture
+from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows, slice_rows
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
@@ -206,21 +206,32 @@ class KroneckerRows:
     # --- the pieces ---
 
     def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
-        """Per Kronecker segment its (rows, dim) projected gradients, on the device."""
-        calls = capture(self.model, [s.module for s in self.kron], state, self.loss_fn, inputs, targets)
-        out = []
-        for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True):
-            total = torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
-            for call in calls[seg.module]:
-                try:
-                    a, b = token_form(self._modules[seg.module], call, rows)
-                except NotCaptured as e:
-                    raise ValueError(
-                        f"projection with kronecker=True: layer {seg.module!r} cannot be projected per token ({e})"
-                    ) from None
-                total += _token_product(seg, a, b, p_rows, p_cols, self._modules[seg.module], self.dtype)
-            out.append(total.reshape(rows, seg.dim))
-        return out
+        """Per Kronecker segment its (rows, dim) projected gradients, on the device; each call is
+        projected inside the backward pass as soon as its output gradient exists (capture.stream), so
+        only the calls still waiting for theirs are held."""
+        by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
+        totals = {
+            seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
+            for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True)
+        }
+        unusable: dict[str, str] = {}
+
+        def consume(layer: str, index: int, call: Call) -> None:
+            if layer in unusable:
+                return
+            seg, (p_rows, p_cols) = by_module[layer]
+            try:
+                a, b = token_form(self._modules[layer], call, rows)
+            except NotCaptured as e:  # raised after the pass, not inside autograd's hook
+                unusable[layer] = str(e)
+                return
+            totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
+
+        stream(self.model, list(by_module), state, self.loss_fn, inputs, targets, consume)
+        if unusable:
+            layer, why = next(iter(unusable.items()))
+            raise ValueError(f"projection with kronecker=True: layer {layer!r} cannot be projected per token ({why})")
+        return [totals[seg.module].reshape(rows, seg.dim) for seg in self.kron]
 
     def _plain(self, state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
         """The plain segments: full per-example gradients, preconditioned on the host, projected flat."""
