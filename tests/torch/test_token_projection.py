@@ -320,7 +320,9 @@ def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
     model = TimeFirst()
     ids, labels, _ = sequences(4, 6, seed=1)
     proj = tracin.Projection(4, per_layer=True, kronecker=True)
-    with pytest.raises(ValueError, match=r"layer 'fc' cannot be projected per token \(input of shape \(6, \d, 6\) is not \(batch="):
+    with pytest.raises(
+        ValueError, match=r"layer .fc. cannot be projected per token \(input of shape \(6, \d, 6\) is not"
+    ):
         export_gradients(
             model,
             [(model.state_dict(), 1.0)],
