@@ -1,4 +1,4 @@
-"""One distributed job: tasks submitted with retries, a tree of merges, progress, clear failures."""
+"""One distributed job: tasks retried on I/O errors only, a tree of merges, progress, clear failures."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
 
-RETRIES = 2  # a task that raises is run again this often (a worker that dies: Dask reschedules)
+# A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
+# exception (bad input: the ValueError / TypeError of a validation) fails the job at once. A worker
+# that dies is Dask's to handle: it reschedules the task, up to distributed.scheduler.allowed-failures.
+RETRIES = 2
 FAN_IN = 8  # results merged per merge task (tree depth log_8 of the shard count)
 
 
@@ -32,7 +35,7 @@ class Job:
 
     def submit(self, fn: Callable, *args: Any, label: str | None = None) -> Future:
         key = f"tracin_{fn.__name__}-{self.token}-{len(self.futures)}"  # grouped by fn on the dashboard
-        future = self.client.submit(fn, *args, key=key, pure=False, retries=RETRIES)
+        future = self.client.submit(_retrying, fn, *args, key=key, pure=False)
         self.futures.append(future)
         if label is not None:
             self.labels[key] = label
@@ -65,6 +68,16 @@ class Job:
         finally:
             bar.close()
             self.client.cancel(self.futures)
+
+
+def _retrying(fn: Callable, *args: Any) -> Any:
+    """fn(*args), called again up to RETRIES times while it raises OSError."""
+    for _ in range(RETRIES):
+        try:
+            return fn(*args)
+        except OSError:
+            pass
+    return fn(*args)
 
 
 def _value(x: Any) -> Any:

@@ -1,0 +1,43 @@
+"""Which task failures tracin.distributed runs again: I/O errors (OSError) up to RETRIES times, never
+a deterministic error such as the ValueError / TypeError of a validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tracin.distributed._run import RETRIES, Job
+
+
+def _counted(log: str, error: type[Exception] | None, failures: int) -> str:
+    """Appends a line to `log` per call; raises `error` on the first `failures` calls."""
+    with open(log, "a") as f:
+        f.write("call\n")
+    calls = len(Path(log).read_text().splitlines())
+    if error is not None and calls <= failures:
+        raise error(f"failure {calls}")
+    return f"done after {calls} calls"
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError, KeyError])
+def test_deterministic_errors_fail_at_once(client, tmp_path, error):
+    log = str(tmp_path / "calls")
+    job = Job(client, "test")
+    task = job.submit(_counted, log, error, 10)
+    with pytest.raises(error, match="failure 1"):
+        job.wait([task], progress=False)
+    assert len(Path(log).read_text().splitlines()) == 1
+
+
+def test_io_errors_are_retried(client, tmp_path):
+    log = str(tmp_path / "calls")
+    job = Job(client, "test")
+    assert job.wait([job.submit(_counted, log, OSError, RETRIES)], progress=False) == [
+        f"done after {RETRIES + 1} calls"
+    ]
+    log = str(tmp_path / "more")
+    job = Job(client, "test")
+    with pytest.raises(OSError, match=f"failure {RETRIES + 1}"):
+        job.wait([job.submit(_counted, log, FileNotFoundError, RETRIES + 1)], progress=False)
+    assert len(Path(log).read_text().splitlines()) == RETRIES + 1
