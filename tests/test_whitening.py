@@ -12,7 +12,7 @@ import pytest
 import tracin
 from reference import assert_close_to_exact, factored_to_full, to_float64
 from store.helpers import NUMPY_DTYPES, write_store
-from tracin.whitening import Whitening, _inverse, _moments
+from tracin.whitening import DEFAULT_DAMPING, Whitening, _inverse, _moments
 
 WEIGHTS = [0.5, 2.0]
 
@@ -110,7 +110,7 @@ def test_partials_over_many_blocks(full, monkeypatch):
     monkeypatch.setattr(_moments, "BLOCK_ROWS", 13)
     white = Whitening.fit(tracin.Gradients(train)).apply(tracin.Gradients(test))
     for ours, t, g in zip(white.matrices, test, train, strict=True):
-        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, 1.0)[0])
+        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, DEFAULT_DAMPING)[0])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -131,14 +131,14 @@ def test_full_from_store_streams_small_chunks(tmp_path, full, dtype, monkeypatch
     assert len(reads) > 10 and max(reads) <= store.row_chunks() < len(store)
     assert w.spec.fitted_on == store.store_id and w.spec.n_rows == 700
     white = w.apply(tracin.Gradients(test, WEIGHTS))
-    exact = [to_float64(t) @ reference_inverse(g, 1.0)[0] for t, g in zip(test, cast, strict=True)]
+    exact = [to_float64(t) @ reference_inverse(g, DEFAULT_DAMPING)[0] for t, g in zip(test, cast, strict=True)]
     for ours, ex in zip(white.matrices, exact, strict=True):
         assert_rows_close(ours, ex)
     assert_close_to_exact(tracin.scores(white, store), exact, cast, WEIGHTS)
 
     reads.clear()
     exact_self = sum(
-        wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, 1.0)[0], to_float64(g))
+        wc * np.einsum("ij,ij->i", to_float64(g) @ reference_inverse(g, DEFAULT_DAMPING)[0], to_float64(g))
         for wc, g in zip(WEIGHTS, cast, strict=True)
     )
     np.testing.assert_allclose(w.self_influence(store), exact_self, rtol=1e-5)
@@ -195,7 +195,7 @@ def test_mix_blends_train_and_evaluation_moments(rng, full):
     w = Whitening.fit(tracin.Gradients(train), mix=tracin.Gradients(evaluation), mix_weight=0.3)
     assert w.spec.mix_rows == 50 and w.spec.mix_weight == 0.3
     for ours, t, g, e in zip(w.apply(tracin.Gradients(test)).matrices, test, train, evaluation, strict=True):
-        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, 1.0, e, 0.3)[0])
+        assert_rows_close(ours, to_float64(t) @ reference_inverse(g, DEFAULT_DAMPING, e, 0.3)[0])
 
 
 def kron_reference(left, right, damping):
@@ -239,7 +239,7 @@ def test_factored_from_store(tmp_path, rng):
     store = tracin.GradientStore.open(tmp_path / "f", chunk_bytes=200)
     t_left, t_right = anisotropic(rng, 5, 4), anisotropic(rng, 5, 6)
     white = Whitening.fit(store).apply(tracin.FactoredGradients(t_left, t_right))
-    (inv,) = kron_reference([blocks[0][0]], [blocks[0][1]], 1.0)
+    (inv,) = kron_reference([blocks[0][0]], [blocks[0][1]], DEFAULT_DAMPING)
     (exact,) = factored_to_full([t_left], [t_right])
     (ours,) = factored_to_full(white.left, white.right)
     assert_rows_close(ours, exact @ inv)

@@ -72,6 +72,7 @@ def _lds_rows(payload: dict) -> list[str]:
 
 
 WHITENED = re.compile(r"^tracin whitened \(damping ([0-9.e+-]+)\)$")
+PEER_NAMES = {"trak": "TRAK (traker)", "dattri": "dattri"}  # payload["peers"] key -> the name printed
 PLAIN = "tracin all checkpoints"  # what whitening is compared with: the same checkpoints, unwhitened
 
 
@@ -158,6 +159,12 @@ def markdown(payload: dict) -> str:
             f"self-influence {captum['max_abs_diff_self_influence']:.2e} "
             f"(up to {captum['max_abs_self_influence']:.2e})."
         )
+    versions = [
+        f"{name} {version}"
+        for key, name in PEER_NAMES.items()
+        if (version := (payload["peers"].get(key) or {}).get("version"))
+    ]
+    head += f" Peers: {', '.join(versions) or 'none installed'}."
     if cfg.get("quick"):
         head += " **Quick (smoke-test) settings: not meaningful as quality numbers.**"
     tail = (

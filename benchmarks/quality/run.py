@@ -191,7 +191,11 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
     timings["total"] = time.perf_counter() - t_start
     return {
         "config": suite.as_dict(),
-        "peers": {"captum": captum, "trak": {"version": peers.version("traker")}},
+        "peers": {
+            "captum": captum,
+            "trak": {"version": peers.version("traker")},
+            "dattri": {"version": peers.version("dattri")},
+        },
         "detection": detect,
         "lds": lds_results,
         "winners": winners(detect, lds_results, 0.2),

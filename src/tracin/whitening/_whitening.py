@@ -27,6 +27,9 @@ from ._moments import (
 )
 from ._threads import blas_threads
 
+# fit's default damping: the lowest mean rank of LDS across the quality suite's datasets among 0.1, 1, 3,
+# 10, 30, 100 (also the highest mean LDS; benchmarks/results/quality.json, README "Whitened TracIn").
+DEFAULT_DAMPING = 10.0
 _SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params")  # metadata naming the gradient space
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -91,7 +94,7 @@ class Whitening:
         cls,
         train: Any,
         *,
-        damping: float = 1.0,
+        damping: float = DEFAULT_DAMPING,
         mix: Any = None,
         mix_weight: float = 0.5,
         precision: str = "float32",
@@ -102,8 +105,9 @@ class Whitening:
         """Fits the whitening to the train gradients (Gradients, FactoredGradients, a GradientStore or
         arrays) in one streaming pass over their rows, never loading a store whole.
 
-        damping: lambda_c = damping * trace(R_c) / d_c (default 1.0, the best measured on digits LDS:
-            0.517 vs 0.391 at 0.1 and 0.182 at 0.001; see the README).
+        damping: lambda_c = damping * trace(R_c) / d_c (default 10: best mean rank of LDS over the
+            quality suite's four datasets; 1-3 did best where train rows far outnumber dimensions, 30-100
+            where they do not; see the README). with_damping gives other dampings without a second pass.
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix.
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
