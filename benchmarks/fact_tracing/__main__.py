@@ -1,0 +1,62 @@
+"""python -m benchmarks.fact_tracing: run the benchmark, write fact_tracing.json and its plot, print the table."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+from ..common import RESULTS_DIR, write_json
+from . import config, plot, report
+from .run import run
+
+NEEDS = ("torch", "transformers", "rank_bm25", "matplotlib")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.fact_tracing", description=__doc__.split(":", 1)[1].strip())
+    p.add_argument(
+        "--quick", action="store_true", help="a tiny corpus and a few training steps: a smoke test (< 1 min)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and scoring threads (default 1: on a shared, loaded machine more threads ran slower)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        print(
+            f"python -m benchmarks.fact_tracing: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]')",
+            file=sys.stderr,
+        )
+        return 1
+    if args.threads < 1:
+        print(f"python -m benchmarks.fact_tracing: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-fact-tracing-quick-")) if args.quick else RESULTS_DIR)
+    name = "fact_tracing_quick" if args.quick else "fact_tracing"
+    payload = run(config.QUICK if args.quick else config.FULL, args.threads, log=lambda s: print(s, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    payload["plots"] = [plot.plot(payload, out / f"{name}.png").name]
+    path = write_json(name, payload, directory=out)
+    print(report.markdown(payload))
+    print(f"wrote {path} and {', '.join(payload['plots'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
