@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch_oracle import classification_data
 
-from tracin.torch import export_gradients
+from tracin.torch import export_gradients, per_example
+from tracin.torch.hook_gradients import HookGradients
 from tracin.torch.losses import check_losses
 from tracin.torch.per_example import PerExampleGradients
 
@@ -111,6 +112,26 @@ def test_covered_layers_take_the_hook_path_exactly(make, recwarn):
     x, y = classification_data(20, seed=3)
     compute, got = _compute(model, x, y, batch=7)
     assert compute.hooks is not None and compute.checked and not compute.others and not recwarn.list
+    np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pass_bytes, passes", [(1, [3, 1, 1, 1, 1, 1, 1, 1, 1]), (2**30, [3, 8])])
+def test_a_batch_goes_through_the_hooks_in_passes_sized_by_the_bytes_they_capture(monkeypatch, pass_bytes, passes):
+    monkeypatch.setattr(per_example, "_PROBE_ROWS", 3)
+    monkeypatch.setattr(per_example, "_PASS_BYTES", pass_bytes)
+    rows_seen = []
+    run = HookGradients.__call__
+
+    def counted(self, state, inputs, targets, out, columns):
+        rows_seen.append(out.shape[0])
+        return run(self, state, inputs, targets, out, columns)
+
+    monkeypatch.setattr(HookGradients, "__call__", counted)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 4))
+    x, y = classification_data(11, seed=4)
+    compute, got = _compute(model, x, y, batch=11)
+    assert rows_seen == passes and compute.checked and not compute.others
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 

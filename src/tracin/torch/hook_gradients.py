@@ -39,6 +39,7 @@ class HookGradients:
             n: owners[id(params[n])] for n in names if all(covers(modules[m]) for m, _ in owners[id(params[n])])
         }
         self._modules = modules
+        self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
 
     @property
     def layers(self) -> list[str]:
@@ -71,8 +72,10 @@ class HookGradients:
                 held.setdefault(m, []).append((name, leaf))
         written: set[str] = set()
         unusable: dict[str, str] = {}
+        captured = [0]
 
         def consume(layer: str, index: int, call: Call) -> None:
+            captured[0] += sum(t.numel() * t.element_size() for t in (call.input, call.grad))
             if layer in unusable:
                 return
             module = self._modules[layer]
@@ -88,6 +91,7 @@ class HookGradients:
                 written.add(name)
 
         counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume)
+        self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
