@@ -7,9 +7,18 @@ on right-padded sequences with attention masks, all parameters chosen; vmap cann
 plain-PyTorch causal transformer of the same size (Embedding, Linear, LayerNorm, scaled dot-product
 attention), which vmap can run, puts the hook path beside vmap. Every contender produces the
 same float32 (n, d) matrix for the same weights and data, one checkpoint; the rows of tracin and of
-vmap are checked against the loop's before timing. Timed interleaved, median of repeats.
+vmap are checked against the loop's before timing. Timed interleaved, median of repeats, at each
+sequence length of --tokens.
 
-    python -m benchmarks.transformer_export [--n 64] [--tokens 128] [--width 64] [--repeats 3]
+The ceiling: "batched_pass" is one forward and backward pass of the whole batch's summed losses down
+to the input embeddings, with no parameter gradient at all, the least any batched method computes
+("batched_pass_by_16": the same in passes of 16 sequences, as tracin's hook path also splits a batch
+on the CPU); the faster of the two over the loop ("ceiling_vs_loop") bounds what batching can gain.
+FLOPs (matmul, bmm, attention; torch.utils.flop_counter) of each contender, and a large sgemm's rate,
+give the achieved GFLOP/s: the loop and tracin do the same FLOPs (forward, input gradients, one
+outer-product sum per layer and example), so the speedup comes only from running them at a higher rate.
+
+    python -m benchmarks.transformer_export [--n 64] [--tokens 128 32] [--width 64] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,31 +40,55 @@ GOAL_SPEEDUP = 5.0  # issue 20: tracin >= 5x the per-example loop for GPT-2, 64 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="sequences exported per call")
-    parser.add_argument("--tokens", type=int, default=128, help="sequence length (before padding)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 32], help="sequence lengths (before padding)")
     parser.add_argument("--width", type=int, default=64, help="hidden size")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     args = parser.parse_args()
 
     import torch
     import transformers
 
-    from tracin.torch import export_gradients
+    torch.set_num_threads(args.threads)
+    runs = []
+    for tokens in args.tokens:
+        cases = _cases(args, tokens)
+        results = {}
+        for name, (model, loss_fn, inputs, targets, embedding) in cases.items():
+            results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
+            print(tokens, name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
+        runs.append({"tokens": tokens, "cases": results})
+    payload = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_average_at_end": os.getloadavg(),
+        "sgemm_gflops": _sgemm_gflops(),
+        "goal_speedup_vs_loop": GOAL_SPEEDUP,
+        "runs": runs,
+    }
+    print(write_json("transformer_export", payload))
+
+
+def _cases(args, tokens: int) -> dict:
+    """name -> (model, loss_fn, inputs, targets, input embedding module) at one sequence length."""
+    import torch
+    import transformers
 
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, args.vocab, (args.n, args.tokens), generator=g)
-    lengths = torch.randint(args.tokens // 2, args.tokens + 1, (args.n,), generator=g)
-    mask = (torch.arange(args.tokens)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, args.vocab, (args.n, tokens), generator=g)
+    lengths = torch.randint(tokens // 2, tokens + 1, (args.n,), generator=g)
+    mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
     ids = ids * mask
     inputs = {"input_ids": ids, "attention_mask": mask}
 
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
             vocab_size=args.vocab,
-            n_positions=args.tokens,
+            n_positions=tokens,
             n_embd=args.width,
             n_layer=args.layers,
             n_head=4,
@@ -70,7 +103,7 @@ def main() -> None:
             num_hidden_layers=args.layers,
             num_attention_heads=4,
             intermediate_size=4 * args.width,
-            max_position_embeddings=args.tokens,
+            max_position_embeddings=tokens,
             num_labels=4,
         )
     ).eval()
@@ -85,24 +118,34 @@ def main() -> None:
         return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="none")
 
     labels = ids.masked_fill(mask == 0, -100)
-    native = _native_transformer(args.vocab, args.tokens, args.width, args.layers).eval()
-    cases = {
-        "gpt2": (gpt2, token_loss, labels),
-        "torch_native": (native, token_loss, labels),
-        "bert": (bert, class_loss, torch.randint(0, 4, (args.n,), generator=g)),
+    native = _native_transformer(args.vocab, tokens, args.width, args.layers).eval()
+    return {
+        "gpt2": (gpt2, token_loss, inputs, labels, gpt2.transformer.wte),
+        "torch_native": (native, token_loss, inputs, labels, native.wte),
+        "bert": (
+            bert,
+            class_loss,
+            inputs,
+            torch.randint(0, 4, (args.n,), generator=g),
+            bert.bert.embeddings.word_embeddings,
+        ),
     }
-    results = {}
-    for name, (model, loss_fn, targets) in cases.items():
-        results[name] = _run_case(model, loss_fn, inputs, targets, args.repeats, export_gradients)
-        print(name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
-    payload = {
-        "args": vars(args),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "goal_speedup_vs_loop": GOAL_SPEEDUP,
-        "cases": results,
-    }
-    print(write_json("transformer_export", payload))
+
+
+def _sgemm_gflops() -> float:
+    """GFLOP/s of a 1024^3 float32 matmul on the threads set: the machine's practical matmul rate."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best / 1e9
 
 
 def _native_transformer(vocab: int, tokens: int, width: int, layers: int):
@@ -142,9 +185,12 @@ def _native_transformer(vocab: int, tokens: int, width: int, layers: int):
     return Decoder()
 
 
-def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -> dict:
+def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int) -> dict:
     import torch
     from torch.func import functional_call, grad, vmap
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tracin.torch import export_gradients
 
     n = len(targets)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -170,6 +216,30 @@ def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -
             ).numpy()
         return out
 
+    def batched_pass(rows: int):
+        def run() -> None:
+            """Forward and backward down to the input embeddings, `rows` sequences a pass; no parameter
+            gradients."""
+            flags = [p.requires_grad for p in params.values()]
+            for p in params.values():
+                p.requires_grad_(False)
+            start = []
+            handle = embedding.register_forward_hook(
+                lambda m, a, y: start.append(y.detach().requires_grad_(True)) or start[-1]
+            )
+            try:
+                for s in range(0, n, rows):
+                    with torch.enable_grad():
+                        part = {k: v[s : s + rows] for k, v in inputs.items()}
+                        loss = loss_fn(model(**part), targets[s : s + rows]).sum()
+                        torch.autograd.grad(loss, start[-1])
+            finally:
+                handle.remove()
+                for p, flag in zip(params.values(), flags, strict=True):
+                    p.requires_grad_(flag)
+
+        return run
+
     def loss_of_one(chosen, x, y):
         one = {k: v.unsqueeze(0) for k, v in x.items()}
         return loss_fn(functional_call(model, chosen, (), one), y.unsqueeze(0)).sum()
@@ -182,7 +252,12 @@ def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -
 
     reference = run_loop()
     scale = np.abs(reference).max()
-    contenders = {"tracin": run_tracin, "loop": run_loop}
+    contenders = {
+        "tracin": run_tracin,
+        "loop": run_loop,
+        "batched_pass": batched_pass(n),
+        "batched_pass_by_16": batched_pass(16),
+    }
     errors = {}
     for label, fn in (("tracin", run_tracin), ("vmap", run_vmap)):
         try:
@@ -191,14 +266,22 @@ def _run_case(model, loss_fn, inputs, targets, repeats: int, export_gradients) -
             errors[label] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             continue
         contenders[label] = fn
-    timings = time_interleaved(contenders, repeats=repeats, warmup=0)
+    flops = {}
+    for label in ("tracin", "loop", "batched_pass"):
+        with FlopCounterMode(display=False) as counter:
+            contenders[label]()
+        flops[label] = counter.get_total_flops()
+    timings = time_interleaved(contenders, repeats=repeats, warmup=1)
     rates = {k: n / t["median_s"] for k, t in timings.items()}
     return {
         "params": width,
         "examples": n,
         "examples_per_s": rates,
         "speedup_vs_loop": {k: r / rates["loop"] for k, r in rates.items() if k != "loop"},
+        "ceiling_vs_loop": max(rates[k] for k in ("batched_pass", "batched_pass_by_16")) / rates["loop"],
         "max_relative_error_vs_loop": errors,
+        "gflop": {k: f / 1e9 for k, f in flops.items()},
+        "gflop_per_s": {k: f / 1e9 / timings[k]["median_s"] for k, f in flops.items()},
         "timings": timings,
     }
 
