@@ -259,8 +259,9 @@ class RowPrefetcher {
 
 struct ThreadScratch {
   AlignedFloats tile, left, right, rows, run;
-  std::vector<double> norms;             // cosine scores: per tile row, its squared norm over the run
-  std::vector<double> left_sums, right_sums;  // and kNormLanes partial sums per row of a block
+  std::vector<double> norms;                  // cosine scores: per tile row, its squared norm over the run,
+  std::vector<double> left_sums, right_sums;  // kNormLanes partial sums per row of a block,
+  std::vector<float> scales;                  // and its inverse norm
   RowPrefetcher prefetch;
 };
 
@@ -277,7 +278,8 @@ class TileProducer {
   // region is NaN or Inf.
   // Cosine scores: each run of checkpoints is summed apart (the first in the tile itself, later ones
   // in scratch.run) while the squared norms of its train rows are summed from the rows loaded for
-  // it, then scaled row by row by the inverse norms (the epilogue) and added to the tile.
+  // it, then scaled row by row by the inverse norms (the epilogue) and added to the tile; with a
+  // single run, the scaling is done by the pass that checks the tile for NaN and Inf.
   bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t next_begin,
                std::int64_t next_rows, std::int64_t test_count, ThreadScratch& s) const {
     const NextTile next{next_begin, next_rows};
@@ -293,9 +295,11 @@ class TileProducer {
       s.right.Resize(tile_size);
     }
     double* sums = nullptr;
+    const bool scale_in_check = normalize_ > 0 && run == checkpoints;
     if (normalize_ > 0) {
       s.run.Resize(tile_size);
       s.norms.resize(static_cast<std::size_t>(rows));
+      s.scales.resize(static_cast<std::size_t>(rows));
       for (auto* v : {&s.left_sums, &s.right_sums}) v->resize(static_cast<std::size_t>(rows * kNormLanes));
       sums = s.left_sums.data();
     }
@@ -325,13 +329,20 @@ class TileProducer {
         for (std::int64_t j = 0; sums && j < rows; ++j)
           s.norms[j] += squares(s.left_sums, j) * squares(s.right_sums, j);
       }
-      if (normalize_ > 0) ScaleRun(sum, rows, ldc, s);
+      if (normalize_ > 0) {
+        for (std::int64_t j = 0; j < rows; ++j) s.scales[j] = static_cast<float>(InverseNorm(s.norms[j]));
+        if (!scale_in_check) ScaleRun(sum, rows, ldc, s);
+      }
     }
     // (bits & exponent) + 1 ulp of exponent reaches the sign bit only for an all-ones exponent
     // (NaN or Inf); plain integer operations, so the loop vectorises.
     std::uint32_t flags = 0;
     for (std::int64_t j = 0; j < rows; ++j) {
-      const float* row = s.tile.data() + j * ldc;
+      float* row = s.tile.data() + j * ldc;
+      if (scale_in_check) {
+        const float scale = s.scales[static_cast<std::size_t>(j)];
+        for (std::int64_t r = 0; r < test_count; ++r) row[r] *= scale;
+      }
       for (std::int64_t r = 0; r < test_count; ++r) {
         std::uint32_t bits;
         std::memcpy(&bits, row + r, sizeof bits);
@@ -352,7 +363,7 @@ class TileProducer {
   // row j of the tile gets row j of `sum` times the inverse norm of train row j over the run.
   static void ScaleRun(const float* sum, std::int64_t rows, std::int64_t ldc, ThreadScratch& s) {
     for (std::int64_t j = 0; j < rows; ++j) {
-      const auto scale = static_cast<float>(InverseNorm(s.norms[static_cast<std::size_t>(j)]));
+      const float scale = s.scales[static_cast<std::size_t>(j)];
       float* t = s.tile.data() + j * ldc;
       const float* x = sum + j * ldc;
       if (x == t)
