@@ -273,7 +273,9 @@ def top_k(
     normalize: cosine scores instead: each row's gradient is unit-normalised per checkpoint (over all
     its layers: for mode="factored" exports the norm of checkpoint c is sqrt(sum_l |L_l|^2 |R_l|^2)),
     then weighted and summed: sum_c w_c <g_c(t), g_c(i)> / (|g_c(t)| |g_c(i)|); a zero gradient scores
-    0. Norms are computed in the kernel (float64), no normalised copy of the data is made.
+    0. The kernel sums the norms in float64 from the rows it scores (a store's train rows piece by
+    piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
+    Refused for whitened test sets (a cosine across two spaces).
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
