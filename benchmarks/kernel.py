@@ -62,8 +62,6 @@ GOALS = [
     Goal("factored (10 x 513) vs materialised (5130 dims)", "factored", "factored vs materialised", ">=", 20.0),
     Goal("threads 1 -> 2 speed-up (tracin)", "threads", "tracin t=1 -> t=2", "report"),
     Goal("threads 1 -> 2 speed-up (faiss)", "threads", "faiss t=1 -> t=2", "report"),
-    Goal("cosine scores (normalize=True) cost / plain, top-10", "cosine", "cosine / plain cost", "<=", 1.1),
-    Goal("cosine scores cost / plain, skinny queries", "cosine skinny", "cosine / plain cost", "<=", 1.1),
 ]
 
 
@@ -117,7 +115,9 @@ def cosine(sizes: case_defs.Sizes, data: case_defs.Data, threads: int, isa: str 
         )
 
 
-GROUPS = {**case_defs.GROUPS, "cosine": cosine}  # the default run: case_defs.GROUPS; cosine on request
+# The default run: case_defs.GROUPS; cosine on request (--cases cosine), its ratio "cosine / plain
+# cost" reported per case (no GOALS entry: every goal is judged on a default run).
+GROUPS = {**case_defs.GROUPS, "cosine": cosine}
 
 
 def _stashing(name: str, fn: Callable[[], object], stash: dict) -> Callable[[], None]:
