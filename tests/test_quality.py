@@ -215,6 +215,13 @@ def test_damping_choice_is_the_lowest_mean_rank_ties_by_mean_lds():
     assert list(report.damping_ranks(payload)["dampings"]) == [0.1, 10.0]
 
 
+def test_default_damping_is_the_committed_suite_choice():
+    from tracin.whitening import DEFAULT_DAMPING
+
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "quality.json").read_text())
+    assert report.damping_ranks(payload)["best"] == DEFAULT_DAMPING
+
+
 def test_readme_quality_blocks_are_the_committed_json():
     """README's generated tables (between their markers) are report's rendering of quality.json."""
     payload = json.loads((CHECKOUT / "benchmarks" / "results" / "quality.json").read_text())
