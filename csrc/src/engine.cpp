@@ -339,11 +339,15 @@ class TileProducer {
     std::uint32_t flags = 0;
     for (std::int64_t j = 0; j < rows; ++j) {
       float* row = s.tile.data() + j * ldc;
-      if (scale_in_check) {
-        const float scale = s.scales[static_cast<std::size_t>(j)];
-        for (std::int64_t r = 0; r < test_count; ++r) row[r] *= scale;
+      const float scale = scale_in_check ? s.scales[static_cast<std::size_t>(j)] : 1.0f;
+      for (std::int64_t r = 0; r < test_count && scale_in_check; ++r) {
+        const float v = row[r] * scale;
+        row[r] = v;
+        std::uint32_t bits;
+        std::memcpy(&bits, &v, sizeof bits);
+        flags |= (bits & 0x7f800000u) + 0x00800000u;
       }
-      for (std::int64_t r = 0; r < test_count; ++r) {
+      for (std::int64_t r = 0; r < test_count && !scale_in_check; ++r) {
         std::uint32_t bits;
         std::memcpy(&bits, row + r, sizeof bits);
         flags |= (bits & 0x7f800000u) + 0x00800000u;
