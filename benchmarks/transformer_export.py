@@ -18,7 +18,7 @@ FLOPs (matmul, bmm, attention; torch.utils.flop_counter) of each contender, and 
 give the achieved GFLOP/s: the loop and tracin do the same FLOPs (forward, input gradients, one
 outer-product sum per layer and example), so the speedup comes only from running them at a higher rate.
 
-    python -m benchmarks.transformer_export [--n 64] [--tokens 128 32] [--width 64] [--repeats 5] [--threads 1]
+    python -m benchmarks.transformer_export [--n 64 256] [--tokens 128 32] [--width 64] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ GOAL_SPEEDUP = 5.0  # issue 20: tracin >= 5x the per-example loop for GPT-2, 64 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64, help="sequences exported per call")
+    parser.add_argument("--n", type=int, nargs="+", default=[64], help="sequences exported per call")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 32], help="sequence lengths (before padding)")
     parser.add_argument("--width", type=int, default=64, help="hidden size")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
@@ -53,13 +53,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     runs = []
-    for tokens in args.tokens:
-        cases = _cases(args, tokens)
-        results = {}
-        for name, (model, loss_fn, inputs, targets, embedding) in cases.items():
-            results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
-            print(tokens, name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
-        runs.append({"tokens": tokens, "cases": results})
+    for n in args.n:
+        for tokens in args.tokens:
+            cases = _cases(args, n, tokens)
+            results = {}
+            for name, (model, loss_fn, inputs, targets, embedding) in cases.items():
+                results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
+                print(n, tokens, name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
+            runs.append({"n": n, "tokens": tokens, "cases": results})
     payload = {
         "args": vars(args),
         "torch": torch.__version__,
@@ -72,15 +73,15 @@ def main() -> None:
     print(write_json("transformer_export", payload))
 
 
-def _cases(args, tokens: int) -> dict:
-    """name -> (model, loss_fn, inputs, targets, input embedding module) at one sequence length."""
+def _cases(args, n: int, tokens: int) -> dict:
+    """name -> (model, loss_fn, inputs, targets, input embedding module): n sequences of one length."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, args.vocab, (args.n, tokens), generator=g)
-    lengths = torch.randint(tokens // 2, tokens + 1, (args.n,), generator=g)
+    ids = torch.randint(1, args.vocab, (n, tokens), generator=g)
+    lengths = torch.randint(tokens // 2, tokens + 1, (n,), generator=g)
     mask = (torch.arange(tokens)[None, :] < lengths[:, None]).long()
     ids = ids * mask
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -126,7 +127,7 @@ def _cases(args, tokens: int) -> dict:
             bert,
             class_loss,
             inputs,
-            torch.randint(0, 4, (args.n,), generator=g),
+            torch.randint(0, 4, (n,), generator=g),
             bert.bert.embeddings.word_embeddings,
         ),
     }
