@@ -135,10 +135,10 @@ def test_non_finite_rows_and_overflow_are_value_errors(backend, rng):
         backend.scores(big, big, [1.0], num_threads=1)
 
 
-def cosine_pair(rng, factored: bool):
+def cosine_pair(rng, factored: bool, dtype=np.float32):
     """(test, train) KernelSides of 4 checkpoint slots with zero rows: test row 3 and train row 10
     everywhere, train row 11 in slots 0 and 1 only (one run of 2, or two runs of 1)."""
-    test, train = pair(rng, 13, 70, [9, 33, 5, 300], factored=factored)
+    test, train = pair(rng, 13, 70, [9, 33, 5, 300], dtype, factored=factored)
     per = 2 if factored else 1
     for b in test.blocks:
         b[3] = 0
@@ -149,10 +149,11 @@ def cosine_pair(rng, factored: bool):
     return test, train
 
 
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("factored", [False, True])
 @pytest.mark.parametrize("run", [1, 2, 4])
-def test_cosine_scores_top_k_and_aggregate_within_the_bound(backend, rng, factored, run):
-    test, train = cosine_pair(rng, factored)
+def test_cosine_scores_top_k_and_aggregate_within_the_bound(backend, rng, factored, run, dtype):
+    test, train = cosine_pair(rng, factored, DTYPES[dtype])
     w = [[0.7, -1.3, 0.4, 2.0], [0.7, 0.7, -2.0, -2.0], [1.5] * 4][[1, 2, 4].index(run)]
     # independent float64 reference: rows divided by their norm over each run of slots
     t64, x64 = normalized(side_float64(test), run), normalized(side_float64(train), run)
