@@ -339,15 +339,17 @@ class TileProducer {
     std::uint32_t flags = 0;
     for (std::int64_t j = 0; j < rows; ++j) {
       float* row = s.tile.data() + j * ldc;
-      const float scale = scale_in_check ? s.scales[static_cast<std::size_t>(j)] : 1.0f;
-      for (std::int64_t r = 0; r < test_count && scale_in_check; ++r) {
-        const float v = row[r] * scale;
-        row[r] = v;
-        std::uint32_t bits;
-        std::memcpy(&bits, &v, sizeof bits);
-        flags |= (bits & 0x7f800000u) + 0x00800000u;
+      if (scale_in_check) {  // the epilogue of the single run, in the same loop
+        const float scale = s.scales[static_cast<std::size_t>(j)];
+        for (std::int64_t r = 0; r < test_count; ++r) {
+          row[r] *= scale;
+          std::uint32_t bits;
+          std::memcpy(&bits, row + r, sizeof bits);
+          flags |= (bits & 0x7f800000u) + 0x00800000u;
+        }
+        continue;
       }
-      for (std::int64_t r = 0; r < test_count && !scale_in_check; ++r) {
+      for (std::int64_t r = 0; r < test_count; ++r) {
         std::uint32_t bits;
         std::memcpy(&bits, row + r, sizeof bits);
         flags |= (bits & 0x7f800000u) + 0x00800000u;
