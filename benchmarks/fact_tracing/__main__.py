@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     payload["plots"] = [plot.plot(payload, out / f"{name}.png").name]
     path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
+    print()
+    print(report.summary_table(payload))
     print(f"wrote {path} and {', '.join(payload['plots'])}")
     return 0
 

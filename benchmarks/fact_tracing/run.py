@@ -21,6 +21,7 @@ def _evaluate(scores: np.ndarray, relevant: list[np.ndarray], answered: np.ndarr
     ranked = metrics.ranks(scores, relevant, seed)
     return {
         **metrics.summary(ranked),
+        "reciprocal_ranks": [round(float(x), 6) for x in metrics.reciprocal_ranks(ranked)],
         "answered": metrics.summary([r for r, a in zip(ranked, answered, strict=True) if a])
         if answered.any()
         else None,
