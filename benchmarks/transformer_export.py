@@ -52,6 +52,7 @@ def main() -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
+    malloc_kept = _keep_freed_memory()
     runs = []
     for n in args.n:
         for tokens in args.tokens:
@@ -66,6 +67,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average_at_end": os.getloadavg(),
+        "malloc_keeps_freed_memory": malloc_kept,
         "sgemm_gflops": _sgemm_gflops(),
         "goal_speedup_vs_loop": GOAL_SPEEDUP,
         "runs": runs,
@@ -131,6 +133,20 @@ def _cases(args, n: int, tokens: int) -> dict:
             bert.bert.embeddings.word_embeddings,
         ),
     }
+
+
+def _keep_freed_memory() -> bool:
+    """glibc malloc keeps freed memory for reuse (no mmap per large block, no trim), for every contender
+    alike: on a virtual machine the first touch of memory the guest has not used yet can cost ~1 ms/MB,
+    at random, which made single timings of the (n, d) outputs vary 0.2-0.8 s. False where unavailable."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 2**30)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def _sgemm_gflops() -> float:
