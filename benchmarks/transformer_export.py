@@ -18,7 +18,7 @@ FLOPs (matmul, bmm, attention; torch.utils.flop_counter) of each contender, and 
 give the achieved GFLOP/s: the loop and tracin do the same FLOPs (forward, input gradients, one
 outer-product sum per layer and example), so the speedup comes only from running them at a higher rate.
 
-    python -m benchmarks.transformer_export [--n 64 256] [--tokens 128 32] [--width 64] [--repeats 5] [--threads 1]
+    python -m benchmarks.transformer_export [--n 64 256] [--tokens 128 32] [--width 64] [--repeats 9] [--threads 1 2]
 """
 
 from __future__ import annotations
@@ -45,30 +45,32 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch intra-op threads")
     args = parser.parse_args()
 
     import torch
     import transformers
 
-    torch.set_num_threads(args.threads)
     malloc_kept = _keep_freed_memory()
-    runs = []
-    for n in args.n:
-        for tokens in args.tokens:
-            cases = _cases(args, n, tokens)
-            results = {}
-            for name, (model, loss_fn, inputs, targets, embedding) in cases.items():
-                results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
-                print(n, tokens, name, {k: v for k, v in results[name].items() if k != "timings"}, flush=True)
-            runs.append({"n": n, "tokens": tokens, "cases": results})
+    runs, sgemm = [], {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        sgemm[threads] = _sgemm_gflops()
+        for n in args.n:
+            for tokens in args.tokens:
+                results = {}
+                for name, (model, loss_fn, inputs, targets, embedding) in _cases(args, n, tokens).items():
+                    results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
+                    summary = {k: v for k, v in results[name].items() if k != "timings"}
+                    print(threads, n, tokens, name, summary, flush=True)
+                runs.append({"threads": threads, "n": n, "tokens": tokens, "cases": results})
     payload = {
         "args": vars(args),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average_at_end": os.getloadavg(),
         "malloc_keeps_freed_memory": malloc_kept,
-        "sgemm_gflops": _sgemm_gflops(),
+        "sgemm_gflops_by_threads": sgemm,
         "goal_speedup_vs_loop": GOAL_SPEEDUP,
         "runs": runs,
     }
