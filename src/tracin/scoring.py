@@ -15,7 +15,7 @@ from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import BAR_STEPS as _BAR_STEPS
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._validate import positive_int, thread_count
-from .backends import Backend, BothSides, TopK, placement
+from .backends import Backend, BothSides, ChunkCache, TopK, placement
 from .gradients import Gradients, GradientSet, KernelSide
 from .whitening import Whitening
 
@@ -183,7 +183,9 @@ class _Loop:
     call). progress: True, False, or None (a bar when tqdm is installed and the work exceeds
     _AUTO_PROGRESS_MACS multiply-adds). With a bar and `split`, each train chunk is cut into up to
     _BAR_STEPS pieces of at least _MIN_PIECE_ROWS rows so that the bar moves; results do not
-    depend on the cut. test None: train pieces only (self-influence).
+    depend on the cut. test None: train pieces only (self-influence). `cache` is the backends'
+    ChunkCache for the current test chunk (what a device backend uploads once per chunk, not once
+    per piece), emptied when the loop ends.
     """
 
     def __init__(
@@ -200,10 +202,12 @@ class _Loop:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // _BAR_STEPS))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
         self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
+        self.cache = ChunkCache()
 
     def pairs(self) -> Iterator[_Pair]:
         """Every (test chunk, train piece), test chunks outer; the bar advances once a pair is used."""
         for t0, t1 in self.test_chunks:
+            self.cache.use((t0, t1))
             for i0, i1 in self.pieces:
                 # The test side is taken again for every piece, so that a store's checks that it is
                 # unchanged (done per kernel_side call) cover the test side for the whole run.
@@ -215,6 +219,7 @@ class _Loop:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cache.clear()
         self.bar.close()
 
 
@@ -241,7 +246,9 @@ def scores(
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), "tracin scores") as loop:
         for p in loop.pairs():
-            out[p.test_rows, p.train_rows] = backend.scores(p.test, p.train, w, num_threads=threads, normalize=run)
+            out[p.test_rows, p.train_rows] = backend.scores(
+                p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
+            )
     return out
 
 
@@ -288,7 +295,7 @@ def top_k(
         for p in loop.pairs():
             i0 = p.train_rows.start
             width = min(k, p.train_rows.stop - i0)
-            parts = backend.top_k(p.test, p.train, w, width, side, num_threads=threads, normalize=run)
+            parts = backend.top_k(p.test, p.train, w, width, side, num_threads=threads, normalize=run, cache=loop.cache)
             running = best.setdefault(p.test_rows.start, [None, None])
             for s, (part, name) in enumerate(zip(parts, ("proponents", "opponents"), strict=True)):
                 if part is None:
@@ -468,7 +475,9 @@ def aggregate(
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
     with _Loop(test, train, progress, macs, "tracin aggregate", split=train.factored) as loop:
         for p in loop.pairs():
-            total[p.train_rows] += backend.aggregate(p.test, p.train, w, num_threads=threads, normalize=run)
+            total[p.train_rows] += backend.aggregate(
+                p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
+            )
     _refuse_float32_overflow(total)
     return total.astype(np.float32)
 

@@ -48,7 +48,8 @@ def to_float32(x: np.ndarray) -> np.ndarray:
 
 
 class NumpyReference:
-    """Backend protocol (tracin.backends.Backend) computed in float64, rounded to float32 once."""
+    """Backend protocol (tracin.backends.Backend) computed in float64, rounded to float32 once; it
+    keeps nothing in the loop's ChunkCache (cache is accepted and unused)."""
 
     name = "numpy-reference"
 
@@ -59,10 +60,10 @@ class NumpyReference:
             np.zeros((len(test.blocks[0]), len(train.blocks[0]))),
         )
 
-    def scores(self, test, train, weights, *, num_threads, normalize=0):
+    def scores(self, test, train, weights, *, num_threads, normalize=0, cache=None):
         return to_float32(self._exact(test, train, weights, normalize))
 
-    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0):
+    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0, cache=None):
         dense = to_float32(self._exact(test, train, weights, normalize))
         found = []
         for name in ("proponents", "opponents"):
@@ -77,5 +78,5 @@ class NumpyReference:
         x = side_float64(train)
         return to_float32(sum((w * (b**2).sum(1) for w, b in zip(weights, x, strict=True)), np.zeros(len(x[0]))))
 
-    def aggregate(self, test, train, weights, *, num_threads, normalize=0):
+    def aggregate(self, test, train, weights, *, num_threads, normalize=0, cache=None):
         return self._exact(test, train, weights, normalize).sum(0)

@@ -42,11 +42,11 @@ class Recording(NumpyReference):
         ids = lambda side: [] if side is None else side.blocks[0][:, 0].astype(int).tolist()  # noqa: E731
         self.seen.append((ids(test), ids(train)))
 
-    def scores(self, test, train, weights, *, num_threads, normalize=0):
+    def scores(self, test, train, weights, *, num_threads, normalize=0, cache=None):
         self._note(test, train)
         return super().scores(test, train, weights, num_threads=num_threads, normalize=normalize)
 
-    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0):
+    def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0, cache=None):
         self._note(test, train)
         return super().top_k(test, train, weights, k, side, num_threads=num_threads, normalize=normalize)
 
@@ -54,7 +54,7 @@ class Recording(NumpyReference):
         self._note(None, train)
         return super().self_influence(train, weights, num_threads=num_threads)
 
-    def aggregate(self, test, train, weights, *, num_threads, normalize=0):
+    def aggregate(self, test, train, weights, *, num_threads, normalize=0, cache=None):
         self._note(test, train)
         return super().aggregate(test, train, weights, num_threads=num_threads, normalize=normalize)
 

@@ -8,10 +8,11 @@ device). A factory runs on first use only, so registering costs no import of its
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
-from .base import Backend, BothSides, TopK
+from .base import Backend, BothSides, ChunkCache, TopK
 
-__all__ = ["Backend", "BothSides", "TopK", "get", "names", "register"]
+__all__ = ["Backend", "BothSides", "ChunkCache", "TopK", "get", "names", "register"]
 
 _factories: dict[str, Callable[..., Backend]] = {}
 _indexed: set[str] = set()
@@ -68,14 +69,20 @@ def _cpu() -> Backend:
     return CpuBackend()
 
 
-def _torch(device: str) -> Backend:
+def torch_module(device: str) -> ModuleType:
+    """The module tracin.backends.torch_device (the torch backend), imported for `device`;
+    ValueError naming the device when torch is not installed."""
     try:
-        from .torch_device import make
+        from . import torch_device as module
     except ImportError as e:
         raise ValueError(
             f"device={device!r} scores with torch, which is not installed ({e}); pip install torch, or use device='cpu'"
         ) from None
-    return make(device)
+    return module
+
+
+def _torch(device: str) -> Backend:
+    return torch_module(device).make(device)
 
 
 register("cpu", _cpu)

@@ -89,6 +89,9 @@ class _Staging:
             for slot in self.dev:
                 for buffer in slot:
                     buffer.record_stream(self.copy_stream)  # written there, freed on the compute stream
+            # The allocator may hand out memory that work already enqueued on the compute stream still
+            # reads (freed there, stream-ordered): the first uploads must not overwrite it before then.
+            self.copy_stream.wait_stream(self.compute_stream)
 
     def fill(self, slot: int, pieces: list[torch.Tensor]) -> None:
         """Copies host pieces (rows of the host blocks) into the slot's host buffers (after the slot's
@@ -124,8 +127,10 @@ class _Staging:
 def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
     """(first row, end row, float32 blocks on the device) for consecutive tiles of `rows` rows.
 
-    The caller must enqueue all its work on a tile before asking for the next one: the device
-    buffers of tile j are refilled with tile j + 2 once the work enqueued on tile j is done.
+    Tile j + 1 is copied to its staging buffer and its upload enqueued before tile j is handed out,
+    so that the upload overlaps the caller's work on tile j even when that work waits for the device
+    (scores read back per block). The caller must enqueue all its work on a tile before asking for
+    the next one: the device buffers of tile j are refilled with tile j + 2 once that work is done.
     """
     n = side.blocks[0].shape[0]
     starts = list(range(0, n, rows))
@@ -142,6 +147,8 @@ def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[i
     for j, i0 in enumerate(starts):
         i1 = min(i0 + rows, n)
         staged = iter(staging.take(j % 2, i1 - i0) if staging is not None else [])
+        if staging is not None and j + 1 < len(starts):
+            upload(j + 1)  # the host copy now; the upload once the work on tile j - 1 is done
         yield (
             i0,
             i1,
@@ -149,5 +156,3 @@ def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[i
         )
         if staging is not None:
             staging.release(j % 2)
-            if j + 1 < len(starts):
-                upload(j + 1)  # host copy while the device computes tile j, upload once tile j - 1 is done

@@ -2,17 +2,21 @@
 
 A backend scores one test chunk against one train piece at a time; the generic loop in
 tracin.scoring cuts the sets into pieces, merges top-k across pieces, sums aggregates and
-drives the progress bar, so a backend holds no state across pieces.
+drives the progress bar. A backend holds no state of its own across pieces: what it derives from a
+test chunk and reuses for that chunk's next pieces (a device copy, scaled rows) goes in the
+ChunkCache the loop hands it, which lives for one public call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
 from ..gradients import KernelSide
+
+_T = TypeVar("_T")
 
 
 class TopK(NamedTuple):
@@ -29,6 +33,34 @@ class BothSides(NamedTuple):
     opponents: TopK
 
 
+class ChunkCache:
+    """What backends derive from the current test chunk (device copies, scaled rows, inverse norms),
+    kept while the generic loop's pairs share that chunk. The loop owns one per public call: it calls
+    `use(chunk)` before each pair (a new chunk drops the previous one's items) and `clear()` at the end,
+    so nothing outlives the call. A backend called without one (cache=None) derives everything again."""
+
+    def __init__(self) -> None:
+        self._chunk: Hashable = None
+        self._items: dict[Hashable, Any] = {}
+
+    def use(self, chunk: Hashable) -> None:
+        """The next pairs use the test chunk `chunk` (e.g. its row range in the set)."""
+        if chunk != self._chunk:
+            self._items.clear()
+            self._chunk = chunk
+
+    def get(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """The item `key` of the current chunk (the backend's name and options), made on first use."""
+        if key not in self._items:
+            self._items[key] = make()
+        return self._items[key]
+
+    def clear(self) -> None:
+        """Drops every item (device memory is freed once nothing else refers to it)."""
+        self._items.clear()
+        self._chunk = None
+
+
 class Backend(Protocol):
     """What a scoring backend does with one (test chunk, train piece) pair.
 
@@ -40,12 +72,21 @@ class Backend(Protocol):
     entry (t, i) = sum_c w_c <test_c[t], train_c[i]> / (|test[t]|_run(c) |train[i]|_run(c)).
     Non-finite inputs, or results that overflow float32, raise ValueError naming the
     side, checkpoint and rows. Results must not depend on num_threads or on how rows are pieced.
+    cache (scores, top_k, aggregate): the loop's ChunkCache for the current test chunk, or None; a
+    backend may keep there what it derives from `test` and must give the same results either way.
     """
 
     name: str
 
     def scores(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
         """float32 (m, n): entry (t, i) = sum_c w_c <test_c[t], train_c[i]>."""
 
@@ -59,6 +100,7 @@ class Backend(Protocol):
         *,
         num_threads: int,
         normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> tuple[TopK | None, TopK | None]:
         """(proponents, opponents) of this train piece, each (m, k) with indices local to the piece,
         or None for a side not asked for. side: "proponents", "opponents" or "both"; k <= n.
@@ -68,6 +110,13 @@ class Backend(Protocol):
         """float32 (n,): sum_c w_c |train_c[i]|^2."""
 
     def aggregate(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
         """float64 (n,): sum over the test rows of the scores, for the caller to sum across chunks."""

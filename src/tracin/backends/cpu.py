@@ -1,4 +1,7 @@
-"""The CPU backend: the C++ kernel tracin._core (blocked tiles, its own threads, GIL released)."""
+"""The CPU backend: the C++ kernel tracin._core (blocked tiles, its own threads, GIL released).
+
+It keeps nothing in the loop's ChunkCache: the kernel reads test rows in place and packs them into
+its tiles per call, which is part of its blocked GEMM."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 
 from .. import _core
 from ..gradients import KernelSide
-from .base import TopK
+from .base import ChunkCache, TopK
 
 _SIDE_CODES = {"proponents": 0, "opponents": 1, "both": 2}  # csrc/include/tracin/tracin.hpp: Side
 
@@ -19,7 +22,14 @@ class CpuBackend:
     name = "cpu"
 
     def scores(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
         return _core.scores(test, train, weights, num_threads=num_threads, normalize=normalize)
 
@@ -33,6 +43,7 @@ class CpuBackend:
         *,
         num_threads: int,
         normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> tuple[TopK | None, TopK | None]:
         pv, pi, ov, oi = _core.top_k(
             test, train, weights, k, _SIDE_CODES[side], num_threads=num_threads, normalize=normalize
@@ -43,6 +54,13 @@ class CpuBackend:
         return _core.self_influence(train, weights, num_threads=num_threads)
 
     def aggregate(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
         return _core.aggregate(test, train, weights, num_threads=num_threads, normalize=normalize)

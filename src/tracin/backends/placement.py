@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from ..gradients import GradientSet, KernelSide
-from . import get
+from . import get, torch_module
 from .base import Backend
 
 PRECISIONS = ("float32", "tf32")
@@ -41,7 +41,7 @@ def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend
             raise ValueError(f"the sets are on different devices ({_listed(on_gpu)}); put them on one")
         device = next(iter(on_gpu.values()), "cpu")
     elif device == "cuda":
-        device = _current_cuda()
+        device = str(torch_module(device).resolve(device))  # "cuda:N" of the current GPU
     for name, where in on_gpu.items():
         if where != device:
             raise ValueError(
@@ -61,17 +61,6 @@ def _resident_device(name: str, s: GradientSet) -> str | None:
     if len(devices) > 1:
         raise ValueError(f"{name} has rows on several devices ({', '.join(sorted(devices))}); put them on one")
     return devices.pop() if devices else None
-
-
-def _current_cuda() -> str:
-    """ "cuda:N" of torch's current CUDA device; ValueError if there is none."""
-    try:
-        import torch
-    except ImportError:
-        raise ValueError("device='cuda' scores with torch, which is not installed; pip install torch") from None
-    if not torch.cuda.is_available():
-        raise ValueError(f"device='cuda': torch {torch.__version__} sees no CUDA device")
-    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _listed(where: dict[str, str]) -> str:

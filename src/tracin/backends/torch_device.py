@@ -1,12 +1,13 @@
 """The torch backend: scoring on a torch device, "cuda:N" (cuBLAS GEMMs, selection on the GPU) or
 "torch:cpu" (the same code on CPU tensors, for tests and debugging).
 
-Blocked like the C++ kernel: the test side goes to the device once per call; train rows pass in
+Blocked like the C++ kernel: a test chunk goes to the device once per public call (kept in the
+generic loop's ChunkCache for every train piece it meets; once per backend call without one); train rows pass in
 tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host, or used in place when already on the
 device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
 float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
 and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
-norms once per call (a copy on the device), and each checkpoint's score block by the train rows'
+norms once, with its upload (a copy on the device), and each checkpoint's score block by the train rows'
 inverse norms, computed per train tile in float64. top_k keeps each test row's best across tiles
 on the device; the (m, n) matrix never exists. The host waits for the device once per call, at the end.
 
@@ -31,7 +32,7 @@ from .. import _tunables
 from ..gradients import KernelSide
 from . import _torch_rows as rows
 from ._torch_topk import _LOW, RunningTopK
-from .base import TopK
+from .base import ChunkCache, TopK
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,17 @@ class TorchBackend:
 
     # -- the Backend protocol --------------------------------------------------------------------
     def scores(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
         out = np.empty((test.blocks[0].shape[0], train.blocks[0].shape[0]), dtype=np.float32)
-        with self._call(test, train, normalize) as call:
+        with self._call(test, train, normalize, cache) as call:
             for t, i, s in call.products(weights):
                 out[t, i] = s.cpu().numpy()
         return out
@@ -69,12 +77,13 @@ class TorchBackend:
         *,
         num_threads: int,
         normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> tuple[TopK | None, TopK | None]:
         if train.blocks[0].shape[0] >= _LOW:
             raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
-        found = self._top_k(test, train, weights, k, side, normalize, exact=False)
+        found = self._top_k(test, train, weights, k, side, normalize, cache, exact=False)
         if found is None:  # ties at the k-th score were cut unevenly: select again with exact keys
-            found = self._top_k(test, train, weights, k, side, normalize, exact=True)
+            found = self._top_k(test, train, weights, k, side, normalize, cache, exact=True)
         return found
 
     def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
@@ -92,29 +101,36 @@ class TorchBackend:
         return out
 
     def aggregate(
-        self, test: KernelSide, train: KernelSide, weights: Sequence[float], *, num_threads: int, normalize: int = 0
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
     ) -> np.ndarray:
-        total = np.zeros(train.blocks[0].shape[0], dtype=np.float64)
-        with self._call(test, train, normalize) as call:
+        with self._call(test, train, normalize, cache) as call:
+            total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
             if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
                 for _, i, s in call.products(weights):
-                    total[i] += s.sum(0, dtype=torch.float64).cpu().numpy()
-            else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once
-                sums = [t.sum(0, dtype=torch.float64) for t in call.test]
+                    total[i] += s.sum(0, dtype=torch.float64)
+            else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
+                sums = call.prepared.column_sums()
                 for i0, i1, x in call.train_tiles():
                     scales = call.train_scales(x)
-                    part = sum(
+                    total[i0:i1] = sum(
                         w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
                         for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
                     )
-                    total[i0:i1] = part.cpu().numpy()
-        return total
+            out = total.cpu().numpy()  # read once: no wait for the device per tile
+        return out
 
     # -- the work of one call --------------------------------------------------------------------
-    def _top_k(self, test, train, weights, k, side, normalize, exact) -> tuple[TopK | None, TopK | None] | None:
+    def _top_k(self, test, train, weights, k, side, normalize, cache, exact) -> tuple[TopK | None, TopK | None] | None:
         sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
         m = test.blocks[0].shape[0]
-        with self._call(test, train, normalize) as call:
+        with self._call(test, train, normalize, cache) as call:
             running = {
                 (t0, s): RunningTopK(k, s, t1 - t0, self.device, exact) for t0, t1 in call.test_blocks() for s in sides
             }
@@ -133,14 +149,17 @@ class TorchBackend:
         return merged.get("proponents"), merged.get("opponents")
 
     @contextlib.contextmanager
-    def _call(self, test: KernelSide | None, train: KernelSide, normalize: int = 0) -> Iterator[_Call]:
-        """A call's work on the device, TF32 as chosen, cosine scores for normalize > 0; ValueError at
-        the end for non-finite input or scores (checked on the device while working, read once)."""
+    def _call(
+        self, test: KernelSide | None, train: KernelSide, normalize: int = 0, cache: ChunkCache | None = None
+    ) -> Iterator[_Call]:
+        """A call's work on the device, TF32 as chosen, cosine scores for normalize > 0, the test side
+        taken from `cache` when an earlier piece put it there; ValueError at the end for non-finite
+        input or scores (checked on the device while working, read once)."""
         for what, side in (("test", test), ("train", train)):
             if side is not None:
                 rows.check_device(side, what, self.device)
         with _device_scope(self.device, self.tf32):
-            call = _Call(test, train, self.device, normalize)
+            call = _Call(test, train, self.device, normalize, cache)
             yield call
             if bool(call.bad_input):
                 raise ValueError(_non_finite_message(test, train))
@@ -156,21 +175,26 @@ _OVERFLOW = (
 class _Call:
     """The tile producer of one call: the test side on the device, train tiles, score tiles."""
 
-    def __init__(self, test: KernelSide | None, train: KernelSide, device: torch.device, normalize: int = 0):
+    def __init__(
+        self,
+        test: KernelSide | None,
+        train: KernelSide,
+        device: torch.device,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
+    ):
         self.train, self.factored, self.normalize = train, train.factored, normalize
-        self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
         self.bad_score = torch.zeros((), dtype=torch.bool, device=device)
         self.device = device
         self.tile_rows = rows.tile_rows(train, _tunables.DEVICE_TILE_BYTES)
-        self.test = [] if test is None else rows.whole(test, device)
-        self.m = 0 if test is None else test.blocks[0].shape[0]
-        for t in self.test:
-            self.bad_input |= _not_finite(t)
-        if normalize and self.test:  # a scaled copy (never in place: the blocks may be the caller's)
-            scales = _inverse_norms(self.test, self.factored, normalize)
-            per = 2 if self.factored else 1
-            for c in range(len(self.test) // per):
-                self.test[c * per] = self.test[c * per] * scales[c // normalize].float()[:, None]
+        if test is None:
+            self.prepared, self.test, self.m = None, [], 0
+            self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
+            return
+        make = lambda: _DeviceTest.upload(test, device, normalize)  # noqa: E731
+        self.prepared = make() if cache is None else cache.get(("torch", str(device), normalize), make)
+        self.test, self.m = self.prepared.blocks, test.blocks[0].shape[0]
+        self.bad_input = self.prepared.bad.clone()  # train tiles add to it: the cached flag stays the test's
 
     def train_scales(self, x: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Cosine scores: float64 (rows,) inverse norms of a train tile's rows per run of checkpoints."""
@@ -198,6 +222,37 @@ class _Call:
                 s = _product([t[t0:t1] for t in self.test], x, weights, self.factored, scales, self.normalize)
                 self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
+
+
+@dataclass
+class _DeviceTest:
+    """A test chunk on the device, kept in the loop's ChunkCache for the train pieces it meets: float32
+    blocks (cosine scores: a copy scaled by the rows' inverse norms), a bool scalar saying whether any
+    input value is NaN or Inf, and the blocks' float64 column sums (aggregate's, made on first use)."""
+
+    blocks: list[torch.Tensor]
+    bad: torch.Tensor
+    sums: list[torch.Tensor] | None = None
+
+    @classmethod
+    def upload(cls, test: KernelSide, device: torch.device, normalize: int) -> _DeviceTest:
+        """The test side's blocks copied to the device (those already there: widened or used in place)."""
+        blocks = rows.whole(test, device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        for t in blocks:
+            bad |= _not_finite(t)
+        if normalize and blocks:  # a scaled copy (never in place: the blocks may be the caller's)
+            scales = _inverse_norms(blocks, test.factored, normalize)
+            per = 2 if test.factored else 1
+            for c in range(len(blocks) // per):
+                blocks[c * per] = blocks[c * per] * scales[c // normalize].float()[:, None]
+        return cls(blocks, bad)
+
+    def column_sums(self) -> list[torch.Tensor]:
+        """float64 (d_c,) sums over the rows of each block."""
+        if self.sums is None:
+            self.sums = [t.sum(0, dtype=torch.float64) for t in self.blocks]
+        return self.sums
 
 
 def _not_finite(x: torch.Tensor) -> torch.Tensor:
@@ -282,14 +337,19 @@ def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def make(device: str) -> TorchBackend:
-    """The backend on `device` ("cpu", "cuda" (the current GPU) or "cuda:N"); ValueError naming what
-    is missing for CUDA."""
+def resolve(device: str) -> torch.device:
+    """The torch device of "cpu", "cuda" (torch's current GPU, as "cuda:N") or "cuda:N"; ValueError
+    naming what is missing for CUDA. The one place "cuda" is resolved (backends.placement uses it too)."""
     dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: torch {torch.__version__} sees no CUDA device")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-    return TorchBackend(dev)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: torch {torch.__version__} sees no CUDA device")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+
+
+def make(device: str) -> TorchBackend:
+    """The backend on `device` ("cpu", "cuda" (the current GPU) or "cuda:N"), resolved by `resolve`."""
+    return TorchBackend(resolve(device))
