@@ -13,6 +13,7 @@ import pytest
 import tracin
 from reference import exact_scores, factored_to_full, score_bound
 from tracin import _tunables
+from tracin.backends import _torch_rows
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -71,6 +72,31 @@ def test_a_store_streams_to_the_gpu(rng, tmp_path, monkeypatch, dtype):
         np.testing.assert_array_equal(got.indices, want.indices)
         np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(tracin.self_influence(store, device="cuda"), tracin.self_influence(store), rtol=1e-5)
+
+
+def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatch):
+    """Stores on both sides, each read in many chunks: every test chunk is uploaded once for all the
+    train pieces it meets, and the streamed results equal the C++ kernel's."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 16 * 1024)
+    uploaded: list[int] = []
+    whole = _torch_rows.whole
+    monkeypatch.setattr(
+        _torch_rows, "whole", lambda side, device: uploaded.append(len(side.blocks[0])) or whole(side, device)
+    )
+    sets = []
+    for name, n in (("test", 50), ("train", 6000)):
+        writer = tracin.GradientStore.create(tmp_path / name, n, [64], [0.5])
+        writer.write(0, 0, rng.standard_normal((n, 64)).astype(np.float32))
+        writer.finalize()
+        sets.append(tracin.GradientStore.open(tmp_path / name, chunk_bytes=64 * 4 * (20 if name == "test" else 700)))
+    test, train = sets
+    for normalize in (False, True):
+        uploaded.clear()
+        gpu = tracin.top_k(test, train, k=30, side="both", device="cuda", normalize=normalize)
+        assert uploaded == [20, 20, 10]  # 3 test chunks x 9 train pieces: 3 uploads
+        cpu = tracin.top_k(test, train, k=30, side="both", device="cpu", normalize=normalize)
+        for got, want in zip(gpu, cpu, strict=True):
+            np.testing.assert_array_equal(got.indices, want.indices)
 
 
 def test_factored_sets_on_the_gpu(rng):

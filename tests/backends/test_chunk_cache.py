@@ -1,0 +1,153 @@
+"""What the torch backend derives from a test chunk lives for one public call: each test chunk goes
+to the device once per call however many train pieces it meets (and is freed at the end); train
+tiles are staged one ahead through two buffers. Counted on CPU tensors ("torch:cpu", the code path
+of "cuda")."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import exact_scores, score_bound
+from tracin import _tunables
+from tracin.backends import ChunkCache, _torch_rows
+from tracin.gradients import KernelSide
+
+torch = pytest.importorskip("torch")
+
+
+def store(tmp_path, name: str, blocks: list[np.ndarray], w: list[float], chunk_bytes: int) -> tracin.GradientStore:
+    writer = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [b.shape[1] for b in blocks], w)
+    for c, block in enumerate(blocks):
+        writer.write(c, 0, block)
+    writer.finalize()
+    return tracin.GradientStore.open(tmp_path / name, chunk_bytes=chunk_bytes)
+
+
+@pytest.fixture
+def uploads(monkeypatch):
+    """Every test side the torch backend uploads: (rows, weak references to the device blocks)."""
+    seen: list[tuple[int, list[weakref.ref]]] = []
+    whole = _torch_rows.whole
+
+    def counting(side: KernelSide, device):
+        blocks = whole(side, device)
+        seen.append((side.blocks[0].shape[0], [weakref.ref(b) for b in blocks]))
+        return blocks
+
+    monkeypatch.setattr(_torch_rows, "whole", counting)
+    return seen
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_each_test_chunk_is_uploaded_once_per_call(rng, tmp_path, monkeypatch, uploads, normalize):
+    """A test store of 3 chunks against a train store of 9 pieces (several tiles each): 3 uploads per
+    call, not 27, for scores, top_k (both sides) and aggregate; same results as the C++ kernel."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 600)
+    w = [0.5, -2.0]
+    test = [rng.standard_normal((30, 8)).astype(np.float32), rng.standard_normal((30, 4)).astype(np.float32)]
+    train = [rng.standard_normal((300, 8)).astype(np.float32), rng.standard_normal((300, 4)).astype(np.float32)]
+    t = store(tmp_path, "test", test, w, chunk_bytes=12 * 4 * 11)  # chunks of 11 rows: 3 chunks
+    x = store(tmp_path, "train", train, w, chunk_bytes=12 * 4 * 34)  # 34 rows: 9 pieces
+    assert (t.row_chunks(), x.row_chunks()) == (11, 34)
+    kernel = tracin.top_k(t, x, k=20, side="both", device="cpu", normalize=normalize)
+    calls = {
+        "scores": lambda: tracin.scores(t, x, device="torch:cpu", normalize=normalize),
+        "top_k": lambda: tracin.top_k(t, x, k=20, side="both", device="torch:cpu", normalize=normalize),
+        "aggregate": lambda: tracin.aggregate(t, x, device="torch:cpu", normalize=normalize),
+    }
+    for name, call in calls.items():
+        uploads.clear()
+        result = call()
+        assert [rows for rows, _ in uploads] == [11, 11, 8], name
+        gc.collect()
+        assert all(ref() is None for _, refs in uploads for ref in refs), f"{name}: a device copy outlived the call"
+        if name == "top_k":
+            for got, want in zip(result, kernel, strict=True):
+                np.testing.assert_array_equal(got.indices, want.indices)
+    if not normalize:
+        exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+        assert np.all(np.abs(calls["scores"]() - exact) <= bound)
+        assert np.all(np.abs(calls["aggregate"]() - exact.sum(0)) <= bound.sum(0))
+
+
+def test_the_exact_top_k_pass_reuses_the_uploaded_chunk(rng, monkeypatch, uploads):
+    """When ties force a second, exact selection, the chunk uploaded for the first pass serves it."""
+    from tracin.backends import _torch_topk
+
+    monkeypatch.setattr(_torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool))
+    test = np.round(rng.standard_normal((5, 4))).astype(np.float32)
+    train = np.round(rng.standard_normal((80, 4))).astype(np.float32)
+    got = tracin.top_k(test, train, k=13, device="torch:cpu")
+    exact = exact_scores([test], [train], [1.0])
+    np.testing.assert_array_equal(got.indices, np.argsort(-exact, axis=1, kind="stable")[:, :13])
+    assert [rows for rows, _ in uploads] == [5]
+
+
+def test_a_backend_call_without_a_cache_uploads_its_test_side(rng, uploads):
+    """Called directly (cache=None, as tracin.distributed's tasks call backends), nothing is kept."""
+    from tracin import backends
+
+    side = tracin.Gradients(rng.standard_normal((4, 6)).astype(np.float32)).kernel_side()
+    backend = backends.get("torch:cpu")
+    for _ in range(2):
+        backend.top_k(side, side, [1.0], 2, "both", num_threads=1)
+    assert [rows for rows, _ in uploads] == [4, 4]
+
+
+def test_the_chunk_cache_keeps_items_of_the_current_chunk_only():
+    cache = ChunkCache()
+    made: list[str] = []
+    make = lambda name: lambda: made.append(name) or name.upper()  # noqa: E731
+    cache.use((0, 10))
+    assert cache.get("a", make("a")) == "A" and cache.get("a", make("again")) == "A"
+    cache.use((0, 10))  # the same chunk: kept
+    assert cache.get("a", make("again")) == "A" and made == ["a"]
+    cache.use((10, 20))  # another chunk: made again
+    assert cache.get("a", make("b")) == "B" and made == ["a", "b"]
+    cache.clear()
+    cache.use((10, 20))
+    assert cache.get("a", make("c")) == "C" and made == ["a", "b", "c"]
+
+
+def test_train_tiles_are_staged_one_ahead_in_two_slots(rng, monkeypatch):
+    """Tile j + 1 is in its staging slot before tile j is handed out (its upload overlaps the work on
+    tile j), and a slot is refilled only once the tile it held has been released."""
+    events: list[tuple[str, int]] = []
+    fill, release = _torch_rows._Staging.fill, _torch_rows._Staging.release
+
+    def recording_fill(self, slot, pieces):
+        events.append(("fill", slot))
+        fill(self, slot, pieces)
+
+    def recording_release(self, slot):
+        events.append(("release", slot))
+        release(self, slot)
+
+    monkeypatch.setattr(_torch_rows._Staging, "fill", recording_fill)
+    monkeypatch.setattr(_torch_rows._Staging, "release", recording_release)
+    block = rng.standard_normal((10, 3)).astype(np.float32)
+    side = KernelSide(False, [block], [0])
+    seen = []
+    for i0, _, x in _torch_rows.tiles(side, torch.device("cpu"), 3):
+        events.append(("use", i0 // 3))
+        seen.append(x[0].clone())
+    np.testing.assert_array_equal(torch.cat(seen).numpy(), block)
+    assert events == [
+        ("fill", 0),
+        ("fill", 1),
+        ("use", 0),
+        ("release", 0),
+        ("fill", 0),
+        ("use", 1),
+        ("release", 1),
+        ("fill", 1),
+        ("use", 2),
+        ("release", 0),
+        ("use", 3),
+        ("release", 1),
+    ]
