@@ -488,3 +488,70 @@ def test_bad_kronecker_use(rng):
     bad[1, 5] = np.inf
     with pytest.raises(ValueError, match="row 1 is not finite"):
         proj.apply(bad, segments=[LayerMatrix(3, 4)])
+
+
+@pytest.mark.parametrize(
+    "layer,dim,want",
+    [
+        (LayerMatrix(3, 64, bias=True), 1024, (3, 65)),  # both sides small: the exact gradient, 829 zeros after
+        (LayerMatrix(3, 1000), 1024, (3, 341)),  # the 3 rows kept, the columns take 1024 // 3
+        (LayerMatrix(1000, 20, transposed=True), 4096, (204, 20)),
+        (LayerMatrix(40, 40), 67, (40, 1)),  # a prime share: 67 x 1, the 67 capped at 40
+        (LayerMatrix(9, 5), 12, (4, 3)),  # no side smaller than its factor: the balanced factors
+    ],
+)
+def test_kronecker_factors_are_capped_at_their_sides(layer, dim, want):
+    assert tracin.Projection.kronecker_dims(dim, layer) == want
+    assert tracin.Projection.kronecker_dims(dim, layer.to_dict()) == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_small_layer_fills_the_first_columns_of_its_share_and_leaves_zeros(kind, rng):
+    proj = tracin.Projection(2 * 64, 3, kind, per_layer=True, kronecker=True)
+    whole, wide = LayerMatrix(3, 7, bias=True), LayerMatrix(3, 40)  # (3, 8) kept as is; (3, 21 of 40)
+    x = rng.standard_normal((5, whole.width + wide.width)).astype(np.float32)
+    y = proj.apply(x, segments=[whole, wide])
+    assert proj.kronecker_dims(64, whole) == (3, 8) and proj.kronecker_dims(64, wide) == (3, 21)
+    np.testing.assert_array_equal(y[:, :24], _layer_grid(x[:, : whole.width], whole).reshape(5, -1).astype(np.float32))
+    p_cols = reference_matrix(kind, 3, 21, 40, stream=KRONECKER + 3)
+    want = (_layer_grid(x[:, whole.width :], wide) @ p_cols.T).reshape(5, -1)  # P_rows is the 3 x 3 identity
+    np.testing.assert_allclose(y[:, 64 : 64 + 63], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert not y[:, 24:64].any() and not y[:, 127:].any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "pieces"])
+def test_kronecker_rows_are_projected_in_blocks_with_the_same_bits(dtype, rng, monkeypatch):
+    import tracemalloc
+
+    from tracin import projection as module
+
+    layer = LayerMatrix(96, 80, bias=True)
+    g = rng.standard_normal((48, 5 + layer.width)).astype(np.float32)
+    x = {"float16": g.astype(np.float16), "bfloat16": g.astype(ml_dtypes.bfloat16)}.get(dtype, g)
+    x = [x[:, :2000], x[:, 2000:]] if dtype == "pieces" else x
+    proj = tracin.Projection(2 * 1024, per_layer=True, kronecker=True)
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1 << 40)
+    whole = proj.apply(x, segments=[5, layer])
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1 << 16)  # a few rows at a time
+    tracemalloc.start()
+    try:
+        blocked = proj.apply(x, segments=[5, layer])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(blocked, whole)
+    head = [piece[:7] for piece in x] if dtype == "pieces" else x[:7]
+    np.testing.assert_array_equal(proj.apply(head, segments=[5, layer]), whole[:7])  # any batch size
+    # the output plus blocks of a few rows; all rows at once hold 48 x (96 x 32 + 32 x 32 [+ 7761]) float32
+    assert peak < blocked.nbytes + 16 * (96 * 32 + 32 * 32 + layer.width) * 4
+
+
+def test_kronecker_dims_and_layer_factors_name_a_layer_of_the_wrong_type():
+    proj = tracin.Projection(8, per_layer=True, kronecker=True)
+    with pytest.raises(TypeError, match="layer must be a LayerMatrix \\(or its to_dict\\(\\)\\), got int"):
+        tracin.Projection.kronecker_dims(64, 5)
+    with pytest.raises(TypeError, match="layer must be a LayerMatrix .*got str"):
+        proj.layer_factors(0, "fc", 8)
+    with pytest.raises(TypeError, match="layer: .* is not a LayerMatrix spec"):
+        proj.layer_factors(0, {"rows": 3}, 8)
+    assert [f.shape for f in proj.layer_factors(0, {"rows": 4, "cols": 5}, 8)] == [(2, 4), (4, 5)]

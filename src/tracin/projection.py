@@ -17,6 +17,7 @@ Kronecker projections (kronecker=True) project a layer's weight gradient G (rows
 a last column) to P_rows G P_cols^T (k_rows x k_cols), two independent matrices of this kind per
 layer, so that a per-example gradient sum_t b_t a_t^T over tokens projects token by token as
 sum_t (P_rows b_t)(P_cols a_t)^T without the rows x cols matrix ever being formed (tracin.torch).
+A factor is capped at its side's size (see `kronecker_dims`): a small side is kept as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import DTYPE_CODES, as_matrix
+from .store._convert import bfloat16_bits_to_float32
 
 KINDS = {"rademacher": 0, "gaussian": 1, "sparse": 2}
 SPARSE_NONZEROS = 8
@@ -43,6 +45,7 @@ GENERATOR_VERSION = 1
 _LEFT_STREAM, _RIGHT_STREAM = 1 << 62, (1 << 62) + 1
 _KRONECKER_STREAM = 1 << 61
 _IDENTITY_ROWS = 256  # rows of the identity projected at a time to materialise a Kronecker factor
+_BLOCK_BYTES = 64 * 2**20  # float32 intermediates of a Kronecker segment's rows projected at a time
 
 _View = tuple[np.ndarray, str]
 
@@ -178,20 +181,38 @@ class Projection:
         return [base + (j < extra) for j in range(n_segments)]
 
     @staticmethod
-    def kronecker_dims(dim: int, layer: LayerMatrix) -> tuple[int, int]:
-        """(k_rows, k_cols) of a layer's segment of `dim` outputs (k_rows * k_cols = dim): the most
-        balanced factorisation, its larger factor on the larger side of the matrix (rows, or cols + 1
-        with a bias). Choose dim = n_segments * k with k of balanced factors (k = 4096: 64 x 64)."""
+    def kronecker_dims(dim: int, layer: LayerMatrix | dict) -> tuple[int, int]:
+        """(k_rows, k_cols) of a layer's segment of `dim` outputs: the most balanced factorisation of
+        dim, its larger factor on the larger side of the matrix (rows, or cols + 1 with a bias); a
+        factor above its side's size is capped at that size (the side is then kept as it is, see
+        `layer_factors`) and the other factor takes dim // cap, up to its own side's size. So
+        k_rows * k_cols = dim unless a side is small: the layer then fills the first k_rows * k_cols
+        of its `dim` columns, the others are zero (a 64 -> 3 nn.Linear with bias given 1024 gets
+        3 x 65, its exact gradient). Choose dim = n_segments * k with k of balanced factors (k = 4096:
+        64 x 64)."""
+        layer = _layer(layer, "layer")
         big, small = _balanced_factors(_check_int(dim, "dim", 1))
-        return (big, small) if layer.rows >= layer.cols + int(layer.bias) else (small, big)
+        rows, cols = layer.rows, layer.cols + int(layer.bias)
+        rows_big = rows >= cols
+        k_big, k_small = big, small
+        side_big, side_small = (rows, cols) if rows_big else (cols, rows)
+        if k_small > side_small:
+            k_small = side_small
+            k_big = min(side_big, dim // k_small)
+        elif k_big > side_big:
+            k_big = side_big
+            k_small = min(side_small, dim // k_big)
+        return (k_big, k_small) if rows_big else (k_small, k_big)
 
-    def layer_factors(self, index: int, layer: LayerMatrix, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    def layer_factors(self, index: int, layer: LayerMatrix | dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(P_rows (k_rows, rows), P_cols (k_cols, cols [+ 1])) float32, read-only: the two matrices
-        of segment `index` (its position in the layout) projecting `layer` to `dim` outputs,
-        (k_rows, k_cols) = kronecker_dims(dim, layer). The segment's projection is
-        P_rows G P_cols^T flattened row-major, G the rows x (cols [+ 1]) gradient."""
+        of segment `index` (its position in the layout) projecting `layer` (a LayerMatrix or its
+        to_dict()) to `dim` outputs, (k_rows, k_cols) = kronecker_dims(dim, layer); a factor equal to
+        its side's size is the identity. The segment's projection is P_rows G P_cols^T flattened
+        row-major into its first k_rows * k_cols columns, G the rows x (cols [+ 1]) gradient."""
         if not self.kronecker:
             raise ValueError("layer_factors needs a Projection(..., per_layer=True, kronecker=True)")
+        layer = _layer(layer, "layer")
         index = _check_int(index, "index", 0)
         k_rows, k_cols = self.kronecker_dims(dim, layer)
         stream = _KRONECKER_STREAM + 2 * index
@@ -318,24 +339,35 @@ class Projection:
         self, piece: list[_View], index: int, segment: Segment, dim: int, out: np.ndarray, threads: int
     ) -> None:
         if isinstance(segment, LayerMatrix):
-            out[:] = self._project_layer(piece, index, segment, dim)
+            self._project_layer(piece, index, segment, dim, out)
         else:
             self._project(piece, 1 + index, dim, 0, out, threads)
 
-    def _project_layer(self, piece: list[_View], index: int, layer: LayerMatrix, dim: int) -> np.ndarray:
-        """(n, dim) float32: P_rows G P_cols^T of each row's layer gradient G, flattened row-major."""
-        g = np.hstack([_widened(v, t) for v, t in piece])
-        finite = np.isfinite(g).all(axis=1)
-        if not finite.all():
-            raise ValueError(f"matrix: row {int(np.argmin(finite))} is not finite (NaN or Inf)")
+    def _project_layer(self, piece: list[_View], index: int, layer: LayerMatrix, dim: int, out: np.ndarray) -> None:
+        """Writes P_rows G P_cols^T of each row's layer gradient G (flattened row-major, then zeros) into
+        out (n, dim), a block of rows at a time (float32 copies and intermediates of about _BLOCK_BYTES)."""
         p_rows, p_cols = self.layer_factors(index, layer, dim)
-        n, weights = g.shape[0], layer.rows * layer.cols
-        w = g[:, :weights].reshape(n, layer.cols, layer.rows).transpose(0, 2, 1) if layer.transposed else None
-        w = g[:, :weights].reshape(n, layer.rows, layer.cols) if w is None else w
-        out = p_rows @ (w @ p_cols[:, : layer.cols].T)  # (n, k_rows, k_cols)
-        if layer.bias:
-            out += (g[:, weights:] @ p_rows.T)[:, :, None] * p_cols[:, layer.cols]
-        return out.reshape(n, dim)
+        (k_rows, rows), k_cols = p_rows.shape, p_cols.shape[0]
+        copied = len(piece) > 1 or piece[0][1] != "float32"
+        per_row = 4 * (rows * k_cols + k_rows * k_cols + (layer.width if copied else 0))
+        block = max(1, _BLOCK_BYTES // per_row)
+        out[:, k_rows * k_cols :] = 0
+        for start in range(0, out.shape[0], block):
+            stop = min(start + block, out.shape[0])
+            parts = [_widened(v[start:stop], t) for v, t in piece]
+            g = parts[0] if len(parts) == 1 else np.hstack(parts)
+            finite = np.isfinite(g).all(axis=1)
+            if not finite.all():
+                raise ValueError(f"matrix: row {start + int(np.argmin(finite))} is not finite (NaN or Inf)")
+            n, weights = g.shape[0], layer.rows * layer.cols
+            if layer.transposed:
+                w = g[:, :weights].reshape(n, layer.cols, layer.rows).transpose(0, 2, 1)
+            else:
+                w = g[:, :weights].reshape(n, layer.rows, layer.cols)
+            product = p_rows @ (w @ p_cols[:, : layer.cols].T)  # (n, k_rows, k_cols)
+            if layer.bias:  # per-row products (as above): the same bits whatever the block and batch sizes
+                product += (p_rows @ g[:, weights:, None]) * p_cols[:, layer.cols]
+            out[start:stop, : k_rows * k_cols] = product.reshape(n, k_rows * k_cols)
 
     def _project(
         self, views: list[_View], stream: int, dim: int, column_offset: int, out: np.ndarray, threads: int
@@ -412,17 +444,31 @@ def _width(segment: Segment) -> int:
     return segment.width if isinstance(segment, LayerMatrix) else segment
 
 
+def _layer(layer: Any, name: str) -> LayerMatrix:
+    """A LayerMatrix from itself or its to_dict(); TypeError naming `name` for anything else."""
+    if isinstance(layer, dict):
+        try:
+            return LayerMatrix(**layer)
+        except TypeError as e:
+            raise TypeError(f"{name}: {layer!r} is not a LayerMatrix spec ({e})") from None
+    if not isinstance(layer, LayerMatrix):
+        raise TypeError(f"{name} must be a LayerMatrix (or its to_dict()), got {type(layer).__name__}")
+    return layer
+
+
 def _widened(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """A kernel view as float32 (bfloat16 bits widened exactly)."""
-    if dtype == "bfloat16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32, copy=False)
+    """A kernel view as float32 (bfloat16 bits widened exactly; float32 not copied)."""
+    return bfloat16_bits_to_float32(arr) if dtype == "bfloat16" else arr.astype(np.float32, copy=False)
 
 
 @functools.lru_cache(maxsize=64)
 def _factor(kind: str, seed: int, stream: int, dim: int, d: int) -> np.ndarray:
     """P (dim, d) float32 of one stream, read-only: the projections of the unit vectors, a block of
-    the identity at a time (column offsets), so memory stays O(dim * d)."""
+    the identity at a time (column offsets), so memory stays O(dim * d); the identity when dim == d."""
+    if dim == d:
+        p = np.eye(d, dtype=np.float32)
+        p.flags.writeable = False
+        return p
     out = np.empty((d, dim), dtype=np.float32)
     nonzeros = min(SPARSE_NONZEROS, dim)
     for start in range(0, d, _IDENTITY_ROWS):

@@ -292,11 +292,15 @@ def test_bad_combinations_are_clear_errors():
         )
     with pytest.raises(ValueError, match=r"checkpoints\[0\] has no optimizer state"):
         export_gradients(model, checkpoints, data, token_loss, projection=proj, preconditioner="adam")
-    prime = tracin.Projection(2 * 67, per_layer=True, kronecker=True)  # 67 outputs per layer: 67 x 1
+    prime = tracin.Projection(67, per_layer=True, kronecker=True)  # 67 = 67 x 1, the 67 capped at the side's 41
+    wide = nn.Sequential(nn.Embedding(VOCAB, 40), nn.Linear(40, 40), nn.Linear(40, CLASSES))
     with pytest.raises(
-        ValueError, match=r"layer 'fc' 67 outputs, whose most balanced factors are \(67, 1\); choose dim = 2"
+        ValueError, match=r"layer '1' 67 outputs, which factor as \(k_rows, k_cols\) = \(1, 41\) for its 40 x 41"
     ):
-        export_gradients(model, checkpoints, data, token_loss, layers=["fc", "mix"], projection=prime)
+        export_gradients(wide, [(wide.state_dict(), 1.0)], data, token_loss, layers=["1"], projection=prime)
+    # a small layer caps its factors at its sides instead: fc (10 x 7 with its bias) given 67 gets 10 x 6, zeros after
+    rows = export_gradients(model, checkpoints[:1], data, token_loss, layers=["fc"], projection=prime, progress=False)
+    assert np.count_nonzero(rows.matrices[0][:, 60:]) == 0 and np.all(np.abs(rows.matrices[0][:, :60]).max(0) > 0)
 
 
 def test_jax_refuses_kronecker_projections():

@@ -10,9 +10,12 @@ O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose outpu
 (padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too)
 of every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input
 side is a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module
-alone. Every other chosen parameter (LayerNorm, tied weights, other layer types) is one plain
-segment: its per-example gradient is computed in full (PerExampleGradients, a second pass) and
-projected flat. The result equals Projection.apply on the full rows with the same layout.
+alone. Every other chosen parameter (LayerNorm, tied weights, other layer types, and the out_proj of an
+nn.MultiheadAttention, whose weight the attention reads without running out_proj's forward: one
+warning) is one plain segment: its per-example gradient is computed in full (PerExampleGradients, a
+second pass) and projected flat. The layout depends on the model's structure and the chosen
+parameters only (train and test exports agree), and is recorded in the metadata. The result equals
+Projection.apply on the full rows with the same layout.
 
 preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
 columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint; plain
@@ -22,6 +25,7 @@ segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their proje
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,14 +40,14 @@ from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
-from .data import Tree, batch_rows, slice_rows
+from .data import Tree, batch_rows
+from .first_rows_check import agrees, checked_rows, example_gradients
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
-from .losses import LossFn, losses_of
+from .losses import LossFn
 from .per_example import PerExampleGradients
 
 _TOKENS_PER_EXAMPLE = 256  # tokens an example is assumed to have when choosing the default batch size
-_CHECKED_ROWS = 2  # rows of the first batch checked against per-example autograd
 _FACTORED_ADAM = (
     "Kronecker layers: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left "
     "out); other parameters: g / (sqrt(v_hat) + eps)"
@@ -164,7 +168,9 @@ class KroneckerRows:
         out = torch.empty((rows, self.projection.dim), dtype=torch.float32)
         if self.kron:
             for seg, block in zip(self.kron, self._projected(state, inputs, targets, rows), strict=True):
-                out[:, seg.start : seg.start + seg.dim] = block.to("cpu", torch.float32)
+                used = seg.start + block.shape[1]
+                out[:, seg.start : used] = block.to("cpu", torch.float32)
+                out[:, used : seg.start + seg.dim] = 0  # a small layer's unused columns (kronecker_dims)
         if self._plain_rows is not None:
             self._plain(state, inputs, targets, out)
         return out
@@ -172,41 +178,35 @@ class KroneckerRows:
     def check(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> None:
         """ValueError naming the Kronecker layers whose rows on the first rows differ from per-example
         autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
-        also used outside its module's forward)."""
+        also used outside its module's forward), and the layers= that leaves them out."""
         if not self.kron:
             return
-        rows = min(_CHECKED_ROWS, batch_rows(targets, "targets"))
-        inputs, targets = slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows)
+        inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         got = self._projected(state, inputs, targets, rows)
         names = [n for s in self.kron for n in s.names]
-        bad = set()
-        for i in range(rows):
-            leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-            one = (slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1))
-            with torch.enable_grad():
-                loss = losses_of(self.model, {**state, **leaves}, self.loss_fn, *one).sum()
-                grads = dict(
-                    zip(names, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True), strict=True)
-                )
-            for seg, (p_rows, p_cols), block in zip(self.kron, self._factors, got, strict=True):
-                parts = [torch.zeros_like(leaves[n]) if grads[n] is None else grads[n] for n in seg.names]
-                g = _layer_matrix(seg, [t.to(self.dtype) for t in parts])
-                want = (p_rows @ g @ p_cols.T).reshape(-1)
-                scale = want.abs().max().item()
-                if not torch.allclose(block[i].to(want.dtype), want, rtol=1e-4, atol=1e-5 * max(scale, 1e-30)):
-                    bad.add(seg.module)
+        pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.kron]
+        for i, grads in enumerate(example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)):
+            k = 0
+            for j, (seg, (p_rows, p_cols)) in enumerate(zip(self.kron, self._factors, strict=True)):
+                g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
+                pairs[j].append((got[j][i], (p_rows @ g @ p_cols.T).reshape(-1)))
+                k += len(seg.names)
+        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p)]
         if bad:
+            left_out = {n for seg in bad for n in seg.names}
+            keep = [n for n in self._shapes if n not in left_out]
             raise ValueError(
-                f"projection with kronecker=True: the per-token gradients of {sorted(bad)} disagree with "
-                "per-example autograd on the first rows: a layer mixes the examples of a batch, or its "
-                "weight is also used outside the module's forward. Leave these layers out of layers=, or "
-                "use a projection without kronecker"
+                f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
+                "disagree with per-example autograd on the first rows: a layer mixes the examples of a batch, "
+                "or its weight is also used outside the module's forward. Either export them without "
+                "kronecker (Projection(dim, per_layer=True)), or leave them out: "
+                + (f"layers={keep!r}" if keep else "no other layer is chosen")
             )
 
     # --- the pieces ---
 
     def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
-        """Per Kronecker segment its (rows, dim) projected gradients, on the device; each call is
+        """Per Kronecker segment its (rows, k_rows * k_cols) projected gradients, on the device; each call is
         projected inside the backward pass as soon as its output gradient exists (capture.stream), so
         only the calls still waiting for theirs are held."""
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
@@ -231,7 +231,7 @@ class KroneckerRows:
         if unusable:
             layer, why = next(iter(unusable.items()))
             raise ValueError(f"projection with kronecker=True: layer {layer!r} cannot be projected per token ({why})")
-        return [totals[seg.module].reshape(rows, seg.dim) for seg in self.kron]
+        return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
 
     def _plain(self, state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
         """The plain segments: full per-example gradients, preconditioned on the host, projected flat."""
@@ -261,13 +261,17 @@ def _kind(module: nn.Module) -> str | None:
 def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatrix | int, str | None, str | None]]:
     """The segments in row order: (parameter names, LayerMatrix or plain width, module, kind)."""
     modules, params, owners = dict(model.named_modules()), dict(model.named_parameters()), parameter_owners(model)
-    plan, i = [], 0
+    read_by_parent = _read_by_parent(modules)
+    plan, i, demoted = [], 0, []
     while i < len(names):
         name = names[i]
         holders = owners[id(params[name])]
         module_name, leaf = holders[0]
         module = modules[module_name]
         kind = _kind(module) if len(holders) == 1 and leaf == "weight" else None
+        if kind is not None and module_name in read_by_parent:
+            demoted.append(module_name)
+            kind = None
         if kind is None:
             plan.append(([name], params[name].numel(), None, None))
             i += 1
@@ -287,18 +291,36 @@ def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatr
             layer = LayerMatrix(w.shape[1], w.shape[0], bias=bias, transposed=True)
         plan.append(([name, bias_name] if bias else [name], layer, module_name, kind))
         i += 2 if bias else 1
+    if demoted:
+        warnings.warn(
+            f"projection with kronecker=True: {demoted} are read by their nn.MultiheadAttention without running "
+            "their own forward; their gradients are computed in full and projected as plain segments",
+            UserWarning,
+            stacklevel=5,
+        )
     return plan
+
+
+def _read_by_parent(modules: Mapping[str, nn.Module]) -> set[str]:
+    """Names of the modules whose weights their parent uses without calling them: the out_proj of an
+    nn.MultiheadAttention (its forward passes out_proj.weight to F.multi_head_attention_forward)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in modules.items()
+        if isinstance(m, nn.MultiheadAttention)
+    }
 
 
 def _check_balanced(kron: list[_Segment], projection: Projection, n_segments: int) -> None:
     """ValueError when a layer's share of dim factors badly (a prime share p gives p x 1: every token's
-    input is projected to one number)."""
+    input is projected to one number): a factor below both its side's size and sqrt(share) / 2."""
     for seg in kron:
-        small = min(projection.kronecker_dims(seg.dim, seg.layer))
-        if small < math.isqrt(seg.dim) // 2:
+        dims = projection.kronecker_dims(seg.dim, seg.layer)
+        sides = (seg.layer.rows, seg.layer.cols + int(seg.layer.bias))
+        if any(k < min(side, math.isqrt(seg.dim) // 2) for k, side in zip(dims, sides, strict=True)):
             raise ValueError(
-                f"projection: dim={projection.dim} gives layer {seg.module!r} {seg.dim} outputs, whose most "
-                f"balanced factors are {projection.kronecker_dims(seg.dim, seg.layer)}; choose dim = "
+                f"projection: dim={projection.dim} gives layer {seg.module!r} {seg.dim} outputs, which factor "
+                f"as (k_rows, k_cols) = {dims} for its {sides[0]} x {sides[1]} gradient; choose dim = "
                 f"{n_segments} segments x k with k of balanced factors (e.g. {n_segments} x 1024 = {n_segments * 1024})"
             )
 
