@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import tracin
+from tracin import _tunables
 
 from .common import RESULTS_DIR, time_interleaved, write_json
 
@@ -179,7 +180,8 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "store_bytes": store.nbytes,
-            "store_chunk_bytes": store.chunk_bytes,
+            "store_chunk_bytes": store.chunk_bytes,  # one backend call per chunk: the stream restarts
+            "device_tile_bytes": _tunables.DEVICE_TILE_BYTES,  # one upload per tile, overlapped within a chunk
             "faiss": faiss_search is not None,
             "torch_whole_matrix": full_fits,
         },

@@ -2,14 +2,17 @@
 "torch:cpu" (the same code on CPU tensors, for tests and debugging).
 
 Blocked like the C++ kernel: a test chunk goes to the device once per public call (kept in the
-generic loop's ChunkCache for every train piece it meets; once per backend call without one); train rows pass in
-tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host, or used in place when already on the
-device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
-float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
-and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
-norms once, with its upload (a copy on the device), and each checkpoint's score block by the train rows'
-inverse norms, computed per train tile in float64. top_k keeps each test row's best across tiles
-on the device; the (m, n) matrix never exists. The host waits for the device once per call, at the end.
+generic loop's ChunkCache for every train piece it meets; once per backend call without one);
+train rows pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of
+the compute, or used in place when already on the device), and each tile meets the test side in
+blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored
+sets, multiplied elementwise), scaled by the weight and added in float32. Cosine scores
+(normalize): the test side is scaled by its rows' inverse norms once, with its upload (a copy on
+the device), and each checkpoint's score block by the train rows' inverse norms, computed per train
+tile in float64. top_k keeps each test row's best across tiles on the device; the (m, n) matrix
+never exists. top_k, aggregate and self_influence wait for the device once per call, at the end
+(scores reads each block back as it is made). Each call (one train piece of the generic loop)
+starts its stream afresh: its first tile's upload does not overlap the previous piece's compute.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
