@@ -86,7 +86,8 @@ def projected_reference(proj: tracin.Projection, layout: list, grads: list[dict]
                 if layer.bias:
                     w = np.hstack([w, g[names[k + 1]][:, None]])
                 p_rows, p_cols = (f.astype(np.float64) for f in proj.layer_factors(j, layer, dim))
-                parts.append(np.kron(p_rows, p_cols) @ w.reshape(-1))
+                used = np.kron(p_rows, p_cols) @ w.reshape(-1)
+                parts += [used, np.zeros(dim - used.size)]  # a small layer's unused columns are zero
                 k += 1 + layer.bias
             else:
                 p = proj.project_segment(np.eye(segment, dtype=np.float32), j, segment, dim).T.astype(np.float64)
@@ -262,7 +263,11 @@ def test_a_layer_whose_weight_is_also_used_outside_its_forward_is_refused():
     model = Penalised()
     ids, labels, _ = sequences(4, 5, seed=1)
     proj = tracin.Projection(4, per_layer=True, kronecker=True)
-    with pytest.raises(ValueError, match=r"per-token gradients of \['head'\] disagree with per-example autograd"):
+    with pytest.raises(
+        ValueError,
+        match=r"per-token gradients of \['head'\] disagree with per-example autograd.*Either export them without "
+        r"kronecker \(Projection\(dim, per_layer=True\)\), or leave them out: no other layer is chosen",
+    ):
         export_gradients(
             model,
             [(model.state_dict(), 1.0)],
@@ -272,6 +277,54 @@ def test_a_layer_whose_weight_is_also_used_outside_its_forward_is_refused():
             projection=proj,
             progress=False,
         )
+
+
+def test_a_small_layer_given_more_dims_than_its_gradient_holds_is_exported_exactly():
+    model, checkpoints = model_and_checkpoints(seed=6)
+    ids, labels, lengths = sequences(5, 6, seed=7)
+    proj = tracin.Projection(64, 2, per_layer=True, kronecker=True)  # head: 5 x 11 with its bias, kept as is
+    data = (ids, labels)
+    g = export_gradients(model, checkpoints, data, token_loss, layers=["head"], projection=proj, progress=False)
+    assert proj.kronecker_dims(64, LayerMatrix(CLASSES, HIDDEN, bias=True)) == (CLASSES, HIDDEN + 1)
+    for c, (state, _) in enumerate(checkpoints):
+        grads = autograd_grads(model, state, ids, labels, lengths)
+        want = np.stack([np.hstack([d["head.weight"], d["head.bias"][:, None]]).reshape(-1) for d in grads])
+        assert_rows_close(g.matrices[c][:, : want.shape[1]], want)
+        assert not g.matrices[c][:, want.shape[1] :].any()
+
+
+class Attending(nn.Module):
+    """Embedding -> nn.MultiheadAttention (whose forward reads out_proj.weight without calling out_proj) -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.attn = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(torch.tanh(h + self.attn(h, h, h, need_weights=False)[0]))
+
+
+def test_a_multihead_attention_out_proj_is_a_plain_segment_named_in_one_warning():
+    torch.manual_seed(0)
+    model = Attending()
+    checkpoints = [(model.state_dict(), 1.0)]
+    ids, labels, _ = sequences(6, 5, seed=1)
+    layers = ["attn", "head"]
+    full = export_gradients(model, checkpoints, (ids, labels), token_loss, layers=layers, progress=False)
+    proj = tracin.Projection(5 * 16, 3, per_layer=True, kronecker=True)
+    runs = []
+    for data in ((ids, labels), (ids[:3], labels[:3])):
+        with pytest.warns(UserWarning, match=r"\['attn.out_proj'\] are read by their nn.MultiheadAttention") as caught:
+            runs.append(export_gradients(model, checkpoints, data, token_loss, layers=layers, projection=proj))
+        assert sum("are read by their nn.MultiheadAttention" in str(w.message) for w in caught) == 1
+    layout = runs[0].metadata["projection"]["segments"]
+    head = LayerMatrix(CLASSES, WIDTH, bias=True).to_dict()
+    assert layout == [3 * WIDTH * WIDTH, 3 * WIDTH, WIDTH * WIDTH, WIDTH, head]  # in_proj, out_proj plain
+    assert runs[1].metadata["projection"] == runs[0].metadata["projection"]  # the same layout whatever the data
+    assert_rows_close(runs[0].matrices[0], proj.apply(full.matrices[0], segments=layout))
 
 
 def test_bad_combinations_are_clear_errors():
