@@ -187,7 +187,8 @@ def test_resuming_after_the_model_was_edited_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"the loss function differs \(.*CrossEntropyLoss.*'label_smoothing': 0.1"):
         export_gradients(tanh, checkpoints, batches, smoothed, progress=False, store=path)
     resumed = export_gradients(tanh, checkpoints, batches, LOSS, progress=False, store=path)
-    fresh = export_gradients(tanh, checkpoints, (x, y), LOSS, progress=False)
+    # the same batches: BLAS may round a row differently in a batch of another size
+    fresh = export_gradients(tanh, checkpoints, batches, LOSS, progress=False)
     np.testing.assert_array_equal(tracin.self_influence(resumed), tracin.self_influence(fresh))
 
 

@@ -23,7 +23,7 @@ _CHECKED_ROWS = 2  # rows of the first batch recomputed one by one to check the 
 # width 64, 128 tokens: passes of 16-32 sequences 1.15-1.2x faster than one of 64, one thread;
 # benchmarks/transformer_export). Other devices take the batch in one pass.
 _PASS_BYTES = 32 * 2**20
-_PROBE_ROWS = 8  # the first pass, which measures the bytes per example
+_PROBE_ROWS = 8  # a first, extra pass that measures the bytes per example
 
 
 class PerExampleGradients:
@@ -34,7 +34,7 @@ class PerExampleGradients:
     - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face
       Conv1D, nn.Embedding or nn.LayerNorm running its own forward. Batched forward and backward
       passes for all of them, no vmap (transformers that vmap cannot run get here); on the CPU a
-      first pass of _PROBE_ROWS rows, then passes of about _PASS_BYTES of captured tensors. Not used at
+      probe of _PROBE_ROWS rows, then every batch in passes of about _PASS_BYTES of captured tensors. Not used at
       all when a module mixes the examples of a batch in eval mode (BatchNorm without running
       statistics: a warning). On the first batch, a covered layer that did not run through its
       forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
@@ -86,6 +86,14 @@ class PerExampleGradients:
             first = state[self.names[0]]
             out = torch.empty((batch_rows(targets, "targets"), self.width), dtype=first.dtype, device=first.device)
         rows, start = out.shape[0], 0
+        if self.hooks is not None and out.device.type == "cpu" and self.hooks.bytes_per_row is None:
+            # the probe's rows are computed again by the first pass, so that every batch is cut into
+            # the same passes whichever batch comes first (a range of a distributed export included):
+            # BLAS may round a row differently in a pass of another size
+            probe = min(rows, _PROBE_ROWS)
+            part = (slice_rows(inputs, 0, probe), slice_rows(targets, 0, probe))
+            if not self._by_hooks(state, *part, out[:probe]):
+                self.hooks, self.others = None, list(self.names)
         while self.hooks is not None and start < rows:
             stop = rows if out.device.type != "cpu" else min(rows, start + self._pass_rows())
             part = (slice_rows(inputs, start, stop), slice_rows(targets, start, stop))
@@ -97,7 +105,7 @@ class PerExampleGradients:
         return out
 
     def _pass_rows(self) -> int:
-        """Rows of the next hook pass: _PROBE_ROWS first, then about _PASS_BYTES of captured tensors."""
+        """Rows of a hook pass: about _PASS_BYTES of captured tensors (measured by the probe)."""
         per_row = self.hooks.bytes_per_row
         return _PROBE_ROWS if per_row is None else max(1, int(_PASS_BYTES // max(per_row, 1.0)))
 
