@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -35,6 +36,42 @@ def test_path_digests_follow_file_contents(tmp_path):
     (tmp_path / "d" / "x").write_bytes(b"abd")
     assert digest_path(tmp_path / "d") != before
     assert digest_path(tmp_path / "d" / "x") != digest_path(tmp_path / "d")  # names count too
+
+
+def test_a_save_pretrained_folder_is_digested_by_the_files_its_loader_reads(tmp_path):
+    """A Trainer checkpoint-N/ folder: optimizer, scheduler, RNG and trainer state do not count."""
+    folder = tmp_path / "checkpoint-500"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    extras = ["optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "config.json"]
+    for name in extras:
+        (folder / name).write_bytes(b"state")
+    before = digest_path(folder)
+    for name in extras:
+        (folder / name).write_bytes(b"changed")
+    assert digest_path(folder) == before
+    (folder / "model.safetensors").write_bytes(b"weights2")
+    assert digest_path(folder) != before
+
+
+def test_a_sharded_folder_is_digested_by_its_index_and_shards(tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    index = {"weight_map": {"a": "pytorch_model-1.bin", "b": "pytorch_model-2.bin"}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    for name in ("pytorch_model-1.bin", "pytorch_model-2.bin", "optimizer.pt", "stale-shard.bin"):
+        (folder / name).write_bytes(name.encode())
+    before = digest_path(folder)
+    (folder / "optimizer.pt").write_bytes(b"other")
+    (folder / "stale-shard.bin").write_bytes(b"other")  # not listed by the index: not read
+    assert digest_path(folder) == before
+    for name, content in (("pytorch_model-2.bin", b"other"), ("pytorch_model.bin.index.json", json.dumps(index) + " ")):
+        (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        assert digest_path(folder) != before
+        before = digest_path(folder)
+    (folder / "pytorch_model-2.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="ckpt: no shard listed by its index at .*pytorch_model-2.bin"):
+        digest_path(folder, "ckpt")
 
 
 def _pass(fp: DataFingerprint, batches, where="pass"):

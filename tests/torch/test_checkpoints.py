@@ -151,6 +151,26 @@ def test_save_pretrained_folders_give_the_state_dicts_gradients(setup, tmp_path,
     np.testing.assert_array_equal(got.matrices[0], want.matrices[0])
 
 
+def test_a_trainer_checkpoint_folder_is_fingerprinted_by_its_weights_alone(setup, tmp_path):
+    from safetensors.torch import save_file
+
+    model, checkpoints, data = setup
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    save_file(torch.load(checkpoints[0][0], weights_only=True), str(folder / "model.safetensors"))
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text('{"global_step": 10}')
+
+    def fingerprint() -> str:
+        g = export_gradients(model, [(str(folder), 0.5)], data, LOSS, progress=False)
+        return g.metadata["fingerprints"]["checkpoints"][0]
+
+    before = fingerprint()
+    (folder / "trainer_state.json").write_text('{"global_step": 10, "note": "edited"}')
+    torch.save({"state": {}, "param_groups": [{"params": []}]}, folder / "optimizer.pt")
+    assert fingerprint() == before
+
+
 def test_folder_without_weights_and_missing_shard_are_clear_errors(setup, tmp_path):
     model, _, data = setup
     (tmp_path / "empty").mkdir()

@@ -2,7 +2,9 @@
 see the same data, the same checkpoints and the same functions.
 
 A digest is a 128-bit BLAKE2b of the arrays' dtypes, shapes and bytes (hex string). Paths are
-digested by their bytes (a file) or by every file under them (a directory, in sorted order).
+digested by their bytes (a file), by the files a loader reads from a Hugging Face save_pretrained
+folder (its weights and shard index: not a Trainer checkpoint's optimizer, scheduler or trainer
+state), or by every file under them (another directory, in sorted order).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .pretrained_folder import weight_files
 
 _CHUNK = 1 << 22  # bytes read at a time when digesting files
 
@@ -39,10 +43,16 @@ def digest_arrays(arrays: Iterable[np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def digest_path(path: str | os.PathLike) -> str:
-    """Digest of a file's bytes, or of every file under a directory (relative names and bytes)."""
+def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
+    """Digest of a file's bytes, or of the files under a directory (relative names and bytes): the
+    weight files and index of a save_pretrained folder, every file of another. name: how errors in
+    a save_pretrained index name the checkpoint (default: the path)."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    if root.is_file():
+        files = [root]
+    else:
+        found = weight_files(root, name or os.fspath(root))
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if found is None else [root / f for f in found.read]
     h = _hasher()
     for f in files:
         h.update(f"{f.relative_to(root).as_posix() if f != root else ''};".encode())
@@ -57,7 +67,7 @@ def checkpoint_file_digest(source: str | os.PathLike, index: int) -> str:
     path = os.path.abspath(os.fspath(source))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {path}")
-    return digest_path(path)
+    return digest_path(path, f"checkpoints[{index}] ({os.fspath(source)})")
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

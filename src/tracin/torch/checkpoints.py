@@ -6,7 +6,6 @@ Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, s
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -19,15 +18,11 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, check_moments
+from .._export.pretrained_folder import weight_files
 from .data import host_array
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
-# What a save_pretrained folder holds, in the order looked for: (weights file, sharded index, safetensors)
-_FOLDER_FILES = (
-    ("model.safetensors", "model.safetensors.index.json", True),
-    ("pytorch_model.bin", "pytorch_model.bin.index.json", False),
-)
 
 
 def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
@@ -269,33 +264,18 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) ->
 
 
 def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, torch.Tensor]:
-    """The state dict of a Hugging Face save_pretrained folder: model.safetensors, or its shards
-    listed by model.safetensors.index.json; else pytorch_model.bin, or its shards."""
-    for single, index_file, safe in _FOLDER_FILES:
-        if os.path.isfile(os.path.join(path, single)):
-            files = [single]
-        elif os.path.isfile(os.path.join(path, index_file)):
-            files = _shards(os.path.join(path, index_file), name)
-        else:
-            continue
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(_read_shard(os.path.join(path, f), device, safe, name))
-        return state
-    raise ValueError(
-        f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
-        "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
-    )
-
-
-def _shards(index_path: str, name: str) -> list[str]:
-    """The shard files of a sharded save_pretrained index, in first-use order."""
-    try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None
+    """The state dict of a Hugging Face save_pretrained folder, from its weight files alone
+    (tracin._export.pretrained_folder, which the export's fingerprint digests too)."""
+    found = weight_files(path, name)
+    if found is None:
+        raise ValueError(
+            f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
+            "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
+        )
+    state: dict[str, torch.Tensor] = {}
+    for f in found.files:
+        state.update(_read_shard(os.path.join(path, f), device, found.safetensors, name))
+    return state
 
 
 def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torch.Tensor]:

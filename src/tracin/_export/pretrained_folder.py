@@ -1,0 +1,56 @@
+"""The files a Hugging Face `save_pretrained` folder holds its weights in: what tracin.torch reads from
+such a folder, and all the export fingerprints of it (a Trainer's checkpoint-N/ folder also holds the
+optimizer, scheduler and RNG states, which neither needs)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+# In the order looked for: (single weights file, index of its shards, safetensors format)
+_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json", True),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", False),
+)
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """files: the weight files (names relative to the folder) in reading order; index: the shard index
+    read to list them (None for a single file); safetensors: their format."""
+
+    files: list[str]
+    index: str | None
+    safetensors: bool
+
+    @property
+    def read(self) -> list[str]:
+        """Every file a loader reads: the index (if any), then the weights."""
+        return ([self.index] if self.index else []) + self.files
+
+
+def weight_files(path: str | os.PathLike, name: str) -> WeightFiles | None:
+    """The weight files of folder `path`: model.safetensors, or the shards its index lists; else
+    pytorch_model.bin, or its shards. None when it holds none of them. Errors name the checkpoint as
+    `name`: ValueError for an unreadable index, FileNotFoundError for a shard it lists but is absent."""
+    for single, index, safe in _LAYOUTS:
+        if os.path.isfile(os.path.join(path, single)):
+            return WeightFiles([single], None, safe)
+        if os.path.isfile(os.path.join(path, index)):
+            files = _shards(os.path.join(path, index), name)
+            for f in files:
+                if not os.path.isfile(os.path.join(path, f)):
+                    raise FileNotFoundError(f"{name}: no shard listed by its index at {os.path.join(path, f)}")
+            return WeightFiles(files, index, safe)
+    return None
+
+
+def _shards(index_path: str, name: str) -> list[str]:
+    """The shard files of a sharded save_pretrained index, in first-use order."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return list(dict.fromkeys(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None
