@@ -419,3 +419,21 @@ def test_quick_run_table_is_the_json(quick_run):
     lds = payload["lds"]["digits"]["methods"]["tracin all checkpoints"]
     assert f"{lds['mean']:.3f} ± {lds['se']:.3f}" in table
     assert "Quick (smoke-test) settings" in table
+
+
+def test_dattri_margin_is_finite_and_exact_where_p_rounds_to_one():
+    import torch
+
+    from benchmarks.quality.peers import true_class_margin
+
+    for logits, label in (([20.0, 0.0, 0.0], 0), ([2.0, -1.0, 0.5, 3.0], 3), ([0.0, 40.0], 0), ([-5.0, 90.0, 1.0], 1)):
+        t = torch.tensor(logits, dtype=torch.float32)
+        got = true_class_margin(t, torch.tensor(label))
+        exact = np.float64(logits[label]) - np.log(
+            sum(np.exp(np.float64(v)) for i, v in enumerate(logits) if i != label)
+        )
+        assert np.isfinite(got.item()) and got.item() == pytest.approx(exact, rel=1e-6, abs=1e-5)
+    # torch.func.vmap(grad(...)) runs it, as dattri does: d margin / d logits = onehot - softmax(others)
+    logits, labels = torch.tensor([[20.0, 0.0, 0.0], [1.0, 2.0, 3.0]]), torch.tensor([0, 2])
+    grads = torch.func.vmap(torch.func.grad(true_class_margin))(logits, labels)
+    np.testing.assert_allclose(grads.numpy(), [[1.0, -0.5, -0.5], [-0.2689414, -0.7310586, 1.0]], rtol=1e-5)

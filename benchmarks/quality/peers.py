@@ -126,6 +126,15 @@ def trak_attributions(
     return np.asarray(scores, dtype=np.float64).T
 
 
+def true_class_margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """log p / (1 - p) of class `label` under softmax(logits) ((classes,) -> scalar), computed as
+    logits[label] - logsumexp(the other logits): finite even where p rounds to 1 in floating point.
+    No indexing by the label's value, so that torch.func.vmap (as dattri uses it) runs it."""
+    true = torch.arange(logits.shape[-1], device=logits.device) == label
+    others = torch.where(true, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device), logits)
+    return (logits * true).sum(-1) - torch.logsumexp(others, -1)
+
+
 def dattri_trak_attributions(
     run: Trajectory,
     chosen: np.ndarray,
@@ -147,8 +156,8 @@ def dattri_trak_attributions(
         return -nn.functional.cross_entropy(torch.func.functional_call(model, params, x[None]), y[None])
 
     def margin(params: dict, data: tuple) -> torch.Tensor:
-        lp = log_p(params, data)
-        return lp - torch.log1p(-torch.exp(lp))
+        x, y = data
+        return true_class_margin(torch.func.functional_call(model, params, x[None])[0], y)
 
     task = AttributionTask(loss_func=margin, model=model, checkpoints=[{**run.checkpoints[i].state} for i in chosen])
     attributor = TRAKAttributor(
