@@ -5,8 +5,9 @@ When no layer mixes the examples of a batch, row i of an output gradient is dL_i
 per-example gradient of a parameter used only inside these modules' forward follows from the
 (input, output gradient) pairs alone (layer_rules), without per-example autograd. Shared by the
 full-gradient hook path (hook_gradients, which consumes each call inside the backward pass, as soon
-as its gradient exists: no call's tensors outlive their use, and they are still in cache), the
-factored modes (last_layer) and per-token projections.
+as its gradient exists, while it is still in cache; autograd itself keeps the output gradients until
+the pass ends, so a pass holds about as much as `capture` returns), the factored modes (last_layer)
+and per-token projections.
 """
 
 from __future__ import annotations

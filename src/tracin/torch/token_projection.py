@@ -207,8 +207,8 @@ class KroneckerRows:
 
     def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
         """Per Kronecker segment its (rows, k_rows * k_cols) projected gradients, on the device; each call is
-        projected inside the backward pass as soon as its output gradient exists (capture.stream), so
-        only the calls still waiting for theirs are held."""
+        projected inside the backward pass as soon as its output gradient exists (capture.stream); the
+        output gradients themselves stay held by autograd until the pass ends."""
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
