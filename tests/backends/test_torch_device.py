@@ -288,3 +288,19 @@ def test_self_influence_sums_squares_in_float64_like_the_cpu_kernel():
     cpu = tracin.self_influence(grads, device="cpu")
     np.testing.assert_allclose(tracin.self_influence(grads, device="torch:cpu"), cpu, rtol=1e-6)
     np.testing.assert_allclose(cpu, 1e-20 * 4 * 3e19**2, rtol=1e-6)
+
+
+def test_cuda_means_the_current_gpu_for_placement_and_backend_alike(rng, monkeypatch):
+    """device="cuda" is resolved once (torch_device.resolve): torch's current GPU, here 3 of 4 (faked:
+    no GPU is touched), for the check against the rows' device and for the backend that scores."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(backends, "_loaded", {})
+    host = tracin.Gradients(rng.standard_normal((3, 2)).astype(np.float32))
+    assert placement.choose("cuda", "float32", {"train": host}).name == "cuda:3"
+    assert placement.choose("cuda", "float32", {"train": OnDevice("cuda:3")}).name == "cuda:3"
+    with pytest.raises(ValueError, match=r"device='cuda:3' but train is on cuda:1; pass device='cuda:1'"):
+        placement.choose("cuda", "float32", {"train": OnDevice("cuda:1")})
+    with pytest.raises(ValueError, match=r"device='cuda:4': torch sees 4 CUDA device\(s\)"):
+        placement.choose("cuda:4", "float32", {"train": host})

@@ -25,6 +25,7 @@ may swap places between runs cut differently; exact ties always go to the smalle
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -194,7 +195,7 @@ class _Call:
             self.prepared, self.test, self.m = None, [], 0
             self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
             return
-        make = lambda: _DeviceTest.upload(test, device, normalize)  # noqa: E731
+        make = functools.partial(_DeviceTest.upload, test, device, normalize)
         self.prepared = make() if cache is None else cache.get(("torch", str(device), normalize), make)
         self.test, self.m = self.prepared.blocks, test.blocks[0].shape[0]
         self.bad_input = self.prepared.bad.clone()  # train tiles add to it: the cached flag stays the test's
