@@ -61,6 +61,15 @@ def test_corpus_passages_state_their_facts():
     assert np.array_equal(again.passages, corpus.passages)  # seeded
 
 
+def test_sparse_dims_choose_the_flat_projections():
+    """FULL's sparse_dims: the flat projection at fewer dims than the Kronecker one, each preconditioner alike."""
+    got = contenders.exports((16, 64), exact=False, sparse_dims=(16,))
+    assert [(e.preconditioner, e.projection, e.dim) for e in got] == [
+        (pre, kind, d) for pre in (None, "adam") for kind, d in (("kronecker", 16), ("kronecker", 64), ("sparse", 16))
+    ]
+    assert len(contenders.exports((16, 64), exact=True)) == 2 * (2 * 2 + 1)
+
+
 def _random_mrr(n: int, k: int) -> float:
     """Expected 1 / (rank of the first of k relevant among n) under a uniformly random order."""
     return sum(comb(n - r, k - 1) / comb(n, k) / r for r in range(1, n - k + 2))
@@ -96,6 +105,8 @@ def test_quick_run_has_every_contender(quick_run):
     }
     assert set(payload["contenders"]) == expected
     assert len(expected) == 2 + 2 * 2 * (2 * len(config["dims"]) + 1)
+    exact = payload["contenders"]["tracin plain, exact"]
+    assert exact["dim"] == payload["gradient_parameters"] > 0  # exact gradients: one entry per chosen parameter
     for name, r in payload["contenders"].items():
         assert r["score_s_per_1000"] > 0, name
         if r["family"] == "tracin":

@@ -37,10 +37,13 @@ class Export:
         return tracin.Projection(self.dim, seed, "sparse", per_layer=True)
 
 
-def exports(dims: tuple[int, ...], exact: bool) -> list[Export]:
+def exports(dims: tuple[int, ...], exact: bool, sparse_dims: tuple[int, ...] | None = None) -> list[Export]:
+    """Every export of a run: per preconditioner, Kronecker at `dims`, sparse at `sparse_dims` (None: `dims`),
+    then exact gradients if `exact`."""
+    by_kind = {"kronecker": dims, "sparse": dims if sparse_dims is None else sparse_dims}
     out = []
     for pre in PRECONDITIONERS:
-        out += [Export(pre, kind, d) for kind in PROJECTIONS for d in dims]
+        out += [Export(pre, kind, d) for kind in PROJECTIONS for d in by_kind[kind]]
         if exact:
             out.append(Export(pre, "exact", None))
     return out

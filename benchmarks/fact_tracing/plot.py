@@ -22,6 +22,7 @@ def plot(payload: dict, path: Path) -> Path:
     tracin = [r for r in payload["contenders"].values() if r["family"] == "tracin"]
     projected = sorted({r["dim"] for r in tracin if r["projection"] != "exact"})
     exact_x = projected[-1] * 4 if projected else 1
+    ticks = [*projected, *([exact_x] if any(r["projection"] == "exact" for r in tracin) else [])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ("mrr", "recall@10"), strict=True):
         for kind, colour in COLOURS.items():
@@ -53,7 +54,7 @@ def plot(payload: dict, path: Path) -> Path:
                 ax.axhline(r[metric], color=colour, linestyle="--", linewidth=1, label=family)
                 ax.axhspan(r[metric] - r[metric + "_se"], r[metric] + r[metric + "_se"], color=colour, alpha=0.1)
         ax.set_xscale("log", base=2)
-        ax.set_xticks([*projected, exact_x], [*map(str, projected), "exact"])
+        ax.set_xticks(ticks, [*map(str, projected), "exact"][: len(ticks)])
         ax.set_xlabel("gradient dim per checkpoint")
         ax.set_ylabel(metric)
         ax.set_ylim(0, 1)

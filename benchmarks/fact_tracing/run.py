@@ -7,6 +7,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -112,7 +113,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
     scoring = _Scoring(relevant, answered, timing, threads, config)
 
     results: dict[str, dict] = {}
-    for export in contenders.exports(config.dims, config.exact):
+    for export in contenders.exports(config.dims, config.exact, config.sparse_dims):
         results.update(_tracin(export, model, checkpoints, (train_data, test_data), config, scoring, log))
     log("export timings")
     export_timing = time_interleaved(
@@ -120,7 +121,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
             e: functools.partial(
                 contenders.export_gradients, model, checkpoints, train_data, e, config.layers, config.seed, timing
             )
-            for e in contenders.exports(config.dims, config.exact)
+            for e in contenders.exports(config.dims, config.exact, config.sparse_dims)
         },
         repeats=config.repeats,
         warmup=config.warmup,
@@ -165,6 +166,9 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
             ],
             "query_accuracy": float(answered.mean()),
         },
+        "gradient_parameters": sum(
+            p.numel() for n, p in model.named_parameters() if any(fnmatchcase(n, g) for g in config.layers)
+        ),
         "timing_rows": timing.stop - timing.start,
         "contenders": results,
         "seconds": time.perf_counter() - t_start,
