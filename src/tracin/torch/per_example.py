@@ -13,11 +13,11 @@ from torch.func import grad, vmap
 
 from .capture import NotCaptured
 from .data import Tree, batch_rows, slice_rows, tree_map
+from .first_rows_check import agrees, checked_rows, example_gradients
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
 
-_CHECKED_ROWS = 2  # rows of the first batch recomputed one by one to check the hook path (>= 2 sees mixing)
 # On the CPU a batch goes through the hooks in passes of about this many bytes of captured layer inputs
 # and output gradients: elementwise work on smaller activations stays nearer the caches (GPT-2 / BERT,
 # width 64, 128 tokens: passes of 16-32 sequences 1.15-1.2x faster than one of 64, one thread;
@@ -132,16 +132,12 @@ class PerExampleGradients:
             self.others = [n for n in self.names if n in moved or n in self.others]
             if not self.hooks.plan:
                 return False
-        rows = min(_CHECKED_ROWS, out.shape[0])
+        head_inputs, head_targets, rows = checked_rows(inputs, targets, out.shape[0])
         hooked = list(self.hooks.plan)
         reference = torch.empty((rows, self.width), dtype=out.dtype, device=out.device)
-        head = (slice_rows(inputs, 0, rows), slice_rows(targets, 0, rows))
-        self._one_at_a_time(hooked, state, *head, reference)
+        self._one_at_a_time(hooked, state, head_inputs, head_targets, reference)
         pairs = [(out[:rows, o : o + w], reference[:, o : o + w]) for o, w in (self.columns[n] for n in hooked)]
-        scale = torch.stack([want.abs().max() for _, want in pairs]).max().item()
-        # allclose(rtol=1e-4, atol=1e-5 * scale) over the hooked columns, slice by slice (no gathered copy)
-        excess = torch.stack([((got - want).abs() - 1e-4 * want.abs()).max() for got, want in pairs]).max().item()
-        if not excess <= 1e-5 * max(scale, 1e-30):
+        if not agrees(pairs):
             _warn_leaving(
                 "they disagree with per-example autograd on the first batch: a layer mixes the "
                 "examples of a batch, or a parameter is also used outside its module's forward"
@@ -189,18 +185,11 @@ class PerExampleGradients:
 
     def _one_at_a_time(self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
         """Columns of `names`, one example at a time with torch.autograd.grad."""
-        leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-        for i in range(out.shape[0]):
-            x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
-            with torch.enable_grad():
-                loss = losses_of(self.model, {**state, **leaves}, self.loss_fn, x, y).sum()
-                parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+        grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, out.shape[0])
+        for i, parts in enumerate(grads):
             for n, g in zip(names, parts, strict=True):
                 offset, width = self.columns[n]
-                if g is None:
-                    out[i, offset : offset + width].zero_()
-                else:
-                    out[i, offset : offset + width].copy_(g.reshape(-1))
+                out[i, offset : offset + width].copy_(g.reshape(-1))
 
 
 def _listed(items: Sequence[str]) -> str:
