@@ -389,3 +389,12 @@ def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
             projection=proj,
             progress=False,
         )
+
+
+def test_the_first_rows_check_tolerance_is_relative_to_the_largest_reference_entry():
+    from tracin.torch.first_rows_check import agrees
+
+    want = [torch.tensor([1000.0, 1.0]), torch.tensor([0.5])]
+    assert agrees([(w + 0.009, w) for w in want])  # 0.009 <= 1e-5 * 1000 (+ 1e-4 |want|)
+    assert not agrees([(want[0], want[0]), (want[1] + 0.02, want[1])])
+    assert not agrees([(torch.tensor([float("nan"), 1.0]), want[0])])
