@@ -187,7 +187,7 @@ def test_torch_backend_keeps_the_bound(rng):
     assert_top_k(found, exact, bound, 4, "opponents")
 
 
-@pytest.mark.parametrize("value", [1, 0, "yes", None, np.bool_(True)])
+@pytest.mark.parametrize("value", [1, 0, "yes", None, np.array([True])])
 def test_normalize_must_be_a_bool(rng, value):
     test, train = full_set(rng, 3, [4], None), full_set(rng, 5, [4], None)
     for call in (
@@ -198,6 +198,14 @@ def test_normalize_must_be_a_bool(rng, value):
     ):
         with pytest.raises(TypeError, match="normalize must be True or False"):
             call()
+
+
+def test_a_numpy_bool_is_a_bool(rng):
+    test, train = full_set(rng, 3, [4], None), full_set(rng, 5, [4], None)
+    assert np.array_equal(
+        tracin.scores(test, train, normalize=np.bool_(True)), tracin.scores(test, train, normalize=True)
+    )
+    assert np.array_equal(tracin.aggregate(test, train, normalize=np.bool_(False)), tracin.aggregate(test, train))
 
 
 def test_refused_combinations(rng):

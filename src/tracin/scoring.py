@@ -123,11 +123,17 @@ def _checkpoint_run(s: GradientSet) -> int | None:
     return s.n_checkpoints // len(digests)
 
 
+def _flag(value: Any, name: str) -> bool:
+    """`value` as a bool (Python's or NumPy's); TypeError naming `name` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int:
     """The backends' `normalize`: 0 for plain scores, else the checkpoint slots normalised together
     (the layers of one real checkpoint, from the sets' metadata; 1 when neither records it)."""
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    normalize = _flag(normalize, "normalize")
     if not normalize:
         return 0
     if "whitening" in test.metadata or "whitening" in train.metadata:
@@ -408,8 +414,7 @@ def self_influence(
     is sum_c w_c (0 for a zero gradient), which ranks nothing; it is accepted as False for callers that
     pass the scoring functions one set of options.
     """
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be True or False, got {normalize!r}")
+    normalize = _flag(normalize, "normalize")
     if normalize:
         raise ValueError(
             "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every "
@@ -425,8 +430,7 @@ def self_influence(
             train, per_checkpoint=per_checkpoint, num_threads=num_threads, progress=progress
         )
     train = as_gradient_set(train, "train")
-    if not isinstance(per_checkpoint, bool):
-        raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
+    per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
     threads = thread_count(num_threads)
     backend = _backend(device, precision, train=train)
     w = train.weights.tolist()
