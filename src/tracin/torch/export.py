@@ -86,9 +86,11 @@ def export_gradients(
         the weight (with its bias, when chosen) of every chosen nn.Linear and Hugging Face Conv1D, and
         of every nn.Embedding, is projected per token, sum_t (P_rows b_t)(P_cols a_t)^T, from the one
         batched forward and backward, never forming the (out, in) gradient; the other chosen
-        parameters (LayerNorm, tied weights, other layers) are computed in full (a second pass) and
+        parameters (LayerNorm, tied weights, other layers, nn.MultiheadAttention's out_proj, whose
+        weight is also used outside its forward: one warning) are computed in full (a second pass) and
         projected flat. dim is split evenly over these segments (each layer's share factored
-        k_rows x k_cols, see Projection.kronecker_dims); metadata["projection"]["segments"] is the
+        k_rows x k_cols, see Projection.kronecker_dims: a small side is kept whole and the share's
+        unused columns are zero); metadata["projection"]["segments"] is the
         layout, and Projection.apply(full rows, segments=that layout) gives the same rows.
         tracin.torch.token_projection says more.
     dtype: stored element type, "float32", "float16" or "bfloat16".
