@@ -34,10 +34,10 @@ class Config:
 
 
 # 15 minutes on a loaded 2-core machine: no exact gradients (66 176 per passage and checkpoint, 9.5 GB for
-# 12 000 passages), no flat projection at the largest dim (it forms every full gradient: twice the export time).
+# 12 000 passages), no flat projection at the largest dim (it forms every full gradient: about twice the export time).
 FULL = Config(
     CorpusSpec(entities=1000, passages_per_fact=4),
-    TrainSpec(epochs=30, width=64, batch_size=32),
+    TrainSpec(epochs=40, width=64, batch_size=32, learning_rate=4e-3),
     queries=500,
     dims=(1024, 4096, 16384),
     sparse_dims=(1024, 4096),

@@ -62,7 +62,7 @@ def plot(payload: dict, path: Path) -> Path:
     c = payload["corpus"]
     fig.suptitle(
         f"Fact tracing: {c['queries']} queries, {c['passages']} passages; GPT-2 answering "
-        f"{payload['training']['query_accuracy']:.0%} of the queries"
+        f"{payload['training']['query_accuracy']:.1%} of the queries"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
