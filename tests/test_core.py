@@ -63,9 +63,11 @@ def test_unknown_instruction_set_is_refused():
 
 # About 1e12 multiply-adds: over ten seconds on two cores.
 LONG_TOP_K = """
-import os, sys, time
+import os, signal, sys, time
 import numpy as np
 import tracin
+# Python keeps SIGINT ignored when it starts ignored (a child of a background job): as at a terminal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 rng = np.random.default_rng(0)
 test = rng.standard_normal((40_000, 256), dtype=np.float32)
 train = rng.standard_normal((100_000, 256), dtype=np.float32)
