@@ -115,8 +115,9 @@ def test_covered_layers_take_the_hook_path_exactly(make, recwarn):
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
-# a probe of 3 rows, then the whole batch again in passes (the same cut for every batch)
-@pytest.mark.parametrize("pass_bytes, passes", [(1, [3] + [1] * 11), (2**30, [3, 11])])
+# a probe of 3 rows, then the whole batch again in the fewest equal passes (the same cut for every batch);
+# the model captures 30 float32 values (120 bytes) per example: 480 bytes allow 4 rows a pass
+@pytest.mark.parametrize("pass_bytes, passes", [(1, [3] + [1] * 11), (480, [3, 3, 4, 4]), (2**30, [3, 11])])
 def test_a_batch_goes_through_the_hooks_in_passes_sized_by_the_bytes_they_capture(monkeypatch, pass_bytes, passes):
     monkeypatch.setattr(per_example, "_PROBE_ROWS", 3)
     monkeypatch.setattr(per_example, "_PASS_BYTES", pass_bytes)

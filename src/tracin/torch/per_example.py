@@ -34,10 +34,10 @@ class PerExampleGradients:
     - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face
       Conv1D, nn.Embedding or nn.LayerNorm running its own forward. Batched forward and backward
       passes for all of them, no vmap (transformers that vmap cannot run get here); on the CPU a
-      probe of _PROBE_ROWS rows, then every batch in passes of about _PASS_BYTES of captured tensors. Not used at
-      all when a module mixes the examples of a batch in eval mode (BatchNorm without running
-      statistics: a warning). On the first batch, a covered layer that did not run through its
-      forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
+      probe of _PROBE_ROWS rows, then every batch in equal passes of at most about _PASS_BYTES of
+      captured tensors. Not used at all when a module mixes the examples of a batch in eval mode
+      (BatchNorm without running statistics: a warning). On the first batch, a covered layer that
+      did not run through its forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
       parameters to vmap; then the rest is checked once, on the first rows, against the per-example
       loop: a disagreement (a layer that mixes examples, a parameter also used outside its module's
       forward) sends every parameter to vmap, with a warning. Calls shared by the batch (batch size
@@ -85,7 +85,7 @@ class PerExampleGradients:
         if out is None:
             first = state[self.names[0]]
             out = torch.empty((batch_rows(targets, "targets"), self.width), dtype=first.dtype, device=first.device)
-        rows, start = out.shape[0], 0
+        rows = out.shape[0]
         if self.hooks is not None and out.device.type == "cpu" and self.hooks.bytes_per_row is None:
             # the probe's rows are computed again by the first pass, so that every batch is cut into
             # the same passes whichever batch comes first (a range of a distributed export included):
@@ -94,18 +94,21 @@ class PerExampleGradients:
             part = (slice_rows(inputs, 0, probe), slice_rows(targets, 0, probe))
             if not self._by_hooks(state, *part, out[:probe]):
                 self.hooks, self.others = None, list(self.names)
-        while self.hooks is not None and start < rows:
-            stop = rows if out.device.type != "cpu" else min(rows, start + self._pass_rows())
+        passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
+        for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
+            if self.hooks is None:
+                break
             part = (slice_rows(inputs, start, stop), slice_rows(targets, start, stop))
             if not self._by_hooks(state, *part, out[start:stop]):
                 self.hooks, self.others = None, list(self.names)
-            start = stop
         if self.others:
             self._by_autodiff(self.others, state, inputs, targets, out)
         return out
 
     def _pass_rows(self) -> int:
-        """Rows of a hook pass: about _PASS_BYTES of captured tensors (measured by the probe)."""
+        """Most rows of a hook pass: about _PASS_BYTES of captured tensors (measured by the probe). A
+        batch is cut into the fewest passes of at most this many rows, of equal sizes (+-1 row): no
+        small last pass paying a pass's fixed costs for a few rows."""
         per_row = self.hooks.bytes_per_row
         return _PROBE_ROWS if per_row is None else max(1, int(_PASS_BYTES // max(per_row, 1.0)))
 
