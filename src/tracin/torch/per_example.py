@@ -13,7 +13,7 @@ from torch.func import grad, vmap
 
 from .capture import NotCaptured
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import agrees, checked_rows, example_gradients
+from .first_rows_check import CHECKED_ROWS, agrees, checked_rows, example_gradients
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
@@ -23,7 +23,9 @@ from .losses import LossFn, losses_of
 # width 64, 128 tokens: passes of 16-32 sequences 1.15-1.2x faster than one of 64, one thread;
 # benchmarks/transformer_export). Other devices take the batch in one pass.
 _PASS_BYTES = 32 * 2**20
-_PROBE_ROWS = 8  # a first, extra pass that measures the bytes per example
+# a first, extra pass that measures the bytes per example (the same for every row of a padded batch): as
+# few rows as the first-batch check runs on, since a pass costs ~4 ms whatever its rows (GPT-2, 2 layers)
+_PROBE_ROWS = CHECKED_ROWS
 
 
 class PerExampleGradients:
