@@ -9,6 +9,7 @@ from torch import nn
 from torch_oracle import classification_data
 
 from tracin.torch import export_gradients, per_example
+from tracin.torch.capture import bytes_of_one
 from tracin.torch.hook_gradients import HookGradients
 from tracin.torch.losses import check_losses
 from tracin.torch.per_example import PerExampleGradients
@@ -115,11 +116,10 @@ def test_covered_layers_take_the_hook_path_exactly(make, recwarn):
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 
-# a probe of 3 rows, then the whole batch again in the fewest equal passes (the same cut for every batch);
-# the model captures 30 float32 values (120 bytes) per example: 480 bytes allow 4 rows a pass
-@pytest.mark.parametrize("pass_bytes, passes", [(1, [3] + [1] * 11), (480, [3, 3, 4, 4]), (2**30, [3, 11])])
+# the batch in the fewest equal passes (the same cut for every batch); the model captures 30 float32
+# values (120 bytes) per example: 480 bytes allow 4 rows a pass, 479 bytes 3
+@pytest.mark.parametrize("pass_bytes, passes", [(1, [1] * 11), (479, [2, 3, 3, 3]), (480, [3, 4, 4]), (2**30, [11])])
 def test_a_batch_goes_through_the_hooks_in_passes_sized_by_the_bytes_they_capture(monkeypatch, pass_bytes, passes):
-    monkeypatch.setattr(per_example, "_PROBE_ROWS", 3)
     monkeypatch.setattr(per_example, "_PASS_BYTES", pass_bytes)
     rows_seen = []
     run = HookGradients.__call__
@@ -135,6 +135,35 @@ def test_a_batch_goes_through_the_hooks_in_passes_sized_by_the_bytes_they_captur
     compute, got = _compute(model, x, y, batch=11)
     assert rows_seen == passes and compute.checked and not compute.others
     np.testing.assert_allclose(got, autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+class SharedPositions(nn.Module):
+    """Token embeddings plus position embeddings computed once for the batch (batch size 1, broadcast)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens, self.positions, self.head = nn.Embedding(10, 3), nn.Embedding(4, 3), nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(self.tokens(ids) + self.positions(torch.arange(ids.shape[1])[None])).sum(1)
+
+
+def test_the_probe_measures_the_bytes_a_pass_captures_per_example_shared_calls_included():
+    model = SharedPositions()
+    ids, y = torch.randint(0, 10, (5, 4)), torch.randint(0, 2, (5,))
+    hooks = HookGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    state = dict(model.state_dict())
+    hooks(state, ids, y, torch.empty(5, sum(p.numel() for p in model.parameters())), _columns(model))
+    # ids 4 int64 + 4x3 float32 out; positions the same, once per example; head 4x3 in + 4x2 out
+    assert bytes_of_one(model, hooks.layers, state, ids[:1]) == hooks.bytes_per_row == 2 * (32 + 48) + 48 + 32
+
+
+def _columns(model: nn.Module) -> dict[str, tuple[int, int]]:
+    offsets, columns = 0, {}
+    for n, p in model.named_parameters():
+        columns[n], offsets = (offsets, p.numel()), offsets + p.numel()
+    return columns
 
 
 class ReusedWeight(nn.Module):

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Tree, batch_rows
-from .losses import LossFn, check_losses, losses_of
+from .data import Tree, batch_rows, call_model
+from .losses import LossFn, check_losses, losses_of, model_caller
 
 
 class NotCaptured(ValueError):
@@ -116,3 +116,25 @@ def stream(
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))
     return counts
+
+
+def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree) -> int:
+    """Bytes a pass of `stream` captures per example for the modules `names` (every call's first input
+    and its output gradient, which has the output's shape; a call shared by the batch counts once per
+    example, as stream expands it), from a forward pass without gradients of `one`, the inputs of one
+    example (batch size 1): about a third of the cost of a pass of stream on it."""
+    modules = dict(model.named_modules())
+    total = [0]
+
+    def count(module, args, kwargs, output):
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        total[0] += sum(t.numel() * t.element_size() for t in (first, output) if isinstance(t, torch.Tensor))
+
+    handles = [modules[n].register_forward_hook(count, with_kwargs=True) for n in names]
+    try:
+        with torch.no_grad():
+            call_model(model_caller(model, state), one)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]

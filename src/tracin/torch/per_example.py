@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .capture import NotCaptured
+from .capture import NotCaptured, bytes_of_one
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import CHECKED_ROWS, agrees, checked_rows, example_gradients
+from .first_rows_check import agrees, checked_rows, example_gradients
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
@@ -23,9 +23,6 @@ from .losses import LossFn, losses_of
 # width 64, 128 tokens: passes of 16-32 sequences 1.15-1.2x faster than one of 64, one thread;
 # benchmarks/transformer_export). Other devices take the batch in one pass.
 _PASS_BYTES = 32 * 2**20
-# a first, extra pass that measures the bytes per example (the same for every row of a padded batch): as
-# few rows as the first-batch check runs on, since a pass costs ~4 ms whatever its rows (GPT-2, 2 layers)
-_PROBE_ROWS = CHECKED_ROWS
 
 
 class PerExampleGradients:
@@ -36,7 +33,8 @@ class PerExampleGradients:
     - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face
       Conv1D, nn.Embedding or nn.LayerNorm running its own forward. Batched forward and backward
       passes for all of them, no vmap (transformers that vmap cannot run get here); on the CPU a
-      probe of _PROBE_ROWS rows, then every batch in equal passes of at most about _PASS_BYTES of
+      forward pass of one example without gradients measures the bytes the hooks capture per
+      example (the probe), then every batch goes in equal passes of at most about _PASS_BYTES of
       captured tensors. Not used at all when a module mixes the examples of a batch in eval mode
       (BatchNorm without running statistics: a warning). On the first batch, a covered layer that
       did not run through its forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
@@ -89,13 +87,10 @@ class PerExampleGradients:
             out = torch.empty((batch_rows(targets, "targets"), self.width), dtype=first.dtype, device=first.device)
         rows = out.shape[0]
         if self.hooks is not None and out.device.type == "cpu" and self.hooks.bytes_per_row is None:
-            # the probe's rows are computed again by the first pass, so that every batch is cut into
-            # the same passes whichever batch comes first (a range of a distributed export included):
-            # BLAS may round a row differently in a pass of another size
-            probe = min(rows, _PROBE_ROWS)
-            part = (slice_rows(inputs, 0, probe), slice_rows(targets, 0, probe))
-            if not self._by_hooks(state, *part, out[:probe]):
-                self.hooks, self.others = None, list(self.names)
+            # the probe is measured apart from the passes, so that every batch is cut into the same
+            # passes whichever batch comes first (a range of a distributed export included): BLAS may
+            # round a row differently in a pass of another size
+            self.hooks.bytes_per_row = bytes_of_one(self.model, self.hooks.layers, state, slice_rows(inputs, 0, 1))
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
             if self.hooks is None:
@@ -112,7 +107,7 @@ class PerExampleGradients:
         batch is cut into the fewest passes of at most this many rows, of equal sizes (+-1 row): no
         small last pass paying a pass's fixed costs for a few rows."""
         per_row = self.hooks.bytes_per_row
-        return _PROBE_ROWS if per_row is None else max(1, int(_PASS_BYTES // max(per_row, 1.0)))
+        return max(1, int(_PASS_BYTES // max(per_row, 1.0)))
 
     def _by_hooks(self, state, inputs, targets, out) -> bool:
         """Hook-path columns of `out`; False (hooks to be given up) when the first batch shows they
