@@ -13,6 +13,13 @@ from typing import Any
 AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar appears
 
 
+def check_progress(progress: Any) -> bool | None:
+    """`progress` as the scoring and fitting functions take it; TypeError naming it otherwise."""
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    return progress
+
+
 def progress_bar(
     total: int | None,
     enabled: bool | None,

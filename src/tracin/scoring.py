@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._progress import progress_bar
+from ._progress import check_progress, progress_bar
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import BAR_STEPS as _BAR_STEPS
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
@@ -197,8 +197,7 @@ class _Loop:
     def __init__(
         self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str, split: bool = True
     ):
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+        check_progress(progress)
         if progress is None:
             progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
         self.test, self.train = test, train

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from distributed import Future
 
+from .._progress import check_progress
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
 from ..gradients import GradientSet
@@ -176,8 +177,7 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
     """Checked shards and num_threads (None or a positive int), and whether to show a bar."""
     shards = None if shards is None else positive_int(shards, "shards")
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    check_progress(progress)
     if progress is None:
         progress = macs >= AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
     return shards, num_threads, progress

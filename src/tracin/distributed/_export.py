@@ -10,6 +10,7 @@ from typing import Any
 import cloudpickle
 
 from .._export.driver import store_rows
+from .._progress import check_progress
 from .._validate import positive_int
 from ..store import GradientStore
 from ._cluster import client_for, kernel_threads, slots_by_host
@@ -54,8 +55,7 @@ def export_gradients(
         raise TypeError(f"store must be a directory path that every worker sees, got {type(store).__name__}")
     shards = None if shards is None else positive_int(shards, "shards")
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    check_progress(progress)
     path = os.path.abspath(store)
     with store_rows(0, 0):  # creates the store (or checks the one there against these arguments)
         fn(*args, store=path, progress=False, **kwargs)

@@ -79,7 +79,7 @@ def stream(
 
     def hook_for(name):
         def record(module, args, kwargs, output):
-            first = args[0] if args else next(iter(kwargs.values()), None)
+            first = _first_input(args, kwargs)
             if not isinstance(first, torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise NotCaptured(f"layer {name!r} must take a tensor and return one tensor to be captured")
             x = first.detach()
@@ -127,7 +127,7 @@ def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, tor
     total = [0]
 
     def count(module, args, kwargs, output):
-        first = args[0] if args else next(iter(kwargs.values()), None)
+        first = _first_input(args, kwargs)
         total[0] += sum(t.numel() * t.element_size() for t in (first, output) if isinstance(t, torch.Tensor))
 
     handles = [modules[n].register_forward_hook(count, with_kwargs=True) for n in names]
@@ -138,3 +138,8 @@ def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, tor
         for h in handles:
             h.remove()
     return total[0]
+
+
+def _first_input(args: tuple, kwargs: dict) -> object:
+    """A module call's first argument, positional or by keyword (None without arguments)."""
+    return args[0] if args else next(iter(kwargs.values()), None)

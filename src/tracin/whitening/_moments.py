@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._arrays import DTYPE_CODES
-from .._progress import progress_bar
+from .._progress import check_progress, progress_bar
 from ..gradients import GradientSet
 from ..store._convert import bfloat16_bits_to_float32
 
@@ -96,6 +96,5 @@ def check_precision(precision: Any) -> str:
 
 def fit_bar(total: int, progress: bool | None) -> Any:
     """The progress bar over the rows a fit reads."""
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+    check_progress(progress)
     return progress_bar(total, progress, "tracin whitening fit", unit="row")

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._progress import check_progress, progress_bar
 from ..gradients import FactoredGradients, Gradients, GradientSet
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
@@ -210,13 +211,10 @@ class Whitening:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
         per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
-        from .._progress import progress_bar
-
         train = self._accept(train, "train")
         if not isinstance(per_checkpoint, bool):
             raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
+        check_progress(progress)
         total = np.zeros((train.n_rows, train.n_checkpoints))
         bar = progress_bar(train.n_rows, progress, "tracin whitened self_influence", unit="row")
         try:
