@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -105,3 +106,8 @@ def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=float))
     tmp.replace(path)
     return path
+
+
+def missing_modules(names: tuple[str, ...] | list[str]) -> list[str]:
+    """The modules of `names` that are not installed (found without importing them)."""
+    return [m for m in names if importlib.util.find_spec(m) is None]

@@ -17,7 +17,6 @@ timed again beside it; each case record names the set it ran with.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import numpy as np
 
 from . import cases as case_defs
 from . import roofline
-from .common import RESULTS_DIR, SETTLE_S, machine_info, time_interleaved, write_json
+from .common import RESULTS_DIR, SETTLE_S, machine_info, missing_modules, time_interleaved, write_json
 from .exactness import check_top_k
 from .peers import numpy_top_k, thread_limits
 
@@ -375,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def missing_extra() -> list[str]:
     """The bench extra's modules that are not installed."""
-    return [m for m in BENCH_EXTRA if importlib.util.find_spec(m) is None]
+    return missing_modules(BENCH_EXTRA)
 
 
 def main(argv: list[str] | None = None) -> int:

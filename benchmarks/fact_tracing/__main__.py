@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
-from ..common import RESULTS_DIR, write_json
+from ..common import RESULTS_DIR, missing_modules, write_json
 from . import config, plot, report
 from .run import run
 
@@ -37,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    missing = missing_modules(NEEDS)
     if missing:
         print(
             f"python -m benchmarks.fact_tracing: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]')",

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..common import RESULTS_DIR, machine_info, write_json
+from ..common import RESULTS_DIR, machine_info, missing_modules, write_json
 from . import config, plots, report
 from .run import run
 
@@ -34,9 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    import importlib.util
-
-    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    missing = missing_modules(NEEDS)
     if missing:
         print(
             f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]' "
