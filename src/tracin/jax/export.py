@@ -21,6 +21,7 @@ from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
+from .token_projection import KroneckerRows
 
 DTYPES = ("float32", "float16", "bfloat16")
 PARAM_ORDER = (
@@ -72,8 +73,15 @@ def export_gradients(
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
-        kronecker=True (per-token Kronecker projection) is tracin.torch only for now: a JAX loss gives
-        no per-token layer inputs and output gradients to project, so it is a NotImplementedError.
+        Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full", no preconditioner;
+        language models): every chosen 2-D leaf whose one use in the loss is a dot_general (x @ W,
+        W @ x, einsum...; through transposes, dtype casts and nested jit / remat / custom_jvp /
+        custom_vjp calls) is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's
+        jaxpr run with taps, never forming its per-example gradient; the other chosen leaves (biases,
+        norms, weights used twice or inside scan / while / cond: one warning) are computed in full
+        and projected flat. metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols)
+        in the leaf's own orientation), and Projection.apply(full rows, segments=that layout) gives
+        the same rows. tracin.jax.token_projection says more.
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
@@ -115,19 +123,34 @@ def export_gradients(
     if preconditioner is not None and mode != "full":
         raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' in tracin.jax (mode={mode!r})")
     check_projection(projection, mode == "last_layer")
-    if getattr(projection, "kronecker", False):
-        raise NotImplementedError(
-            "projection with kronecker=True is not available in tracin.jax (the per-token projection needs "
-            "the layers' inputs and output gradients, which tracin.torch captures); use per_layer=True alone"
-        )
+    kronecker = _kronecker(projection, mode, preconditioner)
     dtype = _dtype_name(dtype)
     check_store(store)
     layers = as_patterns(layers) if layers is not None else None
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
-    framework = _JaxExport(loss_fn, layer_input, layers, mode, BatchPlan(data, batch_size), entries[0].source)
+    plan, kron = BatchPlan(data, batch_size), projection if kronecker else None
+    framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
     options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)
+    if kronecker:
+        return export(framework, entries, options, [framework.compute_rows.recorded()])
     return export(framework, entries, options, row_transforms(projection, framework.segments))
+
+
+def _kronecker(projection: Any, mode: str, preconditioner: str | None) -> bool:
+    """Whether `projection` is a Kronecker one (kronecker=True); ValueError for what it cannot go with."""
+    if not getattr(projection, "kronecker", False):
+        return False
+    if mode != "full":
+        raise ValueError(
+            f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
+        )
+    if preconditioner is not None:
+        raise ValueError(
+            f"preconditioner={preconditioner!r} with a kronecker=True projection is tracin.torch only for now; "
+            "in tracin.jax use a projection without kronecker (Projection(dim, per_layer=True))"
+        )
+    return True
 
 
 class _JaxExport:
@@ -145,6 +168,7 @@ class _JaxExport:
         mode: str,
         plan: BatchPlan,
         first: Any,
+        kronecker: Any = None,
     ):
         self.loss_fn, self.plan = loss_fn, plan
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
@@ -162,13 +186,19 @@ class _JaxExport:
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
             self.layout = layout_of(self._first, layers)
-            self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink, which checks the range
-            self.slot_dims = [self.layout.dim]
-            self.segments = self.layout.widths
+            if kronecker is not None:  # the projection, taken per token
+                self.compute_rows = KroneckerRows(loss_fn, self.layout, kronecker, self._first)
+                self.slot_dims, self.segments = [kronecker.dim], None
+            else:
+                self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink (range check)
+                self.slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
 
     def batches(self) -> Iterator[Batch]:
-        return iter(self.plan)
+        for batch in self.plan:
+            if isinstance(self.compute_rows, KroneckerRows):
+                self.compute_rows.prepare(batch)  # the first batch fixes the layout
+            yield batch
 
     def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
         return _host_leaves(batch.targets, batch.count), _host_leaves(batch.inputs, batch.count) if inputs else []
@@ -188,6 +218,8 @@ class _JaxExport:
         check_per_example(self.loss_fn, self.layout, selected, arrays, batch)
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.check_layer_input(params, batch)
+        if isinstance(self.compute_rows, KroneckerRows):
+            self.compute_rows.check(selected, arrays, batch)
 
     def compute(self, state: tuple[list, list, Any], batch: Batch) -> Any:
         return self.compute_rows(state[0], state[1], batch)
@@ -195,6 +227,8 @@ class _JaxExport:
     def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
         """Host views of the real rows of the computed block (no device-side slice copy); the
         compiled functions already give float32."""
+        if isinstance(self.compute_rows, KroneckerRows):
+            return [self.compute_rows.to_host(computed, count)]
         if isinstance(computed, tuple):
             return [tuple(np.asarray(b)[:count] for b in computed)]
         return [np.asarray(computed)[:count]]

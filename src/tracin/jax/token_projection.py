@@ -1,0 +1,210 @@
+"""Per-example gradients projected per token by Kronecker products (tracin.Projection(..., kronecker=True)).
+
+A 2-D weight W (rows, cols) whose one use in the per-example loss is a dot_general with an activation
+over T tokens has the per-example gradient G = sum_t u_t v_t^T (u, v: the token's activation and output
+gradient, on the sides of W they contract with). Its segment of the projected row is
+
+    P_rows G P_cols^T = sum_t (P_rows u_t) (P_cols v_t)^T        (k_rows x k_cols, row-major)
+
+computed from the activations and output gradients of the jaxpr run with taps (jaxpr_taps), so G is
+never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. A token whose output
+gradient is zero (padding the loss masks) adds nothing. The layout is one segment per chosen leaf in
+PARAM_ORDER: LayerMatrix(rows, cols) in the leaf's own orientation for each mapped weight (a Flax
+kernel (in, out) is in x out, a torch-layout (out, in) weight out x in), its plain width for every
+other leaf (biases, norms, and 2-D weights that cannot be mapped: used twice, inside scan / while /
+cond, by another primitive; one warning names them), whose full per-example gradient is computed and
+projected flat. The result equals Projection.apply on the full rows with that layout. The weights are
+found by tracing the loss of one example of the first batch; batches of other shapes are traced again
+and must map the same weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._export.transforms import Recorded
+from ..projection import LayerMatrix, Projection
+from .batches import Batch
+from .jaxpr_taps import Site, find_sites, run_tapped, token_matrices
+from .params import ParamLayout
+from .per_example import _jit_cached, _one_example_loss
+
+CHECKED_ROWS = 2  # rows of the first batch checked against jax.grad when a custom rule is bypassed
+RTOL, ATOL = 1e-4, 1e-5  # |got - want| <= RTOL |want| + ATOL * (largest |want|)
+
+
+def _avals(tree: Any, strip: int = 0) -> Any:
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[strip:], a.dtype), tree)
+
+
+def trace_sites(loss_fn: Callable, layout: ParamLayout, selected: Any, arrays: Any, example: Any) -> tuple:
+    """(closed jaxpr of one example's loss, sites, reasons) for avals of the selected leaves, the other
+    array leaves and one (input, target) example; the candidates are the 2-D selected leaves (by index)."""
+    closed = jax.make_jaxpr(_one_example_loss(loss_fn, layout))(selected, arrays, *example)
+    candidates = {k: k for k, leaf in enumerate(selected) if len(leaf.shape) == 2}
+    return (closed, *find_sites(closed, candidates))
+
+
+class KroneckerRows:
+    """(batch, projection.dim) float32 rows of the selected leaves' per-example gradients, projected
+    segment by segment, the mapped weights per token. `prepare` (on the first batch) fixes the layout."""
+
+    def __init__(self, loss_fn: Callable, layout: ParamLayout, projection: Projection, params: Any):
+        self.loss_fn, self.layout, self.projection = loss_fn, layout, projection
+        selected, arrays = layout.split(params)
+        self._avals = _avals(selected), _avals(arrays)
+        self.dtype = jnp.float64 if jnp.result_type(*selected) == jnp.float64 else jnp.float32
+        self.dims = projection.segment_dims(len(selected))
+        self.starts = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
+        self.sites: dict[int, Site] | None = None
+
+    # --- the layout, fixed by the first batch ---
+
+    def prepare(self, batch: Batch) -> None:
+        """Traces one example of `batch`, maps the weights it can, warns about the 2-D leaves it cannot,
+        and compiles the rows function."""
+        if self.sites is not None:
+            return
+        example = _avals((batch.inputs, batch.targets), strip=1)
+        _, self.sites, reasons = trace_sites(self.loss_fn, self.layout, *self._avals, example)
+        if reasons:
+            paths = self.layout.describe()
+            why = "; ".join(f"{paths[k][0]!r}: {r}" for k, r in sorted(reasons.items()))
+            warnings.warn(
+                f"projection with kronecker=True: these 2-D parameters are not used once by a dot_general "
+                f"the per-token projection can follow ({why}); their gradients are computed in full and "
+                "projected as plain segments",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.mapped = tuple(sorted(self.sites))
+        shapes = [s.shape for s in self._avals[0]]
+        self.layers = {k: LayerMatrix(*shapes[k]) for k in self.mapped}
+        self.plain = [k for k in range(len(shapes)) if k not in self.sites]
+        self.widths = {k: int(np.prod(shapes[k], dtype=np.int64)) for k in self.plain}
+        self._factors = [
+            tuple(jnp.asarray(p, self.dtype) for p in self.projection.layer_factors(k, self.layers[k], self.dims[k]))
+            for k in self.mapped
+        ]
+        key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, jnp.dtype(self.dtype).name)
+        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, self.dtype))
+
+    def spec(self) -> dict:
+        """metadata["projection"]: the Projection's spec and the layout (Projection.apply's segments=)."""
+        if self.sites is None:
+            raise RuntimeError("the layout is fixed by the first batch: no batch has been seen")
+        segments = [self.layers[k].to_dict() if k in self.sites else self.widths[k] for k in range(len(self.dims))]
+        return {**self.projection.to_dict(), "segments": segments}
+
+    def recorded(self) -> Recorded:
+        return _Layout(self)
+
+    # --- per batch ---
+
+    def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[list, Any]:
+        """(per mapped weight its (batch, k_rows * k_cols) block, (batch, plain width) full rows), on the device."""
+        mapped = [selected[k] for k in self.mapped]
+        plain = [selected[k] for k in self.plain]
+        return self._rows(mapped, plain, arrays, self._factors, batch.inputs, batch.targets)
+
+    def to_host(self, computed: tuple[list, Any], count: int) -> np.ndarray:
+        """The (count, dim) float32 rows: the mapped blocks in place, the plain leaves projected flat."""
+        blocks, plain = computed
+        out = np.zeros((count, self.projection.dim), np.float32)
+        for k, block in zip(self.mapped, blocks, strict=True):
+            block = np.asarray(block)[:count]
+            out[:, self.starts[k] : self.starts[k] + block.shape[1]] = block
+        plain, col = np.asarray(plain)[:count], 0
+        for k in self.plain:
+            part = np.ascontiguousarray(plain[:, col : col + self.widths[k]])
+            out[:, self.starts[k] : self.starts[k + 1]] = self.projection.project_segment(
+                part, k, self.widths[k], self.dims[k]
+            )
+            col += self.widths[k]
+        return out
+
+    def check(self, selected: list, arrays: list, batch: Batch) -> None:
+        """ValueError naming the mapped weights inside a custom_jvp / custom_vjp function whose rows on the
+        first rows differ from jax.grad's gradients (the custom rule, bypassed, changes them)."""
+        custom = [k for k in self.mapped if self.sites[k].custom]
+        if not custom:
+            return
+        rows = min(CHECKED_ROWS, batch.count)
+        head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
+        blocks = [np.asarray(b, np.float64) for b in self(selected, arrays, head)[0]]
+        one = _one_example_loss(self.loss_fn, self.layout)
+        full = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))(selected, arrays, head.inputs, head.targets)
+        bad = []
+        for k in custom:
+            p_rows, p_cols = (np.asarray(p, np.float64) for p in self._factors[self.mapped.index(k)])
+            want = np.einsum("rR,nRC,cC->nrc", p_rows, np.asarray(full[k], np.float64), p_cols).reshape(rows, -1)
+            got = blocks[self.mapped.index(k)]
+            scale = max(np.abs(want).max(), 1e-30)
+            if not np.all(np.abs(got - want) <= RTOL * np.abs(want) + ATOL * scale):
+                bad.append(self.layout.describe()[k][0])
+        if bad:
+            raise ValueError(
+                f"projection with kronecker=True: the per-token gradients of {bad} disagree with jax.grad on the "
+                "first rows: they are used inside a custom_jvp / custom_vjp function whose rule changes their "
+                "gradient. Export them without kronecker (Projection(dim, per_layer=True)) or leave them out "
+                "of layers="
+            )
+
+
+class _Layout(Recorded):
+    """The projection as the metadata records it, its layout read once the first batch has fixed it."""
+
+    def __init__(self, rows: KroneckerRows):
+        super().__init__("projection", {}, rows.projection.dim)
+        self._rows = rows
+
+    def to_dict(self) -> dict:
+        return self._rows.spec()
+
+
+def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...], dtype: Any) -> Callable:
+    """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows):
+    per example the jaxpr of its loss run with taps (traced for the batch's shapes), differentiated
+    w.r.t. the taps and the plain leaves only, the taps projected token by token."""
+
+    def rows(mapped_leaves, plain_leaves, arrays, factors, inputs, targets):
+        selected = _merge(mapped, mapped_leaves, plain_leaves)
+        example = _avals((inputs, targets), strip=1)
+        closed, sites, _ = trace_sites(loss_fn, layout, _avals(selected), _avals(arrays), example)
+        if tuple(sorted(sites)) != mapped:
+            paths = [layout.describe()[k][0] for k in sorted(set(sites) ^ set(mapped))]
+            raise ValueError(
+                f"projection with kronecker=True: a batch of input shapes {jax.tree_util.tree_leaves(example)} "
+                f"maps other weights per token than the first batch did ({paths}): give every batch the same shapes"
+            )
+
+        def one(x, y):
+            def loss(perturb, plain):
+                args = jax.tree_util.tree_leaves((_merge(mapped, mapped_leaves, plain), arrays, x, y))
+                outs, acts = run_tapped(closed, sites, args, perturb)
+                return outs[0], acts
+
+            zeros = {k: jnp.zeros(s.out_shape, s.out_dtype) for k, s in sites.items()}
+            (grads, plain_grads), acts = jax.grad(loss, argnums=(0, 1), has_aux=True)(zeros, plain_leaves)
+            blocks = []
+            for k, (p_rows, p_cols) in zip(mapped, factors, strict=True):
+                u, v = (m.astype(dtype) for m in token_matrices(sites[k], acts[k], grads[k]))
+                blocks.append(((u @ p_rows.T).T @ (v @ p_cols.T)).reshape(-1).astype(jnp.float32))
+            flat = [g.reshape(-1).astype(jnp.float32) for g in plain_grads]
+            return blocks, jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
+
+        return jax.vmap(one)(inputs, targets)
+
+    return rows
+
+
+def _merge(mapped: tuple[int, ...], mapped_leaves: list, plain_leaves: list) -> list:
+    """The selected leaves in order from the mapped ones (at indices `mapped`) and the others."""
+    mapped_at, plain = dict(zip(mapped, mapped_leaves, strict=True)), iter(plain_leaves)
+    return [mapped_at[k] if k in mapped_at else next(plain) for k in range(len(mapped_leaves) + len(plain_leaves))]
