@@ -191,7 +191,8 @@ class _Loop:
     _BAR_STEPS pieces of at least _MIN_PIECE_ROWS rows so that the bar moves; results do not
     depend on the cut. test None: train pieces only (self-influence). `cache` is the backends'
     ChunkCache for the current test chunk (what a device backend uploads once per chunk, not once
-    per piece), emptied when the loop ends.
+    per piece), emptied when the loop ends; its `next_train` is the train side of the next pair, taken
+    one pair ahead, so that a device backend can start uploading it while it scores the current one.
     """
 
     def __init__(
@@ -211,14 +212,20 @@ class _Loop:
 
     def pairs(self) -> Iterator[_Pair]:
         """Every (test chunk, train piece), test chunks outer; the bar advances once a pair is used."""
-        for t0, t1 in self.test_chunks:
+        steps = [(t, piece) for t in self.test_chunks for piece in self.pieces]
+        train = self._train(steps[0][1])
+        for j, ((t0, t1), (i0, i1)) in enumerate(steps):
             self.cache.use((t0, t1))
-            for i0, i1 in self.pieces:
-                # The test side is taken again for every piece, so that a store's checks that it is
-                # unchanged (done per kernel_side call) cover the test side for the whole run.
-                test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
-                yield _Pair(slice(t0, t1), test, slice(i0, i1), KernelSide._make(self.train.kernel_side(i0, i1)))
-                self.bar.update(i1 - i0)
+            current, train = train, self._train(steps[j + 1][1]) if j + 1 < len(steps) else None
+            self.cache.next_train = train
+            # The test side is taken again for every piece, so that a store's checks that it is
+            # unchanged (done per kernel_side call) cover the test side for the whole run.
+            test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
+            yield _Pair(slice(t0, t1), test, slice(i0, i1), current)
+            self.bar.update(i1 - i0)
+
+    def _train(self, piece: tuple[int, int]) -> KernelSide:
+        return KernelSide._make(self.train.kernel_side(*piece))
 
     def __enter__(self) -> _Loop:
         return self
@@ -442,7 +449,7 @@ def self_influence(
                         _checkpoint_of(p.train, c), [w[c]], num_threads=threads
                     )
             else:
-                out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads)
+                out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads, cache=loop.cache)
     return out
 
 

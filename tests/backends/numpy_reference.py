@@ -74,7 +74,7 @@ class NumpyReference:
             found.append(TopK(np.take_along_axis(dense, order, 1), order.astype(np.int64)))
         return tuple(found)
 
-    def self_influence(self, train, weights, *, num_threads):
+    def self_influence(self, train, weights, *, num_threads, cache=None):
         x = side_float64(train)
         return to_float32(sum((w * (b**2).sum(1) for w, b in zip(weights, x, strict=True)), np.zeros(len(x[0]))))
 

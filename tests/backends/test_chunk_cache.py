@@ -133,7 +133,7 @@ def test_train_tiles_are_staged_one_ahead_in_two_slots(rng, monkeypatch):
     block = rng.standard_normal((10, 3)).astype(np.float32)
     side = KernelSide(False, [block], [0])
     seen = []
-    for i0, _, x in _torch_rows.tiles(side, torch.device("cpu"), 3):
+    for i0, _, x in _torch_rows.TrainStream(torch.device("cpu")).tiles(side, 3):
         events.append(("use", i0 // 3))
         seen.append(x[0].clone())
     np.testing.assert_array_equal(torch.cat(seen).numpy(), block)

@@ -50,7 +50,7 @@ class Recording(NumpyReference):
         self._note(test, train)
         return super().top_k(test, train, weights, k, side, num_threads=num_threads, normalize=normalize)
 
-    def self_influence(self, train, weights, *, num_threads):
+    def self_influence(self, train, weights, *, num_threads, cache=None):
         self._note(None, train)
         return super().self_influence(train, weights, num_threads=num_threads)
 

@@ -4,7 +4,9 @@ Blocks already on the device (tensors there; CPU tensors on a CPU device) are us
 Other blocks (NumPy views, memory-mapped store chunks, bfloat16 as uint16 bits, CPU tensors for a
 GPU) are copied in tiles: on a CUDA device through two pinned staging buffers, each copied to one
 of two device buffers on a side stream, so that the copy of tile j + 1 overlaps the compute on
-tile j; on a CPU device through the same two buffers without streams.
+tile j, and the copy of the next train piece's first tile overlaps the compute on this piece's last
+(TrainStream, kept for a whole public call); on a CPU device through the same two buffers without
+streams.
 Everything reaches the compute as float32 (float16 / bfloat16 widen exactly on the device).
 """
 
@@ -70,17 +72,18 @@ def tile_rows(side: KernelSide, tile_bytes: int) -> int:
 
 
 class _Staging:
-    """Two slots, each a host buffer (pinned on CUDA) and a device buffer per host block, with the
-    CUDA events that order their reuse. On a CPU device the events are absent: each step is done
-    when the call returns."""
+    """Two slots, each a host buffer (pinned on CUDA) and a device buffer per host block of a layout,
+    with the CUDA events that order their reuse. On a CPU device the events are absent: each step is
+    done when the call returns."""
 
-    def __init__(self, side: KernelSide, host: list[int], rows: int, device: torch.device):
+    def __init__(self, layout: tuple, rows: int, device: torch.device):
+        self.layout, self.rows = layout, rows  # layout: (block index, columns, host dtype code) per host block
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.compute_stream = torch.cuda.current_stream(device) if self.cuda else None
         self.host, self.dev, self.copied, self.consumed = [], [], [], []
         for _ in range(2):
-            shapes = [(rows, side.blocks[b].shape[1], _HOST_DTYPES[side.dtypes[b]]) for b in host]
+            shapes = [(rows, columns, _HOST_DTYPES[code]) for _, columns, code in layout]
             self.host.append([torch.empty(r, c, dtype=t, pin_memory=self.cuda) for r, c, t in shapes])
             self.dev.append([torch.empty(r, c, dtype=t, device=device) for r, c, t in shapes])
             self.copied.append(torch.cuda.Event() if self.cuda else None)
@@ -124,35 +127,84 @@ class _Staging:
             self.consumed[slot].record(self.compute_stream)
 
 
-def tiles(side: KernelSide, device: torch.device, rows: int) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """(first row, end row, float32 blocks on the device) for consecutive tiles of `rows` rows.
+def _layout(side: KernelSide, device: torch.device) -> tuple:
+    """(block index, columns, dtype code) of each block of the side that is not on the device."""
+    return tuple(
+        (b, block.shape[1], code)
+        for b, (block, code) in enumerate(zip(side.blocks, side.dtypes, strict=True))
+        if not resident(block, device)
+    )
 
-    Tile j + 1 is copied to its staging buffer and its upload enqueued before tile j is handed out,
-    so that the upload overlaps the caller's work on tile j even when that work waits for the device
-    (scores read back per block). The caller must enqueue all its work on a tile before asking for
-    the next one: the device buffers of tile j are refilled with tile j + 2 once that work is done.
+
+class TrainStream:
+    """Train tiles of one public call's train pieces, staged through one pair of slots.
+
+    Kept in the generic loop's ChunkCache for the whole call (a fresh one per backend call without a
+    cache): the pinned and device buffers are allocated once per call, not per piece, and the slots
+    alternate across pieces, so that the first tile of the loop's next piece (`following`) is uploaded
+    before the current piece's last tile is handed out: its upload overlaps that tile's compute and
+    the host's work between the two backend calls, as the tiles of one piece overlap each other.
     """
-    n = side.blocks[0].shape[0]
-    starts = list(range(0, n, rows))
-    host = [b for b, block in enumerate(side.blocks) if not resident(block, device)]
-    staging = _Staging(side, host, min(rows, n), device) if host and starts else None
 
-    def upload(j: int) -> None:
-        i0 = starts[j]
-        i1 = min(i0 + rows, n)
-        staging.fill(j % 2, [host_tensor(side.blocks[b][i0:i1], side.dtypes[b]) for b in host])
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.staging: _Staging | None = None
+        self.turn = 0  # the slot the next upload goes to
+        self.ahead: tuple[KernelSide, int, _Staging, int] | None = None  # (piece, tile rows, staging, slot)
 
-    if staging is not None:
-        upload(0)
-    for j, i0 in enumerate(starts):
-        i1 = min(i0 + rows, n)
-        staged = iter(staging.take(j % 2, i1 - i0) if staging is not None else [])
-        if staging is not None and j + 1 < len(starts):
-            upload(j + 1)  # the host copy now; the upload once the work on tile j - 1 is done
-        yield (
-            i0,
-            i1,
-            [block[i0:i1].float() if resident(block, device) else next(staged).float() for block in side.blocks],
-        )
-        if staging is not None:
-            staging.release(j % 2)
+    def tiles(
+        self, side: KernelSide, rows: int, following: KernelSide | None = None
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """(first row, end row, float32 blocks on the device) for consecutive tiles of `rows` rows.
+
+        Tile j + 1 (after the last tile: the first tile of `following`) is copied to its staging
+        buffer and its upload enqueued before tile j is handed out, so that the upload overlaps the
+        caller's work on tile j even when that work waits for the device (scores read back per
+        block). The caller must enqueue all its work on a tile before asking for the next one: the
+        device buffers of tile j are refilled once that work is done.
+        """
+        n, device = side.blocks[0].shape[0], self.device
+        layout = _layout(side, device)
+        ahead, self.ahead = self.ahead, None
+        if not layout or n == 0:
+            for i0 in range(0, n, rows):
+                yield i0, min(i0 + rows, n), [block[i0 : i0 + rows].float() for block in side.blocks]
+            return
+        staging = self._staging(layout, min(rows, n))
+        if ahead is not None and ahead[0] is side and ahead[1] == rows and ahead[2] is staging:
+            slot = ahead[3]  # uploaded during the previous piece
+        else:
+            slot = self._upload(side, layout, 0, rows)
+        for i0 in range(0, n, rows):
+            i1 = min(i0 + rows, n)
+            staged = iter(staging.take(slot, i1 - i0))
+            if i1 < n:
+                upcoming = self._upload(side, layout, i1, rows)
+            elif following is not None:
+                self._upload_ahead(following, rows)
+            try:
+                yield i0, i1, [b[i0:i1].float() if resident(b, device) else next(staged).float() for b in side.blocks]
+            finally:
+                staging.release(slot)
+            if i1 < n:
+                slot = upcoming
+
+    def _staging(self, layout: tuple, rows: int) -> _Staging:
+        """The call's staging slots, made anew only for another layout or more rows than they hold."""
+        if self.staging is None or self.staging.layout != layout or self.staging.rows < rows:
+            self.staging, self.turn = _Staging(layout, rows, self.device), 0
+        return self.staging
+
+    def _upload(self, side: KernelSide, layout: tuple, i0: int, rows: int) -> int:
+        """Stages rows [i0, i0 + rows) of the side's host blocks in the next slot; returns the slot."""
+        slot, self.turn = self.turn, 1 - self.turn
+        i1 = min(i0 + rows, side.blocks[0].shape[0])
+        self.staging.fill(slot, [host_tensor(side.blocks[b][i0:i1], code) for b, _, code in layout])
+        return slot
+
+    def _upload_ahead(self, side: KernelSide, rows: int) -> None:
+        """Uploads the first tile of the next piece when it fits the current slots."""
+        n = side.blocks[0].shape[0]
+        layout = _layout(side, self.device)
+        if n and layout == self.staging.layout and min(rows, n) <= self.staging.rows:
+            self.ahead = (side, rows, self.staging, self._upload(side, layout, 0, rows))

@@ -37,11 +37,19 @@ class ChunkCache:
     """What backends derive from the current test chunk (device copies, scaled rows, inverse norms),
     kept while the generic loop's pairs share that chunk. The loop owns one per public call: it calls
     `use(chunk)` before each pair (a new chunk drops the previous one's items) and `clear()` at the end,
-    so nothing outlives the call. A backend called without one (cache=None) derives everything again."""
+    so nothing outlives the call. A backend called without one (cache=None) derives everything again.
+
+    Two things last for the whole call instead: items kept with `keep` (a device backend's staging
+    buffers for train rows), and `next_train`, which the loop sets before each pair to the train side
+    of the pair after it (the very object that pair will pass; None on the last pair), so that a device
+    backend can start the next piece's upload while it computes on this one. A backend may ignore both.
+    """
 
     def __init__(self) -> None:
         self._chunk: Hashable = None
         self._items: dict[Hashable, Any] = {}
+        self._kept: dict[Hashable, Any] = {}
+        self.next_train: KernelSide | None = None
 
     def use(self, chunk: Hashable) -> None:
         """The next pairs use the test chunk `chunk` (e.g. its row range in the set)."""
@@ -55,10 +63,18 @@ class ChunkCache:
             self._items[key] = make()
         return self._items[key]
 
+    def keep(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        """The item `key` of the whole call, whatever the test chunk, made on first use."""
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
     def clear(self) -> None:
         """Drops every item (device memory is freed once nothing else refers to it)."""
         self._items.clear()
+        self._kept.clear()
         self._chunk = None
+        self.next_train = None
 
 
 class Backend(Protocol):
@@ -72,8 +88,8 @@ class Backend(Protocol):
     entry (t, i) = sum_c w_c <test_c[t], train_c[i]> / (|test[t]|_run(c) |train[i]|_run(c)).
     Non-finite inputs, or results that overflow float32, raise ValueError naming the
     side, checkpoint and rows. Results must not depend on num_threads or on how rows are pieced.
-    cache (scores, top_k, aggregate): the loop's ChunkCache for the current test chunk, or None; a
-    backend may keep there what it derives from `test` and must give the same results either way.
+    cache: the loop's ChunkCache for the current test chunk (and the call's next train piece), or None;
+    a backend may keep there what it derives from `test` and must give the same results either way.
     """
 
     name: str
@@ -106,7 +122,9 @@ class Backend(Protocol):
         or None for a side not asked for. side: "proponents", "opponents" or "both"; k <= n.
         Proponents descending, opponents ascending, ties to the smaller index."""
 
-    def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+    def self_influence(
+        self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
+    ) -> np.ndarray:
         """float32 (n,): sum_c w_c |train_c[i]|^2."""
 
     def aggregate(

@@ -50,7 +50,9 @@ class CpuBackend:
         )
         return (TopK(pv, pi) if side != "opponents" else None, TopK(ov, oi) if side != "proponents" else None)
 
-    def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
+    def self_influence(
+        self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
+    ) -> np.ndarray:
         return _core.self_influence(train, weights, num_threads=num_threads)
 
     def aggregate(

@@ -4,15 +4,17 @@
 Blocked like the C++ kernel: a test chunk goes to the device once per public call (kept in the
 generic loop's ChunkCache for every train piece it meets; once per backend call without one);
 train rows pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of
-the compute, or used in place when already on the device), and each tile meets the test side in
+the compute through two staging slots kept for the whole public call, or used in place when already
+on the device), and each tile meets the test side in
 blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored
 sets, multiplied elementwise), scaled by the weight and added in float32. Cosine scores
 (normalize): the test side is scaled by its rows' inverse norms once, with its upload (a copy on
 the device), and each checkpoint's score block by the train rows' inverse norms, computed per train
 tile in float64. top_k keeps each test row's best across tiles on the device; the (m, n) matrix
 never exists. top_k, aggregate and self_influence wait for the device once per call, at the end
-(scores reads each block back as it is made). Each call (one train piece of the generic loop)
-starts its stream afresh: its first tile's upload does not overlap the previous piece's compute.
+(scores reads each block back as it is made). The stream runs on across the generic loop's train
+pieces: while a piece's last tile is computed, the first tile of the loop's next piece
+(ChunkCache.next_train) is already uploading, so only the call's very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -90,8 +92,10 @@ class TorchBackend:
             found = self._top_k(test, train, weights, k, side, normalize, cache, exact=True)
         return found
 
-    def self_influence(self, train: KernelSide, weights: Sequence[float], *, num_threads: int) -> np.ndarray:
-        with self._call(None, train) as call:
+    def self_influence(
+        self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
+    ) -> np.ndarray:
+        with self._call(None, train, cache=cache) as call:
             parts = []
             for _, _, x in call.train_tiles():
                 norms = [b.double().square().sum(1) for b in x]  # float64, as the C++ kernel sums
@@ -191,6 +195,9 @@ class _Call:
         self.bad_score = torch.zeros((), dtype=torch.bool, device=device)
         self.device = device
         self.tile_rows = rows.tile_rows(train, _tunables.DEVICE_TILE_BYTES)
+        make_stream = functools.partial(rows.TrainStream, device)
+        self.stream = make_stream() if cache is None else cache.keep(("torch", str(device)), make_stream)
+        self.following = None if cache is None else cache.next_train
         if test is None:
             self.prepared, self.test, self.m = None, [], 0
             self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
@@ -211,7 +218,7 @@ class _Call:
 
     def train_tiles(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """(first row, end row, float32 blocks) of each train tile, checked for NaN / Inf."""
-        for i0, i1, x in rows.tiles(self.train, self.device, self.tile_rows):
+        for i0, i1, x in self.stream.tiles(self.train, self.tile_rows, self.following):
             for b in x:
                 self.bad_input |= _not_finite(b)
             yield i0, i1, x
