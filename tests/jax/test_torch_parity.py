@@ -6,6 +6,7 @@ influence of the torch gradients."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from torch.func import functional_call, grad, vmap
 import tracin
 from reference import assert_close_to_exact, exact_scores, factored_to_full
 from tracin.jax import export_gradients
+from tracin.projection import LayerMatrix
 
 
 def _torch_model(w: dict) -> torch.nn.Module:
@@ -209,3 +211,47 @@ def test_same_projection_gives_the_same_influence_as_tracin_torch(mlp, split, mo
         ]
         ref_test, ref_train = list(torch_test.matrices), list(torch_train.matrices)
     _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)
+
+
+def test_same_kronecker_projection_as_tracin_torch_over_tokens():
+    """Bias-free nn.Linear layers over tokens and JAX (out, in) weights with the same values: the same layout
+    (LayerMatrix(out, in) per weight) and the same per-token projected rows."""
+    import tracin.torch
+
+    r = np.random.default_rng(12)
+    d, h, c, t = 5, 8, 3, 4
+    weights = [(r.normal(0, 0.6, (h, d)), r.normal(0, 0.6, (c, h))) for _ in range(2)]
+    x, y = r.normal(size=(11, t, d)).astype(np.float32), r.integers(0, c, (11, t))
+    projection = tracin.Projection(2 * 12, seed=5, per_layer=True, kronecker=True)
+    model = torch.nn.Sequential(torch.nn.Linear(d, h, bias=False), torch.nn.Tanh(), torch.nn.Linear(h, c, bias=False))
+    states = [{"0.weight": torch.as_tensor(w1).float(), "2.weight": torch.as_tensor(w2).float()} for w1, w2 in weights]
+
+    def torch_loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").sum(1)
+
+    def jax_loss(params, xs, labels):
+        w1, w2 = params
+        logits = jnp.tanh(xs @ w1.T) @ w2.T
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], -1)[..., 0].sum(1)
+
+    lrs = [0.5, 0.25]
+    ours = export_gradients(
+        jax_loss,
+        [([jnp.asarray(w, jnp.float32) for w in ws], lr) for ws, lr in zip(weights, lrs, strict=True)],
+        (x, y),
+        projection=projection,
+        batch_size=4,
+        progress=False,
+    )
+    theirs = tracin.torch.export_gradients(
+        model,
+        list(zip(states, lrs, strict=True)),
+        (torch.as_tensor(x), torch.as_tensor(y)),
+        torch_loss,
+        projection=projection,
+        progress=False,
+    )
+    layout = [LayerMatrix(h, d).to_dict(), LayerMatrix(c, h).to_dict()]
+    assert ours.metadata["projection"] == theirs.metadata["projection"] == {**projection.to_dict(), "segments": layout}
+    for a, b in zip(ours.matrices, theirs.matrices, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())

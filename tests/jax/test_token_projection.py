@@ -1,0 +1,408 @@
+"""tracin.jax per-token Kronecker projections (Projection(..., per_layer=True, kronecker=True)) against float64
+references: per-example gradients by jax.grad on one example at a time (its padding cut off), projected by
+(P_rows kron P_cols) vec(G) for mapped weights and P g for the other leaves; against Projection.apply on the
+full exported rows; and against tracin.torch on the same bias-free layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import equinox as eqx
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tracin
+from tracin.jax import export_gradients, token_projection
+from tracin.jax.batches import Batch
+from tracin.jax.params import layout_of
+from tracin.jax.per_example import FullRows
+from tracin.jax.token_projection import rows_function
+from tracin.projection import LayerMatrix
+
+D, H, A, C = 6, 10, 4, 5  # token features, hidden width, attention width, classes
+LRS = (0.5, 0.1)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _normal(r: np.random.Generator, *shape: int) -> jax.Array:
+    return jnp.asarray(r.normal(0, 0.5, shape))
+
+
+def _token_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """(batch,) summed cross-entropy of the tokens where mask is 1."""
+    lp = jax.nn.log_softmax(logits)
+    return -(jnp.take_along_axis(lp, labels[..., None], -1)[..., 0] * mask).sum(-1)
+
+
+def _tokens(r: np.random.Generator, n: int, t: int, dtype=np.float64):
+    """Inputs {"x" (n, t, D), "mask" (n, t)} with right padding (lengths 2..t), labels (n, t), lengths."""
+    lengths = r.integers(2, t + 1, n)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(dtype)
+    x = r.normal(size=(n, t, D)).astype(dtype) * mask[..., None]
+    return {"x": x, "mask": mask}, r.integers(0, C, (n, t)), lengths.tolist()
+
+
+# --- models: plain jnp over a params dict ---
+
+
+def mlp_params(r):
+    """embed (D, H) Flax-layout, hidden kernel (H, H) + bias inside a jit, head (C, H) torch-layout, scale."""
+    return {
+        "embed": _normal(r, D, H),
+        "hidden": {"bias": _normal(r, H), "kernel": _normal(r, H, H)},
+        "head": _normal(r, C, H),
+        "scale": _normal(r, H),
+    }
+
+
+def mlp_loss(p, inputs, labels):
+    h = jnp.tanh(inputs["x"] @ p["embed"])
+    h = jax.jit(lambda h, w, b: jnp.tanh(h @ w + b))(h, p["hidden"]["kernel"], p["hidden"]["bias"]) * p["scale"]
+    return _token_ce(jnp.einsum("bth,ch->btc", h, p["head"]), labels, inputs["mask"])
+
+
+def attention_params(r):
+    return {
+        "q": _normal(r, D, A),
+        "k": _normal(r, D, A),
+        "v": _normal(r, D, A),
+        "o": _normal(r, H, A),
+        "cls": _normal(r, H, C),
+    }
+
+
+def attention_loss(p, inputs, labels):
+    """One attention head over the unpadded keys, out projection (H, A) used as W @ a, head (H, C)."""
+    x, mask = inputs["x"], inputs["mask"]
+    q, k, v = (x @ p[n] for n in "qkv")
+    s = jnp.einsum("bqa,bka->bqk", q, k) / np.sqrt(A)
+    s = jnp.where(mask[:, None, :] > 0, s, -1e30)
+    att = jnp.einsum("bqk,bka->bqa", jax.nn.softmax(s, -1), v)
+    h = jnp.tanh(jnp.einsum("ha,bqa->bqh", p["o"], att))
+    return _token_ce(h @ p["cls"], labels, mask)
+
+
+MLP_LAYOUT = [  # PARAM_ORDER: dict keys sorted
+    LayerMatrix(D, H).to_dict(),  # embed
+    LayerMatrix(C, H).to_dict(),  # head, in its own (C, H) orientation
+    H,  # hidden/bias
+    LayerMatrix(H, H).to_dict(),  # hidden/kernel
+    H,  # scale
+]
+ATTENTION_LAYOUT = [
+    LayerMatrix(H, C).to_dict(),
+    LayerMatrix(D, A).to_dict(),
+    LayerMatrix(H, A).to_dict(),
+    LayerMatrix(D, A).to_dict(),
+    LayerMatrix(D, A).to_dict(),
+]
+
+
+# --- the reference ---
+
+
+def example_grads(loss_fn, params, inputs, labels, lengths) -> list[list[np.ndarray]]:
+    """Per example the float64 gradients of its loss (padding cut off) w.r.t. every leaf, in PARAM_ORDER."""
+    grad = jax.grad(lambda p, i, y: loss_fn(p, i, y)[0])
+    out = []
+    for i, n in enumerate(lengths):
+        one = {key: np.asarray(v[i : i + 1, :n]) for key, v in inputs.items()}
+        out.append(
+            [np.asarray(g, np.float64) for g in jax.tree_util.tree_leaves(grad(params, one, labels[i : i + 1, :n]))]
+        )
+    return out
+
+
+def projected_reference(proj: tracin.Projection, layout: list, grads: list[list[np.ndarray]]) -> np.ndarray:
+    """(n, dim) float64: per layout segment (P_rows kron P_cols) vec(G) or P g."""
+    dims = proj.segment_dims(len(layout))
+    rows = []
+    for g in grads:
+        parts = []
+        for j, (segment, dim) in enumerate(zip(layout, dims, strict=True)):
+            if isinstance(segment, dict):
+                p_rows, p_cols = (f.astype(np.float64) for f in proj.layer_factors(j, segment, dim))
+                used = np.kron(p_rows, p_cols) @ g[j].reshape(-1)
+                parts += [used, np.zeros(dim - used.size)]
+            else:
+                p = proj.project_segment(np.eye(segment, dtype=np.float32), j, segment, dim).T.astype(np.float64)
+                parts.append(p @ g[j].reshape(-1))
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+def assert_rows_close(got, want, rtol=1e-5):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def _export(loss_fn, params, data, proj, **kw):
+    return export_gradients(
+        loss_fn, list(zip(params, LRS[: len(params)], strict=True)), data, projection=proj, progress=False, **kw
+    )
+
+
+# --- exactness ---
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
+@pytest.mark.parametrize(
+    "model, layout", [("mlp", MLP_LAYOUT), ("attention", ATTENTION_LAYOUT)], ids=["mlp", "attention"]
+)
+def test_rows_are_the_kronecker_projection_of_float64_per_example_gradients(x64, kind, model, layout):
+    """Padding (mask 0, masked keys) adds nothing: the reference is computed on the unpadded examples."""
+    r = np.random.default_rng(1)
+    make, loss_fn = (mlp_params, mlp_loss) if model == "mlp" else (attention_params, attention_loss)
+    params = [make(r), make(r)]
+    inputs, labels, lengths = _tokens(r, 9, 7)
+    proj = tracin.Projection(5 * 12, 3, kind, per_layer=True, kronecker=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every 2-D leaf is mapped: no fallback warning
+        g = _export(loss_fn, params, (inputs, labels), proj, batch_size=4)
+    assert g.metadata["projection"]["segments"] == layout
+    assert g.metadata["projection"]["kronecker"] is True and list(g.dims) == [proj.dim, proj.dim]
+    for c, p in enumerate(params):
+        assert_rows_close(
+            g.matrices[c], projected_reference(proj, layout, example_grads(loss_fn, p, inputs, labels, lengths))
+        )
+    full = export_gradients(loss_fn, [(params[0], 0.5)], (inputs, labels), progress=False)
+    assert_rows_close(g.matrices[0], proj.apply(full.matrices[0], segments=layout).astype(np.float64))
+
+
+def test_padding_tokens_add_nothing(x64):
+    r = np.random.default_rng(2)
+    params = [attention_params(r), attention_params(r)]
+    inputs, labels, _ = _tokens(r, 6, 5)
+    padded = {
+        "x": np.concatenate([inputs["x"], r.normal(size=(6, 3, D))], 1),
+        "mask": np.pad(inputs["mask"], ((0, 0), (0, 3))),
+    }
+    proj = tracin.Projection(5 * 9, 4, per_layer=True, kronecker=True)
+    short = _export(attention_loss, params, (inputs, labels), proj)
+    long = _export(attention_loss, params, (padded, np.pad(labels, ((0, 0), (0, 3)))), proj)
+    for a, b in zip(short.matrices, long.matrices, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+
+
+def _flax_model():
+    class Tokens(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            h = jnp.tanh(linen.Dense(H)(x))
+            return linen.Dense(C)(h)
+
+    return Tokens()
+
+
+def _equinox_model(key):
+    k1, k2 = jax.random.split(key)
+    return [eqx.nn.Linear(D, H, key=k1), eqx.nn.Linear(H, C, use_bias=False, key=k2)]
+
+
+def _equinox_loss(layers, inputs, labels):
+    def one(x):  # x (T, D): each layer applied token by token (W @ x_t under vmap: the weight is the lhs)
+        return jax.vmap(layers[1])(jnp.tanh(jax.vmap(layers[0])(x)))
+
+    return _token_ce(jax.vmap(one)(inputs["x"]), labels, inputs["mask"])
+
+
+@pytest.mark.parametrize("library", ["flax", "equinox"])
+def test_flax_and_equinox_models_equal_projection_apply_on_full_rows(library):
+    r = np.random.default_rng(3)
+    inputs, labels, _ = _tokens(r, 10, 4, np.float32)
+    if library == "flax":
+        model = _flax_model()
+        params = [model.init(jax.random.key(s), inputs["x"]) for s in (0, 1)]
+
+        def loss_fn(p, i, y):
+            return _token_ce(model.apply(p, i["x"]), y, i["mask"])
+
+        # params/Dense_0/{bias, kernel (D, H)}, params/Dense_1/{bias, kernel (H, C)}
+        layout = [H, LayerMatrix(D, H).to_dict(), C, LayerMatrix(H, C).to_dict()]
+    else:
+        params, loss_fn = [_equinox_model(jax.random.key(s)) for s in (0, 1)], _equinox_loss
+        layout = [LayerMatrix(H, D).to_dict(), H, LayerMatrix(C, H).to_dict()]  # weight (out, in), bias
+    proj = tracin.Projection(4 * 16, 5, "sparse", per_layer=True, kronecker=True)
+    g = _export(loss_fn, params, (inputs, labels), proj, batch_size=3)
+    full = export_gradients(loss_fn, [(p, 1.0) for p in params], (inputs, labels), progress=False)
+    assert g.metadata["projection"]["segments"] == layout
+    for c in range(2):
+        want = proj.apply(full.matrices[c], segments=layout).astype(np.float64)
+        assert_rows_close(g.matrices[c], want, rtol=2e-4)  # float32 on both sides
+
+
+# --- fallbacks ---
+
+
+def fallback_params(r):
+    return {"head": _normal(r, C, H), "in": _normal(r, D, H), "mix": _normal(r, H, H), "rnn": _normal(r, H, H)}
+
+
+def fallback_loss(p, inputs, labels):
+    """mix used twice, rnn inside a scan over the tokens, in and head mapped."""
+    h = jnp.tanh(inputs["x"] @ p["in"])
+    h = jnp.tanh(jnp.tanh(h @ p["mix"]) @ p["mix"])
+
+    def step(carry, h_t):
+        carry = jnp.tanh(carry @ p["rnn"] + h_t)
+        return carry, carry
+
+    _, h = jax.lax.scan(step, jnp.zeros_like(h[:, 0]), jnp.swapaxes(h, 0, 1))
+    return _token_ce(jnp.swapaxes(h, 0, 1) @ p["head"].T, labels, inputs["mask"])
+
+
+def test_weights_used_twice_or_in_a_scan_are_projected_flat_with_one_warning(x64):
+    r = np.random.default_rng(4)
+    params = [fallback_params(r), fallback_params(r)]
+    inputs, labels, lengths = _tokens(r, 7, 5)
+    proj = tracin.Projection(4 * 16, 6, per_layer=True, kronecker=True)
+    with pytest.warns(UserWarning) as record:
+        g = _export(fallback_loss, params, (inputs, labels), proj, batch_size=4)
+    messages = [str(w.message) for w in record if "kronecker" in str(w.message)]
+    assert len(messages) == 1
+    assert "'mix': used by 2 dot_generals" in messages[0] and "'rnn': used by scan" in messages[0]
+    assert "'in'" not in messages[0] and "'head'" not in messages[0]
+    layout = [LayerMatrix(C, H).to_dict(), LayerMatrix(D, H).to_dict(), H * H, H * H]
+    assert g.metadata["projection"]["segments"] == layout
+    for c, p in enumerate(params):
+        want = projected_reference(proj, layout, example_grads(fallback_loss, p, inputs, labels, lengths))
+        assert_rows_close(g.matrices[c], want)
+
+
+def _scaled_matmul(scale: float):
+    """x @ w with a custom_vjp whose weight gradient is `scale` times the true one."""
+
+    @jax.custom_vjp
+    def matmul(x, w):
+        return x @ w
+
+    def fwd(x, w):
+        return x @ w, (x, w)
+
+    def bwd(res, g):
+        x, w = res
+        return g @ w.T, scale * jnp.einsum("...i,...o->io", x, g)
+
+    matmul.defvjp(fwd, bwd)
+    return matmul
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_custom_vjp_rule_that_changes_the_gradient_is_an_error(x64, scale):
+    r = np.random.default_rng(5)
+    matmul = _scaled_matmul(scale)
+    params = [{"w": _normal(r, D, C)}, {"w": _normal(r, D, C)}]
+    inputs, labels, lengths = _tokens(r, 5, 4)
+
+    def loss_fn(p, i, y):
+        return _token_ce(matmul(i["x"], p["w"]), y, i["mask"])
+
+    proj = tracin.Projection(12, 7, per_layer=True, kronecker=True)
+    if scale != 1.0:
+        with pytest.raises(ValueError, match=r"\['w'\] disagree with jax.grad.*custom_vjp"):
+            _export(loss_fn, params, (inputs, labels), proj)
+        return
+    g = _export(loss_fn, params, (inputs, labels), proj)
+    layout = [LayerMatrix(D, C).to_dict()]
+    assert g.metadata["projection"]["segments"] == layout
+    assert_rows_close(
+        g.matrices[1], projected_reference(proj, layout, example_grads(loss_fn, params[1], inputs, labels, lengths))
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="last_layer", layers=["head"], layer_input=lambda p, i: i["x"]), "needs mode='full'"),
+        (dict(preconditioner="adam"), "tracin.torch only"),
+    ],
+)
+def test_what_a_kronecker_projection_cannot_go_with(kwargs, match):
+    r = np.random.default_rng(6)
+    inputs, labels, _ = _tokens(r, 4, 3, np.float32)
+    proj = tracin.Projection(60, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=match):
+        export_gradients(mlp_loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False, **kwargs)
+
+
+def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):
+    """A list of batches of two sequence lengths (traced twice, same layout); an interrupted store export
+    resumed holds the bytes of an uninterrupted one, and the rows of the in-memory export."""
+    r = np.random.default_rng(7)
+    params = [jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), mlp_params(r)) for _ in range(2)]
+    first, second = _tokens(r, 5, 4, np.float32), _tokens(r, 3, 6, np.float32)
+    data = [(first[0], first[1]), (second[0], second[1])]
+    proj = tracin.Projection(5 * 16, 8, per_layer=True, kronecker=True)
+    memory = _export(mlp_loss, params, data, proj, batch_size=3)
+    for c in range(2):
+        for (inputs, labels), lo, hi in ((data[0], 0, 5), (data[1], 5, 8)):
+            full = export_gradients(mlp_loss, [(params[c], 1.0)], (inputs, labels), progress=False)
+            want = proj.apply(full.matrices[0], segments=MLP_LAYOUT).astype(np.float64)
+            assert_rows_close(memory.matrices[c][lo:hi], want, rtol=2e-4)
+
+    real, calls = token_projection.KroneckerRows.__call__, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "g")
+    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", real)
+    store = _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "g")
+    fresh = _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "f")
+    assert store.metadata == fresh.metadata == memory.metadata
+    assert store.metadata["projection"]["segments"] == MLP_LAYOUT
+    for name in sorted(p.name for p in (tmp_path / "f").glob("*.npy")):
+        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
+
+
+# --- memory ---
+
+
+def test_no_per_example_weight_gradient_is_formed():
+    """Every value in the jaxpr of the compiled rows function (forward, backward, projection) holds fewer
+    than batch x rows x cols elements, the size of the mapped weights' per-example gradients."""
+    r = np.random.default_rng(8)
+    big = 96
+    params = {
+        "a": jnp.asarray(r.normal(size=(D, big)), jnp.float32),
+        "b": jnp.asarray(r.normal(size=(big, big)), jnp.float32),
+    }
+
+    def deep_loss(p, inputs, labels):
+        h = jnp.tanh(jnp.tanh(inputs["x"] @ p["a"]) @ p["b"])
+        return _token_ce(h[..., :C], labels, inputs["mask"])
+
+    inputs, labels, _ = _tokens(r, 8, 3, np.float32)
+    layout = layout_of(params, None)
+    rows = rows_function(deep_loss, layout, (0, 1), jnp.float32)
+    factors = [(jnp.ones((4, D)), jnp.ones((8, big))), (jnp.ones((8, big)), jnp.ones((8, big)))]
+    closed = jax.make_jaxpr(rows)([params["a"], params["b"]], [], [], factors, inputs, labels)
+    limit = 8 * big * big
+    assert all(v.aval.size < limit for v in _values(closed.jaxpr)), "a (batch, rows, cols) value was formed"
+    assert any(v.aval.size >= big * big for v in _values(closed.jaxpr))  # the weight itself is there
+    full = FullRows(deep_loss, layout, jnp.float32)  # its rows are the per-example gradients: seen by the walk
+    leaves = [*params.values()]
+    full_jaxpr = jax.make_jaxpr(lambda x, y: full(leaves, [], Batch(0, 8, x, y)))(inputs, labels).jaxpr
+    assert any(v.aval.size >= limit for v in _values(full_jaxpr))
+
+
+def _values(jaxpr):
+    """Every variable of a jaxpr and of the jaxprs nested in it."""
+    yield from jaxpr.invars
+    for eqn in jaxpr.eqns:
+        yield from eqn.outvars
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _values(sub)
