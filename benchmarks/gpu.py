@@ -8,14 +8,18 @@ d=512; --quick: m=64, n=20,000, d=64). Train rows on the device (torch tensors, 
 the same rows in a GradientStore on the host, streamed to the device in pinned double-buffered tiles.
 Limits: cuBLAS sgemm throughput of the same (m x d) @ (d x n) product, and pinned host-to-device
 copy bandwidth. Goals (issue 14): device-resident >= 80% of that sgemm throughput, host-streamed
->= 80% of the store's bytes over the copy bandwidth, k=1000 <= 1.3x k=10.
-`--device cpu` runs the same script on the torch backend on the CPU ("torch:cpu") as a smoke test;
-its figures say nothing about a GPU. Writes results/gpu.json (gpu_quick.json with --quick).
+>= 80% of the store's bytes over the copy bandwidth, k=1000 <= 1.3x k=10. Also timed: an export
+(tracin.torch.export_gradients of an MLP, modes "factored" and "full") on the device and on the CPU.
+`--device cpu` runs the same script at the --quick sizes on the torch backend on the CPU
+("torch:cpu") as a smoke test; its figures say nothing about a GPU. Writes results/gpu.json
+(gpu_quick.json with --quick or --device cpu). A part that fails (out of memory, a peer that breaks)
+is recorded under "errors" and the other parts still run and are written; the exit status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -33,6 +37,8 @@ from .common import RESULTS_DIR, time_interleaved, write_json
 
 FULL = {"m": 1000, "n": 1_000_000, "d": 512}
 QUICK = {"m": 64, "n": 20_000, "d": 64}
+EXPORT_FULL = {"examples": 2048, "hidden": 256}  # MLP 784-hidden-hidden-10, 2 checkpoints
+EXPORT_QUICK = {"examples": 64, "hidden": 16}
 GOALS = {
     "device_resident_fraction_of_sgemm": 0.8,
     "host_streamed_fraction_of_h2d_bound": 0.8,
@@ -80,6 +86,12 @@ def h2d_gbs(nbytes: int, device: torch.device, repeats: int) -> float:
     return nbytes / best / 1e9
 
 
+def whole_matrix_top_k(test: torch.Tensor, train: torch.Tensor, k: int) -> None:
+    """The peer: torch.topk over the whole (m, n) score matrix, waited for."""
+    torch.topk(test @ train.T, k, dim=1)
+    _sync(train.device)
+
+
 def write_store(path: Path, train: np.ndarray) -> tracin.GradientStore:
     writer = tracin.GradientStore.create(path, len(train), [train.shape[1]], overwrite=True)
     for i0 in range(0, len(train), STORE_BLOCK_ROWS):
@@ -105,37 +117,89 @@ def _faiss_search(test: np.ndarray, train: np.ndarray, device: torch.device) -> 
     return lambda k: index.search(test, k)
 
 
+class Errors(dict):
+    """What failed, by part name: "ExceptionType: message"."""
+
+    def guard(self, part: str, fn: Callable[[], object], device: torch.device) -> object | None:
+        """fn()'s result, or None with the failure recorded (and the device's cached memory freed),
+        so that one failing part does not cost the others."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - any failure of a part is recorded, the run goes on
+            self[part] = f"{type(e).__name__}: {e}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     tracin_device = "torch:cpu" if device.type == "cpu" else str(device)
-    size = QUICK if args.quick else FULL
+    quick = args.quick or device.type == "cpu"
+    size = QUICK if quick else FULL
     m, n, d = size["m"], size["n"], size["d"]
+    errors = Errors()
     rng = np.random.default_rng(0)
     test_host = rng.standard_normal((m, d), dtype=np.float32)
     train_host = rng.standard_normal((n, d), dtype=np.float32)
     test, train = torch.from_numpy(test_host).to(device), torch.from_numpy(train_host).to(device)
     limits = {
-        "sgemm": sgemm_tflops(test, train, args.repeats),
-        "h2d_gbs": h2d_gbs(min(train_host.nbytes, 1 << 30), device, args.repeats),
+        "sgemm": errors.guard("limits.sgemm", lambda: sgemm_tflops(test, train, args.repeats), device),
+        "h2d_gbs": errors.guard(
+            "limits.h2d_gbs", lambda: h2d_gbs(min(train_host.nbytes, 1 << 30), device, args.repeats), device
+        ),
     }
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-bench-", dir=args.dir))
     try:
         store = write_store(folder / "train", train_host)
-        return _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits)
+        result = _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits, errors)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    sizes = EXPORT_QUICK if quick else EXPORT_FULL
+    devices = [str(device), "cpu"] if device.type == "cuda" else ["cpu"]
+    seconds = {
+        dev: errors.guard(f"export.{dev}", lambda dev=dev: export_seconds(dev, **sizes), device) for dev in devices
+    }
+    result["export"] = {**sizes, "checkpoints": 2, "devices": seconds}
+    result["config"]["quick"] = quick
+    result["errors"] = dict(errors)
+    return result
 
 
-def _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits) -> dict:
+def export_seconds(device: str, examples: int, hidden: int) -> dict:
+    """Seconds of tracin.torch.export_gradients of an MLP 784-hidden-hidden-10 with 2 checkpoints on
+    `device`, per mode, after a warm-up export of a quarter of the examples."""
+    from torch import nn
+
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
+    checkpoints = [(copy.deepcopy(model.state_dict()), 0.1), (copy.deepcopy(model.state_dict()), 0.01)]
+    data = (torch.randn(examples, 784), torch.randint(0, 10, (examples,)))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    model = model.to(device)
+    out = {}
+    for mode in ("factored", "full"):
+        warm = (data[0][: max(1, examples // 4)], data[1][: max(1, examples // 4)])
+        export_gradients(model, checkpoints, warm, loss, mode=mode, progress=False)
+        _sync(torch.device(device))
+        start = time.perf_counter()
+        export_gradients(model, checkpoints, data, loss, mode=mode, progress=False)
+        _sync(torch.device(device))
+        seconds = time.perf_counter() - start
+        out[mode] = {"seconds": seconds, "examples_x_checkpoints_per_s": 2 * examples / seconds}
+    return out
+
+
+def _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits, errors) -> dict:
     m, n = test.shape[0], train.shape[0]
     on_device = tracin.Gradients(test) if device.type == "cuda" else tracin.Gradients(test_host)
     train_set = tracin.Gradients(train) if device.type == "cuda" else tracin.Gradients(train_host)
-    faiss_search = _faiss_search(test_host, train_host, device)
+    faiss_search = errors.guard("faiss", lambda: _faiss_search(test_host, train_host, device), device)
     full_fits = device.type != "cuda" or 3 * 4 * m * n < torch.cuda.mem_get_info(device)[0]
-
-    def torch_full(k: int) -> None:
-        torch.topk(test @ train.T, k, dim=1)
-        _sync(device)
 
     cases = []
     for k in (10, 1000):
@@ -150,28 +214,30 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             ),
         }
         if full_fits:
-            contenders["torch_matmul_topk_whole_matrix"] = lambda k=k: torch_full(k)
+            contenders["torch_matmul_topk_whole_matrix"] = lambda k=k: whole_matrix_top_k(test, train, k)
         if faiss_search is not None and (device.type != "cuda" or k <= 2048):
             contenders["faiss_index_flat_ip"] = lambda k=k: faiss_search(k)
-        times = time_interleaved(contenders, repeats=args.repeats, pause_s=0.05)
-        for t in times.values():
+        cases.append(
+            {"k": k, "side": "proponents", "times": _timed(contenders, args.repeats, f"k={k}", errors, device)}
+        )
+    both = {
+        "tracin_device_resident_both_sides": lambda: tracin.top_k(
+            on_device, train_set, 10, side="both", device=tracin_device, progress=False
+        )
+    }
+    cases.append({"k": 10, "side": "both", "times": _timed(both, args.repeats, "k=10 both", errors, device)})
+    for case in cases:
+        for t in case["times"].values():
             t["tflops"] = 2.0 * m * n * test.shape[1] / t["median_s"] / 1e12
-        cases.append({"k": k, "side": "proponents", "times": times})
-    both = time_interleaved(
-        {
-            "tracin_device_resident_both_sides": lambda: tracin.top_k(
-                on_device, train_set, 10, side="both", device=tracin_device, progress=False
-            )
-        },
-        repeats=args.repeats,
-        pause_s=0.05,
-    )
-    cases.append({"k": 10, "side": "both", "times": both})
+    agreement = None
+    if full_fits:
+        agreement = errors.guard(
+            "agreement", lambda: _agreement(on_device, train_set, tracin_device, test, train), device
+        )
     return {
         "config": {
             "device": str(device),
             "tracin_device": tracin_device,
-            "quick": args.quick,
             "m": m,
             "n": n,
             "d": test.shape[1],
@@ -180,16 +246,30 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "store_bytes": store.nbytes,
-            "store_chunk_bytes": store.chunk_bytes,  # one backend call per chunk: the stream restarts
-            "device_tile_bytes": _tunables.DEVICE_TILE_BYTES,  # one upload per tile, overlapped within a chunk
+            "store_chunk_bytes": store.chunk_bytes,  # one backend call per chunk; the upload runs on across them
+            "device_tile_bytes": _tunables.DEVICE_TILE_BYTES,  # one upload per tile
             "faiss": faiss_search is not None,
             "torch_whole_matrix": full_fits,
         },
         "limits": limits,
         "cases": cases,
-        "agreement": _agreement(on_device, train_set, tracin_device, test, train) if full_fits else None,
+        "agreement": agreement,
         "goals": _goals(cases, limits, store.nbytes),
     }
+
+
+def _timed(contenders: dict[str, Callable[[], object]], repeats: int, case: str, errors: Errors, device) -> dict:
+    """time_interleaved of the contenders that run: each is tried once first, and one that fails is
+    recorded (as "CASE NAME") and left out of the timing."""
+    working = {
+        name: fn
+        for name, fn in contenders.items()
+        if errors.guard(f"{case} {name}", lambda fn=fn: fn() or True, device)
+    }
+    if not working:
+        return {}
+    times = errors.guard(case, lambda: time_interleaved(working, repeats=repeats, warmup=0, pause_s=0.05), device)
+    return times or {}
 
 
 def _agreement(on_device, train_set, tracin_device, test, train) -> dict:
@@ -207,27 +287,41 @@ def _agreement(on_device, train_set, tracin_device, test, train) -> dict:
 
 
 def _goals(cases: list[dict], limits: dict, store_bytes: int) -> dict:
+    """Each goal's figure (None where a part it needs failed), whether it is met, and the targets."""
     by_k = {c["k"]: c["times"] for c in cases if c["side"] == "proponents"}
-    k10 = by_k[10]
-    resident = limits["sgemm"]["seconds"] / k10["tracin_device_resident"]["median_s"]
-    streamed = store_bytes / (limits["h2d_gbs"] * 1e9) / k10["tracin_host_store_streamed"]["median_s"]
-    out = {"device_resident_fraction_of_sgemm": resident, "host_streamed_fraction_of_h2d_bound": streamed}
-    if 1000 in by_k:
-        out["k1000_over_k10"] = (
-            by_k[1000]["tracin_device_resident"]["median_s"] / k10["tracin_device_resident"]["median_s"]
-        )
-    out["met"] = {
-        "device_resident_fraction_of_sgemm": resident >= GOALS["device_resident_fraction_of_sgemm"],
-        "host_streamed_fraction_of_h2d_bound": streamed >= GOALS["host_streamed_fraction_of_h2d_bound"],
-        **({"k1000_over_k10": out["k1000_over_k10"] <= GOALS["k1000_over_k10_at_most"]} if 1000 in by_k else {}),
+
+    def median(k: int, name: str) -> float | None:
+        return by_k.get(k, {}).get(name, {}).get("median_s")
+
+    resident, streamed = median(10, "tracin_device_resident"), median(10, "tracin_host_store_streamed")
+    figures = {
+        "device_resident_fraction_of_sgemm": (
+            limits["sgemm"]["seconds"] / resident if limits["sgemm"] and resident else None
+        ),
+        "host_streamed_fraction_of_h2d_bound": (
+            store_bytes / (limits["h2d_gbs"] * 1e9) / streamed if limits["h2d_gbs"] and streamed else None
+        ),
+        "k1000_over_k10": (
+            median(1000, "tracin_device_resident") / resident
+            if resident and median(1000, "tracin_device_resident")
+            else None
+        ),
     }
-    out["targets"] = GOALS
-    return out
+    met = {
+        "device_resident_fraction_of_sgemm": lambda v: v >= GOALS["device_resident_fraction_of_sgemm"],
+        "host_streamed_fraction_of_h2d_bound": lambda v: v >= GOALS["host_streamed_fraction_of_h2d_bound"],
+        "k1000_over_k10": lambda v: v <= GOALS["k1000_over_k10_at_most"],
+    }
+    return {
+        **figures,
+        "met": {name: None if v is None else bool(met[name](v)) for name, v in figures.items()},
+        "targets": GOALS,
+    }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="'cuda', 'cuda:N' or 'cpu' (smoke test; default cuda)")
+    p.add_argument("--device", default="cuda", help="'cuda', 'cuda:N' or 'cpu' (smoke test at --quick sizes)")
     p.add_argument("--quick", action="store_true", help=f"small sizes {QUICK} instead of {FULL}")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
@@ -241,20 +335,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.gpu: torch {torch.__version__} sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
     result = run(args)
-    path = write_json("gpu_quick" if args.quick else "gpu", result, args.out)
+    path = write_json("gpu_quick" if result["config"]["quick"] else "gpu", result, args.out)
     for case in result["cases"]:
         for name, t in case["times"].items():
             print(f"k={case['k']:<5} {case['side']:<10} {name:34s} {t['median_s'] * 1e3:9.2f} ms")
     limits = result["limits"]
-    print(f"sgemm {limits['sgemm']['tflops']:.2f} TFLOP/s, host-to-device {limits['h2d_gbs']:.1f} GB/s")
-    print(
-        "goals:",
-        {k: round(v, 3) for k, v in result["goals"].items() if isinstance(v, float)},
-        "met:",
-        result["goals"]["met"],
-    )
+    if limits["sgemm"]:
+        print(f"sgemm {limits['sgemm']['tflops']:.2f} TFLOP/s")
+    if limits["h2d_gbs"]:
+        print(f"host-to-device {limits['h2d_gbs']:.1f} GB/s")
+    for dev, modes in result["export"]["devices"].items():
+        if modes:
+            print(f"export on {dev}: " + ", ".join(f"{mode} {t['seconds']:.3f} s" for mode, t in modes.items()))
+    goals = result["goals"]
+    print("goals:", {k: round(v, 3) for k, v in goals.items() if isinstance(v, float)}, "met:", goals["met"])
+    for part, message in result["errors"].items():
+        print(f"FAILED {part}: {message}", file=sys.stderr)
     print(f"wrote {path}")
-    return 0
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":
