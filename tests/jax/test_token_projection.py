@@ -317,19 +317,27 @@ def test_a_custom_vjp_rule_that_changes_the_gradient_is_an_error(x64, scale):
     )
 
 
+def _mean_loss(p, inputs, labels):
+    return mlp_loss(p, inputs, labels).mean()
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "dim, kwargs, match",
     [
-        (dict(mode="last_layer", layers=["head"], layer_input=lambda p, i: i["x"]), "needs mode='full'"),
-        (dict(preconditioner="adam"), "tracin.torch only"),
+        (60, dict(mode="last_layer", layers=["head"], layer_input=lambda p, i: i["x"]), "needs mode='full'"),
+        (60, dict(preconditioner="adam"), "preconditioner='adam' with a kronecker=True projection is tracin.torch"),
+        (60, dict(loss=_mean_loss), r"per-example losses of shape \(4,\) for a batch of 4, got \(\) \(a mean"),
+        (4, {}, "5 segments need dim >= 5"),
+        (5 * 17, {}, r"gives 'embed' 17 outputs, which factor as \(k_rows, k_cols\) = \(1, 10\)"),
     ],
 )
-def test_what_a_kronecker_projection_cannot_go_with(kwargs, match):
+def test_what_a_kronecker_projection_cannot_go_with(dim, kwargs, match):
     r = np.random.default_rng(6)
     inputs, labels, _ = _tokens(r, 4, 3, np.float32)
-    proj = tracin.Projection(60, per_layer=True, kronecker=True)
+    proj = tracin.Projection(dim, per_layer=True, kronecker=True)
+    loss = kwargs.pop("loss", mlp_loss)
     with pytest.raises(ValueError, match=match):
-        export_gradients(mlp_loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False, **kwargs)
+        export_gradients(loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False, **kwargs)
 
 
 def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):

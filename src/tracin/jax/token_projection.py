@@ -20,6 +20,7 @@ and must map the same weights.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,7 @@ from ..projection import LayerMatrix, Projection
 from .batches import Batch
 from .jaxpr_taps import Site, find_sites, run_tapped, token_matrices
 from .params import ParamLayout
-from .per_example import _jit_cached, _one_example_loss
+from .per_example import _jit_cached, _one_example_loss, check_per_example
 
 CHECKED_ROWS = 2  # rows of the first batch checked against jax.grad when a custom rule is bypassed
 RTOL, ATOL = 1e-4, 1e-5  # |got - want| <= RTOL |want| + ATOL * (largest |want|)
@@ -71,6 +72,7 @@ class KroneckerRows:
         and compiles the rows function."""
         if self.sites is not None:
             return
+        check_per_example(self.loss_fn, self.layout, *self._avals, batch)  # its errors before the tracer's
         example = _avals((batch.inputs, batch.targets), strip=1)
         _, self.sites, reasons = trace_sites(self.loss_fn, self.layout, *self._avals, example)
         if reasons:
@@ -88,12 +90,26 @@ class KroneckerRows:
         self.layers = {k: LayerMatrix(*shapes[k]) for k in self.mapped}
         self.plain = [k for k in range(len(shapes)) if k not in self.sites]
         self.widths = {k: int(np.prod(shapes[k], dtype=np.int64)) for k in self.plain}
+        self._check_balanced()
         self._factors = [
             tuple(jnp.asarray(p, self.dtype) for p in self.projection.layer_factors(k, self.layers[k], self.dims[k]))
             for k in self.mapped
         ]
         key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, jnp.dtype(self.dtype).name)
         self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, self.dtype))
+
+    def _check_balanced(self) -> None:
+        """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
+        token's side projected to one number): a factor below both its side's size and sqrt(share) / 2."""
+        for k, layer in self.layers.items():
+            dims, floor = self.projection.kronecker_dims(self.dims[k], layer), math.isqrt(self.dims[k]) // 2
+            if any(f < min(side, floor) for f, side in zip(dims, (layer.rows, layer.cols), strict=True)):
+                n = len(self.dims)
+                raise ValueError(
+                    f"projection: dim={self.projection.dim} gives {self.layout.describe()[k][0]!r} {self.dims[k]} "
+                    f"outputs, which factor as (k_rows, k_cols) = {dims} for its {layer.rows} x {layer.cols} "
+                    f"gradient; choose dim = {n} segments x k with k of balanced factors (e.g. {n} x 1024 = {n * 1024})"
+                )
 
     def spec(self) -> dict:
         """metadata["projection"]: the Projection's spec and the layout (Projection.apply's segments=)."""
