@@ -99,6 +99,32 @@ def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatc
             np.testing.assert_array_equal(got.indices, want.indices)
 
 
+@pytest.mark.parametrize("second_pass", [False, True])
+def test_uploads_run_on_across_store_pieces_on_the_gpu(rng, tmp_path, monkeypatch, second_pass):
+    """A store of 40 pieces of 3 tiles (the last one short), each piece's first tile uploaded on the
+    copy stream during the previous piece; tied small integers: exactly the C++ kernel's results, also
+    when every piece is selected a second time (the upload made ahead is then dropped and redone)."""
+    from tracin.backends import _torch_topk
+
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 100 * 40 * 4)
+    if second_pass:
+        monkeypatch.setattr(
+            _torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool, device="cuda")
+        )
+    train = np.round(2 * rng.standard_normal((10_000, 40))).astype(np.float32)
+    writer = tracin.GradientStore.create(tmp_path / "s", 10_000, [40], [0.5])
+    writer.write(0, 0, train)
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=250 * 40 * 4)
+    test = np.round(2 * rng.standard_normal((37, 40))).astype(np.float32)
+    gpu = tracin.top_k(test, store, k=300, side="both", device="cuda")
+    cpu = tracin.top_k(test, store, k=300, side="both", device="cpu")
+    for got, want in zip(gpu, cpu, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(tracin.self_influence(store, device="cuda"), tracin.self_influence(store))
+
+
 def test_factored_sets_on_the_gpu(rng):
     left_t, right_t = [rng.standard_normal((9, 10), dtype=np.float32)], [rng.standard_normal((9, 65), dtype=np.float32)]
     left_x = [rng.standard_normal((800, 10), dtype=np.float32)]
