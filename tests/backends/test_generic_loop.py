@@ -139,3 +139,32 @@ def test_the_test_side_is_taken_again_for_every_train_piece(recording, rng):
     x = Chunked(tracin.Gradients(with_ids(rng, 25, [4])), 10)
     tracin.top_k(t, x, k=3, progress=False)
     assert [a for a in asked if a != (0, 0)] == [(0, 6)] * 3 + [(6, 10)] * 3  # (0, 0): where the rows live
+
+
+def test_each_call_is_told_the_next_pairs_train_side(rng, monkeypatch):
+    """cache.next_train, as a backend sees it during each call: the very train side the next call
+    gets (test chunks outer, so after a chunk's last piece comes the next chunk's first), None on the
+    last call; for self_influence too."""
+    calls: list[tuple[KernelSide, KernelSide | None]] = []
+
+    class Peeking(NumpyReference):
+        def top_k(self, test, train, weights, k, side, *, num_threads, normalize=0, cache=None):
+            calls.append((train, cache.next_train))
+            return super().top_k(test, train, weights, k, side, num_threads=num_threads, normalize=normalize)
+
+        def self_influence(self, train, weights, *, num_threads, cache=None):
+            calls.append((train, cache.next_train))
+            return super().self_influence(train, weights, num_threads=num_threads)
+
+    monkeypatch.setattr(backends, "_factories", {**backends._factories, "cpu": Peeking})
+    monkeypatch.setattr(backends, "_loaded", {})
+    t = Chunked(tracin.Gradients(with_ids(rng, 10, [4])), 6)
+    x = Chunked(tracin.Gradients(with_ids(rng, 25, [4])), 10)
+    for call, count in ((lambda: tracin.top_k(t, x, k=3, progress=False), 6), (lambda: tracin.self_influence(x), 3)):
+        calls.clear()
+        call()
+        assert len(calls) == count
+        assert [int(train.blocks[0][0, 0]) for train, _ in calls] == [0, 10, 20] * (count // 3)
+        for (_, told), (following, _) in zip(calls[:-1], calls[1:], strict=True):
+            assert told is following
+        assert calls[-1][1] is None
