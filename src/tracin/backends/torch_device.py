@@ -5,16 +5,16 @@ Blocked like the C++ kernel: a test chunk goes to the device once per public cal
 generic loop's ChunkCache for every train piece it meets; once per backend call without one);
 train rows pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of
 the compute through two staging slots kept for the whole public call, or used in place when already
-on the device), and each tile meets the test side in
-blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored
-sets, multiplied elementwise), scaled by the weight and added in float32. Cosine scores
-(normalize): the test side is scaled by its rows' inverse norms once, with its upload (a copy on
-the device), and each checkpoint's score block by the train rows' inverse norms, computed per train
-tile in float64. top_k keeps each test row's best across tiles on the device; the (m, n) matrix
-never exists. top_k, aggregate and self_influence wait for the device once per call, at the end
-(scores reads each block back as it is made). The stream runs on across the generic loop's train
-pieces: while a piece's last tile is computed, the first tile of the loop's next piece
-(ChunkCache.next_train) is already uploading, so only the call's very first tile waits for its copy.
+on the device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores:
+one float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the
+weight and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
+norms once, with its upload (a copy on the device), and each checkpoint's score block by the train
+rows' inverse norms, computed per train tile in float64. top_k keeps each test row's best across
+tiles on the device; the (m, n) matrix never exists. top_k, aggregate and self_influence wait for
+the device once per call, at the end (scores reads each block back as it is made). The stream runs
+on across the generic loop's train pieces: while a piece's last tile is computed, the first tile of
+the loop's next piece (ChunkCache.next_train) is already uploading, so only the public call's very
+first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
