@@ -24,6 +24,7 @@ from tracin.projection import LayerMatrix
 
 D, H, A, C = 6, 10, 4, 5  # token features, hidden width, attention width, classes
 LRS = (0.5, 0.1)
+VOCAB, TYPES = 13, 3
 
 
 @pytest.fixture
@@ -191,11 +192,49 @@ def test_padding_tokens_add_nothing(x64):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
 
 
+def lookup_params(r):
+    """tok (VOCAB, D) rows by token id, pos (D, T) columns by position, typ (TYPES, D) rows by type id
+    (ids out of range take no gradient), head (C, D)."""
+    return {"head": _normal(r, C, D), "pos": _normal(r, D, 7), "tok": _normal(r, VOCAB, D), "typ": _normal(r, TYPES, D)}
+
+
+def lookup_loss(p, inputs, labels):
+    ids, types = inputs["ids"], inputs["types"]
+    positions = jnp.arange(ids.shape[1])
+    h = (
+        p["tok"][ids]
+        + jnp.take(p["pos"], positions, axis=1).T
+        + jnp.take(p["typ"], types, 0, mode="fill", fill_value=0)
+    )
+    return _token_ce(jnp.tanh(h) @ p["head"].T, labels, inputs["mask"])
+
+
+def test_lookups_of_rows_and_columns_by_ids(x64):
+    r = np.random.default_rng(9)
+    params = [lookup_params(r), lookup_params(r)]
+    inputs, labels, lengths = _tokens(r, 8, 7)
+    inputs = {
+        "ids": r.integers(0, VOCAB, labels.shape),
+        "types": r.integers(0, TYPES + 2, labels.shape),  # TYPES and TYPES + 1 out of range
+        "mask": inputs["mask"],
+    }
+    proj = tracin.Projection(4 * 16, 10, per_layer=True, kronecker=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = _export(lookup_loss, params, (inputs, labels), proj, batch_size=3)
+    layout = [LayerMatrix(C, D).to_dict(), LayerMatrix(D, 7).to_dict(), LayerMatrix(VOCAB, D).to_dict()]
+    layout.append(LayerMatrix(TYPES, D).to_dict())
+    assert g.metadata["projection"]["segments"] == layout
+    for c, p in enumerate(params):
+        grads = example_grads(lookup_loss, p, inputs, labels, lengths)
+        assert_rows_close(g.matrices[c], projected_reference(proj, layout, grads))
+
+
 def _flax_model():
     class Tokens(linen.Module):
         @linen.compact
-        def __call__(self, x):
-            h = jnp.tanh(linen.Dense(H)(x))
+        def __call__(self, x, ids):
+            h = jnp.tanh(linen.Dense(H)(x + linen.Embed(VOCAB, D)(ids)))  # Embed: a lookup inside a jit
             return linen.Dense(C)(h)
 
     return Tokens()
@@ -219,17 +258,18 @@ def test_flax_and_equinox_models_equal_projection_apply_on_full_rows(library):
     inputs, labels, _ = _tokens(r, 10, 4, np.float32)
     if library == "flax":
         model = _flax_model()
-        params = [model.init(jax.random.key(s), inputs["x"]) for s in (0, 1)]
+        inputs["ids"] = r.integers(0, VOCAB, inputs["mask"].shape)
+        params = [model.init(jax.random.key(s), inputs["x"], inputs["ids"]) for s in (0, 1)]
 
         def loss_fn(p, i, y):
-            return _token_ce(model.apply(p, i["x"]), y, i["mask"])
+            return _token_ce(model.apply(p, i["x"], i["ids"]), y, i["mask"])
 
-        # params/Dense_0/{bias, kernel (D, H)}, params/Dense_1/{bias, kernel (H, C)}
-        layout = [H, LayerMatrix(D, H).to_dict(), C, LayerMatrix(H, C).to_dict()]
+        # params/Dense_0/{bias, kernel (D, H)}, params/Dense_1/{bias, kernel (H, C)}, params/Embed_0/embedding
+        layout = [H, LayerMatrix(D, H).to_dict(), C, LayerMatrix(H, C).to_dict(), LayerMatrix(VOCAB, D).to_dict()]
     else:
         params, loss_fn = [_equinox_model(jax.random.key(s)) for s in (0, 1)], _equinox_loss
         layout = [LayerMatrix(H, D).to_dict(), H, LayerMatrix(C, H).to_dict()]  # weight (out, in), bias
-    proj = tracin.Projection(4 * 16, 5, "sparse", per_layer=True, kronecker=True)
+    proj = tracin.Projection(len(layout) * 16, 5, "sparse", per_layer=True, kronecker=True)
     g = _export(loss_fn, params, (inputs, labels), proj, batch_size=3)
     full = export_gradients(loss_fn, [(p, 1.0) for p in params], (inputs, labels), progress=False)
     assert g.metadata["projection"]["segments"] == layout
@@ -395,7 +435,7 @@ def test_no_per_example_weight_gradient_is_formed():
 
     inputs, labels, _ = _tokens(r, 8, 3, np.float32)
     layout = layout_of(params, None)
-    rows = rows_function(deep_loss, layout, (0, 1), jnp.float32)
+    rows = rows_function(deep_loss, layout, (0, 1))
     factors = [(jnp.ones((4, D)), jnp.ones((8, big))), (jnp.ones((8, big)), jnp.ones((8, big)))]
     closed = jax.make_jaxpr(rows)([params["a"], params["b"]], [], [], factors, inputs, labels)
     limit = 8 * big * big

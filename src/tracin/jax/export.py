@@ -75,8 +75,9 @@ def export_gradients(
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full", no preconditioner;
         language models): every chosen 2-D leaf whose one use in the loss is a dot_general (x @ W,
-        W @ x, einsum...; through transposes, dtype casts and nested jit / remat / custom_jvp /
-        custom_vjp calls) is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's
+        W @ x, einsum...) or a lookup of its rows by ids (W[ids], jnp.take, flax Embed), through
+        transposes, dtype casts and nested jit / remat / custom_jvp / custom_vjp calls, is
+        projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's
         jaxpr run with taps, never forming its per-example gradient; the other chosen leaves (biases,
         norms, weights used twice or inside scan / while / cond: one warning) are computed in full
         and projected flat. metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols)

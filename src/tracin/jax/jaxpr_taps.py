@@ -2,10 +2,12 @@
 
 `find_sites` follows each candidate weight (an input of the jaxpr) through the views that keep it the
 same matrix (transpose, convert_element_type, copy) and through nested calls (jit, closed_call, remat,
-custom_jvp_call, custom_vjp_call), and maps it when its one use is a `dot_general` contracting one of
-its axes with the other operand (the activation, any other axes "tokens") with no batch dimensions.
-`run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped dot_general
-and returns the activations it saw: the gradient w.r.t. a zero perturbation is the output gradient
+custom_jvp_call, custom_vjp_call), and maps it when its one use is
+- a `dot_general` contracting one of its axes with the other operand (the activation, its other axes
+  "tokens") with no batch dimensions, or
+- a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
+`run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped eqn and returns
+the activations (ids for a lookup) it saw: the gradient w.r.t. a zero perturbation is the output gradient
 of every token, so a weight's gradient is sum_t a_t b_t^T without being formed. Calls holding a mapped
 site are evaluated inline (the derivative of a custom_jvp / custom_vjp function holding one is then
 the derivative of its primal: `Site.custom` says so); everything else is bound unchanged.
@@ -17,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
+from jax.lax import GatherScatterMode
 
 _VIEWS = ("transpose", "convert_element_type", "copy", "copy_p")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
@@ -27,17 +29,22 @@ _CUSTOM = ("custom_jvp_call", "custom_vjp_call")
 
 @dataclass(frozen=True)
 class Site:
-    """A weight's one dot_general. path: eqn indices through the nested jaxprs; weight_operand: 0 (lhs)
-    or 1 (rhs); contract: the weight axis contracted, in the leaf's own (rows, cols) orientation;
-    act_contract: the activation's contracted axis; out_shape / out_dtype: the dot_general's output;
+    """A weight's one mapped use. path: eqn indices through the nested jaxprs; lookup: a gather of rows by
+    ids (else a dot_general); weight_operand: 0 (lhs) or 1 (rhs); contract: the weight axis contracted with
+    the activation (or indexed by the ids), in the leaf's own (rows, cols) orientation; act_contract: the
+    activation's contracted axis (-1 for ids); out_axis: the output's axis along the weight's other axis;
+    out_shape / out_dtype: the output; clip: out-of-range ids are clamped (else they take no gradient);
     custom: inside a custom_jvp / custom_vjp call (its rule is bypassed)."""
 
     path: tuple[int, ...]
+    lookup: bool
     weight_operand: int
     contract: int
     act_contract: int
+    out_axis: int
     out_shape: tuple[int, ...]
     out_dtype: Any
+    clip: bool
     custom: bool
 
 
@@ -89,6 +96,9 @@ def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], custom: bool, use
         elif name == "dot_general":
             for k, (key, flipped) in ins:
                 uses[key].append(_dot_site(eqn, k, flipped, len(ins), path, custom))
+        elif name == "gather" and [k for k, _ in ins] == [0]:
+            key, flipped = ins[0][1]
+            uses[key].append(_lookup_site(eqn, flipped, path, custom))
         elif inner is not None:
             sub, _ = inner
             _walk(sub, {sub.invars[k]: o for k, o in ins}, path, custom or name in _CUSTOM, uses)
@@ -111,7 +121,31 @@ def _dot_site(eqn: Any, k: int, flipped: bool, n_weights: int, path: tuple, cust
     if len(contract[k]) != 1:
         return "used in a dot_general contracting both of its axes"
     out = eqn.outvars[0].aval
-    return Site(path, k, int(contract[k][0]) ^ flipped, int(contract[1 - k][0]), tuple(out.shape), out.dtype, custom)
+    out_axis = 0 if k == 0 else len(out.shape) - 1  # output axes: lhs free axes, then rhs free axes
+    axis = int(contract[k][0])
+    return Site(path, False, k, axis ^ flipped, int(contract[1 - k][0]), out_axis, out.shape, out.dtype, False, custom)
+
+
+def _lookup_site(eqn: Any, flipped: bool, path: tuple, custom: bool) -> Site | str:
+    """The Site of a gather of whole rows (or columns) of a weight view by ids, or why it is not one."""
+    dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+    shape, ids = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    axis = dn.collapsed_slice_dims[0] if len(dn.collapsed_slice_dims) == 1 else -1
+    mode = eqn.params["mode"]
+    if (
+        axis < 0
+        or tuple(dn.start_index_map) != (axis,)
+        or len(dn.offset_dims) != 1
+        or dn.operand_batching_dims
+        or sizes[axis] != 1
+        or sizes[1 - axis] != shape[1 - axis]
+        or ids[-1:] != (1,)
+        or mode == GatherScatterMode.ONE_HOT
+    ):
+        return "used in a gather that is not a lookup of whole rows by ids"
+    out = eqn.outvars[0].aval
+    clip = mode != GatherScatterMode.FILL_OR_DROP  # CLIP and PROMISE_IN_BOUNDS clamp the ids
+    return Site(path, True, 0, axis ^ flipped, -1, dn.offset_dims[0], out.shape, out.dtype, clip, custom)
 
 
 def run_tapped(
@@ -148,17 +182,3 @@ def run_tapped(
         return [read(v) for v in jaxpr.outvars]
 
     return run(closed.jaxpr, closed.consts, args, ()), acts
-
-
-def token_matrices(site: Site, act: Any, grad: Any) -> tuple[Any, Any]:
-    """(U (T, rows), V (T, cols)) of one example: the weight's gradient is U^T V = sum_t u_t v_t^T. act: the
-    activation operand, grad: the gradient of the dot_general's output; T = the activation's other axes."""
-    a = _last(act, site.act_contract)
-    b = _last(grad, 0) if site.weight_operand == 0 else grad  # output axes: (weight, tokens) or (tokens, weight)
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    return (a, b) if site.contract == 0 else (b, a)
-
-
-def _last(x: Any, axis: int) -> Any:
-    order = [d for d in range(np.ndim(x)) if d != axis] + [axis]
-    return x.transpose(order)

@@ -1,13 +1,15 @@
 """Per-example gradients projected per token by Kronecker products (tracin.Projection(..., kronecker=True)).
 
 A 2-D weight W (rows, cols) whose one use in the per-example loss is a dot_general with an activation
-over T tokens has the per-example gradient G = sum_t u_t v_t^T (u, v: the token's activation and output
-gradient, on the sides of W they contract with). Its segment of the projected row is
+over T tokens, or a lookup of its rows by T token ids (an embedding), has the per-example gradient
+G = sum_t u_t v_t^T (u, v: the token's activation, or the one-hot of its id, and its output gradient, on
+the sides of W they meet). Its segment of the projected row is
 
     P_rows G P_cols^T = sum_t (P_rows u_t) (P_cols v_t)^T        (k_rows x k_cols, row-major)
 
 computed from the activations and output gradients of the jaxpr run with taps (jaxpr_taps), so G is
-never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. A token whose output
+never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example (a lookup gathers columns of
+P_rows instead of multiplying by a one-hot). A token whose output
 gradient is zero (padding the loss masks) adds nothing. The layout is one segment per chosen leaf in
 PARAM_ORDER: LayerMatrix(rows, cols) in the leaf's own orientation for each mapped weight (a Flax
 kernel (in, out) is in x out, a torch-layout (out, in) weight out x in), its plain width for every
@@ -32,7 +34,7 @@ import numpy as np
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .batches import Batch
-from .jaxpr_taps import Site, find_sites, run_tapped, token_matrices
+from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
 from .per_example import _jit_cached, _one_example_loss, check_per_example
 
@@ -96,7 +98,7 @@ class KroneckerRows:
             for k in self.mapped
         ]
         key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, jnp.dtype(self.dtype).name)
-        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, self.dtype))
+        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped))
 
     def _check_balanced(self) -> None:
         """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
@@ -184,10 +186,10 @@ class _Layout(Recorded):
         return self._rows.spec()
 
 
-def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...], dtype: Any) -> Callable:
+def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...]) -> Callable:
     """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows):
     per example the jaxpr of its loss run with taps (traced for the batch's shapes), differentiated
-    w.r.t. the taps and the plain leaves only, the taps projected token by token."""
+    w.r.t. the taps and the plain leaves only, the taps projected token by token in the factors' dtype."""
 
     def rows(mapped_leaves, plain_leaves, arrays, factors, inputs, targets):
         selected = _merge(mapped, mapped_leaves, plain_leaves)
@@ -208,16 +210,38 @@ def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...
 
             zeros = {k: jnp.zeros(s.out_shape, s.out_dtype) for k, s in sites.items()}
             (grads, plain_grads), acts = jax.grad(loss, argnums=(0, 1), has_aux=True)(zeros, plain_leaves)
-            blocks = []
-            for k, (p_rows, p_cols) in zip(mapped, factors, strict=True):
-                u, v = (m.astype(dtype) for m in token_matrices(sites[k], acts[k], grads[k]))
-                blocks.append(((u @ p_rows.T).T @ (v @ p_cols.T)).reshape(-1).astype(jnp.float32))
+            blocks = [
+                _token_sum(sites[k], acts[k], grads[k], p_rows, p_cols).reshape(-1).astype(jnp.float32)
+                for k, (p_rows, p_cols) in zip(mapped, factors, strict=True)
+            ]
             flat = [g.reshape(-1).astype(jnp.float32) for g in plain_grads]
             return blocks, jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
 
         return jax.vmap(one)(inputs, targets)
 
     return rows
+
+
+def _token_sum(site: Site, act: Any, grad: Any, p_rows: Any, p_cols: Any) -> Any:
+    """sum_t (P_rows u_t)(P_cols v_t)^T (k_rows, k_cols) of one example: per token its activation (or the
+    one-hot of its id) on the weight axis `site.contract`, its output gradient on the other."""
+    p_act, p_out = (p_rows, p_cols) if site.contract == 0 else (p_cols, p_rows)
+    out = _last(grad, site.out_axis).astype(p_out.dtype)
+    projected_out = out.reshape(-1, out.shape[-1]) @ p_out.T
+    if site.lookup:  # P e_id is column id of P; an id out of range takes no gradient, or the clamped row's
+        ids, size = act[..., 0].reshape(-1), p_act.shape[1]
+        kept = jnp.ones(ids.shape, p_act.dtype) if site.clip else ((ids >= 0) & (ids < size)).astype(p_act.dtype)
+        projected_act = p_act.T[jnp.clip(ids, 0, size - 1)] * kept[:, None]
+    else:
+        a = _last(act, site.act_contract).astype(p_act.dtype)
+        projected_act = a.reshape(-1, a.shape[-1]) @ p_act.T
+    left, right = (projected_act, projected_out) if site.contract == 0 else (projected_out, projected_act)
+    return left.T @ right
+
+
+def _last(x: Any, axis: int) -> Any:
+    """x with `axis` moved last."""
+    return jnp.moveaxis(x, axis, -1)
 
 
 def _merge(mapped: tuple[int, ...], mapped_leaves: list, plain_leaves: list) -> list:
