@@ -387,6 +387,21 @@ def test_what_a_kronecker_projection_cannot_go_with(dim, kwargs, match):
         export_gradients(loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False, **kwargs)
 
 
+def test_a_batch_shape_that_maps_other_weights_is_an_error():
+    r = np.random.default_rng(10)
+
+    def loss_fn(p, inputs, labels):  # w used twice on sequences longer than 4 tokens
+        h = inputs["x"] @ p["w"]
+        return _token_ce(h + inputs["x"] @ p["w"] if h.shape[1] > 4 else h, labels, inputs["mask"])
+
+    short, long = _tokens(r, 4, 3, np.float32), _tokens(r, 4, 6, np.float32)
+    proj = tracin.Projection(16, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=r"maps other weights per token than the first batch did \(\['w'\]\)"):
+        export_gradients(
+            loss_fn, [({"w": _normal(r, D, C)}, 1.0)], [short[:2], long[:2]], projection=proj, progress=False
+        )
+
+
 def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):
     """A list of batches of two sequence lengths (traced twice, same layout); an interrupted store export
     resumed holds the bytes of an uninterrupted one, and the rows of the in-memory export."""

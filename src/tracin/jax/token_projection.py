@@ -9,15 +9,15 @@ the sides of W they meet). Its segment of the projected row is
 
 computed from the activations and output gradients of the jaxpr run with taps (jaxpr_taps), so G is
 never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example (a lookup gathers columns of
-P_rows instead of multiplying by a one-hot). A token whose output
-gradient is zero (padding the loss masks) adds nothing. The layout is one segment per chosen leaf in
-PARAM_ORDER: LayerMatrix(rows, cols) in the leaf's own orientation for each mapped weight (a Flax
-kernel (in, out) is in x out, a torch-layout (out, in) weight out x in), its plain width for every
-other leaf (biases, norms, and 2-D weights that cannot be mapped: used twice, inside scan / while /
-cond, by another primitive; one warning names them), whose full per-example gradient is computed and
-projected flat. The result equals Projection.apply on the full rows with that layout. The weights are
-found by tracing the loss of one example of the first batch; batches of other shapes are traced again
-and must map the same weights.
+P_rows instead of multiplying by a one-hot). A token whose output gradient is zero (padding the loss
+masks) adds nothing. The layout is one segment per chosen leaf in PARAM_ORDER: LayerMatrix(rows, cols)
+in the leaf's own orientation for each mapped weight (a Flax kernel (in, out) is in x out, a
+torch-layout (out, in) weight out x in), its plain width for every other leaf (biases, norms, and 2-D
+weights that cannot be mapped: used twice, inside scan / while / cond, by another primitive; one
+warning names them), whose full per-example gradient is computed and projected flat. The result equals
+Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
+example of the first batch; batches of other shapes are traced again and must map the same weights.
+preconditioner= is tracin.torch only for now.
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ class KroneckerRows:
             paths = self.layout.describe()
             why = "; ".join(f"{paths[k][0]!r}: {r}" for k, r in sorted(reasons.items()))
             warnings.warn(
-                f"projection with kronecker=True: these 2-D parameters are not used once by a dot_general "
-                f"the per-token projection can follow ({why}); their gradients are computed in full and "
-                "projected as plain segments",
+                "projection with kronecker=True: these 2-D parameters are not used once by a dot_general or a "
+                f"lookup by ids the per-token projection can follow ({why}); their gradients are computed in "
+                "full and projected as plain segments",
                 UserWarning,
                 stacklevel=2,
             )
