@@ -61,13 +61,20 @@ def test_corpus_passages_state_their_facts():
     assert np.array_equal(again.passages, corpus.passages)  # seeded
 
 
-def test_sparse_dims_choose_the_flat_projections():
-    """FULL's sparse_dims: the flat projection at fewer dims than the Kronecker one, each preconditioner alike."""
-    got = contenders.exports((16, 64), exact=False, sparse_dims=(16,))
+def test_exports_every_variant_at_the_shared_dim_and_the_sweep_for_adam_alone():
+    got = contenders.exports(16, sweep_dims=(16, 64, 256))
     assert [(e.preconditioner, e.projection, e.dim) for e in got] == [
-        (pre, kind, d) for pre in (None, "adam") for kind, d in (("kronecker", 16), ("kronecker", 64), ("sparse", 16))
+        (None, "kronecker", 16),
+        (None, "sparse", 16),
+        ("adam", "kronecker", 16),
+        ("adam", "sparse", 16),
+        ("adam", "kronecker", 64),
+        ("adam", "kronecker", 256),
     ]
-    assert len(contenders.exports((16, 64), exact=True)) == 2 * (2 * 2 + 1)
+    assert [(e.preconditioner, e.projection) for e in contenders.exports(16, exact=True) if e.dim is None] == [
+        (None, "exact"),
+        ("adam", "exact"),
+    ]
 
 
 def _random_mrr(n: int, k: int) -> float:
@@ -93,6 +100,7 @@ def test_quick_run_writes_json_and_plot(quick_run):
     assert (out / payload["plots"][0]).read_bytes()[:8] == PNG_MAGIC
     assert len(payload["training"]["checkpoints"]) == payload["config"]["training"]["checkpoints"]
     assert all(c["learning_rate"] > 0 for c in payload["training"]["checkpoints"])
+    assert payload["threads"] >= 1 and len(payload["load_average"]["start"]) == len(payload["load_average"]["end"]) == 3
 
 
 def test_quick_run_has_every_contender(quick_run):
@@ -100,11 +108,11 @@ def test_quick_run_has_every_contender(quick_run):
     config = payload["config"]
     expected = {"bm25", "random"} | {
         contenders.variant_name(e, normalize)
-        for e in contenders.exports(tuple(config["dims"]), config["exact"])
+        for e in contenders.exports(config["dim"], tuple(config["sweep_dims"]), config["exact"])
         for normalize in (False, True)
     }
     assert set(payload["contenders"]) == expected
-    assert len(expected) == 2 + 2 * 2 * (2 * len(config["dims"]) + 1)
+    assert len(expected) == 2 + 2 * (2 * (2 + 1) + len(config["sweep_dims"]))
     exact = payload["contenders"]["tracin plain, exact"]
     assert exact["dim"] == payload["gradient_parameters"] > 0  # exact gradients: one entry per chosen parameter
     for name, r in payload["contenders"].items():

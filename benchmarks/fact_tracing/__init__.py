@@ -6,5 +6,5 @@ state, rate) saved on the way (training.py). Each query is a fact prompt with th
 target; every contender ranks the passages (contenders.py) and is scored by MRR and recall@10 of the
 passages that state the queried fact (metrics.py), with time per 1000 passages to export and to score.
 
-    python -m benchmarks.fact_tracing [--quick] [--out DIR] [--threads 1]
+    python -m benchmarks.fact_tracing [--quick] [--out DIR] [--threads N]
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -28,8 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch and scoring threads (default 1: on a shared, loaded machine more threads ran slower)",
+        default=os.cpu_count() or 1,
+        help="torch and scoring threads (default: every core)",
     )
     return p
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print(f"python -m benchmarks.fact_tracing: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    if "torch" not in sys.modules:
+        # OpenMP workers that sleep at a barrier instead of spinning: on a machine other processes load, two
+        # spinning torch threads trained 8-15x slower than one; sleeping ones about as fast as one.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-fact-tracing-quick-")) if args.quick else RESULTS_DIR)
     name = "fact_tracing_quick" if args.quick else "fact_tracing"
     payload = run(config.QUICK if args.quick else config.FULL, args.threads, log=lambda s: print(s, flush=True))

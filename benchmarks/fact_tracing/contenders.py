@@ -13,6 +13,9 @@ from .training import Checkpoint, token_loss
 
 PRECONDITIONERS = (None, "adam")
 PROJECTIONS = ("kronecker", "sparse")  # per-token Kronecker factors; the flat sparse map of full rows
+# The preconditioner whose exports the dim sweep repeats (its gradients give both the adam and the adam + cosine
+# contenders: the best TracIn variants of every earlier run at every dim and projection).
+SWEEP_PRECONDITIONER = "adam"
 
 
 @dataclass(frozen=True)
@@ -37,16 +40,15 @@ class Export:
         return tracin.Projection(self.dim, seed, "sparse", per_layer=True)
 
 
-def exports(dims: tuple[int, ...], exact: bool, sparse_dims: tuple[int, ...] | None = None) -> list[Export]:
-    """Every export of a run: per preconditioner, Kronecker at `dims`, sparse at `sparse_dims` (None: `dims`),
-    then exact gradients if `exact`."""
-    by_kind = {"kronecker": dims, "sparse": dims if sparse_dims is None else sparse_dims}
+def exports(dim: int, sweep_dims: tuple[int, ...] = (), exact: bool = False) -> list[Export]:
+    """Every export of a run: each preconditioner with each projection at the shared `dim` (plus exact
+    gradients if `exact`), then SWEEP_PRECONDITIONER's Kronecker projection at each of `sweep_dims`."""
     out = []
     for pre in PRECONDITIONERS:
-        out += [Export(pre, kind, d) for kind in PROJECTIONS for d in by_kind[kind]]
+        out += [Export(pre, kind, dim) for kind in PROJECTIONS]
         if exact:
             out.append(Export(pre, "exact", None))
-    return out
+    return out + [Export(SWEEP_PRECONDITIONER, "kronecker", d) for d in sweep_dims if d != dim]
 
 
 def variant_name(export: Export, normalize: bool) -> str:

@@ -63,7 +63,10 @@ def summary_table(payload: dict) -> str:
                 column = str(r["dim"]) if projection != "exact" else columns[-1]
                 times.setdefault(column, {})[r["preconditioner"]] = r["export_s_per_1000"]
         if times:
-            cells = [f"{times[c][None]:.2f} / {times[c]['adam']:.2f}" if c in times else "" for c in columns]
+            cells = [
+                " / ".join(f"{times[c][p]:.2f}" if p in times[c] else "-" for p in (None, "adam")) if c in times else ""
+                for c in columns
+            ]
             lines.append(f"| export s / 1000 passages (plain / adam) | {projection} | " + " | ".join(cells) + " |")
     score = {}
     for r in tracin:

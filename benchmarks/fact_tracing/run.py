@@ -4,6 +4,7 @@ payload that becomes fact_tracing.json."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,7 +98,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     corpus = make_corpus(config.corpus, config.queries, config.seed)
     log(
         f"corpus: {len(corpus.facts)} facts, {len(corpus.passages)} passages "
@@ -113,7 +114,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
     scoring = _Scoring(relevant, answered, timing, threads, config)
 
     results: dict[str, dict] = {}
-    for export in contenders.exports(config.dims, config.exact, config.sparse_dims):
+    for export in contenders.exports(config.dim, config.sweep_dims, config.exact):
         results.update(_tracin(export, model, checkpoints, (train_data, test_data), config, scoring, log))
     log("export timings")
     export_timing = time_interleaved(
@@ -121,7 +122,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
             e: functools.partial(
                 contenders.export_gradients, model, checkpoints, train_data, e, config.layers, config.seed, timing
             )
-            for e in contenders.exports(config.dims, config.exact, config.sparse_dims)
+            for e in contenders.exports(config.dim, config.sweep_dims, config.exact)
         },
         repeats=config.repeats,
         warmup=config.warmup,
@@ -149,6 +150,8 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
     return {
         "config": config.as_dict(),
         "threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "torch": torch.__version__,
         "corpus": {
             "facts": len(corpus.facts),
