@@ -247,6 +247,49 @@ def _flax_model():
     return Tokens()
 
 
+class _FlaxBlock(linen.Module):
+    """Masked self-attention (3-D DenseGeneral kernels) + residual, LayerNorm, a Dense MLP."""
+
+    @linen.compact
+    def __call__(self, x, mask):
+        attended = linen.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(
+            x, mask=linen.make_attention_mask(mask, mask)
+        )
+        h = linen.LayerNorm()(x + attended)
+        h = jnp.tanh(linen.Dense(H)(h))
+        return linen.Dense(C)(h)
+
+
+def test_flax_attention_block_maps_its_3d_kernels(x64):
+    """query / key / value kernels (D, heads, head_dim) are D x (heads * head_dim) matrices, the out kernel
+    (heads, head_dim, D) a (heads * head_dim) x D one; exact against float64 jax.grad on unpadded examples."""
+    r = np.random.default_rng(11)
+    inputs, labels, lengths = _tokens(r, 7, 6)
+    model = _FlaxBlock()
+    params = [
+        jax.tree_util.tree_map(
+            lambda a: a.astype(jnp.float64), model.init(jax.random.key(s), inputs["x"], inputs["mask"])
+        )
+        for s in (0, 1)
+    ]
+
+    def loss_fn(p, i, y):
+        return _token_ce(model.apply(p, i["x"], i["mask"]), y, i["mask"])
+
+    qkv, heads = LayerMatrix(D, 8).to_dict(), 8
+    # Dense_0 (H), Dense_1 (C), LayerNorm_0 bias / scale, attention key, out, query, value: bias and kernel each
+    layout = [H, LayerMatrix(D, H).to_dict(), C, LayerMatrix(H, C).to_dict(), D, D, heads, qkv, D]
+    layout += [LayerMatrix(heads, D).to_dict(), heads, qkv, heads, qkv]
+    proj = tracin.Projection(len(layout) * 16, 12, per_layer=True, kronecker=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = _export(loss_fn, params, (inputs, labels), proj, batch_size=4)
+    assert g.metadata["projection"]["segments"] == layout
+    for c, p in enumerate(params):
+        grads = example_grads(loss_fn, p, inputs, labels, lengths)
+        assert_rows_close(g.matrices[c], projected_reference(proj, layout, grads))
+
+
 def _equinox_model(key):
     k1, k2 = jax.random.split(key)
     return [eqx.nn.Linear(D, H, key=k1), eqx.nn.Linear(H, C, use_bias=False, key=k2)]
@@ -314,7 +357,7 @@ def test_weights_used_twice_or_in_a_scan_are_projected_flat_with_one_warning(x64
         g = _export(fallback_loss, params, (inputs, labels), proj, batch_size=4)
     messages = [str(w.message) for w in record if "kronecker" in str(w.message)]
     assert len(messages) == 1
-    assert "'mix': used by 2 dot_generals" in messages[0] and "'rnn': used by scan" in messages[0]
+    assert "'mix': used 2 times" in messages[0] and "'rnn': used inside scan" in messages[0]
     assert "'in'" not in messages[0] and "'head'" not in messages[0]
     layout = [LayerMatrix(C, H).to_dict(), LayerMatrix(D, H).to_dict(), H * H, H * H]
     assert g.metadata["projection"]["segments"] == layout
@@ -457,7 +500,7 @@ def test_no_per_example_weight_gradient_is_formed():
 
     inputs, labels, _ = _tokens(r, 8, 3, np.float32)
     layout = layout_of(params, None)
-    rows = rows_function(deep_loss, layout, (0, 1))
+    rows = rows_function(deep_loss, layout, (0, 1), (1, 1))
     factors = [(jnp.ones((4, D)), jnp.ones((8, big))), (jnp.ones((8, big)), jnp.ones((8, big)))]
     closed = jax.make_jaxpr(rows)([params["a"], params["b"]], [], [], factors, inputs, labels)
     limit = 8 * big * big

@@ -74,15 +74,16 @@ def export_gradients(
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full", no preconditioner;
-        language models): every chosen 2-D leaf whose one use in the loss is a dot_general (x @ W,
-        W @ x, einsum...) or a lookup of its rows by ids (W[ids], jnp.take, flax Embed), through
-        transposes, dtype casts and nested jit / remat / custom_jvp / custom_vjp calls, is
-        projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's
-        jaxpr run with taps, never forming its per-example gradient; the other chosen leaves (biases,
-        norms, weights used twice or inside scan / while / cond: one warning) are computed in full
-        and projected flat. metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols)
-        in the leaf's own orientation), and Projection.apply(full rows, segments=that layout) gives
-        the same rows. tracin.jax.token_projection says more.
+        language models): every chosen weight whose one use in the loss is a dot_general (x @ W,
+        W @ x, einsum, Flax DenseGeneral kernels contracted on their first or last axes) or a lookup
+        of the rows of a 2-D leaf by ids (W[ids], jnp.take, flax Embed), through transposes, dtype
+        casts and nested jit / remat / custom_jvp / custom_vjp calls, is projected per token,
+        sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's jaxpr run with taps, never forming its
+        per-example gradient; the other chosen leaves (biases, norms, weights used twice or inside
+        scan / while / cond: one warning) are computed in full and projected flat.
+        metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols) in the leaf's own
+        orientation), and Projection.apply(full rows, segments=that layout) gives the same rows.
+        tracin.jax.token_projection says more.
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its

@@ -1,10 +1,10 @@
-"""Where a loss uses its 2-D weights, read off its jaxpr, and the jaxpr run again with taps there.
+"""Where a loss uses its weights, read off its jaxpr, and the jaxpr run again with taps there.
 
 `find_sites` follows each candidate weight (an input of the jaxpr) through the views that keep it the
 same matrix (transpose, convert_element_type, copy) and through nested calls (jit, closed_call, remat,
 custom_jvp_call, custom_vjp_call), and maps it when its one use is
-- a `dot_general` contracting one of its axes with the other operand (the activation, its other axes
-  "tokens") with no batch dimensions, or
+- a `dot_general` contracting its first or its last axes with the other operand (the activation, its
+  other axes "tokens") with no batch dimensions, or
 - a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
 `run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped eqn and returns
 the activations (ids for a lookup) it saw: the gradient w.r.t. a zero perturbation is the output gradient
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var
+from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var, jaxprs_in_params
 from jax.lax import GatherScatterMode
 
 _VIEWS = ("transpose", "convert_element_type", "copy", "copy_p")
@@ -29,19 +29,23 @@ _CUSTOM = ("custom_jvp_call", "custom_vjp_call")
 
 @dataclass(frozen=True)
 class Site:
-    """A weight's one mapped use. path: eqn indices through the nested jaxprs; lookup: a gather of rows by
-    ids (else a dot_general); weight_operand: 0 (lhs) or 1 (rhs); contract: the weight axis contracted with
-    the activation (or indexed by the ids), in the leaf's own (rows, cols) orientation; act_contract: the
-    activation's contracted axis (-1 for ids); out_axis: the output's axis along the weight's other axis;
-    out_shape / out_dtype: the output; clip: out-of-range ids are clamped (else they take no gradient);
-    custom: inside a custom_jvp / custom_vjp call (its rule is bypassed)."""
+    """A weight's one mapped use, the weight seen as a matrix: its first `split` axes are the rows, the
+    others the columns (a leaf (in, heads, head_dim) contracted on its first axis is in x (heads * head_dim),
+    row-major as the leaf is flattened). path: eqn indices through the nested jaxprs; lookup: a gather of
+    rows (or columns) by ids, else a dot_general; weight_operand: 0 (lhs) or 1 (rhs); contract: the
+    matrix side, 0 (rows) or 1 (columns), met by the activation (or indexed by the ids); act_axes: the
+    activation's axes on that side, in the leaf's axis order (() for ids); out_axes: the output's axes
+    on the weight's other side, in the leaf's axis order; out_shape / out_dtype: the output; clip:
+    out-of-range ids are clamped (else they take no gradient); custom: inside a custom_jvp / custom_vjp
+    call (its rule is bypassed)."""
 
     path: tuple[int, ...]
     lookup: bool
     weight_operand: int
+    split: int
     contract: int
-    act_contract: int
-    out_axis: int
+    act_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: Any
     clip: bool
@@ -61,28 +65,39 @@ def inner_jaxpr(eqn: Any) -> tuple[Jaxpr, Sequence[Any]] | None:
 
 
 def find_sites(closed: ClosedJaxpr, candidates: Mapping[int, Any]) -> tuple[dict[Any, Site], dict[Any, str]]:
-    """(sites, reasons): per candidate key its Site when mapped, else why not. candidates maps the
-    positions of 2-D inputs of `closed` to keys (the caller's leaf ids)."""
+    """(sites, reasons): per candidate key its Site when mapped, else, for a weight-like candidate (one that
+    meets a dot_general, a gather or a primitive holding jaxprs such as scan), why not. The others (a 2-D
+    bias only reshaped and added, an unused leaf) are in neither. candidates maps the positions of inputs
+    of `closed` with two or more axes to keys (the caller's leaf ids)."""
     jaxpr = closed.jaxpr
-    origin = {jaxpr.invars[i]: (key, False) for i, key in candidates.items()}
-    uses: dict[Any, list[Site | str]] = {key: [] for key in candidates.values()}
+    origin = {jaxpr.invars[i]: (key, tuple(range(len(jaxpr.invars[i].aval.shape)))) for i, key in candidates.items()}
+    uses: dict[Any, list[Site | _Bad]] = {key: [] for key in candidates.values()}
     _walk(jaxpr, origin, (), False, uses)
     sites, reasons = {}, {}
     for key, found in uses.items():
-        bad = [u for u in found if isinstance(u, str)]
+        bad = [u for u in found if isinstance(u, _Bad)]
+        if not any(isinstance(u, Site) or u.loud for u in found):
+            continue
         if bad:
-            reasons[key] = bad[0]
-        elif not found:
-            reasons[key] = "not used by the loss"
+            reasons[key] = next(u for u in bad if u.loud).reason if any(u.loud for u in bad) else bad[0].reason
         elif len(found) > 1:
-            reasons[key] = f"used by {len(found)} dot_generals"
+            reasons[key] = f"used {len(found)} times"
         else:
             sites[key] = found[0]
     return sites, reasons
 
 
+@dataclass(frozen=True)
+class _Bad:
+    """A use that cannot be mapped; loud when it makes the weight look like one (a matmul, a lookup, a loop)."""
+
+    reason: str
+    loud: bool
+
+
 def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], custom: bool, uses: dict) -> None:
-    """Records in `uses` every use of a var in `origin` (var -> (key, transposed)) within `jaxpr`."""
+    """Records in `uses` every use of a var in `origin` (var -> (key, leaf axis of each of its axes)) within
+    `jaxpr`."""
     for i, eqn in enumerate(jaxpr.eqns):
         ins = [(k, origin[v]) for k, v in enumerate(eqn.invars) if isinstance(v, Var) and v in origin]
         if not ins:
@@ -90,50 +105,62 @@ def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], custom: bool, use
         name, path = eqn.primitive.name, (*prefix, i)
         inner = inner_jaxpr(eqn)
         if name in _VIEWS and len(eqn.outvars) == 1:
-            key, flipped = ins[0][1]
-            perm = tuple(eqn.params.get("permutation", (0, 1)))
-            origin[eqn.outvars[0]] = (key, flipped ^ (perm == (1, 0)))
+            key, axes = ins[0][1]
+            origin[eqn.outvars[0]] = (key, tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes)))))
         elif name == "dot_general":
-            for k, (key, flipped) in ins:
-                uses[key].append(_dot_site(eqn, k, flipped, len(ins), path, custom))
+            for k, (key, axes) in ins:
+                uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path, custom)))
         elif name == "gather" and [k for k, _ in ins] == [0]:
-            key, flipped = ins[0][1]
-            uses[key].append(_lookup_site(eqn, flipped, path, custom))
+            key, axes = ins[0][1]
+            uses[key].append(_loud(_lookup_site(eqn, axes, path, custom)))
         elif inner is not None:
             sub, _ = inner
             _walk(sub, {sub.invars[k]: o for k, o in ins}, path, custom or name in _CUSTOM, uses)
         else:
+            loud = any(True for _ in jaxprs_in_params(eqn.params))  # scan, while, cond...
             for _, (key, _) in ins:
-                uses[key].append(f"used by {name}")
+                uses[key].append(_Bad(f"used {'inside' if loud else 'by'} {name}", loud))
     for v in jaxpr.outvars:
         if isinstance(v, Var) and v in origin:
-            uses[origin[v][0]].append("returned by a nested call" if prefix else "returned by the loss")
+            uses[origin[v][0]].append(_Bad("returned by a nested call" if prefix else "returned by the loss", False))
 
 
-def _dot_site(eqn: Any, k: int, flipped: bool, n_weights: int, path: tuple, custom: bool) -> Site | str:
-    """The Site of a dot_general whose operand k is a weight view, or why it cannot be mapped."""
+def _loud(site: Site | str) -> Site | _Bad:
+    return site if isinstance(site, Site) else _Bad(site, True)
+
+
+def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tuple, custom: bool) -> Site | str:
+    """The Site of a dot_general whose operand k is a weight view (its axes are the leaf's `axes`), or why
+    it cannot be mapped: the contracted leaf axes must be its first or its last ones."""
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
     if n_weights > 1:
         return "multiplied by a chosen weight in one dot_general"
     if batch_l or batch_r:
         return "used in a dot_general with batch dimensions"
-    contract = (contract_l, contract_r)
-    if len(contract[k]) != 1:
-        return "used in a dot_general contracting both of its axes"
+    mine, other = (contract_l, contract_r) if k == 0 else (contract_r, contract_l)
+    leaf_contract = sorted(axes[a] for a in mine)
+    n = len(axes)
+    if not mine or len(mine) == n or leaf_contract not in (list(range(len(mine))), list(range(n - len(mine), n))):
+        return "used in a dot_general contracting other axes than its first or its last ones"
+    act_axes = tuple(a for _, a in sorted((axes[w], int(a)) for w, a in zip(mine, other, strict=True)))
     out = eqn.outvars[0].aval
-    out_axis = 0 if k == 0 else len(out.shape) - 1  # output axes: lhs free axes, then rhs free axes
-    axis = int(contract[k][0])
-    return Site(path, False, k, axis ^ flipped, int(contract[1 - k][0]), out_axis, out.shape, out.dtype, False, custom)
+    free = [a for a in range(n) if a not in mine]  # in the output: lhs free axes, then rhs free axes
+    first = 0 if k == 0 else len(out.shape) - len(free)
+    out_axes = tuple(first + j for _, j in sorted((axes[a], j) for j, a in enumerate(free)))
+    contract = 0 if leaf_contract[0] == 0 else 1
+    split = len(mine) if contract == 0 else n - len(mine)
+    return Site(path, False, k, split, contract, act_axes, out_axes, out.shape, out.dtype, False, custom)
 
 
-def _lookup_site(eqn: Any, flipped: bool, path: tuple, custom: bool) -> Site | str:
-    """The Site of a gather of whole rows (or columns) of a weight view by ids, or why it is not one."""
+def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple, custom: bool) -> Site | str:
+    """The Site of a gather of whole rows (or columns) of a 2-D weight view by ids, or why it is not one."""
     dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
     shape, ids = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
     axis = dn.collapsed_slice_dims[0] if len(dn.collapsed_slice_dims) == 1 else -1
     mode = eqn.params["mode"]
     if (
-        axis < 0
+        len(shape) != 2
+        or axis < 0
         or tuple(dn.start_index_map) != (axis,)
         or len(dn.offset_dims) != 1
         or dn.operand_batching_dims
@@ -142,10 +169,10 @@ def _lookup_site(eqn: Any, flipped: bool, path: tuple, custom: bool) -> Site | s
         or ids[-1:] != (1,)
         or mode == GatherScatterMode.ONE_HOT
     ):
-        return "used in a gather that is not a lookup of whole rows by ids"
+        return "used in a gather that is not a lookup of whole rows of a matrix by ids"
     out = eqn.outvars[0].aval
     clip = mode != GatherScatterMode.FILL_OR_DROP  # CLIP and PROMISE_IN_BOUNDS clamp the ids
-    return Site(path, True, 0, axis ^ flipped, -1, dn.offset_dims[0], out.shape, out.dtype, clip, custom)
+    return Site(path, True, 0, 1, axes[axis], (), (dn.offset_dims[0],), out.shape, out.dtype, clip, custom)
 
 
 def run_tapped(

@@ -1,7 +1,9 @@
 """Per-example gradients projected per token by Kronecker products (tracin.Projection(..., kronecker=True)).
 
-A 2-D weight W (rows, cols) whose one use in the per-example loss is a dot_general with an activation
-over T tokens, or a lookup of its rows by T token ids (an embedding), has the per-example gradient
+A weight W whose one use in the per-example loss is a dot_general with an activation over T tokens
+contracting its first or its last axes (W seen as a (rows, cols) matrix of those axes by the others,
+row-major: a Flax DenseGeneral kernel (in, heads, head_dim) is in x (heads * head_dim)), or a lookup of
+the rows of a 2-D W by T token ids (an embedding), has the per-example gradient
 G = sum_t u_t v_t^T (u, v: the token's activation, or the one-hot of its id, and its output gradient, on
 the sides of W they meet). Its segment of the projected row is
 
@@ -12,8 +14,8 @@ never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example (a lo
 P_rows instead of multiplying by a one-hot). A token whose output gradient is zero (padding the loss
 masks) adds nothing. The layout is one segment per chosen leaf in PARAM_ORDER: LayerMatrix(rows, cols)
 in the leaf's own orientation for each mapped weight (a Flax kernel (in, out) is in x out, a
-torch-layout (out, in) weight out x in), its plain width for every other leaf (biases, norms, and 2-D
-weights that cannot be mapped: used twice, inside scan / while / cond, by another primitive; one
+torch-layout (out, in) weight out x in), its plain width for every other leaf (biases, norms, and
+weights that cannot be mapped: used twice, inside scan / while / cond, in another dot_general; one
 warning names them), whose full per-example gradient is computed and projected flat. The result equals
 Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
 example of the first batch; batches of other shapes are traced again and must map the same weights.
@@ -48,9 +50,10 @@ def _avals(tree: Any, strip: int = 0) -> Any:
 
 def trace_sites(loss_fn: Callable, layout: ParamLayout, selected: Any, arrays: Any, example: Any) -> tuple:
     """(closed jaxpr of one example's loss, sites, reasons) for avals of the selected leaves, the other
-    array leaves and one (input, target) example; the candidates are the 2-D selected leaves (by index)."""
+    array leaves and one (input, target) example; the candidates are the selected leaves of two or more axes
+    (by index)."""
     closed = jax.make_jaxpr(_one_example_loss(loss_fn, layout))(selected, arrays, *example)
-    candidates = {k: k for k, leaf in enumerate(selected) if len(leaf.shape) == 2}
+    candidates = {k: k for k, leaf in enumerate(selected) if len(leaf.shape) >= 2}
     return (closed, *find_sites(closed, candidates))
 
 
@@ -70,7 +73,7 @@ class KroneckerRows:
     # --- the layout, fixed by the first batch ---
 
     def prepare(self, batch: Batch) -> None:
-        """Traces one example of `batch`, maps the weights it can, warns about the 2-D leaves it cannot,
+        """Traces one example of `batch`, maps the weights it can, warns about the weights it cannot,
         and compiles the rows function."""
         if self.sites is not None:
             return
@@ -81,15 +84,15 @@ class KroneckerRows:
             paths = self.layout.describe()
             why = "; ".join(f"{paths[k][0]!r}: {r}" for k, r in sorted(reasons.items()))
             warnings.warn(
-                "projection with kronecker=True: these 2-D parameters are not used once by a dot_general or a "
-                f"lookup by ids the per-token projection can follow ({why}); their gradients are computed in "
-                "full and projected as plain segments",
+                "projection with kronecker=True: these weights are not used once by a dot_general or a lookup "
+                f"by ids the per-token projection can follow ({why}); their gradients are computed in full and "
+                "projected as plain segments",
                 UserWarning,
                 stacklevel=2,
             )
         self.mapped = tuple(sorted(self.sites))
         shapes = [s.shape for s in self._avals[0]]
-        self.layers = {k: LayerMatrix(*shapes[k]) for k in self.mapped}
+        self.layers = {k: _matrix(shapes[k], self.sites[k].split) for k in self.mapped}
         self.plain = [k for k in range(len(shapes)) if k not in self.sites]
         self.widths = {k: int(np.prod(shapes[k], dtype=np.int64)) for k in self.plain}
         self._check_balanced()
@@ -97,8 +100,9 @@ class KroneckerRows:
             tuple(jnp.asarray(p, self.dtype) for p in self.projection.layer_factors(k, self.layers[k], self.dims[k]))
             for k in self.mapped
         ]
-        key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, jnp.dtype(self.dtype).name)
-        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped))
+        splits = tuple(self.sites[k].split for k in self.mapped)
+        key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, splits, jnp.dtype(self.dtype).name)
+        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, splits))
 
     def _check_balanced(self) -> None:
         """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
@@ -161,7 +165,8 @@ class KroneckerRows:
         bad = []
         for k in custom:
             p_rows, p_cols = (np.asarray(p, np.float64) for p in self._factors[self.mapped.index(k)])
-            want = np.einsum("rR,nRC,cC->nrc", p_rows, np.asarray(full[k], np.float64), p_cols).reshape(rows, -1)
+            g = np.asarray(full[k], np.float64).reshape(rows, p_rows.shape[1], p_cols.shape[1])
+            want = np.einsum("rR,nRC,cC->nrc", p_rows, g, p_cols).reshape(rows, -1)
             got = blocks[self.mapped.index(k)]
             scale = max(np.abs(want).max(), 1e-30)
             if not np.all(np.abs(got - want) <= RTOL * np.abs(want) + ATOL * scale):
@@ -186,8 +191,9 @@ class _Layout(Recorded):
         return self._rows.spec()
 
 
-def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...]) -> Callable:
-    """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows):
+def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...], splits: tuple[int, ...]) -> Callable:
+    """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows) for
+    the weights `mapped` (selected leaf indices) seen as matrices of their first `splits` axes by the rest:
     per example the jaxpr of its loss run with taps (traced for the batch's shapes), differentiated
     w.r.t. the taps and the plain leaves only, the taps projected token by token in the factors' dtype."""
 
@@ -195,8 +201,9 @@ def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...
         selected = _merge(mapped, mapped_leaves, plain_leaves)
         example = _avals((inputs, targets), strip=1)
         closed, sites, _ = trace_sites(loss_fn, layout, _avals(selected), _avals(arrays), example)
-        if tuple(sorted(sites)) != mapped:
-            paths = [layout.describe()[k][0] for k in sorted(set(sites) ^ set(mapped))]
+        found = {(k, site.split) for k, site in sites.items()}
+        if found != set(zip(mapped, splits, strict=True)):
+            paths = [layout.describe()[k][0] for k, _ in sorted(found ^ set(zip(mapped, splits, strict=True)))]
             raise ValueError(
                 f"projection with kronecker=True: a batch of input shapes {jax.tree_util.tree_leaves(example)} "
                 f"maps other weights per token than the first batch did ({paths}): give every batch the same shapes"
@@ -224,24 +231,28 @@ def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...
 
 def _token_sum(site: Site, act: Any, grad: Any, p_rows: Any, p_cols: Any) -> Any:
     """sum_t (P_rows u_t)(P_cols v_t)^T (k_rows, k_cols) of one example: per token its activation (or the
-    one-hot of its id) on the weight axis `site.contract`, its output gradient on the other."""
+    one-hot of its id) on the matrix side `site.contract`, its output gradient on the other."""
     p_act, p_out = (p_rows, p_cols) if site.contract == 0 else (p_cols, p_rows)
-    out = _last(grad, site.out_axis).astype(p_out.dtype)
-    projected_out = out.reshape(-1, out.shape[-1]) @ p_out.T
+    projected_out = _tokens_by(grad, site.out_axes).astype(p_out.dtype) @ p_out.T
     if site.lookup:  # P e_id is column id of P; an id out of range takes no gradient, or the clamped row's
         ids, size = act[..., 0].reshape(-1), p_act.shape[1]
         kept = jnp.ones(ids.shape, p_act.dtype) if site.clip else ((ids >= 0) & (ids < size)).astype(p_act.dtype)
         projected_act = p_act.T[jnp.clip(ids, 0, size - 1)] * kept[:, None]
     else:
-        a = _last(act, site.act_contract).astype(p_act.dtype)
-        projected_act = a.reshape(-1, a.shape[-1]) @ p_act.T
+        projected_act = _tokens_by(act, site.act_axes).astype(p_act.dtype) @ p_act.T
     left, right = (projected_act, projected_out) if site.contract == 0 else (projected_out, projected_act)
     return left.T @ right
 
 
-def _last(x: Any, axis: int) -> Any:
-    """x with `axis` moved last."""
-    return jnp.moveaxis(x, axis, -1)
+def _tokens_by(x: Any, axes: tuple[int, ...]) -> Any:
+    """x as (tokens, features): `axes` moved last (in that order) and flattened, the other axes the tokens."""
+    x = jnp.moveaxis(x, axes, tuple(range(-len(axes), 0)))
+    return x.reshape(-1, int(np.prod(x.shape[x.ndim - len(axes) :], dtype=np.int64)))
+
+
+def _matrix(shape: tuple[int, ...], split: int) -> LayerMatrix:
+    """The leaf of `shape` as a matrix: its first `split` axes the rows, the others the columns."""
+    return LayerMatrix(int(np.prod(shape[:split], dtype=np.int64)), int(np.prod(shape[split:], dtype=np.int64)))
 
 
 def _merge(mapped: tuple[int, ...], mapped_leaves: list, plain_leaves: list) -> list:
