@@ -79,7 +79,7 @@ def find_sites(closed: ClosedJaxpr, candidates: Mapping[int, Any]) -> tuple[dict
         if not any(isinstance(u, Site) or u.loud for u in found):
             continue
         if bad:
-            reasons[key] = next(u for u in bad if u.loud).reason if any(u.loud for u in bad) else bad[0].reason
+            reasons[key] = min(bad, key=lambda u: not u.loud).reason  # the first loud one, if any
         elif len(found) > 1:
             reasons[key] = f"used {len(found)} times"
         else:
@@ -178,8 +178,8 @@ def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple, custom: bool) -> 
 def run_tapped(
     closed: ClosedJaxpr, sites: Mapping[Any, Site], args: Sequence[Any], perturb: Mapping[Any, Any]
 ) -> tuple[list[Any], dict[Any, Any]]:
-    """(outputs of `closed` on args, {key: activation}) with perturb[key] added to the output of each
-    site's dot_general."""
+    """(outputs of `closed` on args, {key: activation, or ids for a lookup}) with perturb[key] added to the
+    output of each site's eqn."""
     by_path = {site.path: key for key, site in sites.items()}
     prefixes = {site.path[:n] for site in sites.values() for n in range(1, len(site.path))}
     acts: dict[Any, Any] = {}
