@@ -415,7 +415,8 @@ def _mean_loss(p, inputs, labels):
     "dim, kwargs, match",
     [
         (60, dict(mode="last_layer", layers=["head"], layer_input=lambda p, i: i["x"]), "needs mode='full'"),
-        (60, dict(preconditioner="adam"), "preconditioner='adam' with a kronecker=True projection is tracin.torch"),
+        (60, dict(preconditioner="adam"), r"checkpoints\[0\] has no optimizer state, which preconditioner='adam'"),
+        (60, dict(preconditioner="adam_update"), "'adam_update' is not rank one"),
         (60, dict(loss=_mean_loss), r"per-example losses of shape \(4,\) for a batch of 4, got \(\) \(a mean"),
         (4, {}, "5 segments need dim >= 5"),
         (5 * 17, {}, r"gives 'embed' 17 outputs, which factor as \(k_rows, k_cols\) = \(1, 10\)"),
@@ -443,6 +444,60 @@ def test_a_batch_shape_that_maps_other_weights_is_an_error():
         export_gradients(
             loss_fn, [({"w": _normal(r, D, C)}, 1.0)], [short[:2], long[:2]], projection=proj, progress=False
         )
+
+
+def adam_preconditioned(grads: list[list[np.ndarray]], layout: list, nu: list, step: float, b2: float, eps: float):
+    """Per example its gradients preconditioned as "adam" with a Kronecker projection: a mapped weight's G
+    by the rank-one r c^T / sum(r) of v_hat (G * sqrt(s / r) / sqrt(c), eps left out), the others exactly."""
+    v_hats = [np.asarray(v, np.float64) / (1 - b2**step) for v in nu]
+    out = []
+    for g in grads:
+        parts = []
+        for segment, gj, v in zip(layout, g, v_hats, strict=True):
+            if isinstance(segment, dict):
+                v = v.reshape(segment["rows"], segment["cols"])
+                r, c = v.sum(1), v.sum(0)
+                parts.append(gj.reshape(v.shape) * np.sqrt(r.sum() / r)[:, None] / np.sqrt(c)[None, :])
+            else:
+                parts.append(gj / (np.sqrt(v) + eps))
+        out.append(parts)
+    return out
+
+
+def test_adam_scales_mapped_weights_by_the_rank_one_factorisation_and_other_leaves_exactly(x64):
+    optax = pytest.importorskip("optax")
+    b1, b2, eps = 0.8, 0.95, 1e-6
+    r = np.random.default_rng(13)
+    inputs, labels, lengths = _tokens(r, 8, 5)
+    params, opt = mlp_params(r), optax.adam(0.05, b1=b1, b2=b2, eps=eps)
+    state, checkpoints = opt.init(params), []
+    mean_grad = jax.jit(jax.grad(lambda p: mlp_loss(p, inputs, labels).mean()))
+    for lr, steps in ((0.05, 2), (0.02, 3)):
+        for _ in range(steps):
+            updates, state = opt.update(mean_grad(params), state, params)
+            params = optax.apply_updates(params, updates)
+        checkpoints.append((params, lr, state))
+    proj = tracin.Projection(5 * 12, 14, per_layer=True, kronecker=True)
+    g = export_gradients(
+        mlp_loss,
+        checkpoints,
+        (inputs, labels),
+        projection=proj,
+        preconditioner="adam",
+        preconditioner_options={"b1": b1, "b2": b2, "eps": eps},
+        batch_size=3,
+        progress=False,
+    )
+    meta = g.metadata
+    assert meta["preconditioner"]["kind"] == "adam" and "rank-one" in meta["preconditioner"]["factored"]
+    assert meta["projection"]["segments"] == MLP_LAYOUT and len(meta["fingerprints"]["optimizer_states"]) == 2
+    for c, (p, _, st) in enumerate(checkpoints):
+        adam = next(x for x in st if isinstance(x, optax.ScaleByAdamState))
+        nu, step = jax.tree_util.tree_leaves(adam.nu), float(adam.count)
+        grads = adam_preconditioned(example_grads(mlp_loss, p, inputs, labels, lengths), MLP_LAYOUT, nu, step, b2, eps)
+        assert_rows_close(g.matrices[c], projected_reference(proj, MLP_LAYOUT, grads))
+    plain = export_gradients(mlp_loss, checkpoints, (inputs, labels), projection=proj, progress=False)
+    assert not np.allclose(plain.matrices[1], g.matrices[1], rtol=1e-2)  # the preconditioner changed the rows
 
 
 def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 from .._export.driver import Options, check_store, export
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
-from .._export.preconditioner import adam_settings
+from .._export.preconditioner import adam_settings, check_preconditioner
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from ..gradients import FactoredGradients, Gradients
@@ -73,17 +73,16 @@ def export_gradients(
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
-        Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full", no preconditioner;
-        language models): every chosen weight whose one use in the loss is a dot_general (x @ W,
-        W @ x, einsum, Flax DenseGeneral kernels contracted on their first or last axes) or a lookup
-        of the rows of a 2-D leaf by ids (W[ids], jnp.take, flax Embed), through transposes, dtype
-        casts and nested jit / remat / custom_jvp / custom_vjp calls, is projected per token,
-        sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's jaxpr run with taps, never forming its
-        per-example gradient; the other chosen leaves (biases, norms, weights used twice or inside
-        scan / while / cond: one warning) are computed in full and projected flat.
-        metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols) in the leaf's own
-        orientation), and Projection.apply(full rows, segments=that layout) gives the same rows.
-        tracin.jax.token_projection says more.
+        Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
+        every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
+        DenseGeneral kernels contracted on their first or last axes) or a lookup of the rows of a 2-D
+        leaf by ids (W[ids], jnp.take, flax Embed), through transposes, dtype casts and nested jit /
+        remat / custom_jvp / custom_vjp calls, is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T,
+        from the loss's jaxpr run with taps, never forming its per-example gradient; the other chosen
+        leaves (biases, norms, weights used twice or inside scan / while / cond: one warning) are
+        computed in full and projected flat. metadata["projection"]["segments"] is the layout
+        (LayerMatrix(rows, cols) in the leaf's own orientation), and Projection.apply(full rows,
+        segments=that layout) gives the same rows. tracin.jax.token_projection says more.
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
@@ -97,7 +96,9 @@ def export_gradients(
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
         score against test rows exported with None: LESS-style data selection); mode="full" only
-        (tracin.torch also takes "adam" factored). Every checkpoint then carries its optax state
+        (tracin.torch also takes "adam" factored). "adam" also works with a kronecker=True projection
+        through a rank-one factorisation of v for the weights projected per token (exact for a
+        rank-one v, an approximation for Adam). Every checkpoint then carries its optax state
         holding one ScaleByAdamState (see tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState).
     preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
@@ -125,21 +126,23 @@ def export_gradients(
     if preconditioner is not None and mode != "full":
         raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' in tracin.jax (mode={mode!r})")
     check_projection(projection, mode == "last_layer")
-    kronecker = _kronecker(projection, mode, preconditioner)
     dtype = _dtype_name(dtype)
     check_store(store)
     layers = as_patterns(layers) if layers is not None else None
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
-    plan, kron = BatchPlan(data, batch_size), projection if kronecker else None
+    kronecker = _kronecker(projection, mode, preconditioner, entries)
+    plan = BatchPlan(data, batch_size)
+    kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
+    if kronecker:  # taken per token by the adapter, the preconditioner folded into it
+        options = Options(mode, layers, dtype, store, progress)
+        return export(framework, entries, options, framework.compute_rows.recorded())
     options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)
-    if kronecker:
-        return export(framework, entries, options, [framework.compute_rows.recorded()])
     return export(framework, entries, options, row_transforms(projection, framework.segments))
 
 
-def _kronecker(projection: Any, mode: str, preconditioner: str | None) -> bool:
+def _kronecker(projection: Any, mode: str, preconditioner: str | None, entries: list) -> bool:
     """Whether `projection` is a Kronecker one (kronecker=True); ValueError for what it cannot go with."""
     if not getattr(projection, "kronecker", False):
         return False
@@ -147,11 +150,18 @@ def _kronecker(projection: Any, mode: str, preconditioner: str | None) -> bool:
         raise ValueError(
             f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
         )
-    if preconditioner is not None:
+    check_preconditioner(preconditioner, mode)
+    if preconditioner == "adam_update":
         raise ValueError(
-            f"preconditioner={preconditioner!r} with a kronecker=True projection is tracin.torch only for now; "
-            "in tracin.jax use a projection without kronecker (Projection(dim, per_layer=True))"
+            "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
+            "use preconditioner='adam', or a projection without kronecker"
         )
+    for c, entry in enumerate(entries):
+        if preconditioner and entry.optimizer is None:
+            raise ValueError(
+                f"checkpoints[{c}] has no optimizer state, which preconditioner={preconditioner!r} needs: give "
+                "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
+            )
     return True
 
 
@@ -188,9 +198,12 @@ class _JaxExport:
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
             self.layout = layout_of(self._first, layers)
-            if kronecker is not None:  # the projection, taken per token
-                self.compute_rows = KroneckerRows(loss_fn, self.layout, kronecker, self._first)
-                self.slot_dims, self.segments = [kronecker.dim], None
+            if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
+                projection, entries, adam = kronecker
+                self.compute_rows = KroneckerRows(loss_fn, self.layout, projection, self._first, entries, adam)
+                self.slot_dims, self.segments = [projection.dim], None
+                if adam is not None:
+                    self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
             else:
                 self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink (range check)
                 self.slot_dims, self.segments = [self.layout.dim], self.layout.widths
@@ -213,6 +226,8 @@ class _JaxExport:
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
+        if isinstance(self.compute_rows, KroneckerRows):
+            self.compute_rows.begin(index)
         return (*self.layout.split(params), params)
 
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:

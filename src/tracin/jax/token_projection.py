@@ -19,20 +19,27 @@ weights that cannot be mapped: used twice, inside scan / while / cond, in anothe
 warning names them), whose full per-example gradient is computed and projected flat. The result equals
 Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
 example of the first batch; batches of other shapes are traced again and must map the same weights.
-preconditioner= is tracin.torch only for now.
+
+preconditioner="adam" (as tracin.torch): a mapped weight uses the rank-one factorisation of v
+(tracin._export.rank_one): the columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c),
+once per checkpoint; the other leaves are preconditioned exactly, g / (sqrt(v_hat) + eps), before their
+projection.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._export.checkpoints import Checkpoint
+from .._export.preconditioner import Preconditioned
+from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .batches import Batch
@@ -40,6 +47,10 @@ from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
 from .per_example import _jit_cached, _one_example_loss, check_per_example
 
+_FACTORED_ADAM = (
+    "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
+    "other parameters: g / (sqrt(v_hat) + eps)"
+)
 CHECKED_ROWS = 2  # rows of the first batch checked against jax.grad when a custom rule is bypassed
 RTOL, ATOL = 1e-4, 1e-5  # |got - want| <= RTOL |want| + ATOL * (largest |want|)
 
@@ -61,8 +72,21 @@ class KroneckerRows:
     """(batch, projection.dim) float32 rows of the selected leaves' per-example gradients, projected
     segment by segment, the mapped weights per token. `prepare` (on the first batch) fixes the layout."""
 
-    def __init__(self, loss_fn: Callable, layout: ParamLayout, projection: Projection, params: Any):
+    def __init__(
+        self,
+        loss_fn: Callable,
+        layout: ParamLayout,
+        projection: Projection,
+        params: Any,
+        checkpoints: Sequence[Checkpoint],
+        adam: Mapping[str, float] | None,
+    ):
+        """checkpoints: the parsed checkpoints (their optimizer states, with `adam`); adam: Adam's b1, b2, eps
+        for preconditioner="adam", None for plain gradients."""
         self.loss_fn, self.layout, self.projection = loss_fn, layout, projection
+        self.checkpoints, self.adam = checkpoints, adam
+        self._checkpoint = 0  # the checkpoint being exported
+        self._built: tuple[int | None, list] = (None, [])  # (checkpoint, its factors) of _factors
         selected, arrays = layout.split(params)
         self._avals = _avals(selected), _avals(arrays)
         self.dtype = jnp.float64 if jnp.result_type(*selected) == jnp.float64 else jnp.float32
@@ -96,10 +120,12 @@ class KroneckerRows:
         self.plain = [k for k in range(len(shapes)) if k not in self.sites]
         self.widths = {k: int(np.prod(shapes[k], dtype=np.int64)) for k in self.plain}
         self._check_balanced()
-        self._factors = [
-            tuple(jnp.asarray(p, self.dtype) for p in self.projection.layer_factors(k, self.layers[k], self.dims[k]))
-            for k in self.mapped
-        ]
+        plain_params = [self.layout.describe()[k] for k in self.plain]
+        self._plain_adam = (
+            Preconditioned("adam", lambda c: self.checkpoints[c].optimizer.moments(plain_params), {})
+            if self.adam is not None and self.plain
+            else None
+        )
         splits = tuple(self.sites[k].split for k in self.mapped)
         key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, splits, jnp.dtype(self.dtype).name)
         self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, splits))
@@ -124,16 +150,42 @@ class KroneckerRows:
         segments = [self.layers[k].to_dict() if k in self.sites else self.widths[k] for k in range(len(self.dims))]
         return {**self.projection.to_dict(), "segments": segments}
 
-    def recorded(self) -> Recorded:
-        return _Layout(self)
+    def recorded(self) -> list[Recorded]:
+        """The row transforms the metadata records: the preconditioner (if any), then the projection."""
+        spec = {"kind": "adam", "factored": _FACTORED_ADAM, **(self.adam or {})}
+        adam = [Recorded("preconditioner", spec, self.projection.dim)]
+        return [*(adam if self.adam is not None else []), _Layout(self)]
 
-    # --- per batch ---
+    # --- per checkpoint and per batch ---
+
+    def begin(self, checkpoint: int) -> None:
+        """The rows that follow are of checkpoint `checkpoint` (whose optimizer state scales the factors)."""
+        self._checkpoint = checkpoint
+
+    def _factors(self) -> list[tuple[Any, Any]]:
+        """Per mapped weight (P_rows, P_cols) in the compute dtype, scaled with "adam" (built once per checkpoint)."""
+        key = self._checkpoint if self.adam is not None else 0
+        if self._built[0] != key:
+            paths = self.layout.describe()
+            moments = self.checkpoints[key].optimizer.moments([paths[k] for k in self.mapped]) if self.adam else None
+            factors = []
+            for j, k in enumerate(self.mapped):
+                layer = self.layers[k]
+                p_rows, p_cols = (
+                    np.asarray(p, np.float64) for p in self.projection.layer_factors(k, layer, self.dims[k])
+                )
+                if moments is not None:
+                    left, right = _scales(moments, j, False, layer.rows)
+                    p_rows, p_cols = p_rows * left, p_cols * right
+                factors.append((jnp.asarray(p_rows, self.dtype), jnp.asarray(p_cols, self.dtype)))
+            self._built = (key, factors)
+        return self._built[1]
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[list, Any]:
         """(per mapped weight its (batch, k_rows * k_cols) block, (batch, plain width) full rows), on the device."""
         mapped = [selected[k] for k in self.mapped]
         plain = [selected[k] for k in self.plain]
-        return self._rows(mapped, plain, arrays, self._factors, batch.inputs, batch.targets)
+        return self._rows(mapped, plain, arrays, self._factors(), batch.inputs, batch.targets)
 
     def to_host(self, computed: tuple[list, Any], count: int) -> np.ndarray:
         """The (count, dim) float32 rows: the mapped blocks in place, the plain leaves projected flat."""
@@ -143,6 +195,8 @@ class KroneckerRows:
             block = np.asarray(block)[:count]
             out[:, self.starts[k] : self.starts[k] + block.shape[1]] = block
         plain, col = np.asarray(plain)[:count], 0
+        if self._plain_adam is not None:
+            plain = self._plain_adam.apply(plain, self._checkpoint, 0)
         for k in self.plain:
             part = np.ascontiguousarray(plain[:, col : col + self.widths[k]])
             out[:, self.starts[k] : self.starts[k + 1]] = self.projection.project_segment(
@@ -164,7 +218,7 @@ class KroneckerRows:
         full = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))(selected, arrays, head.inputs, head.targets)
         bad = []
         for k in custom:
-            p_rows, p_cols = (np.asarray(p, np.float64) for p in self._factors[self.mapped.index(k)])
+            p_rows, p_cols = (np.asarray(p, np.float64) for p in self._factors()[self.mapped.index(k)])
             g = np.asarray(full[k], np.float64).reshape(rows, p_rows.shape[1], p_cols.shape[1])
             want = np.einsum("rR,nRC,cC->nrc", p_rows, g, p_cols).reshape(rows, -1)
             got = blocks[self.mapped.index(k)]
