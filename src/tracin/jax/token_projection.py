@@ -152,9 +152,10 @@ class KroneckerRows:
 
     def recorded(self) -> list[Recorded]:
         """The row transforms the metadata records: the preconditioner (if any), then the projection."""
-        spec = {"kind": "adam", "factored": _FACTORED_ADAM, **(self.adam or {})}
-        adam = [Recorded("preconditioner", spec, self.projection.dim)]
-        return [*(adam if self.adam is not None else []), _Layout(self)]
+        if self.adam is None:
+            return [_Layout(self)]
+        spec = {"kind": "adam", "factored": _FACTORED_ADAM, **self.adam}
+        return [Recorded("preconditioner", spec, self.projection.dim), _Layout(self)]
 
     # --- per checkpoint and per batch ---
 
