@@ -361,3 +361,37 @@ def test_written_gradients_add_to_a_strided_view(make, leaf, dtype):
     )
     assert torch.equal(rows[:, 0], before[:, 0]) and torch.equal(rows[:, 1 + width :], before[:, 1 + width :])
     torch.testing.assert_close(per_example_grad(layer, leaf, a, b_tokens), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dense_weight_gradients_in_strided_columns_have_the_same_bits_for_one_and_two_threads(kind):
+    # two threads form them in a contiguous temporary (batched gemm) and copy; one thread writes in place
+    hugging_face()
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40) if kind == "linear" else Conv1D(40, 48)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 33, 48, generator=g)
+    b = torch.randn(6, 33, 40, generator=g)
+    want = torch.stack(  # independent reference: float64 autograd of <b_i, layer(x_i)>, one example at a time
+        [torch.autograd.grad((layer.double()(x[i].double()) * b[i].double()).sum(), layer.weight)[0] for i in range(6)]
+    )
+    layer.float()
+    a, b_tokens = token_form(layer, Call(x, b), 6)
+    shape, width = tuple(layer.weight.shape), layer.weight.numel()
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            rows = torch.full((6, width + 5), 7.0)
+            write_per_example_grad(layer, "weight", a, b_tokens, rows[:, 2 : 2 + width].view(6, *shape), False)
+            results.append(rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(results[0][:, :2], torch.full((6, 2), 7.0)) and torch.equal(
+        results[0][:, 2 + width :], torch.full((6, 3), 7.0)
+    )
+    torch.testing.assert_close(results[0][:, 2 : 2 + width].view(6, *shape).double(), want, rtol=1e-5, atol=1e-5)

@@ -125,10 +125,20 @@ def _dense_write(weight_is_out_by_in: bool):
         left, right = (b.transpose(1, 2), a) if weight_is_out_by_in else (a.transpose(1, 2), b)
         if accumulate:
             out.baddbmm_(left, right)
+        elif _batched_gemm_pays(out):
+            out.copy_(torch.bmm(left, right))
         else:
             torch.bmm(left, right, out=out)
 
     return write
+
+
+def _batched_gemm_pays(out: torch.Tensor) -> bool:
+    """Whether to form a CPU bmm in a contiguous temporary and copy it into `out` (strided columns):
+    there, bmm runs the batched gemm, its examples spread over the threads, where a strided result
+    gets one small gemm per example that a second thread does not speed up. Same bits either way; the
+    copy costs more than it saves with one thread."""
+    return out.device.type == "cpu" and torch.get_num_threads() > 1 and not out.is_contiguous()
 
 
 def _sum_tokens(t: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
