@@ -61,11 +61,10 @@ def test_corpus_passages_state_their_facts():
     assert np.array_equal(again.passages, corpus.passages)  # seeded
 
 
-def test_exports_every_variant_at_the_shared_dim_and_the_sweep_for_adam_alone():
+def test_exports_every_variant_at_the_shared_dim_and_the_comparisons_for_adam_alone():
     got = contenders.exports(16, sweep_dims=(16, 64, 256))
     assert [(e.preconditioner, e.projection, e.dim) for e in got] == [
         (None, "kronecker", 16),
-        (None, "sparse", 16),
         ("adam", "kronecker", 16),
         ("adam", "sparse", 16),
         ("adam", "kronecker", 64),
@@ -112,7 +111,7 @@ def test_quick_run_has_every_contender(quick_run):
         for normalize in (False, True)
     }
     assert set(payload["contenders"]) == expected
-    assert len(expected) == 2 + 2 * (2 * (2 + 1) + len(config["sweep_dims"]))
+    assert len(expected) == 2 + 2 * (2 * 2 + 1 + len(config["sweep_dims"]))
     exact = payload["contenders"]["tracin plain, exact"]
     assert exact["dim"] == payload["gradient_parameters"] > 0  # exact gradients: one entry per chosen parameter
     for name, r in payload["contenders"].items():

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "torch" not in sys.modules:
         # OpenMP workers that sleep at a barrier instead of spinning: on a machine other processes load, two
-        # spinning torch threads trained 8-15x slower than one; sleeping ones about as fast as one.
+        # spinning torch threads trained 6-15x slower than one; sleeping ones about as fast as one.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-fact-tracing-quick-")) if args.quick else RESULTS_DIR)
     name = "fact_tracing_quick" if args.quick else "fact_tracing"

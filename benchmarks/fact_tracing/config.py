@@ -11,9 +11,9 @@ from .training import TrainSpec
 @dataclass(frozen=True)
 class Config:
     """layers: the parameters TracIn uses (globs of export_gradients); dim: the projected dim at which every
-    TracIn variant is measured, with both projections; sweep_dims: further dims of the sweep (the Kronecker
-    projection of contenders.SWEEP_PRECONDITIONER alone), each a multiple of 4 x a square, so every MLP
-    layer's Kronecker share factors as k x k; exact: also the unprojected gradients; timing_rows: training
+    TracIn variant is measured (contenders.exports); sweep_dims: further dims of the Kronecker projection of
+    contenders.SWEEP_PRECONDITIONER alone; each dim a multiple of 4 x a square, so every MLP layer's Kronecker
+    share factors as k x k; exact: also the unprojected gradients; timing_rows: training
     passages each export / scoring timing covers, timed `repeats` times after `warmup` untimed calls (the
     median is reported)."""
 
@@ -35,12 +35,13 @@ class Config:
 
 
 # 15 minutes on a loaded 2-core machine. Training: batch 64 (more steps per epoch learn the facts in fewer
-# epochs than larger batches at a scaled rate). Exports cost the same at every dim (the model's passes dominate),
-# so every variant and projection at one dim and the sweep over dims for the Adam exports alone. No exact
-# gradients (66 176 per passage and checkpoint: 21 GB for 27 000 passages).
+# epochs than larger batches at a scaled rate). An export costs about the same at every Kronecker dim (the model's
+# passes dominate) and the flat sparse projection twice that, so every variant at one dim with the Kronecker
+# projection, and Adam's export alone also flat and at the larger dims. No exact gradients (66 176 per passage and
+# checkpoint: 21 GB for 27 000 passages).
 FULL = Config(
     CorpusSpec(entities=3000, passages_per_fact=3),
-    TrainSpec(epochs=15, width=64, batch_size=64, learning_rate=8e-3),
+    TrainSpec(epochs=14, width=64, batch_size=64, learning_rate=8e-3),
     queries=500,
     dim=1024,
     sweep_dims=(4096, 16384),

@@ -13,8 +13,8 @@ from .training import Checkpoint, token_loss
 
 PRECONDITIONERS = (None, "adam")
 PROJECTIONS = ("kronecker", "sparse")  # per-token Kronecker factors; the flat sparse map of full rows
-# The preconditioner whose exports the dim sweep repeats (its gradients give both the adam and the adam + cosine
-# contenders: the best TracIn variants of every earlier run at every dim and projection).
+# The preconditioner whose exports the projection comparison and the dim sweep repeat (its gradients give both the
+# adam and the adam + cosine contenders: the best TracIn variants of every earlier run at every dim and projection).
 SWEEP_PRECONDITIONER = "adam"
 
 
@@ -41,13 +41,15 @@ class Export:
 
 
 def exports(dim: int, sweep_dims: tuple[int, ...] = (), exact: bool = False) -> list[Export]:
-    """Every export of a run: each preconditioner with each projection at the shared `dim` (plus exact
-    gradients if `exact`), then SWEEP_PRECONDITIONER's Kronecker projection at each of `sweep_dims`."""
+    """Every export of a run: each preconditioner's Kronecker projection at the shared `dim` (plus exact
+    gradients if `exact`), then SWEEP_PRECONDITIONER's flat sparse projection at `dim` and Kronecker one at
+    each of `sweep_dims`."""
     out = []
     for pre in PRECONDITIONERS:
-        out += [Export(pre, kind, dim) for kind in PROJECTIONS]
+        out.append(Export(pre, "kronecker", dim))
         if exact:
             out.append(Export(pre, "exact", None))
+    out.append(Export(SWEEP_PRECONDITIONER, "sparse", dim))
     return out + [Export(SWEEP_PRECONDITIONER, "kronecker", d) for d in sweep_dims if d != dim]
 
 
