@@ -70,6 +70,10 @@ def test_exports_every_variant_at_the_shared_dim_and_the_comparisons_for_adam_al
         ("adam", "kronecker", 64),
         ("adam", "kronecker", 256),
     ]
+    assert contenders.grid(16, (16, 64, 256)) == (
+        "every preconditioner (None, adam) with the Kronecker projection at 16; adam alone also with the flat "
+        "sparse projection at 16 and the Kronecker one at 64, 256; each export scored plain and cosine (normalize=True)"
+    )
     assert [(e.preconditioner, e.projection) for e in contenders.exports(16, exact=True) if e.dim is None] == [
         (None, "exact"),
         ("adam", "exact"),

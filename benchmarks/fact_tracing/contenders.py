@@ -53,6 +53,18 @@ def exports(dim: int, sweep_dims: tuple[int, ...] = (), exact: bool = False) -> 
     return out + [Export(SWEEP_PRECONDITIONER, "kronecker", d) for d in sweep_dims if d != dim]
 
 
+def grid(dim: int, sweep_dims: tuple[int, ...] = (), exact: bool = False) -> str:
+    """In words, which exports `exports` makes (saved with the results)."""
+    sweep = ", ".join(str(d) for d in sweep_dims if d != dim)
+    return (
+        f"every preconditioner ({', '.join(str(p) for p in PRECONDITIONERS)}) with the Kronecker projection at {dim}"
+        + (" and exact" if exact else "")
+        + f"; {SWEEP_PRECONDITIONER} alone also with the flat sparse projection at {dim}"
+        + (f" and the Kronecker one at {sweep}" if sweep else "")
+        + "; each export scored plain and cosine (normalize=True)"
+    )
+
+
 def variant_name(export: Export, normalize: bool) -> str:
     """ "tracin plain", "tracin adam", "tracin cosine", "tracin adam+cosine", then the gradient label."""
     kind = "+".join([p for p in (export.preconditioner, "cosine" if normalize else None) if p]) or "plain"

@@ -172,6 +172,7 @@ def run(config: Config, threads: int, log: Callable[[str], None]) -> dict:
         "gradient_parameters": sum(
             p.numel() for n, p in model.named_parameters() if any(fnmatchcase(n, g) for g in config.layers)
         ),
+        "grid": contenders.grid(config.dim, config.sweep_dims, config.exact),
         "timing_rows": timing.stop - timing.start,
         "contenders": results,
         "seconds": time.perf_counter() - t_start,
