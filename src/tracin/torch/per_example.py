@@ -18,11 +18,12 @@ from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
 
-# On the CPU a batch goes through the hooks in passes of about this many bytes of captured layer inputs
-# and output gradients: elementwise work on smaller activations stays nearer the caches (GPT-2 / BERT,
-# width 64, 128 tokens: passes of 16-32 sequences 1.15-1.2x faster than one of 64, one thread;
-# benchmarks/transformer_export). Other devices take the batch in one pass.
-_PASS_BYTES = 32 * 2**20
+# On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
+# inputs and output gradients, which bounds a pass's memory. Fewer, larger passes are faster: against
+# passes of 32 MiB (width-64 GPT-2 / BERT, benchmarks/transformer_export, medians of interleaved runs),
+# 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and 1.01-1.08x with one;
+# 256 MiB gains 1-2% more. Other devices take the batch in one pass.
+_PASS_BYTES = 128 * 2**20
 
 
 class PerExampleGradients:
