@@ -12,8 +12,9 @@ sequence length of --tokens.
 
 The ceiling: "batched_pass" is one forward and backward pass of the whole batch's summed losses down
 to the input embeddings, with no parameter gradient at all, the least any batched method computes
-("batched_pass_by_16": the same in passes of 16 sequences, as tracin's hook path also splits a batch
-on the CPU); the faster of the two over the loop ("ceiling_vs_loop") bounds what batching can gain.
+("batched_pass_by_16": the same in passes of 16 sequences, smaller activations nearer the caches; tracin's
+hook path splits a batch on the CPU in passes of at most ~128 MiB of captured tensors); the faster of
+the two over the loop ("ceiling_vs_loop") bounds what batching can gain.
 FLOPs (matmul, bmm, attention; torch.utils.flop_counter) of each contender, and a large sgemm's rate,
 give the achieved GFLOP/s: the loop and tracin do the same FLOPs (forward, input gradients, one
 outer-product sum per layer and example), so the speedup comes only from running them at a higher rate.
@@ -52,6 +53,7 @@ def main() -> None:
     import transformers
 
     malloc_kept = _keep_freed_memory()
+    load_at_start = os.getloadavg()
     runs, sgemm = [], {}
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -68,6 +70,7 @@ def main() -> None:
         "args": vars(args),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
         "malloc_keeps_freed_memory": malloc_kept,
         "sgemm_gflops_by_threads": sgemm,
