@@ -195,8 +195,8 @@ def test_padding_tokens_add_nothing(x64):
 
 
 def lookup_params(r):
-    """tok (VOCAB, D) rows by token id, pos (D, T) columns by position, typ (TYPES, D) rows by type id
-    (ids out of range take no gradient), head (C, D)."""
+    """tok (VOCAB, D) rows by token id, pos (D, T) columns by position, typ (TYPES, D) rows by type id, head
+    (C, D); ids out of range take no gradient (tok's plain W[ids] too, though its forward clamps them)."""
     return {"head": _normal(r, C, D), "pos": _normal(r, D, 7), "tok": _normal(r, VOCAB, D), "typ": _normal(r, TYPES, D)}
 
 
@@ -216,7 +216,7 @@ def test_lookups_of_rows_and_columns_by_ids(x64):
     params = [lookup_params(r), lookup_params(r)]
     inputs, labels, lengths = _tokens(r, 8, 7)
     inputs = {
-        "ids": r.integers(0, VOCAB, labels.shape),
+        "ids": r.integers(0, VOCAB + 1, labels.shape),  # VOCAB (a padding id) out of range, on unmasked tokens
         "types": r.integers(0, TYPES + 2, labels.shape),  # TYPES and TYPES + 1 out of range
         "mask": inputs["mask"],
     }

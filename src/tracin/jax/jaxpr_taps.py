@@ -171,7 +171,7 @@ def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple, custom: bool) -> 
     ):
         return "used in a gather that is not a lookup of whole rows of a matrix by ids"
     out = eqn.outvars[0].aval
-    clip = mode != GatherScatterMode.FILL_OR_DROP  # CLIP and PROMISE_IN_BOUNDS clamp the ids
+    clip = mode == GatherScatterMode.CLIP  # only CLIP's gradient clamps: jax.grad drops other out-of-range ids
     return Site(path, True, 0, 1, axes[axis], (), (dn.offset_dims[0],), out.shape, out.dtype, clip, custom)
 
 
