@@ -356,17 +356,6 @@ def test_bad_combinations_are_clear_errors():
     assert np.count_nonzero(rows.matrices[0][:, 60:]) == 0 and np.all(np.abs(rows.matrices[0][:, :60]).max(0) > 0)
 
 
-def test_jax_refuses_kronecker_projections():
-    pytest.importorskip("jax")
-    from tracin.jax import export_gradients as jax_export
-
-    proj = tracin.Projection(8, per_layer=True, kronecker=True)
-    with pytest.raises(NotImplementedError, match="kronecker=True is not available in tracin.jax"):
-        jax_export(
-            lambda p, x, y: x, [({"w": np.zeros(2, np.float32)}, 1.0)], (np.zeros((2, 2)), np.zeros(2)), projection=proj
-        )
-
-
 def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
     class TimeFirst(TokenModel):
         def forward(self, ids):
