@@ -366,8 +366,8 @@ def test_weights_used_twice_or_in_a_scan_are_projected_flat_with_one_warning(x64
         assert_rows_close(g.matrices[c], want)
 
 
-def _scaled_matmul(scale: float):
-    """x @ w with a custom_vjp whose weight gradient is `scale` times the true one."""
+def _reversing_matmul():
+    """x @ w with a custom_vjp whose rule reverses the input's gradient and doubles the weight's."""
 
     @jax.custom_vjp
     def matmul(x, w):
@@ -378,33 +378,34 @@ def _scaled_matmul(scale: float):
 
     def bwd(res, g):
         x, w = res
-        return g @ w.T, scale * jnp.einsum("...i,...o->io", x, g)
+        return -(g @ w.T), 2 * jnp.einsum("...i,...o->io", x, g)
 
     matmul.defvjp(fwd, bwd)
     return matmul
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0])
-def test_a_custom_vjp_rule_that_changes_the_gradient_is_an_error(x64, scale):
+def test_a_weight_inside_a_custom_vjp_function_is_projected_flat_and_its_rule_kept(x64):
+    """The rule changes both inputs' gradients: the upstream weight 'in' (mapped) gets the reversed gradient
+    through it, 'w' (inside it: one warning) the doubled one, as jax.grad gives them."""
     r = np.random.default_rng(5)
-    matmul = _scaled_matmul(scale)
-    params = [{"w": _normal(r, D, C)}, {"w": _normal(r, D, C)}]
+    matmul = _reversing_matmul()
+    params = [{"in": _normal(r, D, H), "w": _normal(r, H, C)} for _ in range(2)]
     inputs, labels, lengths = _tokens(r, 5, 4)
 
     def loss_fn(p, i, y):
-        return _token_ce(matmul(i["x"], p["w"]), y, i["mask"])
+        return _token_ce(matmul(jnp.tanh(i["x"] @ p["in"]), p["w"]), y, i["mask"])
 
-    proj = tracin.Projection(12, 7, per_layer=True, kronecker=True)
-    if scale != 1.0:
-        with pytest.raises(ValueError, match=r"\['w'\] disagree with jax.grad.*custom_vjp"):
-            _export(loss_fn, params, (inputs, labels), proj)
-        return
-    g = _export(loss_fn, params, (inputs, labels), proj)
-    layout = [LayerMatrix(D, C).to_dict()]
+    proj = tracin.Projection(2 * 16, 7, per_layer=True, kronecker=True)
+    with pytest.warns(UserWarning) as record:
+        g = _export(loss_fn, params, (inputs, labels), proj)
+    messages = [str(w.message) for w in record if "kronecker" in str(w.message)]
+    assert len(messages) == 1 and "'w': used inside a custom_vjp function" in messages[0]
+    layout = [LayerMatrix(D, H).to_dict(), H * C]
     assert g.metadata["projection"]["segments"] == layout
-    assert_rows_close(
-        g.matrices[1], projected_reference(proj, layout, example_grads(loss_fn, params[1], inputs, labels, lengths))
-    )
+    for c, p in enumerate(params):
+        assert_rows_close(
+            g.matrices[c], projected_reference(proj, layout, example_grads(loss_fn, p, inputs, labels, lengths))
+        )
 
 
 def _mean_loss(p, inputs, labels):

@@ -77,10 +77,10 @@ def export_gradients(
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
         DenseGeneral kernels contracted on their first or last axes) or a lookup of the rows of a 2-D
         leaf by ids (W[ids], jnp.take, flax Embed), through transposes, dtype casts and nested jit /
-        remat / custom_jvp / custom_vjp calls, is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T,
-        from the loss's jaxpr run with taps, never forming its per-example gradient; the other chosen
-        leaves (biases, norms, weights used twice or inside scan / while / cond: one warning) are
-        computed in full and projected flat. metadata["projection"]["segments"] is the layout
+        remat calls, is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's jaxpr
+        run with taps, never forming its per-example gradient; the other chosen leaves (biases, norms,
+        weights used twice, inside scan / while / cond or a custom_jvp / custom_vjp function: one
+        warning) are computed in full and projected flat. metadata["projection"]["segments"] is the layout
         (LayerMatrix(rows, cols) in the leaf's own orientation), and Projection.apply(full rows,
         segments=that layout) gives the same rows. tracin.jax.token_projection says more.
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
@@ -235,8 +235,6 @@ class _JaxExport:
         check_per_example(self.loss_fn, self.layout, selected, arrays, batch)
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.check_layer_input(params, batch)
-        if isinstance(self.compute_rows, KroneckerRows):
-            self.compute_rows.check(selected, arrays, batch)
 
     def compute(self, state: tuple[list, list, Any], batch: Batch) -> Any:
         return self.compute_rows(state[0], state[1], batch)

@@ -1,16 +1,17 @@
 """Where a loss uses its weights, read off its jaxpr, and the jaxpr run again with taps there.
 
 `find_sites` follows each candidate weight (an input of the jaxpr) through the views that keep it the
-same matrix (transpose, convert_element_type, copy) and through nested calls (jit, closed_call, remat,
-custom_jvp_call, custom_vjp_call), and maps it when its one use is
+same matrix (transpose, convert_element_type, copy) and through nested calls (jit, closed_call, remat),
+and maps it when its one use is
 - a `dot_general` contracting its first or its last axes with the other operand (the activation, its
   other axes "tokens") with no batch dimensions, or
 - a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
 `run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped eqn and returns
 the activations (ids for a lookup) it saw: the gradient w.r.t. a zero perturbation is the output gradient
 of every token, so a weight's gradient is sum_t a_t b_t^T without being formed. Calls holding a mapped
-site are evaluated inline (the derivative of a custom_jvp / custom_vjp function holding one is then
-the derivative of its primal: `Site.custom` says so); everything else is bound unchanged.
+site are evaluated inline; everything else is bound unchanged. A weight passed to a custom_jvp /
+custom_vjp function is never mapped: inlining the function would bypass its rule, for the gradients of
+every input (an upstream weight's too), so the function is bound whole and its rule kept.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ class Site:
     matrix side, 0 (rows) or 1 (columns), met by the activation (or indexed by the ids); act_axes: the
     activation's axes on that side, in the leaf's axis order (() for ids); out_axes: the output's axes
     on the weight's other side, in the leaf's axis order; out_shape / out_dtype: the output; clip:
-    out-of-range ids are clamped (else they take no gradient); custom: inside a custom_jvp / custom_vjp
-    call (its rule is bypassed)."""
+    out-of-range ids are clamped (else they take no gradient)."""
 
     path: tuple[int, ...]
     lookup: bool
@@ -49,13 +49,12 @@ class Site:
     out_shape: tuple[int, ...]
     out_dtype: Any
     clip: bool
-    custom: bool
 
 
 def inner_jaxpr(eqn: Any) -> tuple[Jaxpr, Sequence[Any]] | None:
     """(jaxpr, consts) of a call eqn whose inputs and outputs map one to one onto its jaxpr's, else None."""
     name = eqn.primitive.name
-    if name not in _CALLS + _CUSTOM:
+    if name not in _CALLS:
         return None
     inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
     jaxpr, consts = (inner.jaxpr, inner.consts) if isinstance(inner, ClosedJaxpr) else (inner, ())
@@ -72,7 +71,7 @@ def find_sites(closed: ClosedJaxpr, candidates: Mapping[int, Any]) -> tuple[dict
     jaxpr = closed.jaxpr
     origin = {jaxpr.invars[i]: (key, tuple(range(len(jaxpr.invars[i].aval.shape)))) for i, key in candidates.items()}
     uses: dict[Any, list[Site | _Bad]] = {key: [] for key in candidates.values()}
-    _walk(jaxpr, origin, (), False, uses)
+    _walk(jaxpr, origin, (), uses)
     sites, reasons = {}, {}
     for key, found in uses.items():
         bad = [u for u in found if isinstance(u, _Bad)]
@@ -95,7 +94,7 @@ class _Bad:
     loud: bool
 
 
-def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], custom: bool, uses: dict) -> None:
+def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], uses: dict) -> None:
     """Records in `uses` every use of a var in `origin` (var -> (key, leaf axis of each of its axes)) within
     `jaxpr`."""
     for i, eqn in enumerate(jaxpr.eqns):
@@ -109,13 +108,16 @@ def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], custom: bool, use
             origin[eqn.outvars[0]] = (key, tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes)))))
         elif name == "dot_general":
             for k, (key, axes) in ins:
-                uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path, custom)))
+                uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path)))
         elif name == "gather" and [k for k, _ in ins] == [0]:
             key, axes = ins[0][1]
-            uses[key].append(_loud(_lookup_site(eqn, axes, path, custom)))
+            uses[key].append(_loud(_lookup_site(eqn, axes, path)))
+        elif name in _CUSTOM:
+            for _, (key, _) in ins:
+                uses[key].append(_Bad(f"used inside a {name.split('_call')[0]} function, whose rule is kept", True))
         elif inner is not None:
             sub, _ = inner
-            _walk(sub, {sub.invars[k]: o for k, o in ins}, path, custom or name in _CUSTOM, uses)
+            _walk(sub, {sub.invars[k]: o for k, o in ins}, path, uses)
         else:
             loud = any(True for _ in jaxprs_in_params(eqn.params))  # scan, while, cond...
             for _, (key, _) in ins:
@@ -129,7 +131,7 @@ def _loud(site: Site | str) -> Site | _Bad:
     return site if isinstance(site, Site) else _Bad(site, True)
 
 
-def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tuple, custom: bool) -> Site | str:
+def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tuple) -> Site | str:
     """The Site of a dot_general whose operand k is a weight view (its axes are the leaf's `axes`), or why
     it cannot be mapped: the contracted leaf axes must be its first or its last ones."""
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
@@ -149,10 +151,10 @@ def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tup
     out_axes = tuple(first + j for _, j in sorted((axes[a], j) for j, a in enumerate(free)))
     contract = 0 if leaf_contract[0] == 0 else 1
     split = len(mine) if contract == 0 else n - len(mine)
-    return Site(path, False, k, split, contract, act_axes, out_axes, out.shape, out.dtype, False, custom)
+    return Site(path, False, k, split, contract, act_axes, out_axes, out.shape, out.dtype, False)
 
 
-def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple, custom: bool) -> Site | str:
+def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple) -> Site | str:
     """The Site of a gather of whole rows (or columns) of a 2-D weight view by ids, or why it is not one."""
     dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
     shape, ids = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
@@ -172,7 +174,7 @@ def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple, custom: bool) -> 
         return "used in a gather that is not a lookup of whole rows of a matrix by ids"
     out = eqn.outvars[0].aval
     clip = mode == GatherScatterMode.CLIP  # only CLIP's gradient clamps: jax.grad drops other out-of-range ids
-    return Site(path, True, 0, 1, axes[axis], (), (dn.offset_dims[0],), out.shape, out.dtype, clip, custom)
+    return Site(path, True, 0, 1, axes[axis], (), (dn.offset_dims[0],), out.shape, out.dtype, clip)
 
 
 def run_tapped(

@@ -15,8 +15,9 @@ P_rows instead of multiplying by a one-hot). A token whose output gradient is ze
 masks) adds nothing. The layout is one segment per chosen leaf in PARAM_ORDER: LayerMatrix(rows, cols)
 in the leaf's own orientation for each mapped weight (a Flax kernel (in, out) is in x out, a
 torch-layout (out, in) weight out x in), its plain width for every other leaf (biases, norms, and
-weights that cannot be mapped: used twice, inside scan / while / cond, in another dot_general; one
-warning names them), whose full per-example gradient is computed and projected flat. The result equals
+weights that cannot be mapped: used twice, inside scan / while / cond or a custom_jvp / custom_vjp
+function (whose rule is kept), in another dot_general; one warning names them), whose full per-example
+gradient is computed and projected flat. The result equals
 Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
 example of the first batch; batches of other shapes are traced again and must map the same weights.
 
@@ -51,8 +52,6 @@ _FACTORED_ADAM = (
     "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
     "other parameters: g / (sqrt(v_hat) + eps)"
 )
-CHECKED_ROWS = 2  # rows of the first batch checked against jax.grad when a custom rule is bypassed
-RTOL, ATOL = 1e-4, 1e-5  # |got - want| <= RTOL |want| + ATOL * (largest |want|)
 
 
 def _avals(tree: Any, strip: int = 0) -> Any:
@@ -205,34 +204,6 @@ class KroneckerRows:
             )
             col += self.widths[k]
         return out
-
-    def check(self, selected: list, arrays: list, batch: Batch) -> None:
-        """ValueError naming the mapped weights inside a custom_jvp / custom_vjp function whose rows on the
-        first rows differ from jax.grad's gradients (the custom rule, bypassed, changes them)."""
-        custom = [k for k in self.mapped if self.sites[k].custom]
-        if not custom:
-            return
-        rows = min(CHECKED_ROWS, batch.count)
-        head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
-        blocks = [np.asarray(b, np.float64) for b in self(selected, arrays, head)[0]]
-        one = _one_example_loss(self.loss_fn, self.layout)
-        full = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0))(selected, arrays, head.inputs, head.targets)
-        bad = []
-        for k in custom:
-            p_rows, p_cols = (np.asarray(p, np.float64) for p in self._factors()[self.mapped.index(k)])
-            g = np.asarray(full[k], np.float64).reshape(rows, p_rows.shape[1], p_cols.shape[1])
-            want = np.einsum("rR,nRC,cC->nrc", p_rows, g, p_cols).reshape(rows, -1)
-            got = blocks[self.mapped.index(k)]
-            scale = max(np.abs(want).max(), 1e-30)
-            if not np.all(np.abs(got - want) <= RTOL * np.abs(want) + ATOL * scale):
-                bad.append(self.layout.describe()[k][0])
-        if bad:
-            raise ValueError(
-                f"projection with kronecker=True: the per-token gradients of {bad} disagree with jax.grad on the "
-                "first rows: they are used inside a custom_jvp / custom_vjp function whose rule changes their "
-                "gradient. Export them without kronecker (Projection(dim, per_layer=True)) or leave them out "
-                "of layers="
-            )
 
 
 class _Layout(Recorded):
