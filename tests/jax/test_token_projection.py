@@ -366,6 +366,44 @@ def test_weights_used_twice_or_in_a_scan_are_projected_flat_with_one_warning(x64
         assert_rows_close(g.matrices[c], want)
 
 
+def _reshaped_dot(w, x):
+    return x @ w.reshape(D, 2, H // 2).reshape(D, H)
+
+
+def _conv(w, x):  # w (3, D, H): a 1-D convolution kernel (width, in, out) over the tokens
+    return jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@pytest.mark.parametrize(
+    "use, shape, why",
+    [
+        (_reshaped_dot, (D, H), "passed through reshape before a dot_general"),
+        (lambda w, x: x @ (2.0 * w), (D, H), "used by mul"),
+        (_conv, (3, D, H), "used by conv_general_dilated"),
+    ],
+    ids=["reshape_then_dot", "scaled_then_dot", "conv"],
+)
+def test_an_unmapped_weight_of_two_or_more_axes_is_named_in_the_one_warning(x64, use, shape, why):
+    r = np.random.default_rng(12)
+    params = [{"head": _normal(r, C, H), "w": _normal(r, *shape)} for _ in range(2)]
+    inputs, labels, lengths = _tokens(r, 5, 4)
+
+    def loss_fn(p, i, y):
+        return _token_ce(jnp.tanh(use(p["w"], i["x"])) @ p["head"].T, y, i["mask"])
+
+    proj = tracin.Projection(2 * 16, 3, per_layer=True, kronecker=True)
+    with pytest.warns(UserWarning) as record:
+        g = _export(loss_fn, params, (inputs, labels), proj)
+    messages = [str(w.message) for w in record if "kronecker" in str(w.message)]
+    assert len(messages) == 1 and f"'w': {why}" in messages[0] and "'head'" not in messages[0]
+    layout = [LayerMatrix(C, H).to_dict(), int(np.prod(shape))]
+    assert g.metadata["projection"]["segments"] == layout
+    for c, p in enumerate(params):
+        assert_rows_close(
+            g.matrices[c], projected_reference(proj, layout, example_grads(loss_fn, p, inputs, labels, lengths))
+        )
+
+
 def _reversing_matmul():
     """x @ w with a custom_vjp whose rule reverses the input's gradient and doubles the weight's."""
 

@@ -6,6 +6,8 @@ and maps it when its one use is
 - a `dot_general` contracting its first or its last axes with the other operand (the activation, its
   other axes "tokens") with no batch dimensions, or
 - a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
+Any other use is a reason it is not mapped (used twice, reshaped or scaled before its matmul, a
+convolution, inside scan / while / cond...), except a bias's: additions after reshapes and broadcasts.
 `run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped eqn and returns
 the activations (ids for a lookup) it saw: the gradient w.r.t. a zero perturbation is the output gradient
 of every token, so a weight's gradient is sum_t a_t b_t^T without being formed. Calls holding a mapped
@@ -24,6 +26,8 @@ from jax.extend.core import ClosedJaxpr, Jaxpr, Literal, Var, jaxprs_in_params
 from jax.lax import GatherScatterMode
 
 _VIEWS = ("transpose", "convert_element_type", "copy", "copy_p")
+_RESHAPES = ("reshape", "broadcast_in_dim", "squeeze")
+_ADDS = ("add", "sub", "add_any")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CUSTOM = ("custom_jvp_call", "custom_vjp_call")
 
@@ -64,71 +68,81 @@ def inner_jaxpr(eqn: Any) -> tuple[Jaxpr, Sequence[Any]] | None:
 
 
 def find_sites(closed: ClosedJaxpr, candidates: Mapping[int, Any]) -> tuple[dict[Any, Site], dict[Any, str]]:
-    """(sites, reasons): per candidate key its Site when mapped, else, for a weight-like candidate (one that
-    meets a dot_general, a gather or a primitive holding jaxprs such as scan), why not. The others (a 2-D
-    bias only reshaped and added, an unused leaf) are in neither. candidates maps the positions of inputs
-    of `closed` with two or more axes to keys (the caller's leaf ids)."""
+    """(sites, reasons): per candidate key its Site when mapped, else why not, except for a bias: a
+    candidate whose every use is an addition (after views, reshapes, broadcasts), its gradient a sum of
+    output gradients with no per-token outer product to factor, is in neither. candidates maps the
+    positions of inputs of `closed` with two or more axes to keys (the caller's leaf ids)."""
     jaxpr = closed.jaxpr
-    origin = {jaxpr.invars[i]: (key, tuple(range(len(jaxpr.invars[i].aval.shape)))) for i, key in candidates.items()}
+    origin = {jaxpr.invars[i]: (key, tuple(range(jaxpr.invars[i].aval.ndim)), "") for i, key in candidates.items()}
     uses: dict[Any, list[Site | _Bad]] = {key: [] for key in candidates.values()}
     _walk(jaxpr, origin, (), uses)
     sites, reasons = {}, {}
     for key, found in uses.items():
-        bad = [u for u in found if isinstance(u, _Bad)]
-        if not any(isinstance(u, Site) or u.loud for u in found):
+        bad = [u for u in found if isinstance(u, _Bad) and not u.bias]
+        if not found:
+            reasons[key] = "not used by the loss"
+        elif all(isinstance(u, _Bad) for u in found) and not bad:
             continue
-        if bad:
-            reasons[key] = min(bad, key=lambda u: not u.loud).reason  # the first loud one, if any
-        elif len(found) > 1:
-            reasons[key] = f"used {len(found)} times"
-        else:
+        elif len(found) == 1 and not bad:
             sites[key] = found[0]
+        else:
+            reasons[key] = bad[0].reason if bad else f"used {len(found)} times"
     return sites, reasons
 
 
 @dataclass(frozen=True)
 class _Bad:
-    """A use that cannot be mapped; loud when it makes the weight look like one (a matmul, a lookup, a loop)."""
+    """A use that cannot be mapped; bias: an addition to another value (after views, reshapes, broadcasts)."""
 
     reason: str
-    loud: bool
+    bias: bool = False
 
 
 def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], uses: dict) -> None:
-    """Records in `uses` every use of a var in `origin` (var -> (key, leaf axis of each of its axes)) within
-    `jaxpr`."""
+    """Records in `uses` every use of a var in `origin` (var -> (key, leaf axis of each of its axes or None
+    once reshaped, the first reshaping primitive or "")) within `jaxpr`."""
     for i, eqn in enumerate(jaxpr.eqns):
         ins = [(k, origin[v]) for k, v in enumerate(eqn.invars) if isinstance(v, Var) and v in origin]
         if not ins:
             continue
         name, path = eqn.primitive.name, (*prefix, i)
         inner = inner_jaxpr(eqn)
-        if name in _VIEWS and len(eqn.outvars) == 1:
-            key, axes = ins[0][1]
-            origin[eqn.outvars[0]] = (key, tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes)))))
+        if name in _VIEWS + _RESHAPES and len(eqn.outvars) == 1:
+            key, axes, via = ins[0][1]
+            if name in _RESHAPES:
+                axes, via = None, via or name
+            elif axes is not None:
+                axes = tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes))))
+            origin[eqn.outvars[0]] = (key, axes, via)
+        elif name in ("dot_general", "gather") and any(axes is None for _, (_, axes, _) in ins):
+            for _, (key, _, via) in ins:
+                uses[key].append(_Bad(f"passed through {via} before a {name}"))
         elif name == "dot_general":
-            for k, (key, axes) in ins:
+            for k, (key, axes, _) in ins:
                 uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path)))
         elif name == "gather" and [k for k, _ in ins] == [0]:
-            key, axes = ins[0][1]
+            key, axes, _ = ins[0][1]
             uses[key].append(_loud(_lookup_site(eqn, axes, path)))
+        elif name in _ADDS:
+            for _, (key, _, _) in ins:
+                uses[key].append(_Bad(f"added by {name}", bias=True))
         elif name in _CUSTOM:
-            for _, (key, _) in ins:
-                uses[key].append(_Bad(f"used inside a {name.split('_call')[0]} function, whose rule is kept", True))
+            for _, (key, _, _) in ins:
+                uses[key].append(_Bad(f"used inside a {name.split('_call')[0]} function, whose rule is kept"))
         elif inner is not None:
             sub, _ = inner
             _walk(sub, {sub.invars[k]: o for k, o in ins}, path, uses)
         else:
-            loud = any(True for _ in jaxprs_in_params(eqn.params))  # scan, while, cond...
-            for _, (key, _) in ins:
-                uses[key].append(_Bad(f"used {'inside' if loud else 'by'} {name}", loud))
+            where = "inside" if any(True for _ in jaxprs_in_params(eqn.params)) else "by"  # scan, while, cond
+            for _, (key, _, _) in ins:
+                uses[key].append(_Bad(f"used {where} {name}"))
     for v in jaxpr.outvars:
         if isinstance(v, Var) and v in origin:
-            uses[origin[v][0]].append(_Bad("returned by a nested call" if prefix else "returned by the loss", False))
+            uses[origin[v][0]].append(_Bad("returned by a nested call" if prefix else "returned by the loss"))
 
 
 def _loud(site: Site | str) -> Site | _Bad:
-    return site if isinstance(site, Site) else _Bad(site, True)
+    return site if isinstance(site, Site) else _Bad(site)
 
 
 def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tuple) -> Site | str:

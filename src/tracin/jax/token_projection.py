@@ -14,10 +14,11 @@ never formed: O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example (a lo
 P_rows instead of multiplying by a one-hot). A token whose output gradient is zero (padding the loss
 masks) adds nothing. The layout is one segment per chosen leaf in PARAM_ORDER: LayerMatrix(rows, cols)
 in the leaf's own orientation for each mapped weight (a Flax kernel (in, out) is in x out, a
-torch-layout (out, in) weight out x in), its plain width for every other leaf (biases, norms, and
-weights that cannot be mapped: used twice, inside scan / while / cond or a custom_jvp / custom_vjp
-function (whose rule is kept), in another dot_general; one warning names them), whose full per-example
-gradient is computed and projected flat. The result equals
+torch-layout (out, in) weight out x in), its plain width for every other leaf, whose full per-example
+gradient is computed and projected flat: biases (1-D, or of more axes only added), norms, and the leaves
+of two or more axes that cannot be mapped (used twice, reshaped or scaled before their matmul, a
+convolution kernel, inside scan / while / cond or a custom_jvp / custom_vjp function, whose rule is
+kept; one warning names them and says why). The result equals
 Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
 example of the first batch; batches of other shapes are traced again and must map the same weights.
 
