@@ -5,6 +5,8 @@ full exported rows; and against tracin.torch on the same bias-free layers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import equinox as eqx
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin.jax import export_gradients, token_projection
+from tracin.jax import export, export_gradients, token_projection
 from tracin.jax.batches import Batch
 from tracin.jax.params import layout_of
 from tracin.jax.per_example import FullRows
@@ -483,6 +485,24 @@ def test_a_batch_shape_that_maps_other_weights_is_an_error():
         export_gradients(
             loss_fn, [({"w": _normal(r, D, C)}, 1.0)], [short[:2], long[:2]], projection=proj, progress=False
         )
+
+
+def test_import_tracin_jax_leaves_the_kronecker_machinery_out():
+    code = "import sys, tracin.jax; print(sorted(m for m in sys.modules if m.startswith('tracin.jax.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "export" in loaded and "token_projection" not in loaded and "jaxpr_taps" not in loaded
+
+
+def test_a_jax_without_what_the_kronecker_projection_needs_is_an_import_error_naming_the_version(monkeypatch):
+    r = np.random.default_rng(6)
+    inputs, labels, _ = _tokens(r, 4, 3, np.float32)
+    monkeypatch.delattr(jax.extend.core, "jaxprs_in_params")  # as in JAX 0.9
+    for name in ("tracin.jax.token_projection", "tracin.jax.jaxpr_taps"):
+        monkeypatch.delitem(sys.modules, name)
+    proj = tracin.Projection(60, per_layer=True, kronecker=True)
+    match = rf"kronecker=True needs JAX >= {export.KRONECKER_JAX}, found JAX {jax.__version__}.*jaxprs_in_params"
+    with pytest.raises(ImportError, match=match):
+        export_gradients(mlp_loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False)
 
 
 def adam_preconditioned(grads: list[list[np.ndarray]], layout: list, nu: list, step: float, b2: float, eps: float):

@@ -21,9 +21,9 @@ from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
-from .token_projection import KroneckerRows
 
 DTYPES = ("float32", "float16", "bfloat16")
+KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
 PARAM_ORDER = (
     "jax.tree_util flatten order of the params pytree (dict keys sorted, module fields in "
     "declaration order); each leaf flattened row-major; paths are keys joined by '/'"
@@ -83,7 +83,8 @@ def export_gradients(
         scaled before its matmul, a conv kernel, inside scan / while / cond or a custom_jvp / custom_vjp
         function) are computed in full and projected flat. metadata["projection"]["segments"] is the layout
         (LayerMatrix(rows, cols) in the leaf's own orientation), and Projection.apply(full rows,
-        segments=that layout) gives the same rows. tracin.jax.token_projection says more.
+        segments=that layout) gives the same rows. tracin.jax.token_projection says more; it needs
+        JAX >= KRONECKER_JAX (an ImportError names it; `import tracin.jax` works on older JAX).
     dtype: "float32" | "float16" | "bfloat16" of the stored rows.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
@@ -187,6 +188,7 @@ class _JaxExport:
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
         self._first = restore(first, "checkpoints[0]")
         self.last_layer = None
+        self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
         if mode == "last_layer":
             self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers)
@@ -201,7 +203,8 @@ class _JaxExport:
             self.layout = layout_of(self._first, layers)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
-                self.compute_rows = KroneckerRows(loss_fn, self.layout, projection, self._first, entries, adam)
+                rows = _kronecker_rows()(loss_fn, self.layout, projection, self._first, entries, adam)
+                self.compute_rows = self.kronecker = rows
                 self.slot_dims, self.segments = [projection.dim], None
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
@@ -212,8 +215,8 @@ class _JaxExport:
 
     def batches(self) -> Iterator[Batch]:
         for batch in self.plan:
-            if isinstance(self.compute_rows, KroneckerRows):
-                self.compute_rows.prepare(batch)  # the first batch fixes the layout
+            if self.kronecker is not None:
+                self.kronecker.prepare(batch)  # the first batch fixes the layout
             yield batch
 
     def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -227,8 +230,8 @@ class _JaxExport:
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
-        if isinstance(self.compute_rows, KroneckerRows):
-            self.compute_rows.begin(index)
+        if self.kronecker is not None:
+            self.kronecker.begin(index)
         return (*self.layout.split(params), params)
 
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
@@ -243,8 +246,8 @@ class _JaxExport:
     def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
         """Host views of the real rows of the computed block (no device-side slice copy); the
         compiled functions already give float32."""
-        if isinstance(self.compute_rows, KroneckerRows):
-            return [self.compute_rows.to_host(computed, count)]
+        if self.kronecker is not None:
+            return [self.kronecker.to_host(computed, count)]
         if isinstance(computed, tuple):
             return [tuple(np.asarray(b)[:count] for b in computed)]
         return [np.asarray(computed)[:count]]
@@ -253,6 +256,19 @@ class _JaxExport:
     def wrap(array: np.ndarray, dtype: str) -> np.ndarray:
         """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy)."""
         return array.view(jnp.bfloat16) if dtype == "bfloat16" else array
+
+
+def _kronecker_rows() -> type:
+    """tracin.jax.token_projection.KroneckerRows, imported only for a kronecker=True projection (its jaxpr
+    interpreter needs a recent JAX; `import tracin.jax` does not); ImportError naming the JAX it needs."""
+    try:
+        from .token_projection import KroneckerRows
+    except (ImportError, AttributeError) as error:
+        raise ImportError(
+            f"projection with kronecker=True needs JAX >= {KRONECKER_JAX}, found JAX {jax.__version__} ({error}): "
+            "upgrade JAX, or use a projection without kronecker"
+        ) from error
+    return KroneckerRows
 
 
 def _host_leaves(tree: Any, count: int) -> list[np.ndarray]:
