@@ -147,7 +147,7 @@ def export(
     transforms: the adapter's row transforms; a preconditioner from `options` goes before them.
     """
     checkpoints = [Checkpoint(*entry) for entry in checkpoints]
-    check_preconditioner(options.preconditioner, options.mode)
+    check_preconditioning(options.preconditioner, options.mode, checkpoints)
     transforms = [*_preconditioning(options, checkpoints, framework), *transforms]
     n_rows = framework.n_rows
     if n_rows == 0:
@@ -228,20 +228,26 @@ def export(
             loop.bar.close()
 
 
-def _preconditioning(
-    options: Options, checkpoints: list[Checkpoint], framework: Framework
-) -> list[Preconditioned | RankOneAdam]:
-    """[the preconditioner transform] when options ask for one (every checkpoint must then carry its
-    optimizer state): Preconditioned for full rows, RankOneAdam for factored ones; else []."""
-    kind = options.preconditioner
-    if kind is None:
-        return []
+def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Checkpoint]) -> None:
+    """check_preconditioner(kind, mode), then ValueError unless every checkpoint carries the optimizer
+    state that a preconditioner `kind` (not None) needs."""
+    check_preconditioner(kind, mode)
     for c, entry in enumerate(checkpoints):
-        if entry.optimizer is None:
+        if kind is not None and entry.optimizer is None:
             raise ValueError(
                 f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
                 "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
             )
+
+
+def _preconditioning(
+    options: Options, checkpoints: list[Checkpoint], framework: Framework
+) -> list[Preconditioned | RankOneAdam]:
+    """[the preconditioner transform] when options ask for one (check_preconditioning has passed):
+    Preconditioned for full rows, RankOneAdam for factored ones; else []."""
+    kind = options.preconditioner
+    if kind is None:
+        return []
     settings = options.preconditioner_settings
     if settings is None:
         settings = {"hyperparameters": "b1, b2, eps and step of each checkpoint's optimizer state"}
