@@ -28,6 +28,7 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -207,6 +208,30 @@ def _native_transformer(vocab: int, tokens: int, width: int, layers: int):
     return Decoder()
 
 
+def per_example_loop(model, loss_fn, inputs: dict, targets) -> Callable[[], np.ndarray]:
+    """The per-example autograd loop: one forward and backward pass per sequence (padded as given), all
+    parameters (a tied weight once); returns the (n, parameters) float32 rows."""
+    import torch
+
+    params = dict(model.named_parameters())
+    leaves = list(params.values())
+    width = sum(p.numel() for p in leaves)
+
+    def run() -> np.ndarray:
+        out = np.empty((len(targets), width), dtype=np.float32)
+        for i in range(len(targets)):
+            one = {k: v[i : i + 1] for k, v in inputs.items()}
+            with torch.enable_grad():
+                loss = loss_fn(model(**one), targets[i : i + 1]).sum()
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            out[i] = torch.cat(
+                [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(leaves, grads, strict=True)]
+            ).numpy()
+        return out
+
+    return run
+
+
 def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int) -> dict:
     import torch
     from torch.func import functional_call, grad, vmap
@@ -225,18 +250,7 @@ def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int) -> dict:
             warnings.simplefilter("error")  # any fallback would make this a different contender
             return export_gradients(model, [(state, 1.0)], (inputs, targets), loss_fn, progress=False).matrices[0]
 
-    def run_loop() -> np.ndarray:
-        out = np.empty((n, width), dtype=np.float32)
-        leaves = [params[k] for k in names]
-        for i in range(n):
-            one = {k: v[i : i + 1] for k, v in inputs.items()}
-            with torch.enable_grad():
-                loss = loss_fn(model(**one), targets[i : i + 1]).sum()
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            out[i] = torch.cat(
-                [(torch.zeros_like(p) if gr is None else gr).reshape(-1) for p, gr in zip(leaves, grads, strict=True)]
-            ).numpy()
-        return out
+    run_loop = per_example_loop(model, loss_fn, inputs, targets)
 
     def batched_pass(rows: int):
         def run() -> None:
