@@ -395,3 +395,57 @@ def test_dense_weight_gradients_in_strided_columns_have_the_same_bits_for_one_an
         results[0][:, 2 + width :], torch.full((6, 3), 7.0)
     )
     torch.testing.assert_close(results[0][:, 2 : 2 + width].view(6, *shape).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize(("cap_examples", "batches"), [(3, [3, 3, 1]), (0, [2, 2, 2, 1])])
+def test_dense_weight_temporaries_hold_at_most_the_capped_examples_and_keep_the_bits(
+    kind, cap_examples, batches, monkeypatch
+):
+    # with two threads the gradients go through contiguous temporaries of at most _TEMPORARY_BYTES, but
+    # never fewer examples than threads (a cap below one example gives two per temporary)
+    hugging_face()
+    from transformers.pytorch_utils import Conv1D
+
+    import tracin.torch.layer_rules as layer_rules
+
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 40) if kind == "linear" else Conv1D(40, 48)
+    g = torch.Generator().manual_seed(4)
+    x, b = torch.randn(7, 19, 48, generator=g), torch.randn(7, 19, 40, generator=g)
+    want = torch.stack(  # independent reference: float64 autograd of <b_i, layer(x_i)>, one example at a time
+        [torch.autograd.grad((layer.double()(x[i].double()) * b[i].double()).sum(), layer.weight)[0] for i in range(7)]
+    )
+    layer.float()
+    a, b_tokens = token_form(layer, Call(x, b), 7)
+    shape, width = tuple(layer.weight.shape), layer.weight.numel()
+
+    def write(threads: int) -> torch.Tensor:
+        rows = torch.full((7, width + 5), 7.0)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            write_per_example_grad(layer, "weight", a, b_tokens, rows[:, 2 : 2 + width].view(7, *shape), False)
+        finally:
+            torch.set_num_threads(saved)
+        return rows
+
+    in_place, uncapped = write(1), write(2)
+    temporaries = []
+    bmm = torch.bmm
+
+    def recording_bmm(left, right, **kwargs):
+        result = bmm(left, right, **kwargs)
+        if "out" not in kwargs:
+            temporaries.append(result.shape[0])
+        return result
+
+    monkeypatch.setattr(torch, "bmm", recording_bmm)
+    monkeypatch.setattr(layer_rules, "_TEMPORARY_BYTES", cap_examples * width * 4 + 100)
+    capped = write(2)
+    assert temporaries == batches
+    assert torch.equal(capped, in_place) and torch.equal(capped, uncapped)
+    assert torch.equal(capped[:, :2], torch.full((7, 2), 7.0)) and torch.equal(
+        capped[:, 2 + width :], torch.full((7, 3), 7.0)
+    )
+    torch.testing.assert_close(capped[:, 2 : 2 + width].view(7, *shape).double(), want, rtol=1e-5, atol=1e-5)

@@ -126,19 +126,34 @@ def _dense_write(weight_is_out_by_in: bool):
         if accumulate:
             out.baddbmm_(left, right)
         elif _batched_gemm_pays(out):
-            out.copy_(torch.bmm(left, right))
+            step = _examples_per_temporary(out)
+            for start in range(0, out.shape[0], step):
+                rows = slice(start, start + step)
+                out[rows].copy_(torch.bmm(left[rows], right[rows]))
         else:
             torch.bmm(left, right, out=out)
 
     return write
 
 
+# Bytes of the contiguous temporary a dense weight's gradients of several examples are formed in before
+# they are copied into strided columns (at least one example per thread, whatever its size).
+_TEMPORARY_BYTES = 32 * 2**20
+
+
 def _batched_gemm_pays(out: torch.Tensor) -> bool:
-    """Whether to form a CPU bmm in a contiguous temporary and copy it into `out` (strided columns):
+    """Whether to form a CPU bmm in contiguous temporaries and copy them into `out` (strided columns):
     there, bmm runs the batched gemm, its examples spread over the threads, where a strided result
     gets one small gemm per example that a second thread does not speed up. Same bits either way; the
     copy costs more than it saves with one thread."""
     return out.device.type == "cpu" and torch.get_num_threads() > 1 and not out.is_contiguous()
+
+
+def _examples_per_temporary(out: torch.Tensor) -> int:
+    """How many examples' (out, in) gradients of `out` (B, out, in) one temporary holds: as many as fit in
+    _TEMPORARY_BYTES, and at least one per thread so the batched gemm still spreads over them."""
+    per_example = out[0].numel() * out.element_size()
+    return max(torch.get_num_threads(), _TEMPORARY_BYTES // max(per_example, 1))
 
 
 def _sum_tokens(t: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:

@@ -19,10 +19,11 @@ from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
 
 # On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
-# inputs and output gradients, which bounds a pass's memory. Fewer, larger passes are faster: against
-# passes of 32 MiB (width-64 GPT-2 / BERT, benchmarks/transformer_export, medians of interleaved runs),
-# 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and 1.01-1.08x with one;
-# 256 MiB gains 1-2% more. Other devices take the batch in one pass.
+# inputs and output gradients: a cap on those captured tensors only, not on all a pass allocates (the
+# model's other activations saved for backward, the temporaries of layer_rules). Fewer, larger passes are
+# faster: against passes of 32 MiB (width-64 GPT-2 / BERT, benchmarks/transformer_export, medians of
+# interleaved runs), 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and
+# 1.01-1.08x with one; 256 MiB gains 1-2% more. Other devices take the batch in one pass.
 _PASS_BYTES = 128 * 2**20
 
 
