@@ -232,8 +232,10 @@ def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Che
     """check_preconditioner(kind, mode), then ValueError unless every checkpoint carries the optimizer
     state that a preconditioner `kind` (not None) needs."""
     check_preconditioner(kind, mode)
+    if kind is None:
+        return
     for c, entry in enumerate(checkpoints):
-        if kind is not None and entry.optimizer is None:
+        if entry.optimizer is None:
             raise ValueError(
                 f"checkpoints[{c}] has no optimizer state, which preconditioner={kind!r} needs: give "
                 "(checkpoint, learning_rate, optimizer_state) for every checkpoint"

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._export.driver import Options, check_store, export
+from .._export.driver import Options, check_preconditioning, check_store, export
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
 from .._export.metadata import last_layer_entry
-from .._export.preconditioner import check_preconditioner
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
@@ -150,18 +149,12 @@ def _kronecker(projection: Any, mode: str, preconditioner: Any, entries: list) -
         raise ValueError(
             f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
         )
-    check_preconditioner(preconditioner, mode)
     if preconditioner == "adam_update":
         raise ValueError(
             "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
             "use preconditioner='adam', or a projection without kronecker"
         )
-    for c, entry in enumerate(entries):
-        if preconditioner and entry.optimizer is None:
-            raise ValueError(
-                f"checkpoints[{c}] has no optimizer state, which preconditioner={preconditioner!r} needs: give "
-                "(checkpoint, learning_rate, optimizer_state) for every checkpoint"
-            )
+    check_preconditioning(preconditioner, mode, entries)  # the driver does not: the preconditioner is folded in
     return True
 
 
