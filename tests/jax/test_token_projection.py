@@ -19,6 +19,7 @@ import pytest
 import tracin
 from tracin.jax import export, export_gradients, token_projection
 from tracin.jax.batches import Batch
+from tracin.jax.jaxpr_taps import find_sites
 from tracin.jax.params import layout_of
 from tracin.jax.per_example import FullRows
 from tracin.jax.token_projection import rows_function
@@ -404,6 +405,19 @@ def test_an_unmapped_weight_of_two_or_more_axes_is_named_in_the_one_warning(x64,
         assert_rows_close(
             g.matrices[c], projected_reference(proj, layout, example_grads(loss_fn, p, inputs, labels, lengths))
         )
+
+
+def test_the_other_of_two_chosen_weights_in_one_dot_general_is_named_for_the_product():
+    def loss(a, b, x):  # a low-rank product of two chosen leaves, a stored (2, 3, 4) and reshaped to (6, 4)
+        return jnp.sum(x @ (a.reshape(6, 4) @ b))
+
+    closed = jax.make_jaxpr(loss)(jnp.zeros((2, 3, 4)), jnp.zeros((4, 5)), jnp.zeros((7, 6)))
+    sites, reasons = find_sites(closed, {0: "a", 1: "b"})
+    assert sites == {}
+    assert reasons == {
+        "a": "passed through reshape before a dot_general",
+        "b": "multiplied by another chosen weight in one dot_general",
+    }
 
 
 def _reversing_matmul():

@@ -30,6 +30,7 @@ _RESHAPES = ("reshape", "broadcast_in_dim", "squeeze")
 _ADDS = ("add", "sub", "add_any")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CUSTOM = ("custom_jvp_call", "custom_vjp_call")
+_TWO_WEIGHTS = "multiplied by another chosen weight in one dot_general"
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,9 @@ def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], uses: dict) -> No
                 axes = tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes))))
             origin[eqn.outvars[0]] = (key, axes, via)
         elif name in ("dot_general", "gather") and any(axes is None for _, (_, axes, _) in ins):
-            for _, (key, _, via) in ins:
-                uses[key].append(_Bad(f"passed through {via} before a {name}"))
+            other = _TWO_WEIGHTS if name == "dot_general" else f"used with another chosen weight in one {name}"
+            for _, (key, axes, via) in ins:
+                uses[key].append(_Bad(f"passed through {via} before a {name}" if axes is None else other))
         elif name == "dot_general":
             for k, (key, axes, _) in ins:
                 uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path)))
@@ -150,7 +152,7 @@ def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tup
     it cannot be mapped: the contracted leaf axes must be its first or its last ones."""
     (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
     if n_weights > 1:
-        return "multiplied by a chosen weight in one dot_general"
+        return _TWO_WEIGHTS
     if batch_l or batch_r:
         return "used in a dot_general with batch dimensions"
     mine, other = (contract_l, contract_r) if k == 0 else (contract_r, contract_l)
