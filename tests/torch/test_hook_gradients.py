@@ -398,12 +398,15 @@ def test_dense_weight_gradients_in_strided_columns_have_the_same_bits_for_one_an
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize(("cap_examples", "batches"), [(3, [3, 3, 1]), (0, [2, 2, 2, 1])])
+@pytest.mark.parametrize(
+    ("cap_examples", "small_gemm", "batches"), [(3, True, [3, 3, 1]), (0, True, [2, 2, 2, 1]), (3, False, [])]
+)
 def test_dense_weight_temporaries_hold_at_most_the_capped_examples_and_keep_the_bits(
-    kind, cap_examples, batches, monkeypatch
+    kind, cap_examples, small_gemm, batches, monkeypatch
 ):
-    # with two threads the gradients go through contiguous temporaries of at most _TEMPORARY_BYTES, but
-    # never fewer examples than threads (a cap below one example gives two per temporary)
+    # with two threads the gradients of a weight of at most _SMALL_GEMM entries go through contiguous
+    # temporaries of at most _TEMPORARY_BYTES, but never fewer examples than threads (a cap below one
+    # example gives two per temporary); a larger weight's are written in place, with no temporary
     hugging_face()
     from transformers.pytorch_utils import Conv1D
 
@@ -430,7 +433,7 @@ def test_dense_weight_temporaries_hold_at_most_the_capped_examples_and_keep_the_
             torch.set_num_threads(saved)
         return rows
 
-    in_place, uncapped = write(1), write(2)
+    in_place, uncapped = write(1), write(2)  # uncapped: one temporary (the default cap and size limit)
     temporaries = []
     bmm = torch.bmm
 
@@ -442,6 +445,7 @@ def test_dense_weight_temporaries_hold_at_most_the_capped_examples_and_keep_the_
 
     monkeypatch.setattr(torch, "bmm", recording_bmm)
     monkeypatch.setattr(layer_rules, "_TEMPORARY_BYTES", cap_examples * width * 4 + 100)
+    monkeypatch.setattr(layer_rules, "_SMALL_GEMM", width if small_gemm else width - 1)
     capped = write(2)
     assert temporaries == batches
     assert torch.equal(capped, in_place) and torch.equal(capped, uncapped)
