@@ -377,14 +377,31 @@ def _conv(w, x):  # w (3, D, H): a 1-D convolution kernel (width, in, out) over 
     return jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
 
 
+_FROZEN = np.random.default_rng(13).normal(0, 0.5, (3, D, H))  # frozen base weights the chosen ones are added to
+
+
 @pytest.mark.parametrize(
     "use, shape, why",
     [
         (_reshaped_dot, (D, H), "passed through reshape before a dot_general"),
         (lambda w, x: x @ (2.0 * w), (D, H), "used by mul"),
         (_conv, (3, D, H), "used by conv_general_dilated"),
+        (lambda w, x: x @ (w + _FROZEN[0]), (D, H), "added to another value before a dot_general"),
+        (
+            lambda w, x: x @ jax.jit(lambda v: (v - _FROZEN[1]).T)(w).T,
+            (D, H),
+            "added to another value before a dot_general",
+        ),
+        (lambda w, x: _conv(w + _FROZEN, x), (3, D, H), "added to another value before a conv_general_dilated"),
     ],
-    ids=["reshape_then_dot", "scaled_then_dot", "conv"],
+    ids=[
+        "reshape_then_dot",
+        "scaled_then_dot",
+        "conv",
+        "added_then_dot",
+        "subtracted_in_a_jit_transposed_then_dot",
+        "added_then_conv",
+    ],
 )
 def test_an_unmapped_weight_of_two_or_more_axes_is_named_in_the_one_warning(x64, use, shape, why):
     r = np.random.default_rng(12)
@@ -405,6 +422,16 @@ def test_an_unmapped_weight_of_two_or_more_axes_is_named_in_the_one_warning(x64,
         assert_rows_close(
             g.matrices[c], projected_reference(proj, layout, example_grads(loss_fn, p, inputs, labels, lengths))
         )
+
+
+def test_a_bias_broadcast_over_the_tokens_is_exempt_though_its_sum_reaches_a_dot_general():
+    def loss(w, b, x):  # keys x @ w + b, b (1, H) added to every token, then scored against themselves
+        k = x @ w + b
+        return jnp.sum(k @ k.T)
+
+    closed = jax.make_jaxpr(loss)(jnp.zeros((D, H)), jnp.zeros((1, H)), jnp.zeros((7, D)))
+    sites, reasons = find_sites(closed, {0: "w", 1: "b"})
+    assert list(sites) == ["w"] and reasons == {}
 
 
 def test_the_other_of_two_chosen_weights_in_one_dot_general_is_named_for_the_product():

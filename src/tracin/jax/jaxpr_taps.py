@@ -6,8 +6,10 @@ and maps it when its one use is
 - a `dot_general` contracting its first or its last axes with the other operand (the activation, its
   other axes "tokens") with no batch dimensions, or
 - a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
-Any other use is a reason it is not mapped (used twice, reshaped or scaled before its matmul, a
-convolution, inside scan / while / cond...), except a bias's: additions after reshapes and broadcasts.
+Any other use is a reason it is not mapped (used twice, reshaped, scaled or added to another value before
+its matmul, a convolution, inside scan / while / cond...), except a bias's: additions (after reshapes and
+broadcasts) whose sums, followed through views, reshapes, further additions and calls, reach no dot_general,
+gather or convolution as a value of the leaf's size (a leaf broadcast over the tokens is a bias).
 `run_tapped` evaluates the jaxpr with a perturbation added to the output of each mapped eqn and returns
 the activations (ids for a lookup) it saw: the gradient w.r.t. a zero perturbation is the output gradient
 of every token, so a weight's gradient is sum_t a_t b_t^T without being formed. Calls holding a mapped
@@ -30,6 +32,7 @@ _RESHAPES = ("reshape", "broadcast_in_dim", "squeeze")
 _ADDS = ("add", "sub", "add_any")
 _CALLS = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
 _CUSTOM = ("custom_jvp_call", "custom_vjp_call")
+_FACTORS = ("dot_general", "gather", "conv_general_dilated")
 _TWO_WEIGHTS = "multiplied by another chosen weight in one dot_general"
 
 
@@ -70,13 +73,14 @@ def inner_jaxpr(eqn: Any) -> tuple[Jaxpr, Sequence[Any]] | None:
 
 def find_sites(closed: ClosedJaxpr, candidates: Mapping[int, Any]) -> tuple[dict[Any, Site], dict[Any, str]]:
     """(sites, reasons): per candidate key its Site when mapped, else why not, except for a bias: a
-    candidate whose every use is an addition (after views, reshapes, broadcasts), its gradient a sum of
-    output gradients with no per-token outer product to factor, is in neither. candidates maps the
+    candidate whose every use is an addition (after views, reshapes, broadcasts) whose sum reaches no
+    dot_general, gather or convolution at the leaf's size, its gradient a sum of output gradients with no
+    per-token outer product to factor, is in neither. candidates maps the
     positions of inputs of `closed` with two or more axes to keys (the caller's leaf ids)."""
     jaxpr = closed.jaxpr
     origin = {jaxpr.invars[i]: (key, tuple(range(jaxpr.invars[i].aval.ndim)), "") for i, key in candidates.items()}
     uses: dict[Any, list[Site | _Bad]] = {key: [] for key in candidates.values()}
-    _walk(jaxpr, origin, (), uses)
+    _walk(jaxpr, origin, (), uses, {key: jaxpr.invars[i].aval.size for i, key in candidates.items()})
     sites, reasons = {}, {}
     for key, found in uses.items():
         bad = [u for u in found if isinstance(u, _Bad) and not u.bias]
@@ -99,48 +103,82 @@ class _Bad:
     bias: bool = False
 
 
-def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], uses: dict) -> None:
+@dataclass(frozen=True)
+class _Sum:
+    """A sum of chosen leaves (keys) and other values, followed through views, reshapes, broadcasts, further
+    additions and nested calls to see whether it reaches a dot_general, gather or convolution."""
+
+    keys: frozenset
+
+
+def _walk(jaxpr: Jaxpr, origin: dict, prefix: tuple[int, ...], uses: dict, sizes: Mapping) -> list[_Sum | None]:
     """Records in `uses` every use of a var in `origin` (var -> (key, leaf axis of each of its axes or None
-    once reshaped, the first reshaping primitive or "")) within `jaxpr`."""
+    once reshaped, the first reshaping primitive or ""), or a _Sum) within `jaxpr`; returns the _Sum of each
+    of its outputs that is one, else None. sizes: each key's number of elements. A sum is followed for the
+    leaves of its size only: a leaf broadcast over more elements (tokens) is a bias, added to activations."""
     for i, eqn in enumerate(jaxpr.eqns):
         ins = [(k, origin[v]) for k, v in enumerate(eqn.invars) if isinstance(v, Var) and v in origin]
         if not ins:
             continue
         name, path = eqn.primitive.name, (*prefix, i)
         inner = inner_jaxpr(eqn)
-        if name in _VIEWS + _RESHAPES and len(eqn.outvars) == 1:
-            key, axes, via = ins[0][1]
-            if name in _RESHAPES:
-                axes, via = None, via or name
-            elif axes is not None:
-                axes = tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes))))
-            origin[eqn.outvars[0]] = (key, axes, via)
-        elif name in ("dot_general", "gather") and any(axes is None for _, (_, axes, _) in ins):
-            other = _TWO_WEIGHTS if name == "dot_general" else f"used with another chosen weight in one {name}"
-            for _, (key, axes, via) in ins:
-                uses[key].append(_Bad(f"passed through {via} before a {name}" if axes is None else other))
-        elif name == "dot_general":
-            for k, (key, axes, _) in ins:
-                uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path)))
-        elif name == "gather" and [k for k, _ in ins] == [0]:
-            key, axes, _ = ins[0][1]
-            uses[key].append(_loud(_lookup_site(eqn, axes, path)))
-        elif name in _ADDS:
-            for _, (key, _, _) in ins:
-                uses[key].append(_Bad(f"added by {name}", bias=True))
-        elif name in _CUSTOM:
-            for _, (key, _, _) in ins:
-                uses[key].append(_Bad(f"used inside a {name.split('_call')[0]} function, whose rule is kept"))
-        elif inner is not None:
+        added = frozenset().union(*(o.keys for _, o in ins if isinstance(o, _Sum)))
+        views = [(k, o) for k, o in ins if not isinstance(o, _Sum)]
+        if inner is not None:
             sub, _ = inner
-            _walk(sub, {sub.invars[k]: o for k, o in ins}, path, uses)
-        else:
-            where = "inside" if any(True for _ in jaxprs_in_params(eqn.params)) else "by"  # scan, while, cond
-            for _, (key, _, _) in ins:
-                uses[key].append(_Bad(f"used {where} {name}"))
+            sums = _walk(sub, {sub.invars[k]: o for k, o in ins}, path, uses, sizes)
+            origin.update((v, s) for v, s in zip(eqn.outvars, sums, strict=True) if s is not None)
+        elif name in _ADDS:
+            for _, (key, _, _) in views:
+                uses[key].append(_Bad(f"added by {name}", bias=True))
+            _follow(eqn.outvars[0], added.union(key for _, (key, _, _) in views), origin, sizes)
+        elif added and name in _VIEWS + _RESHAPES and len(eqn.outvars) == 1:
+            _follow(eqn.outvars[0], added, origin, sizes)
+        else:  # a sum used otherwise ends here: a bias's (tanh, mul, a norm...)
+            for key in added if name in _FACTORS else ():
+                uses[key].append(_Bad(f"added to another value before a {name}"))
+            _use(eqn, name, path, views, origin, uses)
     for v in jaxpr.outvars:
-        if isinstance(v, Var) and v in origin:
+        if isinstance(v, Var) and v in origin and not isinstance(origin[v], _Sum):
             uses[origin[v][0]].append(_Bad("returned by a nested call" if prefix else "returned by the loss"))
+    return [origin[v] if isinstance(v, Var) and isinstance(origin.get(v), _Sum) else None for v in jaxpr.outvars]
+
+
+def _follow(out: Var, keys: frozenset, origin: dict, sizes: Mapping) -> None:
+    """Makes `out` a _Sum of those of `keys` whose leaves have its number of elements, if any."""
+    same = frozenset(key for key in keys if sizes[key] == out.aval.size)
+    if same:
+        origin[out] = _Sum(same)
+
+
+def _use(eqn: Any, name: str, path: tuple[int, ...], ins: list, origin: dict, uses: dict) -> None:
+    """Records the use by `eqn` (neither a call nor an addition) of the weight views `ins`, [(operand, origin)]."""
+    if not ins:
+        return
+    if name in _VIEWS + _RESHAPES and len(eqn.outvars) == 1:
+        key, axes, via = ins[0][1]
+        if name in _RESHAPES:
+            axes, via = None, via or name
+        elif axes is not None:
+            axes = tuple(axes[a] for a in eqn.params.get("permutation", range(len(axes))))
+        origin[eqn.outvars[0]] = (key, axes, via)
+    elif name in ("dot_general", "gather") and any(axes is None for _, (_, axes, _) in ins):
+        other = _TWO_WEIGHTS if name == "dot_general" else f"used with another chosen weight in one {name}"
+        for _, (key, axes, via) in ins:
+            uses[key].append(_Bad(f"passed through {via} before a {name}" if axes is None else other))
+    elif name == "dot_general":
+        for k, (key, axes, _) in ins:
+            uses[key].append(_loud(_dot_site(eqn, k, axes, len(ins), path)))
+    elif name == "gather" and [k for k, _ in ins] == [0]:
+        key, axes, _ = ins[0][1]
+        uses[key].append(_loud(_lookup_site(eqn, axes, path)))
+    elif name in _CUSTOM:
+        for _, (key, _, _) in ins:
+            uses[key].append(_Bad(f"used inside a {name.split('_call')[0]} function, whose rule is kept"))
+    else:
+        where = "inside" if any(True for _ in jaxprs_in_params(eqn.params)) else "by"  # scan, while, cond
+        for _, (key, _, _) in ins:
+            uses[key].append(_Bad(f"used {where} {name}"))
 
 
 def _loud(site: Site | str) -> Site | _Bad:

@@ -15,12 +15,12 @@ P_rows instead of multiplying by a one-hot). A token whose output gradient is ze
 masks) adds nothing. The layout is one segment per chosen leaf in PARAM_ORDER: LayerMatrix(rows, cols)
 in the leaf's own orientation for each mapped weight (a Flax kernel (in, out) is in x out, a
 torch-layout (out, in) weight out x in), its plain width for every other leaf, whose full per-example
-gradient is computed and projected flat: biases (1-D, or of more axes only added), norms, and the leaves
-of two or more axes that cannot be mapped (used twice, reshaped or scaled before their matmul, a
-convolution kernel, inside scan / while / cond or a custom_jvp / custom_vjp function, whose rule is
-kept; one warning names them and says why). The result equals
-Projection.apply on the full rows with that layout. The weights are found by tracing the loss of one
-example of the first batch; batches of other shapes are traced again and must map the same weights.
+gradient is computed and projected flat: biases (1-D, or of more axes only added to activations), norms,
+and the leaves of two or more axes that cannot be mapped (used twice, reshaped, scaled or added to another
+value before their matmul, a convolution kernel, inside scan / while / cond or a custom_jvp / custom_vjp
+function, whose rule is kept; one warning names them and says why). The result equals Projection.apply
+on the full rows with that layout. The weights are found by tracing the loss of one example of the first
+batch; batches of other shapes are traced again and must map the same weights.
 
 preconditioner="adam" (as tracin.torch): a mapped weight uses the rank-one factorisation of v
 (tracin._export.rank_one): the columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c),
