@@ -5,6 +5,8 @@ full exported rows; and against tracin.torch on the same bias-free layers."""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import subprocess
 import sys
 import warnings
@@ -543,6 +545,30 @@ def test_a_jax_without_what_the_kronecker_projection_needs_is_an_import_error_na
     proj = tracin.Projection(60, per_layer=True, kronecker=True)
     match = rf"kronecker=True needs JAX >= {export.KRONECKER_JAX}, found JAX {jax.__version__}.*jaxprs_in_params"
     with pytest.raises(ImportError, match=match):
+        export_gradients(mlp_loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False)
+
+
+class _BrokenLoader(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds tracin.jax.token_projection and loads it as a module whose code hits an attribute bug."""
+
+    def find_spec(self, name, path, target=None):
+        return importlib.util.spec_from_loader(name, self) if name == "tracin.jax.token_projection" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise AttributeError("module 'jax.numpy' has no attribute 'not_a_function'")
+
+
+def test_an_attribute_error_importing_the_kronecker_machinery_is_raised_as_it_is(monkeypatch):
+    """On a JAX that has what it needs, a bug of ours is not reported as a JAX too old."""
+    r = np.random.default_rng(6)
+    inputs, labels, _ = _tokens(r, 4, 3, np.float32)
+    monkeypatch.delitem(sys.modules, "tracin.jax.token_projection")
+    monkeypatch.setattr(sys, "meta_path", [_BrokenLoader(), *sys.meta_path])
+    proj = tracin.Projection(60, per_layer=True, kronecker=True)
+    with pytest.raises(AttributeError, match="not_a_function"):
         export_gradients(mlp_loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False)
 
 

@@ -255,14 +255,19 @@ class _JaxExport:
 
 def _kronecker_rows() -> type:
     """tracin.jax.token_projection.KroneckerRows, imported only for a kronecker=True projection (its jaxpr
-    interpreter needs a recent JAX; `import tracin.jax` does not); ImportError naming the JAX it needs."""
+    interpreter needs a recent JAX; `import tracin.jax` does not); ImportError naming the JAX it needs when
+    this one lacks jax.extend.core.jaxprs_in_params (any other error of the import is raised as it is)."""
     try:
-        from .token_projection import KroneckerRows
-    except (ImportError, AttributeError) as error:
+        from jax.extend import core
+    except ImportError:  # a JAX without jax.extend.core
+        core = None
+    if not hasattr(core, "jaxprs_in_params"):
         raise ImportError(
-            f"projection with kronecker=True needs JAX >= {KRONECKER_JAX}, found JAX {jax.__version__} ({error}): "
-            "upgrade JAX, or use a projection without kronecker"
-        ) from error
+            f"projection with kronecker=True needs JAX >= {KRONECKER_JAX}, found JAX {jax.__version__} (no "
+            "jax.extend.core.jaxprs_in_params): upgrade JAX, or use a projection without kronecker"
+        )
+    from .token_projection import KroneckerRows
+
     return KroneckerRows
 
 
