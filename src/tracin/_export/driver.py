@@ -242,6 +242,27 @@ def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Che
             )
 
 
+def kronecker_projection(
+    projection: Any, mode: str, preconditioner: str | None, checkpoints: Sequence[Checkpoint]
+) -> bool:
+    """Whether `projection` is a Kronecker one (kronecker=True), which an adapter takes per token with
+    the preconditioner folded in (so the driver does not check it: this does); ValueError for what it
+    cannot go with."""
+    if not getattr(projection, "kronecker", False):
+        return False
+    if mode != "full":
+        raise ValueError(
+            f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
+        )
+    if preconditioner == "adam_update":
+        raise ValueError(
+            "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
+            "use preconditioner='adam', or a projection without kronecker"
+        )
+    check_preconditioning(preconditioner, mode, checkpoints)
+    return True
+
+
 def _preconditioning(
     options: Options, checkpoints: list[Checkpoint], framework: Framework
 ) -> list[Preconditioned | RankOneAdam]:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._export.driver import Options, check_preconditioning, check_store, export
+from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
 from .._export.preconditioner import adam_settings
@@ -134,7 +134,7 @@ def export_gradients(
     layers = as_patterns(layers) if layers is not None else None
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
-    kronecker = _kronecker(projection, mode, preconditioner, entries)
+    kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
@@ -143,23 +143,6 @@ def export_gradients(
         return export(framework, entries, options, framework.compute_rows.recorded())
     options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)
     return export(framework, entries, options, row_transforms(projection, framework.segments))
-
-
-def _kronecker(projection: Any, mode: str, preconditioner: str | None, entries: list) -> bool:
-    """Whether `projection` is a Kronecker one (kronecker=True); ValueError for what it cannot go with."""
-    if not getattr(projection, "kronecker", False):
-        return False
-    if mode != "full":
-        raise ValueError(
-            f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
-        )
-    if preconditioner == "adam_update":
-        raise ValueError(
-            "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
-            "use preconditioner='adam', or a projection without kronecker"
-        )
-    check_preconditioning(preconditioner, mode, entries)  # the driver does not: the preconditioner is folded in
-    return True
 
 
 class _JaxExport:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._export.driver import Options, check_preconditioning, check_store, export
+from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
 from .._export.metadata import last_layer_entry
@@ -129,7 +129,7 @@ def export_gradients(
     check_store(store)
     entries = parse_checkpoints(checkpoints, model)
     layers = None if layers is None else as_patterns(layers, EXAMPLE)
-    kronecker = _kronecker(projection, mode, preconditioner, entries)
+    kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
     options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
 
@@ -139,23 +139,6 @@ def export_gradients(
         if kronecker:
             return export(framework, entries, options, framework.compute_rows.recorded())
         return export(framework, entries, options, row_transforms(projection, framework.segments))
-
-
-def _kronecker(projection: Any, mode: str, preconditioner: Any, entries: list) -> bool:
-    """Whether `projection` is a Kronecker one (kronecker=True); ValueError for what it cannot go with."""
-    if not getattr(projection, "kronecker", False):
-        return False
-    if mode != "full":
-        raise ValueError(
-            f"projection with kronecker=True projects full rows per token: it needs mode='full', got {mode!r}"
-        )
-    if preconditioner == "adam_update":
-        raise ValueError(
-            "preconditioner='adam_update' is not rank one, so a kronecker=True projection cannot keep it: "
-            "use preconditioner='adam', or a projection without kronecker"
-        )
-    check_preconditioning(preconditioner, mode, entries)  # the driver does not: the preconditioner is folded in
-    return True
 
 
 @contextlib.contextmanager
