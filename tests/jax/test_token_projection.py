@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import tracin
+from interrupts import ctrl_c_on_call
+from store_files import assert_same_store_files
 from tracin.jax import export, export_gradients, token_projection
 from tracin.jax.batches import Batch
 from tracin.jax.jaxpr_taps import find_sites
@@ -626,7 +628,7 @@ def test_adam_scales_mapped_weights_by_the_rank_one_factorisation_and_other_leav
     assert not np.allclose(plain.matrices[1], g.matrices[1], rtol=1e-2)  # the preconditioner changed the rows
 
 
-def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):
+def test_batches_of_other_shapes_store_and_resume(tmp_path):
     """A list of batches of two sequence lengths (traced twice, same layout); an interrupted store export
     resumed holds the bytes of an uninterrupted one, and the rows of the in-memory export."""
     r = np.random.default_rng(7)
@@ -641,24 +643,13 @@ def test_batches_of_other_shapes_store_and_resume(tmp_path, monkeypatch):
             want = proj.apply(full.matrices[0], segments=MLP_LAYOUT).astype(np.float64)
             assert_rows_close(memory.matrices[c][lo:hi], want, rtol=2e-4)
 
-    real, calls = token_projection.KroneckerRows.__call__, []
-
-    def interrupted(self, *args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_on_call(token_projection.KroneckerRows, "__call__", 3):
         _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "g")
-    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", real)
     store = _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "g")
     fresh = _export(mlp_loss, params, data, proj, batch_size=3, store=tmp_path / "f")
     assert store.metadata == fresh.metadata == memory.metadata
     assert store.metadata["projection"]["segments"] == MLP_LAYOUT
-    for name in sorted(p.name for p in (tmp_path / "f").glob("*.npy")):
-        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    assert_same_store_files(tmp_path / "g", tmp_path / "f")
     np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
 
 

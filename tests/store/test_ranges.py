@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import tracin
+from store_files import assert_same_store_files
 from tracin.store import GradientStoreRangeWriter, StoreFormatError
 from tracin.store import _locks as locks
 
@@ -42,15 +43,9 @@ def _finalize(path: Path) -> tracin.GradientStore:
 
 
 def _assert_byte_identical(got: Path, expected: Path) -> None:
-    """The same files holding the same bytes; the manifests differ only in the random store id."""
-    names = sorted(p.name for p in expected.iterdir())
-    assert sorted(p.name for p in got.iterdir()) == names
-    for name in names:
-        if name != "manifest.json":
-            assert (got / name).read_bytes() == (expected / name).read_bytes(), name
-    ours, theirs = (json.loads((p / "manifest.json").read_text()) for p in (got, expected))
-    assert ours.pop("id") != theirs.pop("id")
-    assert ours == theirs and ours["complete"]
+    """The same files holding the same bytes, a complete store; the manifests differ only in the random id."""
+    ours, _ = assert_same_store_files(got, expected)
+    assert ours["complete"]
 
 
 def test_two_processes_writing_halves_at_once_make_the_single_writer_store(tmp_path):

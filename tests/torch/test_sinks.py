@@ -11,6 +11,7 @@ from torch import nn
 from torch_oracle import classification_data, cnn_with_checkpoints, mlp, train_checkpoints
 
 import tracin
+from interrupts import ctrl_c_on_call
 from tracin.store._format import data_files
 from tracin.torch import export_gradients
 
@@ -100,23 +101,12 @@ def test_store_keeps_the_requested_dtype(setup, tmp_path, dtype):
     assert store.dtype == dtype
 
 
-def test_a_keyboard_interrupt_releases_the_store_for_a_resume(setup, tmp_path, monkeypatch):
+def test_a_keyboard_interrupt_releases_the_store_for_a_resume(setup, tmp_path):
     model, checkpoints, data = setup
     from tracin.torch import per_example
 
-    real = per_example.PerExampleGradients.__call__
-    calls = []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(per_example.PerExampleGradients, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt) as caught:  # the traceback keeps the export's frames alive
+    with ctrl_c_on_call(per_example.PerExampleGradients, "__call__", 3) as caught:  # its traceback keeps
         export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "g")
-    monkeypatch.setattr(per_example.PerExampleGradients, "__call__", real)
     export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "g")
     export_gradients(model, checkpoints, data, LOSS, batch_size=8, progress=False, store=tmp_path / "f")
     assert caught.value is not None and _store_bytes(tmp_path / "g") == _store_bytes(tmp_path / "f")

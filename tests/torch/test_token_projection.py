@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 import tracin
+from interrupts import ctrl_c_on_call
+from store_files import assert_same_store_files
 from tracin.projection import LayerMatrix
 from tracin.torch import export_gradients
 
@@ -158,7 +160,7 @@ def test_projection_apply_on_full_rows_gives_the_same_rows_for_any_batch_size_an
     assert runs[0].metadata["params"] == full.metadata["params"]
 
 
-def test_store_resume_dtype_and_scoring(tmp_path, monkeypatch):
+def test_store_resume_dtype_and_scoring(tmp_path):
     model, checkpoints = model_and_checkpoints(seed=6)
     ids, labels, _ = sequences(12, 5, seed=7)
     proj = tracin.Projection(6 * 4, 2, per_layer=True, kronecker=True)
@@ -166,24 +168,12 @@ def test_store_resume_dtype_and_scoring(tmp_path, monkeypatch):
     memory = export_gradients(model, checkpoints, (ids, labels), token_loss, **kwargs)
     from tracin.torch import token_projection
 
-    real = token_projection.KroneckerRows.__call__
-    calls = []
-
-    def interrupted(self, *args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(self, *args)
-
-    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_on_call(token_projection.KroneckerRows, "__call__", 4):
         export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "g", **kwargs)
-    monkeypatch.setattr(token_projection.KroneckerRows, "__call__", real)
     store = export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "g", **kwargs)
     fresh = export_gradients(model, checkpoints, (ids, labels), token_loss, store=tmp_path / "f", **kwargs)
-    assert calls and store.metadata == memory.metadata == fresh.metadata
-    for name in sorted(p.name for p in (tmp_path / "f").glob("*.npy")):
-        assert (tmp_path / "g" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    assert store.metadata == memory.metadata == fresh.metadata
+    assert_same_store_files(tmp_path / "g", tmp_path / "f")
     np.testing.assert_array_equal(tracin.self_influence(store), tracin.self_influence(memory))
     half = export_gradients(model, checkpoints, (ids, labels), token_loss, dtype="float16", **kwargs)
     np.testing.assert_array_equal(half.matrices[0], memory.matrices[0].astype(np.float16))
