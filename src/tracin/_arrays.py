@@ -63,9 +63,10 @@ def _from_dlpack_device(x: Any, name: str) -> tuple[Any, str]:
 def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, str]:
     """(view, dtype name) for a 2-D floating array; bfloat16 comes back as its uint16 bits.
 
-    No data is copied when each row is one contiguous run and rows do not overlap; otherwise
-    (column-strided, reversed, broadcast or sliding-window views) a C-contiguous copy is made,
-    since the kernel reads each row as one run at a row stride of at least the row length.
+    No data is copied when each row is one contiguous run, rows do not overlap and the byte order
+    is native; otherwise (column-strided, reversed, broadcast or sliding-window views, big-endian
+    arrays on a little-endian machine) one native C-contiguous copy is made, since the kernel
+    reads each row as one run of native numbers at a row stride of at least the row length.
 
     device_arrays: torch tensors on a GPU (and JAX / CuPy GPU arrays, through DLPack as torch
     tensors) come back as torch tensors on their device (bfloat16 as torch.bfloat16), for the
@@ -78,7 +79,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
     arr = np.asarray(x)
     dtype = arr.dtype.name
     if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
-        arr = arr.view(np.uint16)
+        arr = arr.view(np.dtype(np.uint16).newbyteorder(arr.dtype.byteorder))  # the bits, same byte order
     elif dtype not in ("float32", "float16"):
         raise TypeError(
             f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 (convert with .astype(np.float32))"
@@ -102,8 +103,8 @@ def _check_2d(arr: Any, dtype: str, name: str) -> tuple[Any, str]:
         return arr, dtype
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows, dims), got shape {arr.shape}")
-    if not _rows_are_runs(arr):
-        arr = np.ascontiguousarray(arr)
+    if not arr.dtype.isnative or not _rows_are_runs(arr):
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
     return arr, dtype
 
 

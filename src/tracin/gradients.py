@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,14 @@ def _as_list(x: Any, name: str) -> list[Any]:
             raise ValueError(f"{name} must hold at least one checkpoint")
         return list(x)
     return [x]
+
+
+def _check_not_path(x: Any, name: str | None) -> None:
+    """TypeError pointing to GradientStore.open when `x` is a path (str or os.PathLike), not an array
+    (the message starts with `name: ` unless name is None, for a caller that prefixes its own)."""
+    if isinstance(x, (str, os.PathLike)):
+        where = "" if name is None else f"{name}: "
+        raise TypeError(f"{where}got a path ({os.fspath(x)!r}); open the store with tracin.GradientStore.open(path)")
 
 
 def _weights(weights: Any, count: int) -> np.ndarray:
@@ -106,6 +115,7 @@ class _InMemory(GradientSet):
     def _init_blocks(self, arrays: list[Any], names: list[str]) -> None:
         self._blocks, self._dtypes = [], []
         for arr, name in zip(arrays, names, strict=True):
+            _check_not_path(arr, name)
             view, dtype = as_matrix(arr, name, device_arrays=True)
             self._blocks.append(view)
             self._dtypes.append(dtype)
@@ -158,6 +168,7 @@ class Gradients(_InMemory):
     factored = False
 
     def __init__(self, matrices: Any, weights: Sequence[float] | None = None, *, metadata: dict | None = None):
+        _check_not_path(matrices, None)  # the only array argument; scoring prefixes "test: " / "train: "
         arrays = _as_list(matrices, "matrices")
         self._init_blocks(arrays, [f"matrices[{c}]" for c in range(len(arrays))])
         self.weights = _weights(weights, len(arrays))
@@ -184,6 +195,8 @@ class FactoredGradients(_InMemory):
     factored = True
 
     def __init__(self, left: Any, right: Any, weights: Sequence[float] | None = None, *, metadata: dict | None = None):
+        _check_not_path(left, "left")
+        _check_not_path(right, "right")
         lefts, rights = _as_list(left, "left"), _as_list(right, "right")
         if len(lefts) != len(rights):
             raise ValueError(f"left has {len(lefts)} checkpoints but right has {len(rights)}")

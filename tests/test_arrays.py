@@ -1,0 +1,89 @@
+"""Arrays as they come in: non-native byte order (read by value, in memory and written to a store)
+and paths given where gradient arrays belong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import tracin
+from reference import assert_close_to_exact, exact_scores
+
+CAST = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+WEIGHTS = [0.5, 2.0]
+
+
+def _swapped(x: np.ndarray) -> np.ndarray:
+    """The same values in the other byte order (big-endian on a little-endian machine)."""
+    out = x.astype(x.dtype.newbyteorder("S"))
+    assert not out.dtype.isnative
+    return out
+
+
+def _sides(dtype: str, rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(test, train): per checkpoint 5 and 9 rows of native `dtype` values."""
+    test = [rng.standard_normal((5, d)).astype(CAST[dtype]) for d in (7, 3)]
+    train = [rng.standard_normal((9, d)).astype(CAST[dtype]) for d in (7, 3)]
+    return test, train
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_non_native_byte_order_is_scored_by_value(dtype, rng):
+    test, train = _sides(dtype, rng)
+    # the train side also column-strided: one copy then both reorders the bytes and packs the rows
+    wide = [np.repeat(m, 2, axis=1) for m in train]
+    swapped_test = [_swapped(m) for m in test]
+    swapped_train = [_swapped(m)[:, ::2] for m in wide]
+    t, x = tracin.Gradients(swapped_test, WEIGHTS), tracin.Gradients(swapped_train, WEIGHTS)
+    assert all(m.dtype.isnative for m in t.matrices + x.matrices)
+    assert t.dtypes == x.dtypes == (dtype, dtype)
+
+    assert_close_to_exact(tracin.scores(t, x), test, train, WEIGHTS)
+    exact = exact_scores(test, train, WEIGHTS)
+    result = tracin.top_k(t, x, k=4)
+    np.testing.assert_array_equal(result.indices, np.argsort(-exact, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(result.values, np.sort(exact, axis=1)[:, ::-1][:, :4], rtol=1e-5)
+    self_exact = sum(w * (m.astype(np.float64) ** 2).sum(1) for w, m in zip(WEIGHTS, train, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(x), self_exact, rtol=1e-5)
+    assert [m.dtype.isnative for m in swapped_test] == [False, False]  # the caller's arrays are left alone
+
+
+@pytest.mark.parametrize("source", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("target", ["float32", "float16", "bfloat16"])
+def test_non_native_byte_order_is_written_to_a_store_by_value(tmp_path, rng, source, target):
+    test, train = _sides(source, rng)
+    ids = np.arange(100, 109, dtype=np.int64)
+    stores = []
+    for name, blocks, id_array in [("native", train, ids), ("swapped", [_swapped(m) for m in train], _swapped(ids))]:
+        w = tracin.GradientStore.create(tmp_path / name, 9, [7, 3], WEIGHTS, dtype=target, ids=id_array)
+        for c, m in enumerate(blocks):
+            w.write(c, 0, m[:4])
+            w.write(c, 4, m[4:])
+        stores.append(w.finalize())
+    native, swapped = stores
+    for c in range(2):
+        np.testing.assert_array_equal(swapped.kernel_side().blocks[c], native.kernel_side().blocks[c])
+    np.testing.assert_array_equal(swapped.ids, ids)
+    stored = [m.astype(CAST[target]) for m in train]  # what the store holds: the values rounded to its dtype
+    assert_close_to_exact(tracin.scores(tracin.Gradients(test), swapped), test, stored, WEIGHTS)
+    self_exact = sum(w * (m.astype(np.float64) ** 2).sum(1) for w, m in zip(WEIGHTS, stored, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(swapped), self_exact, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["grads/train", Path("grads/train")])
+def test_a_path_where_gradients_belong_points_to_gradient_store_open(path, rng):
+    test = rng.standard_normal((3, 4)).astype(np.float32)
+    advice = r"got a path \('grads/train'\); open the store with tracin\.GradientStore\.open\(path\)"
+    with pytest.raises(TypeError, match=rf"^train: {advice}$"):
+        tracin.top_k(test, path)
+    with pytest.raises(TypeError, match=rf"^test: {advice}$"):
+        tracin.scores(path, test)
+    with pytest.raises(TypeError, match=rf"^train: matrices\[1\]: {advice}$"):
+        tracin.aggregate([test, test], [test, path])
+    with pytest.raises(TypeError, match=rf"^{advice}$"):
+        tracin.Gradients(path)
+    with pytest.raises(TypeError, match=rf"^right: {advice}$"):
+        tracin.FactoredGradients(test, path)
