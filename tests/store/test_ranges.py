@@ -309,6 +309,29 @@ def test_a_malformed_progress_file_is_refused_naming_it(tmp_path, changes, messa
         assert w.rows_done(0) == 40
 
 
+@pytest.mark.parametrize(
+    "start, stop, written",
+    [(500, 700, [[[500, 700]], []]), (600, 601, [[], []]), (300, 300, [[], []]), (400, 300, [[], []])],
+)
+def test_a_progress_file_for_rows_outside_the_store_is_refused_and_the_store_stays_usable(
+    tmp_path, start, stop, written
+):
+    path = tmp_path / "s"
+    _create(path)
+    name = f"rows-{start}-{stop}.json"
+    (path / name).write_text(_progress(path, rows=[start, stop], written=written))
+    pattern = (
+        rf"{name}: rows \[{start}, {stop}\) are not a non-empty range within the store's {N_ROWS} rows; "
+        rf"remove it to write rows \[{start}, {stop}\) again"
+    )
+    with pytest.raises(StoreFormatError, match=pattern):  # not merged: that would mark rows past the end written
+        tracin.GradientStore.create(path, **SPEC)
+    assert json.loads((path / "manifest.json").read_text())["checkpoints"][0]["written"] == []
+    assert tracin.GradientStore.open(path, allow_partial=True).n_rows == 0
+    (path / name).unlink()  # as the error advises
+    _single_writer_store(path)
+
+
 @pytest.mark.parametrize("name", ["rows-0-300.json", "rows-0-300.lock"])
 def test_a_link_planted_as_a_range_file_is_refused_and_never_followed(tmp_path, name):
     path = tmp_path / "s"

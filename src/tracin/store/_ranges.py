@@ -56,6 +56,8 @@ class RangeProgress:
             raise fail(
                 f"written for another store (id {short(doc.get('id'))}, but the store's id is {manifest.store_id})"
             )
+        if not 0 <= start < stop <= manifest.n_rows:
+            raise fail(f"rows [{start}, {stop}) are not a non-empty range within the store's {manifest.n_rows} rows")
         if doc.get("rows") != [start, stop]:
             raise fail(f"rows must be [{start}, {stop}] as the file's name says, got {short(doc.get('rows'))}")
         written = doc.get("written")
