@@ -162,3 +162,29 @@ def test_diagnostics_sum_the_layers_of_each_checkpoint(tmp_path):
         checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), top=0)
     with pytest.raises(ValueError, match="labels must name each of the 4 checkpoints"):
         checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), path=tmp_path / "x.png", labels=["a"])
+
+
+def test_diagnostics_group_layers_from_metadata_in_memory_as_in_a_store(tmp_path):
+    # 2 checkpoints x 2 layers, as a factored export records them: one fingerprint per checkpoint
+    rng = np.random.default_rng(7)
+    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    left, right = _factored(rng, 60, dims=dims)
+    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    writer = tracin.GradientStore.create(tmp_path / "s", 60, dims, w, factored=True, metadata=meta)
+    with writer:
+        for c, pair in enumerate(zip(left, right, strict=True)):
+            writer.write(c, 0, pair)
+        store = writer.finalize()
+    memory = checkpoint_diagnostics(tracin.FactoredGradients(left, right, w, metadata=meta), top=6)
+    stored = checkpoint_diagnostics(store, top=6)
+    slots = np.stack(
+        [
+            wc * (lf.astype(np.float64) ** 2).sum(1) * (rt.astype(np.float64) ** 2).sum(1)
+            for wc, lf, rt in zip(w, left, right, strict=True)
+        ],
+        1,
+    )
+    assert memory.terms.shape == stored.terms.shape == (60, 2)
+    np.testing.assert_allclose(memory.terms, slots[:, 0::2] + slots[:, 1::2], rtol=1e-5)
+    np.testing.assert_array_equal(memory.terms, stored.terms)
+    np.testing.assert_array_equal(memory.overlap, stored.overlap)

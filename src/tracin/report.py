@@ -19,8 +19,7 @@ import numpy as np
 from ._arrays import DTYPE_CODES
 from .backends import TopK
 from .gradients import GradientSet
-from .scoring import _pair, as_gradient_set, self_influence
-from .store import GradientStore
+from .scoring import _checkpoint_run, _pair, as_gradient_set, self_influence
 from .store._convert import bfloat16_bits_to_float32
 
 _GATHER_BYTES = 64 << 20  # float64 bytes of gathered train rows per test chunk in checkpoint_contributions
@@ -99,7 +98,7 @@ class CheckpointDiagnostics:
 
 def _slots_per_checkpoint(train: GradientSet, layers_per_checkpoint: int | None) -> int:
     if layers_per_checkpoint is None:
-        return int(train.info()["layers_per_checkpoint"]) if isinstance(train, GradientStore) else 1
+        return _checkpoint_run(train) or 1
     if (
         isinstance(layers_per_checkpoint, bool)
         or not isinstance(layers_per_checkpoint, int)
@@ -134,7 +133,8 @@ def checkpoint_diagnostics(
 
     top: rows of the ranking compared (default: 10% of the rows, at least 1).
     layers_per_checkpoint: slots of the set that belong to one checkpoint (factored exports store
-    one slot per layer); default: what a store records, else 1.
+    one slot per layer); default: what the set's metadata records (one fingerprint per checkpoint
+    in metadata["fingerprints"]["checkpoints"], in memory or in a store), else 1.
     labels: one name per checkpoint for the figure (default "1", "2", ...); traced: the number of
     checkpoints a recipe traces, marked in the figure.
     """
