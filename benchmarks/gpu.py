@@ -14,6 +14,8 @@ copy bandwidth. Goals (issue 14): device-resident >= 80% of that sgemm throughpu
 ("torch:cpu") as a smoke test; its figures say nothing about a GPU. Writes results/gpu.json
 (gpu_quick.json with --quick or --device cpu). A part that fails (out of memory, a peer that breaks)
 is recorded under "errors" and the other parts still run and are written; the exit status is then 1.
+The record is rewritten after each part ("complete": false until the end), so a run stopped at a time
+limit leaves what it measured.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ class Errors(dict):
             return None
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
+    """The whole record; `save` is given the record so far after each part."""
     device = torch.device(args.device)
     tracin_device = "torch:cpu" if device.type == "cpu" else str(device)
     quick = args.quick or device.type == "cpu"
@@ -149,12 +152,28 @@ def run(args: argparse.Namespace) -> dict:
             "limits.h2d_gbs", lambda: h2d_gbs(min(train_host.nbytes, 1 << 30), device, args.repeats), device
         ),
     }
+
+    def partial(cases: list[dict]) -> None:
+        save(
+            {
+                "config": {**size, "device": str(device), "quick": quick},
+                "limits": limits,
+                "cases": cases,
+                "errors": dict(errors),
+                "complete": False,
+            }
+        )
+
+    partial([])
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-bench-", dir=args.dir))
     try:
         store = write_store(folder / "train", train_host)
-        result = _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits, errors)
+        result = _measure(
+            args, device, tracin_device, test, train, test_host, train_host, store, limits, errors, partial
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    save({**result, "errors": dict(errors), "complete": False})
     sizes = EXPORT_QUICK if quick else EXPORT_FULL
     devices = [str(device), "cpu"] if device.type == "cuda" else ["cpu"]
     seconds = {
@@ -163,6 +182,8 @@ def run(args: argparse.Namespace) -> dict:
     result["export"] = {**sizes, "checkpoints": 2, "devices": seconds}
     result["config"]["quick"] = quick
     result["errors"] = dict(errors)
+    result["complete"] = True
+    save(result)
     return result
 
 
@@ -194,7 +215,7 @@ def export_seconds(device: str, examples: int, hidden: int) -> dict:
     return out
 
 
-def _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits, errors) -> dict:
+def _measure(args, device, tracin_device, test, train, test_host, train_host, store, limits, errors, partial) -> dict:
     m, n = test.shape[0], train.shape[0]
     on_device = tracin.Gradients(test) if device.type == "cuda" else tracin.Gradients(test_host)
     train_set = tracin.Gradients(train) if device.type == "cuda" else tracin.Gradients(train_host)
@@ -220,6 +241,7 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
         cases.append(
             {"k": k, "side": "proponents", "times": _timed(contenders, args.repeats, f"k={k}", errors, device)}
         )
+        partial(cases)
     both = {
         "tracin_device_resident_both_sides": lambda: tracin.top_k(
             on_device, train_set, 10, side="both", device=tracin_device, progress=False
@@ -334,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(f"benchmarks.gpu: torch {torch.__version__} sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
-    result = run(args)
-    path = write_json("gpu_quick" if result["config"]["quick"] else "gpu", result, args.out)
+    name = "gpu_quick" if args.quick or torch.device(args.device).type == "cpu" else "gpu"
+    path = args.out / f"{name}.json"
+    result = run(args, lambda record: write_json(name, record, args.out))
     for case in result["cases"]:
         for name, t in case["times"].items():
             print(f"k={case['k']:<5} {case['side']:<10} {name:34s} {t['median_s'] * 1e3:9.2f} ms")

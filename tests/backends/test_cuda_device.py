@@ -7,6 +7,8 @@ same code path runs on the CPU in tests/backends/test_torch_device.py.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -37,10 +39,14 @@ def test_gpu_rows_are_scored_on_their_device_within_the_bound(rng):
     assert np.all(np.abs(tracin.aggregate(t, x) - exact.sum(0)) <= bound.sum(0))
     own = sum(c * (b.astype(np.float64) ** 2).sum(1) for c, b in zip(w, train, strict=True))
     np.testing.assert_allclose(tracin.self_influence(x), own, rtol=1e-5)
-    both = tracin.top_k(t, x, k=3000, side="both")  # k beyond faiss-gpu's 2048
+    # k beyond faiss-gpu's 2048, on small integers (exact in float32 whatever the summation order, so
+    # the same bits as the C++ kernel; random rows' near-equal scores would swap places)
+    test, train = [np.round(2 * b) for b in test], [np.round(2 * b) for b in train]
+    both = tracin.top_k(tracin.Gradients(on_gpu(test), w), tracin.Gradients(on_gpu(train), w), k=3000, side="both")
     kernel = tracin.top_k(tracin.Gradients(test, w), tracin.Gradients(train, w), k=3000, side="both")
     for got, want in zip(both, kernel, strict=True):
         np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.values, want.values)
 
 
 def test_ties_go_to_the_smaller_index_on_the_gpu(rng, monkeypatch):
@@ -56,27 +62,30 @@ def test_ties_go_to_the_smaller_index_on_the_gpu(rng, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_a_store_streams_to_the_gpu(rng, tmp_path, monkeypatch, dtype):
-    """Pinned double buffers on a side stream, many tiles per store chunk, many chunks."""
+    """Pinned double buffers on a side stream, many tiles per store chunk, many chunks. Small integers
+    and weights of powers of two: every score is exact in float32, so the GPU's results are the C++
+    kernel's bits, ties included."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 64 * 1024)
-    w = [0.1, 0.02]
-    train = [rng.standard_normal((40_000, 96)).astype(np.float32), rng.standard_normal((40_000, 32)).astype(np.float32)]
+    w = [0.5, 0.25]
+    train = [np.round(2 * rng.standard_normal((40_000, d))).astype(np.float32) for d in (96, 32)]
     writer = tracin.GradientStore.create(tmp_path / "s", 40_000, [96, 32], w, dtype)
     for c, block in enumerate(train):
         writer.write(c, 0, block)
     writer.finalize()
     store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=3 * 2**20)
-    test = tracin.Gradients([rng.standard_normal((30, d)).astype(np.float32) for d in (96, 32)], w)
+    test = tracin.Gradients([np.round(2 * rng.standard_normal((30, d))).astype(np.float32) for d in (96, 32)], w)
     gpu = tracin.top_k(test, store, k=25, side="both", device="cuda")
     cpu = tracin.top_k(test, store, k=25, side="both", device="cpu")
     for got, want in zip(gpu, cpu, strict=True):
         np.testing.assert_array_equal(got.indices, want.indices)
-        np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(tracin.self_influence(store, device="cuda"), tracin.self_influence(store), rtol=1e-5)
+        np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(tracin.self_influence(store, device="cuda"), tracin.self_influence(store))
 
 
 def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatch):
     """Stores on both sides, each read in many chunks: every test chunk is uploaded once for all the
-    train pieces it meets, and the streamed results equal the C++ kernel's."""
+    train pieces it meets, and the streamed results equal the C++ kernel's (small integers: the same
+    bits; cosine scores, which are not exact, within float32 rounding)."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 16 * 1024)
     uploaded: list[int] = []
     whole = _torch_rows.whole
@@ -86,7 +95,7 @@ def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatc
     sets = []
     for name, n in (("test", 50), ("train", 6000)):
         writer = tracin.GradientStore.create(tmp_path / name, n, [64], [0.5])
-        writer.write(0, 0, rng.standard_normal((n, 64)).astype(np.float32))
+        writer.write(0, 0, np.round(2 * rng.standard_normal((n, 64))).astype(np.float32))
         writer.finalize()
         sets.append(tracin.GradientStore.open(tmp_path / name, chunk_bytes=64 * 4 * (20 if name == "test" else 700)))
     test, train = sets
@@ -96,7 +105,11 @@ def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatc
         assert uploaded == [20, 20, 10]  # 3 test chunks x 9 train pieces: 3 uploads
         cpu = tracin.top_k(test, train, k=30, side="both", device="cpu", normalize=normalize)
         for got, want in zip(gpu, cpu, strict=True):
-            np.testing.assert_array_equal(got.indices, want.indices)
+            if normalize:  # near-equal cosines may swap places: the k best values per row agree
+                np.testing.assert_allclose(got.values, want.values, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(got.indices, want.indices)
+                np.testing.assert_array_equal(got.values, want.values)
 
 
 @pytest.mark.parametrize("second_pass", [False, True])
@@ -161,3 +174,26 @@ def test_device_mismatches_and_bad_rows_are_value_errors(rng):
     rows[4, 1] = float("nan")
     with pytest.raises(ValueError, match=r"train checkpoint 0 contains NaN or Inf values, first in rows \[4\]"):
         tracin.top_k(torch.randn(2, 5, device="cuda"), rows)
+
+
+@pytest.mark.parametrize("library", ["cupy", "jax"])
+def test_cupy_and_jax_gpu_arrays_are_scored_on_their_device(rng, monkeypatch, library):
+    """Arrays of other libraries on the GPU come in through DLPack, sharing memory: the same bits as
+    the C++ kernel on small integers."""
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX would take 75% of the GPU
+    module = pytest.importorskip(library)
+    if library == "cupy":
+        to_gpu = module.asarray
+    else:
+        gpus = [d for d in module.devices() if d.platform == "gpu"]
+        if not gpus:
+            pytest.skip("this JAX sees no GPU")
+        to_gpu = functools.partial(module.device_put, device=gpus[0])
+    test = np.round(2 * rng.standard_normal((23, 48))).astype(np.float32)
+    train = np.round(2 * rng.standard_normal((3000, 48))).astype(np.float32)
+    got = tracin.top_k(to_gpu(test), to_gpu(train), k=40, side="both")
+    want = tracin.top_k(test, train, k=40, side="both")
+    for ours, theirs in zip(got, want, strict=True):
+        np.testing.assert_array_equal(ours.indices, theirs.indices)
+        np.testing.assert_array_equal(ours.values, theirs.values)
+    np.testing.assert_array_equal(tracin.self_influence(to_gpu(train)), tracin.self_influence(train))

@@ -57,7 +57,10 @@ def export_gradients(
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
-        left exactly as it was (weights, train/eval flags, requires_grad).
+        left exactly as it was (weights, train/eval flags, requires_grad). It runs on the device of
+        its parameters under torch's settings as they are: on a GPU, cuDNN convolutions use TF32 by
+        default (relative errors near 1e-3); set torch.backends.cudnn.allow_tf32 = False (and keep
+        float32 matmul precision "highest") for float32 gradients.
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (files with
         torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
