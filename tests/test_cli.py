@@ -383,6 +383,32 @@ def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
     assert "argument --workers: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_workers_that_keep_dying_are_one_line(stores, capsys, monkeypatch):
+    pytest.importorskip("distributed")
+    import contextlib
+
+    import tracin.distributed as td
+    import tracin.distributed._cluster
+
+    paths, _, _ = stores
+    died = td.TaskFailedError("tracin.distributed top_k: the task on rows [0, 40) of train failed because ...")
+    monkeypatch.setattr(tracin.distributed._cluster, "local_client", lambda n: contextlib.nullcontext("client"))
+
+    def fail(*args, **kwargs):
+        assert kwargs["client"] == "client"
+        raise died
+
+    for name in ("top_k", "self_influence"):
+        monkeypatch.setattr(td, name, fail)
+    for command in (
+        _score(paths, "--scheduler", "local"),
+        ["self-influence", str(paths["train"]), "--scheduler", "local"],
+    ):
+        assert main(command) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert line.endswith(": error: tracin.distributed top_k: the task on rows [0, 40) of train failed because ...")
+
+
 # -- progress bars -------------------------------------------------------------------------------
 def test_bar_over_passes_counts_examples_not_examples_times_passes(capsys):
     bar = _progress.progress_bar(500, True, "export", passes=3)

@@ -82,26 +82,29 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     try:
         from distributed import Client
 
+        from .distributed import TaskFailedError
         from .distributed._cluster import local_client, usable_cores
     except ImportError as e:
         raise CommandError(f"--scheduler needs Dask: pip install 'tracin[distributed]' ({e})") from e
     if args.scheduler == "local":
-        with local_client(args.workers or usable_cores()) as client:
-            yield client
-        return
-    if args.workers is not None:
+        connection = local_client(args.workers or usable_cores())
+    elif args.workers is not None:
         raise CommandError(
             f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
             "the workers of a running scheduler are its own"
         )
-    try:
-        client = Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
-    except (OSError, ValueError) as e:
-        raise CommandError(
-            f"--scheduler: cannot connect to a Dask scheduler at {args.scheduler} ({_one_line(e)})"
-        ) from e
-    with client:
-        yield client
+    else:
+        try:
+            connection = Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, ValueError) as e:
+            raise CommandError(
+                f"--scheduler: cannot connect to a Dask scheduler at {args.scheduler} ({_one_line(e)})"
+            ) from e
+    with connection as client:
+        try:
+            yield client
+        except TaskFailedError as e:  # workers that kept dying: one line, not a traceback
+            raise CommandError(_one_line(e)) from e
 
 
 # -- commands ------------------------------------------------------------------------------------

@@ -119,3 +119,24 @@ def test_failure_on_the_default_client_is_raised_as_is(client, tied, tmp_path):
     lost.unlink()
     with client.as_current(), pytest.raises(StoreFormatError, match=f"{lost}: data file is missing"):
         td.self_influence(store, shards=2)
+
+
+def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch):
+    # KilledWorker injected where Job.wait collects results: no cluster needed for the error class.
+    import tracin.distributed._run as run
+
+    class FakeClient:
+        loop = None
+
+        def cancel(self, futures):
+            pass
+
+    def killed(futures, loop):
+        raise run.KilledWorker(task="k-0", last_worker=None, allowed_failures=0)
+
+    monkeypatch.setattr(run, "as_completed", killed)
+    job = Job(FakeClient(), "self_influence")
+    job.labels["k-0"] = "rows [0, 4) of /some/store"
+    with pytest.raises(td.TaskFailedError, match=r"rows \[0, 4\) of /some/store .* died 1 time \(") as e:
+        job.wait(["shard"], progress=False)
+    assert isinstance(e.value, RuntimeError) and isinstance(e.value.__cause__, run.KilledWorker)

@@ -11,6 +11,9 @@ worker processes are spawned and import the script).
 
 export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
 adapter's export as row ranges written by the tasks into one store (see its docstring).
+
+A task whose workers keep dying (out of memory, killed) fails the call with TaskFailedError (a
+RuntimeError) naming its shard; an error the task itself raises is raised as it is.
 """
 
 try:
@@ -22,5 +25,6 @@ except ImportError as e:
 
 from ._api import aggregate, self_influence, top_k
 from ._export import export_gradients
+from ._run import TaskFailedError
 
-__all__ = ["aggregate", "export_gradients", "self_influence", "top_k"]
+__all__ = ["TaskFailedError", "aggregate", "export_gradients", "self_influence", "top_k"]

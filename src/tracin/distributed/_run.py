@@ -17,6 +17,11 @@ RETRIES = 2
 FAN_IN = 8  # results merged per merge task (tree depth log_8 of the shard count)
 
 
+class TaskFailedError(RuntimeError):
+    """A task of a distributed job failed because the workers running it kept dying (Dask's
+    KilledWorker, after distributed.scheduler.allowed-failures reruns); the message names its shard."""
+
+
 class Job:
     """The tasks of one call on `client`; every future it made is released when it ends."""
 
@@ -50,7 +55,7 @@ class Job:
     def wait(self, shards: list[Future], progress: bool, final: Future | None = None) -> Any:
         """Waits for the shard tasks (a bar over them if `progress`), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
-        its workers as a RuntimeError naming its shard. Cancels what is left either way."""
+        its workers as a TaskFailedError naming its shard. Cancels what is left either way."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
@@ -60,10 +65,11 @@ class Job:
             return final.result() if final is not None else self.client.gather(shards)
         except KilledWorker as e:
             task = self.labels.get(e.task, e.task)
-            raise RuntimeError(
-                f"tracin.distributed {self.what}: the task on {task} failed because the "
-                f"workers running it died {e.allowed_failures + 1} times (out of memory? "
-                "a file changed while mapped?)"
+            deaths = e.allowed_failures + 1
+            raise TaskFailedError(
+                f"tracin.distributed {self.what}: the task on {task} failed because the workers "
+                f"running it died {deaths} time{'s' if deaths > 1 else ''} (out of memory? a file "
+                "changed while mapped?)"
             ) from e
         finally:
             bar.close()
