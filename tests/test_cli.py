@@ -198,6 +198,29 @@ def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, ca
     assert e.value.code == 2
 
 
+def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch):
+    paths, _, _ = stores
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before --output was checked")
+
+    monkeypatch.setattr(tracin, "top_k", never)
+    monkeypatch.setattr(tracin, "self_influence", never)
+    missing = tmp_path / "no" / "such"
+    for command, output in (
+        (_score(paths), missing / "x.npz"),
+        (["self-influence", str(paths["train"])], missing / "rank.csv"),
+    ):
+        assert main([*command, "-o", str(output)]) == 1
+        assert f"--output: folder {missing} does not exist" in _error_line(capsys.readouterr().err, command[0])
+    assert main(_score(paths, "-o", str(tmp_path))) == 1
+    assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
+    (tmp_path / "dir.csv").mkdir()
+    for command in (_score(paths), ["self-influence", str(paths["train"])]):
+        assert main([*command, "-o", str(tmp_path / "dir.csv")]) == 1
+        assert f"--output: {tmp_path / 'dir.csv'} is a folder" in _error_line(capsys.readouterr().err, command[0])
+
+
 def test_malformed_stores_are_one_line_errors(stores, tmp_path, capsys):
     from tracin.store._format import MANIFEST
 

@@ -61,6 +61,24 @@ def _open_store(path: str, option: str, allow_partial: bool):
     return store
 
 
+def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
+    """--output as a Path, checked before any work: an accepted suffix (if `suffixes`), not a
+    folder, in an existing folder this process may write in (and writable itself if it exists)."""
+    if path is None:
+        return None
+    out = Path(path)
+    if suffixes and out.suffix not in suffixes:
+        raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name}")
+    folder = out.parent
+    if out.is_dir():
+        raise CommandError(f"--output: {out} is a folder; give a file name")
+    if not folder.is_dir():
+        raise CommandError(f"--output: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CommandError(f"--output: cannot write {out} (permission denied)")
+    return out
+
+
 def _ids(store) -> list | None:
     ids = store.ids
     return None if ids is None else ids.tolist()
@@ -121,9 +139,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     import tracin
 
-    out = None if args.output is None else Path(args.output)
-    if out is not None and out.suffix not in (".npz", ".csv"):
-        raise CommandError(f"--output must end in .npz or .csv, got {out.name}")
+    out = _check_output(args.output, (".npz", ".csv"))
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
     with _cluster(args) as client:
@@ -183,6 +199,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
     import tracin
 
+    out = _check_output(args.output)
     store = _open_store(args.path, "PATH", args.allow_partial)
     with _cluster(args) as client:
         if client is None:
@@ -203,13 +220,13 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         for rank, i in enumerate(order.tolist(), 1):
             w.writerow([rank, i, ids[i] if ids else i, f"{scores[i]:.8g}"])
 
-    if args.output is None:
+    if out is None:
         write(sys.stdout)
         print(summary, file=sys.stderr)
     else:
-        with open(args.output, "w", newline="") as f:
+        with open(out, "w", newline="") as f:
             write(f)
-        print(f"{summary}: wrote {args.output}")
+        print(f"{summary}: wrote {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
