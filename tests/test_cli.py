@@ -179,6 +179,25 @@ def test_allow_partial_scores_the_rows_written(stores, tmp_path, capsys):
     assert len(ranked) == 25
 
 
+def test_allow_partial_with_no_usable_rows_is_an_error_naming_the_side(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    gap = tracin.GradientStore.create(tmp_path / "gap", 40, [6, 4], weights=weights)
+    for c, m in enumerate(blocks["train"]):
+        gap.write(c, 10, m[10:20])  # rows recorded, but none from row 0 on
+    gap.close()
+    for command, option in (
+        (["score", "--test", str(tmp_path / "gap"), "--train", str(paths["train"])], "--test"),
+        (["score", "--test", str(paths["test"]), "--train", str(tmp_path / "gap")], "--train"),
+        (["self-influence", str(tmp_path / "gap")], "PATH"),
+    ):
+        assert main(command) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert f"{option}: gradient store" in line and "(rows usable from row 0, per checkpoint: 0, 0 of 40)" in line
+        assert main([*command, "--allow-partial"]) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert f"{option}: gradient store {tmp_path / 'gap'} has no usable rows yet" in line and "0, 0 of 40" in line
+
+
 # -- errors --------------------------------------------------------------------------------------
 def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1

@@ -46,18 +46,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # -- stores --------------------------------------------------------------------------------------
 def _open_store(path: str, option: str, allow_partial: bool):
-    """The store at `path`; an unfinished one is an error naming --allow-partial unless allowed."""
+    """The store at `path`; an unfinished one is an error naming --allow-partial unless allowed,
+    and one with no usable rows (none written from row 0 on) an error naming `option`."""
     from .store import GradientStore
 
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
     store = GradientStore.open(path, allow_partial=allow_partial)
+    # rows usable = the prefix written for every checkpoint; `tracin info` counts rows recorded anywhere
+    info = store.info()
+    usable = f"rows usable from row 0, per checkpoint: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
     if not store.complete and not allow_partial:
-        written = ", ".join(map(str, store.info()["rows_written"]))
         raise CommandError(
-            f"{option}: gradient store {path} is unfinished (rows written per checkpoint: {written} of "
-            f"{store.n_rows}); finish the export, or pass --allow-partial to use the rows written so far"
+            f"{option}: gradient store {path} is unfinished ({usable}); finish the export, "
+            "or pass --allow-partial to use the rows written so far"
         )
+    if store.n_rows == 0:
+        state = "has no rows" if store.complete else f"has no usable rows yet ({usable})"
+        raise CommandError(f"{option}: gradient store {path} {state}; nothing to score")
     return store
 
 
