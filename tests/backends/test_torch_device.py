@@ -4,6 +4,9 @@ both sides, ties) against the C++ kernel and float64 NumPy; device= placement an
 
 from __future__ import annotations
 
+import threading
+import types
+
 import numpy as np
 import pytest
 
@@ -11,7 +14,7 @@ import tracin
 from reference import exact_scores, factored_to_full, score_bound
 from tracin import _tunables, backends
 from tracin._arrays import as_matrix
-from tracin.backends import _torch_topk, placement
+from tracin.backends import _torch_topk, placement, torch_device
 from tracin.gradients import GradientSet, KernelSide
 
 torch = pytest.importorskip("torch")
@@ -304,3 +307,98 @@ def test_cuda_means_the_current_gpu_for_placement_and_backend_alike(rng, monkeyp
         placement.choose("cuda", "float32", {"train": OnDevice("cuda:1")})
     with pytest.raises(ValueError, match=r"device='cuda:4': torch sees 4 CUDA device\(s\)"):
         placement.choose("cuda:4", "float32", {"train": host})
+
+
+NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+@pytest.fixture
+def precision_restored():
+    """torch's fp32_precision settings as they were before the test (their raw "none" included)."""
+    matmul, generic = torch.backends.cuda.matmul, torch.backends.fp32_precision
+    before = matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision = generic
+    matmul.fp32_precision = "none"
+    if matmul.fp32_precision != before:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
+@pytest.mark.parametrize("user_sets", ["torch.backends", "torch.backends.cuda.matmul"])
+def test_the_precision_scope_uses_torch_new_api_and_restores_the_users_setting(precision_restored, user_sets):
+    """After a user (or transformers' tf32=True) allows TF32 through the new API, the legacy getter
+    raises; scoring's scope sets and restores the new API instead, inherited values still inherited."""
+    matmul = torch.backends.cuda.matmul
+    if user_sets == "torch.backends":
+        torch.backends.fp32_precision = "tf32"
+    else:
+        matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.get_float32_matmul_precision()  # what the scope called before
+    with torch_device._matmul_precision(tf32=False):
+        assert matmul.fp32_precision == "ieee"
+        with torch_device._matmul_precision(tf32=True):
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
+    assert matmul.fp32_precision == "tf32"
+    torch.backends.fp32_precision = "ieee"  # inherited by matmul only where the user set the parent
+    assert matmul.fp32_precision == ("ieee" if user_sets == "torch.backends" else "tf32")
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
+def test_the_precision_scope_leaves_the_default_state_as_it_was(precision_restored):
+    matmul = torch.backends.cuda.matmul
+    assert matmul.fp32_precision == "none" and torch.backends.fp32_precision == "none"
+    with torch_device._matmul_precision(tf32=True):
+        assert matmul.fp32_precision == "tf32"
+    assert matmul.fp32_precision == "none"
+    assert torch.get_float32_matmul_precision() == "highest"  # the legacy getter works as before
+    with torch_device._matmul_precision(tf32=False):
+        pass
+    torch.set_float32_matmul_precision("high")  # a legacy-API user: the scope keeps it readable
+    with torch_device._matmul_precision(tf32=False):
+        assert matmul.fp32_precision == "ieee"
+    assert torch.get_float32_matmul_precision() == "high" and matmul.fp32_precision == "tf32"
+    torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.parametrize("tf32, inside", [(False, "highest"), (True, "high")])
+def test_the_precision_scope_on_torch_without_the_new_api(monkeypatch, tf32, inside):
+    """torch < 2.9 (faked: a matmul namespace without fp32_precision): the legacy functions."""
+    monkeypatch.setattr(torch.backends.cuda, "matmul", types.SimpleNamespace())
+    calls = ["medium"]
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: calls[-1])
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    with torch_device._matmul_precision(tf32):
+        assert calls == ["medium", inside]
+    assert calls == ["medium", inside, "medium"]
+
+
+def test_a_scope_in_another_thread_waits_for_the_precision_lock():
+    """Two calls at different precisions never overlap: the second enters after the first left."""
+    events: list[str] = []
+    inside, leave = threading.Event(), threading.Event()
+
+    def first():
+        with torch_device._matmul_precision(tf32=True):
+            events.append("first in")
+            inside.set()
+            leave.wait(10)
+            events.append("first out")
+
+    def second():
+        with torch_device._matmul_precision(tf32=False):
+            events.append("second in")
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert inside.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.3)  # without the lock it would have entered by now
+    assert b.is_alive() and events == ["first in"]
+    leave.set()
+    a.join(10)
+    b.join(10)
+    assert events == ["first in", "first out", "second in"]

@@ -22,12 +22,15 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py). TF32 is off 
 precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
 scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
+The precision is torch's process-wide setting, so CUDA calls of one process run one at a time
+(_PRECISION_LOCK).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -332,20 +335,50 @@ def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
     return "NaN or Inf values in the input"
 
 
+_PRECISION_LOCK = threading.RLock()
+"""Held by each scoring call on a CUDA device while it runs (_matmul_precision): the float32 matmul
+precision it sets is torch's one process-wide setting, so a call in another thread (a threaded Dask
+worker, a precision="tf32" call beside a float32 one) waits instead of running its GEMMs at the
+other's precision. Module state only to guard torch's own global; re-entrant for nested calls."""
+
+
 @contextlib.contextmanager
 def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
     """On a CUDA device: it is the current device, and float32 GEMMs use TF32 or not as asked
-    (torch's process-wide float32 matmul precision, restored after)."""
+    (_matmul_precision); nothing to set for CPU tensors."""
     if device.type != "cuda":
         yield
         return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        with torch.cuda.device(device):
+    with _matmul_precision(tf32), torch.cuda.device(device):
+        yield
+
+
+@contextlib.contextmanager
+def _matmul_precision(tf32: bool) -> Iterator[None]:
+    """torch's float32 matmul precision on CUDA set to TF32 or full float32 for the block and restored
+    after, under _PRECISION_LOCK. torch >= 2.9 has torch.backends.cuda.matmul.fp32_precision ("tf32"
+    / "ieee", or "none": as torch.backends.fp32_precision says): used there, since once a user (or
+    transformers' tf32=True) sets it, the legacy get_float32_matmul_precision raises RuntimeError.
+    Its getter reports the inherited value for "none", so "none" is put back when it gives the value
+    read before (the default state is restored exactly); older torch: the legacy functions."""
+    matmul = torch.backends.cuda.matmul
+    with _PRECISION_LOCK:
+        if not hasattr(matmul, "fp32_precision"):
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            try:
+                yield
+            finally:
+                torch.set_float32_matmul_precision(before)
+            return
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
             yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+        finally:
+            matmul.fp32_precision = "none"
+            if matmul.fp32_precision != before:
+                matmul.fp32_precision = before
 
 
 def resolve(device: str) -> torch.device:
