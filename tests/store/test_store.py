@@ -212,3 +212,15 @@ def test_the_store_id_stays_over_a_resume_and_changes_with_a_new_store(tmp_path)
     assert w.finalize().store_id == opened.store_id
     again = write_store(tmp_path / "s", random_blocks(4, [2], "float32", False), overwrite=True)
     assert again.store_id != opened.store_id and not again.allow_partial
+
+
+def test_a_store_opened_by_a_relative_path_is_still_read_after_a_chdir(tmp_path, monkeypatch):
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    writer = tracin.GradientStore.create(tmp_path / "s", n_rows=6, dims=[4], weights=[0.5])
+    writer.write(0, 0, rows)
+    writer.finalize()
+    monkeypatch.chdir(tmp_path)
+    store = tracin.GradientStore.open("s")
+    monkeypatch.chdir("/")  # each call opens the files again: by the path the store was opened at
+    assert store.path == tmp_path / "s"
+    np.testing.assert_allclose(tracin.self_influence(store), 0.5 * (rows.astype(np.float64) ** 2).sum(1))

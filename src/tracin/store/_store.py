@@ -165,7 +165,7 @@ class GradientStore(GradientSet):
         """
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-        root = Path(path)
+        root = Path(path).absolute()  # the files are opened again per call: a later chdir must not matter
         m = read_manifest(root)
         files = [
             _DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
