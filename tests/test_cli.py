@@ -338,6 +338,27 @@ def test_bench_runs_without_the_bench_extra_or_the_checkout(monkeypatch, capsys)
     assert "python -m benchmarks.kernel" in out
 
 
+def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):
+    import tracin.cli
+
+    def never(config):
+        raise AssertionError("generated a problem that does not fit")
+
+    monkeypatch.setattr(selfbench, "run", never)
+    monkeypatch.setattr(tracin.cli, "_physical_memory", lambda: 2**30)  # a 1 GiB machine
+    for sizes in (["-n", str(10**20)], ["--quick", "-d", str(10**13)], ["--quick", "-m", str(10**8), "-d", "1"]):
+        assert main(["bench", *sizes]) == 1
+        line = _error_line(capsys.readouterr().err, "bench")
+        assert "GiB of memory" in line and "more than this machine's 1.0 GiB; give smaller -m / -n / -d" in line
+    # 256 x 64 test, 1e6 x 64 train (float32 + the float64 copy), two (256, 10) results
+    assert (
+        tracin.cli._bench_bytes(selfbench.BenchConfig(m=256, n=10**6, d=64))
+        == 4 * (256 + 10**6) * 64 + 8 * 10**6 * 64 + 2 * 12 * 2560
+    )
+    assert main(["bench", "--quick", "-n", str(3 * 10**6)]) == 1  # 2.1 GiB with d=64
+    assert "-n 3000000 -d 64" in _error_line(capsys.readouterr().err, "bench")
+
+
 def test_bench_never_imports_the_source_tree():
     code = (
         "import sys, tracin.cli; tracin.cli.main(['bench', '--quick', '-n', '2000', '--repeats', '1']); "

@@ -241,7 +241,29 @@ def cmd_bench(args: argparse.Namespace) -> None:
     base = selfbench.QUICK if args.quick else selfbench.BenchConfig()
     sizes = {name: getattr(args, name) for name in ("m", "n", "d", "k", "repeats") if getattr(args, name) is not None}
     config = selfbench.BenchConfig(**{**base.__dict__, **sizes, "threads": args.threads})
+    need, have = _bench_bytes(config), _physical_memory()
+    if have is not None and need > have:
+        raise CommandError(
+            f"-m {config.m} -n {config.n} -d {config.d} -k {config.k} need about {need / 2**30:,.1f} GiB of memory "
+            f"(float32 data, its float64 check, the results), more than this machine's {have / 2**30:,.1f} GiB; "
+            "give smaller -m / -n / -d"
+        )
     print(selfbench.report(selfbench.run(config)))
+
+
+def _bench_bytes(config: Any) -> int:
+    """Bytes `tracin bench` holds at least: float32 test and train rows, the float64 copy of the
+    train rows its check makes, and two (m, min(k, n)) results of float32 values and int64 indices."""
+    m, n, d = config.m, config.n, config.d
+    return 4 * (m + n) * d + 8 * n * d + 2 * 12 * m * min(config.k, n)
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
