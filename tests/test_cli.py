@@ -305,6 +305,13 @@ def test_console_entry_point_help():
         assert command in out.stdout
 
 
+def test_version_names_the_package_version_and_the_kernel_instruction_set():
+    out = subprocess.run([sys.executable, "-m", "tracin", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"tracin {tracin.__version__} (kernel: {tracin.detect_isa()})\n"
+    assert tracin.detect_isa() in ("avx512", "avx2", "generic")
+
+
 def test_help_shows_every_default_and_no_internal_references(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside the defaults
     for name, parser in _subparsers().items():

@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
@@ -412,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _version() -> str:
+    """What `tracin --version` prints: the package version and the instruction set of the kernel here."""
+    from . import __version__, detect_isa
+
+    return f"tracin {__version__} (kernel: {detect_isa()})"
 
 
 def _bench_defaults(quick: bool = False) -> Any:
