@@ -81,6 +81,18 @@ def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     np.testing.assert_array_equal(got["opponents_indices"], np.argsort(exact, axis=1)[:, :5])
 
 
+def test_score_summary_says_the_k_returned_when_capped(stores, capsys):
+    paths, _, _ = stores  # 40 train rows
+    assert main(_score(paths, "-k", "100000")) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == (
+        "top-40 proponents of 3 test rows over 40 train rows (k capped at the 40 train rows)"
+    )
+    assert len(captured.out.strip().splitlines()) == 1 + 3 * 40  # header + 40 ranks per test row
+    assert main(_score(paths, "-k", "40")) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "top-40 proponents of 3 test rows over 40 train rows"
+
+
 def test_score_normalize_writes_cosine_top_k(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "cos.npz"

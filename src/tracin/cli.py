@@ -174,7 +174,9 @@ def cmd_score(args: argparse.Namespace) -> None:
             )
     sides = result._asdict() if args.side == "both" else {args.side: result}
     scores = " (cosine scores)" if args.normalize else ""
-    summary = f"top-{args.k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows"
+    k = min(args.k, train.n_rows)  # what top_k returns
+    capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
+    summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
     if out is None:
         _write_pairs_csv(sys.stdout, sides, _ids(test), _ids(train))
         print(summary, file=sys.stderr)
