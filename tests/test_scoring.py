@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -355,7 +356,7 @@ def test_pair_errors(rng):
     a3, a4 = random_set(rng, 2, [3]), random_set(rng, 5, [4])
     with pytest.raises(ValueError, match=r"test dims \[3\] differ from train dims \[4\]"):
         tracin.scores(a3, a4)
-    with pytest.raises(ValueError, match="test has 1 checkpoints but train has 2"):
+    with pytest.raises(ValueError, match="test has 1 checkpoint but train has 2 checkpoints;"):
         tracin.scores(a3, random_set(rng, 5, [3, 3]))
     with pytest.raises(ValueError, match="different checkpoint weights"):
         tracin.scores(tracin.Gradients(a3, [1.0]), tracin.Gradients(a3, [2.0]))
@@ -517,3 +518,82 @@ def test_preconditioned_sets_are_scored_only_with_their_kind(rng, test_kind, tra
     else:
         with pytest.raises(ValueError, match="preconditioner="):
             tracin.scores(test, train)
+
+
+def test_checkpoint_count_mismatch_names_layer_slots_of_factored_sets(rng):
+    """Slots that are layers of real checkpoints (one digest per real checkpoint) are said so."""
+    left, right = random_set(rng, 2, [3, 3, 3, 3]), random_set(rng, 2, [4, 4, 4, 4])
+    per_layer = tracin.FactoredGradients(left, right, metadata={"fingerprints": {"checkpoints": ["a", "b"]}})
+    one = tracin.FactoredGradients(left[:2], right[:2], metadata={"fingerprints": {"checkpoints": ["a"]}})
+    plain = tracin.FactoredGradients(left[:1], right[:1])
+    with pytest.raises(
+        ValueError,
+        match=r"test has 4 checkpoint x layer slots \(2 checkpoints x 2 layers\) but train has 1 checkpoint;",
+    ):
+        tracin.scores(per_layer, plain)
+    with pytest.raises(
+        ValueError, match=r"test has 1 checkpoint but train has 2 checkpoint x layer slots \(1 checkpoint x 2 layers\)"
+    ):
+        tracin.scores(plain, one)
+
+
+def _exported(matrices, digests, sources, framework="torch", **extra):
+    meta = {"framework": framework, "mode": "full", "fingerprints": {"checkpoints": digests}, **extra}
+    if sources is not None:
+        meta["checkpoint_sources"] = sources
+    return tracin.Gradients(matrices, metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "test_record, train_record, refused",
+    [
+        ((["a", "b", "c"], ["state"] * 3, "torch"), (["a", "b", "c"], ["state"] * 3, "torch"), None),
+        ((["a", "b", "c"], ["state"] * 3, "torch"), (["x", "b", "y"], ["state"] * 3, "torch"), "[0, 2]"),
+        ((["a", "b", "c"], ["file"] * 3, "jax"), (["a", "x", "c"], ["file"] * 3, "jax"), "[1]"),
+        # made differently (a file's bytes vs in-memory arrays), or by another framework: not compared
+        ((["a", "b", "c"], ["file"] * 3, "torch"), (["x", "b", "y"], ["state", "file", "state"], "torch"), None),
+        ((["a", "b", "c"], ["file"] * 3, "torch"), (["x", "b", "z"], ["state", "file", "file"], "torch"), "[2]"),
+        ((["a", "b", "c"], ["state"] * 3, "torch"), (["x", "y", "z"], ["state"] * 3, "jax"), None),
+        # older exports (no checkpoint_sources) and lists that do not line up are trusted
+        ((["a", "b", "c"], None, "torch"), (["x", "y", "z"], ["state"] * 3, "torch"), None),
+        ((["a", "b", "c"], ["state"] * 3, "torch"), (["x", "y"], ["state"] * 2, "torch"), None),
+        ((["a", "b", "c"], ["state"] * 2, "torch"), (["x", "y", "z"], ["state"] * 3, "torch"), None),
+    ],
+)
+def test_sides_exported_at_different_checkpoints_are_refused(rng, test_record, train_record, refused):
+    test = _exported(random_set(rng, 2, [4, 4, 4]), *test_record)
+    train = _exported(random_set(rng, 5, [4, 4, 4]), *train_record)
+    calls = [
+        lambda: tracin.scores(test, train),
+        lambda: tracin.top_k(test, train, k=2),
+        lambda: tracin.aggregate(test, train),
+        lambda: tracin.scores(test[1:], train[2:4]),  # row subsets keep their metadata
+    ]
+    for call in calls:
+        if refused is None:
+            call()
+        else:
+            with pytest.raises(ValueError, match=r"different checkpoints: checkpoints " + re.escape(refused)):
+                call()
+    if refused is not None:  # the escape hatch the error names
+        train.metadata.pop("checkpoint_sources")
+        assert_close_to_exact(tracin.scores(test, train), test.matrices, train.matrices, [1.0] * 3)
+
+
+def test_factored_sets_compare_digests_per_real_checkpoint(rng):
+    """Two real checkpoints x two layers: four slots, two digests; the index named is the real checkpoint's."""
+
+    def side(n, digests):
+        meta = {
+            "framework": "torch",
+            "mode": "factored",
+            "fingerprints": {"checkpoints": digests},
+            "checkpoint_sources": ["state"] * len(digests),
+        }
+        left, right = random_set(rng, n, [3, 2, 3, 2]), random_set(rng, n, [4, 5, 4, 5])
+        return tracin.FactoredGradients(left, right, metadata=meta)
+
+    test, train = side(2, ["a", "b"]), side(6, ["a", "b"])
+    assert tracin.scores(test, train, normalize=True).shape == (2, 6)
+    with pytest.raises(ValueError, match=r"different checkpoints: checkpoints \[1\] differ"):
+        tracin.scores(test, side(6, ["a", "c"]), normalize=True)

@@ -37,7 +37,7 @@ def _weights(test: GradientSet, train: GradientSet) -> list[float]:
     """The weights both sides agree on (a side with default weights takes the other's)."""
     if test.n_checkpoints != train.n_checkpoints:
         raise ValueError(
-            f"test has {test.n_checkpoints} checkpoints but train has {train.n_checkpoints}; "
+            f"test has {_slots_text(test)} but train has {_slots_text(train)}; "
             "both sides must come from the same checkpoints"
         )
     if test.weights_given and train.weights_given and not np.array_equal(test.weights, train.weights):
@@ -46,6 +46,19 @@ def _weights(test: GradientSet, train: GradientSet) -> list[float]:
             f"{train.weights.tolist()}); they must come from the same checkpoints"
         )
     return (train.weights if train.weights_given or not test.weights_given else test.weights).tolist()
+
+
+def _slots_text(s: GradientSet) -> str:
+    """The set's checkpoint slots in words: "3 checkpoints", or "20 checkpoint x layer slots
+    (2 checkpoints x 10 layers)" when its metadata groups them by real checkpoint (_checkpoint_run)."""
+    run = _checkpoint_run(s)
+    if run is None or run == 1:
+        return _count(s.n_checkpoints, "checkpoint")
+    return f"{s.n_checkpoints} checkpoint x layer slots ({_count(s.n_checkpoints // run, 'checkpoint')} x {run} layers)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]:
@@ -65,8 +78,9 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
 
 def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
-    the same thing: a different mode, different parameters (same framework), or a different
-    projection (metadata["projection"] None: unprojected). Sets without metadata are trusted."""
+    the same thing: a different mode, different parameters (same framework), a different
+    projection (metadata["projection"] None: unprojected), or other checkpoints. Sets without
+    metadata are trusted."""
     t, x = test.metadata, train.metadata
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
@@ -92,6 +106,41 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
             f"test and train gradients are of different parameters: "
             f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
         )
+    _check_same_checkpoints(t, x)
+
+
+def _check_same_checkpoints(t: dict, x: dict) -> None:
+    """Refuses sides exported at different checkpoints. Checkpoint c (a real one: a factored set's
+    layers share its digest) is compared where both sides' digests of it
+    (metadata["fingerprints"]["checkpoints"]) were made the same way by the same framework
+    (metadata["checkpoint_sources"]: "file", the bytes at a path, or "state", an in-memory
+    checkpoint's arrays): one checkpoint given as a file on one side and in memory on the other
+    digests differently. Sides without these records (older stores, sets built by hand) are trusted."""
+    if t.get("framework") is None or t.get("framework") != x.get("framework"):
+        return
+    ours, theirs = _checkpoint_records(t), _checkpoint_records(x)
+    if ours is None or theirs is None or len(ours) != len(theirs):
+        return
+    differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
+    if differ:
+        raise ValueError(
+            f"test and train were exported at different checkpoints: checkpoints {differ} differ (their "
+            "digests in metadata['fingerprints']['checkpoints'], made alike: metadata['checkpoint_sources']); "
+            "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
+            "saved again, renamed keys), drop the record from one side to have the pair trusted: "
+            "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
+            "store: workers open stores again by path)"
+        )
+
+
+def _checkpoint_records(m: dict) -> list[tuple[Any, Any]] | None:
+    """(digest, source kind) per real checkpoint as an export records them, or None when it does not."""
+    fingerprints = m.get("fingerprints")
+    digests = fingerprints.get("checkpoints") if isinstance(fingerprints, dict) else None
+    sources = m.get("checkpoint_sources")
+    if not isinstance(digests, list) or not isinstance(sources, list) or len(digests) != len(sources):
+        return None
+    return list(zip(digests, sources, strict=True))
 
 
 def _check_same_preconditioner(t: dict, x: dict) -> None:

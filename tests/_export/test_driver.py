@@ -3,6 +3,7 @@ so that resume, transforms, the in-place path and the errors are checked without
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,3 +217,43 @@ def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
         export(_Scaled(_data()), [CKPTS[0], ({"scale": 3.0}, 0.25)], _options(tmp_path / "g"), [])
     with pytest.raises(ValueError, match="the data .* differ"):
         export(_Scaled([b + 1 for b in _data()]), CKPTS, _options(tmp_path / "g"), [])
+
+
+def test_checkpoint_sources_say_how_each_digest_was_made(tmp_path):
+    np.save(tmp_path / "scale.npy", np.float32(3.0))
+
+    class FromFiles(_Scaled):
+        def load(self, source, index):
+            return float(np.load(source)) if isinstance(source, str) else source["scale"]
+
+    g = export(FromFiles(_data()), [CKPTS[0], (str(tmp_path / "scale.npy"), 1.0)], _options(), [])
+    assert g.metadata["checkpoint_sources"] == ["state", "file"]
+    assert g.metadata["fingerprints"]["checkpoints"][0] == "2.0"
+    np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 3.0, rtol=1e-6)
+
+
+def test_a_store_exported_before_checkpoint_sources_resumes_and_is_returned_without_them(tmp_path, monkeypatch):
+    path = tmp_path / "g"
+    real_write = StoreSink.write
+
+    def killed(self, c, start, block):
+        if c == 1:
+            raise KeyboardInterrupt
+        real_write(self, c, start, block)
+
+    monkeypatch.setattr(StoreSink, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(_Scaled(_data()), CKPTS, _options(path), [])
+    monkeypatch.setattr(StoreSink, "write", real_write)
+    manifest = path / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    del doc["metadata"]["checkpoint_sources"]  # as an older version wrote it
+    manifest.write_text(json.dumps(doc))
+    again = _Scaled(_data())
+    store = export(again, CKPTS, _options(path), [])
+    assert again.computed == [0, 4, 8] and store.complete  # checkpoint 1 only
+    assert "checkpoint_sources" not in store.metadata
+    assert store.metadata["fingerprints"]["checkpoints"] == ["2.0", "-1.0"]
+    assert export(_Scaled(_data()), CKPTS, _options(path), []).complete
+    fresh = export(_Scaled(_data()), CKPTS, _options(tmp_path / "new"), [])
+    assert fresh.metadata["checkpoint_sources"] == ["state", "state"]

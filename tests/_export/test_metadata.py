@@ -1,4 +1,4 @@
-"""The metadata schema: every row transform recorded under its key, fingerprints as given."""
+"""The metadata schema: every row transform recorded under its key, fingerprints and checkpoint sources as given."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def test_transforms_and_fingerprints_are_recorded():
         "bfloat16",
         [_Scaling(), *row_transforms(projection, None)],
         fingerprints={"data": "d", "checkpoints": ["c0", "c1"], "loss": "l"},
+        checkpoint_sources=("file", "state"),
     )
     assert meta == {
         "framework": "torch",
@@ -35,16 +36,14 @@ def test_transforms_and_fingerprints_are_recorded():
         "preconditioner": None,
         "normalisation": {"kind": "unit rows"},
         "fingerprints": {"data": "d", "checkpoints": ["c0", "c1"], "loss": "l"},
+        "checkpoint_sources": ["file", "state"],
     }
 
 
 def test_no_projection_is_recorded_as_none_and_last_layer_only_when_given():
     last = last_layer_entry("head", "head.weight", None)
-    meta = export_metadata(
-        "jax", "last_layer", [], None, "float32", [], last_layer=last, fingerprints={"data": None, "checkpoints": []}
-    )
+    empty = {"fingerprints": {"data": None, "checkpoints": []}, "checkpoint_sources": []}
+    meta = export_metadata("jax", "last_layer", [], None, "float32", [], last_layer=last, **empty)
     assert meta["projection"] is None and meta["preconditioner"] is None
     assert meta["last_layer"]["bias"] is None and meta["last_layer"]["layer"] == "head"
-    assert "last_layer" not in export_metadata(
-        "jax", "full", [], None, "float32", [], fingerprints={"data": None, "checkpoints": []}
-    )
+    assert "last_layer" not in export_metadata("jax", "full", [], None, "float32", [], **empty)

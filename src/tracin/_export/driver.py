@@ -28,6 +28,7 @@ from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
+from .resume import as_exported_before
 from .sinks import MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
@@ -162,11 +163,10 @@ def export(
         raise ValueError("an export of a row range (tracin.distributed) needs store=, a directory every writer sees")
     if options.store is not None:
         need_row_count(n_rows)
+    files = [isinstance(entry.source, (str, os.PathLike)) for entry in checkpoints]
     digests = [
-        checkpoint_file_digest(source, c)
-        if isinstance(source, (str, os.PathLike))
-        else framework.state_digest(source, c)
-        for c, (source, _, _) in enumerate(checkpoints)
+        checkpoint_file_digest(entry.source, c) if file else framework.state_digest(entry.source, c)
+        for c, (entry, file) in enumerate(zip(checkpoints, files, strict=True))
     ]
     extra = {"optimizer_states": [entry.optimizer.digest() for entry in checkpoints]} if options.preconditioner else {}
     slots = len(framework.slot_dims)
@@ -184,6 +184,7 @@ def export(
             transforms,
             last_layer=framework.last_layer,
             fingerprints={"data": data_digest, "checkpoints": digests, **extra, **framework.fingerprints},
+            checkpoint_sources=["file" if file else "state" for file in files],
         )
 
     fingerprint = DataFingerprint()
@@ -196,7 +197,7 @@ def export(
             options.dtype,
             factored,
             rates,
-            metadata(fingerprint.data),
+            as_exported_before(options.store, metadata(fingerprint.data)),
             rows=None if rows is None or rows[0] == rows[1] else rows,
         )
         if rows is not None and rows[0] == rows[1]:  # the store created (or checked) for range writers

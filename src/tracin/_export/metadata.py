@@ -12,6 +12,12 @@
                     plus what the adapter adds: "model" (torch: module types, parameter names,
                     shapes and dtypes), "loss" (the loss function's identity), "layer_input" (jax),
                     "optimizer_states" (digest per checkpoint, only with a preconditioner)}
+    checkpoint_sources
+                   ["file" | "state", ...]: how each digest in fingerprints["checkpoints"] was made.
+                   "file": of the bytes at the path given (the same weights saved again differ);
+                   "state": of an in-memory checkpoint's arrays, by the framework. Scoring compares
+                   two sides' digests made the same way. Outside "fingerprints" (which a resume
+                   compares input by input); stores exported before it was recorded lack it.
 
 Version strings are left out on purpose: a store's metadata is its spec, compared on resume.
 """
@@ -43,10 +49,11 @@ def export_metadata(
     *,
     last_layer: dict | None = None,
     fingerprints: Mapping[str, Any],
+    checkpoint_sources: Sequence[str],
 ) -> dict:
     """The metadata dict (see the module docstring). params: (name, shape) in row order;
     transforms: the row transforms applied, in order; fingerprints: "data", "checkpoints" and the
-    adapter's own entries."""
+    adapter's own entries; checkpoint_sources: "file" or "state" per checkpoint."""
     meta: dict[str, Any] = {
         "framework": framework,
         "mode": mode,
@@ -61,4 +68,5 @@ def export_metadata(
     if last_layer is not None:
         meta["last_layer"] = last_layer
     meta["fingerprints"] = dict(fingerprints)
+    meta["checkpoint_sources"] = list(checkpoint_sources)
     return meta

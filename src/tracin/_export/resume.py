@@ -2,7 +2,8 @@
 
 The store refuses any spec change on its own (with both metadata dicts in full); this check comes
 first and says in words which fingerprinted input differs: the data, a checkpoint, the model's
-structure or the loss function.
+structure or the loss function. A store exported before metadata["checkpoint_sources"] was recorded
+resumes without it (as_exported_before).
 """
 
 from __future__ import annotations
@@ -38,20 +39,32 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
     return changes
 
 
-def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
-    """ValueError naming the changed inputs when `path` holds a store exported with other
-    fingerprints than `metadata`'s; nothing when there is no readable store there yet."""
+def _existing_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata of the store at `path` when it is an export's (has fingerprints), else None."""
     from ..store import GradientStore
 
     try:
         existing: Any = GradientStore.open(path, allow_partial=True).metadata
     except (OSError, ValueError):  # no store yet, or one whose defects the writer reports
-        return
-    if (
-        not isinstance(existing, dict)
-        or not isinstance(existing.get("fingerprints"), dict)
-        or not isinstance(metadata.get("fingerprints"), dict)
-    ):
+        return None
+    return existing if isinstance(existing, dict) and isinstance(existing.get("fingerprints"), dict) else None
+
+
+def as_exported_before(path: str | os.PathLike, metadata: dict) -> dict:
+    """`metadata` without "checkpoint_sources" when `path` holds a store exported before that key was
+    recorded (its spec lacks it), so that the store resumes, or is returned when finished, as it is;
+    `metadata` otherwise. Scoring trusts such a store's checkpoints as it always did."""
+    existing = _existing_metadata(path)
+    if existing is None or "checkpoint_sources" in existing:
+        return metadata
+    return {k: v for k, v in metadata.items() if k != "checkpoint_sources"}
+
+
+def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
+    """ValueError naming the changed inputs when `path` holds a store exported with other
+    fingerprints than `metadata`'s; nothing when there is no readable store there yet."""
+    existing = _existing_metadata(path)
+    if existing is None or not isinstance(metadata.get("fingerprints"), dict):
         return
     changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"])
     if changes:
