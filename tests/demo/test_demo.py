@@ -150,6 +150,25 @@ def test_every_framework_trains_the_same_network_and_exports_exact_gradients(fra
     assert model.held_out_accuracy[-1] == pytest.approx(np.mean(logits.argmax(1) == data.y_test))
 
 
+def test_numpy_export_records_one_fingerprint_per_checkpoint_of_two_layers(tmp_path, capsys):
+    from tracin._export.fingerprint import digest_arrays
+    from tracin.report import checkpoint_diagnostics
+
+    _, train = trainer("numpy")
+    data = load_noisy_digits(0.2, seed=0, n_train=100)
+    model = train(data, TrainingConfig(epochs=4, checkpoints=2, hidden=8), tmp_path / "checkpoints", lambda _: None)
+    for traced in (1, 2):
+        store = model.export(data.x_train, data.y_train, tmp_path / f"grads{traced}", progress=False, traced=traced)
+        saved = [np.load(path) for path, _ in model.checkpoints[:traced]]
+        expected = [digest_arrays(s[k] for k in ("w1", "b1", "w2", "b2")) for s in saved]
+        assert store.metadata["fingerprints"]["checkpoints"] == expected
+        assert len(set(expected)) == traced  # the checkpoints differ
+        assert main(["info", str(store.path)]) == 0
+        assert f"checkpoints     {traced} x 2 layers  ({2 * traced} factor pairs" in capsys.readouterr().out
+    diag = checkpoint_diagnostics(GradientStore.open(tmp_path / "grads2"))
+    assert diag.terms.shape == (100, 2)  # grouped per checkpoint, not per layer
+
+
 def test_the_recipe_traces_up_to_the_first_checkpoint_at_or_after_the_held_out_peak():
     saved = [14, 29, 44, 59]  # 0-based epochs after which checkpoints were saved
     curve = np.linspace(0.5, 0.9, 60)
@@ -214,7 +233,7 @@ def test_demo_reports_the_real_flip_rate(default_demo):
 
 
 def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
-    out, result, _ = default_demo
+    out, result, lines = default_demo
     epochs = result.checkpoint_epochs
     assert epochs == list(range(15, 151, 15))  # a checkpoint every 10% of the 150 epochs
     assert result.held_out_accuracy.shape == (150,)
@@ -222,6 +241,14 @@ def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
     assert result.best_epoch == best
     last = epochs[result.traced - 1]
     assert last >= best and (result.traced == 1 or epochs[result.traced - 2] < best)
+    tracing = (
+        f"checkpoint 1 of 10 (epoch {last})"
+        if result.traced == 1
+        else f"checkpoints 1-{result.traced} of 10 (epochs {epochs[0]}-{last})"
+    )
+    peak, end = f"{result.held_out_accuracy.max():.1%}", f"{result.held_out_accuracy[-1]:.1%}"
+    said = f"test accuracy peaked at {peak} (epoch {best}), {end} at the end: tracing {tracing}"
+    assert said in lines and any(f"on the test set {end}" in line for line in lines)  # held-out = test set
     data = load_noisy_digits(0.2, seed=0)
     for epoch in (epochs[0], last, epochs[-1]):  # the recorded curve is each saved model's accuracy
         saved = np.load(out / "checkpoints" / f"checkpoint_{epoch:04d}.npz")
@@ -282,6 +309,7 @@ def test_demo_with_a_path_that_needs_quoting_prints_runnable_commands(tmp_path):
         progress=False,
         log=lines.append,
     )
+    assert any(line.endswith(": tracing checkpoint 1 of 1 (epoch 2)") for line in lines)
     info = next(line.strip() for line in lines if line.startswith("  tracin info"))
     argv = shlex.split(info)
     assert Path(argv[2]) == out / "grads" / "train"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .._export.fingerprint import digest_arrays
 from ..store import GradientStore
 from .data import NoisyDigits
 from .mlp import LAYERS, Params, batch_gradient, forward, init_params, per_example_factors
@@ -29,7 +30,8 @@ class NumpyMLP:
 
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """A factored store of the first `traced` checkpoints: checkpoint c, layer l at position c * 2 + l,
-        left d(loss)/d(output) (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning rate."""
+        left d(loss)/d(output) (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning
+        rate; metadata["fingerprints"]["checkpoints"] holds one digest per checkpoint."""
         states = [(dict(np.load(p)), lr) for p, lr in self.checkpoints[:traced]]
         dims = [(self.params[w].shape[1], self.params[w].shape[0] + 1) for _ in states for w, _ in LAYERS]
         weights = [lr for _, lr in states for _ in LAYERS]
@@ -40,6 +42,10 @@ class NumpyMLP:
             "projection": None,
             "params": [{"name": k, "shape": list(v.shape)} for k, v in self.params.items()],
             "factors": {"left": "d(loss)/d(layer output)", "right": "layer input, with 1 appended"},
+            # one digest per traced checkpoint (of its parameters), as the adapters record: it tells
+            # `tracin info` and scoring that the store's slots are checkpoints of len(LAYERS) layers
+            "fingerprints": {"checkpoints": [digest_arrays(params[k] for k in self.params) for params, _ in states]},
+            "checkpoint_sources": ["state"] * len(states),
         }
         writer = GradientStore.create(path, len(x), dims, weights, factored=True, metadata=meta)
         with writer:
