@@ -70,6 +70,13 @@ class TestTorch:
         assert from_files.metadata["checkpoint_sources"] == ["file"] * 3
         _assert_refused(self._export(model, paths[:3], data), from_files, [1])
 
+    def test_state_dicts_of_a_dataparallel_model_match_the_plain_ones(self, setup):
+        model, states, _, data = setup
+        plain = self._export(model, states[:3], data)
+        wrapped = self._export(model, [{f"module.{k}": v for k, v in s.items()} for s in states[:3]], data)
+        assert wrapped.metadata["fingerprints"]["checkpoints"] == plain.metadata["fingerprints"]["checkpoints"]
+        np.testing.assert_array_equal(tracin.scores(plain, wrapped), tracin.scores(plain, plain))
+
     def test_the_same_checkpoints_from_files_and_state_dicts_are_accepted(self, setup, tmp_path):
         model, states, paths, data = setup
         in_memory = self._export(model, states[:3], data)

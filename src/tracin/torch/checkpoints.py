@@ -167,11 +167,15 @@ def _leaves(obj: Any) -> list[np.ndarray]:
 
 def state_digest(source: Mapping, index: int) -> str:
     """Fingerprint of an in-memory checkpoint: the names and contents of its state_dict's tensors
-    (in name order). (A checkpoint file is fingerprinted by its bytes, in tracin._export.)"""
+    (in name order; a DataParallel 'module.' prefix on every name dropped, so that the same weights
+    saved from a wrapped model match). (A checkpoint file is fingerprinted by its bytes, in
+    tracin._export.)"""
     state = _unwrap(source, f"checkpoints[{index}] ({describe(source, index)})")
+    wrapped = all(key.startswith(_PREFIX) for key in state)
     arrays = []
     for key in sorted(state):
-        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(state[key])]
+        name = key[len(_PREFIX) :] if wrapped else key
+        arrays += [np.frombuffer(name.encode(), np.uint8), host_array(state[key])]
     return digest_arrays(arrays)
 
 
