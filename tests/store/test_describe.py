@@ -104,9 +104,9 @@ def test_range_writers_files_are_shown_until_merged(tmp_path):
     with tracin.GradientStore.create(tmp_path / "s", 10, [2], rows=(4, 10)) as w:
         w.write(0, 4, np.ones((6, 2), np.float32))
         text = describe(tmp_path / "s")  # a reader while the range writer works
-    assert "complete        no (rows written per checkpoint: 0)" in text
+    assert "complete        no (rows recorded per checkpoint: 0)" in text
     assert _line(text, "range writers").startswith("range writers   1 with files (rows [4, 10)); their progress")
     tracin.GradientStore.create(tmp_path / "s", 10, [2]).close()  # merged
     text = describe(tmp_path / "s")
     assert "range writers" not in text
-    assert _line(text, "complete") == "complete        no (rows written per checkpoint: 6)"  # rows [4, 10)
+    assert _line(text, "complete") == "complete        no (rows recorded per checkpoint: 6)"  # rows [4, 10)

@@ -58,7 +58,7 @@ def test_an_unfinished_store_is_refused_unless_partial_use_is_asked_for(tmp_path
     w.write(1, 6, blocks[1][6:])
     store = tracin.GradientStore.open(tmp_path / "s")
     assert not store.complete and store.n_rows == 10
-    unfinished = r"unfinished \(rows written per checkpoint: \[7, 4\] of 10\).*allow_partial=True"
+    unfinished = r"unfinished \(rows usable from row 0, per checkpoint: \[7, 4\] of 10\).*allow_partial=True"
     with pytest.raises(ValueError, match=unfinished):
         tracin.self_influence(store)
     with pytest.raises(ValueError, match="unfinished"):
@@ -195,7 +195,7 @@ def test_describe_reports_the_facts(tmp_path):
     w = tracin.GradientStore.create(tmp_path / "u", 9, [2, 2], dtype="bfloat16")
     w.write(1, 0, np.ones((5, 2), np.float32))
     text = describe(tmp_path / "u")
-    assert "complete        no (rows written per checkpoint: 0, 5)" in text
+    assert "complete        no (rows recorded per checkpoint: 0, 5)" in text
     assert "checkpoints     2  (weights 1, 1, the default)" in text
 
 

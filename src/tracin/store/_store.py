@@ -233,7 +233,7 @@ class GradientStore(GradientSet):
         if not (self.complete or self._allow_partial):
             done = [self._manifest.rows_done(c) for c in range(self.n_checkpoints)]
             raise ValueError(
-                f"gradient store {self.path} is unfinished (rows written per checkpoint: {done} of "
+                f"gradient store {self.path} is unfinished (rows usable from row 0, per checkpoint: {done} of "
                 f"{self._manifest.n_rows}); finish writing it (GradientStore.create with the same "
                 "arguments resumes), or open it with allow_partial=True to use the rows written so far"
             )
@@ -371,7 +371,7 @@ class GradientStore(GradientSet):
         if i["complete"]:
             state = "yes"
         else:
-            state = f"no (rows written per checkpoint: {', '.join(map(str, i['rows_recorded']))})"
+            state = f"no (rows recorded per checkpoint: {', '.join(map(str, i['rows_recorded']))})"
         ids = "yes (ids.npy)" if i["ids"] else f"no (rows are named by their index 0..{i['rows'] - 1})"
         lines = [
             f"gradient store  {i['path']}  (format v{i['format_version']})",
