@@ -64,49 +64,6 @@ def test_top_k_follows_the_tie_rule_on_tied_data(rng, small_tiles, k):
     np.testing.assert_array_equal(one.indices, both.opponents.indices)
 
 
-def test_when_torch_topk_splits_ties_wrongly_the_call_selects_again_exactly(rng, monkeypatch):
-    """Forces the fallback (as if torch.topk had kept a larger tied index) and checks it is exact;
-    and on tie-free data the fast selection is kept (no second pass)."""
-    test = np.round(rng.standard_normal((5, 4))).astype(np.float32)
-    train = np.round(rng.standard_normal((80, 4))).astype(np.float32)
-    exact = exact_scores([test], [train], [1.0])
-    monkeypatch.setattr(_torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool))
-    got = tracin.top_k(test, train, k=13, device="torch:cpu")
-    np.testing.assert_array_equal(got.indices, stable_top_k(exact, 13, -1))
-    monkeypatch.undo()
-    passes = []
-    backend = backends.get("torch:cpu")
-    original = type(backend)._top_k
-    monkeypatch.setattr(
-        type(backend), "_top_k", lambda self, *a, exact: passes.append(exact) or original(self, *a, exact=exact)
-    )
-    tracin.top_k(
-        rng.standard_normal((5, 4)).astype(np.float32),
-        rng.standard_normal((80, 4)).astype(np.float32),
-        k=13,
-        device="torch:cpu",
-    )
-    assert passes == [False]
-
-
-@pytest.mark.parametrize(
-    "scores, kept_columns, ok",
-    [
-        ([[3, 1, 1, 1]], [0, 1], True),
-        ([[3, 1, 1, 1]], [0, 2], False),
-        ([[1, 1, 5, 1]], [2, 0], True),
-        ([[1, 1, 5, 1]], [2, 3], False),
-        ([[2, 0, -0.0]], [0, 1], True),
-        ([[4, 2, 9]], [2, 0], True),
-    ],
-)
-def test_the_tie_check_of_one_tile(scores, kept_columns, ok):
-    """True exactly when the kept scores equal to the k-th are the smallest such columns (-0.0 == 0.0)."""
-    s = torch.tensor(scores, dtype=torch.float32)
-    local = torch.tensor([kept_columns])
-    assert bool(_torch_topk._smallest_tied_kept(s, s.gather(1, local), local, "proponents")) is ok
-
-
 def test_keys_order_by_value_then_smaller_index():
     values = torch.tensor([[-np.inf, -3.5, -0.0, 0.0, 1e-45, 2.0, 2.0, np.float32(3e38)]], dtype=torch.float32)
     indices = torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]])

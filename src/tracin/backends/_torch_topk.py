@@ -4,13 +4,18 @@ torch.topk does not say which of several equal values it keeps, so order is made
 int64 key per candidate: the score's float32 bits mapped to a signed integer of the same order
 (high 32 bits) and the complement of the train index (low 32 bits); the largest keys are the best
 candidates, smaller index first among equal scores. Keys are built for the small candidate sets
-only (the running best and a tile's best). A tile's best come from torch.topk on its scores, which
-is exact unless scores equal to the k-th one were split between kept and dropped; `ties_ok` then
-says whether the kept ones were the smallest indices, and where they were not, the caller scores
-again with `exact` tiles, which build keys for every score of a tile.
+only: the running best and a tile's candidates, which are all its scores when it has at most k
+columns, else torch.topk's k + 1 best per row. Those hold the row's k best unless the worst of
+them occurs twice among them: only then may scores equal to the k-th have been split between kept
+and dropped, so only such rows (exact ties at the cut) are selected again from the whole tile row
+with keys. The (k + 1)-th candidate is merged too (a genuine score: it never displaces the k better
+ones of its tile). Finding the tied rows reads from the device; the caller merges each tile's
+candidates one score block later, so that the read waits while the next block's GEMM runs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,25 +39,46 @@ def best(values: torch.Tensor, indices: torch.Tensor, k: int, side: str) -> tupl
     return values.gather(1, chosen), indices.gather(1, chosen)
 
 
-class RunningTopK:
-    """One side's best k per test row of a test block, over the train tiles seen so far."""
+@dataclass
+class Candidates:
+    """One side's candidates from a score tile of train rows [first, first + r): float32 values and
+    int64 indices (rows, c), the tile (rows, r) itself, and `tied` (rows,) bool, the rows whose cut
+    may have split equal scores (None when every column is a candidate)."""
 
-    def __init__(self, k: int, side: str, rows: int, device: torch.device, exact: bool):
-        self.k, self.side, self.exact = k, side, exact
+    values: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+    first: int
+    tied: torch.Tensor | None
+
+
+class RunningTopK:
+    """One side's best k per test row of a test block, over the train tiles merged so far."""
+
+    def __init__(self, k: int, side: str, rows: int, device: torch.device):
+        self.k, self.side = k, side
         self.values = torch.empty(rows, 0, dtype=torch.float32, device=device)
         self.indices = torch.empty(rows, 0, dtype=torch.int64, device=device)
-        self.ties_ok = torch.ones((), dtype=torch.bool, device=device)
 
-    def add(self, scores: torch.Tensor, first: int) -> None:
-        """Takes a tile of float32 scores (rows, r) of train rows [first, first + r)."""
-        width = min(self.k, scores.shape[1])
-        if self.exact:
-            columns = torch.arange(first, first + scores.shape[1], device=scores.device).expand_as(scores)
-            values, indices = best(scores, columns, width, self.side)
-        else:
-            values, local = torch.topk(scores, width, dim=1, largest=self.side == "proponents", sorted=False)
-            indices = local + first
-            self.ties_ok &= _smallest_tied_kept(scores, values, local, self.side)
+    def candidates(self, scores: torch.Tensor, first: int) -> Candidates:
+        """A tile of float32 scores (rows, r) of train rows [first, first + r): its candidates,
+        enqueued on the device (nothing is read back)."""
+        r = scores.shape[1]
+        if r <= self.k:
+            columns = torch.arange(first, first + r, device=scores.device).expand_as(scores)
+            return Candidates(scores, columns, scores, first, None)
+        values, local = torch.topk(scores, self.k + 1, dim=1, largest=self.side == "proponents", sorted=False)
+        return Candidates(values, local + first, scores, first, _cut_in_tie(values, self.side))
+
+    def merge(self, found: Candidates) -> None:
+        """Adds a tile's candidates; its tied rows are selected again from their whole row with keys."""
+        values, indices = found.values, found.indices
+        rows = None if found.tied is None else torch.nonzero(found.tied).flatten()  # waits for the device
+        if rows is not None and rows.numel():
+            scores = found.scores[rows]
+            columns = torch.arange(found.first, found.first + scores.shape[1], device=scores.device)
+            exact = best(scores, columns.expand_as(scores), values.shape[1], self.side)
+            values, indices = values.index_put((rows,), exact[0]), indices.index_put((rows,), exact[1])
         values = torch.cat([self.values, values], dim=1)
         indices = torch.cat([self.indices, indices], dim=1)
         self.values, self.indices = best(values, indices, min(self.k, values.shape[1]), self.side)
@@ -61,14 +87,9 @@ class RunningTopK:
         return TopK(self.values.cpu().numpy(), self.indices.cpu().numpy().astype(np.int64, copy=False))
 
 
-def _smallest_tied_kept(scores: torch.Tensor, kept: torch.Tensor, local: torch.Tensor, side: str) -> torch.Tensor:
-    """bool scalar: in every row, the kept scores equal to the worst kept one (the k-th) are at the
-    smallest columns among all the row's scores equal to it. scores (m, r); kept, local (m, k)."""
-    if kept.shape[1] == 0:
-        return torch.ones((), dtype=torch.bool, device=scores.device)
-    kth = (kept.min if side == "proponents" else kept.max)(dim=1, keepdim=True).values
-    kept_tied = kept == kth
-    last = torch.where(kept_tied, local, -1).max(dim=1, keepdim=True).values
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    # Tied scores at or before the last kept tied column: the kept ones, plus any dropped before it.
-    return torch.all(((scores == kth) & (columns <= last)).sum(1) == kept_tied.sum(1))
+def _cut_in_tie(values: torch.Tensor, side: str) -> torch.Tensor:
+    """bool (rows,): the rows of k + 1 candidates (rows, k + 1) whose worst value occurs more than
+    once among them. Elsewhere the k others are strictly better than every score left out (-0.0
+    equals 0.0 here as in the keys), so the k best are among the candidates whatever torch.topk kept."""
+    worst = (values.amin if side == "proponents" else values.amax)(dim=1, keepdim=True)
+    return (values == worst).sum(1) > 1

@@ -10,11 +10,12 @@ one float32 GEMM per checkpoint (two for factored sets, multiplied elementwise),
 weight and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
 norms once, with its upload (a copy on the device), and each checkpoint's score block by the train
 rows' inverse norms, computed per train tile in float64. top_k keeps each test row's best across
-tiles on the device; the (m, n) matrix never exists. top_k, aggregate and self_influence wait for
-the device once per call, at the end (scores reads each block back as it is made). The stream runs
-on across the generic loop's train pieces: while a piece's last tile is computed, the first tile of
-the loop's next piece (ChunkCache.next_train) is already uploading, so only the public call's very
-first tile waits for its copy.
+tiles on the device; the (m, n) matrix never exists. aggregate and self_influence wait for the
+device once per call, at the end (scores reads each block back as it is made); top_k also reads per
+score block which rows were cut inside a tie (a few bytes), a block late, while the device computes
+the next block. The stream runs on across the generic loop's train pieces: while a piece's last tile
+is computed, the first tile of the loop's next piece (ChunkCache.next_train) is already uploading,
+so only the public call's very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -40,7 +41,7 @@ import torch
 from .. import _tunables
 from ..gradients import KernelSide
 from . import _torch_rows as rows
-from ._torch_topk import _LOW, RunningTopK
+from ._torch_topk import _LOW, Candidates, RunningTopK
 from .base import ChunkCache, TopK
 
 
@@ -90,10 +91,17 @@ class TorchBackend:
     ) -> tuple[TopK | None, TopK | None]:
         if train.blocks[0].shape[0] >= _LOW:
             raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
-        found = self._top_k(test, train, weights, k, side, normalize, cache, exact=False)
-        if found is None:  # ties at the k-th score were cut unevenly: select again with exact keys
-            found = self._top_k(test, train, weights, k, side, normalize, cache, exact=True)
-        return found
+        sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
+        m = test.blocks[0].shape[0]
+        with self._call(test, train, normalize, cache) as call:
+            found = _select(call, weights, k, sides)
+        width = min(k, train.blocks[0].shape[0])
+        empty = TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
+        merged = {
+            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
+            for s, parts in found.items()
+        }
+        return merged.get("proponents"), merged.get("opponents")
 
     def self_influence(
         self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
@@ -138,27 +146,6 @@ class TorchBackend:
         return out
 
     # -- the work of one call --------------------------------------------------------------------
-    def _top_k(self, test, train, weights, k, side, normalize, cache, exact) -> tuple[TopK | None, TopK | None] | None:
-        sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
-        m = test.blocks[0].shape[0]
-        with self._call(test, train, normalize, cache) as call:
-            running = {
-                (t0, s): RunningTopK(k, s, t1 - t0, self.device, exact) for t0, t1 in call.test_blocks() for s in sides
-            }
-            for t, i, s in call.products(weights):
-                for name in sides:
-                    running[t.start, name].add(s, i.start)
-            if not all(bool(r.ties_ok) for r in running.values()):
-                return None
-            found = {s: [running[t0, s].result() for t0, _ in call.test_blocks()] for s in sides}
-        width = min(k, train.blocks[0].shape[0])
-        empty = TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
-        merged = {
-            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
-            for s, parts in found.items()
-        }
-        return merged.get("proponents"), merged.get("opponents")
-
     @contextlib.contextmanager
     def _call(
         self, test: KernelSide | None, train: KernelSide, normalize: int = 0, cache: ChunkCache | None = None
@@ -267,6 +254,23 @@ class _DeviceTest:
         if self.sums is None:
             self.sums = [t.sum(0, dtype=torch.float64) for t in self.blocks]
         return self.sums
+
+
+def _select(call: _Call, weights: Sequence[float], k: int, sides: list[str]) -> dict[str, list[TopK]]:
+    """Each side's best k per test block of a call, in block order. A score block's candidates are
+    merged once the next block is enqueued: the merge reads from the device which rows need the exact
+    selection (_torch_topk), and that read then waits while the device computes the next block."""
+    blocks = call.test_blocks()
+    running = {(t0, side): RunningTopK(k, side, t1 - t0, call.device) for t0, t1 in blocks for side in sides}
+    pending: list[tuple[RunningTopK, Candidates]] = []
+    for t, i, s in call.products(weights):
+        made = [(running[t.start, side], running[t.start, side].candidates(s, i.start)) for side in sides]
+        for selection, candidates in pending:
+            selection.merge(candidates)
+        pending = made
+    for selection, candidates in pending:
+        selection.merge(candidates)
+    return {side: [running[t0, side].result() for t0, _ in blocks] for side in sides}
 
 
 def _not_finite(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""The torch backend's top-k selection (tracin.backends._torch_topk) on heavily tied scores: torch.topk's
+k + 1 candidates per tile, and the exact selection of the rows cut inside a run of equal scores, against
+the C++ kernel and a stable sort of the exact scores. Run on CPU tensors ("torch:cpu"), also with a
+torch.topk that keeps the largest tied indices (allowed: torch promises no order among ties)."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+import pytest
+
+import tracin
+from reference import exact_scores, factored_to_full
+from tracin import _tunables
+from tracin.backends import _torch_topk
+
+torch = pytest.importorskip("torch")
+
+TILE = 32  # train rows per tile: DEVICE_TILE_BYTES below, over 8 float32 columns
+BLOCK = 5  # test rows per score block
+PIECE = 80  # train rows per piece of the generic loop (cut for the progress bar)
+_TopK = namedtuple("_TopK", "values indices")
+
+
+@pytest.fixture(params=["torch.topk", "largest tied indices"])
+def topk(request, monkeypatch):
+    """torch.topk as it is, or one keeping the largest indices among equal float scores (int64 keys,
+    never equal, still go to torch.topk)."""
+    if request.param == "largest tied indices":
+        original = torch.topk
+
+        def adverse(x, k, dim=-1, largest=True, sorted=True):
+            if x.dtype == torch.int64:
+                return original(x, k, dim=dim, largest=largest, sorted=sorted)
+            assert dim == 1
+            order = torch.sort(x.flip(1), dim=1, descending=largest, stable=True)  # ties: larger index first
+            return _TopK(order.values[:, :k], x.shape[1] - 1 - order.indices[:, :k])
+
+        monkeypatch.setattr(torch, "topk", adverse)
+    return request.param
+
+
+@pytest.fixture
+def small_cuts(monkeypatch):
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", TILE * 8 * 4)
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", BLOCK * TILE)
+    monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", PIECE)
+
+
+def tied_rows(rng, n: int, d: int) -> np.ndarray:
+    """Small integers (exact scores in any summation order, many ties), a tenth of the rows zero."""
+    rows = np.round(rng.standard_normal((n, d))).astype(np.float32)
+    rows[rng.choice(n, n // 10, replace=False)] = 0.0
+    return rows
+
+
+def signs(rng, n: int) -> np.ndarray:
+    """Rows of four entries +-1, a tenth of the rows zero."""
+    rows = rng.choice(np.array([-1, 1], np.float32), (n, 4))
+    rows[rng.choice(n, n // 10, replace=False)] = 0.0
+    return rows
+
+
+def stable_order(exact: np.ndarray, k: int, side: str) -> np.ndarray:
+    return np.argsort((-1 if side == "proponents" else 1) * exact, axis=1, kind="stable")[:, :k]
+
+
+def sets(rng, kind: str, n: int, m: int, w: list[float]):
+    """(test set, train set, exact float64 scores) of 8 columns per row (two checkpoints)."""
+    if kind == "factored":  # checkpoint 0: factors of 1 and 3 columns, checkpoint 1: 2 and 2
+        train, test = [tied_rows(rng, n, d) for d in (1, 3, 2, 2)], [tied_rows(rng, m, d) for d in (1, 3, 2, 2)]
+        full_t, full_x = factored_to_full(test[0::2], test[1::2]), factored_to_full(train[0::2], train[1::2])
+        made = (
+            tracin.FactoredGradients(test[0::2], test[1::2], w),
+            tracin.FactoredGradients(train[0::2], train[1::2], w),
+        )
+        return *made, exact_scores(full_t, full_x, w)
+    if kind == "plain":
+        train, test = [tied_rows(rng, n, 4) for _ in w], [tied_rows(rng, m, 4) for _ in w]
+        for t in test:
+            t[3] = 0.0  # every score of test row 3 is 0.0 or -0.0
+            t[4] = -np.abs(t[4])
+        return tracin.Gradients(test, w), tracin.Gradients(train, w), exact_scores(test, train, w)
+    # cosine scores: entries +-1, so each checkpoint's row norm is 2 (0 for the zero rows): exact scores
+    train, test = [signs(rng, n) for _ in w], [signs(rng, m) for _ in w]
+    return (
+        tracin.Gradients(test, w),
+        tracin.Gradients(train, w),
+        exact_scores([r / 2 for r in test], [r / 2 for r in train], w),
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 31, 32, 33, 81, 400])  # about the tile (32), the piece (80), above n
+@pytest.mark.parametrize("kind", ["plain", "cosine", "factored"])
+def test_tied_scores_give_the_cpu_kernel_results(rng, small_cuts, topk, k, kind):
+    """Both sides at once, 300 train rows in pieces of 80 (tiles of 32, 32, 16) and 60 (32, 28), score
+    blocks of 5 test rows."""
+    n, normalize = 300, kind == "cosine"
+    t, x, exact = sets(rng, kind, n, 11, [0.5, -2.0])
+    ours = tracin.top_k(t, x, k=k, side="both", device="torch:cpu", normalize=normalize, progress=True)
+    kernel = tracin.top_k(t, x, k=k, side="both", device="cpu", normalize=normalize)
+    for got, want, side in zip(ours, kernel, ("proponents", "opponents"), strict=True):
+        assert got.indices.shape == (11, min(k, n))
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.indices, stable_order(exact, k, side))
+        np.testing.assert_array_equal(got.values, want.values)
+
+
+def test_only_rows_cut_inside_a_tie_are_selected_exactly(rng, small_cuts, monkeypatch):
+    """Counted through _cut_in_tie: none on tie-free scores, some (not all) on tied ones."""
+    counted: list[tuple[int, int]] = []
+    original = _torch_topk._cut_in_tie
+
+    def count(values, side):
+        tied = original(values, side)
+        counted.append((int(tied.sum()), len(tied)))
+        return tied
+
+    monkeypatch.setattr(_torch_topk, "_cut_in_tie", count)
+    for kind in ("plain", "cosine"):
+        counted.clear()
+        t, x, _ = sets(rng, kind, 200, 11, [0.5, -2.0])
+        tracin.top_k(t, x, k=3, side="both", device="torch:cpu", progress=True)
+        tied, rows = map(sum, zip(*counted, strict=True))
+        assert 0 < tied < rows, kind
+    counted.clear()
+    free = [rng.standard_normal((11, 4)).astype(np.float32), rng.standard_normal((200, 4)).astype(np.float32)]
+    tracin.top_k(free[0], free[1], k=3, side="both", device="torch:cpu", progress=True)
+    assert counted and sum(c for c, _ in counted) == 0
+
+
+@pytest.mark.parametrize(
+    "values, side, tied",
+    [
+        ([[3, 1, 1]], "proponents", [True]),
+        ([[1, 3, 2]], "proponents", [False]),
+        ([[2, 2, 1]], "proponents", [False]),  # the tie is above the cut: both kept
+        ([[5, 0.0, -0.0], [-0.0, 7, 0.0]], "proponents", [True, True]),
+        ([[-1, -3, -1]], "opponents", [True]),
+        ([[1, 1, 5]], "opponents", [False]),
+        ([[np.inf, 2, np.inf], [4, -np.inf, -np.inf]], "proponents", [False, True]),
+    ],
+)
+def test_a_cut_is_tied_when_the_worst_candidate_occurs_twice(values, side, tied):
+    got = _torch_topk._cut_in_tie(torch.tensor(values, dtype=torch.float32), side)
+    assert got.tolist() == tied
+
+
+def test_one_tile_tied_at_the_cut_keeps_the_smallest_indices(topk):
+    """Row 0: seven equal scores, k = 3 of them; row 1: no tie at the cut; row 2: -0.0 and 0.0."""
+    scores = torch.tensor(
+        [[1, 1, 1, 1, 1, 1, 1], [0, 5, 1, 4, 2, 3, 6], [-0.0, 9, 0.0, -0.0, 0.0, -1, -0.0]], dtype=torch.float32
+    )
+    running = _torch_topk.RunningTopK(3, "proponents", 3, torch.device("cpu"))
+    found = running.candidates(scores, 100)
+    assert found.tied.tolist() == [True, False, True]
+    running.merge(found)
+    result = running.result()
+    assert result.indices.tolist() == [[100, 101, 102], [106, 101, 103], [101, 100, 102]]
+    np.testing.assert_array_equal(result.values[2], [9, 0, 0])
+
+
+def test_a_score_blocks_candidates_are_merged_after_the_next_blocks_are_made(rng, small_cuts, monkeypatch):
+    """On a GPU the merge's read of the tied rows then waits while the next block is computed."""
+    events: list[tuple[str, int, int]] = []
+    made, merge = _torch_topk.RunningTopK.candidates, _torch_topk.RunningTopK.merge
+
+    def candidates(self, scores, first):
+        events.append(("made", id(self), first))
+        return made(self, scores, first)
+
+    def merged(self, found):
+        events.append(("merged", id(self), found.first))
+        merge(self, found)
+
+    monkeypatch.setattr(_torch_topk.RunningTopK, "candidates", candidates)
+    monkeypatch.setattr(_torch_topk.RunningTopK, "merge", merged)
+    test, train = rng.standard_normal((7, 8)).astype(np.float32), rng.standard_normal((70, 8)).astype(np.float32)
+    tracin.top_k(test, train, k=3, side="both", device="torch:cpu")  # 2 blocks (5 + 2 rows) x 3 tiles x 2 sides
+    assert [e[0] for e in events] == ["made"] * 2 + ["made", "made", "merged", "merged"] * 5 + ["merged"] * 2
+    assert sorted(e for e in events if e[0] == "made") == sorted(("made", *e[1:]) for e in events if e[0] == "merged")
