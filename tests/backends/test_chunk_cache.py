@@ -75,11 +75,13 @@ def test_each_test_chunk_is_uploaded_once_per_call(rng, tmp_path, monkeypatch, u
         assert np.all(np.abs(calls["aggregate"]() - exact.sum(0)) <= bound.sum(0))
 
 
-def test_the_exact_top_k_pass_reuses_the_uploaded_chunk(rng, monkeypatch, uploads):
-    """When ties force a second, exact selection, the chunk uploaded for the first pass serves it."""
+def test_rows_selected_exactly_use_the_chunk_uploaded_once(rng, monkeypatch, uploads):
+    """Every row selected exactly from its whole tile (as rows cut inside a tie are): still one upload."""
     from tracin.backends import _torch_topk
 
-    monkeypatch.setattr(_torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool))
+    monkeypatch.setattr(
+        _torch_topk, "_cut_in_tie", lambda values, side: torch.ones(len(values), dtype=torch.bool, device=values.device)
+    )
     test = np.round(rng.standard_normal((5, 4))).astype(np.float32)
     train = np.round(rng.standard_normal((80, 4))).astype(np.float32)
     got = tracin.top_k(test, train, k=13, device="torch:cpu")

@@ -112,17 +112,17 @@ def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatc
                 np.testing.assert_array_equal(got.values, want.values)
 
 
-@pytest.mark.parametrize("second_pass", [False, True])
-def test_uploads_run_on_across_store_pieces_on_the_gpu(rng, tmp_path, monkeypatch, second_pass):
+@pytest.mark.parametrize("all_exact", [False, True])
+def test_uploads_run_on_across_store_pieces_on_the_gpu(rng, tmp_path, monkeypatch, all_exact):
     """A store of 40 pieces of 3 tiles (the last one short), each piece's first tile uploaded on the
     copy stream during the previous piece; tied small integers: exactly the C++ kernel's results, also
-    when every piece is selected a second time (the upload made ahead is then dropped and redone)."""
+    when every row is selected exactly from its whole tile (as rows cut inside a tie are)."""
     from tracin.backends import _torch_topk
 
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 100 * 40 * 4)
-    if second_pass:
+    if all_exact:
         monkeypatch.setattr(
-            _torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool, device="cuda")
+            _torch_topk, "_cut_in_tie", lambda values, side: torch.ones(len(values), dtype=torch.bool, device="cuda")
         )
     train = np.round(2 * rng.standard_normal((10_000, 40))).astype(np.float32)
     writer = tracin.GradientStore.create(tmp_path / "s", 10_000, [40], [0.5])

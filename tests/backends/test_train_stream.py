@@ -160,17 +160,19 @@ def test_several_pieces_give_the_cpu_kernel_results_ties_included(rng, tmp_path,
         np.testing.assert_array_equal(ours.values, np.take_along_axis(exact, order, 1))
 
 
-def test_a_second_exact_pass_does_not_use_the_upload_made_for_the_next_piece(rng, tmp_path, monkeypatch):
-    """When ties force a piece to be selected again, its first pass has already uploaded the next
-    piece's first tile; the second pass uploads its own tiles and the next piece still gets its rows."""
+def test_rows_selected_exactly_across_pieces_follow_the_tie_rule(rng, tmp_path, monkeypatch):
+    """Every row selected exactly from its whole tile (as rows cut inside a tie are), over store
+    pieces whose first tiles are uploaded ahead: a stable sort of the exact scores."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 6 * 4 * 4)
-    monkeypatch.setattr(_torch_topk, "_smallest_tied_kept", lambda *a: torch.zeros((), dtype=torch.bool))
+    monkeypatch.setattr(
+        _torch_topk, "_cut_in_tie", lambda values, side: torch.ones(len(values), dtype=torch.bool, device=values.device)
+    )
     train = np.round(rng.standard_normal((100, 4))).astype(np.float32)
     test = np.round(rng.standard_normal((6, 4))).astype(np.float32)
     exact = exact_scores([test], [train], [1.0])
-    got = tracin.top_k(test, store(tmp_path, "train", [train], [1.0], rows=17), k=20, side="both", device="torch:cpu")
+    got = tracin.top_k(test, store(tmp_path, "train", [train], [1.0], rows=17), k=5, side="both", device="torch:cpu")
     for part, sign in ((got.proponents, -1), (got.opponents, 1)):
-        np.testing.assert_array_equal(part.indices, np.argsort(sign * exact, axis=1, kind="stable")[:, :20])
+        np.testing.assert_array_equal(part.indices, np.argsort(sign * exact, axis=1, kind="stable")[:, :5])
 
 
 def test_non_finite_rows_in_a_later_piece_name_their_rows(rng, tmp_path):
