@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{name}.json"
     result = run(args, lambda record: write_json(name, record, args.out))
     for case in result["cases"]:
-        for name, t in case["times"].items():
-            print(f"k={case['k']:<5} {case['side']:<10} {name:34s} {t['median_s'] * 1e3:9.2f} ms")
+        for contender, t in case["times"].items():
+            print(f"k={case['k']:<5} {case['side']:<10} {contender:34s} {t['median_s'] * 1e3:9.2f} ms")
     limits = result["limits"]
     if limits["sgemm"]:
         print(f"sgemm {limits['sgemm']['tflops']:.2f} TFLOP/s")

@@ -224,3 +224,15 @@ def test_a_store_opened_by_a_relative_path_is_still_read_after_a_chdir(tmp_path,
     monkeypatch.chdir("/")  # each call opens the files again: by the path the store was opened at
     assert store.path == tmp_path / "s"
     np.testing.assert_allclose(tracin.self_influence(store), 0.5 * (rows.astype(np.float64) ** 2).sum(1))
+
+
+def test_a_store_created_by_a_relative_path_is_still_written_after_a_chdir(tmp_path, monkeypatch):
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    monkeypatch.chdir(tmp_path)
+    writer = tracin.GradientStore.create("s", n_rows=6, dims=[4], weights=[0.5])
+    writer.write(0, 0, rows[:3])
+    monkeypatch.chdir("/")  # each write rewrites the manifest: by the path the store was created at
+    writer.write(0, 3, rows[3:])
+    store = writer.finalize()
+    assert store.path == tmp_path / "s" and store.complete
+    np.testing.assert_allclose(tracin.self_influence(store), 0.5 * (rows.astype(np.float64) ** 2).sum(1))

@@ -33,11 +33,10 @@ class StoreRows:
 
     @classmethod
     def of(cls, store: GradientStore) -> StoreRows:
-        """The rows a store view covers (a whole store, a shard or a slice); a store opened by a
-        relative path is named by its absolute path, since workers run in other directories."""
+        """The rows a store view covers (a whole store, a shard or a slice), named by the store's
+        absolute path (GradientStore keeps one: workers run in other directories)."""
         start = store.shard_offset()
-        path = os.path.abspath(store.path)
-        return cls(path, start, start + store.n_rows, store.allow_partial, store.chunk_bytes, store.store_id)
+        return cls(str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes, store.store_id)
 
     def rows(self, a: int, b: int) -> StoreRows:
         """Rows [a, b) of this range (relative to its start)."""

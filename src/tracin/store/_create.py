@@ -53,7 +53,7 @@ def create(
     wanted.has_ids = id_array is not None
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
-    root = Path(path)
+    root = Path(path).absolute()  # the manifest is rewritten on every write: a later chdir must not matter
     if rows is not None:
         return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store)
     if root.exists() and not root.is_dir():
