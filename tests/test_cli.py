@@ -229,6 +229,39 @@ def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, ca
     assert e.value.code == 2
 
 
+def test_stores_of_other_checkpoints_are_one_line_naming_them(tmp_path, stores, capsys):
+    """Stores whose exports recorded other checkpoints: the CLI names the checkpoints that differ and
+    what to do from a shell, not the library's advice to edit metadata; the same checkpoints score."""
+    _, blocks, weights = stores
+
+    def exported(name, mats, digests):
+        meta = {"framework": "torch", "mode": "full", "fingerprints": {"data": name, "checkpoints": digests}}
+        w = tracin.GradientStore.create(
+            tmp_path / name,
+            len(mats[0]),
+            [m.shape[1] for m in mats],
+            weights=weights,
+            metadata={**meta, "checkpoint_sources": ["file", "file"]},
+        )
+        for c, m in enumerate(mats):
+            w.write(c, 0, m)
+        w.finalize()
+        return tmp_path / name
+
+    test = exported("t", blocks["test"], ["a", "b"])
+    other = {"test": test, "train": exported("x", blocks["train"], ["a", "c"])}
+    out = tmp_path / "top.npz"
+    assert main(_score(other, "-o", str(out))) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert "--test and --train were exported at different checkpoints (checkpoints [1] differ)" in line
+    assert line.endswith("export both sides from the same checkpoints (same files or state dicts)")
+    assert "metadata" not in line and not out.exists()
+    same = {"test": test, "train": exported("s", blocks["train"], ["a", "b"])}
+    assert main(_score(same, "-k", "3", "-o", str(out))) == 0
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    np.testing.assert_array_equal(np.load(out)["proponents_indices"], np.argsort(-exact, axis=1)[:, :3])
+
+
 def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch):
     paths, _, _ = stores
 

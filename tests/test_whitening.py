@@ -357,6 +357,68 @@ def test_save_load_round_trip(tmp_path, full):
         Whitening.load(tmp_path / "other.npz")
 
 
+def _exported(matrices, digests, sources=("state", "state")):
+    """Gradients with the checkpoint records an export writes (framework, digests, how they were made)."""
+    meta = {"framework": "torch", "mode": "full", "fingerprints": {"data": "d", "checkpoints": list(digests)}}
+    if sources is not None:
+        meta["checkpoint_sources"] = list(sources)
+    return tracin.Gradients(matrices, WEIGHTS, metadata=meta)
+
+
+def test_sets_of_other_checkpoints_are_refused_as_scoring_refuses_them(tmp_path, full, rng):
+    """A whitening fitted at checkpoints [a, b] refuses test, train and mix sets whose records name
+    another checkpoint, also once saved and loaded; sets of the same checkpoints, sets without records
+    and records made differently (a file vs in-memory arrays) are whitened as before (float64 solve)."""
+    train, test = full
+    w = Whitening.fit(_exported(train, ["a", "b"]), damping=0.5)
+    assert w.spec.space["fingerprints"] == {"checkpoints": ["a", "b"]}
+    assert w.spec.space["checkpoint_sources"] == ["state", "state"] and w.spec.space["framework"] == "torch"
+    w.save(tmp_path / "w.npz")
+    for whitening in (w, Whitening.load(tmp_path / "w.npz"), w.with_damping(0.5)):
+        with pytest.raises(
+            tracin.scoring.CheckpointMismatchError,
+            match=r"test and the gradients the whitening was fitted on were exported at different checkpoints: "
+            r"checkpoints \[1\] differ",
+        ) as refused:
+            whitening.apply(_exported(test, ["a", "x"]))
+        assert refused.value.checkpoints == [1]
+        with pytest.raises(ValueError, match=r"train and the gradients the whitening .* checkpoints \[0, 1\] differ"):
+            whitening.self_influence(_exported(train, ["x", "y"]))
+        accepted = [
+            _exported(test, ["a", "b"]),
+            _exported(test, ["a", "x"], None),
+            _exported(test, ["x", "b"], ["file"] * 2),
+        ]
+        for side in accepted:
+            for ours, t, g in zip(whitening.apply(side).matrices, test, train, strict=True):
+                assert_rows_close(ours, to_float64(t) @ reference_inverse(g, 0.5)[0])
+    with pytest.raises(ValueError, match=r"mix and train were exported at different checkpoints: checkpoints \[1\]"):
+        Whitening.fit(_exported(train, ["a", "b"]), mix=_exported(train[:50], ["a", "x"]))
+    # the whitened test side still pairs with the train side as scoring pairs them
+    white = w.apply(_exported(test, ["a", "b"]))
+    exact = [to_float64(t) @ reference_inverse(g, 0.5)[0] for t, g in zip(test, train, strict=True)]
+    assert_close_to_exact(tracin.scores(white, _exported(train, ["a", "b"])), exact, train, WEIGHTS)
+    with pytest.raises(ValueError, match=r"test and train were exported at different checkpoints"):
+        tracin.scores(white, _exported(train, ["a", "x"]))
+
+
+def test_a_whitening_saved_without_checkpoint_records_is_trusted(tmp_path, full):
+    """Whitenings saved before the checkpoints were recorded load and whiten sets of any checkpoints."""
+    train, test = full
+    w = Whitening.fit(_exported(train, ["a", "b"]))
+    w.save(tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz") as f:
+        arrays = dict(f)
+    spec = json.loads(str(arrays["spec"]))
+    for key in ("fingerprints", "checkpoint_sources"):
+        del spec["space"][key]
+    np.savez(tmp_path / "older.npz", **{**arrays, "spec": np.array(json.dumps(spec))})
+    older = Whitening.load(tmp_path / "older.npz")
+    ours = older.apply(_exported(test, ["x", "y"]))
+    for x, y in zip(ours.matrices, w.apply(_exported(test, ["a", "b"])).matrices, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_benchmark_quick_run_writes_consistent_json(tmp_path, capsys):
     from benchmarks import whitening as bench
 

@@ -143,35 +143,18 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import numpy as np
 
-    import tracin
+    from .scoring import CheckpointMismatchError
 
     out = _check_output(args.output, (".npz", ".csv"))
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
-    with _cluster(args) as client:
-        if client is None:
-            result = tracin.top_k(
-                test,
-                train,
-                k=args.k,
-                side=args.side,
-                num_threads=args.threads,
-                progress=_progress(args),
-                normalize=args.normalize,
-            )
-        else:
-            from . import distributed
-
-            result = distributed.top_k(
-                test,
-                train,
-                k=args.k,
-                side=args.side,
-                client=client,
-                num_threads=args.threads,
-                progress=_progress(args),
-                normalize=args.normalize,
-            )
+    try:
+        result = _top_k(args, test, train)
+    except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
+        raise CommandError(
+            f"--test and --train were exported at different checkpoints (checkpoints {e.checkpoints} differ); "
+            "export both sides from the same checkpoints (same files or state dicts)"
+        ) from e
     sides = result._asdict() if args.side == "both" else {args.side: result}
     scores = " (cosine scores)" if args.normalize else ""
     k = min(args.k, train.n_rows)  # what top_k returns
@@ -188,6 +171,35 @@ def cmd_score(args: argparse.Namespace) -> None:
         with open(out, "w", newline="") as f:
             _write_pairs_csv(f, sides, _ids(test), _ids(train))
         print(f"{summary}: wrote {out}")
+
+
+def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
+    """tracin.top_k of the two stores, or tracin.distributed.top_k on the cluster of --scheduler."""
+    import tracin
+
+    with _cluster(args) as client:
+        if client is None:
+            return tracin.top_k(
+                test,
+                train,
+                k=args.k,
+                side=args.side,
+                num_threads=args.threads,
+                progress=_progress(args),
+                normalize=args.normalize,
+            )
+        from . import distributed
+
+        return distributed.top_k(
+            test,
+            train,
+            k=args.k,
+            side=args.side,
+            client=client,
+            num_threads=args.threads,
+            progress=_progress(args),
+            normalize=args.normalize,
+        )
 
 
 def _write_pairs_csv(f: IO[str], sides: dict, test_ids: list | None, train_ids: list | None) -> None:

@@ -109,8 +109,18 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
     _check_same_checkpoints(t, x)
 
 
-def _check_same_checkpoints(t: dict, x: dict) -> None:
-    """Refuses sides exported at different checkpoints. Checkpoint c (a real one: a factored set's
+class CheckpointMismatchError(ValueError):
+    """Two gradient sets exported at different checkpoints (their recorded digests differ);
+    `checkpoints`: the indices of the real checkpoints that differ."""
+
+    def __init__(self, message: str, checkpoints: list[int] | None = None):
+        super().__init__(message)
+        self.checkpoints = [] if checkpoints is None else checkpoints
+
+
+def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
+    """Refuses sides exported at different checkpoints (CheckpointMismatchError; `names` name the
+    metadata `t` and `x` in its message). Checkpoint c (a real one: a factored set's
     layers share its digest) is compared where both sides' digests of it
     (metadata["fingerprints"]["checkpoints"]) were made the same way by the same framework
     (metadata["checkpoint_sources"]: "file", the bytes at a path, or "state", an in-memory
@@ -123,13 +133,14 @@ def _check_same_checkpoints(t: dict, x: dict) -> None:
         return
     differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
     if differ:
-        raise ValueError(
-            f"test and train were exported at different checkpoints: checkpoints {differ} differ (their "
-            "digests in metadata['fingerprints']['checkpoints'], made alike: metadata['checkpoint_sources']); "
+        raise CheckpointMismatchError(
+            f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints {differ} differ "
+            "(their digests in metadata['fingerprints']['checkpoints'], made alike: metadata['checkpoint_sources']); "
             "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
             "saved again, renamed keys), drop the record from one side to have the pair trusted: "
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
-            "store: workers open stores again by path)"
+            "store: workers open stores again by path)",
+            differ,
         )
 
 

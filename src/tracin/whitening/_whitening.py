@@ -31,7 +31,8 @@ from ._threads import blas_threads
 # fit's default damping: the lowest mean rank of LDS across the quality suite's datasets among 0.1, 1, 3,
 # 10, 30, 100 (also the highest mean LDS; benchmarks/results/quality.json, README "Whitened TracIn").
 DEFAULT_DAMPING = 10.0
-_SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params")  # metadata naming the gradient space
+# metadata naming the gradient space; with the checkpoints' digests (_space), compared as scoring compares sides
+_SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params", "checkpoint_sources")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -45,7 +46,8 @@ class WhiteningSpec:
     (full) or [lambda_B, lambda_A] (kfac). dims: per checkpoint d_c or [p_c, q_c]. n_rows / mix_rows:
     rows fitted on (train, mix set); mix_weight: the mix set's share of R. fingerprint: sha256 (16 hex
     digits) of the float64 second moments before damping. fitted_on: the train store's id (None in
-    memory). space: the train set's metadata naming its gradient space (mode, projection, ...).
+    memory). space: the train set's metadata naming its gradient space (mode, projection, ...) and its
+    checkpoints (fingerprints["checkpoints"], checkpoint_sources), checked against the sets it whitens.
     """
 
     kind: str
@@ -164,7 +166,7 @@ class Whitening:
             mix_weight=mix_weight if mix is not None else 0.0,
             fingerprint=fingerprint,
             fitted_on=getattr(train, "store_id", None),
-            space={k: train.metadata[k] for k in _SPACE_KEYS if k in train.metadata},
+            space=_space(train.metadata),
         )
         return cls(blended, inverses, spec)
 
@@ -305,7 +307,7 @@ class Whitening:
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
     """`s` if it has the kind, checkpoints, dims and gradient space of `fitted` (named `against` in
     messages); ValueError otherwise."""
-    from ..scoring import _check_same_gradient_space
+    from ..scoring import _check_same_checkpoints, _check_same_gradient_space
 
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
@@ -316,8 +318,19 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
         raise ValueError(f"{name} has {s.n_checkpoints} checkpoints but {against} has {fitted.n_checkpoints}")
     if tuple(s.dims) != tuple(fitted.dims):
         raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}")
+    fitted_on = against if against == "train" else f"the gradients {against} was fitted on"
+    _check_same_checkpoints(s.metadata, fitted.metadata, (name, fitted_on))
     _check_same_gradient_space(s, fitted)
     return s
+
+
+def _space(metadata: dict) -> dict:
+    """The metadata of a train set that a whitening records (WhiteningSpec.space)."""
+    space = {k: metadata[k] for k in _SPACE_KEYS if k in metadata}
+    fingerprints = metadata.get("fingerprints")
+    if isinstance(fingerprints, dict) and "checkpoints" in fingerprints:
+        space["fingerprints"] = {"checkpoints": fingerprints["checkpoints"]}
+    return space
 
 
 def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[list[np.ndarray], list]:
