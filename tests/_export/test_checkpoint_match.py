@@ -91,7 +91,10 @@ class TestTorch:
         model, states, _, data = setup
         test, other = self._export(model, states[:3], data), self._export(model, states[1:4], data)
         whitening = tracin.Whitening.fit(other)
-        _assert_refused(whitening.apply(test), other, [0, 1, 2])
+        fitted_elsewhere = r"fitted on were " + REFUSED + r" \[0, 1, 2\]"
+        with pytest.raises(tracin.scoring.CheckpointMismatchError, match=fitted_elsewhere):
+            whitening.apply(test)  # a whitening fitted at other checkpoints is refused where it whitens
+        _assert_refused(tracin.Whitening.fit(test).apply(test), other, [0, 1, 2])  # and the whitened side at scoring
         assert tracin.scores(whitening.apply(other), other).shape == (9, 9)
         factored = {"mode": "factored", "layers": ["0", "2"]}
         test = self._export(model, states[:3], data, **factored)
@@ -139,6 +142,95 @@ class TestTorch:
         assert tracin.scores(test, older).shape == (9, 9)
         returned = self._export(model, states[1:4], data, store=path)  # exporting again returns it as it is
         assert returned.complete and "checkpoint_sources" not in returned.metadata
+
+    def _tied_export(self, sources, data, **kwargs):
+        """Exports of a model whose head shares the embedding's weight (its state_dict names both)."""
+        torch, nn = self.torch, self.torch.nn
+        from tracin.torch import export_gradients
+
+        class Tied(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False)
+                self.head.weight = self.emb.weight
+
+            def forward(self, x):
+                return self.head(torch.tanh(self.emb(x).mean(1)))
+
+        def loss(out, y):
+            return nn.functional.cross_entropy(out, y, reduction="none")
+
+        torch.manual_seed(2)
+        checkpoints = [(s, lr) for s, lr in zip(sources, [0.5, 0.25], strict=False)]
+        return export_gradients(Tied(), checkpoints, data, loss, progress=False, **kwargs)
+
+    @pytest.fixture
+    def tied(self):
+        torch = self.torch
+        g = torch.Generator().manual_seed(3)
+        full = [{"emb.weight": w, "head.weight": w} for w in torch.randn(3, 6, 4, generator=g)]
+        return full, (torch.randint(0, 6, (7, 3), generator=g), torch.randint(0, 6, (7,), generator=g))
+
+    def test_the_same_weights_with_or_without_tied_copies_in_another_dtype_or_prefixed_are_accepted(self, tied):
+        full, data = tied
+        reference = self._tied_export(full[:2], data)
+        expected = tracin.scores(reference, reference)
+        for states in (
+            [{"emb.weight": s["emb.weight"]} for s in full[:2]],  # what a safetensors load gives
+            [{k: v.double() for k, v in s.items()} for s in full[:2]],  # the load casts to float32
+            [{f"module.{k}": v for k, v in s.items()} for s in full[:2]],
+        ):
+            same = self._tied_export(states, data)
+            assert same.metadata["fingerprints"]["checkpoints"] == reference.metadata["fingerprints"]["checkpoints"]
+            np.testing.assert_array_equal(tracin.scores(reference, same), expected)
+            np.testing.assert_array_equal(tracin.scores(same, reference), expected)
+        _assert_refused(reference, self._tied_export([{"emb.weight": full[0]["emb.weight"]}, full[2]], data), [1])
+        _assert_refused(self._tied_export([{k: v.double() for k, v in full[2].items()}] * 2, data), reference, [0, 1])
+
+    def test_an_older_store_holding_the_digests_of_the_raw_state_dicts_resumes_and_is_returned(
+        self, tied, tmp_path, monkeypatch
+    ):
+        from tracin._export.fingerprint import digest_arrays
+        from tracin._export.sinks import StoreSink
+
+        full, data = tied
+        states = [{f"module.{k}": v for k, v in s.items()} for s in full[:2]]  # prefixed, both tied names
+        path, real_write = tmp_path / "older", StoreSink.write
+
+        def killed(sink, c, start, block):
+            if c == 1:
+                raise KeyboardInterrupt
+            real_write(sink, c, start, block)
+
+        monkeypatch.setattr(StoreSink, "write", killed)
+        with pytest.raises(KeyboardInterrupt):
+            self._tied_export(states, data, store=path)
+        monkeypatch.setattr(StoreSink, "write", real_write)
+        manifest = path / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        new_digests = doc["metadata"]["fingerprints"]["checkpoints"]
+        raw = [  # what versions before checkpoint_sources digested: the names and dtypes as given
+            digest_arrays([a for k in sorted(s) for a in (np.frombuffer(k.encode(), np.uint8), s[k].numpy())])
+            for s in states
+        ]
+        assert raw[0] != new_digests[0] and raw[1] != new_digests[1]
+        doc["metadata"]["fingerprints"]["checkpoints"] = raw
+        manifest.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs; checkpoints\[1\] differs"):
+            self._tied_export(states, data, store=path)  # a store that records checkpoint_sources: new digests
+        del doc["metadata"]["checkpoint_sources"]  # as the older versions wrote it
+        manifest.write_text(json.dumps(doc))
+        with pytest.raises(ValueError, match=r"other inputs: checkpoints\[1\] differs"):
+            self._tied_export([states[0], full[2]], data, store=path)  # other weights are still refused
+        resumed = self._tied_export(states, data, store=path)
+        assert resumed.complete and "checkpoint_sources" not in resumed.metadata
+        assert resumed.metadata["fingerprints"]["checkpoints"] == raw
+        expected = self._tied_export(full[:2], data)
+        for c in range(2):
+            np.testing.assert_array_equal(np.load(path / f"checkpoint_{c:03d}.npy"), expected.matrices[c])
+        returned = self._tied_export(states, data, store=path)  # a finished one is returned as it is
+        assert returned.complete and returned.metadata["fingerprints"]["checkpoints"] == raw
+        np.testing.assert_array_equal(tracin.scores(expected, returned), tracin.scores(expected, resumed))
 
 
 class TestJax:

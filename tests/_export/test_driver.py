@@ -222,11 +222,11 @@ def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
 def test_checkpoint_sources_say_how_each_digest_was_made(tmp_path):
     np.save(tmp_path / "scale.npy", np.float32(3.0))
 
-    class FromFiles(_Scaled):
+    class _Renamed(_Scaled):
         def load(self, source, index):
             return float(np.load(source)) if isinstance(source, str) else source["scale"]
 
-    g = export(FromFiles(_data()), [CKPTS[0], (str(tmp_path / "scale.npy"), 1.0)], _options(), [])
+    g = export(_Renamed(_data()), [CKPTS[0], (str(tmp_path / "scale.npy"), 1.0)], _options(), [])
     assert g.metadata["checkpoint_sources"] == ["state", "file"]
     assert g.metadata["fingerprints"]["checkpoints"][0] == "2.0"
     np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 3.0, rtol=1e-6)
@@ -257,3 +257,76 @@ def test_a_store_exported_before_checkpoint_sources_resumes_and_is_returned_with
     assert export(_Scaled(_data()), CKPTS, _options(path), []).complete
     fresh = export(_Scaled(_data()), CKPTS, _options(tmp_path / "new"), [])
     assert fresh.metadata["checkpoint_sources"] == ["state", "state"]
+
+
+class _Files(_Scaled):
+    """_Scaled that also reads a checkpoint's scale from a .npy file."""
+
+    def load(self, source, index):
+        return float(np.load(source)) if isinstance(source, str) else source["scale"]
+
+
+class _Renamed(_Files):
+    """A framework whose digests of in-memory checkpoints changed: older versions made 'old <scale>'."""
+
+    def __init__(self, batches):
+        super().__init__(batches)
+        self.legacy: list[int] = []  # checkpoints whose legacy digest was asked for
+
+    def legacy_state_digest(self, source, index):
+        self.legacy.append(index)
+        return f"old {source['scale']}"
+
+
+def _as_older_versions_wrote(path, digests: list[str], sources: bool = False) -> None:
+    manifest = path / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["metadata"]["fingerprints"]["checkpoints"] = digests
+    if not sources:
+        doc["metadata"].pop("checkpoint_sources", None)
+    manifest.write_text(json.dumps(doc))
+
+
+def test_an_older_store_holding_legacy_digests_of_in_memory_checkpoints_resumes(tmp_path, monkeypatch):
+    np.save(tmp_path / "scale.npy", np.float32(-1.0))
+    checkpoints = [CKPTS[0], (str(tmp_path / "scale.npy"), 0.25)]
+    path, real_write = tmp_path / "g", StoreSink.write
+
+    def killed(self, c, start, block):
+        if c == 1:
+            raise KeyboardInterrupt
+        real_write(self, c, start, block)
+
+    monkeypatch.setattr(StoreSink, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export(_Renamed(_data()), checkpoints, _options(path), [])
+    monkeypatch.setattr(StoreSink, "write", real_write)
+    file_digest = json.loads((path / "manifest.json").read_text())["metadata"]["fingerprints"]["checkpoints"][1]
+    _as_older_versions_wrote(path, ["old 2.0", file_digest], sources=True)
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
+        export(_Renamed(_data()), checkpoints, _options(path), [])  # legacy digests only without the record
+    _as_older_versions_wrote(path, ["old 2.0", file_digest])
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
+        export(_Files(_data()), checkpoints, _options(path), [])  # an adapter without legacy digests (JAX)
+    other = _Renamed(_data())
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
+        export(other, [({"scale": 3.0}, 0.5), checkpoints[1]], _options(path), [])
+    assert other.legacy == [0]
+    again = _Renamed(_data())
+    store = export(again, checkpoints, _options(path), [])
+    assert store.complete and again.computed == [0, 4, 8] and again.legacy == [0]
+    assert "checkpoint_sources" not in store.metadata
+    assert store.metadata["fingerprints"]["checkpoints"] == ["old 2.0", file_digest]
+    x = np.concatenate(_data()).astype(np.float64)
+    np.testing.assert_allclose(tracin.self_influence(store), (0.5 * 4 + 0.25) * (x**2).sum(1), rtol=1e-5)
+    returned = _Renamed(_data())
+    assert export(returned, checkpoints, _options(path), []).complete and returned.computed == []
+    _as_older_versions_wrote(path, ["2.0", "another file's digest"])
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[1\] differs\. "):
+        export(_Renamed(_data()), checkpoints, _options(path), [])  # files: their bytes, no legacy digest
+    fresh = _Renamed(_data())
+    assert export(fresh, checkpoints, _options(tmp_path / "new"), []).metadata["checkpoint_sources"] == [
+        "state",
+        "file",
+    ]
+    assert fresh.legacy == []

@@ -1,4 +1,5 @@
-"""Checkpoint loading: paths and state dicts, DataParallel prefixes, nesting, mismatches, load once."""
+"""Checkpoint loading: paths and state dicts, DataParallel prefixes, nesting, mismatches, load once;
+the digests of in-memory checkpoints."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ import torch
 from torch import nn
 from torch_oracle import classification_data, mlp, train_checkpoints
 
+from tracin._export.fingerprint import digest_arrays
 from tracin.torch import export_gradients
-from tracin.torch.checkpoints import load_checkpoint, parse_checkpoints
+from tracin.torch.checkpoints import (
+    legacy_state_digest,
+    load_checkpoint,
+    parse_checkpoints,
+    state_digest,
+    tied_aliases,
+)
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -198,3 +206,53 @@ def test_tied_weights_left_out_of_a_checkpoint_are_taken_from_their_first_name()
     assert list(loaded) == ["0.weight"]
     with pytest.raises(ValueError, match=r"missing keys \['1.weight'\]"):
         load_checkpoint(state, 0, model.state_dict())
+
+
+class _Tied(nn.Module):
+    """An embedding whose weight the head shares, and a BatchNorm (an int64 buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(5, 3), nn.BatchNorm1d(3), nn.Linear(3, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.norm(self.emb(x).mean(1)))
+
+
+def _raw_digest(state: dict) -> str:
+    """Independent reference of a state_dict's digest: names and NumPy contents, in name order."""
+    return digest_arrays([a for k in sorted(state) for a in (np.frombuffer(k.encode(), np.uint8), state[k].numpy())])
+
+
+def test_the_state_digest_is_of_the_weights_load_checkpoint_uses():
+    torch.manual_seed(0)
+    model = _Tied()
+    reference, skip = model.state_dict(), tied_aliases(model)
+    assert skip == {"head.weight"}
+    full = {k: v.clone() for k, v in reference.items()}  # model.state_dict(): both tied names
+    lean = {k: v for k, v in full.items() if k != "head.weight"}  # what save_pretrained keeps
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in lean.items()}  # cast by the load
+    prefixed = {f"module.{k}": v for k, v in wide.items()}
+    expected = _raw_digest(lean)  # a plain float32 dict keeps the digest older versions made
+    assert expected == legacy_state_digest(lean, 0)
+    for state in (full, lean, wide, prefixed, {"state_dict": full}):
+        assert state_digest(state, 0, reference, skip) == expected
+    # the reference's tensors give names, dtypes and shapes only: the state is not moved to their device
+    assert state_digest(full, 0, _Tied().to("meta").state_dict(), skip) == expected
+    ignored = {**full, "head.weight": full["head.weight"] + 1}  # load_checkpoint takes the first name
+    assert state_digest(ignored, 0, reference, skip) == expected
+    for key in ("emb.weight", "norm.running_var"):
+        assert state_digest({**lean, key: lean[key] + 1e-3}, 0, reference, skip) != expected
+    assert state_digest({**lean, "norm.num_batches_tracked": torch.tensor(3)}, 0, reference, skip) != expected
+    with pytest.raises(ValueError, match=r"checkpoints\[2\] \(state_dict\[2\]\) does not match .* \['emb.weight'\]"):
+        state_digest({k: v for k, v in lean.items() if k != "emb.weight"}, 2, reference, skip)
+
+
+def test_the_legacy_digest_is_of_the_state_dict_as_given():
+    torch.manual_seed(0)
+    full = {k: v.clone() for k, v in _Tied().state_dict().items()}
+    prefixed = {f"module.{k}": v for k, v in full.items()}
+    digests = {legacy_state_digest(s, 0) for s in (full, prefixed, {k: v.double() for k, v in full.items()})}
+    assert len(digests) == 3 and legacy_state_digest(prefixed, 0) == _raw_digest(prefixed)
+    assert legacy_state_digest({"model": prefixed}, 0) == _raw_digest(prefixed)

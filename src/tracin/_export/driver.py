@@ -73,6 +73,11 @@ class Framework(Protocol):
     def state_digest(self, source: Any, index: int) -> str:
         """Digest of an in-memory checkpoint (paths are digested by the driver)."""
 
+    def legacy_state_digest(self, source: Any, index: int) -> str:
+        """The digest versions before metadata["checkpoint_sources"] recorded for an in-memory
+        checkpoint, where it differs from state_digest's (torch); an adapter whose digest never
+        changed may omit it. Used only to resume, or return, a store those versions wrote."""
+
     def load(self, source: Any, index: int) -> Any:
         """Checkpoint `index` ready for compute (each checkpoint is loaded once)."""
 
@@ -187,6 +192,10 @@ def export(
             checkpoint_sources=["file" if file else "state" for file in files],
         )
 
+    def legacy_digest(c: int) -> str | None:
+        legacy = getattr(framework, "legacy_state_digest", None)
+        return None if legacy is None else legacy(checkpoints[c].source, c)
+
     fingerprint = DataFingerprint()
     if options.store is not None:
         _read_through(framework, fingerprint)
@@ -197,7 +206,7 @@ def export(
             options.dtype,
             factored,
             rates,
-            as_exported_before(options.store, metadata(fingerprint.data)),
+            as_exported_before(options.store, metadata(fingerprint.data), legacy_digest),
             rows=None if rows is None or rows[0] == rows[1] else rows,
         )
         if rows is not None and rows[0] == rows[1]:  # the store created (or checked) for range writers

@@ -3,12 +3,13 @@
 The store refuses any spec change on its own (with both metadata dicts in full); this check comes
 first and says in words which fingerprinted input differs: the data, a checkpoint, the model's
 structure or the loss function. A store exported before metadata["checkpoint_sources"] was recorded
-resumes without it (as_exported_before).
+resumes without it, with the digests it holds of in-memory checkpoints (as_exported_before).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 _WHAT = {
@@ -50,14 +51,24 @@ def _existing_metadata(path: str | os.PathLike) -> dict | None:
     return existing if isinstance(existing, dict) and isinstance(existing.get("fingerprints"), dict) else None
 
 
-def as_exported_before(path: str | os.PathLike, metadata: dict) -> dict:
-    """`metadata` without "checkpoint_sources" when `path` holds a store exported before that key was
-    recorded (its spec lacks it), so that the store resumes, or is returned when finished, as it is;
-    `metadata` otherwise. Scoring trusts such a store's checkpoints as it always did."""
+def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: Callable[[int], str | None]) -> dict:
+    """`metadata` as a store exported before "checkpoint_sources" was recorded holds it, when `path`
+    holds such a store (its spec lacks the key), so that the store resumes, or is returned when
+    finished, as it is: without "checkpoint_sources", and with the stored digest of each in-memory
+    checkpoint whose digest differs but whose `legacy_digest(c)` (the digest those versions made;
+    None when it never changed) equals it. `metadata` otherwise. Scoring trusts such a store's
+    checkpoints as it always did."""
     existing = _existing_metadata(path)
     if existing is None or "checkpoint_sources" in existing:
         return metadata
-    return {k: v for k, v in metadata.items() if k != "checkpoint_sources"}
+    digests = list(metadata["fingerprints"]["checkpoints"])
+    stored = existing["fingerprints"].get("checkpoints")
+    if isinstance(stored, list) and len(stored) == len(digests):
+        for c, source in enumerate(metadata["checkpoint_sources"]):
+            if source == "state" and digests[c] != stored[c] and legacy_digest(c) == stored[c]:
+                digests[c] = stored[c]
+    fingerprints = {**metadata["fingerprints"], "checkpoints": digests}
+    return {k: v for k, v in metadata.items() if k != "checkpoint_sources"} | {"fingerprints": fingerprints}
 
 
 def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:

@@ -165,17 +165,31 @@ def _leaves(obj: Any) -> list[np.ndarray]:
     return [np.frombuffer(repr(obj).encode(), np.uint8)]
 
 
-def state_digest(source: Mapping, index: int) -> str:
-    """Fingerprint of an in-memory checkpoint: the names and contents of its state_dict's tensors
-    (in name order; a DataParallel 'module.' prefix on every name dropped, so that the same weights
-    saved from a wrapped model match). (A checkpoint file is fingerprinted by its bytes, in
-    tracin._export.)"""
-    state = _unwrap(source, f"checkpoints[{index}] ({describe(source, index)})")
-    wrapped = all(key.startswith(_PREFIX) for key in state)
+def state_digest(
+    source: Mapping, index: int, reference: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+) -> str:
+    """Fingerprint of an in-memory checkpoint as load_checkpoint uses it: per name of `reference`
+    (the model's state_dict) less `skip` (tied second names), in name order, the name and the tensor
+    cast on the host to the reference's floating dtype. A DataParallel 'module.' prefix, a tied
+    copy or float64 copies of float32 weights therefore leave it unchanged. (A checkpoint file is
+    fingerprinted by its bytes, in tracin._export.)"""
+    name = f"checkpoints[{index}] ({describe(source, index)})"
+    state = _matched(_unwrap(source, name), reference, skip, name)
     arrays = []
     for key in sorted(state):
-        name = key[len(_PREFIX) :] if wrapped else key
-        arrays += [np.frombuffer(name.encode(), np.uint8), host_array(state[key])]
+        t, ref = state[key].detach().cpu(), reference[key]
+        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(t.to(_dtype(t, ref)))]
+    return digest_arrays(arrays)
+
+
+def legacy_state_digest(source: Mapping, index: int) -> str:
+    """The fingerprint versions before metadata["checkpoint_sources"] recorded for an in-memory
+    checkpoint: the state_dict's names and tensors as given (in name order). Only for resuming, or
+    returning, a store those versions wrote."""
+    state = _unwrap(source, f"checkpoints[{index}] ({describe(source, index)})")
+    arrays = []
+    for key in sorted(state):
+        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(state[key])]
     return digest_arrays(arrays)
 
 
@@ -232,7 +246,18 @@ def load_checkpoint(
             obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint")
     else:
         obj = source
-    state = _strip_prefix(_unwrap(obj, name), reference)
+    state = _matched(_unwrap(obj, name), reference, skip, name)
+    return {
+        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key])) for key, t in state.items()
+    }
+
+
+def _matched(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the names of `reference` less `skip`, a DataParallel prefix
+    dropped; ValueError naming `name` for missing or unexpected keys and other shapes."""
+    state = _strip_prefix(state, reference)
     missing = [k for k in reference if k not in state and k not in skip]  # save_pretrained drops tied copies
     unexpected = [k for k in state if k not in reference]
     if missing or unexpected:
@@ -248,9 +273,13 @@ def load_checkpoint(
         t = state[key]
         if t.shape != ref.shape:
             raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, the model's has {tuple(ref.shape)}")
-        dtype = ref.dtype if t.is_floating_point() else t.dtype
-        out[key] = t.detach().to(device=ref.device, dtype=dtype)
+        out[key] = t
     return out
+
+
+def _dtype(t: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
+    """The dtype a checkpoint tensor is used in: the model's for floating tensors, its own otherwise."""
+    return ref.dtype if t.is_floating_point() else t.dtype
 
 
 def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:

@@ -19,7 +19,7 @@ from .._export.metadata import last_layer_entry
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
-from .checkpoints import load_checkpoint, parse_checkpoints, state_digest, tied_aliases
+from .checkpoints import legacy_state_digest, load_checkpoint, parse_checkpoints, state_digest, tied_aliases
 from .data import Tree, as_batches, batch_rows, call_model, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
@@ -244,7 +244,10 @@ class _TorchExport:
         return host_arrays(batch.targets), host_arrays(batch.inputs) if inputs else []
 
     def state_digest(self, source: Any, index: int) -> str:
-        return state_digest(source, index)
+        return state_digest(source, index, self.reference, self.tied)
+
+    def legacy_state_digest(self, source: Any, index: int) -> str:
+        return legacy_state_digest(source, index)
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
         state = load_checkpoint(source, index, self.reference, skip=self.tied)
