@@ -41,8 +41,10 @@ device buffers stay a fraction of a GB. Not yet measured on a GPU: rerun benchma
 """
 
 DEVICE_TILE_SCORES = 2**25
-"""Device backends: at most this many scores (test rows x train rows of a tile, float32: 128 MiB)
-exist at once; the test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. This bounds
-the device memory of top_k whatever m and n are (the full (m, n) matrix is never held), and keeps
+"""Device backends: scores per score block (test rows x train rows of a tile, float32: 128 MiB); the
+test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores
+exist at once (top_k merges a block's candidates, which keep its scores, after the next block is
+made), plus, for rows cut inside a tie, copies of those rows. This bounds the device memory of
+top_k whatever m and n are (the full (m, n) matrix is never held), and keeps
 each GEMM large (m=1000 x 32,768 rows at d=512). Not yet measured on a GPU: rerun benchmarks/gpu.py.
 """

@@ -320,6 +320,36 @@ def test_the_precision_scope_leaves_the_default_state_as_it_was(precision_restor
     torch.set_float32_matmul_precision("highest")
 
 
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
+def test_the_precision_scope_sets_nothing_when_the_wanted_value_is_in_force(precision_restored):
+    """An explicit matmul "tf32" under a global "tf32" stays explicit (putting back "none", which also
+    reads "tf32", would let a later global "ieee" reach matmul); the lock is held all the same."""
+    matmul = torch.backends.cuda.matmul
+    torch.backends.fp32_precision = "tf32"
+    matmul.fp32_precision = "tf32"
+    held: list[bool] = []
+
+    def try_lock():
+        got = torch_device._PRECISION_LOCK.acquire(blocking=False)
+        held.append(not got)
+        if got:
+            torch_device._PRECISION_LOCK.release()
+
+    with torch_device._matmul_precision(tf32=True):
+        assert matmul.fp32_precision == "tf32"
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join(10)
+    assert held == [True]
+    torch.backends.fp32_precision = "ieee"
+    assert matmul.fp32_precision == "tf32"
+    matmul.fp32_precision = "none"  # "ieee" inherited: a float32 call leaves it inherited
+    with torch_device._matmul_precision(tf32=False):
+        assert matmul.fp32_precision == "ieee"
+    torch.backends.fp32_precision = "tf32"
+    assert matmul.fp32_precision == "tf32"
+
+
 @pytest.mark.parametrize("tf32, inside", [(False, "highest"), (True, "high")])
 def test_the_precision_scope_on_torch_without_the_new_api(monkeypatch, tf32, inside):
     """torch < 2.9 (faked: a matmul namespace without fp32_precision): the legacy functions."""

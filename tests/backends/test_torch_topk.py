@@ -162,7 +162,7 @@ def test_one_tile_tied_at_the_cut_keeps_the_smallest_indices(topk):
 
 
 def test_a_score_blocks_candidates_are_merged_after_the_next_blocks_are_made(rng, small_cuts, monkeypatch):
-    """On a GPU the merge's read of the tied rows then waits while the next block is computed."""
+    """On a GPU the merge's wait for its block's selection then leaves the next block's GEMM running."""
     events: list[tuple[str, int, int]] = []
     made, merge = _torch_topk.RunningTopK.candidates, _torch_topk.RunningTopK.merge
 
@@ -180,3 +180,32 @@ def test_a_score_blocks_candidates_are_merged_after_the_next_blocks_are_made(rng
     tracin.top_k(test, train, k=3, side="both", device="torch:cpu")  # 2 blocks (5 + 2 rows) x 3 tiles x 2 sides
     assert [e[0] for e in events] == ["made"] * 2 + ["made", "made", "merged", "merged"] * 5 + ["merged"] * 2
     assert sorted(e for e in events if e[0] == "made") == sorted(("made", *e[1:]) for e in events if e[0] == "merged")
+
+
+def test_the_tied_rows_are_read_only_for_score_blocks_cut_inside_a_tie(rng, small_cuts, monkeypatch):
+    """torch.nonzero (on CUDA a wait for all enqueued work, the next block's GEMM included) runs in a
+    merge only when some row of its block was cut inside a tie: never on tie-free float scores."""
+    log: list[str] = []
+    cut, nonzero = _torch_topk._cut_in_tie, torch.nonzero
+
+    def logged_cut(values, side):
+        tied = cut(values, side)
+        log.append("tied block" if bool(tied.any()) else "tie-free block")
+        return tied
+
+    def logged_nonzero(x, *args, **kwargs):
+        log.append("nonzero")
+        return nonzero(x, *args, **kwargs)
+
+    monkeypatch.setattr(_torch_topk, "_cut_in_tie", logged_cut)
+    monkeypatch.setattr(torch, "nonzero", logged_nonzero)
+    free = [rng.standard_normal((11, 8)).astype(np.float32), rng.standard_normal((300, 8)).astype(np.float32)]
+    tracin.top_k(free[0], free[1], k=3, side="both", device="torch:cpu")  # 3 blocks x (32 * 9 + 12 rows)
+    assert log == ["tie-free block"] * 3 * 10 * 2
+    log.clear()
+    t, x, exact = sets(rng, "plain", 300, 11, [0.5, -2.0])
+    got = tracin.top_k(t, x, k=3, side="both", device="torch:cpu")
+    assert 0 < log.count("nonzero") == log.count("tied block") < log.count("tied block") + log.count("tie-free block")
+    assert log.index("nonzero") > log.index("tied block")  # a block late, after the next block's candidates
+    for found, side in zip(got, ("proponents", "opponents"), strict=True):
+        np.testing.assert_array_equal(found.indices, stable_order(exact, 3, side))

@@ -9,8 +9,11 @@ columns, else torch.topk's k + 1 best per row. Those hold the row's k best unles
 them occurs twice among them: only then may scores equal to the k-th have been split between kept
 and dropped, so only such rows (exact ties at the cut) are selected again from the whole tile row
 with keys. The (k + 1)-th candidate is merged too (a genuine score: it never displaces the k better
-ones of its tile). Finding the tied rows reads from the device; the caller merges each tile's
-candidates one score block later, so that the read waits while the next block's GEMM runs.
+ones of its tile). Whether any row of a tile was cut inside a tie is one bool, copied to pinned
+host memory without waiting, an event recorded after it (CUDA). The caller merges each tile's
+candidates one score block later: the merge waits for that event only (the device's work up to that
+block's candidates, not the next block's GEMM enqueued since), and reads which rows are tied
+(torch.nonzero, which waits for all work enqueued) only when the flag is set: rare on float data.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ def best(values: torch.Tensor, indices: torch.Tensor, k: int, side: str) -> tupl
 class Candidates:
     """One side's candidates from a score tile of train rows [first, first + r): float32 values and
     int64 indices (rows, c), the tile (rows, r) itself, and `tied` (rows,) bool, the rows whose cut
-    may have split equal scores (None when every column is a candidate)."""
+    may have split equal scores (None when every column is a candidate); `any_tied`: a bool scalar on
+    the host, whether some row is tied, valid once `ready` (CUDA: the event after its copy) is reached."""
 
     values: torch.Tensor
     indices: torch.Tensor
     scores: torch.Tensor
     first: int
-    tied: torch.Tensor | None
+    tied: torch.Tensor | None = None
+    any_tied: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
 
 class RunningTopK:
@@ -66,15 +72,19 @@ class RunningTopK:
         r = scores.shape[1]
         if r <= self.k:
             columns = torch.arange(first, first + r, device=scores.device).expand_as(scores)
-            return Candidates(scores, columns, scores, first, None)
+            return Candidates(scores, columns, scores, first)
         values, local = torch.topk(scores, self.k + 1, dim=1, largest=self.side == "proponents", sorted=False)
-        return Candidates(values, local + first, scores, first, _cut_in_tie(values, self.side))
+        tied = _cut_in_tie(values, self.side)
+        return Candidates(values, local + first, scores, first, tied, *_host_flag(tied.any()))
 
     def merge(self, found: Candidates) -> None:
-        """Adds a tile's candidates; its tied rows are selected again from their whole row with keys."""
+        """Adds a tile's candidates; its tied rows are selected again from their whole row with keys.
+        Waits for the device up to `found`'s flag; reads the tied rows only when it is set."""
         values, indices = found.values, found.indices
-        rows = None if found.tied is None else torch.nonzero(found.tied).flatten()  # waits for the device
-        if rows is not None and rows.numel():
+        if found.ready is not None:
+            found.ready.synchronize()
+        if found.tied is not None and bool(found.any_tied):
+            rows = torch.nonzero(found.tied).flatten()  # waits for all work enqueued on the device
             scores = found.scores[rows]
             columns = torch.arange(found.first, found.first + scores.shape[1], device=scores.device)
             exact = best(scores, columns.expand_as(scores), values.shape[1], self.side)
@@ -85,6 +95,18 @@ class RunningTopK:
 
     def result(self) -> TopK:
         return TopK(self.values.cpu().numpy(), self.indices.cpu().numpy().astype(np.int64, copy=False))
+
+
+def _host_flag(flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A bool scalar on the host: `flag` itself for CPU tensors; on CUDA a pinned copy made without
+    waiting and the event recorded after the copy on the current stream (valid once it is reached)."""
+    if flag.device.type != "cuda":
+        return flag, None
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(flag.device))
+    return host, ready
 
 
 def _cut_in_tie(values: torch.Tensor, side: str) -> torch.Tensor:

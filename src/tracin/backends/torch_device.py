@@ -10,12 +10,16 @@ one float32 GEMM per checkpoint (two for factored sets, multiplied elementwise),
 weight and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
 norms once, with its upload (a copy on the device), and each checkpoint's score block by the train
 rows' inverse norms, computed per train tile in float64. top_k keeps each test row's best across
-tiles on the device; the (m, n) matrix never exists. aggregate and self_influence wait for the
-device once per call, at the end (scores reads each block back as it is made); top_k also reads per
-score block which rows were cut inside a tie (a few bytes), a block late, while the device computes
-the next block. The stream runs on across the generic loop's train pieces: while a piece's last tile
-is computed, the first tile of the loop's next piece (ChunkCache.next_train) is already uploading,
-so only the public call's very first tile waits for its copy.
+tiles on the device; the (m, n) matrix never exists, but a block's candidates keep its scores until
+they are merged, a block later: two score blocks (2 x DEVICE_TILE_SCORES) at once, plus, for rows cut
+inside a tie, copies of those rows. aggregate and self_influence wait for the device once per call,
+at the end (scores reads each block back as it is made). top_k's merge of a block waits until the
+device has finished that block's selection (a CUDA event after a one-byte copy of whether any row
+was cut inside a tie), while the next block's GEMM, enqueued before, runs on; only when that flag is
+set does it read the tied rows, which waits for all enqueued work (rare on float data). The stream
+runs on across the generic loop's train pieces: while a piece's last tile is computed, the first
+tile of the loop's next piece (ChunkCache.next_train) is already uploading, so only the public
+call's very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -23,8 +27,8 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py). TF32 is off 
 precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
 scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
-The precision is torch's process-wide setting, so CUDA calls of one process run one at a time
-(_PRECISION_LOCK).
+The precision is torch's process-wide setting, so the CUDA scoring calls of one process run one at
+a time, whatever their devices and precisions (one _PRECISION_LOCK, held for the whole call).
 """
 
 from __future__ import annotations
@@ -258,8 +262,8 @@ class _DeviceTest:
 
 def _select(call: _Call, weights: Sequence[float], k: int, sides: list[str]) -> dict[str, list[TopK]]:
     """Each side's best k per test block of a call, in block order. A score block's candidates are
-    merged once the next block is enqueued: the merge reads from the device which rows need the exact
-    selection (_torch_topk), and that read then waits while the device computes the next block."""
+    merged once the next block is enqueued: the merge waits for the device to reach the end of the
+    merged block's selection (_torch_topk), not for the next block, whose GEMM runs meanwhile."""
     blocks = call.test_blocks()
     running = {(t0, side): RunningTopK(k, side, t1 - t0, call.device) for t0, t1 in blocks for side in sides}
     pending: list[tuple[RunningTopK, Candidates]] = []
@@ -364,7 +368,8 @@ def _matmul_precision(tf32: bool) -> Iterator[None]:
     / "ieee", or "none": as torch.backends.fp32_precision says): used there, since once a user (or
     transformers' tf32=True) sets it, the legacy get_float32_matmul_precision raises RuntimeError.
     Its getter reports the inherited value for "none", so "none" is put back when it gives the value
-    read before (the default state is restored exactly); older torch: the legacy functions."""
+    read before (the default state is restored exactly); nothing is set or restored when it already
+    reads the wanted value (a user's explicit "tf32" stays explicit). Older torch: the legacy functions."""
     matmul = torch.backends.cuda.matmul
     with _PRECISION_LOCK:
         if not hasattr(matmul, "fp32_precision"):
@@ -375,8 +380,11 @@ def _matmul_precision(tf32: bool) -> Iterator[None]:
             finally:
                 torch.set_float32_matmul_precision(before)
             return
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        before, wanted = matmul.fp32_precision, "tf32" if tf32 else "ieee"
+        if before == wanted:
+            yield
+            return
+        matmul.fp32_precision = wanted
         try:
             yield
         finally:
