@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tracin
+from interrupts import ctrl_c_when
 
 REFUSED = "exported at different checkpoints: checkpoints"
 
@@ -187,25 +188,15 @@ class TestTorch:
         _assert_refused(reference, self._tied_export([{"emb.weight": full[0]["emb.weight"]}, full[2]], data), [1])
         _assert_refused(self._tied_export([{k: v.double() for k, v in full[2].items()}] * 2, data), reference, [0, 1])
 
-    def test_an_older_store_holding_the_digests_of_the_raw_state_dicts_resumes_and_is_returned(
-        self, tied, tmp_path, monkeypatch
-    ):
+    def test_an_older_store_holding_the_digests_of_the_raw_state_dicts_resumes_and_is_returned(self, tied, tmp_path):
         from tracin._export.fingerprint import digest_arrays
         from tracin._export.sinks import StoreSink
 
         full, data = tied
         states = [{f"module.{k}": v for k, v in s.items()} for s in full[:2]]  # prefixed, both tied names
-        path, real_write = tmp_path / "older", StoreSink.write
-
-        def killed(sink, c, start, block):
-            if c == 1:
-                raise KeyboardInterrupt
-            real_write(sink, c, start, block)
-
-        monkeypatch.setattr(StoreSink, "write", killed)
-        with pytest.raises(KeyboardInterrupt):
+        path = tmp_path / "older"
+        with ctrl_c_when(StoreSink, "write", lambda c, start, block: c == 1):
             self._tied_export(states, data, store=path)
-        monkeypatch.setattr(StoreSink, "write", real_write)
         manifest = path / "manifest.json"
         doc = json.loads(manifest.read_text())
         new_digests = doc["metadata"]["fingerprints"]["checkpoints"]

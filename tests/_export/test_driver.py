@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import tracin
+from interrupts import ctrl_c_when
 from tracin._export.driver import Options, export
 from tracin._export.sinks import StoreSink
 from tracin._export.transforms import row_transforms
@@ -232,19 +233,10 @@ def test_checkpoint_sources_say_how_each_digest_was_made(tmp_path):
     np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 3.0, rtol=1e-6)
 
 
-def test_a_store_exported_before_checkpoint_sources_resumes_and_is_returned_without_them(tmp_path, monkeypatch):
+def test_a_store_exported_before_checkpoint_sources_resumes_and_is_returned_without_them(tmp_path):
     path = tmp_path / "g"
-    real_write = StoreSink.write
-
-    def killed(self, c, start, block):
-        if c == 1:
-            raise KeyboardInterrupt
-        real_write(self, c, start, block)
-
-    monkeypatch.setattr(StoreSink, "write", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_when(StoreSink, "write", lambda c, start, block: c == 1):
         export(_Scaled(_data()), CKPTS, _options(path), [])
-    monkeypatch.setattr(StoreSink, "write", real_write)
     manifest = path / "manifest.json"
     doc = json.loads(manifest.read_text())
     del doc["metadata"]["checkpoint_sources"]  # as an older version wrote it
@@ -287,20 +279,12 @@ def _as_older_versions_wrote(path, digests: list[str], sources: bool = False) ->
     manifest.write_text(json.dumps(doc))
 
 
-def test_an_older_store_holding_legacy_digests_of_in_memory_checkpoints_resumes(tmp_path, monkeypatch):
+def test_an_older_store_holding_legacy_digests_of_in_memory_checkpoints_resumes(tmp_path):
     np.save(tmp_path / "scale.npy", np.float32(-1.0))
     checkpoints = [CKPTS[0], (str(tmp_path / "scale.npy"), 0.25)]
-    path, real_write = tmp_path / "g", StoreSink.write
-
-    def killed(self, c, start, block):
-        if c == 1:
-            raise KeyboardInterrupt
-        real_write(self, c, start, block)
-
-    monkeypatch.setattr(StoreSink, "write", killed)
-    with pytest.raises(KeyboardInterrupt):
+    path = tmp_path / "g"
+    with ctrl_c_when(StoreSink, "write", lambda c, start, block: c == 1):
         export(_Renamed(_data()), checkpoints, _options(path), [])
-    monkeypatch.setattr(StoreSink, "write", real_write)
     file_digest = json.loads((path / "manifest.json").read_text())["metadata"]["fingerprints"]["checkpoints"][1]
     _as_older_versions_wrote(path, ["old 2.0", file_digest], sources=True)
     with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
