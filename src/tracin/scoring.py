@@ -76,11 +76,13 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
     return test, train, weights
 
 
-def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
+def _check_same_gradient_space(
+    test: GradientSet, train: GradientSet, names: tuple[str, str] = ("test", "train")
+) -> None:
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
     the same thing: a different mode, different parameters (same framework), a different
-    projection (metadata["projection"] None: unprojected), or other checkpoints. Sets without
-    metadata are trusted."""
+    projection (metadata["projection"] None: unprojected), or other checkpoints (`names` name the
+    two sides in that message). Sets without metadata are trusted."""
     t, x = test.metadata, train.metadata
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
@@ -106,7 +108,7 @@ def _check_same_gradient_space(test: GradientSet, train: GradientSet) -> None:
             f"test and train gradients are of different parameters: "
             f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
         )
-    _check_same_checkpoints(t, x)
+    _check_same_checkpoints(t, x, names)
 
 
 class CheckpointMismatchError(ValueError):

@@ -307,7 +307,7 @@ class Whitening:
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
     """`s` if it has the kind, checkpoints, dims and gradient space of `fitted` (named `against` in
     messages); ValueError otherwise."""
-    from ..scoring import _check_same_checkpoints, _check_same_gradient_space
+    from ..scoring import _check_same_gradient_space
 
     if s.factored != fitted.factored:
         kinds = ("full", "factored")
@@ -319,8 +319,7 @@ def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whiten
     if tuple(s.dims) != tuple(fitted.dims):
         raise ValueError(f"{name} dims {list(s.dims)} differ from {against}'s dims {list(fitted.dims)}")
     fitted_on = against if against == "train" else f"the gradients {against} was fitted on"
-    _check_same_checkpoints(s.metadata, fitted.metadata, (name, fitted_on))
-    _check_same_gradient_space(s, fitted)
+    _check_same_gradient_space(s, fitted, (name, fitted_on))
     return s
 
 
