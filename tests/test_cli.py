@@ -279,6 +279,8 @@ def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch)
         assert f"--output: folder {missing} does not exist" in _error_line(capsys.readouterr().err, command[0])
     assert main(_score(paths, "-o", str(tmp_path))) == 1
     assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.npz")]) == 1
+    assert "--output must end in .csv, got rank.npz" in _error_line(capsys.readouterr().err, "self-influence")
     (tmp_path / "dir.csv").mkdir()
     for command in (_score(paths), ["self-influence", str(paths["train"])]):
         assert main([*command, "-o", str(tmp_path / "dir.csv")]) == 1

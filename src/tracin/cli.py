@@ -219,7 +219,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
     import tracin
 
-    out = _check_output(args.output)
+    out = _check_output(args.output, (".csv",))
     store = _open_store(args.path, "PATH", args.allow_partial)
     with _cluster(args) as client:
         if client is None:
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("self-influence", "rank training rows by self-influence (mislabel search)", cmd_self_influence)
     p.add_argument("path", help="train gradient store")
-    p.add_argument("-o", "--output", default=None, help="CSV ranking, highest first (default: stdout)")
+    p.add_argument("-o", "--output", default=None, help="CSV ranking (.csv), highest first (default: stdout)")
     p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
     _scoring_options(p)
 
