@@ -165,3 +165,47 @@ def test_equinox_last_layer_with_out_in_kernel(mlp, data):
     assert grads.dims == ((3, 9),)
     _close(grads.left[0], ref["b2"])
     _close(grads.right[0], np.hstack([ref["hidden"], np.ones((70, 1))]))
+
+
+def _per_example_jax_grad(loss, params, x, y) -> np.ndarray:
+    """Oracle: jax.grad of each example's loss on its own (a Python loop, no vmap), the gradient leaves
+    flattened in jax.tree_util order and concatenated, as float64."""
+    grad = jax.grad(lambda p, xi, yi: loss(p, xi, yi)[0])
+    rows = []
+    for i in range(len(x)):
+        g = grad(params, x[i : i + 1], y[i : i + 1])
+        rows.append(np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree_util.tree_leaves(g)]))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_bfloat16_and_float16_leaves_are_differentiated(scale_dtype):
+    r = np.random.default_rng(3)
+    x, y = r.standard_normal((6, 4)).astype(np.float32), r.integers(0, 3, 6)
+    params = {
+        "w": jnp.asarray(r.standard_normal((4, 3)), jnp.bfloat16),
+        "scale": jnp.asarray(r.uniform(0.5, 2, 3), scale_dtype),
+    }
+
+    def loss(p, inputs, targets):
+        logits = (inputs.astype(jnp.bfloat16) @ p["w"]).astype(jnp.float32) * p["scale"].astype(jnp.float32)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    grads = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+    assert [(p["name"], p["shape"]) for p in grads.metadata["params"]] == [("scale", [3]), ("w", [4, 3])]
+    ref = _per_example_jax_grad(loss, params, x, y)  # leaves "scale", "w": the same order
+    assert ref.shape == (6, 15)
+    # both sides compute the bf16 leaves' gradients in bfloat16 (8 significant bits)
+    np.testing.assert_allclose(np.asarray(grads.matrices[0], np.float64), ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    only_w = export_gradients(loss, [(params, 1.0)], (x, y), layers=["w"], progress=False)
+    np.testing.assert_allclose(
+        np.asarray(only_w.matrices[0], np.float64), ref[:, 3:], rtol=2e-2, atol=2e-2 * np.abs(ref).max()
+    )
+
+
+def test_low_precision_leaves_are_selected():
+    params = {"a": jnp.ones(2, jnp.bfloat16), "b": jnp.ones(3, jnp.float16), "c": jnp.ones(4, jnp.float8_e4m3fn)}
+    params["n"] = np.ones(5, np.int8)
+    layout = layout_of(params, None)
+    assert [layout.paths[i] for i in layout.selected] == ["a", "b", "c"] and layout.dim == 9
+    assert [layout.paths[i] for i in layout.arrays] == ["n"]

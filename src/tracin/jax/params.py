@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .._export.layers import as_patterns as shared_patterns
@@ -39,8 +40,9 @@ def leaf_path(path: tuple) -> str:
 
 
 def is_float_array(leaf: Any) -> bool:
-    """True for JAX / NumPy arrays with a floating (differentiable) dtype."""
-    return isinstance(leaf, (jax.Array, np.ndarray)) and np.issubdtype(leaf.dtype, np.inexact)
+    """True for JAX / NumPy arrays with an inexact (differentiable) dtype, bfloat16, float16 and the
+    float8 types of ml_dtypes included (jnp.issubdtype: np.issubdtype misses them)."""
+    return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def matches(path: str, pattern: str) -> bool:
