@@ -438,3 +438,124 @@ def test_self_influence_with_whitening_checks_precision(full):
     sets = tracin.Gradients(train, WEIGHTS)
     with pytest.raises(ValueError, match="precision must be"):
         tracin.self_influence(sets, whitening=Whitening.fit(sets), precision="bogus")
+
+
+def _plain_error(fn) -> str:
+    with pytest.raises(ValueError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_non_finite_rows_raise_the_kernels_error(tmp_path, full):
+    """NaN / Inf rows (across a store's small chunks) raise what unwhitened scoring raises on them in
+    memory, naming the side, the first block holding them and its first five rows of
+    the whole set, from fit (train and mix), apply and self_influence; never NaN scores."""
+    train, _ = full
+    bad = [g.copy() for g in train]
+    bad[1][0, 2] = np.inf  # checkpoint 1's first row: the kernel names checkpoint 0, the first block with any
+    for row in (3, 150, 400, 401, 650, 690):
+        bad[0][row, row % 24] = np.nan if row % 2 else -np.inf
+    write_store(tmp_path / "s", bad, WEIGHTS, step=37)
+    store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=4000)
+    assert store.row_chunks() < 150
+    kernel = _plain_error(lambda: tracin.self_influence(tracin.Gradients(bad)))
+    assert kernel == "train checkpoint 0 contains NaN or Inf values, first in rows [3, 150, 400, 401, 650]"
+    w = Whitening.fit(tracin.Gradients(train, WEIGHTS))
+    assert _plain_error(lambda: w.self_influence(store)) == kernel
+    assert _plain_error(lambda: tracin.self_influence(store, whitening=w)) == kernel
+    assert _plain_error(lambda: w.self_influence(store, per_checkpoint=True)) == kernel
+    assert _plain_error(lambda: w.apply(store)) == kernel.replace("train", "test")
+    for precision in ("float32", "float64"):
+        assert _plain_error(lambda p=precision: Whitening.fit(store, precision=p)) == kernel
+        fit_mix = _plain_error(lambda p=precision: Whitening.fit(tracin.Gradients(train), mix=store, precision=p))
+        assert fit_mix == kernel.replace("train", "mix")
+
+
+def test_non_finite_factored_rows_name_the_factor(rng):
+    left, right = anisotropic(rng, 40, 4), anisotropic(rng, 40, 6)
+    w = Whitening.fit(tracin.FactoredGradients([left], [right]))
+    right[7, 1] = np.nan
+    bad = tracin.FactoredGradients([left], [right])
+    kernel = _plain_error(lambda: tracin.self_influence(bad))
+    assert kernel == "train right factor of checkpoint 0 contains NaN or Inf values, first in rows [7]"
+    assert _plain_error(lambda: w.self_influence(bad)) == kernel
+    assert _plain_error(lambda: w.apply(bad)) == kernel.replace("train", "test")
+    assert _plain_error(lambda: Whitening.fit(bad)) == kernel
+
+
+def test_self_influence_overflow_to_nan_is_refused(full):
+    """Finite rows whose weighted terms overflow to +Inf and -Inf (a NaN sum) raise, as unwhitened does."""
+    train, _ = full
+    w = Whitening.fit(tracin.Gradients(train))
+    huge = tracin.Gradients(train, [1e308, -1e308])
+    assert "although every input is finite" in _plain_error(lambda: tracin.self_influence(huge))
+    with pytest.raises(ValueError, match="whitened self-influence overflowed float32 although every input is finite"):
+        w.self_influence(huge)
+
+
+@pytest.mark.parametrize("scale", [2.0**-70, 1e-21, 1e20, 1e30])
+def test_float32_fit_at_extreme_scales(rng, scale):
+    """Finite gradients far from 1 (products that overflow or fall to float32's subnormals): float32
+    block products still match the float64 solve, rows within 1e-5."""
+    train = (anisotropic(rng, 300, 8, np.float64) * scale).astype(np.float32)
+    test = (anisotropic(rng, 5, 8, np.float64) * scale).astype(np.float32)
+    assert np.isfinite(train).all() and np.isfinite(test).all()
+    w = Whitening.fit(tracin.Gradients(train), damping=1.0, precision="float32")
+    inv, lam = reference_inverse(train, 1.0)
+    assert w.spec.lambdas[0] == pytest.approx(lam, rel=1e-6)
+    (ours,) = w.apply(tracin.Gradients(test)).matrices
+    assert_rows_close(ours, to_float64(test) @ inv)
+    exact_self = np.einsum("ij,ij->i", to_float64(train) @ inv, to_float64(train))
+    np.testing.assert_allclose(w.self_influence(tracin.Gradients(train)), exact_self, rtol=1e-5)
+
+
+def test_scaled_gram_mixes_column_scales(rng):
+    """Columns at 1e-30 .. 1e30 in one block: each entry of the float64 x^T x within float32's bound."""
+    x = (rng.standard_normal((64, 5)) * np.array([1e30, 1e-30, 1.0, 1e15, 3e-40])).astype(np.float32)
+    exact = to_float64(x).T @ to_float64(x)
+    bound = 64 * 2.0**-24 * (np.abs(to_float64(x)).T @ np.abs(to_float64(x)))
+    assert np.all(np.abs(_moments.scaled_gram(x) - exact) <= bound)
+
+
+def test_float32_products_in_range_are_not_redone(full, monkeypatch):
+    """Ordinary gradients take the plain float32 product (bit for bit), never the scaled one."""
+    train, _ = full
+    monkeypatch.setattr(_moments, "scaled_gram", lambda x: pytest.fail("scaled_gram called"))
+    moments = _moments.second_moments(tracin.Gradients(train), SimpleBar(), "float32")
+    for ours, g in zip(moments, train, strict=True):
+        np.testing.assert_array_equal(ours, (g.T @ g).astype(np.float64) / len(g))
+
+
+class SimpleBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flag", [np.True_, np.False_])
+def test_self_influence_takes_numpy_bools(full, flag):
+    sets = tracin.Gradients(full[0], WEIGHTS)
+    w = Whitening.fit(sets)
+    ours = w.self_influence(sets, per_checkpoint=flag)
+    np.testing.assert_array_equal(ours, w.self_influence(sets, per_checkpoint=bool(flag)))
+    assert ours.shape == ((700, 2) if flag else (700,))
+    with pytest.raises(TypeError, match="per_checkpoint must be True or False, got 1"):
+        w.self_influence(sets, per_checkpoint=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"mix_weight": "0.5"}, TypeError),
+        ({"mix_weight": True}, TypeError),
+        ({"mix_weight": None}, TypeError),
+        ({"mix_weight": -0.1}, ValueError),
+        ({"mix_weight": float("nan")}, ValueError),
+        ({"max_bytes": "1"}, TypeError),
+        ({"max_bytes": 2.5}, TypeError),
+        ({"max_bytes": -1}, ValueError),
+    ],
+)
+def test_mix_weight_and_max_bytes_errors(full, kwargs, error):
+    """A wrong type raises TypeError, a wrong value ValueError, each naming the argument."""
+    with pytest.raises(error, match=f"{next(iter(kwargs))} must be a"):
+        Whitening.fit(tracin.Gradients(full[0]), mix=tracin.Gradients(full[0]), **kwargs)

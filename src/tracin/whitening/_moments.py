@@ -6,8 +6,12 @@ Each block of at most BLOCK_ROWS rows is multiplied by BLAS (G^T G as a symmetri
 multithreaded) and its partial sum added into a float64 accumulator. precision="float32" multiplies
 in float32, as fast as NumPy's own float32 G.T @ G: the rounding of a partial stays within about
 BLOCK_ROWS * 2^-24 * sum_i |g_ia g_ib| per entry (typically sqrt(BLOCK_ROWS) times less) and does
-not grow with the number of blocks. precision="float64" multiplies in float64 (exact products of
-the float32 values, float64 sums) at about half the speed.
+not grow with the number of blocks. A float32 partial that overflows, or whose diagonal stays below
+TINY_DIAGONAL (products near float32's subnormal range), is multiplied again with each column scaled
+by a power of two to a peak in [0.5, 1) and scaled back in float64: exact, so the same bound holds at
+any finite scale. precision="float64" multiplies in float64 (exact products of the float32 values,
+float64 sums) at about half the speed. NaN or Inf in a block raises the kernel's error, naming the
+side, block and first rows.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ..store._convert import bfloat16_bits_to_float32
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
 RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
+TINY_DIAGONAL = 2.0**-60  # largest diagonal entry of a float32 partial below which it is redone scaled
 PRECISIONS = {"float32": np.float32, "float64": np.float64}  # the dtype of the block products
 
 
@@ -60,21 +65,73 @@ def row_ranges(s: GradientSet) -> list[tuple[int, int]]:
     return [(a, min(a + step, s.n_rows)) for a in range(0, s.n_rows, step)]
 
 
-def second_moments(s: GradientSet, bar: Any, precision: str) -> list[np.ndarray]:
-    """float64 (k, k) matrices E[x x^T] over the rows of `s`, one per kernel block, from block
-    products in `precision` (see module docstring); `bar` advances by the rows done."""
+def second_moments(s: GradientSet, bar: Any, precision: str, name: str = "train") -> list[np.ndarray]:
+    """float64 (k, k) matrices E[x x^T] over the rows of `s` (called `name` in errors), one per kernel
+    block, from block products in `precision` (see module docstring); `bar` advances by the rows done."""
     sides = matrix_sides(s)
     acc = [np.zeros((k, k)) for k in sides]
     for start, stop in row_ranges(s):
         side = s.kernel_side(start, stop)
         for total, block, code in zip(acc, side.blocks, side.dtypes, strict=True):
-            x = as_float32(block, code).astype(PRECISIONS[precision], copy=False)
-            total += x.T @ x  # NumPy computes a.T @ a as a symmetric rank-k update (half the work)
+            x = as_float32(block, code)
+            if precision == "float64":
+                x = x.astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+                product = x.T @ x  # NumPy computes a.T @ a as a symmetric rank-k update (half the work)
+            finite = bool(np.isfinite(product).all())
+            if not finite and (precision == "float64" or not np.isfinite(x).all()):
+                raise non_finite_error(s, name)
+            if precision == "float32" and not (finite and product.diagonal().max(initial=0.0) >= TINY_DIAGONAL):
+                product = scaled_gram(x)
+            total += product
         del side
         bar.update(stop - start)
     for total in acc:
         total /= s.n_rows
     return acc
+
+
+def scaled_gram(x: np.ndarray) -> np.ndarray:
+    """float64 x^T x of a finite float32 (n, k) block from a float32 product of x with each column scaled
+    by a power of two to a peak in [0.5, 1), scaled back in float64 (every scaling exact)."""
+    exponents = np.frexp(np.maximum(x.max(axis=0), -x.min(axis=0)))[1]
+    y = np.ldexp(x, -exponents)
+    product = (y.T @ y).astype(np.float64)
+    scale = np.ldexp(1.0, exponents)
+    product *= scale[:, None]
+    product *= scale
+    return product
+
+
+def finite_float32(s: GradientSet, name: str, start: int, stop: int) -> list[np.ndarray]:
+    """The kernel blocks of rows [start, stop) of `s` as float32 arrays (as_float32); ValueError
+    (non_finite_error) if one holds NaN or Inf."""
+    side = s.kernel_side(start, stop)
+    blocks = [as_float32(block, code) for block, code in zip(side.blocks, side.dtypes, strict=True)]
+    if not all(np.isfinite(x).all() for x in blocks):
+        raise non_finite_error(s, name)
+    return blocks
+
+
+def non_finite_error(s: GradientSet, name: str) -> ValueError:
+    """The C++ kernel's error for the first block of `s` holding NaN or Inf, with its first five rows
+    (`s` read again, row range by row range)."""
+    for b in range(len(matrix_sides(s))):
+        rows: list[int] = []
+        for start, stop in row_ranges(s):
+            side = s.kernel_side(start, stop)
+            bad = np.flatnonzero(~np.isfinite(as_float32(side.blocks[b], side.dtypes[b])).all(axis=1))
+            rows.extend(int(start + r) for r in bad[: 5 - len(rows)])
+            if len(rows) == 5:
+                break
+        if rows:
+            block = (
+                f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}"
+                if s.factored
+                else f"checkpoint {b}"
+            )
+            return ValueError(f"{name} {block} contains NaN or Inf values, first in rows [{', '.join(map(str, rows))}]")
+    return ValueError(f"{name} contains NaN or Inf values")
 
 
 def as_float32(block: np.ndarray, code: int) -> np.ndarray:

@@ -17,10 +17,10 @@ from .._progress import check_progress, progress_bar
 from ..gradients import FactoredGradients, Gradients, GradientSet
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
-    as_float32,
     check_budget,
     check_precision,
     default_max_bytes,
+    finite_float32,
     fit_bar,
     matrix_sides,
     row_ranges,
@@ -118,11 +118,13 @@ class Whitening:
             4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically 64 times less), which
             (R + lambda I)^-1 amplifies by up to its condition number (at most 1 + d / damping);
             "float64" multiplies in float64 (exact to float64 rounding) at about half the speed:
-            for small damping.
+            for small damping. Both hold at any finite scale of the gradients (see _moments).
         max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
             above it a ValueError points to projection.
         progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
         num_threads: BLAS threads (None: BLAS's default; a number needs threadpoolctl).
+        NaN or Inf in a row raises the scoring kernel's ValueError (set, checkpoint, first rows), as do
+        apply and self_influence.
         """
         from ..scoring import as_gradient_set
 
@@ -144,7 +146,7 @@ class Whitening:
         bar = fit_bar(sum(s.n_rows for _, s in sets), progress)
         try:
             with blas_threads(num_threads):
-                moments = [second_moments(s, bar, precision) for _, s in sets]
+                moments = [second_moments(s, bar, precision, name) for name, s in sets]
                 blended = (
                     moments[0]
                     if mix is None
@@ -198,9 +200,8 @@ class Whitening:
         out = [np.empty((test.n_rows, inv.shape[0]), dtype=np.float32) for inv in self._inverses]
         with blas_threads(num_threads):
             for start, stop in row_ranges(test):
-                side = test.kernel_side(start, stop)
-                for dst, inv, block, code in zip(out, self._inverses, side.blocks, side.dtypes, strict=True):
-                    dst[start:stop] = as_float32(block, code).astype(np.float64) @ inv
+                for dst, inv, x in zip(out, self._inverses, finite_float32(test, "test", start, stop), strict=True):
+                    dst[start:stop] = x.astype(np.float64) @ inv
         weights = test.weights if test.weights_given else None
         metadata = {**test.metadata, "whitening": self.to_dict()}
         if self.factored:
@@ -213,28 +214,33 @@ class Whitening:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
         per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
+        from ..scoring import _flag
+
         train = self._accept(train, "train")
-        if not isinstance(per_checkpoint, bool):
-            raise TypeError(f"per_checkpoint must be True or False, got {per_checkpoint!r}")
+        per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
         check_progress(progress)
         total = np.zeros((train.n_rows, train.n_checkpoints))
         bar = progress_bar(train.n_rows, progress, "tracin whitened self_influence", unit="row")
         try:
             with blas_threads(num_threads):
                 for start, stop in row_ranges(train):
-                    side = train.kernel_side(start, stop)
                     forms = []
-                    for inv, block, code in zip(self._inverses, side.blocks, side.dtypes, strict=True):
-                        x = as_float32(block, code).astype(np.float64)
+                    for inv, x in zip(self._inverses, finite_float32(train, "train", start, stop), strict=True):
+                        x = x.astype(np.float64)
                         forms.append(np.einsum("ij,ij->i", x @ inv, x))
                     terms = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] if self.factored else forms
-                    total[start:stop] = np.stack(terms, axis=1) * train.weights
+                    with np.errstate(over="ignore"):  # checked below
+                        total[start:stop] = np.stack(terms, axis=1) * train.weights
                     bar.update(stop - start)
         finally:
             bar.close()
-        result = total if per_checkpoint else total.sum(axis=1)
-        if np.abs(result).max(initial=0.0) > _FLOAT32_MAX:
-            raise ValueError("whitened self-influence overflowed float32; rescale the gradients or raise damping")
+        with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, refused below
+            result = total if per_checkpoint else total.sum(axis=1)
+        if not np.all(np.abs(result) <= _FLOAT32_MAX):  # NaN fails the comparison too
+            raise ValueError(
+                "whitened self-influence overflowed float32 although every input is finite; rescale the "
+                "gradients (or the learning-rate weights) or raise damping"
+            )
         return result.astype(np.float32)
 
     def _accept(self, s: Any, name: str) -> GradientSet:
@@ -363,12 +369,18 @@ def _fingerprint(moments: list[np.ndarray]) -> str:
 
 
 def _check_mix_weight(mix_weight: Any) -> float:
-    if isinstance(mix_weight, bool) or not isinstance(mix_weight, numbers.Real) or not 0 <= mix_weight <= 1:
+    """`mix_weight` as a float in [0, 1] (TypeError / ValueError naming the argument otherwise)."""
+    if isinstance(mix_weight, (bool, np.bool_)) or not isinstance(mix_weight, numbers.Real):
+        raise TypeError(f"mix_weight must be a number in [0, 1] (the mix set's share of R), got {mix_weight!r}")
+    if not 0 <= mix_weight <= 1:
         raise ValueError(f"mix_weight must be a number in [0, 1] (the mix set's share of R), got {mix_weight!r}")
     return float(mix_weight)
 
 
 def _check_max_bytes(max_bytes: Any) -> int:
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 1:
+    """`max_bytes` as a positive int (TypeError / ValueError naming the argument otherwise)."""
+    if isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, numbers.Integral):
+        raise TypeError(f"max_bytes must be a positive integer (bytes) or None, got {max_bytes!r}")
+    if max_bytes < 1:
         raise ValueError(f"max_bytes must be a positive integer (bytes) or None, got {max_bytes!r}")
     return int(max_bytes)
