@@ -1,5 +1,6 @@
 """tracin._core itself: the instruction set a call runs with, Ctrl-C during a long call, the
-packed test copy's memory bound, and the type stub against the module."""
+packed test copy's and top-k selection's memory bounds, self_influence's weight checks, and the type
+stub against the module."""
 
 from __future__ import annotations
 
@@ -157,6 +158,48 @@ def test_packed_copy_of_wide_rows_stays_within_64_mib():
     # 16 rows in one pass would pack 122 MiB; 8 rows pack 61 MiB, plus tiles, heaps and (under
     # AddressSanitizer) shadow memory: 69 MiB.
     assert growth_mib < 80, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
+
+
+# top_k with k = n / 2 (partition buffers) on 11 tiles of train rows, num_threads from argv: peak RSS
+# growth in MiB and a digest of the results.
+MANY_THREADS = """
+import hashlib, resource, sys, numpy as np, tracin
+rng = np.random.default_rng(0)
+test = rng.standard_normal((128, 8), dtype=np.float32)
+train = rng.standard_normal((1000, 8), dtype=np.float32)
+tracin.top_k(test[:1], train[:2], k=1, side="both", progress=False)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = tracin.top_k(test, train, k=500, side="both", num_threads=int(sys.argv[1]), progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+digest = hashlib.sha256()
+for a in (r.proponents.values, r.proponents.indices, r.opponents.values, r.opponents.indices):
+    digest.update(a.tobytes())
+print((after - before) / 1024, digest.hexdigest())
+"""
+
+
+def test_top_k_memory_does_not_grow_with_unused_threads():
+    runs = {}
+    for threads in (1, 64):
+        out = subprocess.run(
+            [sys.executable, "-c", MANY_THREADS, str(threads)], capture_output=True, text=True, check=True
+        )
+        growth, digest = out.stdout.split()
+        runs[threads] = float(growth), digest
+    assert runs[1][1] == runs[64][1]
+    # One selector of 128 rows x 1000 candidates (16 B) per requested thread and side grew the peak
+    # by 250 MiB at 64 threads; 11 threads run, each holding about the 96 train rows it scores.
+    extra = runs[64][0] - runs[1][0]
+    assert extra < 40, f"num_threads=64 grew the peak RSS by {extra:.0f} MiB more than num_threads=1"
+
+
+def test_self_influence_checks_its_weights():
+    side = tracin.Gradients([np.ones((3, 4), np.float32)]).kernel_side()
+    for w in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="^weights must be finite$"):
+            _core.self_influence(side, [w])
+    with pytest.raises(ValueError, match=re.escape("expected one weight per checkpoint (1), got 2")):
+        _core.self_influence(side, [1.0, 2.0])
 
 
 def stub_functions() -> dict[str, list[str]]:

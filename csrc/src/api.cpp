@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "engine.hpp"
@@ -59,29 +61,27 @@ class SumConsumer final : public TileConsumer {
   std::int64_t count_ = 0;
 };
 
+// Selectors are made per pass for the threads that run, each on its thread's first tile (a thread
+// given no tile holds none).
 template <class Selector>
 class TopKConsumer final : public TileConsumer {
  public:
-  TopKConsumer(std::int64_t k, Side side, const TopKOutput& out, int threads)
-      : k_(k), want_prop_(side != Side::kOpponents), want_opp_(side != Side::kProponents),
+  // n: train rows (bounds a BufferSelector's buffers).
+  TopKConsumer(std::int64_t k, std::int64_t n, Side side, const TopKOutput& out, int threads)
+      : k_(k), n_(n), want_prop_(side != Side::kOpponents), want_opp_(side != Side::kProponents),
         out_(out), threads_(threads) {}
 
   void BeginPass(std::int64_t begin, std::int64_t count, int threads) override {
     begin_ = begin;
     count_ = count;
-    prop_.clear();
-    opp_.clear();
-    for (int t = 0; t < threads; ++t) {
-      if (want_prop_) prop_.emplace_back(count, k_);
-      if (want_opp_) opp_.emplace_back(count, k_);
-    }
+    prop_.assign(want_prop_ ? static_cast<std::size_t>(threads) : 0, std::nullopt);
+    opp_.assign(want_opp_ ? static_cast<std::size_t>(threads) : 0, std::nullopt);
   }
 
   void Consume(int thread, std::int64_t j0, std::int64_t rows, const float* tile,
                std::int64_t ldc) override {
-    const auto t = static_cast<std::size_t>(thread);
-    Selector* prop = want_prop_ ? &prop_[t] : nullptr;
-    Selector* opp = want_opp_ ? &opp_[t] : nullptr;
+    Selector* prop = want_prop_ ? SelectorOf(prop_, thread) : nullptr;
+    Selector* opp = want_opp_ ? SelectorOf(opp_, thread) : nullptr;
     // Opponents are the proponents of the negated scores (negation is exact).
     const float* prop_thr = prop ? prop->thresholds() : nullptr;
     const float* opp_thr = opp ? opp->thresholds() : nullptr;
@@ -105,13 +105,15 @@ class TopKConsumer final : public TileConsumer {
       std::vector<Candidate> pool;
       const std::int64_t row = begin_ + r;
       if (want_prop_) {
-        for (const Selector& s : prop_) s.AppendKept(r, &pool);
+        for (const auto& s : prop_)
+          if (s) s->AppendKept(r, &pool);
         WriteBest(&pool, k_, false, out_.proponent_values + row * k_,
                   out_.proponent_indices + row * k_);
       }
       if (want_opp_) {
         pool.clear();
-        for (const Selector& s : opp_) s.AppendKept(r, &pool);
+        for (const auto& s : opp_)
+          if (s) s->AppendKept(r, &pool);
         WriteBest(&pool, k_, true, out_.opponent_values + row * k_,
                   out_.opponent_indices + row * k_);
       }
@@ -131,22 +133,36 @@ class TopKConsumer final : public TileConsumer {
     return any != 0;
   }
 
-  std::int64_t k_;
+  // Thread `thread`'s selector of one side, made on its first call in the pass.
+  Selector* SelectorOf(std::vector<std::optional<Selector>>& selectors, int thread) const {
+    std::optional<Selector>& s = selectors[static_cast<std::size_t>(thread)];
+    if (!s) {
+      if constexpr (std::is_same_v<Selector, BufferSelector>)
+        s.emplace(count_, k_, n_);
+      else
+        s.emplace(count_, k_);
+    }
+    return &*s;
+  }
+
+  std::int64_t k_, n_;
   bool want_prop_, want_opp_;
   TopKOutput out_;
   int threads_;
   std::int64_t begin_ = 0, count_ = 0;
-  std::vector<Selector> prop_, opp_;
+  std::vector<std::optional<Selector>> prop_, opp_;  // per thread of the pass
 };
 
 // Runs body(row, scratch) for every row in parallel; scratch holds room for one converted row.
 template <class Body>
 Status ForEachRow(std::int64_t n, std::int64_t width, const Options& options, Body&& body) {
   std::atomic<bool> stop{false};
-  const int threads = ResolveThreads(options.num_threads);
+  const std::int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+  const int threads = static_cast<int>(
+      std::min<std::int64_t>(ResolveThreads(options.num_threads), std::max<std::int64_t>(tasks, 1)));
   std::vector<std::vector<float>> scratch(static_cast<std::size_t>(threads),
                                           std::vector<float>(static_cast<std::size_t>(width)));
-  return ParallelFor((n + kRowsPerTask - 1) / kRowsPerTask, threads, stop, options.cancel,
+  return ParallelFor(tasks, threads, stop, options.cancel,
                      [&](std::int64_t task, int thread) {
     const std::int64_t end = std::min(n, (task + 1) * kRowsPerTask);
     for (std::int64_t i = task * kRowsPerTask; i < end; ++i)
@@ -207,10 +223,10 @@ Status TopK(const GradientSide& test, const GradientSide& train, const std::vect
     const int threads = detail::ResolveThreads(options.num_threads);
     if (k == 0 || test.rows() == 0) return detail::CheckAllFinite(&test, train);
     if (k <= detail::kHeapMaxK) {
-      detail::TopKConsumer<detail::HeapSelector> consumer(k, side, out, threads);
+      detail::TopKConsumer<detail::HeapSelector> consumer(k, train.rows(), side, out, threads);
       return detail::RunTiles(test, train, weights, options, consumer);
     }
-    detail::TopKConsumer<detail::BufferSelector> consumer(k, side, out, threads);
+    detail::TopKConsumer<detail::BufferSelector> consumer(k, train.rows(), side, out, threads);
     return detail::RunTiles(test, train, weights, options, consumer);
   });
 }
@@ -220,8 +236,8 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidateSide(train, "train");
     if (!s.ok()) return s;
-    if (weights.size() != train.checkpoints())
-      return {StatusCode::kInvalidArgument, "expected one weight per checkpoint"};
+    s = detail::ValidateWeights(weights, train.checkpoints());
+    if (!s.ok()) return s;
     if (options.normalize != 0)
       return {StatusCode::kInvalidArgument,
               "self-influence takes no normalize: every nonzero row's cosine self-influence is the sum of its weights"};

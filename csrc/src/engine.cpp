@@ -479,9 +479,13 @@ Status ValidatePair(const GradientSide& test, const GradientSide& train,
       return {StatusCode::kInvalidArgument,
               BlockName(test, b) + " has " + std::to_string(test.blocks[b].cols) +
                   " columns in test but " + std::to_string(train.blocks[b].cols) + " in train"};
-  if (weights.size() != test.checkpoints())
+  return ValidateWeights(weights, test.checkpoints());
+}
+
+Status ValidateWeights(const std::vector<double>& weights, std::size_t checkpoints) {
+  if (weights.size() != checkpoints)
     return {StatusCode::kInvalidArgument, "expected one weight per checkpoint (" +
-                                              std::to_string(test.checkpoints()) + "), got " +
+                                              std::to_string(checkpoints) + "), got " +
                                               std::to_string(weights.size())};
   for (double w : weights)
     if (!std::isfinite(w)) return {StatusCode::kInvalidArgument, "weights must be finite"};
@@ -596,10 +600,12 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
                                                         : DefaultTrainBlock(n, threads, micro.mr),
                                 options.normalize);
     const std::int64_t block = producer.block_rows();
-    consumer.BeginPass(begin, count, threads);
-    std::atomic<bool> stop{false}, non_finite{false};
     const std::int64_t tasks = (n + block - 1) / block;
-    Status status = ParallelFor(tasks, threads, stop, options.cancel,
+    // ParallelFor runs no more threads than tasks: the consumer keeps state for those only.
+    const int workers = static_cast<int>(std::min<std::int64_t>(threads, tasks));
+    consumer.BeginPass(begin, count, workers);
+    std::atomic<bool> stop{false}, non_finite{false};
+    Status status = ParallelFor(tasks, workers, stop, options.cancel,
                                 [&](std::int64_t task, std::int64_t upcoming, int thread) {
       const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
       const std::int64_t next0 = upcoming * block, next_rows = std::max<std::int64_t>(0, std::min(block, n - next0));

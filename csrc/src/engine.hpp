@@ -17,6 +17,7 @@ namespace tracin::detail {
 class TileConsumer {
  public:
   virtual ~TileConsumer() = default;
+  // threads: Consume's `thread` is below it.
   virtual void BeginPass(std::int64_t test_begin, std::int64_t test_count, int threads) = 0;
   virtual void Consume(int thread, std::int64_t train_begin, std::int64_t rows, const float* tile,
                        std::int64_t ldc) = 0;
@@ -27,6 +28,8 @@ class TileConsumer {
 Status ValidateSide(const GradientSide& side, const char* name);
 Status ValidatePair(const GradientSide& test, const GradientSide& train,
                     const std::vector<double>& weights);
+// One finite weight per checkpoint.
+Status ValidateWeights(const std::vector<double>& weights, std::size_t checkpoints);
 
 // Copies float32 values of row `row`, columns [k0, k0 + n), of `m` into dst.
 void LoadRow(const KernelTable& kernels, const MatrixView& m, std::int64_t row, std::int64_t k0,

@@ -62,15 +62,16 @@ class HeapSelector {
   std::vector<float> thresholds_;
 };
 
-// An append buffer of 2k per row, cut back to the best k by partition when full. Best for large k:
-// amortised O(1) per accepted candidate.
+// Per row, an append buffer cut back to the best k by partition when it holds `capacity`
+// candidates: min(2k, n) for n train rows, at least k + 1. Best for large k: amortised O(1) per
+// accepted candidate. A row's buffer grows (doubling) as candidates arrive, so a thread that scores
+// few train rows holds few; it never outgrows `capacity`.
 class BufferSelector {
  public:
-  BufferSelector(std::int64_t rows, std::int64_t k)
+  BufferSelector(std::int64_t rows, std::int64_t k, std::int64_t n)
       : k_(k),
-        capacity_(2 * k),
-        items_(static_cast<std::size_t>(rows * capacity_)),
-        counts_(static_cast<std::size_t>(rows), 0),
+        capacity_(static_cast<std::size_t>(std::max(k + 1, std::min(2 * k, n)))),
+        buffers_(static_cast<std::size_t>(rows)),
         kth_(static_cast<std::size_t>(rows), Candidate{0.0f, -1}),
         thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {}
 
@@ -80,26 +81,28 @@ class BufferSelector {
     const auto r = static_cast<std::size_t>(row);
     const Candidate c{value, index};
     if (kth_[r].index >= 0 && !Better(c, kth_[r])) return;
-    Candidate* buffer = &items_[r * static_cast<std::size_t>(capacity_)];
-    buffer[counts_[r]++] = c;
-    if (counts_[r] == capacity_) {
-      std::nth_element(buffer, buffer + (k_ - 1), buffer + capacity_, Better);
-      kth_[r] = buffer[k_ - 1];
+    std::vector<Candidate>& buffer = buffers_[r];
+    if (buffer.size() == buffer.capacity())
+      buffer.reserve(std::min(std::max<std::size_t>(2 * buffer.size(), kFirstCapacity), capacity_));
+    buffer.push_back(c);
+    if (buffer.size() == capacity_) {
+      std::nth_element(buffer.begin(), buffer.begin() + (k_ - 1), buffer.end(), Better);
+      kth_[r] = buffer[static_cast<std::size_t>(k_ - 1)];
       thresholds_[r] = kth_[r].value;
-      counts_[r] = k_;
+      buffer.resize(static_cast<std::size_t>(k_));
     }
   }
 
   void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
-    const Candidate* buffer = &items_[static_cast<std::size_t>(row * capacity_)];
-    out->insert(out->end(), buffer, buffer + counts_[static_cast<std::size_t>(row)]);
+    const std::vector<Candidate>& buffer = buffers_[static_cast<std::size_t>(row)];
+    out->insert(out->end(), buffer.begin(), buffer.end());
   }
 
  private:
+  static constexpr std::size_t kFirstCapacity = 16;
   std::int64_t k_;
-  std::int64_t capacity_;
-  std::vector<Candidate> items_;
-  std::vector<std::int64_t> counts_;
+  std::size_t capacity_;
+  std::vector<std::vector<Candidate>> buffers_;
   std::vector<Candidate> kth_;
   std::vector<float> thresholds_;
 };
