@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,40 @@ def test_factored_mode_store_equals_memory_and_refuses_non_linear_parameters(tmp
         conv, [(conv.state_dict(), 1.0)], (x, y), LOSS, mode="factored", layers=["2"], progress=False
     )
     assert only_linear.dims == ((4, 17),)
+
+
+def float64_rows(model, state, x, y, loss, names, call=None):
+    """Independent oracle: (n, d) float64 per-example gradients of `names` (flattened, concatenated),
+    by torch.autograd.grad on a float64 copy of the model, one example at a time."""
+    twin = copy.deepcopy(model).double().eval()
+    twin.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    params = dict(twin.named_parameters(remove_duplicate=False))
+    rows = []
+    for i in range(len(y)):
+        xi = x[i : i + 1].double() if x.is_floating_point() else x[i : i + 1]
+        out = call(twin, xi) if call else twin(xi)
+        parts = torch.autograd.grad(loss(out, y[i : i + 1]).sum(), [params[n] for n in names], allow_unused=True)
+        zeros_if_unused = [torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, parts, strict=True)]
+        rows.append(torch.cat([g.reshape(-1) for g in zeros_if_unused]))
+    return torch.stack(rows).numpy()
+
+
+def as_full(left, right, bias=True):
+    """The full rows (weight, then bias) of one factor pair: row i is left_i (x) right_i."""
+    outer = np.einsum("np,nq->npq", left, right)
+    if not bias:
+        return outer.reshape(len(left), -1)
+    return np.concatenate([outer[:, :, :-1].reshape(len(left), -1), outer[:, :, -1]], axis=1)
+
+
+def test_last_layer_with_a_one_shot_generator_keeps_every_row():
+    """The layer is found from the first batch, which is then exported too (was: first batch lost)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = ((x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4))
+    g = export_gradients(model, [(state, 1.0)], batches, LOSS, mode="last_layer", progress=False)
+    assert g.n_rows == 10
+    want = float64_rows(model, state, x, y, LOSS, ["2.weight", "2.bias"])
+    np.testing.assert_allclose(as_full(g.left[0], g.right[0]), want, rtol=1e-5, atol=1e-6)

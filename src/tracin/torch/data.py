@@ -13,6 +13,7 @@ to the model positionally, a dict by keyword.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,22 @@ def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
     if loader.batch_size is None:  # a custom batch_sampler: rows per batch unknown
         return None
     return (n // loader.batch_size) * loader.batch_size if loader.drop_last else n
+
+
+_END = object()
+
+
+def first_row(data: Any) -> tuple[tuple[Tree, Tree] | None, Any]:
+    """(inputs, targets) of the first row of `data` (None when it has no rows), and the data to read
+    from then on: `data` itself, or for a one-shot iterator one yielding the batch read here first."""
+    source = data
+    if isinstance(data, Iterator):
+        head = next(data, _END)
+        if head is _END:
+            return None, data
+        source, data = [head], itertools.chain([head], data)
+    first = next(iter(as_batches(source, 1)), None)
+    return (None if first is None else first[1:]), data
 
 
 def as_batches(data: Any, max_rows: int) -> Batches:

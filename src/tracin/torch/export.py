@@ -20,7 +20,7 @@ from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
 from .checkpoints import legacy_state_digest, load_checkpoint, parse_checkpoints, state_digest, tied_aliases
-from .data import Tree, as_batches, batch_rows, call_model, host_arrays, slice_rows, tree_map
+from .data import Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
 from .losses import check_loss_fn, check_loss_on
@@ -211,11 +211,11 @@ class _TorchExport:
             inplace = self.device.type == "cpu" and self.compute_rows.dtype == torch.float32
             self.inplace_width = self.compute_rows.width if inplace else None
         else:
-            linears = (
-                [_last_layer_name(model, layers, data, self.device)]
-                if mode == "last_layer"
-                else linear_modules_of(model, select_parameters(model, layers))
-            )
+            if mode == "last_layer":
+                name, data = _last_layer_name(model, layers, data, self.device)
+                linears = [name]
+            else:
+                linears = linear_modules_of(model, select_parameters(model, layers))
             self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
             self.params = [
                 (n, tuple(p.shape)) for name in linears for n, p in modules[name].named_parameters(prefix=name)
@@ -307,14 +307,16 @@ def _host(block: Any, float32: bool) -> Any:
     return block.numpy() if float32 else block
 
 
-def _last_layer_name(model: nn.Module, layers: list[str] | None, data: Any, device: torch.device) -> str:
+def _last_layer_name(model: nn.Module, layers: list[str] | None, data: Any, device: torch.device) -> tuple[str, Any]:
+    """The layer of mode="last_layer" (the one named, else the last nn.Linear to run on the first row),
+    and the data to export (a one-shot iterator re-chained with the batch read to find the layer)."""
     if layers is not None:
         if len(layers) != 1:
             raise ValueError(f"layers: mode='last_layer' takes one nn.Linear module name, got {layers}")
         linear_by_name(model, layers[0])
-        return layers[0]
-    first = next(iter(as_batches(data, 1)), None)
+        return layers[0], data
+    first, data = first_row(data)
     if first is None:
         raise ValueError("data has no rows")
-    inputs = tree_map(lambda t: t.to(device), first[1])
-    return last_linear(model, lambda: call_model(model, inputs))
+    inputs = tree_map(lambda t: t.to(device), first[0])
+    return last_linear(model, lambda: call_model(model, inputs)), data
