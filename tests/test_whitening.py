@@ -559,3 +559,14 @@ def test_mix_weight_and_max_bytes_errors(full, kwargs, error):
     """A wrong type raises TypeError, a wrong value ValueError, each naming the argument."""
     with pytest.raises(error, match=f"{next(iter(kwargs))} must be a"):
         Whitening.fit(tracin.Gradients(full[0]), mix=tracin.Gradients(full[0]), **kwargs)
+
+
+def test_apply_refuses_rows_that_overflow_float32(rng):
+    """Tiny train gradients make (R + lambda I)^-1 huge: test rows it takes past float32 raise, not Inf."""
+    train = (rng.standard_normal((50, 6)) * 1e-30).astype(np.float32)
+    w = Whitening.fit(tracin.Gradients(train), damping=0.01)
+    inv, _ = reference_inverse(train, 0.01)
+    small = (rng.standard_normal((3, 6)) * 1e-28).astype(np.float32)
+    assert_rows_close(w.apply(tracin.Gradients(small)).matrices[0], to_float64(small) @ inv)
+    with pytest.raises(ValueError, match=r"whitened test checkpoint 0 overflowed float32 \(rows from 0\)"):
+        w.apply(tracin.Gradients((small * 1e20).astype(np.float32)))

@@ -125,12 +125,8 @@ def non_finite_error(s: GradientSet, name: str) -> ValueError:
             if len(rows) == 5:
                 break
         if rows:
-            block = (
-                f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}"
-                if s.factored
-                else f"checkpoint {b}"
-            )
-            return ValueError(f"{name} {block} contains NaN or Inf values, first in rows [{', '.join(map(str, rows))}]")
+            first = ", ".join(map(str, rows))
+            return ValueError(f"{name} {block_name(s.factored, b)} contains NaN or Inf values, first in rows [{first}]")
     return ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -155,3 +151,8 @@ def fit_bar(total: int, progress: bool | None) -> Any:
     """The progress bar over the rows a fit reads."""
     check_progress(progress)
     return progress_bar(total, progress, "tracin whitening fit", unit="row")
+
+
+def block_name(factored: bool, b: int) -> str:
+    """The name the C++ kernel gives kernel block b in its errors."""
+    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if factored else f"checkpoint {b}"

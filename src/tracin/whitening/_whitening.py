@@ -17,6 +17,7 @@ from .._progress import check_progress, progress_bar
 from ..gradients import FactoredGradients, Gradients, GradientSet
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
+    block_name,
     check_budget,
     check_precision,
     default_max_bytes,
@@ -194,14 +195,22 @@ class Whitening:
 
     def apply(self, test: Any, *, num_threads: int | None = None) -> Gradients | FactoredGradients:
         """The test gradients times (R_c + lambda_c I)^-1 per checkpoint (float64 products, float32
-        rows), in memory: Gradients (or FactoredGradients) with test's weights and metadata plus
-        metadata["whitening"] (spec.to_dict()). Score them against the untouched train side."""
+        rows; ValueError if one overflows float32), in memory: Gradients (or FactoredGradients) with
+        test's weights and metadata plus metadata["whitening"] (spec.to_dict()). Score them against
+        the untouched train side."""
         test = self._accept(test, "test")
         out = [np.empty((test.n_rows, inv.shape[0]), dtype=np.float32) for inv in self._inverses]
         with blas_threads(num_threads):
             for start, stop in row_ranges(test):
-                for dst, inv, x in zip(out, self._inverses, finite_float32(test, "test", start, stop), strict=True):
-                    dst[start:stop] = x.astype(np.float64) @ inv
+                blocks = finite_float32(test, "test", start, stop)
+                for b, (dst, inv, x) in enumerate(zip(out, self._inverses, blocks, strict=True)):
+                    white = x.astype(np.float64) @ inv
+                    if not np.all(np.abs(white) <= _FLOAT32_MAX):
+                        raise ValueError(
+                            f"whitened test {block_name(self.factored, b)} overflowed float32 (rows from {start}) "
+                            "although every input is finite; rescale the gradients or raise damping"
+                        )
+                    dst[start:stop] = white
         weights = test.weights if test.weights_given else None
         metadata = {**test.metadata, "whitening": self.to_dict()}
         if self.factored:
