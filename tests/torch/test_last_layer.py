@@ -189,3 +189,47 @@ def test_last_layer_with_a_one_shot_generator_keeps_every_row():
     assert g.n_rows == 10
     want = float64_rows(model, state, x, y, LOSS, ["2.weight", "2.bias"])
     np.testing.assert_allclose(as_full(g.left[0], g.right[0]), want, rtol=1e-5, atol=1e-6)
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight is also the decoder's (as GPT-2's lm_head and transformer.wte)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.dec = nn.Linear(4, 10, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.dec(torch.tanh(self.emb(ids).mean(1)))
+
+
+def test_last_layer_on_a_tied_head_is_its_gradient_through_the_head():
+    """Was a KeyError ('dec.weight', a name load_checkpoint leaves out). Now: the weight under its first
+    name, its gradient through dec's forward only (oracle: a float64 copy with dec untied)."""
+    torch.manual_seed(0)
+    model = TiedHead()
+    ids, y = torch.randint(0, 10, (6, 3)), torch.randint(0, 10, (6,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt = [(state, 0.5)]
+    for layers in (None, ["dec"]):
+        g = export_gradients(model, ckpt, (ids, y), LOSS, mode="last_layer", layers=layers, progress=False)
+        assert g.metadata["params"] == [{"name": "emb.weight", "shape": [10, 4]}]
+        assert g.metadata["last_layer"]["layer"] == "dec"
+        untied = copy.deepcopy(model)
+        untied.dec.weight = nn.Parameter(untied.emb.weight.detach().clone())
+        want = float64_rows(untied, untied.state_dict(), ids, y, LOSS, ["dec.weight"])
+        np.testing.assert_allclose(as_full(g.left[0], g.right[0], bias=False), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"only tied second names \('dec.weight' is tied to 'emb.weight'"):
+        export_gradients(model, ckpt, (ids, y), LOSS, layers=["dec"], progress=False)
+
+
+def test_per_token_tied_head_refusal_suggests_the_first_name():
+    class PerTokenTied(TiedHead):
+        def forward(self, ids):
+            return self.dec(self.emb(ids)).mean(1)
+
+    model = PerTokenTied()
+    data = (torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,)))
+    with pytest.raises(ValueError, match=r"Use mode='full' with layers=\['emb.weight'\]"):
+        export_gradients(model, [(model.state_dict(), 1.0)], data, LOSS, mode="last_layer", progress=False)

@@ -22,7 +22,7 @@ from .._validate import positive_int
 from .checkpoints import legacy_state_digest, load_checkpoint, parse_checkpoints, state_digest, tied_aliases
 from .data import Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
-from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters
+from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
 from .losses import check_loss_fn, check_loss_on
 from .model_fingerprint import model_digest
 from .per_example import PerExampleGradients
@@ -72,7 +72,10 @@ def export_gradients(
         (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
-        With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run).
+        With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run); a
+        weight tied to another module (a language model's head shared with its embedding) is exported
+        under its first name, its gradient through this layer's forward only. A tied weight is chosen
+        by its first name (layers=["transformer.wte"]), its gradient then over all its uses.
     mode: "full" -> Gradients, one (n, d) matrix per checkpoint; "last_layer" -> FactoredGradients,
         left (n, out) and right (n, in + 1) per checkpoint (exact for that layer's weight and bias);
         "factored" -> FactoredGradients with such a pair for every chosen nn.Linear layer of every
@@ -217,8 +220,12 @@ class _TorchExport:
             else:
                 linears = linear_modules_of(model, select_parameters(model, layers))
             self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
+            # a tied weight (a language model's head shared with its embedding) is known under its first name
+            first = tied_first_names(model)
             self.params = [
-                (n, tuple(p.shape)) for name in linears for n, p in modules[name].named_parameters(prefix=name)
+                (first.get(n, n), tuple(p.shape))
+                for name in linears
+                for n, p in modules[name].named_parameters(prefix=name, remove_duplicate=False)
             ]
             names = [n for n, _ in self.params]
             if mode == "last_layer":

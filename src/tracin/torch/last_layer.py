@@ -17,6 +17,7 @@ from torch import nn
 from .capture import NotCaptured, capture
 from .data import Tree, batch_rows
 from .layer_rules import token_form
+from .layers import tied_first_names
 from .losses import LossFn
 
 
@@ -38,11 +39,21 @@ class LinearFactors:
         try:
             captured = self._captured(state, inputs, targets)
         except NotCaptured as e:
-            raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self.names!r}.") from None
+            raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self._full_layers()!r}.") from None
         return [
             (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
             for (x, left), layer in zip(captured, self.layers, strict=True)
         ]
+
+    def _full_layers(self) -> list[str]:
+        """The layers= of mode="full" for the same parameters: a module name, or the parameter names
+        when its weight is tied (mode="full" takes a tied weight under its first name)."""
+        first = tied_first_names(self.model)
+        chosen = []
+        for name, layer in zip(self.names, self.layers, strict=True):
+            params = [n for n, _ in layer.named_parameters(prefix=name, remove_duplicate=False)]
+            chosen += [first.get(n, n) for n in params] if any(n in first for n in params) else [name]
+        return chosen
 
     def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(x (batch, in), dL/dy (batch, out)) per layer; NotCaptured unless each ran once on (batch, in)."""

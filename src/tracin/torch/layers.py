@@ -30,14 +30,34 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> l
             raise ValueError("the model has no trainable parameters; name the layers to use with layers=")
         return names
     layers = as_patterns(layers, EXAMPLE)
+    first = tied_first_names(model)
     for pattern in layers:
         if not any(_matches(n, pattern) for n in params):
+            tied = [f"{n!r} is tied to {first[n]!r}" for n in first if _matches(n, pattern)]
+            if tied:
+                raise ValueError(
+                    f"layers: {pattern!r} matches only tied second names ({'; '.join(tied[:4])}); the "
+                    "parameter is chosen (and its gradient taken over all its uses) under its first name"
+                )
             modules = [m for m, _ in model.named_modules() if m]
             raise ValueError(
                 f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
                 f"{' ...' if len(modules) > 30 else ''}"
             )
     return [n for n in params if any(_matches(n, p) for p in layers)]
+
+
+def tied_first_names(model: nn.Module) -> dict[str, str]:
+    """{second name: first name} of every tied parameter (a decoder weight shared with an embedding):
+    named_parameters() and load_checkpoint know such a tensor under its first name only."""
+    first: dict[int, str] = {}
+    second: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            second[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return second
 
 
 def linear_by_name(model: nn.Module, name: str) -> nn.Linear:
