@@ -86,7 +86,7 @@ def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
     assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
 
 
-def test_last_batch_is_padded_not_recompiled(mlp, data):
+def test_last_batch_is_padded_not_recompiled_and_each_export_compiles_once(mlp, data):
     x, y = data
     traces = []
 
@@ -103,7 +103,7 @@ def test_last_batch_is_padded_not_recompiled(mlp, data):
     _close(ragged.matrices[1], ref)
     traces.clear()
     even = export_gradients(counted_loss, ckpts, (x[:64], y[:64]), batch_size=16, progress=False)
-    assert traces == [(16, 5)], "a later export with the same loss, params and batch size reuses the compilation"
+    assert traces == [(16, 5), (1, 5)], "every export traces its loss again (no compilation shared between exports)"
     np.testing.assert_array_equal(ragged.matrices[0][:64], even.matrices[0])
     traces.clear()
     export_gradients(counted_loss, ckpts, (x, y), batch_size=32, progress=False)
@@ -259,3 +259,34 @@ def test_projected_last_layer_factors_are_the_kronecker_projection(mlp, data):
         _close(grads.right[c], rights[-1])
     full = factored_to_full(lefts, rights)
     assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "kronecker"])
+def test_a_loss_reading_python_state_is_traced_again_by_the_next_export(mlp, data, mode):
+    """A loss reading a setting from a Python dict: an export after the setting changed sees the new value
+    (rows equal to the float64 reference of the scaled loss), not the first export's compilation."""
+    x, y = data
+    config = {"scale": 1.0}
+
+    def loss(params, inputs, targets):
+        return config["scale"] * mlp.loss_fn(params, inputs, targets)
+
+    kwargs = {"progress": False, "batch_size": 32}
+    if mode == "last_layer":
+        kwargs.update(mode="last_layer", layers=["l2"], layer_input=mlp.hidden)
+    if mode == "kronecker":
+        kwargs.update(projection=tracin.Projection(16, seed=1, per_layer=True, kronecker=True))
+    first = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
+    config["scale"] = 3.0
+    second = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
+    for a, b in zip(_blocks(first), _blocks(second), strict=True):
+        np.testing.assert_allclose(b, 3.0 * a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    if mode == "full":
+        ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
+        _close(second.matrices[0], 3.0 * ref)
+
+
+def _blocks(grads) -> list[np.ndarray]:
+    if hasattr(grads, "left"):  # factored: the scale is in the left factor only
+        return [np.asarray(grads.left[0], np.float64)]
+    return [np.asarray(grads.matrices[0], np.float64)]

@@ -1,9 +1,11 @@
 """Compiled per-example gradients: jax.vmap(jax.grad(loss of one example)), jit-compiled once per
-batch shape (BatchPlan pads the last batch, so one compilation serves a whole export)."""
+batch shape (BatchPlan pads the last batch, so one compilation serves a whole export).
+
+Each export compiles its own functions (nothing is shared between export_gradients calls): a loss
+reading Python state (a global setting, a closure) is traced again by every export, as jax.grad is."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -15,24 +17,6 @@ from .batches import Batch
 from .params import ParamLayout, layout_of
 
 LossFn = Callable[[Any, Any, Any], Any]
-
-_CACHE_SIZE = 8
-_compiled: OrderedDict = OrderedDict()
-
-
-def _jit_cached(key: tuple, build: Callable[[], Callable]) -> Callable:
-    """jax.jit(build()), shared by later exports with an equal key (same loss_fn, layout, dtype...),
-    so exporting train and test sets compiles once. The last _CACHE_SIZE functions are kept."""
-    try:
-        hash(key)
-    except TypeError:  # a non-hashable static leaf: compile for this export only
-        return jax.jit(build())
-    if key not in _compiled:
-        _compiled[key] = jax.jit(build())
-        while len(_compiled) > _CACHE_SIZE:
-            _compiled.popitem(last=False)
-    _compiled.move_to_end(key)
-    return _compiled[key]
 
 
 def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
@@ -76,17 +60,14 @@ class FullRows:
     """
 
     def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any):
-        def build() -> Callable:
-            per_example = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
+        per_example = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
 
-            def rows(selected, arrays, inputs, targets):
-                grads = per_example(selected, arrays, inputs, targets)
-                flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads]
-                return jnp.concatenate(flat, axis=1).astype(dtype)
+        def rows(selected, arrays, inputs, targets):
+            grads = per_example(selected, arrays, inputs, targets)
+            flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads]
+            return jnp.concatenate(flat, axis=1).astype(dtype)
 
-            return rows
-
-        self._rows = _jit_cached(("rows", loss_fn, layout, jnp.dtype(dtype).name), build)
+        self._rows = jax.jit(rows)  # this export's own: traced on its first batch
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
         return self._rows(selected, arrays, batch.inputs, batch.targets)
@@ -126,18 +107,15 @@ class LastLayer:
         self._layer_input = layer_input
         layout = self.layout
 
-        def build() -> Callable:
-            delta = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
+        delta = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
 
-            def factors(selected, arrays, inputs, targets):
-                left = delta(selected, arrays, inputs, targets)[0]
-                x = layer_input(layout.merge(selected, arrays), inputs)
-                right = jnp.concatenate([x.astype(jnp.float32), jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-                return left.astype(jnp.float32), right
+        def factors(selected, arrays, inputs, targets):
+            left = delta(selected, arrays, inputs, targets)[0]
+            x = layer_input(layout.merge(selected, arrays), inputs)
+            right = jnp.concatenate([x.astype(jnp.float32), jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
+            return left.astype(jnp.float32), right
 
-            return factors
-
-        self._factors = _jit_cached(("last_layer", loss_fn, layer_input, layout), build)
+        self._factors = jax.jit(factors)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         return self._factors(selected, arrays, batch.inputs, batch.targets)

@@ -47,7 +47,7 @@ from ..projection import LayerMatrix, Projection
 from .batches import Batch
 from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
-from .per_example import _jit_cached, _one_example_loss, check_per_example
+from .per_example import _one_example_loss, check_per_example
 
 _FACTORED_ADAM = (
     "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
@@ -127,8 +127,7 @@ class KroneckerRows:
             else None
         )
         splits = tuple(self.sites[k].split for k in self.mapped)
-        key = ("kronecker_rows", self.loss_fn, self.layout, self.mapped, splits, jnp.dtype(self.dtype).name)
-        self._rows = _jit_cached(key, lambda: rows_function(self.loss_fn, self.layout, self.mapped, splits))
+        self._rows = jax.jit(rows_function(self.loss_fn, self.layout, self.mapped, splits))
 
     def _check_balanced(self) -> None:
         """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
