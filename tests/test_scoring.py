@@ -271,6 +271,33 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
         tracin.scores(big, big)
 
 
+def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path):
+    """A store is scored in chunks of rows; the rows named are the store's, not the chunk's."""
+    from store.helpers import write_store
+
+    train = random_set(rng, 700, [8, 4])
+    train[0][[150, 151, 400]] = np.nan
+    write_store(tmp_path / "train", train, step=100)
+    store = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=4000)
+    assert store.row_chunks() < 150  # rows 150, 151 are not in the first chunk
+    bad = r"train checkpoint 0 contains NaN or Inf values, first in rows \[150, 151\]"
+    test = random_set(rng, 3, [8, 4])
+    for call in (
+        lambda: tracin.self_influence(store),
+        lambda: tracin.scores(test, store),
+        lambda: tracin.top_k(test, store, k=2),
+        lambda: tracin.aggregate(test, store),
+    ):
+        with pytest.raises(ValueError, match=bad):
+            call()
+    test = random_set(rng, 500, [8, 4])
+    test[1][[260, 499]] = np.inf
+    write_store(tmp_path / "test", test, step=100)
+    tests = tracin.GradientStore.open(tmp_path / "test", chunk_bytes=4000)
+    with pytest.raises(ValueError, match=r"test checkpoint 1 contains NaN or Inf values, first in rows \[260\]"):
+        tracin.top_k(tests, random_set(rng, 5, [8, 4]), k=2)
+
+
 def test_non_finite_test_rows_found_in_any_panel_and_weighting_overflow(rng):
     test, train = random_set(rng, 150, [700]), random_set(rng, 40, [700])
     test[0][133, 650] = np.nan  # a late panel and slice of a test side packed on several threads

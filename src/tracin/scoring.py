@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import numbers
+import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -20,6 +21,8 @@ from .gradients import Gradients, GradientSet, KernelSide
 from .whitening import Whitening
 
 _SIDES = ("proponents", "opponents", "both")
+# A backend's message for NaN/Inf rows, whose row numbers count from the start of the pair it scored.
+_NON_FINITE = re.compile(r"^(test|train) (.+) contains NaN or Inf values, first in rows \[([0-9, ]+)\]$")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -271,6 +274,7 @@ class _Loop:
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
         self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
         self.cache = ChunkCache()
+        self.current: _Pair | None = None
 
     def pairs(self) -> Iterator[_Pair]:
         """Every (test chunk, train piece), test chunks outer; the bar advances once a pair is used."""
@@ -283,7 +287,8 @@ class _Loop:
             # The test side is taken again for every piece, so that a store's checks that it is
             # unchanged (done per kernel_side call) cover the test side for the whole run.
             test = None if self.test is None else KernelSide._make(self.test.kernel_side(t0, t1))
-            yield _Pair(slice(t0, t1), test, slice(i0, i1), current)
+            self.current = _Pair(slice(t0, t1), test, slice(i0, i1), current)
+            yield self.current
             self.bar.update(i1 - i0)
 
     def _train(self, piece: tuple[int, int]) -> KernelSide:
@@ -292,9 +297,25 @@ class _Loop:
     def __enter__(self) -> _Loop:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         self.cache.clear()
         self.bar.close()
+        if type(exc) is ValueError and self.current is not None:
+            message = rows_shifted(str(exc), self.current.test_rows.start, self.current.train_rows.start)
+            if message is not None:
+                raise ValueError(message) from None
+
+
+def rows_shifted(message: str, test_start: int, train_start: int) -> str | None:
+    """A backend's NaN/Inf message about rows from test_start / train_start on, with its row
+    numbers counted from the start of the sets instead (None for any other message)."""
+    found = _NON_FINITE.match(message)
+    if found is None:
+        return None
+    side, block, rows = found.groups()
+    start = test_start if side == "test" else train_start
+    shifted = ", ".join(str(start + int(r)) for r in rows.split(", "))
+    return f"{side} {block} contains NaN or Inf values, first in rows [{shifted}]"
 
 
 def scores(

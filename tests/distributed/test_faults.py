@@ -140,3 +140,23 @@ def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch):
     with pytest.raises(td.TaskFailedError, match=r"rows \[0, 4\) of /some/store .* died 1 time \(") as e:
         job.wait(["shard"], progress=False)
     assert isinstance(e.value, RuntimeError) and isinstance(e.value.__cause__, run.KilledWorker)
+
+
+def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
+    """A shard's NaN/Inf error counts rows from the start of the set passed in, not of the shard."""
+    rng = np.random.default_rng(5)
+    rows = [rng.standard_normal((400, 16)).astype(np.float32)]
+    rows[0][[250, 251]] = np.nan
+    store = write_store(tmp_path / "bad", rows, None)
+    small = tracin.Gradients(rng.standard_normal((3, 16)).astype(np.float32))
+    as_train = r"train checkpoint 0 contains NaN or Inf values, first in rows \[250, 251\]"
+    as_test = as_train.replace("train", "test")
+    for call, message in (
+        (lambda: td.top_k(small, store, 2, client=client, shards=4), as_train),
+        (lambda: td.self_influence(store, client=client, shards=4), as_train),
+        (lambda: td.aggregate(small, store, client=client, shards=4), as_train),
+        (lambda: td.top_k(store, small, 2, client=client, shards=4), as_test),
+        (lambda: td.aggregate(store, small, client=client, shards=4), as_test),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()

@@ -89,6 +89,7 @@ def top_k(
                 shards,
                 slots,
                 lambda rows, _: (rows, other, k, side, 0, num_threads, slots, normalize),
+                side="test",
             )
             pieces = job.wait(parts, progress)
             found = tuple(
@@ -162,6 +163,7 @@ def aggregate(
                 slots,
                 lambda rows, _: (rows, other, num_threads, slots, normalize),
                 align=test_set.row_chunks(),
+                side="test",
             )
             total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
     return _float32(total)
@@ -205,12 +207,15 @@ def _per_shard(
     slots: dict[str, int],
     args: Callable[[StoreRows, int], tuple],
     align: int = 1,
+    side: str = "train",
 ) -> list[Future]:
-    """One task fn(*args(rows, first row)) per row shard of `cut`, in row order."""
+    """One task fn(*args(rows, first row)) per row shard of `cut` (the `side`, "test" or "train"),
+    in row order."""
     whole, futures = StoreRows.of(cut), []
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):
         rows = whole.rows(a, b)
-        futures.append(job.submit(fn, *args(rows, a), label=str(rows)))
+        first = (a, 0) if side == "test" else (0, a)
+        futures.append(job.submit(fn, *args(rows, a), label=str(rows), first_rows=first))
     return futures
 
 

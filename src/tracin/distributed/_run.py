@@ -9,6 +9,7 @@ from typing import Any
 from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
+from ..scoring import rows_shifted
 
 # A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
 # exception (bad input: the ValueError / TypeError of a validation) fails the job at once. A worker
@@ -31,6 +32,7 @@ class Job:
         self.token = uuid.uuid4().hex[:12]
         self.futures: list[Future] = []
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
+        self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
 
     def send(self, value: Any) -> Future:
         """`value` (a small in-memory side) as the result of a task, so that each worker fetches it
@@ -38,12 +40,17 @@ class Job:
         would be lost with them)."""
         return self.submit(_value, value)
 
-    def submit(self, fn: Callable, *args: Any, label: str | None = None) -> Future:
+    def submit(
+        self, fn: Callable, *args: Any, label: str | None = None, first_rows: tuple[int, int] = (0, 0)
+    ) -> Future:
+        """fn(*args) as a task; label names its shard in errors, first_rows are the shard's first
+        (test, train) rows in the caller's sets, which NaN/Inf errors count rows from."""
         key = f"tracin_{fn.__name__}-{self.token}-{len(self.futures)}"  # grouped by fn on the dashboard
         future = self.client.submit(_retrying, fn, *args, key=key, pure=False)
         self.futures.append(future)
         if label is not None:
             self.labels[key] = label
+        self.first_rows[key] = first_rows
         return future
 
     def reduce(self, parts: list[Future], merge: Callable, *args: Any) -> Future:
@@ -60,7 +67,7 @@ class Job:
         try:
             for done in as_completed(shards, loop=self.client.loop):
                 if done.status == "error":
-                    done.result()
+                    self._raise(done)
                 bar.update(1)
             return final.result() if final is not None else self.client.gather(shards)
         except KilledWorker as e:
@@ -74,6 +81,16 @@ class Job:
         finally:
             bar.close()
             self.client.cancel(self.futures)
+
+    def _raise(self, failed: Future) -> None:
+        """The failed task's exception; a NaN/Inf message with its rows counted in the caller's sets."""
+        try:
+            failed.result()
+        except ValueError as e:
+            message = rows_shifted(str(e), *self.first_rows[failed.key])
+            if message is None or type(e) is not ValueError:
+                raise
+            raise ValueError(message) from None
 
 
 def _retrying(fn: Callable, *args: Any) -> Any:
