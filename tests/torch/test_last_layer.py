@@ -233,3 +233,17 @@ def test_per_token_tied_head_refusal_suggests_the_first_name():
     data = (torch.randint(0, 10, (4, 3)), torch.randint(0, 10, (4,)))
     with pytest.raises(ValueError, match=r"Use mode='full' with layers=\['emb.weight'\]"):
         export_gradients(model, [(model.state_dict(), 1.0)], data, LOSS, mode="last_layer", progress=False)
+
+
+@pytest.mark.parametrize("mode", ["factored", "last_layer"])
+def test_inplace_ops_after_the_layers_are_exact(mode):
+    """ReLU(inplace=True) after a factored Linear: was a RuntimeError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, mode=mode, progress=False)
+    layers = ["0", "2"] if mode == "factored" else ["2"]
+    got = np.concatenate([as_full(g.left[c], g.right[c]) for c in range(len(layers))], axis=1)
+    names = [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]
+    want = float64_rows(model, model.state_dict(), x, y, LOSS, names)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def stream(
     a zero gradient for calls the loss does not reach. Returns {name: number of calls}."""
     modules = dict(model.named_modules())
     rows = batch_rows(targets, "targets")
-    outputs: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []  # the captured outputs as the layers returned them
     pending: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # calls whose gradient is not yet in
     counts = dict.fromkeys(names, 0)
 
@@ -88,13 +88,14 @@ def stream(
                 # keeps each example's output gradient apart
                 x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:])
             # dL/dy needs y in the graph; where nothing upstream needs gradients, start the graph here
-            y = output if output.requires_grad else output.detach().requires_grad_(True)
+            source = output if output.requires_grad else output.detach().requires_grad_(True)
             key = (name, counts[name])
             counts[name] += 1
-            pending[key] = (x, y)
-            y.register_hook(lambda g: hand_over(key, g))
-            outputs.append(y)
-            return y
+            pending[key] = (x, source)
+            sources.append(source)
+            # a copy behind a tap: in-place ops after the layer (ReLU(inplace=True)) change the copy,
+            # neither the graph start nor the tensor whose gradient the tap hands over
+            return _Tap.apply(source, lambda g: hand_over(key, g))
 
         return record
 
@@ -110,12 +111,26 @@ def stream(
         for h in handles:
             h.remove()
     check_losses(losses, rows)
-    if outputs and losses.requires_grad:
-        # the gradients returned are those the hooks already handed over: dropped at once
-        torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+    if sources and losses.requires_grad:
+        # the gradients returned are those the taps already handed over: dropped at once
+        torch.autograd.grad(losses.sum(), sources, allow_unused=True)
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))
     return counts
+
+
+class _Tap(torch.autograd.Function):
+    """Identity (a copy) whose backward hands the output gradient to a callback on its way through."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, hand_over: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        ctx.hand_over = hand_over
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.hand_over(g)
+        return g, None
 
 
 def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree) -> int:
