@@ -107,28 +107,34 @@ void TestTopK() {
   const std::vector<double> w = {1.0};
   std::vector<float> dense(5 * 500);
   Check(tracin::Scores(Full(test), Full(trains), w, dense.data()).ok(), "dense scores");
-  for (std::int64_t k : {1, 10, 100, 500}) {
-    std::vector<float> pv(5 * k), ov(5 * k);
-    std::vector<std::int64_t> pi(5 * k), oi(5 * k);
-    tracin::Options o;
-    o.train_block = 13;
-    tracin::Status s = tracin::TopK(Full(test), Full(trains), w, k, tracin::Side::kBoth,
-                                    {pv.data(), pi.data(), ov.data(), oi.data()}, o);
-    Check(s.ok(), "TopK ok: " + s.message);
-    bool same = true;
-    for (std::int64_t r = 0; r < 5; ++r) {
-      std::vector<std::int64_t> order(500);
-      std::iota(order.begin(), order.end(), 0);
-      const float* row = dense.data() + r * 500;
-      std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] > row[b]; });
-      for (std::int64_t j = 0; j < k; ++j)
-        same = same && pi[r * k + j] == order[j] && pv[r * k + j] == row[order[j]];
-      std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] < row[b]; });
-      for (std::int64_t j = 0; j < k; ++j)
-        same = same && oi[r * k + j] == order[j] && ov[r * k + j] == row[order[j]];
-    }
-    Check(same, "TopK matches a stable sort of the dense scores, k=" + std::to_string(k));
-  }
+  // k = 250 and 500: partition buffers of n = 500 candidates (cut back when one thread scores
+  // every row) and of k + 1 (never cut back). 64 threads: more than the 39 or 6 tiles.
+  for (std::int64_t k : {1, 10, 100, 250, 500})
+    for (int threads : {1, 3, 64})
+      for (std::int64_t block : {13, 0}) {
+        std::vector<float> pv(5 * k), ov(5 * k);
+        std::vector<std::int64_t> pi(5 * k), oi(5 * k);
+        tracin::Options o;
+        o.num_threads = threads;
+        o.train_block = block;
+        tracin::Status s = tracin::TopK(Full(test), Full(trains), w, k, tracin::Side::kBoth,
+                                        {pv.data(), pi.data(), ov.data(), oi.data()}, o);
+        Check(s.ok(), "TopK ok: " + s.message);
+        bool same = true;
+        for (std::int64_t r = 0; r < 5; ++r) {
+          std::vector<std::int64_t> order(500);
+          std::iota(order.begin(), order.end(), 0);
+          const float* row = dense.data() + r * 500;
+          std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] > row[b]; });
+          for (std::int64_t j = 0; j < k; ++j)
+            same = same && pi[r * k + j] == order[j] && pv[r * k + j] == row[order[j]];
+          std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return row[a] < row[b]; });
+          for (std::int64_t j = 0; j < k; ++j)
+            same = same && oi[r * k + j] == order[j] && ov[r * k + j] == row[order[j]];
+        }
+        Check(same, "TopK matches a stable sort of the dense scores, k=" + std::to_string(k) +
+                        ", threads=" + std::to_string(threads) + ", train_block=" + std::to_string(block));
+      }
 }
 
 std::uint16_t ToBFloat16(float f) {
@@ -233,6 +239,15 @@ void TestBadInput() {
   Check(s.code == tracin::StatusCode::kInvalidArgument, "mismatched dims rejected");
   s = tracin::Scores(Full(test), Full(test), {1.0, 2.0}, out.data());
   Check(s.code == tracin::StatusCode::kInvalidArgument, "wrong weight count rejected");
+  for (double bad : {static_cast<double>(NAN), static_cast<double>(INFINITY)}) {
+    s = tracin::SelfInfluence(Full(train), {bad}, out.data());
+    Check(s.code == tracin::StatusCode::kInvalidArgument && s.message == "weights must be finite",
+          "self-influence rejects a non-finite weight: " + s.message);
+  }
+  s = tracin::SelfInfluence(Full(train), {1.0, 2.0}, out.data());
+  Check(s.code == tracin::StatusCode::kInvalidArgument &&
+            s.message == "expected one weight per checkpoint (1), got 2",
+        "self-influence rejects a wrong weight count: " + s.message);
   std::vector<float> v(4 * 30);
   std::vector<std::int64_t> i(4 * 30);
   s = tracin::TopK(Full(test), Full(test), {1.0}, 30, tracin::Side::kProponents,
