@@ -29,14 +29,16 @@ def example_gradients(
     inputs: Tree,
     targets: Tree,
     rows: int,
+    tie_weights: bool = True,
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the gradients of its loss w.r.t. `names` (in that order,
-    zeros for an unused parameter), by torch.autograd.grad on that example alone."""
+    zeros for an unused parameter), by torch.autograd.grad on that example alone. tie_weights=False:
+    a tied tensor's names are apart (each in `state`), the gradient of one name its uses under it."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
         x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
         with torch.enable_grad():
-            loss = losses_of(model, {**state, **leaves}, loss_fn, x, y).sum()
+            loss = losses_of(model, {**state, **leaves}, loss_fn, x, y, tie_weights).sum()
             parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         yield [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, parts, strict=True)]
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import NotCaptured, capture
 from .data import Tree, batch_rows
+from .first_rows_check import agrees, checked_rows, example_gradients
 from .layer_rules import token_form
 from .layers import tied_first_names
 from .losses import LossFn
@@ -28,6 +29,7 @@ class LinearFactors:
         self.model, self.names, self.loss_fn, self.mode = model, names, loss_fn, mode
         modules = dict(model.named_modules())
         self.layers = [modules[n] for n in names]
+        self.checked = False
 
     @property
     def dims(self) -> list[tuple[int, int]]:
@@ -40,10 +42,48 @@ class LinearFactors:
             captured = self._captured(state, inputs, targets)
         except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self._full_layers()!r}.") from None
-        return [
+        factors = [
             (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
             for (x, left), layer in zip(captured, self.layers, strict=True)
         ]
+        if not self.checked:
+            self._check(state, inputs, targets, factors)
+            self.checked = True
+        return factors
+
+    def _check(self, state, inputs: Tree, targets: Tree, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The factors of the first rows against per-example autograd of each layer's parameters as its
+        forward uses them (a tied weight apart from its other names); ValueError naming the layers that
+        disagree (a weight also used outside its forward, a hook changing the output, examples mixed)."""
+        head_inputs, head_targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
+        first = tied_first_names(self.model)
+        names = [
+            [n for n, _ in layer.named_parameters(prefix=name, remove_duplicate=False)]
+            for name, layer in zip(self.names, self.layers, strict=True)
+        ]
+        apart = {n: state[first[n]] for group in names for n in group if n in first}
+        flat = [n for group in names for n in group]
+        wants = list(
+            example_gradients(
+                self.model, {**state, **apart}, flat, self.loss_fn, head_inputs, head_targets, rows, False
+            )
+        )
+        bad = []
+        for k, (name, group, (left, right)) in enumerate(zip(self.names, names, factors, strict=True)):
+            offset = sum(len(g) for g in names[:k])
+            want_weight = torch.stack([w[offset] for w in wants])
+            weight_cols = want_weight.shape[2]
+            pairs = [(left[:rows, :, None] * right[:rows, None, :weight_cols], want_weight)]
+            if len(group) > 1:
+                pairs.append((left[:rows], torch.stack([w[offset + 1] for w in wants])))
+            if not agrees(pairs):
+                bad.append(name)
+        if bad:
+            raise ValueError(
+                f"mode={self.mode!r}: the factors of {bad} disagree with per-example autograd on the first rows: "
+                "a weight also used outside its layer's forward, a forward hook changing a layer's output, or "
+                f"a layer mixing the examples of a batch. Use mode='full' with layers={self._full_layers()!r}."
+            )
 
     def _full_layers(self) -> list[str]:
         """The layers= of mode="full" for the same parameters: a module name, or the parameter names

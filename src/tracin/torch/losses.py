@@ -46,16 +46,24 @@ def check_losses(losses: object, rows: int) -> None:
         )
 
 
-def model_caller(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Callable[..., object]:
-    """A callable running `model` with the tensors of `state` in place of its own."""
-    return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs)
+def model_caller(
+    model: nn.Module, state: Mapping[str, torch.Tensor], tie_weights: bool = True
+) -> Callable[..., object]:
+    """A callable running `model` with the tensors of `state` in place of its own (tie_weights=False:
+    each name of a tied tensor takes its own entry of `state`, as torch.func.functional_call)."""
+    return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
 
 
 def losses_of(
-    model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+    tie_weights: bool = True,
 ) -> torch.Tensor:
     """loss_fn(model(inputs) with `state`'s tensors, targets)."""
-    return loss_fn(call_model(model_caller(model, state), inputs), targets)
+    return loss_fn(call_model(model_caller(model, state, tie_weights), inputs), targets)
 
 
 def check_loss_on(
