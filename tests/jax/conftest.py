@@ -3,6 +3,7 @@ NumPy reference of its per-example gradients (hand-written backprop, independent
 
 from __future__ import annotations
 
+from operator import itemgetter
 from types import SimpleNamespace
 
 import jax
@@ -84,3 +85,21 @@ def mlp():
         reference_grads=reference_grads,
         reference_rows=reference_rows,
     )
+
+
+def jax_grad_rows(loss, params, inputs, targets) -> np.ndarray:
+    """Oracle: jax.grad of each example's loss on its own (a Python loop over rows, no vmap), its gradient
+    leaves flattened in jax.tree_util order and concatenated, float64. inputs / targets: pytrees of arrays
+    with a leading row dimension (targets may be None)."""
+    grad = jax.grad(lambda p, xi, yi: loss(p, xi, yi)[0])
+    n = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+    rows = []
+    for i in range(n):
+        g = grad(params, *jax.tree_util.tree_map(itemgetter(slice(i, i + 1)), (inputs, targets)))
+        rows.append(np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree_util.tree_leaves(g)]))
+    return np.stack(rows)
+
+
+@pytest.fixture
+def per_example_jax_grad():
+    return jax_grad_rows

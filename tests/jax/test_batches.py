@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tracin.jax import export_gradients
 from tracin.jax.batches import BatchPlan
 
 
@@ -47,3 +50,55 @@ def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
 def test_bad_data(data, batch_size, error, message):
     with pytest.raises(error, match=message):
         list(BatchPlan(data, batch_size))
+
+
+def _pytree_data_cases():
+    """(name, data, loss): targets and inputs as pytrees, None targets, a list [x, y]; each loss is the
+    weighted softmax cross-entropy of x @ w (or a target-free loss for None)."""
+    r = np.random.default_rng(5)
+    x = r.standard_normal((10, 4)).astype(np.float32)
+    y, wt = r.integers(0, 3, 10), r.uniform(0.5, 2, 10).astype(np.float32)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), 10))  # raw uint32 keys, (10, 2)
+
+    def ce(p, inputs, labels, weights):
+        logits = inputs @ p["w"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0] * weights
+
+    def masked(inputs):  # inputs (x, raw keys): a per-example dropout mask from each example's key
+        mask = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 0.5, (4,)))(inputs[1])
+        return inputs[0] * mask
+
+    return [
+        ("targets dict", (x, {"label": y, "wt": wt}), lambda p, i, t: ce(p, i, t["label"], t["wt"])),
+        ("targets tuple", (x, (y, wt)), lambda p, i, t: ce(p, i, t[0], t[1])),
+        ("list [x, y]", [x, y], lambda p, i, t: ce(p, i, t, 1.0)),
+        ("inputs tuple, targets array", ((x, keys), y), lambda p, i, t: ce(p, masked(i), t, 1.0)),
+        ("targets None", (x, None), lambda p, i, t: jnp.sum((i @ p["w"]) ** 2, axis=1) * (t is None)),
+        (
+            "inputs and targets pairs, as a list of one batch",
+            [((x, keys), (y, wt))],
+            lambda p, i, t: ce(p, masked(i), *t),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name, data, loss", _pytree_data_cases(), ids=[c[0] for c in _pytree_data_cases()])
+def test_pytree_targets_none_targets_and_lists_are_one_dataset(name, data, loss, per_example_jax_grad):
+    params = {"w": np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)}
+    grads = export_gradients(loss, [(params, 1.0), ({"w": params["w"] * 2}, 0.5)], data, batch_size=4, progress=False)
+    inputs, targets = data[0] if isinstance(data, list) and len(data) == 1 else data
+    for c, scale in enumerate((1.0, 2.0)):
+        ref = per_example_jax_grad(loss, {"w": params["w"] * scale}, inputs, targets)
+        assert grads.matrices[c].shape == (10, 12) and np.abs(ref).max() > 0
+        np.testing.assert_allclose(grads.matrices[c], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_two_pairs_are_two_batches_and_the_error_says_why():
+    x, y = np.arange(8.0).reshape(4, 2), np.arange(4)
+    plan = BatchPlan([(x, y), (x + 10, y)], batch_size=None)  # two batches of equal size: not one dataset
+    assert plan.n_rows == 8 and [b.start for b in plan] == [0, 4]
+    both = BatchPlan(((x, y), (x, y)), None)  # inputs and targets both pairs: read as two batches (PAIR_RULE)
+    assert both.n_rows == 8 and [b.count for b in both] == [4, 4]
+    assert BatchPlan([((x, y), (x, y))], None).n_rows == 4  # as a list of one batch: one (inputs, targets)
+    with pytest.raises(TypeError, match=r"data\[0\]: each batch .*got ndarray.*unless both items are themselves"):
+        list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list leaf: not arrays

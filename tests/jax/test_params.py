@@ -167,19 +167,8 @@ def test_equinox_last_layer_with_out_in_kernel(mlp, data):
     _close(grads.right[0], np.hstack([ref["hidden"], np.ones((70, 1))]))
 
 
-def _per_example_jax_grad(loss, params, x, y) -> np.ndarray:
-    """Oracle: jax.grad of each example's loss on its own (a Python loop, no vmap), the gradient leaves
-    flattened in jax.tree_util order and concatenated, as float64."""
-    grad = jax.grad(lambda p, xi, yi: loss(p, xi, yi)[0])
-    rows = []
-    for i in range(len(x)):
-        g = grad(params, x[i : i + 1], y[i : i + 1])
-        rows.append(np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree_util.tree_leaves(g)]))
-    return np.stack(rows)
-
-
 @pytest.mark.parametrize("scale_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_bfloat16_and_float16_leaves_are_differentiated(scale_dtype):
+def test_bfloat16_and_float16_leaves_are_differentiated(scale_dtype, per_example_jax_grad):
     r = np.random.default_rng(3)
     x, y = r.standard_normal((6, 4)).astype(np.float32), r.integers(0, 3, 6)
     params = {
@@ -193,7 +182,7 @@ def test_bfloat16_and_float16_leaves_are_differentiated(scale_dtype):
 
     grads = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
     assert [(p["name"], p["shape"]) for p in grads.metadata["params"]] == [("scale", [3]), ("w", [4, 3])]
-    ref = _per_example_jax_grad(loss, params, x, y)  # leaves "scale", "w": the same order
+    ref = per_example_jax_grad(loss, params, x, y)  # leaves "scale", "w": the same order
     assert ref.shape == (6, 15)
     # both sides compute the bf16 leaves' gradients in bfloat16 (8 significant bits)
     np.testing.assert_allclose(np.asarray(grads.matrices[0], np.float64), ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())

@@ -41,10 +41,10 @@ def _as_array(a: Any) -> Any:
 
 
 def _rows(inputs: Any, targets: Any, where: str) -> int:
-    """The common leading dimension of every array in inputs and targets."""
+    """The common leading dimension of every array in inputs and targets (targets may hold none: None)."""
     sizes = set()
     for name, tree in (("inputs", inputs), ("targets", targets)):
-        for leaf in _leaves(tree, f"{where} {name}"):
+        for leaf in _leaves(tree, f"{where} {name}") if name == "inputs" else jax.tree_util.tree_leaves(tree):
             if np.ndim(leaf) == 0:
                 raise ValueError(f"{where} {name}: expected arrays with a leading batch dimension, got a scalar")
             sizes.add(np.shape(leaf)[0])
@@ -53,9 +53,23 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
     return sizes.pop()
 
 
+PAIR_RULE = (
+    "a tuple or list of two is one (inputs, targets) dataset when every leaf of it is an array (targets may "
+    "be None), unless both items are themselves pairs (tuples / lists of two): that is a list of two batches "
+    "(pass inputs and targets that are both pairs as a list of one batch, [((x, k), (y, w))], or use dicts)"
+)
+
+
+def _is_pair(node: Any) -> bool:
+    return isinstance(node, (tuple, list)) and len(node) == 2
+
+
 def _is_array_pair(data: Any) -> bool:
-    """(inputs, targets) arrays rather than a sequence of batches: a 2-tuple whose targets is an array."""
-    return isinstance(data, tuple) and len(data) == 2 and hasattr(data[1], "shape") and np.ndim(data[1]) >= 1
+    """(inputs, targets) arrays rather than a sequence of batches, by PAIR_RULE."""
+    if not _is_pair(data) or (_is_pair(data[0]) and _is_pair(data[1])):
+        return False
+    leaves = jax.tree_util.tree_leaves(data)
+    return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
 
 
 def _slice(tree: Any, start: int, stop: int) -> Any:
@@ -77,8 +91,10 @@ class BatchPlan:
     """Iterates the data, once per checkpoint, as padded Batches of one size.
 
     data: (inputs, targets) arrays (leading dimension n), or an iterable of (inputs, targets)
-    batches; inputs and targets may be pytrees of arrays. batch_size: the padded size (default: 64
-    for arrays, the first batch's size for iterables); longer batches are cut into pieces.
+    batches; inputs and targets may be pytrees of arrays, targets None (no arrays) for a loss that
+    ignores them (passed on as None). Which of the two a tuple or list of two is: PAIR_RULE.
+    batch_size: the padded size (default: 64 for arrays, the first batch's size for iterables);
+    longer batches are cut into pieces.
     """
 
     def __init__(self, data: Any, batch_size: int | None):
@@ -138,5 +154,8 @@ class BatchPlan:
 
 def _pair(batch: Any, where: str) -> tuple[Any, Any]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise TypeError(f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+        raise TypeError(
+            f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__} (data was read "
+            f"as an iterable of batches; {PAIR_RULE})"
+        )
     return batch[0], batch[1]

@@ -65,8 +65,11 @@ def export_gradients(
         directory / Flax msgpack file. Every checkpoint must have the first one's structure. An entry
         may be (params, learning_rate, optax optimizer state) for a preconditioner.
     data: (inputs, targets) arrays with a leading row dimension, or an iterable of such batches
-        (re-iterable when there are several checkpoints); inputs / targets may be pytrees of arrays.
-        Every checkpoint must see the same targets in the same order (checked by fingerprints).
+        (re-iterable when there are several checkpoints); inputs / targets may be pytrees of arrays,
+        targets None for a loss that takes none (loss_fn gets None). A tuple or list of two is one
+        (inputs, targets) dataset when all its leaves are arrays, unless both its items are pairs
+        themselves (then it is two batches): tracin.jax.batches.PAIR_RULE. Every checkpoint must see
+        the same targets (the inputs when targets is None) in the same order (checked by fingerprints).
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
         leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -198,7 +201,10 @@ class _JaxExport:
             yield batch
 
     def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return _host_leaves(batch.targets, batch.count), _host_leaves(batch.inputs, batch.count) if inputs else []
+        """(targets, inputs) for the fingerprint; the inputs stand for targets that hold no arrays (None),
+        so the same-rows check of later checkpoints still has something to compare."""
+        checked = batch.targets if jax.tree_util.tree_leaves(batch.targets) else batch.inputs
+        return _host_leaves(checked, batch.count), _host_leaves(batch.inputs, batch.count) if inputs else []
 
     def state_digest(self, source: Any, index: int) -> str:
         return state_digest(source)

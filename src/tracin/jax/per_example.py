@@ -34,7 +34,7 @@ def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
 def check_per_example(loss_fn: LossFn, layout: ParamLayout, selected: list, arrays: list, batch: Batch) -> None:
     """Raises ValueError unless loss_fn returns one loss per example (shape (batch,)), traced
     abstractly (nothing is computed)."""
-    size = jax.tree_util.tree_leaves(batch.targets)[0].shape[0]
+    size = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
     try:
         out = jax.eval_shape(
             lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), selected, arrays, batch.inputs, batch.targets
@@ -128,7 +128,7 @@ class LastLayer:
             x = jax.eval_shape(lambda s, a, i: self._layer_input(self.layout.merge(s, a), i), sel, arrs, batch.inputs)
         except Exception as err:  # noqa: BLE001 - re-raised with the argument named
             raise ValueError(f"layer_input(params, inputs) failed: {err}") from err
-        size = jax.tree_util.tree_leaves(batch.targets)[0].shape[0]
+        size = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
         if getattr(x, "shape", None) != (size, self.q):
             raise ValueError(
                 f"layer_input(params, inputs) must return the (batch, {self.q}) input of "
