@@ -12,7 +12,17 @@ from .data import Tree, slice_rows
 from .losses import LossFn, losses_of
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
-RTOL, ATOL = 1e-4, 1e-5  # |got - want| <= RTOL |want| + ATOL * (largest |want| of the compared columns)
+# |got - want| <= rtol |want| + atol * (largest |want| of the compared columns), where rtol and atol are
+# RTOL and ATOL for float32 and float64, and grow with the machine epsilon of a coarser dtype: the batched
+# and the one-by-one computations round differently (bfloat16, eps 2^-7: about 5e-4 of the largest |want|
+# apart on a 3-layer MLP), while a layer mixing the examples by 5% of a batch mean moves them by 1e-2
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(rtol, atol) of the check for gradients computed in `dtype`."""
+    eps = torch.finfo(dtype).eps
+    return max(RTOL, eps), max(ATOL, eps / 4)
 
 
 def checked_rows(inputs: Tree, targets: Tree, batch: int) -> tuple[Tree, Tree, int]:
@@ -44,8 +54,10 @@ def example_gradients(
 
 
 def agrees(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
-    """True when every `got` is within RTOL |want| + ATOL * scale of its `want` (pairs of same-shape
-    tensors, scale the largest |want| of all pairs), compared pair by pair: no gathered copy."""
+    """True when every `got` is within rtol |want| + atol * scale of its `want` (pairs of same-shape
+    tensors, scale the largest |want| of all pairs, tolerances of want's dtype), compared pair by pair:
+    no gathered copy."""
+    rtol, atol = tolerances(pairs[0][1].dtype)
     scale = torch.stack([want.abs().max().double() for _, want in pairs]).max().item()
-    excess = torch.stack([((got.to(want.dtype) - want).abs() - RTOL * want.abs()).max() for got, want in pairs])
-    return bool(excess.double().max().item() <= ATOL * max(scale, 1e-30))  # False for NaN
+    excess = torch.stack([((got.to(want.dtype) - want).abs() - rtol * want.abs()).max() for got, want in pairs])
+    return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN
