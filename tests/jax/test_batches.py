@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tracin
 from tracin.jax import export_gradients
 from tracin.jax.batches import BatchPlan
 
@@ -102,3 +103,28 @@ def test_two_pairs_are_two_batches_and_the_error_says_why():
     assert BatchPlan([((x, y), (x, y))], None).n_rows == 4  # as a list of one batch: one (inputs, targets)
     with pytest.raises(TypeError, match=r"data\[0\]: each batch .*got ndarray.*unless both items are themselves"):
         list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list leaf: not arrays
+
+
+def test_typed_prng_keys_in_inputs_and_params(per_example_jax_grad, tmp_path):
+    """New-style keys (jax.random.key, a key dtype NumPy cannot hold) in the inputs and in the params:
+    fingerprinted by their key_data; rows vs the per-example jax.grad loop, with and without a store."""
+    r = np.random.default_rng(8)
+    x, y = r.standard_normal((6, 4)).astype(np.float32), r.integers(0, 3, 6)
+    keys = jax.random.split(jax.random.key(0), 6)
+    params = {"w": r.standard_normal((4, 3)).astype(np.float32), "key": jax.random.key(3)}
+
+    def loss(p, inputs, targets):
+        mask = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (4,)))(inputs[1])
+        logits = (inputs[0] * mask) @ p["w"] * jax.random.uniform(p["key"], minval=0.5, maxval=2)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    ckpts = [(params, 1.0), ({**params, "key": jax.random.key(4)}, 1.0)]
+    ref = [per_example_jax_grad(lambda w, i, t, p=p: loss({**p, "w": w}, i, t), p["w"], (x, keys), y) for p, _ in ckpts]
+    grads = export_gradients(loss, ckpts, ((x, keys), y), batch_size=4, progress=False)
+    assert [p["name"] for p in grads.metadata["params"]] == ["w"]
+    assert len(set(grads.metadata["fingerprints"]["checkpoints"])) == 2  # the key leaves differ
+    for ours, theirs in zip(grads.matrices, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    stored = export_gradients(loss, ckpts, ((x, keys), y), batch_size=4, store=tmp_path / "g", progress=False)
+    assert stored.metadata["fingerprints"] == grads.metadata["fingerprints"]
+    np.testing.assert_array_equal(tracin.scores(grads, stored), tracin.scores(grads, grads))

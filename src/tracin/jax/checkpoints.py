@@ -15,7 +15,7 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays
 from .._export.preconditioner import AdamMoments, check_moments
-from .params import leaf_path
+from .params import host_array, leaf_path
 
 
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
@@ -87,7 +87,7 @@ def state_digest(params: Any) -> str:
     arrays = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if isinstance(leaf, (jax.Array, np.ndarray)):
-            arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), np.asarray(leaf)]
+            arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), host_array(leaf)]
     return digest_arrays(arrays)
 
 

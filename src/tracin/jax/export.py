@@ -19,7 +19,7 @@ from .._export.transforms import row_transforms
 from ..gradients import FactoredGradients, Gradients
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
-from .params import as_patterns, layout_of
+from .params import as_patterns, host_array, layout_of
 from .per_example import FullRows, LastLayer, check_per_example
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -262,4 +262,4 @@ def _kronecker_rows() -> type:
 
 def _host_leaves(tree: Any, count: int) -> list[np.ndarray]:
     """The real rows of every array of a padded batch's pytree, on the host (for fingerprints)."""
-    return [np.asarray(leaf)[:count] for leaf in jax.tree_util.tree_leaves(tree)]
+    return [host_array(leaf)[:count] for leaf in jax.tree_util.tree_leaves(tree)]

@@ -45,6 +45,13 @@ def is_float_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+def host_array(leaf: Any) -> np.ndarray:
+    """An array leaf on the host as NumPy; a typed PRNG key array (jax.random.key) as its key_data."""
+    if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(leaf))
+    return np.asarray(leaf)
+
+
 def matches(path: str, pattern: str) -> bool:
     """A pattern selects a leaf by its path, a '/'-prefix of it ("l2" -> "l2/kernel"), or a glob
     (fnmatch, where '*' also crosses '/': "params/Dense_1/*")."""
