@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch_oracle import classification_data
 
+import tracin
 from tracin.torch import export_gradients, per_example
 from tracin.torch.capture import bytes_of_one
 from tracin.torch.hook_gradients import HookGradients
@@ -258,3 +259,19 @@ def test_the_first_rows_check_takes_the_tolerance_of_the_dtype():
     assert given_up(mixing_mlp(torch.bfloat16, 0.05), x.bfloat16(), y)[1]
     assert given_up(mixing_mlp(torch.float32, 1e-3), x, y)[1]
     assert not given_up(mixing_mlp(torch.float32, None), x, y)[1]
+
+
+def test_a_non_finite_example_in_the_first_rows_keeps_the_hooks_and_is_named_by_scoring():
+    """Was: the hooks given up for the whole export with a warning blaming a layer mixing the examples.
+    Now the check takes equal non-finite values on both sides as agreeing: the row is exported as it
+    is (NaN), the others exactly, and scoring names the row."""
+    model = mixing_mlp(torch.float32, None)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    x[0, 3] = float("nan")
+    rows, dropped = given_up(model, x, y)
+    assert not dropped
+    assert np.isnan(rows[0]).any() and np.isfinite(rows[1:]).all()
+    want = autograd_rows(copy.deepcopy(model).double(), x[1:].double(), y[1:])
+    np.testing.assert_allclose(rows[1:], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    with pytest.raises(ValueError, match=r"contains NaN or Inf values, first in rows \[0\]"):
+        tracin.top_k(tracin.Gradients([rows[1:3]]), tracin.Gradients([rows]), k=2)

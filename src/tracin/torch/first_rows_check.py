@@ -55,9 +55,17 @@ def example_gradients(
 
 def agrees(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """True when every `got` is within rtol |want| + atol * scale of its `want` (pairs of same-shape
-    tensors, scale the largest |want| of all pairs, tolerances of want's dtype), compared pair by pair:
-    no gathered copy."""
+    tensors, scale the largest finite |want| of all pairs, tolerances of want's dtype), or holds the
+    same non-finite value; compared pair by pair: no gathered copy."""
     rtol, atol = tolerances(pairs[0][1].dtype)
-    scale = torch.stack([want.abs().max().double() for _, want in pairs]).max().item()
-    excess = torch.stack([((got.to(want.dtype) - want).abs() - rtol * want.abs()).max() for got, want in pairs])
+    scale = torch.stack([want.abs().nan_to_num(0, 0, 0).max().double() for _, want in pairs]).max().item()
+    excess = torch.stack([_excess(got.to(want.dtype), want, rtol).max() for got, want in pairs])
     return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN
+
+
+def _excess(got: torch.Tensor, want: torch.Tensor, rtol: float) -> torch.Tensor:
+    """|got - want| - rtol |want|, 0 where both hold the same non-finite value (an example whose loss or
+    gradient is NaN or infinite: its row is exported as it is, and scoring names it), NaN where only
+    one side is not finite."""
+    same = (got == want) | (got.isnan() & want.isnan())
+    return ((got - want).abs() - rtol * want.abs()).masked_fill(same, 0)

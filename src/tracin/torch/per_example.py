@@ -42,8 +42,10 @@ class PerExampleGradients:
       did not run through its forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
       parameters to vmap; then the rest is checked once, on the first rows, against the per-example
       loop: a disagreement (a layer that mixes examples, a parameter also used outside its module's
-      forward) sends every parameter to vmap, with a warning. Calls shared by the batch (batch size
-      1, broadcast later, as Hugging Face position embeddings) are covered; unbatched ones are not.
+      forward) sends every parameter to vmap, with a warning; equal non-finite values on both sides
+      agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
+      Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
+      are covered; unbatched ones are not.
     - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
       hooks and some do not, one warning names the modules of those that do not.
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
