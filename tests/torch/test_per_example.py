@@ -275,3 +275,28 @@ def test_a_non_finite_example_in_the_first_rows_keeps_the_hooks_and_is_named_by_
     np.testing.assert_allclose(rows[1:], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     with pytest.raises(ValueError, match=r"contains NaN or Inf values, first in rows \[0\]"):
         tracin.top_k(tracin.Gradients([rows[1:3]]), tracin.Gradients([rows]), k=2)
+
+
+class SparseBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def test_sparse_embedding_gradients_are_densified():
+    """nn.Embedding(sparse=True): was 'reshape is not implemented for sparse tensors' in the first-rows
+    check. Oracle: a float64 copy with sparse=False (same gradient, dense)."""
+    torch.manual_seed(0)
+    model = SparseBag()
+    ids, y = torch.randint(0, 10, (6, 3)), torch.randint(0, 10, (6,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = export_gradients(model, [(model.state_dict(), 1.0)], (ids, y), LOSS, batch_size=4, progress=False)
+    dense = copy.deepcopy(model).double()
+    dense.emb.sparse = False
+    want = autograd_rows(dense, ids, y)
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

@@ -41,8 +41,8 @@ def example_gradients(
     rows: int,
     tie_weights: bool = True,
 ) -> Iterator[list[torch.Tensor]]:
-    """For example i = 0 .. rows - 1 in turn, the gradients of its loss w.r.t. `names` (in that order,
-    zeros for an unused parameter), by torch.autograd.grad on that example alone. tie_weights=False:
+    """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
+    order, zeros for an unused parameter), by torch.autograd.grad on that example alone. tie_weights=False:
     a tied tensor's names are apart (each in `state`), the gradient of one name its uses under it."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
@@ -50,7 +50,15 @@ def example_gradients(
         with torch.enable_grad():
             loss = losses_of(model, {**state, **leaves}, loss_fn, x, y, tie_weights).sum()
             parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-        yield [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, parts, strict=True)]
+        # nn.Embedding(sparse=True) gives a sparse gradient
+        yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
+
+
+def _dense(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient as a dense tensor: zeros when unused, densified when sparse."""
+    if g is None:
+        return torch.zeros_like(like)
+    return g.to_dense() if g.is_sparse else g
 
 
 def agrees(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
