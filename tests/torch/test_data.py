@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from tracin.torch import export_gradients
 from tracin.torch.data import as_batches, batch_rows, call_model, tree_map
 
 
@@ -137,3 +142,42 @@ def test_numpy_arrays_are_taken_as_tensors_without_a_copy():
 def test_empty_data_is_refused(data):
     with pytest.raises(ValueError, match="data has no rows"):
         as_batches(data() if callable(data) else data, 4)
+
+
+def test_one_pair_may_have_a_dict_of_targets():
+    """(inputs, {"y": ...}) was read as a list of batches ('batch 0 must be a pair, got Tensor')."""
+    x, y, w = torch.randn(10, 3), torch.randint(0, 2, (10,)), torch.rand(10)
+    b = as_batches((x, {"y": y, "w": w}), 4)
+    assert b.n_rows == 10 and not b.one_shot
+    got = _collect(b)
+    assert [s for s, _, _ in got] == [0, 4, 8]
+    assert torch.equal(torch.cat([t["w"] for _, _, t in got]), w)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+
+    def weighted(out, t):
+        return nn.functional.cross_entropy(out, t["y"], reduction="none") * t["w"]
+
+    g = export_gradients(model, [(model.state_dict(), 1.0)], (x, {"y": y, "w": w}), weighted, progress=False)
+    twin = copy.deepcopy(model).double()
+    want = []
+    for i in range(10):
+        loss = weighted(twin(x[i : i + 1].double()), {"y": y[i : i + 1], "w": w[i : i + 1].double()}).sum()
+        want.append(torch.cat([p.reshape(-1) for p in torch.autograd.grad(loss, list(twin.parameters()))]))
+    np.testing.assert_allclose(g.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-7)
+
+
+class DictOnly(Dataset):
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return {"ids": torch.arange(3), "labels": torch.tensor(i)}
+
+
+def test_batches_that_are_not_pairs_say_how_to_fix_them():
+    x, y = torch.zeros(4, 2), torch.zeros(4)
+    with pytest.raises(TypeError, match=r"got Tensor \(data itself is read as .*a tuple of targets"):
+        _collect(as_batches((x, (y, y)), 4))
+    with pytest.raises(TypeError, match=r"got dict \(split each item into \(inputs, targets\)"):
+        _collect(as_batches(DictOnly(), 4))

@@ -1,7 +1,8 @@
 """Turning the user's data into a re-iterable stream of (inputs, targets) batches.
 
 Accepted forms:
-- an (inputs, targets) pair whose targets is a tensor (inputs a tensor or a tuple/dict of them),
+- an (inputs, targets) pair whose targets is a tensor or a dict of them (inputs a tensor or a
+  tuple/dict of them),
 - a torch Dataset yielding (input, target) items,
 - a DataLoader over a SequentialSampler (rows must come in the same order for every checkpoint),
 - any re-iterable of (inputs, targets) batches (a list, say).
@@ -127,15 +128,30 @@ class Batches:
 
 def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        hint = ""
+        if isinstance(batch, (torch.Tensor, np.ndarray)):
+            hint = (
+                " (data itself is read as an iterable of batches: one (inputs, targets) pair must have a "
+                "tensor, an array or a dict of tensors as targets; a tuple of targets is taken for batches)"
+            )
+        elif isinstance(batch, dict):
+            hint = (
+                " (split each item into (inputs, targets), e.g. ({'input_ids': ...}, labels), in the Dataset "
+                "or a collate_fn)"
+            )
         raise TypeError(
             f"{name} must be an (inputs, targets) pair of torch tensors (or NumPy arrays), "
-            f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            f"got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + hint
         )
     return batch[0], batch[1]
 
 
 def _is_tensor_pair(data: Any) -> bool:
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray))
+    """One (inputs, targets) pair: targets a tensor, an array or a dict (a tuple or list of targets
+    cannot be told from a second batch)."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray, dict))
 
 
 def check_sequential(loader: torch.utils.data.DataLoader) -> None:
