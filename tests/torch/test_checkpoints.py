@@ -117,6 +117,27 @@ def test_malformed_checkpoint_lists_are_refused(checkpoints, message):
         parse_checkpoints(checkpoints)
 
 
+def test_zero_dimensional_tensor_and_array_rates_are_taken_as_floats(setup):
+    model, checkpoints, data = setup
+    (path, _), rates = (
+        checkpoints[0],
+        [torch.tensor(0.25), np.array(0.5, np.float32), torch.tensor(2, dtype=torch.int64)],
+    )
+    parsed = parse_checkpoints([(path, lr) for lr in rates])
+    assert [entry.lr for entry in parsed] == [0.25, 0.5, 2.0] and all(type(e.lr) is float for e in parsed)
+    plain = export_gradients(model, [(path, 0.25)], data, LOSS, progress=False)
+    tensor = export_gradients(model, [(path, torch.tensor(0.25))], data, LOSS, progress=False)
+    np.testing.assert_array_equal(tensor.matrices[0], plain.matrices[0])
+    assert tensor.metadata == plain.metadata
+    for bad, error in [
+        (torch.tensor(True), TypeError),
+        (torch.tensor([0.1]), TypeError),
+        (torch.tensor(float("nan")), ValueError),
+    ]:
+        with pytest.raises(error, match=r"checkpoints\[0\]\[1\] \(learning rate\)"):
+            parse_checkpoints([(path, bad)])
+
+
 def test_non_state_dicts_are_refused(setup):
     model, _, _ = setup
     with pytest.raises(ValueError, match="not a state_dict"):

@@ -20,7 +20,10 @@ class Checkpoint(NamedTuple):
 
 
 def learning_rate(lr: Any, where: str) -> float:
-    """`lr` as a float: a finite real number (Python or NumPy), not a bool or a string."""
+    """`lr` as a float: a finite real number (Python or NumPy scalar, or a 0-d array or tensor of
+    one), not a bool or a string."""
+    if getattr(lr, "shape", None) == () and callable(getattr(lr, "item", None)):
+        lr = lr.item()  # a 0-d torch / NumPy / JAX array (torch.tensor(0.1), a scheduler's value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{where} (learning rate) must be a real number, got {lr!r}")
     if not math.isfinite(lr):
