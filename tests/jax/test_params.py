@@ -198,3 +198,27 @@ def test_low_precision_leaves_are_selected():
     layout = layout_of(params, None)
     assert [layout.paths[i] for i in layout.selected] == ["a", "b", "c"] and layout.dim == 9
     assert [layout.paths[i] for i in layout.arrays] == ["n"]
+
+
+@pytest.mark.parametrize("scalar", [np.float32, float, np.float64], ids=["np.float32", "float", "np.float64"])
+def test_floating_scalar_leaves_are_differentiated_like_jax_grad(scalar, per_example_jax_grad):
+    """A learned temperature held as a Python float or a NumPy scalar: a parameter, as jax.grad sees it
+    (it was a constant baked into the compiled function), and two checkpoints may differ in it."""
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((6, 4)).astype(np.float32), r.integers(0, 3, 6)
+    w = r.standard_normal((4, 3)).astype(np.float32)
+
+    def loss(p, inputs, targets):
+        logits = inputs @ p["w"] / p["t"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    ckpts = [({"w": w, "t": scalar(2.0)}, 1.0), ({"w": w, "t": scalar(3.0)}, 1.0)]
+    grads = export_gradients(loss, ckpts, (x, y), progress=False)
+    assert [(p["name"], p["shape"]) for p in grads.metadata["params"]] == [("t", []), ("w", [4, 3])]
+    assert len(set(grads.metadata["fingerprints"]["checkpoints"])) == 2
+    for (params, _), ours in zip(ckpts, grads.matrices, strict=True):
+        ref = per_example_jax_grad(loss, params, x, y)
+        assert ref.shape == (6, 13) and np.abs(ref[:, 0]).min() > 0
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    only_w = export_gradients(loss, ckpts, (x, y), layers=["w"], progress=False)  # t: an argument, not baked in
+    np.testing.assert_array_equal(only_w.matrices[1], grads.matrices[1][:, 1:])

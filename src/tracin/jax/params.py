@@ -39,10 +39,23 @@ def leaf_path(path: tuple) -> str:
     return "/".join(_key_name(k) for k in path)
 
 
-def is_float_array(leaf: Any) -> bool:
-    """True for JAX / NumPy arrays with an inexact (differentiable) dtype, bfloat16, float16 and the
-    float8 types of ml_dtypes included (jnp.issubdtype: np.issubdtype misses them)."""
-    return isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+def _is_float_scalar(leaf: Any) -> bool:
+    """A Python float or a floating NumPy scalar (np.float32(2.0)): differentiated by jax.grad as a 0-d array."""
+    return isinstance(leaf, float) or (isinstance(leaf, np.generic) and jnp.issubdtype(leaf.dtype, jnp.inexact))
+
+
+def is_array_leaf(leaf: Any) -> bool:
+    """True for JAX / NumPy arrays and floating scalars (passed to the compiled functions as arguments);
+    other leaves (functions, ints, strings...) are static."""
+    return isinstance(leaf, (jax.Array, np.ndarray)) or _is_float_scalar(leaf)
+
+
+def is_float_leaf(leaf: Any) -> bool:
+    """True for leaves jax.grad differentiates: arrays of an inexact dtype (bfloat16, float16 and the float8
+    types of ml_dtypes included: jnp.issubdtype, np.issubdtype misses them) and floating scalars."""
+    return _is_float_scalar(leaf) or (
+        isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    )
 
 
 def host_array(leaf: Any) -> np.ndarray:
@@ -65,7 +78,7 @@ class ParamLayout:
     treedef: the pytree structure; paths: every leaf's path; selected: indices of the
     differentiated leaves (in flatten order); arrays: indices of the other array leaves (passed to
     the compiled function as arguments); static: leaves that are not arrays (functions, ints...),
-    baked into the compiled function.
+    baked into the compiled function. Floating scalars count as 0-d arrays (is_array_leaf).
     """
 
     treedef: Any
@@ -89,8 +102,9 @@ class ParamLayout:
         return [(self.paths[i], self.shapes[i]) for i in self.selected]
 
     def split(self, params: Any) -> tuple[list, list]:
-        """(selected leaves, other array leaves) of a params pytree with this layout."""
-        leaves = self.treedef.flatten_up_to(params)
+        """(selected leaves, other array leaves) of a params pytree with this layout; floating scalars as
+        0-d JAX arrays (a Python float as jax.grad sees it: float32 unless x64 is enabled)."""
+        leaves = [jnp.asarray(leaf) if _is_float_scalar(leaf) else leaf for leaf in self.treedef.flatten_up_to(params)]
         return [leaves[i] for i in self.selected], [leaves[i] for i in self.arrays]
 
     def merge(self, selected: Sequence, arrays: Sequence) -> Any:
@@ -132,14 +146,14 @@ def _equal(a: Any, b: Any) -> bool:
 
 def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     """The ParamLayout of `params` with the floating leaves matched by `layers` selected
-    (all floating array leaves when layers is None)."""
+    (all floating leaves, floating scalars included, when layers is None)."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
         raise ValueError("params has no leaves: expected a pytree of arrays")
     paths = tuple(leaf_path(p) for p, _ in flat)
     leaves = [leaf for _, leaf in flat]
-    shapes = tuple(tuple(np.shape(leaf)) if isinstance(leaf, (jax.Array, np.ndarray)) else () for leaf in leaves)
-    floats = [i for i, leaf in enumerate(leaves) if is_float_array(leaf)]
+    shapes = tuple(tuple(np.shape(leaf)) if is_array_leaf(leaf) else () for leaf in leaves)
+    floats = [i for i, leaf in enumerate(leaves) if is_float_leaf(leaf)]
     if not floats:
         raise ValueError("params has no floating-point array leaves to differentiate")
     if layers is None:
@@ -155,8 +169,8 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
                     f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}"
                 )
     chosen = set(selected)
-    arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and isinstance(leaf, (jax.Array, np.ndarray))]
-    static = [(i, leaf) for i, leaf in enumerate(leaves) if not isinstance(leaf, (jax.Array, np.ndarray))]
+    arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and is_array_leaf(leaf)]
+    static = [(i, leaf) for i, leaf in enumerate(leaves) if not is_array_leaf(leaf)]
     return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static))
 
 
