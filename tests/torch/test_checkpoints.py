@@ -277,3 +277,31 @@ def test_the_legacy_digest_is_of_the_state_dict_as_given():
     digests = {legacy_state_digest(s, 0) for s in (full, prefixed, {k: v.double() for k, v in full.items()})}
     assert len(digests) == 3 and legacy_state_digest(prefixed, 0) == _raw_digest(prefixed)
     assert legacy_state_digest({"model": prefixed}, 0) == _raw_digest(prefixed)
+
+
+class _MaxNorm(nn.Module):
+    """An embedding that renormalises its rows in place in every forward (max_norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4, max_norm=0.5), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap cannot run this model")  # embedding_renorm_ is in place
+def test_a_forward_writing_weights_in_place_leaves_the_callers_checkpoint_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model = _MaxNorm()
+    ids, targets = torch.randint(0, 10, (6, 3)), torch.randint(0, 3, (6,))
+    given = {k: 3 * v for k, v in model.state_dict().items()}  # rows past max_norm
+    kept = {k: v.clone() for k, v in given.items()}
+    torch.save(kept, tmp_path / "c.pt")
+    from_dict = export_gradients(model, [(given, 1.0)], (ids, targets), LOSS, progress=False)
+    for k in kept:
+        torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
+    from_file = export_gradients(model, [(str(tmp_path / "c.pt"), 1.0)], (ids, targets), LOSS, progress=False)
+    np.testing.assert_array_equal(from_dict.matrices[0], from_file.matrices[0])
+    loaded = load_checkpoint(given, 0, model.state_dict())
+    assert all(loaded[k].data_ptr() != given[k].data_ptr() for k in given)

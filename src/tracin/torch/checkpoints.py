@@ -236,7 +236,9 @@ def load_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
-    dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder."""
+    dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder.
+    An in-memory checkpoint's tensors are copied (once, with the cast or move when there is one), so a
+    forward that writes its weights in place (Embedding(max_norm=...)) leaves the caller's dict as it was."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next(iter(reference.values())).device if reference else "cpu"
@@ -247,8 +249,10 @@ def load_checkpoint(
     else:
         obj = source
     state = _matched(_unwrap(obj, name), reference, skip, name)
+    copy = obj is source  # tensors read from a file are the loader's own
     return {
-        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key])) for key, t in state.items()
+        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key]), copy=copy)
+        for key, t in state.items()
     }
 
 
