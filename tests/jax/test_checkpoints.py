@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -67,6 +69,47 @@ def test_checkpoints_must_share_the_first_structure(mlp, data):
     }
     with pytest.raises(ValueError, match=r"checkpoints\[1\]: parameter 'l2/bias' has shape \(2,\)"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (wrong, 1.0)], (x, y), progress=False)
+
+
+_W = np.ones((5, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    "first, later, message",
+    [
+        (np.float32(2.0), 2, r"'t' is a static \(non-array\) value \(int\), the first checkpoint's is a floating "),
+        (np.ones(2, np.float32), np.ones(2, np.int32), r"'t' is a non-floating array \(int32 array\), the first.*"),
+        (np.int32(2), np.float32(2.0), r"'t' is a floating array or scalar \(NumPy float32 scalar\), the first "),
+        (np.ones(2, np.int32), np.ones(2, np.float32), r"'t' is a floating .*the first checkpoint's is a non-float"),
+        (jnp.tanh, np.ones(2, np.float32), r"'t' is a floating .*\(float32 array\), .* static .*\(PjitFunction\)"),
+    ],
+)
+def test_a_leaf_changing_kind_between_checkpoints_is_named(data, first, later, message):
+    """A leaf that is an array in one checkpoint and a static value in another (the zip() of the static leaves
+    raised a bare 'zip() argument 2 is longer'), or floating in one and integer in the other (a bare jax.grad
+    TypeError, or silently not differentiated): a ValueError naming the leaf and the checkpoint."""
+    x, y = data
+
+    def loss(p, inputs, targets):
+        logits = inputs @ p["w"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    ckpts = [({"w": _W, "t": first}, 1.0), ({"w": _W, "t": later}, 1.0)]
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]: leaf " + message):
+        export_gradients(loss, ckpts, (x, y), progress=False)
+
+
+def test_a_float_leaf_may_be_an_array_in_one_checkpoint_and_a_python_float_in_another(data):
+    x, y = data
+
+    def loss(p, inputs, targets):
+        logits = inputs @ p["w"] / p["t"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    mixed = export_gradients(
+        loss, [({"w": _W, "t": jnp.float32(2)}, 1.0), ({"w": _W, "t": 2.0}, 1.0)], (x, y), progress=False
+    )
+    np.testing.assert_array_equal(mixed.matrices[0], mixed.matrices[1])
 
 
 @pytest.mark.parametrize("kind, package", [("directory", "orbax-checkpoint"), ("file", "flax")])

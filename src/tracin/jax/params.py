@@ -78,7 +78,8 @@ class ParamLayout:
     treedef: the pytree structure; paths: every leaf's path; selected: indices of the
     differentiated leaves (in flatten order); arrays: indices of the other array leaves (passed to
     the compiled function as arguments); static: leaves that are not arrays (functions, ints...),
-    baked into the compiled function. Floating scalars count as 0-d arrays (is_array_leaf).
+    baked into the compiled function. Floating scalars count as 0-d arrays (is_array_leaf). kinds: per
+    leaf its _kind (what it is, for the checkpoint comparison).
     """
 
     treedef: Any
@@ -87,6 +88,7 @@ class ParamLayout:
     selected: tuple[int, ...]
     arrays: tuple[int, ...]
     static: tuple[tuple[int, Any], ...]
+    kinds: tuple[tuple[str, str], ...]
 
     @property
     def widths(self) -> list[int]:
@@ -126,6 +128,12 @@ class ParamLayout:
                 f"{where}: the params pytree differs from the first checkpoint's "
                 f"(differing leaves: {missing or 'same paths, different structure'})"
             )
+        for i, (mine, theirs) in enumerate(zip(self.kinds, other.kinds, strict=True)):
+            if mine[0] != theirs[0]:
+                raise ValueError(
+                    f"{where}: leaf {self.paths[i]!r} is {theirs[0]} ({theirs[1]}), the first checkpoint's is "
+                    f"{mine[0]} ({mine[1]}); every checkpoint must have the same kind of leaf at each path"
+                )
         for i in self.selected:
             if other.shapes[i] != self.shapes[i]:
                 raise ValueError(
@@ -135,6 +143,22 @@ class ParamLayout:
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if a is not b and not _equal(a, b):
                 raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
+
+
+def _kind(leaf: Any) -> tuple[str, str]:
+    """(category, description) of a leaf: a floating array or scalar (differentiable), another array, or a
+    static value; e.g. ("a floating array or scalar", "float32 array"), ("a static (non-array) value", "int")."""
+    if isinstance(leaf, (jax.Array, np.ndarray)):
+        what = f"{leaf.dtype} array"
+    elif isinstance(leaf, np.generic):
+        what = f"NumPy {leaf.dtype} scalar"
+    else:
+        what = type(leaf).__name__
+    if is_float_leaf(leaf):
+        return "a floating array or scalar", what
+    if is_array_leaf(leaf):
+        return "a non-floating array", what
+    return "a static (non-array) value", what
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -171,7 +195,8 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     chosen = set(selected)
     arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and is_array_leaf(leaf)]
     static = [(i, leaf) for i, leaf in enumerate(leaves) if not is_array_leaf(leaf)]
-    return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static))
+    kinds = tuple(_kind(leaf) for leaf in leaves)
+    return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static), kinds)
 
 
 def as_patterns(layers: Any) -> list[str]:
