@@ -144,6 +144,15 @@ def test_empty_data_is_refused(data):
         as_batches(data() if callable(data) else data, 4)
 
 
+def test_which_pairs_of_two_are_one_pair_of_inputs_and_targets():
+    x, y, w = torch.randn(4, 3), torch.arange(4), torch.ones(4)
+    assert as_batches((x, (y, w)), 8).n_rows == 4 and as_batches([x, [y, w]], 8).n_rows == 4
+    two = as_batches([(x, y), (x[:2], y[:2])], 8)  # both items pairs: two batches
+    assert two.n_rows == 6 and [len(t) for _, _, t in _collect(two)] == [4, 2]
+    with pytest.raises(TypeError, match="batch 0 must be an .* got dict"):  # both dicts: batches
+        as_batches([{"a": x}, {"b": y}], 8)
+
+
 def test_one_pair_may_have_a_dict_of_targets():
     """(inputs, {"y": ...}) was read as a list of batches ('batch 0 must be a pair, got Tensor')."""
     x, y, w = torch.randn(10, 3), torch.randint(0, 2, (10,)), torch.rand(10)
@@ -177,7 +186,7 @@ class DictOnly(Dataset):
 
 def test_batches_that_are_not_pairs_say_how_to_fix_them():
     x, y = torch.zeros(4, 2), torch.zeros(4)
-    with pytest.raises(TypeError, match=r"got Tensor \(data itself is read as .*a tuple of targets"):
-        _collect(as_batches((x, (y, y)), 4))
+    with pytest.raises(TypeError, match=r"got Tensor \(data is read as .*a tuple or list of two is one"):
+        _collect(as_batches((x, y, y), 4))
     with pytest.raises(TypeError, match=r"got dict \(split each item into \(inputs, targets\)"):
         _collect(as_batches(DictOnly(), 4))

@@ -1,8 +1,7 @@
 """Turning the user's data into a re-iterable stream of (inputs, targets) batches.
 
 Accepted forms:
-- an (inputs, targets) pair whose targets is a tensor or a dict of them (inputs a tensor or a
-  tuple/dict of them),
+- an (inputs, targets) pair of trees of tensors (which of the two a tuple or list of two is: PAIR_RULE),
 - a torch Dataset yielding (input, target) items,
 - a DataLoader over a SequentialSampler (rows must come in the same order for every checkpoint),
 - any re-iterable of (inputs, targets) batches (a list, say).
@@ -130,10 +129,7 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         hint = ""
         if isinstance(batch, (torch.Tensor, np.ndarray)):
-            hint = (
-                " (data itself is read as an iterable of batches: one (inputs, targets) pair must have a "
-                "tensor, an array or a dict of tensors as targets; a tuple of targets is taken for batches)"
-            )
+            hint = f" (data is read as an iterable of batches: {PAIR_RULE})"
         elif isinstance(batch, dict):
             hint = (
                 " (split each item into (inputs, targets), e.g. ({'input_ids': ...}, labels), in the Dataset "
@@ -148,10 +144,34 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
     return batch[0], batch[1]
 
 
+PAIR_RULE = (
+    "a tuple or list of two is one (inputs, targets) pair when every leaf of it is a tensor or array, unless "
+    "both items are pairs (tuples / lists of two) or both dicts: that is a list of two batches (pass such "
+    "inputs and targets as a list of one batch, [((x, k), (y, w))])"
+)
+
+
+def _is_pair(node: Any) -> bool:
+    return isinstance(node, (tuple, list)) and len(node) == 2
+
+
 def _is_tensor_pair(data: Any) -> bool:
-    """One (inputs, targets) pair: targets a tensor, an array or a dict (a tuple or list of targets
-    cannot be told from a second batch)."""
-    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray, dict))
+    """(inputs, targets) tensors rather than a sequence of batches, by PAIR_RULE."""
+    if not _is_pair(data) or all(_is_pair(d) for d in data) or all(isinstance(d, dict) for d in data):
+        return False
+    leaves: list[Any] = []
+
+    def gather(node: Any) -> None:
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                gather(child)
+        else:
+            leaves.append(node)
+
+    gather(data)
+    return all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves)
 
 
 def check_sequential(loader: torch.utils.data.DataLoader) -> None:
