@@ -67,9 +67,10 @@ def export_gradients(
         from their first name); a DataParallel "module." prefix is removed. An entry may be
         (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner.
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
-        over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs a tensor or
-        a tuple/dict of tensors. Every checkpoint must see the same targets in the same order
-        (checked by fingerprints: a ValueError otherwise).
+        over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs and targets a
+        tensor or a tuple/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a
+        one-shot iterator is read once, with one checkpoint). Every checkpoint must see the same
+        targets in the same order (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run); a
