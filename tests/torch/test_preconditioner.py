@@ -21,20 +21,33 @@ def _loss(out, y):
     return nn.functional.cross_entropy(out, y, reduction="none")
 
 
-def _trained(optimizer: str = "adam", groups: bool = False, steps: int = 3):
+_NAMED_GROUPS = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6)  # param_names recorded
+needs_named = pytest.mark.skipif(not _NAMED_GROUPS, reason="optimizers over named parameters need torch >= 2.6")
+
+
+def _split(model: nn.Module, named: bool) -> list[dict]:
+    """A weight-decay / no-decay split (as transformers.Trainer builds it): weights, then biases,
+    with their own betas and eps; (name, parameter) pairs when `named`."""
+    pairs = list(model.named_parameters())
+    weights = [(n, p) if named else p for n, p in pairs if n.endswith("weight")]
+    biases = [(n, p) if named else p for n, p in pairs if n.endswith("bias")]
+    return [
+        {"params": weights, "betas": (0.8, 0.95), "eps": 1e-3},
+        {"params": biases, "weight_decay": 0.0},
+    ]
+
+
+def _trained(optimizer: str = "adam", groups: bool = False, steps: int = 3, named: bool = True):
     """A 5 -> 8 -> 3 tanh MLP trained in two phases; returns (model, [(state_dict, lr, optimizer
-    state_dict)] after each phase, (x, y))."""
+    state_dict)] after each phase, (x, y)). groups: the decay / no-decay split (of named parameters
+    unless `named` is False) instead of one group over model.parameters()."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
     if groups:  # per-group betas and eps, to check each parameter takes its own group's
-        params = [
-            {"params": list(model[0].parameters()), "betas": (0.8, 0.95), "eps": 1e-3},
-            {"params": list(model[2].parameters())},
-        ]
-        opt = cls(params, lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+        opt = cls(_split(model, named), lr=0.05, betas=(0.85, 0.99), eps=1e-6)
     else:
         opt = cls(model.parameters(), lr=0.05, betas=(0.85, 0.99), eps=1e-6)
     checkpoints = []
@@ -63,21 +76,27 @@ def _reference_grads(model: nn.Module, state: dict, x, y) -> np.ndarray:
 
 def _per_element(opt_state: dict) -> dict[str, np.ndarray]:
     """m, v, step, b1, b2, eps of every row entry (float64), from the optimizer's state_dict, in the
-    parameters' order (the optimizer was built over model.parameters(), in order)."""
+    model's parameter order (_trained's MLP): by the param_names it recorded, else its own order
+    (one group over model.parameters())."""
     out: dict[str, list] = {k: [] for k in ("m", "v", "step", "b1", "b2", "eps")}
-    for group in opt_state["param_groups"]:
-        for i in group["params"]:
-            s = opt_state["state"][i]
-            m, v = s["exp_avg"].double().numpy().reshape(-1), s["exp_avg_sq"].double().numpy().reshape(-1)
-            for key, value in (
-                ("m", m),
-                ("v", v),
-                ("step", float(s["step"])),
-                ("b1", group["betas"][0]),
-                ("b2", group["betas"][1]),
-                ("eps", group["eps"]),
-            ):
-                out[key].append(np.broadcast_to(np.float64(value), m.shape))
+    groups = opt_state["param_groups"]
+    entries = [(i, g) for g in groups for i in g["params"]]
+    if "param_names" in groups[0]:
+        order = ["0.weight", "0.bias", "2.weight", "2.bias"]
+        names = [n for g in groups for n in g["param_names"]]
+        entries = [entries[names.index(n)] for n in order]
+    for i, group in entries:
+        s = opt_state["state"][i]
+        m, v = s["exp_avg"].double().numpy().reshape(-1), s["exp_avg_sq"].double().numpy().reshape(-1)
+        for key, value in (
+            ("m", m),
+            ("v", v),
+            ("step", float(s["step"])),
+            ("b1", group["betas"][0]),
+            ("b2", group["betas"][1]),
+            ("eps", group["eps"]),
+        ):
+            out[key].append(np.broadcast_to(np.float64(value), m.shape))
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -93,7 +112,7 @@ def _adam_update(g: np.ndarray, s: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("groups", [False, pytest.param(True, marks=needs_named)])
 @pytest.mark.parametrize("kind, formula", [("adam", _adam), ("adam_update", _adam_update)])
 def test_rows_follow_adam_formulas_from_the_optimizer_state(optimizer, groups, kind, formula):
     model, checkpoints, (x, y) = _trained(optimizer, groups)
@@ -105,6 +124,27 @@ def test_rows_follow_adam_formulas_from_the_optimizer_state(optimizer, groups, k
     np.testing.assert_array_equal(g.weights, [0.05, 0.02])
     assert g.metadata["preconditioner"]["kind"] == kind
     assert len(g.metadata["fingerprints"]["optimizer_states"]) == 2
+
+
+def test_unnamed_param_groups_are_refused_as_matched_by_position():
+    """Without param_names, a decay / no-decay split (weights first) would pair 0.bias with the
+    moments of 2.weight; groups of equal shapes in another order would pass every shape check."""
+    model, checkpoints, data = _trained(groups=True, named=False)
+    with pytest.raises(
+        ValueError,
+        match=r"2 param groups and no parameter names .* matched by position.*"
+        r"AdamW\(model.named_parameters\(\)\)",
+    ):
+        export_gradients(model, checkpoints, data, _loss, preconditioner="adam", progress=False)
+
+
+def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match():
+    model, checkpoints, data = _trained()
+    opt_state = copy.deepcopy(checkpoints[0][2])
+    group = opt_state["param_groups"][0]
+    group["params"] = group["params"][::-1]  # as Adam(reversed(list(model.parameters())))
+    with pytest.raises(ValueError, match=r"the first moment of 0.weight has shape \(3,\).*matched by position"):
+        export_gradients(model, [(*checkpoints[0][:2], opt_state)], data, _loss, preconditioner="adam", progress=False)
 
 
 def test_plain_export_ignores_optimizer_states_and_records_no_preconditioner():

@@ -47,10 +47,12 @@ class OptimizerState:
     with torch.load(weights_only=True)) saved with checkpoint `index`.
 
     Parameters are identified by the "param_names" of the param_groups when the optimizer recorded
-    them (torch >= 2.6 with named parameters), else by position: the optimizer must have been built
-    over the model's parameters in `model.named_parameters()` order (`Adam(model.parameters())`, or
-    groups that list them in that order), all of them or the trainable ones; shapes are checked.
-    betas and eps come from each parameter's group, the step count from its state.
+    them (torch >= 2.6 with named parameters: `AdamW(model.named_parameters())`, or groups of
+    named parameters), else by position, which is only taken from a single param group: the
+    optimizer must have been built over the model's parameters in `model.named_parameters()` order
+    (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
+    param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
+    checked. betas and eps come from each parameter's group, the step count from its state.
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -76,7 +78,7 @@ class OptimizerState:
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
         """The Adam moments of `params` ((name, shape) in row order), on the host."""
         state = self._load()
-        owner = self._owners(state["param_groups"])
+        owner, by_position = self._owners(state["param_groups"])
         moments = []
         for name, shape in params:
             if name not in owner:
@@ -90,7 +92,10 @@ class OptimizerState:
                 )
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
-            check_moments(name, shape, m, v, step, self.where)
+            try:
+                check_moments(name, shape, m, v, step, self.where)
+            except ValueError as e:
+                raise ValueError(f"{e}{_BY_POSITION if by_position and 'shape' in str(e) else ''}") from None
             b1, b2 = (float(b) for b in group["betas"])
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
         return moments
@@ -109,20 +114,34 @@ class OptimizerState:
         _check_optimizer_dict(state, self.where)
         return state
 
-    def _owners(self, groups: Sequence[Mapping]) -> dict[str, tuple[Any, Mapping]]:
-        """parameter name -> (its key in state["state"], its param group)."""
+    def _owners(self, groups: Sequence[Mapping]) -> tuple[dict[str, tuple[Any, Mapping]], bool]:
+        """parameter name -> (its key in state["state"], its param group); and whether the names
+        were given by position (the optimizer recorded none)."""
         keys = [(k, g) for g in groups for k in g["params"]]
         if all("param_names" in g for g in groups):
             names = [_strip(n) for g in groups for n in g["param_names"]]
-        else:
-            names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
-            if names is None:
-                raise ValueError(
-                    f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
-                    f"({len(self.trainable_names)} trainable): the optimizer must have been built over the "
-                    "model's parameters in model.named_parameters() order"
-                )
-        return dict(zip(names, keys, strict=True))
+            return dict(zip(names, keys, strict=True)), False
+        if len(groups) > 1:
+            raise ValueError(
+                f"{self.where} has {len(groups)} param groups and no parameter names (param_names): "
+                f"its parameters would be matched by position, and the order of several groups cannot be checked"
+                f"{_NAMED_HINT}"
+            )
+        names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
+        if names is None:
+            raise ValueError(
+                f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
+                f"({len(self.trainable_names)} trainable){_BY_POSITION}"
+            )
+        return dict(zip(names, keys, strict=True)), True
+
+
+_NAMED_HINT = (
+    ". Build the optimizer over named parameters (torch >= 2.6: AdamW(model.named_parameters()), or "
+    "groups of (name, parameter) pairs) so that its state_dict records them, or over a single group "
+    "in model.parameters() order"
+)
+_BY_POSITION = f": without parameter names (param_names) its parameters are matched by position{_NAMED_HINT}"
 
 
 def _float_array(t: Any, what: str, where: str) -> np.ndarray:
