@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
+from flax.core import freeze
 
 from tracin.jax import export_gradients
 from tracin.jax.checkpoints import parse_checkpoints
@@ -110,6 +112,48 @@ def test_a_float_leaf_may_be_an_array_in_one_checkpoint_and_a_python_float_in_an
         loss, [({"w": _W, "t": jnp.float32(2)}, 1.0), ({"w": _W, "t": 2.0}, 1.0)], (x, y), progress=False
     )
     np.testing.assert_array_equal(mixed.matrices[0], mixed.matrices[1])
+
+
+class _Tagged(eqx.Module):
+    w: jax.Array
+    tag: str = eqx.field(static=True)
+
+
+def _container_cases(tmp_path):
+    frozen = freeze({"params": {"w": _W}})
+    saved = tmp_path / "c1.msgpack"
+    saved.write_bytes(serialization.to_bytes(frozen))  # restored as plain dicts
+    dict_then_frozen = r"'params/w' is a flax.core.frozen_dict.FrozenDict here and a dict in the first checkpoint"
+    return [
+        ([frozen, saved], lambda p: p["params"]["w"], r"'params/w' is a dict here and a flax.core.frozen_dict"),
+        ([{"params": {"w": _W}}, frozen], lambda p: p["params"]["w"], dict_then_frozen),
+        ([{"w": [_W]}, {"w": (_W,)}], lambda p: p["w"][0], r"'w/0' is a tuple here and a list in the first"),
+        (
+            [_Tagged(_W, "a"), _Tagged(_W, "b")],
+            lambda p: p.w,
+            r"'w' \(a [\w.]*_Tagged\) has other static",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_checkpoints_differing_only_in_containers_name_the_first_differing_node(data, tmp_path, case):
+    """Same leaf paths, other container types (a FrozenDict first checkpoint, its msgpack save restored as
+    dicts; a list vs a tuple) or other static data: the node and both types are named (the message was
+    'same paths, different structure')."""
+    x, y = data
+    params, kernel, message = _container_cases(tmp_path)[case]
+
+    def loss(p, inputs, targets):
+        logits = inputs @ kernel(p)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf "
+        r"paths but other containers: the node holding " + message + ".*flax.core.unfreeze",
+    ):
+        export_gradients(loss, [(p, 1.0) for p in params], (x, y), progress=False)
 
 
 @pytest.mark.parametrize("kind, package", [("directory", "orbax-checkpoint"), ("file", "flax")])

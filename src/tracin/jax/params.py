@@ -122,11 +122,17 @@ class ParamLayout:
 
     def check_same(self, other: ParamLayout, where: str) -> None:
         """Raises ValueError unless `other` (another checkpoint's layout) has the same structure."""
-        if other.treedef != self.treedef or other.paths != self.paths:
+        if other.paths != self.paths:
             missing = sorted(set(self.paths) ^ set(other.paths))[:5]
             raise ValueError(
                 f"{where}: the params pytree differs from the first checkpoint's "
-                f"(differing leaves: {missing or 'same paths, different structure'})"
+                f"(differing leaves: {missing or 'the same paths in another order'})"
+            )
+        if other.treedef != self.treedef:
+            raise ValueError(
+                f"{where}: the params pytree has the first checkpoint's leaf paths but other containers: "
+                f"{_first_difference(self.treedef, other.treedef, self.paths)}; give every checkpoint the same "
+                "container types (flax.core.unfreeze a FrozenDict, or freeze them all; lists vs tuples)"
             )
         for i, (mine, theirs) in enumerate(zip(self.kinds, other.kinds, strict=True)):
             if mine[0] != theirs[0]:
@@ -143,6 +149,30 @@ class ParamLayout:
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if a is not b and not _equal(a, b):
                 raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
+
+
+def _type_name(t: type) -> str:
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> str | None:
+    """Where two treedefs with the same leaf paths first differ (depth first), named by the first leaf
+    under that node: its type, or its static data (e.g. an Equinox module's fields) when the types agree."""
+    a, b = first.node_data(), other.node_data()
+    if a is None and b is None:
+        return None
+    where = f"the node holding {paths[offset]!r}" if offset < len(paths) else "a node without leaves"
+    if a is None or b is None or a[0] is not b[0]:
+        ta, tb = (_type_name(d[0]) if d is not None else "leaf" for d in (a, b))
+        return f"{where} is a {tb} here and a {ta} in the first checkpoint"
+    if not _equal(a[1], b[1]) or len(first.children()) != len(other.children()):
+        return f"{where} (a {_type_name(a[0])}) has other static data than in the first checkpoint"
+    for x, y in zip(first.children(), other.children(), strict=True):
+        found = _first_difference(x, y, paths, offset)
+        if found:
+            return found
+        offset += x.num_leaves
+    return None
 
 
 def _kind(leaf: Any) -> tuple[str, str]:
