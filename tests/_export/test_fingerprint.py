@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tracin._export.fingerprint import DataFingerprint, callable_identity, digest_arrays, digest_path
+from tracin._export.resume import changed_inputs
 
 
 def test_array_digests_see_order_dtype_shape_and_contents():
@@ -127,3 +128,32 @@ def test_callable_identity_names_functions_and_settings_not_addresses():
     assert callable_identity(a) == callable_identity(b)  # two objects: same repr once addresses are dropped
     assert "{'smoothing': 0.1}" in callable_identity(a) and " at 0x" not in callable_identity(a)
     assert callable_identity(_Loss(0.2)) != callable_identity(a)
+
+
+class _Weighted:
+    """A loss object holding its class weights as a public NumPy array."""
+
+    def __init__(self, weights: np.ndarray):
+        self.weights, self.reduction = weights, "none"
+
+    def __call__(self, outputs, targets):
+        return outputs
+
+
+def test_callable_identity_digests_the_arrays_a_loss_holds():
+    plain = callable_identity(_Weighted(None))
+    assert " arrays[" not in plain  # identities of array-free losses are as older versions made them
+    a = callable_identity(_Weighted(np.array([1.0, 2.0, 3.0])))
+    assert a == callable_identity(_Weighted(np.array([1.0, 2.0, 3.0])))  # stable: contents, not addresses
+    assert " arrays[weights]=" in a and " at 0x" not in a
+    others = [np.array([1.0, 5.0, 0.1]), np.array([1.0, 2.0, 3.0], np.float32), np.array([[1.0, 2.0, 3.0]])]
+    assert len({a, *(callable_identity(_Weighted(w)) for w in others)}) == 4  # contents, dtype, shape
+
+
+def test_a_loss_identity_gaining_arrays_is_a_change_explained_for_older_stores():
+    old = "m.Loss: Loss() {'reduction': 'none'}"
+    (change,) = changed_inputs({"loss": old}, {"loss": old + " arrays[weight]=ab"})
+    assert change.startswith(f"the loss function differs ({old} there, {old} arrays[weight]=ab here)")
+    assert "before the arrays a loss holds" in change
+    (change,) = changed_inputs({"loss": old + " arrays[weight]=cd"}, {"loss": old + " arrays[weight]=ab"})
+    assert "before the arrays" not in change

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 from torch_oracle import classification_data, mlp, train_checkpoints
 
-from tracin._export.fingerprint import digest_arrays
+from interrupts import ctrl_c_on_call
+from tracin import self_influence
+from tracin._export.driver import _Loop
+from tracin._export.fingerprint import callable_identity, digest_arrays
 from tracin.torch import export_gradients
 from tracin.torch.checkpoints import (
     legacy_state_digest,
@@ -305,3 +308,32 @@ def test_a_forward_writing_weights_in_place_leaves_the_callers_checkpoint_as_it_
     np.testing.assert_array_equal(from_dict.matrices[0], from_file.matrices[0])
     loaded = load_checkpoint(given, 0, model.state_dict())
     assert all(loaded[k].data_ptr() != given[k].data_ptr() for k in given)
+
+
+def _weighted(*weights: float) -> nn.Module:
+    return nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32), reduction="none")
+
+
+def test_a_loss_with_other_class_weights_does_not_resume_a_store(setup, tmp_path):
+    model, checkpoints, data = setup
+    assert callable_identity(LOSS) == (  # a loss without tensors: the identity older versions recorded
+        "torch.nn.modules.loss.CrossEntropyLoss: CrossEntropyLoss() "
+        "{'ignore_index': -100, 'label_smoothing': 0.0, 'reduction': 'none'}"
+    )
+    assert callable_identity(_weighted(1, 1, 1, 1)) == callable_identity(_weighted(1, 1, 1, 1))
+    assert callable_identity(_weighted(1, 1, 1, 1)) != callable_identity(_weighted(1, 5, 0.1, 2))
+    pos = [nn.BCEWithLogitsLoss(pos_weight=torch.tensor(w, dtype=torch.bfloat16)) for w in ([2.0], [3.0])]
+    assert callable_identity(pos[0]) != callable_identity(pos[1])  # buffers NumPy lacks the dtype of
+    store = tmp_path / "store"
+    for loss, store_path in ((_weighted(1, 5, 0.1, 2), store), (_weighted(1, 1, 1, 1), tmp_path / "same")):
+        with ctrl_c_on_call(_Loop, "_rows", 2):
+            export_gradients(
+                model, checkpoints, data, _weighted(1, 1, 1, 1), store=store_path, batch_size=4, progress=False
+            )
+        if store_path == store:
+            with pytest.raises(ValueError, match=r"other inputs: the loss function differs .*arrays\[weight\]="):
+                export_gradients(model, checkpoints, data, loss, store=store_path, batch_size=4, progress=False)
+        else:  # the same loss resumes, to the rows of an export in one go
+            resumed = export_gradients(model, checkpoints, data, loss, store=store_path, batch_size=4, progress=False)
+            whole = export_gradients(model, checkpoints, data, loss, progress=False)
+            np.testing.assert_allclose(self_influence(resumed), self_influence(whole), rtol=1e-6)

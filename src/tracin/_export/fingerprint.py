@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import os
 import re
+import sys
 import types
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,7 +87,9 @@ def stable_repr(obj: Any) -> str:
 def callable_identity(fn: Any) -> str:
     """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
     by where they are defined), the wrapped function and arguments of a functools.partial, else the
-    object's type, repr and plain public settings (a loss module's reduction, label_smoothing...)."""
+    object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
+    followed, when it holds arrays, by their names and digest (a torch module's state_dict: class
+    weights, pos_weight...; public array attributes) as "arrays[weight]=<digest>"."""
     if isinstance(fn, functools.partial):
         return f"partial({callable_identity(fn.func)}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})"
     fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is the function it wraps
@@ -98,7 +101,44 @@ def callable_identity(fn: Any) -> str:
         for k, v in sorted(getattr(fn, "__dict__", {}).items())
         if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
     }
-    return f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}" + (f" {settings}" if settings else "")
+    arrays = _held_arrays(fn)
+    return (
+        f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
+        + (f" {settings}" if settings else "")
+        + (f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else "")
+    )
+
+
+def _held_arrays(obj: Any) -> dict[str, Any]:
+    """The arrays an object computes with, by name: a torch module's state_dict (parameters and
+    buffers, submodules' included), then its public attributes holding a NumPy, torch or JAX array."""
+    torch = sys.modules.get("torch")  # a torch object implies torch is imported; tracin does not import it here
+    held = dict(obj.state_dict()) if torch is not None and isinstance(obj, torch.nn.Module) else {}
+    for k, v in sorted(getattr(obj, "__dict__", {}).items()):
+        if not k.startswith("_") and _is_array(v, torch):
+            held[k] = v
+    return held
+
+
+def _is_array(v: Any, torch: Any) -> bool:
+    if torch is not None and isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, np.ndarray) or (hasattr(v, "__array__") and hasattr(v, "shape") and hasattr(v, "dtype"))
+
+
+def _digest_named(arrays: dict[str, Any]) -> str:
+    """digest_arrays of each array's name, dtype name and contents (torch tensors read on the host,
+    dtypes NumPy lacks as raw bytes)."""
+    parts = []
+    for name, a in arrays.items():
+        if hasattr(a, "detach"):  # a torch tensor
+            t = a.detach().cpu().contiguous()
+            try:
+                a = t.numpy()
+            except TypeError:  # bfloat16 and other dtypes NumPy lacks
+                a = t.reshape(-1).view(sys.modules["torch"].uint8).numpy().reshape(*t.shape, -1)
+        parts += [np.frombuffer(f"{name}:{getattr(arrays[name], 'dtype', '')}".encode(), np.uint8), np.asarray(a)]
+    return digest_arrays(parts)
 
 
 class DataFingerprint:
