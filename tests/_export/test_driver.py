@@ -218,6 +218,8 @@ def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
         export(_Scaled(_data()), [CKPTS[0], ({"scale": 3.0}, 0.25)], _options(tmp_path / "g"), [])
     with pytest.raises(ValueError, match="the data .* differ"):
         export(_Scaled([b + 1 for b in _data()]), CKPTS, _options(tmp_path / "g"), [])
+    with pytest.raises(ValueError, match=r"the data .* differ, or the batch size does .* resume with the batch_size"):
+        export(_Scaled(_data(size=5)), CKPTS, _options(tmp_path / "g"), [])  # the same rows, batched otherwise
 
 
 def test_checkpoint_sources_say_how_each_digest_was_made(tmp_path):

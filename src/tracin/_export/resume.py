@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 _WHAT = {
-    "data": "the data (inputs or targets) differ",
+    "data": "the data (inputs or targets) differ, or the batch size does (the data is fingerprinted batch by batch: "
+    "resume with the batch_size, or DataLoader batch_size, the store was exported with)",
     "model": "the model differs (module types or settings, parameter names, shapes or dtypes)",
     "loss": "the loss function differs",
     "layer_input": "layer_input differs",
