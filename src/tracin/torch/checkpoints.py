@@ -250,14 +250,28 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return second
 
 
+def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
+    """state_dict names of the weights the model's own modules change in place when they run: those of
+    nn.Embedding / nn.EmbeddingBag with max_norm (a functional call with max_norm is not seen)."""
+    return frozenset(
+        f"{name}.weight" if name else "weight"
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
+    )
+
+
 def load_checkpoint(
-    source: Any, index: int, reference: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+    source: Any,
+    index: int,
+    reference: Mapping[str, torch.Tensor],
+    skip: set[str] = frozenset(),
+    written: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
     dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder.
-    An in-memory checkpoint's tensors are copied (once, with the cast or move when there is one), so a
-    forward that writes its weights in place (Embedding(max_norm=...)) leaves the caller's dict as it was."""
+    The tensors named in `written` (written_in_forward) of an in-memory checkpoint are copied, so the
+    forward leaves the caller's dict as it was; the others are used as they are (no copy of the model)."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next(iter(reference.values())).device if reference else "cpu"
@@ -268,9 +282,9 @@ def load_checkpoint(
     else:
         obj = source
     state = _matched(_unwrap(obj, name), reference, skip, name)
-    copy = obj is source  # tensors read from a file are the loader's own
+    given = obj is source  # tensors read from a file are the loader's own
     return {
-        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key]), copy=copy)
+        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key]), copy=given and key in written)
         for key, t in state.items()
     }
 

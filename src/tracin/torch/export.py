@@ -19,7 +19,14 @@ from .._export.metadata import last_layer_entry
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
-from .checkpoints import legacy_state_digest, load_checkpoint, parse_checkpoints, state_digest, tied_aliases
+from .checkpoints import (
+    legacy_state_digest,
+    load_checkpoint,
+    parse_checkpoints,
+    state_digest,
+    tied_aliases,
+    written_in_forward,
+)
 from .data import Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
@@ -190,6 +197,7 @@ class _TorchExport:
         self.reference = model.state_dict()
         self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
         self.tied = tied_aliases(model)
+        self.written = written_in_forward(model)
         modules = dict(model.named_modules())
         self.last_layer = None
         extra: dict = {}
@@ -258,7 +266,7 @@ class _TorchExport:
         return legacy_state_digest(source, index)
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
-        state = load_checkpoint(source, index, self.reference, skip=self.tied)
+        state = load_checkpoint(source, index, self.reference, skip=self.tied, written=self.written)
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.begin(index)
         return state
