@@ -131,7 +131,8 @@ class ParamLayout:
         if other.treedef != self.treedef:
             raise ValueError(
                 f"{where}: the params pytree has the first checkpoint's leaf paths but other containers: "
-                f"{_first_difference(self.treedef, other.treedef, self.paths)}; give every checkpoint the same "
+                f"{_first_difference(self.treedef, other.treedef, self.paths) or other.treedef}; give every "
+                "checkpoint the same "
                 "container types (flax.core.unfreeze a FrozenDict, or freeze them all; lists vs tuples)"
             )
         for i, (mine, theirs) in enumerate(zip(self.kinds, other.kinds, strict=True)):
