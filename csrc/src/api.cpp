@@ -66,7 +66,7 @@ class SumConsumer final : public TileConsumer {
 template <class Selector>
 class TopKConsumer final : public TileConsumer {
  public:
-  // n: train rows (bounds a BufferSelector's buffers).
+  // n: train rows (bound a BufferSelector's buffers, a share of them sizes them).
   TopKConsumer(std::int64_t k, std::int64_t n, Side side, const TopKOutput& out, int threads)
       : k_(k), n_(n), want_prop_(side != Side::kOpponents), want_opp_(side != Side::kProponents),
         out_(out), threads_(threads) {}
@@ -74,8 +74,11 @@ class TopKConsumer final : public TileConsumer {
   void BeginPass(std::int64_t begin, std::int64_t count, int threads) override {
     begin_ = begin;
     count_ = count;
-    prop_.assign(want_prop_ ? static_cast<std::size_t>(threads) : 0, std::nullopt);
-    opp_.assign(want_opp_ ? static_cast<std::size_t>(threads) : 0, std::nullopt);
+    threads_in_pass_ = threads;
+    prop_.clear();
+    opp_.clear();
+    prop_.resize(want_prop_ ? static_cast<std::size_t>(threads) : 0);
+    opp_.resize(want_opp_ ? static_cast<std::size_t>(threads) : 0);
   }
 
   void Consume(int thread, std::int64_t j0, std::int64_t rows, const float* tile,
@@ -138,7 +141,7 @@ class TopKConsumer final : public TileConsumer {
     std::optional<Selector>& s = selectors[static_cast<std::size_t>(thread)];
     if (!s) {
       if constexpr (std::is_same_v<Selector, BufferSelector>)
-        s.emplace(count_, k_, n_);
+        s.emplace(count_, k_, n_, (n_ + threads_in_pass_ - 1) / threads_in_pass_);
       else
         s.emplace(count_, k_);
     }
@@ -148,7 +151,7 @@ class TopKConsumer final : public TileConsumer {
   std::int64_t k_, n_;
   bool want_prop_, want_opp_;
   TopKOutput out_;
-  int threads_;
+  int threads_, threads_in_pass_ = 1;
   std::int64_t begin_ = 0, count_ = 0;
   std::vector<std::optional<Selector>> prop_, opp_;  // per thread of the pass
 };

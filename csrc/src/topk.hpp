@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace tracin::detail {
@@ -64,16 +65,21 @@ class HeapSelector {
 
 // Per row, an append buffer cut back to the best k by partition when it holds `capacity`
 // candidates: min(2k, n) for n train rows, at least k + 1. Best for large k: amortised O(1) per
-// accepted candidate. A row's buffer grows (doubling) as candidates arrive, so a thread that scores
-// few train rows holds few; it never outgrows `capacity`.
+// accepted candidate. Rows share one array with room for `share` (the train rows this thread is
+// expected to score) and a quarter more per row (at least 64, at most `capacity`); it doubles when a row
+// fills it (rows of a pass see the same train rows, so they fill alike). A row never outgrows
+// `capacity`: it is cut back on reaching it.
 class BufferSelector {
  public:
-  BufferSelector(std::int64_t rows, std::int64_t k, std::int64_t n)
+  BufferSelector(std::int64_t rows, std::int64_t k, std::int64_t n, std::int64_t share)
       : k_(k),
-        capacity_(static_cast<std::size_t>(std::max(k + 1, std::min(2 * k, n)))),
-        buffers_(static_cast<std::size_t>(rows)),
+        rows_(rows),
+        capacity_(std::max(k + 1, std::min(2 * k, n))),
+        counts_(static_cast<std::size_t>(rows), 0),
         kth_(static_cast<std::size_t>(rows), Candidate{0.0f, -1}),
-        thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {}
+        thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {
+    Widen(std::min(std::max(share + share / 4, kMinRoom), capacity_));
+  }
 
   const float* thresholds() const { return thresholds_.data(); }
 
@@ -81,28 +87,39 @@ class BufferSelector {
     const auto r = static_cast<std::size_t>(row);
     const Candidate c{value, index};
     if (kth_[r].index >= 0 && !Better(c, kth_[r])) return;
-    std::vector<Candidate>& buffer = buffers_[r];
-    if (buffer.size() == buffer.capacity())
-      buffer.reserve(std::min(std::max<std::size_t>(2 * buffer.size(), kFirstCapacity), capacity_));
-    buffer.push_back(c);
-    if (buffer.size() == capacity_) {
-      std::nth_element(buffer.begin(), buffer.begin() + (k_ - 1), buffer.end(), Better);
-      kth_[r] = buffer[static_cast<std::size_t>(k_ - 1)];
+    if (counts_[r] == room_) Widen(std::min(2 * room_, capacity_));
+    Candidate* buffer = items_.get() + r * static_cast<std::size_t>(room_);
+    buffer[counts_[r]++] = c;
+    if (counts_[r] == capacity_) {
+      std::nth_element(buffer, buffer + (k_ - 1), buffer + capacity_, Better);
+      kth_[r] = buffer[k_ - 1];
       thresholds_[r] = kth_[r].value;
-      buffer.resize(static_cast<std::size_t>(k_));
+      counts_[r] = k_;
     }
   }
 
   void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
-    const std::vector<Candidate>& buffer = buffers_[static_cast<std::size_t>(row)];
-    out->insert(out->end(), buffer.begin(), buffer.end());
+    const auto r = static_cast<std::size_t>(row);
+    const Candidate* buffer = items_.get() + r * static_cast<std::size_t>(room_);
+    out->insert(out->end(), buffer, buffer + counts_[r]);
   }
 
  private:
-  static constexpr std::size_t kFirstCapacity = 16;
-  std::int64_t k_;
-  std::size_t capacity_;
-  std::vector<std::vector<Candidate>> buffers_;
+  static constexpr std::int64_t kMinRoom = 64;
+
+  // Gives every row room for `room` candidates, keeping those it holds.
+  void Widen(std::int64_t room) {
+    std::unique_ptr<Candidate[]> items(new Candidate[static_cast<std::size_t>(rows_ * room)]);
+    for (std::int64_t r = 0; r < rows_ && room_ > 0; ++r)
+      std::copy_n(items_.get() + r * room_, counts_[static_cast<std::size_t>(r)], items.get() + r * room);
+    items_ = std::move(items);
+    room_ = room;
+  }
+
+  std::int64_t k_, rows_, capacity_;
+  std::int64_t room_ = 0;                // candidates per row that items_ has room for
+  std::unique_ptr<Candidate[]> items_;  // rows_ x room_
+  std::vector<std::int64_t> counts_;
   std::vector<Candidate> kth_;
   std::vector<float> thresholds_;
 };
