@@ -517,6 +517,17 @@ def test_scaled_gram_mixes_column_scales(rng):
     assert np.all(np.abs(_moments.scaled_gram(x) - exact) <= bound)
 
 
+@pytest.mark.parametrize("scales", [(1.0, 1e-22), (1e-5, 1e-22), (1e18, 1e-18), (1e-25, 1e-25)])
+def test_float32_moments_of_mixed_scale_columns(rng, scales):
+    """A tiny column beside ordinary ones (its float32 squares subnormal): every entry of R within
+    float32's relative rounding of its own scale sqrt(R_aa R_bb), as in float64."""
+    g = (rng.standard_normal((4096, 8)) * np.repeat(scales, 4)).astype(np.float32)
+    exact = to_float64(g).T @ to_float64(g) / len(g)
+    (ours,) = _moments.second_moments(tracin.Gradients([g]), SimpleBar(), "float32")
+    scale = np.sqrt(np.outer(np.diag(exact), np.diag(exact)))
+    assert np.all(np.abs(ours - exact) <= 1e-5 * scale)
+
+
 def test_float32_products_in_range_are_not_redone(full, monkeypatch):
     """Ordinary gradients take the plain float32 product (bit for bit), never the scaled one."""
     train, _ = full

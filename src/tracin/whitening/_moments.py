@@ -6,11 +6,12 @@ Each block of at most BLOCK_ROWS rows is multiplied by BLAS (G^T G as a symmetri
 multithreaded) and its partial sum added into a float64 accumulator. precision="float32" multiplies
 in float32, as fast as NumPy's own float32 G.T @ G: the rounding of a partial stays within about
 BLOCK_ROWS * 2^-24 * sum_i |g_ia g_ib| per entry (typically sqrt(BLOCK_ROWS) times less) and does
-not grow with the number of blocks. A float32 partial that overflows, or whose diagonal stays below
-TINY_DIAGONAL (products near float32's subnormal range), is multiplied again with each column scaled
-by a power of two to a peak in [0.5, 1) and scaled back in float64: exact, so the same bound holds at
-any finite scale. precision="float64" multiplies in float64 (exact products of the float32 values,
-float64 sums) at about half the speed. NaN or Inf in a block raises the kernel's error, naming the
+not grow with the number of blocks. A float32 partial that overflows, or of a block with a non-zero
+column whose largest |value| is below TINY_PEAK (its products near float32's subnormal range), is
+multiplied again with each column scaled by a power of two to a peak in [0.5, 1) and scaled back in
+float64: exact, so the same bound holds at any finite scale, also for columns of mixed scales.
+precision="float64" multiplies in float64 (exact products of the float32 values, float64 sums) at
+about half the speed. NaN or Inf in a block raises the kernel's error, naming the
 side, block and first rows.
 """
 
@@ -29,7 +30,7 @@ from ..store._convert import bfloat16_bits_to_float32
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
 RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
-TINY_DIAGONAL = 2.0**-60  # largest diagonal entry of a float32 partial below which it is redone scaled
+TINY_PEAK = 2.0**-50  # a block with a non-zero column peak below this has its float32 partial redone scaled
 PRECISIONS = {"float32": np.float32, "float64": np.float64}  # the dtype of the block products
 
 
@@ -81,7 +82,7 @@ def second_moments(s: GradientSet, bar: Any, precision: str, name: str = "train"
             finite = bool(np.isfinite(product).all())
             if not finite and (precision == "float64" or not np.isfinite(x).all()):
                 raise non_finite_error(s, name)
-            if precision == "float32" and not (finite and product.diagonal().max(initial=0.0) >= TINY_DIAGONAL):
+            if precision == "float32" and not (finite and _no_tiny_column(x)):
                 product = scaled_gram(x)
             total += product
         del side
@@ -89,6 +90,12 @@ def second_moments(s: GradientSet, bar: Any, precision: str, name: str = "train"
     for total in acc:
         total /= s.n_rows
     return acc
+
+
+def _no_tiny_column(x: np.ndarray) -> bool:
+    """True unless a column of the float32 (n, k) block x is non-zero with its peak below TINY_PEAK."""
+    peaks = np.maximum(x.max(axis=0, initial=0.0), -x.min(axis=0, initial=0.0))
+    return not np.any((peaks > 0) & (peaks < TINY_PEAK))
 
 
 def scaled_gram(x: np.ndarray) -> np.ndarray:
