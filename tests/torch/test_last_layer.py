@@ -277,3 +277,82 @@ def test_factors_that_are_not_the_gradient_are_refused(mode, make, layer):
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
     with pytest.raises(ValueError, match=rf"mode='{mode}': the factors of \['{layer}'\] disagree.*Use mode='full'"):
         export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, mode=mode, progress=False)
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from tracin.torch import export_gradients
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 8000))
+x, y = torch.randn(32, 16), torch.randint(0, 8000, (32,))
+loss = torch.nn.CrossEntropyLoss(reduction="none")
+state = {k: v.clone() for k, v in model.state_dict().items()}
+loss(model(x), y).sum().backward()
+model.zero_grad(set_to_none=True)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+export_gradients(model, [(state, 1.0)], (x, y), loss, mode=sys.argv[1], layers=["2"], progress=False)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (8000 * 1025 * 4))
+"""
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "factored"])
+def test_the_first_rows_check_holds_a_few_copies_of_the_weight(mode):
+    """The check along random directions: peak memory a few copies of the head's weight (was about 11
+    dense copies: one per-example gradient per checked row, their stack, the outer products, 2.1 GB for
+    a Linear(1024, 32000) head). Peak RSS growth of the export, after one forward and backward pass."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 6.0, out.stdout  # 2.3 (last_layer) and 3.3 (factored); 13.2 and 13.7 before
+
+
+def test_bfloat16_factors_pass_the_check_and_match_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+    model = model.to(torch.bfloat16)
+    x, y = torch.randn(32, 16).bfloat16(), torch.randint(0, 10, (32,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss(o, t):
+        return nn.functional.cross_entropy(o.float(), t, reduction="none")
+
+    for mode, layers in (("last_layer", ["4"]), ("factored", ["0", "2", "4"])):
+        g = export_gradients(model, [(state, 1.0)], (x, y), loss, mode=mode, layers=layers, progress=False)
+        got = np.concatenate([as_full(g.left[c], g.right[c]) for c in range(len(layers))], axis=1)
+        names = [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]
+        want = float64_rows(model.float(), state, x.float(), y, loss, names)
+        model.to(torch.bfloat16)
+        err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        assert err.max() < 0.05
+
+
+class MCDropout(nn.Module):
+    """Dropout kept on in eval mode (MC dropout): the forward draws random numbers."""
+
+    def __init__(self, outside=0.0):
+        super().__init__()
+        self.a, self.b, self.outside = nn.Linear(6, 16), nn.Linear(16, 3), outside
+
+    def forward(self, x):
+        hidden = nn.functional.dropout(torch.tanh(self.a(x)), 0.1, training=True)
+        return self.b(hidden) + self.outside * x[:, :3] @ self.b.weight[:, :3].T
+
+
+@pytest.mark.parametrize("mode", ["factored", "last_layer"])
+def test_a_random_forward_is_checked_row_by_row_under_one_rng_state(mode):
+    """MC dropout was refused ('the factors disagree...'): each checked row's factors and derivatives now
+    see the same dropout mask, so it exports; a weight also used outside its layer is still refused, the
+    message naming the random forward."""
+    torch.manual_seed(0)
+    model = MCDropout()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    layers = ["a", "b"][mode == "last_layer" :]
+    g = export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode=mode, layers=layers, progress=False)
+    assert g.n_rows == 8 and all(np.isfinite(left).all() and np.abs(left).max() > 0 for left in g.left)
+    with pytest.raises(ValueError, match=r"\['b'\] disagree.*draws random numbers.*Use mode='full'"):
+        bad = MCDropout(outside=0.5)
+        export_gradients(bad, [(bad.state_dict(), 1.0)], (x, y), LOSS, mode=mode, layers=["b"], progress=False)

@@ -25,6 +25,29 @@ def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     return max(RTOL, eps), max(ATOL, eps / 4)
 
 
+DIRECTIONS = 3  # random (u, v) pairs a factored layer is checked along
+_DIRECTION_SEED = 0
+
+
+def directions(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIRECTIONS standard Gaussian float32 pairs (u, v) for a (rows, cols) matrix, as U (DIRECTIONS,
+    rows) and V (DIRECTIONS, cols): the same on every call and device (a fixed-seed CPU generator)."""
+    generator = torch.Generator().manual_seed(_DIRECTION_SEED)
+    u = torch.randn(DIRECTIONS, rows, generator=generator)
+    return u.to(device), torch.randn(DIRECTIONS, cols, generator=generator).to(device)
+
+
+def directions_agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when every directional derivative `got` (factors) is within rtol (|want| + scale) of `want`
+    (autograd), rtol of the check for `dtype`, `scale` the size a derivative along Gaussian directions
+    typically has (||u|| ||v|| ||left|| ||right|| / sqrt(len(u) len(v))); or both hold the same
+    non-finite value. All float64 tensors of one shape."""
+    rtol = tolerances(dtype)[0]
+    same = (got == want) | (got.isnan() & want.isnan())
+    excess = ((got - want).abs() - rtol * (want.abs() + scale)).masked_fill(same, 0)
+    return bool(excess.max().item() <= 0)  # False for NaN
+
+
 def checked_rows(inputs: Tree, targets: Tree, batch: int) -> tuple[Tree, Tree, int]:
     """The first min(CHECKED_ROWS, batch) rows of a batch: (inputs, targets, their count)."""
     rows = min(CHECKED_ROWS, batch)

@@ -9,17 +9,19 @@ per-layer products (L_t . L_i)(R_t . R_i), far fewer operations than the materia
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .capture import NotCaptured, capture
-from .data import Tree, batch_rows
-from .first_rows_check import agrees, checked_rows, example_gradients
+from .data import Tree, batch_rows, slice_rows
+from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree
 from .layer_rules import token_form
 from .layers import tied_first_names
-from .losses import LossFn
+from .losses import LossFn, losses_of
 
 
 class LinearFactors:
@@ -39,51 +41,98 @@ class LinearFactors:
         self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         try:
-            captured = self._captured(state, inputs, targets)
+            factors = self._row_factors(state, inputs, targets)
         except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self._full_layers()!r}.") from None
-        factors = [
-            (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
-            for (x, left), layer in zip(captured, self.layers, strict=True)
-        ]
         if not self.checked:
             self._check(state, inputs, targets, factors)
             self.checked = True
         return factors
 
     def _check(self, state, inputs: Tree, targets: Tree, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """The factors of the first rows against per-example autograd of each layer's parameters as its
-        forward uses them (a tied weight apart from its other names); ValueError naming the layers that
-        disagree (a weight also used outside its forward, a hook changing the output, examples mixed)."""
+        """The factors of the first rows against per-example autograd along random directions (no dense
+        per-example gradient): for each layer and Gaussian pair (u, v), d/dt loss_i(W + t u v^T) at t = 0,
+        the weight itself perturbed (its bias as the last column; a tied weight apart from its other
+        names), must equal (u . left_i)(right_i . v). ValueError naming the layers that disagree (a
+        weight also used outside its forward, a hook changing the output, examples mixed). A forward
+        drawing random numbers (dropout with training=True) is checked row by row instead, each row's
+        factors and derivatives under one RNG state (examples mixed then go unseen)."""
         head_inputs, head_targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         first = tied_first_names(self.model)
-        names = [
-            [n for n, _ in layer.named_parameters(prefix=name, remove_duplicate=False)]
-            for name, layer in zip(self.names, self.layers, strict=True)
-        ]
-        apart = {n: state[first[n]] for group in names for n in group if n in first}
-        flat = [n for group in names for n in group]
-        wants = list(
-            example_gradients(
-                self.model, {**state, **apart}, flat, self.loss_fn, head_inputs, head_targets, rows, False
-            )
-        )
-        bad = []
-        for k, (name, group, (left, right)) in enumerate(zip(self.names, names, factors, strict=True)):
-            offset = sum(len(g) for g in names[:k])
-            want_weight = torch.stack([w[offset] for w in wants])
-            weight_cols = want_weight.shape[2]
-            pairs = [(left[:rows, :, None] * right[:rows, None, :weight_cols], want_weight)]
-            if len(group) > 1:
-                pairs.append((left[:rows], torch.stack([w[offset + 1] for w in wants])))
-            if not agrees(pairs):
-                bad.append(name)
+        apart = {**state, **{n: state[f] for n, f in first.items()}}
+        heads = [(left[:rows], right[:rows]) for left, right in factors]
+        bad = self._disagreeing(state, apart, head_inputs, head_targets, rows, heads)
+        random = bool(bad) and self._random_forward(state, head_inputs, head_targets)
+        if random:
+            bad = self._disagreeing(state, apart, head_inputs, head_targets, rows, None)
         if bad:
             raise ValueError(
                 f"mode={self.mode!r}: the factors of {bad} disagree with per-example autograd on the first rows: "
                 "a weight also used outside its layer's forward, a forward hook changing a layer's output, or "
-                f"a layer mixing the examples of a batch. Use mode='full' with layers={self._full_layers()!r}."
+                "a layer mixing the examples of a batch"
+                + (" (the forward draws random numbers, e.g. dropout with training=True)" if random else "")
+                + f". Use mode='full' with layers={self._full_layers()!r}."
             )
+
+    def _disagreeing(self, state, apart, inputs: Tree, targets: Tree, rows: int, factors) -> list[str]:
+        """The layers whose factors (`factors`' first rows; None: each row's own, under the RNG state of
+        its derivatives) disagree with the derivatives of each row's loss along DIRECTIONS pairs."""
+        dirs = [
+            directions(out, cols, apart[f"{name}.weight"].device)
+            for name, (out, cols) in zip(self.names, self.dims, strict=True)
+        ]
+        got, want, scale = ([[] for _ in self.layers] for _ in range(3))
+        for i in range(rows):
+            x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
+            with _same_rng(dirs[0][0].device) as reseed:
+                row = [(left[i], right[i]) for left, right in factors] if factors is not None else None
+                if row is None:
+                    row = [(left[0], right[0]) for left, right in self._row_factors(state, x, y)]
+                    reseed()
+                derivatives = self._derivatives(apart, x, y, dirs)
+            for k, ((left, right), (u, v), d) in enumerate(zip(row, dirs, derivatives, strict=True)):
+                left, right, u, v = left.double(), right.double(), u.double(), v.double()
+                got[k].append((u @ left) * (v @ right))
+                want[k].append(d)
+                size = u.norm(dim=1) * v.norm(dim=1) / math.sqrt(u.shape[1] * v.shape[1])
+                scale[k].append(size * left.norm() * right.norm())
+        return [
+            name
+            for name, g, w, s in zip(self.names, got, want, scale, strict=True)
+            if not directions_agree(torch.cat(g), torch.cat(w), torch.cat(s), apart[f"{name}.weight"].dtype)
+        ]
+
+    def _derivatives(self, apart, inputs: Tree, targets: Tree, dirs) -> list[torch.Tensor]:
+        """Per layer, the (DIRECTIONS,) float64 derivatives d/dt_j loss(W + sum_j t_j u_j v_j^T) at t = 0 of
+        one example's loss (bias b + sum_j t_j u_j v_j[-1]), by one backward pass; `apart` has every name
+        of a tied tensor (tie_weights=False: only this layer's uses of its weight are perturbed)."""
+        ts, perturbed = [], {}
+        for name, layer, (u, v) in zip(self.names, self.layers, dirs, strict=True):
+            t = torch.zeros(DIRECTIONS, device=u.device, requires_grad=True)
+            ut = (u * t[:, None]).T  # (out, DIRECTIONS)
+            weight = apart[f"{name}.weight"]
+            perturbed[f"{name}.weight"] = weight + (ut @ v[:, : layer.in_features]).to(weight.dtype)
+            if layer.bias is not None:
+                bias = apart[f"{name}.bias"]
+                perturbed[f"{name}.bias"] = bias + (ut @ v[:, -1]).to(bias.dtype)
+            ts.append(t)
+        with torch.enable_grad():
+            loss = losses_of(self.model, {**apart, **perturbed}, self.loss_fn, inputs, targets, False).sum()
+            grads = torch.autograd.grad(loss, ts, allow_unused=True)
+        return [torch.zeros(DIRECTIONS, dtype=torch.float64) if g is None else g.double().cpu() for g in grads]
+
+    def _row_factors(self, state, inputs: Tree, targets: Tree) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(left (batch, out), right (batch, in [+ 1])) per layer; NotCaptured as _captured."""
+        return [
+            (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
+            for (x, left), layer in zip(self._captured(state, inputs, targets), self.layers, strict=True)
+        ]
+
+    def _random_forward(self, state, inputs: Tree, targets: Tree) -> bool:
+        """True when three forward passes on the same rows give different losses."""
+        with torch.no_grad():
+            first, *others = (losses_of(self.model, state, self.loss_fn, inputs, targets) for _ in range(3))
+        return not all(torch.equal(first, other) or torch.allclose(first, other, equal_nan=True) for other in others)
 
     def _full_layers(self) -> list[str]:
         """The layers= of mode="full" for the same parameters: a module name, or the parameter names
@@ -114,3 +163,15 @@ class LinearFactors:
                 )
             pairs.append((x[:, 0], dy[:, 0]))
         return pairs
+
+
+@contextlib.contextmanager
+def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
+    """A fixed RNG state inside (the caller's restored after); the callable sets it again."""
+
+    def reseed() -> None:
+        torch.manual_seed(0)
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        reseed()
+        yield reseed
