@@ -149,8 +149,37 @@ def test_which_pairs_of_two_are_one_pair_of_inputs_and_targets():
     assert as_batches((x, (y, w)), 8).n_rows == 4 and as_batches([x, [y, w]], 8).n_rows == 4
     two = as_batches([(x, y), (x[:2], y[:2])], 8)  # both items pairs: two batches
     assert two.n_rows == 6 and [len(t) for _, _, t in _collect(two)] == [4, 2]
-    with pytest.raises(TypeError, match="batch 0 must be an .* got dict"):  # both dicts: batches
-        as_batches([{"a": x}, {"b": y}], 8)
+    with pytest.raises(TypeError, match="batch 0 must be an .* got dict"):  # dicts of other rows: batches
+        as_batches([{"a": x}, {"b": y[:3]}], 8)
+
+
+def test_two_dicts_of_common_rows_are_one_pair_hugging_face_style():
+    """({'input_ids': x}, {'labels': y}) was refused as two dict batches (6332e45); it is one pair again."""
+    torch.manual_seed(0)
+    x, y, w = torch.randn(6, 4), torch.randint(0, 3, (6,)), torch.rand(6)
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, input_ids):
+            return self.lin(input_ids)
+
+    def loss(out, t):
+        return nn.functional.cross_entropy(out, t["labels"], reduction="none") * t["w"]
+
+    model = Keyword()
+    data = ({"input_ids": x}, {"labels": y, "w": w})
+    assert as_batches(data, 4).n_rows == 6 and as_batches(list(data), 4).n_rows == 6
+    g = export_gradients(model, [(model.state_dict(), 1.0)], data, loss, batch_size=4, progress=False)
+    twin = copy.deepcopy(model).double()
+    want = []
+    for i in range(6):
+        t = {"labels": y[i : i + 1], "w": w[i : i + 1].double()}
+        part = loss(twin(input_ids=x[i : i + 1].double()), t).sum()
+        want.append(torch.cat([p.reshape(-1) for p in torch.autograd.grad(part, list(twin.parameters()))]))
+    np.testing.assert_allclose(g.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_one_pair_may_have_a_dict_of_targets():

@@ -146,8 +146,9 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
 
 PAIR_RULE = (
     "a tuple or list of two is one (inputs, targets) pair when every leaf of it is a tensor or array, unless "
-    "both items are pairs (tuples / lists of two) or both dicts: that is a list of two batches (pass such "
-    "inputs and targets as a list of one batch, [((x, k), (y, w))])"
+    "both items are pairs (tuples / lists of two): that is a list of two batches (pass such inputs and "
+    "targets as a list of one batch, [((x, k), (y, w))]); two dicts are one pair ({'input_ids': ...}, "
+    "{'labels': ...}) when all their tensors share the size of dimension 0"
 )
 
 
@@ -157,7 +158,7 @@ def _is_pair(node: Any) -> bool:
 
 def _is_tensor_pair(data: Any) -> bool:
     """(inputs, targets) tensors rather than a sequence of batches, by PAIR_RULE."""
-    if not _is_pair(data) or all(_is_pair(d) for d in data) or all(isinstance(d, dict) for d in data):
+    if not _is_pair(data) or all(_is_pair(d) for d in data):
         return False
     leaves: list[Any] = []
 
@@ -171,7 +172,10 @@ def _is_tensor_pair(data: Any) -> bool:
             leaves.append(node)
 
     gather(data)
-    return all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves)
+    if not all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves):
+        return False
+    # two dict batches could not be read (a batch is a pair): two dicts are one pair, if their rows agree
+    return not all(isinstance(d, dict) for d in data) or len({leaf.shape[:1] for leaf in leaves}) == 1
 
 
 def check_sequential(loader: torch.utils.data.DataLoader) -> None:
