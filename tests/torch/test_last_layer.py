@@ -191,6 +191,30 @@ def test_last_layer_with_a_one_shot_generator_keeps_every_row():
     np.testing.assert_allclose(as_full(g.left[0], g.right[0]), want, rtol=1e-5, atol=1e-6)
 
 
+class _StoredGenerator(torch.utils.data.IterableDataset):
+    """Re-iterable in form, one-shot underneath: __iter__ hands out the same stored generator."""
+
+    def __init__(self, x, y):
+        self.batches = ((x[i : i + 4], y[i : i + 4]) for i in range(0, len(y), 4))
+
+    def __iter__(self):
+        return self.batches
+
+
+def test_last_layer_over_a_loader_of_one_stored_generator_keeps_every_row():
+    """Finding the layer read the first batch through one iterator and the export through another: the
+    first 4 of 10 rows were lost silently (rows 4..9 exported as rows 0..5). Now nothing is read twice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(_StoredGenerator(x, y), batch_size=None)
+    g = export_gradients(model, [(state, 1.0)], loader, LOSS, mode="last_layer", progress=False)
+    assert g.n_rows == 10
+    want = float64_rows(model, state, x, y, LOSS, ["2.weight", "2.bias"])
+    np.testing.assert_allclose(as_full(g.left[0], g.right[0]), want, rtol=1e-5, atol=1e-6)
+
+
 class TiedHead(nn.Module):
     """An embedding whose weight is also the decoder's (as GPT-2's lm_head and transformer.wte)."""
 

@@ -13,7 +13,6 @@ to the model positionally, a dict by keyword.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -214,17 +213,35 @@ def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
 _END = object()
 
 
-def first_row(data: Any) -> tuple[tuple[Tree, Tree] | None, Any]:
-    """(inputs, targets) of the first row of `data` (None when it has no rows), and the data to read
-    from then on: `data` itself, or for a one-shot iterator one yielding the batch read here first."""
-    source = data
-    if isinstance(data, Iterator):
-        head = next(data, _END)
-        if head is _END:
-            return None, data
-        source, data = [head], itertools.chain([head], data)
-    first = next(iter(as_batches(source, 1)), None)
-    return (None if first is None else first[1:]), data
+class _ReadAhead:
+    """An iterable whose first batch is read up front: its first pass goes on with the iterator that read
+    it (no batch lost or read twice, whatever the iterable: a generator, a DataLoader over an
+    IterableDataset handing out one stored generator...), later passes iterate the source anew."""
+
+    def __init__(self, source: Iterable):
+        self.source = source
+        self._iterator: Iterator | None = iter(source)
+        self.head = next(self._iterator, _END)
+
+    def __iter__(self) -> Iterator:
+        iterator, head = self._iterator, self.head
+        self._iterator = self.head = None
+        if iterator is None:
+            yield from self.source
+            return
+        if head is not _END:
+            yield head
+        yield from iterator
+
+
+def first_row(batches: Batches) -> tuple[Tree, Tree] | None:
+    """(inputs, targets) of the first row of `batches` (None when it has no rows), read ahead without
+    losing it: the first pass over `batches` goes on from the batch read here."""
+    source = batches.source = _ReadAhead(batches.source)
+    if source.head is _END:
+        return None
+    _, inputs, targets = next(iter(Batches([source.head], None, 1, one_shot=False)))
+    return inputs, targets
 
 
 def as_batches(data: Any, max_rows: int) -> Batches:

@@ -27,7 +27,7 @@ from .checkpoints import (
     tied_aliases,
     written_in_forward,
 )
-from .data import Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
+from .data import Batches, Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
 from .losses import check_loss_fn, check_loss_on
@@ -201,6 +201,7 @@ class _TorchExport:
         modules = dict(model.named_modules())
         self.last_layer = None
         extra: dict = {}
+        batches = as_batches(data, 1)  # max_rows set below, from the gradient size
         if kronecker is not None:  # (projection, checkpoints, preconditioner)
             names = select_parameters(model, layers)
             self.compute_rows = KroneckerRows(model, names, loss_fn, *kronecker)
@@ -224,8 +225,7 @@ class _TorchExport:
             self.inplace_width = self.compute_rows.width if inplace else None
         else:
             if mode == "last_layer":
-                name, data = _last_layer_name(model, layers, data, self.device)
-                linears = [name]
+                linears = [_last_layer_name(model, layers, batches, self.device)]
             else:
                 linears = linear_modules_of(model, select_parameters(model, layers))
             self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
@@ -248,8 +248,8 @@ class _TorchExport:
             self.inplace_width = None
         self.names = names
         self.fingerprints = {"model": model_digest(model), "loss": callable_identity(loss_fn), **extra}
-        rows_per_batch = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
-        self._batches = as_batches(data, rows_per_batch)
+        batches.max_rows = batch_size or max(1, min(_MAX_DEFAULT_BATCH, _BATCH_BYTES // (8 * row_elems)))
+        self._batches = batches
         self.n_rows, self.one_shot = self._batches.n_rows, self._batches.one_shot
 
     def batches(self) -> Iterator[_Batch]:
@@ -323,16 +323,16 @@ def _host(block: Any, float32: bool) -> Any:
     return block.numpy() if float32 else block
 
 
-def _last_layer_name(model: nn.Module, layers: list[str] | None, data: Any, device: torch.device) -> tuple[str, Any]:
-    """The layer of mode="last_layer" (the one named, else the last nn.Linear to run on the first row),
-    and the data to export (a one-shot iterator re-chained with the batch read to find the layer)."""
+def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batches, device: torch.device) -> str:
+    """The layer of mode="last_layer": the one named, else the last nn.Linear to run on the first row
+    (read ahead: the export's first pass over `batches` goes on from it, whatever the data)."""
     if layers is not None:
         if len(layers) != 1:
             raise ValueError(f"layers: mode='last_layer' takes one nn.Linear module name, got {layers}")
         linear_by_name(model, layers[0])
-        return layers[0], data
-    first, data = first_row(data)
+        return layers[0]
+    first = first_row(batches)
     if first is None:
         raise ValueError("data has no rows")
     inputs = tree_map(lambda t: t.to(device), first[0])
-    return last_linear(model, lambda: call_model(model, inputs)), data
+    return last_linear(model, lambda: call_model(model, inputs))
