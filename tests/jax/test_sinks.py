@@ -128,7 +128,7 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(mlp, data, tmp_path)
     export_gradients(mlp.loss_fn, ckpts, (x, y), store=path, progress=False)
     other = x.copy()
     other[-1] += 1  # same size, one input changed
-    with pytest.raises(ValueError, match=r"other inputs: the data \(inputs or targets\) differ, or the batch size does "):
+    with pytest.raises(ValueError, match=r"the data \(inputs or targets\) differ, or the batch size does "):
         export_gradients(mlp.loss_fn, ckpts, (other, y), store=path, progress=False)
     swapped = [(mlp.params[1], mlp.lrs[0]), (mlp.params[0], mlp.lrs[1])]  # same rates, other weights
     with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs; checkpoints\[1\] differs\. "):

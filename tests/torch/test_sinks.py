@@ -118,7 +118,7 @@ def test_resuming_with_other_data_or_checkpoints_is_refused(setup, tmp_path):
     export_gradients(model, checkpoints, (x, y), LOSS, progress=False, store=path)
     other_x = x.clone()
     other_x[-1] += 1  # same size, one input changed
-    with pytest.raises(ValueError, match=r"other inputs: the data \(inputs or targets\) differ, or the batch size does "):
+    with pytest.raises(ValueError, match=r"the data \(inputs or targets\) differ, or the batch size does "):
         export_gradients(model, checkpoints, (other_x, y), LOSS, progress=False, store=path)
     swapped = [(checkpoints[1][0], checkpoints[0][1])] + checkpoints[1:]  # same learning rates, other weights
     with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. "):
