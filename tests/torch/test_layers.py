@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -64,3 +66,48 @@ def test_last_linear_is_the_last_to_run_not_the_last_defined():
     conv = nn.Sequential(nn.Conv1d(1, 1, 1))
     with pytest.raises(ValueError, match="none ran"):
         last_linear(conv, lambda: conv(torch.randn(1, 1, 3)))
+
+
+class TiedLM(nn.Module):
+    """The head's weight is the embedding's (its first name), its bias its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 4), nn.Linear(4, 7)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_a_pattern_leaving_out_a_tied_weight_says_so():
+    """layers=['head'] exported head.bias alone without a word; the weight is chosen by its first name."""
+    with pytest.warns(UserWarning, match=r"leaves out 'head.weight' \(tied to 'emb.weight'\).*add \['emb.weight'\]"):
+        assert select_parameters(TiedLM(), ["head"]) == ["head.bias"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_parameters(TiedLM(), ["emb", "head"]) == ["emb.weight", "head.bias"]
+        assert select_parameters(TiedLM(), ["*"]) == ["emb.weight", "head.bias"]
+        assert select_parameters(TiedLM(), ["head"], note_tied=False) == ["head.bias"]
+
+
+def test_factored_mode_on_a_tied_head_names_the_tie_and_the_alternatives():
+    """Was "['head.weight'] of 'head' is not chosen" (with no way to choose it)."""
+    from tracin.torch import export_gradients
+
+    model = TiedLM()
+    data = (torch.randint(0, 7, (4,)), torch.randint(0, 7, (4,)))
+    with pytest.raises(
+        ValueError,
+        match=r"cannot factor 'head': 'head.weight' is tied to 'emb.weight'.*mode='last_layer' with "
+        r"layers=\['head'\].*mode='full' with layers=\['emb.weight', 'head.bias'\]",
+    ):
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            data,
+            nn.CrossEntropyLoss(reduction="none"),
+            mode="factored",
+            layers=["head"],
+            progress=False,
+        )

@@ -227,7 +227,7 @@ class _TorchExport:
             if mode == "last_layer":
                 linears = [_last_layer_name(model, layers, batches, self.device)]
             else:
-                linears = linear_modules_of(model, select_parameters(model, layers))
+                linears = linear_modules_of(model, select_parameters(model, layers, note_tied=False))
             self.compute_rows = LinearFactors(model, linears, loss_fn, mode)
             # a tied weight (a language model's head shared with its embedding) is known under its first name
             first = tied_first_names(model)

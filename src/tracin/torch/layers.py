@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -17,11 +18,12 @@ def _matches(name: str, pattern: str) -> bool:
     return matches(name, pattern, ".")
 
 
-def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
+def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note_tied: bool = True) -> list[str]:
     """Names of the chosen parameters, in the model's order.
 
     layers=None: every parameter with requires_grad. Otherwise every parameter (frozen or not)
-    matched by one of the patterns; each pattern must match at least one.
+    matched by one of the patterns; each pattern must match at least one. note_tied: a warning when
+    a pattern matches a tied second name whose first name is not chosen (it is left out).
     """
     params = dict(model.named_parameters())
     if layers is None:
@@ -44,7 +46,20 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None) -> l
                 f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
                 f"{' ...' if len(modules) > 30 else ''}"
             )
-    return [n for n in params if any(_matches(n, p) for p in layers)]
+    chosen = [n for n in params if any(_matches(n, p) for p in layers)]
+    left_out = {n: f for n, f in first.items() if f not in chosen and _matched(n, layers)}
+    if note_tied and left_out:
+        warnings.warn(
+            f"layers={layers!r} leaves out {'; '.join(f'{n!r} (tied to {f!r})' for n, f in left_out.items())}: a "
+            f"tied weight is exported under its first name only, when that is chosen (add {list(left_out.values())} "
+            "to layers= for its gradient over all its uses)",
+            stacklevel=4,  # export_gradients' caller
+        )
+    return chosen
+
+
+def _matched(name: str, patterns: Sequence[str]) -> bool:
+    return any(_matches(name, p) for p in patterns)
 
 
 def tied_first_names(model: nn.Module) -> dict[str, str]:
@@ -99,8 +114,20 @@ def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
         if owner not in owners:
             owners.append(owner)
     chosen = set(names)
+    first = tied_first_names(model)
     for owner in owners:
-        missing = [n for n, _ in modules[owner].named_parameters(prefix=owner) if n not in chosen]
+        params = [n for n, _ in modules[owner].named_parameters(prefix=owner)]
+        missing = [n for n in params if n not in chosen]
+        tied = [n for n in missing if n in first]
+        if tied:
+            full = [first.get(n, n) for n in params]
+            ties = "; ".join(f"{n!r} is tied to {first[n]!r}" for n in tied)
+            raise ValueError(
+                f"mode='factored' cannot factor {owner!r}: {ties}, "
+                "whose gradient over all its uses is not one outer product. Use mode='last_layer' with "
+                f"layers=[{owner!r}] (the gradient through {owner!r} only, under the first name), or mode='full' "
+                f"with layers={full!r}"
+            )
         if missing:
             raise ValueError(f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} is not chosen")
     return owners
