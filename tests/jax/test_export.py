@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import gc
+import weakref
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 import tracin
 from reference import assert_close_to_exact, factored_to_full
 from tracin._export.metadata import LEFT, RIGHT
-from tracin.jax import export_gradients
+from tracin.jax import export_gradients, per_example
 
 KERNELS = {"w1", "w2"}  # Flax-style (in, out) kernels: the reference (out, in) gradient transposed
 
@@ -103,7 +107,8 @@ def test_last_batch_is_padded_not_recompiled_and_each_export_compiles_once(mlp, 
     _close(ragged.matrices[1], ref)
     traces.clear()
     even = export_gradients(counted_loss, ckpts, (x[:64], y[:64]), batch_size=16, progress=False)
-    assert traces == [(16, 5), (1, 5)], "every export traces its loss again (no compilation shared between exports)"
+    # the compiled function is shared with the first export: only the abstract check traces the loss
+    assert traces == [(16, 5)], "a later export with the same loss, params and batch size reuses the compilation"
     np.testing.assert_array_equal(ragged.matrices[0][:64], even.matrices[0])
     traces.clear()
     export_gradients(counted_loss, ckpts, (x, y), batch_size=32, progress=False)
@@ -262,14 +267,18 @@ def test_projected_last_layer_factors_are_the_kronecker_projection(mlp, data):
 
 
 @pytest.mark.parametrize("mode", ["full", "last_layer", "kronecker"])
-def test_a_loss_reading_python_state_is_traced_again_by_the_next_export(mlp, data, mode):
-    """A loss reading a setting from a Python dict: an export after the setting changed sees the new value
-    (rows equal to the float64 reference of the scaled loss), not the first export's compilation."""
+def test_a_loss_is_traced_once_and_a_new_partial_is_traced_again(mlp, data, mode, per_example_jax_grad):
+    """Like jax.jit: a repeated export with the same loss object reuses its compilation (one trace of the
+    per-example loss in all, and the setting it read then), a functools.partial with another setting is a
+    new function: traced again, rows of the scaled loss (vs the float64 reference and a jax.grad loop)."""
     x, y = data
     config = {"scale": 1.0}
+    per_example_traces = []
 
-    def loss(params, inputs, targets):
-        return config["scale"] * mlp.loss_fn(params, inputs, targets)
+    def loss(params, inputs, targets, scale=None):
+        if inputs.shape[0] == 1:
+            per_example_traces.append(scale)
+        return (config["scale"] if scale is None else scale) * mlp.loss_fn(params, inputs, targets)
 
     kwargs = {"progress": False, "batch_size": 32}
     if mode == "last_layer":
@@ -277,13 +286,44 @@ def test_a_loss_reading_python_state_is_traced_again_by_the_next_export(mlp, dat
     if mode == "kronecker":
         kwargs.update(projection=tracin.Projection(16, seed=1, per_layer=True, kronecker=True))
     first = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
+    # full: one trace; last_layer: + the factors and kernel rows of check_layer_input on 4 examples;
+    # kronecker: + the weight-mapping jaxpr (traced by every export, not compiled)
+    assert len(per_example_traces) == {"full": 1, "last_layer": 3, "kronecker": 2}[mode], per_example_traces
+    first_count = len(per_example_traces) - (mode == "kronecker")
     config["scale"] = 3.0
-    second = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
-    for a, b in zip(_blocks(first), _blocks(second), strict=True):
+    again = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
+    for a, b in zip(_blocks(first), _blocks(again), strict=True):
+        np.testing.assert_array_equal(b, a)  # documented: the same function object, the same compilation
+    count = len(per_example_traces)
+    assert count == first_count + (mode == "kronecker") * 2, "the second export compiled the loss again"
+    tripled = export_gradients(functools.partial(loss, scale=3.0), [(mlp.params[0], 1.0)], (x, y), **kwargs)
+    assert per_example_traces[count:] and set(per_example_traces[count:]) == {3.0}
+    for a, b in zip(_blocks(first), _blocks(tripled), strict=True):
         np.testing.assert_allclose(b, 3.0 * a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
     if mode == "full":
         ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
-        _close(second.matrices[0], 3.0 * ref)
+        _close(tripled.matrices[0], 3.0 * ref)
+        oracle = per_example_jax_grad(lambda p, i, t: 3.0 * mlp.loss_fn(p, i, t), mlp.params[0], x[:8], y[:8])
+        np.testing.assert_allclose(tripled.matrices[0][:8], oracle, rtol=1e-5, atol=1e-6)
+
+
+def test_the_shared_compilation_does_not_keep_the_loss_alive(mlp, data):
+    x, y = data
+
+    def make_loss(weights):
+        return lambda params, inputs, targets: mlp.loss_fn(params, inputs, targets) + 0.0 * weights.sum()
+
+    loss = make_loss(jnp.ones(1000))
+    for kwargs in ({}, {"mode": "last_layer", "layers": ["l2"], "layer_input": mlp.hidden}):
+        export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), progress=False, **kwargs)
+    alive = weakref.ref(loss)
+    before = len(per_example._shared)
+    own = sum(any(r() is loss for r in refs) for refs, _ in per_example._shared)
+    assert own == 3  # full rows, last-layer factors, and check_layer_input's kernel rows
+    del loss
+    gc.collect()
+    assert alive() is None, "the compiled-function cache keeps the loss (and what it closes over) alive"
+    assert len(per_example._shared) == before - own, "its entries go with it"
 
 
 def _blocks(grads) -> list[np.ndarray]:

@@ -60,6 +60,10 @@ def export_gradients(
 
     loss_fn(params, inputs, targets) -> per-example losses, shape (batch,) (a reduced scalar is
         refused). It is differentiated one example at a time (jax.vmap of jax.grad over a batch of one).
+        As with jax.jit, it is traced once and the compiled function is reused by later exports with
+        the same function object (and params structure, mode, layers): a loss reading a Python setting
+        (a global, a dict) keeps the value it had when traced, so pass a new function when the setting
+        changes, e.g. functools.partial(loss, temperature=4.0). The cache holds loss_fn weakly.
     checkpoints: [(params, learning_rate)], params any pytree (nested dicts, Flax linen variables, NNX
         state, an Equinox module or its eqx.partition'ed arrays), or the path of an orbax checkpoint
         directory / Flax msgpack file. Every checkpoint must have the first one's structure. An entry

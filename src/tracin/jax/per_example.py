@@ -1,11 +1,14 @@
 """Compiled per-example gradients: jax.vmap(jax.grad(loss of one example)), jit-compiled once per
 batch shape (BatchPlan pads the last batch, so one compilation serves a whole export).
 
-Each export compiles its own functions (nothing is shared between export_gradients calls): a loss
-reading Python state (a global setting, a closure) is traced again by every export, as jax.grad is."""
+The compiled functions are shared by later exports with the same loss_fn object (shared_jit): like
+jax.jit, a loss is traced once, so one reading a Python setting must be passed as a new function
+(functools.partial(loss, temperature=4.0)) when the setting changes."""
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +20,53 @@ from .batches import Batch
 from .params import ParamLayout, layout_of
 
 LossFn = Callable[[Any, Any, Any], Any]
+
+_CACHE_SIZE = 8
+_shared: OrderedDict[tuple, Callable] = OrderedDict()
+
+
+def _weak(fn: Callable, on_death: Callable) -> weakref.ref:
+    """A weak reference to fn (a bound method by its object and function, as it is made anew on each access)."""
+    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+        return weakref.WeakMethod(fn, on_death)
+    return weakref.ref(fn, on_death)
+
+
+def _drop(dead: weakref.ref) -> None:
+    """Removes the entries of a collected function (so the cache never keeps a loss or its closure alive)."""
+    for key in [k for k in list(_shared) if any(r is dead for r in k[0])]:
+        _shared.pop(key, None)
+
+
+def _calling(ref: weakref.ref) -> Callable:
+    def call(*args: Any) -> Any:
+        fn = ref()
+        if fn is None:  # cannot happen while an export holds it: entries go with their functions
+            raise RuntimeError("a function compiled by tracin.jax was collected while in use")
+        return fn(*args)
+
+    return call
+
+
+def shared_jit(fns: tuple[Callable, ...], key: tuple, build: Callable[..., Callable]) -> Callable:
+    """jax.jit(build(*fns)), shared by later exports with the same function objects `fns` (loss_fn,
+    layer_input) and an equal `key` (mode, ParamLayout, dtype...: whatever else shapes the traced
+    function; batch shapes and dtypes are jax.jit's own cache key), so exporting train and test sets
+    traces once. `fns` are held weakly (build gets callers through weak references; an entry goes when
+    one of its functions is collected) and the last _CACHE_SIZE entries are kept. Functions that cannot be
+    weakly referenced or hashed, or an unhashable key (a static params leaf), compile for this export only."""
+    try:
+        refs = tuple(_weak(fn, _drop) for fn in fns)
+        full = (refs, key)
+        hash(full)
+    except TypeError:
+        return jax.jit(build(*fns))
+    if full not in _shared:
+        _shared[full] = jax.jit(build(*(_calling(r) for r in refs)))
+        while len(_shared) > _CACHE_SIZE:
+            _shared.popitem(last=False)
+    _shared.move_to_end(full)
+    return _shared[full]
 
 
 def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
@@ -60,14 +110,17 @@ class FullRows:
     """
 
     def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any):
-        per_example = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
+        def build(loss: LossFn) -> Callable:
+            per_example = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
 
-        def rows(selected, arrays, inputs, targets):
-            grads = per_example(selected, arrays, inputs, targets)
-            flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads]
-            return jnp.concatenate(flat, axis=1).astype(dtype)
+            def rows(selected, arrays, inputs, targets):
+                grads = per_example(selected, arrays, inputs, targets)
+                flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads]
+                return jnp.concatenate(flat, axis=1).astype(dtype)
 
-        self._rows = jax.jit(rows)  # this export's own: traced on its first batch
+            return rows
+
+        self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name), build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
         return self._rows(selected, arrays, batch.inputs, batch.targets)
@@ -107,15 +160,18 @@ class LastLayer:
         self._layer_input = layer_input
         layout = self.layout
 
-        delta = jax.vmap(jax.grad(_one_example_loss(loss_fn, layout)), in_axes=(None, None, 0, 0))
+        def build(loss: LossFn, inputs_of: Callable) -> Callable:
+            delta = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
 
-        def factors(selected, arrays, inputs, targets):
-            left = delta(selected, arrays, inputs, targets)[0]
-            x = layer_input(layout.merge(selected, arrays), inputs)
-            right = jnp.concatenate([x.astype(jnp.float32), jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-            return left.astype(jnp.float32), right
+            def factors(selected, arrays, inputs, targets):
+                left = delta(selected, arrays, inputs, targets)[0]
+                x = inputs_of(layout.merge(selected, arrays), inputs)
+                right = jnp.concatenate([x.astype(jnp.float32), jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
+                return left.astype(jnp.float32), right
 
-        self._factors = jax.jit(factors)
+            return factors
+
+        self._factors = shared_jit((loss_fn, layer_input), ("last_layer", layout), build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         return self._factors(selected, arrays, batch.inputs, batch.targets)

@@ -47,7 +47,7 @@ from ..projection import LayerMatrix, Projection
 from .batches import Batch
 from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
-from .per_example import _one_example_loss, check_per_example
+from .per_example import _one_example_loss, check_per_example, shared_jit
 
 _FACTORED_ADAM = (
     "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
@@ -127,7 +127,8 @@ class KroneckerRows:
             else None
         )
         splits = tuple(self.sites[k].split for k in self.mapped)
-        self._rows = jax.jit(rows_function(self.loss_fn, self.layout, self.mapped, splits))
+        layout, mapped, key = self.layout, self.mapped, ("kronecker_rows", self.layout, self.mapped, splits)
+        self._rows = shared_jit((self.loss_fn,), key, lambda loss: rows_function(loss, layout, mapped, splits))
 
     def _check_balanced(self) -> None:
         """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
