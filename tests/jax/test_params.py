@@ -3,6 +3,8 @@ and exported gradients against the float64 reference of conftest."""
 
 from __future__ import annotations
 
+import warnings
+
 import equinox as eqx
 import flax.linen as linen
 import jax
@@ -222,3 +224,26 @@ def test_floating_scalar_leaves_are_differentiated_like_jax_grad(scalar, per_exa
         np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     only_w = export_gradients(loss, ckpts, (x, y), layers=["w"], progress=False)  # t: an argument, not baked in
     np.testing.assert_array_equal(only_w.matrices[1], grads.matrices[1][:, 1:])
+
+
+def test_complex_leaves_are_constants_not_differentiated(per_example_jax_grad):
+    """A complex buffer (rotary table) is not a parameter column: jax.grad of a real loss w.r.t. it is
+    complex and a real row would drop its imaginary part (it was differentiated, with a ComplexWarning)."""
+    r = np.random.default_rng(5)
+    rot = jnp.exp(1j * jnp.arange(4, dtype=jnp.float32))
+    params = {"rot": rot, "w": jnp.asarray(r.standard_normal((4, 3)), jnp.float32), "z": np.complex64(1 + 2j)}
+    x, y = r.standard_normal((6, 4)).astype(np.float32), r.integers(0, 3, 6)
+
+    def loss(p, inputs, targets):
+        logits = jnp.real(inputs * p["rot"] * p["z"]) @ p["w"]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    layout = layout_of(params, None)
+    assert [layout.paths[i] for i in layout.selected] == ["w"] and layout.dim == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no complex-to-real cast
+        grads = export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+    ref = per_example_jax_grad(lambda w, i, t: loss({**params, "w": w}, i, t), params["w"], x, y)
+    np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError, match=r"'rot': complex leaves are constants, not differentiated"):
+        layout_of(params, ["rot"])

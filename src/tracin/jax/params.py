@@ -40,8 +40,8 @@ def leaf_path(path: tuple) -> str:
 
 
 def _is_float_scalar(leaf: Any) -> bool:
-    """A Python float or a floating NumPy scalar (np.float32(2.0)): differentiated by jax.grad as a 0-d array."""
-    return isinstance(leaf, float) or (isinstance(leaf, np.generic) and jnp.issubdtype(leaf.dtype, jnp.inexact))
+    """A Python float or a real floating NumPy scalar (np.float32(2.0)): differentiated by jax.grad as a 0-d array."""
+    return isinstance(leaf, float) or (isinstance(leaf, np.generic) and jnp.issubdtype(leaf.dtype, jnp.floating))
 
 
 def is_array_leaf(leaf: Any) -> bool:
@@ -51,11 +51,16 @@ def is_array_leaf(leaf: Any) -> bool:
 
 
 def is_float_leaf(leaf: Any) -> bool:
-    """True for leaves jax.grad differentiates: arrays of an inexact dtype (bfloat16, float16 and the float8
-    types of ml_dtypes included: jnp.issubdtype, np.issubdtype misses them) and floating scalars."""
+    """True for the leaves differentiated: arrays of a real floating dtype (bfloat16, float16 and the float8
+    types of ml_dtypes included: jnp.issubdtype, np.issubdtype misses them) and floating scalars. Complex
+    leaves (a rotary embedding's table) are constants: a real row has no place for their imaginary part."""
     return _is_float_scalar(leaf) or (
-        isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+        isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.floating)
     )
+
+
+def _is_complex(leaf: Any) -> bool:
+    return isinstance(leaf, complex) or (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating))
 
 
 def host_array(leaf: Any) -> np.ndarray:
@@ -219,8 +224,10 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
         for p in patterns:
             if not any(matches(paths[i], p) for i in floats):
                 shown = ", ".join(repr(paths[i]) for i in floats[:8])
+                complex_ = [paths[i] for i, leaf in enumerate(leaves) if _is_complex(leaf) and matches(paths[i], p)]
+                why = f" ({', '.join(map(repr, complex_))}: complex leaves are constants, not differentiated)"
                 raise ValueError(
-                    f"layers: pattern {p!r} matches no floating-point parameter; "
+                    f"layers: pattern {p!r} matches no floating-point parameter{why if complex_ else ''}; "
                     f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}"
                 )
     chosen = set(selected)
