@@ -123,20 +123,34 @@ def _container_cases(tmp_path):
     frozen = freeze({"params": {"w": _W}})
     saved = tmp_path / "c1.msgpack"
     saved.write_bytes(serialization.to_bytes(frozen))  # restored as plain dicts
-    dict_then_frozen = r"'params/w' is a flax.core.frozen_dict.FrozenDict here and a dict in the first checkpoint"
+    held = "the node holding "
+    dict_then_frozen = (
+        held + r"'params/w' is a flax.core.frozen_dict.FrozenDict here and a dict in the first checkpoint"
+    )
     return [
-        ([frozen, saved], lambda p: p["params"]["w"], r"'params/w' is a dict here and a flax.core.frozen_dict"),
+        ([frozen, saved], lambda p: p["params"]["w"], held + r"'params/w' is a dict here and a flax.core.frozen_dict"),
         ([{"params": {"w": _W}}, frozen], lambda p: p["params"]["w"], dict_then_frozen),
-        ([{"w": [_W]}, {"w": (_W,)}], lambda p: p["w"][0], r"'w/0' is a tuple here and a list in the first"),
+        ([{"w": [_W]}, {"w": (_W,)}], lambda p: p["w"][0], held + r"'w/0' is a tuple here and a list in the first"),
         (
             [_Tagged(_W, "a"), _Tagged(_W, "b")],
             lambda p: p.w,
-            r"'w' \(a [\w.]*_Tagged\) has other static",
+            held + r"'w' \(a [\w.]*_Tagged\) has other static",
+        ),
+        # nodes without leaves: named by the next leaf (it said 'the node holding' the next leaf)
+        (
+            [{"s": {}, "w": _W}, {"s": [], "w": _W}],
+            lambda p: p["w"],
+            r"an empty node before 'w' is a list here and a dict in the first",
+        ),
+        (
+            [{"w": _W, "z": None}, {"w": _W, "z": ()}],
+            lambda p: p["w"],
+            r"an empty node after the last leaf is a tuple here and a NoneType in the first",
         ),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_checkpoints_differing_only_in_containers_name_the_first_differing_node(data, tmp_path, case):
     """Same leaf paths, other container types (a FrozenDict first checkpoint, its msgpack save restored as
     dicts; a list vs a tuple) or other static data: the node and both types are named (the message was
@@ -151,7 +165,7 @@ def test_checkpoints_differing_only_in_containers_name_the_first_differing_node(
     with pytest.raises(
         ValueError,
         match=r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf "
-        r"paths but other containers: the node holding " + message + ".*flax.core.unfreeze",
+        r"paths but other containers: " + message + ".*flax.core.unfreeze",
     ):
         export_gradients(loss, [(p, 1.0) for p in params], (x, y), progress=False)
 

@@ -163,11 +163,17 @@ def _type_name(t: type) -> str:
 
 def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> str | None:
     """Where two treedefs with the same leaf paths first differ (depth first), named by the first leaf
-    under that node: its type, or its static data (e.g. an Equinox module's fields) when the types agree."""
+    under that node (an empty node: by the leaf after it): its type, or its static data (e.g. an Equinox
+    module's fields) when the types agree."""
     a, b = first.node_data(), other.node_data()
     if a is None and b is None:
         return None
-    where = f"the node holding {paths[offset]!r}" if offset < len(paths) else "a node without leaves"
+    if first.num_leaves:
+        where = f"the node holding {paths[offset]!r}"
+    else:  # {} / [] / None / (): named by the next leaf, as it holds none
+        where = (
+            f"an empty node before {paths[offset]!r}" if offset < len(paths) else "an empty node after the last leaf"
+        )
     if a is None or b is None or a[0] is not b[0]:
         ta, tb = (_type_name(d[0]) if d is not None else "leaf" for d in (a, b))
         return f"{where} is a {tb} here and a {ta} in the first checkpoint"
