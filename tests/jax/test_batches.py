@@ -105,6 +105,34 @@ def test_two_pairs_are_two_batches_and_the_error_says_why():
         list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list leaf: not arrays
 
 
+@pytest.mark.parametrize("projection", [None, tracin.Projection(8, seed=0, per_layer=True, kronecker=True)])
+def test_a_loss_failing_on_two_pairs_read_as_two_batches_says_how_they_were_read(per_example_jax_grad, projection):
+    """((x, mask), (y, w)) is two batches by PAIR_RULE: the loss fails on (x, mask) as one batch's
+    (inputs, targets), and the error says so and how to pass it as one dataset; that form works."""
+    r = np.random.default_rng(9)
+    x, mask = r.standard_normal((6, 4)).astype(np.float32), np.ones((6, 4), np.float32)
+    y, w = r.integers(0, 3, 6), r.uniform(0.5, 2, 6).astype(np.float32)
+    params = {"w": r.standard_normal((4, 3)).astype(np.float32)}
+
+    def loss(p, inputs, targets):
+        (xs, ms), (ys, ws) = inputs, targets
+        logits = (xs * ms) @ p["w"]
+        return ws * -jnp.take_along_axis(jax.nn.log_softmax(logits), ys[:, None], axis=1)[:, 0]
+
+    data = ((x, mask), (y, w))
+    with pytest.raises(
+        ValueError,
+        match=r"failed on a batch of 6: .*data was read as two batches, \(inputs, "
+        r"targets\) = data\[0\] then data\[1\].*as a list of one batch, \[\(\(x, k\), \(y, w\)\)\]",
+    ):
+        export_gradients(loss, [(params, 1.0)], data, projection=projection, progress=False)
+    grads = export_gradients(loss, [(params, 1.0)], [data], progress=False)
+    ref = per_example_jax_grad(loss, params, (x, mask), (y, w))
+    np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    with pytest.raises(ValueError, match=r"failed on a batch of 6: [^;]*$"):  # no note for an unambiguous pair
+        export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
+
+
 def test_typed_prng_keys_in_inputs_and_params(per_example_jax_grad, tmp_path):
     """New-style keys (jax.random.key, a key dtype NumPy cannot hold) in the inputs and in the params:
     fingerprinted by their key_data; rows vs the per-example jax.grad loop, with and without a store."""

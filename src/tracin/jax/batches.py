@@ -72,6 +72,20 @@ def _is_array_pair(data: Any) -> bool:
     return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
 
 
+def _two_batches_note(data: Any) -> str:
+    """For data that PAIR_RULE reads as two batches although it could be one dataset (both items pairs of
+    arrays): how it was read and the workaround, added to a loss_fn error ("" otherwise)."""
+    if not (_is_pair(data) and _is_pair(data[0]) and _is_pair(data[1])):
+        return ""
+    if not all(hasattr(a, "shape") for a in jax.tree_util.tree_leaves(data)):
+        return ""
+    return (
+        "; data was read as two batches, (inputs, targets) = data[0] then data[1], as both its items are pairs: "
+        "if it is one dataset whose inputs and targets are both pairs, pass it as a list of one batch, "
+        "[((x, k), (y, w))]"
+    )
+
+
 def _slice(tree: Any, start: int, stop: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
@@ -94,7 +108,7 @@ class BatchPlan:
     batches; inputs and targets may be pytrees of arrays, targets None (no arrays) for a loss that
     ignores them (passed on as None). Which of the two a tuple or list of two is: PAIR_RULE.
     batch_size: the padded size (default: 64 for arrays, the first batch's size for iterables);
-    longer batches are cut into pieces.
+    longer batches are cut into pieces. note: how ambiguous data was read, for loss_fn errors ("" if not).
     """
 
     def __init__(self, data: Any, batch_size: int | None):
@@ -118,6 +132,7 @@ class BatchPlan:
             self.n_rows = self._count_rows(data)
             self.size = batch_size
         self.one_shot = not self._pair and iter(data) is data
+        self.note = _two_batches_note(data)
 
     @staticmethod
     def _count_rows(data: Any) -> int | None:

@@ -201,7 +201,7 @@ class _JaxExport:
     def batches(self) -> Iterator[Batch]:
         for batch in self.plan:
             if self.kronecker is not None:
-                self.kronecker.prepare(batch)  # the first batch fixes the layout
+                self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
             yield batch
 
     def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -224,7 +224,7 @@ class _JaxExport:
 
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
         selected, arrays, params = state
-        check_per_example(self.loss_fn, self.layout, selected, arrays, batch)
+        check_per_example(self.loss_fn, self.layout, selected, arrays, batch, self.plan.note)
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.check_layer_input(params, batch)
 

@@ -81,23 +81,25 @@ def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
     return loss
 
 
-def check_per_example(loss_fn: LossFn, layout: ParamLayout, selected: list, arrays: list, batch: Batch) -> None:
+def check_per_example(
+    loss_fn: LossFn, layout: ParamLayout, selected: list, arrays: list, batch: Batch, note: str = ""
+) -> None:
     """Raises ValueError unless loss_fn returns one loss per example (shape (batch,)), traced
-    abstractly (nothing is computed)."""
+    abstractly (nothing is computed). note: appended to the errors (how the data was read)."""
     size = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
     try:
         out = jax.eval_shape(
             lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), selected, arrays, batch.inputs, batch.targets
         )
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
-        raise ValueError(f"loss_fn(params, inputs, targets) failed on a batch of {size}: {err}") from err
+        raise ValueError(f"loss_fn(params, inputs, targets) failed on a batch of {size}: {err}{note}") from err
     shape = getattr(out, "shape", None)
     if shape != (size,):
         hint = " (a mean or sum over the batch?)" if shape == () else ""
         raise ValueError(
             f"loss_fn must return per-example losses of shape ({size},) for a batch of {size}, "
             f"got {shape if shape is not None else type(out).__name__}{hint}; return the "
-            f"unreduced losses, e.g. optax.softmax_cross_entropy_with_integer_labels(...) without .mean()"
+            f"unreduced losses, e.g. optax.softmax_cross_entropy_with_integer_labels(...) without .mean(){note}"
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}")

@@ -96,12 +96,12 @@ class KroneckerRows:
 
     # --- the layout, fixed by the first batch ---
 
-    def prepare(self, batch: Batch) -> None:
+    def prepare(self, batch: Batch, note: str = "") -> None:
         """Traces one example of `batch`, maps the weights it can, warns about the weights it cannot,
-        and compiles the rows function."""
+        and compiles the rows function. note: how the data was read, for loss_fn errors."""
         if self.sites is not None:
             return
-        check_per_example(self.loss_fn, self.layout, *self._avals, batch)  # its errors before the tracer's
+        check_per_example(self.loss_fn, self.layout, *self._avals, batch, note)  # its errors before the tracer's
         example = _avals((batch.inputs, batch.targets), strip=1)
         _, self.sites, reasons = trace_sites(self.loss_fn, self.layout, *self._avals, example)
         if reasons:
