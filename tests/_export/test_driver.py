@@ -222,6 +222,32 @@ def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
         export(_Scaled(_data(size=5)), CKPTS, _options(tmp_path / "g"), [])  # the same rows, batched otherwise
 
 
+def test_resuming_with_other_parameters_says_so_before_the_checkpoint_digests(tmp_path):
+    """A newer version differentiating one more leaf changes the columns and the checkpoint digests (which
+    cover that leaf): the message names the parameters, not 'checkpoints[0] differs'."""
+    export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [])
+
+    class _MoreLeaves(_Scaled):
+        params = [("w", (3,)), ("drop/p", ())]
+        slot_dims, segments = [4], [3, 1]
+
+        def state_digest(self, source, index):
+            return f"{source['scale']} with p"
+
+    with pytest.raises(
+        ValueError,
+        match=r"g holds gradients of other parameters than this export's: only here: 'drop/p' \(3 columns there, "
+        r"4 here\); another model or layers=, or a tracin version that differentiates other leaves\. Rows",
+    ):
+        export(_MoreLeaves(_data()), CKPTS, _options(tmp_path / "g"), [])
+
+    class _Wider(_Scaled):
+        params = [("w", (5,))]
+
+    with pytest.raises(ValueError, match=r"other parameters than this export's: 'w' \[3\] there, \[5\] here \(3 col"):
+        export(_Wider(_data()), CKPTS, _options(tmp_path / "g"), [])
+
+
 def test_checkpoint_sources_say_how_each_digest_was_made(tmp_path):
     np.save(tmp_path / "scale.npy", np.float32(3.0))
 

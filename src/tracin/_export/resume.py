@@ -1,9 +1,10 @@
 """Naming what changed when an export is run again into a store written from other inputs.
 
 The store refuses any spec change on its own (with both metadata dicts in full); this check comes
-first and says in words which fingerprinted input differs: the data, a checkpoint, the model's
-structure or the loss function. A store exported before metadata["checkpoint_sources"] was recorded
-resumes without it, with the digests it holds of in-memory checkpoints (as_exported_before).
+first and says in words which parameters (columns) differ, else which fingerprinted input does: the
+data, a checkpoint, the model's structure or the loss function. A store exported before
+metadata["checkpoint_sources"] was recorded resumes without it, with the digests it holds of
+in-memory checkpoints (as_exported_before).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 _WHAT = {
     "data": "the data (inputs or targets) differ, or the batch size does (the data is fingerprinted batch by batch: "
@@ -41,6 +44,26 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
                 _WHAT.get(key, f"fingerprint {key!r} differs") + detail + _unrecorded(before.get(key), now.get(key))
             )
     return changes
+
+
+def changed_params(before: Any, now: Any) -> str | None:
+    """How two exports' metadata["params"] ([{"name", "shape"}] in row order) differ, in words; None when they
+    are equal or not both such lists."""
+    if before == now or not all(isinstance(p, list) and all(isinstance(e, dict) for e in p) for p in (before, now)):
+        return None
+    shapes = [{e.get("name"): e.get("shape") for e in p} for p in (before, now)]
+    parts = []
+    for names, where in ((shapes[0].keys() - shapes[1].keys(), "there"), (shapes[1].keys() - shapes[0].keys(), "here")):
+        if names:
+            parts.append(f"only {where}: {', '.join(map(repr, sorted(map(str, names))[:5]))}")
+    parts += [
+        f"{n!r} {shapes[0][n]} there, {shapes[1][n]} here"
+        for n in shapes[0]
+        if n in shapes[1] and shapes[0][n] != shapes[1][n]
+    ]
+    columns = [sum(int(np.prod(e.get("shape") or [], dtype=np.int64)) for e in p) for p in (before, now)]
+    what = "; ".join(parts[:5]) or "the same parameters in another order"
+    return f"{what} ({columns[0]} columns there, {columns[1]} here)"
 
 
 def _unrecorded(before: Any, now: Any) -> str:
@@ -96,6 +119,13 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
     existing = _existing_metadata(path)
     if existing is None or not isinstance(metadata.get("fingerprints"), dict):
         return
+    params = changed_params(existing.get("params"), metadata.get("params"))
+    if params:  # first: other columns change the checkpoint digests too (a leaf newly differentiated)
+        raise ValueError(
+            f"{os.fspath(path)} holds gradients of other parameters than this export's: {params}; another "
+            "model or layers=, or a tracin version that differentiates other leaves. Rows of other columns "
+            "cannot be mixed: export into another directory, or delete this one"
+        )
     changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"])
     if changes:
         raise ValueError(
