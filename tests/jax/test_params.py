@@ -247,3 +247,42 @@ def test_complex_leaves_are_constants_not_differentiated(per_example_jax_grad):
     np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
     with pytest.raises(ValueError, match=r"'rot': complex leaves are constants, not differentiated"):
         layout_of(params, ["rot"])
+
+
+class _Scaled(eqx.Module):
+    lin: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+    temperature: float
+
+    def __call__(self, x):
+        return self.drop(self.lin(x), inference=True) / self.temperature
+
+
+def test_float_fields_of_equinox_modules_are_static_as_in_eqx_filter_grad(per_example_jax_grad):
+    """Dropout.p and a float field are settings for Equinox (eqx.is_array is False, eqx.filter_grad leaves
+    them alone): not columns, not in the checkpoint digest; a float in a dict is still a parameter."""
+    from tracin.jax.checkpoints import state_digest
+
+    r = np.random.default_rng(6)
+    x, y = r.standard_normal((8, 4)).astype(np.float32), r.integers(0, 3, 8)
+    model = _Scaled(eqx.nn.Linear(4, 3, key=jax.random.PRNGKey(0)), eqx.nn.Dropout(0.1), 2.0)
+
+    def loss(m, inputs, targets):
+        return -jnp.take_along_axis(jax.nn.log_softmax(jax.vmap(m)(inputs)), targets[:, None], axis=1)[:, 0]
+
+    grads = export_gradients(loss, [(model, 1.0)], (x, y), progress=False)
+    assert [p["name"] for p in grads.metadata["params"]] == ["lin/weight", "lin/bias"] and grads.dims == (15,)
+    arrays, static = eqx.partition(model, eqx.is_inexact_array)
+    ref = per_example_jax_grad(lambda a, i, t: loss(eqx.combine(a, static), i, t), arrays, x, y)
+    assert ref.shape == (8, 15)  # eqx.filter_grad's columns
+    np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert (
+        state_digest(model)
+        == state_digest(eqx.tree_at(lambda m: m.drop.p, model, 0.5))
+        != state_digest(eqx.tree_at(lambda m: m.lin.bias, model, model.lin.bias + 1))
+    )
+    with pytest.raises(ValueError, match=r"non-array leaf 'temperature' differs"):
+        export_gradients(loss, [(model, 1.0), (eqx.tree_at(lambda m: m.temperature, model, 3.0), 1.0)], (x, y))
+    in_dict = layout_of({"m": model.lin, "t": 2.0}, None)  # the Linear is a module: its dict is Equinox's too
+    assert [in_dict.paths[i] for i in in_dict.selected] == ["m/weight", "m/bias"]
+    assert [p for p, _ in layout_of({"w": model.lin.weight, "t": 2.0}, None).describe()] == ["t", "w"]

@@ -15,7 +15,7 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays
 from .._export.preconditioner import AdamMoments, check_moments
-from .params import host_array, is_array_leaf, leaf_path
+from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
 
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
@@ -82,11 +82,11 @@ def _by_path(tree: Any) -> dict[str, Any]:
 
 def state_digest(params: Any) -> str:
     """Fingerprint of an in-memory params pytree: the paths and contents of its array leaves, floating
-    scalars included (other leaves are compared by the layout). (A checkpoint path is fingerprinted by
-    its bytes, in tracin._export.)"""
-    arrays = []
+    scalars included unless in an Equinox module (other leaves are compared by the layout). (A checkpoint
+    path is fingerprinted by its bytes, in tracin._export.)"""
+    arrays, scalars = [], scalars_are_parameters(params)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if is_array_leaf(leaf):
+        if is_array_leaf(leaf, scalars):
             arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), host_array(leaf)]
     return digest_arrays(arrays)
 

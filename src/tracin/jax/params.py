@@ -9,6 +9,7 @@ leaves in this order.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +45,29 @@ def _is_float_scalar(leaf: Any) -> bool:
     return isinstance(leaf, float) or (isinstance(leaf, np.generic) and jnp.issubdtype(leaf.dtype, jnp.floating))
 
 
-def is_array_leaf(leaf: Any) -> bool:
-    """True for JAX / NumPy arrays and floating scalars (passed to the compiled functions as arguments);
-    other leaves (functions, ints, strings...) are static."""
-    return isinstance(leaf, (jax.Array, np.ndarray)) or _is_float_scalar(leaf)
+def scalars_are_parameters(params: Any) -> bool:
+    """Whether floating scalar leaves of `params` are parameters: yes for plain pytrees (dicts, lists, Flax), as
+    jax.grad differentiates them; no when it is or holds an Equinox module, whose float fields (Dropout.p)
+    are settings that eqx.filter_grad leaves alone (eqx.is_array is False for them): static there."""
+    eqx = sys.modules.get("equinox")  # imported wherever params hold a module
+    if eqx is None:
+        return True
+    nodes = jax.tree_util.tree_leaves(params, is_leaf=lambda node: isinstance(node, eqx.Module))
+    return not any(isinstance(node, eqx.Module) for node in nodes)
 
 
-def is_float_leaf(leaf: Any) -> bool:
+def is_array_leaf(leaf: Any, scalars: bool = True) -> bool:
+    """True for JAX / NumPy arrays and (if `scalars`: scalars_are_parameters) floating scalars, passed to
+    the compiled functions as arguments; other leaves (functions, ints, strings...) are static."""
+    return isinstance(leaf, (jax.Array, np.ndarray)) or (scalars and _is_float_scalar(leaf))
+
+
+def is_float_leaf(leaf: Any, scalars: bool = True) -> bool:
     """True for the leaves differentiated: arrays of a real floating dtype (bfloat16, float16 and the float8
-    types of ml_dtypes included: jnp.issubdtype, np.issubdtype misses them) and floating scalars. Complex
-    leaves (a rotary embedding's table) are constants: a real row has no place for their imaginary part."""
-    return _is_float_scalar(leaf) or (
+    types of ml_dtypes included: jnp.issubdtype, np.issubdtype misses them) and, if `scalars`, floating
+    scalars. Complex leaves (a rotary embedding's table) are constants: a real row has no place for their
+    imaginary part."""
+    return (scalars and _is_float_scalar(leaf)) or (
         isinstance(leaf, (jax.Array, np.ndarray)) and jnp.issubdtype(leaf.dtype, jnp.floating)
     )
 
@@ -83,8 +96,8 @@ class ParamLayout:
     treedef: the pytree structure; paths: every leaf's path; selected: indices of the
     differentiated leaves (in flatten order); arrays: indices of the other array leaves (passed to
     the compiled function as arguments); static: leaves that are not arrays (functions, ints...),
-    baked into the compiled function. Floating scalars count as 0-d arrays (is_array_leaf). kinds: per
-    leaf its _kind (what it is, for the checkpoint comparison).
+    baked into the compiled function. Floating scalars count as 0-d arrays (is_array_leaf), except in
+    Equinox modules. kinds: per leaf its _kind (what it is, for the checkpoint comparison).
     """
 
     treedef: Any
@@ -187,7 +200,7 @@ def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int 
     return None
 
 
-def _kind(leaf: Any) -> tuple[str, str]:
+def _kind(leaf: Any, scalars: bool) -> tuple[str, str]:
     """(category, description) of a leaf: a floating array or scalar (differentiable), another array, or a
     static value; e.g. ("a floating array or scalar", "float32 array"), ("a static (non-array) value", "int")."""
     if isinstance(leaf, (jax.Array, np.ndarray)):
@@ -196,9 +209,9 @@ def _kind(leaf: Any) -> tuple[str, str]:
         what = f"NumPy {leaf.dtype} scalar"
     else:
         what = type(leaf).__name__
-    if is_float_leaf(leaf):
+    if is_float_leaf(leaf, scalars):
         return "a floating array or scalar", what
-    if is_array_leaf(leaf):
+    if is_array_leaf(leaf, scalars):
         return "a non-floating array", what
     return "a static (non-array) value", what
 
@@ -212,14 +225,15 @@ def _equal(a: Any, b: Any) -> bool:
 
 def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     """The ParamLayout of `params` with the floating leaves matched by `layers` selected
-    (all floating leaves, floating scalars included, when layers is None)."""
+    (all floating leaves, floating scalars included unless in an Equinox module, when layers is None)."""
+    scalars = scalars_are_parameters(params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not flat:
         raise ValueError("params has no leaves: expected a pytree of arrays")
     paths = tuple(leaf_path(p) for p, _ in flat)
     leaves = [leaf for _, leaf in flat]
-    shapes = tuple(tuple(np.shape(leaf)) if is_array_leaf(leaf) else () for leaf in leaves)
-    floats = [i for i, leaf in enumerate(leaves) if is_float_leaf(leaf)]
+    shapes = tuple(tuple(np.shape(leaf)) if is_array_leaf(leaf, scalars) else () for leaf in leaves)
+    floats = [i for i, leaf in enumerate(leaves) if is_float_leaf(leaf, scalars)]
     if not floats:
         raise ValueError("params has no floating-point array leaves to differentiate")
     if layers is None:
@@ -237,9 +251,9 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
                     f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}"
                 )
     chosen = set(selected)
-    arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and is_array_leaf(leaf)]
-    static = [(i, leaf) for i, leaf in enumerate(leaves) if not is_array_leaf(leaf)]
-    kinds = tuple(_kind(leaf) for leaf in leaves)
+    arrays = [i for i, leaf in enumerate(leaves) if i not in chosen and is_array_leaf(leaf, scalars)]
+    static = [(i, leaf) for i, leaf in enumerate(leaves) if not is_array_leaf(leaf, scalars)]
+    kinds = tuple(_kind(leaf, scalars) for leaf in leaves)
     return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static), kinds)
 
 
