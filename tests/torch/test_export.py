@@ -198,6 +198,19 @@ def test_every_data_form_gives_the_same_rows(trained):
     np.testing.assert_allclose(one.matrices[0], expected.matrices[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["full", "factored", "last_layer"])
+def test_a_dataset_is_read_in_batches_of_batch_size(trained, mode):
+    """A map-style Dataset is batched like a tensor pair (batch_size rows per forward), not row by row."""
+    model, checkpoints, (x, y), _ = trained
+    sizes: list[int] = []
+    hook = model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    try:
+        export_gradients(model, checkpoints[:1], TensorDataset(x, y), LOSS, mode=mode, batch_size=16, progress=False)
+    finally:
+        hook.remove()
+    assert sizes.count(16) >= 2 and sizes.count(1) <= 4  # the first-row and first-rows checks run on a few rows
+
+
 def test_data_errors_are_explained(trained):
     model, checkpoints, (x, y), _ = trained
     with pytest.raises(ValueError, match="shuffle=False"):

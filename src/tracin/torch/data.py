@@ -107,7 +107,8 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[int, Tree, Tree]]:
         """Yields (start row, inputs, targets); big incoming batches are split into max_rows pieces."""
         start = 0
-        for i, batch in enumerate(self.source):
+        source = self.source.loader(self.max_rows) if isinstance(self.source, _InOrder) else self.source
+        for i, batch in enumerate(source):
             inputs, targets = (as_tensors(part) for part in _split_pair(batch, f"batch {i}"))
             rows = batch_rows(targets, f"the targets of batch {i}")
             in_rows = batch_rows(inputs, f"the inputs of batch {i}")
@@ -213,6 +214,16 @@ def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
 _END = object()
 
 
+@dataclass
+class _InOrder:
+    """A map-style Dataset, read in order in batches of the size the export settles on."""
+
+    dataset: torch.utils.data.Dataset
+
+    def loader(self, batch_size: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False)
+
+
 class _ReadAhead:
     """An iterable whose first batch is read up front: its first pass goes on with the iterator that read
     it (no batch lost or read twice, whatever the iterable: a generator, a DataLoader over an
@@ -236,11 +247,16 @@ class _ReadAhead:
 
 def first_row(batches: Batches) -> tuple[Tree, Tree] | None:
     """(inputs, targets) of the first row of `batches` (None when it has no rows), read ahead without
-    losing it: the first pass over `batches` goes on from the batch read here."""
-    source = batches.source = _ReadAhead(batches.source)
-    if source.head is _END:
+    losing it: the first pass over `batches` goes on from the batch read here (a Dataset's first row
+    is read from a pass of its own)."""
+    if isinstance(batches.source, _InOrder):
+        head = next(iter(batches.source.loader(1)), _END)
+    else:
+        batches.source = _ReadAhead(batches.source)
+        head = batches.source.head
+    if head is _END:
         return None
-    _, inputs, targets = next(iter(Batches([source.head], None, 1, one_shot=False)))
+    _, inputs, targets = next(iter(Batches([head], None, 1, one_shot=False)))
     return inputs, targets
 
 
@@ -263,8 +279,7 @@ def as_batches(data: Any, max_rows: int) -> Batches:
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         if not hasattr(data, "__len__"):
             raise TypeError("data is a Dataset without __len__; wrap it in a DataLoader")
-        loader = DataLoader(data, batch_size=max_rows, shuffle=False)
-        return Batches(loader, _no_rows(len(data)), max_rows, one_shot=False)
+        return Batches(_InOrder(data), _no_rows(len(data)), max_rows, one_shot=False)
     if isinstance(data, Iterable):
         one_shot = iter(data) is data
         n = None
