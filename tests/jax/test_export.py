@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import weakref
@@ -318,12 +319,29 @@ def test_the_shared_compilation_does_not_keep_the_loss_alive(mlp, data):
         export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), progress=False, **kwargs)
     alive = weakref.ref(loss)
     before = len(per_example._shared)
-    own = sum(any(r() is loss for r in refs) for refs, _ in per_example._shared)
+    own = sum(any(h.ref() is loss for h in held) for held, _ in per_example._shared)
     assert own == 3  # full rows, last-layer factors, and check_layer_input's kernel rows
     del loss
     gc.collect()
     assert alive() is None, "the compiled-function cache keeps the loss (and what it closes over) alive"
     assert len(per_example._shared) == before - own, "its entries go with it"
+
+
+def test_equal_but_distinct_losses_do_not_share_a_compilation(mlp, data):
+    """Two bound methods of == objects (a dataclass field left out of ==) are two functions."""
+    x, y = data
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled:
+        scale: float = dataclasses.field(compare=False)
+
+        def loss(self, params, inputs, targets):
+            return self.scale * mlp.loss_fn(params, inputs, targets)
+
+    one, four = Scaled(1.0), Scaled(4.0)
+    assert one == four and hash(one) == hash(four)
+    rows = [export_gradients(s.loss, [(mlp.params[0], 1.0)], (x, y), progress=False).matrices[0] for s in (one, four)]
+    np.testing.assert_allclose(rows[1], 4.0 * rows[0], rtol=1e-5, atol=1e-6 * np.abs(rows[0]).max())
 
 
 def _blocks(grads) -> list[np.ndarray]:

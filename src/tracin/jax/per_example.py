@@ -25,16 +25,30 @@ _CACHE_SIZE = 8
 _shared: OrderedDict[tuple, Callable] = OrderedDict()
 
 
-def _weak(fn: Callable, on_death: Callable) -> weakref.ref:
-    """A weak reference to fn (a bound method by its object and function, as it is made anew on each access)."""
-    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
-        return weakref.WeakMethod(fn, on_death)
-    return weakref.ref(fn, on_death)
+class _Held:
+    """A function held weakly and compared by identity: weakref.ref and WeakMethod compare their
+    referents with ==, which would let two equal but distinct losses (a dataclass's bound methods)
+    share a compilation. A bound method is held by its object and function, as it is made anew on
+    each attribute access."""
+
+    __slots__ = ("ref", "ident")
+
+    def __init__(self, fn: Callable, on_death: Callable):
+        bound = hasattr(fn, "__self__") and hasattr(fn, "__func__")
+        self.ref = weakref.WeakMethod(fn, on_death) if bound else weakref.ref(fn, on_death)
+        self.ident = (id(fn.__self__), id(fn.__func__)) if bound else (id(fn),)
+
+    def __hash__(self) -> int:
+        return hash(self.ident)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Held) and self.ident == other.ident
 
 
 def _drop(dead: weakref.ref) -> None:
-    """Removes the entries of a collected function (so the cache never keeps a loss or its closure alive)."""
-    for key in [k for k in list(_shared) if any(r is dead for r in k[0])]:
+    """Removes the entries of a collected function (so the cache never keeps a loss or its closure
+    alive, and an id reused by a later object never meets an old entry)."""
+    for key in [k for k in list(_shared) if any(h.ref is dead for h in k[0])]:
         _shared.pop(key, None)
 
 
@@ -52,17 +66,18 @@ def shared_jit(fns: tuple[Callable, ...], key: tuple, build: Callable[..., Calla
     """jax.jit(build(*fns)), shared by later exports with the same function objects `fns` (loss_fn,
     layer_input) and an equal `key` (mode, ParamLayout, dtype...: whatever else shapes the traced
     function; batch shapes and dtypes are jax.jit's own cache key), so exporting train and test sets
-    traces once. `fns` are held weakly (build gets callers through weak references; an entry goes when
-    one of its functions is collected) and the last _CACHE_SIZE entries are kept. Functions that cannot be
-    weakly referenced or hashed, or an unhashable key (a static params leaf), compile for this export only."""
+    traces once. `fns` are compared by identity and held weakly (build gets callers through weak
+    references; an entry goes when one of its functions is collected) and the last _CACHE_SIZE entries
+    are kept. Functions that cannot be weakly referenced, or an unhashable key (a static params leaf),
+    compile for this export only."""
     try:
-        refs = tuple(_weak(fn, _drop) for fn in fns)
-        full = (refs, key)
+        held = tuple(_Held(fn, _drop) for fn in fns)
+        full = (held, key)
         hash(full)
     except TypeError:
         return jax.jit(build(*fns))
     if full not in _shared:
-        _shared[full] = jax.jit(build(*(_calling(r) for r in refs)))
+        _shared[full] = jax.jit(build(*(_calling(h.ref) for h in held)))
         while len(_shared) > _CACHE_SIZE:
             _shared.popitem(last=False)
     _shared.move_to_end(full)
