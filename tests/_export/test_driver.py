@@ -222,6 +222,17 @@ def test_resuming_with_another_fingerprint_names_what_changed(tmp_path):
         export(_Scaled(_data(size=5)), CKPTS, _options(tmp_path / "g"), [])  # the same rows, batched otherwise
 
 
+def test_resuming_with_other_settings_names_them(tmp_path):
+    """Another dtype (or mode, projection...) for an existing store: named, with advice an export can follow."""
+    export(_Scaled(_data()), CKPTS, _options(tmp_path / "g"), [])
+    with pytest.raises(
+        ValueError,
+        match=r"g holds gradients exported with other settings: dtype 'float32' there vs 'bfloat16' here\. Rows "
+        r"from both cannot be mixed: export into another directory, or delete this one$",
+    ):
+        export(_Scaled(_data()), CKPTS, Options("full", None, "bfloat16", tmp_path / "g", progress=False), [])
+
+
 def test_resuming_with_other_parameters_says_so_before_the_checkpoint_digests(tmp_path):
     """A newer version differentiating one more leaf changes the columns and the checkpoint digests (which
     cover that leaf): the message names the parameters, not 'checkpoints[0] differs'."""

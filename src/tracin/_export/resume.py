@@ -23,6 +23,8 @@ _WHAT = {
     "layer_input": "layer_input differs",
     "optimizer_states": "the optimizer states saved with the checkpoints differ",
 }
+# export options a store's metadata records, compared (after the inputs) when an export would resume it
+_SETTINGS = ("framework", "mode", "dtype", "projection", "preconditioner", "last_layer")
 
 
 def changed_inputs(before: dict, now: dict) -> list[str]:
@@ -114,8 +116,9 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
 
 
 def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
-    """ValueError naming the changed inputs when `path` holds a store exported with other
-    fingerprints than `metadata`'s; nothing when there is no readable store there yet."""
+    """ValueError naming what changed when `path` holds a store exported with other parameters,
+    fingerprints or settings (_SETTINGS) than `metadata`'s; nothing when there is no readable store
+    there yet."""
     existing = _existing_metadata(path)
     if existing is None or not isinstance(metadata.get("fingerprints"), dict):
         return
@@ -131,5 +134,16 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported from other inputs: "
             + "; ".join(changes)
+            + ". Rows from both cannot be mixed: export into another directory, or delete this one"
+        )
+    settings = [
+        f"{key} {existing[key]!r} there vs {metadata[key]!r} here"
+        for key in _SETTINGS
+        if key in existing and key in metadata and existing[key] != metadata[key]
+    ]
+    if settings:
+        raise ValueError(
+            f"{os.fspath(path)} holds gradients exported with other settings: "
+            + "; ".join(settings)
             + ". Rows from both cannot be mixed: export into another directory, or delete this one"
         )
