@@ -352,6 +352,51 @@ def test_bfloat16_factors_pass_the_check_and_match_float64():
         assert err.max() < 0.05
 
 
+def deep_half_mlp(dtype):
+    """Depth 8, width 128: its float16 per-row weight gradients are subnormal or zero."""
+    torch.manual_seed(8)
+    mods = []
+    for k in range(8):
+        mods += [nn.Linear(64 if k == 0 else 128, 128), nn.GELU()]
+    return nn.Sequential(*mods, nn.Linear(128, 1000)).to(dtype)
+
+
+@pytest.mark.parametrize(("mode", "layers"), [("factored", None), ("last_layer", ["0"])])
+def test_float16_factors_of_a_deep_mlp_pass_the_check_and_match_float64(mode, layers):
+    """Were refused ('a weight also used outside its layer's forward'): the check's own float16 autograd
+    reference was off (subnormal per-row gradients); half-precision layers are now checked in float32."""
+    model = deep_half_mlp(torch.float16)
+    x, y = torch.randn(8, 64, dtype=torch.float16), torch.randint(0, 1000, (8,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss(o, t):
+        return nn.functional.cross_entropy(o.float(), t, reduction="none")
+
+    g = export_gradients(model, [(state, 1.0)], (x, y), loss, mode=mode, layers=layers, progress=False)
+    chosen = layers or [str(2 * k) for k in range(9)]
+    for c, layer in enumerate(chosen):
+        got = as_full(g.left[c].astype(np.float64), g.right[c].astype(np.float64))
+        want = float64_rows(model.float(), state, x.float(), y, loss, [f"{layer}.weight", f"{layer}.bias"])
+        model.half()
+        err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        # float16 rounding through the backward pass: 6e-3 on layer 0 (8 layers deep), 1.5e-4 on the head
+        assert err.max() < 8 * torch.finfo(torch.float16).eps, (layer, err.max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["factored", "last_layer"])
+def test_a_half_precision_weight_used_outside_its_forward_is_still_refused(mode, dtype):
+    torch.manual_seed(0)
+    model = AlsoOutside().to(dtype)
+    x, y = torch.randn(5, 6, dtype=dtype), torch.randint(0, 3, (5,))
+
+    def loss(o, t):
+        return nn.functional.cross_entropy(o.float(), t, reduction="none")
+
+    with pytest.raises(ValueError, match=rf"mode='{mode}': the factors of \['b'\] disagree.*Use mode='full'"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss, mode=mode, progress=False)
+
+
 class MCDropout(nn.Module):
     """Dropout kept on in eval mode (MC dropout): the forward draws random numbers."""
 

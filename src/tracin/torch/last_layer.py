@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .capture import NotCaptured, capture
-from .data import Tree, batch_rows, slice_rows
+from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree
 from .layer_rules import token_form
 from .layers import tied_first_names
@@ -56,15 +56,13 @@ class LinearFactors:
         names), must equal (u . left_i)(right_i . v). ValueError naming the layers that disagree (a
         weight also used outside its forward, a hook changing the output, examples mixed). A forward
         drawing random numbers (dropout with training=True) is checked row by row instead, each row's
-        factors and derivatives under one RNG state (examples mixed then go unseen)."""
+        factors and derivatives under one RNG state (examples mixed then go unseen). Half-precision
+        layers that disagree are checked again in float32 (below)."""
         head_inputs, head_targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
-        first = tied_first_names(self.model)
-        apart = {**state, **{n: state[f] for n, f in first.items()}}
         heads = [(left[:rows], right[:rows]) for left, right in factors]
-        bad = self._disagreeing(state, apart, head_inputs, head_targets, rows, heads)
-        random = bool(bad) and self._random_forward(state, head_inputs, head_targets)
-        if random:
-            bad = self._disagreeing(state, apart, head_inputs, head_targets, rows, None)
+        bad, random = self._verdict(state, head_inputs, head_targets, rows, heads)
+        if bad and any(t.dtype in _HALF for t in state.values()):
+            bad, random = self._verdict_in_float32(state, head_inputs, head_targets, rows) or (bad, random)
         if bad:
             raise ValueError(
                 f"mode={self.mode!r}: the factors of {bad} disagree with per-example autograd on the first rows: "
@@ -73,6 +71,30 @@ class LinearFactors:
                 + (" (the forward draws random numbers, e.g. dropout with training=True)" if random else "")
                 + f". Use mode='full' with layers={self._full_layers()!r}."
             )
+
+    def _verdict(self, state, inputs: Tree, targets: Tree, rows: int, heads) -> tuple[list[str], bool]:
+        """(the layers whose factors `heads` disagree on these rows, whether the forward is random)."""
+        first = tied_first_names(self.model)
+        apart = {**state, **{n: state[f] for n, f in first.items()}}
+        bad = self._disagreeing(state, apart, inputs, targets, rows, heads)
+        random = bool(bad) and self._random_forward(state, inputs, targets)
+        if random:
+            bad = self._disagreeing(state, apart, inputs, targets, rows, None)
+        return bad, random
+
+    def _verdict_in_float32(self, state, inputs: Tree, targets: Tree, rows: int) -> tuple[list[str], bool] | None:
+        """_verdict on a float32 copy of the half-precision state and inputs, the factors recomputed on
+        these rows: float16 and bfloat16 backward passes round per-row weight gradients to subnormals
+        or zero (a depth-8 MLP: every entry, 1e-2 off float64), so their derivatives are no reference,
+        while a weight used outside its forward, a hook or examples mixed disagree in float32 too. A
+        forward that cannot run in float32 (a hard-coded cast) gives None: the half-precision verdict stands."""
+        copies = {id(t): _upcast(t) for t in state.values()}  # a tied tensor's names share one copy
+        up = {n: copies[id(t)] for n, t in state.items()}
+        inputs, targets = tree_map(_upcast, inputs), tree_map(_upcast, targets)
+        try:
+            return self._verdict(up, inputs, targets, rows, self._row_factors(up, inputs, targets))
+        except (RuntimeError, NotCaptured):
+            return None
 
     def _disagreeing(self, state, apart, inputs: Tree, targets: Tree, rows: int, factors) -> list[str]:
         """The layers whose factors (`factors`' first rows; None: each row's own, under the RNG state of
@@ -163,6 +185,14 @@ class LinearFactors:
                 )
             pairs.append((x[:, 0], dy[:, 0]))
         return pairs
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """A float16 or bfloat16 tensor as float32; any other tensor as it is."""
+    return t.float() if t.dtype in _HALF else t
 
 
 @contextlib.contextmanager
