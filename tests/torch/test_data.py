@@ -149,8 +149,32 @@ def test_which_pairs_of_two_are_one_pair_of_inputs_and_targets():
     assert as_batches((x, (y, w)), 8).n_rows == 4 and as_batches([x, [y, w]], 8).n_rows == 4
     two = as_batches([(x, y), (x[:2], y[:2])], 8)  # both items pairs: two batches
     assert two.n_rows == 6 and [len(t) for _, _, t in _collect(two)] == [4, 2]
-    with pytest.raises(TypeError, match="batch 0 must be an .* got dict"):  # dicts of other rows: batches
-        as_batches([{"a": x}, {"b": y[:3]}], 8)
+    with pytest.raises(ValueError, match=r"targets\['b'\] has 3 rows, inputs\['a'\] has 4 rows"):
+        as_batches([{"a": x}, {"b": y[:3]}], 8)  # two dicts are never two batches
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            ({"x": torch.randn(6, 4)}, {"y": torch.arange(6), "cw": torch.ones(3)}),
+            r"targets\['cw'\] has 3 rows, inputs\['x'\] has 6 rows: every leaf of a pair needs one row",
+        ),
+        (
+            ({"x": torch.randn(6, 4), "m": (torch.ones(6), np.ones(2))}, {"y": torch.arange(6)}),
+            r"inputs\['m'\]\[1\] has 2 rows, inputs\['x'\] has 6 rows",
+        ),
+        (
+            ({"x": torch.randn(6, 4)}, {"y": torch.arange(6), "t": torch.tensor(2.0)}),
+            r"targets\['t'\] has no dimension 0",
+        ),
+    ],
+)
+def test_a_pair_of_dicts_with_a_leaf_of_other_rows_names_that_leaf(data, message):
+    """Was read as two batches: 'batch 0 must be an (inputs, targets) pair ... got dict (split each item
+    into (inputs, targets) ...)', although the data was such a pair."""
+    with pytest.raises(ValueError, match=message):
+        as_batches(data, 4)
 
 
 def test_two_dicts_of_common_rows_are_one_pair_hugging_face_style():

@@ -13,6 +13,7 @@ to the model positionally, a dict by keyword.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -178,6 +179,42 @@ def _is_tensor_pair(data: Any) -> bool:
     return not all(isinstance(d, dict) for d in data) or len({leaf.shape[:1] for leaf in leaves}) == 1
 
 
+def _refuse_ragged_dict_pair(data: Any) -> None:
+    """ValueError naming a leaf whose dimension 0 differs when `data` is two dicts of tensors (or arrays)
+    whose sizes of dimension 0 disagree: one pair with a stray leaf, as two dicts are never two batches."""
+    if not (_is_pair(data) and all(isinstance(d, dict) for d in data)):
+        return
+    leaves = [*_named_leaves(data[0], "inputs"), *_named_leaves(data[1], "targets")]
+    if not all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in leaves):
+        return
+    sizes = [leaf.shape[0] if leaf.ndim else None for _, leaf in leaves]
+    common = Counter(sizes).most_common(1)[0][0]
+    odd = next(((name, n) for (name, _), n in zip(leaves, sizes, strict=True) if n != common), None)
+    if odd is None:
+        return
+    usual = next(name for (name, _), n in zip(leaves, sizes, strict=True) if n == common)
+
+    def rows(n: int | None) -> str:
+        return "no dimension 0" if n is None else f"{n} rows"
+
+    raise ValueError(
+        f"data is one (inputs, targets) pair of dicts, but {odd[0]} has {rows(odd[1])}, {usual} has "
+        f"{rows(common)}: every leaf of a pair needs one row per example (dimension 0)"
+    )
+
+
+def _named_leaves(node: Any, name: str) -> Iterator[tuple[str, Any]]:
+    """(path, leaf) of every leaf under `node`, paths like inputs['x'][0]."""
+    if isinstance(node, dict):
+        for key, child in node.items():
+            yield from _named_leaves(child, f"{name}[{key!r}]")
+    elif isinstance(node, (tuple, list)):
+        for i, child in enumerate(node):
+            yield from _named_leaves(child, f"{name}[{i}]")
+    else:
+        yield name, node
+
+
 def check_sequential(loader: torch.utils.data.DataLoader) -> None:
     """ValueError unless the loader reads its map-style dataset in order: a SequentialSampler, or a
     batch_sampler over one. (An IterableDataset's order is its own; fingerprints check it.)"""
@@ -273,6 +310,7 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         pair = tuple(as_tensors(part) for part in data)
         n = _no_rows(batch_rows(pair[1], "data targets"))
         return Batches([pair], n, max_rows, one_shot=False)
+    _refuse_ragged_dict_pair(data)
     if isinstance(data, DataLoader):
         check_sequential(data)
         return Batches(data, _no_rows(_loader_rows(data)), max_rows, one_shot=False)
