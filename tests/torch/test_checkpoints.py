@@ -341,3 +341,31 @@ def test_a_loss_with_other_class_weights_does_not_resume_a_store(setup, tmp_path
             resumed = export_gradients(model, checkpoints, data, loss, store=store_path, batch_size=4, progress=False)
             whole = export_gradients(model, checkpoints, data, loss, progress=False)
             np.testing.assert_allclose(self_influence(resumed), self_influence(whole), rtol=1e-6)
+
+
+class _TiedMaxNorm(nn.Module):
+    """A head registered before the embedding whose weight it shares: loaded under 'head.weight'."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 10, bias=False)
+        self.emb = nn.Embedding(10, 4, max_norm=0.5)
+        self.emb.weight = self.head.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:torch.func.vmap cannot run this model")  # embedding_renorm_ is in place
+def test_a_tied_weight_written_in_place_is_copied_under_the_name_it_is_loaded_by():
+    torch.manual_seed(0)
+    model = _TiedMaxNorm()
+    assert written_in_forward(model) == {"head.weight", "emb.weight"}
+    ids, targets = torch.randint(0, 10, (6, 3)), torch.randint(0, 10, (6,))
+    given = {k: 3 * v for k, v in model.state_dict().items()}  # rows past max_norm
+    kept = {k: v.clone() for k, v in given.items()}
+    first = export_gradients(model, [(given, 1.0)], (ids, targets), LOSS, progress=False)
+    for k in kept:
+        torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
+    again = export_gradients(model, [(given, 1.0)], (ids, targets), LOSS, progress=False)
+    np.testing.assert_array_equal(again.matrices[0], first.matrices[0])

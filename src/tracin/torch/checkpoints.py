@@ -252,12 +252,15 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
 
 def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
     """state_dict names of the weights the model's own modules change in place when they run: those of
-    nn.Embedding / nn.EmbeddingBag with max_norm (a functional call with max_norm is not seen)."""
-    return frozenset(
-        f"{name}.weight" if name else "weight"
-        for name, m in model.named_modules()
+    nn.Embedding / nn.EmbeddingBag with max_norm, under every name they have (a weight tied to a layer
+    registered before the embedding is loaded under that layer's name); a functional call with
+    max_norm is not seen."""
+    written = {
+        id(m.weight)
+        for m in model.modules()
         if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.max_norm is not None
-    )
+    }
+    return frozenset(name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in written)
 
 
 def load_checkpoint(
