@@ -197,10 +197,14 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
-    """A fixed RNG state inside (the caller's restored after); the callable sets it again."""
+    """A fixed RNG state of the CPU and `device` inside (the caller's restored after; other GPUs'
+    generators are left alone); the callable sets it again."""
 
     def reseed() -> None:
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(0)
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         reseed()
