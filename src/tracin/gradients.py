@@ -26,6 +26,16 @@ class KernelSide(NamedTuple):
     dtypes: list[int]
 
 
+def block_name(factored: bool, b: int) -> str:
+    """The name the C++ kernel gives kernel block b of a side in its errors."""
+    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if factored else f"checkpoint {b}"
+
+
+def non_finite_message(side: str, factored: bool, b: int, rows: Sequence[int]) -> str:
+    """The C++ kernel's message for NaN or Inf in block b of `side` ("test" or "train"), first in `rows`."""
+    return f"{side} {block_name(factored, b)} contains NaN or Inf values, first in rows [{', '.join(map(str, rows))}]"
+
+
 def _as_list(x: Any, name: str) -> list[Any]:
     if isinstance(x, (list, tuple)):
         if not x:

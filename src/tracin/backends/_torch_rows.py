@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..gradients import KernelSide
+from ..gradients import KernelSide, block_name
 
 _BFLOAT16 = 2  # tracin._arrays.DTYPE_CODES["bfloat16"]
 _HOST_DTYPES = {0: torch.float32, 1: torch.float16, _BFLOAT16: torch.bfloat16}
@@ -45,17 +45,12 @@ def host_tensor(block: Any, code: int) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if code == _BFLOAT16 else tensor
 
 
-def block_name(side: KernelSide, b: int) -> str:
-    """The name the C++ kernel gives block b of a side in its errors."""
-    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if side.factored else f"checkpoint {b}"
-
-
 def check_device(side: KernelSide, what: str, device: torch.device) -> None:
     """ValueError if a device-resident block of the side is on another device than `device`."""
     for b, block in enumerate(side.blocks):
         if not on_host(block) and block.device != device:
             raise ValueError(
-                f"{what} {block_name(side, b)} is on {block.device} but scoring runs on {device}; "
+                f"{what} {block_name(side.factored, b)} is on {block.device} but scoring runs on {device}; "
                 f"pass device={str(block.device)!r} or move the rows"
             )
 

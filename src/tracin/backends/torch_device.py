@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .. import _tunables
-from ..gradients import KernelSide
+from ..gradients import KernelSide, non_finite_message
 from . import _torch_rows as rows
 from ._torch_topk import _LOW, Candidates, RunningTopK
 from .base import ChunkCache, TopK
@@ -336,10 +336,7 @@ def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
             tensor = rows.host_tensor(block, code) if rows.on_host(block) else block
             bad = torch.nonzero(~torch.isfinite(tensor).all(dim=1)).flatten()[:5].tolist()
             if bad:
-                return (
-                    f"{what} {rows.block_name(side, b)} contains NaN or Inf values, first in rows "
-                    f"[{', '.join(map(str, bad))}]"
-                )
+                return non_finite_message(what, side.factored, b, bad)
     return "NaN or Inf values in the input"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._arrays import DTYPE_CODES
 from .._progress import check_progress, progress_bar
-from ..gradients import GradientSet
+from ..gradients import GradientSet, non_finite_message
 from ..store._convert import bfloat16_bits_to_float32
 
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
@@ -132,8 +132,7 @@ def non_finite_error(s: GradientSet, name: str) -> ValueError:
             if len(rows) == 5:
                 break
         if rows:
-            first = ", ".join(map(str, rows))
-            return ValueError(f"{name} {block_name(s.factored, b)} contains NaN or Inf values, first in rows [{first}]")
+            return ValueError(non_finite_message(name, s.factored, b, rows))
     return ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -158,8 +157,3 @@ def fit_bar(total: int, progress: bool | None) -> Any:
     """The progress bar over the rows a fit reads."""
     check_progress(progress)
     return progress_bar(total, progress, "tracin whitening fit", unit="row")
-
-
-def block_name(factored: bool, b: int) -> str:
-    """The name the C++ kernel gives kernel block b in its errors."""
-    return f"{'left' if b % 2 == 0 else 'right'} factor of checkpoint {b // 2}" if factored else f"checkpoint {b}"

@@ -14,10 +14,9 @@ from typing import Any
 import numpy as np
 
 from .._progress import check_progress, progress_bar
-from ..gradients import FactoredGradients, Gradients, GradientSet
+from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
-    block_name,
     check_budget,
     check_precision,
     default_max_bytes,
