@@ -159,12 +159,14 @@ def adam_settings(options: Any) -> dict[str, float]:
     return {k: float(v) for k, v in settings.items()}
 
 
-def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str) -> None:
-    """ValueError naming the parameter unless m and v have its shape and step is a count >= 1."""
+def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str, hint: str = "") -> None:
+    """ValueError naming the parameter unless m and v have its shape (`hint` appended to that message)
+    and step is a count >= 1."""
     for label, a in (("first moment", m), ("second moment", v)):
         if tuple(np.shape(a)) != tuple(shape):
             raise ValueError(
                 f"{where}: the {label} of {name} has shape {tuple(np.shape(a))}, the parameter has {tuple(shape)}"
+                + hint
             )
     if not np.isfinite(step) or step < 1:
         raise ValueError(f"{where}: the step count of {name} is {step}; Adam state after at least one step is needed")

@@ -20,6 +20,7 @@ from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, check_moments
 from .._export.pretrained_folder import weight_files
 from .data import host_array
+from .layers import tied_first_names
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
@@ -92,10 +93,7 @@ class OptimizerState:
                 )
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
-            try:
-                check_moments(name, shape, m, v, step, self.where)
-            except ValueError as e:
-                raise ValueError(f"{e}{_BY_POSITION if by_position and 'shape' in str(e) else ''}") from None
+            check_moments(name, shape, m, v, step, self.where, _BY_POSITION if by_position else "")
             b1, b2 = (float(b) for b in group["betas"])
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
         return moments
@@ -240,14 +238,7 @@ def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 def tied_aliases(model: torch.nn.Module) -> set[str]:
     """state_dict names that are second names of a tied parameter or buffer (e.g. a decoder weight
     shared with the embedding); functional_call takes each tied tensor under its first name only."""
-    seen: set[int] = set()
-    second: set[str] = set()
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
-        if id(t) in seen:
-            second.add(name)
-        seen.add(id(t))
-    return second
+    return set(tied_first_names(model, buffers=True))
 
 
 def written_in_forward(model: torch.nn.Module) -> frozenset[str]:

@@ -4,6 +4,7 @@ their rows on the first rows of the first batch against per-example autograd, on
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,10 +43,7 @@ def directions_agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor,
     (autograd), rtol of the check for `dtype`, `scale` the size a derivative along Gaussian directions
     typically has (||u|| ||v|| ||left|| ||right|| / sqrt(len(u) len(v))); or both hold the same
     non-finite value. All float64 tensors of one shape."""
-    rtol = tolerances(dtype)[0]
-    same = (got == want) | (got.isnan() & want.isnan())
-    excess = ((got - want).abs() - rtol * (want.abs() + scale)).masked_fill(same, 0)
-    return bool(excess.max().item() <= 0)  # False for NaN
+    return bool(_excess(got, want, tolerances(dtype)[0], scale).max().item() <= 0)  # False for NaN
 
 
 def checked_rows(inputs: Tree, targets: Tree, batch: int) -> tuple[Tree, Tree, int]:
@@ -62,16 +60,14 @@ def example_gradients(
     inputs: Tree,
     targets: Tree,
     rows: int,
-    tie_weights: bool = True,
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
-    order, zeros for an unused parameter), by torch.autograd.grad on that example alone. tie_weights=False:
-    a tied tensor's names are apart (each in `state`), the gradient of one name its uses under it."""
+    order, zeros for an unused parameter), by torch.autograd.grad on that example alone."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
         x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
         with torch.enable_grad():
-            loss = losses_of(model, {**state, **leaves}, loss_fn, x, y, tie_weights).sum()
+            loss = losses_of(model, {**state, **leaves}, loss_fn, x, y).sum()
             parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
         # nn.Embedding(sparse=True) gives a sparse gradient
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
@@ -94,9 +90,9 @@ def agrees(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN
 
 
-def _excess(got: torch.Tensor, want: torch.Tensor, rtol: float) -> torch.Tensor:
-    """|got - want| - rtol |want|, 0 where both hold the same non-finite value (an example whose loss or
-    gradient is NaN or infinite: its row is exported as it is, and scoring names it), NaN where only
-    one side is not finite."""
+def _excess(got: torch.Tensor, want: torch.Tensor, rtol: float, scale: Any = 0) -> torch.Tensor:
+    """|got - want| - rtol (|want| + scale), 0 where both hold the same non-finite value (an example whose
+    loss or gradient is NaN or infinite: its row is exported as it is, and scoring names it), NaN where
+    only one side is not finite."""
     same = (got == want) | (got.isnan() & want.isnan())
-    return ((got - want).abs() - rtol * want.abs()).masked_fill(same, 0)
+    return ((got - want).abs() - rtol * (want.abs() + scale)).masked_fill(same, 0)

@@ -31,6 +31,7 @@ class LinearFactors:
         self.model, self.names, self.loss_fn, self.mode = model, names, loss_fn, mode
         modules = dict(model.named_modules())
         self.layers = [modules[n] for n in names]
+        self.tied = tied_first_names(model)  # {second name: first name}
         self.checked = False
 
     @property
@@ -74,8 +75,7 @@ class LinearFactors:
 
     def _verdict(self, state, inputs: Tree, targets: Tree, rows: int, heads) -> tuple[list[str], bool]:
         """(the layers whose factors `heads` disagree on these rows, whether the forward is random)."""
-        first = tied_first_names(self.model)
-        apart = {**state, **{n: state[f] for n, f in first.items()}}
+        apart = {**state, **{n: state[f] for n, f in self.tied.items()}}
         bad = self._disagreeing(state, apart, inputs, targets, rows, heads)
         random = bool(bad) and self._random_forward(state, inputs, targets)
         if random:
@@ -159,11 +159,10 @@ class LinearFactors:
     def _full_layers(self) -> list[str]:
         """The layers= of mode="full" for the same parameters: a module name, or the parameter names
         when its weight is tied (mode="full" takes a tied weight under its first name)."""
-        first = tied_first_names(self.model)
         chosen = []
         for name, layer in zip(self.names, self.layers, strict=True):
             params = [n for n, _ in layer.named_parameters(prefix=name, remove_duplicate=False)]
-            chosen += [first.get(n, n) for n in params] if any(n in first for n in params) else [name]
+            chosen += [self.tied.get(n, n) for n in params] if any(n in self.tied for n in params) else [name]
         return chosen
 
     def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:

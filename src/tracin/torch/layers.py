@@ -46,7 +46,7 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note
                 f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
                 f"{' ...' if len(modules) > 30 else ''}"
             )
-    chosen = [n for n in params if any(_matches(n, p) for p in layers)]
+    chosen = [n for n in params if _matched(n, layers)]
     left_out = {n: f for n, f in first.items() if f not in chosen and _matched(n, layers)}
     if note_tied and left_out:
         warnings.warn(
@@ -62,12 +62,16 @@ def _matched(name: str, patterns: Sequence[str]) -> bool:
     return any(_matches(name, p) for p in patterns)
 
 
-def tied_first_names(model: nn.Module) -> dict[str, str]:
-    """{second name: first name} of every tied parameter (a decoder weight shared with an embedding):
-    named_parameters() and load_checkpoint know such a tensor under its first name only."""
+def tied_first_names(model: nn.Module, buffers: bool = False) -> dict[str, str]:
+    """{second name: first name} of every tied parameter (a decoder weight shared with an embedding),
+    and buffer with `buffers`: named_parameters() and load_checkpoint know such a tensor under its
+    first name only."""
     first: dict[int, str] = {}
     second: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    named = list(model.named_parameters(remove_duplicate=False))
+    if buffers:
+        named += list(model.named_buffers(remove_duplicate=False))
+    for name, p in named:
         if id(p) in first:
             second[name] = first[id(p)]
         else:
