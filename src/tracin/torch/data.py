@@ -161,18 +161,7 @@ def _is_tensor_pair(data: Any) -> bool:
     """(inputs, targets) tensors rather than a sequence of batches, by PAIR_RULE."""
     if not _is_pair(data) or all(_is_pair(d) for d in data):
         return False
-    leaves: list[Any] = []
-
-    def gather(node: Any) -> None:
-        if isinstance(node, dict):
-            node = list(node.values())
-        if isinstance(node, (tuple, list)):
-            for child in node:
-                gather(child)
-        else:
-            leaves.append(node)
-
-    gather(data)
+    leaves = [leaf for _, leaf in _named_leaves(data, "data")]
     if not all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves):
         return False
     # two dict batches could not be read (a batch is a pair): two dicts are one pair, if their rows agree
