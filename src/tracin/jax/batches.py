@@ -64,20 +64,25 @@ def _is_pair(node: Any) -> bool:
     return isinstance(node, (tuple, list)) and len(node) == 2
 
 
-def _is_array_pair(data: Any) -> bool:
-    """(inputs, targets) arrays rather than a sequence of batches, by PAIR_RULE."""
-    if not _is_pair(data) or (_is_pair(data[0]) and _is_pair(data[1])):
-        return False
+def _pair_of_pairs(data: Any) -> bool:
+    return _is_pair(data) and _is_pair(data[0]) and _is_pair(data[1])
+
+
+def _all_arrays(data: Any) -> bool:
+    """Whether `data` has leaves and every one is an array."""
     leaves = jax.tree_util.tree_leaves(data)
     return bool(leaves) and all(hasattr(leaf, "shape") for leaf in leaves)
+
+
+def _is_array_pair(data: Any) -> bool:
+    """(inputs, targets) arrays rather than a sequence of batches, by PAIR_RULE."""
+    return _is_pair(data) and not _pair_of_pairs(data) and _all_arrays(data)
 
 
 def _two_batches_note(data: Any) -> str:
     """For data that PAIR_RULE reads as two batches although it could be one dataset (both items pairs of
     arrays): how it was read and the workaround, added to a loss_fn error ("" otherwise)."""
-    if not (_is_pair(data) and _is_pair(data[0]) and _is_pair(data[1])):
-        return ""
-    if not all(hasattr(a, "shape") for a in jax.tree_util.tree_leaves(data)):
+    if not (_pair_of_pairs(data) and _all_arrays(data)):
         return ""
     return (
         "; data was read as two batches, (inputs, targets) = data[0] then data[1], as both its items are pairs: "
