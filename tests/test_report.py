@@ -109,6 +109,39 @@ def test_checkpoint_contributions_refuse_bad_results():
         checkpoint_contributions(test, train, both.proponents._replace(indices=both.proponents.indices[:2]))
 
 
+def _bfloat16_round(a: np.ndarray) -> np.ndarray:
+    """float64 values of the bfloat16 nearest to each float32 (ties to even), by bit arithmetic."""
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _stored(path, mats, w, dtype):
+    writer = tracin.GradientStore.create(path, len(mats[0]), [m.shape[1] for m in mats], w, dtype=dtype)
+    with writer:
+        for c, m in enumerate(mats):
+            writer.write(c, 0, m)
+        return writer.finalize()
+
+
+@pytest.mark.parametrize("bf16_side", ["test", "train"])
+def test_checkpoint_contributions_decode_each_side_with_its_own_dtype(tmp_path, bf16_side):
+    # a bfloat16 side is stored as uint16 bits: decoding it with the other side's float32 code read
+    # the bits as numbers (bf16 test) or float32 bits as bfloat16 (bf16 train, NaN)
+    rng = np.random.default_rng(8)
+    train, test, w = _full(rng, 80, dims=(16, 5)), _full(rng, 4, dims=(16, 5)), [0.5, 0.25]
+    if bf16_side == "test":
+        sets = _stored(tmp_path / "s", test, w, "bfloat16"), tracin.Gradients(train, w)
+        test = [_bfloat16_round(m) for m in test]
+    else:
+        sets = tracin.Gradients(test, w), _stored(tmp_path / "s", train, w, "bfloat16")
+        train = [_bfloat16_round(m) for m in train]
+    result = tracin.top_k(*sets, k=5)
+    got = checkpoint_contributions(*sets, result)
+    np.testing.assert_allclose(got, _pair_terms(test, train, w, result.indices), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+
+
 def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):
     """Three checkpoints: the first two separate `noisy` rows (large gradients there), the last has
     large gradients on other rows and dominates the sum."""

@@ -34,7 +34,8 @@ def _float64(block: np.ndarray, code: int) -> np.ndarray:
 
 def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
     """float64 (m, k, C): entry (t, j, c) is checkpoint c's term w_c <g_c(t), g_c(i)> of the pair
-    (test row t, train row i = result.indices[t, j]), in float64; summed over c it is the pair's
+    (test row t, train row i = result.indices[t, j]), in float64 from the rows (each side decoded
+    from its own dtype); summed over c it is the pair's
     influence (result.values[t, j], up to float32 rounding).
 
     result: a TopK of top_k(test, train, ...) (for side="both", pass .proponents or .opponents).
@@ -66,8 +67,8 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
         rows = indices[t0:t1]
         side = test.kernel_side(t0, t1)
         dots = [
-            np.einsum("td,tjd->tj", _float64(tb, code), _float64(np.asarray(tr)[rows], code))
-            for tb, tr, code in zip(side.blocks, everything.blocks, everything.dtypes, strict=True)
+            np.einsum("td,tjd->tj", _float64(tb, ours), _float64(np.asarray(tr)[rows], theirs))
+            for tb, tr, ours, theirs in zip(side.blocks, everything.blocks, side.dtypes, everything.dtypes, strict=True)
         ]
         if train.factored:
             dots = [left * right for left, right in zip(dots[0::2], dots[1::2], strict=True)]
