@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tracin
+from reference import factored_to_full
 from tracin.report import checkpoint_contributions, checkpoint_diagnostics
 
 
@@ -140,6 +141,29 @@ def test_checkpoint_contributions_decode_each_side_with_its_own_dtype(tmp_path, 
     got = checkpoint_contributions(*sets, result)
     np.testing.assert_allclose(got, _pair_terms(test, train, w, result.indices), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_contributions_sum_the_layers_of_each_checkpoint(tmp_path):
+    # 2 checkpoints x 2 layers of a factored export (one fingerprint per checkpoint): one part per
+    # checkpoint, as checkpoint_diagnostics groups them, not one per layer slot
+    rng = np.random.default_rng(9)
+    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    (left, right), (tl, tr) = _factored(rng, 70, dims=dims), _factored(rng, 6, dims=dims)
+    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    train = tracin.FactoredGradients(left, right, w, metadata=meta)
+    test = tracin.FactoredGradients(tl, tr, w, metadata=meta)
+    result = tracin.top_k(test, train, k=3)
+    slots = _pair_terms(factored_to_full(tl, tr), factored_to_full(left, right), w, result.indices)
+    got = checkpoint_contributions(test, train, result)
+    assert got.shape == (6, 3, 2)
+    np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+    untagged = tracin.FactoredGradients(tl, tr, w)  # the train side's metadata is enough
+    np.testing.assert_array_equal(checkpoint_contributions(untagged, train, result), got)
+    per_slot = checkpoint_contributions(test, train, result, layers_per_checkpoint=1)
+    np.testing.assert_allclose(per_slot, slots, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="layers_per_checkpoint must be a positive integer dividing"):
+        checkpoint_contributions(test, train, result, layers_per_checkpoint=3)
 
 
 def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):

@@ -32,13 +32,21 @@ def _float64(block: np.ndarray, code: int) -> np.ndarray:
     return np.asarray(block, dtype=np.float64)
 
 
-def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
-    """float64 (m, k, C): entry (t, j, c) is checkpoint c's term w_c <g_c(t), g_c(i)> of the pair
-    (test row t, train row i = result.indices[t, j]), in float64 from the rows (each side decoded
-    from its own dtype); summed over c it is the pair's
-    influence (result.values[t, j], up to float32 rounding).
+def checkpoint_contributions(
+    test: Any,
+    train: Any,
+    result: TopK,
+    *,
+    layers_per_checkpoint: int | None = None,
+) -> np.ndarray:
+    """float64 (m, k, C), C the checkpoints: entry (t, j, c) is checkpoint c's part of the score of
+    the pair (test row t, train row i = result.indices[t, j]), in float64 from the rows (each side
+    decoded from its own dtype): the sum over its slots s (its layers, for factored exports) of
+    w_s <g_s(t), g_s(i)>. Summed over c it is result.values[t, j] up to float32 rounding.
 
     result: a TopK of top_k(test, train, ...) (for side="both", pass .proponents or .opponents).
+    layers_per_checkpoint: slots that form one checkpoint, as in checkpoint_diagnostics (factored
+    exports store one slot per layer); default: what the metadata records, else 1.
     """
     test, train, weights = _pair(test, train)
     if not isinstance(result, TopK):
@@ -46,6 +54,7 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
             f"result must be a TopK (values, indices) from tracin.top_k, got {type(result).__name__}"
             " (for side='both' pass .proponents or .opponents)"
         )
+    per = _slots_per_checkpoint(train if _checkpoint_run(train) else test, layers_per_checkpoint)
     indices = np.asarray(result.indices)
     if indices.ndim != 2 or indices.shape[0] != test.n_rows or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(
@@ -58,7 +67,9 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
             f"{indices.min()} to {indices.max()}"
         )
     m, k = indices.shape
-    out = np.zeros((m, k, len(weights)))
+    w = np.asarray(weights, dtype=np.float64)
+    count = len(weights) // per
+    out = np.zeros((m, k, count))
     everything = train.kernel_side(0, train.n_rows)
     width = max(b.shape[1] for b in everything.blocks)
     step = max(1, _GATHER_BYTES // max(1, 8 * k * width))
@@ -66,15 +77,23 @@ def checkpoint_contributions(test: Any, train: Any, result: TopK) -> np.ndarray:
         t1 = min(m, t0 + step)
         rows = indices[t0:t1]
         side = test.kernel_side(t0, t1)
-        dots = [
-            np.einsum("td,tjd->tj", _float64(tb, ours), _float64(np.asarray(tr)[rows], theirs))
-            for tb, tr, ours, theirs in zip(side.blocks, everything.blocks, side.dtypes, everything.dtypes, strict=True)
+        ours = [_float64(b, code) for b, code in zip(side.blocks, side.dtypes, strict=True)]
+        theirs = [
+            _float64(np.asarray(b)[rows], code) for b, code in zip(everything.blocks, everything.dtypes, strict=True)
         ]
-        if train.factored:
-            dots = [left * right for left, right in zip(dots[0::2], dots[1::2], strict=True)]
-        for c, (w, d) in enumerate(zip(weights, dots, strict=True)):
-            out[t0:t1, :, c] = w * d
+        terms = w * _per_slot(
+            train.factored, [np.einsum("td,tjd->tj", a, b) for a, b in zip(ours, theirs, strict=True)]
+        )
+        out[t0:t1] = terms.reshape(t1 - t0, k, count, per).sum(3)
     return out
+
+
+def _per_slot(factored: bool, per_block: list[np.ndarray]) -> np.ndarray:
+    """(t, j, slots) from one (t, j) array per kernel block: a factored slot's left and right blocks
+    multiplied (<L, L'> <R, R'> is the dot of the outer products)."""
+    if factored:
+        per_block = [a * b for a, b in zip(per_block[0::2], per_block[1::2], strict=True)]
+    return np.stack(per_block, axis=2)
 
 
 @dataclass(frozen=True)
