@@ -166,6 +166,51 @@ def test_checkpoint_contributions_sum_the_layers_of_each_checkpoint(tmp_path):
         checkpoint_contributions(test, train, result, layers_per_checkpoint=3)
 
 
+def _cosine_terms(test, train, w, indices, run):
+    """float64 (m, k, slots) reference: w_s <t_s, x_s> / (|t_c| |x_c|), c the checkpoint of slot s
+    (`run` slots each), 0 where a norm is 0."""
+    out = _pair_terms(test, train, w, indices)
+    for c in range(0, len(w), run):
+        tn = np.sqrt(sum((t.astype(np.float64) ** 2).sum(1) for t in test[c : c + run]))
+        xn = np.sqrt(sum((x.astype(np.float64) ** 2).sum(1) for x in train[c : c + run]))[indices]
+        norm = tn[:, None] * xn
+        out[:, :, c : c + run] = (
+            np.where(norm[..., None] > 0, out[:, :, c : c + run], 0) / np.where(norm > 0, norm, 1)[..., None]
+        )
+    return out
+
+
+def test_checkpoint_contributions_of_a_normalized_result_sum_to_its_values():
+    rng = np.random.default_rng(10)
+    train, test, w = _full(rng, 90, dims=(6, 4, 5, 3)), _full(rng, 5, dims=(6, 4, 5, 3)), [1.0, 0.5, 0.2, 0.2]
+    train[0][7] = 0  # a zero gradient at one checkpoint: its term is 0
+    meta = {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}  # 2 checkpoints of 2 slots each
+    sets = tracin.Gradients(test, w, metadata=meta), tracin.Gradients(train, w, metadata=meta)
+    result = tracin.top_k(*sets, k=90, normalize=True)
+    got = checkpoint_contributions(*sets, result, normalize=True)
+    slots = _cosine_terms(test, train, w, result.indices, run=2)
+    np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+    plain = checkpoint_contributions(*sets, result)  # the parts of the plain score, as documented
+    np.testing.assert_allclose(plain.sum(2), (_pair_terms(test, train, w, result.indices)).sum(2), rtol=1e-12)
+    with pytest.raises(TypeError, match="normalize must be True or False"):
+        checkpoint_contributions(*sets, result, normalize="yes")
+
+
+def test_checkpoint_contributions_of_normalized_factored_gradients_match_float64():
+    rng = np.random.default_rng(11)
+    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    (left, right), (tl, tr) = _factored(rng, 40, dims=dims), _factored(rng, 4, dims=dims)
+    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    test = tracin.FactoredGradients(tl, tr, w, metadata=meta)
+    train = tracin.FactoredGradients(left, right, w, metadata=meta)
+    result = tracin.top_k(test, train, k=5, normalize=True, side="opponents")
+    got = checkpoint_contributions(test, train, result, normalize=True)
+    slots = _cosine_terms(factored_to_full(tl, tr), factored_to_full(left, right), w, result.indices, run=2)
+    np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+
+
 def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):
     """Three checkpoints: the first two separate `noisy` rows (large gradients there), the last has
     large gradients on other rows and dominates the sum."""

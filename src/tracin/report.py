@@ -19,7 +19,7 @@ import numpy as np
 from ._arrays import DTYPE_CODES
 from .backends import TopK
 from .gradients import GradientSet
-from .scoring import _checkpoint_run, _pair, as_gradient_set, self_influence
+from .scoring import _checkpoint_run, _normalize_run, _pair, as_gradient_set, self_influence
 from .store._convert import bfloat16_bits_to_float32
 
 _GATHER_BYTES = 64 << 20  # float64 bytes of gathered train rows per test chunk in checkpoint_contributions
@@ -38,6 +38,7 @@ def checkpoint_contributions(
     result: TopK,
     *,
     layers_per_checkpoint: int | None = None,
+    normalize: bool = False,
 ) -> np.ndarray:
     """float64 (m, k, C), C the checkpoints: entry (t, j, c) is checkpoint c's part of the score of
     the pair (test row t, train row i = result.indices[t, j]), in float64 from the rows (each side
@@ -45,6 +46,10 @@ def checkpoint_contributions(
     w_s <g_s(t), g_s(i)>. Summed over c it is result.values[t, j] up to float32 rounding.
 
     result: a TopK of top_k(test, train, ...) (for side="both", pass .proponents or .opponents).
+    normalize: what the top_k call that made `result` used (a TopK does not record it). False: the
+    parts of the plain score above; given a normalize=True result they do not sum to its values.
+    True: each slot's term divided by |g(t)| |g(i)|, the norms over the slots of its checkpoint as
+    top_k groups them (0 for a zero gradient), so the parts sum to the cosine score.
     layers_per_checkpoint: slots that form one checkpoint, as in checkpoint_diagnostics (factored
     exports store one slot per layer); default: what the metadata records, else 1.
     """
@@ -54,6 +59,7 @@ def checkpoint_contributions(
             f"result must be a TopK (values, indices) from tracin.top_k, got {type(result).__name__}"
             " (for side='both' pass .proponents or .opponents)"
         )
+    run = _normalize_run(normalize, test, train)
     per = _slots_per_checkpoint(train if _checkpoint_run(train) else test, layers_per_checkpoint)
     indices = np.asarray(result.indices)
     if indices.ndim != 2 or indices.shape[0] != test.n_rows or not np.issubdtype(indices.dtype, np.integer):
@@ -84,6 +90,10 @@ def checkpoint_contributions(
         terms = w * _per_slot(
             train.factored, [np.einsum("td,tjd->tj", a, b) for a, b in zip(ours, theirs, strict=True)]
         )
+        if run:
+            norms = _norms(train.factored, [(a * a).sum(1)[:, None] for a in ours], run)
+            norms = norms * _norms(train.factored, [(b * b).sum(2) for b in theirs], run)
+            terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
         out[t0:t1] = terms.reshape(t1 - t0, k, count, per).sum(3)
     return out
 
@@ -93,7 +103,15 @@ def _per_slot(factored: bool, per_block: list[np.ndarray]) -> np.ndarray:
     multiplied (<L, L'> <R, R'> is the dot of the outer products)."""
     if factored:
         per_block = [a * b for a, b in zip(per_block[0::2], per_block[1::2], strict=True)]
-    return np.stack(per_block, axis=2)
+    return np.stack(np.broadcast_arrays(*per_block), axis=2)
+
+
+def _norms(factored: bool, squares: list[np.ndarray], run: int) -> np.ndarray:
+    """(t, j, slots): per slot the norm of the gradient of its checkpoint (`run` slots each), from
+    one (t, j) array of squared norms per kernel block."""
+    slots = _per_slot(factored, squares)
+    grouped = slots.reshape(*slots.shape[:2], slots.shape[2] // run, run).sum(3)
+    return np.sqrt(np.repeat(grouped, run, axis=2))
 
 
 @dataclass(frozen=True)
