@@ -266,6 +266,24 @@ def test_diagnostics_sum_the_layers_of_each_checkpoint(tmp_path):
         checkpoint_diagnostics(tracin.FactoredGradients(left, right, w), path=tmp_path / "x.png", labels=["a"])
 
 
+def test_diagnostics_take_numpy_integers_but_not_bools(tmp_path):
+    rng = np.random.default_rng(12)
+    left, right = _factored(rng, 50, dims=((3, 4), (2, 5), (3, 4), (2, 5)))
+    train = tracin.FactoredGradients(left, right, [0.1, 0.1, 0.01, 0.01])
+    plain = checkpoint_diagnostics(train, top=7, layers_per_checkpoint=2)
+    numpy = checkpoint_diagnostics(
+        train, top=np.int64(7), layers_per_checkpoint=np.int32(2), path=tmp_path / "d.png", traced=np.int64(1)
+    )
+    assert numpy.top == 7 and type(numpy.top) is int and numpy.figure == tmp_path / "d.png"
+    np.testing.assert_array_equal(numpy.terms, plain.terms)
+    np.testing.assert_array_equal(numpy.overlap, plain.overlap)
+    for bad in (True, np.bool_(True), 7.0):
+        with pytest.raises(ValueError, match="top must be an integer from 1 to the 50 train rows"):
+            checkpoint_diagnostics(train, top=bad)
+    with pytest.raises(ValueError, match="layers_per_checkpoint must be a positive integer"):
+        checkpoint_diagnostics(train, layers_per_checkpoint=np.bool_(True))
+
+
 def test_diagnostics_group_layers_from_metadata_in_memory_as_in_a_store(tmp_path):
     # 2 checkpoints x 2 layers, as a factored export records them: one fingerprint per checkpoint
     rng = np.random.default_rng(7)

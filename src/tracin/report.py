@@ -134,20 +134,23 @@ class CheckpointDiagnostics:
     figure: Path | None
 
 
+def _integer(value: Any) -> int | None:
+    """`value` as an int if it is a Python or NumPy integer (not a bool), else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return None
+    return int(value)
+
+
 def _slots_per_checkpoint(train: GradientSet, layers_per_checkpoint: int | None) -> int:
     if layers_per_checkpoint is None:
         return _checkpoint_run(train) or 1
-    if (
-        isinstance(layers_per_checkpoint, bool)
-        or not isinstance(layers_per_checkpoint, int)
-        or layers_per_checkpoint < 1
-        or train.n_checkpoints % layers_per_checkpoint
-    ):
+    per = _integer(layers_per_checkpoint)
+    if per is None or per < 1 or train.n_checkpoints % per:
         raise ValueError(
             f"layers_per_checkpoint must be a positive integer dividing the set's "
             f"{train.n_checkpoints} checkpoint slots, got {layers_per_checkpoint!r}"
         )
-    return layers_per_checkpoint
+    return per
 
 
 def _top_rows(scores: np.ndarray, top: int) -> np.ndarray:
@@ -183,8 +186,9 @@ def checkpoint_diagnostics(
         raise ValueError("train has no rows")
     if top is None:
         top = max(1, math.ceil(0.1 * n))
-    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= n:
+    if _integer(top) is None or not 1 <= top <= n:
         raise ValueError(f"top must be an integer from 1 to the {n} train rows, got {top!r}")
+    top = int(top)
     slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
     terms = slots.reshape(n, -1, per).sum(axis=2)
     total = terms.sum(axis=1)
@@ -213,7 +217,7 @@ def plot_checkpoint_diagnostics(
     labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
     if len(labels) != count:
         raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
-    if traced is not None and (isinstance(traced, bool) or not isinstance(traced, int) or not 1 <= traced <= count):
+    if traced is not None and (_integer(traced) is None or not 1 <= traced <= count):
         raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
     try:
         import matplotlib
