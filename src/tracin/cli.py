@@ -286,6 +286,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from .demo.training import TrainingConfig
     except ImportError as e:
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]' ({e})") from e
+    if args.checkpoints > args.epochs:
+        raise CommandError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
     training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
     config = DemoConfig(
         noise=args.noise, seed=args.seed, output=Path(args.output), training=training, framework=args.framework
@@ -302,6 +304,28 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
 
 
@@ -415,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="numpy",
         help="what trains the model and computes its gradients (numpy needs no extra)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed of data, noise and training")
-    p.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed of data, noise and training")
+    p.add_argument("--noise", type=fraction, default=0.2, help="fraction of training labels flipped, in [0, 1)")
     p.add_argument(
         "--checkpoints",
         type=positive_int,

@@ -352,7 +352,48 @@ def test_demo_command_line_options(tmp_path, capsys):
     assert "saving 2 checkpoints" in out and "report.md" in out and "140 of their labels flipped (10.0%)" in out
     assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2  # numpy by default
     assert main(["demo", "--epochs", "3", "--checkpoints", "5", "-o", str(tmp_path / "bad")]) == 1
-    assert "checkpoints must be between 1 and epochs" in capsys.readouterr().err
+    assert "--checkpoints (5) must be at most --epochs (3)" in capsys.readouterr().err
+
+
+def test_bad_demo_settings_are_refused_before_the_previous_run_is_touched(tmp_path, capsys):
+    out = tmp_path / "out"
+    run_demo(
+        DemoConfig(output=out, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
+        progress=False,
+        log=lambda *_: None,
+    )
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for option, value, said in (
+        ("--seed", "-1", "argument --seed: expected an integer >= 0, got '-1'"),
+        ("--noise", "1.5", "argument --noise: expected a number in [0, 1), got '1.5'"),
+        ("--noise", "nan", "argument --noise: expected a number in [0, 1), got 'nan'"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main(["demo", option, value, "--epochs", "2", "--checkpoints", "1", "-o", str(out), "--no-progress"])
+        assert exit.value.code == 2 and said in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert GradientStore.open(out / "grads" / "train").n_rows == 1400
+    for settings, said in (
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(seed=True), "seed must be an integer >= 0, got True"),
+        (dict(noise=1.0), r"noise must be a number in \[0, 1\), got 1.0"),
+        (dict(noise=float("nan")), r"noise must be a number in \[0, 1\), got nan"),
+        (dict(k=0), "k must be a positive integer, got 0"),
+        (dict(examples=0), "examples must be a positive integer, got 0"),
+        (dict(framework="tensorflow"), "framework must be one of numpy, jax, torch or None"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            DemoConfig(output=out, **settings)
+    for settings, said in (
+        (dict(seed=-3), "seed must be an integer >= 0, got -3"),
+        (dict(epochs=0), "epochs must be a positive integer, got 0"),
+        (dict(learning_rate=float("inf")), r"learning_rate must be a number in \(0, inf\), got inf"),
+        (dict(momentum=1.0), r"momentum must be a number in \[0, 1\), got 1.0"),
+        (dict(decay_at=-0.1), r"decay_at must be a number in \[0, 1\], got -0.1"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            TrainingConfig(**settings)
+    assert TrainingConfig(seed=np.int64(3), epochs=np.int32(4), checkpoints=2).checkpoint_epochs() == {1, 3}
 
 
 def test_demo_command_line_framework_option(tmp_path, capsys):

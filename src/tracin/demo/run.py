@@ -16,12 +16,12 @@ from .._progress import progress_bar
 from ..report import checkpoint_diagnostics
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
-from .framework import fresh_store_path, trainer
+from .framework import FRAMEWORKS, fresh_store_path, trainer
 from .mlp import cross_entropy
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
 from .report import summary_rows, write_report
-from .training import TrainingConfig
+from .training import TrainingConfig, check_integer, check_real
 
 INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the summary
 DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
@@ -41,6 +41,16 @@ class DemoConfig:
     framework: str | None = None
     examples: int = 4
     k: int = 5
+
+    def __post_init__(self) -> None:
+        check_real("noise", self.noise, lambda v: 0 <= v < 1, "[0, 1)")
+        check_integer("seed", self.seed, 0)
+        if not isinstance(self.training, TrainingConfig):
+            raise TypeError(f"training must be a TrainingConfig, got {type(self.training).__name__}")
+        if self.framework is not None and self.framework not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)} or None, got {self.framework!r}")
+        check_integer("examples", self.examples, 1)
+        check_integer("k", self.k, 1)
 
 
 @dataclass
@@ -75,12 +85,12 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     grads/test, figures, report, ranking) to config.output."""
     start = time.perf_counter()
     framework, train = trainer(config.framework)
+    data = load_noisy_digits(config.noise, config.seed)
     out = Path(config.output)
     stores = {
         name: fresh_store_path(out / "grads" / folder)
         for name, folder in (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))
     }
-    data = load_noisy_digits(config.noise, config.seed)
     flipped = data.flipped
     log(
         f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "

@@ -3,7 +3,8 @@ schedule, when checkpoints are taken, the batch order and the SGD-with-momentum 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,15 @@ class TrainingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.checkpoints <= self.epochs:
+        for name in ("epochs", "batch_size", "hidden"):
+            check_integer(name, getattr(self, name), 1)
+        check_integer("seed", self.seed, 0)
+        check_integer("checkpoints", self.checkpoints, 1)
+        if self.checkpoints > self.epochs:
             raise ValueError(f"checkpoints must be between 1 and epochs ({self.epochs}), got {self.checkpoints}")
+        check_real("learning_rate", self.learning_rate, lambda v: v > 0, "(0, inf)")
+        check_real("momentum", self.momentum, lambda v: 0 <= v < 1, "[0, 1)")
+        check_real("decay_at", self.decay_at, lambda v: 0 <= v <= 1, "[0, 1]")
 
     def learning_rate_at(self, epoch: int) -> float:
         """The rate in force during `epoch` (0-based)."""
@@ -32,6 +40,20 @@ class TrainingConfig:
     def checkpoint_epochs(self) -> set[int]:
         """0-based epochs after which a checkpoint is saved: `checkpoints` evenly spaced, the last one included."""
         return set(np.linspace(0, self.epochs, self.checkpoints + 1, dtype=int)[1:] - 1)
+
+
+def check_integer(name: str, value: Any, least: int) -> None:
+    """ValueError naming `name` unless value is a Python or NumPy integer (not a bool) >= least."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_real(name: str, value: Any, inside: Callable[[float], bool], interval: str) -> None:
+    """ValueError naming `name` unless value is a finite real number (not a bool) with inside(value)."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not (real and math.isfinite(value) and inside(value)):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
