@@ -105,6 +105,26 @@ def test_aggregate_over_test_shards_adds_float64_partials_in_order(client, float
     np.testing.assert_allclose(found, floats["scores"][:, :300].sum(0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cut", ["train", "test"])
+def test_aggregate_sends_the_client_one_float64_per_train_row(client, floats, monkeypatch, cut):
+    """Not (test chunks x n) partials: the test store has 6 row chunks, the client gets n float64 in all."""
+    train = floats["store"]
+    if cut == "test":
+        train = tracin.Gradients([m[:300] for m in floats["train"]], floats["weights"])
+    received = []
+
+    def wait(job, *args, **kwargs):
+        found = wait_of_job(job, *args, **kwargs)
+        received.append(sum(np.asarray(a).nbytes for a in (found if isinstance(found, list) else [found])))
+        return found
+
+    wait_of_job = td._api.Job.wait
+    monkeypatch.setattr(td._api.Job, "wait", wait)
+    found = td.aggregate(floats["test_store"], train, client=client, shards=3)
+    np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
+    assert received == [train.n_rows * 8]
+
+
 def test_aggregate_beyond_float32_is_refused(client, tmp_path):
     train = [np.full((6, 4), 3e19, dtype=np.float32)]  # 3 test rows x 4 columns x 3e38: 3.6e39 per train row
     store = write_store(tmp_path / "big", train, None)

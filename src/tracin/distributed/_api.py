@@ -131,9 +131,10 @@ def aggregate(
     normalize: bool = False,
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
-    for bit. Sides and options (normalize included) as for tracin.distributed.top_k; when the test
-    side is the one cut, its shards follow the store's row chunks and their float64 partial sums
-    are added in order."""
+    for bit. Sides and options (normalize included) as for tracin.distributed.top_k. Each train shard
+    sends back its rows' float64 sums; when the test side is the one cut, its shards follow the
+    store's row chunks and their per-chunk float64 sums are added in order by a chain of tasks on
+    the cluster, so only the (n,) total reaches the client."""
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
     _normalize_run(normalize, test_set, train_set)
@@ -150,10 +151,10 @@ def aggregate(
                 train_set,
                 shards,
                 slots,
-                lambda rows, _: (other, rows, num_threads, slots, normalize),
+                lambda rows, _: (other, rows, num_threads, slots, normalize, False),
             )
-            total = np.concatenate([_tasks.add_in_order(p) for p in job.wait(parts, progress)])
-        else:  # test shards start on the store's row chunks, so their partial sums are tracin.aggregate's
+            total = np.concatenate(job.wait(parts, progress))  # (n,) float64 in all
+        else:  # test shards start on the store's row chunks, so their chunk sums are tracin.aggregate's
             other = _sent(job, train_set)
             parts = _per_shard(
                 job,
@@ -161,11 +162,14 @@ def aggregate(
                 test_set,
                 shards,
                 slots,
-                lambda rows, _: (rows, other, num_threads, slots, normalize),
+                lambda rows, _: (rows, other, num_threads, slots, normalize, True),
                 align=test_set.row_chunks(),
                 side="test",
             )
-            total = _tasks.add_in_order(np.concatenate(job.wait(parts, progress)))
+            summed: Future | None = None  # added on the cluster shard after shard: only (n,) reaches the client
+            for part in parts:
+                summed = job.submit(_tasks.add_in_order, part, summed)
+            total = job.wait(parts, progress, summed)
     return _float32(total)
 
 

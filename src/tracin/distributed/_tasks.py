@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from .. import backends
@@ -51,28 +49,29 @@ def self_influence_part(train: Side, num_threads: int | None, slots: dict[str, i
 
 
 def aggregate_part(
-    test: Side, train: Side, num_threads: int | None, slots: dict[str, int], normalize: bool
+    test: Side, train: Side, num_threads: int | None, slots: dict[str, int], normalize: bool, per_test_chunk: bool
 ) -> np.ndarray:
-    """float64 (test chunks, train rows): per chunk of test rows (as tracin.aggregate cuts them)
-    the kernel's float64 sum over that chunk (cosine scores with normalize), so that adding the
-    rows in order reproduces tracin.aggregate's float64 total bit for bit."""
+    """The kernel's float64 sums over each chunk of test rows (as tracin.aggregate cuts them; cosine
+    scores with normalize), added in order from zero per train row: float64 (train rows,), the
+    shard's share of tracin.aggregate's float64 total bit for bit. per_test_chunk: float64 (test
+    chunks, train rows) instead, one row per chunk, for the caller to add in order after the rows of
+    the test shards before this one."""
     test_set, train_set, w = _pair(_opened(test), _opened(train))
     run = _normalize_run(normalize, test_set, train_set)
     threads, cpu = kernel_threads(num_threads, slots), backends.get("cpu")
     test_chunks = _chunks(test_set)
-    out = np.empty((len(test_chunks), train_set.n_rows), dtype=np.float64)
+    out = np.zeros((len(test_chunks), train_set.n_rows) if per_test_chunk else train_set.n_rows, dtype=np.float64)
     for j, (t0, t1) in enumerate(test_chunks):
-        t_side = test_set.kernel_side(t0, t1)
+        t_side, total = test_set.kernel_side(t0, t1), out[j] if per_test_chunk else out
         for i0, i1 in _chunks(train_set):
-            out[j, i0:i1] = cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads, normalize=run)
+            total[i0:i1] += cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads, normalize=run)
     return out
 
 
-def add_in_order(partials: Any) -> np.ndarray:
-    """float64 sum of the rows of (c, n) partials, added one after another from zero (not
-    pairwise, as np.sum would), the order tracin.aggregate adds its test chunks in."""
-    partials = np.asarray(partials, dtype=np.float64)
-    total = np.zeros(partials.shape[1], dtype=np.float64)
+def add_in_order(partials: np.ndarray, total: np.ndarray | None = None) -> np.ndarray:
+    """float64 `total` (None: zeros) plus the rows of (c, n) partials, added one after another (not
+    pairwise, as np.sum would), the order tracin.aggregate adds its test chunks in; a new array."""
+    total = np.zeros(partials.shape[1], dtype=np.float64) if total is None else total.copy()
     for row in partials:
         total += row
     return total
