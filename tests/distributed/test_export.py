@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import get_task_stream
+from distributed import Client, LocalCluster, get_task_stream
 
 torch = pytest.importorskip("torch")
 
@@ -149,6 +149,17 @@ def test_bad_arguments_are_named(client, tmp_path):
     with pytest.raises(ValueError, match="shards must be a positive integer"):
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, shards=0)
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.5)
+    model, checkpoints, data, loss = _setup(20, 4)
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+        pytest.raises(TimeoutError, match=r"the cluster at \S+ still has no workers after 0.5 s"),
+    ):
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c)
 
 
 def _jax_loss(params, inputs, targets):

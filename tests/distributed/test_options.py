@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 import tracin
 import tracin.distributed as td
@@ -86,3 +88,14 @@ def test_kernel_threads_share_the_host_cores_among_its_task_slots(client):
     assert client.submit(kernel_threads, 3, {"127.0.0.1": 2}, pure=False).result() == 3
     client.wait_for_workers(2, timeout=180)  # after the fault tests' restarts
     assert slots_by_host(client) == {"127.0.0.1": 2}
+
+
+def test_cluster_without_workers_is_waited_for(tied, capsys):
+    with (
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        threading.Timer(0.5, cluster.scale, [1]).start()
+        found = td.self_influence(tied["store"], client=c, shards=2)
+    np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
+    assert "has no workers yet; waiting up to" in capsys.readouterr().err

@@ -13,6 +13,8 @@ from typing import Any
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
+WORKER_WAIT_S = 300  # how long a call waits for the first worker of a cluster that has none yet
+
 
 def usable_cores() -> int:
     """Cores this process may run on."""
@@ -61,9 +63,25 @@ def _default_client() -> Client | None:
 
 
 def slots_by_host(client: Client) -> dict[str, int]:
-    """Task slots (worker threads) per host: tasks that may run there at once."""
+    """Task slots (worker threads) per host: tasks that may run there at once. A cluster with no
+    worker yet (say dask-jobqueue right after scale()) is waited for, up to WORKER_WAIT_S seconds."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:
+        where = client.scheduler.address
+        print(
+            f"tracin.distributed: the cluster at {where} has no workers yet; waiting up to {WORKER_WAIT_S} s for one",
+            file=sys.stderr,
+        )
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the cluster at {where} still has no workers after {WORKER_WAIT_S} s: start some "
+                "(cluster.scale(n)) or pass a client whose cluster has workers"
+            ) from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
     slots: Counter[str] = Counter()
-    for w in client.scheduler_info(n_workers=-1)["workers"].values():
+    for w in workers.values():
         slots[w["host"]] += w["nthreads"]
     return dict(slots)
 
