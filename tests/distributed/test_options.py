@@ -90,6 +90,13 @@ def test_kernel_threads_share_the_host_cores_among_its_task_slots(client):
     assert slots_by_host(client) == {"127.0.0.1": 2}
 
 
+def test_closed_client_is_named(client, tied):
+    closed = Client(client.scheduler.address, set_as_default=False)
+    closed.close()
+    with pytest.raises(ValueError, match="client is closed"):
+        td.self_influence(tied["store"], client=closed)
+
+
 def test_cluster_without_workers_is_waited_for(tied, capsys):
     with (
         LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,

@@ -30,6 +30,8 @@ def client_for(client: Any) -> Iterator[Client]:
     if client is not None:
         if not isinstance(client, Client):
             raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
+        if client.status in ("closing", "closed"):
+            raise ValueError(f"client is closed (status {client.status!r}): pass a running distributed.Client")
         yield client
         return
     with local_client(usable_cores()) as local:
