@@ -132,6 +132,28 @@ def test_self_influence_ranking(stores, tmp_path, capsys):
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])
 
 
+def test_csv_scores_read_back_to_the_same_float32(tmp_path, rng):
+    # ~0.5% of float32 values need 9 significant digits: 8000 scores and 2000 self-influences have some
+    paths = {
+        side: _write_store(tmp_path / side, [rng.standard_normal((n, 3)).astype(np.float32)], [0.7])
+        for side, n in (("test", 2), ("train", 2000))
+    }
+    assert main(_score(paths, "-k", "2000", "--side", "both", "-o", str(tmp_path / "top.csv"))) == 0
+    assert main(_score(paths, "-k", "2000", "--side", "both", "-o", str(tmp_path / "top.npz"))) == 0
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "top.csv")))
+    with np.load(tmp_path / "top.npz") as top:
+        for side in ("proponents", "opponents"):
+            text = [r["influence"] for r in rows if r["side"] == side]
+            expected = top[f"{side}_values"].ravel()
+            np.testing.assert_array_equal(np.array(text, dtype=np.float32).view(np.uint32), expected.view(np.uint32))
+    store = tracin.GradientStore.open(paths["train"])
+    ranked = list(csv.DictReader(open(tmp_path / "rank.csv")))
+    expected = tracin.self_influence(store)[[int(r["train_row"]) for r in ranked]]
+    got = np.array([r["self_influence"] for r in ranked], dtype=np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
 def test_without_output_results_go_to_stdout_and_no_file_is_written(stores, tmp_path, capsys, monkeypatch):
     paths, blocks, weights = stores
     cwd = tmp_path / "cwd"

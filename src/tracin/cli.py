@@ -27,6 +27,7 @@ EXAMPLES = """examples:
 
 SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
+FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
 
@@ -210,7 +211,15 @@ def _write_pairs_csv(f: IO[str], sides: dict, test_ids: list | None, train_ids: 
         for t in range(r.indices.shape[0]):
             for rank, (i, v) in enumerate(zip(r.indices[t].tolist(), r.values[t].tolist(), strict=True), 1):
                 w.writerow(
-                    [t, test_ids[t] if test_ids else t, name, rank, i, train_ids[i] if train_ids else i, f"{v:.8g}"]
+                    [
+                        t,
+                        test_ids[t] if test_ids else t,
+                        name,
+                        rank,
+                        i,
+                        train_ids[i] if train_ids else i,
+                        f"{v:{FLOAT32}}",
+                    ]
                 )
 
 
@@ -238,7 +247,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         w = csv.writer(f)
         w.writerow(["rank", "train_row", "id", "self_influence"])
         for rank, i in enumerate(order.tolist(), 1):
-            w.writerow([rank, i, ids[i] if ids else i, f"{scores[i]:.8g}"])
+            w.writerow([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"])
 
     if out is None:
         write(sys.stdout)
