@@ -414,6 +414,22 @@ def test_bench_runs_without_the_bench_extra_or_the_checkout(monkeypatch, capsys)
     assert "python -m benchmarks.kernel" in out
 
 
+def test_bench_says_the_k_and_the_threads_it_ran_with(monkeypatch, capsys):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)  # 3 of 64 cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    used = []
+    top_k = tracin.top_k
+    monkeypatch.setattr(tracin, "top_k", lambda *a, num_threads, **kw: used.append(num_threads) or top_k(*a, **kw))
+    assert main(["bench", "--quick", "-n", "5", "--repeats", "1"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("top-5 (k=10 capped at the train rows) proponents of 64 test rows among 5 train rows")
+    assert "tracin on 3 thread(s)" in header and set(used) == {3}
+    used.clear()
+    assert main(["bench", "--quick", "-n", "50", "--repeats", "1", "--threads", "2"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("top-10 proponents of") and "tracin on 2 thread(s)" in header and set(used) == {2}
+
+
 def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):
     import tracin.cli
 

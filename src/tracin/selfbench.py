@@ -38,12 +38,14 @@ QUICK = BenchConfig(m=64, n=20_000, d=64, repeats=2)
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Median seconds of each contender, and whether tracin's top-k matches float64 on CHECKED_ROWS rows."""
+    """Median seconds of each contender, whether tracin's top-k matches float64 on CHECKED_ROWS rows,
+    and the threads tracin ran on."""
 
     config: BenchConfig
     tracin_s: float
     numpy_s: float
     exact: bool
+    threads: int  # the threads tracin ran on
 
     @property
     def speedup(self) -> float:
@@ -96,31 +98,38 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run(config: BenchConfig) -> BenchResult:
     """Generates the problem, times both contenders (warm-up, then `repeats` calls each; medians)
-    and checks tracin's result against float64."""
+    and checks tracin's result against float64. tracin runs on config.threads, else on every usable core."""
     import tracin
+
+    threads = config.threads or usable_cores()
 
     rng = np.random.default_rng(config.seed)
     test = rng.standard_normal((config.m, config.d), dtype=np.float32)
     train = rng.standard_normal((config.n, config.d), dtype=np.float32)
-    ours = tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False)
+    ours = tracin.top_k(test, train, config.k, num_threads=threads, progress=False)
     exact = matches_float64(test, train, ours.values, ours.indices)
     tracin_s = _median_seconds(
-        lambda: tracin.top_k(test, train, config.k, num_threads=config.threads, progress=False), config.repeats
+        lambda: tracin.top_k(test, train, config.k, num_threads=threads, progress=False), config.repeats
     )
     numpy_s = _median_seconds(lambda: numpy_top_k(test, train, config.k), config.repeats)
-    return BenchResult(config, tracin_s, numpy_s, exact)
+    return BenchResult(config, tracin_s, numpy_s, exact, threads)
 
 
 def report(result: BenchResult) -> str:
     """The lines `tracin bench` prints."""
     c = result.config
-    threads = c.threads or os.cpu_count() or 1
+    k = f"top-{min(c.k, c.n)}" + (f" (k={c.k} capped at the train rows)" if c.k > c.n else "")
     return "\n".join(
         [
-            f"top-{c.k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
-            f"tracin on {threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
+            f"{k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
+            f"tracin on {result.threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
             f"  tracin.top_k                 {result.tracin_s * 1e3:10.1f} ms",
             f"  numpy matmul + argpartition  {result.numpy_s * 1e3:10.1f} ms",
             f"  tracin is {result.speedup:.2f}x the speed of NumPy; top-k "
