@@ -4,7 +4,9 @@ here), the command lines it prints, and the pieces it is built from, against flo
 from __future__ import annotations
 
 import csv
+import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,9 @@ from tracin.cli import main
 from tracin.demo import DemoConfig, run_demo
 from tracin.demo.data import load_noisy_digits
 from tracin.demo.detection import detection_curve, found_at, perfect_curve
-from tracin.demo.framework import fresh_store_path, trainer
+from tracin.demo.framework import trainer
 from tracin.demo.mlp import batch_gradient, cross_entropy, forward, init_params, per_example_factors
+from tracin.demo.outputs import LEDGER, DemoFiles
 from tracin.demo.recipe import RULE, checkpoints_to_trace
 from tracin.demo.run import LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
 from tracin.demo.training import TrainingConfig
@@ -189,11 +192,6 @@ def test_the_recipe_traces_up_to_the_first_checkpoint_at_or_after_the_held_out_p
 def test_unknown_or_missing_framework_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="framework must be one of numpy, jax, torch, got 'tensorflow'"):
         trainer("tensorflow")
-    (tmp_path / "grads").mkdir()
-    (tmp_path / "grads" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="is not a gradient store"):
-        fresh_store_path(tmp_path / "grads")
-    assert (tmp_path / "grads" / "notes.txt").read_text() == "mine"
 
 
 def test_demo_finds_flipped_labels_better_than_loss_and_random(default_demo):
@@ -326,6 +324,69 @@ def test_demo_reruns_into_the_same_folder(tmp_path):
         log=lambda *_: None,
     )
     assert GradientStore.open(again.files["train store"]).n_rows == 1400
+
+
+def _small(out, checkpoints=1, epochs=2):
+    return DemoConfig(output=out, training=TrainingConfig(epochs=epochs, checkpoints=checkpoints), examples=1, k=2)
+
+
+def _own_store(path, rows=30):
+    writer = GradientStore.create(path, rows, [8], [0.1])
+    writer.write(0, 0, np.ones((rows, 8), np.float32))
+    return writer.finalize()
+
+
+def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(tmp_path):
+    quiet = {"progress": False, "log": lambda *_: None}
+    mine = tmp_path / "project"
+    _own_store(mine / "grads" / "train")  # a user's store where the demo writes, no demo run before
+    with pytest.raises(ValueError, match=r"train was not written by tracin demo .* \(-o / --output\)"):
+        run_demo(_small(mine), **quiet)
+    assert GradientStore.open(mine / "grads" / "train").n_rows == 30 and not (mine / "checkpoints").exists()
+
+    out = tmp_path / "out"
+    run_demo(_small(out, checkpoints=3, epochs=3), **quiet)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint_000{e}.npz" for e in (1, 2, 3)]
+    run_demo(_small(out, checkpoints=1, epochs=3), **quiet)  # the stale checkpoints of the first run go
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0003.npz"]
+    assert GradientStore.open(out / "grads" / "train_all_checkpoints").n_checkpoints == 2  # 1 checkpoint x 2 layers
+
+    shutil.rmtree(out / "grads" / "test")  # the user put their own store in place of the demo's
+    _own_store(out / "grads" / "test")
+    (out / "checkpoints" / "notes.txt").write_text("kept")
+    with pytest.raises(ValueError, match="test was not written by tracin demo"):
+        run_demo(_small(out), **quiet)
+    assert GradientStore.open(out / "grads" / "test").n_rows == 30  # nothing removed before the refusal
+    assert GradientStore.open(out / "grads" / "train").n_rows == 1400
+    assert (out / "checkpoints" / "checkpoint_0003.npz").exists()
+
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    np.savez(other / "checkpoints" / "checkpoint_0002.npz", w=np.ones(3))  # a user's own checkpoint
+    with pytest.raises(ValueError, match="checkpoint_0002.npz was not written by tracin demo"):
+        run_demo(_small(other), **quiet)
+    assert np.load(other / "checkpoints" / "checkpoint_0002.npz")["w"].tolist() == [1, 1, 1]
+    (other / "checkpoints" / "checkpoint_0002.npz").unlink()
+    (other / "grads" / "train").mkdir(parents=True)
+    (other / "grads" / "train" / "notes.txt").write_text("mine")  # not a store at all
+    with pytest.raises(ValueError, match="train was not written by tracin demo"):
+        run_demo(_small(other), **quiet)
+    assert (other / "grads" / "train" / "notes.txt").read_text() == "mine"
+    (other / LEDGER).write_text("{}")
+    with pytest.raises(ValueError, match="is not the record tracin demo keeps of its files"):
+        run_demo(_small(other), **quiet)
+
+
+def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
+    files = DemoFiles(tmp_path)
+    store, checkpoint = tmp_path / "grads" / "train", tmp_path / "checkpoints" / "checkpoint_0001.pt"
+    files.writing([store, checkpoint])
+    GradientStore.create(store, 10, [4], [1.0])  # never finished
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"partial")
+    DemoFiles(tmp_path).clear([store], checkpoint.parent)
+    assert not store.exists() and not checkpoint.exists()
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
 
 
 def test_demo_command_line_options(tmp_path, capsys):

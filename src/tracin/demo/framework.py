@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -12,12 +11,12 @@ from typing import Protocol
 import numpy as np
 
 from ..store import GradientStore
-from ..store._format import MANIFEST
 from .data import NoisyDigits
 from .training import TrainingConfig
 
 FRAMEWORKS = ("numpy", "jax", "torch")  # lightest first; numpy needs nothing beyond the demo extra
 _MODULES = {"numpy": "with_numpy", "jax": "with_jax", "torch": "with_torch"}
+_CHECKPOINT_SUFFIXES = {"numpy": ".npz", "jax": ".npz", "torch": ".pt"}  # what each saves its checkpoints as
 _EXTRAS = {"jax": "pip install 'tracin[jax]'", "torch": "pip install 'tracin[torch]'"}
 
 
@@ -55,12 +54,6 @@ def trainer(framework: str | None) -> tuple[str, Train]:
     return name, module.train
 
 
-def fresh_store_path(path: Path) -> Path:
-    """`path`, with the gradient store an earlier demo run left there removed; ValueError if
-    something else is there."""
-    if path.exists():
-        if not (path / MANIFEST).is_file():
-            raise ValueError(f"{path} exists and is not a gradient store; choose another output folder")
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def checkpoint_path(directory: Path, epoch: int, framework: str) -> Path:
+    """Where `framework`'s training saves the checkpoint taken after `epoch` (0-based)."""
+    return directory / f"checkpoint_{epoch + 1:04d}{_CHECKPOINT_SUFFIXES[framework]}"

@@ -16,8 +16,9 @@ from .._progress import progress_bar
 from ..report import checkpoint_diagnostics
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
-from .framework import FRAMEWORKS, fresh_store_path, trainer
+from .framework import FRAMEWORKS, checkpoint_path, trainer
 from .mlp import cross_entropy
+from .outputs import DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
 from .report import summary_rows, write_report
@@ -82,15 +83,25 @@ class DemoResult:
 
 def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print) -> DemoResult:
     """Runs the whole demo and writes its outputs (checkpoints, gradient stores grads/train and
-    grads/test, figures, report, ranking) to config.output."""
+    grads/test, figures, report, ranking) to config.output. The stores and checkpoints of an earlier
+    run there are replaced; ones the demo did not write (outputs.DemoFiles keeps the record) are
+    refused with a ValueError before anything is removed."""
     start = time.perf_counter()
     framework, train = trainer(config.framework)
     data = load_noisy_digits(config.noise, config.seed)
     out = Path(config.output)
     stores = {
-        name: fresh_store_path(out / "grads" / folder)
+        name: out / "grads" / folder
         for name, folder in (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))
     }
+    epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
+    saved = [checkpoint_path(out / "checkpoints", e, framework) for e in epochs]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} (-o / --output) is a file")
+    owned = DemoFiles(out)
+    owned.clear(stores.values(), out / "checkpoints")
+    owned.writing([*stores.values(), *saved])
+    (out / "grads").mkdir(exist_ok=True)
     flipped = data.flipped
     log(
         f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
@@ -104,6 +115,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
     model = train(data, config.training, out / "checkpoints", lambda _: bar.update())
     bar.close()
+    for path, _ in model.checkpoints:
+        owned.written(path)
     train_logits, test_logits = model.logits(data.x_train), model.logits(data.x_test)
     train_loss = cross_entropy(train_logits, data.y_train)
     train_acc = float((train_logits.argmax(1) == data.y_train).mean())
@@ -111,7 +124,6 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     test_acc = float((test_pred == data.y_test).mean())
     log(f"accuracy on the noisy training labels {train_acc:.1%}, on the test set {test_acc:.1%}")
 
-    epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
     traced = checkpoints_to_trace(epochs, model.held_out_accuracy)
     best_epoch = int(np.argmax(model.held_out_accuracy)) + 1
     if traced == 1:
@@ -126,6 +138,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     train_grads = model.export(data.x_train, data.y_train, stores["train"], progress, traced)
     test_grads = model.export(data.x_test, data.y_test, stores["test"], progress, traced)
     every = model.export(data.x_train, data.y_train, stores["train, all checkpoints"], progress, len(epochs))
+    for path in stores.values():
+        owned.written(path)
     self_influence = tracin.self_influence(train_grads)
 
     n, n_flipped = len(flipped), int(flipped.sum())

@@ -12,6 +12,7 @@ import numpy as np
 from ..jax import export_gradients
 from ..store import GradientStore
 from .data import NoisyDigits
+from .framework import checkpoint_path
 from .mlp import Params, init_params
 from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
@@ -72,7 +73,7 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: 
         params, velocity = epoch_steps(params, velocity, epoch_batches, jnp.float32(lr))
         held_out.append(accuracy(logits(params, data.x_test), data.y_test))
         if epoch in save_at:
-            path = directory / f"checkpoint_{epoch + 1:04d}.npz"
+            path = checkpoint_path(directory, epoch, "jax")
             np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
             checkpoints.append((path, lr))
         on_epoch(epoch)

@@ -11,6 +11,7 @@ from threadpoolctl import threadpool_limits
 from .._export.fingerprint import digest_arrays
 from ..store import GradientStore
 from .data import NoisyDigits
+from .framework import checkpoint_path
 from .mlp import LAYERS, Params, batch_gradient, forward, init_params, per_example_factors
 from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
@@ -77,7 +78,7 @@ def _train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch:
             params, velocity = sgd_momentum(params, velocity, grads, lr, config.momentum)
         held_out.append(accuracy(forward(params, data.x_test)[1], data.y_test))
         if epoch in save_at:
-            path = directory / f"checkpoint_{epoch + 1:04d}.npz"
+            path = checkpoint_path(directory, epoch, "numpy")
             np.savez(path, **params)
             checkpoints.append((path, lr))
         on_epoch(epoch)

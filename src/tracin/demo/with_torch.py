@@ -14,6 +14,7 @@ from torch import nn
 from ..store import GradientStore
 from ..torch import export_gradients
 from .data import NoisyDigits
+from .framework import checkpoint_path
 from .mlp import init_params
 from .training import TrainingConfig, accuracy, batches
 
@@ -92,7 +93,7 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: 
             with torch.no_grad():
                 held_out.append(accuracy(model(x_held_out).numpy(), data.y_test))
             if epoch in save_at:
-                path = directory / f"checkpoint_{epoch + 1:04d}.pt"
+                path = checkpoint_path(directory, epoch, "torch")
                 torch.save(model.state_dict(), path)
                 checkpoints.append((path, lr))
             on_epoch(epoch)
