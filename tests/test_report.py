@@ -3,6 +3,9 @@ tracin.report, against float64 NumPy references."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -308,3 +311,15 @@ def test_diagnostics_group_layers_from_metadata_in_memory_as_in_a_store(tmp_path
     np.testing.assert_allclose(memory.terms, slots[:, 0::2] + slots[:, 1::2], rtol=1e-5)
     np.testing.assert_array_equal(memory.terms, stored.terms)
     np.testing.assert_array_equal(memory.overlap, stored.overlap)
+
+
+def test_tracin_report_is_reachable_from_import_tracin_and_imported_on_first_use():
+    code = (
+        "import sys, tracin\n"
+        "assert 'tracin.report' not in sys.modules\n"
+        "assert tracin.report.checkpoint_contributions is sys.modules['tracin.report'].checkpoint_contributions\n"
+        "try:\n    tracin.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'tracin' has no attribute 'no_such_name'"

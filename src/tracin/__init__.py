@@ -1,7 +1,11 @@
 """tracin: exact, fast TracIn training-data influence for PyTorch, JAX and NumPy.
 
 influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>.
+tracin.report (per-checkpoint diagnostics) is imported on first use; the store's errors
+(StoreFormatError, StoreChangedError) are in tracin.store.
 """
+
+import importlib
 
 from ._core import detect_isa
 from .gradients import FactoredGradients, Gradients, GradientSet
@@ -28,3 +32,11 @@ __all__ = [
     "self_influence",
     "top_k",
 ]
+
+_LAZY = ("report",)  # submodules reachable as tracin.<name> without importing them here
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
