@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
@@ -19,6 +20,7 @@ torch = pytest.importorskip("torch")
 import tracin  # noqa: E402
 import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
+from tracin.distributed import _export  # noqa: E402
 
 
 def _setup(n_rows: int, width: int, seed: int = 0) -> tuple:
@@ -160,6 +162,40 @@ def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
         pytest.raises(TimeoutError, match=r"the cluster at \S+ still has no workers after 0.5 s"),
     ):
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c)
+
+
+def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_ends(monkeypatch):
+    """Task A ends while task B still runs: the count stays 1 until B ends too, then the count from before A
+    is back (torch keeps one per thread with OpenMP, and a default for new threads: a fresh thread reads it)."""
+    torch.set_num_threads(3)
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def export(name, store, progress):
+        if name == "a":
+            a_in.set()
+            assert b_in.wait(30)
+        else:
+            b_in.set()
+            assert a_done.wait(30)
+        seen[name] = torch.get_num_threads()
+
+    monkeypatch.setattr(_export, "_export_function", lambda adapter: export)
+
+    def task(name):
+        _export.export_part("torch", cloudpickle.dumps(((name,), {})), "unused", 0, 1, 1, {})
+
+    b = threading.Thread(target=lambda: (a_in.wait(30), task("b")))
+    b.start()
+    task("a")
+    assert torch.get_num_threads() == 1  # B still runs
+    a_done.set()
+    b.join(30)
+    fresh = []
+    reader = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    reader.start()
+    reader.join(30)
+    assert seen == {"a": 1, "b": 1} and fresh == [3]
 
 
 def _jax_loss(params, inputs, targets):

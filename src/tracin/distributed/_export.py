@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import cloudpickle
@@ -18,6 +20,8 @@ from ._run import Job
 from ._shards import shard_ranges
 
 ADAPTERS = ("torch", "jax")
+_THREADS_LOCK = threading.Lock()
+_threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's thread count before the first]
 
 
 def export_gradients(
@@ -80,19 +84,40 @@ def export_part(
     written into the store at `path`."""
     args, kwargs = cloudpickle.loads(sent)
     export = _export_function(adapter)
-    if adapter != "torch":
-        with store_rows(start, stop):
-            export(*args, store=path, progress=False, **kwargs)
-        return
+    threads = torch_threads(kernel_threads(num_threads, slots)) if adapter == "torch" else nullcontext()
+    with threads, store_rows(start, stop):
+        export(*args, store=path, progress=False, **kwargs)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count n while tasks of a worker process run inside (torch keeps one
+    per thread with OpenMP, and a default that threads started later take): each task sets it for
+    its thread, and once the last has left, the default from before the first is set again (a task
+    ending never resets it under one still running)."""
     import torch
 
-    before = torch.get_num_threads()  # process-wide: restored for the worker's later tasks
-    torch.set_num_threads(kernel_threads(num_threads, slots))
+    with _THREADS_LOCK:
+        if _threads_users[0] == 0:
+            _threads_users[1] = _new_thread_count(torch)
+        _threads_users[0] += 1
+        torch.set_num_threads(n)
     try:
-        with store_rows(start, stop):
-            export(*args, store=path, progress=False, **kwargs)
+        yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _threads_users[0] -= 1
+            if _threads_users[0] == 0:
+                torch.set_num_threads(_threads_users[1])
+
+
+def _new_thread_count(torch: Any) -> int:
+    """The thread count a new thread starts with: this thread's may be a task's leftover."""
+    found: list[int] = []
+    reader = threading.Thread(target=lambda: found.append(torch.get_num_threads()))
+    reader.start()
+    reader.join()
+    return found[0]
 
 
 def _export_function(adapter: Any) -> Callable[..., Any]:
