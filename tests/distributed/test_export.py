@@ -153,6 +153,13 @@ def test_bad_arguments_are_named(client, tmp_path):
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
+def test_data_loader_with_worker_processes_is_named(client, tmp_path):
+    model, checkpoints, (inputs, targets), loss = _setup(20, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=5, num_workers=2)
+    with pytest.raises(ValueError, match=r"^data: .*DataLoader with num_workers=0 .*distributed.worker.daemon=False"):
+        td.export_gradients("torch", model, checkpoints, loader, loss, store=tmp_path / "s", client=client, shards=2)
+
+
 def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.5)
     model, checkpoints, data, loss = _setup(20, 4)

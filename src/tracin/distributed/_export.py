@@ -85,8 +85,18 @@ def export_part(
     args, kwargs = cloudpickle.loads(sent)
     export = _export_function(adapter)
     threads = torch_threads(kernel_threads(num_threads, slots)) if adapter == "torch" else nullcontext()
-    with threads, store_rows(start, stop):
-        export(*args, store=path, progress=False, **kwargs)
+    try:
+        with threads, store_rows(start, stop):
+            export(*args, store=path, progress=False, **kwargs)
+    except AssertionError as e:  # multiprocessing's, when data starts processes in a daemonic worker
+        if "daemonic processes are not allowed to have children" not in str(e):
+            raise
+        raise ValueError(
+            "data: reading it started worker processes (a torch DataLoader with num_workers > 0?), which a "
+            "Dask worker process cannot start (it is daemonic): pass a DataLoader with num_workers=0 (each "
+            "task reads all the data and computes only its rows), or start the workers with the Dask config "
+            "distributed.worker.daemon=False"
+        ) from e
 
 
 @contextmanager
