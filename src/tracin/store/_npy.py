@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,41 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.f
 
 def parse_header(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     """(dtype, shape, fortran_order, data offset) from the first bytes of an .npy file (at least
-    the whole header); anything that is not a valid version 1.0 / 2.0 header is a StoreFormatError."""
+    the whole header); anything that is not a valid version 1.0 / 2.0 header is a StoreFormatError.
+
+    NumPy reads the header dict with ast.literal_eval, which is not thread-safe on CPython 3.11
+    (cpython#106905: a thread switch inside it, e.g. a finalizer run by the garbage collector, can
+    raise "SystemError: AST constructor recursion depth mismatch" on a good header). Parses are
+    serialized by a lock; a SystemError (from ast used by other code at the same time) is retried
+    once, then raised as the interpreter error it is, like a MemoryError: neither blames the file.
+    """
+    for attempt in (1, 2):
+        try:
+            return _parse(head, where)
+        except SystemError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+_PARSING = threading.RLock()  # reentrant: a finalizer run inside a parse may open a store itself
+
+
+def _parse(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     f = io.BytesIO(head)
-    try:
-        version = np.lib.format.read_magic(f)
-        read = _HEADER_READERS.get(version)
-        if read is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = read(f, max_header_size=_MAX_HEADER)
-    # The input is bytes in memory, so every exception here means a malformed header (NumPy's parser
-    # raises ValueError, but also SyntaxError, TypeError or RecursionError from ast on hostile text).
-    except Exception as e:  # noqa: BLE001
-        raise StoreFormatError(f"{where}: corrupt .npy header ({type(e).__name__}: {str(e)[:200]})") from None
+    with _PARSING:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = _HEADER_READERS.get(version)
+            if read is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read(f, max_header_size=_MAX_HEADER)
+        except (SystemError, MemoryError):
+            raise
+        # The input is bytes in memory, so any other exception means a malformed header (NumPy's parser
+        # raises ValueError, but also SyntaxError, TypeError or RecursionError from ast on hostile text).
+        except Exception as e:  # noqa: BLE001
+            raise StoreFormatError(f"{where}: corrupt .npy header ({type(e).__name__}: {str(e)[:200]})") from None
     return dtype, tuple(shape), fortran, f.tell()
 
 

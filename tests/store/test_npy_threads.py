@@ -1,0 +1,97 @@
+""".npy headers parsed from many threads at once (threaded Dask workers opening stores): a good
+header never reads as corrupt, and an interpreter error is not blamed on the file."""
+
+import gc
+import io
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from tracin.store import StoreFormatError
+from tracin.store import _npy
+
+
+def _header(shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(shape, np.float32))
+    return buf.getvalue()[:128]
+
+
+class _Cycle:
+    """Garbage the collector frees mid-parse; its finalizer runs bytecode, so another thread may run
+    inside ast.literal_eval (what makes CPython 3.11's ast raise SystemError without a lock)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+    def __del__(self) -> None:
+        sum(range(50))
+
+
+def test_good_headers_parse_in_many_threads_at_once():
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    heads = {(i + 1, 7): _header((i + 1, 7)) for i in range(8)}
+    failures: list[BaseException] = []
+
+    def parse_many(shape: tuple[int, int]) -> None:
+        for _ in range(1500):
+            _Cycle()
+            try:
+                assert _npy.parse_header(heads[shape], "x")[:2] == (np.dtype("<f4"), shape)
+            except BaseException as e:  # noqa: BLE001
+                failures.append(e)
+
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(50, 1, 1)
+    try:
+        threads = [threading.Thread(target=parse_many, args=(shape,)) for shape in heads]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*thresholds)
+    assert failures == []
+
+
+def _failing(error: BaseException, times: int):
+    calls = []
+
+    def read(f, max_header_size):
+        calls.append(1)
+        if len(calls) <= times:
+            raise error
+        return (2, 3), False, np.dtype("<f4")
+
+    return read, calls
+
+
+def test_a_system_error_is_retried_once_and_not_reported_as_a_corrupt_file(monkeypatch):
+    head = _header((2, 3))
+    read, calls = _failing(SystemError("AST constructor recursion depth mismatch"), times=1)
+    monkeypatch.setitem(_npy._HEADER_READERS, (1, 0), read)
+    assert _npy.parse_header(head, "x")[:2] == (np.dtype("<f4"), (2, 3))
+    assert len(calls) == 2
+
+    read, calls = _failing(SystemError("AST constructor recursion depth mismatch"), times=2)
+    monkeypatch.setitem(_npy._HEADER_READERS, (1, 0), read)
+    with pytest.raises(SystemError, match="recursion depth mismatch") as failure:
+        _npy.parse_header(head, "x")
+    assert not isinstance(failure.value, StoreFormatError) and len(calls) == 2
+
+
+def test_a_memory_error_is_not_reported_as_a_corrupt_file(monkeypatch):
+    read, calls = _failing(MemoryError(), times=1)
+    monkeypatch.setitem(_npy._HEADER_READERS, (1, 0), read)
+    with pytest.raises(MemoryError):
+        _npy.parse_header(_header((2, 3)), "x")
+    assert len(calls) == 1
+
+
+def test_a_malformed_header_is_still_a_store_format_error():
+    head = _header((2, 3)).replace(b"'shape'", b"'shapf'")
+    with pytest.raises(StoreFormatError, match="x: corrupt .npy header"):
+        _npy.parse_header(head, "x")
