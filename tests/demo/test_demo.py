@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 
 from tracin.cli import main
-from tracin.demo import DemoConfig, run_demo
+from tracin.demo import DemoConfig, DemoResult, run_demo
 from tracin.demo.data import load_noisy_digits
 from tracin.demo.detection import detection_curve, found_at, perfect_curve
 from tracin.demo.framework import trainer
 from tracin.demo.mlp import batch_gradient, cross_entropy, forward, init_params, per_example_factors
 from tracin.demo.outputs import LEDGER, DemoFiles
 from tracin.demo.recipe import RULE, checkpoints_to_trace
+from tracin.demo.report import NOTHING_FLIPPED, write_report
 from tracin.demo.run import LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
 from tracin.demo.training import TrainingConfig
 from tracin.store import GradientStore
@@ -245,6 +246,56 @@ def test_demo_reports_the_real_flip_rate(default_demo):
     assert f"{result.n_flipped} of the 1400 training labels ({rate})" in report
     assert f"With {rate} of the labels flipped" in report
     assert "How to read influence scores" in report and "proponent" in report and "opponent" in report
+    final = np.load(out / "checkpoints" / "checkpoint_0150.npz")  # the last checkpoint is the final model
+    logits = forward({k: v.astype(np.float64) for k, v in final.items()}, data.x_train.astype(np.float64))[1]
+    fitted = np.mean(logits.argmax(1)[data.flipped] == data.y_train[data.flipped])
+    assert result.flipped_fitted == pytest.approx(fitted, abs=2 / result.n_flipped)
+    assert f"(it predicts the given wrong label for {result.flipped_fitted:.0%} of the flipped examples)" in report
+
+
+def _summary(n_flipped, fitted, found):
+    return DemoResult(
+        "numpy",
+        1400,
+        n_flipped,
+        found,
+        0.9,
+        0.85,
+        1.0,
+        {},
+        ["tracin info x"],
+        np.array([0.5, 0.6]),
+        [1, 2],
+        2,
+        2,
+        fitted,
+    )
+
+
+def test_the_report_states_only_what_was_measured(tmp_path):
+    methods = (TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT)
+    config = DemoConfig(output=tmp_path, training=TrainingConfig(epochs=2, checkpoints=2))
+    found = {name: {0.1: 0.3, 0.2: 0.5, 0.3: 0.7} for name in methods}
+    text = write_report(tmp_path / "r.md", _summary(280, 0.25, found), config).read_text()
+    assert "(it predicts the given wrong label for 25% of the flipped examples)" in text  # not "most"
+    assert "memorised most" not in text and "won or tied" not in text
+    assert "| TracIn self-influence (recipe) | 30.0% | 50.0% | 70.0% |" in text and "mislabel_detection.png" in text
+    nothing = {name: {0.1: 0.0, 0.2: 0.0, 0.3: 0.0} for name in methods}
+    text = write_report(tmp_path / "q.md", _summary(0, float("nan"), nothing), config).read_text()
+    assert NOTHING_FLIPPED in text and "predicts the given wrong label" not in text and "nan" not in text
+    assert "| TracIn" not in text and "mislabel_detection.png" not in text  # no table of 0.0% to find nothing
+
+
+def test_demo_without_flipped_labels_says_there_is_nothing_to_find(tmp_path):
+    lines: list[str] = []
+    result = run_demo(
+        DemoConfig(output=tmp_path, noise=0.0, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
+        progress=False,
+        log=lines.append,
+    )
+    assert result.n_flipped == 0 and np.isnan(result.flipped_fitted)
+    assert NOTHING_FLIPPED in lines and not any(line.startswith("|") for line in lines)
+    assert NOTHING_FLIPPED in (tmp_path / "report.md").read_text()
 
 
 def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):

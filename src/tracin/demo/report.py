@@ -23,6 +23,9 @@ HOW_TO_READ = (
 )
 
 
+NOTHING_FLIPPED = "No training labels were flipped (noise 0): there are no wrong labels for the methods to find."
+
+
 def summary_rows(result: DemoResult) -> list[str]:
     """The found-at-x%-inspected table of result.found, as Markdown rows."""
     fractions = list(next(iter(result.found.values())))
@@ -35,11 +38,9 @@ def summary_rows(result: DemoResult) -> list[str]:
 
 def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
     """Writes report.md (Markdown, figures linked by relative path) and returns its path."""
-    from .run import DIAGNOSED, LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
+    from .run import DIAGNOSED
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-    first = min(result.found[TRACIN])
-    found = {name: result.found[name][first] for name in (TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT)}
     epochs, checkpoints = config.training.epochs, config.training.checkpoints
     traced = result.checkpoint_epochs[: result.traced]
     which = (
@@ -47,23 +48,28 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         if len(traced) == 1
         else f"the first {len(traced)} checkpoints (epochs {traced[0]} to {traced[-1]}) were"
     )
+    fitted = (
+        f" (it predicts the given wrong label for {result.flipped_fitted:.0%} of the flipped examples)"
+        if result.n_flipped
+        else ""
+    )
     lines = [
         "# tracin demo: finding mislabelled digits",
         "",
         f"{result.n_flipped} of the {result.n_train} training labels ({result.flip_rate:.1%}) were flipped "
         f"to a wrong class. A two-layer MLP trained with {result.framework} for {epochs} epochs on these "
-        f"labels reached {result.train_accuracy_noisy:.1%} accuracy on them (it memorised most flipped "
-        f"labels too) and {result.test_accuracy:.1%} on the correctly labelled test set.",
+        f"labels reached {result.train_accuracy_noisy:.1%} accuracy on them{fitted} and "
+        f"{result.test_accuracy:.1%} on the correctly labelled test set.",
         "",
         "## Which checkpoints are traced",
         "",
-        f"The recipe: {RULE}. It was chosen from the measurements of `benchmarks/quality` (it won or tied "
-        "on every dataset there) and needs nothing but the training run: no labels known to be wrong.",
+        f"The recipe: {RULE}. It was chosen from the measurements of `benchmarks/quality` (the README's "
+        "attribution quality table) and needs nothing but the training run: no labels known to be wrong.",
         "",
         f"Here {checkpoints} checkpoints were saved, after epochs {', '.join(map(str, result.checkpoint_epochs))}; "
-        f"held-out accuracy was best after epoch {result.best_epoch}, so {which} traced. After the peak the model "
-        "memorises the flipped labels: they are fitted, their gradients shrink, and later checkpoints rank them "
-        "lower.",
+        f"held-out accuracy was best after epoch {result.best_epoch}, so {which} traced. The reason "
+        "(`tracin.demo.recipe`): once a model starts memorising the flipped labels, held-out accuracy falls, "
+        "and the flipped examples, now fitted, no longer stand out in the later checkpoints' gradients.",
         "",
         "![held-out accuracy](held_out_accuracy.png)",
         "",
@@ -78,19 +84,7 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "",
         "## Finding the flipped labels",
         "",
-        "Every training example was scored by TracIn self-influence over the traced checkpoints "
-        "and inspected from the highest score down. The table gives the fraction of the flipped labels found "
-        "after inspecting a fraction of the training set:",
-        "",
-        *summary_rows(result),
-        "",
-        f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
-        f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
-        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over all {checkpoints} checkpoints "
-        f"{found[TRACIN_ALL]:.1%}), ranking by the final model's loss {found[LOSS]:.1%}, and inspecting at random "
-        f"finds {found[RANDOM]:.1%} on average.",
-        "",
-        "![mislabel detection](mislabel_detection.png)",
+        *(_detection(result, checkpoints) if result.n_flipped else [NOTHING_FLIPPED]),
         "",
         "## Proponents and opponents",
         "",
@@ -124,3 +118,27 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
     ]
     path.write_text("\n".join(lines))
     return path
+
+
+def _detection(result: DemoResult, checkpoints: int) -> list[str]:
+    """The detection table, what it says and its figure, when some labels were flipped."""
+    from .run import LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
+
+    first = min(result.found[TRACIN])
+    found = {name: result.found[name][first] for name in (TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT)}
+
+    return [
+        "Every training example was scored by TracIn self-influence over the traced checkpoints "
+        "and inspected from the highest score down. The table gives the fraction of the flipped labels found "
+        "after inspecting a fraction of the training set:",
+        "",
+        *summary_rows(result),
+        "",
+        f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
+        f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
+        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over all {checkpoints} checkpoints "
+        f"{found[TRACIN_ALL]:.1%}), ranking by the final model's loss {found[LOSS]:.1%}, and inspecting at random "
+        f"finds {found[RANDOM]:.1%} on average.",
+        "",
+        "![mislabel detection](mislabel_detection.png)",
+    ]

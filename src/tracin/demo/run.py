@@ -21,7 +21,7 @@ from .mlp import cross_entropy
 from .outputs import DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
-from .report import summary_rows, write_report
+from .report import NOTHING_FLIPPED, summary_rows, write_report
 from .training import TrainingConfig, check_integer, check_real
 
 INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the summary
@@ -60,7 +60,8 @@ class DemoResult:
     of the training set, methods TRACIN, TRACIN_ALL, LOSS, RANDOM, PERFECT; next_commands: shell lines
     to try; held_out_accuracy: float64 (epochs,) after each epoch; checkpoint_epochs: 1-based epoch of
     each checkpoint saved; best_epoch: 1-based epoch of best held-out accuracy; traced: how many
-    checkpoints (the first ones) the recipe traced."""
+    checkpoints (the first ones) the recipe traced; flipped_fitted: fraction of the flipped training
+    examples whose given (wrong) label the final model predicts (NaN when none is flipped)."""
 
     framework: str
     n_train: int
@@ -75,6 +76,7 @@ class DemoResult:
     checkpoint_epochs: list[int]
     best_epoch: int
     traced: int
+    flipped_fitted: float
 
     @property
     def flip_rate(self) -> float:
@@ -119,7 +121,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         owned.written(path)
     train_logits, test_logits = model.logits(data.x_train), model.logits(data.x_test)
     train_loss = cross_entropy(train_logits, data.y_train)
-    train_acc = float((train_logits.argmax(1) == data.y_train).mean())
+    train_pred = train_logits.argmax(1)
+    train_acc = float((train_pred == data.y_train).mean())
     test_pred = test_logits.argmax(1)
     test_acc = float((test_pred == data.y_test).mean())
     log(f"accuracy on the noisy training labels {train_acc:.1%}, on the test set {test_acc:.1%}")
@@ -203,11 +206,15 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         [e + 1 for e in epochs],
         best_epoch,
         traced,
+        float(np.mean(train_pred[flipped] == data.y_train[flipped])) if n_flipped else float("nan"),
     )
     files["report"] = write_report(out / "report.md", result, config)
-    log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
-    for row in summary_rows(result):
-        log(row)
+    if n_flipped:
+        log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
+        for row in summary_rows(result):
+            log(row)
+    else:
+        log(NOTHING_FLIPPED)
     log(f"wrote {', '.join(str(p) for p in files.values())}")
     log("next, try the command line on the gradient stores the demo wrote:")
     for command in result.next_commands:
