@@ -415,6 +415,7 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
     out = tmp_path / "out"
     run_demo(_small(out, checkpoints=3, epochs=3), **quiet)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint_000{e}.npz" for e in (1, 2, 3)]
+    assert f"`{LEDGER}`: the demo's record" in (out / "report.md").read_text()
     run_demo(_small(out, checkpoints=1, epochs=3), **quiet)  # the stale checkpoints of the first run go
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0003.npz"]
     assert GradientStore.open(out / "grads" / "train_all_checkpoints").n_checkpoints == 2  # 1 checkpoint x 2 layers
