@@ -271,6 +271,21 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
         tracin.scores(big, big)
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+@pytest.mark.parametrize("factored", [False, True])
+def test_per_checkpoint_self_influence_names_the_checkpoint_with_non_finite_rows(rng, device, factored):
+    """per_checkpoint=True scores each checkpoint on its own; the error still names the set's checkpoint."""
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+    left, right = random_set(rng, 9, [3, 3, 3]), random_set(rng, 9, [2, 2, 2])
+    (right if factored else left)[2][[4, 7], 1] = [np.inf, np.nan]
+    train = tracin.FactoredGradients(left, right) if factored else tracin.Gradients(left)
+    block = "right factor of checkpoint 2" if factored else "checkpoint 2"
+    for per_checkpoint in (False, True):
+        with pytest.raises(ValueError, match=rf"^train {block} contains NaN or Inf values, first in rows \[4, 7\]$"):
+            tracin.self_influence(train, per_checkpoint=per_checkpoint, device=device)
+
+
 def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path):
     """A store is scored in chunks of rows; the rows named are the store's, not the chunk's."""
     from store.helpers import write_store

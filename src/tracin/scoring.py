@@ -17,7 +17,7 @@ from ._tunables import BAR_STEPS as _BAR_STEPS
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._validate import positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
-from .gradients import Gradients, GradientSet, KernelSide
+from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
 from .whitening import Whitening
 
 _SIDES = ("proponents", "opponents", "both")
@@ -528,12 +528,29 @@ def self_influence(
         for p in loop.pairs():
             if per_checkpoint:
                 for c in range(len(w)):
-                    out[p.train_rows, c] = backend.self_influence(
-                        _checkpoint_of(p.train, c), [w[c]], num_threads=threads
-                    )
+                    try:
+                        out[p.train_rows, c] = backend.self_influence(
+                            _checkpoint_of(p.train, c), [w[c]], num_threads=threads
+                        )
+                    except ValueError as e:
+                        message = _block_shifted(str(e), train.factored, c * (2 if train.factored else 1))
+                        if message is None:
+                            raise
+                        raise ValueError(message) from None
             else:
                 out[p.train_rows] = backend.self_influence(p.train, w, num_threads=threads, cache=loop.cache)
     return out
+
+
+def _block_shifted(message: str, factored: bool, first_block: int) -> str | None:
+    """A backend's NaN/Inf message about a side cut from a set at kernel block first_block, with
+    the block named as in the whole set (None for any other message)."""
+    found = _NON_FINITE.match(message)
+    if found is None:
+        return None
+    side, block, rows = found.groups()
+    b = int(block.rsplit(" ", 1)[1]) * (2 if factored else 1) + block.startswith("right")
+    return non_finite_message(side, factored, first_block + b, [int(r) for r in rows.split(", ")])
 
 
 def _checkpoint_of(side: KernelSide, c: int) -> KernelSide:
