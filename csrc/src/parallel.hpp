@@ -13,12 +13,32 @@
 #include "guarded.hpp"
 #include "tracin/tracin.hpp"
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 namespace tracin::detail {
 
-inline int ResolveThreads(int requested) {
-  if (requested > 0) return requested;
+// The CPUs this process may run on: its affinity mask on Linux (taskset, cgroups cpusets, SLURM
+// bindings), which hardware_concurrency ignores; the machine's count elsewhere or if the mask is
+// unreadable (more CPUs than a cpu_set_t holds).
+inline int AvailableCpus() {
+#if defined(__linux__)
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof(mask), &mask) == 0) {
+    const int count = CPU_COUNT(&mask);
+    if (count > 0) return count;
+  }
+#endif
   const unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+// Threads for a call: `requested` if positive, else every CPU this process may run on.
+inline int ResolveThreads(int requested) {
+  if (requested > 0) return requested;
+  return AvailableCpus();
 }
 
 inline bool IsCancelled(const std::atomic<bool>* cancel) {

@@ -15,8 +15,13 @@
 #include <thread>
 #include <vector>
 
+#include "../src/parallel.hpp"
 #include "check.hpp"
 #include "tracin/tracin.hpp"
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 namespace {
 
@@ -446,6 +451,26 @@ void TestCosineScores() {
         "a run not dividing the checkpoints refused");
 }
 
+// num_threads = 0 means the CPUs of the process's affinity mask (taskset, cpusets), not the
+// machine's: pinned to one CPU, a call runs one thread.
+void TestDefaultThreadsFollowAffinity() {
+#if defined(__linux__)
+  cpu_set_t before;
+  CPU_ZERO(&before);
+  Check(sched_getaffinity(0, sizeof(before), &before) == 0, "affinity mask readable");
+  Check(tracin::detail::ResolveThreads(0) == CPU_COUNT(&before), "default threads = CPUs in the mask");
+  Check(tracin::detail::ResolveThreads(3) == 3, "explicit thread count kept");
+  int first = 0;
+  while (!CPU_ISSET(first, &before)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  Check(sched_setaffinity(0, sizeof(one), &one) == 0, "pin to one CPU");
+  Check(tracin::detail::ResolveThreads(0) == 1, "pinned to one CPU: one default thread");
+  Check(sched_setaffinity(0, sizeof(before), &before) == 0, "affinity restored");
+#endif
+}
+
 int main() {
   std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
   TestScoresAndDeterminism();
@@ -457,5 +482,6 @@ int main() {
   TestWideRows();
   TestCancellation();
   TestCosineScores();
+  TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
 }

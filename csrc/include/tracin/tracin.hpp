@@ -41,7 +41,7 @@ enum class Side : int { kProponents = 0, kOpponents = 1, kBoth = 2 };
 enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
 
 struct Options {
-  int num_threads = 0;           // 0: all hardware threads
+  int num_threads = 0;           // 0: every CPU the process may run on (its affinity mask)
   std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
   std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
   Isa isa = Isa::kAuto;
