@@ -9,8 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from tracin.store import StoreFormatError
-from tracin.store import _npy
+from tracin.store import StoreFormatError, _npy
 
 
 def _header(shape: tuple[int, ...]) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ._files import create_file, naming, open_file, sync, write_all
-from ._format import StoreFormatError
+from ._format import StoreChangedError, StoreFormatError
 
 _MAX_HEADER = 10000  # NumPy's own limit for headers it reads without allow_pickle
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -122,9 +122,26 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.memmap:
     """A read-only memory map of `shape` from byte `offset` of the file open at `fd`; the map keeps
-    its own reference to the file, so `fd` may be closed after."""
+    its own duplicate of the descriptor (Python's mmap), so `fd` may be closed after."""
     with open(fd, "rb", closefd=False) as f:
         return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=offset)
+
+
+def read_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """A read-only array of `shape` read (copied) from byte `offset` of the file open at `fd`; it
+    holds no descriptor. StoreChangedError if the file ends before the data does."""
+    out = np.empty(shape, dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    with naming(path, "reading"), io.FileIO(fd, "rb", closefd=False) as f:
+        f.seek(offset)
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise StoreChangedError(f"{path} became shorter while it was read (truncated by another process)")
+            done += got
+    out.flags.writeable = False
+    return out
 
 
 def read_ids(path: Path, n_rows: int) -> np.memmap:

@@ -1,4 +1,4 @@
-"""GradientStore: a gradient set on disk, read in memory-mapped row chunks."""
+"""GradientStore: a gradient set on disk, read in memory-mapped (or, for many files, read) row chunks."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ from ._create import create
 from ._files import open_file, read_manifest
 from ._format import DISK_DTYPES, FORMAT_VERSION, IDS_FILE, MANIFEST, Manifest, StoreChangedError, StoreFormatError
 from ._locks import range_files
-from ._npy import check_npy, map_array, read_ids
+from ._npy import check_npy, map_array, read_array, read_ids
 from ._writer import GradientStoreWriter
+
+try:
+    import resource
+except ImportError:  # no RLIMIT_NOFILE on this OS
+    resource = None  # type: ignore[assignment]
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
@@ -53,19 +58,31 @@ class _DataFile:
             os.close(fd)
         return cls(name, offset, st.st_size, cls.identify(st, finished))
 
-    def check_unchanged(self, fd: int, root: Path) -> None:
-        """StoreChangedError if the file open at `fd` is another file or another size than at opening."""
-        st = os.fstat(fd)
-        if st.st_size != self.size:
-            raise StoreChangedError(
-                f"{root / self.name} is {st.st_size} bytes now but was {self.size} when the gradient store was "
-                "opened (truncated or extended by another process); refusing to map it, since reading past "
-                "the end of a mapped file kills the process (SIGBUS)"
-            )
-        if self.identify(st, self.identity[2] is not None) != self.identity:
-            raise StoreChangedError(
-                f"{root / self.name} was replaced or modified after the gradient store was opened; open it again"
-            )
+    def open_unchanged(self, root: Path) -> int:
+        """Read descriptor of the file, after checking that it is the same file of the same size as at
+        opening (StoreChangedError otherwise: mapping a file that became shorter would kill the
+        process with SIGBUS when the kernel reads past its end)."""
+        path = root / self.name
+        try:
+            fd = open_file(path)
+        except FileNotFoundError:
+            raise StoreChangedError(f"{path} was removed after the gradient store was opened; open it again") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != self.size:
+                raise StoreChangedError(
+                    f"{path} is {st.st_size} bytes now but was {self.size} when the gradient store was "
+                    "opened (truncated or extended by another process); refusing to map it, since reading past "
+                    "the end of a mapped file kills the process (SIGBUS)"
+                )
+            if self.identify(st, self.identity[2] is not None) != self.identity:
+                raise StoreChangedError(
+                    f"{path} was replaced or modified after the gradient store was opened; open it again"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
 
 class GradientStore(GradientSet):
@@ -73,8 +90,10 @@ class GradientStore(GradientSet):
 
     Never loaded whole: the scoring functions ask for rows in chunks of about `chunk_bytes`
     (row_chunks()), each memory-mapped for one kernel call and unmapped after, so peak memory
-    stays bounded for stores larger than RAM. A store can be a view of a contiguous row range of
-    the files (shard(), slicing); row indices are then relative to the view.
+    stays bounded for stores larger than RAM. A store of more data files than a quarter of the
+    limit on open files is read into memory per chunk instead (each map holds a descriptor). A
+    store can be a view of a contiguous row range of the files (shard(), slicing); row indices are
+    then relative to the view.
 
     Before each chunk it checks that the store is still the one it opened (the manifest's store id,
     each file's device and inode) and that no file changed size, so a store re-created or truncated
@@ -227,9 +246,10 @@ class GradientStore(GradientSet):
         return max(1, self._chunk_bytes // self.row_bytes)
 
     def kernel_side(self, start: int = 0, stop: int | None = None) -> KernelSide:
-        """Memory-mapped (read-only) views of rows [start, stop) of this view, for one kernel call;
-        the mapping is released when the views are dropped. StoreChangedError if the store was
-        re-created, replaced or resized since it was opened."""
+        """Read-only arrays of rows [start, stop) of this view, for one kernel call: memory-mapped (the
+        mapping is released when they are dropped), or read for a store of many files
+        (_mappable_files). StoreChangedError if the store was re-created, replaced or resized since
+        it was opened."""
         if not (self.complete or self._allow_partial):
             done = [self._manifest.rows_done(c) for c in range(self.n_checkpoints)]
             raise ValueError(
@@ -251,39 +271,26 @@ class GradientStore(GradientSet):
             )
         ahead = min(rows, self._stop - stop)  # rows the next chunk will likely read
         blocks = []
-        fds = self._open_unchanged()
+        read = len(self._files) > _mappable_files()
         try:
-            for fd, file, cols in zip(fds, self._files, columns, strict=True):
-                at = file.offset + first * cols * disk.itemsize
-                blocks.append(map_array(fd, disk, at, (rows, cols)))
-                _read_ahead(fd, at, (rows + ahead) * cols * disk.itemsize)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return KernelSide(self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks))
-
-    def _open_unchanged(self) -> list[int]:
-        """Read descriptors of the data files, after checking that the store is still the one
-        opened: the same store id in the manifest (checked after the files are opened, so they
-        are that store's), the same sizes (mapping a file that became shorter would kill the
-        process with SIGBUS when the kernel reads past its end), the same files (_DataFile.identify)."""
-        fds: list[int] = []
-        try:
-            for file in self._files:
+            for file, cols in zip(self._files, columns, strict=True):  # one open file at a time
+                fd = file.open_unchanged(self.path)
                 try:
-                    fds.append(open_file(self.path / file.name))
-                except FileNotFoundError:
-                    raise StoreChangedError(
-                        f"{self.path / file.name} was removed after the gradient store was opened; open it again"
-                    ) from None
-            self._check_same_store()
-            for fd, file in zip(fds, self._files, strict=True):
-                file.check_unchanged(fd, self.path)
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
+                    at = file.offset + first * cols * disk.itemsize
+                    _read_ahead(fd, at, (rows + ahead) * cols * disk.itemsize)
+                    if read:
+                        blocks.append(read_array(fd, disk, at, (rows, cols), self.path / file.name))
+                    else:
+                        blocks.append(map_array(fd, disk, at, (rows, cols)))
+                finally:
+                    os.close(fd)
+        except StoreChangedError:
+            self._check_same_store()  # a store re-created at the path is the error to report
             raise
-        return fds
+        # After the files are opened, so the files mapped are this store's (a store re-created at the
+        # path removes the manifest before its files, and writes its own manifest after them).
+        self._check_same_store()
+        return KernelSide(self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks))
 
     def _check_same_store(self) -> None:
         try:
@@ -333,7 +340,7 @@ class GradientStore(GradientSet):
         if not self._manifest.has_ids:
             return None
         ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
-        self._check_same_store()  # after mapping: the ids mapped are this store's (see _open_unchanged)
+        self._check_same_store()  # after mapping: the ids mapped are this store's (see kernel_side)
         return ids[self._start : self._stop]
 
     # -- description ----------------------------------------------------------------------------
@@ -438,6 +445,16 @@ def _dims_text(i: dict[str, Any]) -> str:
     if layers > 1 and all(dims[c : c + layers] == dims[:layers] for c in range(0, len(dims), layers)):
         return f"{', '.join(str(d) for d in dims[:layers])} (each checkpoint's layers)"
     return ", ".join(str(d) for d in dims)
+
+
+def _mappable_files() -> int:
+    """How many data files a chunk may memory-map: each map holds a descriptor until it is dropped
+    (Python's mmap keeps a duplicate), and a kernel call holds a test and a train chunk, so a
+    quarter of the limit on open files (RLIMIT_NOFILE); a store of more files is read instead."""
+    if resource is None:
+        return 128
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft // 4 if soft != resource.RLIM_INFINITY else 2**20
 
 
 def _read_ahead(fd: int, offset: int, nbytes: int) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,38 +14,62 @@ import numpy as np
 from ..gradients import GradientSet
 from ._convert import to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
-from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, gaps
+from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, StoreChangedError, gaps
 from ._locks import DirectoryLock
 from ._npy import check_npy
 
 
 class DataFiles:
-    """The data files of a store, open for writing: per checkpoint the descriptors and the data
-    offsets of its one (full) or two (factored) files. close() is idempotent."""
+    """The data files of a store being written: per checkpoint the paths, data offsets and identities
+    (device, inode, size) of its one (full) or two (factored) files, all checked when the writer
+    opens. A write opens its checkpoint's files only while it writes them (open()), so a store of
+    any number of checkpoints needs at most two descriptors. close() is idempotent."""
 
     def __init__(self, root: Path, manifest: Manifest):
-        """Opens and checks every data file (no links, right header and size); on failure, closes
-        what it opened before raising."""
+        """Checks every data file (no links, right header and size), one open file at a time."""
         self.paths = [[root / n for n in names] for names in manifest.files]
-        self.fds: list[list[int]] | None = []
         self.offsets: list[list[int]] = []
+        self._identities: list[list[tuple[int, int, int]]] = []
+        self.closed = False
+        for c, paths in enumerate(self.paths):
+            offsets, identities = [], []
+            for path, d in zip(paths, manifest.dims[c], strict=True):
+                fd = open_file(path, writable=True)
+                try:
+                    offsets.append(check_npy(fd, path, DISK_DTYPES[manifest.dtype], (manifest.n_rows, d)))
+                    identities.append(_identity(os.fstat(fd)))
+                finally:
+                    os.close(fd)
+            self.offsets.append(offsets)
+            self._identities.append(identities)
+
+    @contextmanager
+    def open(self, c: int) -> Iterator[list[int]]:
+        """Write descriptors of checkpoint c's files, closed on leaving; StoreChangedError if one is
+        not the file checked when the writer opened (removed, replaced or resized since)."""
+        fds: list[int] = []
         try:
-            for c, paths in enumerate(self.paths):
-                fds: list[int] = []
-                self.fds.append(fds)
-                offsets = []
-                for path, d in zip(paths, manifest.dims[c], strict=True):
+            for path, identity in zip(self.paths[c], self._identities[c], strict=True):
+                try:
                     fds.append(open_file(path, writable=True))
-                    offsets.append(check_npy(fds[-1], path, DISK_DTYPES[manifest.dtype], (manifest.n_rows, d)))
-                self.offsets.append(offsets)
-        except BaseException:
-            self.close()
-            raise
+                except FileNotFoundError:
+                    raise StoreChangedError(f"{path} was removed while the gradient store was being written") from None
+                if _identity(os.fstat(fds[-1])) != identity:
+                    raise StoreChangedError(
+                        f"{path} was replaced or resized by another process while the gradient store was being "
+                        "written; open it for writing again (GradientStore.create, same arguments) to resume"
+                    )
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def close(self) -> None:
-        fds, self.fds = self.fds, None
-        for fd in (fd for group in fds or [] for fd in group):
-            os.close(fd)
+        self.closed = True
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size
 
 
 class GradientStoreWriter:
@@ -129,7 +154,7 @@ class GradientStoreWriter:
                 "(create it with overwrite=True to start over)"
             )
         files = self._files
-        if files is None or files.fds is None:
+        if files is None or files.closed:
             raise ValueError(f"the writer of {self.path} is closed")
         c = self._checkpoint(checkpoint)
         if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
@@ -145,16 +170,17 @@ class GradientStoreWriter:
             )
         if rows == 0:
             return
-        for fd, path, offset, arr in zip(files.fds[c], files.paths[c], files.offsets[c], arrays, strict=True):
-            write_all(fd, arr.reshape(-1).view(np.uint8), offset + start * arr.shape[1] * arr.itemsize, path)
-        for fd, path in zip(files.fds[c], files.paths[c], strict=True):
-            sync(fd, path)
+        with files.open(c) as fds:
+            for fd, path, offset, arr in zip(fds, files.paths[c], files.offsets[c], arrays, strict=True):
+                write_all(fd, arr.reshape(-1).view(np.uint8), offset + start * arr.shape[1] * arr.itemsize, path)
+            for fd, path in zip(fds, files.paths[c], strict=True):
+                sync(fd, path)
         self._record(c, start, start + rows)
 
     def finalize(self) -> GradientSet:
         """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
         if not self._manifest.complete:
-            if self._files is None or self._files.fds is None:
+            if self._files is None or self._files.closed:
                 raise ValueError(f"the writer of {self.path} is closed; create() it again to finish it")
             missing = {c: self.missing(c) for c in range(self.n_checkpoints) if self.missing(c)}
             if missing:

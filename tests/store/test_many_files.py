@@ -1,0 +1,100 @@
+"""A store of many checkpoints (hundreds of data files) is written and read with few open files."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.store import StoreChangedError, _npy, _store
+
+resource = pytest.importorskip("resource")
+
+_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    import tracin
+
+    path, slots = sys.argv[1], int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    rng = np.random.default_rng(0)
+    blocks = [(rng.standard_normal((6, 2), np.float32), rng.standard_normal((6, 3), np.float32)) for _ in range(slots)]
+    w = tracin.GradientStore.create(path, 6, [(2, 3)] * slots, factored=True)
+    for c, (left, right) in enumerate(blocks[: slots // 2]):
+        w.write(c, 0, (left, right))
+    w.close()
+    w = tracin.GradientStore.create(path, 6, [(2, 3)] * slots, factored=True)  # resumed: checks every file
+    for c, (left, right) in enumerate(blocks):
+        w.write(c, 0, (left, right))
+    store = w.finalize()
+    reopened = tracin.GradientStore.open(path, chunk_bytes=store.row_bytes * 2)  # 3 chunks
+    exact = sum((l.astype(np.float64) ** 2).sum(1) * (r.astype(np.float64) ** 2).sum(1) for l, r in blocks)
+    np.testing.assert_allclose(tracin.self_influence(reopened), exact, rtol=1e-5)
+    print("ok")
+    """
+)
+
+
+def test_hundreds_of_factored_slots_under_a_limit_of_64_open_files(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(tmp_path / "s"), "300"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok"]
+    assert len([n for n in os.listdir(tmp_path / "s") if n.endswith(".npy")]) == 600
+
+
+def test_a_data_file_replaced_under_a_writer_is_an_error(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [3, 2])
+    data = tmp_path / "s" / "checkpoint_001.npy"
+    other = data.with_name("other.npy")
+    other.write_bytes(data.read_bytes())
+    os.replace(other, data)  # another file (inode), same name, size and bytes
+    with pytest.raises(StoreChangedError, match="checkpoint_001.npy was replaced or resized"):
+        w.write(1, 0, np.ones((4, 2), np.float32))
+    assert w.rows_done(1) == 0
+    w.write(0, 0, np.ones((4, 3), np.float32))  # the other checkpoint's file is still the one checked
+    data.unlink()
+    with pytest.raises(StoreChangedError, match="checkpoint_001.npy was removed"):
+        w.write(1, 0, np.ones((4, 2), np.float32))
+    w.close()
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_store_of_more_files_than_it_may_map_is_read_with_the_same_values(tmp_path, monkeypatch, factored):
+    rng = np.random.default_rng(1)
+    dims = [(3, 2), (1, 4)] if factored else [5, 2]
+    shapes = [list(d) for d in dims] if factored else [[d] for d in dims]
+    blocks = [[rng.standard_normal((9, w), np.float32) for w in widths] for widths in shapes]
+    w = tracin.GradientStore.create(tmp_path / "s", 9, dims, dtype="float16", factored=factored)
+    for c, arrays in enumerate(blocks):
+        w.write(c, 0, tuple(arrays) if factored else arrays[0])
+    store = w.finalize()
+    mapped = store.kernel_side(2, 7)
+    monkeypatch.setattr(_store, "_mappable_files", lambda: 0)
+    read = store.kernel_side(2, 7)
+    assert all(isinstance(b, np.memmap) for b in mapped.blocks)
+    assert not any(isinstance(b, np.memmap) or b.flags.writeable for b in read.blocks)
+    expected = [a[2:7].astype(np.float16) for arrays in blocks for a in arrays]
+    for got in (mapped, read):
+        assert len(got.blocks) == len(expected)
+        for b, e in zip(got.blocks, expected, strict=True):
+            np.testing.assert_array_equal(b, e)
+
+
+def test_a_file_shorter_than_the_rows_read_is_a_store_changed_error(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(np.arange(10, dtype="<f4").tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        np.testing.assert_array_equal(
+            _npy.read_array(fd, np.dtype("<f4"), 8, (2, 4), path), np.arange(2, 10).reshape(2, 4)
+        )
+        with pytest.raises(StoreChangedError, match="x.bin became shorter while it was read"):
+            _npy.read_array(fd, np.dtype("<f4"), 12, (2, 4), path)
+    finally:
+        os.close(fd)
