@@ -20,7 +20,9 @@ torch = pytest.importorskip("torch")
 import tracin  # noqa: E402
 import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
+from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _export  # noqa: E402
+from tracin.store._range_writer import GradientStoreRangeWriter  # noqa: E402
 
 
 def _setup(n_rows: int, width: int, seed: int = 0) -> tuple:
@@ -92,11 +94,9 @@ def test_interrupted_export_resumes_with_other_shards(client, tmp_path):
         model, checkpoints, data, loss, store=tmp_path / "one", batch_size=10, progress=False
     )
     store = tmp_path / "many"
-    from tracin._export.driver import store_rows  # what a task runs: rows [25, 80) only, left unfinalized
-
     with store_rows(0, 0):
         tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
-    with store_rows(25, 80):
+    with store_rows(25, 80):  # what a task runs: rows [25, 80) only, left unfinalized
         assert (
             tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, batch_size=10, progress=False)
             is None
@@ -106,6 +106,56 @@ def test_interrupted_export_resumes_with_other_shards(client, tmp_path):
         "torch", model, checkpoints, data, loss, store=store, client=client, shards=3, batch_size=10, progress=False
     )
     _same_store(found, expected)
+
+
+def test_rerun_while_tasks_of_an_interrupted_export_still_write_is_explained(client, tmp_path, monkeypatch):
+    """A range writer still running (here in a thread, held in its first write) refuses the rerun with a message
+    naming its range and what to do; once it ends, the rerun resumes and finishes the store."""
+    model, checkpoints, data, loss = _setup(60, 8)
+    kw = {"batch_size": 10, "progress": False}
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", **kw)
+    store, inside, release = tmp_path / "many", threading.Event(), threading.Event()
+    write = GradientStoreRangeWriter.write
+
+    def held_write(self, *args):
+        if threading.current_thread().name == "task":
+            inside.set()
+            assert release.wait(60)
+        write(self, *args)
+
+    monkeypatch.setattr(GradientStoreRangeWriter, "write", held_write)
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+
+    def task():
+        with store_rows(20, 40):
+            tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+
+    running = threading.Thread(target=task, name="task")
+    running.start()
+    assert inside.wait(60)
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"rows-20-40\.lock\) may be the tasks of an interrupted .*client\.restart"
+        ):
+            td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, **kw)
+    finally:
+        release.set()
+        running.join(60)
+    found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, **kw)
+    _same_store(found, expected)
+
+
+def test_interrupted_export_says_its_running_tasks_go_on(client, tmp_path, monkeypatch):
+    def interrupted(job, parts, progress):
+        job.client.cancel(job.futures)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(td._export.Job, "wait", interrupted)
+    model, checkpoints, data, loss = _setup(20, 4)
+    with pytest.raises(KeyboardInterrupt) as e:
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client)
+    assert "tasks already running on the workers go on until their rows are written" in "".join(e.value.__notes__)
 
 
 def test_worker_killed_mid_export(client, tmp_path):

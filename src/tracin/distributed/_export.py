@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -61,7 +62,7 @@ def export_gradients(
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
     path = os.path.abspath(store)
-    with store_rows(0, 0):  # creates the store (or checks the one there against these arguments)
+    with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
         fn(*args, store=path, progress=False, **kwargs)
     n_rows = GradientStore.open(path, allow_partial=True).info()["rows"]  # all rows, not the written prefix
     with client_for(client) as c:
@@ -73,8 +74,35 @@ def export_gradients(
             job.submit(export_part, adapter, sent, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}")
             for a, b in ranges
         ]
-        job.wait(parts, progress)
-    return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
+        try:
+            job.wait(parts, progress)
+        except BaseException as e:  # KeyboardInterrupt included
+            e.add_note(
+                f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
+                "their rows are written (cancelling stops only those not started); wait for them before "
+                "calling again to resume, or call client.restart()"
+            )
+            raise
+    with _range_writers_named(path):
+        return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
+
+
+@contextmanager
+def _range_writers_named(path: str) -> Iterator[None]:
+    """The store's lock refusing a writer of the whole store while range writers (tasks) hold it: a
+    RuntimeError saying which, and that they may be the tasks of an interrupted export."""
+    try:
+        yield
+    except RuntimeError as e:
+        ranges = sorted(p.name for p in Path(path).glob("rows-*.lock"))
+        if "is being written by" not in str(e) or not ranges:
+            raise
+        raise RuntimeError(
+            f"{e}. Range writers of this store ({', '.join(ranges)}) may be the tasks of an interrupted or failed "
+            "tracin.distributed export, still running on the workers (cancelling a Dask task does not stop one "
+            "that started, and the scheduler no longer lists it): wait for them to finish, or call "
+            "client.restart(), then call again to resume"
+        ) from e
 
 
 def export_part(
