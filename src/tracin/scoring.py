@@ -385,17 +385,18 @@ def top_k(
     run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
-    best: dict[int, list[TopK | None]] = {}  # per test chunk: running (proponents, opponents), global indices
+    result: list[TopK | None] = [None, None]  # (proponents, opponents) of all test rows
+    running: list[TopK | None] = [None, None]  # of the current test chunk, global train indices
     with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), f"tracin top_k ({side})") as loop:
         for p in loop.pairs():
             i0 = p.train_rows.start
             width = min(k, p.train_rows.stop - i0)
             parts = backend.top_k(p.test, p.train, w, width, side, num_threads=threads, normalize=run, cache=loop.cache)
-            running = best.setdefault(p.test_rows.start, [None, None])
             for s, (part, name) in enumerate(zip(parts, ("proponents", "opponents"), strict=True)):
                 if part is None:
                     continue
-                part = part._replace(indices=part.indices + i0)
+                if i0:
+                    np.add(part.indices, i0, out=part.indices)  # in place: the backend's arrays are the caller's
                 running[s] = (
                     part
                     if running[s] is None
@@ -406,15 +407,29 @@ def top_k(
                         name,
                     )
                 )
-    prop, opp = (
-        TopK(*(np.concatenate([b[s][f] for b in best.values()]) for f in (0, 1))) if side in (name, "both") else None
-        for s, name in enumerate(("proponents", "opponents"))
-    )
+            if p.train_rows.stop == train.n_rows:  # the test chunk's last piece
+                _place(result, running, p.test_rows, test.n_rows, single=len(loop.test_chunks) == 1)
+                running = [None, None]
+    prop, opp = result
     if side == "proponents":
         return prop
     if side == "opponents":
         return opp
     return BothSides(prop, opp)
+
+
+def _place(result: list[TopK | None], running: list[TopK | None], rows: slice, m: int, single: bool) -> None:
+    """Puts a test chunk's (proponents, opponents) at `rows` of the (m, k) results: as they are
+    when the chunk is every test row (no copy), else into results allocated by the first chunk."""
+    for s, part in enumerate(running):
+        if part is None:
+            continue
+        if single:
+            result[s] = part
+            continue
+        if result[s] is None:
+            result[s] = TopK(*(np.empty((m, part.values.shape[1]), a.dtype) for a in part))
+        result[s].values[rows], result[s].indices[rows] = part
 
 
 def _select(values: np.ndarray, indices: np.ndarray, width: int, side: str) -> TopK:

@@ -120,7 +120,8 @@ class Backend(Protocol):
     ) -> tuple[TopK | None, TopK | None]:
         """(proponents, opponents) of this train piece, each (m, k) with indices local to the piece,
         or None for a side not asked for. side: "proponents", "opponents" or "both"; k <= n.
-        Proponents descending, opponents ascending, ties to the smaller index."""
+        Proponents descending, opponents ascending, ties to the smaller index. The arrays are the
+        caller's (writable, shared with nothing kept): the loop shifts the indices in place."""
 
     def self_influence(
         self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
