@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -505,6 +506,33 @@ def test_progress_automatic_only_for_long_work(rng, capsys, monkeypatch):
     assert "tracin top_k" in capsys.readouterr().err
     with pytest.raises(TypeError, match="progress must be True, False or None"):
         tracin.top_k(test, train, progress="yes")
+
+
+def test_automatic_progress_shows_for_slow_calls_of_few_multiply_adds(rng, tmp_path, capsys, monkeypatch):
+    """A store read slowly is far below the multiply-add threshold; its bar appears after the delay."""
+    from store.helpers import write_store
+
+    from tracin import _progress
+
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.3)
+    rows = random_set(rng, 60, [4])
+    write_store(tmp_path / "train", rows, step=60)
+    store = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=10 * 4 * 4)
+    assert store.row_chunks() == 10  # 6 chunks, 6 kernel calls
+    tracin.self_influence(store)
+    assert capsys.readouterr().err == ""  # quick: no bar
+    read = tracin.GradientStore.kernel_side
+
+    def slow_read(self, *args, **kwargs):
+        time.sleep(0.1)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(tracin.GradientStore, "kernel_side", slow_read)
+    got = tracin.self_influence(store)
+    assert "tracin self_influence" in capsys.readouterr().err
+    np.testing.assert_allclose(got, (rows[0].astype(np.float64) ** 2).sum(1), rtol=1e-6)
+    tracin.self_influence(store, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_progress_on_empty_train_side(rng):

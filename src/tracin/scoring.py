@@ -251,10 +251,12 @@ class _Loop:
     """The generic loop over (test chunk x train piece), and the tqdm bar over train rows it advances.
 
     Test chunks and train pieces follow each set's row_chunks() (a store maps that many rows per
-    call). progress: True, False, or None (a bar when tqdm is installed and the work exceeds
-    _AUTO_PROGRESS_MACS multiply-adds). With a bar and `split`, each train chunk is cut into up to
-    _BAR_STEPS pieces of at least _MIN_PIECE_ROWS rows so that the bar moves; results do not
-    depend on the cut. test None: train pieces only (self-influence). `cache` is the backends'
+    call). progress: True, False, or None (automatic, if tqdm is installed: a bar at once when the
+    work is at least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
+    _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
+    call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
+    _MIN_PIECE_ROWS rows so that the bar moves; below it the bar moves once per train chunk (a
+    store's row_chunks()), since each extra kernel call costs time. Results do not depend on the cut. test None: train pieces only (self-influence). `cache` is the backends'
     ChunkCache for the current test chunk (what a device backend uploads once per chunk, not once
     per piece), emptied when the loop ends; its `next_train` is the train side of the next pair, taken
     one pair ahead, so that a device backend can start uploading it while it scores the current one.
@@ -264,8 +266,8 @@ class _Loop:
         self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str, split: bool = True
     ):
         check_progress(progress)
-        if progress is None:
-            progress = macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+        if progress is None and macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None:
+            progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
         self.test_chunks = [(0, 0)] if test is None else _chunks(test)
         self.pieces = _chunks(train)
@@ -331,7 +333,7 @@ def scores(
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
     Materialises the whole matrix: for small problems. Use top_k for large ones.
-    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     device, precision, normalize: where and how to score, as in top_k.
     """
     test, train, w = _pair(test, train)
@@ -364,7 +366,7 @@ def top_k(
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
-    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     device: where to score. None (default): on the GPU holding the rows when they are GPU arrays
     (torch CUDA tensors; JAX / CuPy GPU arrays through DLPack), else "cpu" (the C++ kernel).
     "cuda" / "cuda:N": on that GPU through torch, host rows (NumPy, stores) streamed to it; within
@@ -510,7 +512,7 @@ def self_influence(
     High values flag mislabelled or unusual examples.
     per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term w_c |g_c(i)|^2
     (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
-    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     device, precision: where and how to score, as in top_k.
     whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
     instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
@@ -587,7 +589,7 @@ def aggregate(
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
-    progress: a tqdm bar over train rows (None: only for seconds of work, if tqdm is installed).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
     cosine scores)."""
     test, train, w = _pair(test, train)
