@@ -189,7 +189,7 @@ def test_merge_top_k_of_shards_equals_whole(rng):
         np.testing.assert_array_equal(merged.values, whole.values)
 
 
-def test_merge_top_k_without_k_keeps_the_widest_input(rng):
+def test_merge_top_k_without_k_takes_the_common_width(rng):
     test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])
     cuts = [0, 10, 20, 30]
     parts = [tracin.top_k(test, [train[0][a:b]], k=7) for a, b in zip(cuts, cuts[1:], strict=False)]
@@ -200,7 +200,23 @@ def test_merge_top_k_without_k_keeps_the_widest_input(rng):
         tracin.top_k(test, [train[0][a:b]], k=k)
         for (a, b), k in zip([(0, 10), (10, 20), (20, 30)], [3, 5, 2], strict=True)
     ]
-    assert tracin.merge_top_k(narrow, cuts[:-1]).values.shape == (4, 5)
+    with pytest.raises(ValueError, match=r"different widths \[3, 5, 2\].*merge_top_k\(\.\.\., k=k\)"):
+        tracin.merge_top_k(narrow, cuts[:-1])
+    assert tracin.merge_top_k(narrow, cuts[:-1], k=4).values.shape == (4, 4)
+
+
+def test_merge_top_k_of_shards_smaller_than_k_asks_for_k(rng):
+    """Every shard exhausted (fewer rows than k): the widest shard is not the k they were run with."""
+    test, train = random_set(rng, 6, [3]), random_set(rng, 53, [3])
+    cuts = [0, 4, 5, 30, 53]
+    parts = [tracin.top_k(test, [train[0][a:b]], k=60) for a, b in zip(cuts, cuts[1:], strict=False)]
+    with pytest.raises(ValueError, match=r"different widths \[4, 1, 25, 23\]"):
+        tracin.merge_top_k(parts, cuts[:-1])
+    merged = tracin.merge_top_k(parts, cuts[:-1], k=60)
+    dense = test[0].astype(np.float64) @ train[0].T.astype(np.float64)
+    assert merged.indices.shape == (6, 53)
+    np.testing.assert_array_equal(np.sort(merged.indices, axis=1), np.tile(np.arange(53), (6, 1)))
+    np.testing.assert_allclose(merged.values, -np.sort(-dense, axis=1), rtol=1e-5, atol=1e-5)
 
 
 def test_merge_top_k_refuses_a_train_row_given_twice(rng):

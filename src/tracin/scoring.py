@@ -446,9 +446,11 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     """Merge top-k results computed on row shards of the train side into the result on the whole.
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
-    each shard. k defaults to the widest input. Exactly equal to top_k on the unsharded data,
-    ties included (smaller global index first). A train row present twice (the same shard given
-    twice, or overlapping shards) is refused.
+    each shard. k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded
+    data, ties included (smaller global index first). k None takes the shards' common width, which
+    is that k unless every shard had fewer train rows than k (then pass k); shards of different
+    widths (one had fewer rows than k) are a ValueError asking for k. A train row present twice
+    (the same shard given twice, or overlapping shards) is refused.
     """
     _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
@@ -480,8 +482,19 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
     )
     _refuse_repeated_rows(indices)
-    width = max(r.values.shape[1] for r in results) if k is None else positive_int(k, "k")
+    width = _merge_width(results) if k is None else positive_int(k, "k")
     return _select(values, indices, width, side)
+
+
+def _merge_width(results: list[TopK]) -> int:
+    """merge_top_k's k when none is given: the width every result shares."""
+    widths = [r.values.shape[1] for r in results]
+    if len(set(widths)) > 1:
+        raise ValueError(
+            f"results have different widths {widths}: a shard with fewer train rows than k has fewer "
+            "columns, so the k they were scored with is not known; pass it as merge_top_k(..., k=k)"
+        )
+    return widths[0]
 
 
 def _refuse_repeated_rows(indices: np.ndarray) -> None:
