@@ -11,7 +11,10 @@ Kinds:
                   about dim/8 times less work than the dense kinds
 
 Results are bit-identical for a given (seed, kind, dim, d) whatever the batch size, the thread
-count, the instruction set, or how the columns are split into pieces passed together.
+count, the instruction set, or how the columns are split into pieces passed together. Kronecker
+segments (below) keep that for the batch size, threads and pieces but not across instruction sets:
+their products are NumPy matmuls, whose BLAS kernel (chosen per CPU) sets the rounding, so a store
+exported on another CPU can differ in the last bits (about 1e-6 relative).
 
 Kronecker projections (kronecker=True) project a layer's weight gradient G (rows x cols, the bias as
 a last column) to P_rows G P_cols^T (k_rows x k_cols), two independent matrices of this kind per
