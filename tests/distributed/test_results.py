@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+import warnings
+
+import dask
 import numpy as np
 import pytest
 
@@ -80,6 +84,29 @@ def test_test_side_store_with_train_in_memory(client, floats):
     found = td.top_k(floats["test_store"], train, 9, client=client, shards=3)
     _same(found, tracin.top_k(floats["test_store"], train, 9))
     np.testing.assert_array_equal(found.indices, exact_top_k(floats["scores"][:, :500], 9, "proponents")[1])
+
+
+def test_in_memory_side_is_scattered_not_put_in_the_graph(client, floats):
+    """The 768 KB in-memory train side reaches the workers by scatter: no 'Sending large graph' (threshold
+    lowered to 100 kB), and the scheduler holds nothing of the call once it returns."""
+
+    def scheduler_tasks() -> int:
+        return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+
+    train = tracin.Gradients(floats["train"], floats["weights"])
+    before = scheduler_tasks()
+    with (
+        dask.config.set({"distributed.admin.large-graph-warning-threshold": "100kB"}),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        found = td.top_k(floats["test_store"], train, 4, client=client, shards=3)
+    assert not [w for w in caught if "large graph" in str(w.message)]
+    _same(found, tracin.top_k(floats["test_store"], train, 4))
+    deadline = time.monotonic() + 10
+    while scheduler_tasks() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scheduler_tasks() == before
 
 
 def test_self_influence(client, floats):

@@ -35,10 +35,12 @@ class Job:
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
 
     def send(self, value: Any) -> Future:
-        """`value` (a small in-memory side) as the result of a task, so that each worker fetches it
-        once and the scheduler can make it again if every worker holding it dies (scattered data
-        would be lost with them)."""
-        return self.submit(_value, value)
+        """`value` (an in-memory side) scattered to every worker, not put into the task graph: the
+        scheduler keeps no copy and sends no large graph, each worker holds it once, and it outlives
+        workers that die as long as one holding it lives. Released with the job's other futures."""
+        future = self.client.scatter([value], broadcast=True, hash=False)[0]  # a list: never split up
+        self.futures.append(future)
+        return future
 
     def submit(
         self, fn: Callable, *args: Any, label: str | None = None, first_rows: tuple[int, int] = (0, 0)
@@ -101,7 +103,3 @@ def _retrying(fn: Callable, *args: Any) -> Any:
         except OSError:
             pass
     return fn(*args)
-
-
-def _value(x: Any) -> Any:
-    return x
