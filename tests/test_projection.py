@@ -97,6 +97,22 @@ def test_entries_match_the_numpy_generator(kind, dim, d, seed):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_column_offset_reaches_the_last_int64_column_and_no_further(kind):
+    d = 6
+    last = 2**63 - 1 - d  # columns [last, 2**63 - 1)
+    proj = tracin.Projection(16, 3, kind)
+    ours = proj.apply(np.eye(d, dtype=np.float32), column_offset=last).T
+    ref = reference_matrix(kind, 3, 16, d, offset=last)
+    if kind == "gaussian":
+        np.testing.assert_allclose(ours, ref, rtol=2e-5, atol=2e-6)
+    else:
+        np.testing.assert_array_equal(ours, ref.astype(np.float32))
+    for offset in (last + 1, 2**63 - 5, 2**63, 2**64):
+        with pytest.raises(ValueError, match=rf"^column_offset must be at most 2\*\*63 - 1 - d = {last} for a matrix of d = 6 "):
+            proj.apply(np.eye(d, dtype=np.float32), column_offset=offset)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("offset", [7, 129])
 def test_entries_at_odd_column_offsets_match_the_numpy_generator(kind, offset):
     # Gaussian columns are drawn in (even, odd) pairs: at an odd offset every panel of the kernel

@@ -262,6 +262,11 @@ class Projection:
             raise ValueError("column_offset applies with per_layer=False only")
         n = views[0][0].shape[0]
         d = sum(v.shape[1] for v, _ in views)
+        if column_offset > 2**63 - 1 - d:  # the kernel's column numbers are int64
+            raise ValueError(
+                f"column_offset must be at most 2**63 - 1 - d = {2**63 - 1 - d} for a matrix of d = {d} "
+                f"columns (its last column must be numbered below 2**63), got {column_offset}"
+            )
         out = np.empty((n, self.dim), dtype=np.float32)
         if not self.per_layer:
             self._project(views, 0, self.dim, column_offset, out, threads)
