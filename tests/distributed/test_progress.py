@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 
 import tracin
 import tracin.distributed as td
@@ -31,3 +32,17 @@ def test_local_cluster_started_on_loopback(tied, capsys):
     np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
     err = capsys.readouterr().err
     assert "tracin.distributed: LocalCluster of" in err and "dashboard http://127.0.0.1:" in err
+
+
+def test_export_bar_counts_several_shards_per_worker_thread(client, tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, progress=True)
+    assert re.search(r"100%.* 8/8 .*shard", capsys.readouterr().err)  # 4 per worker thread, 2 threads
+    few = (data[0][:5], data[1][:5])
+    td.export_gradients("torch", model, checkpoints, few, loss, store=tmp_path / "few", client=client, progress=True)
+    assert re.search(r"100%.* 5/5 .*shard", capsys.readouterr().err)  # at most one per row
