@@ -87,3 +87,32 @@ def test_a_path_where_gradients_belong_points_to_gradient_store_open(path, rng):
         tracin.Gradients(path)
     with pytest.raises(TypeError, match=rf"^right: {advice}$"):
         tracin.FactoredGradients(test, path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_tensor_subclasses_and_negated_views_are_read_as_tensors(dtype, rng):
+    """A Tensor subclass from another package is still a tensor (bfloat16 has no NumPy form), and a
+    lazily negated view (neg bit set, which .numpy() refuses) is read by value."""
+    torch = pytest.importorskip("torch")
+
+    class Foreign(torch.Tensor):
+        pass
+
+    Foreign.__module__ = "otherlib.tensors"
+    test, train = _sides("float32", rng)
+    tensor = getattr(torch, dtype)
+    as_float64 = [torch.from_numpy(m).to(tensor).double().numpy() for m in test]  # the values rounded to dtype
+    sub = [torch.from_numpy(m).to(tensor).as_subclass(Foreign) for m in test]
+    assert_close_to_exact(tracin.scores(tracin.Gradients(sub, WEIGHTS), train), as_float64, train, WEIGHTS)
+    negated = [torch.from_numpy(-m).to(tensor)._neg_view() for m in test]
+    assert negated[0].is_neg()
+    assert_close_to_exact(tracin.scores(tracin.Gradients(negated, WEIGHTS), train), as_float64, train, WEIGHTS)
+    projected = tracin.Projection(4, 1).apply(negated[0])
+    np.testing.assert_array_equal(projected, tracin.Projection(4, 1).apply(negated[0].resolve_neg()))
+
+
+def test_a_sparse_torch_tensor_is_refused_by_name(rng):
+    torch = pytest.importorskip("torch")
+    sparse = torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)).to_sparse()
+    with pytest.raises(TypeError, match=r"train: .*layout torch\.sparse_coo; pass a dense one \(\.to_dense\(\)\)"):
+        tracin.self_influence(sparse)

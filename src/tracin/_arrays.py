@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -15,11 +16,13 @@ _DLPACK_HOST = (1, 3)
 def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
     import torch
 
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} is a torch tensor of layout {x.layout}; pass a dense one (.to_dense())")
     if x.device.type != "cpu":
         if not device_arrays:
             raise ValueError(f"{name} is a torch tensor on {x.device}; move it to the CPU first (.cpu())")
         return _device_tensor(x, name)
-    x = x.detach()
+    x = x.detach().resolve_neg().resolve_conj()  # a lazily negated view is copied, as .numpy() needs
     if x.dtype == torch.bfloat16:
         # NumPy has no bfloat16: hand over the raw bits, shared with the tensor.
         return x.view(torch.int16).numpy().view(np.uint16), "bfloat16"
@@ -33,7 +36,7 @@ def _device_tensor(x: Any, name: str) -> tuple[Any, str]:
     stays a torch.bfloat16 tensor); copied on its device only if its rows are not contiguous runs."""
     import torch
 
-    x = x.detach()
+    x = x.detach().resolve_neg().resolve_conj()
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
     if x.ndim != 2:
@@ -72,7 +75,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
     tensors) come back as torch tensors on their device (bfloat16 as torch.bfloat16), for the
     device backends; otherwise a CUDA tensor is a ValueError.
     """
-    if type(x).__module__.startswith("torch"):
+    if _is_torch_tensor(x):
         return _check_2d(*_from_torch(x, name, device_arrays), name)
     if device_arrays and _on_device(x):
         return _from_dlpack_device(x, name)
@@ -85,6 +88,13 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
             f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 (convert with .astype(np.float32))"
         )
     return _check_2d(arr, dtype, name)
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    """Whether x is a torch.Tensor, subclasses from any package included (torch is not imported here:
+    a tensor exists only once something imported it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, getattr(torch, "Tensor", ()))
 
 
 def _on_device(x: Any) -> bool:
