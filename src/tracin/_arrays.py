@@ -75,7 +75,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
     tensors) come back as torch tensors on their device (bfloat16 as torch.bfloat16), for the
     device backends; otherwise a CUDA tensor is a ValueError.
     """
-    if _is_torch_tensor(x):
+    if is_torch_tensor(x):
         return _check_2d(*_from_torch(x, name, device_arrays), name)
     if device_arrays and _on_device(x):
         return _from_dlpack_device(x, name)
@@ -90,7 +90,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
     return _check_2d(arr, dtype, name)
 
 
-def _is_torch_tensor(x: Any) -> bool:
+def is_torch_tensor(x: Any) -> bool:
     """Whether x is a torch.Tensor, subclasses from any package included (torch is not imported here:
     a tensor exists only once something imported it)."""
     torch = sys.modules.get("torch")
