@@ -25,11 +25,37 @@ from tracin.distributed._shards import shard_ranges
         ({"num_threads": -1}, ValueError, "num_threads must be a positive integer"),
         ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
         ({"client": "tcp://127.0.0.1:8786"}, TypeError, "client must be a distributed.Client"),
+        ({"device": "cuda"}, ValueError, "device: tracin.distributed runs the C.. CPU kernel .* got 'cuda'"),
+        ({"device": 0}, TypeError, "device must be a str or None"),
+        ({"precision": "tf32"}, ValueError, "precision: the CPU kernel .* float32, got 'tf32'"),
+        ({"precision": "fp8"}, ValueError, "precision must be 'float32' or 'tf32'"),
     ],
 )
 def test_bad_options(tied, kwargs, error, words):
     with pytest.raises(error, match=words):
         td.top_k(tied["test"], tied["store"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"whitening": object()}, ValueError, r"whitening: .* use tracin.self_influence\(train, whitening=...\)"),
+        ({"normalize": True}, ValueError, "self_influence takes no normalize=True"),
+        ({"normalize": "no"}, TypeError, "normalize must be True or False"),
+        ({"per_checkpoint": 1}, TypeError, "per_checkpoint must be True or False"),
+        ({"device": "cuda:0"}, ValueError, "device must be None or 'cpu'"),
+    ],
+)
+def test_bad_self_influence_options(tied, kwargs, error, words):
+    with pytest.raises(error, match=words):
+        td.self_influence(tied["store"], **kwargs)
+
+
+def test_aggregate_runs_on_the_cpu_only(tied):
+    with pytest.raises(ValueError, match="device must be None or 'cpu', got 'cuda'"):
+        td.aggregate(tied["test"], tied["store"], device="cuda")
+    with pytest.raises(ValueError, match="precision: the CPU kernel"):
+        td.aggregate(tied["test"], tied["store"], precision="tf32")
 
 
 def test_in_memory_sides_are_refused(tied):

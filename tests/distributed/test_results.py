@@ -118,6 +118,19 @@ def test_self_influence(client, floats):
     np.testing.assert_allclose(found, exact, rtol=1e-5)
 
 
+def test_self_influence_per_checkpoint_and_cpu_options(client, floats):
+    found = td.self_influence(floats["store"], per_checkpoint=True, client=client, shards=5, device="cpu")
+    assert found.shape == (3000, 2) and found.dtype == np.float32
+    np.testing.assert_array_equal(found, tracin.self_influence(floats["store"], per_checkpoint=True))
+    pairs = zip(floats["weights"], floats["train"], strict=True)
+    exact = [w * np.sum(x.astype(np.float64) ** 2, axis=1) for w, x in pairs]
+    np.testing.assert_allclose(found, np.stack(exact, axis=1), rtol=1e-5)
+    plain = td.self_influence(floats["store"], client=client, shards=5, precision="float32", normalize=False)
+    np.testing.assert_array_equal(plain, tracin.self_influence(floats["store"]))
+    both = td.top_k(floats["test_store"], floats["store"], 3, client=client, shards=2, device="cpu")
+    _same(both, tracin.top_k(floats["test_store"], floats["store"], 3))
+
+
 def test_aggregate_over_train_shards(client, floats):
     found = td.aggregate(floats["test_store"], floats["store"], client=client, shards=7)
     assert found.dtype == np.float32

@@ -1,8 +1,8 @@
 """tracin's scoring functions and gradient exports on a Dask cluster (pip install 'tracin[distributed]').
 
-top_k, self_influence, aggregate: the arguments of tracin's own plus client= (a
-distributed.Client; None: the default client, else a LocalCluster on this machine) and shards=
-(row shards of the store side). Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send
+top_k, self_influence, aggregate: the arguments of tracin's own (on the CPU kernel only: device
+None or "cpu", precision "float32", no whitening) plus client= (a distributed.Client; None: the
+default client, else a LocalCluster on this machine) and shards= (row shards of the store side). Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send
 back only (m, k) results (or one value per row), merged on the cluster with merge_top_k: the
 answers are identical bit for bit to the single-machine functions. Every worker must see the store
 at the same path (a shared file system, or an identical copy on each machine). A script that

@@ -12,12 +12,14 @@ from distributed import Future
 from .._progress import check_progress
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
+from ..backends.placement import check_precision
 from ..gradients import GradientSet
 from ..scoring import (
     _SIDES,
     BothSides,
     TopK,
     _check_side,
+    _flag,
     _normalize_run,
     _pair,
     _refuse_float32_overflow,
@@ -41,6 +43,8 @@ def top_k(
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
     normalize: bool = False,
 ) -> TopK | BothSides:
     """tracin.top_k on a Dask cluster, the same result bit for bit (ties included).
@@ -55,9 +59,12 @@ def top_k(
     small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
     progress: a tqdm bar over shards (None: for seconds of work, if tqdm is installed).
+    device, precision: the tasks run the C++ CPU kernel: None or "cpu", and "float32" (a ValueError
+    names anything else).
     normalize: cosine scores, as in tracin.top_k (each train row's norms are its own, so shards
     change nothing).
     """
+    _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
     k = positive_int(k, "k")
@@ -102,20 +109,44 @@ def top_k(
 def self_influence(
     train: Any,
     *,
+    per_checkpoint: bool = False,
     client: Any = None,
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
+    whitening: Any = None,
+    normalize: bool = False,
 ) -> np.ndarray:
-    """tracin.self_influence (float32 (n,)) of a GradientStore (or a path to one) on a Dask
-    cluster, the same result bit for bit. Options as for tracin.distributed.top_k."""
+    """tracin.self_influence (float32 (n,), or (n, C) with per_checkpoint) of a GradientStore (or a
+    path to one) on a Dask cluster, the same result bit for bit. Options as for
+    tracin.distributed.top_k; whitening is not run on a cluster (a ValueError: use
+    tracin.self_influence), normalize=True is refused as by tracin.self_influence."""
+    _check_cpu(device, precision)
+    per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
+    if whitening is not None:
+        raise ValueError(
+            "whitening: tracin.distributed.self_influence does not whiten; use tracin.self_influence(train, "
+            "whitening=...) on one machine"
+        )
+    if _flag(normalize, "normalize"):
+        raise ValueError(
+            "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every row "
+            "would score sum_c w_c; rank by self_influence(normalize=False)"
+        )
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     with client_for(client) as c:
         job, slots = Job(c, "self_influence"), slots_by_host(c)
         parts = _per_shard(
-            job, _tasks.self_influence_part, train_set, shards, slots, lambda rows, _: (rows, num_threads, slots)
+            job,
+            _tasks.self_influence_part,
+            train_set,
+            shards,
+            slots,
+            lambda rows, _: (rows, num_threads, slots, per_checkpoint),
         )
         return np.concatenate(job.wait(parts, progress))
 
@@ -128,6 +159,8 @@ def aggregate(
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    device: str | None = None,
+    precision: str = "float32",
     normalize: bool = False,
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
@@ -135,6 +168,7 @@ def aggregate(
     sends back its rows' float64 sums; when the test side is the one cut, its shards follow the
     store's row chunks and their per-chunk float64 sums are added in order by a chain of tasks on
     the cluster, so only the (n,) total reaches the client."""
+    _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
     _normalize_run(normalize, test_set, train_set)
@@ -187,6 +221,20 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
     if progress is None:
         progress = macs >= AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
     return shards, num_threads, progress
+
+
+def _check_cpu(device: Any, precision: Any) -> None:
+    """ValueError (TypeError for a wrong type) unless device is None or "cpu" and precision "float32"."""
+    if device is not None and not isinstance(device, str):
+        raise TypeError(f"device must be a str or None, got {type(device).__name__}")
+    if device not in (None, "cpu"):
+        raise ValueError(
+            f"device: tracin.distributed runs the C++ CPU kernel on the workers; device must be None or 'cpu', "
+            f"got {device!r} (score on a GPU with tracin's own functions)"
+        )
+    check_precision(precision)
+    if precision != "float32":
+        raise ValueError(f"precision: the CPU kernel of tracin.distributed computes in float32, got {precision!r}")
 
 
 def _check_store(s: GradientSet, name: str) -> None:

@@ -43,9 +43,12 @@ def merge_parts(parts: list[tuple[TopK, ...]], k: int, side: str) -> tuple[TopK,
     )
 
 
-def self_influence_part(train: Side, num_threads: int | None, slots: dict[str, int]) -> np.ndarray:
-    """tracin.self_influence of one shard: float32 (rows,)."""
-    return self_influence(_opened(train), num_threads=kernel_threads(num_threads, slots), progress=False)
+def self_influence_part(
+    train: Side, num_threads: int | None, slots: dict[str, int], per_checkpoint: bool
+) -> np.ndarray:
+    """tracin.self_influence of one shard: float32 (rows,), or (rows, C) with per_checkpoint."""
+    threads = kernel_threads(num_threads, slots)
+    return self_influence(_opened(train), per_checkpoint=per_checkpoint, num_threads=threads, progress=False)
 
 
 def aggregate_part(
