@@ -2,12 +2,13 @@
 
 top_k, self_influence, aggregate: the arguments of tracin's own (on the CPU kernel only: device
 None or "cpu", precision "float32", no whitening) plus client= (a distributed.Client; None: the
-default client, else a LocalCluster on this machine) and shards= (row shards of the store side). Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send
-back only (m, k) results (or one value per row), merged on the cluster with merge_top_k: the
-answers are identical bit for bit to the single-machine functions. Every worker must see the store
-at the same path (a shared file system, or an identical copy on each machine). A script that
-lets client=None start a LocalCluster must call from under `if __name__ == "__main__":` (the
-worker processes are spawned and import the script).
+default client, else a LocalCluster on this machine) and shards= (row shards of the store side).
+Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send back only
+(m, k) results (or one value per row), merged on the cluster with merge_top_k: the answers are
+identical bit for bit to the single-machine functions. Every worker must see the store at the same
+path (a shared file system, or an identical copy on each machine). A script that lets client=None
+start a LocalCluster must call from under `if __name__ == "__main__":` (the worker processes are
+spawned and import the script).
 
 export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
 adapter's export as row ranges written by the tasks into one store (see its docstring).
