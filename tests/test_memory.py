@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import resource, numpy as np, tracin
@@ -70,3 +73,36 @@ def test_top_k_peak_is_its_result_when_the_result_dominates():
     out = subprocess.run([sys.executable, "-c", RESULT_ONLY], capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert ratio < 1.25, f"top_k peaked at {ratio:.2f} times the size of its result"
+
+
+TOO_WIDE = """
+import resource, numpy as np, tracin
+d = 2**24  # the kernel needs 8 x d float32 = 512 MiB for the packed test rows
+rng = np.random.default_rng(0)
+test = rng.standard_normal((1, d), dtype=np.float32).astype(np.float16)
+train = rng.standard_normal((2, d), dtype=np.float32).astype(np.float16)
+tracin.top_k(test[:, :64], train[:, :64], k=1)  # load everything lazily imported
+exact = [float((row.astype(np.float64) ** 2).sum()) for row in train]
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
+for call in (lambda: tracin.scores(test, train), lambda: tracin.top_k(test, train, k=1),
+             lambda: tracin.aggregate(test, train)):
+    try:
+        call()
+        print("no error")
+    except MemoryError as e:
+        print(e)
+assert np.allclose(tracin.self_influence(train), exact, rtol=1e-5)  # row-wise: fits
+"""
+
+
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer reserves more address space than the limit"
+)
+def test_rows_too_wide_for_memory_name_the_cause_and_the_remedy():
+    out = subprocess.run([sys.executable, "-c", TOO_WIDE], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 3, out.stdout
+    for line in lines:  # scores, top_k, aggregate
+        assert line.startswith("out of memory in the tracin kernel (rows of 16,777,216 columns"), line
+        assert "512 MiB here" in line and "tracin.Projection" in line

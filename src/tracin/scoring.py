@@ -24,6 +24,7 @@ _SIDES = ("proponents", "opponents", "both")
 # A backend's message for NaN/Inf rows, whose row numbers count from the start of the pair it scored.
 _NON_FINITE = re.compile(r"^(test|train) (.+) contains NaN or Inf values, first in rows \[([0-9, ]+)\]$")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_KERNEL_OOM = "out of memory in the tracin kernel"  # the C++ kernel's MemoryError (csrc/src/guarded.hpp)
 
 
 def as_gradient_set(x: Any, name: str) -> GradientSet:
@@ -302,6 +303,13 @@ class _Loop:
     def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
         self.cache.clear()
         self.bar.close()
+        if type(exc) is MemoryError and str(exc) == _KERNEL_OOM and self.test is not None:
+            width = _width(self.train)
+            raise MemoryError(
+                f"{_KERNEL_OOM} (rows of {width:,} columns: it holds at least 8 test rows of full depth as "
+                f"float32, {32 * width / 2**20:,.0f} MiB here, besides the result); project the gradients "
+                "to fewer dims first (tracin.Projection), or free memory"
+            ) from None
         if type(exc) is ValueError and self.current is not None:
             message = rows_shifted(str(exc), self.current.test_rows.start, self.current.train_rows.start)
             if message is not None:
@@ -332,7 +340,8 @@ def scores(
 ) -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
-    Materialises the whole matrix: for small problems. Use top_k for large ones.
+    Materialises the whole matrix: for small problems. Use top_k for large ones. Very wide rows
+    (about 1e8 columns and more) need gigabytes of working memory: see top_k.
     progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     device, precision, normalize: where and how to score, as in top_k.
     """
@@ -380,6 +389,10 @@ def top_k(
     0. The kernel sums the norms in float64 from the rows it scores (a store's train rows piece by
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
     Refused for whitened test sets (a cosine across two spaces).
+    Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
+    weighted test rows of one pass as float32 (up to 64 MiB), but never fewer than 8 rows of full
+    depth: 32 bytes per column, 512 MiB at 2^24 columns, 64 GiB at 2^31. Rows that wide fail with a
+    MemoryError saying so: project them first (tracin.Projection).
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
