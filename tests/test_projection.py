@@ -108,7 +108,8 @@ def test_column_offset_reaches_the_last_int64_column_and_no_further(kind):
     else:
         np.testing.assert_array_equal(ours, ref.astype(np.float32))
     for offset in (last + 1, 2**63 - 5, 2**63, 2**64):
-        with pytest.raises(ValueError, match=rf"^column_offset must be at most 2\*\*63 - 1 - d = {last} for a matrix of d = 6 "):
+        message = rf"^column_offset must be at most 2\*\*63 - 1 - d = {last} for a matrix of d = 6 "
+        with pytest.raises(ValueError, match=message):
             proj.apply(np.eye(d, dtype=np.float32), column_offset=offset)
 
 

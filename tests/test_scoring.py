@@ -527,7 +527,6 @@ def test_progress_automatic_only_for_long_work(rng, capsys, monkeypatch):
 def test_automatic_progress_shows_for_slow_calls_of_few_multiply_adds(rng, tmp_path, capsys, monkeypatch):
     """A store read slowly is far below the multiply-add threshold; its bar appears after the delay."""
     from store.helpers import write_store
-
     from tracin import _progress
 
     monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.3)

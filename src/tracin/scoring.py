@@ -257,7 +257,8 @@ class _Loop:
     _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
     call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
     _MIN_PIECE_ROWS rows so that the bar moves; below it the bar moves once per train chunk (a
-    store's row_chunks()), since each extra kernel call costs time. Results do not depend on the cut. test None: train pieces only (self-influence). `cache` is the backends'
+    store's row_chunks()), since each extra kernel call costs time. Results do not depend on the
+    cut. test None: train pieces only (self-influence). `cache` is the backends'
     ChunkCache for the current test chunk (what a device backend uploads once per chunk, not once
     per piece), emptied when the loop ends; its `next_train` is the train side of the next pair, taken
     one pair ahead, so that a device backend can start uploading it while it scores the current one.
