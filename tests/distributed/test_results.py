@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 import warnings
 
 import dask
@@ -11,6 +12,7 @@ import pytest
 
 import tracin
 import tracin.distributed as td
+from tracin.distributed import _tasks
 
 from .conftest import exact_top_k, write_store
 
@@ -188,3 +190,24 @@ def test_factored_store(client, tmp_path):
         _same(f, one)
         np.testing.assert_array_equal(f.indices, exact_top_k(exact, 6, name)[1])
     np.testing.assert_array_equal(td.aggregate(test, store, client=client, shards=3), tracin.aggregate(test, store))
+
+
+def test_merge_task_merges_blocks_of_test_rows_in_little_memory(monkeypatch):
+    """8 parts of (4000, 50) tied scores: merged a block of rows at a time, the same bits as one merge_top_k,
+    with temporaries well under the inputs (one merge of all the rows needs about twice them)."""
+    rng = np.random.default_rng(2)
+    parts = []
+    for i in range(8):
+        values = -np.sort(-rng.integers(-3, 4, (4000, 50)).astype(np.float32), axis=1)
+        parts.append((tracin.TopK(values, np.broadcast_to(np.arange(50) + 50 * i, (4000, 50)).copy()),))
+    expected = tracin.merge_top_k([p[0] for p in parts], [0] * 8, k=50)
+    inputs = sum(p[0].values.nbytes + p[0].indices.nbytes for p in parts)
+    monkeypatch.setattr(_tasks, "MERGE_BLOCK", 2**16)
+    tracemalloc.start()
+    try:
+        (found,) = _tasks.merge_parts(parts, 50, "proponents")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _same(found, expected)
+    assert peak < inputs / 4, (peak, inputs)

@@ -11,6 +11,7 @@ from ._cluster import kernel_threads
 from ._shards import StoreRows
 
 Side = StoreRows | GradientSet  # a store shard named by path, or a (small) set sent by value
+MERGE_BLOCK = 2**20  # (test rows x columns) a merge task sorts at once: ~40 MB of temporaries
 SIDE_NAMES = {"proponents": ("proponents",), "opponents": ("opponents",), "both": ("proponents", "opponents")}
 
 
@@ -38,9 +39,25 @@ def top_k_part(
 
 def merge_parts(parts: list[tuple[TopK, ...]], k: int, side: str) -> tuple[TopK, ...]:
     """Merges top_k_part results of disjoint train rows (global indices) into one per side."""
-    return tuple(
-        merge_top_k([p[s] for p in parts], [0] * len(parts), k=k, side=name) for s, name in enumerate(SIDE_NAMES[side])
-    )
+    return tuple(_merged([p[s] for p in parts], k, name) for s, name in enumerate(SIDE_NAMES[side]))
+
+
+def _merged(found: list[TopK], k: int, side: str) -> TopK:
+    """merge_top_k of `found` a block of test rows at a time (rows merge independently: the same
+    result), into one preallocated TopK: the merge's temporaries stay near MERGE_BLOCK entries."""
+    m, columns = found[0].values.shape[0], sum(f.values.shape[1] for f in found)
+    step = max(1, MERGE_BLOCK // max(columns, 1))
+
+    def rows(a: int) -> TopK:
+        return merge_top_k(
+            [TopK(f.values[a : a + step], f.indices[a : a + step]) for f in found], [0] * len(found), k=k, side=side
+        )
+
+    first = rows(0)
+    out = TopK(*(np.empty((m, *x.shape[1:]), dtype=x.dtype) for x in first))
+    for a in range(0, m, step):
+        out.values[a : a + step], out.indices[a : a + step] = first if a == 0 else rows(a)
+    return out
 
 
 def self_influence_part(
