@@ -214,7 +214,7 @@ def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.5)
     model, checkpoints, data, loss = _setup(20, 4)
     with (
-        LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as c,
         pytest.raises(TimeoutError, match=r"the cluster at \S+ still has no workers after 0.5 s"),
     ):

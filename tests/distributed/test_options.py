@@ -125,7 +125,7 @@ def test_closed_client_is_named(client, tied):
 
 def test_cluster_without_workers_is_waited_for(tied, capsys):
     with (
-        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as c,
     ):
         threading.Timer(0.5, cluster.scale, [1]).start()
