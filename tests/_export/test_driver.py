@@ -353,3 +353,25 @@ def test_an_older_store_holding_legacy_digests_of_in_memory_checkpoints_resumes(
         "file",
     ]
     assert fresh.legacy == []
+
+
+class _Slots(_Scaled):
+    """_Scaled with three sink slots per checkpoint: the rows times 1, 2 and 3."""
+
+    slot_dims = [3, 3, 3]
+
+    def to_host(self, computed, count, float32):
+        return [np.asarray(computed[:count] * k, np.float32) for k in (1, 2, 3)]
+
+
+def test_a_store_records_each_batch_once_for_all_its_slots(tmp_path, monkeypatch):
+    import tracin.store._writer as writer
+
+    records = []
+    real = writer.write_json_atomic
+    monkeypatch.setattr(writer, "write_json_atomic", lambda path, doc: records.append(path.name) or real(path, doc))
+    store = export(_Slots(_data()), CKPTS, _options(tmp_path / "g"), [])
+    assert records == ["manifest.json"] * (3 * 2 + 1)  # 3 batches x 2 checkpoints, then finalize
+    x = np.concatenate(_data()).astype(np.float64)
+    exact = sum(w * s * s * k * k * (x**2).sum(1) for s, w in ((2.0, 0.5), (-1.0, 0.25)) for k in (1, 2, 3))
+    np.testing.assert_allclose(tracin.self_influence(store), exact, rtol=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,22 @@ def test_closing_a_store_sink_lets_a_new_writer_resume(tmp_path):
 def test_a_store_needs_the_row_count(tmp_path):
     with pytest.raises(ValueError, match="store= needs the number of examples up front"):
         StoreSink(tmp_path / "g", None, [1], "float32", False, [1.0], {})
+
+
+def test_a_store_sink_records_a_batch_once(tmp_path):
+    sink = StoreSink(tmp_path / "g", 4, [1, 2], "float32", False, [1.0, 1.0], {})
+    manifest = tmp_path / "g" / "manifest.json"
+    before = os.stat(manifest).st_ino
+    with sink.batch():
+        sink.write(0, 0, np.ones((4, 1), np.float32))
+        sink.write(1, 0, np.full((4, 2), 2.0, np.float32))
+        assert os.stat(manifest).st_ino == before and sink.rows_done(0) == 0  # recorded on leaving only
+    assert [sink.rows_done(0), sink.rows_done(1)] == [4, 4]
+    np.testing.assert_array_equal(tracin.self_influence(sink.finish()), [9.0] * 4)
+
+
+def test_a_memory_sink_batch_is_plain_writes():
+    sink = MemorySink(2, 1, "float32", False, [1.0])
+    with sink.batch():
+        sink.write(0, 0, np.ones((2, 1), np.float32))
+    np.testing.assert_array_equal(sink.finish({}).matrices[0], [[1.0], [1.0]])

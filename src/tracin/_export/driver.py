@@ -365,7 +365,8 @@ class _Loop:
                 self.framework.compute_into(state, batch, dest)
                 return
         blocks = self.framework.to_host(self.framework.compute(state, batch), batch.count, bool(self.transforms))
-        for s, block in enumerate(blocks):
-            if skip or keep < batch.count:
-                block = tuple(b[skip:keep] for b in block) if isinstance(block, tuple) else block[skip:keep]
-            self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c, s))
+        with self.sink.batch():  # a store records the rows of every slot once, not once per slot
+            for s, block in enumerate(blocks):
+                if skip or keep < batch.count:
+                    block = tuple(b[skip:keep] for b in block) if isinstance(block, tuple) else block[skip:keep]
+                self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c, s))

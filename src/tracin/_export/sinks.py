@@ -3,13 +3,15 @@
 Both take, per checkpoint c, blocks of rows at a start row: a (rows, d) array, or a (left, right)
 pair when factored; NumPy, torch or JAX, float32 / float16 / bfloat16. Both convert them to the
 stored dtype the same way (tracin.store's to_store_dtype), so values beyond the range of float16 /
-bfloat16 are the same ValueError at export time. Close a sink on any error (close()).
+bfloat16 are the same ValueError at export time. The writes of one batch go inside `with
+sink.batch():` (a store records their progress once). Close a sink on any error (close()).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,10 @@ class MemorySink:
             return
         for dest, p in zip(self._allocate(checkpoint, [p.shape[1] for p in pieces]), pieces, strict=True):
             dest[start : start + p.shape[0]] = p
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Writes of one batch (nothing to do here; see StoreSink.batch)."""
+        return nullcontext()
 
     def close(self) -> None:
         self._full, self._parts = [], []
@@ -143,6 +149,11 @@ class StoreSink:
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         self._writer.write(checkpoint, start, block)
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Writes of one batch, of every slot: the store records their rows once, on leaving, after
+        each block's data is synced (writer.recording_once), not once per slot."""
+        return self._writer.recording_once()
 
     def close(self) -> None:
         """Releases the store (and its lock); the rows written so far stay for a resume."""

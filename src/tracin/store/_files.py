@@ -117,7 +117,7 @@ def write_json_atomic(path: Path, doc: dict) -> None:
     A stale temporary (or a link planted in its place) is removed first, never written through.
     """
     tmp = path.with_name(path.name + ".tmp")
-    data = json.dumps(doc, indent=2, allow_nan=False).encode() + b"\n"
+    data = json.dumps(doc, allow_nan=False).encode() + b"\n"  # one line: the C encoder, ~20x faster than indented
     remove_if_present(tmp)
     try:
         write_new_file(tmp, data)

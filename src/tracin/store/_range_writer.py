@@ -69,8 +69,9 @@ class GradientStoreRangeWriter(GradientStoreWriter):
     def _written(self, c: int) -> Ranges:
         return self._progress.written[c]
 
-    def _record(self, c: int, start: int, stop: int) -> None:
-        self._progress.written[c] = add_range(self._progress.written[c], start, stop)
+    def _record(self, written: list[tuple[int, int, int]]) -> None:
+        for c, start, stop in written:
+            self._progress.written[c] = add_range(self._progress.written[c], start, stop)
         write_progress(self.path, self._progress)
 
 

@@ -96,6 +96,7 @@ class GradientStoreWriter:
         self._lock = lock
         self._files = files
         self._open_store = open_store
+        self._pending: list[tuple[int, int, int]] | None = None  # rows written, to record (recording_once)
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -175,7 +176,33 @@ class GradientStoreWriter:
                 write_all(fd, arr.reshape(-1).view(np.uint8), offset + start * arr.shape[1] * arr.itemsize, path)
             for fd, path in zip(fds, files.paths[c], strict=True):
                 sync(fd, path)
-        self._record(c, start, start + rows)
+        if self._pending is None:
+            self._record([(c, start, start + rows)])
+        else:
+            self._pending.append((c, start, start + rows))
+
+    @contextmanager
+    def recording_once(self) -> Iterator[None]:
+        """Within the block, write() syncs each block's data as always but records the rows only
+        once, on leaving (one atomic replace of the progress file for, say, every checkpoint or layer
+        of an export batch, instead of one per block). On an error the rows written so far are still
+        recorded (if that fails too, the block's error is the one raised; a resume redoes them)."""
+        if self._pending is not None:  # nested: the outer block records
+            yield
+            return
+        self._pending = []
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            pending, self._pending = self._pending, None
+            if pending:
+                try:
+                    self._record(pending)
+                except Exception:
+                    if not failed:
+                        raise
 
     def finalize(self) -> GradientSet:
         """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
@@ -222,9 +249,11 @@ class GradientStoreWriter:
         """Sorted, disjoint row ranges of checkpoint c known to be written."""
         return self._manifest.written[c]
 
-    def _record(self, c: int, start: int, stop: int) -> None:
-        """Records rows [start, stop) of checkpoint c as written, durably (their data is synced)."""
-        self._manifest.mark_written(c, start, stop)
+    def _record(self, written: list[tuple[int, int, int]]) -> None:
+        """Records rows [start, stop) of checkpoint c, for each (c, start, stop), as written, durably
+        (their data is synced), with one replace of manifest.json."""
+        for c, start, stop in written:
+            self._manifest.mark_written(c, start, stop)
         write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
 
     def _checkpoint(self, checkpoint: int) -> int:
