@@ -214,6 +214,60 @@ def test_checkpoint_contributions_of_normalized_factored_gradients_match_float64
     np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
 
 
+def test_checkpoint_contributions_keep_one_gather_budget_over_all_blocks(monkeypatch):
+    # 20 blocks (10 checkpoints x 2 factors): the test chunk was sized by the widest block while
+    # the gathered float64 rows of every block were held at once (~26x the budget here, 1.8 GiB
+    # for the demo's train_all_checkpoints at the default budget)
+    import tracemalloc
+
+    import tracin.report
+
+    monkeypatch.setattr(tracin.report, "_GATHER_BYTES", 1 << 20)
+    rng = np.random.default_rng(12)
+    dims = ((128, 65), (10, 129)) * 10
+    (left, right), (tl, tr) = _factored(rng, 600, dims=dims), _factored(rng, 300, dims=dims)
+    meta = {"fingerprints": {"checkpoints": [f"ck{c}" for c in range(10)]}}
+    train = tracin.FactoredGradients(left, right, metadata=meta)
+    test = tracin.FactoredGradients(tl, tr, metadata=meta)
+    result = tracin.top_k(test, train, k=50)
+    tracemalloc.start()
+    try:
+        got = checkpoint_contributions(test, train, result)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < got.nbytes + (8 << 20), f"peak {peak / 2**20:.1f} MiB for a 1 MiB gather budget"
+    slots = _pair_terms(tl, left, [1] * 20, result.indices) * _pair_terms(tr, right, [1] * 20, result.indices)
+    np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_contributions_read_only_the_train_rows_of_the_result(tmp_path, monkeypatch):
+    # the whole train set was taken with kernel_side(0, n_rows): a store of many files is read into
+    # memory, not mapped (255 MiB for a (10, 5) result on a 253 MiB store with ulimit -n 128)
+    import tracin.report
+
+    rng = np.random.default_rng(13)
+    train, test, w = _full(rng, 3000, dims=(16, 5)), _full(rng, 4, dims=(16, 5)), [0.5, 0.25]
+    store = _stored(tmp_path / "s", train, w, "float32")
+    monkeypatch.setattr(tracin.report, "_SKIP_BYTES", 8 * 21 * 3, raising=False)  # new read past 3 rows
+    result = tracin.top_k(tracin.Gradients(test, w), store, k=5)
+    read = []
+    original = store.kernel_side
+
+    def kernel_side(start=0, stop=None):
+        read.append((start, stop))
+        return original(start, stop)
+
+    monkeypatch.setattr(store, "kernel_side", kernel_side)
+    got = checkpoint_contributions(tracin.Gradients(test, w), store, result)
+    np.testing.assert_allclose(got, _pair_terms(test, train, w, result.indices), rtol=1e-12, atol=1e-12)
+    wanted = np.unique(result.indices)
+    rows = sum(stop - start for start, stop in read)
+    assert rows <= 4 * wanted.size, f"read {rows} rows for {wanted.size} wanted: {read}"
+    covered = np.concatenate([np.arange(start, stop) for start, stop in read])
+    assert np.isin(wanted, covered).all()
+
+
 def _late_checkpoint_drowns_signal(rng, n=400, noisy=40):
     """Three checkpoints: the first two separate `noisy` rows (large gradients there), the last has
     large gradients on other rows and dominates the sum."""

@@ -23,6 +23,7 @@ from .scoring import _checkpoint_run, _normalize_run, _pair, as_gradient_set, se
 from .store._convert import bfloat16_bits_to_float32
 
 _GATHER_BYTES = 64 << 20  # float64 bytes of gathered train rows per test chunk in checkpoint_contributions
+_SKIP_BYTES = 1 << 20  # float64 bytes of unwanted train rows read between two wanted ones before a new read
 
 
 def _float64(block: np.ndarray, code: int) -> np.ndarray:
@@ -76,26 +77,46 @@ def checkpoint_contributions(
     w = np.asarray(weights, dtype=np.float64)
     count = len(weights) // per
     out = np.zeros((m, k, count))
-    everything = train.kernel_side(0, train.n_rows)
-    width = max(b.shape[1] for b in everything.blocks)
+    width = sum(b.shape[1] for b in train.kernel_side(0, 0).blocks)  # columns of one row, all blocks
     step = max(1, _GATHER_BYTES // max(1, 8 * k * width))
+    span, skip = (max(1, size // max(1, 8 * width)) for size in (_GATHER_BYTES, _SKIP_BYTES))  # in rows
     for t0 in range(0, m, step):
         t1 = min(m, t0 + step)
-        rows = indices[t0:t1]
+        wanted, where = np.unique(indices[t0:t1], return_inverse=True)
+        where = where.reshape(t1 - t0, k)
         side = test.kernel_side(t0, t1)
         ours = [_float64(b, code) for b, code in zip(side.blocks, side.dtypes, strict=True)]
-        theirs = [
-            _float64(np.asarray(b)[rows], code) for b, code in zip(everything.blocks, everything.dtypes, strict=True)
-        ]
-        terms = w * _per_slot(
-            train.factored, [np.einsum("td,tjd->tj", a, b) for a, b in zip(ours, theirs, strict=True)]
-        )
+        theirs = _gather_rows(train, wanted, span, skip)
+        dots, squares = [], []
+        for a, b in zip(ours, theirs, strict=True):  # one block's (t, k, d) rows at a time
+            dots.append(np.einsum("td,tjd->tj", a, b[where]))
+            squares.append((b * b).sum(1)[where])
+        terms = w * _per_slot(train.factored, dots)
         if run:
             norms = _norms(train.factored, [(a * a).sum(1)[:, None] for a in ours], run)
-            norms = norms * _norms(train.factored, [(b * b).sum(2) for b in theirs], run)
+            norms = norms * _norms(train.factored, squares, run)
             terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
         out[t0:t1] = terms.reshape(t1 - t0, k, count, per).sum(3)
     return out
+
+
+def _gather_rows(train: GradientSet, rows: np.ndarray, span: int, skip: int) -> list[np.ndarray]:
+    """float64 (len(rows), d) per kernel block: the train rows `rows` (sorted, unique), read by
+    ranges of at most `span` rows that skip at most `skip` unwanted rows at a time (not the whole
+    set: a store of many files is read into memory, not mapped)."""
+    parts: list[list[np.ndarray]] = []
+    breaks = np.flatnonzero(np.diff(rows) > skip) + 1  # a wanted row far from the previous one
+    for group in np.split(rows, breaks):
+        while len(group):
+            start = int(group[0])
+            j = int(np.searchsorted(group, start + span))
+            side = train.kernel_side(start, int(group[j - 1]) + 1)
+            local = group[:j] - start
+            parts.append([_float64(np.asarray(b)[local], c) for b, c in zip(side.blocks, side.dtypes, strict=True)])
+            group = group[j:]
+    if not parts:
+        return [np.zeros((0, b.shape[1])) for b in train.kernel_side(0, 0).blocks]
+    return [np.concatenate(blocks) for blocks in zip(*parts, strict=True)]
 
 
 def _per_slot(factored: bool, per_block: list[np.ndarray]) -> np.ndarray:
