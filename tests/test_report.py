@@ -371,6 +371,7 @@ def test_tracin_report_is_reachable_from_import_tracin_and_imported_on_first_use
     code = (
         "import sys, tracin\n"
         "assert 'tracin.report' not in sys.modules\n"
+        "assert 'report' in dir(tracin) and 'tracin.report' not in sys.modules\n"
         "assert tracin.report.checkpoint_contributions is sys.modules['tracin.report'].checkpoint_contributions\n"
         "try:\n    tracin.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
     )
