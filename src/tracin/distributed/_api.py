@@ -58,7 +58,7 @@ def top_k(
     shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
     small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
-    progress: a tqdm bar over shards (None: for seconds of work, if tqdm is installed).
+    progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
     device, precision: the tasks run the C++ CPU kernel: None or "cpu", and "float32" (a ValueError
     names anything else).
     normalize: cosine scores, as in tracin.top_k (each train row's norms are its own, so shards
@@ -213,13 +213,13 @@ def _float32(total: np.ndarray) -> np.ndarray:
     return total.astype(np.float32)
 
 
-def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool]:
+def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool | None]:
     """Checked shards and num_threads (None or a positive int), and whether to show a bar."""
     shards = None if shards is None else positive_int(shards, "shards")
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
-    if progress is None:
-        progress = macs >= AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None
+    if progress is None and macs >= AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None:
+        progress = True  # long by its multiply-adds alone; None: a bar after _progress.AUTO_DELAY_S seconds
     return shards, num_threads, progress
 
 

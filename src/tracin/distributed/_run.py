@@ -61,8 +61,8 @@ class Job:
             parts = [self.submit(merge, parts[i : i + FAN_IN], *args) for i in range(0, len(parts), FAN_IN)]
         return parts[0]
 
-    def wait(self, shards: list[Future], progress: bool, final: Future | None = None) -> Any:
-        """Waits for the shard tasks (a bar over them if `progress`), then returns final's result, or
+    def wait(self, shards: list[Future], progress: bool | None, final: Future | None = None) -> Any:
+        """Waits for the shard tasks (a bar as progress_bar(enabled=progress) shows), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
         its workers as a TaskFailedError naming its shard. Cancels what is left either way."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
