@@ -1,5 +1,6 @@
 """A store of many checkpoints (hundreds of data files) is written and read with few open files."""
 
+import mmap
 import os
 import subprocess
 import sys
@@ -77,13 +78,21 @@ def test_a_store_of_more_files_than_it_may_map_is_read_with_the_same_values(tmp_
     mapped = store.kernel_side(2, 7)
     monkeypatch.setattr(_store, "_mappable_files", lambda: 0)
     read = store.kernel_side(2, 7)
-    assert all(isinstance(b, np.memmap) for b in mapped.blocks)
-    assert not any(isinstance(b, np.memmap) or b.flags.writeable for b in read.blocks)
+    assert all(_mapped(b) and not b.flags.writeable for b in mapped.blocks)
+    assert not any(_mapped(b) or b.flags.writeable for b in read.blocks)
     expected = [a[2:7].astype(np.float16) for arrays in blocks for a in arrays]
     for got in (mapped, read):
         assert len(got.blocks) == len(expected)
         for b, e in zip(got.blocks, expected, strict=True):
             np.testing.assert_array_equal(b, e)
+
+
+def _mapped(array: np.ndarray) -> bool:
+    """Whether the array's memory is a memory map."""
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    return isinstance(base, mmap.mmap)
 
 
 def test_a_file_shorter_than_the_rows_read_is_a_store_changed_error(tmp_path):
@@ -98,3 +107,32 @@ def test_a_file_shorter_than_the_rows_read_is_a_store_changed_error(tmp_path):
             _npy.read_array(fd, np.dtype("<f4"), 12, (2, 4), path)
     finally:
         os.close(fd)
+
+
+def test_each_chunk_parses_the_manifest_only_when_its_bytes_changed(tmp_path, monkeypatch):
+    from tracin.store import _files
+
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [2, 3])
+    w.write(0, 0, np.ones((3, 2), np.float32))
+    w.write(1, 0, np.ones((3, 3), np.float32))
+    reader = tracin.GradientStore.open(tmp_path / "s", allow_partial=True)[1:]  # a view keeps what was seen
+    parsed = []
+    for module in (_store, _files):
+        real = getattr(module, "parse_manifest", None)
+
+        def counting(data, where, real=real):
+            parsed.append(where)
+            return real(data, where)
+
+        monkeypatch.setattr(module, "parse_manifest", counting, raising=False)
+    for _ in range(3):
+        np.testing.assert_array_equal(reader.kernel_side(0, 2).blocks[1], np.ones((2, 3)))
+    assert parsed == []
+    w.write(0, 3, np.ones((3, 2), np.float32))  # the writer records rows: new bytes, the same store id
+    reader.kernel_side(0, 2)
+    reader.kernel_side(0, 2)
+    assert len(parsed) == 1
+    w.close()
+    tracin.GradientStore.create(tmp_path / "s", 6, [2, 3], overwrite=True).close()
+    with pytest.raises(StoreChangedError, match="re-created after it was opened"):
+        reader.kernel_side(0, 2)

@@ -149,8 +149,8 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(root: Path) -> Manifest:
-    """The checked manifest of the store at `root`; FileNotFoundError if there is none."""
+def read_manifest_bytes(root: Path) -> bytes:
+    """The bytes of the manifest of the store at `root` (unchecked); FileNotFoundError if there is none."""
     path = root / MANIFEST
     if not root.is_dir():
         raise FileNotFoundError(f"no gradient store at {root} (not a directory)")
@@ -159,7 +159,11 @@ def read_manifest(root: Path) -> Manifest:
     except FileNotFoundError:
         raise FileNotFoundError(f"no gradient store at {root} (no {MANIFEST})") from None
     try:
-        data = read_all(fd, MAX_MANIFEST_BYTES, path)
+        return read_all(fd, MAX_MANIFEST_BYTES, path)
     finally:
         os.close(fd)
-    return parse_manifest(data, str(path))
+
+
+def read_manifest(root: Path) -> Manifest:
+    """The checked manifest of the store at `root`; FileNotFoundError if there is none."""
+    return parse_manifest(read_manifest_bytes(root), str(root / MANIFEST))

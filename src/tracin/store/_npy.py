@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -120,11 +121,19 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         os.close(fd)
 
 
-def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.memmap:
-    """A read-only memory map of `shape` from byte `offset` of the file open at `fd`; the map keeps
-    its own duplicate of the descriptor (Python's mmap), so `fd` may be closed after."""
-    with open(fd, "rb", closefd=False) as f:
-        return np.memmap(f, dtype=dtype, mode="r", shape=shape, offset=offset)
+def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of `shape` mapped from byte `offset` of the file open at `fd`, unmapped when
+    the array is dropped. The map keeps its own duplicate of the descriptor (Python's mmap), so `fd`
+    may be closed after. (mmap + frombuffer: np.memmap costs ~2.5x more per map, which counts when a
+    chunk maps hundreds of files.)"""
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes == 0:
+        empty = np.empty(shape, dtype)
+        empty.flags.writeable = False
+        return empty
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+    return np.frombuffer(mapped, dtype, nbytes // dtype.itemsize, offset - start).reshape(shape)
 
 
 def read_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], path: Path) -> np.ndarray:
@@ -144,7 +153,7 @@ def read_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], pa
     return out
 
 
-def read_ids(path: Path, n_rows: int) -> np.memmap:
+def read_ids(path: Path, n_rows: int) -> np.ndarray:
     """The ids file of a store, memory-mapped (never through a link): n_rows integers or strings;
     StoreFormatError if it is anything else."""
     fd = open_file(path)

@@ -14,8 +14,17 @@ import numpy as np
 from .._arrays import DTYPE_CODES
 from ..gradients import GradientSet, KernelSide
 from ._create import create
-from ._files import open_file, read_manifest
-from ._format import DISK_DTYPES, FORMAT_VERSION, IDS_FILE, MANIFEST, Manifest, StoreChangedError, StoreFormatError
+from ._files import open_file, read_manifest_bytes
+from ._format import (
+    DISK_DTYPES,
+    FORMAT_VERSION,
+    IDS_FILE,
+    MANIFEST,
+    Manifest,
+    StoreChangedError,
+    StoreFormatError,
+    parse_manifest,
+)
 from ._locks import range_files
 from ._npy import check_npy, map_array, read_array, read_ids
 from ._writer import GradientStoreWriter
@@ -109,9 +118,12 @@ class GradientStore(GradientSet):
         stop: int,
         allow_partial: bool,
         chunk_bytes: int,
+        seen: bytes,
     ):
+        """`seen`: the bytes of a manifest.json found to hold this store's id (at first, `manifest`'s)."""
         self.path = path
         self._manifest = manifest
+        self._seen = seen
         self._files = files  # in kernel block order
         self._start, self._stop = start, stop
         self._allow_partial = allow_partial
@@ -185,7 +197,8 @@ class GradientStore(GradientSet):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
         root = Path(path).absolute()  # the files are opened again per call: a later chdir must not matter
-        m = read_manifest(root)
+        seen = read_manifest_bytes(root)
+        m = parse_manifest(seen, str(root / MANIFEST))
         files = [
             _DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
             for c, names in enumerate(m.files)
@@ -196,7 +209,7 @@ class GradientStore(GradientSet):
         stop = m.n_rows
         if allow_partial and not m.complete:
             stop = min(m.rows_done(c) for c in range(len(m.dims)))
-        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes))
+        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes), seen)
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -293,13 +306,20 @@ class GradientStore(GradientSet):
         return KernelSide(self.factored, blocks, [DTYPE_CODES[self.dtype]] * len(blocks))
 
     def _check_same_store(self) -> None:
+        """StoreChangedError unless manifest.json holds this store's id. Bytes seen before (a finished
+        store's manifest never changes) are not parsed again: the same bytes hold the same id."""
         try:
-            now = read_manifest(self.path).store_id
+            data = read_manifest_bytes(self.path)
         except FileNotFoundError:
             raise StoreChangedError(
                 f"gradient store {self.path} was removed after it was opened (no {MANIFEST} now)"
             ) from None
-        if now != self._manifest.store_id:
+        if data == self._seen:
+            return
+        now = parse_manifest(data, str(self.path / MANIFEST)).store_id
+        if now == self._manifest.store_id:
+            self._seen = data
+        else:
             raise StoreChangedError(
                 f"gradient store {self.path} was re-created after it was opened (store "
                 f"id {self._manifest.store_id} then, {now} now); open it again"
@@ -332,6 +352,7 @@ class GradientStore(GradientSet):
             self._start + max(a, b),
             self._allow_partial,
             self._chunk_bytes,
+            self._seen,
         )
 
     @property
