@@ -155,8 +155,11 @@ def read_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], pa
 
 def read_ids(path: Path, n_rows: int) -> np.ndarray:
     """The ids file of a store, memory-mapped (never through a link): n_rows integers or strings;
-    StoreFormatError if it is anything else."""
-    fd = open_file(path)
+    StoreFormatError if it is anything else, or missing."""
+    try:
+        fd = open_file(path)
+    except FileNotFoundError:
+        raise StoreFormatError(f"{path}: ids file is missing (the manifest says the store has ids)") from None
     try:
         dtype, shape, _, _ = read_header(fd, path)
         if shape != (n_rows,) or dtype.kind not in "iuU":

@@ -360,7 +360,11 @@ class GradientStore(GradientSet):
         """Example ids of the rows in this view (int or str, memory-mapped), or None if none were given."""
         if not self._manifest.has_ids:
             return None
-        ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
+        try:
+            ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
+        except StoreFormatError as e:  # it was checked at opening: it changed since
+            self._check_same_store()  # (a re-created store is the error to report)
+            raise StoreChangedError(f"{e}; it was valid when the gradient store was opened: open it again") from None
         self._check_same_store()  # after mapping: the ids mapped are this store's (see kernel_side)
         return ids[self._start : self._stop]
 
