@@ -78,3 +78,25 @@ def test_a_memory_sink_batch_is_plain_writes():
     with sink.batch():
         sink.write(0, 0, np.ones((2, 1), np.float32))
     np.testing.assert_array_equal(sink.finish({}).matrices[0], [[1.0], [1.0]])
+
+
+def _refusal(tmp_path, **kw) -> str:
+    with pytest.raises(ValueError) as e:
+        StoreSink(tmp_path / "g", 2, [1], "float32", False, kw.pop("weights", [1.0]), {}, **kw)
+    return str(e.value)
+
+
+def test_a_store_sink_never_advises_an_overwrite_the_export_does_not_take(tmp_path):
+    StoreSink(tmp_path / "g", 2, [1], "float32", False, [0.5], {}).close()
+    for message in (_refusal(tmp_path), _refusal(tmp_path, rows=(0, 1))):  # other weights
+        assert "weights [0.5] there vs [1.0] here" in message
+        assert message.endswith("; export into another directory, or delete this one")
+        assert "overwrite" not in message
+    with open(tmp_path / "g" / "checkpoint_000.npy", "r+b") as f:  # an unfinished store, damaged
+        f.truncate(100)
+    message = _refusal(tmp_path, weights=[0.5])
+    assert "checkpoint_000.npy: corrupt .npy header" in message and message.endswith("export into another directory, or delete this one")
+    (tmp_path / "g" / "manifest.json").unlink()  # files named like a store's, no manifest
+    message = _refusal(tmp_path, weights=[0.5])
+    assert "so it is not a store tracin wrote: export into another directory, or delete this one" in message
+    assert "overwrite" not in message

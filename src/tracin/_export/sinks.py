@@ -21,6 +21,8 @@ from ..store._convert import to_store_dtype
 from ..store._format import DISK_DTYPES
 from .resume import refuse_another_export
 
+# How to get past a store that an export cannot resume (export_gradients has no overwrite=).
+EXPORT_ADVICE = "export into another directory, or delete this one"
 Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
 Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
 
@@ -129,11 +131,23 @@ class StoreSink:
         rows: tuple[int, int] | None = None,
     ):
         from ..store import GradientStore
+        from ..store._create import create
 
         need_row_count(n_rows)
         refuse_another_export(path, metadata)
-        self._writer = GradientStore.create(
-            path, n_rows, dims, weights=weights, dtype=dtype, factored=factored, metadata=metadata, rows=rows
+        self._writer = create(
+            path,
+            n_rows,
+            dims,
+            weights,
+            dtype,
+            factored=factored,
+            metadata=metadata,
+            ids=None,
+            overwrite=False,
+            rows=rows,
+            open_store=GradientStore.open,
+            advice=EXPORT_ADVICE,
         )
         self._ranged = rows is not None
 

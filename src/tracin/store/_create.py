@@ -46,8 +46,11 @@ def create(
     overwrite: bool,
     rows: Any,
     open_store: Callable[[Path], GradientSet],
+    advice: str | None = None,
 ) -> GradientStoreWriter:
-    """See GradientStore.create; `open_store` is what the writer's finalize() returns."""
+    """See GradientStore.create; `open_store` is what the writer's finalize() returns. `advice`: how
+    to get past a store or files that cannot be resumed, ending those errors (default: pass
+    overwrite=True; an export, which has no overwrite, says what its user can do instead)."""
     wanted = _wanted_manifest(n_rows, dims, weights, dtype, factored, metadata)
     id_array = _check_ids(ids, wanted.n_rows)
     wanted.has_ids = id_array is not None
@@ -55,18 +58,18 @@ def create(
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     root = Path(path).absolute()  # the manifest is rewritten on every write: a later chdir must not matter
     if rows is not None:
-        return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store)
+        return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store, advice)
     if root.exists() and not root.is_dir():
         raise ValueError(f"path {root} exists and is not a directory")
     root.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(root)
     try:
         if os.path.lexists(root / MANIFEST) and not overwrite:
-            manifest = _resumable(root, wanted, id_array, _REPLACE)
+            manifest = _resumable(root, wanted, id_array, advice or _REPLACE)
             merge_progress(root, manifest)
-            files = None if manifest.complete else _resumable_files(root, manifest, _REPLACE)
+            files = None if manifest.complete else _resumable_files(root, manifest, advice or _REPLACE)
         else:
-            _build(root, wanted, id_array, overwrite)
+            _build(root, wanted, id_array, overwrite, advice)
             manifest = wanted
             files = DataFiles(root, manifest)
     except BaseException:
@@ -82,6 +85,7 @@ def _range_writer(
     rows: tuple[int, int],
     overwrite: bool,
     open_store: Callable[[Path], GradientSet],
+    advice: str | None,
 ) -> GradientStoreRangeWriter:
     """A writer of rows [start, stop) of the store at `root`, which must exist with the spec `wanted`."""
     if overwrite:
@@ -98,7 +102,7 @@ def _range_writer(
     lock = DirectoryLock(root, shared=True)
     claim = None
     try:
-        advice = "create the store again without rows= (overwrite=True) before opening range writers"
+        advice = advice or "create the store again without rows= (overwrite=True) before opening range writers"
         manifest = _resumable(root, wanted, ids, advice)
         found = None
         files = None
@@ -130,11 +134,11 @@ def _check_rows(rows: Any, n_rows: int) -> tuple[int, int]:
     )
 
 
-def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool) -> None:
+def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool, advice: str | None) -> None:
     """Replaces what `root` holds by a new store. Order: the creation marker, then the old files go
     (the manifest first), then the data files and ids come, then the manifest (from then on the store
     exists), then the marker goes; a create killed on the way leaves files the next one replaces."""
-    names = _clearable(root, overwrite)
+    names = _clearable(root, overwrite, advice)
     if CREATING not in names:
         os.close(create_file(root / CREATING))
         fsync_dir(root)
@@ -236,7 +240,10 @@ def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str
         if ours != theirs:
             differs.append(f"{name} {_show(theirs)} there vs {_show(ours)} here")
     if ids is not None or existing.has_ids:
-        stored = read_ids(root / IDS_FILE, existing.n_rows) if existing.has_ids else None
+        try:
+            stored = read_ids(root / IDS_FILE, existing.n_rows) if existing.has_ids else None
+        except StoreFormatError as e:
+            raise StoreFormatError(f"{e}; {advice}") from None
         if stored is None or ids is None or not np.array_equal(stored, ids):
             differs.append(
                 "ids "
@@ -271,7 +278,7 @@ def _resumable_files(root: Path, manifest: Manifest, advice: str) -> DataFiles:
         raise StoreFormatError(f"{e}; {advice}") from None
 
 
-def _clearable(root: Path, overwrite: bool) -> list[str]:
+def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
     """Names in `root`, after checking that a new store may replace them: only files a store
     writes, and without a manifest only the leftovers of an interrupted create (marked by CREATING)
     unless overwrite=True (they could be a user's own checkpoint_000.npy)."""
@@ -284,8 +291,8 @@ def _clearable(root: Path, overwrite: bool) -> list[str]:
         )
     if names and not overwrite and CREATING not in names:
         raise ValueError(
-            f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin "
-            "wrote: pass overwrite=True to replace these files, or choose an empty or new directory"
+            f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin wrote: "
+            + (advice or "pass overwrite=True to replace these files, or choose an empty or new directory")
         )
     return names
 
