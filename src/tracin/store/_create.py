@@ -66,6 +66,7 @@ def create(
     try:
         if os.path.lexists(root / MANIFEST) and not overwrite:
             manifest = _resumable(root, wanted, id_array, advice or _REPLACE)
+            _drop_marker(root)
             merge_progress(root, manifest)
             files = None if manifest.complete else _resumable_files(root, manifest, advice or _REPLACE)
         else:
@@ -157,6 +158,15 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
     os.unlink(root / CREATING)
     fsync_dir(root)
+
+
+def _drop_marker(root: Path) -> None:
+    """Removes (durably) the creation marker that a create killed after writing the manifest left
+    behind; the store exists, and a marker there would later let a create without overwrite=True
+    replace its files if the manifest went missing. Call it holding the exclusive directory lock."""
+    if os.path.lexists(root / CREATING):
+        remove_if_present(root / CREATING)
+        fsync_dir(root)
 
 
 def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any, metadata: Any) -> Manifest:

@@ -1,0 +1,41 @@
+"""The creation marker of a create killed after it wrote the manifest goes at the next resume."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import tracin
+
+_KILLED_BEFORE_THE_MARKER_GOES = textwrap.dedent(
+    """
+    import os, sys
+    real = os.unlink
+    def unlink(path, *args, **kwargs):
+        if str(path).endswith("create-in-progress"):
+            os._exit(9)  # as kill -9 between writing manifest.json and removing the marker
+        return real(path, *args, **kwargs)
+    os.unlink = unlink
+    import tracin
+    tracin.GradientStore.create(sys.argv[1], 4, [3])
+    """
+)
+
+
+def test_a_resume_removes_the_marker_of_a_killed_create_and_the_store_stays_protected(tmp_path):
+    path = tmp_path / "s"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_THE_MARKER_GOES, str(path)], timeout=120)
+    assert killed.returncode == 9
+    assert sorted(os.listdir(path)) == ["checkpoint_000.npy", "create-in-progress", "manifest.json"]
+    w = tracin.GradientStore.create(path, 4, [3])
+    assert "create-in-progress" not in os.listdir(path)
+    w.write(0, 0, np.full((4, 3), 2.0, np.float32))
+    np.testing.assert_array_equal(tracin.self_influence(w.finalize()), [12.0] * 4)
+    assert sorted(os.listdir(path)) == ["checkpoint_000.npy", "manifest.json"]
+    os.unlink(path / "manifest.json")  # a finished store that lost its manifest is not silently replaced
+    with pytest.raises(ValueError, match="but no manifest.json, so it is not a store tracin wrote"):
+        tracin.GradientStore.create(path, 4, [3])
+    assert np.load(path / "checkpoint_000.npy")[0].tolist() == [2.0] * 3
