@@ -290,10 +290,16 @@ def _resumable_files(root: Path, manifest: Manifest, advice: str) -> DataFiles:
 
 def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
     """Names in `root`, after checking that a new store may replace them: only files a store
-    writes, and without a manifest only the leftovers of an interrupted create (marked by CREATING)
-    unless overwrite=True (they could be a user's own checkpoint_000.npy)."""
+    writes (others are refused even with overwrite=True), and without a manifest only the leftovers
+    of an interrupted create (marked by CREATING) unless overwrite=True (they could be a user's own
+    checkpoint_000.npy)."""
     names = [p.name for p in root.iterdir()]
     foreign = [n for n in names if not is_own_file(n)]
+    if foreign and MANIFEST in names:
+        raise ValueError(
+            f"{root} holds a gradient store, and also {_listing(foreign)}, which a store never writes: "
+            "remove those to replace the store, or choose an empty or new directory"
+        )
     if foreign:
         raise ValueError(
             f"{root} is not empty and not a gradient store (holds {_listing(foreign)}); "
