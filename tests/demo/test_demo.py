@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shlex
 import shutil
@@ -19,7 +20,7 @@ from tracin.cli import main
 from tracin.demo import DemoConfig, DemoResult, run_demo
 from tracin.demo.data import load_noisy_digits
 from tracin.demo.detection import detection_curve, found_at, perfect_curve
-from tracin.demo.framework import trainer
+from tracin.demo.framework import checkpoint_path, trainer
 from tracin.demo.mlp import batch_gradient, cross_entropy, forward, init_params, per_example_factors
 from tracin.demo.outputs import LEDGER, DemoFiles
 from tracin.demo.recipe import RULE, checkpoints_to_trace
@@ -126,17 +127,29 @@ def _load_torch(path):
     }
 
 
+def _saver(directory, framework):
+    """A save(epoch, write) for the trainers that writes checkpoints straight into `directory`."""
+
+    def save(epoch, write):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = checkpoint_path(directory, epoch, framework)
+        write(path)
+        return path
+
+    return save
+
+
 @pytest.mark.parametrize("framework", ["numpy", "jax", "torch"])
 def test_every_framework_trains_the_same_network_and_exports_exact_gradients(framework, tmp_path):
     pytest.importorskip(framework)
     config = TrainingConfig(epochs=4, checkpoints=2, hidden=16)
     data = load_noisy_digits(0.2, seed=0, n_train=200)
     _, train = trainer(framework)
-    model = train(data, config, tmp_path / "checkpoints", lambda _: None)
+    model = train(data, config, _saver(tmp_path / "checkpoints", framework), lambda _: None)
     assert [lr for _, lr in model.checkpoints] == pytest.approx([0.1, 0.01])
     if framework != "numpy":  # the same start, batches and SGD as NumPy: the same network up to rounding
         _, numpy_train = trainer("numpy")
-        reference = numpy_train(data, config, tmp_path / "reference", lambda _: None)
+        reference = numpy_train(data, config, _saver(tmp_path / "reference", "numpy"), lambda _: None)
         np.testing.assert_allclose(model.logits(data.x_test), reference.logits(data.x_test), rtol=1e-3, atol=1e-4)
 
     load = _load_torch if framework == "torch" else lambda p: dict(np.load(p))
@@ -161,7 +174,8 @@ def test_numpy_export_records_one_fingerprint_per_checkpoint_of_two_layers(tmp_p
 
     _, train = trainer("numpy")
     data = load_noisy_digits(0.2, seed=0, n_train=100)
-    model = train(data, TrainingConfig(epochs=4, checkpoints=2, hidden=8), tmp_path / "checkpoints", lambda _: None)
+    config = TrainingConfig(epochs=4, checkpoints=2, hidden=8)
+    model = train(data, config, _saver(tmp_path / "checkpoints", "numpy"), lambda _: None)
     for traced in (1, 2):
         store = model.export(data.x_train, data.y_train, tmp_path / f"grads{traced}", progress=False, traced=traced)
         saved = [np.load(path) for path, _ in model.checkpoints[:traced]]
@@ -408,7 +422,7 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
     quiet = {"progress": False, "log": lambda *_: None}
     mine = tmp_path / "project"
     _own_store(mine / "grads" / "train")  # a user's store where the demo writes, no demo run before
-    with pytest.raises(ValueError, match=r"train was not written by tracin demo .* \(-o / --output\)"):
+    with pytest.raises(ValueError, match=r"train was not written by tracin demo .* \(-o / DemoConfig.output\)"):
         run_demo(_small(mine), **quiet)
     assert GradientStore.open(mine / "grads" / "train").n_rows == 30 and not (mine / "checkpoints").exists()
 
@@ -449,13 +463,124 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
 def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
     files = DemoFiles(tmp_path)
     store, checkpoint = tmp_path / "grads" / "train", tmp_path / "checkpoints" / "checkpoint_0001.pt"
-    files.writing([store, checkpoint])
-    GradientStore.create(store, 10, [4], [1.0])  # never finished
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"partial")
-    DemoFiles(tmp_path).clear([store], checkpoint.parent)
-    assert not store.exists() and not checkpoint.exists()
+
+    def interrupted(path):
+        if path.suffix == ".pt":
+            path.write_bytes(b"partial")
+        else:
+            GradientStore.create(path, 10, [4], [1.0])  # never finished
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        files.store(store, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.put(checkpoint, interrupted)
+    assert not store.exists() and not checkpoint.exists()  # written under other names, renamed when done
+    (partial,) = (tmp_path / "grads").iterdir()
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {f"grads/{partial.name}": None}}
+    DemoFiles(tmp_path).clear([store, checkpoint])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([LEDGER, "grads", "checkpoints"])
     assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+
+def test_a_rerun_interrupted_while_removing_the_demos_store_can_be_run_again(tmp_path, monkeypatch):
+    # the store's manifest was removed first and the record kept its digest: every later run refused
+    # the demo's own half-removed store as "changed since"
+    quiet = {"progress": False, "log": lambda *_: None}
+    run_demo(_small(tmp_path), **quiet)
+    unlink = os.unlink
+
+    def interrupted_after_the_manifest(path, *args, **kwargs):
+        unlink(path, *args, **kwargs)
+        if str(path).endswith("manifest.json"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "unlink", interrupted_after_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(_small(tmp_path), **quiet)
+    monkeypatch.setattr(os, "unlink", unlink)
+    run_demo(_small(tmp_path), **quiet)
+    assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["test", "train", "train_all_checkpoints"]
+    assert GradientStore.open(tmp_path / "grads" / "train").n_rows == 1400
+
+
+def test_a_store_put_where_an_interrupted_run_was_exporting_is_not_the_demos(tmp_path, monkeypatch):
+    # the record marked grads/train null ("being written"), so a user's store put there later was
+    # taken for the demo's and deleted by the next run
+    import tracin.demo.with_numpy as with_numpy
+
+    quiet = {"progress": False, "log": lambda *_: None}
+    export = with_numpy.NumpyMLP.export
+
+    def interrupted(self, *args, **kwargs):
+        export(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(with_numpy.NumpyMLP, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(_small(tmp_path), **quiet)
+    monkeypatch.setattr(with_numpy.NumpyMLP, "export", export)
+    shutil.rmtree(tmp_path / "grads" / "train", ignore_errors=True)
+    _own_store(tmp_path / "grads" / "train")
+    with pytest.raises(ValueError, match="train was not written by tracin demo"):
+        run_demo(_small(tmp_path), **quiet)
+    assert GradientStore.open(tmp_path / "grads" / "train").n_rows == 30
+    shutil.rmtree(tmp_path / "grads" / "train")
+    run_demo(_small(tmp_path), **quiet)  # the interrupted run's own leftovers go
+    assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["test", "train", "train_all_checkpoints"]
+
+
+def test_the_demo_does_not_overwrite_a_users_files_or_write_through_links(tmp_path):
+    # with -o . (or a project folder) the user's report.md and ranking were overwritten, and a link
+    # at report.md or at the record's temporary file was written through
+    quiet = {"progress": False, "log": lambda *_: None}
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("MY REPORT\n")
+    with pytest.raises(ValueError, match=r"report.md was not written by tracin demo .*\(-o / DemoConfig.output\)"):
+        run_demo(_small(project), **quiet)
+    assert (project / "report.md").read_text() == "MY REPORT\n"
+    assert sorted(p.name for p in project.iterdir()) == ["report.md"]  # nothing written before the refusal
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{LEDGER}.tmp").symlink_to(victim)  # a stale temporary of the record, as a link
+    run_demo(_small(out), **quiet)
+    assert victim.read_text() == "precious" and not os.path.lexists(out / f"{LEDGER}.tmp")
+    recorded = json.loads((out / LEDGER).read_text())["files"]
+    assert {"report.md", "self_influence_ranking.csv", "mislabel_detection.png"} <= set(recorded)
+    (out / "report.md").unlink()
+    (out / "report.md").symlink_to(victim)
+    with pytest.raises(ValueError, match="report.md was not written by tracin demo .it is a symbolic link"):
+        run_demo(_small(out), **quiet)
+    assert victim.read_text() == "precious"
+
+
+def test_reruns_keep_other_files_and_explain_folders_without_a_record(tmp_path):
+    # a checkpoint name the demo never writes was refused, and an older tracin's demo output (no
+    # record) was called "not written by tracin demo" with no word of why
+    quiet = {"progress": False, "log": lambda *_: None}
+    out = tmp_path / "out"
+    run_demo(_small(out), **quiet)
+    np.savez(out / "checkpoints" / "checkpoint_best.npz", w=np.ones(2))
+    run_demo(_small(out), **quiet)
+    assert np.load(out / "checkpoints" / "checkpoint_best.npz")["w"].tolist() == [1, 1]
+    (out / LEDGER).unlink()  # as the demo of an older tracin left its folder
+    with pytest.raises(ValueError, match=f"has no {re.escape(LEDGER)}.* from an older tracin version, remove"):
+        run_demo(_small(out), **quiet)
+
+
+def test_output_folders_that_cannot_be_made_are_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"output folder \(-o / DemoConfig.output\) .*file/out cannot be created"):
+        run_demo(_small(tmp_path / "file" / "out"), progress=False, log=lambda *_: None)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="dangling is a symbolic link to .*nowhere, which does not exist"):
+        run_demo(_small(tmp_path / "dangling"), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"output folder \(-o / DemoConfig.output\) .*file is a file"):
+        run_demo(_small(tmp_path / "file"), progress=False, log=lambda *_: None)
 
 
 def test_demo_command_line_options(tmp_path, capsys):

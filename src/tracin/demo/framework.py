@@ -34,7 +34,10 @@ class TrainedModel(Protocol):
         """Per-example loss gradients at the first `traced` checkpoints, written to a finished GradientStore at path."""
 
 
-Train = Callable[[NoisyDigits, TrainingConfig, Path, Callable[[int], None]], TrainedModel]
+SaveCheckpoint = Callable[[int, Callable[[Path], object]], Path]
+"""save(epoch, write): the checkpoint taken after `epoch` (0-based), written by write(path); returns
+where it lies."""
+Train = Callable[[NoisyDigits, TrainingConfig, SaveCheckpoint, Callable[[int], None]], TrainedModel]
 
 
 def available() -> list[str]:

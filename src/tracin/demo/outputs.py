@@ -1,83 +1,137 @@
-"""What the demo wrote in its output folder, so that a rerun replaces its own gradient stores and
-checkpoints and refuses to touch anything else there (a user's own store at OUT/grads/train)."""
+"""What the demo wrote in its output folder, so that a rerun replaces its own files and refuses to
+touch anything else there (a user's own store at OUT/grads/train, their report.md with -o .)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from ..store._format import MANIFEST
 
 LEDGER = ".tracin-demo.json"
-_CHECKPOINT_SUFFIXES = (".npz", ".pt")
+WHERE = "output folder (-o / DemoConfig.output)"
+_PARTIAL = ".tracin-demo-partial-"  # in the name of a folder being written or removed, with a random token
 
 
 class DemoFiles:
-    """The ledger OUT/.tracin-demo.json: each gradient store folder and checkpoint file the demo
-    wrote (by path relative to OUT) with the SHA-256 of the store's manifest or of the file, or null
-    while it is being written (an interrupted run's leftovers are the demo's too)."""
+    """The record OUT/.tracin-demo.json: each file and gradient store folder the demo wrote (by path
+    relative to OUT) with the SHA-256 of the file or of the store's manifest, recorded before the
+    file or store appears at its path (each is written under a temporary name, then renamed). null
+    marks a folder with a random name the demo is writing or removing (an interrupted run's
+    leftover, removed by the next run); nothing else is replaced or removed without its digest."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out / LEDGER
-        self.entries = self._load()
+        self.found = os.path.lexists(self.path)  # False: no record, e.g. an older tracin's demo output
+        self.entries = self._load() if self.found else {}
 
     def _load(self) -> dict[str, str | None]:
-        if not self.path.exists():
-            return {}
         try:
+            if self.path.is_symlink():
+                raise TypeError
             entries = json.loads(self.path.read_text())["files"]
             if not isinstance(entries, dict) or not all(v is None or isinstance(v, str) for v in entries.values()):
                 raise TypeError
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(
-                f"{self.path} is not the record tracin demo keeps of its files; choose another output "
-                "folder (-o / --output) or remove it"
+                f"{self.path} is not the record tracin demo keeps of its files; choose another {WHERE} or remove it"
             ) from None
         return entries
 
-    def clear(self, stores: Iterable[Path], checkpoints: Path) -> None:
-        """Removes the stores at `stores` and the checkpoint_* files in `checkpoints` that an earlier
-        demo run wrote; ValueError, before removing anything, if one of them is not the demo's."""
-        found = [p for p in stores if os.path.lexists(p)]
-        if checkpoints.is_dir():
-            found += sorted(
-                p for p in checkpoints.glob("checkpoint_*") if p.suffix in _CHECKPOINT_SUFFIXES or p.is_symlink()
-            )
-        foreign = [p for p in found if not self._owns(p)]
+    def clear(self, paths: Iterable[Path]) -> None:
+        """Before a run that writes `paths`: ValueError, before anything is removed, if one of them
+        exists and is not the demo's; then removes them, the other files an earlier run recorded
+        (unless changed since: those are left alone and forgotten) and the leftovers of an
+        interrupted run."""
+        paths = list(paths)
+        foreign = [p for p in paths if os.path.lexists(p) and not self._owns(p)]
         if foreign:
-            raise ValueError(
-                f"{foreign[0]} was not written by tracin demo (it is not recorded in {self.path}, or it "
-                "changed since), so the demo will not replace it; choose another output folder "
-                "(-o / --output) or move it away"
-            )
-        for p in found:
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            self.entries.pop(self._key(p), None)
-        self._save()
+            raise ValueError(self._refusal(foreign[0]))
+        recorded = [self.out / key for key in sorted(self.entries)]
+        for p in [*paths, *(p for p in recorded if p not in paths)]:
+            if os.path.lexists(p) and self._owns(p):
+                self._remove(p)
+            elif self._key(p) in self.entries:
+                del self.entries[self._key(p)]
+                self._save()
 
-    def writing(self, paths: Iterable[Path]) -> None:
-        """Records `paths` as the demo's before it writes them."""
-        self.entries.update({self._key(p): None for p in paths})
-        self._save()
+    def put(self, path: Path, write: Callable[[Path], Any]) -> Path:
+        """Writes a file at `path` by write(temporary path) and renames it there, its digest recorded first."""
+        temporary = path.with_name(f".{path.stem}.tracin-demo-tmp{path.suffix}")  # the suffix kept: np.savez
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _create_new(temporary, b"")
+        try:
+            write(temporary)
+            self.entries[self._key(path)] = _digest(temporary)
+            self._save()
+            os.replace(temporary, path)
+        finally:
+            if os.path.lexists(temporary):
+                temporary.unlink()
+        return path
 
-    def written(self, path: Path) -> None:
-        """Records the digest of the finished store or file at `path`."""
-        self.entries[self._key(path)] = _digest(path)
+    def store(self, path: Path, write: Callable[[Path], Any]) -> Path:
+        """Writes a gradient store at `path` by write(folder) into a new folder, then renames it there."""
+        partial = self._partial(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(partial)
+        self.entries[self._key(path)] = _digest(partial)
+        self._save()
+        os.rename(partial, path)
+        self.entries.pop(self._key(partial))
+        self._save()
+        return path
+
+    def _partial(self, path: Path) -> Path:
+        """A new folder name next to `path`, recorded as being written before anything is put there."""
+        partial = path.with_name(f".{path.name}{_PARTIAL}{secrets.token_hex(8)}")
+        self.entries[self._key(partial)] = None
+        self._save()
+        return partial
+
+    def _remove(self, path: Path) -> None:
+        if path.is_dir() and not path.is_symlink() and self.entries.get(self._key(path)) is not None:
+            trash = self._partial(path)  # renamed first: a store half removed is never left at `path`
+            os.rename(path, trash)
+            self.entries.pop(self._key(path))
+            self._save()
+            path = trash
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        self.entries.pop(self._key(path))
         self._save()
 
     def _owns(self, path: Path) -> bool:
         key = self._key(path)
         if key not in self.entries or path.is_symlink():
             return False
-        return self.entries[key] is None or self.entries[key] == _digest(path)
+        if self.entries[key] is None:  # only a folder whose random name the demo chose and recorded
+            return _PARTIAL in path.name
+        return self.entries[key] == _digest(path)
+
+    def _refusal(self, path: Path) -> str:
+        if path.is_symlink():
+            why = "it is a symbolic link"
+        elif not self.found:
+            why = (
+                f"the folder has no {LEDGER}, the record the demo keeps of its files; if the folder holds "
+                "only the output of tracin demo from an older tracin version, remove the folder"
+            )
+        else:
+            why = f"it is not recorded in {self.path}, or it changed since"
+        return (
+            f"{path} was not written by tracin demo ({why}), so the demo will not replace it; "
+            f"choose another {WHERE} or move it away"
+        )
 
     def _key(self, path: Path) -> str:
         return Path(path).relative_to(self.out).as_posix()
@@ -85,8 +139,18 @@ class DemoFiles:
     def _save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps({"files": self.entries}, indent=1, sort_keys=True))
+        _create_new(temporary, json.dumps({"files": self.entries}, indent=1, sort_keys=True).encode())
         os.replace(temporary, self.path)
+
+
+def _create_new(path: Path, data: bytes) -> None:
+    """Writes `data` to a new regular file at `path` (a stale one of the demo's is removed first),
+    never through a symbolic link placed there."""
+    if os.path.lexists(path):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _digest(path: Path) -> str | None:

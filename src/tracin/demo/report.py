@@ -106,8 +106,8 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "stores (`tracin.GradientStore.open(path)` in Python); `grads/train_all_checkpoints`: the training "
         "examples' gradients at every checkpoint, for the diagnostics.",
         "- `checkpoints/`: the model at each checkpoint.",
-        "- `.tracin-demo.json`: the demo's record of the stores and checkpoints it wrote, so that a rerun "
-        "into this folder replaces them and refuses to touch any others.",
+        "- `.tracin-demo.json`: the demo's record of the files and stores it wrote, so that a rerun "
+        "into this folder replaces them and refuses to overwrite any others.",
         "",
         "## Next: the command line on these stores",
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -13,12 +14,13 @@ import numpy as np
 import tracin
 
 from .._progress import progress_bar
-from ..report import checkpoint_diagnostics
+from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
+from ..store import GradientStore
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, checkpoint_path, trainer
 from .mlp import cross_entropy
-from .outputs import DemoFiles
+from .outputs import WHERE, DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
 from .report import NOTHING_FLIPPED, summary_rows, write_report
@@ -28,6 +30,14 @@ INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the sum
 DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
 TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
 LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
+_OUTPUTS = {  # the files the demo writes in its output folder, besides checkpoints and stores
+    "held-out accuracy": "held_out_accuracy.png",
+    "checkpoint diagnostics": "checkpoint_diagnostics.png",
+    "detection": "mislabel_detection.png",
+    "influence": "proponents_opponents.png",
+    "ranking": "self_influence_ranking.csv",
+    "report": "report.md",
+}
 
 
 @dataclass(frozen=True)
@@ -85,25 +95,22 @@ class DemoResult:
 
 def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print) -> DemoResult:
     """Runs the whole demo and writes its outputs (checkpoints, gradient stores grads/train and
-    grads/test, figures, report, ranking) to config.output. The stores and checkpoints of an earlier
-    run there are replaced; ones the demo did not write (outputs.DemoFiles keeps the record) are
-    refused with a ValueError before anything is removed."""
+    grads/test, figures, report, ranking) to config.output. The files and stores of an earlier run
+    there are replaced; ones the demo did not write at the paths it writes (outputs.DemoFiles keeps
+    the record) are refused with a ValueError before anything is removed."""
     start = time.perf_counter()
     framework, train = trainer(config.framework)
     data = load_noisy_digits(config.noise, config.seed)
-    out = Path(config.output)
+    out = _output_folder(Path(config.output))
     stores = {
         name: out / "grads" / folder
         for name, folder in (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))
     }
     epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
-    saved = [checkpoint_path(out / "checkpoints", e, framework) for e in epochs]
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {out} (-o / --output) is a file")
+    saved = {e: checkpoint_path(out / "checkpoints", e, framework) for e in epochs}
+    named = {name: out / file for name, file in _OUTPUTS.items()}
     owned = DemoFiles(out)
-    owned.clear(stores.values(), out / "checkpoints")
-    owned.writing([*stores.values(), *saved])
-    (out / "grads").mkdir(exist_ok=True)
+    owned.clear([*stores.values(), *saved.values(), *named.values()])
     flipped = data.flipped
     log(
         f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
@@ -115,10 +122,8 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         f"saving {config.training.checkpoints} checkpoints"
     )
     bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
-    model = train(data, config.training, out / "checkpoints", lambda _: bar.update())
+    model = train(data, config.training, lambda e, write: owned.put(saved[e], write), lambda _: bar.update())
     bar.close()
-    for path, _ in model.checkpoints:
-        owned.written(path)
     train_logits, test_logits = model.logits(data.x_train), model.logits(data.x_test)
     train_loss = cross_entropy(train_logits, data.y_train)
     train_pred = train_logits.argmax(1)
@@ -138,11 +143,13 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         f"{model.held_out_accuracy[-1]:.1%} at the end: tracing {tracing}"
     )
 
-    train_grads = model.export(data.x_train, data.y_train, stores["train"], progress, traced)
-    test_grads = model.export(data.x_test, data.y_test, stores["test"], progress, traced)
-    every = model.export(data.x_train, data.y_train, stores["train, all checkpoints"], progress, len(epochs))
-    for path in stores.values():
-        owned.written(path)
+    def export(x: np.ndarray, y: np.ndarray, store: str, checkpoints: int) -> GradientStore:
+        owned.store(stores[store], lambda path: model.export(x, y, path, progress, checkpoints))
+        return GradientStore.open(stores[store])
+
+    train_grads = export(data.x_train, data.y_train, "train", traced)
+    test_grads = export(data.x_test, data.y_test, "test", traced)
+    every = export(data.x_train, data.y_train, "train, all checkpoints", len(epochs))
     self_influence = tracin.self_influence(train_grads)
 
     n, n_flipped = len(flipped), int(flipped.sum())
@@ -170,23 +177,24 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         for t in shown
     ]
     diagnostics = checkpoint_diagnostics(
-        every,
-        top=max(1, round(DIAGNOSED * n)),
-        path=out / "checkpoint_diagnostics.png",
-        layers_per_checkpoint=every.n_checkpoints // len(epochs),
-        labels=[f"ep {e + 1}" for e in epochs],
-        traced=traced,
+        every, top=max(1, round(DIAGNOSED * n)), layers_per_checkpoint=every.n_checkpoints // len(epochs)
     )
+    labels = [f"ep {e + 1}" for e in epochs]
     files = {
-        "held-out accuracy": plot_held_out_accuracy(
-            model.held_out_accuracy, epochs, traced, out / "held_out_accuracy.png"
+        "held-out accuracy": owned.put(
+            named["held-out accuracy"],
+            lambda path: plot_held_out_accuracy(model.held_out_accuracy, epochs, traced, path),
         ),
-        "checkpoint diagnostics": diagnostics.figure,
-        "detection": plot_detection(curves, out / "mislabel_detection.png", data.flip_rate),
-        "influence": plot_influence_grid(
-            examples, data.x_train, data.y_train, data.y_train_clean, out / "proponents_opponents.png"
+        "checkpoint diagnostics": owned.put(
+            named["checkpoint diagnostics"],
+            lambda path: plot_checkpoint_diagnostics(diagnostics, path, labels=labels, traced=traced),
         ),
-        "ranking": _write_ranking(out / "self_influence_ranking.csv", self_influence, train_loss, data),
+        "detection": owned.put(named["detection"], lambda path: plot_detection(curves, path, data.flip_rate)),
+        "influence": owned.put(
+            named["influence"],
+            lambda path: plot_influence_grid(examples, data.x_train, data.y_train, data.y_train_clean, path),
+        ),
+        "ranking": owned.put(named["ranking"], lambda path: _write_ranking(path, self_influence, train_loss, data)),
         "train store": stores["train"],
         "test store": stores["test"],
         "train store, all checkpoints": stores["train, all checkpoints"],
@@ -208,7 +216,7 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
         traced,
         float(np.mean(train_pred[flipped] == data.y_train[flipped])) if n_flipped else float("nan"),
     )
-    files["report"] = write_report(out / "report.md", result, config)
+    files["report"] = owned.put(named["report"], lambda path: write_report(path, result, config))
     if n_flipped:
         log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
         for row in summary_rows(result):
@@ -220,6 +228,19 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     for command in result.next_commands:
         log(f"  {command}")
     return result
+
+
+def _output_folder(out: Path) -> Path:
+    """`out`, created if need be; ValueError naming the option if it cannot be a folder."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"the {WHERE} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the {WHERE} {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"the {WHERE} {out} cannot be created: {e.strerror or e}") from None
+    return out
 
 
 def _shown_test_rows(predicted: np.ndarray, truth: np.ndarray, count: int) -> list[int]:

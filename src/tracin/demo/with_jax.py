@@ -12,7 +12,7 @@ import numpy as np
 from ..jax import export_gradients
 from ..store import GradientStore
 from .data import NoisyDigits
-from .framework import checkpoint_path
+from .framework import SaveCheckpoint
 from .mlp import Params, init_params
 from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
@@ -50,8 +50,8 @@ class JaxMLP:
         return export_gradients(_per_example_loss, states, (x, y), store=path, progress=progress)
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> JaxMLP:
-    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz."""
+def train(data: NoisyDigits, config: TrainingConfig, save: SaveCheckpoint, on_epoch: Callable[[int], None]) -> JaxMLP:
+    """Trains on the noisy labels; saves its checkpoints (npz) by `save`."""
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 
     @jax.jit
@@ -65,7 +65,6 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: 
     params = {k: jnp.asarray(v) for k, v in init_params(data.x_train.shape[1], config.hidden, 10, config.seed).items()}
     velocity = {k: jnp.zeros_like(v) for k, v in params.items()}
     save_at = config.checkpoint_epochs()
-    directory.mkdir(parents=True, exist_ok=True)
     checkpoints, held_out = [], []
     logits = jax.jit(_logits)
     for epoch, epoch_batches in batches(config, len(data.x_train)):
@@ -73,8 +72,8 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: 
         params, velocity = epoch_steps(params, velocity, epoch_batches, jnp.float32(lr))
         held_out.append(accuracy(logits(params, data.x_test), data.y_test))
         if epoch in save_at:
-            path = checkpoint_path(directory, epoch, "jax")
-            np.savez(path, **{k: np.asarray(v) for k, v in params.items()})
+            arrays = {k: np.asarray(v) for k, v in params.items()}
+            path = save(epoch, lambda p, arrays=arrays: np.savez(p, **arrays))
             checkpoints.append((path, lr))
         on_epoch(epoch)
     return JaxMLP({k: np.asarray(v) for k, v in params.items()}, checkpoints, np.array(held_out))

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 from .._export.fingerprint import digest_arrays
 from ..store import GradientStore
 from .data import NoisyDigits
-from .framework import checkpoint_path
+from .framework import SaveCheckpoint
 from .mlp import LAYERS, Params, batch_gradient, forward, init_params, per_example_factors
 from .training import TrainingConfig, accuracy, batches, sgd_momentum
 
@@ -58,18 +58,19 @@ class NumpyMLP:
             return writer.finalize()
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> NumpyMLP:
-    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.npz. BLAS runs on
+def train(data: NoisyDigits, config: TrainingConfig, save: SaveCheckpoint, on_epoch: Callable[[int], None]) -> NumpyMLP:
+    """Trains on the noisy labels; saves its checkpoints (npz) by `save`. BLAS runs on
     one thread: on these small matrices more threads only wait for each other."""
     with threadpool_limits(1):
-        return _train(data, config, directory, on_epoch)
+        return _train(data, config, save, on_epoch)
 
 
-def _train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> NumpyMLP:
+def _train(
+    data: NoisyDigits, config: TrainingConfig, save: SaveCheckpoint, on_epoch: Callable[[int], None]
+) -> NumpyMLP:
     params = init_params(data.x_train.shape[1], config.hidden, 10, config.seed)
     velocity = {k: np.zeros_like(v) for k, v in params.items()}
     save_at = config.checkpoint_epochs()
-    directory.mkdir(parents=True, exist_ok=True)
     checkpoints, held_out = [], []
     for epoch, epoch_batches in batches(config, len(data.x_train)):
         lr = config.learning_rate_at(epoch)
@@ -78,8 +79,7 @@ def _train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch:
             params, velocity = sgd_momentum(params, velocity, grads, lr, config.momentum)
         held_out.append(accuracy(forward(params, data.x_test)[1], data.y_test))
         if epoch in save_at:
-            path = checkpoint_path(directory, epoch, "numpy")
-            np.savez(path, **params)
+            path = save(epoch, lambda p, params=params: np.savez(p, **params))
             checkpoints.append((path, lr))
         on_epoch(epoch)
     return NumpyMLP(params, checkpoints, np.array(held_out))

@@ -14,7 +14,7 @@ from torch import nn
 from ..store import GradientStore
 from ..torch import export_gradients
 from .data import NoisyDigits
-from .framework import checkpoint_path
+from .framework import SaveCheckpoint
 from .mlp import init_params
 from .training import TrainingConfig, accuracy, batches
 
@@ -71,15 +71,14 @@ def _model(data: NoisyDigits, config: TrainingConfig) -> nn.Module:
     return model
 
 
-def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: Callable[[int], None]) -> TorchMLP:
-    """Trains on the noisy labels; saves checkpoints to directory/checkpoint_EEEE.pt."""
+def train(data: NoisyDigits, config: TrainingConfig, save: SaveCheckpoint, on_epoch: Callable[[int], None]) -> TorchMLP:
+    """Trains on the noisy labels; saves its checkpoints (pt) by `save`."""
     with _one_thread():
         model = _model(data, config)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         x_held_out = torch.from_numpy(data.x_test)
         save_at = config.checkpoint_epochs()
-        directory.mkdir(parents=True, exist_ok=True)
         checkpoints, held_out = [], []
         for epoch, epoch_batches in batches(config, len(x)):
             lr = config.learning_rate_at(epoch)
@@ -93,8 +92,7 @@ def train(data: NoisyDigits, config: TrainingConfig, directory: Path, on_epoch: 
             with torch.no_grad():
                 held_out.append(accuracy(model(x_held_out).numpy(), data.y_test))
             if epoch in save_at:
-                path = checkpoint_path(directory, epoch, "torch")
-                torch.save(model.state_dict(), path)
+                path = save(epoch, lambda p: torch.save(model.state_dict(), p))
                 checkpoints.append((path, lr))
             on_epoch(epoch)
     return TorchMLP(model, checkpoints, np.array(held_out))
