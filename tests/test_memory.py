@@ -106,3 +106,52 @@ def test_rows_too_wide_for_memory_name_the_cause_and_the_remedy():
     for line in lines:  # scores, top_k, aggregate
         assert line.startswith("out of memory in the tracin kernel (rows of 16,777,216 columns"), line
         assert "512 MiB here" in line and "tracin.Projection" in line
+
+
+LARGE_K = """
+import resource, numpy as np, tracin
+from tracin.scoring import _candidates_per_row
+rng = np.random.default_rng(0)
+test = rng.standard_normal((16, 4), dtype=np.float32)
+train = rng.standard_normal((500_000, 4), dtype=np.float32)
+k = 250_000
+tracin.top_k(test[:1], train[:100], k=70, progress=False)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+r = tracin.top_k(test, train, k=k, num_threads=1, progress=False)
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before - r.values.nbytes - r.indices.nbytes
+exact = -np.sort(-(test[:2].astype(np.float64) @ train.T.astype(np.float64)), axis=1)[:, :k]
+assert np.allclose(r.values[:2], exact, rtol=0, atol=1e-5 * 4 * 25)  # |t| |i| < 25 here
+print(grown / (16 * 16 * _candidates_per_row(k, len(train), 1)))
+"""
+
+NARROW_OOM = """
+import resource, numpy as np, tracin
+rng = np.random.default_rng(0)
+test = rng.standard_normal((16, 4), dtype=np.float32)
+train = rng.standard_normal((1_000_000, 4), dtype=np.float32)
+tracin.top_k(test[:1], train[:100], k=70, progress=False)  # load everything lazily imported
+vm = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+# Room for the result (92 MiB) but not for the candidates (244 MiB) as well.
+resource.setrlimit(resource.RLIMIT_AS, (vm + (150 << 20), resource.RLIM_INFINITY))
+try:
+    tracin.top_k(test, train, k=500_000, num_threads=1, progress=False)
+    print("no error")
+except MemoryError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer reserves more address space than the limit"
+)
+def test_top_k_candidates_for_large_k_are_documented_and_named_when_they_run_out():
+    out = subprocess.run([sys.executable, "-c", LARGE_K], capture_output=True, text=True, check=True)
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    # 16 rows x 500,000 candidates x 16 bytes (122 MiB) beyond the result, as top_k's docstring says.
+    assert 0.9 < ratio < 1.1, ratio
+    out = subprocess.run([sys.executable, "-c", NARROW_OOM], capture_output=True, text=True, check=True)
+    message = out.stdout.strip().splitlines()[-1]
+    # 4 columns: the packed test rows are 128 bytes, so the row width is not the cause.
+    assert message.startswith("out of memory in the tracin kernel (top_k's candidates for k=500,000"), message
+    assert "16 test rows per pass x about 1,000,000 candidates" in message and "244 MiB here" in message
+    assert "tracin.Projection" not in message

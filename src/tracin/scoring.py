@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import numbers
+import os
 import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -265,9 +266,19 @@ class _Loop:
     """
 
     def __init__(
-        self, test: GradientSet | None, train: GradientSet, progress: Any, macs: float, desc: str, split: bool = True
+        self,
+        test: GradientSet | None,
+        train: GradientSet,
+        progress: Any,
+        macs: float,
+        desc: str,
+        split: bool = True,
+        *,
+        threads: int = 0,
+        top_k: tuple[int, int] | None = None,
     ):
         check_progress(progress)
+        self.threads, self.top_k = threads, top_k  # for the kernel's out-of-memory message
         if progress is None and macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None:
             progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
@@ -305,16 +316,64 @@ class _Loop:
         self.cache.clear()
         self.bar.close()
         if type(exc) is MemoryError and str(exc) == _KERNEL_OOM and self.test is not None:
-            width = _width(self.train)
-            raise MemoryError(
-                f"{_KERNEL_OOM} (rows of {width:,} columns: it holds at least 8 test rows of full depth as "
-                f"float32, {32 * width / 2**20:,.0f} MiB here, besides the result); project the gradients "
-                "to fewer dims first (tracin.Projection), or free memory"
-            ) from None
+            raise MemoryError(self._oom_message()) from None
         if type(exc) is ValueError and self.current is not None:
             message = rows_shifted(str(exc), self.current.test_rows.start, self.current.train_rows.start)
             if message is not None:
                 raise ValueError(message) from None
+
+    def _oom_message(self) -> str:
+        """The kernel's MemoryError with its likely cause: the packed test rows of a pass (wide rows)
+        or, for top_k, the candidate buffers of the pair being scored (large k), whichever is larger."""
+        assert self.test is not None
+        width = _width(self.train)
+        m, n = self.test.n_rows, self.train.n_rows
+        if self.current is not None:
+            m, n = _span(self.current.test_rows), _span(self.current.train_rows)
+        rows = _pass_rows(m, width)
+        threads = min(self.threads or _cpus(), max(-(-n // 96), 1))  # the kernel runs no more than its tiles
+        k, sides = self.top_k or (0, 0)
+        per_row = _candidates_per_row(min(k, n), n, threads)
+        candidates = 16 * rows * per_row * threads * sides
+        if candidates > 4 * width * rows:
+            return (
+                f"{_KERNEL_OOM} (top_k's candidates for k={k:,}: {rows} test rows per pass x about "
+                f"{per_row:,} candidates x 16 bytes per thread ({threads}) and side ({sides}), "
+                f"{candidates / 2**20:,.0f} MiB here, besides the result); lower k, pass fewer test rows "
+                "per call or a smaller num_threads, or free memory"
+            )
+        return (
+            f"{_KERNEL_OOM} (rows of {width:,} columns: it holds at least 8 test rows of full depth as "
+            f"float32, {32 * width / 2**20:,.0f} MiB here, besides the result); project the gradients "
+            "to fewer dims first (tracin.Projection), or free memory"
+        )
+
+
+def _span(rows: slice) -> int:
+    return rows.stop - rows.start
+
+
+def _cpus() -> int:
+    """The kernel's default thread count: the CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _pass_rows(m: int, width: int) -> int:
+    """Test rows the kernel scores per pass over the train side (csrc/src/engine.cpp DefaultPassRows:
+    up to 512, fewer when their float32 copy would pass 64 MiB, at least 8)."""
+    by_budget = 2**26 // max(4 * width, 1)
+    rows = min(by_budget // 32 * 32, 512) if by_budget >= 32 else max(by_budget // 8 * 8, 8)
+    return max(min(rows, m), 1)
+
+
+def _candidates_per_row(k: int, n: int, threads: int) -> int:
+    """Candidates of one test row a kernel thread keeps for top_k over n train rows (csrc/src/topk.hpp):
+    a heap of k up to k=64, else a buffer with room for a quarter more than the thread's share of the
+    train rows (at least 64), at most min(2k, n) (k + 1 when that is n): it doubles when a row fills it."""
+    if k <= 64:
+        return k
+    share = -(-n // threads)
+    return min(max(share + share // 4, 64), max(k + 1, min(2 * k, n)))
 
 
 def rows_shifted(message: str, test_start: int, train_start: int) -> str | None:
@@ -391,9 +450,14 @@ def top_k(
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
     Refused for whitened test sets (a cosine across two spaces).
     Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
-    weighted test rows of one pass as float32 (up to 64 MiB), but never fewer than 8 rows of full
-    depth: 32 bytes per column, 512 MiB at 2^24 columns, 64 GiB at 2^31. Rows that wide fail with a
-    MemoryError saying so: project them first (tracin.Projection).
+    weighted test rows of one pass (up to 512 rows) as float32 (up to 64 MiB), but never fewer than
+    8 rows of full depth: 32 bytes per column, 512 MiB at 2^24 columns, 64 GiB at 2^31. Rows that
+    wide fail with a MemoryError saying so: project them first (tracin.Projection). For k > 64,
+    top_k also keeps 16-byte candidates per test row of a pass, thread and side: room for
+    min(1.25 n / threads, min(2k, n)) of them over n train rows (doubling, up to min(2k, n), when a
+    thread gets more than its share), so about rows x 16 B x min(1.25 n, threads x min(2k, n)) per
+    side: 977 MiB for 64 test rows at k=5e5, n=1e6, 1 thread. When that is what runs out, the
+    MemoryError names k: lower it, or pass fewer test rows per call.
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
@@ -403,7 +467,9 @@ def top_k(
     backend = _backend(device, precision, test=test, train=train)
     result: list[TopK | None] = [None, None]  # (proponents, opponents) of all test rows
     running: list[TopK | None] = [None, None]  # of the current test chunk, global train indices
-    with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), f"tracin top_k ({side})") as loop:
+    macs = test.n_rows * train.n_rows * _width(train)
+    sides = 2 if side == "both" else 1
+    with _Loop(test, train, progress, macs, f"tracin top_k ({side})", threads=threads, top_k=(k, sides)) as loop:
         for p in loop.pairs():
             i0 = p.train_rows.start
             width = min(k, p.train_rows.stop - i0)
