@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import as_matrix
+from .._arrays import as_matrix, is_torch_tensor
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -31,7 +31,7 @@ def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
     `x` is already a contiguous array of that dtype. Finite values that would become infinite in
     the store dtype are a ValueError (rather than silently stored as inf).
     """
-    if type(x).__module__.startswith("torch") and x.device.type != "cpu":
+    if is_torch_tensor(x) and x.device.type != "cpu":
         x = x.detach().cpu()
     view, source = as_matrix(x, name)
     if source == dtype:
