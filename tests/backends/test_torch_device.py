@@ -389,3 +389,12 @@ def test_a_scope_in_another_thread_waits_for_the_precision_lock():
     a.join(10)
     b.join(10)
     assert events == ["first in", "first out", "second in"]
+
+
+def test_no_test_rows_give_each_side_its_own_empty_result():
+    """base.py's contract: the two sides are distinct results, also when no tile made candidates."""
+    empty = tracin.top_k(np.zeros((0, 3), np.float32), np.ones((5, 3), np.float32), 2, "both", device="torch:cpu")
+    for got in empty:
+        assert got.values.shape == got.indices.shape == (0, 2)
+        assert got.values.dtype == np.float32 and got.indices.dtype == np.int64
+    assert empty.proponents is not empty.opponents

@@ -100,9 +100,10 @@ class TorchBackend:
         with self._call(test, train, normalize, cache) as call:
             found = _select(call, weights, k, sides)
         width = min(k, train.blocks[0].shape[0])
-        empty = TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
-        merged = {
-            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1))) if parts else empty
+        merged = {  # no parts (no test rows): an empty result of each side's own
+            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1)))
+            if parts
+            else TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
             for s, parts in found.items()
         }
         return merged.get("proponents"), merged.get("opponents")
