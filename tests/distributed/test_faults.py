@@ -160,3 +160,34 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_sent_side_is_made_again_when_the_only_worker_holding_it_dies():
+    """An in-memory side is the result of a task: when its only worker dies, Dask computes it again
+    (scattered data would be lost, and the call fail with 'already forgotten')."""
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster, set_as_default=False) as own,
+    ):
+        job = Job(own, "test")
+        sent = job.send(np.arange(10.0))
+        assert own.gather(job.submit(np.sum, sent)) == 45.0  # held by the worker now
+        ((address, pid),) = own.run(os.getpid).items()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while set(own.scheduler_info()["workers"]) in (set(), {address}) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the nanny's new worker has replaced the dead one
+        assert job.wait([job.submit(np.sum, sent, label="rows [0, 10) of /x")], progress=False) == [45.0]
+
+
+@pytest.mark.parametrize("cancelled", ["shard", "final"])
+def test_cancelled_task_is_named_with_advice_to_call_again(client, cancelled):
+    job = Job(client, "test")
+    shard = job.submit(time.sleep, 0.2 if cancelled == "final" else 5, label="rows [0, 3) of /some/store")
+    final = job.submit(time.sleep, 5, label="rows [3, 6) of /some/store")
+    client.cancel([shard if cancelled == "shard" else final])
+    which = r"rows \[0, 3\)" if cancelled == "shard" else r"rows \[3, 6\)"
+    with pytest.raises(td.TaskFailedError, match=rf"{which} of /some/store was cancelled .*; call again"):
+        job.wait([shard], progress=False, final=final)

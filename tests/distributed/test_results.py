@@ -88,9 +88,10 @@ def test_test_side_store_with_train_in_memory(client, floats):
     np.testing.assert_array_equal(found.indices, exact_top_k(floats["scores"][:, :500], 9, "proponents")[1])
 
 
-def test_in_memory_side_is_scattered_not_put_in_the_graph(client, floats):
-    """The 768 KB in-memory train side reaches the workers by scatter: no 'Sending large graph' (threshold
-    lowered to 100 kB), and the scheduler holds nothing of the call once it returns."""
+def test_in_memory_side_warns_of_no_large_graph_and_is_released(client, floats):
+    """The 768 KB in-memory train side travels in a task (so that it can be made again): Dask's 'Sending
+    large graph' (threshold lowered to 100 kB) is not shown, and the scheduler holds nothing of the call
+    once it returns."""
 
     def scheduler_tasks() -> int:
         return client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))

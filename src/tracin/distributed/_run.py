@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from typing import Any
 
 from distributed import Client, Future, KilledWorker, as_completed
@@ -20,7 +22,8 @@ FAN_IN = 8  # results merged per merge task (tree depth log_8 of the shard count
 
 class TaskFailedError(RuntimeError):
     """A task of a distributed job failed because the workers running it kept dying (Dask's
-    KilledWorker, after distributed.scheduler.allowed-failures reruns); the message names its shard."""
+    KilledWorker, after distributed.scheduler.allowed-failures reruns), or its result was cancelled
+    on the cluster (say by client.restart()); the message names its shard."""
 
 
 class Job:
@@ -35,12 +38,13 @@ class Job:
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
 
     def send(self, value: Any) -> Future:
-        """`value` (an in-memory side) scattered to every worker, not put into the task graph: the
-        scheduler keeps no copy and sends no large graph, each worker holds it once, and it outlives
-        workers that die as long as one holding it lives. Released with the job's other futures."""
-        future = self.client.scatter([value], broadcast=True, hash=False)[0]  # a list: never split up
-        self.futures.append(future)
-        return future
+        """`value` (an in-memory side) as the result of a task, so that each worker fetches it once
+        and the scheduler can compute it again when every worker holding it dies (scattered data
+        would be lost with them: the call would fail). The value travels in the task graph, so
+        Dask's 'Sending large graph' warning, which advises scattering instead, is silenced here."""
+        with warnings.catch_warnings():  # submit sends the graph, and warns, before it returns
+            warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
+            return self.submit(_value, value)
 
     def submit(
         self, fn: Callable, *args: Any, label: str | None = None, first_rows: tuple[int, int] = (0, 0)
@@ -64,14 +68,19 @@ class Job:
     def wait(self, shards: list[Future], progress: bool | None, final: Future | None = None) -> Any:
         """Waits for the shard tasks (a bar as progress_bar(enabled=progress) shows), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
-        its workers as a TaskFailedError naming its shard. Cancels what is left either way."""
+        its workers, or one cancelled on the cluster, as a TaskFailedError naming its shard. Cancels
+        what is left either way."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
                 if done.status == "error":
                     self._raise(done)
+                if done.status == "cancelled":
+                    raise self._cancelled(done.key)
                 bar.update(1)
             return final.result() if final is not None else self.client.gather(shards)
+        except CancelledError as e:
+            raise self._cancelled(getattr(e, "key", None)) from e  # Dask's FutureCancelledError names it
         except KilledWorker as e:
             task = self.labels.get(e.task, e.task)
             deaths = e.allowed_failures + 1
@@ -83,6 +92,13 @@ class Job:
         finally:
             bar.close()
             self.client.cancel(self.futures)
+
+    def _cancelled(self, key: str | None) -> TaskFailedError:
+        task = self.labels.get(key, key) if key is not None else "one of its shards"
+        return TaskFailedError(
+            f"tracin.distributed {self.what}: the task on {task} was cancelled on the cluster (client.restart(), "
+            "or its data lost with a worker?); call again"
+        )
 
     def _raise(self, failed: Future) -> None:
         """The failed task's exception; a NaN/Inf message with its rows counted in the caller's sets."""
@@ -103,3 +119,7 @@ def _retrying(fn: Callable, *args: Any) -> Any:
         except OSError:
             pass
     return fn(*args)
+
+
+def _value(x: Any) -> Any:
+    return x
