@@ -21,7 +21,6 @@ from ._run import Job
 from ._shards import shard_ranges
 
 ADAPTERS = ("torch", "jax")
-EXPORT_SHARDS_PER_SLOT = 4  # default row ranges per worker thread (12000 rows, 2 workers: 8 ranges as fast as 2)
 _THREADS_LOCK = threading.Lock()
 _threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's thread count before the first]
 
@@ -49,11 +48,10 @@ def export_gradients(
     run again by Dask and resumes after its last written block; running the same call again after
     an interruption resumes the store. args and kwargs travel to the workers pickled (cloudpickle:
     lambdas and torch modules pickle; checkpoints given as paths must be readable there), once per
-    worker; each task reads all the data (its fingerprint is checked) but computes only its rows.
+    worker; each task reads all the data but computes only its rows.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
-    shards: number of row ranges (None: EXPORT_SHARDS_PER_SLOT per worker thread, at most one per row,
-        so that the bar over them moves and a slow worker's share goes to the others; each task reads
-        all the data once, so fewer shards read less).
+    shards: number of row ranges (None: one per worker thread, at most one per row). Each task reads
+        all the data once per checkpoint, plus once to check its fingerprint, so more shards read more.
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
         threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
     progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
@@ -73,7 +71,7 @@ def export_gradients(
         # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
         sent = job.send(cloudpickle.dumps((args, kwargs)))
         slot_count = sum(slots.values())
-        ranges = shard_ranges(n_rows, 1, slot_count, shards or EXPORT_SHARDS_PER_SLOT * slot_count)
+        ranges = shard_ranges(n_rows, 1, slot_count, shards or slot_count)
         parts = [
             job.submit(export_part, adapter, sent, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}")
             for a, b in ranges
