@@ -221,6 +221,21 @@ def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c)
 
 
+def test_export_waits_for_its_first_worker_without_limit(tmp_path, capsys):
+    model, checkpoints, data, loss = _setup(20, 4)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", progress=False)
+    with (
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        threading.Timer(1.0, cluster.scale, [1]).start()
+        found = td.export_gradients(
+            "torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c, num_threads=1
+        )
+    _same_store(found, expected)
+    assert "has no workers yet; waiting for one (interrupt to stop)" in capsys.readouterr().err
+
+
 def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_ends(monkeypatch):
     """Task A ends while task B still runs: the count stays 1 until B ends too, then the count from before A
     is back (torch keeps one per thread with OpenMP, and a default for new threads: a fresh thread reads it)."""

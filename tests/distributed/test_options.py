@@ -123,12 +123,14 @@ def test_closed_client_is_named(client, tied):
         td.self_influence(tied["store"], client=closed)
 
 
-def test_cluster_without_workers_is_waited_for(tied, capsys):
+def test_scoring_on_a_cluster_without_workers_goes_on_until_they_come(tied, capsys, monkeypatch):
+    """Scoring does not wait for workers (only an export does, bounded by WORKER_WAIT_S): its tasks queue."""
+    monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.2)
     with (
         LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as c,
     ):
-        threading.Timer(0.5, cluster.scale, [1]).start()
+        threading.Timer(1.0, cluster.scale, [1]).start()
         found = td.self_influence(tied["store"], client=c, shards=2)
     np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
-    assert "has no workers yet; waiting up to" in capsys.readouterr().err
+    assert "has no workers yet; its tasks start when workers join" in capsys.readouterr().err

@@ -13,7 +13,9 @@ from typing import Any
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
-WORKER_WAIT_S = 300  # how long a call waits for the first worker of a cluster that has none yet
+# How long an export waits for the first worker of a cluster that has none yet (None: no limit; a
+# dask-jobqueue queue may take hours). Scoring calls do not wait: their tasks queue until workers come.
+WORKER_WAIT_S: float | None = None
 
 
 def usable_cores() -> int:
@@ -64,14 +66,24 @@ def _default_client() -> Client | None:
         return None
 
 
-def slots_by_host(client: Client) -> dict[str, int]:
+def slots_by_host(client: Client, wait: bool = False) -> dict[str, int]:
     """Task slots (worker threads) per host: tasks that may run there at once. A cluster with no
-    worker yet (say dask-jobqueue right after scale()) is waited for, up to WORKER_WAIT_S seconds."""
+    worker yet (say dask-jobqueue right after scale()) is named on stderr; with `wait` (an export,
+    which cuts one row range per slot) its first worker is waited for, up to WORKER_WAIT_S seconds
+    (None: no limit), else the call goes on with no slots (its tasks wait in the scheduler's queue)."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:
         where = client.scheduler.address
+        if not wait:
+            print(
+                f"tracin.distributed: the cluster at {where} has no workers yet; its tasks start when workers join",
+                file=sys.stderr,
+            )
+            return {}
+        limit = "" if WORKER_WAIT_S is None else f" up to {WORKER_WAIT_S} s"
         print(
-            f"tracin.distributed: the cluster at {where} has no workers yet; waiting up to {WORKER_WAIT_S} s for one",
+            f"tracin.distributed: the cluster at {where} has no workers yet; waiting{limit} for one "
+            "(interrupt to stop)",
             file=sys.stderr,
         )
         try:

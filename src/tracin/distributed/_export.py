@@ -49,7 +49,8 @@ def export_gradients(
     an interruption resumes the store. args and kwargs travel to the workers pickled (cloudpickle:
     lambdas and torch modules pickle; checkpoints given as paths must be readable there), once per
     worker; each task reads all the data but computes only its rows.
-    client: a distributed.Client; None: the default client, else a LocalCluster for this call.
+    client: a distributed.Client; None: the default client, else a LocalCluster for this call. A
+        cluster with no worker yet is waited for, without limit (_cluster.WORKER_WAIT_S sets one).
     shards: number of row ranges (None: one per worker thread, at most one per row). Each task reads
         all the data once per checkpoint, plus once to check its fingerprint, so more shards read more.
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
@@ -67,7 +68,7 @@ def export_gradients(
         fn(*args, store=path, progress=False, **kwargs)
     n_rows = GradientStore.open(path, allow_partial=True).info()["rows"]  # all rows, not the written prefix
     with client_for(client) as c:
-        job, slots = Job(c, f"export ({adapter})"), slots_by_host(c)
+        job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
         # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
         sent = job.send(cloudpickle.dumps((args, kwargs)))
         slot_count = sum(slots.values())
