@@ -158,6 +158,27 @@ def test_interrupted_export_says_its_running_tasks_go_on(client, tmp_path, monke
     assert "tasks already running on the workers go on until their rows are written" in "".join(e.value.__notes__)
 
 
+class _BeforeNotes(KeyboardInterrupt):
+    """A KeyboardInterrupt as Python 3.10 raises it: without add_note."""
+
+    def __getattribute__(self, name: str):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_interrupted_export_prints_its_note_before_python_3_11(client, tmp_path, monkeypatch, capsys):
+    def interrupted(job, parts, progress):
+        job.client.cancel(job.futures)
+        raise _BeforeNotes
+
+    monkeypatch.setattr(td._export.Job, "wait", interrupted)
+    model, checkpoints, data, loss = _setup(20, 4)
+    with pytest.raises(_BeforeNotes):
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client)
+    assert "tasks already running on the workers go on until their rows are written" in capsys.readouterr().err
+
+
 def test_worker_killed_mid_export(client, tmp_path):
     model, checkpoints, data, loss = _setup(2000, 256, seed=1)
     kw = {"batch_size": 25}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -80,14 +81,23 @@ def export_gradients(
         try:
             job.wait(parts, progress)
         except BaseException as e:  # KeyboardInterrupt included
-            e.add_note(
+            _noted(
+                e,
                 f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
                 "their rows are written (cancelling stops only those not started); wait for them before "
-                "calling again to resume, or call client.restart()"
+                "calling again to resume, or call client.restart()",
             )
             raise
     with _range_writers_named(path):
         return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
+
+
+def _noted(e: BaseException, note: str) -> None:
+    """`note` added to e's notes (shown after its traceback), or printed on stderr before Python 3.11."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+    else:
+        print(note, file=sys.stderr)
 
 
 @contextmanager
