@@ -1,13 +1,17 @@
 """tqdm progress bars (tqdm is imported only when a bar may be shown); a silent bar when not wanted.
 
 enabled=None is the automatic choice for work of unknown length: the bar appears only once the
-work has run AUTO_DELAY_S seconds, so quick calls print nothing. Work that goes over the same
+work has run AUTO_DELAY_S seconds, so quick calls print nothing (and make no tqdm bar, which in
+Jupyter is a widget). Work that goes over the same
 examples several times (once per checkpoint) is shown as one pass at a time, counting examples.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import time
+from collections.abc import Callable
 from typing import Any
 
 AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar appears
@@ -18,6 +22,12 @@ def check_progress(progress: Any) -> bool | None:
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
     return progress
+
+
+@functools.cache
+def tqdm_installed() -> bool:
+    """Whether tqdm can be imported (looked up once: a lookup scans sys.path until it is imported)."""
+    return importlib.util.find_spec("tqdm") is not None
 
 
 def progress_bar(
@@ -33,21 +43,24 @@ def progress_bar(
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
     and close().
 
-    enabled: True shows the bar, False gives a silent one, None shows it after AUTO_DELAY_S seconds
-    if tqdm is installed. passes > 1: the work goes `passes` times over `total` units (e.g. the
-    examples, once per checkpoint); update() counts over all passes as before, and the bar shows
-    the current pass ("desc checkpoint 2/3") and its units, so that it counts examples, not
-    examples x passes (with total None, one plain bar). unit_scale: counts shown with SI prefixes
-    ("1.2k ex"); False for small counts of whole units ("6/6 shard", not "6.00/6.00 shard").
+    enabled: True shows the bar, False gives a silent one, None (if tqdm is installed) makes and shows
+    it at the first update() once AUTO_DELAY_S seconds have passed, its elapsed time counted from
+    now. passes > 1: the work goes `passes` times over `total` units (e.g. the examples, once per
+    checkpoint); update() counts over all passes as before, and the bar shows the current pass
+    ("desc checkpoint 2/3") and its units, so that it counts examples, not examples x passes (with
+    total None, one plain bar). unit_scale: counts shown with SI prefixes ("1.2k ex"); False for
+    small counts of whole units ("6/6 shard", not "6.00/6.00 shard").
     tqdm is needed only when enabled is True.
     """
-    if enabled is None:
-        enabled = importlib.util.find_spec("tqdm") is not None
-        delay = AUTO_DELAY_S
-    else:
-        delay = 0.0
-    if not enabled:
-        return _Silent()
+    if enabled is None and tqdm_installed():
+        return _Delayed(functools.partial(_bar, total, desc, unit, passes, pass_name, unit_scale, time.time()))
+    return _bar(total, desc, unit, passes, pass_name, unit_scale) if enabled else _Silent()
+
+
+def _bar(
+    total: int | None, desc: str, unit: str, passes: int, pass_name: str, unit_scale: bool, start: float | None = None
+) -> Any:
+    """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now."""
     from tqdm.auto import tqdm
 
     plain = passes == 1 or total is None  # one pass, or passes of unknown length
@@ -56,9 +69,10 @@ def progress_bar(
         unit=unit,
         unit_scale=unit_scale,
         dynamic_ncols=True,
-        delay=delay,
         desc=desc if plain else _pass_desc(desc, pass_name, 0, passes),
     )
+    if start is not None:  # elapsed time and rate counted from the start of the work
+        bar.start_t = bar.last_print_t = start
     return bar if plain else _Passes(bar, total, passes, desc, pass_name)
 
 
@@ -96,6 +110,37 @@ class _Passes:
 
     def close(self) -> None:
         self._bar.close()
+
+
+class _Delayed:
+    """A bar made by `make()` at the first update() once AUTO_DELAY_S seconds have passed since this
+    one was made, given the count and postfix so far; until then (and for quick work, ever) nothing."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make, self._start = make, time.monotonic()
+        self._bar: Any = None
+        self._count, self._postfix = 0, None
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        self._count += n
+        if time.monotonic() - self._start >= AUTO_DELAY_S:
+            self._bar = self._make()
+            if self._postfix is not None:
+                self._bar.set_postfix_str(self._postfix)
+            self._bar.update(self._count)
+
+    def set_postfix_str(self, s: str) -> None:
+        if self._bar is None:
+            self._postfix = s
+        else:
+            self._bar.set_postfix_str(s)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 class _Silent:

@@ -1,0 +1,72 @@
+"""tracin._progress: an automatic bar (enabled=None) makes no tqdm bar for quick work."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin import _progress
+
+tqdm_auto = pytest.importorskip("tqdm.auto")
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The tqdm bars made from here on (tqdm.auto.tqdm, as _progress imports it, counting)."""
+    bars = []
+
+    class Counting(tqdm_auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm_auto, "tqdm", Counting)
+    return bars
+
+
+def test_quick_automatic_calls_make_no_tqdm_bar(made, capsys):
+    a = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    for _ in range(3):
+        tracin.top_k(a, a, k=2)
+        tracin.self_influence(a)
+        tracin.scores(a, a)
+        tracin.aggregate(a, a)
+    assert made == [] and capsys.readouterr().err == ""
+    tracin.top_k(a, a, k=2, progress=True)  # asked for: at once
+    assert len(made) == 1 and made[0].n == 4
+
+
+def test_slow_automatic_bar_is_made_late_with_the_count_and_time_so_far(made, monkeypatch, capsys):
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.2)
+    bar = _progress.progress_bar(10, None, "work", unit="row")
+    bar.update(3)
+    bar.set_postfix_str("early")
+    assert made == []
+    time.sleep(0.25)
+    bar.update(2)
+    assert len(made) == 1 and made[0].n == 5 and made[0].total == 10
+    assert time.time() - made[0].start_t >= 0.25  # elapsed from the start of the work
+    bar.update(5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "work" in err and "10.0/10.0" in err and "early" in err
+
+
+def test_slow_automatic_bar_over_passes_starts_in_the_pass_reached(made, monkeypatch, capsys):
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.0)
+    bar = _progress.progress_bar(3, None, "export", passes=2, unit_scale=False)
+    bar.update(4)  # one pass of 3 and one unit of the second
+    bar.close()
+    assert len(made) == 1 and made[0].n == 1
+    assert "export checkpoint 2/2" in capsys.readouterr().err
+
+
+def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
+    bar = _progress.progress_bar(None, None, "quick")
+    bar.update(1)
+    bar.close()
+    bar.close()
+    assert made == []
