@@ -158,6 +158,32 @@ def test_interrupted_export_says_its_running_tasks_go_on(client, tmp_path, monke
     assert "tasks already running on the workers go on until their rows are written" in "".join(e.value.__notes__)
 
 
+@pytest.mark.parametrize(
+    ("raised", "outside", "noted"),
+    [
+        (td.TaskFailedError("workers died"), True, True),
+        (ValueError("data: bad"), True, False),
+        (KeyboardInterrupt(), False, False),
+    ],
+)
+def test_interruption_note_only_where_running_tasks_go_on(client, tmp_path, monkeypatch, raised, outside, noted):
+    """The note on tasks running on: for an interruption or lost workers on the caller's cluster; not for a
+    task's own error (the data must be fixed first), nor when the call's own LocalCluster is closed."""
+
+    def interrupted(job, parts, progress):
+        job.client.cancel(job.futures)
+        raise raised
+
+    monkeypatch.setattr(td._export.Job, "wait", interrupted)
+    monkeypatch.setattr(td._cluster, "usable_cores", lambda: 1)  # the call's own LocalCluster: one worker
+    model, checkpoints, data, loss = _setup(20, 4)
+    with pytest.raises(type(raised)) as e:
+        td.export_gradients(
+            "torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client if outside else None
+        )
+    assert ("tasks already running on the workers go on" in "".join(getattr(e.value, "__notes__", []))) == noted
+
+
 class _BeforeNotes(KeyboardInterrupt):
     """A KeyboardInterrupt as Python 3.10 raises it: without add_note."""
 

@@ -28,7 +28,7 @@ def client_for(client: Any) -> Iterator[Client]:
     """`client` if given; else the default client if one exists; else a LocalCluster for the call:
     one single-threaded worker process per core, on loopback only, its dashboard link printed."""
     if client is None:
-        client = _default_client()
+        client = default_client_or_none()
     if client is not None:
         if not isinstance(client, Client):
             raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
@@ -59,7 +59,8 @@ def local_client(n_workers: int) -> Iterator[Client]:
         yield local
 
 
-def _default_client() -> Client | None:
+def default_client_or_none() -> Client | None:
+    """Dask's default client of this process, if there is one."""
     try:
         return default_client()
     except ValueError:  # no client in this process

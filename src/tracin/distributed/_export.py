@@ -17,8 +17,8 @@ from .._export.driver import store_rows
 from .._progress import check_progress
 from .._validate import positive_int
 from ..store import GradientStore
-from ._cluster import client_for, kernel_threads, slots_by_host
-from ._run import Job
+from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host
+from ._run import Job, TaskFailedError
 from ._shards import shard_ranges
 
 ADAPTERS = ("torch", "jax")
@@ -68,6 +68,7 @@ def export_gradients(
     with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
         fn(*args, store=path, progress=False, **kwargs)
     n_rows = GradientStore.open(path, allow_partial=True).info()["rows"]  # all rows, not the written prefix
+    outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c:
         job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
         # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
@@ -80,13 +81,14 @@ def export_gradients(
         ]
         try:
             job.wait(parts, progress)
-        except BaseException as e:  # KeyboardInterrupt included
-            _noted(
-                e,
-                f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
-                "their rows are written (cancelling stops only those not started); wait for them before "
-                "calling again to resume, or call client.restart()",
-            )
+        except (KeyboardInterrupt, TaskFailedError) as e:  # interrupted, or workers lost: a rerun resumes
+            if outside:  # else the call's own LocalCluster, closed on the way out, stops its tasks
+                _noted(
+                    e,
+                    f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
+                    "their rows are written (cancelling stops only those not started); wait for them before "
+                    "calling again to resume, or call client.restart()",
+                )
             raise
     with _range_writers_named(path):
         return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
