@@ -284,8 +284,9 @@ def test_export_waits_for_its_first_worker_without_limit(tmp_path, capsys):
 
 
 def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_ends(monkeypatch):
-    """Task A ends while task B still runs: the count stays 1 until B ends too, then the count from before A
-    is back (torch keeps one per thread with OpenMP, and a default for new threads: a fresh thread reads it)."""
+    """Task A ends while task B still runs: A's thread has its count back, B's stays 1 until B ends, then the
+    default from before A is back (torch keeps one per thread, and a default for new threads: a fresh thread
+    reads it)."""
     torch.set_num_threads(3)
     a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
     seen = {}
@@ -307,7 +308,7 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     b = threading.Thread(target=lambda: (a_in.wait(30), task("b")))
     b.start()
     task("a")
-    assert torch.get_num_threads() == 1  # B still runs
+    assert torch.get_num_threads() == 3  # A's thread, while B still runs
     a_done.set()
     b.join(30)
     fresh = []
@@ -315,6 +316,35 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     reader.start()
     reader.join(30)
     assert seen == {"a": 1, "b": 1} and fresh == [3]
+
+
+def _fresh_thread_count() -> int:
+    fresh = []
+    reader = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    reader.start()
+    reader.join(30)
+    return fresh[0]
+
+
+def test_a_task_gives_its_thread_back_its_own_count(monkeypatch):
+    """A worker thread whose count differs from the default has its own back after a task, not the default."""
+    default = _fresh_thread_count()
+    monkeypatch.setattr(_export, "_export_function", lambda adapter: lambda store, progress: None)
+    after: list[int] = []
+
+    def worker_thread():
+        torch.set_num_threads(default + 1)  # this thread's count; the default for new threads follows it
+        assert torch.get_num_threads() == default + 1  # read once: torch has set this thread up (as a task would)
+        reset = threading.Thread(target=torch.set_num_threads, args=(default,))
+        reset.start()
+        reset.join(30)
+        _export.export_part("torch", cloudpickle.dumps(((), {})), "unused", 0, 1, 1, {})
+        after.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=worker_thread)
+    thread.start()
+    thread.join(30)
+    assert after == [default + 1] and _fresh_thread_count() == default
 
 
 def _jax_loss(params, inputs, targets):

@@ -23,7 +23,7 @@ from ._shards import shard_ranges
 
 ADAPTERS = ("torch", "jax")
 _THREADS_LOCK = threading.Lock()
-_threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's thread count before the first]
+_threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's default count before the first]
 
 
 def export_gradients(
@@ -144,30 +144,33 @@ def export_part(
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count n while tasks of a worker process run inside (torch keeps one
-    per thread with OpenMP, and a default that threads started later take): each task sets it for
-    its thread, and once the last has left, the default from before the first is set again (a task
-    ending never resets it under one still running)."""
+    """torch's intra-op thread count n for the task running inside, on its thread. torch keeps a count
+    per thread, and a default that threads started later take (set by any thread's set_num_threads):
+    each task gives its thread back its own count, and once the last task of this process has left,
+    the default from before the first is set again, from a fresh thread (no task's count changes)."""
     import torch
 
+    mine = torch.get_num_threads()
     with _THREADS_LOCK:
         if _threads_users[0] == 0:
-            _threads_users[1] = _new_thread_count(torch)
+            _threads_users[1] = _on_new_thread(torch.get_num_threads)
         _threads_users[0] += 1
         torch.set_num_threads(n)
     try:
         yield
     finally:
         with _THREADS_LOCK:
+            torch.set_num_threads(mine)
             _threads_users[0] -= 1
             if _threads_users[0] == 0:
-                torch.set_num_threads(_threads_users[1])
+                before = _threads_users[1]
+                _on_new_thread(lambda: torch.set_num_threads(before))
 
 
-def _new_thread_count(torch: Any) -> int:
-    """The thread count a new thread starts with: this thread's may be a task's leftover."""
-    found: list[int] = []
-    reader = threading.Thread(target=lambda: found.append(torch.get_num_threads()))
+def _on_new_thread(fn: Callable[[], Any]) -> Any:
+    """fn() on a new thread (what torch.get_num_threads reads there is the default, not a task's leftover)."""
+    found: list[Any] = []
+    reader = threading.Thread(target=lambda: found.append(fn()))
     reader.start()
     reader.join()
     return found[0]
