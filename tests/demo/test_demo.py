@@ -4,6 +4,7 @@ here), the command lines it prints, and the pieces it is built from, against flo
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -556,6 +557,35 @@ def test_the_demo_does_not_overwrite_a_users_files_or_write_through_links(tmp_pa
     with pytest.raises(ValueError, match="report.md was not written by tracin demo .it is a symbolic link"):
         run_demo(_small(out), **quiet)
     assert victim.read_text() == "precious"
+
+
+def test_a_record_naming_paths_the_demo_never_writes_is_refused(tmp_path):
+    # keys of a received .tracin-demo.json were joined to the output folder unchecked: '../x', an
+    # absolute path or a path through a link in it made the next run delete the user's files elsewhere
+    quiet = {"progress": False, "log": lambda *_: None}
+    victim, home = tmp_path / "victim.txt", tmp_path / "home"
+    victim.write_bytes(b"")
+    home.mkdir()
+    (home / "keep.txt").write_text("hello\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "docs").symlink_to(home)
+    empty, hello = hashlib.sha256(b"").hexdigest(), hashlib.sha256(b"hello\n").hexdigest()
+    for key, digest in (
+        ("../victim.txt", empty),
+        (str(victim), empty),
+        ("checkpoints/../../victim.txt", empty),
+        ("docs/keep.txt", hello),
+        ("report.md", None),  # null only marks the demo's temporary names
+        ("report.md", "not a digest"),
+    ):
+        (out / LEDGER).write_text(json.dumps({"files": {key: digest}}))
+        with pytest.raises(
+            ValueError, match=f"{re.escape(LEDGER)} is not the record .* it names {re.escape(repr(key))}"
+        ):
+            run_demo(_small(out), **quiet)
+        assert victim.exists() and (home / "keep.txt").read_text() == "hello\n"
+    assert sorted(p.name for p in out.iterdir()) == [LEDGER, "docs"]  # nothing written before the refusal
 
 
 def test_reruns_keep_other_files_and_explain_folders_without_a_record(tmp_path):

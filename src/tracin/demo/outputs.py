@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
@@ -16,7 +17,24 @@ from ..store._format import MANIFEST
 
 LEDGER = ".tracin-demo.json"
 WHERE = "output folder (-o / DemoConfig.output)"
+OUTPUTS = {  # the files the demo writes in its output folder, besides checkpoints and stores
+    "held-out accuracy": "held_out_accuracy.png",
+    "checkpoint diagnostics": "checkpoint_diagnostics.png",
+    "detection": "mislabel_detection.png",
+    "influence": "proponents_opponents.png",
+    "ranking": "self_influence_ranking.csv",
+    "report": "report.md",
+}
+STORES = {"train": "train", "test": "test", "train, all checkpoints": "train_all_checkpoints"}  # in OUT/grads
 _PARTIAL = ".tracin-demo-partial-"  # in the name of a folder being written or removed, with a random token
+# The only keys a record may have (relative paths in OUT, never through other folders than OUT/grads and
+# OUT/checkpoints): the demo's files (framework.checkpoint_path's names and OUTPUTS) and stores, with digests.
+_NAMES = "|".join(STORES.values())
+_RECORDED = re.compile(
+    "|".join([rf"grads/(?:{_NAMES})", r"checkpoints/checkpoint_\d+\.(?:npz|pt)", *map(re.escape, OUTPUTS.values())])
+)
+_PARTIAL_KEY = re.compile(rf"grads/\.(?:{_NAMES}){re.escape(_PARTIAL)}[0-9a-f]{{16}}")  # recorded null
+_SHA256 = re.compile("[0-9a-f]{64}")
 
 
 class DemoFiles:
@@ -24,7 +42,9 @@ class DemoFiles:
     relative to OUT) with the SHA-256 of the file or of the store's manifest, recorded before the
     file or store appears at its path (each is written under a temporary name, then renamed). null
     marks a folder with a random name the demo is writing or removing (an interrupted run's
-    leftover, removed by the next run); nothing else is replaced or removed without its digest."""
+    leftover, removed by the next run); nothing else is replaced or removed without its digest. A record
+    naming any other path is refused. OUT/grads and OUT/checkpoints may be symbolic links to folders
+    (e.g. on a faster disk): the demo writes there, and replaces its own files there by their digests."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -37,13 +57,21 @@ class DemoFiles:
             if self.path.is_symlink():
                 raise TypeError
             entries = json.loads(self.path.read_text())["files"]
-            if not isinstance(entries, dict) or not all(v is None or isinstance(v, str) for v in entries.values()):
+            if not isinstance(entries, dict):
                 raise TypeError
         except (OSError, ValueError, KeyError, TypeError):
-            raise ValueError(
-                f"{self.path} is not the record tracin demo keeps of its files; choose another {WHERE} or remove it"
-            ) from None
+            raise ValueError(self._not_a_record("")) from None
+        for key, digest in entries.items():
+            if not (
+                (_RECORDED.fullmatch(key) and isinstance(digest, str) and _SHA256.fullmatch(digest))
+                or (_PARTIAL_KEY.fullmatch(key) and digest is None)
+            ):
+                why = f": it names {key!r} (with {digest!r}), not a file the demo writes"
+                raise ValueError(self._not_a_record(why))
         return entries
+
+    def _not_a_record(self, why: str) -> str:
+        return f"{self.path} is not the record tracin demo keeps of its files{why}; choose another {WHERE} or remove it"
 
     def clear(self, paths: Iterable[Path]) -> None:
         """Before a run that writes `paths`: ValueError, before anything is removed, if one of them

@@ -20,7 +20,7 @@ from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, checkpoint_path, trainer
 from .mlp import cross_entropy
-from .outputs import WHERE, DemoFiles
+from .outputs import OUTPUTS, STORES, WHERE, DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
 from .report import NOTHING_FLIPPED, summary_rows, write_report
@@ -30,14 +30,6 @@ INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the sum
 DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
 TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
 LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
-_OUTPUTS = {  # the files the demo writes in its output folder, besides checkpoints and stores
-    "held-out accuracy": "held_out_accuracy.png",
-    "checkpoint diagnostics": "checkpoint_diagnostics.png",
-    "detection": "mislabel_detection.png",
-    "influence": "proponents_opponents.png",
-    "ranking": "self_influence_ranking.csv",
-    "report": "report.md",
-}
 
 
 @dataclass(frozen=True)
@@ -102,13 +94,10 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     framework, train = trainer(config.framework)
     data = load_noisy_digits(config.noise, config.seed)
     out = _output_folder(Path(config.output))
-    stores = {
-        name: out / "grads" / folder
-        for name, folder in (("train", "train"), ("test", "test"), ("train, all checkpoints", "train_all_checkpoints"))
-    }
+    stores = {name: out / "grads" / folder for name, folder in STORES.items()}
     epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
     saved = {e: checkpoint_path(out / "checkpoints", e, framework) for e in epochs}
-    named = {name: out / file for name, file in _OUTPUTS.items()}
+    named = {name: out / file for name, file in OUTPUTS.items()}
     owned = DemoFiles(out)
     owned.clear([*stores.values(), *saved.values(), *named.values()])
     flipped = data.flipped
