@@ -531,6 +531,27 @@ def test_a_store_put_where_an_interrupted_run_was_exporting_is_not_the_demos(tmp
     assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["test", "train", "train_all_checkpoints"]
 
 
+def test_a_rerun_keeps_a_users_files_inside_the_demos_store(tmp_path):
+    # only the manifest's digest was compared, then the store folder was removed with all it held
+    store = tmp_path / "grads" / "train"
+
+    def write(path):
+        writer = GradientStore.create(path, 3, [2], ids=[7, 8, 9])
+        writer.write(0, 0, np.ones((3, 2), np.float32))
+        writer.finalize()
+
+    DemoFiles(tmp_path).store(store, write)
+    (store / "my_top20.csv").write_text("row,score\n")
+    (store / "notes").mkdir()
+    with pytest.raises(ValueError, match=r"train holds files tracin demo did not write \(my_top20.csv, notes\)"):
+        DemoFiles(tmp_path).clear([store])
+    assert (store / "my_top20.csv").exists() and GradientStore.open(store).ids.tolist() == [7, 8, 9]
+    (store / "my_top20.csv").unlink()
+    (store / "notes").rmdir()
+    DemoFiles(tmp_path).clear([store])  # the store's own files (ids.npy among them) are the demo's
+    assert not store.exists() and json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+
 def test_the_demo_does_not_overwrite_a_users_files_or_write_through_links(tmp_path):
     # with -o . (or a project folder) the user's report.md and ranking were overwritten, and a link
     # at report.md or at the record's temporary file was written through

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..store._format import MANIFEST
+from ..store._files import read_manifest
+from ..store._format import IDS_FILE, MANIFEST
 
 LEDGER = ".tracin-demo.json"
 WHERE = "output folder (-o / DemoConfig.output)"
@@ -75,13 +76,14 @@ class DemoFiles:
 
     def clear(self, paths: Iterable[Path]) -> None:
         """Before a run that writes `paths`: ValueError, before anything is removed, if one of them
-        exists and is not the demo's; then removes them, the other files an earlier run recorded
+        exists and is not the demo's (or is the demo's store with other files in it); then removes them, the other files an earlier run recorded
         (unless changed since: those are left alone and forgotten) and the leftovers of an
         interrupted run."""
         paths = list(paths)
-        foreign = [p for p in paths if os.path.lexists(p) and not self._owns(p)]
-        if foreign:
-            raise ValueError(self._refusal(foreign[0]))
+        for p in paths:
+            doubt = self._doubt(p) if os.path.lexists(p) else None
+            if doubt:
+                raise ValueError(doubt)
         recorded = [self.out / key for key in sorted(self.entries)]
         for p in [*paths, *(p for p in recorded if p not in paths)]:
             if os.path.lexists(p) and self._owns(p):
@@ -139,14 +141,19 @@ class DemoFiles:
         self._save()
 
     def _owns(self, path: Path) -> bool:
-        key = self._key(path)
-        if key not in self.entries or path.is_symlink():
-            return False
-        if self.entries[key] is None:  # only a folder whose random name the demo chose and recorded
-            return _PARTIAL in path.name
-        return self.entries[key] == _digest(path)
+        return self._doubt(path) is None
 
-    def _refusal(self, path: Path) -> str:
+    def _doubt(self, path: Path) -> str | None:
+        """None if `path` (which exists) is the demo's to replace or remove, else the error saying why not."""
+        key = self._key(path)
+        if key in self.entries and not path.is_symlink() and self.entries[key] in (None, _digest(path)):
+            strays = _strays(path) if self.entries[key] and path.is_dir() else []
+            if not strays:  # null: a folder with a random name the demo chose and recorded (_PARTIAL_KEY)
+                return None
+            return (
+                f"{path} holds files tracin demo did not write ({', '.join(strays)}), so the demo will not "
+                f"replace it; move them away or choose another {WHERE}"
+            )
         if path.is_symlink():
             why = "it is a symbolic link"
         elif not self.found:
@@ -179,6 +186,20 @@ def _create_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def _strays(store: Path) -> list[str]:
+    """The names in a store folder other than its manifest and the files it lists (a user's own)."""
+    listed = {MANIFEST}
+    try:
+        manifest = read_manifest(store)
+    except (OSError, ValueError):
+        manifest = None
+    if manifest is not None:
+        listed.update(name for names in manifest.files for name in names)
+        if manifest.has_ids:
+            listed.add(IDS_FILE)
+    return sorted(set(os.listdir(store)) - listed)
 
 
 def _digest(path: Path) -> str | None:
