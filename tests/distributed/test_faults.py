@@ -191,3 +191,21 @@ def test_cancelled_task_is_named_with_advice_to_call_again(client, cancelled):
     which = r"rows \[0, 3\)" if cancelled == "shard" else r"rows \[3, 6\)"
     with pytest.raises(td.TaskFailedError, match=rf"{which} of /some/store was cancelled .*; call again"):
         job.wait([shard], progress=False, final=final)
+
+
+def test_failed_job_drops_the_tasks_not_started(client):
+    """Job.wait releases the job's futures on a failure: the queued tasks are dropped, not run."""
+    job = Job(client, "test")
+    slow = [job.submit(time.sleep, 2, label=f"rows [{i}, {i + 1}) of /x") for i in range(8)]  # 8 s on 2 workers
+    with pytest.raises(ValueError, match="invalid literal"):
+        job.wait([job.submit(int, "x", label="rows [8, 9) of /x"), *slow], progress=False)
+
+    def left() -> int:
+        return client.run_on_scheduler(
+            lambda dask_scheduler, t=job.token: sum(t in str(k) for k in dask_scheduler.tasks)
+        )
+
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left() == 0

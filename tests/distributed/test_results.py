@@ -9,6 +9,7 @@ import warnings
 import dask
 import numpy as np
 import pytest
+from distributed import Future
 
 import tracin
 import tracin.distributed as td
@@ -166,6 +167,38 @@ def test_aggregate_sends_the_client_one_float64_per_train_row(client, floats, mo
     found = td.aggregate(floats["test_store"], train, client=client, shards=3)
     np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
     assert received == [train.n_rows * 8]
+
+
+def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats, monkeypatch):
+    """When the result is in, the cluster holds no (test chunks, n) partial of a test shard, and of the
+    chain adding them only its last link (the result): each was released once used."""
+
+    def held() -> dict[str, int]:
+        def count(dask_scheduler) -> dict[str, int]:
+            found = {"aggregate_part": 0, "add_in_order": 0}
+            for ts in dask_scheduler.tasks.values():
+                for name in found:
+                    found[name] += ts.state == "memory" and str(ts.key).startswith(f"tracin_{name}-")
+            return found
+
+        return client.run_on_scheduler(count)
+
+    seen = []
+    result = Future.result
+
+    def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
+        found = result(future, *args, **kwargs)
+        deadline = time.monotonic() + 10  # the scheduler frees what was released a moment later
+        while held()["aggregate_part"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        seen.append(held())
+        return found
+
+    train = tracin.Gradients(floats["train"], floats["weights"])
+    monkeypatch.setattr(Future, "result", measured_result)
+    found = td.aggregate(floats["test_store"], train, client=client, shards=4)
+    np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
+    assert seen == [{"aggregate_part": 0, "add_in_order": 1}]
 
 
 def test_aggregate_beyond_float32_is_refused(client, tmp_path):

@@ -201,9 +201,12 @@ def aggregate(
                 side="test",
             )
             summed: Future | None = None  # added on the cluster shard after shard: only (n,) reaches the client
+            links = []
             for part in parts:
-                summed = job.submit(_tasks.add_in_order, part, summed)
-            total = job.wait(parts, progress, summed)
+                summed = job.then(_tasks.add_in_order, part, summed)
+                links.append(summed)
+            job.release(*parts)  # each (test chunks, n) partial is freed once its link has added it
+            total = job.wait(links, progress, summed)
     return _float32(total)
 
 

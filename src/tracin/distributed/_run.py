@@ -68,8 +68,11 @@ class Job:
     def wait(self, shards: list[Future], progress: bool | None, final: Future | None = None) -> Any:
         """Waits for the shard tasks (a bar as progress_bar(enabled=progress) shows), then returns final's result, or
         the shards' results in order. The first failure is raised as is; a task that kept killing
-        its workers, or one cancelled on the cluster, as a TaskFailedError naming its shard. Cancels
-        what is left either way."""
+        its workers, or one cancelled on the cluster, as a TaskFailedError naming its shard. With
+        `final`, each shard's future is released once done (the tasks after it hold its result only
+        until they have used it). Releases the job's futures either way, which drops the tasks not
+        started (client.cancel would trip on those released already: Dask asserts someone wants each
+        task it cancels a dependent of)."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
@@ -77,6 +80,8 @@ class Job:
                     self._raise(done)
                 if done.status == "cancelled":
                     raise self._cancelled(done.key)
+                if final is not None and done.key != final.key:
+                    self.release(done)
                 bar.update(1)
             return final.result() if final is not None else self.client.gather(shards)
         except CancelledError as e:
@@ -91,7 +96,18 @@ class Job:
             ) from e
         finally:
             bar.close()
-            self.client.cancel(self.futures)
+            self.release(*self.futures)
+
+    def then(self, fn: Callable, part: Future, *args: Any) -> Future:
+        """fn(part's result, *args) as a task, named in errors as part's shard."""
+        return self.submit(fn, part, *args, label=self.labels.get(part.key), first_rows=self.first_rows[part.key])
+
+    def release(self, *futures: Future) -> None:
+        """Drops the job's hold on `futures`: their results are freed once no task waits for them."""
+        keys = {f.key for f in futures}
+        self.futures = [f for f in self.futures if f.key not in keys]
+        for f in futures:
+            f.release()
 
     def _cancelled(self, key: str | None) -> TaskFailedError:
         task = self.labels.get(key, key) if key is not None else "one of its shards"
