@@ -511,6 +511,55 @@ def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
         assert run.pieces == [(0, train.n_rows)]
 
 
+def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng):
+    """progress=None below the multiply-add threshold: pieces (so that the delayed bar moves) only for
+    CPU-kernel calls whose estimated time passes the delay, fewer when top_k's merges cost more."""
+    from tracin.scoring import _MIN_PIECE_ROWS, _Loop
+
+    test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (512, 40 * _MIN_PIECE_ROWS))
+
+    def pieces(macs, threads, k=10, timed=True, progress=None):
+        with _Loop(test, train, progress, macs, "t", threads=threads, top_k=(k, 1), timed=timed) as run:
+            return len(run.pieces)
+
+    # 1.05e11 multiply-adds at 2.5e10/s per thread (review repro t12: 4.2 s silent on 1 thread).
+    assert pieces(1.05e11, 1) == 7  # 6 extra calls of ~13 ms within 2% of 4.2 s
+    assert pieces(1.05e11, 2) == 4  # 2.1 s
+    assert pieces(1.05e11, 4) == 1  # 1.05 s: over before the bar would show
+    assert pieces(1.05e11, 1, k=1000) == 1  # merging 512 x 2000 candidates per piece costs 0.3 s
+    assert pieces(1.05e11, 1, timed=False) == pieces(1.05e11, 1, progress=False) == 1
+    assert pieces(4.9e11, 1) == 20
+
+
+def test_automatic_pieces_leave_results_unchanged(rng, monkeypatch):
+    import tracin.scoring
+    from tracin.backends.cpu import CpuBackend
+
+    monkeypatch.setattr(tracin.scoring, "_AUTO_RATE", 1e-3)  # every call estimated long
+    monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", 7)
+    calls = []
+
+    def counted(method):
+        return lambda *a, **kw: calls.append(1) or method(*a, **kw)
+
+    for name in ("top_k", "scores", "self_influence"):
+        monkeypatch.setattr(CpuBackend, name, counted(getattr(CpuBackend, name)))
+    test = np.round(rng.standard_normal((9, 3))).astype(np.float32)  # exact scores, many ties
+    train = np.round(rng.standard_normal((300, 3))).astype(np.float32)
+    dense = to_float64(test) @ to_float64(train).T
+    both = tracin.top_k(test, train, k=40, side="both")
+    assert len(calls) == 20  # 20 pieces of 15 rows
+    quiet = tracin.top_k(test, train, k=40, side="both", progress=False)
+    for got, one, side in zip(both, quiet, ("proponents", "opponents"), strict=True):
+        values, order = reference_topk(dense, 40, side)
+        np.testing.assert_array_equal(got.indices, order)
+        np.testing.assert_array_equal(got.values, values)
+        np.testing.assert_array_equal(got.indices, one.indices)
+    np.testing.assert_array_equal(tracin.scores(test, train), dense.astype(np.float32))
+    np.testing.assert_array_equal(tracin.self_influence(train), (to_float64(train) ** 2).sum(1).astype(np.float32))
+    assert len(calls) == 20 + 1 + 20 + 20  # the quiet top_k in one call
+
+
 def test_progress_automatic_only_for_long_work(rng, capsys, monkeypatch):
     import tracin.scoring
 

@@ -7,12 +7,37 @@ The C++ kernel's own constants (tile sizes, packing budgets) are in csrc/src/tun
 AUTO_PROGRESS_MACS = 5e11
 """progress=None shows a bar at once, and cuts the train side into pieces so that it moves, for a call
 of at least this many multiply-adds (shorter calls get a bar only after _progress.AUTO_DELAY_S
-seconds, moving once per train chunk: a piece costs about 10 ms of kernel overhead, top_k at
-m=256, d=128, n=1e6 took 1.07 s in one call and 2.06 s in 100 pieces, 2 shared cores).
+seconds, moving once per train chunk unless AUTO_RATE estimates them longer than that: a piece
+costs about 10 ms of kernel overhead, top_k at m=256, d=128, n=1e6 took 1.07 s in one call and
+2.06 s in 100 pieces, 2 shared cores).
 
 benchmarks/results/kernel.json, case "top10": 5.12e10 multiply-adds in 0.51 s (202 GFLOP/s, about
 1e11 multiply-adds/s on 2 threads), so the threshold is about 5 s of kernel time there.
 """
+
+AUTO_RATE = 2.5e10
+"""Kernel multiply-adds per second per thread assumed to tell whether a call below AUTO_PROGRESS_MACS will
+outlast _progress.AUTO_DELAY_S (then its train side is cut, AUTO_STEPS below, so that the delayed bar
+moves). Conservative: top_k at m=512, d=1024, n=200,000 (1.05e11 multiply-adds) on 1 thread of the
+2-core machine took 2.2-2.9 s of CPU time (4e10/s), 4.2-6.7 s of wall time with the machine shared
+(kernel.json "top10": 5e10/s per thread at d=128). In 7 pieces it took 2.2-3.1 s of CPU time. Row-wise work
+(self_influence) runs slower per multiply-add, so its estimate is short and it is rarely cut.
+"""
+
+AUTO_STEPS = 20
+"""...into at most this many pieces (one kernel call each), and only as many as keep the estimated cost
+of the extra calls (PIECE_S, MERGE_S) within AUTO_OVERHEAD of the call's estimated time: 7 pieces at
+4.2 s (the AUTO_RATE example, k=10), 20 from 9.5 s for scores (no merge)."""
+
+AUTO_OVERHEAD = 0.02
+"""The share of a call's estimated time that the extra calls of AUTO_STEPS may cost."""
+
+PIECE_S = 0.01
+"""Estimated seconds of one extra kernel call (AUTO_PROGRESS_MACS: 100 pieces of top_k added 0.99 s)."""
+
+MERGE_S = 3e-7
+"""Estimated seconds per candidate top_k merges after an extra piece (a lexsort of the (m, 2k) best of
+both pieces per side): 0.27 s for 512 x 2,000 candidates, 3.5 s for 512 x 20,000 (265-342 ns each)."""
 
 BAR_STEPS = 100
 """With a bar, the train side is scored in about this many pieces (one kernel call each), so the

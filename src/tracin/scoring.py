@@ -3,7 +3,6 @@ that hands each pair to a scoring backend (tracin.backends; "cpu" is the C++ ker
 
 from __future__ import annotations
 
-import importlib.util
 import numbers
 import os
 import re
@@ -12,10 +11,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._progress import check_progress, progress_bar
+from . import _progress
+from ._progress import check_progress, progress_bar, tqdm_installed
+from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
+from ._tunables import AUTO_RATE as _AUTO_RATE
+from ._tunables import AUTO_STEPS as _AUTO_STEPS
 from ._tunables import BAR_STEPS as _BAR_STEPS
+from ._tunables import MERGE_S as _MERGE_S
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
+from ._tunables import PIECE_S as _PIECE_S
 from ._validate import positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
@@ -257,12 +262,15 @@ class _Loop:
     work is at least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
     _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
     call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
-    _MIN_PIECE_ROWS rows so that the bar moves; below it the bar moves once per train chunk (a
-    store's row_chunks()), since each extra kernel call costs time. Results do not depend on the
-    cut. test None: train pieces only (self-influence). `cache` is the backends'
-    ChunkCache for the current test chunk (what a device backend uploads once per chunk, not once
-    per piece), emptied when the loop ends; its `next_train` is the train side of the next pair, taken
-    one pair ahead, so that a device backend can start uploading it while it scores the current one.
+    _MIN_PIECE_ROWS rows so that the bar moves; below it, for `timed` calls (the CPU kernel on
+    `threads` threads, 0: all it may use) estimated to outlast the delay, into the fewer pieces
+    _auto_steps allows, else none: the bar moves once per train chunk (a store's row_chunks()).
+    Results do not depend on the cut. test None: train pieces only (self-influence). top_k: (k,
+    sides) of a top_k call (an extra piece merges their candidates; the kernel's MemoryError names
+    them). `cache` is the backends' ChunkCache for the current test chunk (what a device backend
+    uploads once per chunk, not once per piece), emptied when the loop ends; its `next_train` is the
+    train side of the next pair, taken one pair ahead, so that a device backend can start uploading
+    it while it scores the current one.
     """
 
     def __init__(
@@ -276,16 +284,21 @@ class _Loop:
         *,
         threads: int = 0,
         top_k: tuple[int, int] | None = None,
+        timed: bool = False,
     ):
         check_progress(progress)
         self.threads, self.top_k = threads, top_k  # for the kernel's out-of-memory message
-        if progress is None and macs >= _AUTO_PROGRESS_MACS and importlib.util.find_spec("tqdm") is not None:
+        if progress is None and macs >= _AUTO_PROGRESS_MACS and tqdm_installed():
             progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
         self.test_chunks = [(0, 0)] if test is None else _chunks(test)
         self.pieces = _chunks(train)
-        if progress and split:
-            step = max(_MIN_PIECE_ROWS, -(-train.n_rows // _BAR_STEPS))
+        steps = _BAR_STEPS if progress else 1
+        if progress is None and timed and tqdm_installed():
+            merged = 0 if top_k is None or test is None else test.n_rows * 2 * min(top_k[0], train.n_rows) * top_k[1]
+            steps = _auto_steps(macs, threads or _cpus(), merged)
+        if steps > 1 and split:
+            step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
         self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
         self.cache = ChunkCache()
@@ -349,6 +362,18 @@ class _Loop:
         )
 
 
+def _auto_steps(macs: float, threads: int, merged: int) -> int:
+    """Train pieces for an automatic bar (progress=None) over `macs` multiply-adds on `threads` kernel
+    threads, each extra piece merging `merged` top-k candidates: 1 (one call; a bar moving once per
+    chunk) for work estimated to end within _progress.AUTO_DELAY_S, else as many as keep the extra
+    calls' estimated cost within _AUTO_OVERHEAD of the work, up to _AUTO_STEPS."""
+    seconds = macs / (_AUTO_RATE * threads)
+    if seconds <= _progress.AUTO_DELAY_S:
+        return 1
+    extra = _PIECE_S + _MERGE_S * merged  # seconds per extra piece
+    return max(1, min(_AUTO_STEPS, 1 + int(_AUTO_OVERHEAD * seconds / extra)))
+
+
 def _span(rows: slice) -> int:
     return rows.stop - rows.start
 
@@ -410,7 +435,8 @@ def scores(
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
-    with _Loop(test, train, progress, test.n_rows * train.n_rows * _width(train), "tracin scores") as loop:
+    macs, timed = test.n_rows * train.n_rows * _width(train), backend.name == "cpu"
+    with _Loop(test, train, progress, macs, "tracin scores", threads=threads, timed=timed) as loop:
         for p in loop.pairs():
             out[p.test_rows, p.train_rows] = backend.scores(
                 p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
@@ -469,7 +495,8 @@ def top_k(
     running: list[TopK | None] = [None, None]  # of the current test chunk, global train indices
     macs = test.n_rows * train.n_rows * _width(train)
     sides = 2 if side == "both" else 1
-    with _Loop(test, train, progress, macs, f"tracin top_k ({side})", threads=threads, top_k=(k, sides)) as loop:
+    desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
+    with _Loop(test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed) as loop:
         for p in loop.pairs():
             i0 = p.train_rows.start
             width = min(k, p.train_rows.stop - i0)
@@ -634,7 +661,8 @@ def self_influence(
     backend = _backend(device, precision, train=train)
     w = train.weights.tolist()
     out = np.empty((train.n_rows, len(w)) if per_checkpoint else train.n_rows, dtype=np.float32)
-    with _Loop(None, train, progress, train.n_rows * _width(train), "tracin self_influence") as loop:
+    macs, timed = train.n_rows * _width(train), backend.name == "cpu"
+    with _Loop(None, train, progress, macs, "tracin self_influence", threads=threads, timed=timed) as loop:
         for p in loop.pairs():
             if per_checkpoint:
                 for c in range(len(w)):
@@ -693,7 +721,8 @@ def aggregate(
     # Full gradients: one column sum of the test side per call plus a product per train row, so
     # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
-    with _Loop(test, train, progress, macs, "tracin aggregate", split=train.factored) as loop:
+    timed = backend.name == "cpu"
+    with _Loop(test, train, progress, macs, "tracin aggregate", train.factored, threads=threads, timed=timed) as loop:
         for p in loop.pairs():
             total[p.train_rows] += backend.aggregate(
                 p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
