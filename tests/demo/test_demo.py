@@ -623,6 +623,22 @@ def test_reruns_keep_other_files_and_explain_folders_without_a_record(tmp_path):
         run_demo(_small(out), **quiet)
 
 
+def test_a_file_or_a_dangling_link_at_grads_or_checkpoints_is_refused_before_training(tmp_path):
+    # the run trained and wrote its checkpoints, then failed on the store with a bare Errno 17
+    quiet = {"progress": False, "log": lambda *_: None}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "grads").write_text("user's notes")
+    with pytest.raises(ValueError, match=r"out/grads is a file, not a folder; .*\(-o / DemoConfig.output\)"):
+        run_demo(_small(out), **quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["grads"]
+    (out / "grads").unlink()
+    (out / "checkpoints").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"out/checkpoints is a symbolic link to .*nowhere, which is not a folder"):
+        run_demo(_small(out), **quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
 def test_output_folders_that_cannot_be_made_are_named(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"output folder \(-o / DemoConfig.output\) .*file/out cannot be created"):

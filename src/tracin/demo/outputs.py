@@ -75,11 +75,18 @@ class DemoFiles:
         return f"{self.path} is not the record tracin demo keeps of its files{why}; choose another {WHERE} or remove it"
 
     def clear(self, paths: Iterable[Path]) -> None:
-        """Before a run that writes `paths`: ValueError, before anything is removed, if one of them
-        exists and is not the demo's (or is the demo's store with other files in it); then removes them, the other files an earlier run recorded
-        (unless changed since: those are left alone and forgotten) and the leftovers of an
-        interrupted run."""
+        """Before a run that writes `paths`: ValueError, before anything is removed, if a folder they
+        go in is not a folder, or one of them exists and is not the demo's (or is the demo's store
+        with other files in it); then removes them, the other files an earlier run recorded (unless
+        changed since: those are left alone and forgotten) and the leftovers of an interrupted run."""
         paths = list(paths)
+        for folder in sorted({p.parent for p in paths} - {self.out}):  # OUT/grads, OUT/checkpoints
+            if os.path.lexists(folder) and not folder.is_dir():
+                link = f"a symbolic link to {os.readlink(folder)}, which is" if folder.is_symlink() else "a file,"
+                raise ValueError(
+                    f"{folder} is {link} not a folder; the demo writes its {folder.name} there: "
+                    f"move it away or choose another {WHERE}"
+                )
         for p in paths:
             doubt = self._doubt(p) if os.path.lexists(p) else None
             if doubt:
