@@ -219,6 +219,23 @@ def test_merge_top_k_of_shards_smaller_than_k_asks_for_k(rng):
     np.testing.assert_allclose(merged.values, -np.sort(-dense, axis=1), rtol=1e-5, atol=1e-5)
 
 
+def test_merge_top_k_of_shards_all_exhausted_asks_for_k(rng):
+    """Equal shards, each with fewer rows than k: equal widths, but not k (review repro t10)."""
+    test, train = ([np.round(2 * m[0])] for m in (random_set(rng, 5, [4]), random_set(rng, 30, [4])))  # exact, ties
+    parts = [tracin.top_k(test, [train[0][a : a + 15]], k=100) for a in (0, 15)]
+    assert [p.values.shape[1] for p in parts] == [15, 15]
+    with pytest.raises(ValueError, match=r"as many columns \(15\) as train rows.*merge_top_k\(\.\.\., k=k\)"):
+        tracin.merge_top_k(parts, [15, 0])
+    merged = tracin.merge_top_k(parts, [0, 15], k=100)
+    values, order = reference_topk(to_float64(test[0]) @ to_float64(train[0]).T, 100, "proponents")
+    np.testing.assert_array_equal(merged.indices, order)  # all 30 columns, as top_k(k=100) on the whole
+    np.testing.assert_array_equal(merged.values, values)
+    # One shard with more rows than its width shows k; a single shard is its own merge.
+    shown = [tracin.top_k(test, [train[0][a:b]], k=8) for a, b in ((0, 20), (20, 30))]
+    np.testing.assert_array_equal(tracin.merge_top_k(shown, [0, 20]).indices, order[:, :8])
+    assert tracin.merge_top_k(parts[:1], [0]).values.shape == (5, 15)
+
+
 def test_merge_top_k_refuses_a_train_row_given_twice(rng):
     test, train = random_set(rng, 3, [4]), random_set(rng, 30, [4])
     shard = tracin.top_k(test, [train[0][:15]], k=4, side="opponents")

@@ -554,10 +554,11 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
     each shard. k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded
-    data, ties included (smaller global index first). k None takes the shards' common width, which
-    is that k unless every shard had fewer train rows than k (then pass k); shards of different
-    widths (one had fewer rows than k) are a ValueError asking for k. A train row present twice
-    (the same shard given twice, or overlapping shards) is refused.
+    data, ties included (smaller global index first). k None takes the shards' common width, when
+    a shard shows it is k: one with more rows (up to the next offset) than columns. Otherwise (shards
+    of different widths, or every shard but the last as wide as its rows, which a k above their
+    sizes also gives) it is a ValueError asking for k. A train row present twice (the same shard
+    given twice, or overlapping shards) is refused.
     """
     _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
@@ -589,17 +590,25 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
     )
     _refuse_repeated_rows(indices)
-    width = _merge_width(results) if k is None else positive_int(k, "k")
+    width = _merge_width(results, offsets) if k is None else positive_int(k, "k")
     return _select(values, indices, width, side)
 
 
-def _merge_width(results: list[TopK]) -> int:
-    """merge_top_k's k when none is given: the width every result shares."""
+def _merge_width(results: list[TopK], offsets: list[int]) -> int:
+    """merge_top_k's k when none is given: the width every result shares, if a shard with more rows
+    (up to the next offset) than that width shows it is k (a single shard: its width in any case)."""
     widths = [r.values.shape[1] for r in results]
     if len(set(widths)) > 1:
         raise ValueError(
             f"results have different widths {widths}: a shard with fewer train rows than k has fewer "
             "columns, so the k they were scored with is not known; pass it as merge_top_k(..., k=k)"
+        )
+    starts = sorted(int(o) for o in offsets)
+    if len(starts) > 1 and all(b - a <= widths[0] for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(
+            f"every shard but the last has as many columns ({widths[0]}) as train rows, as with any k of "
+            f"at least {widths[0]}, so the k they were scored with is not known; pass it as "
+            "merge_top_k(..., k=k)"
         )
     return widths[0]
 
