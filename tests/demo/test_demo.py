@@ -484,6 +484,26 @@ def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
     assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
 
 
+def test_a_killed_runs_temporary_file_goes_and_a_users_file_at_such_a_name_stays(tmp_path):
+    # a run killed while writing a file left its temporary unrecorded: reruns with other settings never
+    # removed it (one more per killed run), and a user's file at a temporary name was unlinked unasked
+    checkpoint = tmp_path / "checkpoints" / "checkpoint_0002.npz"
+    killed = (
+        "import os, signal\nfrom pathlib import Path\nfrom tracin.demo.outputs import DemoFiles\n"
+        "def write(path):\n    path.write_bytes(b'partial')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"DemoFiles(Path({str(tmp_path)!r})).put(Path({str(checkpoint)!r}), write)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == -9
+    assert [p.name for p in checkpoint.parent.iterdir()] == [".checkpoint_0002.tracin-demo-tmp.npz"]
+    DemoFiles(tmp_path).clear([tmp_path / "checkpoints" / "checkpoint_0005.npz"])  # a run with other settings
+    assert list(checkpoint.parent.iterdir()) == [] and json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+    (tmp_path / ".report.tracin-demo-tmp.md").write_text("mine")
+    with pytest.raises(ValueError, match=r"\.report\.tracin-demo-tmp\.md was not written by tracin demo"):
+        DemoFiles(tmp_path).clear([tmp_path / "report.md"])
+    assert (tmp_path / ".report.tracin-demo-tmp.md").read_text() == "mine"
+
+
 def test_a_rerun_interrupted_while_removing_the_demos_store_can_be_run_again(tmp_path, monkeypatch):
     # the store's manifest was removed first and the record kept its digest: every later run refused
     # the demo's own half-removed store as "changed since"

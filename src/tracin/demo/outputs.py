@@ -28,13 +28,25 @@ OUTPUTS = {  # the files the demo writes in its output folder, besides checkpoin
 }
 STORES = {"train": "train", "test": "test", "train, all checkpoints": "train_all_checkpoints"}  # in OUT/grads
 _PARTIAL = ".tracin-demo-partial-"  # in the name of a folder being written or removed, with a random token
+_TEMPORARY = ".tracin-demo-tmp"  # in the name a file is written under, then renamed
 # The only keys a record may have (relative paths in OUT, never through other folders than OUT/grads and
-# OUT/checkpoints): the demo's files (framework.checkpoint_path's names and OUTPUTS) and stores, with digests.
+# OUT/checkpoints): the demo's files (framework.checkpoint_path's names and OUTPUTS, as (folder, stem,
+# suffix) patterns) and stores, with digests; their names while being written or removed, null.
+_FILES = [
+    ("checkpoints/", r"checkpoint_\d+", r"\.(?:npz|pt)"),
+    *(("", re.escape(Path(name).stem), re.escape(Path(name).suffix)) for name in OUTPUTS.values()),
+]
 _NAMES = "|".join(STORES.values())
-_RECORDED = re.compile(
-    "|".join([rf"grads/(?:{_NAMES})", r"checkpoints/checkpoint_\d+\.(?:npz|pt)", *map(re.escape, OUTPUTS.values())])
+_FILE_KEY = re.compile("|".join(folder + stem + suffix for folder, stem, suffix in _FILES))
+_STORE_KEY = re.compile(rf"grads/(?:{_NAMES})")
+_LEFTOVER_KEY = re.compile(
+    "|".join(
+        [
+            rf"grads/\.(?:{_NAMES}){re.escape(_PARTIAL)}[0-9a-f]{{16}}",
+            *(rf"{folder}\.{stem}{re.escape(_TEMPORARY)}{suffix}" for folder, stem, suffix in _FILES),
+        ]
+    )
 )
-_PARTIAL_KEY = re.compile(rf"grads/\.(?:{_NAMES}){re.escape(_PARTIAL)}[0-9a-f]{{16}}")  # recorded null
 _SHA256 = re.compile("[0-9a-f]{64}")
 
 
@@ -42,9 +54,9 @@ class DemoFiles:
     """The record OUT/.tracin-demo.json: each file and gradient store folder the demo wrote (by path
     relative to OUT) with the SHA-256 of the file or of the store's manifest, recorded before the
     file or store appears at its path (each is written under a temporary name, then renamed). null
-    marks a folder with a random name the demo is writing or removing (an interrupted run's
-    leftover, removed by the next run); nothing else is replaced or removed without its digest. A record
-    naming any other path is refused. OUT/grads and OUT/checkpoints may be symbolic links to folders
+    marks a file or folder the demo is writing or removing under a temporary name (an interrupted
+    run's leftover, removed by the next run); nothing else is replaced or removed without its digest.
+    A record naming any other path is refused. OUT/grads and OUT/checkpoints may be symbolic links to folders
     (e.g. on a faster disk): the demo writes there, and replaces its own files there by their digests."""
 
     def __init__(self, out: Path):
@@ -63,10 +75,12 @@ class DemoFiles:
         except (OSError, ValueError, KeyError, TypeError):
             raise ValueError(self._not_a_record("")) from None
         for key, digest in entries.items():
-            if not (
-                (_RECORDED.fullmatch(key) and isinstance(digest, str) and _SHA256.fullmatch(digest))
-                or (_PARTIAL_KEY.fullmatch(key) and digest is None)
-            ):
+            if digest is None:
+                valid = _LEFTOVER_KEY.fullmatch(key)
+            else:
+                final = _FILE_KEY.fullmatch(key) or _STORE_KEY.fullmatch(key)
+                valid = final and isinstance(digest, str) and _SHA256.fullmatch(digest)
+            if not valid:
                 why = f": it names {key!r} (with {digest!r}), not a file the demo writes"
                 raise ValueError(self._not_a_record(why))
         return entries
@@ -87,7 +101,8 @@ class DemoFiles:
                     f"{folder} is {link} not a folder; the demo writes its {folder.name} there: "
                     f"move it away or choose another {WHERE}"
                 )
-        for p in paths:
+        temporaries = [_temporary(p) for p in paths if _FILE_KEY.fullmatch(self._key(p))]
+        for p in [*paths, *temporaries]:
             doubt = self._doubt(p) if os.path.lexists(p) else None
             if doubt:
                 raise ValueError(doubt)
@@ -96,14 +111,20 @@ class DemoFiles:
             if os.path.lexists(p) and self._owns(p):
                 self._remove(p)
             elif self._key(p) in self.entries:
-                del self.entries[self._key(p)]
-                self._save()
+                self._forget(p)
 
     def put(self, path: Path, write: Callable[[Path], Any]) -> Path:
-        """Writes a file at `path` by write(temporary path) and renames it there, its digest recorded first."""
-        temporary = path.with_name(f".{path.stem}.tracin-demo-tmp{path.suffix}")  # the suffix kept: np.savez
+        """Writes a file at `path` by write(temporary path) and renames it there: the temporary name is
+        recorded (null) before it is made, the file's digest before the rename."""
+        temporary = _temporary(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _create_new(temporary, b"")
+        self.entries[self._key(temporary)] = None
+        self._save()
+        try:
+            _create_new(temporary)
+        except FileExistsError:  # not the demo's: clear() removed those
+            self._forget(temporary)
+            raise ValueError(self._doubt(temporary)) from None
         try:
             write(temporary)
             self.entries[self._key(path)] = _digest(temporary)
@@ -112,6 +133,7 @@ class DemoFiles:
         finally:
             if os.path.lexists(temporary):
                 temporary.unlink()
+            self._forget(temporary)
         return path
 
     def store(self, path: Path, write: Callable[[Path], Any]) -> Path:
@@ -122,8 +144,7 @@ class DemoFiles:
         self.entries[self._key(path)] = _digest(partial)
         self._save()
         os.rename(partial, path)
-        self.entries.pop(self._key(partial))
-        self._save()
+        self._forget(partial)
         return path
 
     def _partial(self, path: Path) -> Path:
@@ -137,14 +158,16 @@ class DemoFiles:
         if path.is_dir() and not path.is_symlink() and self.entries.get(self._key(path)) is not None:
             trash = self._partial(path)  # renamed first: a store half removed is never left at `path`
             os.rename(path, trash)
-            self.entries.pop(self._key(path))
-            self._save()
+            self._forget(path)
             path = trash
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-        self.entries.pop(self._key(path))
+        self._forget(path)
+
+    def _forget(self, path: Path) -> None:
+        del self.entries[self._key(path)]
         self._save()
 
     def _owns(self, path: Path) -> bool:
@@ -155,7 +178,7 @@ class DemoFiles:
         key = self._key(path)
         if key in self.entries and not path.is_symlink() and self.entries[key] in (None, _digest(path)):
             strays = _strays(path) if self.entries[key] and path.is_dir() else []
-            if not strays:  # null: a folder with a random name the demo chose and recorded (_PARTIAL_KEY)
+            if not strays:  # null: a temporary name the demo chose and recorded (_LEFTOVER_KEY)
                 return None
             return (
                 f"{path} holds files tracin demo did not write ({', '.join(strays)}), so the demo will not "
@@ -181,15 +204,20 @@ class DemoFiles:
     def _save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
+        if os.path.lexists(temporary):  # a killed run's
+            temporary.unlink()
         _create_new(temporary, json.dumps({"files": self.entries}, indent=1, sort_keys=True).encode())
         os.replace(temporary, self.path)
 
 
-def _create_new(path: Path, data: bytes) -> None:
-    """Writes `data` to a new regular file at `path` (a stale one of the demo's is removed first),
-    never through a symbolic link placed there."""
-    if os.path.lexists(path):
-        path.unlink()
+def _temporary(path: Path) -> Path:
+    """The name the file `path` is written under (its suffix kept, for np.savez)."""
+    return path.with_name(f".{path.stem}{_TEMPORARY}{path.suffix}")
+
+
+def _create_new(path: Path, data: bytes = b"") -> None:
+    """Writes `data` to a new regular file at `path`; FileExistsError if something is there (never
+    writes through a symbolic link)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
