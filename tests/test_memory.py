@@ -8,69 +8,82 @@ import sys
 
 import pytest
 
+# Peak RSS of the script from reset_peak() on, in bytes: ru_maxrss would count the pytest parent's
+# peak before the exec (a parent with torch loaded made the growth look negative).
+PEAK = """
+def status(field):
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) * 1024
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status("VmRSS")
+def peak():
+    return status("VmHWM")
+"""
+
 SCRIPT = """
-import resource, numpy as np, tracin
+import numpy as np, tracin
 rng = np.random.default_rng(0)
 test = rng.standard_normal((2000, 32), dtype=np.float32)
 train = rng.standard_normal((200_000, 32), dtype=np.float32)
 tracin.top_k(test[:4], train[:1000], k=10)  # load everything lazily imported
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 result = tracin.top_k(test, train, k=10, side="both")
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak()
 dense = test[:3] @ train.T
 assert np.array_equal(result.proponents.indices[:3], np.argsort(-dense, axis=1, kind="stable")[:, :10])
-print((after - before) / 1024)
+print((after - before) / 2**20)
 """
 
 
 def test_top_k_memory_is_bounded():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEAK + SCRIPT], capture_output=True, text=True, check=True)
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     # The dense float32 matrix alone would be 1526 MiB.
     assert growth_mib < 200, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
 
 
 NARROW_FACTORS = """
-import resource, numpy as np, tracin
+import numpy as np, tracin
 rng = np.random.default_rng(0)
 sides = [tracin.FactoredGradients([rng.standard_normal((rows, 16), dtype=np.float32) for _ in range(200)],
                                   [rng.standard_normal((rows, 16), dtype=np.float32) for _ in range(200)])
          for rows in (512, 64)]
 tracin.top_k(sides[0], sides[1], k=2)  # load everything lazily imported
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 tracin.top_k(sides[0], sides[1], k=2)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((peak() - before) / 2**20)
 """
 
 
 def test_packed_test_copy_is_the_size_of_its_columns():
     # 512 test rows of 400 factors of 16 columns: 13 MiB packed. Padding every factor to a whole
     # slice of 256 columns, written, would take 200 MiB.
-    out = subprocess.run([sys.executable, "-c", NARROW_FACTORS], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEAK + NARROW_FACTORS], capture_output=True, text=True, check=True)
     growth_mib = float(out.stdout.strip().splitlines()[-1])
     assert growth_mib < 60, f"top_k grew the peak RSS by {growth_mib:.0f} MiB"
 
 
 RESULT_ONLY = """
-import resource, numpy as np, tracin
+import numpy as np, tracin
 rng = np.random.default_rng(0)
 test = rng.standard_normal((500_000, 4), dtype=np.float32)
 train = rng.standard_normal((16, 4), dtype=np.float32)
 tracin.top_k(test[:4], train, k=16)  # load everything lazily imported
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = reset_peak()
 result = tracin.top_k(test, train, k=16, side="both")
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak()
 size = sum(a.nbytes for r in result for a in r)
 dense = test[-3:].astype(np.float64) @ train.T.astype(np.float64)
 assert np.array_equal(result.opponents.indices[-3:], np.argsort(dense, axis=1, kind="stable"))
-print((after - before) * 1024 / size)
+print((after - before) / size)
 """
 
 
 def test_top_k_peak_is_its_result_when_the_result_dominates():
     # 500,000 test rows x (16 + 16) columns: a 183 MiB result. Shifting the indices into a copy and
     # concatenating the (single) test chunk again peaked at 2.67 times the result.
-    out = subprocess.run([sys.executable, "-c", RESULT_ONLY], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEAK + RESULT_ONLY], capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert ratio < 1.25, f"top_k peaked at {ratio:.2f} times the size of its result"
 
@@ -115,15 +128,10 @@ rng = np.random.default_rng(0)
 test = rng.standard_normal((16, 4), dtype=np.float32)
 train = rng.standard_normal((500_000, 4), dtype=np.float32)
 k = 250_000
-def status(field):
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) * 1024
 tracin.top_k(test[:1], train[:100], k=70, progress=False)  # load everything lazily imported
-# The peak RSS from here on (ru_maxrss would count the parent's peak before the exec).
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status("VmRSS")
+before = reset_peak()
 r = tracin.top_k(test, train, k=k, num_threads=1, progress=False)
-grown = status("VmHWM") - before - r.values.nbytes - r.indices.nbytes
+grown = peak() - before - r.values.nbytes - r.indices.nbytes
 exact = -np.sort(-(test[:2].astype(np.float64) @ train.T.astype(np.float64)), axis=1)[:, :k]
 assert np.allclose(r.values[:2], exact, rtol=0, atol=1e-5 * 4 * 25)  # |t| |i| < 25 here
 print(grown / (16 * 16 * _candidates_per_row(k, len(train), 1)))
@@ -150,7 +158,7 @@ except MemoryError as e:
     "libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer reserves more address space than the limit"
 )
 def test_top_k_candidates_for_large_k_are_documented_and_named_when_they_run_out():
-    out = subprocess.run([sys.executable, "-c", LARGE_K], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PEAK + LARGE_K], capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     # 16 rows x 500,000 candidates x 16 bytes (122 MiB) beyond the result, as top_k's docstring says.
     assert 0.9 < ratio < 1.1, ratio
