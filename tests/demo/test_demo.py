@@ -413,6 +413,11 @@ def _small(out, checkpoints=1, epochs=2):
     return DemoConfig(output=out, training=TrainingConfig(epochs=epochs, checkpoints=checkpoints), examples=1, k=2)
 
 
+def _clear(out, paths):
+    with DemoFiles(out) as files:
+        files.clear(paths)
+
+
 def _own_store(path, rows=30):
     writer = GradientStore.create(path, rows, [8], [0.1])
     writer.write(0, 0, np.ones((rows, 8), np.float32))
@@ -462,7 +467,6 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
 
 
 def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
-    files = DemoFiles(tmp_path)
     store, checkpoint = tmp_path / "grads" / "train", tmp_path / "checkpoints" / "checkpoint_0001.pt"
 
     def interrupted(path):
@@ -472,16 +476,29 @@ def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
             GradientStore.create(path, 10, [4], [1.0])  # never finished
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        files.store(store, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        files.put(checkpoint, interrupted)
+    with DemoFiles(tmp_path) as files:
+        with pytest.raises(KeyboardInterrupt):
+            files.store(store, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            files.put(checkpoint, interrupted)
     assert not store.exists() and not checkpoint.exists()  # written under other names, renamed when done
     (partial,) = (tmp_path / "grads").iterdir()
     assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {f"grads/{partial.name}": None}}
-    DemoFiles(tmp_path).clear([store, checkpoint])
+    _clear(tmp_path, [store, checkpoint])
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted([LEDGER, "grads", "checkpoints"])
     assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+
+
+def test_a_second_demo_run_into_the_same_folder_at_once_is_refused(tmp_path):
+    # both ran, failing with raw OS errors on each other's files, and could leave a store unrecorded
+    quiet = {"progress": False, "log": lambda *_: None}
+    with DemoFiles(tmp_path):  # a run in progress
+        with pytest.raises(ValueError, match=f"another tracin demo is writing to {re.escape(str(tmp_path))}; "):
+            run_demo(_small(tmp_path), **quiet)
+        assert list(tmp_path.iterdir()) == []
+    run_demo(_small(tmp_path), **quiet)  # the folder is free once that run is over
+    with DemoFiles(tmp_path) as files:  # and once this one is
+        assert "grads/train" in files.entries
 
 
 def test_a_killed_runs_temporary_file_goes_and_a_users_file_at_such_a_name_stays(tmp_path):
@@ -495,12 +512,12 @@ def test_a_killed_runs_temporary_file_goes_and_a_users_file_at_such_a_name_stays
     )
     assert subprocess.run([sys.executable, "-c", killed]).returncode == -9
     assert [p.name for p in checkpoint.parent.iterdir()] == [".checkpoint_0002.tracin-demo-tmp.npz"]
-    DemoFiles(tmp_path).clear([tmp_path / "checkpoints" / "checkpoint_0005.npz"])  # a run with other settings
+    _clear(tmp_path, [tmp_path / "checkpoints" / "checkpoint_0005.npz"])  # a run with other settings
     assert list(checkpoint.parent.iterdir()) == [] and json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
 
     (tmp_path / ".report.tracin-demo-tmp.md").write_text("mine")
     with pytest.raises(ValueError, match=r"\.report\.tracin-demo-tmp\.md was not written by tracin demo"):
-        DemoFiles(tmp_path).clear([tmp_path / "report.md"])
+        _clear(tmp_path, [tmp_path / "report.md"])
     assert (tmp_path / ".report.tracin-demo-tmp.md").read_text() == "mine"
 
 
@@ -560,15 +577,16 @@ def test_a_rerun_keeps_a_users_files_inside_the_demos_store(tmp_path):
         writer.write(0, 0, np.ones((3, 2), np.float32))
         writer.finalize()
 
-    DemoFiles(tmp_path).store(store, write)
+    with DemoFiles(tmp_path) as files:
+        files.store(store, write)
     (store / "my_top20.csv").write_text("row,score\n")
     (store / "notes").mkdir()
     with pytest.raises(ValueError, match=r"train holds files tracin demo did not write \(my_top20.csv, notes\)"):
-        DemoFiles(tmp_path).clear([store])
+        _clear(tmp_path, [store])
     assert (store / "my_top20.csv").exists() and GradientStore.open(store).ids.tolist() == [7, 8, 9]
     (store / "my_top20.csv").unlink()
     (store / "notes").rmdir()
-    DemoFiles(tmp_path).clear([store])  # the store's own files (ids.npy among them) are the demo's
+    _clear(tmp_path, [store])  # the store's own files (ids.npy among them) are the demo's
     assert not store.exists() and json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
 
 

@@ -3,6 +3,7 @@ touch anything else there (a user's own store at OUT/grads/train, their report.m
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,6 +16,11 @@ from typing import Any
 
 from ..store._files import read_manifest
 from ..store._format import IDS_FILE, MANIFEST
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so two demo runs into one folder are not kept apart there
+    fcntl = None  # type: ignore[assignment]
 
 LEDGER = ".tracin-demo.json"
 WHERE = "output folder (-o / DemoConfig.output)"
@@ -48,6 +54,8 @@ _LEFTOVER_KEY = re.compile(
     )
 )
 _SHA256 = re.compile("[0-9a-f]{64}")
+# flock errors that mean "no locks on this file system" (some network ones): the demo then runs unlocked
+_NO_LOCKS = {errno.ENOLCK, errno.EBADF, errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
 class DemoFiles:
@@ -57,13 +65,34 @@ class DemoFiles:
     marks a file or folder the demo is writing or removing under a temporary name (an interrupted
     run's leftover, removed by the next run); nothing else is replaced or removed without its digest.
     A record naming any other path is refused. OUT/grads and OUT/checkpoints may be symbolic links to folders
-    (e.g. on a faster disk): the demo writes there, and replaces its own files there by their digests."""
+    (e.g. on a faster disk): the demo writes there, and replaces its own files there by their digests.
+
+    `out` must be a folder. From creation to close() (a with block) this holds an exclusive flock on
+    it, so that a second demo run into the same folder meanwhile is refused (ValueError); where the
+    OS (Windows) or the file system has no flock, runs are not kept apart."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self.path = self.out / LEDGER
-        self.found = os.path.lexists(self.path)  # False: no record, e.g. an older tracin's demo output
-        self.entries = self._load() if self.found else {}
+        self._lock = _lock(self.out)
+        try:
+            self.found = os.path.lexists(self.path)  # False: no record, e.g. an older tracin's demo output
+            self.entries = self._load() if self.found else {}
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> DemoFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Leaves the folder to another demo run."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _load(self) -> dict[str, str | None]:
         try:
@@ -202,12 +231,31 @@ class DemoFiles:
         return Path(path).relative_to(self.out).as_posix()
 
     def _save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(self.path.name + ".tmp")
         if os.path.lexists(temporary):  # a killed run's
             temporary.unlink()
         _create_new(temporary, json.dumps({"files": self.entries}, indent=1, sort_keys=True).encode())
         os.replace(temporary, self.path)
+
+
+def _lock(out: Path) -> int | None:
+    """A descriptor of the folder `out` holding an exclusive flock on it (None without flock);
+    ValueError if another demo run holds it."""
+    if fcntl is None:
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"another tracin demo is writing to {out}; wait for it to end or choose another {WHERE}"
+        ) from None
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _temporary(path: Path) -> Path:

@@ -18,7 +18,7 @@ from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
 from ..store import GradientStore
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
-from .framework import FRAMEWORKS, checkpoint_path, trainer
+from .framework import FRAMEWORKS, Train, checkpoint_path, trainer
 from .mlp import cross_entropy
 from .outputs import OUTPUTS, STORES, WHERE, DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
@@ -89,16 +89,31 @@ def run_demo(config: DemoConfig = DemoConfig(), progress: bool = True, log=print
     """Runs the whole demo and writes its outputs (checkpoints, gradient stores grads/train and
     grads/test, figures, report, ranking) to config.output. The files and stores of an earlier run
     there are replaced; ones the demo did not write at the paths it writes (outputs.DemoFiles keeps
-    the record) are refused with a ValueError before anything is removed."""
+    the record) are refused with a ValueError before anything is removed, and so is a second run
+    into the same folder while one is running."""
     start = time.perf_counter()
     framework, train = trainer(config.framework)
     data = load_noisy_digits(config.noise, config.seed)
-    out = _output_folder(Path(config.output))
+    with DemoFiles(_output_folder(Path(config.output))) as owned:
+        return _run(config, progress, log, start, framework, train, data, owned)
+
+
+def _run(
+    config: DemoConfig,
+    progress: bool,
+    log,
+    start: float,
+    framework: str,
+    train: Train,
+    data: NoisyDigits,
+    owned: DemoFiles,
+) -> DemoResult:
+    """run_demo once `owned` holds the output folder."""
+    out = owned.out
     stores = {name: out / "grads" / folder for name, folder in STORES.items()}
     epochs = sorted(int(e) for e in config.training.checkpoint_epochs())
     saved = {e: checkpoint_path(out / "checkpoints", e, framework) for e in epochs}
     named = {name: out / file for name, file in OUTPUTS.items()}
-    owned = DemoFiles(out)
     owned.clear([*stores.values(), *saved.values(), *named.values()])
     flipped = data.flipped
     log(
