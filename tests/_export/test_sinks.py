@@ -95,7 +95,8 @@ def test_a_store_sink_never_advises_an_overwrite_the_export_does_not_take(tmp_pa
     with open(tmp_path / "g" / "checkpoint_000.npy", "r+b") as f:  # an unfinished store, damaged
         f.truncate(100)
     message = _refusal(tmp_path, weights=[0.5])
-    assert "checkpoint_000.npy: corrupt .npy header" in message and message.endswith("export into another directory, or delete this one")
+    assert "checkpoint_000.npy: corrupt .npy header" in message
+    assert message.endswith("export into another directory, or delete this one")
     (tmp_path / "g" / "manifest.json").unlink()  # files named like a store's, no manifest
     message = _refusal(tmp_path, weights=[0.5])
     assert "so it is not a store tracin wrote: export into another directory, or delete this one" in message
