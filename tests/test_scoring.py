@@ -210,7 +210,7 @@ def test_merge_top_k_of_shards_smaller_than_k_asks_for_k(rng):
     test, train = random_set(rng, 6, [3]), random_set(rng, 53, [3])
     cuts = [0, 4, 5, 30, 53]
     parts = [tracin.top_k(test, [train[0][a:b]], k=60) for a, b in zip(cuts, cuts[1:], strict=False)]
-    with pytest.raises(ValueError, match=r"different widths \[4, 1, 25, 23\]"):
+    with pytest.raises(ValueError, match=r"not known: no shard has a local index.*widths \[4, 1, 25, 23\]"):
         tracin.merge_top_k(parts, cuts[:-1])
     merged = tracin.merge_top_k(parts, cuts[:-1], k=60)
     dense = test[0].astype(np.float64) @ train[0].T.astype(np.float64)
@@ -224,7 +224,7 @@ def test_merge_top_k_of_shards_all_exhausted_asks_for_k(rng):
     test, train = ([np.round(2 * m[0])] for m in (random_set(rng, 5, [4]), random_set(rng, 30, [4])))  # exact, ties
     parts = [tracin.top_k(test, [train[0][a : a + 15]], k=100) for a in (0, 15)]
     assert [p.values.shape[1] for p in parts] == [15, 15]
-    with pytest.raises(ValueError, match=r"as many columns \(15\) as train rows.*merge_top_k\(\.\.\., k=k\)"):
+    with pytest.raises(ValueError, match=r"not known.*widths \[15, 15\].*merge_top_k\(\.\.\., k=k\)"):
         tracin.merge_top_k(parts, [15, 0])
     merged = tracin.merge_top_k(parts, [0, 15], k=100)
     values, order = reference_topk(to_float64(test[0]) @ to_float64(train[0]).T, 100, "proponents")
@@ -234,6 +234,43 @@ def test_merge_top_k_of_shards_all_exhausted_asks_for_k(rng):
     shown = [tracin.top_k(test, [train[0][a:b]], k=8) for a, b in ((0, 20), (20, 30))]
     np.testing.assert_array_equal(tracin.merge_top_k(shown, [0, 20]).indices, order[:, :8])
     assert tracin.merge_top_k(parts[:1], [0]).values.shape == (5, 15)
+
+
+def test_merge_top_k_without_k_needs_a_shard_with_more_rows_than_columns(rng):
+    """k comes from a shard whose local indices reach its width, not from gaps between offsets, which
+    shards that do not touch make wider than the shards (review11 r3_merge)."""
+    test, train = random_set(rng, 4, [6]), random_set(rng, 200, [6])
+    dense = to_float64(test[0]) @ to_float64(train[0]).T
+
+    def check(ranges, k):
+        parts = [tracin.top_k(test, [train[0][a:b]], k=k) for a, b in ranges]
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+        values, order = reference_topk(dense[:, rows], k, "proponents")
+        return parts, [a for a, _ in ranges], values, rows[order]
+
+    # Shards 0 and 2 of four 10-row shards at k=20: both exhausted, the union has 20 rows.
+    parts, offsets, values, order = check([(0, 10), (20, 30)], 20)
+    with pytest.raises(ValueError, match=r"not known.*widths \[10, 10\].*merge_top_k\(\.\.\., k=k\)"):
+        tracin.merge_top_k(parts, offsets)
+    merged = tracin.merge_top_k(parts, offsets, k=20)
+    np.testing.assert_array_equal(merged.indices, order)
+    np.testing.assert_allclose(merged.values, values, rtol=1e-5, atol=1e-5)
+    # A first shard of exactly k rows, a last one of 190, and an uneven small last shard: k is shown.
+    for ranges in ([(0, 10), (10, 200)], [(0, 90), (90, 180), (180, 185)], [(150, 200), (0, 50)]):
+        parts, offsets, values, order = check(ranges, 10)
+        merged = tracin.merge_top_k(parts, offsets)
+        np.testing.assert_array_equal(merged.indices, order)
+        np.testing.assert_allclose(merged.values, values, rtol=1e-5, atol=1e-5)
+    # A shard wider than the one that shows k was scored with another k.
+    wide = [tracin.top_k(test, [train[0][:50]], k=5), tracin.top_k(test, [train[0][50:100]], k=8)]
+    with pytest.raises(ValueError, match=r"different widths \[5, 8\].*\[5, 8\] columns"):
+        tracin.merge_top_k(wide, [0, 50])
+    # No test rows: only gaps between offsets can show k (shards taken as contiguous).
+    empty = [tracin.top_k(test[0][:0], [train[0][a : a + 10]], k=4) for a in (0, 10)]
+    assert tracin.merge_top_k(empty, [0, 10]).values.shape == (0, 4)
+    exhausted = [tracin.top_k(test[0][:0], [train[0][a : a + 10]], k=20) for a in (0, 10)]
+    with pytest.raises(ValueError, match="no test rows"):
+        tracin.merge_top_k(exhausted, [0, 10])
 
 
 def test_merge_top_k_refuses_a_train_row_given_twice(rng):

@@ -554,11 +554,12 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
     each shard. k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded
-    data, ties included (smaller global index first). k None takes the shards' common width, when
-    a shard shows it is k: one with more rows (up to the next offset) than columns. Otherwise (shards
-    of different widths, or every shard but the last as wide as its rows, which a k above their
-    sizes also gives) it is a ValueError asking for k. A train row present twice (the same shard
-    given twice, or overlapping shards) is refused.
+    data, ties included (smaller global index first). k None takes it from a shard that shows it:
+    one with more train rows than columns, known from a local index at or past its width (with no
+    test rows: a gap to the next offset wider than the shard, taking shards as contiguous). Where
+    none shows k (every shard may be as wide as its rows, as any larger k also gives), or shards
+    disagree, it is a ValueError asking for k. A train row present twice (the same shard given
+    twice, or overlapping shards) is refused.
     """
     _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
@@ -595,22 +596,31 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
 
 
 def _merge_width(results: list[TopK], offsets: list[int]) -> int:
-    """merge_top_k's k when none is given: the width every result shares, if a shard with more rows
-    (up to the next offset) than that width shows it is k (a single shard: its width in any case)."""
+    """merge_top_k's k when none is given: the width of a shard known to have more train rows than
+    columns (which holds only at width k); a single shard is its own merge, its width in any case."""
     widths = [r.values.shape[1] for r in results]
-    if len(set(widths)) > 1:
+    if len(results) == 1:
+        return widths[0]
+    if results[0].values.shape[0]:
+        shown = {w for r, w in zip(results, widths, strict=True) if np.any(np.asarray(r.indices) >= w)}
+        how = "no shard has a local index at or past its width"
+    else:
+        starts = sorted(int(o) for o in offsets)
+        ends = dict(zip(starts, starts[1:], strict=False))
+        shown = {w for w, o in zip(widths, map(int, offsets), strict=True) if o in ends and ends[o] - o > w}
+        how = "there are no test rows and no shard is narrower than the gap to the next offset"
+    if not shown:
         raise ValueError(
-            f"results have different widths {widths}: a shard with fewer train rows than k has fewer "
-            "columns, so the k they were scored with is not known; pass it as merge_top_k(..., k=k)"
+            f"the k the shards were scored with is not known: {how}, so none is known to have more train "
+            f"rows than columns (widths {widths}; a shard with at most k rows has one column per row); "
+            "pass it as merge_top_k(..., k=k)"
         )
-    starts = sorted(int(o) for o in offsets)
-    if len(starts) > 1 and all(b - a <= widths[0] for a, b in zip(starts, starts[1:], strict=False)):
+    if len(shown) > 1 or max(widths) > max(shown):
         raise ValueError(
-            f"every shard but the last has as many columns ({widths[0]}) as train rows, as with any k of "
-            f"at least {widths[0]}, so the k they were scored with is not known; pass it as "
-            "merge_top_k(..., k=k)"
+            f"results have different widths {widths}, not one k: shards with more train rows than columns "
+            f"have {sorted(shown)} columns; pass the k to merge to as merge_top_k(..., k=k)"
         )
-    return widths[0]
+    return shown.pop()
 
 
 def _refuse_repeated_rows(indices: np.ndarray) -> None:
