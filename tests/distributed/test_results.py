@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 import tracemalloc
 import warnings
@@ -14,6 +15,7 @@ from distributed import Future
 import tracin
 import tracin.distributed as td
 from tracin.distributed import _tasks
+from tracin.distributed._run import Job
 
 from .conftest import exact_top_k, write_store
 
@@ -245,3 +247,15 @@ def test_merge_task_merges_blocks_of_test_rows_in_little_memory(monkeypatch):
         tracemalloc.stop()
     _same(found, expected)
     assert peak < inputs / 4, (peak, inputs)
+
+
+def test_job_task_keys_are_not_reused_after_a_release(client):
+    """A task submitted after release() gets a key of its own, not a released one's (review11 r9)."""
+    job = Job(client, "keys")
+    first, second = job.submit(operator.add, 1, 1), job.submit(operator.add, 2, 2)
+    assert first.result() == 2
+    job.release(first)
+    third = job.submit(operator.add, 100, 100)
+    assert len({first.key, second.key, third.key}) == 3
+    assert (second.result(), third.result()) == (4, 200)
+    job.release(second, third)

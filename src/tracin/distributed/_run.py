@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 import warnings
 from collections.abc import Callable
@@ -33,6 +34,7 @@ class Job:
         self.client = client
         self.what = what
         self.token = uuid.uuid4().hex[:12]
+        self.numbers = itertools.count()  # task keys: never reused, though release() drops futures
         self.futures: list[Future] = []
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
@@ -51,7 +53,7 @@ class Job:
     ) -> Future:
         """fn(*args) as a task; label names its shard in errors, first_rows are the shard's first
         (test, train) rows in the caller's sets, which NaN/Inf errors count rows from."""
-        key = f"tracin_{fn.__name__}-{self.token}-{len(self.futures)}"  # grouped by fn on the dashboard
+        key = f"tracin_{fn.__name__}-{self.token}-{next(self.numbers)}"  # grouped by fn on the dashboard
         future = self.client.submit(_retrying, fn, *args, key=key, pure=False)
         self.futures.append(future)
         if label is not None:
