@@ -3,12 +3,16 @@ header never reads as corrupt, and an interpreter error is not blamed on the fil
 
 import gc
 import io
+import os
+import signal
+import struct
 import sys
 import threading
 
 import numpy as np
 import pytest
 
+import tracin
 from tracin.store import StoreFormatError, _npy
 
 
@@ -82,12 +86,47 @@ def test_a_system_error_is_retried_once_and_not_reported_as_a_corrupt_file(monke
     assert not isinstance(failure.value, StoreFormatError) and len(calls) == 2
 
 
-def test_a_memory_error_is_not_reported_as_a_corrupt_file(monkeypatch):
-    read, calls = _failing(MemoryError(), times=1)
-    monkeypatch.setitem(_npy._HEADER_READERS, (1, 0), read)
-    with pytest.raises(MemoryError):
-        _npy.parse_header(_header((2, 3)), "x")
-    assert len(calls) == 1
+def test_a_memory_error_from_a_hostile_header_is_a_store_format_error(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [4])
+    w.write(0, 0, np.ones((10, 4), np.float32))
+    w.finalize()
+    body = ("-" * 9000 + "1").encode()  # 9000 unary minus signs: ast runs out of memory on 10 kB
+    body += b" " * ((64 - (10 + len(body) + 1) % 64) % 64) + b"\n"
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body + b"\0" * 160
+    (tmp_path / "s" / "checkpoint_000.npy").write_bytes(data)
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy: corrupt .npy header"):
+        tracin.GradientStore.open(tmp_path / "s")
+    with pytest.raises(StoreFormatError, match="x: corrupt .npy header .MemoryError"):
+        _npy.parse_header(data, "x")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this OS")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python 3.12+ warns about fork() with threads
+def test_a_child_forked_while_another_thread_holds_the_parse_lock_still_parses():
+    head = _header((2, 3))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _npy._PARSING:
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: killed by SIGALRM if it waits for the lock the holder thread had
+            signal.alarm(10)
+            try:
+                os._exit(0 if _npy.parse_header(head, "x")[:2] == (np.dtype("<f4"), (2, 3)) else 1)
+            except BaseException:  # noqa: BLE001
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        holder.join()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child status {status:#x}"
 
 
 def test_a_malformed_header_is_still_a_store_format_error():

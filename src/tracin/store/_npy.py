@@ -25,7 +25,8 @@ def parse_header(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bo
     (cpython#106905: a thread switch inside it, e.g. a finalizer run by the garbage collector, can
     raise "SystemError: AST constructor recursion depth mismatch" on a good header). Parses are
     serialized by a lock; a SystemError (from ast used by other code at the same time) is retried
-    once, then raised as the interpreter error it is, like a MemoryError: neither blames the file.
+    once, then raised as the interpreter error it is. A MemoryError is the file's fault (a hostile
+    header of at most 10 kB can exhaust the parser, e.g. 9000 '-' then '1'): a StoreFormatError.
     """
     for attempt in (1, 2):
         try:
@@ -39,6 +40,16 @@ def parse_header(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bo
 _PARSING = threading.RLock()  # reentrant: a finalizer run inside a parse may open a store itself
 
 
+def _new_lock_after_fork() -> None:
+    """A child forked while another thread held the lock would wait for it forever: it gets a fresh one."""
+    global _PARSING
+    _PARSING = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def _parse(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
     f = io.BytesIO(head)
     with _PARSING:
@@ -48,10 +59,11 @@ def _parse(head: bytes, where: str) -> tuple[np.dtype, tuple[int, ...], bool, in
             if read is None:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, fortran, dtype = read(f, max_header_size=_MAX_HEADER)
-        except (SystemError, MemoryError):
+        except SystemError:
             raise
-        # The input is bytes in memory, so any other exception means a malformed header (NumPy's parser
-        # raises ValueError, but also SyntaxError, TypeError or RecursionError from ast on hostile text).
+        # The input is at most ~10 kB in memory, so any other exception means a malformed header (NumPy's
+        # parser raises ValueError, but also SyntaxError, TypeError, RecursionError or MemoryError from
+        # ast on hostile text).
         except Exception as e:  # noqa: BLE001
             raise StoreFormatError(f"{where}: corrupt .npy header ({type(e).__name__}: {str(e)[:200]})") from None
     return dtype, tuple(shape), fortran, f.tell()
