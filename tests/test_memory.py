@@ -8,6 +8,11 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK),
+    reason="needs a writable /proc/self/clear_refs (Linux) to reset the peak RSS the tests measure",
+)
+
 # Peak RSS of the script from reset_peak() on, in bytes: ru_maxrss would count the pytest parent's
 # peak before the exec (a parent with torch loaded made the growth look negative).
 PEAK = """
