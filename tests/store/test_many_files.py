@@ -1,5 +1,6 @@
 """A store of many checkpoints (hundreds of data files) is written and read with few open files."""
 
+import errno
 import mmap
 import os
 import subprocess
@@ -136,3 +137,65 @@ def test_each_chunk_parses_the_manifest_only_when_its_bytes_changed(tmp_path, mo
     tracin.GradientStore.create(tmp_path / "s", 6, [2, 3], overwrite=True).close()
     with pytest.raises(StoreChangedError, match="re-created after it was opened"):
         reader.kernel_side(0, 2)
+
+
+_TOP_K_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    import tracin
+    from tracin.store import _store
+
+    path = sys.argv[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    files = _store._mappable_files()  # the most files a store may have and still be mapped
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((40, 2), np.float32) for _ in range(files)]
+    w = tracin.GradientStore.create(path, 40, [2] * files, weights=rng.uniform(0.5, 2, files).tolist())
+    for c, block in enumerate(blocks):
+        w.write(c, 0, block)
+    store = tracin.GradientStore.open(w.finalize().path, chunk_bytes=files * 2 * 4 * 6)  # 7 chunks
+    got = tracin.top_k(store, store, k=4, progress=False)
+    exact = sum(wc * b.astype(np.float64) @ b.astype(np.float64).T for wc, b in zip(store.weights, blocks))
+    np.testing.assert_allclose(got.values, -np.sort(-exact, axis=1)[:, :4], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.take_along_axis(exact, got.indices, 1), got.values, rtol=1e-5, atol=1e-4)
+    print(files)
+    """
+)
+
+
+def test_top_k_of_a_store_with_itself_maps_as_many_files_as_allowed_under_the_limit(tmp_path):
+    # The scoring loop holds up to 5 chunks' maps at once (train: previous, current, next; test:
+    # previous, current); with a quarter of the limit mappable this failed with EMFILE.
+    result = subprocess.run(
+        [sys.executable, "-c", _TOP_K_CHILD, str(tmp_path / "s")], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) >= 32
+
+
+def test_too_many_open_files_while_mapping_or_opening_names_the_file_and_the_limit(tmp_path, monkeypatch):
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [3, 2])
+    w.write(0, 0, np.ones((4, 3), np.float32))
+    w.write(1, 0, np.ones((4, 2), np.float32))
+    store = w.finalize()
+
+    def no_descriptor_left(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(_npy.mmap, "mmap", no_descriptor_left)
+    with pytest.raises(OSError, match=r"ulimit -n.*while mapping") as failure:
+        store.kernel_side(0, 4)
+    assert failure.value.errno == errno.EMFILE and failure.value.filename == str(tmp_path / "s" / "checkpoint_000.npy")
+    monkeypatch.undo()
+    real_open = os.open
+
+    def open_fails_for_data(path, *args, **kwargs):
+        if str(path).endswith(".npy"):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_fails_for_data)
+    with pytest.raises(OSError, match=r"ulimit -n.*while opening") as failure:
+        store.kernel_side(0, 4)
+    assert failure.value.errno == errno.EMFILE and failure.value.filename.endswith("checkpoint_000.npy")

@@ -26,16 +26,20 @@ MAX_MANIFEST_BYTES = 64 * 2**20  # far above any real manifest; a bigger one is 
 
 @contextmanager
 def naming(path: Path, doing: str) -> Iterator[None]:
-    """Re-raises an OSError that carries no file name (pwrite, fsync, ...) with `path` in it, and
-    says "the disk is full" for ENOSPC / EDQUOT. `doing`: "writing", "reading", ..."""
+    """Re-raises an OSError that carries no file name (pwrite, fsync, mmap, ...) with `path` in it,
+    says "the disk is full" for ENOSPC / EDQUOT, and for EMFILE (even one naming a file) suggests
+    raising the limit on open files. `doing`: "writing", "reading", ..."""
     try:
         yield
     except OSError as e:
-        if e.filename is not None or e.errno is None:
+        emfile = e.errno == errno.EMFILE and "ulimit -n" not in (e.strerror or "")
+        if (e.filename is not None and not emfile) or e.errno is None:
             raise
         reason = e.strerror or "error"
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             reason = f"the disk is full ({reason})"
+        if emfile:
+            reason = f"{reason} (the process reached its limit on open files: raise it, e.g. `ulimit -n 65536`)"
         raise type(e)(e.errno, f"{reason}, while {doing}", str(path)) from e
 
 
@@ -43,11 +47,13 @@ def open_file(path: Path, writable: bool = False) -> int:
     """Descriptor of the existing regular file `path`, read-only or read-write.
 
     A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError; a missing
-    file a FileNotFoundError; any other OS error propagates (it names the file).
+    file a FileNotFoundError; any other OS error propagates (it names the file; too many open files
+    says to raise the limit).
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
     try:
-        fd = os.open(path, flags)
+        with naming(path, "opening"):  # EMFILE: suggests raising the limit
+            fd = os.open(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP or os.path.islink(path):
             raise StoreFormatError(

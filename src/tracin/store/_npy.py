@@ -133,10 +133,10 @@ def write_npy(path: Path, array: np.ndarray) -> None:
         os.close(fd)
 
 
-def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only array of `shape` mapped from byte `offset` of the file open at `fd`, unmapped when
-    the array is dropped. The map keeps its own duplicate of the descriptor (Python's mmap), so `fd`
-    may be closed after. (mmap + frombuffer: np.memmap costs ~2.5x more per map, which counts when a
+def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """A read-only array of `shape` mapped from byte `offset` of the file `path` open at `fd`, unmapped
+    when the array is dropped. The map keeps its own duplicate of the descriptor (Python's mmap), so
+    `fd` may be closed after; an OS error (too many open files for that duplicate) names the file. (mmap + frombuffer: np.memmap costs ~2.5x more per map, which counts when a
     chunk maps hundreds of files.)"""
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes == 0:
@@ -144,7 +144,8 @@ def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...]) -> 
         empty.flags.writeable = False
         return empty
     start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapped = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
+    with naming(path, "mapping"):
+        mapped = mmap.mmap(fd, offset - start + nbytes, access=mmap.ACCESS_READ, offset=start)
     return np.frombuffer(mapped, dtype, nbytes // dtype.itemsize, offset - start).reshape(shape)
 
 
@@ -176,6 +177,6 @@ def read_ids(path: Path, n_rows: int) -> np.ndarray:
         dtype, shape, _, _ = read_header(fd, path)
         if shape != (n_rows,) or dtype.kind not in "iuU":
             raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape {shape} dtype {dtype}")
-        return map_array(fd, dtype, check_npy(fd, path, dtype, shape), shape)
+        return map_array(fd, dtype, check_npy(fd, path, dtype, shape), shape, path)
     finally:
         os.close(fd)

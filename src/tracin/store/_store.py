@@ -99,8 +99,9 @@ class GradientStore(GradientSet):
 
     Never loaded whole: the scoring functions ask for rows in chunks of about `chunk_bytes`
     (row_chunks()), each memory-mapped for one kernel call and unmapped after, so peak memory
-    stays bounded for stores larger than RAM. A store of more data files than a quarter of the
-    limit on open files is read into memory per chunk instead (each map holds a descriptor). A
+    stays bounded for stores larger than RAM. A store of more data files than an eighth of the
+    limit on open files is read into memory per chunk instead (each map holds a descriptor, and
+    scoring holds up to 5 chunks at once). A
     store can be a view of a contiguous row range of the files (shard(), slicing); row indices are
     then relative to the view.
 
@@ -294,7 +295,7 @@ class GradientStore(GradientSet):
                     if read:
                         blocks.append(read_array(fd, disk, at, (rows, cols), self.path / file.name))
                     else:
-                        blocks.append(map_array(fd, disk, at, (rows, cols)))
+                        blocks.append(map_array(fd, disk, at, (rows, cols), self.path / file.name))
                 finally:
                     os.close(fd)
         except StoreChangedError:
@@ -472,14 +473,21 @@ def _dims_text(i: dict[str, Any]) -> str:
     return ", ".join(str(d) for d in dims)
 
 
+# Chunks whose maps may be alive at once: the scoring loop holds the previous, current and next
+# train chunks and the previous and current test chunks of one store (top_k(s, s)): 5, rounded up
+# to 8 to leave a few hundred descriptors (at the usual limit of 1024) to the rest of the process.
+_CHUNKS_HELD = 8
+
+
 def _mappable_files() -> int:
     """How many data files a chunk may memory-map: each map holds a descriptor until it is dropped
-    (Python's mmap keeps a duplicate), and a kernel call holds a test and a train chunk, so a
-    quarter of the limit on open files (RLIMIT_NOFILE); a store of more files is read instead."""
+    (Python's mmap keeps a duplicate), and the scoring loop holds up to 5 chunks' maps at once, so
+    an eighth (_CHUNKS_HELD) of the limit on open files (RLIMIT_NOFILE); a store of more files is
+    read into memory per chunk instead."""
     if resource is None:
         return 128
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return soft // 4 if soft != resource.RLIM_INFINITY else 2**20
+    return soft // _CHUNKS_HELD if soft != resource.RLIM_INFINITY else 2**20
 
 
 def _read_ahead(fd: int, offset: int, nbytes: int) -> None:
