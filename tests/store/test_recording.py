@@ -110,3 +110,28 @@ def test_the_manifest_is_one_line(tmp_path):
     assert json.loads(text)["checkpoints"][0]["written"] == [[0, 2]]
     assert _files.read_manifest(tmp_path / "s").written == [[[0, 2]]]
     w.close()
+
+
+def test_a_writer_closed_inside_the_block_records_nothing_on_leaving(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 10, [4])
+    with w.recording_once():
+        w.write(0, 0, np.ones((10, 4), np.float32))
+        w.close()  # the lock is released: another writer re-creates the store meanwhile
+        tracin.GradientStore.create(tmp_path / "s", 10, [4], overwrite=True).close()
+    new = tracin.GradientStore.create(tmp_path / "s", 10, [4])
+    assert new.rows_done(0) == 0  # the new store's manifest was not given the old writer's rows
+    with pytest.raises(ValueError, match=r"rows not written yet \(checkpoint 0: rows \[0, 10\)\)"):
+        new.finalize()
+    new.close()
+
+
+def test_finalize_inside_the_block_records_the_rows_written_first(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [2, 3])
+    data = [np.arange(12, dtype=np.float32).reshape(6, 2), np.arange(18, dtype=np.float32).reshape(6, 3)]
+    with w.recording_once():
+        for c, block in enumerate(data):
+            w.write(c, 0, block)
+        store = w.finalize()
+    assert store.complete
+    for got, expected in zip(tracin.GradientStore.open(tmp_path / "s").kernel_side().blocks, data, strict=True):
+        np.testing.assert_array_equal(got, expected)

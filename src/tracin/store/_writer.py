@@ -186,7 +186,10 @@ class GradientStoreWriter:
         """Within the block, write() syncs each block's data as always but records the rows only
         once, on leaving (one atomic replace of the progress file for, say, every checkpoint or layer
         of an export batch, instead of one per block). On an error the rows written so far are still
-        recorded (if that fails too, the block's error is the one raised; a resume redoes them)."""
+        recorded (if that fails too, the block's error is the one raised; a resume redoes them).
+        finalize() inside the block records the rows first; a writer closed inside it records
+        nothing on leaving (its lock is released: another writer may own the store by then), so
+        a resume redoes those rows."""
         if self._pending is not None:  # nested: the outer block records
             yield
             return
@@ -197,7 +200,7 @@ class GradientStoreWriter:
             failed = False
         finally:
             pending, self._pending = self._pending, None
-            if pending:
+            if pending and not self._closed:
                 try:
                     self._record(pending)
                 except Exception:
@@ -207,8 +210,11 @@ class GradientStoreWriter:
     def finalize(self) -> GradientSet:
         """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
         if not self._manifest.complete:
-            if self._files is None or self._files.closed:
+            if self._closed:
                 raise ValueError(f"the writer of {self.path} is closed; create() it again to finish it")
+            if self._pending:  # inside recording_once: the rows written so far count
+                self._record(self._pending)
+                self._pending.clear()
             missing = {c: self.missing(c) for c in range(self.n_checkpoints) if self.missing(c)}
             if missing:
                 detail = "; ".join(f"checkpoint {c}: rows {_ranges_text(r)}" for c, r in missing.items())
@@ -245,6 +251,10 @@ class GradientStoreWriter:
         )
 
     # -- helpers --------------------------------------------------------------------------------
+    @property
+    def _closed(self) -> bool:
+        return self._files is None or self._files.closed
+
     def _written(self, c: int) -> Ranges:
         """Sorted, disjoint row ranges of checkpoint c known to be written."""
         return self._manifest.written[c]
