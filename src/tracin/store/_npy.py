@@ -136,8 +136,9 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 def map_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], path: Path) -> np.ndarray:
     """A read-only array of `shape` mapped from byte `offset` of the file `path` open at `fd`, unmapped
     when the array is dropped. The map keeps its own duplicate of the descriptor (Python's mmap), so
-    `fd` may be closed after; an OS error (too many open files for that duplicate) names the file. (mmap + frombuffer: np.memmap costs ~2.5x more per map, which counts when a
-    chunk maps hundreds of files.)"""
+    `fd` may be closed after; an OS error (too many open files for that duplicate) names the file.
+    (mmap + frombuffer: np.memmap costs ~2.5x more per map, which counts when a chunk maps hundreds
+    of files.)"""
     nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
     if nbytes == 0:
         empty = np.empty(shape, dtype)

@@ -101,7 +101,8 @@ class GradientStore(GradientSet):
     (row_chunks()), each memory-mapped for one kernel call and unmapped after, so peak memory
     stays bounded for stores larger than RAM. A store of more data files than an eighth of the
     limit on open files is read into memory per chunk instead (each map holds a descriptor, and
-    scoring holds up to 5 chunks at once). A
+    scoring holds up to 5 chunks at once): its peak memory is then a few chunks, about 3x
+    chunk_bytes for self_influence and up to 5x for a store scored against itself. A
     store can be a view of a contiguous row range of the files (shard(), slicing); row indices are
     then relative to the view.
 
@@ -191,7 +192,9 @@ class GradientStore(GradientSet):
 
         An unfinished store opens, but scoring it raises unless allow_partial=True, which exposes
         the rows written so far for every checkpoint (a prefix). chunk_bytes: bytes of rows
-        (all checkpoints together) mapped per kernel call. A malformed manifest or file, or a
+        (all checkpoints together) mapped per kernel call; a store read into memory instead (many
+        files) costs about 3x chunk_bytes in self_influence, up to 5x scored against itself
+        (scoring holds up to 5 chunks at once). A malformed manifest or file, or a
         symbolic link in the store, is a StoreFormatError; an OS error (e.g. permission denied)
         is raised as the OSError it is, naming the file.
         """
