@@ -102,6 +102,7 @@ def test_a_memory_error_from_a_hostile_header_is_a_store_format_error(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() on this OS")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python 3.12+ warns about fork() with threads
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, if imported, warns too; the child only parses
 def test_a_child_forked_while_another_thread_holds_the_parse_lock_still_parses():
     head = _header((2, 3))
     held, release = threading.Event(), threading.Event()
