@@ -555,11 +555,10 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
     each shard. k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded
     data, ties included (smaller global index first). k None takes it from a shard that shows it:
-    one with more train rows than columns, known from a local index at or past its width (with no
-    test rows: a gap to the next offset wider than the shard, taking shards as contiguous). Where
-    none shows k (every shard may be as wide as its rows, as any larger k also gives), or shards
-    disagree, it is a ValueError asking for k. A train row present twice (the same shard given
-    twice, or overlapping shards) is refused.
+    one with more train rows than columns, known from a local index at or past its width. Where
+    none shows k (every shard may be as wide as its rows, as any larger k also gives; always so
+    with no test rows), or shards disagree, it is a ValueError asking for k. A train row present
+    twice (the same shard given twice, or overlapping shards) is refused.
     """
     _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
@@ -601,14 +600,10 @@ def _merge_width(results: list[TopK], offsets: list[int]) -> int:
     widths = [r.values.shape[1] for r in results]
     if len(results) == 1:
         return widths[0]
-    if results[0].values.shape[0]:
-        shown = {w for r, w in zip(results, widths, strict=True) if np.any(np.asarray(r.indices) >= w)}
-        how = "no shard has a local index at or past its width"
-    else:
-        starts = sorted(int(o) for o in offsets)
-        ends = dict(zip(starts, starts[1:], strict=False))
-        shown = {w for w, o in zip(widths, map(int, offsets), strict=True) if o in ends and ends[o] - o > w}
-        how = "there are no test rows and no shard is narrower than the gap to the next offset"
+    shown = {w for r, w in zip(results, widths, strict=True) if np.any(np.asarray(r.indices) >= w)}
+    how = "no shard has a local index at or past its width"
+    if not results[0].values.shape[0]:
+        how = "there are no test rows, so no shard's indices show it"
     if not shown:
         raise ValueError(
             f"the k the shards were scored with is not known: {how}, so none is known to have more train "
