@@ -85,6 +85,10 @@ print((after - before) / size)
 """
 
 
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="AddressSanitizer's quarantine keeps freed blocks resident (2.73x here; 1.00x with quarantine_size_mb=0)",
+)
 def test_top_k_peak_is_its_result_when_the_result_dominates():
     # 500,000 test rows x (16 + 16) columns: a 183 MiB result. Shifting the indices into a copy and
     # concatenating the (single) test chunk again peaked at 2.67 times the result.
