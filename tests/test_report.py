@@ -18,6 +18,12 @@ def _full(rng, n, dims=(7, 3, 12), dtype=np.float32):
     return [rng.standard_normal((n, d)).astype(dtype) for d in dims]
 
 
+# 2 checkpoints x 2 layers, as a factored export records them: one fingerprint per checkpoint
+TWO_BY_TWO_DIMS = ((3, 4), (2, 5), (3, 4), (2, 5))
+TWO_BY_TWO_WEIGHTS = [0.1, 0.1, 0.01, 0.01]
+TWO_BY_TWO_METADATA = {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+
+
 def _factored(rng, n, dims=((4, 5), (3, 6))):
     return (
         [rng.standard_normal((n, p)).astype(np.float32) for p, _ in dims],
@@ -150,9 +156,9 @@ def test_checkpoint_contributions_sum_the_layers_of_each_checkpoint(tmp_path):
     # 2 checkpoints x 2 layers of a factored export (one fingerprint per checkpoint): one part per
     # checkpoint, as checkpoint_diagnostics groups them, not one per layer slot
     rng = np.random.default_rng(9)
-    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    dims = TWO_BY_TWO_DIMS
     (left, right), (tl, tr) = _factored(rng, 70, dims=dims), _factored(rng, 6, dims=dims)
-    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    w, meta = TWO_BY_TWO_WEIGHTS, TWO_BY_TWO_METADATA
     train = tracin.FactoredGradients(left, right, w, metadata=meta)
     test = tracin.FactoredGradients(tl, tr, w, metadata=meta)
     result = tracin.top_k(test, train, k=3)
@@ -202,9 +208,9 @@ def test_checkpoint_contributions_of_a_normalized_result_sum_to_its_values():
 
 def test_checkpoint_contributions_of_normalized_factored_gradients_match_float64():
     rng = np.random.default_rng(11)
-    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    dims = TWO_BY_TWO_DIMS
     (left, right), (tl, tr) = _factored(rng, 40, dims=dims), _factored(rng, 4, dims=dims)
-    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    w, meta = TWO_BY_TWO_WEIGHTS, TWO_BY_TWO_METADATA
     test = tracin.FactoredGradients(tl, tr, w, metadata=meta)
     train = tracin.FactoredGradients(left, right, w, metadata=meta)
     result = tracin.top_k(test, train, k=5, normalize=True, side="opponents")
@@ -344,9 +350,9 @@ def test_diagnostics_take_numpy_integers_but_not_bools(tmp_path):
 def test_diagnostics_group_layers_from_metadata_in_memory_as_in_a_store(tmp_path):
     # 2 checkpoints x 2 layers, as a factored export records them: one fingerprint per checkpoint
     rng = np.random.default_rng(7)
-    dims = ((3, 4), (2, 5), (3, 4), (2, 5))
+    dims = TWO_BY_TWO_DIMS
     left, right = _factored(rng, 60, dims=dims)
-    w, meta = [0.1, 0.1, 0.01, 0.01], {"fingerprints": {"checkpoints": ["ck0", "ck1"]}}
+    w, meta = TWO_BY_TWO_WEIGHTS, TWO_BY_TWO_METADATA
     writer = tracin.GradientStore.create(tmp_path / "s", 60, dims, w, factored=True, metadata=meta)
     with writer:
         for c, pair in enumerate(zip(left, right, strict=True)):

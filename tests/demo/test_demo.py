@@ -30,6 +30,8 @@ from tracin.demo.run import LOSS, PERFECT, RANDOM, TRACIN, TRACIN_ALL
 from tracin.demo.training import TrainingConfig
 from tracin.store import GradientStore
 
+QUIET = {"progress": False, "log": lambda *_: None}  # run_demo without bar or log lines
+
 
 @pytest.fixture(scope="module")
 def default_demo(tmp_path_factory):
@@ -425,18 +427,17 @@ def _own_store(path, rows=30):
 
 
 def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(tmp_path):
-    quiet = {"progress": False, "log": lambda *_: None}
     mine = tmp_path / "project"
     _own_store(mine / "grads" / "train")  # a user's store where the demo writes, no demo run before
     with pytest.raises(ValueError, match=r"train was not written by tracin demo .* \(-o / DemoConfig.output\)"):
-        run_demo(_small(mine), **quiet)
+        run_demo(_small(mine), **QUIET)
     assert GradientStore.open(mine / "grads" / "train").n_rows == 30 and not (mine / "checkpoints").exists()
 
     out = tmp_path / "out"
-    run_demo(_small(out, checkpoints=3, epochs=3), **quiet)
+    run_demo(_small(out, checkpoints=3, epochs=3), **QUIET)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint_000{e}.npz" for e in (1, 2, 3)]
     assert f"`{LEDGER}`: the demo's record" in (out / "report.md").read_text()
-    run_demo(_small(out, checkpoints=1, epochs=3), **quiet)  # the stale checkpoints of the first run go
+    run_demo(_small(out, checkpoints=1, epochs=3), **QUIET)  # the stale checkpoints of the first run go
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0003.npz"]
     assert GradientStore.open(out / "grads" / "train_all_checkpoints").n_checkpoints == 2  # 1 checkpoint x 2 layers
 
@@ -444,7 +445,7 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
     _own_store(out / "grads" / "test")
     (out / "checkpoints" / "notes.txt").write_text("kept")
     with pytest.raises(ValueError, match="test was not written by tracin demo"):
-        run_demo(_small(out), **quiet)
+        run_demo(_small(out), **QUIET)
     assert GradientStore.open(out / "grads" / "test").n_rows == 30  # nothing removed before the refusal
     assert GradientStore.open(out / "grads" / "train").n_rows == 1400
     assert (out / "checkpoints" / "checkpoint_0003.npz").exists()
@@ -453,17 +454,17 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
     (other / "checkpoints").mkdir(parents=True)
     np.savez(other / "checkpoints" / "checkpoint_0002.npz", w=np.ones(3))  # a user's own checkpoint
     with pytest.raises(ValueError, match="checkpoint_0002.npz was not written by tracin demo"):
-        run_demo(_small(other), **quiet)
+        run_demo(_small(other), **QUIET)
     assert np.load(other / "checkpoints" / "checkpoint_0002.npz")["w"].tolist() == [1, 1, 1]
     (other / "checkpoints" / "checkpoint_0002.npz").unlink()
     (other / "grads" / "train").mkdir(parents=True)
     (other / "grads" / "train" / "notes.txt").write_text("mine")  # not a store at all
     with pytest.raises(ValueError, match="train was not written by tracin demo"):
-        run_demo(_small(other), **quiet)
+        run_demo(_small(other), **QUIET)
     assert (other / "grads" / "train" / "notes.txt").read_text() == "mine"
     (other / LEDGER).write_text("{}")
     with pytest.raises(ValueError, match="is not the record tracin demo keeps of its files"):
-        run_demo(_small(other), **quiet)
+        run_demo(_small(other), **QUIET)
 
 
 def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
@@ -491,12 +492,11 @@ def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
 
 def test_a_second_demo_run_into_the_same_folder_at_once_is_refused(tmp_path):
     # both ran, failing with raw OS errors on each other's files, and could leave a store unrecorded
-    quiet = {"progress": False, "log": lambda *_: None}
     with DemoFiles(tmp_path):  # a run in progress
         with pytest.raises(ValueError, match=f"another tracin demo is writing to {re.escape(str(tmp_path))}; "):
-            run_demo(_small(tmp_path), **quiet)
+            run_demo(_small(tmp_path), **QUIET)
         assert list(tmp_path.iterdir()) == []
-    run_demo(_small(tmp_path), **quiet)  # the folder is free once that run is over
+    run_demo(_small(tmp_path), **QUIET)  # the folder is free once that run is over
     with DemoFiles(tmp_path) as files:  # and once this one is
         assert "grads/train" in files.entries
 
@@ -524,8 +524,7 @@ def test_a_killed_runs_temporary_file_goes_and_a_users_file_at_such_a_name_stays
 def test_a_rerun_interrupted_while_removing_the_demos_store_can_be_run_again(tmp_path, monkeypatch):
     # the store's manifest was removed first and the record kept its digest: every later run refused
     # the demo's own half-removed store as "changed since"
-    quiet = {"progress": False, "log": lambda *_: None}
-    run_demo(_small(tmp_path), **quiet)
+    run_demo(_small(tmp_path), **QUIET)
     unlink = os.unlink
 
     def interrupted_after_the_manifest(path, *args, **kwargs):
@@ -535,9 +534,9 @@ def test_a_rerun_interrupted_while_removing_the_demos_store_can_be_run_again(tmp
 
     monkeypatch.setattr(os, "unlink", interrupted_after_the_manifest)
     with pytest.raises(KeyboardInterrupt):
-        run_demo(_small(tmp_path), **quiet)
+        run_demo(_small(tmp_path), **QUIET)
     monkeypatch.setattr(os, "unlink", unlink)
-    run_demo(_small(tmp_path), **quiet)
+    run_demo(_small(tmp_path), **QUIET)
     assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["test", "train", "train_all_checkpoints"]
     assert GradientStore.open(tmp_path / "grads" / "train").n_rows == 1400
 
@@ -547,7 +546,6 @@ def test_a_store_put_where_an_interrupted_run_was_exporting_is_not_the_demos(tmp
     # taken for the demo's and deleted by the next run
     import tracin.demo.with_numpy as with_numpy
 
-    quiet = {"progress": False, "log": lambda *_: None}
     export = with_numpy.NumpyMLP.export
 
     def interrupted(self, *args, **kwargs):
@@ -556,15 +554,15 @@ def test_a_store_put_where_an_interrupted_run_was_exporting_is_not_the_demos(tmp
 
     monkeypatch.setattr(with_numpy.NumpyMLP, "export", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_demo(_small(tmp_path), **quiet)
+        run_demo(_small(tmp_path), **QUIET)
     monkeypatch.setattr(with_numpy.NumpyMLP, "export", export)
     shutil.rmtree(tmp_path / "grads" / "train", ignore_errors=True)
     _own_store(tmp_path / "grads" / "train")
     with pytest.raises(ValueError, match="train was not written by tracin demo"):
-        run_demo(_small(tmp_path), **quiet)
+        run_demo(_small(tmp_path), **QUIET)
     assert GradientStore.open(tmp_path / "grads" / "train").n_rows == 30
     shutil.rmtree(tmp_path / "grads" / "train")
-    run_demo(_small(tmp_path), **quiet)  # the interrupted run's own leftovers go
+    run_demo(_small(tmp_path), **QUIET)  # the interrupted run's own leftovers go
     assert sorted(p.name for p in (tmp_path / "grads").iterdir()) == ["test", "train", "train_all_checkpoints"]
 
 
@@ -593,12 +591,11 @@ def test_a_rerun_keeps_a_users_files_inside_the_demos_store(tmp_path):
 def test_the_demo_does_not_overwrite_a_users_files_or_write_through_links(tmp_path):
     # with -o . (or a project folder) the user's report.md and ranking were overwritten, and a link
     # at report.md or at the record's temporary file was written through
-    quiet = {"progress": False, "log": lambda *_: None}
     project = tmp_path / "project"
     project.mkdir()
     (project / "report.md").write_text("MY REPORT\n")
     with pytest.raises(ValueError, match=r"report.md was not written by tracin demo .*\(-o / DemoConfig.output\)"):
-        run_demo(_small(project), **quiet)
+        run_demo(_small(project), **QUIET)
     assert (project / "report.md").read_text() == "MY REPORT\n"
     assert sorted(p.name for p in project.iterdir()) == ["report.md"]  # nothing written before the refusal
 
@@ -607,21 +604,20 @@ def test_the_demo_does_not_overwrite_a_users_files_or_write_through_links(tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / f"{LEDGER}.tmp").symlink_to(victim)  # a stale temporary of the record, as a link
-    run_demo(_small(out), **quiet)
+    run_demo(_small(out), **QUIET)
     assert victim.read_text() == "precious" and not os.path.lexists(out / f"{LEDGER}.tmp")
     recorded = json.loads((out / LEDGER).read_text())["files"]
     assert {"report.md", "self_influence_ranking.csv", "mislabel_detection.png"} <= set(recorded)
     (out / "report.md").unlink()
     (out / "report.md").symlink_to(victim)
     with pytest.raises(ValueError, match="report.md was not written by tracin demo .it is a symbolic link"):
-        run_demo(_small(out), **quiet)
+        run_demo(_small(out), **QUIET)
     assert victim.read_text() == "precious"
 
 
 def test_a_record_naming_paths_the_demo_never_writes_is_refused(tmp_path):
     # keys of a received .tracin-demo.json were joined to the output folder unchecked: '../x', an
     # absolute path or a path through a link in it made the next run delete the user's files elsewhere
-    quiet = {"progress": False, "log": lambda *_: None}
     victim, home = tmp_path / "victim.txt", tmp_path / "home"
     victim.write_bytes(b"")
     home.mkdir()
@@ -642,7 +638,7 @@ def test_a_record_naming_paths_the_demo_never_writes_is_refused(tmp_path):
         with pytest.raises(
             ValueError, match=f"{re.escape(LEDGER)} is not the record .* it names {re.escape(repr(key))}"
         ):
-            run_demo(_small(out), **quiet)
+            run_demo(_small(out), **QUIET)
         assert victim.exists() and (home / "keep.txt").read_text() == "hello\n"
     assert sorted(p.name for p in out.iterdir()) == [LEDGER, "docs"]  # nothing written before the refusal
 
@@ -650,30 +646,28 @@ def test_a_record_naming_paths_the_demo_never_writes_is_refused(tmp_path):
 def test_reruns_keep_other_files_and_explain_folders_without_a_record(tmp_path):
     # a checkpoint name the demo never writes was refused, and an older tracin's demo output (no
     # record) was called "not written by tracin demo" with no word of why
-    quiet = {"progress": False, "log": lambda *_: None}
     out = tmp_path / "out"
-    run_demo(_small(out), **quiet)
+    run_demo(_small(out), **QUIET)
     np.savez(out / "checkpoints" / "checkpoint_best.npz", w=np.ones(2))
-    run_demo(_small(out), **quiet)
+    run_demo(_small(out), **QUIET)
     assert np.load(out / "checkpoints" / "checkpoint_best.npz")["w"].tolist() == [1, 1]
     (out / LEDGER).unlink()  # as the demo of an older tracin left its folder
     with pytest.raises(ValueError, match=f"has no {re.escape(LEDGER)}.* from an older tracin version, remove"):
-        run_demo(_small(out), **quiet)
+        run_demo(_small(out), **QUIET)
 
 
 def test_a_file_or_a_dangling_link_at_grads_or_checkpoints_is_refused_before_training(tmp_path):
     # the run trained and wrote its checkpoints, then failed on the store with a bare Errno 17
-    quiet = {"progress": False, "log": lambda *_: None}
     out = tmp_path / "out"
     out.mkdir()
     (out / "grads").write_text("user's notes")
     with pytest.raises(ValueError, match=r"out/grads is a file, not a folder; .*\(-o / DemoConfig.output\)"):
-        run_demo(_small(out), **quiet)
+        run_demo(_small(out), **QUIET)
     assert sorted(p.name for p in out.iterdir()) == ["grads"]
     (out / "grads").unlink()
     (out / "checkpoints").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ValueError, match=r"out/checkpoints is a symbolic link to .*nowhere, which is not a folder"):
-        run_demo(_small(out), **quiet)
+        run_demo(_small(out), **QUIET)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]
 
 
