@@ -4,7 +4,6 @@ that hands each pair to a scoring backend (tracin.backends; "cpu" is the C++ ker
 from __future__ import annotations
 
 import numbers
-import os
 import re
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -12,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _progress
+from ._cpus import usable_cores
 from ._progress import check_progress, progress_bar, tqdm_installed
 from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
@@ -296,7 +296,7 @@ class _Loop:
         steps = _BAR_STEPS if progress else 1
         if progress is None and timed and tqdm_installed():
             merged = 0 if top_k is None or test is None else test.n_rows * 2 * min(top_k[0], train.n_rows) * top_k[1]
-            steps = _auto_steps(macs, threads or _cpus(), merged)
+            steps = _auto_steps(macs, threads or usable_cores(), merged)
         if steps > 1 and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
@@ -344,7 +344,7 @@ class _Loop:
         if self.current is not None:
             m, n = _span(self.current.test_rows), _span(self.current.train_rows)
         rows = _pass_rows(m, width)
-        threads = min(self.threads or _cpus(), max(-(-n // 96), 1))  # the kernel runs no more than its tiles
+        threads = min(self.threads or usable_cores(), max(-(-n // 96), 1))  # the kernel runs no more than its tiles
         k, sides = self.top_k or (0, 0)
         per_row = _candidates_per_row(min(k, n), n, threads)
         candidates = 16 * rows * per_row * threads * sides
@@ -376,11 +376,6 @@ def _auto_steps(macs: float, threads: int, merged: int) -> int:
 
 def _span(rows: slice) -> int:
     return rows.stop - rows.start
-
-
-def _cpus() -> int:
-    """The kernel's default thread count: the CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _pass_rows(m: int, width: int) -> int:

@@ -7,13 +7,14 @@ checkout.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from ._cpus import usable_cores
 
 NUMPY_CHUNK_BYTES = 128 * 2**20  # score matrix NumPy holds at once (test rows per chunk follow from it)
 CHECKED_ROWS = 8  # test rows whose top-k is checked against float64
@@ -96,11 +97,6 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run(config: BenchConfig) -> BenchResult:

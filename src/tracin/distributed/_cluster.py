@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -13,14 +12,11 @@ from typing import Any
 from distributed import Client, LocalCluster, default_client, get_worker
 from distributed.comm import get_address_host
 
+from .._cpus import usable_cores
+
 # How long an export waits for the first worker of a cluster that has none yet (None: no limit; a
 # dask-jobqueue queue may take hours). Scoring calls do not wait: their tasks queue until workers come.
 WORKER_WAIT_S: float | None = None
-
-
-def usable_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
