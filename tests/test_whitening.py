@@ -357,6 +357,19 @@ def test_save_load_round_trip(tmp_path, full):
         Whitening.load(tmp_path / "other.npz")
 
 
+def test_save_writes_the_path_it_is_given(tmp_path, full):
+    """save(path) writes `path` itself, whatever its suffix, and load(path) reads it back."""
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3)
+    exact = [to_float64(t) @ reference_inverse(g, 0.3)[0] for t, g in zip(test, train, strict=True)]
+    for name in ("white", "white.bin", "white.npz"):
+        w.save(tmp_path / name)
+        back = Whitening.load(tmp_path / name)
+        for ours, ref in zip(back.apply(tracin.Gradients(test)).matrices, exact, strict=True):
+            assert_rows_close(ours, ref)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["white", "white.bin", "white.npz"]
+
+
 def _exported(matrices, digests, sources=("state", "state")):
     """Gradients with the checkpoint records an export writes (framework, digests, how they were made)."""
     meta = {"framework": "torch", "mode": "full", "fingerprints": {"data": "d", "checkpoints": list(digests)}}

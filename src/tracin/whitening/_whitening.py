@@ -287,10 +287,11 @@ class Whitening:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the spec, the float64 inverses and the undamped moments (for with_damping) to one
-        .npz file at `path`."""
+        .npz file at exactly `path` (no suffix is added; load(path) reads it back)."""
         arrays = {f"inverse_{i}": inv for i, inv in enumerate(self._inverses)}
         arrays.update({f"moment_{i}": m for i, m in enumerate(self._moments)})
-        np.savez(path, spec=np.array(json.dumps(self.to_dict())), **arrays)
+        with open(path, "wb") as f:  # np.savez(path) would append ".npz" to a name without it
+            np.savez(f, spec=np.array(json.dumps(self.to_dict())), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
