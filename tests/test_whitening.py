@@ -370,6 +370,33 @@ def test_save_writes_the_path_it_is_given(tmp_path, full):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["white", "white.bin", "white.npz"]
 
 
+def test_interrupted_save_leaves_the_saved_file(tmp_path, full, monkeypatch):
+    """An interrupt in the middle of save() leaves the file saved before loadable and unchanged, and
+    no temporary file behind."""
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3)
+    w.save(tmp_path / "w.npz")
+    before = (tmp_path / "w.npz").read_bytes()
+    write_array = np.lib.format.write_array
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write_array(*args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "write_array", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.with_damping(3.0).save(tmp_path / "w.npz")
+    monkeypatch.undo()
+    assert (tmp_path / "w.npz").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]
+    exact = [to_float64(t) @ reference_inverse(g, 0.3)[0] for t, g in zip(test, train, strict=True)]
+    for ours, ref in zip(Whitening.load(tmp_path / "w.npz").apply(tracin.Gradients(test)).matrices, exact, strict=True):
+        assert_rows_close(ours, ref)
+
+
 def _exported(matrices, digests, sources=("state", "state")):
     """Gradients with the checkpoint records an export writes (framework, digests, how they were made)."""
     meta = {"framework": "torch", "mode": "full", "fingerprints": {"data": "d", "checkpoints": list(digests)}}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import numbers
 import os
+import tempfile
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -287,11 +290,12 @@ class Whitening:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the spec, the float64 inverses and the undamped moments (for with_damping) to one
-        .npz file at exactly `path` (no suffix is added; load(path) reads it back)."""
+        .npz file at exactly `path` (no suffix is added; load(path) reads it back). It is written to a
+        temporary file beside `path` and renamed over it once complete, so an error or interrupt leaves
+        `path` as it was."""
         arrays = {f"inverse_{i}": inv for i, inv in enumerate(self._inverses)}
         arrays.update({f"moment_{i}": m for i, m in enumerate(self._moments)})
-        with open(path, "wb") as f:  # np.savez(path) would append ".npz" to a name without it
-            np.savez(f, spec=np.array(json.dumps(self.to_dict())), **arrays)
+        _write_whole(path, lambda f: np.savez(f, spec=np.array(json.dumps(self.to_dict())), **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
@@ -366,6 +370,28 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[
             pair.append(lam)
         lambdas.append(pair)
     return inverses, lambdas
+
+
+def _write_whole(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Calls write(f) on a temporary file beside `path`, then renames it over `path` (keeping the old
+    file's permissions, else the umask's); the temporary file is removed on any error or interrupt."""
+    path = os.fspath(path)
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file, not a name: np.savez(name) would append ".npz"
+            write(f)
+        if os.path.exists(path):
+            mode = os.stat(path).st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 def _fingerprint(moments: list[np.ndarray]) -> str:
