@@ -187,6 +187,66 @@ def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsy
         assert bar not in capsys.readouterr().err
 
 
+class _InterruptingSpec(str):
+    """A format spec that raises KeyboardInterrupt (Ctrl-C) at its `after`-th use."""
+
+    def __new__(cls, spec: str, after: int):
+        self = super().__new__(cls, spec)
+        self.left = after
+        return self
+
+    def __format__(self, format_spec: str) -> str:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return str(self)
+
+
+def test_interrupted_output_leaves_the_previous_file_whole(stores, tmp_path, capsys, monkeypatch):
+    import tracin.cli
+
+    paths, _, _ = stores
+    previous = b"the previous result\n"
+
+    def interrupted_savez(file, **arrays):
+        (file if hasattr(file, "write") else open(file, "wb")).write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    for name, command in (
+        ("rank.csv", ["self-influence", str(paths["train"])]),
+        ("top.csv", _score(paths, "-k", "40", "--side", "both")),
+        ("top.npz", _score(paths)),
+    ):
+        out = tmp_path / "out" / name
+        out.parent.mkdir(exist_ok=True)
+        out.write_bytes(previous)
+        out.chmod(0o640)
+        with monkeypatch.context() as m:  # Ctrl-C after 20 rows written, or in the middle of np.savez
+            m.setattr(tracin.cli, "FLOAT32", _InterruptingSpec(tracin.cli.FLOAT32, 20))
+            m.setattr(np, "savez", interrupted_savez)
+            assert main([*command, "-o", str(out)]) == 130
+        assert "interrupted" in capsys.readouterr().err
+        assert out.read_bytes() == previous and [p.name for p in out.parent.iterdir()] == [name]  # no temp file left
+        assert main([*command, "-o", str(out)]) == 0  # replaced whole, keeping the old file's permissions
+        assert out.read_bytes() != previous and (out.stat().st_mode & 0o777) == 0o640
+        assert [p.name for p in out.parent.iterdir()] == [name]
+        out.unlink()
+    capsys.readouterr()
+
+
+def test_writing_a_long_csv_shows_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):
+    paths, _, _ = stores
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0)  # every write counts as long
+    for command in (
+        ["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv")],
+        _score(paths, "-k", "5"),
+    ):
+        assert main(command) == 0
+        assert "tracin writing CSV" in capsys.readouterr().err
+        assert main([*command, "--no-progress"]) == 0
+        assert "tracin writing CSV" not in capsys.readouterr().err
+
+
 # -- unfinished stores ---------------------------------------------------------------------------
 def test_unfinished_store_is_named_before_a_shape_mismatch(stores, tmp_path, rng, capsys):
     paths, _, _ = stores

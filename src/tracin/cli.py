@@ -2,7 +2,8 @@
 
 Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 1 (2 for usage
 errors, from argparse); output cut short by a closed pipe (`tracin info STORE | head -1`) ends
-quietly with exit code 141, as for a process killed by SIGPIPE.
+quietly with exit code 141, as for a process killed by SIGPIPE. An -o file is written whole or not
+at all: an error or Ctrl-C while writing leaves the file that was there before.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import csv
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ EXAMPLES = """examples:
 SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
+CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
 
@@ -96,6 +99,48 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 @contextmanager
+def _whole_file(out: Path, binary: bool = False) -> Iterator[IO]:
+    """A file to write `out` through: a temporary file beside it, renamed over `out` once written
+    in full and removed on any error or interrupt, so that `out` is either the complete new result
+    or, untouched, what it was before. The new file gets the old one's permissions (else the umask's)."""
+    fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
+            yield f
+        os.chmod(temp, _new_file_mode(out))
+        os.replace(temp, out)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _new_file_mode(out: Path) -> int:
+    """Permission bits for a rewritten `out`: its own if it exists, else what open() would give."""
+    if out.exists():
+        return out.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
+    """`header`, then the `total` `rows`, written CSV_CHUNK at a time under a progress bar."""
+    from itertools import islice
+
+    from ._progress import progress_bar
+
+    w = csv.writer(f)
+    w.writerow(header)
+    bar = progress_bar(total, progress, "tracin writing CSV", unit="row")
+    try:
+        while chunk := list(islice(rows, CSV_CHUNK)):
+            w.writerows(chunk)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+@contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """None without --scheduler; else a Dask client: of a new LocalCluster of --workers processes
     (--scheduler local), or connected to the scheduler at the address given."""
@@ -161,17 +206,23 @@ def cmd_score(args: argparse.Namespace) -> None:
     k = min(args.k, train.n_rows)  # what top_k returns
     capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
     summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
+    pairs = sum(r.indices.size for r in sides.values())
+
+    def write_csv(f: IO[str]) -> None:
+        _write_csv(f, PAIRS_HEADER, _pair_rows(sides, _ids(test), _ids(train)), pairs, _progress(args))
+
     if out is None:
-        _write_pairs_csv(sys.stdout, sides, _ids(test), _ids(train))
+        write_csv(sys.stdout)
         print(summary, file=sys.stderr)
-    elif out.suffix == ".npz":
+        return
+    if out.suffix == ".npz":
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
-        np.savez(out, **arrays)
-        print(f"{summary}: wrote {out}")
+        with _whole_file(out, binary=True) as f:
+            np.savez(f, **arrays)
     else:
-        with open(out, "w", newline="") as f:
-            _write_pairs_csv(f, sides, _ids(test), _ids(train))
-        print(f"{summary}: wrote {out}")
+        with _whole_file(out) as f:
+            write_csv(f)
+    print(f"{summary}: wrote {out}")
 
 
 def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
@@ -203,24 +254,16 @@ def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
         )
 
 
-def _write_pairs_csv(f: IO[str], sides: dict, test_ids: list | None, train_ids: list | None) -> None:
+PAIRS_HEADER = ["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"]
+
+
+def _pair_rows(sides: dict, test_ids: list | None, train_ids: list | None) -> Iterator[list]:
     """One CSV row per (test row, side, rank): the train row chosen and its influence."""
-    w = csv.writer(f)
-    w.writerow(["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"])
     for name, r in sides.items():
         for t in range(r.indices.shape[0]):
+            test_id = test_ids[t] if test_ids else t
             for rank, (i, v) in enumerate(zip(r.indices[t].tolist(), r.values[t].tolist(), strict=True), 1):
-                w.writerow(
-                    [
-                        t,
-                        test_ids[t] if test_ids else t,
-                        name,
-                        rank,
-                        i,
-                        train_ids[i] if train_ids else i,
-                        f"{v:{FLOAT32}}",
-                    ]
-                )
+                yield [t, test_id, name, rank, i, train_ids[i] if train_ids else i, f"{v:{FLOAT32}}"]
 
 
 def cmd_self_influence(args: argparse.Namespace) -> None:
@@ -244,16 +287,14 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
 
     def write(f: IO[str]) -> None:
-        w = csv.writer(f)
-        w.writerow(["rank", "train_row", "id", "self_influence"])
-        for rank, i in enumerate(order.tolist(), 1):
-            w.writerow([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"])
+        rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
+        _write_csv(f, ["rank", "train_row", "id", "self_influence"], rows, len(order), _progress(args))
 
     if out is None:
         write(sys.stdout)
         print(summary, file=sys.stderr)
     else:
-        with open(out, "w", newline="") as f:
+        with _whole_file(out) as f:
             write(f)
         print(f"{summary}: wrote {out}")
 
