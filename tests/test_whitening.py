@@ -397,6 +397,58 @@ def test_interrupted_save_leaves_the_saved_file(tmp_path, full, monkeypatch):
         assert_rows_close(ours, ref)
 
 
+def _saved_with(path, **changes) -> None:
+    """Rewrites the saved whitening at `path` with arrays replaced (a value) or deleted (None), or
+    with spec fields replaced (spec={...})."""
+    with np.load(path) as f:
+        arrays = dict(f)
+    spec = {**json.loads(str(arrays["spec"])), **changes.pop("spec", {})}
+    arrays = {**arrays, "spec": np.array(json.dumps(spec)), **changes}
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p, data: p.write_bytes(b""), "not a complete .npz archive"),
+        (lambda p, data: p.write_bytes(b"hello world\n"), "not a complete .npz archive"),
+        (lambda p, data: p.write_bytes(data[: len(data) // 2]), "not a complete .npz archive"),
+        (lambda p, data: np.save(p.open("wb"), np.eye(24)), "not a complete .npz archive"),
+        (lambda p, data: _saved_with(p, spec={"kind": "bogus"}), "kind 'bogus' is neither 'full' nor 'kfac'"),
+        (lambda p, data: _saved_with(p, spec={"dims": [24, 0]}), r"dims \[24, 0\] are not positive sizes"),
+        (lambda p, data: _saved_with(p, spec={"dims": [[24, 1], 9]}), "are not positive sizes"),
+        (lambda p, data: _saved_with(p, spec={"kind": "kfac"}), "are not positive sizes .* kfac whitening"),
+        (lambda p, data: _saved_with(p, spec={"dims": [24, 8]}), r"matrix shapes do not match dims \[24, 8\]"),
+        (lambda p, data: _saved_with(p, spec={"fitted": 1}), "unexpected keyword argument 'fitted'"),
+        (lambda p, data: _saved_with(p, moment_1=None), "moment_1"),
+        (lambda p, data: _saved_with(p, inverse_0=np.full((24, 24), np.nan)), "a matrix holds NaN or Inf"),
+        (lambda p, data: _saved_with(p, moment_1=np.full((9, 9), np.inf)), "a matrix holds NaN or Inf"),
+    ],
+)
+def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
+    """Empty, text, truncated and .npy files and archives with a spec or matrices that do not fit
+    raise ValueError naming the file; a missing file stays FileNotFoundError."""
+    w = Whitening.fit(tracin.Gradients(full[0]), damping=0.3)
+    path = tmp_path / "w.npz"
+    w.save(path)
+    damage(path, path.read_bytes())
+    with pytest.raises(ValueError, match=f"^{path} is not a saved tracin.Whitening \\(.*{match}"):
+        Whitening.load(path)
+    with pytest.raises(FileNotFoundError):
+        Whitening.load(tmp_path / "missing.npz")
+
+
+def test_factored_save_load_round_trip(tmp_path, rng):
+    left, right = [anisotropic(rng, 200, 5)], [anisotropic(rng, 200, 3)]
+    t_left, t_right = anisotropic(rng, 4, 5), anisotropic(rng, 4, 3)
+    Whitening.fit(tracin.FactoredGradients(left, right), damping=0.5).save(tmp_path / "k")
+    white = Whitening.load(tmp_path / "k").apply(tracin.FactoredGradients([t_left], [t_right]))
+    (inv,) = kron_reference(left, right, 0.5)
+    (ours,) = factored_to_full(white.left, white.right)
+    (exact,) = factored_to_full([t_left], [t_right])
+    assert_rows_close(ours, exact @ inv)
+
+
 def _exported(matrices, digests, sources=("state", "state")):
     """Gradients with the checkpoint records an export writes (framework, digests, how they were made)."""
     meta = {"framework": "torch", "mode": "full", "fingerprints": {"data": "d", "checkpoints": list(digests)}}

@@ -10,6 +10,7 @@ import math
 import numbers
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import IO, Any
@@ -299,20 +300,14 @@ class Whitening:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
-        """A Whitening saved by save(); ValueError if the file is not one."""
-        with np.load(path, allow_pickle=False) as f:
+        """A Whitening saved by save(). ValueError naming the file if it is not one: not an .npz
+        archive (or a damaged one), a spec of another kind or dims, matrices missing, of other shapes
+        or not finite. OSError if it cannot be opened."""
+        with open(path, "rb") as file:
             try:
-                spec = WhiteningSpec(**json.loads(str(f["spec"])))
-                count = len(spec.dims) * (2 if spec.kind == "kfac" else 1)
-                inverses, moments = (
-                    [np.asarray(f[f"{kind}_{i}"], dtype=np.float64) for i in range(count)]
-                    for kind in ("inverse", "moment")
-                )
-            except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path} is not a saved tracin.Whitening ({e})") from None
-        sides = [x for d in spec.dims for x in (d if spec.kind == "kfac" else [d])]
-        if [m.shape for m in (*inverses, *moments)] != [(k, k) for k in sides] * 2:
-            raise ValueError(f"{path} is not a saved tracin.Whitening (matrix shapes do not match dims {spec.dims})")
+                moments, inverses, spec = _read_saved(file)
+            except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+                raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({e})") from None
         return cls(moments, inverses, spec)
 
     def __repr__(self) -> str:
@@ -370,6 +365,35 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[
             pair.append(lam)
         lambdas.append(pair)
     return inverses, lambdas
+
+
+def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], WhiteningSpec]:
+    """The moments, inverses and spec of a file written by Whitening.save (ValueError, KeyError,
+    TypeError or the archive's own errors otherwise)."""
+    if not zipfile.is_zipfile(file):  # else np.load would read .npy files, and suggest unpickling others
+        raise ValueError("not a complete .npz archive")
+    file.seek(0)
+    with np.load(file, allow_pickle=False) as archive:
+        spec = WhiteningSpec(**json.loads(str(archive["spec"])))
+        if spec.kind not in ("full", "kfac"):
+            raise ValueError(f"kind {spec.kind!r} is neither 'full' nor 'kfac'")
+        per_checkpoint = 2 if spec.kind == "kfac" else 1
+        sides = [d if isinstance(d, list) else [d] for d in spec.dims]
+        if not sides or any(
+            len(s) != per_checkpoint or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in s)
+            for s in sides
+        ):
+            raise ValueError(f"dims {spec.dims} are not positive sizes per checkpoint of a {spec.kind} whitening")
+        sides = [k for s in sides for k in s]
+        inverses, moments = (
+            [np.asarray(archive[f"{kind}_{i}"], dtype=np.float64) for i in range(len(sides))]
+            for kind in ("inverse", "moment")
+        )
+    if [m.shape for m in (*inverses, *moments)] != [(k, k) for k in sides] * 2:
+        raise ValueError(f"matrix shapes do not match dims {spec.dims}")
+    if not all(np.all(np.isfinite(m)) for m in (*inverses, *moments)):
+        raise ValueError("a matrix holds NaN or Inf")
+    return moments, inverses, spec
 
 
 def _write_whole(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
