@@ -1,9 +1,11 @@
 """The README benchmark table, generated from a kernel benchmark JSON (never typed by hand).
 
-    python -m benchmarks.report [--json benchmarks/results/kernel.json] [--readme README.md]
+    python -m benchmarks.report [--json benchmarks/results/kernel.json] [--readme README.md] [--block kernel]
 
-Writes a Markdown table between the marker comments below in the README (appending a
-"Benchmarks" section with the markers if they are missing).
+Writes a Markdown table between the README's marker comments `<!-- bench:BLOCK:start -->` and
+`<!-- bench:BLOCK:end -->` (appending a "Benchmarks" section with them if they are missing). A ratio
+whose contenders' repeated times spread by more than NOISY_SPREAD (max / min) is marked noisy, and a
+goal resting on it gets no verdict.
 """
 
 from __future__ import annotations
@@ -15,23 +17,48 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-START = "<!-- bench:kernel:start -->"
-END = "<!-- bench:kernel:end -->"
+NOISY_SPREAD = 1.5  # max / min of a contender's repeated times beyond which its ratios give no verdict
+NOISY = "noisy: rerun on an idle machine"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _markers(block: str) -> tuple[str, str]:
+    """The README comments around the generated block named `block`."""
+    return f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
+
+
+START, END = _markers("kernel")
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _goal_rows(goals: list[dict], quick: bool = False) -> list[str]:
-    """The goal table; at --quick's toy sizes the Met column is shown in parentheses, not as a verdict."""
+def _spread(contender: dict) -> float:
+    """max / min of a contender's repeated times (1.0 with fewer than two)."""
+    times = contender.get("times_s") or []
+    return max(times) / min(times) if len(times) > 1 and min(times) > 0 else 1.0
+
+
+def _noisy(case: dict, label: str) -> bool:
+    """Whether a contender of the case's ratio `label` spread more than NOISY_SPREAD over its repeats."""
+    ratio = case["ratios"].get(label, {})
+    names = [ratio.get("numerator"), ratio.get("denominator")]
+    return any(_spread(case["contenders"][n]) > NOISY_SPREAD for n in names if n in case["contenders"])
+
+
+def _goal_rows(goals: list[dict], cases: list[dict], quick: bool = False) -> list[str]:
+    """The goal table; at --quick's toy sizes the Met column is shown in parentheses, not as a
+    verdict, and a goal whose ratio is noisy gets none."""
     met_head = "Met at toy sizes (no verdict)" if quick else "Met"
     rows = [f"| Goal | Target | Measured | Roofline limit | {met_head} |", "|---|---|---|---|---|"]
     verdicts = {True: "(yes)", False: "(no)", None: "-"} if quick else {True: "yes", False: "**no**", None: "-"}
+    by_name = {c["name"]: c for c in cases}
     for g in goals:
         target = "report" if g["op"] == "report" else f"{g['op']} {g['target']}"
-        met = verdicts[g["met"]]
+        case = by_name.get(g["case"])
+        noisy = g["measured"] is not None and case is not None and _noisy(case, g["ratio"])
+        met = NOISY if noisy else verdicts[g["met"]]
         measured = g["measured"] if isinstance(g["measured"], int) else _fmt(g["measured"])
         rows.append(f"| {g['goal']} | {target} | {measured} | {_fmt(g.get('roofline_limit'))} | {met} |")
     return rows
@@ -45,7 +72,9 @@ def _case_rows(cases: list[dict], isa: str) -> list[str]:
     ]
     for c in cases:
         name, r = next(((n, r) for n, r in c["contenders"].items() if r["peer"] == "tracin"))
-        ratios = ", ".join(f"{label} {v['value']:.2f}x" for label, v in c["ratios"].items())
+        ratios = ", ".join(
+            f"{label} {v['value']:.2f}x{' (noisy)' if _noisy(c, label) else ''}" for label, v in c["ratios"].items()
+        )
         wrong = sum(not ch["ok"] for ch in c["checks"])
         exact = "-" if not c["checks"] else ("yes" if wrong == 0 else f"**{wrong} failed**")
         rows.append(
@@ -85,7 +114,8 @@ def markdown(payload: dict, source: str | None = None) -> str:
         f"read bandwidth {lim['read_bandwidth_gbs'][t]:.1f} GB/s. Ratios are peer time / tracin time "
         f"(> 1: tracin faster) unless named a cost. Roofline limit: the ratio with tracin at its "
         f"roofline bound (max(FLOPs / peak, least bytes / bandwidth)) against the peer as measured, "
-        f"or, tracin against tracin, both at their bounds."
+        f"or, tracin against tracin, both at their bounds. Noisy: a contender of the ratio took more than "
+        f"{NOISY_SPREAD}x as long in its slowest repeat as in its fastest; a goal resting on it is not judged."
     )
     if cfg.get("quick"):
         head += (
@@ -100,24 +130,25 @@ def markdown(payload: dict, source: str | None = None) -> str:
             "",
             f"tracin kernel: **{isa}** ({'native' if isa == own else 'forced'}).",
             "",
-            *_goal_rows(goals, bool(cfg.get("quick"))),
+            *_goal_rows(goals, cases, bool(cfg.get("quick"))),
             "",
             *_case_rows(cases, isa),
         ]
     return "\n".join(parts)
 
 
-def update_readme(readme: Path, payload: dict, source: str | None = None) -> None:
-    """Replaces the text between START and END in `readme` with the generated block."""
+def update_readme(readme: Path, payload: dict, source: str | None = None, block: str = "kernel") -> None:
+    """Replaces the text between the markers of `block` in `readme` with the generated block."""
     readme = Path(readme)
     text = readme.read_text() if readme.exists() else ""
-    block = f"{START}\n{markdown(payload, source)}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + block + after
+    start, end = _markers(block)
+    generated = f"{start}\n{markdown(payload, source)}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + generated + after
     else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Benchmarks\n\n" + block + "\n"
+        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Benchmarks\n\n" + generated + "\n"
     readme.write_text(text)
 
 
@@ -125,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "kernel.json", help="benchmark JSON to render")
     p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="README to write the table into")
+    p.add_argument(
+        "--block", default="kernel", help="name in the README markers <!-- bench:BLOCK:start/end --> (e.g. kernel_avx2)"
+    )
     args = p.parse_args(argv)
     try:
         payload = json.loads(args.json.read_text())
@@ -135,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json.resolve().is_relative_to(REPO_ROOT)
         else str(args.json)
     )
-    update_readme(args.readme, payload, source)
+    update_readme(args.readme, payload, source, args.block)
     print(f"updated {args.readme} from {args.json}")
     return 0
 

@@ -141,6 +141,38 @@ def test_quick_goal_table_is_no_verdict(quick_run):
     assert "| Met |" in full and "no verdict" not in full
 
 
+def _goal_line(text: str, goal: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {goal} |"))
+
+
+def test_noisy_ratios_get_no_verdict():
+    # the stored AVX2 run: the bare sgemm of the one-sided top-10 case spread 0.76 to 4.3 s over its repeats
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "kernel_avx2.json").read_text())
+    top10 = next(c for c in payload["cases"] if c["name"] == "top10")
+    times = top10["contenders"]["sgemm"]["times_s"]
+    assert max(times) / min(times) > report.NOISY_SPREAD
+    text = report.markdown(payload)
+    line = _goal_line(text, "one-sided top-10: speed vs the bare sgemm")
+    assert line.endswith("| noisy: rerun on an idle machine |") and "yes" not in line
+    assert "tracin vs sgemm 2.12x (noisy)" in text
+    for case in payload["cases"]:  # every contender's repeats within 1.4x of each other: verdicts again
+        for contender in case["contenders"].values():
+            contender["times_s"] = [contender["median_s"] * f for f in (1.0, 1.4, 1.2)]
+    quiet = report.markdown(payload)
+    assert _goal_line(quiet, "one-sided top-10: speed vs the bare sgemm").endswith("| yes |")
+    assert "noisy)" not in quiet and "rerun" not in quiet.split("| Goal |")[1]
+
+
+@pytest.mark.parametrize("block, name", [("kernel", "kernel.json"), ("kernel_avx2", "kernel_avx2.json")])
+def test_readme_kernel_tables_are_generated_from_the_stored_json(block, name):
+    start, end = f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
+    text = (CHECKOUT / "README.md").read_text()
+    assert text.count(start) == 1 and text.count(end) == 1
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / name).read_text())
+    expected = report.markdown(payload, f"benchmarks/results/{name}")
+    assert text.split(start)[1].split(end)[0].strip("\n") == expected
+
+
 def test_missing_bench_extra_is_one_line_naming_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
     assert kernel.main(["--quick"]) == 1
