@@ -2,7 +2,7 @@
 recall of projected against exact influence on a real model's per-example gradients.
 
     PYTHONPATH=src python benchmarks/projection.py            # the recorded sizes (results/projection.json)
-    PYTHONPATH=src python benchmarks/projection.py --quick    # a smoke run
+    PYTHONPATH=src python benchmarks/projection.py --quick    # a smoke run (JSON in a temporary folder)
     PYTHONPATH=src python benchmarks/projection.py --isa native,avx2   # AVX2 measured too on AVX-512
 
 Each speed figure is recorded with the instruction set tracin's kernel ran with (--isa: native, the
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import time_interleaved, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, time_interleaved, write_json  # noqa: E402
 
 KINDS = ("rademacher", "gaussian", "sparse")
 
@@ -149,7 +150,7 @@ def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--d", type=int, default=200_000)
@@ -163,7 +164,13 @@ def main() -> None:
         help="comma-separated kernel instruction sets to time: native (the one tracin picks "
         "here), avx512, avx2, generic (default: native)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON (default benchmarks/results, a new temporary folder with --quick)",
+    )
+    args = parser.parse_args(argv)
     from tracin import _core
 
     isas: list[str] = []
@@ -205,9 +212,11 @@ def main() -> None:
     print("  dim    " + "  ".join(f"{kind:>10s}" for kind in KINDS))
     for dim in dims:
         print(f"  {dim:<6d} " + "  ".join(f"{table[kind][dim]:10.3f}" for kind in KINDS))
-    path = write_json("projection_quick" if args.quick else "projection", result)
+    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-projection-quick-")) if args.quick else RESULTS_DIR)
+    path = write_json("projection_quick" if args.quick else "projection", result, out)
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -173,6 +173,24 @@ def test_readme_kernel_tables_are_generated_from_the_stored_json(block, name):
     assert text.split(start)[1].split(end)[0].strip("\n") == expected
 
 
+def test_projection_quick_writes_outside_the_checkout_or_to_out(monkeypatch, tmp_path, capsys, rng):
+    from benchmarks import projection
+
+    # the timing and the model's gradients stubbed (the script's own sizes take ~40 s); recall is real
+    no_timings = {"load_average_1min": {"before": 0.0, "after": 0.0}, "timings": {}, "by_isa": {}}
+    monkeypatch.setattr(projection, "speed", lambda *args: no_timings)
+    grads = (rng.standard_normal((60, 700)).astype(np.float32), rng.standard_normal((4, 700)).astype(np.float32))
+    monkeypatch.setattr(projection, "digits_gradients", lambda *args: grads)
+    stray = CHECKOUT / "benchmarks" / "results" / "projection_quick.json"
+    assert projection.main(["--quick"]) == 0
+    path = Path(re.search(r"^wrote (\S+)$", capsys.readouterr().out, re.MULTILINE)[1])
+    assert path.name == "projection_quick.json" and not path.resolve().is_relative_to(CHECKOUT)
+    assert json.loads(path.read_text())["recall"]["n_train"] == 60 and not stray.exists()
+    shutil.rmtree(path.parent)
+    assert projection.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "projection_quick.json").exists() and not stray.exists()
+
+
 def test_missing_bench_extra_is_one_line_naming_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
     assert kernel.main(["--quick"]) == 1
