@@ -377,3 +377,24 @@ def test_the_first_rows_check_tolerance_is_relative_to_the_largest_reference_ent
     assert agrees([(w + 0.009, w) for w in want])  # 0.009 <= 1e-5 * 1000 (+ 1e-4 |want|)
     assert not agrees([(want[0], want[0]), (want[1] + 0.02, want[1])])
     assert not agrees([(torch.tensor([float("nan"), 1.0]), want[0])])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_passes_the_check_and_matches_float64(dtype):
+    """Was refused (review1 t_kron_bf16.py): the check took float32 tolerances for a bfloat16 / float16
+    model, whose own per-example autograd rounds 1e-3 to 4e-3 of the largest value apart. Now the
+    tolerances of the parameters' dtype: exported, near the float64 projection of float64 autograd."""
+    model, checkpoints = model_and_checkpoints(seed=3)
+    model = model.to(dtype)
+    checkpoints = [({k: v.to(dtype) for k, v in state.items()}, lr) for state, lr in checkpoints]
+    ids, labels, lengths = sequences(6, 7, seed=1)
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    g = export_gradients(
+        model, checkpoints, (ids, labels), lambda o, y: token_loss(o.float(), y), projection=proj, progress=False
+    )
+    names = [n for n, _ in model.named_parameters()]
+    for c, (state, _) in enumerate(checkpoints):
+        grads = autograd_grads(model, state, ids, labels, lengths)
+        want = projected_reference(proj, g.metadata["projection"]["segments"], grads, names)
+        eps = torch.finfo(dtype).eps  # measured: 4.2e-3 (bfloat16), 6.7e-4 (float16) of the largest value
+        np.testing.assert_allclose(g.matrices[c], want, rtol=0, atol=2 * eps * np.abs(want).max())

@@ -40,8 +40,8 @@ from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
-from .data import Tree, batch_rows
-from .first_rows_check import agrees, checked_rows, example_gradients
+from .data import Tree, batch_rows, slice_rows
+from .first_rows_check import agrees, checked_rows, example_gradients, tokens_of_one, tolerances
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
 from .losses import LossFn
@@ -108,6 +108,7 @@ class KroneckerRows:
         )
         first = params[self.kron[0].names[0]] if self.kron else params[names[0]]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        self.param_dtype = first.dtype  # the check's tolerances: bfloat16 / float16 models round coarser
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
@@ -178,7 +179,8 @@ class KroneckerRows:
     def check(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> None:
         """ValueError naming the Kronecker layers whose rows on the first rows differ from per-example
         autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
-        also used outside its module's forward), and the layers= that leaves them out."""
+        also used outside its module's forward), and the layers= that leaves them out. Tolerances of the
+        parameters' dtype for gradients summed over the tokens of one example (first_rows_check)."""
         if not self.kron:
             return
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
@@ -191,15 +193,18 @@ class KroneckerRows:
                 g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
                 pairs[j].append((got[j][i], (p_rows @ g @ p_cols.T).reshape(-1)))
                 k += len(seg.names)
-        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p)]
+        tokens = tokens_of_one(self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
+        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p, self.param_dtype, tokens)]
         if bad:
             left_out = {n for seg in bad for n in seg.names}
             keep = [n for n in self._shapes if n not in left_out]
+            rtol, atol = tolerances(self.param_dtype, tokens)
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
-                "disagree with per-example autograd on the first rows: a layer mixes the examples of a batch, "
-                "or its weight is also used outside the module's forward. Either export them without "
-                "kronecker (Projection(dim, per_layer=True)), or leave them out: "
+                f"disagree with per-example autograd on the first rows beyond {self.param_dtype} rounding "
+                f"(rtol {rtol:.2g}, atol {atol:.2g} of the largest value, {tokens} tokens): a layer mixes "
+                "the examples of a batch, or its weight is also used outside the module's forward. Either export "
+                "them without kronecker (Projection(dim, per_layer=True)), or leave them out: "
                 + (f"layers={keep!r}" if keep else "no other layer is chosen")
             )
 
