@@ -67,6 +67,17 @@ GPU busy for about a millisecond at m=1000, d=512; small enough that two staging
 device buffers stay a fraction of a GB. Not yet measured on a GPU: rerun benchmarks/gpu.py.
 """
 
+DEVICE_TEST_BYTES = 2**30
+"""Device backends: bytes of test rows (float32 on the device, all checkpoints together) per test chunk,
+which the generic loop uploads once and scores against every train piece; a larger test set is cut
+into chunks of this size (as a store's row_chunks() cuts it for the CPU kernel), each meeting the
+whole train side again. Bounds the test side's device memory (plus one block's scaled copy for
+cosine scores) whatever m is. 1 GiB is 32,768 rows at d=8192: then a GEMM does m/2 = 16,384 flops per
+byte of train rows uploaded, far above what a GPU needs (about 2,000 at 50 TFLOP/s over 25 GB/s), so
+re-streaming the train side per chunk stays hidden behind the compute up to d of about 65,536.
+Not yet measured on a GPU: rerun benchmarks/gpu.py.
+"""
+
 DEVICE_TILE_SCORES = 2**25
 """Device backends: scores per score block (test rows x train rows of a tile, float32: 128 MiB); the
 test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores

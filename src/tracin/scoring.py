@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _progress
+from . import _progress, _tunables
 from ._cpus import usable_cores
 from ._progress import check_progress, progress_bar, tqdm_installed
 from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
@@ -223,9 +223,20 @@ def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int
     return next(iter(runs.values()), 1)
 
 
-def _chunks(s: GradientSet) -> list[tuple[int, int]]:
+def _chunks(s: GradientSet, limit: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of `s` as its row_chunks() cuts it (one range without them), of at most `limit` rows."""
     step = s.row_chunks() or max(s.n_rows, 1)
+    if limit is not None:
+        step = min(step, limit)
     return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
+
+
+def _device_test_rows(backend: Backend, test: GradientSet) -> int | None:
+    """Test rows per chunk for a device backend, which uploads a chunk whole: DEVICE_TEST_BYTES of
+    float32 rows. None for the CPU kernel, which reads the test side in passes of its own."""
+    if backend.name == "cpu":
+        return None
+    return max(1, _tunables.DEVICE_TEST_BYTES // (4 * max(_width(test), 1)))
 
 
 def _width(s: GradientSet) -> int:
@@ -258,8 +269,9 @@ class _Loop:
     """The generic loop over (test chunk x train piece), and the tqdm bar over train rows it advances.
 
     Test chunks and train pieces follow each set's row_chunks() (a store maps that many rows per
-    call). progress: True, False, or None (automatic, if tqdm is installed: a bar at once when the
-    work is at least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
+    call), test chunks of at most `test_rows` rows (a device backend's upload, _device_test_rows).
+    progress: True, False, or None (automatic, if tqdm is installed: a bar at once when the work is at
+    least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
     _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
     call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
     _MIN_PIECE_ROWS rows so that the bar moves; below it, for `timed` calls (the CPU kernel on
@@ -285,13 +297,14 @@ class _Loop:
         threads: int = 0,
         top_k: tuple[int, int] | None = None,
         timed: bool = False,
+        test_rows: int | None = None,
     ):
         check_progress(progress)
         self.threads, self.top_k = threads, top_k  # for the kernel's out-of-memory message
         if progress is None and macs >= _AUTO_PROGRESS_MACS and tqdm_installed():
             progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
-        self.test_chunks = [(0, 0)] if test is None else _chunks(test)
+        self.test_chunks = [(0, 0)] if test is None else _chunks(test, test_rows)
         self.pieces = _chunks(train)
         steps = _BAR_STEPS if progress else 1
         if progress is None and timed and tqdm_installed():
@@ -431,7 +444,8 @@ def scores(
     backend = _backend(device, precision, test=test, train=train)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     macs, timed = test.n_rows * train.n_rows * _width(train), backend.name == "cpu"
-    with _Loop(test, train, progress, macs, "tracin scores", threads=threads, timed=timed) as loop:
+    cut = _device_test_rows(backend, test)
+    with _Loop(test, train, progress, macs, "tracin scores", threads=threads, timed=timed, test_rows=cut) as loop:
         for p in loop.pairs():
             out[p.test_rows, p.train_rows] = backend.scores(
                 p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
@@ -491,7 +505,10 @@ def top_k(
     macs = test.n_rows * train.n_rows * _width(train)
     sides = 2 if side == "both" else 1
     desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
-    with _Loop(test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed) as loop:
+    cut = _device_test_rows(backend, test)
+    with _Loop(
+        test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed, test_rows=cut
+    ) as loop:
         for p in loop.pairs():
             i0 = p.train_rows.start
             width = min(k, p.train_rows.stop - i0)
@@ -731,7 +748,9 @@ def aggregate(
     # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
     timed = backend.name == "cpu"
-    with _Loop(test, train, progress, macs, "tracin aggregate", train.factored, threads=threads, timed=timed) as loop:
+    cut = _device_test_rows(backend, test)
+    desc = "tracin aggregate"
+    with _Loop(test, train, progress, macs, desc, train.factored, threads=threads, timed=timed, test_rows=cut) as loop:
         for p in loop.pairs():
             total[p.train_rows] += backend.aggregate(
                 p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache

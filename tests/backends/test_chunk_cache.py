@@ -12,12 +12,18 @@ import numpy as np
 import pytest
 
 import tracin
-from reference import exact_scores, score_bound
+from reference import exact_scores, factored_to_full, score_bound, to_float64
 from tracin import _tunables
 from tracin.backends import ChunkCache, _torch_rows
 from tracin.gradients import KernelSide
 
+from .numpy_reference import normalized
+
 torch = pytest.importorskip("torch")
+
+
+def to_float64_list(blocks: list[np.ndarray]) -> list[np.ndarray]:
+    return [to_float64(b) for b in blocks]
 
 
 def store(tmp_path, name: str, blocks: list[np.ndarray], w: list[float], chunk_bytes: int) -> tracin.GradientStore:
@@ -73,6 +79,55 @@ def test_each_test_chunk_is_uploaded_once_per_call(rng, tmp_path, monkeypatch, u
         exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
         assert np.all(np.abs(calls["scores"]() - exact) <= bound)
         assert np.all(np.abs(calls["aggregate"]() - exact.sum(0)) <= bound.sum(0))
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_large_in_memory_test_set_is_uploaded_in_chunks_of_the_byte_budget(
+    rng, monkeypatch, uploads, factored, normalize
+):
+    """In-memory test rows (no row_chunks, also a np.memmap) reach the device DEVICE_TEST_BYTES of
+    float32 rows at a time, not whole; results stay those of float64 NumPy and the C++ kernel."""
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 12 * 10)  # 10 rows of 12 float32 columns
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 600)
+    w = [0.5, -2.0]
+    if factored:
+        parts = [rng.standard_normal((27, d)).astype(np.float32) for d in (2, 4, 3, 3)]
+        train_parts = [rng.standard_normal((90, d)).astype(np.float32) for d in (2, 4, 3, 3)]
+        t = tracin.FactoredGradients(parts[0::2], parts[1::2], w)
+        x = tracin.FactoredGradients(train_parts[0::2], train_parts[1::2], w)
+        test, train = factored_to_full(parts[0::2], parts[1::2]), factored_to_full(train_parts[0::2], train_parts[1::2])
+    else:
+        test = [rng.standard_normal((27, 8)).astype(np.float32), rng.standard_normal((27, 4)).astype(np.float32)]
+        train = [rng.standard_normal((90, 8)).astype(np.float32), rng.standard_normal((90, 4)).astype(np.float32)]
+        t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    exact = exact_scores(*(normalized(to_float64_list(s), 1 if normalize else 0) for s in (test, train)), w)
+    bound = score_bound(*(normalized(to_float64_list(s), 1 if normalize else 0) for s in (test, train)), w)
+    got = tracin.scores(t, x, device="torch:cpu", normalize=normalize)
+    assert [rows for rows, _ in uploads] == [10, 10, 7]
+    assert np.all(np.abs(got - exact) <= bound)
+    uploads.clear()
+    assert np.all(
+        np.abs(tracin.aggregate(t, x, device="torch:cpu", normalize=normalize) - exact.sum(0)) <= bound.sum(0)
+    )
+    both = tracin.top_k(t, x, k=15, side="both", device="torch:cpu", normalize=normalize)
+    kernel = tracin.top_k(t, x, k=15, side="both", device="cpu", normalize=normalize)
+    assert [rows for rows, _ in uploads] == [10, 10, 7] * 2
+    for ours, want in zip(both, kernel, strict=True):
+        np.testing.assert_array_equal(ours.indices, want.indices)
+        error = np.abs(ours.values - np.take_along_axis(exact, ours.indices, 1))
+        assert np.all(error <= np.take_along_axis(bound, ours.indices, 1))
+
+
+def test_a_memmapped_test_matrix_is_uploaded_in_chunks(rng, tmp_path, monkeypatch, uploads):
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 8)  # 8 rows of 6 float32 columns
+    rows = rng.standard_normal((20, 6)).astype(np.float32)
+    mapped = np.lib.format.open_memmap(tmp_path / "t.npy", mode="w+", dtype=np.float32, shape=(20, 6))
+    mapped[:] = rows
+    train = rng.standard_normal((40, 6)).astype(np.float32)
+    got = tracin.scores(mapped, train, device="torch:cpu")
+    assert [n for n, _ in uploads] == [8, 8, 4]
+    assert np.all(np.abs(got - exact_scores([rows], [train], [1.0])) <= score_bound([rows], [train], [1.0]))
 
 
 def test_rows_selected_exactly_use_the_chunk_uploaded_once(rng, monkeypatch, uploads):

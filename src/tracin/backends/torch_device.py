@@ -1,8 +1,9 @@
 """The torch backend: scoring on a torch device, "cuda:N" (cuBLAS GEMMs, selection on the GPU) or
 "torch:cpu" (the same code on CPU tensors, for tests and debugging).
 
-Blocked like the C++ kernel: a test chunk goes to the device once per public call (kept in the
-generic loop's ChunkCache for every train piece it meets; once per backend call without one);
+Blocked like the C++ kernel: a test chunk (at most _tunables.DEVICE_TEST_BYTES of float32 rows: the
+generic loop cuts larger test sets) goes to the device once per public call (kept in the generic
+loop's ChunkCache for every train piece it meets; once per backend call without one);
 train rows pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of
 the compute through two staging slots kept for the whole public call, or used in place when already
 on the device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores:
