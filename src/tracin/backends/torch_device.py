@@ -28,8 +28,10 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py). TF32 is off 
 precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
 scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
-The precision is torch's process-wide setting, so the CUDA scoring calls of one process run one at
-a time, whatever their devices and precisions (one _PRECISION_LOCK, held for the whole call).
+The precision is torch's process-wide setting, so the CUDA backend calls of one process run one at
+a time, whatever their devices and precisions (one _PRECISION_LOCK, held for each backend call: one
+test chunk x train piece of the generic loop); public calls in several threads interleave by pieces,
+each piece at its own call's precision.
 """
 
 from __future__ import annotations
@@ -343,10 +345,11 @@ def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
 
 
 _PRECISION_LOCK = threading.RLock()
-"""Held by each scoring call on a CUDA device while it runs (_matmul_precision): the float32 matmul
-precision it sets is torch's one process-wide setting, so a call in another thread (a threaded Dask
-worker, a precision="tf32" call beside a float32 one) waits instead of running its GEMMs at the
-other's precision. Module state only to guard torch's own global; re-entrant for nested calls."""
+"""Held by each backend call on a CUDA device (one pair of the generic loop, not a whole public call)
+while it runs (_matmul_precision): the float32 matmul precision it sets is torch's one process-wide
+setting, so a call in another thread (a threaded Dask worker, a precision="tf32" call beside a float32
+one) waits instead of running its GEMMs at the other's precision. Module state only to guard torch's
+own global; re-entrant for nested calls."""
 
 
 @contextlib.contextmanager
