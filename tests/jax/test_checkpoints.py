@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 from flax import serialization
 from flax.core import freeze
 
+import tracin
 from tracin.jax import export_gradients
 from tracin.jax.checkpoints import parse_checkpoints
 
@@ -189,3 +192,89 @@ def test_a_missing_reader_package_is_named(tmp_path, monkeypatch, kind, package)
         rf"{package}\)",
     ):
         checkpoints.restore(path, "checkpoints[2]")
+
+
+class _Tempered(eqx.Module):
+    lin: eqx.nn.Linear
+    temperature: float  # a float field: a setting for Equinox, not a parameter
+    shift: float = eqx.field(static=True, default=0.0)
+
+    def __call__(self, x):
+        return jax.vmap(self.lin)(x) / self.temperature + self.shift
+
+
+class _Interrupted(Sequence):
+    """Three batches (a Sequence: its length is known up front); the second pass (the first
+    checkpoint's, after the store's read-through) stops with KeyboardInterrupt before its last batch
+    when `die`."""
+
+    def __init__(self, x, y, die):
+        self.batches, self.die, self.passes = [(x[i : i + 3], y[i : i + 3]) for i in (0, 3, 6)], die, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.batches):
+            if self.die and self.passes == 2 and i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return self.batches[i]
+
+
+def test_non_array_leaves_and_static_fields_are_in_the_checkpoint_digest(tmp_path):
+    """A resume whose params differ only in a non-array leaf (an int in a dict, an Equinox float field)
+    or an Equinox static field is refused; a pytree of arrays alone digests as before they counted."""
+    from tracin._export.fingerprint import digest_arrays
+    from tracin.jax.checkpoints import state_digest
+
+    r = np.random.default_rng(3)
+    x, y = r.standard_normal((9, 4)).astype(np.float32), r.standard_normal(9).astype(np.float32)
+    w = jnp.asarray(r.standard_normal(4), jnp.float32)
+    assert state_digest({"w": w}) == digest_arrays([np.frombuffer(b"w", np.uint8), np.asarray(w)])
+    assert state_digest({"w": w, "power": 2}) != state_digest({"w": w, "power": 4})
+    model = _Tempered(eqx.nn.Linear(4, 3, key=jax.random.PRNGKey(0)), 1.0)
+    digests = {state_digest(m) for m in (model, eqx.tree_at(lambda m: m.temperature, model, 0.05))}
+    digests.add(state_digest(_Tempered(model.lin, 1.0, 2.0)))
+    assert len(digests) == 3
+
+    def loss(p, inputs, targets):
+        return (inputs @ p["w"] - targets) ** p["power"]
+
+    store = tmp_path / "store"
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(loss, [({"w": w, "power": 2}, 1.0)], _Interrupted(x, y, True), store=store, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] differs"):
+        export_gradients(loss, [({"w": w, "power": 4}, 1.0)], _Interrupted(x, y, False), store=store, progress=False)
+    done = export_gradients(loss, [({"w": w, "power": 2}, 1.0)], _Interrupted(x, y, False), store=store, progress=False)
+    ref = 2 * (x @ np.asarray(w, np.float64) - y)[:, None] * x
+    np.testing.assert_allclose(tracin.self_influence(done), (ref**2).sum(1), rtol=1e-5)
+
+
+def test_a_store_recording_the_arrays_alone_of_params_with_static_leaves_is_not_resumed(tmp_path, monkeypatch):
+    """A store written when the digest covered the arrays alone cannot tell a changed static leaf: its
+    resume is refused, saying why, while params without static parts still resume."""
+    import tracin.jax.export as jax_export
+    from tracin.jax.checkpoints import state_digest
+
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((9, 4)).astype(np.float32), r.standard_normal(9).astype(np.float32)
+    w = jnp.asarray(r.standard_normal(4), jnp.float32)
+
+    def loss(p, inputs, targets):
+        return (inputs @ p["w"] - targets) ** 2 * p.get("scale", 1)
+
+    for params, resumes in (({"w": w, "scale": 2}, False), ({"w": w}, True)):
+        store = tmp_path / str(len(params))
+        with monkeypatch.context() as m:  # the digest as tracin made it before
+            m.setattr(jax_export, "state_digest", lambda p, static=True: state_digest(p, static=False))
+            with pytest.raises(KeyboardInterrupt):
+                export_gradients(loss, [(params, 1.0)], _Interrupted(x, y, True), store=store, progress=False)
+        if resumes:
+            assert export_gradients(loss, [(params, 1.0)], _Interrupted(x, y, False), store=store).complete
+        else:
+            with pytest.raises(ValueError, match=r"records checkpoints \[0\] by their arrays alone.*static fields"):
+                export_gradients(loss, [(params, 1.0)], _Interrupted(x, y, False), store=store, progress=False)

@@ -28,7 +28,7 @@ from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
-from .resume import as_exported_before
+from .resume import as_exported_before, refuse_unrecorded_static
 from .sinks import MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
@@ -77,6 +77,11 @@ class Framework(Protocol):
         """The digest versions before metadata["checkpoint_sources"] recorded for an in-memory
         checkpoint, where it differs from state_digest's (torch); an adapter whose digest never
         changed may omit it. Used only to resume, or return, a store those versions wrote."""
+
+    def array_state_digest(self, source: Any, index: int) -> str:
+        """The digest of an in-memory checkpoint's arrays alone, where state_digest also covers its
+        static parts (jax); used only to explain why a store whose record is that digest cannot be
+        resumed. An adapter whose digest never left anything out may omit it."""
 
     def load(self, source: Any, index: int) -> Any:
         """Checkpoint `index` ready for compute (each checkpoint is loaded once)."""
@@ -199,6 +204,10 @@ def export(
     fingerprint = DataFingerprint()
     if options.store is not None:
         _read_through(framework, fingerprint)
+        arrays_only = getattr(framework, "array_state_digest", None)
+        if arrays_only is not None:
+            meta = metadata(fingerprint.data)
+            refuse_unrecorded_static(options.store, meta, lambda c: arrays_only(checkpoints[c].source, c))
         sink: Any = StoreSink(
             options.store,
             n_rows,

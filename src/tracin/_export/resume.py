@@ -147,3 +147,29 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
             + "; ".join(settings)
             + ". Rows from both cannot be mixed: export into another directory, or delete this one"
         )
+
+
+def refuse_unrecorded_static(path: str | os.PathLike, metadata: dict, array_digest: Callable[[int], str]) -> None:
+    """ValueError when `path` holds a store recording, for an in-memory checkpoint, the digest of its
+    arrays alone (`array_digest(c)`, as tracin made it before it fingerprinted the non-array leaves and
+    static fields of params) while this export's digest of it covers those too: whether they changed
+    cannot be told."""
+    existing = _existing_metadata(path)
+    if existing is None or "checkpoint_sources" not in existing:
+        return
+    stored, digests = existing["fingerprints"].get("checkpoints"), metadata["fingerprints"]["checkpoints"]
+    if not isinstance(stored, list) or len(stored) != len(digests):
+        return
+    unknown = [
+        c
+        for c, source in enumerate(metadata["checkpoint_sources"])
+        if source == "state" and stored[c] != digests[c] and array_digest(c) == stored[c]
+    ]
+    if unknown:
+        raise ValueError(
+            f"{os.fspath(path)} records checkpoints {unknown} by their arrays alone, as tracin did before it "
+            "fingerprinted the non-array leaves and static fields of in-memory params (an Equinox float or "
+            "static field, an int in a dict); whether those changed cannot be told, so the store cannot be "
+            "resumed: finish it with the tracin version that started it, export into another directory, or "
+            "delete this one"
+        )

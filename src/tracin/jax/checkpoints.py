@@ -13,7 +13,7 @@ import numpy as np
 
 from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays
+from .._export.fingerprint import digest_arrays, stable_repr
 from .._export.preconditioner import AdamMoments, check_moments
 from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
@@ -80,14 +80,22 @@ def _by_path(tree: Any) -> dict[str, Any]:
     return {leaf_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def state_digest(params: Any) -> str:
-    """Fingerprint of an in-memory params pytree: the paths and contents of its array leaves, floating
-    scalars included unless in an Equinox module (other leaves are compared by the layout). (A checkpoint
+def state_digest(params: Any, static: bool = True) -> str:
+    """Fingerprint of an in-memory params pytree: the paths and contents of its array leaves (floating
+    scalars included unless in an Equinox module), then, when there are any, its static parts: the
+    paths and values of its other leaves (an Equinox float field, an int in a dict) and the pytree
+    structure with its static data (Equinox static fields). A pytree of arrays alone digests as
+    before those were recorded; `static=False` leaves them out, as tracin did before. (A checkpoint
     path is fingerprinted by its bytes, in tracin._export.)"""
-    arrays, scalars = [], scalars_are_parameters(params)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    arrays, statics, scalars = [], [], scalars_are_parameters(params)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in flat:
         if is_array_leaf(leaf, scalars):
             arrays += [np.frombuffer(leaf_path(path).encode(), np.uint8), host_array(leaf)]
+        else:
+            statics.append(f"{leaf_path(path)}={stable_repr(leaf)}")
+    if static and (statics or not scalars):  # Equinox modules keep their static fields in the treedef
+        arrays.append(np.frombuffer(f"static:{statics}{stable_repr(treedef)}".encode(), np.uint8))
     return digest_arrays(arrays)
 
 

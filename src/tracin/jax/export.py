@@ -213,6 +213,9 @@ class _JaxExport:
     def state_digest(self, source: Any, index: int) -> str:
         return state_digest(source)
 
+    def array_state_digest(self, source: Any, index: int) -> str:
+        return state_digest(source, static=False)
+
     def load(self, source: Any, index: int) -> tuple[list, list, Any]:
         """(selected leaves, other array leaves, params) of checkpoint `index`."""
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
