@@ -191,6 +191,28 @@ def test_projection_quick_writes_outside_the_checkout_or_to_out(monkeypatch, tmp
     assert (tmp_path / "projection_quick.json").exists() and not stray.exists()
 
 
+def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeypatch, capsys):
+    from benchmarks import whitening
+
+    sgemm_times = [4.0, 1.0, 2.0]  # a loaded machine: the fastest call is the limit, not the median
+
+    def timed(contenders, repeats=5, **kwargs):
+        for fn in contenders.values():
+            fn()
+        times = sgemm_times if "sgemm" in contenders else [3.0, 2.0, 2.5][:repeats]
+        return {name: {"median_s": float(np.median(times)), "times_s": times} for name in contenders}
+
+    monkeypatch.setattr(whitening, "time_interleaved", timed)
+    d = 64
+    result = whitening.measure(512, d, 3, 1)
+    assert result["sgemm"]["gflops"] == pytest.approx(2 * d**3 / 1.0 / 1e9)
+    ours = result["timings"]["tracin_float32"]
+    assert ours["fraction_of_sgemm"] == pytest.approx((2 * 512 * d * d / 2.5) / (2 * d**3 / 1.0))
+    with pytest.raises(SystemExit):
+        whitening.main(["--repeats", "2"])
+    assert "--repeats must be at least 3" in capsys.readouterr().err
+
+
 def test_missing_bench_extra_is_one_line_naming_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "faiss", None)  # as if faiss-cpu were not installed
     assert kernel.main(["--quick"]) == 1
