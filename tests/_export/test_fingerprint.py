@@ -157,3 +157,44 @@ def test_a_loss_identity_gaining_arrays_is_a_change_explained_for_older_stores()
     assert "before the arrays a loss holds" in change
     (change,) = changed_inputs({"loss": old + " arrays[weight]=cd"}, {"loss": old + " arrays[weight]=ab"})
     assert "before the arrays" not in change
+
+
+def _make_loss(scale, weights=None):
+    def loss(outputs, targets):
+        return scale * outputs if weights is None else weights * outputs
+
+    return loss
+
+
+def _recursive(n):
+    return n if n < 1 else _recursive(n - 1)
+
+
+def _recursive_factory(k):
+    def inner(n):
+        return k if n < 1 else inner(n - 1)
+
+    return inner
+
+
+def test_callable_identity_digests_closure_settings_and_partial_arrays():
+    """A factory's captured setting and an array given to functools.partial (whose repr NumPy and JAX
+    abbreviate with '...') are fingerprinted; identities of functions without them are unchanged."""
+    name = f"{__name__}._make_loss.<locals>.loss"
+    same, other = callable_identity(_make_loss(1.0)), callable_identity(_make_loss(100.0))
+    assert same == callable_identity(_make_loss(1.0)) != other
+    assert same.startswith(name + " closure[scale, weights]=") and other.startswith(name + " closure[")
+    big = np.ones(5000, np.float32)
+    changed = big.copy()
+    changed[2500] = 100.0
+    assert repr(big) == repr(changed)  # what the partial's identity held alone
+    identities = {
+        callable_identity(functools.partial(_loss, targets=a)) for a in (big, changed, big.astype(np.float64))
+    }
+    assert len(identities) == 3 and all(" arrays[targets]=" in i for i in identities)
+    weighted = {callable_identity(_make_loss(1.0, w)) for w in (big, changed)}
+    assert len(weighted) == 2
+    assert callable_identity(_recursive) == f"{__name__}._recursive"  # a global, not a closure
+    assert callable_identity(_recursive_factory(2)) != callable_identity(_recursive_factory(3))  # no endless loop
+    (change,) = changed_inputs({"loss": name}, {"loss": same})
+    assert "before the settings a function's closure holds" in change

@@ -86,15 +86,29 @@ def stable_repr(obj: Any) -> str:
 
 def callable_identity(fn: Any) -> str:
     """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
-    by where they are defined), the wrapped function and arguments of a functools.partial, else the
+    by where they are defined), followed, when its closure holds settings (numbers, strings, arrays,
+    functions: a make_loss(scale) factory's scale), by their names and digest as
+    "closure[scale]=<digest>"; the wrapped function and arguments of a functools.partial, its array
+    arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
     followed, when it holds arrays, by their names and digest (a torch module's state_dict: class
     weights, pos_weight...; public array attributes) as "arrays[weight]=<digest>"."""
+    return _identity(fn, set())
+
+
+def _identity(fn: Any, seen: set[int]) -> str:
+    """callable_identity; `seen`: the ids of the functions being described (a recursive closure)."""
     if isinstance(fn, functools.partial):
-        return f"partial({callable_identity(fn.func)}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})"
+        given = {f"args[{i}]": a for i, a in enumerate(fn.args)} | dict(fn.keywords)
+        arrays = {k: v for k, v in given.items() if _is_array(v, sys.modules.get("torch"))}
+        return f"partial({_identity(fn.func, seen)}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
+            f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
+        )
     fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is the function it wraps
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        return f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
+        name = f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
+        captured = _captured(fn, seen | {id(fn)}) if isinstance(fn, types.FunctionType) else {}
+        return name + (f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else "")
     kind = type(fn)
     settings = {
         k: v
@@ -106,6 +120,41 @@ def callable_identity(fn: Any) -> str:
         f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
         + (f" {settings}" if settings else "")
         + (f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else "")
+    )
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
+    """The settings a function's closure holds, by variable name: plain values (numbers, strings and
+    tuples / lists of them), arrays, and functions (by their identity); other objects are left out."""
+    torch = sys.modules.get("torch")
+    found: dict[str, Any] = {}
+    for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        if isinstance(value, _PLAIN) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+        ):
+            found[name] = repr(value)
+        elif _is_array(value, torch):
+            found[name] = value
+        elif isinstance(value, (types.FunctionType, functools.partial)) and id(value) not in seen:
+            found[name] = _identity(value, seen)
+        elif id(value) in seen:
+            found[name] = "<recursive>"
+    return found
+
+
+def _digest_closure(captured: dict[str, Any]) -> str:
+    """Digest of a closure's settings (_captured): the texts by name, the arrays by _digest_named."""
+    texts = {k: v for k, v in captured.items() if isinstance(v, str)}
+    arrays = {k: v for k, v in captured.items() if not isinstance(v, str)}
+    return digest_arrays([np.frombuffer(repr(sorted(texts.items())).encode(), np.uint8)]) + (
+        _digest_named(arrays) if arrays else ""
     )
 
 

@@ -68,19 +68,24 @@ def changed_params(before: Any, now: Any) -> str | None:
     return f"{what} ({columns[0]} columns there, {columns[1]} here)"
 
 
+# what callable_identity came to record after the name, by the suffix it then gained
+_NEWLY_RECORDED = {
+    " arrays[": "the arrays a loss holds, such as class weights,",
+    " closure[": "the settings a function's closure holds (a make_loss(scale) factory's scale)",
+}
+
+
 def _unrecorded(before: Any, now: Any) -> str:
-    """Why two identities differing only by the arrays now recorded (callable_identity) may not be a
-    change: a store written before the arrays of a function object were fingerprinted."""
-    if (
-        isinstance(before, str)
-        and isinstance(now, str)
-        and " arrays[" not in before
-        and now.startswith(before + " arrays[")
-    ):
-        return (
-            " (a store written before the arrays a loss holds, such as class weights, were fingerprinted "
-            "shows none: if they are unchanged, finish it with that tracin version)"
-        )
+    """Why two identities differing only by the arrays or closure settings now recorded
+    (callable_identity) may not be a change: a store written before they were fingerprinted."""
+    if not isinstance(before, str) or not isinstance(now, str):
+        return ""
+    for suffix, what in _NEWLY_RECORDED.items():
+        if suffix not in before and now.startswith(before + suffix):
+            return (
+                f" (a store written before {what} were fingerprinted shows none: if they are unchanged, "
+                "finish it with that tracin version)"
+            )
     return ""
 
 
