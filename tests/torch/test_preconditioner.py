@@ -234,6 +234,23 @@ def test_a_parameter_without_adam_state_is_named():
         export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
 
 
+@pytest.mark.parametrize("frozen_in_optimizer", [False, True])
+def test_a_frozen_parameter_chosen_is_named_as_frozen(frozen_in_optimizer):
+    """Was: 'in none of the optimizer's param_groups' or 'an Adam / AdamW optimizer that has taken at
+    least one step is needed' (review1 t_frozen.py)."""
+    model, _, (x, y) = _trained()
+    model.zero_grad(set_to_none=True)
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if frozen_in_optimizer or p.requires_grad])
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    entry = [(model.state_dict(), 0.05, opt.state_dict())]
+    with pytest.raises(
+        ValueError, match=r"parameter 0.weight is frozen \(requires_grad=False\) .* leave it out of layers="
+    ):
+        export_gradients(model, entry, (x, y), _loss, layers=["0"], preconditioner="adam", progress=False)
+
+
 def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:
     """Per linear layer of the MLP, (n, out, in + 1) [weight | bias] gradients from (n, d) rows."""
     n, out = len(g), []

@@ -66,6 +66,7 @@ class OptimizerState:
         named = list(model.named_parameters())
         self.all_names = [n for n, _ in named]
         self.trainable_names = [n for n, p in named if p.requires_grad]
+        self.frozen = {n for n, p in named if not p.requires_grad}
 
     def digest(self) -> str:
         """Fingerprint: a file's bytes, or the tensors and settings of the in-memory state."""
@@ -77,16 +78,23 @@ class OptimizerState:
         return digest_arrays(_leaves(self.source))
 
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
-        """The Adam moments of `params` ((name, shape) in row order), on the host."""
+        """The Adam moments of `params` ((name, shape) in row order), on the host; ValueError naming
+        a frozen parameter (requires_grad=False) without state."""
         state = self._load()
         owner, by_position = self._owners(state["param_groups"])
         moments = []
         for name, shape in params:
-            if name not in owner:
-                raise ValueError(f"{self.where}: parameter {name} is in none of the optimizer's param_groups")
-            key, group = owner[name]
+            key, group = owner.get(name, (None, None))
             entry = state["state"].get(key, state["state"].get(str(key)))
-            if not isinstance(entry, Mapping) or "exp_avg" not in entry or "exp_avg_sq" not in entry:
+            has_state = isinstance(entry, Mapping) and "exp_avg" in entry and "exp_avg_sq" in entry
+            if name in self.frozen and not has_state:
+                raise ValueError(
+                    f"{self.where}: parameter {name} is frozen (requires_grad=False) and the optimizer holds no "
+                    "state for it; leave it out of layers="
+                )
+            if group is None:
+                raise ValueError(f"{self.where}: parameter {name} is in none of the optimizer's param_groups")
+            if not has_state:
                 raise ValueError(
                     f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
                     "an Adam / AdamW optimizer that has taken at least one step is needed"
