@@ -234,6 +234,28 @@ def test_a_parameter_without_adam_state_is_named():
         export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
 
 
+@pytest.mark.parametrize(
+    "make, named",
+    [
+        (lambda p: torch.optim.Adam(p, amsgrad=True), r"amsgrad=True"),
+        (lambda p: torch.optim.AdamW(p, maximize=True), r"maximize=True"),
+        (torch.optim.RAdam, r"RAdam"),
+        (torch.optim.NAdam, r"NAdam"),
+    ],
+)
+def test_optimizer_states_that_are_not_adam_are_refused(make, named):
+    """Were taken as plain Adam without a word (review1 t_optkinds.py)."""
+    model, checkpoints, (x, y) = _trained()
+    opt = make(model.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    entry = [(model.state_dict(), 0.05, opt.state_dict())]
+    with pytest.raises(ValueError, match=rf"parameter 0.weight was trained with {named}.*plain Adam / AdamW"):
+        export_gradients(model, entry, (x, y), _loss, preconditioner="adam", progress=False)
+
+
 @pytest.mark.parametrize("frozen_in_optimizer", [False, True])
 def test_a_frozen_parameter_chosen_is_named_as_frozen(frozen_in_optimizer):
     """Was: 'in none of the optimizer's param_groups' or 'an Adam / AdamW optimizer that has taken at

@@ -13,7 +13,8 @@ first and second moments m and v, per parameter):
                    scored against PLAIN test gradients (preconditioner=None), as LESS selects
                    training data for a target task.
 
-Weight decay (AdamW) and AMSGrad's running maximum are not part of the direction. Factored rows
+Weight decay (AdamW) is not part of the direction; the torch adapter refuses optimizer states
+whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam). Factored rows
 take "adam" through a rank-one factorisation of v (rank_one.py, an approximation for Adam);
 "adam_update" needs full rows (m' is not rank one).
 """

@@ -53,7 +53,8 @@ class OptimizerState:
     optimizer must have been built over the model's parameters in `model.named_parameters()` order
     (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
     param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
-    checked. betas and eps come from each parameter's group, the step count from its state.
+    checked. betas and eps come from each parameter's group, the step count from its state. States
+    whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused.
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -78,8 +79,8 @@ class OptimizerState:
         return digest_arrays(_leaves(self.source))
 
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
-        """The Adam moments of `params` ((name, shape) in row order), on the host; ValueError naming
-        a frozen parameter (requires_grad=False) without state."""
+        """The Adam moments of `params` ((name, shape) in row order), on the host. ValueError for a
+        frozen parameter or a state that is not plain Adam / AdamW (_not_adam)."""
         state = self._load()
         owner, by_position = self._owners(state["param_groups"])
         moments = []
@@ -98,6 +99,12 @@ class OptimizerState:
                 raise ValueError(
                     f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
                     "an Adam / AdamW optimizer that has taken at least one step is needed"
+                )
+            other = _not_adam(group, entry)
+            if other:
+                raise ValueError(
+                    f"{self.where}: parameter {name} was trained with {other}; the preconditioner follows plain "
+                    "Adam / AdamW steps and does not take it as one"
                 )
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
@@ -156,6 +163,19 @@ def _float_array(t: Any, what: str, where: str) -> np.ndarray:
         raise ValueError(f"{where}: {what} must be a floating-point tensor, got {type(t).__name__}")
     t = t.detach().cpu()
     return (t if t.dtype == torch.float64 else t.float()).numpy()
+
+
+def _not_adam(group: Mapping, entry: Mapping) -> str | None:
+    """What makes a torch.optim param group and state not plain Adam / AdamW (None when nothing does)."""
+    if "momentum_decay" in group or "mu_product" in entry:
+        return "NAdam (momentum_decay, mu_product)"
+    if "maximize" in group and "amsgrad" not in group:
+        return "RAdam (a torch.optim group without amsgrad)"
+    if group.get("amsgrad"):
+        return "amsgrad=True (its steps divide by the running maximum max_exp_avg_sq)"
+    if group.get("maximize"):
+        return "maximize=True (its steps ascend the loss)"
+    return None
 
 
 def _strip(name: str) -> str:
