@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tracin.jax import export_gradients
@@ -63,5 +67,68 @@ def test_last_layer_needs_one_kernel_and_one_bias(mlp, data, layers):
             mode="last_layer",
             layers=layers,
             layer_input=mlp.hidden,
+            progress=False,
+        )
+
+
+def _head_model(dtype):
+    r = np.random.default_rng(5)
+    x, y = r.normal(size=(16, 8)).astype(np.float32), r.integers(0, 5, 16)
+    params = {
+        "l1": {"kernel": jnp.asarray(r.normal(size=(8, 32)), dtype)},
+        "head": {"kernel": jnp.asarray(r.normal(size=(32, 5)) * 0.3, dtype), "bias": jnp.zeros(5, dtype)},
+    }
+
+    def features(p, inputs):
+        return jnp.tanh(inputs.astype(p["l1"]["kernel"].dtype) @ p["l1"]["kernel"])
+
+    def loss(p, inputs, targets, decay=0.0):
+        logits = features(p, inputs) @ p["head"]["kernel"] + p["head"]["bias"]
+        penalty = decay * jnp.sum(p["head"]["kernel"].astype(jnp.float32) ** 2)
+        return -jax.nn.log_softmax(logits.astype(jnp.float32))[jnp.arange(targets.shape[0]), targets] + penalty
+
+    return x, y, params, features, loss
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_last_layer_of_low_precision_params_is_checked_to_their_precision(dtype):
+    """The layer_input check allows the rounding of the params' dtype (it refused every bfloat16 /
+    float16 model at 1e-4), and still refuses a wrong input."""
+    x, y, params, features, loss = _head_model(dtype)
+    got = export_gradients(
+        loss, [(params, 1.0)], (x, y), mode="last_layer", layers=["head"], layer_input=features, progress=False
+    )
+    left, right = np.asarray(got.left[0], np.float64), np.asarray(got.right[0], np.float64)
+    w1, k = (np.asarray(params[n]["kernel"], np.float64) for n in ("l1", "head"))
+    h = np.tanh(np.asarray(jnp.asarray(x, dtype), np.float64) @ w1)  # float64 reference
+    z = h @ k
+    p = np.exp(z - z.max(1, keepdims=True))
+    delta = p / p.sum(1, keepdims=True) - np.eye(5)[y]
+    np.testing.assert_allclose(left, delta, atol=2e-2)
+    np.testing.assert_allclose(right[:, :-1], h, atol=2e-2)
+    with pytest.raises(ValueError, match="does not return the input of head/kernel"):
+        export_gradients(
+            loss,
+            [(params, 1.0)],
+            (x, y),
+            mode="last_layer",
+            layers=["head"],
+            layer_input=lambda p, i: jnp.maximum(i.astype(dtype) @ p["l1"]["kernel"], 0),
+            progress=False,
+        )
+
+
+def test_a_penalty_on_the_last_layer_is_named_as_a_cause():
+    x, y, params, features, loss = _head_model(jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"or the loss uses head/kernel or head/bias outside y = x K \+ b \(weight decay"
+    ):
+        export_gradients(
+            functools.partial(loss, decay=0.1),
+            [(params, 1.0)],
+            (x, y),
+            mode="last_layer",
+            layers=["head"],
+            layer_input=features,
             progress=False,
         )

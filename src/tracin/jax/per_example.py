@@ -195,7 +195,9 @@ class LastLayer:
 
     def check_layer_input(self, params: Any, batch: Batch, rows: int = 4) -> None:
         """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel
-        gradient must equal dL/dy (x) x. Run once per export, on its first batch."""
+        gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the layer's lowest-precision
+        dtype (bfloat16 / float16 params round their gradients so). Run once per export, on its first
+        batch."""
         sel, arrs = self.layout.split(params)
         try:
             x = jax.eval_shape(lambda s, a, i: self._layer_input(self.layout.merge(s, a), i), sel, arrs, batch.inputs)
@@ -214,12 +216,15 @@ class LastLayer:
         outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
         outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
         scale = np.linalg.norm(grad, axis=1) + 1e-30
+        # rounding of the layer's own dtype: bfloat16 / float16 params differ by a fraction of its eps
+        rtol = max(1e-4, 8 * max(float(jnp.finfo(leaf.dtype).eps) for leaf in (*ksel, *sel)))
         fits = [
-            np.all(np.linalg.norm(grad - o, axis=1) <= 1e-4 * scale + 1e-6 * np.linalg.norm(o, axis=1))
+            np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1))
             for o in (outer_px, outer_xp)
         ]
         if not any(fits):
             raise ValueError(
-                f"layer_input(params, inputs) does not return the input of {self.kernel_path}: "
-                "its per-example gradient is not dL/d(output) (x) input"
+                f"layer_input(params, inputs) does not return the input of {self.kernel_path}, or the loss uses "
+                f"{self.kernel_path} or {self.bias_path} outside y = x K + b (weight decay or another penalty on "
+                "them, tied weights): its per-example gradient is not dL/d(output) (x) input"
             )
