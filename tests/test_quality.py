@@ -89,7 +89,34 @@ def test_datasets_are_standardised_on_the_training_rows(name):
     np.testing.assert_allclose(split.x_train.mean(axis=0), 0.0, atol=1e-4)
     std = split.x_train.std(axis=0)
     assert np.all((np.abs(std - 1.0) < 1e-3) | (std < 1e-6))
-    assert len(split.x_test) == round(0.2 * (len(split.x_train) + len(split.x_test)))
+    n = len(split.x_train) + len(split.x_val) + len(split.x_test)
+    assert len(split.x_test) == round(0.2 * n) and len(split.x_val) == round(0.1 * n)
+    assert len(split.y_train) == len(split.x_train) and len(split.y_val) == len(split.x_val)
+
+
+def test_validation_rows_are_apart_from_train_and_test_rows():
+    split = data.load("synthetic")  # continuous features: no two rows alike
+    parts = [{row.tobytes() for row in x} for x in (split.x_train, split.x_val, split.x_test)]
+    assert sum(map(len, parts)) == 1500 and len(set.union(*parts)) == 1500
+
+
+def test_checkpoint_choices_are_made_on_the_validation_rows_not_the_test_rows(monkeypatch):
+    split, seen = data.load("wine"), []
+
+    class Trained(Exception):
+        pass
+
+    def spy(x, y, classes, spec, seed, x_val=None, y_val=None):
+        seen.append((x_val, y_val))
+        raise Trained  # what was passed is all this test needs
+
+    monkeypatch.setattr(run, "train", spy)
+    monkeypatch.setattr(run, "subset_models", lambda *args: (None, None, True))
+    with pytest.raises(Trained):
+        run.detection("wine", split, config.QUICK, log=lambda s: None)
+    with pytest.raises(Trained):
+        run.lds(split, config.QUICK, CHECKOUT, log=lambda s: None)
+    assert len(seen) == 2 and all(x is split.x_val and y is split.y_val for x, y in seen)
 
 
 def test_demo_digits_are_the_demo_setting():
@@ -118,19 +145,19 @@ def test_schedule_and_checkpoint_epochs():
     assert spec.rate_at(89) == 0.03 and spec.rate_at(90) == pytest.approx(0.003)
 
 
-def _trajectory(epochs: list[int], rates: list[float], test_accuracy: list[float]) -> Trajectory:
+def _trajectory(epochs: list[int], rates: list[float], val_accuracy: list[float]) -> Trajectory:
     return Trajectory(
         None,
         [Checkpoint({}, r, e) for e, r in zip(epochs, rates, strict=True)],
-        np.zeros((len(test_accuracy), 1)),
-        np.zeros(len(test_accuracy)),
-        np.array(test_accuracy),
+        np.zeros((len(val_accuracy), 1)),
+        np.zeros(len(val_accuracy)),
+        np.array(val_accuracy),
     )
 
 
 def test_checkpoint_selections():
     acc = [0.5] * 100
-    acc[31] = 0.9  # best held-out accuracy after epoch 32
+    acc[31] = 0.9  # best validation accuracy after epoch 32
     run = _trajectory([20, 40, 60, 80, 100], [0.1, 0.1, 0.1, 0.01, 0.01], acc)
     assert methods.early_half(run).tolist() == [0, 1]
     assert methods.before_rate_drop(run).tolist() == [0, 1, 2]
@@ -253,6 +280,17 @@ def _float64_gradients(model, state: dict, x: np.ndarray, y: np.ndarray) -> np.n
         torch.nn.functional.cross_entropy(model64(xi[None]), yi[None]).backward()
         rows.append(torch.cat([p.grad.flatten() for p in model64.parameters()]).numpy())
     return np.stack(rows)
+
+
+def test_readme_peak_over_final_loss_margin_is_the_committed_json():
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "quality.json").read_text())
+    margins = [
+        d["methods"]["tracin up to held-out peak"]["found"][i] - d["methods"]["final loss"]["found"][i]
+        for d in payload["detection"].values()
+        for i in [d["inspect"].index(0.2)]
+    ]
+    readme = " ".join((CHECKOUT / "README.md").read_text().split())
+    assert f"beats final-loss ranking by {min(margins):.2f} to {max(margins):.2f};" in readme
 
 
 def test_whitened_terms_match_a_float64_solve_with_the_damped_second_moment():

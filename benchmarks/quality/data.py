@@ -1,4 +1,5 @@
-"""The suite's datasets: scikit-learn's bundled tables and a synthetic one, split and standardised."""
+"""The suite's datasets: scikit-learn's bundled tables and a synthetic one, split into train,
+validation and test rows and standardised."""
 
 from __future__ import annotations
 
@@ -7,16 +8,23 @@ from dataclasses import dataclass
 import numpy as np
 
 TEST_FRACTION = 0.2
+VALIDATION_FRACTION = 0.1  # of all rows, held out of training: what checkpoint choices are made on
 DEMO_TRAIN = 1400
+
+
+SPLIT = {"train": 0.7, "validation": VALIDATION_FRACTION, "test": TEST_FRACTION, "checkpoints_chosen_on": "validation"}
 
 
 @dataclass(frozen=True)
 class Split:
-    """x_*: float32 (n, features), standardised with the training mean and deviation; y_*: int64 (n,)."""
+    """x_*: float32 (n, features), standardised with the training mean and deviation; y_*: int64 (n,).
+    The validation rows choose checkpoints (held-out peak); the test rows are only measured on."""
 
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
 
@@ -49,12 +57,14 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load(name: str, seed: int = 0) -> Split:
-    """A random 80/20 split of dataset `name` (fixed by `seed`), standardised. "digits_demo" is the
-    `tracin demo` setting instead: 1400 training digits, pixels scaled to [0, 1]."""
+    """A random 70/10/20 train/validation/test split of dataset `name` (fixed by `seed`),
+    standardised. "digits_demo" is the `tracin demo` setting instead: 1400 training digits, pixels
+    scaled to [0, 1], then the validation rows, the rest for test."""
     x, y = _raw(name)
     order = np.random.default_rng(seed).permutation(len(x))
-    n_train = DEMO_TRAIN if name == "digits_demo" else len(x) - round(TEST_FRACTION * len(x))
-    train, test = order[:n_train], order[n_train:]
+    n_val = round(VALIDATION_FRACTION * len(x))
+    n_train = DEMO_TRAIN if name == "digits_demo" else len(x) - round(TEST_FRACTION * len(x)) - n_val
+    train, val, test = order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :]
     mean, std = x[train].mean(axis=0), x[train].std(axis=0)
     std[std == 0] = 1.0
     if name == "digits_demo":
@@ -63,7 +73,15 @@ def load(name: str, seed: int = 0) -> Split:
     def scale(rows: np.ndarray) -> np.ndarray:
         return ((x[rows] - mean) / std).astype(np.float32)
 
-    return Split(name, scale(train), y[train].astype(np.int64), scale(test), y[test].astype(np.int64))
+    return Split(
+        name,
+        scale(train),
+        y[train].astype(np.int64),
+        scale(val),
+        y[val].astype(np.int64),
+        scale(test),
+        y[test].astype(np.int64),
+    )
 
 
 def flip_labels(y: np.ndarray, classes: int, fraction: float, seed: int) -> np.ndarray:

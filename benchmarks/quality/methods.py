@@ -73,8 +73,9 @@ def before_rate_drop(run: Trajectory) -> np.ndarray:
 
 
 def up_to_held_out_peak(run: Trajectory) -> np.ndarray:
-    """Checkpoints up to the first one taken at or after the epoch of best held-out accuracy."""
-    best_epoch = int(np.argmax(run.test_accuracy)) + 1
+    """Checkpoints up to the first one taken at or after the epoch of best validation accuracy
+    (validation rows held out of training, never the test rows measured on)."""
+    best_epoch = int(np.argmax(run.val_accuracy)) + 1
     stop = next((i for i, c in enumerate(run.checkpoints) if c.epoch >= best_epoch), len(run.checkpoints) - 1)
     return np.arange(stop + 1)
 

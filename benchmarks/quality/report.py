@@ -131,6 +131,18 @@ def whitening_markdown(payload: dict) -> str:
     return "\n".join([*rows, "", rule])
 
 
+def _split_text(split: dict | None) -> str:
+    """How the rows were split, and where the held-out peak was found; records without "split" (before
+    the validation rows) chose it on the test rows the LDS is measured on."""
+    if split is None:
+        return (
+            "standardised, 80/20 split; the held-out peak chosen on the test rows, which the LDS is also "
+            "measured on: recorded before the suite held validation rows out of training"
+        )
+    parts = "/".join(f"{round(100 * split[k])}" for k in ("train", "validation", "test"))
+    return f"standardised, {parts} train/validation/test split; the held-out peak chosen on the validation rows"
+
+
 def markdown(payload: dict) -> str:
     """Where and how it was measured, the detection table, the LDS table and the recipes that win or
     tie everywhere."""
@@ -138,7 +150,7 @@ def markdown(payload: dict) -> str:
     captum = payload["peers"]["captum"] or {}
     head = (
         f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
-        f"SGD + momentum on {', '.join(cfg['datasets'])} (standardised, 80/20 split)"
+        f"SGD + momentum on {', '.join(cfg['datasets'])} ({_split_text(payload.get('split'))})"
         + (
             " and, for detection only, `tracin demo`'s data and training: "
             + ", ".join(

@@ -13,10 +13,10 @@ import numpy as np
 from . import methods, metrics, peers
 from .cases import AttributionCase, DetectionCase
 from .config import Suite, dataset_of
-from .data import Split, flip_labels, load
+from .data import SPLIT, Split, flip_labels, load
 from .influence import RunInfluence
 from .subsets import subset_models
-from .training import train
+from .training import accuracy, train
 
 TIE = 0.02  # detection: within this of the best fraction found counts as a tie
 
@@ -43,7 +43,7 @@ def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], Non
     facts, first = [], None
     for seed in suite.seeds:
         noisy = flip_labels(split.y_train, split.classes, suite.noise, seed)
-        run = train(split.x_train, noisy, split.classes, spec, seed, split.x_test, split.y_test)
+        run = train(split.x_train, noisy, split.classes, spec, seed, split.x_val, split.y_val)
         flipped = noisy != split.y_train
         case = DetectionCase(run, split.x_train, noisy, flipped, RunInfluence(run, split.x_train, noisy), seed)
         if first is None:
@@ -54,8 +54,8 @@ def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], Non
                 "flipped": int(flipped.sum()),
                 "final_train_accuracy": float(run.train_accuracy[-1]),
                 "train_accuracy_on_flipped": float((run.margins[-1][flipped] > 0).mean()),
-                "best_held_out_epoch": int(np.argmax(run.test_accuracy)) + 1,
-                "final_held_out_accuracy": float(run.test_accuracy[-1]),
+                "best_held_out_epoch": int(np.argmax(run.val_accuracy)) + 1,  # on the validation rows
+                "final_held_out_accuracy": float(run.val_accuracy[-1]),
                 "checkpoint_epochs": [c.epoch for c in run.checkpoints],
                 "checkpoint_rates": [c.learning_rate for c in run.checkpoints],
             }
@@ -91,7 +91,7 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
     t0 = time.perf_counter()
     masks, losses, cached = subset_models(split, spec, suite.lds_models, suite.lds_fraction, n_test, cache, log)
     subsets_s = time.perf_counter() - t0
-    run = train(split.x_train, split.y_train, split.classes, spec, 0, split.x_test, split.y_test)
+    run = train(split.x_train, split.y_train, split.classes, spec, 0, split.x_val, split.y_val)
     x_test, y_test = split.x_test[:n_test], split.y_test[:n_test]
     case = AttributionCase(
         run,
@@ -121,7 +121,7 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
         "n_train": len(split.x_train),
         "subset_models_cached": cached,
         "subset_models_s": subsets_s,
-        "full_model_test_accuracy": float(run.test_accuracy[-1]),
+        "full_model_test_accuracy": accuracy(run.model, split.x_test, split.y_test),
         "checkpoint_epochs": [c.epoch for c in run.checkpoints],
         "whitening_space": case.influence.whitening_space,
         "methods": scores,
@@ -191,6 +191,7 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
     timings["total"] = time.perf_counter() - t_start
     return {
         "config": suite.as_dict(),
+        "split": SPLIT,
         "peers": {
             "captum": captum,
             "trak": {"version": peers.version("traker")},

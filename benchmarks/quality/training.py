@@ -22,14 +22,14 @@ class Checkpoint:
 @dataclass
 class Trajectory:
     """checkpoints: ascending in epoch; margins: float32 (epochs, n) logit of the training label minus
-    the largest other logit, after each epoch; train_accuracy / test_accuracy: (epochs,) on the labels
-    trained on and on the held-out set."""
+    the largest other logit, after each epoch; train_accuracy / val_accuracy: (epochs,) on the labels
+    trained on and on the validation rows (empty without them)."""
 
     model: nn.Module
     checkpoints: list[Checkpoint]
     margins: np.ndarray
     train_accuracy: np.ndarray
-    test_accuracy: np.ndarray
+    val_accuracy: np.ndarray
 
 
 def mlp(features: int, hidden: int, classes: int) -> nn.Sequential:
@@ -49,19 +49,20 @@ def train(
     classes: int,
     spec: Training,
     seed: int,
-    x_test: np.ndarray | None = None,
-    y_test: np.ndarray | None = None,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
 ) -> Trajectory:
-    """Trains mlp(features, spec.hidden, classes) on (x float32 (n, f), y int64 (n,)) from `seed`."""
+    """Trains mlp(features, spec.hidden, classes) on (x float32 (n, f), y int64 (n,)) from `seed`,
+    its accuracy on the validation rows (x_val, y_val) recorded after each epoch if given."""
     torch.manual_seed(seed)
     model = mlp(x.shape[1], spec.hidden, classes)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    xv = torch.from_numpy(x_test) if x_test is not None else None
+    xv = torch.from_numpy(x_val) if x_val is not None else None
     order = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
     loss_fn = nn.CrossEntropyLoss()
     keep = set(spec.checkpoint_epochs())
-    checkpoints, margin_rows, train_acc, test_acc = [], [], [], []
+    checkpoints, margin_rows, train_acc, val_acc = [], [], [], []
     for epoch in range(spec.epochs):
         rate = spec.rate_at(epoch)
         for group in opt.param_groups:
@@ -77,11 +78,17 @@ def train(
             margin_rows.append(margins(logits, yt).numpy())
             train_acc.append(float((logits.argmax(1) == yt).float().mean()))
             if xv is not None:
-                test_acc.append(float((model(xv).argmax(1).numpy() == y_test).mean()))
+                val_acc.append(accuracy(model, x_val, y_val))
         if epoch + 1 in keep:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             checkpoints.append(Checkpoint(state, rate, epoch + 1))
-    return Trajectory(model, checkpoints, np.stack(margin_rows), np.array(train_acc), np.array(test_acc))
+    return Trajectory(model, checkpoints, np.stack(margin_rows), np.array(train_acc), np.array(val_acc))
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of the rows of `x` that `model` gives their label `y`."""
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
 def test_losses(model: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
