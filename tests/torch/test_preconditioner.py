@@ -234,6 +234,38 @@ def test_a_parameter_without_adam_state_is_named():
         export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
 
 
+@needs_named
+def test_parameters_of_groups_with_different_learning_rates_are_refused():
+    """Was: a head trained at lr 1e-1 and a body at 1e-3, exported with the checkpoint's 1e-3, had the
+    head's influence silently under-weighted 100x (review1 t_group_lr.py). Now refused, naming the
+    groups; each group alone (one rate) is exported."""
+    model, checkpoints, data = _trained(groups=True)
+    opt_state = copy.deepcopy(checkpoints[0][2])
+    opt_state["param_groups"][1]["lr"] = 1.0  # the biases
+    entry = [(checkpoints[0][0], 0.05, opt_state)]
+    with pytest.raises(
+        ValueError,
+        match=r"param groups of different learning rates \(lr 0.05: 0.weight, 2.weight; lr 1: 0.bias, 2.bias\)",
+    ):
+        export_gradients(model, entry, data, _loss, preconditioner="adam_update", progress=False)
+    kronecker = tracin.Projection(8, per_layer=True, kronecker=True)  # 0.weight per token, 2.bias plain
+    with pytest.raises(ValueError, match=r"different learning rates \(lr 0.05: 0.weight; lr 1: 2.bias\)"):
+        export_gradients(
+            model,
+            entry,
+            data,
+            _loss,
+            layers=["0.weight", "2.bias"],
+            projection=kronecker,
+            preconditioner="adam",
+            progress=False,
+        )
+    weights = export_gradients(
+        model, entry, data, _loss, layers=["0.weight", "2.weight"], preconditioner="adam", progress=False
+    )
+    assert weights.matrices[0].shape == (N, 8 * 5 + 3 * 8)
+
+
 @pytest.mark.parametrize(
     "make, named",
     [

@@ -14,7 +14,8 @@ first and second moments m and v, per parameter):
                    training data for a target task.
 
 Weight decay (AdamW) is not part of the direction; the torch adapter refuses optimizer states
-whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam). Factored rows
+whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) and chosen parameters of param groups
+with different learning rates (a row has one weight, the checkpoint's learning rate). Factored rows
 take "adam" through a rank-one factorisation of v (rank_one.py, an approximation for Adam);
 "adam_update" needs full rows (m' is not rank one).
 """

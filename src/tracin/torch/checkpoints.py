@@ -54,7 +54,8 @@ class OptimizerState:
     (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
     param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
     checked. betas and eps come from each parameter's group, the step count from its state. States
-    whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused.
+    whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters
+    in groups of different learning rates.
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -80,10 +81,11 @@ class OptimizerState:
 
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
         """The Adam moments of `params` ((name, shape) in row order), on the host. ValueError for a
-        frozen parameter or a state that is not plain Adam / AdamW (_not_adam)."""
+        frozen parameter, a state that is not plain Adam / AdamW (_not_adam), or parameters whose
+        groups have different learning rates (the row has one weight, the checkpoint's)."""
         state = self._load()
         owner, by_position = self._owners(state["param_groups"])
-        moments = []
+        moments, rates = [], {}
         for name, shape in params:
             key, group = owner.get(name, (None, None))
             entry = state["state"].get(key, state["state"].get(str(key)))
@@ -106,11 +108,20 @@ class OptimizerState:
                     f"{self.where}: parameter {name} was trained with {other}; the preconditioner follows plain "
                     "Adam / AdamW steps and does not take it as one"
                 )
+            if "lr" in group:
+                rates.setdefault(float(group["lr"]), []).append(name)
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
             check_moments(name, shape, m, v, step, self.where, _BY_POSITION if by_position else "")
             b1, b2 = (float(b) for b in group["betas"])
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
+        if len(rates) > 1:
+            listed = "; ".join(f"lr {lr:g}: {_few(names)}" for lr, names in rates.items())
+            raise ValueError(
+                f"{self.where}: the chosen parameters are in param groups of different learning rates ({listed}); "
+                "a row is weighted by one rate, the checkpoint's. Export each group's parameters apart "
+                "(layers=...) with its own learning rate and add their scores"
+            )
         return moments
 
     def _load(self) -> Mapping:
@@ -176,6 +187,10 @@ def _not_adam(group: Mapping, entry: Mapping) -> str | None:
     if group.get("maximize"):
         return "maximize=True (its steps ascend the loss)"
     return None
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _strip(name: str) -> str:

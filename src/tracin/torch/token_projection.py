@@ -149,7 +149,10 @@ class KroneckerRows:
         """The factors of checkpoint `checkpoint` (scaled by its optimizer state with "adam")."""
         if checkpoint == self._checkpoint:
             return
-        moments = self._moments(checkpoint, [n for s in self.kron for n in s.names]) if self.preconditioner else None
+        moments = None
+        if self.preconditioner:  # every chosen parameter's: the state's checks (one learning rate) see them all
+            by_name = dict(zip(self._shapes, self._moments(checkpoint, list(self._shapes)), strict=True))
+            moments = [by_name[n] for s in self.kron for n in s.names]
         self._factors, k = [], 0
         for seg in self.kron:
             p_rows, p_cols = (
