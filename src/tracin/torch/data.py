@@ -13,6 +13,7 @@ to the model positionally, a dict by keyword.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -228,13 +229,23 @@ def _no_rows(n: int | None) -> int | None:
 
 
 def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
+    """The rows the loader hands out (None when unknown); a warning when drop_last leaves some out."""
     try:
         n = len(loader.dataset)  # type: ignore[arg-type]
     except TypeError:
         return None
     if loader.batch_size is None:  # a custom batch_sampler: rows per batch unknown
         return None
-    return (n // loader.batch_size) * loader.batch_size if loader.drop_last else n
+    if not loader.drop_last or n % loader.batch_size == 0:
+        return n
+    kept = n - n % loader.batch_size
+    warnings.warn(
+        f"data is a DataLoader with drop_last=True: its last {n - kept} of {n} rows are not exported (rows "
+        f"{kept} to {n - 1}); build it with drop_last=False to export every row",
+        UserWarning,
+        stacklevel=5,  # export_gradients' caller
+    )
+    return kept
 
 
 _END = object()
