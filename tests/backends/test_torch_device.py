@@ -17,6 +17,8 @@ from tracin._arrays import as_matrix
 from tracin.backends import _torch_topk, placement, torch_device
 from tracin.gradients import GradientSet, KernelSide
 
+from .numpy_reference import normalized
+
 torch = pytest.importorskip("torch")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -129,6 +131,68 @@ def test_a_store_streams_in_chunks_and_tiles(rng, tmp_path, small_tiles, dtype):
     np.testing.assert_allclose(
         tracin.self_influence(store_x, device="torch:cpu"), tracin.self_influence(store_x, device="cpu"), rtol=1e-5
     )
+
+
+def scaled_rows(rng, n: int, d: int, scales: list[float]) -> np.ndarray:
+    """(n, d) float32 normal rows, row i times scales[i % len(scales)] (tiny ones partly subnormal)."""
+    return (rng.standard_normal((n, d)) * np.resize(scales, n)[:, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("run", [1, 2])
+def test_cosine_scores_of_rows_of_extreme_norms(rng, small_tiles, factored, run):
+    """normalize=True on rows of norms from 1e-44 (subnormal values) to 1e37: scores, top_k and
+    aggregate within the bound of float64 NumPy (rows of norm below about 3e-39 overflowed float32
+    before, and factored rows of a large norm or unbalanced factors overflowed their GEMMs)."""
+    w = [0.7, -1.3]
+    meta = {"fingerprints": {"checkpoints": ["a"] * (2 // run)}}
+    if factored:  # row scales of the left and right factors at checkpoints 0 and 1: tiny and huge
+        # products, unbalanced factors, checkpoints of a run 1e-20 apart (not so far that cosines of 1e-5
+        # of their scale fall below float32's normal range)
+        left = [[1e-40, 1e-20, 1.0, 1e-30, 1e18, 1e-30], [1e-40, 1e-30, 1.0, 1e25, 1e18, 1e-20]]
+        right = [[1e-40, 1e-30, 1.0, 1e25, 1e18, 1e25], [1e-40, 1e-20, 1.0, 1e-25, 1e18, 1e-5]]
+        sides = [
+            [[scaled_rows(rng, n, d, scales[c]) for c in range(2)] for d, scales in ((3, left), (4, right))]
+            for n in (11, 40)
+        ]
+        t, x = (tracin.FactoredGradients(lf, rt, w, metadata=meta) for lf, rt in sides)
+        test, train = (factored_to_full(lf, rt) for lf, rt in sides)
+    else:
+        scales = [1e-44, 1e-39, 1e-30, 1.0, 1e30, 3e37]
+        test, train = ([scaled_rows(rng, n, 5, scales) for _ in w] for n in (11, 40))
+        t, x = tracin.Gradients(test, w, metadata=meta), tracin.Gradients(train, w, metadata=meta)
+    t64, x64 = (
+        normalized([np.asarray(b, np.float64) for b in test], run),
+        normalized([np.asarray(b, np.float64) for b in train], run),
+    )
+    exact, bound = exact_scores(t64, x64, w), score_bound(t64, x64, w)
+    assert np.all(np.abs(tracin.scores(t, x, device="torch:cpu", normalize=True) - exact) <= bound)
+    total = tracin.aggregate(t, x, device="torch:cpu", normalize=True)
+    assert np.all(np.abs(total - exact.sum(0)) <= bound.sum(0))
+    both = tracin.top_k(t, x, k=6, side="both", device="torch:cpu", normalize=True)
+    for found, sign in zip(both, (1, -1), strict=True):
+        chosen = np.take_along_axis(exact, found.indices, 1)
+        assert np.all(np.abs(found.values - chosen) <= np.take_along_axis(bound, found.indices, 1))
+        kth = np.sort(sign * exact, axis=1)[:, ::-1][:, 5:6]
+        assert np.all(sign * chosen >= kth - 2 * bound.max(axis=1, keepdims=True))
+
+
+def test_rows_times_powers_of_two_are_exact():
+    """_times_power_of_two: rows times 2^shift exactly (float64 NumPy) for shifts from -252 to 252 that
+    keep the values in float32's normal range; rows shifted further down are zero."""
+    rows = [
+        [2.0**127, 1.5 * 2**126],
+        [2.0**-149, 2.0**-100],
+        [1e-38, 7.0],
+        [2.0**110, 2.0**120],
+        [2.0**-140, 2.0**-126],
+    ]
+    block = np.array([*rows, [5.0, 5.0]], dtype=np.float32)
+    shift = np.array([-252, 149, 100, -200, 252, -253])
+    got = torch_device._times_power_of_two(torch.from_numpy(block), torch.from_numpy(shift).int()).numpy()
+    want = np.ldexp(block.astype(np.float64), shift[:, None])
+    want[-1] = 0
+    np.testing.assert_array_equal(got.astype(np.float64), want)
 
 
 def test_non_finite_train_rows_name_the_checkpoint_and_rows(rng, small_tiles):

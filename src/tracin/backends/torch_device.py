@@ -3,24 +3,26 @@
 
 Blocked like the C++ kernel: a test chunk (at most _tunables.DEVICE_TEST_BYTES of float32 rows: the
 generic loop cuts larger test sets) goes to the device once per public call (kept in the generic
-loop's ChunkCache for every train piece it meets; once per backend call without one);
-train rows pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of
-the compute through two staging slots kept for the whole public call, or used in place when already
-on the device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores:
-one float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the
-weight and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse
-norms once, with its upload (a copy on the device), and each checkpoint's score block by the train
-rows' inverse norms, computed per train tile in float64. top_k keeps each test row's best across
-tiles on the device; the (m, n) matrix never exists, but a block's candidates keep its scores until
-they are merged, a block later: two score blocks (2 x DEVICE_TILE_SCORES) at once, plus, for rows cut
-inside a tie, copies of those rows. aggregate and self_influence wait for the device once per call,
-at the end (scores reads each block back as it is made). top_k's merge of a block waits until the
-device has finished that block's selection (a CUDA event after a one-byte copy of whether any row
-was cut inside a tie), while the next block's GEMM, enqueued before, runs on; only when that flag is
-set does it read the tied rows, which waits for all enqueued work (rare on float data). The stream
-runs on across the generic loop's train pieces: while a piece's last tile is computed, the first
-tile of the loop's next piece (ChunkCache.next_train) is already uploading, so only the public
-call's very first tile waits for its copy.
+loop's ChunkCache for every train piece it meets; once per backend call without one); train rows
+pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of the compute
+through two staging slots kept for the whole public call, or used in place when already on the
+device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
+float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
+and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse norms
+once, with its upload (a copy on the device), and each checkpoint's score block by the train rows'
+inverse norms, computed per train tile in float64; rows of norms beyond 2^+-64 (and each factored
+row's factors) are first brought near norm 1 by exact powers of two (_unit_scaled: a copy of each
+train tile), so that cosines of rows of any finite norm neither overflow nor underflow. top_k keeps
+each test row's best across tiles on the device; the (m, n) matrix never exists, but a block's
+candidates keep its scores until they are merged, a block later: two score blocks (2 x
+DEVICE_TILE_SCORES) at once, plus, for rows cut inside a tie, copies of those rows. aggregate and
+self_influence wait for the device once per call, at the end (scores reads each block back as it is
+made). top_k's merge of a block waits until the device has finished that block's selection (a CUDA
+event after a one-byte copy of whether any row was cut inside a tie), while the next block's GEMM,
+enqueued before, runs on; only when that flag is set does it read the tied rows, which waits for all
+enqueued work (rare on float data). The stream runs on across the generic loop's train pieces: while
+a piece's last tile is computed, the first tile of the loop's next piece (ChunkCache.next_train) is
+already uploading, so only the public call's very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -145,7 +147,7 @@ class TorchBackend:
             else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
                 sums = call.prepared.column_sums()
                 for i0, i1, x in call.train_tiles():
-                    scales = call.train_scales(x)
+                    x, scales = call.cosine(x)
                     total[i0:i1] = sum(
                         w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
                         for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
@@ -173,6 +175,7 @@ class TorchBackend:
                 raise ValueError(_OVERFLOW)
 
 
+_TINY = 2.0**-64  # cosine scores: rows of a norm below it or above its inverse are first brought near 1
 _OVERFLOW = (
     "influence overflowed float32 although every input is finite; rescale the gradients (or the learning-rate weights)"
 )
@@ -205,9 +208,10 @@ class _Call:
         self.test, self.m = self.prepared.blocks, test.blocks[0].shape[0]
         self.bad_input = self.prepared.bad.clone()  # train tiles add to it: the cached flag stays the test's
 
-    def train_scales(self, x: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Cosine scores: float64 (rows,) inverse norms of a train tile's rows per run of checkpoints."""
-        return _inverse_norms(x, self.factored, self.normalize) if self.normalize else None
+    def cosine(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """A train tile's blocks and, for cosine scores, its rows' float64 (rows,) inverse norms per run
+        of checkpoints (tiny rows first brought near norm 1 in a copy: _unit_scaled); else (x, None)."""
+        return _unit_scaled(x, self.factored, self.normalize) if self.normalize else (x, None)
 
     def test_blocks(self) -> list[tuple[int, int]]:
         """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
@@ -225,7 +229,7 @@ class _Call:
         """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer."""
         blocks = self.test_blocks()
         for i0, i1, x in self.train_tiles():
-            scales = self.train_scales(x)
+            x, scales = self.cosine(x)
             scales = None if scales is None else [v.float()[None, :] for v in scales]
             for t0, t1 in blocks:
                 s = _product([t[t0:t1] for t in self.test], x, weights, self.factored, scales, self.normalize)
@@ -250,11 +254,11 @@ class _DeviceTest:
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for t in blocks:
             bad |= _not_finite(t)
-        if normalize and blocks:  # a scaled copy (never in place: the blocks may be the caller's)
-            scales = _inverse_norms(blocks, test.factored, normalize)
+        if normalize and blocks:  # scaled copies (_unit_scaled copies: the blocks may be the caller's)
+            blocks, scales = _unit_scaled(blocks, test.factored, normalize)
             per = 2 if test.factored else 1
             for c in range(len(blocks) // per):
-                blocks[c * per] = blocks[c * per] * scales[c // normalize].float()[:, None]
+                blocks[c * per].mul_(scales[c // normalize].float()[:, None])
         return cls(blocks, bad)
 
     def column_sums(self) -> list[torch.Tensor]:
@@ -290,14 +294,57 @@ def _not_finite(x: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _inverse_norms(blocks: list[torch.Tensor], factored: bool, run: int) -> list[torch.Tensor]:
+def _inverse_norms(squares: list[torch.Tensor], factored: bool, run: int) -> list[torch.Tensor]:
     """float64 (rows,) per run of `run` checkpoints: 1 / the rows' norm over the run (0 for a zero
-    row, NaN for NaN); factored checkpoints count |left|^2 |right|^2."""
-    squares = [b.double().square().sum(1) for b in blocks]
+    row, NaN for NaN), from the float64 squared row norms of each block; factored checkpoints count
+    |left|^2 |right|^2."""
     if factored:
         squares = [a * b for a, b in zip(squares[0::2], squares[1::2], strict=True)]
     runs = [sum(squares[c0 : c0 + run]) for c0 in range(0, len(squares), run)]
     return [torch.where(s == 0, torch.zeros_like(s), s.rsqrt()) for s in runs]
+
+
+def _unit_scaled(blocks: list[torch.Tensor], factored: bool, run: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Cosine scores of rows of any finite norm: copies of the blocks in which each row whose norm over
+    its run of `run` checkpoints is below _TINY or above 1 / _TINY is multiplied by a power of two
+    (exactly, up to values then below float32's normal range, negligible beside the norm) that brings
+    that norm into (0.5, 1], so that its inverse norm fits float32 and its products with unit rows stay
+    clear of subnormals (and, factored, of overflow); and the float64 (rows,) inverse norms of the rows
+    so scaled, per run. Other rows keep their values (times 1). Factored checkpoints: every row's left
+    factor is brought to a norm in [0.5, 1) and its right factor takes the opposite power (and the row's),
+    so that unbalanced factors (1e-30 and 1e25) neither underflow nor overflow their GEMMs; the
+    product, hence the score, is the same (neither factor is scaled when one of them is zero)."""
+    squares = [b.double().square().sum(1) for b in blocks]
+    inverse = _inverse_norms(squares, factored, run)
+    extreme = [(v > 1 / _TINY) | ((v < _TINY) & (v > 0)) for v in inverse]  # 1 / v: the norm (v = 0: zero row)
+    shifts = [torch.where(e, torch.frexp(v).exponent - 1, 0) for e, v in zip(extreme, inverse, strict=True)]
+    inverse = [v * _power_of_two(-k, torch.float64) for v, k in zip(inverse, shifts, strict=True)]
+    if not factored:
+        return [_times_power_of_two(b, shifts[c // run]) for c, b in enumerate(blocks)], inverse
+    out = []
+    for c in range(len(blocks) // 2):
+        left, right = squares[2 * c : 2 * c + 2]
+        k = torch.where((left > 0) & (right > 0), shifts[c // run], 0)
+        a = torch.where((left > 0) & (right > 0), -torch.frexp(left.sqrt()).exponent, 0)  # |left 2^a| in [0.5, 1)
+        out += [_times_power_of_two(blocks[2 * c], a), _times_power_of_two(blocks[2 * c + 1], k - a)]
+    return out, inverse
+
+
+def _times_power_of_two(block: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """A copy of the float32 `block` with row i multiplied by 2^shift[i], in two exact steps (each by at
+    most 2^127). Rows shifted below 2^-252 become zero (shifts reach at most about 2^150 up; only a
+    factor negligible beside its row's other checkpoints is shifted that far down: _unit_scaled)."""
+    half = torch.div(shift, 2, rounding_mode="floor").clamp(min=-126)
+    first = torch.where(shift < -252, 0.0, _power_of_two(half, torch.float32))
+    out = block * first[:, None]
+    return out.mul_(_power_of_two((shift - half).clamp(min=-126), torch.float32)[:, None])
+
+
+def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^exponent exactly, made from its bits (a normal number: exponent in [-126, 127] for float32,
+    [-1022, 1023] for float64), where torch.ldexp would round 2^exponent to the default dtype first."""
+    bits, bias, integer = (23, 127, torch.int32) if dtype == torch.float32 else (52, 1023, torch.int64)
+    return ((exponent.to(integer) + bias) << bits).view(dtype)
 
 
 def _product(
