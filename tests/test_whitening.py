@@ -342,6 +342,25 @@ def test_num_threads_and_progress_give_the_same_result(full):
         assert_rows_close(x, to_float64(y), rtol=1e-6)
 
 
+def test_apply_shows_progress_over_rows(full, capsys, monkeypatch):
+    """apply(progress=True) shows a bar over the test rows (read in several ranges here), progress=False
+    none; the whitened rows are the same and match a float64 solve."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(_moments, "BLOCK_ROWS", 4)
+    train, test = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3, progress=False)
+    quiet = w.apply(tracin.Gradients(test), progress=False)
+    assert capsys.readouterr().err == ""
+    shown = w.apply(tracin.Gradients(test), progress=True)
+    err = capsys.readouterr().err
+    assert "tracin whitening apply" in err and "100%" in err and "11.0/11.0" in err, err
+    for a, b, t, g in zip(quiet.matrices, shown.matrices, test, train, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert_rows_close(a, to_float64(t) @ reference_inverse(g, 0.3)[0])
+    with pytest.raises(TypeError, match="progress"):
+        w.apply(tracin.Gradients(test), progress="yes")
+
+
 def test_save_load_round_trip(tmp_path, full):
     train, test = full
     w = Whitening.fit(tracin.Gradients(train), damping=0.3)

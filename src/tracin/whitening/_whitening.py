@@ -196,24 +196,33 @@ class Whitening:
         (B_c + lambda_B I)^-1 then (A_c + lambda_A I)^-1 (factored)."""
         return tuple(self._inverses)
 
-    def apply(self, test: Any, *, num_threads: int | None = None) -> Gradients | FactoredGradients:
+    def apply(
+        self, test: Any, *, progress: bool | None = None, num_threads: int | None = None
+    ) -> Gradients | FactoredGradients:
         """The test gradients times (R_c + lambda_c I)^-1 per checkpoint (float64 products, float32
         rows; ValueError if one overflows float32), in memory: Gradients (or FactoredGradients) with
         test's weights and metadata plus metadata["whitening"] (spec.to_dict()). Score them against
-        the untouched train side."""
+        the untouched train side. progress: tqdm bar over rows (None: after a few seconds, if tqdm is
+        installed), as in fit: n x d_c^2 multiply-adds per checkpoint, long for large stores."""
         test = self._accept(test, "test")
+        check_progress(progress)
         out = [np.empty((test.n_rows, inv.shape[0]), dtype=np.float32) for inv in self._inverses]
-        with blas_threads(num_threads):
-            for start, stop in row_ranges(test):
-                blocks = finite_float32(test, "test", start, stop)
-                for b, (dst, inv, x) in enumerate(zip(out, self._inverses, blocks, strict=True)):
-                    white = x.astype(np.float64) @ inv
-                    if not np.all(np.abs(white) <= _FLOAT32_MAX):
-                        raise ValueError(
-                            f"whitened test {block_name(self.factored, b)} overflowed float32 (rows from {start}) "
-                            "although every input is finite; rescale the gradients or raise damping"
-                        )
-                    dst[start:stop] = white
+        bar = progress_bar(test.n_rows, progress, "tracin whitening apply", unit="row")
+        try:
+            with blas_threads(num_threads):
+                for start, stop in row_ranges(test):
+                    blocks = finite_float32(test, "test", start, stop)
+                    for b, (dst, inv, x) in enumerate(zip(out, self._inverses, blocks, strict=True)):
+                        white = x.astype(np.float64) @ inv
+                        if not np.all(np.abs(white) <= _FLOAT32_MAX):
+                            raise ValueError(
+                                f"whitened test {block_name(self.factored, b)} overflowed float32 (rows from "
+                                f"{start}) although every input is finite; rescale the gradients or raise damping"
+                            )
+                        dst[start:stop] = white
+                    bar.update(stop - start)
+        finally:
+            bar.close()
         weights = test.weights if test.weights_given else None
         metadata = {**test.metadata, "whitening": self.to_dict()}
         if self.factored:
