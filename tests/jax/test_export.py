@@ -96,24 +96,26 @@ def test_last_batch_is_padded_not_recompiled_and_each_export_compiles_once(mlp, 
     traces = []
 
     def counted_loss(params, inputs, targets):
-        traces.append(inputs.shape)  # runs only while JAX traces the function
+        traces.append(inputs.shape)  # runs while JAX traces the function, or in the eager coupling check
         return mlp.loss_fn(params, inputs, targets)
 
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
     ragged = export_gradients(counted_loss, ckpts, (x, y), batch_size=16, progress=False)
     # 2 checkpoints x 5 batches (the last of 6 rows, padded to 16): one abstract check of the batched
-    # loss, then a single trace of the per-example function (a batch of one inside vmap).
-    assert traces == [(16, 5), (1, 5)]
+    # loss, the eager check that 4 and 2 examples give the same losses, then a single trace of the
+    # per-example function (a batch of one inside vmap).
+    checks = [(16, 5), (4, 5), (2, 5)]
+    assert traces == [*checks, (1, 5)]
     ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[1], x, y), ["b1", "w1", "b2", "w2"], KERNELS)
     _close(ragged.matrices[1], ref)
     traces.clear()
     even = export_gradients(counted_loss, ckpts, (x[:64], y[:64]), batch_size=16, progress=False)
     # the compiled function is shared with the first export: only the abstract check traces the loss
-    assert traces == [(16, 5)], "a later export with the same loss, params and batch size reuses the compilation"
+    assert traces == checks, "a later export with the same loss, params and batch size reuses the compilation"
     np.testing.assert_array_equal(ragged.matrices[0][:64], even.matrices[0])
     traces.clear()
     export_gradients(counted_loss, ckpts, (x, y), batch_size=32, progress=False)
-    assert traces == [(32, 5), (1, 5)]  # another batch size: compiled once more
+    assert traces == [(32, 5), *checks[1:], (1, 5)]  # another batch size: compiled once more
 
 
 def test_iterable_of_batches_equals_arrays(mlp, data):

@@ -132,3 +132,18 @@ def test_a_penalty_on_the_last_layer_is_named_as_a_cause():
             layer_input=features,
             progress=False,
         )
+
+
+def test_a_loss_coupling_the_examples_of_a_batch_is_refused(mlp, data):
+    """Centring by the batch mean made every row 0 (each example is differentiated alone); a loss
+    reading only its own example still passes."""
+    x, y = data
+
+    def centred(params, inputs, targets):
+        h = inputs @ params["l1"]["kernel"]
+        return mlp.loss_fn(params, inputs - inputs.mean(0), targets) + 0 * h.sum(1)
+
+    with pytest.raises(ValueError, match=r"loss_fn couples the examples of a batch: .* in a batch of 2 and .* of 4"):
+        export_gradients(centred, [(mlp.params[0], 1.0)], (x, y), progress=False)
+    got = export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], (x[:3], y[:3]), progress=False)
+    assert got.matrices[0].shape[0] == 3

@@ -20,7 +20,7 @@ from ..gradients import FactoredGradients, Gradients
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, host_array, layout_of
-from .per_example import FullRows, LastLayer, check_per_example
+from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
 KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
@@ -228,6 +228,7 @@ class _JaxExport:
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
         selected, arrays, params = state
         check_per_example(self.loss_fn, self.layout, selected, arrays, batch, self.plan.note)
+        check_uncoupled(self.loss_fn, params, batch, self.plan.note)
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.check_layer_input(params, batch)
 

@@ -120,6 +120,31 @@ def check_per_example(
         raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}")
 
 
+def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, note: str = "", rows: int = 4) -> None:
+    """After check_per_example, on concrete params: raises ValueError when the losses of the batch's
+    first examples change with the batch they are in: loss_fn on its first `rows` real examples
+    against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
+    a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
+    rows of another loss."""
+    m = min(rows, batch.count)
+    if m < 2:
+        return
+    head = [jax.tree_util.tree_map(lambda a, k=k: a[:k], (batch.inputs, batch.targets)) for k in (m, m // 2)]
+    losses = [loss_fn(params, *h) for h in head]
+    whole, half = (np.asarray(a, np.float64) for a in losses)
+    rtol = max(1e-4, 8 * float(jnp.finfo(losses[0].dtype).eps))
+    if not np.allclose(
+        half, whole[: m // 2], rtol=rtol, atol=rtol * np.nanmax(np.abs(whole), initial=0.0), equal_nan=True
+    ):
+        raise ValueError(
+            f"loss_fn couples the examples of a batch: the losses of the first {m // 2} examples are "
+            f"{half.tolist()} in a batch of {m // 2} and {whole[: m // 2].tolist()} in a batch of {m}. "
+            "tracin differentiates each example alone (a batch of one), so its rows would be gradients of "
+            "another loss: make each example's loss depend on that example only (no batch mean or batch "
+            f"statistics, no in-batch negatives, no random draws shaped by the batch){note}"
+        )
+
+
 class FullRows:
     """Per-example gradient rows (batch, d) of the selected parameters, in layout order.
 
