@@ -152,6 +152,7 @@ def test_dtypes_are_the_float32_rows_rounded(mlp, data, dtype):
     low = export_gradients(mlp.loss_fn, ckpts, (x, y), dtype=dtype, progress=False)
     name = np.dtype(dtype).name
     assert low.dtypes == (name,) and low.metadata["dtype"] == name
+    assert low.matrices[0].dtype == (np.uint16 if name == "bfloat16" else name)  # bfloat16: its bits, as documented
     as_stored = low.matrices[0].view(ml_dtypes.bfloat16) if name == "bfloat16" else low.matrices[0]
     np.testing.assert_array_equal(as_stored, exact.astype(np.dtype(dtype)))
 

@@ -246,7 +246,8 @@ class _JaxExport:
 
     @staticmethod
     def wrap(array: np.ndarray, dtype: str) -> np.ndarray:
-        """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy)."""
+        """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy): how
+        Gradients, which keeps and returns bfloat16 as its uint16 bits (Gradients.matrices), learns the dtype."""
         return array.view(jnp.bfloat16) if dtype == "bfloat16" else array
 
 
