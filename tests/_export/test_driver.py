@@ -198,8 +198,18 @@ def test_a_missing_checkpoint_file_is_file_not_found(tmp_path):
 
 
 def test_a_store_needs_the_row_count_and_is_closed_on_error(tmp_path):
-    with pytest.raises(ValueError, match="store= needs the number of examples"):
-        export(_Scaled(_data(), n_rows=None), CKPTS[:1], _options(tmp_path / "g"), [])
+    """A store counts the rows of re-iterable data in its read-through (one pass fewer than counting
+    them first); one-shot data of unknown length is refused, in the adapter's words when it has them."""
+    counted = export(_Scaled(_data(), n_rows=None), CKPTS, _options(tmp_path / "f"), [])
+    known = export(_Scaled(_data()), CKPTS, _options(tmp_path / "e"), [])
+    assert counted.n_rows == known.n_rows == 10
+    np.testing.assert_array_equal(tracin.self_influence(counted), tracin.self_influence(known))
+    with pytest.raises(ValueError, match=r"store= needs the number of examples .* a Dataset or DataLoader"):
+        export(_Scaled(_data(), n_rows=None, one_shot=True), CKPTS[:1], _options(tmp_path / "g"), [])
+    worded = _Scaled(_data(), n_rows=None, one_shot=True)
+    worded.countable_data = "arrays"
+    with pytest.raises(ValueError, match=r"cannot be known for this data: pass arrays$"):
+        export(worded, CKPTS[:1], _options(tmp_path / "g"), [])
     failing = _Scaled(_data())
     failing.compute = lambda state, batch: 1 / 0
     with pytest.raises(ZeroDivisionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -211,3 +212,52 @@ def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
     memory = export_gradients(mlp.loss_fn, ckpts, batches, progress=False)
     for a, b in zip(_blocks(resumed), _blocks(memory), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _Loader(Sequence):
+    """A loader with len() and indexing (batches read one by one, counted) that iterates itself."""
+
+    def __init__(self, x, y, size):
+        self.batches, self.reads = [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)], 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        batch = self.batches[i]  # IndexError past the end, which ends Sequence.__iter__
+        self.reads += 1
+        return batch
+
+
+class _Iterable:
+    """Re-iterable batches with a len() (of batches, not rows) and no indexing, as a grain / tf.data loader."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_a_store_reads_a_loader_once_more_with_a_bar_and_counts_its_rows_then(mlp, data, tmp_path, capsys):
+    """store= reads the data once up front (its fingerprint and row count, with a progress bar), then once
+    per checkpoint: a loader is no longer read a third time to count its rows; an iterable with len()
+    works too. One-shot data is refused in tracin.jax's words."""
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    expected = export_gradients(mlp.loss_fn, ckpts, (x, y), progress=False)
+    loader = _Loader(x, y, 16)
+    stored = export_gradients(mlp.loss_fn, ckpts, loader, store=tmp_path / "a", progress=True)
+    assert loader.reads == 3 * len(loader)  # the read-through and 2 checkpoints
+    assert "tracin.jax export: reading the data: 70ex" in capsys.readouterr().err.replace("\r", "\n")
+    np.testing.assert_allclose(tracin.self_influence(stored), tracin.self_influence(expected), rtol=1e-5)
+    batches = _Iterable(loader.batches)
+    again = export_gradients(mlp.loss_fn, ckpts, batches, store=tmp_path / "b", progress=False)
+    assert again.n_rows == 70
+    np.testing.assert_allclose(tracin.self_influence(again), tracin.self_influence(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"up front.*: pass \(inputs, targets\) arrays or a re-iterable") as err:
+        export_gradients(mlp.loss_fn, ckpts[:1], iter(loader.batches), store=tmp_path / "c", progress=False)
+    assert "DataLoader" not in str(err.value)

@@ -48,7 +48,9 @@ class Framework(Protocol):
     the raw widths of each sink slot (one d for full rows; one (p, q) per factored layer).
     segments: the parameter widths of a full row (per-layer projection), None when factored.
     fingerprints: the adapter's own fingerprint entries ("model", "loss"...). n_rows: the data's
-    row count when known up front, else None; one_shot: the data can be read only once.
+    row count when known without reading it, else None (a store= export counts the rows in its
+    read-through); one_shot: the data can be read only once. countable_data (optional): the data
+    forms a store= export takes, in the adapter's words (for the error on one-shot data).
     inplace_width: the width of full float32 rows the adapter can compute straight into a host
     buffer (compute_into), None when it cannot.
     """
@@ -171,8 +173,8 @@ def export(
     rows = _ROWS.get()
     if rows is not None and options.store is None:
         raise ValueError("an export of a row range (tracin.distributed) needs store=, a directory every writer sees")
-    if options.store is not None:
-        need_row_count(n_rows)
+    if options.store is not None and n_rows is None and framework.one_shot:
+        need_row_count(n_rows, getattr(framework, "countable_data", None))
     files = [isinstance(entry.source, (str, os.PathLike)) for entry in checkpoints]
     digests = [
         checkpoint_file_digest(entry.source, c) if file else framework.state_digest(entry.source, c)
@@ -203,7 +205,10 @@ def export(
 
     fingerprint = DataFingerprint()
     if options.store is not None:
-        _read_through(framework, fingerprint)
+        counted = _read_through(framework, fingerprint, options.progress)
+        if n_rows is not None and counted != n_rows:
+            raise ValueError(f"data gave {counted} rows, expected {n_rows} (its length)")
+        n_rows = counted
         arrays_only = getattr(framework, "array_state_digest", None)
         if arrays_only is not None:
             meta = metadata(fingerprint.data)
@@ -233,6 +238,7 @@ def export(
             slots,
             len(checkpoints),
             options.progress,
+            n_rows,
             stop=None if rows is None else rows[1],
         )
         if not sink.complete:
@@ -302,12 +308,25 @@ def _preconditioning(
     return [Preconditioned(kind, moments, settings)]
 
 
-def _read_through(framework: Framework, fingerprint: DataFingerprint) -> None:
-    """One pass over the data recording its fingerprint (before a store, whose spec holds it, is opened)."""
-    fingerprint.begin("data")
-    for batch in framework.batches():
-        fingerprint.batch(*framework.fingerprint_arrays(batch, inputs=True))
-    fingerprint.end()
+def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: bool | None) -> int:
+    """One pass over the data recording its fingerprint (before a store, whose spec holds it, is opened),
+    with a progress bar; returns its row count."""
+    bar = progress_bar(
+        framework.n_rows, progress, f"tracin.{framework.name} export: reading the data", unit_scale=False
+    )
+    rows = 0
+    try:
+        fingerprint.begin("data")
+        for batch in framework.batches():
+            fingerprint.batch(*framework.fingerprint_arrays(batch, inputs=True))
+            rows = batch.start + batch.count
+            bar.update(batch.count)
+        fingerprint.end()
+    finally:
+        bar.close()
+    if rows == 0:
+        raise ValueError("data has no rows")
+    return rows
 
 
 class _Loop:
@@ -324,11 +343,12 @@ class _Loop:
         slots: int,
         n_checkpoints: int,
         progress: bool | None,
+        n_rows: int | None,
         stop: int | None = None,
     ):
         self.framework, self.sink, self.fingerprint, self.transforms = framework, sink, fingerprint, transforms
         self.slots, self.n_checkpoints = slots, n_checkpoints
-        self.n_rows = framework.n_rows
+        self.n_rows = n_rows
         self.stop = stop
         self.checked = False
         self.bar = progress_bar(

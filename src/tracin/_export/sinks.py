@@ -105,12 +105,13 @@ def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
     return [to_store_dtype(block, dtype, "block")]
 
 
-def need_row_count(n_rows: int | None) -> None:
-    """ValueError when a store is asked for but the data's row count is unknown up front."""
+def need_row_count(n_rows: int | None, countable: str | None = None) -> None:
+    """ValueError when a store is asked for but the data's row count is unknown up front; countable:
+    the data forms that give it, in the adapter's words (default tracin.torch's)."""
     if n_rows is None:
         raise ValueError(
             "store= needs the number of examples up front, and it cannot be known for this data: pass "
-            "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches"
+            + (countable or "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches")
         )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +141,9 @@ class BatchPlan:
 
     @staticmethod
     def _count_rows(data: Any) -> int | None:
-        """Total rows of a sequence of batches such as a list (None for other iterables)."""
-        if not isinstance(data, Sequence):
+        """Total rows of a list or tuple of batches (in memory); None for other iterables, a Sequence
+        loader included, whose batches are read only when iterated (a store= export counts them then)."""
+        if not isinstance(data, (list, tuple)):
             return None
         return sum(_rows(*_pair(data[i], f"data[{i}]"), f"data[{i}]") for i in range(len(data)))
 

@@ -158,6 +158,7 @@ class _JaxExport:
 
     name = "jax"
     inplace_width = None
+    countable_data = "(inputs, targets) arrays or a re-iterable of batches (a list, a Sequence, a loader)"
 
     def __init__(
         self,
