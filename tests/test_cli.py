@@ -9,8 +9,12 @@ import inspect
 import io
 import os
 import re
+import signal
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -232,6 +236,114 @@ def test_interrupted_output_leaves_the_previous_file_whole(stores, tmp_path, cap
         assert [p.name for p in out.parent.iterdir()] == [name]
         out.unlink()
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_while_writing_leave_the_previous_file_whole(stores, tmp_path, signum):
+    paths, _, _ = stores
+    out = tmp_path / "out" / "rank.csv"
+    out.parent.mkdir()
+    out.write_text("the previous result\n")
+    script = f"""
+import os, sys, tracin.cli as cli
+class Spec(str):  # the signal arrives after 20 rows written
+    left = 20
+    def __format__(self, spec):
+        Spec.left -= 1
+        if Spec.left == 0:
+            os.kill(os.getpid(), {int(signum)})
+        return str(self)
+cli.FLOAT32 = Spec(cli.FLOAT32)
+sys.exit(cli.main(["self-influence", {str(paths["train"])!r}, "-o", {str(out)!r}, "--no-progress"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (128 + signum, f"tracin self-influence: terminated ({signum.name})\n")
+    assert out.read_text() == "the previous result\n" and [p.name for p in out.parent.iterdir()] == ["rank.csv"]
+
+
+def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores, tmp_path):
+    paths, _, _ = stores
+    rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]
+    expected = tmp_path / "expected.csv"
+    assert main([*rank, str(expected)]) == 0
+    real, link = tmp_path / "real" / "rank.csv", tmp_path / "rank.csv"
+    real.parent.mkdir()
+    real.write_text("old\n")
+    link.symlink_to("real/rank.csv")
+    assert main([*rank, str(link)]) == 0  # the link stays, its target gets the result
+    assert link.is_symlink() and real.read_text() == expected.read_text()
+    other = tmp_path / "other-name.csv"
+    os.link(real, other)
+    assert main([*rank, str(real)]) == 0  # both names still one file
+    assert os.path.samefile(real, other)
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text()))
+    reader.start()
+    assert main([*rank, str(fifo)]) == 0  # a reader of the FIFO gets the result; the FIFO stays
+    reader.join(timeout=60)
+    assert read == [expected.read_text()] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_output_permissions_are_set_on_the_open_temporary_file(stores, tmp_path, monkeypatch):
+    import tracin.cli
+
+    paths, _, _ = stores
+    victim = tmp_path / "victim.txt"
+    victim.write_text("private\n")
+    victim.chmod(0o600)
+    real_mkstemp = tempfile.mkstemp
+
+    def swapped(**kwargs):  # someone swaps the temporary file's name for a link to another file
+        fd, temp = real_mkstemp(**kwargs)
+        os.unlink(temp)
+        os.symlink(victim, temp)
+        return fd, temp
+
+    monkeypatch.setattr(tracin.cli.tempfile, "mkstemp", swapped)
+    old_umask = os.umask(0o022)
+    try:
+        main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv")])
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600 and victim.read_text() == "private\n"
+
+
+def test_long_output_names_are_written_and_too_long_ones_refused_first(stores, tmp_path, capsys, monkeypatch):
+    paths, _, _ = stores
+    rank = ["self-influence", str(paths["train"]), "-o"]
+    longest = tmp_path / ("a" * 251 + ".csv")  # 255 bytes, the usual limit
+    assert main([*rank, str(longest)]) == 0 and longest.read_text().startswith("rank,")
+    monkeypatch.setattr(tracin, "self_influence", lambda *a, **k: pytest.fail("scored before --output was checked"))
+    assert main([*rank, str(tmp_path / ("a" * 252 + ".csv"))]) == 1
+    assert "file name of 256 bytes" in _error_line(capsys.readouterr().err, "self-influence")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to own files as another user")
+def test_another_users_output_keeps_its_owner(stores, tmp_path, monkeypatch):
+    import tracin.cli
+
+    paths, _, _ = stores
+    out = tmp_path / "r.csv"
+    out.write_text("old\n")
+    os.chown(out, 65534, 65534)
+    out.chmod(0o640)
+    rank = ["self-influence", str(paths["train"]), "-o", str(out)]
+    assert main(rank) == 0  # replaced by a file of the same owner, group and permissions
+    st = out.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+    inode = st.st_ino
+
+    def refused(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tracin.cli.os, "fchown", refused)  # as for a user who may not give it away
+    out.write_text("old\n")
+    assert main(rank) == 0  # written in place: same file, same owner
+    assert out.stat().st_ino == inode and out.read_text().startswith("rank,")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_writing_a_long_csv_shows_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):

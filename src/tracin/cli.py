@@ -3,7 +3,8 @@
 Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 1 (2 for usage
 errors, from argparse); output cut short by a closed pipe (`tracin info STORE | head -1`) ends
 quietly with exit code 141, as for a process killed by SIGPIPE. An -o file is written whole or not
-at all: an error or Ctrl-C while writing leaves the file that was there before.
+at all: an error, Ctrl-C (exit code 130), SIGTERM or SIGHUP (143, 129) while writing leaves the
+file that was there before (a FIFO, a device or a file with other hard links is written in place).
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import signal
+import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +36,7 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that 
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
+TEMP_PREFIX = ".tracin-"  # of the temporary file an -o file is written through (short: long -o names fit)
 
 
 class CommandError(Exception):
@@ -73,20 +78,47 @@ def _open_store(path: str, option: str, allow_partial: bool):
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
     """--output as a Path, checked before any work: an accepted suffix (if `suffixes`), not a
-    folder, in an existing folder this process may write in (and writable itself if it exists)."""
+    folder, writable if it exists, else a name its folder (existing, writable) accepts."""
     if path is None:
         return None
     out = Path(path)
     if suffixes and out.suffix not in suffixes:
         raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name}")
-    folder = out.parent
+    limit, size = _name_max(out.parent), len(os.fsencode(out.name))
+    if limit is not None and size > limit:
+        raise CommandError(f"--output: file name of {size} bytes; {out.parent} allows at most {limit}")
     if out.is_dir():
         raise CommandError(f"--output: {out} is a folder; give a file name")
+    target = _target(out)
+    if target.exists():
+        if not os.access(target, os.W_OK):
+            raise CommandError(f"--output: cannot write {out} (permission denied)")
+        return out
+    folder = target.parent
     if not folder.is_dir():
         raise CommandError(f"--output: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise CommandError(f"--output: cannot write {out} (permission denied)")
+    try:  # what writing will do first: a temporary file in that folder
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
+    except OSError as e:
+        raise CommandError(f"--output: cannot create a file in {folder} ({_one_line(e)})") from e
+    os.close(fd)
+    os.unlink(temp)
     return out
+
+
+def _target(out: Path) -> Path:
+    """The file `out` names: itself, or where its symbolic link leads (followed to the end)."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
+
+
+def _name_max(folder: Path) -> int | None:
+    """The longest file name in bytes `folder` accepts, or None where the OS does not say."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _ids(store) -> list | None:
@@ -100,27 +132,60 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 @contextmanager
 def _whole_file(out: Path, binary: bool = False) -> Iterator[IO]:
-    """A file to write `out` through: a temporary file beside it, renamed over `out` once written
-    in full and removed on any error or interrupt, so that `out` is either the complete new result
-    or, untouched, what it was before. The new file gets the old one's permissions (else the umask's)."""
-    fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    """A file to write `out` through: a temporary file beside the file `out` names (a symbolic
+    link is followed), with the old file's permissions and owner (else the umask's), renamed over
+    it once written in full and removed on any error or interrupt, so that the file is either the
+    complete new result or, untouched, what it was before. What cannot be replaced that way is
+    written in place: a FIFO or device, a file with other hard links, a file whose owner or group
+    this process cannot give a new file, or one in a folder it may not create files in."""
+    target = _target(out)
+    replacement = _replacement(target)
+    if replacement is None:
+        with open(target, "wb") if binary else open(target, "w", newline="") as f:
+            yield f
+        return
+    fd, temp = replacement
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
             yield f
-        os.chmod(temp, _new_file_mode(out))
-        os.replace(temp, out)
+        os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
 
 
-def _new_file_mode(out: Path) -> int:
-    """Permission bits for a rewritten `out`: its own if it exists, else what open() would give."""
-    if out.exists():
-        return out.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _replacement(target: Path) -> tuple[int, str] | None:
+    """An open temporary file beside `target` (descriptor, path) with the permission bits, owner
+    and group of `target` if it exists, else open()'s; None where `target` must be written in place."""
+    try:
+        old = target.stat()
+    except FileNotFoundError:
+        old = None
+    if old is not None and (not stat.S_ISREG(old.st_mode) or old.st_nlink > 1):
+        return None
+    try:
+        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".tmp")
+    except PermissionError:
+        if old is None:
+            raise
+        return None
+    try:
+        if old is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(fd, 0o666 & ~umask)
+        else:
+            new = os.fstat(fd)
+            if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fchmod(fd, old.st_mode & 0o7777)  # after fchown, which clears set-id bits
+    except BaseException as e:
+        os.close(fd)
+        os.unlink(temp)
+        if isinstance(e, PermissionError):  # another's owner or group: keep them by writing in place
+            return None
+        raise
+    return fd, temp
 
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
@@ -539,10 +604,43 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds the command as Ctrl-C does, so temporary files go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise _Terminated while the command runs, where they would otherwise
+    kill the process outright (default handler, main thread); the handlers before are restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated(signum)
+
+    names = ("SIGTERM", "SIGHUP")
+    signums = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    before = {s: signal.getsignal(s) for s in signums}
+    try:
+        for s, handler in before.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(s, terminate)
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with _signals_unwind():
+            return _run(args)
     except BrokenPipeError:
         # The reader went away: drop what is still buffered (so the exit flush cannot fail again).
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -552,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tracin {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as e:
+        print(f"tracin {args.command}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":
