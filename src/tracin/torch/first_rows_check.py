@@ -4,30 +4,43 @@ their rows on the first rows of the first batch against per-example autograd, on
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import Tree, call_model, slice_rows
+from .data import Tree, call_model, slice_rows, tree_map
 from .losses import LossFn, losses_of, model_caller
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
-# |got - want| <= rtol |want| + atol * (largest |want| of the compared columns), where rtol and atol are
-# RTOL and ATOL for float32 and float64, and grow with the machine epsilon of a coarser dtype: the batched
-# and the one-by-one computations round differently (bfloat16, eps 2^-7: about 5e-4 of the largest |want|
-# apart on a 3-layer MLP), while a layer mixing the examples by 5% of a batch mean moves them by 1e-2.
-# A gradient summed over T tokens adds T such roundings, which cancel as a random walk: atol grows as
-# sqrt(T) (bfloat16 Embedding-Linear-LayerNorm-Linear, measured max gap / largest |want|: 1.7e-3 at
-# T = 4, 3.9e-3 at 64, 6.2e-3 at 256; eps / 4 sqrt(T): 3.9e-3, 1.6e-2, 3.1e-2)
+# |got - want| <= rtol |want| + atol * (largest |want| of the compared columns). float32 and float64:
+# RTOL and ATOL. A bfloat16 / float16 model's batched rows round as its dtype does, so the reference is
+# taken in float32: the 16-bit state (and floating inputs) widened for the reference pass only (the
+# user's model untouched), a few 1e-7 off float64; atol is then 2 eps of the coarsest dtype whatever the
+# tokens. bfloat16 Embedding-Linear-LayerNorm-Linear, max gap / largest |want|: 2.4-7.0e-3 clean (width
+# 32 and 128, T = 64 and 1024), 1.7-3.4e-2 with a layer mixing the examples by 5% of a batch mean
+# (float16: 3.7-6.5e-4 clean, the same when mixing). A model that cannot run widened (a cast to bfloat16
+# inside its forward meets a float32 weight) is checked against its own dtype, whose one-example sums
+# round too: atol eps / 4 * sqrt(T), T capped at _CAPPED_TOKENS (that reference's own error, bfloat16:
+# 4e-3 at T = 64, 1.5e-2 at 1024, 5.8e-2 at 2048)
 RTOL, ATOL = 1e-4, 1e-5
+_CAPPED_TOKENS = 256
 
 
-def tolerances(dtype: torch.dtype, tokens: int = 1) -> tuple[float, float]:
-    """(rtol, atol) of the check for gradients computed in `dtype`, each summed over `tokens` positions."""
+def tolerances(dtype: torch.dtype, tokens: int = 1, widened: bool = True) -> tuple[float, float]:
+    """(rtol, atol) of the check for gradients computed in `dtype`, each summed over `tokens` positions,
+    against a reference `widened` to float32 (else one in `dtype` itself)."""
     eps = torch.finfo(dtype).eps
-    return max(RTOL, eps), max(ATOL, eps / 4 * math.sqrt(max(tokens, 1)))
+    if widened or eps <= torch.finfo(torch.float32).eps:
+        return max(RTOL, eps), max(ATOL, 2 * eps)
+    return eps, eps / 4 * math.sqrt(min(max(tokens, 1), _CAPPED_TOKENS))
+
+
+def coarsest(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    """The floating dtype of `tensors` with the largest eps (float32 when none is floating)."""
+    dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)
 
 
 def tokens_of_one(model: nn.Module, layers: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree) -> int:
@@ -101,6 +114,33 @@ def example_gradients(
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
 
 
+def reference_gradients(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    names: Sequence[str],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+    rows: int,
+) -> tuple[list[list[torch.Tensor]], bool]:
+    """The check's reference: example_gradients of the first `rows` examples with the 16-bit floating
+    tensors of `state`, `inputs` and `targets` widened to float32 (copies), and True; when the model
+    cannot run so (a RuntimeError: a cast inside its forward meets a widened weight), in its own dtypes
+    and False."""
+    if not any(_narrow(t) for t in state.values()):
+        return list(example_gradients(model, state, names, loss_fn, inputs, targets, rows)), False
+    wide = {n: t.float() if _narrow(t) else t for n, t in state.items()}
+    x, y = (tree_map(lambda t: t.float() if _narrow(t) else t, tree) for tree in (inputs, targets))
+    try:
+        return list(example_gradients(model, wide, names, loss_fn, x, y, rows)), True
+    except RuntimeError:
+        return list(example_gradients(model, state, names, loss_fn, inputs, targets, rows)), False
+
+
+def _narrow(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.element_size() < 4
+
+
 def _dense(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """A parameter's gradient as a dense tensor: zeros when unused, densified when sparse."""
     if g is None:
@@ -109,13 +149,17 @@ def _dense(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 
 
 def agrees(
-    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype | None = None, tokens: int = 1
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    tokens: int = 1,
+    widened: bool = True,
 ) -> bool:
     """True when every `got` is within rtol |want| + atol * scale of its `want` (pairs of same-shape
     tensors, scale the largest finite |want| of all pairs), or holds the same non-finite value; compared
-    pair by pair: no gathered copy. Tolerances of `dtype` (the dtype the gradients were computed in;
-    default want's) for gradients summed over `tokens` positions."""
-    rtol, atol = tolerances(dtype or pairs[0][1].dtype, tokens)
+    pair by pair: no gathered copy. Tolerances of `dtype` (the coarsest dtype the gradients were computed
+    in; default want's) for gradients summed over `tokens` positions against a reference `widened` or not
+    (tolerances)."""
+    rtol, atol = tolerances(dtype or pairs[0][1].dtype, tokens, widened)
     scale = torch.stack([want.abs().nan_to_num(0, 0, 0).max().double() for _, want in pairs]).max().item()
     excess = torch.stack([_excess(got.to(want.dtype), want, rtol).max() for got, want in pairs])
     return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN

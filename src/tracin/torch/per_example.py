@@ -13,7 +13,7 @@ from torch.func import grad, vmap
 
 from .capture import NotCaptured, bytes_of_one
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import agrees, checked_rows, example_gradients, tokens_of_one
+from .first_rows_check import agrees, checked_rows, coarsest, example_gradients, reference_gradients, tokens_of_one
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
@@ -41,7 +41,7 @@ class PerExampleGradients:
       (BatchNorm without running statistics: a warning). On the first batch, a covered layer that
       did not run through its forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
       parameters to vmap; then the rest is checked once, on the first rows, against the per-example
-      loop, within tolerances of the parameters' dtype growing with the tokens a gradient sums over
+      loop (16-bit state widened to float32 for it), within tolerances of the state's coarsest dtype
       (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also used
       outside its module's forward) sends every parameter to vmap, with a warning; equal non-finite values on both sides
       agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
@@ -139,11 +139,13 @@ class PerExampleGradients:
                 return False
         head_inputs, head_targets, rows = checked_rows(inputs, targets, out.shape[0])
         hooked = list(self.hooks.plan)
-        reference = torch.empty((rows, self.width), dtype=out.dtype, device=out.device)
-        self._one_at_a_time(hooked, state, head_inputs, head_targets, reference)
-        pairs = [(out[:rows, o : o + w], reference[:, o : o + w]) for o, w in (self.columns[n] for n in hooked)]
+        grads, widened = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
+        pairs = [
+            (out[:rows, o : o + w], torch.stack([g[k].reshape(-1) for g in grads]))
+            for k, (o, w) in enumerate(self.columns[n] for n in hooked)
+        ]
         tokens = tokens_of_one(self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
-        if not agrees(pairs, out.dtype, tokens):
+        if not agrees(pairs, coarsest(state.values()), tokens, widened):
             _warn_leaving(
                 "they disagree with per-example autograd on the first batch: a layer mixes the "
                 "examples of a batch, or a parameter is also used outside its module's forward"

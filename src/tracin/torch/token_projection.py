@@ -41,7 +41,7 @@ from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows, slice_rows
-from .first_rows_check import agrees, checked_rows, example_gradients, tokens_of_one, tolerances
+from .first_rows_check import agrees, checked_rows, coarsest, reference_gradients, tokens_of_one, tolerances
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
 from .losses import LossFn
@@ -108,7 +108,6 @@ class KroneckerRows:
         )
         first = params[self.kron[0].names[0]] if self.kron else params[names[0]]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        self.param_dtype = first.dtype  # the check's tolerances: bfloat16 / float16 models round coarser
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
@@ -183,28 +182,30 @@ class KroneckerRows:
         """ValueError naming the Kronecker layers whose rows on the first rows differ from per-example
         autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
         also used outside its module's forward), and the layers= that leaves them out. Tolerances of the
-        parameters' dtype for gradients summed over the tokens of one example (first_rows_check)."""
+        state's coarsest dtype, against a reference with 16-bit state widened to float32 (first_rows_check)."""
         if not self.kron:
             return
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         got = self._projected(state, inputs, targets, rows)
         names = [n for s in self.kron for n in s.names]
         pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.kron]
-        for i, grads in enumerate(example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)):
+        reference, widened = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
+        for i, grads in enumerate(reference):
             k = 0
             for j, (seg, (p_rows, p_cols)) in enumerate(zip(self.kron, self._factors, strict=True)):
                 g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
                 pairs[j].append((got[j][i], (p_rows @ g @ p_cols.T).reshape(-1)))
                 k += len(seg.names)
         tokens = tokens_of_one(self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
-        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p, self.param_dtype, tokens)]
+        dtype = coarsest(state.values())
+        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p, dtype, tokens, widened)]
         if bad:
             left_out = {n for seg in bad for n in seg.names}
             keep = [n for n in self._shapes if n not in left_out]
-            rtol, atol = tolerances(self.param_dtype, tokens)
+            rtol, atol = tolerances(dtype, tokens, widened)
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
-                f"disagree with per-example autograd on the first rows beyond {self.param_dtype} rounding "
+                f"disagree with per-example autograd on the first rows beyond {dtype} rounding "
                 f"(rtol {rtol:.2g}, atol {atol:.2g} of the largest value, {tokens} tokens): a layer mixes "
                 "the examples of a batch, or its weight is also used outside the module's forward. Either export "
                 "them without kronecker (Projection(dim, per_layer=True)), or leave them out: "
