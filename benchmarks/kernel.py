@@ -362,7 +362,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
     )
     p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
-    p.add_argument("--readme", type=Path, default=None, help="also write the table into this README")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="also write the table into this README, between its markers <!-- bench:NAME:start/end --> (NAME: --name)",
+    )
     p.add_argument(
         "--isa",
         default="native",
@@ -401,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import plot, report
 
     name = args.name or ("kernel_quick" if args.quick else "kernel")
+    if args.readme:
+        try:
+            report.check_readme(args.readme, name)
+        except ValueError as e:
+            parser.error(f"--readme: {e} (the block is named by --name)")
     sizes = case_defs.QUICK if args.quick else case_defs.FULL
     out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-bench-quick-")) if args.quick else RESULTS_DIR)
     payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick, isas=resolve_isas(isa_names))
@@ -409,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(payload))
     print(f"wrote {path} and {', '.join(payload['plots'])}")
     if args.readme:
-        report.update_readme(args.readme, payload, source=os.path.relpath(path, args.readme.parent))
+        report.update_readme(args.readme, payload, os.path.relpath(path, args.readme.parent), block=name)
         print(f"updated {args.readme}")
     return 0
 

@@ -1,11 +1,12 @@
 """The README benchmark table, generated from a kernel benchmark JSON (never typed by hand).
 
-    python -m benchmarks.report [--json benchmarks/results/kernel.json] [--readme README.md] [--block kernel]
+    python -m benchmarks.report [--json benchmarks/results/kernel.json] [--readme README.md] [--block NAME]
 
 Writes a Markdown table between the README's marker comments `<!-- bench:BLOCK:start -->` and
-`<!-- bench:BLOCK:end -->` (appending a "Benchmarks" section with them if they are missing). A ratio
-whose contenders' repeated times spread by more than NOISY_SPREAD (max / min) is marked noisy, and a
-goal resting on it gets no verdict.
+`<!-- bench:BLOCK:end -->` (BLOCK: the JSON's file name without .json unless --block says; a README
+without them is refused). A ratio whose contenders' repeated times spread by more than NOISY_SPREAD
+(max / min) is marked noisy; a goal gets a verdict only if every pairing of its ratio's repeated
+times gives the same one, and none without two repeated times per contender.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
-NOISY_SPREAD = 1.5  # max / min of a contender's repeated times beyond which its ratios give no verdict
+NOISY_SPREAD = 1.5  # max / min of a contender's repeated times beyond which its ratios are marked noisy
 NOISY = "noisy: rerun on an idle machine"
+NO_ESTIMATE = "no noise estimate"  # fewer than two (positive) repeated times: no verdict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,22 +36,41 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _spread(contender: dict) -> float:
-    """max / min of a contender's repeated times (1.0 with fewer than two)."""
+def _times(contender: dict) -> list[float] | None:
+    """A contender's repeated times, or None without two positive ones (no noise estimate)."""
     times = contender.get("times_s") or []
-    return max(times) / min(times) if len(times) > 1 and min(times) > 0 else 1.0
+    return times if len(times) > 1 and min(times) > 0 else None
 
 
-def _noisy(case: dict, label: str) -> bool:
-    """Whether a contender of the case's ratio `label` spread more than NOISY_SPREAD over its repeats."""
-    ratio = case["ratios"].get(label, {})
-    names = [ratio.get("numerator"), ratio.get("denominator")]
-    return any(_spread(case["contenders"][n]) > NOISY_SPREAD for n in names if n in case["contenders"])
+def _noise(case: dict, label: str) -> str:
+    """' (noisy)' if a contender of the case's ratio `label` spread more than NOISY_SPREAD
+    (max / min) over its repeats, ' (no noise estimate)' without two repeated times for each."""
+    ratio = case["ratios"][label]
+    times = [_times(case["contenders"][ratio[side]]) for side in ("numerator", "denominator")]
+    if any(t is None for t in times):
+        return f" ({NO_ESTIMATE})"
+    return " (noisy)" if any(max(t) / min(t) > NOISY_SPREAD for t in times) else ""
+
+
+def _pairings(case: dict, label: str) -> tuple[float, float] | None:
+    """The least and the greatest value of the case's ratio `label` over every pairing of its
+    contenders' repeated times, min(num) / max(den) and max(num) / min(den); None without two
+    positive repeated times for each."""
+    ratio = case["ratios"][label]
+    num, den = (_times(case["contenders"][ratio[side]]) for side in ("numerator", "denominator"))
+    if num is None or den is None:
+        return None
+    return min(num) / max(den), max(num) / min(den)
+
+
+def _met(goal: dict, value: float) -> bool:
+    return value >= goal["target"] if goal["op"] == ">=" else value <= goal["target"]
 
 
 def _goal_rows(goals: list[dict], cases: list[dict], quick: bool = False) -> list[str]:
     """The goal table; at --quick's toy sizes the Met column is shown in parentheses, not as a
-    verdict, and a goal whose ratio is noisy gets none."""
+    verdict. A goal on a ratio gets a verdict only if every pairing of its contenders' repeats
+    gives the same one (else it reads noisy), and none without repeated times to tell."""
     met_head = "Met at toy sizes (no verdict)" if quick else "Met"
     rows = [f"| Goal | Target | Measured | Roofline limit | {met_head} |", "|---|---|---|---|---|"]
     verdicts = {True: "(yes)", False: "(no)", None: "-"} if quick else {True: "yes", False: "**no**", None: "-"}
@@ -57,8 +78,13 @@ def _goal_rows(goals: list[dict], cases: list[dict], quick: bool = False) -> lis
     for g in goals:
         target = "report" if g["op"] == "report" else f"{g['op']} {g['target']}"
         case = by_name.get(g["case"])
-        noisy = g["measured"] is not None and case is not None and _noisy(case, g["ratio"])
-        met = NOISY if noisy else verdicts[g["met"]]
+        met = verdicts[g["met"]]
+        if g["met"] is not None and case is not None and g["ratio"] in case["ratios"]:
+            span = _pairings(case, g["ratio"])
+            if span is None:
+                met = NO_ESTIMATE
+            elif _met(g, span[0]) != _met(g, span[1]):
+                met = NOISY
         measured = g["measured"] if isinstance(g["measured"], int) else _fmt(g["measured"])
         rows.append(f"| {g['goal']} | {target} | {measured} | {_fmt(g.get('roofline_limit'))} | {met} |")
     return rows
@@ -72,9 +98,7 @@ def _case_rows(cases: list[dict], isa: str) -> list[str]:
     ]
     for c in cases:
         name, r = next(((n, r) for n, r in c["contenders"].items() if r["peer"] == "tracin"))
-        ratios = ", ".join(
-            f"{label} {v['value']:.2f}x{' (noisy)' if _noisy(c, label) else ''}" for label, v in c["ratios"].items()
-        )
+        ratios = ", ".join(f"{label} {v['value']:.2f}x{_noise(c, label)}" for label, v in c["ratios"].items())
         wrong = sum(not ch["ok"] for ch in c["checks"])
         exact = "-" if not c["checks"] else ("yes" if wrong == 0 else f"**{wrong} failed**")
         rows.append(
@@ -115,7 +139,9 @@ def markdown(payload: dict, source: str | None = None) -> str:
         f"(> 1: tracin faster) unless named a cost. Roofline limit: the ratio with tracin at its "
         f"roofline bound (max(FLOPs / peak, least bytes / bandwidth)) against the peer as measured, "
         f"or, tracin against tracin, both at their bounds. Noisy: a contender of the ratio took more than "
-        f"{NOISY_SPREAD}x as long in its slowest repeat as in its fastest; a goal resting on it is not judged."
+        f"{NOISY_SPREAD}x as long in its slowest repeat as in its fastest. A goal is judged only if the ratio "
+        f"from every pairing of the two contenders' repeated times (from min / max to max / min) gives the "
+        f"same verdict; else it reads noisy, and without two repeated times each, {NO_ESTIMATE}."
     )
     if cfg.get("quick"):
         head += (
@@ -137,19 +163,33 @@ def markdown(payload: dict, source: str | None = None) -> str:
     return "\n".join(parts)
 
 
+def _split(readme: Path, block: str) -> tuple[str, str]:
+    """The text of `readme` before the start marker of `block` and after its end marker; a
+    ValueError naming the markers if the README lacks them (a misspelt block or a new README)."""
+    start, end = _markers(block)
+    try:
+        text = Path(readme).read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read {readme}: {e}") from e
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(
+            f"{readme} has no block {block!r}: it needs one line {start} and, after it, one line {end} "
+            "where the table goes"
+        )
+    before, rest = text.split(start, 1)
+    return before, rest.split(end, 1)[1]
+
+
+def check_readme(readme: Path, block: str) -> None:
+    """Raises ValueError unless `readme` holds the markers of `block` (to check before a long run)."""
+    _split(readme, block)
+
+
 def update_readme(readme: Path, payload: dict, source: str | None = None, block: str = "kernel") -> None:
     """Replaces the text between the markers of `block` in `readme` with the generated block."""
-    readme = Path(readme)
-    text = readme.read_text() if readme.exists() else ""
+    before, after = _split(readme, block)
     start, end = _markers(block)
-    generated = f"{start}\n{markdown(payload, source)}\n{end}"
-    if start in text and end in text and text.index(start) < text.index(end):
-        before, rest = text.split(start, 1)
-        after = rest.split(end, 1)[1]
-        text = before + generated + after
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + "## Benchmarks\n\n" + generated + "\n"
-    readme.write_text(text)
+    Path(readme).write_text(f"{before}{start}\n{markdown(payload, source)}\n{end}{after}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "kernel.json", help="benchmark JSON to render")
     p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="README to write the table into")
     p.add_argument(
-        "--block", default="kernel", help="name in the README markers <!-- bench:BLOCK:start/end --> (e.g. kernel_avx2)"
+        "--block",
+        default=None,
+        help="name in the README markers <!-- bench:BLOCK:start/end --> (default: the JSON's file name "
+        "without .json, e.g. kernel_avx2)",
     )
     args = p.parse_args(argv)
+    block = args.block or args.json.stem
     try:
         payload = json.loads(args.json.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -169,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json.resolve().is_relative_to(REPO_ROOT)
         else str(args.json)
     )
-    update_readme(args.readme, payload, source, args.block)
-    print(f"updated {args.readme} from {args.json}")
+    try:
+        update_readme(args.readme, payload, source, block)
+    except ValueError as e:
+        p.error(f"--readme: {e}")
+    print(f"updated block {block!r} of {args.readme} from {args.json}")
     return 0
 
 

@@ -31,7 +31,8 @@ def quick_run(tmp_path_factory):
     for module in kernel.BENCH_EXTRA:
         pytest.importorskip(module)
     readme = tmp_path_factory.mktemp("readme") / "README.md"
-    readme.write_text("# project\n\nintro\n")
+    start, end = report._markers("kernel_quick")  # the block of the run's --name
+    readme.write_text(f"# project\n\nintro\n{start}\n{end}\n")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = kernel.main(["--quick", "--repeats", "2", "--warmup", "0", "--threads", "2", "--readme", str(readme)])
@@ -105,9 +106,10 @@ def test_quick_run_writes_png_plots(quick_run):
 def test_quick_run_writes_readme_table(quick_run):
     _, _, readme, payload, _ = quick_run
     text = readme.read_text()
+    start, end = report._markers("kernel_quick")
     assert text.startswith("# project\n\nintro\n")
-    assert text.count(report.START) == 1 and text.count(report.END) == 1
-    block = text.split(report.START)[1].split(report.END)[0]
+    assert text.count(start) == 1 and text.count(end) == 1 and report.START not in text
+    block = text.split(start)[1].split(end)[0]
     table = [line for line in block.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(payload["goals"]) + 2 + len(payload["cases"])
     for case in payload["cases"]:
@@ -145,9 +147,13 @@ def _goal_line(text: str, goal: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(f"| {goal} |"))
 
 
+def _stored(name: str) -> dict:
+    return json.loads((CHECKOUT / "benchmarks" / "results" / name).read_text())
+
+
 def test_noisy_ratios_get_no_verdict():
     # the stored AVX2 run: the bare sgemm of the one-sided top-10 case spread 0.76 to 4.3 s over its repeats
-    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "kernel_avx2.json").read_text())
+    payload = _stored("kernel_avx2.json")
     top10 = next(c for c in payload["cases"] if c["name"] == "top10")
     times = top10["contenders"]["sgemm"]["times_s"]
     assert max(times) / min(times) > report.NOISY_SPREAD
@@ -155,12 +161,72 @@ def test_noisy_ratios_get_no_verdict():
     line = _goal_line(text, "one-sided top-10: speed vs the bare sgemm")
     assert line.endswith("| noisy: rerun on an idle machine |") and "yes" not in line
     assert "tracin vs sgemm 2.12x (noisy)" in text
-    for case in payload["cases"]:  # every contender's repeats within 1.4x of each other: verdicts again
+    for case in payload["cases"]:  # every contender's repeats within 2% of each other: verdicts again
         for contender in case["contenders"].values():
-            contender["times_s"] = [contender["median_s"] * f for f in (1.0, 1.4, 1.2)]
+            contender["times_s"] = [contender["median_s"] * f for f in (1.0, 1.02, 1.01)]
     quiet = report.markdown(payload)
     assert _goal_line(quiet, "one-sided top-10: speed vs the bare sgemm").endswith("| yes |")
     assert "noisy)" not in quiet and "rerun" not in quiet.split("| Goal |")[1]
+
+
+def test_goals_met_or_missed_under_every_pairing_of_repeats_get_their_verdict():
+    kernel_json, avx2 = _stored("kernel.json"), _stored("kernel_avx2.json")
+    skinny = next(c for c in kernel_json["cases"] if c["name"] == "skinny")
+    fp32, fp16 = (skinny["contenders"][n]["times_s"] for n in ("tracin fp32", "tracin fp16"))
+    assert max(fp32) / max(fp16) < max(fp32) / min(fp16) < 1.4  # missed whichever repeats are paired
+    assert _goal_line(report.markdown(kernel_json), "skinny queries: fp16 train side vs fp32").endswith("| **no** |")
+    both = next(c for c in avx2["cases"] if c["name"] == "both")
+    faiss, tracin_times = both["contenders"]["faiss"]["times_s"], both["contenders"]["tracin"]["times_s"]
+    assert min(faiss) / max(tracin_times) >= 1.8  # met whichever repeats are paired, though noisy
+    text = report.markdown(avx2)
+    assert _goal_line(text, "both sides in one call vs two faiss searches").endswith("| yes |")
+    assert "tracin vs faiss 3.03x (noisy)" in text
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c.update(times_s=[c["median_s"]]),  # one repeat
+        lambda c: c.pop("times_s"),  # an older JSON without the repeated times
+        lambda c: c.update(times_s=[0.0, c["median_s"], 1.1 * c["median_s"]]),  # a timer that read 0
+    ],
+    ids=["one-repeat", "no-times", "zero-time"],
+)
+def test_goals_without_a_noise_estimate_get_no_verdict(edit):
+    payload = _stored("kernel.json")
+    for case in payload["cases"]:
+        for contender in case["contenders"].values():
+            edit(contender)
+    text = report.markdown(payload)
+    assert _goal_line(text, "one-sided top-10: speed vs faiss").endswith(f"| {report.NO_ESTIMATE} |")
+    assert f"tracin vs faiss 1.18x ({report.NO_ESTIMATE})" in text
+    assert _goal_line(text, "exact: top-k equal to the peers' except at ties").endswith("| yes |")  # no ratio
+
+
+def test_report_block_defaults_to_the_json_name_and_unknown_blocks_are_refused(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    start, end = report._markers("kernel_avx2")
+    readme.write_text(f"intro\n{start}\nold\n{end}\nafter\n")
+    source = CHECKOUT / "benchmarks" / "results" / "kernel_avx2.json"
+    assert report.main(["--json", str(source), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{end}\nafter\n") and "old" not in text
+    for block in ("kernel-avx2", "kernel"):  # misspelt, or not in this README
+        with pytest.raises(SystemExit) as e:
+            report.main(["--json", str(source), "--readme", str(readme), "--block", block])
+        assert e.value.code == 2 and f"<!-- bench:{block}:start -->" in capsys.readouterr().err
+        assert readme.read_text() == text
+
+
+def test_kernel_readme_block_is_its_name_checked_before_running(tmp_path, monkeypatch, capsys):
+    for module in kernel.BENCH_EXTRA:
+        pytest.importorskip(module)
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: pytest.fail("ran before --readme was checked"))
+    readme = tmp_path / "README.md"
+    readme.write_text("\n".join(report._markers("kernel")) + "\n")
+    with pytest.raises(SystemExit) as e:
+        kernel.main(["--quick", "--name", "kernel_avx2", "--readme", str(readme), "--out", str(tmp_path)])
+    assert e.value.code == 2 and "<!-- bench:kernel_avx2:start -->" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("block, name", [("kernel", "kernel.json"), ("kernel_avx2", "kernel_avx2.json")])
