@@ -125,16 +125,20 @@ def reference_gradients(
 ) -> tuple[list[list[torch.Tensor]], bool]:
     """The check's reference: example_gradients of the first `rows` examples with the 16-bit floating
     tensors of `state`, `inputs` and `targets` widened to float32 (copies), and True; when the model
-    cannot run so (a RuntimeError: a cast inside its forward meets a widened weight), in its own dtypes
-    and False."""
-    if not any(_narrow(t) for t in state.values()):
-        return list(example_gradients(model, state, names, loss_fn, inputs, targets, rows)), False
+    cannot run so (a RuntimeError: a cast inside its forward meets a widened weight, or the device has
+    no room for the widened copy), in its own dtypes and False."""
+    if any(_narrow(t) for t in state.values()):
+        try:
+            return _widened_gradients(model, state, names, loss_fn, inputs, targets, rows), True
+        except RuntimeError:  # torch.cuda.OutOfMemoryError included; the widened copy is freed by now
+            pass
+    return list(example_gradients(model, state, names, loss_fn, inputs, targets, rows)), False
+
+
+def _widened_gradients(model, state, names, loss_fn, inputs, targets, rows) -> list[list[torch.Tensor]]:
     wide = {n: t.float() if _narrow(t) else t for n, t in state.items()}
     x, y = (tree_map(lambda t: t.float() if _narrow(t) else t, tree) for tree in (inputs, targets))
-    try:
-        return list(example_gradients(model, wide, names, loss_fn, x, y, rows)), True
-    except RuntimeError:
-        return list(example_gradients(model, state, names, loss_fn, inputs, targets, rows)), False
+    return list(example_gradients(model, wide, names, loss_fn, x, y, rows))
 
 
 def _narrow(t: torch.Tensor) -> bool:
