@@ -12,8 +12,9 @@ copy bandwidth. Goals (issue 14): device-resident >= 80% of that sgemm throughpu
 (tracin.torch.export_gradients of an MLP, modes "factored" and "full") on the device and on the CPU.
 `--device cpu` runs the same script at the --quick sizes on the torch backend on the CPU
 ("torch:cpu") as a smoke test; its figures say nothing about a GPU. Writes results/gpu.json
-(gpu_quick.json with --quick or --device cpu). A part that fails (out of memory, a peer that breaks)
-is recorded under "errors" and the other parts still run and are written; the exit status is then 1.
+(--quick or --device cpu: gpu_quick.json in a new temporary folder, unless --out says). A part that
+fails (out of memory, a peer that breaks) is recorded under "errors" and the other parts still run
+and are written; the exit status is then 1.
 The record is rewritten after each part ("complete": false until the end), so a run stopped at a time
 limit leaves what it measured.
 """
@@ -347,7 +348,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help=f"small sizes {QUICK} instead of {FULL}")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory (default {RESULTS_DIR}; a new temporary folder with --quick or --device cpu)",
+    )
     return p
 
 
@@ -356,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(f"benchmarks.gpu: torch {torch.__version__} sees no CUDA device; use --device cpu", file=sys.stderr)
         return 2
-    name = "gpu_quick" if args.quick or torch.device(args.device).type == "cpu" else "gpu"
+    smoke = args.quick or torch.device(args.device).type == "cpu"
+    name = "gpu_quick" if smoke else "gpu"
+    if args.out is None:  # a smoke run leaves nothing in the checkout
+        args.out = Path(tempfile.mkdtemp(prefix="tracin-gpu-quick-")) if smoke else RESULTS_DIR
     path = args.out / f"{name}.json"
     result = run(args, lambda record: write_json(name, record, args.out))
     for case in result["cases"]:

@@ -257,6 +257,34 @@ def test_projection_quick_writes_outside_the_checkout_or_to_out(monkeypatch, tmp
     assert (tmp_path / "projection_quick.json").exists() and not stray.exists()
 
 
+def test_gpu_smoke_runs_write_outside_the_checkout_or_to_out(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from benchmarks import gpu
+
+    record = {
+        "cases": [],
+        "limits": {"sgemm": None, "h2d_gbs": None},
+        "export": {"devices": {}},
+        "goals": {"met": {}},
+        "errors": {},
+    }
+
+    def measured(args, save):  # the measurements stubbed; where the record goes is real
+        save(record)
+        return record
+
+    monkeypatch.setattr(gpu, "run", measured)
+    stray = CHECKOUT / "benchmarks" / "results" / "gpu_quick.json"
+    existed = stray.exists()
+    for argv in (["--device", "cpu"], ["--device", "cpu", "--quick"]):
+        assert gpu.main(argv) == 0
+        path = Path(re.search(r"^wrote (\S+)$", capsys.readouterr().out, re.MULTILINE)[1])
+        assert path.name == "gpu_quick.json" and path.exists() and not path.resolve().is_relative_to(CHECKOUT)
+        shutil.rmtree(path.parent)
+    assert gpu.main(["--device", "cpu", "--out", str(tmp_path)]) == 0  # as .ci/gpu-check passes it
+    assert (tmp_path / "gpu_quick.json").exists() and stray.exists() == existed
+
+
 def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeypatch, capsys):
     from benchmarks import whitening
 
