@@ -264,3 +264,38 @@ def test_a_loader_dropping_its_last_rows_warns_and_one_dropping_none_does_not():
             model, [(model.state_dict(), 1.0)], DataLoader(ds, batch_size=4, drop_last=True), loss, progress=False
         )
     assert g.matrices[0].shape[0] == 12
+
+
+class _Rows(torch.utils.data.IterableDataset):
+    """12 rows of an IterableDataset without len()."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __iter__(self):
+        return iter(self.ds)
+
+
+def test_a_batch_sampler_or_a_dataset_without_len_dropping_rows_warns():
+    """Was silent (review5 droplast.py): a BatchSampler(drop_last=True) given as batch_sampler (the
+    loader's batch_size is None), and drop_last=True over an IterableDataset without len()."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    ds = TensorDataset(torch.randn(12, 5), torch.randint(0, 3, (12,)))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 5, drop_last=True)
+    loaders = {
+        r"last 2 of 12 rows are not exported \(rows 10 to 11\)": DataLoader(ds, batch_sampler=sampler),
+        r"dataset, which has no len\(\), may not be exported": DataLoader(_Rows(ds), batch_size=5, drop_last=True),
+    }
+    for message, loader in loaders.items():
+        with pytest.warns(UserWarning, match=message + ".*drop_last=False") as caught:
+            g = export_gradients(model, [(model.state_dict(), 1.0)], loader, loss, progress=False)
+        assert g.matrices[0].shape[0] == 10 and caught[0].filename == __file__
+    kept = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(ds), 4, drop_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = export_gradients(
+            model, [(model.state_dict(), 1.0)], DataLoader(ds, batch_sampler=kept), loss, progress=False
+        )
+    assert g.matrices[0].shape[0] == 12

@@ -229,23 +229,33 @@ def _no_rows(n: int | None) -> int | None:
 
 
 def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
-    """The rows the loader hands out (None when unknown); a warning when drop_last leaves some out."""
+    """The rows the loader hands out (None when unknown); a warning when drop_last (the loader's, or
+    its batch_sampler's) leaves some out, or may: a dataset without len()."""
+    size, drop = loader.batch_size, loader.drop_last
+    if size is None:  # a batch_sampler given: its own batch size and drop_last, when it has them
+        size = getattr(loader.batch_sampler, "batch_size", None)
+        drop = bool(getattr(loader.batch_sampler, "drop_last", False))
     try:
         n = len(loader.dataset)  # type: ignore[arg-type]
     except TypeError:
+        if drop:
+            _warn_dropping("the last rows (fewer than a batch) of its dataset, which has no len(), may not be exported")
         return None
-    if loader.batch_size is None:  # a custom batch_sampler: rows per batch unknown
+    if not isinstance(size, int) or size < 1:  # rows per batch unknown
         return None
-    if not loader.drop_last or n % loader.batch_size == 0:
+    if not drop or n % size == 0:
         return n
-    kept = n - n % loader.batch_size
-    warnings.warn(
-        f"data is a DataLoader with drop_last=True: its last {n - kept} of {n} rows are not exported (rows "
-        f"{kept} to {n - 1}); build it with drop_last=False to export every row",
-        UserWarning,
-        stacklevel=5,  # export_gradients' caller
-    )
+    kept = n - n % size
+    _warn_dropping(f"its last {n - kept} of {n} rows are not exported (rows {kept} to {n - 1})")
     return kept
+
+
+def _warn_dropping(what: str) -> None:
+    warnings.warn(
+        f"data is a DataLoader with drop_last=True: {what}; build it with drop_last=False to export every row",
+        UserWarning,
+        stacklevel=6,  # export_gradients' caller
+    )
 
 
 _END = object()
