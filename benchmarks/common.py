@@ -20,6 +20,22 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SETTLE_S = 1.0
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`, else a usage error saying so (not a traceback later)."""
+    import argparse
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return convert
+
+
 def time_interleaved(
     contenders: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, pause_s: float = 0.25
 ) -> dict[str, dict]:

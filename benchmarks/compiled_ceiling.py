@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import time_interleaved, write_json  # noqa: E402
+from benchmarks.common import at_least, time_interleaved, write_json  # noqa: E402
 from benchmarks.transformer_export import GOAL_SPEEDUP, _cases, per_example_loop  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=at_least(1), default=7)
     args = parser.parse_args()
 
     import torch

@@ -44,7 +44,7 @@ import tracin.distributed as td
 from tracin.distributed._run import FAN_IN
 from tracin.distributed._shards import MAX_SHARD_BYTES, shard_ranges
 
-from .common import RESULTS_DIR, time_interleaved, write_json
+from .common import RESULTS_DIR, at_least, time_interleaved, write_json
 from .store import write_store
 
 TIB = 2**40
@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each (default 2)")
     p.add_argument("--shards", type=int, default=None, help="shards (default: tracin.distributed's choice)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")

@@ -36,7 +36,7 @@ import torch
 import tracin
 from tracin import _tunables
 
-from .common import RESULTS_DIR, time_interleaved, write_json
+from .common import RESULTS_DIR, at_least, time_interleaved, write_json
 
 FULL = {"m": 1000, "n": 1_000_000, "d": 512}
 QUICK = {"m": 64, "n": 20_000, "d": 64}
@@ -346,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="'cuda', 'cuda:N' or 'cpu' (smoke test at --quick sizes)")
     p.add_argument("--quick", action="store_true", help=f"small sizes {QUICK} instead of {FULL}")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up (default 5)")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     p.add_argument(
         "--out",

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import RESULTS_DIR, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, at_least, time_interleaved, write_json  # noqa: E402
 
 KINDS = ("rademacher", "gaussian", "sparse")
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--d", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
     parser.add_argument(

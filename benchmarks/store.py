@@ -25,7 +25,7 @@ import numpy as np
 
 import tracin
 
-from .common import RESULTS_DIR, peak_rss_of, time_interleaved, write_json
+from .common import RESULTS_DIR, at_least, peak_rss_of, time_interleaved, write_json
 
 BLOCK_ROWS = 4096
 
@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
     p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
     p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up (default 3)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after a warm-up (default 3)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
     return p

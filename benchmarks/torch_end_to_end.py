@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SETTLE_S, peak_rss_of, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import SETTLE_S, at_least, peak_rss_of, time_interleaved, write_json  # noqa: E402
 
 LRS = (0.2, 0.05, 0.01)
 K = 10
@@ -258,7 +258,7 @@ def _child(fn: str, workdir: Path, n_train: int | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of tracin and plain")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds of tracin and plain")
     parser.add_argument(
         "--captum-train",
         type=int,

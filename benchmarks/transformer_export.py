@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import time_interleaved, write_json  # noqa: E402
+from benchmarks.common import at_least, time_interleaved, write_json  # noqa: E402
 
 GOAL_SPEEDUP = 5.0  # issue 20: tracin >= 5x the per-example loop for GPT-2, 64 sequences of 128 tokens
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="hidden size")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch intra-op threads")
     args = parser.parse_args()
 

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import RESULTS_DIR, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, at_least, time_interleaved, write_json  # noqa: E402
 from tracin.whitening import Whitening  # noqa: E402
 from tracin.whitening._inverse import damped_inverse  # noqa: E402
 from tracin.whitening._moments import second_moments  # noqa: E402
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=int, default=4096, help="dims (default 4096)")
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=at_least(1),
         default=MIN_REPEATS,
         help=f"interleaved rounds, at least {MIN_REPEATS} but with --quick (default {MIN_REPEATS})",
     )

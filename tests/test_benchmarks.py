@@ -9,8 +9,10 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -305,6 +307,35 @@ def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeyp
     with pytest.raises(SystemExit):
         whitening.main(["--repeats", "2"])
     assert "--repeats must be at least 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "compiled_ceiling",
+        "distributed",
+        "gpu",
+        "jax_export",
+        "projection",
+        "store",
+        "torch_end_to_end",
+        "transformer_export",
+        "whitening",
+    ],
+)
+def test_benchmark_repeats_below_one_are_a_usage_error(script):
+    argv = ["--quick"] if script == "whitening" else []  # --quick allows fewer than whitening's 3, not 0
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", *argv, "--repeats", "0"],
+        cwd=CHECKOUT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(CHECKOUT), str(CHECKOUT / "src")])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "No module named" in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1])
+    assert done.returncode == 2 and "--repeats: expected an integer >= 1, got '0'" in done.stderr
 
 
 def test_missing_bench_extra_is_one_line_naming_it(monkeypatch, capsys):
