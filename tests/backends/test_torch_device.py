@@ -177,6 +177,86 @@ def test_cosine_scores_of_rows_of_extreme_norms(rng, small_tiles, factored, run)
         assert np.all(sign * chosen >= kth - 2 * bound.max(axis=1, keepdims=True))
 
 
+def unit_factors(rng, n: int, p: int, q: int, norm: float, left: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (n, p) and (n, q) factors of rows of gradient norm `norm`, the left factor's norm
+    `left` (0: sqrt(norm), balanced)."""
+    left = left or np.sqrt(norm)
+    lf, rt = rng.standard_normal((n, p)), rng.standard_normal((n, q))
+    lf *= left / np.linalg.norm(lf, axis=1, keepdims=True)
+    rt *= norm / left / np.linalg.norm(rt, axis=1, keepdims=True)
+    return lf.astype(np.float32), rt.astype(np.float32)
+
+
+@pytest.mark.parametrize(("norm", "left", "q"), [(2.0**-63.9, 0.0, 32768), (1.7e19, 0.5001, 6)])
+def test_factored_cosine_rows_near_the_extreme_thresholds(rng, norm, left, q):
+    """Factored rows of norm just above 2^-64 or just below 2^64 (not extreme, so once only balanced):
+    cosine scores within the bound of float64 NumPy. Before, their right factors kept the whole norm:
+    right-factor GEMMs in float32 subnormals (2.2x the bound at q = 32768) or overflowing (1.7e19)."""
+    (tl, tr), (xl, xr) = (unit_factors(rng, 8, 2, q, norm, left) for _ in range(2))
+    xl[:4], xr[:4] = tl[:4], tr[:4] + np.float32(0.1) * xr[:4]  # aligned pairs: large cosines
+    test, train = factored_to_full([tl], [tr]), factored_to_full([xl], [xr])
+    t64, x64 = normalized(test, 1), normalized(train, 1)
+    exact, bound = exact_scores(t64, x64, [1.0]), score_bound(t64, x64, [1.0])
+    got = tracin.scores(
+        tracin.FactoredGradients([tl], [tr]), tracin.FactoredGradients([xl], [xr]), device="torch:cpu", normalize=True
+    )
+    assert np.all(np.abs(got - exact) <= bound)
+
+
+def test_factored_cosine_a_zero_factor_beside_a_huge_one_scores_zero(rng):
+    """A factored row with a zero left factor and a right factor of norm 1e26 is a zero gradient:
+    its cosines are 0 (before, the unscaled right factor's GEMM overflowed and inf x 0 was refused)."""
+    tl, tr = unit_factors(rng, 3, 3, 4, 1.0)
+    tl[0], tr[0] = 0, tr[0] * np.float32(1e26)
+    xl, xr = unit_factors(rng, 5, 3, 4, 1.0)
+    xr *= np.float32(1e13)
+    got = tracin.scores(
+        tracin.FactoredGradients([tl], [tr]), tracin.FactoredGradients([xl], [xr]), device="torch:cpu", normalize=True
+    )
+    t64, x64 = normalized(factored_to_full([tl], [tr]), 1), normalized(factored_to_full([xl], [xr]), 1)
+    exact, bound = exact_scores(t64, x64, [1.0]), score_bound(t64, x64, [1.0])
+    assert np.all(got[0] == 0)
+    assert np.all(np.abs(got - exact) <= bound)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_cosine_test_chunk_holds_one_scaled_copy_at_a_time(rng, monkeypatch, factored):
+    """_DeviceTest.upload for cosine scores replaces each uploaded block by its scaled copy in turn:
+    when a block's copy is made, the blocks before it are freed (before, every original lived on
+    beside a copy of the whole chunk). The squared norms, summed over slices of rows, are float64
+    NumPy's."""
+    import weakref
+
+    monkeypatch.setattr(torch_device, "_NORM_SLICE", 8, raising=False)
+    blocks = [rng.standard_normal((7, 3)).astype(np.float16) for _ in range(4)]  # widened: new tensors
+    uploaded: list[weakref.ref] = []
+    whole = torch_device.rows.whole
+    monkeypatch.setattr(
+        torch_device.rows, "whole", lambda *a: [uploaded.append(weakref.ref(t)) or t for t in whole(*a)]
+    )
+    alive = []
+    times = torch_device._times_power_of_two
+    monkeypatch.setattr(
+        torch_device,
+        "_times_power_of_two",
+        lambda b, k: alive.append(sum(r() is not None for r in uploaded)) or times(b, k),
+    )
+    test = torch_device._DeviceTest.upload(KernelSide(factored, blocks, [1] * 4), torch.device("cpu"), 1)
+    assert alive == [4, 3, 2, 1]
+    full = [b.astype(np.float64) for b in blocks]
+    if factored:
+        full = factored_to_full(blocks[0::2], blocks[1::2])
+    want = np.concatenate(normalized(full, 1), axis=1)
+    got = np.concatenate([b.double().numpy() for b in test.blocks], axis=1)
+    if factored:
+        got = np.concatenate(
+            factored_to_full([b.numpy() for b in test.blocks[0::2]], [b.numpy() for b in test.blocks[1::2]]), axis=1
+        )
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    squares = torch_device._squared_norms(torch.from_numpy(blocks[0].astype(np.float32)))
+    np.testing.assert_array_equal(squares.numpy(), (blocks[0].astype(np.float64) ** 2).sum(1))
+
+
 def test_rows_times_powers_of_two_are_exact():
     """_times_power_of_two: rows times 2^shift exactly (float64 NumPy) for shifts from -252 to 252 that
     keep the values in float32's normal range; rows shifted further down are zero."""

@@ -9,10 +9,11 @@ through two staging slots kept for the whole public call, or used in place when 
 device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
 float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
 and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse norms
-once, with its upload (a copy on the device), and each checkpoint's score block by the train rows'
-inverse norms, computed per train tile in float64; rows of norms beyond 2^+-64 (and each factored
-row's factors) are first brought near norm 1 by exact powers of two (_unit_scaled: a copy of each
-train tile), so that cosines of rows of any finite norm neither overflow nor underflow. top_k keeps
+once, with its upload (each uploaded block replaced by its scaled copy in turn: the chunk plus one
+block's copy on the device), and each checkpoint's score block by the train rows' inverse norms,
+computed per train tile in float64; rows of norms beyond 2^+-64 (every nonzero factored row, its
+factors balanced) are first brought near norm 1 by exact powers of two (_unit_scaled: a copy of
+each train tile), so that cosines of rows of any finite norm neither overflow nor underflow. top_k keeps
 each test row's best across tiles on the device; the (m, n) matrix never exists, but a block's
 candidates keep its scores until they are merged, a block later: two score blocks (2 x
 DEVICE_TILE_SCORES) at once, plus, for rows cut inside a tie, copies of those rows. aggregate and
@@ -119,7 +120,7 @@ class TorchBackend:
         with self._call(None, train, cache=cache) as call:
             parts = []
             for _, _, x in call.train_tiles():
-                norms = [b.double().square().sum(1) for b in x]  # float64, as the C++ kernel sums
+                norms = [_squared_norms(b) for b in x]  # float64, as the C++ kernel sums
                 if train.factored:
                     norms = [a * b for a, b in zip(norms[0::2], norms[1::2], strict=True)]
                 parts.append(sum(w * n for w, n in zip(weights, norms, strict=True)))
@@ -210,8 +211,11 @@ class _Call:
 
     def cosine(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """A train tile's blocks and, for cosine scores, its rows' float64 (rows,) inverse norms per run
-        of checkpoints (tiny rows first brought near norm 1 in a copy: _unit_scaled); else (x, None)."""
-        return _unit_scaled(x, self.factored, self.normalize) if self.normalize else (x, None)
+        of checkpoints (extreme rows first brought near norm 1 in copies: _unit_scaled); else (x, None)."""
+        if not self.normalize:
+            return x, None
+        x = list(x)  # the stream's list stays as it is
+        return x, _unit_scaled(x, self.factored, self.normalize)
 
     def test_blocks(self) -> list[tuple[int, int]]:
         """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
@@ -254,8 +258,8 @@ class _DeviceTest:
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for t in blocks:
             bad |= _not_finite(t)
-        if normalize and blocks:  # scaled copies (_unit_scaled copies: the blocks may be the caller's)
-            blocks, scales = _unit_scaled(blocks, test.factored, normalize)
+        if normalize and blocks:  # each block replaced by its scaled copy in turn (the list's originals freed)
+            scales = _unit_scaled(blocks, test.factored, normalize)
             per = 2 if test.factored else 1
             for c in range(len(blocks) // per):
                 blocks[c * per].mul_(scales[c // normalize].float()[:, None])
@@ -304,30 +308,50 @@ def _inverse_norms(squares: list[torch.Tensor], factored: bool, run: int) -> lis
     return [torch.where(s == 0, torch.zeros_like(s), s.rsqrt()) for s in runs]
 
 
-def _unit_scaled(blocks: list[torch.Tensor], factored: bool, run: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Cosine scores of rows of any finite norm: copies of the blocks in which each row whose norm over
-    its run of `run` checkpoints is below _TINY or above 1 / _TINY is multiplied by a power of two
-    (exactly, up to values then below float32's normal range, negligible beside the norm) that brings
-    that norm into (0.5, 1], so that its inverse norm fits float32 and its products with unit rows stay
-    clear of subnormals (and, factored, of overflow); and the float64 (rows,) inverse norms of the rows
-    so scaled, per run. Other rows keep their values (times 1). Factored checkpoints: every row's left
-    factor is brought to a norm in [0.5, 1) and its right factor takes the opposite power (and the row's),
-    so that unbalanced factors (1e-30 and 1e25) neither underflow nor overflow their GEMMs; the
-    product, hence the score, is the same (neither factor is scaled when one of them is zero)."""
-    squares = [b.double().square().sum(1) for b in blocks]
+def _unit_scaled(blocks: list[torch.Tensor], factored: bool, run: int) -> list[torch.Tensor]:
+    """Cosine scores of rows of any finite norm: replaces each block of the list by a copy (one at a
+    time, so that an original the list alone holds is freed before the next copy is made) in which
+    rows are multiplied by powers of two (exactly, up to values then below float32's normal range,
+    negligible beside the norm); returns the float64 (rows,) inverse norms of the rows so scaled, per
+    run of `run` checkpoints. Full checkpoints: each row whose norm over its run is below _TINY or
+    above 1 / _TINY is brought into (0.5, 1], so that its inverse norm fits float32 and its products
+    with unit rows stay clear of subnormals; other rows keep their values (times 1). Factored
+    checkpoints: every nonzero row is brought into (0.5, 1], its left factor to a norm in [0.5, 1) and
+    its right factor taking the rest (at most 2), so that neither factor's GEMM underflows or
+    overflows, whatever the balance of the factors and the row's norm; a factor whose partner is zero
+    (a zero product, scoring 0) is brought to a norm in [0.5, 1)."""
+    squares = [_squared_norms(b) for b in blocks]
     inverse = _inverse_norms(squares, factored, run)
-    extreme = [(v > 1 / _TINY) | ((v < _TINY) & (v > 0)) for v in inverse]  # 1 / v: the norm (v = 0: zero row)
-    shifts = [torch.where(e, torch.frexp(v).exponent - 1, 0) for e, v in zip(extreme, inverse, strict=True)]
+    if factored:  # every nonzero row (v > 0; v = 0: a zero row, NaN: NaN input)
+        moved = [v > 0 for v in inverse]
+    else:  # 1 / v: the norm
+        moved = [(v > 1 / _TINY) | ((v < _TINY) & (v > 0)) for v in inverse]
+    shifts = [torch.where(e, torch.frexp(v).exponent - 1, 0) for e, v in zip(moved, inverse, strict=True)]
     inverse = [v * _power_of_two(-k, torch.float64) for v, k in zip(inverse, shifts, strict=True)]
     if not factored:
-        return [_times_power_of_two(b, shifts[c // run]) for c, b in enumerate(blocks)], inverse
-    out = []
+        for c in range(len(blocks)):
+            blocks[c] = _times_power_of_two(blocks[c], shifts[c // run])
+        return inverse
     for c in range(len(blocks) // 2):
         left, right = squares[2 * c : 2 * c + 2]
-        k = torch.where((left > 0) & (right > 0), shifts[c // run], 0)
-        a = torch.where((left > 0) & (right > 0), -torch.frexp(left.sqrt()).exponent, 0)  # |left 2^a| in [0.5, 1)
-        out += [_times_power_of_two(blocks[2 * c], a), _times_power_of_two(blocks[2 * c + 1], k - a)]
-    return out, inverse
+        both = (left > 0) & (right > 0)
+        a = torch.where(left > 0, -torch.frexp(left.sqrt()).exponent, 0)  # |left 2^a| in [0.5, 1)
+        b = torch.where(both, shifts[c // run] - a, torch.where(right > 0, -torch.frexp(right.sqrt()).exponent, 0))
+        blocks[2 * c] = _times_power_of_two(blocks[2 * c], a)
+        blocks[2 * c + 1] = _times_power_of_two(blocks[2 * c + 1], b)
+    return inverse
+
+
+def _squared_norms(block: torch.Tensor) -> torch.Tensor:
+    """float64 (rows,) squared norms of the float32 block's rows, summed in float64 over slices of
+    rows (at most _NORM_SLICE values each), so that the float64 copy is a slice's, not the block's."""
+    step = max(1, _NORM_SLICE // max(block.shape[1], 1))
+    if block.shape[0] <= step:
+        return block.double().square().sum(1)
+    return torch.cat([block[r : r + step].double().square().sum(1) for r in range(0, block.shape[0], step)])
+
+
+_NORM_SLICE = 2**22  # values per float64 slice of _squared_norms (32 MiB)
 
 
 def _times_power_of_two(block: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
