@@ -245,11 +245,11 @@ def test_parameters_of_groups_with_different_learning_rates_are_refused():
     entry = [(checkpoints[0][0], 0.05, opt_state)]
     with pytest.raises(
         ValueError,
-        match=r"param groups of different learning rates \(lr 0.05: 0.weight, 2.weight; lr 1: 0.bias, 2.bias\)",
+        match=r"param groups of different learning rates \(lr 0.05: 0.weight, 2.weight; lr 1.0: 0.bias, 2.bias\)",
     ):
         export_gradients(model, entry, data, _loss, preconditioner="adam_update", progress=False)
     kronecker = tracin.Projection(8, per_layer=True, kronecker=True)  # 0.weight per token, 2.bias plain
-    with pytest.raises(ValueError, match=r"different learning rates \(lr 0.05: 0.weight; lr 1: 2.bias\)"):
+    with pytest.raises(ValueError, match=r"different learning rates \(lr 0.05: 0.weight; lr 1.0: 2.bias\)"):
         export_gradients(
             model,
             entry,
@@ -362,3 +362,94 @@ def test_factored_adam_is_exact_for_a_rank_one_second_moment():
     for got, grad, v in zip(_factored_products(g), full, _layer_v(opt_state), strict=True):
         expected = grad / np.sqrt(v)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+@needs_named
+def test_a_tensor_learning_rate_and_its_float_are_one_rate():
+    """Was refused as 'lr 0.001: ...; lr 0.001: ...' (review5 optbattery.py): tensor(1e-3) is
+    0.0010000000474974513 as a float, compared exactly and printed with :g. Now equal to 1e-6 relative,
+    and rates that differ are printed in full."""
+    model, checkpoints, data = _trained(groups=True)
+    opt_state = copy.deepcopy(checkpoints[0][2])
+    opt_state["param_groups"][0]["lr"] = torch.tensor(0.05)
+    g = export_gradients(
+        model, [(checkpoints[0][0], 0.05, opt_state)], data, _loss, preconditioner="adam", progress=False
+    )
+    expected = _adam(_reference_grads(model, checkpoints[0][0], *data), _per_element(opt_state))
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    opt_state["param_groups"][0]["lr"] = torch.tensor(0.0501)
+    with pytest.raises(ValueError, match=r"lr 0.0500999\d+: 0.weight, 2.weight; lr 0.05: 0.bias"):
+        export_gradients(
+            model, [(checkpoints[0][0], 0.05, opt_state)], data, _loss, preconditioner="adam", progress=False
+        )
+
+
+class _Bag(nn.Module):
+    """A sparse-gradient embedding bag-of-tokens classifier (the model torch.optim.SparseAdam is for)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.h = nn.Embedding(20, 4, sparse=True), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.h(self.e(ids).mean(1))
+
+
+@needs_named
+def test_sparse_adam_is_taken_and_an_old_radam_state_is_refused():
+    """Was: SparseAdam (group keys lr, betas, eps, maximize) refused as 'RAdam', and an RAdam state
+    saved without maximize (torch < 2.0) taken as Adam (review5 sparseadam.py, optbattery.py).
+    SparseAdam's step on a row is Adam's (bias-corrected by the global step); rows without a gradient
+    skip it, so each row's exp_avg_sq is what its next step divides by: rows g / (sqrt(v_hat) + eps)."""
+    model = _Bag()
+    g = torch.Generator().manual_seed(2)
+    ids, y = torch.randint(0, 20, (6, 3), generator=g), torch.randint(0, 3, (6,), generator=g)
+    opt = torch.optim.SparseAdam(list(model.e.named_parameters(prefix="e")), lr=0.05, betas=(0.8, 0.99), eps=1e-6)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(ids), y).backward()
+        opt.step()
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    got = export_gradients(
+        model, [(state, 0.05, opt_state)], (ids, y), _loss, layers=["e.weight"], preconditioner="adam", progress=False
+    )
+    ref = copy.deepcopy(model).double()
+    grads = np.stack(
+        [
+            torch.autograd.grad(nn.functional.cross_entropy(ref(ids[i : i + 1]), y[i : i + 1]), ref.e.weight)[0]
+            .to_dense()
+            .reshape(-1)
+            .numpy()
+            for i in range(6)
+        ]
+    )
+    s = opt_state["state"][0]
+    v_hat = s["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.99 ** float(s["step"]))
+    expected = grads / (np.sqrt(v_hat) + 1e-6)
+    np.testing.assert_allclose(got.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+    model, checkpoints, (x, y) = _trained()
+    radam = torch.optim.RAdam(model.parameters())
+    nn.functional.cross_entropy(model(x), y).backward()
+    radam.step()
+    old = copy.deepcopy(radam.state_dict())
+    for group in old["param_groups"]:
+        for key in ("maximize", "capturable", "decoupled_weight_decay", "differentiable"):
+            group.pop(key, None)
+    with pytest.raises(ValueError, match=r"parameter 0.weight was trained with RAdam"):
+        export_gradients(model, [(model.state_dict(), 0.05, old)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
+def test_a_parameter_the_training_never_reached_is_told_so():
+    """Was told that 'an Adam / AdamW optimizer that has taken at least one step is needed' although it
+    took 3 (review5 unused.py): a trainable module used at export only got no gradient, so no state."""
+    model, checkpoints, (x, y) = _trained()
+    model.zero_grad(set_to_none=True)
+    opt = torch.optim.Adam(model.parameters())
+    nn.functional.cross_entropy(model[0](x)[:, :3], y).backward()  # the head (2.*) takes no part
+    opt.step()
+    with pytest.raises(ValueError, match=r"parameter 2.weight, while the optimizer holds some for other.*never "):
+        export_gradients(
+            model, [(model.state_dict(), 0.05, opt.state_dict())], (x, y), _loss, preconditioner="adam", progress=False
+        )

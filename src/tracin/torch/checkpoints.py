@@ -6,6 +6,7 @@ Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, s
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -89,7 +90,7 @@ class OptimizerState:
         for name, shape in params:
             key, group = owner.get(name, (None, None))
             entry = state["state"].get(key, state["state"].get(str(key)))
-            has_state = isinstance(entry, Mapping) and "exp_avg" in entry and "exp_avg_sq" in entry
+            has_state = _adam_entry(entry)
             if name in self.frozen and not has_state:
                 raise ValueError(
                     f"{self.where}: parameter {name} is frozen (requires_grad=False) and the optimizer holds no "
@@ -97,6 +98,12 @@ class OptimizerState:
                 )
             if group is None:
                 raise ValueError(f"{self.where}: parameter {name} is in none of the optimizer's param_groups")
+            if not has_state and any(_adam_entry(e) for e in state["state"].values()):
+                raise ValueError(
+                    f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}, while the optimizer "
+                    "holds some for other parameters: it never received a gradient in training (a module the "
+                    "training did not use); leave it out of layers="
+                )
             if not has_state:
                 raise ValueError(
                     f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
@@ -108,15 +115,16 @@ class OptimizerState:
                     f"{self.where}: parameter {name} was trained with {other}; the preconditioner follows plain "
                     "Adam / AdamW steps and does not take it as one"
                 )
-            if "lr" in group:
-                rates.setdefault(float(group["lr"]), []).append(name)
+            if "lr" in group:  # a tensor lr and its float are one rate: equal to 1e-6 relative
+                lr = float(group["lr"])
+                rates.setdefault(next((r for r in rates if math.isclose(r, lr, rel_tol=1e-6)), lr), []).append(name)
             step = float(entry.get("step", 0))
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
             check_moments(name, shape, m, v, step, self.where, _BY_POSITION if by_position else "")
             b1, b2 = (float(b) for b in group["betas"])
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
         if len(rates) > 1:
-            listed = "; ".join(f"lr {lr:g}: {_few(names)}" for lr, names in rates.items())
+            listed = "; ".join(f"lr {lr!r}: {_few(names)}" for lr, names in rates.items())
             raise ValueError(
                 f"{self.where}: the chosen parameters are in param groups of different learning rates ({listed}); "
                 "a row is weighted by one rate, the checkpoint's. Export each group's parameters apart "
@@ -176,12 +184,24 @@ def _float_array(t: Any, what: str, where: str) -> np.ndarray:
     return (t if t.dtype == torch.float64 else t.float()).numpy()
 
 
+def _adam_entry(entry: Any) -> bool:
+    return isinstance(entry, Mapping) and "exp_avg" in entry and "exp_avg_sq" in entry
+
+
+# keys torch.optim's own groups carry (one or more of them since torch 1.12) and others' do not
+_TORCH_GROUP_KEYS = ("foreach", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+
+
 def _not_adam(group: Mapping, entry: Mapping) -> str | None:
-    """What makes a torch.optim param group and state not plain Adam / AdamW (None when nothing does)."""
+    """What makes a param group and state not plain Adam / AdamW (None when nothing does). torch's Adam
+    and AdamW groups carry amsgrad; a torch.optim group with weight_decay and no amsgrad, and Adam's
+    moments, is RAdam's. torch.optim.SparseAdam (lr, betas, eps, maximize) is taken: its step on a row is
+    Adam's, bias-corrected by the global step, and a row without a gradient skips it, so each row's
+    exp_avg_sq is the one its next step divides by."""
     if "momentum_decay" in group or "mu_product" in entry:
         return "NAdam (momentum_decay, mu_product)"
-    if "maximize" in group and "amsgrad" not in group:
-        return "RAdam (a torch.optim group without amsgrad)"
+    if "amsgrad" not in group and "weight_decay" in group and any(k in group for k in _TORCH_GROUP_KEYS):
+        return "RAdam (a torch.optim group with weight_decay and without amsgrad)"
     if group.get("amsgrad"):
         return "amsgrad=True (its steps divide by the running maximum max_exp_avg_sq)"
     if group.get("maximize"):
