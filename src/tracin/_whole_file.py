@@ -1,0 +1,89 @@
+"""Writing a file whole: through a temporary file beside it, renamed over it once complete, so that
+the file is either the complete new contents or, untouched, what it was before."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from typing import IO
+
+TEMP_PREFIX = ".tracin-"
+"""Names of the temporary files: TEMP_PREFIX, 8 hex digits, ".tmp" (short, so that a path whose
+file name is as long as its folder allows can still be written)."""
+
+
+@contextlib.contextmanager
+def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
+    """A file object (binary, else text with newline="") to write `path` through. A symbolic link is
+    followed: its target is written and the link kept. The contents go to a temporary file beside
+    the target, created by the kernel with open()'s mode (0o666 less the umask; the umask is never
+    changed) or, if the target exists, given its permission bits, owner and group (by descriptor),
+    and renamed over the target on leaving the block; on any exception (interrupts included) it is
+    removed and the target left as it was. What a rename cannot replace is written in place: a FIFO
+    or device, a file with other hard links, a file whose owner or group this process cannot give a
+    new file, or a file in a folder that refuses new files. PermissionError naming `path` for an
+    existing file this process may not write; IsADirectoryError for a folder; OSError naming the
+    folder when a new file cannot be created there."""
+    target = os.path.realpath(path)
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {os.fspath(path)}: it is a folder")
+    if old is not None and not os.access(target, os.W_OK):
+        raise PermissionError(errno.EACCES, f"cannot write {os.fspath(path)} (permission denied)")
+    replacement = _replacement(os.fspath(path), target, old)
+    if replacement is None:
+        with open(target, "wb") if binary else open(target, "w", newline="") as f:
+            yield f
+        return
+    fd, temp = replacement
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
+            yield f
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _replacement(path: str, target: str, old: os.stat_result | None) -> tuple[int, str] | None:
+    """An open temporary file beside `target` (descriptor, path) with the permission bits, owner
+    and group of `old` if it exists; None where `target` must be written in place."""
+    if old is not None and (not stat.S_ISREG(old.st_mode) or old.st_nlink > 1):
+        return None
+    folder = os.path.dirname(target)
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        temp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(temp, flags, 0o666)  # the kernel applies the umask
+            break
+        except FileExistsError:
+            continue
+        except PermissionError as e:
+            if old is not None:  # a writable file in a folder that refuses new files
+                return None
+            raise PermissionError(e.errno, f"cannot create {path}: folder {folder} does not allow new files") from e
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: no file can be created in {folder} ({e.strerror})") from e
+    if old is None:
+        return fd, temp
+    try:
+        new = os.fstat(fd)
+        if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
+            os.fchown(fd, old.st_uid, old.st_gid)
+        os.fchmod(fd, old.st_mode & 0o7777)  # after fchown, which clears set-id bits
+    except BaseException as e:
+        os.close(fd)
+        os.unlink(temp)
+        if isinstance(e, PermissionError):  # another's owner or group: kept by writing in place
+            return None
+        raise
+    return fd, temp

@@ -1,0 +1,185 @@
+"""tracin._whole_file.whole_file: a file replaced whole, through a temporary file beside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tracin import _whole_file
+from tracin._whole_file import whole_file
+
+
+@pytest.fixture
+def no_umask_change(monkeypatch) -> int:
+    """The umask, which may not be called after: setting the process-wide umask races with other
+    threads' files."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+
+    def refused(mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", refused)
+    return mask
+
+
+def test_a_new_file_gets_the_umask_mode_without_changing_the_umask(tmp_path, no_umask_change):
+    with whole_file(tmp_path / "new.bin", binary=True) as f:
+        f.write(b"abc")
+    assert (tmp_path / "new.bin").read_bytes() == b"abc"
+    assert stat.S_IMODE((tmp_path / "new.bin").stat().st_mode) == 0o666 & ~no_umask_change
+    assert [p.name for p in tmp_path.iterdir()] == ["new.bin"]
+
+
+def test_an_existing_file_is_replaced_keeping_its_mode(tmp_path, no_umask_change):
+    path = tmp_path / "old.csv"
+    path.write_text("old\n")
+    path.chmod(0o640)
+    inode = path.stat().st_ino
+    with whole_file(path) as f:
+        f.write("a,b\r\n")  # text, newline="": written as given
+    assert path.read_bytes() == b"a,b\r\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert path.stat().st_ino != inode  # renamed over, not rewritten
+
+
+def test_a_symbolic_link_is_followed_and_kept(tmp_path):
+    target = tmp_path / "real" / "data.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    with whole_file(link, binary=True) as f:
+        f.write(b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["data.bin"]
+
+
+def test_a_name_as_long_as_the_folder_allows(tmp_path):
+    path = tmp_path / ("n" * os.pathconf(tmp_path, "PC_NAME_MAX"))
+    path.write_bytes(b"old")
+    with whole_file(path, binary=True) as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_an_error_while_writing_leaves_the_file_and_no_temporary_file(tmp_path, error):
+    path = tmp_path / "kept.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(error), whole_file(path, binary=True) as f:
+        f.write(b"partial")
+        raise error
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.bin"]
+
+
+def test_a_hard_linked_file_is_written_in_place(tmp_path):
+    path, other = tmp_path / "a.bin", tmp_path / "b.bin"
+    path.write_bytes(b"old")
+    os.link(path, other)
+    with whole_file(path, binary=True) as f:
+        f.write(b"new")
+    assert other.read_bytes() == b"new" and path.stat().st_ino == other.stat().st_ino
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_a_fifo_is_written_directly(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with whole_file(fifo, binary=True) as f:
+        f.write(b"through the pipe")
+    reader.join(10)
+    assert read == [b"through the pipe"] and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_a_folder_is_refused_naming_the_path(tmp_path):
+    with pytest.raises(IsADirectoryError, match="it is a folder"), whole_file(tmp_path):
+        pass
+
+
+_AS_A_USER = """
+import os, sys
+from tracin._whole_file import whole_file
+folder = sys.argv[1]
+os.chmod(os.path.join(folder, "locked.bin"), 0o444)
+try:
+    with whole_file(os.path.join(folder, "locked.bin"), binary=True) as f:
+        f.write(b"new")
+except PermissionError as e:
+    print("locked:", e)
+os.chmod(folder, 0o555)
+with whole_file(os.path.join(folder, "open.bin"), binary=True) as f:
+    f.write(b"new")
+try:
+    with whole_file(os.path.join(folder, "absent.bin"), binary=True) as f:
+        f.write(b"new")
+except PermissionError as e:
+    print("absent:", e)
+os.chmod(folder, 0o755)
+"""
+
+
+def test_permissions_as_a_process_without_override(tmp_path):
+    """A read-only file is refused naming it (not silently replaced); a writable file in a read-only
+    folder is written in place; a new file there is refused naming the folder. Run as root without
+    the capability to override permissions (setpriv), as root would write anyway."""
+    command = [sys.executable, "-c", _AS_A_USER, str(tmp_path)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    (tmp_path / "locked.bin").write_bytes(b"old")
+    (tmp_path / "open.bin").write_bytes(b"old")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    lines = done.stdout.splitlines()
+    assert lines == [
+        f"locked: [Errno 13] cannot write {tmp_path / 'locked.bin'} (permission denied)",
+        f"absent: [Errno 13] cannot create {tmp_path / 'absent.bin'}: folder {tmp_path} does not allow new files",
+    ]
+    assert (tmp_path / "locked.bin").read_bytes() == b"old" and (tmp_path / "open.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked.bin", "open.bin"]
+
+
+def test_temporary_names_are_short_and_unique(tmp_path, monkeypatch):
+    """A temporary name already taken is skipped (O_EXCL), never opened."""
+    names = iter(["taken000", "free0000"])
+    monkeypatch.setattr(_whole_file.secrets, "token_hex", lambda n: next(names))
+    taken = tmp_path / f"{_whole_file.TEMP_PREFIX}taken000.tmp"
+    taken.write_bytes(b"someone else's")
+    with whole_file(tmp_path / "out.bin", binary=True) as f:
+        f.write(b"new")
+    assert taken.read_bytes() == b"someone else's" and (tmp_path / "out.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [taken.name, "out.bin"]
+
+
+def test_an_owner_this_process_cannot_give_means_writing_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "theirs.bin"
+    path.write_bytes(b"old")
+    inode = path.stat().st_ino
+    real = os.stat
+
+    def other_owner(p, *args, **kwargs):
+        s = real(p, *args, **kwargs)
+        return os.stat_result((s.st_mode, s.st_ino, s.st_dev, s.st_nlink, s.st_uid + 1, *s[5:]))
+
+    def refused(fd, uid, gid):
+        raise PermissionError(1, "not permitted")
+
+    monkeypatch.setattr(_whole_file.os, "stat", other_owner)
+    monkeypatch.setattr(_whole_file.os, "fchown", refused)
+    with whole_file(path, binary=True) as f:
+        f.write(b"new")
+    assert Path(path).read_bytes() == b"new" and real(path).st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["theirs.bin"]
