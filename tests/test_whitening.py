@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -414,6 +416,27 @@ def test_interrupted_save_leaves_the_saved_file(tmp_path, full, monkeypatch):
     exact = [to_float64(t) @ reference_inverse(g, 0.3)[0] for t, g in zip(test, train, strict=True)]
     for ours, ref in zip(Whitening.load(tmp_path / "w.npz").apply(tracin.Gradients(test)).matrices, exact, strict=True):
         assert_rows_close(ours, ref)
+
+
+def test_save_follows_a_link_keeps_the_umask_and_takes_long_names(tmp_path, full, monkeypatch):
+    """save() writes a symbolic link's target (the link kept), never sets the process-wide umask (a
+    race with other threads' files), and saves under a name as long as the folder allows (review7:
+    the link was replaced by a plain file, os.umask(0) was called, a 250-byte name failed)."""
+    train, _ = full
+    w = Whitening.fit(tracin.Gradients(train), damping=0.3)
+    target, link = tmp_path / "real.npz", tmp_path / "link.npz"
+    w.save(target)
+    link.symlink_to(target)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    monkeypatch.setattr(os, "umask", lambda m: pytest.fail("os.umask called"))
+    w.with_damping(2.0).save(link)
+    assert link.is_symlink() and Whitening.load(target).spec.damping == 2.0
+    long = tmp_path / ("w" * os.pathconf(tmp_path, "PC_NAME_MAX"))
+    w.save(long)
+    assert Whitening.load(long).spec.damping == 0.3
+    assert stat.S_IMODE(long.stat().st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, link.name, long.name])
 
 
 def _saved_with(path, **changes) -> None:

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import numbers
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
 from types import SimpleNamespace
 from typing import IO, Any
 
 import numpy as np
 
 from .._progress import check_progress, progress_bar
+from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
@@ -310,11 +308,14 @@ class Whitening:
     def save(self, path: str | os.PathLike) -> None:
         """Writes the spec, the float64 inverses and the undamped moments (for with_damping) to one
         .npz file at exactly `path` (no suffix is added; load(path) reads it back). It is written to a
-        temporary file beside `path` and renamed over it once complete, so an error or interrupt leaves
-        `path` as it was."""
+        temporary file beside `path` (a symbolic link's target), with the permissions of the file it
+        replaces, and renamed over it once complete, so an error or interrupt leaves `path` as it was;
+        a FIFO, a hard-linked file or a file in a folder refusing new files is written in place
+        (tracin._whole_file). PermissionError naming `path` when it exists and may not be written."""
         arrays = {f"inverse_{i}": inv for i, inv in enumerate(self._inverses)}
         arrays.update({f"moment_{i}": m for i, m in enumerate(self._moments)})
-        _write_whole(path, lambda f: np.savez(f, spec=np.array(json.dumps(self.to_dict())), **arrays))
+        with whole_file(path, binary=True) as f:  # a file, not a name: np.savez(name) would append ".npz"
+            np.savez(f, spec=np.array(json.dumps(self.to_dict())), **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
@@ -412,28 +413,6 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     if not all(np.all(np.isfinite(m)) for m in (*inverses, *moments)):
         raise ValueError("a matrix holds NaN or Inf")
     return moments, inverses, spec
-
-
-def _write_whole(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Calls write(f) on a temporary file beside `path`, then renames it over `path` (keeping the old
-    file's permissions, else the umask's); the temporary file is removed on any error or interrupt."""
-    path = os.fspath(path)
-    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:  # a file, not a name: np.savez(name) would append ".npz"
-            write(f)
-        if os.path.exists(path):
-            mode = os.stat(path).st_mode & 0o7777
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def _fingerprint(moments: list[np.ndarray]) -> str:
