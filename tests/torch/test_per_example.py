@@ -341,3 +341,44 @@ def test_the_first_rows_check_allows_for_the_rounding_of_gradients_summed_over_t
         warnings.simplefilter("always")
         export_gradients(mixing, [(mixing.state_dict(), 1.0)], (ids, y), token_loss, progress=False)
     assert any("given up" in str(w.message) for w in caught)
+
+
+class Forces(nn.Module):
+    """forces = -dE/dx of an energy MLP (as ML potentials): the forward differentiates inside itself."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = nn.Linear(3, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        x = x if x.requires_grad else x.requires_grad_(True)
+        energy = self.l2(torch.tanh(self.l1(x))).sum()
+        return -torch.autograd.grad(energy, x, create_graph=True)[0]
+
+
+def test_a_forward_that_needs_autograd_is_exported_not_crashed_by_the_probe():
+    """Was a raw 'element 0 of tensors does not require grad' from the probe's forward without
+    gradients (review5 grad_in_forward.py). The probe runs it with gradients then; the hooks and vmap
+    cannot run it (warnings) and the per-example loop gives float64 autograd's rows."""
+    model = Forces()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+
+    def loss(out, target):
+        return ((out - target) ** 2).sum(-1)
+
+    with pytest.warns(RuntimeWarning, match="slower per-example loop"):
+        got = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss, progress=False)
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(5):
+        value = loss(wide(x[i : i + 1].double()), y[i : i + 1].double()).sum()
+        params = list(wide.parameters())
+        grads = torch.autograd.grad(value, params, allow_unused=True)  # l2.bias: no part in -dE/dx
+        want.append(
+            torch.cat(
+                [(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(grads, params, strict=True)]
+            )
+        )
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)

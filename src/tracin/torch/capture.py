@@ -136,8 +136,8 @@ class _Tap(torch.autograd.Function):
 def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree) -> int:
     """Bytes a pass of `stream` captures per example for the modules `names` (every call's first input
     and its output gradient, which has the output's shape; a call shared by the batch counts once per
-    example, as stream expands it), from a forward pass without gradients of `one`, the inputs of one
-    example (batch size 1): about a third of the cost of a pass of stream on it."""
+    example, as stream expands it), from a forward pass without gradients (probe_forward) of `one`, the
+    inputs of one example (batch size 1): about a third of the cost of a pass of stream on it."""
     modules = dict(model.named_modules())
     total = [0]
 
@@ -147,12 +147,26 @@ def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, tor
 
     handles = [modules[n].register_forward_hook(count, with_kwargs=True) for n in names]
     try:
-        with torch.no_grad():
-            call_model(model_caller(model, state), one)
+        probe_forward(model, state, one, lambda: total.__setitem__(0, 0))
     finally:
         for h in handles:
             h.remove()
     return total[0]
+
+
+def probe_forward(model: nn.Module, state: Mapping[str, torch.Tensor], one: Tree, restart: Callable[[], None]) -> None:
+    """A forward pass of `one` with `state` for the hooks of a probe: without gradients; when that raises a
+    RuntimeError (a forward that differentiates inside itself, as forces = -dE/dx, needs autograd), once
+    more with gradients, after `restart()` clears what the hooks counted."""
+    try:
+        with torch.no_grad():
+            call_model(model_caller(model, state), one)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        restart()
+        with torch.enable_grad():
+            call_model(model_caller(model, state), one)
 
 
 def _first_input(args: tuple, kwargs: dict) -> object:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import Tree, call_model, slice_rows, tree_map
-from .losses import LossFn, losses_of, model_caller
+from .capture import probe_forward
+from .data import Tree, slice_rows, tree_map
+from .losses import LossFn, losses_of
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
 # |got - want| <= rtol |want| + atol * (largest |want| of the compared columns). float32 and float64:
@@ -46,7 +47,7 @@ def coarsest(tensors: Iterable[torch.Tensor]) -> torch.dtype:
 def tokens_of_one(model: nn.Module, layers: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree) -> int:
     """The most positions (tokens) a gradient of one of `layers` sums over for one example: per layer,
     its calls' output elements over the last (feature) dimension, summed over calls; from a forward
-    pass without gradients of `one`, the inputs of one example (batch size 1)."""
+    pass without gradients (capture.probe_forward) of `one`, the inputs of one example (batch size 1)."""
     modules = dict(model.named_modules())
     counts = dict.fromkeys(layers, 0)
 
@@ -59,8 +60,7 @@ def tokens_of_one(model: nn.Module, layers: Sequence[str], state: Mapping[str, t
 
     handles = [modules[n].register_forward_hook(counter(n)) for n in layers]
     try:
-        with torch.no_grad():
-            call_model(model_caller(model, state), one)
+        probe_forward(model, state, one, lambda: counts.update(dict.fromkeys(layers, 0)))
     finally:
         for h in handles:
             h.remove()
