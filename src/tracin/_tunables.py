@@ -71,7 +71,8 @@ DEVICE_TEST_BYTES = 2**30
 """Device backends: bytes of test rows (float32 on the device, all checkpoints together) per test chunk,
 which the generic loop uploads once and scores against every train piece; a larger test set is cut
 into chunks of this size (as a store's row_chunks() cuts it for the CPU kernel), each meeting the
-whole train side again. Bounds the test side's device memory whatever m is: the chunk, plus for
+whole train side again; not a test set of float32 tensors already on the device, for plain scores
+(used in place: no device memory to bound). Bounds the test side's device memory whatever m is: the chunk, plus for
 cosine scores one block's scaled copy (each block is replaced by its copy in turn) and float64
 squared row norms of 32 MiB slices. 1 GiB is 32,768 rows at d=8192: then a GEMM does m/2 = 16,384 flops per
 byte of train rows uploaded, far above what a GPU needs (about 2,000 at 50 TFLOP/s over 25 GB/s), so

@@ -231,10 +231,16 @@ def _chunks(s: GradientSet, limit: int | None = None) -> list[tuple[int, int]]:
     return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
 
 
-def _device_test_rows(backend: Backend, test: GradientSet) -> int | None:
+def _device_test_rows(backend: Backend, test: GradientSet, normalize: int) -> int | None:
     """Test rows per chunk for a device backend, which uploads a chunk whole: DEVICE_TEST_BYTES of
-    float32 rows. None for the CPU kernel, which reads the test side in passes of its own."""
+    float32 rows. None (no cut) for the CPU kernel, which reads the test side in passes of its own,
+    and for plain scores (normalize 0) of an in-memory test set whose blocks are all float32 tensors
+    on the backend's device already (its `holds`): used in place, it costs no device memory, and
+    each chunk would only read the whole train side again (cosine scores scale a copy of a chunk)."""
     if backend.name == "cpu":
+        return None
+    holds = getattr(backend, "holds", None)  # TorchBackend's; other backends upload every chunk
+    if not normalize and holds is not None and test.row_chunks() is None and holds(test.kernel_side()):
         return None
     return max(1, _tunables.DEVICE_TEST_BYTES // (4 * max(_width(test), 1)))
 
@@ -444,7 +450,7 @@ def scores(
     backend = _backend(device, precision, test=test, train=train)
     out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
     macs, timed = test.n_rows * train.n_rows * _width(train), backend.name == "cpu"
-    cut = _device_test_rows(backend, test)
+    cut = _device_test_rows(backend, test, run)
     with _Loop(test, train, progress, macs, "tracin scores", threads=threads, timed=timed, test_rows=cut) as loop:
         for p in loop.pairs():
             out[p.test_rows, p.train_rows] = backend.scores(
@@ -505,7 +511,7 @@ def top_k(
     macs = test.n_rows * train.n_rows * _width(train)
     sides = 2 if side == "both" else 1
     desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
-    cut = _device_test_rows(backend, test)
+    cut = _device_test_rows(backend, test, run)
     with _Loop(
         test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed, test_rows=cut
     ) as loop:
@@ -748,7 +754,7 @@ def aggregate(
     # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
     macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
     timed = backend.name == "cpu"
-    cut = _device_test_rows(backend, test)
+    cut = _device_test_rows(backend, test, run)
     desc = "tracin aggregate"
     with _Loop(test, train, progress, macs, desc, train.factored, threads=threads, timed=timed, test_rows=cut) as loop:
         for p in loop.pairs():

@@ -119,6 +119,49 @@ def test_a_large_in_memory_test_set_is_uploaded_in_chunks_of_the_byte_budget(
         assert np.all(error <= np.take_along_axis(bound, ours.indices, 1))
 
 
+def test_the_backend_holds_only_float32_tensors_on_its_device(rng):
+    from tracin.backends import torch_device
+
+    backend = torch_device.TorchBackend(torch.device("cpu"))
+    rows = rng.standard_normal((4, 3)).astype(np.float32)
+    assert backend.holds(KernelSide(False, [torch.from_numpy(rows)] * 2, [0, 0]))
+    assert not backend.holds(KernelSide(False, [torch.from_numpy(rows), rows], [0, 0]))  # NumPy: host rows
+    assert not backend.holds(KernelSide(False, [torch.from_numpy(rows).half()], [1]))  # widened: a copy
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_test_set_on_the_device_is_scored_whole(rng, tmp_path, monkeypatch, normalize):
+    """Plain scores of a test set the backend holds (float32 tensors on its device: used in place)
+    read the train store once, not once per DEVICE_TEST_BYTES chunk (review7: 11 passes over the
+    store for 11 chunks); cosine scores, which scale a copy of each chunk, still cut it."""
+    from tracin.backends import torch_device
+
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 10)  # 10 rows of 6 float32 columns
+    monkeypatch.setattr(torch_device.TorchBackend, "holds", lambda self, side: True, raising=False)
+    test, train = rng.standard_normal((35, 6)).astype(np.float32), rng.standard_normal((50, 6)).astype(np.float32)
+    x = store(tmp_path, "train", [train], [1.0], chunk_bytes=4 * 6 * 50)
+    reads = []
+    kernel_side = type(x).kernel_side
+    monkeypatch.setattr(
+        type(x),
+        "kernel_side",
+        lambda self, a=0, b=None: reads.append((self.n_rows if b is None else b) - a) or kernel_side(self, a, b),
+    )
+    got = tracin.top_k(test, x, k=5, device="torch:cpu", normalize=normalize, progress=False)
+    assert sum(reads) == 50 * (4 if normalize else 1)
+    t64, x64 = (
+        normalized([to_float64(test)], 1 if normalize else 0),
+        normalized([to_float64(train)], 1 if normalize else 0),
+    )
+    exact, bound = exact_scores(t64, x64, [1.0]), score_bound(t64, x64, [1.0])
+    np.testing.assert_array_equal(
+        got.indices, tracin.top_k(test, train, k=5, device="cpu", normalize=normalize).indices
+    )
+    assert np.all(
+        np.abs(got.values - np.take_along_axis(exact, got.indices, 1)) <= np.take_along_axis(bound, got.indices, 1)
+    )
+
+
 def test_a_memmapped_test_matrix_is_uploaded_in_chunks(rng, tmp_path, monkeypatch, uploads):
     monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 8)  # 8 rows of 6 float32 columns
     rows = rng.standard_normal((20, 6)).astype(np.float32)

@@ -2,28 +2,29 @@
 "torch:cpu" (the same code on CPU tensors, for tests and debugging).
 
 Blocked like the C++ kernel: a test chunk (at most _tunables.DEVICE_TEST_BYTES of float32 rows: the
-generic loop cuts larger test sets) goes to the device once per public call (kept in the generic
-loop's ChunkCache for every train piece it meets; once per backend call without one); train rows
-pass in tiles of _tunables.DEVICE_TILE_BYTES (streamed from the host one tile ahead of the compute
-through two staging slots kept for the whole public call, or used in place when already on the
-device), and each tile meets the test side in blocks of at most DEVICE_TILE_SCORES scores: one
-float32 GEMM per checkpoint (two for factored sets, multiplied elementwise), scaled by the weight
-and added in float32. Cosine scores (normalize): the test side is scaled by its rows' inverse norms
-once, with its upload (each uploaded block replaced by its scaled copy in turn: the chunk plus one
-block's copy on the device), and each checkpoint's score block by the train rows' inverse norms,
-computed per train tile in float64; rows of norms beyond 2^+-64 (every nonzero factored row, its
-factors balanced) are first brought near norm 1 by exact powers of two (_unit_scaled: a copy of
-each train tile), so that cosines of rows of any finite norm neither overflow nor underflow. top_k keeps
-each test row's best across tiles on the device; the (m, n) matrix never exists, but a block's
-candidates keep its scores until they are merged, a block later: two score blocks (2 x
-DEVICE_TILE_SCORES) at once, plus, for rows cut inside a tie, copies of those rows. aggregate and
-self_influence wait for the device once per call, at the end (scores reads each block back as it is
-made). top_k's merge of a block waits until the device has finished that block's selection (a CUDA
-event after a one-byte copy of whether any row was cut inside a tie), while the next block's GEMM,
-enqueued before, runs on; only when that flag is set does it read the tied rows, which waits for all
-enqueued work (rare on float data). The stream runs on across the generic loop's train pieces: while
-a piece's last tile is computed, the first tile of the loop's next piece (ChunkCache.next_train) is
-already uploading, so only the public call's very first tile waits for its copy.
+generic loop cuts larger test sets, except, for plain scores, float32 tensors on the device) goes to
+the device once per public call (kept in the generic loop's ChunkCache for every train piece it
+meets; once per backend call without one); train rows pass in tiles of _tunables.DEVICE_TILE_BYTES
+(streamed from the host one tile ahead of the compute through two staging slots kept for the whole
+public call, or used in place when already on the device), and each tile meets the test side in
+blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored sets,
+multiplied elementwise), scaled by the weight and added in float32. Cosine scores (normalize): the
+test side is scaled by its rows' inverse norms once, with its upload (each uploaded block replaced
+by its scaled copy in turn: the chunk plus one block's copy on the device), and each checkpoint's
+score block by the train rows' inverse norms, computed per train tile in float64; rows of norms
+beyond 2^+-64 (every nonzero factored row, its factors balanced) are first brought near norm 1 by
+exact powers of two (_unit_scaled: a copy of each train tile), so that cosines of rows of any finite
+norm neither overflow nor underflow. top_k keeps each test row's best across tiles on the device;
+the (m, n) matrix never exists, but a block's candidates keep its scores until they are merged, a
+block later: two score blocks (2 x DEVICE_TILE_SCORES) at once, plus, for rows cut inside a tie,
+copies of those rows. aggregate and self_influence wait for the device once per call, at the end
+(scores reads each block back as it is made). top_k's merge of a block waits until the device has
+finished that block's selection (a CUDA event after a one-byte copy of whether any row was cut
+inside a tie), while the next block's GEMM, enqueued before, runs on; only when that flag is set
+does it read the tied rows, which waits for all enqueued work (rare on float data). The stream runs
+on across the generic loop's train pieces: while a piece's last tile is computed, the first tile of
+the loop's next piece (ChunkCache.next_train) is already uploading, so only the public call's very
+first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -69,6 +70,13 @@ class TorchBackend:
     def with_tf32(self) -> TorchBackend:
         """This backend with TF32 GEMMs (precision="tf32")."""
         return replace(self, tf32=True)
+
+    def holds(self, side: KernelSide) -> bool:
+        """Whether every block of the side is a float32 tensor on this device already, which a call
+        uses in place (the generic loop then scores a test side whole: scoring.py _device_test_rows)."""
+        return all(
+            rows.resident(b, self.device) and code == 0 for b, code in zip(side.blocks, side.dtypes, strict=True)
+        )
 
     # -- the Backend protocol --------------------------------------------------------------------
     def scores(
