@@ -554,6 +554,26 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
             np.testing.assert_array_equal(quiet, shown)
 
 
+def test_a_device_bar_over_test_chunks_says_so(rng, capsys, monkeypatch):
+    """On a device a test set cut into chunks passes over the train rows once per chunk: the bar's
+    total is train rows x chunks and its description names the chunks (review7: 90/90 for 30 train
+    rows, unexplained); one chunk (or the C++ kernel) keeps a bar over the train rows alone."""
+    pytest.importorskip("torch")
+    from tracin import _tunables
+
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 8)  # 8 rows of 6 float32 columns
+    t, x = random_set(rng, 20, [6])[0], random_set(rng, 30, [6])[0]
+    bars = {}
+    for device in ("cpu", "torch:cpu"):
+        for name, call in (("top_k", tracin.top_k), ("scores", tracin.scores), ("aggregate", tracin.aggregate)):
+            call(t, x, device=device, progress=True)
+            bars[device, name] = capsys.readouterr().err.strip().split("\r")[-1]
+    for name in ("top_k", "scores", "aggregate"):
+        assert "test chunks" not in bars["cpu", name] and re.search(r" 30(\.0)?/30(\.0)? ", bars["cpu", name]), bars
+        assert f"tracin {name}" in bars["torch:cpu", name] and "3 test chunks" in bars["torch:cpu", name], bars
+        assert re.search(r" 90(\.0)?/90(\.0)? ", bars["torch:cpu", name]), bars
+
+
 def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 

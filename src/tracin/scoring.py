@@ -272,7 +272,8 @@ class _Pair(NamedTuple):
 
 
 class _Loop:
-    """The generic loop over (test chunk x train piece), and the tqdm bar over train rows it advances.
+    """The generic loop over (test chunk x train piece), and the tqdm bar it advances: over the train
+    rows once per test chunk (its total train rows x chunks, its description naming the chunks).
 
     Test chunks and train pieces follow each set's row_chunks() (a store maps that many rows per
     call), test chunks of at most `test_rows` rows (a device backend's upload, _device_test_rows).
@@ -319,6 +320,8 @@ class _Loop:
         if steps > 1 and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
+        if len(self.test_chunks) > 1:  # the train rows are passed over once per chunk
+            desc = f"{desc}, {len(self.test_chunks)} test chunks"
         self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
         self.cache = ChunkCache()
         self.current: _Pair | None = None
@@ -441,7 +444,9 @@ def scores(
 
     Materialises the whole matrix: for small problems. Use top_k for large ones. Very wide rows
     (about 1e8 columns and more) need gigabytes of working memory: see top_k.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
+    train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k.
     """
     test, train, w = _pair(test, train)
@@ -476,7 +481,9 @@ def top_k(
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
+    train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device: where to score. None (default): on the GPU holding the rows when they are GPU arrays
     (torch CUDA tensors; JAX / CuPy GPU arrays through DLPack), else "cpu" (the C++ kernel).
     "cuda" / "cuda:N": on that GPU through torch, host rows (NumPy, stores) streamed to it; within
@@ -489,6 +496,8 @@ def top_k(
     then weighted and summed: sum_c w_c <g_c(t), g_c(i)> / (|g_c(t)| |g_c(i)|); a zero gradient scores
     0. The kernel sums the norms in float64 from the rows it scores (a store's train rows piece by
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
+    device "cpu" refuses (ValueError, overflow) train rows of norm below about 3e-39, whose inverse
+    norm overflows float32; the torch devices bring such rows near norm 1 by powers of two first.
     Refused for whitened test sets (a cosine across two spaces).
     Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
     weighted test rows of one pass (up to 512 rows) as float32 (up to 64 MiB), but never fewer than
@@ -742,7 +751,9 @@ def aggregate(
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
+    train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
     cosine scores)."""
     test, train, w = _pair(test, train)
