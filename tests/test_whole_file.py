@@ -109,6 +109,14 @@ def test_a_folder_is_refused_naming_the_path(tmp_path):
         pass
 
 
+def test_a_missing_folder_is_named(tmp_path):
+    path = tmp_path / "absent" / "out.bin"
+    with pytest.raises(FileNotFoundError, match=f"cannot write {path}: no file can be created in {path.parent}"):
+        with whole_file(path, binary=True):
+            pytest.fail("no file to write")
+    assert not path.parent.exists()
+
+
 _AS_A_USER = """
 import os, sys
 from tracin._whole_file import whole_file

@@ -71,8 +71,8 @@ def _replacement(path: str, target: str, old: os.stat_result | None) -> tuple[in
             if old is not None:  # a writable file in a folder that refuses new files
                 return None
             raise PermissionError(e.errno, f"cannot create {path}: folder {folder} does not allow new files") from e
-        except OSError as e:
-            raise OSError(e.errno, f"cannot write {path}: no file can be created in {folder} ({e.strerror})") from e
+        except OSError as e:  # the same type (FileNotFoundError for a missing folder), naming the path
+            raise type(e)(e.errno, f"cannot write {path}: no file can be created in {folder} ({e.strerror})") from e
     if old is None:
         return fd, temp
     try:
