@@ -13,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -285,30 +284,6 @@ def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores
     reader.join(timeout=60)
     assert read == [expected.read_text()] and stat.S_ISFIFO(fifo.stat().st_mode)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-
-
-def test_output_permissions_are_set_on_the_open_temporary_file(stores, tmp_path, monkeypatch):
-    import tracin.cli
-
-    paths, _, _ = stores
-    victim = tmp_path / "victim.txt"
-    victim.write_text("private\n")
-    victim.chmod(0o600)
-    real_mkstemp = tempfile.mkstemp
-
-    def swapped(**kwargs):  # someone swaps the temporary file's name for a link to another file
-        fd, temp = real_mkstemp(**kwargs)
-        os.unlink(temp)
-        os.symlink(victim, temp)
-        return fd, temp
-
-    monkeypatch.setattr(tracin.cli.tempfile, "mkstemp", swapped)
-    old_umask = os.umask(0o022)
-    try:
-        main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "r.csv")])
-    finally:
-        os.umask(old_umask)
-    assert stat.S_IMODE(victim.stat().st_mode) == 0o600 and victim.read_text() == "private\n"
 
 
 def test_long_output_names_are_written_and_too_long_ones_refused_first(stores, tmp_path, capsys, monkeypatch):

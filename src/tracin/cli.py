@@ -13,7 +13,6 @@ import argparse
 import csv
 import os
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -21,6 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from ._whole_file import TEMP_PREFIX
+from ._whole_file import whole_file as _whole_file
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
@@ -36,7 +38,6 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that 
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
-TEMP_PREFIX = ".tracin-"  # of the temporary file an -o file is written through (short: long -o names fit)
 
 
 class CommandError(Exception):
@@ -128,64 +129,6 @@ def _ids(store) -> list | None:
 
 def _progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
-
-
-@contextmanager
-def _whole_file(out: Path, binary: bool = False) -> Iterator[IO]:
-    """A file to write `out` through: a temporary file beside the file `out` names (a symbolic
-    link is followed), with the old file's permissions and owner (else the umask's), renamed over
-    it once written in full and removed on any error or interrupt, so that the file is either the
-    complete new result or, untouched, what it was before. What cannot be replaced that way is
-    written in place: a FIFO or device, a file with other hard links, a file whose owner or group
-    this process cannot give a new file, or one in a folder it may not create files in."""
-    target = _target(out)
-    replacement = _replacement(target)
-    if replacement is None:
-        with open(target, "wb") if binary else open(target, "w", newline="") as f:
-            yield f
-        return
-    fd, temp = replacement
-    try:
-        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
-            yield f
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _replacement(target: Path) -> tuple[int, str] | None:
-    """An open temporary file beside `target` (descriptor, path) with the permission bits, owner
-    and group of `target` if it exists, else open()'s; None where `target` must be written in place."""
-    try:
-        old = target.stat()
-    except FileNotFoundError:
-        old = None
-    if old is not None and (not stat.S_ISREG(old.st_mode) or old.st_nlink > 1):
-        return None
-    try:
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=TEMP_PREFIX, suffix=".tmp")
-    except PermissionError:
-        if old is None:
-            raise
-        return None
-    try:
-        if old is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(fd, 0o666 & ~umask)
-        else:
-            new = os.fstat(fd)
-            if (new.st_uid, new.st_gid) != (old.st_uid, old.st_gid):
-                os.fchown(fd, old.st_uid, old.st_gid)
-            os.fchmod(fd, old.st_mode & 0o7777)  # after fchown, which clears set-id bits
-    except BaseException as e:
-        os.close(fd)
-        os.unlink(temp)
-        if isinstance(e, PermissionError):  # another's owner or group: keep them by writing in place
-            return None
-        raise
-    return fd, temp
 
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
