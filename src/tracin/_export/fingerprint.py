@@ -175,11 +175,21 @@ def _is_array(v: Any, torch: Any) -> bool:
     return isinstance(v, np.ndarray) or (hasattr(v, "__array__") and hasattr(v, "shape") and hasattr(v, "dtype"))
 
 
+def _key_data(a: Any) -> Any:
+    """A JAX typed PRNG key array (jax.random.key) as its raw uint32 key data, which NumPy can read;
+    anything else as is. (A key implies jax is imported; tracin does not import it here.)"""
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(a)
+    return a
+
+
 def _digest_named(arrays: dict[str, Any]) -> str:
     """digest_arrays of each array's name, dtype name and contents (torch tensors read on the host,
     dtypes NumPy lacks as raw bytes)."""
     parts = []
     for name, a in arrays.items():
+        a = _key_data(a)
         if hasattr(a, "detach"):  # a torch tensor
             t = a.detach().cpu().contiguous()
             try:

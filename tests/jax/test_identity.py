@@ -1,0 +1,39 @@
+"""Fingerprints of JAX objects a loss or a params pytree holds: typed PRNG keys, and static fields
+holding sets (whose repr depends on PYTHONHASHSEED), digested the same way in every process."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tracin._export.fingerprint import callable_identity
+from tracin.jax import export_gradients
+
+
+def _noisy_loss(key):
+    def loss(p, x, y):
+        return (x @ (p["w"] + 0.01 * jax.random.normal(key, (4,))) - y) ** 2
+
+    return loss
+
+
+def _keyed_loss(p, x, y, key):
+    return (x @ (p["w"] + 0.01 * jax.random.normal(key, (4,))) - y) ** 2
+
+
+def test_a_typed_prng_key_in_a_loss_closure_or_partial_is_digested_by_its_key_data(tmp_path):
+    """jax.random.key arrays cannot become NumPy arrays: their raw key data is digested instead (a
+    raw TypeError from every export before)."""
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    assert callable_identity(_noisy_loss(k0)) == callable_identity(_noisy_loss(jax.random.key(0)))
+    assert callable_identity(_noisy_loss(k0)) != callable_identity(_noisy_loss(k1))
+    partial = functools.partial(_keyed_loss, key=k0)
+    assert callable_identity(partial) != callable_identity(functools.partial(_keyed_loss, key=k1))
+    x, y = np.ones((6, 4), np.float32), np.zeros(6, np.float32)
+    for loss in (_noisy_loss(k0), partial):
+        rows = export_gradients(loss, [({"w": jnp.ones(4)}, 1.0)], (x, y), progress=False)
+        assert rows.n_rows == 6 and rows.dims == (4,)
+    export_gradients(partial, [({"w": jnp.ones(4)}, 1.0)], (x, y), progress=False, store=tmp_path / "s")
