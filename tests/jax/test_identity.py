@@ -4,6 +4,9 @@ holding sets (whose repr depends on PYTHONHASHSEED), digested the same way in ev
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,3 +40,40 @@ def test_a_typed_prng_key_in_a_loss_closure_or_partial_is_digested_by_its_key_da
         rows = export_gradients(loss, [({"w": jnp.ones(4)}, 1.0)], (x, y), progress=False)
         assert rows.n_rows == 6 and rows.dims == (4,)
     export_gradients(partial, [({"w": jnp.ones(4)}, 1.0)], (x, y), progress=False, store=tmp_path / "s")
+
+
+_DIGESTS = """
+import functools, equinox as eqx, jax, jax.numpy as jnp
+from tracin._export.fingerprint import callable_identity
+from tracin.jax.checkpoints import state_digest
+
+class WithSet(eqx.Module):
+    w: jax.Array
+    names: frozenset = eqx.field(static=True)
+    groups: tuple = eqx.field(static=True)
+
+def loss(out, y, ignore):
+    return out
+
+names = frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})
+model = WithSet(jnp.ones(2), names, ({"x", "y", "z"}, [frozenset({"p", "q", "r"})]))
+print(state_digest(model), state_digest({"w": jnp.ones(2), "tags": ("a", {"u", "v", "w"})}))
+print(callable_identity(functools.partial(loss, ignore={"pad", "unk", "bos", "eos"})))
+"""
+
+
+def test_static_sets_digest_the_same_in_processes_with_other_hash_seeds():
+    """A frozenset static field of an Equinox module (in the treedef), a set leaf's repr and a set
+    given to functools.partial print in string-hash order: a store could not be resumed, or scored
+    against test gradients, from another process (PYTHONHASHSEED differs)."""
+    outputs = [_run(_DIGESTS, seed) for seed in (1, 2)]
+    assert len(set(outputs)) == 1, outputs
+    assert "{'bos', 'eos', 'pad', 'unk'}" in outputs[0]
+
+
+def _run(script: str, hash_seed: int) -> str:
+    """The output of `script` run by a new Python process with PYTHONHASHSEED=hash_seed."""
+    env = {**os.environ, "PYTHONHASHSEED": str(hash_seed), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout

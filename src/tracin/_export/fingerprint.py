@@ -80,8 +80,31 @@ def without_addresses(text: str) -> str:
 
 
 def stable_repr(obj: Any) -> str:
-    """repr(obj) without memory addresses."""
-    return without_addresses(repr(obj))
+    """repr(obj) without memory addresses, the same in every process: the elements of a set or
+    frozenset (whose order follows string hashes, so PYTHONHASHSEED) sorted by their stable_repr,
+    in lists, tuples and dicts too. Other objects keep their own repr."""
+    return _stable_repr(obj, set())
+
+
+def _stable_repr(obj: Any, seen: set[int]) -> str:
+    """stable_repr; `seen`: the ids of the containers being printed (a list holding itself)."""
+    kind = type(obj)
+    if kind not in (set, frozenset, list, tuple, dict):
+        return without_addresses(repr(obj))
+    if id(obj) in seen:
+        return "{...}" if kind in (set, frozenset, dict) else "[...]"
+    seen = seen | {id(obj)}
+    if kind is dict:
+        return "{" + ", ".join(f"{_stable_repr(k, seen)}: {_stable_repr(v, seen)}" for k, v in obj.items()) + "}"
+    items = [_stable_repr(v, seen) for v in obj]
+    if kind is list:
+        return "[" + ", ".join(items) + "]"
+    if kind is tuple:
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    if not items:
+        return repr(obj)  # set(), frozenset()
+    text = "{" + ", ".join(sorted(items)) + "}"
+    return text if kind is set else f"frozenset({text})"
 
 
 def callable_identity(fn: Any) -> str:

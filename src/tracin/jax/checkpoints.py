@@ -13,7 +13,7 @@ import numpy as np
 
 from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays, stable_repr
+from .._export.fingerprint import digest_arrays, stable_repr, without_addresses
 from .._export.preconditioner import AdamMoments, check_moments
 from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
@@ -95,8 +95,28 @@ def state_digest(params: Any, static: bool = True) -> str:
         else:
             statics.append(f"{leaf_path(path)}={stable_repr(leaf)}")
     if static and (statics or not scalars):  # Equinox modules keep their static fields in the treedef
-        arrays.append(np.frombuffer(f"static:{statics}{stable_repr(treedef)}".encode(), np.uint8))
+        arrays.append(np.frombuffer(f"static:{statics}{_treedef_text(treedef)}".encode(), np.uint8))
     return digest_arrays(arrays)
+
+
+def _treedef_text(treedef: Any) -> str:
+    """stable_repr(treedef), unless a node's static data (an Equinox static field) holds a set, which
+    repr prints in an order that depends on PYTHONHASHSEED: then each node's type and stable_repr'd
+    data, the same in every process."""
+    found_set = False
+
+    def node(td: Any) -> str:
+        nonlocal found_set
+        data = td.node_data()
+        if data is None:
+            return "*"
+        kind, aux = data
+        text = stable_repr(aux)
+        found_set = found_set or text != without_addresses(repr(aux))
+        return f"{kind.__module__}.{kind.__qualname__}[{text}]({', '.join(node(c) for c in td.children())})"
+
+    text = node(treedef)
+    return text if found_set else stable_repr(treedef)
 
 
 def restore(source: Any, where: str) -> Any:
