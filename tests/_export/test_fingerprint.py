@@ -78,7 +78,7 @@ def test_a_sharded_folder_is_digested_by_its_index_and_shards(tmp_path):
 def _pass(fp: DataFingerprint, batches, where="pass"):
     fp.begin(where)
     for x, y in batches:
-        fp.batch([y], [x] if fp.recording else ())
+        fp.batch([y], [x])
     fp.end()
 
 
@@ -95,6 +95,15 @@ def test_later_passes_must_see_the_first_pass_targets_in_order():
     with pytest.raises(ValueError, match="gave 1 batches, the first pass gave 2"):
         _pass(fp, batches[:1])
     assert fp.data == data
+
+
+def test_later_passes_must_see_the_first_pass_inputs_too():
+    """Rows of one class (equal targets) in another order: only their inputs tell."""
+    x, y = np.random.default_rng(0).normal(size=(6, 2)), np.zeros(6)
+    fp = DataFingerprint()
+    _pass(fp, [(x[:3], y[:3]), (x[3:], y[3:])])
+    with pytest.raises(ValueError, match="checkpoint 1: batch 1 of the data holds other inputs than on the first"):
+        _pass(fp, [(x[:3], y[:3]), (x[[3, 5, 4]], y[3:])], "checkpoint 1")
 
 
 def test_the_data_digest_covers_inputs():

@@ -173,6 +173,34 @@ def test_data_that_changes_order_between_checkpoints_is_refused(mlp, data):
         export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), rotating, progress=False)
 
 
+class _Reshuffled:
+    """A re-iterable of unknown length whose every pass gives the rows in another order."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = np.random.default_rng(self.passes).permutation(len(self.x))
+        return ((self.x[order[i : i + 8]], self.y[order[i : i + 8]]) for i in range(0, len(self.x), 8))
+
+
+def test_data_reshuffled_between_checkpoints_is_refused_when_every_target_is_the_same(mlp, data, tmp_path):
+    """The rows of one class (targets all equal) in another order on every pass: the same-rows check
+    compares inputs too, with or without a store (which first reads the data through)."""
+    x, y = data
+    same = np.full_like(y[:24], y[0])
+    for store in (None, tmp_path / "g"):
+        with pytest.raises(ValueError, match="checkpoint [01]: batch 0 of the data holds other inputs"):
+            export_gradients(
+                mlp.loss_fn,
+                list(zip(mlp.params, mlp.lrs, strict=True)),
+                _Reshuffled(x[:24], same),
+                store=store,
+                progress=False,
+            )
+
+
 def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tmp_path):
     x, y = data
     huge = lambda params, xs, ys: mlp.loss_fn(params, xs, ys) * 1e6  # noqa: E731

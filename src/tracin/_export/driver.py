@@ -365,7 +365,7 @@ class _Loop:
         seen = 0
         self.fingerprint.begin(f"checkpoint {c}")
         for batch in self.framework.batches():
-            self.fingerprint.batch(*self.framework.fingerprint_arrays(batch, inputs=self.fingerprint.recording))
+            self.fingerprint.batch(*self.framework.fingerprint_arrays(batch, inputs=True))
             seen = batch.start + batch.count
             if seen > done and (self.stop is None or batch.start < self.stop):
                 keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)

@@ -226,41 +226,40 @@ def _digest_named(arrays: dict[str, Any]) -> str:
 class DataFingerprint:
     """Order-sensitive digests of the batches one export reads, pass after pass.
 
-    The first complete pass over the data records a digest of each batch's targets, and folds
-    inputs and targets into `data`, a digest of the whole data. Every later pass must give the
-    same targets in the same batches, else ValueError: a shuffling loader or an iterable whose
-    content changes between checkpoints would otherwise mix up rows silently.
+    The first complete pass over the data records a digest of each batch's targets and one of its
+    inputs, and folds both into `data`, a digest of the whole data. Every later pass must give the
+    same targets and inputs in the same batches, else ValueError: a shuffling loader or an iterable
+    whose content changes between checkpoints would otherwise mix up rows silently (inputs count
+    too: the rows of one class share their targets).
     Usage per pass: begin(where), then batch(...) for every batch (skipped ones too), then end().
     """
 
     def __init__(self) -> None:
-        self._reference: list[str] | None = None
-        self._seen: list[str] = []
+        self._reference: list[tuple[str, str]] | None = None
+        self._seen: list[tuple[str, str]] = []
         self._whole = _hasher()
         self._where = ""
         self.data: str | None = None  # digest of every batch's inputs and targets, after the first pass
 
-    @property
-    def recording(self) -> bool:
-        """True during the first pass, which needs the inputs too."""
-        return self._reference is None
-
     def begin(self, where: str) -> None:
         self._seen, self._where = [], where
 
-    def batch(self, targets: Iterable[np.ndarray], inputs: Iterable[np.ndarray] = ()) -> None:
-        """One batch's target arrays (and, while recording, its input arrays)."""
-        d = digest_arrays(targets)
+    def batch(self, targets: Iterable[np.ndarray], inputs: Iterable[np.ndarray]) -> None:
+        """One batch's target arrays and input arrays."""
+        d, given = digest_arrays(targets), digest_arrays(inputs)
         i = len(self._seen)
-        self._seen.append(d)
+        self._seen.append((d, given))
         if self._reference is None:
-            self._whole.update(digest_arrays(inputs).encode() + d.encode())
-        elif i >= len(self._reference) or self._reference[i] != d:
-            raise ValueError(
-                f"{self._where}: batch {i} of the data holds other targets than on the first pass; the "
-                "data must give the same rows in the same order for every checkpoint (a shuffling "
-                "DataLoader or sampler, or an iterable that changes between passes?)"
-            )
+            self._whole.update(given.encode() + d.encode())
+            return
+        if i < len(self._reference) and self._reference[i] == (d, given):
+            return
+        what = "inputs" if i < len(self._reference) and self._reference[i][0] == d else "targets"
+        raise ValueError(
+            f"{self._where}: batch {i} of the data holds other {what} than on the first pass; the "
+            "data must give the same rows in the same order for every checkpoint (a shuffling "
+            "DataLoader or sampler, or an iterable that changes between passes?)"
+        )
 
     def end(self) -> None:
         if self._reference is None:
