@@ -201,6 +201,25 @@ def test_data_reshuffled_between_checkpoints_is_refused_when_every_target_is_the
             )
 
 
+class _ReadOnce:
+    """Looks re-iterable (iter(d) is not d) but every __iter__ returns the same generator."""
+
+    def __init__(self, batches):
+        self.batches = (b for b in batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_data_readable_once_behind_a_re_iterable_face_is_refused_with_advice_not_no_rows(mlp, data, tmp_path):
+    """store= reads the data through to count its rows, which consumes such data: the pass at the
+    first checkpoint then gives none (was 'data has no rows' for data of 24 rows)."""
+    x, y = data
+    once = _ReadOnce([(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)])
+    with pytest.raises(ValueError, match=r"gave 0 rows at checkpoint 0, expected 24.*read only once.*pass \(inputs"):
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], once, store=tmp_path / "g", progress=False)
+
+
 def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tmp_path):
     x, y = data
     huge = lambda params, xs, ys: mlp.loss_fn(params, xs, ys) * 1e6  # noqa: E731

@@ -29,7 +29,7 @@ from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
 from .resume import as_exported_before, refuse_unrecorded_static
-from .sinks import MemorySink, StoreSink, Wrap, need_row_count
+from .sinks import COUNTABLE, MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
 
@@ -329,6 +329,13 @@ def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: 
     return rows
 
 
+# after the row-count error of a pass giving fewer rows than the first (or its length)
+_READ_ONCE = (
+    " (data that can be read only once, such as an object whose __iter__ returns the same generator "
+    "every time, is read again for each checkpoint, and once before with store=: pass {countable})"
+)
+
+
 class _Loop:
     """The pass over the data at each checkpoint, with the progress bar, the one-time check of the
     user's functions and the data fingerprint check. stop: the end of the range the sink writes
@@ -350,6 +357,7 @@ class _Loop:
         self.slots, self.n_checkpoints = slots, n_checkpoints
         self.n_rows = n_rows
         self.stop = stop
+        self.countable = getattr(framework, "countable_data", None) or COUNTABLE
         self.checked = False
         self.bar = progress_bar(
             self.n_rows, progress, f"tracin.{framework.name} export", passes=n_checkpoints, unit_scale=False
@@ -371,7 +379,7 @@ class _Loop:
                 keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)
                 self._rows(c, state, batch, skip=max(0, done - batch.start), keep=keep)
             self.bar.update(batch.count)  # no batch buffer outlives its iteration: the next one is not doubled
-        if seen == 0:
+        if seen == 0 and not self.n_rows:
             raise ValueError("data has no rows")
         if self.n_rows is None:
             self.n_rows = seen
@@ -379,6 +387,7 @@ class _Loop:
             raise ValueError(
                 f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
                 "it must give the same rows for every checkpoint"
+                + (_READ_ONCE.format(countable=self.countable) if seen < self.n_rows else "")
             )
         self.fingerprint.end()
 

@@ -105,13 +105,17 @@ def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
     return [to_store_dtype(block, dtype, "block")]
 
 
+# the data forms whose row count is known up front, in tracin.torch's words
+COUNTABLE = "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches"
+
+
 def need_row_count(n_rows: int | None, countable: str | None = None) -> None:
     """ValueError when a store is asked for but the data's row count is unknown up front; countable:
     the data forms that give it, in the adapter's words (default tracin.torch's)."""
     if n_rows is None:
         raise ValueError(
             "store= needs the number of examples up front, and it cannot be known for this data: pass "
-            + (countable or "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches")
+            + (countable or COUNTABLE)
         )
 
 

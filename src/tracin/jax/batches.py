@@ -166,8 +166,6 @@ class BatchPlan:
                 hi = min(lo + self.size, rows)
                 yield self._batch(start + lo, _slice(inputs, lo, hi), _slice(targets, lo, hi), hi - lo)
             start += rows
-        if start == 0:
-            raise ValueError("data has no rows")
 
     def _batch(self, start: int, inputs: Any, targets: Any, count: int) -> Batch:
         return Batch(start, count, _pad(inputs, self.size), _pad(targets, self.size))
