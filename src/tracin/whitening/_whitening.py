@@ -30,8 +30,8 @@ from ._moments import (
 )
 from ._threads import blas_threads
 
-# fit's default damping: the lowest mean rank of LDS across the quality suite's datasets among 0.1, 1, 3,
-# 10, 30, 100 (also the highest mean LDS; benchmarks/results/quality.json, README "Whitened TracIn").
+# fit's default damping: among 0.1, 1, 3, 10, 30, 100, within noise of the quality suite's best by mean LDS
+# rank and by mean LDS (3 and 30 are first by each; benchmarks/results/quality.json, README "Whitened TracIn").
 DEFAULT_DAMPING = 10.0
 # metadata naming the gradient space; with the checkpoints' digests (_space), compared as scoring compares sides
 _SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params", "checkpoint_sources")
