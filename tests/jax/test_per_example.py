@@ -118,6 +118,55 @@ def test_last_layer_of_low_precision_params_is_checked_to_their_precision(dtype)
         )
 
 
+def test_last_layer_of_float32_params_computed_in_bfloat16_is_checked_to_that_precision():
+    """The standard Flax mixed precision (float32 params, nn.Dense(dtype=bfloat16)): the check took its
+    tolerance from the params' dtype alone and refused a correct layer_input."""
+    x, y, params, _, _ = _head_model(jnp.float32)
+    bf16 = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+
+    def features(p, inputs):
+        return jnp.tanh(bf16(inputs) @ bf16(p["l1"]["kernel"]))
+
+    def loss(p, inputs, targets):
+        logits = features(p, inputs) @ bf16(p["head"]["kernel"]) + bf16(p["head"]["bias"])
+        return -jax.nn.log_softmax(logits.astype(jnp.float32))[jnp.arange(targets.shape[0]), targets]
+
+    kw = dict(mode="last_layer", layers=["head"], progress=False)
+    got = export_gradients(loss, [(params, 1.0)], (x, y), layer_input=features, **kw)
+    h = np.tanh(np.asarray(x, np.float64) @ np.asarray(params["l1"]["kernel"], np.float64))
+    np.testing.assert_allclose(np.asarray(got.right[0], np.float64)[:, :-1], h, atol=2e-2)
+    with pytest.raises(ValueError, match="does not return the input of head/kernel"):
+        wrong = lambda p, i: jnp.maximum(bf16(i) @ bf16(p["l1"]["kernel"]), 0)  # noqa: E731
+        export_gradients(loss, [(params, 1.0)], (x, y), layer_input=wrong, **kw)
+
+
+def test_compute_eps_is_that_of_the_coarsest_dtype_computed_in(monkeypatch):
+    from tracin.jax.per_example import compute_eps
+
+    def eps(fn):
+        return compute_eps(jax.make_jaxpr(fn)(jnp.ones((4, 3)), jnp.ones((3, 2))))
+
+    assert eps(lambda a, b: a @ b) == np.finfo(np.float32).eps
+    mixed = jax.jit(lambda a, b: (a.astype(jnp.bfloat16) @ b.astype(jnp.bfloat16)).astype(jnp.float32))
+    assert eps(mixed) == 2.0**-7  # inside a jit: the nested jaxpr counts
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert eps(lambda a, b: a @ b) == 2.0**-10  # float32 products run as TF32
+    assert eps(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)) == np.finfo(np.float32).eps
+
+
+def test_an_uncoupled_loss_rounding_differently_in_smaller_batches_is_accepted(mlp, data):
+    """Batches of 4 and 2 rows may run other kernels (a GPU, TF32): losses differing by 6e-4
+    relative are not coupling (refused at 1e-4 before); a batch mean still is (test above)."""
+    x, y = data
+
+    def rounded(params, inputs, targets):
+        loss = mlp.loss_fn(params, inputs, targets)
+        return loss * (1 + 6e-4 * (inputs.shape[0] == 2))
+
+    got = export_gradients(rounded, [(mlp.params[0], 1.0)], (x[:8], y[:8]), batch_size=4, progress=False)
+    assert got.matrices[0].shape[0] == 8
+
+
 def test_a_penalty_on_the_last_layer_is_named_as_a_cause():
     x, y, params, features, loss = _head_model(jnp.float32)
     with pytest.raises(

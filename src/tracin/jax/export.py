@@ -228,10 +228,10 @@ class _JaxExport:
 
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
         selected, arrays, params = state
-        check_per_example(self.loss_fn, self.layout, selected, arrays, batch, self.plan.note)
-        check_uncoupled(self.loss_fn, params, batch, self.plan.note)
+        eps = check_per_example(self.loss_fn, self.layout, selected, arrays, batch, self.plan.note)
+        check_uncoupled(self.loss_fn, params, batch, eps, self.plan.note)
         if isinstance(self.compute_rows, LastLayer):
-            self.compute_rows.check_layer_input(params, batch)
+            self.compute_rows.check_layer_input(params, batch, eps)
 
     def compute(self, state: tuple[list, list, Any], batch: Batch) -> Any:
         return self.compute_rows(state[0], state[1], batch)

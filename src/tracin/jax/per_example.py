@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
 from .batches import Batch
 from .params import ParamLayout, layout_of
@@ -98,13 +99,14 @@ def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
 
 def check_per_example(
     loss_fn: LossFn, layout: ParamLayout, selected: list, arrays: list, batch: Batch, note: str = ""
-) -> None:
+) -> float:
     """Raises ValueError unless loss_fn returns one loss per example (shape (batch,)), traced
-    abstractly (nothing is computed). note: appended to the errors (how the data was read)."""
+    abstractly (nothing is computed); returns the eps it computes to (compute_eps), which the checks
+    on concrete values allow for. note: appended to the errors (how the data was read)."""
     size = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
     try:
-        out = jax.eval_shape(
-            lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), selected, arrays, batch.inputs, batch.targets
+        closed, out = jax.make_jaxpr(lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), return_shape=True)(
+            selected, arrays, batch.inputs, batch.targets
         )
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
         raise ValueError(f"loss_fn(params, inputs, targets) failed on a batch of {size}: {err}{note}") from err
@@ -118,21 +120,63 @@ def check_per_example(
         )
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}")
+    return compute_eps(closed)
 
 
-def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, note: str = "", rows: int = 4) -> None:
+def compute_eps(closed: ClosedJaxpr) -> float:
+    """The machine epsilon of the coarsest floating dtype a traced function computes in: its inputs'
+    and every value of its jaxpr (nested ones included), so a float32 model running nn.Dense(dtype=bfloat16)
+    counts as bfloat16. A float32 matrix product at JAX's default precision counts as TF32 on a GPU
+    (eps 2**-10) and bfloat16 on a TPU, which round its inputs so (unless the product, or
+    jax_default_matmul_precision, asks for 'highest' / 'float32')."""
+    dtypes = [v.aval.dtype for v in closed.jaxpr.invars]
+    eps = [float(jnp.finfo(jnp.float32).eps)]
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            dtypes.extend(getattr(v.aval, "dtype", None) for v in eqn.outvars)
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                eps.append(_product_eps(eqn))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    eps += [float(jnp.finfo(d).eps) for d in dtypes if d is not None and jnp.issubdtype(d, jnp.floating)]
+    return max(eps)
+
+
+_ROUNDED_PRODUCTS = {"gpu": 2.0**-10, "tpu": float(jnp.finfo(jnp.bfloat16).eps)}  # TF32, bfloat16
+
+
+def _product_eps(eqn: Any) -> float:
+    """The eps a matrix product or convolution `eqn` rounds its float32 inputs to: that of TF32 / bfloat16
+    on GPU / TPU at the default precision, else 0."""
+    exact = ("highest", "float32")
+    precision = eqn.params.get("precision")
+    asked = [str(p).lower() for p in (precision if isinstance(precision, tuple) else (precision,)) if p is not None]
+    if any(a.endswith("highest") for a in asked) or jax.config.jax_default_matmul_precision in exact:
+        return 0.0
+    if not all(getattr(v.aval, "dtype", None) == jnp.float32 for v in eqn.invars):
+        return 0.0
+    return _ROUNDED_PRODUCTS.get(jax.default_backend(), 0.0)
+
+
+def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, eps: float, note: str = "", rows: int = 4) -> None:
     """After check_per_example, on concrete params: raises ValueError when the losses of the batch's
     first examples change with the batch they are in: loss_fn on its first `rows` real examples
     against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
     a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
-    rows of another loss."""
+    rows of another loss. Tolerance: 1e-3 or 8 `eps` (that of the coarsest dtype the loss computes in,
+    check_per_example: bfloat16, TF32 products on a GPU), relative to the largest loss."""
     m = min(rows, batch.count)
     if m < 2:
         return
     head = [jax.tree_util.tree_map(lambda a, k=k: a[:k], (batch.inputs, batch.targets)) for k in (m, m // 2)]
     losses = [loss_fn(params, *h) for h in head]
     whole, half = (np.asarray(a, np.float64) for a in losses)
-    rtol = max(1e-4, 8 * float(jnp.finfo(losses[0].dtype).eps))
+    # batches of m and m // 2 rows may run other kernels (summing in another order, on a GPU with TF32):
+    # a fraction of the coarsest compute dtype's eps, relative to the losses' scale; coupling is O(1)
+    rtol = max(1e-3, 8 * eps)
     if not np.allclose(
         half, whole[: m // 2], rtol=rtol, atol=rtol * np.nanmax(np.abs(whole), initial=0.0), equal_nan=True
     ):
@@ -218,11 +262,11 @@ class LastLayer:
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         return self._factors(selected, arrays, batch.inputs, batch.targets)
 
-    def check_layer_input(self, params: Any, batch: Batch, rows: int = 4) -> None:
+    def check_layer_input(self, params: Any, batch: Batch, eps: float, rows: int = 4) -> None:
         """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel
-        gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the layer's lowest-precision
-        dtype (bfloat16 / float16 params round their gradients so). Run once per export, on its first
-        batch."""
+        gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the coarsest dtype the loss
+        computes in (`eps`, check_per_example: bfloat16 / float16 params or compute, TF32 products) or
+        layer_input returns. Run once per export, on its first batch."""
         sel, arrs = self.layout.split(params)
         try:
             x = jax.eval_shape(lambda s, a, i: self._layer_input(self.layout.merge(s, a), i), sel, arrs, batch.inputs)
@@ -241,8 +285,9 @@ class LastLayer:
         outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
         outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
         scale = np.linalg.norm(grad, axis=1) + 1e-30
-        # rounding of the layer's own dtype: bfloat16 / float16 params differ by a fraction of its eps
-        rtol = max(1e-4, 8 * max(float(jnp.finfo(leaf.dtype).eps) for leaf in (*ksel, *sel)))
+        # rounding of the coarsest dtype the loss computes in (bfloat16 / float16 params, a float32 model
+        # running nn.Dense(dtype=bfloat16), TF32 products) or layer_input returns: a fraction of its eps
+        rtol = max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps)))
         fits = [
             np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1))
             for o in (outer_px, outer_xp)
