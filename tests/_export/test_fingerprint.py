@@ -207,3 +207,42 @@ def test_callable_identity_digests_closure_settings_and_partial_arrays():
     assert callable_identity(_recursive_factory(2)) != callable_identity(_recursive_factory(3))  # no endless loop
     (change,) = changed_inputs({"loss": name}, {"loss": same})
     assert "before the settings a function's closure holds" in change
+
+
+def _self_partial_factory(k):
+    def step(x, depth):
+        return x * k if depth == 0 else again(x, depth - 1)
+
+    again = functools.partial(step)
+    return step, again
+
+
+def test_a_partial_of_a_function_held_in_its_own_closure_is_described_without_endless_recursion():
+    step, again = _self_partial_factory(2)
+    name = f"{__name__}._self_partial_factory.<locals>.step"
+    assert callable_identity(step).startswith(f"{name} closure[again, k]=")  # a RecursionError before
+    assert callable_identity(again).startswith(f"partial({name} closure[again, k]=")
+    assert callable_identity(step) == callable_identity(_self_partial_factory(2)[0])
+    assert callable_identity(step) != callable_identity(_self_partial_factory(3)[0])
+
+
+def _counting_loss(scale):
+    calls, log = [0], {}
+
+    def loss(outputs, targets):
+        calls[0] += 1
+        log[calls[0]] = scale
+        return scale * outputs
+
+    return loss
+
+
+def test_lists_and_dicts_a_loss_closure_holds_are_not_its_identity():
+    """A loss counting its calls in a captured list (or logging into a dict) keeps its identity, so an
+    interrupted export re-run in the same process resumes; tuples of settings still count."""
+    loss = _counting_loss(2.0)
+    before = callable_identity(loss)
+    loss(1.0, None)
+    assert callable_identity(loss) == before and " closure[scale]=" in before
+    assert callable_identity(_counting_loss(3.0)) != before
+    assert callable_identity(_make_loss((1, 2))) != callable_identity(_make_loss((1, 3)))

@@ -120,11 +120,13 @@ def callable_identity(fn: Any) -> str:
 
 
 def _identity(fn: Any, seen: set[int]) -> str:
-    """callable_identity; `seen`: the ids of the functions being described (a recursive closure)."""
+    """callable_identity; `seen`: the ids of the functions and partials being described (a recursive
+    closure, a partial of a function held in that function's closure)."""
     if isinstance(fn, functools.partial):
         given = {f"args[{i}]": a for i, a in enumerate(fn.args)} | dict(fn.keywords)
         arrays = {k: v for k, v in given.items() if _is_array(v, sys.modules.get("torch"))}
-        return f"partial({_identity(fn.func, seen)}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
+        inner = "<recursive>" if id(fn.func) in seen else _identity(fn.func, seen | {id(fn)})
+        return f"partial({inner}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
             f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
         )
     fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is the function it wraps
@@ -151,7 +153,8 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
     """The settings a function's closure holds, by variable name: plain values (numbers, strings and
-    tuples / lists of them), arrays, and functions (by their identity); other objects are left out."""
+    tuples of them), arrays, and functions (by their identity); other objects are left out, lists and
+    dicts too (a loss may append to one: a call counter, a log, changing its identity)."""
     torch = sys.modules.get("torch")
     found: dict[str, Any] = {}
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
@@ -159,9 +162,7 @@ def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
             value = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-        if isinstance(value, _PLAIN) or (
-            isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
-        ):
+        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
             found[name] = repr(value)
         elif _is_array(value, torch):
             found[name] = value
