@@ -191,3 +191,48 @@ def test_an_owner_this_process_cannot_give_means_writing_in_place(tmp_path, monk
         f.write(b"new")
     assert Path(path).read_bytes() == b"new" and real(path).st_ino == inode
     assert [p.name for p in tmp_path.iterdir()] == ["theirs.bin"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="giving a link another owner needs root")
+def test_a_link_planted_by_another_user_in_a_sticky_shared_folder_is_not_followed(tmp_path):
+    """fs.protected_symlinks' rule, whatever the sysctl says: in a sticky world-writable folder a link
+    is followed only if it is this user's or the folder owner's (also a link standing for a folder)."""
+    shared, home = tmp_path / "tmp", tmp_path / "home"
+    shared.mkdir()
+    home.mkdir()
+    shared.chmod(0o1777)
+    precious = home / ".bashrc"
+    precious.write_text("precious\n")
+    for name, to in (("scores.csv", precious), ("new.npz", home / "keys"), ("dir", home)):
+        (shared / name).symlink_to(to)
+        os.lchown(shared / name, 4242, 4242)
+    for path in (shared / "scores.csv", shared / "new.npz", shared / "dir" / ".bashrc"):
+        with pytest.raises(PermissionError, match=rf"cannot write {path}: symbolic link .* \(uid 4242\)"):
+            with whole_file(path) as f:
+                f.write("planted\n")
+    assert precious.read_text() == "precious\n" and sorted(p.name for p in home.iterdir()) == [".bashrc"]
+    os.chown(shared, 4242, 4242)  # the folder's owner's links are followed, as are this user's
+    with whole_file(shared / "dir" / ".bashrc") as f:
+        f.write("theirs\n")
+    os.lchown(shared / "scores.csv", 0, 0)
+    with whole_file(shared / "scores.csv") as f:
+        f.write("mine\n")
+    assert precious.read_text() == "mine\n" and (shared / "scores.csv").is_symlink()
+
+
+def test_a_link_loop_is_refused_naming_the_path(tmp_path):
+    (tmp_path / "a.csv").symlink_to("b.csv")
+    (tmp_path / "b.csv").symlink_to("a.csv")
+    with pytest.raises(OSError, match=f"cannot write {tmp_path / 'a.csv'}: more than 40 symbolic links"):
+        with whole_file(tmp_path / "a.csv"):
+            pytest.fail("no file to write")
+
+
+def test_links_relative_absolute_and_through_parent_folders_resolve_like_realpath(tmp_path, monkeypatch):
+    (tmp_path / "x" / "y").mkdir(parents=True)
+    (tmp_path / "x" / "up").symlink_to("..")
+    (tmp_path / "abs").symlink_to(tmp_path / "x" / "y")
+    (tmp_path / "x" / "y" / "f").symlink_to("../../abs/g")
+    monkeypatch.chdir(tmp_path / "x")
+    for name in ("up/x/y/f", "./up/abs/../x/./y//f", str(tmp_path / "abs" / "f"), "y/missing/f"):
+        assert _whole_file.resolve(name) == os.path.realpath(name)

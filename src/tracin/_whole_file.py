@@ -27,8 +27,9 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     or device, a file with other hard links, a file whose owner or group this process cannot give a
     new file, or a file in a folder that refuses new files. PermissionError naming `path` for an
     existing file this process may not write; IsADirectoryError for a folder; OSError naming the
-    folder when a new file cannot be created there."""
-    target = os.path.realpath(path)
+    folder when a new file cannot be created there. Links are followed as the kernel's
+    fs.protected_symlinks does (resolve)."""
+    target = resolve(path)
     try:
         old = os.stat(target)
     except FileNotFoundError:
@@ -51,6 +52,59 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+
+
+MAX_LINKS = 40
+"""Symbolic links followed in one path before giving up (Linux's limit)."""
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """The absolute path of the file `path` names, symbolic links followed one at a time (each
+    folder and the last name). A link in a sticky world-writable folder (/tmp) is followed only if
+    its owner is this process's effective user or the folder's owner, as the kernel's
+    fs.protected_symlinks rule for open(): else PermissionError naming `path` and the link (a link
+    planted by another user would send the write elsewhere). OSError (ELOOP) naming `path` after
+    MAX_LINKS links. What cannot be looked up (a missing or unsearchable folder) is kept as named."""
+    name = os.fsdecode(os.fspath(path))
+    pending = name.split("/")
+    resolved = "/" if os.path.isabs(name) else os.getcwd()
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            link = os.lstat(candidate)
+        except OSError:
+            return os.path.normpath(os.path.join(candidate, *pending))
+        if not stat.S_ISLNK(link.st_mode):
+            resolved = candidate
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise OSError(errno.ELOOP, f"cannot write {name}: more than {MAX_LINKS} symbolic links (a loop?)")
+        _check_link(name, candidate, link, resolved)
+        to = os.fsdecode(os.readlink(candidate))
+        if os.path.isabs(to):
+            resolved = "/"
+        pending[:0] = to.split("/")
+    return resolved
+
+
+def _check_link(name: str, link_path: str, link: os.stat_result, folder: str) -> None:
+    """PermissionError unless the link at `link_path` (in `folder`) may be followed (resolve)."""
+    where = os.stat(folder)
+    sticky_shared = where.st_mode & stat.S_ISVTX and where.st_mode & stat.S_IWOTH
+    if sticky_shared and link.st_uid not in (os.geteuid(), where.st_uid):
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot write {name}: symbolic link {link_path} belongs to another user (uid {link.st_uid}) "
+            f"in the shared sticky folder {folder}, and is not followed",
+        )
 
 
 def _replacement(path: str, target: str, old: os.stat_result | None) -> tuple[int, str] | None:
