@@ -270,3 +270,12 @@ class TestJax:
         older = self._export([params[0], params[2]], data)
         older.metadata.pop("checkpoint_sources")
         assert tracin.scores(in_memory, older).shape == (7, 7)
+
+
+def test_the_static_digest_note_is_for_in_memory_jax_checkpoints_only():
+    """What scoring adds to a checkpoint mismatch (tracin.scoring, tests/jax for the whole case): JAX
+    in-memory params were digested by their arrays alone before their static parts counted."""
+    from tracin._export.resume import static_digest_note
+
+    assert "by their arrays alone" in static_digest_note("jax", ["file", "state"])
+    assert static_digest_note("jax", ["file"]) == static_digest_note("torch", ["state"]) == ""

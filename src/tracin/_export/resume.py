@@ -10,7 +10,7 @@ in-memory checkpoints (as_exported_before).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -178,3 +178,17 @@ def refuse_unrecorded_static(path: str | os.PathLike, metadata: dict, array_dige
             "resumed: finish it with the tracin version that started it, export into another directory, or "
             "delete this one"
         )
+
+
+def static_digest_note(framework: Any, sources: Sequence[Any]) -> str:
+    """For two sides found exported at different checkpoints: why that may be false when they are
+    tracin.jax in-memory checkpoints (source "state"), else "": a side exported by a tracin version
+    that digested params by their arrays alone, before non-array leaves and static fields counted."""
+    if framework != "jax" or "state" not in sources:
+        return ""
+    return (
+        ". If one side was exported by a tracin version that digested in-memory JAX params by their "
+        "arrays alone (before non-array leaves and static fields, such as an Equinox module's, were "
+        "fingerprinted), the same params digest differently now: export that side again, or, when "
+        "they are the same params, drop the record as above"
+    )
