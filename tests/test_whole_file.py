@@ -83,11 +83,26 @@ def test_an_error_while_writing_leaves_the_file_and_no_temporary_file(tmp_path, 
 
 def test_a_hard_linked_file_is_written_in_place(tmp_path):
     path, other = tmp_path / "a.bin", tmp_path / "b.bin"
-    path.write_bytes(b"old")
+    path.write_bytes(b"old and longer")
     os.link(path, other)
     with whole_file(path, binary=True) as f:
         f.write(b"new")
     assert other.read_bytes() == b"new" and path.stat().st_ino == other.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_an_error_while_writing_a_hard_linked_file_leaves_it_under_every_name(tmp_path, error):
+    """Written in place, but staged whole first: nothing reaches the file before the block ends."""
+    path, other = tmp_path / "a.csv", tmp_path / "b.csv"
+    path.write_text("old\n")
+    os.link(path, other)
+    with pytest.raises(error), whole_file(path) as f:
+        f.write("a" * 100_000)
+        f.flush()
+        raise error
+    assert path.read_text() == other.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
@@ -128,6 +143,13 @@ try:
 except PermissionError as e:
     print("locked:", e)
 os.chmod(folder, 0o555)
+try:
+    with whole_file(os.path.join(folder, "open.bin"), binary=True) as f:
+        f.write(b"partial")
+        f.flush()
+        raise ValueError
+except ValueError:
+    print("interrupted:", open(os.path.join(folder, "open.bin"), "rb").read())
 with whole_file(os.path.join(folder, "open.bin"), binary=True) as f:
     f.write(b"new")
 try:
@@ -154,6 +176,7 @@ def test_permissions_as_a_process_without_override(tmp_path):
     lines = done.stdout.splitlines()
     assert lines == [
         f"locked: [Errno 13] cannot write {tmp_path / 'locked.bin'} (permission denied)",
+        "interrupted: b'old'",
         f"absent: [Errno 13] cannot create {tmp_path / 'absent.bin'}: folder {tmp_path} does not allow new files",
     ]
     assert (tmp_path / "locked.bin").read_bytes() == b"old" and (tmp_path / "open.bin").read_bytes() == b"new"
@@ -187,6 +210,11 @@ def test_an_owner_this_process_cannot_give_means_writing_in_place(tmp_path, monk
 
     monkeypatch.setattr(_whole_file.os, "stat", other_owner)
     monkeypatch.setattr(_whole_file.os, "fchown", refused)
+    with pytest.raises(KeyboardInterrupt), whole_file(path, binary=True) as f:
+        f.write(b"partial")
+        f.flush()
+        raise KeyboardInterrupt
+    assert Path(path).read_bytes() == b"old"
     with whole_file(path, binary=True) as f:
         f.write(b"new")
     assert Path(path).read_bytes() == b"new" and real(path).st_ino == inode

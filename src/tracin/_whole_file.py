@@ -7,7 +7,9 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from typing import IO
 
@@ -18,17 +20,20 @@ file name is as long as its folder allows can still be written)."""
 
 @contextlib.contextmanager
 def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
-    """A file object (binary, else text with newline="") to write `path` through. A symbolic link is
-    followed: its target is written and the link kept. The contents go to a temporary file beside
-    the target, created by the kernel with open()'s mode (0o666 less the umask; the umask is never
-    changed) or, if the target exists, given its permission bits, owner and group (by descriptor),
-    and renamed over the target on leaving the block; on any exception (interrupts included) it is
-    removed and the target left as it was. What a rename cannot replace is written in place: a FIFO
-    or device, a file with other hard links, a file whose owner or group this process cannot give a
-    new file, or a file in a folder that refuses new files. PermissionError naming `path` for an
-    existing file this process may not write; IsADirectoryError for a folder; OSError naming the
-    folder when a new file cannot be created there. Links are followed as the kernel's
-    fs.protected_symlinks does (resolve)."""
+    """A file object (binary, else text with newline="") to write `path` through, which ends up its
+    complete new contents or, after an exception in the block (interrupts included), as it was. A
+    symbolic link is followed (resolve: as fs.protected_symlinks allows) and kept; its target is
+    written. The contents go to a temporary file beside the target, created with open()'s mode
+    (0o666 less the umask, which is never changed) or, if the target exists, given its permission
+    bits, owner and group (by descriptor), and renamed over the target on leaving the block; on an
+    exception it is removed. An existing file a rename cannot replace is rewritten in place (its
+    inode kept): one with other hard links, one whose owner or group this process cannot give a new
+    file, one in a folder that refuses new files. Its contents are staged whole in an unnamed
+    temporary file (beside it, else in tempfile's folder) and copied over it on leaving the block:
+    only an interrupt or error during that copy (a full disk) leaves it partly written. A FIFO or
+    device is written directly (streamed). PermissionError naming `path` for an existing file this
+    process may not write; IsADirectoryError for a folder; OSError naming the folder when a new file
+    cannot be created there."""
     target = resolve(path)
     try:
         old = os.stat(target)
@@ -39,8 +44,12 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     if old is not None and not os.access(target, os.W_OK):
         raise PermissionError(errno.EACCES, f"cannot write {os.fspath(path)} (permission denied)")
     replacement = _replacement(os.fspath(path), target, old)
-    if replacement is None:
+    if replacement is None and old is not None and not stat.S_ISREG(old.st_mode):  # streamed
         with open(target, "wb") if binary else open(target, "w", newline="") as f:
+            yield f
+        return
+    if replacement is None:
+        with _in_place(target, binary) as f:
             yield f
         return
     fd, temp = replacement
@@ -105,6 +114,27 @@ def _check_link(name: str, link_path: str, link: os.stat_result, folder: str) ->
             f"cannot write {name}: symbolic link {link_path} belongs to another user (uid {link.st_uid}) "
             f"in the shared sticky folder {folder}, and is not followed",
         )
+
+
+@contextlib.contextmanager
+def _in_place(target: str, binary: bool) -> Iterator[IO]:
+    """A file to write `target` in place through: an unnamed temporary file (beside `target`, else
+    in tempfile's folder) whose complete contents are copied over `target`'s on leaving the block."""
+    mode = "w+b" if binary else "w+"
+    try:
+        staging = tempfile.TemporaryFile(mode, newline=None if binary else "", dir=os.path.dirname(target))
+    except OSError:  # a folder refusing new files
+        staging = tempfile.TemporaryFile(mode, newline=None if binary else "")
+    with staging as f:
+        yield f
+        f.flush()
+        os.lseek(f.fileno(), 0, os.SEEK_SET)
+        flags = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        with open(f.fileno(), "rb", closefd=False) as source, open(os.open(target, flags), "wb") as out:
+            shutil.copyfileobj(source, out)
+            out.truncate()
+            out.flush()
+            os.fsync(out.fileno())
 
 
 def _replacement(path: str, target: str, old: os.stat_result | None) -> tuple[int, str] | None:

@@ -309,9 +309,12 @@ class Whitening:
         """Writes the spec, the float64 inverses and the undamped moments (for with_damping) to one
         .npz file at exactly `path` (no suffix is added; load(path) reads it back). It is written to a
         temporary file beside `path` (a symbolic link's target), with the permissions of the file it
-        replaces, and renamed over it once complete, so an error or interrupt leaves `path` as it was;
-        a FIFO, a hard-linked file or a file in a folder refusing new files is written in place
-        (tracin._whole_file). PermissionError naming `path` when it exists and may not be written."""
+        replaces, and renamed over it once complete, so an error or interrupt leaves `path` as it was.
+        A file a rename cannot replace (other hard links, an owner or group this process cannot give,
+        a folder refusing new files) is rewritten in place from a complete temporary copy: only an
+        interrupt or error during that final copy leaves it partly written. A FIFO or device is
+        written directly (tracin._whole_file). PermissionError naming `path` when it exists and may
+        not be written."""
         arrays = {f"inverse_{i}": inv for i, inv in enumerate(self._inverses)}
         arrays.update({f"moment_{i}": m for i, m in enumerate(self._moments)})
         with whole_file(path, binary=True) as f:  # a file, not a name: np.savez(name) would append ".npz"
