@@ -264,3 +264,19 @@ def test_links_relative_absolute_and_through_parent_folders_resolve_like_realpat
     monkeypatch.chdir(tmp_path / "x")
     for name in ("up/x/y/f", "./up/abs/../x/./y//f", str(tmp_path / "abs" / "f"), "y/missing/f"):
         assert _whole_file.resolve(name) == os.path.realpath(name)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd")
+def test_a_pipe_named_through_a_magic_link_is_written_directly(tmp_path):
+    """/dev/stdout into a pipe: /proc/self/fd/N leads to 'pipe:[...]', which no realpath can name;
+    the path is opened as given (here this process's own pipe, directly and through a link)."""
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as pipe, os.fdopen(write, "wb") as ours:
+        (tmp_path / "out.csv").symlink_to(f"/proc/self/fd/{write}")
+        paths = [f"/proc/self/fd/{write}", tmp_path / "out.csv"]
+        for path in paths:
+            with whole_file(path) as f:
+                f.write(f"to {path}\n")
+        ours.close()
+        assert pipe.read().decode() == "".join(f"to {path}\n" for path in paths)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]

@@ -36,18 +36,20 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     cannot be created there."""
     target = resolve(path)
     try:
-        old = os.stat(target)
+        old = os.stat(path)  # the kernel's lookup: /dev/stdout's magic link leads to a pipe
     except FileNotFoundError:
         old = None
+    if old is not None and not stat.S_ISREG(old.st_mode) and not stat.S_ISDIR(old.st_mode):
+        with open(path, "wb") if binary else open(path, "w", newline="") as f:  # streamed, not resolved
+            yield f
+        return
+    if old is not None:
+        old = os.stat(target)
     if old is not None and stat.S_ISDIR(old.st_mode):
         raise IsADirectoryError(errno.EISDIR, f"cannot write {os.fspath(path)}: it is a folder")
     if old is not None and not os.access(target, os.W_OK):
         raise PermissionError(errno.EACCES, f"cannot write {os.fspath(path)} (permission denied)")
     replacement = _replacement(os.fspath(path), target, old)
-    if replacement is None and old is not None and not stat.S_ISREG(old.st_mode):  # streamed
-        with open(target, "wb") if binary else open(target, "w", newline="") as f:
-            yield f
-        return
     if replacement is None:
         with _in_place(target, binary) as f:
             yield f
@@ -140,7 +142,7 @@ def _in_place(target: str, binary: bool) -> Iterator[IO]:
 def _replacement(path: str, target: str, old: os.stat_result | None) -> tuple[int, str] | None:
     """An open temporary file beside `target` (descriptor, path) with the permission bits, owner
     and group of `old` if it exists; None where `target` must be written in place."""
-    if old is not None and (not stat.S_ISREG(old.st_mode) or old.st_nlink > 1):
+    if old is not None and old.st_nlink > 1:
         return None
     folder = os.path.dirname(target)
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
