@@ -308,3 +308,14 @@ def test_a_store_reads_a_loader_once_more_with_a_bar_and_counts_its_rows_then(ml
     with pytest.raises(ValueError, match=r"up front.*: pass \(inputs, targets\) arrays or a re-iterable") as err:
         export_gradients(mlp.loss_fn, ckpts[:1], iter(loader.batches), store=tmp_path / "c", progress=False)
     assert "DataLoader" not in str(err.value)
+
+
+def test_an_in_memory_export_of_a_loader_shows_a_total_once_the_rows_are_known(mlp, data, capsys):
+    """Without store= a loader's rows are counted by the first checkpoint's pass: the later passes'
+    bar has a total (a percentage, an ETA) instead of a bare count."""
+    x, y = data
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    export_gradients(mlp.loss_fn, ckpts, _Loader(x, y, 16), progress=True)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "tracin.jax export: 70ex" in err  # the first pass: rows unknown
+    assert "tracin.jax export checkpoint 2/2: 100%" in err and "70/70" in err

@@ -359,8 +359,16 @@ class _Loop:
         self.stop = stop
         self.countable = getattr(framework, "countable_data", None) or COUNTABLE
         self.checked = False
-        self.bar = progress_bar(
-            self.n_rows, progress, f"tracin.{framework.name} export", passes=n_checkpoints, unit_scale=False
+        self.progress = progress
+        self.bar = self._bar()
+
+    def _bar(self) -> Any:
+        return progress_bar(
+            self.n_rows,
+            self.progress,
+            f"tracin.{self.framework.name} export",
+            passes=self.n_checkpoints,
+            unit_scale=False,
         )
 
     def checkpoint(self, c: int, source: Any) -> None:
@@ -381,8 +389,12 @@ class _Loop:
             self.bar.update(batch.count)  # no batch buffer outlives its iteration: the next one is not doubled
         if seen == 0 and not self.n_rows:
             raise ValueError("data has no rows")
-        if self.n_rows is None:
+        if self.n_rows is None:  # known now (a Sequence loader in memory): later passes get a total, an ETA
             self.n_rows = seen
+            if c + 1 < self.n_checkpoints:
+                self.bar.close()
+                self.bar = self._bar()
+                self.bar.update(seen * (c + 1))
         elif seen != self.n_rows:
             raise ValueError(
                 f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
