@@ -456,6 +456,28 @@ def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch)
         assert f"--output: {tmp_path / 'dir.csv'} is a folder" in _error_line(capsys.readouterr().err, command[0])
 
 
+def test_output_ending_in_a_separator_or_a_link_loop_is_refused_before_scoring(stores, tmp_path, capsys, monkeypatch):
+    """As writing would refuse them (a name ending in '/' names a folder; a loop never ends), not
+    written as the name without the '/' nor refused only after scoring."""
+    paths, _, _ = stores
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before --output was checked")
+
+    monkeypatch.setattr(tracin, "self_influence", never)
+    (tmp_path / "loopA.csv").symlink_to("loopB.csv")
+    (tmp_path / "loopB.csv").symlink_to("loopA.csv")
+    (tmp_path / "existing.csv").write_text("keep\n")
+    for output, message in (
+        (f"{tmp_path}/new.csv/", f"--output: {tmp_path}/new.csv/ ends in '/', which names a folder"),
+        (f"{tmp_path}/existing.csv/", f"--output: {tmp_path}/existing.csv/ ends in '/', which names a folder"),
+        (str(tmp_path / "loopA.csv"), f"--output: cannot write {tmp_path / 'loopA.csv'}: more than 40 symbolic links"),
+    ):
+        assert main(["self-influence", str(paths["train"]), "-o", output]) == 1
+        assert message in _error_line(capsys.readouterr().err, "self-influence")
+    assert (tmp_path / "existing.csv").read_text() == "keep\n" and not (tmp_path / "new.csv").exists()
+
+
 def test_malformed_stores_are_one_line_errors(stores, tmp_path, capsys):
     from tracin.store._format import MANIFEST
 

@@ -280,3 +280,14 @@ def test_a_pipe_named_through_a_magic_link_is_written_directly(tmp_path):
         ours.close()
         assert pipe.read().decode() == "".join(f"to {path}\n" for path in paths)
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_a_name_ending_in_a_separator_is_refused_like_open(tmp_path):
+    (tmp_path / "existing.npz").write_bytes(b"keep")
+    for name in ("new.npz/", "existing.npz/"):
+        path = f"{tmp_path}/{name}"
+        with pytest.raises(IsADirectoryError, match=f"cannot write {path}: a name ending in '/' names a folder"):
+            with whole_file(path, binary=True):
+                pytest.fail("no file to write")
+    assert (tmp_path / "existing.npz").read_bytes() == b"keep"
+    assert [p.name for p in tmp_path.iterdir()] == ["existing.npz"]

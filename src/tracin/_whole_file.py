@@ -33,7 +33,10 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     only an interrupt or error during that copy (a full disk) leaves it partly written. A FIFO or
     device is written directly (streamed). PermissionError naming `path` for an existing file this
     process may not write; IsADirectoryError for a folder; OSError naming the folder when a new file
-    cannot be created there."""
+    cannot be created there; IsADirectoryError for a name ending in a separator, as open() refuses."""
+    name = os.fsdecode(os.fspath(path))
+    if name.endswith(SEPARATORS):  # as open() refuses it, not written as the name without it
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {name}: a name ending in {name[-1]!r} names a folder")
     target = resolve(path)
     try:
         old = os.stat(path)  # the kernel's lookup: /dev/stdout's magic link leads to a pipe
@@ -46,10 +49,10 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     if old is not None:
         old = os.stat(target)
     if old is not None and stat.S_ISDIR(old.st_mode):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write {os.fspath(path)}: it is a folder")
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {name}: it is a folder")
     if old is not None and not os.access(target, os.W_OK):
-        raise PermissionError(errno.EACCES, f"cannot write {os.fspath(path)} (permission denied)")
-    replacement = _replacement(os.fspath(path), target, old)
+        raise PermissionError(errno.EACCES, f"cannot write {name} (permission denied)")
+    replacement = _replacement(name, target, old)
     if replacement is None:
         with _in_place(target, binary) as f:
             yield f
@@ -64,6 +67,9 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
             os.unlink(temp)
         raise
 
+
+SEPARATORS = tuple(filter(None, (os.sep, os.altsep)))
+"""What ends a name that names a folder (refused: whole_file writes files)."""
 
 MAX_LINKS = 40
 """Symbolic links followed in one path before giving up (Linux's limit)."""

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from ._whole_file import TEMP_PREFIX
+from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
 
 EXAMPLES = """examples:
@@ -79,9 +79,12 @@ def _open_store(path: str, option: str, allow_partial: bool):
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
     """--output as a Path, checked before any work: an accepted suffix (if `suffixes`), not a
-    folder, writable if it exists, else a name its folder (existing, writable) accepts."""
+    folder, writable if it exists, else a name its folder (existing, writable) accepts; links
+    resolved as writing will (_whole_file.resolve: loops and others' links in /tmp refused)."""
     if path is None:
         return None
+    if path.endswith(SEPARATORS):  # Path() would drop it
+        raise CommandError(f"--output: {path} ends in {path[-1]!r}, which names a folder; give a file name")
     out = Path(path)
     if suffixes and out.suffix not in suffixes:
         raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name}")
@@ -90,7 +93,10 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         raise CommandError(f"--output: file name of {size} bytes; {out.parent} allows at most {limit}")
     if out.is_dir():
         raise CommandError(f"--output: {out} is a folder; give a file name")
-    target = _target(out)
+    try:
+        target = Path(resolve(out))
+    except OSError as e:
+        raise CommandError(f"--output: {e.strerror}") from e
     if target.exists():
         if not os.access(target, os.W_OK):
             raise CommandError(f"--output: cannot write {out} (permission denied)")
@@ -107,11 +113,6 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
     os.close(fd)
     os.unlink(temp)
     return out
-
-
-def _target(out: Path) -> Path:
-    """The file `out` names: itself, or where its symbolic link leads (followed to the end)."""
-    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def _name_max(folder: Path) -> int | None:
