@@ -561,11 +561,13 @@ def test_a_device_bar_over_test_chunks_says_so(rng, capsys, monkeypatch):
     pytest.importorskip("torch")
     from tracin import _tunables
 
-    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 8)  # 8 rows of 6 float32 columns
     t, x = random_set(rng, 20, [6])[0], random_set(rng, 30, [6])[0]
     bars = {}
     for device in ("cpu", "torch:cpu"):
         for name, call in (("top_k", tracin.top_k), ("scores", tracin.scores), ("aggregate", tracin.aggregate)):
+            # top_k's chunk also holds its selection: 12 B x k=10 per row
+            budget = 4 * 6 * 8 + (12 * 10 * 8 if name == "top_k" else 0)
+            monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", budget)
             call(t, x, device=device, progress=True)
             bars[device, name] = capsys.readouterr().err.strip().split("\r")[-1]
     for name in ("top_k", "scores", "aggregate"):

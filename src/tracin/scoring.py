@@ -231,18 +231,23 @@ def _chunks(s: GradientSet, limit: int | None = None) -> list[tuple[int, int]]:
     return [(a, min(a + step, s.n_rows)) for a in range(0, max(s.n_rows, 1), step)]
 
 
-def _device_test_rows(backend: Backend, test: GradientSet, normalize: int) -> int | None:
-    """Test rows per chunk for a device backend, which uploads a chunk whole: DEVICE_TEST_BYTES of
-    float32 rows. None (no cut) for the CPU kernel, which reads the test side in passes of its own,
-    and for plain scores (normalize 0) of an in-memory test set whose blocks are all float32 tensors
-    on the backend's device already (its `holds`): used in place, it costs no device memory, and
-    each chunk would only read the whole train side again (cosine scores scale a copy of a chunk)."""
+def _device_test_rows(backend: Backend, test: GradientSet, normalize: int, state: int = 0) -> int | None:
+    """Test rows per chunk for a device backend, which uploads a chunk whole and keeps `state` bytes
+    per test row of the chunk while it is scored (top_k's running selection: _TOPK_STATE_BYTES x k x
+    sides): DEVICE_TEST_BYTES of both. None (no cut) for the CPU kernel, which reads the test side in
+    passes of its own. A test set used in place costs no upload: plain scores (normalize 0) of an
+    in-memory set whose blocks are all float32 tensors on the backend's device (its `holds`), cut
+    only for `state` (each chunk reads the whole train side again; cosine scores scale a copy)."""
     if backend.name == "cpu":
         return None
     holds = getattr(backend, "holds", None)  # TorchBackend's; other backends upload every chunk
-    if not normalize and holds is not None and test.row_chunks() is None and holds(test.kernel_side()):
-        return None
-    return max(1, _tunables.DEVICE_TEST_BYTES // (4 * max(_width(test), 1)))
+    in_place = not normalize and holds is not None and test.row_chunks() is None and holds(test.kernel_side())
+    per_row = (0 if in_place else 4 * max(_width(test), 1)) + state
+    return max(1, _tunables.DEVICE_TEST_BYTES // per_row) if per_row else None
+
+
+_TOPK_STATE_BYTES = 12
+"""Device bytes of top_k's running selection per test row, side and k: a float32 value and an int64 index."""
 
 
 def _width(s: GradientSet) -> int:
@@ -482,8 +487,10 @@ def top_k(
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
     progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
-    On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
-    train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
+    On a device, test rows are scored in chunks of 1 GiB of their float32 rows (none for a test set
+    already on it, plain scores) plus the running selection, 12 B x min(k, train rows) x sides per
+    row, each passing over the train rows: the bar then counts train rows x chunks (its description:
+    "..., 3 test chunks").
     device: where to score. None (default): on the GPU holding the rows when they are GPU arrays
     (torch CUDA tensors; JAX / CuPy GPU arrays through DLPack), else "cpu" (the C++ kernel).
     "cuda" / "cuda:N": on that GPU through torch, host rows (NumPy, stores) streamed to it; within
@@ -520,7 +527,7 @@ def top_k(
     macs = test.n_rows * train.n_rows * _width(train)
     sides = 2 if side == "both" else 1
     desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
-    cut = _device_test_rows(backend, test, run)
+    cut = _device_test_rows(backend, test, run, _TOPK_STATE_BYTES * min(k, train.n_rows) * sides)
     with _Loop(
         test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed, test_rows=cut
     ) as loop:

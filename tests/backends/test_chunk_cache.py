@@ -110,6 +110,8 @@ def test_a_large_in_memory_test_set_is_uploaded_in_chunks_of_the_byte_budget(
     assert np.all(
         np.abs(tracin.aggregate(t, x, device="torch:cpu", normalize=normalize) - exact.sum(0)) <= bound.sum(0)
     )
+    # top_k's budget also covers its running selection: 12 B x k x 2 sides per row
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", (4 * 12 + 12 * 15 * 2) * 10)
     both = tracin.top_k(t, x, k=15, side="both", device="torch:cpu", normalize=normalize)
     kernel = tracin.top_k(t, x, k=15, side="both", device="cpu", normalize=normalize)
     assert [rows for rows, _ in uploads] == [10, 10, 7] * 2
@@ -139,7 +141,48 @@ def test_a_test_set_on_the_device_is_scored_whole(rng, tmp_path, monkeypatch, no
     monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 6 * 10)  # 10 rows of 6 float32 columns
     monkeypatch.setattr(torch_device.TorchBackend, "holds", lambda self, side: True, raising=False)
     test, train = rng.standard_normal((35, 6)).astype(np.float32), rng.standard_normal((50, 6)).astype(np.float32)
-    x = store(tmp_path, "train", [train], [1.0], chunk_bytes=4 * 6 * 50)
+    x, reads = _counted_store(tmp_path, train, monkeypatch)
+    got = tracin.scores(test, x, device="torch:cpu", normalize=normalize, progress=False)
+    assert sum(reads) == 50 * (4 if normalize else 1)
+    t64, x64 = (
+        normalized([to_float64(test)], 1 if normalize else 0),
+        normalized([to_float64(train)], 1 if normalize else 0),
+    )
+    assert np.all(np.abs(got - exact_scores(t64, x64, [1.0])) <= score_bound(t64, x64, [1.0]))
+
+
+def test_top_k_chunks_of_a_test_set_on_the_device_bound_the_running_selection(rng, tmp_path, monkeypatch):
+    """A test set used in place costs no upload, but top_k keeps 12 B x k per row and side on the
+    device while a chunk is scored: chunks of DEVICE_TEST_BYTES of that (review10: all 8,000 rows'
+    selection at once, 91.6 MiB at k=500, where chunks of host rows bounded it)."""
+    from tracin.backends import _torch_topk, torch_device
+
+    monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 12 * 5 * 2 * 7)  # 7 rows' selection, k=5, both sides
+    monkeypatch.setattr(torch_device.TorchBackend, "holds", lambda self, side: True, raising=False)
+    selections = []
+    monkeypatch.setattr(
+        torch_device,
+        "RunningTopK",
+        lambda k, side, rows, device: selections.append(rows) or _torch_topk.RunningTopK(k, side, rows, device),
+    )
+    test, train = rng.standard_normal((35, 6)).astype(np.float32), rng.standard_normal((50, 6)).astype(np.float32)
+    x, reads = _counted_store(tmp_path, train, monkeypatch)
+    got = tracin.top_k(test, x, k=5, side="both", device="torch:cpu", progress=False)
+    assert sum(reads) == 50 * 5 and selections and max(selections) <= 7
+    want = tracin.top_k(test, train, k=5, side="both", device="cpu")
+    exact, bound = (
+        exact_scores([to_float64(test)], [to_float64(train)], [1.0]),
+        score_bound([to_float64(test)], [to_float64(train)], [1.0]),
+    )
+    for ours, kernel in zip(got, want, strict=True):
+        np.testing.assert_array_equal(ours.indices, kernel.indices)
+        error = np.abs(ours.values - np.take_along_axis(exact, ours.indices, 1))
+        assert np.all(error <= np.take_along_axis(bound, ours.indices, 1))
+
+
+def _counted_store(tmp_path, train, monkeypatch):
+    """`train` as a store of one row chunk, and the list of rows its kernel_side calls read."""
+    x = store(tmp_path, "train", [train], [1.0], chunk_bytes=4 * train.shape[1] * len(train))
     reads = []
     kernel_side = type(x).kernel_side
     monkeypatch.setattr(
@@ -147,19 +190,7 @@ def test_a_test_set_on_the_device_is_scored_whole(rng, tmp_path, monkeypatch, no
         "kernel_side",
         lambda self, a=0, b=None: reads.append((self.n_rows if b is None else b) - a) or kernel_side(self, a, b),
     )
-    got = tracin.top_k(test, x, k=5, device="torch:cpu", normalize=normalize, progress=False)
-    assert sum(reads) == 50 * (4 if normalize else 1)
-    t64, x64 = (
-        normalized([to_float64(test)], 1 if normalize else 0),
-        normalized([to_float64(train)], 1 if normalize else 0),
-    )
-    exact, bound = exact_scores(t64, x64, [1.0]), score_bound(t64, x64, [1.0])
-    np.testing.assert_array_equal(
-        got.indices, tracin.top_k(test, train, k=5, device="cpu", normalize=normalize).indices
-    )
-    assert np.all(
-        np.abs(got.values - np.take_along_axis(exact, got.indices, 1)) <= np.take_along_axis(bound, got.indices, 1)
-    )
+    return x, reads
 
 
 def test_a_memmapped_test_matrix_is_uploaded_in_chunks(rng, tmp_path, monkeypatch, uploads):
