@@ -291,3 +291,22 @@ def test_a_name_ending_in_a_separator_is_refused_like_open(tmp_path):
                 pytest.fail("no file to write")
     assert (tmp_path / "existing.npz").read_bytes() == b"keep"
     assert [p.name for p in tmp_path.iterdir()] == ["existing.npz"]
+
+
+def test_the_new_contents_reach_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """fsync of the temporary file before os.replace (a crash after the rename must not leave an
+    empty file), then of the folder, as the store's JSON writer does."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else os.fstat(fd).st_size
+        events.append(("fsync", kind))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(_whole_file.os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+    with whole_file(tmp_path / "out.csv") as f:
+        f.write("a,b\n")
+    assert events == [("fsync", 4), ("replace",), ("fsync", "folder")]
+    assert (tmp_path / "out.csv").read_text() == "a,b\n"

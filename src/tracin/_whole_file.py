@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+from .store._files import fsync_dir
+
 TEMP_PREFIX = ".tracin-"
 """Names of the temporary files: TEMP_PREFIX, 8 hex digits, ".tmp" (short, so that a path whose
 file name is as long as its folder allows can still be written)."""
@@ -25,10 +27,11 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     symbolic link is followed (resolve: as fs.protected_symlinks allows) and kept; its target is
     written. The contents go to a temporary file beside the target, created with open()'s mode
     (0o666 less the umask, which is never changed) or, if the target exists, given its permission
-    bits, owner and group (by descriptor), and renamed over the target on leaving the block; on an
-    exception it is removed. An existing file a rename cannot replace is rewritten in place (its
-    inode kept): one with other hard links, one whose owner or group this process cannot give a new
-    file, one in a folder that refuses new files. Its contents are staged whole in an unnamed
+    bits, owner and group (by descriptor); on leaving the block it is fsynced and renamed over the
+    target, and the folder fsynced where it can be; on an exception it is removed. An existing file
+    a rename cannot replace is rewritten in place (its inode kept): one with other hard links, one
+    whose owner or group this process cannot give a new file, one in a folder that refuses new
+    files. Its contents are staged whole in an unnamed
     temporary file (beside it, else in tempfile's folder) and copied over it on leaving the block:
     only an interrupt or error during that copy (a full disk) leaves it partly written. A FIFO or
     device is written directly (streamed). PermissionError naming `path` for an existing file this
@@ -61,7 +64,10 @@ def whole_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO]:
     try:
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
         os.replace(temp, target)
+        fsync_dir(os.path.dirname(target))  # the rename itself, best effort
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
