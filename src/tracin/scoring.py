@@ -504,7 +504,11 @@ def top_k(
     0. The kernel sums the norms in float64 from the rows it scores (a store's train rows piece by
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
     device "cpu" refuses (ValueError, overflow) train rows of norm below about 3e-39, whose inverse
-    norm overflows float32; the torch devices bring such rows near norm 1 by powers of two first.
+    norm overflows float32, and factored rows of any norm whose left and right factors are out of
+    balance by more than about 1e19 (left x1e20, right /1e20) where two such rows meet: the product
+    of their left factors overflows float32 ("influence overflowed float32"), as it does for plain
+    scores on every device. The torch devices bring rows near norm 1, and a row's two factors to
+    the same norm, by powers of two first, and score both.
     Refused for whitened test sets (a cosine across two spaces).
     Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
     weighted test rows of one pass (up to 512 rows) as float32 (up to 64 MiB), but never fewer than
