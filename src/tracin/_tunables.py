@@ -72,7 +72,9 @@ DEVICE_TEST_BYTES = 2**30
 which the generic loop uploads once and scores against every train piece; a larger test set is cut
 into chunks of this size (as a store's row_chunks() cuts it for the CPU kernel), each meeting the
 whole train side again; not a test set of float32 tensors already on the device, for plain scores
-(used in place: no device memory to bound). Bounds the test side's device memory whatever m is: the chunk, plus for
+(used in place: no device memory to bound). top_k's chunks also count its running selection,
+12 bytes x min(k, train rows) x sides per row (scoring._device_test_rows), on-device test sets too.
+Bounds the test side's device memory whatever m is: the chunk, plus for
 cosine scores one block's scaled copy (each block is replaced by its copy in turn) and float64
 squared row norms of 32 MiB slices. 1 GiB is 32,768 rows at d=8192: then a GEMM does m/2 = 16,384 flops per
 byte of train rows uploaded, far above what a GPU needs (about 2,000 at 50 TFLOP/s over 25 GB/s), so

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _progress, _tunables
 from ._cpus import usable_cores
+from ._export.resume import static_digest_note
 from ._progress import check_progress, progress_bar, tqdm_installed
 from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
@@ -151,7 +152,8 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
             "saved again, renamed keys), drop the record from one side to have the pair trusted: "
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
-            "store: workers open stores again by path)",
+            "store: workers open stores again by path)"
+            + static_digest_note(t["framework"], [ours[c][1] for c in differ]),
             differ,
         )
 

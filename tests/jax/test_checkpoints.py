@@ -278,3 +278,28 @@ def test_a_store_recording_the_arrays_alone_of_params_with_static_leaves_is_not_
         else:
             with pytest.raises(ValueError, match=r"records checkpoints \[0\] by their arrays alone.*static fields"):
                 export_gradients(loss, [(params, 1.0)], _Interrupted(x, y, False), store=store, progress=False)
+
+
+def test_scoring_against_a_side_digested_by_its_arrays_alone_explains_the_digest_change(monkeypatch):
+    """A train side of an Equinox model exported when in-memory params were digested by their arrays
+    alone, scored against test gradients of the same model exported now: the checkpoint mismatch says
+    the digest changed, not only that the checkpoints differ."""
+    import tracin.jax.export as jax_export
+    from tracin.jax.checkpoints import state_digest
+    from tracin.scoring import CheckpointMismatchError
+
+    model = eqx.nn.Linear(4, 1, key=jax.random.PRNGKey(0))
+    r = np.random.default_rng(0)
+    x, y = r.standard_normal((10, 4)).astype(np.float32), r.standard_normal(10).astype(np.float32)
+
+    def loss(m, inputs, targets):
+        return (jax.vmap(m)(inputs)[:, 0] - targets) ** 2
+
+    with monkeypatch.context() as m:  # the digest as tracin made it before
+        m.setattr(jax_export, "state_digest", lambda p, static=True: state_digest(p, static=False))
+        train = export_gradients(loss, [(model, 1.0)], (x, y), progress=False)
+    test = export_gradients(loss, [(model, 1.0)], (x[:3], y[:3]), progress=False)
+    with pytest.raises(CheckpointMismatchError, match="digested in-memory JAX params by their arrays alone"):
+        tracin.scores(test, train)
+    train.metadata.pop("checkpoint_sources")
+    assert tracin.scores(test, train).shape == (3, 10)
