@@ -69,8 +69,8 @@ class Framework(Protocol):
     def batches(self) -> Iterator[Batch]:
         """One pass over the data, in row order."""
 
-    def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(target arrays, input arrays or [] when not `inputs`) of the batch's real rows, on the host."""
+    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(target arrays, input arrays) of the batch's real rows, on the host."""
 
     def state_digest(self, source: Any, index: int) -> str:
         """Digest of an in-memory checkpoint (paths are digested by the driver)."""
@@ -318,7 +318,7 @@ def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: 
     try:
         fingerprint.begin("data")
         for batch in framework.batches():
-            fingerprint.batch(*framework.fingerprint_arrays(batch, inputs=True))
+            fingerprint.batch(*framework.fingerprint_arrays(batch))
             rows = batch.start + batch.count
             bar.update(batch.count)
         fingerprint.end()
@@ -381,7 +381,7 @@ class _Loop:
         seen = 0
         self.fingerprint.begin(f"checkpoint {c}")
         for batch in self.framework.batches():
-            self.fingerprint.batch(*self.framework.fingerprint_arrays(batch, inputs=True))
+            self.fingerprint.batch(*self.framework.fingerprint_arrays(batch))
             seen = batch.start + batch.count
             if seen > done and (self.stop is None or batch.start < self.stop):
                 keep = batch.count if self.stop is None else min(batch.count, self.stop - batch.start)

@@ -205,11 +205,11 @@ class _JaxExport:
                 self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
             yield batch
 
-    def fingerprint_arrays(self, batch: Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(targets, inputs) for the fingerprint; the inputs stand for targets that hold no arrays (None),
         so the same-rows check of later checkpoints still has something to compare."""
         checked = batch.targets if jax.tree_util.tree_leaves(batch.targets) else batch.inputs
-        return _host_leaves(checked, batch.count), _host_leaves(batch.inputs, batch.count) if inputs else []
+        return _host_leaves(checked, batch.count), _host_leaves(batch.inputs, batch.count)
 
     def state_digest(self, source: Any, index: int) -> str:
         return state_digest(source)

@@ -256,8 +256,8 @@ class _TorchExport:
         for start, inputs, targets in self._batches:
             yield _Batch(start, batch_rows(targets, "targets"), inputs, targets)
 
-    def fingerprint_arrays(self, batch: _Batch, inputs: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return host_arrays(batch.targets), host_arrays(batch.inputs) if inputs else []
+    def fingerprint_arrays(self, batch: _Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        return host_arrays(batch.targets), host_arrays(batch.inputs)
 
     def state_digest(self, source: Any, index: int) -> str:
         return state_digest(source, index, self.reference, self.tied)
