@@ -13,7 +13,7 @@ from torch.func import grad, vmap
 
 from .capture import NotCaptured, bytes_of_one
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import agrees, checked_rows, coarsest, example_gradients, reference_gradients, tokens_of_one
+from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_of_one
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
@@ -39,12 +39,14 @@ class PerExampleGradients:
       example (the probe), then every batch goes in equal passes of at most about _PASS_BYTES of
       captured tensors. Not used at all when a module mixes the examples of a batch in eval mode
       (BatchNorm without running statistics: a warning). On the first batch, a covered layer that
-      did not run through its forward, or ran on tensors that are not batch-first (batch, ..., features), sends its
-      parameters to vmap; then the rest is checked once, on the first rows, against the per-example
-      loop (16-bit state widened to float32 for it), within tolerances of the state's coarsest dtype
-      (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also used
-      outside its module's forward) sends every parameter to vmap, with a warning; equal non-finite values on both sides
-      agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
+      did not run through its forward, or ran on tensors that are not batch-first (batch, ...,
+      features), sends its parameters to vmap; then the rest is checked once, on the first rows,
+      against the per-example loop (16-bit state widened to float32 for it), within tolerances of the
+      state's coarsest dtype widened by the gap of the loop in the model's own dtype to that reference
+      (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also
+      used outside its module's forward) sends every parameter to vmap, with a warning; equal
+      non-finite values on both sides agree (an example with a NaN loss is exported as it is; scoring
+      refuses it, naming its row).
       Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
       are covered; unbatched ones are not.
     - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
@@ -139,13 +141,13 @@ class PerExampleGradients:
                 return False
         head_inputs, head_targets, rows = checked_rows(inputs, targets, out.shape[0])
         hooked = list(self.hooks.plan)
-        grads, widened = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
-        pairs = [
-            (out[:rows, o : o + w], torch.stack([g[k].reshape(-1) for g in grads]))
-            for k, (o, w) in enumerate(self.columns[n] for n in hooked)
-        ]
+        reference = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
+        columns = [self.columns[n] for n in hooked]
+        pairs = [(out[:rows, o : o + w], _stacked(reference.rows, k)) for k, (o, w) in enumerate(columns)]
+        widened = reference.own is not None
+        own_gap = gap((_stacked(reference.own, k), want) for k, (_, want) in enumerate(pairs)) if widened else 0.0
         tokens = tokens_of_one(self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
-        if not agrees(pairs, coarsest(state.values()), tokens, widened):
+        if not agrees(pairs, reference.dtype, tokens, widened, own_gap):
             _warn_leaving(
                 "they disagree with per-example autograd on the first batch: a layer mixes the "
                 "examples of a batch, or a parameter is also used outside its module's forward"
@@ -198,6 +200,11 @@ class PerExampleGradients:
             for n, g in zip(names, parts, strict=True):
                 offset, width = self.columns[n]
                 out[i, offset : offset + width].copy_(g.reshape(-1))
+
+
+def _stacked(grads: list[list[torch.Tensor]], k: int) -> torch.Tensor:
+    """(rows, numel) of parameter k's gradients, one row per example."""
+    return torch.stack([g[k].reshape(-1) for g in grads])
 
 
 def _listed(items: Sequence[str]) -> str:

@@ -41,13 +41,14 @@ from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows, slice_rows
-from .first_rows_check import agrees, checked_rows, coarsest, reference_gradients, tokens_of_one, tolerances
+from .first_rows_check import Reference, agrees, checked_rows, gap, reference_gradients, tokens_of_one
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
 from .losses import LossFn
 from .per_example import PerExampleGradients
 
 _TOKENS_PER_EXAMPLE = 256  # tokens an example is assumed to have when choosing the default batch size
+_SPREAD = 4  # standard deviations of the projected own-dtype gap the hook rows' largest gap may reach
 _FACTORED_ADAM = (
     "Kronecker layers: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left "
     "out); other parameters: g / (sqrt(v_hat) + eps)"
@@ -182,35 +183,71 @@ class KroneckerRows:
         """ValueError naming the Kronecker layers whose rows on the first rows differ from per-example
         autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
         also used outside its module's forward), and the layers= that leaves them out. Tolerances of the
-        state's coarsest dtype, against a reference with 16-bit state widened to float32 (first_rows_check)."""
+        state's coarsest dtype against a reference with 16-bit state widened to float32, widened by the
+        own-dtype autograd's gap to it, per segment (first_rows_check)."""
         if not self.kron:
             return
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         got = self._projected(state, inputs, targets, rows)
         names = [n for s in self.kron for n in s.names]
-        pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.kron]
-        reference, widened = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
-        for i, grads in enumerate(reference):
-            k = 0
-            for j, (seg, (p_rows, p_cols)) in enumerate(zip(self.kron, self._factors, strict=True)):
-                g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
-                pairs[j].append((got[j][i], (p_rows @ g @ p_cols.T).reshape(-1)))
-                k += len(seg.names)
+        reference = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
+        wide = self._reference_projected(reference.rows)
+        own = None if reference.own is None else self._reference_projected(reference.own)
         tokens = tokens_of_one(self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
-        dtype = coarsest(state.values())
-        bad = [seg for seg, p in zip(self.kron, pairs, strict=True) if not agrees(p, dtype, tokens, widened)]
+        dtype, widened = reference.dtype, reference.own is not None
+        bad = []
+        for j, seg in enumerate(self.kron):
+            own_gap = self._own_gap(reference, j, own[j], wide[j]) if own is not None else 0.0
+            if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap):
+                bad.append(seg)
         if bad:
             left_out = {n for seg in bad for n in seg.names}
             keep = [n for n in self._shapes if n not in left_out]
-            rtol, atol = tolerances(dtype, tokens, widened)
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
                 f"disagree with per-example autograd on the first rows beyond {dtype} rounding "
-                f"(rtol {rtol:.2g}, atol {atol:.2g} of the largest value, {tokens} tokens): a layer mixes "
-                "the examples of a batch, or its weight is also used outside the module's forward. Either export "
-                "them without kronecker (Projection(dim, per_layer=True)), or leave them out: "
+                f"({tokens} tokens; first_rows_check.tolerances): a layer mixes the examples of a batch, or its "
+                "weight is also used outside the module's forward. Either export them without kronecker "
+                "(Projection(dim, per_layer=True)), or leave them out: "
                 + (f"layers={keep!r}" if keep else "no other layer is chosen")
             )
+
+    def _own_gap(self, reference: Reference, j: int, own: list[torch.Tensor], wide: list[torch.Tensor]) -> float:
+        """The gap of own-dtype autograd to the widened reference in Kronecker segment j's projected rows
+        (`own` to `wide`), at least _SPREAD standard deviations of the projection of its full gradients'
+        gap E had E random signs: sqrt(P_rows^2 E^2 P_cols^2^T) (the projected rows are a few numbers: their
+        largest gap is a noisy estimate of the rounding of the model's own dtype)."""
+        seg, (p_rows, p_cols) = self.kron[j], self._factors[j]
+        first = sum(len(s.names) for s in self.kron[:j])
+        part = slice(first, first + len(seg.names))
+        spread = max(
+            (
+                p_rows.square()
+                @ (
+                    _layer_matrix(seg, [t.to(self.dtype) for t in o[part]])
+                    - _layer_matrix(seg, [t.to(self.dtype) for t in w[part]])
+                ).square()
+                @ p_cols.square().T
+            )
+            .sqrt()
+            .nan_to_num(0, 0, 0)
+            .max()
+            .item()
+            for o, w in zip(reference.own, reference.rows, strict=True)
+        )
+        scale = max(w.abs().nan_to_num(0, 0, 0).max().item() for w in wide)
+        return max(gap(zip(own, wide, strict=True)), _SPREAD * spread / max(scale, 1e-30))
+
+    def _reference_projected(self, reference: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Per Kronecker segment, per example its one-example gradient projected by the segment's factors."""
+        out: list[list[torch.Tensor]] = [[] for _ in self.kron]
+        for grads in reference:
+            k = 0
+            for j, (seg, (p_rows, p_cols)) in enumerate(zip(self.kron, self._factors, strict=True)):
+                g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
+                out[j].append((p_rows @ g @ p_cols.T).reshape(-1))
+                k += len(seg.names)
+        return out
 
     # --- the pieces ---
 
