@@ -441,6 +441,24 @@ def test_sparse_adam_is_taken_and_an_old_radam_state_is_refused():
         export_gradients(model, [(model.state_dict(), 0.05, old)], (x, y), _loss, preconditioner="adam", progress=False)
 
 
+@needs_named
+def test_sparse_adam_is_refused_for_the_next_step_direction():
+    """Was exported (review9 sparse_adam.py): adam_update moved the embedding rows the example never
+    touches by their momentum (0.77 of the largest entry) while SparseAdam's real step leaves them be."""
+    model = _Bag()
+    ids, y = torch.randint(0, 20, (6, 3), generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2] * 2)
+    opt = torch.optim.SparseAdam(list(model.e.named_parameters(prefix="e")), lr=0.05)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(ids), y).backward()
+    opt.step()
+    checkpoints = [(model.state_dict(), 0.05, opt.state_dict())]
+    with pytest.raises(ValueError, match=r"'adam_update' cannot follow torch.optim.SparseAdam.*preconditioner='adam'"):
+        export_gradients(
+            model, checkpoints, (ids, y), _loss, layers=["e.weight"], preconditioner="adam_update", progress=False
+        )
+    export_gradients(model, checkpoints, (ids, y), _loss, layers=["e.weight"], preconditioner="adam", progress=False)
+
+
 def test_a_parameter_the_training_never_reached_is_told_so():
     """Was told that 'an Adam / AdamW optimizer that has taken at least one step is needed' although it
     took 3 (review5 unused.py): a trainable module used at export only got no gradient, so no state."""

@@ -14,10 +14,11 @@ first and second moments m and v, per parameter):
                    training data for a target task.
 
 Weight decay (AdamW) is not part of the direction; the torch adapter refuses optimizer states
-whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) and chosen parameters of param groups
-with different learning rates (a row has one weight, the checkpoint's learning rate). Factored rows
-take "adam" through a rank-one factorisation of v (rank_one.py, an approximation for Adam);
-"adam_update" needs full rows (m' is not rank one).
+whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam; SparseAdam for "adam_update": its step
+skips the rows a gradient misses) and chosen parameters of param groups with different learning
+rates (a row has one weight, the checkpoint's learning rate). Factored rows take "adam" through a
+rank-one factorisation of v (rank_one.py, an approximation for Adam); "adam_update" needs full rows
+(m' is not rank one).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's and torch.
 @dataclass(frozen=True)
 class AdamMoments:
     """One parameter's Adam state: m, v flattened row-major (shape (size,), the optimizer's float
-    dtype), the number of steps taken `step` (>= 1), and the optimizer's b1, b2, eps."""
+    dtype), the number of steps taken `step` (>= 1), and the optimizer's b1, b2, eps; `sparse`: the
+    optimizer steps only the rows a gradient reaches (torch.optim.SparseAdam)."""
 
     m: np.ndarray
     v: np.ndarray
@@ -44,6 +46,7 @@ class AdamMoments:
     b1: float
     b2: float
     eps: float
+    sparse: bool = False
 
 
 class OptimizerState(Protocol):
@@ -121,6 +124,12 @@ class Preconditioned:
         total = sum(a.v.size for a in moments)
         if total != width:
             raise ValueError(f"the optimizer state has {total} entries for a row of {width}")
+        if self.kind == "adam_update" and any(a.sparse for a in moments):
+            raise ValueError(
+                "preconditioner='adam_update' cannot follow torch.optim.SparseAdam: its step leaves the rows an "
+                "example's gradient does not reach as they are, while the exported direction moves every row by "
+                "its momentum; use preconditioner='adam'"
+            )
         out, start = [], 0
         for a in moments:
             m, v = np.asarray(a.m, np.float64), np.asarray(a.v, np.float64)

@@ -122,7 +122,8 @@ class OptimizerState:
             m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
             check_moments(name, shape, m, v, step, self.where, _BY_POSITION if by_position else "")
             b1, b2 = (float(b) for b in group["betas"])
-            moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"])))
+            sparse = "maximize" in group and "weight_decay" not in group and "amsgrad" not in group
+            moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"]), sparse))
         if len(rates) > 1:
             listed = "; ".join(f"lr {lr!r}: {_few(names)}" for lr, names in rates.items())
             raise ValueError(
@@ -195,13 +196,14 @@ _TORCH_GROUP_KEYS = ("foreach", "maximize", "capturable", "differentiable", "dec
 def _not_adam(group: Mapping, entry: Mapping) -> str | None:
     """What makes a param group and state not plain Adam / AdamW (None when nothing does). torch's Adam
     and AdamW groups carry amsgrad; a torch.optim group with weight_decay and no amsgrad, and Adam's
-    moments, is RAdam's. torch.optim.SparseAdam (lr, betas, eps, maximize) is taken: its step on a row is
-    Adam's, bias-corrected by the global step, and a row without a gradient skips it, so each row's
-    exp_avg_sq is the one its next step divides by."""
+    moments, is RAdam's (or Adamax's, whose state has no exp_avg_sq). torch.optim.SparseAdam (lr, betas,
+    eps, maximize) is taken: its step on a row is Adam's, bias-corrected by the global step, and a row
+    without a gradient skips it, so each row's exp_avg_sq is the one its next step divides by (moments
+    marks it sparse: "adam_update" refuses it)."""
     if "momentum_decay" in group or "mu_product" in entry:
         return "NAdam (momentum_decay, mu_product)"
     if "amsgrad" not in group and "weight_decay" in group and any(k in group for k in _TORCH_GROUP_KEYS):
-        return "RAdam (a torch.optim group with weight_decay and without amsgrad)"
+        return "RAdam or another optimizer that is not Adam (a torch.optim group with weight_decay and without amsgrad)"
     if group.get("amsgrad"):
         return "amsgrad=True (its steps divide by the running maximum max_exp_avg_sq)"
     if group.get("maximize"):

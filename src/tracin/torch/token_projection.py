@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -408,7 +408,7 @@ def _layer_scales(moments: list[AdamMoments], layer: LayerMatrix) -> tuple[np.nd
     weight = moments[0]
     if layer.transposed:  # Conv1D: v stored (in, out); the factorisation wants (out, in)
         v = np.asarray(weight.v).reshape(layer.cols, layer.rows).T.reshape(-1)
-        weight = AdamMoments(weight.m, v, weight.step, weight.b1, weight.b2, weight.eps)
+        weight = replace(weight, v=v)
     return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows)
 
 
