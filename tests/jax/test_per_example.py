@@ -154,9 +154,49 @@ def test_compute_eps_is_that_of_the_coarsest_dtype_computed_in(monkeypatch):
     assert eps(lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)) == np.finfo(np.float32).eps
 
 
-def test_an_uncoupled_loss_rounding_differently_in_smaller_batches_is_accepted(mlp, data):
-    """Batches of 4 and 2 rows may run other kernels (a GPU, TF32): losses differing by 6e-4
-    relative are not coupling (refused at 1e-4 before); a batch mean still is (test above)."""
+def test_compute_eps_skips_inputs_and_exact_casts():
+    """Float16 inputs cast to float32 and an unused bfloat16 leaf compute nothing in 16 bits (review11
+    eps.py: 9.8e-4 and 7.8e-3 before); a cast down to float8 does round."""
+    from tracin.jax.per_example import compute_eps
+
+    f32 = float(np.finfo(np.float32).eps)
+    x16 = jnp.ones((4, 8), jnp.float16)
+    assert compute_eps(jax.make_jaxpr(lambda w, x: x.astype(jnp.float32) @ w)(jnp.ones(8), x16)) == f32
+    params = {"w": jnp.ones(8), "ema": jnp.ones(3, jnp.bfloat16)}
+    assert compute_eps(jax.make_jaxpr(lambda p, x: x @ p["w"])(params, jnp.ones((4, 8)))) == f32
+    fp8 = jax.make_jaxpr(lambda w, x: (x @ w).astype(jnp.float8_e4m3fn).astype(jnp.float32))
+    assert compute_eps(fp8(jnp.ones(8), jnp.ones((4, 8)))) == 0.125
+
+
+@pytest.mark.parametrize("case", ["f16inputs", "unusedbf16", "fp8"])
+def test_a_slightly_coupled_loss_is_refused_whatever_dtypes_it_touches(mlp, data, case, monkeypatch):
+    """loss_i - 2% of the batch mean (or shifted by the batch's size): accepted before (rtol 7.8e-3 /
+    0.0625 / 1.0 from the float16 inputs, an unused bfloat16 leaf, a float8 value). On a CPU the
+    tolerance stays 1e-4; on a GPU it is capped at bfloat16's 8 eps, so float8 does not switch the
+    check off."""
+    x, y = data
+    params = mlp.params[0]
+    if case == "f16inputs":
+        x = np.asarray(x, np.float16)
+    if case == "unusedbf16":
+        params = {**params, "ema": jnp.ones(3, jnp.bfloat16)}
+    if case == "fp8":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def coupled(p, inputs, targets):
+        ce = mlp.loss_fn({k: p[k] for k in mlp.params[0]}, inputs.astype(jnp.float32), targets)
+        if case == "fp8":  # a loss shifted by 1/4 per row of its batch: 0.5 apart, about 20% of it
+            return ce + 0 * ce.astype(jnp.float8_e4m3fn).astype(jnp.float32) + 0.25 * inputs.shape[0]
+        return ce - 0.02 * ce.mean()
+
+    with pytest.raises(ValueError, match="loss_fn couples the examples of a batch"):
+        export_gradients(coupled, [(params, 1.0)], (x, y), progress=False)
+
+
+def test_an_uncoupled_loss_rounding_differently_in_smaller_batches_is_accepted(mlp, data, monkeypatch):
+    """On a GPU, batches of 4 and 2 rows may run other kernels (TF32): losses differing by 6e-4
+    relative are not coupling; a batch mean still is (test above). A CPU rounds both alike (1e-4)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     x, y = data
 
     def rounded(params, inputs, targets):

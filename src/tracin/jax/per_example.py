@@ -124,25 +124,37 @@ def check_per_example(
 
 
 def compute_eps(closed: ClosedJaxpr) -> float:
-    """The machine epsilon of the coarsest floating dtype a traced function computes in: its inputs'
-    and every value of its jaxpr (nested ones included), so a float32 model running nn.Dense(dtype=bfloat16)
-    counts as bfloat16. A float32 matrix product at JAX's default precision counts as TF32 on a GPU
-    (eps 2**-10) and bfloat16 on a TPU, which round its inputs so (unless the product, or
-    jax_default_matmul_precision, asks for 'highest' / 'float32')."""
-    dtypes = [v.aval.dtype for v in closed.jaxpr.invars]
+    """The machine epsilon of the coarsest floating dtype a traced function computes in: that of the
+    values its operations produce (nested jaxprs included), so a float32 model running
+    nn.Dense(dtype=bfloat16) counts as bfloat16. The function's inputs and casts to a finer dtype round
+    nothing and do not count (float16 inputs cast to float32, an unused bfloat16 leaf in params). A
+    float32 matrix product at JAX's default precision counts as TF32 on a GPU (eps 2**-10) and bfloat16
+    on a TPU, which round its inputs so (unless the product, or jax_default_matmul_precision, asks for
+    'highest' / 'float32')."""
     eps = [float(jnp.finfo(jnp.float32).eps)]
 
     def walk(jaxpr: Any) -> None:
         for eqn in jaxpr.eqns:
-            dtypes.extend(getattr(v.aval, "dtype", None) for v in eqn.outvars)
             if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
                 eps.append(_product_eps(eqn))
+            outs = [_eps_of(v) for v in eqn.outvars]
+            if eqn.primitive.name == "convert_element_type" and outs[0] <= _eps_of(eqn.invars[0]):
+                outs = []  # exact: a cast to a finer (or the same) dtype
+            eps.extend(outs)
             for sub in jaxprs_in_params(eqn.params):
                 walk(sub)
 
     walk(closed.jaxpr)
-    eps += [float(jnp.finfo(d).eps) for d in dtypes if d is not None and jnp.issubdtype(d, jnp.floating)]
     return max(eps)
+
+
+def _eps_of(var: Any) -> float:
+    """The eps of a jaxpr value's floating dtype; 0 for other dtypes (integers, keys, tokens)."""
+    dtype = getattr(getattr(var, "aval", None), "dtype", None)
+    try:
+        return float(jnp.finfo(dtype).eps) if dtype is not None and jnp.issubdtype(dtype, jnp.floating) else 0.0
+    except TypeError:  # extended dtypes (PRNG keys)
+        return 0.0
 
 
 _ROUNDED_PRODUCTS = {"gpu": 2.0**-10, "tpu": float(jnp.finfo(jnp.bfloat16).eps)}  # TF32, bfloat16
@@ -166,17 +178,14 @@ def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, eps: float, note
     first examples change with the batch they are in: loss_fn on its first `rows` real examples
     against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
     a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
-    rows of another loss. Tolerance: 1e-3 or 8 `eps` (that of the coarsest dtype the loss computes in,
-    check_per_example: bfloat16, TF32 products on a GPU), relative to the largest loss."""
+    rows of another loss. Tolerance (uncoupled_rtol) relative to the largest loss."""
     m = min(rows, batch.count)
     if m < 2:
         return
     head = [jax.tree_util.tree_map(lambda a, k=k: a[:k], (batch.inputs, batch.targets)) for k in (m, m // 2)]
     losses = [loss_fn(params, *h) for h in head]
     whole, half = (np.asarray(a, np.float64) for a in losses)
-    # batches of m and m // 2 rows may run other kernels (summing in another order, on a GPU with TF32):
-    # a fraction of the coarsest compute dtype's eps, relative to the losses' scale; coupling is O(1)
-    rtol = max(1e-3, 8 * eps)
+    rtol = uncoupled_rtol(eps, losses[0].dtype)
     if not np.allclose(
         half, whole[: m // 2], rtol=rtol, atol=rtol * np.nanmax(np.abs(whole), initial=0.0), equal_nan=True
     ):
@@ -187,6 +196,21 @@ def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, eps: float, note
             "another loss: make each example's loss depend on that example only (no batch mean or batch "
             f"statistics, no in-batch negatives, no random draws shaped by the batch){note}"
         )
+
+
+def uncoupled_rtol(eps: float, loss_dtype: Any) -> float:
+    """check_uncoupled's relative tolerance. On a CPU, batches of 4 and 2 rows round alike: 1e-4, or 8
+    eps of the losses' dtype. On a GPU or TPU they may run other kernels (summing in another order, TF32
+    or bfloat16 products): 1e-3 or 8 `eps` (the coarsest dtype the loss computes in, compute_eps).
+    Never above 8 eps of bfloat16 (0.0625), so a float8 value cannot switch the check off: coupling is
+    O(1)."""
+    own = 8 * float(jnp.finfo(loss_dtype).eps)
+    if jax.default_backend() in _ROUNDED_PRODUCTS:
+        return min(max(1e-3, 8 * eps, own), _RTOL_CAP)
+    return min(max(1e-4, own), _RTOL_CAP)
+
+
+_RTOL_CAP = 8 * float(jnp.finfo(jnp.bfloat16).eps)
 
 
 class FullRows:
@@ -265,8 +289,8 @@ class LastLayer:
     def check_layer_input(self, params: Any, batch: Batch, eps: float, rows: int = 4) -> None:
         """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel
         gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the coarsest dtype the loss
-        computes in (`eps`, check_per_example: bfloat16 / float16 params or compute, TF32 products) or
-        layer_input returns. Run once per export, on its first batch."""
+        computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products), the kernel is
+        stored in or layer_input returns. Run once per export, on its first batch."""
         sel, arrs = self.layout.split(params)
         try:
             x = jax.eval_shape(lambda s, a, i: self._layer_input(self.layout.merge(s, a), i), sel, arrs, batch.inputs)
@@ -285,9 +309,11 @@ class LastLayer:
         outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
         outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
         scale = np.linalg.norm(grad, axis=1) + 1e-30
-        # rounding of the coarsest dtype the loss computes in (bfloat16 / float16 params, a float32 model
-        # running nn.Dense(dtype=bfloat16), TF32 products) or layer_input returns: a fraction of its eps
-        rtol = max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps)))
+        # rounding of the coarsest dtype the loss computes in (a float32 model running
+        # nn.Dense(dtype=bfloat16), TF32 products), the kernel's gradient is stored in (bfloat16 / float16
+        # params) or layer_input returns: a fraction of its eps
+        stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
+        rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
         fits = [
             np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1))
             for o in (outer_px, outer_xp)
