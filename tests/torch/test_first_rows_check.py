@@ -99,7 +99,8 @@ def test_a_clean_half_precision_model_at_1024_tokens_keeps_the_hooks_and_matches
 def test_a_bfloat16_layer_mixing_the_examples_is_caught_at_any_length(length):
     """Was accepted at 1024 tokens (review5 loose_tol.py, loose_kron.py): the check compared with a
     bfloat16 one-example reference, itself off by eps sqrt(T), with atol eps / 4 sqrt(T) (6.25e-2);
-    the mixing moves the rows by 2-4e-2. The reference is now taken in float32, atol 2 eps (1.6e-2)."""
+    the mixing moves the rows by 2-4e-2. The reference is now taken in float32, atol the larger of 2 eps
+    (1.6e-2) and 1.5 times the model's own-dtype gap to it (2.7e-2 at 1024 tokens; the mixing: 4.8e-2)."""
     model = TokenModel(share=0.1).bfloat16()
     data = tokens(3, length)
     _, warned = export(model, data)
