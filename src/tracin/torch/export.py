@@ -94,6 +94,9 @@ def export_gradients(
         layers come from one batched forward and backward pass with hooks (over any number of
         tokens; Hugging Face transformers that torch.func.vmap cannot run included), the others
         from vmap, or a per-example loop where vmap fails (the rule: per_example.PerExampleGradients).
+        The hooks (and kronecker=True below) are checked on the first batch's first rows against
+        per-example autograd; for a bfloat16 / float16 model that check makes a float32 copy of the
+        whole state (about 4 bytes per parameter, whatever layers=), freed after the first batch.
     projection: a tracin.Projection applied to every batch before it is stored (float32 out).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         the weight (with its bias, when chosen) of every chosen nn.Linear and Hugging Face Conv1D, and
