@@ -114,6 +114,35 @@ def test_the_data_digest_covers_inputs():
     assert one.data != other.data
 
 
+def test_only_the_first_pass_digests_the_data(monkeypatch):
+    """BLAKE2b ran over every byte on every pass (review11 cost_ll.py: 66% of a last_layer export);
+    later passes compare CRC-32s, still catching a changed value. The recorded digest is unchanged (a
+    store written before resumes): BLAKE2b of each batch's input digest then target digest."""
+    import hashlib
+
+    from tracin._export import fingerprint
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 3)), np.arange(6)
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    expected = hashlib.blake2b(digest_size=16)
+    for a, b in batches:
+        expected.update(digest_arrays([a]).encode() + digest_arrays([b]).encode())
+    calls = []
+    original = fingerprint.digest_arrays
+    monkeypatch.setattr(fingerprint, "digest_arrays", lambda arrays: calls.append(1) or original(arrays))
+    fp = DataFingerprint()
+    _pass(fp, batches)
+    assert fp.data == expected.hexdigest() and len(calls) == 4
+    for _ in range(3):
+        _pass(fp, batches)
+    assert len(calls) == 4
+    changed = x.copy()
+    changed[4, 1] = np.nextafter(changed[4, 1], np.inf)
+    with pytest.raises(ValueError, match="batch 1 of the data holds other inputs"):
+        _pass(fp, [(changed[:3], y[:3]), (changed[3:], y[3:])])
+
+
 def _loss(outputs, targets):
     return outputs
 
