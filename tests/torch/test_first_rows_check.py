@@ -11,22 +11,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch_oracle import MeanMix
 
 import tracin
 from tracin.torch import export_gradients
 
 VOCAB, WIDTH = 11, 8
-
-
-class MeanMix(nn.Module):
-    """x + share * the batch mean of x: couples the examples of a batch."""
-
-    def __init__(self, share: float):
-        super().__init__()
-        self.share = share
-
-    def forward(self, x):
-        return x + self.share * x.mean(0, keepdim=True)
 
 
 class TokenModel(nn.Module):

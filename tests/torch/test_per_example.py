@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_oracle import classification_data
+from torch_oracle import MeanMix, classification_data
 
 import tracin
 from tracin.torch import export_gradients, per_example
@@ -217,17 +217,6 @@ def test_check_losses_explains_what_is_wrong():
         check_losses(torch.zeros(3, 2), 3)
     with pytest.raises(TypeError, match="tensor of per-example losses"):
         check_losses([0.0, 1.0, 2.0], 3)
-
-
-class MeanMix(nn.Module):
-    """Mixes the examples of a batch: adds `share` of the batch mean to every row."""
-
-    def __init__(self, share: float):
-        super().__init__()
-        self.share = share
-
-    def forward(self, x):
-        return x + self.share * x.mean(0, keepdim=True)
 
 
 def mixing_mlp(dtype: torch.dtype, share: float | None) -> nn.Module:

@@ -19,6 +19,17 @@ def mlp(seed: int = 0, bias_last: bool = True) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4, bias=bias_last))
 
 
+class MeanMix(nn.Module):
+    """Mixes the examples of a batch: adds `share` of the batch mean to every row."""
+
+    def __init__(self, share: float):
+        super().__init__()
+        self.share = share
+
+    def forward(self, x):
+        return x + self.share * x.mean(0, keepdim=True)
+
+
 class SmallCNN(nn.Module):
     """Conv + BatchNorm + dropout + a Linear head, for paths that go through vmap (3 classes)."""
 
