@@ -255,23 +255,29 @@ def test_a_partial_of_a_function_held_in_its_own_closure_is_described_without_en
     assert callable_identity(step) != callable_identity(_self_partial_factory(3)[0])
 
 
-def _counting_loss(scale):
-    calls, log = [0], {}
+def _weighted_loss(weights):
+    log = {}
 
     def loss(outputs, targets):
-        calls[0] += 1
-        log[calls[0]] = scale
-        return scale * outputs
+        log[len(log)] = weights[0]
+        return weights[1] * outputs
 
     return loss
 
 
-def test_lists_and_dicts_a_loss_closure_holds_are_not_its_identity():
-    """A loss counting its calls in a captured list (or logging into a dict) keeps its identity, so an
-    interrupted export re-run in the same process resumes; tuples of settings still count."""
-    loss = _counting_loss(2.0)
+def test_lists_of_settings_a_loss_closure_holds_are_its_identity():
+    """Class weights in a captured list count again (review11 closure_list_resume.py: editing them
+    resumed a store silently), and the refusal names the closure variables; a dict the loss logs
+    into is left out. A call counter belongs outside the closure."""
+    weights = [1.0, 3.0]
+    loss = _weighted_loss(weights)
     before = callable_identity(loss)
     loss(1.0, None)
-    assert callable_identity(loss) == before and " closure[scale]=" in before
-    assert callable_identity(_counting_loss(3.0)) != before
+    assert callable_identity(loss) == before and " closure[weights]=" in before
+    weights[1] = 10.0
+    now = callable_identity(loss)
+    assert now != before
+    (change,) = changed_inputs({"loss": before}, {"loss": now})
+    assert "the loss function differs" in change and "a value its closure holds changed (weights)" in change
+    assert "call counter" in change
     assert callable_identity(_make_loss((1, 2))) != callable_identity(_make_loss((1, 3)))

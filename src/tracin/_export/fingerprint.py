@@ -166,8 +166,9 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
     """The settings a function's closure holds, by variable name: plain values (numbers, strings and
-    tuples of them), arrays, and functions (by their identity); other objects are left out, lists and
-    dicts too (a loss may append to one: a call counter, a log, changing its identity)."""
+    tuples or lists of them: class weights), arrays, and functions (by their identity); other objects
+    (dicts included) are left out. A call counter kept in the closure (`nonlocal calls`, calls[0] += 1)
+    changes the identity at every call: it belongs outside the closure (a module variable)."""
     torch = sys.modules.get("torch")
     found: dict[str, Any] = {}
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
@@ -175,7 +176,9 @@ def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
             value = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-        if isinstance(value, _PLAIN) or (isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+        if isinstance(value, _PLAIN) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value)
+        ):
             found[name] = repr(value)
         elif _is_array(value, torch):
             found[name] = value

@@ -43,7 +43,10 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
         if key != "checkpoints" and before.get(key) != now.get(key):
             detail = f" ({before.get(key)} there, {now.get(key)} here)" if key in ("loss", "layer_input") else ""
             changes.append(
-                _WHAT.get(key, f"fingerprint {key!r} differs") + detail + _unrecorded(before.get(key), now.get(key))
+                _WHAT.get(key, f"fingerprint {key!r} differs")
+                + detail
+                + _unrecorded(before.get(key), now.get(key))
+                + _closure_change(before.get(key), now.get(key))
             )
     return changes
 
@@ -87,6 +90,24 @@ def _unrecorded(before: Any, now: Any) -> str:
                 "finish it with that tracin version)"
             )
     return ""
+
+
+def _closure_change(before: Any, now: Any) -> str:
+    """When two identities (callable_identity) differ only by the digest of the same closure
+    variables: names them as what changed, and where a call counter belongs."""
+    if not isinstance(before, str) or not isinstance(now, str):
+        return ""
+    head = [
+        text.rpartition(" closure[")[0] + "|" + text.rpartition(" closure[")[2].partition("]=")[0]
+        for text in (before, now)
+    ]
+    if " closure[" not in before or head[0] != head[1]:
+        return ""
+    names = head[0].rpartition("|")[2]
+    return (
+        f": a value its closure holds changed ({names}); a call counter or log the function updates "
+        "belongs outside its closure (a module variable), as it would change its identity at every call"
+    )
 
 
 def _existing_metadata(path: str | os.PathLike) -> dict | None:
