@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
+import typing
 
 import numpy as np
 import pytest
@@ -281,3 +284,30 @@ def test_lists_of_settings_a_loss_closure_holds_are_its_identity():
     assert "the loss function differs" in change and "a value its closure holds changed (weights)" in change
     assert "call counter" in change
     assert callable_identity(_make_loss((1, 2))) != callable_identity(_make_loss((1, 3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    names: frozenset
+    depth: int = 2
+
+
+class _Named(typing.NamedTuple):
+    names: frozenset
+
+
+def test_stable_repr_sorts_sets_inside_dataclasses_namedtuples_and_dict_subclasses():
+    """Each printed its set in PYTHONHASHSEED's order (review11 setobj2.py), so an Equinox static
+    field Cfg(frozenset) refused a store resumed in another process; objects without a set keep
+    their repr (digests recorded before stay the same)."""
+    from tracin._export.fingerprint import stable_repr
+
+    words = [f"w{i}" for i in range(8)]
+    names = frozenset(reversed(words))
+    text = "frozenset({" + ", ".join(map(repr, words)) + "})"
+    assert stable_repr(_Config(names)) == f"_Config(names={text}, depth=2)"
+    assert stable_repr(_Named(names)) == f"_Named(names={text})"
+    assert stable_repr(collections.OrderedDict(a=names)) == f"OrderedDict({{'a': {text}}})"
+    assert stable_repr((_Config(names),)) == f"(_Config(names={text}, depth=2),)"
+    plain = [_Config((1, 2)), _Named(3), collections.OrderedDict(a=1)]
+    assert [stable_repr(o) for o in plain] == [repr(o) for o in plain]

@@ -9,6 +9,7 @@ state), or by every file under them (another directory, in sorted order).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -95,15 +96,32 @@ def without_addresses(text: str) -> str:
 def stable_repr(obj: Any) -> str:
     """repr(obj) without memory addresses, the same in every process: the elements of a set or
     frozenset (whose order follows string hashes, so PYTHONHASHSEED) sorted by their stable_repr,
-    in lists, tuples and dicts too. Other objects keep their own repr."""
+    in lists, tuples and dicts too, their subclasses (a NamedTuple, an OrderedDict, printed with
+    their type's name) and the fields of dataclasses (a frozen config, an Equinox module) holding a
+    set. Other objects keep their own repr."""
     return _stable_repr(obj, set())
+
+
+_CONTAINERS = (set, frozenset, list, tuple, dict)
 
 
 def _stable_repr(obj: Any, seen: set[int]) -> str:
     """stable_repr; `seen`: the ids of the containers being printed (a list holding itself)."""
     kind = type(obj)
-    if kind not in (set, frozenset, list, tuple, dict):
-        return without_addresses(repr(obj))
+    if kind not in _CONTAINERS:
+        if not holds_set(obj, set()):
+            return without_addresses(repr(obj))
+        if id(obj) in seen:
+            return "..."
+        seen = seen | {id(obj)}
+        if dataclasses.is_dataclass(obj):
+            fields = (f"{f.name}={_stable_repr(getattr(obj, f.name, None), seen)}" for f in dataclasses.fields(obj))
+            return f"{kind.__qualname__}({', '.join(fields)})"
+        if hasattr(obj, "_fields"):  # a NamedTuple
+            items = (f"{k}={_stable_repr(v, seen)}" for k, v in zip(obj._fields, obj, strict=True))
+            return f"{kind.__name__}({', '.join(items)})"
+        base = next(b for b in _CONTAINERS if isinstance(obj, b))
+        return f"{kind.__qualname__}({_stable_repr(base(obj), seen)})"
     if id(obj) in seen:
         return "{...}" if kind in (set, frozenset, dict) else "[...]"
     seen = seen | {id(obj)}
@@ -118,6 +136,22 @@ def _stable_repr(obj: Any, seen: set[int]) -> str:
         return repr(obj)  # set(), frozenset()
     text = "{" + ", ".join(sorted(items)) + "}"
     return text if kind is set else f"frozenset({text})"
+
+
+def holds_set(obj: Any, seen: set[int]) -> bool:
+    """Whether a set or frozenset is in obj: itself, or in the containers or dataclass fields it holds."""
+    if isinstance(obj, (set, frozenset)):
+        return True
+    if id(obj) in seen:
+        return False
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return any(holds_set(k, seen) or holds_set(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return any(holds_set(v, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return any(holds_set(getattr(obj, f.name, None), seen) for f in dataclasses.fields(obj))
+    return False
 
 
 def callable_identity(fn: Any) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays, stable_repr, without_addresses
+from .._export.fingerprint import digest_arrays, holds_set, stable_repr
 from .._export.preconditioner import AdamMoments, check_moments
 from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
@@ -111,9 +111,8 @@ def _treedef_text(treedef: Any) -> str:
         if data is None:
             return "*"
         kind, aux = data
-        text = stable_repr(aux)
-        found_set = found_set or text != without_addresses(repr(aux))
-        return f"{kind.__module__}.{kind.__qualname__}[{text}]({', '.join(node(c) for c in td.children())})"
+        found_set = found_set or holds_set(aux, set())
+        return f"{kind.__module__}.{kind.__qualname__}[{stable_repr(aux)}]({', '.join(node(c) for c in td.children())})"
 
     text = node(treedef)
     return text if found_set else stable_repr(treedef)
