@@ -201,6 +201,34 @@ def test_data_reshuffled_between_checkpoints_is_refused_when_every_target_is_the
             )
 
 
+def test_data_without_targets_reshuffled_is_refused_for_its_inputs_digested_once(mlp, data, monkeypatch):
+    """targets None (a language model's loss): the inputs stood in for the targets, so they were
+    digested twice per pass and a reshuffle was reported as 'other targets' (review11 nonetargets.py).
+    The data digest stays what it was (inputs' digest twice per batch): stores resume."""
+    import hashlib
+
+    from tracin._export import fingerprint
+
+    x, _ = data
+
+    def loss(params, inputs, _none):  # every example's label 0
+        return mlp.loss_fn(params, inputs, np.zeros(inputs.shape[0], np.int32))
+
+    digested = []
+    original = fingerprint.digest_arrays
+    monkeypatch.setattr(fingerprint, "digest_arrays", lambda arrays: digested.append(1) or original(arrays))
+    batches = [(x[i : i + 8], None) for i in range(0, 24, 8)]
+    got = export_gradients(loss, list(zip(mlp.params, mlp.lrs, strict=True)), batches, progress=False)
+    assert len(digested) == 3  # once per batch, first pass only
+    whole = hashlib.blake2b(digest_size=16)
+    for inputs, _ in batches:
+        whole.update(2 * original([inputs]).encode())
+    assert got.metadata["fingerprints"]["data"] == whole.hexdigest()
+    rows = [(x[i : i + 8], None) for i in range(0, 24, 8)]
+    with pytest.raises(ValueError, match="checkpoint 1: batch 0 of the data holds other inputs"):
+        export_gradients(loss, list(zip(mlp.params, mlp.lrs, strict=True)), _Rotating(rows), progress=False)
+
+
 class _ReadOnce:
     """Looks re-iterable (iter(d) is not d) but every __iter__ returns the same generator."""
 

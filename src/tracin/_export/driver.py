@@ -69,8 +69,9 @@ class Framework(Protocol):
     def batches(self) -> Iterator[Batch]:
         """One pass over the data, in row order."""
 
-    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(target arrays, input arrays) of the batch's real rows, on the host."""
+    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
+        """(target arrays, input arrays) of the batch's real rows, on the host; the targets may be None
+        (the data has none: DataFingerprint.batch)."""
 
     def state_digest(self, source: Any, index: int) -> str:
         """Digest of an in-memory checkpoint (paths are digested by the driver)."""

@@ -296,14 +296,16 @@ class DataFingerprint:
     def begin(self, where: str) -> None:
         self._seen, self._where = [], where
 
-    def batch(self, targets: Iterable[np.ndarray], inputs: Iterable[np.ndarray]) -> None:
-        """One batch's target arrays and input arrays."""
-        targets, inputs = list(targets), list(inputs)
-        d, given = checksum_arrays(targets), checksum_arrays(inputs)
+    def batch(self, targets: Iterable[np.ndarray] | None, inputs: Iterable[np.ndarray]) -> None:
+        """One batch's target arrays and input arrays. targets None: the data has none (a language
+        model's), compared as no arrays; `data` digests the inputs in their place, as it always has."""
+        targets, inputs = None if targets is None else list(targets), list(inputs)
+        d, given = checksum_arrays(targets or []), checksum_arrays(inputs)
         i = len(self._seen)
         self._seen.append((d, given))
         if self._reference is None:
-            self._whole.update(digest_arrays(inputs).encode() + digest_arrays(targets).encode())
+            digest = digest_arrays(inputs)
+            self._whole.update(digest.encode() + (digest if targets is None else digest_arrays(targets)).encode())
             return
         if i < len(self._reference) and self._reference[i] == (d, given):
             return

@@ -73,7 +73,7 @@ def export_gradients(
         targets None for a loss that takes none (loss_fn gets None). A tuple or list of two is one
         (inputs, targets) dataset when all its leaves are arrays, unless both its items are pairs
         themselves (then it is two batches): tracin.jax.batches.PAIR_RULE. Every checkpoint must see
-        the same targets (the inputs when targets is None) in the same order (checked by fingerprints).
+        the same inputs and targets in the same order (checked by fingerprints).
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
         leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -205,11 +205,11 @@ class _JaxExport:
                 self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
             yield batch
 
-    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(targets, inputs) for the fingerprint; the inputs stand for targets that hold no arrays (None),
-        so the same-rows check of later checkpoints still has something to compare."""
-        checked = batch.targets if jax.tree_util.tree_leaves(batch.targets) else batch.inputs
-        return _host_leaves(checked, batch.count), _host_leaves(batch.inputs, batch.count)
+    def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
+        """(targets, inputs) for the fingerprint; targets None when they hold no arrays (DataFingerprint
+        then compares the inputs alone, which it digests once)."""
+        targets = _host_leaves(batch.targets, batch.count) if jax.tree_util.tree_leaves(batch.targets) else None
+        return targets, _host_leaves(batch.inputs, batch.count)
 
     def state_digest(self, source: Any, index: int) -> str:
         return state_digest(source)
