@@ -184,7 +184,11 @@ def test_the_users_functions_are_checked_once():
             r"one-shot iterator, but it is read once per "
             r"checkpoint \(2 checkpoints\)",
         ),
-        (_Scaled(_data(), n_rows=11), ValueError, "data gave 10 rows at checkpoint 0, expected 11"),
+        (
+            _Scaled(_data(), n_rows=11),
+            ValueError,
+            r"data gave 10 rows at checkpoint 0, but its length \(len\) was 11: len\(data\) must count the rows",
+        ),
     ],
 )
 def test_data_mistakes(framework, error, message):

@@ -396,6 +396,11 @@ class _Loop:
                 self.bar.close()
                 self.bar = self._bar()
                 self.bar.update(seen * (c + 1))
+        elif seen != self.n_rows and self.fingerprint.data is None:  # the first pass: n_rows is len(data)
+            raise ValueError(
+                f"data gave {seen} rows at checkpoint {c}, but its length (len) was {self.n_rows}: len(data) "
+                "must count the rows iterating it yields, and the data must not change during the export"
+            )
         elif seen != self.n_rows:
             raise ValueError(
                 f"data gave {seen} rows at checkpoint {c}, expected {self.n_rows}; "
