@@ -26,8 +26,10 @@ CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a l
 # same compared columns). Measured, hook gap / own-dtype gap on full rows: <= 1.08 clean (bfloat16 and
 # float16, GPT-2 12 layers at 512 tokens, 20-layer MLPs, Embedding-Linear-LayerNorm-Linear at 16-1024
 # tokens); a layer mixing the examples by 10% of a batch mean: 2.6 at 1024 tokens, 12 at 16 (float16:
-# 18, 60). A mixing of 5% at 1024 tokens (1.34) passes: a coupling below the model's own rounding is
-# accepted. (A Kronecker segment's few projected numbers make a noisy gap: token_projection._own_gap.)
+# 18, 60) with 2 threads; with 1 thread the own-dtype gap is larger and 10% at 1024 tokens passes
+# (20% is caught with both; tests/torch/test_first_rows_check.py). A mixing of 5% at 1024 tokens (1.34)
+# passes: a coupling below the model's own rounding is accepted. (A Kronecker segment's few projected
+# numbers make a noisy gap: token_projection._own_gap.)
 # A model that cannot run widened (a cast to bfloat16 inside its forward meets a float32 weight), or
 # whose forward runs under torch.autocast, is checked against its own (autocast's) dtype alone: atol
 # eps / 4 * sqrt(T) (that reference's own error, bfloat16: 4e-3 at T = 64, 1.5e-2 at 1024, 5.8e-2 at 2048).
