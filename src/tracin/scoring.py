@@ -451,7 +451,7 @@ def scores(
 
     Materialises the whole matrix: for small problems. Use top_k for large ones. Very wide rows
     (about 1e8 columns and more) need gigabytes of working memory: see top_k.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
     train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k.
@@ -488,7 +488,7 @@ def top_k(
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     On a device, test rows are scored in chunks of 1 GiB of their float32 rows (none for a test set
     already on it, plain scores) plus the running selection, 12 B x min(k, train rows) x sides per
     row, each passing over the train rows: the bar then counts train rows x chunks (its description:
@@ -764,7 +764,7 @@ def aggregate(
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s);
+    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
     train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
