@@ -42,7 +42,7 @@ def tolerances(dtype: torch.dtype, tokens: int = 1, widened: bool = True, own_ga
     against a reference `widened` to float32 (else one in `dtype` itself); `own_gap`: the largest
     |own-dtype autograd - widened reference| over the largest |reference| of the compared columns."""
     eps = torch.finfo(dtype).eps
-    if widened or eps <= torch.finfo(torch.float32).eps:
+    if not _counts_tokens(dtype, widened):
         return max(RTOL, eps), max(ATOL, 2 * eps, OWN_FACTOR * own_gap)
     return eps, eps / 4 * math.sqrt(max(tokens, 1))
 
@@ -74,6 +74,19 @@ def tokens_of_one(model: nn.Module, layers: Sequence[str], state: Mapping[str, t
         for h in handles:
             h.remove()
     return max(counts.values(), default=1)
+
+
+def tokens_counted(
+    reference: Reference, model: nn.Module, layers: Sequence[str], state: Mapping[str, torch.Tensor], one: Tree
+) -> int:
+    """tokens_of_one where the tolerance depends on it (a 16-bit reference that was not widened:
+    tolerances), else 1 without its forward pass."""
+    return tokens_of_one(model, layers, state, one) if _counts_tokens(reference.dtype, reference.own is not None) else 1
+
+
+def _counts_tokens(dtype: torch.dtype, widened: bool) -> bool:
+    """Whether the tolerance grows with the tokens summed: a 16-bit reference that was not widened."""
+    return not widened and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
 
 DIRECTIONS = 3  # random (u, v) pairs a factored layer is checked along
@@ -218,8 +231,12 @@ def _dense(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 def gap(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """The largest finite |a - b| over the largest finite |b| of (a, b) pairs of same-shape tensors."""
     diffs, sizes = zip(*(((a.to(b.dtype) - b).abs(), b.abs()) for a, b in pairs), strict=True)
-    top = [torch.stack([t.nan_to_num(0, 0, 0).max().double() for t in ts]).max().item() for ts in (diffs, sizes)]
-    return top[0] / max(top[1], 1e-30)
+    return largest_finite(diffs) / max(largest_finite(sizes), 1e-30)
+
+
+def largest_finite(tensors: Iterable[torch.Tensor]) -> float:
+    """The largest finite value over non-negative `tensors` (0 where none is finite)."""
+    return torch.stack([t.nan_to_num(0, 0, 0).max().double() for t in tensors]).max().item()
 
 
 def agrees(
@@ -235,7 +252,7 @@ def agrees(
     in; default want's) for gradients summed over `tokens` positions against a reference `widened` to
     float32 or not, `own_gap` the gap of autograd in the model's own dtype to it (tolerances)."""
     rtol, atol = tolerances(dtype or pairs[0][1].dtype, tokens, widened, own_gap)
-    scale = torch.stack([want.abs().nan_to_num(0, 0, 0).max().double() for _, want in pairs]).max().item()
+    scale = largest_finite(want.abs() for _, want in pairs)
     excess = torch.stack([_excess(got.to(want.dtype), want, rtol).max() for got, want in pairs])
     return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN
 

@@ -13,7 +13,7 @@ from torch.func import grad, vmap
 
 from .capture import NotCaptured, bytes_of_one
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_of_one
+from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_counted
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
 from .losses import LossFn, losses_of
@@ -146,7 +146,7 @@ class PerExampleGradients:
         pairs = [(out[:rows, o : o + w], _stacked(reference.rows, k)) for k, (o, w) in enumerate(columns)]
         widened = reference.own is not None
         own_gap = gap((_stacked(reference.own, k), want) for k, (_, want) in enumerate(pairs)) if widened else 0.0
-        tokens = tokens_of_one(self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
+        tokens = tokens_counted(reference, self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
         if not agrees(pairs, reference.dtype, tokens, widened, own_gap):
             _warn_leaving(
                 "they disagree with per-example autograd on the first batch: a layer mixes the "

@@ -41,7 +41,7 @@ from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows, slice_rows
-from .first_rows_check import Reference, agrees, checked_rows, gap, reference_gradients, tokens_of_one
+from .first_rows_check import Reference, agrees, checked_rows, gap, largest_finite, reference_gradients, tokens_counted
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
 from .losses import LossFn
@@ -193,7 +193,7 @@ class KroneckerRows:
         reference = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
         wide = self._reference_projected(reference.rows)
         own = None if reference.own is None else self._reference_projected(reference.own)
-        tokens = tokens_of_one(self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
+        tokens = tokens_counted(reference, self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
         dtype, widened = reference.dtype, reference.own is not None
         bad = []
         for j, seg in enumerate(self.kron):
@@ -235,7 +235,7 @@ class KroneckerRows:
             .item()
             for o, w in zip(reference.own, reference.rows, strict=True)
         )
-        scale = max(w.abs().nan_to_num(0, 0, 0).max().item() for w in wide)
+        scale = largest_finite(w.abs() for w in wide)
         return max(gap(zip(own, wide, strict=True)), _SPREAD * spread / max(scale, 1e-30))
 
     def _reference_projected(self, reference: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
