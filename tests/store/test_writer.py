@@ -1,5 +1,6 @@
 """GradientStoreWriter: round trips, progress, resume, spec checks, bad input."""
 
+import errno
 import json
 
 import ml_dtypes
@@ -87,6 +88,27 @@ def test_reopening_a_finished_store_gives_a_complete_writer(tmp_path):
     with pytest.raises(ValueError, match="is finalized"):
         w.write(0, 0, np.zeros((1, 2), np.float32))
     assert w.finalize().n_rows == 5
+
+
+@pytest.mark.parametrize("failing", ["write_json_atomic", "fsync_dir"])
+def test_finalize_retried_after_its_manifest_write_failed_finishes_the_store(tmp_path, monkeypatch, failing):
+    import tracin.store._writer as writer_module
+
+    w = tracin.GradientStore.create(tmp_path / "s", 4, [2])
+    w.write(0, 0, np.ones((4, 2), np.float32))
+    real = getattr(writer_module, failing)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, failing, disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        w.finalize()
+    monkeypatch.setattr(writer_module, failing, real)
+    w.write(0, 0, np.full((4, 2), 2, np.float32))  # still a writer: not finalized by the failed call
+    store = w.finalize()
+    assert store.complete and tracin.GradientStore.open(tmp_path / "s").complete
+    np.testing.assert_array_equal(read_rows(store)[0], np.full((4, 2), 2))
 
 
 def test_a_different_spec_names_what_differs(tmp_path):

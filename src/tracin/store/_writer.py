@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 from collections.abc import Callable, Iterator
@@ -219,9 +220,10 @@ class GradientStoreWriter:
             if missing:
                 detail = "; ".join(f"checkpoint {c}: rows {_ranges_text(r)}" for c, r in missing.items())
                 raise ValueError(f"cannot finalize {self.path}: rows not written yet ({detail})")
-            self._manifest.complete = True
-            write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+            # marked complete in memory only once on disk: a failed write (disk full) can be retried
+            write_json_atomic(self.path / MANIFEST, dataclasses.replace(self._manifest, complete=True).to_json())
             fsync_dir(self.path)
+            self._manifest.complete = True
         self.close()
         return self._open_store(self.path)
 
