@@ -108,7 +108,9 @@ class GradientStore(GradientSet):
 
     Before each chunk it checks that the store is still the one it opened (the manifest's store id,
     each file's device and inode) and that no file changed size, so a store re-created or truncated
-    under a reader is an error (StoreChangedError), not stale or zero scores, nor a SIGBUS.
+    between chunks is an error (StoreChangedError), not stale or zero scores. A file truncated while
+    a chunk of it is mapped (during a kernel call) can still kill the process with SIGBUS (see
+    docs/format.md): do not truncate or rewrite the files of a store that is being read.
     """
 
     def __init__(
