@@ -132,6 +132,18 @@ def test_a_missing_folder_is_named(tmp_path):
     assert not path.parent.exists()
 
 
+@pytest.mark.parametrize("name", ["missing/../out.txt", "missing/deeper/../../out.txt"])
+def test_parent_folders_after_a_missing_folder_fail_like_open(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        open(name, "w")
+    assert _whole_file.resolve(name) == os.path.join(tmp_path, name)  # kept as named
+    with pytest.raises(FileNotFoundError, match=f"cannot write {name}: no file can be created in"):
+        with whole_file(name):
+            pytest.fail("no file to write")
+    assert os.listdir(tmp_path) == []
+
+
 _AS_A_USER = """
 import os, sys
 from tracin._whole_file import whole_file

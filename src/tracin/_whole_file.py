@@ -87,7 +87,8 @@ def resolve(path: str | os.PathLike) -> str:
     its owner is this process's effective user or the folder's owner, as the kernel's
     fs.protected_symlinks rule for open(): else PermissionError naming `path` and the link (a link
     planted by another user would send the write elsewhere). OSError (ELOOP) naming `path` after
-    MAX_LINKS links. What cannot be looked up (a missing or unsearchable folder) is kept as named."""
+    MAX_LINKS links. What cannot be looked up (a missing or unsearchable folder) is kept as named,
+    with the rest of the path ("." and empty parts dropped; ".." kept, not collapsed)."""
     name = os.fsdecode(os.fspath(path))
     pending = name.split("/")
     resolved = "/" if os.path.isabs(name) else os.getcwd()
@@ -102,8 +103,8 @@ def resolve(path: str | os.PathLike) -> str:
         candidate = os.path.join(resolved, part)
         try:
             link = os.lstat(candidate)
-        except OSError:
-            return os.path.normpath(os.path.join(candidate, *pending))
+        except OSError:  # ".." not collapsed: "missing/../f" then fails to open as open() fails
+            return os.path.join(candidate, *(p for p in pending if p not in ("", ".")))
         if not stat.S_ISLNK(link.st_mode):
             resolved = candidate
             continue
