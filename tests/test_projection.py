@@ -572,3 +572,84 @@ def test_kronecker_dims_and_layer_factors_name_a_layer_of_the_wrong_type():
     with pytest.raises(TypeError, match="layer: .* is not a LayerMatrix spec"):
         proj.layer_factors(0, {"rows": 3}, 8)
     assert [f.shape for f in proj.layer_factors(0, {"rows": 4, "cols": 5}, 8)] == [(2, 4), (4, 5)]
+
+
+_THREADS_SCRIPT = """
+import hashlib, sys
+import numpy as np
+import tracin
+from tracin.projection import LayerMatrix
+proj = tracin.Projection(2 * 1024, 3, sys.argv[1], per_layer=True, kronecker=True)
+rng = np.random.default_rng(0)
+digest = hashlib.sha256()
+for layer in (LayerMatrix(300, 700, bias=True), LayerMatrix(200, 300, bias=True, transposed=True)):
+    x = rng.standard_normal((9, layer.width)).astype(np.float32)
+    y = proj.apply(x, segments=[layer], num_threads=int(sys.argv[2]))
+    digest.update(y.tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "sparse"])
+def test_kronecker_bits_do_not_depend_on_blas_or_kernel_threads(kind):
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for threads in ("1", "2"):
+        env = {**os.environ, **{v: threads for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+        done = subprocess.run(
+            [sys.executable, "-c", _THREADS_SCRIPT, kind, threads], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1, digests
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kronecker_overflow_names_the_row_like_the_dense_path(transposed, rng, monkeypatch):
+    from tracin import projection as module
+
+    layer = LayerMatrix(8, 8, bias=True, transposed=transposed)
+    x = rng.standard_normal((5, layer.width)).astype(np.float32)
+    x[3] = 2e38  # finite, but the products overflow float32
+    proj = tracin.Projection(16, per_layer=True, kronecker=True)
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1)  # a row at a time: rows numbered across blocks
+    message = "the projection of row 3 is not finite: the input holds NaN or Inf, or its values overflow float32"
+    with pytest.raises(ValueError, match=message):
+        proj.apply(x, segments=[layer])
+    with pytest.raises(ValueError, match=message):
+        proj.project_segment(x, 0, layer, 16)
+    with pytest.raises(ValueError, match=message.replace("row 3", "row 0")):
+        tracin.Projection(16).apply(x[3:])  # the dense path's message
+    assert np.isfinite(proj.apply(x[:3], segments=[layer])).all()
+
+
+def test_kronecker_extra_memory_stays_within_the_block_budget(rng, monkeypatch):
+    import tracemalloc
+
+    from tracin import projection as module
+
+    layer = LayerMatrix(64, 2048)  # a wide layer: checks on the whole input block would cost block x width
+    x = rng.standard_normal((32, layer.width)).astype(np.float32)
+    proj = tracin.Projection(64, per_layer=True, kronecker=True)
+    monkeypatch.setattr(module, "_BLOCK_BYTES", 1 << 20)
+    proj.apply(x[:1], segments=[layer])  # factors cached
+    tracemalloc.start()
+    try:
+        out = proj.apply(x, segments=[layer])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - out.nbytes < 1 << 20
+
+
+def test_zero_width_piece_is_named_with_per_layer(rng):
+    x = rng.standard_normal((7, 37)).astype(np.float32)
+    proj = tracin.Projection(8, per_layer=True)
+    with pytest.raises(ValueError, match=r"matrix\[0\] has no columns: with per_layer=True and no segments"):
+        proj.apply([x[:, :0], x])
+    with pytest.raises(ValueError, match=r"^matrix has no columns"):
+        proj.apply(x[:, :0])
+    np.testing.assert_array_equal(proj.apply([x[:, :0], x], segments=[37]), proj.apply(x, segments=[37]))

@@ -14,10 +14,9 @@ Kinds:
                   dim=1024; 4.6x slower at n=1, dim=8)
 
 Results are bit-identical for a given (seed, kind, dim, d) whatever the batch size, the thread
-count, the instruction set, or how the columns are split into pieces passed together. Kronecker
-segments (below) keep that for the batch size, threads and pieces but not across instruction sets:
-their products are NumPy matmuls, whose BLAS kernel (chosen per CPU) sets the rounding, so a store
-exported on another CPU can differ in the last bits (about 1e-6 relative).
+count, the instruction set, or how the columns are split into pieces passed together; Kronecker
+segments (below) too, their two products being computed by the same kernel (not by BLAS, whose
+rounding changes with its thread count and CPU).
 
 Kronecker projections (kronecker=True) project a layer's weight gradient G (rows x cols, the bias as
 a last column) to P_rows G P_cols^T (k_rows x k_cols), two independent matrices of this kind per
@@ -54,6 +53,7 @@ _IDENTITY_ROWS = 256  # rows of the identity projected at a time to materialise 
 _BLOCK_BYTES = 64 * 2**20  # float32 intermediates of a Kronecker segment's rows projected at a time
 
 _View = tuple[np.ndarray, str]
+_OVERFLOW = "the projection of row {} is not finite: the input holds NaN or Inf, or its values overflow float32"
 
 
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -271,7 +271,16 @@ class Projection:
         if not self.per_layer:
             self._project(views, 0, self.dim, column_offset, out, threads)
             return out
-        layout = [v.shape[1] for v, _ in views] if segments is None else self._segments(segments, d)
+        if segments is None:
+            layout = [v.shape[1] for v, _ in views]
+            if 0 in layout:
+                name = f"matrix[{layout.index(0)}]" if isinstance(matrix, (list, tuple)) else "matrix"
+                raise ValueError(
+                    f"{name} has no columns: with per_layer=True and no segments each piece is a segment, "
+                    "which needs >= 1 column"
+                )
+        else:
+            layout = self._segments(segments, d)
         dims = self.segment_dims(len(layout))
         start = out_start = 0
         for j, (segment, dim) in enumerate(zip(layout, dims, strict=True)):
@@ -350,35 +359,59 @@ class Projection:
         self, piece: list[_View], index: int, segment: Segment, dim: int, out: np.ndarray, threads: int
     ) -> None:
         if isinstance(segment, LayerMatrix):
-            self._project_layer(piece, index, segment, dim, out)
+            self._project_layer(piece, index, segment, dim, out, threads)
         else:
             self._project(piece, 1 + index, dim, 0, out, threads)
 
-    def _project_layer(self, piece: list[_View], index: int, layer: LayerMatrix, dim: int, out: np.ndarray) -> None:
+    def _project_layer(
+        self, piece: list[_View], index: int, layer: LayerMatrix, dim: int, out: np.ndarray, threads: int
+    ) -> None:
         """Writes P_rows G P_cols^T of each row's layer gradient G (flattened row-major, then zeros) into
-        out (n, dim), a block of rows at a time (float32 copies and intermediates of about _BLOCK_BYTES)."""
-        p_rows, p_cols = self.layer_factors(index, layer, dim)
-        (k_rows, rows), k_cols = p_rows.shape, p_cols.shape[0]
-        copied = len(piece) > 1 or piece[0][1] != "float32"
-        per_row = 4 * (rows * k_cols + k_rows * k_cols + (layer.width if copied else 0))
+        out (n, dim), a block of rows at a time (float32 copies and intermediates of about _BLOCK_BYTES).
+        Both products are kernel projections (of G's rows by P_cols and of the columns by P_rows, in the
+        order that reads G along its stored runs), so the bits do not depend on the batch, block or
+        thread count, nor on the instruction set."""
+        k_rows, k_cols = self.kronecker_dims(dim, layer)
+        rows, cols, stream = layer.rows, layer.cols + int(layer.bias), _KRONECKER_STREAM + 2 * index
+        steps = 3 * cols * k_rows if layer.transposed else 2 * rows * k_cols + k_rows * k_cols
+        per_row = 4 * (2 * layer.width + steps + k_rows * k_cols)  # copies of G and W, the products
         block = max(1, _BLOCK_BYTES // per_row)
         out[:, k_rows * k_cols :] = 0
         for start in range(0, out.shape[0], block):
             stop = min(start + block, out.shape[0])
             parts = [_widened(v[start:stop], t) for v, t in piece]
             g = parts[0] if len(parts) == 1 else np.hstack(parts)
-            finite = np.isfinite(g).all(axis=1)
-            if not finite.all():
-                raise ValueError(f"matrix: row {start + int(np.argmin(finite))} is not finite (NaN or Inf)")
+            _check_rows_finite(g, start, "matrix: row {} is not finite (NaN or Inf)")
             n, weights = g.shape[0], layer.rows * layer.cols
-            if layer.transposed:
-                w = g[:, :weights].reshape(n, layer.cols, layer.rows).transpose(0, 2, 1)
-            else:
-                w = g[:, :weights].reshape(n, layer.rows, layer.cols)
-            product = p_rows @ (w @ p_cols[:, : layer.cols].T)  # (n, k_rows, k_cols)
-            if layer.bias:  # per-row products (as above): the same bits whatever the block and batch sizes
-                product += (p_rows @ g[:, weights:, None]) * p_cols[:, layer.cols]
-            out[start:stop, : k_rows * k_cols] = product.reshape(n, k_rows * k_cols)
+            w = g[:, :weights].reshape(n * (layer.cols if layer.transposed else rows), -1)
+            bias = [np.ascontiguousarray(g[:, weights:])] if layer.bias else []
+            if layer.transposed:  # G's columns are contiguous: P_rows first, giving P_rows G row by row
+                left = self._times([w], stream, k_rows, rows, threads).reshape(n, layer.cols, k_rows)
+                if bias:
+                    left = np.concatenate([left, self._times(bias, stream, k_rows, rows, threads)[:, None]], axis=1)
+                left = np.ascontiguousarray(left.transpose(0, 2, 1)).reshape(n * k_rows, cols)
+                product = self._times([left], stream + 1, k_cols, cols, threads).reshape(n, k_rows * k_cols)
+            else:  # G's rows are contiguous: P_cols first, then P_rows on the columns of G P_cols^T
+                right = self._times([w, *(b.reshape(n * rows, 1) for b in bias)], stream + 1, k_cols, cols, threads)
+                right = np.ascontiguousarray(right.reshape(n, rows, k_cols).transpose(0, 2, 1))
+                both = self._times([right.reshape(n * k_cols, rows)], stream, k_rows, rows, threads)
+                product = both.reshape(n, k_cols, k_rows).transpose(0, 2, 1).reshape(n, k_rows * k_cols)
+            _check_rows_finite(product, start, _OVERFLOW)
+            out[start:stop, : k_rows * k_cols] = product
+
+    def _times(self, views: list[np.ndarray], stream: int, k: int, side: int, threads: int) -> np.ndarray:
+        """(m, k) float32: the (m, side) float32 columns of `views` side by side times P^T, P the (k, side)
+        matrix of `stream` (layer_factors' factor; the identity when k == side). A non-finite result is
+        returned as it is, for the caller to name its row."""
+        if k == side:
+            return views[0] if len(views) == 1 else np.hstack(views)
+        out = np.empty((views[0].shape[0], k), dtype=np.float32)
+        try:
+            self._project([(v, "float32") for v in views], stream, k, 0, out, threads)
+        except ValueError:  # a non-finite result (the kernel's check after filling out): the caller names the row
+            if np.isfinite(out).all():
+                raise
+        return out
 
     def _project(
         self, views: list[_View], stream: int, dim: int, column_offset: int, out: np.ndarray, threads: int
@@ -465,6 +498,14 @@ def _layer(layer: Any, name: str) -> LayerMatrix:
     if not isinstance(layer, LayerMatrix):
         raise TypeError(f"{name} must be a LayerMatrix (or its to_dict()), got {type(layer).__name__}")
     return layer
+
+
+def _check_rows_finite(a: np.ndarray, start: int, message: str) -> None:
+    """ValueError(message.format(row)) for the first row of a (n, m) holding NaN or Inf, rows numbered
+    from `start`; found by row maxima and minima (NaN propagates), without an (n, m) temporary."""
+    finite = np.isfinite(a.max(axis=1)) & np.isfinite(a.min(axis=1))
+    if not finite.all():
+        raise ValueError(message.format(start + int(np.argmin(finite))))
 
 
 def _widened(arr: np.ndarray, dtype: str) -> np.ndarray:
