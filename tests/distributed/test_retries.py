@@ -1,5 +1,5 @@
 """Which task failures tracin.distributed runs again: I/O errors (OSError) up to RETRIES times, never
-a deterministic error such as the ValueError / TypeError of a validation."""
+a deterministic error such as the ValueError / TypeError of a validation, or a missing file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tracin.distributed._run import RETRIES, Job
+from tracin.distributed._run import NO_RETRY, RETRIES, Job
 
 
 def _counted(log: str, error: type[Exception] | None, failures: int) -> str:
@@ -39,5 +39,15 @@ def test_io_errors_are_retried(client, tmp_path):
     log = str(tmp_path / "more")
     job = Job(client, "test")
     with pytest.raises(OSError, match=f"failure {RETRIES + 1}"):
-        job.wait([job.submit(_counted, log, FileNotFoundError, RETRIES + 1)], progress=False)
+        job.wait([job.submit(_counted, log, ConnectionResetError, RETRIES + 1)], progress=False)
     assert len(Path(log).read_text().splitlines()) == RETRIES + 1
+
+
+@pytest.mark.parametrize("error", NO_RETRY)
+def test_missing_files_and_refused_permissions_fail_at_once(client, tmp_path, error):
+    """Another try would meet the same missing file (say a store that this worker does not see)."""
+    log = str(tmp_path / "calls")
+    job = Job(client, "test")
+    with pytest.raises(error, match="failure 1"):
+        job.wait([job.submit(_counted, log, error, RETRIES)], progress=False)
+    assert len(Path(log).read_text().splitlines()) == 1

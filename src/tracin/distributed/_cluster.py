@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -95,6 +96,14 @@ def slots_by_host(client: Client, wait: bool = False) -> dict[str, int]:
     for w in workers.values():
         slots[w["host"]] += w["nthreads"]
     return dict(slots)
+
+
+def worker_name() -> str:
+    """This Dask worker's address, or the host's name outside a worker (say a task called directly)."""
+    try:
+        return get_worker().address
+    except ValueError:  # not in a worker
+        return f"{socket.gethostname()} (not a Dask worker)"
 
 
 def kernel_threads(num_threads: int | None, slots: dict[str, int]) -> int:

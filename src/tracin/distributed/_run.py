@@ -15,9 +15,11 @@ from .._progress import progress_bar
 from ..scoring import rows_shifted
 
 # A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
-# exception (bad input: the ValueError / TypeError of a validation) fails the job at once. A worker
+# exception (bad input: the ValueError / TypeError of a validation) fails the job at once, and so do a
+# missing file and a refused permission (NO_RETRY), which another try would only meet again. A worker
 # that dies is Dask's to handle: it reschedules the task, up to distributed.scheduler.allowed-failures.
 RETRIES = 2
+NO_RETRY = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError)
 FAN_IN = 8  # results merged per merge task (tree depth log_8 of the shard count)
 
 
@@ -130,10 +132,12 @@ class Job:
 
 
 def _retrying(fn: Callable, *args: Any) -> Any:
-    """fn(*args), called again up to RETRIES times while it raises OSError."""
+    """fn(*args), called again up to RETRIES times while it raises an OSError other than NO_RETRY's."""
     for _ in range(RETRIES):
         try:
             return fn(*args)
+        except NO_RETRY:
+            raise
         except OSError:
             pass
     return fn(*args)

@@ -10,6 +10,8 @@ from typing import Any
 
 from ..gradients import GradientSet
 from ..store import GradientStore, StoreChangedError
+from ..store._format import MANIFEST
+from ._cluster import worker_name
 
 MAX_SHARD_BYTES = 256 * 2**20  # no default shard larger (a store's default chunk: one kernel call)
 MIN_SHARD_BYTES = 16 * 2**20  # none smaller but the last: a task costs ~15 ms (benchmarks/results/distributed.json)
@@ -43,9 +45,11 @@ class StoreRows:
         return replace(self, start=self.start + a, stop=self.start + b)
 
     def open(self) -> GradientStore:
-        """Opens the store by path, checking its files (StoreFormatError / FileNotFoundError naming
-        the file when one is missing or corrupt) and that it is the store opened on the client
-        (StoreChangedError otherwise), and returns the view of these rows."""
+        """Opens the store by path, checking that this worker sees it (a ValueError naming the worker
+        otherwise), its files (StoreFormatError naming the file when one is missing or corrupt) and
+        that it is the store opened on the client (StoreChangedError otherwise), and returns the
+        view of these rows."""
+        refuse_unseen(self.path)
         store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
         if store.store_id != self.store_id:
             raise StoreChangedError(
@@ -62,6 +66,17 @@ class StoreRows:
 
     def __str__(self) -> str:
         return f"rows [{self.start}, {self.stop}) of {self.path}"
+
+
+def refuse_unseen(path: str) -> None:
+    """On a worker: a ValueError naming it when it does not see the store at `path` (no manifest
+    there, though the client found one): the workers do not share the client's file system."""
+    if not os.path.lexists(os.path.join(path, MANIFEST)):
+        raise ValueError(
+            f"gradient store {path} is not visible on worker {worker_name()} (no {MANIFEST} there, though the "
+            "client found it): every worker must see the store at the same path, on a file system shared with "
+            "the client"
+        )
 
 
 def as_side(x: Any, name: str) -> GradientSet | Any:
