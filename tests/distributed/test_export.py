@@ -301,6 +301,7 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
         seen[name] = torch.get_num_threads()
 
     monkeypatch.setattr(_export, "_export_function", lambda adapter: export)
+    monkeypatch.setattr(_export, "refuse_unseen", lambda path: None)  # no store: the export is a stand-in
 
     def task(name):
         _export.export_part("torch", cloudpickle.dumps(((name,), {})), "unused", 0, 1, 1, {})
@@ -330,6 +331,7 @@ def test_a_task_gives_its_thread_back_its_own_count(monkeypatch):
     """A worker thread whose count differs from the default has its own back after a task, not the default."""
     default = _fresh_thread_count()
     monkeypatch.setattr(_export, "_export_function", lambda adapter: lambda store, progress: None)
+    monkeypatch.setattr(_export, "refuse_unseen", lambda path: None)  # no store: the export is a stand-in
     after: list[int] = []
 
     def worker_thread():

@@ -6,9 +6,13 @@ import re
 
 import numpy as np
 import pytest
+from distributed import get_task_stream
 
 import tracin
 import tracin.distributed as td
+from tracin._export.driver import store_rows
+from tracin.distributed import _export
+from tracin.store._files import read_manifest
 
 
 def test_bar_over_shards(client, tied, capsys):
@@ -34,16 +38,86 @@ def test_local_cluster_started_on_loopback(tied, capsys):
     assert "tracin.distributed: LocalCluster of" in err and "dashboard http://127.0.0.1:" in err
 
 
-def test_export_bar_counts_one_range_per_worker_thread(client, tmp_path, capsys):
-    """Each range reads all the data (once per checkpoint): the default is one per worker thread."""
+def _export_setup(n_rows: int) -> tuple:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
-    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
-    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
-    loss = torch.nn.CrossEntropyLoss(reduction="none")
-    td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, progress=True)
-    assert re.search(r"100%.* 2/2 .*shard", capsys.readouterr().err)  # 2 worker threads
-    one = (data[0][:1], data[1][:1])
-    td.export_gradients("torch", model, checkpoints, one, loss, store=tmp_path / "one", client=client, progress=True)
-    assert re.search(r"100%.* 1/1 .*shard", capsys.readouterr().err)  # at most one per row
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, lr) for lr in (0.1, 0.05)]
+    data = (torch.randn(n_rows, 4), torch.randint(0, 3, (n_rows,)))
+    return model, checkpoints, data, torch.nn.CrossEntropyLoss(reduction="none")
+
+
+def test_export_runs_one_range_per_worker_thread(client, tmp_path):
+    """Each range reads all the data (once per checkpoint): the default is one per worker thread."""
+    model, checkpoints, data, loss = _export_setup(30)
+    for rows, tasks in ((30, 2), (1, 1)):  # 2 worker threads; at most one range per row
+        with get_task_stream(client) as stream:
+            one = (data[0][:rows], data[1][:rows])
+            td.export_gradients("torch", model, checkpoints, one, loss, store=tmp_path / f"{rows}", client=client)
+        assert sum("export_part" in t["key"] for t in stream.data) == tasks
+
+
+class _Recorded:
+    """progress_bar's stand-in: records the bar's total, description and updates."""
+
+    bars: list[_Recorded] = []
+
+    def __init__(self, total, enabled, desc, **kw):
+        self.total, self.enabled, self.desc, self.updates, self.closed = total, enabled, desc, [], False
+        _Recorded.bars.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.updates.append(n)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_export_bar_counts_the_rows_written_times_checkpoints(client, tmp_path, monkeypatch, capsys):
+    model, checkpoints, data, loss = _export_setup(30)
+    monkeypatch.setattr(_export, "progress_bar", _Recorded)
+    _Recorded.bars = []
+    td.export_gradients(
+        "torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, shards=3, progress=True
+    )
+    (bar,) = _Recorded.bars
+    assert (bar.total, bar.enabled, bar.desc) == (60, True, "tracin.distributed export (torch)")
+    assert sum(bar.updates) == 60 and min(bar.updates) >= 0 and bar.closed  # 30 rows x 2 checkpoints
+    assert "tracin.torch export: reading the data" in capsys.readouterr().err  # the client's pass, shown
+
+
+def test_rows_written_counts_the_manifest_and_every_range_file(tmp_path):
+    """RowsWritten, which the bar polls: rows of the manifest, then those range writers add, per checkpoint."""
+    path = tmp_path / "s"
+    writer = tracin.GradientStore.create(path, 30, [3, 2], None)
+    writer.write(0, 0, np.ones((5, 3), np.float32))
+    writer.close()
+    rows = _export.RowsWritten(path, read_manifest(path))
+    assert (rows.total, rows.count()) == (60, 5)
+    ranges = [tracin.GradientStore.create(path, 30, [3, 2], None, rows=r) for r in ((0, 10), (10, 30))]
+    ranges[1].write(0, 10, np.ones((10, 3), np.float32))
+    assert rows.count() == 15
+    ranges[0].write(1, 0, np.ones((10, 2), np.float32))
+    ranges[0].write(0, 0, np.ones((10, 3), np.float32))  # rows [0, 5) again: counted once
+    assert rows.count() == 30
+    ranges[1].write(1, 10, np.ones((20, 2), np.float32))
+    assert rows.count() == 50
+    for writer in ranges:
+        writer.close()
+
+
+def test_rows_written_counts_one_row_per_checkpoint_of_a_factored_export(tmp_path):
+    """A factored export stores a column per layer and checkpoint (here 2 x 2): a row counts once per checkpoint."""
+    torch = pytest.importorskip("torch")
+    import tracin.torch
+
+    _, checkpoints, data, loss = _export_setup(20)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, lr) for _, lr in checkpoints]
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "s", mode="factored")
+    with store_rows(0, 8):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "s", mode="factored")
+    manifest = read_manifest(tmp_path / "s")
+    rows = _export.RowsWritten(tmp_path / "s", manifest)
+    assert len(manifest.dims) == 4 and (rows.total, rows.count()) == (40, 16)

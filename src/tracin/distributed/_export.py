@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -14,14 +16,19 @@ from typing import Any
 import cloudpickle
 
 from .._export.driver import store_rows
-from .._progress import check_progress
+from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
-from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host
+from ..store._files import read_manifest
+from ..store._format import Manifest, add_range
+from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
 from ._run import Job, TaskFailedError
-from ._shards import shard_ranges
+from ._shards import refuse_unseen, shard_ranges
 
 ADAPTERS = ("torch", "jax")
+# what resume.refuse_another_export says of a store exported from other inputs (the changes in group 1)
+_OTHER_INPUTS = re.compile(r"holds gradients exported from other inputs: (.*?)\. Rows from both cannot be mixed", re.S)
+POLL_S = 1.0  # how often the bar of rows written reads the range writers' progress files
 _THREADS_LOCK = threading.Lock()
 _threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's default count before the first]
 
@@ -48,15 +55,22 @@ def export_gradients(
     client finally merges the ranges' progress and finalizes the store. A task whose worker dies is
     run again by Dask and resumes after its last written block; running the same call again after
     an interruption resumes the store. args and kwargs travel to the workers pickled (cloudpickle:
-    lambdas and torch modules pickle; checkpoints given as paths must be readable there), once per
-    worker; each task reads all the data but computes only its rows.
+    lambdas and torch modules pickle; something that does not is a TypeError naming it, before
+    anything is read), once per worker; checkpoints and optimizer states given as relative paths are
+    made absolute here, and must be readable at that path there. Each task reads all the data but
+    computes only its rows; a worker that does not see the store, or reads other data or
+    checkpoints than the client, fails the call with a ValueError naming it.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call. A
         cluster with no worker yet is waited for, without limit (_cluster.WORKER_WAIT_S sets one).
-    shards: number of row ranges (None: one per worker thread, at most one per row). Each task reads
-        all the data once per checkpoint, plus once to check its fingerprint, so more shards read more.
+    shards: number of row ranges of the rows not written yet (None: one per worker thread, at most one
+        per row; a range is split where written rows lie inside it). Each task reads all the data once
+        per checkpoint, plus once to check its fingerprint, so more shards read more. A finished store
+        is returned once the client has checked it against these inputs; no task runs.
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
         threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
-    progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
+    progress: tqdm bars (None: after a few seconds, if tqdm is installed) of the client's pass over the
+        data, then of the rows written (times the checkpoints), read from the tasks' progress files
+        every POLL_S seconds.
     """
     fn = _export_function(adapter)
     if not isinstance(store, (str, os.PathLike)):
@@ -65,22 +79,48 @@ def export_gradients(
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
     path = os.path.abspath(store)
+    args, kwargs = absolute_checkpoints(args, kwargs)
+    sent = pickled(args, kwargs)  # before anything is read or created: args that cannot travel fail first
     with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
-        fn(*args, store=path, progress=False, **kwargs)
-    n_rows = GradientStore.open(path, allow_partial=True).info()["rows"]  # all rows, not the written prefix
+        fn(*args, store=path, progress=progress, **kwargs)
+    manifest = read_manifest(Path(path))  # every range writer's progress merged into it
+    if manifest.complete:  # finished before: checked against these inputs, nothing to write
+        return GradientStore.open(path)
+    missing = missing_rows(manifest)
+    if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
+        _write_ranges(adapter, sent, path, manifest, missing, client, shards, num_threads, progress)
+    with _range_writers_named(path):
+        # merges the ranges' progress and finalizes; no bar: its export bar would count passes not computed
+        return fn(*args, store=path, progress=False, **kwargs)
+
+
+def _write_ranges(
+    adapter: str,
+    sent: bytes,
+    path: str,
+    manifest: Manifest,
+    missing: list[tuple[int, int]],
+    client: Any,
+    shards: int | None,
+    num_threads: int | None,
+    progress: bool | None,
+) -> None:
+    """The `missing` rows of the store at `path` written by tasks on the cluster, cut into `shards` ranges."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c:
         job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
-        # pickled here as they are: Dask's own serializer of torch modules loses their hook dicts' type
-        sent = job.send(cloudpickle.dumps((args, kwargs)))
+        # pickled before as they are: Dask's own serializer of torch modules loses their hook dicts' type
+        sent_once = job.send(sent)
         slot_count = sum(slots.values())
-        ranges = shard_ranges(n_rows, 1, slot_count, shards or slot_count)
         parts = [
-            job.submit(export_part, adapter, sent, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}")
-            for a, b in ranges
+            job.submit(
+                export_part, adapter, sent_once, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}"
+            )
+            for a, b in cut(missing, slot_count, shards or slot_count)
         ]
         try:
-            job.wait(parts, progress)
+            with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
+                job.wait(parts, False)
         except (KeyboardInterrupt, TaskFailedError) as e:  # interrupted, or workers lost: a rerun resumes
             if outside:  # else the call's own LocalCluster, closed on the way out, stops its tasks
                 _noted(
@@ -90,8 +130,143 @@ def export_gradients(
                     "calling again to resume, or call client.restart()",
                 )
             raise
-    with _range_writers_named(path):
-        return fn(*args, store=path, progress=False, **kwargs)  # merges the ranges' progress and finalizes
+
+
+def absolute_checkpoints(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """args and kwargs with each checkpoint's path, and optimizer-state path, made absolute here
+    (both adapters take checkpoints second): workers run in other directories. Anything else as given."""
+
+    def absolute(entry: Any) -> Any:
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            return entry  # the adapter's validation names it
+        return type(entry)(
+            os.path.abspath(x) if i != 1 and isinstance(x, (str, os.PathLike)) else x for i, x in enumerate(entry)
+        )
+
+    def each(checkpoints: Any) -> Any:
+        if isinstance(checkpoints, (str, bytes, os.PathLike)) or not isinstance(checkpoints, (tuple, list)):
+            return checkpoints
+        return type(checkpoints)(absolute(entry) for entry in checkpoints)
+
+    if "checkpoints" in kwargs:
+        return args, {**kwargs, "checkpoints": each(kwargs["checkpoints"])}
+    if len(args) > 1:
+        return (args[0], each(args[1]), *args[2:]), kwargs
+    return args, kwargs
+
+
+def pickled(args: tuple, kwargs: dict) -> bytes:
+    """cloudpickle of (args, kwargs), which travel to the workers; a TypeError naming the first
+    argument that does not pickle otherwise."""
+    try:
+        return cloudpickle.dumps((args, kwargs))
+    except Exception as e:
+        named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
+        which = next((name for name, value in named if not _pickles(value)), "args or kwargs")
+        raise TypeError(
+            f"{which} cannot be pickled ({type(e).__name__}: {e}): tracin.distributed sends the export's "
+            "args and kwargs to the workers with cloudpickle; pass data and checkpoints that pickle (say a "
+            "Dataset reading files by path, rather than one holding an open file, lock or connection)"
+        ) from e
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value)
+    except Exception:
+        return False
+    return True
+
+
+def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
+    """The sorted, disjoint row ranges some checkpoint of the store lacks."""
+    union: list = []
+    for c in range(len(manifest.dims)):
+        for a, b in manifest.missing(c):
+            union = add_range(union, a, b)
+    return [(a, b) for a, b in union]
+
+
+def cut(missing: list[tuple[int, int]], slots: int, shards: int) -> list[tuple[int, int]]:
+    """Row ranges covering `missing` (sorted, disjoint): its rows cut into `shards` near-equal parts
+    (at most one per row), a part split where written rows lie inside it."""
+    total = sum(b - a for a, b in missing)
+    ranges = []
+    for lo, hi in shard_ranges(total, 1, slots, shards):  # positions among the missing rows
+        offset = 0
+        for a, b in missing:
+            start, stop = max(lo, offset), min(hi, offset + b - a)
+            if start < stop:
+                ranges.append((a + start - offset, a + stop - offset))
+            offset += b - a
+    return ranges
+
+
+@contextmanager
+def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) -> Iterator[None]:
+    """A bar (progress_bar(enabled=progress)) of the rows written into the store at `path`, times
+    its checkpoints, polled from its range writers' progress files every POLL_S seconds while inside."""
+    rows = RowsWritten(Path(path), manifest)
+    bar = progress_bar(rows.total, progress, desc, unit="row", unit_scale=False)
+    shown = 0
+
+    def show() -> None:
+        nonlocal shown
+        now = rows.count()
+        bar.update(now - shown)
+        shown = now
+
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(POLL_S):
+            show()
+
+    poller = threading.Thread(target=poll, name="tracin export progress", daemon=True)
+    if progress is not False:
+        show()
+        poller.start()
+    try:
+        yield
+        show()
+    finally:
+        stop.set()
+        if poller.is_alive():
+            poller.join()
+        bar.close()
+
+
+class RowsWritten:
+    """Rows written into a store, summed over its checkpoints: those its manifest records, and those
+    its range writers' progress files (rows-*.json) record so far."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = root
+        self.written = [[list(r) for r in manifest.written[c]] for c in range(len(manifest.dims))]
+        n = _checkpoint_count(manifest)
+        self.slots = len(manifest.dims) // n  # store columns per checkpoint (a factored export: one per layer)
+        self.total = manifest.n_rows * n
+
+    def count(self) -> int:
+        for file in self.root.glob("rows-*.json"):
+            try:
+                written = json.loads(file.read_bytes())["written"]
+                for c, ranges in enumerate(written[: len(self.written)]):
+                    for a, b in ranges:
+                        self.written[c] = add_range(self.written[c], int(a), int(b))
+            except (OSError, ValueError, KeyError, TypeError):  # replaced or removed meanwhile: next time
+                continue
+        return sum(b - a for ranges in self.written for a, b in ranges) // self.slots
+
+
+def _checkpoint_count(manifest: Manifest) -> int:
+    """The checkpoints an export's store holds (its metadata's fingerprints list one digest each);
+    one per store column when that is not recorded."""
+    metadata = manifest.metadata if isinstance(manifest.metadata, dict) else {}
+    fingerprints = metadata.get("fingerprints")
+    digests = fingerprints.get("checkpoints") if isinstance(fingerprints, dict) else None
+    columns = len(manifest.dims)
+    return len(digests) if isinstance(digests, list) and digests and columns % len(digests) == 0 else columns
 
 
 def _noted(e: BaseException, note: str) -> None:
@@ -124,13 +299,23 @@ def export_part(
     adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
 ) -> None:
     """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
-    written into the store at `path`."""
+    written into the store at `path`, which the client created (a ValueError naming this worker,
+    before any data is read, when it does not see it)."""
+    refuse_unseen(path)
     args, kwargs = cloudpickle.loads(sent)
     export = _export_function(adapter)
     threads = torch_threads(kernel_threads(num_threads, slots)) if adapter == "torch" else nullcontext()
     try:
         with threads, store_rows(start, stop):
             export(*args, store=path, progress=False, **kwargs)
+    except ValueError as e:  # the client created the store from its reading of the same arguments
+        found = _OTHER_INPUTS.search(str(e))
+        if found is None:
+            raise
+        raise ValueError(
+            f"the data or checkpoints as read on worker {worker_name()} differ from the client's "
+            f"({found.group(1)}): every worker must read identical data and checkpoint files"
+        ) from e
     except AssertionError as e:  # multiprocessing's, when data starts processes in a daemonic worker
         if "daemonic processes are not allowed to have children" not in str(e):
             raise

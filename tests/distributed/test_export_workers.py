@@ -1,0 +1,202 @@
+"""A distributed export whose workers differ from the client (a store they do not see, data read
+otherwise, checkpoints by a path relative to the client's directory), arguments that do not pickle,
+and the rows a rerun gives its tasks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from distributed import get_task_stream, get_worker
+
+torch = pytest.importorskip("torch")
+
+import tracin  # noqa: E402
+import tracin.distributed as td  # noqa: E402
+import tracin.torch  # noqa: E402
+from tracin._export.driver import store_rows  # noqa: E402
+from tracin.distributed._export import absolute_checkpoints, export_part  # noqa: E402
+from tracin.distributed._run import Job  # noqa: E402
+
+from .test_export import _same_store, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
+
+WORKER = r"worker tcp://127\.0\.0\.1:\d+"
+
+
+def _passes(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def _logged(batches: list, log: Path, bump_on_workers: float = 0.0) -> object:
+    """Re-iterable batches (a local class: cloudpickled by value) writing a line to `log` per pass,
+    wherever it runs; `bump_on_workers` is added to the inputs read on a Dask worker."""
+
+    class Logged:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            with open(log, "a") as f:
+                f.write("pass\n")
+            try:
+                get_worker()
+                bump = bump_on_workers
+            except ValueError:  # the client
+                bump = 0.0
+            for inputs, targets in batches:
+                yield inputs + bump, targets
+
+    return Logged()
+
+
+def _batches(data: tuple, size: int = 10) -> list:
+    inputs, targets = data
+    return [(inputs[i : i + size], targets[i : i + size]) for i in range(0, len(inputs), size)]
+
+
+def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(client, tmp_path):
+    """No shared file system: a ValueError naming the worker, before the data is read, and not retried."""
+    model, checkpoints, data, loss = _setup(20, 4)
+    log = tmp_path / "reads"
+    sent = cloudpickle.dumps(((model, checkpoints, _logged(_batches(data), log), loss), {}))
+    job = Job(client, "test")
+    task = job.submit(export_part, "torch", sent, str(tmp_path / "absent"), 0, 10, 1, {})
+    with pytest.raises(ValueError, match=rf"store {tmp_path / 'absent'} is not visible on {WORKER} .*same path"):
+        job.wait([task], progress=False)
+    assert _passes(log) == 0
+
+
+def test_a_scoring_task_whose_worker_does_not_see_the_store_names_it(client, tied, tmp_path):
+    shutil.copytree(tied["store"].path, tmp_path / "s")
+    store = tracin.GradientStore.open(tmp_path / "s")
+    (tmp_path / "s").rename(tmp_path / "elsewhere")  # found on the client, not where the tasks look
+    with pytest.raises(ValueError, match=rf"store {tmp_path / 's'} is not visible on {WORKER}"):
+        td.self_influence(store, client=client, shards=2)
+
+
+def test_data_read_otherwise_on_a_worker_is_named(client, tmp_path):
+    model, checkpoints, data, loss = _setup(20, 4)
+    differs = _logged(_batches(data), tmp_path / "reads", bump_on_workers=1.0)
+    with pytest.raises(
+        ValueError,
+        match=rf"data or checkpoints as read on {WORKER} differ from the client's \(the data .*\): every worker "
+        "must read identical data and checkpoint files$",
+    ):
+        td.export_gradients("torch", model, checkpoints, differs, loss, store=tmp_path / "s", client=client, shards=2)
+
+
+def test_arguments_that_do_not_pickle_are_named_before_anything_is_read(client, tmp_path):
+    model, checkpoints, data, loss = _setup(20, 4)
+    log = tmp_path / "reads"
+    batches = _logged(_batches(data), log)
+    batches.lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"^args\[2\] cannot be pickled \(.*_thread\.lock.*\): .* to the workers"):
+        td.export_gradients("torch", model, checkpoints, batches, loss, store=tmp_path / "s", client=client)
+    with pytest.raises(TypeError, match=r"^kwargs\['loss_fn'\] cannot be pickled"):
+        td.export_gradients(
+            "torch", model, checkpoints, _batches(data), loss_fn=batches, store=tmp_path / "s", client=client
+        )
+    assert _passes(log) == 0 and not (tmp_path / "s").exists()
+
+
+def test_relative_checkpoint_paths_are_found_by_workers_in_other_directories(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = _setup(30, 4)
+    for c, (state, _) in enumerate(checkpoints):
+        torch.save(state, tmp_path / f"m{c}.pt")
+    files = [(f"m{c}.pt", lr) for c, (_, lr) in enumerate(checkpoints)]
+    absolute = [(str(tmp_path / name), lr) for name, lr in files]
+    expected = tracin.torch.export_gradients(model, absolute, data, loss, store=tmp_path / "one", progress=False)
+    monkeypatch.chdir(tmp_path)
+    before = client.run(os.getcwd)
+    client.run(os.chdir, "/")  # workers started in another directory than the client
+    try:
+        found = td.export_gradients("torch", model, files, data, loss, store="many", client=client, progress=False)
+    finally:
+        for worker, cwd in before.items():
+            client.run(os.chdir, cwd, workers=[worker])
+    _same_store(found, expected)
+
+
+def test_absolute_checkpoints_resolves_sources_and_optimizer_states_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state, opt = {"w": 1}, {"state": {}}
+    given = [("a.pt", 0.1), (Path("b.pt"), 0.2, "opt.pt"), (state, 0.3, opt), [Path("c"), "0.4"]]
+    expected = [
+        (str(tmp_path / "a.pt"), 0.1),
+        (str(tmp_path / "b.pt"), 0.2, str(tmp_path / "opt.pt")),
+        (state, 0.3, opt),
+        [str(tmp_path / "c"), "0.4"],  # a learning rate is never a path; its validation is the adapter's
+    ]
+    args, kwargs = absolute_checkpoints(("model", given, "data"), {"mode": "full"})
+    assert args == ("model", expected, "data") and kwargs == {"mode": "full"}
+    assert absolute_checkpoints(("loss",), {"checkpoints": given})[1] == {"checkpoints": expected}
+    assert absolute_checkpoints(("model", "ckpt.pt"), {}) == (("model", "ckpt.pt"), {})  # the adapter refuses it
+
+
+def _submitted(monkeypatch) -> list:
+    """(start, stop) of each export task submitted from now on."""
+    found: list = []
+    submit = Job.submit
+
+    def recorded(job, fn, *args, **kw):
+        if kw.get("label"):
+            found.append(tuple(map(int, re.match(r"rows \[(\d+), (\d+)\)", kw["label"]).groups())))
+        return submit(job, fn, *args, **kw)
+
+    monkeypatch.setattr(Job, "submit", recorded)
+    return found
+
+
+def test_rerun_on_a_finished_store_runs_no_task_and_reads_the_data_once(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = _setup(40, 4)
+    log = tmp_path / "reads"
+    logged = _logged(_batches(data), log)
+    first = td.export_gradients(
+        "torch", model, checkpoints, logged, loss, store=tmp_path / "s", client=client, shards=4
+    )
+    before, tasks = _passes(log), _submitted(monkeypatch)
+    again = td.export_gradients(
+        "torch", model, checkpoints, logged, loss, store=tmp_path / "s", client=client, shards=4
+    )
+    assert tasks == [] and _passes(log) - before == 1  # the client's check of its fingerprint, as on one machine
+    assert again.complete and again.path == first.path
+
+
+def test_rerun_of_an_interrupted_export_gives_tasks_only_the_missing_rows(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = _setup(150, 8)
+    kw = {"batch_size": 10, "progress": False}
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", **kw)
+    store = tmp_path / "many"
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    with store_rows(25, 80):  # an interrupted export's task that finished its range
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    tasks = _submitted(monkeypatch)
+    with get_task_stream(client) as stream:
+        found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=3, **kw)
+    rows = sorted(r for a, b in tasks for r in range(a, b))
+    assert rows == [*range(25), *range(80, 150)]  # each missing row once, no written one
+    assert len(tasks) == 4  # 95 rows in 3 parts, the first split around the written rows
+    assert sum("export_part" in t["key"] for t in stream.data) == 4
+    _same_store(found, expected)
+
+
+def test_rerun_with_every_row_written_but_not_finalized_runs_no_task(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = _setup(30, 4)
+    kw = {"batch_size": 10, "progress": False}
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", **kw)
+    store = tmp_path / "many"
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    for a, b in ((0, 12), (12, 30)):
+        with store_rows(a, b):
+            tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    tasks = _submitted(monkeypatch)
+    found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, **kw)
+    assert tasks == []
+    _same_store(found, expected)
