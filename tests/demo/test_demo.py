@@ -34,12 +34,25 @@ QUIET = {"progress": False, "log": lambda *_: None}  # run_demo without bar or l
 
 
 @pytest.fixture(scope="module")
-def default_demo(tmp_path_factory):
-    """The demo with its default settings (NumPy), its result and every line it printed."""
+def demo_and_grid(tmp_path_factory):
+    """The demo with its default settings (NumPy): its output folder, result and every line it printed,
+    and what its proponents/opponents figure was drawn from (plot_influence_grid's arguments)."""
+    import tracin.demo.run as demo_run
+
     out = tmp_path_factory.mktemp("demo") / "out"
     lines: list[str] = []
-    result = run_demo(DemoConfig(output=out), progress=False, log=lines.append)
-    return out, result, lines
+    drawn = []
+    plot = demo_run.plot_influence_grid
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_run, "plot_influence_grid", lambda *a: drawn.append(a) or plot(*a))
+        result = run_demo(DemoConfig(output=out), progress=False, log=lines.append)
+    return (out, result, lines), drawn[0]
+
+
+@pytest.fixture(scope="module")
+def default_demo(demo_and_grid):
+    """(output folder, result, printed lines) of the demo with its default settings."""
+    return demo_and_grid[0]
 
 
 def test_detection_curve_counts_flipped_examples_in_score_order():
@@ -163,6 +176,11 @@ def test_every_framework_trains_the_same_network_and_exports_exact_gradients(fra
         expected = _reference_self_influence(model.checkpoints[:traced], data.x_train, data.y_train, load)
         got = tracin.self_influence(GradientStore.open(store.path))
         np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+    for c, (path, _) in enumerate(model.checkpoints):  # each checkpoint's outputs, as the figure shows them
+        saved = {k: v.astype(np.float64) for k, v in load(path).items()}
+        expected = forward(saved, data.x_test.astype(np.float64))[1]
+        np.testing.assert_allclose(model.logits_at(c, data.x_test), expected, rtol=1e-4, atol=1e-4)
 
     # held-out accuracy is recorded after every epoch; the last one is the final model's
     assert model.held_out_accuracy.shape == (4,)
@@ -345,6 +363,34 @@ def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
     report = (out / "report.md").read_text()
     assert RULE in report and f"best after epoch {best}" in report
     assert "![per-checkpoint diagnostics](checkpoint_diagnostics.png)" in report
+
+
+def test_the_figure_shows_the_predictions_of_the_model_traced(demo_and_grid):
+    # its rows were titled with the final model's prediction (epoch 150) and one chosen as the first
+    # digit the final model got wrong, while their proponents and opponents are scored at the traced
+    # checkpoints (up to epoch 15), where the model predicted that digit right
+    (out, result, _), (examples, *_, traced_epoch) = demo_and_grid
+    last = result.checkpoint_epochs[result.traced - 1]
+    assert traced_epoch == last < 150
+    data = load_noisy_digits(0.2, seed=0)
+
+    def predicted(epoch):
+        saved = np.load(out / "checkpoints" / f"checkpoint_{epoch:04d}.npz")
+        params = {k: v.astype(np.float64) for k, v in saved.items()}
+        return forward(params, data.x_test.astype(np.float64))[1].argmax(1)
+
+    traced, final = predicted(last), predicted(150)
+    rows = [0, 1, 2, 3]
+    if np.all(traced[rows] == data.y_test[rows]):  # the last row: the first digit the traced model gets wrong
+        rows[-1] = int(np.flatnonzero(traced != data.y_test)[0])
+    assert len(examples) == 4
+    for ex, row in zip(examples, rows, strict=True):
+        np.testing.assert_array_equal(ex.image, data.x_test[row])
+        assert (ex.label, ex.predicted, ex.final) == (data.y_test[row], traced[row], final[row])
+    assert examples[-1].predicted != examples[-1].label  # the figure shows a mistake of the traced model
+    report = " ".join((out / "report.md").read_text().split())
+    assert f"the prediction of the model at epoch {last} (the last checkpoint traced" in report
+    assert "where the final model (epoch 150) predicts another label, that label" in report
 
 
 def test_demo_writes_figures_and_stores_that_open(default_demo):

@@ -30,6 +30,9 @@ class TrainedModel(Protocol):
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Final model's outputs: float32 (n, 10) for x float32 (n, 64)."""
 
+    def logits_at(self, checkpoint: int, x: np.ndarray) -> np.ndarray:
+        """Outputs (as logits) of the model saved at checkpoints[checkpoint] (0-based)."""
+
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """Per-example loss gradients at the first `traced` checkpoints, written to a finished GradientStore at path."""
 

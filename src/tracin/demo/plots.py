@@ -88,12 +88,14 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
 
 @dataclass(frozen=True)
 class GridExample:
-    """One row of the influence grid: a test digit (image (64,), true label, predicted label) and
-    its top proponents / opponents (train row indices (k,) and scores (k,))."""
+    """One row of the influence grid: a test digit (image (64,), true label, the label predicted by
+    the model at the last traced checkpoint and by the final model) and its top proponents /
+    opponents (train row indices (k,) and scores (k,))."""
 
     image: np.ndarray
     label: int
     predicted: int
+    final: int
     proponents: np.ndarray
     proponent_scores: np.ndarray
     opponents: np.ndarray
@@ -105,9 +107,15 @@ def _train_title(score: float, given: int, true: int) -> str:
 
 
 def plot_influence_grid(
-    examples: list[GridExample], x_train: np.ndarray, y_given: np.ndarray, y_true: np.ndarray, path: Path
+    examples: list[GridExample],
+    x_train: np.ndarray,
+    y_given: np.ndarray,
+    y_true: np.ndarray,
+    path: Path,
+    traced_epoch: int,
 ) -> Path:
-    """Per test digit: the digit titled with its label and the model's prediction, then its top
+    """Per test digit: the digit titled with its label, the prediction of the model at traced_epoch
+    (1-based; the last traced checkpoint) and, where it differs, the final model's, then its top
     proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
     plt = _pyplot()
     k = len(examples[0].proponents)
@@ -115,7 +123,9 @@ def plot_influence_grid(
     axes = np.atleast_2d(axes)
     for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"
-        panels = [(ex.image, f"test digit {ex.label}\npredicted {ex.predicted}: {verdict}", "black")]
+        title = f"test digit {ex.label}\nepoch {traced_epoch}: {ex.predicted} ({verdict})"
+        title += "" if ex.final == ex.predicted else f"\nfinal model: {ex.final}"
+        panels = [(ex.image, title, "black")]
         for rows, scores, colour in (
             (ex.proponents, ex.proponent_scores, "tab:green"),
             (ex.opponents, ex.opponent_scores, "tab:red"),
@@ -133,7 +143,9 @@ def plot_influence_grid(
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5 if flipped else 1)
     fig.suptitle(
-        f"Each test digit, then its top {k} proponents (green: training on them lowered its loss) and "
+        f"Each test digit with the prediction of the model at epoch {traced_epoch}, the last checkpoint traced "
+        "(and the final model's where it differs),\n"
+        f"then its top {k} proponents (green: training on them lowered its loss) and "
         f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
         "in bold with a thick frame, the true label where it was flipped.",
         fontsize=8,

@@ -90,8 +90,12 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "",
         HOW_TO_READ,
         "",
-        "Each row of the figure is a test digit (its true label, the model's prediction and whether it was "
-        "right), then its top proponents (green) and opponents (red) in the training set, each titled with "
+        f"Each row of the figure is a test digit: its true label, the prediction of the model at epoch "
+        f"{traced[-1]} (the last checkpoint traced, the model the scores explain) and whether it was right, "
+        f"and, where the final model (epoch {epochs}) predicts another label, that label. The rows are the "
+        "first test digits, the last replaced by the first one that model gets wrong if it gets them all "
+        "right. After each digit come its "
+        "top proponents (green) and opponents (red) in the training set, each titled with "
         "its score and its given label, and, when that label was flipped, the true one. A digit whose "
         "given label differs from what it shows is often among the opponents: it taught the model "
         "another class for this shape.",

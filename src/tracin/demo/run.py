@@ -166,12 +166,16 @@ def _run(
     }
     found = {name: {f: found_at(c, f) for f in INSPECTED} for name, c in curves.items()}
 
-    shown = _shown_test_rows(test_pred, data.y_test, config.examples)
+    # the figure explains the model whose gradients were traced: its prediction is that of the last
+    # traced checkpoint (the final model's is shown beside it where it differs)
+    traced_pred = model.logits_at(traced - 1, data.x_test).argmax(1)
+    shown = _shown_test_rows(traced_pred, data.y_test, config.examples)
     both = tracin.top_k(test_grads, train_grads, k=config.k, side="both")
     examples = [
         GridExample(
             data.x_test[t],
             int(data.y_test[t]),
+            int(traced_pred[t]),
             int(test_pred[t]),
             both.proponents.indices[t],
             both.proponents.values[t],
@@ -196,7 +200,9 @@ def _run(
         "detection": owned.put(named["detection"], lambda path: plot_detection(curves, path, data.flip_rate)),
         "influence": owned.put(
             named["influence"],
-            lambda path: plot_influence_grid(examples, data.x_train, data.y_train, data.y_train_clean, path),
+            lambda path: plot_influence_grid(
+                examples, data.x_train, data.y_train, data.y_train_clean, path, epochs[traced - 1] + 1
+            ),
         ),
         "ranking": owned.put(named["ranking"], lambda path: _write_ranking(path, self_influence, train_loss, data)),
         "train store": stores["train"],

@@ -43,6 +43,9 @@ class JaxMLP:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(jax.jit(_logits)(self.params, x))
 
+    def logits_at(self, checkpoint: int, x: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.jit(_logits)(dict(np.load(self.checkpoints[checkpoint][0])), x))
+
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """tracin.jax.export_gradients in "full" mode at the first `traced` checkpoints: one row of all
         parameters per example and checkpoint."""

@@ -29,6 +29,9 @@ class NumpyMLP:
     def logits(self, x: np.ndarray) -> np.ndarray:
         return forward(self.params, x)[1]
 
+    def logits_at(self, checkpoint: int, x: np.ndarray) -> np.ndarray:
+        return forward(dict(np.load(self.checkpoints[checkpoint][0])), x)[1]
+
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """A factored store of the first `traced` checkpoints: checkpoint c, layer l at position c * 2 + l,
         left d(loss)/d(output) (n, out), right [input, 1] (n, in + 1), weight the checkpoint's learning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +46,12 @@ class TorchMLP:
     def logits(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).numpy()
+
+    def logits_at(self, checkpoint: int, x: np.ndarray) -> np.ndarray:
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(torch.load(self.checkpoints[checkpoint][0], weights_only=True))
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
 
     def export(self, x: np.ndarray, y: np.ndarray, path: Path, progress: bool, traced: int) -> GradientStore:
         """tracin.torch.export_gradients in "factored" mode at the first `traced` checkpoints: exact, both layers."""
