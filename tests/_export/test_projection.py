@@ -17,6 +17,48 @@ def test_dims_are_probed_from_the_projection():
     assert projected_dims(p, (3, 5), None) == (left.shape[1], right.shape[1])
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
+@pytest.mark.parametrize("layout", ["flat", "per_layer", "kronecker"])
+@pytest.mark.parametrize("dim", [1, 7, 64, 2048])
+def test_widths_read_from_a_projection_equal_the_probe(kind, layout, dim):
+    p = tracin.Projection(dim, 3, kind, per_layer=layout != "flat", kronecker=layout == "kronecker")
+    segments = [5, 1, 30][: min(dim, 3)]
+    d = sum(segments)
+    assert projected_dims(p, d, segments) == project(p, np.zeros((1, d), np.float32), segments).shape[1]
+    assert projected_dims(p, d, None) == project(p, np.zeros((1, d), np.float32), None).shape[1]
+    if layout == "kronecker":
+        with pytest.raises(ValueError, match="not factored rows"):
+            projected_dims(p, (6, 40), None)
+    else:
+        left, right = project(p, (np.zeros((1, 6), np.float32), np.zeros((1, 40), np.float32)), None)
+        assert projected_dims(p, (6, 40), None) == (left.shape[1], right.shape[1]) == p.factored_dims
+
+
+class _Counting(tracin.Projection):
+    """Records the widths of the blocks it projects."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.widths = []
+
+    def apply(self, matrix, **kwargs):
+        self.widths.append(matrix.shape[1])
+        return super().apply(matrix, **kwargs)
+
+    def apply_factored(self, left, right, **kwargs):
+        self.widths += [left.shape[1], right.shape[1]]
+        return super().apply_factored(left, right, **kwargs)
+
+
+def test_a_projection_is_not_probed_with_whole_rows():
+    p = _Counting(16, per_layer=True)
+    assert projected_dims(p, 3_000_000, [1_000_000, 2_000_000]) == 16
+    assert projected_dims(p, (50_000, 60_000), None) == p.factored_dims
+    assert max(p.widths, default=0) <= 1  # no projection of d columns for a width read off the projection
+    with pytest.raises(ValueError, match="3 segments need dim >= 3, got dim=2"):
+        projected_dims(tracin.Projection(2, per_layer=True), 6, [1, 2, 3])
+
+
 def test_objects_without_apply_are_refused():
     with pytest.raises(TypeError, match=r"tracin.Projection \(with .apply and .to_dict\)"):
         check_projection(object(), factored=False)

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..projection import Projection
+
 
 def check_projection(projection: Any, factored: bool) -> None:
     """TypeError unless `projection` is None or has what the mode needs (.apply or .apply_factored,
@@ -32,9 +34,18 @@ def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:
 
 def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Sequence[int] | None) -> Any:
     """Per-checkpoint widths of what is stored: `dims` (d, or (p, q) when factored) unchanged
-    without a projection, else found by projecting one zero row."""
+    without a projection. A tracin.Projection gives its dim (whatever the layout; the segments are
+    checked against it), or when factored the widths of a one-column pair, which do not depend on
+    (p, q); any other object is probed by projecting one zero row of `dims`."""
     if projection is None:
         return dims
+    if isinstance(projection, Projection):
+        if isinstance(dims, tuple):
+            dims = (1, 1)
+        else:
+            if projection.per_layer and segments is not None:
+                projection.segment_dims(len(segments))  # too many segments for dim: refused now
+            return projection.dim
     if isinstance(dims, tuple):
         left, right = project(projection, tuple(np.zeros((1, d), np.float32) for d in dims), None)
         return left.shape[1], right.shape[1]
