@@ -340,7 +340,16 @@ def _physical_memory() -> int | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    try:
+    if not args.output:  # Path("") would be the current folder
+        raise CommandError("-o/--output must name a folder, got ''")
+    try:  # the demo extra, imported up front: found missing only after training, it would waste the run
+        import matplotlib  # noqa: F401
+        import sklearn.datasets  # noqa: F401
+        import threadpoolctl  # noqa: F401
+
+        if not args.no_progress:
+            import tqdm  # noqa: F401
+
         from .demo import DemoConfig, run_demo
         from .demo.training import TrainingConfig
     except ImportError as e:

@@ -322,6 +322,8 @@ def test_the_report_states_only_what_was_measured(tmp_path):
 
 
 def test_demo_without_flipped_labels_says_there_is_nothing_to_find(tmp_path):
+    run_demo(_small(tmp_path), **QUIET)  # with flipped labels: a detection figure
+    assert (tmp_path / "mislabel_detection.png").exists()
     lines: list[str] = []
     result = run_demo(
         DemoConfig(output=tmp_path, noise=0.0, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
@@ -331,6 +333,10 @@ def test_demo_without_flipped_labels_says_there_is_nothing_to_find(tmp_path):
     assert result.n_flipped == 0 and np.isnan(result.flipped_fitted)
     assert NOTHING_FLIPPED in lines and not any(line.startswith("|") for line in lines)
     assert NOTHING_FLIPPED in (tmp_path / "report.md").read_text()
+    # no figure of flat lines, listed as written: the earlier run's goes too
+    assert "detection" not in result.files and not (tmp_path / "mislabel_detection.png").exists()
+    assert not any("mislabel_detection" in line for line in lines)
+    assert "mislabel_detection.png" not in json.loads((tmp_path / LEDGER).read_text())["files"]
 
 
 def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
@@ -726,6 +732,40 @@ def test_output_folders_that_cannot_be_made_are_named(tmp_path):
         run_demo(_small(tmp_path / "dangling"), progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match=r"output folder \(-o / DemoConfig.output\) .*file is a file"):
         run_demo(_small(tmp_path / "file"), progress=False, log=lambda *_: None)
+
+
+def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path, monkeypatch, capsys):
+    # -o grads/train wrote the demo's files in among the store's; -o '' wrote into the current folder
+    out = tmp_path / "out"
+    run_demo(_small(out), **QUIET)
+    store = out / "grads" / "train"
+    before = sorted(p.name for p in store.iterdir())
+    with pytest.raises(ValueError, match=r"output folder \(-o / DemoConfig.output\) .*train is a gradient store"):
+        run_demo(_small(store), **QUIET)
+    assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(store), "--no-progress"]) == 1
+    assert "is a gradient store (it holds manifest.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in store.iterdir()) == before
+    assert GradientStore.open(store).n_rows == 1400
+    with pytest.raises(ValueError, match="output must name a folder .*got ''"):
+        DemoConfig(output="")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", "", "--no-progress"]) == 1
+    assert "tracin demo: error: -o/--output must name a folder, got ''" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_missing_demo_extras_are_named_before_training(tmp_path, monkeypatch, capsys):
+    # without matplotlib the demo trained and exported, then failed at its first figure
+    for module in ("matplotlib", "sklearn.datasets", "tqdm"):
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)  # importing it fails
+            assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert "tracin demo: error: the demo needs the demo extra: pip install 'tracin[demo]'" in err, err
+        assert module in err and not (tmp_path / "out").exists()
+    with monkeypatch.context() as patch:  # tqdm draws only the progress bars
+        patch.setitem(sys.modules, "tqdm", None)
+        assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
 
 
 def test_demo_command_line_options(tmp_path, capsys):

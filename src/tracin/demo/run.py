@@ -16,6 +16,7 @@ import tracin
 from .._progress import progress_bar
 from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
 from ..store import GradientStore
+from ..store._format import MANIFEST
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, Train, checkpoint_path, trainer
@@ -47,6 +48,8 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         check_real("noise", self.noise, lambda v: 0 <= v < 1, "[0, 1)")
+        if not isinstance(self.output, (str, os.PathLike)) or not str(self.output):  # Path("") is "."
+            raise ValueError(f"output must name a folder (a non-empty str or Path), got {self.output!r}")
         check_integer("seed", self.seed, 0)
         if not isinstance(self.training, TrainingConfig):
             raise TypeError(f"training must be a TrainingConfig, got {type(self.training).__name__}")
@@ -197,7 +200,10 @@ def _run(
             named["checkpoint diagnostics"],
             lambda path: plot_checkpoint_diagnostics(diagnostics, path, labels=labels, traced=traced),
         ),
-        "detection": owned.put(named["detection"], lambda path: plot_detection(curves, path, data.flip_rate)),
+    }
+    if n_flipped:  # with no label flipped there is nothing to detect, and no figure of it
+        files["detection"] = owned.put(named["detection"], lambda path: plot_detection(curves, path, data.flip_rate))
+    files |= {
         "influence": owned.put(
             named["influence"],
             lambda path: plot_influence_grid(
@@ -241,11 +247,17 @@ def _run(
 
 
 def _output_folder(out: Path) -> Path:
-    """`out`, created if need be; ValueError naming the option if it cannot be a folder."""
+    """`out`, created if need be; ValueError naming the option if it cannot be a folder or is a
+    gradient store's folder (the demo's files would go in among the store's)."""
     if out.is_symlink() and not out.exists():
         raise ValueError(f"the {WHERE} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise ValueError(f"the {WHERE} {out} is a file, not a folder")
+    if (out / MANIFEST).exists():
+        raise ValueError(
+            f"the {WHERE} {out} is a gradient store (it holds {MANIFEST}); the demo writes its files, "
+            "stores and checkpoints in a folder of their own: choose another"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
