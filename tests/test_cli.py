@@ -599,6 +599,47 @@ def test_bench_says_the_k_and_the_threads_it_ran_with(monkeypatch, capsys):
     assert header.startswith("top-10 proponents of") and "tracin on 2 thread(s)" in header and set(used) == {2}
 
 
+def test_threads_beyond_tracins_bound_are_a_usage_error_naming_the_option(capsys):
+    # `tracin bench --threads 9999` said "num_threads must be ...", the library's name, after parsing
+    from tracin._validate import thread_count
+    from tracin.cli import MAX_THREADS
+
+    assert thread_count(MAX_THREADS) == MAX_THREADS  # the option's bound is the library's
+    with pytest.raises(ValueError, match="no larger than"):
+        thread_count(MAX_THREADS + 1)
+    for command in (["bench", "--quick"], ["self-influence", "x"], ["score", "--test", "a", "--train", "b"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--threads", str(MAX_THREADS + 1)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "num_threads" not in err
+        assert f"argument --threads: expected a positive integer no larger than {MAX_THREADS}, got '4097'" in err
+
+
+def test_bench_says_what_it_times_before_timing(monkeypatch, capsys):
+    # it printed nothing until every timing had run (34 s silent at -n 1000000)
+    seen = []
+
+    def recorded(name, fn):
+        def call(*args, **kwargs):
+            seen.append((name, *capsys.readouterr()))  # what was printed since the call before
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(tracin, "top_k", recorded("tracin", tracin.top_k))
+    monkeypatch.setattr(selfbench, "numpy_top_k", recorded("numpy", selfbench.numpy_top_k))
+    assert main(["bench", "--quick", "-n", "500", "--repeats", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert [name for name, *_ in seen] == ["tracin"] * 4 + ["numpy"] * 3  # check, warm-up, 2 timed; NumPy's
+    assert seen[0][1].startswith("top-10 proponents of 64 test rows among 500 train rows, d=64")
+    assert "generating the data (64 + 500 rows of 64 float32)" in seen[0][2]
+    assert "checking tracin's top-k against float64" in seen[0][2]
+    assert seen[1][1:] == ("", "  timing tracin.top_k: a warm-up and 2 timed call(s) ...\n")
+    assert seen[4][1:] == ("", "  timing NumPy: a warm-up and 2 timed call(s) ...\n")
+    assert all(o == e == "" for _, o, e in seen[2:4] + seen[5:])  # nothing between one timing's calls
+    assert out.startswith("  tracin.top_k") and "matches float64" in out and err == ""
+
+
 def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):
     import tracin.cli
 

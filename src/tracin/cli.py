@@ -321,7 +321,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
             f"(float32 data, its float64 check, the results), more than this machine's {have / 2**30:,.1f} GiB; "
             "give smaller -m / -n / -d"
         )
-    print(selfbench.report(selfbench.run(config)))
+    print(selfbench.problem(config), flush=True)  # what is timed, before the seconds (or minutes) of timing
+    result = selfbench.run(config, status=lambda line: print(f"  {line} ...", file=sys.stderr, flush=True))
+    print(selfbench.timings(result))
 
 
 def _bench_bytes(config: Any) -> int:
@@ -383,12 +385,14 @@ def _argument_type(parse: Callable[[str], Any], accepts: Callable[[Any], bool], 
 positive_int = _argument_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _argument_type(int, lambda v: v >= 0, "an integer >= 0")
 fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # NaN is refused too
+MAX_THREADS = 4096  # the most num_threads tracin's functions take
+thread_count = _argument_type(int, lambda v: 1 <= v <= MAX_THREADS, f"a positive integer no larger than {MAX_THREADS}")
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         help="kernel threads (default: all cores; with --scheduler, per task: each host's cores shared)",
     )
@@ -483,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument(
         "--threads",
-        type=positive_int,
+        type=thread_count,
         default=None,
         help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)",
     )

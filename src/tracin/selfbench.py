@@ -99,33 +99,52 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(config: BenchConfig) -> BenchResult:
+def threads(config: BenchConfig) -> int:
+    """The threads tracin runs on: config.threads, else every usable core."""
+    return config.threads or usable_cores()
+
+
+def run(config: BenchConfig, status: Callable[[str], object] = lambda _: None) -> BenchResult:
     """Generates the problem, times both contenders (warm-up, then `repeats` calls each; medians)
-    and checks tracin's result against float64. tracin runs on config.threads, else on every usable core."""
+    and checks tracin's result against float64, saying status(line) before each step. tracin runs on
+    threads(config)."""
     import tracin
 
-    threads = config.threads or usable_cores()
-
+    used = threads(config)
+    status(f"generating the data ({config.m} + {config.n} rows of {config.d} float32)")
     rng = np.random.default_rng(config.seed)
     test = rng.standard_normal((config.m, config.d), dtype=np.float32)
     train = rng.standard_normal((config.n, config.d), dtype=np.float32)
-    ours = tracin.top_k(test, train, config.k, num_threads=threads, progress=False)
+    status("checking tracin's top-k against float64")
+    ours = tracin.top_k(test, train, config.k, num_threads=used, progress=False)
     exact = matches_float64(test, train, ours.values, ours.indices)
+    calls = f"a warm-up and {config.repeats} timed call(s)"
+    status(f"timing tracin.top_k: {calls}")
     tracin_s = _median_seconds(
-        lambda: tracin.top_k(test, train, config.k, num_threads=threads, progress=False), config.repeats
+        lambda: tracin.top_k(test, train, config.k, num_threads=used, progress=False), config.repeats
     )
+    status(f"timing NumPy: {calls}")
     numpy_s = _median_seconds(lambda: numpy_top_k(test, train, config.k), config.repeats)
-    return BenchResult(config, tracin_s, numpy_s, exact, threads)
+    return BenchResult(config, tracin_s, numpy_s, exact, used)
 
 
-def report(result: BenchResult) -> str:
-    """The lines `tracin bench` prints."""
-    c = result.config
+def problem(config: BenchConfig, used: int | None = None) -> str:
+    """The first line `tracin bench` prints, saying what is timed (used: tracin's threads, by default
+    threads(config))."""
+    c = config
     k = f"top-{min(c.k, c.n)}" + (f" (k={c.k} capped at the train rows)" if c.k > c.n else "")
+    return (
+        f"{k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
+        f"tracin on {used or threads(c)} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}"
+    )
+
+
+def timings(result: BenchResult) -> str:
+    """The lines `tracin bench` prints after problem(): each contender's median, the speedup and the
+    float64 check."""
+    c = result.config
     return "\n".join(
         [
-            f"{k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
-            f"tracin on {result.threads} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}",
             f"  tracin.top_k                 {result.tracin_s * 1e3:10.1f} ms",
             f"  numpy matmul + argpartition  {result.numpy_s * 1e3:10.1f} ms",
             f"  tracin is {result.speedup:.2f}x the speed of NumPy; top-k "
