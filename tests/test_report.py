@@ -384,3 +384,48 @@ def test_tracin_report_is_reachable_from_import_tracin_and_imported_on_first_use
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "module 'tracin' has no attribute 'no_such_name'"
+
+
+def _two_checkpoints() -> tracin.Gradients:
+    rng = np.random.default_rng(21)
+    return tracin.Gradients([rng.standard_normal((12, 3)).astype(np.float32) for _ in range(2)])
+
+
+def test_diagnostics_figure_is_the_png_written(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "No artists with labels found to put in legend" without traced
+        diag = checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "diag")
+    assert diag.figure == tmp_path / "diag.png" and diag.figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["diag.png"]
+    upper = checkpoint_diagnostics(_two_checkpoints(), path=str(tmp_path / "d.PNG")).figure
+    assert upper == tmp_path / "d.PNG" and upper.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("x.pdf", r"the figure is a PNG, so path must end in \.png \(or have no suffix\), got '.*x\.pdf'"),
+        ("missing/x.png", r"path: the directory '.*missing' of '.*x\.png' does not exist"),
+    ],
+)
+def test_diagnostics_refuse_a_figure_path_before_the_work(name, message, tmp_path, monkeypatch):
+    from tracin import report
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("self_influence ran before the path was checked")
+
+    monkeypatch.setattr(report, "self_influence", no_work)
+    with pytest.raises(ValueError, match=message):
+        checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / name)
+    assert not list(tmp_path.iterdir())
+
+
+def test_diagnostics_without_matplotlib_fail_before_the_work(tmp_path, monkeypatch):
+    from tracin import report
+
+    monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match="plotting the diagnostics needs matplotlib"):
+        checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")

@@ -190,7 +190,8 @@ def checkpoint_diagnostics(
     num_threads: int | None = None,
 ) -> CheckpointDiagnostics:
     """Per-checkpoint self-influence of a gradient set (in memory or a store) and, with `path`, a
-    PNG of it (needs matplotlib): each checkpoint's share over the top rows and over all rows, and
+    PNG of it (needs matplotlib; path ends in .png, or ".png" is added; the result's `figure` is the
+    path written): each checkpoint's share over the top rows and over all rows, and
     the overlap of the top-`top` ranking when tracing checkpoints 0..c against all of them.
 
     top: rows of the ranking compared (default: 10% of the rows, at least 1).
@@ -210,6 +211,9 @@ def checkpoint_diagnostics(
     if _integer(top) is None or not 1 <= top <= n:
         raise ValueError(f"top must be an integer from 1 to the {n} train rows, got {top!r}")
     top = int(top)
+    if path is not None:  # a figure that cannot be written is refused before the self-influence pass
+        _plot_options(train.n_checkpoints // per, path, labels, traced)
+        _pyplot()
     slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
     terms = slots.reshape(n, -1, per).sum(axis=2)
     total = terms.sum(axis=1)
@@ -233,23 +237,11 @@ def _shares(terms: np.ndarray) -> np.ndarray:
 def plot_checkpoint_diagnostics(
     diag: CheckpointDiagnostics, path: str | Path, *, labels: Sequence[str] | None = None, traced: int | None = None
 ) -> Path:
-    """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns it."""
+    """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns
+    the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix."""
     count = diag.terms.shape[1]
-    labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
-    if len(labels) != count:
-        raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
-    if traced is not None and (_integer(traced) is None or not 1 <= traced <= count):
-        raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError(
-            "plotting the diagnostics needs matplotlib: pip install matplotlib "
-            "(checkpoint_diagnostics without path returns the numbers alone)"
-        ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    path, labels = _plot_options(count, path, labels, traced)
+    plt = _pyplot()
     x = np.arange(count)
     fig, (shares, ranking) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     shares.bar(x - 0.2, diag.share_top, 0.4, label=f"top {diag.top} rows by self-influence", color="tab:red")
@@ -272,9 +264,46 @@ def plot_checkpoint_diagnostics(
                 linewidth=1,
                 label=f"traced: up to {labels[traced - 1]}",
             )
-        ax.legend(fontsize=8, loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def _plot_options(
+    count: int, path: str | Path, labels: Sequence[str] | None, traced: int | None
+) -> tuple[Path, list[str]]:
+    """(the PNG path to write, the labels) for a figure of `count` checkpoints; ValueError for a path of
+    another suffix or in no directory, labels not one per checkpoint, or a bad `traced`."""
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"path: the figure is a PNG, so path must end in .png (or have no suffix), got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"path: the directory {str(path.parent)!r} of {str(path)!r} does not exist")
+    labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
+    if len(labels) != count:
+        raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
+    if traced is not None and (_integer(traced) is None or not 1 <= traced <= count):
+        raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
+    return path, labels
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot with the headless Agg backend; ImportError saying what to install."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "plotting the diagnostics needs matplotlib: pip install matplotlib "
+            "(checkpoint_diagnostics without path returns the numbers alone)"
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
