@@ -640,6 +640,41 @@ def test_bench_says_what_it_times_before_timing(monkeypatch, capsys):
     assert out.startswith("  tracin.top_k") and "matches float64" in out and err == ""
 
 
+def test_an_error_caused_by_ctrl_c_is_reported_as_the_interrupt(monkeypatch, capsys):
+    # pybind11 turns a Ctrl-C while the C++ extension initialises into ImportError('initialization
+    # failed'), which ended `tracin demo` with a traceback and exit code 1
+    import tracin.cli
+
+    def interrupted(wrap):
+        def command(args):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                wrap(e)
+
+        return command
+
+    def from_import(e):
+        raise ImportError("initialization failed") from e
+
+    def guarded(e):  # as cmd_demo's guard turns an ImportError into a CommandError
+        try:
+            from_import(e)
+        except ImportError as error:
+            raise tracin.cli.CommandError("the demo needs the demo extra") from error
+
+    def while_unwinding(e):
+        raise OSError("cleanup failed")
+
+    for wrap in (from_import, guarded, while_unwinding):
+        monkeypatch.setattr(tracin.cli, "cmd_info", interrupted(wrap))
+        assert main(["info", "x"]) == 130
+        assert capsys.readouterr().err == "tracin info: interrupted\n"
+    monkeypatch.setattr(tracin.cli, "cmd_info", lambda args: from_import(None))  # no Ctrl-C: an error
+    with pytest.raises(ImportError, match="initialization failed"):
+        main(["info", "x"])
+
+
 def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):
     import tracin.cli
 

@@ -531,13 +531,31 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt caused `e` (in its chain of causes and contexts): pybind11, for one,
+    turns a Ctrl-C while the C++ extension initialises into ImportError('initialization failed')."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _run(args: argparse.Namespace) -> int:
     """Runs the command; returns the exit code, failures reported as one line on stderr."""
     from .store import StoreChangedError, StoreFormatError
 
     prefix = f"tracin {args.command}: error:"
     try:
-        args.func(args)
+        try:
+            args.func(args)
+        except Exception as e:
+            if _interrupted(e):  # Ctrl-C, then an error while it unwound: report the Ctrl-C
+                raise KeyboardInterrupt from e
+            raise
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except BrokenPipeError:
         raise
