@@ -71,6 +71,10 @@ def test_slicing_rows_gives_views(rng):
         (np.zeros((2, 2), np.float32), [np.nan], ValueError, "finite"),
         ([], None, ValueError, "at least one checkpoint"),
         (np.zeros((2, 2), np.float32), "abc", TypeError, "weights must be a sequence of numbers"),
+        (np.zeros((2, 2), np.float32), "1", TypeError, "weights must be a sequence of numbers"),
+        (np.zeros((2, 2), np.float32), b"1", TypeError, "weights must be a sequence of numbers"),
+        (np.zeros((2, 2), np.float32), ["1.5"], TypeError, "weights must be a sequence of numbers"),
+        ([np.zeros((2, 2), np.float32)] * 2, [1.0, "2"], TypeError, "weights must be a sequence of numbers"),
         (np.zeros((2, 2), np.float32), [[1.0]], ValueError, r"weights must be 1-D"),
     ],
 )

@@ -55,10 +55,13 @@ def _check_not_path(x: Any, name: str | None) -> None:
 def _weights(weights: Any, count: int) -> np.ndarray:
     if weights is None:
         return np.ones(count)
+    bad = TypeError(f"weights must be a sequence of numbers (one per checkpoint), got {weights!r}")
     try:
+        if np.asarray(weights).dtype.kind in "SUV":  # text such as "1" is not a weight, though it converts
+            raise bad
         w = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"weights must be a sequence of numbers (one per checkpoint), got {weights!r}") from None
+        raise bad from None
     if w.ndim == 0:
         w = w.reshape(1)
     if w.ndim != 1:
