@@ -4,12 +4,22 @@ A writer of the whole store holds an exclusive flock on the directory; range wri
 shared one, so they run beside each other but never beside a writer of the whole store. Each range
 writer also holds an exclusive flock on rows-<start>-<stop>.lock: one live writer per range. Where
 the OS or the file system has no flock the locks are no-ops (the overlap check of ranges still runs).
+
+A flock belongs to the open file description, which a forked child shares: a child forked while a
+writer is open (a DataLoader worker, say) would keep the store locked after the parent closed its
+writer. So the child closes its copies of every held lock's descriptor right after the fork (close
+only: unlocking would release the parent's lock too); the child must not use a writer it inherited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import select
+import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from ._files import open_file, remove_if_present
@@ -28,6 +38,81 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NO_LOCKS = {errno.ENOLCK, errno.EBADF, errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
 
+class _Forks:
+    """The locks of this process holding a descriptor, and the at-fork hooks that close the child's
+    copies (one instance, module state on purpose: a fork is process-wide). `guard` is held while a
+    descriptor is opened and registered, or closed and unregistered, and across each fork, so a child
+    never inherits a lock's descriptor unregistered; reentrant, as a garbage collection inside the
+    guarded code may release another writer's lock. While locks are held, the parent waits (at most
+    CHILD_WAIT seconds) until the child has closed its copies, through a pipe whose write end the
+    child closes last: the parent may release and retake a lock right after the fork."""
+
+    CHILD_WAIT = 10.0
+
+    def __init__(self) -> None:
+        self.held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        self.guard = threading.RLock()
+        self._pipe: tuple[int, int] | None = None
+
+    def before(self) -> None:
+        self.guard.acquire()
+        self._pipe = os.pipe() if self.held else None
+
+    def after_in_parent(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        try:
+            if pipe is not None:
+                os.close(pipe[1])
+                select.select([pipe[0]], [], [], self.CHILD_WAIT)  # readable at EOF: the child closed its end
+                os.close(pipe[0])
+        finally:
+            self.guard.release()
+
+    def after_in_child(self) -> None:
+        """Closes the child's copies of the held locks' descriptors (close only: unlocking would
+        release the parent's locks too), then the pipe, which lets the parent go on."""
+        pipe, self._pipe = self._pipe, None
+        for lock in list(self.held):
+            fd, lock._fd = lock._fd, None
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.held.clear()
+        for fd in pipe or ():
+            os.close(fd)
+        self.guard.release()
+
+
+_FORKS = _Forks()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_FORKS.before, after_in_parent=_FORKS.after_in_parent, after_in_child=_FORKS.after_in_child
+    )
+
+
+class _Held:
+    """At most one descriptor holding a flock, closed once by release() (idempotent) and never
+    inherited by a forked child."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def _open(self, opener: Callable[[], int]) -> int:
+        """The descriptor opener() returns, held (none may be held yet)."""
+        with _FORKS.guard:
+            fd = opener()
+            self._fd = fd
+            _FORKS.held.add(self)
+        return fd
+
+    def release(self) -> None:
+        with _FORKS.guard:
+            fd, self._fd = self._fd, None
+            _FORKS.held.discard(self)
+            if fd is not None:
+                os.close(fd)  # closing the descriptor releases the flock
+
+
 def _try_flock(fd: int, exclusive: bool) -> bool:
     """Takes the flock without waiting; False if another holder has it."""
     if fcntl is None:
@@ -42,24 +127,23 @@ def _try_flock(fd: int, exclusive: bool) -> bool:
     return True
 
 
-class DirectoryLock:
+class DirectoryLock(_Held):
     """A flock on a store directory: exclusive for a writer of the whole store, shared for a range
     writer. release() is idempotent: the descriptor is closed once, by whoever releases first."""
 
     def __init__(self, root: Path, shared: bool = False):
-        self._fd: int | None = None
+        super().__init__()
         if fcntl is None:
             return
-        fd = os.open(root, os.O_RDONLY)
+        fd = self._open(lambda: os.open(root, os.O_RDONLY))
         try:
             taken = _try_flock(fd, exclusive=not shared)
         except BaseException:
-            os.close(fd)
+            self.release()
             raise
         if taken:
-            self._fd = fd
             return
-        os.close(fd)
+        self.release()
         if shared:
             raise RuntimeError(
                 f"gradient store {root} is being written by a writer of the whole store (in this or "
@@ -70,13 +154,8 @@ class DirectoryLock:
             "process; a writer of the whole store or range writers); close that writer first"
         )
 
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
 
-
-class RangeLock:
+class RangeLock(_Held):
     """The claim of one range writer on rows [start, stop) of a store: an exclusive flock on
     rows-<start>-<stop>.lock (created if absent, never through a link), then a check that no other
     range writer's files name rows overlapping these. Two writers claiming overlapping ranges at
@@ -84,8 +163,9 @@ class RangeLock:
     release() is idempotent."""
 
     def __init__(self, root: Path, start: int, stop: int):
+        super().__init__()
         path = root / range_file(start, stop, "lock")
-        fd, created = self._take(path, start, stop)
+        created = self._take(path, start, stop)
         try:
             others = overlapping_ranges(root, start, stop)
             if others:
@@ -99,20 +179,18 @@ class RangeLock:
                     "to resume it)"
                 )
         except BaseException:
-            os.close(fd)
+            self.release()
             raise
-        self._fd: int | None = fd
 
-    @staticmethod
-    def _take(path: Path, start: int, stop: int) -> tuple[int, bool]:
-        """(descriptor holding the flock on the lock file at `path`, whether this call created it)."""
+    def _take(self, path: Path, start: int, stop: int) -> bool:
+        """Holds the flock on the lock file at `path`; whether this call created the file."""
         for _ in range(8):  # the file may be removed between our open and our flock: open it again
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+                fd = self._open(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
                 created = True
             except FileExistsError:
                 try:
-                    fd, created = open_file(path, writable=True), False
+                    fd, created = self._open(lambda: open_file(path, writable=True)), False
                 except FileNotFoundError:
                     continue
             try:
@@ -122,17 +200,12 @@ class RangeLock:
                         "another range writer (in this or another process); close that writer first"
                     )
                 if _same_file(fd, path):
-                    return fd, created
+                    return created
             except BaseException:
-                os.close(fd)
+                self.release()
                 raise
-            os.close(fd)
+            self.release()
         raise OSError(errno.EAGAIN, "the lock file kept being replaced while it was taken", str(path))
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 def range_files(root: Path) -> list[tuple[str, int, int, str]]:
