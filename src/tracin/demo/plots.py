@@ -119,7 +119,7 @@ def plot_influence_grid(
     proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
     plt = _pyplot()
     k = len(examples[0].proponents)
-    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.7 * len(examples) + 0.5), dpi=120)
+    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.8 * len(examples) + 0.5), dpi=120)
     axes = np.atleast_2d(axes)
     for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"

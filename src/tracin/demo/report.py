@@ -91,7 +91,8 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         HOW_TO_READ,
         "",
         f"Each row of the figure is a test digit: its true label, the prediction of the model at epoch "
-        f"{traced[-1]} (the last checkpoint traced, the model the scores explain) and whether it was right, "
+        f"{traced[-1]} (the last checkpoint traced: the scores sum over the traced checkpoints up to it) "
+        "and whether it was right, "
         f"and, where the final model (epoch {epochs}) predicts another label, that label. The rows are the "
         "first test digits, the last replaced by the first one that model gets wrong if it gets them all "
         "right. After each digit come its "
