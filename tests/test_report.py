@@ -429,3 +429,57 @@ def test_diagnostics_without_matplotlib_fail_before_the_work(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match="plotting the diagnostics needs matplotlib"):
         checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")
+
+
+@pytest.mark.parametrize("make", [lambda: map(str, [10, 20]), lambda: (f"epoch {e}" for e in (1, 2))])
+def test_diagnostics_read_one_shot_labels_once(make, tmp_path, monkeypatch):
+    from tracin import report
+
+    seen = []
+    monkeypatch.setattr(report, "plot_checkpoint_diagnostics", lambda d, p, labels, traced: seen.append(labels) or p)
+    checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png", labels=make())
+    assert seen == [[str(s) for s in make()]]
+
+
+@pytest.mark.parametrize(
+    "name,error,message",
+    [
+        ("", ValueError, r"path must name a file \(the PNG to write\), got ''"),
+        ("figs/", ValueError, r"path must name a file \(the PNG to write\), got '.*figs/'"),
+        ("figs/..", ValueError, r"path must name a file \(the PNG to write\), got '.*figs/\.\.'"),
+        (".png", ValueError, r"path must name a file before its \.png suffix, got '.*\.png'"),
+        ("figs/.PNG", ValueError, r"path must name a file before its \.png suffix"),
+        ("folder.png", ValueError, r"path: '.*folder\.png' is a directory, not a file"),
+        ("folder", ValueError, r"path: '.*folder\.png' is a directory, not a file"),  # .png added
+        (b"x.png", TypeError, r"path must be a str or os\.PathLike of a str, got bytes"),
+        (3, TypeError, r"path must be a str or os\.PathLike of a str, got int"),
+    ],
+)
+def test_diagnostics_refuse_a_path_that_names_no_file_before_the_work(name, error, message, tmp_path, monkeypatch):
+    from tracin import report
+
+    monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(error, match=message):
+        checkpoint_diagnostics(_two_checkpoints(), path=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs", "folder.png"] and not list(
+        (tmp_path / "figs").iterdir()
+    )
+
+
+def test_diagnostics_take_any_path_like(tmp_path):
+    class PathLike:
+        def __init__(self, path):
+            self.path = path
+
+        def __fspath__(self):
+            return self.path
+
+    diag = checkpoint_diagnostics(_two_checkpoints(), path=PathLike(str(tmp_path / "like")))
+    assert diag.figure == tmp_path / "like.png" and diag.figure.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike of a str, got PathLike"):
+        checkpoint_diagnostics(_two_checkpoints(), path=PathLike(b"x.png"))
+    with pytest.raises(TypeError, match="labels must be one name per checkpoint"):
+        checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "x.png", labels="ab")

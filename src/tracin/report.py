@@ -9,7 +9,8 @@ noisy labels, their large gradients can drown the signal of the earlier ones).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,8 +185,8 @@ def checkpoint_diagnostics(
     *,
     top: int | None = None,
     layers_per_checkpoint: int | None = None,
-    path: str | Path | None = None,
-    labels: Sequence[str] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    labels: Iterable[str] | None = None,
     traced: int | None = None,
     num_threads: int | None = None,
 ) -> CheckpointDiagnostics:
@@ -212,7 +213,7 @@ def checkpoint_diagnostics(
         raise ValueError(f"top must be an integer from 1 to the {n} train rows, got {top!r}")
     top = int(top)
     if path is not None:  # a figure that cannot be written is refused before the self-influence pass
-        _plot_options(train.n_checkpoints // per, path, labels, traced)
+        path, labels = _plot_options(train.n_checkpoints // per, path, labels, traced)  # labels read once
         _pyplot()
     slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
     terms = slots.reshape(n, -1, per).sum(axis=2)
@@ -235,7 +236,11 @@ def _shares(terms: np.ndarray) -> np.ndarray:
 
 
 def plot_checkpoint_diagnostics(
-    diag: CheckpointDiagnostics, path: str | Path, *, labels: Sequence[str] | None = None, traced: int | None = None
+    diag: CheckpointDiagnostics,
+    path: str | os.PathLike[str],
+    *,
+    labels: Iterable[str] | None = None,
+    traced: int | None = None,
 ) -> Path:
     """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns
     the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix."""
@@ -273,19 +278,28 @@ def plot_checkpoint_diagnostics(
 
 
 def _plot_options(
-    count: int, path: str | Path, labels: Sequence[str] | None, traced: int | None
+    count: int, path: str | os.PathLike[str], labels: Iterable[str] | None, traced: int | None
 ) -> tuple[Path, list[str]]:
-    """(the PNG path to write, the labels) for a figure of `count` checkpoints; ValueError for a path of
-    another suffix or in no directory, labels not one per checkpoint, or a bad `traced`."""
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    path = Path(path)
-    if not path.suffix:
-        path = path.with_name(path.name + ".png")
+    """(the PNG path to write, the labels as a list) for a figure of `count` checkpoints; TypeError for a
+    path that is not a str or os.PathLike, ValueError for a path that names no file (empty, ending in
+    a separator, '.png' alone), an existing folder, another suffix or in no directory, labels not one
+    per checkpoint, or a bad `traced`."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(text := os.fspath(path), str):
+        raise TypeError(f"path must be a str or os.PathLike of a str, got {type(path).__name__}")
+    given = Path(text)
+    if not text or text.endswith(tuple(filter(None, (os.sep, os.altsep)))) or given.name in ("", ".", ".."):
+        raise ValueError(f"path must name a file (the PNG to write), got {text!r}")
+    if given.name.lower() == ".png":
+        raise ValueError(f"path must name a file before its .png suffix, got {text!r}")
+    path = given if given.suffix else given.with_name(given.name + ".png")
     if path.suffix.lower() != ".png":
-        raise ValueError(f"path: the figure is a PNG, so path must end in .png (or have no suffix), got {str(path)!r}")
+        raise ValueError(f"path: the figure is a PNG, so path must end in .png (or have no suffix), got {text!r}")
     if not path.parent.is_dir():
         raise ValueError(f"path: the directory {str(path.parent)!r} of {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"path: {str(path)!r} is a directory, not a file the PNG can be written to")
+    if isinstance(labels, (str, bytes)):
+        raise TypeError(f"labels must be one name per checkpoint (a list of str), got {type(labels).__name__}")
     labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
     if len(labels) != count:
         raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
