@@ -34,29 +34,58 @@ def test_widths_read_from_a_projection_equal_the_probe(kind, layout, dim):
         assert projected_dims(p, (6, 40), None) == (left.shape[1], right.shape[1]) == p.factored_dims
 
 
-class _Counting(tracin.Projection):
-    """Records the widths of the blocks it projects."""
+def test_a_projection_is_not_probed_with_whole_rows(monkeypatch):
+    widths = []
+    apply, apply_factored = tracin.Projection.apply, tracin.Projection.apply_factored
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.widths = []
+    def counting_apply(self, matrix, **kwargs):
+        widths.append(matrix.shape[1])
+        return apply(self, matrix, **kwargs)
 
-    def apply(self, matrix, **kwargs):
-        self.widths.append(matrix.shape[1])
-        return super().apply(matrix, **kwargs)
+    def counting_factored(self, left, right, **kwargs):
+        widths.extend([left.shape[1], right.shape[1]])
+        return apply_factored(self, left, right, **kwargs)
 
-    def apply_factored(self, left, right, **kwargs):
-        self.widths += [left.shape[1], right.shape[1]]
-        return super().apply_factored(left, right, **kwargs)
-
-
-def test_a_projection_is_not_probed_with_whole_rows():
-    p = _Counting(16, per_layer=True)
+    monkeypatch.setattr(tracin.Projection, "apply", counting_apply)  # Projection's own apply: the dim is read
+    monkeypatch.setattr(tracin.Projection, "apply_factored", counting_factored)
+    p = tracin.Projection(16, per_layer=True)
     assert projected_dims(p, 3_000_000, [1_000_000, 2_000_000]) == 16
     assert projected_dims(p, (50_000, 60_000), None) == p.factored_dims
-    assert max(p.widths, default=0) <= 1  # no projection of d columns for a width read off the projection
+    assert max(widths, default=0) <= 1  # no projection of d columns for a width read off the projection
     with pytest.raises(ValueError, match="3 segments need dim >= 3, got dim=2"):
         projected_dims(tracin.Projection(2, per_layer=True), 6, [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "d,segments,message",
+    [
+        (4, [4, 0], "segments entry must be >= 1, got 0"),
+        (0, None, "segments entry must be >= 1, got 0"),
+        (7, [3, 3], "segments must sum to the number of columns 7, got sum 6"),
+        (3, [], "segments must hold at least one width"),
+    ],
+)
+def test_a_per_layer_layout_apply_refuses_is_refused_without_projecting(d, segments, message, monkeypatch):
+    monkeypatch.setattr(tracin.Projection, "apply", lambda *a, **k: pytest.fail("probed"))
+    with pytest.raises(ValueError, match=message):
+        projected_dims(tracin.Projection(8, per_layer=True), d, segments)
+
+
+class _Half(tracin.Projection):
+    """Keeps the first half of the columns its parent gives."""
+
+    def apply(self, matrix, **kwargs):
+        return super().apply(matrix, **kwargs)[:, : self.dim // 2]
+
+    def apply_factored(self, left, right, **kwargs):
+        left, right = super().apply_factored(left, right, **kwargs)
+        return left[:, :1], right
+
+
+def test_a_subclass_overriding_apply_is_probed():
+    assert projected_dims(_Half(8), 10, None) == 4
+    assert projected_dims(_Half(8, per_layer=True), 10, [6, 4]) == 4
+    assert projected_dims(_Half(8), (3, 5), None) == (1, _Half(8).factored_dims[1])
 
 
 def test_objects_without_apply_are_refused():

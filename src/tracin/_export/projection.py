@@ -34,19 +34,22 @@ def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:
 
 def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Sequence[int] | None) -> Any:
     """Per-checkpoint widths of what is stored: `dims` (d, or (p, q) when factored) unchanged
-    without a projection. A tracin.Projection gives its dim (whatever the layout; the segments are
-    checked against it), or when factored the widths of a one-column pair, which do not depend on
-    (p, q); any other object is probed by projecting one zero row of `dims`."""
+    without a projection. A tracin.Projection whose apply is Projection.apply gives its dim (whatever
+    the layout; a per_layer layout is checked against d now, as apply would check it: widths >= 1
+    summing to d, no more segments than dim), and one whose apply_factored is Projection's, the
+    widths of a one-column pair, which do not depend on (p, q). Anything else (another object, or a
+    subclass overriding the method, whose width may differ) is probed by projecting one zero row of
+    `dims`."""
     if projection is None:
         return dims
-    if isinstance(projection, Projection):
-        if isinstance(dims, tuple):
-            dims = (1, 1)
-        else:
-            if projection.per_layer and segments is not None:
-                projection.segment_dims(len(segments))  # too many segments for dim: refused now
-            return projection.dim
     if isinstance(dims, tuple):
+        if isinstance(projection, Projection) and type(projection).apply_factored is Projection.apply_factored:
+            dims = (1, 1)
         left, right = project(projection, tuple(np.zeros((1, d), np.float32) for d in dims), None)
         return left.shape[1], right.shape[1]
+    if isinstance(projection, Projection) and type(projection).apply is Projection.apply:
+        if projection.per_layer:
+            layout = projection._segments([dims] if segments is None else list(segments), dims)
+            projection.segment_dims(len(layout))  # too many segments for dim: refused now
+        return projection.dim
     return project(projection, np.zeros((1, dims), np.float32), segments).shape[1]
