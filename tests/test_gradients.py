@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
+import fractions
+
 import numpy as np
 import pytest
 
@@ -70,17 +73,66 @@ def test_slicing_rows_gives_views(rng):
         (np.zeros((2, 2), np.float32), [1.0, 2.0], ValueError, "one per checkpoint"),
         (np.zeros((2, 2), np.float32), [np.nan], ValueError, "finite"),
         ([], None, ValueError, "at least one checkpoint"),
-        (np.zeros((2, 2), np.float32), "abc", TypeError, "weights must be a sequence of numbers"),
-        (np.zeros((2, 2), np.float32), "1", TypeError, "weights must be a sequence of numbers"),
-        (np.zeros((2, 2), np.float32), b"1", TypeError, "weights must be a sequence of numbers"),
-        (np.zeros((2, 2), np.float32), ["1.5"], TypeError, "weights must be a sequence of numbers"),
-        ([np.zeros((2, 2), np.float32)] * 2, [1.0, "2"], TypeError, "weights must be a sequence of numbers"),
+        (np.zeros((2, 2), np.float32), "abc", TypeError, "weights must be a sequence of real numbers"),
+        (np.zeros((2, 2), np.float32), "1", TypeError, "weights must be a sequence of real numbers"),
+        (np.zeros((2, 2), np.float32), b"1", TypeError, "weights must be a sequence of real numbers"),
+        (np.zeros((2, 2), np.float32), ["1.5"], TypeError, "weights must be a sequence of real numbers"),
+        ([np.zeros((2, 2), np.float32)] * 2, [1.0, "2"], TypeError, "weights must be a sequence of real numbers"),
         (np.zeros((2, 2), np.float32), [[1.0]], ValueError, r"weights must be 1-D"),
     ],
 )
 def test_gradients_validation(matrices, weights, error, match):
     with pytest.raises(error, match=match):
         tracin.Gradients(matrices, weights)
+
+
+_TWO = [np.zeros((2, 2), np.float32)] * 2
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        np.array(["1", "2"], dtype=object),
+        [fractions.Fraction(1), "2"],
+        [decimal.Decimal("1"), "2"],
+        [None, 1],
+        [True, False],
+        np.array([True, False]),
+        [1, np.bool_(True)],
+        np.array([1 + 2j, 1]),
+        np.array(["2020-01-01", "2020-01-02"], dtype="datetime64[D]"),
+        np.array([1, 2], dtype="timedelta64[s]"),
+        bytearray(b"\x01\x02"),
+        {1, 2},
+    ],
+    ids=repr,
+)
+def test_weights_that_are_not_real_numbers_are_refused(weights):
+    with pytest.raises(TypeError, match=r"weights must be a sequence of real numbers \(one per checkpoint\), got"):
+        tracin.Gradients(_TWO, weights)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [fractions.Fraction(1, 2), 2],
+        [decimal.Decimal("0.5"), 2],
+        np.array([0.5, 2], dtype=object),
+        [np.float32(0.5), np.int64(2)],
+        np.array([0.5, 2], np.float16),
+        np.array([1, 2], np.uint8) / np.array([2, 1], np.uint8),
+    ],
+    ids=repr,
+)
+def test_weights_of_real_numbers_are_converted(weights):
+    assert tracin.Gradients(_TWO, weights).weights.tolist() == [0.5, 2.0]
+
+
+def test_weights_beyond_float64_are_not_finite():
+    with pytest.raises(ValueError, match="weights must be finite as float64"):
+        tracin.Gradients(_TWO, [10**400, 1])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        tracin.Gradients(_TWO, [decimal.Decimal("1e400"), 1])
 
 
 def test_metadata_must_be_a_dict():

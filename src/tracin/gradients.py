@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import decimal
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -53,15 +55,29 @@ def _check_not_path(x: Any, name: str | None) -> None:
 
 
 def _weights(weights: Any, count: int) -> np.ndarray:
+    """float64 (count,) from `weights`: real numbers only (NumPy integer or float arrays, or elements
+    that are numbers.Real or Decimal); text, bytes, bools, complex, dates and None are refused, not
+    converted."""
     if weights is None:
         return np.ones(count)
-    bad = TypeError(f"weights must be a sequence of numbers (one per checkpoint), got {weights!r}")
+    bad = TypeError(f"weights must be a sequence of real numbers (one per checkpoint), got {weights!r}")
+    if isinstance(weights, (str, bytes, bytearray)) or (
+        isinstance(weights, (list, tuple)) and any(isinstance(x, (bool, np.bool_)) for x in weights)
+    ):  # NumPy would turn [1, True] into integers
+        raise bad
     try:
-        if np.asarray(weights).dtype.kind in "SUV":  # text such as "1" is not a weight, though it converts
+        given = np.asarray(weights)
+        if given.dtype.kind == "O":
+            if not all(_real(x) for x in given.flat):
+                raise bad
+        elif given.dtype.kind not in "iuf":
             raise bad
-        w = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError):
         raise bad from None
+    try:
+        w = given.astype(np.float64)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"weights must be finite as float64, got {weights!r}") from None
     if w.ndim == 0:
         w = w.reshape(1)
     if w.ndim != 1:
@@ -71,6 +87,11 @@ def _weights(weights: Any, count: int) -> np.ndarray:
     if not np.all(np.isfinite(w)):
         raise ValueError(f"weights must be finite, got {w.tolist()}")
     return w
+
+
+def _real(x: Any) -> bool:
+    """Whether an element of an object array is a real number (not a bool)."""
+    return isinstance(x, (numbers.Real, decimal.Decimal)) and not isinstance(x, (bool, np.bool_))
 
 
 def _metadata(metadata: Any) -> dict:
