@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -20,6 +21,7 @@ import tracin  # noqa: E402
 import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
 from tracin._export.driver import store_rows  # noqa: E402
+from tracin.distributed import _shards  # noqa: E402
 from tracin.distributed._export import absolute_checkpoints, export_part  # noqa: E402
 from tracin.distributed._run import Job  # noqa: E402
 
@@ -59,7 +61,53 @@ def _batches(data: tuple, size: int = 10) -> list:
     return [(inputs[i : i + size], targets[i : i + size]) for i in range(0, len(inputs), size)]
 
 
-def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(client, tmp_path):
+def _set_rechecks(waits: tuple) -> tuple:
+    before, _shards.UNSEEN_RECHECKS_S = _shards.UNSEEN_RECHECKS_S, waits
+    return before
+
+
+@pytest.fixture
+def quick_rechecks(client):
+    """Workers look again for a store they do not see for 20 ms only (5 s by default)."""
+    before = client.run(_set_rechecks, (0.01, 0.01))
+    yield
+    for worker, waits in before.items():
+        client.run(_set_rechecks, waits, workers=[worker])
+
+
+def test_a_store_that_appears_while_a_worker_looks_again_is_seen(tmp_path, monkeypatch):
+    """An NFS client may remember for seconds that a store created since was absent: it looks again."""
+    listed: list = []
+    monkeypatch.setattr(_shards, "_list", lambda *dirs: listed.append(dirs))
+    path = tmp_path / "s"
+    late = threading.Timer(0.4, lambda: tracin.GradientStore.create(path, 4, [2], None).close())
+    start = time.monotonic()
+    late.start()
+    try:
+        _shards.refuse_unseen(str(path))
+    finally:
+        late.join()
+    assert 0.4 <= time.monotonic() - start < sum(_shards.UNSEEN_RECHECKS_S) and sum(_shards.UNSEEN_RECHECKS_S) <= 5
+    assert listed and listed[0] == (str(tmp_path), str(path))  # listed before each look again
+
+
+def test_a_store_seen_at_once_costs_no_wait_and_one_never_seen_is_refused_after_the_rechecks(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 4, [2], None).close()
+    monkeypatch.setattr(_shards, "time", None)  # no sleep, no listing: time.sleep would fail
+    monkeypatch.setattr(_shards, "_list", None)
+    _shards.refuse_unseen(str(path))
+    monkeypatch.undo()
+    monkeypatch.setattr(_shards, "UNSEEN_RECHECKS_S", (0.01, 0.02))
+    start = time.monotonic()
+    with pytest.raises(
+        ValueError, match=r"no manifest.json there, though the client found it; looked again for 0\.03 s"
+    ):
+        _shards.refuse_unseen(str(tmp_path / "absent"))
+    assert 0.03 <= time.monotonic() - start < 1
+
+
+def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(client, tmp_path, quick_rechecks):
     """No shared file system: a ValueError naming the worker, before the data is read, and not retried."""
     model, checkpoints, data, loss = _setup(20, 4)
     log = tmp_path / "reads"
@@ -71,7 +119,7 @@ def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(clie
     assert _passes(log) == 0
 
 
-def test_a_scoring_task_whose_worker_does_not_see_the_store_names_it(client, tied, tmp_path):
+def test_a_scoring_task_whose_worker_does_not_see_the_store_names_it(client, tied, tmp_path, quick_rechecks):
     shutil.copytree(tied["store"].path, tmp_path / "s")
     store = tracin.GradientStore.open(tmp_path / "s")
     (tmp_path / "s").rename(tmp_path / "elsewhere")  # found on the client, not where the tasks look

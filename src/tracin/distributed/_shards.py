@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ._cluster import worker_name
 
 MAX_SHARD_BYTES = 256 * 2**20  # no default shard larger (a store's default chunk: one kernel call)
 MIN_SHARD_BYTES = 16 * 2**20  # none smaller but the last: a task costs ~15 ms (benchmarks/results/distributed.json)
+UNSEEN_RECHECKS_S = (0.25, 0.5, 1.0, 1.5, 1.75)  # waits before looking again for a store not seen (5 s)
 GUIDE = 2  # each default shard takes 1 / (GUIDE * task slots) of the rows not yet given out
 
 
@@ -70,13 +72,30 @@ class StoreRows:
 
 def refuse_unseen(path: str) -> None:
     """On a worker: a ValueError naming it when it does not see the store at `path` (no manifest
-    there, though the client found one): the workers do not share the client's file system."""
-    if not os.path.lexists(os.path.join(path, MANIFEST)):
-        raise ValueError(
-            f"gradient store {path} is not visible on worker {worker_name()} (no {MANIFEST} there, though the "
-            "client found it): every worker must see the store at the same path, on a file system shared with "
-            "the client"
-        )
+    there, though the client found one): the workers do not share the client's file system. Before
+    refusing, it looks again after each of UNSEEN_RECHECKS_S, listing the directories first: an NFS
+    client may remember for a few seconds that a store created since on another machine was absent."""
+    manifest = os.path.join(path, MANIFEST)
+    for wait in (0.0, *UNSEEN_RECHECKS_S):
+        if wait:
+            time.sleep(wait)
+            _list(os.path.dirname(path), path)
+        if os.path.lexists(manifest):
+            return
+    raise ValueError(
+        f"gradient store {path} is not visible on worker {worker_name()} (no {MANIFEST} there, though the "
+        f"client found it; looked again for {sum(UNSEEN_RECHECKS_S):g} s): every worker must see the store at "
+        "the same path, on a file system shared with the client"
+    )
+
+
+def _list(*directories: str) -> None:
+    """Lists each directory (an NFS client then asks the server for its entries), if it can."""
+    for directory in directories:
+        try:
+            os.listdir(directory)
+        except OSError:
+            pass
 
 
 def as_side(x: Any, name: str) -> GradientSet | Any:
