@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import cloudpickle
 import pytest
@@ -184,6 +185,30 @@ def test_absolute_checkpoints_resolves_sources_and_optimizer_states_only(tmp_pat
     assert args == ("model", expected, "data") and kwargs == {"mode": "full"}
     assert absolute_checkpoints(("loss",), {"checkpoints": given})[1] == {"checkpoints": expected}
     assert absolute_checkpoints(("model", "ckpt.pt"), {}) == (("model", "ckpt.pt"), {})  # the adapter refuses it
+
+
+class _Entry(NamedTuple):
+    source: Any
+    lr: float
+
+
+def test_absolute_checkpoints_keeps_named_tuple_entries(tmp_path, monkeypatch):
+    """Entries (and a list of them) of a NamedTuple type, which the adapters take, keep their type."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": 1}
+    args, _ = absolute_checkpoints(("model", [_Entry("a.pt", 0.1), _Entry(state, 0.2)]), {})
+    assert args[1] == [_Entry(str(tmp_path / "a.pt"), 0.1), _Entry(state, 0.2)]
+    assert all(type(entry) is _Entry for entry in args[1]) and args[1][1].source is state
+
+
+def test_named_tuple_checkpoint_entries_export_as_on_one_machine(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = _setup(20, 4)
+    monkeypatch.chdir(tmp_path)
+    for c, (state, _) in enumerate(checkpoints):
+        torch.save(state, tmp_path / f"m{c}.pt")
+    entries = [_Entry(f"m{c}.pt", lr) for c, (_, lr) in enumerate(checkpoints)]
+    expected = tracin.torch.export_gradients(model, entries, data, loss, store="one", progress=False)
+    _same_store(td.export_gradients("torch", model, entries, data, loss, store="many", client=client), expected)
 
 
 def _submitted(monkeypatch) -> list:

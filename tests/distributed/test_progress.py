@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -121,3 +123,45 @@ def test_rows_written_counts_one_row_per_checkpoint_of_a_factored_export(tmp_pat
     manifest = read_manifest(tmp_path / "s")
     rows = _export.RowsWritten(tmp_path / "s", manifest)
     assert len(manifest.dims) == 4 and (rows.total, rows.count()) == (40, 16)
+
+
+def test_rows_written_ignores_inverted_and_outlying_ranges_of_a_corrupt_file(tmp_path):
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 10, [3, 2], None).close()
+    rows = _export.RowsWritten(path, read_manifest(path))
+    (path / "rows-1-2.json").write_text(json.dumps({"written": [[[8, 3], [-5, 2]], [[0, 100], [12, 15]]]}))
+    assert (rows.total, rows.count()) == (20, 12)  # rows [0, 2) of the first checkpoint, all 10 of the second
+
+
+class _Handshake:
+    """progress_bar's stand-in whose update from the poller waits (up to 2 s) for an update from
+    another thread: the main thread's last update, if it ran while the poller was inside show()."""
+
+    bars: list[_Handshake] = []
+
+    def __init__(self, total, enabled, desc, **kw):
+        self.count, self.inside, self.other, self.poller = 0, threading.Event(), threading.Event(), None
+        _Handshake.bars.append(self)
+
+    def update(self, n: int = 1) -> None:
+        if threading.current_thread().name == "tracin export progress" and n:
+            self.inside.set()
+            self.other.wait(2.0)
+        elif n:
+            self.other.set()
+        self.count += n
+
+    def close(self) -> None:
+        pass
+
+
+def test_rows_bar_counts_each_row_once_when_the_poller_is_updating_at_the_end(tmp_path, monkeypatch):
+    """The last count is taken once the poller has stopped: rows it is counting are not counted twice."""
+    monkeypatch.setattr(_export, "progress_bar", _Handshake)
+    monkeypatch.setattr(_export, "POLL_S", 0.001)
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 10, [3, 2], None).close()
+    with _export.rows_bar(str(path), read_manifest(path), None, "export"):
+        (path / "rows-0-10.json").write_text(json.dumps({"written": [[[0, 10]], [[0, 10]]]}))
+        assert _Handshake.bars[-1].inside.wait(5.0)  # the poller is inside update(20)
+    assert _Handshake.bars[-1].count == 20

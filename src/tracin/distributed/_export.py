@@ -139,20 +139,33 @@ def absolute_checkpoints(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     def absolute(entry: Any) -> Any:
         if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
             return entry  # the adapter's validation names it
-        return type(entry)(
-            os.path.abspath(x) if i != 1 and isinstance(x, (str, os.PathLike)) else x for i, x in enumerate(entry)
+        return _rebuilt(
+            entry,
+            [os.path.abspath(x) if i != 1 and isinstance(x, (str, os.PathLike)) else x for i, x in enumerate(entry)],
         )
 
     def each(checkpoints: Any) -> Any:
         if isinstance(checkpoints, (str, bytes, os.PathLike)) or not isinstance(checkpoints, (tuple, list)):
             return checkpoints
-        return type(checkpoints)(absolute(entry) for entry in checkpoints)
+        return _rebuilt(checkpoints, [absolute(entry) for entry in checkpoints])
 
     if "checkpoints" in kwargs:
         return args, {**kwargs, "checkpoints": each(kwargs["checkpoints"])}
     if len(args) > 1:
         return (args[0], each(args[1]), *args[2:]), kwargs
     return args, kwargs
+
+
+def _rebuilt(given: tuple | list, items: list) -> Any:
+    """`items` in a sequence like `given`: `given` itself when they are its own items, one of its
+    type for a NamedTuple (its fields) or a plain list or tuple, else a plain list or tuple."""
+    if len(items) == len(given) and all(x is y for x, y in zip(items, given, strict=True)):
+        return given
+    if hasattr(given, "_make"):  # a NamedTuple, which takes its fields as arguments
+        return given._make(items)
+    if type(given) in (list, tuple):
+        return type(given)(items)
+    return list(items) if isinstance(given, list) else tuple(items)
 
 
 def pickled(args: tuple, kwargs: dict) -> bytes:
@@ -226,14 +239,19 @@ def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) ->
     if progress is not False:
         show()
         poller.start()
+    done = False
     try:
         yield
-        show()
+        done = True
     finally:
         stop.set()
         if poller.is_alive():
-            poller.join()
-        bar.close()
+            poller.join()  # one thread at a time updates the bar: the last count comes after the poller's
+        try:
+            if done:
+                show()
+        finally:
+            bar.close()
 
 
 class RowsWritten:
@@ -245,6 +263,7 @@ class RowsWritten:
         self.written = [[list(r) for r in manifest.written[c]] for c in range(len(manifest.dims))]
         n = _checkpoint_count(manifest)
         self.slots = len(manifest.dims) // n  # store columns per checkpoint (a factored export: one per layer)
+        self.n_rows = manifest.n_rows
         self.total = manifest.n_rows * n
 
     def count(self) -> int:
@@ -253,7 +272,9 @@ class RowsWritten:
                 written = json.loads(file.read_bytes())["written"]
                 for c, ranges in enumerate(written[: len(self.written)]):
                     for a, b in ranges:
-                        self.written[c] = add_range(self.written[c], int(a), int(b))
+                        a, b = max(int(a), 0), min(int(b), self.n_rows)
+                        if a < b:  # a corrupt file's inverted or outlying range counts no row
+                            self.written[c] = add_range(self.written[c], a, b)
             except (OSError, ValueError, KeyError, TypeError):  # replaced or removed meanwhile: next time
                 continue
         return sum(b - a for ranges in self.written for a, b in ranges) // self.slots
