@@ -9,10 +9,12 @@ import re
 import shutil
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import cloudpickle
+import numpy as np
 import pytest
 from distributed import get_task_stream, get_worker
 
@@ -254,8 +256,8 @@ def test_rerun_of_an_interrupted_export_gives_tasks_only_the_missing_rows(client
         found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=3, **kw)
     rows = sorted(r for a, b in tasks for r in range(a, b))
     assert rows == [*range(25), *range(80, 150)]  # each missing row once, no written one
-    assert len(tasks) == 4  # 95 rows in 3 parts, the first split around the written rows
-    assert sum("export_part" in t["key"] for t in stream.data) == 4
+    assert tasks == [(0, 25), (80, 115), (115, 150)]  # 95 rows in 3 parts: a gap each, the longest split
+    assert sum("export_part" in t["key"] for t in stream.data) == 3
     _same_store(found, expected)
 
 
@@ -273,3 +275,96 @@ def test_rerun_with_every_row_written_but_not_finalized_runs_no_task(client, tmp
     found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, **kw)
     assert tasks == []
     _same_store(found, expected)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Stopping:
+    """Re-iterable batches raising _Interrupted once `budget` batches have been read (over all passes)."""
+
+    def __init__(self, batches: list, budget: int):
+        self.batches, self.budget = batches, budget
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if self.budget == 0:
+                raise _Interrupted
+            self.budget -= 1
+            yield batch
+
+
+@pytest.mark.parametrize(
+    ("shards", "expected"),
+    [
+        (4, [(10, 40), (60, 80), (110, 120), (130, 160)]),
+        (2, [(10, 80), (110, 160)]),
+        (6, [(10, 25), (25, 40), (60, 80), (110, 120), (130, 145), (145, 160)]),  # at most 20 rows each
+    ],
+)
+def test_rerun_of_an_interrupted_export_cuts_at_its_gaps(client, tmp_path, monkeypatch, shards, expected):
+    """Each of an interrupted export's 4 range tasks wrote its rows at the first checkpoint, then only
+    some at the second: the rerun gives each gap to a task (shards=4), packs neighbouring gaps into one
+    task (shards=2: the written rows between them are written again) or splits the longest (shards=6)."""
+    model, checkpoints, data, loss = _setup(160, 6)
+    batches = _batches(data)
+    expected_store = tracin.torch.export_gradients(model, checkpoints, batches, loss, store=tmp_path / "one")
+    store = tmp_path / "many"
+    with store_rows(0, 0):
+        tracin.torch.export_gradients(model, checkpoints, batches, loss, store=store)
+    for i, a in enumerate(range(0, 160, 40)):  # a read-through and a first pass of 16 batches, then a few
+        with store_rows(a, a + 40), pytest.raises(_Interrupted):
+            tracin.torch.export_gradients(
+                model, checkpoints, _Stopping(batches, 32 + a // 10 + 1 + i % 3), loss, store=store
+            )
+    log = tmp_path / "reads"
+    tasks = _submitted(monkeypatch)
+    with get_task_stream(client) as stream:
+        found = td.export_gradients(
+            "torch", model, checkpoints, _logged(batches, log), loss, store=store, client=client, shards=shards
+        )
+    assert tasks == expected
+    assert sum("export_part" in t["key"] for t in stream.data) == len(expected)
+    # the client reads the data twice (its check, the finalizing), a task twice (its check, the second checkpoint)
+    assert _passes(log) == 2 + 2 * len(expected)
+    _same_store(found, expected_store)
+
+
+class _Heavy:
+    """A per-example loss that also holds 32 MB."""
+
+    def __init__(self, loss: Any):
+        self.loss, self.table = loss, np.ones(8_000_000, np.float32)
+
+    def __call__(self, outputs: Any, targets: Any) -> Any:
+        return self.loss(outputs, targets)
+
+
+def test_arguments_are_pickled_only_for_tasks_and_their_bytes_not_kept(client, tmp_path, monkeypatch):
+    """Their check keeps no bytes (32 MB here) during the client's pass over the data; a finished store
+    (no task) does not pickle them."""
+    model, checkpoints, data, loss = _setup(20, 4)
+    heavy = _Heavy(loss)
+    held: list[int] = []
+    export = tracin.torch.export_gradients
+
+    def recorded(*args, **kw):
+        held.append(tracemalloc.get_traced_memory()[0])
+        return export(*args, **kw)
+
+    monkeypatch.setattr(tracin.torch, "export_gradients", recorded)
+    tracemalloc.start()
+    try:
+        td.export_gradients("torch", model, checkpoints, data, heavy, store=tmp_path / "s", client=client)
+        assert held[0] < 8 * 2**20  # traced since the call began: 32 MB if the pickled arguments were kept
+    finally:
+        tracemalloc.stop()
+    pickled: list = []
+    dumps = cloudpickle.dumps
+    monkeypatch.setattr(cloudpickle, "dumps", lambda obj, *a, **kw: pickled.append(obj) or dumps(obj, *a, **kw))
+    td.export_gradients("torch", model, checkpoints, data, heavy, store=tmp_path / "s", client=client)
+    assert not any(isinstance(obj, tuple) and heavy in obj[0] for obj in pickled)

@@ -165,3 +165,22 @@ def test_rows_bar_counts_each_row_once_when_the_poller_is_updating_at_the_end(tm
         (path / "rows-0-10.json").write_text(json.dumps({"written": [[[0, 10]], [[0, 10]]]}))
         assert _Handshake.bars[-1].inside.wait(5.0)  # the poller is inside update(20)
     assert _Handshake.bars[-1].count == 20
+
+
+def test_export_finalizing_pass_is_announced_and_shows_its_reading_bar(client, tmp_path, monkeypatch, capsys):
+    """The client's last call reads all the data again: a line says so, and its reading bar may appear
+    (progress None: after a few seconds), but not its export bar, which would count passes not computed."""
+    from tracin._export import driver
+
+    model, checkpoints, data, loss = _export_setup(30)
+    monkeypatch.setattr(driver, "progress_bar", _Recorded)
+    _Recorded.bars = []
+    td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, progress=True)
+    made = [(bar.desc, bar.enabled) for bar in _Recorded.bars]
+    reading = "tracin.torch export: reading the data"
+    assert made == [(reading, True), (reading, None), ("tracin.torch export", None)]
+    assert "every row written; the client reads the data once more" in capsys.readouterr().err
+    _Recorded.bars = []
+    td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "t", client=client, progress=False)
+    assert {bar.enabled for bar in _Recorded.bars} == {False}
+    assert "reads the data once more" not in capsys.readouterr().err

@@ -23,7 +23,7 @@ from ..store._files import read_manifest
 from ..store._format import Manifest, add_range
 from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
 from ._run import Job, TaskFailedError
-from ._shards import refuse_unseen, shard_ranges
+from ._shards import refuse_unseen
 
 ADAPTERS = ("torch", "jax")
 # what resume.refuse_another_export says of a store exported from other inputs (the changes in group 1)
@@ -62,10 +62,12 @@ def export_gradients(
     checkpoints than the client, fails the call with a ValueError naming it.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call. A
         cluster with no worker yet is waited for, without limit (_cluster.WORKER_WAIT_S sets one).
-    shards: number of row ranges of the rows not written yet (None: one per worker thread, at most one
-        per row; a range is split where written rows lie inside it). Each task reads all the data once
-        per checkpoint, plus once to check its fingerprint, so more shards read more. A finished store
-        is returned once the client has checked it against these inputs; no task runs.
+    shards: at most this many row ranges, one task each, of the rows some checkpoint lacks (None: one
+        per worker thread; see cut(): a rerun's gaps are given whole where they fit, split or packed
+        together otherwise). Each task reads all the data once per checkpoint it writes, plus once to
+        check its fingerprint, so more shards read more. A finished store is returned once the client
+        has checked it against these inputs; no task runs. Once every row is written, the client reads
+        the data once more (its fingerprint) and finalizes the store.
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
         threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
     progress: tqdm bars (None: after a few seconds, if tqdm is installed) of the client's pass over the
@@ -80,7 +82,7 @@ def export_gradients(
     check_progress(progress)
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
-    sent = pickled(args, kwargs)  # before anything is read or created: args that cannot travel fail first
+    check_pickles(args, kwargs)  # before anything is read or created: args that cannot travel fail first
     with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
         fn(*args, store=path, progress=progress, **kwargs)
     manifest = read_manifest(Path(path))  # every range writer's progress merged into it
@@ -88,15 +90,22 @@ def export_gradients(
         return GradientStore.open(path)
     missing = missing_rows(manifest)
     if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-        _write_ranges(adapter, sent, path, manifest, missing, client, shards, num_threads, progress)
+        _write_ranges(adapter, (args, kwargs), path, manifest, missing, client, shards, num_threads, progress)
+    if progress:
+        print(
+            f"tracin.distributed export ({adapter}): every row written; the client reads the data once more, "
+            "checking it against the store, and finalizes it",
+            file=sys.stderr,
+        )
     with _range_writers_named(path):
-        # merges the ranges' progress and finalizes; no bar: its export bar would count passes not computed
-        return fn(*args, store=path, progress=False, **kwargs)
+        # merges the ranges' progress and finalizes: its reading bar after a few seconds (None), not its
+        # export bar, which would count passes at once that it does not compute
+        return fn(*args, store=path, progress=None if progress is not False else False, **kwargs)
 
 
 def _write_ranges(
     adapter: str,
-    sent: bytes,
+    arguments: tuple[tuple, dict],
     path: str,
     manifest: Manifest,
     missing: list[tuple[int, int]],
@@ -105,18 +114,19 @@ def _write_ranges(
     num_threads: int | None,
     progress: bool | None,
 ) -> None:
-    """The `missing` rows of the store at `path` written by tasks on the cluster, cut into `shards` ranges."""
+    """The `missing` rows of the store at `path` written by tasks on the cluster, cut into `shards`
+    ranges; `arguments`: the export's (args, kwargs), pickled here and sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c:
         job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
-        # pickled before as they are: Dask's own serializer of torch modules loses their hook dicts' type
-        sent_once = job.send(sent)
+        # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
+        sent_once = job.send(cloudpickle.dumps(arguments))  # bytes made only for tasks, not kept by this call
         slot_count = sum(slots.values())
         parts = [
             job.submit(
                 export_part, adapter, sent_once, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}"
             )
-            for a, b in cut(missing, slot_count, shards or slot_count)
+            for a, b in cut(missing, shards or slot_count)
         ]
         try:
             with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
@@ -168,11 +178,11 @@ def _rebuilt(given: tuple | list, items: list) -> Any:
     return list(items) if isinstance(given, list) else tuple(items)
 
 
-def pickled(args: tuple, kwargs: dict) -> bytes:
-    """cloudpickle of (args, kwargs), which travel to the workers; a TypeError naming the first
-    argument that does not pickle otherwise."""
+def check_pickles(args: tuple, kwargs: dict) -> None:
+    """A TypeError naming the first of args and kwargs, which travel to the workers, that cloudpickle
+    cannot pickle (pickled into a sink that keeps no bytes: a large argument is not copied)."""
     try:
-        return cloudpickle.dumps((args, kwargs))
+        _pickle_into_nothing((args, kwargs))
     except Exception as e:
         named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
         which = next((name for name, value in named if not _pickles(value)), "args or kwargs")
@@ -185,10 +195,22 @@ def pickled(args: tuple, kwargs: dict) -> bytes:
 
 def _pickles(value: Any) -> bool:
     try:
-        cloudpickle.dumps(value)
+        _pickle_into_nothing(value)
     except Exception:
         return False
     return True
+
+
+class _Nothing:
+    """A file that drops what is written to it."""
+
+    def write(self, data: Any) -> int:
+        return memoryview(data).nbytes
+
+
+def _pickle_into_nothing(value: Any) -> None:
+    """cloudpickle.dumps(value) without keeping its bytes (its exceptions)."""
+    cloudpickle.CloudPickler(_Nothing(), protocol=cloudpickle.DEFAULT_PROTOCOL).dump(value)
 
 
 def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
@@ -200,18 +222,37 @@ def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
     return [(a, b) for a, b in union]
 
 
-def cut(missing: list[tuple[int, int]], slots: int, shards: int) -> list[tuple[int, int]]:
-    """Row ranges covering `missing` (sorted, disjoint): its rows cut into `shards` near-equal parts
-    (at most one per row), a part split where written rows lie inside it."""
+def cut(missing: list[tuple[int, int]], shards: int) -> list[tuple[int, int]]:
+    """At most `shards` row ranges covering the rows `missing` (sorted, disjoint gaps), each spanning
+    at most L rows, L the least for which `shards` ranges suffice (a task's work): a gap longer than L
+    is cut into near-equal parts (with fewer gaps than shards, the longest are split), neighbouring
+    gaps within L rows share a range (the written rows between them are written again, the same
+    bytes); ranges start and end on gap boundaries otherwise."""
+    if not missing:
+        return []
     total = sum(b - a for a, b in missing)
-    ranges = []
-    for lo, hi in shard_ranges(total, 1, slots, shards):  # positions among the missing rows
-        offset = 0
-        for a, b in missing:
-            start, stop = max(lo, offset), min(hi, offset + b - a)
-            if start < stop:
-                ranges.append((a + start - offset, a + stop - offset))
-            offset += b - a
+    low, high = -(-total // shards), missing[-1][1] - missing[0][0]  # one range over every gap suffices
+    while low < high:
+        mid = (low + high) // 2
+        if len(_spans(missing, mid)) <= shards:
+            high = mid
+        else:
+            low = mid + 1
+    return _spans(missing, low)
+
+
+def _spans(missing: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """Ranges covering the gaps `missing`, none over `most` rows: each gap cut into the fewest
+    near-equal parts, a part joined to the range before when their span stays within `most`."""
+    ranges: list[tuple[int, int]] = []
+    for a, b in missing:
+        k = -(-(b - a) // most)
+        for i in range(k):
+            lo, hi = a + i * (b - a) // k, a + (i + 1) * (b - a) // k
+            if ranges and hi - ranges[-1][0] <= most:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
     return ranges
 
 
