@@ -101,7 +101,9 @@ class LayerMatrix:
     """A segment of a flat gradient row holding a layer's weight gradient as a `rows` x `cols` matrix
     (nn.Linear: out x in), for kronecker=True projections: the weight's entries row-major, or
     column-major when `transposed` (Hugging Face Conv1D stores its weight (in, out)), then when
-    `bias` the bias gradient (rows,), taken as a last column: the matrix is rows x (cols + 1)."""
+    `bias` the bias gradient (rows,), taken as a last column: the matrix is rows x (cols + 1).
+    The two layouts multiply in different orders, so the same G projects to the same values up to
+    float32 rounding, not to the same bits (each layout's bits are fixed, whatever the threads or CPU)."""
 
     rows: int
     cols: int
@@ -246,7 +248,12 @@ class Projection:
                 `segment_dims(len(segments))[j]` dims, and the results are concatenated. With
                 kronecker=True an entry may be a LayerMatrix (or its to_dict(), as the metadata of a
                 Kronecker export records the layout under projection["segments"]): that segment is
-                projected to P_rows G P_cols^T (see layer_factors). Ignored with per_layer=False.
+                projected to P_rows G P_cols^T (see layer_factors) on the host, by two kernel
+                products whose bits do not depend on threads or CPU; at the small factor sizes this
+                costs more than a BLAS matmul, most for the sparse kind (measured on 2 cores: dense
+                kinds about as fast, sparse 2.5-5x slower, 9x for a 2048 x 2049 layer). tracin.torch
+                and tracin.jax exports do not take this path (they multiply layer_factors
+                themselves). Ignored with per_layer=False.
             column_offset: with per_layer=False, the columns of `matrix` are columns
                 [column_offset, column_offset + d) of P: projecting the pieces of a row at their
                 offsets and summing gives the projection of the whole row (up to rounding).
