@@ -645,11 +645,11 @@ def test_an_error_caused_by_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
     # failed'), which ended `tracin demo` with a traceback and exit code 1
     import tracin.cli
 
-    def interrupted(wrap):
+    def interrupted(wrap, signal_exception=KeyboardInterrupt):
         def command(args):
             try:
-                raise KeyboardInterrupt
-            except KeyboardInterrupt as e:
+                raise signal_exception()
+            except BaseException as e:
                 wrap(e)
 
         return command
@@ -666,13 +666,82 @@ def test_an_error_caused_by_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
     def while_unwinding(e):
         raise OSError("cleanup failed")
 
-    for wrap in (from_import, guarded, while_unwinding):
+    def other_cause(e):  # an unrelated cause, the Ctrl-C only in the context: both links are followed
+        raise ValueError("x") from OSError("y")
+
+    for wrap, then in (
+        (from_import, "initialization failed"),
+        (guarded, "initialization failed"),  # the error the Ctrl-C caused, not the guard's advice
+        (while_unwinding, "cleanup failed"),
+        (other_cause, "x"),
+    ):
         monkeypatch.setattr(tracin.cli, "cmd_info", interrupted(wrap))
         assert main(["info", "x"]) == 130
-        assert capsys.readouterr().err == "tracin info: interrupted\n"
+        assert capsys.readouterr().err == f"tracin info: interrupted (then: {then})\n"
+    terminated = interrupted(guarded, lambda: tracin.cli._Terminated(signal.SIGTERM))
+    monkeypatch.setattr(tracin.cli, "cmd_info", terminated)  # SIGTERM: was exit 1, "needs the demo extra"
+    assert main(["info", "x"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "tracin info: terminated (SIGTERM) (then: initialization failed)\n"
     monkeypatch.setattr(tracin.cli, "cmd_info", lambda args: from_import(None))  # no Ctrl-C: an error
     with pytest.raises(ImportError, match="initialization failed"):
         main(["info", "x"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_whose_exception_is_swallowed_is_still_reported(monkeypatch, capsys, signum):
+    # JAX's gc callback swallows a KeyboardInterrupt raised in it: `tracin demo --framework jax` ran on
+    # to the end after Ctrl-C and exited 0
+    import tracin.cli
+
+    what = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+    ran = []
+
+    def swallowing(then):
+        def command(args):
+            try:
+                signal.raise_signal(signum)
+            except BaseException:
+                pass
+            ran.append("on")
+            then()
+
+        return command
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", swallowing(lambda: None))
+    assert main(["info", "x"]) == 128 + signum and ran == ["on"]
+    assert capsys.readouterr().err == f"tracin info: {what}\n"
+
+    def fail():
+        raise ValueError("a later error")
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", swallowing(fail))
+    assert main(["info", "x"]) == 128 + signum
+    assert capsys.readouterr().err == f"tracin info: {what} (then: a later error)\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_signal_swallowed_where_python_only_prints_it_is_raised_again(monkeypatch, capsys):
+    # as in a gc callback or __del__: Python prints 'Exception ignored in ...' and goes on
+    import tracin.cli
+
+    class SignalledOnCollection:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    steps = []
+
+    def command(args):
+        SignalledOnCollection()  # collected at once: the KeyboardInterrupt is raised in __del__
+        for step in range(1000):  # 10 s unless the interrupt is raised again here
+            time.sleep(0.01)
+            steps.append(step)
+
+    hook = sys.unraisablehook
+    monkeypatch.setattr(tracin.cli, "cmd_info", command)
+    assert main(["info", "x"]) == 130
+    assert len(steps) < 100 and capsys.readouterr().err == "tracin info: interrupted\n"
+    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):

@@ -9,6 +9,7 @@ file that was there before (a FIFO, a device or a file with other hard links is 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import csv
 import os
@@ -531,21 +532,41 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _interrupted(e: BaseException) -> bool:
-    """Whether a KeyboardInterrupt caused `e` (in its chain of causes and contexts): pybind11, for one,
-    turns a Ctrl-C while the C++ extension initialises into ImportError('initialization failed')."""
-    seen: set[int] = set()
-    cause: BaseException | None = e
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds the command as Ctrl-C does, so temporary files go."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Runs the command; returns the exit code, failures reported as one line on stderr."""
+def _signal_exception(signum: int) -> BaseException:
+    """What a signal raises in the command: KeyboardInterrupt for SIGINT, else _Terminated."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
+
+
+def _signal_cause(e: BaseException) -> tuple[BaseException, BaseException] | None:
+    """The KeyboardInterrupt or _Terminated among the causes and contexts of `e` (both links of
+    each exception followed, each exception once) and the exception that links to it, raised while
+    it unwound; None if there is none. pybind11, for one, turns a Ctrl-C while the C++ extension
+    initialises into ImportError('initialization failed') raised from it."""
+    stack, seen = [e], set()
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        for link in (error.__cause__, error.__context__):
+            if isinstance(link, (KeyboardInterrupt, _Terminated)):
+                return link, error
+            if link is not None:
+                stack.append(link)
+    return None
+
+
+def _run(args: argparse.Namespace, received: list[int]) -> int:
+    """Runs the command; returns the exit code, failures reported as one line on stderr. An error
+    while a signal unwinds the command, or after one was `received`, is raised as that signal."""
     from .store import StoreChangedError, StoreFormatError
 
     prefix = f"tracin {args.command}: error:"
@@ -553,8 +574,12 @@ def _run(args: argparse.Namespace) -> int:
         try:
             args.func(args)
         except Exception as e:
-            if _interrupted(e):  # Ctrl-C, then an error while it unwound: report the Ctrl-C
-                raise KeyboardInterrupt from e
+            found = _signal_cause(e)
+            if found is not None:
+                signum = found[0].signum if isinstance(found[0], _Terminated) else signal.SIGINT
+                raise _signal_exception(signum) from found[1]
+            if received:  # the signal's exception was swallowed on the way (JAX's gc callback does)
+                raise _signal_exception(received[0]) from e
             raise
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except BrokenPipeError:
@@ -579,55 +604,89 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwinds the command as Ctrl-C does, so temporary files go."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+REDELIVER_S = 0.05  # after this delay a signal's exception that Python could only print is raised again
+_DEFAULTS = {"SIGINT": signal.default_int_handler, "SIGTERM": signal.SIG_DFL, "SIGHUP": signal.SIG_DFL}
 
 
 @contextmanager
-def _signals_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise _Terminated while the command runs, where they would otherwise
-    kill the process outright (default handler, main thread); the handlers before are restored."""
+def _signals_unwind(received: list[int]) -> Iterator[None]:
+    """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise _Terminated
+    (where they would kill the process outright), each signal appended to `received` first, so that
+    main reports it even if something swallows the exception. One swallowed where Python can only print
+    it ('Exception ignored in' a gc callback, as JAX's) is raised again in the main thread REDELIVER_S
+    later instead of printed. Only Python's default handlers are replaced (an ignored SIGINT stays
+    ignored); they and sys.unraisablehook are restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    active, lock = [True], threading.Lock()
 
-    def terminate(signum: int, frame: Any) -> None:
-        raise _Terminated(signum)
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if active[0]:
+            raise _signal_exception(signum)
 
-    names = ("SIGTERM", "SIGHUP")
-    signums = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    def redeliver(signum: int) -> None:
+        with lock:
+            if active[0]:
+                _thread.interrupt_main(signum)
+
+    def unraisable(u: Any) -> None:
+        if received and u.exc_type is not None and issubclass(u.exc_type, (KeyboardInterrupt, _Terminated)):
+            timer = threading.Timer(REDELIVER_S, redeliver, (received[-1],))
+            timer.daemon = True
+            timer.start()
+        else:
+            hook(u)
+
+    signums = [getattr(signal, n) for n in _DEFAULTS if hasattr(signal, n)]
     before = {s: signal.getsignal(s) for s in signums}
+    hook = sys.unraisablehook
     try:
-        for s, handler in before.items():
-            if handler is signal.SIG_DFL:
-                signal.signal(s, terminate)
+        sys.unraisablehook = unraisable
+        for s, h in before.items():
+            if h is _DEFAULTS[s.name]:
+                signal.signal(s, handler)
         yield
     finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
+        try:
+            with lock:  # no redelivery once the handlers are restored
+                active[0] = False
+        finally:
+            for s, h in before.items():
+                signal.signal(s, h)
+            sys.unraisablehook = hook
+
+
+def _report_signal(command: str, signum: int, error: BaseException | None) -> int:
+    """Prints that the command was interrupted or terminated (and the error raised while it unwound,
+    if any: `error`'s cause) and returns the exit code, 128 + signum."""
+    what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    cause = None if error is None else error.__cause__
+    then = f" (then: {_one_line(cause)})" if cause is not None else ""
+    print(f"tracin {command}: {what}{then}", file=sys.stderr)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    received: list[int] = []
     try:
-        with _signals_unwind():
-            return _run(args)
+        with _signals_unwind(received):
+            code = _run(args, received)
     except BrokenPipeError:
         # The reader went away: drop what is still buffered (so the exit flush cannot fail again).
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return BROKEN_PIPE_EXIT
-    except KeyboardInterrupt:
-        print(f"tracin {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _report_signal(args.command, signal.SIGINT, e)
     except _Terminated as e:
-        print(f"tracin {args.command}: terminated ({signal.Signals(e.signum).name})", file=sys.stderr)
-        return 128 + e.signum
+        return _report_signal(args.command, e.signum, e)
+    if received:  # the command ran on: something swallowed the signal's exception
+        return _report_signal(args.command, received[0], None)
+    return code
 
 
 if __name__ == "__main__":
