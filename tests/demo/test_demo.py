@@ -399,6 +399,36 @@ def test_the_figure_shows_the_predictions_of_the_model_traced(demo_and_grid):
     assert "where the final model (epoch 150) predicts another label, that label" in report
 
 
+def test_proponents_push_the_wrong_rows_loss_at_its_true_label_down(demo_and_grid):
+    # report.md said a proponent "pulled the model towards this prediction": on a row the traced model
+    # gets wrong that is backwards, the scores being of the loss at the true label
+    (out, result, _), (examples, *_, traced_epoch) = demo_and_grid
+    data = load_noisy_digits(0.2, seed=0)
+    saved = np.load(out / "checkpoints" / f"checkpoint_{traced_epoch:04d}.npz")
+    params = {k: v.astype(np.float64) for k, v in saved.items()}
+    wrong = examples[-1]
+    x = wrong.image[None].astype(np.float64)
+    lr = TrainingConfig().learning_rate  # one SGD step of the training's learning rate
+
+    def measured(p):  # (the loss at the true label, the logit margin true - predicted)
+        logits = forward(p, x)[1][0]
+        return cross_entropy(logits[None], np.array([wrong.label]))[0], logits[wrong.label] - logits[wrong.predicted]
+
+    def after_a_step_on(row):
+        grads = batch_gradient(params, data.x_train[row][None], data.y_train[row][None])
+        return measured({k: params[k] - lr * grads[k] for k in params})
+
+    loss, margin = measured(params)
+    pro_loss, pro_margin = after_a_step_on(int(wrong.proponents[0]))
+    opp_loss, opp_margin = after_a_step_on(int(wrong.opponents[0]))
+    assert pro_loss < loss and pro_margin > margin  # towards the true label
+    assert opp_loss > loss and opp_margin < margin  # away from it, here towards the wrong prediction
+    report = " ".join((out / "report.md").read_text().split())
+    assert "over the traced checkpoints" in report and "saved checkpoints" not in report
+    assert "it pushed the model towards the test example's true label" in report
+    assert "this prediction" not in report
+
+
 def test_demo_writes_figures_and_stores_that_open(default_demo):
     out, result, _ = default_demo
     for name in (

@@ -145,7 +145,7 @@ def plot_influence_grid(
     fig.suptitle(
         f"Each test digit with the prediction of the model at epoch {traced_epoch}, the last checkpoint traced "
         "(and the final model's where it differs),\n"
-        f"then its top {k} proponents (green: training on them lowered its loss) and "
+        f"then its top {k} proponents (green: training on them lowered its loss at its true label) and "
         f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
         "in bold with a thick frame, the true label where it was flipped.",
         fontsize=8,

@@ -13,13 +13,14 @@ if TYPE_CHECKING:
 
 HOW_TO_READ = (
     "**How to read influence scores.** The influence of a training example on a test example is the sum, "
-    "over the saved checkpoints, of the learning rate times the dot product of their loss gradients. "
-    "Positive (a *proponent*): training on that example lowered the test example's loss, it pulled the "
-    "model towards this prediction; negative (an *opponent*): it raised the loss, it pulled the other "
-    "way. Larger magnitude means a stronger pull; compare the scores of one test example with each "
-    "other, as their scale varies from one test example to the next. *Self-influence* is an example's "
-    "influence on itself (the learning-rate-weighted squared gradient norms): high when the model kept "
-    "having to change to fit it, as for a wrong label."
+    "over the traced checkpoints, of the learning rate times the dot product of their loss gradients, the "
+    "test example's loss taken at its true label. Positive (a *proponent*): training on that example "
+    "lowered that loss, it pushed the model towards the test example's true label; negative (an "
+    "*opponent*): it raised the loss, it pushed the model away from the true label (towards another "
+    "digit, such as a wrong prediction). Larger magnitude means a stronger push; compare the scores of "
+    "one test example with each other, as their scale varies from one test example to the next. "
+    "*Self-influence* is an example's influence on itself (the learning-rate-weighted squared gradient "
+    "norms): high when the model kept having to change to fit it, as for a wrong label."
 )
 
 
