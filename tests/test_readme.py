@@ -33,3 +33,17 @@ def test_readme_block_runs(tmp_path, line, source):
     script.write_text(source)
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"README.md block at line {line} failed:\n{done.stderr[-3000:]}"
+
+
+def test_readme_names_every_package_the_demo_needs():
+    # it said the demo "needs only NumPy, scikit-learn and matplotlib", while `tracin demo` refuses to
+    # start without threadpoolctl (and tqdm, unless --no-progress)
+    from importlib.metadata import requires
+
+    demo = [r for r in requires("tracin") or [] if re.search(r"""extra\s*==\s*["']demo["']""", r)]
+    names = {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower() for r in demo}
+    assert {"scikit-learn", "matplotlib", "threadpoolctl", "tqdm"} <= names
+    setup = " ".join(README.read_text().split("## What it computes")[0].split())
+    needs = setup[setup.index("It needs") :].split(". ")[0]
+    assert all(name in needs for name in names), (needs, names)
+    assert "--no-progress` runs without tqdm" in needs
