@@ -128,14 +128,13 @@ def run(config: BenchConfig, status: Callable[[str], object] = lambda _: None) -
     return BenchResult(config, tracin_s, numpy_s, exact, used)
 
 
-def problem(config: BenchConfig, used: int | None = None) -> str:
-    """The first line `tracin bench` prints, saying what is timed (used: tracin's threads, by default
-    threads(config))."""
+def problem(config: BenchConfig) -> str:
+    """The first line `tracin bench` prints, saying what is timed (tracin's threads: threads(config))."""
     c = config
     k = f"top-{min(c.k, c.n)}" + (f" (k={c.k} capped at the train rows)" if c.k > c.n else "")
     return (
         f"{k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
-        f"tracin on {used or threads(c)} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}"
+        f"tracin on {threads(c)} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}"
     )
 
 

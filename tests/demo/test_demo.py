@@ -325,14 +325,14 @@ def test_demo_without_flipped_labels_says_there_is_nothing_to_find(tmp_path):
     run_demo(_small(tmp_path), **QUIET)  # with flipped labels: a detection figure
     assert (tmp_path / "mislabel_detection.png").exists()
     lines: list[str] = []
-    result = run_demo(
-        DemoConfig(output=tmp_path, noise=0.0, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
+    result = run_demo(  # 0.0003 of the 1400 labels rounds to none: the report said "(noise 0)"
+        DemoConfig(output=tmp_path, noise=0.0003, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2),
         progress=False,
         log=lines.append,
     )
     assert result.n_flipped == 0 and np.isnan(result.flipped_fitted)
     assert NOTHING_FLIPPED in lines and not any(line.startswith("|") for line in lines)
-    assert NOTHING_FLIPPED in (tmp_path / "report.md").read_text()
+    assert NOTHING_FLIPPED in (tmp_path / "report.md").read_text() and "noise 0" not in NOTHING_FLIPPED
     # no figure of flat lines, listed as written: the earlier run's goes too
     assert "detection" not in result.files and not (tmp_path / "mislabel_detection.png").exists()
     assert not any("mislabel_detection" in line for line in lines)
@@ -774,6 +774,8 @@ def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path,
         run_demo(_small(store), **QUIET)
     assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(store), "--no-progress"]) == 1
     assert "is a gradient store (it holds manifest.json)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"-o / DemoConfig.output\) .*sub is inside the gradient store .*train;"):
+        run_demo(_small(store / "new" / "sub"), **QUIET)  # was written there
     assert sorted(p.name for p in store.iterdir()) == before
     assert GradientStore.open(store).n_rows == 1400
     with pytest.raises(ValueError, match="output must name a folder .*got ''"):
@@ -782,6 +784,10 @@ def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path,
     assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", "", "--no-progress"]) == 1
     assert "tracin demo: error: -o/--output must name a folder, got ''" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    web = tmp_path / "web"  # another program's manifest.json above the folder is no store
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "a web app"}')
+    run_demo(_small(web / "demo"), **QUIET)
 
 
 def test_missing_demo_extras_are_named_before_training(tmp_path, monkeypatch, capsys):

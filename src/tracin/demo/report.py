@@ -24,7 +24,7 @@ HOW_TO_READ = (
 )
 
 
-NOTHING_FLIPPED = "No training labels were flipped (noise 0): there are no wrong labels for the methods to find."
+NOTHING_FLIPPED = "No training labels were flipped: there are no wrong labels for the methods to find."
 
 
 def summary_rows(result: DemoResult) -> list[str]:
