@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import select
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -25,6 +27,15 @@ pytestmark = [
 ]
 
 SPEC = {"n_rows": 10, "dims": [4]}
+PARENT = os.getpid()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` is readable (or at end of file) within `timeout` seconds; poll, as select()
+    takes no descriptor beyond FD_SETSIZE."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(timeout * 1000))
 
 
 @contextmanager
@@ -48,8 +59,7 @@ def _forked(check: Callable[[], bool]) -> Iterator[int]:
     os.close(go_r)
     status = b""
     try:
-        ready, _, _ = select.select([status_r], [], [], 60)
-        status = os.read(status_r, 1) if ready else b"hung"
+        status = os.read(status_r, 1) if _readable(status_r, 60) else b"hung"
         assert status == b"\0", f"the child's check failed (b'\\x02'), raised (b'') or hung: {status!r}"
         yield pid
         assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the child exited early"
@@ -62,7 +72,10 @@ def _forked(check: Callable[[], bool]) -> Iterator[int]:
 
 
 def _refused(path: Path, **kwargs) -> bool:
-    """Whether opening a writer of `path` is refused as another writer's store."""
+    """Whether opening a writer of `path` is refused as another writer's store. In a child, where
+    the lock is its parent's (another process), without trying again for long."""
+    if os.getpid() != PARENT:
+        locks.RETRY_S = 0.1
     try:
         tracin.GradientStore.create(path, **SPEC, **kwargs).close()
     except RuntimeError as e:
@@ -124,4 +137,205 @@ def test_forks_beside_a_thread_opening_and_closing_writers_leave_no_lock_behind(
             assert _finish(root)
     finally:
         stop.set()
+        thread.join()
+
+
+def _descriptors() -> int:
+    return len(os.listdir("/dev/fd"))
+
+
+def test_a_release_right_after_the_fork_is_tried_again_until_the_child_closed_its_copies(tmp_path, monkeypatch):
+    """The child's hook closes its copies only once the parent's reopen was refused a first time:
+    the parent's fork returned without waiting for the child, and the reopen tries again."""
+    root = tmp_path / "s"
+    w = tracin.GradientStore.create(root, **SPEC)
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    real_close, real_try = os.close, locks._try_flock
+    waited, refused = [], []
+
+    def close(fd: int) -> None:  # in the child only, the first close waits for the parent's refusal
+        if os.getpid() != PARENT and not waited:
+            waited.append(_readable(go_r, 60))
+        real_close(fd)
+
+    def try_flock(fd: int, exclusive: bool) -> bool:
+        taken = real_try(fd, exclusive)
+        if not taken and not refused:
+            refused.append(os.write(go_w, b"x"))
+        return taken
+
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(locks, "_try_flock", try_flock)
+    monkeypatch.setattr(locks, "RETRY_S", 60.0, raising=False)  # the child is slow only on a loaded machine
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        forked = time.monotonic() - start
+        w.close()  # the child still has its copy of the lock's descriptor
+        assert _finish(root)
+        assert refused, "the reopen was never refused: the child closed its copies before it"
+        assert forked < 5, f"the parent's fork waited for the child's hook ({forked:.1f} s)"
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the child exited early"
+    finally:
+        os.write(done_w, b"x")
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (go_r, go_w, done_r, done_w):
+            real_close(fd)
+
+
+def test_a_fork_from_c_that_skips_the_before_fork_hook_leaves_the_child_working_locks(tmp_path, monkeypatch):
+    """fork() called from C and then PyOS_AfterFork_Child() in the child, without the before-fork
+    hook (an embedding server's workers), while another thread holds the guard: the child's hook
+    raises nothing, the child can open writers, and the parent's writer releases the store."""
+    ctypes = pytest.importorskip("ctypes")
+    libc, after_fork_child = ctypes.PyDLL(None), ctypes.pythonapi.PyOS_AfterFork_Child
+    root = tmp_path / "s"
+    w = tracin.GradientStore.create(root, **SPEC)
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    status_r, status_w = os.pipe()
+    done_r, done_w = os.pipe()
+    held, go = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks._FORKS.guard:
+            held.set()
+            go.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10), "the thread did not take the guard"
+        pid = libc.fork()
+        if pid == 0:
+            code = 3
+            try:
+                after_fork_child()
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(30)  # a guard left taken would hang the child: the alarm ends it
+                code = 2 if unraisable else 0 if _finish(tmp_path / "child") else 1
+                os.write(status_w, bytes([code]))
+                os.read(done_r, 1)
+            finally:
+                os._exit(code)
+    finally:
+        go.set()
+        thread.join()
+    try:
+        os.close(status_w)
+        status = os.read(status_r, 1) if _readable(status_r, 60) else b"hung"
+        assert status == b"\0", f"the child's hook raised (b'\\x02'), or its writer failed or hung: {status!r}"
+        w.close()
+        assert _finish(root)  # the child closed its copy of the lock
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (status_r, done_r, done_w):
+            os.close(fd)
+
+
+def test_forks_with_descriptors_beyond_fd_setsize_leave_no_descriptor_and_raise_nothing(tmp_path, monkeypatch):
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1024 + _descriptors() + 100
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"needs {want} open files, the hard limit is {hard}")
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    padding = []
+    try:
+        padding = [os.open(os.devnull, os.O_RDONLY) for _ in range(1024)]
+        w = tracin.GradientStore.create(tmp_path / "s", **SPEC)  # its descriptors are beyond 1024
+        before = _descriptors()
+        for _ in range(3):
+            with _forked(lambda: True):
+                pass
+        assert (_descriptors(), unraisable) == (before, [])
+        w.close()
+        assert _finish(tmp_path / "s")
+    finally:
+        for fd in padding:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_lock_held_by_another_process_is_tried_again_before_the_unchanged_refusal(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    kept = []
+    monkeypatch.setattr(locks, "RETRY_S", 0.3)
+    with _forked(lambda: kept.append(tracin.GradientStore.create(root, **SPEC)) is None):  # the child's own writer
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="being written by another writer .*close that writer first"):
+            tracin.GradientStore.create(root, **SPEC)
+        assert time.monotonic() - start >= 0.3
+
+
+def test_a_lock_held_by_this_process_is_refused_at_once(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    tracin.GradientStore.create(root, **SPEC).close()
+    monkeypatch.setattr(locks, "RETRY_S", 60.0)
+    start = time.monotonic()
+    with tracin.GradientStore.create(root, **SPEC, rows=(0, 5)):
+        for rows in [None, (0, 5)]:
+            with pytest.raises(RuntimeError, match="close that writer first"):
+                tracin.GradientStore.create(root, **SPEC, rows=rows)
+    with tracin.GradientStore.create(root, **SPEC):
+        with pytest.raises(RuntimeError, match="being written by a writer of the whole store"):
+            tracin.GradientStore.create(root, **SPEC, rows=(5, 10))
+    assert time.monotonic() - start < 30
+
+
+def test_an_interrupt_while_a_lock_is_tried_again_leaves_no_descriptor(tmp_path, monkeypatch):
+    root = tmp_path / "s"
+    kept = []
+    monkeypatch.setattr(locks, "RETRY_S", 60.0)
+    previous = signal.signal(signal.SIGALRM, signal.default_int_handler)  # the alarm acts as Ctrl-C
+    try:
+        with _forked(lambda: kept.append(tracin.GradientStore.create(root, **SPEC)) is None):
+            before = _descriptors()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                tracin.GradientStore.create(root, **SPEC)
+            assert (_descriptors(), locks._FORKS.held) == (before, {})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fork_goes_on_when_another_thread_keeps_the_guard(tmp_path, monkeypatch):
+    """A thread inside the guard that waits for the forking thread (a finalizer run there that
+    needs a lock another library's before-fork hook took) does not deadlock the fork: it waits for
+    the guard at most GUARD_WAIT_S. The child still closes the copies of the registered locks."""
+    monkeypatch.setattr(locks, "GUARD_WAIT_S", 0.2, raising=False)
+    root = tmp_path / "s"
+    w = tracin.GradientStore.create(root, **SPEC)
+    held, forked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks._FORKS.guard:
+            held.set()
+            forked.wait(10)  # the fork returns first, or this thread gives up
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(10), "the thread did not take the guard"
+        start = time.monotonic()
+        with _forked(lambda: True):
+            waited = time.monotonic() - start
+            forked.set()
+            thread.join()
+            w.close()
+            assert _finish(root)
+        assert waited < 5, f"the fork waited {waited:.1f} s for the guard"
+    finally:
+        forked.set()
         thread.join()

@@ -12,7 +12,7 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,17 +43,24 @@ def naming(path: Path, doing: str) -> Iterator[None]:
         raise type(e)(e.errno, f"{reason}, while {doing}", str(path)) from e
 
 
-def open_file(path: Path, writable: bool = False) -> int:
-    """Descriptor of the existing regular file `path`, read-only or read-write.
+def open_file(
+    path: Path,
+    writable: bool = False,
+    opener: Callable[[Path, int], int] | None = None,
+    closer: Callable[[int], None] | None = None,
+) -> int:
+    """Descriptor of the existing regular file `path`, read-only or read-write, opened by
+    opener(path, flags) (default os.open) and closed by closer(fd) (os.close) if it is refused.
 
     A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError; a missing
     file a FileNotFoundError; any other OS error propagates (it names the file; too many open files
     says to raise the limit).
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
+    opener, closer = opener or os.open, closer or os.close
     try:
         with naming(path, "opening"):  # EMFILE: suggests raising the limit
-            fd = os.open(path, flags)
+            fd = opener(path, flags)
     except OSError as e:
         if e.errno == errno.ELOOP or os.path.islink(path):
             raise StoreFormatError(
@@ -65,10 +72,10 @@ def open_file(path: Path, writable: bool = False) -> int:
     try:
         mode = os.fstat(fd).st_mode
     except BaseException:
-        os.close(fd)
+        closer(fd)
         raise
     if not stat.S_ISREG(mode):
-        os.close(fd)
+        closer(fd)
         raise StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
     return fd
 

@@ -9,17 +9,16 @@ A flock belongs to the open file description, which a forked child shares: a chi
 writer is open (a DataLoader worker, say) would keep the store locked after the parent closed its
 writer. So the child closes its copies of every held lock's descriptor right after the fork (close
 only: unlocking would release the parent's lock too); the child must not use a writer it inherited.
+The parent does not wait for that: a lock found taken is tried again for up to RETRY_S seconds
+before the writer is refused, unless this process itself holds the conflicting lock.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import select
 import threading
-import weakref
-from collections.abc import Callable
+import time
 from pathlib import Path
 
 from ._files import open_file, remove_if_present
@@ -32,6 +31,13 @@ except ImportError:  # no flock on this OS
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
+# How long a lock found taken is tried again before the writer is refused (when no lock of this
+# process conflicts): a child forked just before its parent released the lock may not have closed
+# its copy yet. The waits between tries grow from 1 ms to 50 ms.
+RETRY_S = 2.0
+# How long a fork waits for another thread's open or close of a lock's descriptor (microseconds, but
+# see _Forks) before it goes on without it.
+GUARD_WAIT_S = 5.0
 
 # flock errors that mean "no locks on this file system" (some network file systems, e.g. exclusive locks
 # on a directory over NFS): the store is then written unlocked, as where the OS has no flock.
@@ -39,48 +45,43 @@ _NO_LOCKS = {errno.ENOLCK, errno.EBADF, errno.EINVAL, getattr(errno, "EOPNOTSUPP
 
 
 class _Forks:
-    """The locks of this process holding a descriptor, and the at-fork hooks that close the child's
-    copies (one instance, module state on purpose: a fork is process-wide). `guard` is held while a
-    descriptor is opened and registered, or closed and unregistered, and across each fork, so a child
-    never inherits a lock's descriptor unregistered; reentrant, as a garbage collection inside the
-    guarded code may release another writer's lock. While locks are held, the parent waits (at most
-    CHILD_WAIT seconds) until the child has closed its copies, through a pipe whose write end the
-    child closes last: the parent may release and retake a lock right after the fork."""
+    """The locks of this process holding a descriptor (by descriptor), and the at-fork hooks that
+    close the child's copies (one instance, module state on purpose: a fork is process-wide).
 
-    CHILD_WAIT = 10.0
+    `guard` is held while a descriptor is opened and registered, or unregistered and closed, and
+    across each fork, so a child never inherits a lock's descriptor unregistered. The guarded code is
+    a system call and a dict update, with no callout; the guard is reentrant, as a garbage collection
+    or a signal handler run inside it may release another writer's lock. Such code might also wait
+    for a lock that another library's before-fork hook took in the forking thread: a fork waits at
+    most GUARD_WAIT_S seconds for the guard, then goes on without it (its child may then keep a
+    descriptor being opened or closed meanwhile). The parent never waits for the child. The child
+    gets a fresh guard: a fork from C that skips the before-fork hook (an embedding server's
+    workers) may have happened while another thread held it."""
 
     def __init__(self) -> None:
-        self.held: weakref.WeakSet[_Held] = weakref.WeakSet()
+        self.held: dict[int, _Held] = {}
         self.guard = threading.RLock()
-        self._pipe: tuple[int, int] | None = None
 
     def before(self) -> None:
-        self.guard.acquire()
-        self._pipe = os.pipe() if self.held else None
+        self.guard.acquire(timeout=GUARD_WAIT_S)
 
     def after_in_parent(self) -> None:
-        pipe, self._pipe = self._pipe, None
         try:
-            if pipe is not None:
-                os.close(pipe[1])
-                select.select([pipe[0]], [], [], self.CHILD_WAIT)  # readable at EOF: the child closed its end
-                os.close(pipe[0])
-        finally:
             self.guard.release()
+        except RuntimeError:  # before() gave up waiting, or a fork from C skipped it: not held here
+            pass
 
     def after_in_child(self) -> None:
         """Closes the child's copies of the held locks' descriptors (close only: unlocking would
-        release the parent's locks too), then the pipe, which lets the parent go on."""
-        pipe, self._pipe = self._pipe, None
-        for lock in list(self.held):
-            fd, lock._fd = lock._fd, None
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self.held.clear()
-        for fd in pipe or ():
-            os.close(fd)
-        self.guard.release()
+        release the parent's locks too)."""
+        self.guard = threading.RLock()
+        held, self.held = self.held, {}
+        for fd, lock in held.items():
+            lock._fd = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 _FORKS = _Forks()
@@ -96,21 +97,44 @@ class _Held:
 
     def __init__(self) -> None:
         self._fd: int | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file, once flocked
+        self._exclusive = False
 
-    def _open(self, opener: Callable[[], int]) -> int:
-        """The descriptor opener() returns, held (none may be held yet)."""
+    def _open(self, path: str | Path, flags: int) -> int:
+        """os.open(path, flags), held (none may be held yet)."""
+        path = os.fspath(path)  # no Python code runs while the guard is held
         with _FORKS.guard:
-            fd = opener()
+            fd = os.open(path, flags, 0o644)
             self._fd = fd
-            _FORKS.held.add(self)
+            _FORKS.held[fd] = self
         return fd
+
+    def _flock(self, fd: int, exclusive: bool) -> bool:
+        """Takes the flock on `fd`, the held descriptor; False if another holder keeps it for RETRY_S
+        seconds, or at once if a lock of this process conflicts (it would not be released meanwhile)."""
+        st = os.fstat(fd)
+        file = (st.st_dev, st.st_ino)
+        deadline, pause = time.monotonic() + RETRY_S, 0.001
+        while not _try_flock(fd, exclusive):
+            left = deadline - time.monotonic()
+            if left <= 0 or _held_here(file, exclusive):
+                return False
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 0.05)
+        self._file, self._exclusive = file, exclusive
+        return True
 
     def release(self) -> None:
         with _FORKS.guard:
-            fd, self._fd = self._fd, None
-            _FORKS.held.discard(self)
+            fd, self._fd, self._file = self._fd, None, None
             if fd is not None:
+                _FORKS.held.pop(fd, None)
                 os.close(fd)  # closing the descriptor releases the flock
+
+
+def _held_here(file: tuple[int, int], exclusive: bool) -> bool:
+    """Whether a lock of this process holds a flock on `file` that conflicts with one `exclusive` or not."""
+    return any(h._file == file and (exclusive or h._exclusive) for h in list(_FORKS.held.values()))
 
 
 def _try_flock(fd: int, exclusive: bool) -> bool:
@@ -135,9 +159,9 @@ class DirectoryLock(_Held):
         super().__init__()
         if fcntl is None:
             return
-        fd = self._open(lambda: os.open(root, os.O_RDONLY))
+        fd = self._open(root, os.O_RDONLY)
         try:
-            taken = _try_flock(fd, exclusive=not shared)
+            taken = self._flock(fd, exclusive=not shared)
         except BaseException:
             self.release()
             raise
@@ -186,15 +210,16 @@ class RangeLock(_Held):
         """Holds the flock on the lock file at `path`; whether this call created the file."""
         for _ in range(8):  # the file may be removed between our open and our flock: open it again
             try:
-                fd = self._open(lambda: os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644))
+                fd = self._open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW)
                 created = True
             except FileExistsError:
                 try:
-                    fd, created = self._open(lambda: open_file(path, writable=True)), False
+                    fd = open_file(path, writable=True, opener=self._open, closer=lambda _: self.release())
+                    created = False
                 except FileNotFoundError:
                     continue
             try:
-                if not _try_flock(fd, exclusive=True):
+                if not self._flock(fd, exclusive=True):
                     raise RuntimeError(
                         f"rows [{start}, {stop}) of gradient store {path.parent} are being written by "
                         "another range writer (in this or another process); close that writer first"
