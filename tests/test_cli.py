@@ -682,6 +682,12 @@ def test_an_error_caused_by_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
     monkeypatch.setattr(tracin.cli, "cmd_info", terminated)  # SIGTERM: was exit 1, "needs the demo extra"
     assert main(["info", "x"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "tracin info: terminated (SIGTERM) (then: initialization failed)\n"
+
+    def jax_traceback(args):  # JAX re-raises a KeyboardInterrupt from an UnfilteredStackTrace of it
+        raise KeyboardInterrupt from RuntimeError("KeyboardInterrupt The preceding stack trace is the source")
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", jax_traceback)
+    assert main(["info", "x"]) == 130 and capsys.readouterr().err == "tracin info: interrupted\n"
     monkeypatch.setattr(tracin.cli, "cmd_info", lambda args: from_import(None))  # no Ctrl-C: an error
     with pytest.raises(ImportError, match="initialization failed"):
         main(["info", "x"])

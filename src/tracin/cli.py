@@ -540,9 +540,12 @@ class _Terminated(BaseException):
         self.signum = signum
 
 
-def _signal_exception(signum: int) -> BaseException:
-    """What a signal raises in the command: KeyboardInterrupt for SIGINT, else _Terminated."""
-    return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
+def _signal_exception(signum: int, then: BaseException | None = None) -> BaseException:
+    """What a signal raises in the command: KeyboardInterrupt for SIGINT, else _Terminated; `then`:
+    the error raised while it unwound, or after it was swallowed, which main names with it."""
+    e = KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
+    e.tracin_then = then  # type: ignore[attr-defined]
+    return e
 
 
 def _signal_cause(e: BaseException) -> tuple[BaseException, BaseException] | None:
@@ -577,9 +580,9 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
             found = _signal_cause(e)
             if found is not None:
                 signum = found[0].signum if isinstance(found[0], _Terminated) else signal.SIGINT
-                raise _signal_exception(signum) from found[1]
+                raise _signal_exception(signum, then=found[1]) from e
             if received:  # the signal's exception was swallowed on the way (JAX's gc callback does)
-                raise _signal_exception(received[0]) from e
+                raise _signal_exception(received[0], then=e) from e
             raise
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except BrokenPipeError:
@@ -660,9 +663,9 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
 
 def _report_signal(command: str, signum: int, error: BaseException | None) -> int:
     """Prints that the command was interrupted or terminated (and the error raised while it unwound,
-    if any: `error`'s cause) and returns the exit code, 128 + signum."""
+    if _run named one; not just any cause: JAX's tracebacks are causes) and returns 128 + signum."""
     what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
-    cause = None if error is None else error.__cause__
+    cause = getattr(error, "tracin_then", None)
     then = f" (then: {_one_line(cause)})" if cause is not None else ""
     print(f"tracin {command}: {what}{then}", file=sys.stderr)
     return 128 + signum
