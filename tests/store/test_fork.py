@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -339,3 +340,39 @@ def test_a_fork_goes_on_when_another_thread_keeps_the_guard(tmp_path, monkeypatc
     finally:
         forked.set()
         thread.join()
+
+
+def _run(script: str, *args: str, timeout: float = 60) -> str:
+    """Runs `script` in a fresh interpreter (a hang fails the test as TimeoutExpired instead of
+    hanging it); its stdout, once it exited 0."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+_RELOADED = """
+import importlib, os, sys
+import tracin
+from tracin.store import _locks
+w = tracin.GradientStore.create(sys.argv[1], n_rows=10, dims=[4])
+forks = _locks._FORKS
+importlib.reload(_locks)
+assert _locks._FORKS is forks, "the reload replaced the registry of open locks"
+w.close()
+assert forks.held == {}, f"the closed writer's lock is still registered: {forks.held}"
+fd = os.open(os.devnull, os.O_RDONLY)  # the number the lock's descriptor had
+pid = os.fork()
+if pid == 0:
+    try:
+        os.fstat(fd)
+    except OSError:
+        os._exit(1)
+    os._exit(0)
+assert os.waitpid(pid, 0)[1] == 0, "the child lost an unrelated descriptor at fork"
+"""
+
+
+def test_a_reload_of_the_locks_module_keeps_one_registry_and_one_set_of_fork_hooks(tmp_path):
+    """importlib.reload while a writer is open: its close unregisters the lock, and no hook left by
+    the module's first run closes the descriptor's number in a later child once it names another file."""
+    _run(_RELOADED, str(tmp_path / "s"))

@@ -56,7 +56,8 @@ class _Forks:
     most GUARD_WAIT_S seconds for the guard, then goes on without it (its child may then keep a
     descriptor being opened or closed meanwhile). The parent never waits for the child. The child
     gets a fresh guard: a fork from C that skips the before-fork hook (an embedding server's
-    workers) may have happened while another thread held it."""
+    workers) may have happened while another thread held it. One instance serves the process even
+    if the module is reloaded (importlib.reload), so its hooks are registered once."""
 
     def __init__(self) -> None:
         self.held: dict[int, _Held] = {}
@@ -84,11 +85,12 @@ class _Forks:
                 pass
 
 
-_FORKS = _Forks()
-if hasattr(os, "register_at_fork"):
+_FORKS: _Forks = globals().get("_FORKS") or _Forks()  # the locks open before a reload stay registered
+if hasattr(os, "register_at_fork") and "_HOOKED" not in globals():
     os.register_at_fork(
         before=_FORKS.before, after_in_parent=_FORKS.after_in_parent, after_in_child=_FORKS.after_in_child
     )
+    _HOOKED = True
 
 
 class _Held:
