@@ -376,3 +376,44 @@ def test_a_reload_of_the_locks_module_keeps_one_registry_and_one_set_of_fork_hoo
     """importlib.reload while a writer is open: its close unregisters the lock, and no hook left by
     the module's first run closes the descriptor's number in a later child once it names another file."""
     _run(_RELOADED, str(tmp_path / "s"))
+
+
+_LOCK_ORDER = """
+import os, sys, threading, time
+held_by_hook = threading.Lock()  # another library's lock, taken by its before-fork hook (as logging's)
+os.register_at_fork(before=held_by_hook.acquire, after_in_parent=held_by_hook.release)
+import tracin  # after that library: tracin's before-fork hook runs first and takes the guard
+from tracin.store import _locks
+_locks.GUARD_WAIT_S = 0.5
+w = tracin.GradientStore.create(sys.argv[1], n_rows=10, dims=[4])
+inside = threading.Event()
+
+def close_while_holding_the_librarys_lock():
+    with held_by_hook:
+        inside.set()
+        while _locks._FORKS.guard.acquire(blocking=False):  # until the fork holds the guard
+            _locks._FORKS.guard.release()
+            time.sleep(0.001)
+        w.close()  # as a finalizer run while that library's lock is held
+
+thread = threading.Thread(target=close_while_holding_the_librarys_lock)
+thread.start()
+inside.wait()
+start = time.monotonic()
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+waited = time.monotonic() - start
+os.waitpid(pid, 0)
+thread.join()
+tracin.GradientStore.create(sys.argv[1], n_rows=10, dims=[4]).close()  # the close released the store
+print(waited)
+"""
+
+
+def test_a_close_waiting_for_the_guard_held_across_a_fork_does_not_deadlock_it(tmp_path):
+    """A thread that holds a lock another library's before-fork hook waits for, and then closes a
+    writer, while the fork holds the guard: the close waits for the guard at most GUARD_WAIT_S, then
+    closes without it, so the hook and the fork go on."""
+    waited = float(_run(_LOCK_ORDER, str(tmp_path / "s"), timeout=30))
+    assert 0.5 <= waited < 5, f"the fork took {waited:.2f} s"

@@ -36,7 +36,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # its copy yet. The waits between tries grow from 1 ms to 50 ms.
 RETRY_S = 2.0
 # How long a fork waits for another thread's open or close of a lock's descriptor (microseconds, but
-# see _Forks) before it goes on without it.
+# see _Forks) before it goes on without it, and how long an open or close waits for a fork.
 GUARD_WAIT_S = 5.0
 
 # flock errors that mean "no locks on this file system" (some network file systems, e.g. exclusive locks
@@ -51,13 +51,16 @@ class _Forks:
     `guard` is held while a descriptor is opened and registered, or unregistered and closed, and
     across each fork, so a child never inherits a lock's descriptor unregistered. The guarded code is
     a system call and a dict update, with no callout; the guard is reentrant, as a garbage collection
-    or a signal handler run inside it may release another writer's lock. Such code might also wait
-    for a lock that another library's before-fork hook took in the forking thread: a fork waits at
-    most GUARD_WAIT_S seconds for the guard, then goes on without it (its child may then keep a
-    descriptor being opened or closed meanwhile). The parent never waits for the child. The child
-    gets a fresh guard: a fork from C that skips the before-fork hook (an embedding server's
-    workers) may have happened while another thread held it. One instance serves the process even
-    if the module is reloaded (importlib.reload), so its hooks are registered once."""
+    or a signal handler run inside it may release another writer's lock. Either side may wait for
+    the other: a thread holding a lock that another library's before-fork hook waits for (hooks run
+    after the fork took the guard) may need the guard to close a writer's lock (a finalizer), or
+    code run inside the guard may wait for a lock that such a hook took in the forking thread. So
+    neither waits forever: a fork, an open or a close waits at most GUARD_WAIT_S seconds for the
+    guard, then goes on without it; a child forked meanwhile may then keep the copy of the one
+    descriptor being opened or closed. The parent never waits for the child. The child gets a fresh
+    guard: a fork from C that skips the before-fork hook (an embedding server's workers) may have
+    happened while another thread held it. One instance serves the process even if the module is
+    reloaded (importlib.reload), so its hooks are registered once."""
 
     def __init__(self) -> None:
         self.held: dict[int, _Held] = {}
@@ -105,10 +108,15 @@ class _Held:
     def _open(self, path: str | Path, flags: int) -> int:
         """os.open(path, flags), held (none may be held yet)."""
         path = os.fspath(path)  # no Python code runs while the guard is held
-        with _FORKS.guard:
+        guard = _FORKS.guard
+        guarded = guard.acquire(timeout=GUARD_WAIT_S)
+        try:
             fd = os.open(path, flags, 0o644)
             self._fd = fd
             _FORKS.held[fd] = self
+        finally:
+            if guarded:
+                guard.release()
         return fd
 
     def _flock(self, fd: int, exclusive: bool) -> bool:
@@ -127,11 +135,17 @@ class _Held:
         return True
 
     def release(self) -> None:
-        with _FORKS.guard:
-            fd, self._fd, self._file = self._fd, None, None
-            if fd is not None:
+        guard = _FORKS.guard
+        guarded = guard.acquire(timeout=GUARD_WAIT_S)
+        try:
+            fd, self._file = self._fd, None
+            if fd is not None:  # popped before _fd is cleared: a child forked before the pop closes its copy
                 _FORKS.held.pop(fd, None)
+                self._fd = None
                 os.close(fd)  # closing the descriptor releases the flock
+        finally:
+            if guarded:
+                guard.release()
 
 
 def _held_here(file: tuple[int, int], exclusive: bool) -> bool:
