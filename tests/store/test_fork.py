@@ -417,3 +417,23 @@ def test_a_close_waiting_for_the_guard_held_across_a_fork_does_not_deadlock_it(t
     closes without it, so the hook and the fork go on."""
     waited = float(_run(_LOCK_ORDER, str(tmp_path / "s"), timeout=30))
     assert 0.5 <= waited < 5, f"the fork took {waited:.2f} s"
+
+
+_FIFO = """
+import os, sys
+from tracin.store import _locks
+try:
+    _locks.DirectoryLock(sys.argv[1])
+except NotADirectoryError:
+    assert _locks._FORKS.held == {}
+else:
+    raise AssertionError("a FIFO was locked as a store's directory")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs mkfifo")
+def test_a_fifo_in_place_of_the_store_directory_is_refused_at_once(tmp_path):
+    """Opening the directory to lock it does not block (holding the guard, so every fork waits) on
+    a FIFO put in its place until some process opens the FIFO for writing."""
+    os.mkfifo(tmp_path / "s")
+    _run(_FIFO, str(tmp_path / "s"), timeout=30)

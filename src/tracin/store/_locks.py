@@ -30,6 +30,9 @@ except ImportError:  # no flock on this OS
     fcntl = None  # type: ignore[assignment]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# A store's directory is opened with these: a FIFO or device put in its place fails at once instead
+# of blocking the open (and so every fork, see _Forks) until another process opens its other end.
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NONBLOCK", 0)
 
 # How long a lock found taken is tried again before the writer is refused (when no lock of this
 # process conflicts): a child forked just before its parent released the lock may not have closed
@@ -175,7 +178,7 @@ class DirectoryLock(_Held):
         super().__init__()
         if fcntl is None:
             return
-        fd = self._open(root, os.O_RDONLY)
+        fd = self._open(root, _DIRECTORY)
         try:
             taken = self._flock(fd, exclusive=not shared)
         except BaseException:
