@@ -163,7 +163,9 @@ class GradientStore(GradientSet):
         finished one gives a writer whose .complete is True; a different spec is a ValueError
         naming what differs, unless overwrite=True, which replaces the old store. A folder holding
         anything but a store's files is refused; one holding files named like a store's but no
-        manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True.
+        manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True. A store that
+        another writer holds is a RuntimeError: at once if that writer is in this process, after
+        trying again for 2 s if in another (a child forked just before a close may hold it briefly).
 
         rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
         must already be at `path` with this spec: several may write disjoint ranges at once, in
