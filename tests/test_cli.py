@@ -40,6 +40,19 @@ def _write_store(path, mats, weights, rows=None, ids=None):
 
 
 @pytest.fixture
+def signals_as_in_a_terminal():
+    """SIGINT raises KeyboardInterrupt, SIGTERM and SIGHUP kill, as in an interactive shell, also where
+    pytest started with them ignored (`pytest &` from a script, as CI runners do); restored after."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture
 def stores(tmp_path, rng):
     weights = [0.5, 0.1]
     blocks = {
@@ -244,7 +257,8 @@ def test_sigterm_or_sighup_while_writing_leave_the_previous_file_whole(stores, t
     out.parent.mkdir()
     out.write_text("the previous result\n")
     script = f"""
-import os, sys, tracin.cli as cli
+import os, signal, sys, tracin.cli as cli
+signal.signal({int(signum)}, signal.SIG_DFL)  # as in a terminal, also under nohup or a CI runner
 class Spec(str):  # the signal arrives after 20 rows written
     left = 20
     def __format__(self, spec):
@@ -694,7 +708,7 @@ def test_an_error_caused_by_ctrl_c_is_reported_as_the_interrupt(monkeypatch, cap
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_whose_exception_is_swallowed_is_still_reported(monkeypatch, capsys, signum):
+def test_a_signal_whose_exception_is_swallowed_is_still_reported(monkeypatch, capsys, signum, signals_as_in_a_terminal):
     # JAX's gc callback swallows a KeyboardInterrupt raised in it: `tracin demo --framework jax` ran on
     # to the end after Ctrl-C and exited 0
     import tracin.cli
@@ -727,7 +741,7 @@ def test_a_signal_whose_exception_is_swallowed_is_still_reported(monkeypatch, ca
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_a_signal_swallowed_where_python_only_prints_it_is_raised_again(monkeypatch, capsys):
+def test_a_signal_swallowed_where_python_only_prints_it_is_raised_again(monkeypatch, capsys, signals_as_in_a_terminal):
     # as in a gc callback or __del__: Python prints 'Exception ignored in ...' and goes on
     import tracin.cli
 
