@@ -764,6 +764,28 @@ def test_a_signal_swallowed_where_python_only_prints_it_is_raised_again(monkeypa
     assert sys.unraisablehook is hook and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_signal_raised_again_wakes_a_blocking_wait(monkeypatch, capsys, signals_as_in_a_terminal):
+    # Dask's client blocks the main thread in lock waits, which a pending-signal flag alone does not wake
+    import tracin.cli
+
+    class SignalledOnCollection:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    waited = []
+
+    def command(args):
+        SignalledOnCollection()
+        threading.Event().wait(10)  # never set: only the interrupt raised again ends it early
+        waited.append("to the end")
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", command)
+    start = time.monotonic()
+    assert main(["info", "x"]) == 130
+    assert time.monotonic() - start < 5 and waited == []  # 10 s with _thread.interrupt_main
+    assert capsys.readouterr().err == "tracin info: interrupted\n"
+
+
 def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, capsys):
     import tracin.cli
 

@@ -9,7 +9,6 @@ file that was there before (a FIFO, a device or a file with other hard links is 
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import csv
 import os
@@ -632,7 +631,7 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
     def redeliver(signum: int) -> None:
         with lock:
             if active[0]:
-                _thread.interrupt_main(signum)
+                signal.pthread_kill(threading.main_thread().ident, signum)  # wakes a blocked wait
 
     def unraisable(u: Any) -> None:
         if received and u.exc_type is not None and issubclass(u.exc_type, (KeyboardInterrupt, _Terminated)):
