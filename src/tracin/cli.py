@@ -5,6 +5,8 @@ errors, from argparse); output cut short by a closed pipe (`tracin info STORE | 
 quietly with exit code 141, as for a process killed by SIGPIPE. An -o file is written whole or not
 at all: an error, Ctrl-C (exit code 130), SIGTERM or SIGHUP (143, 129) while writing leaves the
 file that was there before (a FIFO, a device or a file with other hard links is written in place).
+A signal whose exception something swallowed (JAX's gc callback does) still exits 128 + the signal's
+number; if the command ran to the end nonetheless, the message says so: its output was written.
 """
 
 from __future__ import annotations
@@ -660,13 +662,35 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
             sys.unraisablehook = hook
 
 
-def _report_signal(command: str, signum: int, error: BaseException | None) -> int:
+_SIGNAL_WORDS = {"SIGINT": "interrupted", "SIGHUP": "hung up (SIGHUP)"}
+
+
+def _drop_output(stream: IO[str]) -> None:
+    """Points `stream`'s descriptor at /dev/null, so that what is still buffered cannot fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def _report_signal(command: str, signum: int, error: BaseException | None, ran_on: bool = False) -> int:
     """Prints that the command was interrupted or terminated (and the error raised while it unwound,
-    if _run named one; not just any cause: JAX's tracebacks are causes) and returns 128 + signum."""
-    what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+    if _run named one; not just any cause: JAX's tracebacks are causes; or that it `ran_on` to the end)
+    and returns 128 + signum, also where the terminal is gone and nothing can be printed."""
+    name = signal.Signals(signum).name
+    what = _SIGNAL_WORDS.get(name, f"terminated ({name})")
     cause = getattr(error, "tracin_then", None)
     then = f" (then: {_one_line(cause)})" if cause is not None else ""
-    print(f"tracin {command}: {what}{then}", file=sys.stderr)
+    after = ", but it ran to the end (output written)" if ran_on else ""
+    message = f"tracin {command}: {what}{then}{after}\n"
+    for stream, text in ((sys.stdout, ""), (sys.stderr, message)):  # what stdout holds goes first
+        try:
+            stream.write(text)
+            stream.flush()
+        except OSError:  # a hangup closed the terminal (or a reader went away): the exit code stays
+            try:
+                _drop_output(stream)
+            except (OSError, ValueError):  # no descriptor (an in-memory stream)
+                pass
     return 128 + signum
 
 
@@ -677,17 +701,16 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_unwind(received):
             code = _run(args, received)
     except BrokenPipeError:
-        # The reader went away: drop what is still buffered (so the exit flush cannot fail again).
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _drop_output(sys.stdout)  # the reader went away
+        if received:  # after a hangup, which closed the terminal: the hangup's exit code
+            return _report_signal(args.command, received[0], None)
         return BROKEN_PIPE_EXIT
     except KeyboardInterrupt as e:
         return _report_signal(args.command, signal.SIGINT, e)
     except _Terminated as e:
         return _report_signal(args.command, e.signum, e)
     if received:  # the command ran on: something swallowed the signal's exception
-        return _report_signal(args.command, received[0], None)
+        return _report_signal(args.command, received[0], None, ran_on=code == 0)
     return code
 
 
