@@ -73,13 +73,14 @@ class StoreRows:
 def refuse_unseen(path: str) -> None:
     """On a worker: a ValueError naming it when it does not see the store at `path` (no manifest
     there, though the client found one): the workers do not share the client's file system. Before
-    refusing, it looks again after each of UNSEEN_RECHECKS_S, listing the directories first: an NFS
-    client may remember for a few seconds that a store created since on another machine was absent."""
+    refusing, it looks again after each of UNSEEN_RECHECKS_S, listing the directories first (the store's,
+    and each of its ancestors up to one that exists here, top first): an NFS client may remember for a
+    few seconds that a directory created since on another machine was absent."""
     manifest = os.path.join(path, MANIFEST)
     for wait in (0.0, *UNSEEN_RECHECKS_S):
         if wait:
             time.sleep(wait)
-            _list(os.path.dirname(path), path)
+            _list(*_unseen_chain(path))
         if os.path.lexists(manifest):
             return
     raise ValueError(
@@ -87,6 +88,14 @@ def refuse_unseen(path: str) -> None:
         f"client found it; looked again for {sum(UNSEEN_RECHECKS_S):g} s): every worker must see the store at "
         "the same path, on a file system shared with the client"
     )
+
+
+def _unseen_chain(path: str) -> list[str]:
+    """`path`, its parent, and each ancestor up to the first that exists here, from the top down."""
+    chain = [path, os.path.dirname(path)]
+    while not os.path.isdir(chain[-1]) and os.path.dirname(chain[-1]) != chain[-1]:
+        chain.append(os.path.dirname(chain[-1]))
+    return chain[::-1]
 
 
 def _list(*directories: str) -> None:
