@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import threading
-import time
 import tracemalloc
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -25,7 +24,7 @@ import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
 from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _shards  # noqa: E402
-from tracin.distributed._export import absolute_checkpoints, export_part  # noqa: E402
+from tracin.distributed._export import absolute_checkpoints, cut, export_part  # noqa: E402
 from tracin.distributed._run import Job  # noqa: E402
 
 from .test_export import _same_store, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
@@ -79,19 +78,22 @@ def quick_rechecks(client):
 
 
 def test_a_store_that_appears_while_a_worker_looks_again_is_seen(tmp_path, monkeypatch):
-    """An NFS client may remember for seconds that a store created since was absent: it looks again."""
+    """An NFS client may remember for seconds that a store (or its parents) created since was absent: it
+    lists each ancestor up to one it sees, top first, then looks again, and stops once it sees the store."""
+    path = tmp_path / "a" / "b" / "s"
     listed: list = []
-    monkeypatch.setattr(_shards, "_list", lambda *dirs: listed.append(dirs))
-    path = tmp_path / "s"
-    late = threading.Timer(0.4, lambda: tracin.GradientStore.create(path, 4, [2], None).close())
-    start = time.monotonic()
-    late.start()
-    try:
-        _shards.refuse_unseen(str(path))
-    finally:
-        late.join()
-    assert 0.4 <= time.monotonic() - start < sum(_shards.UNSEEN_RECHECKS_S) and sum(_shards.UNSEEN_RECHECKS_S) <= 5
-    assert listed and listed[0] == (str(tmp_path), str(path))  # listed before each look again
+    waits: list = []
+
+    def listing(*dirs: str) -> None:  # the store appears once listed twice
+        listed.append(dirs)
+        if len(listed) == 2:
+            tracin.GradientStore.create(path, 4, [2], None).close()
+
+    monkeypatch.setattr(_shards, "_list", listing)
+    monkeypatch.setattr(_shards.time, "sleep", waits.append)
+    _shards.refuse_unseen(str(path))
+    assert waits == list(_shards.UNSEEN_RECHECKS_S[:2]) and sum(_shards.UNSEEN_RECHECKS_S) <= 5
+    assert listed == [(str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(path))] * 2
 
 
 def test_a_store_seen_at_once_costs_no_wait_and_one_never_seen_is_refused_after_the_rechecks(tmp_path, monkeypatch):
@@ -102,12 +104,27 @@ def test_a_store_seen_at_once_costs_no_wait_and_one_never_seen_is_refused_after_
     _shards.refuse_unseen(str(path))
     monkeypatch.undo()
     monkeypatch.setattr(_shards, "UNSEEN_RECHECKS_S", (0.01, 0.02))
-    start = time.monotonic()
+    waits: list = []
+    monkeypatch.setattr(_shards.time, "sleep", waits.append)
     with pytest.raises(
         ValueError, match=r"no manifest.json there, though the client found it; looked again for 0\.03 s"
     ):
         _shards.refuse_unseen(str(tmp_path / "absent"))
-    assert 0.03 <= time.monotonic() - start < 1
+    assert waits == [0.01, 0.02]
+
+
+@pytest.mark.parametrize(
+    ("missing", "shards", "expected"),
+    [
+        ([(0, 7), (196, 203)], 1, [(0, 7), (196, 203)]),  # 189 rows between: two tasks, not 203 rows again
+        ([(i, i + 1) for i in range(0, 30000, 3)][:4], 1, [(0, 10)]),  # 2 rows between, n_rows // 1000 = 30
+        ([(0, 6), (7, 11), (12, 20)], 2, [(0, 6), (7, 11), (12, 20)]),  # joined: over 9 of the 18 missing rows
+        ([(0, 10), (20, 21)], 5, [(0, 2), (2, 5), (5, 7), (7, 10), (20, 21)]),
+        ([(5, 7)], 5, [(5, 6), (6, 7)]),  # no empty range
+    ],
+)
+def test_cut_joins_gaps_only_across_few_written_rows(missing, shards, expected):
+    assert cut(missing, shards, 30000) == expected
 
 
 def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(client, tmp_path, quick_rechecks):
@@ -302,14 +319,15 @@ class _Stopping:
     ("shards", "expected"),
     [
         (4, [(10, 40), (60, 80), (110, 120), (130, 160)]),
-        (2, [(10, 80), (110, 160)]),
+        (2, [(10, 40), (60, 80), (110, 160)]),  # (10, 80) would hold 50 missing rows, over half of 90
         (6, [(10, 25), (25, 40), (60, 80), (110, 120), (130, 145), (145, 160)]),  # at most 20 rows each
     ],
 )
 def test_rerun_of_an_interrupted_export_cuts_at_its_gaps(client, tmp_path, monkeypatch, shards, expected):
     """Each of an interrupted export's 4 range tasks wrote its rows at the first checkpoint, then only
     some at the second: the rerun gives each gap to a task (shards=4), packs neighbouring gaps into one
-    task (shards=2: the written rows between them are written again) or splits the longest (shards=6)."""
+    task where few rows lie between (shards=2: those rows are written again; a range more queues) or
+    splits the longest (shards=6)."""
     model, checkpoints, data, loss = _setup(160, 6)
     batches = _batches(data)
     expected_store = tracin.torch.export_gradients(model, checkpoints, batches, loss, store=tmp_path / "one")
@@ -344,9 +362,9 @@ class _Heavy:
         return self.loss(outputs, targets)
 
 
-def test_arguments_are_pickled_only_for_tasks_and_their_bytes_not_kept(client, tmp_path, monkeypatch):
-    """Their check keeps no bytes (32 MB here) during the client's pass over the data; a finished store
-    (no task) does not pickle them."""
+def test_arguments_are_pickled_once_before_the_pass_and_their_bytes_not_kept(client, tmp_path, monkeypatch):
+    """Pickled once (into a temporary file), before the client's pass: no bytes (32 MB here) in memory
+    during it, and no second pickle."""
     model, checkpoints, data, loss = _setup(20, 4)
     heavy = _Heavy(loss)
     held: list[int] = []
@@ -357,14 +375,40 @@ def test_arguments_are_pickled_only_for_tasks_and_their_bytes_not_kept(client, t
         return export(*args, **kw)
 
     monkeypatch.setattr(tracin.torch, "export_gradients", recorded)
+    dumped: list = []
+    dump = cloudpickle.CloudPickler.dump
+    monkeypatch.setattr(cloudpickle.CloudPickler, "dump", lambda self, obj: dumped.append(obj) or dump(self, obj))
     tracemalloc.start()
     try:
         td.export_gradients("torch", model, checkpoints, data, heavy, store=tmp_path / "s", client=client)
         assert held[0] < 8 * 2**20  # traced since the call began: 32 MB if the pickled arguments were kept
     finally:
         tracemalloc.stop()
-    pickled: list = []
-    dumps = cloudpickle.dumps
-    monkeypatch.setattr(cloudpickle, "dumps", lambda obj, *a, **kw: pickled.append(obj) or dumps(obj, *a, **kw))
-    td.export_gradients("torch", model, checkpoints, data, heavy, store=tmp_path / "s", client=client)
-    assert not any(isinstance(obj, tuple) and heavy in obj[0] for obj in pickled)
+    assert sum(isinstance(obj, tuple) and len(obj) == 2 and heavy in obj[0] for obj in dumped) == 1
+
+
+def test_data_that_stops_pickling_once_read_travels_as_given(client, tmp_path):
+    """Data that keeps an open file after a pass (a lazy-open Dataset) is sent as it was before the client's
+    pass, and the store equals a single-process export's."""
+    model, checkpoints, data, loss = _setup(20, 4)
+
+    class _Lazy:
+        def __init__(self, batches: list):
+            self.batches, self.file = batches, None
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+        def __iter__(self):
+            if self.file is None:
+                self.file = open(os.devnull, "rb")  # kept for later passes: cannot be pickled
+            return iter(self.batches)
+
+    lazy = _Lazy(_batches(data))
+    try:
+        found = td.export_gradients("torch", model, checkpoints, lazy, loss, store=tmp_path / "s", client=client)
+    finally:
+        if lazy.file is not None:
+            lazy.file.close()
+    expected = tracin.torch.export_gradients(model, checkpoints, _batches(data), loss, store=tmp_path / "one")
+    _same_store(found, expected)

@@ -108,6 +108,16 @@ def test_rows_written_counts_the_manifest_and_every_range_file(tmp_path):
         writer.close()
 
 
+def test_rows_written_skips_a_range_file_with_an_infinite_or_huge_bound(tmp_path):
+    path = tmp_path / "s"
+    writer = tracin.GradientStore.create(path, 20, [2], None)
+    writer.write(0, 0, np.ones((3, 2), np.float32))
+    writer.close()
+    (path / "rows-0-20.json").write_text('{"written": [[[0, Infinity]]]}')  # int(inf): OverflowError
+    (path / "rows-5-9.json").write_text('{"written": [[[5, NaN]]]}')  # int(nan): ValueError
+    assert _export.RowsWritten(path, read_manifest(path)).count() == 3
+
+
 def test_rows_written_counts_one_row_per_checkpoint_of_a_factored_export(tmp_path):
     """A factored export stores a column per layer and checkpoint (here 2 x 2): a row counts once per checkpoint."""
     torch = pytest.importorskip("torch")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import json
 import os
 import re
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import cloudpickle
 
@@ -28,6 +30,7 @@ from ._shards import refuse_unseen
 ADAPTERS = ("torch", "jax")
 # what resume.refuse_another_export says of a store exported from other inputs (the changes in group 1)
 _OTHER_INPUTS = re.compile(r"holds gradients exported from other inputs: (.*?)\. Rows from both cannot be mixed", re.S)
+JOIN_BELOW = 1000  # gaps this close (a fraction of the rows) share a task: see cut()
 POLL_S = 1.0  # how often the bar of rows written reads the range writers' progress files
 _THREADS_LOCK = threading.Lock()
 _threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's default count before the first]
@@ -55,19 +58,21 @@ def export_gradients(
     client finally merges the ranges' progress and finalizes the store. A task whose worker dies is
     run again by Dask and resumes after its last written block; running the same call again after
     an interruption resumes the store. args and kwargs travel to the workers pickled (cloudpickle:
-    lambdas and torch modules pickle; something that does not is a TypeError naming it, before
-    anything is read), once per worker; checkpoints and optimizer states given as relative paths are
-    made absolute here, and must be readable at that path there. Each task reads all the data but
+    lambdas and torch modules pickle; something that does not is a TypeError naming it), once, as
+    given, into a temporary file before anything is read (even for a finished store, for nothing),
+    then sent once per worker; checkpoints and optimizer states given as relative paths are made
+    absolute here, and must be readable at that path there. Each task reads all the data but
     computes only its rows; a worker that does not see the store, or reads other data or
     checkpoints than the client, fails the call with a ValueError naming it.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call. A
         cluster with no worker yet is waited for, without limit (_cluster.WORKER_WAIT_S sets one).
-    shards: at most this many row ranges, one task each, of the rows some checkpoint lacks (None: one
-        per worker thread; see cut(): a rerun's gaps are given whole where they fit, split or packed
-        together otherwise). Each task reads all the data once per checkpoint it writes, plus once to
-        check its fingerprint, so more shards read more. A finished store is returned once the client
-        has checked it against these inputs; no task runs. Once every row is written, the client reads
-        the data once more (its fingerprint) and finalizes the store.
+    shards: this many row ranges, one task each, of the rows some checkpoint lacks (None: one per
+        worker thread); a rerun's gaps, when more, are packed together only where few written rows
+        lie between them, else more tasks queue (see cut()). Each task reads all the data once per
+        checkpoint it writes, plus once to check its fingerprint, so more shards read more. A
+        finished store is returned once the client has checked it against these inputs; no task
+        runs. Once every row is written, the client reads the data once more (its fingerprint) and
+        finalizes the store.
     num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
         threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
     progress: tqdm bars (None: after a few seconds, if tqdm is installed) of the client's pass over the
@@ -82,7 +87,24 @@ def export_gradients(
     check_progress(progress)
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
-    check_pickles(args, kwargs)  # before anything is read or created: args that cannot travel fail first
+    with tempfile.TemporaryFile() as pickled:  # on disk, not in memory through the client's pass
+        pickle_arguments((args, kwargs), pickled)  # before anything is read or created, as they are given
+        return _export(adapter, fn, args, kwargs, pickled, path, client, shards, num_threads, progress)
+
+
+def _export(
+    adapter: str,
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    pickled: IO[bytes],
+    path: str,
+    client: Any,
+    shards: int | None,
+    num_threads: int | None,
+    progress: bool | None,
+) -> GradientStore:
+    """export_gradients once its arguments are checked and `pickled` (a finished store: for nothing)."""
     with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
         fn(*args, store=path, progress=progress, **kwargs)
     manifest = read_manifest(Path(path))  # every range writer's progress merged into it
@@ -90,7 +112,7 @@ def export_gradients(
         return GradientStore.open(path)
     missing = missing_rows(manifest)
     if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-        _write_ranges(adapter, (args, kwargs), path, manifest, missing, client, shards, num_threads, progress)
+        _write_ranges(adapter, pickled, path, manifest, missing, client, shards, num_threads, progress)
     if progress:
         print(
             f"tracin.distributed export ({adapter}): every row written; the client reads the data once more, "
@@ -105,7 +127,7 @@ def export_gradients(
 
 def _write_ranges(
     adapter: str,
-    arguments: tuple[tuple, dict],
+    pickled: IO[bytes],
     path: str,
     manifest: Manifest,
     missing: list[tuple[int, int]],
@@ -114,19 +136,21 @@ def _write_ranges(
     num_threads: int | None,
     progress: bool | None,
 ) -> None:
-    """The `missing` rows of the store at `path` written by tasks on the cluster, cut into `shards`
-    ranges; `arguments`: the export's (args, kwargs), pickled here and sent once per worker."""
+    """The `missing` rows of the store at `path` written by tasks on the cluster, cut into about
+    `shards` ranges (see cut()); `pickled`: a file holding the export's (args, kwargs), cloudpickled,
+    whose bytes are sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c:
         job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
-        sent_once = job.send(cloudpickle.dumps(arguments))  # bytes made only for tasks, not kept by this call
+        pickled.seek(0)
+        sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call
         slot_count = sum(slots.values())
         parts = [
             job.submit(
                 export_part, adapter, sent_once, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}"
             )
-            for a, b in cut(missing, shards or slot_count)
+            for a, b in cut(missing, shards or slot_count, manifest.n_rows)
         ]
         try:
             with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
@@ -178,11 +202,13 @@ def _rebuilt(given: tuple | list, items: list) -> Any:
     return list(items) if isinstance(given, list) else tuple(items)
 
 
-def check_pickles(args: tuple, kwargs: dict) -> None:
-    """A TypeError naming the first of args and kwargs, which travel to the workers, that cloudpickle
-    cannot pickle (pickled into a sink that keeps no bytes: a large argument is not copied)."""
+def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
+    """The export's (args, kwargs), which travel to the workers, cloudpickled into `file`; when that
+    fails, a TypeError naming the first of them that does not pickle (each tried into a sink that
+    keeps no bytes)."""
+    args, kwargs = arguments
     try:
-        _pickle_into_nothing((args, kwargs))
+        cloudpickle.CloudPickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(arguments)
     except Exception as e:
         named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
         which = next((name for name, value in named if not _pickles(value)), "args or kwargs")
@@ -222,37 +248,45 @@ def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
     return [(a, b) for a, b in union]
 
 
-def cut(missing: list[tuple[int, int]], shards: int) -> list[tuple[int, int]]:
-    """At most `shards` row ranges covering the rows `missing` (sorted, disjoint gaps), each spanning
-    at most L rows, L the least for which `shards` ranges suffice (a task's work): a gap longer than L
-    is cut into near-equal parts (with fewer gaps than shards, the longest are split), neighbouring
-    gaps within L rows share a range (the written rows between them are written again, the same
-    bytes); ranges start and end on gap boundaries otherwise."""
-    if not missing:
-        return []
-    total = sum(b - a for a, b in missing)
-    low, high = -(-total // shards), missing[-1][1] - missing[0][0]  # one range over every gap suffices
-    while low < high:
-        mid = (low + high) // 2
-        if len(_spans(missing, mid)) <= shards:
-            high = mid
+def cut(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[int, int]]:
+    """Row ranges, one task each, covering the rows `missing` (sorted, disjoint gaps) of a store of
+    `n_rows` rows. Fewer gaps than `shards`: each gap cut into near-equal parts, `shards` in all (none
+    empty), a part more at a time to the gap whose parts are longest (the first of equals). More
+    gaps: from left to right, a gap joins the range before it while more ranges than `shards` remain,
+    only when the written rows between them (written again, the same bytes) are few: no more than the
+    missing rows of the range or of the gap, whichever is fewer, or than n_rows // JOIN_BELOW (a task
+    more reads all `n_rows` rows: those rows' gradients cost less), and the range's missing rows stay within
+    1 / `shards` of all. Ranges beyond `shards` queue."""
+    if len(missing) <= shards:
+        parts = [1] * len(missing)
+        spare = min(shards, sum(b - a for a, b in missing)) - len(missing)
+        longest = [(-(b - a), i) for i, (a, b) in enumerate(missing) if b - a > 1]
+        heapq.heapify(longest)
+        for _ in range(spare):  # a part to the gap with the longest parts that has a row for one more
+            _, i = heapq.heappop(longest)
+            parts[i] += 1
+            a, b = missing[i]
+            if parts[i] < b - a:
+                heapq.heappush(longest, (-(b - a) / parts[i], i))
+        return [
+            (a + j * (b - a) // k, a + (j + 1) * (b - a) // k)
+            for (a, b), k in zip(missing, parts, strict=True)
+            for j in range(k)
+        ]
+    share = -(-sum(b - a for a, b in missing) // shards)  # a task's missing rows, at most
+    ranges = [missing[0]]
+    held = missing[0][1] - missing[0][0]  # missing rows of the last range
+    for i, (a, b) in enumerate(missing[1:], 1):
+        between = a - ranges[-1][1]
+        if (
+            len(ranges) + len(missing) - i > shards
+            and between <= max(min(held, b - a), n_rows // JOIN_BELOW)
+            and held + b - a <= share
+        ):
+            ranges[-1], held = (ranges[-1][0], b), held + b - a
         else:
-            low = mid + 1
-    return _spans(missing, low)
-
-
-def _spans(missing: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
-    """Ranges covering the gaps `missing`, none over `most` rows: each gap cut into the fewest
-    near-equal parts, a part joined to the range before when their span stays within `most`."""
-    ranges: list[tuple[int, int]] = []
-    for a, b in missing:
-        k = -(-(b - a) // most)
-        for i in range(k):
-            lo, hi = a + i * (b - a) // k, a + (i + 1) * (b - a) // k
-            if ranges and hi - ranges[-1][0] <= most:
-                ranges[-1] = (ranges[-1][0], hi)
-            else:
-                ranges.append((lo, hi))
+            ranges.append((a, b))
+            held = b - a
     return ranges
 
 
@@ -316,7 +350,7 @@ class RowsWritten:
                         a, b = max(int(a), 0), min(int(b), self.n_rows)
                         if a < b:  # a corrupt file's inverted or outlying range counts no row
                             self.written[c] = add_range(self.written[c], a, b)
-            except (OSError, ValueError, KeyError, TypeError):  # replaced or removed meanwhile: next time
+            except (OSError, ValueError, KeyError, TypeError, OverflowError):  # replaced, removed, corrupt: next time
                 continue
         return sum(b - a for ranges in self.written for a, b in ranges) // self.slots
 
