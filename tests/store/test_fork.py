@@ -191,57 +191,6 @@ def test_a_release_right_after_the_fork_is_tried_again_until_the_child_closed_it
             real_close(fd)
 
 
-def test_a_fork_from_c_that_skips_the_before_fork_hook_leaves_the_child_working_locks(tmp_path, monkeypatch):
-    """fork() called from C and then PyOS_AfterFork_Child() in the child, without the before-fork
-    hook (an embedding server's workers), while another thread holds the guard: the child's hook
-    raises nothing, the child can open writers, and the parent's writer releases the store."""
-    ctypes = pytest.importorskip("ctypes")
-    libc, after_fork_child = ctypes.PyDLL(None), ctypes.pythonapi.PyOS_AfterFork_Child
-    root = tmp_path / "s"
-    w = tracin.GradientStore.create(root, **SPEC)
-    unraisable: list[object] = []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    status_r, status_w = os.pipe()
-    done_r, done_w = os.pipe()
-    held, go = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with locks._FORKS.guard:
-            held.set()
-            go.wait()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert held.wait(10), "the thread did not take the guard"
-        pid = libc.fork()
-        if pid == 0:
-            code = 3
-            try:
-                after_fork_child()
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
-                signal.alarm(30)  # a guard left taken would hang the child: the alarm ends it
-                code = 2 if unraisable else 0 if _finish(tmp_path / "child") else 1
-                os.write(status_w, bytes([code]))
-                os.read(done_r, 1)
-            finally:
-                os._exit(code)
-    finally:
-        go.set()
-        thread.join()
-    try:
-        os.close(status_w)
-        status = os.read(status_r, 1) if _readable(status_r, 60) else b"hung"
-        assert status == b"\0", f"the child's hook raised (b'\\x02'), or its writer failed or hung: {status!r}"
-        w.close()
-        assert _finish(root)  # the child closed its copy of the lock
-    finally:
-        os.write(done_w, b"x")
-        os.waitpid(pid, 0)
-        for fd in (status_r, done_r, done_w):
-            os.close(fd)
-
-
 def test_forks_with_descriptors_beyond_fd_setsize_leave_no_descriptor_and_raise_nothing(tmp_path, monkeypatch):
     resource = pytest.importorskip("resource")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -301,11 +250,11 @@ def test_an_interrupt_while_a_lock_is_tried_again_leaves_no_descriptor(tmp_path,
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)  # the alarm acts as Ctrl-C
     try:
         with _forked(lambda: kept.append(tracin.GradientStore.create(root, **SPEC)) is None):
-            before = _descriptors()
+            before, registered = _descriptors(), dict(locks._FORKS.held)
             signal.setitimer(signal.ITIMER_REAL, 0.3)
             with pytest.raises(KeyboardInterrupt):
                 tracin.GradientStore.create(root, **SPEC)
-            assert (_descriptors(), locks._FORKS.held) == (before, {})
+            assert (_descriptors(), locks._FORKS.held) == (before, registered)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -343,11 +292,80 @@ def test_a_fork_goes_on_when_another_thread_keeps_the_guard(tmp_path, monkeypatc
 
 
 def _run(script: str, *args: str, timeout: float = 60) -> str:
-    """Runs `script` in a fresh interpreter (a hang fails the test as TimeoutExpired instead of
-    hanging it); its stdout, once it exited 0."""
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    """Runs `script` in a fresh interpreter, in a session of its own; its stdout, once it exited 0.
+    A hang fails the test: past `timeout` the session (with any child the script forked) is killed."""
+    command = [sys.executable, "-c", script, *args]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    assert p.returncode == 0, err
+    return out
+
+
+_C_FORK = """
+import ctypes, os, signal, sys, threading
+import numpy as np
+import tracin
+from tracin.store import _locks
+
+def finish(path):
+    w = tracin.GradientStore.create(path, n_rows=10, dims=[4])
+    w.write(0, 0, np.ones((10, 4), np.float32))
+    return w.finalize().complete
+
+unraisable = []
+sys.unraisablehook = unraisable.append
+signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the child's alarm ends it if it hangs
+w = tracin.GradientStore.create(sys.argv[1], n_rows=10, dims=[4])
+status_r, status_w = os.pipe()
+done_r, done_w = os.pipe()
+held, go = threading.Event(), threading.Event()
+
+def hold():
+    with _locks._FORKS.guard:
+        held.set()
+        go.wait()
+
+thread = threading.Thread(target=hold)
+thread.start()
+assert held.wait(10), "the thread did not take the guard"
+libc = ctypes.PyDLL(None)
+pid = libc.fork()
+if pid == 0:
+    code = 3
+    try:
+        libc.alarm(30)
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        code = 2 if unraisable else 0 if finish(sys.argv[2]) else 1
+        os.write(status_w, bytes([code]))
+        os.read(done_r, 1)
+    finally:
+        os._exit(code)
+go.set()
+thread.join()
+os.close(status_w)
+status = os.read(status_r, 1)
+assert status == b"\\0", f"the child's hook raised (2), its writer failed (1) or it hung: {status!r}"
+w.close()
+assert finish(sys.argv[1]), "the parent's store stayed locked"  # the child closed its copy
+os.write(done_w, b"x")
+assert os.waitpid(pid, 0)[1] == 0
+"""
+
+
+def test_a_fork_from_c_that_skips_the_before_fork_hook_leaves_the_child_working_locks(tmp_path):
+    """fork() called from C and then PyOS_AfterFork_Child() in the child, without the before-fork
+    hook (an embedding server's workers), while another thread holds the guard: the child's hook
+    raises nothing, the child can open writers, and the parent's writer releases the store. In a
+    fresh interpreter: a C fork skips Python's own before-fork step too, so a child forked beside
+    the threads pytest's earlier tests leave (JAX, torch, Dask) can hang on the runtime's locks."""
+    _run(_C_FORK, str(tmp_path / "s"), str(tmp_path / "child"), timeout=60)
 
 
 _RELOADED = """
