@@ -788,6 +788,41 @@ def test_a_signal_raised_again_wakes_a_blocking_wait(monkeypatch, capsys, signal
     assert capsys.readouterr().err == "tracin info: interrupted\n"
 
 
+def test_a_signal_swallowed_is_raised_again_without_pthread_kill(monkeypatch, capsys, signals_as_in_a_terminal):
+    # Windows has no signal.pthread_kill: the main thread gets the interrupt at its next bytecode
+    import tracin.cli
+
+    class SignalledOnCollection:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    steps = []
+
+    def command(args):
+        SignalledOnCollection()
+        for step in range(1000):  # 10 s unless the interrupt is raised again here
+            time.sleep(0.01)
+            steps.append(step)
+
+    monkeypatch.delattr(signal, "pthread_kill")
+    monkeypatch.setattr(tracin.cli, "cmd_info", command)
+    assert main(["info", "x"]) == 130
+    assert len(steps) < 100 and capsys.readouterr().err == "tracin info: interrupted\n"
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_signal_is_reported_by_its_exit_code_where_a_stream_was_closed_at_start(monkeypatch, closed):
+    # `tracin ... 2>&-` (a daemon, cron): Python sets that stream to None
+    import tracin.cli
+
+    def command(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", command)
+    monkeypatch.setattr(sys, closed, None)
+    assert main(["info", "x"]) == 130
+
+
 @pytest.mark.parametrize("swallowed", [False, True])  # unwinds, or runs on to the failing flush of stdout
 def test_a_hangup_with_the_terminal_gone_still_exits_129(swallowed):
     script = f"""

@@ -11,6 +11,7 @@ number; if the command ran to the end nonetheless, the message says so: its outp
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import csv
 import os
@@ -633,7 +634,10 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
     def redeliver(signum: int) -> None:
         with lock:
             if active[0]:
-                signal.pthread_kill(threading.main_thread().ident, signum)  # wakes a blocked wait
+                if hasattr(signal, "pthread_kill"):
+                    signal.pthread_kill(threading.main_thread().ident, signum)  # wakes a blocked wait
+                else:  # Windows: raised at the main thread's next bytecode
+                    _thread.interrupt_main(signum)
 
     def unraisable(u: Any) -> None:
         if received and u.exc_type is not None and issubclass(u.exc_type, (KeyboardInterrupt, _Terminated)):
@@ -683,6 +687,8 @@ def _report_signal(command: str, signum: int, error: BaseException | None, ran_o
     after = ", but it ran to the end (output written)" if ran_on else ""
     message = f"tracin {command}: {what}{then}{after}\n"
     for stream, text in ((sys.stdout, ""), (sys.stderr, message)):  # what stdout holds goes first
+        if stream is None:  # started with that descriptor closed (`2>&-`)
+            continue
         try:
             stream.write(text)
             stream.flush()
