@@ -24,7 +24,7 @@ import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
 from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _shards  # noqa: E402
-from tracin.distributed._export import absolute_checkpoints, cut, export_part  # noqa: E402
+from tracin.distributed._export import absolute_checkpoints, cut, export_part, pickle_arguments  # noqa: E402
 from tracin.distributed._run import Job  # noqa: E402
 
 from .test_export import _same_store, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
@@ -121,6 +121,11 @@ def test_a_store_seen_at_once_costs_no_wait_and_one_never_seen_is_refused_after_
         ([(0, 6), (7, 11), (12, 20)], 2, [(0, 6), (7, 11), (12, 20)]),  # joined: over 9 of the 18 missing rows
         ([(0, 10), (20, 21)], 5, [(0, 2), (2, 5), (5, 7), (7, 10), (20, 21)]),
         ([(5, 7)], 5, [(5, 6), (6, 7)]),  # no empty range
+        (  # more gaps than shards, one of them most of the work: cut into a task's share each
+            [(0, 1200)] + [(20000 + 20 * i, 20005 + 20 * i) for i in range(5)],
+            4,
+            [(0, 300), (300, 600), (600, 900), (900, 1200), (20000, 20045), (20060, 20065), (20080, 20085)],
+        ),
     ],
 )
 def test_cut_joins_gaps_only_across_few_written_rows(missing, shards, expected):
@@ -360,6 +365,16 @@ class _Heavy:
 
     def __call__(self, outputs: Any, targets: Any) -> Any:
         return self.loss(outputs, targets)
+
+
+def test_a_temporary_file_that_cannot_be_written_is_an_oserror_not_an_unpicklable_argument(tmp_path):
+    # a full disk in TMPDIR: the arguments pickle fine, the file does not take them
+    class Full:
+        def write(self, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write the pickled args and kwargs .*No space left.*TMPDIR"):
+        pickle_arguments(((np.zeros(1000), "loss"), {"store": str(tmp_path)}), Full())
 
 
 def test_arguments_are_pickled_once_before_the_pass_and_their_bytes_not_kept(client, tmp_path, monkeypatch):

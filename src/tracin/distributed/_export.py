@@ -87,7 +87,7 @@ def export_gradients(
     check_progress(progress)
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
-    with tempfile.TemporaryFile() as pickled:  # on disk, not in memory through the client's pass
+    with tempfile.TemporaryFile() as pickled:  # in TMPDIR, not in the client's memory through its pass
         pickle_arguments((args, kwargs), pickled)  # before anything is read or created, as they are given
         return _export(adapter, fn, args, kwargs, pickled, path, client, shards, num_threads, progress)
 
@@ -207,9 +207,16 @@ def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
     fails, a TypeError naming the first of them that does not pickle (each tried into a sink that
     keeps no bytes)."""
     args, kwargs = arguments
+    into = _Into(file)
     try:
-        cloudpickle.CloudPickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(arguments)
+        cloudpickle.CloudPickler(into, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(arguments)
     except Exception as e:
+        if into.failed is not None:  # the file, not the arguments (a full disk)
+            raise OSError(
+                into.failed.errno,
+                f"cannot write the pickled args and kwargs into a temporary file in {tempfile.gettempdir()} "
+                f"({into.failed}); point TMPDIR to a folder with room",
+            ) from e
         named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
         which = next((name for name, value in named if not _pickles(value)), "args or kwargs")
         raise TypeError(
@@ -225,6 +232,20 @@ def _pickles(value: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+class _Into:
+    """`file`'s write, recording an OSError it raised (`failed`)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.failed = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.failed = e
+            raise
 
 
 class _Nothing:
@@ -256,7 +277,8 @@ def cut(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[
     only when the written rows between them (written again, the same bytes) are few: no more than the
     missing rows of the range or of the gap, whichever is fewer, or than n_rows // JOIN_BELOW (a task
     more reads all `n_rows` rows: those rows' gradients cost less), and the range's missing rows stay within
-    1 / `shards` of all. Ranges beyond `shards` queue."""
+    1 / `shards` of all; a gap of more missing rows than that share is then cut into near-equal parts
+    within it. Ranges beyond `shards` queue."""
     if len(missing) <= shards:
         parts = [1] * len(missing)
         spare = min(shards, sum(b - a for a, b in missing)) - len(missing)
@@ -274,20 +296,24 @@ def cut(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[
             for j in range(k)
         ]
     share = -(-sum(b - a for a, b in missing) // shards)  # a task's missing rows, at most
-    ranges = [missing[0]]
-    held = missing[0][1] - missing[0][0]  # missing rows of the last range
+    ranges, held = [missing[0]], [missing[0][1] - missing[0][0]]  # held: each range's missing rows
     for i, (a, b) in enumerate(missing[1:], 1):
         between = a - ranges[-1][1]
         if (
             len(ranges) + len(missing) - i > shards
-            and between <= max(min(held, b - a), n_rows // JOIN_BELOW)
-            and held + b - a <= share
+            and between <= max(min(held[-1], b - a), n_rows // JOIN_BELOW)
+            and held[-1] + b - a <= share
         ):
-            ranges[-1], held = (ranges[-1][0], b), held + b - a
+            ranges[-1], held[-1] = (ranges[-1][0], b), held[-1] + b - a
         else:
             ranges.append((a, b))
-            held = b - a
-    return ranges
+            held.append(b - a)
+    return [  # a range over share missing rows is one gap (joins stay within share): cut it up
+        (a + j * (b - a) // k, a + (j + 1) * (b - a) // k)
+        for (a, b), rows in zip(ranges, held, strict=True)
+        for k in [-(-rows // share)]
+        for j in range(k)
+    ]
 
 
 @contextmanager
