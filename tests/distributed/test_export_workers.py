@@ -264,15 +264,22 @@ def test_rerun_on_a_finished_store_runs_no_task_and_reads_the_data_once(client, 
     assert again.complete and again.path == first.path
 
 
-def test_rerun_of_an_interrupted_export_gives_tasks_only_the_missing_rows(client, tmp_path, monkeypatch):
-    model, checkpoints, data, loss = _setup(150, 8)
-    kw = {"batch_size": 10, "progress": False}
+def _ranges_written(tmp_path: Path, setup: tuple, ranges: list[tuple[int, int]], **kw) -> tuple:
+    """(a single-process export of `setup` into tmp_path/'one', a store at tmp_path/'many' holding only
+    the rows of `ranges`, each written as a range task that finished it leaves them, unfinalized)."""
+    model, checkpoints, data, loss = setup
     expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", **kw)
     store = tmp_path / "many"
-    with store_rows(0, 0):
-        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
-    with store_rows(25, 80):  # an interrupted export's task that finished its range
-        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    for a, b in [(0, 0), *ranges]:  # (0, 0): creates the store without rows
+        with store_rows(a, b):
+            tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    return expected, store
+
+
+def test_rerun_of_an_interrupted_export_gives_tasks_only_the_missing_rows(client, tmp_path, monkeypatch):
+    model, checkpoints, data, loss = setup = _setup(150, 8)
+    kw = {"batch_size": 10, "progress": False}
+    expected, store = _ranges_written(tmp_path, setup, [(25, 80)], **kw)  # an interrupted export's finished task
     tasks = _submitted(monkeypatch)
     with get_task_stream(client) as stream:
         found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=3, **kw)
@@ -284,15 +291,9 @@ def test_rerun_of_an_interrupted_export_gives_tasks_only_the_missing_rows(client
 
 
 def test_rerun_with_every_row_written_but_not_finalized_runs_no_task(client, tmp_path, monkeypatch):
-    model, checkpoints, data, loss = _setup(30, 4)
+    model, checkpoints, data, loss = setup = _setup(30, 4)
     kw = {"batch_size": 10, "progress": False}
-    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", **kw)
-    store = tmp_path / "many"
-    with store_rows(0, 0):
-        tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
-    for a, b in ((0, 12), (12, 30)):
-        with store_rows(a, b):
-            tracin.torch.export_gradients(model, checkpoints, data, loss, store=store, **kw)
+    expected, store = _ranges_written(tmp_path, setup, [(0, 12), (12, 30)], **kw)
     tasks = _submitted(monkeypatch)
     found = td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, **kw)
     assert tasks == []
