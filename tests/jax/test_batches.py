@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import UserDict
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +94,34 @@ def test_pytree_targets_none_targets_and_lists_are_one_dataset(name, data, loss,
         ref = per_example_jax_grad(loss, {"w": params["w"] * scale}, inputs, targets)
         assert grads.matrices[c].shape == (10, 12) and np.abs(ref).max() > 0
         np.testing.assert_allclose(grads.matrices[c], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+class _Encoding(UserDict):
+    """A Mapping JAX takes as a leaf, as transformers' BatchEncoding (what a tokenizer returns)."""
+
+
+def test_inputs_in_a_mapping_jax_takes_as_a_leaf_are_a_dict(per_example_jax_grad):
+    """(BatchEncoding, labels) was refused: 'each batch must be an (inputs, targets) pair, got BatchEncoding'."""
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((5, 3)).astype(np.float32)}
+    x = {"input_ids": rng.integers(0, 5, (6, 4)), "scale": rng.random((6, 1)).astype(np.float32)}
+    y = rng.standard_normal((6, 3)).astype(np.float32)
+
+    def loss(p, inputs, t):
+        return (((p["w"][inputs["input_ids"]].sum(-2) * inputs["scale"]) - t) ** 2).sum(-1)
+
+    ref = per_example_jax_grad(loss, params, x, y)
+    assert np.abs(ref).max() > 0
+    for data in [(_Encoding(x), y), [(_Encoding(x), y)], iter([(_Encoding(x), y)])]:
+        grads = export_gradients(loss, [(params, 1.0)], data, batch_size=4, progress=False)
+        np.testing.assert_allclose(grads.matrices[0], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+def test_a_transformers_batch_encoding_is_taken_as_inputs():
+    transformers = pytest.importorskip("transformers")
+    x, y = np.arange(6.0).reshape(3, 2), np.arange(3)
+    batches = list(BatchPlan((transformers.BatchEncoding({"input_ids": x}), y), batch_size=2))
+    np.testing.assert_array_equal(batches[1].inputs["input_ids"], x[[2, 2]])
 
 
 def test_two_pairs_are_two_batches_and_the_error_says_why():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import UserDict
 
 import numpy as np
 import pytest
@@ -206,6 +207,47 @@ def test_two_dicts_of_common_rows_are_one_pair_hugging_face_style():
         part = loss(twin(input_ids=x[i : i + 1].double()), t).sum()
         want.append(torch.cat([p.reshape(-1) for p in torch.autograd.grad(part, list(twin.parameters()))]))
     np.testing.assert_allclose(g.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-7)
+
+
+class _Encoding(UserDict):
+    """A Mapping that is not a dict, as transformers' BatchEncoding (what a tokenizer returns)."""
+
+
+def test_inputs_in_any_mapping_are_taken_as_a_dict_of_tensors():
+    """(BatchEncoding, labels) was refused: 'batch 0 must be an (inputs, targets) pair ... got BatchEncoding'."""
+    torch.manual_seed(0)
+    x, mask, y = torch.randn(5, 4), torch.rand(5, 4), torch.randint(0, 3, (5,))
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.lin(input_ids * attention_mask)
+
+    def loss(out, t):
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    model = Keyword()
+    twin = copy.deepcopy(model).double()
+    want = []
+    for i in range(5):
+        part = loss(twin(x[i : i + 1].double(), mask[i : i + 1].double()), y[i : i + 1]).sum()
+        want.append(torch.cat([p.reshape(-1) for p in torch.autograd.grad(part, list(twin.parameters()))]))
+    enc = _Encoding(input_ids=x, attention_mask=mask)
+    assert call_model(lambda **kw: sorted(kw), enc) == ["attention_mask", "input_ids"]
+    for data in [(enc, y), [(enc, y)]]:  # one pair, a list of batches
+        assert as_batches(data, 4).n_rows == 5
+        g = export_gradients(model, [(model.state_dict(), 1.0)], data, loss, batch_size=4, progress=False)
+        np.testing.assert_allclose(g.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_a_transformers_batch_encoding_is_taken_as_inputs():
+    transformers = pytest.importorskip("transformers")
+    x, y = torch.randn(3, 2), torch.arange(3)
+    got = _collect(as_batches((transformers.BatchEncoding({"input_ids": x}), y), 2))
+    assert [s for s, _, _ in got] == [0, 2] and torch.equal(got[1][1]["input_ids"], x[2:])
 
 
 def test_one_pair_may_have_a_dict_of_targets():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,18 @@ PAIR_RULE = (
     "be None), unless both items are themselves pairs (tuples / lists of two): that is a list of two batches "
     "(pass inputs and targets that are both pairs as a list of one batch, [((x, k), (y, w))], or use dicts)"
 )
+
+
+def _plain(tree: Any) -> Any:
+    """`tree` with every Mapping that JAX takes as a leaf (transformers' BatchEncoding, what a tokenizer
+    or DataCollatorWithPadding returns, is a UserDict) turned into a dict, so that its arrays are leaves."""
+
+    def mapping_leaf(node: Any) -> bool:
+        return isinstance(node, Mapping) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(node))
+
+    return jax.tree_util.tree_map(
+        lambda node: {k: _plain(v) for k, v in node.items()} if mapping_leaf(node) else node, tree, is_leaf=mapping_leaf
+    )
 
 
 def _is_pair(node: Any) -> bool:
@@ -119,6 +131,8 @@ class BatchPlan:
     def __init__(self, data: Any, batch_size: int | None):
         if batch_size is not None:
             batch_size = positive_int(batch_size, "batch_size")
+        if isinstance(data, (tuple, list)):
+            data = _plain(data)
         self._data = data
         self._pair = _is_array_pair(data)
         if self._pair:
@@ -172,6 +186,7 @@ class BatchPlan:
 
 
 def _pair(batch: Any, where: str) -> tuple[Any, Any]:
+    batch = _plain(batch)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             f"{where}: each batch must be an (inputs, targets) pair, got {type(batch).__name__} (data was read "

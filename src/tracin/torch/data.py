@@ -8,28 +8,29 @@ Accepted forms:
 
 Inputs and targets are "trees": a tensor, or a tuple/list/dict of tensors, all sharing the batch
 dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed
-to the model positionally, a dict by keyword.
+to the model positionally, a dict by keyword. Any Mapping is a dict (transformers' BatchEncoding, what
+a tokenizer or DataCollatorWithPadding returns, is a UserDict), read as a plain dict.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-Tree = Any  # a tensor, or a tuple / list / dict of trees
+Tree = Any  # a tensor, or a tuple / list / dict (any Mapping) of trees
 
 
 def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     """`fn` applied to every tensor of `tree`, keeping its structure."""
     if isinstance(tree, torch.Tensor):
         return fn(tree)
-    if isinstance(tree, dict):
+    if isinstance(tree, Mapping):
         return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
         return type(tree)(tree_map(fn, v) for v in tree)
@@ -45,7 +46,7 @@ def as_tensors(tree: Tree) -> Tree:
     """`tree` with NumPy arrays turned into tensors sharing their memory (torch.from_numpy)."""
     if isinstance(tree, np.ndarray):
         return torch.from_numpy(tree)
-    if isinstance(tree, dict):
+    if isinstance(tree, Mapping):
         return {k: as_tensors(v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
         return type(tree)(as_tensors(v) for v in tree)
@@ -86,8 +87,8 @@ def batch_rows(tree: Tree, name: str) -> int:
 
 
 def call_model(model: Callable, inputs: Tree) -> Any:
-    """model(x), model(*x) for a tuple/list, model(**x) for a dict."""
-    if isinstance(inputs, dict):
+    """model(x), model(*x) for a tuple/list, model(**x) for a dict (any Mapping)."""
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
@@ -132,7 +133,7 @@ def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
         hint = ""
         if isinstance(batch, (torch.Tensor, np.ndarray)):
             hint = f" (data is read as an iterable of batches: {PAIR_RULE})"
-        elif isinstance(batch, dict):
+        elif isinstance(batch, Mapping):
             hint = (
                 " (split each item into (inputs, targets), e.g. ({'input_ids': ...}, labels), in the Dataset "
                 "or a collate_fn)"
@@ -166,13 +167,13 @@ def _is_tensor_pair(data: Any) -> bool:
     if not all(isinstance(leaf, (torch.Tensor, np.ndarray)) for leaf in leaves):
         return False
     # two dict batches could not be read (a batch is a pair): two dicts are one pair, if their rows agree
-    return not all(isinstance(d, dict) for d in data) or len({leaf.shape[:1] for leaf in leaves}) == 1
+    return not all(isinstance(d, Mapping) for d in data) or len({leaf.shape[:1] for leaf in leaves}) == 1
 
 
 def _refuse_ragged_dict_pair(data: Any) -> None:
     """ValueError naming a leaf whose dimension 0 differs when `data` is two dicts of tensors (or arrays)
     whose sizes of dimension 0 disagree: one pair with a stray leaf, as two dicts are never two batches."""
-    if not (_is_pair(data) and all(isinstance(d, dict) for d in data)):
+    if not (_is_pair(data) and all(isinstance(d, Mapping) for d in data)):
         return
     leaves = [*_named_leaves(data[0], "inputs"), *_named_leaves(data[1], "targets")]
     if not all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in leaves):
@@ -195,7 +196,7 @@ def _refuse_ragged_dict_pair(data: Any) -> None:
 
 def _named_leaves(node: Any, name: str) -> Iterator[tuple[str, Any]]:
     """(path, leaf) of every leaf under `node`, paths like inputs['x'][0]."""
-    if isinstance(node, dict):
+    if isinstance(node, Mapping):
         for key, child in node.items():
             yield from _named_leaves(child, f"{name}[{key!r}]")
     elif isinstance(node, (tuple, list)):
