@@ -97,8 +97,8 @@ def directions(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor
     """DIRECTIONS standard Gaussian float32 pairs (u, v) for a (rows, cols) matrix, as U (DIRECTIONS,
     rows) and V (DIRECTIONS, cols): the same on every call and device (a fixed-seed CPU generator)."""
     generator = torch.Generator().manual_seed(_DIRECTION_SEED)
-    u = torch.randn(DIRECTIONS, rows, generator=generator)
-    return u.to(device), torch.randn(DIRECTIONS, cols, generator=generator).to(device)
+    u, v = (torch.randn(DIRECTIONS, n, generator=generator, device="cpu") for n in (rows, cols))
+    return u.to(device), v.to(device)
 
 
 def directions_agree(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> bool:

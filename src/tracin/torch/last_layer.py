@@ -126,8 +126,9 @@ class LinearFactors:
 
     def _derivatives(self, apart, inputs: Tree, targets: Tree, dirs) -> list[torch.Tensor]:
         """Per layer, the (DIRECTIONS,) float64 derivatives d/dt_j loss(W + sum_j t_j u_j v_j^T) at t = 0 of
-        one example's loss (bias b + sum_j t_j u_j v_j[-1]), by one backward pass; `apart` has every name
-        of a tied tensor (tie_weights=False: only this layer's uses of its weight are perturbed)."""
+        one example's loss (bias b + sum_j t_j u_j v_j[-1]), by one backward pass, on the directions'
+        device (compared there with the factors); `apart` has every name of a tied tensor
+        (tie_weights=False: only this layer's uses of its weight are perturbed)."""
         ts, perturbed = [], {}
         for name, layer, (u, v) in zip(self.names, self.layers, dirs, strict=True):
             t = torch.zeros(DIRECTIONS, device=u.device, requires_grad=True)
@@ -141,7 +142,10 @@ class LinearFactors:
         with torch.enable_grad():
             loss = losses_of(self.model, {**apart, **perturbed}, self.loss_fn, inputs, targets, False).sum()
             grads = torch.autograd.grad(loss, ts, allow_unused=True)
-        return [torch.zeros(DIRECTIONS, dtype=torch.float64) if g is None else g.double().cpu() for g in grads]
+        return [
+            torch.zeros(DIRECTIONS, dtype=torch.float64, device=t.device) if g is None else g.double()
+            for g, t in zip(grads, ts, strict=True)
+        ]
 
     def _row_factors(self, state, inputs: Tree, targets: Tree) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(left (batch, out), right (batch, in [+ 1])) per layer; NotCaptured as _captured."""
