@@ -68,6 +68,16 @@ def test_dataparallel_prefix_and_nested_dicts_are_understood(setup, tmp_path):
         np.testing.assert_array_equal(got.matrices[0], plain.matrices[0])
 
 
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_torch_compile_prefix_is_dropped_alone_or_with_dataparallels(setup, prefix):
+    """A torch.compile'd model's state_dict ('_orig_mod.' keys) was refused as not matching the model."""
+    model, checkpoints, data = setup
+    plain = export_gradients(model, checkpoints[:1], data, LOSS, progress=False)
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    got = export_gradients(model, [({prefix + k: v for k, v in state.items()}, 0.5)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(got.matrices[0], plain.matrices[0])
+
+
 def test_each_checkpoint_is_loaded_once(setup, monkeypatch):
     model, checkpoints, data = setup
     calls = []

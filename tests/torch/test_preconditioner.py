@@ -138,6 +138,21 @@ def test_unnamed_param_groups_are_refused_as_matched_by_position():
         export_gradients(model, checkpoints, data, _loss, preconditioner="adam", progress=False)
 
 
+@needs_named
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_parameter_names_of_a_wrapped_or_compiled_model_are_matched_without_the_prefix(prefix):
+    """param_names of an optimizer over a torch.compile'd model ('_orig_mod.0.weight') were in none of
+    the model's names."""
+    model, checkpoints, (x, y) = _trained(groups=True)
+    state, lr, opt_state = checkpoints[0]
+    renamed = copy.deepcopy(opt_state)
+    for group in renamed["param_groups"]:
+        group["param_names"] = [prefix + n for n in group["param_names"]]
+    g = export_gradients(model, [(state, lr, renamed)], (x, y), _loss, preconditioner="adam", progress=False)
+    expected = _adam(_reference_grads(model, state, x, y), _per_element(opt_state))
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+
 def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match():
     model, checkpoints, data = _trained()
     opt_state = copy.deepcopy(checkpoints[0][2])

@@ -24,7 +24,8 @@ from .data import host_array
 from .layers import tied_first_names
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
-_PREFIX = "module."  # what torch.nn.DataParallel / DistributedDataParallel prepend
+# what torch.nn.DataParallel / DistributedDataParallel and torch.compile prepend to the model's names
+_PREFIXES = ("module.", "_orig_mod.")
 
 
 def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
@@ -152,7 +153,8 @@ class OptimizerState:
         were given by position (the optimizer recorded none)."""
         keys = [(k, g) for g in groups for k in g["params"]]
         if all("param_names" in g for g in groups):
-            names = [_strip(n) for g in groups for n in g["param_names"]]
+            known = set(self.all_names)
+            names = [_strip(n, known) for g in groups for n in g["param_names"]]
             return dict(zip(names, keys, strict=True)), False
         if len(groups) > 1:
             raise ValueError(
@@ -215,8 +217,11 @@ def _few(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _strip(name: str) -> str:
-    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+def _strip(name: str, known: set[str]) -> str:
+    """`name` less its wrappers' prefixes (_PREFIXES, in any order), unless the model knows it as it is."""
+    while name not in known and name.startswith(_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def _check_optimizer_dict(state: Any, where: str) -> None:
@@ -252,7 +257,7 @@ def state_digest(
 ) -> str:
     """Fingerprint of an in-memory checkpoint as load_checkpoint uses it: per name of `reference`
     (the model's state_dict) less `skip` (tied second names), in name order, the name and the tensor
-    cast on the host to the reference's floating dtype. A DataParallel 'module.' prefix, a tied
+    cast on the host to the reference's floating dtype. A DataParallel or torch.compile prefix, a tied
     copy or float64 copies of float32 weights therefore leave it unchanged. (A checkpoint file is
     fingerprinted by its bytes, in tracin._export.)"""
     name = f"checkpoints[{index}] ({describe(source, index)})"
@@ -294,10 +299,15 @@ def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
-    """Drops a DataParallel 'module.' prefix when every key has it and the model's keys do not."""
-    if state and all(k.startswith(_PREFIX) for k in state) and not any(k.startswith(_PREFIX) for k in expected):
-        return {k[len(_PREFIX) :]: v for k, v in state.items()}
-    return dict(state)
+    """Drops the prefixes of _PREFIXES (DataParallel's 'module.', torch.compile's '_orig_mod.', in any
+    order and number) that every key has and the model's keys do not."""
+    state = dict(state)
+    while state:
+        prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None or any(k.startswith(prefix) for k in expected):
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
 
 
 def tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -351,8 +361,8 @@ def load_checkpoint(
 def _matched(
     state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
 ) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors under the names of `reference` less `skip`, a DataParallel prefix
-    dropped; ValueError naming `name` for missing or unexpected keys and other shapes."""
+    """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
+    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys and other shapes."""
     state = _strip_prefix(state, reference)
     missing = [k for k in reference if k not in state and k not in skip]  # save_pretrained drops tied copies
     unexpected = [k for k in state if k not in reference]
