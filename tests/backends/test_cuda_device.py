@@ -167,6 +167,37 @@ def test_tf32_only_when_asked_and_the_global_setting_is_restored(rng):
     assert not np.array_equal(plain, fast)
 
 
+@pytest.mark.parametrize("library", ["cublas", "cublaslt"])
+@pytest.mark.parametrize("user", ["default", "legacy allow_tf32", "new fp32_precision tf32"])
+def test_tf32_settings_of_either_api_do_not_fail_a_call(rng, library, user):
+    """The GEMMs of scores and top_k under cuBLAS and cuBLASLt (which reads torch's allowTF32CuBLAS,
+    raising where the legacy and new TF32 settings disagree) after a user set TF32 through either
+    API, at both precisions; the user's setting reads the same after."""
+    test, train = rng.standard_normal((64, 256), dtype=np.float32), rng.standard_normal((300, 256), dtype=np.float32)
+    exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
+    t, x = on_gpu([test])[0], on_gpu([train])[0]
+    matmul, blas = torch.backends.cuda.matmul, torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        if user == "legacy allow_tf32":
+            matmul.allow_tf32 = True
+        elif user == "new fp32_precision tf32":
+            matmul.fp32_precision = "tf32"
+        before = matmul.fp32_precision
+        for precision, slack in (("float32", 1), ("tf32", 200)):  # TF32: up to about 1e-3 of the scale
+            got = tracin.scores(t, x, precision=precision)
+            assert np.all(np.abs(got - exact) <= slack * bound)
+            top = tracin.top_k(t, x, k=5, precision=precision)
+            near = np.take_along_axis(exact, top.indices, 1) - top.values
+            assert np.all(np.abs(near) <= slack * np.take_along_axis(bound, top.indices, 1))
+            assert matmul.fp32_precision == before
+    finally:
+        torch.backends.cuda.preferred_blas_library(blas)
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+
+
 def test_device_mismatches_and_bad_rows_are_value_errors(rng):
     rows = torch.randn(6, 5, device="cuda")
     with pytest.raises(ValueError, match=r"device='cpu' but test is on cuda:0; pass device='cuda:0'"):

@@ -465,9 +465,9 @@ def test_the_precision_scope_leaves_the_default_state_as_it_was(precision_restor
 
 
 @pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
-def test_the_precision_scope_sets_nothing_when_the_wanted_value_is_in_force(precision_restored):
+def test_an_explicit_matmul_setting_equal_to_the_inherited_one_stays_explicit(precision_restored):
     """An explicit matmul "tf32" under a global "tf32" stays explicit (putting back "none", which also
-    reads "tf32", would let a later global "ieee" reach matmul); the lock is held all the same."""
+    reads "tf32", would let a later global "ieee" reach matmul); the lock is held."""
     matmul = torch.backends.cuda.matmul
     torch.backends.fp32_precision = "tf32"
     matmul.fp32_precision = "tf32"
@@ -492,6 +492,104 @@ def test_the_precision_scope_sets_nothing_when_the_wanted_value_is_in_force(prec
         assert matmul.fp32_precision == "ieee"
     torch.backends.fp32_precision = "tf32"
     assert matmul.fp32_precision == "tf32"
+
+
+PRECISION_KEYS = [("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("mkldnn", "all"), ("mkldnn", "matmul")]
+USER_SETTINGS = {  # what a user may have done before a call: settings through either API, or both
+    "default": [],
+    "legacy high": [lambda: torch.set_float32_matmul_precision("high")],
+    "legacy medium": [lambda: torch.set_float32_matmul_precision("medium")],
+    "allow_tf32": [lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True)],
+    "new matmul tf32": [lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32")],
+    "new matmul ieee": [lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")],
+    "new generic tf32": [lambda: setattr(torch.backends, "fp32_precision", "tf32")],
+    "new generic and matmul tf32": [
+        lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+        lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    ],
+    "new mkldnn bf16": [lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")],
+    "legacy high, then new generic ieee": [
+        lambda: torch.set_float32_matmul_precision("high"),
+        lambda: setattr(torch.backends, "fp32_precision", "ieee"),
+    ],
+}
+FOLLOW_UPS = {  # what the user may do after it: each shows what the state held besides what it reads
+    "nothing": lambda: None,
+    "generic ieee": lambda: setattr(torch.backends, "fp32_precision", "ieee"),
+    "generic tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+    "mkldnn all bf16": lambda: setattr(torch.backends.mkldnn, "fp32_precision", "bf16"),
+    "matmuls ieee": lambda: [
+        setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+        setattr(torch.backends.mkldnn.matmul, "fp32_precision", "ieee"),
+    ],  # the legacy getter then reads the legacy value whatever it is
+}
+
+
+def _reset_precision() -> None:
+    torch.set_float32_matmul_precision("highest")
+    for key in PRECISION_KEYS:
+        torch._C._set_fp32_precision_setter(*key, "none")
+
+
+def _legacy_views() -> tuple[object, object]:
+    """get_float32_matmul_precision() and matmul.allow_tf32, or "raises" for either."""
+    views = []
+    for read in (torch.get_float32_matmul_precision, lambda: torch.backends.cuda.matmul.allow_tf32):
+        try:
+            views.append(read())
+        except RuntimeError as e:
+            assert "mix of the legacy and new APIs" in str(e)
+            views.append("raises")
+    return views[0], views[1]
+
+
+def _observed(settings: str, follow_up: str, scope: bool | None) -> tuple[object, ...]:
+    """Every fp32_precision and both legacy views after `settings`, a scope at TF32 (True) or float32
+    (False) or none (None), and then `follow_up`; from the default state."""
+    _reset_precision()
+    for step in USER_SETTINGS[settings]:
+        step()
+    if scope is not None:
+        with torch_device._matmul_precision(tf32=scope):
+            pass
+    FOLLOW_UPS[follow_up]()
+    return (*(torch._C._get_fp32_precision_getter(*key) for key in PRECISION_KEYS), *_legacy_views())
+
+
+@pytest.fixture
+def default_precision():
+    """torch's precision settings put back to its defaults after the test."""
+    yield
+    _reset_precision()
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
+@pytest.mark.parametrize("settings", USER_SETTINGS)
+@pytest.mark.parametrize("tf32", [False, True])
+def test_inside_the_precision_scope_the_legacy_and_new_views_agree(default_precision, settings, tf32):
+    """Whatever the user set, inside the scope neither legacy getter raises "mix of the legacy and new
+    APIs" (as torch 2.13 did for precision="tf32" from the defaults, or a float32 call after
+    allow_tf32=True) and both views read the wanted precision."""
+    _reset_precision()
+    for step in USER_SETTINGS[settings]:
+        step()
+    with torch_device._matmul_precision(tf32=tf32):
+        legacy, allow_tf32 = _legacy_views()
+        assert allow_tf32 is tf32
+        assert legacy in (("high", "medium") if tf32 else ("highest",))
+        assert torch.backends.cuda.matmul.fp32_precision in (("tf32",) if tf32 else ("ieee", "none"))
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
+@pytest.mark.parametrize("settings", USER_SETTINGS)
+@pytest.mark.parametrize("follow_up", FOLLOW_UPS)
+def test_the_precision_scope_restores_the_users_settings_exactly(default_precision, settings, follow_up):
+    """After a scope at either precision, what every setting reads, what the legacy getters do (a
+    user's own mix of the APIs included) and what each setting inherits are those of the same
+    settings without the scope."""
+    without = _observed(settings, follow_up, None)
+    assert _observed(settings, follow_up, False) == without
+    assert _observed(settings, follow_up, True) == without
 
 
 @pytest.mark.parametrize("tf32, inside", [(False, "highest"), (True, "high")])

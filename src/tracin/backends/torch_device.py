@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -444,16 +445,17 @@ def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _matmul_precision(tf32: bool) -> Iterator[None]:
-    """torch's float32 matmul precision on CUDA set to TF32 or full float32 for the block and restored
-    after, under _PRECISION_LOCK. torch >= 2.9 has torch.backends.cuda.matmul.fp32_precision ("tf32"
-    / "ieee", or "none": as torch.backends.fp32_precision says): used there, since once a user (or
-    transformers' tf32=True) sets it, the legacy get_float32_matmul_precision raises RuntimeError.
-    Its getter reports the inherited value for "none", so "none" is put back when it gives the value
-    read before (the default state is restored exactly); nothing is set or restored when it already
-    reads the wanted value (a user's explicit "tf32" stays explicit). Older torch: the legacy functions."""
-    matmul = torch.backends.cuda.matmul
+    """torch's float32 matmul precision on CUDA set to TF32 or full float32 for the block, under
+    _PRECISION_LOCK, and the user's settings put back exactly after. torch >= 2.9 keeps two views of
+    it: the legacy value (get/set_float32_matmul_precision, matmul.allow_tf32) and fp32_precision per
+    backend and op ("none": inherited from the backend's "all", then the generic one). Where they
+    disagree (a user set only matmul.fp32_precision = "tf32", or a scope set only one view) the
+    legacy getters, and cuBLAS paths that read allowTF32CuBLAS, raise "mix of the legacy and new
+    APIs". Inside the scope they agree: the legacy value is set with cuda's matmul (allow_tf32), or
+    with mkldnn's too where that one's "tf32" / "bf16" would disagree with it. Nothing is set where
+    they agree and read the wanted value already. Older torch: the legacy functions only."""
     with _PRECISION_LOCK:
-        if not hasattr(matmul, "fp32_precision"):
+        if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
             before = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision("high" if tf32 else "highest")
             try:
@@ -461,17 +463,67 @@ def _matmul_precision(tf32: bool) -> Iterator[None]:
             finally:
                 torch.set_float32_matmul_precision(before)
             return
-        before, wanted = matmul.fp32_precision, "tf32" if tf32 else "ieee"
-        if before == wanted:
+        legacy = _legacy_precision()
+        if legacy is not None and (legacy != "highest") == tf32:
             yield
             return
-        matmul.fp32_precision = wanted
+        raw = {backend: _raw_precision(backend) for backend in ("cuda", "mkldnn")}
         try:
+            if legacy is None:  # a user's own mix: the legacy value read with both matmuls at "ieee"
+                for backend in raw:
+                    _set_precision(backend, "matmul", "ieee")
+                legacy = torch.get_float32_matmul_precision()
+                for backend, value in raw.items():
+                    _set_precision(backend, "matmul", value)
+            mkldnn = _precision("mkldnn", "matmul")  # the legacy value must agree with it as well
+            if tf32 and mkldnn == "bf16":
+                torch.set_float32_matmul_precision("medium")
+            elif not tf32 and mkldnn in ("tf32", "bf16"):
+                torch.set_float32_matmul_precision("highest")
+            else:
+                torch.backends.cuda.matmul.allow_tf32 = tf32  # legacy value and cuda matmul only
             yield
         finally:
-            matmul.fp32_precision = "none"
-            if matmul.fp32_precision != before:
-                matmul.fp32_precision = before
+            if legacy is not None:
+                torch.set_float32_matmul_precision(legacy)  # also writes cuda and mkldnn matmul:
+            for backend, value in raw.items():
+                _set_precision(backend, "matmul", value)  # their own values after it
+
+
+def _precision(backend: str, op: str) -> str:
+    """torch's fp32_precision of (backend, op) as it reads: its parents' for "none"."""
+    return torch._C._get_fp32_precision_getter(backend, op)
+
+
+def _set_precision(backend: str, op: str, value: str) -> None:
+    torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+def _legacy_precision() -> str | None:
+    """get_float32_matmul_precision(), or None where it or matmul.allow_tf32 would raise (the legacy
+    and new views disagree)."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+    return legacy if (legacy != "highest") == (_precision("cuda", "matmul") == "tf32") else None
+
+
+def _raw_precision(backend: str) -> str:
+    """The fp32_precision (backend, "matmul") holds itself ("none" when inherited), which its getter
+    does not tell apart from an equal inherited value: where they are equal its parent is changed
+    for a moment to see whether it follows. Parents: (backend, "all"), then ("generic", "all")."""
+    chain = [("generic", "all"), (backend, "all"), (backend, "matmul")]
+    parent_own = _precision(*chain[0])  # the root: what it reads is its own
+    for parent, key in itertools.pairwise(chain):
+        own = _precision(*key)
+        if own != "none" and own == _precision(*parent):
+            other = "tf32" if own == "ieee" else "ieee"
+            _set_precision(*parent, other)
+            own = "none" if _precision(*key) == other else own
+            _set_precision(*parent, parent_own)
+        parent_own = own
+    return parent_own
 
 
 def resolve(device: str) -> torch.device:
