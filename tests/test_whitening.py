@@ -4,9 +4,13 @@ from the same data, in memory and from stores read in small chunks, full and Kro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import stat
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -449,6 +453,22 @@ def _saved_with(path, **changes) -> None:
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
 
 
+def _fingerprint(moments) -> str:
+    """What save records as spec.fingerprint: sha256 of each matrix's shape and float64 bytes, 16 hex digits."""
+    h = hashlib.sha256()
+    for m in moments:
+        h.update(repr(m.shape).encode() + np.ascontiguousarray(m, dtype=np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _indefinite_moment(path, data) -> None:
+    """moment_0 replaced by an indefinite matrix, the fingerprint recomputed to match."""
+    with np.load(path) as f:
+        moment_1 = f["moment_1"]
+    bad = np.diag(np.r_[-5.0, np.full(23, 10.0)])  # lambda = 0.3 * 225 / 24 < 5
+    _saved_with(path, moment_0=bad, spec={"fingerprint": _fingerprint([bad, moment_1])})
+
+
 @pytest.mark.parametrize(
     ("damage", "match"),
     [
@@ -465,6 +485,24 @@ def _saved_with(path, **changes) -> None:
         (lambda p, data: _saved_with(p, moment_1=None), "moment_1"),
         (lambda p, data: _saved_with(p, inverse_0=np.full((24, 24), np.nan)), "a matrix holds NaN or Inf"),
         (lambda p, data: _saved_with(p, moment_1=np.full((9, 9), np.inf)), "a matrix holds NaN or Inf"),
+        (lambda p, data: _saved_with(p, spec={"damping": -5}), "damping must be a finite number > 0"),
+        (lambda p, data: _saved_with(p, spec={"precision": "nope"}), "precision must be 'float32' or 'float64'"),
+        (lambda p, data: _saved_with(p, spec={"space": "x"}), "space 'x' is not the train set's metadata"),
+        (lambda p, data: _saved_with(p, spec={"n_rows": "many"}), "n_rows 'many' is not an integer >= 1"),
+        (lambda p, data: _saved_with(p, spec={"mix_weight": 2}), "mix_weight must be a number in"),
+        (lambda p, data: _saved_with(p, spec={"fingerprint": 5}), "fingerprint 5 is not 16 hex digits"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": "junk"}), "lambdas junk are not damping 0.3 times"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [1.0, 2.0]}), r"lambdas \[1.0, 2.0\] are not damping"),
+        (lambda p, data: _saved_with(p, moment_0=np.eye(24)), "the moments' fingerprint is [0-9a-f]{16}, but the spec"),
+        (
+            lambda p, data: _saved_with(p, inverse_0=np.random.default_rng(0).standard_normal((24, 24))),
+            "inverse_0 is not the damped inverse of moment_0 at damping 0.3",
+        ),
+        (
+            lambda p, data: _saved_with(p, inverse_1=np.eye(9, dtype=np.float32)),
+            r"inverse_1 is \(9, 9\) float32, expected",
+        ),
+        (_indefinite_moment, "checkpoint 0: R \\+ lambda I is not positive definite"),
     ],
 )
 def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
@@ -478,6 +516,36 @@ def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
         Whitening.load(path)
     with pytest.raises(FileNotFoundError):
         Whitening.load(tmp_path / "missing.npz")
+
+
+def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path, full):
+    """A small compressed file with a 72 MB member the spec's dims do not allow, and members whose
+    headers claim (1e7, 1e7) with or without the spec agreeing: ValueError naming the file, found from
+    the headers (and the memory budget) before any data is read."""
+    path = tmp_path / "w.npz"
+    Whitening.fit(tracin.Gradients(full[0]), damping=0.3).save(path)
+    with np.load(path) as f:
+        arrays = dict(f)
+    np.savez_compressed(tmp_path / "bomb.npz", **{**arrays, "inverse_0": np.zeros((3000, 3000))})
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb.npz is not a saved .* inverse_0 is \(3000, 3000\) float64"):
+            Whitening.load(tmp_path / "bomb.npz")
+        assert tracemalloc.get_traced_memory()[1] < 8 * 2**20
+    finally:
+        tracemalloc.stop()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**7, 10**7)})
+    spec = json.loads(str(arrays["spec"]))
+    for dims, match in (([24, 9], r"moment_0 is \(10000000, 10000000\) float64"), ([10**7, 9], "need .* GiB")):
+        with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+            with z.open("spec.npy", "w") as member:
+                np.save(member, np.array(json.dumps({**spec, "dims": dims})))
+            for name in ("moment_0", "inverse_0"):
+                z.writestr(f"{name}.npy", header.getvalue())
+        with pytest.raises(ValueError, match=f"huge.npz is not a saved tracin.Whitening .*{match}"):
+            Whitening.load(tmp_path / "huge.npz")
 
 
 def test_factored_save_load_round_trip(tmp_path, rng):

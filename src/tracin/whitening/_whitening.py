@@ -323,12 +323,15 @@ class Whitening:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
         """A Whitening saved by save(). ValueError naming the file if it is not one: not an .npz
-        archive (or a damaged one), a spec of another kind or dims, matrices missing, of other shapes
-        or not finite. OSError if it cannot be opened."""
+        archive (or a damaged one), a spec field fit would not record (kind, dims, damping, precision,
+        row counts, mix_weight, fingerprint, space), matrices missing, of other shapes or dtypes (read
+        from their headers, before their data), not finite, moments of another fingerprint, or
+        inverses and lambdas that are not those of the moments at the spec's damping (recomputed
+        here, as with_damping does). OSError if it cannot be opened."""
         with open(path, "rb") as file:
             try:
                 moments, inverses, spec = _read_saved(file)
-            except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as e:
+            except (OSError, EOFError, KeyError, TypeError, ValueError, MemoryError, zipfile.BadZipFile) as e:
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({e})") from None
         return cls(moments, inverses, spec)
 
@@ -389,33 +392,100 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[
     return inverses, lambdas
 
 
+_SPEC_MAX_CHARS = 1 << 20  # a saved spec is a few kB of JSON; a header claiming more is not one save wrote
+_HEX = frozenset("0123456789abcdef")
+
+
 def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], WhiteningSpec]:
     """The moments, inverses and spec of a file written by Whitening.save (ValueError, KeyError,
-    TypeError or the archive's own errors otherwise)."""
+    TypeError or the archive's own errors otherwise). Every member's .npy header is checked against
+    the spec (shape, float64) before its data is read; the spec against the moments (fingerprint,
+    lambdas); the stored inverses against the damped inverses recomputed from the moments."""
     if not zipfile.is_zipfile(file):  # else np.load would read .npy files, and suggest unpickling others
         raise ValueError("not a complete .npz archive")
     file.seek(0)
-    with np.load(file, allow_pickle=False) as archive:
-        spec = WhiteningSpec(**json.loads(str(archive["spec"])))
-        if spec.kind not in ("full", "kfac"):
-            raise ValueError(f"kind {spec.kind!r} is neither 'full' nor 'kfac'")
-        per_checkpoint = 2 if spec.kind == "kfac" else 1
-        sides = [d if isinstance(d, list) else [d] for d in spec.dims]
-        if not sides or any(
-            len(s) != per_checkpoint or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in s)
-            for s in sides
-        ):
-            raise ValueError(f"dims {spec.dims} are not positive sizes per checkpoint of a {spec.kind} whitening")
-        sides = [k for s in sides for k in s]
-        inverses, moments = (
-            [np.asarray(archive[f"{kind}_{i}"], dtype=np.float64) for i in range(len(sides))]
-            for kind in ("inverse", "moment")
+    with zipfile.ZipFile(file) as archive:
+        text = _read_member(archive, "spec", (), "U")
+        spec = _checked_spec(WhiteningSpec(**json.loads(str(text[()]))))
+        sides = [k for d in spec.dims for k in (d if isinstance(d, list) else [d])]
+        check_budget(sides, 3, default_max_bytes())  # moments, stored and recomputed inverses
+        moments, stored = (
+            [_read_member(archive, f"{kind}_{i}", (k, k), "f", spec.dims) for i, k in enumerate(sides)]
+            for kind in ("moment", "inverse")
         )
-    if [m.shape for m in (*inverses, *moments)] != [(k, k) for k in sides] * 2:
-        raise ValueError(f"matrix shapes do not match dims {spec.dims}")
-    if not all(np.all(np.isfinite(m)) for m in (*inverses, *moments)):
+    if not all(np.all(np.isfinite(m)) for m in (*stored, *moments)):
         raise ValueError("a matrix holds NaN or Inf")
+    fingerprint = _fingerprint(moments)
+    if fingerprint != spec.fingerprint:
+        raise ValueError(f"the moments' fingerprint is {fingerprint}, but the spec records {spec.fingerprint}")
+    inverses, lambdas = _invert(moments, spec.damping, spec.kind == "kfac")
+    recorded = np.asarray(spec.lambdas, dtype=np.float64) if _numbers(spec.lambdas) else None
+    if recorded is None or recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9):
+        raise ValueError(f"lambdas {spec.lambdas} are not damping {spec.damping} times the moments' mean eigenvalues")
+    for i, (ours, theirs) in enumerate(zip(inverses, stored, strict=True)):
+        if not np.allclose(theirs, ours, rtol=0.0, atol=1e-6 * np.abs(ours).max()):
+            raise ValueError(f"inverse_{i} is not the damped inverse of moment_{i} at damping {spec.damping}")
     return moments, inverses, spec
+
+
+def _numbers(values: Any) -> bool:
+    """Whether `values` is a list of real numbers or of lists of them (no bools, strings, dicts)."""
+    items = [x for v in values for x in (v if isinstance(v, list) else [v])] if isinstance(values, list) else None
+    return items is not None and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in items)
+
+
+def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
+    """`spec` if every field is what fit records (ValueError or TypeError naming the field otherwise)."""
+    if spec.kind not in ("full", "kfac"):
+        raise ValueError(f"kind {spec.kind!r} is neither 'full' nor 'kfac'")
+    per_checkpoint = 2 if spec.kind == "kfac" else 1
+    sides = [d if isinstance(d, list) else [d] for d in spec.dims] if isinstance(spec.dims, list) else []
+    if not sides or any(
+        len(s) != per_checkpoint or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in s)
+        for s in sides
+    ):
+        raise ValueError(f"dims {spec.dims} are not positive sizes per checkpoint of a {spec.kind} whitening")
+    check_damping(spec.damping)
+    check_precision(spec.precision)
+    for name, least in (("n_rows", 1), ("mix_rows", 0)):
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} {value!r} is not an integer >= {least}")
+    _check_mix_weight(spec.mix_weight)
+    if not (isinstance(spec.fingerprint, str) and len(spec.fingerprint) == 16 and set(spec.fingerprint) <= _HEX):
+        raise ValueError(f"fingerprint {spec.fingerprint!r} is not 16 hex digits")
+    if spec.fitted_on is not None and not isinstance(spec.fitted_on, str):
+        raise ValueError(f"fitted_on {spec.fitted_on!r} is neither a store id nor null")
+    if not isinstance(spec.space, dict):
+        raise ValueError(f"space {spec.space!r} is not the train set's metadata (a JSON object)")
+    return spec
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, shape: tuple, kind: str, dims: list | None = None) -> np.ndarray:
+    """Member `name`.npy of the archive as an array of `shape` ("f": float64; "U": a string of at
+    most _SPEC_MAX_CHARS), its header checked before its data is read (ValueError otherwise)."""
+    try:
+        info = archive.getinfo(f"{name}.npy")
+    except KeyError:
+        raise ValueError(f"{name} is missing") from None
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"{name} is .npy format version {version}, not one save writes")
+        found, fortran, dtype = read_header[version](member)
+        if kind == "f" and (found != shape or dtype.kind != "f" or dtype.itemsize != 8):
+            raise ValueError(
+                f"matrix shapes do not match dims {dims}: {name} is {found} {dtype}, expected {shape} float64"
+            )
+        if kind == "U" and (found != shape or dtype.kind != "U" or dtype.itemsize > 4 * _SPEC_MAX_CHARS):
+            raise ValueError(f"{name} is {found} {dtype}, expected a string of at most {_SPEC_MAX_CHARS} characters")
+        size = dtype.itemsize * math.prod(shape)
+        data = bytearray(size)
+        if member.readinto(data) != size or member.read(1):
+            raise ValueError(f"{name} holds other than the {size} bytes of data its header {found} {dtype} implies")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return np.ascontiguousarray(array, dtype=np.float64) if kind == "f" else array
 
 
 def _fingerprint(moments: list[np.ndarray]) -> str:
