@@ -75,9 +75,10 @@ class Whitening:
     cond = (largest eigenvalue + lambda) / lambda: R's float32 partial products (fit's precision) and,
     whatever the precision, the whitened test rows (float32) and the float32 scores made from them.
     The latter keep each score within the contract's bound of 1e-5 |g(t) (R + lambda I)^-1| |g(i)|,
-    but relative to the scores themselves the error can reach about cond x 2^-24 (when test rows lie
-    much in directions the train rows lack, as with fewer train rows than dims): 2e-3 of the largest
-    score at cond 6e4 (5 train rows of 200 dims, damping 0.001), 4e-7 at cond 5e3 (20,000 rows).
+    but relative to the scores themselves the error can reach 1-4 x cond x 2^-24 (when test rows lie
+    much in directions the train rows lack, as with fewer train rows than dims): 3e-3 to 1.2e-2 of the
+    largest score at cond 5e4 (5 train rows of 200 dims, damping 0.001; 10 seeds, either precision),
+    4e-7 at cond 5e3 (20,000 rows).
     Factored gradients (left (n, p), right (n, q) per checkpoint): a Kronecker-
     factored approximation R ~ B (x) A with B = E[left left^T], A = E[right right^T] (K-FAC), damped
     per factor with lambda_B = sqrt(damping) * trace(B) / p and lambda_A = sqrt(damping) * trace(A) / q
@@ -128,7 +129,7 @@ class Whitening:
             "float64" multiplies in float64 (exact to float64 rounding) at about half the speed. At
             small damping it makes the whitened rows accurate (5 rows of 200 dims, damping 0.001: 5e-8
             against 8e-4 relative error), not the scores: those keep the float32 error of the class
-            docstring (about cond x 2^-24 of the scores), whatever the precision. Both hold at any
+            docstring (1-4 x cond x 2^-24 of the scores), whatever the precision. Both hold at any
             finite scale of the gradients (see _moments).
         max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
             above it a ValueError points to projection.
