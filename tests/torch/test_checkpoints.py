@@ -4,6 +4,10 @@ the digests of in-memory checkpoints."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -102,6 +106,74 @@ def test_mismatched_checkpoints_are_clear_errors(setup, tmp_path):
         export_gradients(model, [(resized, 1.0)], data, LOSS, progress=False)
     with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: no checkpoint at .*nope.pt"):
         export_gradients(model, [(str(tmp_path / "nope.pt"), 1.0)], data, LOSS, progress=False)
+
+
+def _cut_in_half(path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _without_pickle(path) -> None:
+    """A torch.save archive rewritten without its data.pkl: whole, but not loadable."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i)) for i in z.infolist() if not i.filename.endswith("/data.pkl")]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in entries:
+            z.writestr(info, data)
+
+
+def test_a_checkpoint_file_cut_short_is_named_before_any_checkpoint_is_exported(setup, tmp_path, monkeypatch):
+    """A truncated third .pt file was a bare 'OSError: [Errno 22] Invalid argument', after two exports."""
+    model, checkpoints, data = setup
+    bad = tmp_path / "bad.pt"
+    shutil.copy(checkpoints[2][0], bad)
+    _cut_in_half(bad)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(ValueError, match=r"checkpoints\[2\] \(.*bad.pt\) cannot be read: .*cut short"):
+        export_gradients(model, [*checkpoints[:2], (str(bad), 1.0)], data, LOSS, progress=False)
+    assert loads == []  # refused before any checkpoint was read
+    shutil.copy(checkpoints[2][0], bad)
+    _without_pickle(bad)  # damage found only by reading it
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] \(.*bad.pt\) cannot be read: .*data.pkl"):
+        export_gradients(model, [checkpoints[0], (str(bad), 1.0)], data, LOSS, progress=False)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "safetensors_sharded", "bin"])
+def test_a_weight_file_of_a_folder_cut_short_is_named_with_its_checkpoint(setup, tmp_path, layout):
+    """A truncated model.safetensors was a raw SafetensorError, a truncated pytorch_model.bin an OSError."""
+    if layout.startswith("safetensors"):
+        pytest.importorskip("safetensors")
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    if layout == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+        cut = folder / "pytorch_model.bin"
+    else:
+        from safetensors.torch import save_file
+
+        shards = _shards(state, 2) if layout.endswith("sharded") else [state]
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            save_file(shard, str(folder / f"model-{i}.safetensors"))
+            weight_map.update(dict.fromkeys(shard, f"model-{i}.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        cut = folder / f"model-{len(shards) - 1}.safetensors"
+    _cut_in_half(cut)
+    message = rf"checkpoints\[1\] \(.*checkpoint-5\) cannot be read \({re.escape(str(cut))}\): .*"
+    with pytest.raises(ValueError, match=message + "cut short"):
+        export_gradients(model, [checkpoints[1], (str(folder), 1.0)], data, LOSS, progress=False)
+    if layout == "bin":
+        torch.save(state, cut)
+        _without_pickle(cut)
+    else:  # a whole file its header describes, of a dtype safetensors does not know
+        header = json.dumps({"w": {"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}}).encode()
+        cut.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(ValueError, match=message):
+        export_gradients(model, [checkpoints[1], (str(folder), 1.0)], data, LOSS, progress=False)
 
 
 class NotATensor:

@@ -5,6 +5,7 @@ and Adam's formulas evaluated in NumPy from the optimizer.state_dict()."""
 from __future__ import annotations
 
 import copy
+import zipfile
 
 import numpy as np
 import pytest
@@ -183,6 +184,30 @@ def test_optimizer_state_from_a_file_and_projection_after_preconditioning(tmp_pa
     want = projection.apply(expected.astype(np.float32))
     np.testing.assert_allclose(g.matrices[0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert g.metadata["projection"] == projection.to_dict()
+
+
+def test_an_optimizer_file_cut_short_or_damaged_is_named(tmp_path):
+    """A truncated optimizer file was a bare 'OSError: [Errno 22] Invalid argument'."""
+    model, checkpoints, data = _trained()
+    path = tmp_path / "optimizer.pt"
+    torch.save(checkpoints[1][2], path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    entries = [checkpoints[0], (*checkpoints[1][:2], str(path))]
+    with pytest.raises(
+        ValueError, match=r"checkpoints\[1\]\[2\] \(optimizer state\) cannot be read \(.*optimizer.pt\): .*cut"
+    ):
+        export_gradients(model, entries, data, _loss, preconditioner="adam", progress=False)
+    torch.save(checkpoints[1][2], path)
+    with zipfile.ZipFile(path) as z:  # whole, without its data.pkl: found when it is read
+        kept = [(i, z.read(i)) for i in z.infolist() if not i.filename.endswith("/data.pkl")]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, content in kept:
+            z.writestr(info, content)
+    with pytest.raises(
+        ValueError, match=r"checkpoints\[1\]\[2\] \(optimizer state\) cannot be read \(.*\): .*data.pkl"
+    ):
+        export_gradients(model, entries, data, _loss, preconditioner="adam", progress=False)
 
 
 def test_layers_pick_their_moments_by_parameter_name():

@@ -6,9 +6,12 @@ Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
+import struct
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,12 +40,64 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
             raise TypeError(f"checkpoints[{index}][2]: an optimizer state needs the model to map it to parameters")
         return OptimizerState(state, index, model)
 
-    return shared_parse(
+    parsed = shared_parse(
         checkpoints,
         "state_dict or a path",
         accepts=lambda s: isinstance(s, (str, os.PathLike, Mapping)),
         optimizer=optimizer,
     )
+    for index, entry in enumerate(parsed):
+        if isinstance(entry.source, (str, os.PathLike)):
+            check_whole(entry.source, f"checkpoints[{index}] ({describe(entry.source, index)})")
+    return parsed
+
+
+def check_whole(path: str | os.PathLike, name: str) -> None:
+    """ValueError naming checkpoint `name` and the file when a checkpoint file, or a weight file of a
+    save_pretrained folder, is cut short, found from its header and end alone (before any checkpoint is
+    exported): a torch.save zip archive without its central directory, a safetensors file shorter than
+    its header says. A missing file is left to the digest's error; other damage to the loader's."""
+    if os.path.isdir(path):
+        found = weight_files(path, name)
+        files = [] if found is None else [(os.path.join(path, f), found.safetensors) for f in found.files]
+    else:
+        files = [(os.fspath(path), False)] if os.path.isfile(path) else []
+    for file, safe in files:
+        problem = _safetensors_short(file) if safe else _zip_short(file)
+        if problem:
+            raise ValueError(f"{_cannot_read(name, file)}: {problem}")
+
+
+def _zip_short(path: str) -> str | None:
+    """What is wrong with a torch.save zip archive whose central directory cannot be read (None when it
+    is readable, or the file is not a zip archive: the legacy format, which has no such check)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"a torch.save zip archive without a readable central directory, cut short or damaged ({e})"
+    return None
+
+
+def _safetensors_short(path: str) -> str | None:
+    """What is wrong with a safetensors file whose header cannot be read or whose size is less than its
+    header's tensors need (None when it is not)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or 8 + n > size:
+            return f"a safetensors file of {size} bytes, shorter than its header: cut short"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return f"a safetensors file whose header cannot be read ({e})"
+    if 8 + n + end > size:
+        return f"a safetensors file of {size} bytes whose header lists tensors up to byte {8 + n + end}: cut short"
+    return None
 
 
 class OptimizerState:
@@ -66,6 +121,8 @@ class OptimizerState:
             raise TypeError(f"{self.where} must be an optimizer.state_dict() or its path, got {type(source).__name__}")
         if isinstance(source, Mapping):
             _check_optimizer_dict(source, self.where)
+        else:
+            check_whole(source, self.where)
         self.source = source
         named = list(model.named_parameters())
         self.all_names = [n for n, _ in named]
@@ -145,6 +202,8 @@ class OptimizerState:
             raise ValueError(
                 f"{self.where} cannot be read with torch.load(weights_only=True): {str(e).splitlines()[0]}"
             ) from None
+        except _UNREADABLE as e:
+            _unreadable(e, self.where, self.source)
         _check_optimizer_dict(state, self.where)
         return state
 
@@ -400,6 +459,25 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) ->
             f"{name} cannot be read with torch.load(weights_only=True), which only "
             f"allows tensors and plain containers: {str(e).splitlines()[0]}"
         ) from None
+    except _UNREADABLE as e:
+        _unreadable(e, name, path)
+
+
+# what torch.load and safetensors raise for a damaged file (an OSError from a truncated zip archive)
+_UNREADABLE = (RuntimeError, OSError, EOFError)
+
+
+def _unreadable(e: Exception, name: str, path: str | os.PathLike) -> None:
+    """ValueError naming checkpoint `name`, the file and the cause; out-of-memory errors as they are."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        raise e
+    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"{_cannot_read(name, path)}: {cause}") from e
+
+
+def _cannot_read(name: str, path: str | os.PathLike) -> str:
+    """'<name> cannot be read', with the file's path unless `name` already shows it."""
+    return f"{name} cannot be read" + ("" if f"({os.fspath(path)})" in name else f" ({os.path.abspath(path)})")
 
 
 def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, torch.Tensor]:
@@ -426,4 +504,9 @@ def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torc
         raise ImportError(f"{name}: reading model.safetensors needs the safetensors package") from None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name}: no shard listed by its index at {path}")
-    return load_file(path, device=str(device))
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, *_UNREADABLE) as e:
+        _unreadable(e, name, path)
