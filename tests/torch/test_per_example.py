@@ -371,3 +371,68 @@ def test_a_forward_that_needs_autograd_is_exported_not_crashed_by_the_probe():
             )
         )
     np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class Checkpointed(nn.Module):
+    """A block run under torch.utils.checkpoint (as Hugging Face's gradient_checkpointing_enable() does);
+    `gain`, no layer's parameter, takes vmap's path (its checkpointed block's input requires grad)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out, self.reentrant = nn.Linear(6, 8), nn.Linear(8, 4), reentrant
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)) * self.gain
+        return self.out(torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant))
+
+
+_CHECKPOINTING = r"checkpoints its activations .* model\.gradient_checkpointing_disable\(\)"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("how", ["full", "vmap", "kronecker", "factored"])
+def test_activation_checkpointing_is_refused_saying_how_to_turn_it_off(reentrant, how):
+    """Was torch's own error (CheckpointError 'Recomputed values ... different metadata', or 'When
+    use_reentrant=True, torch.utils.checkpoint is incompatible with .grad()'), or for use_reentrant=False
+    in full mode hooks and vmap given up for the per-example loop with warnings not saying why (review13
+    ckpt2.py)."""
+    model = Checkpointed(reentrant)
+    kwargs = {
+        "full": {},
+        "vmap": {"layers": ["gain"]},  # vmap fails (a warning), then the per-example loop refuses it
+        "kronecker": {"projection": tracin.Projection(48, seed=1, per_layer=True, kronecker=True)},
+        "factored": {"mode": "factored", "layers": ["inp", "block.0", "out"]},
+    }[how]
+    with pytest.raises(ValueError, match=_CHECKPOINTING):
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **kwargs
+        )
+
+
+_DEVICE_FAILURES = [
+    getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("CUDA error: device-side assert triggered"),
+]
+
+
+@pytest.mark.parametrize("error", _DEVICE_FAILURES, ids=["AcceleratorError", "RuntimeError"])
+@pytest.mark.parametrize("where", ["hooks", "vmap"])
+def test_a_device_failure_is_raised_not_taken_for_a_path_that_cannot_run(monkeypatch, error, where):
+    """Was a warning 'batched hooks given up' (or 'vmap cannot run this model') and the next path run on
+    a device whose context the failure has broken (review11 item 4)."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if where == "hooks":
+        monkeypatch.setattr(HookGradients, "__call__", fail)
+    else:
+        monkeypatch.setattr(per_example, "vmap", lambda *args, **kwargs: fail)
+    model = CustomOp()  # scale: vmap's path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning of a path given up
+        with pytest.raises(type(error), match="CUDA error"):
+            export_gradients(model, [(model.state_dict(), 1.0)], classification_data(4, seed=0), LOSS, progress=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointError
 
 from .data import Tree, batch_rows, call_model
 from .losses import LossFn, check_losses, losses_of, model_caller
@@ -113,10 +114,36 @@ def stream(
     check_losses(losses, rows)
     if sources and losses.requires_grad:
         # the gradients returned are those the taps already handed over: dropped at once
-        torch.autograd.grad(losses.sum(), sources, allow_unused=True)
+        try:
+            torch.autograd.grad(losses.sum(), sources, allow_unused=True)
+        except RuntimeError as e:
+            refuse_checkpointing(e)
+            raise
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))
     return counts
+
+
+def refuse_checkpointing(e: RuntimeError) -> None:
+    """ValueError (from `e`) when `e` is torch.utils.checkpoint refusing per-example autograd: a
+    CheckpointError (use_reentrant=False: the recomputed forward differs from the first, whose calls
+    the capture's hooks changed), or use_reentrant=True's refusal of torch.autograd.grad."""
+    if isinstance(e, CheckpointError) or "torch.utils.checkpoint" in str(e):
+        raise ValueError(
+            "the model checkpoints its activations (torch.utils.checkpoint in its forward), which per-example "
+            "gradients cannot run through; turn it off for the export (it saves memory in training, and the "
+            "export keeps one batch's activations only): e.g. model.gradient_checkpointing_disable() (Hugging "
+            "Face transformers), model.set_grad_checkpointing(False) (timm), or call the checkpointed modules "
+            f"directly ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+
+
+def device_failure(e: BaseException) -> bool:
+    """Whether `e` is a failure of the device itself (out of memory, an illegal memory access, a
+    device-side assert: torch.AcceleratorError, or a RuntimeError 'CUDA error: ...' before torch 2.8),
+    which no other way of computing the same gradients avoids."""
+    accelerator = getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError)
+    return isinstance(e, (torch.cuda.OutOfMemoryError, accelerator)) or str(e).startswith("CUDA error")
 
 
 class _Tap(torch.autograd.Function):
@@ -161,9 +188,9 @@ def probe_forward(model: nn.Module, state: Mapping[str, torch.Tensor], one: Tree
     try:
         with torch.no_grad():
             call_model(model_caller(model, state), one)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError:
+    except RuntimeError as e:
+        if device_failure(e):
+            raise
         restart()
         with torch.enable_grad():
             call_model(model_caller(model, state), one)

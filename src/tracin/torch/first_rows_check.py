@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .capture import probe_forward
+from .capture import device_failure, probe_forward, refuse_checkpointing
 from .data import Tree, slice_rows, tree_map
 from .losses import LossFn, losses_of
 
@@ -42,7 +42,7 @@ def tolerances(dtype: torch.dtype, tokens: int = 1, widened: bool = True, own_ga
     against a reference `widened` to float32 (else one in `dtype` itself); `own_gap`: the largest
     |own-dtype autograd - widened reference| over the largest |reference| of the compared columns."""
     eps = torch.finfo(dtype).eps
-    if not _counts_tokens(dtype, widened):
+    if not counts_tokens(dtype, widened):
         return max(RTOL, eps), max(ATOL, 2 * eps, OWN_FACTOR * own_gap)
     return eps, eps / 4 * math.sqrt(max(tokens, 1))
 
@@ -81,10 +81,10 @@ def tokens_counted(
 ) -> int:
     """tokens_of_one where the tolerance depends on it (a 16-bit reference that was not widened:
     tolerances), else 1 without its forward pass."""
-    return tokens_of_one(model, layers, state, one) if _counts_tokens(reference.dtype, reference.own is not None) else 1
+    return tokens_of_one(model, layers, state, one) if counts_tokens(reference.dtype, reference.own is not None) else 1
 
 
-def _counts_tokens(dtype: torch.dtype, widened: bool) -> bool:
+def counts_tokens(dtype: torch.dtype, widened: bool) -> bool:
     """Whether the tolerance grows with the tokens summed: a 16-bit reference that was not widened."""
     return not widened and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
 
@@ -125,13 +125,18 @@ def example_gradients(
     rows: int,
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
-    order, zeros for an unused parameter), by torch.autograd.grad on that example alone."""
+    order, zeros for an unused parameter), by torch.autograd.grad on that example alone; ValueError for a
+    model checkpointing its activations (capture.refuse_checkpointing)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
         x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
         with torch.enable_grad():
             loss = losses_of(model, {**state, **leaves}, loss_fn, x, y).sum()
-            parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            try:
+                parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            except RuntimeError as e:
+                refuse_checkpointing(e)
+                raise
         # nn.Embedding(sparse=True) gives a sparse gradient
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
 
@@ -170,8 +175,9 @@ def reference_gradients(
         if narrow and not seen and _room_for(narrow):
             try:
                 wide = _widened_gradients(model, state, names, loss_fn, inputs, targets, rows)
-            except RuntimeError:  # torch.cuda.OutOfMemoryError included; the widened copy is freed by now
-                pass
+            except RuntimeError as e:  # torch.cuda.OutOfMemoryError included; the widened copy is freed by now
+                if device_failure(e) and not isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
     dtype = coarsest([*state.values(), *(torch.empty(0, dtype=d) for d in seen)])
     return Reference(own, None, dtype) if wide is None else Reference(wide, own, dtype)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .capture import NotCaptured, bytes_of_one
+from .capture import NotCaptured, bytes_of_one, device_failure
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_counted
 from .hook_gradients import HookGradients
@@ -121,11 +121,9 @@ class PerExampleGradients:
         cannot be trusted."""
         try:
             silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
-        except torch.cuda.OutOfMemoryError:
-            raise
         except (NotCaptured, RuntimeError) as e:
-            if self.checked and not isinstance(e, NotCaptured):
-                raise  # after the first batch a failure is the model's, not the hooks'
+            if device_failure(e) or (self.checked and not isinstance(e, NotCaptured)):
+                raise  # the device's failure, or after the first batch the model's: not the hooks'
             _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return False
         if self.checked:
@@ -179,8 +177,13 @@ class PerExampleGradients:
             try:
                 grads = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
+                if device_failure(e):
+                    raise
+                why = str(e).splitlines()[0]
+                if "saved tensor hooks" in why:  # torch.utils.checkpoint(use_reentrant=False), CPU offloading
+                    why += " (the forward saves tensors through hooks: activation checkpointing or offloading)"
                 warnings.warn(
-                    f"torch.func.vmap cannot run this model ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                    f"torch.func.vmap cannot run this model ({type(e).__name__}: {why}); "
                     "falling back to a slower per-example loop",
                     RuntimeWarning,
                     stacklevel=4,
