@@ -41,7 +41,16 @@ from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows, slice_rows
-from .first_rows_check import Reference, agrees, checked_rows, gap, largest_finite, reference_gradients, tokens_counted
+from .first_rows_check import (
+    Reference,
+    agrees,
+    checked_rows,
+    counts_tokens,
+    gap,
+    largest_finite,
+    reference_gradients,
+    tokens_counted,
+)
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
 from .losses import LossFn
@@ -201,16 +210,20 @@ class KroneckerRows:
             if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap):
                 bad.append(seg)
         if bad:
-            left_out = {n for seg in bad for n in seg.names}
-            keep = [n for n in self._shapes if n not in left_out]
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
-                f"disagree with per-example autograd on the first rows beyond {dtype} rounding "
-                f"({tokens} tokens; first_rows_check.tolerances): a layer mixes the examples of a batch, or its "
+                f"disagree with per-example autograd on the first rows beyond {dtype} rounding ("
+                + (f"{tokens} tokens; " if counts_tokens(dtype, widened) else "")
+                + "first_rows_check.tolerances): a layer mixes the examples of a batch, or its "
                 "weight is also used outside the module's forward. Either export them without kronecker "
                 "(Projection(dim, per_layer=True)), or leave them out: "
-                + (f"layers={keep!r}" if keep else "no other layer is chosen")
+                + self._leaving_out([n for seg in bad for n in seg.names])
             )
+
+    def _leaving_out(self, names: list[str]) -> str:
+        """The layers= of the chosen parameters but `names`, as an error suggests it."""
+        keep = [n for n in self._shapes if n not in names]
+        return f"layers={keep!r}" if keep else "no other layer is chosen"
 
     def _own_gap(self, reference: Reference, j: int, own: list[torch.Tensor], wide: list[torch.Tensor]) -> float:
         """The gap of own-dtype autograd to the widened reference in Kronecker segment j's projected rows
@@ -276,7 +289,18 @@ class KroneckerRows:
         stream(self.model, list(by_module), state, self.loss_fn, inputs, targets, consume)
         if unusable:
             layer, why = next(iter(unusable.items()))
-            raise ValueError(f"projection with kronecker=True: layer {layer!r} cannot be projected per token ({why})")
+            seg = by_module[layer][0]
+            shared = (
+                " (a position embedding shared by the batch is projected per example when called on ids of shape "
+                "(1, T): wpe(pos[None]), not wpe(pos)[None])"
+                if seg.kind == "embedding"
+                else ""
+            )
+            raise ValueError(
+                f"projection with kronecker=True: layer {layer!r} cannot be projected per token ({why}). Call it "
+                f"on batch-first inputs{shared}, export without kronecker (Projection(dim, per_layer=True)), or "
+                f"leave it out: {self._leaving_out(seg.names)}"
+            )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
 
     def _plain(self, state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
