@@ -5,6 +5,7 @@ references: per-example gradients by float64 autograd one unpadded example at a 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -372,8 +373,8 @@ def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
 
 
 class Positioned(TokenModel):
-    """TokenModel plus a learned position embedding shared by the batch: nanoGPT's wpe(arange(T)), called on
-    ids of shape (T,) and broadcast, or on ids of shape (1, T)."""
+    """TokenModel plus a learned position embedding shared by the batch: called on ids of shape (T,) and
+    broadcast (nanoGPT's wpe(arange(T))), or on ids of shape (1, T)."""
 
     def __init__(self, batched: bool):
         super().__init__()
@@ -388,32 +389,41 @@ class Positioned(TokenModel):
         return self.head(h)
 
 
-def test_a_position_embedding_shared_by_the_batch_is_projected_per_example_on_ids_of_shape_1_t():
-    """Called on ids (T,) it cannot be projected per token: the error says what to do (was the shape alone,
-    review13 kron.py); called on ids (1, T) the rows are float64 autograd's projected."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_position_embedding_shared_by_the_batch_is_projected_exactly(batched):
+    """On ids of shape (1, T) it is projected per token; on ids of shape (T,) (was refused, naming the shape
+    alone: review13 kron.py) from its full per-example gradients, one warning saying so; the same layout
+    and float64 autograd's rows either way."""
     torch.manual_seed(0)
-    model = Positioned(batched=False)
+    model = Positioned(batched)
     ids, labels, lengths = sequences(5, 7, seed=1)
+    checkpoints = [
+        (copy.deepcopy(model.state_dict()), 1.0),
+        ({k: v + 0.05 for k, v in model.state_dict().items()}, 0.5),
+    ]
     proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True)
-    with pytest.raises(
-        ValueError,
-        match=r"layer 'pos' cannot be projected per token \(ids of shape \(7,\) .*\)\. Call it on batch-first "
-        r"inputs \(a position embedding shared by the batch is projected per example when called on ids of shape "
-        r"\(1, T\): wpe\(pos\[None\]\), not wpe\(pos\)\[None\]\), export without kronecker \(Projection\(dim, "
-        r"per_layer=True\)\), or leave it out: layers=\['emb.weight', 'fc.weight', .*'head.bias'\]$",
-    ):
-        export_gradients(model, [(model.state_dict(), 1.0)], (ids, labels), token_loss, projection=proj, progress=False)
-    model.batched = True
-    state = model.state_dict()
-    g = export_gradients(
-        model, [(state, 1.0)], (ids, labels), token_loss, projection=proj, batch_size=3, progress=False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(
+            model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=3, progress=False
+        )
+    said = [str(w.message) for w in caught if "without a batch dimension" in str(w.message)]
+    assert said == (
+        []
+        if batched
+        else [
+            "projection with kronecker=True: ['pos'] are called on ids without a batch dimension (shared by the batch "
+            "and broadcast, as wpe(arange(T))); their full per-example gradients are computed (vmap) and projected by "
+            "the same factors, exact but slower: called on ids of shape (1, T), wpe(pos[None]), they are projected "
+            "per token"
+        ]
     )
     layout = g.metadata["projection"]["segments"]
     assert layout[-1] == LayerMatrix(7, WIDTH).to_dict()  # a Kronecker segment like the token embedding
     names = [n for n, _ in model.named_parameters()]
-    assert_rows_close(
-        g.matrices[0], projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
-    )
+    for c, (state, _) in enumerate(checkpoints):
+        want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
+        assert_rows_close(g.matrices[c], want)
 
 
 def test_the_first_rows_check_tolerance_is_relative_to_the_largest_reference_entry():

@@ -10,9 +10,10 @@ O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose outpu
 (padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too)
 of every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input
 side is a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module
-alone. Every other chosen parameter (LayerNorm, tied weights, other layer types, and the out_proj of an
-nn.MultiheadAttention, whose weight the attention reads without running out_proj's forward: one
-warning) is one plain segment: its per-example gradient is computed in full (PerExampleGradients, a
+alone (an embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment,
+projected from its full per-example gradients). Every other chosen parameter (LayerNorm, tied
+weights, other layer types, and the out_proj of an nn.MultiheadAttention, whose weight the attention
+reads without running out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full (PerExampleGradients, a
 second pass) and projected flat. The layout depends on the model's structure and the chosen
 parameters only (train and test exports agree), and is recorded in the metadata. The result equals
 Projection.apply on the full rows with the same layout.
@@ -121,6 +122,7 @@ class KroneckerRows:
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
+        self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids of shape (T,)
 
     # --- what the export records ---
 
@@ -267,18 +269,25 @@ class KroneckerRows:
     def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
         """Per Kronecker segment its (rows, k_rows * k_cols) projected gradients, on the device; each call is
         projected inside the backward pass as soon as its output gradient exists (capture.stream); the
-        output gradients themselves stay held by autograd until the pass ends."""
+        output gradients themselves stay held by autograd until the pass ends. An embedding called on ids
+        without a batch dimension (nanoGPT's wpe(arange(T)), broadcast later: its output gradient is the
+        batch's sum) is projected from its full per-example gradients instead (PerExampleGradients, vmap):
+        the same factors, the same layout, one warning."""
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
             for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True)
         }
         unusable: dict[str, str] = {}
+        unbatched: set[str] = set()
 
         def consume(layer: str, index: int, call: Call) -> None:
-            if layer in unusable:
+            if layer in unusable or layer in unbatched:
                 return
             seg, (p_rows, p_cols) = by_module[layer]
+            if seg.kind == "embedding" and call.input.dim() == 1:
+                unbatched.add(layer)
+                return
             try:
                 a, b = token_form(self._modules[layer], call, rows)
             except NotCaptured as e:  # raised after the pass, not inside autograd's hook
@@ -286,7 +295,13 @@ class KroneckerRows:
                 return
             totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
 
-        stream(self.model, list(by_module), state, self.loss_fn, inputs, targets, consume)
+        streamed = [m for m in by_module if m not in self._unbatched]
+        stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume)
+        self._by_full_gradients(sorted(unbatched - unusable.keys()))
+        for layer, full in self._unbatched.items():
+            seg, (p_rows, p_cols) = by_module[layer]
+            g = full(state, inputs, targets).to(self.dtype).reshape(rows, seg.layer.rows, seg.layer.cols)
+            totals[layer] = p_rows @ g @ p_cols.T
         if unusable:
             layer, why = next(iter(unusable.items()))
             seg = by_module[layer][0]
@@ -302,6 +317,23 @@ class KroneckerRows:
                 f"leave it out: {self._leaving_out(seg.names)}"
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
+
+    def _by_full_gradients(self, layers: list[str]) -> None:
+        """Embeddings `layers`, called on ids of shape (T,), projected from full per-example gradients from
+        now on (one warning)."""
+        if not layers:
+            return
+        for layer in layers:
+            names = next(s.names for s in self.kron if s.module == layer)
+            self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
+        warnings.warn(
+            f"projection with kronecker=True: {layers} are called on ids without a batch dimension (shared by "
+            "the batch and broadcast, as wpe(arange(T))); their full per-example gradients are computed (vmap) "
+            "and projected by the same factors, exact but slower: called on ids of shape (1, T), wpe(pos[None]), "
+            "they are projected per token",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def _plain(self, state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
         """The plain segments: full per-example gradients, preconditioned on the host, projected flat."""
