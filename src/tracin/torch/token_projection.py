@@ -7,16 +7,16 @@ gradient, a: input with a 1 appended for the bias). Its segment of the projected
 
 computed in one batched forward and backward pass (capture.stream, layer_rules) without forming G_i:
 O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose output gradient is zero
-(padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too)
-of every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input
-side is a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module
-alone (an embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment,
-projected from its full per-example gradients). Every other chosen parameter (LayerNorm, tied
-weights, other layer types, and the out_proj of an nn.MultiheadAttention, whose weight the attention
-reads without running out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full (PerExampleGradients, a
-second pass) and projected flat. The layout depends on the model's structure and the chosen
-parameters only (train and test exports agree), and is recorded in the metadata. The result equals
-Projection.apply on the full rows with the same layout.
+(padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too) of
+every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is
+a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module alone (an
+embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment, projected from its
+full per-example gradients). Every other chosen parameter (LayerNorm, tied weights, other layer types,
+and the out_proj of an nn.MultiheadAttention, whose weight the attention reads without running
+out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full
+(PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and
+the chosen parameters only (train and test exports agree), and is recorded in the metadata. The result
+equals Projection.apply on the full rows with the same layout.
 
 preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
 columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint; plain
