@@ -3,6 +3,7 @@ the digests of in-memory checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch_oracle import classification_data, mlp, train_checkpoints
 
 from interrupts import ctrl_c_on_call
@@ -21,6 +23,7 @@ from tracin._export.driver import _Loop
 from tracin._export.fingerprint import callable_identity, digest_arrays
 from tracin.torch import export_gradients
 from tracin.torch.checkpoints import (
+    FreshBuffers,
     legacy_state_digest,
     load_checkpoint,
     parse_checkpoints,
@@ -451,3 +454,51 @@ def test_a_tied_weight_written_in_place_is_copied_under_the_name_it_is_loaded_by
         torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
     again = export_gradients(model, [(given, 1.0)], (ids, targets), LOSS, progress=False)
     np.testing.assert_array_equal(again.matrices[0], first.matrices[0])
+
+
+class _RunningMean(nn.Module):
+    """A forward that updates buffers in place after using them (a running mean, a call counter), as
+    an EMA or a fake-quantization observer does."""
+
+    def __init__(self, running_mean: bool):
+        super().__init__()
+        self.running_mean = running_mean  # else only the counter: torch.func.vmap runs it
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("mean", torch.randn(4))
+
+    def forward(self, x):
+        out = self.lin(x - self.mean) * (1 + self.calls)
+        self.calls += 1
+        if self.running_mean:
+            self.mean.mul_(0.5).add_(x.detach().mean(0))
+        return out
+
+
+def test_fresh_buffers_sets_written_buffers_back_before_each_forward_and_at_exit():
+    torch.manual_seed(0)
+    model = _RunningMean(running_mean=True)
+    own = copy.deepcopy(model.state_dict())
+    given = {
+        "lin.weight": torch.randn(3, 4),
+        "lin.bias": torch.randn(3),
+        "calls": torch.ones(()),
+        "mean": torch.randn(4),
+    }
+    kept = copy.deepcopy(given)
+    x = torch.randn(5, 4)
+    twin = _RunningMean(running_mean=True)
+    twin.load_state_dict(kept)
+    want = twin(x)  # the first forward from the checkpoint's buffers
+    with FreshBuffers(model) as buffers:
+        before = model(x)
+        assert torch.equal(model(x), before) and not torch.equal(model.mean, own["mean"])  # written, then set back
+        buffers.keep(given)
+        for _ in range(3):
+            torch.testing.assert_close(functional_call(model, given, (x,)), want, rtol=0, atol=0)
+        weight = given["lin.weight"]
+        assert weight._version == 0  # not written: neither copied nor set back
+    for k in kept:  # set back in place at exit: the same tensors, their values as given
+        torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
+        torch.testing.assert_close(model.state_dict()[k], own[k], rtol=0, atol=0)
+    assert model._forward_pre_hooks == {}

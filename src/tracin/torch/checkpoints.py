@@ -388,6 +388,56 @@ def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in written)
 
 
+class FreshBuffers:
+    """A context in which every forward of `model` starts from the buffers as loaded: a forward that
+    changes a buffer in place (a running statistic, a call counter, a fake-quantization observer) does
+    so for itself alone, so no pass (a check, a batch, an example) sees another's change. Those kept:
+    the model's own buffers, from entry, and a checkpoint's (keep), until the next is kept; all are as
+    they were at exit, the caller's in-memory checkpoints included. A buffer is restored only when its
+    version counter says it was written: no copy and no device sync otherwise."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        self._own: list[list] = []
+        self._loaded: list[list] = []
+
+    def __enter__(self) -> FreshBuffers:
+        self._own = _kept(self.model.buffers())
+        self._hook = self.model.register_forward_pre_hook(lambda *_: self.restore())
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._hook.remove()
+        self.restore()
+        self._own = self._loaded = []
+
+    def keep(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Keep the buffers of a loaded checkpoint (`state`, keyed like the model's state_dict), those of
+        the previous one set back as loaded."""
+        self.restore()
+        self._loaded = _kept(t for name, t in state.items() if name in self.names)
+
+    def restore(self) -> None:
+        """Every kept buffer written since it was kept (or last restored) set back to its value then."""
+        with torch.no_grad():
+            for entry in (*self._own, *self._loaded):
+                tensor, version, value = entry
+                if tensor._version != version:
+                    tensor.copy_(value)
+                    entry[1] = tensor._version
+
+
+def _kept(tensors: Any) -> list[list]:
+    """[tensor, version counter, copy] of each tensor but inference tensors (which have no version
+    counter and cannot be written outside inference mode)."""
+    kept = []
+    for t in tensors:
+        if not t.is_inference():
+            kept.append([t, t._version, t.detach().clone()])
+    return kept
+
+
 def load_checkpoint(
     source: Any,
     index: int,
