@@ -52,6 +52,36 @@ def test_every_instruction_set_is_exact(rng, isa):
     assert_close_to_exact(got, test, train, w)
 
 
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+@pytest.mark.parametrize(("w", "test_scale", "train_scale"), [(1e-30, 1e-12, 1e25), (1e45, 1e-6, 1e-6)])
+def test_weights_far_from_one_keep_the_bound(rng, isa, w, test_scale, train_scale):
+    """Every score is a normal float32, but w x test rows is subnormal (1e-42) or overflows (1e39):
+    the kernel packed float32(w x row), 32x over the bound, or refused as 'influence overflowed'
+    (review12 t20); it packs w / 2^e, scaling each tile by 2^e."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    test = [(rng.standard_normal((3, 16)) * test_scale).astype(np.float32)]
+    train = [(rng.standard_normal((20, 16)) * train_scale).astype(np.float32)]
+    sides = tracin.Gradients(test, [w]).kernel_side(), tracin.Gradients(train, [w]).kernel_side()
+    got = _core.scores(*sides, [w], isa=isa)
+    assert_close_to_exact(got, test, train, [w])
+    values, indices, _, _ = _core.top_k(*sides, [w], 4, 0, isa=isa)
+    np.testing.assert_array_equal(values, np.take_along_axis(got, indices, 1))
+
+
+def test_scaling_the_weight_by_a_power_of_two_scales_the_scores_exactly(rng):
+    """Weights are packed divided by a power of two and the tile multiplied back: exact, so scaling
+    the weight by 2^j scales every score by 2^j, bit for bit, with or without cosine normalisation
+    (the kernel packed float32(w x row): subnormal at 2^-130, not the same bits)."""
+    test, train = rng.standard_normal((7, 40), dtype=np.float32), rng.standard_normal((50, 40), dtype=np.float32)
+    side = lambda x: tracin.Gradients([x]).kernel_side()  # noqa: E731
+    for normalize in (0, 1):
+        base = _core.scores(side(test), side(train), [0.3], normalize=normalize)
+        for j in (-130, -60, -3, 5, 70, 100):  # 2^-130: subnormal scores, rounded once
+            scaled = _core.scores(side(test), side(train), [0.3 * 2.0**j], normalize=normalize)
+            np.testing.assert_array_equal(scaled, base * np.float32(2.0**j))
+
+
 def test_auto_resolves_to_the_detected_instruction_set():
     assert _core.resolve_isa("auto") == _core.detect_isa() == tracin.detect_isa()
     assert not missing_cpu_features(_core.detect_isa())

@@ -106,6 +106,11 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // Test rows of one pass, scaled by the checkpoint weights (and, for cosine scores, by each row's
 // inverse norm per run of checkpoints) and laid out as panels of nr lanes: block b, slice s,
 // panel p holds kc x nr floats, lane = test row within the panel.
+// The weights are packed as w_c * 2^-e, e = exponent() the binary exponent of the largest |w_c|
+// (so the largest is in [1, 2)), and each tile is multiplied by 2^e once computed: scaling by a
+// power of two is exact, so the scores are the same bits as packing w_c itself, but a weight far
+// from 1 (1e-30, 1e45) cannot push the packed rows out of float32's range (to subnormals or
+// infinity) while the scores themselves are normal floats.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
@@ -116,6 +121,9 @@ class PackedTest {
               std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
               const std::atomic<bool>* cancel) {
     InverseNorms(kernels, test, begin, count, normalize);
+    double largest = 0.0;
+    for (double w : weights) largest = std::max(largest, std::fabs(w));
+    exponent_ = largest > 0.0 ? std::ilogb(largest) : 0;
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -130,7 +138,7 @@ class PackedTest {
     const int workers = total * sizeof(float) >= kParallelPackBytes ? threads : 1;
     const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
       const auto b = static_cast<std::size_t>(task / panels);
-      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b), ScalesOf(test, b, normalize), begin,
+      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b, exponent_), ScalesOf(test, b, normalize), begin,
                      count, task % panels, nr)) {
         finite = false;
         stop = true;
@@ -144,16 +152,19 @@ class PackedTest {
     return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
   }
   std::int64_t lanes() const { return lanes_; }
+  // The binary exponent e the packed weights were divided by (2^-e): tiles are multiplied by 2^e.
+  int exponent() const { return exponent_; }
 
  private:
   float* SliceMutable(std::size_t block, std::int64_t slice) {
     return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
   }
 
-  // Weights go on the left factor (or the whole gradient) of each checkpoint.
-  static double WeightOf(const GradientSide& test, const std::vector<double>& weights, std::size_t b) {
-    if (!test.factored) return weights[b];
-    return b % 2 == 0 ? weights[b / 2] : 1.0;
+  // Weights, times 2^-exponent, go on the left factor (or the whole gradient) of each checkpoint.
+  static double WeightOf(const GradientSide& test, const std::vector<double>& weights, std::size_t b,
+                         int exponent) {
+    if (test.factored && b % 2 == 1) return 1.0;
+    return std::ldexp(weights[test.factored ? b / 2 : b], -exponent);
   }
 
   // Cosine scores: inverse norms of the pass's rows per run of `normalize` checkpoints, row-major
@@ -213,6 +224,7 @@ class PackedTest {
   AlignedFloats data_;
   std::vector<std::size_t> offsets_;
   std::int64_t lanes_ = 0;
+  int exponent_ = 0;
   std::vector<double> scales_;  // InverseNorms
   std::size_t runs_ = 0;
 };
@@ -339,10 +351,12 @@ class TileProducer {
     std::uint32_t flags = 0;
     for (std::int64_t j = 0; j < rows; ++j) {
       float* row = s.tile.data() + j * ldc;
+      if (!scale_in_check) UndoWeightExponent(row, test_count);
       if (scale_in_check) {  // the epilogue of the single run, in the same loop
         const float scale = s.scales[static_cast<std::size_t>(j)];
+        for (std::int64_t r = 0; r < test_count; ++r) row[r] *= scale;
+        UndoWeightExponent(row, test_count);
         for (std::int64_t r = 0; r < test_count; ++r) {
-          row[r] *= scale;
           std::uint32_t bits;
           std::memcpy(&bits, row + r, sizeof bits);
           flags |= (bits & 0x7f800000u) + 0x00800000u;
@@ -364,6 +378,20 @@ class TileProducer {
   struct NextTile {
     std::int64_t begin, rows;
   };
+
+  // Multiplies `count` scores by 2^packed_.exponent(), rounding once (a float multiply by a power
+  // of two is exact unless the result is subnormal or overflows, and then rounds as the score's own
+  // float32 rounding would); nothing for the usual exponent 0 (largest weight in [1, 2)).
+  void UndoWeightExponent(float* row, std::int64_t count) const {
+    const int e = packed_.exponent();
+    if (e == 0) return;
+    if (e >= -126 && e <= 127) {
+      const float factor = std::ldexp(1.0f, e);
+      for (std::int64_t r = 0; r < count; ++r) row[r] *= factor;
+    } else {
+      for (std::int64_t r = 0; r < count; ++r) row[r] = std::ldexp(row[r], e);
+    }
+  }
 
   // The epilogue of a run of checkpoints summed into `sum` (the tile itself for the first run):
   // row j of the tile gets row j of `sum` times the inverse norm of train row j over the run.

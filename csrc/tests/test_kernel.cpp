@@ -102,6 +102,68 @@ void TestScoresAndDeterminism() {
   }
 }
 
+// Weights far from 1 whose products with the test rows leave float32's normal range (1e-30 x 1e-12
+// is subnormal, 1e45 x 1e-6 overflows) while every score is a normal float: within the bound of the
+// float64 scores, full and factored (the weight on the left factor, cosine too), Scores and TopK,
+// every instruction set. The kernel packs w * 2^-e and scales each tile by 2^e.
+void TestWeightsFarFromOne() {
+  struct Case {
+    double w, test_scale, train_scale;
+  };
+  for (const Case& c : {Case{1e-30, 1e-12, 1e25}, Case{1e45, 1e-6, 1e-6}}) {
+    std::mt19937 rng(11);
+    std::vector<Matrix> test = {Random(5, 40, rng)}, train = {Random(30, 40, rng)};
+    for (float& v : test[0].data) v *= static_cast<float>(c.test_scale);
+    for (float& v : train[0].data) v *= static_cast<float>(c.train_scale);
+    const std::vector<double> w = {c.w};
+    std::vector<double> exact, bound;
+    Reference(test, train, w, &exact, &bound);
+    char name_buf[64];
+    std::snprintf(name_buf, sizeof name_buf, "weight %g, isa ", c.w);
+    const std::string name = name_buf;
+    for (tracin::Isa isa : tracin_test::RunnableIsas("WeightsFarFromOne")) {
+      tracin::Options o;
+      o.isa = isa;
+      std::vector<float> out(exact.size());
+      tracin::Status s = tracin::Scores(Full(test), Full(train), w, out.data(), o);
+      Check(s.ok(), name + tracin::IsaName(isa) + ": Scores ok: " + s.message);
+      bool close = true;
+      for (std::size_t i = 0; i < out.size(); ++i) close = close && std::abs(out[i] - exact[i]) <= bound[i];
+      Check(close, name + tracin::IsaName(isa) + ": Scores within the scale-aware bound");
+      std::vector<float> values(5 * 3);
+      std::vector<std::int64_t> indices(values.size());
+      tracin::TopKOutput top;
+      top.proponent_values = values.data();
+      top.proponent_indices = indices.data();
+      s = tracin::TopK(Full(test), Full(train), w, 3, tracin::Side::kProponents, top, o);
+      Check(s.ok(), name + tracin::IsaName(isa) + ": TopK ok: " + s.message);
+      bool same = s.ok();
+      for (std::size_t i = 0; same && i < values.size(); ++i)
+        same = values[i] == out[static_cast<std::size_t>(i / 3 * 30 + indices[i])];
+      Check(same, name + tracin::IsaName(isa) + ": TopK values are the Scores of their indices");
+      // Factored: the left factor carries the weight; a right factor of ones (width 1) keeps the scores.
+      Matrix ones_t{5, 1, std::vector<float>(5, 1.0f)}, ones_x{30, 1, std::vector<float>(30, 1.0f)};
+      tracin::GradientSide ft, fx;
+      ft.factored = fx.factored = true;
+      ft.blocks = {test[0].View(), ones_t.View()};
+      fx.blocks = {train[0].View(), ones_x.View()};
+      std::vector<float> factored(out.size());
+      s = tracin::Scores(ft, fx, w, factored.data(), o);
+      Check(s.ok() && factored == out, name + tracin::IsaName(isa) + ": factored scores equal the full ones");
+      if (c.w > 1.0) continue;  // cosine scores of weight 1e45 are beyond float32
+      o.normalize = 1;
+      s = tracin::Scores(Full(test), Full(train), w, out.data(), o);
+      close = s.ok();
+      for (std::int64_t i = 0; close && i < 5; ++i)
+        for (std::int64_t j = 0; j < 30; ++j) {
+          const double cosine = c.w * Dot(test[0], i, train[0], j) / (Norm(test[0], i) * Norm(train[0], j));
+          close = close && std::abs(out[static_cast<std::size_t>(i * 30 + j)] - cosine) <= 1e-5 * std::abs(c.w);
+        }
+      Check(close, name + tracin::IsaName(isa) + ": cosine scores within the bound: " + s.message);
+    }
+  }
+}
+
 void TestTopK() {
   std::mt19937 rng(2);
   const std::vector<Matrix> test = {Random(5, 33, rng)};
@@ -474,6 +536,7 @@ void TestDefaultThreadsFollowAffinity() {
 int main() {
   std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
   TestScoresAndDeterminism();
+  TestWeightsFarFromOne();
   TestTopK();
   TestHalfPrecisionAndFactored();
   TestSelfInfluenceAndAggregate();
