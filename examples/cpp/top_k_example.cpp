@@ -1,7 +1,8 @@
 // Scores two small deterministic gradient sets with the tracin C++ kernel and prints, for every test
 // row, its k strongest proponents (training rows) as "row: index:value index:value ...".
 //
-// Usage: top_k_example [k [num_threads]]   (defaults: k = 5, num_threads = 0, i.e. all cores)
+// Usage: top_k_example [k [num_threads]]   (defaults: k = 5, num_threads = 0, i.e. all cores;
+// k at most the 500 train rows, num_threads at most 4096)
 //
 // The gradients come from a 64-bit linear congruential generator so that check_against_python.py
 // can rebuild them exactly: 2 checkpoints of widths 48 and 80 with learning rates 0.1 and 0.05,
@@ -20,6 +21,7 @@ constexpr std::int64_t kTestRows = 6;
 constexpr std::int64_t kTrainRows = 500;
 const std::vector<std::int64_t> kWidths = {48, 80};
 const std::vector<double> kLearningRates = {0.1, 0.05};
+constexpr std::int64_t kMaxThreads = 4096;  // as tracin.top_k's num_threads
 
 // Knuth's MMIX LCG; the top 24 bits of the state become a float in [-1, 1).
 class Lcg {
@@ -54,7 +56,7 @@ tracin::GradientSide View(const std::vector<std::vector<float>>& matrices, std::
   return side;
 }
 
-std::int64_t ParseArgument(const char* text, const char* name, std::int64_t min_value) {
+std::int64_t ParseArgument(const char* text, const char* name, std::int64_t min_value, std::int64_t max_value) {
   std::size_t used = 0;
   std::int64_t value = 0;
   try {
@@ -62,9 +64,9 @@ std::int64_t ParseArgument(const char* text, const char* name, std::int64_t min_
   } catch (const std::exception&) {
     used = 0;
   }
-  if (used == 0 || text[used] != '\0' || value < min_value) {
-    throw std::invalid_argument(std::string(name) + " must be an integer >= " + std::to_string(min_value) +
-                                ", got '" + text + "'");
+  if (used == 0 || text[used] != '\0' || value < min_value || value > max_value) {
+    throw std::invalid_argument(std::string(name) + " must be an integer from " + std::to_string(min_value) +
+                                " to " + std::to_string(max_value) + ", got '" + text + "'");
   }
   return value;
 }
@@ -76,8 +78,8 @@ int main(int argc, char** argv) {
   tracin::Options options;
   try {
     if (argc > 3) throw std::invalid_argument("usage: top_k_example [k [num_threads]]");
-    if (argc > 1) k = ParseArgument(argv[1], "k", 1);
-    if (argc > 2) options.num_threads = static_cast<int>(ParseArgument(argv[2], "num_threads", 0));
+    if (argc > 1) k = ParseArgument(argv[1], "k", 1, kTrainRows);  // TopK takes at most the train rows
+    if (argc > 2) options.num_threads = static_cast<int>(ParseArgument(argv[2], "num_threads", 0, kMaxThreads));
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 2;

@@ -41,7 +41,11 @@ enum class Side : int { kProponents = 0, kOpponents = 1, kBoth = 2 };
 enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
 
 struct Options {
-  int num_threads = 0;           // 0: every CPU the process may run on (its affinity mask)
+  // Kernel threads, started per call. 0 or negative: every CPU the process may run on (its
+  // affinity mask). A positive count is used as given, even above the CPUs (the Python package
+  // caps it at them): each thread holds its own scratch tiles and, for TopK, candidate buffers
+  // (TopK's doc), so threads beyond the cores cost memory and time and gain nothing.
+  int num_threads = 0;
   std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
   std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
   Isa isa = Isa::kAuto;
