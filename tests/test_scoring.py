@@ -608,6 +608,61 @@ def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng):
     assert pieces(4.9e11, 1) == 20
 
 
+def test_a_bar_cuts_top_k_into_no_more_pieces_than_their_merges_allow(rng):
+    """progress=True cut the train side into up to 100 pieces whatever k, each re-sorting the (m, 2k)
+    running candidates: 179 s at k=5e4, m=16, n=2e6 against 3.2 s in one call (review12 t17)."""
+    from tracin.scoring import _MIN_PIECE_ROWS, _Loop
+
+    test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (16, 40 * _MIN_PIECE_ROWS))
+
+    def pieces(k, macs=16 * 40 * _MIN_PIECE_ROWS * 64, progress=True):
+        with _Loop(test, train, progress, macs, "t", threads=2, top_k=(k, 2), timed=True) as run:
+            return len(run.pieces)
+
+    assert pieces(5) == 40  # small k: pieces of _MIN_PIECE_ROWS rows, the bar moves
+    assert pieces(50_000) == 1  # 3.2e6 candidates merged per extra piece (about 1 s) on 0.01 s of work
+    # 40 s of estimated work (2 threads): merges of about 1 s each within a quarter of it.
+    assert pieces(50_000, macs=2e12) == 11
+    with _Loop(None, train, True, 0, "t") as run:  # no merges: as before
+        assert len(run.pieces) == 40
+
+
+def test_top_k_with_a_bar_and_large_k_is_one_kernel_call(rng, monkeypatch):
+    from tracin.backends.cpu import CpuBackend
+    from tracin.scoring import _MIN_PIECE_ROWS
+
+    calls = []
+    top_k = CpuBackend.top_k
+    monkeypatch.setattr(CpuBackend, "top_k", lambda *a, **kw: calls.append(1) or top_k(*a, **kw))
+    test = np.round(rng.standard_normal((16, 3))).astype(np.float32)  # exact scores, many ties
+    train = np.round(rng.standard_normal((3 * _MIN_PIECE_ROWS + 5, 3))).astype(np.float32)
+    shown = tracin.top_k(test, train, k=6000, side="both", progress=True)
+    assert len(calls) == 1  # was 4 pieces of 4,096 rows
+    dense = to_float64(test) @ to_float64(train).T
+    for got, side in zip(shown, ("proponents", "opponents"), strict=True):
+        values, order = reference_topk(dense, 6000, side)
+        np.testing.assert_array_equal(got.indices, order)
+        np.testing.assert_array_equal(got.values, values)
+
+
+def test_scores_returns_the_backends_array_without_a_copy(rng, monkeypatch):
+    """One pair: the kernel's (m, n) array is the result; the loop copied it into a second (m, n)
+    array, doubling the peak (review12 t13: 486 MiB for a 244 MiB result)."""
+    from tracin.backends.cpu import CpuBackend
+
+    returned = []
+    scores = CpuBackend.scores
+    monkeypatch.setattr(CpuBackend, "scores", lambda *a, **kw: returned.append(scores(*a, **kw)) or returned[-1])
+    test, train = random_set(rng, 5, [3, 2]), random_set(rng, 40, [3, 2])
+    got = tracin.scores(test, train, progress=False)
+    assert len(returned) == 1 and got is returned[0]
+    assert_close_to_exact(got, test, train, [1.0, 1.0])
+    monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", 7)
+    pieced = tracin.scores(test, train, progress=True)  # pieces: copied into one result
+    assert len(returned) > 2 and pieced.dtype == np.float32
+    np.testing.assert_array_equal(pieced, got)
+
+
 def test_automatic_pieces_leave_results_unchanged(rng, monkeypatch):
     import tracin.scoring
     from tracin.backends.cpu import CpuBackend

@@ -288,7 +288,8 @@ class _Loop:
     least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
     _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
     call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
-    _MIN_PIECE_ROWS rows so that the bar moves; below it, for `timed` calls (the CPU kernel on
+    _MIN_PIECE_ROWS rows so that the bar moves (for top_k, fewer when merging large k's candidates
+    would cost more than _bar_steps allows); below it, for `timed` calls (the CPU kernel on
     `threads` threads, 0: all it may use) estimated to outlast the delay, into the fewer pieces
     _auto_steps allows, else none: the bar moves once per train chunk (a store's row_chunks()).
     Results do not depend on the cut. test None: train pieces only (self-influence). top_k: (k,
@@ -321,8 +322,10 @@ class _Loop:
         self.test_chunks = [(0, 0)] if test is None else _chunks(test, test_rows)
         self.pieces = _chunks(train)
         steps = _BAR_STEPS if progress else 1
+        merged = 0 if top_k is None or test is None else test.n_rows * 2 * min(top_k[0], train.n_rows) * top_k[1]
+        if progress and merged:
+            steps = min(steps, _bar_steps(macs, threads or usable_cores(), merged))
         if progress is None and timed and tqdm_installed():
-            merged = 0 if top_k is None or test is None else test.n_rows * 2 * min(top_k[0], train.n_rows) * top_k[1]
             steps = _auto_steps(macs, threads or usable_cores(), merged)
         if steps > 1 and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
@@ -389,6 +392,24 @@ class _Loop:
             f"float32, {32 * width / 2**20:,.0f} MiB here, besides the result); project the gradients "
             "to fewer dims first (tracin.Projection), or free memory"
         )
+
+
+_BAR_MERGE_SHARE = 0.25
+"""With a bar (progress=True, or automatic for long work), top_k's train pieces are as many as keep the
+estimated cost of merging their candidates (_MERGE_S each) within this share of the call's estimated
+kernel time (_AUTO_RATE), or within _BAR_MERGE_S, whichever is more: each extra piece re-sorts the
+(m, 2k) running candidates per side, so at k=5e4, m=16, n=2e6 (review12 t17) 100 pieces took 179 s
+against 3.2 s in one call."""
+
+_BAR_MERGE_S = 0.05
+"""...seconds of merges a bar may always add (small k: the bar moves in up to _BAR_STEPS steps)."""
+
+
+def _bar_steps(macs: float, threads: int, merged: int) -> int:
+    """Train pieces for a top_k call with a bar over `macs` multiply-adds on `threads` kernel threads,
+    each extra piece merging `merged` candidates (_BAR_MERGE_SHARE), up to _BAR_STEPS."""
+    budget = max(_BAR_MERGE_SHARE * macs / (_AUTO_RATE * threads), _BAR_MERGE_S)
+    return max(1, min(_BAR_STEPS, 1 + int(budget / (_MERGE_S * merged))))
 
 
 def _auto_steps(macs: float, threads: int, merged: int) -> int:
@@ -460,14 +481,20 @@ def scores(
     run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
-    out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
+    out = None
     macs, timed = test.n_rows * train.n_rows * _width(train), backend.name == "cpu"
     cut = _device_test_rows(backend, test, run)
     with _Loop(test, train, progress, macs, "tracin scores", threads=threads, timed=timed, test_rows=cut) as loop:
+        single = len(loop.test_chunks) == len(loop.pieces) == 1
         for p in loop.pairs():
-            out[p.test_rows, p.train_rows] = backend.scores(
-                p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
-            )
+            part = backend.scores(p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache)
+            if single:  # the backend's fresh (m, n) array is the result: no second (m, n) matrix
+                out = part
+            else:
+                if out is None:
+                    out = np.empty((test.n_rows, train.n_rows), dtype=np.float32)
+                out[p.test_rows, p.train_rows] = part
+    assert out is not None and out.dtype == np.float32 and out.shape == (test.n_rows, train.n_rows)
     return out
 
 
