@@ -154,6 +154,39 @@ def test_parameter_names_of_a_wrapped_or_compiled_model_are_matched_without_the_
     np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
+def test_a_trainer_decay_split_is_taken_once_named_as_the_refusal_says():
+    """A transformers Trainer's optimizer.pt (two unnamed groups: decay, no decay) was refused with no way
+    to name its parameters; the refusal's recipe names them with the Trainer's own rule."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))  # self is not used
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [  # as Trainer.create_optimizer builds them
+        {"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=0.05, betas=(0.85, 0.99), eps=1e-6)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"2 param groups .*trainer.get_decay_parameter_names\(model\)"):
+        export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the refusal's recipe
+    opt_state["param_groups"][0]["param_names"] = [n for n in names if n in decay]
+    opt_state["param_groups"][1]["param_names"] = [n for n in names if n not in decay]
+    got = export_gradients(model, [(state, 0.05, opt_state)], (x, y), _loss, preconditioner="adam", progress=False)
+    owner = {n: i for grp in opt_state["param_groups"] for n, i in zip(grp["param_names"], grp["params"], strict=True)}
+    v = np.concatenate([opt_state["state"][owner[n]]["exp_avg_sq"].double().numpy().reshape(-1) for n in names])
+    step = float(opt_state["state"][0]["step"])
+    expected = _adam(_reference_grads(model, state, x, y), {"v": v, "step": step, "b2": 0.99, "eps": 1e-6})
+    np.testing.assert_allclose(got.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+
 def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match():
     model, checkpoints, data = _trained()
     opt_state = copy.deepcopy(checkpoints[0][2])

@@ -110,9 +110,10 @@ class OptimizerState:
     optimizer must have been built over the model's parameters in `model.named_parameters()` order
     (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
     param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
-    checked. betas and eps come from each parameter's group, the step count from its state. States
-    whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters
-    in groups of different learning rates.
+    checked (the refusal says how to add the names to a saved state, a transformers Trainer's too).
+    betas and eps come from each parameter's group, the step count from its state. States whose steps
+    are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters in groups of
+    different learning rates.
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -219,7 +220,12 @@ class OptimizerState:
             raise ValueError(
                 f"{self.where} has {len(groups)} param groups and no parameter names (param_names): "
                 f"its parameters would be matched by position, and the order of several groups cannot be checked"
-                f"{_NAMED_HINT}"
+                f"{_NAMED_HINT}; or name the parameters of a saved state: load it (torch.load) and give each "
+                "param group 'param_names', the names of its 'params' in their order. A transformers Trainer's "
+                "optimizer.pt holds its decay / no-decay split: decay = set(trainer.get_decay_parameter_names("
+                "model)); names = [n for n, p in model.named_parameters() if p.requires_grad]; "
+                "state['param_groups'][0]['param_names'] = [n for n in names if n in decay]; "
+                "state['param_groups'][1]['param_names'] = [n for n in names if n not in decay]"
             )
         names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
         if names is None:
