@@ -20,6 +20,7 @@ from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._validate import positive_int
 from .checkpoints import (
+    FreshBuffers,
     legacy_state_digest,
     load_checkpoint,
     parse_checkpoints,
@@ -64,14 +65,18 @@ def export_gradients(
     """Per-example gradients of `loss_fn` at every checkpoint, as TracIn needs them.
 
     model: the nn.Module; it is run in eval mode with each checkpoint's tensors swapped in, and is
-        left exactly as it was (weights, train/eval flags, requires_grad). It runs on the device of
-        its parameters under torch's settings as they are: on a GPU, cuDNN convolutions use TF32 by
-        default (relative errors near 1e-3); set torch.backends.cudnn.allow_tf32 = False (and keep
-        float32 matmul precision "highest") for float32 gradients.
+        left exactly as it was (weights, buffers, train/eval flags, requires_grad). Every forward
+        starts from the checkpoint's buffers: one that changes a buffer in place (a running
+        statistic, a counter) changes it for itself alone (tracin.torch.checkpoints.FreshBuffers).
+        It runs on the device of its parameters under torch's settings as they are: on a GPU, cuDNN
+        convolutions use TF32 by default (relative errors near 1e-3); set
+        torch.backends.cudnn.allow_tf32 = False (and keep float32 matmul precision "highest") for
+        float32 gradients.
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (files with
         torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
-        from their first name); a DataParallel "module." prefix is removed. An entry may be
+        from their first name); DataParallel's "module." and torch.compile's "_orig_mod." prefixes
+        are removed, and a file that cannot be read is a ValueError naming it. An entry may be
         (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner.
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
         over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs and targets a
@@ -150,9 +155,9 @@ def export_gradients(
     # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
     options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
 
-    with _evaluating(model):
+    with _evaluating(model), FreshBuffers(model) as buffers:
         kron = (projection, entries, preconditioner) if kronecker else None
-        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, kron)
+        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, buffers, kron)
         if kronecker:
             return export(framework, entries, options, framework.compute_rows.recorded())
         return export(framework, entries, options, row_transforms(projection, framework.segments))
@@ -194,9 +199,10 @@ class _TorchExport:
         mode: str,
         data: Any,
         batch_size: int | None,
+        buffers: FreshBuffers,
         kronecker: tuple | None = None,
     ):
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.buffers = model, loss_fn, buffers
         self.reference = model.state_dict()
         self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
         self.tied = tied_aliases(model)
@@ -270,6 +276,7 @@ class _TorchExport:
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
         state = load_checkpoint(source, index, self.reference, skip=self.tied, written=self.written)
+        self.buffers.keep(state)  # each forward starts from the checkpoint's buffers
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.begin(index)
         return state
