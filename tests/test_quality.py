@@ -20,7 +20,8 @@ pytest.importorskip("matplotlib")
 
 from benchmarks.quality import __main__ as quality_main  # noqa: E402
 from benchmarks.quality import config, data, methods, metrics, report, run, subsets  # noqa: E402
-from benchmarks.quality.training import Checkpoint, Trajectory  # noqa: E402
+from benchmarks.quality.training import Checkpoint, Trajectory, train  # noqa: E402
+from benchmarks.quality.training import test_losses as losses_of  # noqa: E402  (not collected as a test)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -111,12 +112,38 @@ def test_checkpoint_choices_are_made_on_the_validation_rows_not_the_test_rows(mo
         raise Trained  # what was passed is all this test needs
 
     monkeypatch.setattr(run, "train", spy)
-    monkeypatch.setattr(run, "subset_models", lambda *args: (None, None, True))
+    monkeypatch.setattr(run, "subset_models", lambda *args: (None, None, None, True))
     with pytest.raises(Trained):
         run.detection("wine", split, config.QUICK, log=lambda s: None)
     with pytest.raises(Trained):
         run.lds(split, config.QUICK, CHECKOUT, log=lambda s: None)
     assert len(seen) == 2 and all(x is split.x_val and y is split.y_val for x, y in seen)
+
+
+def test_a_sweep_is_chosen_on_the_validation_rows_and_reported_on_the_test_rows(monkeypatch):
+    """Setting 1 attributes the test rows exactly and the validation rows reversed, setting 2 the other
+    way round: the validation rows choose 2, and its test LDS (-1) is what is reported."""
+    split, n_test = data.load("wine"), config.QUICK.lds_test
+    rng = np.random.default_rng(4)
+    truth_test = rng.standard_normal((n_test, len(split.x_train)))
+    truth_val = rng.standard_normal((len(split.x_val), len(split.x_train)))
+    masks = rng.random((12, len(split.x_train))) < 0.5
+    monkeypatch.setattr(
+        run, "subset_models", lambda *args: (masks, 1.0 - masks @ truth_test.T, 1.0 - masks @ truth_val.T, True)
+    )
+
+    def fn(case, value):
+        assert len(case.x_test) == n_test + len(split.x_val)
+        sign = 1.0 if value == 1.0 else -1.0
+        return np.concatenate([sign * truth_test, -sign * truth_val])
+
+    monkeypatch.setattr(methods, "ATTRIBUTORS", {})
+    monkeypatch.setattr(methods, "SWEEPS", {"test sweep": methods.Sweep("s", (1.0, 2.0), fn)})
+    result = run.lds(split, config.QUICK, CHECKOUT, log=lambda s: None)
+    sweep = result["sweeps"]["test sweep"]
+    assert sweep["chosen"] == 2.0 and sweep["validation"] == pytest.approx([-1.0, 1.0])
+    assert sweep["test"] == pytest.approx([1.0, -1.0])
+    assert result["methods"]["test sweep"]["mean"] == pytest.approx(-1.0)
 
 
 def test_demo_digits_are_the_demo_setting():
@@ -339,11 +366,14 @@ def test_whitening_projects_gradients_wider_than_1024():
 def test_subset_models_are_cached_under_a_key_of_their_settings(tmp_path):
     split = data.load("wine")
     spec = config.Training(epochs=2, checkpoints=1, hidden=8, batch_size=32)
-    masks, losses, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
+    masks, losses, val, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
     assert not cached and masks.shape == (3, len(split.x_train)) and losses.shape == (3, 5)
     assert (masks.sum(axis=1) == round(0.5 * len(split.x_train))).all() and np.isfinite(losses).all()
-    again, losses_again, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
-    assert cached and (again == masks).all() and (losses_again == losses).all()
+    for k in range(3):  # the validation losses are those of model k, retrained here from its rows and seed
+        model = train(split.x_train[masks[k]], split.y_train[masks[k]], split.classes, spec, 10_000 + k).model
+        np.testing.assert_allclose(val[k], losses_of(model, split.x_val, split.y_val), rtol=1e-6)
+    again, losses_again, val_again, cached = subsets.subset_models(split, spec, 3, 0.5, 5, tmp_path, log=lambda s: None)
+    assert cached and (again == masks).all() and (losses_again == losses).all() and (val_again == val).all()
     other = subsets.cache_key(split, config.Training(epochs=3, checkpoints=1, hidden=8), 3, 0.5, 5)
     assert other != subsets.cache_key(split, spec, 3, 0.5, 5)
     assert len(list(tmp_path.glob("*.npz"))) == 1
@@ -396,7 +426,13 @@ def test_quick_run_json_schema(quick_run):
             assert all(0.0 <= v <= 1.0 for v in r["found"]) and r["found"] == sorted(r["found"])
             assert len(r["per_seed"]) == len(payload["config"]["seeds"])
     for name, d in payload["lds"].items():
-        assert set(d["methods"]) | set(d["errors"]) == set(methods.ATTRIBUTORS) | {MISSING_PEER}, name
+        names = set(methods.ATTRIBUTORS) | set(methods.SWEEPS) | {MISSING_PEER}
+        assert set(d["methods"]) | set(d["errors"]) == names, name
+        assert d["projection_dim"] == (d["whitening_space"]["projected_to"] or d["whitening_space"]["parameters"])
+        for m, sw in d["sweeps"].items():
+            assert sw["values"] == list(methods.SWEEPS[m].values) and len(sw["validation"]) == len(sw["values"])
+            i = sw["values"].index(sw["chosen"])
+            assert sw["validation"][i] == max(sw["validation"]) and d["methods"][m]["mean"] == sw["test"][i]
         assert d["errors"][MISSING_PEER] == "not installed (pip install no_such_module_for_tracin_tests)"
         for r in d["methods"].values():
             assert -1.0 <= r["mean"] <= 1.0 and r["se"] > 0

@@ -25,8 +25,7 @@ class DetectionCase:
 
 @dataclass
 class AttributionCase:
-    """A run trained on clean (x_train, y_train); attributions are asked for the rows of x_test;
-    trak_dim: TRAK's projection dimension."""
+    """A run trained on clean (x_train, y_train); attributions are asked for the rows of x_test."""
 
     run: Trajectory
     x_train: np.ndarray
@@ -35,4 +34,9 @@ class AttributionCase:
     y_test: np.ndarray
     influence: RunInfluence
     seed: int
-    trak_dim: int
+
+    @property
+    def projection_dim(self) -> int:
+        """The dimension of the gradients whitening is fitted in, given to every projected peer alike."""
+        space = self.influence.whitening_space
+        return space["projected_to"] or space["parameters"]

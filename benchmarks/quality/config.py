@@ -43,7 +43,6 @@ class Suite:
     lds_models: int
     lds_test: int
     projection_dims: tuple[int, ...]
-    trak_dim: int
     noise: float = 0.2
     inspect: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     lds_fraction: float = 0.5
@@ -57,9 +56,10 @@ class Suite:
 
 DATASETS = ("digits", "breast_cancer", "wine", "synthetic")
 # `tracin demo`'s training: 150 epochs, batch 64, 128 hidden units, rate 0.1 (momentum 0.9) dropped 10x
-# after 60% of the epochs, 5 checkpoints; with its data ("digits_demo": pixels in [0, 1], 1400 train).
+# after 60% of the epochs; with its data ("digits_demo": pixels in [0, 1], 1400 train). Here with 5
+# checkpoints; `tracin demo` saves 10 by default, the setting "digits_demo_10ckpt".
 DEMO = Training(150, 5, hidden=128, batch_size=64, learning_rate=0.1)
-# Detection settings that train on another setting's data (here: the demo with a checkpoint every 15 epochs).
+# Detection settings that train on another setting's data (here: the demo's default, a checkpoint every 15 epochs).
 SAME_DATA = {"digits_demo_10ckpt": "digits_demo"}
 BATCH = {"digits": 64, "breast_cancer": 32, "wine": 32, "synthetic": 64}  # about 10+ steps per epoch
 
@@ -76,7 +76,6 @@ FULL = Suite(
     lds_models=50,
     lds_test=100,
     projection_dims=(64, 256, 1024),  # 1024: the space the whitened methods are fitted in (influence.py)
-    trak_dim=512,
 )
 
 QUICK = Suite(
@@ -87,7 +86,6 @@ QUICK = Suite(
     lds_models=12,
     lds_test=30,
     projection_dims=(32,),
-    trak_dim=64,
     quick=True,
     captum_rows=(24, 4),
 )

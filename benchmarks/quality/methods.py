@@ -16,6 +16,7 @@ missing or the method raises, the suite reports that instead of stopping.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -199,37 +200,73 @@ def register_projected(dims: tuple[int, ...]) -> None:
         attributor(f"tracin projected d={dim}")(attribute)
 
 
-# Peers -------------------------------------------------------------------------------------------
+# Sweeps: one setting chosen per dataset on the validation rows --------------------------------------
 
 
-def _trak(case: AttributionCase, chosen: np.ndarray) -> np.ndarray:
-    dim = min(case.trak_dim, len(case.x_train) // 2)  # TRAK inverts a dim x dim kernel of the train rows
-    return peers.trak_attributions(case.run, chosen, case.x_train, case.y_train, case.x_test, case.y_test, dim)
+@dataclass(frozen=True)
+class Sweep:
+    """A method with one free setting: `fn(case, value)` for each of `values`; the suite reports, per
+    dataset, the value of best LDS on the validation rows (never the test rows) and its test LDS."""
+
+    parameter: str
+    values: tuple[float, ...]
+    fn: Callable[[AttributionCase, float], np.ndarray]
 
 
-@attributor("TRAK (final checkpoint)", needs="trak")
-def trak_final(case: AttributionCase) -> np.ndarray:
-    return _trak(case, final_checkpoint(case.run))
+SWEEPS: dict[str, Sweep] = {}
 
 
-@attributor("TRAK (all checkpoints)", needs="trak")
-def trak_all(case: AttributionCase) -> np.ndarray:
-    return _trak(case, all_checkpoints(case.run))
+def sweep(name: str, parameter: str, values: tuple[float, ...], needs: str | None = None):
+    def register(fn: Callable[[AttributionCase, float], np.ndarray]) -> Callable:
+        SWEEPS[name] = Sweep(parameter, values, fn)
+        if needs:
+            PEERS[name] = needs
+        return fn
+
+    return register
 
 
-def _dattri_trak(case: AttributionCase, chosen: np.ndarray) -> np.ndarray:
-    dim = min(case.trak_dim, len(case.x_train) // 2)  # as _trak: the dim x dim kernel must be invertible
-    return peers.dattri_trak_attributions(case.run, chosen, case.x_train, case.y_train, case.x_test, case.y_test, dim)
+@sweep("tracin whitened (damping chosen on validation)", "damping", WHITENING_DAMPINGS)
+def tracin_whitened_chosen(case: AttributionCase, damping: float) -> np.ndarray:
+    terms = case.influence.whitened_pair_terms(WHITENING_DAMPINGS)[damping]
+    return traced(terms, case.influence, all_checkpoints(case.run))
 
 
-@attributor("dattri TRAK (final checkpoint)", needs="dattri")
-def dattri_trak_final(case: AttributionCase) -> np.ndarray:
-    return _dattri_trak(case, final_checkpoint(case.run))
+# Peers: TRAK adds its regularisation to the projected kernel X^T X (both libraries: absolute, not a
+# multiple of the kernel's scale as whitening's damping is), so the sweep spans eight decades.
+PEER_REGULARISATIONS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
-@attributor("dattri TRAK (all checkpoints)", needs="dattri")
-def dattri_trak_all(case: AttributionCase) -> np.ndarray:
-    return _dattri_trak(case, all_checkpoints(case.run))
+def _trak(case: AttributionCase, chosen: np.ndarray, reg: float) -> np.ndarray:
+    return peers.trak_attributions(
+        case.run, chosen, case.x_train, case.y_train, case.x_test, case.y_test, case.projection_dim, reg
+    )
+
+
+@sweep("TRAK (final checkpoint)", "lambda_reg", PEER_REGULARISATIONS, needs="trak")
+def trak_final(case: AttributionCase, reg: float) -> np.ndarray:
+    return _trak(case, final_checkpoint(case.run), reg)
+
+
+@sweep("TRAK (all checkpoints)", "lambda_reg", PEER_REGULARISATIONS, needs="trak")
+def trak_all(case: AttributionCase, reg: float) -> np.ndarray:
+    return _trak(case, all_checkpoints(case.run), reg)
+
+
+def _dattri_trak(case: AttributionCase, chosen: np.ndarray, reg: float) -> np.ndarray:
+    return peers.dattri_trak_attributions(
+        case.run, chosen, case.x_train, case.y_train, case.x_test, case.y_test, case.projection_dim, reg
+    )
+
+
+@sweep("dattri TRAK (final checkpoint)", "regularization", PEER_REGULARISATIONS, needs="dattri")
+def dattri_trak_final(case: AttributionCase, reg: float) -> np.ndarray:
+    return _dattri_trak(case, final_checkpoint(case.run), reg)
+
+
+@sweep("dattri TRAK (all checkpoints)", "regularization", PEER_REGULARISATIONS, needs="dattri")
+def dattri_trak_all(case: AttributionCase, reg: float) -> np.ndarray:
+    return _dattri_trak(case, all_checkpoints(case.run), reg)
 
 
 # Baselines ---------------------------------------------------------------------------------------

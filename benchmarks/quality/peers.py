@@ -92,8 +92,10 @@ def trak_attributions(
     x_test: np.ndarray,
     y_test: np.ndarray,
     proj_dim: int,
+    lambda_reg: float,
 ) -> np.ndarray:
-    """TRAK scores (m, n), float64, from the chosen checkpoints, on the CPU in float32."""
+    """TRAK scores (m, n), float64, from the chosen checkpoints, on the CPU in float32; lambda_reg is
+    added to the diagonal of the projected kernel before it is inverted."""
     from trak import TRAKer
 
     model = copy.deepcopy(run.model).eval()
@@ -109,6 +111,7 @@ def trak_attributions(
             proj_dim=proj_dim,
             use_half_precision=False,
             logging_level=logging.ERROR,
+            lambda_reg=lambda_reg,
         )
         for i in chosen:
             traker.load_checkpoint(run.checkpoints[i].state, model_id=int(i))
@@ -143,9 +146,11 @@ def dattri_trak_attributions(
     x_test: np.ndarray,
     y_test: np.ndarray,
     proj_dim: int,
+    regularization: float,
 ) -> np.ndarray:
     """dattri's TRAK scores (m, n), float64, from the chosen checkpoints (model output: the margin
-    log p / (1 - p) of the true class, as TRAK's classification task), on the CPU."""
+    log p / (1 - p) of the true class, as TRAK's classification task), on the CPU; `regularization`
+    is added to the diagonal of the projected kernel before it is inverted."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
 
@@ -165,6 +170,7 @@ def dattri_trak_attributions(
         correct_probability_func=lambda params, data: torch.exp(log_p(params, data)),
         projector_kwargs={"proj_dim": proj_dim, "device": "cpu"},
         device="cpu",
+        regularization=regularization,
     )
     train = DataLoader(TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train)), batch_size=64)
     test = DataLoader(TensorDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)), batch_size=64)

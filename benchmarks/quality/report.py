@@ -143,6 +143,28 @@ def _split_text(split: dict | None) -> str:
     return f"standardised, {parts} train/validation/test split; the held-out peak chosen on the validation rows"
 
 
+def _sweeps_text(results: dict[str, dict]) -> str:
+    """The setting each sweep chose per dataset, on the validation rows, and the projection dimension."""
+    names = list(dict.fromkeys(m for d in results.values() for m in d.get("sweeps", {})))
+    if not names:
+        return ""
+    parts = []
+    for m in names:
+        first = next(d["sweeps"][m] for d in results.values() if m in d.get("sweeps", {}))
+        values = first["values"]
+        chosen = ", ".join(
+            f"{name} {d['sweeps'][m]['chosen']:g}" for name, d in results.items() if m in d.get("sweeps", {})
+        )
+        parts.append(f"{m}: {first['parameter']} {chosen} (of {', '.join(f'{v:g}' for v in values)})")
+    rows = ", ".join(f"{name} {d['validation_examples']}" for name, d in results.items())
+    dims = ", ".join(f"{name} {d['projection_dim']}" for name, d in results.items())
+    return (
+        f"Settings chosen per dataset by the best LDS on the validation rows ({rows}), never the test rows: "
+        + "; ".join(parts)
+        + f". TRAK and dattri project to the dimension whitened TracIn works in ({dims})."
+    )
+
+
 def markdown(payload: dict) -> str:
     """Where and how it was measured, the detection table, the LDS table and the recipes that win or
     tie everywhere."""
@@ -152,7 +174,7 @@ def markdown(payload: dict) -> str:
         f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
         f"SGD + momentum on {', '.join(cfg['datasets'])} ({_split_text(payload.get('split'))})"
         + (
-            " and, for detection only, `tracin demo`'s data and training: "
+            " and, for detection only, `tracin demo`'s data and training at two checkpoint counts: "
             + ", ".join(
                 f"{name} ({cfg['detection'][name]['checkpoints']} checkpoints)" for name in cfg["detection_only"]
             )
@@ -185,7 +207,10 @@ def markdown(payload: dict) -> str:
         f"every dataset: {', '.join(w['lds_within_se_of_best_everywhere']) or 'none'}; of the tracin recipes: "
         f"{', '.join(w['lds_within_se_of_best_tracin_everywhere']) or 'none'}."
     )
-    return "\n".join([head, "", *_detection_rows(payload), "", *_lds_rows(payload), "", tail])
+    sweeps = _sweeps_text(payload["lds"])
+    return "\n".join(
+        [head, "", *_detection_rows(payload), "", *_lds_rows(payload), "", *([sweeps, ""] if sweeps else []), tail]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

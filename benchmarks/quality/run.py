@@ -86,24 +86,28 @@ def detection(setting: str, split: Split, suite: Suite, log: Callable[[str], Non
 
 
 def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> dict:
-    """LDS mean +- s.e. over held-out examples per method, against subset models trained on clean labels."""
+    """LDS mean +- s.e. over held-out examples per method, against subset models trained on clean
+    labels. Every method also attributes the validation rows; a sweep's setting is the one of best
+    validation LDS, and only its test LDS is reported under the sweep's name."""
     spec, n_test = suite.lds[split.name], min(suite.lds_test, len(split.x_test))
     t0 = time.perf_counter()
-    masks, losses, cached = subset_models(split, spec, suite.lds_models, suite.lds_fraction, n_test, cache, log)
+    masks, losses, val_losses, cached = subset_models(
+        split, spec, suite.lds_models, suite.lds_fraction, n_test, cache, log
+    )
     subsets_s = time.perf_counter() - t0
     run = train(split.x_train, split.y_train, split.classes, spec, 0, split.x_val, split.y_val)
-    x_test, y_test = split.x_test[:n_test], split.y_test[:n_test]
-    case = AttributionCase(
-        run,
-        split.x_train,
-        split.y_train,
-        x_test,
-        y_test,
-        RunInfluence(run, split.x_train, split.y_train, x_test, y_test),
-        0,
-        suite.trak_dim,
-    )
-    scores, errors, seconds = {}, {}, {}
+    # Test rows first, then the validation rows: each row's attribution depends on that row alone.
+    x_eval = np.concatenate([split.x_test[:n_test], split.x_val])
+    y_eval = np.concatenate([split.y_test[:n_test], split.y_val])
+    influence = RunInfluence(run, split.x_train, split.y_train, x_eval, y_eval)
+    case = AttributionCase(run, split.x_train, split.y_train, x_eval, y_eval, influence, 0)
+
+    def measure(attributions: np.ndarray) -> tuple[dict, dict]:
+        test = metrics.lds(attributions[:n_test], masks, losses)
+        val = metrics.lds(attributions[n_test:], masks, val_losses)
+        return {"mean": test["mean"], "se": test["se"]}, {"mean": val["mean"], "se": val["se"]}
+
+    scores, validation, sweeps, errors, seconds = {}, {}, {}, {}, {}
     for name, fn in methods.ATTRIBUTORS.items():
         t0 = time.perf_counter()
         attributions, error = _call(name, fn, case)
@@ -111,20 +115,44 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
         if error:
             errors[name] = error
             continue
-        result = metrics.lds(attributions, masks, losses)
-        scores[name] = {"mean": result["mean"], "se": result["se"]}
+        scores[name], validation[name] = measure(attributions)
+    for name, sw in methods.SWEEPS.items():
+        t0 = time.perf_counter()
+        tried: list[tuple[dict, dict]] = []
+        for value in sw.values:
+            attributions, error = _call(name, lambda case, fn=sw.fn, value=value: fn(case, value), case)
+            if error:
+                errors[name] = error if error.startswith("not installed") else f"{sw.parameter} {value:g}: {error}"
+                break
+            tried.append(measure(attributions))
+        seconds[name] = time.perf_counter() - t0
+        if name in errors:
+            continue
+        best = max(range(len(tried)), key=lambda i: tried[i][1]["mean"])  # ties: the first (smaller) value
+        scores[name], validation[name] = tried[best]
+        sweeps[name] = {
+            "parameter": sw.parameter,
+            "values": list(sw.values),
+            "validation": [v["mean"] for _, v in tried],
+            "test": [t["mean"] for t, _ in tried],
+            "chosen": sw.values[best],
+        }
     log(f"  {split.name} LDS: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in scores.items()))
     return {
         "models": suite.lds_models,
         "subset_fraction": suite.lds_fraction,
         "test_examples": n_test,
+        "validation_examples": len(split.x_val),
         "n_train": len(split.x_train),
         "subset_models_cached": cached,
         "subset_models_s": subsets_s,
         "full_model_test_accuracy": accuracy(run.model, split.x_test, split.y_test),
         "checkpoint_epochs": [c.epoch for c in run.checkpoints],
-        "whitening_space": case.influence.whitening_space,
+        "whitening_space": influence.whitening_space,
+        "projection_dim": case.projection_dim,  # whitened TracIn, TRAK and dattri alike
         "methods": scores,
+        "validation": validation,
+        "sweeps": sweeps,
         "errors": errors,
         "method_s": seconds,
     }

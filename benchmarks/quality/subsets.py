@@ -13,7 +13,7 @@ import torch
 
 from .config import Training
 from .data import Split
-from .training import test_losses, train
+from .training import mlp, test_losses, train
 
 FORMAT = 1  # bump when the way subset models are trained changes
 
@@ -39,14 +39,16 @@ def cache_key(split: Split, spec: Training, models: int, fraction: float, n_test
 
 def subset_models(
     split: Split, spec: Training, models: int, fraction: float, n_test: int, cache: Path, log=print
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(masks bool (models, n_train), losses float64 (models, n_test), whether read from the cache).
-    Model k trains on a random round(fraction * n_train) rows from seed 10_000 + k; its final
-    parameters are cached with the masks and losses."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(masks bool (models, n_train), losses float64 (models, n_test) on the first n_test test rows,
+    losses float64 (models, n_val) on the validation rows, whether read from the cache). Model k
+    trains on a random round(fraction * n_train) rows from seed 10_000 + k; its final parameters are
+    cached with the masks and test losses (the validation losses are recomputed from them)."""
     path = Path(cache) / f"lds-{split.name}-{cache_key(split, spec, models, fraction, n_test)}.npz"
     if path.exists():
         with np.load(path) as f:
-            return f["masks"], f["losses"], True
+            masks, losses, params = f["masks"], f["losses"], f["params"]
+        return masks, losses, _losses_of(params, split, spec), True
     n = len(split.x_train)
     masks = np.zeros((models, n), dtype=bool)
     losses = np.empty((models, n_test))
@@ -63,4 +65,15 @@ def subset_models(
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, masks=masks, losses=losses, params=np.stack(params))
     tmp.replace(path)
-    return masks, losses, False
+    return masks, losses, _losses_of(np.stack(params), split, spec), False
+
+
+def _losses_of(params: np.ndarray, split: Split, spec: Training) -> np.ndarray:
+    """float64 (models, n_val): each subset model (its parameters flattened in model.parameters()
+    order, one row per model) on the validation rows."""
+    model = mlp(split.x_train.shape[1], spec.hidden, split.classes)
+    out = np.empty((len(params), len(split.y_val)))
+    for k, flat in enumerate(params):
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(flat), model.parameters())
+        out[k] = test_losses(model, split.x_val, split.y_val)
+    return out
