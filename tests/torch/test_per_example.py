@@ -436,3 +436,23 @@ def test_a_device_failure_is_raised_not_taken_for_a_path_that_cannot_run(monkeyp
         warnings.simplefilter("error", RuntimeWarning)  # no warning of a path given up
         with pytest.raises(type(error), match="CUDA error"):
             export_gradients(model, [(model.state_dict(), 1.0)], classification_data(4, seed=0), LOSS, progress=False)
+
+
+def test_vmap_out_of_memory_falls_back_to_the_per_example_loop(monkeypatch):
+    """Out of device memory inside vmap was raised, aborting the export (review15 item 3); the
+    per-example loop needs about 1 / batch of its memory: a warning saying so, then exact rows."""
+
+    def fail(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(per_example, "vmap", lambda *args, **kwargs: fail)
+    model = CustomOp()  # scale: vmap's path
+    x, y = classification_data(4, seed=0)
+    with pytest.warns(RuntimeWarning, match=r"vmap ran out of device memory .* per-example loop"):
+        got = export_gradients(model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False)
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(len(y)):
+        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.parameters()))]))
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)

@@ -141,7 +141,8 @@ def refuse_checkpointing(e: RuntimeError) -> None:
 def device_failure(e: BaseException) -> bool:
     """Whether `e` is a failure of the device itself (out of memory, an illegal memory access, a
     device-side assert: torch.AcceleratorError, or a RuntimeError 'CUDA error: ...' before torch 2.8),
-    which no other way of computing the same gradients avoids."""
+    not to be taken for a model a gradient path cannot run. Out of memory (torch.cuda.OutOfMemoryError)
+    is the one a path needing less memory may avoid: callers with such a fallback test for it apart."""
     accelerator = getattr(torch, "AcceleratorError", torch.cuda.OutOfMemoryError)
     return isinstance(e, (torch.cuda.OutOfMemoryError, accelerator)) or str(e).startswith("CUDA error")
 

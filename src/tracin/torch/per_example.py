@@ -52,7 +52,8 @@ class PerExampleGradients:
     - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
       hooks and some do not, one warning names the modules of those that do not.
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
-      flow): a warning, then one example at a time with torch.autograd.grad.
+      flow) or runs out of device memory: a warning, then one example at a time with
+      torch.autograd.grad (about 1 / batch of vmap's memory). Other device failures are raised.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: LossFn):
@@ -177,14 +178,16 @@ class PerExampleGradients:
             try:
                 grads = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
-                if device_failure(e):
+                out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
+                if device_failure(e) and not out_of_memory:
                     raise
                 why = str(e).splitlines()[0]
                 if "saved tensor hooks" in why:  # torch.utils.checkpoint(use_reentrant=False), CPU offloading
                     why += " (the forward saves tensors through hooks: activation checkpointing or offloading)"
+                cannot = "ran out of device memory on a batch" if out_of_memory else "cannot run this model"
                 warnings.warn(
-                    f"torch.func.vmap cannot run this model ({type(e).__name__}: {why}); "
-                    "falling back to a slower per-example loop",
+                    f"torch.func.vmap {cannot} ({type(e).__name__}: {why}); falling back to a slower "
+                    "per-example loop" + (" (about 1 / batch of vmap's memory)" if out_of_memory else ""),
                     RuntimeWarning,
                     stacklevel=4,
                 )
