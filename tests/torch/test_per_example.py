@@ -412,6 +412,44 @@ def test_activation_checkpointing_is_refused_saying_how_to_turn_it_off(reentrant
         )
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        {"layers": ["block", "out"]},
+        {"layers": ["block", "out"], "projection": tracin.Projection(48, seed=1, per_layer=True, kronecker=True)},
+        {"layers": ["block"]},
+    ],
+    ids=["full", "kronecker", "block alone"],
+)
+def test_reentrant_checkpointing_with_nothing_chosen_before_the_block_is_refused(how):
+    """use_reentrant=True with no chosen parameter before the block: its input needs no gradient, so
+    torch only warns and the block's columns came out zero (full), or a raw RuntimeError 'element 0 of
+    tensors does not require grad' (kronecker), or 'losses do not depend on the chosen parameters' (the
+    block alone) (review15 item 2)."""
+    model = Checkpointed(True)
+    with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*block\.0\.weight"):
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **how
+        )
+
+
+def test_reentrant_checkpointing_before_the_chosen_layers_only_is_exact():
+    """No false refusal: with only `out` (after the block) chosen, torch's warning is passed on and the
+    rows equal float64 autograd."""
+    model = Checkpointed(True)
+    x, y = classification_data(5, seed=0)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        got = export_gradients(
+            model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False, layers=["out"]
+        )
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(len(y)):
+        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.out.parameters()))]))
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
 _DEVICE_FAILURES = [
     getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access was encountered"),
     RuntimeError("CUDA error: device-side assert triggered"),

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointError
 
 from .data import Tree, batch_rows, call_model
-from .losses import LossFn, check_losses, losses_of, model_caller
+from .losses import LossFn, check_losses, losses_of, model_caller, refuse_checkpointing
 
 
 class NotCaptured(ValueError):
@@ -122,20 +121,6 @@ def stream(
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))
     return counts
-
-
-def refuse_checkpointing(e: RuntimeError) -> None:
-    """ValueError (from `e`) when `e` is torch.utils.checkpoint refusing per-example autograd: a
-    CheckpointError (use_reentrant=False: the recomputed forward differs from the first, whose calls
-    the capture's hooks changed), or use_reentrant=True's refusal of torch.autograd.grad."""
-    if isinstance(e, CheckpointError) or "torch.utils.checkpoint" in str(e):
-        raise ValueError(
-            "the model checkpoints its activations (torch.utils.checkpoint in its forward), which per-example "
-            "gradients cannot run through; turn it off for the export (it saves memory in training, and the "
-            "export keeps one batch's activations only): e.g. model.gradient_checkpointing_disable() (Hugging "
-            "Face transformers), model.set_grad_checkpointing(False) (timm), or call the checkpointed modules "
-            f"directly ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
 
 
 def device_failure(e: BaseException) -> bool:

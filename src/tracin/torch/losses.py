@@ -1,17 +1,23 @@
 """The loss function: checked up front, run on a model with a checkpoint's tensors swapped in, and
-its output checked (one loss per example, depending on the parameters)."""
+its output checked (one loss per example, depending on the parameters); activation checkpointing,
+which per-example gradients cannot run through, refused."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import CheckpointError
 
 from .data import Tree, call_model
 
 LossFn = Callable[[object, Tree], torch.Tensor]
+# torch.utils.checkpoint(use_reentrant=True) warns so when no input of the checkpointed block requires
+# gradients: then its output does not either, and no gradient reaches the parameters inside the block
+_NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 
 
 def check_loss_fn(loss_fn: object) -> None:
@@ -76,15 +82,64 @@ def check_loss_on(
     rows: int,
 ) -> None:
     """Runs loss_fn once on a batch of `rows` and refuses it unless it gives (rows,) losses that
-    depend on the chosen parameters `names` (a constant or detached loss has no gradient to trace)."""
+    depend on the chosen parameters `names` (a constant or detached loss has no gradient to trace).
+    A block checkpointed with use_reentrant=True whose inputs need no gradient (nothing before it is
+    chosen) cuts its parameters off the losses: refused as checkpointing (refuse_checkpointing) when
+    some chosen parameter then gets no gradient (at the cost of one backward pass of the rows)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad():
+    with torch.enable_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.filterwarnings("always", _NO_INPUT_GRAD, UserWarning)  # whatever the caller's filters
         losses = losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
+    cut = [w for w in seen if str(w.message).startswith(_NO_INPUT_GRAD)]
+    for w in seen:  # the others, as they would have been shown
+        if w not in cut:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     check_losses(losses, rows)
+    if cut:
+        unreached = _unreached(losses, leaves)
+        if unreached:
+            raise _checkpointing(
+                f"torch.utils.checkpoint(use_reentrant=True) warned {_NO_INPUT_GRAD!r}, and no gradient reaches "
+                f"{_listed(unreached)} through it"
+            )
+        warnings.warn_explicit(cut[0].message, cut[0].category, cut[0].filename, cut[0].lineno)
     if not losses.requires_grad:
         raise ValueError(
-            f"loss_fn's losses do not depend on the chosen parameters ({', '.join(names[:4])}"
-            f"{', ...' if len(names) > 4 else ''}): they are constant or detached from the model's outputs "
-            "(.detach(), .item(), a NumPy round trip, torch.no_grad()), so every gradient would be zero. "
-            "Compute the losses from the outputs with torch operations"
+            f"loss_fn's losses do not depend on the chosen parameters ({_listed(names)}): they are constant or "
+            "detached from the model's outputs (.detach(), .item(), a NumPy round trip, torch.no_grad()), so "
+            "every gradient would be zero. Compute the losses from the outputs with torch operations"
         )
+
+
+def refuse_checkpointing(e: RuntimeError) -> None:
+    """ValueError (from `e`) when `e` is torch.utils.checkpoint refusing per-example autograd: a
+    CheckpointError (use_reentrant=False: the recomputed forward differs from the first, whose calls
+    the capture's hooks changed), or use_reentrant=True's refusal of torch.autograd.grad."""
+    if isinstance(e, CheckpointError) or "torch.utils.checkpoint" in str(e):
+        raise _checkpointing(f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def _checkpointing(why: str) -> ValueError:
+    return ValueError(
+        "the model checkpoints its activations (torch.utils.checkpoint in its forward), which per-example "
+        "gradients cannot run through; turn it off for the export (it saves memory in training, and the "
+        "export keeps one batch's activations only): e.g. model.gradient_checkpointing_disable() (Hugging "
+        "Face transformers), model.set_grad_checkpointing(False) (timm), or call the checkpointed modules "
+        f"directly ({why})"
+    )
+
+
+def _unreached(losses: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of `leaves` the summed `losses` get no gradient from."""
+    if not losses.requires_grad:
+        return list(leaves)
+    try:
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    except RuntimeError as e:
+        refuse_checkpointing(e)
+        raise
+    return [n for n, g in zip(leaves, grads, strict=True) if g is None]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
