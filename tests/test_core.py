@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import tracin
-from reference import assert_close_to_exact
+from reference import assert_close_to_exact, exact_scores, score_bound
 from tracin import _core
 
 # The CPU features (as NumPy names them) each instruction set of the kernel needs.
@@ -52,21 +52,42 @@ def test_every_instruction_set_is_exact(rng, isa):
     assert_close_to_exact(got, test, train, w)
 
 
+# (weights, test scales, train scales) per checkpoint: the weighted test rows are subnormal (1e-42)
+# or overflow (1e39) in float32 while every score is a normal float (review12 t20), or they are in
+# range while the unweighted dot products are not (a, b, e) or one checkpoint's weight is far from
+# the other's (c, d): review17, where one exponent from the largest weight failed or was wrong.
+FAR_WEIGHTS = {
+    "t20 subnormal": ([1e-30], [1e-12], [1e25]),
+    "t20 overflow": ([1e45], [1e-6], [1e-6]),
+    "a": ([1e-30], [1e20], [1e20]),
+    "b": ([1e-5], [3e19], [3e19]),
+    "c": ([1e-30, 1e30], [1.0, 1e-30], [1.0, 1e-30]),
+    "d": ([1.0, 2.0**40], [1e-30, 1.0], [1e10, 1e-30]),
+    "e 1e-3": ([1e-3], [1e20], [1e20]),
+    "e 1e-10": ([1e-10], [1e20], [1e20]),
+    "e 1e-35": ([1e-35], [1e20], [1e20]),
+}
+
+
 @pytest.mark.parametrize("isa", list(ISA_FEATURES))
-@pytest.mark.parametrize(("w", "test_scale", "train_scale"), [(1e-30, 1e-12, 1e25), (1e45, 1e-6, 1e-6)])
-def test_weights_far_from_one_keep_the_bound(rng, isa, w, test_scale, train_scale):
-    """Every score is a normal float32, but w x test rows is subnormal (1e-42) or overflows (1e39):
-    the kernel packed float32(w x row), 32x over the bound, or refused as 'influence overflowed'
-    (review12 t20); it packs w / 2^e, scaling each tile by 2^e."""
+@pytest.mark.parametrize("case", list(FAR_WEIGHTS))
+def test_weights_far_from_one_keep_the_bound(rng, isa, case):
+    """Scores and top_k within the bound of the float64 scores, every instruction set: the kernel
+    packs w / 2^e, e from the weighted rows' magnitudes (0 unless they leave float32's comfortable
+    range), and scales each tile by 2^e."""
     if missing_cpu_features(isa):
         pytest.skip(f"this CPU lacks {isa}")
-    test = [(rng.standard_normal((3, 16)) * test_scale).astype(np.float32)]
-    train = [(rng.standard_normal((20, 16)) * train_scale).astype(np.float32)]
-    sides = tracin.Gradients(test, [w]).kernel_side(), tracin.Gradients(train, [w]).kernel_side()
-    got = _core.scores(*sides, [w], isa=isa)
-    assert_close_to_exact(got, test, train, [w])
-    values, indices, _, _ = _core.top_k(*sides, [w], 4, 0, isa=isa)
+    w, test_scales, train_scales = FAR_WEIGHTS[case]
+    test = [(rng.standard_normal((3, 16)) * s).astype(np.float32) for s in test_scales]
+    train = [(rng.standard_normal((20, 16)) * s).astype(np.float32) for s in train_scales]
+    sides = tracin.Gradients(test, w).kernel_side(), tracin.Gradients(train, w).kernel_side()
+    got = _core.scores(*sides, w, isa=isa)
+    assert_close_to_exact(got, test, train, w)
+    values, indices, _, _ = _core.top_k(*sides, w, 4, 0, isa=isa)
     np.testing.assert_array_equal(values, np.take_along_axis(got, indices, 1))
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    fourth = np.sort(exact, 1)[:, -4:-3]  # the 4 chosen are the top 4 up to the bound
+    assert np.all(np.take_along_axis(exact + 2 * bound, indices, 1) >= fourth)
 
 
 def test_scaling_the_weight_by_a_power_of_two_scales_the_scores_exactly(rng):

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -106,24 +107,22 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // Test rows of one pass, scaled by the checkpoint weights (and, for cosine scores, by each row's
 // inverse norm per run of checkpoints) and laid out as panels of nr lanes: block b, slice s,
 // panel p holds kc x nr floats, lane = test row within the panel.
-// The weights are packed as w_c * 2^-e, e = exponent() the binary exponent of the largest |w_c|
-// (so the largest is in [1, 2)), and each tile is multiplied by 2^e once computed: scaling by a
-// power of two is exact, so the scores are the same bits as packing w_c itself, but a weight far
-// from 1 (1e-30, 1e45) cannot push the packed rows out of float32's range (to subnormals or
-// infinity) while the scores themselves are normal floats.
+// The weights are packed as w_c * 2^-e and each tile is multiplied by 2^e once computed. e is 0
+// (the plain w_c, the same bits as ever) unless the weighted rows leave float32's comfortable range:
+// when every packed value is below 2^-96 (subnormals lose bits) e brings the largest to 2^-96,
+// when one overflows it brings the largest to 2^100. Scaling by a power of two is exact, so only
+// the values that would have been subnormal or infinite change. Since e < 0 only when every packed
+// value is below 2^-96, a tile (a score times 2^-e) stays far from overflow; e > 0 only makes tiles
+// smaller than the scores.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
   // least kParallelPackBytes. normalize: as Options::normalize. Status kNonFinite (with no
-  // message) if a value is NaN or Inf, or overflows float32 once weighted; kCancelled if `cancel`
-  // is set.
+  // message) if an input value is NaN or Inf; kCancelled if `cancel` is set.
   Status Pack(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
               std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
               const std::atomic<bool>* cancel) {
     InverseNorms(kernels, test, begin, count, normalize);
-    double largest = 0.0;
-    for (double w : weights) largest = std::max(largest, std::fabs(w));
-    exponent_ = largest > 0.0 ? std::ilogb(largest) : 0;
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -132,20 +131,18 @@ class PackedTest {
       total += static_cast<std::size_t>(m.cols * lanes_);  // slices of kc x lanes, the last one short
     }
     data_.Resize(total);
-    const std::int64_t panels = lanes_ / nr;
-    const auto blocks = static_cast<std::int64_t>(test.blocks.size());
-    std::atomic<bool> stop{false}, finite{true};
-    const int workers = total * sizeof(float) >= kParallelPackBytes ? threads : 1;
-    const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
-      const auto b = static_cast<std::size_t>(task / panels);
-      if (!PackPanel(kernels, test, b, WeightOf(test, weights, b, exponent_), ScalesOf(test, b, normalize), begin,
-                     count, task % panels, nr)) {
-        finite = false;
-        stop = true;
+    exponent_ = 0;
+    Outcome outcome;
+    Status status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
+    if (status.ok() && (!outcome.finite || outcome.tiny)) {
+      const int e = ExponentFor(kernels, test, weights, begin, count, normalize);
+      if (e != 0) {
+        exponent_ = e;
+        status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
       }
-    });
+    }
     if (!status.ok()) return status;
-    return finite ? Status::Ok() : Status{StatusCode::kNonFinite, ""};
+    return outcome.finite ? Status::Ok() : Status{StatusCode::kNonFinite, ""};
   }
 
   const float* Slice(std::size_t block, std::int64_t slice) const {
@@ -158,6 +155,73 @@ class PackedTest {
  private:
   float* SliceMutable(std::size_t block, std::int64_t slice) {
     return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
+  }
+
+  struct Outcome {
+    bool finite = true;  // no packed value is NaN or Inf
+    bool tiny = false;   // every weighted packed value is below 2^-96 (zeros included)
+  };
+
+  // Packs every panel of the pass with weights w_c * 2^-exponent_, one panel of one block per task.
+  Status PackAll(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+                 std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
+                 const std::atomic<bool>* cancel, Outcome& outcome) {
+    const std::int64_t panels = lanes_ / nr;
+    const auto blocks = static_cast<std::int64_t>(test.blocks.size());
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint32_t> all{0}, weighted{0};
+    const int workers = data_.size() * sizeof(float) >= kParallelPackBytes ? threads : 1;
+    const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
+      const auto b = static_cast<std::size_t>(task / panels);
+      const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b, exponent_),
+                                            ScalesOf(test, b, normalize), begin, count, task % panels, nr);
+      all |= flags;
+      if (!(test.factored && b % 2 == 1)) weighted |= flags;
+      if (flags & 0x80000000u) stop = true;  // NaN or Inf
+    });
+    outcome.finite = (all & 0x80000000u) == 0;
+    outcome.tiny = (weighted & 0x7fffffffu) < kTinyBits;
+    return status;
+  }
+
+  // PackPanel's flags have their low 31 bits below this (a power of two) exactly when every value's
+  // exponent field + 1 is below 32: every value is below 2^-96.
+  static constexpr std::uint32_t kTinyBits = 32u << 23;
+
+  // e for this pass (see the class comment), from the largest |w_c x scale x test value| of the
+  // weighted blocks, found in double precision; 0 when it is in range, zero, or not finite (a NaN
+  // or Inf input, reported as such by the caller).
+  int ExponentFor(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+                  std::int64_t begin, std::int64_t count, std::int64_t normalize) const {
+    std::optional<int> largest;  // binary exponent of the largest product
+    float piece[kSliceDepth];
+    for (std::size_t b = 0; b < test.blocks.size(); ++b) {
+      if (test.factored && b % 2 == 1) continue;
+      const MatrixView& m = test.blocks[b];
+      const double* scales = ScalesOf(test, b, normalize);
+      double row_max = 0.0;  // the largest |scale x value|: finite, scales are at most 2^537
+      for (std::int64_t r = 0; r < count; ++r)
+        for (std::int64_t k0 = 0; k0 < m.cols; k0 += kSliceDepth) {
+          const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
+          LoadRow(kernels, m, begin + r, k0, kc, piece);
+          const double scale = scales ? scales[static_cast<std::size_t>(r) * runs_] : 1.0;
+          for (std::int64_t k = 0; k < kc; ++k) {
+            const double v = std::fabs(scale * static_cast<double>(piece[k]));
+            if (!std::isfinite(v)) return 0;
+            row_max = std::max(row_max, v);
+          }
+        }
+      const double w = std::fabs(weights[test.factored ? b / 2 : b]);
+      if (row_max == 0.0 || w == 0.0) continue;
+      // ilogb of w x row_max without forming it (it may leave double's range): significands in [1, 4).
+      const double significands = std::scalbn(w, -std::ilogb(w)) * std::scalbn(row_max, -std::ilogb(row_max));
+      const int exponent = std::ilogb(w) + std::ilogb(row_max) + (significands >= 2.0 ? 1 : 0);
+      largest = std::max(largest.value_or(exponent), exponent);
+    }
+    if (!largest) return 0;
+    if (*largest < -96) return *largest + 96;  // the largest to [2^-96, 2^-95)
+    if (*largest >= 127) return *largest - 100;  // to [2^100, 2^101)
+    return 0;
   }
 
   // Weights, times 2^-exponent, go on the left factor (or the whole gradient) of each checkpoint.
@@ -193,8 +257,9 @@ class PackedTest {
 
   // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
   // each scaled by w (times its entry of `scales`, stride runs_, when not null).
-  // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache.
-  bool PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
+  // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
+  // (bits & exponent) + 1 ulp of exponent over the values: the sign bit is set only for NaN or Inf.
+  std::uint32_t PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
                  const double* scales, std::int64_t begin, std::int64_t count, std::int64_t panel, int nr) {
     const MatrixView& m = test.blocks[b];
     const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
@@ -211,14 +276,14 @@ class PackedTest {
           const float v = static_cast<float>(lw * static_cast<double>(piece[kk]));
           std::uint32_t bits;
           std::memcpy(&bits, &v, sizeof bits);
-          flags |= (bits & 0x7f800000u) + 0x00800000u;  // sign bit set only for NaN or Inf
+          flags |= (bits & 0x7f800000u) + 0x00800000u;
           slice[kk * nr + lane] = v;
         }
       }
       for (std::int64_t kk = 0; kk < kc && rows < nr; ++kk)
         std::fill(slice + kk * nr + rows, slice + (kk + 1) * nr, 0.0f);
     }
-    return (flags & 0x80000000u) == 0;
+    return flags;
   }
 
   AlignedFloats data_;
@@ -381,7 +446,7 @@ class TileProducer {
 
   // Multiplies `count` scores by 2^packed_.exponent(), rounding once (a float multiply by a power
   // of two is exact unless the result is subnormal or overflows, and then rounds as the score's own
-  // float32 rounding would); nothing for the usual exponent 0 (largest weight in [1, 2)).
+  // float32 rounding would); nothing for the usual exponent 0.
   void UndoWeightExponent(float* row, std::int64_t count) const {
     const int e = packed_.exponent();
     if (e == 0) return;
@@ -591,8 +656,9 @@ Status NonFiniteError(const GradientSide* test, const GradientSide& train) {
     }
   }
   return {StatusCode::kNonFinite,
-          "influence overflowed float32 although every input is finite; rescale the gradients "
-          "(or the learning-rate weights)"};
+          "influence overflowed float32 although every input is finite: a score (or, for factored "
+          "gradients, a product of left or of right factors) exceeds float32's range; scale the "
+          "gradients down (or the learning-rate weights, for a score beyond range)"};
 }
 
 Status CheckAllFinite(const GradientSide* test, const GradientSide& train) {
