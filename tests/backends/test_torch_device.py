@@ -103,6 +103,37 @@ def test_factored_sets(rng, small_tiles):
     np.testing.assert_allclose(tracin.self_influence(x, device="torch:cpu"), own, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("w", "test_scale", "train_scale"),
+    [(1e45, 1e-6, 1e-6), (1e-30, 1e-12, 1e25), (1e-44, 1.0, 1e20), (1e-50, 1.0, 1e30)],
+)
+def test_weights_beyond_float32_keep_the_bound(rng, small_tiles, w, test_scale, train_scale):
+    """Every score is a normal float32, but the weight is not one (1e45: torch refused to make it a
+    float32 GEMM factor with a RuntimeError; 1e-50 rounded to 0, 1e-44 to a subnormal: errors up to
+    7e4 x the bound): applied divided by 2^e, the sum multiplied by 2^e. Full and factored scores
+    and top_k against float64."""
+    test = [(rng.standard_normal((5, 16)) * test_scale).astype(np.float32)]
+    train = [(rng.standard_normal((60, 16)) * train_scale).astype(np.float32)]
+    exact, bound = exact_scores(test, train, [w]), score_bound(test, train, [w])
+    t, x = tracin.Gradients(test, [w]), tracin.Gradients(train, [w])
+    assert np.all(np.abs(tracin.scores(t, x, device="torch:cpu") - exact) <= bound)
+    got = tracin.top_k(t, x, k=6, side="both", device="torch:cpu")
+    for side in got:
+        chosen = np.take_along_axis(exact, side.indices, 1)
+        assert np.all(np.abs(side.values - chosen) <= np.take_along_axis(bound, side.indices, 1))
+    ones = [np.ones((5, 1), np.float32)], [np.ones((60, 1), np.float32)]
+    ft, fx = tracin.FactoredGradients(test, ones[0], [w]), tracin.FactoredGradients(train, ones[1], [w])
+    assert np.all(np.abs(tracin.scores(ft, fx, device="torch:cpu") - exact) <= bound)
+
+
+def test_scores_beyond_float32_are_a_value_error(rng):
+    """w = 1e300 on rows of 1e-20: scores near 1e260, beyond float32 (a RuntimeError from torch before)."""
+    test, train = rng.standard_normal((3, 8)).astype(np.float32) * 1e-20, rng.standard_normal((9, 8)).astype(np.float32)
+    for call in (tracin.scores, lambda t, x, device: tracin.top_k(t, x, k=2, device=device)):
+        with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
+            call(tracin.Gradients([test], [1e300]), tracin.Gradients([train * 1e-20], [1e300]), device="torch:cpu")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_store_streams_in_chunks_and_tiles(rng, tmp_path, small_tiles, dtype):
     """A store read in memory-mapped chunks (read-only), each cut into tiles staged through the two

@@ -8,7 +8,9 @@ meets; once per backend call without one); train rows pass in tiles of _tunables
 (streamed from the host one tile ahead of the compute through two staging slots kept for the whole
 public call, or used in place when already on the device), and each tile meets the test side in
 blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored sets,
-multiplied elementwise), scaled by the weight and added in float32. Cosine scores (normalize): the
+multiplied elementwise), scaled by the weight and added in float32 (weights beyond float32's range,
+or below 2^-100, are applied divided by a power of two and the sum multiplied back, as the C++
+kernel does: _weight_exponent). Cosine scores (normalize): the
 test side is scaled by its rows' inverse norms once, with its upload (each uploaded block replaced
 by its scaled copy in turn: the chunk plus one block's copy on the device), and each checkpoint's
 score block by the train rows' inverse norms, computed per train tile in float64; rows of norms
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -187,7 +190,8 @@ class TorchBackend:
 
 _TINY = 2.0**-64  # cosine scores: rows of a norm below it or above its inverse are first brought near 1
 _OVERFLOW = (
-    "influence overflowed float32 although every input is finite; rescale the gradients (or the learning-rate weights)"
+    "influence overflowed float32 although every input is finite: a score, or a dot product of gradients "
+    "before weighting, exceeds float32's range; scale the gradients down"
 )
 
 
@@ -391,9 +395,12 @@ def _product(
     """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
     elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32.
     scales: cosine scores, float32 (1, r) train inverse norms per run of `run` checkpoints, applied
-    to each checkpoint's block (the test side comes scaled)."""
+    to each checkpoint's block (the test side comes scaled). The GEMMs take w_c / 2^e as float32
+    (_weight_exponent) and the sum is multiplied by 2^e, rounding once."""
+    e = _weight_exponent(weights)
     out = None
     for c, w in enumerate(weights):
+        w = math.ldexp(w, -e)
         if factored or scales is not None:
             part = (
                 torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
@@ -408,7 +415,21 @@ def _product(
             out.addmm_(test[c], train[c].T, beta=0, alpha=w)
         else:
             out.addmm_(test[c], train[c].T, alpha=w)
-    return out
+    return out if e == 0 else out.double().mul_(2.0**e).float()
+
+
+def _weight_exponent(weights: Sequence[float]) -> int:
+    """The power of two the weights are divided by (exactly) before the GEMMs take them as float32, and
+    the sum multiplied by: 0 (the weights themselves) unless the largest |w_c| is beyond float32
+    (at least 2^127: brought to [2^100, 2^101)) or below 2^-100 (brought to [2^-100, 2^-99), clear of
+    subnormal products, and too small for a product with a float32 GEMM result to overflow)."""
+    largest = max((abs(w) for w in weights), default=0.0)
+    if largest == 0.0:
+        return 0
+    exponent = math.frexp(largest)[1] - 1  # largest in [2^exponent, 2^(exponent + 1))
+    if exponent >= 127:
+        return exponent - 100
+    return exponent + 100 if exponent < -100 else 0
 
 
 def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
