@@ -426,6 +426,68 @@ def test_a_position_embedding_shared_by_the_batch_is_projected_exactly(batched):
         assert_rows_close(g.matrices[c], want)
 
 
+def test_a_position_embedding_on_as_many_ids_as_checked_rows_is_still_shared():
+    """wpe(arange(T)) with T == 2, the rows of the first-rows check and of the last batch: its ids have
+    the batch's length there, yet a forward of one example shows them shared (T ids, not 1), so it is
+    still projected from full per-example gradients (by the ids' length alone it would be taken per
+    token, wrongly, on those batches: review15 item 1)."""
+    torch.manual_seed(0)
+    model = Positioned(False)
+    ids, labels, lengths = sequences(5, 2, seed=1)
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True)
+    with pytest.warns(UserWarning, match=r"\['pos'\] are called on ids without a batch dimension"):
+        g = export_gradients(
+            model, [(state, 1.0)], (ids, labels), token_loss, projection=proj, batch_size=3, progress=False
+        )
+    layout = g.metadata["projection"]["segments"]
+    names = [n for n, _ in model.named_parameters()]
+    want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
+    assert_rows_close(g.matrices[0], want)
+
+
+class Conditioned(nn.Module):
+    """A class embedding, one id per example (ids of shape (B,)), added to a projection of features."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc, self.head = nn.Embedding(VOCAB, HIDDEN), nn.Linear(WIDTH, HIDDEN), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x, c):
+        return self.head(torch.tanh(self.fc(x) + self.emb(c)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_an_embedding_on_one_id_per_example_is_projected_per_token_without_a_warning(batch_size):
+    """Ids of shape (B,) (class, user or timestep embeddings) were sent to full per-example gradients with
+    a warning calling them shared by the batch (22c8ec6: 6.5x slower, batch x V x d memory; review15 item
+    1); they are one token per example: projected per token, no warning, float64 autograd's rows (batch
+    sizes 1, 2 == the checked rows, 3 with a last batch of 1)."""
+    torch.manual_seed(0)
+    model = Conditioned()
+    g = torch.Generator().manual_seed(1)
+    x, c, y = torch.randn(7, WIDTH, generator=g), torch.randint(0, VOCAB, (7,), generator=g), torch.arange(7) % CLASSES
+    loss = nn.CrossEntropyLoss(reduction="none")
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(3 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = export_gradients(
+            model, [(state, 1.0)], ((x, c), y), loss, projection=proj, batch_size=batch_size, progress=False
+        )
+    layout = got.metadata["projection"]["segments"]
+    assert layout[0] == LayerMatrix(VOCAB, HIDDEN).to_dict()
+    wide = copy.deepcopy(model).double()
+    params = dict(wide.named_parameters())
+    grads = []
+    for i in range(7):
+        value = loss(wide(x[i : i + 1].double(), c[i : i + 1]), y[i : i + 1]).sum()
+        grads.append(
+            {n: t.numpy() for n, t in zip(params, torch.autograd.grad(value, list(params.values())), strict=True)}
+        )
+    assert_rows_close(got.matrices[0], projected_reference(proj, layout, grads, list(params)))
+
+
 def test_the_first_rows_check_tolerance_is_relative_to_the_largest_reference_entry():
     from tracin.torch.first_rows_check import agrees
 

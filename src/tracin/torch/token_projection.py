@@ -11,7 +11,7 @@ O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose outpu
 every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is
 a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module alone (an
 embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment, projected from its
-full per-example gradients). Every other chosen parameter (LayerNorm, tied weights, other layer types,
+full per-example gradients; ids of shape (B,), one per example, are projected per token). Every other chosen parameter (LayerNorm, tied weights, other layer types,
 and the out_proj of an nn.MultiheadAttention, whose weight the attention reads without running
 out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full
 (PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and
@@ -40,7 +40,7 @@ from .._export.preconditioner import AdamMoments, Preconditioned
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, stream
+from .capture import Call, NotCaptured, probe_forward, stream
 from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
@@ -123,6 +123,7 @@ class KroneckerRows:
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids of shape (T,)
+        self._shared_ids: set[str] | None = None  # embeddings called on 1-D ids not one per example
 
     # --- what the export records ---
 
@@ -272,7 +273,11 @@ class KroneckerRows:
         output gradients themselves stay held by autograd until the pass ends. An embedding called on ids
         without a batch dimension (nanoGPT's wpe(arange(T)), broadcast later: its output gradient is the
         batch's sum) is projected from its full per-example gradients instead (PerExampleGradients, vmap):
-        the same factors, the same layout, one warning."""
+        the same factors, the same layout, one warning. Ids of shape (rows,) are one per example (a class,
+        user or timestep embedding: per token) unless a forward of one example showed them longer than
+        one (_shared_ids: wpe(arange(T)) with T == rows)."""
+        if self._shared_ids is None:
+            self._shared_ids = self._ids_not_per_example(state, slice_rows(inputs, 0, 1))
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
@@ -285,7 +290,8 @@ class KroneckerRows:
             if layer in unusable or layer in unbatched:
                 return
             seg, (p_rows, p_cols) = by_module[layer]
-            if seg.kind == "embedding" and call.input.dim() == 1:
+            ids = call.input
+            if seg.kind == "embedding" and ids.dim() == 1 and (ids.shape[0] != rows or layer in self._shared_ids):
                 unbatched.add(layer)
                 return
             try:
@@ -317,6 +323,30 @@ class KroneckerRows:
                 f"leave it out: {self._leaving_out(seg.names)}"
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
+
+    def _ids_not_per_example(self, state, one: Tree) -> set[str]:
+        """The Kronecker embeddings that, in a forward pass without gradients of `one` (one example),
+        are called on 1-D ids of another length than 1 (capture.probe_forward)."""
+        embeddings = [s.module for s in self.kron if s.kind == "embedding"]
+        found: set[str] = set()
+
+        def seen(name: str):
+            def look(module, args, kwargs, output):
+                ids = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] != 1:
+                    found.add(name)
+
+            return look
+
+        if not embeddings:
+            return found
+        handles = [self._modules[n].register_forward_hook(seen(n), with_kwargs=True) for n in embeddings]
+        try:
+            probe_forward(self.model, state, one, found.clear)
+        finally:
+            for h in handles:
+                h.remove()
+        return found
 
     def _by_full_gradients(self, layers: list[str]) -> None:
         """Embeddings `layers`, called on ids of shape (T,), projected from full per-example gradients from
