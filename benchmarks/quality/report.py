@@ -199,6 +199,8 @@ def markdown(payload: dict) -> str:
         if (version := (payload["peers"].get(key) or {}).get("version"))
     ]
     head += f" Peers: {', '.join(versions) or 'none installed'}."
+    if payload.get("provenance"):
+        head += f" {payload['provenance']}"
     if cfg.get("quick"):
         head += " **Quick (smoke-test) settings: not meaningful as quality numbers.**"
     tail = (
