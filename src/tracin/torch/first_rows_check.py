@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .capture import device_failure, probe_forward, refuse_checkpointing
+from .capture import device_failure, probe_forward
 from .data import Tree, slice_rows, tree_map
-from .losses import LossFn, losses_of
+from .losses import LossFn, losses_of, refuse_checkpointing
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
 # |got - want| <= rtol |want| + atol * (largest |want| of the compared columns). float32 and float64:
@@ -126,7 +126,7 @@ def example_gradients(
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
     order, zeros for an unused parameter), by torch.autograd.grad on that example alone; ValueError for a
-    model checkpointing its activations (capture.refuse_checkpointing)."""
+    model checkpointing its activations (losses.refuse_checkpointing)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
         x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)

@@ -11,9 +11,10 @@ O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose outpu
 every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is
 a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module alone (an
 embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment, projected from its
-full per-example gradients; ids of shape (B,), one per example, are projected per token). Every other chosen parameter (LayerNorm, tied weights, other layer types,
-and the out_proj of an nn.MultiheadAttention, whose weight the attention reads without running
-out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full
+full per-example gradients; ids of shape (B,), one per example, are projected per token). Every other
+chosen parameter (LayerNorm, tied weights, other layer types, and the out_proj of an
+nn.MultiheadAttention, whose weight the attention reads without running out_proj's forward: one
+warning) is one plain segment: its per-example gradient is computed in full
 (PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and
 the chosen parameters only (train and test exports agree), and is recorded in the metadata. The result
 equals Projection.apply on the full rows with the same layout.
