@@ -588,10 +588,12 @@ def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
         assert run.pieces == [(0, train.n_rows)]
 
 
-def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng):
+def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng, monkeypatch):
     """progress=None below the multiply-add threshold: pieces (so that the delayed bar moves) only for
     CPU-kernel calls whose estimated time passes the delay, fewer when top_k's merges cost more."""
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
+
+    monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 64)  # num_threads up to 64 not capped
 
     test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (512, 40 * _MIN_PIECE_ROWS))
 
@@ -608,23 +610,65 @@ def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng):
     assert pieces(4.9e11, 1) == 20
 
 
-def test_a_bar_cuts_top_k_into_no_more_pieces_than_their_merges_allow(rng):
+def test_a_bar_cuts_top_k_into_no_more_pieces_than_their_merges_allow(rng, monkeypatch):
     """progress=True cut the train side into up to 100 pieces whatever k, each re-sorting the (m, 2k)
-    running candidates: 179 s at k=5e4, m=16, n=2e6 against 3.2 s in one call (review12 t17)."""
+    running candidates: 179 s at k=5e4, m=16, n=2e6 against 3.2 s in one call (review12 t17); and
+    whatever the work, each piece a kernel call of about 10 ms (review17 r10: k=10, 0.10 s in one
+    call, 0.50 s in 98)."""
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 
+    monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 2)
     test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (16, 40 * _MIN_PIECE_ROWS))
 
     def pieces(k, macs=16 * 40 * _MIN_PIECE_ROWS * 64, progress=True):
         with _Loop(test, train, progress, macs, "t", threads=2, top_k=(k, 2), timed=True) as run:
             return len(run.pieces)
 
-    assert pieces(5) == 40  # small k: pieces of _MIN_PIECE_ROWS rows, the bar moves
+    assert pieces(5) == 5  # 0.01 s of work: 4 extra calls of 10 ms within the 0.05 s a bar may add
+    assert pieces(5, macs=2e11) == 40  # 4 s: pieces of _MIN_PIECE_ROWS rows, the bar moves
     assert pieces(50_000) == 1  # 3.2e6 candidates merged per extra piece (about 1 s) on 0.01 s of work
-    # 40 s of estimated work (2 threads): merges of about 1 s each within a quarter of it.
-    assert pieces(50_000, macs=2e12) == 11
-    with _Loop(None, train, True, 0, "t") as run:  # no merges: as before
+    # 40 s of estimated work (2 threads) and 1.1 s of selection per piece: extra pieces of 2.1 s each
+    # (selection, merge, call) within a quarter of it.
+    assert pieces(50_000, macs=2e12) == 5
+    with _Loop(None, train, True, 0, "t") as run:  # no merges: 5 extra calls of 10 ms
+        assert len(run.pieces) == 6
+    with _Loop(None, train, True, 1e12, "t") as run:  # 20 s
         assert len(run.pieces) == 40
+
+
+def test_top_k_time_estimates_count_the_candidate_selection(rng):
+    """k above 64: each kernel call selects among buffers of about 2k candidates per test row and side,
+    about 1.2 s at m=16, both sides, k=5e4 whatever n (0.1 s at k=10); the estimate counted the
+    multiply-adds alone (review17 r10: 0.13 s estimated for 1.5-8.8 s of work)."""
+    from tracin.scoring import _AUTO_RATE, _MERGE_S, _PIECE_S, _estimated_seconds
+
+    test, train = (tracin.Gradients(random_set(rng, n, [16])) for n in (16, 100_000))
+    macs = 16 * 16 * 25e6
+    kernel = macs / (_AUTO_RATE * 2)
+    for k, select in ((10, 0.0), (64, 0.0), (5000, 0.112), (50_000, 1.12)):
+        seconds, extra = _estimated_seconds(macs, 2, test, train, (k, 2))
+        assert seconds == pytest.approx(kernel + select)
+        assert extra == pytest.approx(_PIECE_S + select + _MERGE_S * 16 * 2 * k * 2)
+    assert _estimated_seconds(macs, 2, test, train, None) == (kernel, _PIECE_S)
+    assert _estimated_seconds(macs, 2, test, train, (10**6, 1))[0] == pytest.approx(kernel + 7e-7 * 16 * 100_000)
+
+
+def test_estimates_cap_num_threads_at_the_usable_cores(rng, monkeypatch):
+    """The CPU backend runs at most the usable cores' threads; the estimates divided by num_threads
+    itself, so on 2 cores num_threads=4096 cut a 4 s call into 1 piece (review17 r8)."""
+    from tracin.scoring import _MIN_PIECE_ROWS, _Loop
+
+    monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 2)
+    test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (16, 40 * _MIN_PIECE_ROWS))
+
+    def pieces(threads, progress, top_k):
+        with _Loop(test, train, progress, 2e11, "t", threads=threads, top_k=top_k, timed=True) as run:
+            return len(run.pieces), run.threads
+
+    for progress, top_k in ((None, None), (True, (2000, 2))):
+        expected = pieces(2, progress, top_k)
+        assert expected[0] > 1
+        assert pieces(0, progress, top_k) == pieces(64, progress, top_k) == pieces(4096, progress, top_k) == expected
 
 
 def test_top_k_with_a_bar_and_large_k_is_one_kernel_call(rng, monkeypatch):

@@ -288,9 +288,10 @@ class _Loop:
     least _AUTO_PROGRESS_MACS multiply-adds, else one that appears once the call has run
     _progress.AUTO_DELAY_S seconds, e.g. a store read from a slow disk). With progress True or a
     call that long, and `split`, each train chunk is cut into up to _BAR_STEPS pieces of at least
-    _MIN_PIECE_ROWS rows so that the bar moves (for top_k, fewer when merging large k's candidates
-    would cost more than _bar_steps allows); below it, for `timed` calls (the CPU kernel on
-    `threads` threads, 0: all it may use) estimated to outlast the delay, into the fewer pieces
+    _MIN_PIECE_ROWS rows so that the bar moves, fewer when the extra pieces (a kernel call each and,
+    for top_k, its candidate selection and a merge) would cost more than _bar_steps allows; below
+    it, for `timed` calls (the CPU kernel on `threads` threads, 0: all it may use; capped at the
+    usable cores, as the CPU backend caps them) estimated to outlast the delay, into the fewer pieces
     _auto_steps allows, else none: the bar moves once per train chunk (a store's row_chunks()).
     Results do not depend on the cut. test None: train pieces only (self-influence). top_k: (k,
     sides) of a top_k call (an extra piece merges their candidates; the kernel's MemoryError names
@@ -315,18 +316,20 @@ class _Loop:
         test_rows: int | None = None,
     ):
         check_progress(progress)
+        # The CPU backend caps num_threads at the usable cores (backends/cpu.py); so do the estimates.
+        threads = min(threads or usable_cores(), usable_cores())
         self.threads, self.top_k = threads, top_k  # for the kernel's out-of-memory message
         if progress is None and macs >= _AUTO_PROGRESS_MACS and tqdm_installed():
             progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
         self.test_chunks = [(0, 0)] if test is None else _chunks(test, test_rows)
         self.pieces = _chunks(train)
-        steps = _BAR_STEPS if progress else 1
-        merged = 0 if top_k is None or test is None else test.n_rows * 2 * min(top_k[0], train.n_rows) * top_k[1]
-        if progress and merged:
-            steps = min(steps, _bar_steps(macs, threads or usable_cores(), merged))
+        steps = 1
+        seconds, extra = _estimated_seconds(macs, threads, test, train, top_k)
+        if progress:
+            steps = _bar_steps(seconds, extra)
         if progress is None and timed and tqdm_installed():
-            steps = _auto_steps(macs, threads or usable_cores(), merged)
+            steps = _auto_steps(seconds, extra)
         if steps > 1 and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
@@ -376,7 +379,7 @@ class _Loop:
         if self.current is not None:
             m, n = _span(self.current.test_rows), _span(self.current.train_rows)
         rows = _pass_rows(m, width)
-        threads = min(self.threads or usable_cores(), max(-(-n // 96), 1))  # the kernel runs no more than its tiles
+        threads = min(self.threads, max(-(-n // 96), 1))  # the kernel runs no more than its tiles
         k, sides = self.top_k or (0, 0)
         per_row = _candidates_per_row(min(k, n), n, threads)
         candidates = 16 * rows * per_row * threads * sides
@@ -394,33 +397,54 @@ class _Loop:
         )
 
 
-_BAR_MERGE_SHARE = 0.25
-"""With a bar (progress=True, or automatic for long work), top_k's train pieces are as many as keep the
-estimated cost of merging their candidates (_MERGE_S each) within this share of the call's estimated
-kernel time (_AUTO_RATE), or within _BAR_MERGE_S, whichever is more: each extra piece re-sorts the
-(m, 2k) running candidates per side, so at k=5e4, m=16, n=2e6 (review12 t17) 100 pieces took 179 s
-against 3.2 s in one call."""
+_BAR_SHARE = 0.25
+"""With a bar (progress=True, or automatic for long work), the train side is cut into as many pieces as
+keep the estimated cost of the extra pieces (_estimated_seconds) within this share of the call's
+estimated time, or within _BAR_S, whichever is more: at k=5e4, m=16, n=2e6 (review12 t17) 100
+pieces took 179 s against 3.2 s in one call; at k=10 (review17 r10) 98 pieces 0.50 s against 0.10 s."""
 
-_BAR_MERGE_S = 0.05
-"""...seconds of merges a bar may always add (small k: the bar moves in up to _BAR_STEPS steps)."""
+_BAR_S = 0.05
+"""...seconds that the extra pieces of a bar may always add: a short call's bar moves in a few steps."""
+
+_SELECT_S = 7e-7
+"""Estimated seconds per test row, side and unit of k that top_k's candidate selection takes in each
+kernel call for k above 64 (csrc/src/topk.hpp: buffers of about 2k candidates per row and thread,
+cut back to k when full), on top of the multiply-adds (_AUTO_RATE), whatever the threads and nearly
+whatever the piece's rows: m=16, d=16, both sides, k=5e4 took 1.2-1.6 s against 0.1 s at k=10 for
+n=2e6 and 2.4 s against 1.2 s for n=2.5e7; k=5000 0.3 s against 0.1 s (n=2e6); 10 calls of 2e5 rows
+at k=5e4 0.6 s each (2 shared cores)."""
 
 
-def _bar_steps(macs: float, threads: int, merged: int) -> int:
-    """Train pieces for a top_k call with a bar over `macs` multiply-adds on `threads` kernel threads,
-    each extra piece merging `merged` candidates (_BAR_MERGE_SHARE), up to _BAR_STEPS."""
-    budget = max(_BAR_MERGE_SHARE * macs / (_AUTO_RATE * threads), _BAR_MERGE_S)
-    return max(1, min(_BAR_STEPS, 1 + int(budget / (_MERGE_S * merged))))
+def _estimated_seconds(
+    macs: float, threads: int, test: GradientSet | None, train: GradientSet, top_k: tuple[int, int] | None
+) -> tuple[float, float]:
+    """(seconds of the call in one piece, seconds each extra piece adds) estimated for the CPU kernel
+    on `threads` threads: multiply-adds at _AUTO_RATE per thread, top_k's selection (_SELECT_S, per
+    piece, k above 64) and, per extra piece, a kernel call (_PIECE_S) and the merge of the (m, 2k)
+    candidates per side (_MERGE_S)."""
+    seconds, extra = macs / (_AUTO_RATE * threads), _PIECE_S
+    if top_k is not None and test is not None:
+        k, sides = min(top_k[0], train.n_rows), top_k[1]
+        select = _SELECT_S * test.n_rows * sides * k if top_k[0] > 64 else 0.0
+        seconds += select
+        extra += select + _MERGE_S * test.n_rows * 2 * k * sides
+    return seconds, extra
 
 
-def _auto_steps(macs: float, threads: int, merged: int) -> int:
-    """Train pieces for an automatic bar (progress=None) over `macs` multiply-adds on `threads` kernel
-    threads, each extra piece merging `merged` top-k candidates: 1 (one call; a bar moving once per
-    chunk) for work estimated to end within _progress.AUTO_DELAY_S, else as many as keep the extra
-    calls' estimated cost within _AUTO_OVERHEAD of the work, up to _AUTO_STEPS."""
-    seconds = macs / (_AUTO_RATE * threads)
+def _bar_steps(seconds: float, extra: float) -> int:
+    """Train pieces for a call with a bar, estimated to take `seconds` in one piece and `extra` more
+    per extra piece (_BAR_SHARE), up to _BAR_STEPS."""
+    budget = max(_BAR_SHARE * seconds, _BAR_S)
+    return max(1, min(_BAR_STEPS, 1 + int(budget / extra)))
+
+
+def _auto_steps(seconds: float, extra: float) -> int:
+    """Train pieces for an automatic bar (progress=None) over a call estimated to take `seconds` in one
+    piece and `extra` more per extra piece: 1 (one call; a bar moving once per chunk) for work
+    estimated to end within _progress.AUTO_DELAY_S, else as many as keep the extra pieces' estimated
+    cost within _AUTO_OVERHEAD of the work, up to _AUTO_STEPS."""
     if seconds <= _progress.AUTO_DELAY_S:
         return 1
-    extra = _PIECE_S + _MERGE_S * merged  # seconds per extra piece
     return max(1, min(_AUTO_STEPS, 1 + int(_AUTO_OVERHEAD * seconds / extra)))
 
 
