@@ -9,7 +9,8 @@ the same rows in a GradientStore on the host, streamed to the device in pinned d
 Limits: cuBLAS sgemm throughput of the same (m x d) @ (d x n) product, and pinned host-to-device
 copy bandwidth. Goals (issue 14): device-resident >= 80% of that sgemm throughput, host-streamed
 >= 80% of the store's bytes over the copy bandwidth, k=1000 <= 1.3x k=10. Also timed: an export
-(tracin.torch.export_gradients of an MLP, modes "factored" and "full") on the device and on the CPU.
+(tracin.torch.export_gradients of an MLP, modes "factored" and "full") on the device and on the CPU,
+measured first.
 `--device cpu` runs the same script at the --quick sizes on the torch backend on the CPU
 ("torch:cpu") as a smoke test; its figures say nothing about a GPU. Writes results/gpu.json
 (--quick or --device cpu: gpu_quick.json in a new temporary folder, unless --out says). A part that
@@ -154,11 +155,14 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
         ),
     }
 
+    export: dict = {}
+
     def partial(cases: list[dict]) -> None:
         save(
             {
                 "config": {**size, "device": str(device), "quick": quick},
                 "limits": limits,
+                "export": export,
                 "cases": cases,
                 "errors": dict(errors),
                 "complete": False,
@@ -166,6 +170,13 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
         )
 
     partial([])
+    # first, so that a run stopped at a time limit has it: the store and the scoring take the most time
+    sizes = EXPORT_QUICK if quick else EXPORT_FULL
+    devices = [str(device), "cpu"] if device.type == "cuda" else ["cpu"]
+    export.update(sizes, checkpoints=2, devices={})
+    for dev in devices:
+        export["devices"][dev] = errors.guard(f"export.{dev}", lambda dev=dev: export_seconds(dev, **sizes), device)
+        partial([])
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-bench-", dir=args.dir))
     try:
         store = write_store(folder / "train", train_host)
@@ -174,13 +185,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    save({**result, "errors": dict(errors), "complete": False})
-    sizes = EXPORT_QUICK if quick else EXPORT_FULL
-    devices = [str(device), "cpu"] if device.type == "cuda" else ["cpu"]
-    seconds = {
-        dev: errors.guard(f"export.{dev}", lambda dev=dev: export_seconds(dev, **sizes), device) for dev in devices
-    }
-    result["export"] = {**sizes, "checkpoints": 2, "devices": seconds}
+    result["export"] = export
     result["config"]["quick"] = quick
     result["errors"] = dict(errors)
     result["complete"] = True

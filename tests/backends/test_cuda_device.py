@@ -167,35 +167,46 @@ def test_tf32_only_when_asked_and_the_global_setting_is_restored(rng):
     assert not np.array_equal(plain, fast)
 
 
+@pytest.mark.skipif(
+    not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9 has no fp32_precision"
+)
 @pytest.mark.parametrize("library", ["cublas", "cublaslt"])
-@pytest.mark.parametrize("user", ["default", "legacy allow_tf32", "new fp32_precision tf32"])
+@pytest.mark.parametrize(
+    "user", ["default", "legacy allow_tf32", "legacy medium", "new fp32_precision tf32", "new generic tf32"]
+)
 def test_tf32_settings_of_either_api_do_not_fail_a_call(rng, library, user):
     """The GEMMs of scores and top_k under cuBLAS and cuBLASLt (which reads torch's allowTF32CuBLAS,
     raising where the legacy and new TF32 settings disagree) after a user set TF32 through either
-    API, at both precisions; the user's setting reads the same after."""
+    API (torch.backends.fp32_precision = "tf32" is what transformers' tf32=True sets), at both
+    precisions; the user's settings read the same after."""
     test, train = rng.standard_normal((64, 256), dtype=np.float32), rng.standard_normal((300, 256), dtype=np.float32)
     exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
     t, x = on_gpu([test])[0], on_gpu([train])[0]
     matmul, blas = torch.backends.cuda.matmul, torch.backends.cuda.preferred_blas_library()
+    keys = [("generic", "all"), ("cuda", "all"), ("cuda", "matmul"), ("mkldnn", "all"), ("mkldnn", "matmul")]
     torch.backends.cuda.preferred_blas_library(library)
     try:
         if user == "legacy allow_tf32":
             matmul.allow_tf32 = True
+        elif user == "legacy medium":
+            torch.set_float32_matmul_precision("medium")
         elif user == "new fp32_precision tf32":
             matmul.fp32_precision = "tf32"
-        before = matmul.fp32_precision
+        elif user == "new generic tf32":
+            torch.backends.fp32_precision = "tf32"
+        before = [torch._C._get_fp32_precision_getter(*key) for key in keys]
         for precision, slack in (("float32", 1), ("tf32", 200)):  # TF32: up to about 1e-3 of the scale
             got = tracin.scores(t, x, precision=precision)
             assert np.all(np.abs(got - exact) <= slack * bound)
             top = tracin.top_k(t, x, k=5, precision=precision)
             near = np.take_along_axis(exact, top.indices, 1) - top.values
             assert np.all(np.abs(near) <= slack * np.take_along_axis(bound, top.indices, 1))
-            assert matmul.fp32_precision == before
+            assert [torch._C._get_fp32_precision_getter(*key) for key in keys] == before
     finally:
         torch.backends.cuda.preferred_blas_library(blas)
         torch.set_float32_matmul_precision("highest")
-        matmul.fp32_precision = "none"
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        for key in keys:
+            torch._C._set_fp32_precision_setter(*key, "none")
 
 
 def test_device_mismatches_and_bad_rows_are_value_errors(rng):

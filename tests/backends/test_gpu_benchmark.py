@@ -107,3 +107,19 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, tiny, mon
     )
     assert goals["host_streamed_fraction_of_h2d_bound"] > 0 and goals["k1000_over_k10"] > 0
     assert record["limits"]["h2d_gbs"] > 0 and set(record["export"]["devices"]["cpu"]) == {"factored", "full"}
+
+
+def test_a_run_stopped_before_the_scoring_already_recorded_the_export(tmp_path, tiny, monkeypatch):
+    """The export is measured first: a run that a time limit stops while it writes the store (the
+    first step of the scoring) leaves a record with the export's seconds in it."""
+
+    def stopped(*_):
+        raise KeyboardInterrupt  # what a time limit's signal does to a run, here at the store
+
+    monkeypatch.setattr(gpu, "write_store", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_cpu(tmp_path)
+    record = json.loads((tmp_path / "gpu_quick.json").read_text())
+    assert record["complete"] is False and record["cases"] == []
+    for t in record["export"]["devices"]["cpu"].values():
+        assert t["seconds"] > 0 and t["examples_x_checkpoints_per_s"] == pytest.approx(12 / t["seconds"])
