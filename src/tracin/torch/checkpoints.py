@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -396,52 +397,150 @@ def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
 
 class FreshBuffers:
     """A context in which every forward of `model` starts from the buffers as loaded: a forward that
-    changes a buffer in place (a running statistic, a call counter, a fake-quantization observer) does
-    so for itself alone, so no pass (a check, a batch, an example) sees another's change. Those kept:
-    the model's own buffers, from entry, and a checkpoint's (keep), until the next is kept; all are as
-    they were at exit, the caller's in-memory checkpoints included. A buffer is restored only when its
-    version counter says it was written: no copy and no device sync otherwise."""
+    changes a buffer (in place, or by assigning a new tensor; a running statistic, a call counter, a
+    fake-quantization observer) does so for itself alone, so no pass (a check, a batch, an example)
+    sees another's change. The buffers as loaded (the model's own, a checkpoint's given to
+    torch.func.functional_call) are never written: before each forward of the model, and before its
+    own forward pre-hooks, each buffer it is about to use is replaced, for that forward only, by a
+    working copy, made once per checkpoint and made again when the version counter says a forward
+    wrote it (inside a torch.func transform the copy is that forward's own; nothing is written
+    there). Cost: one copy of each buffer the forwards use, on its device, freed when the next
+    checkpoint is kept. A write the version counter does not see (through .data, NumPy, an extension
+    kernel) is found by comparing the copy with the buffer after its first forward, and the buffer
+    copied before every forward from then on; one made after that first forward is only found at the
+    next keep or at exit, with a RuntimeWarning (one device sync per buffer and checkpoint for each
+    comparison)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.names = {n for n, _ in model.named_buffers(remove_duplicate=False)}
-        self._own: list[list] = []
-        self._loaded: list[list] = []
+        self._names = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self._names.setdefault(id(module), name)
+        self._copies: dict[int, _Copy] = {}
+        self._swapped: list[list[tuple[dict, str, torch.Tensor]]] = []
 
     def __enter__(self) -> FreshBuffers:
-        self._own = _kept(self.model.buffers())
-        self._hook = self.model.register_forward_pre_hook(lambda *_: self.restore())
+        self._own = {id(t) for t in self.model.buffers()}
+        self._hooks = [
+            self.model.register_forward_pre_hook(lambda *_: self._swap_in(), prepend=True),
+            self.model.register_forward_hook(lambda *_: self._swap_out(), always_call=True),
+        ]
         return self
 
     def __exit__(self, *_: Any) -> None:
-        self._hook.remove()
-        self.restore()
-        self._own = self._loaded = []
+        for hook in self._hooks:
+            hook.remove()
+        while self._swapped:
+            self._swap_out()
+        self._release()
 
     def keep(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Keep the buffers of a loaded checkpoint (`state`, keyed like the model's state_dict), those of
-        the previous one set back as loaded."""
-        self.restore()
-        self._loaded = _kept(t for name, t in state.items() if name in self.names)
+        """A new checkpoint (`state`, as loaded) is about to be run: the previous one's copies are
+        freed (the model's own kept); those of `state` are made at their first forward."""
+        self._release(keep_own=True)
 
-    def restore(self) -> None:
-        """Every kept buffer written since it was kept (or last restored) set back to its value then."""
-        with torch.no_grad():
-            for entry in (*self._own, *self._loaded):
-                tensor, version, value = entry
-                if tensor._version != version:
-                    tensor.copy_(value)
-                    entry[1] = tensor._version
+    def _swap_in(self) -> None:
+        """Each buffer slot of the model holding a buffer as loaded gets its working copy."""
+        inside = _transforms_active()
+        swapped: list[tuple[dict, str, torch.Tensor]] = []
+        self._swapped.append(swapped)  # before any swap: a failure below is undone by _swap_out too
+        for module in self.model.modules():
+            for leaf, tensor in module._buffers.items():
+                if tensor is None or tensor.is_inference():
+                    continue
+                copy = self._copies.get(id(tensor))
+                if copy is None:
+                    if inside:  # a copy made here would belong to the transform: this forward's own
+                        swapped.append((module._buffers, leaf, tensor))
+                        module._buffers[leaf] = _clone(tensor)
+                        continue
+                    prefix = self._names.get(id(module), "?")
+                    copy = self._copies[id(tensor)] = _Copy(tensor, f"{prefix}.{leaf}" if prefix else leaf)
+                working = copy.fresh(inside)
+                swapped.append((module._buffers, leaf, tensor))
+                module._buffers[leaf] = working
+
+    def _swap_out(self) -> None:
+        """The slots the last _swap_in filled hold the buffers as loaded again; a copy's first forward
+        is checked for writes its version counter missed."""
+        if not self._swapped:
+            return
+        for slots, leaf, tensor in reversed(self._swapped.pop()):
+            slots[leaf] = tensor
+        if not _transforms_active():
+            for copy in self._copies.values():
+                copy.check_first()
+
+    def _release(self, keep_own: bool = False) -> None:
+        for key in list(self._copies):
+            if not (keep_own and key in self._own):
+                self._copies.pop(key).check_last()
 
 
-def _kept(tensors: Any) -> list[list]:
-    """[tensor, version counter, copy] of each tensor but inference tensors (which have no version
-    counter and cannot be written outside inference mode)."""
-    kept = []
-    for t in tensors:
-        if not t.is_inference():
-            kept.append([t, t._version, t.detach().clone()])
-    return kept
+class _Copy:
+    """The working copy of a buffer as loaded (`source`, never written): made again when a forward
+    wrote it, or before every forward once a write its version counter missed was seen."""
+
+    def __init__(self, source: torch.Tensor, name: str):
+        self.source, self.name = source, name
+        self.always = False
+        self._new()
+        self.unchecked = True
+
+    def _new(self) -> None:
+        self.tensor = _clone(self.source)
+        self.version = self.tensor._version
+
+    def fresh(self, inside: bool) -> torch.Tensor:
+        """A copy equal to the source: the kept one if no forward wrote it."""
+        if self.always or self.tensor._version != self.version:
+            if inside:
+                return _clone(self.source)
+            self._new()
+        return self.tensor
+
+    def _missed(self) -> bool:
+        """The copy differs from the source though its version counter says it was not written."""
+        return self.tensor._version == self.version and not _same(self.tensor, self.source)
+
+    def check_first(self) -> None:
+        if self.unchecked:
+            self.unchecked = False
+            if self._missed():
+                self.always = True
+                self._new()
+
+    def check_last(self) -> None:
+        if not self.always and not self.unchecked and self._missed():
+            warnings.warn(
+                f"a forward wrote buffer {self.name} without its version counter showing it (through .data, "
+                "NumPy or an extension kernel), after the first forward from this checkpoint: the forwards after "
+                "it saw the change (the buffer as loaded is unchanged)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy with a version counter, also when made under torch.inference_mode."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN."""
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, grad) is running: a tensor made there belongs to it, and
+    a captured tensor cannot be written."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def load_checkpoint(

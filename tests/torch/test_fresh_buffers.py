@@ -1,0 +1,249 @@
+"""FreshBuffers: every forward starts from the buffers as loaded, which are never written, with a user's
+forward pre-hooks, torch.func transforms and writes the version counter does not see; one copy of a
+buffer at most. Rows against float64 per-example autograd from the checkpoint's state."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tracin.torch import export_gradients
+from tracin.torch.checkpoints import FreshBuffers
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def _reference(model: nn.Module, state: dict, x: torch.Tensor, y: torch.Tensor, prepare=None) -> np.ndarray:
+    """Per-example gradients in float64, each example's forward from `state` (`prepare` then run on the twin)."""
+    twin = copy.deepcopy(model).double()
+    twin._forward_pre_hooks.clear()
+    rows = []
+    for i in range(len(y)):
+        twin.load_state_dict(state)
+        if prepare is not None:
+            prepare(twin)
+        loss = nn.functional.cross_entropy(twin(x[i : i + 1].double()), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(twin.parameters()))]).numpy())
+    return np.stack(rows)
+
+
+def _unchanged(given: dict, kept: dict) -> None:
+    for k in kept:
+        torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("temp", torch.ones(()))
+
+    def forward(self, x):
+        return self.lin(x) / self.temp
+
+
+def test_a_user_pre_hook_setting_a_buffer_is_not_undone():
+    """The restore ran after the user's hook and undid it from the second forward on (relative error 1.15)."""
+    torch.manual_seed(0)
+    model = _Temperature()
+    given = copy.deepcopy(model.state_dict())
+
+    def set_temperature(module, args):  # a temperature, a schedule's value, set before each call
+        module.temp.fill_(2.0)
+
+    model.register_forward_pre_hook(set_temperature)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    want = _reference(model, given, x, y, prepare=lambda twin: twin.temp.fill_(2.0))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert float(given["temp"]) == 1.0 and float(model.temp) == 1.0
+
+
+class _WritesOutsideVmap(nn.Module):
+    """Writes a buffer after using it, outside torch.func transforms only (a write under vmap(grad)
+    fails anyway); `scale` is not a layer's, so its gradients come from torch.func.vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+        self.register_buffer("offset", torch.randn(3))
+
+    def forward(self, x):
+        out = self.lin(x) * self.scale + self.offset
+        if not torch._C._are_functorch_transforms_active():
+            self.offset.mul_(3)
+        return out
+
+
+def test_a_vmap_forward_after_a_forward_that_wrote_a_buffer_runs_under_vmap():
+    """The restore ran inside vmap(grad), which refused it: the export fell back to the per-example
+    loop with a warning blaming the model."""
+    torch.manual_seed(0)
+    model = _WritesOutsideVmap()
+    given = copy.deepcopy(model.state_dict())
+    kept = copy.deepcopy(given)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    assert not [w for w in caught if "cannot run" in str(w.message)], [str(w.message) for w in caught]
+    np.testing.assert_allclose(got, _reference(model, kept, x, y), rtol=1e-5, atol=1e-6)
+    _unchanged(given, kept)
+
+
+def test_vmap_of_grad_of_a_functional_call_after_a_written_buffer():
+    torch.manual_seed(0)
+    model = _WritesOutsideVmap()
+    state = copy.deepcopy(model.state_dict())
+    kept = copy.deepcopy(state)
+    x = torch.randn(3, 4)
+    params = {k: v for k, v in state.items() if k != "offset"}
+
+    def loss(p, one):
+        return functional_call(model, {**state, **p}, (one[None],)).sum()
+
+    with FreshBuffers(model) as buffers:
+        buffers.keep(state)
+        functional_call(model, state, (x,))  # writes the working copy of offset
+        got = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    want = vmap(grad(loss), in_dims=(None, 0))(params, x)  # no write under vmap: offset as loaded
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    _unchanged(state, kept)
+
+
+class _RunningMean(nn.Module):
+    """Updates its buffers in place after using them (an EMA, a call counter)."""
+
+    def __init__(self, through_data: bool = False):
+        super().__init__()
+        self.through_data = through_data
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("mean", torch.randn(4))
+
+    def forward(self, x):
+        out = self.lin(x - self.mean) * (1 + self.calls)
+        self.calls += 1
+        mean = self.mean.data if self.through_data else self.mean
+        mean.mul_(0.5).add_(x.detach().mean(0))
+        return out
+
+
+def test_fresh_buffers_never_writes_the_buffers_as_loaded():
+    torch.manual_seed(0)
+    model = _RunningMean()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    given = {
+        "lin.weight": torch.randn(3, 4),
+        "lin.bias": torch.randn(3),
+        "calls": torch.ones(()),
+        "mean": torch.randn(4),
+    }
+    kept = copy.deepcopy(given)
+    x = torch.randn(5, 4)
+    twin = _RunningMean()
+    twin.load_state_dict(kept)
+    want = twin(x)  # the first forward from the checkpoint's buffers
+    buffers_before = list(model.buffers())
+    versions = [t._version for t in (*given.values(), *buffers_before)]
+    with FreshBuffers(model) as buffers:
+        first = model(x)
+        for _ in range(2):
+            torch.testing.assert_close(model(x), first, rtol=0, atol=0)
+        buffers.keep(given)
+        for _ in range(3):
+            torch.testing.assert_close(functional_call(model, given, (x,)), want, rtol=0, atol=0)
+    assert all(a is b for a, b in zip(model.buffers(), buffers_before, strict=True))
+    _unchanged(given, kept)
+    _unchanged(model.state_dict(), own)
+    assert [t._version for t in (*given.values(), *buffers_before)] == versions  # never written, nor set back
+    assert model._forward_pre_hooks == {} and model._forward_hooks == {}
+
+
+@pytest.mark.parametrize("source", ["memory", "file"])
+def test_writes_through_data_are_found_after_the_first_forward(tmp_path, source):
+    """`.data` writes bump no version counter: they changed the caller's checkpoint and two identical
+    exports differed."""
+    torch.manual_seed(0)
+    model = _RunningMean(through_data=True)
+    given = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = copy.deepcopy(given)
+    torch.save(given, tmp_path / "c.pt")
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    checkpoint = given if source == "memory" else str(tmp_path / "c.pt")
+    want = _reference(model, kept, x, y)
+    for _ in range(2):
+        g = export_gradients(model, [(checkpoint, 1.0), (checkpoint, 1.0)], (x, y), LOSS, progress=False)
+        for matrix in g.matrices:
+            np.testing.assert_allclose(matrix, want, rtol=1e-5, atol=1e-6)
+    _unchanged(given, kept)
+
+
+class _LateWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("seen", torch.zeros(4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            self.seen.data.add_(1)
+        return self.lin(x + self.seen)
+
+
+def test_a_hidden_write_after_the_first_forward_is_reported_at_exit():
+    model = _LateWrite()
+    with pytest.warns(RuntimeWarning, match=r"buffer seen without its version counter"):
+        with FreshBuffers(model):
+            for _ in range(3):
+                model(torch.randn(2, 4))
+    assert torch.equal(model.seen, torch.zeros(4))
+
+
+class _Table(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+        self.register_buffer("table", torch.randn(1000, 1))  # read-only
+
+    def forward(self, x):
+        return self.lin(x + self.table[:8, 0])
+
+
+def test_one_copy_of_a_buffer_per_checkpoint_none_of_the_models_own(monkeypatch):
+    """Every buffer was copied at entry (the model's own) and at each keep, the previous checkpoint's
+    alive: three copies at once; 1000 x 1 table: 3 clones for two checkpoints."""
+    model = _Table()
+    states = [copy.deepcopy(model.state_dict()) for _ in range(2)]
+    clones = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: clones.append(t.shape) or clone(t, *a, **k))
+    with FreshBuffers(model) as buffers:
+        for state in states:
+            buffers.keep(state)
+            for _ in range(3):
+                functional_call(model, state, (torch.randn(2, 8),))
+    assert clones.count(torch.Size([1000, 1])) == 2
+
+
+def test_a_first_forward_under_inference_mode_makes_copies_the_next_forwards_can_use():
+    torch.manual_seed(0)
+    model = _RunningMean()
+    x = torch.randn(5, 4)
+    want = copy.deepcopy(model)(x)
+    with FreshBuffers(model):
+        with torch.inference_mode():
+            model(x)
+        got = model(x)
+        got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
