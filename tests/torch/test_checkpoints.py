@@ -505,3 +505,76 @@ def test_every_forward_starts_from_the_checkpoints_buffers(tmp_path, mode, runni
     for k in kept:
         torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
         torch.testing.assert_close(model.state_dict()[k], own[k], rtol=0, atol=0)
+
+
+class _HasModule(nn.Module):
+    """A submodule literally named 'module', as DataParallel's prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = nn.Linear(3, 2)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.module(x))
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod.module."])
+def test_prefixes_are_dropped_from_a_model_with_a_submodule_named_module(prefix):
+    """A wrapper's prefix was refused ('does not match the model') when some model key had it."""
+    model = _HasModule()
+    reference = model.state_dict()
+    given = {prefix + k: torch.randn_like(v) for k, v in reference.items()}
+    loaded = load_checkpoint(given, 0, reference)
+    assert sorted(loaded) == sorted(reference)
+    for k in reference:
+        torch.testing.assert_close(loaded[k], given[prefix + k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [0, 3])
+def test_an_empty_checkpoint_file_is_refused_before_anything_is_exported(setup, tmp_path, size):
+    """A 0-byte file (a failed copy, a full disk) was found only after the checkpoints before it were
+    exported, as 'cannot be read: EOFError'."""
+    model, checkpoints, data = setup
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(b"PK\x03"[:size])
+    calls = []
+
+    def loss(outputs, targets):
+        calls.append(1)
+        return LOSS(outputs, targets)
+
+    with pytest.raises(
+        ValueError, match=rf"checkpoints\[1\] \({re.escape(str(cut))}\) cannot be read: a file of {size} "
+    ):
+        export_gradients(model, [checkpoints[0], (str(cut), 1.0)], data, loss, progress=False)
+    assert calls == []
+
+
+def test_an_eof_error_without_a_message_is_worded(setup, monkeypatch):
+    model, checkpoints, _ = setup
+
+    def cut_short(*args, **kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(torch, "load", cut_short)
+    with pytest.raises(ValueError, match=r"cannot be read: the file ends early: cut short"):
+        load_checkpoint(checkpoints[0][0], 0, model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["RuntimeError", "AcceleratorError"])
+def test_a_device_failure_while_loading_is_not_blamed_on_the_file(setup, monkeypatch, kind):
+    """A 'CUDA error: ...' from torch.load was reported as 'checkpoints[k] cannot be read (file)'."""
+    model, checkpoints, _ = setup
+    error = RuntimeError if kind == "RuntimeError" else getattr(torch, kind, None)
+    if error is None:
+        pytest.skip(f"torch {torch.__version__} has no {kind}")
+    failure = RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fails(*args, **kwargs):
+        raise failure if kind == "RuntimeError" else error("illegal memory access")
+
+    monkeypatch.setattr(torch, "load", fails)
+    with pytest.raises(error) as caught:
+        load_checkpoint(checkpoints[0][0], 0, model.state_dict())
+    assert not isinstance(caught.value, ValueError)

@@ -24,6 +24,7 @@ from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, check_moments
 from .._export.pretrained_folder import weight_files
+from .capture import device_failure
 from .data import host_array
 from .layers import tied_first_names
 
@@ -70,8 +71,12 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
 
 
 def _zip_short(path: str) -> str | None:
-    """What is wrong with a torch.save zip archive whose central directory cannot be read (None when it
-    is readable, or the file is not a zip archive: the legacy format, which has no such check)."""
+    """What is wrong with a torch.save file under 4 bytes, or a zip archive whose central directory
+    cannot be read (None when it is readable, or the file is not a zip archive: the legacy format, which
+    has no such check)."""
+    size = os.path.getsize(path)
+    if size < 4:  # no torch.save file, zip or legacy, is this short: a failed copy, a full disk
+        return f"a file of {size} bytes, empty or cut short"
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
             return None
@@ -366,11 +371,12 @@ def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
     """Drops the prefixes of _PREFIXES (DataParallel's 'module.', torch.compile's '_orig_mod.', in any
-    order and number) that every key has and the model's keys do not."""
+    order and number) that every key has, while some key is not one of the model's (a model may have a
+    submodule named 'module')."""
     state = dict(state)
-    while state:
+    while state and not all(k in expected for k in state):
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in state)), None)
-        if prefix is None or any(k.startswith(prefix) for k in expected):
+        if prefix is None:
             break
         state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
@@ -623,10 +629,14 @@ _UNREADABLE = (RuntimeError, OSError, EOFError)
 
 
 def _unreadable(e: Exception, name: str, path: str | os.PathLike) -> None:
-    """ValueError naming checkpoint `name`, the file and the cause; out-of-memory errors as they are."""
-    if isinstance(e, torch.cuda.OutOfMemoryError):
+    """ValueError naming checkpoint `name`, the file and the cause; failures of the device (out of
+    memory, 'CUDA error: ...') as they are."""
+    if device_failure(e):
         raise e
-    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if str(e):
+        cause = str(e).splitlines()[0]
+    else:
+        cause = "the file ends early: cut short" if isinstance(e, EOFError) else type(e).__name__
     raise ValueError(f"{_cannot_read(name, path)}: {cause}") from e
 
 
