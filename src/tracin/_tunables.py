@@ -40,8 +40,10 @@ MERGE_S = 3e-7
 both pieces per side): 0.27 s for 512 x 2,000 candidates, 3.5 s for 512 x 20,000 (265-342 ns each)."""
 
 BAR_STEPS = 100
-"""With a bar, the train side is scored in about this many pieces (one kernel call each), so the
-bar moves in steps of about 1%. Results do not depend on the cut (tests/test_scoring.py)."""
+"""With a bar, the train side of a long call is scored in up to this many pieces (one kernel call
+each), so the bar moves in steps of about 1%; a short call, or a top_k whose extra calls would cost
+more than scoring.py's overhead budget (selection and merging at large k), gets fewer. Results do
+not depend on the cut (tests/test_scoring.py)."""
 
 MIN_PIECE_ROWS = 4096
 """...but no piece is smaller than this many train rows: each kernel call packs the test side

