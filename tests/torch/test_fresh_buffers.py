@@ -247,3 +247,25 @@ def test_a_first_forward_under_inference_mode_makes_copies_the_next_forwards_can
         got = model(x)
         got.sum().backward()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _Observed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.obs = torch.ao.quantization.observer.PerChannelMinMaxObserver(ch_axis=1)
+
+    def forward(self, x):
+        self.obs(x.detach())  # an observer left on, never run before the checkpoint: resizes its buffers
+        return self.lin(x)
+
+
+def test_a_buffer_resized_by_the_forward_is_resized_on_its_copy():
+    """An uncalibrated per-channel observer failed ('storage not resizable'), with or without FreshBuffers."""
+    torch.manual_seed(0)
+    model = _Observed()
+    given = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    np.testing.assert_allclose(got, _reference(model, given, x, y), rtol=1e-5, atol=1e-6)
+    assert given["obs.min_val"].shape == model.obs.min_val.shape == (0,)
