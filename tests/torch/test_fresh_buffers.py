@@ -269,3 +269,34 @@ def test_a_buffer_resized_by_the_forward_is_resized_on_its_copy():
     got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
     np.testing.assert_allclose(got, _reference(model, given, x, y), rtol=1e-5, atol=1e-6)
     assert given["obs.min_val"].shape == model.obs.min_val.shape == (0,)
+
+
+class _Alias(nn.Module):
+    """Writes its buffer through a plain attribute that aliases it (set at construction)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("count", torch.zeros(3))
+        self.alias = self.count
+
+    def forward(self, x):
+        out = self.lin(x) + self.count
+        self.alias.add_(1)
+        return out
+
+
+def test_a_buffer_written_through_an_alias_is_set_back_or_reported():
+    torch.manual_seed(0)
+    model = _Alias()
+    given = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with FreshBuffers(model):
+        for _ in range(2):
+            torch.testing.assert_close(model(x), model.lin(x), rtol=0, atol=0)
+    assert torch.equal(model.count, torch.zeros(3))  # set back from its copy
+    # under functional_call the module's attribute is the checkpoint's buffer: the model's own has no copy
+    with pytest.warns(RuntimeWarning, match="buffer count of the model was written"):
+        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    np.testing.assert_allclose(got, _reference(model, given, x, y), rtol=1e-5, atol=1e-6)
+    assert torch.equal(given["count"], torch.zeros(3))

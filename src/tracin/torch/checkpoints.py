@@ -405,17 +405,21 @@ class FreshBuffers:
     """A context in which every forward of `model` starts from the buffers as loaded: a forward that
     changes a buffer (in place, or by assigning a new tensor; a running statistic, a call counter, a
     fake-quantization observer) does so for itself alone, so no pass (a check, a batch, an example)
-    sees another's change. The buffers as loaded (the model's own, a checkpoint's given to
-    torch.func.functional_call) are never written: before each forward of the model, and before its
-    own forward pre-hooks, each buffer it is about to use is replaced, for that forward only, by a
-    working copy, made once per checkpoint and made again when the version counter says a forward
-    wrote it (inside a torch.func transform the copy is that forward's own; nothing is written
-    there). Cost: one copy of each buffer the forwards use, on its device, freed when the next
-    checkpoint is kept. A write the version counter does not see (through .data, NumPy, an extension
-    kernel) is found by comparing the copy with the buffer after its first forward, and the buffer
-    copied before every forward from then on; one made after that first forward is only found at the
-    next keep or at exit, with a RuntimeWarning (one device sync per buffer and checkpoint for each
-    comparison)."""
+    sees another's change. Before each forward of the model, and before its own forward pre-hooks,
+    each buffer in a module's attribute (the model's own, or a checkpoint's that
+    torch.func.functional_call put there) is replaced, for that forward only, by a working copy, made
+    at its first forward (once per checkpoint) and made again when its version counter says a forward
+    wrote it; inside a torch.func transform a copy still needed is that forward's own, and nothing is
+    written there. Cost: one copy of each buffer the forwards use, on its device, freed when the next
+    checkpoint is kept; the model's own persistent buffers are copied only if the model runs with them.
+
+    The buffers as loaded are left as they were: one written through another reference (an attribute
+    aliasing it) is set back from its copy before the next forward and at exit, or, for a buffer of
+    the model never copied, reported at exit with a RuntimeWarning. A write the version counter does
+    not see (through .data, NumPy, an extension kernel) is found by comparing the copy with the buffer
+    after the copy's first forward, the buffer then copied before every forward; one made after that
+    first forward is reported at the next keep or at exit with a RuntimeWarning (each comparison: one
+    device sync per buffer and checkpoint)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -426,7 +430,7 @@ class FreshBuffers:
         self._swapped: list[list[tuple[dict, str, torch.Tensor]]] = []
 
     def __enter__(self) -> FreshBuffers:
-        self._own = {id(t) for t in self.model.buffers()}
+        self._own = {id(t): (name, t, t._version) for name, t in self.model.named_buffers() if not t.is_inference()}
         self._hooks = [
             self.model.register_forward_pre_hook(lambda *_: self._swap_in(), prepend=True),
             self.model.register_forward_hook(lambda *_: self._swap_out(), always_call=True),
@@ -438,7 +442,17 @@ class FreshBuffers:
             hook.remove()
         while self._swapped:
             self._swap_out()
+        copied = set(self._copies)
         self._release()
+        for key, (name, tensor, version) in self._own.items():
+            if key not in copied and tensor._version != version:  # no copy to set it back from
+                warnings.warn(
+                    f"buffer {name} of the model was written during the export through another reference than "
+                    "the module's attribute (a forward that runs with a checkpoint's buffers swapped in), and is "
+                    "left as written",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def keep(self, state: Mapping[str, torch.Tensor]) -> None:
         """A new checkpoint (`state`, as loaded) is about to be run: the previous one's copies are
@@ -462,6 +476,8 @@ class FreshBuffers:
                         continue
                     prefix = self._names.get(id(module), "?")
                     copy = self._copies[id(tensor)] = _Copy(tensor, f"{prefix}.{leaf}" if prefix else leaf)
+                elif not inside:
+                    copy.mend()
                 working = copy.fresh(inside)
                 swapped.append((module._buffers, leaf, tensor))
                 module._buffers[leaf] = working
@@ -480,7 +496,9 @@ class FreshBuffers:
     def _release(self, keep_own: bool = False) -> None:
         for key in list(self._copies):
             if not (keep_own and key in self._own):
-                self._copies.pop(key).check_last()
+                copy = self._copies.pop(key)
+                copy.mend()
+                copy.check_last()
 
 
 class _Copy:
@@ -489,6 +507,7 @@ class _Copy:
 
     def __init__(self, source: torch.Tensor, name: str):
         self.source, self.name = source, name
+        self.source_version = source._version
         self.always = False
         self._new()
         self.unchecked = True
@@ -505,9 +524,18 @@ class _Copy:
             self._new()
         return self.tensor
 
+    def mend(self) -> None:
+        """The source set back from the copy when something wrote it through another reference (an
+        attribute aliasing the buffer) while the copy was not written."""
+        if self.source._version != self.source_version and not self.always and self.tensor._version == self.version:
+            with torch.no_grad():
+                self.source.copy_(self.tensor)
+            self.source_version = self.source._version
+
     def _missed(self) -> bool:
-        """The copy differs from the source though its version counter says it was not written."""
-        return self.tensor._version == self.version and not _same(self.tensor, self.source)
+        """The copy differs from the source though neither version counter says it was written."""
+        unwritten = self.tensor._version == self.version and self.source._version == self.source_version
+        return unwritten and not _same(self.tensor, self.source)
 
     def check_first(self) -> None:
         if self.unchecked:
