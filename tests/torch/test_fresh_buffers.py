@@ -300,3 +300,19 @@ def test_a_buffer_written_through_an_alias_is_set_back_or_reported():
         got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
     np.testing.assert_allclose(got, _reference(model, given, x, y), rtol=1e-5, atol=1e-6)
     assert torch.equal(given["count"], torch.zeros(3))
+
+
+class _AliasAndAttribute(_Alias):
+    def forward(self, x):
+        out = self.lin(x) + self.count
+        self.alias.add_(1)
+        self.count.mul_(2)  # the working copy too
+        return out
+
+
+def test_a_buffer_written_through_an_alias_and_its_attribute_is_reported():
+    model = _AliasAndAttribute()
+    with pytest.warns(RuntimeWarning, match="buffer count was written through another reference"):
+        with FreshBuffers(model):
+            for _ in range(2):
+                model(torch.randn(2, 4))

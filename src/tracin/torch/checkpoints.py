@@ -423,7 +423,7 @@ class FreshBuffers:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self._names = {}
+        self._names: dict[int, str] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self._names.setdefault(id(module), name)
         self._copies: dict[int, _Copy] = {}
@@ -526,11 +526,21 @@ class _Copy:
 
     def mend(self) -> None:
         """The source set back from the copy when something wrote it through another reference (an
-        attribute aliasing the buffer) while the copy was not written."""
-        if self.source._version != self.source_version and not self.always and self.tensor._version == self.version:
+        attribute aliasing the buffer) while the copy was not written; a RuntimeWarning when it was."""
+        if self.source._version == self.source_version:
+            return
+        if not self.always and self.tensor._version == self.version:
             with torch.no_grad():
                 self.source.copy_(self.tensor)
-            self.source_version = self.source._version
+        else:
+            warnings.warn(
+                f"buffer {self.name} was written through another reference than the module's attribute (an "
+                "alias) while its working copy was written too: it is left as written, and the next forwards "
+                "start from it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.source_version = self.source._version
 
     def _missed(self) -> bool:
         """The copy differs from the source though neither version counter says it was written."""
