@@ -516,3 +516,24 @@ def test_a_half_precision_model_passes_the_check_and_matches_float64(dtype):
         want = projected_reference(proj, g.metadata["projection"]["segments"], grads, names)
         eps = torch.finfo(dtype).eps  # measured: 4.2e-3 (bfloat16), 6.7e-4 (float16) of the largest value
         np.testing.assert_allclose(g.matrices[c], want, rtol=0, atol=2 * eps * np.abs(want).max())
+
+
+def test_a_position_embedding_on_one_id_in_a_batch_of_more_rows_keeps_the_models_shapes():
+    """wpe(arange(1)) in a first batch of 3 rows: its (1,) ids were taken for a batch of one and its output
+    expanded to (3, WIDTH), so h + pos broadcast to (3, 3, WIDTH) and the loss raised a raw RuntimeError
+    (review20 item 3). It is projected from full per-example gradients: float64 autograd's rows."""
+    torch.manual_seed(0)
+    model = Positioned(False)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randint(1, VOCAB, (3, t), generator=g), torch.randint(0, CLASSES, (3, t), generator=g)) for t in (1, 3)
+    ]
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = export_gradients(model, [(state, 1.0)], batches, token_loss, projection=proj, progress=False)
+    layout = got.metadata["projection"]["segments"]
+    names = [n for n, _ in model.named_parameters()]
+    grads = [r for ids, labels in batches for r in autograd_grads(model, state, ids, labels, [ids.shape[1]] * 3)]
+    assert_rows_close(got.matrices[0], projected_reference(proj, layout, grads, names))

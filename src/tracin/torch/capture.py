@@ -47,9 +47,9 @@ def capture(
     targets: Tree,
 ) -> dict[str, list[Call]]:
     """{module name: its calls, in order} for the modules `names`, from one forward pass of the model
-    with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input and
-    output have batch size 1 in a batch of more rows (shared by all, broadcast later) is recorded
-    expanded to the batch, its output replaced by the expanded tensor."""
+    with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input (of 2
+    or more dimensions) and output have batch size 1 in a batch of more rows (shared by all, broadcast
+    later) is recorded expanded to the batch, its output replaced by the expanded tensor."""
     calls: dict[str, dict[int, Call]] = {n: {} for n in names}
 
     def keep(name: str, index: int, call: Call) -> None:
@@ -83,9 +83,10 @@ def stream(
             if not isinstance(first, torch.Tensor) or not isinstance(output, torch.Tensor):
                 raise NotCaptured(f"layer {name!r} must take a tensor and return one tensor to be captured")
             x = first.detach()
-            if rows > 1 and x.dim() and output.dim() and x.shape[0] == 1 and output.shape[0] == 1:
-                # shared by the batch and broadcast later (position embeddings): one copy per example
-                # keeps each example's output gradient apart
+            if rows > 1 and x.dim() > 1 and output.dim() and x.shape[0] == 1 and output.shape[0] == 1:
+                # shared by the batch and broadcast later (position embeddings on ids of shape (1, T)): one
+                # copy per example keeps each example's output gradient apart; 1-D inputs (wpe(arange(1)))
+                # have no batch dimension to expand, and an expanded output would change the model's shapes
                 x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:])
             # dL/dy needs y in the graph; where nothing upstream needs gradients, start the graph here
             source = output if output.requires_grad else output.detach().requires_grad_(True)
