@@ -90,6 +90,28 @@ def test_weights_far_from_one_keep_the_bound(rng, isa, case):
     assert np.all(np.take_along_axis(exact + 2 * bound, indices, 1) >= fourth)
 
 
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_each_test_row_gets_its_own_weight_exponent(rng, isa):
+    """One pass whose test rows' weighted values are far apart (review21 case A): weight 1e-30, row 0
+    ~1e10 (1e-20 packed, normal), rows 1-2 ~1e-12 (1e-42 packed, subnormal), train ~1e25. Rows 1-2
+    are within the bound of the float64 scores and have the bits they have alone (one exponent per
+    pass left them subnormal: 27x the bound); top_k picks within the bound, every instruction set."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    w = [1e-30]
+    test = [np.vstack([rng.standard_normal((1, 16)) * 1e10, rng.standard_normal((2, 16)) * 1e-12]).astype(np.float32)]
+    train = [(rng.standard_normal((20, 16)) * 1e25).astype(np.float32)]
+    side = lambda x: tracin.Gradients(x, w).kernel_side()  # noqa: E731
+    got = _core.scores(side(test), side(train), w, isa=isa)
+    assert_close_to_exact(got, test, train, w)
+    np.testing.assert_array_equal(got[1:], _core.scores(side([test[0][1:]]), side(train), w, isa=isa))
+    values, indices, _, _ = _core.top_k(side(test), side(train), w, 4, 0, isa=isa)
+    np.testing.assert_array_equal(values, np.take_along_axis(got, indices, 1))
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    fourth = np.sort(exact, 1)[:, -4:-3]
+    assert np.all(np.take_along_axis(exact + 2 * bound, indices, 1) >= fourth)
+
+
 def test_scaling_the_weight_by_a_power_of_two_scales_the_scores_exactly(rng):
     """Weights are packed divided by a power of two and the tile multiplied back: exact, so scaling
     the weight by 2^j scales every score by 2^j, bit for bit, with or without cosine normalisation

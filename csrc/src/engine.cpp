@@ -107,13 +107,14 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // Test rows of one pass, scaled by the checkpoint weights (and, for cosine scores, by each row's
 // inverse norm per run of checkpoints) and laid out as panels of nr lanes: block b, slice s,
 // panel p holds kc x nr floats, lane = test row within the panel.
-// The weights are packed as w_c * 2^-e and each tile is multiplied by 2^e once computed. e is 0
-// (the plain w_c, the same bits as ever) unless the weighted rows leave float32's comfortable range:
-// when every packed value is below 2^-96 (subnormals lose bits) e brings the largest to 2^-96,
+// The weights of test row r are packed as w_c * 2^-e_r and each tile's column r is multiplied by
+// 2^e_r once computed: one exponent per row, since a score's column only sees its own row. e_r is 0
+// (the plain w_c, the same bits as ever) unless row r's weighted values leave float32's comfortable
+// range: when every one is below 2^-96 (subnormals lose bits) e_r brings the largest to 2^-96,
 // when one overflows it brings the largest to 2^100. Scaling by a power of two is exact, so only
-// the values that would have been subnormal or infinite change. Since e < 0 only when every packed
-// value is below 2^-96, a tile (a score times 2^-e) stays far from overflow; e > 0 only makes tiles
-// smaller than the scores.
+// the values that would have been subnormal or infinite change. Since e_r < 0 only when every packed
+// value of row r is below 2^-96, a tile's column (a score times 2^-e_r) stays far from overflow;
+// e_r > 0 only makes it smaller than the scores.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
@@ -131,13 +132,15 @@ class PackedTest {
       total += static_cast<std::size_t>(m.cols * lanes_);  // slices of kc x lanes, the last one short
     }
     data_.Resize(total);
-    exponent_ = 0;
+    exponents_.clear();
+    factors_.clear();
     Outcome outcome;
     Status status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
     if (status.ok() && (!outcome.finite || outcome.tiny)) {
-      const int e = ExponentFor(kernels, test, weights, begin, count, normalize);
-      if (e != 0) {
-        exponent_ = e;
+      std::vector<int> exponents = ExponentsFor(kernels, test, weights, begin, count, normalize);
+      if (std::any_of(exponents.begin(), exponents.end(), [](int e) { return e != 0; })) {
+        exponents_ = std::move(exponents);
+        for (const int e : exponents_) factors_.push_back(e >= -126 && e <= 127 ? std::ldexp(1.0f, e) : 0.0f);
         status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
       }
     }
@@ -149,8 +152,11 @@ class PackedTest {
     return data_.data() + offsets_[block] + static_cast<std::size_t>(slice * kSliceDepth * lanes_);
   }
   std::int64_t lanes() const { return lanes_; }
-  // The binary exponent e the packed weights were divided by (2^-e): tiles are multiplied by 2^e.
-  int exponent() const { return exponent_; }
+  // Per test row of the pass, the binary exponent e_r its packed weights were divided by (2^-e_r):
+  // tile column r is multiplied by 2^e_r. Empty when every e_r is 0.
+  const std::vector<int>& exponents() const { return exponents_; }
+  // 2^e_r as a float, or 0 where 2^e_r is not a normal float (multiply with std::ldexp instead).
+  const std::vector<float>& factors() const { return factors_; }
 
  private:
   float* SliceMutable(std::size_t block, std::int64_t slice) {
@@ -159,28 +165,39 @@ class PackedTest {
 
   struct Outcome {
     bool finite = true;  // no packed value is NaN or Inf
-    bool tiny = false;   // every weighted packed value is below 2^-96 (zeros included)
+    bool tiny = false;   // some row's weighted packed values are all below 2^-96 (zeros included)
   };
 
-  // Packs every panel of the pass with weights w_c * 2^-exponent_, one panel of one block per task.
+  // Packs every panel of the pass with weights w_c * 2^-e_r, one panel of one block per task.
   Status PackAll(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
                  std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
                  const std::atomic<bool>* cancel, Outcome& outcome) {
     const std::int64_t panels = lanes_ / nr;
     const auto blocks = static_cast<std::int64_t>(test.blocks.size());
     std::atomic<bool> stop{false};
-    std::atomic<std::uint32_t> all{0}, weighted{0};
+    std::atomic<std::uint32_t> all{0};
+    // Per block and row, the OR of PackPanel's flags over the row (each task writes its own entries).
+    std::vector<std::uint32_t> row_flags(static_cast<std::size_t>(blocks * count), 0u);
     const int workers = data_.size() * sizeof(float) >= kParallelPackBytes ? threads : 1;
     const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
       const auto b = static_cast<std::size_t>(task / panels);
-      const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b, exponent_),
-                                            ScalesOf(test, b, normalize), begin, count, task % panels, nr);
+      const bool weighted = !(test.factored && b % 2 == 1);
+      const int* exponents = weighted && !exponents_.empty() ? exponents_.data() : nullptr;
+      std::uint32_t* flags_of_rows = row_flags.data() + b * static_cast<std::size_t>(count);
+      const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b), exponents,
+                                            ScalesOf(test, b, normalize), begin, count, task % panels, nr,
+                                            flags_of_rows);
       all |= flags;
-      if (!(test.factored && b % 2 == 1)) weighted |= flags;
       if (flags & 0x80000000u) stop = true;  // NaN or Inf
     });
     outcome.finite = (all & 0x80000000u) == 0;
-    outcome.tiny = (weighted & 0x7fffffffu) < kTinyBits;
+    outcome.tiny = false;
+    for (std::int64_t r = 0; r < count && !outcome.tiny; ++r) {
+      std::uint32_t weighted = 0;
+      for (std::size_t b = 0; b < test.blocks.size(); ++b)
+        if (!(test.factored && b % 2 == 1)) weighted |= row_flags[b * static_cast<std::size_t>(count) + r];
+      outcome.tiny = (weighted & 0x7fffffffu) < kTinyBits;
+    }
     return status;
   }
 
@@ -188,47 +205,52 @@ class PackedTest {
   // exponent field + 1 is below 32: every value is below 2^-96.
   static constexpr std::uint32_t kTinyBits = 32u << 23;
 
-  // e for this pass (see the class comment), from the largest |w_c x scale x test value| of the
-  // weighted blocks, found in double precision; 0 when it is in range, zero, or not finite (a NaN
-  // or Inf input, reported as such by the caller).
-  int ExponentFor(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
-                  std::int64_t begin, std::int64_t count, std::int64_t normalize) const {
-    std::optional<int> largest;  // binary exponent of the largest product
+  // e_r for each row of the pass (see the class comment), from the row's largest |w_c x scale x test
+  // value| over the weighted blocks, found in double precision; 0 when it is in range, zero, or not
+  // finite (a NaN or Inf input, reported as such by the caller).
+  std::vector<int> ExponentsFor(const KernelTable& kernels, const GradientSide& test,
+                                const std::vector<double>& weights, std::int64_t begin, std::int64_t count,
+                                std::int64_t normalize) const {
+    std::vector<int> exponents(static_cast<std::size_t>(count), 0);
     float piece[kSliceDepth];
-    for (std::size_t b = 0; b < test.blocks.size(); ++b) {
-      if (test.factored && b % 2 == 1) continue;
-      const MatrixView& m = test.blocks[b];
-      const double* scales = ScalesOf(test, b, normalize);
-      double row_max = 0.0;  // the largest |scale x value|: finite, scales are at most 2^537
-      for (std::int64_t r = 0; r < count; ++r)
-        for (std::int64_t k0 = 0; k0 < m.cols; k0 += kSliceDepth) {
+    for (std::int64_t r = 0; r < count; ++r) {
+      std::optional<int> largest;  // binary exponent of the row's largest product
+      bool finite = true;
+      for (std::size_t b = 0; b < test.blocks.size() && finite; ++b) {
+        if (test.factored && b % 2 == 1) continue;
+        const MatrixView& m = test.blocks[b];
+        const double* scales = ScalesOf(test, b, normalize);
+        const double scale = scales ? scales[static_cast<std::size_t>(r) * runs_] : 1.0;
+        double row_max = 0.0;  // the largest |scale x value|: finite, scales are at most 2^537
+        for (std::int64_t k0 = 0; k0 < m.cols && finite; k0 += kSliceDepth) {
           const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
           LoadRow(kernels, m, begin + r, k0, kc, piece);
-          const double scale = scales ? scales[static_cast<std::size_t>(r) * runs_] : 1.0;
           for (std::int64_t k = 0; k < kc; ++k) {
             const double v = std::fabs(scale * static_cast<double>(piece[k]));
-            if (!std::isfinite(v)) return 0;
+            finite = finite && std::isfinite(v);
             row_max = std::max(row_max, v);
           }
         }
-      const double w = std::fabs(weights[test.factored ? b / 2 : b]);
-      if (row_max == 0.0 || w == 0.0) continue;
-      // ilogb of w x row_max without forming it (it may leave double's range): significands in [1, 4).
-      const double significands = std::scalbn(w, -std::ilogb(w)) * std::scalbn(row_max, -std::ilogb(row_max));
-      const int exponent = std::ilogb(w) + std::ilogb(row_max) + (significands >= 2.0 ? 1 : 0);
-      largest = std::max(largest.value_or(exponent), exponent);
+        const double w = std::fabs(weights[test.factored ? b / 2 : b]);
+        if (!finite || row_max == 0.0 || w == 0.0) continue;
+        // ilogb of w x row_max without forming it (it may leave double's range): significands in [1, 4).
+        const double significands =
+            std::scalbn(w, -std::ilogb(w)) * std::scalbn(row_max, -std::ilogb(row_max));
+        const int exponent = std::ilogb(w) + std::ilogb(row_max) + (significands >= 2.0 ? 1 : 0);
+        largest = std::max(largest.value_or(exponent), exponent);
+      }
+      if (!finite || !largest) continue;
+      if (*largest < -96) exponents[static_cast<std::size_t>(r)] = *largest + 96;  // to [2^-96, 2^-95)
+      if (*largest >= 127) exponents[static_cast<std::size_t>(r)] = *largest - 100;  // to [2^100, 2^101)
     }
-    if (!largest) return 0;
-    if (*largest < -96) return *largest + 96;  // the largest to [2^-96, 2^-95)
-    if (*largest >= 127) return *largest - 100;  // to [2^100, 2^101)
-    return 0;
+    return exponents;
   }
 
-  // Weights, times 2^-exponent, go on the left factor (or the whole gradient) of each checkpoint.
-  static double WeightOf(const GradientSide& test, const std::vector<double>& weights, std::size_t b,
-                         int exponent) {
+  // Weights (times each row's 2^-e_r, PackPanel) go on the left factor (or the whole gradient) of
+  // each checkpoint.
+  static double WeightOf(const GradientSide& test, const std::vector<double>& weights, std::size_t b) {
     if (test.factored && b % 2 == 1) return 1.0;
-    return std::ldexp(weights[test.factored ? b / 2 : b], -exponent);
+    return weights[test.factored ? b / 2 : b];
   }
 
   // Cosine scores: inverse norms of the pass's rows per run of `normalize` checkpoints, row-major
@@ -256,11 +278,13 @@ class PackedTest {
   }
 
   // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
-  // each scaled by w (times its entry of `scales`, stride runs_, when not null).
+  // each scaled by w (times 2^-exponents[r] when not null, and its entry of `scales`, stride runs_,
+  // when not null). row_flags[r] gets the OR of row r's flags.
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
   // (bits & exponent) + 1 ulp of exponent over the values: the sign bit is set only for NaN or Inf.
   std::uint32_t PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
-                 const double* scales, std::int64_t begin, std::int64_t count, std::int64_t panel, int nr) {
+                          const int* exponents, const double* scales, std::int64_t begin, std::int64_t count,
+                          std::int64_t panel, int nr, std::uint32_t* row_flags) {
     const MatrixView& m = test.blocks[b];
     const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
     float piece[kSliceDepth];
@@ -270,15 +294,19 @@ class PackedTest {
       float* slice = SliceMutable(b, s) + panel * kc * nr;
       for (std::int64_t lane = 0; lane < rows; ++lane) {
         const std::int64_t r = panel * nr + lane;
-        const double lw = scales ? w * scales[static_cast<std::size_t>(r) * runs_] : w;
+        const double rw = exponents ? std::ldexp(w, -exponents[r]) : w;
+        const double lw = scales ? rw * scales[static_cast<std::size_t>(r) * runs_] : rw;
         LoadRow(kernels, m, begin + r, k0, kc, piece);
+        std::uint32_t lane_flags = 0;
         for (std::int64_t kk = 0; kk < kc; ++kk) {
           const float v = static_cast<float>(lw * static_cast<double>(piece[kk]));
           std::uint32_t bits;
           std::memcpy(&bits, &v, sizeof bits);
-          flags |= (bits & 0x7f800000u) + 0x00800000u;
+          lane_flags |= (bits & 0x7f800000u) + 0x00800000u;
           slice[kk * nr + lane] = v;
         }
+        row_flags[r] |= lane_flags;
+        flags |= lane_flags;
       }
       for (std::int64_t kk = 0; kk < kc && rows < nr; ++kk)
         std::fill(slice + kk * nr + rows, slice + (kk + 1) * nr, 0.0f);
@@ -289,7 +317,8 @@ class PackedTest {
   AlignedFloats data_;
   std::vector<std::size_t> offsets_;
   std::int64_t lanes_ = 0;
-  int exponent_ = 0;
+  std::vector<int> exponents_;  // e_r per row of the pass, empty when all are 0
+  std::vector<float> factors_;  // 2^e_r, or 0 where that is not a normal float
   std::vector<double> scales_;  // InverseNorms
   std::size_t runs_ = 0;
 };
@@ -444,17 +473,17 @@ class TileProducer {
     std::int64_t begin, rows;
   };
 
-  // Multiplies `count` scores by 2^packed_.exponent(), rounding once (a float multiply by a power
-  // of two is exact unless the result is subnormal or overflows, and then rounds as the score's own
-  // float32 rounding would); nothing for the usual exponent 0.
+  // Multiplies score r of `count` by 2^e_r (packed_.exponents()), rounding once (a float multiply by
+  // a power of two is exact unless the result is subnormal or overflows, and then rounds as the
+  // score's own float32 rounding would); nothing for the usual exponents 0.
   void UndoWeightExponent(float* row, std::int64_t count) const {
-    const int e = packed_.exponent();
-    if (e == 0) return;
-    if (e >= -126 && e <= 127) {
-      const float factor = std::ldexp(1.0f, e);
-      for (std::int64_t r = 0; r < count; ++r) row[r] *= factor;
-    } else {
-      for (std::int64_t r = 0; r < count; ++r) row[r] = std::ldexp(row[r], e);
+    const std::vector<int>& exponents = packed_.exponents();
+    if (exponents.empty()) return;
+    const std::vector<float>& factors = packed_.factors();
+    for (std::int64_t r = 0; r < count; ++r) {
+      const auto i = static_cast<std::size_t>(r);
+      if (exponents[i] == 0) continue;
+      row[r] = factors[i] != 0.0f ? row[r] * factors[i] : std::ldexp(row[r], exponents[i]);
     }
   }
 

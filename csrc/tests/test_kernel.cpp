@@ -179,6 +179,55 @@ void TestWeightsFarFromOne() {
   }
 }
 
+// One pass whose test rows' weighted values are far apart (review21 case A): weight 1e-30, test row 0
+// ~1e10 (1e-20 packed, normal), rows 1-4 ~1e-12 (1e-42 packed, subnormal), train ~1e25. Each row
+// gets its own weight exponent, so every row is within the bound of the float64 scores and rows 1-4
+// have the bits they have scored alone; TopK values are the Scores of their indices. Every
+// instruction set, full and factored (right factors of ones).
+void TestWeightExponentPerTestRow() {
+  std::mt19937 rng(5);
+  Matrix test = Random(5, 40, rng), train = Random(30, 40, rng);
+  for (std::int64_t k = 0; k < 40; ++k) test.data[static_cast<std::size_t>(k)] *= 1e10f;
+  for (std::size_t i = 40; i < test.data.size(); ++i) test.data[i] *= 1e-12f;
+  for (float& v : train.data) v *= 1e25f;
+  Matrix tiny{4, 40, std::vector<float>(test.data.begin() + 40, test.data.end())};
+  const std::vector<double> w = {1e-30};
+  std::vector<double> exact, bound;
+  Reference({test}, {train}, w, &exact, &bound);
+  Matrix ones_t{5, 1, std::vector<float>(5, 1.0f)}, ones_x{30, 1, std::vector<float>(30, 1.0f)};
+  tracin::GradientSide ft, fx;
+  ft.factored = fx.factored = true;
+  ft.blocks = {test.View(), ones_t.View()};
+  fx.blocks = {train.View(), ones_x.View()};
+  for (tracin::Isa isa : tracin_test::RunnableIsas("WeightExponentPerTestRow")) {
+    const std::string name = std::string("per-row weight exponent, isa ") + tracin::IsaName(isa);
+    tracin::Options o;
+    o.isa = isa;
+    std::vector<float> out(exact.size()), alone(4 * 30), factored(exact.size());
+    tracin::Status s = tracin::Scores(Full({test}), Full({train}), w, out.data(), o);
+    Check(s.ok(), name + ": Scores ok: " + s.message);
+    bool close = true;
+    for (std::size_t i = 0; i < out.size(); ++i) close = close && std::abs(out[i] - exact[i]) <= bound[i];
+    Check(close, name + ": Scores within the scale-aware bound");
+    s = tracin::Scores(Full({tiny}), Full({train}), w, alone.data(), o);
+    Check(s.ok() && std::memcmp(alone.data(), out.data() + 30, alone.size() * 4) == 0,
+          name + ": rows 1-4 have the bits they have scored alone");
+    s = tracin::Scores(ft, fx, w, factored.data(), o);
+    Check(s.ok() && factored == out, name + ": factored scores are the full ones");
+    std::vector<float> values(5 * 3);
+    std::vector<std::int64_t> indices(values.size());
+    tracin::TopKOutput top;
+    top.proponent_values = values.data();
+    top.proponent_indices = indices.data();
+    s = tracin::TopK(Full({test}), Full({train}), w, 3, tracin::Side::kProponents, top, o);
+    bool same = s.ok();
+    for (std::size_t i = 0; same && i < values.size(); ++i)
+      same = values[i] == out[static_cast<std::size_t>(i / 3 * 30 + indices[i])] &&
+             (i % 3 == 0 || values[i] <= values[i - 1]);
+    Check(same, name + ": TopK values are the Scores of their indices, descending: " + s.message);
+  }
+}
+
 void TestTopK() {
   std::mt19937 rng(2);
   const std::vector<Matrix> test = {Random(5, 33, rng)};
@@ -552,6 +601,7 @@ int main() {
   std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
   TestScoresAndDeterminism();
   TestWeightsFarFromOne();
+  TestWeightExponentPerTestRow();
   TestTopK();
   TestHalfPrecisionAndFactored();
   TestSelfInfluenceAndAggregate();
