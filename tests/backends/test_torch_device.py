@@ -126,6 +126,29 @@ def test_weights_beyond_float32_keep_the_bound(rng, small_tiles, w, test_scale, 
     assert np.all(np.abs(tracin.scores(ft, fx, device="torch:cpu") - exact) <= bound)
 
 
+@pytest.mark.parametrize(
+    ("w", "scales"),
+    [([1e-30, 1e45], [1e18, 1e-19]), ([1e-31, 1e-50], [1e-3, 1e18]), ([1e-40, 1.0, 1e-45], [1e15, 1e-5, 1e17])],
+)
+def test_weights_far_apart_keep_the_bound(rng, small_tiles, w, scales):
+    """Weights far apart (review21 cases B, C): one exponent from the largest |w| made the small
+    weight's w / 2^e a subnormal float32 or 0 (errors 1e3 to 5e4 x the bound); such a checkpoint is
+    summed with its own exponent and added in float64. Full and factored scores and top_k against
+    float64."""
+    test = [(rng.standard_normal((5, 16)) * s).astype(np.float32) for s in scales]
+    train = [(rng.standard_normal((60, 16)) * s).astype(np.float32) for s in scales]
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    assert np.all(np.abs(tracin.scores(t, x, device="torch:cpu") - exact) <= bound)
+    got = tracin.top_k(t, x, k=6, side="both", device="torch:cpu")
+    for side in got:
+        chosen = np.take_along_axis(exact, side.indices, 1)
+        assert np.all(np.abs(side.values - chosen) <= np.take_along_axis(bound, side.indices, 1))
+    ones_t, ones_x = [np.ones((5, 1), np.float32)] * len(w), [np.ones((60, 1), np.float32)] * len(w)
+    ft, fx = tracin.FactoredGradients(test, ones_t, w), tracin.FactoredGradients(train, ones_x, w)
+    assert np.all(np.abs(tracin.scores(ft, fx, device="torch:cpu") - exact) <= bound)
+
+
 def test_scores_beyond_float32_are_a_value_error(rng):
     """w = 1e300 on rows of 1e-20: scores near 1e260, beyond float32 (a RuntimeError from torch before)."""
     test, train = rng.standard_normal((3, 8)).astype(np.float32) * 1e-20, rng.standard_normal((9, 8)).astype(np.float32)

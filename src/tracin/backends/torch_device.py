@@ -395,26 +395,54 @@ def _product(
     elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32.
     scales: cosine scores, float32 (1, r) train inverse norms per run of `run` checkpoints, applied
     to each checkpoint's block (the test side comes scaled). The GEMMs take w_c / 2^e as float32
-    (_weight_exponent) and the sum is multiplied by 2^e, rounding once."""
+    (_weight_exponent) and the sum is multiplied by 2^e, rounding once; a checkpoint whose w_c / 2^e
+    is below float32's normal range (weights far apart) is summed on its own with its own exponent
+    and added in float64."""
     e = _weight_exponent(weights)
     out = None
+    apart = None  # float64: the checkpoints whose w_c / 2^e is below float32's normal range
     for c, w in enumerate(weights):
-        w = math.ldexp(w, -e)
-        if factored or scales is not None:
-            part = (
-                torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
-                if factored
-                else torch.mm(test[c], train[c].T)
-            )
-            if scales is not None:
-                part.mul_(scales[c // run])
-            out = part.mul_(w) if out is None else out.add_(part, alpha=w)
-        elif out is None:
-            out = torch.empty(test[c].shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
-            out.addmm_(test[c], train[c].T, beta=0, alpha=w)
+        alpha = math.ldexp(w, -e)
+        if 0.0 < abs(alpha) < _FLOAT32_NORMAL:
+            own = _weight_exponent([w])
+            part = _add_checkpoint(None, test, train, c, math.ldexp(w, -own), factored, scales, run)
+            part = part.double().mul_(2.0**own)
+            apart = part if apart is None else apart.add_(part)
         else:
-            out.addmm_(test[c], train[c].T, alpha=w)
-    return out if e == 0 else out.double().mul_(2.0**e).float()
+            out = _add_checkpoint(out, test, train, c, alpha, factored, scales, run)
+    if apart is None:
+        return out if e == 0 else out.double().mul_(2.0**e).float()
+    return (apart if out is None else apart.add_(out.double().mul_(2.0**e))).float()
+
+
+_FLOAT32_NORMAL = 2.0**-126
+"""The smallest normal float32: a GEMM factor below it loses bits (or is 0)."""
+
+
+def _add_checkpoint(
+    out: torch.Tensor | None,
+    test: list[torch.Tensor],
+    train: list[torch.Tensor],
+    c: int,
+    alpha: float,
+    factored: bool,
+    scales: list[torch.Tensor] | None,
+    run: int,
+) -> torch.Tensor:
+    """out (a new float32 tensor when None) plus alpha times checkpoint c's (m, r) scores, in float32."""
+    if factored or scales is not None:
+        part = (
+            torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+            if factored
+            else torch.mm(test[c], train[c].T)
+        )
+        if scales is not None:
+            part.mul_(scales[c // run])
+        return part.mul_(alpha) if out is None else out.add_(part, alpha=alpha)
+    if out is None:
+        out = torch.empty(test[c].shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
+        return out.addmm_(test[c], train[c].T, beta=0, alpha=alpha)
+    return out.addmm_(test[c], train[c].T, alpha=alpha)
 
 
 def _weight_exponent(weights: Sequence[float]) -> int:
