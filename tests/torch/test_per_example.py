@@ -450,6 +450,54 @@ def test_reentrant_checkpointing_before_the_chosen_layers_only_is_exact():
     np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
 
 
+class Warns(nn.Module):
+    """A linear layer whose forward warns (a deprecation notice of the model's own)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        warnings.warn("Warns.forward: old_arg is deprecated", UserWarning, stacklevel=1)
+        return self.fc(x)
+
+
+def _shown_under_default_filters(model: nn.Module, runs: list[dict]) -> list[str]:
+    """The messages Python's default filters show over exports of `model`, one per keywords in `runs`;
+    a ValueError of one is listed as 'refused: ...' and the next run."""
+    shown: list[str] = []
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *rest, **how: shown.append(str(message))
+        for kwargs in runs:
+            try:
+                export_gradients(
+                    model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **kwargs
+                )
+            except ValueError as e:
+                shown.append("refused: " + str(e).split("use_reentrant=True) warned ")[-1])
+    return shown
+
+
+def test_a_models_own_warning_is_shown_once_per_location_as_python_shows_it():
+    """The loss check recorded every warning and replayed it without a registry, so a warning Python's
+    default filter shows once per location was shown again on every export (review20 item 5)."""
+    assert _shown_under_default_filters(Warns(), [{}, {}]) == ["Warns.forward: old_arg is deprecated"]
+
+
+def test_reentrant_checkpointing_is_still_refused_after_torchs_warning_was_shown_once():
+    """torch's 'None of the inputs have requires_grad=True' is shown once per location by default: exports
+    after it was shown (by an export choosing `out` alone, or the user's own training) still see it and
+    refuse the block's parameters; it is shown once."""
+    cut = "None of the inputs have requires_grad=True. Gradients will be None"
+    refused = "refused: 'None of the inputs have requires_grad=True', and no gradient reaches block.0.weight, "
+    refused += "block.0.bias, block.2.weight, block.2.bias through it)"
+    runs = [{"layers": ["out"]}, {"layers": ["block", "out"]}, {"layers": ["out"]}, {"layers": ["block"]}]
+    assert _shown_under_default_filters(Checkpointed(True), runs) == [cut, refused, refused]
+
+
 _DEVICE_FAILURES = [
     getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access was encountered"),
     RuntimeError("CUDA error: device-side assert triggered"),

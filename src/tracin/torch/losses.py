@@ -4,8 +4,10 @@ which per-example gradients cannot run through, refused."""
 
 from __future__ import annotations
 
+import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -87,13 +89,8 @@ def check_loss_on(
     chosen) cuts its parameters off the losses: refused as checkpointing (refuse_checkpointing) when
     some chosen parameter then gets no gradient (at the cost of one backward pass of the rows)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-    with torch.enable_grad(), warnings.catch_warnings(record=True) as seen:
-        warnings.filterwarnings("always", _NO_INPUT_GRAD, UserWarning)  # whatever the caller's filters
+    with torch.enable_grad(), _checkpoint_warnings() as cut:
         losses = losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
-    cut = [w for w in seen if str(w.message).startswith(_NO_INPUT_GRAD)]
-    for w in seen:  # the others, as they would have been shown
-        if w not in cut:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     check_losses(losses, rows)
     if cut:
         unreached = _unreached(losses, leaves)
@@ -102,7 +99,10 @@ def check_loss_on(
                 f"torch.utils.checkpoint(use_reentrant=True) warned {_NO_INPUT_GRAD!r}, and no gradient reaches "
                 f"{_listed(unreached)} through it"
             )
-        warnings.warn_explicit(cut[0].message, cut[0].category, cut[0].filename, cut[0].lineno)
+        message, category, filename, lineno = cut[0]  # shown as torch shows it: once per location by default
+        warnings.warn_explicit(
+            message, category, filename, lineno, module=torch.utils.checkpoint.__name__, registry=_registry()
+        )
     if not losses.requires_grad:
         raise ValueError(
             f"loss_fn's losses do not depend on the chosen parameters ({_listed(names)}): they are constant or "
@@ -127,6 +127,44 @@ def _checkpointing(why: str) -> ValueError:
         "Face transformers), model.set_grad_checkpointing(False) (timm), or call the checkpointed modules "
         f"directly ({why})"
     )
+
+
+@contextmanager
+def _checkpoint_warnings() -> Iterator[list[tuple]]:
+    """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, whatever
+    the caller's filters and whatever was shown before; every other warning is shown as it would have been
+    (no catch_warnings: its change of the filters' version makes Python forget the warnings it showed once
+    per location, and the model's own would then be shown again on every export)."""
+    cut: list[tuple] = []
+    shown = warnings.showwarning
+
+    def keep(message, category, *where, **how) -> None:
+        if str(message).startswith(_NO_INPUT_GRAD):
+            cut.append((message, category, *where[:2]))
+        else:
+            shown(message, category, *where, **how)
+
+    registry = _registry()  # torch's warning location, forgotten inside so that it warns again
+    version = registry.get("version")  # changed inside when Python finds the registry stale and clears it
+    noted = {
+        k: registry.pop(k) for k in list(registry) if isinstance(k, tuple) and str(k[0]).startswith(_NO_INPUT_GRAD)
+    }
+    always = ("always", re.compile(re.escape(_NO_INPUT_GRAD)), UserWarning, None, 0)
+    warnings.filters.insert(0, always)
+    warnings.showwarning = keep
+    try:
+        yield cut
+    finally:
+        warnings.showwarning = shown
+        if registry.get("version") == version:
+            registry.update(noted)
+        if always in warnings.filters:
+            warnings.filters.remove(always)
+
+
+def _registry() -> dict:
+    """torch.utils.checkpoint's registry of warnings shown (where its _NO_INPUT_GRAD warning is noted)."""
+    return vars(torch.utils.checkpoint).setdefault("__warningregistry__", {})
 
 
 def _unreached(losses: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> list[str]:
