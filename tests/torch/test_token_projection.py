@@ -412,10 +412,11 @@ def test_a_position_embedding_shared_by_the_batch_is_projected_exactly(batched):
         []
         if batched
         else [
-            "projection with kronecker=True: ['pos'] are called on ids without a batch dimension (shared by the batch "
-            "and broadcast, as wpe(arange(T))); their full per-example gradients are computed (vmap) and projected by "
-            "the same factors, exact but slower: called on ids of shape (1, T), wpe(pos[None]), they are projected "
-            "per token"
+            "projection with kronecker=True: ['pos'] are called on 1-D ids, without a batch dimension, that are not "
+            "one per example (shared by the batch, as wpe(arange(T)), or flattened, as wte(ids.view(-1))); their full "
+            "per-example gradients are computed (vmap, holding 'pos': batch x 7 x 6 numbers) and projected by the same "
+            "factors, exact but slower and larger: called on ids of shape (B, T) or (1, T), wpe(pos[None]), they are "
+            "projected per token"
         ]
     )
     layout = g.metadata["projection"]["segments"]
@@ -436,7 +437,9 @@ def test_a_position_embedding_on_as_many_ids_as_checked_rows_is_still_shared():
     ids, labels, lengths = sequences(5, 2, seed=1)
     state = copy.deepcopy(model.state_dict())
     proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True)
-    with pytest.warns(UserWarning, match=r"\['pos'\] are called on ids without a batch dimension"):
+    with pytest.warns(
+        UserWarning, match=r"\['pos'\] are called on 1-D ids, without a batch dimension, that are not one per example"
+    ):
         g = export_gradients(
             model, [(state, 1.0)], (ids, labels), token_loss, projection=proj, batch_size=3, progress=False
         )

@@ -350,17 +350,21 @@ class KroneckerRows:
         return found
 
     def _by_full_gradients(self, layers: list[str]) -> None:
-        """Embeddings `layers`, called on ids of shape (T,), projected from full per-example gradients from
-        now on (one warning)."""
+        """Embeddings `layers`, called on 1-D ids not one per example, projected from full per-example gradients
+        from now on (one warning, with their size)."""
         if not layers:
             return
         for layer in layers:
             names = next(s.names for s in self.kron if s.module == layer)
             self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
+        sizes = ", ".join(
+            f"{layer!r}: batch x {' x '.join(map(str, self._modules[layer].weight.shape))}" for layer in layers
+        )
         warnings.warn(
-            f"projection with kronecker=True: {layers} are called on ids without a batch dimension (shared by "
-            "the batch and broadcast, as wpe(arange(T))); their full per-example gradients are computed (vmap) "
-            "and projected by the same factors, exact but slower: called on ids of shape (1, T), wpe(pos[None]), "
+            f"projection with kronecker=True: {layers} are called on 1-D ids, without a batch dimension, that are "
+            "not one per example (shared by the batch, as wpe(arange(T)), or flattened, as wte(ids.view(-1))); "
+            f"their full per-example gradients are computed (vmap, holding {sizes} numbers) and projected by the "
+            "same factors, exact but slower and larger: called on ids of shape (B, T) or (1, T), wpe(pos[None]), "
             "they are projected per token",
             UserWarning,
             stacklevel=5,
