@@ -18,7 +18,7 @@ import pytest
 import tracin
 from reference import assert_close_to_exact, factored_to_full, to_float64
 from store.helpers import NUMPY_DTYPES, write_store
-from tracin.whitening import DEFAULT_DAMPING, Whitening, _inverse, _moments
+from tracin.whitening import DEFAULT_DAMPING, Whitening, _inverse, _moments, _whitening
 
 WEIGHTS = [0.5, 2.0]
 
@@ -382,6 +382,37 @@ def test_save_load_round_trip(tmp_path, full):
         Whitening.load(tmp_path / "other.npz")
 
 
+@pytest.mark.parametrize("damping", [1e-9, 1e-10])
+def test_load_takes_valid_inverses_of_any_condition_and_keeps_them(tmp_path, damping, monkeypatch):
+    """Ill-conditioned files load: one fitted with one BLAS thread in float64 (cond ~1e11-1e12),
+    and the same file with the inverse computed another way (LU, np.linalg.inv: as valid, different
+    rounding). load keeps the stored inverses (no inversion) and applies them as the fitted object
+    does; a file with the damped inverse at twice its damping is still refused."""
+    pytest.importorskip("threadpoolctl")
+    g = np.random.default_rng(0).standard_normal((50, 512)).astype(np.float32)
+    test = np.random.default_rng(1).standard_normal((3, 512)).astype(np.float32)
+    w = Whitening.fit(tracin.Gradients([g]), damping=damping, precision="float64", num_threads=1, progress=False)
+    path = tmp_path / "w.npz"
+    w.save(path)
+    (r,) = w._moments
+    (lam,) = w.spec.lambdas
+    shifted = r + lam * np.eye(512)
+    assert np.linalg.cond(shifted) > 1e10
+    lu = np.linalg.inv(shifted)
+    assert np.abs(lu - w.inverses[0]).max() > 1e-6 * np.abs(lu).max()  # beyond a fixed relative bar of 1e-6
+    doubled = w.with_damping(2 * damping).inverses[0]
+    monkeypatch.setattr(_whitening, "damped_inverse", None)
+    back = Whitening.load(path)
+    np.testing.assert_array_equal(back.inverses[0], w.inverses[0])
+    whitened = [x.apply(tracin.Gradients([test])).matrices[0] for x in (back, w)]
+    np.testing.assert_array_equal(*whitened)
+    _saved_with(path, inverse_0=(lu + lu.T) / 2)
+    np.testing.assert_array_equal(Whitening.load(path).inverses[0], (lu + lu.T) / 2)
+    _saved_with(path, inverse_0=doubled)
+    with pytest.raises(ValueError, match="inverse_0 is not the damped inverse of moment_0"):
+        Whitening.load(path)
+
+
 def test_save_writes_the_path_it_is_given(tmp_path, full):
     """save(path) writes `path` itself, whatever its suffix, and load(path) reads it back."""
     train, test = full
@@ -462,11 +493,30 @@ def _fingerprint(moments) -> str:
 
 
 def _indefinite_moment(path, data) -> None:
-    """moment_0 replaced by an indefinite matrix, the fingerprint recomputed to match."""
+    """moment_0 replaced by an indefinite matrix, the fingerprint and lambdas recomputed to match."""
     with np.load(path) as f:
         moment_1 = f["moment_1"]
     bad = np.diag(np.r_[-5.0, np.full(23, 10.0)])  # lambda = 0.3 * 225 / 24 < 5
-    _saved_with(path, moment_0=bad, spec={"fingerprint": _fingerprint([bad, moment_1])})
+    lambdas = [0.3 * np.trace(m) / len(m) for m in (bad, moment_1)]
+    _saved_with(path, moment_0=bad, spec={"fingerprint": _fingerprint([bad, moment_1]), "lambdas": lambdas})
+
+
+def _random_symmetric(k: int) -> np.ndarray:
+    """A random symmetric positive definite (k, k) matrix: positive diagonal, X v . v > 0."""
+    a = np.random.default_rng(0).standard_normal((k, k))
+    return a @ a.T + np.eye(k)
+
+
+def _inverse_at(damping: float):
+    """Damage: inverse_1 replaced by the damped inverse of moment_1 at another damping."""
+
+    def damage(path, data) -> None:
+        with np.load(path) as f:
+            r = f["moment_1"]
+        lam = damping * np.trace(r) / len(r)
+        _saved_with(path, inverse_1=np.linalg.inv(r + lam * np.eye(len(r))))
+
+    return damage
 
 
 @pytest.mark.parametrize(
@@ -496,8 +546,13 @@ def _indefinite_moment(path, data) -> None:
         (lambda p, data: _saved_with(p, moment_0=np.eye(24)), "the moments' fingerprint is [0-9a-f]{16}, but the spec"),
         (
             lambda p, data: _saved_with(p, inverse_0=np.random.default_rng(0).standard_normal((24, 24))),
-            "inverse_0 is not the damped inverse of moment_0 at damping 0.3",
+            "inverse_0 is not symmetric",
         ),
+        (
+            lambda p, data: _saved_with(p, inverse_0=_random_symmetric(24)),
+            "inverse_0 is not the damped inverse of moment_0 at damping 0.3: residual",
+        ),
+        (_inverse_at(0.31), "inverse_1 is not the damped inverse of moment_1 at damping 0.3: residual"),
         (
             lambda p, data: _saved_with(p, inverse_1=np.eye(9, dtype=np.float32)),
             r"inverse_1 is \(9, 9\) float32, expected",
@@ -538,13 +593,16 @@ def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**7, 10**7)})
     spec = json.loads(str(arrays["spec"]))
-    for dims, match in (([24, 9], r"moment_0 is \(10000000, 10000000\) float64"), ([10**7, 9], "need .* GiB")):
+    for dims, match in (
+        ([24, 9], r" is not a saved tracin.Whitening .*moment_0 is \(10000000, 10000000\) float64"),
+        ([10**7, 9], r": its float64 matrices \(dims \[10000000, 9\]\) need .* GiB, above the .* GiB load allows"),
+    ):
         with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
             with z.open("spec.npy", "w") as member:
                 np.save(member, np.array(json.dumps({**spec, "dims": dims})))
             for name in ("moment_0", "inverse_0"):
                 z.writestr(f"{name}.npy", header.getvalue())
-        with pytest.raises(ValueError, match=f"huge.npz is not a saved tracin.Whitening .*{match}"):
+        with pytest.raises(ValueError, match=f"huge.npz{match}"):
             Whitening.load(tmp_path / "huge.npz")
 
 

@@ -44,10 +44,15 @@ def matrix_sides(s: GradientSet) -> list[int]:
     return [int(x) for d in s.dims for x in (d if s.factored else (d,))]
 
 
+def matrix_bytes(sides: list[int], copies: int, work: int) -> int:
+    """Bytes of `copies` float64 sets of (side, side) matrices plus `work` more of the largest."""
+    return 8 * (copies * sum(k * k for k in sides) + work * max(sides) ** 2)
+
+
 def check_budget(sides: list[int], copies: int, max_bytes: int) -> None:
     """ValueError when `copies` float64 sets of (side, side) matrices plus the inversion's work
     space (three more of the largest) exceed max_bytes."""
-    need = 8 * (copies * sum(k * k for k in sides) + 3 * max(sides) ** 2)
+    need = matrix_bytes(sides, copies, 3)
     if need > max_bytes:
         raise ValueError(
             f"whitening keeps a float64 d x d matrix per checkpoint: dims {sides} need {need / 2**30:.2f} GiB, "

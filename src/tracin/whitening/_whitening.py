@@ -24,6 +24,7 @@ from ._moments import (
     default_max_bytes,
     finite_float32,
     fit_bar,
+    matrix_bytes,
     matrix_sides,
     row_ranges,
     second_moments,
@@ -326,12 +327,17 @@ class Whitening:
         """A Whitening saved by save(). ValueError naming the file if it is not one: not an .npz
         archive (or a damaged one), a spec field fit would not record (kind, dims, damping, precision,
         row counts, mix_weight, fingerprint, space), matrices missing, of other shapes or dtypes (read
-        from their headers, before their data), not finite, moments of another fingerprint, or
-        inverses and lambdas that are not those of the moments at the spec's damping (recomputed
-        here, as with_damping does). OSError if it cannot be opened."""
+        from their headers, before their data), not finite, moments of another fingerprint, lambdas
+        that are not damping times the moments' mean eigenvalues, or stored inverses that fail the
+        O(d^2) checks of _check_inverses (symmetry, positive diagonals, the residual of (R + lambda I)
+        X v = v on a few random v, within float64 rounding at any condition number): the inverses are
+        kept as stored, not recomputed. ValueError too if the matrices (moments and inverses, plus one
+        more of the largest) exceed half the physical memory. OSError if it cannot be opened."""
         with open(path, "rb") as file:
             try:
                 moments, inverses, spec = _read_saved(file)
+            except _TooLarge as e:
+                raise ValueError(f"{os.fspath(path)}: {e}") from None
             except (OSError, EOFError, KeyError, TypeError, ValueError, MemoryError, zipfile.BadZipFile) as e:
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({e})") from None
         return cls(moments, inverses, spec)
@@ -372,27 +378,89 @@ def _space(metadata: dict) -> dict:
     return space
 
 
+def _what(i: int, factored: bool) -> str:
+    """The name of matrix `i` (kernel block order) in errors."""
+    return f"checkpoint {i // 2} ({('left', 'right')[i % 2]} factor)" if factored else f"checkpoint {i}"
+
+
+def _lambdas(moments: list[np.ndarray], damping: float, factored: bool) -> list:
+    """lambda per checkpoint (full) or [lambda_B, lambda_A] per checkpoint (kfac), as WhiteningSpec.lambdas."""
+    scale = math.sqrt(damping) if factored else damping
+    flat = [scale * mean_eigenvalue(r, _what(i, factored)) for i, r in enumerate(moments)]
+    return [flat[i : i + 2] for i in range(0, len(flat), 2)] if factored else flat
+
+
+def _flat(lambdas: list) -> list[float]:
+    """The lambdas in kernel block order, one per matrix."""
+    return [x for v in lambdas for x in (v if isinstance(v, list) else [v])]
+
+
 def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[list[np.ndarray], list]:
     """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are."""
-    inverses, lambdas = [], []
-    if not factored:
-        for c, r in enumerate(moments):
-            lam = damping * mean_eigenvalue(r, f"checkpoint {c}")
-            inverses.append(damped_inverse(r, lam, f"checkpoint {c}"))
-            lambdas.append(lam)
-        return inverses, lambdas
-    root = math.sqrt(damping)
-    for c in range(len(moments) // 2):
-        pair = []
-        for r, factor in zip(moments[2 * c : 2 * c + 2], ("left", "right"), strict=True):
-            what = f"checkpoint {c} ({factor} factor)"
-            lam = root * mean_eigenvalue(r, what)
-            inverses.append(damped_inverse(r, lam, what))
-            pair.append(lam)
-        lambdas.append(pair)
+    lambdas = _lambdas(moments, damping, factored)
+    inverses = [
+        damped_inverse(r, lam, _what(i, factored))
+        for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
+    ]
     return inverses, lambdas
 
 
+_PROBES = 4  # random vectors each stored inverse is checked on at load
+_ROUNDING = 4  # load's bars on asymmetry and residual, in units of d x float64 epsilon (measured: below 5 eps)
+_STRIP = 256  # rows per strip when checking symmetry (no d x d temporary)
+
+
+def _check_inverses(
+    moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
+) -> None:
+    """ValueError unless each stored X looks like the damped inverse (R + lambda I)^-1 of its moment R,
+    in O(d^2): R and X symmetric to within tol = _ROUNDING * d * eps of their largest entry, R + lambda I
+    and X with positive diagonals and X v . v > 0, and, for _PROBES random v (fixed seed), the backward
+    error |(R + lambda I) X v - v| <= tol * (norm * |X v| + |v|), norm >= |R + lambda I| (the least of
+    trace and largest absolute row sum, plus lambda). A float64 inverse meets that whatever the condition
+    number, BLAS or thread count; it is a check of what save wrote, not a proof of positive definiteness."""
+    rng = np.random.default_rng(0)
+    for i, (r, x, lam) in enumerate(zip(moments, inverses, lambdas, strict=True)):
+        d = r.shape[0]
+        tol = _ROUNDING * d * np.finfo(np.float64).eps
+        row_sum = _strips(r, lambda rows: np.abs(rows).sum(axis=1).max())
+        for name, m in (("moment", r), ("inverse", x)):
+            peak, off = _strips(m, lambda rows: np.abs(rows).max()), _asymmetry(m)
+            if off > tol * peak:
+                raise ValueError(f"{name}_{i} is not symmetric (largest |M - M^T| {off:.3g}, largest |M| {peak:.3g})")
+        if not (np.diagonal(r).min() + lam > 0 and np.diagonal(x).min() > 0):
+            raise ValueError(f"{_what(i, factored)}: R + lambda I is not positive definite (lambda = {lam})")
+        v = rng.standard_normal((d, _PROBES))
+        y = x @ v
+        residual = np.linalg.norm(r @ y + lam * y - v, axis=0)
+        norm = min(float(np.trace(r)), row_sum) + lam
+        bar = tol * (norm * np.linalg.norm(y, axis=0) + np.linalg.norm(v, axis=0))
+        if not (np.all(np.einsum("ij,ij->j", y, v) > 0) and np.all(residual <= bar)):
+            raise ValueError(
+                f"inverse_{i} is not the damped inverse of moment_{i} at damping {damping}: residual "
+                f"|(R + lambda I) X v - v| {residual.max():.3g}, above float64 rounding ({bar.min():.3g})"
+            )
+
+
+def _strips(m: np.ndarray, reduce: Any) -> float:
+    """The largest of reduce(rows) over strips of _STRIP rows of `m` (no temporary as large as `m`)."""
+    return max(float(reduce(m[a : a + _STRIP])) for a in range(0, m.shape[0], _STRIP))
+
+
+def _asymmetry(m: np.ndarray) -> float:
+    """max |m - m^T|, by tiles of _STRIP x _STRIP (cache-friendly, no temporary as large as `m`)."""
+    d, off = m.shape[0], 0.0
+    for a in range(0, d, _STRIP):
+        for b in range(a, d, _STRIP):
+            off = max(off, float(np.abs(m[a : a + _STRIP, b : b + _STRIP] - m[b : b + _STRIP, a : a + _STRIP].T).max()))
+    return off
+
+
+class _TooLarge(ValueError):
+    """A saved whitening whose matrices exceed the memory load allows."""
+
+
+_READ_BYTES = 16 * 2**20  # a member's data is read in pieces of this size (zipfile copies each piece)
 _SPEC_MAX_CHARS = 1 << 20  # a saved spec is a few kB of JSON; a header claiming more is not one save wrote
 _HEX = frozenset("0123456789abcdef")
 
@@ -401,7 +469,8 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     """The moments, inverses and spec of a file written by Whitening.save (ValueError, KeyError,
     TypeError or the archive's own errors otherwise). Every member's .npy header is checked against
     the spec (shape, float64) before its data is read; the spec against the moments (fingerprint,
-    lambdas); the stored inverses against the damped inverses recomputed from the moments."""
+    lambdas); the stored inverses against the moments (_check_inverses). _TooLarge if the matrices
+    exceed default_max_bytes()."""
     if not zipfile.is_zipfile(file):  # else np.load would read .npy files, and suggest unpickling others
         raise ValueError("not a complete .npz archive")
     file.seek(0)
@@ -409,7 +478,12 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
         text = _read_member(archive, "spec", (), "U")
         spec = _checked_spec(WhiteningSpec(**json.loads(str(text[()]))))
         sides = [k for d in spec.dims for k in (d if isinstance(d, list) else [d])]
-        check_budget(sides, 3, default_max_bytes())  # moments, stored and recomputed inverses
+        need, budget = matrix_bytes(sides, 2, 1), default_max_bytes()  # moments, inverses, a copy to hash
+        if need > budget:
+            raise _TooLarge(
+                f"its float64 matrices (dims {sides}) need {need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB "
+                "load allows (half the physical memory); load it on a machine with more memory"
+            )
         moments, stored = (
             [_read_member(archive, f"{kind}_{i}", (k, k), "f", spec.dims) for i, k in enumerate(sides)]
             for kind in ("moment", "inverse")
@@ -419,14 +493,13 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     fingerprint = _fingerprint(moments)
     if fingerprint != spec.fingerprint:
         raise ValueError(f"the moments' fingerprint is {fingerprint}, but the spec records {spec.fingerprint}")
-    inverses, lambdas = _invert(moments, spec.damping, spec.kind == "kfac")
+    factored = spec.kind == "kfac"
+    lambdas = _lambdas(moments, spec.damping, factored)
     recorded = np.asarray(spec.lambdas, dtype=np.float64) if _numbers(spec.lambdas) else None
     if recorded is None or recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9):
         raise ValueError(f"lambdas {spec.lambdas} are not damping {spec.damping} times the moments' mean eigenvalues")
-    for i, (ours, theirs) in enumerate(zip(inverses, stored, strict=True)):
-        if not np.allclose(theirs, ours, rtol=0.0, atol=1e-6 * np.abs(ours).max()):
-            raise ValueError(f"inverse_{i} is not the damped inverse of moment_{i} at damping {spec.damping}")
-    return moments, inverses, spec
+    _check_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored)
+    return moments, stored, spec
 
 
 def _numbers(values: Any) -> bool:
@@ -483,7 +556,10 @@ def _read_member(archive: zipfile.ZipFile, name: str, shape: tuple, kind: str, d
             raise ValueError(f"{name} is {found} {dtype}, expected a string of at most {_SPEC_MAX_CHARS} characters")
         size = dtype.itemsize * math.prod(shape)
         data = bytearray(size)
-        if member.readinto(data) != size or member.read(1):
+        view, done = memoryview(data), 0
+        while done < size and (got := member.readinto(view[done : done + _READ_BYTES])):  # zipfile reads a copy
+            done += got
+        if done != size or member.read(1):
             raise ValueError(f"{name} holds other than the {size} bytes of data its header {found} {dtype} implies")
     array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return np.ascontiguousarray(array, dtype=np.float64) if kind == "f" else array
@@ -494,7 +570,7 @@ def _fingerprint(moments: list[np.ndarray]) -> str:
     h = hashlib.sha256()
     for m in moments:
         h.update(repr(m.shape).encode())
-        h.update(np.ascontiguousarray(m).tobytes())
+        h.update(np.ascontiguousarray(m))  # its bytes, without a copy
     return h.hexdigest()[:16]
 
 
