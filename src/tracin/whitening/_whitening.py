@@ -118,9 +118,10 @@ class Whitening:
         """Fits the whitening to the train gradients (Gradients, FactoredGradients, a GradientStore or
         arrays) in one streaming pass over their rows, never loading a store whole.
 
-        damping: lambda_c = damping * trace(R_c) / d_c (default 10: best mean rank of LDS over the
-            quality suite's four datasets; 1-3 did best where train rows far outnumber dimensions, 30-100
-            where they do not; see the README). with_damping gives other dampings without a second pass.
+        damping: lambda_c = damping * trace(R_c) / d_c (default 10: within noise of the quality suite's
+            best by mean LDS rank and by mean LDS, 3 and 30 being first by each; 1-3 did best where train
+            rows outnumber dimensions, 30-100 where they are fewer; see the README). with_damping gives
+            other dampings without a second pass.
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix.
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
