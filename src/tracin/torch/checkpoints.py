@@ -412,6 +412,10 @@ class FreshBuffers:
     wrote it; inside a torch.func transform a copy still needed is that forward's own, and nothing is
     written there. Cost: one copy of each buffer the forwards use, on its device, freed when the next
     checkpoint is kept; the model's own persistent buffers are copied only if the model runs with them.
+    A buffer in two slots is one copy; a forward of the model inside its own forward (a recursive
+    call) runs with the outer forward's copies. A tensor of another shape or dtype that a forward puts
+    in a buffer slot (a cache grown in forward) is kept there, with a RuntimeWarning naming the
+    buffer: the next forwards of the checkpoint start from it, and the model keeps it after the export.
 
     The buffers as loaded are left as they were: one written through another reference (an attribute
     aliasing it) is set back from its copy before the next forward and at exit, or, for a buffer of
@@ -427,7 +431,8 @@ class FreshBuffers:
         for name, module in model.named_modules(remove_duplicate=False):
             self._names.setdefault(id(module), name)
         self._copies: dict[int, _Copy] = {}
-        self._swapped: list[list[tuple[dict, str, torch.Tensor]]] = []
+        self._swapped: list[list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]] = []
+        self._kept: set[str] = set()
 
     def __enter__(self) -> FreshBuffers:
         self._own = {id(t): (name, t, t._version) for name, t in self.model.named_buffers() if not t.is_inference()}
@@ -460,38 +465,66 @@ class FreshBuffers:
         self._release(keep_own=True)
 
     def _swap_in(self) -> None:
-        """Each buffer slot of the model holding a buffer as loaded gets its working copy."""
+        """Each buffer slot of the model holding a buffer as loaded gets its working copy, one per
+        buffer (a buffer in two slots stays one tensor); a forward of the model inside another (a
+        recursive call) is part of the outer forward and runs with its copies."""
+        if self._swapped:
+            self._swapped.append([])
+            return
         inside = _transforms_active()
-        swapped: list[tuple[dict, str, torch.Tensor]] = []
+        swapped: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self._swapped.append(swapped)  # before any swap: a failure below is undone by _swap_out too
+        made: dict[int, torch.Tensor] = {}
         for module in self.model.modules():
             for leaf, tensor in module._buffers.items():
                 if tensor is None or tensor.is_inference():
                     continue
-                copy = self._copies.get(id(tensor))
-                if copy is None:
-                    if inside:  # a copy made here would belong to the transform: this forward's own
-                        swapped.append((module._buffers, leaf, tensor))
-                        module._buffers[leaf] = _clone(tensor)
-                        continue
-                    prefix = self._names.get(id(module), "?")
-                    copy = self._copies[id(tensor)] = _Copy(tensor, f"{prefix}.{leaf}" if prefix else leaf)
-                elif not inside:
-                    copy.mend()
-                working = copy.fresh(inside)
-                swapped.append((module._buffers, leaf, tensor))
+                working = made.get(id(tensor))
+                if working is None:
+                    working = made[id(tensor)] = self._working(module, leaf, tensor, inside)
+                swapped.append((module, leaf, tensor, working))
                 module._buffers[leaf] = working
 
+    def _working(self, module: torch.nn.Module, leaf: str, tensor: torch.Tensor, inside: bool) -> torch.Tensor:
+        copy = self._copies.get(id(tensor))
+        if copy is None:
+            if inside:  # a copy made here would belong to the transform: this forward's own
+                return _clone(tensor)
+            copy = self._copies[id(tensor)] = _Copy(tensor, self._name(module, leaf))
+        elif not inside:
+            copy.mend()
+        return copy.fresh(inside)
+
+    def _name(self, module: torch.nn.Module, leaf: str) -> str:
+        prefix = self._names.get(id(module), "?")
+        return f"{prefix}.{leaf}" if prefix else leaf
+
     def _swap_out(self) -> None:
-        """The slots the last _swap_in filled hold the buffers as loaded again; a copy's first forward
-        is checked for writes its version counter missed."""
+        """The slots the last _swap_in filled hold the buffers as loaded again, but a tensor of another
+        shape or dtype the forward put in a slot (a cache grown in forward), kept with a RuntimeWarning;
+        a copy's first forward is checked for writes its version counter missed."""
         if not self._swapped:
             return
-        for slots, leaf, tensor in reversed(self._swapped.pop()):
-            slots[leaf] = tensor
-        if not _transforms_active():
+        for module, leaf, tensor, working in reversed(self._swapped.pop()):
+            now = module._buffers.get(leaf)
+            if now is not working and isinstance(now, torch.Tensor) and _reshaped(now, tensor):
+                self._warn_kept(self._name(module, leaf))
+                continue
+            module._buffers[leaf] = tensor
+        if not self._swapped and not _transforms_active():
             for copy in self._copies.values():
                 copy.check_first()
+
+    def _warn_kept(self, name: str) -> None:
+        if name not in self._kept:
+            self._kept.add(name)
+            warnings.warn(
+                f"a forward put a tensor of another shape or dtype in buffer {name} (a cache grown in forward): "
+                "it is kept, and the next forwards of this checkpoint start from it, as does the model after "
+                "the export",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _release(self, keep_own: bool = False) -> None:
         for key in list(self._copies):
@@ -571,6 +604,10 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+def _reshaped(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape != b.shape or a.dtype != b.dtype
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal values, NaN equal to NaN."""
     if torch.equal(a, b):
@@ -584,7 +621,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _transforms_active() -> bool:
     """Whether a torch.func transform (vmap, grad) is running: a tensor made there belongs to it, and
     a captured tensor cannot be written."""
-    return torch._C._are_functorch_transforms_active()
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
 def load_checkpoint(
