@@ -435,3 +435,13 @@ def test_a_buffer_grown_in_forward_is_kept_with_a_warning():
     np.testing.assert_allclose(got, _reference_built(_GrowingCache, given, x, y), rtol=1e-5, atol=1e-6)
     assert model.cached == 5 and model.cos.shape == (5, 1)
     model(x)  # usable after the export
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(2, 4))])
+def test_a_script_module_is_refused_naming_the_model(make):
+    """torch's 'register_forward_pre_hook is not supported on ScriptModules' came out of the export."""
+    model = _Temperature()
+    given = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="model: .*ScriptModule"):
+        export_gradients(make(model), [(given, 1.0)], (torch.randn(2, 4), torch.zeros(2, dtype=torch.long)), LOSS)

@@ -426,6 +426,11 @@ class FreshBuffers:
     device sync per buffer and checkpoint)."""
 
     def __init__(self, model: torch.nn.Module):
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ValueError(
+                "model: expected an nn.Module running Python code, got a torch.jit.ScriptModule (from "
+                "torch.jit.script or torch.jit.trace), which takes no forward hooks; pass the module it was made from"
+            )
         self.model = model
         self._names: dict[int, str] = {}
         for name, module in model.named_modules(remove_duplicate=False):
