@@ -540,3 +540,31 @@ def test_a_position_embedding_on_one_id_in_a_batch_of_more_rows_keeps_the_models
     names = [n for n, _ in model.named_parameters()]
     grads = [r for ids, labels in batches for r in autograd_grads(model, state, ids, labels, [ids.shape[1]] * 3)]
     assert_rows_close(got.matrices[0], projected_reference(proj, layout, grads, names))
+
+
+@pytest.mark.parametrize("kronecker", [True, False])
+def test_a_first_batch_of_one_example_of_one_token_decides_nothing_for_a_shared_position_embedding(kronecker):
+    """A first batch of 1 example of 1 token: wpe(arange(1)) looks one id per example there (and is exact
+    there either way). Its choice was kept, so the next batch's wpe(arange(3)), T == rows, was projected per
+    token (kronecker) or its batched hooks, checked on that one row, kept (full): rows off by 0.1 to 0.9,
+    no warning (review20 item 2). A 1-row batch now decides nothing; with 2 or more rows ids whose length
+    does not grow from one example to two are shared: float64 autograd's rows."""
+    torch.manual_seed(0)
+    model = Positioned(False)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randint(1, VOCAB, (r, t), generator=g), torch.randint(0, CLASSES, (r, t), generator=g))
+        for r, t in ((1, 1), (3, 3))
+    ]
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True) if kronecker else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = export_gradients(model, [(state, 1.0)], batches, token_loss, projection=proj, progress=False)
+    names = [n for n, _ in model.named_parameters()]
+    grads = [r for ids, labels in batches for r in autograd_grads(model, state, ids, labels, [ids.shape[1]] * len(ids))]
+    if kronecker:
+        want = projected_reference(proj, got.metadata["projection"]["segments"], grads, names)
+    else:
+        want = np.stack([np.concatenate([r[n].reshape(-1) for n in names]) for r in grads])
+    assert_rows_close(got.matrices[0], want)

@@ -78,7 +78,8 @@ class PerExampleGradients:
             self.hooks = None
         self.others = [n for n in self.names if self.hooks is None or n not in self.hooks.plan]
         self.skipped: dict[str, str] = {}  # covered layers the first batch showed unusable, and why
-        self.checked = False
+        self.checked = False  # by a check of 2 or more rows: final
+        self.checked_one = False  # by a check of one row: final for passes of one row
         self.vectorised = True
         self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
 
@@ -118,21 +119,21 @@ class PerExampleGradients:
         return max(1, int(_PASS_BYTES // max(per_row, 1.0)))
 
     def _by_hooks(self, state, inputs, targets, out) -> bool:
-        """Hook-path columns of `out`; False (hooks to be given up) when the first batch shows they
-        cannot be trusted."""
+        """Hook-path columns of `out`; False (hooks to be given up) when the first batch of 2 or more rows (or a
+        batch of one before it) shows they cannot be trusted."""
         try:
             silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
         except (NotCaptured, RuntimeError) as e:
-            if device_failure(e) or (self.checked and not isinstance(e, NotCaptured)):
+            if device_failure(e) or (self.checked_one and not isinstance(e, NotCaptured)):
                 raise  # the device's failure, or after the first batch the model's: not the hooks'
             _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
             return False
-        if self.checked:
+        if self.checked or (self.checked_one and out.shape[0] < 2):
             if unusable:
                 _warn_leaving("; ".join(f"{m}: {why}" for m, why in unusable.items()))
                 return False
             return True
-        self.skipped = {**dict.fromkeys(silent, "did not run through its forward"), **unusable}
+        self.skipped = {**self.skipped, **dict.fromkeys(silent, "did not run through its forward"), **unusable}
         if self.skipped:
             moved = set(self.hooks.drop(list(self.skipped)))
             self.others = [n for n in self.names if n in moved or n in self.others]
@@ -152,8 +153,9 @@ class PerExampleGradients:
                 "examples of a batch, or a parameter is also used outside its module's forward"
             )
             return False
-        self.checked = True
-        if self.others:
+        first, self.checked_one = not self.checked_one, True
+        self.checked = rows > 1  # one row cannot show a shared input (wpe(arange(T)) on 1 id): checked again
+        if self.others and first:
             modules = dict(self.model.named_modules())
             owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)
             named = [

@@ -124,7 +124,7 @@ class KroneckerRows:
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids of shape (T,)
-        self._shared_ids: set[str] | None = None  # embeddings called on 1-D ids not one per example
+        self._shared_ids: set[str] | None = None  # embeddings on 1-D ids shared by the batch (None: undecided)
 
     # --- what the export records ---
 
@@ -275,10 +275,11 @@ class KroneckerRows:
         without a batch dimension (nanoGPT's wpe(arange(T)), broadcast later: its output gradient is the
         batch's sum) is projected from its full per-example gradients instead (PerExampleGradients, vmap):
         the same factors, the same layout, one warning. Ids of shape (rows,) are one per example (a class,
-        user or timestep embedding: per token) unless a forward of one example showed them longer than
-        one (_shared_ids: wpe(arange(T)) with T == rows)."""
-        if self._shared_ids is None:
-            self._shared_ids = self._ids_not_per_example(state, slice_rows(inputs, 0, 1))
+        user or timestep embedding: per token) unless forwards of one and two examples showed their length
+        not growing (_shared_ids, decided on the first batch of 2 or more rows: wpe(arange(T)) with T == rows)."""
+        if self._shared_ids is None and rows > 1:  # a batch of one decides nothing (one id, or T ids, either way)
+            self._shared_ids = self._ids_not_per_example(state, inputs)
+        shared = self._shared_ids or set()
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
@@ -292,7 +293,7 @@ class KroneckerRows:
                 return
             seg, (p_rows, p_cols) = by_module[layer]
             ids = call.input
-            if seg.kind == "embedding" and ids.dim() == 1 and (ids.shape[0] != rows or layer in self._shared_ids):
+            if seg.kind == "embedding" and ids.dim() == 1 and (ids.shape[0] != rows or layer in shared):
                 unbatched.add(layer)
                 return
             try:
@@ -325,29 +326,41 @@ class KroneckerRows:
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
 
-    def _ids_not_per_example(self, state, one: Tree) -> set[str]:
-        """The Kronecker embeddings that, in a forward pass without gradients of `one` (one example),
-        are called on 1-D ids of another length than 1 (capture.probe_forward)."""
+    def _ids_not_per_example(self, state, inputs: Tree) -> set[str]:
+        """The Kronecker embeddings called on 1-D ids whose length does not grow from a forward pass without
+        gradients of one example to one of two (capture.probe_forward): shared by the batch (wpe(arange(T)),
+        even with T == 2), where ids one per example (B,) or flattened (B * T,) grow. A module whose calls
+        differ in number between the two is taken as shared (full gradients: exact either way)."""
         embeddings = [s.module for s in self.kron if s.kind == "embedding"]
-        found: set[str] = set()
-
-        def seen(name: str):
-            def look(module, args, kwargs, output):
-                ids = args[0] if args else next(iter(kwargs.values()), None)
-                if isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.shape[0] != 1:
-                    found.add(name)
-
-            return look
-
         if not embeddings:
-            return found
-        handles = [self._modules[n].register_forward_hook(seen(n), with_kwargs=True) for n in embeddings]
-        try:
-            probe_forward(self.model, state, one, found.clear)
-        finally:
-            for h in handles:
-                h.remove()
-        return found
+            return set()
+        lengths: list[dict[str, list[int]]] = []
+        for rows in (1, 2):
+            seen: dict[str, list[int]] = {n: [] for n in embeddings}
+
+            def look(name: str, seen=seen):
+                def note(module, args, kwargs, output):
+                    ids = args[0] if args else next(iter(kwargs.values()), None)
+                    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+                        seen[name].append(ids.shape[0])
+
+                return note
+
+            handles = [self._modules[n].register_forward_hook(look(n), with_kwargs=True) for n in embeddings]
+            try:
+                probe_forward(
+                    self.model, state, slice_rows(inputs, 0, rows), lambda seen=seen: [v.clear() for v in seen.values()]
+                )
+            finally:
+                for h in handles:
+                    h.remove()
+            lengths.append(seen)
+        one, two = lengths
+        return {
+            n
+            for n in embeddings
+            if len(one[n]) != len(two[n]) or any(a == b for a, b in zip(one[n], two[n], strict=True))
+        }
 
     def _by_full_gradients(self, layers: list[str]) -> None:
         """Embeddings `layers`, called on 1-D ids not one per example, projected from full per-example gradients
