@@ -412,10 +412,12 @@ class FreshBuffers:
     wrote it; inside a torch.func transform a copy still needed is that forward's own, and nothing is
     written there. Cost: one copy of each buffer the forwards use, on its device, freed when the next
     checkpoint is kept; the model's own persistent buffers are copied only if the model runs with them.
-    A buffer in two slots is one copy; a forward of the model inside its own forward (a recursive
-    call) runs with the outer forward's copies. A tensor of another shape or dtype that a forward puts
-    in a buffer slot (a cache grown in forward) is kept there, with a RuntimeWarning naming the
-    buffer: the next forwards of the checkpoint start from it, and the model keeps it after the export.
+    A buffer in two slots is one copy; buffers that are views of one storage are views of one copy of
+    it (but inside a transform that wraps them: there each gets its own). A forward of the model inside
+    its own forward (a recursive call) runs with the outer forward's copies. A tensor of another shape
+    or dtype that a forward puts in a buffer slot (a cache grown in forward) is kept there, with a
+    RuntimeWarning naming the buffer: the next forwards of the checkpoint start from it, and the model
+    keeps it after the export.
 
     The buffers as loaded are left as they were: one written through another reference (an attribute
     aliasing it) is set back from its copy before the next forward and at exit, or, for a buffer of
@@ -479,26 +481,53 @@ class FreshBuffers:
         inside = _transforms_active()
         swapped: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self._swapped.append(swapped)  # before any swap: a failure below is undone by _swap_out too
+        slots = [
+            (module, leaf, tensor)
+            for module in self.model.modules()
+            for leaf, tensor in module._buffers.items()
+            if tensor is not None and not tensor.is_inference()
+        ]
+        views = _storage_groups([t for _, _, t in slots if id(t) not in self._copies])
         made: dict[int, torch.Tensor] = {}
-        for module in self.model.modules():
-            for leaf, tensor in module._buffers.items():
-                if tensor is None or tensor.is_inference():
-                    continue
-                working = made.get(id(tensor))
-                if working is None:
-                    working = made[id(tensor)] = self._working(module, leaf, tensor, inside)
-                swapped.append((module, leaf, tensor, working))
-                module._buffers[leaf] = working
+        for module, leaf, tensor in slots:
+            working = made.get(id(tensor))
+            if working is None:
+                working = made[id(tensor)] = self._working(module, leaf, tensor, inside, views.get(id(tensor)), made)
+            swapped.append((module, leaf, tensor, working))
+            module._buffers[leaf] = working
 
-    def _working(self, module: torch.nn.Module, leaf: str, tensor: torch.Tensor, inside: bool) -> torch.Tensor:
+    def _working(
+        self,
+        module: torch.nn.Module,
+        leaf: str,
+        tensor: torch.Tensor,
+        inside: bool,
+        views: list[torch.Tensor] | None,
+        made: dict[int, torch.Tensor],
+    ) -> torch.Tensor:
+        """The working copy of `tensor` for this forward; buffers that are views of one storage
+        (`views`) share one copy of that storage, each rebuilt as a view of it."""
         copy = self._copies.get(id(tensor))
         if copy is None:
-            if inside:  # a copy made here would belong to the transform: this forward's own
-                return _clone(tensor)
-            copy = self._copies[id(tensor)] = _Copy(tensor, self._name(module, leaf))
+            source = tensor if views is None else _bytes(tensor)
+            if inside and views is None:  # a copy made here would belong to the transform: this forward's own
+                return _clone(source)
+            if inside:
+                working = made.get(id(views))
+                if working is None:
+                    working = made[id(views)] = _clone(source)
+                return _view(working, tensor)
+            copy = _Copy(source, self._name(module, leaf), grouped=views is not None)
+            for member in views or [tensor]:
+                self._copies[id(member)] = copy
         elif not inside:
             copy.mend()
-        return copy.fresh(inside)
+        if not copy.grouped:
+            return copy.fresh(inside)
+        working = made.get(id(copy))
+        if working is None:
+            working = made[id(copy)] = copy.fresh(inside)
+        return _view(working, tensor)
 
     def _name(self, module: torch.nn.Module, leaf: str) -> str:
         prefix = self._names.get(id(module), "?")
@@ -532,19 +561,23 @@ class FreshBuffers:
             )
 
     def _release(self, keep_own: bool = False) -> None:
+        done: set[int] = set()
         for key in list(self._copies):
             if not (keep_own and key in self._own):
                 copy = self._copies.pop(key)
-                copy.mend()
-                copy.check_last()
+                if id(copy) not in done:  # a copy of views of one storage is under each view's key
+                    done.add(id(copy))
+                    copy.mend()
+                    copy.check_last()
 
 
 class _Copy:
     """The working copy of a buffer as loaded (`source`, never written): made again when a forward
-    wrote it, or before every forward once a write its version counter missed was seen."""
+    wrote it, or before every forward once a write its version counter missed was seen. For buffers
+    that are views of one storage (`grouped`) the source is that storage's bytes."""
 
-    def __init__(self, source: torch.Tensor, name: str):
-        self.source, self.name = source, name
+    def __init__(self, source: torch.Tensor, name: str, grouped: bool = False):
+        self.source, self.name, self.grouped = source, name, grouped
         self.source_version = source._version
         self.always = False
         self._new()
@@ -607,6 +640,36 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     """A copy with a version counter, also when made under torch.inference_mode."""
     with torch.inference_mode(False):
         return t.detach().clone()
+
+
+def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
+    """For each tensor sharing its storage with another of `tensors` (views of one tensor), the list
+    of those tensors."""
+    by_storage: dict[tuple, list[torch.Tensor]] = {}
+    for t in {id(t): t for t in tensors}.values():
+        if t.layout != torch.strided or t.device.type == "meta":
+            continue
+        try:
+            storage = t.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a transform's wrapper (vmap, grad): no storage
+            continue
+        if storage.nbytes():
+            by_storage.setdefault((t.device, storage.data_ptr()), []).append(t)
+    return {id(t): group for group in by_storage.values() if len(group) > 1 for t in group}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage of `t` as a flat uint8 tensor (no copy)."""
+    with torch.inference_mode(False):
+        return torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+
+
+def _view(storage: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` rebuilt as a view of `storage` (a copy of its storage's bytes): same dtype, shape, strides
+    and offset, and the version counter of `storage`."""
+    size = t.element_size()
+    flat = storage[: storage.numel() - storage.numel() % size].view(t.dtype)
+    return flat.as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def _reshaped(a: torch.Tensor, b: torch.Tensor) -> bool:
