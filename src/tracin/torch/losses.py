@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointError
 
 from .data import Tree, call_model
@@ -87,17 +88,20 @@ def check_loss_on(
     depend on the chosen parameters `names` (a constant or detached loss has no gradient to trace).
     A block checkpointed with use_reentrant=True whose inputs need no gradient (nothing before it is
     chosen) cuts its parameters off the losses: refused as checkpointing (refuse_checkpointing) when
-    some chosen parameter then gets no gradient (at the cost of one backward pass of the rows)."""
+    some chosen parameter then gets no gradient, or is used inside the block and outside it (its inside part
+    dropped: _used_without_grad), at the cost of one backward and one forward pass of the rows."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
         losses = losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
     check_losses(losses, rows)
     if cut:
         unreached = _unreached(losses, leaves)
-        if unreached:
+        inside = [n for n in _used_without_grad(model, state, leaves, loss_fn, inputs, targets) if n not in unreached]
+        if unreached or inside:
             raise _checkpointing(
                 f"torch.utils.checkpoint(use_reentrant=True) warned {_NO_INPUT_GRAD!r}, and no gradient reaches "
-                f"{_listed(unreached)} through it"
+                f"{_listed(unreached + inside)} through it"
+                + (" (used inside the block, where their gradient is dropped, and also outside)" if inside else "")
             )
         message, category, filename, lineno = cut[0]  # shown as torch shows it: once per location by default
         warnings.warn_explicit(
@@ -165,6 +169,36 @@ def _checkpoint_warnings() -> Iterator[list[tuple]]:
 def _registry() -> dict:
     """torch.utils.checkpoint's registry of warnings shown (where its _NO_INPUT_GRAD warning is noted)."""
     return vars(torch.utils.checkpoint).setdefault("__warningregistry__", {})
+
+
+class _NoGradUses(TorchFunctionMode):
+    """Notes the names of `leaves` passed to a torch operation while gradients are off."""
+
+    def __init__(self, leaves: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.names, self.found = {id(t): n for n, t in leaves.items()}, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            self.found.update(self.names[id(a)] for a in (*args, *kwargs.values()) if id(a) in self.names)
+        return func(*args, **kwargs)
+
+
+def _used_without_grad(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    leaves: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    inputs: Tree,
+    targets: Tree,
+) -> list[str]:
+    """The names of `leaves` a forward pass with gradients on passes to some torch operation run without
+    them (a reentrant checkpointed block's forward): a leaf used there and also outside gets a gradient
+    from the outside use alone (one more forward pass of the rows)."""
+    with torch.enable_grad(), _checkpoint_warnings(), _NoGradUses(leaves) as uses:
+        losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
+    return [n for n in leaves if n in uses.found]
 
 
 def _unreached(losses: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> list[str]:
