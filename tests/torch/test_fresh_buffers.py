@@ -484,3 +484,28 @@ def test_buffers_that_are_views_of_one_storage_stay_views_of_one_copy():
         torch.testing.assert_close(g["lin.weight"][0], 3 * x[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(given["whole"], torch.ones(3)) and torch.equal(model.whole, torch.ones(3))
     assert model.head.untyped_storage().data_ptr() == model.whole.untyped_storage().data_ptr()
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_forwards_after_a_base_exception_in_a_pre_hook_start_from_the_buffers_as_loaded():
+    """A BaseException skips the forward hooks: the swap it left made the next forwards look like calls
+    inside it, all run with one working copy (the counter went on)."""
+    model = _Recursive()
+    x = torch.randn(2, 4)
+
+    def stop_once(module, args):
+        if stopping:
+            raise _Stop
+
+    model.register_forward_pre_hook(stop_once)
+    with FreshBuffers(model), torch.no_grad():
+        stopping = True
+        with pytest.raises(_Stop):
+            model(x)
+        stopping = False
+        for _ in range(3):
+            torch.testing.assert_close(model(x), 3 * model.lin(x), rtol=1e-6, atol=1e-6)
+    assert model.count.item() == 0

@@ -11,6 +11,7 @@ import math
 import os
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -476,8 +477,11 @@ class FreshBuffers:
         buffer (a buffer in two slots stays one tensor); a forward of the model inside another (a
         recursive call) is part of the outer forward and runs with its copies."""
         if self._swapped:
-            self._swapped.append([])
-            return
+            if _calls_running(self.model) > 1:
+                self._swapped.append([])
+                return
+            while self._swapped:  # left by a forward a BaseException (KeyboardInterrupt) stopped
+                self._swap_out()
         inside = _transforms_active()
         swapped: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
         self._swapped.append(swapped)  # before any swap: a failure below is undone by _swap_out too
@@ -640,6 +644,19 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
     """A copy with a version counter, also when made under torch.inference_mode."""
     with torch.inference_mode(False):
         return t.detach().clone()
+
+
+def _calls_running(model: torch.nn.Module) -> int:
+    """How many calls of `model` are on the Python stack (more than one: a forward inside its own)."""
+    count, frame = 0, sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CALL and frame.f_locals.get("self") is model:
+            count += 1
+        frame = frame.f_back
+    return count
+
+
+_CALL = torch.nn.Module._call_impl.__code__
 
 
 def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
