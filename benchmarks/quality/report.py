@@ -55,6 +55,7 @@ def _detection_rows(payload: dict) -> list[str]:
 
 def _lds_rows(payload: dict) -> list[str]:
     results = payload["lds"]
+    best_of = {name: w["method"] for name, w in lds_winners(results)["lds_best"].items()}
     names = method_order(results)
     rows = ["| LDS (mean ± s.e.) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for m in names:
@@ -62,7 +63,7 @@ def _lds_rows(payload: dict) -> list[str]:
         for name, d in results.items():
             if m in d["methods"]:
                 r = d["methods"][m]
-                best = m == payload["winners"]["lds_best"][name]["method"]
+                best = m == best_of.get(name)
                 cell = f"{r['mean']:.3f} ± {r['se']:.3f}"
                 cells.append(f"**{cell}**" if best else cell)
             else:
@@ -74,6 +75,41 @@ def _lds_rows(payload: dict) -> list[str]:
 WHITENED = re.compile(r"^tracin whitened \(damping ([0-9.e+-]+)\)$")
 PEER_NAMES = {"trak": "TRAK (traker)", "dattri": "dattri"}  # payload["peers"] key -> the name printed
 PLAIN = "tracin all checkpoints"  # what whitening is compared with: the same checkpoints, unwhitened
+
+
+def _best(methods: dict[str, dict]) -> str | None:
+    """The method of highest mean LDS among those not a fixed point of the whitened damping sweep
+    (the best of six dampings on the test rows would be chosen on them; TRAK's and dattri's settings,
+    and the whitened row 'damping chosen on validation', are chosen on the validation rows)."""
+    fair = [m for m in methods if not WHITENED.match(m)]
+    return max(fair, key=lambda m: methods[m]["mean"]) if fair else None
+
+
+def _within_se_of_best(lds_results: dict[str, dict], prefix: str) -> list[str]:
+    """Methods named `prefix`... within one s.e. (the larger of the two) of _best of those on every dataset."""
+    ties = []
+    for d in lds_results.values():
+        scores = {m: r for m, r in d["methods"].items() if m.startswith(prefix)}
+        best = _best(scores)
+        if best is None:
+            return []
+        b = scores[best]
+        ties.append({m for m, r in scores.items() if r["mean"] >= b["mean"] - max(b["se"], r["se"])})
+    return sorted(set.intersection(*ties)) if ties else []
+
+
+def lds_winners(lds_results: dict[str, dict]) -> dict:
+    """Per dataset the _best LDS ("lds_best": method, mean, se), and the methods within one s.e. of it on
+    every dataset, of all methods and of the tracin recipes (recomputed from the results, so records
+    made before the fixed dampings were left out are rendered by the same rule)."""
+    out: dict = {"lds_best": {}}
+    for name, d in lds_results.items():
+        best = _best(d["methods"])
+        if best is not None:
+            out["lds_best"][name] = {"method": best, **{k: d["methods"][best][k] for k in ("mean", "se")}}
+    out["lds_within_se_of_best_everywhere"] = _within_se_of_best(lds_results, "")
+    out["lds_within_se_of_best_tracin_everywhere"] = _within_se_of_best(lds_results, "tracin")
+    return out
 
 
 def damping_ranks(payload: dict) -> dict:
@@ -168,7 +204,8 @@ def _sweeps_text(results: dict[str, dict]) -> str:
 def markdown(payload: dict) -> str:
     """Where and how it was measured, the detection table, the LDS table and the recipes that win or
     tie everywhere."""
-    cfg, m, w = payload["config"], payload.get("machine", {}), payload["winners"]
+    cfg, m = payload["config"], payload.get("machine", {})
+    w = {**payload["winners"], **lds_winners(payload["lds"])}
     captum = payload["peers"]["captum"] or {}
     head = (
         f"Measured {m.get('time', '')} with tracin {m.get('tracin', '?')}: MLPs (one hidden layer) trained with "
@@ -184,7 +221,9 @@ def markdown(payload: dict) -> str:
         + ". Detection: "
         f"{cfg['noise']:.0%} of training labels flipped, mean over seeds {list(cfg['seeds'])}; best in bold. "
         f"LDS: {cfg['lds_models']} models retrained on random {cfg['lds_fraction']:.0%} subsets, Spearman "
-        f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples."
+        f"correlation of summed attribution with -test loss, up to {cfg['lds_test']} held-out examples; best "
+        "in bold among the methods whose settings are not picked on the test rows (the fixed whitened "
+        "dampings, six settings of one method, are never marked)."
     )
     if "max_abs_diff_scores" in captum:
         head += (
@@ -199,6 +238,11 @@ def markdown(payload: dict) -> str:
         if (version := (payload["peers"].get(key) or {}).get("version"))
     ]
     head += f" Peers: {', '.join(versions) or 'none installed'}."
+    code = payload.get("code") or {}
+    if code.get("commit"):
+        head += f" Code: commit {code['commit'][:12]}" + (
+            " with uncommitted changes." if code["uncommitted_changes"] else "."
+        )
     if payload.get("provenance"):
         head += f" {payload['provenance']}"
     if cfg.get("quick"):

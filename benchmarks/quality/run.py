@@ -4,6 +4,7 @@ every registered method side by side; the payload that becomes quality.json."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from .cases import AttributionCase, DetectionCase
 from .config import Suite, dataset_of
 from .data import SPLIT, Split, flip_labels, load
 from .influence import RunInfluence
+from .report import lds_winners
 from .subsets import subset_models
 from .training import accuracy, train
 
@@ -161,8 +163,8 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
 def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) -> dict:
     """Per dataset the best detector at `at` inspected, and the methods within TIE of the best on
     every dataset (detection) / within one s.e. of the best on every dataset (LDS, of all methods and
-    of the tracin recipes)."""
-    out: dict = {"detection_at": at, "tie": TIE, "detection_best": {}, "lds_best": {}}
+    of the tracin recipes; report.lds_winners, which leaves the fixed whitened dampings out of "best")."""
+    out: dict = {"detection_at": at, "tie": TIE, "detection_best": {}}
     ties: list[set] = []
     for name, d in detect.items():
         j = d["inspect"].index(at)
@@ -171,32 +173,40 @@ def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) ->
         out["detection_best"][name] = {"best": best, "methods": sorted(m for m, v in found.items() if v == best)}
         ties.append({m for m, v in found.items() if v >= best - TIE})
     out["detection_wins_or_ties_everywhere"] = sorted(set.intersection(*ties)) if ties else []
-    lds_ties: list[set] = []
-    for name, d in lds_results.items():
-        best_name = max(d["methods"], key=lambda m: d["methods"][m]["mean"])
-        best = d["methods"][best_name]
-        out["lds_best"][name] = {"method": best_name, "mean": best["mean"], "se": best["se"]}
-        lds_ties.append({m for m, r in d["methods"].items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
-    out["lds_within_se_of_best_everywhere"] = sorted(set.intersection(*lds_ties)) if lds_ties else []
-    out["lds_within_se_of_best_tracin_everywhere"] = _within_se_of_best(lds_results, "tracin")
+    out.update(lds_winners(lds_results))
     return out
 
 
-def _within_se_of_best(lds_results: dict[str, dict], prefix: str) -> list[str]:
-    """Methods named `prefix`... within one s.e. (the larger of the two) of the best such method on every dataset."""
-    ties = []
-    for d in lds_results.values():
-        scores = {m: r for m, r in d["methods"].items() if m.startswith(prefix)}
-        if not scores:
-            return []
-        best = max(scores.values(), key=lambda r: r["mean"])
-        ties.append({m for m, r in scores.items() if r["mean"] >= best["mean"] - max(best["se"], r["se"])})
-    return sorted(set.intersection(*ties)) if ties else []
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository the suite runs from
+
+
+def code_version(root: Path = CHECKOUT) -> dict:
+    """The git commit checked out at `root` (the checkout the suite runs from) and whether tracked files
+    differ from it; each None where git, or a repository whose top folder is `root`, is absent. Local
+    only: no fetch."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout
+
+    top = git("rev-parse", "--show-toplevel")  # not a repository that merely contains `root`
+    commit = git("rev-parse", "--verify", "HEAD") if top and Path(top.strip()).resolve() == root.resolve() else None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "commit": commit.strip() if commit else None,
+        "uncommitted_changes": None if status is None else bool(status.strip()),
+    }
 
 
 def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
-    """Every dataset of the suite; returns the JSON payload (without machine facts)."""
+    """Every dataset of the suite; returns the JSON payload (without machine facts), with "code":
+    code_version() as the run started."""
     import torch
+
+    code = code_version()
 
     torch.set_num_threads(1)  # small MLPs: one thread is fastest and leaves the other core to tracin
     methods.register_projected(suite.projection_dims)
@@ -218,6 +228,7 @@ def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
         timings[f"{name} lds"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     return {
+        "code": code,
         "config": suite.as_dict(),
         "split": SPLIT,
         "peers": {
