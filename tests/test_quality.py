@@ -234,6 +234,57 @@ def test_winners_ties_within_the_tolerance_on_every_dataset():
     assert w["lds_within_se_of_best_tracin_everywhere"] == ["tracin x"]  # y is 0.05 behind on a
 
 
+def test_fixed_whitened_dampings_are_never_the_lds_best():
+    """The best of six fixed dampings is picked on the test rows: winners and the table's bold leave
+    those rows out, and mark the methods whose settings were chosen on validation rows."""
+
+    def lds(values):
+        return {"methods": {m: {"mean": mean, "se": 0.01} for m, mean in values.items()}, "errors": {}}
+
+    results = {
+        "a": lds(
+            {"tracin whitened (damping 1)": 0.7, "tracin whitened (damping chosen on validation)": 0.6, "TRAK": 0.5}
+        ),
+        "b": lds(
+            {"tracin whitened (damping 100)": 0.9, "tracin whitened (damping chosen on validation)": 0.4, "TRAK": 0.8}
+        ),
+    }
+    w = run.winners({}, results, 0.2)
+    assert {k: v["method"] for k, v in w["lds_best"].items()} == {
+        "a": "tracin whitened (damping chosen on validation)",
+        "b": "TRAK",
+    }
+    assert w["lds_within_se_of_best_tracin_everywhere"] == ["tracin whitened (damping chosen on validation)"]
+    rows = report._lds_rows({"lds": results})
+    assert not any("**" in r for r in rows if "(damping 1)" in r or "(damping 100)" in r)
+    assert "**0.600 ± 0.010**" in next(r for r in rows if "chosen on validation" in r)
+
+
+def test_code_version_is_the_checkouts_commit_or_none(tmp_path, monkeypatch):
+    """run records the commit and whether tracked files changed; None without a repository or git."""
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git not installed")
+    import subprocess
+
+    def sh(*args):
+        subprocess.run([git, "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    assert run.code_version(tmp_path) == {"commit": None, "uncommitted_changes": None}
+    sh("init", "-q")
+    (tmp_path / "f").write_text("a")
+    sh("add", "f")
+    sh("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
+    head = subprocess.run([git, "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert run.code_version(tmp_path) == {"commit": head.strip(), "uncommitted_changes": False}
+    (tmp_path / "untracked").write_text("b")
+    assert run.code_version(tmp_path)["uncommitted_changes"] is False
+    (tmp_path / "f").write_text("changed")
+    assert run.code_version(tmp_path) == {"commit": head.strip(), "uncommitted_changes": True}
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert run.code_version(tmp_path) == {"commit": None, "uncommitted_changes": None}
+
+
 def test_damping_choice_is_the_lowest_mean_rank_ties_by_mean_lds():
     def lds(plain, values):
         methods_ = {"tracin all checkpoints": {"mean": plain, "se": 0.01}}
