@@ -441,6 +441,7 @@ class FreshBuffers:
         self._copies: dict[int, _Copy] = {}
         self._swapped: list[list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]]] = []
         self._kept: set[str] = set()
+        self._unchecked: list[_Copy] = []  # copies whose first forward is not checked yet
 
     def __enter__(self) -> FreshBuffers:
         self._own = {id(t): (name, t, t._version) for name, t in self.model.named_buffers() if not t.is_inference()}
@@ -524,6 +525,7 @@ class FreshBuffers:
             copy = _Copy(source, self._name(module, leaf), grouped=views is not None)
             for member in views or [tensor]:
                 self._copies[id(member)] = copy
+            self._unchecked.append(copy)
         elif not inside:
             copy.mend()
         if not copy.grouped:
@@ -550,8 +552,9 @@ class FreshBuffers:
                 continue
             module._buffers[leaf] = tensor
         if not self._swapped and not _transforms_active():
-            for copy in self._copies.values():
+            for copy in self._unchecked:
                 copy.check_first()
+            self._unchecked.clear()
 
     def _warn_kept(self, name: str) -> None:
         if name not in self._kept:
@@ -573,6 +576,7 @@ class FreshBuffers:
                     done.add(id(copy))
                     copy.mend()
                     copy.check_last()
+        self._unchecked = [copy for copy in self._unchecked if id(copy) not in done]
 
 
 class _Copy:
@@ -657,6 +661,7 @@ def _calls_running(model: torch.nn.Module) -> int:
 
 
 _CALL = torch.nn.Module._call_impl.__code__
+_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
 def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
@@ -664,7 +669,7 @@ def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]
     of those tensors."""
     by_storage: dict[tuple, list[torch.Tensor]] = {}
     for t in {id(t): t for t in tensors}.values():
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided or t.device.type == "meta" or _wrapped(t):
             continue
         try:
             storage = t.untyped_storage()
