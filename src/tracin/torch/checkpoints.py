@@ -414,7 +414,7 @@ class FreshBuffers:
     written there. Cost: one copy of each buffer the forwards use, on its device, freed when the next
     checkpoint is kept; the model's own persistent buffers are copied only if the model runs with them.
     A buffer in two slots is one copy; buffers that are views of one storage are views of one copy of
-    it (but inside a transform that wraps them: there each gets its own). A forward of the model inside
+    it (but where a transform batches them or takes their gradient: each gets its own). A forward of the model inside
     its own forward (a recursive call) runs with the outer forward's copies. A tensor of another shape
     or dtype that a forward puts in a buffer slot (a cache grown in forward) is kept there, with a
     RuntimeWarning naming the buffer: the next forwards of the checkpoint start from it, and the model
@@ -514,14 +514,15 @@ class FreshBuffers:
         (`views`) share one copy of that storage, each rebuilt as a view of it."""
         copy = self._copies.get(id(tensor))
         if copy is None:
-            source = tensor if views is None else _bytes(tensor)
             if inside and views is None:  # a copy made here would belong to the transform: this forward's own
-                return _clone(source)
+                return _clone(tensor)
+            plain = tensor if views is None else _plain(tensor)
+            source = tensor if views is None else _bytes(plain)
             if inside:
                 working = made.get(id(views))
                 if working is None:
                     working = made[id(views)] = _clone(source)
-                return _view(working, tensor)
+                return _view(working, plain)
             copy = _Copy(source, self._name(module, leaf), grouped=views is not None)
             for member in views or [tensor]:
                 self._copies[id(member)] = copy
@@ -661,7 +662,17 @@ def _calls_running(model: torch.nn.Module) -> int:
 
 
 _CALL = torch.nn.Module._call_impl.__code__
-_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` unwrapped from the torch.func transforms that only carry it (grad's wrapper of a tensor
+    taking no gradient); None when one batches it (vmap) or takes its gradient."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t) or t.requires_grad:
+            return None
+        t = functorch.get_unwrapped(t)
+    return t
 
 
 def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]]:
@@ -669,11 +680,12 @@ def _storage_groups(tensors: list[torch.Tensor]) -> dict[int, list[torch.Tensor]
     of those tensors."""
     by_storage: dict[tuple, list[torch.Tensor]] = {}
     for t in {id(t): t for t in tensors}.values():
-        if t.layout != torch.strided or t.device.type == "meta" or _wrapped(t):
+        plain = _plain(t)
+        if plain is None or plain.layout != torch.strided or plain.device.type == "meta":
             continue
         try:
-            storage = t.untyped_storage()
-        except (NotImplementedError, RuntimeError):  # a transform's wrapper (vmap, grad): no storage
+            storage = plain.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # a tensor subclass without one
             continue
         if storage.nbytes():
             by_storage.setdefault((t.device, storage.data_ptr()), []).append(t)
