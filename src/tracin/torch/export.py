@@ -68,7 +68,9 @@ def export_gradients(
         left exactly as it was (weights, buffers, train/eval flags, requires_grad). Every forward
         starts from the checkpoint's buffers: one that changes a buffer (a running statistic, a
         counter) changes it for itself alone (tracin.torch.checkpoints.FreshBuffers; writes it
-        cannot undo, through an alias or .data, are reported with a RuntimeWarning).
+        cannot undo, through an alias or .data, are reported with a RuntimeWarning). A buffer a
+        forward replaces by a tensor of another shape or dtype (a cache grown in forward) is kept,
+        with a RuntimeWarning: the later forwards start from it, and the model keeps it afterwards.
         It runs on the device of its parameters under torch's settings as they are: on a GPU, cuDNN
         convolutions use TF32 by default (relative errors near 1e-3); set
         torch.backends.cudnn.allow_tf32 = False (and keep float32 matmul precision "highest") for
