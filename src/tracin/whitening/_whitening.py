@@ -330,10 +330,13 @@ class Whitening:
         row counts, mix_weight, fingerprint, space), matrices missing, of other shapes or dtypes (read
         from their headers, before their data), not finite, moments of another fingerprint, lambdas
         that are not damping times the moments' mean eigenvalues, or stored inverses that fail the
-        O(d^2) checks of _check_inverses (symmetry, positive diagonals, the residual of (R + lambda I)
-        X v = v on a few random v, within float64 rounding at any condition number): the inverses are
-        kept as stored, not recomputed. ValueError too if the matrices (moments and inverses, plus one
-        more of the largest) exceed half the physical memory. OSError if it cannot be opened."""
+        O(d^2) checks of _checked_inverses (symmetry, positive diagonals, the residual of (R + lambda
+        I) X v = v on a few random v, within float64 rounding): the inverses are kept as stored, not
+        recomputed, except where the damping is so small that rounding hides a wrong inverse from the
+        residual (tol * |R + lambda I| / lambda > 1e-6): those are recomputed from the moments (O(d^3),
+        as with_damping does), so a file holding another damping's inverse still whitens correctly.
+        ValueError too if the matrices (moments and inverses, plus one more of the largest) exceed half
+        the physical memory. OSError if it cannot be opened."""
         with open(path, "rb") as file:
             try:
                 moments, inverses, spec = _read_saved(file)
@@ -408,19 +411,24 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[
 
 _PROBES = 4  # random vectors each stored inverse is checked on at load
 _ROUNDING = 4  # load's bars on asymmetry and residual, in units of d x float64 epsilon (measured: below 5 eps)
+_UNRESOLVED = 1e-6  # tol * |R + lambda I| / lambda above which the residual cannot vouch for X: recomputed
 _STRIP = 256  # rows per strip when checking symmetry (no d x d temporary)
 
 
-def _check_inverses(
+def _checked_inverses(
     moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
-) -> None:
-    """ValueError unless each stored X looks like the damped inverse (R + lambda I)^-1 of its moment R,
-    in O(d^2): R and X symmetric to within tol = _ROUNDING * d * eps of their largest entry, R + lambda I
-    and X with positive diagonals and X v . v > 0, and, for _PROBES random v (fixed seed), the backward
-    error |(R + lambda I) X v - v| <= tol * (norm * |X v| + |v|), norm >= |R + lambda I| (the least of
-    trace and largest absolute row sum, plus lambda). A float64 inverse meets that whatever the condition
-    number, BLAS or thread count; it is a check of what save wrote, not a proof of positive definiteness."""
+) -> list[np.ndarray]:
+    """The stored inverses, each checked to look like the damped inverse (R + lambda I)^-1 of its
+    moment R (ValueError otherwise), in O(d^2): R and X symmetric to within tol = _ROUNDING * d * eps of
+    their largest entry, R + lambda I and X with positive diagonals and X v . v > 0, and, for _PROBES
+    random v (fixed seed), the backward error |(R + lambda I) X v - v| <= tol * (norm * |X v| + |v|),
+    norm >= |R + lambda I| (the least of trace and largest absolute row sum, plus lambda). A float64
+    inverse meets that whatever the condition number, BLAS or thread count; it is a check of what save
+    wrote, not a proof of positive definiteness. Where tol * norm / lambda > _UNRESOLVED the residual
+    of an inverse at another damping (or with a flipped null-space eigenvalue) is within that bar too:
+    such an X is replaced by damped_inverse(R)."""
     rng = np.random.default_rng(0)
+    checked = list(inverses)
     for i, (r, x, lam) in enumerate(zip(moments, inverses, lambdas, strict=True)):
         d = r.shape[0]
         tol = _ROUNDING * d * np.finfo(np.float64).eps
@@ -431,16 +439,20 @@ def _check_inverses(
                 raise ValueError(f"{name}_{i} is not symmetric (largest |M - M^T| {off:.3g}, largest |M| {peak:.3g})")
         if not (np.diagonal(r).min() + lam > 0 and np.diagonal(x).min() > 0):
             raise ValueError(f"{_what(i, factored)}: R + lambda I is not positive definite (lambda = {lam})")
+        norm = min(float(np.trace(r)), row_sum) + lam
+        if tol * norm / lam > _UNRESOLVED:
+            checked[i] = damped_inverse(r, lam, _what(i, factored))
+            continue
         v = rng.standard_normal((d, _PROBES))
         y = x @ v
         residual = np.linalg.norm(r @ y + lam * y - v, axis=0)
-        norm = min(float(np.trace(r)), row_sum) + lam
         bar = tol * (norm * np.linalg.norm(y, axis=0) + np.linalg.norm(v, axis=0))
         if not (np.all(np.einsum("ij,ij->j", y, v) > 0) and np.all(residual <= bar)):
             raise ValueError(
                 f"inverse_{i} is not the damped inverse of moment_{i} at damping {damping}: residual "
                 f"|(R + lambda I) X v - v| {residual.max():.3g}, above float64 rounding ({bar.min():.3g})"
             )
+    return checked
 
 
 def _strips(m: np.ndarray, reduce: Any) -> float:
@@ -470,7 +482,7 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     """The moments, inverses and spec of a file written by Whitening.save (ValueError, KeyError,
     TypeError or the archive's own errors otherwise). Every member's .npy header is checked against
     the spec (shape, float64) before its data is read; the spec against the moments (fingerprint,
-    lambdas); the stored inverses against the moments (_check_inverses). _TooLarge if the matrices
+    lambdas); the stored inverses against the moments (_checked_inverses). _TooLarge if the matrices
     exceed default_max_bytes()."""
     if not zipfile.is_zipfile(file):  # else np.load would read .npy files, and suggest unpickling others
         raise ValueError("not a complete .npz archive")
@@ -499,8 +511,7 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     recorded = np.asarray(spec.lambdas, dtype=np.float64) if _numbers(spec.lambdas) else None
     if recorded is None or recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9):
         raise ValueError(f"lambdas {spec.lambdas} are not damping {spec.damping} times the moments' mean eigenvalues")
-    _check_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored)
-    return moments, stored, spec
+    return moments, _checked_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored), spec
 
 
 def _numbers(values: Any) -> bool:
