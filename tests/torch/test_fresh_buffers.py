@@ -511,6 +511,19 @@ def test_forwards_after_a_base_exception_in_a_pre_hook_start_from_the_buffers_as
     assert model.count.item() == 0
 
 
+def test_a_compiled_recursive_forward_shares_the_outer_forwards_copies():
+    """Under torch.compile the stack walk telling a recursive call from a stale swap was traced by
+    dynamo, which failed ('... is already tracked for mutation', review23 item 1)."""
+    torch.manual_seed(0)
+    model = _Recursive()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 4)
+    with FreshBuffers(model), torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), 3 * model.lin(x), rtol=1e-6, atol=1e-6)
+    assert model.count.item() == 0
+
+
 class _ViewsScaled(_Views):
     """_Views with a parameter the batched hooks do not cover: the export runs it under vmap(grad)."""
 

@@ -436,16 +436,23 @@ def test_reentrant_checkpointing_with_nothing_chosen_before_the_block_is_refused
 
 class SharedAcrossTheBlock(nn.Module):
     """A layer run inside a reentrant checkpointed block whose input needs no gradient, and again after it
-    (weight sharing, ALBERT style); its weight gets a gradient from the use after the block alone."""
+    (weight sharing, ALBERT style); its weight gets a gradient from the use after the block alone.
+    listed: inside the block the weight reaches its op in a list (torch.cat([w]))."""
 
-    def __init__(self):
+    def __init__(self, listed: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.inp, self.shared, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.listed = listed
+
+    def inside(self, a):
+        if self.listed:
+            return torch.tanh(a @ torch.cat([self.shared.weight]).T + self.shared.bias)
+        return torch.tanh(self.shared(a))
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
-        h = torch.utils.checkpoint.checkpoint(lambda a: torch.tanh(self.shared(a)), h, use_reentrant=True)
+        h = torch.utils.checkpoint.checkpoint(self.inside, h, use_reentrant=True)
         return self.head(torch.tanh(self.shared(h)))
 
 
@@ -454,10 +461,12 @@ class SharedAcrossTheBlock(nn.Module):
     [{}, {"projection": tracin.Projection(32, seed=1, per_layer=True, kronecker=True)}],
     ids=["full", "kronecker"],
 )
-def test_a_parameter_used_inside_a_cut_reentrant_block_and_after_it_is_refused(how):
+@pytest.mark.parametrize("listed", [False, True], ids=["direct", "in-a-list"])
+def test_a_parameter_used_inside_a_cut_reentrant_block_and_after_it_is_refused(how, listed):
     """Its gradient from inside the block is dropped: the rows were off float64 autograd without
-    checkpointing by 0.14-0.18 (relative), torch's warning the only sign (review20 item 1)."""
-    model = SharedAcrossTheBlock()
+    checkpointing by 0.14-0.18 (relative), torch's warning the only sign (review20 item 1); also when
+    the weight reaches its op inside a list (review23: was exported 0.16 off, silently)."""
+    model = SharedAcrossTheBlock(listed)
     x, y = classification_data(5, seed=0)
     # float64, without checkpointing: the weight's gradient, and what is left of it without the use inside
     wide = copy.deepcopy(model).double()
@@ -478,6 +487,32 @@ def test_reentrant_checkpointing_before_the_chosen_layers_only_is_exact():
     """No false refusal: with only `out` (after the block) chosen, torch's warning is passed on and the
     rows equal float64 autograd."""
     model = Checkpointed(True)
+    x, y = classification_data(5, seed=0)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        got = export_gradients(
+            model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False, layers=["out"]
+        )
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(len(y)):
+        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.out.parameters()))]))
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class LogsANorm(Checkpointed):
+    """Checkpointed (reentrant) that also logs its head's weight norm under no_grad, outside the block."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.last_norm = self.out.weight.norm()
+        return super().forward(x)
+
+
+def test_a_no_grad_use_outside_the_checkpointed_block_is_not_refused():
+    """A chosen parameter used without gradients outside the block (a logged norm, an EMA update) is not
+    a use inside it: exported, equal to float64 autograd (review23: was refused as 'used inside')."""
+    model = LogsANorm(True)
     x, y = classification_data(5, seed=0)
     with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
         got = export_gradients(

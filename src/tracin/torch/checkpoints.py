@@ -651,6 +651,7 @@ def _clone(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+@torch.compiler.disable  # dynamo cannot trace the frame walk (it asserted on the module's mutation)
 def _calls_running(model: torch.nn.Module) -> int:
     """How many calls of `model` are on the Python stack (more than one: a forward inside its own)."""
     count, frame = 0, sys._getframe(1)

@@ -5,6 +5,7 @@ which per-example gradients cannot run through, refused."""
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import CheckpointError
+from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
 from .data import Tree, call_model
 
@@ -172,7 +174,9 @@ def _registry() -> dict:
 
 
 class _NoGradUses(TorchFunctionMode):
-    """Notes the names of `leaves` passed to a torch operation while gradients are off."""
+    """Notes the names of `leaves` passed to a torch operation (also inside lists, tuples, dicts) while
+    gradients are off inside a reentrant checkpointed block's forward (CheckpointFunction.forward on
+    the stack: a no_grad use elsewhere, a logged weight norm, an EMA update, is not one)."""
 
     def __init__(self, leaves: Mapping[str, torch.Tensor]):
         super().__init__()
@@ -181,8 +185,21 @@ class _NoGradUses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
-            self.found.update(self.names[id(a)] for a in (*args, *kwargs.values()) if id(a) in self.names)
+            used = {self.names[id(a)] for a in tree_leaves((args, kwargs)) if id(a) in self.names}
+            if used and _in_checkpointed_block():
+                self.found.update(used)
         return func(*args, **kwargs)
+
+
+def _in_checkpointed_block() -> bool:
+    """Whether a reentrant checkpoint's forward (CheckpointFunction.forward) is on the Python stack."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _BLOCK_FORWARD:
+        frame = frame.f_back
+    return frame is not None
+
+
+_BLOCK_FORWARD = CheckpointFunction.forward.__code__
 
 
 def _used_without_grad(
