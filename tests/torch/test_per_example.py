@@ -483,6 +483,16 @@ def test_a_parameter_used_inside_a_cut_reentrant_block_and_after_it_is_refused(h
         )
 
 
+def _out_rows64(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """float64 autograd's per-example gradients of `model.out`'s parameters, (n, p)."""
+    wide = copy.deepcopy(model).double()
+    rows = []
+    for i in range(len(y)):
+        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.out.parameters()))]))
+    return torch.stack(rows).numpy()
+
+
 def test_reentrant_checkpointing_before_the_chosen_layers_only_is_exact():
     """No false refusal: with only `out` (after the block) chosen, torch's warning is passed on and the
     rows equal float64 autograd."""
@@ -492,12 +502,7 @@ def test_reentrant_checkpointing_before_the_chosen_layers_only_is_exact():
         got = export_gradients(
             model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False, layers=["out"]
         )
-    wide = copy.deepcopy(model).double()
-    want = []
-    for i in range(len(y)):
-        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
-        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.out.parameters()))]))
-    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.matrices[0], _out_rows64(model, x, y), rtol=1e-5, atol=1e-6)
 
 
 class LogsANorm(Checkpointed):
@@ -518,12 +523,7 @@ def test_a_no_grad_use_outside_the_checkpointed_block_is_not_refused():
         got = export_gradients(
             model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False, layers=["out"]
         )
-    wide = copy.deepcopy(model).double()
-    want = []
-    for i in range(len(y)):
-        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
-        want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.out.parameters()))]))
-    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.matrices[0], _out_rows64(model, x, y), rtol=1e-5, atol=1e-6)
 
 
 class Warns(nn.Module):
