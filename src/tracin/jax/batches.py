@@ -131,8 +131,8 @@ class BatchPlan:
     def __init__(self, data: Any, batch_size: int | None):
         if batch_size is not None:
             batch_size = positive_int(batch_size, "batch_size")
-        if isinstance(data, (tuple, list)):
-            data = _plain(data)
+        if _is_pair(data) and _is_array_pair(_plain(data)):  # Mapping inputs of an (inputs, targets) pair;
+            data = _plain(data)  # a list of batches stays the caller's list (each batch is converted as read)
         self._data = data
         self._pair = _is_array_pair(data)
         if self._pair:
