@@ -38,6 +38,15 @@ def _unchanged(given: dict, kept: dict) -> None:
         torch.testing.assert_close(given[k], kept[k], rtol=0, atol=0)
 
 
+def _exported_without_fallback(model: nn.Module, given: dict, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """The export's rows at checkpoint `given`, asserting no path was given up ('cannot run' warnings)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    assert not [w for w in caught if "cannot run" in str(w.message)], [str(w.message) for w in caught]
+    return got
+
+
 class _Temperature(nn.Module):
     def __init__(self):
         super().__init__()
@@ -90,10 +99,7 @@ def test_a_vmap_forward_after_a_forward_that_wrote_a_buffer_runs_under_vmap():
     given = copy.deepcopy(model.state_dict())
     kept = copy.deepcopy(given)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
-    assert not [w for w in caught if "cannot run" in str(w.message)], [str(w.message) for w in caught]
+    got = _exported_without_fallback(model, given, x, y)
     np.testing.assert_allclose(got, _reference(model, kept, x, y), rtol=1e-5, atol=1e-6)
     _unchanged(given, kept)
 
@@ -541,9 +547,6 @@ def test_buffers_that_are_views_of_one_storage_stay_views_under_vmap_of_grad():
     model = _ViewsScaled()
     given = copy.deepcopy(model.state_dict())
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
-    assert not [w for w in caught if "cannot run" in str(w.message)], [str(w.message) for w in caught]
+    got = _exported_without_fallback(model, given, x, y)
     np.testing.assert_allclose(got, _reference_built(_ViewsScaled, given, x, y), rtol=1e-5, atol=1e-6)
     assert torch.equal(given["whole"], torch.ones(3))
