@@ -131,8 +131,9 @@ class BatchPlan:
     def __init__(self, data: Any, batch_size: int | None):
         if batch_size is not None:
             batch_size = positive_int(batch_size, "batch_size")
-        if _is_pair(data) and _is_array_pair(_plain(data)):  # Mapping inputs of an (inputs, targets) pair;
-            data = _plain(data)  # a list of batches stays the caller's list (each batch is converted as read)
+        plain = _plain(data) if _is_pair(data) else data  # Mapping inputs of an (inputs, targets) pair;
+        if _is_array_pair(plain):  # a list of batches stays the caller's list (each batch converted as read)
+            data = plain
         self._data = data
         self._pair = _is_array_pair(data)
         if self._pair:
