@@ -547,8 +547,8 @@ def test_a_first_batch_of_one_example_of_one_token_decides_nothing_for_a_shared_
     """A first batch of 1 example of 1 token: wpe(arange(1)) looks one id per example there (and is exact
     there either way). Its choice was kept, so the next batch's wpe(arange(3)), T == rows, was projected per
     token (kronecker) or its batched hooks, checked on that one row, kept (full): rows off by 0.1 to 0.9,
-    no warning (review20 item 2). A 1-row batch now decides nothing; with 2 or more rows ids whose length
-    does not grow from one example to two are shared: float64 autograd's rows."""
+    no warning (review20 item 2). Ids whose length does not grow from example 0 alone to example 0 twice
+    are shared, decided on the first batch (one row included): float64 autograd's rows."""
     torch.manual_seed(0)
     model = Positioned(False)
     g = torch.Generator().manual_seed(1)
@@ -563,6 +563,58 @@ def test_a_first_batch_of_one_example_of_one_token_decides_nothing_for_a_shared_
         got = export_gradients(model, [(state, 1.0)], batches, token_loss, projection=proj, progress=False)
     names = [n for n, _ in model.named_parameters()]
     grads = [r for ids, labels in batches for r in autograd_grads(model, state, ids, labels, [ids.shape[1]] * len(ids))]
+    if kronecker:
+        want = projected_reference(proj, got.metadata["projection"]["segments"], grads, names)
+    else:
+        want = np.stack([np.concatenate([r[n].reshape(-1) for n in names]) for r in grads])
+    assert_rows_close(got.matrices[0], want)
+
+
+class Trimmed(Positioned):
+    """Positioned(False) trimming the batch's padding first: wpe(arange(T)) with T the batch's longest
+    sequence, which may equal the rows of a batch by chance."""
+
+    def __init__(self):
+        super().__init__(batched=False)
+
+    def forward(self, ids):
+        return super().forward(ids[:, : int((ids != 0).sum(1).max())])
+
+
+def trimmed_loss(logits, labels):
+    return token_loss(logits, labels[:, : logits.shape[1]])
+
+
+def padded(lengths: list[int], width: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (padding 0) and labels (-100 on padding) of these lengths."""
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=g) * mask
+    return ids, torch.randint(0, CLASSES, (len(lengths), width), generator=g).masked_fill(~mask, -100)
+
+
+@pytest.mark.parametrize("kronecker", [True, False])
+@pytest.mark.parametrize("batch_lengths", [[[1], [1, 2, 3]], [[1, 2, 3]]])
+def test_a_trimmed_position_embedding_on_as_many_ids_as_rows_is_shared(kronecker, batch_lengths):
+    """A model trimming padding calls wpe(arange(T)) with T the batch's longest length: 3 in a batch of 3
+    rows of lengths 1, 2, 3. Forwards of rows [0] and [0, 1] (T = 1, then 2) made its ids look one per
+    example: after a first batch of one row the 3-row batch was projected per token, rows silently off
+    (kronecker), and a first batch of 3 rows was refused by the first-rows check (T == 2 == its rows). Row 0
+    alone and twice keep T: shared, float64 autograd's rows. The full per-example path was exact but gave up
+    the batched hooks of every layer on the check's disagreement; now only 'pos' goes to vmap."""
+    torch.manual_seed(0)
+    model = Trimmed()
+    g = torch.Generator().manual_seed(1)
+    batches = [padded(lengths, 5, g) for lengths in batch_lengths]
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True) if kronecker else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(state, 1.0)], batches, trimmed_loss, projection=proj, progress=False)
+    assert not [w for w in caught if "given up" in str(w.message)]  # the other layers keep the batched hooks
+    names = [n for n, _ in model.named_parameters()]
+    lengths = [n for ls in batch_lengths for n in ls]
+    ids, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    grads = autograd_grads(model, state, ids, labels, lengths)
     if kronecker:
         want = projected_reference(proj, got.metadata["projection"]["segments"], grads, names)
     else:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Tree, batch_rows, call_model
+from .data import Tree, batch_rows, call_model, slice_rows, tree_map
 from .losses import LossFn, check_losses, losses_of, model_caller, refuse_checkpointing
 
 
@@ -166,6 +166,44 @@ def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, tor
         for h in handles:
             h.remove()
     return total[0]
+
+
+def ids_shared_by_the_batch(
+    model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], inputs: Tree
+) -> set[str]:
+    """The modules `names` called on 1-D ids that are not one per example: whose lengths do not grow from a
+    forward pass (probe_forward) of example 0 alone to one of example 0 twice (wpe(arange(T)), where ids
+    one per example (B,) or flattened (B * T,) double). The same example twice, not two examples: a model
+    trimming the batch's padding gives both passes the same T, whatever the other rows' lengths (T may equal
+    the rows of a batch by chance). A module whose calls differ in number between the two is taken as
+    shared (its full per-example gradients are exact either way)."""
+    modules = dict(model.named_modules())
+    one = slice_rows(inputs, 0, 1)
+    lengths: list[dict[str, list[int]]] = []
+    for probe in (one, tree_map(lambda t: torch.cat([t, t]), one)):
+        seen: dict[str, list[int]] = {n: [] for n in names}
+
+        def look(name: str, seen=seen):
+            def note(module, args, kwargs, output):
+                ids = _first_input(args, kwargs)
+                if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+                    seen[name].append(ids.shape[0])
+
+            return note
+
+        handles = [modules[n].register_forward_hook(look(n), with_kwargs=True) for n in names]
+        try:
+            probe_forward(model, state, probe, lambda seen=seen: [v.clear() for v in seen.values()])
+        finally:
+            for h in handles:
+                h.remove()
+        lengths.append(seen)
+    alone, twice = lengths
+    return {
+        n
+        for n in names
+        if len(alone[n]) != len(twice[n]) or any(a == b for a, b in zip(alone[n], twice[n], strict=True))
+    }
 
 
 def probe_forward(model: nn.Module, state: Mapping[str, torch.Tensor], one: Tree, restart: Callable[[], None]) -> None:

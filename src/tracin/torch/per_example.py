@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .capture import NotCaptured, bytes_of_one, device_failure
+from .capture import NotCaptured, bytes_of_one, device_failure, ids_shared_by_the_batch
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_counted
 from .hook_gradients import HookGradients
@@ -100,6 +100,8 @@ class PerExampleGradients:
             # passes whichever batch comes first (a range of a distributed export included): BLAS may
             # round a row differently in a pass of another size
             self.hooks.bytes_per_row = bytes_of_one(self.model, self.hooks.layers, state, slice_rows(inputs, 0, 1))
+        if self.hooks is not None and not self.checked_one:
+            self._skip_shared_ids(state, inputs)
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
             if self.hooks is None:
@@ -110,6 +112,16 @@ class PerExampleGradients:
         if self.others:
             self._by_autodiff(self.others, state, inputs, targets, out)
         return out
+
+    def _skip_shared_ids(self, state, inputs: Tree) -> None:
+        """Sends to vmap the embeddings the hooks would take one id per example that are called on 1-D ids
+        shared by the batch (capture.ids_shared_by_the_batch: wpe(arange(T)), T == rows by chance included),
+        before the first check (which would otherwise give up the hooks of every layer)."""
+        modules = dict(self.model.named_modules())
+        embeddings = [m for m in self.hooks.layers if isinstance(modules[m], nn.Embedding) and m not in self.skipped]
+        if embeddings:
+            shared = ids_shared_by_the_batch(self.model, embeddings, state, inputs)
+            self.skipped = {**self.skipped, **dict.fromkeys(sorted(shared), "called on 1-D ids shared by the batch")}
 
     def _pass_rows(self) -> int:
         """Most rows of a hook pass: about _PASS_BYTES of captured tensors (measured by the probe). A
@@ -154,7 +166,7 @@ class PerExampleGradients:
             )
             return False
         first, self.checked_one = not self.checked_one, True
-        self.checked = rows > 1  # one row cannot show a shared input (wpe(arange(T)) on 1 id): checked again
+        self.checked = rows > 1  # one row cannot show a layer mixing the examples: checked again
         if self.others and first:
             modules = dict(self.model.named_modules())
             owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)

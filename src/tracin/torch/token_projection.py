@@ -41,7 +41,7 @@ from .._export.preconditioner import AdamMoments, Preconditioned
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, probe_forward, stream
+from .capture import Call, NotCaptured, ids_shared_by_the_batch, stream
 from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
@@ -124,7 +124,7 @@ class KroneckerRows:
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids of shape (T,)
-        self._shared_ids: set[str] | None = None  # embeddings on 1-D ids shared by the batch (None: undecided)
+        self._shared_ids: set[str] | None = None  # embeddings on 1-D ids shared by the batch (None: not probed)
 
     # --- what the export records ---
 
@@ -275,11 +275,13 @@ class KroneckerRows:
         without a batch dimension (nanoGPT's wpe(arange(T)), broadcast later: its output gradient is the
         batch's sum) is projected from its full per-example gradients instead (PerExampleGradients, vmap):
         the same factors, the same layout, one warning. Ids of shape (rows,) are one per example (a class,
-        user or timestep embedding: per token) unless forwards of one and two examples showed their length
-        not growing (_shared_ids, decided on the first batch of 2 or more rows: wpe(arange(T)) with T == rows)."""
-        if self._shared_ids is None and rows > 1:  # a batch of one decides nothing (one id, or T ids, either way)
-            self._shared_ids = self._ids_not_per_example(state, inputs)
-        shared = self._shared_ids or set()
+        user or timestep embedding: per token) unless forwards of example 0 alone and twice showed their length
+        not growing (capture.ids_shared_by_the_batch, decided on the first batch: wpe(arange(T)) with T == rows,
+        even where T is the batch's trimmed length)."""
+        if self._shared_ids is None:
+            embeddings = [s.module for s in self.kron if s.kind == "embedding"]
+            self._shared_ids = ids_shared_by_the_batch(self.model, embeddings, state, inputs) if embeddings else set()
+        shared = self._shared_ids
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
@@ -325,42 +327,6 @@ class KroneckerRows:
                 f"leave it out: {self._leaving_out(seg.names)}"
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
-
-    def _ids_not_per_example(self, state, inputs: Tree) -> set[str]:
-        """The Kronecker embeddings called on 1-D ids whose length does not grow from a forward pass without
-        gradients of one example to one of two (capture.probe_forward): shared by the batch (wpe(arange(T)),
-        even with T == 2), where ids one per example (B,) or flattened (B * T,) grow. A module whose calls
-        differ in number between the two is taken as shared (full gradients: exact either way)."""
-        embeddings = [s.module for s in self.kron if s.kind == "embedding"]
-        if not embeddings:
-            return set()
-        lengths: list[dict[str, list[int]]] = []
-        for rows in (1, 2):
-            seen: dict[str, list[int]] = {n: [] for n in embeddings}
-
-            def look(name: str, seen=seen):
-                def note(module, args, kwargs, output):
-                    ids = args[0] if args else next(iter(kwargs.values()), None)
-                    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-                        seen[name].append(ids.shape[0])
-
-                return note
-
-            handles = [self._modules[n].register_forward_hook(look(n), with_kwargs=True) for n in embeddings]
-            try:
-                probe_forward(
-                    self.model, state, slice_rows(inputs, 0, rows), lambda seen=seen: [v.clear() for v in seen.values()]
-                )
-            finally:
-                for h in handles:
-                    h.remove()
-            lengths.append(seen)
-        one, two = lengths
-        return {
-            n
-            for n in embeddings
-            if len(one[n]) != len(two[n]) or any(a == b for a, b in zip(one[n], two[n], strict=True))
-        }
 
     def _by_full_gradients(self, layers: list[str]) -> None:
         """Embeddings `layers`, called on 1-D ids not one per example, projected from full per-example gradients
