@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import threading
 import warnings
 
 import numpy as np
@@ -618,3 +620,91 @@ def test_vmap_out_of_memory_falls_back_to_the_per_example_loop(monkeypatch):
         value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
         want.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, list(wide.parameters()))]))
     np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class TogetherInTwoThreads(Checkpointed):
+    """Checkpointed (reentrant) warning a notice of its own on every forward; the first forward of each
+    thread waits for the other's: two exports inside the loss check (_checkpoint_warnings) at once."""
+
+    def __init__(self, barrier: threading.Barrier):
+        super().__init__(True)
+        self.barrier, self.waited = barrier, set()
+
+    def forward(self, x):
+        if threading.get_ident() not in self.waited:
+            self.waited.add(threading.get_ident())
+            self.barrier.wait(timeout=60)
+        warnings.warn("TogetherInTwoThreads.forward: old_arg is deprecated", UserWarning, stacklevel=1)
+        return super().forward(x)
+
+
+def test_two_exports_in_two_threads_at_once_are_each_refused_and_leave_the_warnings_machinery_as_it_was():
+    """The loss check swapped warnings.showwarning for the whole process: the second thread's collector saved
+    the first's and took both threads' warnings of torch (the first export not refused), and the last exit
+    left a collector installed for good. Now each thread collects its own: both refused, the model's notice
+    shown once, warnings.showwarning and torch.utils.checkpoint's `warnings` as they were."""
+    barrier = threading.Barrier(2)
+    shown: list[str] = []
+    outcomes: list[str] = []
+
+    def export() -> None:
+        model = TogetherInTwoThreads(barrier)  # one model each: functional_call swaps a module's tensors
+        try:
+            export_gradients(
+                model,
+                [(model.state_dict(), 1.0)],
+                classification_data(5, seed=0),
+                LOSS,
+                progress=False,
+                layers=["block", "out"],
+            )
+            outcomes.append("exported")
+        except Exception as e:  # the test reads what each thread got
+            outcomes.append(f"{type(e).__name__}: {e}")
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        warnings.showwarning = record = lambda message, *rest, **how: shown.append(str(message))
+        threads = [threading.Thread(target=export) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert warnings.showwarning is record
+    assert torch.utils.checkpoint.warnings is warnings
+    assert len(outcomes) == 2
+    for outcome in outcomes:
+        assert re.match("ValueError: .*" + _CHECKPOINTING + r".*no gradient reaches block\.0\.weight", outcome)
+    assert shown == ["TogetherInTwoThreads.forward: old_arg is deprecated"]
+
+
+def test_torchs_warning_in_a_thread_not_exporting_is_shown_while_another_thread_collects():
+    """While one thread is inside the loss check's collector, torch's 'None of the inputs have
+    requires_grad=True' raised by another thread (its own training step) is that thread's: shown to it, not
+    collected (the process-wide collector took it and could refuse the wrong export)."""
+    from tracin.torch.losses import _checkpoint_warnings
+
+    inside, leave = threading.Event(), threading.Event()
+    collected: list[tuple] = []
+
+    def collect() -> None:
+        with _checkpoint_warnings() as cut:
+            inside.set()
+            leave.wait(60)
+        collected.extend(cut)
+
+    shown: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest, **how: shown.append(str(message))
+        thread = threading.Thread(target=collect)
+        thread.start()
+        try:
+            assert inside.wait(60)
+            torch.utils.checkpoint.checkpoint(nn.Linear(2, 2), torch.ones(1, 2), use_reentrant=True)
+        finally:
+            leave.set()
+            thread.join()
+    assert shown == ["None of the inputs have requires_grad=True. Gradients will be None"]
+    assert collected == [] and torch.utils.checkpoint.warnings is warnings

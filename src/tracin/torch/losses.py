@@ -4,8 +4,8 @@ which per-example gradients cannot run through, refused."""
 
 from __future__ import annotations
 
-import re
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -135,37 +135,55 @@ def _checkpointing(why: str) -> ValueError:
     )
 
 
+class _CheckpointWarnings:
+    """Stands in for the `warnings` module inside torch.utils.checkpoint while some thread is in
+    _checkpoint_warnings: that thread's _NO_INPUT_GRAD warnings go to its list, before any filter or
+    registry sees them; everything else (other threads, other warnings) goes to warnings.warn unchanged."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(warnings, name)
+
+    @staticmethod
+    def warn(message, category=None, stacklevel: int = 1, source=None, **kwargs) -> None:
+        cut = getattr(_collecting, "cut", None)
+        if cut is not None and str(message).startswith(_NO_INPUT_GRAD):
+            where = sys._getframe(stacklevel)  # the frame warnings.warn would name (0: this one)
+            kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+            cut.append((message, kind, where.f_code.co_filename, where.f_lineno))
+            return
+        warnings.warn(message, category, stacklevel + 1, source, **kwargs)
+
+
+_collecting = threading.local()  # .cut: the list of the innermost _checkpoint_warnings of this thread
+_installed: dict[str, object] = {"depth": 0}  # "saved": torch.utils.checkpoint's own `warnings` while installed
+_INSTALL = threading.Lock()
+
+
 @contextmanager
 def _checkpoint_warnings() -> Iterator[list[tuple]]:
-    """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, whatever
-    the caller's filters and whatever was shown before; every other warning is shown as it would have been
-    (no catch_warnings: its change of the filters' version makes Python forget the warnings it showed once
-    per location, and the model's own would then be shown again on every export)."""
+    """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, in this
+    thread, whatever the caller's filters and whatever was shown before; every other warning, and every
+    warning of other threads, is shown as it would have been (no catch_warnings: its change of the filters'
+    version makes Python forget the warnings it showed once per location, and the model's own would then be
+    shown again on every export; no swap of warnings.showwarning, filters or registries, which are the
+    whole process's). Safe in several threads at once and nested: torch.utils.checkpoint's `warnings` is
+    replaced by the first entry and put back by the last exit (a count under a lock)."""
     cut: list[tuple] = []
-    shown = warnings.showwarning
-
-    def keep(message, category, *where, **how) -> None:
-        if str(message).startswith(_NO_INPUT_GRAD):
-            cut.append((message, category, *where[:2]))
-        else:
-            shown(message, category, *where, **how)
-
-    registry = _registry()  # torch's warning location, forgotten inside so that it warns again
-    version = registry.get("version")  # changed inside when Python finds the registry stale and clears it
-    noted = {
-        k: registry.pop(k) for k in list(registry) if isinstance(k, tuple) and str(k[0]).startswith(_NO_INPUT_GRAD)
-    }
-    always = ("always", re.compile(re.escape(_NO_INPUT_GRAD)), UserWarning, None, 0)
-    warnings.filters.insert(0, always)
-    warnings.showwarning = keep
+    outer = getattr(_collecting, "cut", None)
+    _collecting.cut = cut
+    with _INSTALL:
+        if _installed["depth"] == 0:
+            _installed["saved"] = torch.utils.checkpoint.warnings
+            torch.utils.checkpoint.warnings = _CheckpointWarnings()
+        _installed["depth"] += 1
     try:
         yield cut
     finally:
-        warnings.showwarning = shown
-        if registry.get("version") == version:
-            registry.update(noted)
-        if always in warnings.filters:
-            warnings.filters.remove(always)
+        with _INSTALL:
+            _installed["depth"] -= 1
+            if _installed["depth"] == 0:
+                torch.utils.checkpoint.warnings = _installed.pop("saved")
+        _collecting.cut = outer
 
 
 def _registry() -> dict:
