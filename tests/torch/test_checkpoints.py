@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from _models import RunningMean
 from torch import nn
 from torch_oracle import classification_data, mlp, train_checkpoints
 
@@ -454,25 +455,6 @@ def test_a_tied_weight_written_in_place_is_copied_under_the_name_it_is_loaded_by
     np.testing.assert_array_equal(again.matrices[0], first.matrices[0])
 
 
-class _RunningMean(nn.Module):
-    """A forward that updates buffers in place after using them (a running mean, a call counter), as
-    an EMA or a fake-quantization observer does."""
-
-    def __init__(self, running_mean: bool):
-        super().__init__()
-        self.running_mean = running_mean  # else only the counter: torch.func.vmap runs it
-        self.lin = nn.Linear(4, 3)
-        self.register_buffer("calls", torch.zeros(()))
-        self.register_buffer("mean", torch.randn(4))
-
-    def forward(self, x):
-        out = self.lin(x - self.mean) * (1 + self.calls)
-        self.calls += 1
-        if self.running_mean:
-            self.mean.mul_(0.5).add_(x.detach().mean(0))
-        return out
-
-
 @pytest.mark.filterwarnings("ignore:torch.func.vmap cannot run this model")  # the buffer update is in place
 @pytest.mark.parametrize("running_mean", [True, False])
 @pytest.mark.parametrize("mode", ["full", "last_layer"])
@@ -480,7 +462,7 @@ def test_every_forward_starts_from_the_checkpoints_buffers(tmp_path, mode, runni
     """A forward updating buffers changed the caller's checkpoint (calls 0 -> 12) and each export's
     gradients (relative difference 5e-2 between two identical exports)."""
     torch.manual_seed(0)
-    model = _RunningMean(running_mean)
+    model = RunningMean(running_mean)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     given = {k: v.clone() for k, v in model.state_dict().items()}
     kept = copy.deepcopy(given)

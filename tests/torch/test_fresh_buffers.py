@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import RunningMean
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -125,27 +126,9 @@ def test_vmap_of_grad_of_a_functional_call_after_a_written_buffer():
     _unchanged(state, kept)
 
 
-class _RunningMean(nn.Module):
-    """Updates its buffers in place after using them (an EMA, a call counter)."""
-
-    def __init__(self, through_data: bool = False):
-        super().__init__()
-        self.through_data = through_data
-        self.lin = nn.Linear(4, 3)
-        self.register_buffer("calls", torch.zeros(()))
-        self.register_buffer("mean", torch.randn(4))
-
-    def forward(self, x):
-        out = self.lin(x - self.mean) * (1 + self.calls)
-        self.calls += 1
-        mean = self.mean.data if self.through_data else self.mean
-        mean.mul_(0.5).add_(x.detach().mean(0))
-        return out
-
-
 def test_fresh_buffers_never_writes_the_buffers_as_loaded():
     torch.manual_seed(0)
-    model = _RunningMean()
+    model = RunningMean()
     own = {k: v.clone() for k, v in model.state_dict().items()}
     given = {
         "lin.weight": torch.randn(3, 4),
@@ -155,7 +138,7 @@ def test_fresh_buffers_never_writes_the_buffers_as_loaded():
     }
     kept = copy.deepcopy(given)
     x = torch.randn(5, 4)
-    twin = _RunningMean()
+    twin = RunningMean()
     twin.load_state_dict(kept)
     want = twin(x)  # the first forward from the checkpoint's buffers
     buffers_before = list(model.buffers())
@@ -179,7 +162,7 @@ def test_writes_through_data_are_found_after_the_first_forward(tmp_path, source)
     """`.data` writes bump no version counter: they changed the caller's checkpoint and two identical
     exports differed."""
     torch.manual_seed(0)
-    model = _RunningMean(through_data=True)
+    model = RunningMean(through_data=True)
     given = {k: v.clone() for k, v in model.state_dict().items()}
     kept = copy.deepcopy(given)
     torch.save(given, tmp_path / "c.pt")
@@ -244,7 +227,7 @@ def test_one_copy_of_a_buffer_per_checkpoint_none_of_the_models_own(monkeypatch)
 
 def test_a_first_forward_under_inference_mode_makes_copies_the_next_forwards_can_use():
     torch.manual_seed(0)
-    model = _RunningMean()
+    model = RunningMean()
     x = torch.randn(5, 4)
     want = copy.deepcopy(model)(x)
     with FreshBuffers(model):

@@ -1,0 +1,29 @@
+"""Test models shared by several tests/torch files."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RunningMean(nn.Module):
+    """A forward that updates buffers in place after using them (a running mean, a call counter), as an
+    EMA or a fake-quantization observer does.
+
+    running_mean: also update the mean (else only the counter: torch.func.vmap runs it); through_data:
+    update it through .data (a write autograd and vmap do not see)."""
+
+    def __init__(self, running_mean: bool = True, through_data: bool = False):
+        super().__init__()
+        self.running_mean, self.through_data = running_mean, through_data
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("mean", torch.randn(4))
+
+    def forward(self, x):
+        out = self.lin(x - self.mean) * (1 + self.calls)
+        self.calls += 1
+        if self.running_mean:
+            mean = self.mean.data if self.through_data else self.mean
+            mean.mul_(0.5).add_(x.detach().mean(0))
+        return out
