@@ -48,7 +48,8 @@ class PerExampleGradients:
       non-finite values on both sides agree (an example with a NaN loss is exported as it is; scoring
       refuses it, naming its row).
       Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
-      are covered; unbatched ones are not.
+      are covered; unbatched ones are not: an embedding whose 1-D ids do not grow from example 0 alone to
+      example 0 twice (wpe(arange(T)), capture.ids_shared_by_the_batch) goes to vmap before the first check.
     - every other parameter: torch.func vmap(grad) over the batch. When some parameters take the
       hooks and some do not, one warning names the modules of those that do not.
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
