@@ -403,6 +403,27 @@ def test_diagnostics_figure_is_the_png_written(tmp_path):
     assert upper == tmp_path / "d.PNG" and upper.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plotting_keeps_the_callers_backend_and_opens_no_pyplot_figure(tmp_path):
+    # a notebook's inline or interactive backend stays: plt.show() still works after the call
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # stands in for a notebook's or a desktop's backend
+import matplotlib.pyplot as plt
+import numpy as np, tracin
+from tracin.report import checkpoint_diagnostics, plot_checkpoint_diagnostics
+plt.figure()
+train = tracin.Gradients([np.random.default_rng(0).standard_normal((20, 3), dtype=np.float32) for _ in range(2)])
+diag = checkpoint_diagnostics(train, path={str(tmp_path / "a.png")!r}, traced=1)
+print(matplotlib.get_backend(), plt.get_fignums())
+plot_checkpoint_diagnostics(diag, {str(tmp_path / "b.png")!r})
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["svg [1]", "svg [1]"]
+    assert (tmp_path / "a.png").read_bytes()[:4] == (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
 @pytest.mark.parametrize(
     "name,message",
     [
@@ -426,7 +447,8 @@ def test_diagnostics_without_matplotlib_fail_before_the_work(tmp_path, monkeypat
     from tracin import report
 
     monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for module in ("matplotlib", "matplotlib.figure"):  # as if not installed (and not imported yet)
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match="plotting the diagnostics needs matplotlib"):
         checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")
 

@@ -214,7 +214,7 @@ def checkpoint_diagnostics(
     top = int(top)
     if path is not None:  # a figure that cannot be written is refused before the self-influence pass
         path, labels = _plot_options(train.n_checkpoints // per, path, labels, traced)  # labels read once
-        _pyplot()
+        _figure()
     slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
     terms = slots.reshape(n, -1, per).sum(axis=2)
     total = terms.sum(axis=1)
@@ -243,12 +243,13 @@ def plot_checkpoint_diagnostics(
     traced: int | None = None,
 ) -> Path:
     """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns
-    the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix."""
+    the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix.
+    The figure is drawn without pyplot: the caller's backend and open figures are left as they were."""
     count = diag.terms.shape[1]
     path, labels = _plot_options(count, path, labels, traced)
-    plt = _pyplot()
     x = np.arange(count)
-    fig, (shares, ranking) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    fig = _figure()(figsize=(11, 4), dpi=120)
+    shares, ranking = fig.subplots(1, 2)
     shares.bar(x - 0.2, diag.share_top, 0.4, label=f"top {diag.top} rows by self-influence", color="tab:red")
     shares.bar(x + 0.2, diag.share_all, 0.4, label="all rows", color="tab:grey")
     shares.set_ylabel("share of summed self-influence")
@@ -273,7 +274,6 @@ def plot_checkpoint_diagnostics(
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path
 
 
@@ -308,16 +308,14 @@ def _plot_options(
     return path, labels
 
 
-def _pyplot() -> Any:
-    """matplotlib.pyplot with the headless Agg backend; ImportError saying what to install."""
+def _figure() -> Any:
+    """The class matplotlib.figure.Figure (drawn and saved without pyplot, so neither the caller's
+    backend nor pyplot's figures change); ImportError saying what to install."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError(
             "plotting the diagnostics needs matplotlib: pip install matplotlib "
             "(checkpoint_diagnostics without path returns the numbers alone)"
         ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure

@@ -497,6 +497,26 @@ def _small(out, checkpoints=1, epochs=2):
     return DemoConfig(output=out, training=TrainingConfig(epochs=epochs, checkpoints=checkpoints), examples=1, k=2)
 
 
+def test_the_demo_keeps_the_callers_backend_and_opens_no_pyplot_figure(tmp_path):
+    # its figures are drawn without pyplot: a notebook's backend and figures stay as they were
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # stands in for a notebook's or a desktop's backend
+import matplotlib.pyplot as plt
+from tracin.demo import DemoConfig, run_demo
+from tracin.demo.training import TrainingConfig
+plt.figure()
+config = DemoConfig(output={str(tmp_path / "out")!r}, training=TrainingConfig(epochs=2, checkpoints=1), examples=1, k=2)
+run_demo(config, progress=False, log=lambda *_: None)
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg [1]"
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert len(pngs) >= 3 and all((tmp_path / "out" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs), pngs
+
+
 def _clear(out, paths):
     with DemoFiles(out) as files:
         files.clear(paths)

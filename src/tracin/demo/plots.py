@@ -1,4 +1,5 @@
-"""The demo's figures (matplotlib, headless)."""
+"""The demo's figures (matplotlib, headless): drawn on matplotlib.figure.Figure, not through pyplot,
+so that the caller's backend and pyplot's open figures stay as they were."""
 
 from __future__ import annotations
 
@@ -16,20 +17,13 @@ _STYLES = {  # method -> (line style, colour)
 }
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_detection(curves: dict[str, np.ndarray], path: Path, flip_rate: float) -> Path:
     """Fraction of flipped labels found against fraction of training data inspected, one line per
     method (curves: float (n + 1,) each), and a labelled line at the flip rate."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=120)
+    ax = fig.subplots()
     for name, curve in curves.items():
         style, colour = _STYLES.get(name, ("-", None))
         ax.plot(
@@ -52,15 +46,16 @@ def plot_detection(curves: dict[str, np.ndarray], path: Path, flip_rate: float) 
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], traced: int, path: Path) -> Path:
     """Held-out accuracy (float (epochs,)) after each epoch, the checkpoints (0-based epochs, ascending)
     as dots, the first `traced` of them filled: the ones the recipe traces."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.subplots()
     epochs = np.arange(1, len(accuracy) + 1)
     ax.plot(epochs, accuracy, color="tab:grey", linewidth=1.5, label="held-out accuracy after each epoch")
     saved = np.asarray(checkpoint_epochs)
@@ -82,7 +77,6 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -117,9 +111,11 @@ def plot_influence_grid(
     """Per test digit: the digit titled with its label, the prediction of the model at traced_epoch
     (1-based; the last traced checkpoint) and, where it differs, the final model's, then its top
     proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
-    plt = _pyplot()
     k = len(examples[0].proponents)
-    fig, axes = plt.subplots(len(examples), 2 * k + 1, figsize=(1.15 * (2 * k + 1), 1.8 * len(examples) + 0.5), dpi=120)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.15 * (2 * k + 1), 1.8 * len(examples) + 0.5), dpi=120)
+    axes = fig.subplots(len(examples), 2 * k + 1)
     axes = np.atleast_2d(axes)
     for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"
@@ -152,5 +148,4 @@ def plot_influence_grid(
     )
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
