@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -303,3 +304,41 @@ def test_scoring_against_a_side_digested_by_its_arrays_alone_explains_the_digest
         tracin.scores(test, train)
     train.metadata.pop("checkpoint_sources")
     assert tracin.scores(test, train).shape == (3, 10)
+
+
+def _damaged_checkpoints(tmp_path, params):
+    """(name, path, what the error must say) of checkpoints that cannot be read."""
+    whole = serialization.msgpack_serialize(params)
+    cases = [
+        ("empty file", b"", "a file of 0 bytes, empty or cut short"),
+        ("cut msgpack", whole[: len(whole) // 2], r"as a Flax msgpack checkpoint \(\d+ bytes\): .*cut short"),
+        ("not msgpack", b"\x00\x01hello", r"as a Flax msgpack checkpoint \(7 bytes\): .*extra data"),
+    ]
+    out = []
+    for name, content, message in cases:
+        (tmp_path / name).write_bytes(content)
+        out.append((tmp_path / name, message))
+    (tmp_path / "empty dir").mkdir()
+    out.append((tmp_path / "empty dir", "an empty directory, not an orbax checkpoint"))
+    saver = ocp.StandardCheckpointer()
+    for name in ("no metadata", "cut data"):
+        saver.save(tmp_path / name, params)
+        saver.wait_until_finished()
+    (tmp_path / "no metadata" / "_METADATA").unlink()
+    out.append((tmp_path / "no metadata", "as an orbax checkpoint: .*_METADATA"))
+    data = max((f for f in (tmp_path / "cut data").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[:10])
+    out.append((tmp_path / "cut data", "as an orbax checkpoint: "))
+    return out
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_a_damaged_checkpoint_file_or_directory_is_named(mlp, data, tmp_path, position):
+    """Each damaged checkpoint, first or second, is a ValueError naming checkpoints[i] and its path (as in
+    tracin.torch), not the reader's bare error."""
+    x, y = data
+    for path, message in _damaged_checkpoints(tmp_path, jax.tree_util.tree_map(np.asarray, mlp.params[0])):
+        checkpoints = [(mlp.params[0], 1.0), (path, 1.0)][1 - position :]
+        where = rf"checkpoints\[{position}\] \({re.escape(str(path))}\) cannot be read"
+        with pytest.raises(ValueError, match=f"{where}.*{message}"):
+            export_gradients(mlp.loss_fn, checkpoints, (x, y), progress=False)

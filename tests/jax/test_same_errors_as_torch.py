@@ -63,6 +63,11 @@ def _once_first(hook, fn):
     return wrapped
 
 
+def _empty_file(path):
+    path.write_bytes(b"")
+    return str(path)
+
+
 def _batches():
     return [(X[i : i + 4], Y[i : i + 4]) for i in range(0, 12, 4)]
 
@@ -77,6 +82,12 @@ CASES = {
         dict(checkpoints=lambda tmp: [("params", 1.0), (str(tmp / "gone"), 1.0)], data=None),
         FileNotFoundError,
         r"checkpoints\[1\]: no checkpoint at .*gone",
+    ),
+    # a failed copy or a full disk: the file is there but holds nothing
+    "empty checkpoint file": (
+        dict(checkpoints=lambda tmp: [("params", 1.0), (_empty_file(tmp / "empty.ckpt"), 1.0)], data=None),
+        ValueError,
+        r"checkpoints\[1\] \(.*empty\.ckpt\) cannot be read: a file of 0 bytes, empty or cut short",
     ),
     "no rows (arrays)": (dict(checkpoints=TWO[:1], data=lambda: (X[:0], Y[:0])), ValueError, "data has no rows"),
     "no rows (list)": (dict(checkpoints=TWO[:1], data=lambda: []), ValueError, "data has no rows"),

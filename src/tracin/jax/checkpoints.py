@@ -20,10 +20,31 @@ from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
     """Checkpoints from a sequence of (params or path, learning_rate[, optimizer state]) entries (see
-    tracin._export.checkpoints); `adam`: the b1, b2, eps the optimizer states were made with."""
-    return shared_parse(
+    tracin._export.checkpoints); `adam`: the b1, b2, eps the optimizer states were made with. A
+    checkpoint path that is an empty file or an empty directory is a ValueError naming it, before any
+    checkpoint is exported (as in tracin.torch); other damage is found when it is read (`restore`)."""
+    parsed = shared_parse(
         checkpoints, "params pytree or path", optimizer=lambda state, i: OptimizerState(state, i, adam or {})
     )
+    for index, entry in enumerate(parsed):
+        if isinstance(entry.source, (str, os.PathLike)):
+            _check_not_empty(entry.source, f"checkpoints[{index}]")
+    return parsed
+
+
+def _check_not_empty(source: str | os.PathLike, where: str) -> None:
+    """ValueError naming checkpoint `where` and its path when it is a file of 0 bytes or an empty
+    directory (a failed copy, a full disk)."""
+    path = os.path.abspath(os.fspath(source))
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{_cannot_read(where, path)}: a file of 0 bytes, empty or cut short")
+    if os.path.isdir(path) and not os.listdir(path):
+        raise ValueError(f"{_cannot_read(where, path)}: an empty directory, not an orbax checkpoint")
+
+
+def _cannot_read(where: str, path: str) -> str:
+    """'<where> (<path>) cannot be read', the words of tracin.torch's errors for a damaged checkpoint."""
+    return f"{where} ({path}) cannot be read"
 
 
 def _is_adam(node: Any) -> bool:
@@ -122,19 +143,39 @@ def restore(source: Any, where: str) -> Any:
     """The params pytree of a checkpoint entry: returned as is, or restored from a path.
 
     A directory is read with orbax (`StandardCheckpointer`); a file as Flax msgpack
-    (`flax.serialization.msgpack_restore`). Both give the nested dicts of arrays that were saved.
+    (`flax.serialization.msgpack_restore`). Both give the nested dicts of arrays that were saved. A
+    file or directory that cannot be read (cut short, damaged, not in that format) is a ValueError
+    naming `where`, the path and the reader's error.
     """
     if not isinstance(source, (str, os.PathLike)):
         return source
     path = os.path.abspath(os.fspath(source))
     if os.path.isdir(path):
         ocp = _reader("orbax.checkpoint", "orbax-checkpoint", f"{where}: {path} is a directory (an orbax checkpoint)")
-        return ocp.StandardCheckpointer().restore(path)
+        try:
+            return ocp.StandardCheckpointer().restore(path)
+        except _UNREADABLE as e:  # tensorstore's errors (DATA_LOSS, OUT_OF_RANGE) are ValueErrors
+            raise ValueError(f"{_cannot_read(where, path)} as an orbax checkpoint: {_first_line(e)}") from e
     if os.path.isfile(path):
         serialization = _reader("flax.serialization", "flax", f"{where}: {path} is a file (a Flax msgpack checkpoint)")
         with open(path, "rb") as f:
-            return serialization.msgpack_restore(f.read())
+            content = f.read()
+        try:
+            return serialization.msgpack_restore(content)
+        except _UNREADABLE as e:  # msgpack's errors ('incomplete input', ExtraData) are ValueErrors
+            cause = "the file ends early: cut short" if "incomplete input" in str(e) else _first_line(e)
+            raise ValueError(
+                f"{_cannot_read(where, path)} as a Flax msgpack checkpoint ({len(content)} bytes): {cause}"
+            ) from e
     raise FileNotFoundError(f"{where}: no checkpoint at {path}")
+
+
+# what the readers raise for a damaged checkpoint (a missing orbax _METADATA file is a FileNotFoundError)
+_UNREADABLE = (ValueError, TypeError, KeyError, IndexError, EOFError, OSError)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _reader(module: str, package: str, what: str) -> Any:

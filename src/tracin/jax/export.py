@@ -118,7 +118,7 @@ def export_gradients(
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
     Errors shared with tracin.torch (tracin._export.driver): a one-shot iterator with several
     checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
-    checkpoint file is FileNotFoundError.
+    checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it.
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, inputs, targets), got {type(loss_fn).__name__}")
