@@ -384,7 +384,7 @@ def test_allow_partial_with_no_usable_rows_is_an_error_naming_the_side(stores, t
     for command, option in (
         (["score", "--test", str(tmp_path / "gap"), "--train", str(paths["train"])], "--test"),
         (["score", "--test", str(paths["test"]), "--train", str(tmp_path / "gap")], "--train"),
-        (["self-influence", str(tmp_path / "gap")], "PATH"),
+        (["self-influence", str(tmp_path / "gap")], "path"),
     ):
         assert main(command) == 1
         line = _error_line(capsys.readouterr().err, command[0])
@@ -505,6 +505,33 @@ def test_malformed_stores_are_one_line_errors(stores, tmp_path, capsys):
     for command in (["info", str(paths["train"])], _score(paths), ["self-influence", str(paths["train"])]):
         assert main(command) == 1
         assert "corrupt manifest" in _error_line(capsys.readouterr().err, command[0])
+
+
+def test_every_store_that_does_not_open_is_named_by_its_option(stores, tmp_path, capsys, monkeypatch):
+    # only a missing path named the option; a file, an empty folder, a truncated store and '' did not
+    paths, _, _ = stores
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "emptydir").mkdir()
+    truncated = _write_store(tmp_path / "truncated", [np.zeros((50, 8), np.float32)], [1.0])
+    data = next(truncated.glob("*.npy"))
+    data.write_bytes(data.read_bytes()[:500])
+    monkeypatch.chdir(paths["train"])  # '' would open the store here
+    for bad, message in (
+        (tmp_path / "afile", "(not a directory)"),
+        (tmp_path / "emptydir", "(no manifest.json)"),
+        (truncated, "malformed gradient store: "),
+        ("", "expected a gradient store folder, got ''"),
+    ):
+        for command, option in (
+            (["score", "--test", str(bad), "--train", str(paths["train"])], "--test"),
+            (["score", "--test", str(paths["test"]), "--train", str(bad)], "--train"),
+            (["self-influence", str(bad)], "path"),
+        ):
+            assert main(command) == 1
+            line = _error_line(capsys.readouterr().err, command[0])
+            assert line.startswith(f"tracin {command[0]}: error: {option}: ") and message in line, line
+    assert main(["info", ""]) == 1
+    assert "expected a gradient store folder, got ''" in _error_line(capsys.readouterr().err, "info")
 
 
 def test_a_store_recreated_while_scoring_is_named_as_changed(stores, monkeypatch, capsys):

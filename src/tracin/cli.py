@@ -59,15 +59,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 # -- stores --------------------------------------------------------------------------------------
 def _open_store(path: str, option: str, allow_partial: bool):
-    """The store at `path`; an unfinished one is an error naming --allow-partial unless allowed,
-    and one with no usable rows (none written from row 0 on) an error naming `option`."""
-    from .store import GradientStore
+    """The store at `path`; every failure to open it an error naming `option`: no such path, an
+    empty one (Path('') is the current folder), not a store, a malformed store, an unfinished one
+    (naming --allow-partial unless allowed) and one with no usable rows (none written from row 0 on)."""
+    from .store import GradientStore, StoreChangedError, StoreFormatError
 
+    if not path:
+        raise CommandError(f"{option}: expected a gradient store folder, got ''")
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
-    store = GradientStore.open(path, allow_partial=allow_partial)
-    # rows usable = the prefix written for every checkpoint; `tracin info` counts rows recorded anywhere
-    info = store.info()
+    try:
+        store = GradientStore.open(path, allow_partial=allow_partial)
+        # rows usable = the prefix written for every checkpoint; `tracin info` counts rows recorded anywhere
+        info = store.info()
+    except StoreChangedError as e:
+        raise CommandError(f"{option}: gradient store changed while reading: {_one_line(e)}") from e
+    except StoreFormatError as e:
+        raise CommandError(f"{option}: malformed gradient store: {_one_line(e)}") from e
+    except OSError as e:  # not a folder, no manifest, unreadable
+        raise CommandError(f"{option}: {_one_line(e)}") from e
     usable = f"rows usable from row 0, per checkpoint: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
     if not store.complete and not allow_partial:
         raise CommandError(
@@ -193,6 +203,8 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
 def cmd_info(args: argparse.Namespace) -> None:
     from .store import describe
 
+    if not args.path:  # Path("") would be the current folder
+        raise CommandError("expected a gradient store folder, got ''")
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
     print(describe(args.path))
@@ -284,7 +296,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     out = _check_output(args.output, (".csv",))
-    store = _open_store(args.path, "PATH", args.allow_partial)
+    store = _open_store(args.path, "path", args.allow_partial)
     with _cluster(args) as client:
         if client is None:
             scores = tracin.self_influence(store, num_threads=args.threads, progress=_progress(args))
