@@ -23,7 +23,7 @@ import pytest
 import tracin
 from reference import exact_scores
 from tracin import _progress, selfbench
-from tracin.cli import build_parser, main
+from tracin.cli import PAIRS_HEADER, build_parser, main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -464,11 +464,36 @@ def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch)
     assert main(_score(paths, "-o", str(tmp_path))) == 1
     assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
     assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.npz")]) == 1
-    assert "--output must end in .csv, got rank.npz" in _error_line(capsys.readouterr().err, "self-influence")
+    assert "--output must end in .csv, got 'rank.npz'" in _error_line(capsys.readouterr().err, "self-influence")
     (tmp_path / "dir.csv").mkdir()
     for command in (_score(paths), ["self-influence", str(paths["train"])]):
         assert main([*command, "-o", str(tmp_path / "dir.csv")]) == 1
         assert f"--output: {tmp_path / 'dir.csv'} is a folder" in _error_line(capsys.readouterr().err, command[0])
+
+
+def test_output_names_without_a_stem_in_a_file_or_empty_are_refused_and_suffixes_take_any_case(
+    stores, tmp_path, capsys, monkeypatch
+):
+    # were: "folder afile does not exist", "must end in .npz or .csv, got .csv", "got " and .CSV refused
+    paths, blocks, weights = stores
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for output, message in (
+        ("afile/x.csv", f"--output: {tmp_path / 'afile'} is not a folder, so afile/x.csv cannot be written in it"),
+        (".csv", "--output: '.csv' has no name before .csv; give one, as in out.csv"),
+        (".NPZ", "--output: '.NPZ' has no name before .npz; give one, as in out.npz"),
+        ("", "--output: expected a file name, got ''"),
+        ("x.txt", "--output must end in .npz or .csv, got 'x.txt'"),
+    ):
+        assert main(_score(paths, "-o", output)) == 1
+        assert _error_line(capsys.readouterr().err, "score").endswith(message)
+    assert main(_score(paths, "-k", "3", "-o", "UP.NPZ")) == 0
+    expected = np.argsort(-exact_scores(blocks["test"], blocks["train"], weights), axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(np.load(tmp_path / "UP.NPZ")["proponents_indices"], expected)
+    assert main(_score(paths, "-k", "3", "-o", "UP.CSV")) == 0
+    assert (tmp_path / "UP.CSV").read_text().splitlines()[0] == ",".join(PAIRS_HEADER)
+    assert main(["self-influence", str(paths["train"]), "-o", "R.Csv"]) == 0
+    assert len((tmp_path / "R.Csv").read_text().splitlines()) == 41
 
 
 def test_output_ending_in_a_separator_or_a_link_loop_is_refused_before_scoring(stores, tmp_path, capsys, monkeypatch):

@@ -91,16 +91,22 @@ def _open_store(path: str, option: str, allow_partial: bool):
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
-    """--output as a Path, checked before any work: an accepted suffix (if `suffixes`), not a
-    folder, writable if it exists, else a name its folder (existing, writable) accepts; links
-    resolved as writing will (_whole_file.resolve: loops and others' links in /tmp refused)."""
+    """--output as a Path, checked before any work: a name before one of `suffixes` (any case;
+    if given), not a folder, writable if it exists, else a name its folder (existing, writable)
+    accepts; links resolved as writing will (_whole_file.resolve: loops and others' links in /tmp refused)."""
     if path is None:
         return None
+    if not path:  # Path("") would be the current folder
+        raise CommandError("--output: expected a file name, got ''")
     if path.endswith(SEPARATORS):  # Path() would drop it
         raise CommandError(f"--output: {path} ends in {path[-1]!r}, which names a folder; give a file name")
     out = Path(path)
-    if suffixes and out.suffix not in suffixes:
-        raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name}")
+    if suffixes:
+        suffix = next((s for s in suffixes if out.name.lower().endswith(s)), None)
+        if suffix is None:
+            raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
+        if len(out.name) == len(suffix):  # Path(".csv").suffix is "": a dot file
+            raise CommandError(f"--output: {out.name!r} has no name before {suffix}; give one, as in out{suffix}")
     limit, size = _name_max(out.parent), len(os.fsencode(out.name))
     if limit is not None and size > limit:
         raise CommandError(f"--output: file name of {size} bytes; {out.parent} allows at most {limit}")
@@ -115,6 +121,8 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
             raise CommandError(f"--output: cannot write {out} (permission denied)")
         return out
     folder = target.parent
+    if folder.exists() and not folder.is_dir():
+        raise CommandError(f"--output: {folder} is not a folder, so {out} cannot be written in it")
     if not folder.is_dir():
         raise CommandError(f"--output: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -239,7 +247,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         write_csv(sys.stdout)
         print(summary, file=sys.stderr)
         return
-    if out.suffix == ".npz":
+    if out.suffix.lower() == ".npz":
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         with _whole_file(out, binary=True) as f:
             np.savez(f, **arrays)
