@@ -8,8 +8,10 @@ from __future__ import annotations
 import builtins
 import errno
 import gc
+import inspect
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +137,47 @@ def test_a_fifo_in_place_of_a_data_file_is_refused_without_hanging(store):
     os.mkfifo(store.path / "checkpoint_000.npy")
     with pytest.raises(StoreFormatError, match="checkpoint_000.npy is not a regular file"):
         tracin.GradientStore.open(store.path)
+
+
+def test_a_fifo_or_directory_is_refused_before_it_is_opened(store, monkeypatch):
+    # opening a device node can act on the device (rewind a tape): lstat first, open only regular files
+    (store.path / "checkpoint_000.npy").unlink()
+    os.mkfifo(store.path / "checkpoint_000.npy")
+    (store.path / "ids.npy").unlink()
+    (store.path / "ids.npy").mkdir()
+    opened = []
+    real_open = os.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(os.fsdecode(path)).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    with pytest.raises(StoreFormatError, match="checkpoint_000.npy is not a regular file"):
+        tracin.GradientStore.open(store.path)
+    with pytest.raises(StoreFormatError, match="ids.npy is a directory"):
+        tracin.store._files.open_file(store.path / "ids.npy")
+    assert "manifest.json" in opened and "checkpoint_000.npy" not in opened and "ids.npy" not in opened
+
+
+@pytest.mark.parametrize("name", ["rows-0-3.lock", "rows-0-3.json.tmp", "rows-0-3.json"])
+def test_a_directory_in_place_of_a_range_file_is_refused_by_the_merge(tmp_path, name):
+    tracin.GradientStore.create(tmp_path / "s", 6, [4]).close()
+    (tmp_path / "s" / name).mkdir()
+    with pytest.raises(StoreFormatError, match=f"{name} is (a directory|not a regular file)"):
+        tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    (tmp_path / "s" / name).rmdir()
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    w.write(0, 0, np.ones((6, 4), np.float32))
+    assert w.finalize().complete
+
+
+def test_a_directory_in_place_of_the_manifest_temporary_is_refused_naming_it(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [4])
+    (tmp_path / "s" / "manifest.json.tmp").mkdir()
+    with pytest.raises(StoreFormatError, match=r"manifest\.json\.tmp is a directory, where a gradient store keeps"):
+        w.write(0, 0, np.ones((6, 4), np.float32))
+    w.close()
 
 
 # -- foreign files --------------------------------------------------------------------------------
@@ -279,6 +322,19 @@ def _with_raw(store_path: Path, replace: str, by: str) -> None:
         ('"checkpoint_001.npy"', '"checkpoint_000.npy"', "names a data file already used"),
         ('"checkpoint_001.npy"', '"ids.npy"', "names unexpected data files"),
         ('"id": "', '"id": "zz', "id must be 32 lowercase hex digits"),
+        ('"checkpoint_001.npy"', '"checkpoint_' + "1" * 300 + '.npy"', "names unexpected data files"),
+        ('"checkpoint_001.npy"', '"checkpoint_\u0663.npy"', "names unexpected data files"),  # an Arabic-Indic 3
+        ('"n_rows": 6', '"n_rows": 6, "n_rows": 5', "key 'n_rows' appears twice in one object"),
+        ('"weights_given": true', '"weights_given": false', r"weight is 0.5 but weights_given is false"),
+        (
+            '"metadata": {}',
+            '"metadata": {"mode": "full", "preconditioner": "sgd"}',
+            r"metadata\['preconditioner'\] must be null or an object with a string 'kind'.*got 'sgd'",
+        ),
+        ('"metadata": {}', '"metadata": {"params": [1, 2]}', r"metadata\['params'\]\[0\] must be an object"),
+        ('"metadata": {}', '"metadata": {"params": [{"shape": [4]}]}', r"metadata\['params'\]\[0\] must be an"),
+        ('"metadata": {}', '"metadata": {"params": "fc.weight"}', r"metadata\['params'\] must be a list"),
+        ('"metadata": {}', '"metadata": {"deep": ' + "[" * 70 + "]" * 70 + "}", r"nested too deeply \(72 levels"),
     ],
 )
 def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace, by, message):
@@ -288,6 +344,84 @@ def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace
     with pytest.raises(StoreFormatError, match=message):
         tracin.GradientStore.create(store.path, 6, [4, 3], [0.5, 2.0], ids=list(range(6)))
     assert "malformed gradient store" in _one_line_cli_error(capsys, ["info", str(store.path)])
+
+
+def test_a_data_file_name_of_ten_megabytes_is_refused_in_a_short_message(store, capsys):
+    _with_raw(store.path, '"checkpoint_001.npy"', '"checkpoint_' + "7" * 10_000_000 + '.npy"')
+    with pytest.raises(StoreFormatError, match="names unexpected data files") as e:
+        tracin.GradientStore.open(store.path)
+    assert len(str(e.value)) < 500
+    assert len(_one_line_cli_error(capsys, ["info", str(store.path)])) < 600
+
+
+@pytest.mark.parametrize(
+    "encode, message",
+    [
+        (lambda text: b"\xef\xbb\xbf" + text.encode(), "starts with a byte-order mark"),
+        (lambda text: text.encode("utf-16"), "not UTF-8"),
+        (lambda text: text.encode("utf-16-le"), "not valid JSON"),
+        (lambda text: text.replace('"format"', '"f\xf6rmat"', 1).encode("latin-1"), "not UTF-8"),
+    ],
+)
+def test_a_manifest_must_be_utf8_without_a_byte_order_mark(store, encode, message):
+    path = store.path / "manifest.json"
+    path.write_bytes(encode(path.read_text()))
+    with pytest.raises(StoreFormatError, match=f"manifest.json: corrupt manifest, {message}"):
+        tracin.GradientStore.open(store.path)
+
+
+def _nested(levels: int) -> list:
+    """A list nested `levels` deep ([] is one level)."""
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+def _at_stack_depth(frames: int, call):
+    return call() if frames == 0 else _at_stack_depth(frames - 1, call)
+
+
+def test_the_nesting_bound_holds_whatever_the_callers_stack_depth(tmp_path):
+    # metadata of 63 levels makes a manifest of 64 (the bound): accepted, also when opened deep in a stack
+    w = tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata={"deep": _nested(62)})
+    w.write(0, 0, np.ones((2, 3), np.float32))
+    w.finalize()
+    frames = sys.getrecursionlimit() - len(inspect.stack()) - 80
+    assert _at_stack_depth(frames, lambda: tracin.GradientStore.open(tmp_path / "s")).metadata["deep"] == _nested(62)
+    with pytest.raises(ValueError, match="metadata nests 64 levels deep, but a store's manifest allows 63"):
+        tracin.GradientStore.create(tmp_path / "t", 2, [3], metadata={"deep": _nested(63)})
+    with pytest.raises(ValueError, match="metadata nests too deeply: a store's manifest allows 63 levels"):
+        tracin.GradientStore.create(tmp_path / "t", 2, [3], metadata={"deep": _nested(5000)})
+    assert not (tmp_path / "t").exists()
+    # a deeper manifest is refused by open and by create's resume, from a shallow stack too
+    _with_raw(tmp_path / "s", '"deep": ' + "[" * 62 + "]" * 62, '"deep": ' + "[" * 362 + "]" * 362)
+    with pytest.raises(StoreFormatError, match=r"nested too deeply \(364 levels; at most 64\)"):
+        tracin.GradientStore.open(tmp_path / "s")
+    with pytest.raises(StoreFormatError, match="nested too deeply"):
+        tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata={"deep": _nested(62)})
+
+
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"mode": "full", "preconditioner": "sgd"}, r"metadata\['preconditioner'\] must be null or an object"),
+        ({"preconditioner": {"lr": 0.1}}, r"metadata\['preconditioner'\] must be null or an object"),
+        ({"params": ["fc.weight"]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
+        ({1: "a", "1": "b"}, "metadata: key '1' appears twice in one object once its keys are JSON strings"),
+    ],
+)
+def test_create_refuses_metadata_that_open_would_refuse(tmp_path, metadata, message):
+    with pytest.raises(ValueError, match=message):
+        tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata=metadata)
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_recorded_keys_in_their_documented_shapes_are_accepted(tmp_path):
+    metadata = {"preconditioner": {"kind": "adam", "b1": 0.9}, "params": [{"name": "fc.weight", "shape": [3]}]}
+    w = tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata=metadata)
+    w.write(0, 0, np.ones((2, 3), np.float32))
+    assert w.finalize().metadata == metadata
 
 
 def test_a_huge_manifest_is_refused_unread(store):

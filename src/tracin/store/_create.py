@@ -19,10 +19,14 @@ from ._format import (
     DISK_DTYPES,
     IDS_FILE,
     MANIFEST,
+    MAX_JSON_DEPTH,
     Manifest,
     StoreFormatError,
     is_own_file,
+    json_depth,
+    metadata_problem,
     new_store_id,
+    unique_keys,
 )
 from ._locks import DirectoryLock, RangeLock
 from ._npy import create_npy, read_ids, write_npy
@@ -213,7 +217,22 @@ def _json_metadata(metadata: Any) -> dict:
             return x.tolist()
         raise TypeError(f"metadata must be JSON-serialisable; {type(x).__name__} is not")
 
-    return json.loads(json.dumps(metadata, default=plain, allow_nan=False))
+    deepest = MAX_JSON_DEPTH - 1  # the manifest object holds it
+    try:
+        text = json.dumps(metadata, default=plain, allow_nan=False)
+    except RecursionError:
+        raise ValueError(f"metadata nests too deeply: a store's manifest allows {deepest} levels") from None
+    depth = json_depth(text)
+    if depth > deepest:
+        raise ValueError(f"metadata nests {depth} levels deep, but a store's manifest allows {deepest}")
+    try:
+        plain_metadata = json.loads(text, object_pairs_hook=unique_keys)
+    except ValueError as e:  # {1: ..., "1": ...}: keys become strings in JSON
+        raise ValueError(f"metadata: {e} once its keys are JSON strings") from None
+    problem = metadata_problem(plain_metadata)
+    if problem is not None:
+        raise ValueError(problem)
+    return plain_metadata
 
 
 def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:

@@ -1,9 +1,11 @@
 """Files inside a store directory: opened without following links, OS errors naming the file.
 
-Every file a store reads or writes is opened by name with O_NOFOLLOW (a planted symbolic link is
-refused, never followed) and O_NONBLOCK (a planted FIFO cannot hang the open), then checked to be
-a regular file; new files are created with O_EXCL. A failed read or write raises the OSError that
-happened (permission denied, too many open files, disk full), with the file's path in it.
+Every file a store reads or writes is first checked with lstat to be a regular file (a planted
+symbolic link, FIFO or device node is refused without being opened), then opened by name with
+O_NOFOLLOW and O_NONBLOCK (a link or FIFO swapped in between is still never followed and cannot
+hang the open) and checked again with fstat; new files are created with O_EXCL. A failed read or
+write raises the OSError that happened (permission denied, too many open files, disk full), with
+the file's path in it.
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ def open_file(
     """Descriptor of the existing regular file `path`, read-only or read-write, opened by
     opener(path, flags) (default os.open) and closed by closer(fd) (os.close) if it is refused.
 
-    A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError; a missing
-    file a FileNotFoundError; any other OS error propagates (it names the file; too many open files
-    says to raise the limit).
+    A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError, refused before
+    it is opened (opening a device can act on it); a missing file a FileNotFoundError; any other OS
+    error propagates (it names the file; too many open files says to raise the limit).
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
     opener, closer = opener or os.open, closer or os.close
+    _refuse_non_regular(path, os.lstat(path).st_mode)
     try:
         with naming(path, "opening"):  # EMFILE: suggests raising the limit
             fd = opener(path, flags)
@@ -76,8 +79,20 @@ def open_file(
         raise
     if not stat.S_ISREG(mode):
         closer(fd)
-        raise StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
+        _refuse_non_regular(path, mode)
     return fd
+
+
+def _refuse_non_regular(path: Path, mode: int) -> None:
+    """StoreFormatError naming `path` unless `mode` (from lstat or fstat) is a regular file's."""
+    if stat.S_ISLNK(mode):
+        raise StoreFormatError(
+            f"{path} is a symbolic link; a gradient store holds regular files only and never follows links"
+        )
+    if stat.S_ISDIR(mode):
+        raise StoreFormatError(f"{path} is a directory, not a data file")
+    if not stat.S_ISREG(mode):
+        raise StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
 
 
 def create_file(path: Path) -> int:
@@ -141,11 +156,18 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 
 
 def remove_if_present(path: Path) -> None:
-    """Unlinks `path` (a link itself, never its target) if it exists."""
+    """Unlinks `path` (a link itself, never its target) if it exists; a directory there is a
+    StoreFormatError naming it (a store never makes one, and never removes one)."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as e:  # EISDIR on Linux, EPERM elsewhere
+        if e.errno not in (errno.EISDIR, errno.EPERM) or not os.path.isdir(path) or os.path.islink(path):
+            raise
+        raise StoreFormatError(
+            f"{path} is a directory, where a gradient store keeps only its own regular files; remove it"
+        ) from None
 
 
 def fsync_dir(path: Path) -> None:

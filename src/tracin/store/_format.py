@@ -6,6 +6,7 @@ in factored mode) and optionally `ids.npy`.
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import re
@@ -25,14 +26,24 @@ IDS_FILE = "ids.npy"
 CREATING = "create-in-progress"
 # NumPy dtype each store dtype is kept as on disk (NumPy has no bfloat16: its raw uint16 bits).
 DISK_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
-# Names a store may write into its directory (besides the range files below).
-_OWN_FILE = re.compile(r"(checkpoint_\d+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress)")
+# Names a store may write into its directory (besides the range files below). ASCII digits only.
+_OWN_FILE = re.compile(r"(checkpoint_[0-9]+(_left|_right)?\.npy|ids\.npy|manifest\.json(\.tmp)?|create-in-progress)")
 # Files of a range writer of rows [start, stop): rows-<start>-<stop>.json (its progress), .json.tmp,
 # .lock (held by the live writer). Numbers in decimal without leading zeros.
-RANGE_FILE = re.compile(r"rows-(0|[1-9]\d*)-([1-9]\d*)\.(json|json\.tmp|lock)")
-_DATA_FILE = re.compile(r"checkpoint_\d+(_left|_right)?\.npy")
+RANGE_FILE = re.compile(r"rows-(0|[1-9][0-9]*)-([1-9][0-9]*)\.(json|json\.tmp|lock)")
+# A data file the manifest may name: at most MAX_NAME_DIGITS digits, far below any file system's name limit.
+MAX_NAME_DIGITS = 12
+_DATA_FILE = re.compile(rf"checkpoint_[0-9]{{1,{MAX_NAME_DIGITS}}}(_left|_right)?\.npy")
 _STORE_ID = re.compile(r"[0-9a-f]{32}")
 _MAX_COUNT = 2**63 - 1  # rows and columns must fit a signed 64-bit integer
+# Deepest nesting of arrays and objects in a manifest, progress file or saved Whitening spec: a
+# manifest needs 5 levels, the adapters' metadata a few more; the bound is independent of the stack.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = np.zeros(256, dtype=np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 Ranges = list[list[int]]  # sorted, disjoint [start, stop) row ranges
 
@@ -196,6 +207,9 @@ class Manifest:
             raise fail("checkpoints must be a non-empty list")
         if not isinstance(metadata, dict) or ids not in (None, IDS_FILE):
             raise fail(f"metadata must be an object and ids null or {IDS_FILE!r}")
+        problem = metadata_problem(metadata)
+        if problem is not None:
+            raise fail(problem)
         factored = mode == "factored"
         dims, weights, written, files = [], [], [], []
         used: set[str] = set()
@@ -211,8 +225,16 @@ class Manifest:
             finite = _finite_float(weight)
             if finite is None:
                 raise fail(f"checkpoints[{c}] weight must be a finite number, got {short(weight)}")
+            if not weights_given and finite != 1.0:
+                raise fail(
+                    f"checkpoints[{c}] weight is {short(weight)} but weights_given is false, which means the "
+                    "default weights (1 each)"
+                )
             if not all(isinstance(n, str) and _DATA_FILE.fullmatch(n) for n in names):
-                raise fail(f"checkpoints[{c}] names unexpected data files {short(names)}")
+                raise fail(
+                    f"checkpoints[{c}] names unexpected data files {short(names)} (expected "
+                    f"checkpoint_<1 to {MAX_NAME_DIGITS} digits>[_left|_right].npy)"
+                )
             if used.intersection(names) or len(set(names)) < len(names):
                 raise fail(f"checkpoints[{c}] names a data file already used: {names}")
             used.update(names)
@@ -247,8 +269,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
 
 
 def strict_json(data: bytes, where: str, what: str) -> Any:
-    """The JSON document in `data` (no NaN or infinite numbers, bounded nesting); anything else is a
-    StoreFormatError naming `where` and saying it is a corrupt `what`."""
+    """The JSON document in `data`: UTF-8 without a byte-order mark, no NaN or infinite numbers, no
+    duplicate keys, nested at most MAX_JSON_DEPTH levels; anything else is a StoreFormatError naming
+    `where` and saying it is a corrupt `what`."""
 
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not a JSON number")
@@ -259,13 +282,68 @@ def strict_json(data: bytes, where: str, what: str) -> Any:
             raise ValueError(f"number {text[:40]} is beyond the float64 range")
         return value
 
+    if data.startswith(codecs.BOM_UTF8):
+        raise StoreFormatError(f"{where}: corrupt {what}, starts with a byte-order mark (expected UTF-8 without one)")
     try:
-        doc = json.loads(data, parse_constant=no_constant, parse_float=finite)
-    except RecursionError:
-        raise StoreFormatError(f"{where}: corrupt {what}, JSON nested too deeply") from None
-    except ValueError as e:  # bad JSON or UTF-8, NaN / Infinity, integers beyond Python's digit limit
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StoreFormatError(f"{where}: corrupt {what}, not UTF-8 ({short(e)})") from None
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise StoreFormatError(
+            f"{where}: corrupt {what}, JSON nested too deeply ({depth} levels; at most {MAX_JSON_DEPTH})"
+        )
+    try:
+        return json.loads(text, parse_constant=no_constant, parse_float=finite, object_pairs_hook=unique_keys)
+    except ValueError as e:  # bad JSON, NaN / Infinity, duplicate keys, integers beyond Python's digit limit
         raise StoreFormatError(f"{where}: corrupt {what}, not valid JSON ({short(e)})") from None
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads's object_pairs_hook refusing (ValueError) an object with a key twice: other
+    parsers may keep the first value where Python keeps the last."""
+    doc = dict(pairs)
+    if len(doc) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {short(key)} appears twice in one object")
+            seen.add(key)
     return doc
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON `text` (strings skipped), counted without recursion
+    (exact for valid JSON; for invalid text a figure the parser then refuses anyway)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    steps = _BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)]
+    deepest, level = 0, 0
+    for a in range(0, len(steps), 1 << 20):  # in pieces: no int64 array as long as the text
+        levels = level + np.cumsum(steps[a : a + (1 << 20)], dtype=np.int64)
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def metadata_problem(metadata: dict) -> str | None:
+    """What is wrong with the keys of a gradient set's metadata that scoring compares between test and
+    train (as the adapters record them), or None: "preconditioner" absent, null or an object with a
+    string "kind"; "params" absent or a list of objects each with a string "name"."""
+    advice = "as the adapters record it, for scoring to compare; keep other values under another key"
+    if "preconditioner" in metadata:
+        value = metadata["preconditioner"]
+        if value is not None and not (isinstance(value, dict) and isinstance(value.get("kind"), str)):
+            return (
+                "metadata['preconditioner'] must be null or an object with a string 'kind' (e.g. "
+                f"{{'kind': 'adam'}}, {advice}), got {short(value)}"
+            )
+    if "params" in metadata:
+        value = metadata["params"]
+        if not isinstance(value, list):
+            return f"metadata['params'] must be a list of {{'name': ...}} objects ({advice}), got {short(value)}"
+        for i, p in enumerate(value):
+            if not (isinstance(p, dict) and isinstance(p.get("name"), str)):
+                return f"metadata['params'][{i}] must be an object with a string 'name' ({advice}), got {short(p)}"
+    return None
 
 
 def is_int(x: Any) -> bool:
