@@ -18,14 +18,14 @@ B1, B2, EPS = 0.85, 0.99, 1e-6
 ORDER = [("l1", "bias", "b1"), ("l1", "kernel", "w1"), ("l2", "bias", "b2"), ("l2", "kernel", "w2")]
 
 
-def _trained(mlp, x, y, steps=(2, 3)):
-    """[(params, lr, optax state)] after each phase of optax.adam training from mlp.params[0]."""
-    opt = optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
+def _trained(mlp, x, y, steps=(2, 3), opt=None):
+    """[(params, lr, optax state)] after each phase of `opt` (optax.adam) training from mlp.params[0]."""
+    opt = opt or optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
     params = mlp.params[0]
     state = opt.init(params)
     mean_loss = jax.jit(jax.grad(lambda p: mlp.loss_fn(p, x, y).mean()))
     checkpoints = []
-    for lr, n in zip((0.05, 0.02), steps, strict=True):
+    for lr, n in zip((0.05, 0.02), steps, strict=False):  # one checkpoint per phase in steps
         for _ in range(n):
             updates, state = opt.update(mean_loss(params), state, params)
             params = optax.apply_updates(params, updates)
@@ -48,7 +48,10 @@ def _flat(tree) -> np.ndarray:
 
 
 def _adam_state(state):
-    return next(s for s in state if isinstance(s, optax.ScaleByAdamState))
+    """The one ScaleByAdamState of an optax state, however deep in chains and wrappers."""
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+    (found,) = [s for s in jax.tree_util.tree_leaves(state, is_leaf=is_adam) if is_adam(s)]
+    return found
 
 
 def _reference(mlp, params, state, x, y, kind):
@@ -128,6 +131,102 @@ def test_missing_or_wrong_optimizer_states_are_clear_errors(mlp, data):
     other = (_adam_state(optax.adam(0.1).init({"l1": mlp.params[0]["l1"]}))._replace(count=jnp.ones([], jnp.int32)),)
     with pytest.raises(ValueError, match="the Adam moments have no leaf 'l2/bias'"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, other)], (x, y), preconditioner="adam", progress=False)
+
+
+ADAM_LIKE = {
+    "adamw": lambda: optax.adamw(0.05, b1=B1, b2=B2, eps=EPS, weight_decay=0.1),
+    "chain with clipping and a schedule": lambda: optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adam(optax.exponential_decay(0.05, 2, 0.5), b1=B1, b2=B2, eps=EPS)
+    ),
+    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=B1, b2=B2, eps=EPS),
+    "masked (all leaves)": lambda: optax.masked(
+        optax.adam(0.05, b1=B1, b2=B2, eps=EPS), lambda p: jax.tree_util.tree_map(lambda _: True, p)
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ADAM_LIKE)
+def test_adam_states_in_chains_and_wrappers_are_taken(mlp, data, kind):
+    x, y = data
+    checkpoints = _trained(mlp, x, y, opt=ADAM_LIKE[kind]())
+    g = export_gradients(
+        mlp.loss_fn,
+        checkpoints,
+        (x, y),
+        preconditioner="adam",
+        preconditioner_options={"b1": B1, "b2": B2, "eps": EPS},
+        progress=False,
+    )
+    for c, (params, _, state) in enumerate(checkpoints):
+        expected = _reference(mlp, params, state, x, y, "adam")
+        np.testing.assert_allclose(
+            np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )
+
+
+NOT_ADAM = {
+    "amsgrad": (lambda: optax.amsgrad(0.05), r"not Adam: ScaleByAmsgradState \(optax\.amsgrad: .*nu_max"),
+    "adabelief": (lambda: optax.adabelief(0.05), r"not Adam: ScaleByBeliefState \(optax\.adabelief"),
+    "novograd": (lambda: optax.novograd(0.05), r"not Adam: ScaleByNovogradState \(optax\.novograd"),
+    "rmsprop": (lambda: optax.rmsprop(0.05), r"not Adam: ScaleByRmsState \(optax\.rmsprop\)"),
+    "amsgrad in a chain": (
+        lambda: optax.chain(optax.clip(1.0), optax.amsgrad(0.05)),
+        r"not Adam: ScaleByAmsgradState",
+    ),
+    "radam under inject_hyperparams": (
+        lambda: optax.inject_hyperparams(optax.radam)(learning_rate=0.05),
+        r"is the state of optax\.radam \(hyperparameter 'threshold'\), whose steps are not Adam's",
+    ),
+    "lion (no second moment)": (
+        lambda: optax.lion(0.05),
+        r"must hold exactly one optax ScaleByAdamState \(mu, nu, count\), found 0 \(its states: EmptyState, "
+        r"ScaleByLionState\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_ADAM)
+def test_states_of_other_optimizers_are_refused_naming_them(mlp, data, kind):
+    """optax.amsgrad / adabelief ... states hold mu, nu and count like Adam's, but their steps divide by
+    another second moment: refused by their type, naming the optimizer and what is supported."""
+    x, y = data
+    make, message = NOT_ADAM[kind]
+    checkpoints = _trained(mlp, x, y, steps=(2,), opt=make())
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) .*" + message) as caught:
+        export_gradients(mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", progress=False)
+    assert "preconditioner='adam' takes the ScaleByAdamState of optax.adam / adamw" in str(caught.value)
+
+
+def test_injected_settings_that_differ_from_the_given_ones_are_refused(mlp, data):
+    x, y = data
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=B1, b2=B2, eps=EPS)
+    checkpoints = _trained(mlp, x, y, steps=(2,), opt=opt)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] \(optimizer state\) records b2=0\.99 \(inject_hyperparams\), but the export "
+        r"uses b2=0\.999: pass preconditioner_options=\{'b2': 0\.99, \.\.\.\}",
+    ):
+        export_gradients(
+            mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", preconditioner_options={"b1": B1, "eps": EPS}
+        )
+
+
+@pytest.mark.parametrize("value", [-1e-3, np.nan, np.inf])
+def test_a_second_moment_that_is_negative_or_not_finite_is_refused(mlp, data, value):
+    """Adam's nu is a running mean of squares: a negative or NaN entry would make rows NaN, an infinite one
+    zero; refused naming the leaf and how many entries."""
+    x, y = data
+    ((params, lr, state),) = _trained(mlp, x, y, steps=(2,))
+    adam = _adam_state(state)
+    nu = jax.tree_util.tree_map(lambda a: a, adam.nu)
+    nu["l2"]["kernel"] = nu["l2"]["kernel"].at[1, 2].set(value)
+    bad = tuple(adam._replace(nu=nu) if s is adam else s for s in state)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] \(optimizer state\): the second moment \(nu\) of l2/kernel has 1 negative, "
+        r"NaN or infinite entries of 24",
+    ):
+        export_gradients(mlp.loss_fn, [(params, lr, bad)], (x, y), preconditioner="adam", progress=False)
 
 
 def test_resume_with_another_optimizer_state_is_refused(mlp, data, tmp_path):

@@ -47,16 +47,57 @@ def _cannot_read(where: str, path: str) -> str:
     return f"{where} ({path}) cannot be read"
 
 
+def _state_nodes(state: Any) -> list[Any]:
+    """Every NamedTuple of an optax state (its transformations' states), outer ones first."""
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            found.append(node)
+        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, (tuple, list)) else ()
+        for child in children:
+            visit(child)
+
+    visit(state)
+    return found
+
+
 def _is_adam(node: Any) -> bool:
-    """An optax ScaleByAdamState (found by its fields: optax is not imported)."""
-    return isinstance(node, tuple) and all(hasattr(node, f) for f in ("mu", "nu", "count"))
+    """optax's ScaleByAdamState, by its type (optax is not imported)."""
+    kind = type(node)
+    return kind.__name__ == "ScaleByAdamState" and kind.__module__.split(".")[0] == "optax"
+
+
+# optax states with a second moment nu that is not Adam's E[g^2] (the optimizers that make them)
+_OTHER_SECOND_MOMENTS = {
+    "ScaleByAmsgradState": "optax.amsgrad: its steps divide by the running maximum nu_max",
+    "ScaleByBeliefState": "optax.adabelief: its nu is the running variance of g around mu",
+    "ScaleByNovogradState": "optax.novograd: its nu is a per-layer norm",
+    "ScaleByRmsState": "optax.rmsprop",
+    "ScaleByRStdDevState": "optax.rmsprop(centered=True)",
+    "ScaleBySM3State": "optax.sm3",
+}
+# inject_hyperparams arguments of optax optimizers whose state is a ScaleByAdamState but whose step is not Adam's
+_OTHER_HYPERPARAMS = {"threshold": "optax.radam (hyperparameter 'threshold')"}
+_SUPPORTED = (
+    "preconditioner='adam' takes the ScaleByAdamState of optax.adam / adamw (alone, in a chain, masked or "
+    "under inject_hyperparams)"
+)
 
 
 class OptimizerState:
     """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
     optax.adam / adamw and chains containing them make it; mu and nu must have the params' pytree
     structure (the optimizer was initialised on the same params pytree). b1, b2, eps are not in
-    the state: they are given (`adam`)."""
+    the state: they are given (`adam`), and checked against the state's own when it was made with
+    optax.inject_hyperparams.
+
+    Refused: a state holding the second moment of another optimizer (optax.amsgrad, adabelief,
+    novograd, rmsprop: _OTHER_SECOND_MOMENTS) or one whose injected hyperparameters are another's
+    (optax.radam). optax's adamax, nadam, radam and yogi (without inject_hyperparams) keep a
+    ScaleByAdamState too, which nothing in it tells from Adam's: their states are taken as Adam's,
+    which their steps are not (adamax: nu is a running max of |g|; yogi: nu is updated additively;
+    nadam, radam: the step is not m_hat / (sqrt(v_hat) + eps))."""
 
     def __init__(self, state: Any, index: int, adam: Mapping[str, float]):
         self.where = f"checkpoints[{index}][2] (optimizer state)"
@@ -65,11 +106,24 @@ class OptimizerState:
                 f"{self.where}: give the optax state pytree itself, not a path (a restored file "
                 "loses the ScaleByAdamState type)"
             )
-        found = [n for n in jax.tree_util.tree_leaves(state, is_leaf=_is_adam) if _is_adam(n)]
+        nodes = _state_nodes(state)
+        found = [n for n in nodes if _is_adam(n)]
+        others = [n for n in nodes if "nu" in n._fields and not _is_adam(n)]
+        self.hyperparams = [n.hyperparams for n in nodes if isinstance(getattr(n, "hyperparams", None), Mapping)]
+        if others:
+            names = sorted({type(n).__name__ for n in others})
+            made = "; ".join(f"{name} ({_OTHER_SECOND_MOMENTS.get(name, 'not optax.adam')})" for name in names)
+            not_adam = f"{self.where} holds the second moment of an optimizer that is not Adam"
+            raise ValueError(f"{not_adam}: {made}; {_SUPPORTED}")
         if len(found) != 1:
+            kinds = sorted({type(n).__name__ for n in nodes})
             raise ValueError(
-                f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), found {len(found)}"
+                f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), found {len(found)} "
+                f"(its states: {', '.join(kinds) if kinds else 'none'}); {_SUPPORTED}"
             )
+        other = [why for h in self.hyperparams for key, why in _OTHER_HYPERPARAMS.items() if key in h]
+        if other:
+            raise ValueError(f"{self.where} is the state of {other[0]}, whose steps are not Adam's; {_SUPPORTED}")
         self.adam, self.settings = found[0], dict(adam)
 
     def digest(self) -> str:
@@ -78,6 +132,7 @@ class OptimizerState:
 
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
         """The Adam moments of `params` ((leaf path, shape) in row order), on the host."""
+        self._check_settings()
         step = float(np.asarray(self.adam.count))
         mu, nu = (_by_path(tree) for tree in (self.adam.mu, self.adam.nu))
         out = []
@@ -89,12 +144,33 @@ class OptimizerState:
                 )
             m, v = np.asarray(mu[name]), np.asarray(nu[name])
             check_moments(name, shape, m, v, step, self.where)
+            bad = int(np.count_nonzero(~(v >= 0) | ~np.isfinite(v)))
+            if bad:
+                raise ValueError(
+                    f"{self.where}: the second moment (nu) of {name} has {bad} negative, NaN or infinite entries "
+                    f"of {v.size}; Adam's is a running mean of squared gradients (>= 0): the training diverged or "
+                    "the state is not Adam's"
+                )
             out.append(
                 AdamMoments(
                     m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"], self.settings["eps"]
                 )
             )
         return out
+
+    def _check_settings(self) -> None:
+        """ValueError when the state was made with inject_hyperparams and its b1, b2 or eps is not the
+        one given (preconditioner_options, or optax.adam's defaults)."""
+        for hyperparams in self.hyperparams:
+            for key in ("b1", "b2", "eps"):
+                if key in hyperparams and not np.isclose(
+                    float(np.asarray(hyperparams[key])), self.settings[key], rtol=1e-6, atol=0
+                ):
+                    raise ValueError(
+                        f"{self.where} records {key}={float(np.asarray(hyperparams[key])):.6g} "
+                        f"(inject_hyperparams), but the export uses {key}={self.settings[key]:.6g}: pass "
+                        f"preconditioner_options={{'{key}': {float(np.asarray(hyperparams[key])):.6g}, ...}}"
+                    )
 
 
 def _by_path(tree: Any) -> dict[str, Any]:
