@@ -147,7 +147,7 @@ class OptimizerState:
             bad = int(np.count_nonzero(~(v >= 0) | ~np.isfinite(v)))
             if bad:
                 raise ValueError(
-                    f"{self.where}: the second moment (nu) of {name} has {bad} negative, NaN or infinite entries "
+                    f"{self.where}: the second moment of {name} has {bad} negative, NaN or infinite entries "
                     f"of {v.size}; Adam's is a running mean of squared gradients (>= 0): the training diverged or "
                     "the state is not Adam's"
                 )
