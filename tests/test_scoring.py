@@ -475,8 +475,10 @@ def test_pair_errors(rng):
     with pytest.raises(ValueError, match="different checkpoint weights"):
         tracin.scores(tracin.Gradients(a3, [1.0]), tracin.Gradients(a3, [2.0]))
     f = tracin.FactoredGradients(a3, a3)
-    with pytest.raises(ValueError, match="both be full gradients or both FactoredGradients"):
+    with pytest.raises(ValueError, match=r"test is factored \(FactoredGradients, .* but train is full .*: both "):
         tracin.scores(f, a3)
+    with pytest.raises(ValueError, match="export test and train with the same mode"):
+        tracin.scores(a3, f)
     with pytest.raises(TypeError, match="train: .*float64"):
         tracin.scores(a3, np.zeros((2, 3)))
 
@@ -520,6 +522,27 @@ def test_gradients_of_different_parameters_or_modes_are_refused(rng):
         tracin.scores(
             tracin.Gradients(a, metadata=meta("full", "w")), tracin.Gradients(b, metadata=meta("last_layer", "w"))
         )
+
+
+@pytest.mark.parametrize(
+    "odd, message",
+    [
+        ({"preconditioner": "adam"}, r"metadata\['preconditioner'\] must be null or an object with a string 'kind'"),
+        ({"preconditioner": [1]}, r"metadata\['preconditioner'\] must be null or an object"),
+        ({"params": [1, 2]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
+        ({"params": "abc"}, r"metadata\['params'\] must be a list"),
+        ({"params": [{}]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
+    ],
+)
+def test_recorded_metadata_of_another_shape_is_a_value_error_naming_the_side(rng, odd, message):
+    # in-memory sets take any metadata; the keys scoring compares must then have the adapters' shapes
+    honest = {"framework": "torch", "mode": "full", "preconditioner": None, "params": [{"name": "w", "shape": [8]}]}
+    a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
+    mine, theirs = tracin.Gradients(a, metadata=honest), tracin.Gradients(b, metadata={**honest, **odd})
+    for test, train, side in ((mine, theirs, "train"), (theirs, mine, "test")):
+        for call, kwargs in ((tracin.scores, {}), (tracin.top_k, {"k": 2}), (tracin.scores, {"normalize": True})):
+            with pytest.raises(ValueError, match=f"^{side}: {message}"):
+                call(test, train, **kwargs)
 
 
 @pytest.mark.parametrize("factored", [False, True])

@@ -25,6 +25,7 @@ from ._tunables import PIECE_S as _PIECE_S
 from ._validate import positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
+from .store._format import metadata_problem
 from .whitening import Whitening
 
 _SIDES = ("proponents", "opponents", "both")
@@ -75,10 +76,13 @@ def _count(n: int, noun: str) -> str:
 def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]:
     test, train = as_gradient_set(test, "test"), as_gradient_set(train, "train")
     if test.factored != train.factored:
+        kinds = {
+            True: "factored (FactoredGradients, or exported with mode='factored')",
+            False: "full (Gradients, or exported with mode='full' or 'last_layer')",
+        }
         raise ValueError(
-            "test and train must both be full gradients or both FactoredGradients "
-            f"(test is {'factored' if test.factored else 'full'}, train is "
-            f"{'factored' if train.factored else 'full'})"
+            f"test is {kinds[test.factored]} but train is {kinds[train.factored]}: both sides must be "
+            "factored or both full; export test and train with the same mode"
         )
     weights = _weights(test, train)
     _check_same_gradient_space(test, train)
@@ -93,8 +97,13 @@ def _check_same_gradient_space(
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
     the same thing: a different mode, different parameters (same framework), a different
     projection (metadata["projection"] None: unprojected), or other checkpoints (`names` name the
-    two sides in that message). Sets without metadata are trusted."""
+    two sides in messages). Sets without metadata are trusted; recorded keys of another shape than
+    the adapters' (metadata_problem) are a ValueError."""
     t, x = test.metadata, train.metadata
+    for name, m in zip(names, (t, x), strict=True):
+        problem = metadata_problem(m)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
     _check_same_preconditioner(t, x)
