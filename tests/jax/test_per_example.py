@@ -236,3 +236,26 @@ def test_a_loss_coupling_the_examples_of_a_batch_is_refused(mlp, data):
         export_gradients(centred, [(mlp.params[0], 1.0)], (x, y), progress=False)
     got = export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], (x[:3], y[:3]), progress=False)
     assert got.matrices[0].shape[0] == 3
+
+
+def test_the_per_example_function_compiles_once_per_input_shape_not_per_row_count():
+    """export_gradients' batch_size docstring: batches of other row counts are padded (no new trace of
+    loss_fn), every new sequence length is one more trace (and XLA compile), a repeated one none."""
+    r = np.random.default_rng(0)
+    params = {"emb": jnp.asarray(r.normal(size=(10, 4)), jnp.float32), "w": jnp.asarray(r.normal(size=(4, 3)))}
+
+    def traces(shapes):
+        calls = []
+
+        def loss(p, ids, y):
+            calls.append(ids.shape)
+            logits = p["emb"][ids].mean(-2) @ p["w"]
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=-1)[:, 0]
+
+        batches = [(r.integers(0, 10, (n, t)), r.integers(0, 3, n)) for n, t in shapes]
+        export_gradients(loss, [(params, 1.0)], batches, progress=False)
+        return len(calls)
+
+    one = traces([(4, 5)])
+    assert traces([(4, 5), (3, 5), (2, 5)]) == one
+    assert traces([(4, 5), (4, 6), (4, 7), (2, 5), (4, 6)]) == one + 2

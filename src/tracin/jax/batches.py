@@ -1,4 +1,5 @@
-"""Data as fixed-size batches: the last, shorter batch is padded so one compiled shape serves all."""
+"""Data as fixed-size batches: shorter batches are padded to the batch size, so the row count never
+compiles again (the other axes, e.g. a sequence length, are kept: each of their shapes compiles once)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Compiled per-example gradients: jax.vmap(jax.grad(loss of one example)), jit-compiled once per
-batch shape (BatchPlan pads the last batch, so one compilation serves a whole export).
+batch shape (BatchPlan pads every batch to one row count, so data of one input shape compiles once;
+each other shape of the other axes, a new sequence length, compiles again).
 
 The compiled functions are shared by later exports with the same loss_fn object (shared_jit): like
 jax.jit, a loss is traced once, so one reading a Python setting must be passed as a new function
