@@ -56,6 +56,15 @@ _View = tuple[np.ndarray, str]
 _OVERFLOW = "the projection of row {} is not finite: the input holds NaN or Inf, or its values overflow float32"
 
 
+class _RowNotFinite(ValueError):
+    """ValueError(message.format(row)) for row `row` of the rows projected (or checked) together, which
+    keeps the row and the message, so that an export can name the row in its data's numbering."""
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message.format(row))
+        self.message, self.row = message, row
+
+
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -425,9 +434,14 @@ class Projection:
     ) -> None:
         nonzeros = min(SPARSE_NONZEROS, dim)
         pieces = (False, [v for v, _ in views], [DTYPE_CODES[t] for _, t in views])
-        _core.project(
-            KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out, num_threads=threads
-        )
+        try:
+            _core.project(
+                KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out, num_threads=threads
+            )
+        except ValueError as e:  # a non-finite result: out is filled, the row the kernel names is kept
+            if str(e).startswith("the projection of row"):
+                _check_rows_finite(out, 0, _OVERFLOW)
+            raise
 
     # --- the spec: stored with projected gradients, compared when more are projected later ---
 
@@ -508,11 +522,19 @@ def _layer(layer: Any, name: str) -> LayerMatrix:
 
 
 def _check_rows_finite(a: np.ndarray, start: int, message: str) -> None:
-    """ValueError(message.format(row)) for the first row of a (n, m) holding NaN or Inf, rows numbered
-    from `start`; found by row maxima and minima (NaN propagates), without an (n, m) temporary."""
-    finite = np.isfinite(a.max(axis=1)) & np.isfinite(a.min(axis=1))
+    """_RowNotFinite(message, row) for the first row of a (n, m) holding NaN or Inf, rows numbered
+    from `start`."""
+    finite = _finite_rows(a)
     if not finite.all():
-        raise ValueError(message.format(start + int(np.argmin(finite))))
+        raise _RowNotFinite(message, start + int(np.argmin(finite)))
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """(n,) bool: which rows of a (n, m) hold no NaN or Inf, found by row maxima and minima (NaN
+    propagates), without an (n, m) temporary."""
+    if a.shape[1] == 0:
+        return np.ones(a.shape[0], bool)
+    return np.isfinite(a.max(axis=1)) & np.isfinite(a.min(axis=1))
 
 
 def _widened(arr: np.ndarray, dtype: str) -> np.ndarray:

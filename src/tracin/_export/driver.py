@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._progress import progress_bar
+from ..projection import _RowNotFinite
 from .checkpoints import Checkpoint
 from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
@@ -420,9 +421,22 @@ class _Loop:
             if dest is not None:
                 self.framework.compute_into(state, batch, dest)
                 return
-        blocks = self.framework.to_host(self.framework.compute(state, batch), batch.count, bool(self.transforms))
+        with _rows_numbered(c, batch.start):
+            blocks = self.framework.to_host(self.framework.compute(state, batch), batch.count, bool(self.transforms))
         with self.sink.batch():  # a store records the rows of every slot once, not once per slot
             for s, block in enumerate(blocks):
                 if skip or keep < batch.count:
                     block = tuple(b[skip:keep] for b in block) if isinstance(block, tuple) else block[skip:keep]
-                self.sink.write(c * self.slots + s, batch.start + skip, apply_all(self.transforms, block, c, s))
+                with _rows_numbered(c, batch.start + skip):
+                    block = apply_all(self.transforms, block, c, s)
+                self.sink.write(c * self.slots + s, batch.start + skip, block)
+
+
+@contextmanager
+def _rows_numbered(checkpoint: int, first: int) -> Iterator[None]:
+    """A projection's error naming a row of the block it was given (numbered from 0) names it as the
+    data's row (the block's first being `first`), at checkpoint `checkpoint`."""
+    try:
+        yield
+    except _RowNotFinite as e:
+        raise ValueError(f"checkpoint {checkpoint}: {e.message.format(first + e.row)}") from None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..projection import Projection
+from ..projection import Projection, _finite_rows, _RowNotFinite
 
 
 def check_projection(projection: Any, factored: bool) -> None:
@@ -24,12 +24,37 @@ def check_projection(projection: Any, factored: bool) -> None:
 
 def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:
     """A host block projected: (rows, d) float32 -> (rows, k) float32 with the parameter widths
-    `segments`, or a (left (rows, p), right (rows, q)) pair through apply_factored."""
+    `segments`, or a (left (rows, p), right (rows, q)) pair through apply_factored; rows holding NaN
+    or Inf are NaN (see `keeping_nonfinite`)."""
     if isinstance(block, tuple):
-        left, right = projection.apply_factored(*(np.asarray(b, np.float32) for b in block))
+        left, right = keeping_nonfinite(projection.apply_factored, *block)
         return np.asarray(left), np.asarray(right)
     kwargs = {"segments": list(segments)} if segments is not None else {}
-    return np.asarray(projection.apply(np.asarray(block, np.float32), **kwargs))
+    (out,) = keeping_nonfinite(lambda rows: (projection.apply(rows, **kwargs),), block)
+    return np.asarray(out)
+
+
+def keeping_nonfinite(project_rows: Callable[..., Sequence[Any]], *parts: Any) -> list[np.ndarray]:
+    """project_rows(*parts) (each part (rows, d_i), taken as float32; returning a sequence of
+    (rows, k_j) arrays) where the row of every part is finite; NaN in every output column of the other
+    rows. So an example whose gradient holds NaN or Inf is stored as it is without a projection (not
+    finite), for scoring to name, instead of failing the export. A finite row whose projection is not
+    finite (float32 overflow) stays an error: a tracin.Projection's names it by its index in `parts`."""
+    parts = tuple(np.asarray(p, np.float32) for p in parts)
+    keep = np.logical_and.reduce([_finite_rows(p) for p in parts])
+    if keep.all():
+        return list(project_rows(*parts))
+    index = np.flatnonzero(keep)
+    try:
+        kept = project_rows(*(p[index] for p in parts))
+    except _RowNotFinite as e:
+        raise _RowNotFinite(e.message, int(index[e.row])) from None
+    outs = []
+    for o in kept:
+        out = np.full((keep.shape[0], np.shape(o)[1]), np.nan, np.float32)
+        out[index] = o
+        outs.append(out)
+    return outs
 
 
 def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Sequence[int] | None) -> Any:
