@@ -53,6 +53,12 @@ def signals_as_in_a_terminal():
 
 
 @pytest.fixture
+def terminal(monkeypatch):
+    """stderr counts as a terminal, as where someone watches: automatic bars show."""
+    monkeypatch.setattr(_progress, "stderr_is_a_terminal", lambda: True)
+
+
+@pytest.fixture
 def stores(tmp_path, rng):
     weights = [0.5, 0.1]
     blocks = {
@@ -189,7 +195,7 @@ def test_without_output_results_go_to_stdout_and_no_file_is_written(stores, tmp_
     assert list(cwd.iterdir()) == []
 
 
-def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):
+def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch, terminal):
     import tracin.scoring
 
     paths, _, _ = stores
@@ -201,6 +207,47 @@ def test_long_runs_show_a_progress_bar_unless_turned_off(stores, tmp_path, capsy
         assert bar in capsys.readouterr().err
         assert main([*command, "--no-progress"]) == 0
         assert bar not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["score", "self-influence"])
+def test_bars_go_to_a_terminal_but_not_into_a_log(stores, tmp_path, command):
+    # stderr redirected to a file collected a frame of every bar per refresh
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    paths, _, _ = stores
+    args = _score(paths, "-o", str(tmp_path / "out.csv")) if command == "score" else [command, str(paths["train"])]
+    script = (
+        "import sys, tracin.scoring as s, tracin._progress as p\n"
+        "s._AUTO_PROGRESS_MACS = 0; p.AUTO_DELAY_S = 0  # every run counts as long: bars at once\n"
+        f"from tracin.cli import main; sys.exit(main({args!r}))"
+    )
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=f, timeout=120)
+    assert done.returncode == 0 and "%|" not in log.read_text(), log.read_text()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # 0 columns: bars drawn empty
+    try:
+        done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=slave, timeout=120)
+        os.close(slave)
+        seen = b""
+        while chunk := _read_pty(master):
+            seen += chunk
+    finally:
+        os.close(master)
+    bar = b"tracin top_k" if command == "score" else b"tracin self_influence"
+    assert done.returncode == 0 and bar in seen and b"%|" in seen, seen
+
+
+def _read_pty(fd: int) -> bytes:
+    """What is left to read from a pty's master once its slave side is closed (b"" at the end)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # Linux: EIO once the slave side is closed and drained
+        return b""
 
 
 class _InterruptingSpec(str):
@@ -336,7 +383,7 @@ def test_another_users_output_keeps_its_owner(stores, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_writing_a_long_csv_shows_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch):
+def test_writing_a_long_csv_shows_a_progress_bar_unless_turned_off(stores, tmp_path, capsys, monkeypatch, terminal):
     paths, _, _ = stores
     monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0)  # every write counts as long
     for command in (
@@ -1031,7 +1078,7 @@ def test_bar_over_passes_counts_examples_not_examples_times_passes(capsys):
     assert not re.search(r"/(1500|1\.5k|1\.50k)\b", err)  # no total of 1500 (examples x passes)
 
 
-def test_automatic_bar_appears_only_after_the_delay(capsys, monkeypatch):
+def test_automatic_bar_appears_only_after_the_delay(capsys, monkeypatch, terminal):
     bar = _progress.progress_bar(10, None, "quick work")
     bar.update(10)
     bar.close()

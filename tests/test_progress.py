@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -11,6 +12,12 @@ import tracin
 from tracin import _progress
 
 tqdm_auto = pytest.importorskip("tqdm.auto")
+
+
+@pytest.fixture
+def terminal(monkeypatch):
+    """stderr counts as a terminal, as where someone watches: automatic bars show."""
+    monkeypatch.setattr(_progress, "stderr_is_a_terminal", lambda: True)
 
 
 @pytest.fixture
@@ -39,7 +46,7 @@ def test_quick_automatic_calls_make_no_tqdm_bar(made, capsys):
     assert len(made) == 1 and made[0].n == 4
 
 
-def test_slow_automatic_bar_is_made_late_with_the_count_and_time_so_far(made, monkeypatch, capsys):
+def test_slow_automatic_bar_is_made_late_with_the_count_and_time_so_far(made, monkeypatch, capsys, terminal):
     monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.2)
     bar = _progress.progress_bar(10, None, "work", unit="row")
     bar.update(3)
@@ -55,7 +62,7 @@ def test_slow_automatic_bar_is_made_late_with_the_count_and_time_so_far(made, mo
     assert "work" in err and "10.0/10.0" in err and "early" in err
 
 
-def test_slow_automatic_bar_over_passes_starts_in_the_pass_reached(made, monkeypatch, capsys):
+def test_slow_automatic_bar_over_passes_starts_in_the_pass_reached(made, monkeypatch, capsys, terminal):
     monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.0)
     bar = _progress.progress_bar(3, None, "export", passes=2, unit_scale=False)
     bar.update(4)  # one pass of 3 and one unit of the second
@@ -70,3 +77,34 @@ def test_closing_an_automatic_bar_that_never_showed_is_harmless(made):
     bar.close()
     bar.close()
     assert made == []
+
+
+def test_automatic_bars_only_where_stderr_is_a_terminal_and_asked_for_bars_everywhere(made, monkeypatch, capsys):
+    # a log (stderr not a terminal) collected a frame of every automatic bar per refresh
+    monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.0)
+    for enabled in (None, True):
+        bar = _progress.progress_bar(10, enabled, f"work {enabled}")
+        bar.update(10)
+        bar.close()
+    assert len(made) == 1 and "work True" in capsys.readouterr().err  # captured: not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    bar = _progress.progress_bar(10, None, "work None")
+    bar.update(10)
+    bar.close()
+    assert len(made) == 2 and "work None" in capsys.readouterr().err
+
+
+def test_automatic_bars_show_in_jupyter_whose_stderr_is_no_terminal(monkeypatch):
+    # tqdm.auto draws notebook widgets there (a subclass of tqdm.notebook's bar)
+    class Notebook(tqdm_auto.tqdm):
+        pass
+
+    Notebook.__module__ = "tqdm.notebook"
+
+    class Auto(Notebook):
+        pass
+
+    assert not _progress.stderr_is_a_terminal()  # pytest captures it
+    assert not _progress.shows_automatically()
+    monkeypatch.setattr(tqdm_auto, "tqdm", Auto)
+    assert _progress.shows_automatically()

@@ -2,7 +2,8 @@
 
 enabled=None is the automatic choice for work of unknown length: the bar appears only once the
 work has run AUTO_DELAY_S seconds, so quick calls print nothing (and make no tqdm bar, which in
-Jupyter is a widget). Work that goes over the same
+Jupyter is a widget), and only where someone sees it (shows_automatically: a terminal or Jupyter,
+not stderr redirected to a log, which would collect a frame per refresh). Work that goes over the same
 examples several times (once per checkpoint) is shown as one pass at a time, counting examples.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +32,26 @@ def tqdm_installed() -> bool:
     return importlib.util.find_spec("tqdm") is not None
 
 
+def stderr_is_a_terminal() -> bool:
+    """Whether sys.stderr is a terminal (not a file or a pipe, which would collect a bar's every frame)."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except ValueError:  # closed
+        return False
+
+
+def shows_automatically() -> bool:
+    """Whether an automatic bar (enabled=None) is shown: tqdm is installed, and stderr is a terminal
+    or tqdm.auto draws Jupyter widgets; not where stderr goes to a file or a pipe."""
+    if not tqdm_installed():
+        return False
+    if stderr_is_a_terminal():
+        return True
+    from tqdm.auto import tqdm
+
+    return any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
+
 def progress_bar(
     total: int | None,
     enabled: bool | None,
@@ -43,16 +65,16 @@ def progress_bar(
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
     and close().
 
-    enabled: True shows the bar, False gives a silent one, None (if tqdm is installed) makes and shows
-    it at the first update() once AUTO_DELAY_S seconds have passed, its elapsed time counted from
-    now. passes > 1: the work goes `passes` times over `total` units (e.g. the examples, once per
+    enabled: True shows the bar, False gives a silent one, None (where shows_automatically()) makes
+    and shows it at the first update() once AUTO_DELAY_S seconds have passed, its elapsed time
+    counted from now. passes > 1: the work goes `passes` times over `total` units (e.g. the examples, once per
     checkpoint); update() counts over all passes as before, and the bar shows the current pass
     ("desc checkpoint 2/3") and its units, so that it counts examples, not examples x passes (with
     total None, one plain bar). unit_scale: counts shown with SI prefixes ("1.2k ex"); False for
     small counts of whole units ("6/6 shard", not "6.00/6.00 shard").
     tqdm is needed only when enabled is True.
     """
-    if enabled is None and tqdm_installed():
+    if enabled is None and shows_automatically():
         return _Delayed(functools.partial(_bar, total, desc, unit, passes, pass_name, unit_scale, time.time()))
     return _bar(total, desc, unit, passes, pass_name, unit_scale) if enabled else _Silent()
 

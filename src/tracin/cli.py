@@ -150,7 +150,11 @@ def _ids(store) -> list | None:
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
+    """progress= for the library: none with --no-progress or where stderr is not a terminal (a log
+    would collect every frame, also of the bars the library shows at once for long work), else automatic."""
+    from ._progress import stderr_is_a_terminal
+
+    return None if not args.no_progress and stderr_is_a_terminal() else False
 
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
@@ -365,14 +369,17 @@ def _physical_memory() -> int | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from ._progress import stderr_is_a_terminal
+
     if not args.output:  # Path("") would be the current folder
         raise CommandError("-o/--output must name a folder, got ''")
+    bars = not args.no_progress and stderr_is_a_terminal()  # none drawn into a log
     try:  # the demo extra, imported up front: found missing only after training, it would waste the run
         import matplotlib  # noqa: F401
         import sklearn.datasets  # noqa: F401
         import threadpoolctl  # noqa: F401
 
-        if not args.no_progress:
+        if bars:
             import tqdm  # noqa: F401
 
         from .demo import DemoConfig, run_demo
@@ -385,7 +392,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = DemoConfig(
         noise=args.noise, seed=args.seed, output=Path(args.output), training=training, framework=args.framework
     )
-    run_demo(config, progress=not args.no_progress)
+    run_demo(config, progress=bars)
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -438,7 +445,11 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="score an unfinished store's rows written so far instead of refusing it",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (one appears for long runs)")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (one appears for long runs where stderr is a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -532,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (none either where stderr is not a terminal)"
+    )
     return parser
 
 

@@ -810,8 +810,21 @@ def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path,
     run_demo(_small(web / "demo"), **QUIET)
 
 
+def test_the_demos_bars_show_in_a_terminal_but_not_in_a_log(tmp_path, capsys, monkeypatch):
+    # `tracin demo > log 2>&1` collected every frame of its bars
+    command = ["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out")]
+    assert main(command) == 0
+    assert "train: " not in capsys.readouterr().err  # captured: not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(command) == 0
+    assert re.search(r"train: 100%\|.*\| 2.00/2.00", capsys.readouterr().err)
+    assert main([*command, "--no-progress"]) == 0
+    assert "train: " not in capsys.readouterr().err
+
+
 def test_missing_demo_extras_are_named_before_training(tmp_path, monkeypatch, capsys):
     # without matplotlib the demo trained and exported, then failed at its first figure
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm is needed where bars are drawn
     for module in ("matplotlib", "sklearn.datasets", "tqdm"):
         with monkeypatch.context() as patch:
             patch.setitem(sys.modules, module, None)  # importing it fails
@@ -822,6 +835,8 @@ def test_missing_demo_extras_are_named_before_training(tmp_path, monkeypatch, ca
     with monkeypatch.context() as patch:  # tqdm draws only the progress bars
         patch.setitem(sys.modules, "tqdm", None)
         assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+        patch.setattr(sys.stderr, "isatty", lambda: False)  # none drawn into a log: tqdm not needed
+        assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out")]) == 0
 
 
 def test_demo_command_line_options(tmp_path, capsys):
