@@ -9,6 +9,7 @@ import io
 import json
 import os
 import stat
+import threading
 import tracemalloc
 import zipfile
 
@@ -508,6 +509,64 @@ def _fingerprint(moments) -> str:
     return h.hexdigest()[:16]
 
 
+def _raw_member(path, name: str, content: bytes, compression: int = zipfile.ZIP_STORED) -> None:
+    """Rewrites the archive at `path` (members stored, or `compression`) with member `name` replaced by `content`."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(path, "w", compression=compression) as z:
+        for n, data in {**members, name: content}.items():
+            z.writestr(n, data)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, array)
+    return out.getvalue()
+
+
+def _zip_headers(path, local: int, central: int, change) -> None:
+    """Applies change(data, offset) at byte `local` of every local file header and `central` of every
+    central directory header of the archive at `path` (its members stored, uncompressed)."""
+    data = bytearray(path.read_bytes())
+    for signature, at in ((b"PK\x03\x04", local), (b"PK\x01\x02", central)):
+        i = data.find(signature)
+        while i >= 0:
+            change(data, i + at)
+            i = data.find(signature, i + 4)
+    path.write_bytes(bytes(data))
+
+
+def _unknown_compression(path, data) -> None:
+    _raw_member(path, "spec.npy", zipfile.ZipFile(path).read("spec.npy"))
+    _zip_headers(path, 8, 10, lambda d, i: d.__setitem__(slice(i, i + 2), (99).to_bytes(2, "little")))
+
+
+def _encrypted(path, data) -> None:
+    _raw_member(path, "spec.npy", zipfile.ZipFile(path).read("spec.npy"))
+    _zip_headers(path, 6, 8, lambda d, i: d.__setitem__(i, d[i] | 1))
+
+
+def _corrupt_deflate(path, data) -> None:
+    """Every member deflated, then the compressed bytes of the first one inverted."""
+    _raw_member(path, "spec.npy", zipfile.ZipFile(path).read("spec.npy"), zipfile.ZIP_DEFLATED)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = int.from_bytes(raw[26:28], "little"), int.from_bytes(raw[28:30], "little")
+    start = 30 + name_length + extra_length
+    raw[start : start + 40] = bytes(b ^ 0xFF for b in raw[start : start + 40])
+    path.write_bytes(bytes(raw))
+
+
+# a .npy header of 9000 unary minus signs: NumPy's parser fails with an empty message
+_MINUS_HEADER = b"\x93NUMPY\x01\x00" + (9002).to_bytes(2, "little") + b"-" * 9000 + b"1\n"
+
+
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def _indefinite_moment(path, data) -> None:
     """moment_0 replaced by an indefinite matrix, the fingerprint and lambdas recomputed to match."""
     with np.load(path) as f:
@@ -574,6 +633,20 @@ def _inverse_at(damping: float):
             r"inverse_1 is \(9, 9\) float32, expected",
         ),
         (_indefinite_moment, "checkpoint 0: R \\+ lambda I is not positive definite"),
+        (_unknown_compression, "That compression method is not supported"),
+        (_encrypted, "is encrypted"),
+        (_corrupt_deflate, "Error -3 while decompressing"),
+        (lambda p, data: _raw_member(p, "spec.npy", _npy(np.array("[" * 200_000))), "JSON nested 200000 levels"),
+        (lambda p, data: _saved_with(p, spec={"space": {"x": _nested(63)}}), "JSON nested 65 levels deep"),
+        (lambda p, data: _raw_member(p, "moment_0.npy", _MINUS_HEADER), "[A-Za-z]"),  # a reason, not ()
+        (
+            lambda p, data: _saved_with(p, spec={"space": {"mode": "full", "preconditioner": "x"}}),
+            r"space, the train set's metadata, is not as fit records it: metadata\['preconditioner'\] must be null",
+        ),
+        (
+            lambda p, data: _saved_with(p, spec={"space": {"params": [{"shape": [3]}]}}),
+            r"metadata\['params'\]\[0\] must be an object with a string 'name'",
+        ),
     ],
 )
 def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
@@ -587,6 +660,48 @@ def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
         Whitening.load(path)
     with pytest.raises(FileNotFoundError):
         Whitening.load(tmp_path / "missing.npz")
+
+
+def test_load_refuses_a_fifo_or_a_folder_without_opening_it(tmp_path):
+    fifo = tmp_path / "w.npz"
+    os.mkfifo(fifo)
+    outcome: list = []
+    reader = threading.Thread(target=lambda: outcome.append(_raised(lambda: Whitening.load(fifo))), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # let the old, blocked open go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert outcome and isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]) == f"{fifo} is not a saved tracin.Whitening (not a regular file)"
+    with pytest.raises(ValueError, match=f"^{tmp_path} is not a saved tracin.Whitening \\(not a regular file\\)$"):
+        Whitening.load(tmp_path)
+
+
+def _raised(call) -> BaseException | None:
+    try:
+        call()
+    except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        return e
+    return None
+
+
+@pytest.mark.parametrize(
+    "odd, message",
+    [
+        ({"preconditioner": "adam"}, r"metadata\['preconditioner'\] must be null or an object"),
+        ({"params": [1]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
+    ],
+)
+def test_recorded_metadata_of_another_shape_is_refused_naming_the_side(full, odd, message):
+    train, test = full
+    odd_set = tracin.Gradients(train, metadata={"mode": "full", **odd})
+    with pytest.raises(ValueError, match=f"^train: {message}"):
+        Whitening.fit(odd_set, damping=0.3)
+    w = Whitening.fit(tracin.Gradients(train, metadata={"mode": "full"}), damping=0.3)
+    with pytest.raises(ValueError, match=f"^test: {message}"):
+        w.apply(tracin.Gradients(test, metadata={"mode": "full", **odd}))
+    with pytest.raises(ValueError, match=f"^train: {message}"):
+        w.self_influence(odd_set)
 
 
 def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path, full):

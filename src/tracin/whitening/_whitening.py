@@ -8,7 +8,9 @@ import json
 import math
 import numbers
 import os
+import stat
 import zipfile
+import zlib
 from types import SimpleNamespace
 from typing import IO, Any
 
@@ -17,6 +19,7 @@ import numpy as np
 from .._progress import check_progress, progress_bar
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
+from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
 from ._inverse import check_damping, damped_inverse, mean_eigenvalue
 from ._moments import (
     check_budget,
@@ -153,6 +156,9 @@ class Whitening:
         for name, s in sets:
             if s.n_rows == 0:
                 raise ValueError(f"{name} has no rows; whitening needs at least one gradient to fit")
+            problem = metadata_problem(s.metadata)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
             if "whitening" in s.metadata:
                 raise ValueError(f"{name} is already whitened (metadata['whitening']); fit on unwhitened gradients")
         max_bytes = default_max_bytes() if max_bytes is None else _check_max_bytes(max_bytes)
@@ -286,6 +292,9 @@ class Whitening:
         )
         if name == "test":  # scored against the train side: the pairings scoring allows (e.g. LESS's)
             return _matching(s, fitted, name)
+        problem = metadata_problem(s.metadata)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
         kinds = [(m.get("preconditioner") or {}).get("kind") for m in (s.metadata, self.spec.space)]
         if "mode" in s.metadata and "mode" in self.spec.space and kinds[0] != kinds[1]:
             raise ValueError(
@@ -326,8 +335,10 @@ class Whitening:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:
         """A Whitening saved by save(). ValueError naming the file if it is not one: not an .npz
-        archive (or a damaged one), a spec field fit would not record (kind, dims, damping, precision,
-        row counts, mix_weight, fingerprint, space), matrices missing, of other shapes or dtypes (read
+        archive (or a damaged one: unknown compression, encrypted, bad deflate data), a spec nested
+        deeper than 64 levels or with a field fit would not record (kind, dims, damping, precision, row
+        counts, mix_weight, fingerprint, space: its 'preconditioner' and 'params' as scoring reads
+        them), matrices missing, of other shapes or dtypes (read
         from their headers, before their data), not finite, moments of another fingerprint, lambdas
         that are not damping times the moments' mean eigenvalues, or stored inverses that fail the
         O(d^2) checks of _checked_inverses (symmetry, positive diagonals, the residual of (R + lambda
@@ -336,14 +347,20 @@ class Whitening:
         residual (tol * |R + lambda I| / lambda > 1e-6): those are recomputed from the moments (O(d^3),
         as with_damping does), so a file holding another damping's inverse still whitens correctly.
         ValueError too if the matrices (moments and inverses, plus one more of the largest) exceed half
-        the physical memory. OSError if it cannot be opened."""
-        with open(path, "rb") as file:
+        the physical memory, or if `path` is not a regular file (a FIFO, device or directory: refused
+        before it is opened, so a FIFO cannot hang it). OSError if it cannot be opened."""
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening (not a regular file)")
+        with open(path, "rb", opener=_open_nonblocking) as file:
             try:
+                if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):  # replaced since the stat above
+                    raise ValueError("not a regular file")
                 moments, inverses, spec = _read_saved(file)
             except _TooLarge as e:
                 raise ValueError(f"{os.fspath(path)}: {e}") from None
-            except (OSError, EOFError, KeyError, TypeError, ValueError, MemoryError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({e})") from None
+            except _NOT_SAVED as e:
+                reason = str(e) or type(e).__name__
+                raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({reason})") from None
         return cls(moments, inverses, spec)
 
     def __repr__(self) -> str:
@@ -473,6 +490,27 @@ class _TooLarge(ValueError):
     """A saved whitening whose matrices exceed the memory load allows."""
 
 
+# What reading a damaged or crafted file raises: zipfile's own errors, and RuntimeError for an encrypted
+# member (NotImplementedError, a RuntimeError, for an unknown compression method), zlib.error for bad deflate
+_NOT_SAVED = (
+    OSError,
+    EOFError,
+    KeyError,
+    TypeError,
+    ValueError,
+    MemoryError,
+    OverflowError,
+    RuntimeError,
+    zipfile.BadZipFile,
+    zlib.error,
+)
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """os.open with O_NONBLOCK (open()'s opener): a FIFO swapped in after the check cannot block the open."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 _READ_BYTES = 16 * 2**20  # a member's data is read in pieces of this size (zipfile copies each piece)
 _SPEC_MAX_CHARS = 1 << 20  # a saved spec is a few kB of JSON; a header claiming more is not one save wrote
 _HEX = frozenset("0123456789abcdef")
@@ -488,8 +526,11 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
         raise ValueError("not a complete .npz archive")
     file.seek(0)
     with zipfile.ZipFile(file) as archive:
-        text = _read_member(archive, "spec", (), "U")
-        spec = _checked_spec(WhiteningSpec(**json.loads(str(text[()]))))
+        text = str(_read_member(archive, "spec", (), "U")[()])
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"spec is JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
+        spec = _checked_spec(WhiteningSpec(**json.loads(text)))
         sides = [k for d in spec.dims for k in (d if isinstance(d, list) else [d])]
         need, budget = matrix_bytes(sides, 2, 1), default_max_bytes()  # moments, inverses, a copy to hash
         if need > budget:
@@ -544,6 +585,9 @@ def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
         raise ValueError(f"fitted_on {spec.fitted_on!r} is neither a store id nor null")
     if not isinstance(spec.space, dict):
         raise ValueError(f"space {spec.space!r} is not the train set's metadata (a JSON object)")
+    problem = metadata_problem(spec.space)
+    if problem is not None:
+        raise ValueError(f"space, the train set's metadata, is not as fit records it: {problem}")
     return spec
 
 
