@@ -385,7 +385,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from .demo import DemoConfig, run_demo
         from .demo.training import TrainingConfig
     except ImportError as e:
-        raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]' ({e})") from e
+        instead = ", or pass --no-progress (tqdm draws only the progress bars)" if e.name == "tqdm" else ""
+        raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]'{instead} ({e})") from e
     if args.checkpoints > args.epochs:
         raise CommandError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
     training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)

@@ -832,6 +832,7 @@ def test_missing_demo_extras_are_named_before_training(tmp_path, monkeypatch, ca
         err = capsys.readouterr().err
         assert "tracin demo: error: the demo needs the demo extra: pip install 'tracin[demo]'" in err, err
         assert module in err and not (tmp_path / "out").exists()
+        assert ("or pass --no-progress" in err) == (module == "tqdm")  # the way to run without it
     with monkeypatch.context() as patch:  # tqdm draws only the progress bars
         patch.setitem(sys.modules, "tqdm", None)
         assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
