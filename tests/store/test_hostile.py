@@ -175,7 +175,8 @@ def test_a_directory_in_place_of_a_range_file_is_refused_by_the_merge(tmp_path, 
 def test_a_directory_in_place_of_the_manifest_temporary_is_refused_naming_it(tmp_path):
     w = tracin.GradientStore.create(tmp_path / "s", 6, [4])
     (tmp_path / "s" / "manifest.json.tmp").mkdir()
-    with pytest.raises(StoreFormatError, match=r"manifest\.json\.tmp is a directory, where a gradient store keeps"):
+    message = r"manifest\.json\.tmp is a directory \(a gradient store holds regular files only\); remove it"
+    with pytest.raises(StoreFormatError, match=message):
         w.write(0, 0, np.ones((6, 4), np.float32))
     w.close()
 

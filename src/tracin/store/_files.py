@@ -60,17 +60,17 @@ def open_file(
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
     opener, closer = opener or os.open, closer or os.close
-    _refuse_non_regular(path, os.lstat(path).st_mode)
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _refusal(path, mode)
     try:
         with naming(path, "opening"):  # EMFILE: suggests raising the limit
             fd = opener(path, flags)
-    except OSError as e:
+    except OSError as e:  # a link or directory swapped in after the lstat
         if e.errno == errno.ELOOP or os.path.islink(path):
-            raise StoreFormatError(
-                f"{path} is a symbolic link; a gradient store holds regular files only and never follows links"
-            ) from None
+            raise _refusal(path, stat.S_IFLNK) from None
         if e.errno == errno.EISDIR:
-            raise StoreFormatError(f"{path} is a directory, not a data file") from None
+            raise _refusal(path, stat.S_IFDIR) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
@@ -79,20 +79,19 @@ def open_file(
         raise
     if not stat.S_ISREG(mode):
         closer(fd)
-        _refuse_non_regular(path, mode)
+        raise _refusal(path, mode)
     return fd
 
 
-def _refuse_non_regular(path: Path, mode: int) -> None:
-    """StoreFormatError naming `path` unless `mode` (from lstat or fstat) is a regular file's."""
+def _refusal(path: Path, mode: int) -> StoreFormatError:
+    """The StoreFormatError naming `path`, a link, directory or other non-regular file by `mode`."""
     if stat.S_ISLNK(mode):
-        raise StoreFormatError(
+        return StoreFormatError(
             f"{path} is a symbolic link; a gradient store holds regular files only and never follows links"
         )
     if stat.S_ISDIR(mode):
-        raise StoreFormatError(f"{path} is a directory, not a data file")
-    if not stat.S_ISREG(mode):
-        raise StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
+        return StoreFormatError(f"{path} is a directory (a gradient store holds regular files only)")
+    return StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
 
 
 def create_file(path: Path) -> int:
@@ -165,9 +164,7 @@ def remove_if_present(path: Path) -> None:
     except OSError as e:  # EISDIR on Linux, EPERM elsewhere
         if e.errno not in (errno.EISDIR, errno.EPERM) or not os.path.isdir(path) or os.path.islink(path):
             raise
-        raise StoreFormatError(
-            f"{path} is a directory, where a gradient store keeps only its own regular files; remove it"
-        ) from None
+        raise StoreFormatError(f"{_refusal(path, stat.S_IFDIR)}; remove it") from None
 
 
 def fsync_dir(path: Path) -> None:
