@@ -103,6 +103,56 @@ def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     np.testing.assert_array_equal(got["opponents_indices"], np.argsort(exact, axis=1)[:, :5])
 
 
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_device_option_scores_there_or_says_in_one_line_why_not(stores, tmp_path, capsys, monkeypatch, device):
+    # the library's GPU path could not be reached from the command line
+    paths, blocks, weights = stores
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    self_exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
+    score = _score(paths, "-k", "5", "-o", str(tmp_path / "top.npz"), "--device", device)
+    rank = ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv"), "--device", device]
+    if device == "cpu" or _cuda_available():
+        assert main(score) == 0 and main(rank) == 0
+        np.testing.assert_array_equal(np.load(tmp_path / "top.npz")["proponents_indices"], np.argsort(-exact)[:, :5])
+        ranked = [int(r["train_row"]) for r in csv.DictReader(open(tmp_path / "rank.csv"))]
+        assert ranked == list(np.argsort(-self_exact))
+        return
+    monkeypatch.setattr(tracin, "top_k", lambda *a, **k: pytest.fail("scored without a GPU"))
+    for command in (score, rank):
+        assert main(command) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert "--device cuda: no usable CUDA device (" in line and "leave --device out" in line, line
+
+
+def test_device_cuda_with_a_scheduler_is_refused_naming_both(stores, capsys):
+    paths, _, _ = stores
+    for command in (_score(paths), ["self-influence", str(paths["train"])]):
+        assert main([*command, "--device", "cuda", "--scheduler", "local"]) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs" in line
+
+
+def test_device_reaches_the_library(stores, monkeypatch, capsys):
+    paths, _, _ = stores
+    seen = []
+    for name in ("top_k", "self_influence"):
+        real = getattr(tracin, name)
+        monkeypatch.setattr(tracin, name, lambda *a, real=real, **k: seen.append(k["device"]) or real(*a, **k))
+    assert main(_score(paths)) == main(["self-influence", str(paths["train"])]) == 0
+    assert (
+        main(_score(paths, "--device", "cpu")) == main(["self-influence", str(paths["train"]), "--device", "cpu"]) == 0
+    )
+    assert seen == [None, None, "cpu", "cpu"]  # None: where the rows are, the CPU for stores
+
+
 def test_score_summary_says_the_k_returned_when_capped(stores, capsys):
     paths, _, _ = stores  # 40 train rows
     assert main(_score(paths, "-k", "100000")) == 0

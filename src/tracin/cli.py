@@ -33,6 +33,7 @@ EXAMPLES = """examples:
   tracin self-influence grads/train --top 100   # the 100 most self-influential rows, CSV on stdout
   tracin score --test grads/test --train grads/train -k 10 --side both -o top10.npz
   tracin score --test grads/test --train grads/train --scheduler local --workers 4   # on a Dask LocalCluster
+  tracin score --test grads/test --train grads/train --device cuda                   # on the GPU (torch)
   tracin bench                                  # tracin.top_k against NumPy on this machine
 """
 
@@ -211,6 +212,25 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
             raise CommandError(_one_line(e)) from e
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """--device, checked before any work: cuda needs a CUDA device torch sees, and no --scheduler
+    (whose workers run the CPU kernel)."""
+    if args.device != "cuda":
+        return
+    if args.scheduler is not None:
+        raise CommandError(
+            "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs: give one of them"
+        )
+    from .backends import placement
+
+    try:
+        placement.choose("cuda", "float32", {})
+    except ValueError as e:
+        raise CommandError(
+            f"--device cuda: no usable CUDA device ({_one_line(e)}); leave --device out to score on the CPU"
+        ) from e
+
+
 # -- commands ------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> None:
     from .store import describe
@@ -228,6 +248,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .scoring import CheckpointMismatchError
 
     out = _check_output(args.output, (".npz", ".csv"))
+    _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
     try:
@@ -274,6 +295,7 @@ def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
                 side=args.side,
                 num_threads=args.threads,
                 progress=_progress(args),
+                device=args.device,
                 normalize=args.normalize,
             )
         from . import distributed
@@ -308,10 +330,13 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     out = _check_output(args.output, (".csv",))
+    _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
     with _cluster(args) as client:
         if client is None:
-            scores = tracin.self_influence(store, num_threads=args.threads, progress=_progress(args))
+            scores = tracin.self_influence(
+                store, num_threads=args.threads, progress=_progress(args), device=args.device
+            )
         else:
             from . import distributed
 
@@ -440,6 +465,13 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help="with --scheduler local: worker processes, one thread each (default: one per core)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where to score: cpu (the C++ kernel; the default) or cuda (the current GPU, through torch, "
+        "the stores' rows streamed to it; needs torch with CUDA; not with --scheduler)",
     )
     p.add_argument(
         "--allow-partial",
