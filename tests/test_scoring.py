@@ -614,9 +614,11 @@ def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):
 def test_automatic_progress_cuts_calls_estimated_to_outlast_the_delay(rng, monkeypatch):
     """progress=None below the multiply-add threshold: pieces (so that the delayed bar moves) only for
     CPU-kernel calls whose estimated time passes the delay, fewer when top_k's merges cost more."""
+    from tracin import _progress
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 
     monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 64)  # num_threads up to 64 not capped
+    monkeypatch.setattr(_progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
 
     test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (512, 40 * _MIN_PIECE_ROWS))
 
@@ -641,6 +643,7 @@ def test_a_bar_cuts_top_k_into_no_more_pieces_than_their_merges_allow(rng, monke
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 
     monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tracin._progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
     test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (16, 40 * _MIN_PIECE_ROWS))
 
     def pieces(k, macs=16 * 40 * _MIN_PIECE_ROWS * 64, progress=True):
@@ -682,6 +685,7 @@ def test_estimates_cap_num_threads_at_the_usable_cores(rng, monkeypatch):
     from tracin.scoring import _MIN_PIECE_ROWS, _Loop
 
     monkeypatch.setattr(tracin.scoring, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tracin._progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
     test, train = (tracin.Gradients(random_set(rng, n, [2])) for n in (16, 40 * _MIN_PIECE_ROWS))
 
     def pieces(threads, progress, top_k):
@@ -736,6 +740,7 @@ def test_automatic_pieces_leave_results_unchanged(rng, monkeypatch):
 
     monkeypatch.setattr(tracin.scoring, "_AUTO_RATE", 1e-3)  # every call estimated long
     monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", 7)
+    monkeypatch.setattr(tracin._progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
     calls = []
 
     def counted(method):
@@ -761,6 +766,9 @@ def test_automatic_pieces_leave_results_unchanged(rng, monkeypatch):
 
 def test_progress_automatic_only_for_long_work(rng, capsys, monkeypatch):
     import tracin.scoring
+    from tracin import _progress
+
+    monkeypatch.setattr(_progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
 
     test, train = random_set(rng, 4, [8]), random_set(rng, 50, [8])
     tracin.top_k(test, train)
@@ -778,6 +786,7 @@ def test_automatic_progress_shows_for_slow_calls_of_few_multiply_adds(rng, tmp_p
     from tracin import _progress
 
     monkeypatch.setattr(_progress, "AUTO_DELAY_S", 0.3)
+    monkeypatch.setattr(_progress, "stderr_is_a_terminal", lambda: True)  # automatic bars show there only
     rows = random_set(rng, 60, [4])
     write_store(tmp_path / "train", rows, step=60)
     store = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=10 * 4 * 4)
@@ -930,3 +939,16 @@ def test_factored_sets_compare_digests_per_real_checkpoint(rng):
     assert tracin.scores(test, train, normalize=True).shape == (2, 6)
     with pytest.raises(ValueError, match=r"different checkpoints: checkpoints \[1\] differ"):
         tracin.scores(test, side(6, ["a", "c"]), normalize=True)
+
+
+def test_long_work_shows_no_automatic_bar_where_stderr_is_no_terminal(rng, capsys, monkeypatch):
+    # a log collected every frame of the bar that long work (by its multiply-adds) showed at once
+    import tracin.scoring
+
+    monkeypatch.setattr(tracin.scoring, "_AUTO_PROGRESS_MACS", 0)
+    test, train = random_set(rng, 4, [8]), random_set(rng, 50, [8])
+    tracin.top_k(test, train)
+    tracin.self_influence(train)
+    assert capsys.readouterr().err == ""  # captured: not a terminal
+    tracin.top_k(test, train, progress=True)
+    assert "tracin top_k" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import numpy as np
 from . import _progress, _tunables
 from ._cpus import usable_cores
 from ._export.resume import static_digest_note
-from ._progress import check_progress, progress_bar, tqdm_installed
+from ._progress import check_progress, progress_bar, shows_automatically
 from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import AUTO_RATE as _AUTO_RATE
@@ -328,7 +328,7 @@ class _Loop:
         # The CPU backend caps num_threads at the usable cores (backends/cpu.py); so do the estimates.
         threads = min(threads or usable_cores(), usable_cores())
         self.threads, self.top_k = threads, top_k  # for the kernel's out-of-memory message
-        if progress is None and macs >= _AUTO_PROGRESS_MACS and tqdm_installed():
+        if progress is None and macs >= _AUTO_PROGRESS_MACS and shows_automatically():
             progress = True  # long by its multiply-adds alone: a bar at once, and pieces for it
         self.test, self.train = test, train
         self.test_chunks = [(0, 0)] if test is None else _chunks(test, test_rows)
@@ -337,7 +337,7 @@ class _Loop:
         seconds, extra = _estimated_seconds(macs, threads, test, train, top_k)
         if progress:
             steps = _bar_steps(seconds, extra)
-        if progress is None and timed and tqdm_installed():
+        if progress is None and timed and shows_automatically():
             steps = _auto_steps(seconds, extra)
         if steps > 1 and split:
             step = max(_MIN_PIECE_ROWS, -(-train.n_rows // steps))
@@ -505,7 +505,8 @@ def scores(
 
     Materialises the whole matrix: for small problems. Use top_k for large ones. Very wide rows
     (about 1e8 columns and more) need gigabytes of working memory: see top_k.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
+    Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
     train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k.
@@ -548,7 +549,8 @@ def top_k(
     side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
     (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
+    Jupyter, for calls that run over about 2 s).
     On a device, test rows are scored in chunks of 1 GiB of their float32 rows (none for a test set
     already on it, plain scores) plus the running selection, 12 B x min(k, train rows) x sides per
     row, each passing over the train rows: the bar then counts train rows x chunks (its description:
@@ -746,7 +748,8 @@ def self_influence(
     High values flag mislabelled or unusual examples.
     per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term w_c |g_c(i)|^2
     (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
+    Jupyter, for calls that run over about 2 s).
     device, precision: where and how to score, as in top_k.
     whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
     instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
@@ -824,7 +827,8 @@ def aggregate(
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions.
-    progress: a tqdm bar over train rows (None: if tqdm is installed, for calls that run over about 2 s).
+    progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
+    Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
     train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
