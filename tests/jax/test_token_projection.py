@@ -335,6 +335,60 @@ def test_flax_and_equinox_models_equal_projection_apply_on_full_rows(library):
         assert_rows_close(g.matrices[c], want, rtol=2e-4)  # float32 on both sides
 
 
+def _equinox_lm(key):
+    """eqx.nn.Embedding (VOCAB, D), then two Linear layers, float64."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    layers = [eqx.nn.Embedding(VOCAB, D, key=k1), eqx.nn.Linear(D, H, key=k2), eqx.nn.Linear(H, C, key=k3)]
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, layers)
+
+
+def _equinox_lm_loss(layers, inputs, labels):
+    def one(ids):  # ids (T,): the embedding called on each scalar id under vmap, as Equinox requires
+        h = jnp.tanh(jax.vmap(layers[1])(jax.vmap(layers[0])(ids)))
+        return jax.vmap(layers[2])(h)
+
+    return _token_ce(jax.vmap(one)(inputs["ids"]), labels, inputs["mask"])
+
+
+def _column_lookup_loss(p, inputs, labels):
+    """A (D, VOCAB) table whose columns are looked up by a scalar id under vmap: not mapped (its ids are the
+    indices' second component), so computed in full."""
+    h = jax.vmap(jax.vmap(lambda t: p["table"][:, t]))(inputs["ids"])
+    return _token_ce(jnp.tanh(h) @ p["head"], labels, inputs["mask"])
+
+
+@pytest.mark.parametrize("form", ["equinox embedding", "column lookup under vmap"])
+def test_a_scalar_lookup_under_vmap_as_in_equinox_embedding_is_mapped(x64, form):
+    """eqx.nn.Embedding under vmap is a gather of indices (id, 0) with nothing collapsed: mapped per token,
+    out-of-range and negative ids included (Equinox wraps negative ids, CLIP clamps the others), exact
+    against float64 jax.grad of each example projected by the same factors. A column looked up the same
+    way is not mapped (one warning) and still exact."""
+    r = np.random.default_rng(12)
+    _, labels, lengths = _tokens(r, 7, 6)
+    mask = (np.arange(6)[None] < np.asarray(lengths)[:, None]).astype(np.float64)
+    inputs = {"ids": r.integers(-VOCAB - 2, VOCAB + 3, labels.shape), "mask": mask}
+    if form == "equinox embedding":
+        params, loss_fn = [_equinox_lm(jax.random.key(s)) for s in (0, 1)], _equinox_lm_loss
+        layout = [LayerMatrix(VOCAB, D).to_dict(), LayerMatrix(H, D).to_dict(), H, LayerMatrix(C, H).to_dict(), C]
+    else:
+        params = [{"head": _normal(r, D, C), "table": _normal(r, D, VOCAB)} for _ in range(2)]
+        loss_fn, layout = _column_lookup_loss, [LayerMatrix(D, C).to_dict(), D * VOCAB]
+        inputs["ids"] = np.clip(inputs["ids"], -VOCAB, VOCAB - 1)  # in range: its gradient needs no clamping
+    proj = tracin.Projection(len(layout) * 16, 7, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = _export(loss_fn, params, (inputs, labels), proj, batch_size=3)
+    fallback = [str(w.message) for w in caught if "kronecker=True" in str(w.message)]
+    if form == "equinox embedding":
+        assert fallback == []
+    else:
+        assert len(fallback) == 1 and "'table': used in a gather that is not a lookup of whole rows" in fallback[0]
+    assert g.metadata["projection"]["segments"] == layout
+    for c, p in enumerate(params):
+        grads = example_grads(loss_fn, p, inputs, labels, lengths)
+        assert_rows_close(g.matrices[c], projected_reference(proj, layout, grads))
+
+
 # --- fallbacks ---
 
 

@@ -83,12 +83,13 @@ def export_gradients(
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
         DenseGeneral kernels contracted on their first or last axes) or a lookup of the rows of a 2-D
-        leaf by ids (W[ids], jnp.take, flax Embed), through transposes, dtype casts and nested jit /
-        remat calls, is projected per token, sum_t (P_rows u_t)(P_cols v_t)^T, from the loss's jaxpr
-        run with taps, never forming its per-example gradient; the other chosen leaves (biases, norms;
-        with one warning naming them, every leaf of two or more axes used otherwise: twice, reshaped,
-        scaled or added to another value before its matmul, a conv kernel, inside scan / while / cond or
-        a custom_jvp / custom_vjp function) are computed in full and projected flat.
+        leaf by ids (W[ids], jnp.take, flax Embed, eqx.nn.Embedding under vmap), through transposes,
+        dtype casts and nested jit / remat calls, is projected per token, sum_t (P_rows u_t)(P_cols
+        v_t)^T, from the loss's jaxpr run with taps, never forming its per-example gradient; the other
+        chosen leaves (biases, norms; with one warning naming them, every leaf of two or more axes used
+        otherwise: twice, reshaped, scaled or added to another value before its matmul, a conv kernel,
+        inside scan / while / cond or a custom_jvp / custom_vjp function) are computed in full and
+        projected flat.
         metadata["projection"]["segments"] is the layout (LayerMatrix(rows, cols) in the leaf's own
         orientation), and Projection.apply(full rows, segments=that layout) gives the same rows.
         tracin.jax.token_projection says more; it needs JAX >= KRONECKER_JAX (an ImportError names it;

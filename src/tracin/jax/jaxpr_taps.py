@@ -5,7 +5,8 @@ same matrix (transpose, convert_element_type, copy) and through nested calls (ji
 and maps it when its one use is
 - a `dot_general` contracting its first or its last axes with the other operand (the activation, its
   other axes "tokens") with no batch dimensions, or
-- a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`).
+- a `gather` of whole rows (or columns) by integer ids, an embedding lookup (`W[ids]`, `jnp.take`, a
+  scalar `W[id]` under `jax.vmap` as in `eqx.nn.Embedding`).
 Any other use is a reason it is not mapped (used twice, reshaped, scaled or added to another value before
 its matmul, a convolution, inside scan / while / cond...), except a bias's: additions (after reshapes and
 broadcasts) whose sums, followed through views, reshapes, further additions and calls, reach no dot_general,
@@ -209,26 +210,43 @@ def _dot_site(eqn: Any, k: int, axes: tuple[int, ...], n_weights: int, path: tup
 
 
 def _lookup_site(eqn: Any, axes: tuple[int, ...], path: tuple) -> Site | str:
-    """The Site of a gather of whole rows (or columns) of a 2-D weight view by ids, or why it is not one."""
+    """The Site of a gather of whole rows (or columns) of a 2-D weight view by ids, or why it is not one.
+
+    Two forms: W[ids] (jnp.take, flax Embed): indices (..., 1), the looked-up axis collapsed; and a scalar
+    W[id] under jax.vmap (eqx.nn.Embedding): indices (..., 2) = (id, start on the other axis), nothing
+    collapsed, a slice of 1 x the whole other axis. That start can only be 0, which CLIP clamps it to
+    and PROMISE_IN_BOUNDS promises; FILL_OR_DROP would drop the row for another start, so that mode of
+    this form is not taken. The ids are the indices' first component (start_index_map begins with the
+    looked-up axis)."""
     dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
     shape, ids = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-    axis = dn.collapsed_slice_dims[0] if len(dn.collapsed_slice_dims) == 1 else -1
-    mode = eqn.params["mode"]
+    mode, starts = eqn.params["mode"], tuple(dn.start_index_map)
+    if len(dn.collapsed_slice_dims) == 1:  # W[ids]
+        axis = dn.collapsed_slice_dims[0]
+        form = starts == (axis,) and len(dn.offset_dims) == 1 and ids[-1:] == (1,)
+        out_axis = dn.offset_dims[0] if form else -1
+    else:  # W[id] under vmap: offset_dims[a] is the output axis of operand axis a
+        axis = starts[0] if len(starts) == 2 else -1
+        form = (
+            not dn.collapsed_slice_dims
+            and sorted(starts) == [0, 1]
+            and len(dn.offset_dims) == 2
+            and ids[-1:] == (2,)
+            and mode in (GatherScatterMode.CLIP, GatherScatterMode.PROMISE_IN_BOUNDS)
+        )
+        out_axis = dn.offset_dims[1 - axis] if form else -1
     if (
-        len(shape) != 2
-        or axis < 0
-        or tuple(dn.start_index_map) != (axis,)
-        or len(dn.offset_dims) != 1
+        not form
+        or len(shape) != 2
         or dn.operand_batching_dims
         or sizes[axis] != 1
         or sizes[1 - axis] != shape[1 - axis]
-        or ids[-1:] != (1,)
         or mode == GatherScatterMode.ONE_HOT
     ):
         return "used in a gather that is not a lookup of whole rows of a matrix by ids"
     out = eqn.outvars[0].aval
     clip = mode == GatherScatterMode.CLIP  # only CLIP's gradient clamps: jax.grad drops other out-of-range ids
-    return Site(path, True, 0, 1, axes[axis], (), (dn.offset_dims[0],), out.shape, out.dtype, clip)
+    return Site(path, True, 0, 1, axes[axis], (), (out_axis,), out.shape, out.dtype, clip)
 
 
 def run_tapped(
