@@ -186,6 +186,26 @@ def test_rows_are_the_kronecker_projection_of_float64_per_example_gradients(x64,
     assert_rows_close(g.matrices[0], proj.apply(full.matrices[0], segments=layout).astype(np.float64))
 
 
+def test_an_example_with_nan_is_stored_and_named_by_scoring_with_plain_leaves_too(x64):
+    """An example whose input holds NaN gets a NaN row, its plain leaves' segments (hidden/bias, scale)
+    included, as without a projection and as its mapped blocks: the export does not fail; the other rows
+    are exact, and self_influence names the row."""
+    r = np.random.default_rng(4)
+    params = [mlp_params(r), mlp_params(r)]
+    inputs, labels, lengths = _tokens(r, 9, 7)
+    inputs["x"][4, 0, 0] = np.nan
+    proj = tracin.Projection(5 * 12, 3, per_layer=True, kronecker=True)
+    g = _export(mlp_loss, params, (inputs, labels), proj, batch_size=4)
+    finite = [i for i in range(9) if i != 4]
+    for c, p in enumerate(params):
+        rows = np.asarray(g.matrices[c])
+        assert np.isnan(rows[4]).all()
+        want = projected_reference(proj, MLP_LAYOUT, example_grads(mlp_loss, p, inputs, labels, lengths))
+        assert_rows_close(rows[finite], want[finite])
+    with pytest.raises(ValueError, match=r"contains NaN or Inf values, first in rows \[4\]"):
+        tracin.self_influence(g)
+
+
 def test_padding_tokens_add_nothing(x64):
     r = np.random.default_rng(2)
     params = [attention_params(r), attention_params(r)]

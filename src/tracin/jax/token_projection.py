@@ -41,6 +41,7 @@ import numpy as np
 
 from .._export.checkpoints import Checkpoint
 from .._export.preconditioner import Preconditioned
+from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
@@ -189,22 +190,29 @@ class KroneckerRows:
         return self._rows(mapped, plain, arrays, self._factors(), batch.inputs, batch.targets)
 
     def to_host(self, computed: tuple[list, Any], count: int) -> np.ndarray:
-        """The (count, dim) float32 rows: the mapped blocks in place, the plain leaves projected flat."""
+        """The (count, dim) float32 rows: the mapped blocks in place, the plain leaves projected flat. An
+        example whose plain gradients hold NaN or Inf gets NaN in their segments (keeping_nonfinite), as
+        its mapped blocks get NaN: its row is stored, for scoring to name, as without a projection."""
         blocks, plain = computed
         out = np.zeros((count, self.projection.dim), np.float32)
         for k, block in zip(self.mapped, blocks, strict=True):
             block = np.asarray(block)[:count]
             out[:, self.starts[k] : self.starts[k] + block.shape[1]] = block
-        plain, col = np.asarray(plain)[:count], 0
+        plain = np.asarray(plain)[:count]
         if self._plain_adam is not None:
             plain = self._plain_adam.apply(plain, self._checkpoint, 0)
+        for k, part in zip(self.plain, keeping_nonfinite(self._project_plain, plain), strict=True):
+            out[:, self.starts[k] : self.starts[k + 1]] = part
+        return out
+
+    def _project_plain(self, plain: np.ndarray) -> list[np.ndarray]:
+        """Each plain leaf's columns of `plain` (rows, total plain width) projected flat: (rows, its dim)."""
+        parts, col = [], 0
         for k in self.plain:
             part = np.ascontiguousarray(plain[:, col : col + self.widths[k]])
-            out[:, self.starts[k] : self.starts[k + 1]] = self.projection.project_segment(
-                part, k, self.widths[k], self.dims[k]
-            )
+            parts.append(self.projection.project_segment(part, k, self.widths[k], self.dims[k]))
             col += self.widths[k]
-        return out
+        return parts
 
 
 class _Layout(Recorded):
