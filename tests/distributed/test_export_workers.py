@@ -26,6 +26,7 @@ from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _shards  # noqa: E402
 from tracin.distributed._export import absolute_checkpoints, cut, export_part, pickle_arguments  # noqa: E402
 from tracin.distributed._run import Job  # noqa: E402
+from tracin.store import StoreChangedError  # noqa: E402
 
 from .test_export import _same_store, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
 
@@ -145,11 +146,30 @@ def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(clie
 
 
 def test_a_scoring_task_whose_worker_does_not_see_the_store_names_it(client, tied, tmp_path, quick_rechecks):
+    """The client still sees the store (checked again when a task says it does not): the worker's error."""
     shutil.copytree(tied["store"].path, tmp_path / "s")
     store = tracin.GradientStore.open(tmp_path / "s")
-    (tmp_path / "s").rename(tmp_path / "elsewhere")  # found on the client, not where the tasks look
-    with pytest.raises(ValueError, match=rf"store {tmp_path / 's'} is not visible on {WORKER}"):
-        td.self_influence(store, client=client, shards=2)
+    job = Job(client, "test")
+    rows = job.rows_of(store)
+    (tmp_path / "s").rename(tmp_path / "elsewhere")  # not where the task looks
+    task = job.submit(rows.open)
+    client.gather([task], errors="skip")  # until it has failed
+    (tmp_path / "elsewhere").rename(tmp_path / "s")  # where the client looks again
+    with pytest.raises(_shards.StoreNotVisible, match=rf"store {tmp_path / 's'} is not visible on {WORKER}"):
+        job.wait([task], progress=False)
+
+
+def test_a_store_removed_during_a_call_is_the_local_error(client, tied, tmp_path, quick_rechecks):
+    """A task that does not see a store the client no longer sees either: the StoreChangedError of
+    tracin's own functions, not advice on sharing the file system."""
+    shutil.copytree(tied["store"].path, tmp_path / "s")
+    store = tracin.GradientStore.open(tmp_path / "s")
+    job = Job(client, "test")
+    rows = job.rows_of(store)  # checked on the client
+    shutil.rmtree(tmp_path / "s")
+    task = job.submit(rows.open)
+    with pytest.raises(StoreChangedError, match=rf"store {tmp_path / 's'} was removed after it was opened"):
+        job.wait([task], progress=False)
 
 
 def test_data_read_otherwise_on_a_worker_is_named(client, tmp_path):

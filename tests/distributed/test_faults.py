@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -15,7 +16,7 @@ from distributed import Client, LocalCluster
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed._run import Job
+from tracin.distributed._run import Job, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
 
 from .conftest import ALLOWED_FAILURES, write_store
@@ -106,11 +107,42 @@ def test_task_that_keeps_killing_workers_is_named():
             job.wait([doomed], progress=False)
 
 
-def test_store_recreated_after_opening_is_refused(client, tied, tmp_path):
+def _local_error(call) -> str:
+    with pytest.raises(StoreChangedError) as e:
+        call()
+    return str(e.value)
+
+
+def test_store_recreated_or_removed_after_opening_is_the_local_error_at_once(client, tied, tmp_path):
+    """Checked on the client before any task: tracin.top_k's StoreChangedError, without the 5 s a worker
+    looks again for a store it does not see and its advice on sharing the file system."""
     store = _copy(tied["store"], tmp_path / "s")
     write_store(tmp_path / "s", [m[::-1].copy() for m in tied["train"]], [0.5, 2.0], overwrite=True)
-    with pytest.raises(StoreChangedError, match=f"gradient store {store.path} here is not the one opened"):
+    local = _local_error(lambda: tracin.top_k(tied["test"], store, 3))
+    assert "was re-created after it was opened" in local
+    with pytest.raises(StoreChangedError, match=re.escape(local)):
         td.top_k(tied["test"], store, 3, client=client, shards=2)
+    shutil.rmtree(tmp_path / "s")
+    local = _local_error(lambda: tracin.self_influence(store[5:]))
+    assert f"gradient store {store.path} was removed after it was opened" in local
+    for call in (
+        lambda: td.self_influence(store[5:], client=client, shards=2),
+        lambda: td.aggregate(store, tied["test"], client=client),
+    ):
+        began = time.monotonic()
+        with pytest.raises(StoreChangedError, match=re.escape(local)):
+            call()
+        assert time.monotonic() - began < 2
+
+
+def test_a_store_recreated_since_the_clients_check_is_refused_by_the_task(client, tied, tmp_path):
+    store = _copy(tied["store"], tmp_path / "s")
+    job = Job(client, "test")
+    rows = job.rows_of(store)  # checked on the client
+    write_store(tmp_path / "s", [m[::-1].copy() for m in tied["train"]], [0.5, 2.0], overwrite=True)
+    task = job.submit(rows.open)  # the task opens the store by path there
+    with pytest.raises(StoreChangedError, match=f"gradient store {store.path} here is not the one opened"):
+        job.wait([task], progress=False)
 
 
 def test_failure_on_the_default_client_is_raised_as_is(client, tied, tmp_path):
@@ -160,6 +192,29 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def _non_finite(n: int) -> None:
+    raise ValueError(f"train checkpoint 0 contains NaN or Inf values, first in rows [{n}, {n + 1}]")
+
+
+def test_a_task_names_non_finite_rows_in_the_callers_sets_itself():
+    """On the worker, so that its log of the error (Dask's 'Compute Failed') names the caller's rows."""
+    with pytest.raises(ValueError, match=r"first in rows \[253, 254\]$"):
+        _retrying(_non_finite, (0, 250), 3)
+    with pytest.raises(ValueError, match=r"first in rows \[3, 4\]$"):  # a test shard's rows: train not shifted
+        _retrying(_non_finite, (250, 0), 3)
+
+
+def test_the_calls_own_local_cluster_logs_no_task_failure(tmp_path, capfd):
+    """client=None: tracin's LocalCluster is silent; the caller gets the error (rows in its set) alone."""
+    rows = [np.random.default_rng(6).standard_normal((40, 4)).astype(np.float32)]
+    rows[0][33, 1] = np.nan
+    store = write_store(tmp_path / "bad", rows, None)
+    with pytest.raises(ValueError, match=r"first in rows \[33\]"):
+        td.self_influence(store, shards=4)
+    err = capfd.readouterr().err
+    assert "tracin.distributed: LocalCluster of" in err and "Compute Failed" not in err and "Traceback" not in err
 
 
 def test_sent_side_is_made_again_when_the_only_worker_holding_it_dies():

@@ -265,7 +265,7 @@ def _per_shard(
 ) -> list[Future]:
     """One task fn(*args(rows, first row)) per row shard of `cut` (the `side`, "test" or "train"),
     in row order."""
-    whole, futures = StoreRows.of(cut), []
+    whole, futures = job.rows_of(cut), []
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):
         rows = whole.rows(a, b)
         first = (a, 0) if side == "test" else (0, a)
@@ -275,4 +275,4 @@ def _per_shard(
 
 def _sent(job: Job, s: GradientSet) -> Any:
     """A store side by path; an in-memory side copied to the workers once."""
-    return StoreRows.of(s) if isinstance(s, GradientStore) else job.send(s)
+    return job.rows_of(s) if isinstance(s, GradientStore) else job.send(s)

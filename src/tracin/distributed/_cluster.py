@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import socket
 import sys
 from collections import Counter
@@ -40,10 +41,17 @@ def client_for(client: Any) -> Iterator[Client]:
 @contextmanager
 def local_client(n_workers: int) -> Iterator[Client]:
     """A client of a new LocalCluster: `n_workers` single-threaded worker processes on loopback
-    only, its dashboard link printed on stderr; closed at the end."""
+    only, its dashboard link printed on stderr; closed at the end. Its logs are silenced: a task's
+    error reaches the caller (the worker would also log it, with its traceback, before), and a worker
+    that dies is a TaskFailedError."""
     with (
         LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.CRITICAL,
         ) as cluster,
         Client(cluster) as local,
     ):

@@ -13,6 +13,8 @@ from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
 from ..scoring import rows_shifted
+from ..store import GradientStore
+from ._shards import StoreNotVisible, StoreRows
 
 # A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
 # exception (bad input: the ValueError / TypeError of a validation) fails the job at once, and so do a
@@ -40,6 +42,15 @@ class Job:
         self.futures: list[Future] = []
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
+        self.stores: dict[str, GradientStore] = {}  # path -> the call's store there (rows_of)
+
+    def rows_of(self, store: GradientStore) -> StoreRows:
+        """The rows of `store`, for tasks to open by path, once the client has checked that it is still
+        the store opened: removed or re-created since, the StoreChangedError tracin's own functions
+        raise, at once. A task that does not see it has the client check again (_raise)."""
+        store._check_same_store()
+        self.stores[str(store.path)] = store
+        return StoreRows.of(store)
 
     def send(self, value: Any) -> Future:
         """`value` (an in-memory side) as the result of a task, so that each worker fetches it once
@@ -54,9 +65,9 @@ class Job:
         self, fn: Callable, *args: Any, label: str | None = None, first_rows: tuple[int, int] = (0, 0)
     ) -> Future:
         """fn(*args) as a task; label names its shard in errors, first_rows are the shard's first
-        (test, train) rows in the caller's sets, which NaN/Inf errors count rows from."""
+        (test, train) rows in the caller's sets, which its NaN/Inf errors count rows from."""
         key = f"tracin_{fn.__name__}-{self.token}-{next(self.numbers)}"  # grouped by fn on the dashboard
-        future = self.client.submit(_retrying, fn, *args, key=key, pure=False)
+        future = self.client.submit(_retrying, fn, first_rows, *args, key=key, pure=False)
         self.futures.append(future)
         if label is not None:
             self.labels[key] = label
@@ -121,26 +132,34 @@ class Job:
         )
 
     def _raise(self, failed: Future) -> None:
-        """The failed task's exception; a NaN/Inf message with its rows counted in the caller's sets."""
+        """The failed task's exception; for a worker that does not see a store of the call, the
+        client's check of it first (a store removed since: the StoreChangedError of rows_of)."""
         try:
             failed.result()
-        except ValueError as e:
-            message = rows_shifted(str(e), *self.first_rows[failed.key])
-            if message is None or type(e) is not ValueError:
-                raise
-            raise ValueError(message) from None
-
-
-def _retrying(fn: Callable, *args: Any) -> Any:
-    """fn(*args), called again up to RETRIES times while it raises an OSError other than NO_RETRY's."""
-    for _ in range(RETRIES):
-        try:
-            return fn(*args)
-        except NO_RETRY:
+        except StoreNotVisible as e:
+            if e.path in self.stores:
+                self.stores[e.path]._check_same_store()
             raise
-        except OSError:
-            pass
-    return fn(*args)
+
+
+def _retrying(fn: Callable, first_rows: tuple[int, int], *args: Any) -> Any:
+    """fn(*args), called again up to RETRIES times while it raises an OSError other than NO_RETRY's.
+    A NaN/Inf error counts its rows from the shard's first (test, train) rows `first_rows` in the
+    caller's sets, here, so that a worker's log of it names the rows the caller gets."""
+    try:
+        for _ in range(RETRIES):
+            try:
+                return fn(*args)
+            except NO_RETRY:
+                raise
+            except OSError:
+                pass
+        return fn(*args)
+    except ValueError as e:
+        message = rows_shifted(str(e), *first_rows) if type(e) is ValueError else None
+        if message is None:
+            raise
+        raise ValueError(message) from None
 
 
 def _value(x: Any) -> Any:

@@ -70,8 +70,19 @@ class StoreRows:
         return f"rows [{self.start}, {self.stop}) of {self.path}"
 
 
+class StoreNotVisible(ValueError):
+    """A worker does not see the store at `path` (no manifest there)."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple:  # sent back to the client pickled: both arguments
+        return type(self), (str(self), self.path)
+
+
 def refuse_unseen(path: str) -> None:
-    """On a worker: a ValueError naming it when it does not see the store at `path` (no manifest
+    """On a worker: a StoreNotVisible naming it when it does not see the store at `path` (no manifest
     there, though the client found one): the workers do not share the client's file system. Before
     refusing, it looks again after each of UNSEEN_RECHECKS_S, listing the directories first (the store's,
     and each of its ancestors up to one that exists here, top first): an NFS client may remember for a
@@ -83,10 +94,11 @@ def refuse_unseen(path: str) -> None:
             _list(*_unseen_chain(path))
         if os.path.lexists(manifest):
             return
-    raise ValueError(
+    raise StoreNotVisible(
         f"gradient store {path} is not visible on worker {worker_name()} (no {MANIFEST} there, though the "
         f"client found it; looked again for {sum(UNSEEN_RECHECKS_S):g} s): every worker must see the store at "
-        "the same path, on a file system shared with the client"
+        "the same path, on a file system shared with the client",
+        path,
     )
 
 
