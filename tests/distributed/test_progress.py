@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -141,6 +143,67 @@ def test_rows_written_ignores_inverted_and_outlying_ranges_of_a_corrupt_file(tmp
     rows = _export.RowsWritten(path, read_manifest(path))
     (path / "rows-1-2.json").write_text(json.dumps({"written": [[[8, 3], [-5, 2]], [[0, 100], [12, 15]]]}))
     assert (rows.total, rows.count()) == (20, 12)  # rows [0, 2) of the first checkpoint, all 10 of the second
+
+
+def _counted_within(rows: _export.RowsWritten, seconds: float) -> list:
+    """[rows.count()] if it returned within `seconds`, else [] (it is left running, daemonic)."""
+    found: list = []
+    reader = threading.Thread(target=lambda: found.append(rows.count()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return found
+
+
+def test_rows_written_reads_no_fifo_and_follows_no_link(tmp_path):
+    """format.md: a store never follows a link inside it; a FIFO would block the poller (and the bar's end)."""
+    path = tmp_path / "s"
+    writer = tracin.GradientStore.create(path, 20, [2], None)
+    writer.write(0, 0, np.ones((3, 2), np.float32))
+    writer.close()
+    (tmp_path / "outside.json").write_text(json.dumps({"written": [[[0, 20]]]}))
+    (path / "rows-0-20.json").symlink_to(tmp_path / "outside.json")
+    fifo = path / "rows-5-9.json"
+    os.mkfifo(fifo)
+    try:
+        assert _counted_within(_export.RowsWritten(path, read_manifest(path)), 5.0) == [3]
+    finally:  # a reader blocked on the FIFO (the old poller) gets its end of file
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader waiting
+            pass
+
+
+def test_rows_bar_ends_without_waiting_for_a_poll_that_hangs(tmp_path, monkeypatch):
+    """A poll stuck reading (a hung file system) is left behind after POLLER_JOIN_S; its count is dropped."""
+    monkeypatch.setattr(_export, "POLL_S", 0.001)
+    monkeypatch.setattr(_export, "POLLER_JOIN_S", 0.1, raising=False)
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 10, [3], None).close()
+    release, polls = threading.Event(), []
+
+    def stuck(self) -> int:
+        polls.append(threading.current_thread().name)
+        if len(polls) > 1:  # the poller's first poll hangs
+            release.wait(30)
+        return 10
+
+    monkeypatch.setattr(_export.RowsWritten, "count", stuck)
+    monkeypatch.setattr(_export, "progress_bar", _Recorded)
+    _Recorded.bars = []
+    ended = threading.Event()
+
+    def run() -> None:
+        with _export.rows_bar(str(path), read_manifest(path), True, "export"):
+            while len(polls) < 2:
+                time.sleep(0.001)
+        ended.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        assert ended.wait(5.0)
+    finally:
+        release.set()
+    assert _Recorded.bars[-1].updates == [10] and _Recorded.bars[-1].closed  # the stuck poll's count is dropped
 
 
 class _Handshake:

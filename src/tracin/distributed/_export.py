@@ -21,7 +21,7 @@ from .._export.driver import store_rows
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
-from ..store._files import read_manifest
+from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, add_range
 from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
 from ._run import Job, TaskFailedError
@@ -32,6 +32,7 @@ ADAPTERS = ("torch", "jax")
 _OTHER_INPUTS = re.compile(r"holds gradients exported from other inputs: (.*?)\. Rows from both cannot be mixed", re.S)
 JOIN_BELOW = 1000  # gaps this close (a fraction of the rows) share a task: see cut()
 POLL_S = 1.0  # how often the bar of rows written reads the range writers' progress files
+POLLER_JOIN_S = 5.0  # how long the end of rows_bar waits for a poll under way (a hung file system)
 _THREADS_LOCK = threading.Lock()
 _threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's default count before the first]
 
@@ -319,16 +320,20 @@ def cut(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[
 @contextmanager
 def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) -> Iterator[None]:
     """A bar (progress_bar(enabled=progress)) of the rows written into the store at `path`, times
-    its checkpoints, polled from its range writers' progress files every POLL_S seconds while inside."""
+    its checkpoints, polled from its range writers' progress files every POLL_S seconds while inside.
+    Leaving waits up to POLLER_JOIN_S for a poll under way; one still reading then (a hung file
+    system) is left behind, its count dropped, and the last count is not taken."""
     rows = RowsWritten(Path(path), manifest)
     bar = progress_bar(rows.total, progress, desc, unit="row", unit_scale=False)
-    shown = 0
+    shown, closed, lock = 0, False, threading.Lock()
 
     def show() -> None:
         nonlocal shown
         now = rows.count()
-        bar.update(now - shown)
-        shown = now
+        with lock:
+            if not closed:
+                bar.update(now - shown)
+                shown = now
 
     stop = threading.Event()
 
@@ -347,12 +352,14 @@ def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) ->
     finally:
         stop.set()
         if poller.is_alive():
-            poller.join()  # one thread at a time updates the bar: the last count comes after the poller's
+            poller.join(POLLER_JOIN_S)  # one thread at a time counts: the last count comes after the poller's
         try:
-            if done:
+            if done and not poller.is_alive():
                 show()
         finally:
-            bar.close()
+            with lock:
+                closed = True
+                bar.close()
 
 
 class RowsWritten:
@@ -368,9 +375,12 @@ class RowsWritten:
         self.total = manifest.n_rows * n
 
     def count(self) -> int:
+        """The rows written so far. Progress files are read as the store reads its files (never through
+        a link, nor a FIFO or device, at most MAX_MANIFEST_BYTES); one refused, removed or corrupt is
+        left for the next count."""
         for file in self.root.glob("rows-*.json"):
             try:
-                written = json.loads(file.read_bytes())["written"]
+                written = json.loads(_read_progress_file(file))["written"]
                 for c, ranges in enumerate(written[: len(self.written)]):
                     for a, b in ranges:
                         a, b = max(int(a), 0), min(int(b), self.n_rows)
@@ -379,6 +389,14 @@ class RowsWritten:
             except (OSError, ValueError, KeyError, TypeError, OverflowError):  # replaced, removed, corrupt: next time
                 continue
         return sum(b - a for ranges in self.written for a, b in ranges) // self.slots
+
+
+def _read_progress_file(path: Path) -> bytes:
+    fd = open_file(path)
+    try:
+        return read_all(fd, MAX_MANIFEST_BYTES, path)
+    finally:
+        os.close(fd)
 
 
 def _checkpoint_count(manifest: Manifest) -> int:
