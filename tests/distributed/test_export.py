@@ -3,11 +3,14 @@ export's, also when a worker is killed mid-export (docs/format.md, "Several writ
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
+import sys
 import threading
 import time
+from collections import UserDict
 from pathlib import Path
 
 import cloudpickle
@@ -380,3 +383,70 @@ def test_jax_export_equals_single_process_export(client, tmp_path):
         exact = np.concatenate([2 * r, (2 * x[:, :, None] * r[:, None, :]).reshape(90, -1)], axis=1)
         got = np.load(Path(found.path) / f"checkpoint_{c:03d}.npy")
         np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-5)
+
+
+class _Encoding(UserDict):
+    """A Mapping that is no dict, as transformers' BatchEncoding (what a tokenizer returns)."""
+
+
+def _running_mean_module():
+    """tests/torch/_models.py (RunningMean: a forward that updates its buffers in place), imported by
+    file and pickled by value: the workers cannot import the test directories."""
+    spec = importlib.util.spec_from_file_location(
+        "tracin_test_models", Path(__file__).resolve().parent.parent / "torch" / "_models.py"
+    )
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(module)
+    cloudpickle.register_pickle_by_value(module)
+    return module
+
+
+@pytest.mark.parametrize("kw", [{"batch_size": 8}, {"mode": "factored", "batch_size": 8}])
+def test_export_of_mapping_inputs_and_buffers_changed_in_forward_equals_single_process_export(client, tmp_path, kw):
+    """BatchEncoding-like inputs (model(**inputs)) and a model whose forward updates its buffers: every
+    batch starts from the checkpoint's buffers, so tasks that compute other batches write the same bytes."""
+    cloudpickle.register_pickle_by_value(__import__(__name__))  # _Encoding, by value
+    torch.manual_seed(1)
+    model = _running_mean_module().RunningMean()
+    checkpoints = []
+    for lr in (0.1, 0.05):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            model.mean.add_(torch.randn(4))
+            model.calls.add_(1)  # scales the outputs by 2, then 3
+        checkpoints.append(({k: v.clone() for k, v in model.state_dict().items()}, lr))
+    x, y = torch.randn(45, 4), torch.randint(0, 3, (45,))
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    pair = (_Encoding({"x": x}), y)
+    batches = [(_Encoding({"x": x[i : i + 8]}), y[i : i + 8]) for i in range(0, 45, 8)]
+    expected = tracin.torch.export_gradients(
+        model, checkpoints, pair, loss, store=tmp_path / "one", progress=False, **kw
+    )
+    stores = {}
+    for form, data in (("pair", pair), ("batches", batches)):
+        stores[form] = td.export_gradients(
+            "torch",
+            model,
+            checkpoints,
+            data,
+            loss,
+            store=tmp_path / form,
+            client=client,
+            shards=3,
+            num_threads=1,
+            progress=False,
+            **kw,
+        )
+        _same_store(stores[form], expected)
+    if "mode" not in kw:  # the rows are the gradients at the checkpoint's buffers (float64, by hand)
+        for c, (state, _) in enumerate(checkpoints):
+            w, b = state["lin.weight"].double().numpy(), state["lin.bias"].double().numpy()
+            centred, scale = x.double().numpy() - state["mean"].double().numpy(), 1 + state["calls"].item()
+            logits = scale * (centred @ w.T + b)
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(45), y.numpy()] -= 1
+            exact = np.hstack([(scale * p[:, :, None] * centred[:, None, :]).reshape(45, -1), scale * p])
+            got = np.load(Path(stores["pair"].path) / f"checkpoint_{c:03d}.npy")
+            np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6)
