@@ -127,7 +127,7 @@ def test_factored_mode_matches_captum_on_every_linear_layer(tmp_path):
     np.testing.assert_array_equal(tracin.top_k(g_test, g_train, k=5).indices, theirs_idx.numpy())
     np.testing.assert_allclose(tracin.self_influence(g_train), oracle.self_influence().numpy(), rtol=1e-4)
     full = export_gradients(model, checkpoints, test, LOSS, progress=False)
-    with pytest.raises(ValueError, match="both be full gradients or both FactoredGradients"):
+    with pytest.raises(ValueError, match="test is full .* but train is factored .*: both sides must be factored or"):
         tracin.scores(full, g_train)
 
 

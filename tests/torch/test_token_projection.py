@@ -620,3 +620,23 @@ def test_a_trimmed_position_embedding_on_as_many_ids_as_rows_is_shared(kronecker
     else:
         want = np.stack([np.concatenate([r[n].reshape(-1) for n in names]) for r in grads])
     assert_rows_close(got.matrices[0], want)
+
+
+def test_an_example_with_nan_is_stored_with_plain_segments_too():
+    """A LayerNorm (plain segments) beside a mapped Linear: the NaN example's row is stored (NaN), as
+    without a projection, not an error; the other rows are those of the finite data's export."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+    x, y = torch.randn(80, 4), torch.randint(0, 3, (80,))
+    bad = x.clone()
+    bad[70, 0] = float("nan")
+    proj = tracin.Projection(16, per_layer=True, kronecker=True)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    kw = {"projection": proj, "batch_size": 64, "progress": False}
+    got = export_gradients(model, [(model.state_dict(), 1.0)], (bad, y), loss, **kw)
+    clean = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss, **kw)
+    rows, want = np.asarray(got.matrices[0]), np.asarray(clean.matrices[0])
+    assert np.isnan(rows[70]).any() and np.isnan(rows[70, -8:]).all()  # the LayerNorm's segments: NaN
+    assert np.array_equal(np.delete(rows, 70, 0), np.delete(want, 70, 0))
+    with pytest.raises(ValueError, match=r"first in rows \[70\]"):
+        tracin.self_influence(got)

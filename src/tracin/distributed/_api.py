@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from distributed import Future
 
-from .._progress import check_progress, tqdm_installed
+from .._progress import check_progress, shows_automatically
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import positive_int
 from ..backends.placement import check_precision
@@ -220,7 +220,7 @@ def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple
     shards = None if shards is None else positive_int(shards, "shards")
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
-    if progress is None and macs >= AUTO_PROGRESS_MACS and tqdm_installed():
+    if progress is None and macs >= AUTO_PROGRESS_MACS and shows_automatically():
         progress = True  # long by its multiply-adds alone; None: a bar after _progress.AUTO_DELAY_S seconds
     return shards, num_threads, progress
 

@@ -144,13 +144,6 @@ class OptimizerState:
                 )
             m, v = np.asarray(mu[name]), np.asarray(nu[name])
             check_moments(name, shape, m, v, step, self.where)
-            bad = int(np.count_nonzero(~(v >= 0) | ~np.isfinite(v)))
-            if bad:
-                raise ValueError(
-                    f"{self.where}: the second moment of {name} has {bad} negative, NaN or infinite entries "
-                    f"of {v.size}; Adam's is a running mean of squared gradients (>= 0): the training diverged or "
-                    "the state is not Adam's"
-                )
             out.append(
                 AdamMoments(
                     m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"], self.settings["eps"]

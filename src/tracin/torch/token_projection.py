@@ -38,6 +38,7 @@ from torch import nn
 
 from .._export.checkpoints import Checkpoint
 from .._export.preconditioner import AdamMoments, Preconditioned
+from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
@@ -355,9 +356,11 @@ class KroneckerRows:
         if self._plain_adam is not None:
             full = self._plain_adam.apply(full, self._checkpoint, 0)
         col = 0
-        for seg in self.plain:
+        for seg in self.plain:  # an example whose gradient is not finite: NaN, as in the mapped blocks
             part = np.ascontiguousarray(full[:, col : col + seg.layer])
-            projected = self.projection.project_segment(part, seg.index, seg.layer, seg.dim)
+            projected = keeping_nonfinite(
+                lambda rows, seg=seg: (self.projection.project_segment(rows, seg.index, seg.layer, seg.dim),), part
+            )[0]
             out[:, seg.start : seg.start + seg.dim] = torch.from_numpy(projected)
             col += seg.layer
 
