@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -94,17 +95,21 @@ def test_automatic_bars_only_where_stderr_is_a_terminal_and_asked_for_bars_every
     assert len(made) == 2 and "work None" in capsys.readouterr().err
 
 
-def test_automatic_bars_show_in_jupyter_whose_stderr_is_no_terminal(monkeypatch):
-    # tqdm.auto draws notebook widgets there (a subclass of tqdm.notebook's bar)
-    class Notebook(tqdm_auto.tqdm):
+def test_automatic_bars_show_in_a_notebook_kernel_whose_stderr_is_no_terminal(monkeypatch):
+    # Jupyter / VS Code / Spyder kernels: stderr is no terminal; tqdm.auto draws widgets where ipywidgets
+    # is installed and text bars in the cell's output otherwise (e70ebc7 showed only the widgets)
+    class Shell:
+        kernel = object()
+
+    class TerminalShell:  # the IPython terminal: no kernel (its stderr is the terminal)
         pass
 
-    Notebook.__module__ = "tqdm.notebook"
-
-    class Auto(Notebook):
-        pass
-
+    ipython = types.ModuleType("IPython")
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
     assert not _progress.stderr_is_a_terminal()  # pytest captures it
+    ipython.get_ipython = lambda: None
     assert not _progress.shows_automatically()
-    monkeypatch.setattr(tqdm_auto, "tqdm", Auto)
+    ipython.get_ipython = TerminalShell
+    assert not _progress.shows_automatically()
+    ipython.get_ipython = Shell
     assert _progress.shows_automatically()

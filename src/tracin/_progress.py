@@ -2,7 +2,7 @@
 
 enabled=None is the automatic choice for work of unknown length: the bar appears only once the
 work has run AUTO_DELAY_S seconds, so quick calls print nothing (and make no tqdm bar, which in
-Jupyter is a widget), and only where someone sees it (shows_automatically: a terminal or Jupyter,
+Jupyter is a widget), and only where someone sees it (shows_automatically: a terminal or a notebook kernel,
 not stderr redirected to a log, which would collect a frame per refresh). Work that goes over the same
 examples several times (once per checkpoint) is shown as one pass at a time, counting examples.
 """
@@ -41,15 +41,18 @@ def stderr_is_a_terminal() -> bool:
 
 
 def shows_automatically() -> bool:
-    """Whether an automatic bar (enabled=None) is shown: tqdm is installed, and stderr is a terminal
-    or tqdm.auto draws Jupyter widgets; not where stderr goes to a file or a pipe."""
-    if not tqdm_installed():
-        return False
-    if stderr_is_a_terminal():
-        return True
-    from tqdm.auto import tqdm
+    """Whether an automatic bar (enabled=None) is shown: tqdm is installed, and stderr is a terminal or
+    the code runs in an IPython kernel (Jupyter, VS Code notebooks, Spyder, qtconsole: widget bars where
+    ipywidgets is installed, text bars in the cell's output otherwise); not where stderr goes to a file
+    or a pipe."""
+    return tqdm_installed() and (stderr_is_a_terminal() or in_a_notebook_kernel())
 
-    return any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+
+def in_a_notebook_kernel() -> bool:
+    """Whether this runs in an IPython kernel (a shell with a kernel; the IPython terminal has none)."""
+    ipython = sys.modules.get("IPython")  # only where the caller imported it: a kernel always has
+    shell = getattr(ipython, "get_ipython", lambda: None)()
+    return getattr(shell, "kernel", None) is not None
 
 
 def progress_bar(

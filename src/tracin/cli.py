@@ -151,11 +151,11 @@ def _ids(store) -> list | None:
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
-    """progress= for the library: none with --no-progress or where stderr is not a terminal (a log
-    would collect every frame, also of the bars the library shows at once for long work), else automatic."""
-    from ._progress import stderr_is_a_terminal
+    """progress= for the library: none with --no-progress or where no one sees stderr (a log would
+    collect every frame, also of the bars the library shows at once for long work), else automatic."""
+    from ._progress import shows_automatically
 
-    return None if not args.no_progress and stderr_is_a_terminal() else False
+    return None if not args.no_progress and shows_automatically() else False
 
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
