@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import re
 import threading
@@ -14,7 +15,7 @@ from torch import nn
 from torch_oracle import MeanMix, classification_data
 
 import tracin
-from tracin.torch import export_gradients, per_example
+from tracin.torch import export_gradients, losses, per_example
 from tracin.torch.capture import bytes_of_one
 from tracin.torch.hook_gradients import HookGradients
 from tracin.torch.losses import check_losses
@@ -708,3 +709,114 @@ def test_torchs_warning_in_a_thread_not_exporting_is_shown_while_another_thread_
             thread.join()
     assert shown == ["None of the inputs have requires_grad=True. Gradients will be None"]
     assert collected == [] and torch.utils.checkpoint.warnings is warnings
+
+
+def _in_a_worker(fn, *args, **kwargs):
+    """fn(*args, **kwargs) run in a worker thread, as nn.DataParallel's parallel_apply runs each replica."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+class CheckpointedInAWorker(Checkpointed):
+    """Checkpointed (reentrant) running its checkpointed block in a worker thread."""
+
+    def __init__(self):
+        super().__init__(True)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)) * self.gain
+        return self.out(_in_a_worker(torch.utils.checkpoint.checkpoint, self.block, h, use_reentrant=True))
+
+
+class SharedAcrossTheBlockInAWorker(SharedAcrossTheBlock):
+    """SharedAcrossTheBlock running its checkpointed block in a worker thread."""
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = _in_a_worker(torch.utils.checkpoint.checkpoint, self.inside, h, use_reentrant=True)
+        return self.head(torch.tanh(self.shared(h)))
+
+
+@pytest.mark.parametrize(
+    ("model", "layers", "names"),
+    [
+        (CheckpointedInAWorker, ["block", "out"], r"block\.0\.weight, block\.0\.bias, block\.2\.weight"),
+        (SharedAcrossTheBlockInAWorker, ["shared", "head"], r"shared\.weight, shared\.bias through it \(used inside"),
+    ],
+    ids=["cut", "used-inside-and-after"],
+)
+def test_a_cut_reentrant_block_run_in_a_worker_thread_is_refused(model, layers, names):
+    """torch's warning comes from the worker thread, which the loss check's per-thread collector did not see:
+    the block's rows were exported all zero (cut) or without the use inside the block, torch's warning the only
+    sign (fixreview5 item 1; the process-wide collector before e70ebc7 refused the cut one)."""
+    model = model()
+    with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*" + names):
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, layers=layers
+        )
+
+
+class BesideAWarningThread(nn.Module):
+    """A model with no checkpointing and an unused layer (`spare`: no gradient, zero rows); each forward waits
+    for another thread to run a training step of its own whose reentrant checkpointed block's input needs no
+    gradient (torch warns 'None of the inputs have requires_grad=True' in that thread)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.spare, self.out = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.others = [nn.Linear(2, 2)]  # the other thread's model (a list: not a submodule)
+
+    def forward(self, x):
+        step = {"use_reentrant": True}
+        other = threading.Thread(
+            target=torch.utils.checkpoint.checkpoint, args=(self.others[0], torch.ones(1, 2)), kwargs=step
+        )
+        other.start()
+        other.join()
+        return self.out(torch.tanh(self.inp(x)))
+
+
+def test_torchs_warning_from_an_unrelated_thread_does_not_refuse_a_good_model(monkeypatch):
+    """The warning of a thread collecting none flags the loss check, which then runs its checkpointing check
+    (counted here): the model's unused `spare`, which gets no gradient, is not refused, as it is not used
+    inside a checkpointed block; the rows equal float64 autograd (zeros for `spare`)."""
+    checked = []
+    unreached = losses._unreached
+    monkeypatch.setattr(losses, "_unreached", lambda *args: checked.append(1) or unreached(*args))
+    model = BesideAWarningThread()
+    x, y = classification_data(5, seed=0)
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad"):
+        got = export_gradients(model, [(copy.deepcopy(model.state_dict()), 1.0)], (x, y), LOSS, progress=False)
+    assert checked  # the unrelated thread's warning came while the loss check collected
+    assert [p["name"] for p in got.metadata["params"]] == [n for n, _ in model.named_parameters()]
+    wide = copy.deepcopy(model).double()
+    want = []
+    for i in range(len(y)):
+        value = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        grads = torch.autograd.grad(value, list(wide.parameters()), allow_unused=True)
+        want.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, wide.parameters(), strict=True)
+                ]
+            )
+        )
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_torch_compiled_model_with_a_cut_reentrant_block_is_refused():
+    """A compiled forward warns torch's 'None of the inputs have requires_grad=True' when it is traced, not
+    when it runs: the loss check never saw it and the block's rows were exported all zero (fixreview5 item 2).
+    The check runs the compiled model's module uncompiled; its names keep torch.compile's prefix."""
+    model = torch.compile(Checkpointed(True), backend="eager")
+    with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*_orig_mod\.block\.0\.weight"):
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            classification_data(5, seed=0),
+            LOSS,
+            progress=False,
+            layers=["_orig_mod.block", "_orig_mod.out"],
+        )

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
@@ -91,20 +90,29 @@ def check_loss_on(
     A block checkpointed with use_reentrant=True whose inputs need no gradient (nothing before it is
     chosen) cuts its parameters off the losses: refused as checkpointing (refuse_checkpointing) when
     some chosen parameter then gets no gradient, or is used inside the block and outside it (its inside part
-    dropped: _used_without_grad), at the cost of one backward and one forward pass of the rows."""
+    dropped: _used_without_grad), at the cost of one backward and one forward pass of the rows. Torch's
+    warning from another thread while this check runs (the model's block run in a worker thread, as
+    nn.DataParallel does, or an unrelated thread's) costs the same passes; it refuses the chosen parameters
+    used inside a cut block in whichever thread, when they then get no gradient or also one from outside.
+    A torch.compile'd model is checked uncompiled (_uncompiled)."""
+    model = _uncompiled(model)
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
         losses = losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
     check_losses(losses, rows)
-    if cut:
+    if cut or cut.elsewhere:
         unreached = _unreached(losses, leaves)
-        inside = [n for n in _used_without_grad(model, state, leaves, loss_fn, inputs, targets) if n not in unreached]
+        used = _used_without_grad(model, state, leaves, loss_fn, inputs, targets)
+        if not cut:  # only another thread warned: refused for what this model's blocks use, whichever thread ran them
+            unreached = [n for n in unreached if n in used]
+        inside = [n for n in used if n not in unreached]
         if unreached or inside:
             raise _checkpointing(
                 f"torch.utils.checkpoint(use_reentrant=True) warned {_NO_INPUT_GRAD!r}, and no gradient reaches "
                 f"{_listed(unreached + inside)} through it"
                 + (" (used inside the block, where their gradient is dropped, and also outside)" if inside else "")
             )
+    if cut:
         message, category, filename, lineno = cut[0]  # shown as torch shows it: once per location by default
         warnings.warn_explicit(
             message, category, filename, lineno, module=torch.utils.checkpoint.__name__, registry=_registry()
@@ -115,6 +123,24 @@ def check_loss_on(
             "detached from the model's outputs (.detach(), .item(), a NumPy round trip, torch.no_grad()), so "
             "every gradient would be zero. Compute the losses from the outputs with torch operations"
         )
+
+
+class _Uncompiled(nn.Module):
+    """A torch.compile'd model's module, run uncompiled under the compiled model's names ('_orig_mod.')."""
+
+    def __init__(self, compiled: nn.Module):
+        super().__init__()
+        self._orig_mod = compiled._orig_mod
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """`model` run uncompiled when torch.compile made it (a compiled forward warns _NO_INPUT_GRAD when it is
+    traced, not when it runs: a cut block went unseen); other models as they are."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
+    return _Uncompiled(model) if frames is not None and isinstance(model, frames.OptimizedModule) else model
 
 
 def refuse_checkpointing(e: RuntimeError) -> None:
@@ -135,53 +161,68 @@ def _checkpointing(why: str) -> ValueError:
     )
 
 
+class _Cut(list):
+    """A _checkpoint_warnings' list of its thread's _NO_INPUT_GRAD warnings; `elsewhere`: one came meanwhile
+    from a thread collecting none."""
+
+    elsewhere = False
+
+
 class _CheckpointWarnings:
     """Stands in for the `warnings` module inside torch.utils.checkpoint while some thread is in
     _checkpoint_warnings: that thread's _NO_INPUT_GRAD warnings go to its list, before any filter or
-    registry sees them; everything else (other threads, other warnings) goes to warnings.warn unchanged."""
+    registry sees them; one from a thread collecting none goes to warnings.warn and flags every list
+    (`elsewhere`: the model may run its block in a worker thread); every other warning goes to warnings.warn
+    unchanged."""
 
     def __getattr__(self, name: str) -> object:
         return getattr(warnings, name)
 
     @staticmethod
     def warn(message, category=None, stacklevel: int = 1, source=None, **kwargs) -> None:
-        cut = getattr(_collecting, "cut", None)
-        if cut is not None and str(message).startswith(_NO_INPUT_GRAD):
-            where = sys._getframe(stacklevel)  # the frame warnings.warn would name (0: this one)
-            kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
-            cut.append((message, kind, where.f_code.co_filename, where.f_lineno))
-            return
+        if str(message).startswith(_NO_INPUT_GRAD):
+            cut = getattr(_collecting, "cut", None)
+            if cut is not None:
+                where = sys._getframe(stacklevel)  # the frame warnings.warn would name (0: this one)
+                kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+                cut.append((message, kind, where.f_code.co_filename, where.f_lineno))
+                return
+            with _INSTALL:
+                for other in _installed["active"].values():
+                    other.elsewhere = True
         warnings.warn(message, category, stacklevel + 1, source, **kwargs)
 
 
-_collecting = threading.local()  # .cut: the list of the innermost _checkpoint_warnings of this thread
-_installed: dict[str, object] = {"depth": 0}  # "saved": torch.utils.checkpoint's own `warnings` while installed
+_collecting = threading.local()  # .cut: the _Cut of the innermost _checkpoint_warnings of this thread
+# "active": the _Cut of every _checkpoint_warnings under way; "saved": torch.utils.checkpoint's own `warnings`
+_installed: dict[str, object] = {"active": {}}  # "active" by id: a _Cut equals any list with its items
 _INSTALL = threading.Lock()
 
 
 @contextmanager
-def _checkpoint_warnings() -> Iterator[list[tuple]]:
+def _checkpoint_warnings() -> Iterator[_Cut]:
     """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, in this
-    thread, whatever the caller's filters and whatever was shown before; every other warning, and every
-    warning of other threads, is shown as it would have been (no catch_warnings: its change of the filters'
-    version makes Python forget the warnings it showed once per location, and the model's own would then be
-    shown again on every export; no swap of warnings.showwarning, filters or registries, which are the
-    whole process's). Safe in several threads at once and nested: torch.utils.checkpoint's `warnings` is
-    replaced by the first entry and put back by the last exit (a count under a lock)."""
-    cut: list[tuple] = []
+    thread, whatever the caller's filters and whatever was shown before, and notes (`elsewhere`) one shown
+    meanwhile by a thread collecting none; every other warning, and every warning of other threads, is shown
+    as it would have been (no catch_warnings: its change of the filters' version makes Python forget the
+    warnings it showed once per location, and the model's own would then be shown again on every export; no
+    swap of warnings.showwarning, filters or registries, which are the whole process's). Safe in several
+    threads at once and nested: torch.utils.checkpoint's `warnings` is replaced by the first entry and put
+    back by the last exit (under a lock)."""
+    cut = _Cut()
     outer = getattr(_collecting, "cut", None)
     _collecting.cut = cut
     with _INSTALL:
-        if _installed["depth"] == 0:
+        if not _installed["active"]:
             _installed["saved"] = torch.utils.checkpoint.warnings
             torch.utils.checkpoint.warnings = _CheckpointWarnings()
-        _installed["depth"] += 1
+        _installed["active"][id(cut)] = cut
     try:
         yield cut
     finally:
         with _INSTALL:
-            _installed["depth"] -= 1
-            if _installed["depth"] == 0:
+            del _installed["active"][id(cut)]
+            if not _installed["active"]:
                 torch.utils.checkpoint.warnings = _installed.pop("saved")
         _collecting.cut = outer
 
@@ -191,22 +232,26 @@ def _registry() -> dict:
     return vars(torch.utils.checkpoint).setdefault("__warningregistry__", {})
 
 
-class _NoGradUses(TorchFunctionMode):
-    """Notes the names of `leaves` passed to a torch operation (also inside lists, tuples, dicts) while
-    gradients are off inside a reentrant checkpointed block's forward (CheckpointFunction.forward on
-    the stack: a no_grad use elsewhere, a logged weight norm, an EMA update, is not one)."""
+class _Watched(torch.Tensor):
+    """A chosen parameter in _used_without_grad's forward pass: `uses` gets its name (`chosen`) when a torch
+    operation takes it (also inside lists, tuples, dicts) while gradients are off inside a reentrant checkpointed
+    block's forward (CheckpointFunction.forward on the stack: a no_grad use elsewhere, a logged weight norm,
+    an EMA update, is not one), in whichever thread runs the block (a tensor's own __torch_function__: a
+    TorchFunctionMode is one thread's). Results are plain tensors."""
 
-    def __init__(self, leaves: Mapping[str, torch.Tensor]):
-        super().__init__()
-        self.names, self.found = {id(t): n for n, t in leaves.items()}, set()
+    chosen: str
+    uses: set[str]
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():
-            used = {self.names[id(a)] for a in tree_leaves((args, kwargs)) if id(a) in self.names}
-            if used and _in_checkpointed_block():
-                self.found.update(used)
-        return func(*args, **kwargs)
+            watched = [a for a in tree_leaves((args, kwargs)) if isinstance(a, _Watched)]
+            if watched and _in_checkpointed_block():
+                for a in watched:
+                    a.uses.add(a.chosen)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
 
 
 def _in_checkpointed_block() -> bool:
@@ -229,11 +274,16 @@ def _used_without_grad(
     targets: Tree,
 ) -> list[str]:
     """The names of `leaves` a forward pass with gradients on passes to some torch operation run without
-    them (a reentrant checkpointed block's forward): a leaf used there and also outside gets a gradient
-    from the outside use alone (one more forward pass of the rows)."""
-    with torch.enable_grad(), _checkpoint_warnings(), _NoGradUses(leaves) as uses:
-        losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
-    return [n for n in leaves if n in uses.found]
+    them (a reentrant checkpointed block's forward, in any thread): a leaf used there and also outside gets a
+    gradient from the outside use alone (one more forward pass of the rows)."""
+    uses: set[str] = set()
+    watched = {}
+    for n, t in leaves.items():
+        watched[n] = torch.Tensor._make_subclass(_Watched, t.detach(), True)
+        watched[n].chosen, watched[n].uses = n, uses
+    with torch.enable_grad(), _checkpoint_warnings():
+        losses_of(model, {**state, **watched}, loss_fn, inputs, targets)
+    return [n for n in leaves if n in uses]
 
 
 def _unreached(losses: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> list[str]:
