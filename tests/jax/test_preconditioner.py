@@ -164,6 +164,31 @@ def test_adam_states_in_chains_and_wrappers_are_taken(mlp, data, kind):
         )
 
 
+def test_an_optimizer_state_inside_a_flax_train_state_is_taken(mlp, data):
+    # the whole TrainState as the third item (a pytree dataclass, not a tuple, list or dict)
+    from flax.training import train_state
+
+    x, y = data
+    checkpoints = _trained(mlp, x, y)
+    wrapped = [
+        (params, lr, train_state.TrainState(step=0, apply_fn=None, params=params, tx=optax.adam(lr), opt_state=state))
+        for params, lr, state in checkpoints
+    ]
+    g = export_gradients(
+        mlp.loss_fn,
+        wrapped,
+        (x, y),
+        preconditioner="adam",
+        preconditioner_options={"b1": B1, "b2": B2, "eps": EPS},
+        progress=False,
+    )
+    for c, (params, _, state) in enumerate(checkpoints):
+        expected = _reference(mlp, params, state, x, y, "adam")
+        np.testing.assert_allclose(
+            np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )
+
+
 NOT_ADAM = {
     "amsgrad": (lambda: optax.amsgrad(0.05), r"not Adam: ScaleByAmsgradState \(optax\.amsgrad: .*nu_max"),
     "adabelief": (lambda: optax.adabelief(0.05), r"not Adam: ScaleByBeliefState \(optax\.adabelief"),

@@ -48,15 +48,17 @@ def _cannot_read(where: str, path: str) -> str:
 
 
 def _state_nodes(state: Any) -> list[Any]:
-    """Every NamedTuple of an optax state (its transformations' states), outer ones first."""
+    """Every NamedTuple of an optax state (its transformations' states), outer ones first, inside any
+    pytree container (tuples, lists, dicts, a flax TrainState, an Equinox module holding the state)."""
     found: list[Any] = []
 
     def visit(node: Any) -> None:
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             found.append(node)
-        children = node.values() if isinstance(node, Mapping) else node if isinstance(node, (tuple, list)) else ()
-        for child in children:
-            visit(child)
+        children = jax.tree_util.tree_leaves(node, is_leaf=lambda child: child is not node)  # one level down
+        if not (len(children) == 1 and children[0] is node):  # not a leaf
+            for child in children:
+                visit(child)
 
     visit(state)
     return found
