@@ -644,7 +644,7 @@ def _inverse_at(damping: float):
             r"space, the train set's metadata, is not as fit records it: metadata\['preconditioner'\] must be null",
         ),
         (
-            lambda p, data: _saved_with(p, spec={"space": {"params": [{"shape": [3]}]}}),
+            lambda p, data: _saved_with(p, spec={"space": {"framework": "torch", "params": [{"shape": [3]}]}}),
             r"metadata\['params'\]\[0\] must be an object with a string 'name'",
         ),
     ],
@@ -689,7 +689,7 @@ def _raised(call) -> BaseException | None:
     "odd, message",
     [
         ({"preconditioner": "adam"}, r"metadata\['preconditioner'\] must be null or an object"),
-        ({"params": [1]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
+        ({"framework": "torch", "params": [1]}, r"metadata\['params'\]\[0\] must be an object with a string 'name'"),
     ],
 )
 def test_recorded_metadata_of_another_shape_is_refused_naming_the_side(full, odd, message):

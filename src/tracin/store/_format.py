@@ -39,7 +39,8 @@ _MAX_COUNT = 2**63 - 1  # rows and columns must fit a signed 64-bit integer
 # Deepest nesting of arrays and objects in a manifest, progress file or saved Whitening spec: a
 # manifest needs 5 levels, the adapters' metadata a few more; the bound is independent of the stack.
 MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash and the character it escapes
+_JSON_STRING = re.compile(r'"[^"]*"')  # a string once its escapes are gone
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = np.zeros(256, dtype=np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
@@ -315,7 +316,9 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
 def json_depth(text: str) -> int:
     """How deeply arrays and objects nest in JSON `text` (strings skipped), counted without recursion
     (exact for valid JSON; for invalid text a figure the parser then refuses anyway)."""
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    # escapes first, then strings: linear in the text (one pattern for both retried from every quote of
+    # an unclosed string full of escaped quotes: quadratic, a minute for 80 kB)
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text))).encode("ascii")
     steps = _BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)]
     deepest, level = 0, 0
     for a in range(0, len(steps), 1 << 20):  # in pieces: no int64 array as long as the text
@@ -326,17 +329,19 @@ def json_depth(text: str) -> int:
 
 def metadata_problem(metadata: dict) -> str | None:
     """What is wrong with the keys of a gradient set's metadata that scoring compares between test and
-    train (as the adapters record them), or None: "preconditioner" absent, null or an object with a
-    string "kind"; "params" absent or a list of objects each with a string "name"."""
+    train (as the adapters record them), or None. Checked where scoring reads them: "preconditioner"
+    (absent, null or an object with a string "kind") where "mode" is recorded too, "params" (absent or
+    a list of objects each with a string "name") where "framework" is; metadata of the user's own
+    without those keys is not read, whatever its values."""
     advice = "as the adapters record it, for scoring to compare; keep other values under another key"
-    if "preconditioner" in metadata:
+    if "preconditioner" in metadata and "mode" in metadata:
         value = metadata["preconditioner"]
         if value is not None and not (isinstance(value, dict) and isinstance(value.get("kind"), str)):
             return (
                 "metadata['preconditioner'] must be null or an object with a string 'kind' (e.g. "
                 f"{{'kind': 'adam'}}, {advice}), got {short(value)}"
             )
-    if "params" in metadata:
+    if "params" in metadata and metadata.get("framework") is not None:
         value = metadata["params"]
         if not isinstance(value, list):
             return f"metadata['params'] must be a list of {{'name': ...}} objects ({advice}), got {short(value)}"

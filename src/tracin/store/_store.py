@@ -156,19 +156,17 @@ class GradientStore(GradientSet):
         """A writer for a new store at `path` (a directory, created if needed), or for the store
         already there if it has the same spec, to resume writing it.
 
-        n_rows: rows (examples); dims: per checkpoint d_c (full) or (p_c, q_c) (factored=True);
-        weights: per checkpoint learning rate (default 1 each); dtype: "float32", "float16" or
-        "bfloat16"; metadata: JSON-serialisable provenance (layers, projection, ...), nested at most
-        63 levels, its "preconditioner" (null or {"kind": str, ...}) and "params" (a list of
-        {"name": str, ...}) as the adapters record them, since scoring compares them (a ValueError
-        otherwise: docs/format.md); ids: one int or str per row. An unfinished store with the same
-        spec is reopened (see writer.rows_done), a finished one gives a writer whose .complete is
-        True; a different spec is a ValueError naming what differs, unless overwrite=True, which
-        replaces the old store. A folder holding anything but a store's files is refused; one
-        holding files named like a store's but no manifest (e.g. your own checkpoint_000.npy) is
-        refused unless overwrite=True. A store that another writer holds is a RuntimeError: at once
-        if that writer is in this process, after trying again for 2 s if in another (a child forked
-        just before a close may hold it briefly).
+        n_rows: rows (examples); dims: per checkpoint d_c (full) or (p_c, q_c) (factored=True); weights: per checkpoint
+        learning rate (default 1 each); dtype: "float32", "float16" or "bfloat16"; metadata: JSON-serialisable
+        provenance (layers, projection, ...), nested at most 63 levels, its "preconditioner" (null or {"kind": str,
+        ...}) beside a "mode" and "params" (a list of {"name": str, ...}) beside a "framework" as the adapters record
+        them, since scoring compares them (a ValueError otherwise: docs/format.md); ids: one int or str per row. An
+        unfinished store with the same spec is reopened (see writer.rows_done), a finished one gives a writer whose
+        .complete is True; a different spec is a ValueError naming what differs, unless overwrite=True, which replaces
+        the old store. A folder holding anything but a store's files is refused; one holding files named like a store's
+        but no manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True. A store that another writer
+        holds is a RuntimeError: at once if that writer is in this process, after trying again for 2 s if in another (a
+        child forked just before a close may hold it briefly).
 
         rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
         must already be at `path` with this spec: several may write disjoint ranges at once, in
