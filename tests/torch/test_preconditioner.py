@@ -307,6 +307,16 @@ def test_a_parameter_without_adam_state_is_named():
         export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
 
 
+@pytest.mark.parametrize("value", [-1e-3, float("nan"), float("inf")])
+def test_a_second_moment_that_is_negative_or_not_finite_is_refused(value):
+    # Adam's exp_avg_sq is a mean of squares: such an entry made rows NaN (or 0) with no error
+    model, checkpoints, data = _trained()
+    state = copy.deepcopy(checkpoints[0][2])
+    state["state"][1]["exp_avg_sq"].view(-1)[2] = value
+    with pytest.raises(ValueError, match=r"second moment of 0.bias has 1 negative, NaN or infinite entries of"):
+        export_gradients(model, [(checkpoints[0][0], 1.0, state)], data, _loss, preconditioner="adam", progress=False)
+
+
 @needs_named
 def test_parameters_of_groups_with_different_learning_rates_are_refused():
     """Was: a head trained at lr 1e-1 and a body at 1e-3, exported with the checkpoint's 1e-3, had the

@@ -124,7 +124,11 @@ def export_gradients(
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
     Errors shared with tracin.torch (tracin._export.driver): a one-shot iterator with several
     checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
-    checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it.
+    checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it. An example
+    whose gradient holds NaN or Inf (a NaN loss, say) is not an export error: its row is stored as it
+    is (projected: a row of NaN) and scoring refuses the set, naming the rows; a finite gradient whose
+    projection overflows float32 is a ValueError naming the row (kronecker=True stores it: scoring
+    names it).
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, inputs, targets), got {type(loss_fn).__name__}")

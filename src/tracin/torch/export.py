@@ -139,7 +139,10 @@ def export_gradients(
     Errors shared with tracin.jax (tracin._export.driver): a one-shot iterator with several
     checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
     checkpoint file is FileNotFoundError. A loss_fn whose losses do not depend on the chosen
-    parameters (constant, detached) is a ValueError.
+    parameters (constant, detached) is a ValueError. An example whose gradient holds NaN or Inf (a
+    NaN loss, say) is not an export error: its row is stored as it is (projected: a row of NaN) and
+    scoring refuses the set, naming the rows; a finite gradient whose projection overflows float32 is
+    a ValueError naming the row (kronecker=True stores it: scoring names it).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
