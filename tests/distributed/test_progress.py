@@ -120,6 +120,31 @@ def test_rows_written_skips_a_range_file_with_an_infinite_or_huge_bound(tmp_path
     assert _export.RowsWritten(path, read_manifest(path)).count() == 3
 
 
+def test_rows_written_skips_a_deeply_nested_range_file(tmp_path):
+    """A planted rows-*.json of 65,000 nested lists (130 kB, under MAX_MANIFEST_BYTES): json.loads's
+    RecursionError; the store's strict reader refuses it without recursing, so it is skipped."""
+    path = tmp_path / "s"
+    writer = tracin.GradientStore.create(path, 20, [2], None)
+    writer.write(0, 0, np.ones((3, 2), np.float32))
+    writer.close()
+    (path / "rows-5-9.json").write_bytes(b'{"written": ' + b"[" * 65000 + b"]" * 65000 + b"}")
+    (path / "rows-9-12.json").write_text('{"written": [[[9, 12]]]}')
+    assert _export.RowsWritten(path, read_manifest(path)).count() == 6
+
+
+def test_rows_bar_without_progress_takes_no_count(tmp_path, monkeypatch):
+    """progress=False: no bar, so no file of the store is read, neither while inside nor at the end."""
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 20, [2], None).close()
+
+    def refused(self):
+        raise AssertionError("counted with progress=False")
+
+    monkeypatch.setattr(_export.RowsWritten, "count", refused)
+    with _export.rows_bar(str(path), read_manifest(path), False, "export"):
+        pass
+
+
 def test_rows_written_counts_one_row_per_checkpoint_of_a_factored_export(tmp_path):
     """A factored export stores a column per layer and checkpoint (here 2 x 2): a row counts once per checkpoint."""
     torch = pytest.importorskip("torch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import heapq
 import importlib
-import json
 import os
 import re
 import sys
@@ -22,7 +21,7 @@ from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
-from ..store._format import Manifest, add_range
+from ..store._format import Manifest, add_range, strict_json
 from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
 from ._run import Job, TaskFailedError
 from ._shards import refuse_unseen
@@ -322,7 +321,7 @@ def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) ->
     """A bar (progress_bar(enabled=progress)) of the rows written into the store at `path`, times
     its checkpoints, polled from its range writers' progress files every POLL_S seconds while inside.
     Leaving waits up to POLLER_JOIN_S for a poll under way; one still reading then (a hung file
-    system) is left behind, its count dropped, and the last count is not taken."""
+    system) is left behind, its count dropped, and the last count is not taken (nor with progress=False)."""
     rows = RowsWritten(Path(path), manifest)
     bar = progress_bar(rows.total, progress, desc, unit="row", unit_scale=False)
     shown, closed, lock = 0, False, threading.Lock()
@@ -354,7 +353,7 @@ def rows_bar(path: str, manifest: Manifest, progress: bool | None, desc: str) ->
         if poller.is_alive():
             poller.join(POLLER_JOIN_S)  # one thread at a time counts: the last count comes after the poller's
         try:
-            if done and not poller.is_alive():
+            if done and progress is not False and not poller.is_alive():
                 show()
         finally:
             with lock:
@@ -375,12 +374,12 @@ class RowsWritten:
         self.total = manifest.n_rows * n
 
     def count(self) -> int:
-        """The rows written so far. Progress files are read as the store reads its files (never through
-        a link, nor a FIFO or device, at most MAX_MANIFEST_BYTES); one refused, removed or corrupt is
-        left for the next count."""
+        """The rows written so far. Progress files are read and parsed as the store reads its files
+        (never through a link, nor a FIFO or device, at most MAX_MANIFEST_BYTES, strict JSON nested at
+        most MAX_JSON_DEPTH levels); one refused, removed or corrupt is left for the next count."""
         for file in self.root.glob("rows-*.json"):
             try:
-                written = json.loads(_read_progress_file(file))["written"]
+                written = strict_json(_read_progress_file(file), str(file), "progress file")["written"]
                 for c, ranges in enumerate(written[: len(self.written)]):
                     for a, b in ranges:
                         a, b = max(int(a), 0), min(int(b), self.n_rows)
