@@ -135,6 +135,34 @@ def test_store_recreated_or_removed_after_opening_is_the_local_error_at_once(cli
         assert time.monotonic() - began < 2
 
 
+def _tracin_tasks(dask_scheduler) -> list[str]:
+    return [str(k) for k in dask_scheduler.tasks if str(k).startswith("tracin_")]
+
+
+def test_a_side_sent_before_the_store_check_fails_is_released(client, tied, tmp_path):
+    """The in-memory side is sent, then the store is found removed (StoreChangedError before any wait):
+    nothing of the call stays on the scheduler, even while the exception (and its frames, which hold
+    the side's future) is kept, as a REPL keeps sys.last_value."""
+    store = _copy(tied["store"], tmp_path / "s")
+    shutil.rmtree(tmp_path / "s")
+    kept = []
+    for call in (
+        lambda: td.top_k(tied["test"], store, 3, client=client),
+        lambda: td.aggregate(tied["test"], store, client=client),
+    ):
+        with pytest.raises(StoreChangedError) as e:
+            call()
+        kept.append(e.value)
+    left = client.run_on_scheduler(_tracin_tasks)
+    for _ in range(50):  # releases reach the scheduler asynchronously
+        if not left:
+            break
+        time.sleep(0.1)
+        left = client.run_on_scheduler(_tracin_tasks)
+    assert left == [] and client.who_has() == {}
+    assert len(kept) == 2
+
+
 def test_a_store_recreated_since_the_clients_check_is_refused_by_the_task(client, tied, tmp_path):
     store = _copy(tied["store"], tmp_path / "s")
     job = Job(client, "test")

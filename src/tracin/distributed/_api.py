@@ -73,8 +73,8 @@ def top_k(
         shards, num_threads, progress, test_set.n_rows * train_set.n_rows * _width(train_set)
     )
     _check_cuttable(test_set, train_set)
-    with client_for(client) as c:
-        job, slots = Job(c, f"top_k ({side})"), slots_by_host(c)
+    with client_for(client) as c, Job(c, f"top_k ({side})") as job:
+        slots = slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -137,8 +137,8 @@ def self_influence(
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
-    with client_for(client) as c:
-        job, slots = Job(c, "self_influence"), slots_by_host(c)
+    with client_for(client) as c, Job(c, "self_influence") as job:
+        slots = slots_by_host(c)
         parts = _per_shard(
             job,
             _tasks.self_influence_part,
@@ -174,8 +174,8 @@ def aggregate(
     macs = test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
-    with client_for(client) as c:
-        job, slots = Job(c, "aggregate"), slots_by_host(c)
+    with client_for(client) as c, Job(c, "aggregate") as job:
+        slots = slots_by_host(c)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(

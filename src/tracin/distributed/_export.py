@@ -140,8 +140,8 @@ def _write_ranges(
     `shards` ranges (see cut()); `pickled`: a file holding the export's (args, kwargs), cloudpickled,
     whose bytes are sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
-    with client_for(client) as c:
-        job, slots = Job(c, f"export ({adapter})"), slots_by_host(c, wait=True)
+    with client_for(client) as c, Job(c, f"export ({adapter})") as job:
+        slots = slots_by_host(c, wait=True)
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
         pickled.seek(0)
         sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call

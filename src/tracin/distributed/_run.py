@@ -32,7 +32,7 @@ class TaskFailedError(RuntimeError):
 
 
 class Job:
-    """The tasks of one call on `client`; every future it made is released when it ends."""
+    """The tasks of one call on `client` (a context manager); every future it made is released when it ends."""
 
     def __init__(self, client: Client, what: str):
         self.client = client
@@ -43,6 +43,15 @@ class Job:
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
         self.stores: dict[str, GradientStore] = {}  # path -> the call's store there (rows_of)
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Releases every future still held: those of a call that failed before wait (say a store
+        changed since it was opened, found after an in-memory side was sent), which its traceback's
+        frames would otherwise keep alive on the cluster."""
+        self.release(*self.futures)
 
     def rows_of(self, store: GradientStore) -> StoreRows:
         """The rows of `store`, for tasks to open by path, once the client has checked that it is still
