@@ -94,7 +94,8 @@ def check_loss_on(
     warning from another thread while this check runs (the model's block run in a worker thread, as
     nn.DataParallel does, or an unrelated thread's) costs the same passes; it refuses the chosen parameters
     used inside a cut block in whichever thread, when they then get no gradient or also one from outside.
-    A torch.compile'd model is checked uncompiled (_uncompiled)."""
+    A torch.compile'd model is checked uncompiled (_uncompiled); a compiled submodule of an uncompiled
+    model is not (its cut block's warning comes when it is traced only: such a block goes unseen)."""
     model = _uncompiled(model)
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
