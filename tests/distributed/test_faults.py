@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
 import shutil
@@ -16,7 +18,8 @@ from distributed import Client, LocalCluster
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed._run import Job, _retrying
+from tracin.distributed._cluster import local_client
+from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
 
 from .conftest import ALLOWED_FAILURES, write_store
@@ -243,6 +246,29 @@ def test_the_calls_own_local_cluster_logs_no_task_failure(tmp_path, capfd):
         td.self_influence(store, shards=4)
     err = capfd.readouterr().err
     assert "tracin.distributed: LocalCluster of" in err and "Compute Failed" not in err and "Traceback" not in err
+
+
+def _kill_own_worker() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_the_calls_own_local_cluster_logs_why_a_worker_died():
+    """A worker killed (as by the OOM killer): besides the TaskFailedError, the scheduler's and nanny's
+    lines on it reach the stream handlers of Dask's loggers (which the cluster would silence below them)."""
+    shown = io.StringIO()
+    handler = logging.StreamHandler(shown)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_client(1) as own:
+            job = Job(own, "test")
+            doomed = job.submit(_kill_own_worker, label="rows [0, 10) of /some/store")
+            with pytest.raises(TaskFailedError, match=r"rows \[0, 10\) of /some/store .* died 1 time"):
+                job.wait([doomed], progress=False)
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
+    assert "marked as failed because 1 workers died" in shown.getvalue()
+    assert "Restarting worker" in shown.getvalue()
 
 
 def test_sent_side_is_made_again_when_the_only_worker_holding_it_dies():

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from distributed import Client, LocalCluster, default_client, get_worker
+from distributed import Client, LocalCluster, WorkerPlugin, default_client, get_worker
 from distributed.comm import get_address_host
 
 from .._cpus import usable_cores
@@ -41,9 +41,9 @@ def client_for(client: Any) -> Iterator[Client]:
 @contextmanager
 def local_client(n_workers: int) -> Iterator[Client]:
     """A client of a new LocalCluster: `n_workers` single-threaded worker processes on loopback
-    only, its dashboard link printed on stderr; closed at the end. Its logs are silenced: a task's
-    error reaches the caller (the worker would also log it, with its traceback, before), and a worker
-    that dies is a TaskFailedError."""
+    only, its dashboard link printed on stderr; closed at the end. Its logs show warnings and errors
+    (why a worker died or was restarted: out of memory, killed) but not a task's error, which reaches
+    the caller as it is (the worker would also log it, with its traceback, before: QuietTaskErrors)."""
     with (
         LocalCluster(
             n_workers=n_workers,
@@ -51,10 +51,11 @@ def local_client(n_workers: int) -> Iterator[Client]:
             processes=True,
             host="127.0.0.1",
             dashboard_address="127.0.0.1:0",
-            silence_logs=logging.CRITICAL,
+            silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as local,
     ):
+        local.register_plugin(QuietTaskErrors())  # on every worker, restarted ones included
         needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
         print(
             f"tracin.distributed: LocalCluster of {len(cluster.workers)} workers, dashboard "
@@ -62,6 +63,20 @@ def local_client(n_workers: int) -> Iterator[Client]:
             file=sys.stderr,
         )
         yield local
+
+
+class QuietTaskErrors(WorkerPlugin):
+    """Drops the worker's 'Compute Failed' log of a task's error (which the caller gets, with its
+    remote traceback) and nothing else of the worker's logs."""
+
+    name = "tracin-quiet-task-errors"
+
+    def setup(self, worker: Any) -> None:
+        logging.getLogger("distributed.worker").addFilter(_no_task_error)
+
+
+def _no_task_error(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Compute Failed")
 
 
 def default_client_or_none() -> Client | None:
