@@ -704,6 +704,21 @@ def test_recorded_metadata_of_another_shape_is_refused_naming_the_side(full, odd
         w.self_influence(odd_set)
 
 
+@pytest.mark.parametrize("freeform", [{"preconditioner": "sgd", "params": {"lr": 0.1}}, {"preconditioner": ["x"]}])
+def test_metadata_of_the_users_own_is_not_read_by_whitened_self_influence(tmp_path, full, freeform):
+    # without "mode" / "framework" such keys are the writer's own (b3cfb84): its self_influence read the
+    # preconditioner's kind anyway (AttributeError), with the set or only the saved whitening holding them
+    train, _ = full
+    damping = 0.3
+    w = Whitening.fit(tracin.Gradients(train, metadata=freeform), damping=damping)
+    w.save(tmp_path / "w.npz")
+    exact = sum(np.einsum("ij,jk,ik->i", to_float64(g), reference_inverse(g, damping)[0], to_float64(g)) for g in train)
+    for whitening in (w, Whitening.load(tmp_path / "w.npz")):
+        for metadata in (freeform, {}):
+            ours = whitening.self_influence(tracin.Gradients(train, metadata=metadata))
+            np.testing.assert_allclose(ours, exact, rtol=1e-4)
+
+
 def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path, full):
     """A small compressed file with a 72 MB member the spec's dims do not allow, and members whose
     headers claim (1e7, 1e7) with or without the spec agreeing: ValueError naming the file, found from

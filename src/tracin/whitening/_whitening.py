@@ -295,8 +295,12 @@ class Whitening:
         problem = metadata_problem(s.metadata)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
-        kinds = [(m.get("preconditioner") or {}).get("kind") for m in (s.metadata, self.spec.space)]
-        if "mode" in s.metadata and "mode" in self.spec.space and kinds[0] != kinds[1]:
+        both_recorded = "mode" in s.metadata and "mode" in self.spec.space  # else "preconditioner" is not read
+        kinds = [
+            (m.get("preconditioner") or {}).get("kind") if both_recorded else None
+            for m in (s.metadata, self.spec.space)
+        ]
+        if kinds[0] != kinds[1]:
             raise ValueError(
                 f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
                 f"preconditioner={kinds[1]!r}"
