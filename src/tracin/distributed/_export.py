@@ -21,7 +21,7 @@ from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
-from ..store._format import Manifest, add_range, strict_json
+from ..store._format import Manifest, merge_ranges, strict_json
 from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
 from ._run import Job, TaskFailedError
 from ._shards import refuse_unseen
@@ -262,10 +262,7 @@ def _pickle_into_nothing(value: Any) -> None:
 
 def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
     """The sorted, disjoint row ranges some checkpoint of the store lacks."""
-    union: list = []
-    for c in range(len(manifest.dims)):
-        for a, b in manifest.missing(c):
-            union = add_range(union, a, b)
+    union = merge_ranges(r for c in range(len(manifest.dims)) for r in manifest.missing(c))
     return [(a, b) for a, b in union]
 
 
@@ -381,10 +378,9 @@ class RowsWritten:
             try:
                 written = strict_json(_read_progress_file(file), str(file), "progress file")["written"]
                 for c, ranges in enumerate(written[: len(self.written)]):
-                    for a, b in ranges:
-                        a, b = max(int(a), 0), min(int(b), self.n_rows)
-                        if a < b:  # a corrupt file's inverted or outlying range counts no row
-                            self.written[c] = add_range(self.written[c], a, b)
+                    clipped = [(max(int(a), 0), min(int(b), self.n_rows)) for a, b in ranges]
+                    # a corrupt file's inverted or outlying range counts no row; one sort per file
+                    self.written[c] = merge_ranges([*self.written[c], *((a, b) for a, b in clipped if a < b)])
             except (OSError, ValueError, KeyError, TypeError, OverflowError):  # replaced, removed, corrupt: next time
                 continue
         return sum(b - a for ranges in self.written for a, b in ranges) // self.slots

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +75,14 @@ def range_file(start: int, stop: int, kind: str) -> str:
 
 def add_range(ranges: Ranges, start: int, stop: int) -> Ranges:
     """`ranges` with [start, stop) added, merged into sorted, disjoint ranges (a new list)."""
+    return merge_ranges([*ranges, [start, stop]])
+
+
+def merge_ranges(ranges: Iterable[Sequence[int]]) -> Ranges:
+    """[start, stop) `ranges` in any order, merged into sorted, disjoint ranges (a new list): one sort,
+    where adding them one at a time (add_range) sorts once per range."""
     merged: Ranges = []
-    for a, b in sorted([list(r) for r in ranges] + [[start, stop]]):
+    for a, b in sorted(list(r) for r in ranges):
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
@@ -139,6 +145,10 @@ class Manifest:
 
     def mark_written(self, checkpoint: int, start: int, stop: int) -> None:
         self.written[checkpoint] = add_range(self.written[checkpoint], start, stop)
+
+    def mark_all_written(self, checkpoint: int, ranges: Iterable[Sequence[int]]) -> None:
+        """mark_written of every [start, stop) of `ranges` at once (one sort)."""
+        self.written[checkpoint] = merge_ranges([*self.written[checkpoint], *ranges])
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_json(self) -> dict:

@@ -103,8 +103,7 @@ def merge_progress(root: Path, manifest: Manifest) -> None:
         found = [read_progress(root, manifest, start, stop) for _, start, stop, kind in files if kind == "json"]
         for progress in found:
             for c, ranges in enumerate(progress.written if progress is not None else []):
-                for a, b in ranges:
-                    manifest.mark_written(c, a, b)
+                manifest.mark_all_written(c, ranges)
         write_json_atomic(root / MANIFEST, manifest.to_json())
         fsync_dir(root)
     for name, *_ in files:
