@@ -396,6 +396,14 @@ class Checkpointed(nn.Module):
 _CHECKPOINTING = r"checkpoints its activations .* model\.gradient_checkpointing_disable\(\)"
 
 
+def _export_at_its_weights(model: nn.Module, **how):
+    """export_gradients of `model` at its own weights (one checkpoint, lr 1) on 5 examples of
+    classification_data, with `how` (layers=, projection=, mode=)."""
+    return export_gradients(
+        model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **how
+    )
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("how", ["full", "vmap", "kronecker", "factored"])
 def test_activation_checkpointing_is_refused_saying_how_to_turn_it_off(reentrant, how):
@@ -411,9 +419,7 @@ def test_activation_checkpointing_is_refused_saying_how_to_turn_it_off(reentrant
         "factored": {"mode": "factored", "layers": ["inp", "block.0", "out"]},
     }[how]
     with pytest.raises(ValueError, match=_CHECKPOINTING):
-        export_gradients(
-            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **kwargs
-        )
+        _export_at_its_weights(model, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -432,9 +438,7 @@ def test_reentrant_checkpointing_with_nothing_chosen_before_the_block_is_refused
     block alone) (review15 item 2)."""
     model = Checkpointed(True)
     with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*block\.0\.weight"):
-        export_gradients(
-            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **how
-        )
+        _export_at_its_weights(model, **how)
 
 
 class SharedAcrossTheBlock(nn.Module):
@@ -552,9 +556,7 @@ def _shown_under_default_filters(model: nn.Module, runs: list[dict]) -> list[str
         warnings.showwarning = lambda message, *rest, **how: shown.append(str(message))
         for kwargs in runs:
             try:
-                export_gradients(
-                    model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, **kwargs
-                )
+                _export_at_its_weights(model, **kwargs)
             except ValueError as e:
                 shown.append("refused: " + str(e).split("use_reentrant=True) warned ")[-1])
     return shown
@@ -651,14 +653,7 @@ def test_two_exports_in_two_threads_at_once_are_each_refused_and_leave_the_warni
     def export() -> None:
         model = TogetherInTwoThreads(barrier)  # one model each: functional_call swaps a module's tensors
         try:
-            export_gradients(
-                model,
-                [(model.state_dict(), 1.0)],
-                classification_data(5, seed=0),
-                LOSS,
-                progress=False,
-                layers=["block", "out"],
-            )
+            _export_at_its_weights(model, layers=["block", "out"])
             outcomes.append("exported")
         except Exception as e:  # the test reads what each thread got
             outcomes.append(f"{type(e).__name__}: {e}")
@@ -751,9 +746,7 @@ def test_a_cut_reentrant_block_run_in_a_worker_thread_is_refused(model, layers, 
     sign (fixreview5 item 1; the process-wide collector before e70ebc7 refused the cut one)."""
     model = model()
     with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*" + names):
-        export_gradients(
-            model, [(model.state_dict(), 1.0)], classification_data(5, seed=0), LOSS, progress=False, layers=layers
-        )
+        _export_at_its_weights(model, layers=layers)
 
 
 class BesideAWarningThread(nn.Module):
@@ -812,11 +805,4 @@ def test_a_torch_compiled_model_with_a_cut_reentrant_block_is_refused():
     The check runs the compiled model's module uncompiled; its names keep torch.compile's prefix."""
     model = torch.compile(Checkpointed(True), backend="eager")
     with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*_orig_mod\.block\.0\.weight"):
-        export_gradients(
-            model,
-            [(model.state_dict(), 1.0)],
-            classification_data(5, seed=0),
-            LOSS,
-            progress=False,
-            layers=["_orig_mod.block", "_orig_mod.out"],
-        )
+        _export_at_its_weights(model, layers=["_orig_mod.block", "_orig_mod.out"])
