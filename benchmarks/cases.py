@@ -30,6 +30,7 @@ class Contender:
     flops: float
     bytes: float
     threads: int
+    settings: dict = field(default_factory=dict)  # library settings it ran with, saved in the JSON
 
 
 @dataclass
@@ -45,6 +46,11 @@ class Check:
     reference_name: str = ""
 
 
+# A side of a ratio: a contender name, or several (the same peer run different ways), of which the
+# one with the least median time in the run is used.
+Side = str | tuple[str, ...]
+
+
 @dataclass
 class Case:
     """Contenders timed together; ratios: label -> (numerator, denominator) contender names,
@@ -54,7 +60,7 @@ class Case:
     title: str
     params: dict
     contenders: list[Contender]
-    ratios: dict[str, tuple[str, str]]
+    ratios: dict[str, tuple[Side, Side]]
     checks: list[Check] = field(default_factory=list)
 
 
@@ -145,6 +151,36 @@ def _dense(m: int, n: int, d: int, select: bool) -> tuple[float, float]:
     return 2.0 * m * n * d, (n + m) * d * F32 + m * n * F32 * (2 if select else 1)
 
 
+def blas_name(name: str) -> str:
+    """The name of faiss contender `name` on its BLAS path ("faiss k=10" -> "faiss blas k=10")."""
+    return name.replace("faiss", "faiss blas", 1)
+
+
+def faiss_paths(name: str) -> tuple[str, str]:
+    """A ratio side: faiss contender `name` on its default path or on its BLAS path, whichever is faster."""
+    return name, blas_name(name)
+
+
+def _faiss(
+    name: str, search: Callable[[int | None], object], flops: float, nbytes: float, threads: int
+) -> list[Contender]:
+    """faiss timed both ways: `name` with its default BLAS threshold (128000 queries in faiss 1.15:
+    fewer queries take its loop of dot products) and blas_name(name) with threshold 0 (sgemm of
+    query blocks, then heaps). `search(threshold)` runs the search with faiss's threshold set."""
+    return [
+        Contender(
+            name,
+            "faiss",
+            lambda: search(None),
+            flops,
+            nbytes,
+            threads,
+            {"faiss_blas_threshold": peers.faiss_default_blas_threshold()},
+        ),
+        Contender(blas_name(name), "faiss", lambda: search(0), flops, nbytes, threads, {"faiss_blas_threshold": 0}),
+    ]
+
+
 def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int, isa: str = "native") -> list[Contender]:
     """tracin, faiss, numpy, torch and the bare sgemm on one (q, x) problem."""
     import torch
@@ -156,21 +192,21 @@ def _all_peers(q: np.ndarray, x: np.ndarray, k: int, side: str, threads: int, is
     neg_q = -q
     tq, tx = torch.from_numpy(q), torch.from_numpy(x)
     if side == "both":
-        faiss_run = lambda: peers.faiss_both(index, q, neg_q, k)  # noqa: E731
+        faiss_run = lambda t: peers.faiss_both(index, q, neg_q, k, t)  # noqa: E731
     else:
-        faiss_run = lambda: peers.faiss_top_k(index, q, k)  # noqa: E731
+        faiss_run = lambda t: peers.faiss_top_k(index, q, k, t)  # noqa: E731
     one = _one_sided(m, n, d, k)
     return [
         Contender("tracin", "tracin", _tracin(q, x, k, side, threads, isa), *one, threads),
-        Contender("faiss", "faiss", faiss_run, one[0] * searches, one[1] * searches, threads),
+        *_faiss("faiss", faiss_run, one[0] * searches, one[1] * searches, threads),
         Contender("numpy", "numpy", lambda: peers.numpy_top_k(q, x, k, side), *_dense(m, n, d, True), threads),
         Contender("torch", "torch", lambda: peers.torch_top_k(tq, tx, k, side), *_dense(m, n, d, True), threads),
         Contender("sgemm", "sgemm", peers.bare_sgemm(q, x), *_dense(m, n, d, False), threads),
     ]
 
 
-_PEER_RATIOS = {
-    "tracin vs faiss": ("faiss", "tracin"),
+_PEER_RATIOS: dict[str, tuple[Side, Side]] = {
+    "tracin vs faiss": (faiss_paths("faiss"), "tracin"),
     "tracin vs numpy": ("numpy", "tracin"),
     "tracin vs torch": ("torch", "tracin"),
     "tracin vs sgemm": ("sgemm", "tracin"),
@@ -232,8 +268,8 @@ def skinny(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
         Check("tracin fp16", fp16_reference, q, x16, reference_name="numpy on fp16 data"),
     ]
     ratios = {
-        "tracin vs faiss": ("faiss", "tracin fp32"),
-        "tracin fp16 vs faiss": ("faiss", "tracin fp16"),
+        "tracin vs faiss": (faiss_paths("faiss"), "tracin fp32"),
+        "tracin fp16 vs faiss": (faiss_paths("faiss"), "tracin fp16"),
         "tracin vs numpy": ("numpy", "tracin fp32"),
         "tracin vs torch": ("torch", "tracin fp32"),
         "tracin vs sgemm": ("sgemm", "tracin fp32"),
@@ -261,11 +297,9 @@ def k_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
         contenders.append(
             Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads, isa), flops, nbytes, threads)
         )
-        contenders.append(
-            Contender(f"faiss k={k}", "faiss", lambda k=k: peers.faiss_top_k(index, q, k), flops, nbytes, threads)
-        )
+        contenders += _faiss(f"faiss k={k}", lambda t, k=k: peers.faiss_top_k(index, q, k, t), flops, nbytes, threads)
         checks.append(Check(f"tracin k={k}", f"faiss k={k}", q, x))
-        ratios[f"tracin vs faiss k={k}"] = (f"faiss k={k}", f"tracin k={k}")
+        ratios[f"tracin vs faiss k={k}"] = (faiss_paths(f"faiss k={k}"), f"tracin k={k}")
     for k in ks:
         if k != 10 and 10 in ks:
             ratios[f"tracin k={k} / k=10 cost"] = (f"tracin k={k}", "tracin k=10")
@@ -303,12 +337,12 @@ def checkpoints(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
             nbytes,
             threads,
         ),
-        Contender("faiss", "faiss", lambda: peers.faiss_top_k(index, q_folded, k), flops, nbytes, threads),
+        *_faiss("faiss", lambda t: peers.faiss_top_k(index, q_folded, k, t), flops, nbytes, threads),
         Contender("sgemm", "sgemm", peers.bare_sgemm(q_folded, x_folded), *_dense(m, n, c * d, False), threads),
     ]
     ratios = {
         "C checkpoints / one wide cost": (f"tracin C={c}", f"tracin 1x{c * d}"),
-        "tracin vs faiss": ("faiss", f"tracin C={c}"),
+        "tracin vs faiss": (faiss_paths("faiss"), f"tracin C={c}"),
         "tracin vs sgemm": ("sgemm", f"tracin C={c}"),
     }
     checks = [
@@ -356,14 +390,14 @@ def factored(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Ite
             *full,
             threads,
         ),
-        Contender("faiss materialised", "faiss", lambda: peers.faiss_top_k(index, test_full, k), *full, threads),
+        *_faiss("faiss materialised", lambda t: peers.faiss_top_k(index, test_full, k, t), *full, threads),
         Contender(
             "sgemm materialised", "sgemm", peers.bare_sgemm(test_full, train_full), *_dense(m, n, p * q, False), threads
         ),
     ]
     ratios = {
         "factored vs materialised": ("tracin materialised", "tracin factored"),
-        "factored vs faiss materialised": ("faiss materialised", "tracin factored"),
+        "factored vs faiss materialised": (faiss_paths("faiss materialised"), "tracin factored"),
         "factored vs sgemm materialised": ("sgemm materialised", "tracin factored"),
     }
     checks = [
@@ -401,14 +435,21 @@ def thread_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
     for t in counts:
         contenders += [
             Contender(f"tracin t={t}", "tracin", _tracin(q, x, 10, "proponents", t, isa), flops, nbytes, t),
-            Contender(f"faiss t={t}", "faiss", _limited(lambda: peers.faiss_top_k(index, q, 10), t), flops, nbytes, t),
+            *_faiss(
+                f"faiss t={t}",
+                lambda blas, t=t: _limited(lambda: peers.faiss_top_k(index, q, 10, blas), t)(),
+                flops,
+                nbytes,
+                t,
+            ),
             Contender(f"sgemm t={t}", "sgemm", _limited(sgemm, t), *_dense(m, n, d, False), t),
         ]
         checks.append(Check(f"tracin t={t}", f"faiss t={t}", q, x))
     if len(counts) > 1:
         top = counts[-1]
-        for peer in ("tracin", "faiss", "sgemm"):
-            ratios[f"{peer} t=1 -> t={top}"] = (f"{peer} t=1", f"{peer} t={top}")
+        ratios[f"tracin t=1 -> t={top}"] = ("tracin t=1", f"tracin t={top}")
+        ratios[f"faiss t=1 -> t={top}"] = (faiss_paths("faiss t=1"), faiss_paths(f"faiss t={top}"))
+        ratios[f"sgemm t=1 -> t={top}"] = ("sgemm t=1", f"sgemm t={top}")
         checks.append(Check(f"tracin t={top}", "tracin t=1", q, x))
     yield Case(
         "threads",
@@ -430,7 +471,7 @@ def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
         one = _one_sided(m, n, d, 10)
         contenders = [
             Contender("tracin", "tracin", _tracin(q, x, 10, "proponents", threads, isa), *one, threads),
-            Contender("faiss", "faiss", lambda index=index: peers.faiss_top_k(index, q, 10), *one, threads),
+            *_faiss("faiss", lambda t, index=index: peers.faiss_top_k(index, q, 10, t), *one, threads),
             Contender("sgemm", "sgemm", peers.bare_sgemm(q, x), *_dense(m, n, d, False), threads),
         ]
         yield Case(
@@ -438,7 +479,7 @@ def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
             f"top-10 with n={n}, m={m} d={d}",
             {"m": m, "n": n, "d": d, "k": 10, "threads": threads, "scan": "n"},
             contenders,
-            {"tracin vs faiss": ("faiss", "tracin"), "tracin vs sgemm": ("sgemm", "tracin")},
+            {"tracin vs faiss": (faiss_paths("faiss"), "tracin"), "tracin vs sgemm": ("sgemm", "tracin")},
             [Check("tracin", "faiss", q, x)],
         )
         del index, contenders

@@ -43,16 +43,45 @@ def faiss_index(train: np.ndarray):
     return index
 
 
-def faiss_top_k(index, test: np.ndarray, k: int) -> Pair:
-    """Proponents: one IndexFlatIP.search."""
-    values, indices = index.search(test, k)
+def faiss_default_blas_threshold() -> int:
+    """faiss's own `distance_compute_blas_threshold`: IndexFlatIP.search takes its BLAS path (sgemm
+    of query blocks, then heaps) only for at least this many queries, else a loop of dot products."""
+    import faiss
+
+    return int(faiss.cvar.distance_compute_blas_threshold)
+
+
+@contextmanager
+def faiss_blas_threshold(threshold: int | None) -> Iterator[None]:
+    """faiss's global `distance_compute_blas_threshold` set to `threshold` (None: left as it is),
+    restored afterwards."""
+    import faiss
+
+    if threshold is None:
+        yield
+        return
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = threshold
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+
+
+def faiss_top_k(index, test: np.ndarray, k: int, blas_threshold: int | None = None) -> Pair:
+    """Proponents: one IndexFlatIP.search (with faiss's BLAS threshold set to `blas_threshold`)."""
+    with faiss_blas_threshold(blas_threshold):
+        values, indices = index.search(test, k)
     return values, indices
 
 
-def faiss_both(index, test: np.ndarray, neg_test: np.ndarray, k: int) -> tuple[Pair, Pair]:
+def faiss_both(
+    index, test: np.ndarray, neg_test: np.ndarray, k: int, blas_threshold: int | None = None
+) -> tuple[Pair, Pair]:
     """Both sides as a faiss user gets them: a search with q, another with -q (given ready)."""
-    prop = index.search(test, k)
-    neg_values, opp_indices = index.search(neg_test, k)
+    with faiss_blas_threshold(blas_threshold):
+        prop = index.search(test, k)
+        neg_values, opp_indices = index.search(neg_test, k)
     return prop, (-neg_values, opp_indices)
 
 

@@ -2,11 +2,12 @@
 
     python -m benchmarks.report [--json benchmarks/results/kernel.json] [--readme README.md] [--block NAME]
 
-Writes a Markdown table between the README's marker comments `<!-- bench:BLOCK:start -->` and
-`<!-- bench:BLOCK:end -->` (BLOCK: the JSON's file name without .json unless --block says; a README
-without them is refused). A ratio whose contenders' repeated times spread by more than NOISY_SPREAD
-(max / min) is marked noisy; a goal gets a verdict only if every pairing of its ratio's repeated
-times gives the same one, and none without two repeated times per contender.
+Prints the Markdown table; with --readme, writes it instead between that README's marker comments
+`<!-- bench:BLOCK:start -->` and `<!-- bench:BLOCK:end -->` (BLOCK: the JSON's file name without
+.json unless --block says; a README without them is refused). A ratio whose contenders' repeated
+times spread by more than NOISY_SPREAD (max / min) is marked noisy; a goal gets a verdict only if
+every pairing of its ratio's repeated times gives the same one, and none without two repeated times
+per contender.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def _goal_rows(goals: list[dict], cases: list[dict], quick: bool = False) -> lis
     by_name = {c["name"]: c for c in cases}
     for g in goals:
         target = "report" if g["op"] == "report" else f"{g['op']} {g['target']}"
+        if g.get("target_of_limit") is not None:  # a fraction of the roofline limit of the run
+            target = f"{g['op']} {g['target_of_limit']} x limit ({_fmt(g['target'])})"
         case = by_name.get(g["case"])
         met = verdicts[g["met"]]
         if g["met"] is not None and case is not None and g["ratio"] in case["ratios"]:
@@ -143,6 +146,12 @@ def markdown(payload: dict, source: str | None = None) -> str:
         f"from every pairing of the two contenders' repeated times (from min / max to max / min) gives the "
         f"same verdict; else it reads noisy, and without two repeated times each, {NO_ESTIMATE}."
     )
+    if any("numerator_of" in r for c in payload["cases"] for r in c["ratios"].values()):
+        head += (
+            " faiss is timed on both its search paths, its default (a loop of dot products below "
+            f"{payload['versions'].get('faiss_distance_compute_blas_threshold', '?')} queries) and its BLAS "
+            "path (distance_compute_blas_threshold = 0), and a ratio against faiss uses the faster of the two."
+        )
     if cfg.get("quick"):
         head += (
             " **Quick (smoke-test) sizes: not meaningful as speeds; the goals are judged only by a full "
@@ -195,14 +204,21 @@ def update_readme(readme: Path, payload: dict, source: str | None = None, block:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "kernel.json", help="benchmark JSON to render")
-    p.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md", help="README to write the table into")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help=f"README to write the table into (e.g. {REPO_ROOT / 'README.md'}; default: print it)",
+    )
     p.add_argument(
         "--block",
         default=None,
-        help="name in the README markers <!-- bench:BLOCK:start/end --> (default: the JSON's file name "
-        "without .json, e.g. kernel_avx2)",
+        help="with --readme: name in the README markers <!-- bench:BLOCK:start/end --> (default: the JSON's "
+        "file name without .json, e.g. kernel_avx2)",
     )
     args = p.parse_args(argv)
+    if args.block is not None and args.readme is None:
+        p.error("--block: names a README block, so it needs --readme")
     block = args.block or args.json.stem
     try:
         payload = json.loads(args.json.read_text())
@@ -213,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json.resolve().is_relative_to(REPO_ROOT)
         else str(args.json)
     )
+    if args.readme is None:
+        print(markdown(payload, source))
+        return 0
     try:
         update_readme(args.readme, payload, source, block)
     except ValueError as e:

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -446,3 +447,96 @@ def test_roofline_bound_picks_the_slower_limit():
     assert b["bound_s"] == pytest.approx(0.1) and b["bound_by"] == "memory"
     assert b["intensity_flop_per_byte"] == pytest.approx(2.0)
     assert bound(2e12, 1e9, 100.0, 10.0)["bound_by"] == "compute"
+
+
+def test_quick_run_times_faiss_on_both_paths_and_compares_with_the_faster(quick_run):
+    payload = quick_run[3]
+    default = payload["versions"]["faiss_distance_compute_blas_threshold"]
+    for case in payload["cases"]:
+        faiss = {n: c for n, c in case["contenders"].items() if c["peer"] == "faiss"}
+        assert faiss and len(faiss) % 2 == 0, case["name"]
+        for name, c in faiss.items():
+            assert c["settings"] == {"faiss_blas_threshold": 0 if " blas" in name else default}, name
+        for r in case["ratios"].values():
+            for side in ("numerator", "denominator"):
+                names = r.get(f"{side}_of")
+                if names is not None:
+                    times = {n: case["contenders"][n]["median_s"] for n in names}
+                    assert r[side] == min(times, key=times.get) and len(names) == 2
+
+
+def test_faiss_search_paths_agree_and_restore_the_threshold():
+    faiss = pytest.importorskip("faiss")
+    from benchmarks import peers
+
+    rng = np.random.default_rng(3)
+    x, q = rng.standard_normal((500, 24), dtype=np.float32), rng.standard_normal((7, 24), dtype=np.float32)
+    index = peers.faiss_index(x)
+    before = faiss.cvar.distance_compute_blas_threshold
+    ref_values, ref_indices = _reference_top_k(q, x, 5)
+    for threshold in (None, 0):
+        values, indices = peers.faiss_top_k(index, q, 5, threshold)
+        np.testing.assert_array_equal(indices, ref_indices)
+        np.testing.assert_allclose(values, ref_values, rtol=1e-5)
+        assert faiss.cvar.distance_compute_blas_threshold == before
+
+
+def test_ratio_sides_with_alternatives_use_the_fastest_contender():
+    def contender(name: str, seconds: float) -> cases.Contender:
+        return cases.Contender(name, name.split()[0], lambda: time.sleep(seconds), 1.0, 1.0, 1)
+
+    case = cases.Case(
+        "c",
+        "t",
+        {},
+        [contender("tracin", 0.001), contender("faiss", 0.03), contender("faiss blas", 0.01)],
+        {"tracin vs faiss": (cases.faiss_paths("faiss"), "tracin")},
+    )
+    record = kernel.run_case(case, repeats=1, warmup=0, pause_s=0.0)
+    ratio = record["ratios"]["tracin vs faiss"]
+    assert ratio["numerator"] == "faiss blas" and ratio["numerator_of"] == ["faiss", "faiss blas"]
+    assert ratio["value"] == pytest.approx(
+        record["contenders"]["faiss blas"]["median_s"] / record["contenders"]["tracin"]["median_s"]
+    )
+    assert "denominator_of" not in ratio
+
+
+def test_goals_of_the_roofline_limit_take_their_target_from_the_run():
+    goal = next(g for g in kernel.GOALS if g.ratio == "factored vs materialised")
+    assert goal.of_limit and goal.target < 1
+    fast = {"peer": "tracin", "median_s": 1.0, "roofline": {"bound_s": 1.0}}
+    slow = {"peer": "tracin", "median_s": 8.5, "roofline": {"bound_s": 9.8}}
+    record = {
+        "name": "factored",
+        "contenders": {"tracin factored": fast, "tracin materialised": slow},
+        "ratios": {
+            "factored vs materialised": {
+                "value": 8.5,
+                "numerator": "tracin materialised",
+                "denominator": "tracin factored",
+            }
+        },
+        "checks": [],
+    }
+    (g,) = [g for g in kernel.evaluate_goals([record]) if g["ratio"] == "factored vs materialised"]
+    assert g["roofline_limit"] == pytest.approx(9.8)
+    assert g["target"] == pytest.approx(goal.target * 9.8) and g["target_of_limit"] == goal.target
+    assert g["met"] is (8.5 >= goal.target * 9.8)
+    assert g["target"] <= g["roofline_limit"]  # never a target above what the roofline allows
+    table = "\n".join(report._goal_rows([g], [record]))
+    assert f">= {goal.target} x limit ({goal.target * 9.8:.2f})" in table
+
+
+def test_report_prints_the_table_and_writes_a_readme_only_when_given_one(tmp_path, capsys, monkeypatch):
+    source = CHECKOUT / "benchmarks" / "results" / "kernel_avx2.json"
+    readme = CHECKOUT / "README.md"
+    before = readme.read_bytes()
+    written = []
+    monkeypatch.setattr(report, "update_readme", lambda *a, **k: written.append(a))
+    assert report.main(["--json", str(source)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == report.markdown(json.loads(source.read_text()), "benchmarks/results/kernel_avx2.json")
+    assert not written and readme.read_bytes() == before
+    with pytest.raises(SystemExit) as e:
+        report.main(["--json", str(source), "--block", "kernel"])
+    assert e.value.code == 2 and "--readme" in capsys.readouterr().err
