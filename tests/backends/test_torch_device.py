@@ -157,6 +157,81 @@ def test_scores_beyond_float32_are_a_value_error(rng):
             call(tracin.Gradients([test], [1e300]), tracin.Gradients([train * 1e-20], [1e300]), device="torch:cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("w", "test_scale", "train_scale"),
+    [([1e-30], 1e20, 1e20), ([1e-30, 3e-25], 1e22, 1e18), ([1e-30, -2e-28], 1e20, 1e20), ([1e-35], 1e-30, 1e36)],
+)
+def test_a_dot_product_beyond_float32_under_a_small_weight_is_scored(
+    rng, small_tiles, dtype, w, test_scale, train_scale
+):
+    """The weights go on the test rows before the GEMMs, as in the C++ kernel: rows whose dot products
+    exceed float32 (1e40) but whose weighted scores do not (1e10) are scored, not refused with the
+    overflow error (before: the GEMM of the raw rows overflowed). Full and factored scores, top_k and
+    self_influence against float64; the C++ kernel gives the same scores within the bound, and like it
+    refuses factored sets whose right factors' products overflow (the weight is on the left factors)."""
+    test = [
+        torch.randn(4, 6, generator=torch.Generator().manual_seed(c)).mul(test_scale).to(dtype) for c in range(len(w))
+    ]
+    train = [
+        torch.randn(40, 6, generator=torch.Generator().manual_seed(9 + c)).mul(train_scale).to(dtype)
+        for c in range(len(w))
+    ]
+    test_np, train_np = [t.float().numpy() for t in test], [x.float().numpy() for x in train]
+    exact, bound = exact_scores(test_np, train_np, w), score_bound(test_np, train_np, w)
+    t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    for device in ("torch:cpu", "cpu"):
+        assert np.all(np.abs(tracin.scores(t, x, device=device) - exact) <= bound), device
+    got = tracin.top_k(t, x, k=6, side="both", device="torch:cpu")
+    for side in got:
+        chosen = np.take_along_axis(exact, side.indices, 1)
+        assert np.all(np.abs(side.values - chosen) <= np.take_along_axis(bound, side.indices, 1))
+    np.testing.assert_array_equal(got.proponents.indices, stable_top_k(exact, 6, -1))
+    own = exact_scores(train_np, train_np, w).diagonal()
+    np.testing.assert_allclose(tracin.self_influence(x, device="torch:cpu"), own, rtol=1e-5)
+    ones_t, ones_x = [torch.ones(4, 1, dtype=dtype)] * len(w), [torch.ones(40, 1, dtype=dtype)] * len(w)
+    ft, fx = tracin.FactoredGradients(test, ones_t, w), tracin.FactoredGradients(train, ones_x, w)
+    assert np.all(np.abs(tracin.scores(ft, fx, device="torch:cpu") - exact) <= bound)
+    flipped = tracin.FactoredGradients(ones_t, test, w), tracin.FactoredGradients(ones_x, train, w)
+    for device in ("torch:cpu", "cpu"):  # the weight goes on the left factors, whose GEMM is the small one
+        if test_scale * train_scale < 1e30:
+            assert np.all(np.abs(tracin.scores(*flipped, device=device) - exact) <= bound)
+            continue
+        with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
+            tracin.scores(*flipped, device=device)
+
+
+def test_weights_near_one_leave_test_rows_in_place_and_others_are_exact_powers_of_two(rng):
+    """Weights within 2^+-24 of 1 on rows in range: the test blocks are the caller's tensors, used in
+    place (no copy), and the GEMMs take the weights. A weight of 1e-30: row r of checkpoint c times
+    2^(k_c - e_r) exactly (k_c = -100 for 1e-30; e_r brings each row's largest weighted value, below
+    2^-96, to [2^-96, 2^-95): -104 for a row of 1e-30), the GEMM factor w_c / 2^k_c."""
+    block = torch.from_numpy(rng.standard_normal((3, 5)).astype(np.float32))
+    side = KernelSide(False, [block], [0])
+    kept = torch_device._DeviceTest.upload(side, torch.device("cpu"), 0, [1e-3])
+    assert kept.blocks[0] is block and kept.alphas == [1e-3] and kept.exponents is None
+    tiny = block.clone()
+    tiny[1] = torch.tensor([1e-30, -5e-31, 0, 2e-31, 1e-31])
+    moved = torch_device._DeviceTest.upload(KernelSide(False, [tiny], [0]), torch.device("cpu"), 0, [1e-30])
+    k = -100  # 1e-30 in [2^-100, 2^-99)
+    largest = np.floor(np.log2(1e-30 * np.abs(tiny.double().numpy()).max(1)))  # each row's, below -96
+    e = (largest + 96).astype(np.int64)
+    assert e[1] == -104 and moved.exponents.tolist() == e.tolist()
+    want = np.ldexp(tiny.double().numpy(), (k - e)[:, None])
+    np.testing.assert_array_equal(moved.blocks[0].double().numpy(), want)
+    assert moved.alphas == [np.ldexp(1e-30, -k)] and 1 <= moved.alphas[0] < 2
+
+
+def test_a_non_finite_test_row_under_a_small_weight_is_named(rng):
+    """The weighted copy of the test rows keeps the NaN / Inf report of the caller's rows and numbers."""
+    test = rng.standard_normal((6, 4)).astype(np.float32)
+    test[[2, 5], 1] = [np.nan, np.inf]
+    train = rng.standard_normal((9, 4)).astype(np.float32)
+    for device in ("torch:cpu", "cpu"):
+        with pytest.raises(ValueError, match=r"test checkpoint 0 contains NaN or Inf values, first in rows \[2, 5\]"):
+            tracin.scores(tracin.Gradients([test], [1e-30]), tracin.Gradients([train], [1e-30]), device=device)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_store_streams_in_chunks_and_tiles(rng, tmp_path, small_tiles, dtype):
     """A store read in memory-mapped chunks (read-only), each cut into tiles staged through the two
@@ -391,6 +466,19 @@ def test_placement_choices_and_argument_errors(rng):
         tracin.scores(host, host, device=0)
     with pytest.raises(ValueError, match=r"precision='tf32' needs a CUDA device \(device='cuda'\), not 'torch:cpu'"):
         tracin.aggregate(host, host, device="torch:cpu", precision="tf32")
+
+
+@pytest.mark.parametrize("device", [None, "cpu", "torch:cpu"])
+def test_rows_on_a_device_other_than_cpu_or_cuda_are_refused_naming_the_set(device):
+    """A tensor on meta (as on mps or xpu): refused up front, naming the set and saying to move the rows
+    (before: "unknown scoring backend 'meta'" for device=None, "pass device='meta'" for device='cpu')."""
+    meta, host = torch.zeros(3, 4, device="meta"), np.zeros((5, 4), np.float32)
+    with pytest.raises(
+        ValueError, match=r"^test is on meta, but scoring runs on the CPU or on a CUDA device only; move"
+    ):
+        tracin.scores(meta, host, device=device)
+    with pytest.raises(ValueError, match=r"^train is on meta, .* move the rows with \.cpu\(\)"):
+        tracin.top_k([host, host], [host, torch.zeros(5, 4, device="meta")], device=device)
 
 
 def test_as_matrix_keeps_device_tensors_only_when_asked():

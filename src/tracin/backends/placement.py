@@ -55,9 +55,16 @@ def choose(device: Any, precision: Any, sets: dict[str, GradientSet]) -> Backend
 
 
 def _resident_device(name: str, s: GradientSet) -> str | None:
-    """The device (e.g. "cuda:0") of the set's rows that are not in host memory, None if all are."""
+    """The device (e.g. "cuda:0") of the set's rows that are not in host memory, None if all are;
+    ValueError for rows on a device other than the CPU or CUDA (meta, mps, xpu)."""
     blocks = KernelSide._make(s.kernel_side(0, 0)).blocks
     devices = {str(b.device) for b in blocks if str(getattr(b, "device", "cpu")) != "cpu"}
+    for where in sorted(devices):
+        if where.partition(":")[0] != "cuda":
+            raise ValueError(
+                f"{name} is on {where}, but scoring runs on the CPU or on a CUDA device only; "
+                "move the rows with .cpu() (or to a CUDA device)"
+            )
     if len(devices) > 1:
         raise ValueError(f"{name} has rows on several devices ({', '.join(sorted(devices))}); put them on one")
     return devices.pop() if devices else None

@@ -8,9 +8,15 @@ meets; once per backend call without one); train rows pass in tiles of _tunables
 (streamed from the host one tile ahead of the compute through two staging slots kept for the whole
 public call, or used in place when already on the device), and each tile meets the test side in
 blocks of at most DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored sets,
-multiplied elementwise), scaled by the weight and added in float32 (weights beyond float32's range,
-or below 2^-100, are applied divided by a power of two and the sum multiplied back, as the C++
-kernel does: _weight_exponent). Cosine scores (normalize): the
+multiplied elementwise), scaled by the weight and added in float32. Weights go on the test rows as
+in the C++ kernel, so that a GEMM sees the magnitudes of weighted rows (a dot product of rows may
+exceed float32 where the weighted score does not): unless every weight is within 2^+-24 of 1 and
+every weighted test row in float32's comfortable range, each test block (a factored set's left
+factor) is replaced, once per test chunk, by a copy (also of test rows otherwise used in place on
+the device, one block at a time) whose row r of checkpoint c is multiplied by
+2^(k_c - e_r) (exact: k_c the binary exponent of w_c, e_r the C++ kernel's exponent of row r), the
+GEMM takes w_c / 2^k_c (in [1, 2)) and the sum is multiplied by 2^e_r (_fold_weights). Cosine
+scores (normalize): the
 test side is scaled by its rows' inverse norms once, with its upload (each uploaded block replaced
 by its scaled copy in turn: the chunk plus one block's copy on the device), and each checkpoint's
 score block by the train rows' inverse norms, computed per train tile in float64; rows of norms
@@ -93,8 +99,8 @@ class TorchBackend:
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
         out = np.empty((test.blocks[0].shape[0], train.blocks[0].shape[0]), dtype=np.float32)
-        with self._call(test, train, normalize, cache) as call:
-            for t, i, s in call.products(weights):
+        with self._call(test, train, normalize, cache, weights) as call:
+            for t, i, s in call.products():
                 out[t, i] = s.cpu().numpy()
         return out
 
@@ -114,8 +120,8 @@ class TorchBackend:
             raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
         sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
         m = test.blocks[0].shape[0]
-        with self._call(test, train, normalize, cache) as call:
-            found = _select(call, weights, k, sides)
+        with self._call(test, train, normalize, cache, weights) as call:
+            found = _select(call, k, sides)
         width = min(k, train.blocks[0].shape[0])
         merged = {  # no parts (no test rows): an empty result of each side's own
             s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1)))
@@ -151,10 +157,10 @@ class TorchBackend:
         normalize: int = 0,
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
-        with self._call(test, train, normalize, cache) as call:
+        with self._call(test, train, normalize, cache, weights if train.factored else None) as call:
             total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
             if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
-                for _, i, s in call.products(weights):
+                for _, i, s in call.products():
                     total[i] += s.sum(0, dtype=torch.float64)
             else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
                 sums = call.prepared.column_sums()
@@ -170,16 +176,22 @@ class TorchBackend:
     # -- the work of one call --------------------------------------------------------------------
     @contextlib.contextmanager
     def _call(
-        self, test: KernelSide | None, train: KernelSide, normalize: int = 0, cache: ChunkCache | None = None
+        self,
+        test: KernelSide | None,
+        train: KernelSide,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
+        weights: Sequence[float] | None = None,
     ) -> Iterator[_Call]:
         """A call's work on the device, TF32 as chosen, cosine scores for normalize > 0, the test side
-        taken from `cache` when an earlier piece put it there; ValueError at the end for non-finite
-        input or scores (checked on the device while working, read once)."""
+        taken from `cache` when an earlier piece put it there (weighted for score products when
+        `weights` are given); ValueError at the end for non-finite input or scores (checked on the
+        device while working, read once)."""
         for what, side in (("test", test), ("train", train)):
             if side is not None:
                 rows.check_device(side, what, self.device)
         with _device_scope(self.device, self.tf32):
-            call = _Call(test, train, self.device, normalize, cache)
+            call = _Call(test, train, self.device, normalize, cache, weights)
             yield call
             if bool(call.bad_input):
                 raise ValueError(_non_finite_message(test, train))
@@ -189,8 +201,9 @@ class TorchBackend:
 
 _TINY = 2.0**-64  # cosine scores: rows of a norm below it or above its inverse are first brought near 1
 _OVERFLOW = (
-    "influence overflowed float32 although every input is finite: a score, or a dot product of gradients "
-    "before weighting, exceeds float32's range; scale the gradients down"
+    "influence overflowed float32 although every input is finite: a score (or, for factored gradients, a "
+    "product of left or of right factors; or a dot product of gradients before weights within 2^+-24 of 1) "
+    "exceeds float32's range; scale the gradients down"
 )
 
 
@@ -204,6 +217,7 @@ class _Call:
         device: torch.device,
         normalize: int = 0,
         cache: ChunkCache | None = None,
+        weights: Sequence[float] | None = None,
     ):
         self.train, self.factored, self.normalize = train, train.factored, normalize
         self.bad_score = torch.zeros((), dtype=torch.bool, device=device)
@@ -216,8 +230,9 @@ class _Call:
             self.prepared, self.test, self.m = None, [], 0
             self.bad_input = torch.zeros((), dtype=torch.bool, device=device)
             return
-        make = functools.partial(_DeviceTest.upload, test, device, normalize)
-        self.prepared = make() if cache is None else cache.get(("torch", str(device), normalize), make)
+        make = functools.partial(_DeviceTest.upload, test, device, normalize, weights)
+        key = ("torch", str(device), normalize, None if weights is None else tuple(weights))
+        self.prepared = make() if cache is None else cache.get(key, make)
         self.test, self.m = self.prepared.blocks, test.blocks[0].shape[0]
         self.bad_input = self.prepared.bad.clone()  # train tiles add to it: the cached flag stays the test's
 
@@ -241,14 +256,18 @@ class _Call:
                 self.bad_input |= _not_finite(b)
             yield i0, i1, x
 
-    def products(self, weights: Sequence[float]) -> Iterator[tuple[slice, slice, torch.Tensor]]:
-        """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer."""
+    def products(self) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer
+        (the call made with weights)."""
         blocks = self.test_blocks()
+        alphas, exponents = self.prepared.alphas, self.prepared.exponents
         for i0, i1, x in self.train_tiles():
             x, scales = self.cosine(x)
             scales = None if scales is None else [v.float()[None, :] for v in scales]
             for t0, t1 in blocks:
-                s = _product([t[t0:t1] for t in self.test], x, weights, self.factored, scales, self.normalize)
+                test = [t[t0:t1] for t in self.test]
+                rescale = None if exponents is None else exponents[t0:t1]
+                s = _product(test, x, alphas, self.factored, scales, self.normalize, rescale)
                 self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
 
@@ -256,16 +275,23 @@ class _Call:
 @dataclass
 class _DeviceTest:
     """A test chunk on the device, kept in the loop's ChunkCache for the train pieces it meets: float32
-    blocks (cosine scores: a copy scaled by the rows' inverse norms), a bool scalar saying whether any
-    input value is NaN or Inf, and the blocks' float64 column sums (aggregate's, made on first use)."""
+    blocks (cosine scores: a copy scaled by the rows' inverse norms; weighted: see _fold_weights), a
+    bool scalar saying whether any input value is NaN or Inf, the blocks' float64 column sums
+    (aggregate's, made on first use), and for weighted blocks the GEMM factor of each checkpoint and
+    the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0)."""
 
     blocks: list[torch.Tensor]
     bad: torch.Tensor
     sums: list[torch.Tensor] | None = None
+    alphas: list[float] | None = None
+    exponents: torch.Tensor | None = None
 
     @classmethod
-    def upload(cls, test: KernelSide, device: torch.device, normalize: int) -> _DeviceTest:
-        """The test side's blocks copied to the device (those already there: widened or used in place)."""
+    def upload(
+        cls, test: KernelSide, device: torch.device, normalize: int, weights: Sequence[float] | None = None
+    ) -> _DeviceTest:
+        """The test side's blocks copied to the device (those already there: widened or used in place),
+        weighted (_fold_weights) when `weights` are given."""
         blocks = rows.whole(test, device)
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for t in blocks:
@@ -275,7 +301,10 @@ class _DeviceTest:
             per = 2 if test.factored else 1
             for c in range(len(blocks) // per):
                 blocks[c * per].mul_(scales[c // normalize].float()[:, None])
-        return cls(blocks, bad)
+        if weights is None:
+            return cls(blocks, bad)
+        alphas, exponents = _fold_weights(blocks, test.factored, weights)
+        return cls(blocks, bad, alphas=alphas, exponents=exponents)
 
     def column_sums(self) -> list[torch.Tensor]:
         """float64 (d_c,) sums over the rows of each block."""
@@ -284,14 +313,14 @@ class _DeviceTest:
         return self.sums
 
 
-def _select(call: _Call, weights: Sequence[float], k: int, sides: list[str]) -> dict[str, list[TopK]]:
+def _select(call: _Call, k: int, sides: list[str]) -> dict[str, list[TopK]]:
     """Each side's best k per test block of a call, in block order. A score block's candidates are
     merged once the next block is enqueued: the merge waits for the device to reach the end of the
     merged block's selection (_torch_topk), not for the next block, whose GEMM runs meanwhile."""
     blocks = call.test_blocks()
     running = {(t0, side): RunningTopK(k, side, t1 - t0, call.device) for t0, t1 in blocks for side in sides}
     pending: list[tuple[RunningTopK, Candidates]] = []
-    for t, i, s in call.products(weights):
+    for t, i, s in call.products():
         made = [(running[t.start, side], running[t.start, side].candidates(s, i.start)) for side in sides]
         for selection, candidates in pending:
             selection.merge(candidates)
@@ -386,37 +415,25 @@ def _power_of_two(exponent: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _product(
     test: list[torch.Tensor],
     train: list[torch.Tensor],
-    weights: Sequence[float],
+    alphas: Sequence[float],
     factored: bool,
     scales: list[torch.Tensor] | None = None,
     run: int = 0,
+    exponents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
-    elementwise product of the left and the right factors' GEMMs) scaled by w_c, added in float32.
-    scales: cosine scores, float32 (1, r) train inverse norms per run of `run` checkpoints, applied
-    to each checkpoint's block (the test side comes scaled). The GEMMs take w_c / 2^e as float32
-    (_weight_exponent) and the sum is multiplied by 2^e, rounding once; a checkpoint whose w_c / 2^e
-    is below float32's normal range (weights far apart) is summed on its own with its own exponent
-    and added in float64."""
-    e = _weight_exponent(weights)
+    elementwise product of the left and the right factors' GEMMs) scaled by alphas[c], added in
+    float32, and each row t multiplied by 2^exponents[t] (rounding once; test rows and alphas as
+    _fold_weights makes them). scales: cosine scores, float32 (1, r) train inverse norms per run of
+    `run` checkpoints, applied to each checkpoint's block (the test side comes scaled)."""
     out = None
-    apart = None  # float64: the checkpoints whose w_c / 2^e is below float32's normal range
-    for c, w in enumerate(weights):
-        alpha = math.ldexp(w, -e)
-        if 0.0 < abs(alpha) < _FLOAT32_NORMAL:
-            own = _weight_exponent([w])
-            part = _add_checkpoint(None, test, train, c, math.ldexp(w, -own), factored, scales, run)
-            part = part.double().mul_(2.0**own)
-            apart = part if apart is None else apart.add_(part)
-        else:
-            out = _add_checkpoint(out, test, train, c, alpha, factored, scales, run)
-    if apart is None:
-        return out if e == 0 else out.double().mul_(2.0**e).float()
-    return (apart if out is None else apart.add_(out.double().mul_(2.0**e))).float()
-
-
-_FLOAT32_NORMAL = 2.0**-126
-"""The smallest normal float32: a GEMM factor below it loses bits (or is 0)."""
+    for c, alpha in enumerate(alphas):
+        out = _add_checkpoint(out, test, train, c, alpha, factored, scales, run)
+    if exponents is None:
+        return out
+    # beyond float64's normal range the score is 0 or overflows float32 either way
+    factor = _power_of_two(exponents.clamp(-1022, 1023), torch.float64)
+    return out.double().mul_(factor[:, None]).float()
 
 
 def _add_checkpoint(
@@ -445,18 +462,61 @@ def _add_checkpoint(
     return out.addmm_(test[c], train[c].T, alpha=alpha)
 
 
-def _weight_exponent(weights: Sequence[float]) -> int:
-    """The power of two the weights are divided by (exactly) before the GEMMs take them as float32, and
-    the sum multiplied by: 0 (the weights themselves) unless the largest |w_c| is beyond float32
-    (at least 2^127: brought to [2^100, 2^101)) or below 2^-100 (brought to [2^-100, 2^-99), clear of
-    subnormal products, and too small for a product with a float32 GEMM result to overflow)."""
-    largest = max((abs(w) for w in weights), default=0.0)
-    if largest == 0.0:
-        return 0
-    exponent = math.frexp(largest)[1] - 1  # largest in [2^exponent, 2^(exponent + 1))
-    if exponent >= 127:
-        return exponent - 100
-    return exponent + 100 if exponent < -100 else 0
+def _fold_weights(
+    blocks: list[torch.Tensor], factored: bool, weights: Sequence[float]
+) -> tuple[list[float], torch.Tensor | None]:
+    """The weights put on the test side's float32 blocks (a factored set's left factors) as the C++
+    kernel packs them (csrc/src/engine.cpp, PackedTest): e_r is 0 unless row r's largest |w_c x value|
+    is below 2^-96 (e_r brings it to [2^-96, 2^-95)) or at least 2^127 (to [2^100, 2^101)); a
+    non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
+    stay as they are and the GEMMs take the weights (returns (weights, None): no copy; a dot product
+    of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise each block is
+    replaced by a copy (one at a time) with row r multiplied by 2^(k_c - e_r), k_c the binary exponent
+    of w_c, which is exact but where the product is below float32's normal range (rounded once, as the
+    C++ kernel rounds w_c x value), and the GEMMs take w_c / 2^k_c: returns those and e_r (int64,
+    None when all are 0), by which _product multiplies each score row back."""
+    per = 2 if factored else 1
+    rows = blocks[0].shape[0]
+    device = blocks[0].device
+    exps = [math.frexp(w)[1] - 1 if w != 0 else 0 for w in weights]  # |w_c| in [2^k_c, 2^(k_c + 1))
+    largest = torch.full((rows,), _NO_EXPONENT, dtype=torch.int64, device=device)
+    finite = torch.ones(rows, dtype=torch.bool, device=device)
+    for c, w in enumerate(weights):
+        block = blocks[c * per]
+        if block.shape[1] == 0:
+            continue
+        low, high = torch.aminmax(block, dim=1)  # no |block| copy of a test side used in place
+        top = torch.maximum(-low, high).double()  # NaN where the row holds one
+        finite &= torch.isfinite(top)
+        if w == 0:
+            continue
+        mantissa, exponent = torch.frexp(top)  # top = mantissa 2^exponent, mantissa in [0.5, 1)
+        product = mantissa * abs(math.frexp(w)[0])  # |w| top = product 2^(exponent + k_c + 1), in [0.25, 1)
+        floor = exponent.long() + exps[c] + torch.where(product >= 0.5, 0, -1)  # floor(log2 |w| top)
+        largest = torch.maximum(largest, torch.where(top > 0, floor, _NO_EXPONENT))
+    shift = torch.where(largest < -96, largest + 96, torch.where(largest >= 127, largest - 100, 0))
+    shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
+    if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
+        return list(weights), None
+    for c, k in enumerate(exps):
+        blocks[c * per] = _shifted(blocks[c * per], k - shift)
+    return [math.ldexp(w, -k) for w, k in zip(weights, exps, strict=True)], shift if bool(shift.any()) else None
+
+
+_NO_EXPONENT = -(2**40)
+"""_fold_weights: the exponent of a row with no nonzero weighted value."""
+
+
+def _shifted(block: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of `block` with row i multiplied by 2^shift[i] in float64 (exact) and rounded once,
+    over slices of rows (at most _NORM_SLICE values each)."""
+    # below 2^-1022 a float32 value times the factor rounds to 0 either way
+    factor = _power_of_two(shift.clamp(-1022, 1023), torch.float64)[:, None]
+    out = torch.empty_like(block)
+    step = max(1, _NORM_SLICE // max(block.shape[1], 1))
+    for r in range(0, block.shape[0], step):
+        out[r : r + step] = block[r : r + step].double().mul_(factor[r : r + step])
+    return out
 
 
 def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
