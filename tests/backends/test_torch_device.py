@@ -110,8 +110,9 @@ def test_factored_sets(rng, small_tiles):
 def test_weights_beyond_float32_keep_the_bound(rng, small_tiles, w, test_scale, train_scale):
     """Every score is a normal float32, but the weight is not one (1e45: torch refused to make it a
     float32 GEMM factor with a RuntimeError; 1e-50 rounded to 0, 1e-44 to a subnormal: errors up to
-    7e4 x the bound): applied divided by 2^e, the sum multiplied by 2^e. Full and factored scores
-    and top_k against float64."""
+    7e4 x the bound): test rows times 2^k (|w| in [2^k, 2^(k+1))) and, for rows whose weighted values
+    leave float32's comfortable range, by 2^-e_r, the GEMM taking w / 2^k and each row multiplied
+    back by 2^e_r. Full and factored scores and top_k against float64."""
     test = [(rng.standard_normal((5, 16)) * test_scale).astype(np.float32)]
     train = [(rng.standard_normal((60, 16)) * train_scale).astype(np.float32)]
     exact, bound = exact_scores(test, train, [w]), score_bound(test, train, [w])
@@ -132,9 +133,9 @@ def test_weights_beyond_float32_keep_the_bound(rng, small_tiles, w, test_scale, 
 )
 def test_weights_far_apart_keep_the_bound(rng, small_tiles, w, scales):
     """Weights far apart (review21 cases B, C): one exponent from the largest |w| made the small
-    weight's w / 2^e a subnormal float32 or 0 (errors 1e3 to 5e4 x the bound); such a checkpoint is
-    summed with its own exponent and added in float64. Full and factored scores and top_k against
-    float64."""
+    weight's w / 2^e a subnormal float32 or 0 (errors 1e3 to 5e4 x the bound); each checkpoint's test
+    rows now take its own 2^k, as the C++ kernel packs w_c x value. Full and factored scores and top_k
+    against float64."""
     test = [(rng.standard_normal((5, 16)) * s).astype(np.float32) for s in scales]
     train = [(rng.standard_normal((60, 16)) * s).astype(np.float32) for s in scales]
     exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
@@ -199,6 +200,26 @@ def test_a_dot_product_beyond_float32_under_a_small_weight_is_scored(
             continue
         with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
             tracin.scores(*flipped, device=device)
+
+
+def test_a_zero_weight_beside_a_tiny_one_scores_the_other_checkpoint(rng):
+    """Weights [1e-35, 0]: the rows of weight 1e-35 are brought up by 2^119 (e_r); the rows of weight 0
+    (1e30) stay as they are, not shifted past float32's range (which made NaN products of factored
+    sets: the overflow error). Full and factored scores against float64, as on the C++ kernel."""
+    test = [
+        (rng.standard_normal((3, 4)) * 1e-30).astype(np.float32),
+        (rng.standard_normal((3, 4)) * 1e30).astype(np.float32),
+    ]
+    train = [(rng.standard_normal((5, 4)) * 1e36).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)]
+    w = [1e-35, 0.0]
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    ones_t, ones_x = [np.ones((3, 1), np.float32)] * 2, [np.ones((5, 1), np.float32)] * 2
+    for device in ("torch:cpu", "cpu"):
+        assert np.all(
+            np.abs(tracin.scores(tracin.Gradients(test, w), tracin.Gradients(train, w), device=device) - exact) <= bound
+        )
+        t, x = tracin.FactoredGradients(test, ones_t, w), tracin.FactoredGradients(train, ones_x, w)
+        assert np.all(np.abs(tracin.scores(t, x, device=device) - exact) <= bound)
 
 
 def test_weights_near_one_leave_test_rows_in_place_and_others_are_exact_powers_of_two(rng):

@@ -471,7 +471,7 @@ def _fold_weights(
     non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
     stay as they are and the GEMMs take the weights (returns (weights, None): no copy; a dot product
     of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise each block is
-    replaced by a copy (one at a time) with row r multiplied by 2^(k_c - e_r), k_c the binary exponent
+    of nonzero weight replaced by a copy (one at a time) with row r multiplied by 2^(k_c - e_r), k_c the binary exponent
     of w_c, which is exact but where the product is below float32's normal range (rounded once, as the
     C++ kernel rounds w_c x value), and the GEMMs take w_c / 2^k_c: returns those and e_r (int64,
     None when all are 0), by which _product multiplies each score row back."""
@@ -498,8 +498,9 @@ def _fold_weights(
     shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
     if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
         return list(weights), None
-    for c, k in enumerate(exps):
-        blocks[c * per] = _shifted(blocks[c * per], k - shift)
+    for c, (w, k) in enumerate(zip(weights, exps, strict=True)):
+        if w != 0:  # a block of weight 0 stays: shifted by -e_r it could leave float32's range
+            blocks[c * per] = _shifted(blocks[c * per], k - shift)
     return [math.ldexp(w, -k) for w, k in zip(weights, exps, strict=True)], shift if bool(shift.any()) else None
 
 
