@@ -9,6 +9,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,6 +111,23 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+def output_dir(out: Path | None, quick: bool, name: str) -> Path:
+    """Where a benchmark writes its results: `out` if given, else a new temporary folder for a
+    quick (smoke) run, so that it leaves nothing in the checkout, else RESULTS_DIR."""
+    if out is not None:
+        return out
+    return Path(tempfile.mkdtemp(prefix=f"tracin-{name}-quick-")) if quick else RESULTS_DIR
+
+
+def add_output_options(parser, quick_help: str | None = None) -> None:
+    """--out (and, with `quick_help`, --quick) as every benchmark script has them; see output_dir."""
+    default = f"default: {RESULTS_DIR}"
+    if quick_help is not None:
+        parser.add_argument("--quick", action="store_true", help=quick_help)
+        default += ", or a new temporary folder with --quick"
+    parser.add_argument("--out", type=Path, default=None, help=f"output directory ({default})")
 
 
 def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:

@@ -22,11 +22,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import RESULTS_DIR, add_output_options, at_least, time_interleaved, write_json  # noqa: E402
 from benchmarks.transformer_export import GOAL_SPEEDUP, _cases, per_example_loop  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=64, help="sequences")
     parser.add_argument("--tokens", type=int, default=128, help="sequence length (before padding)")
@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=at_least(1), default=7)
-    args = parser.parse_args()
+    add_output_options(parser)
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -63,7 +64,7 @@ def main() -> None:
     timings = time_interleaved(contenders, repeats=args.repeats, warmup=1)
     rates = {k: args.n / t["median_s"] for k, t in timings.items()}
     payload = {
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "load_average_at_start": load_at_start,
         "load_average_at_end": os.getloadavg(),
@@ -75,7 +76,7 @@ def main() -> None:
         "timings": timings,
     }
     print({k: v for k, v in payload.items() if k != "timings"})
-    print(write_json("compiled_ceiling", payload))
+    print(write_json("compiled_ceiling", payload, args.out or RESULTS_DIR))
 
 
 if __name__ == "__main__":

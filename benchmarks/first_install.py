@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import write_json
+from .common import RESULTS_DIR, add_output_options, write_json
 
 INSTALL_TARGET_S = 90.0
 SIZE_TARGET_MB = 1024.0
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", type=Path, default=Path("."), help="the git checkout to clone (default: .)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone and its venv")
+    add_output_options(parser)
     args = parser.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="tracin-first-install-"))
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             and bool(statuses)
             and not any(statuses.values())
         )
-        path = write_json("first_install", payload)
+        path = write_json("first_install", payload, args.out or RESULTS_DIR)
         print(
             f"install {install_s:.1f} s, venv {payload['venv_mb']:.0f} MB, demo {demo_s:.1f} s, "
             f"{len(statuses)} next commands, failed: {[c for c, s in statuses.items() if s] or 'none'} -> {path}"

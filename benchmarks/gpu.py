@@ -37,7 +37,7 @@ import torch
 import tracin
 from tracin import _tunables
 
-from .common import RESULTS_DIR, at_least, time_interleaved, write_json
+from .common import RESULTS_DIR, at_least, output_dir, time_interleaved, write_json
 
 FULL = {"m": 1000, "n": 1_000_000, "d": 512}
 QUICK = {"m": 64, "n": 20_000, "d": 64}
@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     smoke = args.quick or torch.device(args.device).type == "cpu"
     name = "gpu_quick" if smoke else "gpu"
-    if args.out is None:  # a smoke run leaves nothing in the checkout
-        args.out = Path(tempfile.mkdtemp(prefix="tracin-gpu-quick-")) if smoke else RESULTS_DIR
+    args.out = output_dir(args.out, smoke, "gpu")  # a smoke run leaves nothing in the checkout
     path = args.out / f"{name}.json"
     result = run(args, lambda record: write_json(name, record, args.out))
     for case in result["cases"]:

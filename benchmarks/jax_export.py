@@ -6,7 +6,8 @@ export_gradients. Every contender exports full float32 per-example gradients of 
 same weights and data, one checkpoint, same batch size; the JAX export is compiled during warm-up
 (a later export with the same loss and batch size reuses the compilation).
 
-    PYTHONPATH=src python benchmarks/jax_export.py [--n 4096] [--hidden 256] [--batch 256] [--repeats 5]
+    PYTHONPATH=src python benchmarks/jax_export.py [--n 4096] [--hidden 256] [--batch 256] [--repeats 5] [--out DIR]
+    PYTHONPATH=src python benchmarks/jax_export.py --quick    # a smoke run (JSON in a new temporary folder)
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
+
+QUICK = {"n": 256, "hidden": 32, "batch": 64, "repeats": 1}  # --quick: a smoke run in seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096, help="examples exported per call")
     parser.add_argument("--features", type=int, default=64)
@@ -30,7 +33,11 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=at_least(1), default=5)
-    args = parser.parse_args()
+    add_output_options(parser, f"small sizes {QUICK}, to check the script runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    out = output_dir(args.out, args.quick, "jax-export")
 
     import jax
     import jax.numpy as jnp
@@ -108,10 +115,10 @@ def main() -> None:
         )
     d = sum(v.numel() for v in state.values())
     path = write_json(
-        "jax_export",
+        "jax_export_quick" if args.quick else "jax_export",
         {
             "config": {
-                **vars(args),
+                **{k: v for k, v in vars(args).items() if k != "out"},
                 "params": d,
                 "dtype": "float32",
                 "jax": jax.__version__,
@@ -120,6 +127,7 @@ def main() -> None:
             "results": results,
             "influence_rel_diff_vs_torch_func": gram_diff,
         },
+        out,
     )
     print(f"wrote {path}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 from . import cases as case_defs
 from . import roofline
-from .common import RESULTS_DIR, SETTLE_S, machine_info, missing_modules, time_interleaved, write_json
+from .common import RESULTS_DIR, SETTLE_S, machine_info, missing_modules, output_dir, time_interleaved, write_json
 from .exactness import check_top_k
 from .peers import numpy_top_k, thread_limits
 
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(f"--readme: {e} (the block is named by --name)")
     sizes = case_defs.QUICK if args.quick else case_defs.FULL
-    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-bench-quick-")) if args.quick else RESULTS_DIR)
+    out = output_dir(args.out, args.quick, "bench")
     payload = run(groups, sizes, args.threads, args.repeats, args.warmup, args.quick, isas=resolve_isas(isa_names))
     payload["plots"] = [p.name for p in plot.plot_all(payload, out, name)]
     path = write_json(name, payload, directory=out)

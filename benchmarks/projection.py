@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import RESULTS_DIR, at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
 
 KINDS = ("rademacher", "gaussian", "sparse")
 
@@ -157,18 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
+    add_output_options(parser, "small sizes, to check the script runs")
     parser.add_argument(
         "--isa",
         default="native",
         help="comma-separated kernel instruction sets to time: native (the one tracin picks "
         "here), avx512, avx2, generic (default: native)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for the JSON (default benchmarks/results, a new temporary folder with --quick)",
     )
     args = parser.parse_args(argv)
     from tracin import _core
@@ -212,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  dim    " + "  ".join(f"{kind:>10s}" for kind in KINDS))
     for dim in dims:
         print(f"  {dim:<6d} " + "  ".join(f"{table[kind][dim]:10.3f}" for kind in KINDS))
-    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-projection-quick-")) if args.quick else RESULTS_DIR)
+    out = output_dir(args.out, args.quick, "projection")
     path = write_json("projection_quick" if args.quick else "projection", result, out)
     print(f"wrote {path}")
     return 0

@@ -1,6 +1,7 @@
 """Gradient store benchmark: top-k over an fp16 store on disk against the same in RAM.
 
-    python -m benchmarks.store [--size 1] [--test-rows 64] [--k 10] [--repeats 3] [--dir DIR]
+    python -m benchmarks.store [--size 1] [--test-rows 64] [--k 10] [--repeats 3] [--dir DIR] [--out DIR]
+    python -m benchmarks.store --quick    # a smoke run (JSON in a new temporary folder)
 
 Writes a store of --size GiB (float16, two checkpoints of --dim columns), then times
 tracin.top_k(test, store) against tracin.top_k(test, the same matrices loaded in RAM), interleaved:
@@ -25,7 +26,9 @@ import numpy as np
 
 import tracin
 
-from .common import RESULTS_DIR, at_least, peak_rss_of, time_interleaved, write_json
+from .common import add_output_options, at_least, output_dir, peak_rss_of, time_interleaved, write_json
+
+QUICK_GIB = 0.01  # --quick's store size
 
 BLOCK_ROWS = 4096
 
@@ -150,15 +153,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
     p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after a warm-up (default 3)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    add_output_options(p, f"a {QUICK_GIB} GiB store, one timed round: a smoke run")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.quick:
+        args.size, args.repeats = QUICK_GIB, 1
     result = run(args)
-    name = "store" if args.size == 1.0 else f"store_{args.size:g}gib"
-    path = write_json(name, result, args.out)
+    name = "store_quick" if args.quick else "store" if args.size == 1.0 else f"store_{args.size:g}gib"
+    path = write_json(name, result, output_dir(args.out, args.quick, "store"))
     med = {k: v["median_s"] for k, v in result["times"].items()}
     print(
         f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, {result['config']['n_rows']} rows, "

@@ -15,7 +15,11 @@ Reports median time, peak RSS (fresh process each) and agreement of the results 
 each stage of the full-mode job, and the floor no full-gradient method can beat: the m x n x C*d
 product at the measured peak sgemm.
 
-    PYTHONPATH=src:. python benchmarks/torch_end_to_end.py [--repeats 3] [--captum-train N]
+    PYTHONPATH=src:. python benchmarks/torch_end_to_end.py [--repeats 3] [--captum-train N] [--out DIR]
+    PYTHONPATH=src:. python benchmarks/torch_end_to_end.py --quick   # a smoke run (JSON in a new temporary folder)
+
+--quick keeps the first QUICK_TRAIN / QUICK_TEST examples of each split and times every contender
+once, without warm-up or pauses.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SETTLE_S, at_least, peak_rss_of, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SETTLE_S,
+    add_output_options,
+    at_least,
+    output_dir,
+    peak_rss_of,
+    time_interleaved,
+    write_json,
+)
 
 LRS = (0.2, 0.05, 0.01)
+QUICK_TRAIN, QUICK_TEST = 100, 20  # --quick: examples kept of each split
 K = 10
 HIDDEN = 128
 
@@ -46,14 +60,16 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 10))
 
 
-def prepare(workdir: Path) -> None:
-    """Digits split 80/20, standardised; the MLP trained with three learning rates, a checkpoint
-    saved after each phase; everything written to workdir."""
+def prepare(workdir: Path, n_train: int | None = None, n_test: int | None = None) -> None:
+    """Digits split 80/20, standardised, the first `n_train` / `n_test` examples of each kept (None:
+    all); the MLP trained with three learning rates, a checkpoint saved after each phase; everything
+    written to workdir."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x.astype(np.float32), y, test_size=0.2, random_state=0)
+    x_tr, y_tr, x_te, y_te = x_tr[:n_train], y_tr[:n_train], x_te[:n_test], y_te[:n_test]
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-3
     data = {
         "x_train": torch.from_numpy((x_tr - mean) / std),
@@ -121,7 +137,7 @@ def run_tracin_store(workdir: Path, n_train: int | None = None) -> dict:
         }
 
 
-def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
+def tracin_stages(workdir: Path, repeats: int = 3, pause_s: float = SETTLE_S) -> dict:
     """Median seconds of each stage of the full-mode tracin job (export train, export test,
     top-10 both sides, self-influence): where the time goes."""
     import tracin
@@ -143,7 +159,7 @@ def tracin_stages(workdir: Path, repeats: int = 3) -> dict:
         for name, a, b in zip(stages, marks[:-1], marks[1:], strict=True):
             stages[name].append(b - a)
         del g_train, g_test
-        time.sleep(SETTLE_S)
+        time.sleep(pause_s)
     return {name: float(np.median(t)) for name, t in stages.items()}
 
 
@@ -154,7 +170,8 @@ def full_mode_floor(n_train: int, n_test: int, dims: int, captum_s: float, plain
     from benchmarks.roofline import peak_sgemm_gflops
 
     flops = 2.0 * n_test * n_train * dims * len(LRS)
-    peak = peak_sgemm_gflops(torch.get_num_threads())
+    threads = torch.get_num_threads()
+    peak = peak_sgemm_gflops([threads])[threads]
     floor = flops / (peak * 1e9)
     return {
         "gflop": flops / 1e9,
@@ -256,7 +273,19 @@ def _child(fn: str, workdir: Path, n_train: int | None) -> str:
     )
 
 
-def main() -> None:
+def _keeping(last: dict[str, dict], contenders: dict[str, Callable[[], dict]]) -> dict[str, Callable[[], None]]:
+    """The contenders, each keeping its latest result in last[name]."""
+
+    def keep(name: str, fn: Callable[[], dict]) -> Callable[[], None]:
+        def run() -> None:
+            last[name] = fn()
+
+        return run
+
+    return {name: keep(name, fn) for name, fn in contenders.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds of tracin and plain")
     parser.add_argument(
@@ -265,30 +294,38 @@ def main() -> None:
         default=None,
         help="train examples for the Captum comparison (default: all 1437; Captum is slow)",
     )
-    args = parser.parse_args()
+    add_output_options(parser, f"the first {QUICK_TRAIN} / {QUICK_TEST} examples, one timed call each: a smoke run")
+    args = parser.parse_args(argv)
+    out = output_dir(args.out, args.quick, "torch-end-to-end")
+    repeats, warmup, pause_s = (1, 0, 0.0) if args.quick else (args.repeats, 1, 0.25)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        prepare(workdir)
+        prepare(workdir, *((QUICK_TRAIN, QUICK_TEST) if args.quick else (None, None)))
         data, _ = _load(workdir)
         n_train, n_test = len(data["y_train"]), len(data["y_test"])
         dims = sum(p.numel() for p in make_model().parameters())
 
         # The full task: tracin against the plain script.
+        # The results of each contender's last timed call are compared (the runs are deterministic).
+        last: dict[str, dict] = {}
         timing = time_interleaved(
-            {
-                "tracin": lambda: run_tracin(workdir),
-                "plain": lambda: run_plain(workdir),
-                "tracin_store": lambda: run_tracin_store(workdir),
-                "tracin_factored": lambda: run_tracin_factored(workdir),
-            },
-            repeats=args.repeats,
-            warmup=1,
+            _keeping(
+                last,
+                {
+                    "tracin": lambda: run_tracin(workdir),
+                    "plain": lambda: run_plain(workdir),
+                    "tracin_store": lambda: run_tracin_store(workdir),
+                    "tracin_factored": lambda: run_tracin_factored(workdir),
+                },
+            ),
+            repeats=repeats,
+            warmup=warmup,
+            pause_s=pause_s,
         )
-        plain = run_plain(workdir)
-        vs_plain = agreement(run_tracin(workdir), plain)
-        store_vs_plain = agreement(run_tracin_store(workdir), plain)
-        factored_vs_plain = agreement(run_tracin_factored(workdir), plain)
+        vs_plain = agreement(last["tracin"], last["plain"])
+        store_vs_plain = agreement(last["tracin_store"], last["plain"])
+        factored_vs_plain = agreement(last["tracin_factored"], last["plain"])
         memory = {
             name: peak_rss_of(_child(fn, workdir, None))[0]
             for name, fn in (
@@ -301,25 +338,30 @@ def main() -> None:
 
         # Captum on the same task (or the first --captum-train examples), timed once beside tracin.
         nc = args.captum_train
+        last = {}
         captum_timing = time_interleaved(
-            {
-                "tracin": lambda: run_tracin(workdir, nc),
-                "tracin_factored": lambda: run_tracin_factored(workdir, nc),
-                "captum": lambda: run_captum(workdir, nc),
-            },
-            repeats=3,
+            _keeping(
+                last,
+                {
+                    "tracin": lambda: run_tracin(workdir, nc),
+                    "tracin_factored": lambda: run_tracin_factored(workdir, nc),
+                    "captum": lambda: run_captum(workdir, nc),
+                },
+            ),
+            repeats=1 if args.quick else 3,
             warmup=0,
+            pause_s=pause_s,
         )
-        captum = run_captum(workdir, nc)
-        vs_captum = agreement(run_tracin(workdir, nc), captum)
-        factored_vs_captum = agreement(run_tracin_factored(workdir, nc), captum)
+        vs_captum = agreement(last["tracin"], last["captum"])
+        factored_vs_captum = agreement(last["tracin_factored"], last["captum"])
         captum_memory = peak_rss_of(_child("run_captum", workdir, nc))[0]
-        stages = tracin_stages(workdir)
+        stages = tracin_stages(workdir, *((1, 0.0) if args.quick else (3, SETTLE_S)))
         floor = full_mode_floor(
             nc or n_train, n_test, dims, captum_timing["captum"]["median_s"], timing["plain"]["median_s"]
         )
 
     payload = {
+        "quick": args.quick,
         "task": {
             "dataset": "sklearn digits",
             "n_train": n_train,
@@ -359,7 +401,7 @@ def main() -> None:
             "factored_vs_captum": factored_vs_captum,
         },
     }
-    path = write_json("torch_end_to_end", payload)
+    path = write_json("torch_end_to_end_quick" if args.quick else "torch_end_to_end", payload, out)
     print(f"wrote {path}")
     for key in ("time_s", "peak_rss_mib", "speedup", "tracin_full_stages_s", "full_mode_floor"):
         print(key, {k: (v["median_s"] if isinstance(v, dict) else v) for k, v in payload[key].items()})

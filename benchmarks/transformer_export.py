@@ -20,6 +20,8 @@ give the achieved GFLOP/s: the loop and tracin do the same FLOPs (forward, input
 outer-product sum per layer and example), so the speedup comes only from running them at a higher rate.
 
     python -m benchmarks.transformer_export [--n 64 256] [--tokens 128 32] [--width 64] [--repeats 9] [--threads 1 2]
+                                            [--out DIR]
+    python -m benchmarks.transformer_export --quick    # a smoke run (JSON in a new temporary folder)
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
 
 GOAL_SPEEDUP = 5.0  # issue 20: tracin >= 5x the per-example loop for GPT-2, 64 sequences of 128 tokens
 
 
-def main() -> None:
+# --quick: a smoke run in seconds (one tiny size, one repeat)
+QUICK = {"n": [4], "tokens": [16], "width": 32, "layers": 1, "vocab": 64, "repeats": 1}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[64], help="sequences exported per call")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 32], help="sequence lengths (before padding)")
@@ -48,7 +54,11 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch intra-op threads")
-    args = parser.parse_args()
+    add_output_options(parser, f"small sizes {QUICK}, to check the script runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    out = output_dir(args.out, args.quick, "transformer-export")
 
     import torch
     import transformers
@@ -68,7 +78,7 @@ def main() -> None:
                     print(threads, n, tokens, name, summary, flush=True)
                 runs.append({"threads": threads, "n": n, "tokens": tokens, "cases": results})
     payload = {
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load_average_at_start": load_at_start,
@@ -78,7 +88,7 @@ def main() -> None:
         "goal_speedup_vs_loop": GOAL_SPEEDUP,
         "runs": runs,
     }
-    print(write_json("transformer_export", payload))
+    print(f"wrote {write_json('transformer_export_quick' if args.quick else 'transformer_export', payload, out)}")
 
 
 def _cases(args, n: int, tokens: int) -> dict:

@@ -2,7 +2,7 @@
 float32 G.T @ G and this machine's sgemm throughput.
 
     PYTHONPATH=src python benchmarks/whitening.py            # the recorded size (results/whitening.json)
-    PYTHONPATH=src python benchmarks/whitening.py --quick    # a smoke run (JSON in the temp folder)
+    PYTHONPATH=src python benchmarks/whitening.py --quick    # a smoke run (JSON in a new temporary folder)
 
 Contenders, interleaved (benchmarks.common.time_interleaved), on the same in-memory (n, d) float32 G:
 numpy_gtg (G.T @ G in float32: OpenBLAS ssyrk, float32 sums over all n rows), tracin_float32 (the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import RESULTS_DIR, at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
 from tracin.whitening import Whitening  # noqa: E402
 from tracin.whitening._inverse import damped_inverse  # noqa: E402
 from tracin.whitening._moments import second_moments  # noqa: E402
@@ -53,7 +52,9 @@ def random_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     return g
 
 
-def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
+def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, verdict: bool = True) -> dict:
+    """Times the contenders (`warmup` untimed calls each first) and judges the goal (met: None
+    without `verdict`, as for --quick's toy sizes)."""
     g = random_rows(n, d)
     grads = tracin.Gradients(g)
     square = g[:d] if n >= d else random_rows(d, d, 1)
@@ -67,7 +68,7 @@ def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
                 "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
             },
             repeats=repeats,
-            warmup=0,
+            warmup=warmup,
             pause_s=1.0,
         )
         (r,) = second_moments(grads, _NoBar(), "float64")
@@ -97,7 +98,9 @@ def measure(n: int, d: int, repeats: int, threads: int | None) -> dict:
             "fraction": GOAL,
             "met": bool(
                 ours["fraction_of_sgemm"] >= GOAL and timings["numpy_gtg"]["median_s"] / ours["median_s"] >= GOAL
-            ),
+            )
+            if verdict
+            else None,
         },
     }
 
@@ -113,21 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         help=f"interleaved rounds, at least {MIN_REPEATS} but with --quick (default {MIN_REPEATS})",
     )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, to check the script runs")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="folder for the JSON (default benchmarks/results, the temp folder with --quick)",
-    )
+    add_output_options(parser, "small sizes, one warm-up call each, no verdict: to check the script runs")
     args = parser.parse_args(argv)
     if args.repeats < MIN_REPEATS and not args.quick:
         parser.error(
             f"--repeats must be at least {MIN_REPEATS} (fewer cannot tell a result from noise), got {args.repeats}"
         )
     n, d = (4096, 256) if args.quick else (args.n, args.d)
-    result = measure(n, d, args.repeats, args.threads)
-    out = args.out or (Path(tempfile.gettempdir()) if args.quick else RESULTS_DIR)
+    result = measure(n, d, args.repeats, args.threads, warmup=1 if args.quick else 0, verdict=not args.quick)
+    out = output_dir(args.out, args.quick, "whitening")
     path = write_json("whitening_quick" if args.quick else "whitening", result, out)
     t = result["timings"]
     print(
@@ -135,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{t['numpy_gtg']['gflops']:.1f}, tracin float32 {t['tracin_float32']['gflops']:.1f} "
         f"({t['tracin_float32']['fraction_of_sgemm']:.0%} of sgemm, {result['float32_vs_numpy_gtg']:.0%} of "
         f"numpy), float64 {t['tracin_float64']['gflops']:.1f}; inverse {result['damped_inverse_s']:.1f} s, "
-        f"fit {result['whitening_fit_s']:.1f} s; goal met: {result['goal']['met']}"
+        f"fit {result['whitening_fit_s']:.1f} s; goal met: "
+        + ("no verdict (--quick)" if result["goal"]["met"] is None else str(result["goal"]["met"]))
     )
     print(f"wrote {path}")
     return 0

@@ -540,3 +540,86 @@ def test_report_prints_the_table_and_writes_a_readme_only_when_given_one(tmp_pat
     with pytest.raises(SystemExit) as e:
         report.main(["--json", str(source), "--block", "kernel"])
     assert e.value.code == 2 and "--readme" in capsys.readouterr().err
+
+
+def test_output_dir_is_out_else_a_new_temporary_folder_for_quick_else_results(tmp_path):
+    from benchmarks.common import RESULTS_DIR, output_dir
+
+    assert output_dir(tmp_path, True, "x") == tmp_path and output_dir(tmp_path, False, "x") == tmp_path
+    assert output_dir(None, False, "x") == RESULTS_DIR
+    first, second = output_dir(None, True, "x"), output_dir(None, True, "x")
+    assert first != second and first.is_dir() and not first.resolve().is_relative_to(CHECKOUT)
+    first.rmdir()
+    second.rmdir()
+
+
+_WRITES_JSON = [
+    "compiled_ceiling",
+    "distributed",
+    "first_install",
+    "gpu",
+    "jax_export",
+    "kernel",
+    "projection",
+    "store",
+    "torch_end_to_end",
+    "transformer_export",
+    "whitening",
+]
+_HAS_QUICK = {
+    "gpu",
+    "jax_export",
+    "kernel",
+    "projection",
+    "store",
+    "torch_end_to_end",
+    "transformer_export",
+    "whitening",
+}
+
+
+@pytest.mark.parametrize("script", _WRITES_JSON)
+def test_every_benchmark_script_takes_out_and_the_small_ones_quick(script):
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{script}", "--help"],
+        cwd=CHECKOUT,
+        env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "No module named" in done.stderr and "No module named 'tracin" not in done.stderr:
+        pytest.skip(done.stderr.strip().splitlines()[-1])  # a bench extra not installed
+    assert done.returncode == 0, done.stderr
+    assert "--out" in done.stdout
+    assert ("--quick" in done.stdout) == (script in _HAS_QUICK)
+
+
+def test_store_quick_writes_outside_the_checkout(capsys, tmp_path):
+    from benchmarks import store
+
+    stray = CHECKOUT / "benchmarks" / "results" / "store_quick.json"
+    assert store.main(["--quick", "--dir", str(tmp_path)]) == 0
+    path = Path(re.search(r"wrote (\S+store_quick\.json)$", capsys.readouterr().out, re.MULTILINE)[1])
+    assert path.exists() and not path.resolve().is_relative_to(CHECKOUT) and not stray.exists()
+    assert json.loads(path.read_text())["config"]["repeats"] == 1
+    shutil.rmtree(path.parent)
+
+
+def test_whitening_quick_gives_no_verdict_and_warms_up(monkeypatch, capsys, tmp_path):
+    from benchmarks import whitening
+
+    warmups = []
+
+    def timed(contenders, repeats=5, warmup=1, **kwargs):
+        warmups.append(warmup)
+        for fn in contenders.values():
+            fn()
+        return {name: {"median_s": 1e-3, "times_s": [1e-3] * repeats} for name in contenders}  # "fast": met
+
+    monkeypatch.setattr(whitening, "time_interleaved", timed)
+    assert whitening.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "whitening_quick.json").read_text())["goal"]["met"] is None
+    assert "goal met: no verdict (--quick)" in capsys.readouterr().out
+    assert warmups[-1] == 1  # the contenders' timing: one untimed call each first
+    assert whitening.measure(256, 32, 3, 1)["goal"]["met"] is True  # a recorded run is judged

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from ..common import RESULTS_DIR, machine_info, missing_modules, write_json
+from ..common import RESULTS_DIR, add_output_options, machine_info, missing_modules, output_dir, write_json
 from . import config, plots, report
 from .run import run
 
@@ -16,13 +15,7 @@ NEEDS = ("torch", "sklearn", "scipy", "matplotlib")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument("--quick", action="store_true", help="small models and few subset models: a smoke test")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
-    )
+    add_output_options(p, "small models and few subset models: a smoke test")
     p.add_argument(
         "--cache",
         type=Path,
@@ -43,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     suite = config.QUICK if args.quick else config.FULL
-    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-quality-quick-")) if args.quick else RESULTS_DIR)
+    out = output_dir(args.out, args.quick, "quality")
     cache = args.cache or ((out / ".cache") if args.quick else RESULTS_DIR / ".cache")
     name = "quality_quick" if args.quick else "quality"
     payload = run(suite, cache, log=lambda s: print(s, flush=True))
