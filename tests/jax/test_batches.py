@@ -23,7 +23,9 @@ def test_arrays_are_cut_and_the_last_batch_padded_with_its_last_row():
     assert all(b.inputs.shape == (4, 2) and b.targets.shape == (4,) for b in batches)
     np.testing.assert_array_equal(batches[2].targets, [8, 9, 9, 9])
     np.testing.assert_array_equal(batches[2].inputs, x[[8, 9, 9, 9]])
-    assert BatchPlan((x, y), None).size == 10  # default 64, capped at n
+    small = BatchPlan((x, y), None)  # default 64, not capped at n: the shape of a larger (train) export
+    assert small.size == 64 and [(b.start, b.count) for b in small] == [(0, 10)]
+    np.testing.assert_array_equal(next(iter(small)).inputs, x[[*range(10), *[9] * 54]])
 
 
 def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
@@ -159,7 +161,7 @@ def test_a_loss_failing_on_two_pairs_read_as_two_batches_says_how_they_were_read
     grads = export_gradients(loss, [(params, 1.0)], [data], progress=False)
     ref = per_example_jax_grad(loss, params, (x, mask), (y, w))
     np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
-    with pytest.raises(ValueError, match=r"failed on a batch of 6: [^;]*$"):  # no note for an unambiguous pair
+    with pytest.raises(ValueError, match=r"failed on a batch of 64: [^;]*$"):  # no note for an unambiguous pair
         export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
 
 

@@ -118,6 +118,32 @@ def test_last_batch_is_padded_not_recompiled_and_each_export_compiles_once(mlp, 
     assert traces == [(32, 5), *checks[1:], (1, 5)]  # another batch size: compiled once more
 
 
+def test_a_set_smaller_than_the_batch_size_reuses_the_compilation_of_a_larger_one(mlp):
+    """A test set of 8 or 9 rows after a train set of 100, default batch size: padded to 64 rows, the
+    train export's shape, so the per-example function is not compiled again (it was, once per row count
+    below 64); its rows are those the train export gives the same examples, and the float64 reference's."""
+    r = np.random.default_rng(11)
+    x, y = r.normal(size=(100, 5)).astype(np.float32), r.integers(0, 3, 100)
+    compiled = []
+
+    def counted_loss(params, inputs, targets):
+        if inputs.shape[0] == 1:  # a batch of one: a trace of the per-example (vmapped) function
+            compiled.append(inputs.shape)
+        return mlp.loss_fn(params, inputs, targets)
+
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    train = export_gradients(counted_loss, ckpts, (x, y), progress=False)
+    assert len(compiled) == 1
+    for n in (8, 9):
+        test = export_gradients(counted_loss, ckpts, (x[:n], y[:n]), progress=False)
+        assert len(compiled) == 1, f"the {n}-row export compiled the per-example function again"
+        for c, weights in enumerate(mlp.weights):
+            assert test.matrices[c].shape == (n, train.matrices[c].shape[1])
+            np.testing.assert_array_equal(test.matrices[c], train.matrices[c][:n])
+            ref = mlp.reference_rows(mlp.reference_grads(weights, x[:n], y[:n]), ["b1", "w1", "b2", "w2"], KERNELS)
+            _close(test.matrices[c], ref)
+
+
 def test_iterable_of_batches_equals_arrays(mlp, data):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))

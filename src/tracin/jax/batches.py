@@ -1,5 +1,6 @@
 """Data as fixed-size batches: shorter batches are padded to the batch size, so the row count never
-compiles again (the other axes, e.g. a sequence length, are kept: each of their shapes compiles once)."""
+compiles again, not even for a dataset smaller than the batch size (the other axes, e.g. a sequence
+length, are kept: each of their shapes compiles once)."""
 
 from __future__ import annotations
 
@@ -126,7 +127,10 @@ class BatchPlan:
     batches; inputs and targets may be pytrees of arrays, targets None (no arrays) for a loss that
     ignores them (passed on as None). Which of the two a tuple or list of two is: PAIR_RULE.
     batch_size: the padded size (default: 64 for arrays, the first batch's size for iterables);
-    longer batches are cut into pieces. note: how ambiguous data was read, for loss_fn errors ("" if not).
+    longer batches are cut into pieces. Arrays with fewer rows than the batch size are padded up to it
+    too, an explicit batch_size far above n included: a test set then runs at the shape its train set
+    compiled, instead of compiling once more for each row count (the padded rows cost compute, are
+    dropped and never written). note: how ambiguous data was read, for loss_fn errors ("" if not).
     """
 
     def __init__(self, data: Any, batch_size: int | None):
@@ -143,7 +147,7 @@ class BatchPlan:
             self.n_rows: int | None = _rows(inputs, targets, "data")
             if self.n_rows == 0:
                 raise ValueError("data has no rows")
-            self.size: int | None = min(batch_size or DEFAULT_BATCH_SIZE, self.n_rows)
+            self.size: int | None = batch_size or DEFAULT_BATCH_SIZE
         else:
             if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
                 raise TypeError(

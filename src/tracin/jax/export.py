@@ -101,11 +101,13 @@ def export_gradients(
         of every checkpoint and of loss_fn / layer_input (by qualified name), so a resume with any of
         them changed is a ValueError naming what changed rather than rows mixed from two exports.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
-        shorter batches are padded to it (longer ones split), so the row count never compiles the
-        per-example function again. Its other axes do: it compiles once per distinct input shape
-        (each new sequence length of variable-length batches is a new trace and XLA compile, seconds
-        or more for a large model). To bound the compiles, pad sequences to a few fixed lengths (e.g.
-        multiples of 64, or one max length) and mask the padding in loss_fn.
+        shorter batches are padded to it (longer ones split), arrays of fewer rows than batch_size
+        included (an 8-row test set runs as 64 rows, the padding computed and dropped), so the row
+        count never compiles the per-example function again and a test export reuses the compilation
+        of its train export with the same batch_size. Its other axes do: it compiles once per
+        distinct input shape (each new sequence length of variable-length batches is a new trace and
+        XLA compile, seconds or more for a large model). To bound the compiles, pad sequences to a few
+        fixed lengths (e.g. multiples of 64, or one max length) and mask the padding in loss_fn.
     progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
         a couple of seconds, if tqdm is installed).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
