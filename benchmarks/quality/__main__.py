@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = missing_modules(NEEDS)
     if missing:
         print(
-            f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench,torch]' "
-            "scikit-learn)",
+            f"python -m benchmarks.quality: error: needs {', '.join(missing)} (pip install 'tracin[bench]')",
             file=sys.stderr,
         )
         return 1
