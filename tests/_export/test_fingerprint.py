@@ -6,13 +6,14 @@ import collections
 import dataclasses
 import functools
 import json
+import sys
 import typing
 
 import numpy as np
 import pytest
 
 from tracin._export.fingerprint import DataFingerprint, callable_identity, digest_arrays, digest_path
-from tracin._export.resume import changed_inputs
+from tracin._export.resume import changed_inputs, without_code
 
 
 def test_array_digests_see_order_dtype_shape_and_contents():
@@ -159,12 +160,15 @@ class _Loss:
 
 
 def test_callable_identity_names_functions_and_settings_not_addresses():
-    assert callable_identity(_loss) == f"{__name__}._loss"
-    assert callable_identity(functools.wraps(_loss)(lambda o, t: o)) == f"{__name__}._loss"
-    assert callable_identity(lambda o, t: o) == (
+    code = f" code[{sys.version_info.major}.{sys.version_info.minor}]="
+    assert callable_identity(_loss).startswith(f"{__name__}._loss{code}")
+    assert callable_identity(functools.wraps(_loss)(lambda o, t: o)) == callable_identity(_loss)
+    assert without_code(callable_identity(lambda o, t: o)) == (
         f"{__name__}.test_callable_identity_names_functions_and_settings_not_addresses.<locals>.<lambda>"
     )
-    assert callable_identity(functools.partial(_loss, targets=1)) == f"partial({__name__}._loss, (), {{'targets': 1}})"
+    partial = callable_identity(functools.partial(_loss, targets=1))
+    assert without_code(partial) == f"partial({__name__}._loss, (), {{'targets': 1}})" and code in partial
+    assert callable_identity(len) == "builtins.len"  # no code to digest
     a, b = _Loss(0.1), _Loss(0.1)
     assert callable_identity(a) == callable_identity(b)  # two objects: same repr once addresses are dropped
     assert "{'smoothing': 0.1}" in callable_identity(a) and " at 0x" not in callable_identity(a)
@@ -225,6 +229,7 @@ def test_callable_identity_digests_closure_settings_and_partial_arrays():
     same, other = callable_identity(_make_loss(1.0)), callable_identity(_make_loss(100.0))
     assert same == callable_identity(_make_loss(1.0)) != other
     assert same.startswith(name + " closure[scale, weights]=") and other.startswith(name + " closure[")
+    assert without_code(same) != without_code(other)  # the closure digest tells them apart, not the code
     big = np.ones(5000, np.float32)
     changed = big.copy()
     changed[2500] = 100.0
@@ -235,9 +240,9 @@ def test_callable_identity_digests_closure_settings_and_partial_arrays():
     assert len(identities) == 3 and all(" arrays[targets]=" in i for i in identities)
     weighted = {callable_identity(_make_loss(1.0, w)) for w in (big, changed)}
     assert len(weighted) == 2
-    assert callable_identity(_recursive) == f"{__name__}._recursive"  # a global, not a closure
+    assert without_code(callable_identity(_recursive)) == f"{__name__}._recursive"  # a global, not a closure
     assert callable_identity(_recursive_factory(2)) != callable_identity(_recursive_factory(3))  # no endless loop
-    (change,) = changed_inputs({"loss": name}, {"loss": same})
+    (change,) = changed_inputs({"loss": name}, {"loss": without_code(same)})
     assert "before the settings a function's closure holds" in change
 
 
@@ -311,3 +316,48 @@ def test_stable_repr_sorts_sets_inside_dataclasses_namedtuples_and_dict_subclass
     assert stable_repr((_Config(names),)) == f"(_Config(names={text}, depth=2),)"
     plain = [_Config((1, 2)), _Named(3), collections.OrderedDict(a=1)]
     assert [stable_repr(o) for o in plain] == [repr(o) for o in plain]
+
+
+def _compiled(source: str, module: str = "lossmod", filename: str = "loss.py") -> typing.Any:
+    """The function `f` that `source` defines, as module `module` defines it from `filename`."""
+    namespace: dict = {"__name__": module}
+    exec(compile(source, filename, "exec", dont_inherit=True), namespace)
+    return namespace["f"]
+
+
+_F = "def f(o, t, s=0.1):\n    return sum(x * s for x in o) + (lambda v: v + 1)(t)\n"
+
+
+def test_callable_identity_digests_a_functions_code_not_where_it_is():
+    """An edited body, default, nested lambda or generator changes the identity; moving the function
+    (another file, other line numbers, a comment) does not."""
+    base = callable_identity(_compiled(_F))
+    assert base == callable_identity(
+        _compiled("# moved\n\n\n" + _F.replace("\n    return", "  # a comment\n    return"), filename="other.py")
+    )
+    edited = [
+        _F.replace("x * s", "x * s * 2"),  # the generator's code (a nested code object)
+        _F.replace("v + 1", "v + 2"),  # the lambda's
+        _F.replace("s=0.1", "s=0.3"),  # a default value
+        _F.replace("sum(", "max("),  # a global it names
+        _F.replace("(o, t,", "(o, t, u=None,"),  # its arguments
+        _F.replace("return", "try:\n        return").replace("(t)\n", "(t)\n    finally:\n        pass\n"),
+    ]
+    identities = {base, *(callable_identity(_compiled(e)) for e in edited)}
+    assert len(identities) == len(edited) + 1
+    assert all(without_code(i) == "lossmod.f" for i in identities)  # the name alone, as before
+
+
+def test_callable_identity_digests_the_code_of_functions_a_closure_or_partial_holds():
+    def factory(helper):
+        def loss(o, t):
+            return helper(o, t)
+
+        return loss
+
+    a, b = _compiled("def f(o, t):\n    return o - t\n"), _compiled("def f(o, t):\n    return o + t\n")
+    assert callable_identity(factory(a)) != callable_identity(factory(b))
+    assert without_code(callable_identity(factory(a))) == without_code(callable_identity(factory(b)))
+    assert callable_identity(functools.partial(a, t=1)) != callable_identity(functools.partial(b, t=1))
+    method = _Loss(0.1).__call__
+    assert callable_identity(method).endswith(callable_identity(_Loss.__call__).rpartition(" ")[2])

@@ -162,17 +162,83 @@ def callable_identity(fn: Any) -> str:
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
     followed, when it holds arrays, by their names and digest (a torch module's state_dict: class
-    weights, pos_weight...; public array attributes) as "arrays[weight]=<digest>"."""
+    weights, pos_weight...; public array attributes) as "arrays[weight]=<digest>".
+
+    A Python function's identity ends with " code[3.11]=<digest>": the Python version (major.minor:
+    bytecode differs between versions) and a digest of its code (bytecode, constants, nested code
+    objects such as lambdas and comprehensions, names, arguments, default values), and of the code
+    of the functions its closure or a partial holds. Not of its line numbers or file: moving it, or
+    adding a comment or blank line, keeps it. Not covered: helper functions it calls by global name,
+    modules and objects it reads (their settings and code)."""
     return _identity(fn, set())
 
 
-def _identity(fn: Any, seen: set[int]) -> str:
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # the version whose bytecode code digests cover
+_EMPTY = _hasher().digest()
+
+
+def _digest_function_code(fn: Any, h: Any, seen: set[int]) -> None:
+    """Fold into `h` the code of a Python function (its code object, default values) and of the
+    functions and partials its closure holds; nothing for other callables (builtins)."""
+    if id(fn) in seen:
+        return
+    seen.add(id(fn))
+    if isinstance(fn, functools.partial):
+        _digest_function_code(fn.func, h, seen)
+        return
+    if not isinstance(fn, types.FunctionType):
+        return
+    _digest_code(fn.__code__, h)
+    for default in (fn.__defaults__, fn.__kwdefaults__):
+        if default:
+            values = default.values() if isinstance(default, dict) else default
+            arrays = [v for v in values if _is_array(v, sys.modules.get("torch"))]
+            h.update(
+                stable_repr(default).encode() + (_digest_named(dict(enumerate(arrays))) if arrays else "").encode()
+            )
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(value, (types.FunctionType, functools.partial)):
+            _digest_function_code(value, h, seen)
+
+
+def _digest_code(code: types.CodeType, h: Any) -> None:
+    """Fold a code object into `h`: bytecode, names, argument counts and flags, constants (nested code
+    objects recursively), not co_filename, co_firstlineno or the line table."""
+    h.update(code.co_code)
+    h.update(getattr(code, "co_exceptiontable", b""))  # try blocks (Python 3.11+), by bytecode offsets
+    parts = (
+        code.co_name,
+        getattr(code, "co_qualname", ""),
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags & 0xFFFF,  # not the __future__ imports in effect (exec and notebooks inherit them)
+    )
+    h.update(repr(parts).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            h.update(b"<code>")
+            _digest_code(const, h)
+        else:
+            h.update(f"{type(const).__name__}:{stable_repr(const)};".encode())
+
+
+def _identity(fn: Any, seen: set[int], code: bool = True) -> str:
     """callable_identity; `seen`: the ids of the functions and partials being described (a recursive
-    closure, a partial of a function held in that function's closure)."""
+    closure, a partial of a function held in that function's closure). code False: without the code
+    digest (a function held in a closure, whose code the outer function's digest covers)."""
     if isinstance(fn, functools.partial):
         given = {f"args[{i}]": a for i, a in enumerate(fn.args)} | dict(fn.keywords)
         arrays = {k: v for k, v in given.items() if _is_array(v, sys.modules.get("torch"))}
-        inner = "<recursive>" if id(fn.func) in seen else _identity(fn.func, seen | {id(fn)})
+        inner = "<recursive>" if id(fn.func) in seen else _identity(fn.func, seen | {id(fn)}, code)
         return f"partial({inner}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
             f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
         )
@@ -180,7 +246,12 @@ def _identity(fn: Any, seen: set[int]) -> str:
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
         name = f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
         captured = _captured(fn, seen | {id(fn)}) if isinstance(fn, types.FunctionType) else {}
-        return name + (f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else "")
+        closure = f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else ""
+        if not code:
+            return name + closure
+        h = _hasher()
+        _digest_function_code(getattr(fn, "__func__", fn), h, set())
+        return name + closure + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
     kind = type(fn)
     settings = {
         k: v
@@ -217,7 +288,7 @@ def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
         elif _is_array(value, torch):
             found[name] = value
         elif isinstance(value, (types.FunctionType, functools.partial)) and id(value) not in seen:
-            found[name] = _identity(value, seen)
+            found[name] = _identity(value, seen, code=False)
         elif id(value) in seen:
             found[name] = "<recursive>"
     return found

@@ -4,12 +4,14 @@ The store refuses any spec change on its own (with both metadata dicts in full);
 first and says in words which parameters (columns) differ, else which fingerprinted input does: the
 data, a checkpoint, the model's structure or the loss function. A store exported before
 metadata["checkpoint_sources"] was recorded resumes without it, with the digests it holds of
-in-memory checkpoints (as_exported_before).
+in-memory checkpoints (as_exported_before); one whose loss function identity was recorded before
+code was digested, or under a script's __main__ name, resumes with the same function.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +34,9 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
     changes = []
     old, new = before.get("checkpoints"), now.get("checkpoints")
     if old != new:
-        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and sorted(old) == sorted(new):
+            changes.append("the same checkpoints in another order")
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
             changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
         else:
             changes.append(
@@ -45,8 +49,9 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
             changes.append(
                 _WHAT.get(key, f"fingerprint {key!r} differs")
                 + detail
-                + _unrecorded(before.get(key), now.get(key))
+                + _unrecorded(before.get(key), without_code(now.get(key)))
                 + _closure_change(before.get(key), now.get(key))
+                + _code_change(before.get(key), now.get(key))
             )
     return changes
 
@@ -92,6 +97,66 @@ def _unrecorded(before: Any, now: Any) -> str:
     return ""
 
 
+_CODE = re.compile(r" code\[(\d+\.\d+)\]=([0-9a-f]{32})")
+
+
+def without_code(identity: Any) -> Any:
+    """A function identity (callable_identity) as tracin recorded it before it digested code: without
+    its " code[3.11]=<digest>" parts; anything else as is."""
+    return _CODE.sub("", identity) if isinstance(identity, str) else identity
+
+
+def _code_change(before: Any, now: Any) -> str:
+    """When two identities (callable_identity) differ only by their code digests: says so, and when
+    the Python versions that made them differ, that bytecode does too."""
+    if not isinstance(before, str) or not isinstance(now, str):
+        return ""
+    if " code[" not in before or without_code(before) != without_code(_main_renamed(before, now)):
+        return ""
+    versions = [sorted({m.group(1) for m in _CODE.finditer(text)}) for text in (before, now)]
+    if versions[0] == versions[1]:
+        return ": its code differs (the function, or one its closure holds, was edited)"
+    return (
+        f": recorded under Python {', '.join(versions[0])}, this is Python {', '.join(versions[1])}, and "
+        "bytecode differs between Python versions: resume the export with the Python version that started it"
+    )
+
+
+def _function_name(identity: str) -> str:
+    """The "module.qualname" an identity (callable_identity) starts with, inside any partial(...)."""
+    while identity.startswith("partial("):
+        identity = identity[len("partial(") :]
+    return re.split(r"[ ,]", identity, maxsplit=1)[0]
+
+
+def _main_renamed(before: str, now: str) -> str:
+    """`now` with the module name of `before` in place of "__main__" (or of "__main__" in place of
+    its module name) when one of them names a script's function and the other the same qualname in a
+    module; `now` otherwise."""
+    names = [_function_name(text) for text in (before, now)]
+    if names[1].startswith("__main__."):
+        qualname = names[1][len("__main__.") :]
+        if names[0].endswith("." + qualname):
+            return now.replace("__main__.", names[0][: -len(qualname)])
+    if names[0].startswith("__main__."):
+        qualname = names[0][len("__main__.") :]
+        if names[1].endswith("." + qualname):
+            return now.replace(names[1][: -len(qualname)], "__main__.")
+    return now
+
+
+def same_function(stored: Any, now: Any) -> bool:
+    """Whether the function identity `now` (callable_identity) names the same function as `stored`,
+    a store's, though the texts differ: `stored` recorded before code was digested and equal to
+    `now` without its code digests, or the same code (whose digest covers the qualname) from a script
+    run as __main__ on one side and imported as a module on the other."""
+    if not isinstance(stored, str) or not isinstance(now, str) or stored == now:
+        return False
+    if " code[" not in stored:
+        return without_code(now) == stored
+    return " code[" in now and _main_renamed(stored, now) == stored
+
+
 def _closure_change(before: Any, now: Any) -> str:
     """When two identities (callable_identity) differ only by the digest of the same closure
     variables: names them as what changed, and where a call counter belongs."""
@@ -121,15 +186,30 @@ def _existing_metadata(path: str | os.PathLike) -> dict | None:
     return existing if isinstance(existing, dict) and isinstance(existing.get("fingerprints"), dict) else None
 
 
+_FUNCTIONS = ("loss", "layer_input")  # the fingerprints that are function identities (callable_identity)
+
+
 def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: Callable[[int], str | None]) -> dict:
-    """`metadata` as a store exported before "checkpoint_sources" was recorded holds it, when `path`
-    holds such a store (its spec lacks the key), so that the store resumes, or is returned when
-    finished, as it is: without "checkpoint_sources", and with the stored digest of each in-memory
-    checkpoint whose digest differs but whose `legacy_digest(c)` (the digest those versions made;
-    None when it never changed) equals it. `metadata` otherwise. Scoring trusts such a store's
+    """`metadata` with the store's identity of the loss function and layer_input where they name the
+    same function (same_function: a store written before code was digested, or a script's __main__
+    function imported by name), so that the store resumes; and `metadata` as a store exported before
+    "checkpoint_sources" was recorded holds it, when `path` holds such a store (its spec lacks the
+    key), so that the store resumes, or is returned when finished, as it is: without
+    "checkpoint_sources", and with the stored digest of each in-memory checkpoint whose digest
+    differs but whose `legacy_digest(c)` (the digest those versions made; None when it never
+    changed) equals it. `metadata` otherwise. Scoring trusts such a store's
     checkpoints as it always did."""
     existing = _existing_metadata(path)
-    if existing is None or "checkpoint_sources" in existing:
+    if existing is None:
+        return metadata
+    functions = {
+        key: existing["fingerprints"][key]
+        for key in _FUNCTIONS
+        if same_function(existing["fingerprints"].get(key), metadata["fingerprints"].get(key))
+    }
+    if functions:
+        metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], **functions}}
+    if "checkpoint_sources" in existing:
         return metadata
     digests = list(metadata["fingerprints"]["checkpoints"])
     stored = existing["fingerprints"].get("checkpoints")

@@ -1,0 +1,148 @@
+"""Resuming a torch export into a store whose loss function identity (callable_identity) was recorded
+with another code, another module name (a script run as __main__, then imported), or in the format
+of versions that did not digest code; and how reordered checkpoints are named."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tracin._export.fingerprint import callable_identity
+from tracin._export.resume import changed_inputs, same_function, without_code
+from tracin.torch import export_gradients
+
+_SOURCE = """
+import torch.nn.functional as F
+{before}
+STOP = 0  # the call that raises (an interrupted export), 0: none
+calls = [0]
+
+
+def loss_fn(outputs, targets):
+    calls[0] += 1
+    if calls[0] == STOP:
+        raise KeyboardInterrupt
+    return F.cross_entropy(outputs, targets, reduction="none"{extra})
+"""
+
+
+def _loss(tmp_path: Path, module: str, extra: str = "", before: str = "") -> types.FunctionType:
+    """loss_fn of _SOURCE (`extra` arguments, `before` lines above it): imported from a file as
+    `module`, or run as a script ("__main__")."""
+    path = tmp_path / f"{module.strip('_')}{len(list(tmp_path.glob('*.py')))}.py"
+    path.write_text(_SOURCE.format(extra=extra, before=before))
+    if module == "__main__":
+        namespace: dict = {"__name__": "__main__"}
+        exec(compile(path.read_text(), str(path), "exec", dont_inherit=True), namespace)
+        return namespace["loss_fn"]
+    spec = importlib.util.spec_from_file_location(module, path)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    finally:
+        del sys.modules[module]
+    return loaded.loss_fn
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    states = []
+    for _ in range(2):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(11, 4)
+    y = torch.randint(0, 3, (11,))
+    return model, [(states[0], 0.5), (states[1], 0.25)], (x, y)
+
+
+def _export(problem, loss, store):
+    model, checkpoints, data = problem
+    return export_gradients(model, checkpoints, data, loss, store=store, batch_size=4, progress=False)
+
+
+def test_an_edited_loss_function_is_refused_on_resume(problem, tmp_path):
+    _export(problem, _loss(tmp_path, "lossmod"), tmp_path / "s")
+    edited = _loss(tmp_path, "lossmod", ", label_smoothing=0.3")
+    with pytest.raises(ValueError, match=r"the loss function differs .*: its code differs"):
+        _export(problem, edited, tmp_path / "s")
+    moved = _loss(tmp_path, "lossmod", before="# a comment and blank lines move it: its code is the same\n\n\n")
+    assert _export(problem, moved, tmp_path / "s").complete
+
+
+def _rows(store: Path) -> list[np.ndarray]:
+    return [np.load(f) for f in sorted(store.glob("checkpoint_*.npy"))]
+
+
+def test_a_script_loss_resumed_by_import_is_the_same_function(problem, tmp_path):
+    script = _loss(tmp_path, "__main__")
+    script.__globals__["STOP"] = 4  # in the second checkpoint's pass (3 batches each)
+    with pytest.raises(KeyboardInterrupt):
+        _export(problem, script, tmp_path / "s")
+    resumed = _export(problem, _loss(tmp_path, "exp"), tmp_path / "s")  # refused ("other inputs") before
+    assert resumed.complete and resumed.metadata["fingerprints"]["loss"] == callable_identity(script)
+    whole = _export(problem, _loss(tmp_path, "exp"), tmp_path / "whole")
+    assert whole.complete
+    for a, b in zip(_rows(tmp_path / "s"), _rows(tmp_path / "whole"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="its code differs"):  # the same name, another code: still refused
+        _export(problem, _loss(tmp_path, "exp", ", label_smoothing=0.3"), tmp_path / "s")
+
+
+def test_a_store_recording_the_loss_without_code_resumes_with_the_same_function(problem, tmp_path):
+    loss = _loss(tmp_path, "lossmod")
+    loss.__globals__["STOP"] = 4
+    with pytest.raises(KeyboardInterrupt):
+        _export(problem, loss, tmp_path / "s")
+    loss.__globals__["STOP"] = 0
+    manifest = tmp_path / "s" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    assert doc["metadata"]["fingerprints"]["loss"].startswith("lossmod.loss_fn code[")
+    doc["metadata"]["fingerprints"]["loss"] = "lossmod.loss_fn"  # as versions before code digests wrote it
+    manifest.write_text(json.dumps(doc))
+    resumed = _export(problem, loss, tmp_path / "s")
+    assert resumed.complete and resumed.metadata["fingerprints"]["loss"] == "lossmod.loss_fn"
+    _export(problem, loss, tmp_path / "whole")
+    for a, b in zip(_rows(tmp_path / "s"), _rows(tmp_path / "whole"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"the loss function differs \(lossmod.loss_fn there, other.loss_fn code"):
+        _export(problem, _loss(tmp_path, "other"), tmp_path / "s")
+
+
+def test_same_function_compares_names_code_and_recorded_formats():
+    code = " code[3.11]=" + "a" * 32
+    other = " code[3.11]=" + "b" * 32
+    assert same_function("m.f", "m.f" + code)
+    assert same_function("m.f closure[k]=12", "m.f closure[k]=12" + code)
+    assert not same_function("m.f closure[k]=12", "m.f closure[k]=34" + code)
+    assert not same_function("m.f", "n.f" + code)
+    assert same_function("__main__.f" + code, "pkg.exp.f" + code)
+    assert same_function("pkg.exp.f" + code, "__main__.f" + code)
+    assert same_function("partial(__main__.f" + code + ", (), {})", "partial(exp.f" + code + ", (), {})")
+    assert not same_function("__main__.f" + code, "exp.f" + other)
+    assert not same_function("__main__.f" + code, "exp.g" + code)
+    assert not same_function("a.f" + code, "b.f" + code)  # neither ran as a script
+    assert without_code("partial(m.f" + code + ", (), {})") == "partial(m.f, (), {})"
+
+
+def test_changed_inputs_names_reordered_checkpoints_and_another_python():
+    assert changed_inputs({"checkpoints": ["a", "b", "c"]}, {"checkpoints": ["c", "b", "a"]}) == [
+        "the same checkpoints in another order"
+    ]
+    assert changed_inputs({"checkpoints": ["a", "b", "c"]}, {"checkpoints": ["a", "b", "d"]}) == [
+        "checkpoints[2] differs"
+    ]
+    (change,) = changed_inputs({"loss": "m.f code[3.10]=" + "a" * 32}, {"loss": "m.f code[3.11]=" + "b" * 32})
+    assert "recorded under Python 3.10, this is Python 3.11" in change
