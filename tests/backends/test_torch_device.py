@@ -239,8 +239,76 @@ def test_weights_near_one_leave_test_rows_in_place_and_others_are_exact_powers_o
     e = (largest + 96).astype(np.int64)
     assert e[1] == -104 and moved.exponents.tolist() == e.tolist()
     want = np.ldexp(tiny.double().numpy(), (k - e)[:, None])
-    np.testing.assert_array_equal(moved.blocks[0].double().numpy(), want)
+    assert moved.blocks[0] is tiny and moved.later[0].tolist() == (k - e).tolist()  # the caller's: shifted per use
+    np.testing.assert_array_equal(torch_device._shifted(tiny, moved.later[0]).double().numpy(), want)
     assert moved.alphas == [np.ldexp(1e-30, -k)] and 1 <= moved.alphas[0] < 2
+    copied = torch_device._DeviceTest.upload(KernelSide(False, [tiny.bfloat16()], [1]), torch.device("cpu"), 0, [1e-30])
+    want = np.ldexp(tiny.bfloat16().double().numpy(), (k - e)[:, None])  # an uploaded copy is replaced at once
+    assert copied.later is None
+    np.testing.assert_array_equal(copied.blocks[0].double().numpy(), want)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_extreme_weights_copy_one_score_block_of_a_test_set_used_in_place(rng, monkeypatch, factored):
+    """Weights [1e-8, 1e-3] (1e-8 beyond 2^+-24 of 1) on float32 test tensors used in place: the powers of
+    two go on a copy of one score block's rows of one checkpoint at a time, made before its GEMM, not
+    on a copy of the whole test set (before: 2 x 60 x 8 values copied, the set's size, which scoring
+    does not count in its device budget). Scores, top_k and aggregate against float64; the scores are
+    the same bits as with the test set uploaded (a bfloat16 copy of the same values) and copied whole."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 8 * 40)  # 8 test rows per score block
+    copies = []
+    shifted = torch_device._shifted
+    monkeypatch.setattr(
+        torch_device, "_shifted", lambda block, *a: (copies.append(block.numel()), shifted(block, *a))[1]
+    )
+    w = [1e-8, 1e-3]
+    values = [rng.standard_normal((60, 8)).astype(ml_dtypes.bfloat16).astype(np.float32) for _ in w]
+    train = [rng.standard_normal((40, 8)).astype(np.float32) for _ in w]
+    exact, bound = exact_scores(values, train, w), score_bound(values, train, w)
+    test = [torch.from_numpy(v) for v in values]
+    if factored:
+        ones_t, ones_x = [torch.ones(60, 1)] * 2, [np.ones((40, 1), np.float32)] * 2
+        t, x = tracin.FactoredGradients(test, ones_t, w), tracin.FactoredGradients(train, ones_x, w)
+    else:
+        t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    got = tracin.scores(t, x, device="torch:cpu")
+    assert copies and max(copies) <= 8 * 8, copies
+    assert np.all(np.abs(got - exact) <= bound)
+    best = tracin.top_k(t, x, k=5, device="torch:cpu")
+    np.testing.assert_array_equal(best.values, np.take_along_axis(got, best.indices, 1))
+    np.testing.assert_array_equal(best.indices, stable_top_k(exact, 5, -1))
+    total = exact.sum(0)
+    assert np.all(np.abs(tracin.aggregate(t, x, device="torch:cpu") - total) <= bound.sum(0) + 1e-6 * np.abs(total))
+    assert max(copies) <= 8 * 8
+    uploaded = [v.bfloat16() for v in test]  # not float32: copied to the device, folded whole
+    t = tracin.FactoredGradients(uploaded, ones_t, w) if factored else tracin.Gradients(uploaded, w)
+    copies.clear()
+    np.testing.assert_array_equal(tracin.scores(t, x, device="torch:cpu"), got)
+    assert copies == [60 * 8] * 2  # each checkpoint's block, once
+
+
+@pytest.mark.parametrize("w", [[0.0, 1.0], [0.0, 1e-30], [0.0, 1e30]])
+def test_a_zero_weight_factored_checkpoint_adds_nothing_even_where_its_product_overflows(w):
+    """Factored rows [[1e10]] x [[1e10]] scored against themselves under weights [0, w]: the checkpoint
+    of weight 0 (its product 1e40, beyond float32) adds 0, as in the C++ kernel (whose weighted left
+    rows are 0), where before torch:cpu raised the overflow error (inf x 0 = NaN). As there, a weight-0
+    checkpoint whose right factors' product overflows is refused, NaN test rows under weight 0 are
+    named, and all weights 0 give +0."""
+    big, one = np.array([[1e10]], np.float32), np.array([[1.0]], np.float32)
+    t = tracin.FactoredGradients([big, one], [big, one], w)
+    exact = np.float64(w[1])
+    for device in ("torch:cpu", "cpu"):
+        assert tracin.scores(t, t, device=device)[0, 0] == np.float32(exact), device
+        assert tracin.aggregate(t, t, device=device)[0] == np.float32(exact), device
+        assert tracin.top_k(t, t, k=1, device=device).values[0, 0] == np.float32(exact), device
+        right = tracin.FactoredGradients([one, one], [np.array([[1e20]], np.float32), one], w)
+        with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
+            tracin.scores(right, right, device=device)
+        nan = tracin.FactoredGradients([np.array([[np.nan]], np.float32), one], [one, one], w)
+        with pytest.raises(ValueError, match=r"test left factor of checkpoint 0 contains NaN or Inf values"):
+            tracin.scores(nan, tracin.FactoredGradients([one, one], [one, one], w), device=device)
+        zero = tracin.FactoredGradients([big, one], [big, one], [0.0, 0.0])
+        assert not np.signbit(tracin.scores(zero, zero, device=device)[0, 0]), device
 
 
 def test_a_non_finite_test_row_under_a_small_weight_is_named(rng):

@@ -12,8 +12,9 @@ multiplied elementwise), scaled by the weight and added in float32. Weights go o
 in the C++ kernel, so that a GEMM sees the magnitudes of weighted rows (a dot product of rows may
 exceed float32 where the weighted score does not): unless every weight is within 2^+-24 of 1 and
 every weighted test row in float32's comfortable range, each test block (a factored set's left
-factor) is replaced, once per test chunk, by a copy (also of test rows otherwise used in place on
-the device, one block at a time) whose row r of checkpoint c is multiplied by
+factor) is replaced, once per test chunk, by a copy (one block at a time; for test rows used in
+place on the device, a copy of one score block's rows at a time, made before its GEMM and freed
+after, so that the set is never copied whole) whose row r of checkpoint c is multiplied by
 2^(k_c - e_r) (exact: k_c the binary exponent of w_c, e_r the C++ kernel's exponent of row r), the
 GEMM takes w_c / 2^k_c (in [1, 2)) and the sum is multiplied by 2^e_r (_fold_weights). Cosine
 scores (normalize): the
@@ -260,14 +261,15 @@ class _Call:
         """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer
         (the call made with weights)."""
         blocks = self.test_blocks()
-        alphas, exponents = self.prepared.alphas, self.prepared.exponents
+        alphas, exponents, later = self.prepared.alphas, self.prepared.exponents, self.prepared.later
         for i0, i1, x in self.train_tiles():
             x, scales = self.cosine(x)
             scales = None if scales is None else [v.float()[None, :] for v in scales]
             for t0, t1 in blocks:
                 test = [t[t0:t1] for t in self.test]
                 rescale = None if exponents is None else exponents[t0:t1]
-                s = _product(test, x, alphas, self.factored, scales, self.normalize, rescale)
+                fold = None if later is None else {b: (v[t0:t1], t0) for b, v in later.items()}
+                s = _product(test, x, alphas, self.factored, scales, self.normalize, rescale, fold)
                 self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
 
@@ -277,14 +279,17 @@ class _DeviceTest:
     """A test chunk on the device, kept in the loop's ChunkCache for the train pieces it meets: float32
     blocks (cosine scores: a copy scaled by the rows' inverse norms; weighted: see _fold_weights), a
     bool scalar saying whether any input value is NaN or Inf, the blocks' float64 column sums
-    (aggregate's, made on first use), and for weighted blocks the GEMM factor of each checkpoint and
-    the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0)."""
+    (aggregate's, made on first use), and for weighted blocks the GEMM factor of each checkpoint,
+    the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0) and, for
+    blocks that are the caller's rows used in place (later[b], int64 (rows,); None: none), the powers
+    of two their rows are multiplied by in a copy of one score block's rows at a time (_product)."""
 
     blocks: list[torch.Tensor]
     bad: torch.Tensor
     sums: list[torch.Tensor] | None = None
     alphas: list[float] | None = None
     exponents: torch.Tensor | None = None
+    later: dict[int, torch.Tensor] | None = None
 
     @classmethod
     def upload(
@@ -293,6 +298,8 @@ class _DeviceTest:
         """The test side's blocks copied to the device (those already there: widened or used in place),
         weighted (_fold_weights) when `weights` are given."""
         blocks = rows.whole(test, device)
+        sources = [rows.host_tensor(b, code) for b, code in zip(test.blocks, test.dtypes, strict=True)]
+        in_place = [not normalize and t.data_ptr() == s.data_ptr() for t, s in zip(blocks, sources, strict=True)]
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for t in blocks:
             bad |= _not_finite(t)
@@ -303,8 +310,8 @@ class _DeviceTest:
                 blocks[c * per].mul_(scales[c // normalize].float()[:, None])
         if weights is None:
             return cls(blocks, bad)
-        alphas, exponents = _fold_weights(blocks, test.factored, weights)
-        return cls(blocks, bad, alphas=alphas, exponents=exponents)
+        alphas, exponents, later = _fold_weights(blocks, test.factored, weights, in_place)
+        return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later)
 
     def column_sums(self) -> list[torch.Tensor]:
         """float64 (d_c,) sums over the rows of each block."""
@@ -420,15 +427,22 @@ def _product(
     scales: list[torch.Tensor] | None = None,
     run: int = 0,
     exponents: torch.Tensor | None = None,
+    fold: dict[int, tuple[torch.Tensor, int]] | None = None,
 ) -> torch.Tensor:
     """float32 (m, r): sum_c w_c <test_c[t], train_c[i]>, per checkpoint a GEMM (factored: the
     elementwise product of the left and the right factors' GEMMs) scaled by alphas[c], added in
     float32, and each row t multiplied by 2^exponents[t] (rounding once; test rows and alphas as
-    _fold_weights makes them). scales: cosine scores, float32 (1, r) train inverse norms per run of
-    `run` checkpoints, applied to each checkpoint's block (the test side comes scaled)."""
+    _fold_weights makes them; fold[b]: the row shifts of test block b, applied to a copy made just
+    before its GEMM and freed after, and the rows' first index in the whole block). scales: cosine
+    scores, float32 (1, r) train inverse norms per run of `run` checkpoints, applied to each
+    checkpoint's block (the test side comes scaled).
+    Checkpoints of weight 0 add nothing, as in the C++ kernel, whose weighted (left) rows are then 0:
+    a factored one adds 0 x its right factors' GEMM (NaN where that overflows, as there)."""
     out = None
     for c, alpha in enumerate(alphas):
-        out = _add_checkpoint(out, test, train, c, alpha, factored, scales, run)
+        out = _add_checkpoint(out, test, train, c, alpha, factored, scales, run, fold)
+    if out is None:  # every weight 0 (full checkpoints)
+        out = torch.zeros(test[0].shape[0], train[0].shape[0], dtype=torch.float32, device=train[0].device)
     if exponents is None:
         return out
     # beyond float64's normal range the score is 0 or overflows float32 either way
@@ -445,36 +459,50 @@ def _add_checkpoint(
     factored: bool,
     scales: list[torch.Tensor] | None,
     run: int,
-) -> torch.Tensor:
-    """out (a new float32 tensor when None) plus alpha times checkpoint c's (m, r) scores, in float32."""
+    fold: dict[int, tuple[torch.Tensor, int]] | None = None,
+) -> torch.Tensor | None:
+    """out (a new float32 tensor when None) plus alpha times checkpoint c's (m, r) scores, in float32;
+    out as it is (None included) for a full checkpoint of weight 0. The weighted block (full, or the
+    left factor) is first shifted by fold[block] where given (_shifted: a copy, freed on return)."""
+    if alpha == 0:
+        if not factored:
+            return out
+        if out is None:  # +0 (as the C++ tile starts), NaN where the right factors' GEMM overflows
+            out = torch.zeros(test[1].shape[0], train[1].shape[0], dtype=torch.float32, device=train[1].device)
+        return out.add_(torch.mm(test[2 * c + 1], train[2 * c + 1].T), alpha=0.0)  # the left GEMM is 0
+    per = 2 if factored else 1
+    left = test[c * per] if fold is None or c * per not in fold else _shifted(test[c * per], *fold[c * per])
     if factored or scales is not None:
         part = (
-            torch.mm(test[2 * c], train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+            torch.mm(left, train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
             if factored
-            else torch.mm(test[c], train[c].T)
+            else torch.mm(left, train[c].T)
         )
         if scales is not None:
             part.mul_(scales[c // run])
         return part.mul_(alpha) if out is None else out.add_(part, alpha=alpha)
     if out is None:
-        out = torch.empty(test[c].shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
-        return out.addmm_(test[c], train[c].T, beta=0, alpha=alpha)
-    return out.addmm_(test[c], train[c].T, alpha=alpha)
+        out = torch.empty(left.shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
+        return out.addmm_(left, train[c].T, beta=0, alpha=alpha)
+    return out.addmm_(left, train[c].T, alpha=alpha)
 
 
 def _fold_weights(
-    blocks: list[torch.Tensor], factored: bool, weights: Sequence[float]
-) -> tuple[list[float], torch.Tensor | None]:
+    blocks: list[torch.Tensor], factored: bool, weights: Sequence[float], in_place: Sequence[bool]
+) -> tuple[list[float], torch.Tensor | None, dict[int, torch.Tensor] | None]:
     """The weights put on the test side's float32 blocks (a factored set's left factors) as the C++
     kernel packs them (csrc/src/engine.cpp, PackedTest): e_r is 0 unless row r's largest |w_c x value|
     is below 2^-96 (e_r brings it to [2^-96, 2^-95)) or at least 2^127 (to [2^100, 2^101)); a
     non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
-    stay as they are and the GEMMs take the weights (returns (weights, None): no copy; a dot product
-    of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise each block is
-    of nonzero weight replaced by a copy (one at a time) with row r multiplied by 2^(k_c - e_r), k_c the binary exponent
-    of w_c, which is exact but where the product is below float32's normal range (rounded once, as the
-    C++ kernel rounds w_c x value), and the GEMMs take w_c / 2^k_c: returns those and e_r (int64,
-    None when all are 0), by which _product multiplies each score row back."""
+    stay as they are and the GEMMs take the weights (returns (weights, None, None): no copy; a dot
+    product of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the
+    rows r of each block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of
+    w_c, which is exact but where the product is below float32's normal range (rounded once, as the
+    C++ kernel rounds w_c x value), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None
+    when all are 0), by which _product multiplies each score row back, and the shifts k_c - e_r of
+    the blocks that are the caller's rows (in_place[b]; None: none), which _product applies to a
+    copy of one score block's rows at a time, so that a test set used in place is never copied
+    whole; other blocks (uploaded copies) are replaced by their shifted copies, one at a time."""
     per = 2 if factored else 1
     rows = blocks[0].shape[0]
     device = blocks[0].device
@@ -497,23 +525,39 @@ def _fold_weights(
     shift = torch.where(largest < -96, largest + 96, torch.where(largest >= 127, largest - 100, 0))
     shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
     if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
-        return list(weights), None
+        return list(weights), None, None
+    later = {}
     for c, (w, k) in enumerate(zip(weights, exps, strict=True)):
-        if w != 0:  # a block of weight 0 stays: shifted by -e_r it could leave float32's range
+        if w == 0:  # a block of weight 0 is not used (_add_checkpoint)
+            continue
+        if in_place[c * per]:
+            later[c * per] = k - shift
+        else:
             blocks[c * per] = _shifted(blocks[c * per], k - shift)
-    return [math.ldexp(w, -k) for w, k in zip(weights, exps, strict=True)], shift if bool(shift.any()) else None
+    alphas = [math.ldexp(w, -k) for w, k in zip(weights, exps, strict=True)]
+    return alphas, shift if bool(shift.any()) else None, later or None
 
+
+_ALIGNMENT = 128  # float32 values in 512 bytes (_shifted)
 
 _NO_EXPONENT = -(2**40)
 """_fold_weights: the exponent of a row with no nonzero weighted value."""
 
 
-def _shifted(block: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _shifted(block: torch.Tensor, shift: torch.Tensor, first: int | None = None) -> torch.Tensor:
     """A float32 copy of `block` with row i multiplied by 2^shift[i] in float64 (exact) and rounded once,
-    over slices of rows (at most _NORM_SLICE values each)."""
+    over slices of rows (at most _NORM_SLICE values each). first: the block holds rows first: of a
+    larger one, and the copy starts where those rows would in a copy of that (modulo 512 bytes, the
+    CUDA allocator's alignment; torch's CPU GEMMs round differently at other alignments), so that
+    scores are the same bits as from a copy of the whole block."""
     # below 2^-1022 a float32 value times the factor rounds to 0 either way
     factor = _power_of_two(shift.clamp(-1022, 1023), torch.float64)[:, None]
-    out = torch.empty_like(block)
+    if first is None:
+        out = torch.empty_like(block)
+    else:
+        offset = first * block.shape[1] % _ALIGNMENT
+        flat = torch.empty(block.numel() + _ALIGNMENT, dtype=block.dtype, device=block.device)
+        out = flat[offset : offset + block.numel()].view(block.shape)
     step = max(1, _NORM_SLICE // max(block.shape[1], 1))
     for r in range(0, block.shape[0], step):
         out[r : r + step] = block[r : r + step].double().mul_(factor[r : r + step])
