@@ -11,7 +11,7 @@ import pytest
 
 import tracin
 from tracin.jax import export_gradients
-from tracin.jax.batches import BatchPlan
+from tracin.jax.batches import BatchPlan, batch_signature
 
 
 def test_arrays_are_cut_and_the_last_batch_padded_with_its_last_row():
@@ -23,9 +23,31 @@ def test_arrays_are_cut_and_the_last_batch_padded_with_its_last_row():
     assert all(b.inputs.shape == (4, 2) and b.targets.shape == (4,) for b in batches)
     np.testing.assert_array_equal(batches[2].targets, [8, 9, 9, 9])
     np.testing.assert_array_equal(batches[2].inputs, x[[8, 9, 9, 9]])
-    small = BatchPlan((x, y), None)  # default 64, not capped at n: the shape of a larger (train) export
+
+
+def test_a_short_array_set_is_padded_to_the_batch_size_only_where_that_shape_has_run():
+    """Default 64 capped at n = 10 (memory of 10 rows), unless reuse() is told a batch of 64 rows of the
+    same trailing shapes and dtypes has run: then padded to 64, that compilation's shape."""
+    x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
+    asked = []
+
+    def ran(signature):
+        asked.append(signature)
+        return signature == batch_signature(np.zeros((64, 2)), np.zeros(64, np.int64))
+
+    small = BatchPlan((x, y), None)
+    assert small.size == 10 and [(b.start, b.count, b.inputs.shape) for b in small] == [(0, 10, (10, 2))]
+    small.reuse(lambda signature: False)
+    assert small.size == 10
+    small.reuse(ran)
     assert small.size == 64 and [(b.start, b.count) for b in small] == [(0, 10)]
     np.testing.assert_array_equal(next(iter(small)).inputs, x[[*range(10), *[9] * 54]])
+    other = BatchPlan((x.astype(np.float16), y), 64)  # another dtype (float64 runs as float32): not that shape
+    other.reuse(ran)
+    assert other.size == 10 and len(asked) == 2
+    large = BatchPlan((x, y), 4)  # n above the batch size: nothing to ask
+    large.reuse(ran)
+    assert large.size == 4 and len(asked) == 2
 
 
 def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
@@ -161,7 +183,7 @@ def test_a_loss_failing_on_two_pairs_read_as_two_batches_says_how_they_were_read
     grads = export_gradients(loss, [(params, 1.0)], [data], progress=False)
     ref = per_example_jax_grad(loss, params, (x, mask), (y, w))
     np.testing.assert_allclose(np.asarray(grads.matrices[0]), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
-    with pytest.raises(ValueError, match=r"failed on a batch of 64: [^;]*$"):  # no note for an unambiguous pair
+    with pytest.raises(ValueError, match=r"failed on a batch of 6: [^;]*$"):  # no note for an unambiguous pair
         export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
 
 

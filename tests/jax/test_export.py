@@ -144,6 +144,32 @@ def test_a_set_smaller_than_the_batch_size_reuses_the_compilation_of_a_larger_on
             _close(test.matrices[c], ref)
 
 
+def test_a_set_smaller_than_the_batch_size_runs_at_its_row_count_when_that_size_never_ran(mlp):
+    """3 rows with batch_size=1024 and nothing compiled: one batch of 3 rows, not 3 rows padded to 1024
+    (the memory and compute of 1024 rows); 8 rows at the default 64 after a train export at batch_size=16:
+    8 rows (64 never ran), compiled once more. Rows vs the float64 reference."""
+    r = np.random.default_rng(12)
+    x, y = r.normal(size=(100, 5)).astype(np.float32), r.integers(0, 3, 100)
+    batches = []
+
+    def counted_loss(params, inputs, targets):
+        batches.append(inputs.shape[0])  # the abstract check traces the loss on the whole batch
+        return mlp.loss_fn(params, inputs, targets)
+
+    ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
+    few = export_gradients(counted_loss, ckpts, (x[:3], y[:3]), batch_size=1024, progress=False)
+    assert max(batches) == 3, f"3 rows ran as a batch of {max(batches)}"
+    export_gradients(counted_loss, ckpts, (x, y), batch_size=16, progress=False)
+    batches.clear()
+    test = export_gradients(counted_loss, ckpts, (x[:8], y[:8]), progress=False)
+    assert max(batches) == 8 and batches.count(1) == 1  # a batch of 8, one more per-example trace
+    for c, weights in enumerate(mlp.weights):
+        for n, got in ((3, few), (8, test)):
+            ref = mlp.reference_rows(mlp.reference_grads(weights, x[:n], y[:n]), ["b1", "w1", "b2", "w2"], KERNELS)
+            assert got.matrices[c].shape == ref.shape
+            _close(got.matrices[c], ref)
+
+
 def test_iterable_of_batches_equals_arrays(mlp, data):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))

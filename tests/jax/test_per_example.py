@@ -34,6 +34,23 @@ def test_a_failing_loss_is_reported_with_its_argument(mlp, data):
         )
 
 
+def test_errors_on_a_padded_batch_count_the_rows_given(mlp, data):
+    """A batch of 4 rows padded to batch_size 64 (an iterable's batch is padded to batch_size): the errors
+    say 4 rows were padded; 4 rows of arrays run at 4 (64 never ran) and say nothing of padding."""
+    x, y = data
+    params = mlp.params[0]
+
+    def mean(p, a, b):
+        return mlp.loss_fn(p, a, b).mean()
+
+    with pytest.raises(ValueError, match=r"shape \(64,\) for a batch of 64 \(4 rows padded to 64\), got \(\)"):
+        export_gradients(mean, [(params, 1.0)], [(x[:4], y[:4])], batch_size=64, progress=False)
+    with pytest.raises(ValueError, match=r"failed on a batch of 64 \(4 rows padded to 64\): .*missing"):
+        export_gradients(lambda p, a, b: p["missing"], [(params, 1.0)], [(x[:4], y[:4])], batch_size=64, progress=False)
+    with pytest.raises(ValueError, match=r"shape \(4,\) for a batch of 4, got \(\)"):
+        export_gradients(mean, [(params, 1.0)], (x[:4], y[:4]), progress=False)
+
+
 @pytest.mark.parametrize(
     "layer_input, message",
     [

@@ -577,7 +577,7 @@ def _mean_loss(p, inputs, labels):
         (60, dict(mode="last_layer", layers=["head"], layer_input=lambda p, i: i["x"]), "needs mode='full'"),
         (60, dict(preconditioner="adam"), r"checkpoints\[0\] has no optimizer state, which preconditioner='adam'"),
         (60, dict(preconditioner="adam_update"), "'adam_update' is not rank one"),
-        (60, dict(loss=_mean_loss), r"per-example losses of shape \(64,\) for a batch of 64, got \(\) \(a mean"),
+        (60, dict(loss=_mean_loss), r"per-example losses of shape \(4,\) for a batch of 4, got \(\) \(a mean"),
         (4, {}, "5 segments need dim >= 5"),
         (5 * 17, {}, r"gives 'embed' 17 outputs, which factor as \(k_rows, k_cols\) = \(1, 10\)"),
     ],

@@ -1,10 +1,11 @@
 """Data as fixed-size batches: shorter batches are padded to the batch size, so the row count never
-compiles again, not even for a dataset smaller than the batch size (the other axes, e.g. a sequence
-length, are kept: each of their shapes compiles once)."""
+compiles again (the other axes, e.g. a sequence length, are kept: each of their shapes compiles once).
+Arrays of fewer rows than the batch size run at their row count, or padded to the batch size when that
+shape has already run (BatchPlan.reuse)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,16 @@ def _two_batches_note(data: Any) -> str:
     )
 
 
+def batch_signature(inputs: Any, targets: Any, rows: int | None = None) -> tuple:
+    """What jax.jit compiles a batch's (inputs, targets) for: their pytree structure and every leaf's shape
+    (its leading dimension replaced by `rows` if given) and dtype (canonical: int64 counts as int32
+    unless x64 is enabled)."""
+    leaves, treedef = jax.tree_util.tree_flatten((inputs, targets))
+    dtypes = [jax.dtypes.canonicalize_dtype(a.dtype, allow_extended_dtype=True) for a in leaves]
+    shapes = [a.shape if rows is None else (rows, *a.shape[1:]) for a in leaves]
+    return treedef, tuple(zip(shapes, dtypes, strict=True))
+
+
 def _slice(tree: Any, start: int, stop: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
@@ -127,10 +138,12 @@ class BatchPlan:
     batches; inputs and targets may be pytrees of arrays, targets None (no arrays) for a loss that
     ignores them (passed on as None). Which of the two a tuple or list of two is: PAIR_RULE.
     batch_size: the padded size (default: 64 for arrays, the first batch's size for iterables);
-    longer batches are cut into pieces. Arrays with fewer rows than the batch size are padded up to it
-    too, an explicit batch_size far above n included: a test set then runs at the shape its train set
-    compiled, instead of compiling once more for each row count (the padded rows cost compute, are
-    dropped and never written). note: how ambiguous data was read, for loss_fn errors ("" if not).
+    longer batches are cut into pieces. Arrays of fewer rows n than the batch size run as one batch of
+    n rows (size = n: its memory and compute scale with n, not batch_size), unless reuse() finds that a
+    batch of batch_size rows of the same trailing shapes and dtypes has already run through the same
+    compiled function (a train export before this test export): then they are padded to batch_size and
+    reuse that compilation instead of compiling for n rows (the padded rows are computed, dropped and
+    never written). note: how ambiguous data was read, for loss_fn errors ("" if not).
     """
 
     def __init__(self, data: Any, batch_size: int | None):
@@ -147,7 +160,8 @@ class BatchPlan:
             self.n_rows: int | None = _rows(inputs, targets, "data")
             if self.n_rows == 0:
                 raise ValueError("data has no rows")
-            self.size: int | None = batch_size or DEFAULT_BATCH_SIZE
+            self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+            self.size: int | None = min(self.batch_size, self.n_rows)
         else:
             if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
                 raise TypeError(
@@ -155,9 +169,18 @@ class BatchPlan:
                     f"batches, got {type(data).__name__}"
                 )
             self.n_rows = self._count_rows(data)
-            self.size = batch_size
+            self.batch_size = self.size = batch_size
         self.one_shot = not self._pair and iter(data) is data
         self.note = _two_batches_note(data)
+
+    def reuse(self, ran: Callable[[tuple], bool]) -> None:
+        """Pads arrays of fewer rows than batch_size to batch_size when ran(batch_signature of such a
+        padded batch) says the compiled function has already run on that shape (so it needs no new
+        compile, and its memory is known to fit); else they stay one batch of n_rows."""
+        if not self._pair or self.size == self.batch_size:
+            return
+        if ran(batch_signature(*self._data, rows=self.batch_size)):
+            self.size = self.batch_size
 
     @staticmethod
     def _count_rows(data: Any) -> int | None:

@@ -20,7 +20,7 @@ from ..gradients import FactoredGradients, Gradients
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, host_array, layout_of
-from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled
+from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled, ran_on
 
 DTYPES = ("float32", "float16", "bfloat16")
 KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
@@ -101,12 +101,15 @@ def export_gradients(
         of every checkpoint and of loss_fn / layer_input (by qualified name), so a resume with any of
         them changed is a ValueError naming what changed rather than rows mixed from two exports.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
-        shorter batches are padded to it (longer ones split), arrays of fewer rows than batch_size
-        included (an 8-row test set runs as 64 rows, the padding computed and dropped), so the row
-        count never compiles the per-example function again and a test export reuses the compilation
-        of its train export with the same batch_size. Its other axes do: it compiles once per
-        distinct input shape (each new sequence length of variable-length batches is a new trace and
-        XLA compile, seconds or more for a large model). To bound the compiles, pad sequences to a few
+        shorter batches are padded to it (longer ones split), so the row count never compiles the
+        per-example function again. Arrays of fewer rows n than batch_size run as one batch of n rows
+        (memory and compute scale with n), except when this process has already run the same
+        compiled function (same loss_fn / layer_input objects, mode and params layout) on a batch of
+        batch_size rows of the same trailing shapes and dtypes, e.g. the train export before this test
+        export: then they are padded to batch_size (the padding computed and dropped) and reuse that
+        compilation instead of compiling for n rows. Its other axes do compile: once per distinct
+        input shape (each new sequence length of variable-length batches is a new trace and XLA
+        compile, seconds or more for a large model). To bound the compiles, pad sequences to a few
         fixed lengths (e.g. multiples of 64, or one max length) and mask the padding in loss_fn.
     progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
         a couple of seconds, if tqdm is installed).
@@ -157,6 +160,7 @@ def export_gradients(
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
+    plan.reuse(framework.ran)
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it
         options = Options(mode, layers, dtype, store, progress)
         return export(framework, entries, options, framework.compute_rows.recorded())
@@ -183,6 +187,7 @@ class _JaxExport:
         kronecker: Any = None,
     ):
         self.loss_fn, self.plan = loss_fn, plan
+        self._cache_key: tuple = ((loss_fn,), ("rows",))  # (functions, key prefix) of the compiled function: ran()
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
         self._first = restore(first, "checkpoints[0]")
         self.last_layer = None
@@ -197,12 +202,14 @@ class _JaxExport:
             self.params = [(c.kernel_path, c.kernel_shape), (c.bias_path, (c.p,))]
             self.last_layer = last_layer_entry(c.kernel_path.rpartition("/")[0], c.kernel_path, c.bias_path)
             self.fingerprints["layer_input"] = callable_identity(layer_input)
+            self._cache_key = ((loss_fn, layer_input), ("last_layer",))
         else:
             self.layout = layout_of(self._first, layers)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
                 rows = _kronecker_rows()(loss_fn, self.layout, projection, self._first, entries, adam)
                 self.compute_rows = self.kronecker = rows
+                self._cache_key = ((loss_fn,), ("kronecker_rows",))
                 self.slot_dims, self.segments = [projection.dim], None
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
@@ -210,6 +217,12 @@ class _JaxExport:
                 self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink (range check)
                 self.slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
+
+    def ran(self, signature: tuple) -> bool:
+        """Whether the compiled function of this export (the same functions, mode and params layout) has
+        already run on a batch of `signature` (BatchPlan.reuse)."""
+        fns, kind = self._cache_key
+        return ran_on(fns, (*kind, self.layout), signature)
 
     def batches(self) -> Iterator[Batch]:
         for batch in self.plan:
