@@ -47,7 +47,8 @@ class Check:
 
 
 # A side of a ratio: a contender name, or several (the same peer run different ways), of which the
-# one with the least median time in the run is used.
+# one with the least median time in the run is used; when both sides list alternatives (faiss at two
+# thread counts), the same alternative is used on both (the one faster on the denominator side).
 Side = str | tuple[str, ...]
 
 
@@ -161,6 +162,11 @@ def faiss_paths(name: str) -> tuple[str, str]:
     return name, blas_name(name)
 
 
+def faiss_checks(ours: str, name: str, test: np.ndarray, train: np.ndarray, side: str = "proponents") -> list[Check]:
+    """Checks of contender `ours` against faiss contender `name` on each of its two paths."""
+    return [Check(ours, path, test, train, side) for path in faiss_paths(name)]
+
+
 def _faiss(
     name: str, search: Callable[[int | None], object], flops: float, nbytes: float, threads: int
 ) -> list[Contender]:
@@ -217,7 +223,7 @@ def top10(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterat
     """Headline: one-sided top-10 against every peer."""
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
-    checks = [Check("tracin", "faiss", q, x), Check("tracin", "numpy", q, x)]
+    checks = [*faiss_checks("tracin", "faiss", q, x), Check("tracin", "numpy", q, x)]
     yield Case(
         "top10",
         f"one-sided top-10, m={m} n={n} d={d} fp32",
@@ -232,7 +238,7 @@ def both(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Iterato
     """Proponents and opponents in one tracin call; faiss needs two searches (q and -q)."""
     m, n, d = sizes.main
     q, x = data.matrix(m, d, "test"), data.matrix(n, d)
-    checks = [Check("tracin", "faiss", q, x, "both"), Check("tracin", "numpy", q, x, "both")]
+    checks = [*faiss_checks("tracin", "faiss", q, x, "both"), Check("tracin", "numpy", q, x, "both")]
     yield Case(
         "both",
         f"both sides top-10 in one call vs two faiss searches, m={m} n={n} d={d}",
@@ -263,7 +269,7 @@ def skinny(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
     )
     fp16_reference = lambda: peers.numpy_top_k(q, x16.astype(np.float32), k)  # noqa: E731
     checks = [
-        Check("tracin fp32", "faiss", q, x),
+        *faiss_checks("tracin fp32", "faiss", q, x),
         Check("tracin fp32", "numpy", q, x),
         Check("tracin fp16", fp16_reference, q, x16, reference_name="numpy on fp16 data"),
     ]
@@ -298,7 +304,7 @@ def k_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
             Contender(f"tracin k={k}", "tracin", _tracin(q, x, k, "proponents", threads, isa), flops, nbytes, threads)
         )
         contenders += _faiss(f"faiss k={k}", lambda t, k=k: peers.faiss_top_k(index, q, k, t), flops, nbytes, threads)
-        checks.append(Check(f"tracin k={k}", f"faiss k={k}", q, x))
+        checks += faiss_checks(f"tracin k={k}", f"faiss k={k}", q, x)
         ratios[f"tracin vs faiss k={k}"] = (faiss_paths(f"faiss k={k}"), f"tracin k={k}")
     for k in ks:
         if k != 10 and 10 in ks:
@@ -346,8 +352,8 @@ def checkpoints(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
         "tracin vs sgemm": ("sgemm", f"tracin C={c}"),
     }
     checks = [
-        Check(f"tracin C={c}", "faiss", q_folded, x_folded),
-        Check(f"tracin 1x{c * d}", "faiss", q_folded, x_folded),
+        *faiss_checks(f"tracin C={c}", "faiss", q_folded, x_folded),
+        *faiss_checks(f"tracin 1x{c * d}", "faiss", q_folded, x_folded),
     ]
     yield Case(
         "checkpoints",
@@ -401,8 +407,8 @@ def factored(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Ite
         "factored vs sgemm materialised": ("sgemm materialised", "tracin factored"),
     }
     checks = [
-        Check("tracin factored", "faiss materialised", test_full, train_full),
-        Check("tracin materialised", "faiss materialised", test_full, train_full),
+        *faiss_checks("tracin factored", "faiss materialised", test_full, train_full),
+        *faiss_checks("tracin materialised", "faiss materialised", test_full, train_full),
     ]
     yield Case(
         "factored",
@@ -444,7 +450,7 @@ def thread_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> 
             ),
             Contender(f"sgemm t={t}", "sgemm", _limited(sgemm, t), *_dense(m, n, d, False), t),
         ]
-        checks.append(Check(f"tracin t={t}", f"faiss t={t}", q, x))
+        checks += faiss_checks(f"tracin t={t}", f"faiss t={t}", q, x)
     if len(counts) > 1:
         top = counts[-1]
         ratios[f"tracin t=1 -> t={top}"] = ("tracin t=1", f"tracin t={top}")
@@ -480,7 +486,7 @@ def n_scan(sizes: Sizes, data: Data, threads: int, isa: str = "native") -> Itera
             {"m": m, "n": n, "d": d, "k": 10, "threads": threads, "scan": "n"},
             contenders,
             {"tracin vs faiss": (faiss_paths("faiss"), "tracin"), "tracin vs sgemm": ("sgemm", "tracin")},
-            [Check("tracin", "faiss", q, x)],
+            faiss_checks("tracin", "faiss", q, x),
         )
         del index, contenders
 

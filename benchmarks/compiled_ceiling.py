@@ -9,7 +9,7 @@ reaches the goal here.
 Same model, data and loss as benchmarks/transformer_export.py (GPT-2 from a config, right-padded
 sequences); timed interleaved, median of repeats; the compile time is reported apart.
 
-    python -m benchmarks.compiled_ceiling [--n 64] [--tokens 128] [--threads 2] [--repeats 7]
+    python -m benchmarks.compiled_ceiling [--n 64] [--tokens 128] [--threads 2] [--repeats 7] [--quick]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, add_output_options, at_least, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
 from benchmarks.transformer_export import GOAL_SPEEDUP, _cases, per_example_loop  # noqa: E402
 
 
@@ -35,8 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--repeats", type=at_least(1), default=7)
-    add_output_options(parser)
+    add_output_options(parser, "toy sizes (4 sequences of 16 tokens, width 32, 1 block), one timed round")
     args = parser.parse_args(argv)
+    if args.quick:  # torch.compile still compiles: most of a quick run's time
+        vars(args).update(n=4, tokens=16, width=32, layers=1, vocab=64, repeats=1)
 
     import torch
 
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         "timings": timings,
     }
     print({k: v for k, v in payload.items() if k != "timings"})
-    print(write_json("compiled_ceiling", payload, args.out or RESULTS_DIR))
+    name = "compiled_ceiling_quick" if args.quick else "compiled_ceiling"
+    print(write_json(name, payload, output_dir(args.out, args.quick, "compiled-ceiling")))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ OS cache. From Dask's task stream: the time of each shard task and merge task. T
 task comes from a store of --tiny-shards rows cut into one shard per row, against one shard per
 worker. A projection for 10, 100 and 1000 workers on a 1 TiB store is built from these measured
 parts and a simulation of the default shards handed to free workers (not measured: see
-"projection" in the JSON). Writes results/distributed.json.
+"projection" in the JSON). Writes results/distributed.json (--quick: toy sizes, distributed_quick.json
+in a new temporary folder).
 
     python -m benchmarks.distributed --only export [--export-rows 4000] [--workers 2] [--repeats 2]
 
@@ -44,7 +45,7 @@ import tracin.distributed as td
 from tracin.distributed._run import FAN_IN
 from tracin.distributed._shards import MAX_SHARD_BYTES, shard_ranges
 
-from .common import RESULTS_DIR, at_least, time_interleaved, write_json
+from .common import add_output_options, at_least, output_dir, time_interleaved, write_json
 from .store import write_store
 
 TIB = 2**40
@@ -298,7 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds after a warm-up (default 5)")
     p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help=f"output directory (default {RESULTS_DIR})")
+    add_output_options(
+        p, "toy sizes (a 4 MiB store of 2 x 256 columns, 8 test rows, 8 tiny shards, 40 export rows), one timed round"
+    )
     p.add_argument(
         "--only",
         choices=("top_k", "export"),
@@ -310,13 +313,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# --quick: a smoke run of every step (the LocalCluster too, on loopback), in seconds.
+QUICK = {"size": 4 / 1024, "dim": 256, "test_rows": 8, "repeats": 1, "tiny_shards": 8, "export_rows": 40}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK, export_batch=min(args.export_batch, QUICK["export_rows"] // 2))
+    args.out = output_dir(args.out, args.quick, "distributed")
     t0 = time.perf_counter()
     if args.only == "export":
         return _main_export(args, t0)
     result = run(args)
-    path = write_json("distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib", result, args.out)
+    name = "distributed_quick" if args.quick else "distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib"
+    path = write_json(name, result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
     print(
         f"{result['store_bytes'] / 2**30:.2f} GiB fp16 store, top-{args.k} both sides, {args.test_rows} test rows: "
@@ -342,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_export(args: argparse.Namespace, t0: float) -> int:
     found = run_export(args)
-    record = args.out / "distributed.json"
+    name = "distributed_quick" if args.quick else "distributed"
+    record = args.out / f"{name}.json"
     kept = json.loads(record.read_text()) if record.exists() else {}
     kept = {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
-    path = write_json("distributed", {**kept, "export": found}, args.out)
+    path = write_json(name, {**kept, "export": found}, args.out)
     med = {k: v["median_s"] for k, v in found["times"].items()}
     print(
         f"export of {args.export_rows} rows x 2 checkpoints: one process ({args.workers} torch threads) "

@@ -161,6 +161,16 @@ def _fastest(side: case_defs.Side, contenders: dict[str, dict]) -> str:
     return side if isinstance(side, str) else min(side, key=lambda name: contenders[name]["median_s"])
 
 
+def _ratio_contenders(sides: tuple[case_defs.Side, case_defs.Side], contenders: dict[str, dict]) -> tuple[str, str]:
+    """(numerator, denominator) of a ratio. Two sides that both list alternatives (one peer's paths,
+    in the same order) are paired: the same path on both, the one with the faster denominator (a
+    path change must not count as, e.g., thread scaling); else each side takes its fastest."""
+    num, den = sides
+    if isinstance(num, str) or isinstance(den, str):
+        return _fastest(num, contenders), _fastest(den, contenders)
+    return min(zip(num, den, strict=True), key=lambda pair: contenders[pair[1]]["median_s"])
+
+
 def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) -> dict:
     """Times and checks one case; the JSON record of it (rooflines come later, attach_rooflines)."""
     stash: dict = {}
@@ -185,7 +195,7 @@ def run_case(case: case_defs.Case, repeats: int, warmup: int, pause_s: float) ->
         }
     ratios = {}
     for label, sides in case.ratios.items():
-        num, den = (_fastest(side, contenders) for side in sides)
+        num, den = _ratio_contenders(sides, contenders)
         ratios[label] = {
             "value": contenders[num]["median_s"] / contenders[den]["median_s"],
             "numerator": num,

@@ -150,7 +150,8 @@ def markdown(payload: dict, source: str | None = None) -> str:
         head += (
             " faiss is timed on both its search paths, its default (a loop of dot products below "
             f"{payload['versions'].get('faiss_distance_compute_blas_threshold', '?')} queries) and its BLAS "
-            "path (distance_compute_blas_threshold = 0), and a ratio against faiss uses the faster of the two."
+            "path (distance_compute_blas_threshold = 0), and a ratio against faiss uses the faster of the two "
+            "(faiss against faiss, t=1 -> t=2: one path on both sides, the faster at t=2)."
         )
     if cfg.get("quick"):
         head += (

@@ -457,12 +457,18 @@ def test_quick_run_times_faiss_on_both_paths_and_compares_with_the_faster(quick_
         assert faiss and len(faiss) % 2 == 0, case["name"]
         for name, c in faiss.items():
             assert c["settings"] == {"faiss_blas_threshold": 0 if " blas" in name else default}, name
+        checked = {ch["reference"] for ch in case["checks"]}
+        assert set(faiss) <= checked, case["name"]  # both paths' results are checked for exactness
         for r in case["ratios"].values():
-            for side in ("numerator", "denominator"):
-                names = r.get(f"{side}_of")
-                if names is not None:
-                    times = {n: case["contenders"][n]["median_s"] for n in names}
-                    assert r[side] == min(times, key=times.get) and len(names) == 2
+            alternatives = [side for side in ("numerator", "denominator") if f"{side}_of" in r]
+            for side in alternatives:
+                names = r[f"{side}_of"]
+                times = {n: case["contenders"][n]["median_s"] for n in names}
+                assert len(names) == 2 and r[side] in names
+                if len(alternatives) == 1 or side == "denominator":
+                    assert r[side] == min(times, key=times.get)
+            if len(alternatives) == 2:  # faiss against faiss: the same path on both sides
+                assert r["numerator_of"].index(r["numerator"]) == r["denominator_of"].index(r["denominator"])
 
 
 def test_faiss_search_paths_agree_and_restore_the_threshold():
@@ -499,6 +505,27 @@ def test_ratio_sides_with_alternatives_use_the_fastest_contender():
         record["contenders"]["faiss blas"]["median_s"] / record["contenders"]["tracin"]["median_s"]
     )
     assert "denominator_of" not in ratio
+
+
+def test_ratio_of_faiss_against_faiss_uses_one_path_on_both_sides():
+    def contender(name: str, seconds: float) -> cases.Contender:
+        return cases.Contender(name, name.split()[0], lambda: time.sleep(seconds), 1.0, 1.0, 1)
+
+    # The default path is faster at t=1, the BLAS path at t=2: the speed-up is the BLAS path's.
+    timed = {"faiss t=1": 0.02, "faiss blas t=1": 0.04, "faiss t=2": 0.03, "faiss blas t=2": 0.01}
+    case = cases.Case(
+        "c",
+        "t",
+        {},
+        [contender(name, seconds) for name, seconds in timed.items()],
+        {"faiss t=1 -> t=2": (cases.faiss_paths("faiss t=1"), cases.faiss_paths("faiss t=2"))},
+    )
+    record = kernel.run_case(case, repeats=1, warmup=0, pause_s=0.0)
+    ratio = record["ratios"]["faiss t=1 -> t=2"]
+    assert (ratio["numerator"], ratio["denominator"]) == ("faiss blas t=1", "faiss blas t=2")
+    assert ratio["value"] == pytest.approx(
+        record["contenders"]["faiss blas t=1"]["median_s"] / record["contenders"]["faiss blas t=2"]["median_s"]
+    )
 
 
 def test_goals_of_the_roofline_limit_take_their_target_from_the_run():
@@ -567,6 +594,8 @@ _WRITES_JSON = [
     "whitening",
 ]
 _HAS_QUICK = {
+    "compiled_ceiling",
+    "distributed",
     "gpu",
     "jax_export",
     "kernel",
@@ -603,6 +632,18 @@ def test_store_quick_writes_outside_the_checkout(capsys, tmp_path):
     path = Path(re.search(r"wrote (\S+store_quick\.json)$", capsys.readouterr().out, re.MULTILINE)[1])
     assert path.exists() and not path.resolve().is_relative_to(CHECKOUT) and not stray.exists()
     assert json.loads(path.read_text())["config"]["repeats"] == 1
+    shutil.rmtree(path.parent)
+
+
+def test_distributed_quick_runs_a_local_cluster_and_writes_outside_the_checkout(capsys):
+    pytest.importorskip("distributed")
+    from benchmarks import distributed
+
+    assert distributed.main(["--quick"]) == 0
+    path = Path(re.search(r"^wrote (\S+distributed_quick\.json) in ", capsys.readouterr().out, re.MULTILINE)[1])
+    assert not path.resolve().is_relative_to(CHECKOUT)
+    record = json.loads(path.read_text())
+    assert record["identical_results"] is True and len(record["times"]["distributed"]["times_s"]) == 1
     shutil.rmtree(path.parent)
 
 
