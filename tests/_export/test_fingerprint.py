@@ -162,7 +162,8 @@ class _Loss:
 def test_callable_identity_names_functions_and_settings_not_addresses():
     code = f" code[{sys.version_info.major}.{sys.version_info.minor}]="
     assert callable_identity(_loss).startswith(f"{__name__}._loss{code}")
-    assert callable_identity(functools.wraps(_loss)(lambda o, t: o)) == callable_identity(_loss)
+    wrapped = callable_identity(functools.wraps(_loss)(lambda o, t: o))
+    assert without_code(wrapped) == without_code(callable_identity(_loss))  # named as the function it wraps
     assert without_code(callable_identity(lambda o, t: o)) == (
         f"{__name__}.test_callable_identity_names_functions_and_settings_not_addresses.<locals>.<lambda>"
     )
@@ -361,3 +362,121 @@ def test_callable_identity_digests_the_code_of_functions_a_closure_or_partial_ho
     assert callable_identity(functools.partial(a, t=1)) != callable_identity(functools.partial(b, t=1))
     method = _Loss(0.1).__call__
     assert callable_identity(method).endswith(callable_identity(_Loss.__call__).rpartition(" ")[2])
+
+
+_FACTORY = """
+import functools
+
+
+def inner(o, t):
+    return o - t
+
+
+def make(base, scale):
+    def f(o, t):
+        return scale * base(o, t)
+
+    return f
+
+
+f = make(inner, 0.5)
+g = make(functools.partial(inner, t=2), 0.5)
+"""
+
+
+def _defined(source: str, module: str, name: str = "f") -> typing.Any:
+    namespace: dict = {"__name__": module}
+    exec(compile(source, "loss.py", "exec", dont_inherit=True), namespace)
+    return namespace[name]
+
+
+def test_functions_a_closure_holds_are_named_without_their_module():
+    """A factory's loss holding a function of the same script (review7 R1: make_loss(_loss_inner) run
+    as a script, then imported, was refused): the closure names it by its qualname, whose code the
+    outer digest covers; an edit of the held function still tells them apart."""
+    from tracin._export.fingerprint import identity_before_code
+
+    for name in ("f", "g"):
+        script, imported = (callable_identity(_defined(_FACTORY, m, name)) for m in ("__main__", "lossmod"))
+        assert without_code(script).replace("__main__.", "lossmod.", 1) == without_code(imported)
+        assert script.partition(" ")[2] == imported.partition(" ")[2]
+    imported = callable_identity(_defined(_FACTORY, "lossmod"))
+    edited = callable_identity(_defined(_FACTORY.replace("o - t", "o + t"), "lossmod"))
+    assert without_code(edited) == without_code(imported) and edited != imported
+    # what tracin 900451f recorded (its closure digest named the held functions with their module)
+    before = {
+        "f": "lossmod.make.<locals>.f closure[base, scale]=b5f31c6e24ef71c7670dcbea31527bb4",
+        "g": "lossmod.make.<locals>.f closure[base, scale]=85301eddac045c86287b9ce242c75cb0",
+    }
+    for name, text in before.items():
+        now = callable_identity(_defined(_FACTORY, "lossmod", name))
+        assert without_code(now) != text and identity_before_code(now) == text
+    assert identity_before_code(callable_identity(_loss)) is None  # no closure: the name alone, as before
+
+
+_MODULE_LOSS = """
+import torch
+import torch.nn.functional as F
+
+
+class Base(torch.nn.Module):
+    def forward(self, o, t):
+        return F.cross_entropy(o, t, reduction="none")
+
+
+class Loss(Base):
+    pass
+
+
+class Callable:
+    def __call__(self, o, t):
+        return F.cross_entropy(o, t, reduction="none")
+
+
+def scaled(k):
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(o, t):
+            return k * fn(o, t)
+
+        return wrapper
+
+    return decorate
+
+
+@scaled(1.0)
+def decorated(o, t):
+    return F.cross_entropy(o, t, reduction="none")
+"""
+
+
+def _made(source: str, name: str) -> typing.Any:
+    """`name` of `source` (module "lossmod"): an instance when it is a class."""
+    made = _defined("import functools\n" + source, "lossmod", name)
+    return made() if isinstance(made, type) else made
+
+
+def test_loss_objects_and_decorators_digest_their_own_code_not_the_frameworks():
+    """review7 R2: an edited forward of a custom nn.Module loss (inherited too), an edited __call__
+    of a loss class, an edited decorator or its setting all changed nothing; a library loss object
+    and torch.no_grad() as a decorator (the frameworks' classes and wrappers) still add no code digest."""
+    torch = pytest.importorskip("torch")
+    smoothed = 'reduction="none", label_smoothing=0.3)'
+    edits = {
+        "Loss": ('reduction="none")\n\n\nclass Loss', smoothed + "\n\n\nclass Loss"),
+        "Callable": ('reduction="none")\n\n\ndef scaled', smoothed + "\n\n\ndef scaled"),
+        "decorated": ("k * fn", "k * k * fn"),
+    }
+    for name, (before, after) in edits.items():
+        assert before in _MODULE_LOSS
+        identity = callable_identity(_made(_MODULE_LOSS, name))
+        assert " code[" in identity and identity == callable_identity(_made(_MODULE_LOSS, name))
+        edited = callable_identity(_made(_MODULE_LOSS.replace(before, after), name))
+        assert edited != identity and without_code(edited) == without_code(identity)
+    setting = _made(_MODULE_LOSS.replace("@scaled(1.0)", "@scaled(2.0)"), "decorated")
+    assert callable_identity(setting) != callable_identity(_made(_MODULE_LOSS, "decorated"))
+    library = callable_identity(torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    assert library == "torch.nn.modules.loss.CrossEntropyLoss: CrossEntropyLoss() " + (
+        "{'ignore_index': -100, 'label_smoothing': 0.1, 'reduction': 'mean'}"
+    )
+    assert callable_identity(torch.no_grad()(_loss)) == callable_identity(_loss)  # a wrapper torch defines

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tracin._export.fingerprint import callable_identity
+from tracin._export.fingerprint import callable_identity, identity_before_code
 from tracin._export.resume import changed_inputs, same_function, without_code
 from tracin.torch import export_gradients
 
@@ -31,18 +31,28 @@ def loss_fn(outputs, targets):
     if calls[0] == STOP:
         raise KeyboardInterrupt
     return F.cross_entropy(outputs, targets, reduction="none"{extra})
+
+
+def make_loss(base):
+    def loss(outputs, targets):
+        return base(outputs, targets)
+
+    return loss
+
+
+factory_loss = make_loss(loss_fn)  # a closure holding a function of the same script
 """
 
 
-def _loss(tmp_path: Path, module: str, extra: str = "", before: str = "") -> types.FunctionType:
-    """loss_fn of _SOURCE (`extra` arguments, `before` lines above it): imported from a file as
-    `module`, or run as a script ("__main__")."""
+def _loss(tmp_path: Path, module: str, extra: str = "", before: str = "", name: str = "loss_fn") -> types.FunctionType:
+    """loss_fn (or `name`) of _SOURCE (`extra` arguments, `before` lines above it): imported from a
+    file as `module`, or run as a script ("__main__")."""
     path = tmp_path / f"{module.strip('_')}{len(list(tmp_path.glob('*.py')))}.py"
     path.write_text(_SOURCE.format(extra=extra, before=before))
     if module == "__main__":
         namespace: dict = {"__name__": "__main__"}
         exec(compile(path.read_text(), str(path), "exec", dont_inherit=True), namespace)
-        return namespace["loss_fn"]
+        return namespace[name]
     spec = importlib.util.spec_from_file_location(module, path)
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[module] = loaded
@@ -50,7 +60,7 @@ def _loss(tmp_path: Path, module: str, extra: str = "", before: str = "") -> typ
         spec.loader.exec_module(loaded)
     finally:
         del sys.modules[module]
-    return loaded.loss_fn
+    return getattr(loaded, name)
 
 
 @pytest.fixture
@@ -76,7 +86,7 @@ def _export(problem, loss, store):
 def test_an_edited_loss_function_is_refused_on_resume(problem, tmp_path):
     _export(problem, _loss(tmp_path, "lossmod"), tmp_path / "s")
     edited = _loss(tmp_path, "lossmod", ", label_smoothing=0.3")
-    with pytest.raises(ValueError, match=r"the loss function differs .*: its code differs"):
+    with pytest.raises(ValueError, match=r"the loss function differs .*: its code differs \(edited, or a library upg"):
         _export(problem, edited, tmp_path / "s")
     moved = _loss(tmp_path, "lossmod", before="# a comment and blank lines move it: its code is the same\n\n\n")
     assert _export(problem, moved, tmp_path / "s").complete
@@ -99,6 +109,46 @@ def test_a_script_loss_resumed_by_import_is_the_same_function(problem, tmp_path)
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="its code differs"):  # the same name, another code: still refused
         _export(problem, _loss(tmp_path, "exp", ", label_smoothing=0.3"), tmp_path / "s")
+
+
+def test_a_script_factory_loss_holding_a_script_function_resumes_by_import(problem, tmp_path):
+    """review7 R1: make_loss(loss_fn) run as a script held "__main__.loss_fn" in its closure digest,
+    "exp.loss_fn" imported: refused with the same code."""
+    script = _loss(tmp_path, "__main__", name="factory_loss")
+    script.__globals__["STOP"] = 4
+    with pytest.raises(KeyboardInterrupt):
+        _export(problem, script, tmp_path / "s")
+    resumed = _export(problem, _loss(tmp_path, "exp", name="factory_loss"), tmp_path / "s")
+    assert resumed.complete and resumed.metadata["fingerprints"]["loss"] == callable_identity(script)
+    _export(problem, _loss(tmp_path, "exp", name="factory_loss"), tmp_path / "whole")
+    for a, b in zip(_rows(tmp_path / "s"), _rows(tmp_path / "whole"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_store_recording_a_factory_loss_before_code_digests_resumes(problem, tmp_path):
+    """A store written before code digests named the functions a closure holds with their module
+    (identity_before_code): it resumes with the same factory loss, and refuses, as those versions
+    did, one holding a function of another module."""
+    loss = _loss(tmp_path, "lossmod", name="factory_loss")
+    loss.__globals__["STOP"] = 4
+    with pytest.raises(KeyboardInterrupt):
+        _export(problem, loss, tmp_path / "s")
+    loss.__globals__["STOP"] = 0
+    before = identity_before_code(callable_identity(loss))
+    assert before.startswith("lossmod.make_loss.<locals>.loss closure[base]=") and " code[" not in before
+    assert without_code(callable_identity(loss)) != before  # the closure digest named "lossmod.loss_fn"
+    manifest = tmp_path / "s" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["metadata"]["fingerprints"]["loss"] = before
+    manifest.write_text(json.dumps(doc))
+    resumed = _export(problem, loss, tmp_path / "s")
+    assert resumed.complete and resumed.metadata["fingerprints"]["loss"] == before
+    _export(problem, loss, tmp_path / "whole")
+    for a, b in zip(_rows(tmp_path / "s"), _rows(tmp_path / "whole"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    held = _loss(tmp_path, "lossmod", name="factory_loss").__globals__["make_loss"](_loss(tmp_path, "other"))
+    with pytest.raises(ValueError, match="the loss function differs"):
+        _export(problem, held, tmp_path / "s")
 
 
 def test_a_store_recording_the_loss_without_code_resumes_with_the_same_function(problem, tmp_path):
@@ -134,6 +184,13 @@ def test_same_function_compares_names_code_and_recorded_formats():
     assert not same_function("__main__.f" + code, "exp.f" + other)
     assert not same_function("__main__.f" + code, "exp.g" + code)
     assert not same_function("a.f" + code, "b.f" + code)  # neither ran as a script
+    tagged = "partial({}.f" + code + ", (), {{'tag': 'exp.v1'}})"  # review7 R5: the name alone is renamed
+    assert same_function(tagged.format("__main__"), tagged.format("exp"))
+    assert same_function(tagged.format("exp"), tagged.format("__main__"))
+    instance = "{0}.L: <{0}.L object> {{'k': {1}}}" + code  # a loss object's default repr names its module
+    assert same_function(instance.format("__main__", 1), instance.format("exp", 1))
+    assert same_function(instance.format("exp", 1), instance.format("__main__", 1))
+    assert not same_function(instance.format("__main__", 1), instance.format("exp", 2))
     assert without_code("partial(m.f" + code + ", (), {})") == "partial(m.f, (), {})"
 
 

@@ -20,7 +20,7 @@ import types
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -166,11 +166,33 @@ def callable_identity(fn: Any) -> str:
 
     A Python function's identity ends with " code[3.11]=<digest>": the Python version (major.minor:
     bytecode differs between versions) and a digest of its code (bytecode, constants, nested code
-    objects such as lambdas and comprehensions, names, arguments, default values), and of the code
-    of the functions its closure or a partial holds. Not of its line numbers or file: moving it, or
-    adding a comment or blank line, keeps it. Not covered: helper functions it calls by global name,
-    modules and objects it reads (their settings and code)."""
-    return _identity(fn, set())
+    objects such as lambdas and comprehensions, names, arguments, default values), of the code of
+    the functions its closure or a partial holds (named in the closure digest by their qualname
+    alone: a script's function is the same imported), and of the decorators' wrappers around it
+    (their code and closure settings). A loss object's ends with the digest of the forward and
+    __call__ methods its class and bases define (a custom nn.Module loss's forward). Wrappers and
+    base classes torch, JAX, Flax and Equinox define are left out (torch.compile, jax.jit,
+    nn.Module.__call__: a library loss object such as nn.CrossEntropyLoss() has no code digest). Not
+    of line numbers or files: moving a function, or adding a comment or blank line, keeps it. Not
+    covered: helper functions or methods it calls by name, modules and objects it reads (their
+    settings and code)."""
+    identity = _identity(fn, set())
+    if " closure[" in identity:  # functions a closure holds were named with their module before
+        if len(_BEFORE_CODE) >= 256:
+            del _BEFORE_CODE[next(iter(_BEFORE_CODE))]
+        _BEFORE_CODE[identity] = _identity(fn, set(), "before code")
+    return identity
+
+
+def identity_before_code(identity: str) -> str | None:
+    """The identity tracin recorded, before it digested code, for the function whose identity
+    callable_identity gave as `identity` in this process, when the two differ by more than the code
+    digests (a closure holding functions: their names carried their module); None otherwise."""
+    return _BEFORE_CODE.get(identity)
+
+
+# callable_identity's latest identities holding a closure, and what versions before code digests made of them
+_BEFORE_CODE: dict[str, str] = {}
 
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # the version whose bytecode code digests cover
@@ -231,49 +253,103 @@ def _digest_code(code: types.CodeType, h: Any) -> None:
             h.update(f"{type(const).__name__}:{stable_repr(const)};".encode())
 
 
-def _identity(fn: Any, seen: set[int], code: bool = True) -> str:
-    """callable_identity; `seen`: the ids of the functions and partials being described (a recursive
-    closure, a partial of a function held in that function's closure). code False: without the code
-    digest (a function held in a closure, whose code the outer function's digest covers)."""
+# what _identity describes: a function as callable_identity does ("full"), one a closure holds
+# ("held": a Python function named by its qualname, without code digest: the outer function's
+# covers its code), or as tracin did before it digested code ("before code": module names, no code)
+_Mode = Literal["full", "held", "before code"]
+
+
+def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
+    """callable_identity in `mode`; `seen`: the ids of the functions and partials being described (a
+    recursive closure, a partial of a function held in that function's closure)."""
     if isinstance(fn, functools.partial):
         given = {f"args[{i}]": a for i, a in enumerate(fn.args)} | dict(fn.keywords)
         arrays = {k: v for k, v in given.items() if _is_array(v, sys.modules.get("torch"))}
-        inner = "<recursive>" if id(fn.func) in seen else _identity(fn.func, seen | {id(fn)}, code)
+        inner = "<recursive>" if id(fn.func) in seen else _identity(fn.func, seen | {id(fn)}, mode)
         return f"partial({inner}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
             f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
         )
-    fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is the function it wraps
+    h = _hasher()
+    if mode == "full":
+        _digest_wrappers(fn, h)
+    fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is named as the function it wraps
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        name = f"{getattr(fn, '__module__', None)}.{fn.__qualname__}"
-        captured = _captured(fn, seen | {id(fn)}) if isinstance(fn, types.FunctionType) else {}
-        closure = f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else ""
-        if not code:
-            return name + closure
-        h = _hasher()
-        _digest_function_code(getattr(fn, "__func__", fn), h, set())
-        return name + closure + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
-    kind = type(fn)
-    settings = {
-        k: v
-        for k, v in sorted(getattr(fn, "__dict__", {}).items())
-        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
-    }
-    arrays = _held_arrays(fn)
-    return (
-        f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
-        + (f" {settings}" if settings else "")
-        + (f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else "")
-    )
+        held = mode == "held" and isinstance(fn, types.FunctionType)
+        module = "" if held else f"{getattr(fn, '__module__', None)}."
+        captured = _captured(fn, seen | {id(fn)}, mode) if isinstance(fn, types.FunctionType) else {}
+        text = (
+            module
+            + fn.__qualname__
+            + (f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else "")
+        )
+        if mode == "full":
+            _digest_function_code(getattr(fn, "__func__", fn), h, set())
+    else:
+        kind = type(fn)
+        settings = {
+            k: v
+            for k, v in sorted(getattr(fn, "__dict__", {}).items())
+            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+        }
+        arrays = _held_arrays(fn)
+        text = (
+            f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
+            + (f" {settings}" if settings else "")
+            + (f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else "")
+        )
+        if mode == "full":
+            _digest_class_methods(kind, h)
+    return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
+
+
+# the frameworks whose wrappers (torch.compile, jax.checkpoint) and base classes (nn.Module.__call__,
+# a library loss's forward) a loss's code digest leaves out
+_FRAMEWORKS = frozenset({"builtins", "torch", "jax", "jaxlib", "flax", "equinox"})
+
+
+def _in_framework(module: Any) -> bool:
+    return isinstance(module, str) and module.partition(".")[0] in _FRAMEWORKS
+
+
+def _digest_wrappers(fn: Any, h: Any) -> None:
+    """Fold into `h` the code and closure settings of each Python function that wraps another (the
+    __wrapped__ chain inspect.unwrap follows: a functools.wraps decorator's wrapper), but those the
+    frameworks define."""
+    seen = {id(fn)}
+    while hasattr(fn, "__wrapped__"):
+        if isinstance(fn, types.FunctionType) and not _in_framework(fn.__globals__.get("__name__")):
+            _digest_code(fn.__code__, h)
+            captured = _captured(fn, {id(fn)}, "held")
+            h.update(_digest_closure(captured).encode() if captured else b"")
+        fn = fn.__wrapped__
+        if id(fn) in seen:  # a cycle (inspect.unwrap raises ValueError on it)
+            return
+        seen.add(id(fn))
+
+
+def _digest_class_methods(kind: type, h: Any) -> None:
+    """Fold into `h` the code of the forward and __call__ methods a loss object's class and its bases
+    define, but the frameworks' classes (a library loss, nn.Module.__call__)."""
+    for cls in kind.__mro__:
+        if _in_framework(cls.__module__):
+            continue
+        for name in ("forward", "__call__"):
+            method = cls.__dict__.get(name)
+            method = getattr(method, "__func__", method)  # a staticmethod or classmethod
+            if callable(method):
+                _digest_wrappers(method, h)
+                _digest_function_code(inspect.unwrap(method), h, set())
 
 
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 
-def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
+def _captured(fn: types.FunctionType, seen: set[int], mode: _Mode) -> dict[str, Any]:
     """The settings a function's closure holds, by variable name: plain values (numbers, strings and
-    tuples or lists of them: class weights), arrays, and functions (by their identity); other objects
-    (dicts included) are left out. A call counter kept in the closure (`nonlocal calls`, calls[0] += 1)
-    changes the identity at every call: it belongs outside the closure (a module variable)."""
+    tuples or lists of them: class weights), arrays, and functions (by their identity: "held", or
+    "before code" in that mode); other objects (dicts included) are left out. A call counter kept
+    in the closure (`nonlocal calls`, calls[0] += 1) changes the identity at every call: it belongs
+    outside the closure (a module variable)."""
     torch = sys.modules.get("torch")
     found: dict[str, Any] = {}
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
@@ -288,7 +364,7 @@ def _captured(fn: types.FunctionType, seen: set[int]) -> dict[str, Any]:
         elif _is_array(value, torch):
             found[name] = value
         elif isinstance(value, (types.FunctionType, functools.partial)) and id(value) not in seen:
-            found[name] = _identity(value, seen, code=False)
+            found[name] = _identity(value, seen, "before code" if mode == "before code" else "held")
         elif id(value) in seen:
             found[name] = "<recursive>"
     return found

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .fingerprint import identity_before_code
+
 _WHAT = {
     "data": "the data (inputs or targets) differ, or the batch size does (the data is fingerprinted batch by batch: "
     "resume with the batch_size, or DataLoader batch_size, the store was exported with)",
@@ -115,45 +117,53 @@ def _code_change(before: Any, now: Any) -> str:
         return ""
     versions = [sorted({m.group(1) for m in _CODE.finditer(text)}) for text in (before, now)]
     if versions[0] == versions[1]:
-        return ": its code differs (the function, or one its closure holds, was edited)"
+        return (
+            ": its code differs (edited, or a library upgraded: the function, a decorator or the loss class's "
+            "forward or __call__, or a function its closure holds; a library's functions count too): finish "
+            "the export with the code and library versions that started it"
+        )
     return (
         f": recorded under Python {', '.join(versions[0])}, this is Python {', '.join(versions[1])}, and "
         "bytecode differs between Python versions: resume the export with the Python version that started it"
     )
 
 
-def _function_name(identity: str) -> str:
-    """The "module.qualname" an identity (callable_identity) starts with, inside any partial(...)."""
-    while identity.startswith("partial("):
-        identity = identity[len("partial(") :]
-    return re.split(r"[ ,]", identity, maxsplit=1)[0]
+def _function_name(identity: str) -> tuple[int, str]:
+    """Where the "module.qualname" an identity (callable_identity) starts with is, inside any
+    partial(...), and that name (a loss object's type name, without its ":")."""
+    start = 0
+    while identity.startswith("partial(", start):
+        start += len("partial(")
+    return start, re.split(r"[ ,:]", identity[start:], maxsplit=1)[0]
 
 
 def _main_renamed(before: str, now: str) -> str:
-    """`now` with the module name of `before` in place of "__main__" (or of "__main__" in place of
-    its module name) when one of them names a script's function and the other the same qualname in a
-    module; `now` otherwise."""
-    names = [_function_name(text) for text in (before, now)]
-    if names[1].startswith("__main__."):
-        qualname = names[1][len("__main__.") :]
-        if names[0].endswith("." + qualname):
-            return now.replace("__main__.", names[0][: -len(qualname)])
-    if names[0].startswith("__main__."):
-        qualname = names[0][len("__main__.") :]
-        if names[1].endswith("." + qualname):
-            return now.replace(names[1][: -len(qualname)], "__main__.")
-    return now
+    """`now` named as `before` when one of them names a script's function (or loss class) "__main__.q"
+    and the other the same qualname q in a module: the leading name replaced, and a loss object's
+    default repr "<module.q object>"; `now` otherwise."""
+    (_, old), (start, new) = _function_name(before), _function_name(now)
+    main = [name.startswith("__main__.") for name in (old, new)]
+    if main[0] == main[1]:
+        return now
+    qualname = (old if main[0] else new)[len("__main__.") :]
+    if not (new if main[0] else old).endswith("." + qualname):
+        return now
+    rest = now[start + len(new) :]
+    if rest.startswith(": "):
+        rest = rest.replace(f"<{new} object>", f"<{old} object>", 1)
+    return now[:start] + old + rest
 
 
 def same_function(stored: Any, now: Any) -> bool:
     """Whether the function identity `now` (callable_identity) names the same function as `stored`,
     a store's, though the texts differ: `stored` recorded before code was digested and equal to
-    `now` without its code digests, or the same code (whose digest covers the qualname) from a script
-    run as __main__ on one side and imported as a module on the other."""
+    `now` as those versions made it (without its code digests, its closure naming the functions it
+    holds with their module: identity_before_code), or the same code (whose digest covers the
+    qualname) from a script run as __main__ on one side and imported as a module on the other."""
     if not isinstance(stored, str) or not isinstance(now, str) or stored == now:
         return False
     if " code[" not in stored:
-        return without_code(now) == stored
+        return stored in (without_code(now), identity_before_code(now))
     return " code[" in now and _main_renamed(stored, now) == stored
 
 
