@@ -175,9 +175,12 @@ def test_noisy_ratios_get_no_verdict():
 def test_goals_met_or_missed_under_every_pairing_of_repeats_get_their_verdict():
     kernel_json, avx2 = _stored("kernel.json"), _stored("kernel_avx2.json")
     skinny = next(c for c in kernel_json["cases"] if c["name"] == "skinny")
-    fp32, fp16 = (skinny["contenders"][n]["times_s"] for n in ("tracin fp32", "tracin fp16"))
-    assert max(fp32) / max(fp16) < max(fp32) / min(fp16) < 1.4  # missed whichever repeats are paired
-    assert _goal_line(report.markdown(kernel_json), "skinny queries: fp16 train side vs fp32").endswith("| **no** |")
+    fp32 = skinny["contenders"]["tracin fp32"]["times_s"]
+    faiss = min((skinny["contenders"][n]["times_s"] for n in ("faiss", "faiss blas")), key=np.median)
+    assert max(faiss) / min(fp32) < 5.0  # missed whichever repeats are paired
+    assert _goal_line(report.markdown(kernel_json), "skinny queries (m=16, n=1M): speed vs faiss").endswith(
+        "| **no** |"
+    )
     both = next(c for c in avx2["cases"] if c["name"] == "both")
     faiss, tracin_times = both["contenders"]["faiss"]["times_s"], both["contenders"]["tracin"]["times_s"]
     assert min(faiss) / max(tracin_times) >= 1.8  # met whichever repeats are paired, though noisy
@@ -202,7 +205,7 @@ def test_goals_without_a_noise_estimate_get_no_verdict(edit):
             edit(contender)
     text = report.markdown(payload)
     assert _goal_line(text, "one-sided top-10: speed vs faiss").endswith(f"| {report.NO_ESTIMATE} |")
-    assert f"tracin vs faiss 1.18x ({report.NO_ESTIMATE})" in text
+    assert f"tracin vs faiss 1.46x ({report.NO_ESTIMATE})" in text
     assert _goal_line(text, "exact: top-k equal to the peers' except at ties").endswith("| yes |")  # no ratio
 
 
