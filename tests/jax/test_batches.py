@@ -50,6 +50,18 @@ def test_a_short_array_set_is_padded_to_the_batch_size_only_where_that_shape_has
     assert large.size == 4 and len(asked) == 2
 
 
+def test_the_signature_tells_a_weak_typed_batch_from_a_strong_one():
+    """jax.jit compiles jnp.full(n, 0.5) (weak float32) and a float32 array apart: padding a small set
+    to a shape that ran with the other kind would compile again anyway, at batch_size rows."""
+    import jax.numpy as jnp
+
+    y = np.zeros(4, np.int32)
+    weak, strong = jnp.full((4, 3), 0.5), jnp.zeros((4, 3), jnp.float32)
+    assert weak.weak_type and not strong.weak_type
+    assert batch_signature(weak, y) != batch_signature(strong, y)
+    assert batch_signature(strong, y) == batch_signature(np.zeros((4, 3), np.float32), y)
+
+
 def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
     x, y = np.arange(10.0)[:, None], np.arange(10)
     plan = BatchPlan([(x[:3], y[:3]), (x[3:10], y[3:10])], batch_size=None)

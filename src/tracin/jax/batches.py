@@ -108,12 +108,13 @@ def _two_batches_note(data: Any) -> str:
 
 def batch_signature(inputs: Any, targets: Any, rows: int | None = None) -> tuple:
     """What jax.jit compiles a batch's (inputs, targets) for: their pytree structure and every leaf's shape
-    (its leading dimension replaced by `rows` if given) and dtype (canonical: int64 counts as int32
-    unless x64 is enabled)."""
+    (its leading dimension replaced by `rows` if given), dtype (canonical: int64 counts as int32
+    unless x64 is enabled) and weak type (a jax array made from a Python scalar: jnp.full(n, 0.5))."""
     leaves, treedef = jax.tree_util.tree_flatten((inputs, targets))
     dtypes = [jax.dtypes.canonicalize_dtype(a.dtype, allow_extended_dtype=True) for a in leaves]
     shapes = [a.shape if rows is None else (rows, *a.shape[1:]) for a in leaves]
-    return treedef, tuple(zip(shapes, dtypes, strict=True))
+    weak = [bool(getattr(a, "weak_type", False)) for a in leaves]
+    return treedef, tuple(zip(shapes, dtypes, weak, strict=True))
 
 
 def _slice(tree: Any, start: int, stop: int) -> Any:
