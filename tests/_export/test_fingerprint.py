@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import sys
+import threading
 import typing
 
 import numpy as np
@@ -480,3 +481,47 @@ def test_loss_objects_and_decorators_digest_their_own_code_not_the_frameworks():
         "{'ignore_index': -100, 'label_smoothing': 0.1, 'reduction': 'mean'}"
     )
     assert callable_identity(torch.no_grad()(_loss)) == callable_identity(_loss)  # a wrapper torch defines
+
+
+def test_a_compiled_or_data_parallel_loss_module_digests_the_forward_it_wraps():
+    """review8 S3: torch.compile(Loss()) and nn.DataParallel(Loss()) are torch classes wrapping the
+    user's module: an edited forward of the wrapped loss changed nothing."""
+    torch = pytest.importorskip("torch")
+    smoothed = 'reduction="none", label_smoothing=0.3)\n\n\nclass Loss'
+    edited = _MODULE_LOSS.replace('reduction="none")\n\n\nclass Loss', smoothed)
+    for wrap in (torch.compile, torch.nn.DataParallel):
+        identity = callable_identity(wrap(_made(_MODULE_LOSS, "Loss")))
+        assert " code[" in identity and identity == callable_identity(wrap(_made(_MODULE_LOSS, "Loss")))
+        assert callable_identity(wrap(_made(edited, "Loss"))) != identity
+
+
+def test_callable_identity_is_safe_to_call_from_threads():
+    """review8 S2: beyond 256 closure identities, evicting the oldest memo entry while another thread
+    added one raised RuntimeError or KeyError in an unrelated export."""
+
+    def make(k):
+        def loss(o, t):
+            return k * _loss(o, t)
+
+        return loss
+
+    failures = []
+
+    def work(start):
+        try:
+            for k in range(start, start + 300):
+                callable_identity(make(float(k)))
+        except Exception as err:  # noqa: BLE001 - collected for the assertion
+            failures.append(err)
+
+    threads = [threading.Thread(target=work, args=(i * 1000,)) for i in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the race shows in every run
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []

@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import threading
 import types
 import zlib
 from collections.abc import Iterable
@@ -178,9 +179,11 @@ def callable_identity(fn: Any) -> str:
     settings and code)."""
     identity = _identity(fn, set())
     if " closure[" in identity:  # functions a closure holds were named with their module before
-        if len(_BEFORE_CODE) >= 256:
-            del _BEFORE_CODE[next(iter(_BEFORE_CODE))]
-        _BEFORE_CODE[identity] = _identity(fn, set(), "before code")
+        before = _identity(fn, set(), "before code")
+        with _BEFORE_CODE_LOCK:  # exports in threads
+            if len(_BEFORE_CODE) >= 256:
+                del _BEFORE_CODE[next(iter(_BEFORE_CODE))]
+            _BEFORE_CODE[identity] = before
     return identity
 
 
@@ -193,6 +196,7 @@ def identity_before_code(identity: str) -> str | None:
 
 # callable_identity's latest identities holding a closure, and what versions before code digests made of them
 _BEFORE_CODE: dict[str, str] = {}
+_BEFORE_CODE_LOCK = threading.Lock()
 
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"  # the version whose bytecode code digests cover
@@ -299,6 +303,10 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         )
         if mode == "full":
             _digest_class_methods(kind, h)
+            for inner in ("_orig_mod", "module"):  # torch.compile's OptimizedModule, nn.DataParallel
+                held = getattr(fn, "__dict__", {}).get("_modules", {}).get(inner)
+                if held is not None:
+                    _digest_class_methods(type(held), h)
     return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
 
 
