@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -18,8 +19,11 @@
 #include "tracin/tracin.hpp"
 
 #if defined(__linux__)
-#include <pthread.h>
 #include <sched.h>
+#endif
+#if defined(__linux__) && defined(__GLIBC__)  // pthread_attr_setaffinity_np: glibc only (not musl, bionic)
+#include <pthread.h>
+#define TRACIN_STEERED_THREADS 1
 #endif
 
 namespace tracin::detail {
@@ -50,12 +54,13 @@ inline int ResolveThreads(int requested) {
 // its creator's CPU (where the creator's mask allows another) and widens its mask back to the
 // creator's once it runs: Linux queues a new thread on its creator's CPU, where it waited about
 // 1.8 ms for the load balancer to move it (2-core VM, kernel 6.18; 0.14 ms steered). top_k with
-// m=256, n=1e4, d=128 on 2 threads took 11 ms instead of 6 (the bare sgemm: 4.9 ms).
-// Throws std::system_error if no thread can be started.
+// m=256, n=1e4, d=128 on 2 threads took 11 ms instead of 6 (the bare sgemm: 4.9 ms). Elsewhere
+// (musl, bionic, other systems) a std::thread. Throws std::system_error if no thread can be started
+// (std::bad_alloc without memory).
 class WorkerThread {
  public:
   explicit WorkerThread(std::function<void()> body) {
-#if defined(__linux__)
+#if defined(TRACIN_STEERED_THREADS)
     auto state = std::make_unique<State>(State{std::move(body), {}, false});
     pthread_attr_t attr;
     if (pthread_attr_init(&attr) != 0)
@@ -68,8 +73,12 @@ class WorkerThread {
       CPU_CLR(cpu, &others);
       state->widen = pthread_attr_setaffinity_np(&attr, sizeof(cpu_set_t), &others) == 0;
     }
-    const int rc = pthread_create(&handle_, &attr, &Start, state.get());
+    int rc = pthread_create(&handle_, &attr, &Start, state.get());
     pthread_attr_destroy(&attr);
+    if (rc != 0 && state->widen) {  // the creator's mask changed meanwhile (no CPU left): start it unsteered
+      state->widen = false;
+      rc = pthread_create(&handle_, nullptr, &Start, state.get());
+    }
     if (rc != 0) throw std::system_error(rc, std::generic_category(), "pthread_create");
     state.release();  // Start owns it now
 #else
@@ -81,7 +90,7 @@ class WorkerThread {
   ~WorkerThread() { Join(); }
 
   void Join() {
-#if defined(__linux__)
+#if defined(TRACIN_STEERED_THREADS)
     if (joinable_) pthread_join(handle_, nullptr);
     joinable_ = false;
 #else
@@ -90,7 +99,7 @@ class WorkerThread {
   }
 
  private:
-#if defined(__linux__)
+#if defined(TRACIN_STEERED_THREADS)
   struct State {
     std::function<void()> body;
     cpu_set_t mask;  // the creator's affinity mask, restored when widen
@@ -158,6 +167,8 @@ Status ParallelFor(std::int64_t n_tasks, int n_threads, std::atomic<bool>& stop,
       threads.push_back(std::make_unique<WorkerThread>([&worker, t] { worker(t); }));
   } catch (const std::system_error&) {
     // Fewer threads than asked for: the ones running finish the work.
+  } catch (const std::bad_alloc&) {
+    // The same without memory for another thread.
   }
   worker(0);
   for (auto& t : threads) t->Join();
