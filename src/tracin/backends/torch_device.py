@@ -298,8 +298,6 @@ class _DeviceTest:
         """The test side's blocks copied to the device (those already there: widened or used in place),
         weighted (_fold_weights) when `weights` are given."""
         blocks = rows.whole(test, device)
-        sources = [rows.host_tensor(b, code) for b, code in zip(test.blocks, test.dtypes, strict=True)]
-        in_place = [not normalize and t.data_ptr() == s.data_ptr() for t, s in zip(blocks, sources, strict=True)]
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for t in blocks:
             bad |= _not_finite(t)
@@ -310,6 +308,8 @@ class _DeviceTest:
                 blocks[c * per].mul_(scales[c // normalize].float()[:, None])
         if weights is None:
             return cls(blocks, bad)
+        sources = [rows.host_tensor(b, code) for b, code in zip(test.blocks, test.dtypes, strict=True)]
+        in_place = [not normalize and t.data_ptr() == s.data_ptr() for t, s in zip(blocks, sources, strict=True)]
         alphas, exponents, later = _fold_weights(blocks, test.factored, weights, in_place)
         return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later)
 
