@@ -763,6 +763,22 @@ def test_bench_says_the_k_and_the_threads_it_ran_with(monkeypatch, capsys):
     assert header.startswith("top-10 proponents of") and "tracin on 2 thread(s)" in header and set(used) == {2}
 
 
+def test_bench_threads_beyond_the_usable_cores_say_and_record_the_threads_that_ran(monkeypatch, capsys):
+    # review1 F1: `--threads 64` on 3 usable cores printed and recorded 64 while the kernel ran on 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    used = []
+    top_k = tracin.top_k
+    monkeypatch.setattr(tracin, "top_k", lambda *a, num_threads, **kw: used.append(num_threads) or top_k(*a, **kw))
+    assert main(["bench", "--quick", "-n", "50", "--repeats", "1", "--threads", "64"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "tracin on 3 thread(s) (64 asked, capped at the 3 usable core(s))," in header and set(used) == {3}
+    result = selfbench.run(selfbench.BenchConfig(m=4, n=100, d=8, repeats=1, threads=64))
+    assert result.threads == 3 and result.exact
+    assert selfbench.threads(selfbench.BenchConfig(threads=2)) == 2  # fewer than usable: as asked
+    assert "asked" not in selfbench.problem(selfbench.BenchConfig(threads=3))
+
+
 def test_threads_beyond_tracins_bound_are_a_usage_error_naming_the_option(capsys):
     # `tracin bench --threads 9999` said "num_threads must be ...", the library's name, after parsing
     from tracin._validate import thread_count

@@ -29,7 +29,7 @@ class BenchConfig:
     n: int = 100_000
     d: int = 256
     k: int = 10
-    threads: int | None = None  # tracin's threads (None: all cores); BLAS keeps its own default
+    threads: int | None = None  # tracin's threads asked for (None: all usable cores); BLAS keeps its own default
     repeats: int = 3
     seed: int = 0
 
@@ -100,8 +100,10 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def threads(config: BenchConfig) -> int:
-    """The threads tracin runs on: config.threads, else every usable core."""
-    return config.threads or usable_cores()
+    """The threads tracin runs on: config.threads, else every usable core, capped at the usable cores
+    as the kernel caps num_threads (backends/cpu.py), so that what is printed and recorded is what ran."""
+    usable = usable_cores()
+    return min(config.threads or usable, usable)
 
 
 def run(config: BenchConfig, status: Callable[[str], object] = lambda _: None) -> BenchResult:
@@ -129,13 +131,22 @@ def run(config: BenchConfig, status: Callable[[str], object] = lambda _: None) -
 
 
 def problem(config: BenchConfig) -> str:
-    """The first line `tracin bench` prints, saying what is timed (tracin's threads: threads(config))."""
+    """The first line `tracin bench` prints, saying what is timed (tracin's threads: threads(config), and
+    the count asked for if more than the usable cores)."""
     c = config
     k = f"top-{min(c.k, c.n)}" + (f" (k={c.k} capped at the train rows)" if c.k > c.n else "")
     return (
         f"{k} proponents of {c.m} test rows among {c.n} train rows, d={c.d}, float32; "
-        f"tracin on {threads(c)} thread(s), NumPy's BLAS on its default threads; median of {c.repeats}"
+        f"tracin on {_threads_said(c)}, NumPy's BLAS on its default threads; median of {c.repeats}"
     )
+
+
+def _threads_said(config: BenchConfig) -> str:
+    """'N thread(s)', and the count asked for where threads(config) capped it at the usable cores."""
+    used = threads(config)
+    asked = config.threads
+    capped = f" ({asked} asked, capped at the {used} usable core(s))" if asked is not None and asked > used else ""
+    return f"{used} thread(s){capped}"
 
 
 def timings(result: BenchResult) -> str:
