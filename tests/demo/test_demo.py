@@ -454,7 +454,8 @@ def test_the_printed_next_commands_run_as_printed(default_demo, tmp_path):
     printed = [line.strip() for line in lines if line.startswith("  tracin ")]
     assert printed == result.next_commands and len(printed) == 3
     assert [shlex.split(c)[1] for c in printed] == ["info", "self-influence", "score"]
-    assert all(command in (out / "report.md").read_text() for command in printed)
+    report = (out / "report.md").read_text()
+    assert f"cd {shlex.quote(str(out.resolve()))}\ntracin info grads/train\n" in report
     for command in printed:
         argv = shlex.split(command)
         done = subprocess.run(
@@ -480,6 +481,33 @@ def test_demo_with_a_path_that_needs_quoting_prints_runnable_commands(tmp_path):
     assert Path(argv[2]) == out / "grads" / "train"
     done = subprocess.run([sys.executable, "-m", "tracin", *argv[1:]], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def _report_block(report: str) -> list[str]:
+    """The lines of report.md's code block under '## Next'."""
+    after = report.split("## Next", 1)[1]
+    return after.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+
+
+def test_the_reports_next_commands_run_from_any_folder(tmp_path, monkeypatch):
+    # review1 F2: `-o out` wrote `tracin info out/grads/train` into out/report.md, which failed run from
+    # inside out (or from anywhere but where the demo ran): "no gradient store at out/grads/train"
+    monkeypatch.chdir(tmp_path)
+    run_demo(_small(Path("my out")), **QUIET)
+    block = _report_block((tmp_path / "my out" / "report.md").read_text())
+    assert block[0] == f"cd {shlex.quote(str(tmp_path / 'my out'))}" and len(block) == 4
+    script = "tracin() { \"$PYTHON\" -m tracin \"$@\"; }\nset -e\n" + "\n".join(block) + "\n"
+    for cwd in (tmp_path / "my out", tmp_path / "my out" / "grads", Path("/")):
+        done = subprocess.run(
+            ["bash", "-c", script],
+            cwd=cwd,
+            env={**os.environ, "PYTHON": sys.executable},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, (cwd, done.stderr)
+        assert "1400" in done.stdout  # tracin info's rows
 
 
 def test_demo_reruns_into_the_same_folder(tmp_path):

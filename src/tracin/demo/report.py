@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,8 +118,10 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "",
         "## Next: the command line on these stores",
         "",
+        "From any folder (the `cd` goes to the folder of this report):",
+        "",
         "```",
-        *result.next_commands,
+        *report_commands(Path(config.output)),
         "```",
         "",
         f"Settings: `{settings}`; run time {result.seconds:.1f} s.",
@@ -126,6 +129,15 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
     ]
     path.write_text("\n".join(lines))
     return path
+
+
+def report_commands(out: Path) -> list[str]:
+    """report.md's next commands: a `cd` to the output folder `out` (made absolute), then the commands
+    on the stores by their paths inside it, so that they run from any folder, also from `out` itself
+    (the console's lines, result.next_commands, name the stores as seen from where the demo ran)."""
+    from .run import _next_commands
+
+    return [f"cd {shlex.quote(str(out.resolve()))}", *_next_commands(Path())]
 
 
 def _detection(result: DemoResult, checkpoints: int) -> list[str]:
