@@ -41,6 +41,7 @@ SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
+DEMO_CHECKPOINTS = 10  # tracin demo's default --checkpoints (at most --epochs)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
 
@@ -412,9 +413,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         instead = ", or pass --no-progress (tqdm draws only the progress bars)" if e.name == "tqdm" else ""
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]'{instead} ({e})") from e
-    if args.checkpoints > args.epochs:
-        raise CommandError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
-    training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
+    checkpoints = min(DEMO_CHECKPOINTS, args.epochs) if args.checkpoints is None else args.checkpoints
+    if checkpoints > args.epochs:
+        raise CommandError(f"--checkpoints ({checkpoints}) must be at most --epochs ({args.epochs})")
+    training = TrainingConfig(epochs=args.epochs, checkpoints=checkpoints, seed=args.seed)
     config = DemoConfig(
         noise=args.noise, seed=args.seed, output=Path(args.output), training=training, framework=args.framework
     )
@@ -571,8 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoints",
         type=positive_int,
-        default=10,
-        help="checkpoints saved during training (the recipe: one every ~10%%)",
+        default=None,
+        help=f"checkpoints saved during training (the recipe: one every ~10%%) (default: {DEMO_CHECKPOINTS}, "
+        "or --epochs if fewer)",
     )
     p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")

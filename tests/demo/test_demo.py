@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tracin.cli import main
+from tracin.cli import build_parser, main
 from tracin.demo import DemoConfig, DemoResult, run_demo
 from tracin.demo.data import load_noisy_digits
 from tracin.demo.detection import detection_curve, found_at, perfect_curve
@@ -893,6 +893,16 @@ def test_demo_command_line_options(tmp_path, capsys):
     assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2  # numpy by default
     assert main(["demo", "--epochs", "3", "--checkpoints", "5", "-o", str(tmp_path / "bad")]) == 1
     assert "--checkpoints (5) must be at most --epochs (3)" in capsys.readouterr().err
+
+
+def test_demo_with_fewer_epochs_than_the_default_checkpoints_saves_one_per_epoch(tmp_path, capsys):
+    # review1 F3: `tracin demo --epochs 5` was refused: "--checkpoints (10) must be at most --epochs (5)",
+    # a default the user never set
+    assert main(["demo", "--epochs", "2", "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "saving 2 checkpoints" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2
+    help_text = build_parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    assert "(default: 10, or --epochs if fewer)" in " ".join(help_text.split())
 
 
 def test_bad_demo_settings_are_refused_before_the_previous_run_is_touched(tmp_path, capsys):
