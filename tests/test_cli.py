@@ -372,6 +372,38 @@ sys.exit(cli.main(["self-influence", {str(paths["train"])!r}, "-o", {str(out)!r}
     assert out.read_text() == "the previous result\n" and [p.name for p in out.parent.iterdir()] == ["rank.csv"]
 
 
+def test_a_failed_output_write_names_the_option_and_the_file(stores, tmp_path, capsys, monkeypatch):
+    # review1 F4: a full disk while writing -o said only "tracin score: error: [Errno 28] No space left on device"
+    import errno
+
+    paths, _, _ = stores
+    if os.path.exists("/dev/full"):  # a device that is always full: written in place, through the link
+        for name, command in (
+            ("full.csv", _score(paths, "-k", "5")),
+            ("full.npz", _score(paths, "-k", "5")),
+            ("full.csv", ["self-influence", str(paths["train"])]),
+        ):
+            link = tmp_path / name
+            if not link.is_symlink():
+                link.symlink_to("/dev/full")
+            assert main([*command, "-o", str(link)]) == 1
+            line = _error_line(capsys.readouterr().err, command[0])
+            assert line.endswith(f"error: --output: cannot write {link}: No space left on device"), line
+    out = tmp_path / "top.npz"
+    out.write_bytes(b"the previous file")
+
+    def full(f, **arrays):
+        f.write(b"partly")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", full)
+    assert main(_score(paths, "-k", "5", "-o", str(out))) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert line == f"tracin score: error: --output: cannot write {out}: {os.strerror(errno.ENOSPC)}"
+    assert out.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tracin-")) == []
+
+
 def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores, tmp_path):
     paths, _, _ = stores
     rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]

@@ -138,6 +138,21 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
     return out
 
 
+@contextmanager
+def _output_file(out: Path, binary: bool = False) -> Iterator[IO]:
+    """_whole_file(out): an OSError while writing it (a full disk, a quota) an error naming --output and
+    the file; a closed pipe (a FIFO whose reader went away) stays BrokenPipeError, which ends quietly."""
+    try:
+        with _whole_file(out, binary=binary) as f:
+            yield f
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        reason = e.strerror or _one_line(e)
+        said = reason if str(out) in reason else f"cannot write {out}: {reason}"
+        raise CommandError(f"--output: {said}") from e
+
+
 def _name_max(folder: Path) -> int | None:
     """The longest file name in bytes `folder` accepts, or None where the OS does not say."""
     try:
@@ -275,10 +290,10 @@ def cmd_score(args: argparse.Namespace) -> None:
         return
     if out.suffix.lower() == ".npz":
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
-        with _whole_file(out, binary=True) as f:
+        with _output_file(out, binary=True) as f:
             np.savez(f, **arrays)
     else:
-        with _whole_file(out) as f:
+        with _output_file(out) as f:
             write_csv(f)
     print(f"{summary}: wrote {out}")
 
@@ -356,7 +371,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         write(sys.stdout)
         print(summary, file=sys.stderr)
     else:
-        with _whole_file(out) as f:
+        with _output_file(out) as f:
             write(f)
         print(f"{summary}: wrote {out}")
 
