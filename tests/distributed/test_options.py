@@ -134,3 +134,41 @@ def test_scoring_on_a_cluster_without_workers_goes_on_until_they_come(tied, caps
         found = td.self_influence(tied["store"], client=c, shards=2)
     np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
     assert "has no workers yet; its tasks start when workers join" in capsys.readouterr().err
+
+
+@pytest.fixture
+def unfinished(tmp_path) -> str:
+    """A store of 50 rows of which 20 are written, never finalized (its path)."""
+    rng = np.random.default_rng(3)
+    writer = tracin.GradientStore.create(tmp_path / "unfinished", n_rows=50, dims=[4, 2])
+    writer.write(0, 0, rng.standard_normal((20, 4), dtype=np.float32))
+    writer.write(1, 0, rng.standard_normal((20, 2), dtype=np.float32))
+    writer.close()
+    return str(tmp_path / "unfinished")
+
+
+@pytest.mark.parametrize(
+    "name, store_side",
+    [("top_k", "train"), ("top_k", "test"), ("self_influence", "train"), ("aggregate", "train"), ("aggregate", "test")],
+)
+def test_unfinished_store_is_refused_on_the_client(unfinished, monkeypatch, name, store_side):
+    """tracin's own ValueError, before any cluster is started or task scheduled (each task raised it,
+    and a user's cluster logged every one)."""
+    rng = np.random.default_rng(4)
+    other = tracin.Gradients([rng.standard_normal((5, 4), dtype=np.float32), rng.standard_normal((5, 2), np.float32)])
+    sides = (other, unfinished) if store_side == "train" else (unfinished, other)
+    if name == "self_influence":
+        sides = (unfinished,)
+    with pytest.raises(ValueError, match="is unfinished") as local:
+        getattr(tracin, name)(*(tracin.GradientStore.open(s) if isinstance(s, str) else s for s in sides))
+
+    def no_cluster(client):
+        raise AssertionError("a cluster was used for an unfinished store")
+
+    monkeypatch.setattr(td._api, "client_for", no_cluster)
+    with pytest.raises(ValueError, match="is unfinished") as distributed:
+        getattr(td, name)(*sides, progress=False)
+    assert str(distributed.value) == str(local.value)
+    partial = tracin.GradientStore.open(unfinished, allow_partial=True)  # opened so: let through to the cluster
+    with pytest.raises(AssertionError, match="a cluster was used"):
+        getattr(td, name)(*(partial if s is unfinished else s for s in sides), progress=False)

@@ -73,6 +73,7 @@ def top_k(
         shards, num_threads, progress, test_set.n_rows * train_set.n_rows * _width(train_set)
     )
     _check_cuttable(test_set, train_set)
+    _check_usable(test_set, train_set)
     with client_for(client) as c, Job(c, f"top_k ({side})") as job:
         slots = slots_by_host(c)
         if isinstance(train_set, GradientStore):
@@ -136,6 +137,7 @@ def self_influence(
         )
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
+    _check_usable(train_set)
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     with client_for(client) as c, Job(c, "self_influence") as job:
         slots = slots_by_host(c)
@@ -174,6 +176,7 @@ def aggregate(
     macs = test_set.n_rows * train_set.n_rows if train_set.factored else test_set.n_rows + train_set.n_rows
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
+    _check_usable(test_set, train_set)
     with client_for(client) as c, Job(c, "aggregate") as job:
         slots = slots_by_host(c)
         if isinstance(train_set, GradientStore):
@@ -251,6 +254,15 @@ def _check_cuttable(test: GradientSet, train: GradientSet) -> None:
     """The train side is cut into shards if it is a store, else the test side, which must be one."""
     if not isinstance(train, GradientStore):
         _check_store(test, "test or train")
+
+
+def _check_usable(*sides: GradientSet) -> None:
+    """The ValueError tracin's own functions raise for an unfinished store not opened with
+    allow_partial=True, raised here on the client, before any cluster is started or task scheduled
+    (each task would raise it, and a user's cluster would log every one)."""
+    for s in sides:
+        if isinstance(s, GradientStore):
+            s.kernel_side(0, 0)  # no rows: checks the store's state, opens no file
 
 
 def _per_shard(
