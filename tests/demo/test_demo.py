@@ -812,6 +812,37 @@ def test_output_folders_that_cannot_be_made_are_named(tmp_path):
         run_demo(_small(tmp_path / "file"), progress=False, log=lambda *_: None)
 
 
+def test_an_existing_output_folder_that_refuses_files_is_named_before_training(tmp_path, monkeypatch, capsys):
+    # review1 F5: an existing read-only folder passed the check, the demo trained to its first checkpoint
+    # and failed with "[Errno 30] Read-only file system: '.../checkpoints'", naming neither -o nor the folder
+    import errno
+    import tempfile
+
+    out = tmp_path / "read-only"
+    out.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == out.resolve():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    lines: list[str] = []
+    said = rf"output folder \(-o / DemoConfig.output\) .*read-only cannot be written: {os.strerror(errno.EROFS)}"
+    with pytest.raises(ValueError, match=said):
+        run_demo(_small(out), progress=False, log=lines.append)
+    assert lines == [] and list(out.iterdir()) == []  # refused before anything was trained or written
+    assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tracin demo: error: the output folder (-o / DemoConfig.output)")
+    assert "cannot be written" in err
+    assert len(err.splitlines()) == 1 and list(out.iterdir()) == []
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    run_demo(_small(out), **QUIET)  # writable again: runs, and leaves no probe file behind
+    assert not [p for p in out.iterdir() if "probe" in p.name]
+
+
 def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path, monkeypatch, capsys):
     # -o grads/train wrote the demo's files in among the store's; -o '' wrote into the current folder
     out = tmp_path / "out"

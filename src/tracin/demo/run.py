@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shlex
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,12 @@ def _output_folder(out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"the {WHERE} {out} cannot be created: {e.strerror or e}") from None
+    try:  # an existing folder may refuse new files (read-only file system): found now, not after training
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".tracin-demo-probe-", suffix=".tmp")
+    except OSError as e:
+        raise ValueError(f"the {WHERE} {out} cannot be written: {e.strerror or e}") from None
+    os.close(fd)
+    os.unlink(probe)
     return out
 
 
