@@ -523,6 +523,21 @@ def test_allow_partial_with_no_usable_rows_is_an_error_naming_the_side(stores, t
         assert f"{option}: gradient store {tmp_path / 'gap'} has no usable rows yet" in line and "0, 0 of 40" in line
 
 
+def test_an_unfinished_factored_stores_counts_are_said_per_factor_pair(tmp_path, rng, capsys):
+    # review1 F6: a store of 1 checkpoint x 2 layers said "per checkpoint: 60, 30": two counts for one checkpoint
+    meta = {"framework": "numpy", "mode": "factored", "fingerprints": {"checkpoints": ["a" * 32]}}
+    w = tracin.GradientStore.create(
+        tmp_path / "pf", n_rows=100, dims=[(4, 3), (2, 5)], weights=[0.1, 0.1], factored=True, metadata=meta
+    )
+    for slot, (rows, (a, b)) in enumerate(((60, (4, 3)), (30, (2, 5)))):
+        w.write(slot, 0, tuple(rng.standard_normal((rows, d), dtype=np.float32) for d in (a, b)))
+    w.close()
+    assert main(["self-influence", str(tmp_path / "pf")]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert "(rows usable from row 0, per factor pair (2 layers per checkpoint): 60, 30 of 100)" in line
+    assert "per checkpoint:" not in line
+
+
 # -- errors --------------------------------------------------------------------------------------
 def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, capsys):
     assert main(["info", str(tmp_path / "nowhere")]) == 1

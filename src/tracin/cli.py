@@ -80,7 +80,7 @@ def _open_store(path: str, option: str, allow_partial: bool):
         raise CommandError(f"{option}: malformed gradient store: {_one_line(e)}") from e
     except OSError as e:  # not a folder, no manifest, unreadable
         raise CommandError(f"{option}: {_one_line(e)}") from e
-    usable = f"rows usable from row 0, per checkpoint: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
+    usable = f"rows usable from row 0, {_per_slot(info)}: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
     if not store.complete and not allow_partial:
         raise CommandError(
             f"{option}: gradient store {path} is unfinished ({usable}); finish the export, "
@@ -90,6 +90,13 @@ def _open_store(path: str, option: str, allow_partial: bool):
         state = "has no rows" if store.complete else f"has no usable rows yet ({usable})"
         raise CommandError(f"{option}: gradient store {path} {state}; nothing to score")
     return store
+
+
+def _per_slot(info: dict[str, Any]) -> str:
+    """What a store's per-slot counts are counted over: its checkpoints, or, for a factored store of
+    several layers per checkpoint (info['layers_per_checkpoint']), its factor pairs, one per layer."""
+    layers = info["layers_per_checkpoint"]
+    return "per checkpoint" if layers == 1 else f"per factor pair ({layers} layers per checkpoint)"
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
