@@ -250,6 +250,8 @@ def test_bad_arguments_are_named(client, tmp_path):
         td.export_gradients("torch", model, checkpoints, data, loss, store=None, client=client)
     with pytest.raises(ValueError, match="shards must be a positive integer"):
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client, shards=0)
+    with pytest.raises(ValueError, match="worker_timeout must be a finite number of seconds > 0, or None"):
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", worker_timeout=-1.0)
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
@@ -260,15 +262,15 @@ def test_data_loader_with_worker_processes_is_named(client, tmp_path):
         td.export_gradients("torch", model, checkpoints, loader, loss, store=tmp_path / "s", client=client, shards=2)
 
 
-def test_cluster_that_never_gets_a_worker_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.5)
+def test_cluster_that_never_gets_a_worker_is_named(tmp_path, capsys):
     model, checkpoints, data, loss = _setup(20, 4)
     with (
         LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as c,
-        pytest.raises(TimeoutError, match=r"the cluster at \S+ still has no workers after 0.5 s"),
+        pytest.raises(TimeoutError, match=r"the cluster at \S+ still has no workers after worker_timeout=0.5 s"),
     ):
-        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c)
+        td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c, worker_timeout=0.5)
+    assert "waiting up to 0.5 s (worker_timeout) for one" in capsys.readouterr().err
 
 
 def test_export_waits_for_its_first_worker_without_limit(tmp_path, capsys):

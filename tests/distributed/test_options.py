@@ -29,6 +29,11 @@ from tracin.distributed._shards import shard_ranges
         ({"device": 0}, TypeError, "device must be a str or None"),
         ({"precision": "tf32"}, ValueError, "precision: the CPU kernel .* float32, got 'tf32'"),
         ({"precision": "fp8"}, ValueError, "precision must be 'float32' or 'tf32'"),
+        ({"worker_timeout": 0}, ValueError, "worker_timeout must be a finite number of seconds > 0, or None"),
+        ({"worker_timeout": float("inf")}, ValueError, "worker_timeout must be a finite number of seconds > 0"),
+        ({"worker_timeout": float("nan")}, ValueError, "worker_timeout must be a finite number of seconds > 0"),
+        ({"worker_timeout": "60"}, TypeError, "worker_timeout must be a number of seconds or None, got '60'"),
+        ({"worker_timeout": True}, TypeError, "worker_timeout must be a number of seconds or None, got True"),
     ],
 )
 def test_bad_options(tied, kwargs, error, words):
@@ -123,9 +128,8 @@ def test_closed_client_is_named(client, tied):
         td.self_influence(tied["store"], client=closed)
 
 
-def test_scoring_on_a_cluster_without_workers_goes_on_until_they_come(tied, capsys, monkeypatch):
-    """Scoring does not wait for workers (only an export does, bounded by WORKER_WAIT_S): its tasks queue."""
-    monkeypatch.setattr(td._cluster, "WORKER_WAIT_S", 0.2)
+def test_scoring_on_a_cluster_without_workers_goes_on_until_they_come(tied, capsys):
+    """Scoring with worker_timeout=None does not wait for workers: its tasks queue."""
     with (
         LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
         Client(cluster, set_as_default=False) as c,
@@ -134,6 +138,27 @@ def test_scoring_on_a_cluster_without_workers_goes_on_until_they_come(tied, caps
         found = td.self_influence(tied["store"], client=c, shards=2)
     np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
     assert "has no workers yet; its tasks start when workers join" in capsys.readouterr().err
+
+
+def test_worker_timeout_bounds_the_wait_for_a_first_worker(tied, capsys):
+    """The first worker is waited for up to worker_timeout seconds; then a TimeoutError names it."""
+    with (
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        for call in (
+            lambda: td.top_k(tied["test"], tied["store"], 3, client=c, worker_timeout=0.3),
+            lambda: td.self_influence(tied["store"], client=c, worker_timeout=0.3),
+            lambda: td.aggregate(tied["test"], tied["store"], client=c, worker_timeout=0.3),
+        ):
+            with pytest.raises(TimeoutError, match=r"still has no workers after worker_timeout=0.3 s: start some"):
+                call()
+        assert "waiting up to 0.3 s (worker_timeout) for one" in capsys.readouterr().err
+        threading.Timer(1.0, cluster.scale, [1]).start()
+        found = td.top_k(tied["test"], tied["store"], 3, client=c, shards=2, worker_timeout=120)
+    expected = tracin.top_k(tied["test"], tied["store"], 3)
+    np.testing.assert_array_equal(found.indices, expected.indices)
+    np.testing.assert_array_equal(found.values, expected.values)
 
 
 @pytest.fixture

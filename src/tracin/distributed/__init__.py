@@ -2,7 +2,8 @@
 
 top_k, self_influence, aggregate: the arguments of tracin's own (on the CPU kernel only: device
 None or "cpu", precision "float32", no whitening) plus client= (a distributed.Client; None: the
-default client, else a LocalCluster on this machine) and shards= (row shards of the store side).
+default client, else a LocalCluster on this machine), shards= (row shards of the store side) and
+worker_timeout= (seconds to wait for a cluster's first worker; None, the default: no limit).
 Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send back only
 (m, k) results (or one value per row), merged on the cluster with merge_top_k: the answers are
 identical bit for bit to the single-machine functions. Every worker must see the store at the same

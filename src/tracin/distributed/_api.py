@@ -27,7 +27,7 @@ from ..scoring import (
 )
 from ..store import GradientStore
 from . import _tasks
-from ._cluster import client_for, slots_by_host
+from ._cluster import check_worker_timeout, client_for, slots_by_host
 from ._run import Job
 from ._shards import StoreRows, as_side, shard_ranges
 
@@ -39,6 +39,7 @@ def top_k(
     side: str = "proponents",
     *,
     client: Any = None,
+    worker_timeout: float | None = None,
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
@@ -54,6 +55,10 @@ def top_k(
     side is sent to each worker once. Per shard the values float32 (m, <= k) and indices int64
     travel back, merged by a tree of merge_top_k tasks on the cluster.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
+    worker_timeout: seconds to wait for the cluster's first worker when it has none yet (say
+    dask-jobqueue before its jobs start), then a TimeoutError naming worker_timeout; None (the
+    default): no limit, the tasks queue until workers join. Only the first worker is waited for:
+    a cluster that loses its workers mid-call waits for new ones, as Dask does.
     shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
     small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
@@ -74,8 +79,9 @@ def top_k(
     )
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
+    worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, f"top_k ({side})") as job:
-        slots = slots_by_host(c)
+        slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -111,6 +117,7 @@ def self_influence(
     *,
     per_checkpoint: bool = False,
     client: Any = None,
+    worker_timeout: float | None = None,
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
@@ -121,7 +128,7 @@ def self_influence(
 ) -> np.ndarray:
     """tracin.self_influence (float32 (n,), or (n, C) with per_checkpoint) of a GradientStore (or a
     path to one) on a Dask cluster, the same result bit for bit. Options as for
-    tracin.distributed.top_k; whitening is not run on a cluster (a ValueError: use
+    tracin.distributed.top_k (worker_timeout included); whitening is not run on a cluster (a ValueError: use
     tracin.self_influence), normalize=True is refused as by tracin.self_influence."""
     _check_cpu(device, precision)
     per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
@@ -139,8 +146,9 @@ def self_influence(
     _check_store(train_set, "train")
     _check_usable(train_set)
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
+    worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "self_influence") as job:
-        slots = slots_by_host(c)
+        slots = slots_by_host(c, worker_timeout)
         parts = _per_shard(
             job,
             _tasks.self_influence_part,
@@ -157,6 +165,7 @@ def aggregate(
     train: Any,
     *,
     client: Any = None,
+    worker_timeout: float | None = None,
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
@@ -177,8 +186,9 @@ def aggregate(
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
+    worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "aggregate") as job:
-        slots = slots_by_host(c)
+        slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(

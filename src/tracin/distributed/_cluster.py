@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import numbers
 import socket
 import sys
 from collections import Counter
@@ -15,10 +17,6 @@ from distributed import Client, LocalCluster, WorkerPlugin, default_client, get_
 from distributed.comm import get_address_host
 
 from .._cpus import usable_cores
-
-# How long an export waits for the first worker of a cluster that has none yet (None: no limit; a
-# dask-jobqueue queue may take hours). Scoring calls do not wait: their tasks queue until workers come.
-WORKER_WAIT_S: float | None = None
 
 
 @contextmanager
@@ -87,32 +85,48 @@ def default_client_or_none() -> Client | None:
         return None
 
 
-def slots_by_host(client: Client, wait: bool = False) -> dict[str, int]:
+def check_worker_timeout(worker_timeout: Any) -> float | None:
+    """worker_timeout as a float of seconds (a finite number > 0), or None (no limit)."""
+    if worker_timeout is None:
+        return None
+    if isinstance(worker_timeout, bool) or not isinstance(worker_timeout, numbers.Real):
+        raise TypeError(f"worker_timeout must be a number of seconds or None, got {worker_timeout!r}")
+    if not (math.isfinite(worker_timeout) and worker_timeout > 0):
+        raise ValueError(
+            f"worker_timeout must be a finite number of seconds > 0, or None for no limit, got {worker_timeout!r}"
+        )
+    return float(worker_timeout)
+
+
+def slots_by_host(client: Client, worker_timeout: float | None = None, wait: bool = False) -> dict[str, int]:
     """Task slots (worker threads) per host: tasks that may run there at once. A cluster with no
-    worker yet (say dask-jobqueue right after scale()) is named on stderr; with `wait` (an export,
-    which cuts one row range per slot) its first worker is waited for, up to WORKER_WAIT_S seconds
-    (None: no limit), else the call goes on with no slots (its tasks wait in the scheduler's queue)."""
+    worker yet (say dask-jobqueue right after scale()) is named on stderr, and its first worker is
+    waited for up to `worker_timeout` seconds (then a TimeoutError naming worker_timeout). With
+    worker_timeout None: without limit if `wait` (an export, which cuts one row range per slot),
+    else not at all: the call goes on with no slots and its tasks wait in the scheduler's queue."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:
         where = client.scheduler.address
-        if not wait:
+        if worker_timeout is None and not wait:
             print(
-                f"tracin.distributed: the cluster at {where} has no workers yet; its tasks start when workers join",
+                f"tracin.distributed: the cluster at {where} has no workers yet; its tasks start when workers join "
+                "(worker_timeout= bounds the wait)",
                 file=sys.stderr,
             )
             return {}
-        limit = "" if WORKER_WAIT_S is None else f" up to {WORKER_WAIT_S} s"
+        limit = "" if worker_timeout is None else f" up to {worker_timeout:g} s (worker_timeout)"
         print(
             f"tracin.distributed: the cluster at {where} has no workers yet; waiting{limit} for one "
             "(interrupt to stop)",
             file=sys.stderr,
         )
         try:
-            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            client.wait_for_workers(1, timeout=worker_timeout)
         except TimeoutError:
             raise TimeoutError(
-                f"the cluster at {where} still has no workers after {WORKER_WAIT_S} s: start some "
-                "(cluster.scale(n)) or pass a client whose cluster has workers"
+                f"the cluster at {where} still has no workers after worker_timeout={worker_timeout:g} s: start "
+                "some (cluster.scale(n)), pass a client whose cluster has workers, or a larger worker_timeout "
+                "(None: no limit)"
             ) from None
         workers = client.scheduler_info(n_workers=-1)["workers"]
     slots: Counter[str] = Counter()

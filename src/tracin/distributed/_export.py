@@ -22,7 +22,14 @@ from .._validate import positive_int
 from ..store import GradientStore
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
-from ._cluster import client_for, default_client_or_none, kernel_threads, slots_by_host, worker_name
+from ._cluster import (
+    check_worker_timeout,
+    client_for,
+    default_client_or_none,
+    kernel_threads,
+    slots_by_host,
+    worker_name,
+)
 from ._run import Job, TaskFailedError
 from ._shards import refuse_unseen
 
@@ -41,6 +48,7 @@ def export_gradients(
     *args: Any,
     store: str | os.PathLike,
     client: Any = None,
+    worker_timeout: float | None = None,
     shards: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
@@ -64,8 +72,10 @@ def export_gradients(
     absolute here, and must be readable at that path there. Each task reads all the data but
     computes only its rows; a worker that does not see the store, or reads other data or
     checkpoints than the client, fails the call with a ValueError naming it.
-    client: a distributed.Client; None: the default client, else a LocalCluster for this call. A
-        cluster with no worker yet is waited for, without limit (_cluster.WORKER_WAIT_S sets one).
+    client: a distributed.Client; None: the default client, else a LocalCluster for this call.
+    worker_timeout: seconds to wait for the first worker of a cluster that has none yet (say
+        dask-jobqueue before its jobs start), then a TimeoutError naming worker_timeout (the store
+        is created, no row written: a later call resumes it); None (the default): no limit.
     shards: this many row ranges, one task each, of the rows some checkpoint lacks (None: one per
         worker thread); a rerun's gaps, when more, are packed together only where few written rows
         lie between them, else more tasks queue (see cut()). Each task reads all the data once per
@@ -85,11 +95,12 @@ def export_gradients(
     shards = None if shards is None else positive_int(shards, "shards")
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
+    worker_timeout = check_worker_timeout(worker_timeout)
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
     with tempfile.TemporaryFile() as pickled:  # in TMPDIR, not in the client's memory through its pass
         pickle_arguments((args, kwargs), pickled)  # before anything is read or created, as they are given
-        return _export(adapter, fn, args, kwargs, pickled, path, client, shards, num_threads, progress)
+        return _export(adapter, fn, args, kwargs, pickled, path, client, worker_timeout, shards, num_threads, progress)
 
 
 def _export(
@@ -100,6 +111,7 @@ def _export(
     pickled: IO[bytes],
     path: str,
     client: Any,
+    worker_timeout: float | None,
     shards: int | None,
     num_threads: int | None,
     progress: bool | None,
@@ -112,7 +124,7 @@ def _export(
         return GradientStore.open(path)
     missing = missing_rows(manifest)
     if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-        _write_ranges(adapter, pickled, path, manifest, missing, client, shards, num_threads, progress)
+        _write_ranges(adapter, pickled, path, manifest, missing, client, worker_timeout, shards, num_threads, progress)
     if progress:
         print(
             f"tracin.distributed export ({adapter}): every row written; the client reads the data once more, "
@@ -132,6 +144,7 @@ def _write_ranges(
     manifest: Manifest,
     missing: list[tuple[int, int]],
     client: Any,
+    worker_timeout: float | None,
     shards: int | None,
     num_threads: int | None,
     progress: bool | None,
@@ -141,7 +154,7 @@ def _write_ranges(
     whose bytes are sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c, Job(c, f"export ({adapter})") as job:
-        slots = slots_by_host(c, wait=True)
+        slots = slots_by_host(c, worker_timeout, wait=True)
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
         pickled.seek(0)
         sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call
