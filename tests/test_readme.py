@@ -1,4 +1,5 @@
-"""Every Python block of README.md runs as written, from an empty folder, as a reader would copy it."""
+"""Every Python block of README.md runs as written, from an empty folder, as a reader would copy it (and
+again in that folder if it wrote files there)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ def test_readme_has_python_blocks():
 
 @pytest.mark.parametrize("line, source", python_blocks(), ids=lambda x: f"line{x}" if isinstance(x, int) else "")
 def test_readme_block_runs(tmp_path, line, source):
+    """A block that leaves files behind (a store, checkpoints) runs a second time in the same folder,
+    as a reader reruns a script: the Dask example's finished store refused a second write."""
     script = tmp_path / "block.py"
     script.write_text(source)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"README.md block at line {line} failed:\n{done.stderr[-3000:]}"
+    for attempt in ("", " when run a second time in the same folder"):
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"README.md block at line {line} failed{attempt}:\n{done.stderr[-3000:]}"
+        if [p.name for p in tmp_path.iterdir()] == ["block.py"]:
+            break  # wrote nothing there: a second run would start as the first did
 
 
 def test_readme_names_every_package_the_demo_needs():
