@@ -202,6 +202,10 @@ def test_self_influence_ranking(stores, tmp_path, capsys):
     rows = list(csv.DictReader(open(out)))
     exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])
+    # review1 nit: the train row's id was `id` here and `train_id` in score's CSV
+    assert list(rows[0]) == ["rank", "train_row", "train_id", "self_influence"]
+    assert [r["train_id"] for r in rows] == [f"train-{i}" for i in np.argsort(-exact)[:7]]
+    assert {"train_row", "train_id"} <= set(PAIRS_HEADER)
 
 
 def test_csv_scores_read_back_to_the_same_float32(tmp_path, rng):

@@ -336,6 +336,7 @@ def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
 
 
 PAIRS_HEADER = ["test_row", "test_id", "side", "rank", "train_row", "train_id", "influence"]
+RANKING_HEADER = ["rank", "train_row", "train_id", "self_influence"]  # self-influence's; train_* as in PAIRS_HEADER
 
 
 def _pair_rows(sides: dict, test_ids: list | None, train_ids: list | None) -> Iterator[list]:
@@ -372,7 +373,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
     def write(f: IO[str]) -> None:
         rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
-        _write_csv(f, ["rank", "train_row", "id", "self_influence"], rows, len(order), _progress(args))
+        _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args))
 
     if out is None:
         write(sys.stdout)
