@@ -371,6 +371,26 @@ def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
     assert "![per-checkpoint diagnostics](checkpoint_diagnostics.png)" in report
 
 
+def test_the_held_out_figure_states_the_recipe_and_shows_only_the_legend_entries_drawn(tmp_path, monkeypatch):
+    # review1 nits: the title said "up to the held-out peak" (the checkpoint traced may lie after it), and
+    # with every checkpoint traced the legend listed "checkpoints not traced", with no markers
+    from matplotlib.figure import Figure
+
+    from tracin.demo.plots import plot_held_out_accuracy
+
+    drawn = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.append(fig) or savefig(fig, path, **kw))
+    accuracy = np.array([0.5, 0.8, 0.9, 0.7, 0.6])
+    for epochs, traced, not_traced in (([1, 4], 1, True), ([1, 4], 2, False), ([4], 1, False)):
+        plot_held_out_accuracy(accuracy, epochs, traced, tmp_path / "acc.png")
+        ax = drawn[-1].axes[0]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert ("checkpoints not traced" in labels) == not_traced, (epochs, traced, labels)
+        assert "checkpoints traced" in labels
+        assert ax.get_title() == "Traced: the checkpoints up to the first one at or after the held-out peak"
+
+
 def test_the_figure_shows_the_predictions_of_the_model_traced(demo_and_grid):
     # its rows were titled with the final model's prediction (epoch 150) and one chosen as the first
     # digit the final model got wrong, while their proponents and opponents are scored at the traced
@@ -496,7 +516,7 @@ def test_the_reports_next_commands_run_from_any_folder(tmp_path, monkeypatch):
     run_demo(_small(Path("my out")), **QUIET)
     block = _report_block((tmp_path / "my out" / "report.md").read_text())
     assert block[0] == f"cd {shlex.quote(str(tmp_path / 'my out'))}" and len(block) == 4
-    script = "tracin() { \"$PYTHON\" -m tracin \"$@\"; }\nset -e\n" + "\n".join(block) + "\n"
+    script = 'tracin() { "$PYTHON" -m tracin "$@"; }\nset -e\n' + "\n".join(block) + "\n"
     for cwd in (tmp_path / "my out", tmp_path / "my out" / "grads", Path("/")):
         done = subprocess.run(
             ["bash", "-c", script],

@@ -6,8 +6,8 @@ import numpy as np
 
 
 def detection_curve(scores: np.ndarray, flipped: np.ndarray) -> np.ndarray:
-    """float64 (n + 1,): fraction of flipped examples among the top-i by score, i = 0..n
-    (inspecting the highest scores first; ties broken by index)."""
+    """float64 (n + 1,): fraction of all flipped examples found among the top-i by score (the recall
+    after inspecting i examples), i = 0..n (inspecting the highest scores first; ties broken by index)."""
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     found = np.concatenate([[0], np.cumsum(flipped[order])])
     return found / max(int(flipped.sum()), 1)

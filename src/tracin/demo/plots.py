@@ -60,19 +60,20 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
     ax.plot(epochs, accuracy, color="tab:grey", linewidth=1.5, label="held-out accuracy after each epoch")
     saved = np.asarray(checkpoint_epochs)
     ax.plot(saved[:traced] + 1, accuracy[saved[:traced]], "o", color="tab:blue", label="checkpoints traced")
-    ax.plot(
-        saved[traced:] + 1,
-        accuracy[saved[traced:]],
-        "o",
-        markerfacecolor="white",
-        color="tab:blue",
-        label="checkpoints not traced",
-    )
+    if traced < len(saved):  # a legend entry without markers when every checkpoint is traced
+        ax.plot(
+            saved[traced:] + 1,
+            accuracy[saved[traced:]],
+            "o",
+            markerfacecolor="white",
+            color="tab:blue",
+            label="checkpoints not traced",
+        )
     best = int(np.argmax(accuracy))
     ax.axvline(best + 1, color="black", linestyle="--", linewidth=1, label=f"best held-out epoch ({best + 1})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy on held-out digits")
-    ax.set_title("The recipe traces the checkpoints up to the held-out peak")
+    ax.set_title("Traced: the checkpoints up to the first one at or after the held-out peak", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
