@@ -359,7 +359,7 @@ def test_bad_apply_input(rng):
         proj.apply(np.zeros((4, 0), np.float32))
     with pytest.raises(ValueError, match="same number of rows"):
         proj.apply([x, x[:3]])
-    with pytest.raises(ValueError, match="num_threads must be >= 1"):
+    with pytest.raises(ValueError, match="num_threads must be a positive integer"):
         proj.apply(x, num_threads=0)
     with pytest.raises(ValueError, match="column_offset must be >= 0"):
         proj.apply(x, column_offset=-1)
@@ -653,3 +653,29 @@ def test_zero_width_piece_is_named_with_per_layer(rng):
     with pytest.raises(ValueError, match=r"^matrix has no columns"):
         proj.apply(x[:, :0])
     np.testing.assert_array_equal(proj.apply([x[:, :0], x], segments=[37]), proj.apply(x, segments=[37]))
+
+
+def test_num_threads_bounded_like_scoring():
+    """num_threads above 4096 is refused naming it (was accepted: 10**8 raised MemoryError from the
+    kernel's per-thread workspaces, 2**31 a raw pybind11 TypeError); bools and floats are TypeErrors;
+    up to the limit the result is the one-thread result, bit for bit (the kernel's scratch follows the
+    threads that run, at most one per task)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    for kind in KINDS:
+        proj, layered = tracin.Projection(8, 1, kind), tracin.Projection(8, 1, kind, per_layer=True)
+        layer = 10  # a plain segment: its width
+        assert np.array_equal(proj.apply(x, num_threads=4096), proj.apply(x, num_threads=1))
+        assert np.array_equal(
+            layered.project_segment(x, 0, layer, 8, num_threads=4096), layered.project_segment(x, 0, layer, 8)
+        )
+        for bad in (4097, 10**8, 2**31, 2**64):
+            with pytest.raises(ValueError, match=r"num_threads must be a positive integer no larger than 4096"):
+                proj.apply(x, num_threads=bad)
+            with pytest.raises(ValueError, match=r"num_threads .* no larger than 4096"):
+                layered.project_segment(x, 0, layer, 8, num_threads=bad)
+            with pytest.raises(ValueError, match=r"num_threads .* no larger than 4096"):
+                proj.apply_factored(x, x, num_threads=bad)
+        for bad in (True, 2.0, "2"):
+            with pytest.raises(TypeError, match="num_threads"):
+                proj.apply(x, num_threads=bad)

@@ -134,9 +134,11 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
     AlignedFloats panel, tile, acc;
     std::vector<std::uint32_t> lo, hi;
   };
-  std::vector<Workspace> spaces(static_cast<std::size_t>(n_threads));
+  // One workspace per thread that runs: ParallelFor starts at most one per task.
+  const std::int64_t tasks = row_groups * col_blocks;
+  std::vector<Workspace> spaces(static_cast<std::size_t>(std::min<std::int64_t>(n_threads, tasks)));
   std::atomic<bool> stop{false};
-  return ParallelFor(row_groups * col_blocks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
+  return ParallelFor(tasks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
     Workspace& ws = spaces[static_cast<std::size_t>(thread)];
     const std::int64_t r0 = task / col_blocks * group_rows, i0 = task % col_blocks * outputs;
     const std::int64_t n_rows = std::min(group_rows, rows - r0);

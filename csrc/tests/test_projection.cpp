@@ -2,6 +2,7 @@
 // the scaling of every kind, and identical bits across threads, instruction sets, row chunking,
 // splits of the columns into pieces and half-precision inputs; bad input; cancellation.
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -179,6 +180,19 @@ void TestCancellation() {
           std::string("a set cancellation flag stops Project: ") + KindName(kind));
 }
 
+// Per-thread scratch follows the threads that run (at most one per task), not the count asked for:
+// INT_MAX threads on a 4 x 10 matrix is the one-thread result, not "out of memory".
+void TestHugeThreadCount() {
+  std::vector<float> x(40);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(i % 7) - 3.0f;
+  const MatrixView v{x.data(), 4, 10, 10, DType::kFloat32};
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse}) {
+    const ProjectionSpec spec{kind, 5, 0, 8, 2};
+    Check(SameBits(Project(spec, {v}, 0, INT_MAX), Project(spec, {v}, 0, 1)),
+          std::string("num_threads INT_MAX on a tiny matrix: ") + KindName(kind));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -186,5 +200,6 @@ int main() {
     TestKind(kind);
   TestErrors();
   TestCancellation();
+  TestHugeThreadCount();
   return tracin_test::Report();
 }

@@ -37,6 +37,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import DTYPE_CODES, as_matrix
+from ._validate import thread_count
 from .store._convert import bfloat16_bits_to_float32
 
 KINDS = {"rademacher": 0, "gaussian": 1, "sparse": 2}
@@ -266,13 +267,13 @@ class Projection:
             column_offset: with per_layer=False, the columns of `matrix` are columns
                 [column_offset, column_offset + d) of P: projecting the pieces of a row at their
                 offsets and summing gives the projection of the whole row (up to rounding).
-            num_threads: kernel threads (default: all cores).
+            num_threads: kernel threads (default: all cores; 1 to 4096, as in scoring).
 
         Returns:
             (n, dim) float32.
         """
         views = _views(matrix)
-        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        threads = thread_count(num_threads)
         column_offset = _check_int(column_offset, "column_offset", 0)
         if column_offset and self.per_layer:
             raise ValueError("column_offset applies with per_layer=False only")
@@ -318,7 +319,7 @@ class Projection:
         segment = self._segment(segment)
         if view[0].shape[1] != _width(segment):
             raise ValueError(f"matrix has {view[0].shape[1]} columns, segment {segment!r} covers {_width(segment)}")
-        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        threads = thread_count(num_threads)
         out = np.empty((view[0].shape[0], _check_int(dim, "dim", 1)), dtype=np.float32)
         self._project_segment([view], _check_int(index, "index", 0), segment, dim, out, threads)
         return out
@@ -342,7 +343,7 @@ class Projection:
             raise ValueError(
                 f"left and right must have the same number of rows, got {lv[0].shape[0]} and {rv[0].shape[0]}"
             )
-        threads = 0 if num_threads is None else _check_int(num_threads, "num_threads", 1)
+        threads = thread_count(num_threads)
         dl, dr = self.factored_dims
         out_l = np.empty((lv[0].shape[0], dl), dtype=np.float32)
         out_r = np.empty((rv[0].shape[0], dr), dtype=np.float32)
