@@ -110,3 +110,18 @@ def test_range_writers_files_are_shown_until_merged(tmp_path):
     text = describe(tmp_path / "s")
     assert "range writers" not in text
     assert _line(text, "complete") == "complete        no (rows recorded per checkpoint: 6)"  # rows [4, 10)
+
+
+def test_an_unfinished_factored_stores_counts_are_said_per_factor_pair(tmp_path):
+    # review1 F6: 1 checkpoint x 2 layers said "rows recorded per checkpoint: 60, 30", two counts for one checkpoint
+    meta = {"framework": "numpy", "mode": "factored", "fingerprints": {"checkpoints": ["a" * 32]}}
+    w = tracin.GradientStore.create(
+        tmp_path / "s", n_rows=100, dims=[(4, 3), (2, 5)], weights=[0.1, 0.1], factored=True, metadata=meta
+    )
+    for slot, (rows, dims) in enumerate(((60, (4, 3)), (30, (2, 5)))):
+        w.write(slot, 0, tuple(np.ones((rows, d), np.float32) for d in dims))
+    w.close()
+    text = describe(tmp_path / "s")
+    said = "no (rows recorded per factor pair (2 layers per checkpoint): 60, 30)"
+    assert _line(text, "complete") == f"complete        {said}"
+    assert _line(text, "checkpoints").startswith("checkpoints     1 x 2 layers")

@@ -412,7 +412,9 @@ class GradientStore(GradientSet):
         if i["complete"]:
             state = "yes"
         else:
-            state = f"no (rows recorded per checkpoint: {', '.join(map(str, i['rows_recorded']))})"
+            layers = i["layers_per_checkpoint"]
+            per = "per checkpoint" if layers == 1 else f"per factor pair ({layers} layers per checkpoint)"
+            state = f"no (rows recorded {per}: {', '.join(map(str, i['rows_recorded']))})"
         ids = "yes (ids.npy)" if i["ids"] else f"no (rows are named by their index 0..{i['rows'] - 1})"
         lines = [
             f"gradient store  {i['path']}  (format v{i['format_version']})",
