@@ -138,7 +138,8 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
   const std::int64_t tasks = row_groups * col_blocks;
   std::vector<Workspace> spaces(static_cast<std::size_t>(std::min<std::int64_t>(n_threads, tasks)));
   std::atomic<bool> stop{false};
-  return ParallelFor(tasks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
+  std::atomic<bool> cancelled{false};
+  const Status status = ParallelFor(tasks, n_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
     Workspace& ws = spaces[static_cast<std::size_t>(thread)];
     const std::int64_t r0 = task / col_blocks * group_rows, i0 = task % col_blocks * outputs;
     const std::int64_t n_rows = std::min(group_rows, rows - r0);
@@ -156,6 +157,13 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
       ws.hi[static_cast<std::size_t>(l)] = key.hi;
     }
     for (std::int64_t k0 = 0; k0 < d; k0 += kc_max) {
+      // A task can hold billions of multiply-adds (4096 rows x 256 outputs x every column): the
+      // cancellation flag is checked per panel of columns too, not only between tasks.
+      if (IsCancelled(options.cancel)) {
+        cancelled = true;
+        stop = true;
+        return;
+      }
       const std::int64_t kc = std::min(kc_max, d - k0);
       for (std::int64_t s = 0; s < strips; ++s)
         kern.fill(spec.kind, ws.lo.data() + s * nr, ws.hi.data() + s * nr,
@@ -177,6 +185,7 @@ Status ProjectDense(const ProjectionSpec& spec, const Concat& x, std::int64_t ro
       for (std::int64_t i = 0; i < n_out; ++i) dst[i] = src[i] * scale;
     }
   });
+  return status.ok() && cancelled ? Cancelled() : status;
 }
 
 // out = scale * X P^T for the sparse kind: per row, in column order, each column's value is added
@@ -196,14 +205,20 @@ Status ProjectSparse(const ProjectionSpec& spec, const Concat& x, std::int64_t r
   const std::int64_t d = x.cols();
   const std::int64_t row_blocks = (rows + kSparseRows - 1) / kSparseRows;
   std::atomic<bool> stop{false};
-  return ParallelFor(row_blocks, ResolveThreads(options.num_threads), stop, options.cancel,
-                     [&](std::int64_t task, int) {
+  std::atomic<bool> cancelled{false};
+  const Status status = ParallelFor(row_blocks, ResolveThreads(options.num_threads), stop, options.cancel,
+                                    [&](std::int64_t task, int) {
     const std::int64_t r0 = task * kSparseRows, n_rows = std::min(kSparseRows, rows - r0);
     std::vector<std::uint32_t> pos(static_cast<std::size_t>(kSparseColumns * s));
     std::vector<float> sign(pos.size()), values(static_cast<std::size_t>(kSparseColumns));
     for (std::int64_t r = 0; r < n_rows; ++r)
       std::fill_n(out + (r0 + r) * out_stride, spec.dim, 0.0f);
     for (std::int64_t k0 = 0; k0 < d; k0 += kSparseColumns) {
+      if (IsCancelled(options.cancel)) {  // per chunk of columns, as in ProjectDense
+        cancelled = true;
+        stop = true;
+        return;
+      }
       const std::int64_t kc = std::min(kSparseColumns, d - k0);
       for (std::int64_t j = 0; j < s; ++j) {
         const RowKey key = keys[static_cast<std::size_t>(j)];
@@ -233,6 +248,7 @@ Status ProjectSparse(const ProjectionSpec& spec, const Concat& x, std::int64_t r
       for (std::int64_t i = 0; i < spec.dim; ++i) y[i] *= scale;
     }
   });
+  return status.ok() && cancelled ? Cancelled() : status;
 }
 
 Status CheckFinite(const float* out, std::int64_t rows, std::int64_t dim, std::int64_t stride) {

@@ -2,6 +2,7 @@
 // the scaling of every kind, and identical bits across threads, instruction sets, row chunking,
 // splits of the columns into pieces and half-precision inputs; bad input; cancellation.
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "check.hpp"
@@ -180,6 +182,40 @@ void TestCancellation() {
           std::string("a set cancellation flag stops Project: ") + KindName(kind));
 }
 
+// A flag set while one long task runs (one thread, one row group, one output block, ~1e11
+// multiply-adds over 409,600 columns: seconds) stops it within a panel of columns, not at its end.
+void TestCancellationInsideATask() {
+  const std::int64_t rows = 1024, piece_cols = 2048, n_pieces = 200;
+  std::vector<float> x(static_cast<std::size_t>(rows * piece_cols), 0.5f);
+  const std::vector<MatrixView> pieces(static_cast<std::size_t>(n_pieces),
+                                       MatrixView{x.data(), rows, piece_cols, piece_cols, DType::kFloat32});
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse}) {
+    const std::int64_t dim = kind == ProjectionKind::kSparse ? 4096 : 256;
+    std::vector<float> out(static_cast<std::size_t>(rows * dim));
+    std::atomic<bool> cancel{false};
+    tracin::Options options;
+    options.num_threads = 1;
+    options.cancel = &cancel;
+    using Clock = std::chrono::steady_clock;
+    Clock::time_point set_at{};
+    std::thread canceller([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      set_at = Clock::now();
+      cancel = true;
+    });
+    const tracin::Status s =
+        tracin::Project({kind, 3, 0, dim, kind == ProjectionKind::kSparse ? 64 : 8}, pieces, 0, out.data(), dim,
+                        options);
+    const Clock::time_point done = Clock::now();
+    canceller.join();
+    const double late = std::chrono::duration<double>(done - set_at).count();
+    std::printf("%s: cancelled %.3f s after the flag was set\n", KindName(kind), late);
+    Check(s.code == tracin::StatusCode::kCancelled, std::string("cancelled inside a task: ") + KindName(kind));
+    Check(late < 0.5, std::string("a task stops soon after the flag is set: ") + KindName(kind) + ", " +
+                          std::to_string(late) + " s");
+  }
+}
+
 // Per-thread scratch follows the threads that run (at most one per task), not the count asked for:
 // INT_MAX threads on a 4 x 10 matrix is the one-thread result, not "out of memory".
 void TestHugeThreadCount() {
@@ -200,6 +236,7 @@ int main() {
     TestKind(kind);
   TestErrors();
   TestCancellation();
+  TestCancellationInsideATask();
   TestHugeThreadCount();
   return tracin_test::Report();
 }
