@@ -206,6 +206,35 @@ def test_signal_handler_raising_during_a_call_interrupts_it(rng):
     np.testing.assert_array_equal(got.indices, np.argsort(-exact, axis=1, kind="stable")[:, :3])
 
 
+def test_signal_handler_interrupts_the_final_selection_of_a_top_k_with_k_equal_n(rng):
+    # One column, so the scores are few multiply-adds, but k = n ranks every train row for every
+    # test row: the final selection dominates the call. A handler raising at half an uncancelled
+    # call's time (inside the selection) must end the call within a fraction of it, not when the
+    # whole selection is done.
+    m, n = 128, 60_000
+    test = rng.standard_normal((m, 1), dtype=np.float32)
+    train = rng.standard_normal((n, 1), dtype=np.float32)
+    sides = tracin.Gradients([test], [1.0]).kernel_side(), tracin.Gradients([train], [1.0]).kernel_side()
+    start = time.perf_counter()
+    _core.top_k(*sides, [1.0], n, 2, num_threads=2)
+    whole = time.perf_counter() - start
+
+    def handler(signum, frame):
+        raise TimeoutError("alarm")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        start = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, 0.5 * whole)
+        with pytest.raises(TimeoutError, match="alarm"):
+            _core.top_k(*sides, [1.0], n, 2, num_threads=2)
+        late = time.perf_counter() - start - 0.5 * whole
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert late < max(0.3, 0.1 * whole), f"the call ended {late:.2f} s after the signal (whole call {whole:.2f} s)"
+
+
 # 16 test rows of 2,000,000 columns (8 MB each): the 64 MiB budget allows 8 rows per pass.
 WIDE_ROWS = """
 import resource, numpy as np, tracin

@@ -5,8 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -94,6 +96,18 @@ double Work(std::int64_t rows, const tracin::GradientSide& other) {
   double cols = 0;
   for (const tracin::MatrixView& m : other.blocks) cols += static_cast<double>(m.cols);
   return static_cast<double>(rows) * static_cast<double>(other.rows()) * cols;
+}
+
+// Work of top_k: the scores, plus the selection of the best k of n per test row and side. A
+// candidate is weighed as kSelectionWork multiply-adds (a comparison or move against a vectorised
+// fused multiply-add); for k near n the final sort of k candidates per row, about log2(k)
+// comparisons each, costs far more than the product with a narrow side, and must not run inline,
+// out of Ctrl-C's reach.
+constexpr double kSelectionWork = 32;
+double TopKWork(std::int64_t rows, const tracin::GradientSide& other, std::int64_t k, int sides) {
+  const double n = static_cast<double>(other.rows()), kk = static_cast<double>(std::max<std::int64_t>(k, 0));
+  const double selection = static_cast<double>(rows) * sides * (n + kk * std::log2(kk + 2));
+  return Work(rows, other) + kSelectionWork * selection;
 }
 
 // Runs kernel(options) with the GIL released. For `work` (multiply-adds) of at least
@@ -202,7 +216,7 @@ PYBIND11_MODULE(_core, m) {
           py::array_t<std::int64_t> pi({prop ? m_rows : 0, k}), oi({opp ? m_rows : 0, k});
           tracin::TopKOutput out{pv.mutable_data(), pi.mutable_data(), ov.mutable_data(),
                                  oi.mutable_data()};
-          const double work = Work(t.side.rows(), x.side);
+          const double work = TopKWork(t.side.rows(), x.side, k, prop && opp ? 2 : 1);
           const tracin::Status s = RunInterruptibly(options, work, [&](const tracin::Options& o) {
             return tracin::TopK(t.side, x.side, weights, k, which, out, o);
           });

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -33,7 +34,7 @@ class DenseConsumer final : public TileConsumer {
       for (std::int64_t j = 0; j < rows; ++j) dst[j] = tile[j * ldc + r];
     }
   }
-  Status EndPass() override { return Status::Ok(); }
+  Status EndPass(const std::atomic<bool>*) override { return Status::Ok(); }
 
  private:
   float* out_;
@@ -53,7 +54,7 @@ class SumConsumer final : public TileConsumer {
       sums_[static_cast<std::size_t>(j0 + j)] += s;
     }
   }
-  Status EndPass() override { return Status::Ok(); }
+  Status EndPass(const std::atomic<bool>*) override { return Status::Ok(); }
   const std::vector<double>& sums() const { return sums_; }
 
  private:
@@ -102,25 +103,34 @@ class TopKConsumer final : public TileConsumer {
     }
   }
 
-  Status EndPass() override {
-    std::atomic<bool> stop{false};
-    return ParallelFor(count_, threads_, stop, nullptr, [&](std::int64_t r, int) {
+  // One task per test row of the pass (a few milliseconds even for k = n), so a cancellation
+  // lands between rows. Every row's selectors together hold at least k candidates (each train row
+  // was offered to one of them, and a selector drops one only for k better); fewer is a bug,
+  // reported as kInternal rather than leaving output slots unwritten.
+  Status EndPass(const std::atomic<bool>* cancel) override {
+    std::atomic<bool> stop{false}, short_pool{false};
+    // The best k of every selector's candidates for pass row r, into the side's output row.
+    const auto select = [&](const std::vector<std::optional<Selector>>& selectors, std::int64_t r, bool negate,
+                            float* values, std::int64_t* indices, std::vector<Candidate>* pool) {
+      pool->clear();
+      for (const auto& s : selectors)
+        if (s) s->AppendKept(r, pool);
+      if (static_cast<std::int64_t>(pool->size()) < k_) {
+        short_pool = true;
+        stop = true;
+        return;
+      }
+      WriteBest(pool, k_, negate, values + (begin_ + r) * k_, indices + (begin_ + r) * k_);
+    };
+    const Status status = ParallelFor(count_, threads_, stop, cancel, [&](std::int64_t r, int) {
       std::vector<Candidate> pool;
-      const std::int64_t row = begin_ + r;
-      if (want_prop_) {
-        for (const auto& s : prop_)
-          if (s) s->AppendKept(r, &pool);
-        WriteBest(&pool, k_, false, out_.proponent_values + row * k_,
-                  out_.proponent_indices + row * k_);
-      }
-      if (want_opp_) {
-        pool.clear();
-        for (const auto& s : opp_)
-          if (s) s->AppendKept(r, &pool);
-        WriteBest(&pool, k_, true, out_.opponent_values + row * k_,
-                  out_.opponent_indices + row * k_);
-      }
+      if (want_prop_) select(prop_, r, false, out_.proponent_values, out_.proponent_indices, &pool);
+      if (want_opp_) select(opp_, r, true, out_.opponent_values, out_.opponent_indices, &pool);
     });
+    if (!status.ok()) return status;
+    if (short_pool)
+      return {StatusCode::kInternal, "tracin kernel: top-k selection kept fewer than k candidates for a test row"};
+    return Status::Ok();
   }
 
  private:
@@ -190,6 +200,12 @@ double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t
   return SumOfSquares(kernels, x, m.cols);
 }
 
+// kInvalidArgument when a result that has values (`has_values`) has no buffer to go to.
+Status CheckOut(const void* out, bool has_values) {
+  if (out == nullptr && has_values) return {StatusCode::kInvalidArgument, "out is null but the result has values"};
+  return Status::Ok();
+}
+
 template <class T>
 bool AllFinite(const T* v, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i)
@@ -205,6 +221,7 @@ Status Scores(const GradientSide& test, const GradientSide& train,
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidatePair(test, train, weights);
     if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
+    if (s.ok()) s = detail::CheckOut(out, test.rows() > 0 && train.rows() > 0);
     if (!s.ok()) return s;
     detail::DenseConsumer consumer(out, train.rows());
     return detail::RunTiles(test, train, weights, options, consumer);
@@ -217,6 +234,9 @@ Status TopK(const GradientSide& test, const GradientSide& train, const std::vect
     Status s = detail::ValidatePair(test, train, weights);
     if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
     if (!s.ok()) return s;
+    if (side != Side::kProponents && side != Side::kOpponents && side != Side::kBoth)
+      return {StatusCode::kInvalidArgument, "side must be Side::kProponents, kOpponents or kBoth, got " +
+                                                std::to_string(static_cast<int>(side))};
     if (k < 0 || k > train.rows())
       return {StatusCode::kInvalidArgument, "k must be between 0 and the number of train rows"};
     if ((side != Side::kOpponents && (!out.proponent_values || !out.proponent_indices)) ||
@@ -240,6 +260,7 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
     Status s = detail::ValidateSide(train, "train");
     if (!s.ok()) return s;
     s = detail::ValidateWeights(weights, train.checkpoints());
+    if (s.ok()) s = detail::CheckOut(out, train.rows() > 0);
     if (!s.ok()) return s;
     if (options.normalize != 0)
       return {StatusCode::kInvalidArgument,
@@ -268,6 +289,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
   return detail::Guarded([&]() -> Status {
     Status s = detail::ValidatePair(test, train, weights);
     if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
+    if (s.ok()) s = detail::CheckOut(out, train.rows() > 0);
     if (!s.ok()) return s;
     const std::int64_t n = train.rows();
     if (train.factored) {

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -373,11 +374,12 @@ struct ThreadScratch {
 
 class TileProducer {
  public:
-  // normalize: as Options::normalize (0: plain scores).
+  // block_rows: train rows per tile, a multiple of micro.mr; normalize: as Options::normalize (0:
+  // plain scores).
   TileProducer(const KernelTable& kernels, const MicroTile& micro, const GradientSide& train,
-               const PackedTest& packed, std::int64_t train_block, std::int64_t normalize)
+               const PackedTest& packed, std::int64_t block_rows, std::int64_t normalize)
       : kernels_(kernels), micro_(micro), train_(train), packed_(packed),
-        block_rows_(RoundUp(train_block, micro.mr)), normalize_(normalize) {}
+        block_rows_(block_rows), normalize_(normalize) {}
 
   // Computes the tile of train rows [begin, begin + rows) into scratch.tile, prefetching rows
   // [next_begin, next_begin + next_rows) meanwhile; returns false if any score in the valid
@@ -465,8 +467,6 @@ class TileProducer {
     }
     return (flags & 0x80000000u) == 0;
   }
-
-  std::int64_t block_rows() const { return block_rows_; }
 
  private:
   struct NextTile {
@@ -580,6 +580,9 @@ Status ValidateSide(const GradientSide& side, const char* name) {
       return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has an invalid shape or row stride"};
     if (m.data == nullptr && m.rows > 0 && m.cols > 0)
       return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has no data"};
+    if (m.dtype != DType::kFloat32 && m.dtype != DType::kFloat16 && m.dtype != DType::kBFloat16)
+      return {StatusCode::kInvalidArgument, n + ": " + BlockName(side, b) + " has an unknown dtype (" +
+                                                std::to_string(static_cast<int>(m.dtype)) + ")"};
   }
   return Status::Ok();
 }
@@ -707,25 +710,32 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   // Nothing to score, but bad input is still bad input.
   if (m == 0 || n == 0) return CheckAllFinite(&test, train);
   const std::int64_t row_bytes = PackedRowBytes(test);
-  const std::int64_t pass_rows = options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels);
-  const MicroTile& micro = TileFor(std::min(pass_rows, m), row_bytes, kernels);
+  // Blocks larger than the rows are the rows: clamped before any size is computed from them (a
+  // train_block near INT64_MAX would overflow its round-up and the tile's size).
+  const std::int64_t pass_rows =
+      std::min(options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels), m);
+  const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
   const int threads = ResolveThreads(options.num_threads);
+  const std::int64_t block =
+      options.train_block > 0 ? RoundUp(std::min(options.train_block, n), micro.mr) : DefaultTrainBlock(n, threads, micro.mr);
+  const std::int64_t tasks = (n + block - 1) / block;
+  // ParallelFor runs no more threads than tasks: scratch (and the consumer's state) for those only.
+  const int workers = static_cast<int>(std::min<std::int64_t>(threads, tasks));
   PackedTest packed;
-  std::vector<ThreadScratch> scratch(static_cast<std::size_t>(threads));
+  std::vector<ThreadScratch> scratch;
+  try {
+    scratch.resize(static_cast<std::size_t>(workers));
+  } catch (const std::bad_alloc&) {
+    return {StatusCode::kOutOfMemory, "out of memory for the per-thread scratch of " + std::to_string(workers) +
+                                          " threads (num_threads " + std::to_string(options.num_threads) + ")"};
+  }
   for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
     const std::int64_t count = std::min(pass_rows, m - begin);
     const Status packing =
         packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
-    const TileProducer producer(kernels, micro, train, packed,
-                                options.train_block > 0 ? options.train_block
-                                                        : DefaultTrainBlock(n, threads, micro.mr),
-                                options.normalize);
-    const std::int64_t block = producer.block_rows();
-    const std::int64_t tasks = (n + block - 1) / block;
-    // ParallelFor runs no more threads than tasks: the consumer keeps state for those only.
-    const int workers = static_cast<int>(std::min<std::int64_t>(threads, tasks));
+    const TileProducer producer(kernels, micro, train, packed, block, options.normalize);
     consumer.BeginPass(begin, count, workers);
     std::atomic<bool> stop{false}, non_finite{false};
     Status status = ParallelFor(tasks, workers, stop, options.cancel,
@@ -742,7 +752,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     });
     if (!status.ok()) return status;
     if (non_finite) return NonFiniteError(&test, train);
-    status = consumer.EndPass();
+    status = consumer.EndPass(options.cancel);
     if (!status.ok()) return status;
   }
   return Status::Ok();

@@ -2,6 +2,7 @@
 // test x train matrix.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -21,7 +22,9 @@ class TileConsumer {
   virtual void BeginPass(std::int64_t test_begin, std::int64_t test_count, int threads) = 0;
   virtual void Consume(int thread, std::int64_t train_begin, std::int64_t rows, const float* tile,
                        std::int64_t ldc) = 0;
-  virtual Status EndPass() = 0;
+  // After every tile of the pass; `cancel` (Options::cancel, may be null) is checked between units
+  // of its work (rows of the pass), ending it with kCancelled.
+  virtual Status EndPass(const std::atomic<bool>* cancel) = 0;
 };
 
 // Shape checks shared by every entry point; `name` names the side ("test", "train") in messages.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -460,6 +461,152 @@ void TestCancellation() {
   Check(seconds < 1.0, "cancelled TopK returned within a second (" + std::to_string(seconds) + " s)");
 }
 
+
+// A train_block (or test_block) beyond the rows is the rows: values near INT64_MAX neither overflow
+// the tile's size nor leave top-k slots unwritten, and give the default call's bits.
+void TestBlocksBeyondTheRows() {
+  std::mt19937 rng(11);
+  const std::vector<Matrix> test = {Random(4, 8, rng)};
+  const std::vector<Matrix> train = {Random(10, 8, rng)};
+  const std::int64_t k = 3;
+  std::vector<float> pv(4 * k), ov(4 * k);
+  std::vector<std::int64_t> pi(4 * k), oi(4 * k);
+  Check(tracin::TopK(Full(test), Full(train), {1.0}, k, tracin::Side::kBoth,
+                     {pv.data(), pi.data(), ov.data(), oi.data()})
+            .ok(),
+        "top-k with default blocks");
+  const std::int64_t max = INT64_MAX;
+  for (std::int64_t block : {std::int64_t{1} << 22, std::int64_t{1} << 62, max - 11, max - 7, max}) {
+    tracin::Options o;
+    o.train_block = block;
+    o.test_block = block;
+    std::vector<float> bv(4 * k, -1.0f), bo(4 * k, -1.0f);
+    std::vector<std::int64_t> bi(4 * k, -1), bj(4 * k, -1);
+    const tracin::Status s = tracin::TopK(Full(test), Full(train), {1.0}, k, tracin::Side::kBoth,
+                                          {bv.data(), bi.data(), bo.data(), bj.data()}, o);
+    Check(s.ok() && bv == pv && bi == pi && bo == ov && bj == oi,
+          "train_block = test_block = " + std::to_string(block) + " gives the default top-k: " + s.message);
+    std::vector<float> dense(4 * 10), plain(4 * 10);
+    Check(tracin::Scores(Full(test), Full(train), {1.0}, dense.data(), o).ok() &&
+              tracin::Scores(Full(test), Full(train), {1.0}, plain.data()).ok() && dense == plain,
+          "train_block = " + std::to_string(block) + " gives the default scores");
+  }
+}
+
+// Null outputs, an unknown DType and an unknown Side are kInvalidArgument naming them, not a crash
+// or garbage with Ok; a null output for a result with no values is fine.
+void TestBadOutputsAndEnums() {
+  std::mt19937 rng(12);
+  const std::vector<Matrix> test = {Random(4, 8, rng)};
+  const std::vector<Matrix> train = {Random(10, 8, rng)};
+  const auto invalid = [](const tracin::Status& s, const char* word) {
+    return s.code == tracin::StatusCode::kInvalidArgument && s.message.find(word) != std::string::npos;
+  };
+  tracin::Status s = tracin::Scores(Full(test), Full(train), {1.0}, nullptr);
+  Check(invalid(s, "out"), "Scores with a null out: " + s.message);
+  s = tracin::SelfInfluence(Full(train), {1.0}, nullptr);
+  Check(invalid(s, "out"), "SelfInfluence with a null out: " + s.message);
+  s = tracin::Aggregate(Full(test), Full(train), {1.0}, nullptr);
+  Check(invalid(s, "out"), "Aggregate with a null out: " + s.message);
+  tracin::GradientSide ft, fx;
+  ft.factored = fx.factored = true;
+  ft.blocks = {test[0].View(), test[0].View()};
+  fx.blocks = {train[0].View(), train[0].View()};
+  s = tracin::Aggregate(ft, fx, {1.0}, nullptr);
+  Check(invalid(s, "out"), "factored Aggregate with a null out: " + s.message);
+  const Matrix no_rows{0, 8, {}};
+  Check(tracin::Scores(Full({no_rows}), Full(train), {1.0}, nullptr).ok(), "Scores of no test rows takes a null out");
+  Check(tracin::SelfInfluence(Full({no_rows}), {1.0}, nullptr).ok(), "SelfInfluence of no rows takes a null out");
+
+  std::vector<float> out(4 * 10, 0.0f), self(10);
+  std::vector<double> sums(10);
+  for (int code : {3, -1}) {
+    tracin::GradientSide bad = Full(test);
+    bad.blocks[0].dtype = static_cast<tracin::DType>(code);
+    s = tracin::Scores(bad, Full(train), {1.0}, out.data());
+    Check(invalid(s, "test") && invalid(s, "dtype"), "Scores with an unknown test dtype: " + s.message);
+    bad = Full(train);
+    bad.blocks[0].dtype = static_cast<tracin::DType>(code);
+    s = tracin::SelfInfluence(bad, {1.0}, self.data());
+    Check(invalid(s, "train") && invalid(s, "dtype"), "SelfInfluence with an unknown dtype: " + s.message);
+    s = tracin::Aggregate(Full(test), bad, {1.0}, sums.data());
+    Check(invalid(s, "train") && invalid(s, "dtype"), "Aggregate with an unknown train dtype: " + s.message);
+  }
+
+  std::vector<float> v(4 * 2, 0.0f);
+  std::vector<std::int64_t> i(4 * 2, 0);
+  for (int code : {3, -1}) {
+    s = tracin::TopK(Full(test), Full(train), {1.0}, 2, static_cast<tracin::Side>(code),
+                     {v.data(), i.data(), v.data(), i.data()});
+    Check(invalid(s, "side"), "TopK with an unknown side: " + s.message);
+  }
+}
+
+// num_threads far above the work (INT_MAX for a 4 x 10 problem) starts only the threads that get
+// tasks and their scratch: the default result, not "out of memory".
+void TestHugeThreadCount() {
+  std::mt19937 rng(13);
+  const std::vector<Matrix> test = {Random(4, 8, rng)};
+  const std::vector<Matrix> train = {Random(10, 8, rng)};
+  tracin::Options o;
+  o.num_threads = INT32_MAX;
+  std::vector<float> dense(4 * 10), plain(4 * 10), pv(4 * 3), qv(4 * 3);
+  std::vector<std::int64_t> pi(4 * 3), qi(4 * 3);
+  tracin::Status s = tracin::Scores(Full(test), Full(train), {1.0}, dense.data(), o);
+  Check(s.ok() && tracin::Scores(Full(test), Full(train), {1.0}, plain.data()).ok() && dense == plain,
+        "Scores with num_threads = INT_MAX: " + s.message);
+  s = tracin::TopK(Full(test), Full(train), {1.0}, 3, tracin::Side::kProponents, {pv.data(), pi.data(), nullptr, nullptr},
+                   o);
+  Check(s.ok() && tracin::TopK(Full(test), Full(train), {1.0}, 3, tracin::Side::kProponents,
+                               {qv.data(), qi.data(), nullptr, nullptr})
+                      .ok() &&
+            pv == qv && pi == qi,
+        "TopK with num_threads = INT_MAX: " + s.message);
+}
+
+// The final selection of a pass (k = n: every train row ranked for every test row) checks the
+// cancellation flag between test rows: cancelled at 40 % and 70 % of an uncancelled call's time
+// (the quicker of two; the selection dominates for one column), the call returns kCancelled within
+// a fraction of it.
+void TestCancellationDuringTheSelection() {
+  const std::int64_t m = 128, n = 60000;
+  std::mt19937 rng(14);
+  const std::vector<Matrix> test = {Random(m, 1, rng)};
+  const std::vector<Matrix> train = {Random(n, 1, rng)};
+  std::vector<float> pv(static_cast<std::size_t>(m * n)), ov(pv.size());
+  std::vector<std::int64_t> pi(pv.size()), oi(pv.size());
+  tracin::Options o;
+  o.num_threads = 2;
+  const auto run = [&](double cancel_after, tracin::Status* status) {
+    std::atomic<bool> cancel{false};
+    o.cancel = &cancel;
+    std::thread canceller;
+    if (cancel_after > 0)
+      canceller = std::thread([&] {
+        std::this_thread::sleep_for(std::chrono::duration<double>(cancel_after));
+        cancel = true;
+      });
+    const auto start = std::chrono::steady_clock::now();
+    *status = tracin::TopK(Full(test), Full(train), {1.0}, n, tracin::Side::kBoth,
+                           {pv.data(), pi.data(), ov.data(), oi.data()}, o);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (canceller.joinable()) canceller.join();
+    return seconds;
+  };
+  tracin::Status s;
+  double whole = run(0, &s);
+  Check(s.ok(), "k = n top-k without cancelling: " + s.message);
+  whole = std::min(whole, run(0, &s));
+  for (double share : {0.4, 0.7}) {
+    const double seconds = run(share * whole, &s);
+    Check(s.code == tracin::StatusCode::kCancelled,
+          "k = n top-k cancelled at " + std::to_string(share) + " of its " + std::to_string(whole) +
+              " s: " + (s.ok() ? std::string("finished Ok") : s.message));
+    Check(seconds - share * whole < std::max(0.25, 0.1 * whole),
+          "k = n top-k stopped " + std::to_string(seconds - share * whole) + " s after the cancellation (whole call " +
+              std::to_string(whole) + " s)");
+  }
+}
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -609,6 +756,10 @@ int main() {
   TestOutOfMemoryIsAStatus();
   TestWideRows();
   TestCancellation();
+  TestCancellationDuringTheSelection();
+  TestBlocksBeyondTheRows();
+  TestBadOutputsAndEnums();
+  TestHugeThreadCount();
   TestCosineScores();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();

@@ -2,7 +2,8 @@
 //
 // influence(t, i) = sum_c w_c * <g_c(t), g_c(i)>, computed blocked over (train rows x test rows)
 // with top-k selected in the tile epilogue. All functions are thread-safe, keep no global state
-// and report problems through Status instead of throwing.
+// and report problems through Status instead of throwing: a null output buffer for a result that has
+// values, an unknown DType or Side is kInvalidArgument.
 #pragma once
 
 #include <atomic>
@@ -43,15 +44,19 @@ enum class Isa : int { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3 };
 struct Options {
   // Kernel threads, started per call. 0 or negative: every CPU the process may run on (its
   // affinity mask). A positive count is used as given, even above the CPUs (the Python package
-  // caps it at them): each thread holds its own scratch tiles and, for TopK, candidate buffers
-  // (TopK's doc), so threads beyond the cores cost memory and time and gain nothing.
+  // caps it at them): each thread that gets work (no more than the call has tasks) holds its own
+  // scratch tiles and, for TopK, candidate buffers, so threads beyond the cores cost memory and
+  // time and gain nothing.
   int num_threads = 0;
-  std::int64_t train_block = 0;  // train rows per task, 0: automatic (rounded to the kernel's MR)
-  std::int64_t test_block = 0;   // test rows per pass over the train side, 0: automatic
+  // Train rows per task, 0: automatic; a block above the train rows is the train rows, then rounded
+  // up to the kernel's MR. Test rows per pass over the train side, 0: automatic; at most the test rows.
+  std::int64_t train_block = 0;
+  std::int64_t test_block = 0;
   Isa isa = Isa::kAuto;
   // Cancellation: when non-null and set (before the call, or by another thread during it), the
-  // call stops at its next task (milliseconds) and returns kCancelled with its outputs partly
-  // written. A flag left clear changes nothing, to the bit.
+  // call stops at its next task (milliseconds: a tile of train rows, or one test row's final top-k
+  // selection) and returns kCancelled with its outputs partly written. A flag left clear changes
+  // nothing, to the bit.
   const std::atomic<bool>* cancel = nullptr;
   // Cosine scores (Scores, TopK, Aggregate; SelfInfluence refuses them). 0: plain scores. g > 0:
   // each row's gradient is unit-normalised over every run of g consecutive checkpoints (g > 1: the
@@ -103,6 +108,12 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
 
 // out[i] = sum over test rows t of influence(t, i), out is (train.rows(),) float64, so that sums
 // over several calls (test rows in chunks) stay exact to float32 precision.
+// Overflow differs by layout. Factored gradients are scored pair by pair as in Scores (float32
+// products of the left and of the right factors, summed over test rows in float64), so a pair whose
+// factor product or score exceeds float32's range gives kNonFinite, as Scores and TopK would. Full
+// gradients are summed by columns first (float64 weighted column sums of the test side, then one
+// float64 dot product per train row): no per-pair score is formed, so only a non-finite input or sum
+// is reported and the same influence can come out finite there.
 Status Aggregate(const GradientSide& test, const GradientSide& train,
                  const std::vector<double>& weights, double* out, const Options& options = {});
 
