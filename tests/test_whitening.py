@@ -987,3 +987,26 @@ def test_apply_refuses_rows_that_overflow_float32(rng):
     assert_rows_close(w.apply(tracin.Gradients(small)).matrices[0], to_float64(small) @ inv)
     with pytest.raises(ValueError, match=r"whitened test checkpoint 0 overflowed float32 \(rows from 0\)"):
         w.apply(tracin.Gradients((small * 1e20).astype(np.float32)))
+
+
+def test_damping_whose_lambda_leaves_float64_is_refused():
+    """lambda = damping x mean eigenvalue must be a finite positive float64: damping 1e308 on gradients
+    ~100 overflowed to lambda = inf (all-zero inverse and scores, and a save that load refused); a tiny
+    damping on tiny gradients underflowed to 0. Both are ValueErrors naming damping, in fit and
+    with_damping; a damping just inside the range still fits and matches the float64 reference."""
+    rng = np.random.default_rng(0)
+    big = (rng.standard_normal((20, 8)) * 100).astype(np.float32)
+    for call in (
+        lambda: Whitening.fit(tracin.Gradients([big]), damping=1e308),
+        lambda: Whitening.fit(tracin.Gradients([big]), damping=1.0).with_damping(1e308),
+    ):
+        with pytest.raises(ValueError, match=r"damping 1e\+308 gives checkpoint 0 lambda = inf"):
+            call()
+    tiny = (rng.standard_normal((20, 8)) * 1e-30).astype(np.float32)
+    with pytest.raises(ValueError, match=r"damping 1e-300 gives checkpoint 0 lambda = 0.0"):
+        Whitening.fit(tracin.Gradients([tiny]), damping=1e-300, precision="float64")
+    w = Whitening.fit(tracin.Gradients([big]), damping=1e300, precision="float64")
+    ref, lam = reference_inverse(big, 1e300)
+    np.testing.assert_allclose(w.spec.lambdas[0], lam, rtol=1e-12)
+    np.testing.assert_allclose(w.inverses[0], ref, rtol=1e-12)
+    assert np.all(np.isfinite(w.inverses[0])) and np.all(w.inverses[0].diagonal() > 0)

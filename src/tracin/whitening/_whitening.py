@@ -411,7 +411,16 @@ def _what(i: int, factored: bool) -> str:
 def _lambdas(moments: list[np.ndarray], damping: float, factored: bool) -> list:
     """lambda per checkpoint (full) or [lambda_B, lambda_A] per checkpoint (kfac), as WhiteningSpec.lambdas."""
     scale = math.sqrt(damping) if factored else damping
-    flat = [scale * mean_eigenvalue(r, _what(i, factored)) for i, r in enumerate(moments)]
+    flat = []
+    for i, r in enumerate(moments):
+        mean = mean_eigenvalue(r, _what(i, factored))
+        lam = scale * mean
+        if not (math.isfinite(lam) and lam > 0):  # damping * mean eigenvalue overflowed or underflowed float64
+            raise ValueError(
+                f"damping {damping!r} gives {_what(i, factored)} lambda = {lam!r} (damping x the mean eigenvalue "
+                f"{mean:.6g} of R), not a finite positive float64; choose a damping that keeps lambda in range"
+            )
+        flat.append(lam)
     return [flat[i : i + 2] for i in range(0, len(flat), 2)] if factored else flat
 
 
