@@ -1010,3 +1010,40 @@ def test_damping_whose_lambda_leaves_float64_is_refused():
     np.testing.assert_allclose(w.spec.lambdas[0], lam, rtol=1e-12)
     np.testing.assert_allclose(w.inverses[0], ref, rtol=1e-12)
     assert np.all(np.isfinite(w.inverses[0])) and np.all(w.inverses[0].diagonal() > 0)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_inverses_are_read_only(factored, tmp_path):
+    """Whitening.inverses hands out the arrays apply uses: an in-place edit (`w.inverses[0] *= 2`) used to
+    double every later whitened row silently (and what save wrote). Now they, and the moments that
+    with_damping shares, are read-only; a copy can be changed; apply still matches the float64 reference."""
+    rng = np.random.default_rng(5)
+    if factored:
+        left, right = [anisotropic(rng, 30, 4)], [anisotropic(rng, 30, 5)]
+        grads = tracin.FactoredGradients(left, right)
+    else:
+        grads = tracin.Gradients([anisotropic(rng, 50, 6)])
+    w = Whitening.fit(grads)
+
+    def blocks(g):
+        return [*g.left, *g.right] if factored else list(g.matrices)
+
+    before = [m.copy() for m in blocks(w.apply(grads))]
+    for inv in w.inverses:
+        assert not inv.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            inv *= 2
+        copy = inv.copy()
+        copy *= 2  # a copy is the caller's
+    for m in w.with_damping(3.0)._moments + w._moments:
+        assert not m.flags.writeable
+    for a, b in zip(blocks(w.apply(grads)), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if not factored:
+        ref, _ = reference_inverse(grads.matrices[0], DEFAULT_DAMPING)
+        assert_rows_close(w.apply(grads).matrices[0], to_float64(grads.matrices[0]) @ ref)
+    w.save(tmp_path / "w.npz")
+    loaded = Whitening.load(tmp_path / "w.npz")
+    assert not any(m.flags.writeable for m in (*loaded.inverses, *loaded._moments))
+    for a, b in zip(blocks(loaded.apply(grads)), before, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -99,7 +99,10 @@ class Whitening:
     def __init__(self, moments: list[np.ndarray], inverses: list[np.ndarray], spec: WhiteningSpec):
         """moments: the undamped float64 second moments in kernel block order, (d_c, d_c) per checkpoint
         (full) or (p_c, p_c), (q_c, q_c) per checkpoint (kfac); inverses: their damped inverses, same
-        shapes; spec: as fitted. Use fit() or load()."""
+        shapes; spec: as fitted. Use fit() or load(). The arrays are made read-only: `inverses` hands them
+        out, and with_damping shares the moments."""
+        for m in (*moments, *inverses):
+            m.flags.writeable = False
         self._moments = moments
         self._inverses = inverses
         self.spec = spec
@@ -209,7 +212,8 @@ class Whitening:
     @property
     def inverses(self) -> tuple[np.ndarray, ...]:
         """float64 damped inverses in kernel block order: per checkpoint (R_c + lambda_c I)^-1, or
-        (B_c + lambda_B I)^-1 then (A_c + lambda_A I)^-1 (factored)."""
+        (B_c + lambda_B I)^-1 then (A_c + lambda_A I)^-1 (factored). Read-only (copy one to change it):
+        they are the matrices apply, self_influence and save use."""
         return tuple(self._inverses)
 
     def apply(
