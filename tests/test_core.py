@@ -235,6 +235,20 @@ def test_signal_handler_interrupts_the_final_selection_of_a_top_k_with_k_equal_n
     assert late < max(0.3, 0.1 * whole), f"the call ended {late:.2f} s after the signal (whole call {whole:.2f} s)"
 
 
+def test_aggregate_of_factored_and_full_gradients_agree_when_pair_scores_overflow_float32():
+    # Pair scores of 1e40 (beyond float32) whose sums over the test rows are 0 and 1e20 + ...: the
+    # full path forms no pair score, and the factored path (right factors of ones: the same
+    # gradients) falls back to float64 pair sums instead of refusing them; both == float64 NumPy.
+    test = np.array([[1e20], [-1e20], [3.0]], np.float32)
+    train = np.array([[1e20], [1.0]], np.float32)
+    ones = np.ones((3, 1), np.float32), np.ones((2, 1), np.float32)
+    full = _core.aggregate((False, [test], [0]), (False, [train], [0]), [0.5])
+    factored = _core.aggregate((True, [test, ones[0]], [0, 0]), (True, [train, ones[1]], [0, 0]), [0.5])
+    exact = 0.5 * (test.astype(np.float64) @ train.T.astype(np.float64)).sum(axis=0)
+    np.testing.assert_allclose(full, exact, rtol=1e-12, atol=1e-12 * 1e40)
+    np.testing.assert_allclose(factored, exact, rtol=1e-12, atol=1e-12 * 1e40)
+
+
 # 16 test rows of 2,000,000 columns (8 MB each): the 64 MiB budget allows 8 rows per pass.
 WIDE_ROWS = """
 import resource, numpy as np, tracin

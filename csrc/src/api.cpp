@@ -213,6 +213,68 @@ bool AllFinite(const T* v, std::int64_t n) {
   return true;
 }
 
+// Aggregate of factored gradients in float64 pair by pair: out[i] = sum over test rows t and
+// checkpoints c of w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), each dot product and every sum in
+// float64 (cosine scores: each run's sum times both rows' inverse norms over it). The fallback for
+// factored sums whose float32 pair scores overflow although every input is finite: it forms no
+// float32 score, like the full-gradient path (float64 column sums), so both layouts give the same
+// influence. m x n x (p + q) float64 multiply-adds, far slower than the tiles, hence a fallback.
+Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, const GradientSide& train,
+                         const std::vector<double>& weights, const Options& options, double* out) {
+  const std::size_t checkpoints = train.checkpoints();
+  const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
+  const std::size_t runs = checkpoints / run;
+  const std::int64_t m = test.rows(), width = MaxCols(test);
+  std::vector<std::size_t> offsets;  // of each block in a row holding all of a train row's blocks
+  std::size_t all_cols = 0;
+  for (const MatrixView& b : train.blocks) {
+    offsets.push_back(all_cols);
+    all_cols += static_cast<std::size_t>(b.cols);
+  }
+  std::vector<double> test_scales;  // cosine scores: inverse norm of test row t over run g at t * runs + g
+  std::vector<float> buf(static_cast<std::size_t>(width));
+  for (std::int64_t t = 0; t < m && options.normalize > 0; ++t)
+    for (std::size_t g = 0; g < runs; ++g)
+      test_scales.push_back(InverseNorm(RunSquaredNorm(kernels, test, g * run, run, t, buf.data())));
+  const auto dot = [](const float* a, const float* b, std::int64_t n) {
+    double sum = 0.0;
+    for (std::int64_t k = 0; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
+    return sum;
+  };
+  const Status s = ForEachRow(train.rows(), 1, options, [&](std::int64_t i, float*) {
+    std::vector<float> row(all_cols), other(static_cast<std::size_t>(width));
+    for (std::size_t b = 0; b < train.blocks.size(); ++b)
+      LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row.data() + offsets[b]);
+    std::vector<double> scales(runs, 1.0);
+    for (std::size_t g = 0; g < runs && options.normalize > 0; ++g) {
+      double squares = 0.0;
+      for (std::size_t c = g * run; c < (g + 1) * run; ++c)
+        squares += dot(row.data() + offsets[2 * c], row.data() + offsets[2 * c], train.blocks[2 * c].cols) *
+                   dot(row.data() + offsets[2 * c + 1], row.data() + offsets[2 * c + 1], train.blocks[2 * c + 1].cols);
+      scales[g] = InverseNorm(squares);
+    }
+    double total = 0.0;
+    for (std::int64_t t = 0; t < m && !IsCancelled(options.cancel); ++t)
+      for (std::size_t g = 0; g < runs; ++g) {
+        double score = 0.0;
+        for (std::size_t c = g * run; c < (g + 1) * run; ++c) {
+          double product = weights[c];
+          for (std::size_t b = 2 * c; b < 2 * c + 2; ++b) {
+            LoadRow(kernels, test.blocks[b], t, 0, test.blocks[b].cols, other.data());
+            product *= dot(other.data(), row.data() + offsets[b], test.blocks[b].cols);
+          }
+          score += product;
+        }
+        total += options.normalize > 0 ? score * test_scales[static_cast<std::size_t>(t) * runs + g] * scales[g] : score;
+      }
+    out[i] = total;
+  });
+  if (!s.ok()) return s;
+  if (IsCancelled(options.cancel)) return Cancelled();  // a row given up on in the last task
+  if (!AllFinite(out, train.rows())) return NonFiniteError(&test, train);
+  return Status::Ok();
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -295,6 +357,10 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
     if (train.factored) {
       detail::SumConsumer consumer(n);
       s = detail::RunTiles(test, train, weights, options, consumer);
+      // A float32 pair score (or factor product) beyond range with finite inputs: the float64 sums
+      // of ExactFactoredSums, which the full-gradient path's column sums agree with.
+      if (s.code == StatusCode::kNonFinite && detail::CheckAllFinite(&test, train).ok())
+        return detail::ExactFactoredSums(detail::KernelsFor(options.isa), test, train, weights, options, out);
       if (!s.ok()) return s;
       std::copy(consumer.sums().begin(), consumer.sums().end(), out);
       return Status::Ok();

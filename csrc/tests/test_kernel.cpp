@@ -607,6 +607,43 @@ void TestCancellationDuringTheSelection() {
               std::to_string(whole) + " s)");
   }
 }
+// Aggregate of the same rows as full and as factored gradients (right factors of ones) agrees when
+// single pair scores exceed float32's range but the sums do not (or cancel): the factored path
+// falls back to float64 pair sums instead of reporting an overflow the full path never sees.
+// Plain and cosine scores (normalize 1), over two checkpoints.
+void TestAggregateLayoutsAgree() {
+  const Matrix test{3, 2, {1e20f, 2.0f, -1e20f, 2.0f, 3e19f, -1.0f}};
+  const Matrix train{2, 2, {1e20f, 0.5f, 1.0f, -4.0f}};
+  const Matrix ones_test{3, 1, std::vector<float>(3, 1.0f)}, ones_train{2, 1, std::vector<float>(2, 1.0f)};
+  tracin::GradientSide ft, fx;
+  ft.factored = fx.factored = true;
+  ft.blocks = {test.View(), ones_test.View(), test.View(), ones_test.View()};
+  fx.blocks = {train.View(), ones_train.View(), train.View(), ones_train.View()};
+  const std::vector<double> w = {0.5, 0.25};
+  for (std::int64_t normalize : {0, 1}) {
+    tracin::Options o;
+    o.normalize = normalize;
+    std::vector<double> full(2), factored(2), exact(2, 0.0);
+    const tracin::Status a = tracin::Aggregate(Full({test, test}), Full({train, train}), w, full.data(), o);
+    const tracin::Status b = tracin::Aggregate(ft, fx, w, factored.data(), o);
+    bool close = a.ok() && b.ok();
+    for (std::int64_t i = 0; i < 2; ++i) {
+      for (std::int64_t t = 0; t < 3; ++t) {
+        const double cosine = normalize ? 1.0 / (Norm(test, t) * Norm(train, i)) : 1.0;
+        exact[i] += (w[0] + w[1]) * Dot(test, t, train, i) * cosine;
+      }
+      // plain: float64 sums (1e-12 of the largest pair score); cosine: no overflow, float32 tiles
+      // within DESIGN.md's 1e-5 bound per pair (each at most the weights' sum, 3 test rows)
+      const double tolerance = normalize ? 1e-5 * 0.75 * 3 : 1e-12 * 1e40;
+      close = close && std::abs(full[i] - exact[i]) <= tolerance && std::abs(factored[i] - exact[i]) <= tolerance;
+    }
+    Check(close, "Aggregate full == factored == float64 when pair scores overflow float32, normalize " +
+                     std::to_string(normalize) + ": " + a.message + " / " + b.message + " (" +
+                     std::to_string(full[0]) + ", " + std::to_string(factored[0]) + ", " + std::to_string(exact[0]) +
+                     ")");
+  }
+}
+
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -760,6 +797,7 @@ int main() {
   TestBlocksBeyondTheRows();
   TestBadOutputsAndEnums();
   TestHugeThreadCount();
+  TestAggregateLayoutsAgree();
   TestCosineScores();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();

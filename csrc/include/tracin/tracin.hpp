@@ -108,12 +108,13 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
 
 // out[i] = sum over test rows t of influence(t, i), out is (train.rows(),) float64, so that sums
 // over several calls (test rows in chunks) stay exact to float32 precision.
-// Overflow differs by layout. Factored gradients are scored pair by pair as in Scores (float32
-// products of the left and of the right factors, summed over test rows in float64), so a pair whose
-// factor product or score exceeds float32's range gives kNonFinite, as Scores and TopK would. Full
-// gradients are summed by columns first (float64 weighted column sums of the test side, then one
-// float64 dot product per train row): no per-pair score is formed, so only a non-finite input or sum
-// is reported and the same influence can come out finite there.
+// Both layouts give the same influence, overflow included: full gradients are summed by columns
+// first (float64 weighted column sums of the test side, one float64 dot product per train row), so
+// no pair score is formed; factored gradients are scored pair by pair as in Scores (float32 tiles,
+// summed in float64), and should a pair's score or factor product exceed float32's range with every
+// input finite, the call redoes the sums in float64 pair by pair (m x n x (p + q) float64
+// multiply-adds: far slower, only then). kNonFinite only for a NaN or Inf input or a sum beyond
+// float64's range.
 Status Aggregate(const GradientSide& test, const GradientSide& train,
                  const std::vector<double>& weights, double* out, const Options& options = {});
 
