@@ -1047,3 +1047,41 @@ def test_inverses_are_read_only(factored, tmp_path):
     assert not any(m.flags.writeable for m in (*loaded.inverses, *loaded._moments))
     for a, b in zip(blocks(loaded.apply(grads)), before, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_rounding_beyond_damping_is_refused_with_advice():
+    """precision='float32' (default) sums R from float32 products; at a damping below their rounding,
+    R + lambda I is indefinite. Before: a Cholesky failure blaming non-finite values or float64, or
+    (just above that) a silent inverse with eigenvalues far above 1/lambda, which no positive
+    semidefinite R allows (scores 114% to 4300% off the float64 ones). Now both are ValueErrors naming
+    float32 summing and precision='float64', which then fits and matches the float64 reference."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((3, 300)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"not positive definite .*float32 products.*precision='float64'"):
+        Whitening.fit(tracin.Gradients([g]), damping=1e-6)
+    w32 = Whitening.fit(tracin.Gradients([g]), damping=1.0)
+    r32 = w32._moments[0]
+    smallest, mean = np.linalg.eigvalsh(r32)[0], np.trace(r32) / len(r32)
+    assert smallest < 0  # float32 rounding made R indefinite
+    # lambda 1.1x to 10x the negative eigenvalue: Cholesky succeeds, the inverse exceeds 1/lambda
+    for factor in (1.1, 2.0, 10.0):
+        damping = -smallest * factor / mean
+        with pytest.raises(ValueError, match=r"eigenvalue .* / lambda .*float32 products.*precision='float64'"):
+            w32.with_damping(damping)
+        with pytest.raises(ValueError, match=r"precision='float64'"):
+            Whitening.fit(tracin.Gradients([g]), damping=damping)
+        w64 = Whitening.fit(tracin.Gradients([g]), damping=damping, precision="float64")
+        ref, lam = reference_inverse(g, damping)
+        assert np.linalg.eigvalsh(w64.inverses[0])[-1] * w64.spec.lambdas[0] <= 1 + 1e-6
+        np.testing.assert_allclose(w64.inverses[0], ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+    # float64 precision at a damping below float64 rounding: the advice is a larger damping
+    r = np.diag([1.0, 1.0, -1e-9])
+    with pytest.raises(ValueError, match=r"float64 rounding exceeds lambda: use a larger damping"):
+        _inverse.damped_inverse(r, 1e-9, "checkpoint 0", "float64")
+    with pytest.raises(ValueError, match=r"eigenvalue 2 / lambda .*float64 rounding"):
+        _inverse.damped_inverse(r, 2e-9, "checkpoint 0", "float64")
+    np.testing.assert_allclose(
+        _inverse.damped_inverse(r + np.diag([0, 0, 1e-9]), 2e-9, "c", "float64"),
+        np.diag([1 / (1 + 2e-9), 1 / (1 + 2e-9), 1 / 2e-9]),
+        rtol=1e-12,
+    )

@@ -138,7 +138,10 @@ class Whitening:
             small damping it makes the whitened rows accurate (5 rows of 200 dims, damping 0.001: 5e-8
             against 8e-4 relative error), not the scores: those keep the float32 error of the class
             docstring (1-4 x cond x 2^-24 of the scores), whatever the precision. Both hold at any
-            finite scale of the gradients (see _moments).
+            finite scale of the gradients (see _moments). Where R's rounding exceeds lambda (R + lambda I
+            not positive definite, or an inverse eigenvalue found above 1.01 / lambda, which no positive
+            semidefinite R allows) fit and with_damping raise ValueError, advising precision="float64"
+            when R was summed in float32.
         max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
             above it a ValueError points to projection.
         progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
@@ -177,7 +180,7 @@ class Whitening:
                 )
                 del moments
                 fingerprint = _fingerprint(blended)
-                inverses, lambdas = _invert(blended, damping, train.factored)
+                inverses, lambdas = _invert(blended, damping, train.factored, precision)
         finally:
             bar.close()
         spec = WhiteningSpec(
@@ -200,7 +203,7 @@ class Whitening:
         without reading the gradients again: only the damped inverses are recomputed (one Cholesky
         per matrix). Its spec differs in damping and lambdas; the fingerprint of R is the same."""
         damping = check_damping(damping)
-        inverses, lambdas = _invert(self._moments, damping, self.factored)
+        inverses, lambdas = _invert(self._moments, damping, self.factored, self.spec.precision)
         return Whitening(self._moments, inverses, dataclasses.replace(self.spec, damping=damping, lambdas=lambdas))
 
     # -- using it -------------------------------------------------------------------------------
@@ -433,11 +436,12 @@ def _flat(lambdas: list) -> list[float]:
     return [x for v in lambdas for x in (v if isinstance(v, list) else [v])]
 
 
-def _invert(moments: list[np.ndarray], damping: float, factored: bool) -> tuple[list[np.ndarray], list]:
-    """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are."""
+def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision: str) -> tuple[list[np.ndarray], list]:
+    """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are.
+    `precision` (fit's) is named in the advice of damped_inverse's errors."""
     lambdas = _lambdas(moments, damping, factored)
     inverses = [
-        damped_inverse(r, lam, _what(i, factored))
+        damped_inverse(r, lam, _what(i, factored), precision)
         for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
     ]
     return inverses, lambdas
@@ -450,7 +454,12 @@ _STRIP = 256  # rows per strip when checking symmetry (no d x d temporary)
 
 
 def _checked_inverses(
-    moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
+    moments: list[np.ndarray],
+    inverses: list[np.ndarray],
+    lambdas: list[float],
+    damping: float,
+    factored: bool,
+    precision: str | None = None,
 ) -> list[np.ndarray]:
     """The stored inverses, each checked to look like the damped inverse (R + lambda I)^-1 of its
     moment R (ValueError otherwise), in O(d^2): R and X symmetric to within tol = _ROUNDING * d * eps of
@@ -475,7 +484,7 @@ def _checked_inverses(
             raise ValueError(f"{_what(i, factored)}: R + lambda I is not positive definite (lambda = {lam})")
         norm = min(float(np.trace(r)), row_sum) + lam
         if tol * norm / lam > _UNRESOLVED:
-            checked[i] = damped_inverse(r, lam, _what(i, factored))
+            checked[i] = damped_inverse(r, lam, _what(i, factored), precision)
             continue
         v = rng.standard_normal((d, _PROBES))
         y = x @ v
@@ -569,7 +578,8 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     recorded = np.asarray(spec.lambdas, dtype=np.float64) if _numbers(spec.lambdas) else None
     if recorded is None or recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9):
         raise ValueError(f"lambdas {spec.lambdas} are not damping {spec.damping} times the moments' mean eigenvalues")
-    return moments, _checked_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored), spec
+    inverses = _checked_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored, spec.precision)
+    return moments, inverses, spec
 
 
 def _numbers(values: Any) -> bool:
