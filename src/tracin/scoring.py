@@ -826,7 +826,11 @@ def aggregate(
 ) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
-    float32's range is a ValueError, as in the other scoring functions.
+    float32's range is a ValueError, as in the other scoring functions. Single pair scores beyond
+    float32 are no error here when their sum is in range (top_k and scores refuse them): full
+    gradients are summed by columns and form no pair score, and on the CPU factored gradients whose
+    pair scores overflow float32 are summed again in float64 pair by pair (far slower), so both layouts
+    give the same sums.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
