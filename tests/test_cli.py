@@ -408,6 +408,49 @@ def test_a_failed_output_write_names_the_option_and_the_file(stores, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tracin-")) == []
 
 
+def test_a_failed_stdout_write_names_stdout_and_a_closed_pipe_or_ctrl_c_keep_their_exit_codes(
+    stores, tmp_path, rng, capsys, monkeypatch
+):
+    # review5 F1: `tracin self-influence STORE > /dev/full` said only "error: [Errno 28] No space left on device"
+    import errno
+
+    import tracin.cli as cli
+
+    paths, _, _ = stores
+    big = _write_store(tmp_path / "big", [rng.standard_normal((3000, 2)).astype(np.float32)], [1.0])  # > 8 KiB CSV
+    said = "cannot write the results to stdout: No space left on device"
+    run = [sys.executable, "-m", "tracin"]
+    if os.path.exists("/dev/full"):  # the results fail while written (self-influence) or at the last flush (score)
+        for command in (["self-influence", str(big)], _score(paths, "-k", "2")):
+            with open("/dev/full", "w") as full:
+                done = subprocess.run([*run, *command], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+            assert (done.returncode, done.stderr) == (1, f"tracin {command[0]}: error: {said}\n")
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for command in (["info", str(paths["train"])], ["self-influence", str(paths["train"])], _score(paths)):
+        monkeypatch.setattr(sys, "stdout", Full())
+        assert main(command) == 1
+        monkeypatch.undo()
+        assert _error_line(capsys.readouterr().err, command[0]) == f"tracin {command[0]}: error: {said}"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_write_csv", interrupted)
+    assert main(["self-influence", str(paths["train"])]) == 130
+    assert capsys.readouterr().err == "tracin self-influence: interrupted\n"
+    read, write = os.pipe()
+    os.close(read)  # the reader went away: quietly 141, as before
+    try:
+        done = subprocess.run([*run, "self-influence", str(big)], stdout=write, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, b"")
+
+
 def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores, tmp_path):
     paths, _, _ = stores
     rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]

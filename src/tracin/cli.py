@@ -1,8 +1,9 @@
 """The `tracin` command line: info, score, self-influence, bench, demo.
 
 Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 1 (2 for usage
-errors, from argparse); output cut short by a closed pipe (`tracin info STORE | head -1`) ends
-quietly with exit code 141, as for a process killed by SIGPIPE. An -o file is written whole or not
+errors, from argparse); one writing the results (a full disk) names --output or stdout. Output cut
+short by a closed pipe (`tracin info STORE | head -1`) ends quietly with exit code 141, as for a
+process killed by SIGPIPE. An -o file is written whole or not
 at all: an error, Ctrl-C (exit code 130), SIGTERM or SIGHUP (143, 129) while writing leaves the
 file that was there before (a FIFO, a device or a file with other hard links is written in place).
 A signal whose exception something swallowed (JAX's gc callback does) still exits 128 + the signal's
@@ -160,6 +161,24 @@ def _output_file(out: Path, binary: bool = False) -> Iterator[IO]:
         raise CommandError(f"--output: {said}") from e
 
 
+@contextmanager
+def _stdout() -> Iterator[IO[str]]:
+    """sys.stdout for a command's results, flushed at the end: an OSError writing it (`> /dev/full`, a
+    full disk) an error naming stdout, what is still buffered dropped (it would fail again at exit); a
+    closed pipe stays BrokenPipeError (exit code 141), Ctrl-C KeyboardInterrupt (130)."""
+    try:
+        yield sys.stdout
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        try:
+            _drop_output(sys.stdout)
+        except (OSError, ValueError):  # no descriptor (an in-memory stream)
+            pass
+        raise CommandError(f"cannot write the results to stdout: {e.strerror or _one_line(e)}") from e
+
+
 def _name_max(folder: Path) -> int | None:
     """The longest file name in bytes `folder` accepts, or None where the OS does not say."""
     try:
@@ -262,7 +281,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         raise CommandError("expected a gradient store folder, got ''")
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
-    print(describe(args.path))
+    text = describe(args.path)
+    with _stdout() as f:
+        print(text, file=f)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -292,7 +313,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         _write_csv(f, PAIRS_HEADER, _pair_rows(sides, _ids(test), _ids(train)), pairs, _progress(args))
 
     if out is None:
-        write_csv(sys.stdout)
+        with _stdout() as f:
+            write_csv(f)
         print(summary, file=sys.stderr)
         return
     if out.suffix.lower() == ".npz":
@@ -376,7 +398,8 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args))
 
     if out is None:
-        write(sys.stdout)
+        with _stdout() as f:
+            write(f)
         print(summary, file=sys.stderr)
     else:
         with _output_file(out) as f:
