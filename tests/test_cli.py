@@ -764,6 +764,47 @@ def test_a_store_recreated_while_scoring_is_named_as_changed(stores, monkeypatch
     assert "gradient store changed while reading" in _error_line(capsys.readouterr().err, "score")
 
 
+def test_a_failed_read_of_a_stores_ids_names_the_store_not_the_output(stores, tmp_path, monkeypatch, capsys):
+    # review5 F2: score read the stores' ids inside the -o block, so an OSError reading them was reported as
+    # "--output: cannot write OUT: Stale file handle"
+    import errno
+
+    import tracin.store._store as store_module
+
+    paths, _, _ = stores
+    read_ids = store_module.read_ids
+
+    def stale_after_opening(scoring):
+        def score(*args, **kwargs):
+            result = scoring(*args, **kwargs)
+
+            def stale(path, n_rows):  # the train store's ids file, replaced on an NFS server since it was opened
+                if "train" in str(path):
+                    raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+                return read_ids(path, n_rows)
+
+            monkeypatch.setattr(store_module, "read_ids", stale)
+            return result
+
+        return score
+
+    said = f"cannot read the ids of gradient store {paths['train']}: {os.strerror(errno.ESTALE)}"
+    out = tmp_path / "out.csv"
+    for command, option, library in (
+        (_score(paths, "-o", str(out)), "--train", "top_k"),
+        (_score(paths), "--train", "top_k"),
+        (["self-influence", str(paths["train"]), "-o", str(out)], "path", "self_influence"),
+        (["self-influence", str(paths["train"])], "path", "self_influence"),
+    ):
+        monkeypatch.setattr(tracin, library, stale_after_opening(getattr(tracin, library)))
+        assert main(command) == 1
+        monkeypatch.undo()
+        captured = capsys.readouterr()
+        line = _error_line(captured.err, command[0])
+        assert (line, captured.out) == (f"tracin {command[0]}: error: {option}: {said}", ""), command
+        assert not out.exists()
+
+
 def test_broken_pipe_ends_quietly(stores):
     paths, _, _ = stores
     read, write = os.pipe()

@@ -187,8 +187,15 @@ def _name_max(folder: Path) -> int | None:
         return None
 
 
-def _ids(store) -> list | None:
-    ids = store.ids
+def _ids(store, option: str) -> list | None:
+    """The ids of `store` (None if it has none), read before any output is opened, so that an OSError
+    reading them (EIO, a stale NFS handle) is an error naming `option`, not a failed write of the output."""
+    try:
+        ids = store.ids
+    except OSError as e:
+        raise CommandError(
+            f"{option}: cannot read the ids of gradient store {store.path}: {e.strerror or _one_line(e)}"
+        ) from e
     return None if ids is None else ids.tolist()
 
 
@@ -307,24 +314,26 @@ def cmd_score(args: argparse.Namespace) -> None:
     k = min(args.k, train.n_rows)  # what top_k returns
     capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
     summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
+    if out is not None and out.suffix.lower() == ".npz":
+        arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
+        with _output_file(out, binary=True) as f:
+            np.savez(f, **arrays)
+        print(f"{summary}: wrote {out}")
+        return
+    test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
     pairs = sum(r.indices.size for r in sides.values())
 
     def write_csv(f: IO[str]) -> None:
-        _write_csv(f, PAIRS_HEADER, _pair_rows(sides, _ids(test), _ids(train)), pairs, _progress(args))
+        _write_csv(f, PAIRS_HEADER, _pair_rows(sides, test_ids, train_ids), pairs, _progress(args))
 
     if out is None:
         with _stdout() as f:
             write_csv(f)
         print(summary, file=sys.stderr)
-        return
-    if out.suffix.lower() == ".npz":
-        arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
-        with _output_file(out, binary=True) as f:
-            np.savez(f, **arrays)
     else:
         with _output_file(out) as f:
             write_csv(f)
-    print(f"{summary}: wrote {out}")
+        print(f"{summary}: wrote {out}")
 
 
 def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
@@ -390,7 +399,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
                 store, client=client, num_threads=args.threads, progress=_progress(args)
             )
     order = np.argsort(-scores, kind="stable")[: args.top]
-    ids = _ids(store)
+    ids = _ids(store, "path")  # before the output is opened
     summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
 
     def write(f: IO[str]) -> None:
