@@ -42,7 +42,6 @@ SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
-DEMO_CHECKPOINTS = 10  # tracin demo's default --checkpoints (at most --epochs)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 
 
@@ -468,10 +467,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         instead = ", or pass --no-progress (tqdm draws only the progress bars)" if e.name == "tqdm" else ""
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]'{instead} ({e})") from e
-    checkpoints = min(DEMO_CHECKPOINTS, args.epochs) if args.checkpoints is None else args.checkpoints
-    if checkpoints > args.epochs:
-        raise CommandError(f"--checkpoints ({checkpoints}) must be at most --epochs ({args.epochs})")
-    training = TrainingConfig(epochs=args.epochs, checkpoints=checkpoints, seed=args.seed)
+    if args.checkpoints is not None and args.checkpoints > args.epochs:
+        raise CommandError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
+    # no --checkpoints: None, TrainingConfig's default, min(DEFAULT_CHECKPOINTS, epochs), as in the Python API
+    training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
     config = DemoConfig(
         noise=args.noise, seed=args.seed, output=Path(args.output), training=training, framework=args.framework
     )
@@ -616,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)",
     )
 
+    from .demo.training import DEFAULT_CHECKPOINTS  # NumPy only: the demo extra is imported by cmd_demo
+
     p = command("demo", "find mislabelled digits with TracIn (needs tracin[demo])", cmd_demo)
     p.add_argument(
         "--framework",
@@ -629,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoints",
         type=positive_int,
         default=None,
-        help=f"checkpoints saved during training (the recipe: one every ~10%%) (default: {DEMO_CHECKPOINTS}, "
+        help=f"checkpoints saved during training (the recipe: one every ~10%%) (default: {DEFAULT_CHECKPOINTS}, "
         "or --epochs if fewer)",
     )
     p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")

@@ -957,6 +957,29 @@ def test_demo_with_fewer_epochs_than_the_default_checkpoints_saves_one_per_epoch
     assert "(default: 10, or --epochs if fewer)" in " ".join(help_text.split())
 
 
+def test_the_default_checkpoints_are_one_rule_for_the_api_and_the_command_line(tmp_path, monkeypatch, capsys):
+    # review5 F3: DemoConfig(training=TrainingConfig(epochs=5)) was refused, "checkpoints must be between 1 and
+    # epochs (5), got 10", for a default never set, while `tracin demo --epochs 5` saved 5 checkpoints
+    import tracin.demo
+
+    for epochs, saved in ((1, 1), (5, 5), (10, 10), (11, 10), (150, 10)):
+        assert TrainingConfig(epochs=epochs).checkpoints == saved == min(10, epochs)
+        assert DemoConfig(output=tmp_path, training=TrainingConfig(epochs=epochs)).training.checkpoints == saved
+    assert TrainingConfig().checkpoints == 10 and TrainingConfig(epochs=5, checkpoints=2).checkpoints == 2
+    assert TrainingConfig(epochs=5).checkpoint_epochs() == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match=r"checkpoints must be between 1 and epochs \(5\), got 6"):
+        TrainingConfig(epochs=5, checkpoints=6)
+    with pytest.raises(ValueError, match="checkpoints must be a positive integer, got 0"):
+        TrainingConfig(epochs=5, checkpoints=0)
+    ran = []
+    monkeypatch.setattr(tracin.demo, "run_demo", lambda config, progress: ran.append(config))
+    for epochs in (3, 150):  # the command line builds the TrainingConfig the API would, seed aside
+        assert main(["demo", "--epochs", str(epochs), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+        assert ran.pop().training == TrainingConfig(epochs=epochs, seed=0)
+    assert main(["demo", "--epochs", "3", "--checkpoints", "4", "-o", str(tmp_path / "out")]) == 1
+    assert "--checkpoints (4) must be at most --epochs (3)" in capsys.readouterr().err
+
+
 def test_bad_demo_settings_are_refused_before_the_previous_run_is_touched(tmp_path, capsys):
     out = tmp_path / "out"
     run_demo(

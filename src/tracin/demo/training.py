@@ -10,22 +10,30 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_CHECKPOINTS = 10  # one every 10% of training (the recipe of tracin.demo.recipe), at most one per epoch
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    """How the demo's MLP is trained. checkpoints: how many are saved, evenly spaced, the last after the
+    final epoch; None (the default) means min(DEFAULT_CHECKPOINTS, epochs), the rule `tracin demo` follows
+    without --checkpoints; given, it must be between 1 and epochs."""
+
     epochs: int = 150
     batch_size: int = 64
     hidden: int = 128
     learning_rate: float = 0.1
     momentum: float = 0.9
     decay_at: float = 0.6  # fraction of epochs after which the rate drops 10x
-    checkpoints: int = 10  # one every 10% of training (the recipe of tracin.demo.recipe)
+    checkpoints: int | None = None  # None: min(DEFAULT_CHECKPOINTS, epochs)
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "hidden"):
             check_integer(name, getattr(self, name), 1)
         check_integer("seed", self.seed, 0)
+        if self.checkpoints is None:
+            object.__setattr__(self, "checkpoints", min(DEFAULT_CHECKPOINTS, self.epochs))  # frozen: set once here
         check_integer("checkpoints", self.checkpoints, 1)
         if self.checkpoints > self.epochs:
             raise ValueError(f"checkpoints must be between 1 and epochs ({self.epochs}), got {self.checkpoints}")
