@@ -957,6 +957,16 @@ def test_demo_with_fewer_epochs_than_the_default_checkpoints_saves_one_per_epoch
     assert "(default: 10, or --epochs if fewer)" in " ".join(help_text.split())
 
 
+def test_no_docstring_of_the_demo_says_the_recipe_stops_at_the_held_out_peak():
+    # review5 F5: recipe.py's module docstring still said "Tracing only up to the held-out peak" after d938812
+    # (the checkpoint traced last is the first saved at or after the peak, which may lie after it)
+    import tracin.demo.recipe as recipe
+
+    for path in Path(recipe.__file__).parent.glob("*.py"):
+        assert "up to the held-out peak" not in " ".join(path.read_text().split()), path
+    assert "up to the first one saved at or after the held-out peak" in " ".join(recipe.__doc__.split())
+
+
 def test_the_default_checkpoints_are_one_rule_for_the_api_and_the_command_line(tmp_path, monkeypatch, capsys):
     # review5 F3: DemoConfig(training=TrainingConfig(epochs=5)) was refused, "checkpoints must be between 1 and
     # epochs (5), got 10", for a default never set, while `tracin demo --epochs 5` saved 5 checkpoints

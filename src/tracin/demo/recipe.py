@@ -2,8 +2,8 @@
 
 A model trained on noisy labels first learns the clean pattern, then memorises the wrong labels;
 from then on held-out accuracy falls, and once fitted the flipped examples' gradients are no larger
-than those of hard but correctly labelled ones. Tracing only up to the held-out peak keeps the
-checkpoints at which the flipped examples still stand out.
+than those of hard but correctly labelled ones. Tracing only the checkpoints up to the first one saved
+at or after the held-out peak keeps those at which the flipped examples still stand out.
 """
 
 from __future__ import annotations
