@@ -1085,3 +1085,37 @@ def test_float32_rounding_beyond_damping_is_refused_with_advice():
         np.diag([1 / (1 + 2e-9), 1 / (1 + 2e-9), 1 / 2e-9]),
         rtol=1e-12,
     )
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_copies_stay_read_only_and_the_callers_arrays_stay_theirs(factored):
+    """pickle and copy.deepcopy restore a Whitening without __init__: its arrays came back writeable, so
+    `p.inverses[0] *= 2` on an unpickled copy (multiprocessing, joblib) silently doubled its self-influence
+    again. Now they are read-only there too. Whitening(moments, inverses, spec) keeps read-only copies,
+    leaving the caller's arrays writeable and their later edits out of it; results match the float64 reference."""
+    import copy
+    import pickle
+
+    rng = np.random.default_rng(7)
+    if factored:
+        grads = tracin.FactoredGradients([anisotropic(rng, 30, 4)], [anisotropic(rng, 30, 5)])
+    else:
+        grads = tracin.Gradients([anisotropic(rng, 50, 6)])
+    w = Whitening.fit(grads, damping=0.5)
+    before = w.self_influence(grads)
+    for c in (pickle.loads(pickle.dumps(w)), copy.deepcopy(w), pickle.loads(pickle.dumps(w)).with_damping(0.5)):
+        for m in (*c.inverses, *c._moments):
+            assert not m.flags.writeable
+            with pytest.raises(ValueError, match="read-only"):
+                m *= 2
+        np.testing.assert_array_equal(c.self_influence(grads), before)
+    moments, inverses = [m.copy() for m in w._moments], [m.copy() for m in w.inverses]
+    own = Whitening(moments, inverses, w.spec)
+    assert all(m.flags.writeable for m in (*moments, *inverses))
+    for m in (*moments, *inverses):
+        m *= 2  # the caller's arrays, not the Whitening's
+    np.testing.assert_array_equal(own.self_influence(grads), before)
+    if not factored:
+        g = to_float64(grads.matrices[0])
+        ref, _ = reference_inverse(grads.matrices[0], 0.5)
+        np.testing.assert_allclose(own.self_influence(grads), np.einsum("ij,ij->i", g @ ref, g), rtol=1e-5)

@@ -99,13 +99,29 @@ class Whitening:
     def __init__(self, moments: list[np.ndarray], inverses: list[np.ndarray], spec: WhiteningSpec):
         """moments: the undamped float64 second moments in kernel block order, (d_c, d_c) per checkpoint
         (full) or (p_c, p_c), (q_c, q_c) per checkpoint (kfac); inverses: their damped inverses, same
-        shapes; spec: as fitted. Use fit() or load(). The arrays are made read-only: `inverses` hands them
-        out, and with_damping shares the moments."""
+        shapes; spec: as fitted. Use fit() or load(). It keeps read-only copies of the arrays (`inverses`
+        hands them out, with_damping shares the moments), so the caller's arrays stay theirs to change."""
+        self._own([np.array(m, copy=True) for m in moments], [np.array(m, copy=True) for m in inverses], spec)
+
+    @classmethod
+    def _owned(cls, moments: list[np.ndarray], inverses: list[np.ndarray], spec: WhiteningSpec) -> Whitening:
+        """As __init__, without the copies: for arrays no one else holds (fit, load) or already read-only
+        (the moments with_damping shares). They are made read-only in place."""
+        w = cls.__new__(cls)
+        w._own(moments, inverses, spec)
+        return w
+
+    def _own(self, moments: list[np.ndarray], inverses: list[np.ndarray], spec: WhiteningSpec) -> None:
         for m in (*moments, *inverses):
             m.flags.writeable = False
-        self._moments = moments
-        self._inverses = inverses
+        self._moments = list(moments)
+        self._inverses = list(inverses)
         self.spec = spec
+
+    def __setstate__(self, state: dict) -> None:
+        """pickle and copy.deepcopy restore the arrays as new writeable ones, without __init__: read-only
+        again here (a private copy's arrays, made read-only in place)."""
+        self._own(state["_moments"], state["_inverses"], state["spec"])
 
     # -- fitting --------------------------------------------------------------------------------
     @classmethod
@@ -196,7 +212,7 @@ class Whitening:
             fitted_on=getattr(train, "store_id", None),
             space=_space(train.metadata),
         )
-        return cls(blended, inverses, spec)
+        return cls._owned(blended, inverses, spec)
 
     def with_damping(self, damping: float) -> Whitening:
         """The same fitted R at another damping (lambda_c = damping * trace(R_c) / d_c, as in fit),
@@ -204,7 +220,9 @@ class Whitening:
         per matrix). Its spec differs in damping and lambdas; the fingerprint of R is the same."""
         damping = check_damping(damping)
         inverses, lambdas = _invert(self._moments, damping, self.factored, self.spec.precision)
-        return Whitening(self._moments, inverses, dataclasses.replace(self.spec, damping=damping, lambdas=lambdas))
+        return Whitening._owned(
+            self._moments, inverses, dataclasses.replace(self.spec, damping=damping, lambdas=lambdas)
+        )
 
     # -- using it -------------------------------------------------------------------------------
     @property
@@ -372,7 +390,7 @@ class Whitening:
             except _NOT_SAVED as e:
                 reason = str(e) or type(e).__name__
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({reason})") from None
-        return cls(moments, inverses, spec)
+        return cls._owned(moments, inverses, spec)
 
     def __repr__(self) -> str:
         s = self.spec
