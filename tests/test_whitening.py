@@ -1119,3 +1119,28 @@ def test_copies_stay_read_only_and_the_callers_arrays_stay_theirs(factored):
         g = to_float64(grads.matrices[0])
         ref, _ = reference_inverse(grads.matrices[0], 0.5)
         np.testing.assert_allclose(own.self_influence(grads), np.einsum("ij,ij->i", g @ ref, g), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "d"), [(50, 200), (256, 1024)])
+def test_rounding_guard_holds_its_one_percent(n, d, monkeypatch):
+    """With fewer float32 rows than dims, R's null space becomes a large cluster of the inverse's top
+    eigenvalues near 1 / lambda, where 8 steps of 4-vector subspace iteration stopped short: at 1024 x 256
+    inverses 1.1% to 3.7% above 1 / lambda were accepted. Now the guard (exact up to side 256, Lanczos
+    above) refuses with_damping iff the float64 reference inverse of the same R, (R + lambda I)^-1 from
+    np.linalg.inv, has an eigenvalue above 1.01 / lambda (within 0.05% of that bar), and says its value."""
+    g = np.random.default_rng(1).standard_normal((n, d)).astype(np.float32)
+    w = Whitening.fit(tracin.Gradients([g]), damping=1.0)
+    r = w._moments[0]
+    mean = np.trace(r) / d
+    for damping in (3.16e-4, 1.78e-4, 1e-4, 5.62e-5, 3.16e-5, 1e-5):
+        lam = damping * mean
+        top = np.linalg.eigvalsh(np.linalg.inv(r + lam * np.eye(d)))[-1] * lam
+        if top > 1.0105:
+            with pytest.raises(ValueError, match=r"eigenvalue \S+ / lambda .*precision='float64'") as info:
+                w.with_damping(damping)
+            said = float(str(info.value).split("eigenvalue ")[1].split(" ")[0])
+            assert said == pytest.approx(top, rel=5e-4)
+        elif top < 1.0095:
+            white = w.with_damping(damping)
+            assert np.linalg.eigvalsh(white.inverses[0])[-1] * lam == pytest.approx(top, rel=1e-6)
+    assert top > 1.03  # the sweep reaches the refused side
