@@ -1144,3 +1144,34 @@ def test_rounding_guard_holds_its_one_percent(n, d, monkeypatch):
             white = w.with_damping(damping)
             assert np.linalg.eigvalsh(white.inverses[0])[-1] * lam == pytest.approx(top, rel=1e-6)
     assert top > 1.03  # the sweep reaches the refused side
+
+
+@pytest.mark.parametrize(("n", "d"), [(8, 64), (32, 256)])
+def test_load_refuses_what_fits_guard_refuses_and_says_how_to_proceed(n, d, tmp_path, monkeypatch):
+    """A file saved (by a version without the guard) at a damping below its float32 moments' rounding:
+    load's residual probe accepted small ones (64 x 8: inverse 1.06 / lambda) that fit and with_damping
+    refuse, and refused the recomputed ones as 'not a saved tracin.Whitening'. Now load runs the same
+    guard and says the damping is below R's rounding and to refit with precision='float64'; that refit
+    loads and matches the float64 reference."""
+    g = np.random.default_rng(0).standard_normal((n, d)).astype(np.float32)
+    w = Whitening.fit(tracin.Gradients([g]), damping=1.0)
+    for damping in np.logspace(-3, -9, 25):
+        try:
+            w.with_damping(damping)
+        except ValueError:
+            break
+    monkeypatch.setattr(_inverse, "EXCESS", np.inf)  # as an older version saved it
+    bad = w.with_damping(damping)  # the first damping refused: Cholesky still succeeds
+    monkeypatch.undo()
+    lam = bad.spec.lambdas[0]
+    assert np.linalg.eigvalsh(bad.inverses[0])[-1] * lam > 1.01
+    bad.save(tmp_path / "old.npz")
+    with pytest.raises(ValueError, match=r"saved at a damping below the rounding .*precision='float64'") as info:
+        Whitening.load(tmp_path / "old.npz")
+    assert "not a saved tracin.Whitening" not in str(info.value)
+    good = Whitening.fit(tracin.Gradients([g]), damping=damping, precision="float64")
+    good.save(tmp_path / "good.npz")
+    ref, _ = reference_inverse(g, damping)
+    np.testing.assert_allclose(
+        Whitening.load(tmp_path / "good.npz").inverses[0], ref, rtol=0, atol=1e-8 * np.abs(ref).max()
+    )

@@ -20,7 +20,7 @@ from .._progress import check_progress, progress_bar
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
-from ._inverse import check_damping, damped_inverse, mean_eigenvalue
+from ._inverse import check_damping, check_top_eigenvalue, damped_inverse, mean_eigenvalue
 from ._moments import (
     check_budget,
     check_precision,
@@ -375,6 +375,9 @@ class Whitening:
         recomputed, except where the damping is so small that rounding hides a wrong inverse from the
         residual (tol * |R + lambda I| / lambda > 1e-6): those are recomputed from the moments (O(d^3),
         as with_damping does), so a file holding another damping's inverse still whitens correctly.
+        Either way the inverses pass fit's rounding guard (check_top_eigenvalue: no eigenvalue above
+        1.01 / lambda): a file an older version saved at a damping below R's rounding is a ValueError
+        saying so, and to refit with precision='float64' or a larger damping.
         ValueError too if the matrices (moments and inverses, plus one more of the largest) exceed half
         the physical memory, or if `path` is not a regular file (a FIFO, device or directory: refused
         before it is opened, so a FIFO cannot hang it). OSError if it cannot be opened."""
@@ -387,6 +390,12 @@ class Whitening:
                 moments, inverses, spec = _read_saved(file)
             except _TooLarge as e:
                 raise ValueError(f"{os.fspath(path)}: {e}") from None
+            except _BelowRounding as e:
+                raise ValueError(
+                    f"{os.fspath(path)} is a tracin.Whitening saved at a damping below the rounding of its second "
+                    f"moments (by a version that did not check it), so it would whiten wrongly: {e}. Refit it from the "
+                    "train gradients (Whitening.fit) as advised"
+                ) from None
             except _NOT_SAVED as e:
                 reason = str(e) or type(e).__name__
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({reason})") from None
@@ -487,7 +496,8 @@ def _checked_inverses(
     inverse meets that whatever the condition number, BLAS or thread count; it is a check of what save
     wrote, not a proof of positive definiteness. Where tol * norm / lambda > _UNRESOLVED the residual
     of an inverse at another damping (or with a flipped null-space eigenvalue) is within that bar too:
-    such an X is replaced by damped_inverse(R)."""
+    such an X is replaced by damped_inverse(R). Either way X must pass check_top_eigenvalue, as in fit
+    (_BelowRounding otherwise, as for a failed damped_inverse)."""
     rng = np.random.default_rng(0)
     checked = list(inverses)
     for i, (r, x, lam) in enumerate(zip(moments, inverses, lambdas, strict=True)):
@@ -502,7 +512,10 @@ def _checked_inverses(
             raise ValueError(f"{_what(i, factored)}: R + lambda I is not positive definite (lambda = {lam})")
         norm = min(float(np.trace(r)), row_sum) + lam
         if tol * norm / lam > _UNRESOLVED:
-            checked[i] = damped_inverse(r, lam, _what(i, factored), precision)
+            try:
+                checked[i] = damped_inverse(r, lam, _what(i, factored), precision)
+            except ValueError as e:
+                raise _BelowRounding(f"at damping {damping}, {e}") from None
             continue
         v = rng.standard_normal((d, _PROBES))
         y = x @ v
@@ -513,6 +526,10 @@ def _checked_inverses(
                 f"inverse_{i} is not the damped inverse of moment_{i} at damping {damping}: residual "
                 f"|(R + lambda I) X v - v| {residual.max():.3g}, above float64 rounding ({bar.min():.3g})"
             )
+        try:  # the inverse of R + lambda I, but R's rounding may exceed lambda: fit's guard
+            check_top_eigenvalue(x, lam, _what(i, factored), precision)
+        except ValueError as e:
+            raise _BelowRounding(f"at damping {damping}, {e}") from None
     return checked
 
 
@@ -532,6 +549,10 @@ def _asymmetry(m: np.ndarray) -> float:
 
 class _TooLarge(ValueError):
     """A saved whitening whose matrices exceed the memory load allows."""
+
+
+class _BelowRounding(ValueError):
+    """A saved whitening whose damping is below its moments' rounding (fit and with_damping refuse it)."""
 
 
 # What reading a damaged or crafted file raises: zipfile's own errors, and RuntimeError for an encrypted
