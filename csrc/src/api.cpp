@@ -103,31 +103,39 @@ class TopKConsumer final : public TileConsumer {
     }
   }
 
-  // One task per test row of the pass (a few milliseconds even for k = n), so a cancellation
-  // lands between rows. Every row's selectors together hold at least k candidates (each train row
-  // was offered to one of them, and a selector drops one only for k better); fewer is a bug,
+  // One task per test row and side of the pass, and a large pool's sort (k ~ n) checks the
+  // cancellation flag every ~2^16 candidates, so a cancellation lands within milliseconds even for
+  // millions of train rows. Every row's selectors together hold at least k candidates (each train
+  // row was offered to one of them, and a selector drops one only for k better); fewer is a bug,
   // reported as kInternal rather than leaving output slots unwritten.
   Status EndPass(const std::atomic<bool>* cancel) override {
-    std::atomic<bool> stop{false}, short_pool{false};
+    std::atomic<bool> stop{false}, short_pool{false}, cut{false};
     // The best k of every selector's candidates for pass row r, into the side's output row.
     const auto select = [&](const std::vector<std::optional<Selector>>& selectors, std::int64_t r, bool negate,
-                            float* values, std::int64_t* indices, std::vector<Candidate>* pool) {
-      pool->clear();
+                            float* values, std::int64_t* indices) {
+      std::vector<Candidate> pool;
       for (const auto& s : selectors)
-        if (s) s->AppendKept(r, pool);
-      if (static_cast<std::int64_t>(pool->size()) < k_) {
+        if (s) s->AppendKept(r, &pool);
+      if (static_cast<std::int64_t>(pool.size()) < k_) {
         short_pool = true;
         stop = true;
         return;
       }
-      WriteBest(pool, k_, negate, values + (begin_ + r) * k_, indices + (begin_ + r) * k_);
+      if (!WriteBest(&pool, k_, negate, values + (begin_ + r) * k_, indices + (begin_ + r) * k_, cancel)) {
+        cut = true;
+        stop = true;
+      }
     };
-    const Status status = ParallelFor(count_, threads_, stop, cancel, [&](std::int64_t r, int) {
-      std::vector<Candidate> pool;
-      if (want_prop_) select(prop_, r, false, out_.proponent_values, out_.proponent_indices, &pool);
-      if (want_opp_) select(opp_, r, true, out_.opponent_values, out_.opponent_indices, &pool);
+    const std::int64_t sides = (want_prop_ ? 1 : 0) + (want_opp_ ? 1 : 0);
+    const Status status = ParallelFor(count_ * sides, threads_, stop, cancel, [&](std::int64_t task, int) {
+      const std::int64_t r = task / sides;
+      if (want_prop_ && task % sides == 0)
+        select(prop_, r, false, out_.proponent_values, out_.proponent_indices);
+      else
+        select(opp_, r, true, out_.opponent_values, out_.opponent_indices);
     });
     if (!status.ok()) return status;
+    if (cut) return Cancelled();
     if (short_pool)
       return {StatusCode::kInternal, "tracin kernel: top-k selection kept fewer than k candidates for a test row"};
     return Status::Ok();

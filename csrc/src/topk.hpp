@@ -3,6 +3,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -124,17 +126,36 @@ class BufferSelector {
   std::vector<float> thresholds_;
 };
 
-// The best k of `pool` (any order in, best first out) written to values / indices.
-inline void WriteBest(std::vector<Candidate>* pool, std::int64_t k, bool negate, float* values,
-                      std::int64_t* indices) {
+// Sorts [first, last) best first, checking `cancel` (may be null) between steps of at most ~2^16
+// elements' work when the range is larger (k ~ n selections of millions of candidates: a plain
+// std::sort would run ~0.3 s per million unchecked): halves split by nth_element at the middle, each
+// sorted alike. Returns false, the range partly sorted, when cancelled.
+inline bool SortChecked(Candidate* first, Candidate* last, const std::atomic<bool>* cancel) {
+  constexpr std::ptrdiff_t kPiece = std::ptrdiff_t{1} << 16;
+  if (last - first <= kPiece) {
+    std::sort(first, last, Better);
+    return true;
+  }
+  if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) return false;
+  Candidate* middle = first + (last - first) / 2;
+  std::nth_element(first, middle, last, Better);
+  return SortChecked(first, middle, cancel) && SortChecked(middle, last, cancel);
+}
+
+// The best k of `pool` (any order in, best first out) written to values / indices. `cancel` (may
+// be null) is checked between the steps of a large pool's selection; returns false when it was
+// set, the output partly written.
+inline bool WriteBest(std::vector<Candidate>* pool, std::int64_t k, bool negate, float* values,
+                      std::int64_t* indices, const std::atomic<bool>* cancel = nullptr) {
   const auto keep = static_cast<std::ptrdiff_t>(std::min<std::size_t>(pool->size(), k));
   if (keep < static_cast<std::ptrdiff_t>(pool->size()))
     std::nth_element(pool->begin(), pool->begin() + keep, pool->end(), Better);
-  std::sort(pool->begin(), pool->begin() + keep, Better);
+  if (!SortChecked(pool->data(), pool->data() + keep, cancel)) return false;
   for (std::ptrdiff_t j = 0; j < keep; ++j) {
     values[j] = negate ? -(*pool)[j].value : (*pool)[j].value;
     indices[j] = (*pool)[j].index;
   }
+  return true;
 }
 
 }  // namespace tracin::detail

@@ -55,7 +55,8 @@ struct Options {
   Isa isa = Isa::kAuto;
   // Cancellation: when non-null and set (before the call, or by another thread during it), the
   // call stops at its next task (milliseconds: a tile of train rows, or one test row's final top-k
-  // selection) and returns kCancelled with its outputs partly written. A flag left clear changes
+  // selection for one side, whose sort of a large k checks the flag every ~2^16 candidates) and
+  // returns kCancelled with its outputs partly written. A flag left clear changes
   // nothing, to the bit.
   const std::atomic<bool>* cancel = nullptr;
   // Cosine scores (Scores, TopK, Aggregate; SelfInfluence refuses them). 0: plain scores. g > 0:
