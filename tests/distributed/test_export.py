@@ -288,6 +288,26 @@ def test_export_waits_for_its_first_worker_without_limit(tmp_path, capsys):
     assert "has no workers yet; waiting for one (interrupt to stop)" in capsys.readouterr().err
 
 
+def test_export_lets_an_adaptive_cluster_start_its_first_worker(tmp_path, capsys):
+    """cluster.adapt(minimum=0) starts workers only for pending tasks: a task is pending while the export waits
+    for its first worker, so one comes (the old code waited until worker_timeout, or forever with None)."""
+    model, checkpoints, data, loss = _setup(20, 4)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, loss, store=tmp_path / "one", progress=False)
+    with (
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        cluster.adapt(minimum=0, maximum=1, interval="100ms", wait_count=20)
+        start = time.monotonic()
+        found = td.export_gradients(
+            "torch", model, checkpoints, data, loss, store=tmp_path / "s", client=c, num_threads=1, worker_timeout=60
+        )
+        took = time.monotonic() - start
+    _same_store(found, expected)
+    assert "waiting up to 60 s (worker_timeout) for one" in capsys.readouterr().err
+    assert took < 30, f"an adaptive cluster's first worker came only after {took:.1f} s"
+
+
 def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_ends(monkeypatch):
     """Task A ends while task B still runs: A's thread has its count back, B's stays 1 until B ends, then the
     default from before A is back (torch keeps one per thread, and a default for new threads: a fresh thread

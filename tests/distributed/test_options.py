@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -159,6 +160,36 @@ def test_worker_timeout_bounds_the_wait_for_a_first_worker(tied, capsys):
     expected = tracin.top_k(tied["test"], tied["store"], 3)
     np.testing.assert_array_equal(found.indices, expected.indices)
     np.testing.assert_array_equal(found.values, expected.values)
+
+
+def _placeholders_left(client: Client) -> list[str]:
+    """Keys of slots_by_host's placeholder tasks still on the scheduler, once it has had time to forget them."""
+
+    def left(dask_scheduler) -> list[str]:
+        return [str(k) for k in dask_scheduler.tasks if str(k).startswith("tracin-wait-for-a-worker-")]
+
+    for _ in range(50):
+        if not (found := client.run_on_scheduler(left)):
+            break
+        time.sleep(0.1)
+    return found
+
+
+def test_worker_timeout_lets_an_adaptive_cluster_start_its_first_worker(tied, capsys):
+    """cluster.adapt(minimum=0) (dask-jobqueue's usual way) starts workers only for pending tasks: a task is
+    pending while the first worker is waited for, so one comes long before worker_timeout."""
+    with (
+        LocalCluster(n_workers=0, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        cluster.adapt(minimum=0, maximum=1, interval="100ms", wait_count=20)
+        start = time.monotonic()
+        found = td.self_influence(tied["store"], client=c, shards=2, worker_timeout=60)
+        took = time.monotonic() - start
+        assert _placeholders_left(c) == []
+    np.testing.assert_array_equal(found, tracin.self_influence(tied["store"]))
+    assert "waiting up to 60 s (worker_timeout) for one" in capsys.readouterr().err
+    assert took < 30, f"an adaptive cluster's first worker came only after {took:.1f} s"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import math
 import numbers
 import socket
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -100,10 +101,13 @@ def check_worker_timeout(worker_timeout: Any) -> float | None:
 
 def slots_by_host(client: Client, worker_timeout: float | None = None, wait: bool = False) -> dict[str, int]:
     """Task slots (worker threads) per host: tasks that may run there at once. A cluster with no
-    worker yet (say dask-jobqueue right after scale()) is named on stderr, and its first worker is
-    waited for up to `worker_timeout` seconds (then a TimeoutError naming worker_timeout). With
-    worker_timeout None: without limit if `wait` (an export, which cuts one row range per slot),
-    else not at all: the call goes on with no slots and its tasks wait in the scheduler's queue."""
+    worker yet (say dask-jobqueue right after scale(), or one scaled by cluster.adapt(minimum=0)) is
+    named on stderr, and its first worker is waited for up to `worker_timeout` seconds (then a
+    TimeoutError naming worker_timeout). With worker_timeout None: without limit if `wait` (an export,
+    which cuts one row range per slot), else not at all: the call goes on with no slots and its tasks
+    wait in the scheduler's queue. While it waits, a placeholder task is pending on the scheduler, so
+    that an adaptive cluster, which starts workers only for pending work, starts one; it is released
+    once a worker has come (or the wait ends)."""
     workers = client.scheduler_info(n_workers=-1)["workers"]
     if not workers:
         where = client.scheduler.address
@@ -120,19 +124,27 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
             "(interrupt to stop)",
             file=sys.stderr,
         )
+        placeholder = client.submit(_placeholder, pure=False, key=f"tracin-wait-for-a-worker-{uuid.uuid4().hex}")
         try:
             client.wait_for_workers(1, timeout=worker_timeout)
         except TimeoutError:
             raise TimeoutError(
                 f"the cluster at {where} still has no workers after worker_timeout={worker_timeout:g} s: start "
-                "some (cluster.scale(n)), pass a client whose cluster has workers, or a larger worker_timeout "
-                "(None: no limit)"
+                "some (cluster.scale(n); an adaptive cluster had a task pending to start one for), pass a client "
+                "whose cluster has workers, or a larger worker_timeout (None: no limit)"
             ) from None
+        finally:
+            placeholder.release()
         workers = client.scheduler_info(n_workers=-1)["workers"]
     slots: Counter[str] = Counter()
     for w in workers.values():
         slots[w["host"]] += w["nthreads"]
     return dict(slots)
+
+
+def _placeholder() -> None:
+    """The task kept pending while a cluster's first worker is waited for (adaptive clusters scale
+    up only for pending tasks); it does nothing."""
 
 
 def worker_name() -> str:
