@@ -57,8 +57,9 @@ def top_k(
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
     worker_timeout: seconds to wait for the cluster's first worker when it has none yet (say
     dask-jobqueue before its jobs start), then a TimeoutError naming worker_timeout; None (the
-    default): no limit, the tasks queue until workers join. Only the first worker is waited for:
-    a cluster that loses its workers mid-call waits for new ones, as Dask does.
+    default): no limit, the tasks queue until workers join. While it waits, a placeholder task is
+    pending, so that an adaptive cluster (cluster.adapt(minimum=0)) starts one. Only the first
+    worker is waited for: a cluster that loses its workers mid-call waits for new ones, as Dask does.
     shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
     small ones last so that the workers finish together).
     num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
@@ -174,10 +175,11 @@ def aggregate(
     normalize: bool = False,
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
-    for bit. Sides and options (normalize included) as for tracin.distributed.top_k. Each train shard
-    sends back its rows' float64 sums; when the test side is the one cut, its shards follow the
-    store's row chunks and their per-chunk float64 sums are added in order by a chain of tasks on
-    the cluster, so only the (n,) total reaches the client."""
+    for bit. Sides and options (normalize and worker_timeout included) as for
+    tracin.distributed.top_k. Each train shard sends back its rows' float64 sums; when the test
+    side is the one cut, its shards follow the store's row chunks and their per-chunk float64 sums
+    are added in order by a chain of tasks on the cluster, so only the (n,) total reaches the
+    client."""
     _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)

@@ -74,8 +74,9 @@ def export_gradients(
     checkpoints than the client, fails the call with a ValueError naming it.
     client: a distributed.Client; None: the default client, else a LocalCluster for this call.
     worker_timeout: seconds to wait for the first worker of a cluster that has none yet (say
-        dask-jobqueue before its jobs start), then a TimeoutError naming worker_timeout (the store
-        is created, no row written: a later call resumes it); None (the default): no limit.
+        dask-jobqueue before its jobs start; a placeholder task is pending meanwhile, so an adaptive
+        cluster starts one), then a TimeoutError naming worker_timeout (the store is created, no row
+        written: a later call resumes it); None (the default): no limit.
     shards: this many row ranges, one task each, of the rows some checkpoint lacks (None: one per
         worker thread); a rerun's gaps, when more, are packed together only where few written rows
         lie between them, else more tasks queue (see cut()). Each task reads all the data once per
