@@ -271,6 +271,115 @@ def test_aggregate_of_factored_and_full_gradients_agree_when_pair_scores_overflo
     np.testing.assert_allclose(factored, exact, rtol=1e-12, atol=1e-12 * 1e40)
 
 
+def _factored_aggregate_exact(test, train, weights, normalize):
+    """float64 NumPy: sum over test rows of the (cosine) factored scores, pair by pair."""
+    run = normalize or len(weights)
+    out = np.zeros(train[0][0].shape[0])
+    for g in range(len(weights) // run):
+        cs = range(g * run, (g + 1) * run)
+        t64 = [[b.astype(np.float64) for b in test[c]] for c in cs]
+        x64 = [[b.astype(np.float64) for b in train[c]] for c in cs]
+        pairs = sum(weights[c] * (t[0] @ x[0].T) * (t[1] @ x[1].T) for c, t, x in zip(cs, t64, x64, strict=True))
+        if normalize:
+            tn = np.sqrt(sum((t[0] ** 2).sum(1) * (t[1] ** 2).sum(1) for t in t64))
+            xn = np.sqrt(sum((x[0] ** 2).sum(1) * (x[1] ** 2).sum(1) for x in x64))
+            with np.errstate(divide="ignore"):
+                ti, xi = np.where(tn > 0, 1 / tn, 0), np.where(xn > 0, 1 / xn, 0)
+            pairs = pairs * ti[:, None] * xi[None, :]
+        out += pairs.sum(axis=0)
+    return out
+
+
+@pytest.mark.parametrize("normalize", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(9, 31, 3, 2), (2, 30, 40, 37)], ids=["outer-product-sums", "pair-by-pair"])
+def test_factored_aggregate_float64_fallback_matches_float64_numpy(rng, normalize, shape):
+    # Pair scores beyond float32 (a test row and a train row x 1e20 in the first checkpoint's left
+    # factors; cosine scores: weights of ~1e39) send factored aggregate to its float64 fallback: per
+    # checkpoint the p x q matrix w_c sum_t s_t L_t R_t^T ((m + n) p q) or, when p q is far above m,
+    # pair by pair (m n (p + q)); both must equal float64 NumPy to float64 rounding, over two
+    # checkpoints, weights and cosine runs, with a zero train row.
+    m, n, p, q = shape
+    # Cosine scores are at most the weights: weights beyond float32 overflow them instead.
+    weights = [0.7, -1.3] if normalize == 0 else [0.7e39, -1.3e39]
+    test = [[rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)] for _ in weights]
+    train = [[rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)] for _ in weights]
+    test[0][0][1] *= 1e20
+    train[0][0][3] *= 1e20
+    for c in range(2):
+        train[c][1][5] = 0.0
+
+    def side(s):
+        blocks = [b for pair in s for b in pair]
+        return True, blocks, [0] * len(blocks)
+
+    got = _core.aggregate(side(test), side(train), weights, normalize=normalize, num_threads=2)
+    exact = _factored_aggregate_exact(test, train, weights, normalize)
+    # float64 rounding of every path is a small multiple of eps times the sum of the terms' magnitudes
+    magnitude = _factored_aggregate_exact(
+        [[np.abs(b) for b in pair] for pair in test],
+        [[np.abs(b) for b in pair] for pair in train],
+        [abs(w) for w in weights],
+        normalize,
+    )
+    assert np.all(np.abs(got - exact) <= 1e-13 * magnitude), np.abs(got - exact).max() / magnitude.max()
+    assert got[5] == 0.0 or normalize == 0
+
+
+def test_factored_aggregate_float64_fallback_is_fast_and_cancellable(rng):
+    # One overflowing pair among 4e7 sends the call to the float64 fallback, which must cost about
+    # the float32 pass (outer-product sums: (m + n) p q), not m n (p + q) scalar multiply-adds (30x
+    # the float32 pass before), and a signal handler raising inside it ends it early.
+    m, n, p, q = 400, 100_000, 64, 64
+    test = [rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)]
+    train = [rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)]
+    sides = (True, test, [0, 0]), (True, train, [0, 0])
+    start = time.perf_counter()
+    _core.aggregate(*sides, [1.0], num_threads=2)
+    fast = time.perf_counter() - start
+    test[0][0] *= 1e20
+    train[0][0] *= 1e20
+    start = time.perf_counter()
+    got = _core.aggregate(*sides, [1.0], num_threads=2)
+    fallback = time.perf_counter() - start
+    assert fallback < 5 * fast + 0.5, f"fallback {fallback:.2f} s, float32 pass {fast:.2f} s"
+    rows = [0, 1, 77, n - 1]
+    exact = (
+        (test[0].astype(np.float64) @ train[0][rows].T.astype(np.float64))
+        * (test[1].astype(np.float64) @ train[1][rows].T.astype(np.float64))
+    ).sum(axis=0)
+    np.testing.assert_allclose(got[rows], exact, rtol=1e-10)
+
+    # Few test rows: the float32 pass (stopped at its first overflow) takes ~0.05 s, the fallback's
+    # 32 x 4096 + 400,000 x 4096 float64 multiply-adds ~1 s; the signal lands in the fallback.
+    m, n = 32, 400_000
+    test = [rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)]
+    train = [rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)]
+    sides = (True, test, [0, 0]), (True, train, [0, 0])
+    start = time.perf_counter()
+    _core.aggregate(*sides, [1.0], num_threads=2)
+    at = 2 * (time.perf_counter() - start) + 0.1
+    test[0][0] *= 1e20
+    train[0][0] *= 1e20
+
+    def handler(signum, frame):
+        raise TimeoutError("alarm")
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        start = time.perf_counter()
+        signal.setitimer(signal.ITIMER_REAL, at)
+        try:
+            _core.aggregate(*sides, [1.0], num_threads=2)
+            raised = False
+        except TimeoutError:
+            raised = True
+        late = time.perf_counter() - start - at
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert raised and late < 0.3, f"raised {raised}, {late:.2f} s after the signal at {at:.2f} s"
+
+
 # 16 test rows of 2,000,000 columns (8 MB each): the 64 MiB budget allows 8 rows per pass.
 WIDE_ROWS = """
 import resource, numpy as np, tracin

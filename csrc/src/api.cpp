@@ -221,65 +221,149 @@ bool AllFinite(const T* v, std::int64_t n) {
   return true;
 }
 
-// Aggregate of factored gradients in float64 pair by pair: out[i] = sum over test rows t and
-// checkpoints c of w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), each dot product and every sum in
-// float64 (cosine scores: each run's sum times both rows' inverse norms over it). The fallback for
-// factored sums whose float32 pair scores overflow although every input is finite: it forms no
-// float32 score, like the full-gradient path (float64 column sums), so both layouts give the same
-// influence. m x n x (p + q) float64 multiply-adds, far slower than the tiles, hence a fallback.
+// Aggregate of factored gradients in float64: out[i] = sum over test rows t and checkpoints c of
+// w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), every product and sum in float64 (cosine scores: each
+// run's sum times both rows' inverse norms over it). The fallback for factored sums whose float32
+// pair scores overflow although every input is finite: it forms no float32 score, like the
+// full-gradient path (float64 column sums), so both layouts give the same influence.
+// Two exact ways, the cheaper taken: the sum over t factorises, sum_t w_c s_t (L_t . L_i)(R_t . R_i)
+// = L_i^T M_c R_i with the p x q matrix M_c = w_c sum_t s_t L_t R_t^T (s_t: test row t's inverse
+// norm over c's run, or 1), (m + n) p q multiply-adds per checkpoint; or pair by pair, m n (p + q)
+// (when p q is far above m, e.g. a few test rows of wide factors).
 Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, const GradientSide& train,
                          const std::vector<double>& weights, const Options& options, double* out) {
   const std::size_t checkpoints = train.checkpoints();
   const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
   const std::size_t runs = checkpoints / run;
-  const std::int64_t m = test.rows(), width = MaxCols(test);
+  const std::int64_t m = test.rows(), n = train.rows(), width = MaxCols(test);
+  const bool cosine = options.normalize > 0;
   std::vector<std::size_t> offsets;  // of each block in a row holding all of a train row's blocks
   std::size_t all_cols = 0;
-  for (const MatrixView& b : train.blocks) {
+  double pair_cost = 0.0, matrix_cost = 0.0;
+  for (std::size_t b = 0; b < train.blocks.size(); ++b) {
     offsets.push_back(all_cols);
-    all_cols += static_cast<std::size_t>(b.cols);
+    all_cols += static_cast<std::size_t>(train.blocks[b].cols);
+    if (b % 2 == 1) {
+      const double p = static_cast<double>(train.blocks[b - 1].cols), q = static_cast<double>(train.blocks[b].cols);
+      pair_cost += static_cast<double>(m) * static_cast<double>(n) * (p + q);
+      matrix_cost += static_cast<double>(m + n) * p * q;
+    }
   }
   std::vector<double> test_scales;  // cosine scores: inverse norm of test row t over run g at t * runs + g
   std::vector<float> buf(static_cast<std::size_t>(width));
-  for (std::int64_t t = 0; t < m && options.normalize > 0; ++t)
+  for (std::int64_t t = 0; t < m && cosine; ++t)
     for (std::size_t g = 0; g < runs; ++g)
       test_scales.push_back(InverseNorm(RunSquaredNorm(kernels, test, g * run, run, t, buf.data())));
-  const auto dot = [](const float* a, const float* b, std::int64_t n) {
+  const auto dot = [](const float* a, const float* b, std::int64_t k) {
     double sum = 0.0;
-    for (std::int64_t k = 0; k < n; ++k) sum += static_cast<double>(a[k]) * static_cast<double>(b[k]);
+    for (std::int64_t j = 0; j < k; ++j) sum += static_cast<double>(a[j]) * static_cast<double>(b[j]);
     return sum;
   };
-  const Status s = ForEachRow(train.rows(), 1, options, [&](std::int64_t i, float*) {
-    std::vector<float> row(all_cols), other(static_cast<std::size_t>(width));
+  // Cosine scores: inverse norm of train row i over run g at i * runs + g, in float64.
+  std::vector<double> train_scales(cosine ? static_cast<std::size_t>(n) * runs : 0);
+  Status s = ForEachRow(cosine ? n : 0, static_cast<std::int64_t>(all_cols), options, [&](std::int64_t i, float* row) {
     for (std::size_t b = 0; b < train.blocks.size(); ++b)
-      LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row.data() + offsets[b]);
-    std::vector<double> scales(runs, 1.0);
-    for (std::size_t g = 0; g < runs && options.normalize > 0; ++g) {
+      LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row + offsets[b]);
+    for (std::size_t g = 0; g < runs; ++g) {
       double squares = 0.0;
       for (std::size_t c = g * run; c < (g + 1) * run; ++c)
-        squares += dot(row.data() + offsets[2 * c], row.data() + offsets[2 * c], train.blocks[2 * c].cols) *
-                   dot(row.data() + offsets[2 * c + 1], row.data() + offsets[2 * c + 1], train.blocks[2 * c + 1].cols);
-      scales[g] = InverseNorm(squares);
+        squares += dot(row + offsets[2 * c], row + offsets[2 * c], train.blocks[2 * c].cols) *
+                   dot(row + offsets[2 * c + 1], row + offsets[2 * c + 1], train.blocks[2 * c + 1].cols);
+      train_scales[static_cast<std::size_t>(i) * runs + g] = InverseNorm(squares);
     }
-    double total = 0.0;
-    for (std::int64_t t = 0; t < m && !IsCancelled(options.cancel); ++t)
-      for (std::size_t g = 0; g < runs; ++g) {
-        double score = 0.0;
-        for (std::size_t c = g * run; c < (g + 1) * run; ++c) {
-          double product = weights[c];
-          for (std::size_t b = 2 * c; b < 2 * c + 2; ++b) {
-            LoadRow(kernels, test.blocks[b], t, 0, test.blocks[b].cols, other.data());
-            product *= dot(other.data(), row.data() + offsets[b], test.blocks[b].cols);
-          }
-          score += product;
-        }
-        total += options.normalize > 0 ? score * test_scales[static_cast<std::size_t>(t) * runs + g] * scales[g] : score;
-      }
-    out[i] = total;
   });
   if (!s.ok()) return s;
+  if (matrix_cost <= pair_cost) {
+    std::fill(out, out + n, 0.0);
+    const int threads = ResolveThreads(options.num_threads);
+    for (std::size_t c = 0; c < checkpoints; ++c) {
+      const MatrixView &lt = test.blocks[2 * c], &rt = test.blocks[2 * c + 1];
+      const std::int64_t p = lt.cols, q = rt.cols;
+      const std::size_t g = c / run;
+      std::vector<double> matrix(static_cast<std::size_t>(p * q), 0.0);  // M_c, row-major
+      // Test rows in chunks: scaled left factors (w_c s_t L_t) and right factors, then M_c += their
+      // outer products, one task per row of M_c.
+      const std::int64_t chunk = kRowsPerTask;
+      std::vector<double> left(static_cast<std::size_t>(chunk * p)), right(static_cast<std::size_t>(chunk * q));
+      std::vector<float> load(static_cast<std::size_t>(std::max(p, q)));
+      for (std::int64_t t0 = 0; t0 < m; t0 += chunk) {
+        if (IsCancelled(options.cancel)) return Cancelled();
+        const std::int64_t rows = std::min(chunk, m - t0);
+        for (std::int64_t t = 0; t < rows; ++t) {
+          const double scale = weights[c] * (cosine ? test_scales[static_cast<std::size_t>(t0 + t) * runs + g] : 1.0);
+          LoadRow(kernels, lt, t0 + t, 0, p, load.data());
+          for (std::int64_t a = 0; a < p; ++a) left[static_cast<std::size_t>(t * p + a)] = scale * load[a];
+          LoadRow(kernels, rt, t0 + t, 0, q, load.data());
+          for (std::int64_t b = 0; b < q; ++b) right[static_cast<std::size_t>(t * q + b)] = load[b];
+        }
+        std::atomic<bool> stop{false};
+        s = ParallelFor(p, threads, stop, options.cancel, [&](std::int64_t a, int) {
+          double* mrow = matrix.data() + a * q;
+          for (std::int64_t t = 0; t < rows; ++t) {
+            const double x = left[static_cast<std::size_t>(t * p + a)];
+            const double* r = right.data() + t * q;
+            if (x != 0.0)
+              for (std::int64_t b = 0; b < q; ++b) mrow[b] += x * r[b];
+          }
+        });
+        if (!s.ok()) return s;
+      }
+      // out_i += s_i L_i^T M_c R_i as v = M_c^T L_i (row axpys, which vectorise), then v . R_i.
+      const MatrixView &li = train.blocks[2 * c], &ri = train.blocks[2 * c + 1];
+      const std::int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
+      const int row_threads = static_cast<int>(std::min<std::int64_t>(threads, std::max<std::int64_t>(tasks, 1)));
+      std::vector<std::vector<float>> rows(static_cast<std::size_t>(row_threads),
+                                           std::vector<float>(static_cast<std::size_t>(p + q)));
+      std::vector<std::vector<double>> sums(static_cast<std::size_t>(row_threads),
+                                            std::vector<double>(static_cast<std::size_t>(q)));
+      std::atomic<bool> stop{false};
+      s = ParallelFor(tasks, row_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
+        float* row = rows[static_cast<std::size_t>(thread)].data();
+        double* v = sums[static_cast<std::size_t>(thread)].data();
+        for (std::int64_t i = task * kRowsPerTask; i < std::min(n, (task + 1) * kRowsPerTask); ++i) {
+          LoadRow(kernels, li, i, 0, p, row);
+          LoadRow(kernels, ri, i, 0, q, row + p);
+          std::fill(v, v + q, 0.0);
+          for (std::int64_t a = 0; a < p; ++a) {
+            const double x = row[a];
+            const double* mrow = matrix.data() + a * q;
+            if (x != 0.0)
+              for (std::int64_t b = 0; b < q; ++b) v[b] += x * mrow[b];
+          }
+          double total = 0.0;
+          for (std::int64_t b = 0; b < q; ++b) total += v[b] * static_cast<double>(row[p + b]);
+          out[i] += cosine ? total * train_scales[static_cast<std::size_t>(i) * runs + g] : total;
+        }
+      });
+      if (!s.ok()) return s;
+    }
+  } else {
+    s = ForEachRow(n, 1, options, [&](std::int64_t i, float*) {
+      std::vector<float> row(all_cols), other(static_cast<std::size_t>(width));
+      for (std::size_t b = 0; b < train.blocks.size(); ++b)
+        LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row.data() + offsets[b]);
+      double total = 0.0;
+      for (std::int64_t t = 0; t < m && !IsCancelled(options.cancel); ++t)
+        for (std::size_t g = 0; g < runs; ++g) {
+          double score = 0.0;
+          for (std::size_t c = g * run; c < (g + 1) * run; ++c) {
+            double product = weights[c];
+            for (std::size_t b = 2 * c; b < 2 * c + 2; ++b) {
+              LoadRow(kernels, test.blocks[b], t, 0, test.blocks[b].cols, other.data());
+              product *= dot(other.data(), row.data() + offsets[b], test.blocks[b].cols);
+            }
+            score += product;
+          }
+          total += cosine ? score * test_scales[static_cast<std::size_t>(t) * runs + g] *
+                                train_scales[static_cast<std::size_t>(i) * runs + g]
+                          : score;
+        }
+      out[i] = total;
+    });
+    if (!s.ok()) return s;
+  }
   if (IsCancelled(options.cancel)) return Cancelled();  // a row given up on in the last task
-  if (!AllFinite(out, train.rows())) return NonFiniteError(&test, train);
+  if (!AllFinite(out, n)) return NonFiniteError(&test, train);
   return Status::Ok();
 }
 

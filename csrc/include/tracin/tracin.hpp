@@ -113,8 +113,9 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
 // first (float64 weighted column sums of the test side, one float64 dot product per train row), so
 // no pair score is formed; factored gradients are scored pair by pair as in Scores (float32 tiles,
 // summed in float64), and should a pair's score or factor product exceed float32's range with every
-// input finite, the call redoes the sums in float64 pair by pair (m x n x (p + q) float64
-// multiply-adds: far slower, only then). kNonFinite only for a NaN or Inf input or a sum beyond
+// input finite, the call redoes the sums in float64, only then: per checkpoint through the p x q
+// matrix w_c sum_t s_t L_t R_t^T ((m + n) p q float64 multiply-adds, about the float32 pass's count)
+// or, when fewer, pair by pair (m n (p + q)). kNonFinite only for a NaN or Inf input or a sum beyond
 // float64's range.
 Status Aggregate(const GradientSide& test, const GradientSide& train,
                  const std::vector<double>& weights, double* out, const Options& options = {});
