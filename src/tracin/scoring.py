@@ -829,8 +829,8 @@ def aggregate(
     float32's range is a ValueError, as in the other scoring functions. Single pair scores beyond
     float32 are no error here when their sum is in range (top_k and scores refuse them): full
     gradients are summed by columns and form no pair score, and on the CPU factored gradients whose
-    pair scores overflow float32 are summed again in float64 pair by pair (far slower), so both layouts
-    give the same sums.
+    pair scores overflow float32 are summed again in float64 (through per-checkpoint p x q matrices:
+    about as many multiply-adds as the float32 pass, each slower), so both layouts give the same sums.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
