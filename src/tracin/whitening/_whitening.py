@@ -393,8 +393,9 @@ class Whitening:
             except _BelowRounding as e:
                 raise ValueError(
                     f"{os.fspath(path)} is a tracin.Whitening saved at a damping below the rounding of its second "
-                    f"moments (by a version that did not check it), so it would whiten wrongly: {e}. Refit it from the "
-                    "train gradients (Whitening.fit) as advised"
+                    f"moments (by a version that did not check it), so it would whiten wrongly: {e}. Its inverses "
+                    "cannot be used and load takes no other damping: refit it from the train gradients "
+                    "(Whitening.fit) as advised"
                 ) from None
             except _NOT_SAVED as e:
                 reason = str(e) or type(e).__name__
