@@ -451,6 +451,27 @@ def test_a_failed_stdout_write_names_stdout_and_a_closed_pipe_or_ctrl_c_keep_the
     assert (done.returncode, done.stderr) == (141, b"")
 
 
+def test_bench_refuses_a_stdout_it_cannot_write_before_timing(capsys, monkeypatch):
+    # `tracin bench > /dev/full` timed for seconds, then ended with a bare "[Errno 28] ..." line
+    import errno
+
+    from tracin import selfbench
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def timed(*args, **kwargs):
+        raise AssertionError("the benchmark ran although its results could not be written")
+
+    monkeypatch.setattr(selfbench, "run", timed)
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["bench", "--quick"]) == 1
+    monkeypatch.undo()
+    said = "cannot write the results to stdout: No space left on device"
+    assert _error_line(capsys.readouterr().err, "bench") == f"tracin bench: error: {said}"
+
+
 def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores, tmp_path):
     paths, _, _ = stores
     rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]

@@ -428,9 +428,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
             f"(float32 data, its float64 check, the results), more than this machine's {have / 2**30:,.1f} GiB; "
             "give smaller -m / -n / -d"
         )
-    print(selfbench.problem(config), flush=True)  # what is timed, before the seconds (or minutes) of timing
-    result = selfbench.run(config, status=lambda line: print(f"  {line} ...", file=sys.stderr, flush=True))
-    print(selfbench.timings(result))
+    with _stdout() as out:  # a stdout that cannot be written is refused before the timing runs
+        print(selfbench.problem(config), file=out, flush=True)  # what is timed, before the seconds of timing
+        result = selfbench.run(config, status=lambda line: print(f"  {line} ...", file=sys.stderr, flush=True))
+        print(selfbench.timings(result), file=out)
 
 
 def _bench_bytes(config: Any) -> int:
