@@ -29,6 +29,7 @@ from .checkpoints import (
     written_in_forward,
 )
 from .data import Batches, Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
+from .host_copy import HostCopier
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
 from .losses import check_loss_fn, check_loss_on
@@ -211,6 +212,7 @@ class _TorchExport:
         self.model, self.loss_fn, self.buffers = model, loss_fn, buffers
         self.reference = model.state_dict()
         self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
+        self.copier = HostCopier(pinned=True) if self.device.type == "cuda" else None
         self.tied = tied_aliases(model)
         self.written = written_in_forward(model)
         modules = dict(model.named_modules())
@@ -236,7 +238,7 @@ class _TorchExport:
             self.segments: list[int] | None = self.compute_rows.widths
             self.slot_dims: list = [self.compute_rows.width]
             row_elems = self.compute_rows.width
-            inplace = self.device.type == "cpu" and self.compute_rows.dtype == torch.float32
+            inplace = self.compute_rows.dtype == torch.float32
             self.inplace_width = self.compute_rows.width if inplace else None
         else:
             if mode == "last_layer":
@@ -314,12 +316,22 @@ class _TorchExport:
         return self.compute_rows(state, *self._on_device(batch))
 
     def compute_into(self, state: dict[str, torch.Tensor], batch: _Batch, out: np.ndarray) -> None:
-        self.compute_rows(state, *self._on_device(batch), out=torch.from_numpy(out))
+        """On the CPU straight into `out`; on another device computed there, then copied into `out`
+        through the copier's pinned buffer."""
+        if self.device.type == "cpu":
+            self.compute_rows(state, *self._on_device(batch), out=torch.from_numpy(out))
+            return
+        computed = self.compute_rows(state, *self._on_device(batch))
+        if self.copier is None:
+            torch.from_numpy(out).copy_(computed)
+        else:
+            self.copier.into(torch.from_numpy(out), computed)
 
     def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
         """A (batch, d) tensor or a list of (left, right) pairs, on the CPU: float32 NumPy when
         asked, else tensors in a dtype the sinks take."""
-        return [_host(block, float32) for block in (computed if isinstance(computed, list) else [computed])]
+        blocks = computed if isinstance(computed, list) else [computed]
+        return [_host(block, float32, self.copier) for block in blocks]
 
     @staticmethod
     def wrap(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -329,13 +341,13 @@ class _TorchExport:
         return torch.from_numpy(array)
 
 
-def _host(block: Any, float32: bool) -> Any:
+def _host(block: Any, float32: bool, copier: HostCopier | None) -> Any:
     if isinstance(block, tuple):
-        return tuple(_host(b, float32) for b in block)
+        return tuple(_host(b, float32, copier) for b in block)
     block = block.detach()
     if float32 or block.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         block = block.float()
-    block = block.cpu()
+    block = block.cpu() if copier is None or block.device.type == "cpu" else copier.copy(block)
     return block.numpy() if float32 else block
 
 
