@@ -1,7 +1,8 @@
 """The torch backend's top-k selection (tracin.backends._torch_topk) on heavily tied scores: torch.topk's
 k + 1 candidates per tile, and the exact selection of the rows cut inside a run of equal scores, against
-the C++ kernel and a stable sort of the exact scores. Run on CPU tensors ("torch:cpu"), also with a
-torch.topk that keeps the largest tied indices (allowed: torch promises no order among ties)."""
+the C++ kernel and a stable sort of the exact scores, also through the grouped selection (_grouped_topk,
+forced on small tiles). Run on CPU tensors ("torch:cpu"), also with a torch.topk that keeps the largest
+tied indices (allowed: torch promises no order among ties)."""
 
 from __future__ import annotations
 
@@ -209,3 +210,181 @@ def test_the_tied_rows_are_read_only_for_score_blocks_cut_inside_a_tie(rng, smal
     assert log.index("nonzero") > log.index("tied block")  # a block late, after the next block's candidates
     for found, side in zip(got, ("proponents", "opponents"), strict=True):
         np.testing.assert_array_equal(found.indices, stable_order(exact, 3, side))
+
+
+# The grouped selection (_grouped_topk): forced on small tiles by groups of a few columns.
+
+
+@pytest.fixture
+def groups_of(monkeypatch):
+    """Sets _group_size's choices to `sizes`, any k + 1 groups fitting in the tile (span 1); returns
+    the list of (k + 1, group size) of each _grouped_topk call."""
+    calls: list[tuple[int, int]] = []
+    original = _torch_topk._grouped_topk
+
+    def counted(scores, count, group, side):
+        calls.append((count, group))
+        return original(scores, count, group, side)
+
+    def force(*sizes):
+        monkeypatch.setattr(_torch_topk, "_GROUP_SIZES", sizes)
+        monkeypatch.setattr(_torch_topk, "_GROUP_SPAN", 1)
+        monkeypatch.setattr(_torch_topk, "_grouped_topk", counted)
+        return calls
+
+    return force
+
+
+def integer_scores(rng, rows: int, n: int, spread: int) -> np.ndarray:
+    """float32 integers in [-spread, spread] (many exact ties), a third of the zeros -0.0."""
+    scores = rng.integers(-spread, spread + 1, (rows, n)).astype(np.float32)
+    zeros = np.flatnonzero(scores == 0)
+    scores.flat[zeros[::3]] = -0.0
+    return scores
+
+
+def run_tiles(scores: np.ndarray, widths: list[int], k: int, side: str):
+    """RunningTopK over tiles of `widths` columns of `scores` (float32 on the CPU), merged in order."""
+    running = _torch_topk.RunningTopK(k, side, scores.shape[0], torch.device("cpu"))
+    first = 0
+    for width in widths:
+        running.merge(running.candidates(torch.from_numpy(scores[:, first : first + width]), first))
+        first += width
+    assert first == scores.shape[1]
+    return running.result()
+
+
+def check_against_numpy(got, scores: np.ndarray, k: int, side: str) -> None:
+    exact = scores.astype(np.float64)
+    want = stable_order(exact, k, side)
+    np.testing.assert_array_equal(got.indices, want)
+    np.testing.assert_array_equal(got.values, np.take_along_axis(exact, want, axis=1))
+
+
+def test_group_size_takes_the_largest_group_whose_k_plus_one_groups_fit_a_quarter_of_the_tile():
+    size = _torch_topk._group_size
+    assert [size(k, 32768) for k in (1, 10, 31, 32, 63, 64, 100, 127, 128, 1000)] == [256] * 3 + [128] * 2 + [
+        64
+    ] * 3 + [0] * 2
+    assert size(10, 11 * 256 * 4) == 256 and size(10, 11 * 256 * 4 - 1) == 128 and size(0, 255) == 0
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+@pytest.mark.parametrize(
+    "k, group, widths",
+    [
+        (1, 4, [37, 40, 23]),  # tails of 1, 0 and 3 columns
+        (3, 4, [61, 16, 50]),  # a tile of exactly k + 1 groups
+        (6, 8, [59, 64, 57]),  # k + 1 = 7 groups of 7 in a tile (3 columns of tail), 8 and 7
+        (9, 2, [21, 20, 33]),  # k + 1 = 10 groups of 10, 10 and 16 (tails of 1, 0, 1 column)
+        (12, 3, [40, 39, 60]),  # k + 1 = 13 groups of 13 (tail 1), 13, 20
+    ],
+)
+@pytest.mark.parametrize("spread", [1, 3, 50])
+def test_grouped_selection_of_tied_integer_scores_is_the_stable_order(
+    rng, groups_of, topk, side, k, group, widths, spread
+):
+    """Many exact ties (integers in [-spread, spread]: at the groups' cut and at the candidates' cut),
+    -0.0 among the zeros, several tiles, each one taking the grouped path, against a stable sort."""
+    calls = groups_of(group)
+    scores = integer_scores(rng, 23, sum(widths), spread)
+    scores[0] = 1.0  # one value throughout
+    scores[1] = np.where(np.arange(scores.shape[1]) % 2, 0.0, -0.0)
+    scores[2, ::group] = 7.0  # every group's extreme is 7 (proponents)...
+    scores[3, group - 1 :: group] = -7.0  # ... or -7 (opponents), at each group's last column
+    got = run_tiles(scores, widths, k, side)
+    assert calls == [(k + 1, group)] * len(widths)
+    check_against_numpy(got, scores, k, side)
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+def test_ties_at_the_groups_cut_need_no_flag_when_the_kept_worst_is_unique(groups_of, topk, side):
+    """k = 1, groups of 3. Row 0: maxima 9, 5, 5, 5: two groups are kept, the 9 and one 5, the others
+    left out; the worst kept (5) is unique, the row is not tied and its best is 9. Row 1: maxima 5, 5, 5,
+    5: two 5s kept, tied (selected again: the first 5). Row 2: the best (9) only in the tail. Row 3:
+    -0.0 and 0.0 the best, in two groups: tied. Opponents: the scores negated (the same indices)."""
+    calls = groups_of(3)
+    scores = np.array(
+        [
+            [1, 5, 2, 4, 5, 1, 9, 0, 1, 5, 3, 3, 1],
+            [1, 5, 2, 4, 5, 1, 2, 0, 5, 5, 3, 3, 1],
+            [1, 5, 2, 4, 5, 1, 2, 0, 5, 5, 3, 3, 9],
+            [-1, -0.0, -2, -4, -5, 0.0, -2, -3, -5, -5, -3, -3, -1],
+        ],
+        dtype=np.float32,
+    )
+    scores = scores if side == "proponents" else -scores
+    running = _torch_topk.RunningTopK(1, side, 4, torch.device("cpu"))
+    found = running.candidates(torch.from_numpy(scores), 40)
+    assert calls == [(2, 3)]
+    assert found.tied.tolist() == [False, True, False, True]
+    assert np.abs(found.values.numpy()).max(1).tolist() == [9, 5, 9, 0]
+    running.merge(found)
+    result = running.result()
+    assert result.indices.tolist() == [[46], [41], [52], [41]]
+    check_against_numpy(run_tiles(scores, [13], 1, side), scores, 1, side)
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+@pytest.mark.parametrize("layout", ["row-strided", "column-major"])
+def test_grouped_selection_of_a_strided_tile(rng, groups_of, side, layout):
+    """A tile that is a slice of wider rows, or a transposed (column-major) tensor: the groups are a
+    view of it all the same."""
+    calls = groups_of(4)
+    scores = integer_scores(rng, 9, 70, 2)
+    wide = torch.from_numpy(np.concatenate([scores, scores], axis=1))
+    tile = wide[:, 3 : 3 + 70] if layout == "row-strided" else torch.from_numpy(scores.T.copy()).t()
+    assert not tile.is_contiguous()
+    exact = scores if layout == "column-major" else wide.numpy()[:, 3 : 3 + 70]
+    running = _torch_topk.RunningTopK(5, side, 9, torch.device("cpu"))
+    running.merge(running.candidates(tile, 0))
+    assert calls == [(6, 4)]
+    check_against_numpy(running.result(), exact, 5, side)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("kind", ["plain", "cosine", "factored"])
+def test_grouped_selection_gives_the_cpu_kernel_results(rng, small_cuts, groups_of, topk, k, kind):
+    """tracin.top_k on "torch:cpu" through the grouped path (groups of 4 columns in tiles of 32, 32,
+    16 and 32, 28, k + 1 <= 8 groups) against the C++ kernel and a stable sort of the exact scores."""
+    calls = groups_of(4)
+    n, normalize = 300, kind == "cosine"
+    t, x, exact = sets(rng, kind, n, 11, [0.5, -2.0])
+    ours = tracin.top_k(t, x, k=k, side="both", device="torch:cpu", normalize=normalize)
+    kernel = tracin.top_k(t, x, k=k, side="both", device="cpu", normalize=normalize)
+    assert calls and set(calls) == {(k + 1, 4)}
+    for got, want, side in zip(ours, kernel, ("proponents", "opponents"), strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.indices, stable_order(exact, k, side))
+        np.testing.assert_array_equal(got.values, want.values)
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents"])
+@pytest.mark.parametrize("k, groups", [(1, [128, 256, 256]), (3, [64, 128, 256]), (9, [0, 0, 64])])
+def test_default_group_sizes_on_wide_tiles(rng, monkeypatch, side, k, groups):
+    """_group_size as it is: tiles of 1100, 2100 and 4096 columns (tails of up to 76 columns) of tied
+    integers, then of tie-free floats (no row tied); against a stable sort."""
+    calls: list[int] = []
+    tied_rows: list[int] = []
+    grouped, cut = _torch_topk._grouped_topk, _torch_topk._cut_in_tie
+
+    def counted(scores, count, group, side):
+        calls.append(group)
+        return grouped(scores, count, group, side)
+
+    def counted_cut(values, side):
+        tied = cut(values, side)
+        tied_rows.append(int(tied.sum()))
+        return tied
+
+    monkeypatch.setattr(_torch_topk, "_grouped_topk", counted)
+    monkeypatch.setattr(_torch_topk, "_cut_in_tie", counted_cut)
+    widths = [1100, 2100, 4096]
+    assert [_torch_topk._group_size(k, w) for w in widths] == groups
+    scores = integer_scores(rng, 7, sum(widths), 40)
+    check_against_numpy(run_tiles(scores, widths, k, side), scores, k, side)
+    assert calls == [g for g in groups if g] and sum(tied_rows) > 0
+    tied_rows.clear()
+    free = rng.standard_normal((7, sum(widths))).astype(np.float32)
+    check_against_numpy(run_tiles(free, widths, k, side), free, k, side)
+    assert tied_rows == [0, 0, 0]
