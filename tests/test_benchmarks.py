@@ -320,6 +320,7 @@ def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeyp
         "compiled_ceiling",
         "distributed",
         "gpu",
+        "gpu_tiles",
         "jax_export",
         "projection",
         "store",
@@ -589,6 +590,7 @@ _WRITES_JSON = [
     "distributed",
     "first_install",
     "gpu",
+    "gpu_tiles",
     "jax_export",
     "kernel",
     "projection",
@@ -615,6 +617,23 @@ def test_every_benchmark_script_takes_out_and_the_small_ones_quick(script):
     assert done.returncode == 0, done.stderr
     assert "--out" in done.stdout
     assert ("--quick" in done.stdout) == (script in _HAS_QUICK)
+
+
+def test_gpu_tiles_smoke_run_times_every_pair_and_restores_the_tunables(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from benchmarks import gpu_tiles
+    from tracin import _tunables
+
+    before = _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES
+    assert gpu_tiles.main(["--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    assert (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES) == before
+    record = json.loads((tmp_path / "gpu_tiles_quick.json").read_text())
+    pairs = {(b, s) for b in gpu_tiles.QUICK_TILE_BYTES for s in gpu_tiles.QUICK_TILE_SCORES}
+    assert set(record["workloads"]) == {"device_resident_k10", "device_resident_k1000", "host_store_streamed_k10"}
+    for times in record["workloads"].values():
+        assert {(t["tile_bytes"], t["tile_scores"]) for t in times.values()} == pairs
+        assert all(t["median_s"] > 0 and len(t["times_s"]) == 1 for t in times.values())
+    assert record["config"]["quick"] is True and "wrote" in capsys.readouterr().out
 
 
 def test_store_quick_writes_outside_the_checkout(capsys, tmp_path):

@@ -67,7 +67,10 @@ checkpoints together) per tile, which is also the unit of one host-to-device cop
 stream from the host, and of each of the two pinned staging buffers. Large enough that one copy
 runs near the link's bandwidth (copies of tens of MiB do on PCIe 4/5) and one tile's GEMM keeps the
 GPU busy for about a millisecond at m=1000, d=512; small enough that two staging buffers and two
-device buffers stay a fraction of a GB. Not yet measured on a GPU: rerun benchmarks/gpu.py.
+device buffers stay a fraction of a GB. On an H200 (benchmarks/results/gpu_tiles.json: top_k, m=1000,
+n=1,000,000, d=512, with DEVICE_TILE_SCORES): 16 MiB tiles took 1.8-2.1x the time of 64 MiB ones;
+256 MiB ones 1.02x at top-10 and 0.78x at top-1000 with the rows on the device, 1.22x streamed from
+a store, so 64 MiB stays.
 """
 
 DEVICE_TEST_BYTES = 2**30
@@ -89,7 +92,10 @@ DEVICE_TILE_SCORES = 2**25
 """Device backends: scores per score block (test rows x train rows of a tile, float32: 128 MiB); the
 test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores
 exist at once (top_k merges a block's candidates, which keep its scores, after the next block is
-made), plus, for rows cut inside a tie, copies of those rows. This bounds the device memory of
-top_k whatever m and n are (the full (m, n) matrix is never held), and keeps
-each GEMM large (m=1000 x 32,768 rows at d=512). Not yet measured on a GPU: rerun benchmarks/gpu.py.
+made), plus, for rows cut inside a tie, copies of those rows, and, for small k on wide tiles, the
+candidates of the block being selected (_torch_topk._group_size: at most a quarter of its scores,
+freed once its k + 1 best are picked). This bounds the device memory of top_k whatever m and n are
+(the full (m, n) matrix is never held), and keeps each GEMM large (m=1000 x 32,768 rows at d=512).
+On an H200 (benchmarks/results/gpu_tiles.json, with 64 MiB tiles): 2^23 scores per block took
+1.33-1.64x the time, 2^27 0.98-1.08x.
 """

@@ -37,9 +37,9 @@ def test_a_failed_build_skips_what_needs_it_and_still_writes_the_record(tmp_path
     check = record["gpu_check"]
     assert check["device"] == "cpu" and check["passed"] is False
     parts = check["parts"]
-    assert list(parts) == ["preflight", "build", "tests", "benchmark"]
+    assert list(parts) == ["preflight", "build", "tests", "benchmark", "tiles"]
     assert parts["build"]["exit"] == 7 and parts["build"]["last_lines"] == ["simulated build failure"]
-    for name in ("tests", "benchmark"):
+    for name in ("tests", "benchmark", "tiles"):
         assert parts[name]["exit"] == "skipped" and parts[name]["last_lines"] == [
             f"== {name} skipped: the build failed"
         ]

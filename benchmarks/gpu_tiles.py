@@ -1,0 +1,137 @@
+"""Tile sizes of the device backends, swept: tracin.top_k on the device at each pair of
+_tunables.DEVICE_TILE_BYTES (train rows per tile) and DEVICE_TILE_SCORES (scores per block).
+
+    python -m benchmarks.gpu_tiles [--device cuda] [--quick] [--repeats 3] [--out DIR] [--dir DIR]
+
+Problem as benchmarks/gpu.py's (m=1000 test rows, n=1,000,000 train rows, d=512, float32, one
+checkpoint; --quick or --device cpu: m=64, n=20,000, d=64 and smaller tiles, with --device cpu on the
+torch backend on the CPU, a smoke test whose figures say nothing about a GPU). Three workloads per
+pair: top-10 and top-1000 with the train rows on the device, and top-10 with them in a GradientStore
+on the host, streamed to the device. All pairs of a workload are timed interleaved (median of
+--repeats rounds); each median is also given over the default pair's, where it is among them. Writes
+DIR/gpu_tiles.json (--quick or --device cpu: gpu_tiles_quick.json in a new temporary folder, unless
+--out says). Measured on an H200 (2026-12-04, benchmarks/results/gpu_tiles.json): the default pair
+(64 MiB, 2^25) was within 6% of the best pair on the top-10 workloads; top-1000 on the device ran 22%
+faster with 256 MiB tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import tracin
+from tracin import _tunables
+
+from .common import add_output_options, at_least, output_dir, time_interleaved, write_json
+from .gpu import FULL, QUICK, write_store
+
+MIB = 2**20
+TILE_BYTES = (16 * MIB, 64 * MIB, 256 * MIB)
+TILE_SCORES = (2**23, 2**25, 2**27)
+QUICK_TILE_BYTES = (64 * 1024, 1 * MIB)
+QUICK_TILE_SCORES = (2**16, 2**20)
+
+
+def with_tiles(tile_bytes: int, tile_scores: int, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the two tunables set (restored after)."""
+
+    def call() -> object:
+        saved = _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES
+        _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES = tile_bytes, tile_scores
+        try:
+            result = fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return result
+        finally:
+            _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES = saved
+
+    return call
+
+
+def sweep(args: argparse.Namespace) -> dict:
+    """The record: config and, per workload, each pair's times (see the module docstring)."""
+    device = torch.device(args.device)
+    quick = args.quick or device.type == "cpu"
+    size = QUICK if quick else FULL
+    tracin_device = "torch:cpu" if device.type == "cpu" else str(device)
+    generator = torch.Generator(device).manual_seed(0)
+    test = torch.randn(size["m"], size["d"], generator=generator, device=device)
+    train = torch.randn(size["n"], size["d"], generator=generator, device=device)
+    test_host = test.cpu().numpy()
+    on_cpu = device.type == "cpu"
+    on_device = tracin.Gradients(test_host if on_cpu else test)
+    train_set = tracin.Gradients(train.numpy() if on_cpu else train)
+    pairs = [
+        (b, s)
+        for b in (QUICK_TILE_BYTES if quick else TILE_BYTES)
+        for s in (QUICK_TILE_SCORES if quick else TILE_SCORES)
+    ]
+    default = (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES)
+    folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-tiles-", dir=args.dir))
+    try:
+        store = write_store(folder / "train", train.cpu().numpy())
+        workloads: dict[str, Callable[[], object]] = {
+            "device_resident_k10": lambda: tracin.top_k(on_device, train_set, 10, device=tracin_device, progress=False),
+            "device_resident_k1000": lambda: tracin.top_k(
+                on_device, train_set, 1000, device=tracin_device, progress=False
+            ),
+            "host_store_streamed_k10": lambda: tracin.top_k(test_host, store, 10, device=tracin_device, progress=False),
+        }
+        results = {}
+        for name, fn in workloads.items():
+            contenders = {f"{b // 1024}KiB_{s}": with_tiles(b, s, fn) for b, s in pairs}
+            times = time_interleaved(contenders, repeats=args.repeats, warmup=1, pause_s=0.02)
+            base = times.get(f"{default[0] // 1024}KiB_{default[1]}")
+            for label, t in times.items():
+                b, s = label.split("_")
+                t.update(tile_bytes=int(b[:-3]) * 1024, tile_scores=int(s))
+                if base:
+                    t["over_default"] = t["median_s"] / base["median_s"]
+            results[name] = times
+            print(name, {label: round(t["median_s"] * 1e3, 2) for label, t in times.items()}, "ms", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "config": {
+            **size,
+            "device": str(device),
+            "quick": quick,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__,
+            "repeats": args.repeats,
+            "default_tile_bytes": default[0],
+            "default_tile_scores": default[1],
+            "store_chunk_bytes": store.chunk_bytes,
+        },
+        "workloads": results,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_tiles", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="'cuda', 'cuda:N' or 'cpu' (smoke test at small sizes)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after a warm-up (default 3)")
+    p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
+    add_output_options(p, quick_help="small sizes and tiles (as --device cpu does)")
+    args = p.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print(f"benchmarks.gpu_tiles: torch {torch.__version__} sees no CUDA device; use --device cpu", file=sys.stderr)
+        return 2
+    smoke = args.quick or torch.device(args.device).type == "cpu"
+    name = "gpu_tiles_quick" if smoke else "gpu_tiles"
+    args.out = output_dir(args.out, smoke, "gpu_tiles")
+    path = write_json(name, sweep(args), args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
