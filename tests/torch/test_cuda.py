@@ -60,6 +60,20 @@ def test_cuda_model_matches_cpu_in_every_mode(trained, mode, dtype):
     assert_same_influence(gpu, cpu, rtol=1e-4 if dtype == "float32" else 2e-2)
 
 
+@pytest.mark.parametrize("mode, dtype", [("full", "float32"), ("full", "float16"), ("factored", "bfloat16")])
+def test_cuda_export_copies_to_the_host_in_pieces_through_pinned_memory(trained, monkeypatch, mode, dtype):
+    """Batches larger than the pinned staging buffer go in several pieces (full float32 rows straight
+    into the result's array, other blocks into host tensors of their own)."""
+    from tracin.torch import host_copy
+
+    monkeypatch.setattr(host_copy, "PIECE_BYTES", 3 * 1024)  # a few rows per piece, a ragged last one
+    model, checkpoints, train = trained
+    kwargs = {"mode": mode, "dtype": dtype, "batch_size": 16, "progress": False}
+    cpu = export_gradients(model, checkpoints, train, LOSS, **kwargs)
+    gpu = export_on_cuda(model, checkpoints, train, LOSS, **kwargs)
+    assert_same_influence(gpu, cpu, rtol=1e-4 if dtype == "float32" else 2e-2)
+
+
 def test_cuda_inputs_projection_and_store(trained, tmp_path):
     model, checkpoints, (x, y) = trained
     projection = tracin.Projection(16, seed=1)

@@ -22,8 +22,8 @@ class HostCopier:
     (pinned: page-locked, which needs a CUDA build of torch; unpinned only to test the piecewise
     logic on the CPU). Not thread-safe: one export uses it."""
 
-    def __init__(self, pinned: bool = True, piece_bytes: int = PIECE_BYTES):
-        self.pinned, self.piece_bytes = pinned, piece_bytes
+    def __init__(self, pinned: bool = True, piece_bytes: int | None = None):
+        self.pinned, self.piece_bytes = pinned, PIECE_BYTES if piece_bytes is None else piece_bytes
         self._staging: torch.Tensor | None = None  # uint8, grown on demand
 
     def copy(self, source: torch.Tensor) -> torch.Tensor:
