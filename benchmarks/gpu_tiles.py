@@ -35,7 +35,7 @@ from .gpu import FULL, QUICK, write_store
 MIB = 2**20
 TILE_BYTES = (16 * MIB, 64 * MIB, 256 * MIB)
 TILE_SCORES = (2**23, 2**25, 2**27)
-QUICK_TILE_BYTES = (64 * 1024, 1 * MIB)
+QUICK_TILE_BYTES = (256 * 1024, 1 * MIB)
 QUICK_TILE_SCORES = (2**16, 2**20)
 
 

@@ -29,11 +29,18 @@ def test_into_a_numpy_array_writes_it_in_place():
     np.testing.assert_array_equal(dest, want)
 
 
-def test_a_row_larger_than_a_piece_grows_the_buffer_to_one_row():
-    copier = HostCopier(pinned=False, piece_bytes=8)
+def test_a_row_larger_than_a_piece_goes_in_pieces_and_the_buffer_stays_bounded():
+    copier = HostCopier(pinned=False, piece_bytes=12)  # 3 float32: rows of 10 in pieces of 3
     source = torch.arange(40, dtype=torch.float32).reshape(4, 10)
     np.testing.assert_array_equal(copier.copy(source).numpy(), source.numpy())
-    assert copier._staging.numel() == 40  # one row of 10 float32
+    assert copier._staging.numel() == 12
+
+
+def test_strided_sources_and_destinations():
+    source = torch.arange(60, dtype=torch.float32).reshape(6, 10)[:, ::3]  # (6, 4), strided
+    dest = torch.full((4, 6), -1.0).T  # (6, 4), not contiguous
+    HostCopier(pinned=False, piece_bytes=20).into(dest, source)
+    np.testing.assert_array_equal(dest.numpy(), source.numpy())
 
 
 def test_the_buffer_is_reused_across_copies():
