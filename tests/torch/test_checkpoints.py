@@ -349,8 +349,9 @@ def test_the_state_digest_is_of_the_weights_load_checkpoint_uses():
         assert state_digest(state, 0, reference, skip) == expected
     # the reference's tensors give names, dtypes and shapes only: the state is not moved to their device
     assert state_digest(full, 0, _Tied().to("meta").state_dict(), skip) == expected
-    ignored = {**full, "head.weight": full["head.weight"] + 1}  # load_checkpoint takes the first name
-    assert state_digest(ignored, 0, reference, skip) == expected
+    differs = {**full, "head.weight": full["head.weight"] + 1}  # the model can hold one of the two
+    with pytest.raises(ValueError, match=r"head.weight is tied to emb.weight in the model .* differs from it"):
+        state_digest(differs, 0, reference, skip)
     for key in ("emb.weight", "norm.running_var"):
         assert state_digest({**lean, key: lean[key] + 1e-3}, 0, reference, skip) != expected
     assert state_digest({**lean, "norm.num_batches_tracked": torch.tensor(3)}, 0, reference, skip) != expected
@@ -560,3 +561,68 @@ def test_a_device_failure_while_loading_is_not_blamed_on_the_file(setup, monkeyp
     with pytest.raises(error) as caught:
         load_checkpoint(checkpoints[0][0], 0, model.state_dict())
     assert not isinstance(caught.value, ValueError)
+
+
+def _rows_of(model: nn.Module, state: dict, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Reference: float64 per-example gradients of `model` after load_state_dict(state), one backward per row."""
+    ref = copy.deepcopy(model).double()
+    ref.load_state_dict(state)
+    ref.eval()
+    rows = []
+    for i in range(len(x)):
+        ref.zero_grad()
+        row = x[i : i + 1].double() if x.is_floating_point() else x[i : i + 1]
+        nn.functional.cross_entropy(ref(row), y[i : i + 1].long(), reduction="sum").backward()
+        rows.append(np.concatenate([p.grad.reshape(-1).numpy() for p in ref.parameters()]))
+    return np.stack(rows)
+
+
+def test_a_tied_copy_that_differs_from_its_first_name_in_a_checkpoint_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = _Tied()
+    x, y = torch.randint(0, 5, (6, 4)), torch.randint(0, 5, (6,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.weight"] = torch.randn(5, 3)  # an untied model's head
+    torch.save(state, tmp_path / "untied.pt")
+    for source, where in ((state, r"state_dict\[0\]"), (str(tmp_path / "untied.pt"), "untied.pt")):
+        with pytest.raises(ValueError, match=rf"checkpoints\[0\] \(.*{where}\): head.weight is tied to emb.weight"):
+            export_gradients(model, [(source, 1.0)], (x, y), LOSS, progress=False)
+    # an equal copy (model.state_dict() holds both names), also in another dtype, is taken
+    for equal in (state | {"head.weight": state["emb.weight"]}, state | {"head.weight": state["emb.weight"].double()}):
+        g = export_gradients(model, [(equal, 1.0)], (x, y), LOSS, progress=False)
+        np.testing.assert_allclose(g.matrices[0], _rows_of(model, equal, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchnorm_checkpoint_without_num_batches_tracked_is_loaded_as_load_state_dict_does(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    model[1].running_mean.uniform_(-1, 1)
+    model.eval()
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    old = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert not copy.deepcopy(model).load_state_dict(old).missing_keys  # torch's strict load takes it
+    torch.save(old, tmp_path / "old.pt")
+    for source in (old, str(tmp_path / "old.pt")):
+        g = export_gradients(model, [(source, 1.0)], (x, y), LOSS, progress=False)
+        np.testing.assert_allclose(g.matrices[0], _rows_of(model, old, x, y), rtol=1e-5, atol=1e-6)
+    # other missing keys are still refused
+    with pytest.raises(ValueError, match=r"missing keys \['1.running_var'\]"):
+        export_gradients(model, [({k: v for k, v in old.items() if k != "1.running_var"}, 1.0)], (x, y), LOSS)
+
+
+def test_an_integer_or_meta_tensor_for_a_float_parameter_is_a_clear_error(setup, tmp_path):
+    model, _, data = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(iter(state))
+    wrong = {**state, key: state[key].long()}
+    torch.save(wrong, tmp_path / "ints.pt")
+    for source, where in ((wrong, r"state_dict\[0\]"), (str(tmp_path / "ints.pt"), "ints.pt")):
+        with pytest.raises(
+            ValueError, match=rf"checkpoints\[0\] \(.*{where}\): {key} has dtype int64, the model's float32"
+        ):
+            export_gradients(model, [(source, 1.0)], data, LOSS, progress=False)
+    with pytest.raises(ValueError, match=rf"checkpoints\[1\] \(state_dict\[1\]\): {key} has dtype bool"):
+        export_gradients(model, [(state, 1.0), ({**state, key: state[key] > 0}, 1.0)], data, LOSS, progress=False)
+    meta = {k: v.to("meta") for k, v in state.items()}
+    with pytest.raises(ValueError, match=rf"checkpoints\[0\] \(state_dict\[0\]\): {key} is a meta tensor \(no data"):
+        export_gradients(model, [(meta, 1.0)], data, LOSS, progress=False)

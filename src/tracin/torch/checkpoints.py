@@ -760,9 +760,17 @@ def _matched(
     state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
-    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys and other shapes."""
+    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys, other shapes,
+    an integer or bool tensor for a floating one of the model, a meta tensor (no data), and a tied
+    copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
+    BatchNorm num_batches_tracked is the model's, as nn.Module.load_state_dict takes it (unused in
+    eval mode)."""
     state = _strip_prefix(state, reference)
-    missing = [k for k in reference if k not in state and k not in skip]  # save_pretrained drops tied copies
+    missing = [
+        k
+        for k in reference
+        if k not in state and k not in skip and not _optional(k, reference[k])  # save_pretrained drops tied copies
+    ]
     unexpected = [k for k in state if k not in reference]
     if missing or unexpected:
         raise ValueError(
@@ -774,11 +782,66 @@ def _matched(
     for key, ref in reference.items():
         if key in skip:
             continue
+        if key not in state:  # a num_batches_tracked (_optional)
+            out[key] = ref.detach().clone()
+            continue
         t = state[key]
+        if t.is_meta:
+            raise ValueError(
+                f"{name}: {key} is a meta tensor (no data: a model built on device='meta' and not "
+                "loaded); give the checkpoint's real tensors"
+            )
         if t.shape != ref.shape:
             raise ValueError(f"{name}: {key} has shape {tuple(t.shape)}, the model's has {tuple(ref.shape)}")
+        if ref.is_floating_point() and not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(
+                f"{name}: {key} has dtype {str(t.dtype).removeprefix('torch.')}, the model's "
+                f"{str(ref.dtype).removeprefix('torch.')}: a floating tensor is expected (the wrong file, "
+                "or a quantized checkpoint tracin cannot read)"
+            )
         out[key] = t
+    _check_tied(state, reference, skip, name)
     return out
+
+
+def _optional(key: str, ref: torch.Tensor) -> bool:
+    """Whether a checkpoint may lack `key`: a BatchNorm's num_batches_tracked (an integer scalar), which
+    checkpoints from torch before 0.4.1 and converted state dicts lack and load_state_dict fills in."""
+    return key.rpartition(".")[2] == "num_batches_tracked" and ref.dim() == 0 and not ref.is_floating_point()
+
+
+def _check_tied(
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
+) -> None:
+    """ValueError when the checkpoint holds a tied second name (in `skip`: head.weight tied to
+    emb.weight) whose tensor differs from its first name's: the model can hold only one of them
+    (load_state_dict would keep the later name's, tracin uses the first name's)."""
+    held = [k for k in reference if k in skip and k in state]
+    if not held:
+        return
+    first_of: dict[tuple, str] = {}
+    for key, ref in reference.items():
+        if key not in skip and not ref.is_meta:
+            first_of.setdefault(_place(ref), key)
+    for key in held:
+        first = first_of.get(_place(reference[key]))
+        if first is None or first not in state:
+            continue
+        a, b = state[first].detach(), state[key].detach()
+        if b.is_meta:
+            raise ValueError(f"{name}: {key} is a meta tensor (no data); give the checkpoint's real tensors")
+        if a.shape != b.shape or not _same(a.to(device=b.device, dtype=b.dtype), b):
+            raise ValueError(
+                f"{name}: {key} is tied to {first} in the model (one tensor under both names) but differs "
+                f"from it in the checkpoint, and the model can hold only one of them: a checkpoint of an "
+                f"untied model, or saved after the tie was broken. Give a checkpoint whose {key} equals "
+                f"{first}, or drop {key} from it"
+            )
+
+
+def _place(t: torch.Tensor) -> tuple:
+    """Where a state_dict tensor's data is (tied names share it)."""
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 def _dtype(t: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
