@@ -113,21 +113,51 @@ def machine_info() -> dict:
     return info
 
 
+def writable_dir(out: Path) -> Path:
+    """`out` made (with its parents) and probed with a file written and removed in it, so that a
+    benchmark learns before its run, not after it, that its results cannot be saved there; OSError
+    (an existing file, no permission, a read-only file system) as raised by the making or the probe."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".tracin-write-probe-"):
+        pass
+    return out
+
+
+def _out_type(text: str) -> Path:
+    """An argparse type for --out: a folder the results can be written to, else a usage error naming
+    why (argparse names the option), before anything runs."""
+    import argparse
+
+    try:
+        return writable_dir(Path(text))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text} cannot be written: {e.strerror or e}") from None
+
+
 def output_dir(out: Path | None, quick: bool, name: str) -> Path:
     """Where a benchmark writes its results: `out` if given, else a new temporary folder for a
-    quick (smoke) run, so that it leaves nothing in the checkout, else RESULTS_DIR."""
+    quick (smoke) run, so that it leaves nothing in the checkout, else RESULTS_DIR. A given `out` is
+    made and test-written (writable_dir): one that cannot be written ends the program with a line
+    naming --out and exit code 2 (before the run, for the scripts that call this before it; those
+    whose --out comes from add_output_options are checked when their arguments are parsed)."""
     if out is not None:
-        return out
+        try:
+            return writable_dir(out)
+        except OSError as e:
+            print(f"error: --out: {out} cannot be written: {e.strerror or e}", file=sys.stderr)
+            raise SystemExit(2) from None
     return Path(tempfile.mkdtemp(prefix=f"tracin-{name}-quick-")) if quick else RESULTS_DIR
 
 
 def add_output_options(parser, quick_help: str | None = None) -> None:
-    """--out (and, with `quick_help`, --quick) as every benchmark script has them; see output_dir."""
+    """--out (and, with `quick_help`, --quick) as every benchmark script has them; see output_dir. An
+    --out that cannot be written (writable_dir) is a usage error when the arguments are parsed."""
     default = f"default: {RESULTS_DIR}"
     if quick_help is not None:
         parser.add_argument("--quick", action="store_true", help=quick_help)
         default += ", or a new temporary folder with --quick"
-    parser.add_argument("--out", type=Path, default=None, help=f"output directory ({default})")
+    parser.add_argument("--out", type=_out_type, default=None, help=f"output directory ({default})")
 
 
 def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:

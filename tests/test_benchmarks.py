@@ -619,6 +619,49 @@ def test_every_benchmark_script_takes_out_and_the_small_ones_quick(script):
     assert ("--quick" in done.stdout) == (script in _HAS_QUICK)
 
 
+_DEVICE_CPU = {"gpu", "gpu_tiles"}  # their default device is cuda: --device cpu reaches the --out check here
+
+
+@pytest.mark.parametrize("script", [*_WRITES_JSON, "quality", "fact_tracing"])
+def test_every_benchmark_script_refuses_an_out_it_cannot_write_before_running(script, tmp_path):
+    # review4 F1: an --out naming a file (or read-only) was first touched after the whole run (quality
+    # ~40 min, fact_tracing 11 min), then a bare traceback and nothing saved
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    argv = [*(["--quick"] if script in _HAS_QUICK | {"quality", "fact_tracing"} else [])]
+    argv += ["--device", "cpu"] if script in _DEVICE_CPU else []
+    for out in (taken, taken / "below"):
+        done = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{script}", *argv, "--out", str(out)],
+            cwd=CHECKOUT,
+            env={**os.environ, "PYTHONPATH": str(CHECKOUT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if "No module named" in done.stderr and "No module named 'tracin" not in done.stderr:
+            pytest.skip(done.stderr.strip().splitlines()[-1])  # a bench extra not installed
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 2 and not done.stdout, done.stdout + done.stderr
+        assert re.search(rf"error: (argument )?--out: {re.escape(str(out))} cannot be written: \S", last), last
+    assert taken.read_text() == "a file, not a folder" and [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_output_dir_makes_and_test_writes_a_given_out(tmp_path, capsys):
+    from benchmarks.common import output_dir, writable_dir
+
+    deep = tmp_path / "a" / "b"
+    assert output_dir(deep, False, "x") == deep and deep.is_dir() and not list(deep.iterdir())
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(OSError):
+            writable_dir(bad)
+        with pytest.raises(SystemExit) as e:
+            output_dir(bad, True, "x")
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: --out: {bad} cannot be written: ")
+
+
 def test_gpu_tiles_smoke_run_times_every_pair_and_restores_the_tunables(tmp_path, capsys):
     pytest.importorskip("torch")
     from benchmarks import gpu_tiles

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-from pathlib import Path
 
-from ..common import RESULTS_DIR, missing_modules, write_json
+from ..common import add_output_options, missing_modules, output_dir, write_json
 from . import config, plot, report
 from .run import run
 
@@ -17,15 +15,7 @@ NEEDS = ("torch", "transformers", "rank_bm25", "matplotlib")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.fact_tracing", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument(
-        "--quick", action="store_true", help="a tiny corpus and a few training steps: a smoke test (< 1 min)"
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
-    )
+    add_output_options(p, "a tiny corpus and a few training steps: a smoke test (< 1 min)")
     p.add_argument(
         "--threads",
         type=int,
@@ -51,10 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         # OpenMP workers that sleep at a barrier instead of spinning: on a machine other processes load, two
         # spinning torch threads trained 6-15x slower than one; sleeping ones about as fast as one.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    out = args.out or (Path(tempfile.mkdtemp(prefix="tracin-fact-tracing-quick-")) if args.quick else RESULTS_DIR)
+    out = output_dir(args.out, args.quick, "fact-tracing")  # a given --out was test-written when parsed
     name = "fact_tracing_quick" if args.quick else "fact_tracing"
     payload = run(config.QUICK if args.quick else config.FULL, args.threads, log=lambda s: print(s, flush=True))
-    out.mkdir(parents=True, exist_ok=True)
     payload["plots"] = [plot.plot(payload, out / f"{name}.png").name]
     path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
