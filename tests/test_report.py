@@ -3,6 +3,7 @@ tracin.report, against float64 NumPy references."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -429,6 +430,9 @@ print(matplotlib.get_backend(), plt.get_fignums())
     [
         ("x.pdf", r"the figure is a PNG, so path must end in \.png \(or have no suffix\), got '.*x\.pdf'"),
         ("missing/x.png", r"path: the directory '.*missing' of '.*x\.png' does not exist"),
+        # review4 F2: a figure the directory check passed but the save could not write raised after the
+        # self-influence pass (minutes on a store), and the numbers were lost
+        ("n" * 300 + ".png", r"path: cannot write the figure to '.*nnn\.png': File name too long"),
     ],
 )
 def test_diagnostics_refuse_a_figure_path_before_the_work(name, message, tmp_path, monkeypatch):
@@ -441,6 +445,27 @@ def test_diagnostics_refuse_a_figure_path_before_the_work(name, message, tmp_pat
     with pytest.raises(ValueError, match=message):
         checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / name)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs a sysfs /sys (Linux), where no file can be made")
+def test_diagnostics_refuse_an_unwritable_directory_before_the_work(monkeypatch):
+    from tracin import report
+
+    monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
+    with pytest.raises(ValueError, match=r"path: cannot write the figure to '/sys/kernel/tracin-diag\.png': \w"):
+        checkpoint_diagnostics(_two_checkpoints(), path="/sys/kernel/tracin-diag.png")
+
+
+def test_diagnostics_probe_keeps_an_existing_figure_until_it_is_replaced(tmp_path, monkeypatch):
+    from tracin import report
+
+    old = tmp_path / "d.png"
+    old.write_bytes(b"old figure")
+    monkeypatch.setattr(report, "plot_checkpoint_diagnostics", lambda diag, path, **kw: path)
+    diag = checkpoint_diagnostics(_two_checkpoints(), path=old)
+    assert diag.figure == old and old.read_bytes() == b"old figure"  # probed in append mode: not truncated
+    checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]  # the probe of new.png left nothing
 
 
 def test_diagnostics_without_matplotlib_fail_before_the_work(tmp_path, monkeypatch):

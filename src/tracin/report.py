@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,8 +283,8 @@ def _plot_options(
 ) -> tuple[Path, list[str]]:
     """(the PNG path to write, the labels as a list) for a figure of `count` checkpoints; TypeError for a
     path that is not a str or os.PathLike, ValueError for a path that names no file (empty, ending in
-    a separator, '.png' alone), an existing folder, another suffix or in no directory, labels not one
-    per checkpoint, or a bad `traced`."""
+    a separator, '.png' alone), an existing folder, another suffix, in no directory or that cannot be
+    written (_probe_write), labels not one per checkpoint, or a bad `traced`."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(text := os.fspath(path), str):
         raise TypeError(f"path must be a str or os.PathLike of a str, got {type(path).__name__}")
     given = Path(text)
@@ -296,8 +297,7 @@ def _plot_options(
         raise ValueError(f"path: the figure is a PNG, so path must end in .png (or have no suffix), got {text!r}")
     if not path.parent.is_dir():
         raise ValueError(f"path: the directory {str(path.parent)!r} of {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ValueError(f"path: {str(path)!r} is a directory, not a file the PNG can be written to")
+    _probe_write(path)
     if isinstance(labels, (str, bytes)):
         raise TypeError(f"labels must be one name per checkpoint (a list of str), got {type(labels).__name__}")
     labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
@@ -306,6 +306,36 @@ def _plot_options(
     if traced is not None and (_integer(traced) is None or not 1 <= traced <= count):
         raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
     return path, labels
+
+
+def _probe_write(path: Path) -> None:
+    """ValueError naming `path` if it is a directory or the PNG cannot be written there (no permission, a
+    read-only file system, a name too long), found by opening it for writing: an existing file in append
+    mode (its bytes kept), a new one created and removed. Something other than a file or a directory (a
+    FIFO, a device) is left to the save."""
+
+    def refuse(e: OSError) -> ValueError:
+        return ValueError(f"path: cannot write the figure to {str(path)!r}: {e.strerror or e}")
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise refuse(e) from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise ValueError(f"path: {str(path)!r} is a directory, not a file the PNG can be written to")
+    if mode is not None and not stat.S_ISREG(mode):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | (os.O_APPEND if mode is not None else os.O_CREAT | os.O_EXCL))
+    except FileExistsError:  # made between the check and the open: whoever made it writes it
+        return
+    except OSError as e:
+        raise refuse(e) from None
+    os.close(fd)
+    if mode is None:
+        path.unlink()
 
 
 def _figure() -> Any:
