@@ -248,6 +248,58 @@ def test_checkpoint_contributions_keep_one_gather_budget_over_all_blocks(monkeyp
     np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_checkpoint_contributions_split_k_to_keep_the_budget_for_wide_rows(monkeypatch, normalize):
+    # review4 F3: the test chunk bottomed out at one test row, whose k train rows were still gathered in
+    # float64 three times over (24 MiB here for a 1 MiB budget; 1.5 GiB for a (2, 256, 4) result at
+    # width 262144 and the default budget)
+    import tracemalloc
+
+    import tracin.report
+
+    budget = 1 << 20
+    monkeypatch.setattr(tracin.report, "_GATHER_BYTES", budget)
+    rng = np.random.default_rng(21)
+    dims, w = (4096,) * 4, [1.0, 0.5, -0.25, 2.0]  # a float64 row of 128 KiB: 8 rows fill the budget
+    train, test = _full(rng, 400, dims=dims), _full(rng, 3, dims=dims)
+    train[0][7] = 0  # a zero checkpoint gradient: its cosine part is 0
+    tg, xg = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    result = tracin.top_k(tg, xg, k=64, normalize=normalize)
+    result = tracin.TopK(result.values, result.indices.copy())
+    result.indices[0, -1] = 7  # the zero row among the pairs
+    tracemalloc.start()
+    try:
+        got = checkpoint_contributions(tg, xg, result, normalize=normalize)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < got.nbytes + 2 * budget, f"peak {peak / 2**20:.1f} MiB for a 1 MiB budget"
+    want = (
+        _cosine_terms(test, train, w, result.indices, 1) if normalize else _pair_terms(test, train, w, result.indices)
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_contributions_in_pieces_of_rows_and_columns_match_float64(tmp_path, monkeypatch):
+    # every piece shape at a tiny budget: one test row x some columns, ragged last pieces, a bfloat16 store
+    import tracin.report
+
+    rng = np.random.default_rng(22)
+    dims, w = (16, 5), [0.5, -1.0]
+    train, test = _full(rng, 300, dims=dims), _full(rng, 5, dims=dims)
+    store = _stored(tmp_path / "s", train, w, "bfloat16")
+    tg = tracin.Gradients(test, w)
+    result = tracin.top_k(tg, tracin.Gradients(train, w), k=11)
+    want = _pair_terms(test, train, w, result.indices)
+    want_bf16 = _pair_terms(test, [_bfloat16_round(m) for m in train], w, result.indices)
+    for rows in (3, 4, 7, 23, 24, 25, 60, 200):  # float64 rows the budget holds (one row: 168 bytes)
+        monkeypatch.setattr(tracin.report, "_GATHER_BYTES", rows * 8 * sum(dims))
+        got = checkpoint_contributions(tg, tracin.Gradients(train, w), result)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=f"budget of {rows} rows")
+        from_store = checkpoint_contributions(tg, store, result)
+        np.testing.assert_allclose(from_store, want_bf16, rtol=1e-12, atol=1e-12, err_msg=f"bfloat16, {rows} rows")
+
+
 def test_checkpoint_contributions_read_only_the_train_rows_of_the_result(tmp_path, monkeypatch):
     # the whole train set was taken with kernel_side(0, n_rows): a store of many files is read into
     # memory, not mapped (255 MiB for a (10, 5) result on a 253 MiB store with ulimit -n 128)

@@ -24,7 +24,7 @@ from .gradients import GradientSet
 from .scoring import _checkpoint_run, _normalize_run, _pair, as_gradient_set, self_influence
 from .store._convert import bfloat16_bits_to_float32
 
-_GATHER_BYTES = 64 << 20  # float64 bytes of gathered train rows per test chunk in checkpoint_contributions
+_GATHER_BYTES = 64 << 20  # float64 working bytes of checkpoint_contributions (test rows, gathered train rows)
 _SKIP_BYTES = 1 << 20  # float64 bytes of unwanted train rows read between two wanted ones before a new read
 
 
@@ -80,33 +80,42 @@ def checkpoint_contributions(
     count = len(weights) // per
     out = np.zeros((m, k, count))
     width = sum(b.shape[1] for b in train.kernel_side(0, 0).blocks)  # columns of one row, all blocks
-    step = max(1, _GATHER_BYTES // max(1, 8 * k * width))
-    span, skip = (max(1, size // max(1, 8 * width)) for size in (_GATHER_BYTES, _SKIP_BYTES))  # in rows
+    # Pieces of `step` test rows x `cols` result columns, sized so that their float64 rows fit the budget
+    # together: the test rows, the train rows gathered for them and, one block at a time, those laid out
+    # per pair (b[where]); at least one row of each (a row wider than the budget is not split)
+    rows = max(3, _GATHER_BYTES // max(1, 8 * width))
+    cols = max(1, min(k, (rows - 1) // 2))
+    step = max(1, rows // (2 * cols + 1))
+    span, skip = max(1, rows // 2), max(1, _SKIP_BYTES // max(1, 8 * width))  # in rows
     for t0 in range(0, m, step):
         t1 = min(m, t0 + step)
-        wanted, where = np.unique(indices[t0:t1], return_inverse=True)
-        where = where.reshape(t1 - t0, k)
         side = test.kernel_side(t0, t1)
         ours = [_float64(b, code) for b, code in zip(side.blocks, side.dtypes, strict=True)]
-        theirs = _gather_rows(train, wanted, span, skip)
-        dots, squares = [], []
-        for a, b in zip(ours, theirs, strict=True):  # one block's (t, k, d) rows at a time
-            dots.append(np.einsum("td,tjd->tj", a, b[where]))
-            squares.append((b * b).sum(1)[where])
-        terms = w * _per_slot(train.factored, dots)
-        if run:
-            norms = _norms(train.factored, [(a * a).sum(1)[:, None] for a in ours], run)
-            norms = norms * _norms(train.factored, squares, run)
-            terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
-        out[t0:t1] = terms.reshape(t1 - t0, k, count, per).sum(3)
+        own = [np.einsum("td,td->t", a, a)[:, None] for a in ours] if run else []
+        for j0 in range(0, k, cols):
+            j1 = min(k, j0 + cols)
+            wanted, where = np.unique(indices[t0:t1, j0:j1], return_inverse=True)
+            where = where.reshape(t1 - t0, j1 - j0)
+            theirs = _gather_rows(train, wanted, span, skip)
+            dots, squares = [], []
+            for a, b in zip(ours, theirs, strict=True):  # one block's (t, j, d) rows at a time
+                dots.append(np.einsum("td,tjd->tj", a, b[where]))
+                squares.append(np.einsum("id,id->i", b, b)[where])
+            del theirs
+            terms = w * _per_slot(train.factored, dots)
+            if run:
+                norms = _norms(train.factored, own, run) * _norms(train.factored, squares, run)
+                terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
+            out[t0:t1, j0:j1] = terms.reshape(t1 - t0, j1 - j0, count, per).sum(3)
     return out
 
 
 def _gather_rows(train: GradientSet, rows: np.ndarray, span: int, skip: int) -> list[np.ndarray]:
     """float64 (len(rows), d) per kernel block: the train rows `rows` (sorted, unique), read by
     ranges of at most `span` rows that skip at most `skip` unwanted rows at a time (not the whole
-    set: a store of many files is read into memory, not mapped)."""
-    parts: list[list[np.ndarray]] = []
+    set: a store of many files is read into memory, not mapped), each written into its place."""
+    gathered = [np.empty((len(rows), b.shape[1])) for b in train.kernel_side(0, 0).blocks]
+    done = 0
     breaks = np.flatnonzero(np.diff(rows) > skip) + 1  # a wanted row far from the previous one
     for group in np.split(rows, breaks):
         while len(group):
@@ -114,11 +123,12 @@ def _gather_rows(train: GradientSet, rows: np.ndarray, span: int, skip: int) -> 
             j = int(np.searchsorted(group, start + span))
             side = train.kernel_side(start, int(group[j - 1]) + 1)
             local = group[:j] - start
-            parts.append([_float64(np.asarray(b)[local], c) for b, c in zip(side.blocks, side.dtypes, strict=True)])
+            for into, b, code in zip(gathered, side.blocks, side.dtypes, strict=True):
+                part = np.asarray(b)[local]  # cast into place: no float64 copy of the piece on the way
+                into[done : done + j] = bfloat16_bits_to_float32(part) if code == DTYPE_CODES["bfloat16"] else part
+            done += j
             group = group[j:]
-    if not parts:
-        return [np.zeros((0, b.shape[1])) for b in train.kernel_side(0, 0).blocks]
-    return [np.concatenate(blocks) for blocks in zip(*parts, strict=True)]
+    return gathered
 
 
 def _per_slot(factored: bool, per_block: list[np.ndarray]) -> np.ndarray:
