@@ -260,6 +260,42 @@ def test_fixed_whitened_dampings_are_never_the_lds_best():
     assert "**0.600 ± 0.010**" in next(r for r in rows if "chosen on validation" in r)
 
 
+def test_fixed_whitened_dampings_are_never_the_detection_best():
+    """review4 F4: the detection table bolded 'tracin whitened (damping 0.1)', the best of six fixed
+    settings on the flipped labels themselves, which the LDS table never marks: one rule for both."""
+    fixed, chosen = "tracin whitened (damping 0.1)", "tracin whitened (damping chosen on validation)"
+
+    def det(values):
+        found = {m: {"found": [0.0, v]} for m, v in values.items()}
+        return {"inspect": [0.1, 0.2], "perfect": [0.5, 1.0], "methods": found, "errors": {}}
+
+    detect = {
+        "a": det({fixed: 0.95, "tracin up to held-out peak": 0.90, "AUM": 0.90, "final loss": 0.6}),
+        "b": det({fixed: 0.91, "tracin up to held-out peak": 0.89, chosen: 0.5, "AUM": 0.88}),
+    }
+    w = run.winners(detect, {}, 0.2)
+    assert w["detection_best"] == {
+        "a": {"best": 0.90, "methods": ["AUM", "tracin up to held-out peak"]},
+        "b": {"best": 0.89, "methods": ["tracin up to held-out peak"]},
+    }
+    # within 0.02 of the (fair) best on both; the fixed damping is listed, as the LDS ties list it
+    assert w["detection_wins_or_ties_everywhere"] == ["AUM", "tracin up to held-out peak", fixed]
+    payload = {"detection": detect, "winners": w}
+    rows = {r.split(" | ")[0][2:]: r for r in report._detection_rows(payload)}
+    assert "**" not in rows[fixed] and rows["AUM"].count("**") == 2  # bold on a only
+    assert rows["tracin up to held-out peak"].count("**0.") == 2
+    # a record written under the old rule (the fixed damping as best) renders by the new one
+    old = {**w, "detection_best": {"a": {"best": 0.95, "methods": [fixed]}, "b": {"best": 0.91, "methods": [fixed]}}}
+    assert report._detection_rows({"detection": detect, "winners": old}) == report._detection_rows(payload)
+
+
+def test_table_header_states_one_bold_rule_for_both_tables():
+    payload = json.loads((Path(run.__file__).parents[1] / "results" / "quality.json").read_text())
+    head = report.markdown(payload).split("\n")[0]
+    assert "best in bold. LDS" not in head
+    assert "In both tables the best is in bold among the methods whose settings are not picked" in head
+
+
 def test_code_version_is_the_checkouts_commit_or_none(tmp_path, monkeypatch):
     """run records the commit and whether tracked files changed; None without a repository or git."""
     git = shutil.which("git")

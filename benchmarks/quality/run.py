@@ -16,7 +16,7 @@ from .cases import AttributionCase, DetectionCase
 from .config import Suite, dataset_of
 from .data import SPLIT, Split, flip_labels, load
 from .influence import RunInfluence
-from .report import lds_winners
+from .report import detection_winners, lds_winners
 from .subsets import subset_models
 from .training import accuracy, train
 
@@ -162,19 +162,10 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
 
 def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) -> dict:
     """Per dataset the best detector at `at` inspected, and the methods within TIE of the best on
-    every dataset (detection) / within one s.e. of the best on every dataset (LDS, of all methods and
-    of the tracin recipes; report.lds_winners, which leaves the fixed whitened dampings out of "best")."""
-    out: dict = {"detection_at": at, "tie": TIE, "detection_best": {}}
-    ties: list[set] = []
-    for name, d in detect.items():
-        j = d["inspect"].index(at)
-        found = {m: r["found"][j] for m, r in d["methods"].items()}
-        best = max(found.values())
-        out["detection_best"][name] = {"best": best, "methods": sorted(m for m, v in found.items() if v == best)}
-        ties.append({m for m, v in found.items() if v >= best - TIE})
-    out["detection_wins_or_ties_everywhere"] = sorted(set.intersection(*ties)) if ties else []
-    out.update(lds_winners(lds_results))
-    return out
+    every dataset (detection, report.detection_winners) / within one s.e. of the best on every dataset
+    (LDS, of all methods and of the tracin recipes, report.lds_winners); both leave the fixed whitened
+    dampings out of "best"."""
+    return {"detection_at": at, "tie": TIE, **detection_winners(detect, at, TIE), **lds_winners(lds_results)}
 
 
 CHECKOUT = Path(__file__).resolve().parents[2]  # the repository the suite runs from
