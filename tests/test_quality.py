@@ -296,6 +296,32 @@ def test_table_header_states_one_bold_rule_for_both_tables():
     assert "In both tables the best is in bold among the methods whose settings are not picked" in head
 
 
+def test_lds_plot_has_a_capped_width_and_every_label_inside_it(tmp_path):
+    """review4 F5: 23 methods x 4 datasets made a 3795 x 528 px figure whose y label ran off the top."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from benchmarks.quality import plots
+
+    payload = json.loads((CHECKOUT / "benchmarks" / "results" / "quality.json").read_text())
+    width, height = Image.open(plots.lds_bars(payload, tmp_path / "lds.png")).size
+    assert width <= 16 * 110 and height >= 500, (width, height)
+    fig = plots.lds_figure(payload)
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [ax.yaxis.label, ax.title, *ax.get_xticklabels(), ax.get_legend()]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1, (
+            getattr(text, "get_text", lambda: "legend")(),
+            box,
+            fig.bbox,
+        )
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_code_version_is_the_checkouts_commit_or_none(tmp_path, monkeypatch):
     """run records the commit and whether tracked files changed; None without a repository or git."""
     git = shutil.which("git")
