@@ -77,6 +77,17 @@ def test_checkpoints_must_share_the_first_structure(mlp, data):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (wrong, 1.0)], (x, y), progress=False)
 
 
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("empty", [None, {}])
+def test_a_checkpoint_with_no_leaves_is_named(mlp, data, index, empty):
+    """params None or {} said 'params has no leaves' without naming the checkpoint."""
+    x, y = data
+    ckpts = [(mlp.params[0], 1.0), (mlp.params[1], 1.0)]
+    ckpts[index] = (empty, 1.0)
+    with pytest.raises(ValueError, match=rf"checkpoints\[{index}\]: params {empty!r} has no leaves"):
+        export_gradients(mlp.loss_fn, ckpts, (x, y), progress=False)
+
+
 _W = np.ones((5, 3), np.float32)
 
 

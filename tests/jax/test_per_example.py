@@ -276,3 +276,82 @@ def test_the_per_example_function_compiles_once_per_input_shape_not_per_row_coun
     one = traces([(4, 5)])
     assert traces([(4, 5), (3, 5), (2, 5)]) == one
     assert traces([(4, 5), (4, 6), (4, 7), (2, 5), (4, 6)]) == one + 2
+
+
+def _padding_row_model(seed: int = 0):
+    """An embedding whose row 0 (padding) is zeroed in the loss with .at[] (JAX only: NumPy arrays have
+    no .at), with a float64 NumPy reference of its per-example gradients."""
+    r = np.random.default_rng(seed)
+    vocab, width, n, t = 7, 4, 6, 5
+    params = {"E": r.normal(size=(vocab, width)).astype(np.float32), "w": r.normal(size=width).astype(np.float32)}
+    ids = r.integers(0, vocab, (n, t)).astype(np.int32)
+    ids[:, 0] = 0
+    y = r.normal(size=(n, t)).astype(np.float32)
+
+    def loss(p, ids, y):
+        table = p["E"].at[0].set(0.0)
+        return ((table[ids] @ p["w"] - y) ** 2).sum(-1)
+
+    table = params["E"].astype(np.float64)
+    table[0] = 0.0
+    w = params["w"].astype(np.float64)
+    rows = []
+    for i in range(n):
+        g_table, g_w = np.zeros_like(table), np.zeros_like(w)
+        for tok, target in zip(ids[i], y[i], strict=True):
+            residual = 2 * (table[tok] @ w - target)
+            g_w += residual * table[tok]
+            if tok != 0:
+                g_table[tok] += residual * w
+        rows.append(np.concatenate([g_table.ravel(), g_w]))
+    return params, (ids, y), loss, np.array(rows)
+
+
+@pytest.mark.parametrize("form", ["numpy", "msgpack", "jax"])
+def test_numpy_params_run_a_jax_only_loss_as_jax_params_do(form, tmp_path):
+    """The eager check of uncoupled examples gives loss_fn JAX arrays, as the compiled functions do: a
+    NumPy pytree or a Flax msgpack checkpoint (restored as NumPy) with a loss using .at[] exports the
+    float64 reference rows (before: AttributeError, NumPy arrays have no .at)."""
+    params, data, loss, expected = _padding_row_model()
+    if form == "msgpack":
+        serialization = pytest.importorskip("flax.serialization")
+        source: object = tmp_path / "params.msgpack"
+        source.write_bytes(serialization.msgpack_serialize(params))
+    elif form == "jax":
+        source = jax.tree_util.tree_map(jnp.asarray, params)
+    else:
+        source = params
+    got = export_gradients(loss, [(source, 1.0)], data, progress=False)
+    np.testing.assert_allclose(np.asarray(got.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_ids_past_the_table_export_alike_from_numpy_and_jax_params():
+    """A pad id past the embedding table: JAX's gather clamps it, NumPy indexing raises (IndexError
+    before, from the eager check on NumPy params); NumPy params now give the JAX params' rows."""
+    params, (ids, y), _, _ = _padding_row_model(1)
+    ids = ids.copy()
+    ids[:, 1] = params["E"].shape[0] + 2
+
+    def loss(p, ids, y):
+        return ((jnp.tanh(p["E"][ids]) @ p["w"] - y) ** 2).sum(-1)
+
+    as_jax = export_gradients(loss, [(jax.tree_util.tree_map(jnp.asarray, params), 1.0)], (ids, y), progress=False)
+    as_numpy = export_gradients(loss, [(params, 1.0)], (ids, y), progress=False)
+    np.testing.assert_array_equal(np.asarray(as_numpy.matrices[0]), np.asarray(as_jax.matrices[0]))
+    assert np.isfinite(np.asarray(as_numpy.matrices[0])).all()
+
+
+def test_a_loss_failing_in_the_eager_check_is_reported_with_its_argument(mlp, data):
+    """A loss that traces on the full batch but raises on a smaller one (the eager check runs it on 4
+    and 2 examples) is a ValueError naming loss_fn and the rows, not the loss's own exception."""
+    x, y = data
+
+    def picky(p, inputs, targets):
+        if inputs.shape[0] < 4:
+            raise RuntimeError("needs 4 rows")
+        return mlp.loss_fn(p, inputs, targets)
+
+    with pytest.raises(
+        ValueError, match=r"loss_fn\(params, inputs, targets\) failed on the first 2 examples .*: needs 4 rows"
+    ):
+        export_gradients(picky, [(mlp.params[0], 1.0)], (x, y), progress=False)

@@ -216,9 +216,11 @@ def restore(source: Any, where: str) -> Any:
     A directory is read with orbax (`StandardCheckpointer`); a file as Flax msgpack
     (`flax.serialization.msgpack_restore`). Both give the nested dicts of arrays that were saved. A
     file or directory that cannot be read (cut short, damaged, not in that format) is a ValueError
-    naming `where`, the path and the reader's error.
+    naming `where`, the path and the reader's error; so is a pytree with no leaves (None, {}).
     """
     if not isinstance(source, (str, os.PathLike)):
+        if not jax.tree_util.tree_leaves(source):
+            raise ValueError(f"{where}: params {source!r:.60} has no leaves: expected a pytree of arrays or a path")
         return source
     path = os.path.abspath(os.fspath(source))
     if os.path.isdir(path):

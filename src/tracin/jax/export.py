@@ -254,7 +254,7 @@ class _JaxExport:
     def check(self, state: tuple[list, list, Any], batch: Batch) -> None:
         selected, arrays, params = state
         eps = check_per_example(self.loss_fn, self.layout, selected, arrays, batch, self.plan.note)
-        check_uncoupled(self.loss_fn, params, batch, eps, self.plan.note)
+        check_uncoupled(self.loss_fn, self.layout, selected, arrays, batch, eps, self.plan.note)
         if isinstance(self.compute_rows, LastLayer):
             self.compute_rows.check_layer_input(params, batch, eps)
 

@@ -211,17 +211,40 @@ def _product_eps(eqn: Any) -> float:
     return _ROUNDED_PRODUCTS.get(jax.default_backend(), 0.0)
 
 
-def check_uncoupled(loss_fn: LossFn, params: Any, batch: Batch, eps: float, note: str = "", rows: int = 4) -> None:
+def check_uncoupled(
+    loss_fn: LossFn,
+    layout: ParamLayout,
+    selected: list,
+    arrays: list,
+    batch: Batch,
+    eps: float,
+    note: str = "",
+    rows: int = 4,
+) -> None:
     """After check_per_example, on concrete params: raises ValueError when the losses of the batch's
     first examples change with the batch they are in: loss_fn on its first `rows` real examples
     against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
     a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
-    rows of another loss. Tolerance (uncoupled_rtol) relative to the largest loss."""
+    rows of another loss. Tolerance (uncoupled_rtol) relative to the largest loss.
+
+    The loss sees what the compiled functions give it: the array leaves of params (`selected`,
+    `arrays`, split by `layout`) and of the batch as JAX arrays, never the NumPy arrays of a NumPy
+    pytree or a Flax msgpack checkpoint (a loss may use JAX-only behaviour: E.at[0].set(0.0), a
+    gather clamping an id past the table). A loss failing here is a ValueError naming loss_fn."""
     m = min(rows, batch.count)
     if m < 2:
         return
-    head = [jax.tree_util.tree_map(lambda a, k=k: a[:k], (batch.inputs, batch.targets)) for k in (m, m // 2)]
-    losses = [loss_fn(params, *h) for h in head]
+    params = layout.merge([jnp.asarray(a) for a in selected], [jnp.asarray(a) for a in arrays])
+    losses = []
+    for k in (m, m // 2):
+        try:
+            head = jax.tree_util.tree_map(lambda a, k=k: jnp.asarray(a[:k]), (batch.inputs, batch.targets))
+            losses.append(loss_fn(params, *head))
+        except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+            raise ValueError(
+                f"loss_fn(params, inputs, targets) failed on the first {k} examples of the data, run eagerly "
+                f"on the checkpoint's params as JAX arrays: {err}{note}"
+            ) from err
     whole, half = (np.asarray(a, np.float64) for a in losses)
     rtol = uncoupled_rtol(eps, losses[0].dtype)
     if not np.allclose(
