@@ -596,11 +596,22 @@ def top_k(
     sides = 2 if side == "both" else 1
     desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
     cut = _device_test_rows(backend, test, run, _TOPK_STATE_BYTES * min(k, train.n_rows) * sides)
+    # A method of the backend's class (base.KeepsTopK), for train indices below 2^32 (its int64 keys' low half)
+    keeps = hasattr(type(backend), "top_k_running") and train.n_rows < 2**32
+    on_backend = backend.top_k_running if keeps else None
     with _Loop(
         test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed, test_rows=cut
     ) as loop:
         for p in loop.pairs():
-            i0 = p.train_rows.start
+            i0, last = p.train_rows.start, p.train_rows.stop == train.n_rows  # last: the test chunk's last piece
+            cache = loop.cache
+            if on_backend is not None:  # the backend keeps the chunk's best k across pieces (base.KeepsTopK)
+                kept = on_backend(
+                    p.test, p.train, w, k, side, first=i0, last=last, num_threads=threads, normalize=run, cache=cache
+                )
+                if last:
+                    _place(result, list(kept), p.test_rows, test.n_rows, single=len(loop.test_chunks) == 1)
+                continue
             width = min(k, p.train_rows.stop - i0)
             parts = backend.top_k(p.test, p.train, w, width, side, num_threads=threads, normalize=run, cache=loop.cache)
             for s, (part, name) in enumerate(zip(parts, ("proponents", "opponents"), strict=True)):
@@ -618,7 +629,7 @@ def top_k(
                         name,
                     )
                 )
-            if p.train_rows.stop == train.n_rows:  # the test chunk's last piece
+            if last:
                 _place(result, running, p.test_rows, test.n_rows, single=len(loop.test_chunks) == 1)
                 running = [None, None]
     prop, opp = result

@@ -3,8 +3,13 @@
 A backend scores one test chunk against one train piece at a time; the generic loop in
 tracin.scoring cuts the sets into pieces, merges top-k across pieces, sums aggregates and
 drives the progress bar. A backend holds no state of its own across pieces: what it derives from a
-test chunk and reuses for that chunk's next pieces (a device copy, scaled rows) goes in the
-ChunkCache the loop hands it, which lives for one public call.
+test chunk and reuses for that chunk's next pieces (a device copy, scaled rows, a running top-k
+selection) goes in the ChunkCache the loop hands it, which lives for one public call.
+
+One optional capability: a backend whose class has a `top_k_running` method (KeepsTopK; the torch
+device backend) keeps each test chunk's best k across the train pieces itself, and the loop calls that
+instead of `top_k` and its host merge per piece (scoring.top_k). Backends without it (the C++
+kernel) are merged on the host, piece by piece.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ class ChunkCache:
         if key not in self._kept:
             self._kept[key] = make()
         return self._kept[key]
+
+    def drop(self, key: Hashable) -> None:
+        """Forgets the current chunk's item `key`, if any (its memory is freed once nothing else refers to it)."""
+        self._items.pop(key, None)
 
     def clear(self) -> None:
         """Drops every item (device memory is freed once nothing else refers to it)."""
@@ -139,3 +148,32 @@ class Backend(Protocol):
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
         """float64 (n,): sum over the test rows of the scores, for the caller to sum across chunks."""
+
+
+class KeepsTopK(Protocol):
+    """The optional capability of a backend that keeps the running top-k of a test chunk across the
+    generic loop's train pieces (on its device: no host merge, one readback per test chunk). The loop
+    uses it where the backend's class has a `top_k_running` method (looked up on the type, so that a
+    backend's __getattr__ is not asked) and the train set has fewer than 2^32 rows."""
+
+    def top_k_running(
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        k: int,
+        side: str,
+        *,
+        first: int,
+        last: bool,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache,
+    ) -> tuple[TopK | None, TopK | None] | None:
+        """Merges the train piece `train`, rows [first, first + n) of the call's train set, into the
+        current test chunk's best k, kept in `cache` (required) as the chunk's item: a piece with
+        first == 0 starts the chunk's selection anew. Returns None unless `last` (the chunk's last
+        piece); then (proponents, opponents) of the chunk over every piece merged since its first, as
+        top_k's, indices global, min(k, first + n) columns (None for a side not asked for), and the
+        selection is dropped from the cache. k: the call's k (not capped by the piece's rows).
+        Equal to the host merge of top_k per piece (scoring._select), ties to the smaller global index."""

@@ -23,17 +23,19 @@ by its scaled copy in turn: the chunk plus one block's copy on the device), and 
 score block by the train rows' inverse norms, computed per train tile in float64; rows of norms
 beyond 2^+-64 (every nonzero factored row, its factors balanced) are first brought near norm 1 by
 exact powers of two (_unit_scaled: a copy of each train tile), so that cosines of rows of any finite
-norm neither overflow nor underflow. top_k keeps each test row's best across tiles on the device;
-the (m, n) matrix never exists, but a block's candidates keep its scores until they are merged, a
-block later: two score blocks (2 x DEVICE_TILE_SCORES) at once, plus, for rows cut inside a tie,
-copies of those rows. aggregate and self_influence wait for the device once per call, at the end
-(scores reads each block back as it is made). top_k's merge of a block waits until the device has
-finished that block's selection (a CUDA event after a one-byte copy of whether any row was cut
-inside a tie), while the next block's GEMM, enqueued before, runs on; only when that flag is set
-does it read the tied rows, which waits for all enqueued work (rare on float data). The stream runs
-on across the generic loop's train pieces: while a piece's last tile is computed, the first tile of
-the loop's next piece (ChunkCache.next_train) is already uploading, so only the public call's very
-first tile waits for its copy.
+norm neither overflow nor underflow. top_k keeps each test row's best across tiles on the device,
+and top_k_running (base.KeepsTopK, which the generic loop uses) across the loop's train pieces too:
+each test chunk's selection is the ChunkCache's item for the chunk, read back once, at its last
+piece (no host merge per piece). The (m, n) matrix never exists, but a block's candidates keep its
+scores until they are merged, a block later: two score blocks (2 x DEVICE_TILE_SCORES) at once,
+plus, for rows cut inside a tie, copies of those rows. aggregate and self_influence wait for the
+device once per call, at the end (scores reads each block back as it is made). top_k's merge of a
+block waits until the device has finished that block's selection (a CUDA event after a one-byte copy
+of whether any row was cut inside a tie), while the next block's GEMM, enqueued before, runs on;
+only when that flag is set does it read the tied rows, which waits for all enqueued work (rare on
+float data). The stream runs on across the generic loop's train pieces: while a piece's last tile is
+computed, the first tile of the loop's next piece (ChunkCache.next_train) is already uploading, so
+only the public call's very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
@@ -117,20 +119,43 @@ class TorchBackend:
         normalize: int = 0,
         cache: ChunkCache | None = None,
     ) -> tuple[TopK | None, TopK | None]:
-        if train.blocks[0].shape[0] >= _LOW:
-            raise ValueError(f"a train piece of {train.blocks[0].shape[0]} rows is too large (at most {_LOW - 1})")
+        _check_train_rows(train.blocks[0].shape[0])
         sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
-        m = test.blocks[0].shape[0]
         with self._call(test, train, normalize, cache, weights) as call:
-            found = _select(call, k, sides)
-        width = min(k, train.blocks[0].shape[0])
-        merged = {  # no parts (no test rows): an empty result of each side's own
-            s: TopK(*(np.concatenate([p[f] for p in parts]) for f in (0, 1)))
-            if parts
-            else TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64))
-            for s, parts in found.items()
-        }
-        return merged.get("proponents"), merged.get("opponents")
+            running = _select(call, _running(call, k, sides))
+        return _read(running, call.m, min(k, train.blocks[0].shape[0]), sides)
+
+    def top_k_running(
+        self,
+        test: KernelSide,
+        train: KernelSide,
+        weights: Sequence[float],
+        k: int,
+        side: str,
+        *,
+        first: int,
+        last: bool,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache,
+    ) -> tuple[TopK | None, TopK | None] | None:
+        """base.KeepsTopK: the chunk's selection (a RunningTopK per test block and side, on the device)
+        is the cache's item for the chunk; the piece's candidates are merged into it with their global
+        indices (first + local), and it is read back once, on the last piece."""
+        if cache is None:
+            raise TypeError("top_k_running needs the generic loop's ChunkCache (cache=None given)")
+        end = first + train.blocks[0].shape[0]
+        _check_train_rows(end)
+        sides = [s for s in ("proponents", "opponents") if side in (s, "both")]
+        key = ("torch", str(self.device), "top_k", k, side)
+        if first == 0:
+            cache.drop(key)  # a new chunk's selection (one of an earlier pass never carries over)
+        with self._call(test, train, normalize, cache, weights) as call:
+            running = _select(call, cache.get(key, functools.partial(_running, call, k, sides)), first)
+        if not last:
+            return None
+        cache.drop(key)
+        return _read(running, call.m, min(k, end), sides)
 
     def self_influence(
         self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
@@ -320,21 +345,55 @@ class _DeviceTest:
         return self.sums
 
 
-def _select(call: _Call, k: int, sides: list[str]) -> dict[str, list[TopK]]:
-    """Each side's best k per test block of a call, in block order. A score block's candidates are
-    merged once the next block is enqueued: the merge waits for the device to reach the end of the
-    merged block's selection (_torch_topk), not for the next block, whose GEMM runs meanwhile."""
-    blocks = call.test_blocks()
-    running = {(t0, side): RunningTopK(k, side, t1 - t0, call.device) for t0, t1 in blocks for side in sides}
+def _running(call: _Call, k: int, sides: list[str]) -> dict[tuple[int, int, str], RunningTopK]:
+    """An empty selection of each side's best k per test block of a call, keyed (t0, t1, side)."""
+    return {
+        (t0, t1, side): RunningTopK(k, side, t1 - t0, call.device) for t0, t1 in call.test_blocks() for side in sides
+    }
+
+
+def _select(
+    call: _Call, running: dict[tuple[int, int, str], RunningTopK], first: int = 0
+) -> dict[tuple[int, int, str], RunningTopK]:
+    """Merges a call's train rows, global indices from `first`, into each side's running best k per
+    test block (`running`, made by _running for the same test blocks), and returns it. A score block's
+    candidates are merged once the next block is enqueued: the merge waits for the device to reach the
+    end of the merged block's selection (_torch_topk), not for the next block, whose GEMM runs meanwhile."""
+    sides = list(dict.fromkeys(side for _, _, side in running))
+    if {(t0, t1) for t0, t1, _ in running} != set(call.test_blocks()):
+        raise RuntimeError("top_k: the running selection was made for other test blocks")  # tiles of other rows
     pending: list[tuple[RunningTopK, Candidates]] = []
     for t, i, s in call.products():
-        made = [(running[t.start, side], running[t.start, side].candidates(s, i.start)) for side in sides]
+        made = [
+            (running[t.start, t.stop, side], running[t.start, t.stop, side].candidates(s, first + i.start))
+            for side in sides
+        ]
         for selection, candidates in pending:
             selection.merge(candidates)
         pending = made
     for selection, candidates in pending:
         selection.merge(candidates)
-    return {side: [running[t0, side].result() for t0, _ in blocks] for side in sides}
+    return running
+
+
+def _read(
+    running: dict[tuple[int, int, str], RunningTopK], m: int, width: int, sides: list[str]
+) -> tuple[TopK | None, TopK | None]:
+    """(proponents, opponents) of m test rows from the running selections of their blocks, each read
+    into the side's (m, width) host arrays (no host concatenation); None for a side not asked for."""
+    out = {side: TopK(np.empty((m, width), np.float32), np.empty((m, width), np.int64)) for side in sides}
+    for (t0, t1, side), selection in running.items():
+        if selection.values.shape != (t1 - t0, width):  # copy_ would broadcast a narrower selection
+            raise RuntimeError(f"top_k: a selection of shape {tuple(selection.values.shape)}, not {(t1 - t0, width)}")
+        for host, device in zip(out[side], (selection.values, selection.indices), strict=True):
+            torch.from_numpy(host[t0:t1]).copy_(device)
+    return out.get("proponents"), out.get("opponents")
+
+
+def _check_train_rows(end: int) -> None:
+    """ValueError for train indices beyond the keys' low half (_torch_topk._LOW)."""
+    if end >= _LOW:
+        raise ValueError(f"top_k on a torch device takes at most {_LOW - 1} train rows, got {end}")
 
 
 def _not_finite(x: torch.Tensor) -> torch.Tensor:
