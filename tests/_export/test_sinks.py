@@ -22,17 +22,39 @@ def test_memory_sink_puts_blocks_at_their_rows(n_rows):
     assert g.metadata == {"mode": "last_layer"}
 
 
-@pytest.mark.parametrize("dtype, big", [("float16", 7e4), ("bfloat16", 3.4e38)])
-def test_both_sinks_refuse_values_beyond_the_stored_range(tmp_path, dtype, big):
-    block = np.array([[1.0, big]], np.float32)
-    memory = MemorySink(1, 1, dtype, False, [1.0])
-    store = StoreSink(tmp_path / "g", 1, [2], dtype, False, [1.0], {})
+_LIMITS = {"float16": "65504", "bfloat16": "3.38953e+38"}
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize(
+    "dtype, big, wider", [("float16", 7e4, "'float32' or dtype='bfloat16'"), ("bfloat16", 3.4e38, "'float32'")]
+)
+def test_both_sinks_refuse_values_beyond_the_stored_range(tmp_path, dtype, big, wider, factored):
+    """In the export's words: dtype=, the checkpoint, the first such row of the data (the block's row 2
+    written at row 5) and the dtypes that hold it (was: 'block holds ... store them as float32 (or
+    bfloat16 instead of float16)', even for bfloat16); the store's adds that its directory keeps the dtype."""
+    x = np.ones((4, 2), np.float32)
+    x[2, 1] = x[3, 0] = big
+    block = (np.ones((4, 1), np.float32), x) if factored else x
+    dims = [(1, 2)] if factored else [2]
+    memory = MemorySink(9, 2, dtype, factored, [1.0, 1.0])
+    store = StoreSink(tmp_path / "g", 9, dims * 2, dtype, factored, [1.0, 1.0], {})
     errors = []
     for sink in (memory, store):
-        with pytest.raises(ValueError, match=f"beyond the {dtype} range") as e:
-            sink.write(0, 0, block)
+        with pytest.raises(ValueError) as e:
+            sink.write(1, 5, block)
         errors.append(str(e.value))
-    assert errors[0] == errors[1]
+    expected = (
+        f"dtype='{dtype}': row 7 of checkpoint 1 holds float32 gradient values beyond the {dtype} range "
+        f"(|x| > {_LIMITS[dtype]}), the first such row; "
+        f"export with dtype={wider}"
+    )
+    assert errors[0] == expected
+    assert errors[1] == (
+        f"{expected}; the store begun in {tmp_path / 'g'} keeps dtype='{dtype}' (a resume must use it): "
+        "export into another directory, or delete this one"
+    )
+    assert store.rows_done(1) == 0
     store.close()
 
 

@@ -258,6 +258,32 @@ def test_gradients_beyond_the_float16_range_are_an_error_at_export(mlp, data, tm
             )
 
 
+def test_an_export_beyond_its_dtype_names_dtype_the_checkpoint_and_the_first_row(tmp_path):
+    """Only row 13 (in the second batch of 8) of checkpoint 1 overflows float16 (|g| up to 5.4e5, 5.4e3 at
+    checkpoint 0): the error names dtype=, checkpoint 1 and row 13, with the dtypes that hold it (was:
+    'block holds float32 values beyond the float16 range ...; store them as float32 (or bfloat16 instead
+    of float16)'). With store=, that the directory keeps float16 (tests/_export/test_sinks.py: bfloat16)."""
+    r = np.random.default_rng(0)
+    x = r.normal(size=(20, 3)).astype(np.float32)
+    x[13] = 300.0
+
+    def loss(p, inputs, targets):
+        return ((inputs @ p["w"]) ** 2).sum(-1)
+
+    w = np.full((3, 2), 0.01, np.float32)
+    ckpts = [({"w": w}, 1.0), ({"w": 100 * w}, 1.0)]
+    message = (
+        r"^dtype='float16': row 13 of checkpoint 1 holds float32 gradient values beyond the float16 range "
+        r"\(\|x\| > 65504\), the first such row; export with dtype='float32' or dtype='bfloat16'"
+    )
+    with pytest.raises(ValueError, match=message + "$"):
+        export_gradients(loss, ckpts, (x, None), dtype="float16", batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=message + "; the store begun in .* keeps dtype='float16'"):
+        export_gradients(loss, ckpts, (x, None), dtype="float16", batch_size=8, store=tmp_path / "g", progress=False)
+    fits = export_gradients(loss, ckpts[:1], (x, None), dtype="float16", batch_size=8, progress=False)
+    assert fits.matrices[0].shape == (20, 6)
+
+
 def test_numpy_batch_sizes_are_accepted(mlp, data):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tracin.store._convert import float32_to_bfloat16_bits, to_store_dtype
+from tracin.store._convert import BeyondRangeError, float32_to_bfloat16_bits, to_store_dtype
 
 SPECIAL = np.array(
     [
@@ -79,10 +79,20 @@ def test_every_source_dtype_and_framework_converts_like_a_direct_cast(source, ta
     [("float32", "float16", 70000.0), ("bfloat16", "float16", -1e10), ("float32", "bfloat16", 3.4e38)],
 )
 def test_finite_values_beyond_the_store_range_are_refused(source, target, value):
+    """The error names the first row holding one (rows 3 and 5 do; counted from first_row) and the dtypes
+    that would hold it: not bfloat16 when bfloat16 is the target."""
     cast = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-    x = np.array([[1.0, value]], dtype=np.float32).astype(cast[source])
-    with pytest.raises(ValueError, match=f"block holds {source} values beyond the {target} range"):
+    x = np.ones((6, 2), dtype=np.float32)
+    x[3, 1] = x[5, 0] = value
+    x[1, 0] = np.inf  # stays inf: not beyond the range
+    x = x.astype(cast[source])
+    wider = "float32 or bfloat16" if target == "float16" else "float32"
+    with pytest.raises(BeyondRangeError, match=f"block holds {source} values beyond the {target} range") as e:
         to_store_dtype(x, target, "block")
+    assert str(e.value).endswith(f", first in row 3; store them as {wider}")
+    assert (e.value.row, e.value.source, e.value.dtype) == (3, source, target)
+    with pytest.raises(ValueError, match=r"first in row 13 of checkpoint 2; store them as"):
+        to_store_dtype(x, target, "block", 10, " of checkpoint 2")
 
 
 def test_no_copy_when_the_dtype_already_matches():

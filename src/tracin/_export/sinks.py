@@ -3,8 +3,9 @@
 Both take, per checkpoint c, blocks of rows at a start row: a (rows, d) array, or a (left, right)
 pair when factored; NumPy, torch or JAX, float32 / float16 / bfloat16. Both convert them to the
 stored dtype the same way (tracin.store's to_store_dtype), so values beyond the range of float16 /
-bfloat16 are the same ValueError at export time. The writes of one batch go inside `with
-sink.batch():` (a store records their progress once). Close a sink on any error (close()).
+bfloat16 are the same ValueError at export time, naming dtype=, the checkpoint and the first such row
+(beyond_range). The writes of one batch go inside `with sink.batch():` (a store records their progress
+once). Close a sink on any error (close()).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import FactoredGradients, Gradients
-from ..store._convert import to_store_dtype
+from ..store._convert import WIDER, BeyondRangeError, to_store_dtype
 from ..store._format import DISK_DTYPES
 from .resume import refuse_another_export
 
@@ -64,7 +65,10 @@ class MemorySink:
         return self._full[checkpoint]
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
-        pieces = _convert(block, self.factored, self.dtype)
+        try:
+            pieces = _convert(block, self.factored, self.dtype)
+        except BeyondRangeError as err:
+            raise beyond_range(err, checkpoint, start) from None
         if self.n_rows is None:
             self._parts[checkpoint].append((start, pieces))
             return
@@ -103,6 +107,24 @@ def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
             raise TypeError(f"block must be a (left, right) pair, got {type(block).__name__}")
         return [to_store_dtype(b, dtype, f"block[{i}]") for i, b in enumerate(block)]
     return [to_store_dtype(block, dtype, "block")]
+
+
+def beyond_range(
+    err: BeyondRangeError, checkpoint: int, start: int, store: str | os.PathLike | None = None
+) -> ValueError:
+    """The export's words for gradients beyond the range of the exported dtype (to_store_dtype's
+    BeyondRangeError on a block written at row `start`): dtype=, the checkpoint, the first such row of
+    the data and the dtypes that hold it; with a store, that its directory keeps the dtype."""
+    wider = " or ".join(f"dtype={d!r}" for d in WIDER[err.dtype])
+    kept = (
+        f"; the store begun in {os.fspath(store)} keeps dtype={err.dtype!r} (a resume must use it): {EXPORT_ADVICE}"
+        if store is not None
+        else ""
+    )
+    return ValueError(
+        f"dtype={err.dtype!r}: row {start + err.row} of checkpoint {checkpoint} holds {err.source} gradient values "
+        f"beyond the {err.dtype} range (|x| > {err.limit:g}), the first such row; export with {wider}{kept}"
+    )
 
 
 # the data forms whose row count is known up front, in tracin.torch's words
@@ -167,7 +189,10 @@ class StoreSink:
         return None
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
-        self._writer.write(checkpoint, start, block)
+        try:
+            self._writer.write(checkpoint, start, block)
+        except BeyondRangeError as err:
+            raise beyond_range(err, checkpoint, start, self._writer.path) from None
 
     def batch(self) -> AbstractContextManager[None]:
         """Writes of one batch, of every slot: the store records their rows once, on leaving, after

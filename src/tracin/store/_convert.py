@@ -24,12 +24,30 @@ def float32_to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
     return bits
 
 
-def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
+class BeyondRangeError(ValueError):
+    """to_store_dtype's error: finite values that would become infinite in the store dtype. row: the
+    first row of the block holding one; source / dtype: the block's and the store's dtypes; limit: the
+    largest magnitude the store dtype holds. Exporters re-raise it in their own words (sinks)."""
+
+    def __init__(self, message: str, row: int, source: str, dtype: str, limit: float):
+        super().__init__(message)
+        self.row, self.source, self.dtype, self.limit = row, source, dtype, limit
+
+
+# per store dtype: the dtypes that hold the finite values beyond its range (LIMITS: the largest
+# magnitude below the midpoint to the next, infinite, value; float32 above bfloat16's rounds to inf)
+WIDER = {"float16": ("float32", "bfloat16"), "bfloat16": ("float32",)}
+LIMITS = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895314e38}
+
+
+def to_store_dtype(x: Any, dtype: str, name: str, first_row: int = 0, where: str = "") -> np.ndarray:
     """C-contiguous (rows, d) array of `x` in the store dtype (bfloat16 as uint16 bits).
 
     x: 2-D NumPy / torch (any device) / JAX array in float32, float16 or bfloat16. No copy when
     `x` is already a contiguous array of that dtype. Finite values that would become infinite in
-    the store dtype are a ValueError (rather than silently stored as inf).
+    the store dtype are a BeyondRangeError (a ValueError; rather than silently stored as inf) naming
+    `name`, the first row holding one (counted from `first_row`, described by `where`: " of checkpoint
+    0", say) and the dtypes that would hold it.
     """
     if is_torch_tensor(x) and x.device.type != "cpu":
         x = x.detach().cpu()
@@ -44,10 +62,17 @@ def to_store_dtype(x: Any, dtype: str, name: str) -> np.ndarray:
         with np.errstate(over="ignore"):
             out = np.ascontiguousarray(as_f32.astype(dtype))
         finite = np.isfinite(out)
-    if dtype != "float32" and not np.all(finite | ~np.isfinite(as_f32)):
-        limit = np.finfo(np.float16).max if dtype == "float16" else 3.3895314e38
-        raise ValueError(
-            f"{name} holds {source} values beyond the {dtype} range (|x| > {limit:g}); "
-            "store them as float32 (or bfloat16 instead of float16)"
-        )
+    if dtype != "float32":
+        beyond = ~finite & np.isfinite(as_f32)
+        if beyond.any():
+            row = int(np.argmax(beyond.any(axis=1)))
+            wider = " or ".join(WIDER[dtype])
+            raise BeyondRangeError(
+                f"{name} holds {source} values beyond the {dtype} range (|x| > {LIMITS[dtype]:g}), first in row "
+                f"{first_row + row}{where}; store them as {wider}",
+                row,
+                source,
+                dtype,
+                LIMITS[dtype],
+            )
     return out
