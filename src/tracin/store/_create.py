@@ -4,6 +4,7 @@ one row range of it (rows=)."""
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from ._format import (
     unique_keys,
 )
 from ._locks import DirectoryLock, RangeLock
-from ._npy import create_npy, read_ids, write_npy
+from ._npy import create_npy, npy_size, read_ids, write_npy
 from ._range_writer import GradientStoreRangeWriter, initial_progress
 from ._ranges import merge_progress, read_progress
 from ._writer import DataFiles, GradientStoreWriter
@@ -191,6 +192,7 @@ def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored:
         ):
             raise ValueError(f"dims[{c}] must be a {per}, got {d!r}")
         parsed.append(tuple(int(x) for x in entry))
+    _check_file_sizes(int(n_rows), parsed, DISK_DTYPES[dtype])
     w = _weights(weights, len(parsed))
     return Manifest(
         n_rows=int(n_rows),
@@ -203,6 +205,25 @@ def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored:
         has_ids=False,
         written=[[] for _ in parsed],
     )
+
+
+# the largest file offset (off_t): no file of the store may be larger
+MAX_FILE_BYTES = 2**63 - 1
+
+
+def _check_file_sizes(n_rows: int, dims: list[tuple[int, ...]], dtype: np.dtype) -> None:
+    """ValueError naming n_rows and dims when a data file (n_rows x d, header included) would be
+    larger than a file can be (2**63 - 1 bytes), before any file is made."""
+    for c, entry in enumerate(dims):
+        for d in entry:
+            size = npy_size(dtype, (n_rows, d))
+            if size > MAX_FILE_BYTES:
+                shown = entry if len(entry) > 1 else d
+                raise ValueError(
+                    f"n_rows={n_rows} with dims[{c}]={shown!r} makes a {dtype.name} data file of {n_rows} x {d} "
+                    f"values, {size} bytes: beyond the {MAX_FILE_BYTES} bytes a file can hold; split the rows "
+                    "between stores or project the gradients to fewer columns"
+                )
 
 
 def _json_metadata(metadata: Any) -> dict:
@@ -222,6 +243,9 @@ def _json_metadata(metadata: Any) -> dict:
         text = json.dumps(metadata, default=plain, allow_nan=False)
     except RecursionError:
         raise ValueError(f"metadata nests too deeply: a store's manifest allows {deepest} levels") from None
+    except (ValueError, TypeError) as e:  # a NaN, a tuple or NumPy key: json's words name neither
+        where = _not_json(metadata)
+        raise type(e)(f"metadata: {where}" if where is not None else f"metadata: {e}") from None
     depth = json_depth(text)
     if depth > deepest:
         raise ValueError(f"metadata nests {depth} levels deep, but a store's manifest allows {deepest}")
@@ -233,6 +257,38 @@ def _json_metadata(metadata: Any) -> dict:
     if problem is not None:
         raise ValueError(problem)
     return plain_metadata
+
+
+def _not_json(x: Any, path: str = "") -> str | None:
+    """What in `x` (metadata; `path`: where in it, as subscripts) json.dumps(default=plain,
+    allow_nan=False) refuses, and where; None if nothing is found. Keys must be str, int, float, bool
+    or None (NumPy scalars are not), numbers finite, values JSON types or NumPy scalars / arrays."""
+    at = f"at {path}" if path else "at the top level"
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if not (k is None or isinstance(k, (str, int, float, bool))):
+                return f"key {k!r} {at} is of type {type(k).__name__}; JSON keys must be str, int, float, bool or None"
+            if isinstance(k, float) and not math.isfinite(k):
+                return f"key {k!r} {at} is not a finite number; JSON holds finite numbers only"
+            found = _not_json(v, f"{path}[{k!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            found = _not_json(v, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(x, (str, bool, int)) or x is None:
+        return None
+    if isinstance(x, float) or (isinstance(x, (np.generic, np.ndarray)) and x.dtype.kind == "f"):
+        if not np.all(np.isfinite(np.asarray(x))):
+            return f"the value {at} is {x!r:.80}; JSON holds finite numbers only (store NaN / Inf as a string)"
+        return None
+    if isinstance(x, (np.generic, np.ndarray)):  # as plain() writes it
+        return _not_json(x.tolist(), path)
+    return f"the value {at} is of type {type(x).__name__} ({x!r:.60}), not JSON-serialisable"
 
 
 def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:

@@ -107,14 +107,20 @@ def _header_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return buf.getvalue()
 
 
+def npy_size(dtype: np.dtype, shape: tuple[int, int]) -> int:
+    """The bytes of a .npy file of `shape` and `dtype` (header and data)."""
+    return len(_header_bytes(dtype, shape)) + shape[0] * shape[1] * dtype.itemsize
+
+
 def create_npy(path: Path, dtype: np.dtype, shape: tuple[int, int]) -> None:
-    """A new .npy file of the given shape whose data is all zero bytes (sparse where the OS allows)."""
+    """A new .npy file of the given shape whose data is all zero bytes (sparse where the OS allows);
+    its size (npy_size) must fit a signed 64-bit file offset (create checks it first)."""
     header = _header_bytes(dtype, shape)
     fd = create_file(path)
     try:
         write_all(fd, header, 0, path)
         with naming(path, "setting its size"):
-            os.ftruncate(fd, len(header) + shape[0] * shape[1] * dtype.itemsize)
+            os.ftruncate(fd, npy_size(dtype, shape))
         sync(fd, path)
     finally:
         os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,8 +163,10 @@ class GradientStoreWriter:
         if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
             raise ValueError(f"start must be a non-negative integer, got {start!r}")
         start = int(start)
-        arrays = self._blocks(c, block)
+        arrays = self._blocks(c, block, start)
         rows = arrays[0].shape[0]
+        if start > self.n_rows:
+            raise ValueError(f"start {start} is past the end of the store's {self.n_rows} rows")
         if start + rows > self.n_rows:
             raise ValueError(f"rows [{start}, {start + rows}) exceed the store's {self.n_rows} rows")
         if not self.rows[0] <= start <= start + rows <= self.rows[1]:
@@ -240,6 +243,8 @@ class GradientStoreWriter:
         self.close()
 
     def __del__(self) -> None:
+        if sys.is_finalizing():  # module globals (os) may be gone; exiting closes the files and frees the lock
+            return
         try:
             self.close()
         except (OSError, AttributeError):
@@ -277,18 +282,20 @@ class GradientStoreWriter:
             raise ValueError(f"checkpoint must be an integer in [0, {self.n_checkpoints}), got {checkpoint!r}")
         return int(checkpoint)
 
-    def _blocks(self, c: int, block: Any) -> list[np.ndarray]:
+    def _blocks(self, c: int, block: Any, start: int) -> list[np.ndarray]:
         m = self._manifest
         if m.factored:
             if not isinstance(block, (tuple, list)) or len(block) != 2:
                 raise TypeError(
                     f"block must be a (left, right) pair of arrays for a factored store, got {type(block).__name__}"
                 )
-            arrays = [to_store_dtype(b, m.dtype, f"block[{i}]") for i, b in enumerate(block)]
+            arrays = [
+                to_store_dtype(b, m.dtype, f"block[{i}]", start, f" of checkpoint {c}") for i, b in enumerate(block)
+            ]
             if arrays[0].shape[0] != arrays[1].shape[0]:
                 raise ValueError(f"left has {arrays[0].shape[0]} rows but right has {arrays[1].shape[0]}")
         else:
-            arrays = [to_store_dtype(block, m.dtype, "block")]
+            arrays = [to_store_dtype(block, m.dtype, "block", start, f" of checkpoint {c}")]
         for i, (arr, d) in enumerate(zip(arrays, m.dims[c], strict=True)):
             if arr.shape[1] != d:
                 what = ("left", "right")[i] if m.factored else "block"
