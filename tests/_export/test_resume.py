@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tracin._export.fingerprint import callable_identity, identity_before_code
-from tracin._export.resume import changed_inputs, same_function, without_code
+from tracin._export.resume import changed_inputs, refuse_another_export, same_function, without_code
 from tracin.torch import export_gradients
 
 _SOURCE = """
@@ -203,3 +203,60 @@ def test_changed_inputs_names_reordered_checkpoints_and_another_python():
     ]
     (change,) = changed_inputs({"loss": "m.f code[3.10]=" + "a" * 32}, {"loss": "m.f code[3.11]=" + "b" * 32})
     assert "recorded under Python 3.10, this is Python 3.11" in change
+
+
+def _ce(outputs, targets):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_a_checkpoint_given_in_another_form_is_named_as_such_on_resume(problem, tmp_path):
+    model, checkpoints, data = problem
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(
+            model, checkpoints, _Interrupting(data), _ce, store=tmp_path / "s", batch_size=4, progress=False
+        )
+    torch.save(checkpoints[0][0], tmp_path / "c0.pt")
+    as_file = [(str(tmp_path / "c0.pt"), checkpoints[0][1]), checkpoints[1]]
+    with pytest.raises(
+        ValueError,
+        match=r"other inputs: checkpoints\[0\] was given as an in-memory state_dict there and as a file \(or folder\) "
+        r"here .*pass it the same way to resume\. Rows",
+    ):
+        export_gradients(model, as_file, data, _ce, store=tmp_path / "s", batch_size=4, progress=False)
+    changed = [({k: v + 1 for k, v in checkpoints[0][0].items()}, checkpoints[0][1]), checkpoints[1]]
+    with pytest.raises(ValueError, match=r"other inputs: checkpoints\[0\] differs\. Rows"):
+        export_gradients(model, changed, data, _ce, store=tmp_path / "s", batch_size=4, progress=False)
+    resumed = export_gradients(model, checkpoints, data, _ce, store=tmp_path / "s", batch_size=4, progress=False)
+    assert resumed.complete
+    assert changed_inputs({"checkpoints": ["a", "b"]}, {"checkpoints": ["c", "b"]}, (["file", "state"], None)) == [
+        "checkpoints[0] differs"
+    ]
+
+
+def test_changed_learning_rates_are_named_as_such(problem, tmp_path):
+    model, checkpoints, data = problem
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(
+            model, checkpoints, _Interrupting(data), _ce, store=tmp_path / "s", batch_size=4, progress=False
+        )
+    metadata = json.loads((tmp_path / "s" / "manifest.json").read_text())["metadata"]
+    refuse_another_export(tmp_path / "s", metadata, [0.5, 0.25])  # the same: nothing to say
+    with pytest.raises(
+        ValueError, match=r"other settings: the learning rates \[0.5, 0.25\] there vs \[0.5, 0.2\] here"
+    ):
+        refuse_another_export(tmp_path / "s", metadata, [0.5, 0.2])
+
+
+class _Interrupting:
+    """(x, y) batches of 4 whose third pass (the first checkpoint's rows) stops after one batch."""
+
+    def __init__(self, data):
+        self.data, self.passes = data, 0
+
+    def __iter__(self):
+        self.passes += 1
+        x, y = self.data
+        for i, start in enumerate(range(0, len(x), 4)):
+            if self.passes == 3 and i == 1:
+                raise KeyboardInterrupt
+            yield x[start : start + 4], y[start : start + 4]

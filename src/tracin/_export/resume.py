@@ -2,7 +2,9 @@
 
 The store refuses any spec change on its own (with both metadata dicts in full); this check comes
 first and says in words which parameters (columns) differ, else which fingerprinted input does: the
-data, a checkpoint, the model's structure or the loss function. A store exported before
+data, a checkpoint, the model (its structure, or by name a module attribute, non-persistent buffer
+or class's forward code: model_changes) or the loss function. A store recording the model's
+structure alone (before the rest was fingerprinted) resumes with the same structure. A store exported before
 metadata["checkpoint_sources"] was recorded resumes without it, with the digests it holds of
 in-memory checkpoints (as_exported_before); one whose loss function identity was recorded before
 code was digested, or under a script's __main__ name, resumes with the same function.
@@ -22,7 +24,7 @@ from .fingerprint import identity_before_code
 _WHAT = {
     "data": "the data (inputs or targets) differ, or the batch size does (the data is fingerprinted batch by batch: "
     "resume with the batch_size, or DataLoader batch_size, the store was exported with)",
-    "model": "the model differs (module types or settings, parameter names, shapes or dtypes)",
+    "model": "the model differs (module types or settings, parameter or buffer names, shapes or dtypes)",
     "loss": "the loss function differs",
     "layer_input": "layer_input differs",
     "optimizer_states": "the optimizer states saved with the checkpoints differ",
@@ -31,22 +33,26 @@ _WHAT = {
 _SETTINGS = ("framework", "mode", "dtype", "projection", "preconditioner", "last_layer")
 
 
-def changed_inputs(before: dict, now: dict) -> list[str]:
-    """What differs between two exports' metadata["fingerprints"], in words."""
+def changed_inputs(before: dict, now: dict, sources: tuple[Any, Any] = (None, None)) -> list[str]:
+    """What differs between two exports' metadata["fingerprints"], in words; `sources`: their
+    metadata["checkpoint_sources"] (a checkpoint given as a file on one side and as an in-memory
+    state_dict on the other is digested differently: that is named rather than a change)."""
     changes = []
     old, new = before.get("checkpoints"), now.get("checkpoints")
     if old != new:
         if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and sorted(old) == sorted(new):
             changes.append("the same checkpoints in another order")
         elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-            changes += [f"checkpoints[{c}] differs" for c, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
+            changes += [_checkpoint_change(c, sources) for c, (a, b) in enumerate(zip(old, new, strict=True)) if a != b]
         else:
             changes.append(
                 f"the checkpoints differ ({len(old) if isinstance(old, list) else 'unknown'} "
                 f"there, {len(new) if isinstance(new, list) else 'unknown'} here)"
             )
     for key in sorted(set(before) | set(now)):
-        if key != "checkpoints" and before.get(key) != now.get(key):
+        if key == "model" and before.get(key) != now.get(key):
+            changes += model_changes(before.get(key), now.get(key))
+        elif key != "checkpoints" and before.get(key) != now.get(key):
             detail = f" ({before.get(key)} there, {now.get(key)} here)" if key in ("loss", "layer_input") else ""
             changes.append(
                 _WHAT.get(key, f"fingerprint {key!r} differs")
@@ -56,6 +62,77 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
                 + _code_change(before.get(key), now.get(key))
             )
     return changes
+
+
+_FORMS = {"file": "a file (or folder)", "state": "an in-memory state_dict"}
+
+
+def _checkpoint_change(c: int, sources: tuple[Any, Any]) -> str:
+    """'checkpoints[c] differs', or, when it was given in another form (metadata["checkpoint_sources"]:
+    a file there, an in-memory state_dict here), that: the two are digested differently, so whether
+    it holds the same weights cannot be told."""
+    forms = [s[c] if isinstance(s, list) and c < len(s) else None for s in sources]
+    if forms[0] != forms[1] and all(f in _FORMS for f in forms):
+        return (
+            f"checkpoints[{c}] was given as {_FORMS[forms[0]]} there and as {_FORMS[forms[1]]} here (digested "
+            "differently, so the same weights cannot be told): pass it the same way to resume"
+        )
+    return f"checkpoints[{c}] differs"
+
+
+def _structure(model: Any) -> Any:
+    """The digest of a model's structure in a "model" fingerprint: all of it as versions before the
+    settings, buffer values and code were recorded made it (a string), its "structure" entry now."""
+    return model.get("structure") if isinstance(model, dict) else model
+
+
+_MODEL_PARTS = {
+    "settings": "attributes differ",
+    "buffers": "non-persistent buffer values (in no checkpoint) differ",
+    "code": "module classes' forward code differs",
+}
+
+
+def model_changes(before: Any, now: Any) -> list[str]:
+    """How two exports' fingerprints["model"] (tracin.torch model_digest) differ, in words: the structure,
+    then the modules' attributes (with both values), non-persistent buffers and classes' forward code
+    by name. A record without settings, buffers and code (written before they were recorded) is
+    compared by its structure alone."""
+    if before == now:
+        return []
+    if _structure(before) != _structure(now) or not isinstance(before, dict) or not isinstance(now, dict):
+        return [] if _structure(before) == _structure(now) else [_WHAT["model"]]
+    changes = []
+    for part, what in _MODEL_PARTS.items():
+        old, new = before.get(part), now.get(part)
+        if old == new or not isinstance(old, dict) or not isinstance(new, dict):
+            continue
+        names = sorted(set(old) | set(new))
+        differing = [n for n in names if old.get(n) != new.get(n)]
+        if part == "settings":
+            shown = [f"{n} {old.get(n, '(none)')} there, {new.get(n, '(none)')} here" for n in differing[:5]]
+        else:
+            shown = [
+                n + ("" if n in old and n in new else " (only " + ("there)" if n in old else "here)"))
+                for n in differing[:5]
+            ]
+        text = f"the model's {what}: {'; '.join(shown)}{' ...' if len(differing) > 5 else ''}"
+        if part == "settings":
+            text += (
+                " (a value forward updates, such as a call counter, belongs in a private attribute, named with a "
+                "leading _, which is not fingerprinted)"
+            )
+        if part == "code":
+            versions = [sorted({v.partition(":")[0] for v in d.values()}) for d in (old, new)]
+            text += (
+                f" (recorded under Python {', '.join(versions[0])}, this is Python {', '.join(versions[1])}: "
+                "bytecode differs between versions; resume with the Python version that started the export)"
+                if versions[0] != versions[1]
+                else " (edited, or a library upgraded: finish the export with the code and library versions that "
+                "started it)"
+            )
+        changes.append(text)
+    return changes or [_WHAT["model"]]
 
 
 def changed_params(before: Any, now: Any) -> str | None:
@@ -196,13 +273,25 @@ def _existing_metadata(path: str | os.PathLike) -> dict | None:
     return existing if isinstance(existing, dict) and isinstance(existing.get("fingerprints"), dict) else None
 
 
+def _stored_weights(path: str | os.PathLike) -> list[float] | None:
+    """The weights (learning rates) of the store at `path`, None when it cannot be read."""
+    from ..store import GradientStore
+
+    try:
+        return [float(w) for w in GradientStore.open(path, allow_partial=True).weights]
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 _FUNCTIONS = ("loss", "layer_input")  # the fingerprints that are function identities (callable_identity)
 
 
 def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: Callable[[int], str | None]) -> dict:
     """`metadata` with the store's identity of the loss function and layer_input where they name the
     same function (same_function: a store written before code was digested, or a script's __main__
-    function imported by name), so that the store resumes; and `metadata` as a store exported before
+    function imported by name), and with the store's model fingerprint where it is the digest of this
+    model's structure alone (versions before the settings, buffer values and forward code were
+    recorded), so that the store resumes; and `metadata` as a store exported before
     "checkpoint_sources" was recorded holds it, when `path` holds such a store (its spec lacks the
     key), so that the store resumes, or is returned when finished, as it is: without
     "checkpoint_sources", and with the stored digest of each in-memory checkpoint whose digest
@@ -219,6 +308,10 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     }
     if functions:
         metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], **functions}}
+    model = existing["fingerprints"].get("model")
+    if isinstance(model, str) and model == _structure(metadata["fingerprints"].get("model")):
+        # recorded before the model's settings, buffer values and code were: compared by its structure
+        metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], "model": model}}
     if "checkpoint_sources" in existing:
         return metadata
     digests = list(metadata["fingerprints"]["checkpoints"])
@@ -231,10 +324,11 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     return {k: v for k, v in metadata.items() if k != "checkpoint_sources"} | {"fingerprints": fingerprints}
 
 
-def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
+def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequence[float] | None = None) -> None:
     """ValueError naming what changed when `path` holds a store exported with other parameters,
-    fingerprints or settings (_SETTINGS) than `metadata`'s; nothing when there is no readable store
-    there yet."""
+    fingerprints, settings (_SETTINGS) than `metadata`'s, or other learning rates than `weights` (the
+    store's weights: one per checkpoint, or per checkpoint and layer in a factored store); nothing when
+    there is no readable store there yet."""
     existing = _existing_metadata(path)
     if existing is None or not isinstance(metadata.get("fingerprints"), dict):
         return
@@ -245,7 +339,8 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
             "model or layers=, or a tracin version that differentiates other leaves. Rows of other columns "
             "cannot be mixed: export into another directory, or delete this one"
         )
-    changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"])
+    sources = (existing.get("checkpoint_sources"), metadata.get("checkpoint_sources"))
+    changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"], sources)
     if changes:
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported from other inputs: "
@@ -257,6 +352,12 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict) -> None:
         for key in _SETTINGS
         if key in existing and key in metadata and existing[key] != metadata[key]
     ]
+    stored = _stored_weights(path) if weights is not None else None
+    if stored is not None and stored != [float(w) for w in weights]:
+        settings.append(
+            f"the learning rates {[float(w) for w in stored]} there vs {[float(w) for w in weights]} here "
+            "(the checkpoints' lr, repeated per layer in a factored store)"
+        )
     if settings:
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported with other settings: "

@@ -1,0 +1,173 @@
+"""What a resume compares of the model (model_digest): module attributes, non-persistent buffer values
+and forward code, besides the structure; how a change is named; stores recording the structure alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tracin._export.resume import model_changes
+from tracin.torch import export_gradients
+from tracin.torch.model_fingerprint import model_digest
+
+
+class Killed(Exception):
+    pass
+
+
+class _Dying(list):
+    """Batches whose `on`-th pass raises after `after` batches (an export interrupted part-way)."""
+
+    def __init__(self, batches, on: int, after: int):
+        super().__init__(batches)
+        self.on, self.after, self.passes = on, after, 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(super().__iter__()):
+            if self.passes == self.on and i == self.after:
+                raise Killed
+            yield b
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class Net(nn.Module):
+    def __init__(self, temperature=1.0):
+        super().__init__()
+        self.l1, self.l2, self.scale = nn.Linear(6, 8), nn.Linear(8, 3), Scale()
+        self.temperature = temperature
+        self.register_buffer("mask", torch.ones(8), persistent=False)
+        self.model_path = "/somewhere"  # where it was read from: not compared
+        self._calls = 0  # private: not compared
+
+    def forward(self, x):
+        self._calls += 1
+        return self.l2(self.scale(torch.tanh(self.l1(x))) * self.mask) / self.temperature
+
+
+class Edited(Net):
+    """Net with another forward, named as Net (the same script edited)."""
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)) * self.mask) / self.temperature
+
+
+Edited.__qualname__ = Edited.__name__ = "Net"
+
+LOSS = nn.CrossEntropyLoss(reduction="none")
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = Net()
+    states = []
+    for _ in range(2):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    return [(states[0], 0.5), (states[1], 0.25)], [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+
+
+def _export(model, checkpoints, batches, store):
+    return export_gradients(model, checkpoints, batches, LOSS, store=store, progress=False)
+
+
+def _interrupted(checkpoints, batches, store: Path) -> None:
+    # pass 1 counts the rows, pass 2 fingerprints the data, pass 3 (checkpoint 0) dies after one batch
+    with pytest.raises(Killed):
+        _export(Net(), checkpoints, _Dying(batches, on=3, after=1), store)
+
+
+def _rows(store: Path) -> list[np.ndarray]:
+    return [np.load(f) for f in sorted(store.glob("checkpoint_*.npy"))]
+
+
+def _changed(**what) -> Net:
+    model = Net(what.get("temperature", 1.0))
+    if "mask" in what:
+        model.mask[:3] = 0
+    if "factor" in what:
+        model.scale.factor = what["factor"]
+    return model
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (_changed(temperature=2.0), r"the model's attributes differ: temperature 1.0 there, 2.0 here"),
+        (_changed(factor=0.5), r"the model.s attributes differ: scale.factor 1.0 there, 0.5 here"),
+        (_changed(mask=True), r"the model.s non-persistent buffer values \(in no checkpoint\) differ: mask"),
+        (Edited(), r"the model.s module classes. forward code differs: .*test_model_fingerprint.Net \(edited"),
+    ],
+    ids=["attribute", "submodule attribute", "buffer", "forward"],
+)
+def test_a_resume_with_a_changed_model_is_refused_naming_the_change(tmp_path, model, message):
+    checkpoints, batches = _problem()
+    _interrupted(checkpoints, batches, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"holds gradients exported from other inputs: " + message):
+        _export(model, checkpoints, batches, tmp_path / "s")
+    # the unchanged model resumes, bit-identical to an export never interrupted
+    model = Net()
+    model.model_path, model._calls = "/elsewhere", 7
+    assert _export(model, checkpoints, batches, tmp_path / "s").complete
+    _export(Net(), checkpoints, batches, tmp_path / "whole")
+    for a, b in zip(_rows(tmp_path / "s"), _rows(tmp_path / "whole"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_store_recording_the_structure_alone_resumes_with_the_same_structure(tmp_path):
+    checkpoints, batches = _problem()
+    _interrupted(checkpoints, batches, tmp_path / "s")
+    manifest = tmp_path / "s" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    recorded = doc["metadata"]["fingerprints"]["model"]
+    assert recorded == json.loads(json.dumps(model_digest(Net())))
+    doc["metadata"]["fingerprints"]["model"] = recorded["structure"]  # as versions before settings wrote it
+    manifest.write_text(json.dumps(doc))
+    # its settings were not recorded: a changed temperature cannot be told (as those versions did)
+    resumed = _export(_changed(temperature=2.0), checkpoints, batches, tmp_path / "s")
+    assert resumed.complete and resumed.metadata["fingerprints"]["model"] == recorded["structure"]
+    _interrupted(checkpoints, batches, tmp_path / "t")
+    doc = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    doc["metadata"]["fingerprints"]["model"] = recorded["structure"]
+    (tmp_path / "t" / "manifest.json").write_text(json.dumps(doc))
+    edited = Net()
+    edited.scale = nn.Identity()  # the same parameters, another structure
+    with pytest.raises(ValueError, match=r"other inputs: the model differs \(module types"):
+        _export(edited, checkpoints, batches, tmp_path / "t")
+
+
+def test_model_digest_covers_settings_buffers_and_code_not_paths_private_or_training():
+    base = model_digest(Net())
+    assert base["settings"]["temperature"] == "1.0" and base["settings"]["scale.factor"] == "1.0"
+    assert "model_path" not in base["settings"] and "_calls" not in base["settings"]
+    assert not any(k.endswith("training") for k in base["settings"])
+    assert set(base["buffers"]) == {"mask"}  # persistent buffers are in the checkpoints
+    assert {k.rpartition(".")[2] for k in base["code"]} == {"Net", "Scale"}  # torch's own classes left out
+    model = Net()
+    model.eval()
+    model._calls = 3
+    model(torch.zeros(1, 6))
+    assert model_digest(model) == base
+    for changed in (_changed(temperature=0.5), _changed(mask=True), Edited()):
+        assert model_digest(changed)["structure"] == base["structure"] and model_digest(changed) != base
+    assert model_changes(base["structure"], base) == [] and model_changes(base, base) == []
+    other = {**base, "settings": {**base["settings"], "extra": "3"}}
+    assert model_changes(base, other)[0].startswith("the model's attributes differ: extra (none) there, 3 here")
+    bumped = {**base, "code": {k: "3.99:" + v.partition(":")[2] for k, v in base["code"].items()}}
+    assert "this is Python 3.99" in model_changes(base, bumped)[0]
