@@ -9,8 +9,11 @@
     preconditioner {"kind": "adam" | "adam_update", hyperparameters...}, or None (plain gradients)
     last_layer     only with mode="last_layer": {"layer", "weight", "bias", "left", "right"}
     fingerprints   {"data": digest of inputs and targets, "checkpoints": [digest per checkpoint],
-                    plus what the adapter adds: "model" (torch: module types, parameter names,
-                    shapes and dtypes), "loss" (the loss function's identity), "layer_input" (jax),
+                    plus what the adapter adds: "model" (torch: {"structure": digest of module
+                    types and settings, parameter names, shapes and dtypes; "settings": module
+                    attributes; "buffers": non-persistent buffer digests; "code": forward code
+                    digests}, model_digest; a store from versions before holds the structure
+                    digest alone), "loss" (the loss function's identity), "layer_input" (jax),
                     "optimizer_states" (digest per checkpoint, only with a preconditioner)}
     checkpoint_sources
                    ["file" | "state", ...]: how each digest in fingerprints["checkpoints"] was made.

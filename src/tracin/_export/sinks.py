@@ -161,7 +161,7 @@ class StoreSink:
         from ..store._create import create
 
         need_row_count(n_rows)
-        refuse_another_export(path, metadata)
+        refuse_another_export(path, metadata, weights)
         self._writer = create(
             path,
             n_rows,
