@@ -61,16 +61,18 @@ float16 rows of 2 x 4096): scoring the store from disk takes 1.02x (1 GiB, warm)
 cold) the in-memory time, with a peak RSS of 293 MiB against 1057 / 4129 MiB in memory.
 """
 
-DEVICE_TILE_BYTES = 64 * 2**20
+DEVICE_TILE_BYTES = 256 * 2**20
 """Device backends (tracin.backends.torch_device): bytes of train rows (as stored on the host, all
 checkpoints together) per tile, which is also the unit of one host-to-device copy when train rows
 stream from the host, and of each of the two pinned staging buffers. Large enough that one copy
-runs near the link's bandwidth (copies of tens of MiB do on PCIe 4/5) and one tile's GEMM keeps the
-GPU busy for about a millisecond at m=1000, d=512; small enough that two staging buffers and two
-device buffers stay a fraction of a GB. On an H200 (benchmarks/results/gpu_tiles.json: top_k, m=1000,
-n=1,000,000, d=512, with DEVICE_TILE_SCORES): 16 MiB tiles took 1.8-2.1x the time of 64 MiB ones;
-256 MiB ones 1.02x at top-10 and 0.78x at top-1000 with the rows on the device, 1.22x streamed from
-a store, so 64 MiB stays.
+runs near the link's bandwidth and one tile's GEMM keeps the GPU busy for about 3 ms at m=1000,
+d=512; two staging buffers (pinned host memory) and two device buffers take 1 GiB at most (less for
+a train set smaller than a tile). On an H200 (top_k, m=1000, n=1,000,000, d=512;
+benchmarks/results/gpu_tiles.json, and a probe of 5 interleaved rounds after the grouped selection
+and the device-side merge across pieces were added, 2026-12-04): 256 MiB tiles with 2^27 scores per
+block took 32.7 ms at top-10 (64 MiB, 2^25: 36.0), 45.3 at top-1000 (57.2), 35.6 for both sides at
+top-10 (47.5), 99.8 for a store streamed at top-10 (104.7) and 115.4 at top-1000 (109.8); 16 MiB
+tiles took 1.8-3.6x the time of 64 MiB ones.
 """
 
 DEVICE_TEST_BYTES = 2**30
@@ -88,14 +90,15 @@ re-streaming the train side per chunk stays hidden behind the compute up to d of
 Not yet measured on a GPU: rerun benchmarks/gpu.py.
 """
 
-DEVICE_TILE_SCORES = 2**25
-"""Device backends: scores per score block (test rows x train rows of a tile, float32: 128 MiB); the
+DEVICE_TILE_SCORES = 2**27
+"""Device backends: scores per score block (test rows x train rows of a tile, float32: 512 MiB); the
 test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores
 exist at once (top_k merges a block's candidates, which keep its scores, after the next block is
 made), plus, for rows cut inside a tie, copies of those rows, and, for small k on wide tiles, the
 candidates of the block being selected (_torch_topk._group_size: at most a quarter of its scores,
 freed once its k + 1 best are picked). This bounds the device memory of top_k whatever m and n are
-(the full (m, n) matrix is never held), and keeps each GEMM large (m=1000 x 32,768 rows at d=512).
-On an H200 (benchmarks/results/gpu_tiles.json, with 64 MiB tiles): 2^23 scores per block took
-1.33-1.64x the time, 2^27 0.98-1.08x.
+(the full (m, n) matrix is never held: about 1.5 GiB of score blocks at most), and keeps each GEMM
+large (m=1000 x 131,072 rows at d=512). On an H200 (see DEVICE_TILE_BYTES): 2^26 scores per block
+with 256 MiB tiles took 1.03-1.07x the time of 2^27 (streamed: 0.98-1.04x); with 64 MiB tiles, 2^23
+took 1.3-2.5x the time of 2^25.
 """
