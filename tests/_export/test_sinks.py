@@ -58,6 +58,20 @@ def test_both_sinks_refuse_values_beyond_the_stored_range(tmp_path, dtype, big, 
     store.close()
 
 
+def test_overflow_in_a_factored_export_names_the_checkpoint_and_factor_pair(tmp_path):
+    """A factored export has one sink slot per layer (slot = checkpoint * layers + layer): slot 3 of
+    2 layers per checkpoint is checkpoint 1's factor pair 1, not 'checkpoint 3'."""
+    right = np.ones((3, 2), np.float32)
+    right[1, 0] = 1e5
+    block = (np.ones((3, 1), np.float32), right)
+    memory = MemorySink(3, 4, "float16", True, [1.0] * 4, slots=2)
+    store = StoreSink(tmp_path / "g", 3, [(1, 2), (1, 2)] * 2, "float16", True, [1.0] * 4, {}, slots=2)
+    for sink in (memory, store):
+        with pytest.raises(ValueError, match=r"^dtype='float16': row 1 of checkpoint 1 \(factor pair 1\) holds"):
+            sink.write(3, 0, block)
+    store.close()
+
+
 def test_memory_sink_keeps_the_stored_dtype_and_values():
     sink = MemorySink(2, 1, "float16", False, [0.5])
     sink.write(0, 0, np.array([[1.0, 2.5], [-3.0, 65504.0]], np.float32))

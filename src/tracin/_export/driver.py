@@ -224,12 +224,15 @@ def export(
             rates,
             as_exported_before(options.store, metadata(fingerprint.data), legacy_digest),
             rows=None if rows is None or rows[0] == rows[1] else rows,
+            slots=slots,
         )
         if rows is not None and rows[0] == rows[1]:  # the store created (or checked) for range writers
             sink.close()
             return None
     else:
-        sink = MemorySink(n_rows, len(checkpoints) * slots, options.dtype, factored, rates, wrap=framework.wrap)
+        sink = MemorySink(
+            n_rows, len(checkpoints) * slots, options.dtype, factored, rates, wrap=framework.wrap, slots=slots
+        )
     loop = None
     try:  # the sink (a store's lock and files) is released on any error, the bar's creation included
         loop = _Loop(

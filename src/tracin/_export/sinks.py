@@ -43,8 +43,10 @@ class MemorySink:
         factored: bool,
         weights: list[float],
         wrap: Wrap = lambda a, dtype: a,
+        slots: int = 1,
     ):
         self.n_rows, self.dtype, self.factored, self.weights, self._wrap = n_rows, dtype, factored, weights, wrap
+        self.slots = slots  # per checkpoint: write's `checkpoint` is checkpoint * slots + slot
         self._full: list[list[np.ndarray] | None] = [None] * n_checkpoints
         self._parts: list[list[tuple[int, list[np.ndarray]]]] = [[] for _ in range(n_checkpoints)]
 
@@ -68,7 +70,7 @@ class MemorySink:
         try:
             pieces = _convert(block, self.factored, self.dtype)
         except BeyondRangeError as err:
-            raise beyond_range(err, checkpoint, start) from None
+            raise beyond_range(err, checkpoint, start, slots=self.slots) from None
         if self.n_rows is None:
             self._parts[checkpoint].append((start, pieces))
             return
@@ -110,11 +112,14 @@ def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
 
 
 def beyond_range(
-    err: BeyondRangeError, checkpoint: int, start: int, store: str | os.PathLike | None = None
+    err: BeyondRangeError, slot: int, start: int, store: str | os.PathLike | None = None, slots: int = 1
 ) -> ValueError:
     """The export's words for gradients beyond the range of the exported dtype (to_store_dtype's
-    BeyondRangeError on a block written at row `start`): dtype=, the checkpoint, the first such row of
-    the data and the dtypes that hold it; with a store, that its directory keeps the dtype."""
+    BeyondRangeError on a block of sink slot `slot` written at row `start`; `slots` per checkpoint:
+    factored exports have one per layer): dtype=, the checkpoint (and factor pair), the first such row
+    of the data and the dtypes that hold it; with a store, that its directory keeps the dtype."""
+    checkpoint, pair = divmod(slot, slots)
+    where = f"checkpoint {checkpoint}" + (f" (factor pair {pair})" if slots > 1 else "")
     wider = " or ".join(f"dtype={d!r}" for d in WIDER[err.dtype])
     kept = (
         f"; the store begun in {os.fspath(store)} keeps dtype={err.dtype!r} (a resume must use it): {EXPORT_ADVICE}"
@@ -122,7 +127,7 @@ def beyond_range(
         else ""
     )
     return ValueError(
-        f"dtype={err.dtype!r}: row {start + err.row} of checkpoint {checkpoint} holds {err.source} gradient values "
+        f"dtype={err.dtype!r}: row {start + err.row} of {where} holds {err.source} gradient values "
         f"beyond the {err.dtype} range (|x| > {err.limit:g}), the first such row; export with {wider}{kept}"
     )
 
@@ -156,6 +161,7 @@ class StoreSink:
         weights: list[float],
         metadata: dict,
         rows: tuple[int, int] | None = None,
+        slots: int = 1,
     ):
         from ..store import GradientStore
         from ..store._create import create
@@ -177,6 +183,7 @@ class StoreSink:
             advice=EXPORT_ADVICE,
         )
         self._ranged = rows is not None
+        self.slots = slots  # per checkpoint: write's `checkpoint` is checkpoint * slots + slot
 
     @property
     def complete(self) -> bool:
@@ -192,7 +199,7 @@ class StoreSink:
         try:
             self._writer.write(checkpoint, start, block)
         except BeyondRangeError as err:
-            raise beyond_range(err, checkpoint, start, self._writer.path) from None
+            raise beyond_range(err, checkpoint, start, self._writer.path, self.slots) from None
 
     def batch(self) -> AbstractContextManager[None]:
         """Writes of one batch, of every slot: the store records their rows once, on leaving, after
