@@ -204,6 +204,15 @@ def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):
     assert tracin.GradientStore.create(tmp_path / "s", 1, [1], metadata=meta).complete
 
 
+def test_metadata_holding_itself_is_json_circular_reference_error(tmp_path):
+    """The walk naming where metadata is not JSON followed the cycle into a RecursionError."""
+    metadata: dict = {}
+    metadata["a"] = metadata
+    with pytest.raises(ValueError, match="^metadata: Circular reference detected$"):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2], metadata=metadata)
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.mark.parametrize(
     "metadata, error, message",
     [
@@ -211,7 +220,8 @@ def test_metadata_with_numpy_values_round_trips_as_json(tmp_path):
         ({"a": {"x": np.array([1.0, np.inf])}}, ValueError, r"the value at \['a'\]\['x'\] is array\(\[ 1., inf\]\)"),
         ({"a": [1, {"b": np.float32("-inf")}]}, ValueError, r"the value at \['a'\]\[1\]\['b'\] is np.float32\(-inf\)"),
         ({(1, 2): 3}, TypeError, r"key \(1, 2\) at the top level is of type tuple; JSON keys must be str"),
-        ({"a": {np.int64(1): 3}}, TypeError, r"key np.int64\(1\) at \['a'\] is of type int64; JSON keys"),
+        ({"a": {np.int64(1): 3}}, TypeError, r"key np.int64\(1\) at \['a'\] is of type numpy.int64; JSON keys"),
+        ({np.True_: 1}, TypeError, r"key np.True_ at the top level is of type numpy.bool; JSON keys must be str"),
         ({"a": {float("nan"): 3}}, ValueError, r"key nan at \['a'\] is not a finite number"),
         ({"a": [{1, 2}]}, TypeError, r"the value at \['a'\]\[0\] is of type set \(\{1, 2\}\), not JSON-serialisable"),
     ],

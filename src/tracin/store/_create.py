@@ -244,7 +244,7 @@ def _json_metadata(metadata: Any) -> dict:
     except RecursionError:
         raise ValueError(f"metadata nests too deeply: a store's manifest allows {deepest} levels") from None
     except (ValueError, TypeError) as e:  # a NaN, a tuple or NumPy key: json's words name neither
-        where = _not_json(metadata)
+        where = None if "Circular reference" in str(e) else _not_json(metadata)
         raise type(e)(f"metadata: {where}" if where is not None else f"metadata: {e}") from None
     depth = json_depth(text)
     if depth > deepest:
@@ -267,7 +267,10 @@ def _not_json(x: Any, path: str = "") -> str | None:
     if isinstance(x, dict):
         for k, v in x.items():
             if not (k is None or isinstance(k, (str, int, float, bool))):
-                return f"key {k!r} {at} is of type {type(k).__name__}; JSON keys must be str, int, float, bool or None"
+                kind = (
+                    type(k).__name__ if type(k).__module__ == "builtins" else f"{type(k).__module__}.{type(k).__name__}"
+                )
+                return f"key {k!r} {at} is of type {kind}; JSON keys must be str, int, float, bool or None"
             if isinstance(k, float) and not math.isfinite(k):
                 return f"key {k!r} {at} is not a finite number; JSON holds finite numbers only"
             found = _not_json(v, f"{path}[{k!r}]")
