@@ -162,6 +162,7 @@ def test_model_digest_covers_settings_buffers_and_code_not_paths_private_or_trai
     model = Net()
     model.eval()
     model._calls = 3
+    model.gradient_checkpointing = True  # as transformers' gradient_checkpointing_enable() sets it: same gradients
     model(torch.zeros(1, 6))
     assert model_digest(model) == base
     for changed in (_changed(temperature=0.5), _changed(mask=True), Edited()):
@@ -169,5 +170,7 @@ def test_model_digest_covers_settings_buffers_and_code_not_paths_private_or_trai
     assert model_changes(base["structure"], base) == [] and model_changes(base, base) == []
     other = {**base, "settings": {**base["settings"], "extra": "3"}}
     assert model_changes(base, other)[0].startswith("the model's attributes differ: extra (none) there, 3 here")
+    rewritten = {**base, "buffers": {"mask": "0" * 32}}
+    assert "resume in a fresh process, with the model as loaded" in model_changes(base, rewritten)[0]
     bumped = {**base, "code": {k: "3.99:" + v.partition(":")[2] for k, v in base["code"].items()}}
     assert "this is Python 3.99" in model_changes(base, bumped)[0]

@@ -122,6 +122,11 @@ def model_changes(before: Any, now: Any) -> list[str]:
                 " (a value forward updates, such as a call counter, belongs in a private attribute, named with a "
                 "leading _, which is not fingerprinted)"
             )
+        if part == "buffers":
+            text += (
+                " (a forward may rewrite such a buffer, as dynamic rotary scaling does after a sequence longer than "
+                "the model's maximum: resume in a fresh process, with the model as loaded)"
+            )
         if part == "code":
             versions = [sorted({v.partition(":")[0] for v in d.values()}) for d in (old, new)]
             text += (

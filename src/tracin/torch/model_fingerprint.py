@@ -20,8 +20,10 @@ def model_digest(model: nn.Module) -> dict[str, Any]:
     sizes, strides, slopes...), and of its own parameters' and buffers' names, shapes and dtypes (the
     whole fingerprint of versions before the others were recorded);
     "settings": {"module.attribute": repr} of each module's public attributes holding a bool, int,
-    float, str or None (a custom module's temperature or scale, a Dropout's p), but `training` and
-    attributes named *path or *dir (where a model was read from: another folder is the same model);
+    float, str or None (a custom module's temperature or scale, a Dropout's p), except `training` and
+    `gradient_checkpointing` (modes that leave the gradients as they are: checkpointing turned on to
+    resume an export that ran out of memory is the same model) and attributes named *path or *dir
+    (where a model was read from: another folder is the same model);
     "buffers": {"module.buffer": digest} of the values of non-persistent buffers (a mask, rotary
     frequencies: in no checkpoint, so not in their digests);
     "code": {"module.Class": "3.11:<digest>"} of the forward and __call__ code of each module class and
@@ -59,8 +61,11 @@ def model_digest(model: nn.Module) -> dict[str, Any]:
     }
 
 
+_NOT_SETTINGS = ("training", "gradient_checkpointing")  # modes that leave the gradients as they are
+
+
 def _setting(attr: str, value: Any) -> bool:
-    if attr.startswith("_") or attr == "training" or not isinstance(value, _PLAIN):
+    if attr.startswith("_") or attr in _NOT_SETTINGS or not isinstance(value, _PLAIN):
         return False
     return not attr.lower().endswith(("path", "dir"))
 
