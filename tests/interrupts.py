@@ -1,4 +1,4 @@
-"""Test helper: a Ctrl-C in the middle of an export."""
+"""Test helpers: a Ctrl-C, or a failing data source, in the middle of an export."""
 
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ def ctrl_c_on_call(owner: type, name: str, nth: int) -> AbstractContextManager[p
     """ctrl_c_when for the nth call of owner.name."""
     calls = itertools.count(1)
     return ctrl_c_when(owner, name, lambda *args, **kwargs: next(calls) == nth)
+
+
+class Killed(Exception):
+    """Raised by FailingBatches: the export stops there, as a killed process would."""
+
+
+class FailingBatches(list):
+    """A list of batches whose `on`-th pass (1: the first) raises Killed after `after` batches (an
+    export interrupted part-way)."""
+
+    def __init__(self, batches: list, on: int, after: int):
+        super().__init__(batches)
+        self.on, self.after, self.passes = on, after, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        for i, b in enumerate(super().__iter__()):
+            if self.passes == self.on and i == self.after:
+                raise Killed
+            yield b

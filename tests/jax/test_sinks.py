@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tracin
+from interrupts import FailingBatches, Killed
 from tracin.jax import export_gradients, per_example
 
 
@@ -37,25 +38,6 @@ def _store_files(path):
     return files
 
 
-class _Interrupted(Exception):
-    pass
-
-
-class _FailingOnce(list):
-    """A list of batches whose iteration raises after `after` batches of its `on`-th pass."""
-
-    def __init__(self, batches, on: int, after: int):
-        super().__init__(batches)
-        self.on, self.after, self.passes = on, after, 0
-
-    def __iter__(self):
-        self.passes += 1
-        for i, b in enumerate(super().__iter__()):
-            if self.passes == self.on and i == self.after:
-                raise _Interrupted
-            yield b
-
-
 @pytest.mark.parametrize("mode, dtype", [("full", "float32"), ("last_layer", "bfloat16")])
 def test_store_holds_the_in_memory_rows(mlp, data, tmp_path, mode, dtype):
     memory, store = _in_memory_and_stored(mlp, data, tmp_path / "g", mode, dtype=dtype)
@@ -79,8 +61,8 @@ def test_killed_export_resumes_without_recomputing(mlp, data, tmp_path, monkeypa
         return original(self, selected, arrays, batch)
 
     monkeypatch.setattr(per_example.FullRows, "__call__", counted)
-    flaky = _FailingOnce(batches, on=3, after=3)  # pass 1 fingerprints the data; dies in checkpoint 1 after 3 batches
-    with pytest.raises(_Interrupted):
+    flaky = FailingBatches(batches, on=3, after=3)  # pass 1 fingerprints the data; dies in checkpoint 1 after 3 batches
+    with pytest.raises(Killed):
         export_gradients(mlp.loss_fn, ckpts, flaky, store=tmp_path / "g", progress=False)
     assert calls == [0, 16, 32, 48, 64, 0, 16, 32]
     calls.clear()
@@ -141,11 +123,11 @@ def test_an_interrupted_export_leaves_byte_identical_files_after_resume(mlp, dat
     x, y = data
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Killed):
         export_gradients(
             mlp.loss_fn,
             ckpts,
-            _FailingOnce(batches, on=3, after=2),
+            FailingBatches(batches, on=3, after=2),
             store=tmp_path / "g",
             dtype="float16",
             progress=False,
@@ -297,8 +279,9 @@ def test_resuming_with_another_loss_function_is_refused(mlp, data, tmp_path):
     x, y = data
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))
-    with pytest.raises(_Interrupted):  # pass 1 fingerprints the data; dies in checkpoint 0
-        export_gradients(mlp.loss_fn, ckpts, _FailingOnce(batches, on=2, after=2), store=tmp_path / "g", progress=False)
+    with pytest.raises(Killed):  # pass 1 fingerprints the data; dies in checkpoint 0
+        dying = FailingBatches(batches, on=2, after=2)
+        export_gradients(mlp.loss_fn, ckpts, dying, store=tmp_path / "g", progress=False)
 
     def squared_error(params, inputs, targets):
         return (mlp.loss_fn(params, inputs, targets) - 1.0) ** 2

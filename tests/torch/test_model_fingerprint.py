@@ -11,28 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from interrupts import FailingBatches, Killed
 from tracin._export.resume import model_changes
 from tracin.torch import export_gradients
 from tracin.torch.model_fingerprint import model_digest
-
-
-class Killed(Exception):
-    pass
-
-
-class _Dying(list):
-    """Batches whose `on`-th pass raises after `after` batches (an export interrupted part-way)."""
-
-    def __init__(self, batches, on: int, after: int):
-        super().__init__(batches)
-        self.on, self.after, self.passes = on, after, 0
-
-    def __iter__(self):
-        self.passes += 1
-        for i, b in enumerate(super().__iter__()):
-            if self.passes == self.on and i == self.after:
-                raise Killed
-            yield b
 
 
 class Scale(nn.Module):
@@ -90,7 +72,7 @@ def _export(model, checkpoints, batches, store):
 def _interrupted(checkpoints, batches, store: Path) -> None:
     # pass 1 counts the rows, pass 2 fingerprints the data, pass 3 (checkpoint 0) dies after one batch
     with pytest.raises(Killed):
-        _export(Net(), checkpoints, _Dying(batches, on=3, after=1), store)
+        _export(Net(), checkpoints, FailingBatches(batches, on=3, after=1), store)
 
 
 def _rows(store: Path) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from torch import nn
 from torch_oracle import classification_data, cnn_with_checkpoints, mlp, train_checkpoints
 
 import tracin
-from interrupts import ctrl_c_on_call
+from interrupts import FailingBatches, Killed, ctrl_c_on_call
 from tracin.store._format import data_files
 from tracin.torch import export_gradients
 
@@ -50,10 +50,6 @@ def _store_bytes(path):
     manifest = json.loads((path / "manifest.json").read_text())
     files["manifest.json"] = json.dumps({k: v for k, v in manifest.items() if k != "id"}, sort_keys=True).encode()
     return files
-
-
-class Killed(Exception):
-    pass
 
 
 def test_an_interrupted_export_resumes_skipping_finished_batches(setup, tmp_path, monkeypatch):
@@ -141,21 +137,6 @@ def test_a_loader_that_shuffles_its_iterable_dataset_is_caught(setup):
         export_gradients(model, checkpoints, loader, LOSS, progress=False)
 
 
-class _Failing(list):
-    """A list of batches whose `on`-th pass raises after `after` batches (an export killed part-way)."""
-
-    def __init__(self, batches, on: int, after: int):
-        super().__init__(batches)
-        self.on, self.after, self.passes = on, after, 0
-
-    def __iter__(self):
-        self.passes += 1
-        for i, b in enumerate(super().__iter__()):
-            if self.passes == self.on and i == self.after:
-                raise Killed
-            yield b
-
-
 def _mlp_with(activation: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 10), activation, nn.Linear(10, 4))
@@ -168,7 +149,7 @@ def test_resuming_after_the_model_was_edited_is_refused(tmp_path):
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
     # pass 1 counts the rows, pass 2 fingerprints the data, pass 3 (checkpoint 0) dies after one batch
     with pytest.raises(Killed):
-        export_gradients(tanh, checkpoints, _Failing(batches, on=3, after=1), LOSS, progress=False, store=path)
+        export_gradients(tanh, checkpoints, FailingBatches(batches, on=3, after=1), LOSS, progress=False, store=path)
     assert tracin.GradientStore.open(path, allow_partial=True).info()["rows_written"] == [8, 0]
     relu = _mlp_with(nn.ReLU())  # same parameter names and shapes, other gradients
     with pytest.raises(ValueError, match=r"other inputs: the model differs \(module types"):
