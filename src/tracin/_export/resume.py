@@ -267,25 +267,25 @@ def _closure_change(before: Any, now: Any) -> str:
     )
 
 
-def _existing_metadata(path: str | os.PathLike) -> dict | None:
-    """The metadata of the store at `path` when it is an export's (has fingerprints), else None."""
+def _existing_store(path: str | os.PathLike) -> Any:
+    """The store at `path` (GradientStore, partial ones too), None when there is none readable yet."""
     from ..store import GradientStore
 
     try:
-        existing: Any = GradientStore.open(path, allow_partial=True).metadata
+        return GradientStore.open(path, allow_partial=True)
     except (OSError, ValueError):  # no store yet, or one whose defects the writer reports
         return None
+
+
+def _export_metadata(store: Any) -> dict | None:
+    """The metadata of `store` (or None) when it is an export's (has fingerprints), else None."""
+    existing = None if store is None else store.metadata
     return existing if isinstance(existing, dict) and isinstance(existing.get("fingerprints"), dict) else None
 
 
-def _stored_weights(path: str | os.PathLike) -> list[float] | None:
-    """The weights (learning rates) of the store at `path`, None when it cannot be read."""
-    from ..store import GradientStore
-
-    try:
-        return [float(w) for w in GradientStore.open(path, allow_partial=True).weights]
-    except (OSError, ValueError, TypeError):
-        return None
+def _existing_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata of the store at `path` when it is an export's (has fingerprints), else None."""
+    return _export_metadata(_existing_store(path))
 
 
 _FUNCTIONS = ("loss", "layer_input")  # the fingerprints that are function identities (callable_identity)
@@ -334,7 +334,8 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
     fingerprints, settings (_SETTINGS) than `metadata`'s, or other learning rates than `weights` (the
     store's weights: one per checkpoint, or per checkpoint and layer in a factored store); nothing when
     there is no readable store there yet."""
-    existing = _existing_metadata(path)
+    store = _existing_store(path)
+    existing = _export_metadata(store)
     if existing is None or not isinstance(metadata.get("fingerprints"), dict):
         return
     params = changed_params(existing.get("params"), metadata.get("params"))
@@ -357,10 +358,10 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
         for key in _SETTINGS
         if key in existing and key in metadata and existing[key] != metadata[key]
     ]
-    stored = _stored_weights(path) if weights is not None else None
-    if stored is not None and stored != [float(w) for w in weights]:
+    stored = [float(w) for w in store.weights]
+    if weights is not None and stored != [float(w) for w in weights]:
         settings.append(
-            f"the learning rates {[float(w) for w in stored]} there vs {[float(w) for w in weights]} here "
+            f"the learning rates {stored} there vs {[float(w) for w in weights]} here "
             "(the checkpoints' lr, repeated per layer in a factored store)"
         )
     if settings:
