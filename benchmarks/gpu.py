@@ -276,6 +276,7 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             "store_bytes": store.nbytes,
             "store_chunk_bytes": store.chunk_bytes,  # one backend call per chunk; the upload runs on across them
             "device_tile_bytes": _tunables.DEVICE_TILE_BYTES,  # one upload per tile
+            "device_resident_tile_bytes": _tunables.DEVICE_RESIDENT_TILE_BYTES,
             "faiss": faiss_search is not None,
             "torch_whole_matrix": full_fits,
         },

@@ -1,5 +1,6 @@
-"""Tile sizes of the device backends, swept: tracin.top_k on the device at each pair of
-_tunables.DEVICE_TILE_BYTES (train rows per tile) and DEVICE_TILE_SCORES (scores per block).
+"""Tile sizes of the device backends, swept: tracin.top_k on the device at each pair of tile bytes
+(train rows per tile: _tunables.DEVICE_RESIDENT_TILE_BYTES for rows on the device, DEVICE_TILE_BYTES
+for rows streamed from the host; both set) and DEVICE_TILE_SCORES (scores per block).
 
     python -m benchmarks.gpu_tiles [--device cuda] [--quick] [--repeats 3] [--out DIR] [--dir DIR]
 
@@ -10,8 +11,10 @@ pair: top-10 and top-1000 with the train rows on the device, and top-10 with the
 on the host, streamed to the device. All pairs of a workload are timed interleaved (median of
 --repeats rounds); each median is also given over the default pair's, where it is among them. Writes
 DIR/gpu_tiles.json (--quick or --device cpu: gpu_tiles_quick.json in a new temporary folder, unless
---out says). On an H200 (2026-12-04, benchmarks/results/gpu_tiles.json) 256 MiB tiles with 2^27
-scores per block were the fastest pair of all three workloads, and became the defaults.
+--out says). On an H200 (2026-12-04) 256 MiB tiles with 2^27 scores per block were the fastest of
+pairs up to those sizes for all three workloads; probes then found 1 GiB tiles with 2^28 scores
+faster for rows on the device (wider GEMMs: _tunables.DEVICE_RESIDENT_TILE_BYTES), and the grid
+grew to include them.
 """
 
 from __future__ import annotations
@@ -32,25 +35,28 @@ from .common import add_output_options, at_least, output_dir, time_interleaved, 
 from .gpu import FULL, QUICK, write_store
 
 MIB = 2**20
-TILE_BYTES = (16 * MIB, 64 * MIB, 256 * MIB)
-TILE_SCORES = (2**23, 2**25, 2**27)
+TILE_BYTES = (64 * MIB, 256 * MIB, 1024 * MIB)
+TILE_SCORES = (2**25, 2**27, 2**28)
 QUICK_TILE_BYTES = (256 * 1024, 1 * MIB)
 QUICK_TILE_SCORES = (2**16, 2**20)
 
 
 def with_tiles(tile_bytes: int, tile_scores: int, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with the two tunables set (restored after)."""
+    """fn run with the tile bytes (resident and streamed alike) and scores per block set (restored after)."""
 
     def call() -> object:
-        saved = _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES
-        _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES = tile_bytes, tile_scores
+        names = ("DEVICE_TILE_BYTES", "DEVICE_RESIDENT_TILE_BYTES", "DEVICE_TILE_SCORES")
+        saved = [getattr(_tunables, name) for name in names]
+        for name, value in zip(names, (tile_bytes, tile_bytes, tile_scores), strict=True):
+            setattr(_tunables, name, value)
         try:
             result = fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return result
         finally:
-            _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES = saved
+            for name, value in zip(names, saved, strict=True):
+                setattr(_tunables, name, value)
 
     return call
 
@@ -73,7 +79,8 @@ def sweep(args: argparse.Namespace) -> dict:
         for b in (QUICK_TILE_BYTES if quick else TILE_BYTES)
         for s in (QUICK_TILE_SCORES if quick else TILE_SCORES)
     ]
-    default = (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES)
+    resident = (_tunables.DEVICE_RESIDENT_TILE_BYTES, _tunables.DEVICE_TILE_SCORES)
+    streamed = (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES)
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-tiles-", dir=args.dir))
     try:
         store = write_store(folder / "train", train.cpu().numpy())
@@ -88,6 +95,7 @@ def sweep(args: argparse.Namespace) -> dict:
         for name, fn in workloads.items():
             contenders = {f"{b // 1024}KiB_{s}": with_tiles(b, s, fn) for b, s in pairs}
             times = time_interleaved(contenders, repeats=args.repeats, warmup=1, pause_s=0.02)
+            default = streamed if name.startswith("host") else resident
             base = times.get(f"{default[0] // 1024}KiB_{default[1]}")
             for label, t in times.items():
                 b, s = label.split("_")
@@ -106,8 +114,9 @@ def sweep(args: argparse.Namespace) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__,
             "repeats": args.repeats,
-            "default_tile_bytes": default[0],
-            "default_tile_scores": default[1],
+            "default_tile_bytes": streamed[0],
+            "default_resident_tile_bytes": resident[0],
+            "default_tile_scores": streamed[1],
             "store_chunk_bytes": store.chunk_bytes,
         },
         "workloads": results,

@@ -667,9 +667,10 @@ def test_gpu_tiles_smoke_run_times_every_pair_and_restores_the_tunables(tmp_path
     from benchmarks import gpu_tiles
     from tracin import _tunables
 
-    before = _tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES
+    names = ("DEVICE_TILE_BYTES", "DEVICE_RESIDENT_TILE_BYTES", "DEVICE_TILE_SCORES")
+    before = [getattr(_tunables, name) for name in names]
     assert gpu_tiles.main(["--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    assert (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES) == before
+    assert [getattr(_tunables, name) for name in names] == before
     record = json.loads((tmp_path / "gpu_tiles_quick.json").read_text())
     pairs = {(b, s) for b in gpu_tiles.QUICK_TILE_BYTES for s in gpu_tiles.QUICK_TILE_SCORES}
     assert set(record["workloads"]) == {"device_resident_k10", "device_resident_k1000", "host_store_streamed_k10"}

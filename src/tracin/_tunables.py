@@ -63,16 +63,26 @@ cold) the in-memory time, with a peak RSS of 293 MiB against 1057 / 4129 MiB in 
 
 DEVICE_TILE_BYTES = 256 * 2**20
 """Device backends (tracin.backends.torch_device): bytes of train rows (as stored on the host, all
-checkpoints together) per tile, which is also the unit of one host-to-device copy when train rows
-stream from the host, and of each of the two pinned staging buffers. Large enough that one copy
-runs near the link's bandwidth and one tile's GEMM keeps the GPU busy for about 3 ms at m=1000,
-d=512; two staging buffers (pinned host memory) and two device buffers take 1 GiB at most (less for
-a train set smaller than a tile). On an H200 (top_k, m=1000, n=1,000,000, d=512;
-benchmarks/results/gpu_tiles.json, and a probe of 5 interleaved rounds after the grouped selection
-and the device-side merge across pieces were added, 2026-12-04): 256 MiB tiles with 2^27 scores per
-block took 32.7 ms at top-10 (64 MiB, 2^25: 36.0), 45.3 at top-1000 (57.2), 35.6 for both sides at
-top-10 (47.5), 99.8 for a store streamed at top-10 (104.7) and 115.4 at top-1000 (109.8); 16 MiB
-tiles took 1.8-3.6x the time of 64 MiB ones.
+checkpoints together) per tile of rows that stream from the host, which is also the unit of one
+host-to-device copy and of each of the two pinned staging buffers. Large enough that one copy runs
+near the link's bandwidth; two staging buffers (pinned host memory) and two device buffers take
+1 GiB at most (less for a train set smaller than a tile). On an H200 (top_k, m=1000, n=1,000,000,
+d=512; benchmarks/results/gpu_tiles.json, 2026-12-04): 256 MiB tiles took 99.8 ms for a store
+streamed at top-10 (64 MiB: 104.7), where each tile is a store chunk (STORE_CHUNK_BYTES) and the
+copies, not the GEMMs, set the pace.
+"""
+
+DEVICE_RESIDENT_TILE_BYTES = 2**30
+"""Device backends: bytes of train rows per tile (float32 on the device, all checkpoints together)
+when every train block is on the device already: the tiles are views of the caller's float32 rows,
+so their size costs no memory (half-precision rows are widened per tile: a float32 copy of twice a
+tile's bytes); it sets the GEMMs' width. On an H200 (top_k, m=1000, n=1,000,000, d=512, the
+rows on the device, probes of 2026-12-04, median of 3): cuBLAS picks a slower float32 kernel for
+1000 x 131,072 products (3.32 ms each, 25.6 ms for 1M rows) than for 262,144 or more columns
+(21.1-21.3 ms for 1M rows; the whole product at once: 21.2-23.4). 256 MiB tiles with 2^27 scores
+per block took 32.3 ms at top-10, 47.1 at top-1000 and 35.5 for both sides at top-10; 512 MiB with
+2^28: 26.9, 37.4, 29.3; 1 GiB with 2^28: 26.6, 32.8, 28.9 (512 test rows per block: the top-1000
+selection over 524,288 columns costs less per score than over 262,144).
 """
 
 DEVICE_TEST_BYTES = 2**30
@@ -90,15 +100,16 @@ re-streaming the train side per chunk stays hidden behind the compute up to d of
 Not yet measured on a GPU: rerun benchmarks/gpu.py.
 """
 
-DEVICE_TILE_SCORES = 2**27
-"""Device backends: scores per score block (test rows x train rows of a tile, float32: 512 MiB); the
+DEVICE_TILE_SCORES = 2**28
+"""Device backends: scores per score block (test rows x train rows of a tile, float32: 1 GiB); the
 test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores
 exist at once (top_k merges a block's candidates, which keep its scores, after the next block is
 made), plus, for rows cut inside a tie, copies of those rows, and, for small k on wide tiles, the
 candidates of the block being selected (_torch_topk._group_size: at most a quarter of its scores,
 freed once its k + 1 best are picked). This bounds the device memory of top_k whatever m and n are
-(the full (m, n) matrix is never held: about 1.5 GiB of score blocks at most), and keeps each GEMM
-large (m=1000 x 131,072 rows at d=512). On an H200 (see DEVICE_TILE_BYTES): 2^26 scores per block
-with 256 MiB tiles took 1.03-1.07x the time of 2^27 (streamed: 0.98-1.04x); with 64 MiB tiles, 2^23
-took 1.3-2.5x the time of 2^25.
+(the full (m, n) matrix is never held: about 2.5 GiB of score blocks at most), and keeps each GEMM
+large (m=512 x 524,288 rows or m=1000 x 262,144 at d=512). On an H200 (see DEVICE_RESIDENT_TILE_BYTES):
+2^29 scores per block with 512 MiB tiles took the time of 2^28 (26.9 ms at top-10); earlier, with
+256 MiB tiles, 2^26 took 1.03-1.07x the time of 2^27 (streamed: 0.98-1.04x), and with 64 MiB tiles,
+2^23 took 1.3-2.5x the time of 2^25.
 """

@@ -54,6 +54,7 @@ def test_each_test_chunk_is_uploaded_once_per_call(rng, tmp_path, monkeypatch, u
     """A test store of 3 chunks against a train store of 9 pieces (several tiles each): 3 uploads per
     call, not 27, for scores, top_k (both sides) and aggregate; same results as the C++ kernel."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 600)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 600)
     w = [0.5, -2.0]
     test = [rng.standard_normal((30, 8)).astype(np.float32), rng.standard_normal((30, 4)).astype(np.float32)]
     train = [rng.standard_normal((300, 8)).astype(np.float32), rng.standard_normal((300, 4)).astype(np.float32)]
@@ -90,6 +91,7 @@ def test_a_large_in_memory_test_set_is_uploaded_in_chunks_of_the_byte_budget(
     float32 rows at a time, not whole; results stay those of float64 NumPy and the C++ kernel."""
     monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 4 * 12 * 10)  # 10 rows of 12 float32 columns
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 600)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 600)
     w = [0.5, -2.0]
     if factored:
         parts = [rng.standard_normal((27, d)).astype(np.float32) for d in (2, 4, 3, 3)]

@@ -34,6 +34,7 @@ def backend(request, monkeypatch):
         from tracin import _tunables
 
         monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 1000)
+        monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 1000)
         monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 300)
     return backends.get(name)
 

@@ -51,6 +51,7 @@ def test_gpu_rows_are_scored_on_their_device_within_the_bound(rng):
 
 def test_ties_go_to_the_smaller_index_on_the_gpu(rng, monkeypatch):
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 4096)  # many tiles: ties across tiles too
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 4096)
     test = np.round(rng.standard_normal((17, 4))).astype(np.float32)
     train = np.round(rng.standard_normal((3000, 4))).astype(np.float32)
     exact = exact_scores([test], [train], [1.0])
@@ -66,6 +67,7 @@ def test_a_store_streams_to_the_gpu(rng, tmp_path, monkeypatch, dtype):
     and weights of powers of two: every score is exact in float32, so the GPU's results are the C++
     kernel's bits, ties included."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 64 * 1024)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 64 * 1024)
     w = [0.5, 0.25]
     train = [np.round(2 * rng.standard_normal((40_000, d))).astype(np.float32) for d in (96, 32)]
     writer = tracin.GradientStore.create(tmp_path / "s", 40_000, [96, 32], w, dtype)
@@ -87,6 +89,7 @@ def test_each_test_chunk_goes_to_the_gpu_once_per_call(rng, tmp_path, monkeypatc
     train pieces it meets, and the streamed results equal the C++ kernel's (small integers: the same
     bits; cosine scores, which are not exact, within float32 rounding)."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 16 * 1024)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 16 * 1024)
     uploaded: list[int] = []
     whole = _torch_rows.whole
     monkeypatch.setattr(
@@ -120,6 +123,7 @@ def test_uploads_run_on_across_store_pieces_on_the_gpu(rng, tmp_path, monkeypatc
     from tracin.backends import _torch_topk
 
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 100 * 40 * 4)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 100 * 40 * 4)
     if all_exact:
         monkeypatch.setattr(
             _torch_topk, "_cut_in_tie", lambda values, side: torch.ones(len(values), dtype=torch.bool, device="cuda")

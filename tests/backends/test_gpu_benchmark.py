@@ -45,6 +45,7 @@ def test_quick_cpu_run_writes_a_consistent_record(tmp_path, tiny):
     assert (config["m"], config["n"], config["d"]) == (5, 1500, 8) and config["tracin_device"] == "torch:cpu"
     assert config["store_bytes"] == 1500 * 8 * 4
     assert config["device_tile_bytes"] == _tunables.DEVICE_TILE_BYTES  # with the chunk bytes: uploads per call
+    assert config["device_resident_tile_bytes"] == _tunables.DEVICE_RESIDENT_TILE_BYTES  # rows on the device
     assert [(c["k"], c["side"]) for c in record["cases"]] == [(10, "proponents"), (1000, "proponents"), (10, "both")]
     for case in record["cases"][:2]:
         assert {"tracin_device_resident", "tracin_host_store_streamed", "torch_matmul_topk_whole_matrix"} <= set(

@@ -27,6 +27,7 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 def small_tiles(monkeypatch):
     """Tiles of 512 bytes of train rows and at most 200 scores: many tiles and test blocks per call."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 512)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 512)
     monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 200)
 
 
@@ -885,3 +886,20 @@ def test_no_test_rows_give_each_side_its_own_empty_result():
         assert got.values.shape == got.indices.shape == (0, 2)
         assert got.values.dtype == np.float32 and got.indices.dtype == np.int64
     assert empty.proponents is not empty.opponents
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_train_rows_on_the_device_pass_in_wider_tiles_than_rows_staged_from_the_host(rng, monkeypatch, on_device):
+    """Rows already on the device (CPU tensors on "torch:cpu") are cut by DEVICE_RESIDENT_TILE_BYTES
+    (views: wide GEMMs cost no memory), host rows by DEVICE_TILE_BYTES (the staging buffers)."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 40 * 8 * 4)  # 40 rows of 8 float32
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 100 * 8 * 4)
+    widths, product = [], torch_device._product
+    monkeypatch.setattr(torch_device, "_product", lambda t, x, *a: widths.append(x[0].shape[0]) or product(t, x, *a))
+    test, train = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal((250, 8)).astype(np.float32)
+    rows = KernelSide(False, [torch.from_numpy(train) if on_device else train], [0])
+    prop, opp = backends.get("torch:cpu").top_k(KernelSide(False, [test], [0]), rows, [1.0], 7, "both", num_threads=1)
+    assert widths == ([100, 100, 50] if on_device else [40] * 6 + [10])
+    exact = exact_scores([test], [train], [1.0])
+    np.testing.assert_array_equal(prop.indices, stable_top_k(exact, 7, -1))
+    np.testing.assert_array_equal(opp.indices, stable_top_k(exact, 7, 1))

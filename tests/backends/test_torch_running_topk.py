@@ -27,6 +27,7 @@ def small_tiles(monkeypatch):
     """Tiles of 256 bytes of train rows and at most 60 scores: several tiles per piece and several
     test blocks per test chunk."""
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 256)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 256)
     monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 60)
 
 

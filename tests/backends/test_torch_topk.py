@@ -45,6 +45,7 @@ def topk(request, monkeypatch):
 @pytest.fixture
 def small_cuts(monkeypatch):
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", TILE * 8 * 4)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", TILE * 8 * 4)
     monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", BLOCK * TILE)
     monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", PIECE)
 
