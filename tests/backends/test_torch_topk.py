@@ -168,9 +168,9 @@ def test_a_score_blocks_candidates_are_merged_after_the_next_blocks_are_made(rng
     events: list[tuple[str, int, int]] = []
     made, merge = _torch_topk.RunningTopK.candidates, _torch_topk.RunningTopK.merge
 
-    def candidates(self, scores, first):
+    def candidates(self, scores, first, extremes=None):
         events.append(("made", id(self), first))
-        return made(self, scores, first)
+        return made(self, scores, first, extremes)
 
     def merged(self, found):
         events.append(("merged", id(self), found.first))
@@ -223,9 +223,9 @@ def groups_of(monkeypatch):
     calls: list[tuple[int, int]] = []
     original = _torch_topk._grouped_topk
 
-    def counted(scores, count, group, side):
-        calls.append((count, group))
-        return original(scores, count, group, side)
+    def counted(scores, count, extremes, side):
+        calls.append((count, extremes.group))
+        return original(scores, count, extremes, side)
 
     def force(*sizes):
         monkeypatch.setattr(_torch_topk, "_GROUP_SIZES", sizes)
@@ -369,9 +369,9 @@ def test_default_group_sizes_on_wide_tiles(rng, monkeypatch, side, k, groups):
     tied_rows: list[int] = []
     grouped, cut = _torch_topk._grouped_topk, _torch_topk._cut_in_tie
 
-    def counted(scores, count, group, side):
-        calls.append(group)
-        return grouped(scores, count, group, side)
+    def counted(scores, count, extremes, side):
+        calls.append(extremes.group)
+        return grouped(scores, count, extremes, side)
 
     def counted_cut(values, side):
         tied = cut(values, side)
@@ -389,3 +389,24 @@ def test_default_group_sizes_on_wide_tiles(rng, monkeypatch, side, k, groups):
     free = rng.standard_normal((7, sum(widths))).astype(np.float32)
     check_against_numpy(run_tiles(free, widths, k, side), free, k, side)
     assert tied_rows == [0, 0, 0]
+
+
+@pytest.mark.parametrize("side", ["proponents", "opponents", "both"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("row", [3, 9])
+def test_a_score_beyond_float32_is_found_by_the_groups_extremes_in_a_group_or_the_tail(
+    rng, monkeypatch, groups_of, side, sign, row
+):
+    """Tiles of 10 train rows, groups of 4 (two whole groups, a tail of 2): the block's NaN / Inf
+    check comes from the groups' extremes (tile_extremes), with no pass of its own over the scores;
+    a score of +-Inf from finite rows (train row 3: in a group; row 9: in the tail) is the overflow
+    error, whichever side is selected (an amax alone would miss -Inf)."""
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 10 * 4 * 4)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 10 * 4 * 4)
+    calls = groups_of(4)
+    test = rng.standard_normal((3, 4)).astype(np.float32)
+    train = rng.standard_normal((20, 4)).astype(np.float32)
+    assert tracin.top_k(test, train, k=1, side=side, device="torch:cpu") is not None and calls
+    test[1], train[row] = 1e20, sign * 1e20  # finite rows, a score of +-4e40
+    with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
+        tracin.top_k(test, train, k=1, side=side, device="torch:cpu")

@@ -62,6 +62,37 @@ class Candidates:
     ready: torch.cuda.Event | None = None
 
 
+@dataclass
+class TileExtremes:
+    """A score tile's whole groups of `group` adjacent columns (_grouped_topk's): the smallest and the
+    largest value of each, float32 (rows, r // group), read in one pass for both sides, and `bad`,
+    a bool scalar on the device: whether any score of the tile, its tail's too, is NaN or Inf (a
+    group's extremes are NaN or infinite exactly when one of its values is), so that the tile needs
+    no reading pass of its own for that check."""
+
+    group: int
+    low: torch.Tensor
+    high: torch.Tensor
+    bad: torch.Tensor
+
+
+def tile_extremes(scores: torch.Tensor, k: int) -> TileExtremes | None:
+    """The groups' extremes of a tile of float32 scores (rows, r) whose k best per row are selected
+    by groups (_group_size); None when they are not (a tile of at most k columns, or too narrow).
+    Measured on an H200, a tile (1000, 131072): torch.aminmax by groups of 256 0.225 ms, against
+    0.201 for amax by groups plus 0.145 for aminmax of the whole tile."""
+    r = scores.shape[1]
+    group = 0 if r <= k else _group_size(k, r)
+    if not group:
+        return None
+    whole = r // group * group
+    low, high = torch.aminmax(scores[:, :whole].unflatten(1, (whole // group, group)), dim=2)
+    bad = ~(torch.isfinite(low).all() & torch.isfinite(high).all())
+    if whole < r:
+        bad |= ~torch.isfinite(scores[:, whole:]).all()
+    return TileExtremes(group, low, high, bad)
+
+
 class RunningTopK:
     """One side's best k per test row of a test block, over the train tiles merged so far."""
 
@@ -70,16 +101,17 @@ class RunningTopK:
         self.values = torch.empty(rows, 0, dtype=torch.float32, device=device)
         self.indices = torch.empty(rows, 0, dtype=torch.int64, device=device)
 
-    def candidates(self, scores: torch.Tensor, first: int) -> Candidates:
+    def candidates(self, scores: torch.Tensor, first: int, extremes: TileExtremes | None = None) -> Candidates:
         """A tile of float32 scores (rows, r) of train rows [first, first + r): its candidates,
-        enqueued on the device (nothing is read back)."""
+        enqueued on the device (nothing is read back). `extremes`: the tile's tile_extremes for this
+        k, when the caller made them (for both sides at once); else made here if needed."""
         r = scores.shape[1]
         if r <= self.k:
             columns = torch.arange(first, first + r, device=scores.device).expand_as(scores)
             return Candidates(scores, columns, scores, first)
-        group = _group_size(self.k, r)
-        if group:
-            values, local = _grouped_topk(scores, self.k + 1, group, self.side)
+        extremes = tile_extremes(scores, self.k) if extremes is None else extremes
+        if extremes is not None:
+            values, local = _grouped_topk(scores, self.k + 1, extremes, self.side)
         else:
             values, local = torch.topk(scores, self.k + 1, dim=1, largest=self.side == "proponents", sorted=False)
         tied = _cut_in_tie(values, self.side)
@@ -127,12 +159,14 @@ def _group_size(k: int, r: int) -> int:
     return 0
 
 
-def _grouped_topk(scores: torch.Tensor, count: int, group: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _grouped_topk(
+    scores: torch.Tensor, count: int, extremes: TileExtremes, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` (k + 1) best float32 values per row of a tile (rows, r), best for `side`, and their
-    int64 columns (rows, count), in no order, through groups: the whole groups of `group` adjacent
-    columns (a view, no copy) are ranked by their best value, and torch.topk picks `count` of the
-    candidates, the columns of the `count` best groups and the r mod `group` last columns (the tail).
-    Needs count <= r // group.
+    int64 columns (rows, count), in no order, through groups: the whole groups of extremes.group
+    adjacent columns (a view, no copy) are ranked by their best value (extremes.high or .low), and
+    torch.topk picks `count` of the candidates, the columns of the `count` best groups and the
+    r mod group last columns (the tail). Needs count <= r // group.
 
     Exact in the sense _cut_in_tie needs: unless the worst value kept occurs twice among those kept,
     the others are the row's k best. Proof (proponents; opponents alike, order reversed): let e be the
@@ -146,11 +180,12 @@ def _grouped_topk(scores: torch.Tensor, count: int, group: int, side: str) -> tu
     torch.topk on the whole tile. Keeping count = k + 1 groups, not k, gives the count maxima >= e
     that make w >= e: no other condition (on the groups' extremes) is needed."""
     rows, r = scores.shape
+    group = extremes.group
     whole = r // group * group
     largest = side == "proponents"
     grouped = scores[:, :whole].unflatten(1, (whole // group, group))  # splitting a dimension: a view
-    extremes = grouped.amax(2) if largest else grouped.amin(2)
-    chosen = torch.topk(extremes, count, dim=1, largest=largest, sorted=False).indices  # (rows, count)
+    best = extremes.high if largest else extremes.low
+    chosen = torch.topk(best, count, dim=1, largest=largest, sorted=False).indices  # (rows, count)
     candidates = grouped.gather(1, chosen[:, :, None].expand(-1, -1, group)).flatten(1)
     if whole < r:
         candidates = torch.cat([candidates, scores[:, whole:]], dim=1)

@@ -65,7 +65,7 @@ import torch
 from .. import _tunables
 from ..gradients import KernelSide, non_finite_message
 from . import _torch_rows as rows
-from ._torch_topk import _LOW, Candidates, RunningTopK
+from ._torch_topk import _LOW, Candidates, RunningTopK, tile_extremes
 from .base import ChunkCache, TopK
 
 
@@ -285,9 +285,10 @@ class _Call:
                 self.bad_input |= _not_finite(b)
             yield i0, i1, x
 
-    def products(self) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    def products(self, checked: bool = True) -> Iterator[tuple[slice, slice, torch.Tensor]]:
         """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer
-        (the call made with weights)."""
+        (the call made with weights); each block checked for NaN / Inf into bad_score unless not
+        `checked` (the caller then checks each block itself)."""
         blocks = self.test_blocks()
         alphas, exponents, later = self.prepared.alphas, self.prepared.exponents, self.prepared.later
         for i0, i1, x in self.train_tiles():
@@ -298,7 +299,8 @@ class _Call:
                 rescale = None if exponents is None else exponents[t0:t1]
                 fold = None if later is None else {b: (v[t0:t1], t0) for b, v in later.items()}
                 s = _product(test, x, alphas, self.factored, scales, self.normalize, rescale, fold)
-                self.bad_score |= _not_finite(s)
+                if checked:
+                    self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
 
 
@@ -366,9 +368,12 @@ def _select(
     if {(t0, t1) for t0, t1, _ in running} != set(call.test_blocks()):
         raise RuntimeError("top_k: the running selection was made for other test blocks")  # tiles of other rows
     pending: list[tuple[RunningTopK, Candidates]] = []
-    for t, i, s in call.products():
+    for t, i, s in call.products(checked=False):
+        k = running[t.start, t.stop, sides[0]].k
+        extremes = tile_extremes(s, k)  # both sides' groups in one pass, which also checks the block
+        call.bad_score |= _not_finite(s) if extremes is None else extremes.bad
         made = [
-            (running[t.start, t.stop, side], running[t.start, t.stop, side].candidates(s, first + i.start))
+            (running[t.start, t.stop, side], running[t.start, t.stop, side].candidates(s, first + i.start, extremes))
             for side in sides
         ]
         for selection, candidates in pending:
