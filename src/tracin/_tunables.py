@@ -67,9 +67,9 @@ checkpoints together) per tile of rows that stream from the host, which is also 
 host-to-device copy and of each of the two pinned staging buffers. Large enough that one copy runs
 near the link's bandwidth; two staging buffers (pinned host memory) and two device buffers take
 1 GiB at most (less for a train set smaller than a tile). On an H200 (top_k, m=1000, n=1,000,000,
-d=512; benchmarks/results/gpu_tiles.json, 2026-12-04): 256 MiB tiles took 78.6-84.1 ms for a store
-streamed at top-10 (64 MiB: 98.7-106.9), where each tile is a store chunk (STORE_CHUNK_BYTES) and
-the copies, not the GEMMs, set the pace.
+d=512; benchmarks/results/gpu_tiles.json, 2026-12-04, two sweeps): 256 MiB tiles took 78.6-99.0 ms
+for a store streamed at top-10 (64 MiB: 98.7-125.9), where each tile is a store chunk
+(STORE_CHUNK_BYTES) and the host's copies, not the GEMMs, set the pace.
 """
 
 DEVICE_RESIDENT_TILE_BYTES = 2**30
@@ -82,9 +82,9 @@ rows on the device, probes of 2026-12-04, median of 3): cuBLAS picks a slower fl
 (21.1-21.3 ms for 1M rows; the whole product at once: 21.2-23.4). 256 MiB tiles with 2^27 scores
 per block took 32.3 ms at top-10, 47.1 at top-1000 and 35.5 for both sides at top-10; 512 MiB with
 2^28: 26.9, 37.4, 29.3; 1 GiB with 2^28: 26.6, 32.8, 28.9 (512 test rows per block: the top-1000
-selection over 524,288 columns costs less per score than over 262,144). In the sweep of
-benchmarks/results/gpu_tiles.json then: 1 GiB with 2^28 took 28.0 ms at top-10 and 34.4 at
-top-1000, 256 MiB with 2^27 33.4 and 46.9.
+selection over 524,288 columns costs less per score than over 262,144). In the sweeps of
+benchmarks/results/gpu_tiles.json since: 1 GiB with 2^28 took 27.1-28.0 ms at top-10 and 34.4-35.8
+at top-1000, 256 MiB with 2^27 32.9-33.4 and 46.9-47.6.
 """
 
 DEVICE_TEST_BYTES = 2**30
