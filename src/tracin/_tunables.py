@@ -104,7 +104,8 @@ Not yet measured on a GPU: rerun benchmarks/gpu.py.
 
 DEVICE_TILE_SCORES = 2**28
 """Device backends: scores per score block (test rows x train rows of a tile, float32: 1 GiB); the
-test side is cut into blocks of DEVICE_TILE_SCORES // tile rows. At most twice this many scores
+test side is cut into blocks of DEVICE_TILE_SCORES // tile rows (a tile holds at most
+DEVICE_TILE_SCORES rows, whatever its bytes). At most twice this many scores
 exist at once (top_k merges a block's candidates, which keep its scores, after the next block is
 made), plus, for rows cut inside a tie, copies of those rows, and, for small k on wide tiles, the
 candidates of the block being selected (_torch_topk._group_size: at most a quarter of its scores,

@@ -903,3 +903,18 @@ def test_train_rows_on_the_device_pass_in_wider_tiles_than_rows_staged_from_the_
     exact = exact_scores([test], [train], [1.0])
     np.testing.assert_array_equal(prop.indices, stable_top_k(exact, 7, -1))
     np.testing.assert_array_equal(opp.indices, stable_top_k(exact, 7, 1))
+
+
+def test_tiles_of_narrow_rows_hold_at_most_a_score_blocks_rows(rng, monkeypatch):
+    """Rows of 8 bytes in tiles of 10,000 bytes would be 1,250 rows per tile, beyond the 30 scores per
+    block that one test row already needs: tiles are capped at DEVICE_TILE_SCORES rows."""
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 10_000)
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 30)
+    widths, product = [], torch_device._product
+    monkeypatch.setattr(torch_device, "_product", lambda t, x, *a: widths.append(x[0].shape) or product(t, x, *a))
+    test, train = rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal((70, 2)).astype(np.float32)
+    rows = KernelSide(False, [torch.from_numpy(train)], [0])
+    backend = backends.get("torch:cpu")
+    prop, _ = backend.top_k(KernelSide(False, [test], [0]), rows, [1.0], 4, "proponents", num_threads=1)
+    assert [w[0] for w in widths] == [30] * 3 + [30] * 3 + [10] * 3  # each tile meets the 3 test rows one by one
+    np.testing.assert_array_equal(prop.indices, stable_top_k(exact_scores([test], [train], [1.0]), 4, -1))

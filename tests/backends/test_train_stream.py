@@ -41,12 +41,18 @@ def with_ids(rng, n: int, dims: list[int]) -> list[np.ndarray]:
 @pytest.fixture
 def events(monkeypatch):
     """("upload", first row id) per staged tile, ("compute", first row id) per score tile, ("staging",
-    -1) per pair of staging slots made; tiles of TILE rows, one test block per tile."""
+    -1) per pair of staging slots made, ("call", -1) per backend call; tiles of TILE rows, one test
+    block per tile."""
     seen: list[tuple[str, int]] = []
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", TILE * 12 * 4)
     monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", TILE * 12 * 4)
     monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 2**20)
     fill, init, product = _torch_rows._Staging.fill, _torch_rows._Staging.__init__, torch_device._product
+    call = torch_device._Call.__init__
+
+    def recording_call(self, *args, **kwargs):
+        seen.append(("call", -1))
+        call(self, *args, **kwargs)
 
     def recording_fill(self, slot, pieces):
         seen.append(("upload", int(pieces[0][0, 0])))
@@ -63,17 +69,21 @@ def events(monkeypatch):
     monkeypatch.setattr(_torch_rows._Staging, "fill", recording_fill)
     monkeypatch.setattr(_torch_rows._Staging, "__init__", recording_init)
     monkeypatch.setattr(torch_device, "_product", recording_product)
+    monkeypatch.setattr(torch_device._Call, "__init__", recording_call)
     return seen
 
 
-def one_stream(tiles: list[int], pieces: set[int]) -> list[tuple[str, int]]:
-    """The events of one stream over the tiles starting at `tiles`, pieces starting at the rows
-    `pieces`: one pair of slots, tile j + 1 uploaded before tile j is computed within a piece, the
-    next piece's first tile (of whatever test chunk) after the last tile of the piece before is."""
-    out = [("staging", -1), ("upload", tiles[0])]
+def one_stream(tiles: list[int], pieces: set[int], reads_back: bool = False) -> list[tuple[str, int]]:
+    """The events of one stream over the tiles starting at `tiles`, pieces (one backend call each)
+    starting at the rows `pieces`: one pair of slots, tile j + 1 uploaded before tile j is computed
+    within a piece; the next piece's first tile (of whatever test chunk) uploaded during the call
+    before, after its last tile is computed (before, for a caller that reads each block back)."""
+    out = [("call", -1), ("staging", -1), ("upload", tiles[0])]
     for j, start in enumerate(tiles):
         upload = [("upload", tiles[j + 1])] if j + 1 < len(tiles) else []
-        out += [("compute", start), *upload] if upload and tiles[j + 1] in pieces else [*upload, ("compute", start)]
+        later = upload and tiles[j + 1] in pieces and not reads_back
+        out += [("compute", start), *upload] if later else [*upload, ("compute", start)]
+        out += [("call", -1)] if upload and tiles[j + 1] in pieces else []
     return out
 
 
@@ -94,7 +104,7 @@ def test_uploads_run_one_tile_ahead_across_pieces_and_test_chunks(rng, tmp_path,
     else:
         got = tracin.scores(t, x, device="torch:cpu")
         np.testing.assert_allclose(got, tracin.scores(t, x, device="cpu"), rtol=1e-5, atol=1e-5)
-    assert events == one_stream(tiles * 2, {0, 20, 40, 60})
+    assert events == one_stream(tiles * 2, {0, 20, 40, 60}, reads_back=call == "scores")
 
 
 def test_self_influence_uploads_each_tile_once_through_one_pair_of_slots(rng, tmp_path, events):

@@ -141,8 +141,8 @@ class TrainStream:
 
     Kept in the generic loop's ChunkCache for the whole call (a fresh one per backend call without a
     cache): the pinned and device buffers are allocated once per call, not per piece, and the slots
-    alternate across pieces, so that the first tile of the loop's next piece (`following`) is uploaded
-    before the current piece's last tile is handed out: its upload overlaps that tile's compute and
+    alternate across pieces, so that the first tile of the loop's next piece (`following`) is staged
+    during the current piece's call (see tiles): its upload overlaps that piece's last compute and
     the host's work between the two backend calls, as the tiles of one piece overlap each other.
     """
 
@@ -153,7 +153,7 @@ class TrainStream:
         self.ahead: tuple[KernelSide, int, _Staging, int] | None = None  # (piece, tile rows, staging, slot)
 
     def tiles(
-        self, side: KernelSide, rows: int, following: KernelSide | None = None
+        self, side: KernelSide, rows: int, following: KernelSide | None = None, reads_back: bool = False
     ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """(first row, end row, float32 blocks on the device) for consecutive tiles of `rows` rows.
 
@@ -163,9 +163,10 @@ class TrainStream:
         caller asks for the tile after the last (its work on the last tile enqueued): the host copies
         it while the device computes the last tile, before the caller's call ends by waiting for the
         device (a store's pieces are one tile each: staged before it, the copy and that tile's GEMM ran
-        one after the other; a 2 GB store at top-10 on an H200 took 103 ms, 86 since). The caller
-        must enqueue all its work on a tile before asking for the next one: the device buffers of
-        tile j are refilled once that work is done.
+        one after the other; a 2 GB store at top-10 on an H200 took 103 ms, 86 since); for a caller
+        that `reads_back` (waits for the device on each tile), before the last tile is handed out, so
+        that its upload overlaps that wait. The caller must enqueue all its work on a tile before
+        asking for the next one: the device buffers of tile j are refilled once that work is done.
         """
         n, device = side.blocks[0].shape[0], self.device
         layout = _layout(side, device)
@@ -184,13 +185,15 @@ class TrainStream:
             staged = iter(staging.take(slot, i1 - i0))
             if i1 < n:
                 upcoming = self._upload(side, layout, i1, rows)
+            elif following is not None and reads_back:
+                self._upload_ahead(following, rows)
             try:
                 yield i0, i1, [b[i0:i1].float() if resident(b, device) else next(staged).float() for b in side.blocks]
             finally:
                 staging.release(slot)
             if i1 < n:
                 slot = upcoming
-            elif following is not None:
+            elif following is not None and not reads_back:
                 self._upload_ahead(following, rows)
 
     def _staging(self, layout: tuple, rows: int) -> _Staging:

@@ -104,6 +104,7 @@ class TorchBackend:
     ) -> np.ndarray:
         out = np.empty((test.blocks[0].shape[0], train.blocks[0].shape[0]), dtype=np.float32)
         with self._call(test, train, normalize, cache, weights) as call:
+            call.reads_back = True  # each block read back as it is made: the next piece staged earlier
             for t, i, s in call.products():
                 out[t, i] = s.cpu().numpy()
         return out
@@ -251,7 +252,9 @@ class _Call:
         self.device = device
         in_place = rows.all_resident(train, device)
         tile_bytes = _tunables.DEVICE_RESIDENT_TILE_BYTES if in_place else _tunables.DEVICE_TILE_BYTES
-        self.tile_rows = rows.tile_rows(train, tile_bytes)
+        # at most DEVICE_TILE_SCORES rows, so that a block of one test row keeps within it (narrow rows)
+        self.tile_rows = min(rows.tile_rows(train, tile_bytes), _tunables.DEVICE_TILE_SCORES)
+        self.reads_back = False  # whether the caller reads each score block back (TrainStream.tiles)
         make_stream = functools.partial(rows.TrainStream, device)
         self.stream = make_stream() if cache is None else cache.keep(("torch", str(device)), make_stream)
         self.following = None if cache is None else cache.next_train
@@ -280,7 +283,7 @@ class _Call:
 
     def train_tiles(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """(first row, end row, float32 blocks) of each train tile, checked for NaN / Inf."""
-        for i0, i1, x in self.stream.tiles(self.train, self.tile_rows, self.following):
+        for i0, i1, x in self.stream.tiles(self.train, self.tile_rows, self.following, self.reads_back):
             for b in x:
                 self.bad_input |= _not_finite(b)
             yield i0, i1, x
