@@ -147,8 +147,9 @@ def _descriptors() -> int:
 
 def _store_and_pipe_descriptors(root: Path) -> list[str]:
     """Sorted targets of this process's descriptors that are files under `root` or pipes, what the
-    store's locks and _forked open ("fd N" where a target cannot be read): other files come and go
-    beside the test (in CI's pytest process, the /proc reads of an earlier test's Dask cluster)."""
+    store's locks and _forked open ("fd N" where a target cannot be read): other descriptors may come
+    and go beside the test (in CI's pytest process, one more appeared once during the forks, opened
+    by something else the earlier tests left running)."""
     targets = []
     for fd in os.listdir("/dev/fd"):
         try:
