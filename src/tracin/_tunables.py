@@ -83,7 +83,7 @@ rows on the device, probes of 2026-12-04, median of 3): cuBLAS picks a slower fl
 per block took 32.3 ms at top-10, 47.1 at top-1000 and 35.5 for both sides at top-10; 512 MiB with
 2^28: 26.9, 37.4, 29.3; 1 GiB with 2^28: 26.6, 32.8, 28.9 (512 test rows per block: the top-1000
 selection over 524,288 columns costs less per score than over 262,144). In the sweeps of
-benchmarks/results/gpu_tiles.json since: 1 GiB with 2^28 took 27.1-28.0 ms at top-10 and 34.4-35.8
+benchmarks/results/gpu_tiles.json since: 1 GiB with 2^28 took 27.0-28.0 ms at top-10 and 34.4-35.8
 at top-1000, 256 MiB with 2^27 32.9-33.4 and 46.9-47.6.
 """
 
