@@ -35,8 +35,9 @@ event after a one-byte copy of whether any row was cut inside a tie), while the 
 enqueued before, runs on; only when that flag is set does it read the tied rows, which waits for all
 enqueued work (rare on float data). The stream runs on across the generic loop's train pieces: while
 a piece's last tile is computed, the host stages the first tile of the loop's next piece
-(ChunkCache.next_train) and enqueues its upload, before the call's end waits for the device, so only
-the public call's very first tile waits for its copy.
+(ChunkCache.next_train) and enqueues its upload, before the call's end waits for the device (for
+scores, which reads each block back, before that tile is handed out), so only the public call's
+very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
