@@ -236,3 +236,18 @@ def test_a_store_created_by_a_relative_path_is_still_written_after_a_chdir(tmp_p
     store = writer.finalize()
     assert store.path == tmp_path / "s" and store.complete
     np.testing.assert_allclose(tracin.self_influence(store), 0.5 * (rows.astype(np.float64) ** 2).sum(1))
+
+
+def test_the_read_ahead_hint_stays_within_the_view(tmp_path, monkeypatch):
+    """Reading a slice's last rows asks the OS to read ahead no further than the slice's end (the
+    next shard's rows are its own reader's), and a chunk before the end one chunk further."""
+    from tracin.store import _store
+
+    store = write_store(tmp_path / "s", random_blocks(1000, [4], "float32", False))
+    hints = []
+    monkeypatch.setattr(_store, "_read_ahead", lambda fd, offset, nbytes: hints.append((offset, nbytes)))
+    view, row = store[500:600], 4 * 4  # bytes per row
+    view.kernel_side(50, 100)
+    view.kernel_side(0, 50)
+    base = hints[0][0] - 550 * row  # the data's offset in its file
+    assert [((offset - base) // row, nbytes // row) for offset, nbytes in hints] == [(550, 50), (500, 100)]

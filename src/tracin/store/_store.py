@@ -291,7 +291,7 @@ class GradientStore(GradientSet):
                 [np.empty((0, cols), dtype=disk) for cols in columns],
                 [DTYPE_CODES[self.dtype]] * len(columns),
             )
-        ahead = min(rows, self._stop - stop)  # rows the next chunk will likely read
+        ahead = min(rows, self._stop - (self._start + stop))  # rows the next chunk will likely read, in this view
         blocks = []
         read = len(self._files) > _mappable_files()
         try:
