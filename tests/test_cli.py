@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -1321,3 +1322,41 @@ def test_bar_of_whole_units_without_unit_scale(capsys):
     err = capsys.readouterr().err
     assert "6.00/6.00" in err  # scaled counts get decimals ...
     assert re.search(r"\| 6/6 \[", err)  # ... whole units do not
+
+
+def test_output_inside_a_gradient_store_is_refused_before_scoring(stores, tmp_path, capsys, monkeypatch):
+    """A results file among a store's files would make the store refuse to be written again (review24
+    F1): refused, in the store's folder or any folder below it, before anything is scored."""
+    paths, _, _ = stores
+    monkeypatch.setattr(tracin, "top_k", lambda *a, **k: pytest.fail("scored before --output was checked"))
+    (paths["train"] / "sub").mkdir()
+    for output in (paths["train"] / "top.csv", paths["train"] / "sub" / "top.npz"):
+        assert main(_score(paths, "-o", str(output))) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert f"--output: {output} is inside the gradient store {paths['train']}" in line
+        assert not output.exists()
+
+
+def test_an_output_the_system_refuses_says_why(stores, tmp_path, capsys, monkeypatch):
+    """The system's reason (here a read-only file system, faked), not a fixed "permission denied"
+    (review24 F2), for a new file in a folder and for an existing file."""
+    import errno
+
+    paths, _, _ = stores
+    existing = tmp_path / "old.csv"
+    existing.write_text("old\n")
+
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
+
+    def refused(where) -> bool:
+        if Path(where) in (tmp_path, existing):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return False
+
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: refused(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: refused(dir) or real_mkstemp(*a, dir=dir, **k))
+    for output in (tmp_path / "new.csv", existing):
+        assert main(_score(paths, "-o", str(output))) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert line.endswith(os.strerror(errno.EROFS) + ")"), line
+    assert existing.read_text() == "old\n"

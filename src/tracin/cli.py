@@ -27,6 +27,7 @@ from typing import IO, Any
 
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
+from .store._format import enclosing_store
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
@@ -101,8 +102,10 @@ def _per_slot(info: dict[str, Any]) -> str:
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
     """--output as a Path, checked before any work: a name before one of `suffixes` (any case;
-    if given), not a folder, writable if it exists, else a name its folder (existing, writable)
-    accepts; links resolved as writing will (_whole_file.resolve: loops and others' links in /tmp refused)."""
+    if given), not a folder, not in a gradient store's folder (whose files are the store's own),
+    writable if it exists, else a name its folder (existing, writable) accepts, as the system says
+    when it tries (a read-only file system, permissions); links resolved as writing will
+    (_whole_file.resolve: loops and others' links in /tmp refused)."""
     if path is None:
         return None
     if not path:  # Path("") would be the current folder
@@ -125,17 +128,27 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         target = Path(resolve(out))
     except OSError as e:
         raise CommandError(f"--output: {e.strerror}") from e
+    store = enclosing_store(target)
+    if store is not None:
+        raise CommandError(
+            f"--output: {out} is inside the gradient store {store}, whose folder holds only the store's own "
+            "files (another one there makes the store refuse to be written again); write it elsewhere"
+        )
     if target.exists():
-        if not os.access(target, os.W_OK):
-            raise CommandError(f"--output: cannot write {out} (permission denied)")
+        if not target.is_file():  # a FIFO or a device: opening it to try it would be a use of it
+            if not os.access(target, os.W_OK):
+                raise CommandError(f"--output: cannot write {out} (permission denied)")
+            return out
+        try:  # opened for writing without changing it: the system's own reason if it cannot be
+            os.close(os.open(target, os.O_WRONLY))
+        except OSError as e:
+            raise CommandError(f"--output: cannot write {out} ({e.strerror or _one_line(e)})") from e
         return out
     folder = target.parent
     if folder.exists() and not folder.is_dir():
         raise CommandError(f"--output: {folder} is not a folder, so {out} cannot be written in it")
     if not folder.is_dir():
         raise CommandError(f"--output: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CommandError(f"--output: cannot write {out} (permission denied)")
     try:  # what writing will do first: a temporary file in that folder
         fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
     except OSError as e:

@@ -17,7 +17,7 @@ import tracin
 from .._progress import progress_bar
 from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
 from ..store import GradientStore
-from ..store._format import MANIFEST, parse_manifest
+from ..store._format import MANIFEST, enclosing_store
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, Train, checkpoint_path, trainer
@@ -259,7 +259,7 @@ def _output_folder(out: Path) -> Path:
             f"the {WHERE} {out} is a gradient store (it holds {MANIFEST}); the demo writes its files, "
             "stores and checkpoints in a folder of their own: choose another"
         )
-    store = _store_above(out)
+    store = enclosing_store(out)
     if store is not None:
         raise ValueError(
             f"the {WHERE} {out} is inside the gradient store {store}; the demo writes its files, "
@@ -276,19 +276,6 @@ def _output_folder(out: Path) -> Path:
     os.close(fd)
     os.unlink(probe)
     return out
-
-
-def _store_above(out: Path) -> Path | None:
-    """The folder above `out` whose manifest.json is a gradient store's, or None (another program's
-    manifest.json, such as a web project's, does not count)."""
-    for folder in out.resolve().parents:
-        manifest = folder / MANIFEST
-        try:
-            parse_manifest(manifest.read_bytes(), str(manifest))
-        except (OSError, ValueError):  # none, unreadable, or not a store's (StoreFormatError)
-            continue
-        return folder
-    return None
 
 
 def _shown_test_rows(predicted: np.ndarray, truth: np.ndarray, count: int) -> list[int]:
