@@ -82,3 +82,20 @@ def test_options_and_modes_are_checked():
         check_preconditioner("adam_update", "last_layer")
     with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'Adam'"):
         check_preconditioner("Adam", "full")
+
+
+def test_a_layer_whose_v_is_all_zero_is_named_in_a_warning_and_its_rows_are_zero():
+    """All of a layer's v is 0 (a float16 state that underflowed): its factors are scaled by 0, with
+    one warning naming the parameter and the checkpoint, not NumPy's 0 / 0 warning."""
+    rng = np.random.default_rng(3)
+    moments = _moments(rng, [(4, 3), (4,)])
+    moments = [AdamMoments(m.m, np.zeros_like(m.v), m.step, m.b1, m.b2, m.eps) for m in moments]
+    left, right = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    adam = RankOneAdam(lambda c: moments, [(0, True, 4)], {}, ["fc.weight", "fc.bias"])
+    with pytest.warns(RuntimeWarning) as caught:
+        got_l, got_r = adam.apply((left, right), 1, 0)
+    assert [str(w.message)[:76] for w in caught] == [
+        "preconditioner='adam': every second moment (v) of 'fc.weight' is 0 in checkp"
+    ]
+    assert "checkpoint 1" in str(caught[0].message)
+    assert not got_l.any() and not got_r.any()

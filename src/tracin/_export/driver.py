@@ -309,7 +309,8 @@ def _preconditioning(
         return checkpoints[c].optimizer.moments(framework.params)
 
     if options.mode != "full":
-        return [RankOneAdam(moments, layer_groups(framework.params, framework.slot_dims), settings)]
+        groups = layer_groups(framework.params, framework.slot_dims)
+        return [RankOneAdam(moments, groups, settings, [name for name, _ in framework.params])]
     return [Preconditioned(kind, moments, settings)]
 
 

@@ -15,6 +15,7 @@ where r or c is 0 are scaled by 0 (a parameter row or column that never had a gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,7 +45,10 @@ class RankOneAdam:
     """The "adam" preconditioner as a row transform on factored (left, right) blocks.
 
     moments(checkpoint) -> the AdamMoments of every parameter in `params` order (once per
-    checkpoint); groups: layer_groups of the sink slots; settings: as for Preconditioned.
+    checkpoint); groups: layer_groups of the sink slots; settings: as for Preconditioned; names:
+    the parameters' names in that order, for the warning about a layer whose v is all zero (its
+    rows are then all zero: a float16 optimizer state that underflowed, or a layer with no gradient
+    before the checkpoint).
     """
 
     key = "preconditioner"
@@ -54,8 +58,10 @@ class RankOneAdam:
         moments: Callable[[int], list[AdamMoments]],
         groups: list[tuple[int, bool, int]],
         settings: Mapping[str, Any],
+        names: Sequence[str] = (),
     ):
         self._moments, self.groups, self.settings = moments, groups, dict(settings)
+        self.names = list(names)
         self._checkpoint: int | None = None
         self._scales: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -75,6 +81,16 @@ class RankOneAdam:
             moments = self._moments(checkpoint)
             self._scales = [_scales(moments, k, bias, p) for k, bias, p in self.groups]
             self._checkpoint = checkpoint
+            for (k, _, _), (left, _) in zip(self.groups, self._scales, strict=True):
+                if not left.any():  # every row sum of v is 0
+                    name = repr(self.names[k]) if k < len(self.names) else f"parameter {k}"
+                    warnings.warn(
+                        f"preconditioner='adam': every second moment (v) of {name} is 0 in checkpoint "
+                        f"{checkpoint}, so its part of every row is zero (a float16 optimizer state that "
+                        "underflowed, or a layer that had no gradient before the checkpoint)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
         left_scale, right_scale = self._scales[slot]
         left, right = block
         return (
@@ -92,7 +108,7 @@ def _scales(moments: list[AdamMoments], k: int, bias: bool, p: int) -> tuple[np.
         b = moments[k + 1]
         v = np.hstack([v, np.asarray(b.v, np.float64).reshape(p, 1) / (1 - b.b2**b.step)])
     r, c = v.sum(1), v.sum(0)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
         right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
     return left, right
