@@ -69,7 +69,8 @@ def test_missing_shard_file_is_named(client, tied, tmp_path):
     store = _copy(tied["store"], tmp_path / "s")  # opened while complete, as by a user before the loss
     lost = store.path / "checkpoint_001.npy"
     lost.unlink()
-    with pytest.raises(StoreFormatError, match=f"{lost}: data file is missing"):
+    # removed after opening: tracin.top_k's StoreChangedError (workers find the file missing, the client why)
+    with pytest.raises(StoreChangedError, match=f"{lost} was removed after the gradient store was opened"):
         td.top_k(tied["test"], store, 3, client=client, shards=4)
     with pytest.raises(StoreFormatError, match=str(lost)):  # by path: found on the client already
         td.self_influence(str(store.path), client=client)
@@ -80,8 +81,10 @@ def test_corrupt_shard_file_is_named(client, tied, tmp_path):
     bad = store.path / "checkpoint_000.npy"
     with open(bad, "r+b") as f:
         f.write(b"garbage!")
-    with pytest.raises(StoreFormatError, match=f"{bad}: corrupt .npy header"):
+    with pytest.raises(StoreChangedError, match=f"{bad} was replaced or modified after the gradient store was opened"):
         td.aggregate(tied["test"], store, client=client, shards=4)
+    with pytest.raises(StoreFormatError, match=f"{bad}: corrupt .npy header"):  # opened as it is now
+        td.aggregate(tied["test"], tracin.GradientStore.open(store.path), client=client, shards=4)
     _copy(tied["store"], tmp_path / "t")
     truncated = tmp_path / "t" / "checkpoint_001.npy"
     store = tracin.GradientStore.open(tmp_path / "t")
@@ -138,6 +141,22 @@ def test_store_recreated_or_removed_after_opening_is_the_local_error_at_once(cli
         assert time.monotonic() - began < 2
 
 
+@pytest.mark.parametrize("change", ["removed", "truncated"])
+def test_a_data_file_changed_after_opening_is_the_local_error_too(client, tied, tmp_path, change):
+    """The manifest unchanged but a data file removed or cut short: workers reopen the store by its
+    path and find it inconsistent (a StoreFormatError); the client's check of its files then gives
+    tracin.top_k's StoreChangedError, which callers catch to open the store again (review23 F1)."""
+    store = _copy(tied["store"], tmp_path / "s")
+    data = max((p for p in (tmp_path / "s").iterdir() if p.suffix == ".npy"), key=lambda p: p.stat().st_size)
+    if change == "removed":
+        data.unlink()
+    else:
+        os.truncate(data, data.stat().st_size - 32)
+    local = _local_error(lambda: tracin.top_k(tied["test"], store, 3))
+    with pytest.raises(StoreChangedError, match=re.escape(local)):
+        td.top_k(tied["test"], store, 3, client=client, shards=2)
+
+
 def _tracin_tasks(dask_scheduler) -> list[str]:
     return [str(k) for k in dask_scheduler.tasks if str(k).startswith("tracin_")]
 
@@ -180,7 +199,7 @@ def test_failure_on_the_default_client_is_raised_as_is(client, tied, tmp_path):
     store = _copy(tied["store"], tmp_path / "s")
     lost = store.path / "checkpoint_000.npy"
     lost.unlink()
-    with client.as_current(), pytest.raises(StoreFormatError, match=f"{lost}: data file is missing"):
+    with client.as_current(), pytest.raises(StoreChangedError, match=f"{lost} was removed after the gradient"):
         td.self_influence(store, shards=2)
 
 

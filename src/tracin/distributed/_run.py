@@ -13,7 +13,7 @@ from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
 from ..scoring import rows_shifted
-from ..store import GradientStore
+from ..store import GradientStore, StoreChangedError, StoreFormatError
 from ._shards import StoreNotVisible, StoreRows
 
 # A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
@@ -142,12 +142,21 @@ class Job:
 
     def _raise(self, failed: Future) -> None:
         """The failed task's exception; for a worker that does not see a store of the call, the
-        client's check of it first (a store removed since: the StoreChangedError of rows_of)."""
+        client's check of it first (a store removed since: the StoreChangedError of rows_of); for a
+        worker's StoreFormatError (a worker reopens a store by its path), the client's check of the
+        call's stores and their files first, so that a store changed since it was opened is the
+        StoreChangedError tracin.top_k and the others raise on one machine."""
         try:
             failed.result()
         except StoreNotVisible as e:
             if e.path in self.stores:
                 self.stores[e.path]._check_same_store()
+            raise
+        except StoreChangedError:
+            raise
+        except StoreFormatError:
+            for store in self.stores.values():
+                store._check_unchanged()
             raise
 
 

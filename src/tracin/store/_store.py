@@ -334,6 +334,13 @@ class GradientStore(GradientSet):
                 f"id {self._manifest.store_id} then, {now} now); open it again"
             )
 
+    def _check_unchanged(self) -> None:
+        """StoreChangedError if the store was re-created, or a file of it removed, resized or replaced,
+        since it was opened (each file opened and closed again); else nothing."""
+        self._check_same_store()
+        for file in self._files:
+            os.close(file.open_unchanged(self.path))
+
     # -- views ----------------------------------------------------------------------------------
     def shard(self, i: int, n: int) -> GradientStore:
         """The i-th of n contiguous, near-equal row ranges (rows [i*N//n, (i+1)*N//n))."""
