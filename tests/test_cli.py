@@ -1324,6 +1324,20 @@ def test_bar_of_whole_units_without_unit_scale(capsys):
     assert re.search(r"\| 6/6 \[", err)  # ... whole units do not
 
 
+def test_output_through_a_link_to_stdout_writes_to_the_pipe(stores, tmp_path):
+    """-o a link to /dev/stdout with stdout a pipe: written to the pipe (it was refused: a new file was
+    looked for in /proc/PID/fd, where the link leads)."""
+    paths, _, _ = stores
+    rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]
+    expected = tmp_path / "expected.csv"
+    assert main([*rank, str(expected)]) == 0
+    link = tmp_path / "so.csv"
+    link.symlink_to("/dev/stdout")
+    command = [sys.executable, "-m", "tracin", *rank, str(link)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith(expected.read_text()), done.stderr  # then "wrote ..."
+
+
 def test_output_inside_a_gradient_store_is_refused_before_scoring(stores, tmp_path, capsys, monkeypatch):
     """A results file among a store's files would make the store refuse to be written again (review24
     F1): refused, in the store's folder or any folder below it, before anything is scored."""
@@ -1360,3 +1374,18 @@ def test_an_output_the_system_refuses_says_why(stores, tmp_path, capsys, monkeyp
         line = _error_line(capsys.readouterr().err, "score")
         assert line.endswith(os.strerror(errno.EROFS) + ")"), line
     assert existing.read_text() == "old\n"
+
+
+def test_a_fifo_named_manifest_above_the_output_is_not_read(stores, tmp_path):
+    """Looking for a store above --output reads only regular manifest files: a FIFO named
+    manifest.json (nothing writing to it) is passed over, not waited on forever (review25 F1)."""
+    paths, _, _ = stores
+    folder = tmp_path / "results"
+    folder.mkdir()
+    os.mkfifo(folder / "manifest.json")
+    codes: list[int] = []
+    command = _score(paths, "-o", str(folder / "top.csv"))
+    worker = threading.Thread(target=lambda: codes.append(main(command)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert codes == [0] and (folder / "top.csv").exists()

@@ -17,6 +17,7 @@ import argparse
 import csv
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from typing import IO, Any
 
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
-from .store._format import enclosing_store
+from .store._files import enclosing_store
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
@@ -102,10 +103,11 @@ def _per_slot(info: dict[str, Any]) -> str:
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
     """--output as a Path, checked before any work: a name before one of `suffixes` (any case;
-    if given), not a folder, not in a gradient store's folder (whose files are the store's own),
-    writable if it exists, else a name its folder (existing, writable) accepts, as the system says
-    when it tries (a read-only file system, permissions); links resolved as writing will
-    (_whole_file.resolve: loops and others' links in /tmp refused)."""
+    if given), not a folder; a FIFO or a device (also through links: /dev/stdout) writable; else not
+    in a gradient store's folder (whose files are the store's own), writable if it exists, else a
+    name its folder (existing, writable) accepts, as the system says when it tries (a read-only file
+    system, permissions); links resolved as writing will (_whole_file.resolve: loops and others'
+    links in /tmp refused)."""
     if path is None:
         return None
     if not path:  # Path("") would be the current folder
@@ -128,6 +130,14 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         target = Path(resolve(out))
     except OSError as e:
         raise CommandError(f"--output: {e.strerror}") from e
+    try:
+        mode = os.stat(out).st_mode  # through links: /dev/stdout is the pipe or file it stands for
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):  # a FIFO or a device: opening it to try it would use it
+        if not os.access(out, os.W_OK):
+            raise CommandError(f"--output: cannot write {out} (permission denied)")
+        return out
     store = enclosing_store(target)
     if store is not None:
         raise CommandError(
@@ -135,10 +145,6 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
             "files (another one there makes the store refuse to be written again); write it elsewhere"
         )
     if target.exists():
-        if not target.is_file():  # a FIFO or a device: opening it to try it would be a use of it
-            if not os.access(target, os.W_OK):
-                raise CommandError(f"--output: cannot write {out} (permission denied)")
-            return out
         try:  # opened for writing without changing it: the system's own reason if it cannot be
             os.close(os.open(target, os.O_WRONLY))
         except OSError as e:

@@ -99,3 +99,16 @@ def test_a_layer_whose_v_is_all_zero_is_named_in_a_warning_and_its_rows_are_zero
     ]
     assert "checkpoint 1" in str(caught[0].message)
     assert not got_l.any() and not got_r.any()
+
+
+def test_a_weight_whose_v_is_all_zero_beside_a_bias_that_is_not_is_named_too():
+    """The weight's v all 0, the bias's not (a float16 state where only the larger bias moments
+    survive): the weight's columns are scaled by 0, so its part of every row is zero: warned."""
+    rng = np.random.default_rng(4)
+    weight, bias = _moments(rng, [(4, 3), (4,)])
+    moments = [AdamMoments(weight.m, np.zeros_like(weight.v), weight.step, weight.b1, weight.b2, weight.eps), bias]
+    left, right = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(5, 4)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="second moment \\(v\\) of 'fc.weight' is 0 in checkpoint 0"):
+        adam = RankOneAdam(lambda c: moments, [(0, True, 4)], {}, ["fc.weight", "fc.bias"])
+        _, got_r = adam.apply((left, right), 0, 0)
+    assert not got_r[:, :3].any() and got_r[:, 3].all()

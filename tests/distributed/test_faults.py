@@ -83,8 +83,6 @@ def test_corrupt_shard_file_is_named(client, tied, tmp_path):
         f.write(b"garbage!")
     with pytest.raises(StoreChangedError, match=f"{bad} was replaced or modified after the gradient store was opened"):
         td.aggregate(tied["test"], store, client=client, shards=4)
-    with pytest.raises(StoreFormatError, match=f"{bad}: corrupt .npy header"):  # opened as it is now
-        td.aggregate(tied["test"], tracin.GradientStore.open(store.path), client=client, shards=4)
     _copy(tied["store"], tmp_path / "t")
     truncated = tmp_path / "t" / "checkpoint_001.npy"
     store = tracin.GradientStore.open(tmp_path / "t")
@@ -201,6 +199,24 @@ def test_failure_on_the_default_client_is_raised_as_is(client, tied, tmp_path):
     lost.unlink()
     with client.as_current(), pytest.raises(StoreChangedError, match=f"{lost} was removed after the gradient"):
         td.self_influence(store, shards=2)
+
+
+def test_a_workers_store_error_is_raised_as_is_when_the_clients_stores_are_unchanged(tied, tmp_path):
+    """Job._raise on its own: a worker's StoreFormatError about a store the client still finds as it
+    opened it is the worker's error; once one of its files is removed, the client's StoreChangedError."""
+
+    class Failed:
+        def result(self):
+            raise StoreFormatError("made up on a worker")
+
+    job = Job(object(), "top_k")
+    store = _copy(tied["store"], tmp_path / "s")
+    job.rows_of(store)
+    with pytest.raises(StoreFormatError, match="^made up on a worker$"):
+        job._raise(Failed())
+    (store.path / "checkpoint_001.npy").unlink()
+    with pytest.raises(StoreChangedError, match="checkpoint_001.npy was removed after the gradient store was opened"):
+        job._raise(Failed())
 
 
 def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch):

@@ -81,8 +81,8 @@ class RankOneAdam:
             moments = self._moments(checkpoint)
             self._scales = [_scales(moments, k, bias, p) for k, bias, p in self.groups]
             self._checkpoint = checkpoint
-            for (k, _, _), (left, _) in zip(self.groups, self._scales, strict=True):
-                if not left.any():  # every row sum of v is 0
+            for (k, bias, _), (left, right) in zip(self.groups, self._scales, strict=True):
+                if not left.any() or not right[: len(right) - bias].any():  # all of v, or the weight's, is 0
                     name = repr(self.names[k]) if k < len(self.names) else f"parameter {k}"
                     warnings.warn(
                         f"preconditioner='adam': every second moment (v) of {name} is 0 in checkpoint "

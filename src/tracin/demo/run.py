@@ -17,7 +17,8 @@ import tracin
 from .._progress import progress_bar
 from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
 from ..store import GradientStore
-from ..store._format import MANIFEST, enclosing_store
+from ..store._files import enclosing_store
+from ..store._format import MANIFEST
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, Train, checkpoint_path, trainer

@@ -196,6 +196,19 @@ def read_manifest_bytes(root: Path) -> bytes:
         os.close(fd)
 
 
+def enclosing_store(path: Path) -> Path | None:
+    """The nearest folder above `path` (its own folder first, links resolved) whose manifest.json is a
+    gradient store's, or None (another program's manifest.json, such as a web project's, does not
+    count; nor does anything but a regular file of at most MAX_MANIFEST_BYTES: a FIFO is not read)."""
+    for folder in path.resolve().parents:
+        try:
+            parse_manifest(read_manifest_bytes(folder), str(folder / MANIFEST))
+        except (OSError, ValueError):  # none, unreadable, not a file, or not a store's (StoreFormatError)
+            continue
+        return folder
+    return None
+
+
 def read_manifest(root: Path) -> Manifest:
     """The checked manifest of the store at `root`; FileNotFoundError if there is none."""
     return parse_manifest(read_manifest_bytes(root), str(root / MANIFEST))

@@ -13,7 +13,6 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -272,19 +271,6 @@ class Manifest:
         if manifest.complete and any(manifest.missing(c) for c in range(len(dims))):
             raise fail("marked complete but some rows are not recorded as written")
         return manifest
-
-
-def enclosing_store(path: Path) -> Path | None:
-    """The nearest folder above `path` (its own folder first, links resolved) whose manifest.json is a
-    gradient store's, or None (another program's manifest.json, such as a web project's, does not count)."""
-    for folder in path.resolve().parents:
-        manifest = folder / MANIFEST
-        try:
-            parse_manifest(manifest.read_bytes(), str(manifest))
-        except (OSError, ValueError):  # none, unreadable, or not a store's (StoreFormatError)
-            continue
-        return folder
-    return None
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
