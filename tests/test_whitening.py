@@ -1175,3 +1175,18 @@ def test_load_refuses_what_fits_guard_refuses_and_says_how_to_proceed(n, d, tmp_
     np.testing.assert_allclose(
         Whitening.load(tmp_path / "good.npz").inverses[0], ref, rtol=0, atol=1e-8 * np.abs(ref).max()
     )
+
+
+def test_a_whitened_test_side_is_checked_against_the_train_side_by_its_whitenings_records(full):
+    """Bare test arrays whitened by a whitening fitted on gradients projected with seed 0 carry that
+    whitening's records: scored against a train side projected with seed 1 (another coordinate
+    system), refused as the two sides themselves would be (review26 F2); against the same space, scored."""
+    train, test = full
+    projected = {"projection": tracin.Projection(8, seed=0).to_dict()}
+    other = {"projection": tracin.Projection(8, seed=1).to_dict()}
+    w = Whitening.fit(tracin.Gradients(train, WEIGHTS, metadata=projected), damping=0.5)
+    white = w.apply(tracin.Gradients(test, WEIGHTS))
+    with pytest.raises(ValueError, match="projection"):
+        tracin.scores(white, tracin.Gradients(train, WEIGHTS, metadata=other))
+    same = tracin.scores(white, tracin.Gradients(train, WEIGHTS, metadata=projected))
+    assert same.shape == (len(test[0]), len(train[0]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numbers
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -98,7 +99,8 @@ def _check_same_gradient_space(
     the same thing: a different mode, different parameters (same framework), a different
     projection (metadata["projection"] None: unprojected), or other checkpoints (`names` name the
     two sides in messages). Sets without metadata are trusted; recorded keys of another shape than
-    the adapters' (metadata_problem) are a ValueError."""
+    the adapters' (metadata_problem) are a ValueError. A whitened test side is then also checked by the
+    records of the gradients its whitening was fitted on (metadata['whitening']['space'])."""
     t, x = test.metadata, train.metadata
     for name, m in zip(names, (t, x), strict=True):
         problem = metadata_problem(m)
@@ -129,6 +131,12 @@ def _check_same_gradient_space(
             f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
         )
     _check_same_checkpoints(t, x, names)
+    fitted = t.get("whitening")
+    if names == ("test", "train") and isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
+        # then the space of the gradients the test side's whitening was fitted on: the train side's
+        # too (bare test arrays carry no records of their own, their whitening's are checked)
+        space = SimpleNamespace(metadata=fitted["space"])  # what _check_same_gradient_space reads of a set
+        _check_same_gradient_space(space, train, ("the gradients the test side's whitening was fitted on", "train"))
 
 
 class CheckpointMismatchError(ValueError):
