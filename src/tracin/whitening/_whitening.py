@@ -20,6 +20,7 @@ from .._progress import check_progress, progress_bar
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
+from ._conditioning import largest_eigenvalue, warn_if_ill_conditioned
 from ._inverse import check_damping, check_top_eigenvalue, damped_inverse, mean_eigenvalue
 from ._moments import (
     check_budget,
@@ -143,7 +144,9 @@ class Whitening:
         damping: lambda_c = damping * trace(R_c) / d_c (default 10: within noise of the quality suite's
             best by mean LDS rank and by mean LDS, 3 and 30 being first by each; 1-3 did best where train
             rows outnumber dimensions, 30-100 where they are fewer; see the README). with_damping gives
-            other dampings without a second pass.
+            other dampings without a second pass. A damping so small that float32 scores may be off by
+            more than 4e-3 of the largest (cond x 2^-24 > 1e-3, see the class docstring) warns, naming
+            one that is not (fit and with_damping alike).
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix.
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
@@ -466,12 +469,15 @@ def _flat(lambdas: list) -> list[float]:
 
 def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision: str) -> tuple[list[np.ndarray], list]:
     """Damped inverses and the lambdas, per checkpoint (see Whitening); `moments` are left as they are.
-    `precision` (fit's) is named in the advice of damped_inverse's errors."""
+    `precision` (fit's) is named in the advice of damped_inverse's errors. Warns when the damping
+    leaves float32 scores rounding beyond _conditioning.SCORE_ERROR (a smaller damping than R allows)."""
     lambdas = _lambdas(moments, damping, factored)
     inverses = [
         damped_inverse(r, lam, _what(i, factored), precision)
         for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
     ]
+    tops = [largest_eigenvalue(r) for r in moments]
+    warn_if_ill_conditioned(tops, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1)
     return inverses, lambdas
 
 

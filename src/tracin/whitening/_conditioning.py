@@ -1,0 +1,70 @@
+"""How far float32 whitened scores can be off at a damping: the condition number of (R + lambda I).
+
+Whitened test rows and the scores made from them are float32 whatever fit's precision, so rounding
+relative to the largest score reaches 1-4 x cond x 2^-24 (Whitening's docstring), cond = (largest
+eigenvalue of R + lambda) / lambda per checkpoint (the product of its two factors' for K-FAC).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+FLOAT32_EPS = 2.0**-24
+SCORE_ERROR = 1e-3
+"""cond x 2^-24 above which fit and with_damping warn (errors up to 4x that of the largest score)."""
+
+_EXACT_SIDE = 256  # eigvalsh up to this side; above, power iteration (a lower bound on the largest)
+_POWER_STEPS = 64
+
+
+def largest_eigenvalue(r: np.ndarray) -> float:
+    """The largest eigenvalue of the symmetric positive semidefinite float64 (k, k) R (above
+    _EXACT_SIDE a lower bound from power iteration, from a fixed start: the same answer every run)."""
+    if r.shape[0] <= _EXACT_SIDE:
+        return float(np.linalg.eigvalsh(r)[-1]) if r.size else 0.0
+    v = np.random.default_rng(0).standard_normal(r.shape[0])
+    top = 0.0
+    for _ in range(_POWER_STEPS):
+        w = r @ v
+        norm = float(np.linalg.norm(w))
+        if norm == 0.0:
+            return 0.0
+        top = float(v @ w) / float(v @ v)
+        v = w / norm
+    return top
+
+
+def warn_if_ill_conditioned(
+    tops: list[float], damping: float, lambdas_at: Callable[[float], list[float]], per_checkpoint: int
+) -> None:
+    """RuntimeWarning when a checkpoint's cond x 2^-24 exceeds SCORE_ERROR at `damping`, naming the
+    smallest power-of-two multiple of it that brings every checkpoint under: `tops` the largest
+    eigenvalue of each matrix (kernel block order), lambdas_at(d) their lambdas at damping d,
+    per_checkpoint matrices per checkpoint (2 for K-FAC)."""
+
+    def worst(d: float) -> tuple[float, int]:
+        lambdas = lambdas_at(d)
+        conds = [(top + lam) / lam for top, lam in zip(tops, lambdas, strict=True)]
+        per = [float(np.prod(conds[i : i + per_checkpoint])) for i in range(0, len(conds), per_checkpoint)]
+        c = int(np.argmax(per))
+        return per[c], c
+
+    cond, checkpoint = worst(damping)
+    if cond * FLOAT32_EPS <= SCORE_ERROR:
+        return
+    safe = damping
+    for _ in range(200):
+        safe *= 2.0
+        if worst(safe)[0] * FLOAT32_EPS <= SCORE_ERROR:
+            break
+    warnings.warn(
+        f"whitening: damping {damping:.3g} leaves (R + lambda I) a condition number of about {cond:.3g} "
+        f"(checkpoint {checkpoint}); whitened scores are float32, so they may be off by up to about "
+        f"{4 * cond * FLOAT32_EPS:.2g} of the largest score (1-4 x cond x 2^-24, whatever fit's precision); "
+        f"a damping of {safe:.3g} or more keeps that within {4 * SCORE_ERROR:.2g} (Whitening.with_damping)",
+        RuntimeWarning,
+        stacklevel=4,  # the caller of fit or with_damping
+    )
