@@ -806,3 +806,24 @@ def test_a_torch_compiled_model_with_a_cut_reentrant_block_is_refused():
     model = torch.compile(Checkpointed(True), backend="eager")
     with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=True.*_orig_mod\.block\.0\.weight"):
         _export_at_its_weights(model, layers=["_orig_mod.block", "_orig_mod.out"])
+
+
+class _DropoutAlwaysOn(nn.Module):
+    """Dropout with training=True in the forward: random whatever the model's mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.h(nn.functional.dropout(self.a(x), 0.5, training=True))
+
+
+def test_a_random_forward_is_named_as_the_cause_when_the_hooks_disagree():
+    """The hooks and per-example autograd see different dropout masks: the warning says the forward
+    draws random numbers (it blamed layers mixing examples, review27 F2), as mode='factored' says."""
+    torch.manual_seed(0)
+    model, ce = _DropoutAlwaysOn(), nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    with pytest.warns(RuntimeWarning, match=r"the forward draws random numbers .*every method then gives other rows"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), ce, progress=False)

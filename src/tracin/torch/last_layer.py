@@ -21,7 +21,7 @@ from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree
 from .layer_rules import token_form
 from .layers import tied_first_names
-from .losses import LossFn, losses_of
+from .losses import LossFn, losses_of, random_forward
 
 
 class LinearFactors:
@@ -77,7 +77,7 @@ class LinearFactors:
         """(the layers whose factors `heads` disagree on these rows, whether the forward is random)."""
         apart = {**state, **{n: state[f] for n, f in self.tied.items()}}
         bad = self._disagreeing(state, apart, inputs, targets, rows, heads)
-        random = bool(bad) and self._random_forward(state, inputs, targets)
+        random = bool(bad) and random_forward(self.model, state, self.loss_fn, inputs, targets)
         if random:
             bad = self._disagreeing(state, apart, inputs, targets, rows, None)
         return bad, random
@@ -153,12 +153,6 @@ class LinearFactors:
             (left, torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if layer.bias is not None else x)
             for (x, left), layer in zip(self._captured(state, inputs, targets), self.layers, strict=True)
         ]
-
-    def _random_forward(self, state, inputs: Tree, targets: Tree) -> bool:
-        """True when three forward passes on the same rows give different losses."""
-        with torch.no_grad():
-            first, *others = (losses_of(self.model, state, self.loss_fn, inputs, targets) for _ in range(3))
-        return not all(torch.equal(first, other) or torch.allclose(first, other, equal_nan=True) for other in others)
 
     def _full_layers(self) -> list[str]:
         """The layers= of mode="full" for the same parameters: a module name, or the parameter names

@@ -76,6 +76,16 @@ def losses_of(
     return loss_fn(call_model(model_caller(model, state, tie_weights), inputs), targets)
 
 
+def random_forward(
+    model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+) -> bool:
+    """True when three forward passes on the same rows give different losses (dropout with
+    training=True, sampling: per-example gradients then differ from run to run)."""
+    with torch.no_grad():
+        first, *others = (losses_of(model, state, loss_fn, inputs, targets) for _ in range(3))
+    return not all(torch.equal(first, other) or torch.allclose(first, other, equal_nan=True) for other in others)
+
+
 def check_loss_on(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],

@@ -16,7 +16,7 @@ from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_counted
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples
-from .losses import LossFn, losses_of
+from .losses import LossFn, losses_of, random_forward
 
 # On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
 # inputs and output gradients: a cap on those captured tensors only, not on all a pass allocates (the
@@ -161,10 +161,17 @@ class PerExampleGradients:
         own_gap = gap((_stacked(reference.own, k), want) for k, (_, want) in enumerate(pairs)) if widened else 0.0
         tokens = tokens_counted(reference, self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
         if not agrees(pairs, reference.dtype, tokens, widened, own_gap):
-            _warn_leaving(
-                "they disagree with per-example autograd on the first batch: a layer mixes the "
-                "examples of a batch, or a parameter is also used outside its module's forward"
-            )
+            if random_forward(self.model, state, self.loss_fn, head_inputs, head_targets):
+                _warn_leaving(
+                    "they disagree with per-example autograd on the first batch, and the forward draws "
+                    "random numbers (three passes on the same rows gave different losses: dropout with "
+                    "training=True, sampling?): every method then gives other rows on every run"
+                )
+            else:
+                _warn_leaving(
+                    "they disagree with per-example autograd on the first batch: a layer mixes the "
+                    "examples of a batch, or a parameter is also used outside its module's forward"
+                )
             return False
         first, self.checked_one = not self.checked_one, True
         self.checked = rows > 1  # one row cannot show a layer mixing the examples: checked again
