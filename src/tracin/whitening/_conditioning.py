@@ -55,16 +55,20 @@ def warn_if_ill_conditioned(
     cond, checkpoint = worst(damping)
     if cond * FLOAT32_EPS <= SCORE_ERROR:
         return
-    safe = damping
-    for _ in range(200):
+    safe: float | None = damping
+    while safe is not None:  # doublings: at most float64's 2^2098 range of dampings
         safe *= 2.0
-        if worst(safe)[0] * FLOAT32_EPS <= SCORE_ERROR:
-            break
+        try:
+            if worst(safe)[0] * FLOAT32_EPS <= SCORE_ERROR:
+                break
+        except ValueError:  # lambda beyond float64 (lambdas_at refuses it): no damping to name
+            safe = None
+    advice = "a larger damping" if safe is None else f"a damping of {safe:.3g} or more"
     warnings.warn(
         f"whitening: damping {damping:.3g} leaves (R + lambda I) a condition number of about {cond:.3g} "
         f"(checkpoint {checkpoint}); whitened scores are float32, so they may be off by up to about "
         f"{4 * cond * FLOAT32_EPS:.2g} of the largest score (1-4 x cond x 2^-24, whatever fit's precision); "
-        f"a damping of {safe:.3g} or more keeps that within {4 * SCORE_ERROR:.2g} (Whitening.with_damping)",
+        f"{advice} keeps that within {4 * SCORE_ERROR:.2g} (Whitening.with_damping)",
         RuntimeWarning,
         stacklevel=4,  # the caller of fit or with_damping
     )
