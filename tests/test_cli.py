@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -1167,11 +1168,6 @@ def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, c
         assert main(["bench", *sizes]) == 1
         line = _error_line(capsys.readouterr().err, "bench")
         assert "GiB of memory" in line and "more than this machine's 1.0 GiB; give smaller -m / -n / -d" in line
-    # 256 x 64 test, 1e6 x 64 train (float32 + the float64 copy), two (256, 10) results
-    assert (
-        tracin.cli._bench_bytes(selfbench.BenchConfig(m=256, n=10**6, d=64))
-        == 4 * (256 + 10**6) * 64 + 8 * 10**6 * 64 + 2 * 12 * 2560
-    )
     assert main(["bench", "--quick", "-n", str(3 * 10**6)]) == 1  # 2.1 GiB with d=64
     assert "-n 3000000 -d 64" in _error_line(capsys.readouterr().err, "bench")
 
@@ -1196,19 +1192,53 @@ def test_selfbench_numpy_top_k_is_the_float64_top_k(rng):
 
 
 def test_selfbench_check_rejects_a_wrong_top_k(rng):
-    test = rng.standard_normal((10, 8)).astype(np.float32)
+    test = rng.standard_normal((40, 8)).astype(np.float32)
     train = rng.standard_normal((200, 8)).astype(np.float32)
     exact = test.astype(np.float64) @ train.astype(np.float64).T
     indices = np.argsort(-exact, axis=1)[:, :5]
     values = np.take_along_axis(exact, indices, 1).astype(np.float32)
-    assert selfbench.matches_float64(test, train, values, indices)
+    assert selfbench.matches_float64(test, train, 5, values, indices)
+    assert selfbench.matches_float64(test, train, 500, *_float64_top_k(exact, 200))  # k > n: all n rows
+
+    def wrong(values: np.ndarray, indices: np.ndarray) -> bool:
+        return not selfbench.matches_float64(test, train, 5, values, indices)
+
     worse = indices.copy()
-    worse[1, 0] = np.argmin(exact[1])  # the worst row, reported with its true score
-    worse_values = np.take_along_axis(exact, worse, 1).astype(np.float32)
-    assert not selfbench.matches_float64(test, train, worse_values, worse)
+    worse[0, 4] = np.argmin(exact[0])  # the worst row in the k-th place, reported with its true score
+    assert wrong(np.take_along_axis(exact, worse, 1).astype(np.float32), worse)
     shifted = values.copy()
     shifted[0, 2] += 0.01  # the right row with a wrong value
-    assert not selfbench.matches_float64(test, train, shifted, indices)
+    assert wrong(shifted, indices)
+    nan = values.copy()
+    nan[0, 3] = np.nan
+    assert wrong(nan, indices)
+    repeated = np.repeat(indices[:, :1], 5, axis=1)  # the best row k times
+    assert wrong(np.take_along_axis(exact, repeated, 1).astype(np.float32), repeated)
+    assert wrong(values[:, ::-1], indices[:, ::-1])  # the right rows, smallest first
+    assert wrong(values[:, :4], indices[:, :4])  # k - 1 columns
+    second = indices.copy()
+    second[:, 4] = np.argsort(-exact, axis=1)[:, 6]  # a 7th row where the 5th belongs, in order
+    assert wrong(np.take_along_axis(exact, second, 1).astype(np.float32), second)
+    late = indices.copy()
+    late[39, 4] = np.argmin(exact[39])  # in the last test row: not only the first rows are checked
+    assert wrong(np.take_along_axis(exact, late, 1).astype(np.float32), late)
+
+
+def _float64_top_k(exact: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    indices = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, indices, 1).astype(np.float32), indices
+
+
+@pytest.mark.parametrize("m, n, d, k", [(48, 60_000, 40, 10), (8, 100_000, 256, 10), (256, 50_000, 16, 1000)])
+def test_bench_memory_estimate_covers_what_numpy_allocates(m, n, d, k):
+    config = selfbench.BenchConfig(m=m, n=n, d=d, k=k, repeats=1)
+    tracemalloc.start()  # NumPy's arrays are traced; tracin's C++ kernel holds only its (m, k) results
+    try:
+        selfbench.run(config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= tracin.cli._bench_bytes(config)
 
 
 # -- on a Dask cluster ---------------------------------------------------------------------------

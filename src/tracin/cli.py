@@ -454,10 +454,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def _bench_bytes(config: Any) -> int:
-    """Bytes `tracin bench` holds at least: float32 test and train rows, the float64 copy of the
-    train rows its check makes, and two (m, min(k, n)) results of float32 values and int64 indices."""
+    """Bytes `tracin bench` holds at least: float32 test and train rows, the float64 check's scores and
+    bounds of its checked rows (and their boolean comparison) and its float64 chunk of train rows,
+    NumPy's float32 scores of a chunk of test rows with their int64 argpartition, and two (m, min(k, n))
+    results of float32 values and int64 indices."""
+    from .selfbench import CHECK_TRAIN_ROWS, CHECKED_ROWS, numpy_chunk_rows
+
     m, n, d = config.m, config.n, config.d
-    return 4 * (m + n) * d + 8 * n * d + 2 * 12 * m * min(config.k, n)
+    check = 17 * min(CHECKED_ROWS, m) * n + 8 * min(CHECK_TRAIN_ROWS, n) * d  # scores, bounds, their comparison
+    return 4 * (m + n) * d + check + 12 * min(m, numpy_chunk_rows(n)) * n + 2 * 12 * m * min(config.k, n)
 
 
 def _physical_memory() -> int | None:

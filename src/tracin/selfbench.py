@@ -17,7 +17,8 @@ import numpy as np
 from ._cpus import usable_cores
 
 NUMPY_CHUNK_BYTES = 128 * 2**20  # score matrix NumPy holds at once (test rows per chunk follow from it)
-CHECKED_ROWS = 8  # test rows whose top-k is checked against float64
+CHECKED_ROWS = 8  # test rows whose top-k is checked against float64 (spread over the test rows)
+CHECK_TRAIN_ROWS = 16384  # train rows the check widens to float64 at once (into one buffer)
 TOLERANCE = 1e-5  # the numerical contract's scale-aware bound (docs/architecture.md)
 
 
@@ -54,13 +55,18 @@ class BenchResult:
         return self.numpy_s / self.tracin_s
 
 
+def numpy_chunk_rows(n: int) -> int:
+    """Test rows numpy_top_k scores at once against n train rows (NUMPY_CHUNK_BYTES of float32 scores)."""
+    return max(1, NUMPY_CHUNK_BYTES // (4 * max(n, 1)))
+
+
 def numpy_top_k(test: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Proponents with NumPy alone: test @ train.T in chunks of test rows, argpartition, then a
     sort of the k. Returns (values float32 (m, k), indices int64 (m, k)), largest first."""
     m, n = test.shape[0], train.shape[0]
     k = min(k, n)
     values, indices = np.empty((m, k), np.float32), np.empty((m, k), np.int64)
-    rows = max(1, NUMPY_CHUNK_BYTES // (4 * max(n, 1)))
+    rows = numpy_chunk_rows(n)
     for a in range(0, m, rows):
         scores = test[a : a + rows] @ train.T
         part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
@@ -71,22 +77,38 @@ def numpy_top_k(test: np.ndarray, train: np.ndarray, k: int) -> tuple[np.ndarray
     return values, indices
 
 
-def matches_float64(test: np.ndarray, train: np.ndarray, values: np.ndarray, indices: np.ndarray) -> bool:
-    """Whether a proponent top-k (values, indices) is right for the first CHECKED_ROWS test rows:
-    each value within TOLERANCE * |t| * |x_i| of the float64 score, and no row left out that
-    beats the k-th chosen one by more than that bound."""
-    rows = min(CHECKED_ROWS, test.shape[0])
-    q, x = test[:rows].astype(np.float64), train.astype(np.float64)
-    exact = q @ x.T
-    scale = np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
-    bound = TOLERANCE * scale
-    chosen = indices[:rows]
-    if np.any(np.abs(values[:rows] - np.take_along_axis(exact, chosen, 1)) > np.take_along_axis(bound, chosen, 1)):
+def matches_float64(test: np.ndarray, train: np.ndarray, k: int, values: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether a proponent top-k (values float32 (m, min(k, n)), indices int64 (m, min(k, n))) is right
+    for CHECKED_ROWS test rows spread over the m: finite values in non-increasing order, distinct
+    indices in [0, n), each value within TOLERANCE * |t| * |x_i| of the float64 score, and no row left
+    out that beats the smallest chosen float64 score by more than twice that bound. The float64 scores
+    are computed CHECK_TRAIN_ROWS train rows at a time (no float64 copy of the whole train set)."""
+    m, n = test.shape[0], train.shape[0]
+    width = min(k, n)
+    if values.shape != (m, width) or indices.shape != (m, width):
         return False
-    left_out = exact.copy()
-    np.put_along_axis(left_out, chosen, -np.inf, 1)
-    kth = np.take_along_axis(exact, chosen[:, -1:], 1)
-    return bool(np.all(left_out - kth <= 2 * bound))
+    rows = np.unique(np.linspace(0, m - 1, min(CHECKED_ROWS, m)).astype(np.int64)) if m else np.empty(0, np.int64)
+    got, chosen = values[rows].astype(np.float64), indices[rows]
+    if not np.all(np.isfinite(got)) or np.any(np.diff(got, axis=1) > 0):
+        return False
+    if np.any((chosen < 0) | (chosen >= n)) or np.any(np.diff(np.sort(chosen, axis=1), axis=1) == 0):
+        return False
+    q = test[rows].astype(np.float64)
+    q_norms = np.sqrt(np.einsum("ij,ij->i", q, q))
+    exact, bound = np.empty((len(rows), n)), np.empty((len(rows), n))
+    widened = np.empty((min(CHECK_TRAIN_ROWS, n), train.shape[1]))
+    for a in range(0, n, CHECK_TRAIN_ROWS):
+        x = widened[: min(CHECK_TRAIN_ROWS, n - a)]
+        x[...] = train[a : a + len(x)]
+        exact[:, a : a + len(x)] = q @ x.T
+        bound[:, a : a + len(x)] = TOLERANCE * q_norms[:, None] * np.sqrt(np.einsum("ij,ij->i", x, x))[None, :]
+    if np.any(np.abs(got - np.take_along_axis(exact, chosen, 1)) > np.take_along_axis(bound, chosen, 1)):
+        return False
+    smallest = np.take_along_axis(exact, chosen, 1).min(axis=1, initial=np.inf)[:, None]
+    np.put_along_axis(exact, chosen, -np.inf, 1)
+    exact -= smallest
+    bound *= 2
+    return bool(np.all(exact <= bound))
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -119,7 +141,7 @@ def run(config: BenchConfig, status: Callable[[str], object] = lambda _: None) -
     train = rng.standard_normal((config.n, config.d), dtype=np.float32)
     status("checking tracin's top-k against float64")
     ours = tracin.top_k(test, train, config.k, num_threads=used, progress=False)
-    exact = matches_float64(test, train, ours.values, ours.indices)
+    exact = matches_float64(test, train, config.k, ours.values, ours.indices)
     calls = f"a warm-up and {config.repeats} timed call(s)"
     status(f"timing tracin.top_k: {calls}")
     tracin_s = _median_seconds(
