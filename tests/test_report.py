@@ -550,6 +550,7 @@ def test_diagnostics_read_one_shot_labels_once(make, tmp_path, monkeypatch):
         ("figs/.PNG", ValueError, r"path must name a file before its \.png suffix"),
         ("folder.png", ValueError, r"path: '.*folder\.png' is a directory, not a file"),
         ("folder", ValueError, r"path: '.*folder\.png' is a directory, not a file"),  # .png added
+        ("figs", ValueError, r"path: 'figs' is a directory, not a file"),  # review29 F3: was written to figs.png
         (b"x.png", TypeError, r"path must be a str or os\.PathLike of a str, got bytes"),
         (3, TypeError, r"path must be a str or os\.PathLike of a str, got int"),
     ],
@@ -582,3 +583,61 @@ def test_diagnostics_take_any_path_like(tmp_path):
         checkpoint_diagnostics(_two_checkpoints(), path=PathLike(b"x.png"))
     with pytest.raises(TypeError, match="labels must be one name per checkpoint"):
         checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "x.png", labels="ab")
+
+
+def test_diagnostics_refuse_a_dangling_link_before_the_work(tmp_path, monkeypatch):
+    from tracin import report
+
+    monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
+    (tmp_path / "d.png").symlink_to(tmp_path / "gone" / "d.png")
+    with pytest.raises(ValueError, match=r"path: '.*d\.png' is a link to '.*gone/d\.png', which does not exist"):
+        checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")
+
+
+def test_diagnostics_check_labels_and_traced_without_a_figure():
+    with pytest.raises(ValueError, match="traced must be a number of checkpoints from 1 to 2, got 99"):
+        checkpoint_diagnostics(_two_checkpoints(), traced=99)
+    with pytest.raises(ValueError, match="labels must name each of the 2 checkpoints, got 1"):
+        checkpoint_diagnostics(_two_checkpoints(), labels=["only one"])
+
+
+def test_diagnostics_of_a_whitening_match_float64_whitened_self_influence():
+    rng = np.random.default_rng(8)
+    mats = [(rng.standard_normal((60, 5)) * [5, 1, 1, 0.2, 0.1]).astype(np.float32) for _ in range(2)]
+    weights, damping = [0.5, 0.25], 0.3
+    train = tracin.Gradients(mats, weights)
+    whitening = tracin.Whitening.fit(train, damping=damping)
+    diag = checkpoint_diagnostics(train, top=6, whitening=whitening)
+    exact = []
+    for w, m in zip(weights, mats, strict=True):
+        x = m.astype(np.float64)
+        r = x.T @ x / len(x)
+        inverse = np.linalg.inv(r + damping * np.trace(r) / len(r) * np.eye(len(r)))
+        exact.append(w * np.einsum("id,de,ie->i", x, inverse, x))
+    np.testing.assert_allclose(diag.terms, np.stack(exact, 1), rtol=1e-5)
+    whitened = whitening.apply(train)  # review29 F2: its plain self-influence was taken as the whitened one
+    with pytest.raises(ValueError, match=r"train is whitened \(metadata\['whitening'\]\).*whitening="):
+        checkpoint_diagnostics(whitened)
+    with pytest.raises(ValueError, match=r"train is whitened"):
+        tracin.self_influence(whitened)
+
+
+def test_diagnostics_warn_that_shares_of_negative_weights_are_not_fractions():
+    diag_input = tracin.Gradients(_two_checkpoints().matrices, [1.0, -0.5])
+    with pytest.warns(UserWarning, match=r"negative checkpoint weights.*do not lie in \[0, 1\]"):
+        diag = checkpoint_diagnostics(diag_input)
+    assert diag.share_all.sum() == pytest.approx(1.0) and diag.share_all[1] < 0
+
+
+@pytest.mark.parametrize("side", ["test", "train"])
+def test_checkpoint_contributions_refuse_nan_rows_as_top_k_does(side):
+    rng = np.random.default_rng(4)
+    test, train = _full(rng, 5), _full(rng, 30)
+    result = tracin.top_k(tracin.Gradients(test), tracin.Gradients(train), k=4)
+    bad = test if side == "test" else train
+    row = 3 if side == "test" else int(result.indices[2, 1])
+    bad[1][row, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"{side} checkpoint 1 contains NaN or Inf values, first in rows \[{row}\]"):
+        checkpoint_contributions(tracin.Gradients(test), tracin.Gradients(train), result)
+    with pytest.raises(ValueError, match=rf"{side} checkpoint 1 contains NaN or Inf values, first in rows \[{row}"):
+        tracin.top_k(tracin.Gradients(test), tracin.Gradients(train), k=4)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ import numpy as np
 
 from ._arrays import DTYPE_CODES
 from .backends import TopK
-from .gradients import GradientSet
+from .gradients import GradientSet, non_finite_message
 from .scoring import _checkpoint_run, _normalize_run, _pair, as_gradient_set, self_influence
 from .store._convert import bfloat16_bits_to_float32
+from .whitening import Whitening
 
 _GATHER_BYTES = 64 << 20  # float64 working bytes of checkpoint_contributions (test rows, gathered train rows)
 _SKIP_BYTES = 1 << 20  # float64 bytes of unwanted train rows read between two wanted ones before a new read
@@ -91,12 +93,14 @@ def checkpoint_contributions(
         t1 = min(m, t0 + step)
         side = test.kernel_side(t0, t1)
         ours = [_float64(b, code) for b, code in zip(side.blocks, side.dtypes, strict=True)]
+        _refuse_non_finite("test", test.factored, ours, np.arange(t0, t1))
         own = [np.einsum("td,td->t", a, a)[:, None] for a in ours] if run else []
         for j0 in range(0, k, cols):
             j1 = min(k, j0 + cols)
             wanted, where = np.unique(indices[t0:t1, j0:j1], return_inverse=True)
             where = where.reshape(t1 - t0, j1 - j0)
             theirs = _gather_rows(train, wanted, span, skip)
+            _refuse_non_finite("train", train.factored, theirs, wanted)
             dots, squares = [], []
             for a, b in zip(ours, theirs, strict=True):  # one block's (t, j, d) rows at a time
                 dots.append(np.einsum("td,tjd->tj", a, b[where]))
@@ -108,6 +112,15 @@ def checkpoint_contributions(
                 terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
             out[t0:t1, j0:j1] = terms.reshape(t1 - t0, j1 - j0, count, per).sum(3)
     return out
+
+
+def _refuse_non_finite(side: str, factored: bool, blocks: list[np.ndarray], rows: np.ndarray) -> None:
+    """ValueError as the kernel words it (top_k refuses the same rows) if a block holds NaN or Inf in
+    a row; blocks: float64 rows, rows: their indices in `side`, increasing."""
+    for b, block in enumerate(blocks):
+        bad = np.flatnonzero(~np.isfinite(block).all(axis=1))[:5]
+        if bad.size:
+            raise ValueError(non_finite_message(side, factored, b, rows[bad].tolist()))
 
 
 def _gather_rows(train: GradientSet, rows: np.ndarray, span: int, skip: int) -> list[np.ndarray]:
@@ -200,6 +213,7 @@ def checkpoint_diagnostics(
     labels: Iterable[str] | None = None,
     traced: int | None = None,
     num_threads: int | None = None,
+    whitening: Whitening | None = None,
 ) -> CheckpointDiagnostics:
     """Per-checkpoint self-influence of a gradient set (in memory or a store) and, with `path`, a
     PNG of it (needs matplotlib; path ends in .png, or ".png" is added; the result's `figure` is the
@@ -211,7 +225,11 @@ def checkpoint_diagnostics(
     one slot per layer); default: what the set's metadata records (one fingerprint per checkpoint
     in metadata["fingerprints"]["checkpoints"], in memory or in a store), else 1.
     labels: one name per checkpoint for the figure (default "1", "2", ...); traced: the number of
-    checkpoints a recipe traces, marked in the figure.
+    checkpoints a recipe traces, marked in the figure (both checked whether or not a figure is drawn).
+    whitening: a tracin.Whitening fitted on `train`: the terms are then the whitened self-influence
+    w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) (tracin.self_influence's whitening=); an already whitened
+    set is refused. Shares are of the summed terms: with negative checkpoint weights (a term below 0)
+    they no longer lie in [0, 1], and a warning says so.
     """
     train = as_gradient_set(train, "train")
     per = _slots_per_checkpoint(train, layers_per_checkpoint)
@@ -223,11 +241,18 @@ def checkpoint_diagnostics(
     if _integer(top) is None or not 1 <= top <= n:
         raise ValueError(f"top must be an integer from 1 to the {n} train rows, got {top!r}")
     top = int(top)
+    labels = _labels(train.n_checkpoints // per, labels, traced)  # read once
     if path is not None:  # a figure that cannot be written is refused before the self-influence pass
-        path, labels = _plot_options(train.n_checkpoints // per, path, labels, traced)  # labels read once
+        path = _png_path(path)
         _figure()
-    slots = self_influence(train, per_checkpoint=True, num_threads=num_threads).astype(np.float64)
-    terms = slots.reshape(n, -1, per).sum(axis=2)
+    slots = self_influence(train, per_checkpoint=True, num_threads=num_threads, whitening=whitening)
+    terms = slots.astype(np.float64).reshape(n, -1, per).sum(axis=2)
+    if np.any(terms < 0):
+        warnings.warn(
+            "some checkpoint terms of the self-influence are negative (negative checkpoint weights): the shares "
+            "are of a sum with terms of both signs, so they do not lie in [0, 1]",
+            stacklevel=2,
+        )
     total = terms.sum(axis=1)
     best = _top_rows(total, top)
     prefix = np.cumsum(terms, axis=1)
@@ -257,7 +282,7 @@ def plot_checkpoint_diagnostics(
     the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix.
     The figure is drawn without pyplot: the caller's backend and open figures are left as they were."""
     count = diag.terms.shape[1]
-    path, labels = _plot_options(count, path, labels, traced)
+    path, labels = _png_path(path), _labels(count, labels, traced)
     x = np.arange(count)
     fig = _figure()(figsize=(11, 4), dpi=120)
     shares, ranking = fig.subplots(1, 2)
@@ -288,18 +313,17 @@ def plot_checkpoint_diagnostics(
     return path
 
 
-def _plot_options(
-    count: int, path: str | os.PathLike[str], labels: Iterable[str] | None, traced: int | None
-) -> tuple[Path, list[str]]:
-    """(the PNG path to write, the labels as a list) for a figure of `count` checkpoints; TypeError for a
-    path that is not a str or os.PathLike, ValueError for a path that names no file (empty, ending in
-    a separator, '.png' alone), an existing folder, another suffix, in no directory or that cannot be
-    written (_probe_write), labels not one per checkpoint, or a bad `traced`."""
+def _png_path(path: str | os.PathLike[str]) -> Path:
+    """The PNG path to write for `path`; TypeError for a path that is not a str or os.PathLike,
+    ValueError for a path that names no file (empty, ending in a separator, '.png' alone), an existing
+    folder, another suffix, in no directory or that cannot be written (_probe_write)."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(text := os.fspath(path), str):
         raise TypeError(f"path must be a str or os.PathLike of a str, got {type(path).__name__}")
     given = Path(text)
     if not text or text.endswith(tuple(filter(None, (os.sep, os.altsep)))) or given.name in ("", ".", ".."):
         raise ValueError(f"path must name a file (the PNG to write), got {text!r}")
+    if os.path.isdir(given):  # False for a name too long, refused by _probe_write
+        raise ValueError(f"path: {text!r} is a directory, not a file the PNG can be written to")
     if given.name.lower() == ".png":
         raise ValueError(f"path must name a file before its .png suffix, got {text!r}")
     path = given if given.suffix else given.with_name(given.name + ".png")
@@ -308,6 +332,12 @@ def _plot_options(
     if not path.parent.is_dir():
         raise ValueError(f"path: the directory {str(path.parent)!r} of {str(path)!r} does not exist")
     _probe_write(path)
+    return path
+
+
+def _labels(count: int, labels: Iterable[str] | None, traced: int | None) -> list[str]:
+    """The labels of a figure of `count` checkpoints as a list; ValueError for labels not one per
+    checkpoint or a bad `traced`."""
     if isinstance(labels, (str, bytes)):
         raise TypeError(f"labels must be one name per checkpoint (a list of str), got {type(labels).__name__}")
     labels = [str(c + 1) for c in range(count)] if labels is None else [str(s) for s in labels]
@@ -315,7 +345,7 @@ def _plot_options(
         raise ValueError(f"labels must name each of the {count} checkpoints, got {len(labels)}")
     if traced is not None and (_integer(traced) is None or not 1 <= traced <= count):
         raise ValueError(f"traced must be a number of checkpoints from 1 to {count}, got {traced!r}")
-    return path, labels
+    return labels
 
 
 def _probe_write(path: Path) -> None:
@@ -330,6 +360,8 @@ def _probe_write(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ValueError(f"path: {str(path)!r} is a link to {os.readlink(path)!r}, which does not exist") from None
         mode = None
     except OSError as e:
         raise refuse(e) from None

@@ -788,6 +788,7 @@ def self_influence(
     device, precision: where and how to score, as in top_k.
     whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
     instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
+    A set already whitened (Whitening.apply's output) is refused: pass the unwhitened one with whitening=.
     normalize: True is refused (ValueError): with unit-normalised gradients every row's self-influence
     is sum_c w_c (0 for a zero gradient), which ranks nothing; it is accepted as False for callers that
     pass the scoring functions one set of options.
@@ -808,6 +809,11 @@ def self_influence(
             train, per_checkpoint=per_checkpoint, num_threads=num_threads, progress=progress
         )
     train = as_gradient_set(train, "train")
+    if "whitening" in train.metadata:
+        raise ValueError(
+            "train is whitened (metadata['whitening']): the self-influence of whitened rows is not the whitened "
+            "self-influence g^T (R + lambda I)^-1 g; pass the unwhitened gradients and whitening=<the Whitening>"
+        )
     per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
     threads = thread_count(num_threads)
     backend = _backend(device, precision, train=train)
