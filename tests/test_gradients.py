@@ -135,6 +135,48 @@ def test_weights_beyond_float64_are_not_finite():
         tracin.Gradients(_TWO, [decimal.Decimal("1e400"), 1])
 
 
+def test_weights_from_torch_tensors_are_detached_and_bfloat16_is_widened():
+    torch = pytest.importorskip("torch")
+    lr = torch.tensor([0.5, 2.0], requires_grad=True)  # a learning rate kept as a tensor of a graph
+    assert tracin.Gradients(_TWO, lr).weights.tolist() == [0.5, 2.0]
+    assert tracin.Gradients(_TWO, [lr[0], torch.tensor(2.0)]).weights.tolist() == [0.5, 2.0]
+    assert tracin.Gradients(_TWO, torch.tensor([0.5, 2.0], dtype=torch.bfloat16)).weights.tolist() == [0.5, 2.0]
+    assert tracin.Gradients(_TWO, [torch.tensor(0.1, dtype=torch.bfloat16), 2]).weights[0] == 0.10009765625
+    assert tracin.Gradients(_TWO, torch.tensor([0.5, 2.0], dtype=torch.float16)).weights.tolist() == [0.5, 2.0]
+    for bad in (torch.tensor([True, False]), [torch.tensor(True), 1], torch.tensor([1 + 0j, 1])):
+        with pytest.raises(TypeError, match="weights must be a sequence of real numbers"):
+            tracin.Gradients(_TWO, bad)
+
+
+def test_bfloat16_weight_arrays_are_widened():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    w = np.array([0.1, 2.0], ml_dtypes.bfloat16)
+    assert tracin.Gradients(_TWO, w).weights.tolist() == [0.10009765625, 2.0]
+
+
+def test_a_signaling_nan_weight_is_not_finite():
+    with pytest.raises(ValueError, match=r"weights must be finite, got \[Decimal\('sNaN'\), 1\]"):
+        tracin.Gradients(_TWO, [decimal.Decimal("sNaN"), 1])
+
+
+@pytest.mark.parametrize(
+    "tiny",
+    [decimal.Decimal("1e-400"), -decimal.Decimal("1e-400"), fractions.Fraction(1, 10**400), np.longdouble("1e-4000")],
+    ids=["Decimal 1e-400", "Decimal -1e-400", "Fraction 1/10**400", "longdouble 1e-4000"],
+)
+def test_a_weight_that_is_not_zero_but_rounds_to_zero_is_refused(tiny):
+    if isinstance(tiny, np.longdouble) and tiny == 0:
+        pytest.skip("long double is float64 here")
+    with pytest.raises(ValueError, match=r"weights\[1\] = .* is not 0 but rounds to 0 in float64"):
+        tracin.Gradients(_TWO, [1.0, tiny])
+
+
+def test_zero_negative_and_subnormal_weights_are_kept():
+    assert tracin.Gradients(_TWO, [0.0, -0.5]).weights.tolist() == [0.0, -0.5]
+    assert tracin.Gradients(_TWO, [decimal.Decimal(0), 5e-324]).weights.tolist() == [0.0, 5e-324]
+    assert tracin.Gradients(_TWO, [1e-50, 1]).weights.tolist() == [1e-50, 1.0]  # with rows of 1e30, scores are fine
+
+
 def test_metadata_must_be_a_dict():
     a = np.zeros((2, 2), np.float32)
     with pytest.raises(TypeError, match="metadata must be a dict .* got list"):

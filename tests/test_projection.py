@@ -276,6 +276,42 @@ def test_factored_dims():
     assert tracin.Projection(7).factored_dims == (7, 1)
 
 
+def _largest_divisor_up_to_sqrt(n: int) -> int:
+    """Reference: the largest divisor of n not above sqrt(n), from n's prime factors (trial division)."""
+    factors, m, p = [], n, 2
+    while p * p <= m:
+        while m % p == 0:
+            factors.append(p)
+            m //= p
+        p += 1
+    factors += [m] if m > 1 else []
+    divisors = {1}
+    for f in factors:
+        divisors |= {d * f for d in divisors}
+    return max(d for d in divisors if d * d <= n)
+
+
+@pytest.mark.parametrize(
+    "dim", [1, 2, 36, 97, 2**20, 3 * 5 * 7 * 11 * 13 * 17, 2**31 - 1, 2**31 - 2, 2147483629, 2**31, 46337 * 46327]
+)
+def test_factored_dims_up_to_the_largest_dim(dim):
+    dr = _largest_divisor_up_to_sqrt(dim)
+    assert tracin.Projection(dim).factored_dims == (dim // dr, dr)
+
+
+def test_dims_above_the_maximum_are_refused_naming_dim():
+    assert tracin.projection.MAX_DIM == 2**31
+    for dim in (2**31 + 1, 10**14, 2**62):  # factoring 2**62 - 57 by trial division took minutes
+        with pytest.raises(ValueError, match=rf"dim must be at most 2\*\*31 = 2147483648 .* got {dim}"):
+            tracin.Projection(dim)
+        with pytest.raises(ValueError, match="dim must be at most 2"):
+            tracin.Projection.kronecker_dims(dim, LayerMatrix(3, 4))
+        with pytest.raises(ValueError, match="dim must be at most 2"):
+            tracin.Projection.from_dict({**tracin.Projection(8).to_dict(), "dim": dim})
+    with pytest.raises(ValueError, match="dim must be at most 2"):
+        tracin.Projection(8, per_layer=True).project_segment(np.ones((1, 3), np.float32), 0, 3, 2**32)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_factored_is_a_kronecker_projection(kind, rng):
     left, right = rng.standard_normal((5, 30)), rng.standard_normal((5, 8))
@@ -338,6 +374,13 @@ def test_mismatch_names_what_differs():
         ((8, -1), {}, ValueError, "seed must be in"),
         ((8, 2**64), {}, ValueError, "seed must be in"),
         ((8, 0, "dense"), {}, ValueError, "kind must be one of"),
+        (
+            (8, 0, ["gaussian"]),
+            {},
+            TypeError,
+            r"kind must be a str, one of \['gaussian', 'rademacher', 'sparse'\], got list",
+        ),
+        ((8,), {"kind": {"sparse": 1}}, TypeError, "kind must be a str"),
         ((8,), {"per_layer": 1}, TypeError, "per_layer must be a bool"),
     ],
 )
@@ -384,7 +427,61 @@ def test_bad_segments(rng):
         layered.apply(x, segments=[10, 0])
     with pytest.raises(ValueError, match="column_offset applies with per_layer=False only"):
         layered.apply(x, column_offset=3)
-    assert tracin.Projection(3).apply(x, segments=[4, 4]).shape == (4, 3)  # ignored without per_layer
+    with pytest.raises(ValueError, match="segments applies with per_layer=True only"):
+        tracin.Projection(3).apply(x, segments=[4, 6])  # was ignored
+    for bad in (10, np.int64(10), np.array(10), "ab", {"rows": 2, "cols": 5}):
+        with pytest.raises(TypeError, match="segments must be a sequence of the segments' widths"):
+            layered.apply(x, segments=bad)
+    assert np.array_equal(layered.apply(x, segments=(w for w in [4, 6])), layered.apply(x, segments=[4, 6]))
+
+
+def test_a_list_of_rows_is_not_taken_for_pieces(rng):
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    proj = tracin.Projection(8)
+    message = "matrix must be a 2-D array or a sequence of 2-D pieces taken side by side"
+    with pytest.raises(TypeError, match=rf"{message}, got a list whose item 0 is a list \(rows given as a list"):
+        proj.apply(x.tolist())
+    with pytest.raises(TypeError, match=rf"{message}, got a tuple whose item 1 is a float"):
+        proj.apply((x, 1.0))
+    with pytest.raises(ValueError, match=rf"{message}, got a list whose item 0 is of shape \(10,\)"):
+        proj.apply(list(x))
+    with pytest.raises(ValueError, match=rf"{message}, got a list whose item 1 is of shape \(1, 4, 10\)"):
+        proj.apply([x, x[None]])
+    assert np.array_equal(proj.apply([x[:, :3], x[:, 3:]]), proj.apply(x))
+
+
+def test_a_non_finite_row_error_has_a_public_name_and_is_a_value_error(rng):
+    x = rng.standard_normal((4, 10)).astype(np.float32)
+    x[2, 1] = np.inf
+    with pytest.raises(ValueError, match="row 2 is not finite") as caught:
+        tracin.Projection(8).apply(x)
+    assert type(caught.value) is tracin.projection.NonFiniteRowError and caught.value.row == 2
+    assert not type(caught.value).__name__.startswith("_")
+    assert tracin.projection._RowNotFinite is tracin.projection.NonFiniteRowError  # the exports' name
+
+
+def test_an_export_takes_a_projection_only():
+    from tracin._export.projection import check_projection, project
+
+    class Mine:  # apply and to_dict, but not a tracin.Projection
+        def apply(self, rows):
+            return rows[:, :2]
+
+        def to_dict(self):
+            return {"type": "mine"}
+
+        def apply_factored(self, left, right):
+            return left, right
+
+    for factored in (False, True):
+        with pytest.raises(TypeError, match=r"projection must be a tracin.Projection .* got Mine, which is not one"):
+            check_projection(Mine(), factored=factored)
+    check_projection(tracin.Projection(4), factored=False)
+    # the parameter widths go to apply only when it projects per layer
+    x = np.arange(20, dtype=np.float32).reshape(2, 10)
+    assert np.array_equal(project(tracin.Projection(4), x, [4, 6]), tracin.Projection(4).apply(x))
+    layered = tracin.Projection(4, per_layer=True)
+    assert np.array_equal(project(layered, x, [4, 6]), layered.apply(x, segments=[4, 6]))
 
 
 # --- Kronecker (kronecker=True) ---

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._arrays import DTYPE_CODES, as_matrix
+from ._arrays import DTYPE_CODES, as_matrix, is_torch_tensor
 
 
 class KernelSide(NamedTuple):
@@ -55,18 +55,26 @@ def _check_not_path(x: Any, name: str | None) -> None:
 
 
 def _weights(weights: Any, count: int) -> np.ndarray:
-    """float64 (count,) from `weights`: real numbers only (NumPy integer or float arrays, or elements
-    that are numbers.Real or Decimal); text, bytes, bools, complex, dates and None are refused, not
-    converted."""
+    """float64 (count,) from `weights`: real numbers only (NumPy integer or float arrays, bfloat16
+    arrays, torch tensors, detached first, or elements that are numbers.Real or Decimal); text,
+    bytes, bools, complex, dates and None are refused, not converted. A weight that is not 0 but
+    becomes 0 in float64 (Decimal("1e-400")) is refused: its checkpoint would silently count for
+    nothing. Negative and zero weights are kept."""
     if weights is None:
         return np.ones(count)
     bad = TypeError(f"weights must be a sequence of real numbers (one per checkpoint), got {weights!r}")
+    if is_torch_tensor(weights):
+        weights = _torch_values(weights)
+    elif isinstance(weights, (list, tuple)):
+        weights = [_torch_values(x) if is_torch_tensor(x) else x for x in weights]
     if isinstance(weights, (str, bytes, bytearray)) or (
         isinstance(weights, (list, tuple)) and any(isinstance(x, (bool, np.bool_)) for x in weights)
     ):  # NumPy would turn [1, True] into integers
         raise bad
     try:
         given = np.asarray(weights)
+        if given.dtype.name == "bfloat16":  # ml_dtypes (JAX bfloat16 arrays): exact in float32
+            given = given.astype(np.float32)
         if given.dtype.kind == "O":
             if not all(_real(x) for x in given.flat):
                 raise bad
@@ -78,15 +86,35 @@ def _weights(weights: Any, count: int) -> np.ndarray:
         w = given.astype(np.float64)
     except OverflowError:  # a Python int beyond float64
         raise ValueError(f"weights must be finite as float64, got {weights!r}") from None
+    except ValueError:  # Decimal("sNaN"), which float() refuses
+        raise ValueError(f"weights must be finite, got {weights!r}") from None
     if w.ndim == 0:
-        w = w.reshape(1)
+        w, given = w.reshape(1), given.reshape(1)
     if w.ndim != 1:
         raise ValueError(f"weights must be 1-D (one per checkpoint), got shape {w.shape}")
     if w.size != count:
         raise ValueError(f"weights: expected one per checkpoint ({count}), got {w.size}")
     if not np.all(np.isfinite(w)):
         raise ValueError(f"weights must be finite, got {w.tolist()}")
+    lost = np.flatnonzero((w == 0) & np.asarray(given != 0, dtype=bool))
+    if lost.size:
+        c = int(lost[0])
+        raise ValueError(
+            f"weights[{c}] = {given[c]!r} is not 0 but rounds to 0 in float64, so checkpoint {c} would count "
+            "for nothing; scale the weights (and the scores) up"
+        )
     return w
+
+
+def _torch_values(t: Any) -> Any:
+    """A torch tensor's values on the host as NumPy: detached (a learning rate kept as a tensor that
+    requires grad), bfloat16 widened to float32 (exact); a 0-d tensor as a Python scalar, so that a
+    bool inside a list is still seen as one."""
+    t = t.detach().cpu()
+    if str(t.dtype) == "torch.bfloat16":
+        t = t.float()
+    values = t.numpy()
+    return values.item() if values.ndim == 0 else values
 
 
 def _real(x: Any) -> bool:

@@ -57,13 +57,23 @@ _View = tuple[np.ndarray, str]
 _OVERFLOW = "the projection of row {} is not finite: the input holds NaN or Inf, or its values overflow float32"
 
 
-class _RowNotFinite(ValueError):
-    """ValueError(message.format(row)) for row `row` of the rows projected (or checked) together, which
-    keeps the row and the message, so that an export can name the row in its data's numbering."""
+# The largest output dimension: a projection to more dims holds 8 GiB of float32 per projected row
+# (it is meant to reduce d), and the factorisations of `factored_dims` / `kronecker_dims` search the
+# divisors up to sqrt(dim) (at most 46341 candidates, a millisecond).
+MAX_DIM = 2**31
+
+
+class NonFiniteRowError(ValueError):
+    """The projection of a row is not finite (the row holds NaN or Inf, or its values overflow float32):
+    ValueError(message.format(row)), keeping `row` (its index among the rows projected or checked
+    together) and `message`, so that an export can name the row in its data's numbering."""
 
     def __init__(self, message: str, row: int):
         super().__init__(message.format(row))
         self.message, self.row = message, row
+
+
+_RowNotFinite = NonFiniteRowError  # the name the exports import
 
 
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -81,6 +91,15 @@ def _views(matrix: Any) -> list[_View]:
     if isinstance(matrix, (list, tuple)):
         if not matrix:
             raise ValueError("matrix: an empty sequence of pieces")
+        for j, piece in enumerate(matrix):  # a list of rows is not a sequence of pieces
+            ndim = getattr(piece, "ndim", None)
+            if ndim != 2:
+                what = f"a {type(piece).__name__}" if ndim is None else f"of shape {tuple(piece.shape)}"
+                raise (TypeError if ndim is None else ValueError)(
+                    "matrix must be a 2-D array or a sequence of 2-D pieces taken side by side, got a "
+                    f"{type(matrix).__name__} whose item {j} is {what} (rows given as a list: stack them "
+                    "first, e.g. np.asarray(rows, dtype=np.float32))"
+                )
         views = [as_matrix(piece, f"matrix[{j}]") for j, piece in enumerate(matrix)]
         rows = {v.shape[0] for v, _ in views}
         if len(rows) != 1:
@@ -100,10 +119,24 @@ def _column_slice(views: list[_View], start: int, stop: int) -> list[_View]:
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def _balanced_factors(dim: int) -> tuple[int, int]:
-    """(dl, dr) with dl * dr = dim, dr the largest divisor of dim not above sqrt(dim)."""
-    dr = max(f for f in range(1, math.isqrt(dim) + 1) if dim % f == 0)
+    """(dl, dr) with dl * dr = dim, dr the largest divisor of dim not above sqrt(dim): one vectorised
+    pass over the isqrt(dim) candidates (46340 at MAX_DIM; dims are checked against it first)."""
+    candidates = np.arange(1, math.isqrt(dim) + 1, dtype=np.int64)
+    dr = int(candidates[dim % candidates == 0][-1])
     return dim // dr, dr
+
+
+def _check_dim(value: Any, name: str) -> int:
+    """An output dimension in [1, MAX_DIM]; the error names `name`."""
+    value = _check_int(value, name, 1)
+    if value > MAX_DIM:
+        raise ValueError(
+            f"{name} must be at most 2**31 = {MAX_DIM} (a projection to more dims holds over 8 GiB of float32 "
+            f"per row; it is meant to reduce the gradient's dims), got {value}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -143,7 +176,9 @@ class Projection:
     """A random projection to `dim` dimensions.
 
     Args:
-        dim: output dimension (>= 1).
+        dim: output dimension, 1 to MAX_DIM = 2**31 (a larger dim is refused: each projected row
+            would hold over 8 GiB of float32, and factoring it for `factored_dims` / `kronecker_dims`
+            would be slow).
         seed: any int in [0, 2**64).
         kind: "rademacher", "gaussian" or "sparse".
         per_layer: project each segment of the columns (one per layer) on its own; see `apply`.
@@ -162,8 +197,10 @@ class Projection:
         per_layer: bool = False,
         kronecker: bool = False,
     ):
-        self.dim = _check_int(dim, "dim", 1)
+        self.dim = _check_dim(dim, "dim")
         self.seed = _check_int(seed, "seed", 0, 2**64 - 1)
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a str, one of {sorted(KINDS)}, got {type(kind).__name__} {kind!r}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         self.kind = kind
@@ -209,7 +246,7 @@ class Projection:
         3 x 65, its exact gradient). Choose dim = n_segments * k with k of balanced factors (k = 4096:
         64 x 64)."""
         layer = _layer(layer, "layer")
-        big, small = _balanced_factors(_check_int(dim, "dim", 1))
+        big, small = _balanced_factors(_check_dim(dim, "dim"))
         rows, cols = layer.rows, layer.cols + int(layer.bias)
         rows_big = rows >= cols
         k_big, k_small = big, small
@@ -263,7 +300,7 @@ class Projection:
                 costs more than a BLAS matmul, most for the sparse kind (measured on 2 cores: dense
                 kinds about as fast, sparse 2.5-5x slower, 9x for a 2048 x 2049 layer). tracin.torch
                 and tracin.jax exports do not take this path (they multiply layer_factors
-                themselves). Ignored with per_layer=False.
+                themselves). Refused with per_layer=False (which projects whole rows).
             column_offset: with per_layer=False, the columns of `matrix` are columns
                 [column_offset, column_offset + d) of P: projecting the pieces of a row at their
                 offsets and summing gives the projection of the whole row (up to rounding).
@@ -277,6 +314,11 @@ class Projection:
         column_offset = _check_int(column_offset, "column_offset", 0)
         if column_offset and self.per_layer:
             raise ValueError("column_offset applies with per_layer=False only")
+        if segments is not None and not self.per_layer:
+            raise ValueError(
+                "segments applies with per_layer=True only (this projection projects whole rows); "
+                "pass segments=None, or use a Projection(..., per_layer=True)"
+            )
         n = views[0][0].shape[0]
         d = sum(v.shape[1] for v, _ in views)
         if column_offset > 2**63 - 1 - d:  # the kernel's column numbers are int64
@@ -320,7 +362,7 @@ class Projection:
         if view[0].shape[1] != _width(segment):
             raise ValueError(f"matrix has {view[0].shape[1]} columns, segment {segment!r} covers {_width(segment)}")
         threads = thread_count(num_threads)
-        out = np.empty((view[0].shape[0], _check_int(dim, "dim", 1)), dtype=np.float32)
+        out = np.empty((view[0].shape[0], _check_dim(dim, "dim")), dtype=np.float32)
         self._project_segment([view], _check_int(index, "index", 0), segment, dim, out, threads)
         return out
 
@@ -352,7 +394,16 @@ class Projection:
         return out_l, out_r
 
     def _segments(self, segments: Sequence[Any], d: int) -> list[Segment]:
-        layout = [self._segment(entry) for entry in segments]
+        try:
+            if isinstance(segments, (str, bytes, bytearray, dict)):
+                raise TypeError
+            entries = list(segments)
+        except TypeError:
+            raise TypeError(
+                "segments must be a sequence of the segments' widths (ints; LayerMatrix entries with "
+                f"kronecker=True), one per layer, got {type(segments).__name__} {segments!r}"
+            ) from None
+        layout = [self._segment(entry) for entry in entries]
         if not layout:
             raise ValueError("segments must hold at least one width")
         total = sum(_width(s) for s in layout)
@@ -523,11 +574,11 @@ def _layer(layer: Any, name: str) -> LayerMatrix:
 
 
 def _check_rows_finite(a: np.ndarray, start: int, message: str) -> None:
-    """_RowNotFinite(message, row) for the first row of a (n, m) holding NaN or Inf, rows numbered
+    """NonFiniteRowError(message, row) for the first row of a (n, m) holding NaN or Inf, rows numbered
     from `start`."""
     finite = _finite_rows(a)
     if not finite.all():
-        raise _RowNotFinite(message, start + int(np.argmin(finite)))
+        raise NonFiniteRowError(message, start + int(np.argmin(finite)))
 
 
 def _finite_rows(a: np.ndarray) -> np.ndarray:

@@ -7,29 +7,33 @@ from typing import Any
 
 import numpy as np
 
-from ..projection import Projection, _finite_rows, _RowNotFinite
+from ..projection import NonFiniteRowError, Projection, _finite_rows
 
 
 def check_projection(projection: Any, factored: bool) -> None:
-    """TypeError unless `projection` is None or has what the mode needs (.apply or .apply_factored,
-    and .to_dict for the metadata)."""
+    """TypeError unless `projection` is None or a tracin.Projection (a subclass included, whose
+    .apply / .apply_factored take the keyword arguments Projection's take). Another object with
+    .apply and .to_dict is refused here, before any work: the export calls apply(rows, segments=...)
+    for per-layer projections, and its rows' widths, layout and spec are those of a tracin.Projection."""
     need = "apply_factored" if factored else "apply"
-    if projection is not None and not (
-        callable(getattr(projection, need, None)) and callable(getattr(projection, "to_dict", None))
-    ):
+    if projection is not None and not isinstance(projection, Projection):
         raise TypeError(
-            f"projection must be a tracin.Projection (with .{need} and .to_dict), got {type(projection).__name__}"
+            f"projection must be a tracin.Projection (with .{need} and .to_dict), or an instance of a subclass "
+            f"of it; got {type(projection).__name__}, which is not one (for another projection, export without "
+            "projection= and project the stored rows yourself)"
         )
 
 
 def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:
     """A host block projected: (rows, d) float32 -> (rows, k) float32 with the parameter widths
     `segments`, or a (left (rows, p), right (rows, q)) pair through apply_factored; rows holding NaN
-    or Inf are NaN (see `keeping_nonfinite`)."""
+    or Inf are NaN (see `keeping_nonfinite`). The widths go to apply as segments= only when the
+    projection is per_layer (a whole-row projection refuses them)."""
     if isinstance(block, tuple):
         left, right = keeping_nonfinite(projection.apply_factored, *block)
         return np.asarray(left), np.asarray(right)
-    kwargs = {"segments": list(segments)} if segments is not None else {}
+    per_layer = getattr(projection, "per_layer", False)
+    kwargs = {"segments": list(segments)} if segments is not None and per_layer else {}
     (out,) = keeping_nonfinite(lambda rows: (projection.apply(rows, **kwargs),), block)
     return np.asarray(out)
 
@@ -47,8 +51,8 @@ def keeping_nonfinite(project_rows: Callable[..., Sequence[Any]], *parts: Any) -
     index = np.flatnonzero(keep)
     try:
         kept = project_rows(*(p[index] for p in parts))
-    except _RowNotFinite as e:
-        raise _RowNotFinite(e.message, int(index[e.row])) from None
+    except NonFiniteRowError as e:
+        raise NonFiniteRowError(e.message, int(index[e.row])) from None
     outs = []
     for o in kept:
         out = np.full((keep.shape[0], np.shape(o)[1]), np.nan, np.float32)
@@ -62,9 +66,9 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
     without a projection. A tracin.Projection whose apply is Projection.apply gives its dim (whatever
     the layout; a per_layer layout is checked against d now, as apply would check it: widths >= 1
     summing to d, no more segments than dim), and one whose apply_factored is Projection's, the
-    widths of a one-column pair, which do not depend on (p, q). Anything else (another object, or a
-    subclass overriding the method, whose width may differ) is probed by projecting one zero row of
-    `dims`."""
+    widths of a one-column pair, which do not depend on (p, q). A subclass overriding the method
+    (whose width may differ) is probed by projecting one zero row of `dims` (other objects are
+    refused by `check_projection`)."""
     if projection is None:
         return dims
     if isinstance(dims, tuple):
@@ -74,7 +78,7 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
         return left.shape[1], right.shape[1]
     if isinstance(projection, Projection) and type(projection).apply is Projection.apply:
         if projection.per_layer:
-            layout = projection._segments([dims] if segments is None else list(segments), dims)
+            layout = projection._segments([dims] if segments is None else segments, dims)
             projection.segment_dims(len(layout))  # too many segments for dim: refused now
         return projection.dim
     return project(projection, np.zeros((1, dims), np.float32), segments).shape[1]
