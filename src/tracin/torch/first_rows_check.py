@@ -17,7 +17,8 @@ from .data import Tree, slice_rows, tree_map
 from .losses import LossFn, losses_of, refuse_checkpointing
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
-# |got - want| <= rtol |want| + atol * (largest |want| of the compared columns). float32 and float64:
+# |got - want| <= rtol |want| + atol * (largest |want| of the compared columns; for a Kronecker segment at
+# least the size its projected numbers have without cancellation: token_projection._spread). float32 and float64:
 # RTOL and ATOL. A bfloat16 / float16 model's batched rows round as its dtype does, so the reference is
 # taken in float32 (the 16-bit state and floating inputs widened for the reference pass only, the
 # user's model untouched; a few 1e-7 off float64), and per-example autograd is run in the model's own
@@ -251,14 +252,18 @@ def agrees(
     tokens: int = 1,
     widened: bool = True,
     own_gap: float = 0.0,
+    floor: float = 0.0,
 ) -> bool:
     """True when every `got` is within rtol |want| + atol * scale of its `want` (pairs of same-shape
-    tensors, scale the largest finite |want| of all pairs), or holds the same non-finite value; compared
-    pair by pair: no gathered copy. Tolerances of `dtype` (the coarsest dtype the gradients were computed
-    in; default want's) for gradients summed over `tokens` positions against a reference `widened` to
-    float32 or not, `own_gap` the gap of autograd in the model's own dtype to it (tolerances)."""
+    tensors, scale the largest finite |want| of all pairs, at least `floor`), or holds the same non-finite
+    value; compared pair by pair: no gathered copy. Tolerances of `dtype` (the coarsest dtype the gradients
+    were computed in; default want's) for gradients summed over `tokens` positions against a reference
+    `widened` to float32 or not, `own_gap` the gap of autograd in the model's own dtype to it, relative to
+    the same scale (tolerances). `floor`: the size the compared numbers have before a cancellation (a
+    projected gradient summing to about 0, its rounding that of the uncancelled terms: a Kronecker segment's
+    random-sign size, token_projection), 0 where `want` is its own size."""
     rtol, atol = tolerances(dtype or pairs[0][1].dtype, tokens, widened, own_gap)
-    scale = largest_finite(want.abs() for _, want in pairs)
+    scale = max(largest_finite(want.abs() for _, want in pairs), floor)
     excess = torch.stack([_excess(got.to(want.dtype), want, rtol).max() for got, want in pairs])
     return bool(excess.double().max().item() <= atol * max(scale, 1e-30))  # False for NaN
 

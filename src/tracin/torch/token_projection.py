@@ -49,7 +49,6 @@ from .first_rows_check import (
     agrees,
     checked_rows,
     counts_tokens,
-    gap,
     largest_finite,
     reference_gradients,
     tokens_counted,
@@ -211,8 +210,10 @@ class KroneckerRows:
         dtype, widened = reference.dtype, reference.own is not None
         bad = []
         for j, seg in enumerate(self.kron):
-            own_gap = self._own_gap(reference, j, own[j], wide[j]) if own is not None else 0.0
-            if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap):
+            # a softmax head's b sums to 0 over classes: P_rows rows of one sign project it to float32 noise
+            floor = self._spread(j, [self._segment_matrix(j, w) for w in reference.rows])
+            own_gap = self._own_gap(reference, j, own[j], wide[j], floor) if own is not None else 0.0
+            if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap, floor):
                 bad.append(seg)
         if bad:
             raise ValueError(
@@ -230,31 +231,46 @@ class KroneckerRows:
         keep = [n for n in self._shapes if n not in names]
         return f"layers={keep!r}" if keep else "no other layer is chosen"
 
-    def _own_gap(self, reference: Reference, j: int, own: list[torch.Tensor], wide: list[torch.Tensor]) -> float:
+    def _own_gap(
+        self, reference: Reference, j: int, own: list[torch.Tensor], wide: list[torch.Tensor], floor: float
+    ) -> float:
         """The gap of own-dtype autograd to the widened reference in Kronecker segment j's projected rows
         (`own` to `wide`), at least _SPREAD standard deviations of the projection of its full gradients'
         gap E had E random signs: sqrt(P_rows^2 E^2 P_cols^2^T) (the projected rows are a few numbers: their
-        largest gap is a noisy estimate of the rounding of the model's own dtype)."""
-        seg, (p_rows, p_cols) = self.kron[j], self._factors[j]
-        first = sum(len(s.names) for s in self.kron[:j])
-        part = slice(first, first + len(seg.names))
-        spread = max(
-            (
-                p_rows.square()
-                @ (
-                    _layer_matrix(seg, [t.to(self.dtype) for t in o[part]])
-                    - _layer_matrix(seg, [t.to(self.dtype) for t in w[part]])
-                ).square()
-                @ p_cols.square().T
-            )
-            .sqrt()
-            .nan_to_num(0, 0, 0)
-            .max()
-            .item()
-            for o, w in zip(reference.own, reference.rows, strict=True)
+        largest gap is a noisy estimate of the rounding of the model's own dtype); relative to the check's
+        scale, the largest |wide| but at least `floor` (first_rows_check.agrees)."""
+        spread = self._spread(
+            j,
+            [
+                self._segment_matrix(j, o) - self._segment_matrix(j, w)
+                for o, w in zip(reference.own, reference.rows, strict=True)
+            ],
         )
-        scale = largest_finite(w.abs() for w in wide)
-        return max(gap(zip(own, wide, strict=True)), _SPREAD * spread / max(scale, 1e-30))
+        scale = max(largest_finite(w.abs() for w in wide), floor)
+        return max(
+            largest_finite((o.to(w.dtype) - w).abs() for o, w in zip(own, wide, strict=True)), _SPREAD * spread
+        ) / max(scale, 1e-30)
+
+    def _segment_matrix(self, j: int, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Kronecker segment j's rows x (cols [+ 1]) gradient from one example's gradients of every segment's
+        parameters (in the segments' order), in the factors' dtype."""
+        first = sum(len(s.names) for s in self.kron[:j])
+        seg = self.kron[j]
+        return _layer_matrix(seg, [t.to(self.dtype) for t in grads[first : first + len(seg.names)]])
+
+    def _spread(self, j: int, matrices: list[torch.Tensor]) -> float:
+        """The largest sqrt(P_rows^2 M^2 P_cols^2^T) over `matrices` M of Kronecker segment j: the standard
+        deviation its projected numbers would have had M random signs, the size they have before any
+        cancellation (non-finite entries as 0; M scaled by its largest |entry| first: no overflow)."""
+        p_rows, p_cols = self._factors[j]
+        rows2, cols2 = p_rows.square(), p_cols.square().T
+        out = 0.0
+        for m in matrices:
+            m = m.nan_to_num(0, 0, 0)  # a copy: scaled in place
+            size = m.abs().max().item() if m.numel() else 0.0
+            if size > 0:
+                out = max(out, size * (rows2 @ m.div_(size).square_() @ cols2).sqrt().max().item())
+        return out
 
     def _reference_projected(self, reference: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         """Per Kronecker segment, per example its one-example gradient projected by the segment's factors."""
