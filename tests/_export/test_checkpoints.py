@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -20,9 +22,26 @@ def test_learning_rates_must_be_finite(lr):
         learning_rate(lr, "lr")
 
 
+@pytest.mark.parametrize("lr", [-1.0, -1e-12, np.int64(-2), np.array(-0.5)])
+def test_negative_learning_rates_are_refused_naming_the_entry_and_value(lr):
+    with pytest.raises(ValueError, match=r"checkpoints\[1\]\[1\] \(learning rate\) must not be negative, got -"):
+        parse_checkpoints([("a", 0.1), ("b", lr)], "params")
+
+
+def test_a_zero_learning_rate_warns_once_per_checkpoint_that_it_adds_nothing():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parsed = parse_checkpoints([("a", 0.0), ("b", 0.5), ("c", np.float32(-0.0)), ("d", 0)], "params")
+    messages = [str(w.message) for w in caught]
+    assert [entry.lr for entry in parsed] == [0.0, 0.5, 0.0, 0.0]
+    assert len(messages) == 3 and all(issubclass(w.category, UserWarning) for w in caught)
+    for i, message in zip((0, 2, 3), messages, strict=True):
+        assert message.startswith(f"checkpoints[{i}][1] (learning rate) is 0") and "add nothing to any score" in message
+
+
 def test_numpy_and_integer_rates_become_floats():
-    parsed = parse_checkpoints([("a", np.float32(0.5)), ("b", 2), ("c", np.int64(-1))], "params")
-    assert parsed == [("a", 0.5, None), ("b", 2.0, None), ("c", -1.0, None)]
+    parsed = parse_checkpoints([("a", np.float32(0.5)), ("b", 2), ("c", np.int64(3))], "params")
+    assert parsed == [("a", 0.5, None), ("b", 2.0, None), ("c", 3.0, None)]
     assert all(type(entry.lr) is float for entry in parsed)
 
 

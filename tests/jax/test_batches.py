@@ -73,6 +73,27 @@ def test_iterables_take_the_first_batch_size_and_cut_longer_batches():
     assert generator.one_shot and generator.n_rows is None
 
 
+def test_a_loader_with_only_len_and_getitem_is_iterated_as_python_does():
+    """The old sequence protocol (no __iter__; iter() calls __getitem__(0, 1, ...) up to an IndexError)."""
+    x, y = np.arange(10.0)[:, None], np.arange(10)
+
+    class Loader:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            if i >= 2:
+                raise IndexError(i)
+            return x[5 * i : 5 * i + 5], y[5 * i : 5 * i + 5]
+
+    plan = BatchPlan(Loader(), batch_size=None)
+    assert not plan.one_shot
+    batches = list(plan)
+    assert [(b.start, b.count) for b in batches] == [(0, 5), (5, 5)]
+    np.testing.assert_array_equal(np.concatenate([b.inputs for b in batches]), x)
+    assert [(b.start, b.count) for b in plan] == [(0, 5), (5, 5)]  # re-iterable
+
+
 @pytest.mark.parametrize(
     "data, batch_size, error, message",
     [

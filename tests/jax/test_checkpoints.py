@@ -185,6 +185,39 @@ def test_checkpoints_differing_only_in_containers_name_the_first_differing_node(
         export_gradients(loss, [(p, 1.0) for p in params], (x, y), progress=False)
 
 
+def test_a_list_of_eleven_layers_and_its_msgpack_save_name_the_list_and_the_dict(data, tmp_path):
+    """Flax msgpack saves a list as a dict keyed '0', '1', ..., '10', which flattens in string order: the same
+    leaf paths in another order. The error names the list and the dict (it said 'the same paths in another
+    order'); a first checkpoint restored from the file too gives the in-memory rows."""
+    x, y = data
+    r = np.random.default_rng(3)
+    layers = {"layers": [{"w": r.normal(0, 0.3, (5, 5)).astype(np.float32)} for _ in range(11)]}
+    saved = tmp_path / "layers.msgpack"
+    saved.write_bytes(serialization.to_bytes(layers))
+
+    def loss(p, inputs, targets):
+        h = inputs
+        for layer in sorted(p["layers"], key=int) if isinstance(p["layers"], dict) else range(11):
+            h = jnp.tanh(h @ p["layers"][layer]["w"])
+        return -jnp.take_along_axis(jax.nn.log_softmax(h[:, :3]), targets[:, None], axis=1)[:, 0]
+
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf paths in another order, in "
+        r"other containers: the node holding 'layers/0/w' is a dict here and a list in the first checkpoint; .*"
+        r"a list saved by Flax msgpack is restored as a dict with keys '0', '1'",
+    ):
+        export_gradients(loss, [(layers, 1.0), (saved, 1.0)], (x, y), progress=False)
+    both_saved = export_gradients(loss, [(saved, 1.0), (saved, 1.0)], (x, y), progress=False)
+    in_memory = export_gradients(loss, [(layers, 1.0)], (x, y), progress=False)
+    order = [int(entry["name"].split("/")[1]) for entry in both_saved.metadata["params"]]
+    assert order == [0, 1, 10, 2, 3, 4, 5, 6, 7, 8, 9]  # string order of the restored dict's keys
+    np.testing.assert_array_equal(
+        np.asarray(both_saved.matrices[0]).reshape(len(x), 11, 25)[:, np.argsort(order)],
+        np.asarray(in_memory.matrices[0]).reshape(len(x), 11, 25),
+    )
+
+
 @pytest.mark.parametrize("kind, package", [("directory", "orbax-checkpoint"), ("file", "flax")])
 def test_a_missing_reader_package_is_named(tmp_path, monkeypatch, kind, package):
     import importlib

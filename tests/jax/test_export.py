@@ -229,6 +229,8 @@ def test_progress_bar(mlp, data, capsys):
         (dict(dtype=np.int8), ValueError, "dtype must be one of"),
         (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
         (dict(store=3), TypeError, "store must be a directory path"),
+        (dict(progress="no"), TypeError, "progress must be True, False or None .*got 'no'"),
+        (dict(progress=1), TypeError, "progress must be True, False or None .*got 1"),
         (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),
         (dict(data="iterator"), ValueError, "one-shot iterator, but it is read once per checkpoint"),
         (dict(data="generator", store="somewhere"), ValueError, "store= needs the number of examples up front"),
@@ -274,7 +276,7 @@ def test_projected_rows_are_the_reference_rows_times_the_projection(mlp, data, p
     assert isinstance(projected, tracin.Gradients)
     assert projected.dims == (16, 16) and projected.dtypes == (dtype, dtype)
     assert projected.metadata["projection"] == projection.to_dict()
-    matrix = _projection_matrix(projection, 75, WIDTHS)
+    matrix = _projection_matrix(projection, 75, WIDTHS if per_layer else None)  # segments: per_layer only
     if per_layer:  # each parameter's columns go to its own block of outputs only
         dims = projection.segment_dims(4)
         rows, cols = np.cumsum([0] + WIDTHS), np.cumsum([0] + dims)

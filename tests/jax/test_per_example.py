@@ -255,6 +255,29 @@ def test_a_loss_coupling_the_examples_of_a_batch_is_refused(mlp, data):
     assert got.matrices[0].shape[0] == 3
 
 
+def test_a_loss_reduced_over_the_batch_axis_whose_other_axis_equals_the_batch_size_is_named():
+    """Token losses (batch, T) averaged over the batch axis give (T,): shape (batch_size,) when T equals
+    it, so the traced shape check passes; the eager check on 4 and 2 examples names the shape."""
+    rng = np.random.default_rng(0)
+    params = {
+        "E": rng.standard_normal((10, 4)).astype(np.float32),
+        "W": rng.standard_normal((4, 10)).astype(np.float32),
+    }
+    T = 8
+    ids, tgt = rng.integers(0, 10, (20, T)), rng.integers(0, 10, (20, T))
+
+    def token_losses(p, a, b):
+        logp = jax.nn.log_softmax(p["E"][a] @ p["W"])
+        return -jnp.take_along_axis(logp, b[..., None], -1)[..., 0]  # (batch, T)
+
+    with pytest.raises(
+        ValueError, match=r"loss_fn must return per-example losses of shape \(4,\) for a batch of 4, got \(8,\)"
+    ):
+        export_gradients(lambda p, a, b: token_losses(p, a, b).mean(0), [(params, 1.0)], (ids, tgt), batch_size=T)
+    fixed = export_gradients(lambda p, a, b: token_losses(p, a, b).mean(1), [(params, 1.0)], (ids, tgt), batch_size=T)
+    assert fixed.matrices[0].shape == (20, 80)
+
+
 def test_the_per_example_function_compiles_once_per_input_shape_not_per_row_count():
     """export_gradients' batch_size docstring: batches of other row counts are padded (no new trace of
     loss_fn), every new sequence length is one more trace (and XLA compile), a repeated one none."""

@@ -311,9 +311,10 @@ def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind)
     loss = lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none")  # noqa: E731
     sides = {}
     for side, kind, rows in (("train", train_kind, slice(0, 50)), ("test", test_kind, slice(50, 70))):
+        states = slice(None) if kind else slice(0, 2)  # the plain side without the unused states (else a warning)
         sides["jax", side] = export_gradients(
             mlp.loss_fn,
-            checkpoints,
+            [c[states] for c in checkpoints],
             (x[rows], y[rows]),
             preconditioner=kind,
             preconditioner_options=options,
@@ -321,7 +322,7 @@ def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind)
         )
         sides["torch", side] = torch_export(
             model,
-            torch_checkpoints,
+            [c[states] for c in torch_checkpoints],
             (torch.as_tensor(x[rows]), torch.as_tensor(y[rows])),
             loss,
             preconditioner=kind,
@@ -335,3 +336,61 @@ def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind)
         for p, w, s in checkpoints
     )
     np.testing.assert_allclose(ours, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_an_optimizer_state_given_without_a_preconditioner_warns_and_gives_plain_rows(mlp, data):
+    x, y = data
+    checkpoints = _trained(mlp, x, y)
+    with pytest.warns(UserWarning, match=r"checkpoints\[0\]\[2\] is an optimizer state, but preconditioner=None") as w:
+        g = export_gradients(mlp.loss_fn, checkpoints, (x, y), batch_size=16, progress=False)
+    assert 'preconditioner="adam"' in str(w[0].message) and "drop the state" in str(w[0].message)
+    assert g.metadata["preconditioner"] is None
+    for c, (params, _, state) in enumerate(checkpoints):
+        expected = _reference(mlp, params, state, x, y, None)
+        np.testing.assert_allclose(np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_moments_of_a_pytree_with_more_leaves_than_the_params_are_refused_naming_them(mlp, data):
+    x, y = data
+    params = mlp.params[0]
+    wider = dict(params, extra={"w": jnp.zeros(5, jnp.float32)})
+    opt = optax.adam(0.05, b1=B1, b2=B2, eps=EPS)
+    _, state = opt.update(jax.tree_util.tree_map(jnp.ones_like, wider), opt.init(wider), wider)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] \(optimizer state\): the Adam moments have leaves "
+        r"the params do not: \['extra/w'\]",
+    ):
+        export_gradients(mlp.loss_fn, [(params, 1.0, state)], (x, y), preconditioner="adam", progress=False)
+
+
+def test_a_leaf_masked_out_of_adam_is_named_and_layers_without_it_follow_adam(mlp, data):
+    x, y = data
+    mask = {"l1": {"bias": True, "kernel": True}, "l2": {"bias": False, "kernel": False}}
+    checkpoints = _trained(mlp, x, y, steps=(2,), opt=optax.masked(optax.adam(0.05, b1=B1, b2=B2, eps=EPS), mask))
+    options = {"b1": B1, "b2": B2, "eps": EPS}
+    with pytest.raises(
+        ValueError,
+        match=r"leaf 'l2/bias' is masked out of Adam \(optax.masked.*layers=\['l1/bias', 'l1/kernel'\]",
+    ):
+        export_gradients(
+            mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", preconditioner_options=options, progress=False
+        )
+    g = export_gradients(
+        mlp.loss_fn,
+        checkpoints,
+        (x, y),
+        layers=["l1"],
+        preconditioner="adam",
+        preconditioner_options=options,
+        progress=False,
+    )
+    params, _, state = checkpoints[0]
+    adam = _adam_state(state)
+    grads = mlp.reference_rows(mlp.reference_grads(_torch_weights(params), x, y), ["b1", "w1"], transpose={"w1"})
+    v = np.concatenate([np.asarray(adam.nu["l1"][k], np.float64).reshape(-1) for k in ("bias", "kernel")])
+    t = float(adam.count)
+    expected = grads / (np.sqrt(v / (1 - B2**t)) + EPS)
+    np.testing.assert_allclose(
+        np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )

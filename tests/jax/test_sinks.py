@@ -266,6 +266,44 @@ def test_an_export_beyond_its_dtype_names_dtype_the_checkpoint_and_the_first_row
     assert fits.matrices[0].shape == (20, 6)
 
 
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_float64_gradients_beyond_the_float32_range_are_an_error_naming_the_row(mode):
+    """x64 params: row 13 (second batch of 8) of checkpoint 1 has finite float64 gradients above float32's
+    largest value (2 x_13 (x_13 w) ~ 6e40; dL/dy ~ 6e40 for the factored rows). They were stored as inf (then
+    refused by scoring as if the loss were NaN); checkpoint 0 fits and matches the float64 NumPy rows."""
+    import jax
+
+    r = np.random.default_rng(0)
+    x = r.normal(size=(20, 3))
+    x[13] = 1e20
+
+    def loss(p, inputs, targets):
+        return ((inputs @ p["w"] + p["b"]) ** 2).sum(-1)
+
+    ckpts = [({"w": np.full((3, 2), s), "b": np.zeros(2)}, 1.0) for s in (1e-10, 1e20)]
+    kw = dict(mode=mode, batch_size=8, progress=False)
+    if mode == "last_layer":
+        kw.update(layers=["w", "b"], layer_input=lambda p, inputs: inputs)
+    message = (
+        r"^checkpoint 1: row 13 holds float64 gradient values beyond the float32 range \(\|x\| > 3.40282e\+38\), "
+        "the first such row"
+    )
+    with jax.enable_x64(True):
+        with pytest.raises(ValueError, match=message):
+            export_gradients(loss, ckpts, (x, None), **kw)
+        fits = export_gradients(loss, ckpts[:1], (x, None), **kw)
+    w = ckpts[0][0]["w"]
+    dy = 2 * (x @ w)  # float64 dL/dy per example (b = 0)
+    if mode == "full":  # rows: b then w (sorted keys), w row-major
+        expected = np.concatenate([dy, np.einsum("ni,no->nio", x, dy).reshape(20, -1)], axis=1)
+        got = np.asarray(fits.matrices[0], np.float64)
+    else:
+        expected = np.einsum("no,ni->noi", dy, np.concatenate([x, np.ones((20, 1))], axis=1)).reshape(20, -1)
+        left, right = (np.asarray(b, np.float64) for b in _blocks(fits))
+        got = np.einsum("no,ni->noi", left, right).reshape(20, -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
 def test_numpy_batch_sizes_are_accepted(mlp, data):
     x, y = data
     ckpts = list(zip(mlp.params, mlp.lrs, strict=True))

@@ -238,6 +238,13 @@ def test_bad_options_are_refused(trained, kwargs, message):
         export_gradients(model, checkpoints, train, LOSS, progress=False, **kwargs)
 
 
+@pytest.mark.parametrize("progress", ["no", 1, 0.0])
+def test_progress_must_be_a_bool_or_none(trained, progress):
+    model, checkpoints, train, _ = trained
+    with pytest.raises(TypeError, match=f"progress must be True, False or None .*got {progress!r}"):
+        export_gradients(model, checkpoints, train, LOSS, progress=progress)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_storage_is_the_rounded_float32_gradient(trained, dtype):
     model, checkpoints, train, test = trained

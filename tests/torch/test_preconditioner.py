@@ -196,9 +196,11 @@ def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match
         export_gradients(model, [(*checkpoints[0][:2], opt_state)], data, _loss, preconditioner="adam", progress=False)
 
 
-def test_plain_export_ignores_optimizer_states_and_records_no_preconditioner():
+def test_plain_export_ignores_optimizer_states_with_a_warning_and_records_no_preconditioner():
     model, checkpoints, (x, y) = _trained()
-    g = export_gradients(model, checkpoints, (x, y), _loss, progress=False)
+    with pytest.warns(UserWarning, match=r"checkpoints\[0\]\[2\] is an optimizer state, but preconditioner=None") as w:
+        g = export_gradients(model, checkpoints, (x, y), _loss, progress=False)
+    assert len(w) == 1 and 'preconditioner="adam"' in str(w[0].message) and "drop the state" in str(w[0].message)
     np.testing.assert_allclose(
         np.asarray(g.matrices[1], np.float64), _reference_grads(model, checkpoints[1][0], x, y), rtol=1e-5, atol=1e-6
     )

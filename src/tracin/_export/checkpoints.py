@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,13 +22,27 @@ class Checkpoint(NamedTuple):
 
 def learning_rate(lr: Any, where: str) -> float:
     """`lr` as a float: a finite real number (Python or NumPy scalar, or a 0-d array or tensor of
-    one), not a bool or a string."""
+    one), not a bool or a string, and not negative (TracIn sums lr x gradient products over the
+    checkpoints: a negative weight would flip that checkpoint's influence). A zero one is taken with a
+    UserWarning naming it, as the checkpoint then adds nothing to any score."""
     if getattr(lr, "shape", None) == () and callable(getattr(lr, "item", None)):
         lr = lr.item()  # a 0-d torch / NumPy / JAX array (torch.tensor(0.1), a scheduler's value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"{where} (learning rate) must be a real number, got {lr!r}")
     if not math.isfinite(lr):
         raise ValueError(f"{where} (learning rate) must be finite, got {lr!r}")
+    if lr < 0:
+        raise ValueError(
+            f"{where} (learning rate) must not be negative, got {lr!r}: it weights the checkpoint's "
+            "gradient products in every score (give the step size the optimizer used, a positive number)"
+        )
+    if lr == 0:
+        warnings.warn(
+            f"{where} (learning rate) is 0: this checkpoint's gradients are exported but add nothing to any "
+            "score; drop it from checkpoints, or give the learning rate it was trained with",
+            UserWarning,
+            stacklevel=4,
+        )
     return float(lr)
 
 
@@ -62,6 +77,22 @@ def parse_checkpoints(
         state = None if len(entry) == 2 or entry[2] is None else optimizer(entry[2], i)
         parsed.append(Checkpoint(entry[0], learning_rate(entry[1], f"checkpoints[{i}][1]"), state))
     return parsed
+
+
+def warn_unused_states(checkpoints: Sequence[Checkpoint], preconditioner: str | None) -> None:
+    """A UserWarning when checkpoints carry optimizer states that preconditioner=None leaves unused
+    (plain SGD gradients are exported, as if no state were given), naming the first such entry."""
+    if preconditioner is not None:
+        return
+    given = [i for i, entry in enumerate(checkpoints) if entry.optimizer is not None]
+    if given:
+        warnings.warn(
+            f"checkpoints[{given[0]}][2] is an optimizer state, but preconditioner=None ignores it: the rows are "
+            'plain SGD gradients. Pass preconditioner="adam" for Adam-preconditioned gradients, or drop the '
+            f"state from the checkpoint entries ({len(given)} of {len(checkpoints)} carry one)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _describe(entry: Any) -> str:

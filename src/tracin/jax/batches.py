@@ -164,7 +164,7 @@ class BatchPlan:
             self.batch_size = batch_size or DEFAULT_BATCH_SIZE
             self.size: int | None = min(self.batch_size, self.n_rows)
         else:
-            if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__") or hasattr(data, "shape"):
+            if isinstance(data, (str, bytes, dict)) or not _iterable(data) or hasattr(data, "shape"):
                 raise TypeError(
                     "data must be (inputs, targets) arrays or an iterable of (inputs, targets) "
                     f"batches, got {type(data).__name__}"
@@ -213,6 +213,18 @@ class BatchPlan:
 
     def _batch(self, start: int, inputs: Any, targets: Any, count: int) -> Batch:
         return Batch(start, count, _pad(inputs, self.size), _pad(targets, self.size))
+
+
+def _iterable(data: Any) -> bool:
+    """Whether iter(data) works: an __iter__, or the old sequence protocol (__getitem__ from 0 up to an
+    IndexError, as a loader with __len__ / __getitem__ alone gives), which iter() takes without reading."""
+    if hasattr(data, "__iter__"):
+        return True
+    try:
+        iter(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _pair(batch: Any, where: str) -> tuple[Any, Any]:

@@ -90,7 +90,9 @@ _SUPPORTED = (
 class OptimizerState:
     """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
     optax.adam / adamw and chains containing them make it; mu and nu must have the params' pytree
-    structure (the optimizer was initialised on the same params pytree). b1, b2, eps are not in
+    structure (the optimizer was initialised on the same params pytree): moments at paths the params
+    lack are refused (check_leaves), and a chosen leaf without moments (masked out by optax.masked) is
+    a ValueError naming it. b1, b2, eps are not in
     the state: they are given (`adam`), and checked against the state's own when it was made with
     optax.inject_hyperparams.
 
@@ -140,6 +142,14 @@ class OptimizerState:
         out = []
         for name, shape in params:
             if name not in mu or name not in nu:
+                masked = _masked_paths(self.adam.mu)
+                if name in masked:
+                    kept = [n for n, _ in params if n in mu and n in nu]
+                    raise ValueError(
+                        f"{self.where}: leaf {name!r} is masked out of Adam (optax.masked: a MaskedNode in the "
+                        "moments), so the state holds no Adam moments for it; pass layers= naming only the "
+                        f"leaves Adam updates{f', e.g. layers={kept}' if kept else ''}"
+                    )
                 raise ValueError(
                     f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
                     "been initialised on the same params pytree"
@@ -152,6 +162,20 @@ class OptimizerState:
                 )
             )
         return out
+
+    def check_leaves(self, params: Any) -> None:
+        """ValueError naming the paths of the Adam moments' leaves that `params` (a checkpoint's pytree)
+        has no leaf at: the optimizer was initialised on another pytree (one with more leaves), whose
+        moments tracin would otherwise look up by path and use in part. Moments may hold fewer leaves
+        (optax.masked, an Equinox module's non-array fields): moments() names the missing ones used."""
+        have = set(_by_path(params))
+        extra = sorted({name for tree in (self.adam.mu, self.adam.nu) for name in _by_path(tree)} - have)
+        if extra:
+            raise ValueError(
+                f"{self.where}: the Adam moments have leaves the params do not: {extra[:5]}"
+                f"{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}; the optimizer must have been "
+                "initialised on the same params pytree as the checkpoint's (its moments are looked up by leaf path)"
+            )
 
     def _check_settings(self) -> None:
         """ValueError when the state was made with inject_hyperparams and its b1, b2 or eps is not the
@@ -170,6 +194,18 @@ class OptimizerState:
 
 def _by_path(tree: Any) -> dict[str, Any]:
     return {leaf_path(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _is_masked_node(node: Any) -> bool:
+    """optax.masked's placeholder for a leaf masked out of the inner optimizer (by type; optax is not imported)."""
+    kind = type(node)
+    return kind.__name__ == "MaskedNode" and kind.__module__.split(".")[0] == "optax"
+
+
+def _masked_paths(tree: Any) -> set[str]:
+    """Paths of the MaskedNode placeholders in a tree of moments (optax.masked)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked_node)[0]
+    return {leaf_path(path) for path, leaf in flat if _is_masked_node(leaf)}
 
 
 def state_digest(params: Any, static: bool = True) -> str:

@@ -10,12 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._export.checkpoints import warn_unused_states
 from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
 from .._export.preconditioner import adam_settings
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
+from .._progress import check_progress
 from ..gradients import FactoredGradients, Gradients
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
@@ -67,9 +69,12 @@ def export_gradients(
     checkpoints: [(params, learning_rate)], params any pytree (nested dicts, Flax linen variables, NNX
         state, an Equinox module or its eqx.partition'ed arrays), or the path of an orbax checkpoint
         directory / Flax msgpack file. Every checkpoint must have the first one's structure. An entry
-        may be (params, learning_rate, optax optimizer state) for a preconditioner.
+        may be (params, learning_rate, optax optimizer state) for a preconditioner (with
+        preconditioner=None the state is unused: a UserWarning says so). A learning rate must not be
+        negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
     data: (inputs, targets) arrays with a leading row dimension, or an iterable of such batches
-        (re-iterable when there are several checkpoints); inputs / targets may be pytrees of arrays,
+        (anything iter() takes, a loader with only __len__ / __getitem__ too; re-iterable when there
+        are several checkpoints); inputs / targets may be pytrees of arrays,
         targets None for a loss that takes none (loss_fn gets None). A tuple or list of two is one
         (inputs, targets) dataset when all its leaves are arrays, unless both its items are pairs
         themselves (then it is two batches): tracin.jax.batches.PAIR_RULE. Every checkpoint must see
@@ -111,8 +116,8 @@ def export_gradients(
         input shape (each new sequence length of variable-length batches is a new trace and XLA
         compile, seconds or more for a large model). To bound the compiles, pad sequences to a few
         fixed lengths (e.g. multiples of 64, or one max length) and mask the padding in loss_fn.
-    progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
-        a couple of seconds, if tqdm is installed).
+    progress: True, False or None: a tqdm bar over the examples of each checkpoint (None: only once
+        the export has taken a couple of seconds, if tqdm is installed).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
         score against test rows exported with None: LESS-style data selection); mode="full" only
@@ -133,7 +138,8 @@ def export_gradients(
     whose gradient holds NaN or Inf (a NaN loss, say) is not an export error: its row is stored as it
     is (projected: a row of NaN) and scoring refuses the set, naming the rows; a finite gradient whose
     projection overflows float32 is a ValueError naming the row (kronecker=True stores it: scoring
-    names it).
+    names it), as is a finite float64 gradient (x64 params) beyond float32's range (rows are float32
+    at most; mode="full" and "last_layer").
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, inputs, targets), got {type(loss_fn).__name__}")
@@ -150,17 +156,21 @@ def export_gradients(
         raise TypeError(f"layer_input must be callable, got {type(layer_input).__name__}")
     if preconditioner is not None and mode != "full":
         raise ValueError(f"preconditioner={preconditioner!r} needs mode='full' in tracin.jax (mode={mode!r})")
+    progress = check_progress(progress)
     check_projection(projection, mode == "last_layer")
     dtype = _dtype_name(dtype)
     check_store(store)
     layers = as_patterns(layers) if layers is not None else None
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
+    warn_unused_states(entries, preconditioner)
     kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
     plan.reuse(framework.ran)
+    if preconditioner is not None:
+        framework.check_states(entries)
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it
         options = Options(mode, layers, dtype, store, progress)
         return export(framework, entries, options, framework.compute_rows.recorded())
@@ -214,9 +224,16 @@ class _JaxExport:
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
             else:
-                self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # cast by the sink (range check)
+                self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # float64 beyond float32: an error
                 self.slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
+
+    def check_states(self, entries: Sequence[Any]) -> None:
+        """ValueError when an optimizer state's Adam moments hold leaves the params do not
+        (OptimizerState.check_leaves, against the first checkpoint's pytree)."""
+        for entry in entries:
+            if entry.optimizer is not None:
+                entry.optimizer.check_leaves(self._first)
 
     def ran(self, signature: tuple) -> bool:
         """Whether the compiled function of this export (the same functions, mode and params layout) has

@@ -142,6 +142,14 @@ class ParamLayout:
         """Raises ValueError unless `other` (another checkpoint's layout) has the same structure."""
         if other.paths != self.paths:
             missing = sorted(set(self.paths) ^ set(other.paths))[:5]
+            if not missing and other.treedef != self.treedef:  # the containers differ: named below
+                raise ValueError(
+                    f"{where}: the params pytree has the first checkpoint's leaf paths in another order, in other "
+                    f"containers: {_first_difference(self.treedef, other.treedef, self.paths) or other.treedef}; "
+                    "give every checkpoint the same container types (a list saved by Flax msgpack is restored as "
+                    "a dict with keys '0', '1', ..., whose leaves flatten in string order: '10' before '2'; "
+                    "restore it with flax.serialization.from_bytes(target, ...) or pass every checkpoint as a path)"
+                )
             raise ValueError(
                 f"{where}: the params pytree differs from the first checkpoint's "
                 f"(differing leaves: {missing or 'the same paths in another order'})"

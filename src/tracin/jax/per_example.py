@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
+from ..projection import _RowNotFinite
 from .batches import Batch, batch_signature
 from .params import ParamLayout, layout_of
 
@@ -245,6 +246,16 @@ def check_uncoupled(
                 f"loss_fn(params, inputs, targets) failed on the first {k} examples of the data, run eagerly "
                 f"on the checkpoint's params as JAX arrays: {err}{note}"
             ) from err
+    for k, out in zip((m, m // 2), losses, strict=True):
+        shape = getattr(out, "shape", None)
+        if shape != (k,):  # e.g. a reduction over the batch axis whose other axis happens to equal the batch size
+            raise ValueError(
+                f"loss_fn must return per-example losses of shape ({k},) for a batch of {k}, got "
+                f"{shape if shape is not None else type(out).__name__} (run eagerly on the first {k} examples of "
+                f"the data: the batch of {jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]} gave the right "
+                "shape only by coincidence; a mean or sum over the batch axis instead of another one?); return "
+                f"the unreduced losses, one per example (e.g. token losses reduced over the sequence axis){note}"
+            )
     whole, half = (np.asarray(a, np.float64) for a in losses)
     rtol = uncoupled_rtol(eps, losses[0].dtype)
     if not np.allclose(
@@ -274,6 +285,32 @@ def uncoupled_rtol(eps: float, loss_dtype: Any) -> float:
 _RTOL_CAP = 8 * float(jnp.finfo(jnp.bfloat16).eps)
 
 
+def _float32_rows(blocks: list) -> tuple[list, Any]:
+    """(blocks as float32, per row whether a finite value of a wider block (float64: x64 params) became
+    inf in float32, or None when no block is wider); inside the compiled functions."""
+    narrowed = [b.astype(jnp.float32) for b in blocks]
+    wide = [(b, n) for b, n in zip(blocks, narrowed, strict=True) if jnp.dtype(b.dtype).itemsize > 4]
+    if not wide:
+        return narrowed, None
+    return narrowed, jnp.stack([jnp.any(jnp.isfinite(b) & ~jnp.isfinite(n), axis=1) for b, n in wide]).any(axis=0)
+
+
+def _check_float32_range(beyond: Any, count: int) -> None:
+    """Raises _RowNotFinite (a ValueError naming the first such row of the block; the export names it as
+    the data's row) when one of the `count` real rows holds a float64 value beyond float32's range: tracin
+    keeps rows in float32 at most, so it would be stored as inf (and refused by scoring as a NaN loss)."""
+    if beyond is None:
+        return
+    flags = np.asarray(beyond)[:count]
+    if flags.any():
+        raise _RowNotFinite(
+            "row {} holds float64 gradient values beyond the float32 range (|x| > "
+            f"{float(np.finfo(np.float32).max):g}), the first such row: tracin keeps rows in float32 at most; "
+            "scale the loss down (its gradients and every score scale with it)",
+            int(np.argmax(flags)),
+        )
+
+
 class FullRows:
     """Per-example gradient rows (batch, d) of the selected parameters, in layout order.
 
@@ -286,15 +323,20 @@ class FullRows:
 
             def rows(selected, arrays, inputs, targets):
                 grads = per_example(selected, arrays, inputs, targets)
-                flat = [g.reshape(g.shape[0], -1).astype(jnp.float32) for g in grads]
-                return jnp.concatenate(flat, axis=1).astype(dtype)
+                narrowed, beyond = _float32_rows([g.reshape(g.shape[0], -1) for g in grads])
+                return jnp.concatenate(narrowed, axis=1).astype(dtype), beyond
 
             return rows
 
         self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name), build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
-        return self._rows(selected, arrays, batch.inputs, batch.targets)
+        """The rows; a ValueError (naming the row of the block, which the export renumbers as the data's)
+        when a float64 gradient (x64 params) of a real row is finite but beyond float32's range, as the
+        rows are float32 from here on (rather than stored as inf and refused by scoring as a NaN loss)."""
+        rows, beyond = self._rows(selected, arrays, batch.inputs, batch.targets)
+        _check_float32_range(beyond, batch.count)
+        return rows
 
 
 class LastLayer:
@@ -337,15 +379,20 @@ class LastLayer:
             def factors(selected, arrays, inputs, targets):
                 left = delta(selected, arrays, inputs, targets)[0]
                 x = inputs_of(layout.merge(selected, arrays), inputs)
-                right = jnp.concatenate([x.astype(jnp.float32), jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-                return left.astype(jnp.float32), right
+                (left, x), beyond = _float32_rows([left, x])
+                right = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
+                return (left, right), beyond
 
             return factors
 
         self._factors = shared_jit((loss_fn, layer_input), ("last_layer", layout), build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return self._factors(selected, arrays, batch.inputs, batch.targets)
+        """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
+        float32's range."""
+        factors, beyond = self._factors(selected, arrays, batch.inputs, batch.targets)
+        _check_float32_range(beyond, batch.count)
+        return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float, rows: int = 4) -> None:
         """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._export.checkpoints import warn_unused_states
 from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
 from .._export.metadata import last_layer_entry
 from .._export.projection import check_projection
 from .._export.transforms import row_transforms
+from .._progress import check_progress
 from .._validate import positive_int
 from .checkpoints import (
     FreshBuffers,
@@ -81,7 +83,9 @@ def export_gradients(
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
         from their first name); DataParallel's "module." and torch.compile's "_orig_mod." prefixes
         are removed, and a file that cannot be read is a ValueError naming it. An entry may be
-        (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner.
+        (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner
+        (with preconditioner=None the state is unused: a UserWarning says so). A learning rate must not
+        be negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
         over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs and targets a
         tensor or a tuple/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a
@@ -127,8 +131,8 @@ def export_gradients(
         naming what changed rather than rows mixed from two exports.
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
-    progress: a tqdm bar over the examples of each checkpoint (None: only once the export has taken
-        a couple of seconds, if tqdm is installed).
+    progress: True, False or None: a tqdm bar over the examples of each checkpoint (None: only once
+        the export has taken a couple of seconds, if tqdm is installed).
     preconditioner: None (plain gradients, SGD as in the TracIn paper), "adam" (g / (sqrt(v_hat) + eps)
         on both sides: attribution) or "adam_update" (train rows only, the next Adam step's direction;
         score against test rows exported with None: LESS-style data selection). "adam_update" needs
@@ -153,10 +157,12 @@ def export_gradients(
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
+    progress = check_progress(progress)
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
     entries = parse_checkpoints(checkpoints, model)
+    warn_unused_states(entries, preconditioner)
     layers = None if layers is None else as_patterns(layers, EXAMPLE)
     kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
