@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 from collections import UserDict
@@ -341,3 +342,222 @@ def test_a_batch_sampler_or_a_dataset_without_len_dropping_rows_warns():
             model, [(model.state_dict(), 1.0)], DataLoader(ds, batch_sampler=kept), loss, progress=False
         )
     assert g.matrices[0].shape[0] == 12
+
+
+def _float64_rows(model, examples, loss, call=None):
+    """Per-example float64 autograd gradients (one example at a time) over the trainable parameters."""
+    twin = copy.deepcopy(model).double()
+    params = [p for p in twin.parameters() if p.requires_grad]
+    rows = []
+    for inputs, target in examples:
+        inputs = tree_map(lambda t: t.double() if t.is_floating_point() else t, inputs)
+        out = call_model(twin, inputs) if call is None else call(twin, inputs)
+        part = loss(out, target).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(part, params)]))
+    return torch.stack(rows).numpy()
+
+
+def _bucket_data(n=8):
+    torch.manual_seed(0)
+    x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
+    return TensorDataset(x, y), x, y
+
+
+class _BucketBatchSampler(torch.utils.data.BatchSampler):
+    """Batches in the order of a sort key, as length-bucketing samplers do (torchnlp's BucketBatchSampler)."""
+
+    def __init__(self, sampler, batch_size, key):
+        super().__init__(sampler, batch_size, drop_last=False)
+        self.key = key
+
+    def __iter__(self):
+        order = sorted(self.sampler, key=self.key)
+        for k in range(0, len(order), self.batch_size):
+            yield order[k : k + self.batch_size]
+
+
+class _Backwards(torch.utils.data.SequentialSampler):
+    def __iter__(self):
+        return iter(range(len(self.data_source) - 1, -1, -1))
+
+
+class _Uneven:
+    """A batch sampler of its own (not a BatchSampler): batches of 1, 2, 3... rows, in dataset order, of the
+    first `stop` rows."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def __iter__(self):
+        start, size = 0, 1
+        while start < self.stop:
+            yield list(range(start, min(start + size, self.stop)))
+            start, size = start + size, size + 1
+
+
+def test_a_batch_sampler_or_sampler_reordering_rows_is_refused():
+    """Was silent (review31 s16_bucket.py): a BatchSampler subclass over a SequentialSampler passed the
+    type check and rows 1-7 of the export were the gradients of other examples than 1-7."""
+    ds, x, _ = _bucket_data()
+    bucket = _BucketBatchSampler(torch.utils.data.SequentialSampler(ds), 4, key=lambda i: float(x[i, 0]))
+    order = [i for b in bucket for i in b]
+    assert order != list(range(8))
+    first_wrong = next(i for i, j in enumerate(order) if i != j)
+    with pytest.raises(
+        ValueError,
+        match=rf"drawing rows with _BucketBatchSampler \(a batch_sampler handing out the dataset's examples out of "
+        rf"order: row {first_wrong} is example {order[first_wrong]}.*shuffle=False",
+    ):
+        as_batches(DataLoader(ds, batch_sampler=bucket), 4)
+    with pytest.raises(ValueError, match=r"_Backwards \(a sampler handing out .*: row 0 is example 7, row 1 is"):
+        as_batches(DataLoader(ds, sampler=_Backwards(ds), batch_size=3), 4)
+    with pytest.raises(ValueError, match=r"_Backwards \(a sampler handing out .*item 0 is example 7"):
+        as_batches(DataLoader(ds, sampler=_Backwards(ds), batch_size=None), 4)
+
+
+def test_samplers_handing_out_rows_in_order_are_accepted_and_their_rows_are_the_examples():
+    ds, x, y = _bucket_data()
+    model, loss = nn.Linear(5, 3), nn.CrossEntropyLoss(reduction="none")
+    want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(8)], loss)
+    in_order = _BucketBatchSampler(torch.utils.data.SequentialSampler(ds), 3, key=lambda i: i)
+    distributed = torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
+    for loader in [
+        DataLoader(ds, batch_sampler=in_order),
+        DataLoader(ds, batch_sampler=_Uneven(8)),
+        DataLoader(ds, sampler=distributed, batch_size=3),
+        DataLoader(
+            batches := [(x[:3], y[:3]), (x[3:], y[3:])],
+            sampler=torch.utils.data.DistributedSampler(batches, num_replicas=1, rank=0, shuffle=False),
+            batch_size=None,
+        ),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert as_batches(loader, 4).n_rows == (None if loader.batch_sampler is None else 8)
+            g = export_gradients(
+                model, [(model.state_dict(), 1.0), (model.state_dict(), 1.0)], loader, loss, progress=False
+            )
+        for m in g.matrices:
+            np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_sampler_stopping_early_in_order_exports_its_rows_and_warns():
+    ds, x, y = _bucket_data()
+    model, loss = nn.Linear(5, 3), nn.CrossEntropyLoss(reduction="none")
+    with pytest.warns(
+        UserWarning,
+        match=r"batch_sampler _Uneven hands out examples 0 to 5 of its dataset's 8: the "
+        r"last 2 \(rows 6 to 7\) are not exported",
+    ) as caught:
+        g = export_gradients(
+            model, [(model.state_dict(), 1.0)], DataLoader(ds, batch_sampler=_Uneven(6)), loss, progress=False
+        )
+    assert caught[0].filename == __file__
+    want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(6)], loss)
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_torchs_own_batch_sampler_over_a_sequential_sampler_is_not_iterated(monkeypatch):
+    def never(self):
+        raise AssertionError("iterated")
+
+    ds, _, _ = _bucket_data()
+    monkeypatch.setattr(torch.utils.data.SequentialSampler, "__iter__", never)
+    assert as_batches(DataLoader(ds, batch_size=3), 4).n_rows == 8
+    assert as_batches(DataLoader(ds, batch_size=None), 4).n_rows is None  # each item a batch: rows unknown
+
+
+class _Sequences(torch.utils.data.IterableDataset):
+    """(ids (T,), tags (T,)) items, one per sequence."""
+
+    def __init__(self, ids, tags):
+        self.ids, self.tags = ids, tags
+
+    def __iter__(self):
+        return iter(zip(self.ids, self.tags, strict=True))
+
+
+class _SequenceBatches(_Sequences):
+    def __iter__(self):
+        return iter((self.ids[i : i + 3], self.tags[i : i + 3]) for i in range(0, len(self.ids), 3))
+
+
+class _Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(20, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _sequence_loss(out, tags):
+    """Mean token cross-entropy per sequence."""
+    return nn.functional.cross_entropy(out.movedim(-1, 1), tags, reduction="none").mean(-1)
+
+
+def test_an_iterable_dataset_passed_directly_is_refused_and_through_a_loader_gives_one_row_per_item():
+    """Was (review31 s15_iterable_items.py): its items were read as batches, so 4 sequences of 6 tokens
+    exported 24 rows, one per token, with no word."""
+    torch.manual_seed(0)
+    ids, tags = torch.randint(0, 20, (5, 6)), torch.randint(0, 3, (5, 6))
+    model = _Tagger()
+    with pytest.raises(
+        TypeError,
+        match=r"IterableDataset \(_Sequences\).*DataLoader\(data, batch_size=64\) when it "
+        r"yields single .*DataLoader\(data, batch_size=None\) when it yields",
+    ):
+        as_batches(_Sequences(ids, tags), 4)
+    want = _float64_rows(model, [(ids[i : i + 1], tags[i : i + 1]) for i in range(5)], _sequence_loss)
+    for loader in [
+        DataLoader(_Sequences(ids, tags), batch_size=2),
+        DataLoader(_SequenceBatches(ids, tags), batch_size=None),
+    ]:
+        g = export_gradients(model, [(model.state_dict(), 1.0)], loader, _sequence_loss, progress=False)
+        assert g.n_rows == 5
+        np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+
+
+_Inputs = collections.namedtuple("_Inputs", "x mask")
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+
+    def forward(self, x, mask):
+        return self.lin(x * mask)
+
+
+class _NamedItems(Dataset):
+    def __init__(self, x, mask, y):
+        self.x, self.mask, self.y = x, mask, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return _Inputs(self.x[i], self.mask[i]), self.y[i]
+
+
+def test_namedtuple_inputs_are_kept_and_passed_positionally():
+    """Were a TypeError from the namedtuple's constructor (review31 s11_namedtuple.py), whatever the form."""
+    torch.manual_seed(0)
+    x, mask, y = torch.randn(6, 5), (torch.rand(6, 5) > 0.2).float(), torch.randint(0, 3, (6,))
+    got = _collect(as_batches((_Inputs(x, mask), y), 4))
+    assert isinstance(got[1][1], _Inputs) and torch.equal(got[1][1].mask, mask[4:])
+    assert isinstance(tree_map(lambda t: t, _Inputs(x, mask)), _Inputs)
+    model, loss = _Masked(), nn.CrossEntropyLoss(reduction="none")
+    want = _float64_rows(model, [(_Inputs(x[i : i + 1], mask[i : i + 1]), y[i : i + 1]) for i in range(6)], loss)
+    forms = [
+        ((_Inputs(x, mask), y), None),
+        ((_Inputs(x, mask), y), 2),
+        ([(_Inputs(x[:4], mask[:4]), y[:4]), (_Inputs(x[4:], mask[4:]), y[4:])], None),
+        ((_Inputs(x.numpy(), mask.numpy()), y.numpy()), 4),
+        (_NamedItems(x, mask, y), 4),
+        (DataLoader(_NamedItems(x, mask, y), batch_size=4), None),
+    ]
+    for data, batch_size in forms:
+        g = export_gradients(model, [(model.state_dict(), 1.0)], data, loss, batch_size=batch_size, progress=False)
+        np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)

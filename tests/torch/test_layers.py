@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -111,3 +113,95 @@ def test_factored_mode_on_a_tied_head_names_the_tie_and_the_alternatives():
             layers=["head"],
             progress=False,
         )
+
+
+class LoRALinear(nn.Module):
+    """A frozen base Linear plus trainable low-rank adapters A, B (as peft's LoRA)."""
+
+    def __init__(self, size, rank=2):
+        super().__init__()
+        self.base = nn.Linear(size, size).requires_grad_(False)
+        self.A, self.B = nn.Linear(size, rank, bias=False), nn.Linear(rank, size, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(x))
+
+
+class LoRANet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(LoRALinear(6), nn.Tanh(), LoRALinear(6))
+        self.head = nn.Linear(6, 3).requires_grad_(False)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+ADAPTERS = ["enc.0.A.weight", "enc.0.B.weight", "enc.2.A.weight", "enc.2.B.weight"]
+
+
+def test_a_pattern_over_trainable_and_frozen_parameters_chooses_the_trainable_ones():
+    """Was (review31 s8_frozen.py): layers=['enc'] chose the frozen base weights too, 544 of 672 columns
+    the gradients of weights training never changed, without a word."""
+    net = LoRANet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_parameters(net, None) == ADAPTERS
+        assert select_parameters(net, ["enc"]) == ADAPTERS
+        assert select_parameters(net, "enc.*") == ADAPTERS
+        assert select_parameters(net, ["enc.0"]) == ADAPTERS[:2]
+        # patterns matching frozen parameters only choose them: a frozen layer, a parameter's full name
+        assert select_parameters(net, ["enc.0.base"]) == ["enc.0.base.weight", "enc.0.base.bias"]
+        assert select_parameters(net, ["enc", "enc.2.base.weight", "head"]) == [
+            *ADAPTERS[:2],
+            "enc.2.base.weight",
+            *ADAPTERS[2:],
+            "head.weight",
+            "head.bias",
+        ]
+        assert select_parameters(net, ["*.base.*"]) == [
+            "enc.0.base.weight",
+            "enc.0.base.bias",
+            "enc.2.base.weight",
+            "enc.2.base.bias",
+        ]
+
+
+def test_exported_rows_over_a_lora_encoder_are_the_adapters_gradients():
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    net, loss = LoRANet(), nn.CrossEntropyLoss(reduction="none")
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    g = export_gradients(net, [(net.state_dict(), 1.0)], (x, y), loss, layers=["enc"], progress=False)
+    assert [p["name"] for p in g.metadata["params"]] == ADAPTERS
+    twin = copy.deepcopy(net).double()
+    params = [p for n, p in twin.named_parameters() if n in ADAPTERS]
+    want = [
+        torch.cat(
+            [d.reshape(-1) for d in torch.autograd.grad(loss(twin(x[i : i + 1].double()), y[i : i + 1]).sum(), params)]
+        )
+        for i in range(5)
+    ]
+    np.testing.assert_allclose(g.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_factored_mode_missing_a_frozen_bias_says_how_to_choose_it():
+    from tracin.torch import export_gradients
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    net[0].bias.requires_grad_(False)
+    data = (torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    with pytest.raises(
+        ValueError, match=r"\['0.bias'\] of '0' is not chosen \(0.bias: frozen.*add \['0.bias'\] to layers="
+    ):
+        export_gradients(
+            net,
+            [(net.state_dict(), 1.0)],
+            data,
+            nn.CrossEntropyLoss(reduction="none"),
+            mode="factored",
+            layers=["0"],
+            progress=False,
+        )
+    assert select_parameters(net, ["0", "0.bias"]) == ["0.weight", "0.bias"]

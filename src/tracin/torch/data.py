@@ -2,18 +2,20 @@
 
 Accepted forms:
 - an (inputs, targets) pair of trees of tensors (which of the two a tuple or list of two is: PAIR_RULE),
-- a torch Dataset yielding (input, target) items,
-- a DataLoader over a SequentialSampler (rows must come in the same order for every checkpoint),
+- a map-style torch Dataset yielding (input, target) items (an IterableDataset is refused: its items may
+  be examples or batches; wrap it in a DataLoader saying which),
+- a DataLoader reading its dataset in order, rows 0, 1, 2... (check_sequential), or over an IterableDataset,
 - any re-iterable of (inputs, targets) batches (a list, say).
 
-Inputs and targets are "trees": a tensor, or a tuple/list/dict of tensors, all sharing the batch
-dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed
+Inputs and targets are "trees": a tensor, or a tuple (a namedtuple too)/list/dict of tensors, all
+sharing the batch dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed
 to the model positionally, a dict by keyword. Any Mapping is a dict (transformers' BatchEncoding, what
 a tokenizer or DataCollatorWithPadding returns, is a UserDict), read as a plain dict.
 """
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,7 +35,7 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     if isinstance(tree, Mapping):
         return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(fn, v) for v in tree)
+        return _rebuilt(tree, [tree_map(fn, v) for v in tree])
     raise TypeError(f"batches must hold tensors, or tuples/lists/dicts of tensors; got {type(tree).__name__}")
 
 
@@ -49,8 +51,16 @@ def as_tensors(tree: Tree) -> Tree:
     if isinstance(tree, Mapping):
         return {k: as_tensors(v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
-        return type(tree)(as_tensors(v) for v in tree)
+        return _rebuilt(tree, [as_tensors(v) for v in tree])
     return tree
+
+
+def _rebuilt(node: tuple | list, items: list) -> tuple | list:
+    """A tuple or list of `node`'s type holding `items`: a namedtuple (or any tuple subclass with
+    _fields) is built from its fields positionally, as its constructor does not take one iterable."""
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*items)
+    return type(node)(items)
 
 
 def host_array(t: torch.Tensor) -> np.ndarray:
@@ -206,21 +216,75 @@ def _named_leaves(node: Any, name: str) -> Iterator[tuple[str, Any]]:
         yield name, node
 
 
-def check_sequential(loader: torch.utils.data.DataLoader) -> None:
-    """ValueError unless the loader reads its map-style dataset in order: a SequentialSampler, or a
-    batch_sampler over one. (An IterableDataset's order is its own; fingerprints check it.)"""
-    from torch.utils.data import IterableDataset, SequentialSampler
+def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
+    """ValueError unless the loader reads its map-style dataset in order, rows 0, 1, 2...: row i of the
+    export must be example i of the dataset (top_k's indices are dataset indices). torch's own
+    BatchSampler over a SequentialSampler (what shuffle=False builds) is taken as it is; a sampler that
+    shuffles (RandomSampler, SubsetRandomSampler, WeightedRandomSampler, one with shuffle=True) is
+    refused by its type; any other sampler or batch_sampler (a subclass too: a length-bucketing one,
+    say) is iterated once, indices only (no data is read), and must hand out 0, 1, 2... in order.
+
+    Returns the number of indices a batch_sampler handed out when it was iterated, the rows (None
+    otherwise: without a batch_sampler, batch_size=None, each item is a batch of rows; and for an
+    IterableDataset, whose order is its own: fingerprints check it)."""
+    from torch.utils.data import (
+        BatchSampler,
+        IterableDataset,
+        RandomSampler,
+        SequentialSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
 
     if isinstance(loader.dataset, IterableDataset):
-        return
-    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    inner = getattr(sampler, "sampler", sampler)
-    if not isinstance(inner, SequentialSampler):
-        raise ValueError(
-            f"data is a DataLoader drawing rows with {type(inner).__name__}; rows must come in the same "
-            "order for every checkpoint: build it with shuffle=False and no sampler (a SequentialSampler, "
-            "or a batch_sampler over one)"
+        return None
+    batched = loader.batch_sampler is not None
+    sampler = loader.batch_sampler if batched else loader.sampler
+    inner = getattr(sampler, "sampler", None) if type(sampler) is BatchSampler else sampler
+    if type(inner) is SequentialSampler:
+        return None
+    chain, node = [], sampler
+    while node is not None and len(chain) < 8:  # a batch_sampler, the sampler it wraps...
+        chain.append(node)
+        node = getattr(node, "sampler", None)
+    shuffling = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    for node in chain:
+        if isinstance(node, shuffling) or getattr(node, "shuffle", False) is True:
+            _refuse_order(node, "")
+    count, wrong = 0, []
+    for item in sampler:
+        for index in item if batched else (item,):
+            try:
+                index = operator.index(index.item() if isinstance(index, torch.Tensor) else index)
+            except TypeError:  # keys that are not integers: the dataset has no order of its own to check
+                return None
+            if index != count:
+                wrong.append((count, index))
+            count += 1
+        if len(wrong) >= 8:
+            break
+    if wrong:
+        shown = ", ".join(f"{'row' if batched else 'item'} {i} is example {j}" for i, j in wrong[:8])
+        own = batched and type(sampler) is not BatchSampler  # else name the sampler torch's BatchSampler wraps
+        kind = "a batch_sampler" if own else "a sampler"
+        _refuse_order(
+            sampler if own or not batched else inner,
+            f" ({kind} handing out the dataset's examples out of order: {shown})",
         )
+    return count if batched else None  # without a batch_sampler each index is an item, a batch of its own
+
+
+def _sampler_words(sampler: Any, batched: bool) -> str:
+    return f"its {'batch_sampler' if batched else 'sampler'} {type(sampler).__name__}"
+
+
+def _refuse_order(sampler: Any, detail: str) -> None:
+    raise ValueError(
+        f"data is a DataLoader drawing rows with {type(sampler).__name__}{detail}; rows must come in dataset order "
+        "(0, 1, 2...), the same for every checkpoint, as row i of the export stands for example i of the dataset: "
+        "build it with shuffle=False and no sampler (a SequentialSampler, or torch's BatchSampler over one), or "
+        "reorder the dataset itself (torch.utils.data.Subset(dataset, order)) if another order is wanted"
+    )
 
 
 def _no_rows(n: int | None) -> int | None:
@@ -249,6 +313,27 @@ def _loader_rows(loader: torch.utils.data.DataLoader) -> int | None:
     kept = n - n % size
     _warn_dropping(f"its last {n - kept} of {n} rows are not exported (rows {kept} to {n - 1})")
     return kept
+
+
+def _handed_out(loader: torch.utils.data.DataLoader, count: int) -> int:
+    """`count`, the rows a sampler iterated by check_sequential handed out (0, 1, 2... in order); a
+    warning when that leaves out the last rows of the dataset."""
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return count
+    if 0 < count < n:
+        batched = loader.batch_sampler is not None
+        sampler = loader.batch_sampler if batched else loader.sampler
+        drop = loader.drop_last or getattr(sampler, "drop_last", False) is True
+        warnings.warn(
+            f"data is a DataLoader whose {_sampler_words(sampler, batched)} hands out examples 0 to {count - 1} "
+            f"of its dataset's {n}: the last {n - count} (rows {count} to {n - 1}) are not exported"
+            + ("; build it with drop_last=False to export every row" if drop else ""),
+            UserWarning,
+            stacklevel=5,  # export_gradients' caller
+        )
+    return count
 
 
 def _warn_dropping(what: str) -> None:
@@ -323,9 +408,17 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         return Batches([pair], n, max_rows, one_shot=False)
     _refuse_ragged_dict_pair(data)
     if isinstance(data, DataLoader):
-        check_sequential(data)
-        return Batches(data, _no_rows(_loader_rows(data)), max_rows, one_shot=False)
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        seen = check_sequential(data)
+        n = _loader_rows(data) if seen is None else _handed_out(data, seen)
+        return Batches(data, _no_rows(n), max_rows, one_shot=False)
+    if isinstance(data, IterableDataset):
+        raise TypeError(
+            f"data is an IterableDataset ({type(data).__name__}); whether its items are examples or whole batches "
+            "is its own: pass DataLoader(data, batch_size=64) when it yields single (input, target) examples "
+            "(any batch size; the rows are the examples, in the order it yields them), or DataLoader(data, "
+            "batch_size=None) when it yields (inputs, targets) batches"
+        )
+    if isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise TypeError("data is a Dataset without __len__; wrap it in a DataLoader")
         return Batches(_InOrder(data), _no_rows(len(data)), max_rows, one_shot=False)

@@ -21,9 +21,13 @@ def _matches(name: str, pattern: str) -> bool:
 def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note_tied: bool = True) -> list[str]:
     """Names of the chosen parameters, in the model's order.
 
-    layers=None: every parameter with requires_grad. Otherwise every parameter (frozen or not)
-    matched by one of the patterns; each pattern must match at least one. note_tied: a warning when
-    a pattern matches a tied second name whose first name is not chosen (it is left out).
+    layers=None: every parameter with requires_grad. Otherwise the parameters matched by the patterns
+    (each must match at least one), among the trainable ones: a pattern matching trainable and frozen
+    (requires_grad=False) parameters chooses its trainable ones only (layers=["encoder"] over a LoRA
+    encoder: the adapters, not the frozen base weights training never changed), while a pattern
+    matching frozen parameters only chooses them (a frozen layer named on purpose, a parameter's full
+    name: "encoder.0.base.weight"). note_tied: a warning when a pattern matches a tied second name
+    whose first name is not chosen (it is left out).
     """
     params = dict(model.named_parameters())
     if layers is None:
@@ -46,7 +50,14 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note
                 f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
                 f"{' ...' if len(modules) > 30 else ''}"
             )
-    chosen = [n for n in params if _matched(n, layers)]
+    only_frozen = {
+        pattern: not any(p.requires_grad for n, p in params.items() if _matches(n, pattern)) for pattern in layers
+    }
+    chosen = [
+        n
+        for n, p in params.items()
+        if any(_matches(n, pattern) and (p.requires_grad or only_frozen[pattern]) for pattern in layers)
+    ]
     left_out = {n: f for n, f in first.items() if f not in chosen and _matched(n, layers)}
     if note_tied and left_out:
         warnings.warn(
@@ -133,5 +144,14 @@ def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
                 f"with layers={full!r}"
             )
         if missing:
-            raise ValueError(f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} is not chosen")
+            frozen = [n for n in missing if not modules[owner].get_parameter(n.rpartition(".")[2]).requires_grad]
+            hint = (
+                f" ({', '.join(frozen)}: frozen (requires_grad=False), so left out by a pattern that also matches "
+                f"trainable parameters; add {frozen} to layers= to choose them)"
+                if frozen
+                else ""
+            )
+            raise ValueError(
+                f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} is not chosen{hint}"
+            )
     return owners
