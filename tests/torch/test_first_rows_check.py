@@ -264,3 +264,76 @@ def test_a_reference_that_cannot_be_float32_is_allowed_its_rounding_at_thousands
     _, warned = export(model, data)
     assert not [w for w in warned if "given up" in w]
     kronecker(model, data)  # not refused
+
+
+class OneRowOnly(nn.Module):
+    """A Linear whose forward raises `error` on a batch of one row (a model needing two rows, as BatchNorm in
+    training mode does), optionally squeezing its output."""
+
+    def __init__(self, error: type[Exception] | None, squeeze: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.error, self.squeeze = nn.Linear(3, 2), error, squeeze
+
+    def forward(self, x):
+        if self.error is not None and x.shape[0] == 1:
+            raise self.error("needs two rows")
+        out = self.a(x)
+        return out.squeeze() if self.squeeze else out
+
+
+def _example_rows(model: nn.Module, loss_fn, rows: int = 2):
+    from tracin.torch.first_rows_check import example_gradients
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, 3, generator=g), torch.randint(0, 2, (rows,), generator=g)
+    state = dict(model.named_parameters())
+    return list(example_gradients(model, state, list(state), loss_fn, x, y, rows)), x, y
+
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+@pytest.mark.parametrize(
+    "error, raised", [(RuntimeError, RuntimeError), (TypeError, TypeError), (KeyError, ValueError)]
+)
+def test_a_failure_on_one_row_alone_says_tracin_ran_a_batch_of_one_row_keeping_its_type(error, raised):
+    with pytest.raises(raised) as caught:
+        _example_rows(OneRowOnly(error), CE)
+    said = str(caught.value)
+    assert type(caught.value) is raised and "needs two rows" in said and "a batch of one row" in said
+    assert "they run on two rows (the same example twice)" in said and ".squeeze" not in said
+    assert isinstance(caught.value.__cause__, error)
+
+
+def test_an_output_squeezed_to_0d_on_one_row_is_named_with_its_shapes():
+    def bce(out, y):
+        return nn.functional.binary_cross_entropy_with_logits(out, y.float(), reduction="none")
+
+    model = OneRowOnly(None, squeeze=True)
+    model.a = nn.Linear(3, 1)
+    with pytest.raises(ValueError, match="Target size") as caught:
+        _example_rows(model, bce)
+    said = str(caught.value)
+    assert "shape () on one row and (2,) on two" in said and ".squeeze(-1) or .flatten()" in said
+
+
+def test_a_failure_on_two_rows_too_and_device_failures_are_raised_as_they_are():
+    from tracin.torch.first_rows_check import one_row_error
+
+    def failing(out, y):
+        raise ValueError("always")
+
+    with pytest.raises(ValueError, match="^always$"):
+        _example_rows(OneRowOnly(None), failing)
+    model = OneRowOnly(RuntimeError)
+    x, y = torch.randn(1, 3), torch.zeros(1, dtype=torch.long)
+    state = dict(model.named_parameters())
+    assert one_row_error(RuntimeError("CUDA error: an illegal memory access"), model, state, CE, x, y) is None
+    assert one_row_error(MemoryError(), model, state, CE, x, y) is None
+    rows, x, y = _example_rows(OneRowOnly(None), CE)  # a model running on one row: the rows of float64 autograd
+    wide = copy.deepcopy(OneRowOnly(None)).double()
+    for i, row in enumerate(rows):
+        loss = CE(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        for got, want in zip(row, torch.autograd.grad(loss, list(wide.parameters())), strict=True):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)

@@ -481,3 +481,24 @@ def test_inplace_ops_after_captured_layers_keep_the_hook_path_exactly():
     layout = k.metadata["projection"]["segments"]
     projected = proj.apply(want.astype(np.float32), segments=layout)
     np.testing.assert_allclose(k.matrices[0], projected, rtol=1e-5, atol=1e-5 * np.abs(projected).max())
+
+
+def test_only_layers_holding_no_parameters_but_weight_and_bias_are_covered():
+    from tracin.torch.capture import NotCaptured
+    from tracin.torch.layer_rules import covers, not_covered
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        weight_norm, spectral = nn.utils.weight_norm(nn.Linear(3, 2)), nn.utils.spectral_norm(nn.Linear(3, 2))
+    plain = [nn.Linear(3, 2), nn.Linear(3, 2, bias=False), nn.Embedding(4, 3), nn.LayerNorm(3)]
+    parametrized = nn.utils.parametrizations.orthogonal(nn.Linear(3, 3))  # holds only its bias itself
+    assert all(covers(m) and not_covered(m) is None for m in [*plain, parametrized])
+    for module, held in [(weight_norm, "weight_g, weight_v"), (spectral, "weight_orig")]:
+        assert not covers(module) and not_covered(module).startswith(f"holds parameters {held} besides")
+        call = Call(torch.randn(5, 3), torch.randn(5, 2))
+        with pytest.raises(NotCaptured, match=f"Linear holds parameters {held}"):
+            token_form(module, call, 5)
+    assert not_covered(nn.Conv1d(1, 1, 1)) is None  # another type: not "not covered" for its parameters
+    model = nn.Sequential(nn.Linear(3, 3), weight_norm)
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(HookGradients(model, names, CE).plan) == ["0.bias", "0.weight"]

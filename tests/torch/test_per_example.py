@@ -827,3 +827,138 @@ def test_a_random_forward_is_named_as_the_cause_when_the_hooks_disagree():
     x, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
     with pytest.warns(RuntimeWarning, match=r"the forward draws random numbers .*every method then gives other rows"):
         export_gradients(model, [(model.state_dict(), 1.0)], (x, y), ce, progress=False)
+
+
+def _float64_rows(make, state: dict, x: torch.Tensor, y: torch.Tensor, loss_fn=LOSS) -> np.ndarray:
+    """Independent reference: a float64 model built by `make` with `state` loaded, float64 autograd of each
+    example's loss alone (a batch of one row)."""
+    wide = make().double().eval()
+    wide.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+    params = [p for p in wide.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        loss = loss_fn(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows).numpy()
+
+
+class PerRowLoop(nn.Module):
+    """Runs its encoder on one example at a time and concatenates (variable-length items' style)."""
+
+    def __init__(self, keep: str = "cat"):
+        super().__init__()
+        torch.manual_seed(2)
+        self.enc, self.head, self.keep = nn.Linear(6, 5), nn.Linear(5, 4), keep
+
+    def forward(self, x):
+        if self.keep == "cat":
+            h = torch.cat([self.enc(x[i : i + 1]) for i in range(x.shape[0])])
+        else:  # each call's rows summed: the hooks' expanded calls change the values, not the shapes
+            h = torch.stack([self.enc(x[i : i + 1]).sum(0) for i in range(x.shape[0])])
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize(
+    "keep, loss_fn, said",
+    [
+        ("cat", LOSS, "the hooked pass failed: ValueError: Expected input batch_size"),  # torch's batch check
+        # a hand-written loss takes the first rows of the expanded output: values, not shapes, go wrong
+        ("cat", lambda out, y: -torch.log_softmax(out, -1)[torch.arange(len(y)), y], "disagree with per-example"),
+        ("sum", LOSS, "disagree with per-example autograd on the first batch"),
+    ],
+)
+def test_a_forward_looping_over_the_examples_gives_up_the_hooks_naming_the_layer_and_is_exact(keep, loss_fn, said):
+    model = PerRowLoop(keep)
+    x, y = classification_data(9, seed=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss_fn, batch_size=5, progress=False)
+    gave_up = [str(w.message) for w in caught if "given up" in str(w.message)]
+    assert len(gave_up) == 1 and said in gave_up[0]
+    assert "enc ran on batch-1 tensors in a batch of 5 rows" in gave_up[0], gave_up
+    if "failed" in said:  # the hooked pass failing is not taken for a layer mixing the examples
+        assert "mixes" not in gave_up[0]
+    else:
+        assert "or a layer ran on one example at a time" in gave_up[0]
+    want = _float64_rows(lambda: PerRowLoop(keep), model.state_dict(), x, y, LOSS)
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+class Squeezed(nn.Module):
+    """A binary classifier ending in .squeeze(): (batch,) logits, but a 0-d one for a batch of one row."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.kind = nn.Linear(6, 5), kind
+        self.w = nn.Parameter(torch.linspace(-1, 1, 5)[:, None])  # not a layer the hooks cover
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.kind == "custom op":  # vmap cannot run it: the per-example loop
+            h = Square.apply(h)
+        return (h @ self.w).squeeze()
+
+
+@pytest.mark.parametrize("kind, layers", [("hooks", ["a.*"]), ("vmap", ["w"]), ("custom op", None)])
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_a_model_squeezing_its_batch_dimension_away_is_refused_saying_tracin_ran_one_row(kind, layers, batch_size):
+    model = Squeezed(kind)
+    x, _ = classification_data(8, seed=5)
+    y = (x[:, 0] > 0).float()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+    assert loss_fn(model(x), y).shape == (8,)  # the model's own batches run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the per-example loop's fallback warning
+        with pytest.raises(ValueError, match="Target size") as raised:
+            export_gradients(
+                model, [(model.state_dict(), 1.0)], (x, y), loss_fn, layers=layers, batch_size=batch_size,
+                progress=False,
+            )  # fmt: skip
+    said = str(raised.value)
+    assert "a batch of one row" in said and "shape () on one row and (2,) on two" in said
+    assert ".squeeze(-1) or .flatten()" in said
+
+
+def test_the_squeeze_note_is_left_out_when_the_model_fails_on_two_rows_too():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.a(x).squeeze()
+
+    model = Broken()
+    x, y = classification_data(8, seed=5)
+
+    def loss_fn(out, y):  # runs on the first batch (the up-front check), then fails on any other
+        if len(y) != 8:
+            raise ValueError("this loss takes batches of 8")
+        return nn.functional.cross_entropy(out, y, reduction="none")
+
+    with pytest.raises(ValueError, match="^this loss takes batches of 8$"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss_fn, progress=False)
+
+
+@pytest.mark.parametrize("make", ["weight_norm", "spectral_norm"])
+def test_old_style_weight_and_spectral_norm_layers_alone_go_to_vmap_named_with_the_reason(make):
+    def build():
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), getattr(nn.utils, make)(nn.Linear(5, 4)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated
+        model = build().eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        want = _float64_rows(build, state, *classification_data(9, seed=6))
+    x, y = classification_data(9, seed=6)
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    assert sorted(compute.hooks.plan) == ["0.bias", "0.weight"]  # the plain Linear keeps the hooks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(model, [(state, 1.0)], (x, y), LOSS, batch_size=4, progress=False)
+    said = [str(w.message) for w in caught if not issubclass(w.category, FutureWarning)]
+    held = "weight_g, weight_v" if make == "weight_norm" else "weight_orig"
+    assert len(said) == 1 and f"2 (Linear: holds parameters {held} besides weight and bias" in said[0], said
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

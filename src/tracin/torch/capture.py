@@ -26,6 +26,11 @@ class NotCaptured(ValueError):
     """A module ran in a way the capture cannot use (output not one tensor, no tensor input)."""
 
 
+class Refused(ValueError):
+    """The pass met a model that no gradient path can run (activation checkpointing:
+    losses.refuse_checkpointing): to be raised as it is, not taken for a failure of the hooks."""
+
+
 @dataclass
 class Call:
     """One forward call of a captured module: its first input (detached) and the gradient of
@@ -67,10 +72,14 @@ def stream(
     inputs: Tree,
     targets: Tree,
     consume: Consumer,
+    expanded: set[str] | None = None,
 ) -> dict[str, int]:
     """The pass of `capture`, handing each call to consume(name, index, call) instead of keeping it:
     inside the backward pass when its output gradient is complete (in backward order), after it with
-    a zero gradient for calls the loss does not reach. Returns {name: number of calls}."""
+    a zero gradient for calls the loss does not reach. Returns {name: number of calls}. `expanded`, when
+    given, gets the names of the modules whose calls were expanded to the batch as it goes (kept when the
+    pass raises): a module run on one example at a time (a loop over the rows) is expanded too, which
+    changes what the model computes."""
     modules = dict(model.named_modules())
     rows = batch_rows(targets, "targets")
     sources: list[torch.Tensor] = []  # the captured outputs as the layers returned them
@@ -88,6 +97,8 @@ def stream(
                 # copy per example keeps each example's output gradient apart; 1-D inputs (wpe(arange(1)))
                 # have no batch dimension to expand, and an expanded output would change the model's shapes
                 x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:])
+                if expanded is not None:
+                    expanded.add(name)
             # dL/dy needs y in the graph; where nothing upstream needs gradients, start the graph here
             source = output if output.requires_grad else output.detach().requires_grad_(True)
             key = (name, counts[name])
@@ -117,7 +128,10 @@ def stream(
         try:
             torch.autograd.grad(losses.sum(), sources, allow_unused=True)
         except RuntimeError as e:
-            refuse_checkpointing(e)
+            try:
+                refuse_checkpointing(e)
+            except ValueError as refusal:
+                raise Refused(str(refusal)) from e
             raise
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))

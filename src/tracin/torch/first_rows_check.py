@@ -11,10 +11,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.utils._pytree import tree_leaves
 
 from .capture import device_failure, probe_forward
-from .data import Tree, slice_rows, tree_map
-from .losses import LossFn, losses_of, refuse_checkpointing
+from .data import Tree, call_model, slice_rows, tree_map
+from .losses import LossFn, losses_of, model_caller, refuse_checkpointing
 
 CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a layer mixing the examples)
 # |got - want| <= rtol |want| + atol * (largest |want| of the compared columns; for a Kronecker segment at
@@ -127,12 +128,19 @@ def example_gradients(
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
     order, zeros for an unused parameter), by torch.autograd.grad on that example alone; ValueError for a
-    model checkpointing its activations (losses.refuse_checkpointing)."""
+    model checkpointing its activations (losses.refuse_checkpointing). A model or loss failing on one row
+    that runs on two raises its error saying so (one_row_error)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
         x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
         with torch.enable_grad():
-            loss = losses_of(model, {**state, **leaves}, loss_fn, x, y).sum()
+            try:
+                loss = losses_of(model, {**state, **leaves}, loss_fn, x, y).sum()
+            except Exception as e:
+                explained = one_row_error(e, model, state, loss_fn, x, y)
+                if explained is None:
+                    raise
+                raise explained from e
             try:
                 parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
             except RuntimeError as e:
@@ -140,6 +148,60 @@ def example_gradients(
                 raise
         # nn.Embedding(sparse=True) gives a sparse gradient
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
+
+
+def one_row_error(
+    e: Exception, model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+) -> Exception | None:
+    """For `e`, raised by the model and loss on one example (`inputs`, `targets`: a batch of one row), an
+    error of the same type (a ValueError where that type cannot be built from a message) adding that
+    tracin ran them on a batch of one row, when they run on that example twice (a batch of two rows);
+    naming the model's output that loses dimensions at one row (.squeeze() without a dim: 0-d where the
+    loss expects (1,)) when there is one. None (raise `e` as it is) when they fail on two rows too, for
+    the device's failures and out of memory. Reruns the passes: for an error about to be raised only."""
+    if device_failure(e) or isinstance(e, MemoryError):
+        return None
+    twice = [tree_map(lambda t: torch.cat([t, t]), tree) for tree in (inputs, targets)]
+    try:
+        with torch.enable_grad():
+            losses_of(model, state, loss_fn, *twice)
+    except Exception:
+        return None  # not about one row
+    dropped = _dimensions_dropped(_output_shapes(model, state, inputs), _output_shapes(model, state, twice[0]))
+    if dropped:
+        cause = (
+            f"the model's output has shape {dropped[0]} on one row and {dropped[1]} on two: a batch dimension "
+            "dropped at one row, likely by .squeeze() without a dim (an output squeezed to 0-d); keep it with "
+            ".squeeze(-1) or .flatten()"
+        )
+    else:
+        cause = "they run on two rows (the same example twice)"
+    message = (
+        f"{e}\n(tracin runs the model and loss_fn on single examples, a batch of one row, for per-example "
+        f"gradients and their check; this failed there, while {cause})"
+    )
+    try:
+        explained = type(e)(message)
+    except Exception:
+        return ValueError(message)
+    return explained if str(explained) == message else ValueError(message)
+
+
+def _output_shapes(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree) -> list[tuple] | None:
+    """The shapes of the tensors of the model's output on `inputs` (None when the forward fails)."""
+    try:
+        with torch.enable_grad():
+            output = call_model(model_caller(model, state), inputs)
+    except Exception:
+        return None
+    return [tuple(t.shape) for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _dimensions_dropped(one: list[tuple] | None, two: list[tuple] | None) -> tuple[tuple, tuple] | None:
+    """(shape on one row, shape on two) of the first output tensor with fewer dimensions on one row."""
+    if one is None or two is None or len(one) != len(two):
+        return None
+    return next(((a, b) for a, b in zip(one, two, strict=True) if len(a) < len(b)), None)
 
 
 class Reference(NamedTuple):

@@ -26,9 +26,10 @@ def parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
 
 
 class HookGradients:
-    """The chosen parameters every holder of which is a covered layer (`plan`: parameter name ->
-    its holders), their gradients from the captured calls of those layers (summed over calls and
-    holders: a layer run twice, or a weight tied between an Embedding and a Linear)."""
+    """The chosen parameters every holder of which is a covered layer (`plan`: parameter name -> its
+    holders; layer_rules.covers: not a module holding parameters besides weight and bias), their gradients
+    from the captured calls of those layers (summed over calls and holders: a layer run twice, or a weight
+    tied between an Embedding and a Linear)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: LossFn):
         self.model, self.loss_fn = model, loss_fn
@@ -40,6 +41,8 @@ class HookGradients:
         }
         self._modules = modules
         self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
+        # layers whose calls of batch 1 the last pass expanded to its batch (capture.stream), even when it raised
+        self.expanded: set[str] = set()
 
     @property
     def layers(self) -> list[str]:
@@ -90,7 +93,8 @@ class HookGradients:
                 write_per_example_grad(module, leaf, a, b, dest, accumulate=name in written)
                 written.add(name)
 
-        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume)
+        self.expanded = set()
+        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
             if name not in written and not any(m in unusable for m, _ in holders):

@@ -11,7 +11,8 @@ layer applied once per example). From there, example i's gradients are
 
 (a is the ids (B, T) for Embedding and the normalised input x_hat for LayerNorm). Only modules
 running their type's own forward are covered; subclasses that override it are not. The token form
-is also what a per-token projection takes, so it never needs the (out, in) matrices.
+is also what a per-token projection takes, so it never needs the (out, in) matrices. A module holding
+parameters besides weight and bias (torch.nn.utils.weight_norm's weight_g and weight_v) is not covered.
 
 write_per_example_grad puts the gradients straight into (or adds them to) a destination view, such as
 the parameter's columns of the (B, d) export rows: no (B, *shape) temporary, and a tied weight's
@@ -39,8 +40,27 @@ class _Rule:
 
 
 def covers(module: nn.Module) -> bool:
-    """Whether the per-example gradients of `module`'s own parameters follow from its calls."""
-    return _rule_of(module) is not None
+    """Whether the per-example gradients of `module`'s own parameters follow from its calls: a layer type
+    below running its own forward whose own parameters are among weight and bias (not_covered)."""
+    return _rule_of(module) is not None and not _other_parameters(module)
+
+
+def not_covered(module: nn.Module) -> str | None:
+    """Why a module of a layer type below is not covered (None for a covered module or another type): own
+    parameters besides weight and bias, as the weight_g, weight_v of torch.nn.utils.weight_norm and the
+    weight_orig of spectral_norm, from which a forward pre-hook computes the weight the forward uses (the
+    rules give the gradient of that weight, not of those parameters)."""
+    other = _other_parameters(module) if _rule_of(module) is not None else []
+    if not other:
+        return None
+    return (
+        f"holds parameters {', '.join(other)} besides weight and bias (torch.nn.utils.weight_norm or "
+        "spectral_norm?), whose per-example gradients the hooks do not give"
+    )
+
+
+def _other_parameters(module: nn.Module) -> list[str]:
+    return [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
 
 
 def token_form(module: nn.Module, call: Call, rows: int) -> Tokens:
@@ -49,6 +69,9 @@ def token_form(module: nn.Module, call: Call, rows: int) -> Tokens:
     rule = _rule_of(module)
     if rule is None:
         raise NotCaptured(f"{type(module).__name__} is not a layer type the hooks cover")
+    why = not_covered(module)
+    if why is not None:
+        raise NotCaptured(f"{type(module).__name__} {why}")
     return rule.tokens(module, call, rows)
 
 

@@ -11,11 +11,19 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from .capture import NotCaptured, bytes_of_one, device_failure, ids_shared_by_the_batch
+from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_shared_by_the_batch
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import agrees, checked_rows, example_gradients, gap, reference_gradients, tokens_counted
+from .first_rows_check import (
+    agrees,
+    checked_rows,
+    example_gradients,
+    gap,
+    one_row_error,
+    reference_gradients,
+    tokens_counted,
+)
 from .hook_gradients import HookGradients
-from .layer_rules import mixes_examples
+from .layer_rules import mixes_examples, not_covered
 from .losses import LossFn, losses_of, random_forward
 
 # On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
@@ -32,21 +40,24 @@ class PerExampleGradients:
     concatenated in `names` order, in the parameters' dtype on their device.
 
     The rule, parameter by parameter:
-    - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face
-      Conv1D, nn.Embedding or nn.LayerNorm running its own forward. Batched forward and backward
-      passes for all of them, no vmap (transformers that vmap cannot run get here); on the CPU a
-      forward pass of one example without gradients measures the bytes the hooks capture per
-      example (the probe), then every batch goes in equal passes of at most about _PASS_BYTES of
-      captured tensors. Not used at all when a module mixes the examples of a batch in eval mode
-      (BatchNorm without running statistics: a warning). On the first batch, a covered layer that
-      did not run through its forward, or ran on tensors that are not batch-first (batch, ...,
-      features), sends its parameters to vmap; then the rest is checked once, on the first rows,
-      against the per-example loop (16-bit state widened to float32 for it), within tolerances of the
-      state's coarsest dtype widened by the gap of the loop in the model's own dtype to that reference
-      (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also
-      used outside its module's forward) sends every parameter to vmap, with a warning; equal
-      non-finite values on both sides agree (an example with a NaN loss is exported as it is; scoring
-      refuses it, naming its row).
+    - hooks (hook_gradients): a parameter every holder of which is an nn.Linear, Hugging Face Conv1D,
+      nn.Embedding or nn.LayerNorm running its own forward and holding no parameters but weight and bias (not
+      weight_norm's weight_g, weight_v: layer_rules.covers; the warning naming the modules left to vmap says
+      so). Batched forward and backward passes for all of them, no vmap (transformers that vmap cannot run get
+      here); on the CPU a forward pass of one example without gradients measures the bytes the hooks capture
+      per example (the probe), then every batch goes in equal passes of at most about _PASS_BYTES of captured
+      tensors. Not used at all when a module mixes the examples of a batch in eval mode (BatchNorm without
+      running statistics: a warning). Before the first check, a hooked pass that raises any error gives the
+      hooks up, with a warning naming the error (a layer run on one example at a time: the capture expands its
+      calls of batch 1 to the batch, which changes what the model computes; the warning names such layers),
+      except the device's failures, out of memory and a refused model (capture.Refused), which are raised. On
+      the first batch, a covered layer that did not run through its forward, or ran on tensors that are not
+      batch-first (batch, ..., features), sends its parameters to vmap; then the rest is checked once, on the
+      first rows, against the per-example loop (16-bit state widened to float32 for it), within tolerances of
+      the state's coarsest dtype widened by the gap of the loop in the model's own dtype to that reference
+      (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also used
+      outside its module's forward) sends every parameter to vmap, with a warning; equal non-finite values on
+      both sides agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
       Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
       are covered; unbatched ones are not: an embedding whose 1-D ids do not grow from example 0 alone to
       example 0 twice (wpe(arange(T)), capture.ids_shared_by_the_batch) goes to vmap before the first check.
@@ -55,6 +66,9 @@ class PerExampleGradients:
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
       flow) or runs out of device memory: a warning, then one example at a time with
       torch.autograd.grad (about 1 / batch of vmap's memory). Other device failures are raised.
+    Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
+    and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
+    an output squeezed to 0-d).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], loss_fn: LossFn):
@@ -136,10 +150,23 @@ class PerExampleGradients:
         batch of one before it) shows they cannot be trusted."""
         try:
             silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
-        except (NotCaptured, RuntimeError) as e:
-            if device_failure(e) or (self.checked_one and not isinstance(e, NotCaptured)):
-                raise  # the device's failure, or after the first batch the model's: not the hooks'
-            _warn_leaving(f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
+            refused = isinstance(e, (Refused, MemoryError)) or device_failure(e)
+            if refused or (self.checked_one and not isinstance(e, NotCaptured)):
+                # the device's failure, out of memory, a model refused, or after the first batch the model's:
+                # not the hooks'
+                explained = (
+                    one_row_error(e, self.model, state, self.loss_fn, inputs, targets) if len(out) == 1 else None
+                )
+                if explained is None:
+                    raise
+                raise explained from e
+            # before the first check, any failure of the hooked pass gives the hooks up: the layers they
+            # expanded (capture.stream) may have changed what the model computes, into an error of any type
+            _warn_leaving(
+                f"the hooked pass failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                + self._one_at_a_time_layers(out.shape[0])
+            )
             return False
         if self.checked or (self.checked_one and out.shape[0] < 2):
             if unusable:
@@ -171,6 +198,8 @@ class PerExampleGradients:
                 _warn_leaving(
                     "they disagree with per-example autograd on the first batch: a layer mixes the "
                     "examples of a batch, or a parameter is also used outside its module's forward"
+                    + (", or a layer ran on one example at a time" if self.hooks.expanded else "")
+                    + self._one_at_a_time_layers(out.shape[0])
                 )
             return False
         first, self.checked_one = not self.checked_one, True
@@ -178,19 +207,30 @@ class PerExampleGradients:
         if self.others and first:
             modules = dict(self.model.named_modules())
             owners = dict.fromkeys(n.rpartition(".")[0] for n in self.others)
+            reasons = {m: self.skipped.get(m) or (not_covered(modules[m]) if m in modules else None) for m in owners}
             named = [
-                f"{m or 'the model itself'} ({type(modules[m]).__name__}"
-                f"{': ' + self.skipped[m] if m in self.skipped else ''})"
+                f"{m or 'the model itself'} ({type(modules[m]).__name__}{': ' + reasons[m] if reasons[m] else ''})"
                 for m in owners
             ]
             warnings.warn(
                 f"the batched per-example hooks cover nn.Linear, Conv1D, nn.Embedding and nn.LayerNorm "
-                f"layers run through their forward; {_listed(named)} are computed with torch.func.vmap "
-                "instead",
+                f"layers run through their forward, holding no parameters but weight and bias; {_listed(named)} "
+                "are computed with torch.func.vmap instead",
                 UserWarning,
                 stacklevel=4,
             )
         return True
+
+    def _one_at_a_time_layers(self, rows: int) -> str:
+        """Words for the warning giving up the hooks, naming the layers the hooked pass ran on batch-1 tensors
+        in a batch of `rows` (a loop over the examples, or a call shared by the batch: capture.stream)."""
+        if not self.hooks.expanded:
+            return ""
+        return (
+            f"; {_listed(sorted(self.hooks.expanded))} ran on batch-1 tensors in a batch of {rows} rows, which "
+            "the hooks take for a call shared by the batch and expand to it: a layer run on one example at a "
+            "time (a loop over the rows) then computes something else"
+        )
 
     def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> None:
         """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed."""
@@ -214,6 +254,12 @@ class PerExampleGradients:
                     stacklevel=4,
                 )
                 self.vectorised = False
+            except Exception as e:  # the model's or loss's error on the one-row batches vmap runs
+                one = (slice_rows(inputs, 0, 1), slice_rows(targets, 0, 1))
+                explained = self._one_row_error(e, state, *one)
+                if explained is None:
+                    raise
+                raise explained from e
             else:
                 for n in names:
                     offset, width = self.columns[n]
@@ -228,6 +274,16 @@ class PerExampleGradients:
             for n, g in zip(names, parts, strict=True):
                 offset, width = self.columns[n]
                 out[i, offset : offset + width].copy_(g.reshape(-1))
+
+    def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
+        """first_rows_check.one_row_error for an error of vmap, whose passes are of one row each (unsqueeze(0)):
+        None (raise `e` as it is) when the model and loss run on this example alone outside vmap."""
+        try:
+            with torch.enable_grad():
+                losses_of(self.model, state, self.loss_fn, inputs, targets)
+        except Exception as alone:
+            return one_row_error(alone, self.model, state, self.loss_fn, inputs, targets)
+        return None
 
 
 def _stacked(grads: list[list[torch.Tensor]], k: int) -> torch.Tensor:
