@@ -85,6 +85,16 @@ def test_cuda_inputs_projection_and_store(trained, tmp_path):
     assert_same_influence(gpu, cpu)
 
 
+def test_cuda_inputs_to_a_cpu_model_give_the_cpu_rows(trained):
+    """Batches on the GPU for a model on the CPU are copied to the host before the forward reads them
+    (review31 F8: an asynchronous device-to-host copy could be read before it landed)."""
+    model, checkpoints, (x, y) = trained
+    cpu = export_gradients(model, checkpoints, (x, y), LOSS, batch_size=8, progress=False)
+    moved = export_gradients(model, checkpoints, (x.cuda(), y.cuda()), LOSS, batch_size=8, progress=False)
+    for ours, theirs in zip(moved.matrices, cpu.matrices, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_cuda_cnn_through_vmap_matches_cpu(tmp_path, monkeypatch):
     # cuDNN convolutions use TF32 by default (errors about 2e-4 of the largest score here); the export
     # runs the model under the user's settings, so this user turns it off

@@ -425,3 +425,30 @@ def test_a_random_forward_is_checked_row_by_row_under_one_rng_state(mode):
     with pytest.raises(ValueError, match=r"\['b'\] disagree.*draws random numbers.*Use mode='full'"):
         bad = MCDropout(outside=0.5)
         export_gradients(bad, [(bad.state_dict(), 1.0)], (x, y), LOSS, mode=mode, layers=["b"], progress=False)
+
+
+class _SqueezedHead(nn.Module):
+    """A binary classifier ending in .squeeze(): (batch,) logits on a batch, 0-d on one row."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(5, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.a(x))).squeeze()
+
+
+@pytest.mark.parametrize("mode", ["last_layer", "factored"])
+def test_a_model_squeezed_to_0d_on_one_row_is_explained(mode):
+    """The factors' check runs single examples: the loss's shape error says so and names the cause
+    (review31 F4 in the factored modes; it ended in the bare loss error)."""
+    torch.manual_seed(0)
+    model = _SqueezedHead()
+    x, y = torch.randn(9, 5), torch.randint(0, 2, (9,)).float()
+    loss = nn.BCEWithLogitsLoss(reduction="none")
+    assert loss(model(x), y).shape == (9,)  # the user's own batches work
+    with pytest.raises(ValueError, match=r"Target size") as raised:
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss, mode=mode, progress=False)
+    said = str(raised.value)
+    assert "a batch of one row" in said and "shape () on one row and (2,) on two" in said
+    assert ".squeeze(-1) or .flatten()" in said

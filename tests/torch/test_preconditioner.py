@@ -387,7 +387,10 @@ def test_a_frozen_parameter_chosen_is_named_as_frozen(frozen_in_optimizer):
     with pytest.raises(
         ValueError, match=r"parameter 0.weight is frozen \(requires_grad=False\) .* leave it out of layers="
     ):
-        export_gradients(model, entry, (x, y), _loss, layers=["0"], preconditioner="adam", progress=False)
+        # named exactly: a pattern such as "0" matching trainable parameters too leaves the frozen ones out
+        export_gradients(
+            model, entry, (x, y), _loss, layers=["0.weight", "0.bias"], preconditioner="adam", progress=False
+        )
 
 
 def _layer_matrices(g: np.ndarray) -> list[np.ndarray]:

@@ -86,13 +86,18 @@ def export_gradients(
         (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner
         (with preconditioner=None the state is unused: a UserWarning says so). A learning rate must not
         be negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
-    data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a Dataset, a DataLoader
-        over a SequentialSampler, or a re-iterable of (inputs, targets) batches; inputs and targets a
-        tensor or a tuple/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a
-        one-shot iterator is read once, with one checkpoint). Every checkpoint must see the same
-        targets in the same order (checked by fingerprints: a ValueError otherwise).
+    data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a map-style Dataset, a
+        DataLoader handing out its dataset's rows in order (0, 1, 2...: row i is example i; a sampler
+        or batch_sampler reordering them is refused; an IterableDataset goes in a DataLoader, passed on
+        its own it is refused), or a re-iterable of (inputs, targets) batches; inputs and targets a
+        tensor or a tuple (namedtuple too)/dict of tensors (which of the two a tuple of two is:
+        data.PAIR_RULE; a one-shot iterator is read once, with one checkpoint). Every checkpoint must
+        see the same targets in the same order (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
+        A pattern matching trainable and frozen (requires_grad=False) parameters chooses the trainable
+        ones (layers=["encoder"] over a LoRA encoder: the adapters); one matching frozen parameters
+        only (a frozen layer, a parameter's full name) chooses them.
         With mode="last_layer", at most one name, of an nn.Linear (default: the last one to run); a
         weight tied to another module (a language model's head shared with its embedding) is exported
         under its first name, its gradient through this layer's forward only. A tied weight is chosen
@@ -296,7 +301,13 @@ class _TorchExport:
         return state
 
     def _on_device(self, batch: _Batch) -> tuple[Tree, Tree]:
-        return tuple(tree_map(lambda t: t.to(self.device, non_blocking=True), x) for x in (batch.inputs, batch.targets))
+        """The batch on the model's device: copied asynchronously to an accelerator (the stream orders
+        it before the forward), synchronously to the CPU (the host would read a device-to-host copy
+        before it lands)."""
+        asynchronous = self.device.type != "cpu"
+        return tuple(
+            tree_map(lambda t: t.to(self.device, non_blocking=asynchronous), x) for x in (batch.inputs, batch.targets)
+        )
 
     def check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         """The loss checks on the batch's first rows; on the whole batch only to word an error for it

@@ -18,7 +18,7 @@ from torch import nn
 
 from .capture import NotCaptured, capture
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree
+from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree, one_row_error
 from .layer_rules import token_form
 from .layers import tied_first_names
 from .losses import LossFn, losses_of, random_forward
@@ -106,7 +106,7 @@ class LinearFactors:
         got, want, scale = ([[] for _ in self.layers] for _ in range(3))
         for i in range(rows):
             x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
-            with _same_rng(dirs[0][0].device) as reseed:
+            with _same_rng(dirs[0][0].device) as reseed, _one_row_explained(self.model, state, self.loss_fn, x, y):
                 row = [(left[i], right[i]) for left, right in factors] if factors is not None else None
                 if row is None:
                     row = [(left[0], right[0]) for left, right in self._row_factors(state, x, y)]
@@ -185,6 +185,21 @@ class LinearFactors:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def _one_row_explained(model: nn.Module, state, loss_fn: LossFn, inputs: Tree, targets: Tree) -> Iterator[None]:
+    """Raises an error of the model or loss on this one-row batch with first_rows_check.one_row_error's
+    note when they run on two rows (an output squeezed to 0-d at one row); others as they are."""
+    try:
+        yield
+    except NotCaptured:
+        raise
+    except Exception as e:
+        explained = one_row_error(e, model, state, loss_fn, inputs, targets)
+        if explained is None:
+            raise
+        raise explained from e
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
