@@ -88,8 +88,9 @@ def warn_unused_states(checkpoints: Sequence[Checkpoint], preconditioner: str | 
     if given:
         warnings.warn(
             f"checkpoints[{given[0]}][2] is an optimizer state, but preconditioner=None ignores it: the rows are "
-            'plain SGD gradients. Pass preconditioner="adam" for Adam-preconditioned gradients, or drop the '
-            f"state from the checkpoint entries ({len(given)} of {len(checkpoints)} carry one)",
+            'plain SGD gradients. Pass preconditioner="adam" for Adam-preconditioned gradients; plain rows are '
+            'right for test rows scored against preconditioner="adam_update" train rows: drop the state from '
+            f"the checkpoint entries to say so ({len(given)} of {len(checkpoints)} carry one)",
             UserWarning,
             stacklevel=3,
         )
