@@ -411,8 +411,35 @@ def test_a_batch_sampler_or_sampler_reordering_rows_is_refused():
         as_batches(DataLoader(ds, batch_sampler=bucket), 4)
     with pytest.raises(ValueError, match=r"_Backwards \(a sampler handing out .*: row 0 is example 7, row 1 is"):
         as_batches(DataLoader(ds, sampler=_Backwards(ds), batch_size=3), 4)
-    with pytest.raises(ValueError, match=r"_Backwards \(a sampler handing out .*item 0 is example 7"):
+    with pytest.raises(ValueError, match=r"_Backwards \(a sampler handing out .*row 0 is example 7"):
         as_batches(DataLoader(ds, sampler=_Backwards(ds), batch_size=None), 4)
+
+
+@pytest.mark.parametrize("chunk", [list, np.array, torch.tensor])
+def test_batch_size_none_samplers_of_index_chunks_are_checked_row_by_row(chunk):
+    """A sampler handing out several indices at a time, each chunk one __getitem__ of batch_size=None: was
+    accepted unchecked (review33: a bucketing one exported 0 of 8 right rows; tensor chunks crashed)."""
+    ds, x, y = _bucket_data()
+    backwards = [chunk([4, 5, 6, 7]), chunk([0, 1, 2, 3])]
+    with pytest.raises(ValueError, match=r"a sampler handing out .*: row 0 is example 4, row 1 is example 5"):
+        as_batches(DataLoader(ds, sampler=backwards, batch_size=None), 4)
+    model, loss = nn.Linear(5, 3), nn.CrossEntropyLoss(reduction="none")
+    in_order = DataLoader(ds, sampler=[chunk([0, 1, 2]), chunk([3, 4, 5, 6, 7])], batch_size=None)
+    g = export_gradients(model, [(model.state_dict(), 1.0), (model.state_dict(), 1.0)], in_order, loss, progress=False)
+    want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(8)], loss)
+    for m in g.matrices:
+        np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_a_sampler_read_once_is_refused_before_it_is_used_up(batch_size):
+    """An iterator as sampler: checking its order would use it up, and the export then said the data gave
+    0 rows (review33)."""
+    ds, _, _ = _bucket_data()
+    with pytest.raises(ValueError, match=r"drawing rows with range_iterator, an iterator, read once"):
+        as_batches(DataLoader(ds, sampler=iter(range(8)), batch_size=batch_size), 4)
+    with pytest.raises(ValueError, match=r"drawing rows with list_iterator, an iterator, read once"):
+        as_batches(DataLoader(ds, batch_sampler=iter([[0, 1], [2, 3]])), 4)
 
 
 def test_samplers_handing_out_rows_in_order_are_accepted_and_their_rows_are_the_examples():

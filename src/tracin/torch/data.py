@@ -222,7 +222,9 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
     BatchSampler over a SequentialSampler (what shuffle=False builds) is taken as it is; a sampler that
     shuffles (RandomSampler, SubsetRandomSampler, WeightedRandomSampler, one with shuffle=True) is
     refused by its type; any other sampler or batch_sampler (a subclass too: a length-bucketing one,
-    say) is iterated once, indices only (no data is read), and must hand out 0, 1, 2... in order.
+    say) is iterated once, indices only (no data is read), and must hand out 0, 1, 2... in order (an
+    item of several indices, a list, array or tensor that batch_size=None hands to __getitem__ at once,
+    counts as those rows). A sampler that is an iterator (read once) is refused before it is used up.
 
     Returns the number of indices a batch_sampler handed out when it was iterated, the rows (None
     otherwise: without a batch_sampler, batch_size=None, each item is a batch of rows; and for an
@@ -251,11 +253,18 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
     for node in chain:
         if isinstance(node, shuffling) or getattr(node, "shuffle", False) is True:
             _refuse_order(node, "")
+    one_shot = next((node for node in chain if iter(node) is node), None)
+    if one_shot is not None:  # read once: iterating it here would leave the export nothing
+        raise ValueError(
+            f"data is a DataLoader drawing rows with {type(one_shot).__name__}, an iterator, read once; its order "
+            "cannot be checked and the export reads the data once per checkpoint: "
+            "give a sampler that can be iterated again (a list of indices, a Sampler), or shuffle=False and none"
+        )
     count, wrong = 0, []
     for item in sampler:
-        for index in item if batched else (item,):
+        for index in _indices(item):
             try:
-                index = operator.index(index.item() if isinstance(index, torch.Tensor) else index)
+                index = operator.index(index)
             except TypeError:  # keys that are not integers: the dataset has no order of its own to check
                 return None
             if index != count:
@@ -264,7 +273,7 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
         if len(wrong) >= 8:
             break
     if wrong:
-        shown = ", ".join(f"{'row' if batched else 'item'} {i} is example {j}" for i, j in wrong[:8])
+        shown = ", ".join(f"row {i} is example {j}" for i, j in wrong[:8])
         own = batched and type(sampler) is not BatchSampler  # else name the sampler torch's BatchSampler wraps
         kind = "a batch_sampler" if own else "a sampler"
         _refuse_order(
@@ -272,6 +281,18 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
             f" ({kind} handing out the dataset's examples out of order: {shown})",
         )
     return count if batched else None  # without a batch_sampler each index is an item, a batch of its own
+
+
+def _indices(item: Any) -> list[Any]:
+    """The dataset indices of one item of a sampler: an index, or several (a list, array or tensor of
+    indices, which batch_size=None hands to the dataset's __getitem__ at once: a batch of those rows)."""
+    if isinstance(item, torch.Tensor):
+        return item.reshape(-1).tolist()
+    if isinstance(item, np.ndarray):
+        return item.reshape(-1).tolist()
+    if isinstance(item, (list, tuple)):
+        return [i for part in item for i in _indices(part)]
+    return [item]
 
 
 def _sampler_words(sampler: Any, batched: bool) -> str:
