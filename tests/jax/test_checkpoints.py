@@ -386,3 +386,12 @@ def test_a_damaged_checkpoint_file_or_directory_is_named(mlp, data, tmp_path, po
         where = rf"checkpoints\[{position}\] \({re.escape(str(path))}\) cannot be read"
         with pytest.raises(ValueError, match=f"{where}.*{message}"):
             export_gradients(mlp.loss_fn, checkpoints, (x, y), progress=False)
+
+
+def test_checkpoint_warnings_point_at_the_users_call(mlp, data):
+    """The zero learning rate's and the unused optimizer state's warnings name this file's line (review32
+    F3: the zero rate's pointed into tracin/jax/export.py)."""
+    x, y = data
+    with pytest.warns(UserWarning, match=r"\(learning rate\) is 0") as caught:
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 0.0), (mlp.params[1], 0.5)], (x, y), progress=False)
+    assert [w.filename for w in caught] == [__file__]

@@ -626,3 +626,15 @@ def test_an_integer_or_meta_tensor_for_a_float_parameter_is_a_clear_error(setup,
     meta = {k: v.to("meta") for k, v in state.items()}
     with pytest.raises(ValueError, match=rf"checkpoints\[0\] \(state_dict\[0\]\): {key} is a meta tensor \(no data"):
         export_gradients(model, [(meta, 1.0)], data, LOSS, progress=False)
+
+
+def test_checkpoint_warnings_point_at_the_users_call():
+    """The zero learning rate's warning names this file's line (review32 F3: it pointed into
+    tracin/torch/export.py)."""
+    model = nn.Linear(3, 2)
+    data = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    with pytest.warns(UserWarning, match=r"\(learning rate\) is 0") as caught:
+        export_gradients(
+            model, [(model.state_dict(), 0.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
+        )
+    assert [w.filename for w in caught] == [__file__]

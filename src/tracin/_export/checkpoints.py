@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from .._caller import user_stacklevel
+
 
 class Checkpoint(NamedTuple):
     """One parsed checkpoint: its source (in memory or a path), learning rate, and the optimizer
@@ -41,7 +43,7 @@ def learning_rate(lr: Any, where: str) -> float:
             f"{where} (learning rate) is 0: this checkpoint's gradients are exported but add nothing to any "
             "score; drop it from checkpoints, or give the learning rate it was trained with",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return float(lr)
 
@@ -92,7 +94,7 @@ def warn_unused_states(checkpoints: Sequence[Checkpoint], preconditioner: str | 
             'right for test rows scored against preconditioner="adam_update" train rows: drop the state from '
             f"the checkpoint entries to say so ({len(given)} of {len(checkpoints)} carry one)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
