@@ -590,8 +590,15 @@ def test_diagnostics_refuse_a_dangling_link_before_the_work(tmp_path, monkeypatc
 
     monkeypatch.setattr(report, "self_influence", lambda *a, **k: pytest.fail("self_influence ran"))
     (tmp_path / "d.png").symlink_to(tmp_path / "gone" / "d.png")
-    with pytest.raises(ValueError, match=r"path: '.*d\.png' is a link to '.*gone/d\.png', which does not exist"):
+    with pytest.raises(ValueError, match=r"path: '.*d\.png' is a link to '.*gone/d\.png', in a directory that does"):
         checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")
+
+
+def test_diagnostics_write_through_a_link_to_a_file_not_made_yet(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "d.png").symlink_to("figures/new.png")  # relative to the link's folder
+    diag = checkpoint_diagnostics(_two_checkpoints(), path=tmp_path / "d.png")
+    assert diag.figure == tmp_path / "d.png" and (tmp_path / "figures" / "new.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_diagnostics_check_labels_and_traced_without_a_figure():

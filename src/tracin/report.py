@@ -352,7 +352,8 @@ def _probe_write(path: Path) -> None:
     """ValueError naming `path` if it is a directory or the PNG cannot be written there (no permission, a
     read-only file system, a name too long), found by opening it for writing: an existing file in append
     mode (its bytes kept), a new one created and removed. Something other than a file or a directory (a
-    FIFO, a device) is left to the save."""
+    FIFO, a device) is left to the save, as is a link to a file not made yet, unless the link's target
+    is in no directory (refused)."""
 
     def refuse(e: OSError) -> ValueError:
         return ValueError(f"path: cannot write the figure to {str(path)!r}: {e.strerror or e}")
@@ -360,8 +361,13 @@ def _probe_write(path: Path) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        if os.path.islink(path):
-            raise ValueError(f"path: {str(path)!r} is a link to {os.readlink(path)!r}, which does not exist") from None
+        target = path.parent / os.readlink(path) if os.path.islink(path) else None
+        if target is not None and not os.path.isdir(target.parent):  # a link to a file made on saving is fine
+            raise ValueError(
+                f"path: {str(path)!r} is a link to {os.readlink(path)!r}, in a directory that does not exist"
+            ) from None
+        if target is not None:
+            return
         mode = None
     except OSError as e:
         raise refuse(e) from None
