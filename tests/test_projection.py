@@ -457,7 +457,6 @@ def test_a_non_finite_row_error_has_a_public_name_and_is_a_value_error(rng):
         tracin.Projection(8).apply(x)
     assert type(caught.value) is tracin.projection.NonFiniteRowError and caught.value.row == 2
     assert not type(caught.value).__name__.startswith("_")
-    assert tracin.projection._RowNotFinite is tracin.projection.NonFiniteRowError  # the exports' name
 
 
 def test_an_export_takes_a_projection_only():

@@ -73,9 +73,6 @@ class NonFiniteRowError(ValueError):
         self.message, self.row = message, row
 
 
-_RowNotFinite = NonFiniteRowError  # the name the exports import
-
-
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

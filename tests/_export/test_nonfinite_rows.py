@@ -18,7 +18,7 @@ import tracin
 import tracin.jax as tj
 import tracin.torch as tt
 from tracin._export.projection import keeping_nonfinite, project
-from tracin.projection import _RowNotFinite
+from tracin.projection import NonFiniteRowError
 
 N, NAN_ROW, OVERFLOW_ROW, BATCH = 80, 70, 71, 64  # both rows in the second batch, rows [64, 80)
 PROJECTIONS = [tracin.Projection(8, seed=3), tracin.Projection(8, seed=3, per_layer=True)]
@@ -160,8 +160,8 @@ def test_a_projected_block_keeps_nonfinite_rows_as_nan():
 def test_an_overflow_after_a_nonfinite_row_is_numbered_in_the_block():
     block = np.random.default_rng(4).normal(size=(4, 8)).astype(np.float32)
     block[1, 0], block[2] = np.nan, 3e38
-    with pytest.raises(_RowNotFinite, match="the projection of row 2 is not finite") as caught:
+    with pytest.raises(NonFiniteRowError, match="the projection of row 2 is not finite") as caught:
         keeping_nonfinite(lambda rows: (tracin.Projection(1, seed=5).apply(rows),), block)
     assert caught.value.row == 2
-    with pytest.raises(_RowNotFinite, match="the projection of row 1 is not finite"):  # the public apply: unchanged
+    with pytest.raises(NonFiniteRowError, match="the projection of row 1 is not finite"):  # the public apply: unchanged
         tracin.Projection(1, seed=5).apply(block)

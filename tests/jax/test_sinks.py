@@ -394,3 +394,30 @@ def test_an_in_memory_export_of_a_loader_shows_a_total_once_the_rows_are_known(m
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "tracin.jax export: 70ex" in err  # the first pass: rows unknown
     assert "tracin.jax export checkpoint 2/2: 100%" in err and "70/70" in err
+
+
+@pytest.mark.parametrize("row", [0, 3])
+def test_last_layer_rows_whose_factors_fit_float32_are_kept_wherever_they_are(row):
+    """x64 params, mode="last_layer": a row whose factors fit float32 though its full kernel gradient does
+    not (x ~ 1e20, dL/dy ~ 1e20: 1e40 in the product) is stored, in the first rows too, which the layer_input
+    check reads (review32: there it was refused, as the check's float64 reference went through float32);
+    a row whose factors do not fit is refused naming its checkpoint and row in either place."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+
+    def loss(p, inputs, targets):
+        return ((inputs @ p["w"] + p["b"] - targets) ** 2).sum(-1)
+
+    kw = dict(mode="last_layer", layers=["w", "b"], layer_input=lambda p, inputs: inputs, batch_size=2)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    with jax.enable_x64(True):
+        x[row] *= 1e20
+        g = export_gradients(loss, [(params, 1.0)], (x, y), progress=False, **kw)
+        dy = 2 * (x @ params["w"] + params["b"] - y)  # float64 dL/dy
+        np.testing.assert_allclose(np.asarray(g.left[0], np.float64), dy, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(g.right[0], np.float64), np.c_[x, np.ones(4)], rtol=1e-6)
+        x[row] *= 1e19
+        with pytest.raises(ValueError, match=rf"^checkpoint 0: row {row} holds float64 gradient values beyond"):
+            export_gradients(loss, [(params, 1.0)], (x, y), progress=False, **kw)

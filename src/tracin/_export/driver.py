@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._progress import progress_bar
-from ..projection import _RowNotFinite
+from ..projection import NonFiniteRowError
 from .checkpoints import Checkpoint
 from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
@@ -442,5 +442,5 @@ def _rows_numbered(checkpoint: int, first: int) -> Iterator[None]:
     data's row (the block's first being `first`), at checkpoint `checkpoint`."""
     try:
         yield
-    except _RowNotFinite as e:
+    except NonFiniteRowError as e:
         raise ValueError(f"checkpoint {checkpoint}: {e.message.format(first + e.row)}") from None

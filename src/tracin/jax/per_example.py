@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
-from ..projection import _RowNotFinite
+from ..projection import NonFiniteRowError
 from .batches import Batch, batch_signature
 from .params import ParamLayout, layout_of
 
@@ -296,14 +296,14 @@ def _float32_rows(blocks: list) -> tuple[list, Any]:
 
 
 def _check_float32_range(beyond: Any, count: int) -> None:
-    """Raises _RowNotFinite (a ValueError naming the first such row of the block; the export names it as
+    """Raises NonFiniteRowError (a ValueError naming the first such row of the block; the export names it as
     the data's row) when one of the `count` real rows holds a float64 value beyond float32's range: tracin
     keeps rows in float32 at most, so it would be stored as inf (and refused by scoring as a NaN loss)."""
     if beyond is None:
         return
     flags = np.asarray(beyond)[:count]
     if flags.any():
-        raise _RowNotFinite(
+        raise NonFiniteRowError(
             "row {} holds float64 gradient values beyond the float32 range (|x| > "
             f"{float(np.finfo(np.float32).max):g}), the first such row: tracin keeps rows in float32 at most; "
             "scale the loss down (its gradients and every score scale with it)",
@@ -314,21 +314,22 @@ def _check_float32_range(beyond: Any, count: int) -> None:
 class FullRows:
     """Per-example gradient rows (batch, d) of the selected parameters, in layout order.
 
-    __call__ returns a device array of `dtype`; rows past batch.count are padding.
+    __call__ returns a device array of `dtype`; rows past batch.count are padding. narrow=False keeps
+    the gradients' own dtype up to the cast to `dtype` (a float64 reference: no float32 range check).
     """
 
-    def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any):
+    def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any, narrow: bool = True):
         def build(loss: LossFn) -> Callable:
             per_example = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
 
             def rows(selected, arrays, inputs, targets):
-                grads = per_example(selected, arrays, inputs, targets)
-                narrowed, beyond = _float32_rows([g.reshape(g.shape[0], -1) for g in grads])
+                flat = [g.reshape(g.shape[0], -1) for g in per_example(selected, arrays, inputs, targets)]
+                narrowed, beyond = _float32_rows(flat) if narrow else (flat, None)
                 return jnp.concatenate(narrowed, axis=1).astype(dtype), beyond
 
             return rows
 
-        self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name), build)
+        self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name, narrow), build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
         """The rows; a ValueError (naming the row of the block, which the export renumbers as the data's)
@@ -411,9 +412,14 @@ class LastLayer:
                 f"{self.kernel_path}, got shape {getattr(x, 'shape', type(x).__name__)}"
             )
         head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
-        left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
+        try:
+            left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
+        except NonFiniteRowError:
+            return  # factors beyond float32: the export's own pass of these rows refuses them, naming the row
         ksel, karrs = self._kernel_layout.split(params)
-        grad = np.asarray(FullRows(self._loss_fn, self._kernel_layout, jnp.float32)(ksel, karrs, head), np.float64)
+        wide = jnp.result_type(jnp.float32, *(a.dtype for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)))
+        reference = FullRows(self._loss_fn, self._kernel_layout, wide, narrow=False)  # only factors are stored
+        grad = np.asarray(reference(ksel, karrs, head), np.float64)
         outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
         outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
         scale = np.linalg.norm(grad, axis=1) + 1e-30
