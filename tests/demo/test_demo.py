@@ -337,6 +337,45 @@ def test_demo_without_flipped_labels_says_there_is_nothing_to_find(tmp_path):
     assert "detection" not in result.files and not (tmp_path / "mislabel_detection.png").exists()
     assert not any("mislabel_detection" in line for line in lines)
     assert "mislabel_detection.png" not in json.loads((tmp_path / LEDGER).read_text())["files"]
+    said = " ".join(lines + (tmp_path / "report.md").read_text().split("\n"))
+    assert "noisy training labels" not in said and "accuracy on the training labels" in said  # review34 F3
+    assert "for 2 epochs, saving 1 checkpoint" in said and "Here 1 checkpoint was saved, after epoch 2;" in said
+    assert "uses the one checkpoint." in said and "1 checkpoints" not in said
+
+
+def test_demo_counts_in_the_singular(tmp_path):
+    lines: list[str] = []
+    run_demo(
+        DemoConfig(output=tmp_path, noise=0.001, training=TrainingConfig(epochs=1, checkpoints=1), examples=1, k=2),
+        progress=False,
+        log=lines.append,
+    )
+    said = " ".join(lines + (tmp_path / "report.md").read_text().split("\n"))
+    assert "for 1 epoch, saving 1 checkpoint" in said and "trained with numpy for 1 epoch on" in said
+    assert "share of the 1 flipped label found" in said and "(over the one checkpoint " in said
+    assert not re.search(r"\b1 (epochs|checkpoints|flipped labels)\b", said)
+
+
+def test_demo_next_commands_keep_a_folder_named_like_an_option_a_path(tmp_path, monkeypatch):
+    from tracin.demo.run import _next_commands
+
+    monkeypatch.chdir(tmp_path)
+    for command in _next_commands(Path("-dash")):
+        argv = shlex.split(command)
+        paths = [a for a in argv if "grads" in a]
+        assert paths and all(a.startswith(f".{os.sep}-dash{os.sep}grads{os.sep}") for a in paths), command
+    assert _next_commands(Path("out"))[0] == f"tracin info {Path('out', 'grads', 'train')}"
+
+
+def test_checkpoints_are_saved_after_the_epochs_of_an_even_spacing():
+    """i * epochs // checkpoints for i = 1..checkpoints (linspace's float rounding saved some a epoch early:
+    150 epochs, 55 checkpoints after epoch 29 instead of 30; review34 F6)."""
+    for epochs, checkpoints in ((150, 55), (150, 65), (150, 110), (30, 22), (150, 10), (7, 3)):
+        got = TrainingConfig(epochs=epochs, checkpoints=checkpoints).checkpoint_epochs()
+        assert got == {i * epochs // checkpoints - 1 for i in range(1, checkpoints + 1)}
+        assert len(got) == checkpoints and max(got) == epochs - 1
+    assert 29 in TrainingConfig(epochs=150, checkpoints=55).checkpoint_epochs()
+    assert 14 in TrainingConfig(epochs=30, checkpoints=22).checkpoint_epochs()
 
 
 def test_demo_traces_the_checkpoints_up_to_the_held_out_peak(default_demo):
@@ -1013,8 +1052,10 @@ def test_bad_demo_settings_are_refused_before_the_previous_run_is_touched(tmp_pa
         (dict(seed=True), "seed must be an integer >= 0, got True"),
         (dict(noise=1.0), r"noise must be a number in \[0, 1\), got 1.0"),
         (dict(noise=float("nan")), r"noise must be a number in \[0, 1\), got nan"),
-        (dict(k=0), "k must be a positive integer, got 0"),
-        (dict(examples=0), "examples must be a positive integer, got 0"),
+        (dict(k=0), "k must be a positive integer at most 20, got 0"),
+        (dict(examples=0), "examples must be a positive integer at most 20, got 0"),
+        (dict(examples=21), "examples must be a positive integer at most 20, got 21"),  # review34 F5: no limit
+        (dict(k=2000), "k must be a positive integer at most 20, got 2000"),
         (dict(framework="tensorflow"), "framework must be one of numpy, jax, torch or None"),
     ):
         with pytest.raises(ValueError, match=said):

@@ -28,6 +28,16 @@ HOW_TO_READ = (
 NOTHING_FLIPPED = "No training labels were flipped: there are no wrong labels for the methods to find."
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 epoch', '3 epochs' (nouns with a plain plural)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def all_checkpoints(n: int) -> str:
+    """'all 3 checkpoints', or 'the one checkpoint'."""
+    return "the one checkpoint" if n == 1 else f"all {n} checkpoints"
+
+
 def summary_rows(result: DemoResult) -> list[str]:
     """The found-at-x%-inspected table of result.found, as Markdown rows."""
     fractions = list(next(iter(result.found.values())))
@@ -59,7 +69,7 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "# tracin demo: finding mislabelled digits",
         "",
         f"{result.n_flipped} of the {result.n_train} training labels ({result.flip_rate:.1%}) were flipped "
-        f"to a wrong class. A two-layer MLP trained with {result.framework} for {epochs} epochs on these "
+        f"to a wrong class. A two-layer MLP trained with {result.framework} for {counted(epochs, 'epoch')} on these "
         f"labels reached {result.train_accuracy_noisy:.1%} accuracy on them{fitted} and "
         f"{result.test_accuracy:.1%} on the correctly labelled test set.",
         "",
@@ -68,7 +78,8 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         f"The recipe: {RULE}. It was chosen from the measurements of `benchmarks/quality` (the README's "
         "attribution quality table) and needs nothing but the training run: no labels known to be wrong.",
         "",
-        f"Here {checkpoints} checkpoints were saved, after epochs {', '.join(map(str, result.checkpoint_epochs))}; "
+        f"Here {counted(checkpoints, 'checkpoint')} {'was' if checkpoints == 1 else 'were'} saved, after "
+        f"{'epoch' if checkpoints == 1 else 'epochs'} {', '.join(map(str, result.checkpoint_epochs))}; "
         f"held-out accuracy was best after epoch {result.best_epoch}, so {which} traced. The reason "
         "(`tracin.demo.recipe`): once a model starts memorising the flipped labels, held-out accuracy falls, "
         "and the flipped examples, now fitted, no longer stand out in the later checkpoints' gradients.",
@@ -76,7 +87,7 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         "![held-out accuracy](held_out_accuracy.png)",
         "",
         f"The diagnostic below (`tracin.report.checkpoint_diagnostics`, which you can run on your own gradient "
-        f"store) uses all {checkpoints} checkpoints. Left: each checkpoint's share of the summed self-influence, "
+        f"store) uses {all_checkpoints(checkpoints)}. Left: each checkpoint's share of the summed self-influence, "
         f"over the {DIAGNOSED:.0%} of the rows ranked highest and over all rows: checkpoints with a larger share "
         "among the top rows than among all rows are the ones that put those rows on top. Right: the fraction "
         "of the top rows that tracing only checkpoints 1..c shares with tracing all of them; where it is low, "
@@ -156,7 +167,7 @@ def _detection(result: DemoResult, checkpoints: int) -> list[str]:
         "",
         f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
         f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
-        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over all {checkpoints} checkpoints "
+        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over {all_checkpoints(checkpoints)} "
         f"{found[TRACIN_ALL]:.1%}), ranking by the final model's loss {found[LOSS]:.1%}, and inspecting at random "
         f"finds {found[RANDOM]:.1%} on average.",
         "",

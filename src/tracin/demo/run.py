@@ -26,10 +26,11 @@ from .mlp import cross_entropy
 from .outputs import OUTPUTS, STORES, WHERE, DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
 from .recipe import checkpoints_to_trace
-from .report import NOTHING_FLIPPED, summary_rows, write_report
+from .report import NOTHING_FLIPPED, counted, summary_rows, write_report
 from .training import TrainingConfig, check_integer, check_real
 
 INSPECTED = (0.1, 0.2, 0.3)  # fractions of the training set reported in the summary
+MAX_EXAMPLES, MAX_K = 20, 20  # a figure row per example, a column per proponent and opponent
 DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
 TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
 LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
@@ -37,8 +38,10 @@ LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """noise: fraction of training labels flipped; framework: "numpy" | "jax" | "torch", or None for
-    the lightest installed (NumPy); examples: test digits shown with their k proponents / opponents."""
+    """noise: fraction of training labels flipped; seed: the data split and the labels flipped (the
+    model's initial weights and batch order follow training.seed: `tracin demo --seed` sets both);
+    framework: "numpy" | "jax" | "torch", or None for the lightest installed (NumPy); examples (at most
+    MAX_EXAMPLES): test digits shown with their k (at most MAX_K) proponents / opponents."""
 
     noise: float = 0.2
     seed: int = 0
@@ -57,8 +60,8 @@ class DemoConfig:
             raise TypeError(f"training must be a TrainingConfig, got {type(self.training).__name__}")
         if self.framework is not None and self.framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)} or None, got {self.framework!r}")
-        check_integer("examples", self.examples, 1)
-        check_integer("k", self.k, 1)
+        check_integer("examples", self.examples, 1, MAX_EXAMPLES)
+        check_integer("k", self.k, 1, MAX_K)
 
 
 @dataclass
@@ -127,8 +130,8 @@ def _run(
     )
 
     log(
-        f"training an MLP with {framework} for {config.training.epochs} epochs, "
-        f"saving {config.training.checkpoints} checkpoints"
+        f"training an MLP with {framework} for {counted(config.training.epochs, 'epoch')}, "
+        f"saving {counted(config.training.checkpoints, 'checkpoint')}"
     )
     bar = progress_bar(config.training.epochs, progress, "train", unit="epoch")
     model = train(data, config.training, lambda e, write: owned.put(saved[e], write), lambda _: bar.update())
@@ -139,7 +142,8 @@ def _run(
     train_acc = float((train_pred == data.y_train).mean())
     test_pred = test_logits.argmax(1)
     test_acc = float((test_pred == data.y_test).mean())
-    log(f"accuracy on the noisy training labels {train_acc:.1%}, on the test set {test_acc:.1%}")
+    noisy = "noisy " if flipped.any() else ""
+    log(f"accuracy on the {noisy}training labels {train_acc:.1%}, on the test set {test_acc:.1%}")
 
     traced = checkpoints_to_trace(epochs, model.held_out_accuracy)
     best_epoch = int(np.argmax(model.held_out_accuracy)) + 1
@@ -236,7 +240,10 @@ def _run(
     )
     files["report"] = owned.put(named["report"], lambda path: write_report(path, result, config))
     if n_flipped:
-        log(f"share of the {n_flipped} flipped labels found among the training examples ranked highest by each method:")
+        log(
+            f"share of the {counted(n_flipped, 'flipped label')} found among the training examples ranked highest "
+            "by each method:"
+        )
         for row in summary_rows(result):
             log(row)
     else:
@@ -289,7 +296,8 @@ def _shown_test_rows(predicted: np.ndarray, truth: np.ndarray, count: int) -> li
 
 
 def _next_commands(out: Path) -> list[str]:
-    train, test = shlex.quote(str(out / "grads" / "train")), shlex.quote(str(out / "grads" / "test"))
+    dash = f".{os.sep}" if str(out).startswith("-") else ""  # else read as an option, quoted or not
+    train, test = (shlex.quote(dash + str(out / "grads" / side)) for side in ("train", "test"))
     return [
         f"tracin info {train}",
         f"tracin self-influence {train} --top 20",

@@ -47,14 +47,19 @@ class TrainingConfig:
 
     def checkpoint_epochs(self) -> set[int]:
         """0-based epochs after which a checkpoint is saved: `checkpoints` evenly spaced, the last one included."""
-        return set(np.linspace(0, self.epochs, self.checkpoints + 1, dtype=int)[1:] - 1)
+        return {i * self.epochs // self.checkpoints - 1 for i in range(1, self.checkpoints + 1)}
 
 
-def check_integer(name: str, value: Any, least: int) -> None:
-    """ValueError naming `name` unless value is a Python or NumPy integer (not a bool) >= least."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+def check_integer(name: str, value: Any, least: int, most: int | None = None) -> None:
+    """ValueError naming `name` unless value is a Python or NumPy integer (not a bool) in [least, most]."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < least
+        or (most is not None and value > most)
+    ):
         kind = "a positive integer" if least == 1 else f"an integer >= {least}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}{'' if most is None else f' at most {most}'}, got {value!r}")
 
 
 def check_real(name: str, value: Any, inside: Callable[[float], bool], interval: str) -> None:
