@@ -431,6 +431,48 @@ def test_batch_size_none_samplers_of_index_chunks_are_checked_row_by_row(chunk):
         np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
 
 
+class _KeyedByTuples(torch.utils.data.Dataset):
+    """Examples keyed by (row, augmentation) tuples: a key, not two rows."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        row, augmentation = key
+        return self.x[row] * (1 + augmentation), self.y[row]
+
+
+class _OwnBatches:
+    """A batch sampler of its own whose `sampler` attribute is not a sampler (not iterable)."""
+
+    sampler = len
+
+    def __iter__(self):
+        return iter([[0, 1, 2], [3, 4, 5, 6, 7]])
+
+
+def test_sampler_items_that_are_keys_masks_or_odd_attributes_are_read_as_they_mean():
+    """review35: tuple keys were unpacked into two 'rows' (a right loader refused), a boolean mask read as
+    indices 1, 1, 0..., a non-iterable .sampler in the chain a TypeError."""
+    ds, x, y = _bucket_data()
+    model, loss = nn.Linear(5, 3), nn.CrossEntropyLoss(reduction="none")
+    want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(8)], loss)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[:4] = True
+    for loader in [
+        DataLoader(_KeyedByTuples(x, y), sampler=[(i, 0) for i in range(8)], batch_size=3),
+        DataLoader(ds, sampler=[mask, ~mask], batch_size=None),
+        DataLoader(ds, batch_sampler=_OwnBatches()),
+    ]:
+        g = export_gradients(model, [(model.state_dict(), 1.0)], loader, loss, progress=False)
+        np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"a sampler handing out .*: row 0 is example 4"):
+        as_batches(DataLoader(ds, sampler=[~mask, mask], batch_size=None), 4)
+
+
 @pytest.mark.parametrize("batch_size", [None, 3])
 def test_a_sampler_read_once_is_refused_before_it_is_used_up(batch_size):
     """An iterator as sampler: checking its order would use it up, and the export then said the data gave

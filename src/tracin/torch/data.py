@@ -253,7 +253,7 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
     for node in chain:
         if isinstance(node, shuffling) or getattr(node, "shuffle", False) is True:
             _refuse_order(node, "")
-    one_shot = next((node for node in chain if iter(node) is node), None)
+    one_shot = next((node for node in chain if isinstance(node, Iterator)), None)
     if one_shot is not None:  # read once: iterating it here would leave the export nothing
         raise ValueError(
             f"data is a DataLoader drawing rows with {type(one_shot).__name__}, an iterator, read once; its order "
@@ -284,15 +284,21 @@ def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
 
 
 def _indices(item: Any) -> list[Any]:
-    """The dataset indices of one item of a sampler: an index, or several (a list, array or tensor of
-    indices, which batch_size=None hands to the dataset's __getitem__ at once: a batch of those rows)."""
-    if isinstance(item, torch.Tensor):
-        return item.reshape(-1).tolist()
-    if isinstance(item, np.ndarray):
-        return item.reshape(-1).tolist()
-    if isinstance(item, (list, tuple)):
-        return [i for part in item for i in _indices(part)]
-    return [item]
+    """The dataset indices of one item of a sampler or batch_sampler: an index or key (a tuple is one
+    key), or several: a list of them, or an array or tensor of indices (a boolean one: the rows it
+    selects), which batch_size=None hands to the dataset's __getitem__ at once (a batch of those rows)."""
+    if isinstance(item, list):
+        return [i for part in item for i in (_array_indices(part) if _is_array(part) else [part])]
+    return _array_indices(item) if _is_array(item) else [item]
+
+
+def _is_array(item: Any) -> bool:
+    return isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim > 0
+
+
+def _array_indices(item: torch.Tensor | np.ndarray) -> list[Any]:
+    flat = np.asarray(item.detach().cpu() if isinstance(item, torch.Tensor) else item).reshape(-1)
+    return np.flatnonzero(flat).tolist() if flat.dtype == np.bool_ else flat.tolist()
 
 
 def _sampler_words(sampler: Any, batched: bool) -> str:
