@@ -17,13 +17,16 @@ measured first.
 fails (out of memory, a peer that breaks) is recorded under "errors" and the other parts still run
 and are written; the exit status is then 1.
 The record is rewritten after each part ("complete": false until the end), so a run stopped at a time
-limit leaves what it measured.
+limit leaves what it measured. Last, "host_paths": the ways of moving the same rows, written raw to a
+file, from the page cache to the device, each alone (benchmarks/gpu_host_paths.py): what bounds the
+streamed store.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import sys
 import tempfile
@@ -37,6 +40,7 @@ import torch
 import tracin
 from tracin import _tunables
 
+from . import gpu_host_paths
 from .common import RESULTS_DIR, at_least, output_dir, time_interleaved, write_json
 
 FULL = {"m": 1000, "n": 1_000_000, "d": 512}
@@ -183,6 +187,10 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
         result = _measure(
             args, device, tracin_device, test, train, test_host, train_host, store, limits, errors, partial
         )
+        save({**result, "export": export, "errors": dict(errors), "complete": False})
+        result["host_paths"] = errors.guard(
+            "host_paths", lambda: _host_paths(folder / "rows.bin", train_host, device, args.repeats), device
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result["export"] = export
@@ -191,6 +199,14 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
     result["complete"] = True
     save(result)
     return result
+
+
+def _host_paths(path: Path, train_host: np.ndarray, device: torch.device, repeats: int) -> dict:
+    """gpu_host_paths.measure on the train rows written raw to `path` (read once: in the page cache)."""
+    train_host.tofile(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # written back: no disk writes while the paths are timed (the pages stay cached)
+    return gpu_host_paths.measure(path, train_host.shape[1] * train_host.itemsize, device, repeats)
 
 
 def export_seconds(device: str, examples: int, hidden: int) -> dict:
@@ -381,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sgemm {limits['sgemm']['tflops']:.2f} TFLOP/s")
     if limits["h2d_gbs"]:
         print(f"host-to-device {limits['h2d_gbs']:.1f} GB/s")
+    for name, p in (result.get("host_paths") or {}).get("paths", {}).items():
+        print(f"host path {name:28s} " + (f"{p['gbs']:7.1f} GB/s" if "gbs" in p else p["error"]))
     for dev, modes in result["export"]["devices"].items():
         if modes:
             print(f"export on {dev}: " + ", ".join(f"{mode} {t['seconds']:.3f} s" for mode, t in modes.items()))
