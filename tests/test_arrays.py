@@ -89,6 +89,24 @@ def test_a_path_where_gradients_belong_points_to_gradient_store_open(path, rng):
         tracin.FactoredGradients(test, path)
 
 
+@pytest.mark.parametrize("bad", [None, b"bytes", {"a": 1}, 3.0])
+def test_a_side_that_is_not_gradient_rows_is_refused_by_its_type(bad, rng):
+    # review38 F5: None / bytes / a dict were "test: matrices[0] has dtype object ... convert with .astype"
+    rows = rng.standard_normal((3, 4)).astype(np.float32)
+    expected = r"must be gradient rows: a 2-D array, a list of them \(one per checkpoint\), a tracin\.Gradients"
+    with pytest.raises(TypeError, match=rf"^test {expected}.*; got {type(bad).__name__}$"):
+        tracin.top_k(bad, rows)
+    with pytest.raises(TypeError, match=rf"^train {expected}.*; got {type(bad).__name__}$"):
+        tracin.self_influence(bad)
+
+
+@pytest.mark.parametrize("bad", [None, np.array([["a", "b"]]), {"a": 1}])
+def test_a_checkpoint_matrix_of_no_numbers_is_refused_without_astype_advice(bad):
+    expected = r"^matrices\[1\] must be an array of numbers; got \w+ \(NumPy reads it as dtype \w+\); expected a 2-D"
+    with pytest.raises(TypeError, match=expected):
+        tracin.Gradients([np.ones((2, 3), np.float32), bad])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_tensor_subclasses_and_negated_views_are_read_as_tensors(dtype, rng):
     """A Tensor subclass from another package is still a tensor (bfloat16 has no NumPy form), and a

@@ -81,6 +81,11 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
         return _from_dlpack_device(x, name)
     arr = np.asarray(x)
     dtype = arr.dtype.name
+    if arr.dtype.kind in "OSUV" and dtype != "bfloat16":  # None, text, dicts (ml_dtypes' bfloat16 is kind V)
+        raise TypeError(
+            f"{name} must be an array of numbers; got {type(x).__name__} (NumPy reads it as dtype {dtype}); "
+            "expected a 2-D float32, float16 or bfloat16 array (NumPy, torch, JAX)"
+        )
     if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
         arr = arr.view(np.dtype(np.uint16).newbyteorder(arr.dtype.byteorder))  # the bits, same byte order
     elif dtype not in ("float32", "float16"):

@@ -40,6 +40,11 @@ def as_gradient_set(x: Any, name: str) -> GradientSet:
     """A GradientSet as is; a bare array (or list of per-checkpoint arrays) as Gradients."""
     if isinstance(x, GradientSet):
         return x
+    if x is None or isinstance(x, (dict, set, bytes, bytearray, int, float)):
+        raise TypeError(
+            f"{name} must be gradient rows: a 2-D array, a list of them (one per checkpoint), a tracin.Gradients "
+            f"or a GradientStore (tracin.GradientStore.open(path)); got {type(x).__name__}"
+        )
     try:
         return Gradients(x)
     except (TypeError, ValueError) as e:
