@@ -260,3 +260,24 @@ class _Interrupting:
             if self.passes == 3 and i == 1:
                 raise KeyboardInterrupt
             yield x[start : start + 4], y[start : start + 4]
+
+
+def test_a_store_resumed_with_another_preconditioner_names_the_preconditioner(problem, tmp_path):
+    # the optimizer states are fingerprinted only with a preconditioner: without this check first, dropping
+    # them (preconditioner=None) read as "the optimizer states saved with the checkpoints differ"
+    model, checkpoints, data = problem
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _ce(model(data[0]), data[1]).sum().backward()
+    optimizer.step()
+    with_states = [(*c, optimizer.state_dict()) for c in checkpoints]
+    common = dict(store=tmp_path / "s", batch_size=4, progress=False)
+    export_gradients(model, with_states, data, _ce, preconditioner="adam", **common)
+    with pytest.raises(
+        ValueError,
+        match=r"another preconditioner: the preconditioner differs \('adam' there, None here\)\. Rows from both "
+        r"cannot be mixed: resume with preconditioner='adam'",
+    ):
+        export_gradients(model, checkpoints, data, _ce, **common)
+    with pytest.raises(ValueError, match=r"the preconditioner differs \('adam' there, 'adam_update' here\)"):
+        export_gradients(model, with_states, data, _ce, preconditioner="adam_update", **common)
+    assert export_gradients(model, with_states, data, _ce, preconditioner="adam", **common).complete

@@ -345,6 +345,16 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             "model or layers=, or a tracin version that differentiates other leaves. Rows of other columns "
             "cannot be mixed: export into another directory, or delete this one"
         )
+    kinds = [_kind(m.get("preconditioner")) for m in (existing, metadata)]
+    if "preconditioner" in existing and "preconditioner" in metadata and kinds[0] != kinds[1]:
+        # before the inputs: the optimizer states are fingerprinted only with a preconditioner, so a store
+        # exported with one and resumed without (or the reverse) would read as other optimizer states
+        raise ValueError(
+            f"{os.fspath(path)} holds gradients exported with another preconditioner: the preconditioner differs "
+            f"({kinds[0]!r} there, {kinds[1]!r} here). Rows from both cannot be mixed: resume with "
+            f"preconditioner={kinds[0]!r} (and the optimizer states it was exported with), export into another "
+            "directory, or delete this one"
+        )
     sources = (existing.get("checkpoint_sources"), metadata.get("checkpoint_sources"))
     changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"], sources)
     if changes:
@@ -370,6 +380,11 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             + "; ".join(settings)
             + ". Rows from both cannot be mixed: export into another directory, or delete this one"
         )
+
+
+def _kind(preconditioner: Any) -> Any:
+    """The kind of a metadata["preconditioner"] record ({"kind": "adam", ...}), None for none."""
+    return preconditioner.get("kind") if isinstance(preconditioner, dict) else preconditioner
 
 
 def refuse_unrecorded_static(path: str | os.PathLike, metadata: dict, array_digest: Callable[[int], str]) -> None:
