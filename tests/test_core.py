@@ -271,6 +271,60 @@ def test_aggregate_of_factored_and_full_gradients_agree_when_pair_scores_overflo
     np.testing.assert_allclose(factored, exact, rtol=1e-12, atol=1e-12 * 1e40)
 
 
+def _full_aggregate_in_kernel_order(test, train, weights):
+    """float64 NumPy in the order the kernel documents for full-gradient aggregate: per checkpoint
+    the test rows added in order then times the weight (column sums); each train row's products with
+    them rounded, product k added to partial sum k % 16, the 16 sums combined pairwise (j += j + 8,
+    then + 4, + 2, + 1); checkpoints added in order."""
+    total = np.zeros(train[0].shape[0])
+    for t, x, w in zip(test, train, weights, strict=True):
+        column = np.zeros(t.shape[1])
+        for row in t.astype(np.float64):
+            column += row
+        column *= w
+        products = x.astype(np.float64) * column
+        sums = np.zeros((x.shape[0], 16))
+        for k in range(0, x.shape[1], 16):
+            piece = products[:, k : k + 16]
+            sums[:, : piece.shape[1]] += piece
+        for width in (8, 4, 2, 1):
+            sums[:, :width] += sums[:, width : 2 * width]
+        total += sums[:, 0]
+    return total
+
+
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_full_aggregate_sums_in_the_documented_order_on_every_instruction_set(rng, isa):
+    # Full-gradient aggregate: one weighted column sum per checkpoint, then per train row a float64
+    # dot product in 16 partial sums (vectorised; the same bits for every instruction set and thread
+    # count): equal to NumPy doing the same, and to float64 NumPy's matrix product within float64
+    # rounding. Widths around the 16-value step, rows read in place (float32) and converted (float16).
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {', '.join(missing_cpu_features(isa))}, needed by {isa}")
+    widths, weights = (1000, 37, 16, 5), [0.5, -3.0, 1e-3, 7.0]
+    test = [rng.standard_normal((6, d), dtype=np.float32) for d in widths]
+    train = [rng.standard_normal((300, d), dtype=np.float32) for d in widths]
+    train[1] = train[1].astype(np.float16)
+    ordered = _full_aggregate_in_kernel_order(test, train, weights)
+    exact = sum(
+        w * (t.astype(np.float64) @ x.T.astype(np.float64)).sum(0) for t, x, w in zip(test, train, weights, strict=True)
+    )
+    magnitude = sum(
+        abs(w) * (np.abs(t.astype(np.float64)) @ np.abs(x.T.astype(np.float64))).sum(0)
+        for t, x, w in zip(test, train, weights, strict=True)
+    )
+    assert np.all(np.abs(ordered - exact) <= 1e-13 * magnitude)
+    for threads in (1, 2):
+        got = _core.aggregate(
+            tracin.Gradients(test).kernel_side(),
+            tracin.Gradients(train).kernel_side(),
+            weights,
+            isa=isa,
+            num_threads=threads,
+        )
+        np.testing.assert_array_equal(got, ordered)
+
+
 def _factored_aggregate_exact(test, train, weights, normalize):
     """float64 NumPy: sum over test rows of the (cosine) factored scores, pair by pair."""
     run = normalize or len(weights)

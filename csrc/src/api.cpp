@@ -197,15 +197,26 @@ std::int64_t MaxCols(const GradientSide& side) {
   return width;
 }
 
+// Row `row` of m as float32 values: in place for aligned float32 rows, else converted (or, for a
+// misaligned buffer, which is legal input, copied) into buf.
+const float* RowValues(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
+  if (m.dtype == DType::kFloat32 && reinterpret_cast<std::uintptr_t>(m.data) % alignof(float) == 0)
+    return static_cast<const float*>(m.data) + row * m.row_stride;
+  LoadRow(kernels, m, row, 0, m.cols, buf);
+  return buf;
+}
+
 // Sum of squares of one row in float64.
 double SquaredNorm(const KernelTable& kernels, const MatrixView& m, std::int64_t row, float* buf) {
-  const float* x = buf;
-  // float32 rows are read in place when aligned (a misaligned buffer is legal input)
-  if (m.dtype == DType::kFloat32 && reinterpret_cast<std::uintptr_t>(m.data) % alignof(float) == 0)
-    x = static_cast<const float*>(m.data) + row * m.row_stride;
-  else
-    LoadRow(kernels, m, row, 0, m.cols, buf);
-  return SumOfSquares(kernels, x, m.cols);
+  return SumOfSquares(kernels, RowValues(kernels, m, row, buf), m.cols);
+}
+
+// float64 dot product of a[0, n) with x[0, n): kernels.dot into fresh sums, then CombineSums (the
+// same bits for every instruction set).
+double DotWithSums(const KernelTable& kernels, const double* a, const float* x, std::int64_t n) {
+  double sums[kNormLanes] = {};
+  kernels.dot(a, x, n, sums);
+  return CombineSums(sums);
 }
 
 // kInvalidArgument when a result that has values (`has_values`) has no buffer to go to.
@@ -460,7 +471,9 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
     // Full gradients: the sum over test rows commutes with the inner product, so one weighted
     // column sum of the test side per checkpoint, then one dot product per train row. Cosine
     // scores: test rows enter the sums scaled by their inverse norms, and each train row's dot
-    // products over a run of checkpoints by its own (summed from the row as it is read).
+    // products over a run of checkpoints by its own (summed from the row as it is read). Each dot
+    // product is kernels.dot's 16 float64 partial sums (vectorised; the same bits for every
+    // instruction set and thread count), reading aligned float32 rows in place.
     const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
     const std::size_t checkpoints = train.checkpoints();
     const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
@@ -493,9 +506,9 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
         double dot = 0.0, squares = 0.0;
         for (std::size_t c = c0; c < c0 + run; ++c) {
           const MatrixView& m = train.blocks[c];
-          detail::LoadRow(kernels, m, i, 0, m.cols, buf);
-          for (std::int64_t k = 0; k < m.cols; ++k) dot += column_sums[c][k] * buf[k];
-          if (options.normalize > 0) squares += detail::SumOfSquares(kernels, buf, m.cols);
+          const float* x = detail::RowValues(kernels, m, i, buf);
+          dot += detail::DotWithSums(kernels, column_sums[c].data(), x, m.cols);
+          if (options.normalize > 0) squares += detail::SumOfSquares(kernels, x, m.cols);
         }
         total += options.normalize > 0 ? dot * detail::InverseNorm(squares) : dot;
       }

@@ -36,6 +36,13 @@ using ConvertKernel = void (*)(const std::uint16_t* src, std::int64_t n, float* 
 // instruction set gives the same bits.
 using SquaresKernel = void (*)(const float* x, std::int64_t rows, std::int64_t n, double* sums);
 
+// A float64 row a[0, n) times a float32 row x[0, n) added to kNormLanes (16) partial sums: product
+// k, a[k] * double(x[k]) rounded to float64, then added to sums[k % 16] (two roundings: never a
+// fused multiply-add, which the kernel sources are built to forbid with -ffp-contract=off), so each
+// instruction set gives the same bits. CombineSums (engine.hpp) makes one sum of them. Aggregate's
+// dot product of a train row with the test side's weighted column sums.
+using DotKernel = void (*)(const double* a, const float* x, std::int64_t n, double* sums);
+
 struct MicroTile {
   int mr = 0;  // train rows per micro tile
   int nr = 0;  // test lanes per micro tile
@@ -50,6 +57,7 @@ struct KernelTable {
   ConvertKernel half_to_float = nullptr;
   ConvertKernel bfloat_to_float = nullptr;
   SquaresKernel sum_of_squares = nullptr;
+  DotKernel dot = nullptr;
 };
 
 const KernelTable& GenericKernels();

@@ -81,13 +81,34 @@ void SquaresRun(const float* x, std::int64_t rows, std::int64_t n, double* sums)
   }
 }
 
+// DotKernel (kernels.hpp) in two registers of 8 doubles: a separate multiply and add per product,
+// the generic kernel's bits.
+void DotRun(const double* a, const float* x, std::int64_t n, double* sums) {
+  static_assert(kNormLanes == 16, "DotRun keeps 16 sums");
+  __m512d low = _mm512_loadu_pd(sums), high = _mm512_loadu_pd(sums + 8);
+  std::int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512d b = _mm512_cvtps_pd(_mm256_loadu_ps(x + k));
+    const __m512d c = _mm512_cvtps_pd(_mm256_loadu_ps(x + k + 8));
+    low = _mm512_add_pd(low, _mm512_mul_pd(_mm512_loadu_pd(a + k), b));
+    high = _mm512_add_pd(high, _mm512_mul_pd(_mm512_loadu_pd(a + k + 8), c));
+  }
+  _mm512_storeu_pd(sums, low);
+  _mm512_storeu_pd(sums + 8, high);
+  for (std::int64_t j = 0; k + j < n; ++j) {
+    const double product = a[k + j] * static_cast<double>(x[k + j]);
+    sums[j] += product;
+  }
+}
+
 }  // namespace
 
 const KernelTable& Avx512Kernels() {
   // Thin: the AVX2 narrow tile (8 lanes; AVX-512 CPUs run AVX2, and each lane is the same
   // multiply-add chain, so the bits are the same).
   static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {12, 16, &Micro<12, 1>},
-                                 Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun};
+                                 Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
+                                 &DotRun};
   return table;
 }
 

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "../src/kernels.hpp"
 #include "../src/parallel.hpp"
 #include "check.hpp"
 #include "tracin/tracin.hpp"
@@ -677,6 +678,104 @@ void TestAggregateLayoutsAgree() {
   }
 }
 
+
+// Aggregate's float64 dot products (KernelTable::dot): every instruction set gives the bits of the
+// contract in kernels.hpp (product k rounded, then added to partial sum k % 16, the sums carried on
+// from their values on entry), for lengths around the 16-value step; and Aggregate itself gives the
+// same bits for every instruction set and thread count, from float32 rows read in place (aligned),
+// copied (misaligned) and converted (float16), plain and cosine, within a float64 bound of the exact
+// sums.
+void TestAggregateDotSameBitsEveryIsa() {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal;
+  std::uniform_int_distribution<int> exponent(-40, 40);
+  for (std::int64_t n : {0, 1, 7, 15, 16, 17, 33, 256, 1000, 1023}) {
+    std::vector<double> a(static_cast<std::size_t>(n)), start(16);
+    std::vector<float> x(static_cast<std::size_t>(n));
+    for (double& v : a) v = std::ldexp(normal(rng), exponent(rng));
+    for (float& v : x) v = static_cast<float>(std::ldexp(normal(rng), exponent(rng) / 2));
+    for (double& v : start) v = normal(rng);
+    std::vector<double> expected = start;
+    for (std::int64_t k = 0; k < n; ++k) {
+      volatile double product = a[k] * static_cast<double>(x[k]);  // rounded before the add
+      expected[k % 16] += product;
+    }
+    for (tracin::Isa isa : tracin_test::RunnableIsas("KernelTable::dot")) {
+      std::vector<double> sums = start;
+      tracin::detail::KernelsFor(isa).dot(a.data(), x.data(), n, sums.data());
+      Check(std::memcmp(sums.data(), expected.data(), 16 * sizeof(double)) == 0,
+            std::string("KernelTable::dot: the contract's bits, n ") + std::to_string(n) + ", isa " +
+                tracin::IsaName(isa));
+    }
+  }
+
+  // Checkpoints: float32 (aligned, read in place), float32 at a misaligned address, float16.
+  const std::int64_t m = 5, n = 600;
+  const std::int64_t widths[] = {1000, 37, 70};
+  std::vector<Matrix> test, train;
+  for (std::int64_t w : widths) {
+    test.push_back(Random(m, w, rng));
+    train.push_back(Random(n, w, rng));
+  }
+  std::vector<char> misaligned(static_cast<std::size_t>(n * widths[1]) * 4 + 1);
+  std::memcpy(misaligned.data() + 1, train[1].data.data(), train[1].data.size() * 4);
+  std::vector<std::uint16_t> half(static_cast<std::size_t>(n * widths[2]));
+  for (std::size_t i = 0; i < half.size(); ++i) {
+    // round to float16 by its bits: a float of 10 mantissa bits within float16's normal range
+    const float v = std::ldexp(std::round(std::ldexp(train[2].data[i], 8)), -8);
+    train[2].data[i] = v;
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const std::uint32_t sign = (bits >> 16) & 0x8000u;
+    const int e = static_cast<int>((bits >> 23) & 0xff) - 127;
+    half[i] = v == 0.0f ? static_cast<std::uint16_t>(sign)
+                        : static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(e + 15) << 10 |
+                                                     ((bits >> 13) & 0x3ffu));
+  }
+  tracin::GradientSide train_side = Full(train);
+  train_side.blocks[1].data = misaligned.data() + 1;
+  train_side.blocks[2] = {half.data(), n, widths[2], widths[2], tracin::DType::kFloat16};
+  const std::vector<double> w = {0.5, -3.0, 1e-3};
+  for (std::int64_t normalize : {0, 3}) {
+    std::vector<double> first;
+    bool close = true;
+    for (tracin::Isa isa : tracin_test::RunnableIsas("Aggregate dot"))
+      for (int threads : {1, 3}) {
+        tracin::Options o;
+        o.isa = isa;
+        o.num_threads = threads;
+        o.normalize = normalize;
+        std::vector<double> out(static_cast<std::size_t>(n));
+        const tracin::Status s = tracin::Aggregate(Full(test), train_side, w, out.data(), o);
+        Check(s.ok(), "Aggregate ok: " + s.message);
+        if (first.empty()) {
+          first = out;
+          for (std::int64_t j = 0; j < n; ++j) {
+            double exact = 0, scale = 0;
+            for (std::int64_t t = 0; t < m; ++t) {
+              double dot = 0, test_norm = 0, train_norm = 0, abs_sum = 0;
+              for (std::size_t c = 0; c < test.size(); ++c) {
+                dot += w[c] * Dot(test[c], t, train[c], j);
+                test_norm += Dot(test[c], t, test[c], t);
+                train_norm += Dot(train[c], j, train[c], j);
+                abs_sum += std::abs(w[c]) * Norm(test[c], t) * Norm(train[c], j);
+              }
+              const double cosine = normalize ? 1.0 / std::sqrt(test_norm * train_norm) : 1.0;
+              exact += dot * cosine;
+              scale += abs_sum * cosine;
+            }
+            close = close && std::abs(out[j] - exact) <= 1e-12 * scale;
+          }
+        }
+        Check(std::memcmp(first.data(), out.data(), out.size() * sizeof(double)) == 0,
+              std::string("Aggregate: the same bits for every isa and thread count, isa ") + tracin::IsaName(isa) +
+                  ", threads " + std::to_string(threads) + ", normalize " + std::to_string(normalize));
+      }
+    Check(close, "Aggregate within 1e-12 of the float64 sums, normalize " + std::to_string(normalize));
+  }
+}
+
+
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -831,6 +930,7 @@ int main() {
   TestBadOutputsAndEnums();
   TestHugeThreadCount();
   TestAggregateLayoutsAgree();
+  TestAggregateDotSameBitsEveryIsa();
   TestCosineScores();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
