@@ -221,6 +221,30 @@ def test_optimizer_state_from_a_file_and_projection_after_preconditioning(tmp_pa
     assert g.metadata["projection"] == projection.to_dict()
 
 
+def test_a_checkpoint_folder_given_as_the_optimizer_state_is_read_from_its_optimizer_pt(tmp_path):
+    """A folder was 'cannot be read (...): [Errno 21] Is a directory'; a Trainer's checkpoint-N holds
+    the state as optimizer.pt, next to the weights the same folder gives as checkpoints[i][0]."""
+    model, checkpoints, (x, y) = _trained()
+    entries = []
+    for c, (state, lr, opt_state) in enumerate(checkpoints):
+        (tmp_path / f"checkpoint-{c}").mkdir()
+        torch.save(opt_state, tmp_path / f"checkpoint-{c}" / "optimizer.pt")
+        entries.append((state, lr, tmp_path / f"checkpoint-{c}"))
+    g = export_gradients(model, entries, (x, y), _loss, preconditioner="adam", progress=False)
+    for c, (state, _, opt_state) in enumerate(checkpoints):
+        expected = _adam(_reference_grads(model, state, x, y), _per_element(opt_state))
+        np.testing.assert_allclose(g.matrices[c], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    as_files = [(s, lr, str(p / "optimizer.pt")) for s, lr, p in entries]
+    by_file = export_gradients(model, as_files, (x, y), _loss, preconditioner="adam", progress=False)
+    assert g.metadata["fingerprints"] == by_file.metadata["fingerprints"]  # the folder is its file
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[1\]\[2\] \(optimizer state\) is a folder \(.*empty\) without optimizer.pt: pass the file",
+    ):
+        export_gradients(model, [entries[0], (*entries[1][:2], tmp_path / "empty")], (x, y), _loss, progress=False)
+
+
 def test_an_optimizer_file_cut_short_or_damaged_is_named(tmp_path):
     """A truncated optimizer file was a bare 'OSError: [Errno 22] Invalid argument'."""
     model, checkpoints, data = _trained()

@@ -1,8 +1,9 @@
 """Checkpoints: (state_dict or path, learning_rate) pairs, or (state_dict or path, learning_rate,
 optimizer_state) triples, validated against the model, loaded one at a time (each exactly once) onto
-the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path)
-read on the host and mapped to parameter names. A checkpoint path may be a file for torch.load or a
-Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, sharded or not)."""
+the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path,
+or a checkpoint folder holding it as optimizer.pt) read on the host and mapped to parameter names. A
+checkpoint path may be a file for torch.load or a Hugging Face `save_pretrained` folder
+(model.safetensors or pytorch_model.bin, sharded or not)."""
 
 from __future__ import annotations
 
@@ -121,6 +122,10 @@ class OptimizerState:
     betas and eps come from each parameter's group, the step count from its state. States whose steps
     are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters in groups of
     different learning rates.
+
+    A folder given as the path is a checkpoint folder holding the state as optimizer.pt (the layout of
+    a transformers Trainer's checkpoint-N, whose folder may be the checkpoint's weights too): that file
+    is read; a folder without one is a ValueError naming it.
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -130,6 +135,7 @@ class OptimizerState:
         if isinstance(source, Mapping):
             _check_optimizer_dict(source, self.where)
         else:
+            source = _state_file(source, self.where)
             check_whole(source, self.where)
         self.source = source
         named = list(model.named_parameters())
@@ -241,6 +247,24 @@ class OptimizerState:
                 f"({len(self.trainable_names)} trainable){_BY_POSITION}"
             )
         return dict(zip(names, keys, strict=True)), True
+
+
+_STATE_FILE = "optimizer.pt"  # a transformers Trainer's checkpoint-N/optimizer.pt
+
+
+def _state_file(path: str | os.PathLike, where: str) -> str | os.PathLike:
+    """The optimizer state file of `path`: itself, or for a folder the optimizer.pt inside it
+    (ValueError naming the folder when it holds none)."""
+    if not os.path.isdir(path):
+        return path
+    inside = os.path.join(path, _STATE_FILE)
+    if not os.path.isfile(inside):
+        raise ValueError(
+            f"{where} is a folder ({os.path.abspath(path)}) without {_STATE_FILE}: pass the file holding the "
+            "optimizer.state_dict() (torch.save), or a checkpoint folder holding it as optimizer.pt, as a "
+            "transformers Trainer's checkpoint-N does"
+        )
+    return inside
 
 
 _NAMED_HINT = (
