@@ -366,6 +366,26 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
         tracin.scores(big, big)
 
 
+def test_overflowed_partial_sum_is_reported_as_such_with_its_pair():
+    """A score of 3.3e38 (in float32's range) whose slices of 256 products sum to +3.3e38, +3.3e38 and
+    -3.3e38 overflows the kernel's float32 partial sums: the error says so (not that the score is
+    beyond range) and names the pair, here test row 1 and train row 2."""
+    d = 768
+    test = np.ones((3, d), np.float32)
+    test[0] = 0.5
+    test[2] = -1.0
+    train = np.ones((4, d), np.float32)
+    v = np.float32(3.3e38 / 256)
+    train[2, :512], train[2, 512:] = v, -v
+    train[3, :512], train[3, 512:] = v, -v
+    exact = test[1].astype(np.float64) @ train[2].astype(np.float64)
+    assert abs(exact) < np.finfo(np.float32).max
+    pattern = r"a score or one of its partial sums .*overflowed float32, first for test row 1 and train row 2;"
+    for threads in (1, 2):
+        with pytest.raises(ValueError, match=pattern):
+            tracin.scores(test, train, num_threads=threads, device="cpu")
+
+
 @pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
 @pytest.mark.parametrize("factored", [False, True])
 def test_per_checkpoint_self_influence_names_the_checkpoint_with_non_finite_rows(rng, device, factored):

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <sstream>
@@ -370,6 +371,9 @@ struct ThreadScratch {
   std::vector<double> left_sums, right_sums;  // kNormLanes partial sums per row of a block,
   std::vector<float> scales;                  // and its inverse norm
   RowPrefetcher prefetch;
+  // After a Compute that returned false: the tile's first NaN or Inf score, (train row within the
+  // tile, test row within the pass), train rows first.
+  std::int64_t bad_row = 0, bad_lane = 0;
 };
 
 class TileProducer {
@@ -383,7 +387,7 @@ class TileProducer {
 
   // Computes the tile of train rows [begin, begin + rows) into scratch.tile, prefetching rows
   // [next_begin, next_begin + next_rows) meanwhile; returns false if any score in the valid
-  // region is NaN or Inf.
+  // region is NaN or Inf (the first one's place in scratch.bad_row and bad_lane).
   // Cosine scores: each run of checkpoints is summed apart (the first in the tile itself, later ones
   // in scratch.run) while the squared norms of its train rows are summed from the rows loaded for
   // it, then scaled row by row by the inverse norms (the epilogue) and added to the tile; with a
@@ -465,7 +469,15 @@ class TileProducer {
         flags |= (bits & 0x7f800000u) + 0x00800000u;
       }
     }
-    return (flags & 0x80000000u) == 0;
+    if ((flags & 0x80000000u) == 0) return true;
+    for (std::int64_t j = 0; j < rows; ++j)
+      for (std::int64_t r = 0; r < test_count; ++r)
+        if (!std::isfinite(s.tile.data()[j * ldc + r])) {
+          s.bad_row = j;
+          s.bad_lane = r;
+          return false;
+        }
+    return false;
   }
 
  private:
@@ -675,7 +687,7 @@ Status ValidateNormalize(const GradientSide& side, std::int64_t normalize) {
   return Status::Ok();
 }
 
-Status NonFiniteError(const GradientSide* test, const GradientSide& train) {
+Status NonFiniteError(const GradientSide* test, const GradientSide& train, const std::int64_t* pair) {
   const std::pair<const GradientSide*, const char*> sides[] = {{test, "test"}, {&train, "train"}};
   for (const auto& [side, name] : sides) {
     if (side == nullptr) continue;
@@ -687,10 +699,13 @@ Status NonFiniteError(const GradientSide* test, const GradientSide& train) {
                                             Join(rows) + "]"};
     }
   }
+  std::string where;
+  if (pair != nullptr) where = ", first for test row " + std::to_string(pair[0]) + " and train row " + std::to_string(pair[1]);
   return {StatusCode::kNonFinite,
-          "influence overflowed float32 although every input is finite: a score (or, for factored "
-          "gradients, a product of left or of right factors) exceeds float32's range; scale the "
-          "gradients down (or the learning-rate weights, for a score beyond range)"};
+          "influence overflowed float32 although every input is finite: a score or one of its partial "
+          "sums (of 256 products, or for factored gradients a product of left or of right factors) "
+          "overflowed float32" + where + "; scale the gradients down (or the learning-rate weights, for a "
+          "score beyond range)"};
 }
 
 Status CheckAllFinite(const GradientSide* test, const GradientSide& train) {
@@ -737,21 +752,32 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed, block, options.normalize);
     consumer.BeginPass(begin, count, workers);
-    std::atomic<bool> stop{false}, non_finite{false};
+    // A tile with a NaN or Inf score: tasks after the first such one are skipped (quickly: only
+    // claimed), earlier ones still run, so the error names the pass's first such score (train rows
+    // first) for any thread count.
+    std::atomic<bool> stop{false};
+    std::atomic<std::int64_t> bad_task{tasks};
+    std::int64_t bad[2] = {0, 0};  // (test row, train row) of bad_task's first NaN or Inf score
+    std::mutex bad_mutex;
     Status status = ParallelFor(tasks, workers, stop, options.cancel,
                                 [&](std::int64_t task, std::int64_t upcoming, int thread) {
+      if (task > bad_task.load()) return;
       const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
       const std::int64_t next0 = upcoming * block, next_rows = std::max<std::int64_t>(0, std::min(block, n - next0));
       ThreadScratch& s = scratch[static_cast<std::size_t>(thread)];
       if (!producer.Compute(j0, rows, next0, next_rows, count, s)) {
-        non_finite = true;
-        stop = true;
+        const std::lock_guard<std::mutex> lock(bad_mutex);
+        if (task < bad_task.load()) {
+          bad_task = task;
+          bad[0] = begin + s.bad_lane;
+          bad[1] = j0 + s.bad_row;
+        }
         return;
       }
       consumer.Consume(thread, j0, rows, s.tile.data(), packed.lanes());
     });
     if (!status.ok()) return status;
-    if (non_finite) return NonFiniteError(&test, train);
+    if (bad_task.load() < tasks) return NonFiniteError(&test, train, bad);
     status = consumer.EndPass(options.cancel);
     if (!status.ok()) return status;
   }

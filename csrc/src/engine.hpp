@@ -62,8 +62,9 @@ Status ValidateNormalize(const GradientSide& side, std::int64_t normalize);
 Status CheckAllFinite(const GradientSide* test, const GradientSide& train);
 
 // The error for non-finite results: names the side, checkpoint and first rows holding NaN or Inf,
-// or reports a float32 overflow when every input is finite.
-Status NonFiniteError(const GradientSide* test, const GradientSide& train);
+// or reports a float32 overflow when every input is finite (naming the pair (test row, train row)
+// of the first overflowed score when `pair` is given).
+Status NonFiniteError(const GradientSide* test, const GradientSide& train, const std::int64_t* pair = nullptr);
 
 // Streams all train rows past each pass of test rows; see TileConsumer. kCancelled when
 // options.cancel is set before or during the call.

@@ -776,6 +776,45 @@ void TestAggregateDotSameBitsEveryIsa() {
 }
 
 
+// A score whose float32 partial sums overflow although the score itself fits float32 (slices of 256
+// products summing to +3.3e38, +3.3e38, -3.3e38), and a score beyond float32 in the middle of many
+// rows: the error says a score or a partial sum overflowed and names the first such (test, train)
+// pair, the same one for every thread count and block size.
+void TestOverflowNamesThePair() {
+  const std::int64_t d = 768;
+  Matrix test{1, d, std::vector<float>(d, 1.0f)};
+  Matrix train{2, d, std::vector<float>(2 * d, 1.0f)};
+  const float v = 3.3e38f / 256;
+  for (std::int64_t k = 0; k < d; ++k) train.data[k] = k < 512 ? v : -v;
+  std::vector<float> out(2);
+  tracin::Status s = tracin::Scores(Full({test}), Full({train}), {1.0}, out.data());
+  Check(s.code == tracin::StatusCode::kNonFinite &&
+            s.message.find("a score or one of its partial sums") != std::string::npos &&
+            s.message.find("test row 0 and train row 0") != std::string::npos,
+        "partial-sum overflow reported as such, naming the pair: " + s.message);
+
+  std::mt19937 rng(12);
+  Matrix many_test = Random(40, 20, rng), many_train = Random(3000, 20, rng);
+  for (std::int64_t k = 0; k < 20; ++k) {
+    many_test.data[37 * 20 + k] = 1e19f;
+    many_train.data[2100 * 20 + k] = 1e19f;
+    many_train.data[2900 * 20 + k] = 1e19f;
+  }
+  for (int threads : {1, 2, 5})
+    for (std::int64_t block : {0, 7, 64}) {
+      tracin::Options o;
+      o.num_threads = threads;
+      o.train_block = block;
+      o.test_block = block;
+      std::vector<float> dense(40 * 3000);
+      s = tracin::Scores(Full({many_test}), Full({many_train}), {1.0}, dense.data(), o);
+      Check(s.code == tracin::StatusCode::kNonFinite &&
+                s.message.find("first for test row 37 and train row 2100;") != std::string::npos,
+            "overflow names the first pair, threads " + std::to_string(threads) + ", block " +
+                std::to_string(block) + ": " + s.message);
+    }
+}
+
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -931,6 +970,7 @@ int main() {
   TestHugeThreadCount();
   TestAggregateLayoutsAgree();
   TestAggregateDotSameBitsEveryIsa();
+  TestOverflowNamesThePair();
   TestCosineScores();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
