@@ -201,10 +201,28 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
             "test gradients are preconditioner='adam_update', which is for train rows only: "
             "export test rows with preconditioner=None"
         )
-    if kt != kx and not (kt is None and kx == "adam_update"):
+    if kx == "adam_update" and kt is not None:
+        raise ValueError(
+            f"train gradients are preconditioner='adam_update', which pairs with plain test rows, but test "
+            f"gradients are preconditioner={kt!r}: export test rows with preconditioner=None (from the same "
+            "checkpoints, without their optimizer states)"
+        )
+    if kt != kx and kx != "adam_update":
         raise ValueError(
             f"test gradients are preconditioner={kt!r} but train gradients are "
             f"preconditioner={kx!r}: export both sides with the same one"
+        )
+
+
+def check_self_influence_rows(train: GradientSet) -> None:
+    """Refuses rows whose self-influence means nothing: preconditioner='adam_update' rows are Adam's next
+    steps u_c, whose score pairs with a plain gradient (<g, u>); sum_c w_c |u_c|^2 is not a self-influence."""
+    if ((train.metadata.get("preconditioner") or {}).get("kind")) == "adam_update":
+        raise ValueError(
+            "train gradients are preconditioner='adam_update' (Adam's next steps u, for pairing with plain test "
+            "rows), whose squared norms are no self-influence; rank by the diagonal of scores(plain rows, "
+            "adam_update rows) (the same examples exported with preconditioner=None as the test side), or by "
+            "self_influence of plain or preconditioner='adam' rows"
         )
 
 
@@ -804,6 +822,8 @@ def self_influence(
             "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every "
             "row would score sum_c w_c; rank by self_influence(normalize=False)"
         )
+    train = as_gradient_set(train, "train")
+    check_self_influence_rows(train)
     if whitening is not None:
         placement.check_precision(precision)
         if not isinstance(whitening, Whitening):
@@ -813,7 +833,6 @@ def self_influence(
         return whitening.self_influence(
             train, per_checkpoint=per_checkpoint, num_threads=num_threads, progress=progress
         )
-    train = as_gradient_set(train, "train")
     if "whitening" in train.metadata:
         raise ValueError(
             "train is whitened (metadata['whitening']): the self-influence of whitened rows is not the whitened "

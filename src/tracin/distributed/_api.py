@@ -24,6 +24,7 @@ from ..scoring import (
     _refuse_float32_overflow,
     _width,
     as_gradient_set,
+    check_self_influence_rows,
 )
 from ..store import GradientStore
 from . import _tasks
@@ -146,6 +147,7 @@ def self_influence(
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
     _check_usable(train_set)
+    check_self_influence_rows(train_set)
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "self_influence") as job:
