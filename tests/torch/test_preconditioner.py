@@ -154,6 +154,33 @@ def test_parameter_names_of_a_wrapped_or_compiled_model_are_matched_without_the_
     np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
+@needs_named
+def test_a_wrappers_prefix_in_param_names_is_named_and_its_recipe_works():
+    """param_names of an optimizer over a module holding the model as .model ('model.0.weight') gave
+    'parameter 0.weight is in none of the optimizer's param_groups', the optimizer's names unseen."""
+    model, checkpoints, (x, y) = _trained(groups=True)
+    state, lr, opt_state = checkpoints[0]
+    wrapped = copy.deepcopy(opt_state)
+    for group in wrapped["param_groups"]:
+        group["param_names"] = ["model." + n for n in group["param_names"]]
+    with pytest.raises(
+        ValueError,
+        match=r"parameter 0.weight is in none of the optimizer's param_groups \(it names its 4 parameters "
+        r"'model.0.weight', 'model.2.weight', 'model.0.bias' and 1 more\): its 'model.0.weight' is this parameter "
+        r"under the prefix 'model.' .*g\['param_names'\] = \[n.removeprefix\('model.'\) for n in g\['param_names'\]\]",
+    ):
+        export_gradients(model, [(state, lr, wrapped)], (x, y), _loss, preconditioner="adam", progress=False)
+    for g in wrapped["param_groups"]:  # the refusal's recipe
+        g["param_names"] = [n.removeprefix("model.") for n in g["param_names"]]
+    g = export_gradients(model, [(state, lr, wrapped)], (x, y), _loss, preconditioner="adam", progress=False)
+    expected = _adam(_reference_grads(model, state, x, y), _per_element(opt_state))
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    two = copy.deepcopy(opt_state)
+    two["param_groups"][0]["param_names"] = ["a.0.weight", "b.0.weight"]
+    with pytest.raises(ValueError, match=r"under several prefixes \('a.', 'b.'\), which do not tell"):
+        export_gradients(model, [(state, lr, two)], (x, y), _loss, preconditioner="adam", progress=False)
+
+
 def test_a_trainer_decay_split_is_taken_once_named_as_the_refusal_says():
     """A transformers Trainer's optimizer.pt (two unnamed groups: decay, no decay) was refused with no way
     to name its parameters; the refusal's recipe names them with the Trainer's own rule."""

@@ -119,6 +119,8 @@ class OptimizerState:
     (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
     param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
     checked (the refusal says how to add the names to a saved state, a transformers Trainer's too).
+    Recorded names may carry the prefixes DataParallel and torch.compile add ("module.", "_orig_mod.");
+    a name under another prefix (a LightningModule's "model.") is refused, naming the prefix to drop.
     betas and eps come from each parameter's group, the step count from its state. States whose steps
     are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters in groups of
     different learning rates.
@@ -169,7 +171,10 @@ class OptimizerState:
                     "state for it; leave it out of layers="
                 )
             if group is None:
-                raise ValueError(f"{self.where}: parameter {name} is in none of the optimizer's param_groups")
+                raise ValueError(
+                    f"{self.where}: parameter {name} is in none of the optimizer's param_groups"
+                    + _named_otherwise(name, state["param_groups"], by_position)
+                )
             if not has_state and any(_adam_entry(e) for e in state["state"].values()):
                 raise ValueError(
                     f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}, while the optimizer "
@@ -311,6 +316,31 @@ def _not_adam(group: Mapping, entry: Mapping) -> str | None:
 
 def _few(names: Sequence[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _named_otherwise(name: str, groups: Sequence[Mapping], by_position: bool) -> str:
+    """For a parameter `name` missing from the optimizer's param_names: a few of the names it holds,
+    and, when some end with `name` after a prefix (a wrapper module's attribute, "model." of a
+    LightningModule), that prefix and how to remove it; "" for parameters matched by position."""
+    if by_position:
+        return ""
+    names = [str(n) for g in groups for n in g.get("param_names", ())]
+    prefixes = sorted({n[: -len(name)] for n in names if n.endswith("." + name)})
+    text = f" (it names its {len(names)} parameters {_few([repr(n) for n in names])})"
+    if len(prefixes) == 1:
+        (prefix,) = prefixes
+        text += (
+            f": its {prefix + name!r} is this parameter under the prefix {prefix!r} (the optimizer was built over "
+            "a module holding the model as an attribute, a LightningModule's or a wrapper's). Drop the prefix from "
+            f"the saved state: for g in state['param_groups']: g['param_names'] = [n.removeprefix({prefix!r}) for n "
+            "in g['param_names']]"
+        )
+    elif prefixes:
+        text += (
+            f": it holds names ending with this one under several prefixes ({', '.join(map(repr, prefixes))}), "
+            "which do not tell which is this model's parameter"
+        )
+    return text
 
 
 def _strip(name: str, known: set[str]) -> str:
