@@ -6,6 +6,15 @@ O_NOFOLLOW and O_NONBLOCK (a link or FIFO swapped in between is still never foll
 hang the open) and checked again with fstat; new files are created with O_EXCL. A failed read or
 write raises the OSError that happened (permission denied, too many open files, disk full), with
 the file's path in it.
+
+Hard links: a file opened for writing must have exactly one link (checked on the open descriptor).
+A data file with more links shares its bytes with another path, such as the same file of a snapshot
+made with `cp -al` or `rsync --link-dest`, or a file outside the store linked in; writing through it
+would silently change that other store's finished rows, so it is refused (a StoreFormatError naming
+the file and the link count). Files a store creates have one link, and it never writes any other
+way: the manifest and progress files are replaced by rename and a re-create (overwrite=True) unlinks
+the old files, which leaves the other links' data untouched. Readers do not check the link count: a
+hard-linked snapshot of a finished store is a legitimate backup, and both copies read the same bytes.
 """
 
 from __future__ import annotations
@@ -55,8 +64,9 @@ def open_file(
     opener(path, flags) (default os.open) and closed by closer(fd) (os.close) if it is refused.
 
     A symbolic link, FIFO, directory or other non-regular file is a StoreFormatError, refused before
-    it is opened (opening a device can act on it); a missing file a FileNotFoundError; any other OS
-    error propagates (it names the file; too many open files says to raise the limit).
+    it is opened (opening a device can act on it); so is, when `writable`, a file with more than one
+    hard link (see the module docstring); a missing file a FileNotFoundError; any other OS error
+    propagates (it names the file; too many open files says to raise the limit).
     """
     flags = (os.O_RDWR if writable else os.O_RDONLY) | _NOFOLLOW | _NONBLOCK | _BINARY
     opener, closer = opener or os.open, closer or os.close
@@ -73,13 +83,20 @@ def open_file(
             raise _refusal(path, stat.S_IFDIR) from None
         raise
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except BaseException:
         closer(fd)
         raise
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(st.st_mode):
         closer(fd)
-        raise _refusal(path, mode)
+        raise _refusal(path, st.st_mode)
+    if writable and st.st_nlink > 1:
+        closer(fd)
+        raise StoreFormatError(
+            f"{path} has {st.st_nlink} hard links: its data is shared with another path (a snapshot made with "
+            "`cp -al` or `rsync --link-dest`, or a hard link), and writing it would change that file too, so it is "
+            "not written through; copy the store with `cp -a` (which copies the data) and write the copy"
+        )
     return fd
 
 
