@@ -4,6 +4,7 @@ of versions that did not digest code; and how reordered checkpoints are named.""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -269,7 +270,8 @@ def test_a_store_resumed_with_another_preconditioner_names_the_preconditioner(pr
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     _ce(model(data[0]), data[1]).sum().backward()
     optimizer.step()
-    with_states = [(*c, optimizer.state_dict()) for c in checkpoints]
+    state = copy.deepcopy(optimizer.state_dict())  # one state for both checkpoints: the same object
+    with_states = [(*c, state) for c in checkpoints]
     common = dict(store=tmp_path / "s", batch_size=4, progress=False)
     export_gradients(model, with_states, data, _ce, preconditioner="adam", **common)
     with pytest.raises(

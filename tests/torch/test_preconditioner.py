@@ -323,6 +323,58 @@ def test_resume_with_another_optimizer_state_is_refused(tmp_path):
         export_gradients(model, changed, data, _loss, preconditioner="adam", store=store, progress=False)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_live_optimizer_states_saved_without_deepcopy_are_refused(optimizer):
+    """optimizer.state_dict() saved with each checkpoint without copy.deepcopy holds the optimizer's live
+    tensors, which later steps update in place: every checkpoint carried the last state, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(N, 5), torch.randint(0, 3, (N,))
+    opt = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam)(model.parameters(), lr=0.05)
+    live, copied = [], []
+    for _ in range(2):
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        weights = copy.deepcopy(model.state_dict())
+        live.append((weights, 0.05, opt.state_dict()))
+        copied.append((weights, 0.05, copy.deepcopy(opt.state_dict())))
+    assert live[0][2]["state"][0]["exp_avg_sq"] is live[1][2]["state"][0]["exp_avg_sq"]  # the trap itself
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] \(optimizer states\) hold the very same tensor "
+        r"\(exp_avg of the state's entry 0\) while checkpoints\[0\] and checkpoints\[1\] are other weights: "
+        r".*\(both hold step 6 now\), not its own\. Save copy\.deepcopy\(optimizer\.state_dict\(\)\)",
+    ):
+        export_gradients(model, live, (x, y), _loss, preconditioner="adam", progress=False)
+    with pytest.raises(ValueError, match=r"hold the very same tensor"):  # the Kronecker path too
+        export_gradients(
+            model, live, (x, y), _loss, preconditioner="adam", mode="factored", layers=["0"], progress=False
+        )
+    with pytest.warns(UserWarning, match="preconditioner=None ignores it"):  # unused: not refused
+        export_gradients(model, live, (x, y), _loss, progress=False)
+    # deep copies: each checkpoint's own state (step 3, then 6), the float64 Adam rows
+    g = export_gradients(model, copied, (x, y), _loss, preconditioner="adam", progress=False)
+    assert [float(c[2]["state"][0]["step"]) for c in copied] == [3.0, 6.0]
+    for c, (state, _, opt_state) in enumerate(copied):
+        expected = _adam(_reference_grads(model, state, x, y), _per_element(opt_state))
+        np.testing.assert_allclose(g.matrices[c], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    # the same weights listed twice (other learning rates), and one state object given on purpose to two
+    # checkpoints: taken
+    twice = [(live[1][0], 0.05, live[0][2]), (live[1][0], 0.01, live[1][2])]
+    g = export_gradients(model, twice, (x, y), _loss, preconditioner="adam", progress=False)
+    np.testing.assert_array_equal(g.matrices[0], g.matrices[1])
+    one = [(copied[0][0], 0.05, copied[1][2]), (copied[1][0], 0.05, copied[1][2])]
+    g = export_gradients(model, one, (x, y), _loss, preconditioner="adam", progress=False)
+    expected = _adam(_reference_grads(model, copied[0][0], x, y), _per_element(copied[1][2]))
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    # live weights too (model.state_dict() without a copy): said as well
+    both = [(model.state_dict(), 0.05, opt.state_dict()), (model.state_dict(), 0.05, opt.state_dict())]
+    with pytest.raises(ValueError, match=r"Their weights share tensors too: clone each checkpoint's weights"):
+        export_gradients(model, both, (x, y), _loss, preconditioner="adam", progress=False)
+
+
 def test_bad_preconditioner_arguments_are_clear_errors():
     model, checkpoints, data = _trained()
     with pytest.raises(ValueError, match="preconditioner must be None, 'adam' or 'adam_update', got 'sgd'"):

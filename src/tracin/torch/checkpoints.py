@@ -53,7 +53,115 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
     for index, entry in enumerate(parsed):
         if isinstance(entry.source, (str, os.PathLike)):
             check_whole(entry.source, f"checkpoints[{index}] ({describe(entry.source, index)})")
+    snapshots = _Snapshots(parsed)
+    for entry in parsed:
+        if entry.optimizer is not None:
+            entry.optimizer.snapshots = snapshots
     return parsed
+
+
+class _Snapshots:
+    """The checkpoints whose in-memory optimizer states are checked, once, to be snapshots (see
+    refuse_live_states) when a preconditioner first uses one (OptimizerState.digest, .moments)."""
+
+    def __init__(self, entries: Sequence[Checkpoint]):
+        self.entries, self.checked = entries, False
+
+    def check(self) -> None:
+        if not self.checked:
+            refuse_live_states(self.entries)
+            self.checked = True
+
+
+def refuse_live_states(entries: Sequence[Checkpoint]) -> None:
+    """ValueError when the in-memory optimizer states of two checkpoints hold the very same tensors
+    (one storage) while the checkpoints are not the same weights: `optimizer.state_dict()` saved
+    without copy.deepcopy, whose exp_avg, exp_avg_sq and step are the optimizer's live tensors, which
+    every later step updates in place; each such checkpoint then carries the state after the last
+    step. Taken: one state object given for several checkpoints (deliberately the same state), and
+    states sharing tensors whose checkpoints give the very same weights (the same state_dict object or
+    path, listed twice with other learning rates). Distinct states are not compared by value: two
+    snapshots at the same step count (checkpoints of two runs) are taken."""
+    owners: dict[tuple, tuple[int, Any]] = {}
+    for j, entry in enumerate(entries):
+        state = None if entry.optimizer is None else entry.optimizer.source
+        if not isinstance(state, Mapping):
+            continue
+        for what, entry_key, t in _state_tensors(state):
+            key = _storage_key(t)
+            if key is None:
+                continue
+            i, first_key = owners.setdefault(key, (j, entry_key))
+            first = entries[i]
+            if i == j or first.optimizer.source is state or _same_weights(first.source, entry.source):
+                continue
+            steps = [_step_of(first.optimizer.source, first_key), _step_of(state, entry_key)]
+            held = "" if None in steps else f" (both hold step {steps[0]:g} now)" if steps[0] == steps[1] else ""
+            weights = (
+                " Their weights share tensors too: clone each checkpoint's weights as well "
+                "({k: v.detach().clone() for k, v in model.state_dict().items()})."
+                if isinstance(first.source, Mapping)
+                and isinstance(entry.source, Mapping)
+                and _storages(first.source.values()) & _storages(entry.source.values())
+                else ""
+            )
+            raise ValueError(
+                f"checkpoints[{i}][2] and checkpoints[{j}][2] (optimizer states) hold the very same tensor ({what}) "
+                f"while checkpoints[{i}] and checkpoints[{j}] are other weights: optimizer.state_dict() returns the "
+                "optimizer's live tensors, which every later step updates in place, so each of these checkpoints "
+                f"carries the state after the last step{held}, not its own. Save copy.deepcopy(optimizer.state_dict()) "
+                "with each checkpoint (or torch.save it to a file and pass the path); to give one state to several "
+                f"checkpoints on purpose, pass the same object each time.{weights}"
+            )
+
+
+def _state_tensors(state: Mapping) -> list[tuple[str, Any, torch.Tensor]]:
+    """(what, key, tensor) for every tensor of an optimizer state's per-parameter entries, the moments
+    before the step count; what names the tensor ('exp_avg_sq of parameter 0.weight' by the recorded
+    param_names, else 'exp_avg_sq of the state's entry 0') and key its entry."""
+    groups = [g for g in state.get("param_groups") or () if isinstance(g, Mapping)]
+    names = {k: n for g in groups for k, n in zip(g.get("params", ()), g.get("param_names", ()), strict=False)}
+    out = []
+    for key, entry in state["state"].items():
+        if isinstance(entry, Mapping):
+            label = f"parameter {names[key]}" if key in names else f"the state's entry {key!r}"
+            fields = sorted(entry, key=lambda f: (f == "step", str(f)))  # exp_avg, exp_avg_sq, ..., step
+            out += [(f"{f} of {label}", key, entry[f]) for f in fields if isinstance(entry[f], torch.Tensor)]
+    return out
+
+
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    """Where a tensor's data is (device, storage address), None when it holds none."""
+    if t.device.type == "meta" or not t.numel():
+        return None
+    try:
+        storage = t.untyped_storage()
+    except (NotImplementedError, RuntimeError):  # a tensor subclass without one
+        return None
+    return (str(t.device), storage.data_ptr()) if storage.nbytes() else None
+
+
+def _storages(values: Any) -> set[tuple]:
+    keys = {_storage_key(t) for t in values if isinstance(t, torch.Tensor)}
+    return keys - {None}
+
+
+def _same_weights(a: Any, b: Any) -> bool:
+    """Whether two checkpoint sources are the very same weights: one object, or one path."""
+    if a is b:
+        return True
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return False
+
+
+def _step_of(state: Mapping, key: Any) -> float | None:
+    """The step count of the state's entry `key`, None when it has no single one."""
+    entry = state["state"].get(key)
+    step = entry.get("step") if isinstance(entry, Mapping) else None
+    if isinstance(step, torch.Tensor):
+        return float(step) if step.numel() == 1 else None
+    return float(step) if isinstance(step, (int, float)) else None
 
 
 def check_whole(path: str | os.PathLike, name: str) -> None:
@@ -125,6 +233,10 @@ class OptimizerState:
     are not Adam's (amsgrad, maximize, RAdam, NAdam) are refused, as are chosen parameters in groups of
     different learning rates.
 
+    An in-memory state must be a snapshot, copy.deepcopy(optimizer.state_dict()) taken with its
+    checkpoint: states of other checkpoints holding the very same tensors (the optimizer's live ones,
+    saved without the copy) are refused when a preconditioner uses them (refuse_live_states).
+
     A folder given as the path is a checkpoint folder holding the state as optimizer.pt (the layout of
     a transformers Trainer's checkpoint-N, whose folder may be the checkpoint's weights too): that file
     is read; a folder without one is a ValueError naming it.
@@ -140,6 +252,7 @@ class OptimizerState:
             source = _state_file(source, self.where)
             check_whole(source, self.where)
         self.source = source
+        self.snapshots: _Snapshots | None = None  # set by parse_checkpoints
         named = list(model.named_parameters())
         self.all_names = [n for n, _ in named]
         self.trainable_names = [n for n, p in named if p.requires_grad]
@@ -147,6 +260,8 @@ class OptimizerState:
 
     def digest(self) -> str:
         """Fingerprint: a file's bytes, or the tensors and settings of the in-memory state."""
+        if self.snapshots is not None:
+            self.snapshots.check()
         if isinstance(self.source, (str, os.PathLike)):
             path = os.path.abspath(os.fspath(self.source))
             if not os.path.exists(path):
@@ -157,7 +272,10 @@ class OptimizerState:
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
         """The Adam moments of `params` ((name, shape) in row order), on the host. ValueError for a
         frozen parameter, a state that is not plain Adam / AdamW (_not_adam), or parameters whose
-        groups have different learning rates (the row has one weight, the checkpoint's)."""
+        groups have different learning rates (the row has one weight, the checkpoint's), and for
+        in-memory states that are the optimizer's live tensors (refuse_live_states)."""
+        if self.snapshots is not None:
+            self.snapshots.check()
         state = self._load()
         owner, by_position = self._owners(state["param_groups"])
         moments, rates = [], {}
