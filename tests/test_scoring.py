@@ -386,6 +386,57 @@ def test_overflowed_partial_sum_is_reported_as_such_with_its_pair():
             tracin.scores(test, train, num_threads=threads, device="cpu")
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_cosine_scores_of_train_rows_of_extreme_norms_on_the_cpu(rng, factored):
+    """normalize=True on device "cpu" with train rows of norm ~1e-39 (subnormal values, whose float32
+    inverse norm overflows: review38 F2, refused as an overflow), ~1e-24 and ~1e38 (a subnormal inverse
+    norm); factored, a row whose factor products are subnormal and one whose factors overflow: within
+    1e-5 sum|w| of the float64 cosine scores, for scores, top_k and aggregate, on 1 and 2 threads."""
+    w = [0.5, -2.0]
+    if factored:
+        dims = [(24, 8), (10, 6)]
+        left = [rng.standard_normal((3, p), dtype=np.float32) for p, _ in dims]
+        right = [rng.standard_normal((3, q), dtype=np.float32) for _, q in dims]
+        train_left = [rng.standard_normal((12, p), dtype=np.float32) for p, _ in dims]
+        train_right = [rng.standard_normal((12, q), dtype=np.float32) for _, q in dims]
+        for lx, rx in zip(train_left, train_right, strict=True):
+            lx[4] *= np.float32(1e-30)
+            rx[4] *= np.float32(1e-12)
+            lx[7] *= np.float32(1e25)
+            rx[7] *= np.float32(1e25)
+        test, train = tracin.FactoredGradients(left, right, w), tracin.FactoredGradients(train_left, train_right, w)
+        t64 = [
+            np.einsum("ip,iq->ipq", a.astype(np.float64), b.astype(np.float64)).reshape(3, -1)
+            for a, b in zip(left, right, strict=True)
+        ]
+        x64 = [
+            np.einsum("ip,iq->ipq", a.astype(np.float64), b.astype(np.float64)).reshape(12, -1)
+            for a, b in zip(train_left, train_right, strict=True)
+        ]
+    else:
+        blocks = [rng.standard_normal((3, d), dtype=np.float32) for d in (64, 300)]
+        train_blocks = [rng.standard_normal((12, d), dtype=np.float32) for d in (64, 300)]
+        for x, factor in zip(train_blocks, (2e-40, 1e-41), strict=True):
+            x[4] *= np.float32(factor)  # the review's row: norm ~1.6e-39
+            x[6] *= np.float32(1e-25)
+            x[7] *= np.float32(1e37)
+        test, train = tracin.Gradients(blocks, w), tracin.Gradients(train_blocks, w)
+        t64 = [b.astype(np.float64) for b in blocks]
+        x64 = [b.astype(np.float64) for b in train_blocks]
+    exact = sum(
+        wc * (t @ x.T) / np.outer(np.linalg.norm(t, axis=1), np.linalg.norm(x, axis=1))
+        for wc, t, x in zip(w, t64, x64, strict=True)
+    )
+    bound = 1e-5 * sum(abs(wc) for wc in w)
+    for threads in (1, 2):
+        got = tracin.scores(test, train, normalize=True, num_threads=threads, device="cpu")
+        assert np.abs(got - exact).max() <= bound
+        top = tracin.top_k(test, train, k=12, normalize=True, num_threads=threads, device="cpu")
+        np.testing.assert_array_equal(top.values, np.take_along_axis(got, top.indices, 1))
+        agg = tracin.aggregate(test, train, normalize=True, num_threads=threads, device="cpu")
+        assert np.abs(agg - exact.sum(0)).max() <= 3 * bound
+
+
 @pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
 @pytest.mark.parametrize("factored", [False, True])
 def test_per_checkpoint_self_influence_names_the_checkpoint_with_non_finite_rows(rng, device, factored):

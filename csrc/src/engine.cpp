@@ -370,6 +370,11 @@ struct ThreadScratch {
   std::vector<double> norms;                  // cosine scores: per tile row, its squared norm over the run,
   std::vector<double> left_sums, right_sums;  // kNormLanes partial sums per row of a block,
   std::vector<float> scales;                  // and its inverse norm
+  // Cosine scores of a run with rows of a norm below 2^-64 or above 2^64: per block of the run
+  // (factored: left and right) and tile row, the power of two the row is multiplied by as it is
+  // loaded (TileProducer::RunExponents).
+  std::vector<int> exponents;
+  std::vector<float> row;  // one whole row of a block (RunExponents' factor norms)
   RowPrefetcher prefetch;
   // After a Compute that returned false: the tile's first NaN or Inf score, (train row within the
   // tile, test row within the pass), train rows first.
@@ -392,6 +397,11 @@ class TileProducer {
   // in scratch.run) while the squared norms of its train rows are summed from the rows loaded for
   // it, then scaled row by row by the inverse norms (the epilogue) and added to the tile; with a
   // single run, the scaling is done by the pass that checks the tile for NaN and Inf.
+  // A run in which a train row's norm is below 2^-64 or above 2^64 is computed again with such rows
+  // multiplied by powers of two (exactly, up to values then below float32's normal range, negligible
+  // beside the norm) that bring their norms near 1 (RunExponents): cosine scores do not change, and
+  // the inverse norm (a float) neither overflows nor loses bits, nor do the products underflow. Other
+  // rows are computed as before, to the same bits.
   bool Compute(std::int64_t begin, std::int64_t rows, std::int64_t next_begin,
                std::int64_t next_rows, std::int64_t test_count, ThreadScratch& s) const {
     const NextTile next{next_begin, next_rows};
@@ -421,26 +431,34 @@ class TileProducer {
     };
     for (std::size_t c0 = 0; c0 < checkpoints; c0 += run) {
       float* sum = normalize_ > 0 && c0 > 0 ? s.run.data() : s.tile.data();
-      if (sum != s.tile.data()) s.run.Zero();
-      std::fill(s.norms.begin(), s.norms.end(), 0.0);
-      for (std::size_t c = c0; c < c0 + run; ++c) {
-        if (sums) std::fill(s.left_sums.begin(), s.left_sums.end(), 0.0);
-        if (sums && train_.factored) std::fill(s.right_sums.begin(), s.right_sums.end(), 0.0);
-        if (!train_.factored) {
-          Accumulate(c, begin, rows, sum, sums, s, next);
-          for (std::int64_t j = 0; sums && j < rows; ++j) s.norms[j] += squares(s.left_sums, j);
-          continue;
+      // The run's sums and norms; exponents (when not null): RunExponents'.
+      const auto compute_run = [&](const int* exponents) {
+        if (sum != s.tile.data()) s.run.Zero();
+        if (sum == s.tile.data() && exponents) s.tile.Zero();
+        std::fill(s.norms.begin(), s.norms.end(), 0.0);
+        for (std::size_t c = c0; c < c0 + run; ++c) {
+          if (sums) std::fill(s.left_sums.begin(), s.left_sums.end(), 0.0);
+          if (sums && train_.factored) std::fill(s.right_sums.begin(), s.right_sums.end(), 0.0);
+          const int* left = exponents ? exponents + (train_.factored ? 2 * (c - c0) : c - c0) * rows : nullptr;
+          if (!train_.factored) {
+            Accumulate(c, begin, rows, sum, sums, s, next, left);
+            for (std::int64_t j = 0; sums && j < rows; ++j) s.norms[j] += squares(s.left_sums, j);
+            continue;
+          }
+          s.left.Zero();
+          s.right.Zero();
+          Accumulate(2 * c, begin, rows, s.left.data(), sums, s, next, left);
+          Accumulate(2 * c + 1, begin, rows, s.right.data(), sums ? s.right_sums.data() : nullptr, s, next,
+                     exponents ? left + rows : nullptr);
+          const float* l = s.left.data();
+          const float* r = s.right.data();
+          for (std::size_t i = 0; i < tile_size; ++i) sum[i] += l[i] * r[i];
+          for (std::int64_t j = 0; sums && j < rows; ++j)
+            s.norms[j] += squares(s.left_sums, j) * squares(s.right_sums, j);
         }
-        s.left.Zero();
-        s.right.Zero();
-        Accumulate(2 * c, begin, rows, s.left.data(), sums, s, next);
-        Accumulate(2 * c + 1, begin, rows, s.right.data(), sums ? s.right_sums.data() : nullptr, s, next);
-        const float* l = s.left.data();
-        const float* r = s.right.data();
-        for (std::size_t i = 0; i < tile_size; ++i) sum[i] += l[i] * r[i];
-        for (std::int64_t j = 0; sums && j < rows; ++j)
-          s.norms[j] += squares(s.left_sums, j) * squares(s.right_sums, j);
-      }
+      };
+      compute_run(nullptr);
+      if (normalize_ > 0 && RunExponents(c0, run, begin, rows, s)) compute_run(s.exponents.data());
       if (normalize_ > 0) {
         for (std::int64_t j = 0; j < rows; ++j) s.scales[j] = static_cast<float>(InverseNorm(s.norms[j]));
         if (!scale_in_check) ScaleRun(sum, rows, ldc, s);
@@ -530,11 +548,54 @@ class TileProducer {
     }
   }
 
+  // Whether a row of the tile has a squared norm over the run (s.norms) that is nonzero and below
+  // 2^-128 or above 2^128; if so, s.exponents gets, per block of the run and row (block-major), the
+  // power of two e that row of the block is multiplied by: full gradients, the same e for every
+  // block of the run, bringing the row's norm into [0.5, 1); factored, the left factor of each
+  // checkpoint brought into [0.5, 1) and the right factor taking the rest, so that neither factor
+  // product underflows or overflows and each checkpoint's term is multiplied by the same power of two
+  // (at most 2 for the right factor, since |L| |R| is at most the norm). 0 for every other row.
+  bool RunExponents(std::size_t c0, std::size_t run, std::int64_t begin, std::int64_t rows, ThreadScratch& s) const {
+    constexpr double kLow = 0x1p-128, kHigh = 0x1p128;
+    bool any = false;
+    for (std::int64_t j = 0; j < rows && !any; ++j) any = s.norms[j] > 0.0 && (s.norms[j] < kLow || s.norms[j] > kHigh);
+    if (!any) return false;
+    const std::size_t per = train_.factored ? 2 : 1;
+    s.exponents.assign(run * per * static_cast<std::size_t>(rows), 0);
+    const auto exponent_of_norm = [](double squared) {  // e with sqrt(squared) * 2^e in [0.5, 1)
+      int e = 0;
+      std::frexp(std::sqrt(squared), &e);
+      return -e;
+    };
+    for (std::int64_t j = 0; j < rows; ++j) {
+      const double norm = s.norms[j];
+      if (!(norm > 0.0 && (norm < kLow || norm > kHigh))) continue;
+      const int e = exponent_of_norm(norm);
+      for (std::size_t c = c0; c < c0 + run; ++c) {
+        int* at = s.exponents.data() + (c - c0) * per * rows + j;
+        if (!train_.factored) {
+          *at = e;
+          continue;
+        }
+        const MatrixView& left = train_.blocks[2 * c];
+        s.row.resize(static_cast<std::size_t>(std::max<std::int64_t>(left.cols, 1)));
+        LoadRow(kernels_, left, begin + j, 0, left.cols, s.row.data());
+        const double squares = SumOfSquares(kernels_, s.row.data(), left.cols);
+        if (squares > 0.0) {  // else the checkpoint's term is 0 whatever the right factor (left as it is)
+          at[0] = exponent_of_norm(squares);
+          at[rows] = e - at[0];
+        }
+      }
+    }
+    return true;
+  }
+
   // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes;
   // sums (when not null): row i's kNormLanes partial sums of squares (kernels.sum_of_squares) at
-  // sums + i * kNormLanes, added to slice by slice.
+  // sums + i * kNormLanes, added to slice by slice. exponents (when not null): row i is multiplied
+  // by 2^exponents[i] as it is loaded.
   void Accumulate(std::size_t b, std::int64_t begin, std::int64_t rows, float* c, double* sums,
-                  ThreadScratch& s, const NextTile& next) const {
+                  ThreadScratch& s, const NextTile& next, const int* exponents) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
     for (std::int64_t slice = 0; slice < Slices(m.cols); ++slice) {
@@ -547,6 +608,12 @@ class TileProducer {
       float* a_block = s.rows.data();
       const std::int64_t padded = RoundUp(rows, mr);
       for (std::int64_t r = 0; r < rows; ++r) LoadRow(kernels_, m, begin + r, k0, kc, a_block + r * kc);
+      for (std::int64_t r = 0; exponents && r < rows; ++r) {
+        if (exponents[r] == 0) continue;
+        const double factor = std::ldexp(1.0, exponents[r]);  // |e| < 300: a normal double
+        float* x = a_block + r * kc;
+        for (std::int64_t k = 0; k < kc; ++k) x[k] = static_cast<float>(static_cast<double>(x[k]) * factor);
+      }
       if (sums) kernels_.sum_of_squares(a_block, rows, kc, sums);
       std::memset(a_block + rows * kc, 0, static_cast<std::size_t>((padded - rows) * kc) * sizeof(float));
       PrefetchAfter(b, slice, begin, rows, next, s.prefetch);

@@ -815,6 +815,113 @@ void TestOverflowNamesThePair() {
     }
 }
 
+
+// Cosine scores of train rows whose norms are far outside float32's comfortable range: below 2^-64
+// (subnormal values, norm ~1e-40; normal values, norm ~1e-24) and above 2^64 (~1e31, ~6e38, whose
+// float32 inverse norm is subnormal), full gradients and factored (tiny left x small right, whose
+// factor products are subnormal; huge left x subnormal right; huge x huge, whose products overflow;
+// a zero left factor with a huge right one), and a test row of subnormal values. The kernel
+// multiplies such train rows by powers of two as it loads them: within the bound of the float64
+// cosine scores, the same bits for any thread count and block size, Scores and Aggregate, runs of 1
+// and 2 checkpoints.
+void TestCosineRowsOfExtremeNorms() {
+  std::mt19937 rng(13);
+  const std::int64_t m = 6, n = 40;
+  const auto scale_row = [](Matrix& x, std::int64_t row, float factor) {
+    for (std::int64_t k = 0; k < x.cols; ++k) x.data[row * x.cols + k] *= factor;
+  };
+  for (bool factored : {false, true}) {
+    // blocks: full, checkpoints of 300 and 20 columns; factored, (30, 10) and (12, 4)
+    const std::vector<std::int64_t> cols = factored ? std::vector<std::int64_t>{30, 10, 12, 4}
+                                                    : std::vector<std::int64_t>{300, 20};
+    std::vector<Matrix> test, train;
+    for (std::int64_t c : cols) {
+      test.push_back(Random(m, c, rng));
+      train.push_back(Random(n, c, rng));
+    }
+    if (!factored) {
+      for (std::size_t b = 0; b < 2; ++b) {
+        scale_row(train[b], 3, 1e-41f);  // subnormal values
+        scale_row(train[b], 5, 1e-25f);
+        scale_row(train[b], 8, 1e30f);
+        scale_row(train[b], 9, 2e37f);
+        scale_row(test[b], 2, 1e-41f);
+      }
+      scale_row(train[0], 11, 1e-41f);  // only in checkpoint 0 (a run of its own with normalize 1)
+    } else {
+      for (std::size_t c = 0; c < 2; ++c) {
+        scale_row(train[2 * c], 2, 1e-30f);
+        scale_row(train[2 * c + 1], 2, 1e-12f);
+        scale_row(train[2 * c], 4, 1e20f);
+        scale_row(train[2 * c + 1], 4, 1e-42f);
+        scale_row(train[2 * c], 6, 1e25f);
+        scale_row(train[2 * c + 1], 6, 1e25f);
+      }
+      scale_row(train[0], 7, 0.0f);  // checkpoint 0: zero left factor, huge right
+      scale_row(train[1], 7, 1e30f);
+      scale_row(train[2], 7, 1e-30f);  // checkpoint 1: tiny
+      scale_row(train[3], 7, 1e-12f);
+    }
+    const std::vector<double> w = {0.5, -2.0};
+    tracin::GradientSide test_side = Full(test), train_side = Full(train);
+    test_side.factored = train_side.factored = factored;
+    const std::size_t per = factored ? 2 : 1;
+    // float64 checkpoint terms: the dot product of rows i and j of checkpoint c (sides a, b)
+    const auto term = [&](const std::vector<Matrix>& a, std::int64_t i, const std::vector<Matrix>& b,
+                          std::int64_t j, std::size_t c) {
+      double d = Dot(a[per * c], i, b[per * c], j);
+      if (factored) d *= Dot(a[2 * c + 1], i, b[2 * c + 1], j);
+      return d;
+    };
+    for (std::int64_t run : {1, 2}) {
+      std::vector<double> exact(static_cast<std::size_t>(m * n), 0.0);
+      for (std::size_t c0 = 0; c0 < 2; c0 += static_cast<std::size_t>(run))
+        for (std::int64_t i = 0; i < m; ++i)
+          for (std::int64_t j = 0; j < n; ++j) {
+            double dot = 0, tn = 0, xn = 0;
+            for (std::size_t c = c0; c < c0 + static_cast<std::size_t>(run); ++c) {
+              dot += w[c] * term(test, i, train, j, c);
+              tn += term(test, i, test, i, c);
+              xn += term(train, j, train, j, c);
+            }
+            exact[i * n + j] += tn > 0 && xn > 0 ? dot / std::sqrt(tn) / std::sqrt(xn) : 0.0;
+          }
+      const double bound = 1e-5 * (std::abs(w[0]) + std::abs(w[1]));
+      const std::string what = std::string(factored ? "factored" : "full") + ", normalize " + std::to_string(run);
+      for (tracin::Isa isa : tracin_test::RunnableIsas("cosine Scores of extreme norms")) {
+        std::vector<float> first;
+        for (int threads : {1, 3})
+          for (std::int64_t block : {0, 7}) {
+            tracin::Options o;
+            o.isa = isa;
+            o.num_threads = threads;
+            o.train_block = o.test_block = block;
+            o.normalize = run;
+            std::vector<float> out(exact.size());
+            const tracin::Status s = tracin::Scores(test_side, train_side, w, out.data(), o);
+            Check(s.ok(), "cosine Scores of extreme norms ok, " + what + ": " + s.message);
+            double worst = 0;
+            for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::abs(out[i] - exact[i]));
+            Check(s.ok() && worst <= bound, "cosine Scores of extreme norms within the bound, " + what + ", isa " +
+                                                tracin::IsaName(isa) + ": error " + std::to_string(worst));
+            if (first.empty()) first = out;
+            Check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0,
+                  "cosine Scores of extreme norms: identical bits, " + what);
+            std::vector<double> agg(static_cast<std::size_t>(n));
+            const tracin::Status a = tracin::Aggregate(test_side, train_side, w, agg.data(), o);
+            bool agg_close = a.ok();
+            for (std::int64_t j = 0; j < n; ++j) {
+              double sum = 0;
+              for (std::int64_t i = 0; i < m; ++i) sum += exact[i * n + j];
+              agg_close = agg_close && std::abs(agg[j] - sum) <= m * bound;
+            }
+            Check(agg_close, "cosine Aggregate of extreme norms within the bound, " + what + ": " + a.message);
+          }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -971,6 +1078,7 @@ int main() {
   TestAggregateLayoutsAgree();
   TestAggregateDotSameBitsEveryIsa();
   TestOverflowNamesThePair();
+  TestCosineRowsOfExtremeNorms();
   TestCosineScores();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
