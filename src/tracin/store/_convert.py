@@ -33,6 +33,53 @@ class BeyondRangeError(ValueError):
         super().__init__(message)
         self.row, self.source, self.dtype, self.limit = row, source, dtype, limit
 
+    def __reduce__(self) -> tuple:  # picklable (a worker process's error reaches its parent)
+        return type(self), (str(self), self.row, self.source, self.dtype, self.limit)
+
+
+class NonFiniteError(ValueError):
+    """to_store_dtype's error (refuse_nonfinite=True): the block holds NaN or Inf. rows: the first
+    (up to SHOWN_ROWS) rows holding one, counted from first_row; count: how many rows hold one; name
+    / where: the block's words. Store writers and exporters re-raise it in their own words."""
+
+    def __init__(self, message: str, rows: list[int], count: int, name: str, where: str):
+        super().__init__(message)
+        self.rows, self.count, self.name, self.where = rows, count, name, where
+
+    def __reduce__(self) -> tuple:  # picklable (a worker process's error reaches its parent)
+        return type(self), (str(self), self.rows, self.count, self.name, self.where)
+
+
+SHOWN_ROWS = 5  # rows named in a NonFiniteError
+
+
+def rows_text(rows: list[int], count: int) -> str:
+    """'row 7' / 'rows 7, 9' / 'rows 7, 9, ... (12 rows in all)'."""
+    named = ", ".join(str(r) for r in rows)
+    if count == 1:
+        return f"row {named}"
+    return f"rows {named}" + (f", ... ({count} rows in all)" if count > len(rows) else "")
+
+
+def _nonfinite(view: np.ndarray, source: str, name: str, first_row: int, where: str) -> NonFiniteError | None:
+    """The NonFiniteError for `view` (rows, d) in `source` dtype (bfloat16 as uint16 bits), or None
+    when every value is finite: one pass over the block, a second only to find the rows of a bad one."""
+    if source == "bfloat16":
+        bad = (view & np.uint16(0x7F80)) == np.uint16(0x7F80)
+    else:
+        bad = ~np.isfinite(view)
+    if not bad.any():
+        return None
+    found = np.flatnonzero(bad.any(axis=1))
+    rows = [first_row + int(r) for r in found[:SHOWN_ROWS]]
+    return NonFiniteError(
+        f"{name} holds NaN or Inf values in {rows_text(rows, len(found))}{where}",
+        rows,
+        len(found),
+        name,
+        where,
+    )
+
 
 # per store dtype: the dtypes that hold the finite values beyond its range (LIMITS: the largest
 # magnitude below the midpoint to the next, infinite, value; float32 above bfloat16's rounds to inf)
@@ -40,18 +87,23 @@ WIDER = {"float16": ("float32", "bfloat16"), "bfloat16": ("float32",)}
 LIMITS = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895314e38}
 
 
-def to_store_dtype(x: Any, dtype: str, name: str, first_row: int = 0, where: str = "") -> np.ndarray:
+def to_store_dtype(
+    x: Any, dtype: str, name: str, first_row: int = 0, where: str = "", refuse_nonfinite: bool = False
+) -> np.ndarray:
     """C-contiguous (rows, d) array of `x` in the store dtype (bfloat16 as uint16 bits).
 
     x: 2-D NumPy / torch (any device) / JAX array in float32, float16 or bfloat16. No copy when
     `x` is already a contiguous array of that dtype. Finite values that would become infinite in
     the store dtype are a BeyondRangeError (a ValueError; rather than silently stored as inf) naming
     `name`, the first row holding one (counted from `first_row`, described by `where`: " of checkpoint
-    0", say) and the dtypes that would hold it.
+    0", say) and the dtypes that would hold it. refuse_nonfinite: NaN or Inf in `x` is a
+    NonFiniteError naming the first such rows the same way (store writers; else they are kept).
     """
     if is_torch_tensor(x) and x.device.type != "cpu":
         x = x.detach().cpu()
     view, source = as_matrix(x, name)
+    if refuse_nonfinite and (err := _nonfinite(view, source, name, first_row, where)) is not None:
+        raise err
     if source == dtype:
         return np.ascontiguousarray(view)
     as_f32 = bfloat16_bits_to_float32(view) if source == "bfloat16" else view.astype(np.float32)
@@ -63,7 +115,7 @@ def to_store_dtype(x: Any, dtype: str, name: str, first_row: int = 0, where: str
             out = np.ascontiguousarray(as_f32.astype(dtype))
         finite = np.isfinite(out)
     if dtype != "float32":
-        beyond = ~finite & np.isfinite(as_f32)
+        beyond = ~finite if refuse_nonfinite else ~finite & np.isfinite(as_f32)  # the source is finite, checked
         if beyond.any():
             row = int(np.argmax(beyond.any(axis=1)))
             wider = " or ".join(WIDER[dtype])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import GradientSet
-from ._convert import to_store_dtype
+from ._convert import NonFiniteError, to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
 from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, StoreChangedError, gaps
 from ._locks import DirectoryLock
@@ -147,7 +147,9 @@ class GradientStoreWriter:
         """Writes rows [start, start + len(block)) of one checkpoint.
 
         block: (rows, d_c) array (full) or a (left (rows, p_c), right (rows, q_c)) pair (factored);
-        NumPy, torch or JAX, float32 / float16 / bfloat16, converted to the store dtype.
+        NumPy, torch or JAX, float32 / float16 / bfloat16, converted to the store dtype. NaN or Inf
+        anywhere in it is a NonFiniteError (a ValueError) naming the store, the checkpoint (and factor)
+        and the first such rows, raised before anything of the write reaches the disk.
         Rewriting rows already written is allowed (the new values replace the old). An OSError
         (e.g. a full disk) names the file; the rows are then not recorded, and a resume redoes them.
         """
@@ -282,6 +284,14 @@ class GradientStoreWriter:
             raise ValueError(f"checkpoint must be an integer in [0, {self.n_checkpoints}), got {checkpoint!r}")
         return int(checkpoint)
 
+    def _converted(self, x: Any, name: str, start: int, c: int) -> np.ndarray:
+        """x in the store dtype; NaN / Inf (NonFiniteError) and values beyond its range (BeyondRangeError)
+        refused, naming the checkpoint and the first such rows of the store."""
+        try:
+            return to_store_dtype(x, self._manifest.dtype, name, start, f" of checkpoint {c}", refuse_nonfinite=True)
+        except NonFiniteError as err:
+            raise _refused_rows(err, self.path) from None
+
     def _blocks(self, c: int, block: Any, start: int) -> list[np.ndarray]:
         m = self._manifest
         if m.factored:
@@ -289,18 +299,29 @@ class GradientStoreWriter:
                 raise TypeError(
                     f"block must be a (left, right) pair of arrays for a factored store, got {type(block).__name__}"
                 )
-            arrays = [
-                to_store_dtype(b, m.dtype, f"block[{i}]", start, f" of checkpoint {c}") for i, b in enumerate(block)
-            ]
+            names = ("block[0] (the left factor)", "block[1] (the right factor)")
+            arrays = [self._converted(b, names[i], start, c) for i, b in enumerate(block)]
             if arrays[0].shape[0] != arrays[1].shape[0]:
                 raise ValueError(f"left has {arrays[0].shape[0]} rows but right has {arrays[1].shape[0]}")
         else:
-            arrays = [to_store_dtype(block, m.dtype, "block", start, f" of checkpoint {c}")]
+            arrays = [self._converted(block, "block", start, c)]
         for i, (arr, d) in enumerate(zip(arrays, m.dims[c], strict=True)):
             if arr.shape[1] != d:
                 what = ("left", "right")[i] if m.factored else "block"
                 raise ValueError(f"{what} has {arr.shape[1]} columns but checkpoint {c} has {d}")
         return arrays
+
+
+def _refused_rows(err: NonFiniteError, path: Path) -> NonFiniteError:
+    """`err` in the writer's words: the store, and that nothing of the write was stored."""
+    return NonFiniteError(
+        f"gradient store {path}: {err}; nothing of this write was stored (scoring refuses a store holding NaN or "
+        "Inf anywhere): fix or leave out those examples and write the rows again",
+        err.rows,
+        err.count,
+        err.name,
+        err.where,
+    )
 
 
 def _ranges_text(ranges: list[list[int]]) -> str:
