@@ -386,6 +386,29 @@ def test_overflowed_partial_sum_is_reported_as_such_with_its_pair():
             tracin.scores(test, train, num_threads=threads, device="cpu")
 
 
+def test_overflowed_pair_is_named_in_the_whole_sets_rows_when_scored_in_pieces(tmp_path):
+    """The kernel names the pair in the rows of the piece it scored: a store read in chunks of 1000 rows
+    (and a test side over two pieces' worth of train rows) must have it named as rows of the sets."""
+    d, n = 768, 5000
+    train = np.ones((n, d), np.float32)
+    v = np.float32(3.3e38 / 256)
+    train[4321, :512], train[4321, 512:] = v, -v
+    writer = tracin.GradientStore.create(tmp_path / "s", n, [d])
+    writer.write(0, 0, train)
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=d * 4 * 1000)
+    test = np.ones((3, d), np.float32)
+    test[:2] = 0.0
+    named = r"overflowed float32, first for test row {} and train row {};"
+    for call, pair in (
+        (lambda: tracin.scores(test, store), (2, 4321)),
+        (lambda: tracin.top_k(test, store, 3), (2, 4321)),
+        (lambda: tracin.top_k(store, test, 1), (4321, 2)),
+    ):
+        with pytest.raises(ValueError, match=named.format(*pair)):
+            call()
+
+
 @pytest.mark.parametrize("factored", [False, True])
 def test_cosine_scores_of_train_rows_of_extreme_norms_on_the_cpu(rng, factored):
     """normalize=True on device "cpu" with train rows of norm ~1e-39 (subnormal values, whose float32

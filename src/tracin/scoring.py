@@ -32,6 +32,8 @@ from .whitening import Whitening
 _SIDES = ("proponents", "opponents", "both")
 # A backend's message for NaN/Inf rows, whose row numbers count from the start of the pair it scored.
 _NON_FINITE = re.compile(r"^(test|train) (.+) contains NaN or Inf values, first in rows \[([0-9, ]+)\]$")
+# The C++ kernel's float32 overflow message names the pair of the first overflowed score, counted the same way.
+_OVERFLOW_PAIR = re.compile(r"first for test row ([0-9]+) and train row ([0-9]+)")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _KERNEL_OOM = "out of memory in the tracin kernel"  # the C++ kernel's MemoryError (csrc/src/guarded.hpp)
 
@@ -511,11 +513,18 @@ def _candidates_per_row(k: int, n: int, threads: int) -> int:
 
 
 def rows_shifted(message: str, test_start: int, train_start: int) -> str | None:
-    """A backend's NaN/Inf message about rows from test_start / train_start on, with its row
-    numbers counted from the start of the sets instead (None for any other message)."""
+    """A backend's NaN/Inf message (or the C++ kernel's float32 overflow message naming a pair) about
+    rows from test_start / train_start on, with its row numbers counted from the start of the sets
+    instead (None for any other message)."""
     found = _NON_FINITE.match(message)
     if found is None:
-        return None
+        pair = _OVERFLOW_PAIR.search(message)
+        if pair is None:
+            return None
+        test_row, train_row = test_start + int(pair[1]), train_start + int(pair[2])
+        return (
+            message[: pair.start()] + f"first for test row {test_row} and train row {train_row}" + message[pair.end() :]
+        )
     side, block, rows = found.groups()
     start = test_start if side == "test" else train_start
     shifted = ", ".join(str(start + int(r)) for r in rows.split(", "))
@@ -598,12 +607,14 @@ def top_k(
     then weighted and summed: sum_c w_c <g_c(t), g_c(i)> / (|g_c(t)| |g_c(i)|); a zero gradient scores
     0. The kernel sums the norms in float64 from the rows it scores (a store's train rows piece by
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
-    device "cpu" refuses (ValueError, overflow) train rows of norm below about 3e-39, whose inverse
-    norm overflows float32, and factored rows of any norm whose left and right factors are out of
+    Rows of any norm are scored: every device brings train rows of a norm below 2^-64 or above 2^64
+    near norm 1 by powers of two first (exactly, so the cosines do not change; device "cpu" brings
+    such a factored row's left factor near norm 1 and its right factor takes the rest). Device "cpu"
+    refuses (ValueError, overflow) factored rows of any norm whose left and right factors are out of
     balance by more than about 1e19 (left x1e20, right /1e20) where two such rows meet: the product
     of their left factors overflows float32 ("influence overflowed float32"), as it does for plain
-    scores on every device. The torch devices bring rows near norm 1, and a row's two factors to
-    the same norm, by powers of two first, and score both.
+    scores on every device. The torch devices bring a row's two factors to the same norm by powers
+    of two first, and score them.
     Refused for whitened test sets (a cosine across two spaces).
     Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
     weighted test rows of one pass (up to 512 rows) as float32 (up to 64 MiB), but never fewer than
