@@ -260,15 +260,23 @@ def test_the_readme_quotes_what_the_demo_prints(default_demo):
     readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
     quoted = re.search(
         r"at its defaults it prints ([\d.]+)% of the flipped labels found at 20% inspected "
-        r"\(all checkpoints: ([\d.]+)%; final-model loss: ([\d.]+)%\)",
+        r"\(all checkpoints: ([\d.]+)%; final-model loss: ([\d.]+)%, where NumPy's OpenBLAS runs its AVX-512 "
+        r"kernels; its AVX2 kernels round training differently: ([\d.]+)% and ([\d.]+)%, "
+        r"the recipe's ([\d.]+)% alike\)",
         readme,
     )
     assert quoted, "the README's sentence on the demo's figures"
-    for name, text in zip((TRACIN, TRACIN_ALL, LOSS), quoted.groups(), strict=True):
+    recipe, all_avx512, loss_avx512, all_avx2, loss_avx2, recipe_again = quoted.groups()
+    assert recipe_again == recipe
+    # OpenBLAS's AVX-512 and AVX2 kernels round 150 epochs of training differently (measured: all
+    # checkpoints 85.0 / 84.3%, loss 64.6 / 65.7%, the recipe 91.1% on both): the figures quoted for
+    # either, each with one flipped label (1/280) of room for other BLAS builds
+    quotes = {TRACIN: [recipe], TRACIN_ALL: [all_avx512, all_avx2], LOSS: [loss_avx512, loss_avx2]}
+    for name, texts in quotes.items():
         printed = next(line for line in lines if line.startswith(f"| {name} |")).split("|")[3].strip()
         assert printed == f"{result.found[name][0.2]:.1%}"
-        # one flipped label (1/280) of room for other BLAS builds' rounding over 150 epochs
-        assert abs(float(text) / 100 - result.found[name][0.2]) <= 1 / result.n_flipped, (name, text, printed)
+        gaps = [abs(float(text) / 100 - result.found[name][0.2]) for text in texts]
+        assert min(gaps) <= 1 / result.n_flipped, (name, texts, printed)
 
 
 def test_demo_reports_the_real_flip_rate(default_demo):
