@@ -208,13 +208,20 @@ class GradientStore(GradientSet):
         root = Path(path).absolute()  # the files are opened again per call: a later chdir must not matter
         seen = read_manifest_bytes(root)
         m = parse_manifest(seen, str(root / MANIFEST))
-        files = [
-            _DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
-            for c, names in enumerate(m.files)
-            for name, d in zip(names, m.dims[c], strict=True)
-        ]
-        if m.has_ids:
-            read_ids(root / IDS_FILE, m.n_rows)
+        try:
+            files = [
+                _DataFile.inspect(root, name, DISK_DTYPES[m.dtype], (m.n_rows, d), m.complete)
+                for c, names in enumerate(m.files)
+                for name, d in zip(names, m.dims[c], strict=True)
+            ]
+            if m.has_ids:
+                read_ids(root / IDS_FILE, m.n_rows)
+        except (StoreFormatError, FileNotFoundError) as e:  # a file missing or half-made: re-created meanwhile?
+            if (change := _recreated(root, seen, m.store_id)) is not None:
+                raise StoreChangedError(
+                    f"gradient store {root} was re-created while it was being opened ({change}); open it again"
+                ) from e
+            raise
         stop = m.n_rows
         if allow_partial and not m.complete:
             stop = min(m.rows_done(c) for c in range(len(m.dims)))
@@ -391,7 +398,13 @@ class GradientStore(GradientSet):
         files = [self.path / MANIFEST] + [self.path / n for names in m.files for n in names]
         if m.has_ids:
             files.append(self.path / IDS_FILE)
-        stats = [os.lstat(f) for f in files]
+        try:
+            stats = [os.lstat(f) for f in files]
+        except FileNotFoundError as e:
+            self._check_same_store()  # re-created or removed: that is the error
+            raise StoreChangedError(
+                f"{e.filename} was removed after the gradient store was opened; open it again"
+            ) from None
         return {
             "path": str(self.path),
             "format_version": FORMAT_VERSION,
@@ -452,6 +465,24 @@ class GradientStore(GradientSet):
             f"GradientStore({str(self.path)!r}, n_rows={self.n_rows}, dims={list(self.dims)}, "
             f"dtype={self.dtype!r}, complete={self.complete}{view})"
         )
+
+
+def _recreated(root: Path, seen: bytes, store_id: str | None) -> str | None:
+    """How the store at `root`, whose manifest was `seen` (holding `store_id`), was re-created or
+    removed since (its manifest gone, unreadable as a store's, or holding another id); None if not."""
+    try:
+        now = read_manifest_bytes(root)
+    except FileNotFoundError:
+        return f"no {MANIFEST} now"
+    except (OSError, ValueError):
+        return None  # not a sign of re-creation: the first error stands
+    if now == seen:
+        return None
+    try:
+        now_id = parse_manifest(now, str(root / MANIFEST)).store_id
+    except StoreFormatError:
+        return None
+    return None if now_id == store_id else f"store id {store_id} then, {now_id} now"
 
 
 def describe(path: str | os.PathLike) -> str:
