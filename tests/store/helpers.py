@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 
 import tracin
-from tracin.store._convert import to_store_dtype
+from store_files import write_with_nonfinite
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
@@ -26,34 +26,16 @@ def write_store(
     path: Path, blocks: list, weights=None, dtype: str = "float32", factored: bool = False, step: int = 10, **kwargs
 ) -> tracin.GradientStore:
     """A finished store holding `blocks`, written in row blocks of `step`, checkpoints interleaved.
-
-    Writers refuse NaN / Inf rows; blocks holding them are written with zeros there, and the values
-    are then planted into the finished data files (as in a store written before writers refused them,
-    or damaged on disk), for tests of how readers and scoring treat such a store."""
+    NaN / Inf values, which writers refuse, are planted into the data files (write_with_nonfinite),
+    for tests of how readers and scoring treat such a store."""
     n = len(blocks[0][0] if factored else blocks[0])
     dims = [(b[0].shape[1], b[1].shape[1]) if factored else b.shape[1] for b in blocks]
     writer = tracin.GradientStore.create(path, n, dims, weights, dtype, factored=factored, **kwargs)
     for start in range(0, n, step):
         for c, b in enumerate(blocks):
             part = (b[0][start : start + step], b[1][start : start + step]) if factored else b[start : start + step]
-            writer.write(c, start, tuple(map(_finite, part)) if factored else _finite(part))
-    store = writer.finalize()
-    planted = False
-    for names, b in zip(store._manifest.files, blocks, strict=True):
-        for name, array in zip(names, b if factored else (b,), strict=True):
-            if not np.isfinite(np.asarray(array, np.float32)).all():
-                on_disk = np.load(Path(path) / name, mmap_mode="r+")
-                on_disk[:] = to_store_dtype(array, dtype, "block")
-                on_disk.flush()
-                planted = True
-    return tracin.GradientStore.open(path) if planted else store
-
-
-def _finite(block):
-    """block with NaN / Inf replaced by 0 (the block itself when it has none)."""
-    as_f32 = np.asarray(block, np.float32)
-    finite = np.isfinite(as_f32)
-    return block if finite.all() else np.where(finite, as_f32, 0).astype(np.asarray(block).dtype)
+            write_with_nonfinite(writer, c, start, part)
+    return writer.finalize()
 
 
 def in_memory(blocks: list, weights=None, factored: bool = False):
