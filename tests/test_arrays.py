@@ -100,11 +100,21 @@ def test_a_side_that_is_not_gradient_rows_is_refused_by_its_type(bad, rng):
         tracin.self_influence(bad)
 
 
-@pytest.mark.parametrize("bad", [None, np.array([["a", "b"]]), {"a": 1}])
+@pytest.mark.parametrize("bad", [None, np.array([["a", "b"]]), {"a": 1}, np.array([[b"x"]])])
 def test_a_checkpoint_matrix_of_no_numbers_is_refused_without_astype_advice(bad):
     expected = r"^matrices\[1\] must be an array of numbers; got \w+ \(NumPy reads it as dtype \w+\); expected a 2-D"
     with pytest.raises(TypeError, match=expected):
         tracin.Gradients([np.ones((2, 3), np.float32), bad])
+
+
+@pytest.mark.parametrize(
+    "numbers", [np.ones((2, 3)).astype(object), np.ones((2, 3), ml_dtypes.float8_e4m3fn), np.ones((2, 3), np.int32)]
+)
+def test_numbers_of_another_dtype_get_the_astype_advice(numbers):
+    # fix-review39 F4: an object array of Python floats (DataFrame.values) or float8 holds numbers
+    expected = r"^matrices\[0\] has dtype \w+; expected float32, float16 or bfloat16 \(convert with \.astype"
+    with pytest.raises(TypeError, match=expected):
+        tracin.Gradients(numbers)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

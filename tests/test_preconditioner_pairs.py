@@ -44,6 +44,7 @@ def test_self_influence_of_adam_update_rows_is_refused_everywhere(rng, tmp_path)
         lambda: tracin.self_influence(rows),
         lambda: tracin.self_influence(rows, per_checkpoint=True),
         lambda: tracin.self_influence(rows, whitening=tracin.Whitening.fit(rows)),
+        lambda: tracin.Whitening.fit(rows).self_influence(rows),
         lambda: checkpoint_diagnostics(rows),
         lambda: tracin.distributed.self_influence(store),  # refused before any cluster is sought
     ):

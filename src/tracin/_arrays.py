@@ -81,7 +81,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
         return _from_dlpack_device(x, name)
     arr = np.asarray(x)
     dtype = arr.dtype.name
-    if arr.dtype.kind in "OSUV" and dtype != "bfloat16":  # None, text, dicts (ml_dtypes' bfloat16 is kind V)
+    if arr.dtype.kind in "SU" or (arr.dtype.kind == "O" and arr.ndim == 0):  # text; None, a dict, a set
         raise TypeError(
             f"{name} must be an array of numbers; got {type(x).__name__} (NumPy reads it as dtype {dtype}); "
             "expected a 2-D float32, float16 or bfloat16 array (NumPy, torch, JAX)"

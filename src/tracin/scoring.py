@@ -219,7 +219,8 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
 def check_self_influence_rows(train: GradientSet) -> None:
     """Refuses rows whose self-influence means nothing: preconditioner='adam_update' rows are Adam's next
     steps u_c, whose score pairs with a plain gradient (<g, u>); sum_c w_c |u_c|^2 is not a self-influence."""
-    if ((train.metadata.get("preconditioner") or {}).get("kind")) == "adam_update":
+    recorded = train.metadata.get("preconditioner")  # a dict in the adapters' records; anything in a user's
+    if isinstance(recorded, dict) and recorded.get("kind") == "adam_update":
         raise ValueError(
             "train gradients are preconditioner='adam_update' (Adam's next steps u, for pairing with plain test "
             "rows), whose squared norms are no self-influence; rank by the diagonal of scores(plain rows, "

@@ -283,3 +283,10 @@ def test_a_store_resumed_with_another_preconditioner_names_the_preconditioner(pr
     with pytest.raises(ValueError, match=r"the preconditioner differs \('adam' there, 'adam_update' here\)"):
         export_gradients(model, with_states, data, _ce, preconditioner="adam_update", **common)
     assert export_gradients(model, with_states, data, _ce, preconditioner="adam", **common).complete
+    # the reverse: a plain store asks for no optimizer states (fix-review39 F5)
+    plain = dict(common, store=tmp_path / "plain")
+    export_gradients(model, checkpoints, data, _ce, **plain)
+    refused = r"\(None there, 'adam' here\)\. .*: resume with preconditioner=None, export"
+    with pytest.raises(ValueError, match=refused) as e:
+        export_gradients(model, with_states, data, _ce, preconditioner="adam", **plain)
+    assert "optimizer states it was exported with" not in str(e.value)

@@ -344,8 +344,9 @@ def test_live_optimizer_states_saved_without_deepcopy_are_refused(optimizer):
     with pytest.raises(
         ValueError,
         match=r"checkpoints\[0\]\[2\] and checkpoints\[1\]\[2\] \(optimizer states\) hold the very same tensor "
-        r"\(exp_avg of the state's entry 0\) while checkpoints\[0\] and checkpoints\[1\] are other weights: "
-        r".*\(both hold step 6 now\), not its own\. Save copy\.deepcopy\(optimizer\.state_dict\(\)\)",
+        r"\(exp_avg of the state's entry 0\) while checkpoints\[0\] and checkpoints\[1\] are not one weights "
+        r"object or path\. If .*\(both hold step 6 now\), not its own: "
+        r"save copy\.deepcopy\(optimizer\.state_dict\(\)\)",
     ):
         export_gradients(model, live, (x, y), _loss, preconditioner="adam", progress=False)
     with pytest.raises(ValueError, match=r"hold the very same tensor"):  # the Kronecker path too

@@ -352,8 +352,9 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported with another preconditioner: the preconditioner differs "
             f"({kinds[0]!r} there, {kinds[1]!r} here). Rows from both cannot be mixed: resume with "
-            f"preconditioner={kinds[0]!r} (and the optimizer states it was exported with), export into another "
-            "directory, or delete this one"
+            f"preconditioner={kinds[0]!r}"
+            + (" (and the optimizer states it was exported with)" if kinds[0] is not None else "")
+            + ", export into another directory, or delete this one"
         )
     sources = (existing.get("checkpoint_sources"), metadata.get("checkpoint_sources"))
     changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"], sources)

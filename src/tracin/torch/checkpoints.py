@@ -107,11 +107,12 @@ def refuse_live_states(entries: Sequence[Checkpoint]) -> None:
             )
             raise ValueError(
                 f"checkpoints[{i}][2] and checkpoints[{j}][2] (optimizer states) hold the very same tensor ({what}) "
-                f"while checkpoints[{i}] and checkpoints[{j}] are other weights: optimizer.state_dict() returns the "
-                "optimizer's live tensors, which every later step updates in place, so each of these checkpoints "
-                f"carries the state after the last step{held}, not its own. Save copy.deepcopy(optimizer.state_dict()) "
-                "with each checkpoint (or torch.save it to a file and pass the path); to give one state to several "
-                f"checkpoints on purpose, pass the same object each time.{weights}"
+                f"while checkpoints[{i}] and checkpoints[{j}] are not one weights object or path. If these states "
+                "were saved as optimizer.state_dict() during training, they are the optimizer's live tensors, which "
+                f"every later step updates in place, so each of these checkpoints carries the state after the last "
+                f"step{held}, not its own: save copy.deepcopy(optimizer.state_dict()) with each checkpoint (or "
+                "torch.save it to a file and pass the path). To give one state to several checkpoints on purpose, "
+                f"pass the same object each time.{weights}"
             )
 
 

@@ -279,9 +279,10 @@ class Whitening:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
         per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
-        from ..scoring import _flag
+        from ..scoring import _flag, check_self_influence_rows
 
         train = self._accept(train, "train")
+        check_self_influence_rows(train)
         per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
         check_progress(progress)
         total = np.zeros((train.n_rows, train.n_checkpoints))
