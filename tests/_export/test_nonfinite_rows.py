@@ -1,8 +1,9 @@
 """Rows that are not finite under a projection, in tracin.torch and tracin.jax exports.
 
-An example whose gradient holds NaN or Inf is stored (a row of NaN), as exports without a projection
-store it as it is, and scoring names it; a finite gradient whose projection overflows float32 fails
-the export, naming the row in the data's numbering (not the batch's) and the checkpoint.
+An example whose gradient holds NaN or Inf is kept in memory (a row of NaN), as exports without a
+projection keep it as it is, and scoring names it; a gradient store refuses it, naming the row in the
+data's numbering; a finite gradient whose projection overflows float32 fails the export, naming the
+row in the data's numbering (not the batch's) and the checkpoint.
 """
 
 from __future__ import annotations
@@ -57,25 +58,21 @@ def _check_rows(rows: np.ndarray, reference: np.ndarray, projection: tracin.Proj
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS, ids=["flat", "per_layer"])
-def test_torch_stores_the_row_of_an_example_whose_gradient_is_not_finite(projection, tmp_path):
+def test_torch_keeps_the_row_of_an_example_whose_gradient_is_not_finite(projection, tmp_path):
     torch.manual_seed(0)
     model, (x, y) = nn.Linear(4, 3), _data()
     data = (torch.from_numpy(x), torch.from_numpy(y))
-    store = tt.export_gradients(
-        model,
-        [(model.state_dict(), 1.0)],
-        data,
-        nn.CrossEntropyLoss(reduction="none"),
-        projection=projection,
-        batch_size=BATCH,
-        progress=False,
-        store=tmp_path / "g",
-    )
+    kwargs = {"projection": projection, "batch_size": BATCH, "progress": False}
+    states, loss = [(model.state_dict(), 1.0)], nn.CrossEntropyLoss(reduction="none")
+    g = tt.export_gradients(model, states, data, loss, **kwargs)
     dw, db = _softmax_gradients(x, y, model.weight.detach().double().numpy(), model.bias.detach().double().numpy())
-    _check_rows(np.array(store.kernel_side().blocks[0]), np.hstack([dw.reshape(N, -1), db]), projection, [12, 3])
+    _check_rows(np.array(g.matrices[0]), np.hstack([dw.reshape(N, -1), db]), projection, [12, 3])
     named = rf"train checkpoint 0 contains NaN or Inf values, first in rows \[{NAN_ROW}\]"
     with pytest.raises(ValueError, match=named):
-        tracin.self_influence(store)
+        tracin.self_influence(g)
+    with pytest.raises(ValueError, match=rf"^row {NAN_ROW} of checkpoint 0 holds NaN or Inf gradient values"):
+        tt.export_gradients(model, states, data, loss, store=tmp_path / "g", **kwargs)
+    assert tracin.GradientStore.open(tmp_path / "g", allow_partial=True).info()["rows_written"] == [BATCH]
 
 
 def _jax_loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ import pytest
 
 import tracin
 from reference import exact_scores
+from store_files import write_with_nonfinite
 from tracin import _tunables, backends
 from tracin.backends import ChunkCache, _torch_rows, _torch_topk, torch_device
 from tracin.gradients import KernelSide
@@ -23,7 +24,7 @@ def store(tmp_path, name: str, blocks: list[np.ndarray], w: list[float], rows: i
     """A store of `blocks` read `rows` rows per chunk (one train piece of the loop each)."""
     writer = tracin.GradientStore.create(tmp_path / name, len(blocks[0]), [b.shape[1] for b in blocks], w, dtype)
     for c, block in enumerate(blocks):
-        writer.write(c, 0, block)
+        write_with_nonfinite(writer, c, 0, block)  # NaN rows: writers refuse them, planted for the reader tests
     writer.finalize()
     row_bytes = sum(b.shape[1] for b in blocks) * (4 if dtype == "float32" else 2)
     opened = tracin.GradientStore.open(tmp_path / name, chunk_bytes=rows * row_bytes)

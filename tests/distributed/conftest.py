@@ -12,6 +12,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import tracin
+from store_files import write_with_nonfinite
 
 ALLOWED_FAILURES = 1  # a task may lose one worker and be rerun; the second death fails it
 
@@ -31,12 +32,13 @@ def client() -> Iterator[Client]:
 def write_store(
     path: Path, matrices: list[np.ndarray], weights: list[float] | None, overwrite: bool = False, **open_kw
 ) -> tracin.GradientStore:
-    """A finished store holding `matrices` (one (n, d_c) float32 array per checkpoint)."""
+    """A finished store holding `matrices` (one (n, d_c) float32 array per checkpoint); NaN / Inf
+    values, which writers refuse, are planted into its files (for the NaN tests of scoring)."""
     writer = tracin.GradientStore.create(
         path, len(matrices[0]), [m.shape[1] for m in matrices], weights, overwrite=overwrite
     )
     for c, m in enumerate(matrices):
-        writer.write(c, 0, m)
+        write_with_nonfinite(writer, c, 0, m)
     writer.finalize()
     return tracin.GradientStore.open(path, **open_kw)
 

@@ -4,7 +4,8 @@ Both take, per checkpoint c, blocks of rows at a start row: a (rows, d) array, o
 pair when factored; NumPy, torch or JAX, float32 / float16 / bfloat16. Both convert them to the
 stored dtype the same way (tracin.store's to_store_dtype), so values beyond the range of float16 /
 bfloat16 are the same ValueError at export time, naming dtype=, the checkpoint and the first such row
-(beyond_range). The writes of one batch go inside `with sink.batch():` (a store records their progress
+(beyond_range). A store also refuses NaN / Inf rows, naming them (nonfinite_rows); in memory they are
+kept, and scoring names them. The writes of one batch go inside `with sink.batch():` (a store records their progress
 once). Close a sink on any error (close()).
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import FactoredGradients, Gradients
-from ..store._convert import WIDER, BeyondRangeError, to_store_dtype
+from ..store._convert import WIDER, BeyondRangeError, NonFiniteError, rows_text, to_store_dtype
 from ..store._format import DISK_DTYPES
 from .resume import refuse_another_export
 
@@ -132,6 +133,20 @@ def beyond_range(
     )
 
 
+def nonfinite_rows(err: NonFiniteError, slot: int, store: str | os.PathLike, slots: int = 1) -> ValueError:
+    """The export's words for the store writer's refusal of NaN / Inf rows (NonFiniteError, rows in the
+    data's numbering) of sink slot `slot` (`slots` per checkpoint: factored exports have one per layer)."""
+    checkpoint, pair = divmod(slot, slots)
+    where = f"checkpoint {checkpoint}" + (f" (factor pair {pair})" if slots > 1 else "")
+    return ValueError(
+        f"{rows_text(err.rows, err.count)} of {where} {'hold' if err.count > 1 else 'holds'} NaN or Inf gradient "
+        "values (a NaN or Inf input, or a loss or model output that is not finite for those examples), and a "
+        f"gradient store refuses them, since scoring refuses a store holding any; the store begun in "
+        f"{os.fspath(store)} keeps the rows written before them, for this data only: fix or leave out those "
+        f"examples, then {EXPORT_ADVICE}"
+    )
+
+
 # the data forms whose row count is known up front, in tracin.torch's words
 COUNTABLE = "(inputs, targets) arrays, a Dataset or DataLoader with len(), or a list of batches"
 
@@ -200,6 +215,8 @@ class StoreSink:
             self._writer.write(checkpoint, start, block)
         except BeyondRangeError as err:
             raise beyond_range(err, checkpoint, start, self._writer.path, self.slots) from None
+        except NonFiniteError as err:
+            raise nonfinite_rows(err, checkpoint, self._writer.path, self.slots) from None
 
     def batch(self) -> AbstractContextManager[None]:
         """Writes of one batch, of every slot: the store records their rows once, on leaving, after
