@@ -614,8 +614,10 @@ def top_k(
     refuses (ValueError, overflow) factored rows of any norm whose left and right factors are out of
     balance by more than about 1e19 (left x1e20, right /1e20) where two such rows meet: the product
     of their left factors overflows float32 ("influence overflowed float32"), as it does for plain
-    scores on every device. The torch devices bring a row's two factors to the same norm by powers
-    of two first, and score them.
+    scores on every device; where the small factors' products underflow instead (left x1e30, right
+    x1e-44), its cosine and plain scores of such rows lose accuracy beyond the bound without an error.
+    The torch devices bring a row's two factors to the same norm by powers of two first for cosine
+    scores, and score them.
     Refused for whitened test sets (a cosine across two spaces).
     Memory (device "cpu"; also scores and aggregate): besides the result, the kernel packs the
     weighted test rows of one pass (up to 512 rows) as float32 (up to 64 MiB), but never fewer than
