@@ -212,6 +212,25 @@ def test_merge_top_k_orders_like_a_sort_by_score_then_index(rng, side, offset):
         np.testing.assert_array_equal(merged.values[row], np.array([v for v, _ in want], dtype=np.float32))
 
 
+def test_merge_top_k_refuses_shards_sorted_for_the_other_side(rng):
+    # review42 F1: opponents shards merged with the default side gave wrong rows without an error
+    test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])
+    shards = [tracin.top_k(test, [m[a:b] for m in train], k=5, side="both") for a, b in ((0, 12), (12, 30))]
+    whole = tracin.top_k(test, train, k=5, side="both")
+    opponents = [s.opponents for s in shards]
+    with pytest.raises(
+        ValueError,
+        match=r"^results\[0\] is sorted as opponents results are \(its values rise along a "
+        r"row\), but side='proponents': merge opponents with side='opponents'$",
+    ):
+        tracin.merge_top_k(opponents, [0, 12])
+    with pytest.raises(ValueError, match=r"is sorted as proponents .*merge proponents with side='proponents'$"):
+        tracin.merge_top_k([s.proponents for s in shards], [0, 12], side="opponents")
+    merged = tracin.merge_top_k(opponents, [0, 12], side="opponents")
+    np.testing.assert_array_equal(merged.indices, whole.opponents.indices)
+    np.testing.assert_array_equal(merged.values, whole.opponents.values)
+
+
 def test_merge_top_k_without_k_takes_the_common_width(rng):
     test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])
     cuts = [0, 10, 20, 30]
@@ -537,7 +556,7 @@ def test_top_k_argument_errors(rng, kwargs, error, match):
 def test_merge_top_k_argument_errors(rng):
     test, train = random_set(rng, 2, [3]), random_set(rng, 5, [3])
     both = tracin.top_k(test, train, k=2, side="both")
-    with pytest.raises(TypeError, match=r"results\[0\] must be a TopK .*pass .proponents"):
+    with pytest.raises(TypeError, match=r"results\[0\] must be a TopK .*or their \.opponents with side='opponents'"):
         tracin.merge_top_k([both], [0])
     with pytest.raises(ValueError, match=r"results\[1\]: values and indices must be 2-D"):
         tracin.merge_top_k([both.proponents, tracin.TopK(np.zeros(2), np.zeros(2))], [0, 5])

@@ -727,12 +727,15 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     """Merge top-k results computed on row shards of the train side into the result on the whole.
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
-    each shard. k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded
-    data, ties included (smaller global index first). k None takes it from a shard that shows it:
-    one with more train rows than columns, known from a local index at or past its width. Where
-    none shows k (every shard may be as wide as its rows, as any larger k also gives; always so
-    with no test rows), or shards disagree, it is a ValueError asking for k. A train row present
-    twice (the same shard given twice, or overlapping shards) is refused.
+    each shard. side: the side the shards were scored for, "proponents" (default) or "opponents";
+    a shard sorted the other way (values rising along a row for proponents, falling for opponents)
+    is refused, naming the side to pass (shards in no order are taken). k: the k the shards were
+    scored with; exactly equal to top_k(k=k) on the unsharded data, ties included (smaller global
+    index first). k None takes it from a shard that shows it: one with more train rows than
+    columns, known from a local index at or past its width. Where none shows k (every shard may be
+    as wide as its rows, as any larger k also gives; always so with no test rows), or shards
+    disagree, it is a ValueError asking for k. A train row present twice (the same shard given
+    twice, or overlapping shards) is refused.
     """
     _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
@@ -747,7 +750,11 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         if not isinstance(r, TopK):
             raise TypeError(
                 f"results[{i}] must be a TopK (values, indices), got {type(r).__name__}"
-                + (" (pass .proponents or .opponents)" if isinstance(r, BothSides) else "")
+                + (
+                    " (pass the .proponents of each, or their .opponents with side='opponents')"
+                    if isinstance(r, BothSides)
+                    else ""
+                )
             )
         if np.ndim(r.values) != 2 or np.shape(r.values) != np.shape(r.indices):
             raise ValueError(
@@ -756,6 +763,15 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
             )
         if isinstance(o, bool) or not isinstance(o, numbers.Integral) or o < 0:
             raise ValueError(f"offsets[{i}] must be a non-negative integer, got {o!r}")
+        steps = np.diff(np.asarray(r.values, dtype=np.float64), axis=1)
+        rising, falling = bool(np.any(steps > 0)), bool(np.any(steps < 0))
+        if (rising and not falling) if side == "proponents" else (falling and not rising):
+            other = "opponents" if side == "proponents" else "proponents"
+            way = "rise" if other == "opponents" else "fall"
+            raise ValueError(
+                f"results[{i}] is sorted as {other} results are (its values {way} along a row), but "
+                f"side={side!r}: merge {other} with side={other!r}"
+            )
     rows = {r.values.shape[0] for r in results}
     if len(rows) != 1:
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
@@ -817,7 +833,9 @@ def self_influence(
 ) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
-    High values flag mislabelled or unusual examples.
+    High values flag mislabelled or unusual examples. Rows exported with preconditioner="adam_update"
+    (Adam's next steps, for pairing with plain test rows) are refused (ValueError): rank them by the
+    diagonal of scores(plain rows, adam_update rows).
     per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term w_c |g_c(i)|^2
     (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
@@ -906,10 +924,12 @@ def aggregate(
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
     float32's range is a ValueError, as in the other scoring functions. Single pair scores beyond
-    float32 are no error here when their sum is in range (top_k and scores refuse them): full
-    gradients are summed by columns and form no pair score, and on the CPU factored gradients whose
-    pair scores overflow float32 are summed again in float64 (through per-checkpoint p x q matrices:
-    about as many multiply-adds as the float32 pass, each slower), so both layouts give the same sums.
+    float32 are no error here when their sum is in range (top_k and scores refuse them) for full
+    gradients, which are summed by columns and form no pair score, on every device, and for factored
+    gradients on device "cpu", whose pair scores that overflow float32 are summed again in float64
+    (through per-checkpoint p x q matrices: about as many multiply-adds as the float32 pass, each
+    slower), so both layouts give the same sums there; the torch devices refuse factored pair scores
+    that overflow float32.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
