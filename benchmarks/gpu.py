@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
         )
         save({**result, "export": export, "errors": dict(errors), "complete": False})
         result["host_paths"] = errors.guard(
-            "host_paths", lambda: _host_paths(folder / "rows.bin", train_host, device, args.repeats), device
+            "host_paths", lambda: host_paths(folder / "rows.bin", train_host, device, args.repeats, errors), device
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -201,12 +201,15 @@ def run(args: argparse.Namespace, save: Callable[[dict], object]) -> dict:
     return result
 
 
-def _host_paths(path: Path, train_host: np.ndarray, device: torch.device, repeats: int) -> dict:
-    """gpu_host_paths.measure on the train rows written raw to `path` (read once: in the page cache)."""
+def host_paths(path: Path, train_host: np.ndarray, device: torch.device, repeats: int, errors: Errors) -> dict:
+    """gpu_host_paths.measure on the train rows written raw to `path` (in the page cache); a path that
+    failed or moved the wrong bytes is also recorded in `errors` (as "host_paths.NAME": exit status 1)."""
     train_host.tofile(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())  # written back: no disk writes while the paths are timed (the pages stay cached)
-    return gpu_host_paths.measure(path, train_host.shape[1] * train_host.itemsize, device, repeats)
+    record = gpu_host_paths.measure(path, train_host.shape[1] * train_host.itemsize, device, repeats)
+    errors.update({f"host_paths.{name}": p["error"] for name, p in record["paths"].items() if "error" in p})
+    return record
 
 
 def export_seconds(device: str, examples: int, hidden: int) -> dict:
@@ -398,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     if limits["h2d_gbs"]:
         print(f"host-to-device {limits['h2d_gbs']:.1f} GB/s")
     for name, p in (result.get("host_paths") or {}).get("paths", {}).items():
-        print(f"host path {name:28s} " + (f"{p['gbs']:7.1f} GB/s" if "gbs" in p else p["error"]))
+        figures = f"{p['gbs']:7.1f} GB/s (best {p['best_gbs']:.1f})" if "gbs" in p else p["error"]
+        print(f"host path {name:28s} {figures}")
     for dev, modes in result["export"]["devices"].items():
         if modes:
             print(f"export on {dev}: " + ", ".join(f"{mode} {t['seconds']:.3f} s" for mode, t in modes.items()))

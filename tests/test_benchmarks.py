@@ -294,29 +294,31 @@ def test_gpu_smoke_runs_write_outside_the_checkout_or_to_out(monkeypatch, tmp_pa
 
 def test_gpu_host_paths_move_every_piece_and_record_a_path_that_moves_wrong_bytes(monkeypatch, tmp_path):
     torch = pytest.importorskip("torch")
-    from benchmarks import gpu_host_paths
+    from benchmarks import gpu, gpu_host_paths
     from tracin import _tunables
 
     rows = np.random.default_rng(0).standard_normal((1000, 24)).astype(np.float32)  # 96,000 bytes
-    path = tmp_path / "rows.bin"
-    rows.tofile(path)
     monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 10_000)  # pieces of 104 rows: 10 pieces, the last short
-    record = gpu_host_paths.measure(path, 96, torch.device("cpu"), repeats=2)
-    assert record["piece_bytes"] == 104 * 96 and record["file_bytes"] == rows.nbytes
+    errors = gpu.Errors()
+    record = gpu.host_paths(tmp_path / "rows.bin", rows, torch.device("cpu"), 2, errors)
+    assert record["piece_bytes"] == 104 * 96 and record["file_bytes"] == rows.nbytes and not errors
     assert set(record["paths"]) == {"map_copy", "map_populated_copy", "pread", "pread_threads"}
     for name, figures in record["paths"].items():
         assert "error" not in figures, (name, figures)
-        assert figures["gbs"] > 0 and len(figures["times_s"]) == 2
+        assert figures["best_gbs"] >= figures["gbs"] > 0 and len(figures["times_s"]) == 2
 
     real = gpu_host_paths._pread_into
 
-    def off_by_one(fd, buffer, offset, threads):  # reads each piece one byte late
-        real(fd, buffer[:-1], offset + 1, threads)
+    def stale_but_last(fd, buffer, offset, threads):  # fills only the last piece (review43 F1: went unnoticed)
+        if offset + buffer.numel() >= rows.nbytes:
+            real(fd, buffer, offset, threads)
 
-    monkeypatch.setattr(gpu_host_paths, "_pread_into", off_by_one)
-    paths = gpu_host_paths.measure(path, 96, torch.device("cpu"), repeats=1)["paths"]
-    assert paths["pread"] == {"error": "AssertionError: the last piece differs from the file's bytes"}
-    assert paths["pread_threads"] == paths["pread"] and "gbs" in paths["map_copy"]
+    monkeypatch.setattr(gpu_host_paths, "_pread_into", stale_but_last)
+    record = gpu.host_paths(tmp_path / "rows.bin", rows, torch.device("cpu"), 1, errors)
+    wrong = "AssertionError: piece 0 (bytes 0 to 9984) differs from the file's bytes"
+    assert record["paths"]["pread"] == record["paths"]["pread_threads"] == {"error": wrong}
+    assert "gbs" in record["paths"]["map_copy"]
+    assert errors == {"host_paths.pread": wrong, "host_paths.pread_threads": wrong}  # gpu.py exits 1 (review43 F2)
 
 
 def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeypatch, capsys):
