@@ -177,6 +177,31 @@ def test_callable_identity_names_functions_and_settings_not_addresses():
     assert callable_identity(_Loss(0.2)) != callable_identity(a)
 
 
+class _Model:
+    """An object whose loss method reads a setting of its own (review44 F1: Model(1.0).loss and
+    Model(10.0).loss had one identity, so a resumed store mixed rows of both losses)."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.name, self.table, self._cache = temperature, "m", {"a": 1}, 0
+
+    def loss(self, outputs, targets):
+        return outputs / self.temperature
+
+    @classmethod
+    def build(cls, outputs, targets):
+        return outputs
+
+
+def test_a_bound_method_is_identified_with_its_objects_plain_settings():
+    one, ten = callable_identity(_Model(1.0).loss), callable_identity(_Model(10.0).loss)
+    assert without_code(one) == f"{__name__}._Model.loss self{{'name': 'm', 'temperature': 1.0}}"
+    assert one != ten and without_code(ten).endswith("self{'name': 'm', 'temperature': 10.0}")
+    assert callable_identity(_Model(1.0).loss) == one  # another object of the same settings: the same loss
+    changed = changed_inputs({"loss": one}, {"loss": ten})
+    assert changed and "temperature': 1.0} code" in changed[0] and "temperature': 10.0} code" in changed[0]
+    assert " self" not in callable_identity(_Model.build)  # a class method: the class's attributes are not read
+
+
 class _Weighted:
     """A loss object holding its class weights as a public NumPy array."""
 

@@ -159,7 +159,9 @@ def callable_identity(fn: Any) -> str:
     """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
     by where they are defined), followed, when its closure holds settings (numbers, strings, arrays,
     functions: a make_loss(scale) factory's scale), by their names and digest as
-    "closure[scale]=<digest>"; the wrapped function and arguments of a functools.partial, its array
+    "closure[scale]=<digest>", and for a bound method the plain public settings of its object
+    (numbers, strings: a model's temperature) as "self{'temperature': 2.0}"; the wrapped function and
+    arguments of a functools.partial, its array
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
     followed, when it holds arrays, by their names and digest (a torch module's state_dict: class
@@ -281,20 +283,18 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         held = mode == "held" and isinstance(fn, types.FunctionType)
         module = "" if held else f"{getattr(fn, '__module__', None)}."
         captured = _captured(fn, seen | {id(fn)}, mode) if isinstance(fn, types.FunctionType) else {}
+        bound = _settings(fn.__self__) if isinstance(fn, types.MethodType) and not isinstance(fn.__self__, type) else {}
         text = (
             module
             + fn.__qualname__
+            + (f" self{bound}" if bound else "")
             + (f" closure[{', '.join(captured)}]={_digest_closure(captured)}" if captured else "")
         )
         if mode == "full":
             _digest_function_code(getattr(fn, "__func__", fn), h, set())
     else:
         kind = type(fn)
-        settings = {
-            k: v
-            for k, v in sorted(getattr(fn, "__dict__", {}).items())
-            if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
-        }
+        settings = _settings(fn)
         arrays = _held_arrays(fn)
         text = (
             f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
@@ -308,6 +308,16 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
                 if held is not None:
                     _digest_class_methods(type(held), h)
     return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
+
+
+def _settings(obj: Any) -> dict[str, Any]:
+    """An object's plain public settings (bool, int, float, str, None attributes but torch's `training`):
+    a loss module's reduction, the temperature of the object a loss method is bound to."""
+    return {
+        k: v
+        for k, v in sorted(getattr(obj, "__dict__", {}).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+    }
 
 
 # the frameworks whose wrappers (torch.compile, jax.checkpoint) and base classes (nn.Module.__call__,
