@@ -212,6 +212,18 @@ def test_merge_top_k_orders_like_a_sort_by_score_then_index(rng, side, offset):
         np.testing.assert_array_equal(merged.values[row], np.array([v for v, _ in want], dtype=np.float32))
 
 
+def test_a_full_side_against_a_factored_side_is_named_in_its_exports_words(rng):
+    # review44 F3: a JAX mode="last_layer" export (factored rows) was described as "exported with
+    # mode='factored'", and full rows as "'full' or 'last_layer'" (torch's words)
+    full, left, right = random_set(rng, 3, [6]), random_set(rng, 4, [2]), random_set(rng, 4, [3])
+    with pytest.raises(ValueError, match=r"^test is full \(Gradients\) but train is factored \(FactoredGradients\): "):
+        tracin.scores(full, tracin.FactoredGradients(left, right))
+    jax_rows = tracin.FactoredGradients(left, right, metadata={"framework": "jax", "mode": "last_layer"})
+    expected = r"train is factored \(FactoredGradients, exported by tracin\.jax with mode='last_layer'\)"
+    with pytest.raises(ValueError, match=expected):
+        tracin.scores(tracin.Gradients(full, metadata={"framework": "jax", "mode": "full"}), jax_rows)
+
+
 def test_merge_top_k_refuses_shards_sorted_for_the_other_side(rng):
     # review42 F1: opponents shards merged with the default side gave wrong rows without an error
     test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])

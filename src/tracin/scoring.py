@@ -81,15 +81,20 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _layout_text(s: GradientSet) -> str:
+    """'factored (FactoredGradients, exported by tracin.jax with mode='last_layer')', or without the
+    export's words where the metadata does not record them."""
+    kind = "factored" if s.factored else "full"
+    framework, mode = s.metadata.get("framework"), s.metadata.get("mode")
+    how = f", exported by tracin.{framework} with mode={mode!r}" if isinstance(framework, str) and mode else ""
+    return f"{kind} ({type(s).__name__}{how})"
+
+
 def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]:
     test, train = as_gradient_set(test, "test"), as_gradient_set(train, "train")
     if test.factored != train.factored:
-        kinds = {
-            True: "factored (FactoredGradients, or exported with mode='factored')",
-            False: "full (Gradients, or exported with mode='full' or 'last_layer')",
-        }
         raise ValueError(
-            f"test is {kinds[test.factored]} but train is {kinds[train.factored]}: both sides must be "
+            f"test is {_layout_text(test)} but train is {_layout_text(train)}: both sides must be "
             "factored or both full; export test and train with the same mode"
         )
     weights = _weights(test, train)
