@@ -623,7 +623,7 @@ def test_pair_errors(rng):
     with pytest.raises(ValueError, match="different checkpoint weights"):
         tracin.scores(tracin.Gradients(a3, [1.0]), tracin.Gradients(a3, [2.0]))
     f = tracin.FactoredGradients(a3, a3)
-    with pytest.raises(ValueError, match=r"test is factored \(FactoredGradients, .* but train is full .*: both "):
+    with pytest.raises(ValueError, match=r"test is factored \(FactoredGradients\) but train is full \(Gradients\): "):
         tracin.scores(f, a3)
     with pytest.raises(ValueError, match="export test and train with the same mode"):
         tracin.scores(a3, f)
