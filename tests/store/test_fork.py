@@ -267,11 +267,11 @@ def test_an_interrupt_while_a_lock_is_tried_again_leaves_no_descriptor(tmp_path,
     previous = signal.signal(signal.SIGALRM, signal.default_int_handler)  # the alarm acts as Ctrl-C
     try:
         with _forked(lambda: kept.append(tracin.GradientStore.create(root, **SPEC)) is None):
-            before, registered = _descriptors(), dict(locks._FORKS.held)
+            before, registered = _store_and_pipe_descriptors(root), dict(locks._FORKS.held)
             signal.setitimer(signal.ITIMER_REAL, 0.3)
             with pytest.raises(KeyboardInterrupt):
                 tracin.GradientStore.create(root, **SPEC)
-            assert (_descriptors(), locks._FORKS.held) == (before, registered)
+            assert (_store_and_pipe_descriptors(root), locks._FORKS.held) == (before, registered)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
