@@ -202,7 +202,7 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
     LESS pairing: train rows "adam_update" against plain test rows. Hyperparameters may differ."""
     if "mode" not in t or "mode" not in x:
         return
-    kt, kx = ((m.get("preconditioner") or {}).get("kind") for m in (t, x))
+    kt, kx = (_preconditioner_kind(m) for m in (t, x))
     if kt == "adam_update":
         raise ValueError(
             "test gradients are preconditioner='adam_update', which is for train rows only: "
@@ -221,11 +221,17 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
         )
 
 
+def _preconditioner_kind(metadata: dict) -> Any:
+    """metadata["preconditioner"]["kind"] as the adapters record it ({"kind": "adam", ...}); None for
+    none, or for a record of another shape (a user's own metadata)."""
+    recorded = metadata.get("preconditioner")
+    return recorded.get("kind") if isinstance(recorded, dict) else None
+
+
 def check_self_influence_rows(train: GradientSet) -> None:
     """Refuses rows whose self-influence means nothing: preconditioner='adam_update' rows are Adam's next
     steps u_c, whose score pairs with a plain gradient (<g, u>); sum_c w_c |u_c|^2 is not a self-influence."""
-    recorded = train.metadata.get("preconditioner")  # a dict in the adapters' records; anything in a user's
-    if isinstance(recorded, dict) and recorded.get("kind") == "adam_update":
+    if _preconditioner_kind(train.metadata) == "adam_update":
         raise ValueError(
             "train gradients are preconditioner='adam_update' (Adam's next steps u, for pairing with plain test "
             "rows), whose squared norms are no self-influence; rank by the diagonal of scores(plain rows, "
