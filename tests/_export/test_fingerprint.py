@@ -202,6 +202,50 @@ def test_a_bound_method_is_identified_with_its_objects_plain_settings():
     assert " self" not in callable_identity(_Model.build)  # a class method: the class's attributes are not read
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dropout:
+    """A module-like dataclass (as Flax linen and Equinox modules are): plain fields, an array, a nested one."""
+
+    rate: float
+    dims: tuple = ()
+    table: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2))
+    inner: typing.Any = None
+    link: typing.Any = dataclasses.field(default=None, repr=False)  # as Flax's `parent`: not a setting
+
+
+def _closing_over(module):
+    def loss(outputs, targets):
+        return outputs * module.rate
+
+    return loss
+
+
+class _Holder:
+    def __init__(self, head):
+        self.head = head
+
+    def loss(self, outputs, targets):
+        return outputs * self.head.rate
+
+
+def test_a_dataclass_in_a_closure_or_held_by_a_bound_methods_object_is_identified_by_its_plain_fields():
+    """A closure (or the object a loss method is bound to) holding a Flax-like module: nn.Dropout(0.1) and
+    nn.Dropout(0.5) had one identity, so a store resumed with the other loss mixed rows of both."""
+    low, high = (callable_identity(_closing_over(_Dropout(r))) for r in (0.1, 0.5))
+    assert low != high and " closure[module]=" in low
+    assert callable_identity(_closing_over(_Dropout(0.1))) == low  # equal fields: the same loss
+    changed = changed_inputs({"loss": low}, {"loss": high})
+    assert changed and "module" in changed[0]
+    nested = {callable_identity(_closing_over(_Dropout(0.1, inner=_Dropout(r)))) for r in (0.2, 0.3)}
+    assert len(nested) == 2 and low not in nested
+    assert callable_identity(_closing_over(_Dropout(0.1, dims=(1, 2)))) != low
+    # arrays (weights, loaded per checkpoint) and fields the dataclass does not show are not settings
+    assert callable_identity(_closing_over(_Dropout(0.1, table=np.ones(2)))) == low
+    assert callable_identity(_closing_over(_Dropout(0.1, link=_Dropout(0.9)))) == low
+    held = [callable_identity(_Holder(_Dropout(r)).loss) for r in (0.1, 0.5)]
+    assert held[0] != held[1] and "self{'head': '_Dropout(rate=0.1, dims=(), inner=None)'}" in held[0]
+
+
 class _Weighted:
     """A loss object holding its class weights as a public NumPy array."""
 

@@ -8,10 +8,14 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import tracin
+from interrupts import FailingBatches, Killed
 from tracin._export.fingerprint import callable_identity
 from tracin.jax import export_gradients
 
@@ -77,3 +81,41 @@ def _run(script: str, hash_seed: int) -> str:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+class _Scale(nn.Module):
+    factor: float
+
+    @nn.compact
+    def __call__(self, x):
+        return x * self.factor
+
+
+def _flax_loss(module):
+    """A loss closing over an unbound Flax linen module (its fields, not arrays, are what it is)."""
+
+    def loss(p, x, y):
+        out = module.apply({}, x @ p["w"], deterministic=True) if isinstance(module, nn.Dropout) else None
+        out = module.apply({}, x @ p["w"]) if out is None else out
+        return (out - y) ** 2
+
+    return loss
+
+
+@pytest.mark.parametrize("first, second", [(nn.Dropout(0.1), nn.Dropout(0.5)), (_Scale(1.0), _Scale(3.0))])
+def test_a_store_resumed_with_a_loss_closing_over_another_flax_module_is_refused(tmp_path, first, second):
+    """A loss closing over nn.Dropout(0.1) and one over nn.Dropout(0.5) (or any Flax module of other field
+    values) had one identity: an export resumed with the other finished silently, mixing their rows."""
+    r = np.random.default_rng(0)
+    x, y = r.normal(size=(12, 4)).astype(np.float32), r.normal(size=12).astype(np.float32)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    ckpts = [({"w": jnp.asarray(r.normal(size=4), jnp.float32)}, 1.0)]
+    assert callable_identity(_flax_loss(first)) == callable_identity(_flax_loss(first.clone()))
+    assert callable_identity(_flax_loss(first)) != callable_identity(_flax_loss(second))
+    with pytest.raises(Killed):
+        export_gradients(_flax_loss(first), ckpts, FailingBatches(batches, on=2, after=1), store=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"the loss function differs .*a value its closure holds changed \(module\)"):
+        export_gradients(_flax_loss(second), ckpts, batches, store=tmp_path / "s", progress=False)
+    resumed = export_gradients(_flax_loss(first), ckpts, batches, store=tmp_path / "s", progress=False)
+    memory = export_gradients(_flax_loss(first), ckpts, batches, progress=False)
+    np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)

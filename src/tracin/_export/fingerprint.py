@@ -158,9 +158,10 @@ def holds_set(obj: Any, seen: set[int]) -> bool:
 def callable_identity(fn: Any) -> str:
     """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
     by where they are defined), followed, when its closure holds settings (numbers, strings, arrays,
-    functions: a make_loss(scale) factory's scale), by their names and digest as
-    "closure[scale]=<digest>", and for a bound method the plain public settings of its object
-    (numbers, strings: a model's temperature) as "self{'temperature': 2.0}"; the wrapped function and
+    functions, the plain fields of dataclasses such as Flax linen modules: a make_loss(scale) factory's
+    scale, a closure's nn.Dropout(0.1)), by their names and digest as "closure[scale]=<digest>", and for
+    a bound method the plain public settings of its object (numbers, strings: a model's temperature; a
+    submodule's fields) as "self{'temperature': 2.0}"; the wrapped function and
     arguments of a functools.partial, its array
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
@@ -278,12 +279,14 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
     h = _hasher()
     if mode == "full":
         _digest_wrappers(fn, h)
+    owner = _bound_object(fn)  # read before unwrapping: a Flax module's method unwraps to its plain function
     fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is named as the function it wraps
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
         held = mode == "held" and isinstance(fn, types.FunctionType)
         module = "" if held else f"{getattr(fn, '__module__', None)}."
         captured = _captured(fn, seen | {id(fn)}, mode) if isinstance(fn, types.FunctionType) else {}
-        bound = _settings(fn.__self__) if isinstance(fn, types.MethodType) and not isinstance(fn.__self__, type) else {}
+        owner = _bound_object(fn) if owner is None else owner
+        bound = _settings(owner) if owner is not None else {}
         text = (
             module
             + fn.__qualname__
@@ -310,14 +313,27 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
     return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
 
 
+def _bound_object(fn: Any) -> Any:
+    """The object a method is bound to (not a class: a classmethod's), else None."""
+    owner = getattr(fn, "__self__", None) if isinstance(fn, types.MethodType) else None
+    return None if isinstance(owner, type) else owner
+
+
 def _settings(obj: Any) -> dict[str, Any]:
     """An object's plain public settings (bool, int, float, str, None attributes but torch's `training`):
-    a loss module's reduction, the temperature of the object a loss method is bound to."""
-    return {
-        k: v
-        for k, v in sorted(getattr(obj, "__dict__", {}).items())
-        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
-    }
+    a loss module's reduction, the temperature of the object a loss method is bound to; and those of the
+    dataclasses it holds (a Flax or Equinox submodule: its rate, features...) as _field_settings' text."""
+    settings: dict[str, Any] = {}
+    for k, v in sorted(getattr(obj, "__dict__", {}).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, (bool, int, float, str, type(None))):
+            settings[k] = v
+        elif _is_instance_of_dataclass(v):  # a submodule of a Flax or Equinox model: its own settings
+            fields = _field_settings(v, {id(obj)})
+            if fields is not None:
+                settings[k] = fields
+    return settings
 
 
 # the frameworks whose wrappers (torch.compile, jax.checkpoint) and base classes (nn.Module.__call__,
@@ -364,9 +380,10 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 
 def _captured(fn: types.FunctionType, seen: set[int], mode: _Mode) -> dict[str, Any]:
     """The settings a function's closure holds, by variable name: plain values (numbers, strings and
-    tuples or lists of them: class weights), arrays, and functions (by their identity: "held", or
-    "before code" in that mode); other objects (dicts included) are left out. A call counter kept
-    in the closure (`nonlocal calls`, calls[0] += 1) changes the identity at every call: it belongs
+    tuples or lists of them: class weights), arrays, functions (by their identity: "held", or
+    "before code" in that mode), and the plain fields of a dataclass (_field_settings: a Flax linen or
+    Equinox module, nn.Dropout(0.1) vs nn.Dropout(0.5)); other objects (dicts included) are left out. A
+    call counter kept in the closure (`nonlocal calls`, calls[0] += 1) changes the identity at every call: it belongs
     outside the closure (a module variable)."""
     torch = sys.modules.get("torch")
     found: dict[str, Any] = {}
@@ -385,7 +402,45 @@ def _captured(fn: types.FunctionType, seen: set[int], mode: _Mode) -> dict[str, 
             found[name] = _identity(value, seen, "before code" if mode == "before code" else "held")
         elif id(value) in seen:
             found[name] = "<recursive>"
+        elif _is_instance_of_dataclass(value):
+            fields = _field_settings(value, set())
+            if fields is not None:
+                found[name] = fields
     return found
+
+
+def _is_instance_of_dataclass(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _field_settings(value: Any, seen: set[int]) -> str | None:
+    """The plain settings a value holds, as text, or None when it holds none: a plain value (numbers,
+    strings), a tuple or list of such values, or a dataclass instance (a Flax linen module's rate,
+    features..., an Equinox module's static fields), by its type's qualname and the fields its repr
+    shows (not Flax's `parent`) that hold settings, nested dataclasses and tuples of them included.
+    Arrays (weights) and other objects are left out, as a field holding only them."""
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if id(value) in seen:
+        return None
+    seen = seen | {id(value)}
+    if isinstance(value, (tuple, list)):
+        items = [_field_settings(v, seen) for v in value]
+        if any(item is None for item in items):
+            return None
+        return ("[{}]" if isinstance(value, list) else "({})").format(", ".join(items))
+    if not _is_instance_of_dataclass(value):
+        return None
+    fields = []
+    for field in dataclasses.fields(value):
+        try:
+            held = getattr(value, field.name) if field.repr else None
+        except Exception:  # noqa: BLE001 - a field a framework computes lazily (and may refuse to give)
+            continue
+        text = _field_settings(held, seen) if field.repr else None
+        if text is not None:
+            fields.append(f"{field.name}={text}")
+    return f"{type(value).__qualname__}({', '.join(fields)})" if fields else None
 
 
 def _digest_closure(captured: dict[str, Any]) -> str:
