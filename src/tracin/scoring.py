@@ -109,9 +109,10 @@ def _check_same_gradient_space(
 ) -> None:
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
     the same thing: a different mode, different parameters (same framework), a different
-    projection (metadata["projection"] None: unprojected), or other checkpoints (`names` name the
-    two sides in messages). Sets without metadata are trusted; recorded keys of another shape than
-    the adapters' (metadata_problem) are a ValueError. A whitened test side is then also checked by the
+    projection (metadata["projection"] None: unprojected), other checkpoints, or, both sides
+    preconditioner="adam", other optimizer states of them (`names` name the two sides in messages).
+    Sets without metadata are trusted; recorded keys of another shape than the adapters'
+    (metadata_problem) are a ValueError. A whitened test side is then also checked by the
     records of the gradients its whitening was fitted on (metadata['whitening']['space'])."""
     t, x = test.metadata, train.metadata
     for name, m in zip(names, (t, x), strict=True):
@@ -143,6 +144,7 @@ def _check_same_gradient_space(
             f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
         )
     _check_same_checkpoints(t, x, names)
+    _check_same_optimizer_states(t, x, names)
     fitted = t.get("whitening")
     if names == ("test", "train") and isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
         # then the space of the gradients the test side's whitening was fitted on: the train side's
@@ -152,12 +154,14 @@ def _check_same_gradient_space(
 
 
 class CheckpointMismatchError(ValueError):
-    """Two gradient sets exported at different checkpoints (their recorded digests differ);
-    `checkpoints`: the indices of the real checkpoints that differ."""
+    """Two gradient sets exported at different checkpoints (their recorded digests differ), or two
+    preconditioner="adam" sets exported with different optimizer states of their checkpoints
+    (`optimizer_states` True); `checkpoints`: the indices of the real checkpoints that differ."""
 
-    def __init__(self, message: str, checkpoints: list[int] | None = None):
+    def __init__(self, message: str, checkpoints: list[int] | None = None, optimizer_states: bool = False):
         super().__init__(message)
         self.checkpoints = [] if checkpoints is None else checkpoints
+        self.optimizer_states = optimizer_states
 
 
 def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
@@ -187,11 +191,45 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
         )
 
 
-def _checkpoint_records(m: dict) -> list[tuple[Any, Any]] | None:
-    """(digest, source kind) per real checkpoint as an export records them, or None when it does not."""
+def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
+    """Refuses two preconditioner="adam" sides exported with different optimizer states of their
+    checkpoints (CheckpointMismatchError, optimizer_states True; `names` name the metadata `t` and `x`
+    in its message): Adam's second moments weigh each side's rows, so scores of two sides weighed by
+    different states mean nothing. Checkpoint c's states are compared where both sides' digests of
+    them (metadata["fingerprints"]["optimizer_states"]) were made the same way by the same framework
+    (metadata["optimizer_state_sources"]: "file", the bytes at a path, or "state", an in-memory
+    state's arrays). Sides without these records (older stores, sets built by hand) are trusted."""
+    if t.get("framework") is None or t.get("framework") != x.get("framework"):
+        return
+    if _preconditioner_kind(t) != "adam" or _preconditioner_kind(x) != "adam":
+        return
+    ours, theirs = (_checkpoint_records(m, "optimizer_states", "optimizer_state_sources") for m in (t, x))
+    if ours is None or theirs is None or len(ours) != len(theirs):
+        return
+    differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
+    if differ:
+        raise CheckpointMismatchError(
+            f"{names[0]} and {names[1]} were exported with different optimizer states: the optimizer states of "
+            f"checkpoints {differ} differ (their digests in metadata['fingerprints']['optimizer_states'], made "
+            "alike: metadata['optimizer_state_sources']), and preconditioner='adam' weighs each side's gradients "
+            "by them; export both sides with the optimizer state saved with each checkpoint. If they are the "
+            "same states saved differently (a file saved again), drop the record from one side to have the pair "
+            "trusted: side.metadata.pop('optimizer_state_sources') (with tracin.distributed, from a side that "
+            "is not a store: workers open stores again by path)",
+            differ,
+            optimizer_states=True,
+        )
+
+
+def _checkpoint_records(
+    m: dict, key: str = "checkpoints", sources_key: str = "checkpoint_sources"
+) -> list[tuple[Any, Any]] | None:
+    """(digest, source kind) per real checkpoint as an export records them (the checkpoints', or with
+    key "optimizer_states" and sources_key "optimizer_state_sources" their optimizer states'), or None
+    when it does not."""
     fingerprints = m.get("fingerprints")
-    digests = fingerprints.get("checkpoints") if isinstance(fingerprints, dict) else None
-    sources = m.get("checkpoint_sources")
+    digests = fingerprints.get(key) if isinstance(fingerprints, dict) else None
+    sources = m.get(sources_key)
     if not isinstance(digests, list) or not isinstance(sources, list) or len(digests) != len(sources):
         return None
     return list(zip(digests, sources, strict=True))

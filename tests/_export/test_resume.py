@@ -290,3 +290,69 @@ def test_a_store_resumed_with_another_preconditioner_names_the_preconditioner(pr
     with pytest.raises(ValueError, match=refused) as e:
         export_gradients(model, with_states, data, _ce, preconditioner="adam", **plain)
     assert "optimizer states it was exported with" not in str(e.value)
+
+
+def _adam_state(model, data) -> dict:
+    """copy.deepcopy of an Adam state_dict after one step on `data`, the model's weights restored."""
+    weights = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    _ce(model(data[0]), data[1]).sum().backward()
+    optimizer.step()
+    model.load_state_dict(weights)
+    return copy.deepcopy(optimizer.state_dict())
+
+
+def test_stores_with_and_without_optimizer_state_sources_resume(problem, tmp_path):
+    # metadata["optimizer_state_sources"] (how each optimizer-state digest was made) is part of a store's spec: a
+    # store exported before it was recorded resumes without it (scoring trusts it), one recording it resumes too
+    model, checkpoints, data = problem
+    state = _adam_state(model, data)
+    with_states = [(*c, state) for c in checkpoints]
+    common = dict(batch_size=4, progress=False, preconditioner="adam")
+    for name, older in (("older", True), ("newer", False)):
+        with pytest.raises(KeyboardInterrupt):
+            export_gradients(model, with_states, _Interrupting(data), _ce, store=tmp_path / name, **common)
+        manifest = tmp_path / name / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        assert doc["metadata"]["optimizer_state_sources"] == ["state", "state"]
+        if older:
+            del doc["metadata"]["optimizer_state_sources"]
+            manifest.write_text(json.dumps(doc))
+        resumed = export_gradients(model, with_states, data, _ce, store=tmp_path / name, **common)
+        assert resumed.complete
+        assert ("optimizer_state_sources" in resumed.metadata) is not older
+        assert ("optimizer_state_sources" in json.loads(manifest.read_text())["metadata"]) is not older
+        in_memory = export_gradients(model, with_states, data, _ce, **common)
+        for got, expected in zip(resumed.kernel_side().blocks, in_memory.kernel_side().blocks, strict=True):
+            np.testing.assert_array_equal(got, expected)
+    # a side exported with other optimizer states: refused against the newer store, trusted against the older
+    other = [(*c, _adam_state(model, (data[0][:5], data[1][:5]))) for c in checkpoints]
+    test = export_gradients(model, other, data, _ce, **common)
+    from tracin import GradientStore, scores
+    from tracin.scoring import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"optimizer states of checkpoints \[0, 1\] differ"):
+        scores(test, GradientStore.open(tmp_path / "newer"))
+    assert scores(test, GradientStore.open(tmp_path / "older")).shape == (11, 11)
+
+
+def test_an_optimizer_state_given_in_another_form_is_named_as_such_on_resume(problem, tmp_path):
+    model, checkpoints, data = problem
+    state = _adam_state(model, data)
+    common = dict(store=tmp_path / "s", batch_size=4, progress=False, preconditioner="adam")
+    with pytest.raises(KeyboardInterrupt):
+        export_gradients(model, [(*c, state) for c in checkpoints], _Interrupting(data), _ce, **common)
+    torch.save(state, tmp_path / "opt.pt")
+    as_file = [(*checkpoints[0], str(tmp_path / "opt.pt")), (*checkpoints[1], state)]
+    with pytest.raises(
+        ValueError,
+        match=r"other inputs: the optimizer states saved with the checkpoints differ \(checkpoints\[0\]\[2\] was "
+        r"given as an in-memory state there and as a file \(or folder\) here, .*pass it the same way to resume\)\. "
+        r"Rows",
+    ):
+        export_gradients(model, as_file, data, _ce, **common)
+    other = _adam_state(model, (data[0][:5], data[1][:5]))
+    differ = r"other inputs: the optimizer states saved with the checkpoints differ\. Rows"
+    with pytest.raises(ValueError, match=differ):
+        export_gradients(model, [(*checkpoints[0], other), (*checkpoints[1], state)], data, _ce, **common)
+    assert export_gradients(model, [(*c, state) for c in checkpoints], data, _ce, **common).complete

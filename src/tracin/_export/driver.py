@@ -183,6 +183,10 @@ def export(
         for c, (entry, file) in enumerate(zip(checkpoints, files, strict=True))
     ]
     extra = {"optimizer_states": [entry.optimizer.digest() for entry in checkpoints]} if options.preconditioner else {}
+    # how each optimizer-state digest was made, wherever they are recorded (the driver's preconditioner, or the
+    # adapter's with a Kronecker projection): scoring compares two "adam" sides' digests made alike
+    states_recorded = "optimizer_states" in extra or "optimizer_states" in framework.fingerprints
+    optimizer_sources = [optimizer_state_source(entry.optimizer) for entry in checkpoints] if states_recorded else None
     slots = len(framework.slot_dims)
     dims = [chained_dims(transforms, d) for d in framework.slot_dims]
     rates = [entry.lr for entry in checkpoints for _ in range(slots)]
@@ -199,6 +203,7 @@ def export(
             last_layer=framework.last_layer,
             fingerprints={"data": data_digest, "checkpoints": digests, **extra, **framework.fingerprints},
             checkpoint_sources=["file" if file else "state" for file in files],
+            optimizer_state_sources=optimizer_sources,
         )
 
     def legacy_digest(c: int) -> str | None:
@@ -256,6 +261,13 @@ def export(
     finally:
         if loop is not None:
             loop.bar.close()
+
+
+def optimizer_state_source(state: Any) -> str:
+    """metadata["optimizer_state_sources"]'s entry for an adapter's optimizer state: "file" when its digest is
+    of a file's bytes (torch's OptimizerState given a path keeps it as .source), else "state" (of the
+    in-memory state's arrays: torch's state_dict, jax's optax state)."""
+    return "file" if isinstance(getattr(state, "source", None), (str, os.PathLike)) else "state"
 
 
 def check_preconditioning(kind: str | None, mode: str, checkpoints: Sequence[Checkpoint]) -> None:

@@ -21,6 +21,13 @@
                    "state": of an in-memory checkpoint's arrays, by the framework. Scoring compares
                    two sides' digests made the same way. Outside "fingerprints" (which a resume
                    compares input by input); stores exported before it was recorded lack it.
+    optimizer_state_sources
+                   ["file" | "state", ...], only with fingerprints["optimizer_states"] (a
+                   preconditioner): how each optimizer-state digest there was made. "file": of
+                   the bytes at the path given (torch; a state saved again differs); "state": of
+                   an in-memory state's arrays (torch: its tensors and settings; jax: the Adam
+                   state's mu, nu and count). Scoring compares two "adam" sides' digests made the
+                   same way. Stores exported before it was recorded lack it (not compared).
 
 Version strings are left out on purpose: a store's metadata is its spec, compared on resume.
 """
@@ -53,10 +60,12 @@ def export_metadata(
     last_layer: dict | None = None,
     fingerprints: Mapping[str, Any],
     checkpoint_sources: Sequence[str],
+    optimizer_state_sources: Sequence[str] | None = None,
 ) -> dict:
     """The metadata dict (see the module docstring). params: (name, shape) in row order;
     transforms: the row transforms applied, in order; fingerprints: "data", "checkpoints" and the
-    adapter's own entries; checkpoint_sources: "file" or "state" per checkpoint."""
+    adapter's own entries; checkpoint_sources: "file" or "state" per checkpoint;
+    optimizer_state_sources: the same per optimizer state, None (not recorded) without them."""
     meta: dict[str, Any] = {
         "framework": framework,
         "mode": mode,
@@ -72,4 +81,6 @@ def export_metadata(
         meta["last_layer"] = last_layer
     meta["fingerprints"] = dict(fingerprints)
     meta["checkpoint_sources"] = list(checkpoint_sources)
+    if optimizer_state_sources is not None:
+        meta["optimizer_state_sources"] = list(optimizer_state_sources)
     return meta

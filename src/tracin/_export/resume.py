@@ -6,7 +6,8 @@ data, a checkpoint, the model (its structure, or by name a module attribute, non
 or class's forward code: model_changes) or the loss function. A store recording the model's
 structure alone (before the rest was fingerprinted) resumes with the same structure. A store exported before
 metadata["checkpoint_sources"] was recorded resumes without it, with the digests it holds of
-in-memory checkpoints (as_exported_before); one whose loss function identity was recorded before
+in-memory checkpoints (as_exported_before), and likewise one exported before
+metadata["optimizer_state_sources"] was; one whose loss function identity was recorded before
 code was digested, or under a script's __main__ name, resumes with the same function.
 """
 
@@ -33,10 +34,16 @@ _WHAT = {
 _SETTINGS = ("framework", "mode", "dtype", "projection", "preconditioner", "last_layer")
 
 
-def changed_inputs(before: dict, now: dict, sources: tuple[Any, Any] = (None, None)) -> list[str]:
+def changed_inputs(
+    before: dict,
+    now: dict,
+    sources: tuple[Any, Any] = (None, None),
+    optimizer_sources: tuple[Any, Any] = (None, None),
+) -> list[str]:
     """What differs between two exports' metadata["fingerprints"], in words; `sources`: their
     metadata["checkpoint_sources"] (a checkpoint given as a file on one side and as an in-memory
-    state_dict on the other is digested differently: that is named rather than a change)."""
+    state_dict on the other is digested differently: that is named rather than a change);
+    `optimizer_sources`: their metadata["optimizer_state_sources"], the same for optimizer states."""
     changes = []
     old, new = before.get("checkpoints"), now.get("checkpoints")
     if old != new:
@@ -52,6 +59,8 @@ def changed_inputs(before: dict, now: dict, sources: tuple[Any, Any] = (None, No
     for key in sorted(set(before) | set(now)):
         if key == "model" and before.get(key) != now.get(key):
             changes += model_changes(before.get(key), now.get(key))
+        elif key == "optimizer_states" and before.get(key) != now.get(key):
+            changes.append(_WHAT[key] + _optimizer_form_change(before.get(key), now.get(key), optimizer_sources))
         elif key != "checkpoints" and before.get(key) != now.get(key):
             detail = f" ({before.get(key)} there, {now.get(key)} here)" if key in ("loss", "layer_input") else ""
             changes.append(
@@ -78,6 +87,32 @@ def _checkpoint_change(c: int, sources: tuple[Any, Any]) -> str:
             "differently, so the same weights cannot be told): pass it the same way to resume"
         )
     return f"checkpoints[{c}] differs"
+
+
+_STATE_FORMS = {"file": "a file (or folder)", "state": "an in-memory state"}
+
+
+def _optimizer_form_change(old: Any, new: Any, sources: tuple[Any, Any]) -> str:
+    """When a differing optimizer-state digest was made from a file on one side and from an in-memory
+    state on the other (metadata["optimizer_state_sources"]): says so (digested differently, whether the
+    state is the same cannot be told); "" otherwise."""
+    if not isinstance(old, list) or not isinstance(new, list) or len(old) != len(new):
+        return ""
+    if not all(isinstance(s, list) and len(s) == len(old) for s in sources):
+        return ""
+    moved = [
+        c
+        for c, (a, b) in enumerate(zip(old, new, strict=True))
+        if a != b and sources[0][c] != sources[1][c] and sources[0][c] in _STATE_FORMS and sources[1][c] in _STATE_FORMS
+    ]
+    if not moved:
+        return ""
+    c = moved[0]
+    return (
+        f" (checkpoints[{c}][2] was given as {_STATE_FORMS[sources[0][c]]} there and as "
+        f"{_STATE_FORMS[sources[1][c]]} here, digested differently, so the same state cannot be told: pass it "
+        "the same way to resume)"
+    )
 
 
 def _structure(model: Any) -> Any:
@@ -301,8 +336,9 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     key), so that the store resumes, or is returned when finished, as it is: without
     "checkpoint_sources", and with the stored digest of each in-memory checkpoint whose digest
     differs but whose `legacy_digest(c)` (the digest those versions made; None when it never
-    changed) equals it. `metadata` otherwise. Scoring trusts such a store's
-    checkpoints as it always did."""
+    changed) equals it; likewise without "optimizer_state_sources" for a store exported before that
+    was recorded. `metadata` otherwise. Scoring trusts such a store's checkpoints (optimizer states)
+    as it always did."""
     existing = _existing_metadata(path)
     if existing is None:
         return metadata
@@ -317,6 +353,9 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     if isinstance(model, str) and model == _structure(metadata["fingerprints"].get("model")):
         # recorded before the model's settings, buffer values and code were: compared by its structure
         metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], "model": model}}
+    if "optimizer_state_sources" in metadata and "optimizer_state_sources" not in existing:
+        # a store exported before it was recorded resumes without it (scoring trusts its optimizer states)
+        metadata = {k: v for k, v in metadata.items() if k != "optimizer_state_sources"}
     if "checkpoint_sources" in existing:
         return metadata
     digests = list(metadata["fingerprints"]["checkpoints"])
@@ -357,7 +396,8 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             + ", export into another directory, or delete this one"
         )
     sources = (existing.get("checkpoint_sources"), metadata.get("checkpoint_sources"))
-    changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"], sources)
+    states = (existing.get("optimizer_state_sources"), metadata.get("optimizer_state_sources"))
+    changes = changed_inputs(existing["fingerprints"], metadata["fingerprints"], sources, states)
     if changes:
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported from other inputs: "
