@@ -660,6 +660,39 @@ def test_stores_of_other_checkpoints_are_one_line_naming_them(tmp_path, stores, 
     np.testing.assert_array_equal(np.load(out)["proponents_indices"], np.argsort(-exact, axis=1)[:, :3])
 
 
+def test_adam_stores_of_other_optimizer_states_are_one_line_naming_them(tmp_path, stores, capsys):
+    """preconditioner='adam' stores of the same checkpoints whose exports recorded other optimizer states: the
+    CLI names the checkpoints whose states differ, not the checkpoints themselves nor the metadata advice."""
+    _, blocks, weights = stores
+
+    def exported(name, mats, states):
+        meta = {
+            "framework": "torch",
+            "mode": "full",
+            "preconditioner": {"kind": "adam"},
+            "fingerprints": {"data": name, "checkpoints": ["a", "b"], "optimizer_states": states},
+            "checkpoint_sources": ["file", "file"],
+            "optimizer_state_sources": ["file", "file"],
+        }
+        w = tracin.GradientStore.create(
+            tmp_path / name, len(mats[0]), [m.shape[1] for m in mats], weights=weights, metadata=meta
+        )
+        for c, m in enumerate(mats):
+            w.write(c, 0, m)
+        w.finalize()
+        return tmp_path / name
+
+    test = exported("t", blocks["test"], ["s0", "s1"])
+    other = {"test": test, "train": exported("x", blocks["train"], ["r0", "s1"])}
+    out = tmp_path / "top.npz"
+    assert main(_score(other, "-o", str(out))) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert "--test and --train were exported with different optimizer states (of checkpoints [0])" in line
+    assert "different checkpoints" not in line and "metadata" not in line and not out.exists()
+    same = {"test": test, "train": exported("s", blocks["train"], ["s0", "s1"])}
+    assert main(_score(same, "-k", "3", "-o", str(out))) == 0
+
+
 def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch):
     paths, _, _ = stores
 

@@ -167,6 +167,23 @@ class TestTorchOptimizerStates:
         with pytest.raises(tracin.scoring.CheckpointMismatchError, match=STATES_DIFFER):
             tracin.scores(test, tracin.GradientStore.open(path))  # the file is untouched
 
+    def test_a_whitening_fitted_on_rows_of_other_states_is_refused(self, setup):
+        # the whitening records the optimizer states of the rows it was fitted on (WhiteningSpec.space)
+        model, weights, states, _, data = setup
+        test = self._export(model, weights, [states[0][0], states[1][0]], data)
+        train = self._export(model, weights, [states[0][1], states[1][0]], data)
+        fitted = tracin.Whitening.fit(train)
+        assert fitted.spec.space["optimizer_state_sources"] == ["state", "state"]
+        elsewhere = r"^test and the gradients the whitening was fitted on were exported with different optimizer "
+        with pytest.raises(tracin.scoring.CheckpointMismatchError, match=elsewhere + r"states: .* \[0\] differ"):
+            fitted.apply(test)
+        elsewhere = r"^the gradients the test side's whitening was fitted on and train were exported with different "
+        whitened = tracin.Whitening.fit(test).apply(test)
+        whitened.metadata.pop("optimizer_state_sources")  # its own record dropped: its whitening's still compared
+        with pytest.raises(tracin.scoring.CheckpointMismatchError, match=elsewhere + r"optimizer states: .* \[0\]"):
+            tracin.scores(whitened, train)
+        assert tracin.scores(fitted.apply(train), train).shape == (8, 8)
+
     def test_the_same_states_score_as_the_float64_reference(self, setup, tmp_path):
         model, weights, states, _, data = setup
         chosen = [states[0][0], states[1][1]]

@@ -323,6 +323,11 @@ def cmd_score(args: argparse.Namespace) -> None:
     try:
         result = _top_k(args, test, train)
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
+        if e.optimizer_states:
+            raise CommandError(
+                f"--test and --train were exported with different optimizer states (of checkpoints {e.checkpoints}); "
+                "export both sides with the same optimizer states (same files or state dicts)"
+            ) from e
         raise CommandError(
             f"--test and --train were exported at different checkpoints (checkpoints {e.checkpoints} differ); "
             "export both sides from the same checkpoints (same files or state dicts)"

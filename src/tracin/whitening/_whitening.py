@@ -38,8 +38,17 @@ from ._threads import blas_threads
 # fit's default damping: among 0.1, 1, 3, 10, 30, 100, within noise of the quality suite's best by mean LDS
 # rank and by mean LDS (3 and 30 are first by each; benchmarks/results/quality.json, README "Whitened TracIn").
 DEFAULT_DAMPING = 10.0
-# metadata naming the gradient space; with the checkpoints' digests (_space), compared as scoring compares sides
-_SPACE_KEYS = ("mode", "preconditioner", "projection", "framework", "params", "checkpoint_sources")
+# metadata naming the gradient space; with the checkpoints' (and optimizer states') digests (_space), compared as
+# scoring compares sides
+_SPACE_KEYS = (
+    "mode",
+    "preconditioner",
+    "projection",
+    "framework",
+    "params",
+    "checkpoint_sources",
+    "optimizer_state_sources",
+)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -54,7 +63,9 @@ class WhiteningSpec:
     rows fitted on (train, mix set); mix_weight: the mix set's share of R. fingerprint: sha256 (16 hex
     digits) of the float64 second moments before damping. fitted_on: the train store's id (None in
     memory). space: the train set's metadata naming its gradient space (mode, projection, ...) and its
-    checkpoints (fingerprints["checkpoints"], checkpoint_sources), checked against the sets it whitens.
+    checkpoints (fingerprints["checkpoints"], checkpoint_sources) and, with a preconditioner, their
+    optimizer states (fingerprints["optimizer_states"], optimizer_state_sources), checked against the
+    sets it whitens.
     """
 
     kind: str
@@ -439,6 +450,8 @@ def _space(metadata: dict) -> dict:
     fingerprints = metadata.get("fingerprints")
     if isinstance(fingerprints, dict) and "checkpoints" in fingerprints:
         space["fingerprints"] = {"checkpoints": fingerprints["checkpoints"]}
+        if "optimizer_states" in fingerprints:  # a preconditioner's: scoring compares "adam" sides' states too
+            space["fingerprints"]["optimizer_states"] = fingerprints["optimizer_states"]
     return space
 
 
