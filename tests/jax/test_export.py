@@ -7,12 +7,14 @@ import functools
 import gc
 import weakref
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
 import tracin
+from interrupts import FailingBatches, Killed
 from reference import assert_close_to_exact, factored_to_full
 from tracin._export.metadata import LEFT, RIGHT
 from tracin.jax import export_gradients, per_example
@@ -89,6 +91,143 @@ def test_last_layer_factors_are_output_gradient_and_input_with_one(mlp, data):
     ]
     np.testing.assert_allclose(factored_to_full(grads.left, grads.right)[0], full[0], rtol=1e-5, atol=1e-7)
     assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
+
+
+def _bias_free(mlp):
+    """The MLP with a bias-free head z = tanh(x W1^T + b1) W2^T: params without l2/bias, its loss, and the
+    float64 reference weights (b2 = 0)."""
+    params = [{"l1": p["l1"], "l2": {"kernel": p["l2"]["kernel"]}} for p in mlp.params]
+    weights = [{**w, "b2": np.zeros_like(w["b2"])} for w in mlp.weights]
+
+    def loss(p, x, y):
+        return mlp.cross_entropy(mlp.hidden(p, x) @ p["l2"]["kernel"], y)
+
+    return params, weights, loss
+
+
+def _bias_free_torch_layout(mlp):
+    """The same head as a bare (out, in) leaf used as h @ W.T, params a list [l1 params, W]."""
+    params = [[p["l1"], jnp.asarray(w["w2"], jnp.float32)] for p, w in zip(mlp.params, mlp.weights, strict=True)]
+    weights = [{**w, "b2": np.zeros_like(w["b2"])} for w in mlp.weights]
+
+    def loss(p, x, y):
+        return mlp.cross_entropy(mlp.hidden({"l1": p[0]}, x) @ p[1].T, y)
+
+    def hidden(p, x):
+        return mlp.hidden({"l1": p[0]}, x)
+
+    return params, weights, loss, hidden
+
+
+@pytest.mark.parametrize("layout", ["flax", "torch"])
+def test_bias_free_last_layer_factors_are_output_gradient_and_input(mlp, data, layout):
+    """A bias-free head (x @ K, or h @ W.T of an (out, in) leaf): left dL/d(output) read at its dot_general,
+    right the input without a 1, as tracin.torch factors a bias-free nn.Linear (was refused: no bias)."""
+    x, y = data
+    if layout == "flax":
+        params, weights, loss = _bias_free(mlp)
+        hidden, name, layer = mlp.hidden, "l2/kernel", "l2"
+    else:
+        params, weights, loss, hidden = _bias_free_torch_layout(mlp)
+        name = layer = "1"
+    grads = export_gradients(
+        loss,
+        list(zip(params, mlp.lrs, strict=True)),
+        (x, y),
+        mode="last_layer",
+        layers=[name if layout == "torch" else "l2"],
+        layer_input=hidden,
+        batch_size=16,
+        progress=False,
+    )
+    assert isinstance(grads, tracin.FactoredGradients) and grads.dims == ((3, 8), (3, 8))
+    assert grads.metadata["last_layer"] == {"layer": layer, "weight": name, "bias": None, "left": LEFT, "right": RIGHT}
+    assert grads.metadata["params"] == [{"name": name, "shape": [8, 3] if layout == "flax" else [3, 8]}]
+    refs = [mlp.reference_grads(w, x, y) for w in weights]
+    for c, ref in enumerate(refs):
+        _close(grads.left[c], ref["b2"])  # dL/dz, which the bias-free head has no bias gradient to give
+        _close(grads.right[c], ref["hidden"])
+    full = [ref["w2"].reshape(70, -1) for ref in refs]  # float64 NumPy (out, in) kernel gradients
+    assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
+    np.testing.assert_allclose(
+        tracin.self_influence(grads), sum(lr * (f**2).sum(1) for lr, f in zip(mlp.lrs, full, strict=True)), rtol=1e-5
+    )
+
+
+def test_a_kernel_named_without_its_bias_gives_the_kernel_factors(mlp, data):
+    """layers naming only the kernel of a biased layer: its gradient alone, dL/d(output) (x) input."""
+    x, y = data
+    grads = export_gradients(
+        mlp.loss_fn,
+        list(zip(mlp.params, mlp.lrs, strict=True)),
+        (x, y),
+        mode="last_layer",
+        layers=["l2/kernel"],
+        layer_input=mlp.hidden,
+        progress=False,
+    )
+    assert grads.dims == ((3, 8), (3, 8)) and grads.metadata["last_layer"]["bias"] is None
+    refs = [mlp.reference_grads(w, x, y) for w in mlp.weights]
+    full = [ref["w2"].reshape(70, -1) for ref in refs]
+    np.testing.assert_allclose(factored_to_full(grads.left, grads.right)[1], full[1], rtol=1e-5, atol=1e-7)
+    assert_close_to_exact(tracin.scores(grads, grads), full, full, mlp.lrs)
+
+
+def test_bias_free_last_layer_into_a_store_resumes_after_an_interruption(mlp, data, tmp_path):
+    """The first batch read ahead (to orient the kernel) belongs to the first pass: a store export killed
+    part-way resumes to the rows of the in-memory export."""
+    x, y = data
+    params, _, loss = _bias_free(mlp)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)]
+    ckpts = list(zip(params, mlp.lrs, strict=True))
+    kw = dict(mode="last_layer", layers=["l2"], layer_input=mlp.hidden, progress=False)
+    with pytest.raises(Killed):  # pass 1 fingerprints the data; dies in checkpoint 0
+        export_gradients(loss, ckpts, FailingBatches(batches, on=2, after=2), store=tmp_path / "s", **kw)
+    stored = export_gradients(loss, ckpts, batches, store=tmp_path / "s", **kw)
+    memory = export_gradients(loss, ckpts, batches, **kw)
+    assert stored.dims == memory.dims == ((3, 8), (3, 8))
+    np.testing.assert_allclose(tracin.scores(stored, stored), tracin.scores(memory, memory), rtol=1e-6)
+
+
+def test_bias_free_last_layer_of_a_flax_dense_and_a_one_shot_iterator(data):
+    """flax nn.Dense(use_bias=False) as the head, the data a one-shot iterator of batches (read once: the
+    first batch, read ahead to orient the kernel, is not lost), against jax.grad of the kernel."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, features=False):
+            h = jnp.tanh(nn.Dense(6)(x))
+            return h if features else nn.Dense(4, use_bias=False)(h)
+
+    x, _ = data
+    y = np.random.default_rng(3).integers(0, 4, len(x))
+    net = Net()
+    variables = net.init(jax.random.key(0), x[:1])
+
+    def loss(v, inputs, targets):
+        logits = net.apply(v, inputs)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], axis=1)[:, 0]
+
+    def features(v, inputs):
+        return net.apply(v, inputs, features=True)
+
+    batches = iter([(x[i : i + 16], y[i : i + 16]) for i in range(0, 70, 16)])
+    grads = export_gradients(
+        loss,
+        [(variables, 1.0)],
+        batches,
+        mode="last_layer",
+        layers=["params/Dense_1"],
+        layer_input=features,
+        progress=False,
+    )
+    assert grads.n_rows == 70 and grads.dims == ((4, 6),)
+    kernel_grad = jax.vmap(jax.grad(lambda v, xi, yi: loss(v, xi[None], yi[None])[0]), in_axes=(None, 0, 0))(
+        variables, x, y
+    )["params"]["Dense_1"]["kernel"]  # (n, in, out)
+    ref = np.swapaxes(np.asarray(kernel_grad, np.float64), 1, 2).reshape(70, -1)
+    np.testing.assert_allclose(factored_to_full(grads.left, grads.right)[0], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_last_batch_is_padded_not_recompiled_and_each_export_compiles_once(mlp, data):

@@ -73,8 +73,8 @@ def test_wrong_layer_inputs_are_refused(mlp, data, layer_input, message):
         )
 
 
-@pytest.mark.parametrize("layers", [["l1", "l2"], ["l2/kernel"], ["l2/bias"]])
-def test_last_layer_needs_one_kernel_and_one_bias(mlp, data, layers):
+@pytest.mark.parametrize("layers", [["l1", "l2"], ["l1/kernel", "l2/kernel"], ["l2/bias"]])
+def test_last_layer_needs_one_kernel_and_at_most_one_bias(mlp, data, layers):
     x, y = data
     with pytest.raises(ValueError, match="must name one dense layer"):
         export_gradients(
@@ -85,6 +85,92 @@ def test_last_layer_needs_one_kernel_and_one_bias(mlp, data, layers):
             layers=layers,
             layer_input=mlp.hidden,
             progress=False,
+        )
+
+
+def _bias_free_head(mlp):
+    params = {"l1": mlp.params[0]["l1"], "l2": {"kernel": mlp.params[0]["l2"]["kernel"]}}
+    return params, lambda p, x, y: mlp.cross_entropy(mlp.hidden(p, x) @ p["l2"]["kernel"], y)
+
+
+def _penalised(mlp):
+    return lambda p, x, y: (
+        mlp.cross_entropy(mlp.hidden(p, x) @ p["l2"]["kernel"], y) + 1e-3 * jnp.sum(p["l2"]["kernel"] ** 2)
+    )
+
+
+def _twice(mlp):
+    def loss(p, x, y):  # the head applied twice (a second product), as with tied weights
+        h = mlp.hidden(p, x)
+        return mlp.cross_entropy(h @ p["l2"]["kernel"] + jnp.tanh(h @ p["l2"]["kernel"]), y)
+
+    return loss
+
+
+def _in_scan(mlp):
+    def loss(p, x, y):
+        def step(h, _):
+            return h, h @ p["l2"]["kernel"]
+
+        _, out = jax.lax.scan(step, mlp.hidden(p, x), None, length=1)
+        return mlp.cross_entropy(out[0], y)
+
+    return loss
+
+
+def _per_token(mlp):
+    def loss(p, x, y):  # the head applied to two "tokens" per example: not one output row
+        h = jnp.stack([mlp.hidden(p, x), mlp.hidden(p, -x)], axis=1)
+        return mlp.cross_entropy((h @ p["l2"]["kernel"]).sum(1), y)
+
+    return loss
+
+
+def _looked_up(mlp):
+    return lambda p, x, y: mlp.cross_entropy(mlp.hidden(p, x)[:, :3] + p["l2"]["kernel"][y], y)
+
+
+@pytest.mark.parametrize(
+    "make_loss, message",
+    [
+        (_twice, r"l2/kernel \[8, 3\] is named without a bias, .* but it is used 2 times: use mode='full'"),
+        (_penalised, r"but it is used by integer_pow: use mode='full' with layers=\['l2/kernel'\]"),
+        (_in_scan, r"one dot_general that uses it .* but it is used inside scan: use mode='full' with "),
+        (_per_token, r"l2/kernel \[8, 3\] gives 2 output rows of 3 per example .* not one"),
+        (_looked_up, r"but it is looked up by ids \(an embedding\)"),
+    ],
+)
+def test_a_bias_free_last_layer_needs_its_kernel_in_one_dot_general(mlp, data, make_loss, message):
+    """Without a bias, dL/d(output) is read at the kernel's one dot_general (exact): a kernel used twice,
+    also in a penalty, inside scan, over several output rows per example or looked up is refused, saying why."""
+    x, y = data
+    params, _ = _bias_free_head(mlp)
+    with pytest.raises(ValueError, match=message):
+        export_gradients(
+            make_loss(mlp),
+            [(params, 1.0)],
+            (x, y),
+            mode="last_layer",
+            layers=["l2"],
+            layer_input=mlp.hidden,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "layer_input, message",
+    [
+        (lambda p, x: x[:, :3] @ jnp.ones((3, 8)), "does not return the input of l2/kernel: its per-example"),
+        (lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]), "does not return the input of l2/kernel"),  # no b1
+        (lambda p, x: x, r"must return the \(batch, 8\) input of l2/kernel, got shape \(64, 5\)"),
+    ],
+)
+def test_wrong_layer_inputs_of_a_bias_free_last_layer_are_refused(mlp, data, layer_input, message):
+    x, y = data
+    params, loss = _bias_free_head(mlp)
+    with pytest.raises(ValueError, match=message):
+        export_gradients(
+            loss, [(params, 1.0)], (x, y), mode="last_layer", layers=["l2"], layer_input=layer_input, progress=False
         )
 
 

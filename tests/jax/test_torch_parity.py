@@ -255,3 +255,75 @@ def test_same_kronecker_projection_as_tracin_torch_over_tokens():
     assert ours.metadata["projection"] == theirs.metadata["projection"] == {**projection.to_dict(), "segments": layout}
     for a, b in zip(ours.matrices, theirs.matrices, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("kernel_layout", ["flax", "torch"])
+def test_bias_free_last_layer_matches_tracin_torch(mlp, split, kernel_layout):
+    """A bias-free head: nn.Linear(8, 3, bias=False) in torch, x @ K ((in, out) Flax kernel) or h @ W.T (an
+    (out, in) leaf) in JAX with the same weights: the same factors (dL/d(output), the input without a 1), dims,
+    metadata last_layer (bias None) and influence (JAX refused a bias-free head before)."""
+    import tracin.torch
+
+    (xtr, ytr), (xte, yte) = split
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3, bias=False))
+    states = [
+        {
+            "0.weight": torch.as_tensor(w["w1"]).float(),
+            "0.bias": torch.as_tensor(w["b1"]).float(),
+            "2.weight": torch.as_tensor(w["w2"]).float(),
+        }
+        for w in mlp.weights
+    ]
+    if kernel_layout == "flax":
+        params = [{"l1": p["l1"], "head": p["l2"]["kernel"]} for p in mlp.params]
+
+        def loss(p, x, y):
+            return mlp.cross_entropy(mlp.hidden(p, x) @ p["head"], y)
+
+    else:
+        pairs = zip(mlp.params, mlp.weights, strict=True)
+        params = [{"l1": p["l1"], "head": jnp.asarray(w["w2"], jnp.float32)} for p, w in pairs]
+
+        def loss(p, x, y):
+            return mlp.cross_entropy(mlp.hidden(p, x) @ p["head"].T, y)
+
+    def ours(x, y):
+        return export_gradients(
+            loss,
+            list(zip(params, mlp.lrs, strict=True)),
+            (x, y),
+            mode="last_layer",
+            layers=["head"],
+            layer_input=mlp.hidden,
+            progress=False,
+        )
+
+    def theirs(x, y):
+        return tracin.torch.export_gradients(
+            model,
+            list(zip(states, mlp.lrs, strict=True)),
+            (torch.as_tensor(x), torch.as_tensor(y)),
+            torch.nn.CrossEntropyLoss(reduction="none"),
+            mode="last_layer",
+            layers=["2"],
+            progress=False,
+        )
+
+    jax_test, jax_train, torch_test, torch_train = ours(xte, yte), ours(xtr, ytr), theirs(xte, yte), theirs(xtr, ytr)
+    assert jax_train.dims == torch_train.dims == ((3, 8), (3, 8))
+    assert torch_train.metadata["last_layer"]["bias"] is None is jax_train.metadata["last_layer"]["bias"]
+    assert {k: v for k, v in jax_train.metadata["last_layer"].items() if k not in ("layer", "weight")} == {
+        k: v for k, v in torch_train.metadata["last_layer"].items() if k not in ("layer", "weight")
+    }
+    for a, b in zip(jax_train.left + jax_train.right, torch_train.left + torch_train.right, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the float64 NumPy reference: torch_rows' kernel gradients of the model with its bias at 0
+    zero_bias = [{**w, "b2": np.zeros(3)} for w in mlp.weights]
+    ref_test = [torch_rows(w, xte, yte, ["2.weight"]) for w in zero_bias]
+    ref_train = [torch_rows(w, xtr, ytr, ["2.weight"]) for w in zero_bias]
+    _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)
+    for side in ("proponents", "opponents"):
+        np.testing.assert_array_equal(
+            tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
+            tracin.top_k(torch_test, torch_train, k=5, side=side).indices,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -83,7 +84,12 @@ def export_gradients(
         leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
-        (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input.
+        (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input. A bias-free
+        layer (nn.Dense(use_bias=False), x @ W, or a kernel named without its bias): right = input (n, q),
+        as tracin.torch factors a bias-free nn.Linear; its dL/d(output) is read exactly at the one
+        dot_general using the kernel (x @ K, x @ K.T: which side x meets gives p and q), one output row
+        per example; a kernel used otherwise (twice, inside scan / while / cond, per token) is a ValueError
+        saying how.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
@@ -203,14 +209,16 @@ class _JaxExport:
         self.last_layer = None
         self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
+        self._pending: Iterator[Batch] | None = None  # the batches after one read ahead (slot_dims), if any
         if mode == "last_layer":
             self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers)
             self.layout = self.compute_rows.layout
             c = self.compute_rows
-            self.slot_dims: list = [(c.p, c.q + 1)]
+            self._slot_dims: list | None = [c.dims] if c.dims is not None else None  # bias-free: the first batch's
             self.segments: list[int] | None = None
-            self.params = [(c.kernel_path, c.kernel_shape), (c.bias_path, (c.p,))]
-            self.last_layer = last_layer_entry(c.kernel_path.rpartition("/")[0], c.kernel_path, c.bias_path)
+            self.params = [(c.kernel_path, c.kernel_shape)] + ([(c.bias_path, (c.p,))] if c.bias_path else [])
+            layer = c.kernel_path.rpartition("/")[0] or c.kernel_path  # a bare leaf (x @ W) names itself
+            self.last_layer = last_layer_entry(layer, c.kernel_path, c.bias_path)
             self.fingerprints["layer_input"] = callable_identity(layer_input)
             self._cache_key = ((loss_fn, layer_input), ("last_layer",))
         else:
@@ -220,13 +228,28 @@ class _JaxExport:
                 rows = _kronecker_rows()(loss_fn, self.layout, projection, self._first, entries, adam)
                 self.compute_rows = self.kronecker = rows
                 self._cache_key = ((loss_fn,), ("kronecker_rows",))
-                self.slot_dims, self.segments = [projection.dim], None
+                self._slot_dims, self.segments = [projection.dim], None
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
             else:
                 self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # float64 beyond float32: an error
-                self.slot_dims, self.segments = [self.layout.dim], self.layout.widths
+                self._slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
+
+    @property
+    def slot_dims(self) -> list:
+        """Per checkpoint the row width (full rows, a projection) or (p, q [+ 1]) of the factors. A bias-free
+        last layer's (p, q) are read off the loss's use of its kernel on the first batch, read here once,
+        ahead (the first pass of batches() goes on from it: a one-shot iterator is read once)."""
+        if self._slot_dims is None:
+            batches = iter(self.plan)
+            first = next(batches, None)
+            if first is None:
+                raise ValueError("data has no rows")
+            self.compute_rows.orient(first, self.plan.note)
+            self._pending = itertools.chain([first], batches)
+            self._slot_dims = [self.compute_rows.dims]
+        return self._slot_dims
 
     def check_states(self, entries: Sequence[Any]) -> None:
         """ValueError when an optimizer state's Adam moments hold leaves the params do not
@@ -242,7 +265,8 @@ class _JaxExport:
         return ran_on(fns, (*kind, self.layout), signature)
 
     def batches(self) -> Iterator[Batch]:
-        for batch in self.plan:
+        pending, self._pending = self._pending, None
+        for batch in pending if pending is not None else self.plan:
             if self.kronecker is not None:
                 self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
             yield batch

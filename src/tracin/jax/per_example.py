@@ -341,11 +341,16 @@ class FullRows:
 
 
 class LastLayer:
-    """Factored gradients of a final dense layer y = x K + b (or K x + b): per example the left
-    factor dL/dy (p,) and the right factor [x, 1] (q + 1,), whose outer product is the gradient of
-    (K, b) as one (p, q + 1) block.
+    """Factored gradients of a final dense layer y = x K + b (or K x + b), or of a bias-free one y = x K:
+    per example the left factor dL/dy (p,) and the right factor [x, 1] (q + 1,) (x (q,) without a bias),
+    whose outer product is the gradient of (K, b) as one (p, q + 1) block (of K, (p, q)), as tracin.torch
+    factors an nn.Linear with or without a bias.
 
-    dL/dy is the per-example gradient of the bias; x comes from layer_input(params, inputs) -> (batch, q).
+    dL/dy is the per-example gradient of the bias; without one, the gradient of a zero added to the output
+    of the kernel's one dot_general (the loss's jaxpr run with a tap there, jaxpr_taps), traced for each
+    batch shape: exact, with no kernel gradient formed. x comes from layer_input(params, inputs) ->
+    (batch, q). A bias-free layer's p and q (which side of the kernel meets x) are read off that
+    dot_general by `orient`, on the first batch.
     """
 
     def __init__(self, loss_fn: LossFn, layer_input: Callable, params: Any, layers: Any):
@@ -353,44 +358,62 @@ class LastLayer:
         shapes = {i: matched.shapes[i] for i in matched.selected}
         biases = [i for i, s in shapes.items() if len(s) == 1]
         kernels = [i for i, s in shapes.items() if len(s) == 2]
-        if len(shapes) != 2 or len(biases) != 1 or len(kernels) != 1:
+        if len(kernels) != 1 or len(biases) > 1 or len(shapes) != len(kernels) + len(biases):
             found = [f"{matched.paths[i]} {list(s)}" for i, s in shapes.items()]
             raise ValueError(
                 "mode='last_layer': layers must name one dense layer, i.e. match exactly one "
-                f"2-D kernel and one 1-D bias, got {found}"
+                f"2-D kernel and at most one 1-D bias (none for a bias-free layer), got {found}"
             )
-        self.bias_path, self.kernel_path = matched.paths[biases[0]], matched.paths[kernels[0]]
-        p = shapes[biases[0]][0]
-        if p not in shapes[kernels[0]]:
-            raise ValueError(
-                f"mode='last_layer': kernel {self.kernel_path} {list(shapes[kernels[0]])} does not "
-                f"fit bias {self.bias_path} ({p},)"
-            )
+        self.kernel_path = matched.paths[kernels[0]]
+        self.bias_path = matched.paths[biases[0]] if biases else None
         self.kernel_shape = rows, cols = shapes[kernels[0]]
-        self.p, self.q = p, (cols if rows == p else rows)  # kernel (p, q) as in torch/Equinox, or (q, p) as in Flax
-        self.layout = layout_of(params, [self.bias_path])
+        self.p: int | None = None
+        self.q: int | None = None
+        self.contract: int | None = None  # the kernel axis x meets (0: x K as in Flax, 1: K x as in torch), if known
+        if self.bias_path is not None:
+            p = shapes[biases[0]][0]
+            if p not in self.kernel_shape:
+                raise ValueError(
+                    f"mode='last_layer': kernel {self.kernel_path} {list(self.kernel_shape)} does not "
+                    f"fit bias {self.bias_path} ({p},)"
+                )
+            self.p, self.q = p, (cols if rows == p else rows)  # kernel (p, q) as in torch/Equinox, or (q, p) as in Flax
+        self.layout = layout_of(params, [self.bias_path if self.bias_path is not None else self.kernel_path])
         self._kernel_layout = layout_of(params, [self.kernel_path])
         self._loss_fn = loss_fn
         self._layer_input = layer_input
-        layout = self.layout
+        self._avals = tuple(_avals(part) for part in self.layout.split(params))
+        self._factors: Callable | None = None
+        if self.bias_path is not None:
+            self._factors = shared_jit((loss_fn, layer_input), ("last_layer", self.layout), _bias_factors(self.layout))
 
-        def build(loss: LossFn, inputs_of: Callable) -> Callable:
-            delta = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
+    @property
+    def dims(self) -> tuple[int, int] | None:
+        """(p, q + 1), (p, q) without a bias; None for a bias-free layer not yet oriented."""
+        if self.p is None:
+            return None
+        return (self.p, self.q + (self.bias_path is not None))
 
-            def factors(selected, arrays, inputs, targets):
-                left = delta(selected, arrays, inputs, targets)[0]
-                x = inputs_of(layout.merge(selected, arrays), inputs)
-                (left, x), beyond = _float32_rows([left, x])
-                right = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-                return (left, right), beyond
-
-            return factors
-
-        self._factors = shared_jit((loss_fn, layer_input), ("last_layer", layout), build)
+    def orient(self, batch: Batch, note: str = "") -> None:
+        """A bias-free layer: reads p, q and the kernel's orientation off the one dot_general that uses
+        the kernel in the loss of one example of `batch` (ValueError when there is no such product), and
+        compiles the factors for it. Nothing for a layer with a bias. note: how the data was read."""
+        if self._factors is not None:
+            return
+        check_per_example(self._loss_fn, self.layout, *self._avals, batch, note)  # its errors before the tracer's
+        example = _avals((batch.inputs, batch.targets), strip=1)
+        _, site = _kernel_site(self._loss_fn, self.layout, *self._avals, example, self.kernel_path, self.kernel_shape)
+        rows, cols = self.kernel_shape
+        self.contract = site.contract
+        self.p, self.q = (cols, rows) if site.contract == 0 else (rows, cols)
+        key = ("last_layer", self.layout, "bias-free", self.contract)
+        build = _tapped_factors(self.layout, self.kernel_path, self.kernel_shape, self.contract)
+        self._factors = shared_jit((self._loss_fn, self._layer_input), key, build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
-        float32's range."""
+        float32's range. A bias-free layer is oriented by `batch` first if it was not yet."""
+        self.orient(batch)
         factors, beyond = self._factors(selected, arrays, batch.inputs, batch.targets)
         _check_float32_range(beyond, batch.count)
         return factors
@@ -400,6 +423,7 @@ class LastLayer:
         gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the coarsest dtype the loss
         computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products), the kernel is
         stored in or layer_input returns. Run once per export, on its first batch."""
+        self.orient(batch)
         sel, arrs = self.layout.split(params)
         try:
             x = jax.eval_shape(lambda s, a, i: self._layer_input(self.layout.merge(s, a), i), sel, arrs, batch.inputs)
@@ -420,8 +444,11 @@ class LastLayer:
         wide = jnp.result_type(jnp.float32, *(a.dtype for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)))
         reference = FullRows(self._loss_fn, self._kernel_layout, wide, narrow=False)  # only factors are stored
         grad = np.asarray(reference(ksel, karrs, head), np.float64)
-        outer_px = np.einsum("np,nq->npq", left, right[:, :-1]).reshape(len(left), -1)
-        outer_xp = np.einsum("nq,np->nqp", right[:, :-1], left).reshape(len(left), -1)
+        inputs = right[:, :-1] if self.bias_path is not None else right
+        outer_px = np.einsum("np,nq->npq", left, inputs).reshape(len(left), -1)
+        outer_xp = np.einsum("nq,np->nqp", inputs, left).reshape(len(left), -1)
+        # a bias-free kernel's orientation is known (its dot_general); with a bias, a square kernel may be either
+        sides = {None: (outer_px, outer_xp), 0: (outer_xp,), 1: (outer_px,)}[self.contract]
         scale = np.linalg.norm(grad, axis=1) + 1e-30
         # rounding of the coarsest dtype the loss computes in (a float32 model running
         # nn.Dense(dtype=bfloat16), TF32 products), the kernel's gradient is stored in (bfloat16 / float16
@@ -429,12 +456,105 @@ class LastLayer:
         stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
         rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
         fits = [
-            np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1))
-            for o in (outer_px, outer_xp)
+            np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1)) for o in sides
         ]
+        if not any(fits) and self.bias_path is None:
+            raise ValueError(
+                f"layer_input(params, inputs) does not return the input of {self.kernel_path}: its per-example "
+                "gradient is not dL/d(output) (x) input (dL/d(output) read at its one dot_general)"
+            )
         if not any(fits):
             raise ValueError(
                 f"layer_input(params, inputs) does not return the input of {self.kernel_path}, or the loss uses "
                 f"{self.kernel_path} or {self.bias_path} outside y = x K + b (weight decay or another penalty on "
                 "them, tied weights): its per-example gradient is not dL/d(output) (x) input"
             )
+
+
+def _avals(tree: Any, strip: int = 0) -> Any:
+    """The pytree's arrays as ShapeDtypeStructs, without their first `strip` axes."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[strip:], a.dtype), tree)
+
+
+def _bias_factors(layout: ParamLayout) -> Callable[..., Callable]:
+    """shared_jit's build of a layer with a bias (layout: the bias): left = per-example bias gradient,
+    right = [layer_input, 1]."""
+
+    def build(loss: LossFn, inputs_of: Callable) -> Callable:
+        delta = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
+
+        def factors(selected, arrays, inputs, targets):
+            left = delta(selected, arrays, inputs, targets)[0]
+            x = inputs_of(layout.merge(selected, arrays), inputs)
+            (left, x), beyond = _float32_rows([left, x])
+            right = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
+            return (left, right), beyond
+
+        return factors
+
+    return build
+
+
+def _kernel_site(
+    loss_fn: LossFn, layout: ParamLayout, selected: Any, arrays: Any, example: Any, path: str, shape: tuple
+) -> Any:
+    """(closed jaxpr of one example's loss, for the avals of the kernel (`layout`'s one selected leaf), the
+    other array leaves and one (input, target) example; the Site of the kernel's one dot_general), or a
+    ValueError saying why the kernel of a bias-free last layer has no such product giving one output row
+    per example."""
+    from .jaxpr_taps import find_sites
+
+    closed = jax.make_jaxpr(_one_example_loss(loss_fn, layout))(selected, arrays, *example)
+    sites, reasons = find_sites(closed, {0: 0})
+    site = sites.get(0)
+    if site is None or site.lookup:
+        why = "looked up by ids (an embedding)" if site is not None else reasons.get(0, "only added to other values")
+        raise ValueError(
+            f"mode='last_layer': {path} {list(shape)} is named without a bias, so dL/d(output) is read at the one "
+            "dot_general that uses it (x @ K, x @ K.T, an einsum; not inside scan / while / cond or a custom_jvp / "
+            f"custom_vjp function), but it is {why}: use mode='full' with layers=[{path!r}] (or name the layer's "
+            "bias too, if it has one)"
+        )
+    p = int(np.prod([site.out_shape[a] for a in site.out_axes], dtype=np.int64))
+    outputs = int(np.prod(site.out_shape, dtype=np.int64)) // max(p, 1)
+    if outputs != 1:
+        raise ValueError(
+            f"mode='last_layer': {path} {list(shape)} gives {outputs} output rows of {p} per example (tokens, "
+            f"output shape {list(site.out_shape)} for a batch of one), not one: its per-example gradient is a sum "
+            f"of outer products, not one (a sequence model's head: use mode='full' with layers=[{path!r}] and a "
+            "kronecker=True projection)"
+        )
+    return closed, site
+
+
+def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int) -> Callable[..., Callable]:
+    """shared_jit's build of a bias-free layer (layout: the kernel, met by x on its axis `contract`): left =
+    the gradient of a zero added to the output of the kernel's dot_general, per example (the jaxpr traced
+    for the batch's shapes), right = layer_input."""
+    from .jaxpr_taps import run_tapped
+
+    def build(loss: LossFn, inputs_of: Callable) -> Callable:
+        def factors(selected, arrays, inputs, targets):
+            example = _avals((inputs, targets), strip=1)
+            closed, site = _kernel_site(loss, layout, _avals(selected), _avals(arrays), example, path, shape)
+            if site.contract != contract:
+                raise ValueError(
+                    f"mode='last_layer': a batch of input shapes {jax.tree_util.tree_leaves(example)} uses "
+                    f"{path} {list(shape)} on its other side than the first batch did: give every batch the same shapes"
+                )
+
+            def one(x, y):
+                def loss_at(perturb):
+                    args = jax.tree_util.tree_leaves((selected, arrays, x, y))
+                    return run_tapped(closed, {0: site}, args, {0: perturb})[0][0]
+
+                return jax.grad(loss_at)(jnp.zeros(site.out_shape, site.out_dtype)).reshape(-1)
+
+            left = jax.vmap(one)(inputs, targets)
+            x = inputs_of(layout.merge(selected, arrays), inputs)
+            (left, x), beyond = _float32_rows([left, x])
+            return (left, x), beyond
+
+        return factors
+
+    return build
