@@ -184,6 +184,25 @@ class TestTorchOptimizerStates:
             tracin.scores(whitened, train)
         assert tracin.scores(fitted.apply(train), train).shape == (8, 8)
 
+    def test_whitened_self_influence_of_rows_of_other_states_is_refused(self, setup):
+        # the train-rows paths of a whitening (self-influence, diagnostics) compare the optimizer states too: they
+        # were let through, checkpoints compared but not states, with self-influences 165% off
+        model, weights, states, _, data = setup
+        fitted_on = self._export(model, weights, [states[0][0], states[1][0]], data)
+        other = self._export(model, weights, [states[0][1], states[1][0]], data)
+        whitening = tracin.Whitening.fit(fitted_on)
+        elsewhere = r"^train were exported with different optimizer states|^train and the gradients the whitening"
+        for call in (
+            lambda: whitening.self_influence(other),
+            lambda: tracin.self_influence(other, whitening=whitening),
+            lambda: checkpoint_diagnostics(other, whitening=whitening),
+        ):
+            with pytest.raises(tracin.scoring.CheckpointMismatchError, match=elsewhere) as e:
+                call()
+            assert e.value.checkpoints == [0] and e.value.optimizer_states
+        expected = tracin.scores(whitening.apply(fitted_on), fitted_on).diagonal()
+        np.testing.assert_allclose(whitening.self_influence(fitted_on), expected, rtol=1e-4, atol=1e-6)
+
     def test_the_same_states_score_as_the_float64_reference(self, setup, tmp_path):
         model, weights, states, _, data = setup
         chosen = [states[0][0], states[1][1]]
@@ -291,3 +310,43 @@ def test_the_jax_export_records_its_states_and_is_refused_the_same_way():
     pre = np.concatenate([grads[k] / (np.sqrt(v_hat[k]) + 1e-8) for k in ("b", "w")], axis=1)
     expected = 0.5 * pre @ pre.T
     np.testing.assert_allclose(tracin.scores(test, again), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_jax_adam_sides_of_other_preconditioner_options_are_refused():
+    # b2 and eps weigh the rows as the second moments do: sides exported from one optax state with other
+    # preconditioner_options were scored without a word (scores 80% off)
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    from tracin.jax import export_gradients
+
+    jnp = jax.numpy
+
+    def loss_fn(params, x, y):
+        return -jax.nn.log_softmax(jnp.tanh(x @ params["w"]))[jnp.arange(x.shape[0]), y]
+
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}
+    x, y = rng.standard_normal((6, 4)).astype(np.float32), rng.integers(0, 3, 6)
+    opt = optax.adam(0.05)
+    updates, state = opt.update(jax.grad(lambda p: loss_fn(p, x, y).mean())(params), opt.init(params), params)
+
+    def export(**options):
+        return export_gradients(
+            loss_fn, [(params, 0.5, state)], (x, y), preconditioner="adam", progress=False, **options
+        )
+
+    default, other = export(), export(preconditioner_options={"b2": 0.9, "eps": 0.1})
+    message = r"^test and train were preconditioned with other settings \(metadata\['preconditioner'\]: "
+    with pytest.raises(ValueError, match=message + r"b2 0\.999 vs 0\.9, eps 1e-08 vs 0\.1\)"):
+        tracin.scores(default, other)
+    with pytest.raises(ValueError, match=message + r"b2 0\.9 vs 0\.999"):
+        tracin.top_k(other, default, k=2)
+    whitening = tracin.Whitening.fit(default)
+    with pytest.raises(
+        ValueError, match="^train and the gradients the whitening was fitted on were preconditioned with other"
+    ):
+        whitening.self_influence(other)
+    with pytest.raises(ValueError, match="^test and the gradients the whitening was fitted on were preconditioned"):
+        whitening.apply(other)
+    same = export(preconditioner_options={"b1": 0.9, "b2": 0.999, "eps": 1e-8})  # optax.adam's defaults, spelt out
+    assert tracin.scores(default, same).shape == (6, 6)

@@ -326,7 +326,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         if e.optimizer_states:
             raise CommandError(
                 f"--test and --train were exported with different optimizer states (of checkpoints {e.checkpoints}); "
-                "export both sides with the same optimizer states (same files or state dicts)"
+                "export both sides with the same optimizer states (same files or state dicts; a state saved "
+                "again under another file name digests differently)"
             ) from e
         raise CommandError(
             f"--test and --train were exported at different checkpoints (checkpoints {e.checkpoints} differ); "

@@ -121,7 +121,7 @@ def _check_same_gradient_space(
             raise ValueError(f"{name}: {problem}")
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
-    _check_same_preconditioner(t, x)
+    _check_same_preconditioner(t, x, names)
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         from .projection import Projection
 
@@ -235,12 +235,15 @@ def _checkpoint_records(
     return list(zip(digests, sources, strict=True))
 
 
-def _check_same_preconditioner(t: dict, x: dict) -> None:
+def _check_same_preconditioner(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
     """Both sides preconditioned alike (metadata["preconditioner"]: None or {"kind": ...}), except the
-    LESS pairing: train rows "adam_update" against plain test rows. Hyperparameters may differ."""
+    LESS pairing: train rows "adam_update" against plain test rows; two sides of one kind with the
+    same hyperparameters where both record them (_check_same_hyperparameters; `names` name the sides)."""
     if "mode" not in t or "mode" not in x:
         return
     kt, kx = (_preconditioner_kind(m) for m in (t, x))
+    if kt is not None and kt == kx:
+        _check_same_hyperparameters(t, x, names)
     if kt == "adam_update":
         raise ValueError(
             "test gradients are preconditioner='adam_update', which is for train rows only: "
@@ -256,6 +259,23 @@ def _check_same_preconditioner(t: dict, x: dict) -> None:
         raise ValueError(
             f"test gradients are preconditioner={kt!r} but train gradients are "
             f"preconditioner={kx!r}: export both sides with the same one"
+        )
+
+
+def _check_same_hyperparameters(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
+    """Refuses two sides of one preconditioner kind whose records (metadata["preconditioner"]) give
+    another value to a setting both record (tracin.jax's b1, b2, eps from preconditioner_options=):
+    Adam's b2 and eps weigh each side's rows as its second moments do. A setting one side lacks (a
+    record of an older version, or torch's, whose hyperparameters are in each optimizer state and so
+    in its digest) is not compared."""
+    ours, theirs = t["preconditioner"], x["preconditioner"]
+    differ = {key: (ours[key], theirs[key]) for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]}
+    if differ:
+        settings = ", ".join(f"{key} {a!r} vs {b!r}" for key, (a, b) in sorted(differ.items()))
+        raise ValueError(
+            f"{names[0]} and {names[1]} were preconditioned with other settings "
+            f"(metadata['preconditioner']: {settings}), which weigh each side's rows differently: export "
+            "both sides with the same preconditioner_options"
         )
 
 

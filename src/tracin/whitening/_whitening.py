@@ -322,7 +322,7 @@ class Whitening:
 
     def _accept(self, s: Any, name: str) -> GradientSet:
         """`s` as a gradient set of the fitted kind, dims and gradient space, not already whitened."""
-        from ..scoring import as_gradient_set
+        from ..scoring import _check_same_hyperparameters, _check_same_optimizer_states, as_gradient_set
 
         s = as_gradient_set(s, name)
         if "whitening" in s.metadata:
@@ -345,6 +345,10 @@ class Whitening:
                 f"{name} gradients are preconditioner={kinds[0]!r} but the whitening was fitted on "
                 f"preconditioner={kinds[1]!r}"
             )
+        if kinds[0] is not None:  # the records left out of _matching below: the preconditioner's settings and states
+            names = (name, "the gradients the whitening was fitted on")
+            _check_same_hyperparameters(s.metadata, self.spec.space, names)
+            _check_same_optimizer_states(s.metadata, self.spec.space, names)
         plain = [{k: v for k, v in m.items() if k != "preconditioner"} for m in (s.metadata, self.spec.space)]
         _matching(
             SimpleNamespace(factored=s.factored, dims=s.dims, metadata=plain[0], n_checkpoints=s.n_checkpoints),
