@@ -55,9 +55,12 @@ class Job:
 
     def rows_of(self, store: GradientStore) -> StoreRows:
         """The rows of `store`, for tasks to open by path, once the client has checked that it is still
-        the store opened: removed or re-created since, the StoreChangedError tracin's own functions
-        raise, at once. A task that does not see it has the client check again (_raise)."""
-        store._check_same_store()
+        the store opened, its data files unchanged: removed, re-created, or a file removed, resized
+        or rewritten in place since, the StoreChangedError tracin's own functions raise, at once. The
+        rows carry each data file's size and modification time as the client recorded them at
+        opening, which each task compares with the files it opens (StoreRows.open). A task that does
+        not see the store has the client check again (_raise)."""
+        store._check_unchanged()
         self.stores[str(store.path)] = store
         return StoreRows.of(store)
 

@@ -25,7 +25,7 @@ class StoreRows:
     """Rows [start, stop) of the store at `path`: what a task needs to open its shard itself.
 
     Only this travels to the workers; every worker must see the same store at `path` (a shared
-    file system, or an identical copy).
+    file system, or an identical copy whose files keep their modification times).
     """
 
     path: str
@@ -34,13 +34,21 @@ class StoreRows:
     allow_partial: bool
     chunk_bytes: int
     store_id: str | None  # the random id the store's manifest was created with
+    # (name, size, modification time in ns) of each data file as the client opened it; () for a store
+    # unfinished then (a writer may still be writing its files). Not the device and inode: those differ
+    # between NFS clients and between per-machine copies.
+    files: tuple[tuple[str, int, int], ...] = ()
 
     @classmethod
     def of(cls, store: GradientStore) -> StoreRows:
         """The rows a store view covers (a whole store, a shard or a slice), named by the store's
-        absolute path (GradientStore keeps one: workers run in other directories)."""
+        absolute path (GradientStore keeps one: workers run in other directories), with its data
+        files as the client recorded them when it opened the store."""
         start = store.shard_offset()
-        return cls(str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes, store.store_id)
+        files = tuple((f.name, f.size, f.identity[2]) for f in store._files if f.identity[2] is not None)
+        return cls(
+            str(store.path), start, start + store.n_rows, store.allow_partial, store.chunk_bytes, store.store_id, files
+        )
 
     def rows(self, a: int, b: int) -> StoreRows:
         """Rows [a, b) of this range (relative to its start)."""
@@ -49,8 +57,9 @@ class StoreRows:
     def open(self) -> GradientStore:
         """Opens the store by path, checking that this worker sees it (a ValueError naming the worker
         otherwise), its files (StoreFormatError naming the file when one is missing or corrupt) and
-        that it is the store opened on the client (StoreChangedError otherwise), and returns the
-        view of these rows."""
+        that it is the store opened on the client, with the same data files (StoreChangedError
+        otherwise), and returns the view of these rows. The store checks its files against this
+        opening before each chunk it reads, so a file rewritten later in the task is refused too."""
         refuse_unseen(self.path)
         store = GradientStore.open(self.path, allow_partial=self.allow_partial, chunk_bytes=self.chunk_bytes)
         if store.store_id != self.store_id:
@@ -59,6 +68,7 @@ class StoreRows:
                 f"{self.store_id} there, {store.store_id} here): it was re-created "
                 "since, or this machine's copy differs; open it again"
             )
+        self._refuse_changed_files(store)
         if store.n_rows < self.stop:
             raise ValueError(
                 f"gradient store {self.path} has {store.n_rows} usable rows here, but rows "
@@ -66,8 +76,53 @@ class StoreRows:
             )
         return store[self.start : self.stop]
 
+    def _refuse_changed_files(self, store: GradientStore) -> None:
+        """StoreChangedError naming the first data file whose size or modification time here is not
+        the one the client recorded: rewritten in place since the client opened the store (a same-size
+        rewrite keeps the store id), or this machine's copy differs."""
+        here = {f.name: f for f in store._files}
+        for name, size, mtime in self.files:
+            found = here.get(name)
+            differs = []
+            if found is None:  # (the same store id names the same files: not expected)
+                differs.append("not among its data files here")
+            else:
+                if found.size != size:
+                    differs.append(f"{size} bytes on the client, {found.size} here")
+                now = found.identity[2]
+                if now is not None and not same_mtime(mtime, now):
+                    differs.append(f"modified at {_when(mtime)} on the client, at {_when(now)} here")
+            if differs:
+                raise StoreChangedError(
+                    f"{os.path.join(self.path, name)} on worker {worker_name()} is not the file the client opened "
+                    f"({'; '.join(differs)}): it was rewritten since the gradient store was opened, or this "
+                    "machine's copy differs (a copy must keep the files' modification times: cp -p, rsync -a); "
+                    "open it again"
+                )
+
     def __str__(self) -> str:
         return f"rows [{self.start}, {self.stop}) of {self.path}"
+
+
+def same_mtime(a: int, b: int) -> bool:
+    """Whether modification times a and b (ns) agree at the coarser of their apparent resolutions (the
+    largest power of ten, up to 1 s, dividing each): a copy on a file system, or by a tool, that keeps
+    whole seconds or microseconds only (say rsync before 3.1) truncates the time to that resolution."""
+    step = max(_resolution(a), _resolution(b))
+    return a // step == b // step
+
+
+def _resolution(ns: int) -> int:
+    step = 1
+    while step < 10**9 and ns % (10 * step) == 0:
+        step *= 10
+    return step
+
+
+def _when(ns: int) -> str:
+    """A modification time in ns as UTC, to the ns."""
+    seconds, fraction = divmod(ns, 10**9)
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(seconds))}.{fraction:09d} UTC"
 
 
 class StoreNotVisible(ValueError):
