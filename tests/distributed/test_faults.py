@@ -18,7 +18,7 @@ from distributed import Client, LocalCluster
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed._cluster import local_client
+from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
 
@@ -353,3 +353,89 @@ def test_failed_job_drops_the_tasks_not_started(client):
     while left() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert left() == 0
+
+
+def _client_of_a_lost_scheduler(reconnect_s: float) -> tuple[Client, str]:
+    """A client (reconnecting for `reconnect_s`) whose scheduler has just stopped: status 'connecting'."""
+    cluster = LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, host="127.0.0.1", protocol="tcp", dashboard_address=":0"
+    )
+    address = cluster.scheduler_address
+    lost = Client(address, timeout=reconnect_s, set_as_default=False)
+    assert lost.status == "running"
+    cluster.close()
+    deadline = time.monotonic() + 10
+    while lost.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost.status == "connecting"
+    return lost, address
+
+
+def test_a_client_that_lost_its_scheduler_is_named(tied):
+    """Called while Dask tries to reconnect: once it gives up, an error naming the scheduler and the
+    client's status (the old code: KeyError 'workers', from the emptied record of the closed client)."""
+    for call in (
+        lambda c: td.self_influence(tied["store"], client=c, progress=False),
+        lambda c: td.top_k(tied["test"], tied["store"], 3, client=c, progress=False),
+        lambda c: td.aggregate(tied["test"], tied["store"], client=c, progress=False),
+    ):
+        lost, address = _client_of_a_lost_scheduler(2)
+        began = time.monotonic()
+        with pytest.raises(
+            ConnectionError,
+            match=rf"^the client lost its scheduler at {re.escape(address)} and could not reconnect \(status "
+            r"'clos(ing|ed)' now\): pass a client of a running scheduler$",
+        ):
+            call(lost)
+        assert time.monotonic() - began < 2 + 5 + 3  # the client's reconnect timeout, the margin, slack
+        lost.close()
+
+
+def test_an_export_whose_client_lost_its_scheduler_is_named(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    lost, address = _client_of_a_lost_scheduler(2)
+    lost_it = rf"the client lost its scheduler at {re.escape(address)} .*'clos(ing|ed)'"
+    with pytest.raises(ConnectionError, match=lost_it):
+        td.export_gradients(
+            "torch",
+            model,
+            checkpoints,
+            data,
+            torch.nn.CrossEntropyLoss(reduction="none"),
+            store=tmp_path / "s",
+            client=lost,
+            progress=False,
+        )
+    lost.close()
+
+
+def test_a_client_closed_while_its_workers_are_asked_for_is_named():
+    """The scheduler found gone during slots_by_host's request (Dask then answers with an emptied record)."""
+
+    class Closing:
+        status = "running"
+        scheduler = type("Rpc", (), {"address": "tcp://10.0.0.9:8786"})()
+
+        def scheduler_info(self, n_workers):
+            self.status, self.scheduler = "closed", None  # as a failed reconnection leaves a client
+            return {}
+
+    not_connected = r"^the client of the scheduler at tcp://10.0.0.9:8786 is not connected \(status 'closed'\)"
+    with pytest.raises(ConnectionError, match=not_connected):
+        slots_by_host(Closing())
+
+
+def test_tasks_cancelled_with_a_lost_scheduler_are_named_so():
+    class Reconnecting:
+        status = "connecting"
+        scheduler = type("Rpc", (), {"address": "tcp://10.0.0.9:8786"})()
+
+    job = Job(Reconnecting(), "top_k")
+    job.labels["k-0"] = "rows [0, 4) of /some/store"
+    message = str(job._cancelled("k-0"))
+    assert "rows [0, 4) of /some/store was cancelled because the client lost its scheduler at tcp://10" in message
+    assert "(status 'connecting'); call again once it is back" in message

@@ -7,7 +7,12 @@ worker_timeout= (seconds to wait for a cluster's first worker; None, the default
 Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send back only
 (m, k) results (or one value per row), merged on the cluster with merge_top_k: the answers are
 identical bit for bit to the single-machine functions. Every worker must see the store at the same
-path (a shared file system, or an identical copy on each machine). A script that lets client=None
+path (a shared file system, or an identical copy on each machine whose files keep their modification
+times: cp -p, rsync -a). A store changed since it was opened (re-created, or a data file removed,
+resized or rewritten in place, even at the same size) is a StoreChangedError, from the client's check
+before the call or from a task whose worker finds a data file of another size or modification time
+than the client recorded. A client whose scheduler died is a ConnectionError naming it (once Dask
+gives up reconnecting). A script that lets client=None
 start a LocalCluster must call from under `if __name__ == "__main__":` (the worker processes are
 spawned and import the script).
 

@@ -8,12 +8,15 @@ import math
 import numbers
 import socket
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import dask
+from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, WorkerPlugin, default_client, get_worker
 from distributed.comm import get_address_host
 
@@ -30,7 +33,11 @@ def client_for(client: Any) -> Iterator[Client]:
         if not isinstance(client, Client):
             raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
         if client.status in ("closing", "closed"):
-            raise ValueError(f"client is closed (status {client.status!r}): pass a running distributed.Client")
+            raise ValueError(
+                f"client is closed (status {client.status!r}; closed, or it lost its scheduler and could not "
+                "reconnect): pass a running distributed.Client"
+            )
+        check_connected(client)
         yield client
         return
     with local_client(usable_cores()) as local:
@@ -86,6 +93,49 @@ def default_client_or_none() -> Client | None:
         return None
 
 
+def check_connected(client: Client, address: str | None = None) -> None:
+    """Returns once `client` is running. While it reconnects to a scheduler it lost (status
+    'connecting'), waits until Dask's reconnection ends (the client's connect timeout, 30 s by
+    default), then a ConnectionError naming the scheduler and the client's status unless it got back:
+    a client whose scheduler died fails with it, not with what its emptied state makes of later calls.
+    `address`: the scheduler's, when known from before (a closed client forgets it)."""
+    if client.status == "running":
+        return
+    address = address or scheduler_address(client)
+    if client.status == "connecting":
+        deadline = time.monotonic() + reconnect_s(client) + RECONNECT_MARGIN_S
+        while client.status == "connecting" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if client.status == "running":
+            return
+        raise ConnectionError(
+            f"the client lost its scheduler at {address} and could not reconnect (status {client.status!r} "
+            "now): pass a client of a running scheduler"
+        )
+    raise ConnectionError(
+        f"the client of the scheduler at {address} is not connected (status {client.status!r}): pass a running "
+        "distributed.Client"
+    )
+
+
+RECONNECT_MARGIN_S = 5.0  # waited beyond the client's own reconnect timeout for its status to settle
+
+
+def scheduler_address(client: Client) -> str:
+    """The address of `client`'s scheduler, as far as it still knows it."""
+    scheduler = getattr(client, "scheduler", None)
+    return getattr(scheduler, "address", None) or "(its address is no longer known)"
+
+
+def reconnect_s(client: Client) -> float:
+    """How long `client` tries to reconnect to a lost scheduler: its timeout (Client(timeout=)),
+    else Dask's connect timeout."""
+    timeout = getattr(client, "_timeout", None)
+    if isinstance(timeout, numbers.Real) and math.isfinite(timeout):
+        return float(timeout)
+    return float(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), default="seconds"))
+
+
 def check_worker_timeout(worker_timeout: Any) -> float | None:
     """worker_timeout as a float of seconds (a finite number > 0), or None (no limit)."""
     if worker_timeout is None:
@@ -108,9 +158,9 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
     wait in the scheduler's queue. While it waits, a placeholder task is pending on the scheduler, so
     that an adaptive cluster, which starts workers only for pending work, starts one; it is released
     once a worker has come (or the wait ends)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"]
+    where = scheduler_address(client)
+    workers = _workers(client, where)
     if not workers:
-        where = client.scheduler.address
         if worker_timeout is None and not wait:
             print(
                 f"tracin.distributed: the cluster at {where} has no workers yet; its tasks start when workers join "
@@ -135,11 +185,25 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
             ) from None
         finally:
             placeholder.release()
-        workers = client.scheduler_info(n_workers=-1)["workers"]
+        workers = _workers(client, where)
     slots: Counter[str] = Counter()
     for w in workers.values():
         slots[w["host"]] += w["nthreads"]
     return dict(slots)
+
+
+def _workers(client: Client, address: str) -> dict[str, Any]:
+    """The scheduler's record of each worker, fetched now; a ConnectionError naming the scheduler at
+    `address` when the client lost it (Dask then answers with the state it last had, or none)."""
+    check_connected(client, address)
+    info = client.scheduler_info(n_workers=-1)
+    check_connected(client, address)
+    if "workers" not in info:  # (an emptied record: the client closed meanwhile)
+        raise ConnectionError(
+            f"the client of the scheduler at {address} got no record of its workers (status {client.status!r}): "
+            "pass a client of a running scheduler"
+        )
+    return info["workers"]
 
 
 def _placeholder() -> None:

@@ -14,6 +14,7 @@ from distributed import Client, Future, KilledWorker, as_completed
 from .._progress import progress_bar
 from ..scoring import rows_shifted
 from ..store import GradientStore, StoreChangedError, StoreFormatError
+from ._cluster import scheduler_address
 from ._shards import StoreNotVisible, StoreRows
 
 # A task that raises OSError (a file system hiccup) is run again this often, on its worker; any other
@@ -138,6 +139,13 @@ class Job:
 
     def _cancelled(self, key: str | None) -> TaskFailedError:
         task = self.labels.get(key, key) if key is not None else "one of its shards"
+        status = getattr(self.client, "status", "running")
+        if status != "running":  # Dask cancels every future of a client that lost its scheduler
+            return TaskFailedError(
+                f"tracin.distributed {self.what}: the task on {task} was cancelled because the client lost its "
+                f"scheduler at {scheduler_address(self.client)} (status {status!r}); call again once it is back, "
+                "or with a client of a running scheduler"
+            )
         return TaskFailedError(
             f"tracin.distributed {self.what}: the task on {task} was cancelled on the cluster (client.restart(), "
             "or its data lost with a worker?); call again"
