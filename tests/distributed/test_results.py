@@ -192,9 +192,9 @@ def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats
     def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
         found = result(future, *args, **kwargs)
         deadline = time.monotonic() + 10  # the scheduler frees what was released a moment later
-        while held()["aggregate_part"] and time.monotonic() < deadline:
+        while (now := held()) != {"aggregate_part": 0, "add_in_order": 1} and time.monotonic() < deadline:
             time.sleep(0.05)
-        seen.append(held())
+        seen.append(now)
         return found
 
     train = tracin.Gradients(floats["train"], floats["weights"])
