@@ -37,6 +37,16 @@ def _rewrite_in_place(path) -> None:
     assert after.st_mtime_ns != before.st_mtime_ns
 
 
+def _on_a_worker(client, fn):
+    """fn() run by a task; its future released even when it fails (the error's frames would keep it
+    held on the session's cluster)."""
+    future = client.submit(fn, pure=False)
+    try:
+        return future.result()
+    finally:
+        future.release()
+
+
 def _local_error(call) -> str:
     with pytest.raises(StoreChangedError) as e:
         call()
@@ -92,9 +102,9 @@ def test_a_workers_copy_of_another_size_is_refused(client, tied, tmp_path):
     (name, size, mtime), second = rows.files
     other = replace(rows, files=((name, size + 8, mtime), second))
     with pytest.raises(StoreChangedError, match=rf"{size + 8} bytes on the client, {size} here\): .* open it again$"):
-        client.submit(other.open, pure=False).result()
+        _on_a_worker(client, other.open)
     np.testing.assert_array_equal(  # the rows as recorded: opened
-        client.submit(lambda: tracin.self_influence(rows.rows(0, 5).open(), progress=False), pure=False).result(),
+        _on_a_worker(client, lambda: tracin.self_influence(rows.rows(0, 5).open(), progress=False)),
         tracin.self_influence(store[:5], progress=False),
     )
 
@@ -110,12 +120,12 @@ def test_a_copy_keeping_whole_seconds_only_is_accepted(client, tied, tmp_path):
     expected = tracin.self_influence(store, progress=False)
     for copied in (1_700_000_000_000_000_000, 1_700_000_000_123_456_000):
         os.utime(data, ns=(0, copied))
-        found = client.submit(lambda r=rows: tracin.self_influence(r.open(), progress=False), pure=False).result()
+        found = _on_a_worker(client, lambda r=rows: tracin.self_influence(r.open(), progress=False))
         np.testing.assert_array_equal(found, expected)
     os.utime(data, ns=(0, 1_700_000_001_000_000_000))
     differs = r"modified at 2023-11-14 22:13:20.123456789 UTC on the client, at 2023-11-14 22:13:21.000000000 UTC here"
     with pytest.raises(StoreChangedError, match=rf"checkpoint_001.npy on worker \S+ is not the file .*\({differs}\)"):
-        client.submit(rows.open, pure=False).result()
+        _on_a_worker(client, rows.open)
     assert same_mtime(1_700_000_000_123_456_789, 1_700_000_000_123_000_000)
     assert not same_mtime(1_700_000_000_123_456_789, 1_700_000_000_123_456_788)
     assert not same_mtime(1_700_000_000_123_456_789, 1_700_000_001_000_000_000)
