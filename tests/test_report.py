@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -648,3 +649,32 @@ def test_checkpoint_contributions_refuse_nan_rows_as_top_k_does(side):
         checkpoint_contributions(tracin.Gradients(test), tracin.Gradients(train), result)
     with pytest.raises(ValueError, match=rf"{side} checkpoint 1 contains NaN or Inf values, first in rows \[{row}"):
         tracin.top_k(tracin.Gradients(test), tracin.Gradients(train), k=4)
+
+
+def test_diagnostics_figure_is_written_whole_keeping_the_old_one_on_a_failed_save(tmp_path, monkeypatch):
+    # review48 F1: the PNG was saved in place, so a save failing part-way (a full disk) left half a PNG
+    # over the good figure
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "d.png"
+    checkpoint_diagnostics(_two_checkpoints(), path=path)
+    os.chmod(path, 0o640)
+    good = path.read_bytes()
+    save = Figure.savefig
+
+    def fail_part_way(self, fname, *args, **kwargs):
+        if isinstance(fname, (str, os.PathLike)):
+            Path(fname).write_bytes(b"\x89PNG half")
+        else:
+            fname.write(b"\x89PNG half")
+            fname.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", fail_part_way)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint_diagnostics(_two_checkpoints(), path=path, labels=["a", "b"])
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]
+    monkeypatch.setattr(Figure, "savefig", save)
+    checkpoint_diagnostics(_two_checkpoints(), path=path, labels=["a", "b"])
+    assert path.read_bytes() != good and path.read_bytes()[:4] == b"\x89PNG"
+    assert os.stat(path).st_mode & 0o777 == 0o640 and sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import DTYPE_CODES
+from ._whole_file import whole_file
 from .backends import TopK
 from .gradients import GradientSet, non_finite_message
 from .scoring import _checkpoint_run, _normalize_run, _pair, as_gradient_set, self_influence
@@ -280,7 +281,9 @@ def plot_checkpoint_diagnostics(
 ) -> Path:
     """Writes the two-panel PNG of checkpoint_diagnostics to `path` (matplotlib, headless) and returns
     the path written: `path` itself when it ends in .png, `path` + ".png" when it has no suffix.
-    The figure is drawn without pyplot: the caller's backend and open figures are left as they were."""
+    The PNG is written whole (tracin._whole_file: a temporary file beside it, renamed over it, the old
+    file's permissions kept): a save that fails part-way leaves what was there. The figure is drawn
+    without pyplot: the caller's backend and open figures are left as they were."""
     count = diag.terms.shape[1]
     path, labels = _png_path(path), _labels(count, labels, traced)
     x = np.arange(count)
@@ -309,7 +312,8 @@ def plot_checkpoint_diagnostics(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with whole_file(path, binary=True) as f:  # a failed save (a full disk) leaves the old figure, not half a PNG
+        fig.savefig(f, format="png")
     return path
 
 
