@@ -678,3 +678,24 @@ def test_diagnostics_figure_is_written_whole_keeping_the_old_one_on_a_failed_sav
     checkpoint_diagnostics(_two_checkpoints(), path=path, labels=["a", "b"])
     assert path.read_bytes() != good and path.read_bytes()[:4] == b"\x89PNG"
     assert os.stat(path).st_mode & 0o777 == 0o640 and sorted(p.name for p in tmp_path.iterdir()) == ["d.png"]
+
+
+@pytest.mark.parametrize("count,traced", [(1, 1), (1, None), (2, 2), (12, 3)])
+def test_diagnostics_legend_covers_no_bar_or_point(count, traced, tmp_path, monkeypatch):
+    # review48 F2: with one checkpoint both bars fill the axes and loc="best" put the legend over one
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    rng = np.random.default_rng(count)
+    train = tracin.Gradients([rng.standard_normal((20, 3)).astype(np.float32) for _ in range(count)])
+    checkpoint_diagnostics(train, path=tmp_path / "d.png", traced=traced)
+    (fig,) = figures
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    names = [t.get_text() for legend in legends for t in legend.get_texts()]
+    assert names == ["top 2 rows by self-influence", "all rows", *([f"traced: up to {traced}"] if traced else [])]
+    (box,) = [legend.get_window_extent() for legend in legends]
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent()) and not box.overlaps(ax.xaxis.label.get_window_extent())

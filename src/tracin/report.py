@@ -294,7 +294,7 @@ def plot_checkpoint_diagnostics(
     shares.set_ylabel("share of summed self-influence")
     shares.set_title("How much each checkpoint contributes")
     ranking.plot(x, diag.overlap, "o-", color="tab:blue")
-    ranking.set_ylim(0, 1.05)
+    ranking.set_ylim(-0.03, 1.05)  # markers at 0 drawn whole
     ranking.set_ylabel(f"overlap of the top {diag.top} with all checkpoints")
     ranking.set_title("Ranking when tracing only checkpoints 1..c")
     for ax in (shares, ranking):
@@ -307,11 +307,14 @@ def plot_checkpoint_diagnostics(
                 color="black",
                 linestyle="--",
                 linewidth=1,
-                label=f"traced: up to {labels[traced - 1]}",
+                label=f"traced: up to {labels[traced - 1]}" if ax is shares else None,
             )
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    # one legend below both panels: inside an axes it covered bars (one checkpoint: both fill the axes)
+    handles, names = shares.get_legend_handles_labels()
+    order = sorted(range(len(names)), key=lambda i: names[i].startswith("traced"))  # the bars first
+    handles, names = [handles[i] for i in order], [names[i] for i in order]
+    legend = fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend.get_window_extent().height / fig.bbox.height, 1, 1))
     with whole_file(path, binary=True) as f:  # a failed save (a full disk) leaves the old figure, not half a PNG
         fig.savefig(f, format="png")
     return path

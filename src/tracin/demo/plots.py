@@ -53,8 +53,9 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
     """Held-out accuracy (float (epochs,)) after each epoch, the checkpoints (0-based epochs, ascending)
     as dots, the first `traced` of them filled: the ones the recipe traces."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6, 3.5), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
     epochs = np.arange(1, len(accuracy) + 1)
     ax.plot(epochs, accuracy, color="tab:grey", linewidth=1.5, label="held-out accuracy after each epoch")
@@ -74,9 +75,14 @@ def plot_held_out_accuracy(accuracy: np.ndarray, checkpoint_epochs: list[int], t
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy on held-out digits")
     ax.set_title("Traced: the checkpoints up to the first one at or after the held-out peak", fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, also for a short run
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
+    # below the axes: inside, it covered the last checkpoints and the peak when accuracy rose to the end
+    legend = ax.legend(
+        loc="lower center", bbox_to_anchor=(0.5, 0), bbox_transform=fig.transFigure, ncol=2, fontsize=8, frameon=False
+    )
+    legend.set_in_layout(False)  # the axes laid out above it
+    fig.tight_layout(rect=(0, legend.get_window_extent().height / fig.bbox.height, 1, 1))
     fig.savefig(path)
     return path
 

@@ -1,0 +1,45 @@
+"""The demo's figures, drawn from given numbers: what they show and where (legends off the data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from tracin.demo.plots import plot_held_out_accuracy
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures saved (drawn, so that their boxes are known), in order."""
+    figures = []
+    savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return figures
+
+
+@pytest.mark.parametrize(
+    "accuracy,epochs,traced",
+    [
+        ([0.819, 0.897, 0.899, 0.942, 0.970, 0.970], [1, 3, 5], 3),  # `tracin demo --epochs 6 --checkpoints 3`
+        ([0.82, 0.897], [1], 1),  # --epochs 2 --checkpoints 1
+        ([0.5, 0.8, 0.9, 0.7, 0.6], [1, 4], 1),
+    ],
+)
+def test_the_held_out_legend_is_off_the_axes_and_epochs_are_whole(accuracy, epochs, traced, drawn, tmp_path):
+    # review48 F2: a legend fixed at "upper right" covered the last checkpoints, the peak and the best
+    # epoch's line when accuracy rose to the end; 2 epochs had ticks 0.8, 1.0, 1.2, ...
+    plot_held_out_accuracy(np.array(accuracy), epochs, traced, tmp_path / "acc.png")
+    fig = drawn[-1]
+    ax = fig.axes[0]
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y1 < axes.y0 and 0 <= legend.y0 and fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1
+    ticks = [t.get_position()[0] for t in ax.get_xticklabels() if t.get_text()]
+    shown = [t for t in ticks if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown and all(float(t).is_integer() for t in shown), shown
+    assert {1, len(accuracy)} <= set(shown)
