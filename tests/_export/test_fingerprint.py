@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import functools
 import json
+import math
 import sys
 import threading
 import typing
@@ -244,6 +245,143 @@ def test_a_dataclass_in_a_closure_or_held_by_a_bound_methods_object_is_identifie
     assert callable_identity(_closing_over(_Dropout(0.1, link=_Dropout(0.9)))) == low
     held = [callable_identity(_Holder(_Dropout(r)).loss) for r in (0.1, 0.5)]
     assert held[0] != held[1] and "self{'head': '_Dropout(rate=0.1, dims=(), inner=None)'}" in held[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+    """An Equinox-like module keeping its layers in a tuple, whose method is the loss."""
+
+    layers: tuple
+    act: typing.Any = None
+
+    def loss(self, outputs, targets):
+        return outputs
+
+
+class _Layers:
+    """A torch-style object holding module-like dataclasses in a list."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def loss(self, outputs, targets):
+        return outputs
+
+
+def test_a_bound_methods_object_holding_dataclasses_in_a_tuple_or_list_is_identified_by_their_fields():
+    """Equinox keeps submodules in tuples (MLP.layers): a closure read them, the object of a bound method
+    did not, so Head((Scale(1.0),)).loss and Head((Scale(100.0),)).loss resumed one store silently."""
+    low, high = (callable_identity(_Stack((_Dropout(r),)).loss) for r in (0.1, 0.5))
+    assert low != high and "self{'act': None, 'layers': '(_Dropout(rate=0.1, dims=(), inner=None))'}" in low
+    assert callable_identity(_Stack((_Dropout(0.1),)).loss) == low
+    changed = changed_inputs({"loss": low}, {"loss": high})
+    assert changed and "rate=0.1" in changed[0] and "rate=0.5" in changed[0]
+    listed = [callable_identity(_Layers([_Dropout(0.2), _Dropout(r)]).loss) for r in (0.1, 0.5)]
+    assert listed[0] != listed[1] and "self{'layers': '[_Dropout(rate=0.2" in listed[0]
+    # an object holding no dataclass keeps the identity it had: its lists are not read
+    assert " self" not in callable_identity(_Layers([1.0, 2.0]).loss)
+    # an Equinox model of many layers: its long text recorded as a digest, which still tells them apart
+    many = [callable_identity(_Stack(tuple(_Dropout(r) for _ in range(40))).loss) for r in (0.1, 0.5)]
+    assert many[0] != many[1] and len(many[0]) < 200 and "'layers': 'tuple digest=" in many[0]
+
+
+@dataclasses.dataclass
+class _Lazy:
+    """As a bound Flax linen module: setup() adds its submodules (and other attributes) on first use."""
+
+    rate: float
+
+    def loss(self, outputs, targets):
+        if "drop" not in self.__dict__:
+            self.drop, self.calls = _Dropout(self.rate), 1
+        return outputs * self.drop.rate
+
+
+def test_a_dataclass_bound_methods_object_is_read_by_its_declared_fields_not_the_attributes_it_gains():
+    """A bound Flax module's setup() grows its __dict__ once the loss has run: a store exported with
+    b.loss was refused ('the loss function differs') when resumed with the same b.loss."""
+    lazy = _Lazy(0.1)
+    before = callable_identity(lazy.loss)
+    assert without_code(before) == f"{__name__}._Lazy.loss self{{'rate': 0.1}}"
+    lazy.loss(1.0, None)
+    assert callable_identity(lazy.loss) == before
+    assert callable_identity(_Lazy(0.5).loss) != before
+
+
+def _relu(z):
+    return max(z, 0.0)
+
+
+def _gelu(z):
+    return z
+
+
+@dataclasses.dataclass(frozen=True)
+class _Act:
+    """A module-like dataclass holding its activation function (a Flax module's act=nn.relu)."""
+
+    act: typing.Any
+    scale: float = 1.0
+
+
+_ACTIVATION = """
+def act(z):
+    return z * 2
+"""
+
+
+def test_functions_dataclass_fields_hold_are_identified_by_name_and_code():
+    """A Flax module's act=nn.relu vs act=nn.gelu (an Equinox MLP's activation) had one identity."""
+    relu = callable_identity(_closing_over(_Act(_relu)))
+    assert relu == callable_identity(_closing_over(_Act(_relu)))
+    assert relu != callable_identity(_closing_over(_Act(_gelu)))
+    builtins = {callable_identity(_closing_over(_Act(f))) for f in (math.tanh, math.sin, math.tanh)}
+    assert len(builtins) == 2 and relu not in builtins
+    partials = {callable_identity(_closing_over(_Act(functools.partial(_relu, z=z)))) for z in (1.0, 2.0)}
+    assert len(partials) == 2 and relu not in partials
+    # by qualname and code, as a closure's functions: a script's function is the same imported, an edit is not
+    script, imported = (
+        callable_identity(_closing_over(_Act(_defined(_ACTIVATION, m, "act")))) for m in ("__main__", "m")
+    )
+    edited = callable_identity(_closing_over(_Act(_defined(_ACTIVATION.replace("* 2", "* 3"), "m", "act"))))
+    assert script == imported != edited
+    lambdas = {callable_identity(_closing_over(_Act(f))) for f in (lambda z: z, lambda z: -z)}
+    assert len(lambdas) == 2
+    bound = [callable_identity(_Stack((), act=f).loss) for f in (_relu, _gelu)]
+    assert bound[0] != bound[1] and "'act': '_relu code[" in bound[0]
+    # a field holding the loss whose closure holds the dataclass: described once, not endlessly
+    held = _Act(None)
+    loss = _closing_over(held)
+    object.__setattr__(held, "act", loss)
+    assert callable_identity(loss) == callable_identity(loss)
+
+
+@dataclasses.dataclass
+class _Node:
+    value: int
+    below: typing.Any = None
+
+    def loss(self, outputs, targets):
+        return outputs
+
+
+def _chain(values):
+    node = None
+    for value in reversed(values):
+        node = _Node(value, node)
+    return node
+
+
+def test_deeply_nested_dataclasses_are_read_to_a_bound_without_a_recursion_error():
+    """A chain of thousands of nested dataclasses raised RecursionError out of export_gradients."""
+    values = list(range(3000))
+    deep = callable_identity(_closing_over(_chain(values)))
+    assert deep == callable_identity(_closing_over(_chain(values)))
+    assert deep != callable_identity(_closing_over(_chain([-1, *values[1:]])))
+    # past the bound, the type's name alone: a change that deep is not seen
+    assert deep == callable_identity(_closing_over(_chain([*values[:-1], -1])))
+    method = callable_identity(_chain(values).loss)
+    assert method == callable_identity(_chain(values).loss) != callable_identity(_chain([7, *values[1:]]).loss)
 
 
 class _Weighted:

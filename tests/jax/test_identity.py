@@ -7,7 +7,9 @@ import functools
 import os
 import subprocess
 import sys
+import typing
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,3 +121,114 @@ def test_a_store_resumed_with_a_loss_closing_over_another_flax_module_is_refused
     resumed = export_gradients(_flax_loss(first), ckpts, batches, store=tmp_path / "s", progress=False)
     memory = export_gradients(_flax_loss(first), ckpts, batches, progress=False)
     np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)
+
+
+class _Net(nn.Module):
+    """A Flax linen module whose setup() (run on first use of a bound module) adds its submodules."""
+
+    rate: float = 0.1
+
+    def setup(self):
+        self.dense = nn.Dense(3)
+        self.drop = nn.Dropout(self.rate, deterministic=True)
+
+    def __call__(self, x):
+        return self.drop(self.dense(x))
+
+    def loss(self, p, x, y):
+        out = _Net(self.drop.rate, parent=None).apply(p, x)  # self.drop: runs setup() on a bound module
+        return ((out - y) ** 2).sum(1)
+
+
+def test_a_bound_flax_modules_loss_resumes_its_store_after_its_setup_ran(tmp_path):
+    """The identity read a bound Flax module's __dict__, which setup() grows once the loss has run: the
+    same b.loss was refused ('the loss function differs') resuming its own store."""
+    r = np.random.default_rng(0)
+    x, y = r.normal(size=(20, 2)).astype(np.float32), r.normal(size=(20, 3)).astype(np.float32)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 20, 4)]
+    v = _Net().init(jax.random.key(0), x[:1])
+    bound = _Net().bind(v)
+    before = callable_identity(bound.loss)
+    assert "self{'name': None, 'rate': 0.1}" in before
+    with pytest.raises(Killed):
+        export_gradients(bound.loss, [(v, 1.0)], FailingBatches(batches, on=2, after=2), store=tmp_path / "s")
+    assert "dense" in bound.__dict__ and callable_identity(bound.loss) == before  # setup() ran: the same loss
+    with pytest.raises(ValueError, match=r"the loss function differs .*'rate': 0.5"):
+        export_gradients(_Net(0.5).bind(v).loss, [(v, 1.0)], batches, store=tmp_path / "s", progress=False)
+    resumed = export_gradients(bound.loss, [(v, 1.0)], batches, store=tmp_path / "s", progress=False)
+    # float64 NumPy reference: the gradient of |x K + b - y|^2 is (x, 1) outer 2 (x K + b - y)
+    kernel, bias = (np.asarray(v["params"]["dense"][k], np.float64) for k in ("kernel", "bias"))
+    residual = 2 * (x.astype(np.float64) @ kernel + bias - y)
+    expected = ((x.astype(np.float64) ** 2).sum(1) + 1) * (residual**2).sum(1)
+    np.testing.assert_allclose(tracin.self_influence(resumed), expected, rtol=1e-4)
+
+
+class _EqxScale(eqx.Module):
+    s: float
+
+
+class _EqxHead(eqx.Module):
+    """An Equinox module keeping its layers in a tuple, with its activation as a field."""
+
+    layers: tuple
+    act: typing.Callable = jax.nn.relu
+
+    def loss(self, p, x, y):
+        z = x @ p["K"]
+        for layer in self.layers:
+            z = z * layer.s
+        return ((self.act(z) - y) ** 2).sum(1)
+
+
+def test_an_equinox_loss_method_is_identified_by_its_tuple_of_layers_and_its_activation(tmp_path):
+    """The object of a bound method was not read for its tuples of submodules nor its functions:
+    Head((Scale(1.0),)).loss resumed with Head((Scale(100.0),)).loss finished silently, mixing rows."""
+    r = np.random.default_rng(1)
+    x, y = r.normal(size=(16, 2)).astype(np.float32), r.normal(size=(16, 3)).astype(np.float32)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    ckpts = [({"K": jnp.asarray(r.normal(size=(2, 3)), jnp.float32)}, 1.0)]
+    first = _EqxHead((_EqxScale(1.0),))
+    assert callable_identity(first.loss) == callable_identity(_EqxHead((_EqxScale(1.0),)).loss)
+    assert callable_identity(first.loss) != callable_identity(_EqxHead((_EqxScale(1.0),), jax.nn.gelu).loss)
+    with pytest.raises(Killed):
+        export_gradients(first.loss, ckpts, FailingBatches(batches, on=2, after=2), store=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"the loss function differs .*_EqxScale\(s=100.0\)"):
+        export_gradients(_EqxHead((_EqxScale(100.0),)).loss, ckpts, batches, store=tmp_path / "s", progress=False)
+    resumed = export_gradients(first.loss, ckpts, batches, store=tmp_path / "s", progress=False)
+    memory = export_gradients(first.loss, ckpts, batches, progress=False)
+    np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)
+
+
+_ACTIVATIONS = """
+import equinox as eqx, flax.linen as nn, jax
+from tracin._export.fingerprint import callable_identity
+
+class Net(nn.Module):
+    act: object = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        return self.act(nn.Dense(3)(x))
+
+    def loss(self, p, x, y):
+        return self.apply(p, x).sum(1)
+
+def closing(m):
+    def loss(p, x, y):
+        return m(x)
+    return loss
+
+mlps = [eqx.nn.MLP(2, 2, 4, 1, activation=a, key=jax.random.key(0)) for a in (jax.nn.relu, jax.nn.tanh)]
+losses = [closing(Net(nn.relu)), closing(Net(nn.gelu)), Net(nn.relu).loss, Net(nn.gelu).loss]
+for loss in losses + [closing(m) for m in mlps] + [m.__call__ for m in mlps]:
+    print(callable_identity(loss))
+"""
+
+
+def test_activation_functions_flax_and_equinox_modules_hold_are_their_identity_in_every_process():
+    """Net(act=nn.relu) and Net(act=nn.gelu), an Equinox MLP with relu and one with tanh, had one identity."""
+    outputs = [_run(_ACTIVATIONS, seed) for seed in (1, 2)]
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].splitlines()
+    assert len(lines) == len(set(lines)) == 8
+    assert "'act': 'relu'" in lines[2] and "'act': 'gelu'" in lines[3]

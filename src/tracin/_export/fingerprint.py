@@ -19,7 +19,7 @@ import sys
 import threading
 import types
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,10 +158,14 @@ def holds_set(obj: Any, seen: set[int]) -> bool:
 def callable_identity(fn: Any) -> str:
     """What a function is, stable across runs: "module.qualname" for functions and methods (lambdas
     by where they are defined), followed, when its closure holds settings (numbers, strings, arrays,
-    functions, the plain fields of dataclasses such as Flax linen modules: a make_loss(scale) factory's
+    functions, the fields of dataclasses such as Flax linen modules: a make_loss(scale) factory's
     scale, a closure's nn.Dropout(0.1)), by their names and digest as "closure[scale]=<digest>", and for
-    a bound method the plain public settings of its object (numbers, strings: a model's temperature; a
-    submodule's fields) as "self{'temperature': 2.0}"; the wrapped function and
+    a bound method the plain public settings of its object (numbers, strings: a model's temperature; the
+    fields of the dataclasses it holds, alone or in tuples and lists; a dataclass object, a Flax or
+    Equinox module, by its declared fields) as "self{'temperature': 2.0}". A dataclass's fields are those
+    its repr shows that hold settings: plain values, nested dataclasses, tuples and lists of them, and
+    functions (an activation: by qualname, and the code digest of one defined outside the frameworks),
+    read _MAX_DEPTH levels deep; the wrapped function and
     arguments of a functools.partial, its array
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
@@ -286,7 +290,7 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         module = "" if held else f"{getattr(fn, '__module__', None)}."
         captured = _captured(fn, seen | {id(fn)}, mode) if isinstance(fn, types.FunctionType) else {}
         owner = _bound_object(fn) if owner is None else owner
-        bound = _settings(owner) if owner is not None else {}
+        bound = _settings(owner, seen) if owner is not None else {}
         text = (
             module
             + fn.__qualname__
@@ -319,21 +323,61 @@ def _bound_object(fn: Any) -> Any:
     return None if isinstance(owner, type) else owner
 
 
-def _settings(obj: Any) -> dict[str, Any]:
+def _settings(obj: Any, seen: Set[int] = frozenset()) -> dict[str, Any]:
     """An object's plain public settings (bool, int, float, str, None attributes but torch's `training`):
     a loss module's reduction, the temperature of the object a loss method is bound to; and those of the
-    dataclasses it holds (a Flax or Equinox submodule: its rate, features...) as _field_settings' text."""
+    dataclasses it holds, alone or in tuples and lists (a Flax or Equinox submodule: its rate,
+    features...), as _field_settings' text. A dataclass (a Flax linen or Equinox module) by its declared
+    fields its repr shows, by name, as _field_settings reads them (not its attributes: a bound Flax
+    module's setup() adds its submodules on first use). `seen`: the ids of the objects and functions
+    being described (an object holding its own method)."""
+    if id(obj) in seen:
+        return {}
+    seen = seen | {id(obj)}
     settings: dict[str, Any] = {}
+    if _is_instance_of_dataclass(obj):
+        for field in sorted(_shown_fields(obj), key=lambda f: f.name):
+            try:
+                v = getattr(obj, field.name)
+            except Exception:  # noqa: BLE001 - a field a framework computes lazily (and may refuse to give)
+                continue
+            if isinstance(v, (bool, int, float, str, type(None))):
+                settings[field.name] = v
+            elif (text := _field_settings(v, seen)) is not None:
+                settings[field.name] = _shortened(v, text)
+        return settings
     for k, v in sorted(getattr(obj, "__dict__", {}).items()):
         if k.startswith("_") or k == "training":
             continue
         if isinstance(v, (bool, int, float, str, type(None))):
             settings[k] = v
-        elif _is_instance_of_dataclass(v):  # a submodule of a Flax or Equinox model: its own settings
-            fields = _field_settings(v, {id(obj)})
+        elif _holds_dataclass(v, 0):  # a submodule of a Flax or Equinox model (or a tuple of them): its settings
+            fields = _field_settings(v, seen)
             if fields is not None:
-                settings[k] = fields
+                settings[k] = _shortened(v, fields)
     return settings
+
+
+_LONG = 400  # characters of a setting's text past which the identity records its digest instead
+
+
+def _shortened(value: Any, text: str) -> str:
+    """A setting's text (_field_settings), or when longer than _LONG characters (an Equinox model's tuple
+    of layers, each with its fields) its value's type name and the digest of the text: the identity
+    stays short in the store's metadata and in the message naming what changed."""
+    if len(text) <= _LONG:
+        return text
+    digest = digest_arrays([np.frombuffer(text.encode(), np.uint8)])
+    return f"{type(value).__qualname__} digest={digest}"
+
+
+def _holds_dataclass(value: Any, depth: int) -> bool:
+    """Whether a value is a dataclass instance or a tuple or list holding one (at any depth up to the bound)."""
+    if _is_instance_of_dataclass(value):
+        return True
+    if isinstance(value, (tuple, list)) and depth < _MAX_DEPTH:
+        return any(_holds_dataclass(v, depth + 1) for v in value)
+    return False
 
 
 # the frameworks whose wrappers (torch.compile, jax.checkpoint) and base classes (nn.Module.__call__,
@@ -403,7 +447,7 @@ def _captured(fn: types.FunctionType, seen: set[int], mode: _Mode) -> dict[str, 
         elif id(value) in seen:
             found[name] = "<recursive>"
         elif _is_instance_of_dataclass(value):
-            fields = _field_settings(value, set())
+            fields = _field_settings(value, seen)
             if fields is not None:
                 found[name] = fields
     return found
@@ -413,34 +457,90 @@ def _is_instance_of_dataclass(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def _field_settings(value: Any, seen: set[int]) -> str | None:
+# how deep _field_settings reads nested dataclasses, tuples and functions (a chain of thousands would
+# exhaust Python's stack); beyond, a value is recorded by its type's name
+_MAX_DEPTH = 64
+
+
+def _field_settings(value: Any, seen: Set[int]) -> str | None:
     """The plain settings a value holds, as text, or None when it holds none: a plain value (numbers,
-    strings), a tuple or list of such values, or a dataclass instance (a Flax linen module's rate,
-    features..., an Equinox module's static fields), by its type's qualname and the fields its repr
-    shows (not Flax's `parent`) that hold settings, nested dataclasses and tuples of them included.
-    Arrays (weights) and other objects are left out, as a field holding only them."""
+    strings), a function (_function_text: a Flax module's activation), a tuple or list of such values,
+    or a dataclass instance (a Flax linen module's rate, features..., an Equinox module's static fields
+    and the submodules its tuples hold), by its type's qualname and the fields its repr shows (not
+    Flax's `parent`) that hold settings, nested dataclasses and tuples of them included. Arrays
+    (weights) and other objects are left out, as a field holding only them. `seen`: the ids of the
+    values and functions being described (a cycle is left out, a function as "<recursive>"); past
+    _MAX_DEPTH of them, a dataclass, tuple, list or function is recorded as its type's name and "(...)"."""
     if isinstance(value, _PLAIN):
         return repr(value)
-    if id(value) in seen:
+    function = _is_function(value)
+    if not (function or isinstance(value, (tuple, list)) or _is_instance_of_dataclass(value)):
         return None
+    if id(value) in seen:
+        return "<recursive>" if function else None
+    if len(seen) >= _MAX_DEPTH:
+        return f"{type(value).__qualname__}(...)"
+    if function:
+        return _function_text(value, seen)
     seen = seen | {id(value)}
     if isinstance(value, (tuple, list)):
         items = [_field_settings(v, seen) for v in value]
         if any(item is None for item in items):
             return None
         return ("[{}]" if isinstance(value, list) else "({})").format(", ".join(items))
-    if not _is_instance_of_dataclass(value):
-        return None
     fields = []
-    for field in dataclasses.fields(value):
+    for field in _shown_fields(value):
         try:
-            held = getattr(value, field.name) if field.repr else None
+            held = getattr(value, field.name)
         except Exception:  # noqa: BLE001 - a field a framework computes lazily (and may refuse to give)
             continue
-        text = _field_settings(held, seen) if field.repr else None
+        text = _field_settings(held, seen)
         if text is not None:
             fields.append(f"{field.name}={text}")
     return f"{type(value).__qualname__}({', '.join(fields)})" if fields else None
+
+
+def _shown_fields(value: Any) -> list[dataclasses.Field]:
+    """A dataclass instance's declared fields its repr shows (not Flax's `parent`)."""
+    return [f for f in dataclasses.fields(value) if f.repr]
+
+
+def _is_function(value: Any) -> bool:
+    """Whether a value is a function: a Python or builtin function, a method, a functools.partial, or
+    a callable wrapping one (jax.jit, jax.custom_jvp: jax.nn.relu, an Equinox filter_jit)."""
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)):
+        return True
+    if isinstance(value, type) or not callable(value):
+        return False
+    if inspect.getattr_static(value, "__wrapped__", None) is None:  # not hasattr: a bound Flax module would run setup()
+        return False
+    try:
+        inner = inspect.unwrap(value)
+    except ValueError:  # a cycle of __wrapped__
+        return False
+    return isinstance(inner, (types.FunctionType, types.BuiltinFunctionType, types.MethodType))
+
+
+def _function_text(fn: Any, seen: Set[int]) -> str:
+    """A function a dataclass field holds, as a closure names the functions it holds ("held": its
+    qualname, its closure's settings; a builtin by its module too), followed, for a Python function
+    defined outside torch, JAX, Flax and Equinox (whose own code is left out, as in a loss's code
+    digest), by " code[3.11]=<digest>" of its code (_digest_function_code), as a loss's own code: a
+    closure's held functions are covered by the loss's code digest, a field's are not."""
+    text = _identity(fn, set(seen), "held")
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    try:
+        inner = inspect.unwrap(inner)
+    except ValueError:  # a cycle of __wrapped__
+        return text
+    inner = getattr(inner, "__func__", inner)  # a method's function
+    if not isinstance(inner, types.FunctionType) or _in_framework(inner.__globals__.get("__name__")):
+        return text
+    h = _hasher()
+    _digest_function_code(inner, h, set())
+    return f"{text} code[{PYTHON}]={h.hexdigest()}"
 
 
 def _digest_closure(captured: dict[str, Any]) -> str:
