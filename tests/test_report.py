@@ -699,3 +699,41 @@ def test_diagnostics_legend_covers_no_bar_or_point(count, traced, tmp_path, monk
     assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0
     for ax in fig.axes:
         assert not box.overlaps(ax.get_window_extent()) and not box.overlaps(ax.xaxis.label.get_window_extent())
+
+
+@pytest.mark.parametrize(
+    "count,name", [(40, "step {}000"), (40, "{}"), (16, "{}"), (12, "step {}000"), (10, "ep {}5"), (3, "{}")]
+)
+def test_diagnostics_tick_labels_do_not_overlap(count, name, tmp_path, monkeypatch):
+    # review48 F3: every checkpoint was labelled, so 40 labels like a Trainer's ("step 1000", ...) overlapped
+    # their neighbours on both panels
+    import math
+
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    rng = np.random.default_rng(count)
+    train = tracin.Gradients([rng.standard_normal((20, 3)).astype(np.float32) for _ in range(count)])
+    labels = [name.format(c + 1) for c in range(count)]
+    checkpoint_diagnostics(train, path=tmp_path / "d.png", labels=labels, traced=min(7, count))
+    (fig,) = figures
+    for ax in fig.axes:
+        ticks = sorted({*ax.get_xticks(), *ax.get_xticks(minor=True)})  # a tick at every checkpoint
+        assert ticks == list(range(count)), ticks
+        shown = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert 1 <= len(shown) <= 15 and shown[-1].get_text() == labels[-1]
+        assert [t.get_text() for t in shown] == [labels[round(t.get_position()[0])] for t in shown]
+        boxes = [t.get_window_extent() for t in shown]
+        assert all(fig.bbox.x0 <= b.x0 and b.x1 <= fig.bbox.x1 and fig.bbox.y0 <= b.y0 for b in boxes)
+        angle = shown[0].get_rotation()
+        if angle == 0:  # side by side, apart
+            assert all(a.x1 <= b.x0 for a, b in zip(boxes[:-1], boxes[1:], strict=True)), [t.get_text() for t in shown]
+        else:  # slanted, parallel: their lines at least a line's height apart
+            assert angle == 45 and all(t.get_rotation() == 45 for t in shown)
+            height = shown[0].get_fontsize() * fig.dpi / 72
+            gaps = np.diff([b.x1 for b in boxes]) * math.sin(math.radians(angle))
+            assert gaps.min() >= 1.2 * height, gaps
+    rotated = fig.axes[0].get_xticklabels()[0].get_rotation() != 0
+    assert rotated == (name.startswith("step") and count >= 12)

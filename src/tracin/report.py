@@ -28,6 +28,7 @@ from .store._convert import bfloat16_bits_to_float32
 from .whitening import Whitening
 
 _GATHER_BYTES = 64 << 20  # float64 working bytes of checkpoint_contributions (test rows, gathered train rows)
+_TICK_LABELS = 15  # most checkpoints labelled on a panel of the diagnostics figure (more overlap)
 _SKIP_BYTES = 1 << 20  # float64 bytes of unwanted train rows read between two wanted ones before a new read
 
 
@@ -225,7 +226,8 @@ def checkpoint_diagnostics(
     layers_per_checkpoint: slots of the set that belong to one checkpoint (factored exports store
     one slot per layer); default: what the set's metadata records (one fingerprint per checkpoint
     in metadata["fingerprints"]["checkpoints"], in memory or in a store), else 1.
-    labels: one name per checkpoint for the figure (default "1", "2", ...); traced: the number of
+    labels: one name per checkpoint for the figure (default "1", "2", ...; of more than 15 checkpoints
+    every ceil(C / 15)-th is labelled, the last included, slanted where they would overlap); traced: the number of
     checkpoints a recipe traces, marked in the figure (both checked whether or not a figure is drawn).
     whitening: a tracin.Whitening fitted on `train`: the terms are then the whitened self-influence
     w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) (tracin.self_influence's whitening=); an already whitened
@@ -297,8 +299,10 @@ def plot_checkpoint_diagnostics(
     ranking.set_ylim(-0.03, 1.05)  # markers at 0 drawn whole
     ranking.set_ylabel(f"overlap of the top {diag.top} with all checkpoints")
     ranking.set_title("Ranking when tracing only checkpoints 1..c")
+    shown = np.arange(count - 1, -1, -math.ceil(count / _TICK_LABELS))[::-1]  # the last checkpoint labelled
     for ax in (shares, ranking):
-        ax.set_xticks(x, labels, rotation=45 if count > 12 else 0, fontsize=8)
+        ax.set_xticks(x, minor=True)  # a tick at every checkpoint, a label at most at _TICK_LABELS of them
+        ax.set_xticks(shown, [labels[c] for c in shown], fontsize=8)
         ax.set_xlabel("checkpoint" if ax is shares else "last checkpoint traced (c)")
         ax.grid(alpha=0.3, axis="y")
         if traced is not None:
@@ -314,10 +318,23 @@ def plot_checkpoint_diagnostics(
     order = sorted(range(len(names)), key=lambda i: names[i].startswith("traced"))  # the bars first
     handles, names = [handles[i] for i in order], [names[i] for i in order]
     legend = fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, legend.get_window_extent().height / fig.bbox.height, 1, 1))
+    rect = (0, legend.get_window_extent().height / fig.bbox.height, 1, 1)
+    fig.tight_layout(rect=rect)
+    if any(_overlapping(ax.get_xticklabels()) for ax in (shares, ranking)):  # long labels: slanted
+        for ax in (shares, ranking):
+            ax.tick_params(axis="x", labelrotation=45)
+            for label in ax.get_xticklabels():
+                label.set(horizontalalignment="right", rotation_mode="anchor")
+        fig.tight_layout(rect=rect)
     with whole_file(path, binary=True) as f:  # a failed save (a full disk) leaves the old figure, not half a PNG
         fig.savefig(f, format="png")
     return path
+
+
+def _overlapping(texts: list[Any]) -> bool:
+    """Whether two neighbouring texts (tick labels, in order) overlap as drawn."""
+    boxes = [t.get_window_extent() for t in texts if t.get_text()]
+    return any(a.x1 > b.x0 for a, b in zip(boxes[:-1], boxes[1:], strict=True))
 
 
 def _png_path(path: str | os.PathLike[str]) -> Path:
