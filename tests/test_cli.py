@@ -920,6 +920,27 @@ def test_help_shows_every_default_and_no_internal_references(monkeypatch):
                 assert f"(default: {action.default})" in text, (name, action.dest)
 
 
+def test_score_side_help_says_what_the_sides_list(tmp_path, monkeypatch, capsys):
+    # review48 F4: the help said "opponents: most negative first", but a side lists the k lowest (highest)
+    # scores, including scores of 0 or of the other sign when fewer than k have its sign
+    rows = np.array([[1, 0], [1, 0.1], [-1, 0]], np.float32)
+    store = _write_store(tmp_path / "s", [rows], [1.0])
+    assert main(["score", "--test", str(store), "--train", str(store), "-k", "2", "--side", "both"]) == 0
+    listed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    scores = rows.astype(np.float64) @ rows.astype(np.float64).T
+    for side, sign in (("proponents", -1), ("opponents", 1)):  # sorted as the side ranks them
+        got = [(int(r["test_row"]), int(r["train_row"])) for r in listed if r["side"] == side]
+        assert got == [(t, int(i)) for t in range(3) for i in np.argsort(sign * scores[t], kind="stable")[:2]]
+    opponents = [float(r["influence"]) for r in listed if r["side"] == "opponents"]
+    assert max(opponents) > 0  # an opponent not of negative score, as the help now says
+    monkeypatch.setenv("COLUMNS", "400")
+    text = " ".join(_subparsers()["score"].format_help().split())
+    assert (
+        "proponents: the k highest scores, largest first; opponents: the k lowest, most negative first (when "
+        "fewer than k scores have a side's sign, it also lists scores of 0 or of the other sign)"
+    ) in text
+
+
 def test_score_defaults_are_the_librarys():
     library = inspect.signature(tracin.top_k).parameters
     score = _subparsers()["score"]

@@ -598,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--side",
         choices=["proponents", "opponents", "both"],
         default="proponents",
-        help="proponents: largest influence first; opponents: most negative first",
+        help="proponents: the k highest scores, largest first; opponents: the k lowest, most negative first "
+        "(when fewer than k scores have a side's sign, it also lists scores of 0 or of the other sign)",
     )
     p.add_argument(
         "-o",

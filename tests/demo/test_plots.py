@@ -43,3 +43,36 @@ def test_the_held_out_legend_is_off_the_axes_and_epochs_are_whole(accuracy, epoc
     shown = [t for t in ticks if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
     assert shown and all(float(t).is_integer() for t in shown), shown
     assert {1, len(accuracy)} <= set(shown)
+
+
+def _grid(drawn, tmp_path, proponent_scores, opponent_scores):
+    from tracin.demo.plots import GridExample, plot_influence_grid
+
+    rng = np.random.default_rng(0)
+    x_train, labels = rng.random((6, 64)), np.arange(6) % 10
+    example = GridExample(
+        image=rng.random(64),
+        label=1,
+        predicted=1,
+        final=1,
+        proponents=np.array([0, 1, 2]),
+        proponent_scores=np.array(proponent_scores),
+        opponents=np.array([5, 4, 3]),
+        opponent_scores=np.array(opponent_scores),
+    )
+    plot_influence_grid([example], x_train, labels, labels, tmp_path / "grid.png", traced_epoch=3)
+    fig = drawn[-1]
+    colours = [ax.title.get_color() for ax in fig.axes[1:]]
+    return colours, fig._suptitle.get_text()
+
+
+def test_listed_opponents_of_score_0_or_above_are_not_drawn_as_raising_the_loss(drawn, tmp_path):
+    # review48 F4: the opponents are the k lowest scores, which can be 0 or positive when fewer than k
+    # are negative; the figure drew them red, "(red: raised it)", as if training on them raised the loss
+    colours, caption = _grid(drawn, tmp_path, [2.0, 0.5, -0.1], [-1.5, 0.0, 0.25])
+    assert colours == ["tab:green", "tab:green", "tab:grey", "tab:red", "tab:grey", "tab:grey"]
+    assert "3 highest influence scores" in caption and "3 lowest" in caption
+    assert "red: negative, training on them raised that loss" in caption
+    assert "grey: a score of 0 or of the other sign" in caption
+    colours, caption = _grid(drawn, tmp_path, [2.0, 0.5, 0.1], [-1.5, -0.2, -0.01])
+    assert colours == ["tab:green"] * 3 + ["tab:red"] * 3 and "grey" not in caption

@@ -103,6 +103,9 @@ class GridExample:
     opponent_scores: np.ndarray
 
 
+_NEUTRAL = "tab:grey"  # a listed proponent scoring <= 0 or opponent scoring >= 0
+
+
 def _train_title(score: float, given: int, true: int) -> str:
     return f"{score:+.2g}\ngiven {given}" + ("" if given == true else f", true {true}")
 
@@ -116,26 +119,31 @@ def plot_influence_grid(
     traced_epoch: int,
 ) -> Path:
     """Per test digit: the digit titled with its label, the prediction of the model at traced_epoch
-    (1-based; the last traced checkpoint) and, where it differs, the final model's, then its top
-    proponents (green) and opponents (red), titled with score, given label and (if flipped) true label."""
+    (1-based; the last traced checkpoint) and, where it differs, the final model's, then the train rows
+    of its k highest scores (proponents, green) and its k lowest (opponents, red), titled with score,
+    given label and (if flipped) true label. The k lowest may include scores of 0 or above (and the k
+    highest scores of 0 or below) when fewer are of the side's sign: those are grey, not red or green."""
     k = len(examples[0].proponents)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(1.15 * (2 * k + 1), 1.8 * len(examples) + 0.5), dpi=120)
     axes = fig.subplots(len(examples), 2 * k + 1)
     axes = np.atleast_2d(axes)
+    unsigned = False  # a grey panel drawn
     for row, ex in zip(axes, examples, strict=True):
         verdict = "right" if ex.predicted == ex.label else "WRONG"
         title = f"test digit {ex.label}\nepoch {traced_epoch}: {ex.predicted} ({verdict})"
         title += "" if ex.final == ex.predicted else f"\nfinal model: {ex.final}"
         panels = [(ex.image, title, "black")]
-        for rows, scores, colour in (
-            (ex.proponents, ex.proponent_scores, "tab:green"),
-            (ex.opponents, ex.opponent_scores, "tab:red"),
+        for rows, scores, sign, colour in (
+            (ex.proponents, ex.proponent_scores, 1, "tab:green"),
+            (ex.opponents, ex.opponent_scores, -1, "tab:red"),
         ):
-            panels += [
-                (x_train[i], _train_title(s, y_given[i], y_true[i]), colour) for i, s in zip(rows, scores, strict=True)
+            panels += [  # the k highest / lowest scores: one of 0 or the other sign is grey (not pushed that way)
+                (x_train[i], _train_title(s, y_given[i], y_true[i]), colour if sign * s > 0 else _NEUTRAL)
+                for i, s in zip(rows, scores, strict=True)
             ]
+            unsigned = unsigned or any(sign * s <= 0 for s in scores)
         for ax, (image, title, colour) in zip(row, panels, strict=True):
             ax.imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
             flipped = "true" in title
@@ -145,14 +153,19 @@ def plot_influence_grid(
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2.5 if flipped else 1)
-    fig.suptitle(
+    opponents = f"and of its {k} lowest, its opponents (red: negative, training on them raised that loss)"
+    if unsigned:
+        opponents += f"; grey: a score of 0 or of the other sign, listed as fewer than {k} are of that side's sign"
+    lines = [
         f"Each test digit with the prediction of the model at epoch {traced_epoch}, the last checkpoint traced "
-        "(and the final model's where it differs),\n"
-        f"then its top {k} proponents (green: training on them lowered its loss at its true label) and "
-        f"opponents (red: raised it).\nTitles: influence score, the label given in training and, "
-        "in bold with a thick frame, the true label where it was flipped.",
-        fontsize=8,
-    )
+        "(and the final model's where it differs),",
+        f"then the training digits of its {k} highest influence scores, its proponents (green: positive, training "
+        "on them lowered its loss at its true label),",
+        opponents + ".",
+        "Titles: influence score, the label given in training and, in bold with a thick frame, the true label "
+        "where it was flipped.",
+    ]
+    fig.suptitle("\n".join(lines), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path
