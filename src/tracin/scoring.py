@@ -656,8 +656,9 @@ def top_k(
 ) -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
 
-    side: "proponents" (largest scores first), "opponents" (most negative first) or "both"
-    (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
+    side: "proponents" (the k highest scores, largest first), "opponents" (the k lowest, most negative
+    first; either side includes scores of 0 or of the other sign when fewer than k have its sign) or
+    "both" (BothSides(proponents, opponents) from a single pass). Ties go to the smaller train index;
     k larger than the number of train rows gives that many columns.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).

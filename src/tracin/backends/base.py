@@ -32,7 +32,7 @@ class TopK(NamedTuple):
 
 
 class BothSides(NamedTuple):
-    """Proponents (largest first) and opponents (most negative first) from one pass."""
+    """Proponents (the k highest scores, largest first) and opponents (the k lowest, smallest first) from one pass."""
 
     proponents: TopK
     opponents: TopK
