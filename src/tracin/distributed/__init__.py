@@ -12,9 +12,9 @@ times: cp -p, rsync -a). A store changed since it was opened (re-created, or a d
 resized or rewritten in place, even at the same size) is a StoreChangedError, from the client's check
 before the call or from a task whose worker finds a data file of another size or modification time
 than the client recorded. A client whose scheduler died is a ConnectionError naming it (once Dask
-gives up reconnecting). A script that lets client=None
-start a LocalCluster must call from under `if __name__ == "__main__":` (the worker processes are
-spawned and import the script).
+gives up reconnecting); a call under way when it dies fails with TaskFailedError saying so. A
+script that lets client=None start a LocalCluster must call from under `if __name__ == "__main__":`
+(the worker processes are spawned and import the script).
 
 export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
 adapter's export as row ranges written by the tasks into one store (see its docstring).

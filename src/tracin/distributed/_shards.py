@@ -107,9 +107,11 @@ class StoreRows:
 def same_mtime(a: int, b: int) -> bool:
     """Whether modification times a and b (ns) agree at the coarser of their apparent resolutions (the
     largest power of ten, up to 1 s, dividing each): a copy on a file system, or by a tool, that keeps
-    whole seconds or microseconds only (say rsync before 3.1) truncates the time to that resolution."""
+    whole seconds or microseconds only (say rsync before 3.1) truncates the time to that resolution; or
+    less than 1 us apart: a copy whose time went through a float of seconds (os.utime(dst, (atime,
+    mtime)) with st_mtime, Python's tarfile) is a few hundred ns off, which no rewrite lands within."""
     step = max(_resolution(a), _resolution(b))
-    return a // step == b // step
+    return abs(a - b) < 1000 or a // step == b // step
 
 
 def _resolution(ns: int) -> int:
