@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -382,6 +383,129 @@ def test_deeply_nested_dataclasses_are_read_to_a_bound_without_a_recursion_error
     assert deep == callable_identity(_closing_over(_chain([*values[:-1], -1])))
     method = callable_identity(_chain(values).loss)
     assert method == callable_identity(_chain(values).loss) != callable_identity(_chain([7, *values[1:]]).loss)
+
+
+_METHOD_FIELD = """
+import dataclasses
+
+
+class Scaler:
+    def __init__(self, s):
+        self.s = s
+
+    def f(self, z):
+        return z * self.s
+
+
+@dataclasses.dataclass
+class Head:
+    post: object
+
+    def loss(self, outputs, targets):
+        return self.post(outputs)
+
+
+def make(s):
+    return Head(Scaler(s).f).loss
+"""
+
+
+def test_a_method_a_dataclass_field_holds_is_named_without_its_module():
+    """Head(Scaler(2.0).f).loss exported from a script and resumed after importing it was refused: the
+    field's method was named "__main__.Scaler.f" there, "lossmod.Scaler.f" here."""
+    from tracin._export.resume import same_function
+
+    script, imported = (callable_identity(_defined(_METHOD_FIELD, m, "make")(2.0)) for m in ("__main__", "lossmod"))
+    assert "self{'post': \"Scaler.f self{'s': 2.0} code[" in script
+    assert script.partition(" ")[2] == imported.partition(" ")[2] and same_function(script, imported)
+    # its object's settings and its code still count
+    assert callable_identity(_defined(_METHOD_FIELD, "lossmod", "make")(3.0)) != imported
+    edited = _defined(_METHOD_FIELD.replace("z * self.s", "z + self.s"), "lossmod", "make")(2.0)
+    assert callable_identity(edited) != imported
+    # a builtin keeps its module
+    assert "'act': 'math.tanh'" in callable_identity(_Stack((), act=math.tanh).loss)
+
+
+@dataclasses.dataclass
+class _Logged:
+    """A loss object appending to a call log (a list field), holding submodules in a list and a dict."""
+
+    temperature: float = 1.0
+    history: list = dataclasses.field(default_factory=list)
+    heads: typing.Any = None
+
+    def loss(self, outputs, targets):
+        self.history.append(len(self.history))
+        return outputs / self.temperature
+
+
+def test_list_and_dict_fields_count_for_the_dataclasses_and_functions_they_hold_not_plain_values():
+    """A @dataclass loss object's `history: list` it appended to changed its identity at every call: its
+    export, killed and resumed with the same object, was refused (a non-dataclass object's was not)."""
+    logged = _Logged()
+    before = callable_identity(logged.loss)
+    logged.loss(1.0, None)
+    logged.loss(1.0, None)
+    assert callable_identity(logged.loss) == before and "history" not in before
+    assert callable_identity(_Logged(2.0).loss) != before
+    # as in another object's attribute: only the dataclasses it holds
+    assert callable_identity(_Layers([_Dropout(0.2), 1.0]).loss) == callable_identity(_Layers([_Dropout(0.2)]).loss)
+    assert callable_identity(_Layers([_Dropout(0.2)]).loss) != callable_identity(_Layers([_Dropout(0.3)]).loss)
+    # the dataclasses and functions lists and dicts hold still count, a dict's by sorted keys
+    listed = [callable_identity(_Logged(heads=[_Dropout(r), 3]).loss) for r in (0.1, 0.5)]
+    assert listed[0] != listed[1] and "'heads': '[_Dropout(rate=0.1" in listed[0]
+    assert callable_identity(_Logged(heads=[_relu]).loss) != callable_identity(_Logged(heads=[_gelu]).loss)
+    keyed = [callable_identity(_Logged(heads={"b": _Dropout(0.2), "a": _Dropout(r), "n": 1}).loss) for r in (0.1, 0.9)]
+    assert (
+        keyed[0] != keyed[1] and "'heads': \"{'a': _Dropout(rate=0.1, dims=(), inner=None), 'b': _Dropout" in keyed[0]
+    )
+    swapped = callable_identity(_Logged(heads={"a": _Dropout(0.1), "b": _Dropout(0.2)}).loss)
+    assert swapped == keyed[0]
+    assert callable_identity(_Logged(heads={"a": 1.0}).loss) == callable_identity(_Logged(heads={"a": 2.0}).loss)
+    # a non-dataclass object's dict of dataclasses too
+    assert callable_identity(_Layers({"a": _Dropout(0.1)}).loss) != callable_identity(
+        _Layers({"a": _Dropout(0.9)}).loss
+    )
+    # a list holding itself (twice) is read once
+    cyclic: list = [_Dropout(0.1)]
+    cyclic += [cyclic, cyclic]
+    assert callable_identity(_Layers(cyclic).loss) == callable_identity(_Layers(cyclic).loss)
+
+
+class _Reduction(enum.Enum):
+    MEAN = "mean"
+    SUM = "sum"
+
+
+def test_enums_dtypes_numpy_scalars_ufuncs_and_torch_modules_in_fields_are_identified():
+    """Fields holding an enum (Flax's precision), a dtype, a NumPy float32, np.tanh or nn.ReLU() were
+    left out: a loss changed in them resumed its store silently."""
+    torch = pytest.importorskip("torch")
+
+    def ident(value):
+        return callable_identity(_Stack((), act=value).loss)
+
+    pairs = [
+        (_Reduction.MEAN, _Reduction.SUM),
+        (np.float32, np.float16),
+        (np.dtype("float32"), np.dtype("int32")),
+        (np.float32(1.0), np.float32(100.0)),
+        (np.int64(1), np.int64(2)),
+        (np.float32(1.0), np.int64(1)),
+        (np.tanh, np.sin),
+        (torch.float32, torch.bfloat16),
+        (torch.nn.ReLU(), torch.nn.Tanh()),
+        (torch.nn.Dropout(0.1), torch.nn.Dropout(0.5)),
+    ]
+    for a, b in pairs:
+        assert ident(a) == ident(a) != ident(b), (a, b)
+    assert "'act': 'dtype(float32)'" in ident(np.float32) and ident(np.float32) == ident(np.dtype("float32"))
+    assert "'act': '_Reduction.MEAN'" in ident(_Reduction.MEAN)
+    assert "'act': 'float32(1.0)'" in ident(np.float32(1.0))
+    assert "'act': 'Dropout(p=0.1, inplace=False)'" in ident(torch.nn.Dropout(0.1))
+    # in a tuple (Equinox layers) and a closure's dataclass too
+    assert ident((np.float32(1.0),)) != ident((np.float32(2.0),))
+    assert callable_identity(_closing_over(_Act(np.tanh))) != callable_identity(_closing_over(_Act(np.sin)))
 
 
 class _Weighted:

@@ -232,3 +232,80 @@ def test_activation_functions_flax_and_equinox_modules_hold_are_their_identity_i
     lines = outputs[0].splitlines()
     assert len(lines) == len(set(lines)) == 8
     assert "'act': 'relu'" in lines[2] and "'act': 'gelu'" in lines[3]
+
+
+_SETTINGS = """
+import equinox as eqx, flax.linen as nn, jax, jax.numpy as jnp
+from tracin._export.fingerprint import callable_identity
+
+class Net(nn.Module):
+    heads: dict
+
+    def loss(self, p, x, y):
+        return x.sum(1)
+
+class Scale(eqx.Module):
+    s: float
+
+class Head(eqx.Module):
+    layers: dict
+
+    def loss(self, p, x, y):
+        return x.sum(1)
+
+def closing(m):
+    def loss(p, x, y):
+        return m.apply(p, x).sum(1)
+    return loss
+
+P = jax.lax.Precision
+losses = [
+    Net({"b": nn.Dense(3), "a": nn.Dropout(0.1)}).loss,
+    Net({"a": nn.Dropout(0.1), "b": nn.Dense(3)}).loss,
+    Net({"a": nn.Dropout(0.9), "b": nn.Dense(3)}).loss,
+    Head({"a": Scale(1.0)}).loss,
+    Head({"a": Scale(100.0)}).loss,
+    closing(nn.Dense(3, precision=P.HIGHEST)),
+    closing(nn.Dense(3, precision=P.DEFAULT)),
+    closing(nn.Dense(3, dtype=jnp.bfloat16)),
+    closing(nn.Dense(3, dtype=jnp.float32)),
+]
+for loss in losses:
+    print(callable_identity(loss))
+"""
+
+
+def test_dicts_of_submodules_precisions_and_dtypes_are_the_identity_in_every_process():
+    """Net(heads={"a": nn.Dropout(0.1)}) and 0.9, Dense(precision=HIGHEST) and DEFAULT, Dense(dtype=bfloat16)
+    and float32, an Equinox Head({"a": Scale(1.0)}) and Scale(100.0) had one identity each."""
+    outputs = [_run(_SETTINGS, seed) for seed in (1, 2)]
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].splitlines()
+    assert len(lines) == 9 and lines[0] == lines[1] and len(set(lines)) == 8
+    assert "'heads': 'dict digest=" in lines[0] and "'layers': \"{'a': Scale(s=1.0)}\"" in lines[3]
+
+
+class _EqxDictHead(eqx.Module):
+    layers: dict
+
+    def loss(self, p, x, y):
+        z = x @ p["K"]
+        for layer in self.layers.values():
+            z = z * layer.s
+        return ((z - y) ** 2).sum(1)
+
+
+def test_an_equinox_loss_holding_a_dict_of_submodules_is_refused_resuming_with_other_ones(tmp_path):
+    """Head({"a": Scale(1.0)}).loss killed and resumed with Scale(100.0) finished silently, mixing rows."""
+    r = np.random.default_rng(2)
+    x, y = r.normal(size=(16, 2)).astype(np.float32), r.normal(size=(16, 3)).astype(np.float32)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    ckpts = [({"K": jnp.asarray(r.normal(size=(2, 3)), jnp.float32)}, 1.0)]
+    first = _EqxDictHead({"a": _EqxScale(1.0)})
+    with pytest.raises(Killed):
+        export_gradients(first.loss, ckpts, FailingBatches(batches, on=2, after=2), store=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"the loss function differs .*_EqxScale\(s=100.0\)"):
+        export_gradients(_EqxDictHead({"a": _EqxScale(100.0)}).loss, ckpts, batches, store=tmp_path / "s")
+    resumed = export_gradients(first.loss, ckpts, batches, store=tmp_path / "s", progress=False)
+    memory = export_gradients(first.loss, ckpts, batches, progress=False)
+    np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)

@@ -10,6 +10,7 @@ state), or by every file under them (another directory, in sorted order).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import hashlib
 import inspect
@@ -163,9 +164,10 @@ def callable_identity(fn: Any) -> str:
     a bound method the plain public settings of its object (numbers, strings: a model's temperature; the
     fields of the dataclasses it holds, alone or in tuples and lists; a dataclass object, a Flax or
     Equinox module, by its declared fields) as "self{'temperature': 2.0}". A dataclass's fields are those
-    its repr shows that hold settings: plain values, nested dataclasses, tuples and lists of them, and
-    functions (an activation: by qualname, and the code digest of one defined outside the frameworks),
-    read _MAX_DEPTH levels deep; the wrapped function and
+    its repr shows that hold settings: plain values, enum members, dtypes, NumPy scalars, nested
+    dataclasses, tuples of them, the dataclasses and functions lists and dicts hold, and functions (an
+    activation: by qualname, and the code digest of one defined outside the frameworks), read
+    _MAX_DEPTH levels deep (_field_settings); the wrapped function and
     arguments of a functools.partial, its array
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
     object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
@@ -266,8 +268,10 @@ def _digest_code(code: types.CodeType, h: Any) -> None:
 
 # what _identity describes: a function as callable_identity does ("full"), one a closure holds
 # ("held": a Python function named by its qualname, without code digest: the outer function's
-# covers its code), or as tracin did before it digested code ("before code": module names, no code)
-_Mode = Literal["full", "held", "before code"]
+# covers its code), one a dataclass field holds ("field": as "held", and a method of a class defined
+# outside the frameworks by its qualname too: a script's is the same imported), or as tracin did
+# before it digested code ("before code": module names, no code)
+_Mode = Literal["full", "held", "field", "before code"]
 
 
 def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
@@ -286,7 +290,9 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
     owner = _bound_object(fn)  # read before unwrapping: a Flax module's method unwraps to its plain function
     fn = inspect.unwrap(fn)  # a decorated (jax.jit, functools.wraps) function is named as the function it wraps
     if isinstance(fn, (types.FunctionType, types.BuiltinFunctionType, types.MethodType)):
-        held = mode == "held" and isinstance(fn, types.FunctionType)
+        held = (mode in ("held", "field") and isinstance(fn, types.FunctionType)) or (
+            mode == "field" and isinstance(fn, types.MethodType) and not _in_framework(fn.__module__)
+        )
         module = "" if held else f"{getattr(fn, '__module__', None)}."
         captured = _captured(fn, seen | {id(fn)}, mode) if isinstance(fn, types.FunctionType) else {}
         owner = _bound_object(fn) if owner is None else owner
@@ -329,8 +335,10 @@ def _settings(obj: Any, seen: Set[int] = frozenset()) -> dict[str, Any]:
     dataclasses it holds, alone or in tuples and lists (a Flax or Equinox submodule: its rate,
     features...), as _field_settings' text. A dataclass (a Flax linen or Equinox module) by its declared
     fields its repr shows, by name, as _field_settings reads them (not its attributes: a bound Flax
-    module's setup() adds its submodules on first use). `seen`: the ids of the objects and functions
-    being described (an object holding its own method)."""
+    module's setup() adds its submodules on first use). A list or dict, in a dataclass's field as in
+    another object's attribute, is read only for the dataclasses and functions it holds, not its plain
+    values (a call log the loss appends to). `seen`: the ids of the objects and functions being
+    described (an object holding its own method)."""
     if id(obj) in seen:
         return {}
     seen = seen | {id(obj)}
@@ -351,7 +359,7 @@ def _settings(obj: Any, seen: Set[int] = frozenset()) -> dict[str, Any]:
             continue
         if isinstance(v, (bool, int, float, str, type(None))):
             settings[k] = v
-        elif _holds_dataclass(v, 0):  # a submodule of a Flax or Equinox model (or a tuple of them): its settings
+        elif _holds_dataclass(v, set()):  # a submodule of a Flax or Equinox model (or a tuple of them): its settings
             fields = _field_settings(v, seen)
             if fields is not None:
                 settings[k] = _shortened(v, fields)
@@ -371,13 +379,19 @@ def _shortened(value: Any, text: str) -> str:
     return f"{type(value).__qualname__} digest={digest}"
 
 
-def _holds_dataclass(value: Any, depth: int) -> bool:
-    """Whether a value is a dataclass instance or a tuple or list holding one (at any depth up to the bound)."""
-    if _is_instance_of_dataclass(value):
+def _holds_dataclass(value: Any, seen: set[int], depth: int = 0, functions: bool = False) -> bool:
+    """Whether a value is a dataclass instance (or with `functions`, a function) or a tuple, list or
+    dict (its values) holding one, at any depth up to _MAX_DEPTH; `seen`: the ids of the containers
+    already searched (a list holding itself)."""
+    if isinstance(value, _PLAIN):  # most often: a fast way past a long list of numbers
+        return False
+    if _is_instance_of_dataclass(value) or (functions and _is_function(value)):
         return True
-    if isinstance(value, (tuple, list)) and depth < _MAX_DEPTH:
-        return any(_holds_dataclass(v, depth + 1) for v in value)
-    return False
+    if not isinstance(value, (tuple, list, dict)) or id(value) in seen or depth >= _MAX_DEPTH:
+        return False
+    seen.add(id(value))
+    values = value.values() if isinstance(value, dict) else value
+    return any(_holds_dataclass(v, seen, depth + 1, functions) for v in values)
 
 
 # the frameworks whose wrappers (torch.compile, jax.checkpoint) and base classes (nn.Module.__call__,
@@ -464,17 +478,21 @@ _MAX_DEPTH = 64
 
 def _field_settings(value: Any, seen: Set[int]) -> str | None:
     """The plain settings a value holds, as text, or None when it holds none: a plain value (numbers,
-    strings), a function (_function_text: a Flax module's activation), a tuple or list of such values,
-    or a dataclass instance (a Flax linen module's rate, features..., an Equinox module's static fields
-    and the submodules its tuples hold), by its type's qualname and the fields its repr shows (not
-    Flax's `parent`) that hold settings, nested dataclasses and tuples of them included. Arrays
-    (weights) and other objects are left out, as a field holding only them. `seen`: the ids of the
-    values and functions being described (a cycle is left out, a function as "<recursive>"); past
-    _MAX_DEPTH of them, a dataclass, tuple, list or function is recorded as its type's name and "(...)"."""
+    strings), an enum member, a dtype, a NumPy scalar or ufunc, a torch module (_value_text), a
+    function (_function_text: a Flax module's activation), a tuple of such values, the dataclasses and
+    functions a list or dict holds (its plain values, a call log, left out; a dict's keys sorted), or a
+    dataclass instance (a Flax linen module's rate, features..., an Equinox module's static fields and
+    the submodules its tuples hold), by its type's qualname and the fields its repr shows (not Flax's
+    `parent`) that hold settings, nested dataclasses and tuples of them included. Arrays (weights),
+    sets and other objects are left out, as a field holding only them. `seen`: the ids of the values
+    and functions being described (a cycle is left out, a function as "<recursive>"); past _MAX_DEPTH
+    of them, a dataclass, tuple, list, dict or function is recorded as its type's name and "(...)"."""
     if isinstance(value, _PLAIN):
         return repr(value)
+    if (text := _value_text(value)) is not None:
+        return text
     function = _is_function(value)
-    if not (function or isinstance(value, (tuple, list)) or _is_instance_of_dataclass(value)):
+    if not (function or isinstance(value, (tuple, list, dict)) or _is_instance_of_dataclass(value)):
         return None
     if id(value) in seen:
         return "<recursive>" if function else None
@@ -483,11 +501,24 @@ def _field_settings(value: Any, seen: Set[int]) -> str | None:
     if function:
         return _function_text(value, seen)
     seen = seen | {id(value)}
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, tuple):
         items = [_field_settings(v, seen) for v in value]
         if any(item is None for item in items):
             return None
-        return ("[{}]" if isinstance(value, list) else "({})").format(", ".join(items))
+        return "({})".format(", ".join(items))
+    if isinstance(value, (list, dict)):  # mutable: only the dataclasses and functions it holds count
+        by_key = lambda kv: stable_repr(kv[0])  # noqa: E731
+        pairs = enumerate(value) if isinstance(value, list) else sorted(value.items(), key=by_key)
+        texts = [
+            (k, text)
+            for k, v in pairs
+            if _holds_dataclass(v, set(), functions=True) and (text := _field_settings(v, seen)) is not None
+        ]
+        if not texts:
+            return None
+        if isinstance(value, list):
+            return "[{}]".format(", ".join(text for _, text in texts))
+        return "{{{}}}".format(", ".join(f"{stable_repr(k)}: {text}" for k, text in texts))
     fields = []
     for field in _shown_fields(value):
         try:
@@ -498,6 +529,34 @@ def _field_settings(value: Any, seen: Set[int]) -> str | None:
         if text is not None:
             fields.append(f"{field.name}={text}")
     return f"{type(value).__qualname__}({', '.join(fields)})" if fields else None
+
+
+def _value_text(value: Any) -> str | None:
+    """The text of a setting that is neither plain, a function, a container nor a dataclass, the same in
+    every process: an enum member (Flax's precision=lax.Precision.HIGHEST) by its type's qualname and
+    name, a dtype (dtype=jnp.bfloat16, np.float32, np.dtype("float32") alike) by its name, a NumPy scalar
+    by its type's name and value, a NumPy ufunc by its name, a torch dtype, a torch module by its repr
+    (its type's name and settings: nn.Dropout(p=0.1)); None for anything else."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, np.dtype):
+        return f"dtype({value.name})"
+    scalar_type = isinstance(value, type) and issubclass(value, np.generic)
+    if scalar_type or (isinstance(value, type) and isinstance(getattr(value, "dtype", None), np.dtype)):
+        try:
+            return f"dtype({np.dtype(value).name})"
+        except TypeError:
+            return None
+    if isinstance(value, np.generic):
+        return f"{type(value).__name__}({value.item()!r})"
+    if isinstance(value, np.ufunc):
+        return f"numpy.{value.__name__}"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.dtype):
+        return str(value)
+    if torch is not None and isinstance(value, torch.nn.Module):
+        return without_addresses(repr(value))
+    return None
 
 
 def _shown_fields(value: Any) -> list[dataclasses.Field]:
@@ -522,12 +581,13 @@ def _is_function(value: Any) -> bool:
 
 
 def _function_text(fn: Any, seen: Set[int]) -> str:
-    """A function a dataclass field holds, as a closure names the functions it holds ("held": its
-    qualname, its closure's settings; a builtin by its module too), followed, for a Python function
+    """A function a dataclass field holds, as a closure names the functions it holds ("field": its
+    qualname, a method of a class defined outside the frameworks too, its closure's settings; a
+    builtin by its module too), followed, for a Python function
     defined outside torch, JAX, Flax and Equinox (whose own code is left out, as in a loss's code
     digest), by " code[3.11]=<digest>" of its code (_digest_function_code), as a loss's own code: a
     closure's held functions are covered by the loss's code digest, a field's are not."""
-    text = _identity(fn, set(seen), "held")
+    text = _identity(fn, set(seen), "field")
     inner = fn
     while isinstance(inner, functools.partial):
         inner = inner.func
