@@ -1215,3 +1215,26 @@ def test_a_damping_too_small_for_float32_scores_warns_and_names_one_that_is_not(
     exact = to_float64(test) @ np.linalg.inv(r + lam * np.eye(8)) @ to_float64(g).T
     got = tracin.scores(good.apply(tracin.Gradients([test])), tracin.Gradients([g]))
     assert np.abs(got - exact).max() <= 4e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize(
+    ("blocks", "named"),
+    [
+        ([(5, 3), (5, 0)], r"train checkpoint 1 has 0 columns \(dims \[3, 0\]\)"),
+        ([(5, 0)], r"train checkpoint 0 has 0 columns \(dims \[0\]\)"),
+    ],
+)
+def test_a_checkpoint_of_zero_columns_is_named(rng, blocks, named):
+    """review52 F2: a checkpoint of 0 columns (which plain scoring accepts) was a bare ZeroDivisionError
+    in fit; it is a ValueError naming train and the checkpoint, also with a mix set."""
+    train = tracin.Gradients([rng.standard_normal(shape).astype(np.float32) for shape in blocks])
+    with pytest.raises(ValueError, match=named):
+        Whitening.fit(train)
+    with pytest.raises(ValueError, match=named + ".*drop the empty checkpoint from train and mix"):
+        Whitening.fit(train, mix=train)
+
+
+def test_a_factor_of_zero_columns_is_named(rng):
+    left, right = rng.standard_normal((5, 0)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"train checkpoint 0 \(left factor\) has 0 columns \(dims \[\[0, 3\]\]\)"):
+        Whitening.fit(tracin.FactoredGradients([left], [right]))

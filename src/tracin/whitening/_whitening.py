@@ -197,6 +197,13 @@ class Whitening:
                 raise ValueError(f"{name}: {problem}")
             if "whitening" in s.metadata:
                 raise ValueError(f"{name} is already whitened (metadata['whitening']); fit on unwhitened gradients")
+        for i, side in enumerate(matrix_sides(train)):
+            if side == 0:
+                raise ValueError(
+                    f"train {_what(i, train.factored)} has 0 columns (dims {_dims_list(train)}); whitening needs "
+                    f"at least one column per {'factor' if train.factored else 'checkpoint'}: "
+                    "drop the empty checkpoint from train" + ("" if mix is None else " and mix")
+                )
         max_bytes = default_max_bytes() if max_bytes is None else _check_max_bytes(max_bytes)
         check_budget(matrix_sides(train), len(sets) + 1, max_bytes)  # moments, then inverses
         bar = fit_bar(sum(s.n_rows for _, s in sets), progress)
@@ -457,6 +464,11 @@ def _space(metadata: dict) -> dict:
         if "optimizer_states" in fingerprints:  # a preconditioner's: scoring compares "adam" sides' states too
             space["fingerprints"]["optimizer_states"] = fingerprints["optimizer_states"]
     return space
+
+
+def _dims_list(s: GradientSet) -> list:
+    """The set's dims as plain lists of ints, for messages."""
+    return [list(map(int, d)) if s.factored else int(d) for d in s.dims]
 
 
 def _what(i: int, factored: bool) -> str:
