@@ -1238,3 +1238,24 @@ def test_a_factor_of_zero_columns_is_named(rng):
     left, right = rng.standard_normal((5, 0)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
     with pytest.raises(ValueError, match=r"train checkpoint 0 \(left factor\) has 0 columns \(dims \[\[0, 3\]\]\)"):
         Whitening.fit(tracin.FactoredGradients([left], [right]))
+
+
+def test_mix_weight_without_mix_is_refused(full):
+    """review52 F5: fit(mix_weight=0.9) without mix= dropped the weight silently (spec.mix_weight 0.0)."""
+    train = tracin.Gradients(full[0])
+    with pytest.raises(ValueError, match=r"mix_weight=0\.9 is the mix set's share of R, but no mix= was given"):
+        Whitening.fit(train, mix_weight=0.9)
+    assert Whitening.fit(train, mix_weight=0.5).spec.mix_weight == 0.0  # the default, given or not
+    assert Whitening.fit(train, mix=train, mix_weight=0.9).spec.mix_weight == 0.9
+
+
+def test_whitened_self_influence_refuses_tf32(full):
+    """review52 F5: self_influence(whitening=w, precision="tf32") ran in float64 on the CPU silently;
+    like tf32 on the CPU without whitening, it is refused."""
+    train = tracin.Gradients(full[0])
+    w = Whitening.fit(train)
+    with pytest.raises(ValueError, match="precision='tf32' needs a CUDA device, but whitening= runs on the CPU"):
+        tracin.self_influence(train, whitening=w, precision="tf32")
+    np.testing.assert_array_equal(
+        tracin.self_influence(train, whitening=w, precision="float32"), w.self_influence(train)
+    )

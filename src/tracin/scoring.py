@@ -912,7 +912,8 @@ def self_influence(
     Jupyter, for calls that run over about 2 s).
     device, precision: where and how to score, as in top_k.
     whitening: a tracin.Whitening fitted on the train side gives sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i)
-    instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu").
+    instead (both sides whitened), computed by the whitening in float64 on the CPU (device None or "cpu";
+    precision "float32", its default: "tf32" is a ValueError, as on the CPU without whitening).
     A set already whitened (Whitening.apply's output) is refused: pass the unwhitened one with whitening=.
     normalize: True is refused (ValueError): with unit-normalised gradients every row's self-influence
     is sum_c w_c (0 for a zero gradient), which ranks nothing; it is accepted as False for callers that
@@ -932,6 +933,11 @@ def self_influence(
             raise TypeError(f"whitening must be a tracin.Whitening or None, got {type(whitening).__name__}")
         if device not in (None, "cpu"):
             raise ValueError(f"whitening runs on the CPU (float64 BLAS); device must be None or 'cpu', got {device!r}")
+        if precision == "tf32":
+            raise ValueError(
+                "precision='tf32' needs a CUDA device, but whitening= runs on the CPU in float64: "
+                "leave precision at its default"
+            )
         return whitening.self_influence(
             train, per_checkpoint=per_checkpoint, num_threads=num_threads, progress=progress
         )

@@ -50,6 +50,7 @@ _SPACE_KEYS = (
     "optimizer_state_sources",
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MIX_WEIGHT = 0.5  # fit's default mix_weight (the mix set's share of R); another one without mix= is refused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Whitening:
         *,
         damping: float = DEFAULT_DAMPING,
         mix: Any = None,
-        mix_weight: float = 0.5,
+        mix_weight: float = _MIX_WEIGHT,
         precision: str = "float32",
         max_bytes: int | None = None,
         progress: bool | None = None,
@@ -159,7 +160,8 @@ class Whitening:
             more than 4e-3 of the largest (cond x 2^-24 > 1e-3, see the class docstring) warns, naming
             one that is not (fit and with_damping alike).
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
-            gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix.
+            gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix
+            (mix_weight default 0.5; another mix_weight without mix= is a ValueError).
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
             rows each (BLAS syrk, near the speed of NumPy's float32 G.T @ G), each entry within about
             4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically 64 times less), which
@@ -189,6 +191,11 @@ class Whitening:
             mix = _matching(as_gradient_set(mix, "mix"), train, "mix", "train")
             sets.append(("mix", mix))
         mix_weight = _check_mix_weight(mix_weight)
+        if mix is None and mix_weight != _MIX_WEIGHT:
+            raise ValueError(
+                f"mix_weight={mix_weight!r} is the mix set's share of R, but no mix= was given; pass mix= too, "
+                "or leave mix_weight out"
+            )
         for name, s in sets:
             if s.n_rows == 0:
                 raise ValueError(f"{name} has no rows; whitening needs at least one gradient to fit")
