@@ -1259,3 +1259,34 @@ def test_whitened_self_influence_refuses_tf32(full):
     np.testing.assert_array_equal(
         tracin.self_influence(train, whitening=w, precision="float32"), w.self_influence(train)
     )
+
+
+def test_gradient_space_mismatches_name_the_sides_passed(rng):
+    """review52 F4: projection (and mode, preconditioner) mismatches said "test"/"train" whatever the
+    sides: self_influence's train rows, fit's mix set and a bare whitened test side were misnamed."""
+
+    def projected(seed, n=50):
+        spec = None if seed is None else tracin.Projection(8, seed=seed).to_dict()
+        return tracin.Gradients(
+            [rng.standard_normal((n, 8)).astype(np.float32)], metadata={"mode": "full", "projection": spec}
+        )
+
+    train, other, bare = projected(1), projected(2, 3), projected(None, 3)
+    w = Whitening.fit(train)
+    fitted_on = "the gradients the whitening was fitted on"
+    with pytest.raises(ValueError, match=f"seed: 1 in {fitted_on}, 2 in train$"):
+        tracin.self_influence(other, whitening=w)
+    with pytest.raises(ValueError, match="seed: 1 in train, 2 in mix$"):
+        Whitening.fit(train, mix=other)
+    with pytest.raises(ValueError, match=r"mix is not projected, train uses Projection\(dim=8, seed=1"):
+        Whitening.fit(train, mix=bare)
+    white = w.apply([np.ones((2, 8), np.float32)])
+    with pytest.raises(
+        ValueError, match="seed: 2 in train, 1 in the gradients the test side's whitening was fitted on$"
+    ):
+        tracin.scores(white, other)
+    last = tracin.Gradients(train.matrices, metadata={"mode": "last_layer", "projection": train.metadata["projection"]})
+    with pytest.raises(ValueError, match="mix gradients are mode='last_layer' but train gradients are mode='full'"):
+        Whitening.fit(train, mix=last)
+    with pytest.raises(ValueError, match=f"train gradients are mode='last_layer' but {fitted_on} are mode='full'"):
+        w.self_influence(last)

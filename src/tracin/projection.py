@@ -522,18 +522,23 @@ class Projection:
             spec["dim"], spec["seed"], spec["kind"], per_layer=spec["per_layer"], kronecker=spec.get("kronecker", False)
         )
 
-    def check_compatible(self, other: Projection | dict | None, what: str = "the other side") -> None:
+    def check_compatible(
+        self, other: Projection | dict | None, what: str = "the other side", this: str | None = None
+    ) -> None:
         """Raises ValueError naming every field in which `other` (a Projection, its spec, or None
-        for unprojected gradients) differs from this projection."""
+        for unprojected gradients) differs from this projection. `what` names the side `other` is
+        of in the message; `this`, if given, the side of this projection (else "here", "this side")."""
         if other is None:
-            raise ValueError(f"projection mismatch: {what} is not projected, this side uses {self!r}")
+            mine = "this side" if this is None else this
+            raise ValueError(f"projection mismatch: {what} is not projected, {mine} uses {self!r}")
+        here = "here" if this is None else f"in {this}"
         spec = other.to_dict() if isinstance(other, Projection) else other
         if not isinstance(spec, dict):
             raise TypeError(f"expected a Projection or its spec dict, got {type(spec).__name__}")
         mine = {**self.to_dict(), "kronecker": self.kronecker}
         spec = {**spec, "kronecker": spec.get("kronecker", False)}
         diffs = [
-            f"{key}: {mine[key]!r} here, {spec.get(key, '<missing>')!r} in {what}"
+            f"{key}: {mine[key]!r} {here}, {spec.get(key, '<missing>')!r} in {what}"
             for key in mine
             if spec.get(key, "<missing>") != mine[key]
         ]

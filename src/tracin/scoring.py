@@ -119,17 +119,22 @@ def _check_same_gradient_space(
         problem = metadata_problem(m)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
+    first, second = (_gradients(n) for n in names)
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
-        raise ValueError(f"test gradients are mode={t['mode']!r} but train gradients are mode={x['mode']!r}")
+        raise ValueError(f"{first} are mode={t['mode']!r} but {second} are mode={x['mode']!r}")
     _check_same_preconditioner(t, x, names)
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         from .projection import Projection
 
-        projected, other, other_name = (x, t, "test") if x["projection"] is not None else (t, x, "train")
-        Projection.from_dict(projected["projection"]).check_compatible(other["projection"], what=other_name)
+        (projected, projected_name), (other, other_name) = ((x, names[1]), (t, names[0]))[
+            :: 1 if x["projection"] is not None else -1
+        ]
+        Projection.from_dict(projected["projection"]).check_compatible(
+            other["projection"], what=other_name, this=projected_name
+        )
     if "whitening" in t and "whitening" in x:
         raise ValueError(
-            "test and train are both whitened (metadata['whitening']); whiten only the test side "
+            f"{names[0]} and {names[1]} are both whitened (metadata['whitening']); whiten only the test side "
             "(Whitening.apply) and score it against the unwhitened train gradients"
         )
     if (
@@ -140,7 +145,7 @@ def _check_same_gradient_space(
         and t["params"] != x["params"]
     ):
         raise ValueError(
-            f"test and train gradients are of different parameters: "
+            f"{names[0]} and {names[1]} are gradients of different parameters: "
             f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
         )
     _check_same_checkpoints(t, x, names)
@@ -235,6 +240,17 @@ def _checkpoint_records(
     return list(zip(digests, sources, strict=True))
 
 
+def _gradients(name: str) -> str:
+    """A side's name as the subject of a message: "test gradients", or a phrase as it is ("the
+    gradients the whitening was fitted on")."""
+    return name if " " in name else f"{name} gradients"
+
+
+def _rows(name: str) -> str:
+    """A side's name as the rows to export again: "test rows", or a phrase as it is."""
+    return name if " " in name else f"{name} rows"
+
+
 def _check_same_preconditioner(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
     """Both sides preconditioned alike (metadata["preconditioner"]: None or {"kind": ...}), except the
     LESS pairing: train rows "adam_update" against plain test rows; two sides of one kind with the
@@ -244,20 +260,21 @@ def _check_same_preconditioner(t: dict, x: dict, names: tuple[str, str] = ("test
     kt, kx = (_preconditioner_kind(m) for m in (t, x))
     if kt is not None and kt == kx:
         _check_same_hyperparameters(t, x, names)
+    first, second = (_gradients(n) for n in names)
     if kt == "adam_update":
         raise ValueError(
-            "test gradients are preconditioner='adam_update', which is for train rows only: "
-            "export test rows with preconditioner=None"
+            f"{first} are preconditioner='adam_update', which is for train rows only (scored against plain "
+            f"test rows): export {_rows(names[0])} with preconditioner=None"
         )
     if kx == "adam_update" and kt is not None:
         raise ValueError(
-            f"train gradients are preconditioner='adam_update', which pairs with plain test rows, but test "
-            f"gradients are preconditioner={kt!r}: export test rows with preconditioner=None (from the same "
+            f"{second} are preconditioner='adam_update', which pairs with plain test rows, but {first} are "
+            f"preconditioner={kt!r}: export {_rows(names[0])} with preconditioner=None (from the same "
             "checkpoints, without their optimizer states)"
         )
     if kt != kx and kx != "adam_update":
         raise ValueError(
-            f"test gradients are preconditioner={kt!r} but train gradients are "
+            f"{first} are preconditioner={kt!r} but {second} are "
             f"preconditioner={kx!r}: export both sides with the same one"
         )
 
