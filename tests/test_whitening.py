@@ -1290,3 +1290,38 @@ def test_gradient_space_mismatches_name_the_sides_passed(rng):
         Whitening.fit(train, mix=last)
     with pytest.raises(ValueError, match=f"train gradients are mode='last_layer' but {fitted_on} are mode='full'"):
         w.self_influence(last)
+
+
+def _warned_condition(call) -> float | None:
+    """The condition number a whitening warning states, or None if `call` warns nothing."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    found = [re.search(r"a condition number of about (\S+) \(checkpoint", str(w.message)) for w in caught]
+    found = [m for m in found if m]
+    return float(found[0].group(1)) if found else None
+
+
+@pytest.mark.parametrize("d", [16, 300])  # eigvalsh, and Lanczos on the inverse above 256 dims
+def test_the_warning_states_the_condition_number_of_r_plus_lambda(rng, d):
+    """review52 F3: the warning used (largest + lambda) / lambda, ignoring R's smallest eigenvalue: a
+    well-conditioned full-rank R (isotropic rows, rows >> d) at damping 1e-6 warned of cond 1e6 (really
+    1.2). Now it does not warn there, and where R's small eigenvalues do make it ill-conditioned, the
+    cond stated is float64 NumPy's (largest + lambda) / (smallest + lambda)."""
+    iso = rng.standard_normal((20 * d, d)).astype(np.float32)
+    assert _warned_condition(lambda: Whitening.fit(tracin.Gradients([iso]), damping=1e-6, precision="float64")) is None
+    scales = np.where(np.arange(d) < d // 2, 1.0, 3e-3)
+    skew = (rng.standard_normal((20 * d, d)) * scales).astype(np.float32)
+    for damping in (1e-7, 1e-6):
+        stated = _warned_condition(
+            lambda damping=damping: Whitening.fit(tracin.Gradients([skew]), damping=damping, precision="float64")
+        )
+        r = to_float64(skew).T @ to_float64(skew) / len(skew)
+        eig = np.linalg.eigvalsh(r)
+        lam = damping * np.trace(r) / d
+        exact = (eig[-1] + lam) / (eig[0] + lam)
+        assert exact < 0.3 * (eig[-1] + lam) / lam  # the old formula's value is far off
+        if d > 256:  # Lanczos's largest of the inverse is a lower bound: so is the cond found, within 5%
+            assert 0.95 * exact <= stated <= 1.005 * exact
+        else:
+            assert stated == pytest.approx(exact, rel=5e-3)

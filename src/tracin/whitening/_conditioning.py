@@ -2,7 +2,9 @@
 
 Whitened test rows and the scores made from them are float32 whatever fit's precision, so rounding
 relative to the largest score reaches 1-4 x cond x 2^-24 (Whitening's docstring), cond = (largest
-eigenvalue of R + lambda) / lambda per checkpoint (the product of its two factors' for K-FAC).
+eigenvalue of R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint (the product of its two
+factors' for K-FAC). It is at most (largest + lambda) / lambda, reached where the train rows do not
+span all d directions (fewer rows than dims); a full-rank R keeps it lower at any damping.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
+
+from ._inverse import LANCZOS_STEPS, lanczos_top
 
 FLOAT32_EPS = 2.0**-24
 SCORE_ERROR = 1e-3
@@ -37,29 +41,64 @@ def largest_eigenvalue(r: np.ndarray) -> float:
     return top
 
 
+def eigenvalue_ends(r: np.ndarray) -> tuple[float, float | None]:
+    """(largest, smallest) eigenvalue of the symmetric positive semidefinite float64 (k, k) R, the
+    smallest clipped at 0 (rounding can make it slightly negative). Up to _EXACT_SIDE both exact
+    (eigvalsh); above, largest_eigenvalue's and None: warn_if_ill_conditioned finds the smallest
+    from the damped inverse, only where it may warn."""
+    if r.shape[0] <= _EXACT_SIDE:
+        if not r.size:
+            return 0.0, 0.0
+        w = np.linalg.eigvalsh(r)
+        return float(w[-1]), max(float(w[0]), 0.0)
+    return largest_eigenvalue(r), None
+
+
+def smallest_from_inverse(x: np.ndarray, lam: float) -> float:
+    """R's smallest eigenvalue (clipped at 0) from X = (R + lam I)^-1: 1 / (X's largest) - lam, X's largest
+    from Lanczos (a lower bound on it: the smallest is over- rather than underestimated, so the
+    condition number found is at most the true one, as largest_eigenvalue's bound keeps it)."""
+    top = max(float(np.diagonal(x).max()), lanczos_top(x, LANCZOS_STEPS))
+    return max(1.0 / top - lam, 0.0)
+
+
 def warn_if_ill_conditioned(
-    tops: list[float], damping: float, lambdas_at: Callable[[float], list[float]], per_checkpoint: int
+    ends: list[tuple[float, float | None]],
+    inverses: list[np.ndarray],
+    damping: float,
+    lambdas_at: Callable[[float], list[float]],
+    per_checkpoint: int,
 ) -> None:
     """RuntimeWarning when a checkpoint's cond x 2^-24 exceeds SCORE_ERROR at `damping`, naming the
-    smallest power-of-two multiple of it that brings every checkpoint under: `tops` the largest
-    eigenvalue of each matrix (kernel block order), lambdas_at(d) their lambdas at damping d,
-    per_checkpoint matrices per checkpoint (2 for K-FAC)."""
+    smallest power-of-two multiple of it that brings every checkpoint under: `ends` the (largest,
+    smallest or None) eigenvalues of each matrix R (eigenvalue_ends, kernel block order), `inverses`
+    their damped inverses at `damping` (where a smallest is None, it is found from them, but only if
+    the bound cond <= (largest + lambda) / lambda exceeds SCORE_ERROR), lambdas_at(d) their lambdas at
+    damping d, per_checkpoint matrices per checkpoint (2 for K-FAC). cond = (largest + lambda) /
+    (smallest + lambda)."""
 
-    def worst(d: float) -> tuple[float, int]:
+    def worst(d: float, bottoms: list[float]) -> tuple[float, int]:
         lambdas = lambdas_at(d)
-        conds = [(top + lam) / lam for top, lam in zip(tops, lambdas, strict=True)]
+        conds = [(top + lam) / (low + lam) for (top, _), low, lam in zip(ends, bottoms, lambdas, strict=True)]
         per = [float(np.prod(conds[i : i + per_checkpoint])) for i in range(0, len(conds), per_checkpoint)]
         c = int(np.argmax(per))
         return per[c], c
 
-    cond, checkpoint = worst(damping)
+    if worst(damping, [0.0 if low is None else low for _, low in ends])[0] * FLOAT32_EPS <= SCORE_ERROR:
+        return  # even the bound is under
+    lambdas = lambdas_at(damping)
+    bottoms = [
+        smallest_from_inverse(x, lam) if low is None else low
+        for (_, low), x, lam in zip(ends, inverses, lambdas, strict=True)
+    ]
+    cond, checkpoint = worst(damping, bottoms)
     if cond * FLOAT32_EPS <= SCORE_ERROR:
         return
     safe: float | None = damping
     while safe is not None:  # doublings: at most float64's 2^2098 range of dampings
         safe *= 2.0
         try:
-            if worst(safe)[0] * FLOAT32_EPS <= SCORE_ERROR:
+            if worst(safe, bottoms)[0] * FLOAT32_EPS <= SCORE_ERROR:
                 break
         except ValueError:  # lambda beyond float64 (lambdas_at refuses it): no damping to name
             safe = None

@@ -75,7 +75,7 @@ def check_top_eigenvalue(x: np.ndarray, lam: float, what: str, precision: str | 
     which no positive semidefinite R allows. Exact (to about k x 2^-53 of it) up to k = EXACT_SIDE, where a
     Cholesky factorization of (1 + EXCESS) / lam I - X decides it: 0.02-0.05 ms for k <= 64 (many small
     K-FAC factors; the inversion itself 0.04-0.25 ms), about 16% of the inversion at k = 256. Above, the
-    top Ritz value of _LANCZOS_STEPS steps of Lanczos (one product by X each, about 10% of the inversion
+    top Ritz value of LANCZOS_STEPS steps of Lanczos (one product by X each, about 10% of the inversion
     at k = 1024-4096, 1 BLAS thread) is a lower bound on the largest eigenvalue, so it never fires
     falsely; on rank-deficient float32 R (1024 or 2048 dims, 256 rows), where the top eigenvalues form a
     large cluster near 1 / lam, it came within 4e-4 of eigvalsh's value, so there the bar is 1.01 / lam
@@ -92,7 +92,7 @@ def check_top_eigenvalue(x: np.ndarray, lam: float, what: str, precision: str | 
 
 
 EXACT_SIDE = 256  # side up to which check_top_eigenvalue is exact (a Cholesky); above, Lanczos
-_LANCZOS_STEPS = 32  # Lanczos steps above EXACT_SIDE (one product by X each; the inverse itself costs O(k^3))
+LANCZOS_STEPS = 32  # Lanczos steps above EXACT_SIDE (one product by X each; the inverse itself costs O(k^3))
 
 
 def _top_above(x: np.ndarray, bound: float) -> float | None:
@@ -108,11 +108,11 @@ def _top_above(x: np.ndarray, bound: float) -> float | None:
         except np.linalg.LinAlgError:
             top = float(np.linalg.eigvalsh(x)[-1])  # only to say it; O(k^3) is small at this side
             return top if top > bound else None
-    top = max(float(np.diagonal(x).max()), _lanczos_top(x, _LANCZOS_STEPS))
+    top = max(float(np.diagonal(x).max()), lanczos_top(x, LANCZOS_STEPS))
     return top if top > bound else None
 
 
-def _lanczos_top(x: np.ndarray, steps: int) -> float:
+def lanczos_top(x: np.ndarray, steps: int) -> float:
     """The largest Ritz value of a symmetric (k, k) X on the Krylov space of `steps` products from a
     fixed random vector (Lanczos with full reorthogonalization, twice per step): at most X's largest
     eigenvalue, beyond rounding, and close to it after a few tens of steps."""

@@ -20,7 +20,7 @@ from .._progress import check_progress, progress_bar
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
-from ._conditioning import largest_eigenvalue, warn_if_ill_conditioned
+from ._conditioning import eigenvalue_ends, warn_if_ill_conditioned
 from ._inverse import check_damping, check_top_eigenvalue, damped_inverse, mean_eigenvalue
 from ._moments import (
     check_budget,
@@ -89,13 +89,15 @@ class Whitening:
     they are; self_influence applies it on both sides.
 
     Full gradients: exact up to rounding, which (R + lambda I)^-1 amplifies by up to its condition number
-    cond = (largest eigenvalue + lambda) / lambda: R's float32 partial products (fit's precision) and,
-    whatever the precision, the whitened test rows (float32) and the float32 scores made from them.
+    cond = (largest eigenvalue of R + lambda) / (smallest + lambda), at most (largest + lambda) / lambda,
+    which it reaches when the train rows do not span all d directions (fewer rows than dims). It
+    amplifies R's float32 partial products (fit's precision) and, whatever the precision, the whitened
+    test rows (float32) and the float32 scores made from them.
     The latter keep each score within the contract's bound of 1e-5 |g(t) (R + lambda I)^-1| |g(i)|,
     but relative to the scores themselves the error can reach 1-4 x cond x 2^-24 (when test rows lie
     much in directions the train rows lack, as with fewer train rows than dims): 3e-3 to 1.2e-2 of the
     largest score at cond 5e4 (5 train rows of 200 dims, damping 0.001; 10 seeds, either precision),
-    4e-7 at cond 5e3 (20,000 rows).
+    4e-7 with 20,000 rows (where (largest + lambda) / lambda is 5e3).
     Factored gradients (left (n, p), right (n, q) per checkpoint): a Kronecker-
     factored approximation R ~ B (x) A with B = E[left left^T], A = E[right right^T] (K-FAC), damped
     per factor with lambda_B = sqrt(damping) * trace(B) / p and lambda_A = sqrt(damping) * trace(A) / q
@@ -158,7 +160,9 @@ class Whitening:
             rows outnumber dimensions, 30-100 where they are fewer; see the README). with_damping gives
             other dampings without a second pass. A damping so small that float32 scores may be off by
             more than 4e-3 of the largest (cond x 2^-24 > 1e-3, see the class docstring) warns, naming
-            one that is not (fit and with_damping alike).
+            one that is not (fit and with_damping alike). cond is R + lambda I's own (its largest over
+            its smallest eigenvalue; above 256 dims, Lanczos's estimate): a full-rank R stays well
+            conditioned, and unwarned, at any damping.
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix
             (mix_weight default 0.5; another mix_weight without mix= is a ValueError).
@@ -513,8 +517,10 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision
         damped_inverse(r, lam, _what(i, factored), precision)
         for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
     ]
-    tops = [largest_eigenvalue(r) for r in moments]
-    warn_if_ill_conditioned(tops, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1)
+    ends = [eigenvalue_ends(r) for r in moments]
+    warn_if_ill_conditioned(
+        ends, inverses, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1
+    )
     return inverses, lambdas
 
 
