@@ -1325,3 +1325,30 @@ def test_the_warning_states_the_condition_number_of_r_plus_lambda(rng, d):
             assert 0.95 * exact <= stated <= 1.005 * exact
         else:
             assert stated == pytest.approx(exact, rel=5e-3)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_fit_is_the_same_bits_for_fixed_settings_and_using_it_for_any(tmp_path, full, precision):
+    """As Whitening.fit documents (review52 F1): a refit with the same rows, precision, num_threads
+    and chunk_bytes has the same fingerprint and inverses; the whitened rows and self-influence of a
+    fitted whitening are the same bits for 1 or 2 threads and any chunk_bytes."""
+    pytest.importorskip("threadpoolctl")
+    train, test = full
+    write_store(tmp_path / "s", train)
+    small = tracin.GradientStore.open(tmp_path / "s", chunk_bytes=4000)
+    fits = [Whitening.fit(small, precision=precision, num_threads=1) for _ in range(2)]
+    assert fits[0].spec.fingerprint == fits[1].spec.fingerprint
+    for x, y in zip(fits[0].inverses, fits[1].inverses, strict=True):
+        np.testing.assert_array_equal(x, y)
+    w = fits[0]
+    stores = [tracin.GradientStore.open(tmp_path / "s"), small]
+    rows = [w.apply(tracin.Gradients(test, WEIGHTS), num_threads=t).matrices for t in (1, 2)]
+    for x, y in zip(*rows, strict=True):
+        np.testing.assert_array_equal(x, y)
+    own = [w.self_influence(s, num_threads=t) for s in stores for t in (1, 2)]
+    for other in own[1:]:
+        np.testing.assert_array_equal(own[0], other)
+    exact = sum(
+        np.einsum("ij,jk,ik->i", to_float64(g), reference_inverse(g, DEFAULT_DAMPING)[0], to_float64(g)) for g in train
+    )
+    np.testing.assert_allclose(own[0], exact, rtol=1e-5)

@@ -62,7 +62,8 @@ class WhiteningSpec:
     products R was summed from (see Whitening.fit). lambdas: per checkpoint lambda
     (full) or [lambda_B, lambda_A] (kfac). dims: per checkpoint d_c or [p_c, q_c]. n_rows / mix_rows:
     rows fitted on (train, mix set); mix_weight: the mix set's share of R. fingerprint: sha256 (16 hex
-    digits) of the float64 second moments before damping. fitted_on: the train store's id (None in
+    digits) of the float64 second moments before damping (their bits follow fit's num_threads and a
+    store's chunk_bytes at rounding level: see Whitening.fit). fitted_on: the train store's id (None in
     memory). space: the train set's metadata naming its gradient space (mode, projection, ...) and its
     checkpoints (fingerprints["checkpoints"], checkpoint_sources) and, with a preconditioner, their
     optimizer states (fingerprints["optimizer_states"], optimizer_state_sources), checked against the
@@ -181,7 +182,18 @@ class Whitening:
         max_bytes: memory allowed for the float64 matrices (default half of the physical RAM);
             above it a ValueError points to projection.
         progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
-        num_threads: BLAS threads (None: BLAS's default; a number needs threadpoolctl).
+        num_threads: BLAS threads (None: BLAS's default, all cores; a number needs threadpoolctl).
+        Reproducibility: R, and so the fingerprint, lambdas, inverses and whitened scores, is the same
+        bits for the same rows, precision, num_threads and row blocks. The blocks are _moments.row_ranges
+        (BLOCK_ROWS rows, fewer for wide rows, and at most a store's row_chunks(), set by its chunk_bytes),
+        so a store opened with another chunk_bytes changes R at rounding level (either precision), as does
+        another BLAS thread count with precision="float32" (the float32 product's rounding follows how BLAS splits
+        it among threads; num_threads=None on machines of other core counts is such a change). The scores then differ
+        by about 1e-7 of the largest (1.3e-7 measured: 9000 x 300 rows, damping 10, 1 or 2 threads,
+        chunk_bytes 1 MiB or the default), amplified at small damping as R's other rounding is (see the
+        class docstring); fit with a fixed num_threads and chunk_bytes where fingerprints must match.
+        Using a fitted whitening (apply, self_influence, scoring against its output) is the same bits for
+        any thread count and chunk_bytes.
         NaN or Inf in a row raises the scoring kernel's ValueError (set, checkpoint, first rows), as do
         apply and self_influence.
         """
