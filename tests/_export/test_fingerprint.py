@@ -472,6 +472,68 @@ def test_list_and_dict_fields_count_for_the_dataclasses_and_functions_they_hold_
     assert callable_identity(_Layers(cyclic).loss) == callable_identity(_Layers(cyclic).loss)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """A frozen config keeping its class weights in a list (and maybe more in a dict)."""
+
+    class_weights: list
+    by_name: typing.Any = None
+
+    def loss(self, outputs, targets):
+        return outputs * self.class_weights[0]
+
+
+def test_plain_values_of_lists_and_dicts_count_in_frozen_dataclasses_not_in_mutable_ones():
+    """The plain values of a list or dict field counted in no dataclass: a frozen config's class weights
+    (as Flax's Sequence[float] dropout rates or an Equinox module's list of scales) [1.0, 5.0] and
+    [1.0, 1.0] had one identity, so a store resumed with the other finished silently. A list reads as a
+    tuple there (Flax makes it one when it binds a module)."""
+    first = callable_identity(_Weights([1.0, 5.0]).loss)
+    assert first != callable_identity(_Weights([1.0, 1.0]).loss) and "'class_weights': '(1.0, 5.0)'" in first
+    assert callable_identity(_Weights([1.0, 5.0]).loss) == first
+    keyed = callable_identity(_Weights([1.0], {"b": 2.0, "a": [1.0, None]}).loss)
+    assert keyed == callable_identity(_Weights([1.0], {"a": [1.0, None], "b": 2.0}).loss)  # sorted keys
+    assert "'by_name': \"{'a': (1.0, None), 'b': 2.0}\"" in keyed
+    assert keyed != callable_identity(_Weights([1.0], {"a": [1.0, None], "b": 3.0}).loss)
+    assert callable_identity(_closing_over(_Weights([1.0]))) != callable_identity(_closing_over(_Weights([2.0])))
+    assert callable_identity(_Stack(([0.1],)).loss) != callable_identity(_Stack(([0.5],)).loss)
+    assert callable_identity(_Stack(([0.1],)).loss) == callable_identity(_Stack(((0.1,),)).loss)
+    # a frozen dataclass in a mutable one's list still counts its own lists
+    assert callable_identity(_Logged(heads=[_Weights([1.0])]).loss) != callable_identity(
+        _Logged(heads=[_Weights([2.0])]).loss
+    )
+    # a mutable dataclass's list, in a frozen one too, stays out: a call log
+    logged = _Logged()
+    before = [callable_identity(_Stack((logged,)).loss), callable_identity(_Weights([1.0], logged).loss)]
+    logged.loss(1.0, None)
+    assert [callable_identity(_Stack((logged,)).loss), callable_identity(_Weights([1.0], logged).loss)] == before
+    assert callable_identity(_Logged(heads={"a": 1.0}).loss) == callable_identity(_Logged(heads={"a": 2.0}).loss)
+
+
+def test_numpy_scalar_fields_are_the_same_under_any_print_options():
+    """np.float64, np.complex128 and np.str_ subclass float, complex and str: a field holding one was
+    recorded by its repr, "np.float64(0.1)" under NumPy 2 but "0.1" under NumPy 1 or legacy print options,
+    so a store exported in one was refused in the other (np.longdouble too: its .item() stays one)."""
+    values = [np.float64(0.1), np.complex128(1j), np.str_("a"), np.longdouble(0.1), np.bool_(True), np.float32(0.5)]
+
+    def identities():
+        return [callable_identity(_Stack((), act=v).loss) for v in values] + [
+            callable_identity(_Weights([v]).loss) for v in values
+        ]
+
+    now = identities()
+    np.set_printoptions(legacy="1.25")
+    try:
+        legacy = identities()
+    finally:
+        np.set_printoptions(legacy=False)
+    assert legacy == now and len(set(now)) == len(now)
+    assert "'act': 'float64(0.1)'" in now[0] and "'act': 'complex128(1j)'" in now[1]
+    assert "'act': \"str('a')\"" in now[2] and f"'act': '{np.dtype(np.longdouble).name}(0.1)'" in now[3]
+    assert "'act': 'bool(True)'" in now[4] and "'class_weights': '(float32(0.5))'" in now[-1]
+    assert callable_identity(_Stack((), act=np.float64(0.1)).loss) != callable_identity(_Stack((), act=0.1).loss)
+
+
 class _Reduction(enum.Enum):
     MEAN = "mean"
     SUM = "sum"

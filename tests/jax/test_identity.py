@@ -309,3 +309,67 @@ def test_an_equinox_loss_holding_a_dict_of_submodules_is_refused_resuming_with_o
     resumed = export_gradients(first.loss, ckpts, batches, store=tmp_path / "s", progress=False)
     memory = export_gradients(first.loss, ckpts, batches, progress=False)
     np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)
+
+
+class _Rates(nn.Module):
+    """The Flax docs' idiom: Sequence fields given as lists (dropout rates change no parameter's shape)."""
+
+    features: typing.Sequence[int]
+    rates: typing.Sequence[float]
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for f, r in zip(self.features, self.rates, strict=True):
+            x = nn.Dropout(r, deterministic=not train)(nn.relu(nn.Dense(f)(x)))
+        return x
+
+    def loss(self, x, y):
+        return ((self(x) - y) ** 2).sum(1)
+
+
+class _FlaxHeads(nn.Module):
+    heads: dict
+
+    def loss(self, x, y):
+        return x.sum(1)
+
+
+class _EqxListHead(eqx.Module):
+    scales: list
+
+    def loss(self, p, x, y):
+        z = x @ p["K"]
+        for s in self.scales:
+            z = z * s
+        return ((z - y) ** 2).sum(1)
+
+
+def test_list_fields_of_flax_and_equinox_modules_count_with_their_plain_values(tmp_path):
+    """Flax MLP(rates=[0.1, 0.1]) and [0.5, 0.9], Equinox Head(scales=[1.0]) and [100.0] had one identity
+    each: Head([1.0]).loss killed and resumed with Head([100.0]).loss finished silently, mixing rows. A bound
+    Flax module's dict fields (FrozenDicts) were left out."""
+    a, b = _Rates([4, 2], [0.1, 0.1]), _Rates([4, 2], [0.5, 0.9])
+    assert callable_identity(_flax_loss(a)) != callable_identity(_flax_loss(b))
+    before = callable_identity(a.loss)
+    assert before != callable_identity(b.loss) and "'rates': '(0.1, 0.1)'" in before
+    x = jnp.ones((1, 3))
+    bound = a.bind(a.init(jax.random.PRNGKey(0), x))
+    bound.loss(x, jnp.ones((1, 2)))
+    assert callable_identity(bound.loss) == before  # the same after init, bind (lists made tuples) and a call
+    # a dict field, which binding makes a FrozenDict, counts too
+    heads = [_FlaxHeads({"a": nn.Dropout(r), "b": 1.0}) for r in (0.1, 0.9)]
+    bound_heads = [m.bind({}) for m in heads]
+    assert callable_identity(bound_heads[0].loss) != callable_identity(bound_heads[1].loss)
+    assert callable_identity(heads[0].loss) != callable_identity(heads[1].loss)
+    r = np.random.default_rng(3)
+    x, y = r.normal(size=(16, 2)).astype(np.float32), r.normal(size=(16, 3)).astype(np.float32)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
+    ckpts = [({"K": jnp.asarray(r.normal(size=(2, 3)), jnp.float32)}, 1.0)]
+    first = _EqxListHead([1.0])
+    with pytest.raises(Killed):
+        export_gradients(first.loss, ckpts, FailingBatches(batches, on=2, after=2), store=tmp_path / "s")
+    with pytest.raises(ValueError, match=r"the loss function differs .*'scales': '\(100.0\)'"):
+        export_gradients(_EqxListHead([100.0]).loss, ckpts, batches, store=tmp_path / "s", progress=False)
+    resumed = export_gradients(first.loss, ckpts, batches, store=tmp_path / "s", progress=False)
+    memory = export_gradients(first.loss, ckpts, batches, progress=False)
+    np.testing.assert_allclose(tracin.self_influence(resumed), tracin.self_influence(memory), rtol=1e-6)

@@ -20,7 +20,7 @@ import sys
 import threading
 import types
 import zlib
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any, Literal
 
@@ -165,7 +165,8 @@ def callable_identity(fn: Any) -> str:
     fields of the dataclasses it holds, alone or in tuples and lists; a dataclass object, a Flax or
     Equinox module, by its declared fields) as "self{'temperature': 2.0}". A dataclass's fields are those
     its repr shows that hold settings: plain values, enum members, dtypes, NumPy scalars, nested
-    dataclasses, tuples of them, the dataclasses and functions lists and dicts hold, and functions (an
+    dataclasses, tuples of them, lists and dicts (with their plain values in a frozen dataclass or a Flax
+    or Equinox module; else the dataclasses and functions they hold alone), and functions (an
     activation: by qualname, and the code digest of one defined outside the frameworks), read
     _MAX_DEPTH levels deep (_field_settings); the wrapped function and
     arguments of a functools.partial, its array
@@ -335,23 +336,26 @@ def _settings(obj: Any, seen: Set[int] = frozenset()) -> dict[str, Any]:
     dataclasses it holds, alone or in tuples and lists (a Flax or Equinox submodule: its rate,
     features...), as _field_settings' text. A dataclass (a Flax linen or Equinox module) by its declared
     fields its repr shows, by name, as _field_settings reads them (not its attributes: a bound Flax
-    module's setup() adds its submodules on first use). A list or dict, in a dataclass's field as in
-    another object's attribute, is read only for the dataclasses and functions it holds, not its plain
-    values (a call log the loss appends to). `seen`: the ids of the objects and functions being
-    described (an object holding its own method)."""
+    module's setup() adds its submodules on first use), NumPy scalars by _value_text (not their repr,
+    which NumPy's version and print options change). A list or dict in a field of a frozen dataclass or
+    a Flax linen or Equinox module counts with its plain values (Sequence[float] dropout rates, class
+    weights); one in a field of another dataclass or in another object's attribute, only for the
+    dataclasses and functions it holds (a call log the loss appends to). `seen`: the ids of the objects
+    and functions being described (an object holding its own method)."""
     if id(obj) in seen:
         return {}
     seen = seen | {id(obj)}
     settings: dict[str, Any] = {}
     if _is_instance_of_dataclass(obj):
+        plain_items = _is_immutable_config(obj)
         for field in sorted(_shown_fields(obj), key=lambda f: f.name):
             try:
                 v = getattr(obj, field.name)
             except Exception:  # noqa: BLE001 - a field a framework computes lazily (and may refuse to give)
                 continue
-            if isinstance(v, (bool, int, float, str, type(None))):
+            if isinstance(v, (bool, int, float, str, type(None))) and not isinstance(v, np.generic):
                 settings[field.name] = v
-            elif (text := _field_settings(v, seen)) is not None:
+            elif (text := _field_settings(v, seen, plain_items)) is not None:
                 settings[field.name] = _shortened(v, text)
         return settings
     for k, v in sorted(getattr(obj, "__dict__", {}).items()):
@@ -476,23 +480,28 @@ def _is_instance_of_dataclass(obj: Any) -> bool:
 _MAX_DEPTH = 64
 
 
-def _field_settings(value: Any, seen: Set[int]) -> str | None:
+def _field_settings(value: Any, seen: Set[int], plain_items: bool = False) -> str | None:
     """The plain settings a value holds, as text, or None when it holds none: a plain value (numbers,
     strings), an enum member, a dtype, a NumPy scalar or ufunc, a torch module (_value_text), a
-    function (_function_text: a Flax module's activation), a tuple of such values, the dataclasses and
-    functions a list or dict holds (its plain values, a call log, left out; a dict's keys sorted), or a
+    function (_function_text: a Flax module's activation), a tuple of such values, a list or dict, or a
     dataclass instance (a Flax linen module's rate, features..., an Equinox module's static fields and
     the submodules its tuples hold), by its type's qualname and the fields its repr shows (not Flax's
-    `parent`) that hold settings, nested dataclasses and tuples of them included. Arrays (weights),
-    sets and other objects are left out, as a field holding only them. `seen`: the ids of the values
-    and functions being described (a cycle is left out, a function as "<recursive>"); past _MAX_DEPTH
-    of them, a dataclass, tuple, list, dict or function is recorded as its type's name and "(...)"."""
-    if isinstance(value, _PLAIN):
+    `parent`) that hold settings, nested dataclasses and tuples of them included. With `plain_items` (in
+    a field of a frozen dataclass or a Flax linen or Equinox module: _is_immutable_config) a list is read
+    as a tuple and a mapping (Flax's FrozenDict too) as a dict with all its settings, its plain values
+    included, as Flax freezes a list into a tuple and a dict into a FrozenDict when it binds a module;
+    else a list or dict counts only for the dataclasses and functions it holds (its plain values, a call
+    log the loss appends to, left out). A dict's keys are sorted. Arrays (weights), sets and other
+    objects are left out, as a field holding only them. `seen`: the ids of the values and functions
+    being described (a cycle is left out, a function as "<recursive>"); past _MAX_DEPTH of them, a
+    dataclass, tuple, list, dict or function is recorded as its type's name and "(...)"."""
+    if isinstance(value, _PLAIN) and not isinstance(value, np.generic):  # np.float64 is a float: _value_text
         return repr(value)
     if (text := _value_text(value)) is not None:
         return text
     function = _is_function(value)
-    if not (function or isinstance(value, (tuple, list, dict)) or _is_instance_of_dataclass(value)):
+    mapping = isinstance(value, dict) or (plain_items and isinstance(value, Mapping))
+    if not (function or mapping or isinstance(value, (tuple, list)) or _is_instance_of_dataclass(value)):
         return None
     if id(value) in seen:
         return "<recursive>" if function else None
@@ -501,18 +510,21 @@ def _field_settings(value: Any, seen: Set[int]) -> str | None:
     if function:
         return _function_text(value, seen)
     seen = seen | {id(value)}
-    if isinstance(value, tuple):
-        items = [_field_settings(v, seen) for v in value]
+    if isinstance(value, tuple) or (plain_items and isinstance(value, list)):
+        if all(type(v) in _PLAIN for v in value):  # a long list of numbers, fast
+            return "({})".format(", ".join(map(repr, value)))
+        items = [_field_settings(v, seen, plain_items) for v in value]
         if any(item is None for item in items):
             return None
         return "({})".format(", ".join(items))
-    if isinstance(value, (list, dict)):  # mutable: only the dataclasses and functions it holds count
+    if isinstance(value, list) or mapping:
         by_key = lambda kv: stable_repr(kv[0])  # noqa: E731
         pairs = enumerate(value) if isinstance(value, list) else sorted(value.items(), key=by_key)
         texts = [
             (k, text)
             for k, v in pairs
-            if _holds_dataclass(v, set(), functions=True) and (text := _field_settings(v, seen)) is not None
+            if (plain_items or _holds_dataclass(v, set(), functions=True))
+            and (text := repr(v) if type(v) in _PLAIN else _field_settings(v, seen, plain_items)) is not None
         ]
         if not texts:
             return None
@@ -520,23 +532,37 @@ def _field_settings(value: Any, seen: Set[int]) -> str | None:
             return "[{}]".format(", ".join(text for _, text in texts))
         return "{{{}}}".format(", ".join(f"{stable_repr(k)}: {text}" for k, text in texts))
     fields = []
+    plain_items = _is_immutable_config(value)
     for field in _shown_fields(value):
         try:
             held = getattr(value, field.name)
         except Exception:  # noqa: BLE001 - a field a framework computes lazily (and may refuse to give)
             continue
-        text = _field_settings(held, seen)
+        text = _field_settings(held, seen, plain_items)
         if text is not None:
             fields.append(f"{field.name}={text}")
     return f"{type(value).__qualname__}({', '.join(fields)})" if fields else None
+
+
+def _is_immutable_config(value: Any) -> bool:
+    """Whether a dataclass instance is a configuration not meant to change: a frozen dataclass, or a Flax
+    linen or Equinox module (immutable by their frameworks' rules, not declared frozen), whose list and
+    dict fields' plain values are settings (Sequence[float] dropout rates), not a log the loss appends to."""
+    if getattr(getattr(type(value), "__dataclass_params__", None), "frozen", False):
+        return True
+    return any(
+        isinstance(m := getattr(c, "__module__", None), str) and m.partition(".")[0] in ("flax", "equinox")
+        for c in type(value).__mro__[1:]
+    )
 
 
 def _value_text(value: Any) -> str | None:
     """The text of a setting that is neither plain, a function, a container nor a dataclass, the same in
     every process: an enum member (Flax's precision=lax.Precision.HIGHEST) by its type's qualname and
     name, a dtype (dtype=jnp.bfloat16, np.float32, np.dtype("float32") alike) by its name, a NumPy scalar
-    by its type's name and value, a NumPy ufunc by its name, a torch dtype, a torch module by its repr
-    (its type's name and settings: nn.Dropout(p=0.1)); None for anything else."""
+    by its dtype's name and its Python value's repr (_numpy_scalar_text), a NumPy ufunc by its name, a
+    torch dtype, a torch module by its repr (its type's name and settings: nn.Dropout(p=0.1)); None for
+    anything else."""
     if isinstance(value, enum.Enum):
         return f"{type(value).__qualname__}.{value.name}"
     if isinstance(value, np.dtype):
@@ -548,7 +574,7 @@ def _value_text(value: Any) -> str | None:
         except TypeError:
             return None
     if isinstance(value, np.generic):
-        return f"{type(value).__name__}({value.item()!r})"
+        return _numpy_scalar_text(value)
     if isinstance(value, np.ufunc):
         return f"numpy.{value.__name__}"
     torch = sys.modules.get("torch")
@@ -557,6 +583,27 @@ def _value_text(value: Any) -> str | None:
     if torch is not None and isinstance(value, torch.nn.Module):
         return without_addresses(repr(value))
     return None
+
+
+def _numpy_scalar_text(value: np.generic) -> str:
+    """A NumPy scalar as "float64(0.1)", the same under every NumPy version and print options: its
+    dtype's name ("bool" for np.bool_, "bool_" in NumPy 1; "str", "bytes" whatever their length) and the
+    repr of its Python value (.item(); float() or complex() of a long double, whose .item() stays one)."""
+    if isinstance(value, np.bool_):
+        name = "bool"
+    elif isinstance(value, np.str_):
+        name = "str"
+    elif isinstance(value, np.bytes_):
+        name = "bytes"
+    else:
+        try:
+            name = np.dtype(type(value)).name
+        except TypeError:
+            name = type(value).__name__
+    item = value.item()
+    if isinstance(item, np.generic):  # np.longdouble, np.clongdouble
+        item = complex(item) if np.iscomplexobj(item) else float(item)
+    return f"{name}({item!r})"
 
 
 def _shown_fields(value: Any) -> list[dataclasses.Field]:
