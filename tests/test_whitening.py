@@ -1246,6 +1246,7 @@ def test_mix_weight_without_mix_is_refused(full):
     with pytest.raises(ValueError, match=r"mix_weight=0\.9 is the mix set's share of R, but no mix= was given"):
         Whitening.fit(train, mix_weight=0.9)
     assert Whitening.fit(train, mix_weight=0.5).spec.mix_weight == 0.0  # the default, given or not
+    assert Whitening.fit(train, mix_weight=0.0).spec.mix_weight == 0.0  # what the spec records without a mix
     assert Whitening.fit(train, mix=train, mix_weight=0.9).spec.mix_weight == 0.9
 
 

@@ -510,6 +510,18 @@ def test_plain_values_of_lists_and_dicts_count_in_frozen_dataclasses_not_in_muta
     assert callable_identity(_Logged(heads={"a": 1.0}).loss) == callable_identity(_Logged(heads={"a": 2.0}).loss)
 
 
+def test_an_item_without_settings_keeps_its_place_in_a_tuple_or_list_field():
+    """A tuple or list field (a list in a frozen dataclass reads as one) holding an array or a set beside a
+    submodule was left out whole, so the submodule's setting could change silently (review53 F1: an
+    Equinox Head([Dropout(0.1), W(array)]) resumed with Dropout(0.9)); such an item is recorded as "_"."""
+    first = callable_identity(_Stack((_Weights([0.1]), np.ones(2))).loss)
+    assert first != callable_identity(_Stack((_Weights([0.9]), np.ones(2))).loss)
+    assert "(_Weights(class_weights=(0.1), by_name=None), _)" in first
+    assert first == callable_identity(_Stack((_Weights([0.1]), np.zeros(2))).loss)  # weights are no setting
+    assert callable_identity(_Weights([0.1, {1}]).loss) != callable_identity(_Weights([0.9, {1}]).loss)
+    assert "act" not in callable_identity(_Stack((np.ones(2),), act=np.ones(1)).loss)  # only arrays: left out
+
+
 def test_numpy_scalar_fields_are_the_same_under_any_print_options():
     """np.float64, np.complex128 and np.str_ subclass float, complex and str: a field holding one was
     recorded by its repr, "np.float64(0.1)" under NumPy 2 but "0.1" under NumPy 1 or legacy print options,

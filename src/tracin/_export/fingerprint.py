@@ -492,7 +492,8 @@ def _field_settings(value: Any, seen: Set[int], plain_items: bool = False) -> st
     included, as Flax freezes a list into a tuple and a dict into a FrozenDict when it binds a module;
     else a list or dict counts only for the dataclasses and functions it holds (its plain values, a call
     log the loss appends to, left out). A dict's keys are sorted. Arrays (weights), sets and other
-    objects are left out, as a field holding only them. `seen`: the ids of the values and functions
+    objects are left out, as a field holding only them (among other items of a tuple or list, "_").
+    `seen`: the ids of the values and functions
     being described (a cycle is left out, a function as "<recursive>"); past _MAX_DEPTH of them, a
     dataclass, tuple, list, dict or function is recorded as its type's name and "(...)"."""
     if isinstance(value, _PLAIN) and not isinstance(value, np.generic):  # np.float64 is a float: _value_text
@@ -514,9 +515,10 @@ def _field_settings(value: Any, seen: Set[int], plain_items: bool = False) -> st
         if all(type(v) in _PLAIN for v in value):  # a long list of numbers, fast
             return "({})".format(", ".join(map(repr, value)))
         items = [_field_settings(v, seen, plain_items) for v in value]
-        if any(item is None for item in items):
+        if all(item is None for item in items):
             return None
-        return "({})".format(", ".join(items))
+        # an item holding no settings (an array, a set, a submodule of weights only) keeps its place as "_"
+        return "({})".format(", ".join("_" if item is None else item for item in items))
     if isinstance(value, list) or mapping:
         by_key = lambda kv: stable_repr(kv[0])  # noqa: E731
         pairs = enumerate(value) if isinstance(value, list) else sorted(value.items(), key=by_key)

@@ -166,7 +166,7 @@ class Whitening:
             conditioned, and unwarned, at any damping.
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix
-            (mix_weight default 0.5; another mix_weight without mix= is a ValueError).
+            (mix_weight default 0.5; without mix=, a mix_weight other than 0.5 or 0 is a ValueError).
         precision: "float32" (default) accumulates R in float64 from float32 products of up to 4096
             rows each (BLAS syrk, near the speed of NumPy's float32 G.T @ G), each entry within about
             4096 * 2^-24 * mean_i |g_ia g_ib| of the float64 value (typically 64 times less), which
@@ -207,7 +207,7 @@ class Whitening:
             mix = _matching(as_gradient_set(mix, "mix"), train, "mix", "train")
             sets.append(("mix", mix))
         mix_weight = _check_mix_weight(mix_weight)
-        if mix is None and mix_weight != _MIX_WEIGHT:
+        if mix is None and mix_weight not in (_MIX_WEIGHT, 0.0):  # 0.0: what the spec records without a mix
             raise ValueError(
                 f"mix_weight={mix_weight!r} is the mix set's share of R, but no mix= was given; pass mix= too, "
                 "or leave mix_weight out"
