@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tracin._cpus import usable_cores
+
 from . import cases as case_defs
 from . import roofline
 from .common import RESULTS_DIR, SETTLE_S, machine_info, missing_modules, output_dir, time_interleaved, write_json
@@ -388,8 +390,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="threads for every library (default: all cores); the threads case also runs 1",
+        default=usable_cores(),
+        help="threads for every library (default and at most: the cores this process may use, its affinity "
+        "mask); the threads case also runs 1",
     )
     p.add_argument(
         "--out",
@@ -428,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases: unknown {unknown}; choose from {','.join(GROUPS)}")
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--repeats and --threads must be >= 1, --warmup >= 0")
+    if args.threads > usable_cores():
+        # tracin caps its threads at these cores, the peers and the sgemm limit do not: they would be
+        # oversubscribed while tracin is not, and the ratios would flatter tracin
+        parser.error(f"--threads: {args.threads} is more than the {usable_cores()} cores this process may use")
     isa_names = [i.strip() for i in args.isa.split(",") if i.strip()]
     bad_isa = [i for i in isa_names if i not in ISA_NAMES]
     if bad_isa or not isa_names:

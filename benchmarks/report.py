@@ -202,6 +202,18 @@ def update_readme(readme: Path, payload: dict, source: str | None = None, block:
     Path(readme).write_text(f"{before}{start}\n{markdown(payload, source)}\n{end}{after}")
 
 
+def _is_kernel_record(payload: object) -> bool:
+    """Whether a JSON payload is what benchmarks.kernel writes (its limits, config threads and cases)."""
+    return (
+        isinstance(payload, dict)
+        and isinstance(payload.get("limits"), dict)
+        and "peak_sgemm_gflops" in payload["limits"]
+        and isinstance(payload.get("config"), dict)
+        and "threads" in payload["config"]
+        and "cases" in payload
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "kernel.json", help="benchmark JSON to render")
@@ -225,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(args.json.read_text())
     except (OSError, json.JSONDecodeError) as e:
         p.error(f"--json: cannot read {args.json}: {e}")
+    if not _is_kernel_record(payload):
+        kind = payload.get("benchmark") if isinstance(payload, dict) else None
+        p.error(
+            f"--json: {args.json} is not a kernel benchmark record (its benchmark: {kind!r}); "
+            "render it with its own report"
+        )
     source = (
         str(args.json.resolve().relative_to(REPO_ROOT))
         if args.json.resolve().is_relative_to(REPO_ROOT)

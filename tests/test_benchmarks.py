@@ -236,6 +236,30 @@ def test_kernel_readme_block_is_its_name_checked_before_running(tmp_path, monkey
     assert e.value.code == 2 and "<!-- bench:kernel_avx2:start -->" in capsys.readouterr().err
 
 
+def test_kernel_threads_beyond_the_usable_cores_are_refused_before_running(tmp_path, monkeypatch, capsys):
+    """review54 F1: tracin caps its threads at the cores of the affinity mask, the peers and the sgemm limit
+    did not: --threads above them (or the default os.cpu_count() under taskset) flattered tracin's ratios."""
+    for module in kernel.BENCH_EXTRA:
+        pytest.importorskip(module)
+    monkeypatch.setattr(kernel, "run", lambda *a, **k: pytest.fail("ran with too many threads"))
+    monkeypatch.setattr(kernel, "usable_cores", lambda: 1)
+    with pytest.raises(SystemExit) as e:
+        kernel.main(["--quick", "--threads", "2", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--threads: 2 is more than the 1 cores this process may use" in capsys.readouterr().err
+    assert kernel._parser().get_default("threads") == 1
+
+
+def test_the_kernel_report_refuses_another_benchmarks_record(capsys):
+    """review54 F3: benchmarks.report on quality.json ended in a KeyError; it names the record it was given."""
+    from benchmarks.common import RESULTS_DIR
+
+    with pytest.raises(SystemExit) as e:
+        report.main(["--json", str(RESULTS_DIR / "quality.json")])
+    assert (
+        e.value.code == 2 and "is not a kernel benchmark record (its benchmark: 'quality')" in capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize("block, name", [("kernel", "kernel.json"), ("kernel_avx2", "kernel_avx2.json")])
 def test_readme_kernel_tables_are_generated_from_the_stored_json(block, name):
     start, end = f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"

@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from benchmarks.common import RESULTS_DIR  # noqa: E402
 from benchmarks.quality import __main__ as quality_main  # noqa: E402
 from benchmarks.quality import config, data, methods, metrics, report, run, subsets  # noqa: E402
 from benchmarks.quality.training import Checkpoint, Trajectory, train  # noqa: E402
@@ -629,3 +630,20 @@ def test_dattri_margin_is_finite_and_exact_where_p_rounds_to_one():
     logits, labels = torch.tensor([[20.0, 0.0, 0.0], [1.0, 2.0, 3.0]]), torch.tensor([0, 2])
     grads = torch.func.vmap(torch.func.grad(true_class_margin))(logits, labels)
     np.testing.assert_allclose(grads.numpy(), [[1.0, -0.5, -0.5], [-0.2689414, -0.7310586, 1.0]], rtol=1e-5)
+
+
+def test_the_quality_report_refuses_another_benchmarks_record(capsys):
+    """review54 F3: benchmarks.quality.report on kernel.json ended in a KeyError; it names the record it was given."""
+    with pytest.raises(SystemExit) as e:
+        report.main(["--json", str(RESULTS_DIR / "kernel.json")])
+    assert e.value.code == 2 and "is not a quality record (its benchmark: 'kernel')" in capsys.readouterr().err
+
+
+def test_the_cache_is_checked_before_running(tmp_path, monkeypatch, capsys):
+    """review54 F2: a --cache that cannot be a folder failed with a raw FileExistsError after the first
+    dataset's models were trained, saving nothing."""
+    monkeypatch.setattr(quality_main, "run", lambda *a, **k: pytest.fail("ran before --cache was checked"))
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    assert quality_main.main(["--quick", "--cache", str(taken), "--out", str(tmp_path / "out")]) == 2
+    assert f"--cache: cannot use {taken}" in capsys.readouterr().err

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..common import RESULTS_DIR, add_output_options, machine_info, missing_modules, output_dir, write_json
+from ..common import (
+    RESULTS_DIR,
+    add_output_options,
+    machine_info,
+    missing_modules,
+    output_dir,
+    writable_dir,
+    write_json,
+)
 from . import config, plots, report
 from .run import run
 
@@ -37,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     suite = config.QUICK if args.quick else config.FULL
     out = output_dir(args.out, args.quick, "quality")
     cache = args.cache or ((out / ".cache") if args.quick else RESULTS_DIR / ".cache")
+    try:  # before the run, not after its first dataset's models are trained
+        writable_dir(cache)
+    except OSError as e:
+        print(f"python -m benchmarks.quality: error: --cache: cannot use {cache}: {e}", file=sys.stderr)
+        return 2
     name = "quality_quick" if args.quick else "quality"
     payload = run(suite, cache, log=lambda s: print(s, flush=True))
     payload["machine"] = machine_info()

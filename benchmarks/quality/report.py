@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         payload = json.loads(args.json.read_text())
     except (OSError, json.JSONDecodeError) as e:
         p.error(f"--json: cannot read {args.json}: {e}")
+    if not isinstance(payload, dict) or not {"detection", "lds", "winners"} <= payload.keys():
+        kind = payload.get("benchmark") if isinstance(payload, dict) else None
+        p.error(f"--json: {args.json} is not a quality record (its benchmark: {kind!r}); render it with its own report")
     print(markdown(payload))
     whitened = whitening_markdown(payload)
     if whitened:
