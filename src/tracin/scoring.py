@@ -177,12 +177,7 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
     (metadata["checkpoint_sources"]: "file", the bytes at a path, or "state", an in-memory
     checkpoint's arrays): one checkpoint given as a file on one side and in memory on the other
     digests differently. Sides without these records (older stores, sets built by hand) are trusted."""
-    if t.get("framework") is None or t.get("framework") != x.get("framework"):
-        return
-    ours, theirs = _checkpoint_records(t), _checkpoint_records(x)
-    if ours is None or theirs is None or len(ours) != len(theirs):
-        return
-    differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
+    differ, kinds = _differing_records(t, x, "checkpoints", "checkpoint_sources")
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints {differ} differ "
@@ -190,8 +185,7 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
             "saved again, renamed keys), drop the record from one side to have the pair trusted: "
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
-            "store: workers open stores again by path)"
-            + static_digest_note(t["framework"], [ours[c][1] for c in differ]),
+            "store: workers open stores again by path)" + static_digest_note(t["framework"], kinds),
             differ,
         )
 
@@ -204,14 +198,9 @@ def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("te
     them (metadata["fingerprints"]["optimizer_states"]) were made the same way by the same framework
     (metadata["optimizer_state_sources"]: "file", the bytes at a path, or "state", an in-memory
     state's arrays). Sides without these records (older stores, sets built by hand) are trusted."""
-    if t.get("framework") is None or t.get("framework") != x.get("framework"):
-        return
     if _preconditioner_kind(t) != "adam" or _preconditioner_kind(x) != "adam":
         return
-    ours, theirs = (_checkpoint_records(m, "optimizer_states", "optimizer_state_sources") for m in (t, x))
-    if ours is None or theirs is None or len(ours) != len(theirs):
-        return
-    differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
+    differ, _ = _differing_records(t, x, "optimizer_states", "optimizer_state_sources")
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported with different optimizer states: the optimizer states of "
@@ -226,12 +215,22 @@ def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("te
         )
 
 
-def _checkpoint_records(
-    m: dict, key: str = "checkpoints", sources_key: str = "checkpoint_sources"
-) -> list[tuple[Any, Any]] | None:
-    """(digest, source kind) per real checkpoint as an export records them (the checkpoints', or with
-    key "optimizer_states" and sources_key "optimizer_state_sources" their optimizer states'), or None
-    when it does not."""
+def _differing_records(t: dict, x: dict, key: str, sources_key: str) -> tuple[list[int], list[Any]]:
+    """(indices, source kinds) of the real checkpoints whose digests in metadata["fingerprints"][key]
+    differ between two sides of one framework where both were made alike (metadata[sources_key]);
+    ([], []) when the sides are of other frameworks or either lacks the records."""
+    if t.get("framework") is None or t.get("framework") != x.get("framework"):
+        return [], []
+    ours, theirs = _checkpoint_records(t, key, sources_key), _checkpoint_records(x, key, sources_key)
+    if ours is None or theirs is None or len(ours) != len(theirs):
+        return [], []
+    differ = [c for c, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a[1] == b[1] and a[0] != b[0]]
+    return differ, [ours[c][1] for c in differ]
+
+
+def _checkpoint_records(m: dict, key: str, sources_key: str) -> list[tuple[Any, Any]] | None:
+    """(digest, source kind) per real checkpoint as an export records them in metadata["fingerprints"][key]
+    and metadata[sources_key] (the checkpoints', or their optimizer states'), or None when it does not."""
     fingerprints = m.get("fingerprints")
     digests = fingerprints.get(key) if isinstance(fingerprints, dict) else None
     sources = m.get(sources_key)
