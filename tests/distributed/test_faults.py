@@ -173,13 +173,13 @@ def test_a_side_sent_before_the_store_check_fails_is_released(client, tied, tmp_
         with pytest.raises(StoreChangedError) as e:
             call()
         kept.append(e.value)
-    left = client.run_on_scheduler(_tracin_tasks)
-    for _ in range(50):  # releases reach the scheduler asynchronously
-        if not left:
+    left, held = client.run_on_scheduler(_tracin_tasks), client.who_has()
+    for _ in range(50):  # releases reach the scheduler asynchronously, the tasks' and their data's apart
+        if not left and not held:
             break
         time.sleep(0.1)
-        left = client.run_on_scheduler(_tracin_tasks)
-    assert left == [] and client.who_has() == {}
+        left, held = client.run_on_scheduler(_tracin_tasks), client.who_has()
+    assert left == [] and held == {}
     assert len(kept) == 2
 
 
