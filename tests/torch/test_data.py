@@ -630,3 +630,50 @@ def test_namedtuple_inputs_are_kept_and_passed_positionally():
     for data, batch_size in forms:
         g = export_gradients(model, [(model.state_dict(), 1.0)], data, loss, batch_size=batch_size, progress=False)
         np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """(x, y) examples in order; sharded over the loader's workers when `shard`."""
+
+    def __init__(self, x, y, shard=False):
+        self.x, self.y, self.shard = x, y, shard
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info() if self.shard else None
+        start, step = (0, 1) if info is None else (info.id, info.num_workers)
+        return iter(zip(self.x[start::step], self.y[start::step], strict=True))
+
+
+def test_an_iterable_dataset_read_by_several_workers_warns_that_rows_repeat_or_interleave():
+    """Was silent (review56 F1): with num_workers=2 each worker replayed the stream, 10 examples
+    exported as 20 rows (row 4 was example 0 again), and a sharded stream's rows interleave."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    ck = [(model.state_dict(), 1.0)]
+    want = export_gradients(model, ck, (x, y), loss, progress=False).matrices[0]
+    pattern = (
+        r"IterableDataset \(_Stream\) with num_workers=2: each worker runs the dataset's iterator.*"
+        r"get_worker_info\(\).*interleaves.*row i is the loader's i-th example.*num_workers=0 or 1"
+    )
+    with pytest.warns(UserWarning, match=pattern) as caught:
+        g = export_gradients(model, ck, DataLoader(_Stream(x, y), batch_size=4, num_workers=2), loss, progress=False)
+    assert caught[0].filename == __file__
+    assert g.n_rows == 20 and np.array_equal(g.matrices[0][4], want[0])  # what the warning is about
+    with pytest.warns(UserWarning, match=pattern):
+        g = export_gradients(
+            model, ck, DataLoader(_Stream(x, y, shard=True), batch_size=2, num_workers=2), loss, progress=False
+        )
+    order = [0, 2, 1, 3, 4, 6, 5, 7, 8, 9]  # worker 0 has the even examples, worker 1 the odd ones
+    np.testing.assert_allclose(g.matrices[0], want[order], rtol=1e-6, atol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for workers in (0, 1):
+            loader = DataLoader(_Stream(x, y), batch_size=4, num_workers=workers)
+            g = export_gradients(model, ck, loader, loss, progress=False)
+            np.testing.assert_allclose(g.matrices[0], want, rtol=1e-6, atol=1e-8)
+        loader = DataLoader(TensorDataset(x, y), batch_size=4, num_workers=2)  # map-style: each row once
+        np.testing.assert_allclose(
+            export_gradients(model, ck, loader, loss, progress=False).matrices[0], want, rtol=1e-6, atol=1e-8
+        )

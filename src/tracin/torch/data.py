@@ -4,7 +4,8 @@ Accepted forms:
 - an (inputs, targets) pair of trees of tensors (which of the two a tuple or list of two is: PAIR_RULE),
 - a map-style torch Dataset yielding (input, target) items (an IterableDataset is refused: its items may
   be examples or batches; wrap it in a DataLoader saying which),
-- a DataLoader reading its dataset in order, rows 0, 1, 2... (check_sequential), or over an IterableDataset,
+- a DataLoader reading its dataset in order, rows 0, 1, 2... (check_sequential), or over an IterableDataset
+  (with num_workers > 1 a UserWarning: each worker runs the iterator, the loader interleaves their batches),
 - any re-iterable of (inputs, targets) batches (a list, say).
 
 Inputs and targets are "trees": a tensor, or a tuple (a namedtuple too)/list/dict of tensors, all
@@ -363,6 +364,26 @@ def _handed_out(loader: torch.utils.data.DataLoader, count: int) -> int:
     return count
 
 
+def _warn_iterable_workers(loader: torch.utils.data.DataLoader) -> None:
+    """A UserWarning for a DataLoader running an IterableDataset in several worker processes: each runs
+    the dataset's own iterator (its examples repeat unless it shards its stream) and the loader
+    interleaves their batches; which of the two holds cannot be told from outside."""
+    from torch.utils.data import IterableDataset
+
+    workers = loader.num_workers
+    if not isinstance(loader.dataset, IterableDataset) or workers <= 1:
+        return
+    warnings.warn(
+        f"data is a DataLoader over an IterableDataset ({type(loader.dataset).__name__}) with num_workers="
+        f"{workers}: each worker runs the dataset's iterator, so every example is exported once per worker "
+        "unless its __iter__ splits the stream with torch.utils.data.get_worker_info(), and the loader "
+        "interleaves the workers' batches; row i is the loader's i-th example, not the dataset's: build it with "
+        "num_workers=0 or 1, or shard with get_worker_info() and read the rows in the loader's order",
+        UserWarning,
+        stacklevel=5,  # export_gradients' caller
+    )
+
+
 def _warn_dropping(what: str) -> None:
     warnings.warn(
         f"data is a DataLoader with drop_last=True: {what}; build it with drop_last=False to export every row",
@@ -435,6 +456,7 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         return Batches([pair], n, max_rows, one_shot=False)
     _refuse_ragged_dict_pair(data)
     if isinstance(data, DataLoader):
+        _warn_iterable_workers(data)
         seen = check_sequential(data)
         n = _loader_rows(data) if seen is None else _handed_out(data, seen)
         return Batches(data, _no_rows(n), max_rows, one_shot=False)

@@ -89,10 +89,11 @@ def export_gradients(
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a map-style Dataset, a
         DataLoader handing out its dataset's rows in order (0, 1, 2...: row i is example i; a sampler
         or batch_sampler reordering them is refused; an IterableDataset goes in a DataLoader, passed on
-        its own it is refused), or a re-iterable of (inputs, targets) batches; inputs and targets a
-        tensor or a tuple (namedtuple too)/dict of tensors (which of the two a tuple of two is:
-        data.PAIR_RULE; a one-shot iterator is read once, with one checkpoint). Every checkpoint must
-        see the same targets in the same order (checked by fingerprints: a ValueError otherwise).
+        its own it is refused; with num_workers > 1 each worker runs its iterator: a UserWarning), or a
+        re-iterable of (inputs, targets) batches; inputs and targets a tensor or a tuple (namedtuple
+        too)/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a one-shot iterator is
+        read once, with one checkpoint). Every checkpoint must see the same targets in the same order
+        (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         A pattern matching trainable and frozen (requires_grad=False) parameters chooses the trainable
