@@ -381,3 +381,37 @@ def test_a_store_export_failing_before_its_first_batch_releases_the_store(traine
     monkeypatch.undo()
     store = export_gradients(model, checkpoints, train, LOSS, store=tmp_path / "s", progress=False)
     assert store.complete and store.n_rows == 40
+
+
+def _arrays(g):
+    return list(g.matrices) if isinstance(g, tracin.Gradients) else [*g.left, *g.right]
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"mode": "last_layer"},
+        {"mode": "factored"},
+        {"projection": tracin.Projection(16, per_layer=True, kronecker=True)},
+    ],
+    ids=["full", "last_layer", "factored", "kronecker"],
+)
+def test_every_mode_gives_the_same_rows_under_no_grad_or_inference_mode(context, kwargs):
+    """Was (review56 F2): under torch.no_grad() only mode="full" worked (the others: torch's raw "element 0
+    of tensors does not require grad"), under torch.inference_mode() every mode blamed the loss_fn."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ck = [(copy.deepcopy(model.state_dict()), 1.0), (copy.deepcopy(model.state_dict()), 0.5)]
+    with torch.no_grad():
+        ck[1][0]["0.weight"].add_(0.1)
+    want = _arrays(export_gradients(model, ck, (x, y), LOSS, progress=False, **kwargs))
+    with context():
+        got = _arrays(export_gradients(model, ck, (x, y), LOSS, progress=False, **kwargs))
+        assert not torch.is_grad_enabled()  # the caller's context is left as it was
+        assert torch.is_inference_mode_enabled() == (context is torch.inference_mode)
+    assert len(got) == len(want) >= 2
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

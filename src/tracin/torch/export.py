@@ -74,6 +74,8 @@ def export_gradients(
         cannot undo, through an alias or .data, are reported with a RuntimeWarning). A buffer a
         forward replaces by a tensor of another shape or dtype (a cache grown in forward) is kept,
         with a RuntimeWarning: the later forwards start from it, and the model keeps it afterwards.
+        Gradients are on whatever the caller's context (torch.no_grad() or torch.inference_mode() around
+        the call: evaluation code), which is restored after.
         It runs on the device of its parameters under torch's settings as they are: on a GPU, cuDNN
         convolutions use TF32 by default (relative errors near 1e-3); set
         torch.backends.cudnn.allow_tf32 = False (and keep float32 matmul precision "highest") for
@@ -167,19 +169,21 @@ def export_gradients(
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
-    entries = parse_checkpoints(checkpoints, model)
-    warn_unused_states(entries, preconditioner)
-    layers = None if layers is None else as_patterns(layers, EXAMPLE)
-    kronecker = kronecker_projection(projection, mode, preconditioner, entries)
-    # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
-    options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
+    # gradients whatever the caller's context: evaluation code under torch.no_grad() or inference_mode()
+    with torch.inference_mode(False), torch.enable_grad():
+        entries = parse_checkpoints(checkpoints, model)
+        warn_unused_states(entries, preconditioner)
+        layers = None if layers is None else as_patterns(layers, EXAMPLE)
+        kronecker = kronecker_projection(projection, mode, preconditioner, entries)
+        # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
+        options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
 
-    with _evaluating(model), FreshBuffers(model) as buffers:
-        kron = (projection, entries, preconditioner) if kronecker else None
-        framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, buffers, kron)
-        if kronecker:
-            return export(framework, entries, options, framework.compute_rows.recorded())
-        return export(framework, entries, options, row_transforms(projection, framework.segments))
+        with _evaluating(model), FreshBuffers(model) as buffers:
+            kron = (projection, entries, preconditioner) if kronecker else None
+            framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, buffers, kron)
+            if kronecker:
+                return export(framework, entries, options, framework.compute_rows.recorded())
+            return export(framework, entries, options, row_transforms(projection, framework.segments))
 
 
 @contextlib.contextmanager
