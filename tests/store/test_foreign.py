@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import tracin
+from tracin.store import StoreFormatError
 
 
 def test_a_store_with_a_stray_file_names_it_and_says_to_remove_it(tmp_path):
@@ -30,3 +31,20 @@ def test_a_folder_of_other_files_is_still_not_a_gradient_store(tmp_path):
         with pytest.raises(ValueError, match=r"not empty and not a gradient store \(holds notes.txt\)"):
             tracin.GradientStore.create(tmp_path, 4, [3], overwrite=overwrite)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name", ["checkpoint_007.npy", "create-in-progress", "manifest.json.tmp", "rows-0-2.json"])
+def test_a_directory_named_like_a_store_file_is_refused_before_the_old_store_is_touched(tmp_path, name):
+    path = tmp_path / "s"
+    w = tracin.GradientStore.create(path, 4, [3])
+    w.write(0, 0, np.arange(12, dtype=np.float32).reshape(4, 3))
+    w.finalize()
+    (path / name).mkdir()
+    with pytest.raises(StoreFormatError, match=rf"{name} is a directory .*; remove it"):
+        tracin.GradientStore.create(path, 4, [2], overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == sorted(["checkpoint_000.npy", "manifest.json", name])
+    old = tracin.GradientStore.open(path)  # the refusal came before the marker and the removals
+    assert old.dims == (3,)
+    np.testing.assert_array_equal(tracin.self_influence(old), (np.arange(12.0).reshape(4, 3) ** 2).sum(axis=1))
+    (path / name).rmdir()
+    assert tracin.GradientStore.create(path, 4, [2], overwrite=True).dims == (2,)

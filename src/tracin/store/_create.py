@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import GradientSet, _weights
-from ._files import create_file, fsync_dir, read_manifest, remove_if_present, write_json_atomic
+from ._files import create_file, fsync_dir, read_manifest, refusal, remove_if_present, write_json_atomic
 from ._format import (
     CREATING,
     DISK_DTYPES,
@@ -370,7 +371,8 @@ def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
     """Names in `root`, after checking that a new store may replace them: only files a store
     writes (others are refused even with overwrite=True), and without a manifest only the leftovers
     of an interrupted create (marked by CREATING) unless overwrite=True (they could be a user's own
-    checkpoint_000.npy)."""
+    checkpoint_000.npy), and none a directory (a store never removes one). Every refusal comes here,
+    before the marker is made and anything removed: a refused overwrite leaves the old store whole."""
     names = [p.name for p in root.iterdir()]
     foreign = [n for n in names if not is_own_file(n)]
     if foreign and MANIFEST in names:
@@ -388,6 +390,13 @@ def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
             f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin wrote: "
             + (advice or "pass overwrite=True to replace these files, or choose an empty or new directory")
         )
+    for n in names:
+        try:
+            mode = os.lstat(root / n).st_mode
+        except FileNotFoundError:  # gone meanwhile: nothing to remove
+            continue
+        if stat.S_ISDIR(mode):  # remove_if_present would refuse it halfway, the old manifest gone
+            raise StoreFormatError(f"{refusal(root / n, mode)}; remove it")
     return names
 
 

@@ -72,15 +72,15 @@ def open_file(
     opener, closer = opener or os.open, closer or os.close
     mode = os.lstat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise _refusal(path, mode)
+        raise refusal(path, mode)
     try:
         with naming(path, "opening"):  # EMFILE: suggests raising the limit
             fd = opener(path, flags)
     except OSError as e:  # a link or directory swapped in after the lstat
         if e.errno == errno.ELOOP or os.path.islink(path):
-            raise _refusal(path, stat.S_IFLNK) from None
+            raise refusal(path, stat.S_IFLNK) from None
         if e.errno == errno.EISDIR:
-            raise _refusal(path, stat.S_IFDIR) from None
+            raise refusal(path, stat.S_IFDIR) from None
         raise
     try:
         st = os.fstat(fd)
@@ -89,7 +89,7 @@ def open_file(
         raise
     if not stat.S_ISREG(st.st_mode):
         closer(fd)
-        raise _refusal(path, st.st_mode)
+        raise refusal(path, st.st_mode)
     if writable and st.st_nlink > 1:
         closer(fd)
         raise StoreFormatError(
@@ -100,7 +100,7 @@ def open_file(
     return fd
 
 
-def _refusal(path: Path, mode: int) -> StoreFormatError:
+def refusal(path: Path, mode: int) -> StoreFormatError:
     """The StoreFormatError naming `path`, a link, directory or other non-regular file by `mode`."""
     if stat.S_ISLNK(mode):
         return StoreFormatError(
@@ -181,7 +181,7 @@ def remove_if_present(path: Path) -> None:
     except OSError as e:  # EISDIR on Linux, EPERM elsewhere
         if e.errno not in (errno.EISDIR, errno.EPERM) or not os.path.isdir(path) or os.path.islink(path):
             raise
-        raise StoreFormatError(f"{_refusal(path, stat.S_IFDIR)}; remove it") from None
+        raise StoreFormatError(f"{refusal(path, stat.S_IFDIR)}; remove it") from None
 
 
 def fsync_dir(path: Path) -> None:
