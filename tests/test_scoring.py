@@ -506,6 +506,53 @@ def test_per_checkpoint_self_influence_names_the_checkpoint_with_non_finite_rows
             tracin.self_influence(train, per_checkpoint=per_checkpoint, device=device)
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+@pytest.mark.parametrize("factored", [False, True])
+def test_self_influence_beyond_float32_names_its_train_rows(rng, device, factored):
+    """Finite rows whose w_c |g_c(i)|^2 (summed in float64) is beyond float32: the error names the first
+    rows where it is (review55 F2: it named none, and spoke of the pair scores' partial sums), and
+    per_checkpoint=True the checkpoint too."""
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+    n = 1000
+    left, right = random_set(rng, n, [3, 4]), random_set(rng, n, [2, 2])
+    big = [637, 640, 901]
+    left[1][big], right[1][big] = 1e19, 1.0  # 0.5 |x|^2 = 2e38 |R|^2: 4e38 factored (|R|^2 = 2); full, times 4:
+    if not factored:
+        left[1][big] *= 2.0
+    train = tracin.FactoredGradients(left, right, [1.0, 0.5]) if factored else tracin.Gradients(left, [1.0, 0.5])
+    exact = sum(w * (to_float64(b) ** 2).sum(1) for w, b in zip([1.0, 0.5], left, strict=True))
+    if factored:
+        exact = sum(
+            w * (to_float64(a) ** 2).sum(1) * (to_float64(b) ** 2).sum(1)
+            for w, a, b in zip([1.0, 0.5], left, right, strict=True)
+        )
+    assert np.flatnonzero(exact > np.finfo(np.float32).max).tolist() == big
+    rows = r"for train rows \[637, 640, 901\] although every input is finite: w_c \|g_c\(i\)\|\^2 .*float64"
+    with pytest.raises(ValueError, match=rf"^self-influence overflowed float32 {rows}") as plain:
+        tracin.self_influence(train, device=device)
+    assert "partial sums" not in str(plain.value)
+    with pytest.raises(ValueError, match=rf"^self-influence overflowed float32 in checkpoint 1 {rows}") as per:
+        tracin.self_influence(train, per_checkpoint=True, device=device)
+    assert "summed over the checkpoints" not in str(per.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_self_influence_overflow_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path, device):
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+    from store.helpers import write_store
+
+    train = random_set(rng, 700, [8, 4])
+    train[1][[150, 400]] = 3e19
+    write_store(tmp_path / "train", train, step=100)
+    store = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=4000)
+    assert store.row_chunks() < 150  # rows 150 and 400 are not in the first chunk
+    for per_checkpoint, where in ((False, ""), (True, " in checkpoint 1")):
+        with pytest.raises(ValueError, match=rf"^self-influence overflowed float32{where} for train rows \[150\] "):
+            tracin.self_influence(store, per_checkpoint=per_checkpoint, device=device)
+
+
 def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path):
     """A store is scored in chunks of rows; the rows named are the store's, not the chunk's."""
     from store.helpers import write_store

@@ -378,6 +378,22 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
   return Status::Ok();
 }
 
+// Finite inputs whose self-influence is beyond float32: the float64 sum over checkpoints of
+// w_c |g_c(i)|^2 rounded to float32 is Inf. Names the first rows (at most 5) where it is.
+Status SelfInfluenceOverflow(const float* out, std::int64_t n) {
+  std::string rows;
+  int named = 0;
+  for (std::int64_t i = 0; i < n && named < 5; ++i) {
+    if (std::isfinite(out[i])) continue;
+    rows += (named++ ? ", " : "") + std::to_string(i);
+  }
+  return {StatusCode::kNonFinite,
+          "self-influence overflowed float32 for train rows [" + rows +
+              "] although every input is finite: w_c |g_c(i)|^2 (|L_c(i)|^2 |R_c(i)|^2 for factored rows), "
+              "summed over the checkpoints in float64, exceeds float32's range; scale the gradients down (or the "
+              "learning-rate weights)"};
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -444,7 +460,11 @@ Status SelfInfluence(const GradientSide& train, const std::vector<double>& weigh
       out[i] = static_cast<float>(total);
     });
     if (!s.ok()) return s;
-    if (!detail::AllFinite(out, n)) return detail::NonFiniteError(nullptr, train);
+    if (!detail::AllFinite(out, n)) {
+      s = detail::CheckAllFinite(nullptr, train);  // NaN or Inf inputs are named as such
+      if (!s.ok()) return s;
+      return detail::SelfInfluenceOverflow(out, n);
+    }
     return Status::Ok();
   });
 }

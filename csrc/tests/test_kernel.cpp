@@ -813,6 +813,19 @@ void TestOverflowNamesThePair() {
             "overflow names the first pair, threads " + std::to_string(threads) + ", block " +
                 std::to_string(block) + ": " + s.message);
     }
+
+  // Self-influence is summed in float64 and only its cast to float32 overflows: the error names the
+  // first train rows where it does (not a pair score's partial sums), for any thread count.
+  for (int threads : {1, 2}) {
+    tracin::Options o;
+    o.num_threads = threads;
+    std::vector<float> self(3000);
+    s = tracin::SelfInfluence(Full({many_train}), {1.0}, self.data(), o);
+    Check(s.code == tracin::StatusCode::kNonFinite &&
+              s.message.rfind("self-influence overflowed float32 for train rows [2100, 2900] although", 0) == 0 &&
+              s.message.find("partial sums") == std::string::npos,
+          "self-influence overflow names its rows, threads " + std::to_string(threads) + ": " + s.message);
+  }
 }
 
 

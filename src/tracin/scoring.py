@@ -34,6 +34,10 @@ _SIDES = ("proponents", "opponents", "both")
 _NON_FINITE = re.compile(r"^(test|train) (.+) contains NaN or Inf values, first in rows \[([0-9, ]+)\]$")
 # The C++ kernel's float32 overflow message names the pair of the first overflowed score, counted the same way.
 _OVERFLOW_PAIR = re.compile(r"first for test row ([0-9]+) and train row ([0-9]+)")
+# Its (and the torch backend's) message for self-influence beyond float32 names the first rows where it is.
+_SELF_OVERFLOW = re.compile(
+    r"^(self-influence overflowed float32(?: in checkpoint [0-9]+)?)( for train rows \[)([0-9, ]+)\]"
+)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _KERNEL_OOM = "out of memory in the tracin kernel"  # the C++ kernel's MemoryError (csrc/src/guarded.hpp)
 
@@ -599,10 +603,14 @@ def _candidates_per_row(k: int, n: int, threads: int) -> int:
 
 
 def rows_shifted(message: str, test_start: int, train_start: int) -> str | None:
-    """A backend's NaN/Inf message (or the C++ kernel's float32 overflow message naming a pair) about
-    rows from test_start / train_start on, with its row numbers counted from the start of the sets
-    instead (None for any other message)."""
+    """A backend's NaN/Inf message (or the C++ kernel's float32 overflow message naming a pair, or
+    self-influence's naming train rows) about rows from test_start / train_start on, with its row
+    numbers counted from the start of the sets instead (None for any other message)."""
     found = _NON_FINITE.match(message)
+    own = _SELF_OVERFLOW.match(message)
+    if own is not None:
+        shifted = ", ".join(str(train_start + int(r)) for r in own[3].split(", "))
+        return f"{own[1]}{own[2]}{shifted}]{message[own.end() :]}"
     if found is None:
         pair = _OVERFLOW_PAIR.search(message)
         if pair is None:
@@ -978,6 +986,10 @@ def self_influence(
                         )
                     except ValueError as e:
                         message = _block_shifted(str(e), train.factored, c * (2 if train.factored else 1))
+                        own = _SELF_OVERFLOW.match(str(e))
+                        if own is not None:  # checkpoint c's term alone is beyond float32
+                            rest = str(e)[own.end(1) :].replace(", summed over the checkpoints in", " in")
+                            message = f"{own[1]} in checkpoint {c}{rest}"
                         if message is None:
                             raise
                         raise ValueError(message) from None

@@ -173,7 +173,7 @@ class TorchBackend:
             total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
             out = total.float().cpu().numpy()
         if not np.all(np.isfinite(out)):
-            raise ValueError(_OVERFLOW)
+            raise ValueError(_self_influence_overflow(out))
         return out
 
     def aggregate(
@@ -234,6 +234,16 @@ _OVERFLOW = (
     "product of left or of right factors; or a dot product of gradients before weights within 2^+-24 of 1) "
     "exceeds float32's range; scale the gradients down"
 )
+
+
+def _self_influence_overflow(out: np.ndarray) -> str:
+    """The C++ kernel's message for self-influence beyond float32 (finite inputs), naming the first rows."""
+    rows = np.flatnonzero(~np.isfinite(out))[:5].tolist()
+    return (
+        f"self-influence overflowed float32 for train rows {rows} although every input is finite: w_c |g_c(i)|^2 "
+        "(|L_c(i)|^2 |R_c(i)|^2 for factored rows), summed over the checkpoints in float64, exceeds float32's "
+        "range; scale the gradients down (or the learning-rate weights)"
+    )
 
 
 class _Call:
