@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tracin.torch import export_gradients
-from tracin.torch.data import as_batches, batch_rows, call_model, tree_map
+from tracin.torch.data import as_batches, batch_rows, call_model, slice_rows, tree_map
 
 
 def _collect(batches):
@@ -677,3 +677,77 @@ def test_an_iterable_dataset_read_by_several_workers_warns_that_rows_repeat_or_i
         np.testing.assert_allclose(
             export_gradients(model, ck, loader, loss, progress=False).matrices[0], want, rtol=1e-6, atol=1e-8
         )
+
+
+class _OneArgLoss(nn.Module):
+    def forward(self, outputs):
+        return outputs.logsumexp(1)
+
+
+def _keyword_only_loss(outputs, *, targets):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def _loss_with_options(outputs, targets, smoothing=0.0, *rest):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none", label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, shown",
+    [
+        (lambda out: out.logsumexp(1), r"<lambda>\(out\) cannot take them \(too many positional arguments\)"),
+        (_OneArgLoss(), r"_OneArgLoss.forward\(outputs\) cannot take them"),
+        (_keyword_only_loss, r"_keyword_only_loss\(outputs, \*, targets\) cannot take them"),
+    ],
+)
+def test_a_loss_fn_that_cannot_take_outputs_and_targets_is_refused_up_front(loss_fn, shown):
+    """Was (review56 F3): torch's raw "<lambda>() takes 1 positional argument but 2 were given", raised
+    from inside tracin after a forward pass, with no word of how tracin calls loss_fn."""
+    model = nn.Linear(4, 3)
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(outputs, targets\).*" + shown):
+        export_gradients(model, [(model.state_dict(), 1.0)], data, loss_fn, progress=False)
+
+
+def test_loss_fns_taking_outputs_and_targets_among_other_arguments_are_accepted():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(5)], _loss_with_options)
+    for loss_fn in (_loss_with_options, nn.CrossEntropyLoss(reduction="none"), lambda *a: _loss_with_options(*a)):
+        g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss_fn, progress=False)
+        np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+
+
+class _BatchDictModel(nn.Module):
+    """forward(self, batch) taking one dict, as many training loops write it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(3, 5), nn.Linear(2, 5), nn.Linear(5, 3)
+
+    def forward(self, batch):
+        return self.head(torch.relu(self.a(batch["u"]) + self.b(batch["v"])))
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "factored"])
+def test_a_model_taking_one_dict_says_dicts_are_keywords_and_takes_a_tuple_of_it(mode):
+    """Was (review56 F3): "forward() got an unexpected keyword argument 'u'" with no hint that dict inputs
+    are passed as model(**inputs)."""
+    torch.manual_seed(0)
+    model = _BatchDictModel()
+    x, y = {"u": torch.randn(6, 3), "v": torch.randn(6, 2)}, torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss(reduction="none")
+    ck = [(model.state_dict(), 1.0)]
+    with pytest.raises(
+        TypeError,
+        match=r"_BatchDictModel.forward\(batch\) cannot take the batch's inputs .*model\(\*\*inputs\) for dict "
+        r"inputs.*as a tuple of that dict, \(batch,\)",
+    ):
+        export_gradients(model, ck, (x, y), loss, mode=mode, progress=False)
+    got = export_gradients(model, ck, ((x,), y), loss, mode=mode, progress=False)
+    if mode == "full":
+        examples = [((slice_rows(x, i, i + 1),), y[i : i + 1]) for i in range(6)]
+        np.testing.assert_allclose(got.matrices[0], _float64_rows(model, examples, loss), rtol=1e-5, atol=1e-7)
+    else:
+        assert got.n_rows == 6

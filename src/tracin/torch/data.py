@@ -16,6 +16,7 @@ a tokenizer or DataCollatorWithPadding returns, is a UserDict), read as a plain 
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
 from collections import Counter
@@ -104,6 +105,31 @@ def call_model(model: Callable, inputs: Tree) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def inputs_mismatch(model: Any, inputs: Tree) -> str | None:
+    """Why `model`'s forward cannot take `inputs` as call_model passes them (a dict as keywords, a tuple or
+    list positionally), for a TypeError raised by a call; None when it can, or its signature is unknown."""
+    forward = getattr(model, "forward", None)
+    try:
+        signature = inspect.signature(forward)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    try:
+        if isinstance(inputs, Mapping):
+            signature.bind(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            signature.bind(*inputs)
+        else:
+            signature.bind(inputs)
+    except TypeError as e:
+        return (
+            f"{type(model).__name__}.forward{signature} cannot take the batch's inputs ({e}): tracin calls "
+            "model(**inputs) for dict inputs (each key a keyword argument), model(*inputs) for a tuple or list, "
+            "model(inputs) otherwise; for a forward taking one dict (forward(self, batch)), give the inputs "
+            "as a tuple of that dict, (batch,)"
+        )
+    return None
 
 
 @dataclass

@@ -30,7 +30,18 @@ from .checkpoints import (
     tied_aliases,
     written_in_forward,
 )
-from .data import Batches, Tree, as_batches, batch_rows, call_model, first_row, host_arrays, slice_rows, tree_map
+from .data import (
+    Batches,
+    Tree,
+    as_batches,
+    batch_rows,
+    call_model,
+    first_row,
+    host_arrays,
+    inputs_mismatch,
+    slice_rows,
+    tree_map,
+)
 from .host_copy import HostCopier
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
@@ -94,9 +105,12 @@ def export_gradients(
         its own it is refused; with num_workers > 1 each worker runs its iterator: a UserWarning), or a
         re-iterable of (inputs, targets) batches; inputs and targets a tensor or a tuple (namedtuple
         too)/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a one-shot iterator is
-        read once, with one checkpoint). Every checkpoint must see the same targets in the same order
+        read once, with one checkpoint). The model is called model(inputs), model(*inputs) for a tuple or
+        list, model(**inputs) for a dict (its keys keyword arguments): a forward(self, batch) taking one
+        dict gets it from inputs (batch,). Every checkpoint must see the same targets in the same order
         (checked by fingerprints: a ValueError otherwise).
-    loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,).
+    loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,), called with the two
+        positionally (a signature that cannot take them is a TypeError up front).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         A pattern matching trainable and frozen (requires_grad=False) parameters chooses the trainable
         ones (layers=["encoder"] over a LoRA encoder: the adapters); one matching frozen parameters
@@ -329,7 +343,10 @@ class _TorchExport:
                 slice_rows(targets, 0, rows),
                 rows,
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as e:
+            why = inputs_mismatch(self.model, inputs) if isinstance(e, TypeError) else None
+            if why is not None:
+                raise TypeError(why) from e
             check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.check(state, inputs, targets)
@@ -385,4 +402,10 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
     if first is None:
         raise ValueError("data has no rows")
     inputs = tree_map(lambda t: t.to(device), first[0])
-    return last_linear(model, lambda: call_model(model, inputs))
+    try:
+        return last_linear(model, lambda: call_model(model, inputs))
+    except TypeError as e:
+        why = inputs_mismatch(model, inputs)
+        if why is None:
+            raise
+        raise TypeError(why) from e

@@ -4,6 +4,7 @@ which per-example gradients cannot run through, refused."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import warnings
@@ -25,15 +26,36 @@ _NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    """Refuses non-callables and loss modules with a reduction other than 'none', up front."""
+    """Refuses non-callables, callables whose signature cannot take (outputs, targets) positionally, and
+    loss modules with a reduction other than 'none', up front."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+    _check_arity(loss_fn)
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction != "none":
         raise ValueError(
             f"loss_fn has reduction={reduction!r}; TracIn needs one loss per example: build it with "
             f"reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
         )
+
+
+def _check_arity(loss_fn: object) -> None:
+    """TypeError when loss_fn's signature (a module's forward) cannot take two positional arguments; a
+    callable without a signature Python can read (a builtin) is taken as it is."""
+    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    try:
+        signature = inspect.signature(target)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as e:
+        name = getattr(target, "__qualname__", type(loss_fn).__name__)
+        raise TypeError(
+            f"loss_fn is called as loss_fn(outputs, targets): the model's outputs and the batch's targets, two "
+            f"positional arguments, returning one loss per example; {name}{signature} cannot take them ({e}). "
+            "Wrap it, e.g. lambda outputs, targets: ..."
+        ) from None
 
 
 def check_losses(losses: object, rows: int) -> None:
