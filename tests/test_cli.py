@@ -94,6 +94,43 @@ def test_info_describes_a_store(stores, capsys):
     assert "40" in out and "float32" in out and "complete" in out
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+HOSTILE_IDS = ["\x1b]0;pwned\x07\x1b[2J", "two\nlines", "bidi\u202ex", "é,中"]
+
+
+@pytest.mark.parametrize("on_terminal", [False, True])
+def test_ids_with_control_characters_are_escaped_on_a_terminal_only(tmp_path, monkeypatch, capsys, on_terminal):
+    # weights make the ranking the order of HOSTILE_IDS; a store from elsewhere must not drive the terminal
+    mats = [np.array([[4.0], [3.0], [2.0], [1.0]], np.float32)]
+    store = _write_store(tmp_path / "s", mats, [1.0], ids=HOSTILE_IDS)
+    stdout = _Terminal() if on_terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["self-influence", str(store)]) == 0
+    assert main(["score", "--test", str(store), "--train", str(store), "-k", "1", "--side", "proponents"]) == 0
+    text = stdout.getvalue()
+    ranking, pairs = text.split("test_row,", 1)
+    rows = list(csv.DictReader(io.StringIO(ranking)))
+    pair_rows = list(csv.DictReader(io.StringIO("test_row," + pairs)))
+    if on_terminal:
+        assert all(line.isprintable() for line in text.splitlines())
+        shown = [r"\x1b]0;pwned\x07\x1b[2J", r"two\nlines", r"bidi\u202ex", "é,中"]
+    else:  # a pipe or file gets the data as it is (CSV-quoted)
+        shown = HOSTILE_IDS
+    assert [r["train_id"] for r in rows] == shown
+    assert [r["test_id"] for r in pair_rows] == shown  # row 0 (4 * x) is each test row's top proponent
+    assert [r["train_id"] for r in pair_rows] == [shown[0]] * 4
+
+
+def test_an_error_line_escapes_control_characters(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "gone\x1b[2J\x07")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"tracin info: error: no gradient store at {tmp_path}/gone\\x1b[2J\\x07\n"
+
+
 def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "top.npz"

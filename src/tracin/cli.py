@@ -8,6 +8,9 @@ at all: an error, Ctrl-C (exit code 130), SIGTERM or SIGHUP (143, 129) while wri
 file that was there before (a FIFO, a device or a file with other hard links is written in place).
 A signal whose exception something swallowed (JAX's gc callback does) still exits 128 + the signal's
 number; if the command ran to the end nonetheless, the message says so: its output was written.
+Strings from a store, which may come from elsewhere (ids, metadata keys), and error lines reach a
+terminal with control and format characters escaped (ESC as \\x1b): a store cannot drive the terminal.
+CSV written to a file or pipe holds the ids as they are (CSV-quoted).
 """
 
 from __future__ import annotations
@@ -226,11 +229,17 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
-    """`header`, then the `total` `rows`, written CSV_CHUNK at a time under a progress bar."""
+    """`header`, then the `total` `rows`, written CSV_CHUNK at a time under a progress bar. On a
+    terminal, control and format characters in string cells (ids from a store) are written escaped
+    (\\x1b), so that a store from elsewhere cannot drive the terminal; files and pipes get them as
+    they are, CSV-quoted."""
     from itertools import islice
 
     from ._progress import progress_bar
+    from .store._format import printable
 
+    if _is_terminal(f):
+        rows = ([printable(x) if isinstance(x, str) else x for x in row] for row in rows)
     w = csv.writer(f)
     w.writerow(header)
     bar = progress_bar(total, progress, "tracin writing CSV", unit="row")
@@ -240,6 +249,13 @@ def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, 
             bar.update(len(chunk))
     finally:
         bar.close()
+
+
+def _is_terminal(f: IO[str]) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError, OSError):  # no such method, closed
+        return False
 
 
 @contextmanager
@@ -688,7 +704,10 @@ def _bench_defaults(quick: bool = False) -> Any:
 
 # -- entry point ---------------------------------------------------------------------------------
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The message of `e` on one line, other control characters escaped (it may quote a store's strings)."""
+    from .store._format import printable
+
+    return printable(" ".join(str(e).split())) or type(e).__name__
 
 
 class _Terminated(BaseException):

@@ -125,3 +125,22 @@ def test_an_unfinished_factored_stores_counts_are_said_per_factor_pair(tmp_path)
     said = "no (rows recorded per factor pair (2 layers per checkpoint): 60, 30)"
     assert _line(text, "complete") == f"complete        {said}"
     assert _line(text, "checkpoints").startswith("checkpoints     1 x 2 layers")
+
+
+HOSTILE = ["\x1b[31mred\x1b[0m\x1b]0;title\x07", "line\nbreak", "bidi\u202eflipped", "tab\there"]
+
+
+def test_metadata_keys_and_the_path_are_shown_with_control_characters_escaped(tmp_path, capsys):
+    path = tmp_path / "s\x1b[2J"  # a folder unpacked from elsewhere may be named so too
+    w = tracin.GradientStore.create(path, 2, [2], metadata={**dict.fromkeys(HOSTILE, 1), "layers": 1, "é中": 2})
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    w.finalize()
+    for text in (describe(path), main(["info", str(path)]) == 0 and capsys.readouterr().out):
+        lines = text.splitlines()
+        assert all(line.isprintable() for line in lines), lines  # no ESC, BEL, newline in a line, bidi override
+        assert len(lines) == 10  # the newline in a key makes no line of its own
+        assert _line(text, "metadata") == (
+            r"metadata        '\x1b[31mred\x1b[0m\x1b]0;title\x07', 'bidi\u202eflipped', layers, 'line\nbreak', "
+            r"'tab\there', é中"
+        )
+        assert _line(text, "gradient store").startswith(f"gradient store  {tmp_path}/s\\x1b[2J  (format v")

@@ -388,6 +388,16 @@ def short(x: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable written as its Python escape: control
+    characters (ESC \\x1b, BEL \\x07, newline \\n) and Unicode format characters (bidi overrides
+    \\u202e). For strings from a store (metadata keys, ids) shown on a terminal: a store from elsewhere
+    cannot send escape sequences to it (set its title, clear or recolour it, hide text)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def check_ranges(ranges: Any, start: int, stop: int, fail: Callable[[str], Exception], name: str) -> None:
     """Raises fail(message) unless `ranges` is a list of sorted, disjoint [a, b) lists within [start, stop]."""
     pos = start

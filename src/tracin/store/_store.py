@@ -24,6 +24,7 @@ from ._format import (
     StoreChangedError,
     StoreFormatError,
     parse_manifest,
+    printable,
 )
 from ._locks import range_files
 from ._npy import check_npy, map_array, read_array, read_ids
@@ -427,7 +428,9 @@ class GradientStore(GradientSet):
         }
 
     def describe(self) -> str:
-        """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not."""
+        """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not.
+        Strings from the store (metadata keys; also the path) are shown safe for a terminal: a key with a
+        control or format character (ESC, BEL, newline, a bidi override) as its repr, '\\x1b[2J'."""
         i = self.info()
         if i["complete"]:
             state = "yes"
@@ -437,7 +440,7 @@ class GradientStore(GradientSet):
             state = f"no (rows recorded {per}: {', '.join(map(str, i['rows_recorded']))})"
         ids = "yes (ids.npy)" if i["ids"] else f"no (rows are named by their index 0..{i['rows'] - 1})"
         lines = [
-            f"gradient store  {i['path']}  (format v{i['format_version']})",
+            f"gradient store  {printable(i['path'])}  (format v{i['format_version']})",
             f"complete        {state}",
             f"rows            {i['rows']}",
             f"checkpoints     {_checkpoints_text(i)}",
@@ -454,7 +457,8 @@ class GradientStore(GradientSet):
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
         if i["metadata"]:
-            lines.append(f"metadata        {', '.join(sorted(i['metadata']))}")
+            keys = (k if k.isprintable() else repr(k) for k in sorted(i["metadata"]))
+            lines.append(f"metadata        {', '.join(keys)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
