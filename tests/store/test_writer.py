@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin.store import GradientStoreWriter
+from tracin.store import GradientStoreWriter, describe
 
 from .helpers import random_blocks, read_rows, write_store
 
@@ -308,3 +308,21 @@ def test_factored_write_rejects_bad_pairs(tmp_path):
         w.write(0, 0, (np.ones((2, 2), np.float32), np.ones((1, 3), np.float32)))
     with pytest.raises(ValueError, match="right has 4 columns but checkpoint 0 has 3"):
         w.write(0, 0, (np.ones((1, 2), np.float32), np.ones((1, 4), np.float32)))
+
+
+def test_an_empty_path_is_refused_naming_the_argument_not_taken_as_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for call in (
+        lambda: tracin.GradientStore.create("", 2, [2]),
+        lambda: tracin.GradientStore.create("", 2, [2], overwrite=True),
+        lambda: tracin.GradientStore.create("", 2, [2], rows=(0, 1)),
+    ):
+        with pytest.raises(ValueError, match=r"^path must name a gradient store folder, got '' \(an empty path"):
+            call()
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder
+    write_store(tmp_path / "s", random_blocks(2, [2], "float32", False))
+    monkeypatch.chdir(tmp_path / "s")  # a store is there: "" still does not open it
+    for call in (lambda: tracin.GradientStore.open(""), lambda: describe("")):
+        with pytest.raises(ValueError, match=r"^path must name a gradient store folder, got ''"):
+            call()
+    assert tracin.GradientStore.open(".").n_rows == 2  # the current folder, asked for

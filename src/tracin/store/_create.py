@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from ..gradients import GradientSet, _weights
-from ._files import create_file, fsync_dir, read_manifest, refusal, remove_if_present, write_json_atomic
+from ._files import (
+    create_file,
+    fsync_dir,
+    read_manifest,
+    refusal,
+    remove_if_present,
+    store_root,
+    write_json_atomic,
+)
 from ._format import (
     CREATING,
     DISK_DTYPES,
@@ -62,7 +70,7 @@ def create(
     wanted.has_ids = id_array is not None
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
-    root = Path(path).absolute()  # the manifest is rewritten on every write: a later chdir must not matter
+    root = store_root(path)  # absolute: the manifest is rewritten on every write, a later chdir must not matter
     if rows is not None:
         return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store, advice)
     if root.exists() and not root.is_dir():

@@ -111,6 +111,21 @@ def refusal(path: Path, mode: int) -> StoreFormatError:
     return StoreFormatError(f"{path} is not a regular file (a gradient store holds regular files only)")
 
 
+def store_root(path: str | os.PathLike, argument: str = "path") -> Path:
+    """`path` (a store's folder) made absolute; an empty one ("", which Path() takes as the current
+    folder: more likely a missing setting than a request for it) is a ValueError naming `argument`."""
+    try:
+        text = os.fspath(path)
+    except TypeError:
+        text = None  # Path() says what it accepts
+    if text is not None and not text:
+        raise ValueError(
+            f"{argument} must name a gradient store folder, got {text!r} (an empty path would be the current "
+            "folder; pass '.' for that)"
+        )
+    return Path(path).absolute()
+
+
 def create_file(path: Path) -> int:
     """Write descriptor of a new empty file at `path`; FileExistsError if anything (even a link) is there."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o644)

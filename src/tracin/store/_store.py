@@ -14,7 +14,7 @@ import numpy as np
 from .._arrays import DTYPE_CODES
 from ..gradients import GradientSet, KernelSide
 from ._create import create
-from ._files import open_file, read_manifest_bytes
+from ._files import open_file, read_manifest_bytes, store_root
 from ._format import (
     DISK_DTYPES,
     FORMAT_VERSION,
@@ -206,7 +206,7 @@ class GradientStore(GradientSet):
         """
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
-        root = Path(path).absolute()  # the files are opened again per call: a later chdir must not matter
+        root = store_root(path)  # absolute: the files are opened again per call, a later chdir must not matter
         seen = read_manifest_bytes(root)
         m = parse_manifest(seen, str(root / MANIFEST))
         try:
