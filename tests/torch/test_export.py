@@ -415,3 +415,42 @@ def test_every_mode_gives_the_same_rows_under_no_grad_or_inference_mode(context,
     assert len(got) == len(want) >= 2
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _compiled(model):
+    return torch.compile(model, backend="eager")
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [nn.DataParallel, _compiled, lambda m: _compiled(nn.DataParallel(m))],
+    ids=["DataParallel", "compile", "compile_of_DataParallel"],
+)
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_a_data_parallel_or_compiled_model_exports_the_rows_of_the_model_inside(wrap, mode):
+    """Was (review56 F8): nn.DataParallel died with torch's raw "The stateless API can't be used with
+    nn.DataParallel module" or missing 'module.*' keys; a compiled model refused a state_dict saved before
+    compiling (missing '_orig_mod.*' keys), and with its own one recorded '_orig_mod.'-prefixed names."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    plain = copy.deepcopy(model.state_dict())
+    other = {k: v + 0.05 for k, v in plain.items()}
+    want = export_gradients(model, [(plain, 1.0), (other, 0.5)], (x, y), LOSS, mode=mode, progress=False)
+    wrapped = wrap(model)
+    prefixed = copy.deepcopy(wrapped.state_dict())
+    assert all(k.startswith(("module.", "_orig_mod.")) for k in prefixed)
+    for first in (plain, prefixed):
+        got = export_gradients(wrapped, [(first, 1.0), (other, 0.5)], (x, y), LOSS, mode=mode, progress=False)
+        assert got.metadata["params"] == want.metadata["params"]
+        for a, b in zip(_arrays(got), _arrays(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    for k, v in wrapped.state_dict().items():  # the model left as it was
+        assert torch.equal(v, prefixed[k])
+    wrapper_prefix = next(iter(prefixed))[: -len("0.weight")]
+    want = export_gradients(model, [(plain, 1.0)], (x, y), LOSS, mode=mode, layers=["2"], progress=False)
+    for layer in ("2", wrapper_prefix + "2"):  # layers= names as the plain model's, or with the wrappers' prefix
+        got = export_gradients(wrapped, [(plain, 1.0)], (x, y), LOSS, mode=mode, layers=[layer], progress=False)
+        assert got.metadata["params"] == want.metadata["params"]
+        for a, b in zip(_arrays(got), _arrays(want), strict=True):
+            np.testing.assert_array_equal(a, b)

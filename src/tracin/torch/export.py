@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -95,10 +96,13 @@ def export_gradients(
         torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
         from their first name); DataParallel's "module." and torch.compile's "_orig_mod." prefixes
-        are removed, and a file that cannot be read is a ValueError naming it. An entry may be
-        (state_dict or path, learning_rate, optimizer.state_dict() or its path) for a preconditioner
-        (with preconditioner=None the state is unused: a UserWarning says so). A learning rate must not
-        be negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
+        are removed (a model wrapped in nn.DataParallel, DistributedDataParallel or torch.compile is
+        run unwrapped, .module / ._orig_mod, its parameters named as the plain model's, layers= with
+        or without the wrappers' prefix), and a file
+        that cannot be read is a ValueError naming it. An entry may be (state_dict or path,
+        learning_rate, optimizer.state_dict() or its path) for a preconditioner (with
+        preconditioner=None the state is unused: a UserWarning says so). A learning rate must not be
+        negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a map-style Dataset, a
         DataLoader handing out its dataset's rows in order (0, 1, 2...: row i is example i; a sampler
         or batch_sampler reordering them is refused; an IterableDataset goes in a DataLoader, passed on
@@ -173,6 +177,7 @@ def export_gradients(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model, wrapper_prefix = _unwrapped(model)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if dtype not in _DTYPES:
@@ -187,7 +192,7 @@ def export_gradients(
     with torch.inference_mode(False), torch.enable_grad():
         entries = parse_checkpoints(checkpoints, model)
         warn_unused_states(entries, preconditioner)
-        layers = None if layers is None else as_patterns(layers, EXAMPLE)
+        layers = None if layers is None else [p.removeprefix(wrapper_prefix) for p in as_patterns(layers, EXAMPLE)]
         kronecker = kronecker_projection(projection, mode, preconditioner, entries)
         # a Kronecker projection is taken per token by the adapter, the preconditioner folded into it
         options = Options(mode, layers, dtype, store, progress, None if kronecker else preconditioner)
@@ -198,6 +203,22 @@ def export_gradients(
             if kronecker:
                 return export(framework, entries, options, framework.compute_rows.recorded())
             return export(framework, entries, options, row_transforms(projection, framework.segments))
+
+
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model inside nn.DataParallel / DistributedDataParallel (.module) and torch.compile (._orig_mod)
+    wrappers, however nested, run as it is, its parameters under its own names; and the prefix the
+    wrappers put before those names ('_orig_mod.module.'), dropped from layers= patterns."""
+    parallel = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    frames = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing compiled
+    prefix = ""
+    while True:
+        if isinstance(model, parallel):
+            model, prefix = model.module, prefix + "module."
+        elif frames is not None and isinstance(model, frames.OptimizedModule):
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
 
 
 @contextlib.contextmanager
