@@ -48,3 +48,19 @@ def test_a_directory_named_like_a_store_file_is_refused_before_the_old_store_is_
     np.testing.assert_array_equal(tracin.self_influence(old), (np.arange(12.0).reshape(4, 3) ** 2).sum(axis=1))
     (path / name).rmdir()
     assert tracin.GradientStore.create(path, 4, [2], overwrite=True).dims == (2,)
+
+
+@pytest.mark.parametrize("rows", [None, (0, 2)])
+def test_a_directory_in_place_of_a_writers_temporary_is_refused_when_the_store_is_opened_to_write(tmp_path, rows):
+    path = tmp_path / "s"
+    tracin.GradientStore.create(path, 4, [3]).close()
+    tmp = path / ("manifest.json.tmp" if rows is None else "rows-0-2.json.tmp")
+    tmp.mkdir()
+    with pytest.raises(StoreFormatError, match=rf"{tmp.name} is a directory .*; remove it"):
+        tracin.GradientStore.create(path, 4, [3], rows=rows)  # before: the first write() failed, its rows written
+    np.testing.assert_array_equal(np.load(path / "checkpoint_000.npy"), np.zeros((4, 3), np.float32))
+    tmp.rmdir()
+    w = tracin.GradientStore.create(path, 4, [3], rows=rows)
+    w.write(0, 0, np.ones((2, 3), np.float32))
+    assert w.rows_done(0) == 2
+    w.close()

@@ -36,6 +36,7 @@ from ._format import (
     json_depth,
     metadata_problem,
     new_store_id,
+    range_file,
     unique_keys,
 )
 from ._locks import DirectoryLock, RangeLock
@@ -80,6 +81,8 @@ def create(
     try:
         if os.path.lexists(root / MANIFEST) and not overwrite:
             manifest = _resumable(root, wanted, id_array, advice or _REPLACE)
+            if not manifest.complete:  # each write() replaces the manifest through its temporary
+                _refuse_directory(root / (MANIFEST + ".tmp"))
             _drop_marker(root)
             merge_progress(root, manifest)
             files = None if manifest.complete else _resumable_files(root, manifest, advice or _REPLACE)
@@ -122,6 +125,7 @@ def _range_writer(
         found = None
         files = None
         if not manifest.complete:
+            _refuse_directory(root / (range_file(start, stop, "json") + ".tmp"))  # each write() replaces it
             claim = RangeLock(root, start, stop)
             found = read_progress(root, manifest, start, stop)
             files = _resumable_files(root, manifest, advice)
@@ -172,6 +176,17 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
     os.unlink(root / CREATING)
     fsync_dir(root)
+
+
+def _refuse_directory(path: Path) -> None:
+    """A StoreFormatError naming `path` if a directory is there: the temporary of a file the writer
+    replaces by rename (remove_if_present refuses it, but only at the first write, its rows written)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        raise StoreFormatError(f"{refusal(path, mode)}; remove it")
 
 
 def _drop_marker(root: Path) -> None:
@@ -398,13 +413,8 @@ def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
             f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin wrote: "
             + (advice or "pass overwrite=True to replace these files, or choose an empty or new directory")
         )
-    for n in names:
-        try:
-            mode = os.lstat(root / n).st_mode
-        except FileNotFoundError:  # gone meanwhile: nothing to remove
-            continue
-        if stat.S_ISDIR(mode):  # remove_if_present would refuse it halfway, the old manifest gone
-            raise StoreFormatError(f"{refusal(root / n, mode)}; remove it")
+    for n in names:  # remove_if_present would refuse one halfway, the old manifest gone
+        _refuse_directory(root / n)
     return names
 
 
