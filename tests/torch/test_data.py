@@ -751,3 +751,48 @@ def test_a_model_taking_one_dict_says_dicts_are_keywords_and_takes_a_tuple_of_it
         np.testing.assert_allclose(got.matrices[0], _float64_rows(model, examples, loss), rtol=1e-5, atol=1e-7)
     else:
         assert got.n_rows == 6
+
+
+class _MaskedBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, ids, mask=None):
+        z = self.emb(ids)
+        if mask is not None:
+            z = z * mask[..., None]
+        return self.out(z.mean(1))
+
+
+def _weighted_loss(out, targets):
+    labels, weights = targets
+    return weights * nn.functional.cross_entropy(out, labels, reduction="none")
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_an_error_on_data_read_as_two_batches_says_how_it_was_read(mode):
+    """Was (review56 F4): ((ids, mask), (labels, weights)) is two batches by PAIR_RULE, and the user saw only
+    their loss's "too many values to unpack", with no word of how the data was read."""
+    torch.manual_seed(0)
+    model = _MaskedBag()
+    ids, mask = torch.randint(0, 10, (6, 5)), (torch.rand(6, 5) > 0.3).float()
+    labels, weights = torch.randint(0, 3, (6,)), torch.rand(6)
+    ck = [(model.state_dict(), 1.0)]
+    with pytest.raises(
+        ValueError,
+        match=r"too many values to unpack.*read as a list of two batches of \(inputs, targets\), data\[0\] and "
+        r"data\[1\] \(PAIR_RULE\).*\[\(\(x, k\), \(y, w\)\)\]",
+    ):
+        export_gradients(model, ck, ((ids, mask), (labels, weights)), _weighted_loss, mode=mode, progress=False)
+    got = export_gradients(model, ck, [((ids, mask), (labels, weights))], _weighted_loss, mode=mode, progress=False)
+    if mode == "full":
+        examples = [((ids[i : i + 1], mask[i : i + 1]), (labels[i : i + 1], weights[i : i + 1])) for i in range(6)]
+        want = _float64_rows(model, examples, _weighted_loss)
+        np.testing.assert_allclose(got.matrices[0], want, rtol=1e-5, atol=1e-7)
+    # two batches meant as such are read so; an error on data that is not two pairs says nothing of PAIR_RULE
+    loss = nn.CrossEntropyLoss(reduction="none")
+    two = [(ids[:3], labels[:3]), (ids[3:], labels[3:])]
+    assert export_gradients(model, ck, two, loss, mode=mode, progress=False).n_rows == 6
+    with pytest.raises(ValueError, match=r"^(?!.*PAIR_RULE)"):
+        export_gradients(model, ck, [(ids, labels)], lambda o, t: loss(o, t)[:1], mode=mode, progress=False)

@@ -137,12 +137,15 @@ class Batches:
     """A re-iterable stream of (inputs, targets) batches of at most `max_rows` rows each.
 
     n_rows: total examples when known up front, else None.
+    note: how the data was read, for errors raised on its first batch, when that may not be what was meant
+        (TWO_BATCHES).
     """
 
     source: Iterable
     n_rows: int | None
     max_rows: int
     one_shot: bool
+    note: str | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Tree, Tree]]:
         """Yields (start row, inputs, targets); big incoming batches are split into max_rows pieces."""
@@ -189,6 +192,13 @@ PAIR_RULE = (
     "both items are pairs (tuples / lists of two): that is a list of two batches (pass such inputs and "
     "targets as a list of one batch, [((x, k), (y, w))]); two dicts are one pair ({'input_ids': ...}, "
     "{'labels': ...}) when all their tensors share the size of dimension 0"
+)
+
+
+TWO_BATCHES = (
+    "data, two pairs of tensors, was read as a list of two batches of (inputs, targets), data[0] and data[1] "
+    "(PAIR_RULE); for one batch whose inputs and targets are tuples, pass a list of that one batch, "
+    "[((x, k), (y, w))]"
 )
 
 
@@ -507,7 +517,9 @@ def as_batches(data: Any, max_rows: int) -> Batches:
                     for i, b in enumerate(data)
                 )
             )
-        return Batches(data, n, max_rows, one_shot=one_shot)
+        two = _is_pair(data) and all(_is_pair(d) for d in data)
+        two = two and all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in _named_leaves(data, "data"))
+        return Batches(data, n, max_rows, one_shot=one_shot, note=TWO_BATCHES if two else None)
     raise TypeError(
         "data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, a DataLoader or an "
         f"iterable of (inputs, targets) batches; got {type(data).__name__}"

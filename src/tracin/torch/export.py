@@ -351,7 +351,12 @@ class _TorchExport:
 
     def check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         """The loss checks on the batch's first rows; on the whole batch only to word an error for it
-        (a forward pass of the whole batch costs a good part of the batched gradients)."""
+        (a forward pass of the whole batch costs a good part of the batched gradients). An error says how
+        the data was read when that may not be what was meant (Batches.note)."""
+        with _noting(self._batches.note):
+            self._check(state, batch)
+
+    def _check(self, state: dict[str, torch.Tensor], batch: _Batch) -> None:
         inputs, targets = self._on_device(batch)
         rows = min(_CHECKED_ROWS, batch.count)
         try:
@@ -423,10 +428,25 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
     if first is None:
         raise ValueError("data has no rows")
     inputs = tree_map(lambda t: t.to(device), first[0])
+    with _noting(batches.note):
+        try:
+            return last_linear(model, lambda: call_model(model, inputs))
+        except TypeError as e:
+            why = inputs_mismatch(model, inputs)
+            if why is None:
+                raise
+            raise TypeError(why) from e
+
+
+_NOTED = (TypeError, ValueError, RuntimeError, IndexError)  # errors a model or loss_fn fed the wrong tensors raises
+
+
+@contextlib.contextmanager
+def _noting(note: str | None) -> Iterator[None]:
+    """An error of the types of _NOTED raised inside re-raised as one of its type, with `note` appended."""
     try:
-        return last_linear(model, lambda: call_model(model, inputs))
-    except TypeError as e:
-        why = inputs_mismatch(model, inputs)
-        if why is None:
+        yield
+    except _NOTED as e:
+        if note is None or type(e) not in _NOTED:
             raise
-        raise TypeError(why) from e
+        raise type(e)(f"{e} ({note})") from e
