@@ -1,6 +1,7 @@
 """open() checks the manifest against the files and says what is wrong."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -101,7 +102,14 @@ def test_corrupt_manifest(store_dir):
         (lambda d: d["checkpoints"][1].update(written=[[0, 9]]), r"checkpoints\[1\].written must be sorted"),
         (lambda d: d["checkpoints"][1].update(file="../elsewhere.npy"), "names unexpected data files"),
         (lambda d: d["checkpoints"][1].pop("file"), r"checkpoints\[1\] is malformed"),
-        (lambda d: d["checkpoints"][1].update(written=[[0, 2]]), "marked complete but some rows are not"),
+        (
+            lambda d: d["checkpoints"][1].update(written=[[0, 2]]),
+            re.escape("complete, but checkpoints[1].written records rows [[0, 2]] of n_rows=6 (missing [[2, 6]])"),
+        ),
+        (  # n_rows edited: named with what the files' rows are recorded as
+            lambda d: d.update(n_rows=8),
+            re.escape("complete, but checkpoints[0].written records rows [[0, 6]] of n_rows=8 (missing [[6, 8]])"),
+        ),
     ],
 )
 def test_malformed_manifests(store_dir, change, message):

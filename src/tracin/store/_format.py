@@ -268,8 +268,12 @@ class Manifest:
             files=files,
             store_id=store_id,
         )
-        if manifest.complete and any(manifest.missing(c) for c in range(len(dims))):
-            raise fail("marked complete but some rows are not recorded as written")
+        for c in range(len(dims) if manifest.complete else 0):
+            if missing := manifest.missing(c):  # n_rows edited, or rows lost: name both
+                raise fail(
+                    f"marked complete, but checkpoints[{c}].written records rows {short(written[c])} of "
+                    f"n_rows={n_rows} (missing {short(missing)})"
+                )
         return manifest
 
 
