@@ -11,7 +11,7 @@ import pytest
 
 import tracin
 from interrupts import ctrl_c_when
-from tracin._export.driver import Options, export
+from tracin._export.driver import Options, check_store, export
 from tracin._export.sinks import StoreSink
 from tracin._export.transforms import row_transforms
 
@@ -389,3 +389,11 @@ def test_a_store_records_each_batch_once_for_all_its_slots(tmp_path, monkeypatch
     x = np.concatenate(_data()).astype(np.float64)
     exact = sum(w * s * s * k * k * (x**2).sum(1) for s, w in ((2.0, 0.5), (-1.0, 0.25)) for k in (1, 2, 3))
     np.testing.assert_allclose(tracin.self_influence(store), exact, rtol=1e-5)
+
+
+def test_an_empty_store_path_is_refused_naming_store():
+    """store="" would be the current folder: refused before any work, naming the argument (as the
+    adapters call check_store first)."""
+    with pytest.raises(ValueError, match=r"^store must name a gradient store folder, got ''"):
+        check_store("")
+    check_store(None)

@@ -24,6 +24,7 @@ import numpy as np
 
 from .._progress import progress_bar
 from ..projection import NonFiniteRowError
+from ..store._files import store_root
 from .checkpoints import Checkpoint
 from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
@@ -143,9 +144,11 @@ def store_rows(start: int, stop: int) -> Iterator[None]:
 
 
 def check_store(store: Any) -> None:
-    """TypeError unless `store` is None or a directory path."""
+    """TypeError unless `store` is None or a directory path; ValueError for an empty one (before any work)."""
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
+    if store is not None:
+        store_root(store, "store")  # "" is refused naming store= (the store layer would name its path)
 
 
 def export(
