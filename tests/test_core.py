@@ -125,6 +125,34 @@ def test_scaling_the_weight_by_a_power_of_two_scales_the_scores_exactly(rng):
             np.testing.assert_array_equal(scaled, base * np.float32(2.0**j))
 
 
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_cosine_scores_with_tiny_weights_keep_the_bound_at_every_train_scale(rng, isa):
+    """review55 F1: cosine scores do not depend on a row's scale, but with |w| below about 1e-21 the
+    products w x test value x train value of train rows of norm 2^-64 to about 1e-10 (not rescaled)
+    fell below float32's normal range: every score 0 at norm 2.8e-17 (w = 1e-28), 434x the bound at
+    2.8e-14. The kernel now brings such test rows' largest packed value to 2^-32: within 1e-5 sum|w|
+    of the float64 cosines, and (multiplying rows by 2^j is exact) the same bits at every scale where
+    no row is rescaled; with weight 1 the scores are the same bits as before the lift."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    m, n, d = 3, 8, 1000
+    test, base = rng.standard_normal((m, d), dtype=np.float32), rng.standard_normal((n, d), dtype=np.float32)
+    side = lambda x: tracin.Gradients([x]).kernel_side()  # noqa: E731
+    unit = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)  # noqa: E731
+    cosines = unit(test) @ unit(base).T
+    for w in (1e-20, 1e-28, -1e-35, 2.0**-100):
+        first = None
+        for j in (-70, -60, -50, -30, 0, 40):
+            got = _core.scores(side(test), side(base * np.float32(2.0**j)), [w], normalize=1, isa=isa)
+            err = np.abs(got - w * cosines).max()
+            assert err <= 1e-5 * abs(w), (w, j, err / (1e-5 * abs(w)))
+            if j >= -60:  # rows of norm 2^-64 to 2^64 are not rescaled: exact powers of two throughout
+                first = got if first is None else first
+                np.testing.assert_array_equal(got, first)
+            top = _core.top_k(side(test), side(base * np.float32(2.0**j)), [w], 3, 0, normalize=1, isa=isa)
+            np.testing.assert_array_equal(top[0], np.take_along_axis(got, top[1], 1))
+
+
 def test_auto_resolves_to_the_detected_instruction_set():
     assert _core.resolve_isa("auto") == _core.detect_isa() == tracin.detect_isa()
     assert not missing_cpu_features(_core.detect_isa())

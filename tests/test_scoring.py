@@ -553,6 +553,38 @@ def test_self_influence_overflow_rows_of_a_store_are_counted_from_its_first_row(
             tracin.self_influence(store, per_checkpoint=per_checkpoint, device=device)
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+@pytest.mark.parametrize("factored", [False, True])
+def test_cosine_scores_with_tiny_weights_keep_the_bound(rng, device, factored):
+    """review55 F1: normalize=True with |w| below about 1e-21 and train rows of norm 2^-64 to 1e-10
+    (which neither backend rescales): the products w x unit test value x train value fell below
+    float32's normal range (every score 0, or 434x the bound). Now within 1e-5 |w| of the float64
+    cosines at every train scale, scores, top_k and aggregate, on the C++ kernel and torch alike."""
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+    m, n, d = 4, 30, 1000
+    if factored:
+        left, right = random_set(rng, m + n, [d // 10]), random_set(rng, m + n, [10])
+        full = factored_to_full(left, right)[0]
+    else:
+        full = random_set(rng, m + n, [d])[0]
+    unit = to_float64(full) / np.linalg.norm(to_float64(full), axis=1, keepdims=True)
+    for w in (1e-20, 1e-28):
+        exact = w * unit[:m] @ unit[m:].T
+        for j in (-60, -50, 0):
+            if factored:  # the scale on the left factor
+                test = tracin.FactoredGradients([left[0][:m]], [right[0][:m]], [w])
+                train = tracin.FactoredGradients([left[0][m:] * np.float32(2.0**j)], [right[0][m:]], [w])
+            else:
+                test, train = tracin.Gradients([full[:m]], [w]), tracin.Gradients([full[m:] * np.float32(2.0**j)], [w])
+            got = tracin.scores(test, train, normalize=True, device=device)
+            assert np.abs(got - exact).max() <= 1e-5 * w, (w, j, np.abs(got - exact).max() / (1e-5 * w))
+            top = tracin.top_k(test, train, k=3, normalize=True, device=device)
+            np.testing.assert_array_equal(top.values, np.take_along_axis(got, top.indices, 1))
+            agg = tracin.aggregate(test, train, normalize=True, device=device)
+            assert np.abs(agg - exact.sum(0)).max() <= m * 1e-5 * w
+
+
 def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path):
     """A store is scored in chunks of rows; the rows named are the store's, not the chunk's."""
     from store.helpers import write_store

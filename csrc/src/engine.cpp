@@ -117,6 +117,14 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // the values that would have been subnormal or infinite change. Since e_r < 0 only when every packed
 // value of row r is below 2^-96, a tile's column (a score times 2^-e_r) stays far from overflow;
 // e_r > 0 only makes it smaller than the scores.
+// Cosine scores (unit test rows times w_c) lift further: a row whose packed values are all below
+// 2^-32 has its largest brought to [2^-32, 2^-31). Train rows of a norm from 2^-64 to 2^64 are not
+// rescaled (TileProducer::RunExponents), and with |w_c| below about 1e-21 their products with such
+// a row fell below float32's normal range before the epilogue divides by the train row's norm
+// (review55 F1). A largest packed value of at least 2^-32 keeps each product's rounding below 2^-150
+// against scores of about 2^-32 x 2^-64 x (cosine), for rows of up to 2^36 values: within the bound.
+// Rows of larger weights (|w_c| >= 2^-32 sqrt(d) at least) keep e_r = 0 and their bits; a lifted row
+// is no nearer overflow than an unlifted one of weight 2^-31.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
@@ -167,7 +175,8 @@ class PackedTest {
 
   struct Outcome {
     bool finite = true;  // no packed value is NaN or Inf
-    bool tiny = false;   // some row's weighted packed values are all below 2^-96 (zeros included)
+    bool tiny = false;   // some row's weighted packed values are all below 2^-96, cosine scores 2^0
+                         // (zeros included): ExponentsFor decides
   };
 
   // Packs every panel of the pass with weights w_c * 2^-e_r, one panel of one block per task.
@@ -198,7 +207,7 @@ class PackedTest {
       std::uint32_t weighted = 0;
       for (std::size_t b = 0; b < test.blocks.size(); ++b)
         if (!(test.factored && b % 2 == 1)) weighted |= row_flags[b * static_cast<std::size_t>(count) + r];
-      outcome.tiny = (weighted & 0x7fffffffu) < kTinyBits;
+      outcome.tiny = (weighted & 0x7fffffffu) < (normalize > 0 ? kCosineTinyBits : kTinyBits);
     }
     return status;
   }
@@ -206,6 +215,10 @@ class PackedTest {
   // PackPanel's flags have their low 31 bits below this (a power of two) exactly when every value's
   // exponent field + 1 is below 32: every value is below 2^-96.
   static constexpr std::uint32_t kTinyBits = 32u << 23;
+  // The same for every value below 2^0 (exponent field + 1 below 128): cosine scores, whose rows
+  // ExponentsFor lifts when their largest packed value is below 2^kCosineFloor.
+  static constexpr std::uint32_t kCosineTinyBits = 128u << 23;
+  static constexpr int kCosineFloor = -32;
 
   // e_r for each row of the pass (see the class comment), from the row's largest |w_c x scale x test
   // value| over the weighted blocks, found in double precision; 0 when it is in range, zero, or not
@@ -243,6 +256,8 @@ class PackedTest {
       }
       if (!finite || !largest) continue;
       if (*largest < -96) exponents[static_cast<std::size_t>(r)] = *largest + 96;  // to [2^-96, 2^-95)
+      if (normalize > 0 && *largest < kCosineFloor)  // to [2^-32, 2^-31)
+        exponents[static_cast<std::size_t>(r)] = *largest - kCosineFloor;
       if (*largest >= 127) exponents[static_cast<std::size_t>(r)] = *largest - 100;  // to [2^100, 2^101)
     }
     return exponents;

@@ -1072,6 +1072,46 @@ void TestDefaultThreadsFollowAffinity() {
 #endif
 }
 
+// Cosine scores with a tiny weight (review55 F1): w = 1e-28 times unit test rows times train rows of
+// norm 2^-60 or 2^-50 (not rescaled: only norms beyond 2^+-64 are) gave products below float32's
+// normal range, every score 0 at 2^-60. The kernel lifts such test rows' packed values to 2^-32:
+// within 1e-5 |w| of the float64 cosines, and the same bits at every train scale (powers of two),
+// for any thread count and block size, every instruction set.
+void TestCosineTinyWeights() {
+  std::mt19937 rng(21);
+  const Matrix test = Random(3, 1000, rng), base = Random(40, 1000, rng);
+  for (const double w : {1e-20, 1e-28, -1e-35}) {
+    std::vector<double> exact(3 * 40);
+    for (std::int64_t i = 0; i < 3; ++i)
+      for (std::int64_t j = 0; j < 40; ++j)
+        exact[i * 40 + j] = w * Dot(test, i, base, j) / (Norm(test, i) * Norm(base, j));
+    for (tracin::Isa isa : tracin_test::RunnableIsas("TinyWeights")) {
+      std::vector<float> first;
+      for (const int scale : {-60, -50, 0})
+        for (const int threads : {1, 2}) {
+          Matrix train = base;
+          for (float& v : train.data) v = std::ldexp(v, scale);
+          tracin::Options o;
+          o.isa = isa;
+          o.normalize = 1;
+          o.num_threads = threads;
+          o.train_block = threads == 1 ? 0 : 7;
+          std::vector<float> out(exact.size());
+          const tracin::Status s = tracin::Scores(Full({test}), Full({train}), {w}, out.data(), o);
+          double worst = 0.0;
+          for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::abs(out[i] - exact[i]));
+          Check(s.ok() && worst <= 1e-5 * std::abs(w),
+                "tiny-weight cosine scores within the bound, scale 2^" + std::to_string(scale) + ", isa " +
+                    tracin::IsaName(isa) + ": error / bound " + std::to_string(worst / (1e-5 * std::abs(w))));
+          if (first.empty()) first = out;
+          Check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0,
+                std::string("tiny-weight cosine scores: the same bits at every train scale, isa ") +
+                    tracin::IsaName(isa));
+        }
+    }
+  }
+}
+
 int main() {
   std::printf("tracin kernel tests, isa %s\n", tracin::IsaName(tracin::DetectIsa()));
   TestScoresAndDeterminism();
@@ -1093,6 +1133,7 @@ int main() {
   TestOverflowNamesThePair();
   TestCosineRowsOfExtremeNorms();
   TestCosineScores();
+  TestCosineTinyWeights();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
 }

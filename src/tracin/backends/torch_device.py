@@ -354,7 +354,7 @@ class _DeviceTest:
             return cls(blocks, bad)
         sources = [rows.host_tensor(b, code) for b, code in zip(test.blocks, test.dtypes, strict=True)]
         in_place = [not normalize and t.data_ptr() == s.data_ptr() for t, s in zip(blocks, sources, strict=True)]
-        alphas, exponents, later = _fold_weights(blocks, test.factored, weights, in_place)
+        alphas, exponents, later = _fold_weights(blocks, test.factored, weights, in_place, cosine=bool(normalize))
         return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later)
 
     def column_sums(self) -> list[torch.Tensor]:
@@ -578,11 +578,17 @@ def _add_checkpoint(
 
 
 def _fold_weights(
-    blocks: list[torch.Tensor], factored: bool, weights: Sequence[float], in_place: Sequence[bool]
+    blocks: list[torch.Tensor],
+    factored: bool,
+    weights: Sequence[float],
+    in_place: Sequence[bool],
+    cosine: bool = False,
 ) -> tuple[list[float], torch.Tensor | None, dict[int, torch.Tensor] | None]:
     """The weights put on the test side's float32 blocks (a factored set's left factors) as the C++
     kernel packs them (csrc/src/engine.cpp, PackedTest): e_r is 0 unless row r's largest |w_c x value|
-    is below 2^-96 (e_r brings it to [2^-96, 2^-95)) or at least 2^127 (to [2^100, 2^101)); a
+    is below 2^-96 (e_r brings it to [2^-96, 2^-95)), for cosine scores (blocks of unit rows) below
+    2^-32 (to [2^-32, 2^-31): products with train rows of norm down to 2^-64, which _unit_scaled leaves
+    as they are, stay in float32's normal range, review55 F1), or at least 2^127 (to [2^100, 2^101)); a
     non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
     stay as they are and the GEMMs take the weights (returns (weights, None, None): no copy; a dot
     product of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the
@@ -612,7 +618,8 @@ def _fold_weights(
         product = mantissa * abs(math.frexp(w)[0])  # |w| top = product 2^(exponent + k_c + 1), in [0.25, 1)
         floor = exponent.long() + exps[c] + torch.where(product >= 0.5, 0, -1)  # floor(log2 |w| top)
         largest = torch.maximum(largest, torch.where(top > 0, floor, _NO_EXPONENT))
-    shift = torch.where(largest < -96, largest + 96, torch.where(largest >= 127, largest - 100, 0))
+    floor = _COSINE_FLOOR if cosine else -96
+    shift = torch.where(largest < floor, largest - floor, torch.where(largest >= 127, largest - 100, 0))
     shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
     if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
         return list(weights), None, None
@@ -631,6 +638,8 @@ def _fold_weights(
 _ALIGNMENT = 128  # float32 values in 512 bytes (_shifted)
 
 _NO_EXPONENT = -(2**40)
+_COSINE_FLOOR = -32
+"""_fold_weights: cosine scores lift rows whose largest weighted value is below 2^_COSINE_FLOOR (as the C++ kernel)."""
 """_fold_weights: the exponent of a row with no nonzero weighted value."""
 
 
