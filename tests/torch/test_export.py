@@ -454,3 +454,31 @@ def test_a_data_parallel_or_compiled_model_exports_the_rows_of_the_model_inside(
         assert got.metadata["params"] == want.metadata["params"]
         for a, b in zip(_arrays(got), _arrays(want), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"mode": "last_layer"},
+        {"mode": "factored"},
+        {"projection": tracin.Projection(16, per_layer=True, kronecker=True)},
+    ],
+    ids=["full", "last_layer", "factored", "kronecker"],
+)
+def test_data_and_checkpoints_made_under_inference_mode_give_the_rows_of_ordinary_tensors(kwargs):
+    """Was (review56 F6): torch's raw "Inference tensors cannot be saved for backward" (data) and "Setting
+    requires_grad=True on inference tensor outside InferenceMode" (a state_dict snapshot)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    state = copy.deepcopy(model.state_dict())
+    want = _arrays(export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False, batch_size=4, **kwargs))
+    with torch.inference_mode():
+        x_inf, y_inf = x.clone(), y.clone()
+        state_inf = {k: v.clone() for k, v in state.items()}
+    for data, ck in [((x_inf, y_inf), state), ((x, y), state_inf), ((x_inf, y_inf), state_inf)]:
+        got = _arrays(export_gradients(model, [(ck, 1.0)], data, LOSS, progress=False, batch_size=4, **kwargs))
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert x_inf.is_inference() and all(v.is_inference() for v in state_inf.values())  # the caller's as they were

@@ -911,7 +911,9 @@ def load_checkpoint(
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
     dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder.
     The tensors named in `written` (written_in_forward) of an in-memory checkpoint are copied, so the
-    forward leaves the caller's dict as it was; the others are used as they are (no copy of the model)."""
+    forward leaves the caller's dict as it was; the others are used as they are (no copy of the model),
+    but for tensors made under torch.inference_mode() (a snapshot taken in an evaluation loop), which
+    autograd cannot use: copied."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next(iter(reference.values())).device if reference else "cpu"
@@ -924,7 +926,11 @@ def load_checkpoint(
     state = _matched(_unwrap(obj, name), reference, skip, name)
     given = obj is source  # tensors read from a file are the loader's own
     return {
-        key: t.detach().to(device=reference[key].device, dtype=_dtype(t, reference[key]), copy=given and key in written)
+        key: t.detach().to(
+            device=reference[key].device,
+            dtype=_dtype(t, reference[key]),
+            copy=(given and key in written) or t.is_inference(),
+        )
         for key, t in state.items()
     }
 

@@ -162,10 +162,17 @@ class Batches:
                 whole = a == 0 and b == rows
                 yield (
                     start + a,
-                    inputs if whole else slice_rows(inputs, a, b),
-                    targets if whole else slice_rows(targets, a, b),
+                    _usable(inputs if whole else slice_rows(inputs, a, b)),
+                    _usable(targets if whole else slice_rows(targets, a, b)),
                 )
             start += rows
+
+
+def _usable(tree: Tree) -> Tree:
+    """`tree` with tensors made under torch.inference_mode(), which autograd cannot use, copied."""
+    if not any(t.is_inference() for t in tree_leaves(tree)):
+        return tree
+    return tree_map(lambda t: t.clone() if t.is_inference() else t, tree)
 
 
 def _split_pair(batch: Any, name: str) -> tuple[Tree, Tree]:
