@@ -63,8 +63,21 @@ def test_last_linear_is_the_last_to_run_not_the_last_defined():
     assert isinstance(linear_by_name(net, "fc"), nn.Linear)
     with pytest.raises(ValueError, match="'encoder' is ModuleDict"):
         linear_by_name(net, "encoder")
-    with pytest.raises(ValueError, match="is nothing"):
+    with pytest.raises(
+        ValueError,
+        match=r"'head' is no module of the model \(its nn.Linear modules: 'encoder.layer.0', 'encoder.layer.1', "
+        r"'encoder.layer.2', 'fc2', 'fc'\)",
+    ):
         linear_by_name(net, "head")
+    # was "'fc.weight' is nothing" (review56 F7)
+    with pytest.raises(
+        ValueError,
+        match=r"'fc.weight' is a parameter, not a module: give the name of its module "
+        r"\(Linear\), 'fc'$",
+    ):
+        linear_by_name(net, "fc.weight")
+    with pytest.raises(ValueError, match=r"'encoder.layer.1.bias' is a parameter.*\(Linear\), 'encoder.layer.1'$"):
+        linear_by_name(net, "encoder.layer.1.bias")
     conv = nn.Sequential(nn.Conv1d(1, 1, 1))
     with pytest.raises(ValueError, match="none ran"):
         last_linear(conv, lambda: conv(torch.randn(1, 1, 3)))

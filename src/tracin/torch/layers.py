@@ -91,11 +91,22 @@ def tied_first_names(model: nn.Module, buffers: bool = False) -> dict[str, str]:
 
 
 def linear_by_name(model: nn.Module, name: str) -> nn.Linear:
-    module = dict(model.named_modules()).get(name)
-    if not isinstance(module, nn.Linear):
-        found = type(module).__name__ if module is not None else "nothing"
-        raise ValueError(f"layers: mode='last_layer' needs the name of one nn.Linear module; {name!r} is {found}")
-    return module
+    """The nn.Linear module `name`; ValueError saying what `name` is otherwise (another module, a
+    parameter: its module's name given, no name of the model: its nn.Linear modules listed)."""
+    modules = dict(model.named_modules())
+    module = modules.get(name)
+    if isinstance(module, nn.Linear):
+        return module
+    start = f"layers: mode='last_layer' needs the name of one nn.Linear module; {name!r} is"
+    if module is not None:
+        raise ValueError(f"{start} {type(module).__name__}")
+    owner = name.rpartition(".")[0]
+    if name in dict(model.named_parameters(remove_duplicate=False)):
+        kind = type(modules[owner]).__name__
+        raise ValueError(f"{start} a parameter, not a module: give the name of its module ({kind}), {owner!r}")
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    shown = ", ".join(map(repr, linears[:8])) + (", ..." if len(linears) > 8 else "")
+    raise ValueError(f"{start} no module of the model (its nn.Linear modules: {shown or 'none'})")
 
 
 def last_linear(model: nn.Module, run_forward) -> str:
