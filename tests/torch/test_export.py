@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -482,3 +483,24 @@ def test_data_and_checkpoints_made_under_inference_mode_give_the_rows_of_ordinar
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
     assert x_inf.is_inference() and all(v.is_inference() for v in state_inf.values())  # the caller's as they were
+
+
+def test_an_export_under_autocast_warns_and_a_failed_first_rows_check_names_it():
+    """Was (review56 F5): full mode returned bfloat16-precision rows without a word, and last_layer refused
+    blaming a weight used outside its forward, a hook or batch mixing, none of which applied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ck = [(copy.deepcopy(model.state_dict()), 1.0)]
+    plain = export_gradients(model, ck, (x, y), LOSS, progress=False).matrices[0]
+    warned = r"called under torch.autocast \(cpu bfloat16\).*outside autocast for float32 gradients"
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match=warned) as caught:
+        rounded = export_gradients(model, ck, (x, y), LOSS, progress=False).matrices[0]
+    assert caught[0].filename == __file__
+    assert 1e-4 < np.abs(rounded - plain).max() / np.abs(plain).max() < 5e-2  # what the warning is about
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match=warned):
+        with pytest.raises(ValueError, match=r"disagree.*under torch.autocast, cpu bfloat16: its low-precision"):
+            export_gradients(model, ck, (x, y), LOSS, mode="last_layer", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        export_gradients(model, ck, (x, y), LOSS, progress=False)  # no autocast, no warning

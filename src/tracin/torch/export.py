@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from .data import (
     slice_rows,
     tree_map,
 )
+from .first_rows_check import active_autocast
 from .host_copy import HostCopier
 from .last_layer import LinearFactors
 from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
@@ -188,6 +190,7 @@ def export_gradients(
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
+    _warn_autocast()
     # gradients whatever the caller's context: evaluation code under torch.no_grad() or inference_mode()
     with torch.inference_mode(False), torch.enable_grad():
         entries = parse_checkpoints(checkpoints, model)
@@ -203,6 +206,20 @@ def export_gradients(
             if kronecker:
                 return export(framework, entries, options, framework.compute_rows.recorded())
             return export(framework, entries, options, row_transforms(projection, framework.segments))
+
+
+def _warn_autocast() -> None:
+    """A UserWarning when the caller runs the export under torch.autocast."""
+    active = active_autocast()
+    if active:
+        warnings.warn(
+            f"export_gradients is called under torch.autocast ({', '.join(active)}): the model runs in that "
+            "precision, so the gradients carry its rounding (relative errors near 1e-2 for bfloat16), and the "
+            "checks of the batched hooks, mode='last_layer' / 'factored' and kronecker=True on the first rows may "
+            "fail on it; call export_gradients outside autocast for float32 gradients",
+            UserWarning,
+            stacklevel=3,  # export_gradients' caller
+        )
 
 
 def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:

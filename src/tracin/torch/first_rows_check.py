@@ -270,6 +270,23 @@ def _autocast_dtype(device: str) -> torch.dtype | None:
     return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+def active_autocast() -> list[str]:
+    """'device dtype' of every torch.autocast active here (CPU, CUDA), e.g. ['cpu bfloat16']."""
+    found = ((device, _autocast_dtype(device)) for device in ("cpu", "cuda"))
+    return [f"{device} {str(dtype).removeprefix('torch.')}" for device, dtype in found if dtype is not None]
+
+
+def autocast_note() -> str:
+    """For a check's failure: ' (under torch.autocast ...: its rounding may be the cause)', when one is active."""
+    active = active_autocast()
+    if not active:
+        return ""
+    return (
+        f" (the export runs under torch.autocast, {', '.join(active)}: its low-precision rounding may be the "
+        "cause; call export_gradients outside autocast)"
+    )
+
+
 def _room_for(narrow: list[torch.Tensor]) -> bool:
     """False when the float32 copies of `narrow` would not fit in the free memory of their CUDA device
     (other devices: True, an allocation failure being caught instead)."""

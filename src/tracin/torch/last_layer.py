@@ -18,7 +18,7 @@ from torch import nn
 
 from .capture import NotCaptured, capture
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import DIRECTIONS, checked_rows, directions, directions_agree, one_row_error
+from .first_rows_check import DIRECTIONS, autocast_note, checked_rows, directions, directions_agree, one_row_error
 from .layer_rules import token_form
 from .layers import tied_first_names
 from .losses import LossFn, losses_of, random_forward
@@ -70,6 +70,7 @@ class LinearFactors:
                 "a weight also used outside its layer's forward, a forward hook changing a layer's output, or "
                 "a layer mixing the examples of a batch"
                 + (" (the forward draws random numbers, e.g. dropout with training=True)" if random else "")
+                + autocast_note()
                 + f". Use mode='full' with layers={self._full_layers()!r}."
             )
 

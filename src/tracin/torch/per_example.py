@@ -15,6 +15,7 @@ from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_sha
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import (
     agrees,
+    autocast_note,
     checked_rows,
     example_gradients,
     gap,
@@ -200,6 +201,7 @@ class PerExampleGradients:
                     "examples of a batch, or a parameter is also used outside its module's forward"
                     + (", or a layer ran on one example at a time" if self.hooks.expanded else "")
                     + self._one_at_a_time_layers(out.shape[0])
+                    + autocast_note()
                 )
             return False
         first, self.checked_one = not self.checked_one, True

@@ -47,6 +47,7 @@ from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
     agrees,
+    autocast_note,
     checked_rows,
     counts_tokens,
     largest_finite,
@@ -221,7 +222,9 @@ class KroneckerRows:
                 f"disagree with per-example autograd on the first rows beyond {dtype} rounding ("
                 + (f"{tokens} tokens; " if counts_tokens(dtype, widened) else "")
                 + "first_rows_check.tolerances): a layer mixes the examples of a batch, or its "
-                "weight is also used outside the module's forward. Either export them without kronecker "
+                "weight is also used outside the module's forward"
+                + autocast_note()
+                + ". Either export them without kronecker "
                 "(Projection(dim, per_layer=True)), or leave them out: "
                 + self._leaving_out([n for seg in bad for n in seg.names])
             )
