@@ -88,12 +88,13 @@ def export_gradients(
         cannot undo, through an alias or .data, are reported with a RuntimeWarning). A buffer a
         forward replaces by a tensor of another shape or dtype (a cache grown in forward) is kept,
         with a RuntimeWarning: the later forwards start from it, and the model keeps it afterwards.
-        Gradients are on whatever the caller's context (torch.no_grad() or torch.inference_mode() around
-        the call: evaluation code), which is restored after.
+        Gradients are taken whatever the caller's context (torch.no_grad() or torch.inference_mode()
+        around the call: evaluation code), which is restored after.
         It runs on the device of its parameters under torch's settings as they are: on a GPU, cuDNN
         convolutions use TF32 by default (relative errors near 1e-3); set
         torch.backends.cudnn.allow_tf32 = False (and keep float32 matmul precision "highest") for
-        float32 gradients.
+        float32 gradients. Under the caller's torch.autocast the gradients carry its rounding (a
+        UserWarning says so).
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (files with
         torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
