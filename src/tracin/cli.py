@@ -9,7 +9,7 @@ file that was there before (a FIFO, a device or a file with other hard links is 
 A signal whose exception something swallowed (JAX's gc callback does) still exits 128 + the signal's
 number; if the command ran to the end nonetheless, the message says so: its output was written.
 Strings from a store, which may come from elsewhere (ids, metadata keys), and error lines reach a
-terminal with control and format characters escaped (ESC as \\x1b): a store cannot drive the terminal.
+terminal with control characters and bidi controls escaped (ESC as \\x1b): a store cannot drive the terminal.
 CSV written to a file or pipe holds the ids as they are (CSV-quoted).
 """
 
@@ -230,7 +230,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, progress: bool | None) -> None:
     """`header`, then the `total` `rows`, written CSV_CHUNK at a time under a progress bar. On a
-    terminal, control and format characters in string cells (ids from a store) are written escaped
+    terminal, control characters and bidi controls in string cells (ids from a store) are written escaped
     (\\x1b), so that a store from elsewhere cannot drive the terminal; files and pipes get them as
     they are, CSV-quoted."""
     from itertools import islice

@@ -144,3 +144,14 @@ def test_metadata_keys_and_the_path_are_shown_with_control_characters_escaped(tm
             r"'tab\there', é中"
         )
         assert _line(text, "gradient store").startswith(f"gradient store  {tmp_path}/s\\x1b[2J  (format v")
+
+
+def test_printable_text_of_any_script_is_shown_as_it_is(tmp_path):
+    """Only what could drive or garble a terminal is escaped: an ideographic space, a zero-width joiner
+    inside an emoji, a soft hyphen and private-use characters are text (Python calls them unprintable)."""
+    keys = ["日本語\u3000全角", "👨\u200d👩\u200d👧", "soft\u00adhyphen", "\ue000private", "C1\x9bcsi", "sep\u2028line"]
+    w = tracin.GradientStore.create(tmp_path / "s", 2, [2], metadata=dict.fromkeys(keys, 1))
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    w.finalize()
+    shown = _line(describe(tmp_path / "s"), "metadata").removeprefix("metadata        ")
+    assert shown.split(", ") == [k if k in keys[:4] else repr(k) for k in sorted(keys)]

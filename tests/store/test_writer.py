@@ -326,3 +326,13 @@ def test_an_empty_path_is_refused_naming_the_argument_not_taken_as_the_current_f
         with pytest.raises(ValueError, match=r"^path must name a gradient store folder, got ''"):
             call()
     assert tracin.GradientStore.open(".").n_rows == 2  # the current folder, asked for
+
+
+def test_string_ids_that_utf8_cannot_encode_are_refused_naming_the_row(tmp_path):
+    """A lone surrogate could be stored but not written out by tracin score / self-influence."""
+    with pytest.raises(ValueError, match=r"^ids\[2\] = 'b\\ud800' holds a lone surrogate"):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2], ids=["é", "中", "b\ud800"])
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    w = tracin.GradientStore.create(tmp_path / "t", 2, [2], ids=["é", "👨\u200d👩\u200d👧"])
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    assert w.finalize().ids.tolist() == ["é", "👨\u200d👩\u200d👧"]

@@ -326,7 +326,29 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
         raise ValueError(f"ids must be a 1-D sequence of {n_rows} entries (one per row), got shape {arr.shape}")
     if arr.dtype.kind not in "iuU":
         raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}")
+    if arr.dtype.kind == "U":
+        _check_encodable(arr)
     return arr
+
+
+def _check_encodable(ids: np.ndarray) -> None:
+    """ValueError naming the first string id that UTF-8 cannot encode (a lone surrogate, '\\ud800'): it
+    could be stored, but not written out (tracin score / self-influence would fail on it)."""
+    try:
+        "".join(ids.tolist()).encode("utf-8")
+    except UnicodeEncodeError:
+        row = next(r for r, text in enumerate(ids.tolist()) if not _encodes(text))
+        raise ValueError(
+            f"ids[{row}] = {str(ids[row])!r} holds a lone surrogate, which UTF-8 cannot encode: give ids as valid text"
+        ) from None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str) -> Manifest:
@@ -396,7 +418,9 @@ def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
     of an interrupted create (marked by CREATING) unless overwrite=True (they could be a user's own
     checkpoint_000.npy), and none a directory (a store never removes one). Every refusal comes here,
     before the marker is made and anything removed: a refused overwrite leaves the old store whole."""
-    names = [p.name for p in root.iterdir()]
+    with os.scandir(root) as entries:
+        listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]  # d_type: no stat per file
+    names = [n for n, _ in listed]
     foreign = [n for n in names if not is_own_file(n)]
     if foreign and MANIFEST in names:
         raise ValueError(
@@ -413,7 +437,7 @@ def _clearable(root: Path, overwrite: bool, advice: str | None) -> list[str]:
             f"{root} holds {_listing(names)} but no {MANIFEST}, so it is not a store tracin wrote: "
             + (advice or "pass overwrite=True to replace these files, or choose an empty or new directory")
         )
-    for n in names:  # remove_if_present would refuse one halfway, the old manifest gone
+    for n in (n for n, is_dir in listed if is_dir):  # remove_if_present would refuse one halfway, the old manifest gone
         _refuse_directory(root / n)
     return names
 

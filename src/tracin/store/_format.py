@@ -11,6 +11,7 @@ import json
 import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -392,14 +393,26 @@ def short(x: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+# Shown escaped on a terminal: control characters (C0 and C1: ESC, CSI \x9b, BEL, newline), line and
+# paragraph separators, lone surrogates, and the bidi controls that reorder what follows. Other
+# characters Python calls unprintable (an ideographic space, a zero-width joiner inside an emoji, private
+# use, characters newer than Python's Unicode tables) are ordinary text there.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe(c: str) -> bool:
+    return c in _BIDI_CONTROLS or unicodedata.category(c) in _UNSAFE_CATEGORIES
+
+
 def printable(text: str) -> str:
-    """`text` with every character that is not printable written as its Python escape: control
-    characters (ESC \\x1b, BEL \\x07, newline \\n) and Unicode format characters (bidi overrides
-    \\u202e). For strings from a store (metadata keys, ids) shown on a terminal: a store from elsewhere
-    cannot send escape sequences to it (set its title, clear or recolour it, hide text)."""
-    if text.isprintable():
+    """`text` with every character that could drive or garble a terminal written as its Python escape:
+    control characters (ESC \\x1b, BEL \\x07, newline \\n), line separators, lone surrogates and bidi
+    controls (\\u202e). For strings from a store (metadata keys, ids) shown on a terminal: a store from
+    elsewhere cannot send escape sequences to it (set its title, clear or recolour it, hide text)."""
+    if text.isprintable() or not any(map(_unsafe, text)):
         return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if _unsafe(c) else c for c in text)
 
 
 def check_ranges(ranges: Any, start: int, stop: int, fail: Callable[[str], Exception], name: str) -> None:

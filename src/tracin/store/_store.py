@@ -430,7 +430,8 @@ class GradientStore(GradientSet):
     def describe(self) -> str:
         """A few human-readable lines: rows, checkpoints, dims, dtype, size on disk, complete or not.
         Strings from the store (metadata keys; also the path) are shown safe for a terminal: a key with a
-        control or format character (ESC, BEL, newline, a bidi override) as its repr, '\\x1b[2J'."""
+        control character (ESC, BEL, newline), line separator, lone surrogate or bidi control (U+202E)
+        as its repr, '\\x1b[2J'."""
         i = self.info()
         if i["complete"]:
             state = "yes"
@@ -457,7 +458,7 @@ class GradientStore(GradientSet):
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
         if i["metadata"]:
-            keys = (k if k.isprintable() else repr(k) for k in sorted(i["metadata"]))
+            keys = (k if printable(k) == k else repr(k) for k in sorted(i["metadata"]))
             lines.append(f"metadata        {', '.join(keys)}")
         return "\n".join(lines)
 
