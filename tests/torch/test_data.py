@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import warnings
 from collections import UserDict
 
@@ -700,13 +701,86 @@ def _loss_with_options(outputs, targets, smoothing=0.0, *rest):
         (_keyword_only_loss, r"_keyword_only_loss\(outputs, \*, targets\) cannot take them"),
     ],
 )
-def test_a_loss_fn_that_cannot_take_outputs_and_targets_is_refused_up_front(loss_fn, shown):
+def test_a_loss_fn_that_cannot_take_outputs_and_targets_says_how_it_is_called(loss_fn, shown):
     """Was (review56 F3): torch's raw "<lambda>() takes 1 positional argument but 2 were given", raised
-    from inside tracin after a forward pass, with no word of how tracin calls loss_fn."""
+    from inside tracin after a forward pass, with no word of how tracin calls loss_fn. Explained after the
+    call's TypeError (review60 F1: not up front), which it names."""
     model = nn.Linear(4, 3)
     data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
-    with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(outputs, targets\).*" + shown):
+    with pytest.raises(
+        TypeError, match=r"loss_fn is called as loss_fn\(outputs, targets\).*" + shown + r".*\(the call raised: .+\)"
+    ):
         export_gradients(model, [(model.state_dict(), 1.0)], data, loss_fn, progress=False)
+
+
+class _CallSuppliesReduction(nn.Module):
+    """__call__ supplies forward's third argument."""
+
+    def __call__(self, outputs, targets):
+        return self.forward(outputs, targets, "none")
+
+    def forward(self, outputs, targets, reduction):
+        return nn.functional.cross_entropy(outputs, targets, reduction=reduction)
+
+
+class _HookSuppliesReduction(nn.Module):
+    """A forward pre-hook appends forward's third argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_forward_pre_hook(lambda module, args: (*args, "none"))
+
+    def forward(self, outputs, targets, reduction):
+        return nn.functional.cross_entropy(outputs, targets, reduction=reduction)
+
+
+def _supplying_reduction(loss):
+    @functools.wraps(loss)  # inspect.signature reports loss's three arguments
+    def wrapper(outputs, targets):
+        return loss(outputs, targets, "none")
+
+    return wrapper
+
+
+@_supplying_reduction
+def _wrapped_cross_entropy(outputs, targets, reduction):
+    return nn.functional.cross_entropy(outputs, targets, reduction=reduction)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [_CallSuppliesReduction(), _HookSuppliesReduction(), _wrapped_cross_entropy],
+    ids=["call", "pre_hook", "wraps"],
+)
+def test_loss_fns_whose_signature_shows_more_arguments_than_the_call_takes_are_accepted(loss_fn, mode):
+    """Was (review60 F1): refused up front as unable to take (outputs, targets), from forward's or the wrapped
+    function's signature, though each works called so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ck = [(model.state_dict(), 1.0)]
+    plain = nn.CrossEntropyLoss(reduction="none")
+    want = export_gradients(model, ck, (x, y), plain, mode=mode, progress=False)
+    got = export_gradients(model, ck, (x, y), loss_fn, mode=mode, progress=False)
+    blocks = ("matrices",) if mode == "full" else ("left", "right")
+    for block in blocks:
+        for g, w in zip(getattr(got, block), getattr(want, block), strict=True):
+            np.testing.assert_array_equal(g, w)
+    if mode == "full":
+        reference = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(6)], plain)
+        np.testing.assert_allclose(got.matrices[0], reference, rtol=1e-5, atol=1e-7)
+
+
+def test_a_type_error_inside_a_loss_fn_that_takes_outputs_and_targets_surfaces_unchanged():
+    def loss_fn(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none", smoothing=0.1)
+
+    model = nn.Linear(4, 3)
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    with pytest.raises(TypeError, match="smoothing") as caught:
+        export_gradients(model, [(model.state_dict(), 1.0)], data, loss_fn, progress=False)
+    assert "loss_fn is called as" not in str(caught.value)
 
 
 def test_loss_fns_taking_outputs_and_targets_among_other_arguments_are_accepted():

@@ -1,4 +1,4 @@
-"""The loss function: checked up front, run on a model with a checkpoint's tensors swapped in, and
+"""The loss function: checked up front (callable, reduction), run on a model with a checkpoint's tensors swapped in, and
 its output checked (one loss per example, depending on the parameters); activation checkpointing,
 which per-example gradients cannot run through, refused."""
 
@@ -26,11 +26,11 @@ _NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    """Refuses non-callables, callables whose signature cannot take (outputs, targets) positionally, and
-    loss modules with a reduction other than 'none', up front."""
+    """Refuses non-callables and loss modules with a reduction other than 'none', up front. Its signature is
+    not checked here: a module's __call__ or forward pre-hook, or a functools.wraps wrapper, may supply
+    arguments its signature shows; a call's TypeError is explained (loss_mismatch) when it does not bind."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    _check_arity(loss_fn)
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction != "none":
         raise ValueError(
@@ -39,23 +39,30 @@ def check_loss_fn(loss_fn: object) -> None:
         )
 
 
-def _check_arity(loss_fn: object) -> None:
-    """TypeError when loss_fn's signature (a module's forward) cannot take two positional arguments; a
-    callable without a signature Python can read (a builtin) is taken as it is."""
-    target = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+def loss_mismatch(loss_fn: object, error: TypeError) -> str | None:
+    """Why loss_fn cannot be called as loss_fn(outputs, targets), for the TypeError `error` its call raised:
+    its signature (a module's forward, unless the module overrides __call__) does not bind two positional
+    arguments. None when it binds, its signature is unknown (a builtin), or a forward pre-hook may change the
+    arguments."""
+    target: object = loss_fn
+    if isinstance(loss_fn, nn.Module) and type(loss_fn).__call__ is nn.Module.__call__:
+        if loss_fn._forward_pre_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return None
+        target = loss_fn.forward
     try:
         signature = inspect.signature(target)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return
+        return None
     try:
         signature.bind(None, None)
     except TypeError as e:
         name = getattr(target, "__qualname__", type(loss_fn).__name__)
-        raise TypeError(
+        return (
             f"loss_fn is called as loss_fn(outputs, targets): the model's outputs and the batch's targets, two "
             f"positional arguments, returning one loss per example; {name}{signature} cannot take them ({e}). "
-            "Wrap it, e.g. lambda outputs, targets: ..."
-        ) from None
+            f"Wrap it, e.g. lambda outputs, targets: ... (the call raised: {error})"
+        )
+    return None
 
 
 def check_losses(losses: object, rows: int) -> None:
@@ -94,8 +101,16 @@ def losses_of(
     targets: Tree,
     tie_weights: bool = True,
 ) -> torch.Tensor:
-    """loss_fn(model(inputs) with `state`'s tensors, targets)."""
-    return loss_fn(call_model(model_caller(model, state, tie_weights), inputs), targets)
+    """loss_fn(model(inputs) with `state`'s tensors, targets); a TypeError of the loss call explained when
+    loss_fn's signature cannot take (outputs, targets) (loss_mismatch)."""
+    outputs = call_model(model_caller(model, state, tie_weights), inputs)
+    try:
+        return loss_fn(outputs, targets)
+    except TypeError as e:
+        why = loss_mismatch(loss_fn, e)
+        if why is None:
+            raise
+        raise TypeError(why) from e
 
 
 def random_forward(
