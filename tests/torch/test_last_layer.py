@@ -248,6 +248,59 @@ def test_last_layer_on_a_tied_head_is_its_gradient_through_the_head():
         export_gradients(model, ckpt, (ids, y), LOSS, layers=["dec"], progress=False)
 
 
+class SharedLinear(nn.Module):
+    """One nn.Linear under two names (self.b = self.a), called once, as b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = self.a
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.b(x))).tanh()
+
+
+@pytest.mark.parametrize("layers", [["a"], ["b"]])
+def test_last_layer_on_a_module_shared_under_two_names_takes_either_name(layers):
+    """Was (review60 F2): layers=["b"] refused as "no module of the model", and layers=["a"] failed in the
+    first-rows check (its derivative perturbed the weight under the name 'a' only: the forward reads it as
+    'b'). Oracle: float64 autograd of the shared weight."""
+    torch.manual_seed(0)
+    model = SharedLinear()
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode="last_layer", layers=layers, progress=False)
+    assert g.metadata["last_layer"]["layer"] == "a"
+    assert [p["name"] for p in g.metadata["params"]] == ["a.weight", "a.bias"]
+    want = float64_rows(model, state, x, y, LOSS, ["a.weight", "a.bias"])
+    np.testing.assert_allclose(as_full(g.left[0], g.right[0]), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "factored"])
+def test_an_export_leaves_a_module_shared_under_two_names_its_own_parameters(mode):
+    """Was: torch.func.functional_call left the shared Linear holding the last checkpoint's tensors (plain
+    tensors, not its parameters) after every export; mode='factored' refused its factors as disagreeing."""
+    torch.manual_seed(0)
+    model = SharedLinear()
+    own = [(p, p.detach().clone()) for p in model.parameters()]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    state = {k: v + 0.25 for k, v in model.state_dict().items()}
+    g = export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode=mode, progress=False)
+    assert model.a is model.b and isinstance(model.a.weight, nn.Parameter)
+    assert [p for p in model.parameters()] == [p for p, _ in own]
+    assert all(torch.equal(p, copy) for p, copy in own)
+    names = ["a.weight", "a.bias", "fc.weight", "fc.bias"]
+    want = float64_rows(model, state, x, y, LOSS, names)
+    if mode == "full":
+        np.testing.assert_allclose(g.matrices[0], want, rtol=1e-5, atol=1e-7)
+    else:
+        got = [as_full(left, right) for left, right in zip(g.left[0:], g.right[0:], strict=True)]
+        layers = [lf.shape[1] * rt.shape[1] for lf, rt in zip(g.left, g.right, strict=True)]
+        wanted = want[:, -layers[0] :] if mode == "last_layer" else want
+        np.testing.assert_allclose(np.concatenate(got, axis=1), wanted, rtol=1e-5, atol=1e-7)
+
+
 def test_per_token_tied_head_refusal_suggests_the_first_name():
     class PerTokenTied(TiedHead):
         def forward(self, ids):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tracin.torch.layers import last_linear, linear_by_name, select_parameters
+from tracin.torch.layers import last_linear, linear_by_name, linear_name, select_parameters
 
 
 class Net(nn.Module):
@@ -55,6 +55,37 @@ def test_unmatched_patterns_list_the_modules():
         select_parameters(Net(), [3])
     with pytest.raises(TypeError, match="layers must be"):
         select_parameters(Net(), [])
+
+
+class _SharedAndScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = self.a  # one module, two names
+        self.scale = nn.Parameter(torch.ones(3))  # the model's own parameter
+
+    def forward(self, x):
+        return self.b(x) * self.scale
+
+
+def test_a_shared_modules_second_name_and_the_models_own_parameter_are_named_usably():
+    """Was (review60 F2): "'b' is no module of the model", a raw KeyError 'b' for 'b.weight', and for the
+    model's own parameter "give the name of its module (_SharedAndScaled), ''"."""
+    net = _SharedAndScaled()
+    assert linear_by_name(net, "b") is net.a
+    assert linear_name(net, "b") == linear_name(net, "a") == "a"
+    with pytest.raises(
+        ValueError,
+        match=r"'b.weight' is a parameter, not a module: give the name of its module "
+        r"\(Linear\), 'b'$",
+    ):
+        linear_by_name(net, "b.weight")
+    with pytest.raises(
+        ValueError,
+        match=r"'scale' is a parameter of the model \(_SharedAndScaled\) itself, not of an nn.Linear module "
+        r"\(its nn.Linear modules: 'a', 'b'\)$",
+    ):
+        linear_by_name(net, "scale")
 
 
 def test_last_linear_is_the_last_to_run_not_the_last_defined():

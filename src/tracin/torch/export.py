@@ -47,7 +47,7 @@ from .data import (
 from .first_rows_check import active_autocast
 from .host_copy import HostCopier
 from .last_layer import LinearFactors
-from .layers import EXAMPLE, last_linear, linear_by_name, linear_modules_of, select_parameters, tied_first_names
+from .layers import EXAMPLE, last_linear, linear_modules_of, linear_name, select_parameters, tied_first_names
 from .losses import check_loss_fn, check_loss_on
 from .model_fingerprint import model_digest
 from .per_example import PerExampleGradients
@@ -440,8 +440,7 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
     if layers is not None:
         if len(layers) != 1:
             raise ValueError(f"layers: mode='last_layer' takes one nn.Linear module name, got {layers}")
-        linear_by_name(model, layers[0])
-        return layers[0]
+        return linear_name(model, layers[0])  # a module shared under several names: its first
     first = first_row(batches)
     if first is None:
         raise ValueError("data has no rows")

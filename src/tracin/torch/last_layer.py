@@ -32,6 +32,10 @@ class LinearFactors:
         modules = dict(model.named_modules())
         self.layers = [modules[n] for n in names]
         self.tied = tied_first_names(model)  # {second name: first name}
+        # every name of each layer (a module shared as self.b = self.a is one layer under two names)
+        self.aliases = [
+            [n for n, m in model.named_modules(remove_duplicate=False) if m is layer] for layer in self.layers
+        ]
         self.checked = False
 
     @property
@@ -131,14 +135,17 @@ class LinearFactors:
         device (compared there with the factors); `apart` has every name of a tied tensor
         (tie_weights=False: only this layer's uses of its weight are perturbed)."""
         ts, perturbed = [], {}
-        for name, layer, (u, v) in zip(self.names, self.layers, dirs, strict=True):
+        for name, layer, aliases, (u, v) in zip(self.names, self.layers, self.aliases, dirs, strict=True):
             t = torch.zeros(DIRECTIONS, device=u.device, requires_grad=True)
             ut = (u * t[:, None]).T  # (out, DIRECTIONS)
             weight = apart[f"{name}.weight"]
-            perturbed[f"{name}.weight"] = weight + (ut @ v[:, : layer.in_features]).to(weight.dtype)
-            if layer.bias is not None:
-                bias = apart[f"{name}.bias"]
-                perturbed[f"{name}.bias"] = bias + (ut @ v[:, -1]).to(bias.dtype)
+            weight = weight + (ut @ v[:, : layer.in_features]).to(weight.dtype)
+            bias = None if layer.bias is None else apart[f"{name}.bias"]
+            bias = None if bias is None else bias + (ut @ v[:, -1]).to(bias.dtype)
+            for alias in aliases:  # the module under each of its names: all its calls perturbed
+                perturbed[f"{alias}.weight"] = weight
+                if bias is not None:
+                    perturbed[f"{alias}.bias"] = bias
             ts.append(t)
         with torch.enable_grad():
             loss = losses_of(self.model, {**apart, **perturbed}, self.loss_fn, inputs, targets, False).sum()

@@ -91,22 +91,35 @@ def tied_first_names(model: nn.Module, buffers: bool = False) -> dict[str, str]:
 
 
 def linear_by_name(model: nn.Module, name: str) -> nn.Linear:
-    """The nn.Linear module `name`; ValueError saying what `name` is otherwise (another module, a
-    parameter: its module's name given, no name of the model: its nn.Linear modules listed)."""
-    modules = dict(model.named_modules())
+    """The nn.Linear module `name` (any of a shared module's names); ValueError saying what `name` is
+    otherwise (another module, a parameter: its module's name given, no name of the model: its nn.Linear
+    modules listed)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     module = modules.get(name)
     if isinstance(module, nn.Linear):
         return module
     start = f"layers: mode='last_layer' needs the name of one nn.Linear module; {name!r} is"
     if module is not None:
         raise ValueError(f"{start} {type(module).__name__}")
-    owner = name.rpartition(".")[0]
-    if name in dict(model.named_parameters(remove_duplicate=False)):
-        kind = type(modules[owner]).__name__
-        raise ValueError(f"{start} a parameter, not a module: give the name of its module ({kind}), {owner!r}")
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     shown = ", ".join(map(repr, linears[:8])) + (", ..." if len(linears) > 8 else "")
+    owner = name.rpartition(".")[0]
+    if name in dict(model.named_parameters(remove_duplicate=False)):
+        if not owner:
+            raise ValueError(
+                f"{start} a parameter of the model ({type(model).__name__}) itself, not of an nn.Linear module "
+                f"(its nn.Linear modules: {shown or 'none'})"
+            )
+        kind = type(modules[owner]).__name__
+        raise ValueError(f"{start} a parameter, not a module: give the name of its module ({kind}), {owner!r}")
     raise ValueError(f"{start} no module of the model (its nn.Linear modules: {shown or 'none'})")
+
+
+def linear_name(model: nn.Module, name: str) -> str:
+    """The first name (named_modules()'s) of the nn.Linear module `name`, which may be a second name of a
+    module shared under several; ValueError as linear_by_name otherwise."""
+    module = linear_by_name(model, name)
+    return next(n for n, m in model.named_modules() if m is module)
 
 
 def last_linear(model: nn.Module, run_forward) -> str:

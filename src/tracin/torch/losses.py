@@ -89,8 +89,34 @@ def model_caller(
     model: nn.Module, state: Mapping[str, torch.Tensor], tie_weights: bool = True
 ) -> Callable[..., object]:
     """A callable running `model` with the tensors of `state` in place of its own (tie_weights=False:
-    each name of a tied tensor takes its own entry of `state`, as torch.func.functional_call)."""
-    return lambda *args, **kwargs: functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
+    each name of a tied tensor takes its own entry of `state`, as torch.func.functional_call). A module
+    reached under several names (self.b = self.a) gets its own tensors back after each call: functional_call
+    swaps them in under each name and puts back what it found under the second, its own first tensor (torch
+    2.x), which left the caller's model holding a checkpoint's tensors in place of its parameters."""
+    shared = _shared_modules(model)
+
+    def call(*args, **kwargs):
+        if not shared:
+            return functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
+        saved = [(slots, dict(slots)) for m in shared for slots in (m._parameters, m._buffers)]
+        try:
+            return functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
+        finally:
+            for slots, own in saved:
+                slots.update(own)
+
+    return call
+
+
+def _shared_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules of `model` reached under more than one name."""
+    seen: set[int] = set()
+    shared: dict[int, nn.Module] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            shared[id(m)] = m
+        seen.add(id(m))
+    return list(shared.values())
 
 
 def losses_of(
