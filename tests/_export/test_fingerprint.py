@@ -900,6 +900,87 @@ def test_a_compiled_or_data_parallel_loss_module_digests_the_forward_it_wraps():
         assert callable_identity(wrap(_made(edited, "Loss"))) != identity
 
 
+_SCRIPTED = """
+import torch
+import torch.nn.functional as F
+
+
+def plain(o, t):
+    return F.cross_entropy(o, t, reduction="none")
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self, scale, weight=None):
+        super().__init__()
+        self.inner = torch.nn.CrossEntropyLoss(weight=weight, reduction="none")
+        self.scale = scale
+
+    def forward(self, o, t):
+        return self.inner(o, t) * self.scale
+"""
+
+_SCRIPTED_IDENTITIES = """
+import importlib.util, json, sys
+import torch
+spec = importlib.util.spec_from_file_location("scriptedloss", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+from tracin._export.fingerprint import callable_identity
+made = [torch.jit.script(mod.plain), torch.jit.script(torch.nn.CrossEntropyLoss(reduction="none")),
+        torch.jit.script(mod.Scaled(2.0))]
+print(json.dumps([callable_identity(f) for f in made]))
+"""
+
+
+def _scripted_module(path, source: str) -> typing.Any:
+    import importlib.util
+
+    path.write_text(source)  # torch.jit.script reads the source from its file
+    spec = importlib.util.spec_from_file_location("scriptedloss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_torch_script_loss_is_identified_by_its_code_settings_and_tensors(tmp_path):
+    """Was (review60 note): torch.jit.script(nn.CrossEntropyLoss(reduction="none")) crashed export with
+    AttributeError ('OrderedModuleDict' object has no attribute 'get'); a scripted function was named by
+    its type and a repr with no name or code (any two the same). Now: its TorchScript code, the settings
+    its modules hold and their tensors; the same in a fresh process (TorchScript mangles the names of a
+    class scripted twice in one process)."""
+    import subprocess
+
+    torch = pytest.importorskip("torch")
+    mod = _scripted_module(tmp_path / "scriptedloss.py", _SCRIPTED)
+    script = torch.jit.script
+    ce = callable_identity(script(torch.nn.CrossEntropyLoss(reduction="none")))
+    assert ce.startswith("torch.jit.ScriptModule CrossEntropyLoss torch_script=")
+    assert callable_identity(script(torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1))) != ce
+    weighted = [
+        callable_identity(script(torch.nn.CrossEntropyLoss(weight=w, reduction="none")))
+        for w in (torch.ones(3), torch.ones(3), torch.tensor([1.0, 2.0, 1.0]))
+    ]
+    assert weighted[0] == weighted[1] != weighted[2] and " arrays[weight]=" in weighted[0]
+    scaled = [callable_identity(script(mod.Scaled(s))) for s in (2.0, 3.0, 2.0)]
+    assert scaled[0] == scaled[2] != scaled[1] and scaled[0].startswith("torch.jit.ScriptModule Scaled ")
+    plain = callable_identity(script(mod.plain))
+    assert plain.startswith("torch.jit.ScriptFunction __torch__.scriptedloss.plain torch_script=")
+    (tmp_path / "moved").mkdir()
+    moved = _scripted_module(tmp_path / "moved" / "scriptedloss.py", "# a comment\n\n" + _SCRIPTED)
+    assert callable_identity(script(moved.plain)) == plain  # its file and lines are not read
+    (tmp_path / "edited").mkdir()
+    smoothed = _SCRIPTED.replace('reduction="none")\n', 'reduction="none", label_smoothing=0.2)\n', 1)
+    edited = _scripted_module(tmp_path / "edited" / "scriptedloss.py", smoothed)
+    assert callable_identity(script(edited.plain)) != plain
+    fresh = subprocess.run(
+        [sys.executable, "-c", _SCRIPTED_IDENTITIES, str(tmp_path / "scriptedloss.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(fresh.stdout) == [plain, ce, scaled[0]]
+
+
 def test_callable_identity_is_safe_to_call_from_threads():
     """review8 S2: beyond 256 closure identities, evicting the oldest memo entry while another thread
     added one raised RuntimeError or KeyError in an unrelated export."""

@@ -772,6 +772,23 @@ def test_loss_fns_whose_signature_shows_more_arguments_than_the_call_takes_are_a
         np.testing.assert_allclose(got.matrices[0], reference, rtol=1e-5, atol=1e-7)
 
 
+def test_a_torch_script_loss_module_gives_the_plain_losss_rows():
+    """Was (review60 note): AttributeError 'OrderedModuleDict' object has no attribute 'get', from the loss's
+    fingerprint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    ck = [(model.state_dict(), 1.0)]
+    plain = nn.CrossEntropyLoss(reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated in torch 2.x
+        scripted = torch.jit.script(nn.CrossEntropyLoss(reduction="none"))
+    got = export_gradients(model, ck, (x, y), scripted, progress=False)
+    want = export_gradients(model, ck, (x, y), plain, progress=False)
+    np.testing.assert_array_equal(got.matrices[0], want.matrices[0])
+    assert got.metadata["fingerprints"]["loss"].startswith("torch.jit.ScriptModule CrossEntropyLoss torch_script=")
+
+
 def test_a_type_error_inside_a_loss_fn_that_takes_outputs_and_targets_surfaces_unchanged():
     def loss_fn(outputs, targets):
         return nn.functional.cross_entropy(outputs, targets, reduction="none", smoothing=0.1)

@@ -285,6 +285,9 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         return f"partial({inner}, {stable_repr(fn.args)}, {stable_repr(fn.keywords)})" + (
             f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
         )
+    script = _script_identity(fn)
+    if script is not None:
+        return script
     h = _hasher()
     if mode == "full":
         _digest_wrappers(fn, h)
@@ -317,11 +320,62 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         )
         if mode == "full":
             _digest_class_methods(kind, h)
+            modules = getattr(fn, "__dict__", {}).get("_modules")
             for inner in ("_orig_mod", "module"):  # torch.compile's OptimizedModule, nn.DataParallel
-                held = getattr(fn, "__dict__", {}).get("_modules", {}).get(inner)
+                held = modules.get(inner) if isinstance(modules, dict) else None
                 if held is not None:
                     _digest_class_methods(type(held), h)
     return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
+
+
+_MANGLED = re.compile(r"___torch_mangle_\d+\.")  # TorchScript's per-process suffix of a class compiled twice
+
+
+def _script_identity(fn: Any) -> str | None:
+    """A torch.jit.script'ed function or module (None for anything else): "torch.jit.ScriptFunction
+    <qualified name>" or "torch.jit.ScriptModule <original class name>", then the digest of its TorchScript
+    code as "torch_script=<digest>" (a module's: each submodule's, by name, with its original class name
+    and the values of its attributes and constants: reduction, label_smoothing...; TorchScript's mangled
+    class names left out, and the source locations graphs carry not read), then, when it holds tensors
+    (parameters, buffers, tensor attributes: class weights), their names and digest as
+    "arrays[weight]=<digest>". Not covered: scripted functions it calls by name (their code)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if isinstance(fn, torch.jit.ScriptFunction):
+        name, modules = f"torch.jit.ScriptFunction {_MANGLED.sub('', fn.qualified_name)}", [("", fn)]
+    elif isinstance(fn, torch.jit.ScriptModule):
+        name = f"torch.jit.ScriptModule {getattr(fn, 'original_name', type(fn).__name__)}"
+        modules = list(fn.named_modules(remove_duplicate=False))
+    else:
+        return None
+    parts, tensors = [], {}
+    for path, m in modules:
+        try:
+            code = m.code
+        except RuntimeError:  # a module without a forward (a container its parent calls into)
+            code = ""
+        parts.append(f"[{path}] {getattr(m, 'original_name', '')}\n{_MANGLED.sub('', code)}")
+        concrete = getattr(m, "_concrete_type", None)  # absent on a torch.jit.load'ed module
+        if concrete is not None:
+            for k, v in sorted(concrete.get_constants().items()):
+                parts.append(f"const {k}={stable_repr(v)}")
+            for k in sorted(concrete.get_attributes()):
+                if k == "training" or k.startswith("_"):
+                    continue
+                v = getattr(m, k, None)
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{path}.{k}" if path else k] = v
+                else:
+                    parts.append(f"attr {k}={stable_repr(v)}")
+    if isinstance(fn, torch.nn.Module):
+        tensors.update(fn.state_dict())
+    h = _hasher()
+    h.update("\n".join(parts).encode())
+    arrays = dict(sorted(tensors.items()))
+    return f"{name} torch_script={h.hexdigest()}" + (
+        f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
+    )
 
 
 def _bound_object(fn: Any) -> Any:
