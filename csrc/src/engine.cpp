@@ -187,8 +187,10 @@ class PackedTest {
     const auto blocks = static_cast<std::int64_t>(test.blocks.size());
     std::atomic<bool> stop{false};
     std::atomic<std::uint32_t> all{0};
-    // Per block and row, the OR of PackPanel's flags over the row (each task writes its own entries).
-    std::vector<std::uint32_t> row_flags(static_cast<std::size_t>(blocks * count), 0u);
+    // Per block and row, the OR of PackPanel's flags and of its cosine flags over the row (each task
+    // writes its own entries).
+    const auto entries = static_cast<std::size_t>(blocks * count);
+    std::vector<std::uint32_t> row_flags(2 * entries, 0u);
     const int workers = data_.size() * sizeof(float) >= kParallelPackBytes ? threads : 1;
     const Status status = ParallelFor(blocks * panels, workers, stop, cancel, [&](std::int64_t task, int) {
       const auto b = static_cast<std::size_t>(task / panels);
@@ -197,17 +199,22 @@ class PackedTest {
       std::uint32_t* flags_of_rows = row_flags.data() + b * static_cast<std::size_t>(count);
       const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b), exponents,
                                             ScalesOf(test, b, normalize), begin, count, task % panels, nr,
-                                            flags_of_rows);
+                                            flags_of_rows, flags_of_rows + entries);
       all |= flags;
       if (flags & 0x80000000u) stop = true;  // NaN or Inf
     });
     outcome.finite = (all & 0x80000000u) == 0;
     outcome.tiny = false;
+    // Cosine scores read the cosine flags (stored after the plain ones; no sign bit to drop: it can
+    // only be set by a value above 2^96), other scores the plain ones.
+    const std::size_t first = normalize > 0 ? entries : 0;
+    const std::uint32_t mask = normalize > 0 ? 0xffffffffu : 0x7fffffffu;
+    const std::uint32_t below = normalize > 0 ? kCosineTinyBits : kTinyBits;
     for (std::int64_t r = 0; r < count && !outcome.tiny; ++r) {
       std::uint32_t weighted = 0;
       for (std::size_t b = 0; b < test.blocks.size(); ++b)
-        if (!(test.factored && b % 2 == 1)) weighted |= row_flags[b * static_cast<std::size_t>(count) + r];
-      outcome.tiny = (weighted & 0x7fffffffu) < (normalize > 0 ? kCosineTinyBits : kTinyBits);
+        if (!(test.factored && b % 2 == 1)) weighted |= row_flags[first + b * static_cast<std::size_t>(count) + r];
+      outcome.tiny = (weighted & mask) < below;
     }
     return status;
   }
@@ -215,8 +222,12 @@ class PackedTest {
   // PackPanel's flags have their low 31 bits below this (a power of two) exactly when every value's
   // exponent field + 1 is below 32: every value is below 2^-96.
   static constexpr std::uint32_t kTinyBits = 32u << 23;
-  // The same for every value below 2^0 (exponent field + 1 below 128): cosine scores, whose rows
-  // ExponentsFor lifts when their largest packed value is below 2^kCosineFloor.
+  // Its cosine flags (the OR of exponent field + kCosineOffset) are below this exactly when every
+  // exponent field is below 96: every value is below 2^-31. That admits the rows ExponentsFor lifts
+  // for cosine scores (largest packed value below 2^kCosineFloor; float rounding never takes a value
+  // below 2^-32 past 2^-32) and the few with their largest in [2^-32, 2^-31), which it leaves as they
+  // are, while rows of ordinary weights (a unit row has a value of at least 1/sqrt(d)) skip it.
+  static constexpr std::uint32_t kCosineOffset = 32u << 23;
   static constexpr std::uint32_t kCosineTinyBits = 128u << 23;
   static constexpr int kCosineFloor = -32;
 
@@ -296,12 +307,13 @@ class PackedTest {
 
   // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
   // each scaled by w (times 2^-exponents[r] when not null, and its entry of `scales`, stride runs_,
-  // when not null). row_flags[r] gets the OR of row r's flags.
+  // when not null). row_flags[r] gets the OR of row r's flags, cosine_flags[r] the OR of its values'
+  // (bits & exponent) + kCosineOffset.
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
   // (bits & exponent) + 1 ulp of exponent over the values: the sign bit is set only for NaN or Inf.
   std::uint32_t PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
                           const int* exponents, const double* scales, std::int64_t begin, std::int64_t count,
-                          std::int64_t panel, int nr, std::uint32_t* row_flags) {
+                          std::int64_t panel, int nr, std::uint32_t* row_flags, std::uint32_t* cosine_flags) {
     const MatrixView& m = test.blocks[b];
     const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
     float piece[kSliceDepth];
@@ -314,15 +326,17 @@ class PackedTest {
         const double rw = exponents ? std::ldexp(w, -exponents[r]) : w;
         const double lw = scales ? rw * scales[static_cast<std::size_t>(r) * runs_] : rw;
         LoadRow(kernels, m, begin + r, k0, kc, piece);
-        std::uint32_t lane_flags = 0;
+        std::uint32_t lane_flags = 0, lane_cosine = 0;
         for (std::int64_t kk = 0; kk < kc; ++kk) {
           const float v = static_cast<float>(lw * static_cast<double>(piece[kk]));
           std::uint32_t bits;
           std::memcpy(&bits, &v, sizeof bits);
           lane_flags |= (bits & 0x7f800000u) + 0x00800000u;
+          lane_cosine |= (bits & 0x7f800000u) + kCosineOffset;
           slice[kk * nr + lane] = v;
         }
         row_flags[r] |= lane_flags;
+        cosine_flags[r] |= lane_cosine;
         flags |= lane_flags;
       }
       for (std::int64_t kk = 0; kk < kc && rows < nr; ++kk)
