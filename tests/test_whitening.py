@@ -899,8 +899,29 @@ def test_self_influence_overflow_to_nan_is_refused(full):
     w = Whitening.fit(tracin.Gradients(train))
     huge = tracin.Gradients(train, [1e308, -1e308])
     assert "although every input is finite" in _plain_error(lambda: tracin.self_influence(huge))
-    with pytest.raises(ValueError, match="whitened self-influence overflowed float32 although every input is finite"):
+    rows = r"for train rows \[0, 1, 2, 3, 4\] although every input is finite"
+    with pytest.raises(ValueError, match=rf"^whitened self-influence overflowed float32 {rows}"):
         w.self_influence(huge)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_self_influence_overflow_names_the_rows_and_checkpoint(rng, factored):
+    """review59 G2: the whitened message names the first train rows beyond float32 (per_checkpoint: and
+    the first checkpoint with such a term), the rows the unwhitened message names."""
+    left = [anisotropic(rng, 120, 6), anisotropic(rng, 120, 4)]
+    right = [anisotropic(rng, 120, 3), anisotropic(rng, 120, 2)]
+    make = (lambda a, b: tracin.FactoredGradients(a, b)) if factored else (lambda a, b: tracin.Gradients(a))
+    w = Whitening.fit(make(left, right))
+    left[1][[9, 57, 80]] *= np.float32(1e25)  # checkpoint 1's terms of these rows: above 1e40
+    train = make(left, right)
+    others = [np.delete(a, [9, 57, 80], axis=0) for a in left], [np.delete(b, [9, 57, 80], axis=0) for b in right]
+    assert w.self_influence(make(*others)).max() < 1e6  # every other row: far from float32's range
+    rows = r"for train rows \[9, 57, 80\] although every input is finite"
+    for per_checkpoint, where in ((False, ""), (True, " in checkpoint 1")):
+        with pytest.raises(ValueError, match=rf"^self-influence overflowed float32{where} {rows}"):
+            tracin.self_influence(train, per_checkpoint=per_checkpoint)
+        with pytest.raises(ValueError, match=rf"^whitened self-influence overflowed float32{where} {rows}; "):
+            tracin.self_influence(train, whitening=w, per_checkpoint=per_checkpoint)
 
 
 @pytest.mark.parametrize("scale", [2.0**-70, 1e-21, 1e20, 1e30])

@@ -343,10 +343,16 @@ class Whitening:
             bar.close()
         with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, refused below
             result = total if per_checkpoint else total.sum(axis=1)
-        if not np.all(np.abs(result) <= _FLOAT32_MAX):  # NaN fails the comparison too
+        beyond = ~(np.abs(result) <= _FLOAT32_MAX)  # NaN (Inf - Inf) counts too
+        if beyond.any():
+            where = ""
+            if per_checkpoint:  # the first checkpoint with such a term, as the unwhitened message
+                checkpoint = int(np.flatnonzero(beyond.any(axis=0))[0])
+                where, beyond = f" in checkpoint {checkpoint}", beyond[:, checkpoint]
+            rows = np.flatnonzero(beyond)[:5].tolist()
             raise ValueError(
-                "whitened self-influence overflowed float32 although every input is finite; rescale the "
-                "gradients (or the learning-rate weights) or raise damping"
+                f"whitened self-influence overflowed float32{where} for train rows {rows} "
+                "although every input is finite; rescale the gradients (or the learning-rate weights) or raise damping"
             )
         return result.astype(np.float32)
 
