@@ -553,8 +553,10 @@ def test_self_influence_overflow_rows_of_a_store_are_counted_from_its_first_row(
             tracin.self_influence(store, per_checkpoint=per_checkpoint, device=device)
 
 
-@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
-@pytest.mark.parametrize("factored", [False, True])
+# Not torch:cpu with factored rows: the torch backend brings every factored train row to a norm near 1
+# (_unit_scaled), so its products never fell below float32's normal range and the case passed before
+# the fix too (review59 G3).
+@pytest.mark.parametrize(("device", "factored"), [("cpu", False), ("cpu", True), ("torch:cpu", False)])
 def test_cosine_scores_with_tiny_weights_keep_the_bound(rng, device, factored):
     """review55 F1: normalize=True with |w| below about 1e-21 and train rows of norm 2^-64 to 1e-10
     (which neither backend rescales): the products w x unit test value x train value fell below

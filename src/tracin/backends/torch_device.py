@@ -638,9 +638,9 @@ def _fold_weights(
 _ALIGNMENT = 128  # float32 values in 512 bytes (_shifted)
 
 _NO_EXPONENT = -(2**40)
+"""_fold_weights: the exponent of a row with no nonzero weighted value."""
 _COSINE_FLOOR = -32
 """_fold_weights: cosine scores lift rows whose largest weighted value is below 2^_COSINE_FLOOR (as the C++ kernel)."""
-"""_fold_weights: the exponent of a row with no nonzero weighted value."""
 
 
 def _shifted(block: torch.Tensor, shift: torch.Tensor, first: int | None = None) -> torch.Tensor:
