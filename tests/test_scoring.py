@@ -535,6 +535,7 @@ def test_self_influence_beyond_float32_names_its_train_rows(rng, device, factore
     with pytest.raises(ValueError, match=rf"^self-influence overflowed float32 in checkpoint 1 {rows}") as per:
         tracin.self_influence(train, per_checkpoint=True, device=device)
     assert "summed over the checkpoints" not in str(per.value)
+    assert "for factored rows) in float64 exceeds float32's range; " in str(per.value)  # review59 G3: no stray comma
 
 
 @pytest.mark.parametrize("device", ["cpu", "torch:cpu"])

@@ -988,7 +988,8 @@ def self_influence(
                         message = _block_shifted(str(e), train.factored, c * (2 if train.factored else 1))
                         own = _SELF_OVERFLOW.match(str(e))
                         if own is not None:  # checkpoint c's term alone is beyond float32
-                            rest = str(e)[own.end(1) :].replace(", summed over the checkpoints in", " in")
+                            summed = ", summed over the checkpoints in float64,"
+                            rest = str(e)[own.end(1) :].replace(summed, " in float64")
                             message = f"{own[1]} in checkpoint {c}{rest}"
                         if message is None:
                             raise
