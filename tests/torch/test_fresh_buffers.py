@@ -426,6 +426,37 @@ def test_a_buffer_grown_in_forward_is_kept_with_a_warning():
     model(x)  # usable after the export
 
 
+class _GrowingCacheHeld(nn.Module):
+    """_GrowingCache held under one name, or under two (self.b = self.a), called as b."""
+
+    def __init__(self, shared: bool = True):
+        super().__init__()
+        self.a = _GrowingCache()
+        self.b = self.a if shared else None
+
+    def forward(self, x):
+        return (self.b or self.a)(x)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_buffer_grown_in_forward_is_kept_in_a_module_under_two_names(shared):
+    """Was (review61 F2): the restore of a module shared under two names put the buffer as loaded back
+    after each forward, so every forward started from the small table and the model ended with it,
+    while the warning said it is kept (unshared: kept)."""
+    torch.manual_seed(0)
+    model = _GrowingCacheHeld(shared)
+    given = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    with pytest.warns(RuntimeWarning, match="buffer .*cos"):
+        got = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    np.testing.assert_allclose(
+        got, _reference_built(lambda: _GrowingCacheHeld(shared), given, x, y), rtol=1e-5, atol=1e-6
+    )
+    assert model.a.cached == 5 and model.a.cos.shape == (5, 1)
+    assert isinstance(model.a.lin.weight, nn.Parameter)
+    model(x)  # usable after the export
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
 @pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(2, 4))])
 def test_a_script_module_is_refused_naming_the_model(make):

@@ -90,7 +90,8 @@ def model_caller(
 ) -> Callable[..., object]:
     """A callable running `model` with the tensors of `state` in place of its own (tie_weights=False:
     each name of a tied tensor takes its own entry of `state`, as torch.func.functional_call). A module
-    reached under several names (self.b = self.a) gets its own tensors back after each call: functional_call
+    reached under several names (self.b = self.a) gets its own tensors back after each call in the slots
+    left holding one of `state`'s tensors (a tensor a forward put in a slot is kept): functional_call
     swaps them in under each name and puts back what it found under the second, its own first tensor (torch
     2.x), which left the caller's model holding a checkpoint's tensors in place of its parameters."""
     shared = _shared_modules(model)
@@ -99,11 +100,16 @@ def model_caller(
         if not shared:
             return functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
         saved = [(slots, dict(slots)) for m in shared for slots in (m._parameters, m._buffers)]
+        given = {id(t) for t in state.values()}
         try:
             return functional_call(model, dict(state), args, kwargs, tie_weights=tie_weights)
         finally:
             for slots, own in saved:
-                slots.update(own)
+                for key, tensor in own.items():
+                    # only a slot left holding one of state's tensors: one a forward put there (a cache
+                    # grown in forward) is kept, as for a module reached under one name
+                    if key in slots and id(slots[key]) in given:
+                        slots[key] = tensor
 
     return call
 
