@@ -1011,3 +1011,72 @@ def test_callable_identity_is_safe_to_call_from_threads():
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+def _holding(inner: typing.Any) -> typing.Any:
+    """A torch module loss calling the loss it holds as a submodule."""
+    torch = pytest.importorskip("torch")
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, o, t):
+            return self.inner(o, t)
+
+    return Wrap(inner)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+def test_a_module_loss_holding_another_is_identified_by_its_settings_however_deep():
+    """Was (review61 note f4): a module loss holding nn.CrossEntropyLoss (scripted or not) had one identity
+    whatever the inner label_smoothing or reduction (its repr shows CrossEntropyLoss()): a store exported
+    with one resumed with the other silently."""
+    torch = pytest.importorskip("torch")
+    wrap = _holding
+    for scripted in (False, True):
+        make = torch.jit.script if scripted else (lambda m: m)
+        ids = {
+            callable_identity(wrap(make(torch.nn.CrossEntropyLoss(reduction="none", **kw))))
+            for kw in ({}, {"label_smoothing": 0.3}, {"ignore_index": 3})
+        }
+        assert len(ids) == 3
+        plain = make(torch.nn.CrossEntropyLoss(reduction="none"))
+        assert callable_identity(wrap(plain)) == callable_identity(
+            wrap(make(torch.nn.CrossEntropyLoss(reduction="none")))
+        )
+    deep = [wrap(wrap(torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=s))) for s in (0.0, 0.3)]
+    assert callable_identity(deep[0]) != callable_identity(deep[1])
+    assert " at 0x" not in callable_identity(deep[1])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+def test_plain_torch_loss_identities_are_as_before():
+    """A store exported with a plain torch loss before submodules' settings were read still resumes: the
+    identity strings are those the earlier version made (recorded from it)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    settings = "{'ignore_index': -100, 'label_smoothing': %s, 'reduction': 'none'}"
+    cases = {
+        f"torch.nn.modules.loss.CrossEntropyLoss: CrossEntropyLoss() {settings % 0.0}": nn.CrossEntropyLoss(
+            reduction="none"
+        ),
+        f"torch.nn.modules.loss.CrossEntropyLoss: CrossEntropyLoss() {settings % 0.1}"
+        " arrays[weight]=36ad84b914d48709f72f054c226a0914": nn.CrossEntropyLoss(
+            reduction="none", label_smoothing=0.1, weight=torch.tensor([1.0, 2.0, 3.0])
+        ),
+        "torch.nn.modules.loss.MSELoss: MSELoss() {'reduction': 'none'}": nn.MSELoss(reduction="none"),
+        "torch.nn.modules.loss.BCEWithLogitsLoss: BCEWithLogitsLoss() {'reduction': 'none'}"
+        " arrays[pos_weight]=93771ae929c3daf60ca52793185cbae0": nn.BCEWithLogitsLoss(
+            reduction="none", pos_weight=torch.tensor([2.0])
+        ),
+        "torch.nn.modules.loss.NLLLoss: NLLLoss() {'ignore_index': 3, 'reduction': 'none'}": nn.NLLLoss(
+            reduction="none", ignore_index=3
+        ),
+        "torch.jit.ScriptModule CrossEntropyLoss torch_script=1c13bdfac2809a57ba6cc7bc0a2ab2c4": torch.jit.script(
+            nn.CrossEntropyLoss(reduction="none")
+        ),
+    }
+    for want, loss in cases.items():
+        assert callable_identity(loss) == want

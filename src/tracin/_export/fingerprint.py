@@ -171,7 +171,9 @@ def callable_identity(fn: Any) -> str:
     _MAX_DEPTH levels deep (_field_settings); the wrapped function and
     arguments of a functools.partial, its array
     arguments (whose repr NumPy and JAX abbreviate) also digested as "arrays[args[0], weight]=<digest>"; else the
-    object's type, repr and plain public settings (a loss module's reduction, label_smoothing...),
+    object's type, repr and plain public settings (a loss module's reduction, label_smoothing...), those
+    of a torch module's submodules however deep as "modules{'inner': {...}}" (_submodules: a scripted one by
+    its TorchScript identity; a module without submodules, such as nn.CrossEntropyLoss, as before),
     followed, when it holds arrays, by their names and digest (a torch module's state_dict: class
     weights, pos_weight...; public array attributes) as "arrays[weight]=<digest>".
 
@@ -313,18 +315,17 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
         kind = type(fn)
         settings = _settings(fn)
         arrays = _held_arrays(fn)
+        inner, kinds = _submodules(fn)
         text = (
             f"{kind.__module__}.{kind.__qualname__}: {stable_repr(fn)}"
             + (f" {settings}" if settings else "")
+            + (f" modules{stable_repr(inner)}" if inner else "")
             + (f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else "")
         )
         if mode == "full":
             _digest_class_methods(kind, h)
-            modules = getattr(fn, "__dict__", {}).get("_modules")
-            for inner in ("_orig_mod", "module"):  # torch.compile's OptimizedModule, nn.DataParallel
-                held = modules.get(inner) if isinstance(modules, dict) else None
-                if held is not None:
-                    _digest_class_methods(type(held), h)
+            for held in kinds:  # torch.compile's OptimizedModule's _orig_mod, nn.DataParallel's module...
+                _digest_class_methods(held, h)
     return text + (f" code[{PYTHON}]={h.hexdigest()}" if h.digest() != _EMPTY else "")
 
 
@@ -376,6 +377,33 @@ def _script_identity(fn: Any) -> str | None:
     return f"{name} torch_script={h.hexdigest()}" + (
         f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
     )
+
+
+def _submodules(obj: Any) -> tuple[dict[str, Any], list[type]]:
+    """The submodules of a torch module, however deep, by name: a scripted one by its _script_identity
+    (its own submodules in it), another by its plain public settings (_settings: an inner
+    CrossEntropyLoss's reduction, label_smoothing...) when it has any; and the classes of the plain ones,
+    in order, each once (their forward and __call__ code)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module) or isinstance(obj, torch.jit.ScriptModule):
+        return {}, []
+    found: dict[str, Any] = {}
+    kinds: list[type] = []
+    scripted: list[str] = []
+    for path, m in obj.named_modules(remove_duplicate=False):
+        if not path or any(path.startswith(f"{p}.") for p in scripted):
+            continue
+        script = _script_identity(m)
+        if script is not None:
+            scripted.append(path)
+            found[path] = script
+            continue
+        if type(m) not in kinds:
+            kinds.append(type(m))
+        settings = _settings(m)
+        if settings:
+            found[path] = settings
+    return found, kinds
 
 
 def _bound_object(fn: Any) -> Any:
