@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import enum
 import functools
+import io
 import json
 import math
 import sys
@@ -1080,3 +1081,39 @@ def test_plain_torch_loss_identities_are_as_before():
     }
     for want, loss in cases.items():
         assert callable_identity(loss) == want
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_a_traced_loss_is_identified_by_the_constants_its_code_reads():
+    """Was (review61 F1): a torch.jit.trace'd loss's code reads its scalars and tensors as CONSTANTS.c0, whose
+    values were not in the identity: traced cross_entropy * 2.0 and * 3.0, or with other class weights, a traced
+    module scaling by 2.0 or 3.0, each had one identity (a store resumed with the other silently)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    o, t = torch.randn(4, 3), torch.randint(0, 3, (4,))
+
+    def scaled(k):
+        return torch.jit.trace(lambda a, b: F.cross_entropy(a, b, reduction="none") * k, (o, t))
+
+    def weighted(w):
+        return torch.jit.trace(lambda a, b: F.cross_entropy(a, b, weight=torch.tensor(w), reduction="none"), (o, t))
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, a, b):
+            return F.cross_entropy(a, b, reduction="none") * self.k
+
+    for make, values in ((scaled, (2.0, 3.0)), (weighted, ([1.0, 9.0, 3.0], [1.0, 2.0, 3.0]))):
+        first, again, other = (callable_identity(make(v)) for v in (values[0], values[0], values[1]))
+        assert first == again != other
+    traced = [torch.jit.trace(Scaled(k), (o, t)) for k in (2.0, 2.0, 3.0)]
+    ids = [callable_identity(m) for m in traced]
+    assert ids[0] == ids[1] != ids[2]
+    saved = io.BytesIO()
+    torch.jit.save(traced[0], saved)
+    saved.seek(0)
+    assert callable_identity(torch.jit.load(saved)) == ids[0]  # saved, its 2.0 is a float64 tensor constant

@@ -339,7 +339,8 @@ def _script_identity(fn: Any) -> str | None:
     and the values of its attributes and constants: reduction, label_smoothing...; TorchScript's mangled
     class names left out, and the source locations graphs carry not read), then, when it holds tensors
     (parameters, buffers, tensor attributes: class weights), their names and digest as
-    "arrays[weight]=<digest>". Not covered: scripted functions it calls by name (their code)."""
+    "arrays[weight]=<digest>", with the constants the code reads as CONSTANTS.c0 (a torch.jit.trace'd loss's
+    scalars and tensors). Not covered: scripted functions it calls by name (their code)."""
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -357,6 +358,14 @@ def _script_identity(fn: Any) -> str | None:
         except RuntimeError:  # a module without a forward (a container its parent calls into)
             code = ""
         parts.append(f"[{path}] {getattr(m, 'original_name', '')}\n{_MANGLED.sub('', code)}")
+        if "CONSTANTS." in code:  # values the code reads by name (a torch.jit.trace'd function's scalars, tensors)
+            for k, v in _script_constants(m, torch).items():
+                if isinstance(v, torch.Tensor) and v.dim() == 0:  # a scalar (a module's float, a tensor once saved)
+                    parts.append(f"CONSTANTS.{k}={stable_repr(v.item())}")
+                elif isinstance(v, torch.Tensor):
+                    tensors[f"{path}.CONSTANTS.{k}" if path else f"CONSTANTS.{k}"] = v
+                else:
+                    parts.append(f"CONSTANTS.{k}={stable_repr(v)}")
         concrete = getattr(m, "_concrete_type", None)  # absent on a torch.jit.load'ed module
         if concrete is not None:
             for k, v in sorted(concrete.get_constants().items()):
@@ -377,6 +386,17 @@ def _script_identity(fn: Any) -> str | None:
     return f"{name} torch_script={h.hexdigest()}" + (
         f" arrays[{', '.join(arrays)}]={_digest_named(arrays)}" if arrays else ""
     )
+
+
+def _script_constants(m: Any, torch: Any) -> dict[str, Any]:
+    """The values a TorchScript function or module's code reads as CONSTANTS.<name>: a module's by name
+    (code_with_constants), a function's (which lacks it) as its graph's tensor constants, in order."""
+    try:
+        return dict(m.code_with_constants[1].const_mapping)
+    except (AttributeError, RuntimeError):
+        pass
+    nodes = [n for n in m.graph.findAllNodes("prim::Constant") if n.hasAttribute("value") and n.kindOf("value") == "t"]
+    return {f"t{i}": n.t("value") for i, n in enumerate(nodes)}
 
 
 def _submodules(obj: Any) -> tuple[dict[str, Any], list[type]]:
