@@ -887,3 +887,27 @@ def test_an_error_on_data_read_as_two_batches_says_how_it_was_read(mode):
     assert export_gradients(model, ck, two, loss, mode=mode, progress=False).n_rows == 6
     with pytest.raises(ValueError, match=r"^(?!.*PAIR_RULE)"):
         export_gradients(model, ck, [(ids, labels)], lambda o, t: loss(o, t)[:1], mode=mode, progress=False)
+
+
+def _supplying_scale(loss):
+    @functools.wraps(loss)  # inspect.signature reports loss's three arguments
+    def wrapper(outputs, targets):
+        return loss(outputs, targets, 1.0)
+
+    return wrapper
+
+
+@_supplying_scale
+def _wrapped_buggy_loss(outputs, targets, scale):
+    return nn.functional.cross_entropy(outputs, targets, reduction="none", smoothing=scale)
+
+
+def test_a_type_error_inside_a_wrapped_loss_supplied_its_arguments_surfaces_unchanged():
+    """Was (review61 N1): the wrapper's call bound (it supplies scale), but the error raised inside was said
+    to come from the signature: '_wrapped_buggy_loss(outputs, targets, scale) cannot take them ... Wrap it'."""
+    model = nn.Linear(4, 3)
+    data = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    for mode in ("full", "last_layer"):
+        with pytest.raises(TypeError, match="smoothing") as caught:
+            export_gradients(model, [(model.state_dict(), 1.0)], data, _wrapped_buggy_loss, mode=mode, progress=False)
+        assert "loss_fn is called as" not in str(caught.value)

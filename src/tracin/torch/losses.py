@@ -42,13 +42,20 @@ def check_loss_fn(loss_fn: object) -> None:
 def loss_mismatch(loss_fn: object, error: TypeError) -> str | None:
     """Why loss_fn cannot be called as loss_fn(outputs, targets), for the TypeError `error` its call raised:
     its signature (a module's forward, unless the module overrides __call__) does not bind two positional
-    arguments. None when it binds, its signature is unknown (a builtin), or a forward pre-hook may change the
-    arguments."""
+    arguments. None when it binds, its signature is unknown (a builtin), a forward pre-hook may change the
+    arguments, or `error` was raised inside the function (a functools.wraps wrapper supplied the arguments its
+    signature lacks: the call bound, the error is the function's own)."""
     target: object = loss_fn
     if isinstance(loss_fn, nn.Module) and type(loss_fn).__call__ is nn.Module.__call__:
         if loss_fn._forward_pre_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return None
         target = loss_fn.forward
+    code = getattr(inspect.unwrap(target), "__code__", None)  # type: ignore[arg-type]
+    frame = error.__traceback__
+    while frame is not None:  # raised inside the function: its call bound (a wrapper supplied the rest)
+        if code is not None and frame.tb_frame.f_code is code:
+            return None
+        frame = frame.tb_next
     try:
         signature = inspect.signature(target)  # type: ignore[arg-type]
     except (TypeError, ValueError):
