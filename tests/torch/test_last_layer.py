@@ -505,3 +505,31 @@ def test_a_model_squeezed_to_0d_on_one_row_is_explained(mode):
     said = str(raised.value)
     assert "a batch of one row" in said and "shape () on one row and (2,) on two" in said
     assert ".squeeze(-1) or .flatten()" in said
+
+
+class _RowLoop(nn.Module):
+    """A Linear run on one example at a time (a loop over the rows, concatenated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(torch.cat([self.b(r[None]) for r in x])))
+
+
+def test_factored_mode_on_a_layer_run_one_example_at_a_time_says_so():
+    """Was (review61 looped.py): the hooks expanded each batch-1 call to the batch, and the export ended with the
+    loss's raw 'Expected input batch_size (16) to match target batch_size (4)'."""
+    torch.manual_seed(0)
+    model = _RowLoop()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ck = [(copy.deepcopy(model.state_dict()), 1.0)]
+    with pytest.raises(
+        ValueError,
+        match=r"mode='factored': .*'b' ran on batch-1 tensors in a batch of 4 rows.*"
+        r"Use mode='full'",
+    ) as caught:
+        export_gradients(model, ck, (x, y), LOSS, mode="factored", layers=["b", "fc"], batch_size=4, progress=False)
+    assert "Expected input batch_size" in str(caught.value)  # the pass's own error, named

@@ -706,3 +706,44 @@ def test_an_example_with_nan_is_stored_with_plain_segments_too():
     assert np.array_equal(np.delete(rows, 70, 0), np.delete(want, 70, 0))
     with pytest.raises(ValueError, match=r"first in rows \[70\]"):
         tracin.self_influence(got)
+
+
+class _RowLoop(nn.Module):
+    """A Linear run on one example at a time (a loop over the rows, concatenated), or on the batch."""
+
+    def __init__(self, looped: bool):
+        super().__init__()
+        self.looped = looped
+        self.b = nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.b(r[None]) for r in x]) if self.looped else self.b(x)
+        return self.fc(torch.tanh(h))
+
+
+def test_a_layer_run_on_one_example_at_a_time_is_projected_from_its_full_gradients():
+    """Was (review61 looped.py): the hooks expanded each batch-1 call to the batch, and the export ended with the
+    loss's raw 'Expected input batch_size (4) to match target batch_size (2)'. Now the layer is projected from its
+    full per-example gradients (vmap) with a warning: the rows of the same model run on the whole batch."""
+    torch.manual_seed(0)
+    batched = _RowLoop(False)
+    looped = _RowLoop(True)
+    looped.load_state_dict(batched.state_dict())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ck = [(copy.deepcopy(batched.state_dict()), 1.0)]
+    projection = tracin.Projection(16, per_layer=True, kronecker=True)
+    want = export_gradients(
+        batched, ck, (x, y), nn.CrossEntropyLoss(reduction="none"), projection=projection, batch_size=4, progress=False
+    )
+    with pytest.warns(UserWarning, match=r"'b' ran on batch-1 tensors in a batch of \d+ rows.*computed \(vmap\)"):
+        got = export_gradients(
+            looped,
+            ck,
+            (x, y),
+            nn.CrossEntropyLoss(reduction="none"),
+            projection=projection,
+            batch_size=4,
+            progress=False,
+        )
+    np.testing.assert_allclose(got.matrices[0], want.matrices[0], rtol=1e-5, atol=1e-6)

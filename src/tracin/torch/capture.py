@@ -22,6 +22,17 @@ from .data import Tree, batch_rows, call_model, slice_rows, tree_map
 from .losses import LossFn, check_losses, losses_of, model_caller, refuse_checkpointing
 
 
+def one_at_a_time(expanded: set[str], rows: int) -> str:
+    """Words for a hooked pass that failed after running the layers `expanded` on batch-1 tensors in a batch of
+    `rows` (stream expands such a call, taken for one shared by the batch, to the batch)."""
+    named = ", ".join(repr(n) for n in sorted(expanded))
+    return (
+        f"layer{'s' if len(expanded) > 1 else ''} {named} ran on batch-1 tensors in a batch of {rows} rows, which "
+        "the hooks take for a call shared by the batch and expand to it; a layer run on one example at a time (a "
+        "loop over the rows) then computes something else"
+    )
+
+
 class NotCaptured(ValueError):
     """A module ran in a way the capture cannot use (output not one tensor, no tensor input)."""
 
@@ -50,17 +61,19 @@ def capture(
     loss_fn: LossFn,
     inputs: Tree,
     targets: Tree,
+    expanded: set[str] | None = None,
 ) -> dict[str, list[Call]]:
     """{module name: its calls, in order} for the modules `names`, from one forward pass of the model
     with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input (of 2
     or more dimensions) and output have batch size 1 in a batch of more rows (shared by all, broadcast
-    later) is recorded expanded to the batch, its output replaced by the expanded tensor."""
+    later) is recorded expanded to the batch, its output replaced by the expanded tensor; `expanded` as
+    stream's."""
     calls: dict[str, dict[int, Call]] = {n: {} for n in names}
 
     def keep(name: str, index: int, call: Call) -> None:
         calls[name][index] = call
 
-    stream(model, names, state, loss_fn, inputs, targets, keep)
+    stream(model, names, state, loss_fn, inputs, targets, keep, expanded)
     return {n: [by_index[i] for i in sorted(by_index)] for n, by_index in calls.items()}
 
 

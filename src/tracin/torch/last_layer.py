@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .capture import NotCaptured, capture
+from .capture import NotCaptured, capture, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import DIRECTIONS, autocast_note, checked_rows, directions, directions_agree, one_row_error
 from .layer_rules import token_form
@@ -173,8 +173,17 @@ class LinearFactors:
 
     def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(x (batch, in), dL/dy (batch, out)) per layer; NotCaptured unless each ran once on (batch, in)."""
-        calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets)
+        expanded: set[str] = set()
         rows = batch_rows(targets, "targets")
+        try:
+            calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets, expanded)
+        except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
+            if not expanded or isinstance(e, NotCaptured):
+                raise
+            raise NotCaptured(
+                f"the hooked pass failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                + one_at_a_time(expanded, rows)
+            ) from e
         pairs = []
         for name, layer in zip(self.names, self.layers, strict=True):
             if len(calls[name]) != 1:

@@ -42,7 +42,7 @@ from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, ids_shared_by_the_batch, stream
+from .capture import Call, NotCaptured, ids_shared_by_the_batch, one_at_a_time, stream
 from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
@@ -326,11 +326,22 @@ class KroneckerRows:
             totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
 
         streamed = [m for m in by_module if m not in self._unbatched]
-        stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume)
+        expanded: set[str] = set()
+        try:
+            stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume, expanded)
+        except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
+            looped = sorted(expanded & set(streamed))
+            if not looped or isinstance(e, NotCaptured):
+                raise
+            # a layer run on one example at a time (a loop over the rows), expanded to the batch by the hooks
+            self._in_full(looped, e, rows)
+            return self._projected(state, inputs, targets, rows)
         self._by_full_gradients(sorted(unbatched - unusable.keys()))
         for layer, full in self._unbatched.items():
             seg, (p_rows, p_cols) = by_module[layer]
-            g = full(state, inputs, targets).to(self.dtype).reshape(rows, seg.layer.rows, seg.layer.cols)
+            flat = full(state, inputs, targets).to(self.dtype)
+            parts = torch.split(flat, [state[n].numel() for n in seg.names], dim=1)
+            g = _layer_matrices(seg, [t.reshape(rows, *state[n].shape) for t, n in zip(parts, seg.names, strict=True)])
             totals[layer] = p_rows @ g @ p_cols.T
         if unusable:
             layer, why = next(iter(unusable.items()))
@@ -347,6 +358,23 @@ class KroneckerRows:
                 f"leave it out: {self._leaving_out(seg.names)}"
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
+
+    def _in_full(self, layers: list[str], error: Exception, rows: int) -> None:
+        """Layers `layers`, whose hooked pass failed after running them on batch-1 tensors in a batch of `rows`
+        (a loop over the examples), projected from full per-example gradients (PerExampleGradients: vmap, or its
+        per-example loop) from now on, with one warning."""
+        for layer in layers:
+            names = next(s.names for s in self.kron if s.module == layer)
+            self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
+        first = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(
+            f"projection with kronecker=True: the hooked pass failed ({type(error).__name__}: {first}): "
+            f"{one_at_a_time(set(layers), rows)}; their full per-example gradients are computed (vmap) and "
+            "projected by the same factors, exact but slower: run the layer on the whole batch to project it "
+            "per token",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def _by_full_gradients(self, layers: list[str]) -> None:
         """Embeddings `layers`, called on 1-D ids not one per example, projected from full per-example gradients
@@ -493,6 +521,12 @@ def _layer_matrix(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
     """The rows x (cols [+ 1]) gradient of a Kronecker segment from its parameters' gradients."""
     w = grads[0].T if seg.layer.transposed else grads[0]
     return torch.cat([w, grads[1][:, None]], dim=1) if seg.layer.bias else w
+
+
+def _layer_matrices(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
+    """_layer_matrix of each example: (batch, rows, cols [+ 1]) from its parameters' (batch, ...) gradients."""
+    w = grads[0].transpose(1, 2) if seg.layer.transposed else grads[0]
+    return torch.cat([w, grads[1][:, :, None]], dim=2) if seg.layer.bias else w
 
 
 def _layer_scales(moments: list[AdamMoments], layer: LayerMatrix) -> tuple[np.ndarray, np.ndarray]:
