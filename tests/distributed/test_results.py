@@ -247,7 +247,9 @@ def test_merge_task_merges_blocks_of_test_rows_in_little_memory(monkeypatch):
     finally:
         tracemalloc.stop()
     _same(found, expected)
-    assert peak < inputs / 4, (peak, inputs)
+    # 4.66 MB of 19.2 MB here; tracemalloc also counts other threads' allocations (a cluster's, left by
+    # earlier tests: 4.96 MB in a CI run), so the bound leaves room: a merge of all rows at once is ~2x inputs
+    assert peak < inputs / 3, (peak, inputs)
 
 
 def test_job_task_keys_are_not_reused_after_a_release(client):
