@@ -747,3 +747,33 @@ def test_a_layer_run_on_one_example_at_a_time_is_projected_from_its_full_gradien
             progress=False,
         )
     np.testing.assert_allclose(got.matrices[0], want.matrices[0], rtol=1e-5, atol=1e-6)
+
+
+class _SharedQuery(nn.Module):
+    """A Linear run once on a learned (1, 4) query that the whole batch shares: the hooks expand it, rightly."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 4))
+        self.q = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.q(self.query))
+
+
+def test_an_error_of_the_batch_itself_is_not_blamed_on_a_shared_call():
+    """Review62 F1: with a layer shared by the batch, a bad label's IndexError came after a warning that the layer
+    ran in a loop over the rows (and was moved to full gradients). The batch's own error comes through, unwarned."""
+    torch.manual_seed(0)
+    model = _SharedQuery()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    y[6] = 7
+    ck = [(copy.deepcopy(model.state_dict()), 1.0)]
+    projection = tracin.Projection(16, per_layer=True, kronecker=True)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(IndexError, match="out of bounds"):
+            export_gradients(model, ck, (x, y), loss, projection=projection, batch_size=4, progress=False)
+    assert not [w for w in caught if "batch-1 tensors" in str(w.message)]

@@ -33,6 +33,19 @@ def one_at_a_time(expanded: set[str], rows: int) -> str:
     )
 
 
+def fails_without_hooks(
+    model: nn.Module, state: Mapping[str, torch.Tensor], loss_fn: LossFn, inputs: Tree, targets: Tree
+) -> bool:
+    """Whether the batch's forward and loss fail without the hooks too (under no_grad): the hooked pass's
+    error is then the model's or the data's own, not one of a layer the hooks expanded to the batch."""
+    try:
+        with torch.no_grad():
+            losses_of(model, state, loss_fn, inputs, targets)
+    except Exception:  # KeyboardInterrupt and other BaseExceptions pass
+        return True
+    return False
+
+
 class NotCaptured(ValueError):
     """A module ran in a way the capture cannot use (output not one tensor, no tensor input)."""
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .capture import NotCaptured, capture, one_at_a_time
+from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import DIRECTIONS, autocast_note, checked_rows, directions, directions_agree, one_row_error
 from .layer_rules import token_form
@@ -180,6 +180,8 @@ class LinearFactors:
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             if not expanded or isinstance(e, NotCaptured):
                 raise
+            if fails_without_hooks(self.model, state, self.loss_fn, inputs, targets):
+                raise  # a shared call expanded by the hooks, and an error of the batch's own
             raise NotCaptured(
                 f"the hooked pass failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
                 + one_at_a_time(expanded, rows)

@@ -42,7 +42,7 @@ from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, ids_shared_by_the_batch, one_at_a_time, stream
+from .capture import Call, NotCaptured, fails_without_hooks, ids_shared_by_the_batch, one_at_a_time, stream
 from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
@@ -333,6 +333,8 @@ class KroneckerRows:
             looped = sorted(expanded & set(streamed))
             if not looped or isinstance(e, NotCaptured):
                 raise
+            if fails_without_hooks(self.model, state, self.loss_fn, inputs, targets):
+                raise  # a shared call expanded by the hooks, and an error of the batch's own
             # a layer run on one example at a time (a loop over the rows), expanded to the batch by the hooks
             self._in_full(looped, e, rows)
             return self._projected(state, inputs, targets, rows)
