@@ -388,17 +388,16 @@ def _arrays(g):
     return list(g.matrices) if isinstance(g, tracin.Gradients) else [*g.left, *g.right]
 
 
+EVERY_MODE = [
+    {},
+    {"mode": "last_layer"},
+    {"mode": "factored"},
+    {"projection": tracin.Projection(16, per_layer=True, kronecker=True)},
+]
+
+
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"mode": "last_layer"},
-        {"mode": "factored"},
-        {"projection": tracin.Projection(16, per_layer=True, kronecker=True)},
-    ],
-    ids=["full", "last_layer", "factored", "kronecker"],
-)
+@pytest.mark.parametrize("kwargs", EVERY_MODE, ids=["full", "last_layer", "factored", "kronecker"])
 def test_every_mode_gives_the_same_rows_under_no_grad_or_inference_mode(context, kwargs):
     """Was (review56 F2): under torch.no_grad() only mode="full" worked (the others: torch's raw "element 0
     of tensors does not require grad"), under torch.inference_mode() every mode blamed the loss_fn."""
@@ -457,16 +456,7 @@ def test_a_data_parallel_or_compiled_model_exports_the_rows_of_the_model_inside(
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {},
-        {"mode": "last_layer"},
-        {"mode": "factored"},
-        {"projection": tracin.Projection(16, per_layer=True, kronecker=True)},
-    ],
-    ids=["full", "last_layer", "factored", "kronecker"],
-)
+@pytest.mark.parametrize("kwargs", EVERY_MODE, ids=["full", "last_layer", "factored", "kronecker"])
 def test_data_and_checkpoints_made_under_inference_mode_give_the_rows_of_ordinary_tensors(kwargs):
     """Was (review56 F6): torch's raw "Inference tensors cannot be saved for backward" (data) and "Setting
     requires_grad=True on inference tensor outside InferenceMode" (a state_dict snapshot)."""

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_oracle import assert_scores_match, captum_scores, captum_tracin, classification_data, mlp, train_checkpoints
+from torch_oracle import (
+    SharedQuery,
+    assert_scores_match,
+    captum_scores,
+    captum_tracin,
+    classification_data,
+    mlp,
+    train_checkpoints,
+)
 
 import tracin
 from tracin._export.metadata import LEFT, RIGHT
@@ -535,24 +543,11 @@ def test_factored_mode_on_a_layer_run_one_example_at_a_time_says_so():
     assert "Expected input batch_size" in str(caught.value)  # the pass's own error, named
 
 
-class _SharedQuery(nn.Module):
-    """A Linear run once on a learned (1, 4) query that the whole batch shares: the hooks expand it, rightly."""
-
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 4))
-        self.q = nn.Linear(4, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(x + self.q(self.query))
-
-
 def test_an_error_of_the_batch_itself_is_not_blamed_on_a_shared_call():
     """Review62 F1: with a layer shared by the batch, a bad label's IndexError was re-raised as a ValueError
     saying the layer ran in a loop over the rows (use mode='full'). The batch's own error comes through."""
     torch.manual_seed(0)
-    model = _SharedQuery()
+    model = SharedQuery()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     ck = [(copy.deepcopy(model.state_dict()), 1.0)]
     kw = {"mode": "factored", "layers": ["q", "fc"], "batch_size": 4, "progress": False}

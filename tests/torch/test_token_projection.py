@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch_oracle import MeanMix
+from torch_oracle import MeanMix, SharedQuery
 
 import tracin
 from interrupts import ctrl_c_on_call
@@ -749,24 +749,11 @@ def test_a_layer_run_on_one_example_at_a_time_is_projected_from_its_full_gradien
     np.testing.assert_allclose(got.matrices[0], want.matrices[0], rtol=1e-5, atol=1e-6)
 
 
-class _SharedQuery(nn.Module):
-    """A Linear run once on a learned (1, 4) query that the whole batch shares: the hooks expand it, rightly."""
-
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 4))
-        self.q = nn.Linear(4, 4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(x + self.q(self.query))
-
-
 def test_an_error_of_the_batch_itself_is_not_blamed_on_a_shared_call():
     """Review62 F1: with a layer shared by the batch, a bad label's IndexError came after a warning that the layer
     ran in a loop over the rows (and was moved to full gradients). The batch's own error comes through, unwarned."""
     torch.manual_seed(0)
-    model = _SharedQuery()
+    model = SharedQuery()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     y[6] = 7
     ck = [(copy.deepcopy(model.state_dict()), 1.0)]

@@ -30,6 +30,19 @@ class MeanMix(nn.Module):
         return x + self.share * x.mean(0, keepdim=True)
 
 
+class SharedQuery(nn.Module):
+    """A Linear run once on a learned (1, 4) query that the whole batch shares: the hooks expand it, rightly."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 4))
+        self.q = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + self.q(self.query))
+
+
 class SmallCNN(nn.Module):
     """Conv + BatchNorm + dropout + a Linear head, for paths that go through vmap (3 classes)."""
 
