@@ -117,7 +117,7 @@ def export_gradients(
         dict gets it from inputs (batch,). Every checkpoint must see the same targets in the same order
         (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,), called with the two
-        positionally (a signature that cannot take them is a TypeError up front).
+        positionally (a TypeError of that call says so when its signature cannot take them).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         A pattern matching trainable and frozen (requires_grad=False) parameters chooses the trainable
         ones (layers=["encoder"] over a LoRA encoder: the adapters); one matching frozen parameters
