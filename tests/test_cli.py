@@ -898,6 +898,53 @@ def test_a_failed_read_of_a_stores_ids_names_the_store_not_the_output(stores, tm
         assert not out.exists()
 
 
+def test_ids_utf8_cannot_encode_are_refused_naming_file_and_row_before_any_output(
+    stores, tmp_path, capsys, monkeypatch
+):
+    # review58 N3: a store whose ids.npy held a lone surrogate (written by other code) made score / self-influence
+    # fail with "'utf-8' codec can't encode character '\\ud800'", naming no file or row, after part of the CSV
+    paths, _, _ = stores
+    ids = np.load(paths["train"] / "ids.npy")
+    ids[7] = "x\ud800y"
+    np.save(paths["train"] / "ids.npy", ids)
+    bad = "ids[7] = 'x\\ud800y' holds a lone surrogate (U+D800)"
+    said = f"malformed gradient store: {paths['train'] / 'ids.npy'}: {bad}"
+    out = tmp_path / "out.csv"
+    for command, option in (
+        (_score(paths, "-o", str(out)), "--train"),
+        (_score(paths), "--train"),
+        (["score", "--test", str(paths["train"]), "--train", str(paths["test"])], "--test"),
+        (["self-influence", str(paths["train"]), "-o", str(out)], "path"),
+        (["self-influence", str(paths["train"])], "path"),
+    ):
+        assert main(command) == 1
+        captured = capsys.readouterr()
+        line = _error_line(captured.err, command[0])
+        assert line.startswith(f"tracin {command[0]}: error: {option}: {said}, which UTF-8"), line
+        assert captured.out == "" and not out.exists(), command
+    # on a pipe, where the rows before the bad id used to be written
+    done = subprocess.run(
+        [sys.executable, "-m", "tracin", "self-influence", str(paths["train"])], capture_output=True, timeout=120
+    )
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert f"path: {said}".encode() in done.stderr
+
+    # ids changed to such an id after the store was opened (while scoring): named as changed, still no output
+    np.save(paths["train"] / "ids.npy", np.array([f"train-{i}" for i in range(40)]))
+    real = tracin.self_influence
+
+    def plant_then_score(*args, **kwargs):
+        np.save(paths["train"] / "ids.npy", ids)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracin, "self_influence", plant_then_score)
+    assert main(["self-influence", str(paths["train"])]) == 1
+    captured = capsys.readouterr()
+    line = _error_line(captured.err, "self-influence")
+    assert bad in line and "valid when the gradient store was opened" in line
+    assert captured.out == ""
+
+
 def test_broken_pipe_ends_quietly(stores):
     paths, _, _ = stores
     read, write = os.pipe()

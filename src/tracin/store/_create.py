@@ -40,7 +40,7 @@ from ._format import (
     unique_keys,
 )
 from ._locks import DirectoryLock, RangeLock
-from ._npy import create_npy, npy_size, read_ids, write_npy
+from ._npy import create_npy, npy_size, read_ids, unencodable_id, write_npy
 from ._range_writer import GradientStoreRangeWriter, initial_progress
 from ._ranges import merge_progress, read_progress
 from ._writer import DataFiles, GradientStoreWriter
@@ -326,29 +326,9 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
         raise ValueError(f"ids must be a 1-D sequence of {n_rows} entries (one per row), got shape {arr.shape}")
     if arr.dtype.kind not in "iuU":
         raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}")
-    if arr.dtype.kind == "U":
-        _check_encodable(arr)
+    if (bad := unencodable_id(arr)) is not None:
+        raise ValueError(f"{bad}: give ids as valid text")
     return arr
-
-
-def _check_encodable(ids: np.ndarray) -> None:
-    """ValueError naming the first string id that UTF-8 cannot encode (a lone surrogate, '\\ud800'): it
-    could be stored, but not written out (tracin score / self-influence would fail on it)."""
-    try:
-        "".join(ids.tolist()).encode("utf-8")
-    except UnicodeEncodeError:
-        row = next(r for r, text in enumerate(ids.tolist()) if not _encodes(text))
-        raise ValueError(
-            f"ids[{row}] = {str(ids[row])!r} holds a lone surrogate, which UTF-8 cannot encode: give ids as valid text"
-        ) from None
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str) -> Manifest:

@@ -1,0 +1,96 @@
+"""String ids UTF-8 cannot encode, in an ids.npy written by other code or changed after (review58 N3):
+refused where the store's ids are read (opening, resuming, .ids), naming the file and the first such row."""
+
+import numpy as np
+import pytest
+
+import tracin
+from tracin.store import StoreChangedError, StoreFormatError, _npy
+from tracin.store._npy import unencodable_id
+
+IDS = [f"row-{i}" for i in range(6)]
+
+
+@pytest.fixture
+def path(tmp_path):
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [2], ids=IDS)
+    w.write(0, 0, np.ones((6, 2), np.float32))
+    w.finalize()
+    return tmp_path / "s"
+
+
+def _plant(path, codes_by_row: dict, byteorder: str = "<") -> None:
+    """Rewrites ids.npy as other code could: NumPy's own np.save of the ids with some rows' code points
+    replaced (UTF-32, as NumPy keeps strings; code points a Python string cannot hold go in this way)."""
+    width = max([5] + [len(c) for c in codes_by_row.values()])
+    codes = np.zeros((6, width), np.uint32)
+    for r, text in enumerate(IDS):
+        codes[r, : len(text)] = [ord(c) for c in text]
+    for r, c in codes_by_row.items():
+        codes[r] = 0
+        codes[r, : len(c)] = c
+    np.save(path / "ids.npy", codes.astype(f"{byteorder}u4").view(f"{byteorder}U{width}").reshape(6))
+
+
+def test_a_lone_surrogate_planted_in_ids_npy_is_refused_at_opening_and_resuming_naming_file_and_row(path):
+    a = np.load(path / "ids.npy")
+    a[3] = "x\ud800y"
+    a[5] = "z\udfff"
+    np.save(path / "ids.npy", a)
+    said = rf"^{path / 'ids.npy'}: ids\[3\] = 'x\\ud800y' holds a lone surrogate \(U\+D800\), which UTF-8 cannot encode"
+    with pytest.raises(StoreFormatError, match=said):
+        tracin.GradientStore.open(path)
+    with pytest.raises(StoreFormatError, match=said):
+        tracin.GradientStore.open(path, allow_partial=True)
+    with pytest.raises(StoreFormatError, match=said):  # resume: the spec check reads the ids
+        tracin.GradientStore.create(path, 6, [2], ids=IDS)
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+def test_code_points_beyond_unicode_and_big_endian_files_are_read_as_numpy_reads_them(path, byteorder):
+    # NumPy turns U+110000 into a Python string that encodes to invalid UTF-8 (b'\xf4\x90\x80\x80'), without error
+    _plant(path, {4: [ord("a"), 0x110000]}, byteorder)
+    with pytest.raises(StoreFormatError, match=r"ids\[4\] = 'a\\U00110000' holds the code point 0x110000, beyond"):
+        tracin.GradientStore.open(path)
+    _plant(path, {2: [0xFFFFFFFF]}, byteorder)
+    with pytest.raises(StoreFormatError, match=r"ids\[2\] = .* holds the code point 0xffffffff, beyond"):
+        tracin.GradientStore.open(path)
+    # the edges of the valid ranges, in a file of either byte order, are ids like any other
+    edges = [0xD7FF, 0xE000, 0xFFFF, 0x10000, 0x10FFFF]
+    _plant(path, {1: edges}, byteorder)
+    assert tracin.GradientStore.open(path).ids.tolist() == IDS[:1] + ["".join(map(chr, edges))] + IDS[2:]
+
+
+def test_ids_changed_to_a_lone_surrogate_after_opening_are_a_store_changed_error(path):
+    reader = tracin.GradientStore.open(path)
+    assert reader.ids.tolist() == IDS
+    _plant(path, {0: [0xDC80]})
+    with pytest.raises(StoreChangedError, match=r"ids\[0\] = '\\udc80' holds a lone surrogate.*valid when .* opened"):
+        reader[2:4].ids  # noqa: B018
+
+
+def test_the_first_unencodable_row_is_named_across_chunks_as_a_per_string_check_finds_it(monkeypatch):
+    # the check runs a chunk of rows at a time, on code points: compared with a check per Python string
+    rng = np.random.default_rng(7)
+    monkeypatch.setattr(_npy, "_CHECKED_CODES", 10)  # 3 rows of 3 code points per chunk
+    pool = np.array([0x41, 0x4E2D, 0xD7FF, 0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0xE000, 0xFFFF, 0x1F600, 0x10FFFF, 0x110000])
+    invalid = {0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0x110000}
+    found = set()
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        codes = rng.choice(pool, size=(n, 3), p=[0.3] + [0.7 / 11] * 11 if rng.random() < 0.5 else None)
+        codes[rng.random((n, 3)) < 0.6] = 0x41  # many rows of valid ids only
+        for order in "<>":
+            ids = codes.astype(f"{order}u4").view(f"{order}U3").reshape(n)
+            expected = next((r for r in range(n) if any(int(c) in invalid for c in codes[r])), None)
+            said = unencodable_id(ids)
+            if expected is None:
+                assert said is None, (codes, said)
+            else:
+                assert said is not None and said.startswith(f"ids[{expected}] = "), (codes, said)
+                found.add(expected)
+    assert len(found) > 5  # first bad rows in several chunks were found
+    assert unencodable_id(np.array([], "U3")) is None and unencodable_id(np.array(["", ""])) is None
+    assert unencodable_id(np.array([1, 2])) is None
+    assert unencodable_id(np.array(["ok", "no\ud800", "x"])[::2]) is None  # a strided view is checked as it is
+    assert unencodable_id(np.array(["ok", "x", "no\ud800"])[::2]).startswith("ids[1] = 'no\\ud800'")
