@@ -249,6 +249,38 @@ def test_complex_leaves_are_constants_not_differentiated(per_example_jax_grad):
         layout_of(params, ["rot"])
 
 
+def test_layers_naming_integer_or_bool_leaves_say_they_are_constants():
+    """layers=["count"] on an integer leaf said only 'matches no floating-point parameter' (review63 F4), where a
+    complex leaf got the reason; integer and bool leaves (arrays, NumPy and Python scalars) now get theirs."""
+    params = {
+        "w": jnp.ones((2, 3)),
+        "count": np.int32(2),
+        "steps": jnp.arange(3),
+        "n": 4,
+        "mask": np.array([True, False]),
+        "flag": True,
+        "cplx": np.ones(2, np.complex64),
+        "act": jax.nn.relu,
+    }
+    for name, kind in [("count", "integer"), ("steps", "integer"), ("n", "integer"), ("mask", "boolean")]:
+        with pytest.raises(
+            ValueError,
+            match=rf"pattern '{name}' matches no floating-point parameter \('{name}': {kind} leaves are constants, "
+            r"not differentiated\); parameter paths are 'w'",
+        ):
+            layout_of(params, [name])
+    with pytest.raises(ValueError, match=r"\('flag': boolean leaves are constants, not differentiated\)"):
+        layout_of(params, ["flag"])
+    with pytest.raises(
+        ValueError,
+        match=r"pattern 'c\*' matches no floating-point parameter \('count': integer leaves are constants, not "
+        r"differentiated; 'cplx': complex leaves are constants, not differentiated\)",
+    ):
+        layout_of(params, ["c*"])
+    with pytest.raises(ValueError, match=r"pattern 'act' matches no floating-point parameter; parameter paths"):
+        layout_of(params, ["act"])  # a function: no reason given
+
+
 class _Scaled(eqx.Module):
     lin: eqx.nn.Linear
     drop: eqx.nn.Dropout

@@ -57,6 +57,12 @@ def test_errors_on_a_padded_batch_count_the_rows_given(mlp, data):
         (lambda p, x: x, r"must return the \(batch, 8\) input of l2/kernel, got shape \(64, 5\)"),
         (lambda p, x: jnp.maximum(x @ p["l1"]["kernel"], 0), "does not return the input of l2/kernel"),
         (lambda p, x: p["nope"], r"layer_input\(params, inputs\) failed"),
+        # review63 F1: an integer or bool input was a bare NumPy "data type ... not inexact" from finfo
+        (
+            lambda p, x: jnp.full((x.shape[0], 8), 3, jnp.int32),
+            r"layer_input\(params, inputs\) must return floating-point values, the input of l2/kernel, got int32",
+        ),
+        (lambda p, x: jnp.ones((x.shape[0], 8)) > 0, r"must return floating-point values, .*got bool"),
     ],
 )
 def test_wrong_layer_inputs_are_refused(mlp, data, layer_input, message):

@@ -317,7 +317,7 @@ def test_torch_and_jax_give_the_same_influence(mlp, data, train_kind, test_kind)
             [c[states] for c in checkpoints],
             (x[rows], y[rows]),
             preconditioner=kind,
-            preconditioner_options=options,
+            preconditioner_options=options if kind else None,  # unused on the plain side (else a warning)
             progress=False,
         )
         sides["torch", side] = torch_export(
@@ -348,6 +348,25 @@ def test_an_optimizer_state_given_without_a_preconditioner_warns_and_gives_plain
     for c, (params, _, state) in enumerate(checkpoints):
         expected = _reference(mlp, params, state, x, y, None)
         np.testing.assert_allclose(np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-6)
+
+
+def test_preconditioner_options_without_a_preconditioner_warn_as_an_unused_state_does(mlp, data):
+    """preconditioner_options= with preconditioner=None exported plain rows without a word (review63 F3); now a
+    UserWarning naming both arguments, pointing at the caller (tracin.torch reads Adam's settings from the
+    optimizer state, whose unused presence warns the same way), and the rows stay the plain SGD gradients."""
+    x, y = data
+    params = mlp.params[0]
+    with pytest.warns(UserWarning, match=r"preconditioner_options is given, but preconditioner=None ignores it") as w:
+        g = export_gradients(
+            mlp.loss_fn, [(params, 1.0)], (x, y), preconditioner_options={"b1": 0.5, "b2": 0.9}, progress=False
+        )
+    assert len(w) == 1 and w[0].filename == __file__
+    assert 'preconditioner="adam"' in str(w[0].message) and "drop preconditioner_options" in str(w[0].message)
+    assert g.metadata["preconditioner"] is None
+    expected = _reference(mlp, params, None, x, y, None)
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match=r"preconditioner_options: unknown keys \['beta1'\]"):  # still checked
+        export_gradients(mlp.loss_fn, [(params, 1.0)], (x, y), preconditioner_options={"beta1": 0.5}, progress=False)
 
 
 def test_moments_of_a_pytree_with_more_leaves_than_the_params_are_refused_naming_them(mlp, data):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._caller import user_stacklevel
 from .._export.checkpoints import warn_unused_states
 from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
@@ -134,7 +136,8 @@ def export_gradients(
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
         adamax, nadam, radam and yogi keep a ScaleByAdamState that cannot be told from Adam's).
     preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
-        1e-8); recorded in metadata["preconditioner"].
+        1e-8); recorded in metadata["preconditioner"]. Unused with preconditioner=None: a UserWarning
+        says so (as for an optimizer state).
 
     Returns Gradients / FactoredGradients (metadata: the schema of tracin._export.metadata, framework
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
@@ -170,6 +173,15 @@ def export_gradients(
     adam = adam_settings(preconditioner_options)
     entries = parse_checkpoints(checkpoints, adam)
     warn_unused_states(entries, preconditioner)
+    if preconditioner is None and preconditioner_options is not None:  # as an unused optimizer state: a warning
+        warnings.warn(
+            "preconditioner_options is given, but preconditioner=None ignores it: the rows are plain SGD gradients "
+            '(metadata["preconditioner"] None). Pass preconditioner="adam" or "adam_update" for Adam-preconditioned '
+            'rows; plain rows are right for test rows scored against preconditioner="adam_update" train rows: drop '
+            "preconditioner_options to say so",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
     kronecker = kronecker_projection(projection, mode, preconditioner, entries)
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None

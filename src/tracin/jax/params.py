@@ -9,6 +9,8 @@ leaves in this order.
 
 from __future__ import annotations
 
+import dataclasses
+import reprlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,8 +74,20 @@ def is_float_leaf(leaf: Any, scalars: bool = True) -> bool:
     )
 
 
-def _is_complex(leaf: Any) -> bool:
-    return isinstance(leaf, complex) or (hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.complexfloating))
+def _constant_kind(leaf: Any) -> str | None:
+    """The kind of a leaf never differentiated, "complex", "integer" or "boolean" (an array, a NumPy or Python
+    scalar), else None: a `layers` pattern naming only such leaves is told why it selects nothing."""
+    dtype = getattr(leaf, "dtype", None)
+    try:
+        dtype = np.dtype(type(leaf)) if dtype is None and isinstance(leaf, (bool, int, complex)) else dtype
+    except TypeError:
+        return None
+    if dtype is None:
+        return None
+    for kind, base in (("complex", jnp.complexfloating), ("boolean", jnp.bool_), ("integer", jnp.integer)):
+        if jnp.issubdtype(dtype, base):
+            return kind
+    return None
 
 
 def host_array(leaf: Any) -> np.ndarray:
@@ -139,13 +153,16 @@ class ParamLayout:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def check_same(self, other: ParamLayout, where: str) -> None:
-        """Raises ValueError unless `other` (another checkpoint's layout) has the same structure."""
+        """Raises ValueError unless `other` (another checkpoint's layout) has the same structure. With the same
+        leaf paths, the leaves' kinds and shapes are compared before the containers: an Equinox module keeps
+        its sizes (in_features, width_size) as static data, so a wider layer is named by its shape."""
         if other.paths != self.paths:
             missing = sorted(set(self.paths) ^ set(other.paths))[:5]
             if not missing and other.treedef != self.treedef:  # the containers differ: named below
+                found = _first_difference(self.treedef, other.treedef, self.paths)
                 raise ValueError(
                     f"{where}: the params pytree has the first checkpoint's leaf paths in another order, in other "
-                    f"containers: {_first_difference(self.treedef, other.treedef, self.paths) or other.treedef}; "
+                    f"containers: {found[0] if found else other.treedef}; "
                     "give every checkpoint the same container types (a list saved by Flax msgpack is restored as "
                     "a dict with keys '0', '1', ..., whose leaves flatten in string order: '10' before '2'; "
                     "restore it with flax.serialization.from_bytes(target, ...) or pass every checkpoint as a path)"
@@ -153,13 +170,6 @@ class ParamLayout:
             raise ValueError(
                 f"{where}: the params pytree differs from the first checkpoint's "
                 f"(differing leaves: {missing or 'the same paths in another order'})"
-            )
-        if other.treedef != self.treedef:
-            raise ValueError(
-                f"{where}: the params pytree has the first checkpoint's leaf paths but other containers: "
-                f"{_first_difference(self.treedef, other.treedef, self.paths) or other.treedef}; give every "
-                "checkpoint the same "
-                "container types (flax.core.unfreeze a FrozenDict, or freeze them all; lists vs tuples)"
             )
         for i, (mine, theirs) in enumerate(zip(self.kinds, other.kinds, strict=True)):
             if mine[0] != theirs[0]:
@@ -173,6 +183,18 @@ class ParamLayout:
                     f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
                     f"the first checkpoint has {self.shapes[i]}"
                 )
+        if other.treedef != self.treedef:
+            found = _first_difference(self.treedef, other.treedef, self.paths)
+            if found is not None and found[1]:  # same container types, other static values (module settings)
+                raise ValueError(
+                    f"{where}: the params pytree has the first checkpoint's leaf paths and shapes, but {found[0]}; "
+                    "every checkpoint must hold the same settings in its static fields"
+                )
+            raise ValueError(
+                f"{where}: the params pytree has the first checkpoint's leaf paths but other containers: "
+                f"{found[0] if found else other.treedef}; give every checkpoint the same "
+                "container types (flax.core.unfreeze a FrozenDict, or freeze them all; lists vs tuples)"
+            )
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
             if a is not b and not _equal(a, b):
                 raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
@@ -182,10 +204,11 @@ def _type_name(t: type) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> str | None:
+def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> tuple[str, bool] | None:
     """Where two treedefs with the same leaf paths first differ (depth first), named by the first leaf
-    under that node (an empty node: by the leaf after it): its type, or its static data (e.g. an Equinox
-    module's fields) when the types agree."""
+    under that node (an empty node: by the leaf after it), and whether only its static data differs: the
+    text names both types, or (static: True) the static values that differ (e.g. an Equinox module's
+    fields) when the types agree."""
     a, b = first.node_data(), other.node_data()
     if a is None and b is None:
         return None
@@ -197,15 +220,37 @@ def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int 
         )
     if a is None or b is None or a[0] is not b[0]:
         ta, tb = (_type_name(d[0]) if d is not None else "leaf" for d in (a, b))
-        return f"{where} is a {tb} here and a {ta} in the first checkpoint"
+        return f"{where} is a {tb} here and a {ta} in the first checkpoint", False
     if not _equal(a[1], b[1]) or len(first.children()) != len(other.children()):
-        return f"{where} (a {_type_name(a[0])}) has other static data than in the first checkpoint"
+        return f"{where} (a {_type_name(a[0])}) has {_static_difference(a[0], a[1], b[1])}", True
     for x, y in zip(first.children(), other.children(), strict=True):
         found = _first_difference(x, y, paths, offset)
         if found:
             return found
         offset += x.num_leaves
     return None
+
+
+def _static_difference(node_type: type, first: Any, other: Any) -> str:
+    """The static values of a node that differ, e.g. "tag='b' here, 'a' in the first checkpoint", named by
+    the node's static dataclass fields (eqx.field(static=True)) where its static data lines up with them."""
+    short = reprlib.Repr()
+    short.maxstring, short.maxother = 40, 40
+    if not (isinstance(first, tuple) and isinstance(other, tuple) and len(first) == len(other)):
+        return f"other static data: {short.repr(other)} here, {short.repr(first)} in the first checkpoint"
+    names: list[str | None] = [None] * len(first)
+    if dataclasses.is_dataclass(node_type):
+        static = [f.name for f in dataclasses.fields(node_type) if f.metadata.get("static", False)]
+        if len(static) in (len(first), len(first) - 1):  # Equinox puts its wrapper fields first
+            names = [None] * (len(first) - len(static)) + static
+    differing = [
+        f"{name or f'static item {k}'}={short.repr(y)} here, {short.repr(x)} in the first checkpoint"
+        for k, (name, x, y) in enumerate(zip(names, first, other, strict=True))
+        if not _equal(x, y)
+    ]
+    if not differing:
+        return "other static data than in the first checkpoint"
+    return "other static data: " + "; ".join(differing[:4]) + ("; ..." if len(differing) > 4 else "")
 
 
 def _kind(leaf: Any, scalars: bool) -> tuple[str, str]:
@@ -252,10 +297,18 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
         for p in patterns:
             if not any(matches(paths[i], p) for i in floats):
                 shown = ", ".join(repr(paths[i]) for i in floats[:8])
-                complex_ = [paths[i] for i, leaf in enumerate(leaves) if _is_complex(leaf) and matches(paths[i], p)]
-                why = f" ({', '.join(map(repr, complex_))}: complex leaves are constants, not differentiated)"
+                constants: dict[str, list[str]] = {}  # complex / integer / boolean leaves the pattern matches
+                for i, leaf in enumerate(leaves):
+                    kind = _constant_kind(leaf)
+                    if kind is not None and matches(paths[i], p):
+                        constants.setdefault(kind, []).append(repr(paths[i]))
+                why = "; ".join(
+                    f"{', '.join(named[:4])}{', ...' if len(named) > 4 else ''}: {kind} leaves are constants, "
+                    "not differentiated"
+                    for kind, named in constants.items()
+                )
                 raise ValueError(
-                    f"layers: pattern {p!r} matches no floating-point parameter{why if complex_ else ''}; "
+                    f"layers: pattern {p!r} matches no floating-point parameter{f' ({why})' if why else ''}; "
                     f"parameter paths are {shown}{', ...' if len(floats) > 8 else ''}"
                 )
     chosen = set(selected)

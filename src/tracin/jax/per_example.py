@@ -435,6 +435,11 @@ class LastLayer:
                 f"layer_input(params, inputs) must return the (batch, {self.q}) input of "
                 f"{self.kernel_path}, got shape {getattr(x, 'shape', type(x).__name__)}"
             )
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # an integer / bool / complex input has no eps to check to
+            raise ValueError(
+                f"layer_input(params, inputs) must return floating-point values, the input of {self.kernel_path}, "
+                f"got {x.dtype}"
+            )
         head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
         try:
             left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
