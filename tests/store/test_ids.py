@@ -1,5 +1,8 @@
 """String ids UTF-8 cannot encode, in an ids.npy written by other code or changed after (review58 N3):
-refused where the store's ids are read (opening, resuming, .ids), naming the file and the first such row."""
+refused where the store's ids are read (opening, resuming, .ids), naming the file and the first such row.
+Opening checks the whole file; .ids checks the file is the one opened, and only the view's rows (review66 N1)."""
+
+import os
 
 import numpy as np
 import pytest
@@ -58,7 +61,9 @@ def test_code_points_beyond_unicode_and_big_endian_files_are_read_as_numpy_reads
     # the edges of the valid ranges, in a file of either byte order, are ids like any other
     edges = [0xD7FF, 0xE000, 0xFFFF, 0x10000, 0x10FFFF]
     _plant(path, {1: edges}, byteorder)
-    assert tracin.GradientStore.open(path).ids.tolist() == IDS[:1] + ["".join(map(chr, edges))] + IDS[2:]
+    expected = IDS[:1] + ["".join(map(chr, edges))] + IDS[2:]
+    assert tracin.GradientStore.open(path).ids.tolist() == expected
+    assert tracin.GradientStore.open(path)[1:4].ids.tolist() == expected[1:4]  # a view's rows, mapped alone
 
 
 def test_ids_changed_to_a_lone_surrogate_after_opening_are_a_store_changed_error(path):
@@ -67,6 +72,67 @@ def test_ids_changed_to_a_lone_surrogate_after_opening_are_a_store_changed_error
     _plant(path, {0: [0xDC80]})
     with pytest.raises(StoreChangedError, match=r"ids\[0\] = '\\udc80' holds a lone surrogate.*valid when .* opened"):
         reader[2:4].ids  # noqa: B018
+
+
+def _change_in_place(path, row: int, code: int) -> None:
+    """Writes `code` as the first code point of ids[row] into ids.npy in place, keeping the file's inode, size
+    and modification time (as a change within one file-system clock tick would, unnoticed by a stat)."""
+    st = os.stat(path / "ids.npy")
+    ids = np.load(path / "ids.npy", mmap_mode="r+")
+    ids.view(np.uint32).reshape(len(ids), -1)[row, 0] = code
+    ids.flush()
+    del ids
+    os.utime(path / "ids.npy", ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path / "ids.npy")
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def test_ids_of_a_view_check_only_its_rows_once_the_file_is_the_one_opened(path):
+    # review66 N1: .ids of any view re-checked every row of the file (a 10-row slice of a million-row store: 4 ms)
+    reader = tracin.GradientStore.open(path)
+    _change_in_place(path, 0, 0xDC80)  # unnoticed by the file's identity: only a check of row 0 finds it
+    views = {(2, 4): reader[2:4], (1, 6): reader[1:], (3, 3): reader[3:3], (4, 6): reader.shard(2, 3)}
+    for (a, b), view in views.items():
+        ids = view.ids
+        assert ids.tolist() == IDS[a:b] and not ids.flags.writeable
+    said = r"ids\[0\] = '\\udc80ow-0' holds a lone surrogate \(U\+DC80\).*valid when .* opened \(changed in place"
+    for view in (reader, reader[0:1], reader.shard(0, 2)):
+        with pytest.raises(StoreChangedError, match=said):
+            view.ids  # noqa: B018
+    _change_in_place(path, 4, 0x110000)
+    with pytest.raises(StoreChangedError, match=r"ids\[4\] = 'r?\\U00110000ow-4' holds the code point 0x110000"):
+        reader[3:6].ids  # noqa: B018  # the row in the store, not in the view (ids[1])
+    assert reader[1:4].ids.tolist() == IDS[1:4]
+
+
+def test_ids_npy_replaced_or_modified_after_opening_is_a_store_changed_error_even_with_valid_ids(path):
+    reader = tracin.GradientStore.open(path)
+    other = [f"ROW-{i}" for i in range(6)]
+    np.save(path / "ids.npy", np.array(other))  # valid ids of the same size, other ones: .ids returned them
+    for view in (reader, reader[1:3]):
+        with pytest.raises(StoreChangedError, match=r"ids.npy was replaced or modified after .* opened; open it again"):
+            view.ids  # noqa: B018
+    assert tracin.GradientStore.open(path)[1:3].ids.tolist() == other[1:3]
+    np.save(path / "ids.npy", np.array([f"longer-{i}" for i in range(6)]))
+    with pytest.raises(StoreChangedError, match=r"ids.npy is 320 bytes now but was 248 when the gradient store was"):
+        reader[1:3].ids  # noqa: B018
+    os.unlink(path / "ids.npy")
+    with pytest.raises(StoreChangedError, match=r"ids.npy: ids file is missing .*valid when .* opened: open it again"):
+        reader[1:3].ids  # noqa: B018
+
+
+def test_ids_of_an_unfinished_store_read_while_its_writer_resumes(tmp_path):
+    # the ids file's modification time is part of its identity in an unfinished store too: only create writes it
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [2], ids=IDS)
+    w.write(0, 0, np.ones((2, 2), np.float32))
+    w.close()
+    reader = tracin.GradientStore.open(tmp_path / "s", allow_partial=True)
+    assert reader.ids.tolist() == IDS[:2]
+    w = tracin.GradientStore.create(tmp_path / "s", 6, [2], ids=IDS)
+    w.write(0, 2, np.ones((4, 2), np.float32))
+    w.finalize()
+    assert reader.ids.tolist() == IDS[:2] and reader[1:2].ids.tolist() == IDS[1:2]
+    assert tracin.GradientStore.open(tmp_path / "s")[2:].ids.tolist() == IDS[2:]
 
 
 def test_the_first_unencodable_row_is_named_across_chunks_as_a_per_string_check_finds_it(monkeypatch):
@@ -94,3 +160,4 @@ def test_the_first_unencodable_row_is_named_across_chunks_as_a_per_string_check_
     assert unencodable_id(np.array([1, 2])) is None
     assert unencodable_id(np.array(["ok", "no\ud800", "x"])[::2]) is None  # a strided view is checked as it is
     assert unencodable_id(np.array(["ok", "x", "no\ud800"])[::2]).startswith("ids[1] = 'no\\ud800'")
+    assert unencodable_id(np.array(["ok", "no\ud800"]), first_row=40).startswith("ids[41] = 'no\\ud800'")

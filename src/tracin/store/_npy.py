@@ -176,8 +176,17 @@ def read_array(fd: int, dtype: np.dtype, offset: int, shape: tuple[int, ...], pa
 def read_ids(path: Path, n_rows: int) -> np.ndarray:
     """The ids file of a store, memory-mapped (never through a link): n_rows integers or strings that
     UTF-8 can encode; StoreFormatError if it is anything else (naming the first id it cannot encode), or
-    missing. The check reads the whole file on its code points (~3 ms for a million ASCII ids of 16
-    characters, ~20 ms with an emoji in each: NumPy reads them in ~15 ms, ids.tolist() takes ~150-270 ms)."""
+    missing. See open_ids for the cost."""
+    return open_ids(path, n_rows)[0]
+
+
+def open_ids(path: Path, n_rows: int) -> tuple[np.ndarray, int, os.stat_result]:
+    """read_ids, with the byte offset of the ids in the file and the file's fstat when it was mapped.
+
+    The check reads the whole file, n_rows x the longest id x 4 bytes (NumPy's UTF-32), on its code
+    points: ~3 ms for a million ASCII ids of 16 characters, ~10-20 ms with an emoji in each (NumPy reads
+    them in ~15 ms, ids.tolist() takes ~150-270 ms), but ~50 ms for a million rows of which one id has
+    200 characters (an 800 MB file), and more where the file is not in the page cache (read from disk)."""
     try:
         fd = open_file(path)
     except FileNotFoundError:
@@ -186,20 +195,24 @@ def read_ids(path: Path, n_rows: int) -> np.ndarray:
         dtype, shape, _, _ = read_header(fd, path)
         if shape != (n_rows,) or dtype.kind not in "iuU":
             raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape {shape} dtype {dtype}")
-        ids = map_array(fd, dtype, check_npy(fd, path, dtype, shape), shape, path)
+        offset = check_npy(fd, path, dtype, shape)
+        ids = map_array(fd, dtype, offset, shape, path)
+        with naming(path, "reading"):
+            st = os.fstat(fd)
     finally:
         os.close(fd)
     if (bad := unencodable_id(ids)) is not None:
         raise StoreFormatError(f"{path}: {bad}: re-create the store with valid text ids")
-    return ids
+    return ids, offset, st
 
 
 _CHECKED_CODES = 1 << 20  # code points checked at a time: a 4 MiB buffer
 
 
-def unencodable_id(ids: np.ndarray) -> str | None:
+def unencodable_id(ids: np.ndarray, first_row: int = 0) -> str | None:
     """None, unless `ids` (1-D) are strings of which one holds a code point UTF-8 cannot encode: then
-    "ids[ROW] = 'x\\ud800y' holds a lone surrogate (U+D800), which UTF-8 cannot encode", naming the first.
+    "ids[ROW] = 'x\\ud800y' holds a lone surrogate (U+D800), which UTF-8 cannot encode", naming the first
+    (ROW counted from `first_row`: the row of ids[0] in the store, for the ids of a slice).
     Such an id could be stored, but not written out (tracin score / self-influence failed on it after
     part of their CSV). A Python string can hold a lone surrogate (U+D800..U+DFFF); only a file can hold
     a code point beyond U+10FFFF (NumPy turns it into a string that encodes to invalid UTF-8). Checked on
@@ -230,7 +243,7 @@ def unencodable_id(ids: np.ndarray) -> str | None:
             if code <= 0xDFFF
             else f"the code point {code:#x}, beyond Unicode's last (U+10FFFF)"
         )
-        return f"ids[{start + r}] = {_shown(block[r])} holds {what}, which UTF-8 cannot encode"
+        return f"ids[{first_row + start + r}] = {_shown(block[r])} holds {what}, which UTF-8 cannot encode"
     return None
 
 

@@ -27,7 +27,7 @@ from ._format import (
     printable,
 )
 from ._locks import range_files
-from ._npy import check_npy, map_array, read_array, read_ids
+from ._npy import check_npy, map_array, open_ids, read_array, read_ids, unencodable_id
 from ._writer import GradientStoreWriter
 
 try:
@@ -95,6 +95,19 @@ class _DataFile:
         return fd
 
 
+@dataclass(frozen=True)
+class _IdsFile(_DataFile):
+    """The ids file of an opened store, checked whole at opening (read_ids), with the dtype of its ids.
+    Its modification time counts for an unfinished store too: ids.npy is written once, at create."""
+
+    dtype: np.dtype
+
+    @classmethod
+    def inspect_ids(cls, root: Path, n_rows: int) -> _IdsFile:
+        ids, offset, st = open_ids(root / IDS_FILE, n_rows)
+        return cls(IDS_FILE, offset, st.st_size, cls.identify(st, True), ids.dtype)
+
+
 class GradientStore(GradientSet):
     """Per-example gradients on disk (docs/format.md), usable wherever Gradients are.
 
@@ -124,12 +137,15 @@ class GradientStore(GradientSet):
         allow_partial: bool,
         chunk_bytes: int,
         seen: bytes,
+        ids_file: _IdsFile | None,
     ):
-        """`seen`: the bytes of a manifest.json found to hold this store's id (at first, `manifest`'s)."""
+        """`seen`: the bytes of a manifest.json found to hold this store's id (at first, `manifest`'s);
+        `ids_file`: the ids file as checked at opening (None for a store without ids)."""
         self.path = path
         self._manifest = manifest
         self._seen = seen
         self._files = files  # in kernel block order
+        self._ids_file = ids_file
         self._start, self._stop = start, stop
         self._allow_partial = allow_partial
         self._chunk_bytes = chunk_bytes
@@ -202,7 +218,9 @@ class GradientStore(GradientSet):
         files) costs about 3x chunk_bytes in self_influence, up to 5x scored against itself
         (scoring holds up to 5 chunks at once). A malformed manifest or file, or a
         symbolic link in the store, is a StoreFormatError; an OS error (e.g. permission denied)
-        is raised as the OSError it is, naming the file.
+        is raised as the OSError it is, naming the file. The ids file, if any, is read whole once,
+        to check that UTF-8 can encode every id: its cost grows with rows x the longest id (read_ids);
+        `.ids` of the store or a view then checks only its own rows.
         """
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
@@ -215,8 +233,7 @@ class GradientStore(GradientSet):
                 for c, names in enumerate(m.files)
                 for name, d in zip(names, m.dims[c], strict=True)
             ]
-            if m.has_ids:
-                read_ids(root / IDS_FILE, m.n_rows)
+            ids_file = _IdsFile.inspect_ids(root, m.n_rows) if m.has_ids else None
         except (StoreFormatError, FileNotFoundError) as e:  # a file missing or half-made: re-created meanwhile?
             if (change := _recreated(root, seen, m.store_id)) is not None:
                 raise StoreChangedError(
@@ -226,7 +243,7 @@ class GradientStore(GradientSet):
         stop = m.n_rows
         if allow_partial and not m.complete:
             stop = min(m.rows_done(c) for c in range(len(m.dims)))
-        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes), seen)
+        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes), seen, ids_file)
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property
@@ -377,20 +394,46 @@ class GradientStore(GradientSet):
             self._allow_partial,
             self._chunk_bytes,
             self._seen,
+            self._ids_file,
         )
 
     @property
     def ids(self) -> np.ndarray | None:
-        """Example ids of the rows in this view (int or str, memory-mapped), or None if none were given."""
-        if not self._manifest.has_ids:
+        """Example ids of the rows in this view (int or str, memory-mapped, read-only), or None if none were given.
+
+        Opening checked the whole ids file (GradientStore.open); this maps and checks only the view's
+        rows, after checking that the file is the one opened (same device, inode, size and modification
+        time). StoreChangedError if it is not (naming an id UTF-8 cannot encode, if the file now holds
+        one), or if a row of the view now holds such an id (the file changed in place unnoticed)."""
+        f = self._ids_file
+        if f is None:
             return None
+        path = self.path / IDS_FILE
         try:
-            ids = read_ids(self.path / IDS_FILE, self._manifest.n_rows)
-        except StoreFormatError as e:  # it was checked at opening: it changed since
-            self._check_same_store()  # (a re-created store is the error to report)
-            raise StoreChangedError(f"{e}; it was valid when the gradient store was opened: open it again") from None
+            fd = f.open_unchanged(self.path)
+        except StoreChangedError as changed:
+            self._check_same_store()  # a re-created store is the error to report
+            try:
+                read_ids(path, self._manifest.n_rows)  # what is wrong with the file now (missing, unencodable)
+            except StoreFormatError as e:
+                raise StoreChangedError(
+                    f"{e}; it was valid when the gradient store was opened: open it again"
+                ) from None
+            except OSError:
+                pass
+            raise changed from None  # a valid file, but another one
+        try:
+            ids = map_array(fd, f.dtype, f.offset + self._start * f.dtype.itemsize, (self.n_rows,), path)
+        finally:
+            os.close(fd)
+        if (bad := unencodable_id(ids, self._start)) is not None:
+            self._check_same_store()
+            raise StoreChangedError(
+                f"{path}: {bad}; it was valid when the gradient store was opened (changed in place since, "
+                "keeping its size and modification time): open it again"
+            )
         self._check_same_store()  # after mapping: the ids mapped are this store's (see kernel_side)
-        return ids[self._start : self._stop]
+        return ids
 
     # -- description ----------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
