@@ -865,18 +865,18 @@ def test_a_failed_read_of_a_stores_ids_names_the_store_not_the_output(stores, tm
     import tracin.store._store as store_module
 
     paths, _, _ = stores
-    read_ids = store_module.read_ids
+    map_array = store_module.map_array
 
     def stale_after_opening(scoring):
         def score(*args, **kwargs):
             result = scoring(*args, **kwargs)
 
-            def stale(path, n_rows):  # the train store's ids file, replaced on an NFS server since it was opened
-                if "train" in str(path):
+            def stale(fd, dtype, offset, shape, path):  # the train store's ids file, replaced on an NFS server
+                if path.name == "ids.npy" and "train" in str(path):  # since it was opened
                     raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
-                return read_ids(path, n_rows)
+                return map_array(fd, dtype, offset, shape, path)
 
-            monkeypatch.setattr(store_module, "read_ids", stale)
+            monkeypatch.setattr(store_module, "map_array", stale)
             return result
 
         return score
