@@ -5,6 +5,7 @@ references: per-example gradients by float64 autograd one unpadded example at a 
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -341,13 +342,37 @@ def test_bad_combinations_are_clear_errors():
         export_gradients(model, checkpoints, data, token_loss, projection=proj, preconditioner="adam")
     prime = tracin.Projection(67, per_layer=True, kronecker=True)  # 67 = 67 x 1, the 67 capped at the side's 41
     wide = nn.Sequential(nn.Embedding(VOCAB, 40), nn.Linear(40, 40), nn.Linear(40, CLASSES))
-    with pytest.raises(
-        ValueError, match=r"layer '1' 67 outputs, which factor as \(k_rows, k_cols\) = \(1, 41\) for its 40 x 41"
-    ):
+    with pytest.raises(ValueError, match=r"'1' 67 outputs for its 40 x 41 gradient; \(k_rows, k_cols\) = \(1, 41\)"):
         export_gradients(wide, [(wide.state_dict(), 1.0)], data, token_loss, layers=["1"], projection=prime)
     # a small layer caps its factors at its sides instead: fc (10 x 7 with its bias) given 67 gets 10 x 6, zeros after
     rows = export_gradients(model, checkpoints[:1], data, token_loss, layers=["fc"], projection=prime, progress=False)
     assert np.count_nonzero(rows.matrices[0][:, 60:]) == 0 and np.all(np.abs(rows.matrices[0][:, :60]).max(0) > 0)
+
+
+def test_an_unbalanced_share_is_refused_with_the_outputs_it_uses_the_rule_and_a_dim_that_fits():
+    """dim = 129 gives each of 3 layers 43 outputs, a prime: the embedding's 13 x 40 gradient would be projected
+    as 1 x 40. The refusal said "43 outputs, which factor as (1, 40)" (40, not 43) without the rule, and advised
+    3 x 1024 (review65 F2): it says how many outputs are used, the rule, and a dim near the request that exports."""
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Embedding(VOCAB, 40), nn.Linear(40, 40), nn.Linear(40, CLASSES))
+    checkpoints = [(wide.state_dict(), 1.0)]
+    ids, labels, _ = sequences(4, 5, seed=1)
+    prime = tracin.Projection(129, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError) as refused:
+        export_gradients(wide, checkpoints, (ids, labels), token_loss, projection=prime)
+    assert str(refused.value) == (
+        "projection: dim=129 over 3 segments gives layer '0' 43 outputs for its 13 x 40 gradient; (k_rows, k_cols) = "
+        "(1, 40), the most balanced factors of 43 within those sides, uses 40 of them (the other 3 stay zero) and "
+        "projects the gradient's 13 rows to 1: a factor below both its side's size and isqrt(43) // 2 = 3 is refused. "
+        "Choose dim = 3 segments x k with k whose factors balance on every Kronecker layer, e.g. 3 x 42 = 126"
+    )
+    dim = int(re.search(r"= (\d+)$", str(refused.value)).group(1))
+    proj = tracin.Projection(dim, 1, per_layer=True, kronecker=True)
+    got = export_gradients(wide, checkpoints, (ids, labels), token_loss, projection=proj, progress=False)
+    full = export_gradients(wide, checkpoints, (ids, labels), token_loss, progress=False)
+    layout = got.metadata["projection"]["segments"]
+    assert [proj.kronecker_dims(42, LayerMatrix(**s)) for s in layout] == [(6, 7), (6, 7), (5, 8)]
+    assert_rows_close(got.matrices[0], proj.apply(full.matrices[0], segments=layout))
 
 
 def test_a_layer_run_on_tensors_that_are_not_batch_first_is_named():
@@ -414,11 +439,12 @@ def test_a_position_embedding_shared_by_the_batch_is_projected_exactly(batched):
         []
         if batched
         else [
-            "projection with kronecker=True: ['pos'] are called on 1-D ids, without a batch dimension, that are not "
-            "one per example (shared by the batch, as wpe(arange(T)), or flattened, as wte(ids.view(-1))); their full "
-            "per-example gradients are computed (vmap, holding 'pos': batch x 7 x 6 numbers) and projected by the same "
-            "factors, exact but slower and larger: called on ids of shape (B, T) or (1, T), wpe(pos[None]), they are "
-            "projected per token"
+            "projection with kronecker=True: ['pos'] are called on ids without a batch dimension (of shape (7,)), not "
+            "one row per example: shared by the batch, as wpe(arange(T)) or T5's relative_attention_bias on a (q_len, "
+            "k_len) grid of buckets, or flattened, as wte(ids.view(-1)); their full per-example gradients are computed "
+            "(vmap, holding batch x 7 x 6 numbers) and projected by the same factors, exact but slower and larger: "
+            "called on ids of shape (B, T), or (1, T) whose output the model broadcasts over the batch, "
+            "wpe(pos[None]), they are projected per token"
         ]
     )
     layout = g.metadata["projection"]["segments"]
@@ -440,7 +466,7 @@ def test_a_position_embedding_on_as_many_ids_as_checked_rows_is_still_shared():
     state = copy.deepcopy(model.state_dict())
     proj = tracin.Projection(7 * 12, 3, per_layer=True, kronecker=True)
     with pytest.warns(
-        UserWarning, match=r"\['pos'\] are called on 1-D ids, without a batch dimension, that are not one per example"
+        UserWarning, match=r"\['pos'\] are called on ids without a batch dimension \(of shape \(2,\)\), not one row"
     ):
         g = export_gradients(
             model, [(state, 1.0)], (ids, labels), token_loss, projection=proj, batch_size=3, progress=False
@@ -449,6 +475,91 @@ def test_a_position_embedding_on_as_many_ids_as_checked_rows_is_still_shared():
     names = [n for n, _ in model.named_parameters()]
     want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
     assert_rows_close(g.matrices[0], want)
+
+
+class RelativeBias(TokenModel):
+    """TokenModel plus a relative-position bias as T5's: an embedding called on the (T, T) grid of distances,
+    without a batch dimension, its output averaged over the keys and broadcast over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.rel = nn.Embedding(9, WIDTH)
+
+    def forward(self, ids):
+        at = torch.arange(ids.shape[1])
+        h = self.emb(ids) + self.rel((at[:, None] - at[None, :]).abs()).mean(1)[None]
+        h = self.ln(torch.tanh(self.fc(h)))
+        return self.head(h + torch.tanh(self.mix(torch.tanh(self.mix(h)))))
+
+
+@pytest.mark.parametrize("length", [5, 2])
+def test_an_embedding_on_a_grid_of_ids_without_a_batch_dimension_is_projected_from_its_full_gradients(length):
+    """T5's relative_attention_bias is called on a (q_len, k_len) grid of buckets: refused ("cannot be
+    projected per token"), so no T5 exported with kronecker=True and the default layers (review65 F1). Like
+    wpe(arange(T)) it is projected from its full per-example gradients, one warning naming the grid's shape;
+    a grid of 2 x 2, as many rows as the first-rows check's batch (and the last batch's), is shared too (a
+    forward of example 0 alone and twice): float64 autograd's rows."""
+    torch.manual_seed(0)
+    model = RelativeBias()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (5, length), generator=g)
+    labels = torch.randint(0, CLASSES, (5, length), generator=g)
+    state = copy.deepcopy(model.state_dict())
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(state, 1.0)], (ids, labels), token_loss, projection=proj, batch_size=2)
+    said = [str(w.message) for w in caught if "without a batch dimension" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(
+        f"projection with kronecker=True: ['rel'] are called on ids without a batch dimension (of shape ({length}, "
+        f"{length})), not one row per example"
+    )
+    layout = got.metadata["projection"]["segments"]
+    assert layout[-1] == LayerMatrix(9, WIDTH).to_dict()  # its Kronecker segment, as in full-row layouts
+    names = [n for n, _ in model.named_parameters()]
+    grads = autograd_grads(model, state, ids, labels, [length] * len(ids))
+    assert_rows_close(got.matrices[0], projected_reference(proj, layout, grads, names))
+
+
+def test_a_t5_model_exports_with_kronecker_and_the_default_layers():
+    """A tiny T5 (built from a config: encoder and decoder relative_attention_bias on (q_len, k_len) grids) with
+    layers= left out: the rows equal Projection.apply on the full-mode rows with the recorded layout; the
+    relative biases keep their Kronecker segments, named in one warning."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=30,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(1, 30, (4, 6), generator=g), torch.randint(1, 30, (4, 4), generator=g)
+    data = ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, labels)
+
+    def loss(out, y):
+        return nn.functional.cross_entropy(out.logits.transpose(1, 2), y, reduction="none").sum(1)
+
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
+    proj = tracin.Projection(26 * 64, 5, per_layer=True, kronecker=True)  # 26 segments
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = export_gradients(model, checkpoints, data, loss, progress=False)
+        got = export_gradients(model, checkpoints, data, loss, projection=proj, progress=False)
+    said = [str(w.message) for w in caught if "without a batch dimension" in str(w.message)]
+    biases = [f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias" for side in ("decoder", "encoder")]
+    assert len(said) == 1 and said[0].startswith(f"projection with kronecker=True: {biases} are called on ids")
+    assert "(of shape (4, 4) and (6, 6))" in said[0]
+    layout = got.metadata["projection"]["segments"]
+    assert layout.count(LayerMatrix(8, 2).to_dict()) == 2  # 8 buckets x 2 heads: Kronecker segments
+    assert_rows_close(got.matrices[0], proj.apply(full.matrices[0], segments=layout))
 
 
 class Conditioned(nn.Module):

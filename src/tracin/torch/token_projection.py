@@ -10,8 +10,9 @@ O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose outpu
 (padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too) of
 every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is
 a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module alone (an
-embedding called on ids without a batch dimension, wpe(arange(T)), keeps its segment, projected from its
-full per-example gradients; ids of shape (B,), one per example, are projected per token). Every other
+embedding called on ids without a batch dimension, whose first dimension is not the batch's, as
+wpe(arange(T)) or T5's relative_attention_bias on a (q_len, k_len) grid, keeps its segment, projected from
+its full per-example gradients, one warning; ids of shape (B,), one per example, are projected per token). Every other
 chosen parameter (LayerNorm, tied weights, other layer types, and the out_proj of an
 nn.MultiheadAttention, whose weight the attention reads without running out_proj's forward: one
 warning) is one plain segment: its per-example gradient is computed in full
@@ -41,9 +42,9 @@ from .._export.preconditioner import AdamMoments, Preconditioned
 from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
-from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, fails_without_hooks, ids_shared_by_the_batch, one_at_a_time, stream
-from .data import Tree, batch_rows, slice_rows
+from ..projection import MAX_DIM, LayerMatrix, Projection
+from .capture import Call, NotCaptured, _first_input, fails_without_hooks, one_at_a_time, probe_forward, stream
+from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import (
     Reference,
     agrees,
@@ -124,8 +125,8 @@ class KroneckerRows:
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
-        self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids of shape (T,)
-        self._shared_ids: set[str] | None = None  # embeddings on 1-D ids shared by the batch (None: not probed)
+        self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids without a batch dimension
+        self._shared_ids: set[str] | None = None  # embeddings on ids shared by the batch (None: not probed)
 
     # --- what the export records ---
 
@@ -293,30 +294,32 @@ class KroneckerRows:
         projected inside the backward pass as soon as its output gradient exists (capture.stream); the
         output gradients themselves stay held by autograd until the pass ends. An embedding called on ids
         without a batch dimension (nanoGPT's wpe(arange(T)), broadcast later: its output gradient is the
-        batch's sum) is projected from its full per-example gradients instead (PerExampleGradients, vmap):
-        the same factors, the same layout, one warning. Ids of shape (rows,) are one per example (a class,
-        user or timestep embedding: per token) unless forwards of example 0 alone and twice showed their length
-        not growing (capture.ids_shared_by_the_batch, decided on the first batch: wpe(arange(T)) with T == rows,
-        even where T is the batch's trimmed length)."""
+        batch's sum; T5's relative_attention_bias on a (q_len, k_len) grid of buckets; flattened ids
+        wte(ids.view(-1))) is projected from its full per-example gradients instead (PerExampleGradients,
+        vmap): the same factors, the same layout, one warning. Ids whose first dimension is `rows` are one
+        row per example (a class, user or timestep embedding (B,), tokens (B, T): per token) unless forwards
+        of example 0 alone and twice showed that dimension not growing (_ids_without_batch, decided on the
+        first batch: wpe(arange(T)) with T == rows, even where T is the batch's trimmed length, or a grid with
+        q_len == rows)."""
         if self._shared_ids is None:
             embeddings = [s.module for s in self.kron if s.kind == "embedding"]
-            self._shared_ids = ids_shared_by_the_batch(self.model, embeddings, state, inputs) if embeddings else set()
-        shared = self._shared_ids
+            self._shared_ids = _ids_without_batch(self.model, embeddings, state, inputs) if embeddings else set()
+        shared_ids = self._shared_ids
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
             for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True)
         }
         unusable: dict[str, str] = {}
-        unbatched: set[str] = set()
+        unbatched: dict[str, tuple[int, ...]] = {}  # embedding: the shape of its first ids without a batch dimension
 
         def consume(layer: str, index: int, call: Call) -> None:
             if layer in unusable or layer in unbatched:
                 return
             seg, (p_rows, p_cols) = by_module[layer]
             ids = call.input
-            if seg.kind == "embedding" and ids.dim() == 1 and (ids.shape[0] != rows or layer in shared):
-                unbatched.add(layer)
+            if seg.kind == "embedding" and (ids.dim() == 0 or ids.shape[0] != rows or layer in shared_ids):
+                unbatched[layer] = tuple(ids.shape)
                 return
             try:
                 a, b = token_form(self._modules[layer], call, rows)
@@ -338,7 +341,7 @@ class KroneckerRows:
             # a layer run on one example at a time (a loop over the rows), expanded to the batch by the hooks
             self._in_full(looped, e, rows)
             return self._projected(state, inputs, targets, rows)
-        self._by_full_gradients(sorted(unbatched - unusable.keys()))
+        self._by_full_gradients({k: v for k, v in sorted(unbatched.items()) if k not in unusable})
         for layer, full in self._unbatched.items():
             seg, (p_rows, p_cols) = by_module[layer]
             flat = full(state, inputs, targets).to(self.dtype)
@@ -378,23 +381,23 @@ class KroneckerRows:
             stacklevel=5,
         )
 
-    def _by_full_gradients(self, layers: list[str]) -> None:
-        """Embeddings `layers`, called on 1-D ids not one per example, projected from full per-example gradients
-        from now on (one warning, with their size)."""
+    def _by_full_gradients(self, layers: dict[str, tuple[int, ...]]) -> None:
+        """Embeddings `layers` (with the shape of their ids), called on ids without a batch dimension, projected
+        from full per-example gradients from now on (one warning, with the ids' shapes and the gradients' size)."""
         if not layers:
             return
         for layer in layers:
             names = next(s.names for s in self.kron if s.module == layer)
             self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
-        sizes = ", ".join(
-            f"{layer!r}: batch x {' x '.join(map(str, self._modules[layer].weight.shape))}" for layer in layers
-        )
+        shapes = " and ".join(str(shape) for shape in layers.values())
+        sizes = " and ".join(f"batch x {' x '.join(map(str, self._modules[m].weight.shape))}" for m in layers)
         warnings.warn(
-            f"projection with kronecker=True: {layers} are called on 1-D ids, without a batch dimension, that are "
-            "not one per example (shared by the batch, as wpe(arange(T)), or flattened, as wte(ids.view(-1))); "
-            f"their full per-example gradients are computed (vmap, holding {sizes} numbers) and projected by the "
-            "same factors, exact but slower and larger: called on ids of shape (B, T) or (1, T), wpe(pos[None]), "
-            "they are projected per token",
+            f"projection with kronecker=True: {list(layers)} are called on ids without a batch dimension (of shape "
+            f"{shapes}), not one row per example: shared by the batch, as wpe(arange(T)) or T5's "
+            "relative_attention_bias on a (q_len, k_len) grid of buckets, or flattened, as wte(ids.view(-1)); their "
+            f"full per-example gradients are computed (vmap, holding {sizes} numbers) and projected by the same "
+            "factors, exact but slower and larger: called on ids of shape (B, T), or (1, T) whose output the model "
+            "broadcasts over the batch, wpe(pos[None]), they are projected per token",
             UserWarning,
             stacklevel=5,
         )
@@ -415,6 +418,51 @@ class KroneckerRows:
 
     def _moments(self, checkpoint: int, names: list[str]) -> list[AdamMoments]:
         return self.checkpoints[checkpoint].optimizer.moments([(n, self._shapes[n]) for n in names])
+
+
+def _ids_without_batch(
+    model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], inputs: Tree
+) -> set[str]:
+    """The embeddings `names` called on ids whose first dimension is not one row per example: those whose
+    first dimension does not grow from a forward pass (capture.probe_forward) of example 0 alone to one of
+    example 0 twice (wpe(arange(T)): (T,) both times; T5's relative_attention_bias: (q_len, k_len) both
+    times), where ids of shape (B,), (B, T) or flattened (B * T,) grow; and those called on a 0-d id. The
+    same example twice, not two examples: a model trimming the batch's padding gives both passes the same
+    T, whatever the other rows' lengths (T or q_len may equal the rows of a batch by chance). Ids of shape
+    (1, T, ...) both times are the batch's too (capture.stream expands them: wpe(pos[None])). A module whose
+    calls differ in number between the two is taken as shared (its full per-example gradients are exact
+    either way)."""
+    modules = dict(model.named_modules())
+    one = slice_rows(inputs, 0, 1)
+    firsts: list[dict[str, list[tuple[int, int]]]] = []  # per probe and module: (ids.dim(), first dimension)
+    for probe in (one, tree_map(lambda t: torch.cat([t, t]), one)):
+        seen: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
+
+        def look(name: str, seen=seen):
+            def note(module, args, kwargs, output):
+                ids = _first_input(args, kwargs)
+                if isinstance(ids, torch.Tensor):
+                    seen[name].append((ids.dim(), ids.shape[0] if ids.dim() else 0))
+
+            return note
+
+        handles = [modules[n].register_forward_hook(look(n), with_kwargs=True) for n in names]
+        try:
+            probe_forward(model, state, probe, lambda seen=seen: [v.clear() for v in seen.values()])
+        finally:
+            for h in handles:
+                h.remove()
+        firsts.append(seen)
+    alone, twice = firsts
+
+    def shared(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a[0] == 0 or b[0] == 0 or (a[1] == b[1] and not (a[0] > 1 and a[1] == 1))
+
+    return {
+        n
+        for n in names
+        if len(alone[n]) != len(twice[n]) or any(shared(a, b) for a, b in zip(alone[n], twice[n], strict=True))
+    }
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -481,16 +529,44 @@ def _read_by_parent(modules: Mapping[str, nn.Module]) -> set[str]:
 
 def _check_balanced(kron: list[_Segment], projection: Projection, n_segments: int) -> None:
     """ValueError when a layer's share of dim factors badly (a prime share p gives p x 1: every token's
-    input is projected to one number): a factor below both its side's size and sqrt(share) / 2."""
+    input is projected to one number): a factor below both its side's size and isqrt(share) // 2. The
+    message suggests the k nearest the share (dim = n_segments x k) that factors well on every layer."""
     for seg in kron:
-        dims = projection.kronecker_dims(seg.dim, seg.layer)
+        dims = _unbalanced(seg.dim, seg.layer)
+        if dims is None:
+            continue
         sides = (seg.layer.rows, seg.layer.cols + int(seg.layer.bias))
-        if any(k < min(side, math.isqrt(seg.dim) // 2) for k, side in zip(dims, sides, strict=True)):
-            raise ValueError(
-                f"projection: dim={projection.dim} gives layer {seg.module!r} {seg.dim} outputs, which factor "
-                f"as (k_rows, k_cols) = {dims} for its {sides[0]} x {sides[1]} gradient; choose dim = "
-                f"{n_segments} segments x k with k of balanced factors (e.g. {n_segments} x 1024 = {n_segments * 1024})"
-            )
+        low = math.isqrt(seg.dim) // 2
+        j = next(j for j in (0, 1) if dims[j] < min(sides[j], low))
+        used, k = dims[0] * dims[1], _balanced_share(kron, seg.dim, n_segments)
+        unused = f" (the other {seg.dim - used} stay zero)" if used < seg.dim else ""
+        raise ValueError(
+            f"projection: dim={projection.dim} over {n_segments} segments gives layer {seg.module!r} {seg.dim} "
+            f"outputs for its {sides[0]} x {sides[1]} gradient; (k_rows, k_cols) = {dims}, the most balanced "
+            f"factors of {seg.dim} within those sides, uses {used} of them{unused} and projects the gradient's "
+            f"{sides[j]} {('rows', 'columns')[j]} to {dims[j]}: a factor below both its side's size and "
+            f"isqrt({seg.dim}) // 2 = {low} is refused. Choose dim = {n_segments} segments x k with k whose factors "
+            f"balance on every Kronecker layer, e.g. {n_segments} x {k} = {n_segments * k}"
+        )
+
+
+def _unbalanced(share: int, layer: LayerMatrix) -> tuple[int, int] | None:
+    """The (k_rows, k_cols) of `layer` given `share` outputs when a factor is below both its side's size and
+    isqrt(share) // 2, else None."""
+    dims = Projection.kronecker_dims(share, layer)
+    sides = (layer.rows, layer.cols + int(layer.bias))
+    low = math.isqrt(share) // 2
+    return dims if any(k < min(side, low) for k, side in zip(dims, sides, strict=True)) else None
+
+
+def _balanced_share(kron: list[_Segment], share: int, n_segments: int) -> int:
+    """The k nearest `share` (the smaller of two as near) that no Kronecker layer of `kron` factors badly
+    (_unbalanced), with n_segments * k <= the largest dim; k = 1 always does."""
+    for distance in range(share):
+        for k in (share - distance, share + distance):
+            if k * n_segments <= MAX_DIM and all(_unbalanced(k, seg.layer) is None for seg in kron):
+                return k
+    return 1
 
 
 def _token_product(
