@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -227,6 +228,132 @@ def test_equinox_checkpoints_of_other_static_settings_name_the_fields_and_their_
         text,
     ), text
     assert "FrozenDict" not in text and "tuple" not in text
+
+
+def _dict_loss(p, inputs, targets):
+    return -jnp.take_along_axis(jax.nn.log_softmax(inputs @ p["w"]), targets[:, None], axis=1)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "first, later, message",
+    [
+        ({"w": _W, "b": None}, {"w": _W, "c": None}, r"other keys: 'c' here, 'b' in the first checkpoint \(their "),
+        ({"w": _W, "s": {}}, {"w": _W, "s": {}, "t": {}}, r"a key the first checkpoint lacks: 't' \(its "),
+        ({"w": _W, "s": {}, "t": None}, {"w": _W}, r"no keys 's', 't', as the first checkpoint has \(their "),
+    ],
+)
+def test_dict_keys_holding_no_parameters_are_named_as_keys(data, first, later, message):
+    """Plain dicts whose keys differ only where they hold None or {} (the same leaf paths) were said to hold
+    other settings in their static fields (review66 N2): a dict's keys are named as keys."""
+    x, y = data
+    with pytest.raises(ValueError) as raised:
+        export_gradients(_dict_loss, [(first, 1.0), (later, 1.0)], (x, y), progress=False)
+    text = str(raised.value)
+    assert re.fullmatch(
+        r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf paths and shapes, but the node "
+        r"holding 'w' \(a dict\) has "
+        + message
+        + r"values? holds? no parameters: None or empty\); every checkpoint must "
+        r"have the same keys",
+        text,
+    ), text
+    assert "static" not in text and "FrozenDict" not in text
+
+
+class _Activated(eqx.Module):
+    w: jax.Array
+    fn: object = eqx.field(static=True)
+
+
+def _eqx_fn_loss(p, inputs, targets):
+    return -jnp.take_along_axis(jax.nn.log_softmax(p.fn(inputs @ p.w)), targets[:, None], axis=1)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "first, later, message",
+    [
+        (
+            _Activated(_W, jnp.sin),
+            _Activated(_W, jnp.cos),
+            r"the node holding 'w' \(a [\w.]*_Activated\) has other static data: fn=jax\.numpy\.cos here, "
+            r"jax\.numpy\.sin in the first checkpoint; every checkpoint must hold the same settings in its static "
+            r"fields",
+        ),
+        (
+            _Activated(_W, lambda v: v),
+            _Activated(_W, lambda v: v),
+            r"the node holding 'w' \(a [\w.]*_Activated\) has other static data: fn=[\w.]*<lambda> here, "
+            r"[\w.]*<lambda> in the first checkpoint \(other functions of the same name or text; pass the same "
+            r"object to every checkpoint\); every checkpoint must hold the same settings in its static fields",
+        ),
+        (
+            eqx.nn.MLP(5, 3, 4, 1, activation=jax.nn.relu, key=jax.random.PRNGKey(0)),
+            eqx.nn.MLP(5, 3, 4, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0)),
+            r"non-array leaf 'activation' differs from the first checkpoint's: jax\.numpy\.tanh here, "
+            r"[\w.]*\.relu in the first checkpoint",
+        ),
+    ],
+)
+def test_functions_in_static_fields_are_named_by_their_qualified_names(data, first, later, message):
+    """A function in a static field (or a non-array leaf) was shown as a repr cut in the middle,
+    "<PjitFunction of <...at 0x7f...>>", which hid which function (review66 N3): module and qualified name,
+    and a note when two function objects have one name (two lambdas)."""
+    x, y = data
+    loss = _eqx_loss if isinstance(first, eqx.nn.MLP) else _eqx_fn_loss
+    with pytest.raises(ValueError) as raised:
+        export_gradients(loss, [(first, 1.0), (later, 1.0)], (x, y), progress=False)
+    text = str(raised.value)
+    assert re.fullmatch(
+        r"checkpoints\[1\]: (the params pytree has the first checkpoint's leaf paths and shapes, "
+        r"but )?" + message,
+        text,
+    ), text
+
+
+class _Offset(eqx.Module):
+    w: jax.Array
+    offset: Any = eqx.field(static=True)  # an array: Equinox advises against it, yet users do it
+
+
+def _offset_loss(p, inputs, targets):
+    return -jnp.take_along_axis(jax.nn.log_softmax(inputs @ p.w + p.offset), targets[:, None], axis=1)[:, 0]
+
+
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")
+@pytest.mark.parametrize("array", [np.asarray, jnp.asarray])
+def test_equal_arrays_in_static_fields_are_accepted_and_different_ones_named(data, array):
+    """An array in an Equinox static field, even the same object in both checkpoints, ended the export with
+    JAX's raw "Exception raised while checking equality of metadata fields" naming no checkpoint (review66,
+    pre-existing): equal arrays (same dtype, shape and values) are accepted, across exports too (the compiled
+    function's cache compares layouts), with the float64 NumPy rows; different ones name the field and both."""
+    x, y = data
+    w1 = np.random.default_rng(5).normal(0, 0.5, (5, 3)).astype(np.float32)
+    offset = [0.25, -0.5, 1.0]
+    ckpts = [(_Offset(_W, array(offset, np.float32)), 1.0), (_Offset(w1, array(offset, np.float32)), 0.5)]
+    out = export_gradients(_offset_loss, ckpts, (x, y), progress=False)
+    for (params, _), rows in zip(ckpts, out.matrices, strict=True):
+        logits = x.astype(np.float64) @ np.asarray(params.w, np.float64) + np.asarray(offset)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        probs[np.arange(len(y)), y] -= 1.0  # d loss / d logits
+        ref = (x[:, :, None] * probs[:, None, :]).reshape(len(y), -1)  # d loss / d w, row-major (5, 3)
+        np.testing.assert_allclose(np.asarray(rows, np.float64), ref, rtol=2e-5, atol=1e-6)
+    same = array(offset, np.float32)  # the same object twice, after an export of other (equal) objects
+    again = export_gradients(_offset_loss, [(_Offset(_W, same), 1.0), (_Offset(w1, same), 0.5)], (x, y), progress=False)
+    for a, b in zip(out.matrices, again.matrices, strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = _Offset(w1, array([0.25, -0.75, 1.0], np.float32))
+    with pytest.raises(ValueError) as raised:
+        export_gradients(_offset_loss, [ckpts[0], (other, 0.5)], (x, y), progress=False)
+    text = str(raised.value)
+    assert re.fullmatch(
+        r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf paths and shapes, but the node "
+        r"holding 'w' \(a [\w.]*_Offset\) has other static data: offset=a float32 array of shape \(3,\) "
+        r"\[0\.25, -0\.75, 1\.0\] here, a float32 array of shape \(3,\) \[0\.25, -0\.5, 1\.0\] in the first "
+        r"checkpoint \(first differing at index \(1,\): -0\.75 here, -0\.5 in the first checkpoint\); every "
+        r"checkpoint must hold the same settings in its static fields",
+        text,
+    ), text
 
 
 def test_a_list_of_eleven_layers_and_its_msgpack_save_name_the_list_and_the_dict(data, tmp_path):

@@ -10,9 +10,11 @@ leaves in this order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import reprlib
 import sys
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,21 @@ class ParamLayout:
     static: tuple[tuple[int, Any], ...]
     kinds: tuple[tuple[str, str], ...]
 
+    def __eq__(self, other: object) -> bool:
+        """Equal layouts: as the dataclass's own comparison, but static data holding arrays (an Equinox static
+        field) compare by value (_same_value), where the treedefs' own == raises (the layout is a compiled
+        function's cache key, shared_jit). The generated __hash__ stays consistent: a treedef's hash leaves
+        out such data."""
+        if not isinstance(other, ParamLayout):
+            return NotImplemented
+        return (
+            (self.paths, self.shapes, self.selected, self.arrays, self.kinds)
+            == (other.paths, other.shapes, other.selected, other.arrays, other.kinds)
+            and _same_treedef(self.treedef, other.treedef)
+            and len(self.static) == len(other.static)
+            and all(i == j and _same_value(a, b) for (i, a), (j, b) in zip(self.static, other.static, strict=True))
+        )
+
     @property
     def widths(self) -> list[int]:
         """Per selected leaf its number of entries (the segment widths of a gradient row)."""
@@ -138,7 +155,13 @@ class ParamLayout:
     def split(self, params: Any) -> tuple[list, list]:
         """(selected leaves, other array leaves) of a params pytree with this layout; floating scalars as
         0-d JAX arrays (a Python float as jax.grad sees it: float32 unless x64 is enabled)."""
-        leaves = [jnp.asarray(leaf) if _is_float_scalar(leaf) else leaf for leaf in self.treedef.flatten_up_to(params)]
+        try:
+            flat = self.treedef.flatten_up_to(params)
+        except ValueError:  # JAX's == of static data raised (an array in an Equinox static field)?
+            flat, treedef = jax.tree_util.tree_flatten(params)
+            if not _same_treedef(self.treedef, treedef):
+                raise
+        leaves = [jnp.asarray(leaf) if _is_float_scalar(leaf) else leaf for leaf in flat]
         return [leaves[i] for i in self.selected], [leaves[i] for i in self.arrays]
 
     def merge(self, selected: Sequence, arrays: Sequence) -> Any:
@@ -158,7 +181,7 @@ class ParamLayout:
         its sizes (in_features, width_size) as static data, so a wider layer is named by its shape."""
         if other.paths != self.paths:
             missing = sorted(set(self.paths) ^ set(other.paths))[:5]
-            if not missing and other.treedef != self.treedef:  # the containers differ: named below
+            if not missing and not _same_treedef(self.treedef, other.treedef):  # the containers differ: named below
                 found = _first_difference(self.treedef, other.treedef, self.paths)
                 raise ValueError(
                     f"{where}: the params pytree has the first checkpoint's leaf paths in another order, in other "
@@ -183,12 +206,17 @@ class ParamLayout:
                     f"{where}: parameter {self.paths[i]!r} has shape {other.shapes[i]}, "
                     f"the first checkpoint has {self.shapes[i]}"
                 )
-        if other.treedef != self.treedef:
+        if not _same_treedef(self.treedef, other.treedef):
             found = _first_difference(self.treedef, other.treedef, self.paths)
-            if found is not None and found[1]:  # same container types, other static values (module settings)
+            if found is not None and found[1] == "static":  # same container types, other static values
                 raise ValueError(
                     f"{where}: the params pytree has the first checkpoint's leaf paths and shapes, but {found[0]}; "
                     "every checkpoint must hold the same settings in its static fields"
+                )
+            if found is not None and found[1] == "keys":  # e.g. {"a": w, "b": None} vs {"a": w, "c": None}
+                raise ValueError(
+                    f"{where}: the params pytree has the first checkpoint's leaf paths and shapes, but {found[0]}; "
+                    "every checkpoint must have the same keys"
                 )
             raise ValueError(
                 f"{where}: the params pytree has the first checkpoint's leaf paths but other containers: "
@@ -196,19 +224,21 @@ class ParamLayout:
                 "container types (flax.core.unfreeze a FrozenDict, or freeze them all; lists vs tuples)"
             )
         for (i, a), (_, b) in zip(self.static, other.static, strict=True):
-            if a is not b and not _equal(a, b):
-                raise ValueError(f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's")
+            if not _same_value(a, b):
+                raise ValueError(
+                    f"{where}: non-array leaf {self.paths[i]!r} differs from the first checkpoint's: {_both(a, b)}"
+                )
 
 
 def _type_name(t: type) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> tuple[str, bool] | None:
+def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int = 0) -> tuple[str, str] | None:
     """Where two treedefs with the same leaf paths first differ (depth first), named by the first leaf
-    under that node (an empty node: by the leaf after it), and whether only its static data differs: the
-    text names both types, or (static: True) the static values that differ (e.g. an Equinox module's
-    fields) when the types agree."""
+    under that node (an empty node: by the leaf after it), and how: "containers" (the text names both
+    types), "keys" (a mapping's keys: those of one checkpoint alone) or "static" (the same types, other
+    static values, e.g. an Equinox module's fields)."""
     a, b = first.node_data(), other.node_data()
     if a is None and b is None:
         return None
@@ -220,9 +250,12 @@ def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int 
         )
     if a is None or b is None or a[0] is not b[0]:
         ta, tb = (_type_name(d[0]) if d is not None else "leaf" for d in (a, b))
-        return f"{where} is a {tb} here and a {ta} in the first checkpoint", False
-    if not _equal(a[1], b[1]) or len(first.children()) != len(other.children()):
-        return f"{where} (a {_type_name(a[0])}) has {_static_difference(a[0], a[1], b[1])}", True
+        return f"{where} is a {tb} here and a {ta} in the first checkpoint", "containers"
+    keys = _mapping_keys(first), _mapping_keys(other)
+    if keys[0] is not None and keys[1] is not None and not _same_value(keys[0], keys[1]):
+        return f"{where} (a {_type_name(a[0])}) has {_key_difference(first, other, *keys)}", "keys"
+    if not _same_value(a[1], b[1]) or len(first.children()) != len(other.children()):
+        return f"{where} (a {_type_name(a[0])}) has {_static_difference(a[0], a[1], b[1])}", "static"
     for x, y in zip(first.children(), other.children(), strict=True):
         found = _first_difference(x, y, paths, offset)
         if found:
@@ -231,22 +264,140 @@ def _first_difference(first: Any, other: Any, paths: Sequence[str], offset: int 
     return None
 
 
+def _mapping_keys(node: Any) -> list | None:
+    """The keys of a mapping node (dict, OrderedDict, defaultdict, FrozenDict), one per child, else None."""
+    node_type, data = node.node_data()
+    if not issubclass(node_type, Mapping):
+        return None
+    if issubclass(node_type, defaultdict) and isinstance(data, tuple) and len(data) == 2:
+        data = data[1]  # (default_factory, keys)
+    if not isinstance(data, (list, tuple)) or len(data) != len(node.children()):
+        return None
+    return list(data)
+
+
+def _key_difference(first: Any, other: Any, first_keys: list, other_keys: list) -> str:
+    """The keys of one checkpoint alone ("other keys: 'c' here, 'b' in the first checkpoint"), and whether
+    they hold no parameters (None, {}: the leaf paths are the same); or the same keys in another order."""
+    here = [k for k in other_keys if k not in first_keys]
+    there = [k for k in first_keys if k not in other_keys]
+    if not here and not there:
+        return f"its keys in another order: {other_keys!r} here, {first_keys!r} in the first checkpoint"
+
+    def listed(keys: list) -> str:
+        return ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+
+    if here and there:
+        text = f"other keys: {listed(here)} here, {listed(there)} in the first checkpoint"
+    elif here:
+        text = f"{'a key' if len(here) == 1 else 'keys'} the first checkpoint lacks: {listed(here)}"
+    else:
+        text = f"no {'key' if len(there) == 1 else 'keys'} {listed(there)}, as the first checkpoint has"
+    sizes = [
+        node.children()[keys.index(k)].num_leaves
+        for node, keys, ks in ((other, other_keys, here), (first, first_keys, there))
+        for k in ks
+    ]
+    if not any(sizes):
+        text += f" ({'its value holds' if len(sizes) == 1 else 'their values hold'} no parameters: None or empty)"
+    return text
+
+
+class _Short(reprlib.Repr):
+    """reprlib with strings cut to ~40 characters and other objects' reprs to 80 cut at the end (reprlib
+    cuts out the middle: "Lambda(fn=<PjitFun...t 0x7f...>>)" loses the function's name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring, self.maxother = 40, 80
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        try:
+            text = repr(x)
+        except Exception:  # noqa: BLE001 - a broken __repr__: named by its type, as reprlib does
+            return f"<{type(x).__name__} instance at {id(x):#x}>"
+        return text if len(text) <= self.maxother else text[: self.maxother - 3] + "..."
+
+
+_SHORT = _Short()
+
+
+def _show(value: Any) -> str:
+    """A short text of a static value: a function or class by its module and qualified name (a cut repr
+    loses the name: "<PjitFunction of <...at 0x7f13...>>"), an array by its dtype, shape and first values,
+    else a repr cut to ~40 characters."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        try:
+            host = host_array(value)
+            values = (
+                repr(host.tolist())
+                if host.size <= 6
+                else " ".join(np.array2string(host, threshold=6, edgeitems=2, separator=", ").split())
+            )
+        except Exception:  # noqa: BLE001 - a value that cannot be shown is named by its dtype and shape
+            return f"a {value.dtype} array of shape {tuple(value.shape)}"
+        return f"a {value.dtype} array of shape {tuple(value.shape)} {_SHORT.repr(values)[1:-1]}"
+    if isinstance(value, functools.partial):
+        return f"functools.partial({_show(value.func)}, ...)"
+    if isinstance(value, type):
+        return _type_name(value)
+    try:
+        name = getattr(value, "__qualname__", None) if callable(value) else None
+        module = getattr(value, "__module__", None)
+    except Exception:  # noqa: BLE001 - an object whose attributes raise is shown by its repr
+        name = module = None
+    if isinstance(name, str):
+        return f"{module}.{name}" if isinstance(module, str) and module != "builtins" else name
+    return _SHORT.repr(value)
+
+
+def _both(first: Any, other: Any) -> str:
+    """ "X here, Y in the first checkpoint" for two values that differ (not _same_value), with the first
+    index where arrays of one shape and dtype differ, and a note when the two texts are the same (two
+    lambdas, or two functions of one name)."""
+    shown, first_shown = _show(other), _show(first)
+    text = f"{shown} here, {first_shown} in the first checkpoint"
+    at = _first_unequal(first, other)
+    if at is not None:
+        a, b = host_array(first)[at].tolist(), host_array(other)[at].tolist()
+        return f"{text} (first differing at index {at}: {b!r} here, {a!r} in the first checkpoint)"
+    if shown == first_shown:
+        what = "functions" if callable(first) and callable(other) else "values"
+        text += f" (other {what} of the same name or text; pass the same object to every checkpoint)"
+    return text
+
+
+def _first_unequal(first: Any, other: Any) -> tuple[int, ...] | None:
+    """The first index where two arrays of one shape and dtype differ (NaN equal to NaN), else None."""
+    if not all(isinstance(v, (jax.Array, np.ndarray)) for v in (first, other)):
+        return None
+    try:
+        a, b = host_array(first), host_array(other)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return None
+        unequal = np.asarray(a != b)
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            unequal &= ~(np.isnan(a) & np.isnan(b))
+        found = np.flatnonzero(unequal)
+        return tuple(int(i) for i in np.unravel_index(int(found[0]), a.shape)) if found.size else None
+    except Exception:  # noqa: BLE001 - arrays that cannot be compared elementwise: their texts alone
+        return None
+
+
 def _static_difference(node_type: type, first: Any, other: Any) -> str:
     """The static values of a node that differ, e.g. "tag='b' here, 'a' in the first checkpoint", named by
     the node's static dataclass fields (eqx.field(static=True)) where its static data lines up with them."""
-    short = reprlib.Repr()
-    short.maxstring, short.maxother = 40, 40
     if not (isinstance(first, tuple) and isinstance(other, tuple) and len(first) == len(other)):
-        return f"other static data: {short.repr(other)} here, {short.repr(first)} in the first checkpoint"
+        return f"other static data: {_both(first, other)}"
     names: list[str | None] = [None] * len(first)
     if dataclasses.is_dataclass(node_type):
         static = [f.name for f in dataclasses.fields(node_type) if f.metadata.get("static", False)]
         if len(static) in (len(first), len(first) - 1):  # Equinox puts its wrapper fields first
             names = [None] * (len(first) - len(static)) + static
     differing = [
-        f"{name or f'static item {k}'}={short.repr(y)} here, {short.repr(x)} in the first checkpoint"
+        f"{name or f'static item {k}'}={_both(x, y)}"
         for k, (name, x, y) in enumerate(zip(names, first, other, strict=True))
-        if not _equal(x, y)
+        if not _same_value(x, y)
     ]
     if not differing:
         return "other static data than in the first checkpoint"
@@ -273,6 +424,53 @@ def _equal(a: Any, b: Any) -> bool:
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are not equal here
+        return False
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """a == b for static data, with arrays (in an Equinox static field: NumPy's == is elementwise, and JAX's
+    treedef == raises on it) equal when of one kind (NumPy or JAX), dtype and shape, with equal values (NaN
+    equal to NaN), inside tuples, lists and dicts too; other objects whose == raises are unequal."""
+    if a is b:
+        return True
+    arrays = [isinstance(v, (jax.Array, np.ndarray)) for v in (a, b)]
+    if any(arrays):
+        if not all(arrays) or isinstance(a, np.ndarray) != isinstance(b, np.ndarray):
+            return False
+        try:
+            x, y = host_array(a), host_array(b)
+            nan = jnp.issubdtype(x.dtype, jnp.inexact)
+            return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y, equal_nan=nan))
+        except Exception:  # noqa: BLE001 - arrays that cannot be compared are not equal here
+            return False
+    if type(a) is type(b) and isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is type(b) and isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return _equal(a, b)
+
+
+def _same_tree(first: Any, other: Any) -> bool:
+    """first == other for two treedefs, with their static data compared by _same_value."""
+    a, b = first.node_data(), other.node_data()
+    if a is None or b is None:
+        return a is None and b is None
+    x, y = first.children(), other.children()
+    return a[0] is b[0] and _same_value(a[1], b[1]) and len(x) == len(y) and all(map(_same_tree, x, y))
+
+
+def _same_treedef(first: Any, other: Any) -> bool:
+    """first == other, or else the same structure with equal static data (_same_tree): JAX's == raises on an
+    array of several values in an Equinox static field ("Exception raised while checking equality of
+    metadata fields"), and calls one holding NaN unequal to itself."""
+    try:
+        if first == other:
+            return True
+    except Exception:  # noqa: BLE001 - JAX wraps the array's ValueError in its own
+        pass
+    try:
+        return _same_tree(first, other)
+    except Exception:  # noqa: BLE001 - unequal (at interpreter exit, say: a cache key compared in teardown)
         return False
 
 
