@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import re
 import subprocess
 import sys
 import warnings
@@ -579,7 +580,7 @@ def _mean_loss(p, inputs, labels):
         (60, dict(preconditioner="adam_update"), "'adam_update' is not rank one"),
         (60, dict(loss=_mean_loss), r"per-example losses of shape \(4,\) for a batch of 4, got \(\) \(a mean"),
         (4, {}, "5 segments need dim >= 5"),
-        (5 * 17, {}, r"gives 'embed' 17 outputs, which factor as \(k_rows, k_cols\) = \(1, 10\)"),
+        (5 * 17, {}, r"gives weight 'embed' 17 outputs for its 6 x 10 gradient; \(k_rows, k_cols\) = \(1, 10\)"),
     ],
 )
 def test_what_a_kronecker_projection_cannot_go_with(dim, kwargs, match):
@@ -589,6 +590,32 @@ def test_what_a_kronecker_projection_cannot_go_with(dim, kwargs, match):
     loss = kwargs.pop("loss", mlp_loss)
     with pytest.raises(ValueError, match=match):
         export_gradients(loss, [(mlp_params(r), 1.0)], (inputs, labels), projection=proj, progress=False, **kwargs)
+
+
+def test_an_unbalanced_share_is_refused_with_the_outputs_it_uses_the_rule_and_a_dim_that_fits(x64):
+    """dim = 85 gives each of 5 segments 17 outputs, a prime: embed's 6 x 10 gradient would be projected as
+    1 x 10. The refusal said "which factor as (1, 10)" and advised 5 x 1024 (review65 F2, as tracin.torch): it
+    says how many outputs are used, the rule, and a dim near the request that exports."""
+    r = np.random.default_rng(6)
+    params = mlp_params(r)
+    inputs, labels, lengths = _tokens(r, 4, 5)
+    prime = tracin.Projection(5 * 17, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError) as refused:
+        export_gradients(mlp_loss, [(params, 1.0)], (inputs, labels), projection=prime, progress=False)
+    assert str(refused.value) == (
+        "projection: dim=85 over 5 segments gives weight 'embed' 17 outputs for its 6 x 10 gradient; (k_rows, "
+        "k_cols) = (1, 10), the most balanced factors of 17 within those sides, uses 10 of them (the other 7 stay "
+        "zero) and projects the gradient's 6 rows to 1: a factor below both its side's size and isqrt(17) // 2 = 2 "
+        "is refused. Choose dim = 5 segments x k with k whose factors balance on every Kronecker layer, "
+        "e.g. 5 x 16 = 80"
+    )
+    dim = int(re.search(r"= (\d+)$", str(refused.value)).group(1))
+    proj = tracin.Projection(dim, 1, per_layer=True, kronecker=True)
+    got = export_gradients(mlp_loss, [(params, 1.0)], (inputs, labels), projection=proj, progress=False)
+    assert got.metadata["projection"]["segments"] == MLP_LAYOUT
+    assert [proj.kronecker_dims(16, LayerMatrix(**s)) for s in MLP_LAYOUT[:2]] == [(4, 4), (4, 4)]
+    want = projected_reference(proj, MLP_LAYOUT, example_grads(mlp_loss, params, inputs, labels, lengths))
+    assert_rows_close(got.matrices[0], want)
 
 
 def test_a_batch_shape_that_maps_other_weights_is_an_error():

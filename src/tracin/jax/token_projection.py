@@ -30,7 +30,6 @@ projection.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._export.checkpoints import Checkpoint
+from .._export.kronecker_share import check_balanced
 from .._export.preconditioner import Preconditioned
 from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
@@ -133,16 +133,11 @@ class KroneckerRows:
 
     def _check_balanced(self) -> None:
         """ValueError when a mapped weight's share of dim factors badly (a prime share p gives p x 1: every
-        token's side projected to one number): a factor below both its side's size and sqrt(share) / 2."""
-        for k, layer in self.layers.items():
-            dims, floor = self.projection.kronecker_dims(self.dims[k], layer), math.isqrt(self.dims[k]) // 2
-            if any(f < min(side, floor) for f, side in zip(dims, (layer.rows, layer.cols), strict=True)):
-                n = len(self.dims)
-                raise ValueError(
-                    f"projection: dim={self.projection.dim} gives {self.layout.describe()[k][0]!r} {self.dims[k]} "
-                    f"outputs, which factor as (k_rows, k_cols) = {dims} for its {layer.rows} x {layer.cols} "
-                    f"gradient; choose dim = {n} segments x k with k of balanced factors (e.g. {n} x 1024 = {n * 1024})"
-                )
+        token's side projected to one number), with a dim that factors well on every mapped weight
+        (tracin._export.kronecker_share, as tracin.torch)."""
+        paths = self.layout.describe()
+        shares = [(f"weight {paths[k][0]!r}", self.dims[k], layer) for k, layer in self.layers.items()]
+        check_balanced(self.projection.dim, shares, len(self.dims))
 
     def spec(self) -> dict:
         """metadata["projection"]: the Projection's spec and the layout (Projection.apply's segments=)."""

@@ -27,7 +27,6 @@ segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their proje
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,11 +37,12 @@ import torch
 from torch import nn
 
 from .._export.checkpoints import Checkpoint
+from .._export.kronecker_share import check_balanced
 from .._export.preconditioner import AdamMoments, Preconditioned
 from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
-from ..projection import MAX_DIM, LayerMatrix, Projection
+from ..projection import LayerMatrix, Projection
 from .capture import Call, NotCaptured, _first_input, fails_without_hooks, one_at_a_time, probe_forward, stream
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import (
@@ -111,7 +111,8 @@ class KroneckerRows:
             self.segments.append(_Segment(j, seg_names, layer, dim, start, module, kind))
             start += dim
         self.kron = [s for s in self.segments if s.module is not None]
-        _check_balanced(self.kron, projection, len(self.segments))
+        shares = [(f"layer {s.module!r}", s.dim, s.layer) for s in self.kron]
+        check_balanced(projection.dim, shares, len(self.segments))
         self.plain = [s for s in self.segments if s.module is None]
         plain_names = [n for s in self.plain for n in s.names]
         self._plain_rows = PerExampleGradients(model, plain_names, loss_fn) if plain_names else None
@@ -525,48 +526,6 @@ def _read_by_parent(modules: Mapping[str, nn.Module]) -> set[str]:
         for name, m in modules.items()
         if isinstance(m, nn.MultiheadAttention)
     }
-
-
-def _check_balanced(kron: list[_Segment], projection: Projection, n_segments: int) -> None:
-    """ValueError when a layer's share of dim factors badly (a prime share p gives p x 1: every token's
-    input is projected to one number): a factor below both its side's size and isqrt(share) // 2. The
-    message suggests the k nearest the share (dim = n_segments x k) that factors well on every layer."""
-    for seg in kron:
-        dims = _unbalanced(seg.dim, seg.layer)
-        if dims is None:
-            continue
-        sides = (seg.layer.rows, seg.layer.cols + int(seg.layer.bias))
-        low = math.isqrt(seg.dim) // 2
-        j = next(j for j in (0, 1) if dims[j] < min(sides[j], low))
-        used, k = dims[0] * dims[1], _balanced_share(kron, seg.dim, n_segments)
-        unused = f" (the other {seg.dim - used} stay zero)" if used < seg.dim else ""
-        raise ValueError(
-            f"projection: dim={projection.dim} over {n_segments} segments gives layer {seg.module!r} {seg.dim} "
-            f"outputs for its {sides[0]} x {sides[1]} gradient; (k_rows, k_cols) = {dims}, the most balanced "
-            f"factors of {seg.dim} within those sides, uses {used} of them{unused} and projects the gradient's "
-            f"{sides[j]} {('rows', 'columns')[j]} to {dims[j]}: a factor below both its side's size and "
-            f"isqrt({seg.dim}) // 2 = {low} is refused. Choose dim = {n_segments} segments x k with k whose factors "
-            f"balance on every Kronecker layer, e.g. {n_segments} x {k} = {n_segments * k}"
-        )
-
-
-def _unbalanced(share: int, layer: LayerMatrix) -> tuple[int, int] | None:
-    """The (k_rows, k_cols) of `layer` given `share` outputs when a factor is below both its side's size and
-    isqrt(share) // 2, else None."""
-    dims = Projection.kronecker_dims(share, layer)
-    sides = (layer.rows, layer.cols + int(layer.bias))
-    low = math.isqrt(share) // 2
-    return dims if any(k < min(side, low) for k, side in zip(dims, sides, strict=True)) else None
-
-
-def _balanced_share(kron: list[_Segment], share: int, n_segments: int) -> int:
-    """The k nearest `share` (the smaller of two as near) that no Kronecker layer of `kron` factors badly
-    (_unbalanced), with n_segments * k <= the largest dim; k = 1 always does."""
-    for distance in range(share):
-        for k in (share - distance, share + distance):
-            if k * n_segments <= MAX_DIM and all(_unbalanced(k, seg.layer) is None for seg in kron):
-                return k
-    return 1
 
 
 def _token_product(
