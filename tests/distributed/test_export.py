@@ -255,6 +255,36 @@ def test_bad_arguments_are_named(client, tmp_path):
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
+class _Counted(torch.utils.data.Dataset):
+    """A data set that counts the items read from it (in this process)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets, self.read = inputs, targets, 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple:
+        self.read += 1
+        return self.inputs[i], self.targets[i]
+
+
+def test_a_bad_client_is_refused_before_the_data_is_read_or_the_store_created(tmp_path):
+    """As the scoring functions refuse it: not after the client's pass over the data (review64 F2)."""
+    model, checkpoints, (inputs, targets), loss = _setup(20, 4)
+    data = _Counted(inputs, targets)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        closed = Client(cluster)
+        closed.close()
+    for bad, error, message in (
+        (closed, ValueError, r"^client is closed \(status 'closed'"),
+        ("tcp://127.0.0.1:1", TypeError, "^client must be a distributed.Client or None, got str$"),
+    ):
+        with pytest.raises(error, match=message):
+            td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=bad)
+        assert data.read == 0 and not (tmp_path / "s").exists()
+
+
 def test_data_loader_with_worker_processes_is_named(client, tmp_path):
     model, checkpoints, (inputs, targets), loss = _setup(20, 4)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=5, num_workers=2)

@@ -23,6 +23,21 @@ from distributed.comm import get_address_host
 from .._cpus import usable_cores
 
 
+def check_client(client: Any) -> None:
+    """A TypeError unless `client` is a distributed.Client or None; a ValueError if it is closed; a
+    ConnectionError if it lost its scheduler and does not get it back (check_connected)."""
+    if client is None:
+        return
+    if not isinstance(client, Client):
+        raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
+    if client.status in ("closing", "closed"):
+        raise ValueError(
+            f"client is closed (status {client.status!r}; closed, or it lost its scheduler and could not "
+            "reconnect): pass a running distributed.Client"
+        )
+    check_connected(client)
+
+
 @contextmanager
 def client_for(client: Any) -> Iterator[Client]:
     """`client` if given; else the default client if one exists; else a LocalCluster for the call:
@@ -30,14 +45,7 @@ def client_for(client: Any) -> Iterator[Client]:
     if client is None:
         client = default_client_or_none()
     if client is not None:
-        if not isinstance(client, Client):
-            raise TypeError(f"client must be a distributed.Client or None, got {type(client).__name__}")
-        if client.status in ("closing", "closed"):
-            raise ValueError(
-                f"client is closed (status {client.status!r}; closed, or it lost its scheduler and could not "
-                "reconnect): pass a running distributed.Client"
-            )
-        check_connected(client)
+        check_client(client)
         yield client
         return
     with local_client(usable_cores()) as local:

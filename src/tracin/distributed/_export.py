@@ -23,6 +23,7 @@ from ..store import GradientStore
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
 from ._cluster import (
+    check_client,
     check_worker_timeout,
     client_for,
     default_client_or_none,
@@ -97,6 +98,7 @@ def export_gradients(
     num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
     check_progress(progress)
     worker_timeout = check_worker_timeout(worker_timeout)
+    check_client(client)  # before the data pass and the store, as the other arguments
     path = os.path.abspath(store)
     args, kwargs = absolute_checkpoints(args, kwargs)
     with tempfile.TemporaryFile() as pickled:  # in TMPDIR, not in the client's memory through its pass
