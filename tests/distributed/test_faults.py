@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import dask
 import numpy as np
@@ -18,6 +19,7 @@ from distributed import Client, LocalCluster
 
 import tracin
 import tracin.distributed as td
+from tracin.distributed import _run as run
 from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
@@ -260,6 +262,81 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
             call()
 
 
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A store of 1000 rows x 2 checkpoints (4 shards of 250 rows) with float32 overflows in several
+    shards, and in-memory sets (600 test rows: two kernel passes of 512) that overflow against it."""
+    rng = np.random.default_rng(11)
+    first, second = (rng.standard_normal((1000, 8)).astype(np.float32) for _ in range(2))
+    first[600] = [0.0, 0.0] + [1e19] * 6  # self-influence 6e38 in checkpoint 0, in shard 2
+    first[900, :2], first[700, :2] = (1e20, 0.0), (0.0, 1e20)  # and 1e40 in shards 2 and 3: products 1e40 below
+    second[[100, 300]] = 1e19  # self-influence beyond float32 in checkpoint 1 only, in shards 0 and 1
+    test = rng.standard_normal((600, 8)).astype(np.float32)
+    plain = test.copy()
+    test[0, :2], test[550, :2] = (1e20, 0.0), (0.0, 1e20)  # pairs (0, 900) in pass 0 and (550, 700) in pass 1
+    nan = first.copy()
+    nan[[250, 800]] = np.nan
+    return {
+        "store": write_store(tmp_path_factory.mktemp("overflow") / "s", [first, second], [1.0, 1.0]),
+        "nan": write_store(tmp_path_factory.mktemp("overflow") / "nan", [nan, second], [1.0, 1.0]),
+        "test": tracin.Gradients([test, plain], [1.0, 1.0]),
+        "small": tracin.Gradients([np.eye(2, 8, dtype=np.float32) * 1e20, np.zeros((2, 8), np.float32)], [1.0, 1.0]),
+    }
+
+
+@pytest.mark.parametrize("finish", ["in row order", "in reverse row order"])
+def test_overflow_and_non_finite_errors_are_one_processs_whichever_shard_finishes_first(
+    client, overflowing, monkeypatch, finish
+):
+    """Shards finishing in either order give the message tracin's own function raises: the first error
+    in its order (test passes before train rows), naming the rows of all shards of its kernel call
+    (review64 F1; it was the first shard to finish, naming its rows only)."""
+
+    def forced(futures, loop=None):
+        futures = list(futures)
+        while not all(f.done() for f in futures):
+            time.sleep(0.01)
+        return iter(futures if finish == "in row order" else futures[::-1])
+
+    monkeypatch.setattr(run, "as_completed", forced)
+    store, nan, test, small = (overflowing[k] for k in ("store", "nan", "test", "small"))
+    calls = [
+        (lambda f: f.self_influence(store, **f.kw), "for train rows [100, 300, 600, 700, 900] "),
+        (
+            lambda f: f.self_influence(store, per_checkpoint=True, **f.kw),
+            "in checkpoint 0 for train rows [600, 700, 900] ",
+        ),
+        (lambda f: f.top_k(test, store, 2, **f.kw), "first for test row 0 and train row 900;"),
+        (lambda f: f.top_k(small, store, 2, **f.kw), "first for test row 1 and train row 700;"),
+        (lambda f: f.top_k(store, small, 2, **f.kw), "first for test row 900 and train row 0;"),
+        (
+            lambda f: f.self_influence(nan, **f.kw),
+            "train checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
+        ),
+        (
+            lambda f: f.top_k(small, nan, 2, **f.kw),
+            "train checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
+        ),
+        (
+            lambda f: f.top_k(nan, small, 2, **f.kw),
+            "test checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
+        ),
+    ]
+    one, dist = (
+        SimpleNamespace(top_k=tracin.top_k, self_influence=tracin.self_influence, kw={}),
+        SimpleNamespace(
+            top_k=td.top_k, self_influence=td.self_influence, kw={"client": client, "shards": 4, "progress": False}
+        ),
+    )
+    for call, named in calls:
+        with pytest.raises(ValueError) as expected:
+            call(one)
+        assert named in str(expected.value)
+        with pytest.raises(ValueError) as found:
+            call(dist)
+        assert str(found.value) == str(expected.value)
+
+
 def _non_finite(n: int) -> None:
     raise ValueError(f"train checkpoint 0 contains NaN or Inf values, first in rows [{n}, {n + 1}]")
 
@@ -410,6 +487,7 @@ def test_an_export_whose_client_lost_its_scheduler_is_named(tmp_path):
             client=lost,
             progress=False,
         )
+    assert not (tmp_path / "s").exists()  # refused before the data pass and the store (review64 F2)
     lost.close()
 
 

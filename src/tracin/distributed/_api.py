@@ -29,7 +29,7 @@ from ..scoring import (
 from ..store import GradientStore
 from . import _tasks
 from ._cluster import check_worker_timeout, client_for, slots_by_host
-from ._run import Job
+from ._run import Job, RowOrder
 from ._shards import StoreRows, as_side, shard_ranges
 
 
@@ -82,7 +82,7 @@ def top_k(
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
-    with client_for(client) as c, Job(c, f"top_k ({side})") as job:
+    with client_for(client) as c, Job(c, f"top_k ({side})", _order(test_set, train_set)) as job:
         slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
@@ -150,7 +150,8 @@ def self_influence(
     check_self_influence_rows(train_set)
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     worker_timeout = check_worker_timeout(worker_timeout)
-    with client_for(client) as c, Job(c, "self_influence") as job:
+    order = RowOrder(train_step=train_set.row_chunks() or 0, per_checkpoint=per_checkpoint)
+    with client_for(client) as c, Job(c, "self_influence", order) as job:
         slots = slots_by_host(c, worker_timeout)
         parts = _per_shard(
             job,
@@ -191,7 +192,7 @@ def aggregate(
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
-    with client_for(client) as c, Job(c, "aggregate") as job:
+    with client_for(client) as c, Job(c, "aggregate", _order(test_set, train_set)) as job:
         slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
@@ -224,6 +225,11 @@ def aggregate(
             job.release(*parts)  # each (test chunks, n) partial is freed once its link has added it
             total = job.wait(links, progress, summed)
     return _float32(total)
+
+
+def _order(test: GradientSet, train: GradientSet) -> RowOrder:
+    """How tracin's own function meets the rows of test x train (its NaN/Inf and overflow errors)."""
+    return RowOrder(test.n_rows, test.row_chunks() or 0, train.row_chunks() or 0, _width(test))
 
 
 def _float32(total: np.ndarray) -> np.ndarray:
