@@ -521,10 +521,9 @@ def test_an_embedding_on_a_grid_of_ids_without_a_batch_dimension_is_projected_fr
     assert_rows_close(got.matrices[0], projected_reference(proj, layout, grads, names))
 
 
-def test_a_t5_model_exports_with_kronecker_and_the_default_layers():
-    """A tiny T5 (built from a config: encoder and decoder relative_attention_bias on (q_len, k_len) grids) with
-    layers= left out: the rows equal Projection.apply on the full-mode rows with the recorded layout; the
-    relative biases keep their Kronecker segments, named in one warning."""
+def _tiny_t5(label_length: int):
+    """(a 1-layer T5 built from a config, no download; 4 examples of 6 input ids and `label_length` labels, its
+    per-example loss)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.T5Config(
@@ -541,12 +540,20 @@ def test_a_t5_model_exports_with_kronecker_and_the_default_layers():
     )
     model = transformers.T5ForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(1)
-    ids, labels = torch.randint(1, 30, (4, 6), generator=g), torch.randint(1, 30, (4, 4), generator=g)
+    ids, labels = torch.randint(1, 30, (4, 6), generator=g), torch.randint(1, 30, (4, label_length), generator=g)
     data = ({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, labels)
 
     def loss(out, y):
         return nn.functional.cross_entropy(out.logits.transpose(1, 2), y, reduction="none").sum(1)
 
+    return model, data, loss
+
+
+def test_a_t5_model_exports_with_kronecker_and_the_default_layers():
+    """A tiny T5 (built from a config: encoder and decoder relative_attention_bias on (q_len, k_len) grids) with
+    layers= left out: the rows equal Projection.apply on the full-mode rows with the recorded layout; the
+    relative biases keep their Kronecker segments, named in one warning."""
+    model, data, loss = _tiny_t5(label_length=4)
     checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
     proj = tracin.Projection(26 * 64, 5, per_layer=True, kronecker=True)  # 26 segments
     with warnings.catch_warnings(record=True) as caught:
@@ -559,6 +566,33 @@ def test_a_t5_model_exports_with_kronecker_and_the_default_layers():
     assert "(of shape (4, 4) and (6, 6))" in said[0]
     layout = got.metadata["projection"]["segments"]
     assert layout.count(LayerMatrix(8, 2).to_dict()) == 2  # 8 buckets x 2 heads: Kronecker segments
+    assert_rows_close(got.matrices[0], proj.apply(full.matrices[0], segments=layout))
+
+
+def test_a_t5_decoder_of_one_position_is_said_to_call_its_bias_on_ids_without_a_batch_dimension():
+    """Labels of length 1: the decoder's relative_attention_bias runs on a (1, 1) grid of buckets, which the hooks
+    take for ids of shape (1, T) shared by the batch and expand to it; the hooked pass fails and the bias is
+    projected from its full per-example gradients, but the warning said the layer ran "in a loop over the rows".
+    It names the ids without a batch dimension (a forward of one example and one of two call it as often, on ids
+    of first dimension 1): the rows equal Projection.apply on the full-mode rows with the recorded layout (the
+    bias's gradient is 0 with one key to attend to: its columns are zero, v's are not)."""
+    model, data, loss = _tiny_t5(label_length=1)
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
+    bias = "decoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+    layers = [f"{bias}.weight", "decoder.block.0.layer.0.SelfAttention.v.weight"]
+    proj = tracin.Projection(2 * 16, 5, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = export_gradients(model, checkpoints, data, loss, layers=layers, progress=False)
+        got = export_gradients(model, checkpoints, data, loss, layers=layers, projection=proj, progress=False)
+    said = [str(w.message) for w in caught if "kronecker" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(
+        f"projection with kronecker=True: ['{bias}'] are called on ids without a batch dimension (of shape (1, 1)), "
+        "not one row per example"
+    )
+    layout = got.metadata["projection"]["segments"]
+    assert layout == [LayerMatrix(16, 16).to_dict(), LayerMatrix(8, 2).to_dict()]  # v, the bias: Kronecker segments
+    assert np.abs(got.matrices[0][:, :16]).min(0).max() > 0 and not np.any(got.matrices[0][:, 16:])
     assert_rows_close(got.matrices[0], proj.apply(full.matrices[0], segments=layout))
 
 

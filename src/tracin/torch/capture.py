@@ -99,13 +99,16 @@ def stream(
     targets: Tree,
     consume: Consumer,
     expanded: set[str] | None = None,
+    expanded_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, int]:
     """The pass of `capture`, handing each call to consume(name, index, call) instead of keeping it:
     inside the backward pass when its output gradient is complete (in backward order), after it with
     a zero gradient for calls the loss does not reach. Returns {name: number of calls}. `expanded`, when
     given, gets the names of the modules whose calls were expanded to the batch as it goes (kept when the
     pass raises): a module run on one example at a time (a loop over the rows) is expanded too, which
-    changes what the model computes."""
+    changes what the model computes, and so is one called on a tensor without a batch dimension whose first
+    dimension is 1 (T5's relative_attention_bias on a (1, k_len) grid of buckets when the decoder has one
+    position). `expanded_shapes`, when given, gets each such module's input shape before its first expansion."""
     modules = dict(model.named_modules())
     rows = batch_rows(targets, "targets")
     sources: list[torch.Tensor] = []  # the captured outputs as the layers returned them
@@ -125,6 +128,8 @@ def stream(
                 x, output = x.expand(rows, *x.shape[1:]), output.expand(rows, *output.shape[1:])
                 if expanded is not None:
                     expanded.add(name)
+                if expanded_shapes is not None:
+                    expanded_shapes.setdefault(name, tuple(first.shape))
             # dL/dy needs y in the graph; where nothing upstream needs gradients, start the graph here
             source = output if output.requires_grad else output.detach().requires_grad_(True)
             key = (name, counts[name])

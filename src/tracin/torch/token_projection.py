@@ -331,16 +331,28 @@ class KroneckerRows:
 
         streamed = [m for m in by_module if m not in self._unbatched]
         expanded: set[str] = set()
+        expanded_shapes: dict[str, tuple[int, ...]] = {}
         try:
-            stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume, expanded)
+            stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume, expanded, expanded_shapes)
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             looped = sorted(expanded & set(streamed))
             if not looped or isinstance(e, NotCaptured):
                 raise
             if fails_without_hooks(self.model, state, self.loss_fn, inputs, targets):
                 raise  # a shared call expanded by the hooks, and an error of the batch's own
-            # a layer run on one example at a time (a loop over the rows), expanded to the batch by the hooks
-            self._in_full(looped, e, rows)
+            # calls on batch-1 tensors, expanded to the batch by the hooks, after which the pass failed. An
+            # embedding called as often with one example as with two, on ids whose first dimension is 1 both
+            # times (_ids_without_batch), is not run once per row: its ids have no batch dimension (T5's
+            # relative_attention_bias on the (1, k_len) grid of a one-position decoder) and its output is not
+            # broadcast over the batch. The others: a layer run on one example at a time (a loop over the rows)
+            grids = {
+                m: expanded_shapes[m]
+                for m in looped
+                if by_module[m][0].kind == "embedding" and m not in shared_ids and m in expanded_shapes
+            }
+            self._by_full_gradients(grids)
+            if len(grids) < len(looped):
+                self._in_full([m for m in looped if m not in grids], e, rows)
             return self._projected(state, inputs, targets, rows)
         self._by_full_gradients({k: v for k, v in sorted(unbatched.items()) if k not in unusable})
         for layer, full in self._unbatched.items():
