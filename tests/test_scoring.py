@@ -737,6 +737,47 @@ def test_gradients_under_different_projections_are_refused(rng):
     assert_close_to_exact(same, a, b, [1.0])
 
 
+def test_projection_metadata_scoring_cannot_read_names_the_side_and_the_form_expected(rng, tmp_path):
+    """review67 F2: a side whose metadata['projection'] is not what Projection.to_dict() writes (the
+    {"dim", "seed", "kind"} form docs/format.md once showed) is named, with its store's path, and the
+    message shows the spec form; it used to be 'not a tracin.Projection spec: {...}' naming neither side."""
+    a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
+    bare = {"dim": 8, "seed": 0, "kind": "rademacher"}
+    spec = tracin.Projection(8, seed=0).to_dict()
+    writer = tracin.GradientStore.create(tmp_path / "bare", 5, [8], metadata={"projection": bare})
+    writer.write(0, 0, b[0])
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "bare")
+    form = re.escape(repr(tracin.Projection(8192, seed=0).to_dict()))
+    for test, train, side in (
+        (tracin.Gradients(a, metadata={"projection": spec}), store, rf"train gradients \(gradient store {tmp_path}"),
+        (store, tracin.Gradients(a, metadata={"projection": spec}), rf"test gradients \(gradient store {tmp_path}"),
+        (
+            tracin.Gradients(a, metadata={"projection": bare}),
+            tracin.Gradients(b, metadata={"projection": {**bare, "seed": 1}}),
+            r"test gradients: ",
+        ),
+        (
+            tracin.Gradients(a, metadata={"projection": spec}),
+            tracin.Gradients(b, metadata={"projection": [8, 0]}),
+            r"train gradients: ",
+        ),
+    ):
+        with pytest.raises(ValueError, match=rf"^{side}.*metadata\['projection'\] is not a projection spec .*{form}$"):
+            tracin.scores(test, train)
+    old = {**spec, "generator": spec["generator"] + 1}
+    with pytest.raises(ValueError, match=r"^train gradients: projection spec from generator version"):
+        tracin.scores(
+            tracin.Gradients(a, metadata={"projection": spec}), tracin.Gradients(b, metadata={"projection": old})
+        )
+    # the same spec on both sides (or the form to_dict() writes) is read and scored as before
+    same = tracin.scores(
+        tracin.Gradients(a, metadata={"projection": spec}), tracin.Gradients(b, metadata={"projection": spec})
+    )
+    assert_close_to_exact(same, a, b, [1.0])
+    assert_close_to_exact(tracin.scores(tracin.Gradients(a, metadata={"projection": bare}), store), a, b, [1.0])
+
+
 def test_gradients_of_different_parameters_or_modes_are_refused(rng):
     a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
 

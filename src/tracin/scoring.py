@@ -128,14 +128,14 @@ def _check_same_gradient_space(
         raise ValueError(f"{first} are mode={t['mode']!r} but {second} are mode={x['mode']!r}")
     _check_same_preconditioner(t, x, names)
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
-        from .projection import Projection
-
+        specs = {}
+        for name, side, m in zip(names, (test, train), (t, x), strict=True):
+            if m["projection"] is not None:
+                specs[name] = _projection_of(m["projection"], name, getattr(side, "path", None))
         (projected, projected_name), (other, other_name) = ((x, names[1]), (t, names[0]))[
             :: 1 if x["projection"] is not None else -1
         ]
-        Projection.from_dict(projected["projection"]).check_compatible(
-            other["projection"], what=other_name, this=projected_name
-        )
+        specs[projected_name].check_compatible(other["projection"], what=other_name, this=projected_name)
     if "whitening" in t and "whitening" in x:
         raise ValueError(
             f"{names[0]} and {names[1]} are both whitened (metadata['whitening']); whiten only the test side "
@@ -160,6 +160,24 @@ def _check_same_gradient_space(
         # too (bare test arrays carry no records of their own, their whitening's are checked)
         space = SimpleNamespace(metadata=fitted["space"])  # what _check_same_gradient_space reads of a set
         _check_same_gradient_space(space, train, ("the gradients the test side's whitening was fitted on", "train"))
+
+
+def _projection_of(spec: Any, name: str, path: Any = None) -> Any:
+    """The Projection a side's metadata["projection"] records; a ValueError naming the side (and
+    the store at `path`) and the form expected where it is not a spec Projection.from_dict reads."""
+    from .projection import Projection
+
+    try:
+        return Projection.from_dict(spec)
+    except (TypeError, ValueError) as e:
+        where = f" (gradient store {path})" if path is not None else ""
+        if isinstance(spec, dict) and str(e).startswith("projection spec from generator version"):
+            raise ValueError(f"{_gradients(name)}{where}: {e}") from None  # a spec, of another generator
+        raise ValueError(
+            f"{_gradients(name)}{where}: metadata['projection'] is not a projection spec tracin can read ({e}); "
+            "it must be null (unprojected) or the dict tracin.Projection(...).to_dict() writes, e.g. "
+            f"{Projection(8192, seed=0).to_dict()}"
+        ) from None
 
 
 class CheckpointMismatchError(ValueError):
