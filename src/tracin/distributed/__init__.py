@@ -1,20 +1,24 @@
 """tracin's scoring functions and gradient exports on a Dask cluster (pip install 'tracin[distributed]').
 
-top_k, self_influence, aggregate: the arguments of tracin's own (on the CPU kernel only: device
-None or "cpu", precision "float32", no whitening) plus client= (a distributed.Client; None: the
-default client, else a LocalCluster on this machine), shards= (row shards of the store side) and
-worker_timeout= (seconds to wait for a cluster's first worker; None, the default: no limit).
-Tasks open their shard of a GradientStore by path, run the C++ kernel on it and send back only
-(m, k) results (or one value per row), merged on the cluster with merge_top_k: the answers are
-identical bit for bit to the single-machine functions. Every worker must see the store at the same
-path (a shared file system, or an identical copy on each machine whose files keep their modification
-times: cp -p, rsync -a). A store changed since it was opened (re-created, or a data file removed,
-resized or rewritten in place, even at the same size) is a StoreChangedError, from the client's check
-before the call or from a task whose worker finds a data file of another size or modification time
-than the client recorded. A client whose scheduler died is a ConnectionError naming it (once Dask
-gives up reconnecting); a call under way when it dies fails with TaskFailedError saying so. A
-script that lets client=None start a LocalCluster must call from under `if __name__ == "__main__":`
-(the worker processes are spawned and import the script).
+top_k, self_influence, aggregate: the arguments of tracin's own (on the CPU kernel only: device None
+or "cpu", precision "float32", no whitening) plus client= (a distributed.Client; None: the default
+client, else a LocalCluster on this machine), shards= (row shards of the store side) and
+worker_timeout= (seconds to wait for a cluster's first worker; None, the default: no limit). Tasks
+open their shard of a GradientStore by path, run the C++ kernel on it and send back only (m, k)
+results (or one value per row), merged on the cluster with merge_top_k: the answers are identical
+bit for bit to the single-machine functions when every worker's kernel runs the same instruction set
+(tracin.detect_isa(): avx512, avx2 or generic, chosen per CPU at run time;
+client.run(tracin.detect_isa) shows the workers') as the process compared with. Workers with another
+instruction set keep the scale-aware error bound, but scores may differ in the last bits (and top_k
+may order near-ties differently); full-gradient aggregate is the same bits on every instruction set.
+Every worker must see the store at the same path (a shared file system, or an identical copy on each
+machine whose files keep their modification times: cp -p, rsync -a). A store changed since it was
+opened (re-created, or a data file removed, resized or rewritten in place, even at the same size) is
+a StoreChangedError, from the client's check before the call or from a task whose worker finds a
+data file of another size or modification time than the client recorded. A client whose scheduler
+died is a ConnectionError naming it (once Dask gives up reconnecting); a call under way when it dies
+fails with TaskFailedError saying so. A script that lets client=None start a LocalCluster must call
+from under `if __name__ == "__main__":` (the worker processes are spawned and import the script).
 
 export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
 adapter's export as row ranges written by the tasks into one store (see its docstring).
