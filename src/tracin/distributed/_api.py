@@ -48,7 +48,9 @@ def top_k(
     precision: str = "float32",
     normalize: bool = False,
 ) -> TopK | BothSides:
-    """tracin.top_k on a Dask cluster, the same result bit for bit (ties included).
+    """tracin.top_k on a Dask cluster, the same result bit for bit (ties included) where the workers'
+    kernels run the same instruction set (tracin.detect_isa()) as the process compared with, else
+    within the error bound (see the tracin.distributed docstring).
 
     test, train: gradient sets as for tracin.top_k, at least one a GradientStore (or a path to
     one). The train side is cut into row shards if it is a store, else the test side; each task
@@ -129,7 +131,8 @@ def self_influence(
     normalize: bool = False,
 ) -> np.ndarray:
     """tracin.self_influence (float32 (n,), or (n, C) with per_checkpoint) of a GradientStore (or a
-    path to one) on a Dask cluster, the same result bit for bit. Options as for
+    path to one) on a Dask cluster, the same result bit for bit where the workers run the same
+    instruction set (tracin.detect_isa()), else within the error bound. Options as for
     tracin.distributed.top_k (worker_timeout included); whitening is not run on a cluster (a ValueError: use
     tracin.self_influence), normalize=True is refused as by tracin.self_influence."""
     _check_cpu(device, precision)
