@@ -722,6 +722,166 @@ def test_kronecker_overflow_names_the_row_like_the_dense_path(transposed, rng, m
     assert np.isfinite(proj.apply(x[:3], segments=[layer])).all()
 
 
+# --- rows whose unscaled sums pass FLT_MAX while their projection is finite (review67 F1) ---
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _aligned_row(p: np.ndarray, top: float) -> np.ndarray:
+    """(d,) float32: a row whose float64 projection by p (dim, d) has max |.| = top, its signs those of
+    p's row with the largest sum of |entries| (so that output sums its columns with one sign: the
+    kernel's unscaled sum is top times sqrt(dim) there, sqrt(8) for the sparse kind)."""
+    signs = np.where(p[np.argmax(np.abs(p).sum(axis=1))] < 0, -1.0, 1.0)
+    return (signs * (top / np.abs(p @ signs).max())).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_finite_projection_whose_unscaled_sum_overflows_is_returned(kind, rng):
+    dim, d = 256, 512
+    proj = tracin.Projection(dim, seed=3, kind=kind)
+    p = reference_matrix(kind, 3, dim, d)
+    x = rng.standard_normal((6, d)).astype(np.float32)
+    x[1] = _aligned_row(p, 2e38)  # a projection of 2e38 at most: the kernel's sums reach 2e38 * 16 (sparse: * 2.8)
+    x[4] = _aligned_row(p, 5e37) * np.float32(-1)
+    y = proj.apply(x, num_threads=2)
+    assert np.isfinite(y).all()
+    want = x.astype(np.float64) @ p.T
+    bound = np.abs(x).astype(np.float64) @ np.abs(p).T  # the float32 chains' rounding, relative to it
+    np.testing.assert_array_less(np.abs(y - want), 1e-5 * bound + 1e-30)
+    assert np.abs(y[1]).max() > 1.9e38
+    # The other rows keep the bits of a batch without the large ones, whatever the threads.
+    normal = [0, 2, 3, 5]
+    np.testing.assert_array_equal(y[normal], proj.apply(x[normal], num_threads=1))
+    np.testing.assert_array_equal(y[[1, 4]], proj.apply(x[[4, 1]], num_threads=1)[::-1])
+    # A projection beyond float32's range is still refused, naming its row.
+    x[3] = np.where(_aligned_row(p, 1.0) < 0, np.float32(-1e38), np.float32(1e38))
+    assert np.abs(x[3].astype(np.float64) @ p.T).max() > 2 * FLT_MAX
+    with pytest.raises(tracin.projection.NonFiniteRowError, match="the projection of row 3 is not finite") as caught:
+        proj.apply(x)
+    assert caught.value.row == 3
+
+
+def test_the_overflow_rescue_through_column_offset_and_pieces(rng):
+    dim, d = 64, 96
+    proj = tracin.Projection(dim, seed=9, kind="gaussian")
+    p = reference_matrix("gaussian", 9, dim, d, offset=2**40)
+    x = rng.standard_normal((3, d)).astype(np.float32)
+    x[0] = _aligned_row(p, 1e38)
+    half = x.astype(ml_dtypes.bfloat16)
+    y = proj.apply([x[:, :30], half[:, 30:]], column_offset=2**40)
+    want = np.hstack([x[:, :30], half[:, 30:].astype(np.float32)]).astype(np.float64) @ p.T
+    bound = np.abs(want).max(axis=1, keepdims=True) + np.abs(x).astype(np.float64) @ np.abs(p).T
+    np.testing.assert_array_less(np.abs(y - want), 1e-5 * bound)
+    assert np.abs(y[0]).max() > 0.9e38
+    np.testing.assert_array_equal(y[1:], proj.apply([x[1:, :30], half[1:, 30:]], column_offset=2**40))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_finite_kronecker_projection_whose_first_product_overflows_is_returned(kind, transposed, rng):
+    layer = LayerMatrix(20, 30, bias=True, transposed=transposed)
+    proj = tracin.Projection(64, seed=2, kind=kind, per_layer=True, kronecker=True)
+    k_rows, k_cols = proj.kronecker_dims(64, layer)
+    p_rows = reference_matrix(kind, 2, k_rows, 20, stream=KRONECKER)
+    p_cols = reference_matrix(kind, 2, k_cols, 31, stream=KRONECKER + 1)
+    # G = a s_r s_c^T + 1e38 (the product's first factor's null vector) (x) s_c or s_r (x) (the second's):
+    # P_rows G P_cols^T peaks at 2e38 (a's term), while the first product (G P_cols^T, or P_rows G when
+    # transposed, which is computed first) passes FLT_MAX.
+    s_r = np.where(p_rows[0] < 0, -1.0, 1.0)
+    s_c = np.where(p_cols[0] < 0, -1.0, 1.0)
+    a = 2e38 / np.abs(np.outer(p_rows @ s_r, p_cols @ s_c)).max()
+    if transposed:
+        null = np.linalg.svd(p_cols)[2][-1]
+        grid = a * np.outer(s_r, s_c) + 1e38 / np.abs(null).max() * np.outer(s_r, null)
+        first = p_rows @ grid
+    else:
+        null = np.linalg.svd(p_rows)[2][-1]
+        grid = a * np.outer(s_r, s_c) + 1e38 / np.abs(null).max() * np.outer(null, s_c)
+        first = grid @ p_cols.T
+    assert np.abs(first).max() > 1.5 * FLT_MAX
+    weights = grid[:, :30].T if transposed else grid[:, :30]
+    big = np.concatenate([weights.reshape(-1), grid[:, 30]]).astype(np.float32)
+    x = rng.standard_normal((5, layer.width)).astype(np.float32)
+    x[2] = big
+    y = proj.apply(x, segments=[layer])
+    assert np.isfinite(y).all()
+    g = _layer_grid(x, layer)
+    want = (p_rows @ g @ p_cols.T).reshape(5, -1)
+    bound = (np.abs(p_rows) @ np.abs(g) @ np.abs(p_cols).T).reshape(5, -1)
+    np.testing.assert_array_less(np.abs(y - want), 1e-5 * bound + 1e-30)
+    assert np.abs(y[2]).max() > 1.9e38
+    normal = [0, 1, 3, 4]
+    np.testing.assert_array_equal(y[normal], proj.apply(x[normal], segments=[layer]))
+    np.testing.assert_array_equal(y[2:3], proj.project_segment(x[2:3], 0, layer, 64))
+    x[4] = np.float32(1.8) * big  # 3.6e38: beyond float32 whatever the order of the products
+    with pytest.raises(tracin.projection.NonFiniteRowError, match="the projection of row 4 is not finite"):
+        proj.apply(x, segments=[layer])
+
+
+def _digest_rows(n: int, d: int, salt: int) -> np.ndarray:
+    """(n, d) float32 from integer arithmetic alone; row i scaled by 2**(13 i - 40) (2e-11 to 3e32)."""
+    k = np.arange(n * d, dtype=np.int64).reshape(n, d)
+    v = ((k * 2654435761 + salt * 97) % 2001 - 1000).astype(np.float64) / 37.0
+    return (v * 2.0 ** (np.arange(n) * 13 - 40)[:, None]).astype(np.float32)
+
+
+# sha256 of the outputs below, computed before the overflow rescue (review67 F1) was added: rows whose
+# projection does not overflow keep their bits (stores' projections stay valid).
+_DIGESTS = {
+    "rademacher": "61399f0815cea1ad810bb683fa0c734ef2d7fa3e78f37554d3043d7d804df851",
+    "gaussian": "cd6b9648581e61c80a52725671d0bda652089f532ffe4510e87ca94987dcc2be",
+    "sparse": "c9d89dd7c9ae0cfefa3bd209da09a888f957b739f54605ae8b5aae9c0a96c87c",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_projection_bits_are_those_recorded_before_the_overflow_rescue(kind):
+    import hashlib
+
+    h = hashlib.sha256()
+    x = _digest_rows(12, 300, 1)
+    h.update(tracin.Projection(100, seed=5, kind=kind).apply(x).tobytes())
+    h.update(tracin.Projection(37, seed=6, kind=kind).apply(x, column_offset=2**40).tobytes())
+    proj = tracin.Projection(64, seed=7, kind=kind, per_layer=True, kronecker=True)
+    segments = [LayerMatrix(10, 12, bias=True), 40, LayerMatrix(6, 20, transposed=True)]
+    h.update(proj.apply(_digest_rows(12, 130 + 40 + 120, 2), segments=segments).tobytes())
+    left, right = tracin.Projection(64, seed=8, kind=kind).apply_factored(
+        _digest_rows(12, 50, 3), _digest_rows(12, 70, 4)
+    )
+    h.update(left.tobytes())
+    h.update(right.tobytes())
+    assert h.hexdigest() == _DIGESTS[kind]
+
+
+# --- LayerMatrix and index checks (review67 F4, F5) ---
+
+
+def test_layer_matrix_stores_numpy_scalars_as_python_ones():
+    layer = LayerMatrix(np.int64(3), np.int32(64), bias=np.bool_(True), transposed=np.bool_(False))
+    assert [type(v) for v in (layer.rows, layer.cols, layer.bias, layer.transposed)] == [int, int, bool, bool]
+    assert json.loads(json.dumps(layer.to_dict())) == {"rows": 3, "cols": 64, "bias": True, "transposed": False}
+    assert layer == LayerMatrix(3, 64, bias=True) and hash(layer) == hash(LayerMatrix(3, 64, bias=True))
+    assert repr(layer) == "LayerMatrix(rows=3, cols=64, bias=True, transposed=False)"
+
+
+def test_segment_index_is_bounded_by_the_most_segments_apply_makes():
+    proj = tracin.Projection(16, per_layer=True, kronecker=True)
+    x = np.eye(8, dtype=np.float32)
+    message = r"index must be in \[0, 2147483647\], got "
+    for index in (2**31, 2**61 - 1, 2**63, 2**64):
+        with pytest.raises(ValueError, match=message + str(index)):
+            proj.project_segment(x, index, 8, 4)
+        with pytest.raises(ValueError, match=message + str(index)):
+            proj.project_segment(x, index, LayerMatrix(8, 1), 4)
+        with pytest.raises(ValueError, match=message + str(index)):
+            proj.layer_factors(index, LayerMatrix(4, 4), 4)
+    with pytest.raises(ValueError, match=r"index must be in \[0, 2147483647\], got -1"):
+        proj.layer_factors(-1, LayerMatrix(4, 4), 4)
+    last = proj.project_segment(x, 2**31 - 1, 8, 4)  # the largest index apply can use
+    np.testing.assert_allclose(last, x @ reference_matrix("rademacher", 0, 4, 8, stream=2**31).T, rtol=1e-6)
+    assert proj.layer_factors(2**31 - 1, LayerMatrix(4, 4), 4)[0].shape == (2, 4)
+
+
 def test_kronecker_extra_memory_stays_within_the_block_budget(rng, monkeypatch):
     import tracemalloc
 

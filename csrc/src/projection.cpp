@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -35,7 +36,8 @@ std::int64_t RoundUp(std::int64_t x, std::int64_t to) { return (x + to - 1) / to
 
 Status Invalid(const std::string& message) { return {StatusCode::kInvalidArgument, message}; }
 
-// The column-wise concatenation of the pieces, read as float32.
+// The column-wise concatenation of the pieces, read as float32. Optionally a subset of its rows,
+// each scaled by a power of two (see RescueOverflowedRows): row r is then row rows[r] times 2^-shift[r].
 class Concat {
  public:
   Concat(const std::vector<MatrixView>& pieces, const KernelTable& convert)
@@ -44,10 +46,27 @@ class Concat {
     for (const MatrixView& p : pieces_) starts_.push_back(starts_.back() + p.cols);
   }
 
+  // The rows rows[i] of `all`, scaled by 2^-shifts[i] (both outlive this object).
+  Concat(const Concat& all, const std::int64_t* rows, const int* shifts)
+      : pieces_(all.pieces_), convert_(all.convert_), starts_(all.starts_), rows_(rows), shifts_(shifts) {}
+
   std::int64_t cols() const { return starts_.back(); }
 
   // dst[0, n) = row r, columns [k0, k0 + n) of the concatenation, as float32.
   void Read(std::int64_t r, std::int64_t k0, std::int64_t n, float* dst) const {
+    if (rows_ != nullptr) {
+      ReadRow(rows_[r], k0, n, dst);
+      // v 2^-shift in double is exact; one rounding to float32 (only values that become subnormal
+      // or zero round), and no overflow since the shift is positive.
+      const double factor = std::ldexp(1.0, -shifts_[r]);
+      for (std::int64_t k = 0; k < n; ++k) dst[k] = static_cast<float>(static_cast<double>(dst[k]) * factor);
+      return;
+    }
+    ReadRow(r, k0, n, dst);
+  }
+
+ private:
+  void ReadRow(std::int64_t r, std::int64_t k0, std::int64_t n, float* dst) const {
     std::size_t p = static_cast<std::size_t>(
         std::upper_bound(starts_.begin(), starts_.end(), k0) - starts_.begin() - 1);
     while (n > 0) {
@@ -73,10 +92,11 @@ class Concat {
     }
   }
 
- private:
   const std::vector<MatrixView>& pieces_;
   const KernelTable& convert_;
   std::vector<std::int64_t> starts_;
+  const std::int64_t* rows_ = nullptr;
+  const int* shifts_ = nullptr;
 };
 
 Status Validate(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
@@ -251,6 +271,76 @@ Status ProjectSparse(const ProjectionSpec& spec, const Concat& x, std::int64_t r
   return status.ok() && cancelled ? Cancelled() : status;
 }
 
+bool RowFinite(const float* out, std::int64_t dim) {
+  for (std::int64_t i = 0; i < dim; ++i)
+    if (!std::isfinite(out[i])) return false;
+  return true;
+}
+
+// The dense and sparse kernels sum unscaled entries (|entry| < 8: +-1, or a Box-Muller normal, at
+// most sqrt(-2 ln 2^-24) < 5.8) and multiply by the scale at the end, so a running sum can pass
+// FLT_MAX while the scaled result is finite. Each row of out that is not finite, whose input row is
+// finite, is computed again from that row times 2^-s, s the least shift that keeps every partial sum
+// below 2^126 (|sum| <= cols * 8 * max|x|), and the result multiplied by 2^s: powers of two commute
+// with rounding, so this is the float32 result of the same chain with an unbounded exponent (the
+// inputs that 2^-s takes below the normal range excepted, which the large values dominate). Rows
+// whose result does not overflow are not touched, so their bits are those of the plain chain. A row
+// whose result exceeds FLT_MAX even so (or whose input holds NaN or Inf) stays not finite.
+template <typename ProjectFn>
+Status RescueOverflowedRows(const ProjectionSpec& spec, const Concat& x, std::int64_t rows, float* out,
+                            std::int64_t out_stride, const ProjectFn& project) {
+  const std::int64_t d = x.cols();
+  std::vector<std::int64_t> redo;
+  std::vector<int> shifts;
+  std::vector<float> buffer(static_cast<std::size_t>(std::min<std::int64_t>(d, 4096)));
+  int bound_bits = 0;  // ceil(log2(d * 8))
+  while (bound_bits < 64 && (std::uint64_t{1} << bound_bits) < static_cast<std::uint64_t>(d) * 8U) ++bound_bits;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (RowFinite(out + r * out_stride, spec.dim)) continue;
+    float largest = 0.0f;
+    bool finite = true;
+    for (std::int64_t k0 = 0; k0 < d && finite; k0 += static_cast<std::int64_t>(buffer.size())) {
+      const std::int64_t n = std::min<std::int64_t>(static_cast<std::int64_t>(buffer.size()), d - k0);
+      x.Read(r, k0, n, buffer.data());
+      for (std::int64_t k = 0; k < n; ++k) {
+        const float a = std::fabs(buffer[static_cast<std::size_t>(k)]);
+        if (!std::isfinite(a)) finite = false;
+        largest = std::max(largest, a);
+      }
+    }
+    if (!finite || largest == 0.0f) continue;
+    int exponent = 0;  // largest < 2^exponent
+    std::frexp(largest, &exponent);
+    redo.push_back(r);
+    shifts.push_back(std::max(1, exponent + bound_bits - 126));
+  }
+  if (redo.empty()) return Status::Ok();
+  // Rows in batches of about 64 MiB of output (16M floats).
+  const std::int64_t batch =
+      std::max<std::int64_t>(1, (std::int64_t{16} << 20) / std::max<std::int64_t>(1, spec.dim));
+  std::vector<float> again;
+  for (std::size_t b0 = 0; b0 < redo.size(); b0 += static_cast<std::size_t>(batch)) {
+    const std::int64_t n = std::min<std::int64_t>(batch, static_cast<std::int64_t>(redo.size() - b0));
+    again.resize(static_cast<std::size_t>(n * spec.dim));
+    const Concat scaled(x, redo.data() + b0, shifts.data() + b0);
+    const Status status = project(scaled, n, again.data(), spec.dim);
+    if (!status.ok()) return status;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const int s = shifts[b0 + static_cast<std::size_t>(i)];
+      const float* src = again.data() + i * spec.dim;
+      float* dst = out + redo[b0 + static_cast<std::size_t>(i)] * out_stride;
+      for (std::int64_t j = 0; j < spec.dim; ++j) {
+        // src[j] 2^s is exact in double; within float32's range it is a float32 (24-bit mantissa).
+        const double v = static_cast<double>(src[j]) * std::ldexp(1.0, s);
+        dst[j] = std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max())
+                     ? static_cast<float>(v)
+                     : std::copysign(std::numeric_limits<float>::infinity(), src[j]);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 Status CheckFinite(const float* out, std::int64_t rows, std::int64_t dim, std::int64_t stride) {
   for (std::int64_t r = 0; r < rows; ++r)
     for (std::int64_t i = 0; i < dim; ++i)
@@ -274,9 +364,14 @@ Status Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces
     if (rows == 0) return Status::Ok();
     const detail::Concat x(pieces, detail::KernelsFor(options.isa));
     const auto offset = static_cast<std::uint64_t>(column_offset);
-    status = spec.kind == ProjectionKind::kSparse
-                 ? detail::ProjectSparse(spec, x, rows, offset, out, out_stride, options)
-                 : detail::ProjectDense(spec, x, rows, offset, out, out_stride, options);
+    const auto project = [&](const detail::Concat& rows_of, std::int64_t n, float* to, std::int64_t stride) {
+      return spec.kind == ProjectionKind::kSparse
+                 ? detail::ProjectSparse(spec, rows_of, n, offset, to, stride, options)
+                 : detail::ProjectDense(spec, rows_of, n, offset, to, stride, options);
+    };
+    status = project(x, rows, out, out_stride);
+    if (!status.ok()) return status;
+    status = detail::RescueOverflowedRows(spec, x, rows, out, out_stride, project);
     if (!status.ok()) return status;
     return detail::CheckFinite(out, rows, spec.dim, out_stride);
   });

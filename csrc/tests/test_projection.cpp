@@ -3,6 +3,8 @@
 // splits of the columns into pieces and half-precision inputs; bad input; cancellation.
 #include <atomic>
 #include <chrono>
+#include <algorithm>
+#include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -170,6 +172,63 @@ void TestErrors() {
     Check(code({kind, 0, 0, 4, 2}, {v}) == StatusCode::kNonFinite, std::string("NaN: ") + KindName(kind));
 }
 
+// Rows whose unscaled sums pass FLT_MAX while the scaled projection is finite are returned (summed
+// again from the row times a power of two), matching the float64 product; rows whose projection is
+// beyond float32 stay kNonFinite, naming the first such row; the other rows keep their bits.
+void TestOverflowRescue() {
+  const float big = 3e38f;
+  const std::int64_t d = 4;
+  // row 0 ordinary, row 1 huge (finite or not after scaling, by the signs of P), row 2 ordinary.
+  const std::vector<float> x = {1.0f, -2.0f, 0.5f, 3.0f, big, big, -1.0f, 2.0f, -4.0f, 0.25f, 1.5f, 2.0f};
+  const MatrixView v{x.data(), 3, d, d, DType::kFloat32};
+  const MatrixView ordinary{x.data() + 8, 1, d, d, DType::kFloat32};
+  int rescued = 0, refused = 0;
+  for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse}) {
+    for (std::int64_t dim : {1, 2, 4, 8, 16}) {
+      const ProjectionSpec spec{kind, 11, 0, dim, 8};
+      const std::string name = std::string(KindName(kind)) + " dim " + std::to_string(dim);
+      const std::vector<double> p = ExplicitP(spec, d);  // (d, dim)
+      const double scale = 1.0 / std::sqrt(static_cast<double>(kind == ProjectionKind::kSparse
+                                                                     ? std::min<std::int64_t>(8, dim)
+                                                                     : dim));
+      bool finite = true, sums_overflow = false;
+      std::vector<double> want(static_cast<std::size_t>(dim)), size(static_cast<std::size_t>(dim));
+      for (std::int64_t i = 0; i < dim; ++i) {
+        double sum = 0, abs_sum = 0;
+        for (std::int64_t k = 0; k < d; ++k) {
+          const double term = static_cast<double>(x[static_cast<std::size_t>(4 + k)]) *
+                              p[static_cast<std::size_t>(k * dim + i)];
+          sum += term;
+          abs_sum += std::fabs(term);
+          if (std::fabs(sum) / scale > static_cast<double>(FLT_MAX)) sums_overflow = true;
+        }
+        want[static_cast<std::size_t>(i)] = sum;
+        size[static_cast<std::size_t>(i)] = abs_sum;
+        if (std::fabs(sum) > static_cast<double>(FLT_MAX) * (1 - 1e-6)) finite = false;
+      }
+      std::vector<float> out(static_cast<std::size_t>(3 * dim), -7.0f);
+      const tracin::Status s = tracin::Project(spec, {v}, 0, out.data(), dim);
+      if (!finite) {
+        ++refused;
+        Check(s.code == tracin::StatusCode::kNonFinite && s.message.find("row 1 ") != std::string::npos,
+              name + ": a projection beyond float32 is refused, naming row 1: " + s.message);
+        continue;
+      }
+      rescued += sums_overflow ? 1 : 0;
+      Check(s.ok(), name + ": a finite projection is returned: " + s.message);
+      for (std::int64_t i = 0; i < dim; ++i)
+        Check(std::fabs(out[static_cast<std::size_t>(dim + i)] - want[static_cast<std::size_t>(i)]) <=
+                  1e-6 * size[static_cast<std::size_t>(i)],
+              name + ": the rescued row matches the float64 product");
+      const std::vector<float> alone = Project(spec, {ordinary});
+      Check(std::memcmp(out.data() + 2 * dim, alone.data(), sizeof(float) * static_cast<std::size_t>(dim)) == 0,
+            name + ": an ordinary row keeps its bits");
+    }
+  }
+  Check(rescued >= 3 && refused >= 1, "the cases cover rescued rows (" + std::to_string(rescued) +
+                                          ") and refused ones (" + std::to_string(refused) + ")");
+}
+
 void TestCancellation() {
   std::vector<float> x(40 * 30, 1.0f), out(40 * 16);
   const std::atomic<bool> cancel{true};
@@ -235,6 +294,7 @@ int main() {
   for (ProjectionKind kind : {ProjectionKind::kRademacher, ProjectionKind::kGaussian, ProjectionKind::kSparse})
     TestKind(kind);
   TestErrors();
+  TestOverflowRescue();
   TestCancellation();
   TestCancellationInsideATask();
   TestHugeThreadCount();

@@ -64,7 +64,7 @@ MAX_DIM = 2**31
 
 
 class NonFiniteRowError(ValueError):
-    """The projection of a row is not finite (the row holds NaN or Inf, or its values overflow float32):
+    """The projection of a row is not finite (the row holds NaN or Inf, or its projection is beyond float32):
     ValueError(message.format(row)), keeping `row` (its index among the rows projected or checked
     together) and `message`, so that an export can name the row in its data's numbering."""
 
@@ -125,6 +125,12 @@ def _balanced_factors(dim: int) -> tuple[int, int]:
     return dim // dr, dr
 
 
+def _check_index(index: Any) -> int:
+    """A segment's position in a per_layer layout: apply makes at most dim <= MAX_DIM segments, and a
+    larger index would draw from another matrix's stream (Kronecker factors, apply_factored's)."""
+    return _check_int(index, "index", 0, MAX_DIM - 1)
+
+
 def _check_dim(value: Any, name: str) -> int:
     """An output dimension in [1, MAX_DIM]; the error names `name`."""
     value = _check_int(value, name, 1)
@@ -151,11 +157,13 @@ class LayerMatrix:
     transposed: bool = False
 
     def __post_init__(self) -> None:
-        _check_int(self.rows, "LayerMatrix.rows", 1)
-        _check_int(self.cols, "LayerMatrix.cols", 1)
+        # NumPy integers and bools are stored as Python ones: to_dict() goes into JSON metadata.
+        object.__setattr__(self, "rows", _check_int(self.rows, "LayerMatrix.rows", 1))
+        object.__setattr__(self, "cols", _check_int(self.cols, "LayerMatrix.cols", 1))
         for name in ("bias", "transposed"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"LayerMatrix.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            object.__setattr__(self, name, bool(getattr(self, name)))
 
     @property
     def width(self) -> int:
@@ -258,14 +266,14 @@ class Projection:
 
     def layer_factors(self, index: int, layer: LayerMatrix | dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(P_rows (k_rows, rows), P_cols (k_cols, cols [+ 1])) float32, read-only: the two matrices
-        of segment `index` (its position in the layout) projecting `layer` (a LayerMatrix or its
+        of segment `index` (its position in the layout, 0 to MAX_DIM - 1) projecting `layer` (a LayerMatrix or its
         to_dict()) to `dim` outputs, (k_rows, k_cols) = kronecker_dims(dim, layer); a factor equal to
         its side's size is the identity. The segment's projection is P_rows G P_cols^T flattened
         row-major into its first k_rows * k_cols columns, G the rows x (cols [+ 1]) gradient."""
         if not self.kronecker:
             raise ValueError("layer_factors needs a Projection(..., per_layer=True, kronecker=True)")
         layer = _layer(layer, "layer")
-        index = _check_int(index, "index", 0)
+        index = _check_index(index)
         k_rows, k_cols = self.kronecker_dims(dim, layer)
         stream = _KRONECKER_STREAM + 2 * index
         return (
@@ -304,7 +312,9 @@ class Projection:
             num_threads: kernel threads (default: all cores; 1 to 4096, as in scoring).
 
         Returns:
-            (n, dim) float32.
+            (n, dim) float32. NonFiniteRowError (a ValueError) names the first row that holds NaN or
+            Inf, or whose projection is beyond float32's range (a finite result is returned even when
+            the kernel's unscaled sums pass FLT_MAX: such a row is summed again scaled by a power of two).
         """
         views = _views(matrix)
         threads = thread_count(num_threads)
@@ -349,9 +359,9 @@ class Projection:
     def project_segment(
         self, matrix: Any, index: int, segment: Segment | dict, dim: int, *, num_threads: int | None = None
     ) -> np.ndarray:
-        """Segment `index` of a per_layer layout projected from its own columns alone: matrix (n, width)
-        (dtypes as in `apply`) -> (n, dim) float32, the columns `apply` gives it when `dim` is its
-        entry of segment_dims. For exports that compute some segments another way (tracin.torch)."""
+        """Segment `index` (0 to MAX_DIM - 1) of a per_layer layout projected from its own columns alone:
+        matrix (n, width) (dtypes as in `apply`) -> (n, dim) float32, the columns `apply` gives it when
+        `dim` is its entry of segment_dims. For exports that compute some segments another way (tracin.torch)."""
         if not self.per_layer:
             raise ValueError("project_segment needs a Projection(..., per_layer=True)")
         view = as_matrix(matrix, "matrix")
@@ -360,7 +370,7 @@ class Projection:
             raise ValueError(f"matrix has {view[0].shape[1]} columns, segment {segment!r} covers {_width(segment)}")
         threads = thread_count(num_threads)
         out = np.empty((view[0].shape[0], _check_dim(dim, "dim")), dtype=np.float32)
-        self._project_segment([view], _check_int(index, "index", 0), segment, dim, out, threads)
+        self._project_segment([view], _check_index(index), segment, dim, out, threads)
         return out
 
     def apply_factored(self, left: Any, right: Any, *, num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -447,22 +457,54 @@ class Projection:
             parts = [_widened(v[start:stop], t) for v, t in piece]
             g = parts[0] if len(parts) == 1 else np.hstack(parts)
             _check_rows_finite(g, start, "matrix: row {} is not finite (NaN or Inf)")
-            n, weights = g.shape[0], layer.rows * layer.cols
-            w = g[:, :weights].reshape(n * (layer.cols if layer.transposed else rows), -1)
-            bias = [np.ascontiguousarray(g[:, weights:])] if layer.bias else []
-            if layer.transposed:  # G's columns are contiguous: P_rows first, giving P_rows G row by row
-                left = self._times([w], stream, k_rows, rows, threads).reshape(n, layer.cols, k_rows)
-                if bias:
-                    left = np.concatenate([left, self._times(bias, stream, k_rows, rows, threads)[:, None]], axis=1)
-                left = np.ascontiguousarray(left.transpose(0, 2, 1)).reshape(n * k_rows, cols)
-                product = self._times([left], stream + 1, k_cols, cols, threads).reshape(n, k_rows * k_cols)
-            else:  # G's rows are contiguous: P_cols first, then P_rows on the columns of G P_cols^T
-                right = self._times([w, *(b.reshape(n * rows, 1) for b in bias)], stream + 1, k_cols, cols, threads)
-                right = np.ascontiguousarray(right.reshape(n, rows, k_cols).transpose(0, 2, 1))
-                both = self._times([right.reshape(n * k_cols, rows)], stream, k_rows, rows, threads)
-                product = both.reshape(n, k_cols, k_rows).transpose(0, 2, 1).reshape(n, k_rows * k_cols)
+            product = self._layer_product(g, layer, stream, k_rows, k_cols, threads)
+            overflowed = np.flatnonzero(~_finite_rows(product))
+            if overflowed.size:
+                product[overflowed] = self._rescaled_layer_product(
+                    g[overflowed], layer, stream, k_rows, k_cols, threads
+                )
             _check_rows_finite(product, start, _OVERFLOW)
             out[start:stop, : k_rows * k_cols] = product
+
+    def _layer_product(
+        self, g: np.ndarray, layer: LayerMatrix, stream: int, k_rows: int, k_cols: int, threads: int
+    ) -> np.ndarray:
+        """(n, k_rows * k_cols) float32: P_rows G P_cols^T of each (finite, float32) row of g, flattened
+        row-major; rows whose products overflow float32 are not finite."""
+        rows, cols = layer.rows, layer.cols + int(layer.bias)
+        n, weights = g.shape[0], layer.rows * layer.cols
+        w = g[:, :weights].reshape(n * (layer.cols if layer.transposed else rows), -1)
+        bias = [np.ascontiguousarray(g[:, weights:])] if layer.bias else []
+        if layer.transposed:  # G's columns are contiguous: P_rows first, giving P_rows G row by row
+            left = self._times([w], stream, k_rows, rows, threads).reshape(n, layer.cols, k_rows)
+            if bias:
+                left = np.concatenate([left, self._times(bias, stream, k_rows, rows, threads)[:, None]], axis=1)
+            left = np.ascontiguousarray(left.transpose(0, 2, 1)).reshape(n * k_rows, cols)
+            return self._times([left], stream + 1, k_cols, cols, threads).reshape(n, k_rows * k_cols)
+        # G's rows are contiguous: P_cols first, then P_rows on the columns of G P_cols^T
+        right = self._times([w, *(b.reshape(n * rows, 1) for b in bias)], stream + 1, k_cols, cols, threads)
+        right = np.ascontiguousarray(right.reshape(n, rows, k_cols).transpose(0, 2, 1))
+        both = self._times([right.reshape(n * k_cols, rows)], stream, k_rows, rows, threads)
+        return both.reshape(n, k_cols, k_rows).transpose(0, 2, 1).reshape(n, k_rows * k_cols)
+
+    def _rescaled_layer_product(
+        self, g: np.ndarray, layer: LayerMatrix, stream: int, k_rows: int, k_cols: int, threads: int
+    ) -> np.ndarray:
+        """`_layer_product` of finite rows whose product overflowed float32 on the way (the first
+        product, or the kernel's unscaled sums, can pass FLT_MAX while P_rows G P_cols^T does not):
+        each row is taken times 2^-s, s the least shift that keeps every sum of both products below
+        2^126 (|entry| < 8, so |sums| <= rows * 8 * cols * 8 * max|g|), and the result times 2^s.
+        Powers of two commute with rounding, so this is the float32 result of the same products with
+        an unbounded exponent (the entries 2^-s takes below the normal range excepted, which the large
+        ones dominate). A result beyond float32 even so stays infinite, for the caller to name."""
+        rows, cols = layer.rows, layer.cols + int(layer.bias)
+        bound_bits = math.ceil(math.log2(rows * 8)) + math.ceil(math.log2(cols * 8))
+        _, exponent = np.frexp(np.abs(g).max(axis=1).astype(np.float64))  # max|g| < 2^exponent
+        shift = np.maximum(1, exponent.astype(np.int64) + bound_bits - 126)[:, None]
+        scaled = np.ldexp(g.astype(np.float64), -shift).astype(np.float32)  # one rounding (subnormals only)
+        product = self._layer_product(scaled, layer, stream, k_rows, k_cols, threads)
+        with np.errstate(over="ignore"):
+            return np.ldexp(product, shift.astype(np.int32))  # exact, or +-inf beyond float32
 
     def _times(self, views: list[np.ndarray], stream: int, k: int, side: int, threads: int) -> np.ndarray:
         """(m, k) float32: the (m, side) float32 columns of `views` side by side times P^T, P the (k, side)

@@ -7,6 +7,7 @@ import pytest
 
 import tracin
 from tracin._export.projection import check_projection, project, projected_dims
+from tracin.projection import NonFiniteRowError
 
 
 def test_dims_are_probed_from_the_projection():
@@ -94,3 +95,27 @@ def test_objects_without_apply_are_refused():
     with pytest.raises(TypeError, match=r"\.apply_factored"):
         check_projection(object(), factored=True)
     check_projection(None, factored=True)
+
+
+@pytest.mark.parametrize("layout", ["flat", "per_layer", "kronecker"])
+def test_an_export_keeps_a_finite_projection_whose_kernel_sums_pass_float32(layout):
+    """review67 F1: a row aligned with output 0, projecting to 2e38 there (finite), was refused as an
+    overflow: the kernel's unscaled sums (sqrt(64) or sqrt(8) times larger) passed FLT_MAX."""
+    from tracin.projection import LayerMatrix
+
+    p = tracin.Projection(64, seed=4, per_layer=layout != "flat", kronecker=layout == "kronecker")
+    segments = [LayerMatrix(16, 16)] if layout == "kronecker" else [256] if layout == "per_layer" else None
+    columns = p.apply(np.eye(256, dtype=np.float32), segments=segments).astype(np.float64)  # (256, 64) = P^T
+    signs = np.where(columns[:, 0] < 0, -1.0, 1.0)
+    block = np.random.default_rng(5).normal(size=(3, 256)).astype(np.float32)
+    block[1, 0] = np.nan
+    block[2] = signs * (2e38 / np.abs(signs @ columns).max())
+    out = project(p, block, segments)
+    assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+    want = block[[0, 2]].astype(np.float64) @ columns
+    assert (np.abs(out[[0, 2]] - want) <= 1e-5 * np.abs(want).max(axis=1, keepdims=True)).all()
+    assert np.abs(out[2]).max() > 1.9e38
+    block[2] *= np.float32(2)  # 4e38: the projection itself is beyond float32
+    with pytest.raises(NonFiniteRowError, match="the projection of row 2 is not finite") as caught:
+        project(p, block, segments)
+    assert caught.value.row == 2

@@ -37,7 +37,10 @@ struct ProjectionSpec {
 // Projects the rows of the column-wise concatenation of `pieces` (all with the same row count)
 // whose first column is column `column_offset` of P. out[r * out_stride + i] for i < spec.dim.
 // Uses options.num_threads, options.isa and options.cancel; the block sizes in options are ignored.
-// A non-finite result (NaN / Inf in the input, or overflow) is reported as kNonFinite.
+// A non-finite result (NaN / Inf in the input, or a projection beyond float32's range) is reported as
+// kNonFinite. A finite row whose unscaled sums pass FLT_MAX while its projection does not is summed
+// again from the row times 2^-s and the result multiplied by 2^s (the same chain with an unbounded
+// exponent); rows that do not overflow keep the bits described above.
 Status Project(const ProjectionSpec& spec, const std::vector<MatrixView>& pieces,
                std::int64_t column_offset, float* out, std::int64_t out_stride,
                const Options& options = {});

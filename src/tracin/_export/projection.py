@@ -42,8 +42,9 @@ def keeping_nonfinite(project_rows: Callable[..., Sequence[Any]], *parts: Any) -
     """project_rows(*parts) (each part (rows, d_i), taken as float32; returning a sequence of
     (rows, k_j) arrays) where the row of every part is finite; NaN in every output column of the other
     rows. So an example whose gradient holds NaN or Inf is stored as it is without a projection (not
-    finite), for scoring to name, instead of failing the export. A finite row whose projection is not
-    finite (float32 overflow) stays an error: a tracin.Projection's names it by its index in `parts`."""
+    finite), for scoring to name, instead of failing the export. A finite row whose projection is beyond
+    float32's range stays an error (one that is finite is returned, even when the kernel's unscaled sums
+    pass FLT_MAX): a tracin.Projection's names it by its index in `parts`."""
     parts = tuple(np.asarray(p, np.float32) for p in parts)
     keep = np.logical_and.reduce([_finite_rows(p) for p in parts])
     if keep.all():
