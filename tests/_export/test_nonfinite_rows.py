@@ -91,11 +91,21 @@ def test_jax_stores_the_row_of_an_example_whose_gradient_is_not_finite(projectio
     _check_rows(np.asarray(g.matrices[0]), np.hstack([db, dw.transpose(0, 2, 1).reshape(N, -1)]), projection, [3, 12])
 
 
+def _overflowing_row(d: int) -> np.ndarray:
+    """(d,) float32 of +-3e38 with the signs of Projection(1, seed=5)'s first d entries: its projection
+    (d x 3e38, a column's entry does not depend on the row's width) is beyond float32, not only the
+    kernel's running sums (a balanced row of 3e38 projects to a finite value, which is returned)."""
+    return np.where(tracin.Projection(1, seed=5).apply(np.eye(d, dtype=np.float32))[:, 0] < 0, -3e38, 3e38).astype(
+        np.float32
+    )
+
+
 def _overflowing_data() -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose gradient at the second checkpoint (w2 = 1) is x: finite, 3e38 in every column of
-    OVERFLOW_ROW (whose projection overflows float32); NAN_ROW, before it in its batch, is NaN."""
+    """Rows whose gradient at the second checkpoint (w2 = 1) is x (then a w2 gradient of about 2e36):
+    finite, +-3e38 in every column of OVERFLOW_ROW (whose projection overflows float32); NAN_ROW, before
+    it in its batch, is NaN."""
     x = np.random.default_rng(2).normal(size=(N, 8)).astype(np.float32)
-    x[OVERFLOW_ROW], x[NAN_ROW, 0] = 3e38, np.nan
+    x[OVERFLOW_ROW], x[NAN_ROW, 0] = _overflowing_row(8), np.nan
     return x, np.ones(N, np.float32)
 
 
@@ -156,7 +166,7 @@ def test_a_projected_block_keeps_nonfinite_rows_as_nan():
 
 def test_an_overflow_after_a_nonfinite_row_is_numbered_in_the_block():
     block = np.random.default_rng(4).normal(size=(4, 8)).astype(np.float32)
-    block[1, 0], block[2] = np.nan, 3e38
+    block[1, 0], block[2] = np.nan, _overflowing_row(8)
     with pytest.raises(NonFiniteRowError, match="the projection of row 2 is not finite") as caught:
         keeping_nonfinite(lambda rows: (tracin.Projection(1, seed=5).apply(rows),), block)
     assert caught.value.row == 2
