@@ -35,6 +35,14 @@ CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a l
 # A model that cannot run widened (a cast to bfloat16 inside its forward meets a float32 weight), or
 # whose forward runs under torch.autocast, is checked against its own (autocast's) dtype alone: atol
 # eps / 4 * sqrt(T) (that reference's own error, bfloat16: 4e-3 at T = 64, 1.5e-2 at 1024, 5.8e-2 at 2048).
+# A gradient that cancels upstream of its layer is float32 noise on both sides: T5's decoder q and k with one
+# key (softmax over one position), whose output gradient is the rounding of a fused attention backward, eps
+# times sizes the layer's hooks never see (|dO| |V| |K|); its own size, or its inputs' and output gradients',
+# does not bound that noise. A float32 Kronecker segment that disagrees is looked at again in float64
+# (in_float64, token_projection.KroneckerRows._beyond_rounding): rounding shrinks there by eps64 / eps32 ~ 2e-9,
+# a layer mixing the examples or a weight also used elsewhere does not; it is refused when the float64 rows
+# still disagree beyond atol times the size of its float32 numbers (either side's: at least its noise) or
+# their own.
 RTOL, ATOL = 1e-4, 1e-5
 OWN_FACTOR = 1.5
 
@@ -287,14 +295,30 @@ def autocast_note() -> str:
     )
 
 
-def _room_for(narrow: list[torch.Tensor]) -> bool:
-    """False when the float32 copies of `narrow` would not fit in the free memory of their CUDA device
-    (other devices: True, an allocation failure being caught instead)."""
+def _room_for(narrow: list[torch.Tensor], size: int = 4) -> bool:
+    """False when copies of `narrow` of `size` bytes per element (float32: 4) would not fit in the free memory
+    of their CUDA device (other devices: True, an allocation failure being caught instead)."""
     device = narrow[0].device
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
-    return sum(4 * t.numel() for t in narrow) < free
+    return sum(size * t.numel() for t in narrow) < free
+
+
+def in_float64(
+    state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree
+) -> tuple[dict[str, torch.Tensor], Tree, Tree] | None:
+    """(state, inputs, targets) with every floating tensor as a float64 copy (8 bytes per floating element
+    of the whole state; a check's second look at a disagreement: token_projection's _beyond_rounding), or
+    None when, on CUDA, the copy would not fit in the free memory."""
+    floating = [t for t in state.values() if t.is_floating_point()]
+    if floating and not _room_for(floating, 8):
+        return None
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    return {n: wide(t) for n, t in state.items()}, tree_map(wide, inputs), tree_map(wide, targets)
 
 
 def _widened_gradients(model, state, names, loss_fn, inputs, targets, rows) -> list[list[torch.Tensor]]:

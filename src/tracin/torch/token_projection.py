@@ -51,6 +51,8 @@ from .first_rows_check import (
     autocast_note,
     checked_rows,
     counts_tokens,
+    example_gradients,
+    in_float64,
     largest_finite,
     reference_gradients,
     tokens_counted,
@@ -200,7 +202,8 @@ class KroneckerRows:
         autograd projected by the same factors (a layer mixing the examples of a batch, or a weight
         also used outside its module's forward), and the layers= that leaves them out. Tolerances of the
         state's coarsest dtype against a reference with 16-bit state widened to float32, widened by the
-        own-dtype autograd's gap to it, per segment (first_rows_check)."""
+        own-dtype autograd's gap to it, per segment (first_rows_check); a float32 segment beyond them is
+        refused only if its float64 rows disagree too (_beyond_rounding)."""
         if not self.kron:
             return
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
@@ -211,13 +214,16 @@ class KroneckerRows:
         own = None if reference.own is None else self._reference_projected(reference.own)
         tokens = tokens_counted(reference, self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
         dtype, widened = reference.dtype, reference.own is not None
-        bad = []
-        for j, seg in enumerate(self.kron):
+        bad: dict[int, float] = {}  # disagreeing segment: the size of its float32 numbers, either side's
+        for j in range(len(self.kron)):
             # a softmax head's b sums to 0 over classes: P_rows rows of one sign project it to float32 noise
             floor = self._spread(j, [self._segment_matrix(j, w) for w in reference.rows])
             own_gap = self._own_gap(reference, j, own[j], wide[j], floor) if own is not None else 0.0
             if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap, floor):
-                bad.append(seg)
+                bad[j] = max(largest_finite([got[j].abs(), *(w.abs() for w in wide[j])]), floor)
+        if bad and dtype == torch.float32 and self.dtype == torch.float32:
+            bad = self._beyond_rounding(bad, state, inputs, targets, rows, names)
+        bad = [self.kron[j] for j in bad]
         if bad:
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
@@ -230,6 +236,40 @@ class KroneckerRows:
                 "(Projection(dim, per_layer=True)), or leave them out: "
                 + self._leaving_out([n for seg in bad for n in seg.names])
             )
+
+    def _beyond_rounding(
+        self, bad: dict[int, float], state, inputs: Tree, targets: Tree, rows: int, names: list[str]
+    ) -> dict[int, float]:
+        """The Kronecker segments of `bad` (index: the largest |number| of its float32 rows, hooked or autograd,
+        or its _spread) whose rows still disagree when the hooked pass and per-example autograd are run again
+        in float64 (in_float64: the state, inputs and targets widened, the same factors): beyond rtol |want| +
+        atol max(that float32 size, the float64 rows' largest |want| or _spread) (first_rows_check.agrees).
+        Why: a side's float32 rounding error is at most its float32 numbers plus the true ones (about the
+        float64 rows), so that size bounds it even where both sides are nothing but noise (a gradient that
+        cancelled upstream of the layer, T5's decoder q and k with one key: eps32 times sizes the layer never
+        sees). The same operations in float64 round eps64 / eps32 ~ 2e-9 times as much, far below atol (1e-5)
+        times that size, while a layer mixing the examples or a weight also used outside its module's forward
+        disagrees by as much as in float32, where it was beyond atol times it. All of `bad` when the model
+        cannot run in float64 (a cast inside its forward, no room on the device)."""
+        widened = in_float64(state, inputs, targets)
+        if widened is None:
+            return bad
+        saved = self.dtype, self._factors
+        self.dtype, self._factors = torch.float64, [(p.double(), q.double()) for p, q in saved[1]]
+        try:
+            got = self._projected(*widened, rows)
+            reference = list(example_gradients(self.model, widened[0], names, self.loss_fn, *widened[1:], rows))
+            want = self._reference_projected(reference)
+            floors = {j: self._spread(j, [self._segment_matrix(j, w) for w in reference]) for j in bad}
+        except Exception:  # KeyboardInterrupt passes; the float32 refusal stands
+            return bad
+        finally:
+            self.dtype, self._factors = saved
+        return {
+            j: scale
+            for j, scale in bad.items()
+            if not agrees(list(zip(got[j], want[j], strict=True)), torch.float64, floor=max(scale, floors[j]))
+        }
 
     def _leaving_out(self, names: list[str]) -> str:
         """The layers= of the chosen parameters but `names`, as an error suggests it."""
