@@ -274,6 +274,32 @@ def test_a_layer_whose_weight_is_also_used_outside_its_forward_is_refused():
         )
 
 
+def test_a_refused_layer_of_a_model_that_cannot_run_in_float64_stays_refused():
+    """The float32 check's disagreement is looked at again in float64 (KroneckerRows._beyond_rounding); a model
+    casting to float32 inside its forward fails there (a float64 weight meets float32 activations): the
+    float32 refusal stands, as it does for the model that runs in float64 (the test above)."""
+
+    class Cast(TokenModel):
+        def forward(self, ids):
+            h = self.ln(torch.tanh(self.fc(self.emb(ids)))).float()
+            return self.head(h) + self.head.weight[:, 0]  # a per-class offset outside head's forward
+
+    torch.manual_seed(0)
+    model = Cast()
+    ids, labels, _ = sequences(4, 5, seed=1)
+    proj = tracin.Projection(4, per_layer=True, kronecker=True)
+    with pytest.raises(ValueError, match=r"per-token gradients of \['head'\] disagree"):
+        export_gradients(
+            model,
+            [(model.state_dict(), 1.0)],
+            (ids, labels),
+            token_loss,
+            layers=["head"],
+            projection=proj,
+            progress=False,
+        )
+
+
 def test_a_small_layer_given_more_dims_than_its_gradient_holds_is_exported_exactly():
     model, checkpoints = model_and_checkpoints(seed=6)
     ids, labels, lengths = sequences(5, 6, seed=7)
