@@ -117,6 +117,17 @@ def test_numbers_of_another_dtype_get_the_astype_advice(numbers):
         tracin.Gradients(numbers)
 
 
+@pytest.mark.parametrize("rows", [[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], ([1, 2, 3], [4, 5, 6])])
+def test_a_list_of_rows_gets_np_asarray_advice_not_astype(rows):
+    # review69 F6: a Python list has no .astype
+    expected = r"^train: matrices\[0\] has dtype \w+; .* \(convert with np\.asarray\(x, dtype=np\.float32\)\)$"
+    with pytest.raises(TypeError, match=expected):
+        tracin.self_influence(rows)
+    np.testing.assert_allclose(
+        tracin.self_influence(np.asarray(rows, dtype=np.float32)), (np.asarray(rows, np.float64) ** 2).sum(1), rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_tensor_subclasses_and_negated_views_are_read_as_tensors(dtype, rng):
     """A Tensor subclass from another package is still a tensor (bfloat16 has no NumPy form), and a

@@ -968,6 +968,31 @@ def test_demo_framework_not_installed_is_one_line_naming_the_extra(tmp_path, mon
     assert "pip install 'tracin[jax]'" in _error_line(capsys.readouterr().err, "demo")
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_demo_framework_failing_to_import_names_its_own_extra(framework, tmp_path, monkeypatch, capsys):
+    # review69 F1: an import of the framework that fails with ModuleNotFoundError (a broken install, jax without
+    # jaxlib) was sent to 'tracin[demo]', which installs neither torch nor jax
+    class Missing:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == framework:
+                raise ModuleNotFoundError(f"No module named {framework!r}", name=framework)
+
+    monkeypatch.setattr(sys, "meta_path", [Missing(), *sys.meta_path])
+    for name in [m for m in sys.modules if m.partition(".")[0] == framework]:
+        monkeypatch.delitem(sys.modules, name)
+    assert main(["demo", "--framework", framework, "--no-progress", "-o", str(tmp_path / "out")]) == 1
+    line = _error_line(capsys.readouterr().err, "demo")
+    assert f"pip install 'tracin[{framework}]'" in line and "tracin[demo]" not in line, line
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_demo_help_names_the_framework_extras(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'tracin[torch]'" in text and "'tracin[jax]'" in text
+
+
 # -- help ----------------------------------------------------------------------------------------
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()

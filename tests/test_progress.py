@@ -113,3 +113,16 @@ def test_automatic_bars_show_in_a_notebook_kernel_whose_stderr_is_no_terminal(mo
     assert not _progress.shows_automatically()
     ipython.get_ipython = Shell
     assert _progress.shows_automatically()
+
+
+@pytest.mark.parametrize("function", ["top_k", "scores", "self_influence", "aggregate"])
+def test_progress_true_without_tqdm_names_progress_and_the_install(function, monkeypatch):
+    # review69 F4: the core install (NumPy only) with progress=True gave a bare "No module named 'tqdm'"
+    for name in ("tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if tqdm were not installed
+    a = np.ones((6, 4), np.float32)
+    args = (a,) if function == "self_influence" else (a, a)
+    with pytest.raises(ModuleNotFoundError, match=r"progress=True needs tqdm.*pip install tqdm.*progress=False") as e:
+        getattr(tracin, function)(*args, progress=True)
+    assert e.value.name.startswith("tqdm")
+    getattr(tracin, function)(*args, progress=False)  # no bar: no tqdm needed

@@ -85,8 +85,18 @@ def progress_bar(
 def _bar(
     total: int | None, desc: str, unit: str, passes: int, pass_name: str, unit_scale: bool, start: float | None = None
 ) -> Any:
-    """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now."""
-    from tqdm.auto import tqdm
+    """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now. Without tqdm,
+    a ModuleNotFoundError naming progress=True and how to install tqdm (the core install has only NumPy)."""
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "tqdm":
+            raise  # tqdm is there but something it imports is not: its own message says what
+        raise ModuleNotFoundError(
+            "progress=True needs tqdm, which is not installed: pip install tqdm (or any of the extras "
+            "tracin[demo], tracin[torch], tracin[jax]), or pass progress=False or None",
+            name=e.name,
+        ) from e
 
     plain = passes == 1 or total is None  # one pass, or passes of unknown length
     bar = tqdm(

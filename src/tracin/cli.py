@@ -48,6 +48,9 @@ BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that 
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
+# a missing module (its top-level name) -> the pip extra that installs it, before the command's own extra
+# (review69 F1: torch missing under `tracin demo --framework torch` was sent to the demo extra, which lacks it)
+MODULE_EXTRAS = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "dask": "distributed", "distributed": "distributed"}
 
 
 class CommandError(Exception):
@@ -670,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--framework",
         choices=["numpy", "jax", "torch"],
         default="numpy",
-        help="what trains the model and computes its gradients (numpy needs no extra)",
+        help="what trains the model and computes its gradients (numpy needs no extra; torch and jax need "
+        "their extras: pip install 'tracin[torch]' or 'tracin[jax]')",
     )
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed of data, noise and training")
     p.add_argument("--noise", type=fraction, default=0.2, help="fraction of training labels flipped, in [0, 1)")
@@ -775,7 +779,7 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
         print(f"{prefix} malformed gradient store: {_one_line(e)}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
-        extra = EXTRAS.get(args.command)
+        extra = MODULE_EXTRAS.get((e.name or "").partition(".")[0]) or EXTRAS.get(args.command)
         hint = f"pip install 'tracin[{extra}]'" if extra else f"pip install the package providing {e.name}"
         print(f"{prefix} missing module {e.name!r}: {hint}", file=sys.stderr)
         return 1
