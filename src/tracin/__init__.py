@@ -1,6 +1,15 @@
 """tracin: exact, fast TracIn training-data influence for PyTorch, JAX and NumPy.
 
-influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>.
+influence(test, train) = sum over checkpoints c of w_c * <g_c(test), g_c(train)>, where g_c are per-example
+loss gradients at checkpoint c (rows of float32 arrays, tracin.Gradients, or a GradientStore written by
+tracin.torch / tracin.jax export_gradients) and w_c is the learning rate around checkpoint c:
+
+>>> import numpy as np, tracin
+>>> train = tracin.Gradients([np.eye(3, dtype=np.float32), np.ones((3, 3), np.float32)], weights=[0.5, 0.25])
+>>> test = tracin.Gradients([np.array([[0, 2, 0]], np.float32), np.zeros((1, 3), np.float32)])
+>>> tracin.top_k(test, train, k=2).indices.tolist(), tracin.self_influence(train).tolist()
+([[1, 0]], [1.25, 1.25, 1.25])
+
 tracin.report (per-checkpoint diagnostics) is imported on first use; the store's errors
 (StoreFormatError, StoreChangedError) are in tracin.store.
 """

@@ -655,6 +655,18 @@ def scores(
 ) -> np.ndarray:
     """Dense influence scores float32 (m, n): entry (t, i) = sum_c w_c <g_c(t), g_c(i)>.
 
+    test, train: gradient rows, one per example: a 2-D (n, d) float32, float16 or bfloat16 array (NumPy,
+    np.memmap, torch tensor, JAX array; one checkpoint of weight 1; float64 is refused), a list of such
+    arrays (one per checkpoint, the same n), a tracin.Gradients or tracin.FactoredGradients (with the
+    checkpoints' weights), or a GradientStore (tracin.GradientStore.open(path)). Both sides need the same
+    checkpoints and widths.
+
+    >>> import numpy as np, tracin
+    >>> train = np.array([[1, 0], [0, 2], [-1, 1]], np.float32)  # 3 examples' gradients, one checkpoint
+    >>> test = np.array([[1, 1], [2, 0]], np.float32)
+    >>> tracin.scores(test, train).tolist()
+    [[1.0, 2.0, 0.0], [2.0, 0.0, -2.0]]
+
     Materialises the whole matrix: for small problems. Use top_k for large ones. Very wide rows
     (about 1e8 columns and more) need gigabytes of working memory: see top_k.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
@@ -697,6 +709,24 @@ def top_k(
     normalize: bool = False,
 ) -> TopK | BothSides:
     """Exact top-k training examples per test example, without the dense score matrix.
+
+    test, train: gradient rows, one per example: a 2-D (n, d) float32, float16 or bfloat16 array (NumPy,
+    np.memmap, torch tensor, JAX array; one checkpoint of weight 1; float64 is refused), a list of such
+    arrays (one per checkpoint, the same n), a tracin.Gradients or tracin.FactoredGradients (with the
+    checkpoints' weights), or a GradientStore (tracin.GradientStore.open(path)). Both sides need the same
+    checkpoints and widths.
+    Returns TopK(values float32 (m, k), indices int64 (m, k) into the train rows), best first per test
+    row; side="both": BothSides(proponents: TopK, opponents: TopK).
+
+    >>> import numpy as np, tracin
+    >>> train = np.array([[1, 0], [0, 2], [-1, 1]], np.float32)  # 3 examples' gradients, one checkpoint
+    >>> test = np.array([[1, 1], [2, 0]], np.float32)
+    >>> best = tracin.top_k(test, train, k=2)
+    >>> best.indices.tolist(), best.values.tolist()
+    ([[1, 0], [0, 1]], [[2.0, 1.0], [2.0, 0.0]])
+    >>> helped, hurt = tracin.top_k(test, train, k=1, side="both")
+    >>> hurt.indices.tolist(), hurt.values.dtype, hurt.indices.dtype
+    ([[2], [2]], dtype('float32'), dtype('int64'))
 
     side: "proponents" (the k highest scores, largest first), "opponents" (the k lowest, most negative
     first; either side includes scores of 0 or of the other sign when fewer than k have its sign) or
@@ -945,6 +975,16 @@ def self_influence(
 ) -> np.ndarray:
     """float32 (n,): influence of each training example on itself, sum_c w_c |g_c(i)|^2.
 
+    train: gradient rows, as in top_k (an array, a list of arrays, Gradients, FactoredGradients or a
+    GradientStore).
+
+    >>> import numpy as np, tracin
+    >>> train = np.array([[1, 0], [0, 2], [-1, 1]], np.float32)
+    >>> tracin.self_influence(train).tolist()
+    [1.0, 4.0, 2.0]
+    >>> tracin.self_influence(tracin.Gradients([train, 2 * train], weights=[0.5, 0.25])).tolist()  # 2 checkpoints
+    [1.5, 6.0, 3.0]
+
     High values flag mislabelled or unusual examples. Rows exported with preconditioner="adam_update"
     (Adam's next steps, for pairing with plain test rows) are refused (ValueError): rank them by the
     diagonal of scores(plain rows, adam_update rows).
@@ -1058,7 +1098,20 @@ def aggregate(
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
     train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
-    cosine scores)."""
+    cosine scores).
+
+    test, train: gradient rows, one per example: a 2-D (n, d) float32, float16 or bfloat16 array (NumPy,
+    np.memmap, torch tensor, JAX array; one checkpoint of weight 1; float64 is refused), a list of such
+    arrays (one per checkpoint, the same n), a tracin.Gradients or tracin.FactoredGradients (with the
+    checkpoints' weights), or a GradientStore (tracin.GradientStore.open(path)). Both sides need the same
+    checkpoints and widths.
+
+    >>> import numpy as np, tracin
+    >>> train = np.array([[1, 0], [0, 2], [-1, 1]], np.float32)  # 3 examples' gradients, one checkpoint
+    >>> test = np.array([[1, 1], [2, 0]], np.float32)
+    >>> tracin.aggregate(test, train).tolist()  # the column sums of scores(test, train)
+    [3.0, 2.0, -2.0]
+    """
     test, train, w = _pair(test, train)
     run = _normalize_run(normalize, test, train)
     threads = thread_count(num_threads)
