@@ -248,7 +248,8 @@ def _run(
             log(row)
     else:
         log(NOTHING_FLIPPED)
-    log(f"wrote {', '.join(str(p) for p in files.values())}")
+    checkpoints = f"{out / 'checkpoints'} ({counted(len(saved), 'checkpoint')})"  # not in files (review69 F9)
+    log(f"wrote {', '.join(str(p) for p in files.values())}, {checkpoints}")
     log("next, try the command line on the gradient stores the demo wrote:")
     for command in result.next_commands:
         log(f"  {command}")
