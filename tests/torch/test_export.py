@@ -494,3 +494,116 @@ def test_an_export_under_autocast_warns_and_a_failed_first_rows_check_names_it()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         export_gradients(model, ck, (x, y), LOSS, progress=False)  # no autocast, no warning
+
+
+# review69 F2: float64 NumPy data (NumPy's and scikit-learn's default) for a float32 model
+@pytest.mark.parametrize("mode", ["full", "last_layer", "factored"])
+def test_float64_numpy_inputs_for_a_float32_model_are_explained_not_cast(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = np.random.default_rng(0).standard_normal((12, 8))  # float64
+    y = np.random.default_rng(1).integers(0, 3, 12)
+    with pytest.raises(TypeError, match=r"^data: batch 0 .*\(float32\): inputs float64") as caught:
+        export_gradients(model, [(model.state_dict(), 0.1)], (x, y), LOSS, mode=mode, progress=False)
+    message = str(caught.value)
+    assert "x.astype(np.float32)" in message and "torch.from_numpy(x).float()" in message
+    assert "mat1 and mat2 must have the same dtype" in message  # torch's own words kept
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    # following the advice gives the rows of float32 data
+    float32 = export_gradients(
+        model, [(model.state_dict(), 0.1)], (x.astype(np.float32), y), LOSS, mode=mode, progress=False
+    )
+    assert np.isfinite(_arrays(float32)[0]).all()
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x, scale):
+        return self.linear(x * scale)
+
+
+def test_float64_leaves_of_dict_inputs_are_named():
+    model = _Scaled()
+    inputs = {"x": torch.randn(6, 4), "scale": np.ones((6, 1))}
+    with pytest.raises(TypeError, match=r"\): inputs\['scale'\] float64, and .*\(NumPy arrays"):
+        export_gradients(
+            model, [(model.state_dict(), 0.1)], (inputs, torch.zeros(6, dtype=torch.long)), LOSS, progress=False
+        )
+
+
+class _CastsItsInputs(nn.Module):
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.linear, self.fail = nn.Linear(4, 3), fail
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x5 and 4x3)")
+        return self.linear(x.float())
+
+
+def test_float64_data_a_model_takes_runs_and_other_errors_pass_unchanged():
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model = _CastsItsInputs()
+    got = export_gradients(model, [(model.state_dict(), 0.1)], (x, y), LOSS, progress=False).matrices[0]
+    want = export_gradients(model, [(model.state_dict(), 0.1)], (x.float(), y), LOSS, progress=False).matrices[0]
+    np.testing.assert_array_equal(got, want)  # the data went in as it was: the model's own cast, no other
+    failing = _CastsItsInputs(fail=True)
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied \(2x5 and 4x3\)$"):
+        export_gradients(failing, [(failing.state_dict(), 0.1)], (x, y), LOSS, progress=False)
+
+
+# review69 F3: the loss class given for an instance of it
+class _MyLoss(nn.Module):
+    def forward(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+@pytest.mark.parametrize(
+    "loss_fn, message",
+    [
+        (
+            nn.CrossEntropyLoss,
+            r"loss_fn is the class nn\.CrossEntropyLoss, not a loss.*nn\.CrossEntropyLoss\(reduction='none'\)$",
+        ),
+        (nn.MSELoss, r"class nn\.MSELoss.*nn\.MSELoss\(reduction='none'\)$"),
+        (_MyLoss, r"class _MyLoss, not a loss.*Pass an instance: _MyLoss\(\.\.\.\)"),
+        (dict, r"class dict, not a loss.*an instance of dict, or a function$"),
+    ],
+)
+def test_a_loss_class_is_refused_up_front(trained, loss_fn, message):
+    model, checkpoints, train, _ = trained
+    with pytest.raises(TypeError, match=message) as caught:
+        export_gradients(model, checkpoints, train, loss_fn, progress=False)
+    assert caught.value.__cause__ is None  # refused before any forward pass
+
+
+# review69 F7: an elementwise loss with reduction='none' keeps the outputs' shape
+def test_an_unsqueezed_regression_loss_is_refused_with_the_fix_and_the_fix_gives_the_float64_rows():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 1))
+    x, y = torch.randn(10, 8), torch.randn(10, 1)
+    mse = nn.MSELoss(reduction="none")
+    for loss in (mse, nn.BCEWithLogitsLoss(reduction="none")):
+        target = y if loss is mse else (y > 0).float()
+        with pytest.raises(ValueError, match=r"got shape \(10, 1\)\..*loss\(outputs, targets\)\.squeeze\(-1\)"):
+            export_gradients(model, [(model.state_dict(), 0.1)], (x, target), loss, progress=False)
+    got = export_gradients(
+        model, [(model.state_dict(), 0.1)], (x, y), lambda o, t: mse(o, t).squeeze(-1), progress=False
+    ).matrices[0]
+    w, b = (p.detach().double().numpy() for p in model.parameters())
+    xd, yd = x.double().numpy(), y.double().numpy()
+    residual = 2 * (xd @ w.T + b - yd)  # d (o - y)^2 / d o
+    np.testing.assert_allclose(got, np.hstack([residual * xd, residual]), rtol=1e-5, atol=1e-6)
+
+
+def test_per_element_losses_are_refused_with_a_per_example_reduction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 3))
+    x, y = torch.randn(10, 8), torch.randn(10, 3)
+    with pytest.raises(ValueError, match=r"got shape \(10, 3\)\..*\.flatten\(1\)\.sum\(1\)"):
+        export_gradients(model, [(model.state_dict(), 0.1)], (x, y), nn.MSELoss(reduction="none"), progress=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -130,6 +131,58 @@ def inputs_mismatch(model: Any, inputs: Tree) -> str | None:
             "as a tuple of that dict, (batch,)"
         )
     return None
+
+
+# words of torch's dtype-mismatch errors: "mat1 and mat2 must have the same dtype", "Input type (double) and bias
+# type (float) should be the same", "expected scalar type Float but found Double", "mixed dtype (CPU)"
+_DTYPE_WORDS = re.compile(r"dtype|type|double|float|half", re.IGNORECASE)
+# the tensor method casting to a model's dtype
+_CASTS = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()"}
+
+
+def dtype_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, error: RuntimeError) -> str | None:
+    """Why the model's forward (or loss_fn) raised `error` on the first batch: floating tensors of the data in
+    another dtype than the model's floating parameters `params` (float64 NumPy arrays, NumPy's and scikit-learn's
+    default, for a float32 model). None when `error` does not speak of types or every floating tensor of the data
+    has one of the parameters' dtypes. The data is not cast: a cast could change the results."""
+    if not _DTYPE_WORDS.search(str(error)):
+        return None
+    model = sorted({p.dtype for p in params if p.is_floating_point()}, key=str)
+    if not model:
+        return None
+    odd = [
+        (path, leaf.dtype)
+        for part, name in ((inputs, "inputs"), (targets, "targets"))
+        for path, leaf in _named_leaves(part, name)
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dtype not in model
+    ]
+    if not odd:
+        return None
+    named = ", ".join(f"{path} {_dtype_name(dtype)}" for path, dtype in odd[:4]) + (", ..." if len(odd) > 4 else "")
+    if len(model) == 1:
+        name, method = _dtype_name(model[0]), _CASTS.get(model[0], f".to({model[0]})")
+        array = f"torch.from_numpy(x){method}"
+        if hasattr(np, name):  # NumPy has no bfloat16
+            array = f"x.astype(np.{name}) (or {array})"
+        fix = f"give the data in {name}: {array} for a NumPy array x, x{method} for a tensor"
+    else:
+        fix = "give the data in the dtype the model's layers take"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (
+        f"data: batch 0 has floating tensors in another dtype than the model's parameters "
+        f"({', '.join(map(_dtype_name, model))}): {named}, and the model's forward or loss_fn failed on them "
+        f"({type(error).__name__}: {first}). tracin does not cast the data (a cast could change the results); "
+        f"{fix}, or a Dataset transform that casts each row"
+        + (
+            " (NumPy arrays and scikit-learn's data are float64 unless made otherwise)"
+            if any(dtype == torch.float64 for _, dtype in odd)
+            else ""
+        )
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass

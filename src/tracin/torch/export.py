@@ -38,6 +38,7 @@ from .data import (
     as_batches,
     batch_rows,
     call_model,
+    dtype_mismatch,
     first_row,
     host_arrays,
     inputs_mismatch,
@@ -106,7 +107,8 @@ def export_gradients(
         learning_rate, optimizer.state_dict() or its path) for a preconditioner (with
         preconditioner=None the state is unused: a UserWarning says so). A learning rate must not be
         negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
-    data: (inputs, targets) tensors (NumPy arrays are taken without a copy), a map-style Dataset, a
+    data: (inputs, targets) tensors (NumPy arrays are taken without a copy, never cast: float64 ones,
+        NumPy's default, fed to a float32 model are a TypeError saying so), a map-style Dataset, a
         DataLoader handing out its dataset's rows in order (0, 1, 2...: row i is example i; a sampler
         or batch_sampler reordering them is refused; an IterableDataset goes in a DataLoader, passed on
         its own it is refused; with num_workers > 1 each worker runs its iterator: a UserWarning), or a
@@ -117,7 +119,10 @@ def export_gradients(
         dict gets it from inputs (batch,). Every checkpoint must see the same targets in the same order
         (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,), called with the two
-        positionally (a TypeError of that call says so when its signature cannot take them).
+        positionally (a TypeError of that call says so when its signature cannot take them): an
+        instance, nn.CrossEntropyLoss(reduction="none"), not the class (refused). An elementwise loss
+        (nn.MSELoss, nn.BCEWithLogitsLoss) returns the outputs' shape, (batch, 1) for one output:
+        lambda outputs, targets: loss(outputs, targets).squeeze(-1).
     layers: module names (prefixes of parameter names) or globs; default every trainable parameter.
         A pattern matching trainable and frozen (requires_grad=False) parameters chooses the trainable
         ones (layers=["encoder"] over a LoRA encoder: the adapters); one matching frozen parameters
@@ -392,6 +397,11 @@ class _TorchExport:
             if why is not None:
                 raise TypeError(why) from e
             check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
+        except RuntimeError as e:  # float64 NumPy data for a float32 model: torch's own words name no data
+            why = dtype_mismatch(state.values(), inputs, targets, e)
+            if why is None:
+                raise
+            raise TypeError(why) from e
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.check(state, inputs, targets)
 
@@ -450,6 +460,11 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
             return last_linear(model, lambda: call_model(model, inputs))
         except TypeError as e:
             why = inputs_mismatch(model, inputs)
+            if why is None:
+                raise
+            raise TypeError(why) from e
+        except RuntimeError as e:
+            why = dtype_mismatch(model.parameters(), inputs, (), e)
             if why is None:
                 raise
             raise TypeError(why) from e

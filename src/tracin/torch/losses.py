@@ -26,17 +26,36 @@ _NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    """Refuses non-callables and loss modules with a reduction other than 'none', up front. Its signature is
+    """Refuses non-callables, classes (nn.CrossEntropyLoss for nn.CrossEntropyLoss(reduction='none')) and loss
+    modules with a reduction other than 'none', up front. Its signature is
     not checked here: a module's __call__ or forward pre-hook, or a functools.wraps wrapper, may supply
     arguments its signature shows; a call's TypeError is explained (loss_mismatch) when it does not bind."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+    if isinstance(loss_fn, type):  # called with (outputs, targets), a class builds an object, never losses
+        raise TypeError(_class_given(loss_fn))
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction != "none":
         raise ValueError(
             f"loss_fn has reduction={reduction!r}; TracIn needs one loss per example: build it with "
             f"reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
         )
+
+
+def _class_given(cls: type) -> str:
+    """Why a class is not a loss_fn: calling it builds an object (nn.CrossEntropyLoss(outputs, targets) a
+    module whose weight is the outputs), so an instance is meant."""
+    name = f"nn.{cls.__name__}" if getattr(nn, cls.__name__, None) is cls else cls.__qualname__
+    if issubclass(cls, nn.modules.loss._Loss):
+        instance = f"{name}(reduction='none')"
+    elif issubclass(cls, nn.Module):
+        instance = f"{name}(...), built with one loss per example"
+    else:
+        instance = f"an instance of {name}, or a function"
+    return (
+        f"loss_fn is the class {name}, not a loss: tracin calls loss_fn(outputs, targets), and calling a class "
+        f"builds an object from them. Pass an instance: {instance}"
+    )
 
 
 def loss_mismatch(loss_fn: object, error: TypeError) -> str | None:
@@ -77,19 +96,35 @@ def check_losses(losses: object, rows: int) -> None:
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"loss_fn must return a tensor of per-example losses, got {type(losses).__name__}")
     if losses.shape != (rows,):
-        hint = (
-            (
+        hint = ""
+        if losses.dim() == 0:
+            hint = (
                 " It looks mean- or sum-reduced: a reduced loss mixes the examples of a batch, so "
                 "per-example gradients cannot be taken from it. Return one loss per example "
                 "(reduction='none')."
             )
-            if losses.dim() == 0
-            else ""
-        )
+        elif losses.dim() >= 2 and losses.shape[0] == rows:
+            hint = _unreduced_hint(losses.shape)
         raise ValueError(
             f"loss_fn must return per-example losses of shape ({rows},) for a batch of "
             f"{rows}; got shape {tuple(losses.shape)}.{hint}"
         )
+
+
+def _unreduced_hint(shape: torch.Size) -> str:
+    """How to turn losses of `shape` (rows, ...), an elementwise loss with reduction='none' on outputs of that
+    shape, into one loss per example."""
+    if len(shape) == 2 and shape[1] == 1:  # (rows, 1): a regression or binary head
+        return (
+            " An elementwise loss with reduction='none' (nn.MSELoss, nn.BCEWithLogitsLoss, nn.L1Loss) returns "
+            f"the shape of the outputs, {tuple(shape)} for one output per example: squeeze it, e.g. "
+            "loss_fn=lambda outputs, targets: loss(outputs, targets).squeeze(-1)"
+        )
+    return (
+        " That is one loss per element (an elementwise loss with reduction='none', or per-token losses): reduce "
+        "each example's own, e.g. loss_fn=lambda outputs, targets: loss(outputs, targets).flatten(1).sum(1) (or "
+        ".mean(1), the per-example part of reduction='mean')"
+    )
 
 
 def model_caller(
