@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import logging
 import os
@@ -10,16 +11,15 @@ import shutil
 import signal
 import threading
 import time
-from types import SimpleNamespace
+import uuid
 
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, Event, LocalCluster
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed import _run as run
 from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
@@ -263,78 +263,86 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def overflowing(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A store of 1000 rows x 2 checkpoints (4 shards of 250 rows) with float32 overflows in several
-    shards, and in-memory sets (600 test rows: two kernel passes of 512) that overflow against it."""
-    rng = np.random.default_rng(11)
-    first, second = (rng.standard_normal((1000, 8)).astype(np.float32) for _ in range(2))
-    first[600] = [0.0, 0.0] + [1e19] * 6  # self-influence 6e38 in checkpoint 0, in shard 2
-    first[900, :2], first[700, :2] = (1e20, 0.0), (0.0, 1e20)  # and 1e40 in shards 2 and 3: products 1e40 below
-    second[[100, 300]] = 1e19  # self-influence beyond float32 in checkpoint 1 only, in shards 0 and 1
-    test = rng.standard_normal((600, 8)).astype(np.float32)
-    plain = test.copy()
-    test[0, :2], test[550, :2] = (1e20, 0.0), (0.0, 1e20)  # pairs (0, 900) in pass 0 and (550, 700) in pass 1
-    nan = first.copy()
-    nan[[250, 800]] = np.nan
+def bad_rows(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Stores of 400 rows x 16 (4 shards of 100 rows) with bad rows in shards 0, 2 and 3: NaN rows,
+    and finite rows whose products with the in-memory test row 1 overflow float32."""
+    rng = np.random.default_rng(12)
+    rows = rng.standard_normal((400, 16)).astype(np.float32)
+    nan, big = rows.copy(), rows.copy()
+    nan[[30, 250, 251, 350]] = np.nan
+    big[[30, 260, 350], :2] = (1e20, 0.0)  # products 1e40 with test row 1 below
+    test = rng.standard_normal((2, 16)).astype(np.float32)
+    test[1, :2] = (1e20, 0.0)
     return {
-        "store": write_store(tmp_path_factory.mktemp("overflow") / "s", [first, second], [1.0, 1.0]),
-        "nan": write_store(tmp_path_factory.mktemp("overflow") / "nan", [nan, second], [1.0, 1.0]),
-        "test": tracin.Gradients([test, plain], [1.0, 1.0]),
-        "small": tracin.Gradients([np.eye(2, 8, dtype=np.float32) * 1e20, np.zeros((2, 8), np.float32)], [1.0, 1.0]),
+        "nan": write_store(tmp_path_factory.mktemp("bad") / "nan", [nan], None),
+        "big": write_store(tmp_path_factory.mktemp("bad") / "big", [big], None),
+        "small": tracin.Gradients(rng.standard_normal((3, 16)).astype(np.float32)),
+        "test": tracin.Gradients(test),
     }
 
 
-@pytest.mark.parametrize("finish", ["in row order", "in reverse row order"])
-def test_overflow_and_non_finite_errors_are_one_processs_whichever_shard_finishes_first(
-    client, overflowing, monkeypatch, finish
-):
-    """Shards finishing in either order give the message tracin's own function raises: the first error
-    in its order (test passes before train rows), naming the rows of all shards of its kernel call
-    (review64 F1; it was the first shard to finish, naming its rows only)."""
+def _gated(fn, event: str):
+    """fn, run once the distributed.Event `event` is set; the task secedes while it waits, so that
+    its worker's thread runs the other shards meanwhile."""
 
-    def forced(futures, loop=None):
-        futures = list(futures)
-        while not all(f.done() for f in futures):
-            time.sleep(0.01)
-        return iter(futures if finish == "in row order" else futures[::-1])
+    def gated(*args):
+        from distributed import Event, rejoin, secede
 
-    monkeypatch.setattr(run, "as_completed", forced)
-    store, nan, test, small = (overflowing[k] for k in ("store", "nan", "test", "small"))
-    calls = [
-        (lambda f: f.self_influence(store, **f.kw), "for train rows [100, 300, 600, 700, 900] "),
-        (
-            lambda f: f.self_influence(store, per_checkpoint=True, **f.kw),
-            "in checkpoint 0 for train rows [600, 700, 900] ",
-        ),
-        (lambda f: f.top_k(test, store, 2, **f.kw), "first for test row 0 and train row 900;"),
-        (lambda f: f.top_k(small, store, 2, **f.kw), "first for test row 1 and train row 700;"),
-        (lambda f: f.top_k(store, small, 2, **f.kw), "first for test row 900 and train row 0;"),
-        (
-            lambda f: f.self_influence(nan, **f.kw),
-            "train checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
-        ),
-        (
-            lambda f: f.top_k(small, nan, 2, **f.kw),
-            "train checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
-        ),
-        (
-            lambda f: f.top_k(nan, small, 2, **f.kw),
-            "test checkpoint 0 contains NaN or Inf values, first in rows [250, 800]",
-        ),
-    ]
-    one, dist = (
-        SimpleNamespace(top_k=tracin.top_k, self_influence=tracin.self_influence, kw={}),
-        SimpleNamespace(
-            top_k=td.top_k, self_influence=td.self_influence, kw={"client": client, "shards": 4, "progress": False}
-        ),
+        secede()
+        Event(event).wait(300)
+        rejoin()
+        return fn(*args)
+
+    gated.__name__ = fn.__name__
+    return gated
+
+
+NAN_TRAIN = "train checkpoint 0 contains NaN or Inf values, first in rows "
+
+
+@pytest.mark.parametrize(
+    "call, fn, named",
+    [
+        (lambda s, kw: td.self_influence(s["nan"], **kw), "self_influence", NAN_TRAIN),
+        (lambda s, kw: td.top_k(s["small"], s["nan"], 2, **kw), "top_k", NAN_TRAIN),
+        (lambda s, kw: td.aggregate(s["small"], s["nan"], **kw), "aggregate", NAN_TRAIN),
+        (lambda s, kw: td.top_k(s["nan"], s["small"], 2, **kw), "top_k", NAN_TRAIN.replace("train", "test")),
+        (lambda s, kw: td.top_k(s["test"], s["big"], 2, **kw), "top_k", "first for test row 1 and train row 260;"),
+    ],
+    ids=["self_influence", "top_k train cut", "aggregate train cut", "top_k test cut", "top_k overflow pair"],
+)
+def test_a_shards_row_error_is_raised_at_once_naming_the_shard(client, bad_rows, monkeypatch, call, fn, named):
+    """The first shard's NaN/Inf or overflow error to arrive is raised without waiting for the other
+    shards, which here stay blocked until the error has reached the caller (review68 F2: 568d665 waited
+    for them all); it names real bad rows of that shard in the caller's numbering, and the shard's
+    rows, saying other shards may hold more (review68 F1: one process may name others first)."""
+    event = f"tracin-test-{uuid.uuid4().hex}"
+    submit = Job.submit
+
+    def gating(self, task, *args, label=None, first_rows=(0, 0), **kw):
+        if label is not None and max(first_rows) != 200:  # every shard task but that of rows [200, 300)
+            task = _gated(task, event)
+        return submit(self, task, *args, label=label, first_rows=first_rows, **kw)
+
+    monkeypatch.setattr(Job, "submit", gating)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        found = pool.submit(call, bad_rows, {"client": client, "shards": 4, "progress": False})
+        try:
+            error = found.exception(timeout=60)
+        except concurrent.futures.TimeoutError:
+            pytest.fail("the error waited for the shards still running")
+        finally:
+            Event(event, client=client).set()
+    assert type(error) is ValueError
+    message = str(error)
+    assert named in message
+    if "NaN" in named:  # the shard's own bad rows, counted as the caller counts them
+        assert message.startswith(f"{named}[250, 251]. ")
+    side = "test" if named.startswith("test") else "train"
+    assert message.endswith(
+        f". These rows are from the shard of {side} rows 200 to 299, the first shard to fail; other shards "
+        f"may hold more such rows (tracin.{fn} in one process names the first ones)"
     )
-    for call, named in calls:
-        with pytest.raises(ValueError) as expected:
-            call(one)
-        assert named in str(expected.value)
-        with pytest.raises(ValueError) as found:
-            call(dist)
-        assert str(found.value) == str(expected.value)
 
 
 def _non_finite(n: int) -> None:
@@ -344,9 +352,12 @@ def _non_finite(n: int) -> None:
 def test_a_task_names_non_finite_rows_in_the_callers_sets_itself():
     """On the worker, so that its log of the error (Dask's 'Compute Failed') names the caller's rows."""
     with pytest.raises(ValueError, match=r"first in rows \[253, 254\]$"):
-        _retrying(_non_finite, (0, 250), 3)
+        _retrying(_non_finite, (0, 250), None, 3)
     with pytest.raises(ValueError, match=r"first in rows \[3, 4\]$"):  # a test shard's rows: train not shifted
-        _retrying(_non_finite, (250, 0), 3)
+        _retrying(_non_finite, (250, 0), None, 3)
+    with pytest.raises(ValueError, match=r"first in rows \[253, 254\]$") as e:  # the shard travels for Job._raise
+        _retrying(_non_finite, (0, 250), ("train", 250, 300), 3)
+    assert e.value.tracin_shard == ("train", 250, 300)
 
 
 def test_the_calls_own_local_cluster_logs_no_task_failure(tmp_path, capfd):
@@ -470,6 +481,7 @@ def test_a_client_that_lost_its_scheduler_is_named(tied):
 
 def test_an_export_whose_client_lost_its_scheduler_is_named(tmp_path):
     torch = pytest.importorskip("torch")
+    pytest.importorskip("tracin.torch")  # imported now, not within the client's 2 s of reconnecting (then 'closed')
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]

@@ -24,7 +24,10 @@ export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, .
 adapter's export as row ranges written by the tasks into one store (see its docstring).
 
 A task whose workers keep dying (out of memory, killed) fails the call with TaskFailedError (a
-RuntimeError) naming its shard; an error the task itself raises is raised as it is.
+RuntimeError) naming its shard; an error the task itself raises is raised as it is, at once, the
+other shards dropped. A NaN/Inf or float32-overflow ValueError names the rows (in the caller's sets)
+that the first shard to fail found, and that shard's rows: other shards may hold more, and tracin's
+own function in one process may name other rows first (it meets the rows in another order).
 """
 
 try:

@@ -29,7 +29,7 @@ from ..scoring import (
 from ..store import GradientStore
 from . import _tasks
 from ._cluster import check_worker_timeout, client_for, slots_by_host
-from ._run import Job, RowOrder
+from ._run import Job
 from ._shards import StoreRows, as_side, shard_ranges
 
 
@@ -84,7 +84,7 @@ def top_k(
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
-    with client_for(client) as c, Job(c, f"top_k ({side})", _order(test_set, train_set)) as job:
+    with client_for(client) as c, Job(c, f"top_k ({side})") as job:
         slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
@@ -153,8 +153,7 @@ def self_influence(
     check_self_influence_rows(train_set)
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     worker_timeout = check_worker_timeout(worker_timeout)
-    order = RowOrder(train_step=train_set.row_chunks() or 0, per_checkpoint=per_checkpoint)
-    with client_for(client) as c, Job(c, "self_influence", order) as job:
+    with client_for(client) as c, Job(c, "self_influence") as job:
         slots = slots_by_host(c, worker_timeout)
         parts = _per_shard(
             job,
@@ -195,7 +194,7 @@ def aggregate(
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
-    with client_for(client) as c, Job(c, "aggregate", _order(test_set, train_set)) as job:
+    with client_for(client) as c, Job(c, "aggregate") as job:
         slots = slots_by_host(c, worker_timeout)
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
@@ -228,11 +227,6 @@ def aggregate(
             job.release(*parts)  # each (test chunks, n) partial is freed once its link has added it
             total = job.wait(links, progress, summed)
     return _float32(total)
-
-
-def _order(test: GradientSet, train: GradientSet) -> RowOrder:
-    """How tracin's own function meets the rows of test x train (its NaN/Inf and overflow errors)."""
-    return RowOrder(test.n_rows, test.row_chunks() or 0, train.row_chunks() or 0, _width(test))
 
 
 def _float32(total: np.ndarray) -> np.ndarray:
@@ -304,7 +298,7 @@ def _per_shard(
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):
         rows = whole.rows(a, b)
         first = (a, 0) if side == "test" else (0, a)
-        futures.append(job.submit(fn, *args(rows, a), label=str(rows), first_rows=first))
+        futures.append(job.submit(fn, *args(rows, a), label=str(rows), first_rows=first, shard=(side, a, b)))
     return futures
 
 

@@ -7,13 +7,12 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
-from ..scoring import _NON_FINITE, _OVERFLOW_PAIR, _SELF_OVERFLOW, _pass_rows, rows_shifted
+from ..scoring import rows_shifted
 from ..store import GradientStore, StoreChangedError, StoreFormatError
 from ._cluster import scheduler_address
 from ._shards import StoreNotVisible, StoreRows
@@ -33,97 +32,12 @@ class TaskFailedError(RuntimeError):
     on the cluster (say by client.restart()); the message names its shard."""
 
 
-@dataclass(frozen=True)
-class RowOrder:
-    """The order in which tracin's own function (one process) meets the rows of a call, to tell which
-    shard's NaN/Inf or float32-overflow error it would have raised: test chunks of `test_step` rows
-    (0: one chunk of all `test_rows`) outer, train pieces of `train_step` rows (0: one piece) inner,
-    each a kernel call that passes over its test rows in passes of _pass_rows(chunk rows, `width`)
-    (the test side's columns), train rows first within a pass. per_checkpoint: self-influence
-    per checkpoint, a kernel call per checkpoint of each piece."""
-
-    test_rows: int = 0
-    test_step: int = 0
-    train_step: int = 0
-    width: int = 1
-    per_checkpoint: bool = False
-
-    def chunk(self, t: int) -> int:
-        return t // self.test_step if self.test_step else 0
-
-    def piece(self, i: int) -> int:
-        return i // self.train_step if self.train_step else 0
-
-    def kernel_pass(self, t: int) -> int:
-        start = self.chunk(t) * self.test_step
-        rows = min(self.test_step, self.test_rows - start) if self.test_step else self.test_rows
-        return (t - start) // _pass_rows(max(rows, 1), self.width)
-
-
-@dataclass(frozen=True)
-class _RowError:
-    """A shard's NaN/Inf or overflow ValueError (rows counted in the caller's sets), placed in RowOrder:
-    `key` sorts errors as one process would meet them; errors with the same `group` name rows of
-    one list (one kernel call's, up to ROWS_NAMED), which `span` of the message holds."""
-
-    key: tuple
-    group: tuple
-    rows: tuple[int, ...]
-    message: str
-    span: tuple[int, int]
-
-
-ROWS_NAMED = 5  # rows the kernel names in a NaN/Inf or self-influence overflow message
-
-
-def _row_error(message: str, first_rows: tuple[int, int], order: RowOrder) -> _RowError | None:
-    """`message` (from a shard whose first (test, train) rows are `first_rows`) as a _RowError; None
-    for any other message. Within one kernel call the C++ kernel names NaN/Inf inputs (test side
-    first, then each side's blocks in order) before an overflow of finite ones; per_checkpoint
-    self-influence calls it once per checkpoint."""
-    t0, i0 = first_rows
-    found = _NON_FINITE.match(message)
-    if found is not None:
-        side, block, listed = found.groups()
-        rows = tuple(int(r) for r in listed.split(", "))
-        checkpoint = int(block.rsplit(" ", 1)[1])
-        at = (order.chunk(rows[0]), order.piece(i0)) if side == "test" else (order.chunk(t0), order.piece(rows[0]))
-        call = checkpoint if order.per_checkpoint else 0
-        group = (*at, call, 0, side != "test", checkpoint, block.startswith("right"))
-        return _RowError((*group, rows[0]), group, rows, message, found.span(3))
-    own = _SELF_OVERFLOW.match(message)
-    if own is not None:
-        rows = tuple(int(r) for r in own[3].split(", "))
-        checkpoint = int(own[1].rsplit(" ", 1)[1]) if " in checkpoint " in own[1] else 0
-        group = (order.chunk(t0), order.piece(rows[0]), checkpoint, 1)
-        return _RowError((*group, rows[0]), group, rows, message, own.span(3))
-    pair = _OVERFLOW_PAIR.search(message)
-    if pair is not None:
-        t, i = int(pair[1]), int(pair[2])
-        key = (order.chunk(t), order.piece(i), 0, 1, order.kernel_pass(t), i, t)
-        return _RowError(key, key, (), message, (0, 0))
-    return None
-
-
-def _merged(errors: list[_RowError]) -> str:
-    """The message of the first of `errors` in one process's order, naming (up to ROWS_NAMED) the rows
-    all the errors of its kernel call name, in row order, as that call would have."""
-    first = min(errors, key=lambda e: e.key)
-    if not first.rows:
-        return first.message
-    rows = sorted({r for e in errors if e.group == first.group for r in e.rows})[:ROWS_NAMED]
-    a, b = first.span
-    return first.message[:a] + ", ".join(map(str, rows)) + first.message[b:]
-
-
 class Job:
-    """The tasks of one call on `client` (a context manager); every future it made is released when it ends.
-    order: how one process meets the rows, to raise the shards' NaN/Inf or overflow errors as it would."""
+    """The tasks of one call on `client` (a context manager); every future it made is released when it ends."""
 
-    def __init__(self, client: Client, what: str, order: RowOrder | None = None):
+    def __init__(self, client: Client, what: str):
         self.client = client
         self.what = what
-        self.order = order or RowOrder()
         self.token = uuid.uuid4().hex[:12]
         self.numbers = itertools.count()  # task keys: never reused, though release() drops futures
         self.futures: list[Future] = []
@@ -161,12 +75,18 @@ class Job:
             return self.submit(_value, value)
 
     def submit(
-        self, fn: Callable, *args: Any, label: str | None = None, first_rows: tuple[int, int] = (0, 0)
+        self,
+        fn: Callable,
+        *args: Any,
+        label: str | None = None,
+        first_rows: tuple[int, int] = (0, 0),
+        shard: tuple[str, int, int] | None = None,
     ) -> Future:
         """fn(*args) as a task; label names its shard in errors, first_rows are the shard's first
-        (test, train) rows in the caller's sets, which its NaN/Inf errors count rows from."""
+        (test, train) rows in the caller's sets, which its NaN/Inf errors count rows from; shard
+        (side, start, stop): its rows in the caller's set, which those errors name (_raise)."""
         key = f"tracin_{fn.__name__}-{self.token}-{next(self.numbers)}"  # grouped by fn on the dashboard
-        future = self.client.submit(_retrying, fn, first_rows, *args, key=key, pure=False)
+        future = self.client.submit(_retrying, fn, first_rows, shard, *args, key=key, pure=False)
         self.futures.append(future)
         if label is not None:
             self.labels[key] = label
@@ -181,36 +101,24 @@ class Job:
 
     def wait(self, shards: list[Future], progress: bool | None, final: Future | None = None) -> Any:
         """Waits for the shard tasks (a bar as progress_bar(enabled=progress) shows), then returns final's result, or
-        the shards' results in order. A failure is raised as is, at once; a task that kept killing
-        its workers, or one cancelled on the cluster, as a TaskFailedError naming its shard. A shard's
-        NaN/Inf or float32-overflow ValueError waits for the shards that one process would have
-        scored in the same kernel call or before it (self.order), and the first such error in that
-        order is raised, naming the rows all of that call's shards name (_merged): the message
-        tracin's own function gives, whichever shard finishes first. With
+        the shards' results in order. The first failure to arrive is raised at once (the other
+        shards are dropped, not waited for), as is but for a shard's NaN/Inf or float32-overflow
+        ValueError, which also names the shard's rows (_raise); a task that kept killing its
+        workers, or one cancelled on the cluster, as a TaskFailedError naming its shard. With
         `final`, each shard's future is released once done (the tasks after it hold its result only
         until they have used it). Releases the job's futures either way, which drops the tasks not
         started (client.cancel would trip on those released already: Dask asserts someone wants each
         task it cancels a dependent of)."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
-        rows: list[_RowError] = []  # the row errors met so far
-        finished: set[str] = set()
         try:
             for done in as_completed(shards, loop=self.client.loop):
-                finished.add(done.key)
                 if done.status == "error":
-                    found = self._row_error(done)
-                    if found is None:
-                        self._raise(done)
-                    rows.append(found)
+                    self._raise(done)
                 if done.status == "cancelled":
                     raise self._cancelled(done.key)
                 if final is not None and done.key != final.key:
                     self.release(done)
                 bar.update(1)
-                if rows and not any(self._may_precede(f.key, rows) for f in shards if f.key not in finished):
-                    break
-            if rows:
-                raise ValueError(_merged(rows))
             return final.result() if final is not None else self.client.gather(shards)
         except CancelledError as e:
             raise self._cancelled(getattr(e, "key", None)) from e  # Dask's FutureCancelledError names it
@@ -227,7 +135,8 @@ class Job:
             self.release(*self.futures)
 
     def then(self, fn: Callable, part: Future, *args: Any) -> Future:
-        """fn(part's result, *args) as a task, named in errors as part's shard."""
+        """fn(part's result, *args) as a task, named in errors as part's shard (a NaN/Inf error of
+        part reaches this task's future as part's task raised it, naming part's rows)."""
         return self.submit(fn, part, *args, label=self.labels.get(part.key), first_rows=self.first_rows[part.key])
 
     def release(self, *futures: Future) -> None:
@@ -251,28 +160,16 @@ class Job:
             "or its data lost with a worker?); call again"
         )
 
-    def _row_error(self, failed: Future) -> _RowError | None:
-        """The failed task's NaN/Inf or overflow ValueError (not a subclass: StoreNotVisible and the
-        like) as a _RowError; None for any other failure."""
-        e = failed.exception()
-        if type(e) is not ValueError:
-            return None
-        return _row_error(str(e), self.first_rows.get(failed.key, (0, 0)), self.order)
-
-    def _may_precede(self, key: str, rows: list[_RowError]) -> bool:
-        """Whether the shard of task `key`, from its first_rows (test, train) on, may hold an error of
-        a kernel call one process makes no later than the first of `rows`' (a shard of train rows is
-        scored in every test chunk, from its first train row's piece on; one of test rows in every
-        train piece, from its first test row's chunk on)."""
-        t0, i0 = self.first_rows.get(key, (0, 0))
-        return (self.order.chunk(t0), self.order.piece(i0)) <= min(e.key for e in rows)[:2]
-
     def _raise(self, failed: Future) -> None:
         """The failed task's exception; for a worker that does not see a store of the call, the
         client's check of it first (a store removed since: the StoreChangedError of rows_of); for a
         worker's StoreFormatError (a worker reopens a store by its path), the client's check of the
         call's stores and their files first, so that a store changed since it was opened is the
-        StoreChangedError tracin.top_k and the others raise on one machine."""
+        StoreChangedError tracin.top_k and the others raise on one machine. A shard's NaN/Inf or
+        float32-overflow ValueError (its rows already counted in the caller's sets by _retrying) is
+        raised with a sentence naming the shard's rows: the first shard to fail, raised without
+        waiting for the others, so the rows it names are those the shard's own call meets first, not
+        necessarily those tracin's own function names in one process (review68 F1/F2)."""
         try:
             failed.result()
         except StoreNotVisible as e:
@@ -285,12 +182,23 @@ class Job:
             for store in self.stores.values():
                 store._check_unchanged()
             raise
+        except ValueError as e:
+            shard = getattr(e, "tracin_shard", None) if type(e) is ValueError else None
+            if shard is None:
+                raise
+            side, start, stop = shard
+            rows = f"{side} row {start}" if stop - start == 1 else f"{side} rows {start} to {stop - 1}"
+            raise ValueError(
+                f"{str(e).rstrip('.')}. These rows are from the shard of {rows}, the first shard to fail; other "
+                f"shards may hold more such rows (tracin.{self.what.split()[0]} in one process names the first ones)"
+            ).with_traceback(e.__traceback__) from None
 
 
-def _retrying(fn: Callable, first_rows: tuple[int, int], *args: Any) -> Any:
+def _retrying(fn: Callable, first_rows: tuple[int, int], shard: tuple[str, int, int] | None, *args: Any) -> Any:
     """fn(*args), called again up to RETRIES times while it raises an OSError other than NO_RETRY's.
     A NaN/Inf error counts its rows from the shard's first (test, train) rows `first_rows` in the
-    caller's sets, here, so that a worker's log of it names the rows the caller gets."""
+    caller's sets, here, so that a worker's log of it names the rows the caller gets; it carries
+    `shard` (side, start, stop in the caller's set) as tracin_shard, for Job._raise to name."""
     try:
         for _ in range(RETRIES):
             try:
@@ -304,7 +212,9 @@ def _retrying(fn: Callable, first_rows: tuple[int, int], *args: Any) -> Any:
         message = rows_shifted(str(e), *first_rows) if type(e) is ValueError else None
         if message is None:
             raise
-        raise ValueError(message) from None
+        error = ValueError(message)
+        error.tracin_shard = shard  # pickled with the exception (its __dict__)
+        raise error from None
 
 
 def _value(x: Any) -> Any:
