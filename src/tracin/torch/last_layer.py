@@ -20,7 +20,7 @@ from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import DIRECTIONS, autocast_note, checked_rows, directions, directions_agree, one_row_error
 from .layer_rules import token_form
-from .layers import tied_first_names
+from .layers import qualified, tied_first_names
 from .losses import LossFn, losses_of, random_forward
 
 
@@ -105,7 +105,7 @@ class LinearFactors:
         """The layers whose factors (`factors`' first rows; None: each row's own, under the RNG state of
         its derivatives) disagree with the derivatives of each row's loss along DIRECTIONS pairs."""
         dirs = [
-            directions(out, cols, apart[f"{name}.weight"].device)
+            directions(out, cols, apart[qualified(name, "weight")].device)
             for name, (out, cols) in zip(self.names, self.dims, strict=True)
         ]
         got, want, scale = ([[] for _ in self.layers] for _ in range(3))
@@ -126,7 +126,7 @@ class LinearFactors:
         return [
             name
             for name, g, w, s in zip(self.names, got, want, scale, strict=True)
-            if not directions_agree(torch.cat(g), torch.cat(w), torch.cat(s), apart[f"{name}.weight"].dtype)
+            if not directions_agree(torch.cat(g), torch.cat(w), torch.cat(s), apart[qualified(name, "weight")].dtype)
         ]
 
     def _derivatives(self, apart, inputs: Tree, targets: Tree, dirs) -> list[torch.Tensor]:
@@ -138,14 +138,14 @@ class LinearFactors:
         for name, layer, aliases, (u, v) in zip(self.names, self.layers, self.aliases, dirs, strict=True):
             t = torch.zeros(DIRECTIONS, device=u.device, requires_grad=True)
             ut = (u * t[:, None]).T  # (out, DIRECTIONS)
-            weight = apart[f"{name}.weight"]
+            weight = apart[qualified(name, "weight")]
             weight = weight + (ut @ v[:, : layer.in_features]).to(weight.dtype)
-            bias = None if layer.bias is None else apart[f"{name}.bias"]
+            bias = None if layer.bias is None else apart[qualified(name, "bias")]
             bias = None if bias is None else bias + (ut @ v[:, -1]).to(bias.dtype)
             for alias in aliases:  # the module under each of its names: all its calls perturbed
-                perturbed[f"{alias}.weight"] = weight
+                perturbed[qualified(alias, "weight")] = weight
                 if bias is not None:
-                    perturbed[f"{alias}.bias"] = bias
+                    perturbed[qualified(alias, "bias")] = bias
             ts.append(t)
         with torch.enable_grad():
             loss = losses_of(self.model, {**apart, **perturbed}, self.loss_fn, inputs, targets, False).sum()
@@ -164,11 +164,13 @@ class LinearFactors:
 
     def _full_layers(self) -> list[str]:
         """The layers= of mode="full" for the same parameters: a module name, or the parameter names
-        when its weight is tied (mode="full" takes a tied weight under its first name)."""
+        when its weight is tied (mode="full" takes a tied weight under its first name) or the layer is the
+        model itself (a bare nn.Linear, named "": layers= takes "weight", "bias")."""
         chosen = []
         for name, layer in zip(self.names, self.layers, strict=True):
             params = [n for n, _ in layer.named_parameters(prefix=name, remove_duplicate=False)]
-            chosen += [self.tied.get(n, n) for n in params] if any(n in self.tied for n in params) else [name]
+            whole = name and not any(n in self.tied for n in params)
+            chosen += [name] if whole else [self.tied.get(n, n) for n in params]
         return chosen
 
     def _captured(self, state, inputs, targets) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,12 @@ from .._export.layers import as_patterns, matches
 EXAMPLE = "['fc2'] or ['encoder.layer.11.*']"
 
 
+def qualified(module_name: str, leaf: str) -> str:
+    """The full name of `leaf` (a parameter, buffer or submodule) of the module named `module_name`:
+    "fc2.weight", and "weight" for the model itself (named "" by named_modules(): a bare nn.Linear)."""
+    return f"{module_name}.{leaf}" if module_name else leaf
+
+
 def _matches(name: str, pattern: str) -> bool:
     """A module-name prefix ("fc2" matches fc2.weight, fc2.bias) or a glob ("encoder.*.weight")."""
     return matches(name, pattern, ".")
@@ -102,6 +108,11 @@ def linear_by_name(model: nn.Module, name: str) -> nn.Linear:
     if module is not None:
         raise ValueError(f"{start} {type(module).__name__}")
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    if linears == [""]:  # a bare nn.Linear: the model is its one Linear, named "", which layers= cannot give
+        raise ValueError(
+            f"layers: mode='last_layer' got {name!r}, but the model ({type(model).__name__}) is itself its one "
+            "nn.Linear layer; leave layers=None and mode='last_layer' takes it"
+        )
     shown = ", ".join(map(repr, linears[:8])) + (", ..." if len(linears) > 8 else "")
     owner = name.rpartition(".")[0]
     if name in dict(model.named_parameters(remove_duplicate=False)):
@@ -175,7 +186,8 @@ def linear_modules_of(model: nn.Module, names: Sequence[str]) -> list[str]:
                 if frozen
                 else ""
             )
+            layer = repr(owner) if owner else f"the model ({type(model).__name__})"
             raise ValueError(
-                f"mode='factored' factors whole nn.Linear layers; {missing} of {owner!r} is not chosen{hint}"
+                f"mode='factored' factors whole nn.Linear layers; {missing} of {layer} is not chosen{hint}"
             )
     return owners
