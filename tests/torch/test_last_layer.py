@@ -602,10 +602,6 @@ def test_a_bare_linear_model_is_factored_as_float64_outer_products(kw):
         np.testing.assert_allclose(rows, np.einsum("bo,bi->boi", left, right).reshape(5, -1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export.py builds f'{layer}.weight' (/tmp/fix-T-export.py.patch uses layers.qualified); remove on applying",
-)
 def test_a_bare_linear_last_layer_metadata_names_its_parameters():
     model, checkpoints, x, y = _bare_linear_case()
     g = export_gradients(model, checkpoints, (x, y), LOSS, mode="last_layer", progress=False)

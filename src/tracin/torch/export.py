@@ -48,7 +48,15 @@ from .data import (
 from .first_rows_check import active_autocast
 from .host_copy import HostCopier
 from .last_layer import LinearFactors
-from .layers import EXAMPLE, last_linear, linear_modules_of, linear_name, select_parameters, tied_first_names
+from .layers import (
+    EXAMPLE,
+    last_linear,
+    linear_modules_of,
+    linear_name,
+    qualified,
+    select_parameters,
+    tied_first_names,
+)
 from .losses import check_loss_fn, check_loss_on
 from .model_fingerprint import model_digest
 from .per_example import PerExampleGradients
@@ -331,7 +339,9 @@ class _TorchExport:
             if mode == "last_layer":
                 layer = linears[0]
                 self.last_layer = last_layer_entry(
-                    layer, f"{layer}.weight", f"{layer}.bias" if modules[layer].bias is not None else None
+                    layer,
+                    qualified(layer, "weight"),
+                    qualified(layer, "bias") if modules[layer].bias is not None else None,
                 )
             self.segments = None
             self.slot_dims = self.compute_rows.dims  # one (left, right) pair per layer

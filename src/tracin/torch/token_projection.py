@@ -59,6 +59,7 @@ from .first_rows_check import (
 )
 from .hook_gradients import parameter_owners
 from .layer_rules import covers, token_form
+from .layers import qualified
 from .losses import LossFn
 from .per_example import PerExampleGradients
 
@@ -546,7 +547,7 @@ def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatr
             i += 1
             continue
         bias_param = getattr(module, "bias", None) if kind == "dense" else None
-        bias_name = f"{module_name}.bias" if module_name else "bias"
+        bias_name = qualified(module_name, "bias")
         bias = (
             isinstance(bias_param, torch.Tensor)
             and i + 1 < len(names)
@@ -573,11 +574,7 @@ def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatr
 def _read_by_parent(modules: Mapping[str, nn.Module]) -> set[str]:
     """Names of the modules whose weights their parent uses without calling them: the out_proj of an
     nn.MultiheadAttention (its forward passes out_proj.weight to F.multi_head_attention_forward)."""
-    return {
-        f"{name}.out_proj" if name else "out_proj"
-        for name, m in modules.items()
-        if isinstance(m, nn.MultiheadAttention)
-    }
+    return {qualified(name, "out_proj") for name, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _token_product(
