@@ -557,6 +557,61 @@ def test_float64_data_a_model_takes_runs_and_other_errors_pass_unchanged():
         export_gradients(failing, [(failing.state_dict(), 0.1)], (x, y), LOSS, progress=False)
 
 
+# review71 F1: only torch's words about a pair of floating dtypes are explained as the data's dtype
+class _Embeds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.head = nn.Embedding(10, 4), nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.embedding(ids).mean(1))
+
+
+class _CastsThenFails(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = x.float()
+        if x.shape[0] > 0:
+            raise RuntimeError("unsupported pooling type 'max3'")
+        return self.linear(x)
+
+
+def test_errors_not_about_a_floating_dtype_pair_pass_unchanged_with_float64_data():
+    torch.manual_seed(0)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ids = np.random.default_rng(0).integers(0, 10, (6, 5)).astype(np.float64)  # float ids: torch wants Long or Int
+    model = _Embeds()
+    with pytest.raises(RuntimeError, match=r"^Expected tensor for argument #1 'indices' .*Long, Int") as caught:
+        export_gradients(model, [(model.state_dict(), 0.1)], (ids, y), LOSS, progress=False)
+    assert type(caught.value) is RuntimeError  # torch's own error, no advice to give the ids in float32
+    casting = _CastsThenFails()
+    with pytest.raises(RuntimeError, match=r"^unsupported pooling type 'max3'$") as caught:
+        export_gradients(casting, [(casting.state_dict(), 0.1)], (torch.randn(6, 4).double(), y), LOSS, progress=False)
+    assert type(caught.value) is RuntimeError
+
+
+@pytest.mark.parametrize(
+    "first, shape, words",
+    [
+        (nn.Conv2d(1, 2, 3), (1, 4, 4), r"Input type \(double\) and bias type \(float\) should be the same"),
+        (nn.LayerNorm(8), (8,), r"mixed dtype"),
+        (nn.Linear(8, 8, bias=False), (8,), r"same dtype"),
+    ],
+)
+def test_float64_data_for_float32_conv_layernorm_and_bias_free_linear_is_explained(first, shape, words):
+    torch.manual_seed(0)
+    model = nn.Sequential(first, nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, *shape))  # materializes the lazy layer
+    x = np.random.default_rng(0).standard_normal((6, *shape))  # float64
+    y = np.arange(6) % 3
+    with pytest.raises(TypeError, match=r"^data: batch 0 .*\(float32\): inputs float64, .*" + words) as caught:
+        export_gradients(model, [(model.state_dict(), 0.1)], (x, y), LOSS, progress=False)
+    assert "x.astype(np.float32)" in str(caught.value)
+
+
 # review69 F3: the loss class given for an instance of it
 class _MyLoss(nn.Module):
     def forward(self, outputs, targets):
@@ -580,6 +635,27 @@ def test_a_loss_class_is_refused_up_front(trained, loss_fn, message):
     with pytest.raises(TypeError, match=message) as caught:
         export_gradients(model, checkpoints, train, loss_fn, progress=False)
     assert caught.value.__cause__ is None  # refused before any forward pass
+
+
+# review71 F2: a class is refused only when its call builds an object; one whose __new__ returns losses is a function
+class _NewLoss:
+    def __new__(cls, outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+class _Callable:
+    def __call__(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_a_class_whose_new_returns_losses_works_and_a_plain_class_is_refused(trained):
+    model, checkpoints, train, _ = trained
+    got = export_gradients(model, checkpoints, train, _NewLoss, progress=False)
+    want = export_gradients(model, checkpoints, train, LOSS, progress=False)
+    for a, b in zip(got.matrices, want.matrices, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match=r"class .*_Callable, not a loss.*an instance of .*_Callable, or a function$"):
+        export_gradients(model, checkpoints, train, _Callable, progress=False)
 
 
 # review69 F7: an elementwise loss with reduction='none' keeps the outputs' shape

@@ -133,9 +133,43 @@ def inputs_mismatch(model: Any, inputs: Tree) -> str | None:
     return None
 
 
-# words of torch's dtype-mismatch errors: "mat1 and mat2 must have the same dtype", "Input type (double) and bias
-# type (float) should be the same", "expected scalar type Float but found Double", "mixed dtype (CPU)"
-_DTYPE_WORDS = re.compile(r"dtype|type|double|float|half", re.IGNORECASE)
+# torch's names of the floating dtypes in its errors: "Double", "double", "c10::Half", "torch.cuda.FloatTensor",
+# "CPUBFloat16Type", "torch.float64"
+_FLOATING_NAMES = {
+    "double": torch.float64,
+    "float64": torch.float64,
+    "float": torch.float32,
+    "float32": torch.float32,
+    "half": torch.float16,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# torch's dtype-mismatch phrasings (torch 2.x, CPU and CUDA): "mat1 and mat2 must have the same dtype, but got Double
+# and Float" (Linear, addmm, attention), "expected m1 and m2 to have the same dtype, but got: double != float" (matmul,
+# Linear without bias), "expected scalar type Double but found Float" (bmm), "Input type (double) and bias type (float)
+# should be the same" (Conv), "mixed dtype (CPU): all inputs must share same datatype." and "mixed dtype (CPU): expect
+# parameter to have scalar type of Float" (LayerNorm, BatchNorm, GroupNorm), "... to have the same type as tensor ...
+# but type torch.FloatTensor does not equal torch.DoubleTensor"
+_MISMATCH_PHRASES = re.compile(
+    r"same dtype|expected scalar type|should be the same|mixed dtype|same type as|does not equal|same scalar type|"
+    r"does not match",
+    re.IGNORECASE,
+)
+# errors about index tensors (Embedding's indices, cross_entropy's class targets, gather): the data wants an integer
+# dtype there, not the model's floating one
+_INDEX_WORDS = re.compile(r"\b(?:indices|index|long|int|int32|int64|byte|longtensor|inttensor)\b", re.IGNORECASE)
+
+
+def _floating_named(message: str) -> set[torch.dtype]:
+    """The floating dtypes `message` names in torch's spellings."""
+    named = set()
+    for word in re.findall(r"[A-Za-z0-9]+", message):
+        word = word.lower().removeprefix("cpu").removeprefix("cuda").removesuffix("tensor").removesuffix("type")
+        if word in _FLOATING_NAMES:
+            named.add(_FLOATING_NAMES[word])
+    return named
+
+
 # the tensor method casting to a model's dtype
 _CASTS = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: ".half()"}
 
@@ -143,9 +177,15 @@ _CASTS = {torch.float32: ".float()", torch.float64: ".double()", torch.float16: 
 def dtype_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, error: RuntimeError) -> str | None:
     """Why the model's forward (or loss_fn) raised `error` on the first batch: floating tensors of the data in
     another dtype than the model's floating parameters `params` (float64 NumPy arrays, NumPy's and scikit-learn's
-    default, for a float32 model). None when `error` does not speak of types or every floating tensor of the data
-    has one of the parameters' dtypes. The data is not cast: a cast could change the results."""
-    if not _DTYPE_WORDS.search(str(error)):
+    default, for a float32 model). The data is not cast: a cast could change the results.
+
+    None unless torch's message is about a pair of floating dtypes: it names two (one of them a dtype of the data
+    that the parameters lack), or it names at most one in one of torch's mismatch phrasings (_MISMATCH_PHRASES) and
+    is not about an index tensor (float ids given to an nn.Embedding want integers, not the model's dtype). None as
+    well when every floating tensor of the data has one of the parameters' dtypes."""
+    message = str(error)
+    named = _floating_named(message)
+    if len(named) < 2 and (not _MISMATCH_PHRASES.search(message) or _INDEX_WORDS.search(message)):
         return None
     model = sorted({p.dtype for p in params if p.is_floating_point()}, key=str)
     if not model:
@@ -156,9 +196,9 @@ def dtype_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, 
         for path, leaf in _named_leaves(part, name)
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.dtype not in model
     ]
-    if not odd:
+    if not odd or (len(named) >= 2 and not named & {dtype for _, dtype in odd}):
         return None
-    named = ", ".join(f"{path} {_dtype_name(dtype)}" for path, dtype in odd[:4]) + (", ..." if len(odd) > 4 else "")
+    listed = ", ".join(f"{path} {_dtype_name(dtype)}" for path, dtype in odd[:4]) + (", ..." if len(odd) > 4 else "")
     if len(model) == 1:
         name, method = _dtype_name(model[0]), _CASTS.get(model[0], f".to({model[0]})")
         array = f"torch.from_numpy(x){method}"
@@ -170,7 +210,7 @@ def dtype_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, 
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return (
         f"data: batch 0 has floating tensors in another dtype than the model's parameters "
-        f"({', '.join(map(_dtype_name, model))}): {named}, and the model's forward or loss_fn failed on them "
+        f"({', '.join(map(_dtype_name, model))}): {listed}, and the model's forward or loss_fn failed on them "
         f"({type(error).__name__}: {first}). tracin does not cast the data (a cast could change the results); "
         f"{fix}, or a Dataset transform that casts each row"
         + (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,13 +27,14 @@ _NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    """Refuses non-callables, classes (nn.CrossEntropyLoss for nn.CrossEntropyLoss(reduction='none')) and loss
-    modules with a reduction other than 'none', up front. Its signature is
+    """Refuses non-callables, classes whose call builds an object (nn.CrossEntropyLoss for
+    nn.CrossEntropyLoss(reduction='none'); _builds_an_object) and loss modules with a reduction other than 'none',
+    up front. Its signature is
     not checked here: a module's __call__ or forward pre-hook, or a functools.wraps wrapper, may supply
     arguments its signature shows; a call's TypeError is explained (loss_mismatch) when it does not bind."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-    if isinstance(loss_fn, type):  # called with (outputs, targets), a class builds an object, never losses
+    if isinstance(loss_fn, type) and _builds_an_object(loss_fn):
         raise TypeError(_class_given(loss_fn))
     reduction = getattr(loss_fn, "reduction", "none")
     if reduction != "none":
@@ -40,6 +42,17 @@ def check_loss_fn(loss_fn: object) -> None:
             f"loss_fn has reduction={reduction!r}; TracIn needs one loss per example: build it with "
             f"reduction='none' (e.g. nn.CrossEntropyLoss(reduction='none'))"
         )
+
+
+def _builds_an_object(cls: type) -> bool:
+    """Whether calling the class `cls` with (outputs, targets) builds an instance of it, never losses: an nn.Module
+    (a loss module's class given for an instance of it), or a class whose __new__ is not its own Python function
+    (object's or a builtin type's, which build an object). A class whose __new__ is written in Python (e.g.
+    `def __new__(cls, outputs, targets): return F.cross_entropy(outputs, targets, reduction='none')`), or whose
+    metaclass has its own __call__, may return anything: it is called like a function."""
+    if issubclass(cls, nn.Module):
+        return True
+    return type(cls).__call__ is type.__call__ and not isinstance(cls.__new__, types.FunctionType)
 
 
 def _class_given(cls: type) -> str:
