@@ -345,6 +345,28 @@ def test_a_shards_row_error_is_raised_at_once_naming_the_shard(client, bad_rows,
     )
 
 
+@pytest.mark.parametrize(
+    "distributed, local",
+    [
+        (lambda s, kw: td.self_influence(s["nan"], **kw), lambda s: tracin.self_influence(s["nan"])),
+        (lambda s, kw: td.top_k(s["small"], s["nan"], 2, **kw), lambda s: tracin.top_k(s["small"], s["nan"], 2)),
+        (lambda s, kw: td.aggregate(s["small"], s["nan"], **kw), lambda s: tracin.aggregate(s["small"], s["nan"])),
+        (lambda s, kw: td.top_k(s["nan"], s["small"], 2, **kw), lambda s: tracin.top_k(s["nan"], s["small"], 2)),
+        (lambda s, kw: td.top_k(s["test"], s["big"], 2, **kw), lambda s: tracin.top_k(s["test"], s["big"], 2)),
+    ],
+    ids=["self_influence", "top_k train cut", "aggregate train cut", "top_k test cut", "top_k overflow pair"],
+)
+def test_a_one_shard_calls_row_error_is_one_process_error(client, bad_rows, distributed, local):
+    """With one shard there is no other shard to hold more such rows (review71): the error is the one
+    tracin's own function raises in one process, with no sentence about shards."""
+    with pytest.raises(ValueError) as want:
+        local(bad_rows)
+    with pytest.raises(ValueError) as got:
+        distributed(bad_rows, {"client": client, "shards": 1, "progress": False})
+    assert type(got.value) is ValueError and "shard" not in str(got.value)
+    assert str(got.value) == str(want.value)
+
+
 def _non_finite(n: int) -> None:
     raise ValueError(f"train checkpoint 0 contains NaN or Inf values, first in rows [{n}, {n + 1}]")
 

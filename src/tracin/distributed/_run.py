@@ -43,6 +43,7 @@ class Job:
         self.futures: list[Future] = []
         self.labels: dict[str, str] = {}  # task key -> the shard it works on
         self.first_rows: dict[str, tuple[int, int]] = {}  # task key -> its shard's first test, train row
+        self.shards: set[tuple[str, int, int]] = set()  # the row shards of the tasks' shard arguments
         self.stores: dict[str, GradientStore] = {}  # path -> the call's store there (rows_of)
 
     def __enter__(self) -> Job:
@@ -91,6 +92,8 @@ class Job:
         if label is not None:
             self.labels[key] = label
         self.first_rows[key] = first_rows
+        if shard is not None:
+            self.shards.add(shard)
         return future
 
     def reduce(self, parts: list[Future], merge: Callable, *args: Any) -> Future:
@@ -169,7 +172,8 @@ class Job:
         float32-overflow ValueError (its rows already counted in the caller's sets by _retrying) is
         raised with a sentence naming the shard's rows: the first shard to fail, raised without
         waiting for the others, so the rows it names are those the shard's own call meets first, not
-        necessarily those tracin's own function names in one process (review68 F1/F2)."""
+        necessarily those tracin's own function names in one process (review68 F1/F2). A call of one
+        shard raises it as is: its rows are those one process names (review71)."""
         try:
             failed.result()
         except StoreNotVisible as e:
@@ -184,7 +188,7 @@ class Job:
             raise
         except ValueError as e:
             shard = getattr(e, "tracin_shard", None) if type(e) is ValueError else None
-            if shard is None:
+            if shard is None or len(self.shards) == 1:  # one shard: no other shard may hold more such rows
                 raise
             side, start, stop = shard
             rows = f"{side} row {start}" if stop - start == 1 else f"{side} rows {start} to {stop - 1}"
