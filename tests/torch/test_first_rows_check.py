@@ -5,6 +5,7 @@ at a thousand tokens as at a few."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import numpy as np
@@ -337,3 +338,52 @@ def test_a_failure_on_two_rows_too_and_device_failures_are_raised_as_they_are():
         loss = CE(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
         for got, want in zip(row, torch.autograd.grad(loss, list(wide.parameters())), strict=True):
             np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
+
+
+# review71 note: the float64 second look copies the whole state; on CPU its room is checked too
+def test_cpu_available_memory_is_linuxs_memavailable_else_the_free_pages_else_unknown(monkeypatch):
+    from tracin.torch import first_rows_check as check
+
+    cpu = torch.device("cpu")
+    got = check.available_memory(cpu)
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+        assert abs(got - kb * 1024) < 2**30  # read a moment apart
+        assert 0 < got <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+    def no_file(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(check, "open", no_file, raising=False)  # shadows the builtin in the module
+    pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert check.available_memory(cpu) == 4096 * 1000
+
+    def unknown(name):
+        raise ValueError(f"unrecognized configuration name {name}")
+
+    monkeypatch.setattr(os, "sysconf", unknown)
+    assert check.available_memory(cpu) is None
+    state = nn.Linear(100, 100).state_dict()
+    widened = check.in_float64(state, torch.ones(2, 100), torch.ones(2))  # unknown: no check, the copy is made
+    assert widened is not None and all(t.dtype == torch.float64 for t in widened[0].values())
+
+
+def test_the_float64_copy_is_skipped_on_cpu_when_it_would_not_fit_twice_over(monkeypatch):
+    from tracin.torch import first_rows_check as check
+
+    state = nn.Linear(100, 100).state_dict()
+    need = 8 * (100 * 100 + 100) * 2  # float64 bytes of the state, and as much again (CPU_MARGIN)
+    x, y = torch.ones(2, 100), torch.tensor([0, 1])
+    monkeypatch.setattr(check, "available_memory", lambda device: need)
+    assert check.in_float64(state, x, y) is None
+    why = check.float64_room(state)
+    assert why.startswith("the float64 check was skipped for lack of memory")
+    assert why.endswith("needs about 0.2 MB, and cpu has 0.2 MB available")
+    monkeypatch.setattr(check, "available_memory", lambda device: need + 1)
+    assert check.float64_room(state) is None
+    wide, wx, wy = check.in_float64(state, x, y)
+    for name, t in state.items():
+        assert wide[name].dtype == torch.float64 and torch.equal(wide[name], t.double())
+    assert wx.dtype == torch.float64 and wy.dtype == torch.long  # integer targets kept as they are

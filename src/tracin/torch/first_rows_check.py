@@ -4,6 +4,7 @@ their rows on the first rows of the first batch against per-example autograd, on
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -235,9 +236,9 @@ def reference_gradients(
     and, when `state` holds 16-bit floating tensors, again with those (and the 16-bit floating `inputs`
     and `targets`) widened to float32: copies, made on the first batch only, about 4 bytes per 16-bit
     element of the whole state whatever the chosen layers. Nothing is widened when the model cannot run
-    so (a RuntimeError: a cast inside its forward meets a widened weight, or the device has no room) or,
-    on CUDA, when the copy alone would not fit in the free memory. A module run under torch.autocast
-    makes the reference one of autocast's dtype, not widened."""
+    so (a RuntimeError: a cast inside its forward meets a widened weight, or the device has no room) or
+    when the copy would not fit in the device's memory (_room_for: on CPU, with a margin). A module run
+    under torch.autocast makes the reference one of autocast's dtype, not widened."""
     seen: set[torch.dtype] = set()
     with _autocast_seen(seen):
         own = list(example_gradients(model, state, names, loss_fn, inputs, targets, rows))
@@ -295,14 +296,66 @@ def autocast_note() -> str:
     )
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on `device` now: CUDA's free memory; on CPU, Linux's MemAvailable
+    (/proc/meminfo: free memory and the page cache it can drop), else the free pages os.sysconf counts. None
+    where unknown (another device or system): no check is made there."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# a copy made on CPU leaves this much of it again free: the widened model's activations and per-example
+# gradients, and the rest of the process (CPU memory runs out in the OOM killer, not in an error to catch)
+CPU_MARGIN = 2
+
+
+def _copy_bytes(tensors: list[torch.Tensor], size: int) -> int:
+    return sum(size * t.numel() for t in tensors)
+
+
 def _room_for(narrow: list[torch.Tensor], size: int = 4) -> bool:
     """False when copies of `narrow` of `size` bytes per element (float32: 4) would not fit in the free memory
-    of their CUDA device (other devices: True, an allocation failure being caught instead)."""
+    of their CUDA device, or, on CPU, CPU_MARGIN times them in its available memory (available_memory; True
+    where that is unknown, an allocation failure being caught instead)."""
     device = narrow[0].device
-    if device.type != "cuda":
+    free = available_memory(device)
+    if free is None:
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return sum(size * t.numel() for t in narrow) < free
+    return _copy_bytes(narrow, size) * (CPU_MARGIN if device.type == "cpu" else 1) < free
+
+
+def float64_room(state: Mapping[str, torch.Tensor]) -> str | None:
+    """None when in_float64's copy of `state` fits in its device's memory (_room_for), else why not, for a
+    refusal that stands without its float64 second look ('the float64 check was skipped for lack of memory: ...
+    needs about 2.10 GB, and cpu has 1.50 GB available')."""
+    floating = [t for t in state.values() if t.is_floating_point()]
+    if not floating or _room_for(floating, 8):
+        return None
+    device = floating[0].device
+    need = _copy_bytes(floating, 8) * (CPU_MARGIN if device.type == "cpu" else 1)
+    return (
+        "the float64 check was skipped for lack of memory: a float64 copy of the model's state "
+        + ("and its activations " if device.type == "cpu" else "")
+        + f"needs about {_gigabytes(need)}, and {device.type} has {_gigabytes(available_memory(device) or 0)} "
+        "available"
+    )
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def in_float64(
@@ -310,9 +363,8 @@ def in_float64(
 ) -> tuple[dict[str, torch.Tensor], Tree, Tree] | None:
     """(state, inputs, targets) with every floating tensor as a float64 copy (8 bytes per floating element
     of the whole state; a check's second look at a disagreement: token_projection's _beyond_rounding), or
-    None when, on CUDA, the copy would not fit in the free memory."""
-    floating = [t for t in state.values() if t.is_floating_point()]
-    if floating and not _room_for(floating, 8):
+    None when the copy would not fit in its device's memory (float64_room says why)."""
+    if float64_room(state) is not None:
         return None
 
     def wide(t: torch.Tensor) -> torch.Tensor:
