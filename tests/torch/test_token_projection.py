@@ -333,7 +333,6 @@ def test_a_refusal_stands_without_its_float64_look_when_the_copy_would_not_fit(m
     assert seen and all(why.startswith("the float64 check was skipped for lack of memory") for why in seen)
 
 
-@pytest.mark.xfail(strict=True, reason="the message needs /tmp/fix-S2-token_projection.py.patch (token_projection)")
 def test_a_refusal_without_its_float64_look_says_why(monkeypatch):
     from tracin.torch import first_rows_check as check
 

@@ -27,7 +27,8 @@ A task whose workers keep dying (out of memory, killed) fails the call with Task
 RuntimeError) naming its shard; an error the task itself raises is raised as it is, at once, the
 other shards dropped. A NaN/Inf or float32-overflow ValueError names the rows (in the caller's sets)
 that the first shard to fail found, and that shard's rows: other shards may hold more, and tracin's
-own function in one process may name other rows first (it meets the rows in another order).
+own function in one process may name other rows first (it meets the rows in another order). A call of
+one shard raises the error as that function does in one process.
 """
 
 try:

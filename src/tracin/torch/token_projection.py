@@ -52,6 +52,7 @@ from .first_rows_check import (
     checked_rows,
     counts_tokens,
     example_gradients,
+    float64_room,
     in_float64,
     largest_finite,
     reference_gradients,
@@ -222,7 +223,9 @@ class KroneckerRows:
             own_gap = self._own_gap(reference, j, own[j], wide[j], floor) if own is not None else 0.0
             if not agrees(list(zip(got[j], wide[j], strict=True)), dtype, tokens, widened, own_gap, floor):
                 bad[j] = max(largest_finite([got[j].abs(), *(w.abs() for w in wide[j])]), floor)
+        skipped = None  # why the float64 second look was not made
         if bad and dtype == torch.float32 and self.dtype == torch.float32:
+            skipped = float64_room(state)
             bad = self._beyond_rounding(bad, state, inputs, targets, rows, names)
         bad = [self.kron[j] for j in bad]
         if bad:
@@ -233,6 +236,7 @@ class KroneckerRows:
                 + "first_rows_check.tolerances): a layer mixes the examples of a batch, or its "
                 "weight is also used outside the module's forward"
                 + autocast_note()
+                + (f" ({skipped})" if skipped else "")
                 + ". Either export them without kronecker "
                 "(Projection(dim, per_layer=True)), or leave them out: "
                 + self._leaving_out([n for seg in bad for n in seg.names])
