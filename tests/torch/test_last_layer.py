@@ -628,3 +628,46 @@ def test_a_bare_linear_named_by_a_parameter_for_last_layer_is_told_to_leave_laye
     model, checkpoints, x, y = _bare_linear_case()
     with pytest.raises(ValueError, match="is itself its one nn.Linear layer; leave layers=None"):
         export_gradients(model, checkpoints, (x, y), LOSS, mode="last_layer", layers=["weight"], progress=False)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        torch.nn.utils.parametrizations.weight_norm,
+        torch.nn.utils.parametrizations.spectral_norm,
+        lambda m: torch.nn.utils.parametrize.register_parametrization(m, "weight", _Doubled()),
+    ],
+    ids=["weight_norm", "spectral_norm", "custom"],
+)
+@pytest.mark.parametrize("layers", [None, ["2"]])
+@pytest.mark.parametrize("adam", [False, True])
+def test_a_parametrized_head_is_refused_naming_the_layer_and_mode_full(wrap, layers, adam):
+    """review72 F2: a parametrized Linear computes its weight from parametrizations.weight.original*; the factors
+    (the gradient of that computed weight) are not its parameters' gradients. Refused like old-style weight_norm
+    (was KeyError '2.weight', or with Adam 'the rank-one preconditioner cannot place it')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    wrap(model[2])
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    state = copy.deepcopy(model.state_dict())
+    if adam:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        LOSS(model(x), y).mean().backward()
+        opt.step()
+        model.load_state_dict(state)
+        checkpoints, kw = [(state, 1.0, copy.deepcopy(opt.state_dict()))], {"preconditioner": "adam"}
+    else:
+        checkpoints, kw = [(state, 1.0)], {}
+    for mode in ("last_layer",) if layers is None else ("last_layer", "factored"):
+        match = r"layer '2' is parametrized.*parametrizations\.weight\.original.*Use mode='full' with layers=\['2'\]"
+        if mode == "factored":
+            match = "mode='factored' needs every chosen parameter to be an nn.Linear weight or bias"
+        with pytest.raises(ValueError, match=match):
+            export_gradients(model, checkpoints, (x, y), LOSS, mode=mode, layers=layers, progress=False, **kw)
+    full = export_gradients(model, checkpoints, (x, y), LOSS, layers=["2"], progress=False, **kw)
+    assert [p["name"] for p in full.metadata["params"]][0] == "2.bias"
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
@@ -37,6 +38,23 @@ class LinearFactors:
             [n for n, m in model.named_modules(remove_duplicate=False) if m is layer] for layer in self.layers
         ]
         self.checked = False
+        self._refuse_parametrized()
+
+    def _refuse_parametrized(self) -> None:
+        """ValueError for a chosen layer whose weight or bias is parametrized (torch.nn.utils.parametrizations
+        weight_norm, spectral_norm, orthogonal, parametrize.register_parametrization): the forward computes it from
+        other parameters (parametrizations.weight.original0, ...), whose gradients are not the outer product."""
+        for name, layer in zip(self.names, self.layers, strict=True):
+            if parametrize.is_parametrized(layer):
+                held = [n for n, _ in layer.named_parameters(prefix=name) if ".parametrizations." in f".{n}"]
+                computed = ", ".join(layer.parametrizations.keys())
+                where = repr(name) if name else f"the model ({type(layer).__name__})"
+                raise ValueError(
+                    f"mode={self.mode!r}: layer {where} is parametrized (torch.nn.utils.parametrizations weight_norm, "
+                    f"spectral_norm or parametrize.register_parametrization): its {computed} is computed from "
+                    f"parameters {', '.join(held)}, whose per-example gradients the factors do not give. "
+                    f"Use mode='full' with layers={self._full_layers()!r}."
+                )
 
     @property
     def dims(self) -> list[tuple[int, int]]:
