@@ -356,6 +356,106 @@ def test_equal_arrays_in_static_fields_are_accepted_and_different_ones_named(dat
     ), text
 
 
+def _doubled_loss(p, inputs, targets):
+    """Cross-entropy of (inputs @ w) * ((offset + offset) / 400), the sum taken at trace time in the static
+    field's own dtype: 0.36 for uint8 200 (400 wraps to 144), 1.0 for a float 200."""
+    z = (inputs @ p.w) * ((p.offset + p.offset) / 400)
+    return -jnp.take_along_axis(jax.nn.log_softmax(z), targets[:, None], axis=1)[:, 0]
+
+
+def _doubled_rows(x, y, w, factor):
+    """float64 NumPy rows of _doubled_loss: d/dw of cross-entropy(factor * x @ w) = factor * x (p - onehot)."""
+    logits = factor * (x.astype(np.float64) @ np.asarray(w, np.float64))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    probs[np.arange(len(y)), y] -= 1.0
+    return factor * (x[:, :, None] * probs[:, None, :]).reshape(len(y), -1)
+
+
+_BYTE_OR_FLOAT = [  # (uint8 200, float32 200.0) of one size: one element, 0-d, NumPy scalars, JAX arrays
+    (np.array([200], np.uint8), np.array([200.0], np.float32)),
+    (np.array(200, np.uint8), np.array(200.0, np.float32)),
+    (np.uint8(200), np.float32(200.0)),
+    (jnp.array([200], jnp.uint8), jnp.array([200.0], jnp.float32)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static", "ignore:overflow encountered")
+@pytest.mark.parametrize("byte, real", _BYTE_OR_FLOAT, ids=["1-element", "0-d", "numpy-scalar", "jax"])
+def test_one_element_static_arrays_of_other_dtypes_are_refused_and_named(data, byte, real):
+    """review70 F1: a one-element or 0-d array in a static field compared equal to one of another dtype (JAX's
+    treedef == reduces NumPy's elementwise == by bool()), so checkpoint 1 (uint8 200, doubling to 144) was
+    differentiated by checkpoint 0's compiled function (float 200, doubling to 400) and silently got its
+    rows. It is refused like other differing static settings, naming the field and both dtypes."""
+    x, y = data
+    from tracin.jax.params import layout_of
+
+    first, later = layout_of(_Offset(_W, real), None), layout_of(_Offset(_W, byte), None)
+    assert first != later and later != first
+    with pytest.raises(ValueError) as raised:
+        export_gradients(_doubled_loss, [(_Offset(_W, real), 1.0), (_Offset(_W, byte), 1.0)], (x, y), progress=False)
+    text = str(raised.value)
+    assert re.fullmatch(
+        r"checkpoints\[1\]: the params pytree has the first checkpoint's leaf paths and shapes, but the node "
+        r"holding 'w' \(a [\w.]*_Offset\) has other static data: offset=.*uint8.* here, .*float32.* in the "
+        r"first checkpoint.*; every checkpoint must hold the same settings in its static fields",
+        text,
+    ), text
+
+
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static", "ignore:overflow encountered")
+@pytest.mark.parametrize("byte, real", _BYTE_OR_FLOAT, ids=["1-element", "0-d", "numpy-scalar", "jax"])
+@pytest.mark.parametrize("byte_first", [True, False])
+def test_exports_of_static_arrays_of_other_dtypes_compile_their_own_functions(data, byte, real, byte_first):
+    """review70 F1: two exports with the same loss_fn, one model holding uint8 200 in a static field and one
+    float 200, shared one compiled function (its cache key compared the layouts as equal), so the second
+    export returned the first model's rows (error 1.6). Each gets its own: float64 NumPy references."""
+    x, y = data
+    w = np.random.default_rng(11).normal(0, 0.5, (5, 3)).astype(np.float32)
+    cases = [(byte, 0.36), (real, 1.0)] if byte_first else [(real, 1.0), (byte, 0.36)]
+    for offset, factor in cases:
+        rows = export_gradients(_doubled_loss, [(_Offset(w, offset), 1.0)], (x, y), progress=False).matrices[0]
+        np.testing.assert_allclose(np.asarray(rows, np.float64), _doubled_rows(x, y, w, factor), rtol=2e-5, atol=1e-6)
+
+
+class _NanSetting(eqx.Module):
+    w: jax.Array
+    scale: Any  # a float field: static for tracin (Equinox takes floats as settings, not parameters)
+    note: Any = eqx.field(static=True)
+
+
+def _plain_loss(p, inputs, targets):  # scale and note unused: a NaN setting must not make the rows NaN
+    return -jnp.take_along_axis(jax.nn.log_softmax(inputs @ p.w), targets[:, None], axis=1)[:, 0]
+
+
+@pytest.mark.filterwarnings("ignore:A JAX array is being set as static")  # Equinox's word for a NumPy scalar
+@pytest.mark.parametrize(
+    "nan",
+    [lambda: float("nan"), lambda: np.float32("nan"), lambda: np.float64("nan")],
+    ids=["float", "np.float32", "np.float64"],
+)
+def test_nan_in_float_settings_equals_nan_as_in_static_arrays(data, nan):
+    """review70 N1: a float setting holding NaN in both checkpoints (two NaN objects, as loading gives) was
+    refused ("nan here, nan in the first checkpoint") while arrays holding NaN are accepted: NaN equals NaN
+    for float scalars too, in a float field and in a static field; equal layouts hash alike; another value
+    is still refused. Rows: float64 NumPy references."""
+    x, y = data
+    from tracin.jax.params import layout_of
+
+    ws = [_W, np.random.default_rng(12).normal(0, 0.5, (5, 3)).astype(np.float32)]
+    ckpts = [(_NanSetting(w, nan(), nan()), 1.0) for w in ws]
+    assert ckpts[0][0].scale is not ckpts[1][0].scale and ckpts[0][0].note is not ckpts[1][0].note
+    layouts = [layout_of(p, None) for p, _ in ckpts]
+    assert layouts[0] == layouts[1] and hash(layouts[0]) == hash(layouts[1])
+    out = export_gradients(_plain_loss, ckpts, (x, y), progress=False)
+    for w, rows in zip(ws, out.matrices, strict=True):
+        ref = _doubled_rows(x, y, w, 1.0)
+        np.testing.assert_allclose(np.asarray(rows, np.float64), ref, rtol=2e-5, atol=1e-6)
+    for other in (_NanSetting(ws[1], 0.5, nan()), _NanSetting(ws[1], nan(), 0.5)):
+        with pytest.raises(ValueError, match=r"checkpoints\[1\]: .*(scale|note).*0\.5 here.*nan.* in the first"):
+            export_gradients(_plain_loss, [ckpts[0], (other, 1.0)], (x, y), progress=False)
+
+
 def test_a_list_of_eleven_layers_and_its_msgpack_save_name_the_list_and_the_dict(data, tmp_path):
     """Flax msgpack saves a list as a dict keyed '0', '1', ..., '10', which flattens in string order: the same
     leaf paths in another order. The error names the list and the dict (it said 'the same paths in another

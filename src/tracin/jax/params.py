@@ -15,7 +15,7 @@ import reprlib
 import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
@@ -123,12 +123,14 @@ class ParamLayout:
     arrays: tuple[int, ...]
     static: tuple[tuple[int, Any], ...]
     kinds: tuple[tuple[str, str], ...]
+    _hash: int | None = field(init=False, repr=False, compare=False)  # set by __post_init__
 
     def __eq__(self, other: object) -> bool:
-        """Equal layouts: as the dataclass's own comparison, but static data holding arrays (an Equinox static
-        field) compare by value (_same_value), where the treedefs' own == raises (the layout is a compiled
-        function's cache key, shared_jit). The generated __hash__ stays consistent: a treedef's hash leaves
-        out such data."""
+        """Equal layouts: as the dataclass's own comparison, but static data (an Equinox static field, a
+        non-array leaf) compare by _same_value: arrays by kind, dtype, shape and value, where the treedefs' own
+        == raises or ignores the dtype of a one-element array (the layout is a compiled function's cache key,
+        shared_jit), and NaN equal to NaN. __hash__ stays consistent: a treedef's hash leaves out its static
+        data, and a NaN leaf hashes as every NaN does."""
         if not isinstance(other, ParamLayout):
             return NotImplemented
         return (
@@ -138,6 +140,32 @@ class ParamLayout:
             and len(self.static) == len(other.static)
             and all(i == j and _same_value(a, b) for (i, a), (j, b) in zip(self.static, other.static, strict=True))
         )
+
+    def __post_init__(self) -> None:
+        """Computes the hash once (a cache key may be hashed again at interpreter exit, when NumPy is gone):
+        the fields' hash, with a NaN static leaf hashed alike for every NaN object (Python hashes a NaN by its
+        id), as __eq__ takes two NaNs as equal; None for an unhashable static leaf."""
+        static = tuple((i, _NAN if _is_nan_scalar(leaf) else leaf) for i, leaf in self.static)
+        try:
+            value = hash((self.treedef, self.paths, self.shapes, self.selected, self.arrays, static, self.kinds))
+        except TypeError:
+            value = None
+        object.__setattr__(self, "_hash", value)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the hash (a type's hash differs between processes); __setstate__ computes it anew."""
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
+
+    def __hash__(self) -> int:
+        """The hash computed by __post_init__; TypeError for an unhashable static leaf (shared_jit then
+        compiles for one export)."""
+        if self._hash is None:
+            raise TypeError("unhashable type: a static leaf of this ParamLayout cannot be hashed")
+        return self._hash
 
     @property
     def widths(self) -> list[int]:
@@ -420,7 +448,22 @@ def _kind(leaf: Any, scalars: bool) -> tuple[str, str]:
     return "a static (non-array) value", what
 
 
+_NAN = ("tracin: a NaN scalar",)  # what ParamLayout.__hash__ hashes for a NaN static leaf
+
+
+def _is_nan_scalar(value: Any) -> bool:
+    """A Python or NumPy floating scalar holding NaN."""
+    try:
+        return isinstance(value, (float, np.floating)) and bool(value != value)
+    except Exception:  # noqa: BLE001 - at interpreter exit (a cache key hashed in teardown): not NaN here
+        return False
+
+
 def _equal(a: Any, b: Any) -> bool:
+    """a == b as a plain bool, with two floating scalars of one type holding NaN equal (as NaN entries of
+    static arrays are)."""
+    if type(a) is type(b) and _is_nan_scalar(a) and _is_nan_scalar(b):
+        return True
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - objects whose == is not a plain bool are not equal here
@@ -430,7 +473,9 @@ def _equal(a: Any, b: Any) -> bool:
 def _same_value(a: Any, b: Any) -> bool:
     """a == b for static data, with arrays (in an Equinox static field: NumPy's == is elementwise, and JAX's
     treedef == raises on it) equal when of one kind (NumPy or JAX), dtype and shape, with equal values (NaN
-    equal to NaN), inside tuples, lists and dicts too; other objects whose == raises are unequal."""
+    equal to NaN), inside tuples, lists and dicts too; NumPy numeric scalars as 0-d arrays (np.uint8(200) is
+    not np.float32(200): their sums differ), Python floats NaN equal to NaN; other objects whose == raises
+    are unequal."""
     if a is b:
         return True
     arrays = [isinstance(v, (jax.Array, np.ndarray)) for v in (a, b)]
@@ -443,6 +488,8 @@ def _same_value(a: Any, b: Any) -> bool:
             return x.shape == y.shape and x.dtype == y.dtype and bool(np.array_equal(x, y, equal_nan=nan))
         except Exception:  # noqa: BLE001 - arrays that cannot be compared are not equal here
             return False
+    if isinstance(a, (np.number, np.bool_)) or isinstance(b, (np.number, np.bool_)):  # as 0-d arrays
+        return type(a) is type(b) and _same_value(np.asarray(a), np.asarray(b))
     if type(a) is type(b) and isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
     if type(a) is type(b) and isinstance(a, dict):
@@ -451,23 +498,31 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 def _same_tree(first: Any, other: Any) -> bool:
-    """first == other for two treedefs, with their static data compared by _same_value."""
-    a, b = first.node_data(), other.node_data()
-    if a is None or b is None:
-        return a is None and b is None
-    x, y = first.children(), other.children()
-    return a[0] is b[0] and _same_value(a[1], b[1]) and len(x) == len(y) and all(map(_same_tree, x, y))
+    """first == other for two treedefs (node types, static data and children alike), with their static data
+    compared by _same_value; iterative, so a deep tree does not reach Python's recursion limit."""
+    pending = [(first, other)]
+    while pending:
+        f, o = pending.pop()
+        a, b = f.node_data(), o.node_data()
+        if a is None or b is None:
+            if a is not b:
+                return False
+            continue
+        x, y = f.children(), o.children()
+        if a[0] is not b[0] or len(x) != len(y) or not _same_value(a[1], b[1]):
+            return False
+        pending.extend(zip(x, y, strict=True))
+    return True
 
 
 def _same_treedef(first: Any, other: Any) -> bool:
-    """first == other, or else the same structure with equal static data (_same_tree): JAX's == raises on an
-    array of several values in an Equinox static field ("Exception raised while checking equality of
-    metadata fields"), and calls one holding NaN unequal to itself."""
-    try:
-        if first == other:
-            return True
-    except Exception:  # noqa: BLE001 - JAX wraps the array's ValueError in its own
-        pass
+    """The same treedef object, or the same structure with equal static data (_same_tree). JAX's == is not
+    used: it raises on an array of several values in an Equinox static field ("Exception raised while
+    checking equality of metadata fields"), calls one holding NaN unequal to itself, and takes one-element
+    and 0-d arrays of other dtypes as equal (NumPy's == reduced by bool(): uint8 [200] == float32 [200.]),
+    which reused one checkpoint's compiled function for another (review70 F1)."""
+    if first is other:
+        return True
     try:
         return _same_tree(first, other)
     except Exception:  # noqa: BLE001 - unequal (at interpreter exit, say: a cache key compared in teardown)
