@@ -144,18 +144,20 @@ class PerExampleGradients:
         hooked = torch.cat(batched) if self.hooks is not None and batched and None not in batched else None
         if self.others:
             alone = self._by_autodiff(self.others, state, inputs, targets, out)
-            if hooked is not None and self._depends_on_the_batch(state, hooked, alone, 0):
+            if hooked is not None and self._depends_on_the_batch(state, hooked, alone, 0, inputs, targets):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         elif hooked is not None and rows > 1:
             # hooks only: one example alone, the last row, against its loss in the batch (no gradient)
             last = (slice_rows(inputs, rows - 1, rows), slice_rows(targets, rows - 1, rows))
             with torch.no_grad():
                 alone = losses_of(self.model, state, self.loss_fn, *last).reshape(-1)
-            if self._depends_on_the_batch(state, hooked[-1:], alone, rows - 1):
+            if self._depends_on_the_batch(state, hooked[-1:], alone, rows - 1, inputs, targets):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         return out
 
-    def _depends_on_the_batch(self, state, batched: torch.Tensor, alone: torch.Tensor, first: int) -> bool:
+    def _depends_on_the_batch(
+        self, state, batched: torch.Tensor, alone: torch.Tensor, first: int, inputs: Tree, targets: Tree
+    ) -> bool:
         """True, after a warning, when the losses of rows first, first + 1, ... computed in their batch (the hooked
         pass) and alone (vmap, the per-example loop, the spot check of one row) disagree beyond the first-rows
         check's tolerances (first_rows_check.tolerances of the state's coarsest dtype, as agrees: within rtol |alone|
@@ -178,11 +180,18 @@ class PerExampleGradients:
         )
         if off is None:
             return False
+        row = first + off
+        cause = (  # once, on a disagreement: three passes of the batch without gradients
+            "the forward draws random numbers (three passes on the batch gave different losses: dropout with "
+            "training=True, sampling?): every method then gives other rows on every run"
+            if random_forward(self.model, state, self.loss_fn, inputs, targets)
+            else "padding to the batch's longest sequence?"
+        )
         _warn_leaving(
-            f"the model's output for row {first + off} of batch {self.batches} (counted from 1 over the export's "
-            f"calls) depends on the rest of its batch: its loss is {got[off]:.6g} there and {want[off]:.6g} alone "
-            "(padding to the batch's longest sequence?). A per-example gradient is that of the example alone: this "
-            "batch and every later one are computed one example at a time, for every parameter"
+            f"the model's output for row {row} of batch {self.batches} (counted from 1 over the export's calls) "
+            f"depends on the rest of its batch: its loss is {got[off]:.6g} there and {want[off]:.6g} alone "
+            f"({cause}). A per-example gradient is that of the example alone: this batch and every later one are "
+            "computed one example at a time, for every parameter"
         )
         self.hooks, self.others = None, list(self.names)
         return True
