@@ -43,8 +43,6 @@ class HookGradients:
         self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
         # layers whose calls of batch 1 the last pass expanded to its batch (capture.stream), even when it raised
         self.expanded: set[str] = set()
-        # the (batch,) losses of the last pass, from its output without a second forward (None if unknown)
-        self.losses: torch.Tensor | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -96,30 +94,10 @@ class HookGradients:
                 written.add(name)
 
         self.expanded = set()
-        self.losses = None
-        outputs: list = []  # the model's output of the pass: its per-example losses, for a check (per_example)
-        handle = self.model.register_forward_hook(lambda module, args, output: outputs.append(output))
-        try:
-            counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
-        finally:
-            handle.remove()
-        self.losses = _losses(self.loss_fn, outputs, targets, rows)
+        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
         return [m for m, count in counts.items() if not count], unusable
-
-
-def _losses(loss_fn: LossFn, outputs: list, targets: Tree, rows: int) -> torch.Tensor | None:
-    """The detached (rows,) losses of the one output the model returned in a pass, by loss_fn without gradients
-    (no forward); None when the model ran more or less than once or the loss cannot be taken so."""
-    if len(outputs) != 1:
-        return None
-    try:
-        with torch.no_grad():
-            losses = loss_fn(outputs[0], targets)
-    except Exception:  # a check's extra: never the export's error
-        return None
-    return losses.detach() if isinstance(losses, torch.Tensor) and losses.shape == (rows,) else None

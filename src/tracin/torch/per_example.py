@@ -4,13 +4,12 @@ vmap(grad) for the rest, a per-example loop where vmap cannot run the model."""
 from __future__ import annotations
 
 import itertools
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import grad_and_value, vmap
+from torch.func import grad, vmap
 
 from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_shared_by_the_batch
 from .data import Tree, batch_rows, slice_rows, tree_map
@@ -18,16 +17,15 @@ from .first_rows_check import (
     agrees,
     autocast_note,
     checked_rows,
-    coarsest,
+    example_gradients,
     gap,
     one_row_error,
     reference_gradients,
     tokens_counted,
-    tolerances,
 )
 from .hook_gradients import HookGradients
 from .layer_rules import mixes_examples, not_covered
-from .losses import LossFn, losses_of, random_forward, refuse_checkpointing
+from .losses import LossFn, losses_of, random_forward
 
 # On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
 # inputs and output gradients: a cap on those captured tensors only, not on all a pass allocates (the
@@ -69,14 +67,6 @@ class PerExampleGradients:
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
       flow) or runs out of device memory: a warning, then one example at a time with
       torch.autograd.grad (about 1 / batch of vmap's memory). Other device failures are raised.
-    - every batch that used the hooks: the losses of its hooked (batched) pass against the same examples'
-      losses alone, by first_rows_check's tolerances: every row where vmap or the loop ran too (they return
-      their losses: no extra forward), else the last row by one forward of it alone without gradients (a spot
-      check, about 0.1-0.4 ms a batch on a small MLP). A disagreement (an output depending on the other rows of
-      its batch: padding to the batch's longest sequence, which the first rows of the first batch may not show)
-      gives the hooks up with a warning naming the batch and row, and that batch and every later one are
-      computed by vmap or the loop for every parameter: a per-example gradient is that of the example alone
-      (review72 F1).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
     an output squeezed to 0-d).
@@ -107,9 +97,7 @@ class PerExampleGradients:
         self.checked = False  # by a check of 2 or more rows: final
         self.checked_one = False  # by a check of one row: final for passes of one row
         self.vectorised = True
-        self.batches = 0  # calls so far, for a warning naming a batch
-        self._tolerances: tuple[float, float] | None = None  # of the state's coarsest dtype (_depends_on_the_batch)
-        self._vmapped = vmap(grad_and_value(self._loss_of_one), in_dims=(None, None, 0, 0))
+        self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> torch.Tensor:
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
@@ -130,71 +118,16 @@ class PerExampleGradients:
             self.hooks.bytes_per_row = bytes_of_one(self.model, self.hooks.layers, state, slice_rows(inputs, 0, 1))
         if self.hooks is not None and not self.checked_one:
             self._skip_shared_ids(state, inputs)
-        self.batches += 1
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
-        batched: list[torch.Tensor | None] = []  # the hooked passes' losses
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
             if self.hooks is None:
                 break
             part = (slice_rows(inputs, start, stop), slice_rows(targets, start, stop))
             if not self._by_hooks(state, *part, out[start:stop]):
                 self.hooks, self.others = None, list(self.names)
-            else:
-                batched.append(self.hooks.losses)
-        hooked = torch.cat(batched) if self.hooks is not None and batched and None not in batched else None
         if self.others:
-            alone = self._by_autodiff(self.others, state, inputs, targets, out)
-            if hooked is not None and self._depends_on_the_batch(state, hooked, alone, 0, inputs, targets):
-                self._by_autodiff(self.names, state, inputs, targets, out)
-        elif hooked is not None and rows > 1:
-            # hooks only: one example alone, the last row, against its loss in the batch (no gradient)
-            last = (slice_rows(inputs, rows - 1, rows), slice_rows(targets, rows - 1, rows))
-            with torch.no_grad():
-                alone = losses_of(self.model, state, self.loss_fn, *last).reshape(-1)
-            if self._depends_on_the_batch(state, hooked[-1:], alone, rows - 1, inputs, targets):
-                self._by_autodiff(self.names, state, inputs, targets, out)
+            self._by_autodiff(self.others, state, inputs, targets, out)
         return out
-
-    def _depends_on_the_batch(
-        self, state, batched: torch.Tensor, alone: torch.Tensor, first: int, inputs: Tree, targets: Tree
-    ) -> bool:
-        """True, after a warning, when the losses of rows first, first + 1, ... computed in their batch (the hooked
-        pass) and alone (vmap, the per-example loop, the spot check of one row) disagree beyond the first-rows
-        check's tolerances (first_rows_check.tolerances of the state's coarsest dtype, as agrees: within rtol |alone|
-        + atol max |alone|, or the same non-finite value): the model's output for an example then depends on the
-        other rows of its batch (padding to the batch's longest sequence), and the hooks' columns are in-batch
-        gradients, not the example's own. The hooks are given up for this batch and every later one. Compared as
-        Python floats: a few microseconds per batch (agrees' tensor ops cost about 0.1 ms)."""
-        if self._tolerances is None:
-            self._tolerances = tolerances(coarsest(state.values()))
-        rtol, atol = self._tolerances
-        got, want = batched.double().tolist(), alone.detach().double().reshape(-1).tolist()
-        scale = max((abs(w) for w in want if math.isfinite(w)), default=0.0)
-        off = next(
-            (
-                k
-                for k, (g, w) in enumerate(zip(got, want, strict=True))
-                if not (g == w or (math.isnan(g) and math.isnan(w)) or abs(g - w) <= rtol * abs(w) + atol * scale)
-            ),
-            None,
-        )
-        if off is None:
-            return False
-        row = first + off
-        cause = (  # once, on a disagreement: three passes of the batch without gradients
-            "the forward draws random numbers (three passes on the batch gave different losses: dropout with "
-            "training=True, sampling?): every method then gives other rows on every run"
-            if random_forward(self.model, state, self.loss_fn, inputs, targets)
-            else "padding to the batch's longest sequence?"
-        )
-        _warn_leaving(
-            f"the model's output for row {row} of batch {self.batches} (counted from 1 over the export's calls) "
-            f"depends on the rest of its batch: its loss is {got[off]:.6g} there and {want[off]:.6g} alone "
-            f"({cause}). A per-example gradient is that of the example alone: this batch and every later one are "
-            "computed one example at a time, for every parameter"
-        )
-        self.hooks, self.others = None, list(self.names)
-        return True
 
     def _skip_shared_ids(self, state, inputs: Tree) -> None:
         """Sends to vmap the embeddings the hooks would take one id per example that are called on 1-D ids
@@ -301,14 +234,13 @@ class PerExampleGradients:
             "time (a loop over the rows) then computes something else"
         )
 
-    def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> torch.Tensor:
-        """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed; returns the
-        (batch,) losses of the examples, each computed alone."""
+    def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> None:
+        """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed."""
         if self.vectorised:
             chosen = {n: state[n] for n in names}
             rest = {n: t for n, t in state.items() if n not in chosen}
             try:
-                grads, losses = self._vmapped(chosen, rest, inputs, targets)
+                grads = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
                 out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
                 if device_failure(e) and not out_of_memory:
@@ -334,37 +266,16 @@ class PerExampleGradients:
                 for n in names:
                     offset, width = self.columns[n]
                     out[:, offset : offset + width].copy_(grads[n].reshape(out.shape[0], width))
-                return losses
-        return self._one_at_a_time(names, state, inputs, targets, out)
+                return
+        self._one_at_a_time(names, state, inputs, targets, out)
 
-    def _one_at_a_time(self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor) -> torch.Tensor:
-        """Columns of `names`, one example at a time with torch.autograd.grad (first_rows_check.example_gradients
-        with each example's loss kept); returns those (batch,) losses."""
-        leaves = {n: state[n].detach().requires_grad_(True) for n in names}
-        losses = []
-        for i in range(out.shape[0]):
-            x, y = slice_rows(inputs, i, i + 1), slice_rows(targets, i, i + 1)
-            with torch.enable_grad():
-                try:
-                    loss = losses_of(self.model, {**state, **leaves}, self.loss_fn, x, y).sum()
-                except Exception as e:
-                    explained = one_row_error(e, self.model, state, self.loss_fn, x, y)
-                    if explained is None:
-                        raise
-                    raise explained from e
-                try:
-                    parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-                except RuntimeError as e:
-                    refuse_checkpointing(e)
-                    raise
-            losses.append(loss.detach())
+    def _one_at_a_time(self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
+        """Columns of `names`, one example at a time with torch.autograd.grad."""
+        grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, out.shape[0])
+        for i, parts in enumerate(grads):
             for n, g in zip(names, parts, strict=True):
                 offset, width = self.columns[n]
-                if g is None:
-                    out[i, offset : offset + width].zero_()
-                else:  # nn.Embedding(sparse=True) gives a sparse gradient
-                    out[i, offset : offset + width].copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
-        return torch.stack(losses)
+                out[i, offset : offset + width].copy_(g.reshape(-1))
 
     def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
         """first_rows_check.one_row_error for an error of vmap, whose passes are of one row each (unsqueeze(0)):
