@@ -213,26 +213,24 @@ def bytes_of_one(model: nn.Module, names: Sequence[str], state: Mapping[str, tor
     return total[0]
 
 
-def ids_shared_by_the_batch(
+def ids_alone_and_twice(
     model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], inputs: Tree
-) -> set[str]:
-    """The modules `names` called on 1-D ids that are not one per example: whose lengths do not grow from a
-    forward pass (probe_forward) of example 0 alone to one of example 0 twice (wpe(arange(T)), where ids
-    one per example (B,) or flattened (B * T,) double). The same example twice, not two examples: a model
-    trimming the batch's padding gives both passes the same T, whatever the other rows' lengths (T may equal
-    the rows of a batch by chance). A module whose calls differ in number between the two is taken as
-    shared (its full per-example gradients are exact either way)."""
+) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[tuple[int, int]]]]:
+    """Per module of `names`, (ids.dim(), first dimension, 0 for a 0-d id) of each call on a tensor first input,
+    in a forward pass (probe_forward) of example 0 alone, then of example 0 twice: ids one per example grow
+    between the two. The same example twice, not two examples: a model trimming the batch's padding gives both
+    passes the same T, whatever the other rows' lengths."""
     modules = dict(model.named_modules())
     one = slice_rows(inputs, 0, 1)
-    lengths: list[dict[str, list[int]]] = []
+    calls: list[dict[str, list[tuple[int, int]]]] = []
     for probe in (one, tree_map(lambda t: torch.cat([t, t]), one)):
-        seen: dict[str, list[int]] = {n: [] for n in names}
+        seen: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
 
         def look(name: str, seen=seen):
             def note(module, args, kwargs, output):
                 ids = _first_input(args, kwargs)
-                if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-                    seen[name].append(ids.shape[0])
+                if isinstance(ids, torch.Tensor):
+                    seen[name].append((ids.dim(), ids.shape[0] if ids.dim() else 0))
 
             return note
 
@@ -242,8 +240,20 @@ def ids_shared_by_the_batch(
         finally:
             for h in handles:
                 h.remove()
-        lengths.append(seen)
-    alone, twice = lengths
+        calls.append(seen)
+    alone, twice = calls
+    return alone, twice
+
+
+def ids_shared_by_the_batch(
+    model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], inputs: Tree
+) -> set[str]:
+    """The modules `names` called on 1-D ids that are not one per example: whose lengths do not grow from
+    example 0 alone to example 0 twice (ids_alone_and_twice; wpe(arange(T)), where ids one per example (B,)
+    or flattened (B * T,) double; T may equal the rows of a batch by chance). A module whose calls differ in
+    number between the two is taken as shared (its full per-example gradients are exact either way)."""
+    calls = ids_alone_and_twice(model, names, state, inputs)
+    alone, twice = ({n: [first for dim, first in seen[n] if dim == 1] for n in names} for seen in calls)
     return {
         n
         for n in names

@@ -43,8 +43,8 @@ from .._export.projection import keeping_nonfinite
 from .._export.rank_one import _scales
 from .._export.transforms import Recorded
 from ..projection import LayerMatrix, Projection
-from .capture import Call, NotCaptured, _first_input, fails_without_hooks, one_at_a_time, probe_forward, stream
-from .data import Tree, batch_rows, slice_rows, tree_map
+from .capture import Call, NotCaptured, fails_without_hooks, ids_alone_and_twice, one_at_a_time, stream
+from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
     agrees,
@@ -482,7 +482,7 @@ def _ids_without_batch(
     model: nn.Module, names: Sequence[str], state: Mapping[str, torch.Tensor], inputs: Tree
 ) -> set[str]:
     """The embeddings `names` called on ids whose first dimension is not one row per example: those whose
-    first dimension does not grow from a forward pass (capture.probe_forward) of example 0 alone to one of
+    first dimension does not grow from a forward pass (capture.ids_alone_and_twice) of example 0 alone to one of
     example 0 twice (wpe(arange(T)): (T,) both times; T5's relative_attention_bias: (q_len, k_len) both
     times), where ids of shape (B,), (B, T) or flattened (B * T,) grow; and those called on a 0-d id. The
     same example twice, not two examples: a model trimming the batch's padding gives both passes the same
@@ -490,28 +490,7 @@ def _ids_without_batch(
     (1, T, ...) both times are the batch's too (capture.stream expands them: wpe(pos[None])). A module whose
     calls differ in number between the two is taken as shared (its full per-example gradients are exact
     either way)."""
-    modules = dict(model.named_modules())
-    one = slice_rows(inputs, 0, 1)
-    firsts: list[dict[str, list[tuple[int, int]]]] = []  # per probe and module: (ids.dim(), first dimension)
-    for probe in (one, tree_map(lambda t: torch.cat([t, t]), one)):
-        seen: dict[str, list[tuple[int, int]]] = {n: [] for n in names}
-
-        def look(name: str, seen=seen):
-            def note(module, args, kwargs, output):
-                ids = _first_input(args, kwargs)
-                if isinstance(ids, torch.Tensor):
-                    seen[name].append((ids.dim(), ids.shape[0] if ids.dim() else 0))
-
-            return note
-
-        handles = [modules[n].register_forward_hook(look(n), with_kwargs=True) for n in names]
-        try:
-            probe_forward(model, state, probe, lambda seen=seen: [v.clear() for v in seen.values()])
-        finally:
-            for h in handles:
-                h.remove()
-        firsts.append(seen)
-    alone, twice = firsts
+    alone, twice = ids_alone_and_twice(model, names, state, inputs)
 
     def shared(a: tuple[int, int], b: tuple[int, int]) -> bool:
         return a[0] == 0 or b[0] == 0 or (a[1] == b[1] and not (a[0] > 1 and a[1] == 1))
