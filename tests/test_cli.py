@@ -1582,3 +1582,123 @@ def test_a_fifo_named_manifest_above_the_output_is_not_read(stores, tmp_path):
     worker.start()
     worker.join(timeout=120)
     assert codes == [0] and (folder / "top.csv").exists()
+
+
+# -- a standard stream closed --------------------------------------------------------------------
+def _run_with_closed(stream: str, command: list[str]) -> subprocess.CompletedProcess:
+    """`tracin COMMAND` started with stdout (">&-") or stderr ("2>&-") closed, as a shell does it; the
+    other stream captured."""
+    return subprocess.run(
+        ["sh", "-c", f'exec "$@" {stream}', "sh", sys.executable, "-m", "tracin", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_with_stderr_closed_stdout_holds_the_results_alone(stores):
+    # review76 F2: print(file=sys.stderr) with stderr closed (None) wrote to stdout: the summary line was
+    # appended to the CSV results, and errors went to stdout
+    paths, blocks, weights = stores
+    ranked = _run_with_closed("2>&-", ["self-influence", str(paths["train"]), "--top", "2"])
+    assert ranked.returncode == 0
+    rows = list(csv.reader(io.StringIO(ranked.stdout)))
+    self_exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
+    assert rows[0] == ["rank", "train_row", "train_id", "self_influence"]
+    assert [int(r[1]) for r in rows[1:]] == list(np.argsort(-self_exact)[:2])
+    scored = _run_with_closed("2>&-", _score(paths, "-k", "1"))
+    assert scored.returncode == 0
+    rows = list(csv.reader(io.StringIO(scored.stdout)))
+    assert rows[0] == PAIRS_HEADER and len(rows) == 1 + 3
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    assert [int(r[4]) for r in rows[1:]] == list(np.argmax(exact, axis=1))
+    for command, code in ((["self-influence", str(paths["train"] / "nonexist")], 1), (["score", "--bogus"], 2)):
+        failed = _run_with_closed("2>&-", command)
+        assert (failed.returncode, failed.stdout) == (code, "")
+
+
+def test_with_stdout_closed_results_are_one_error_line_and_files_are_written(stores, tmp_path):
+    # review76 F3: stdout closed (None) gave AttributeError tracebacks or "argument 1 must have a "write"
+    # method", exit code 1 also after an -o file was written
+    paths, _, _ = stores
+    closed = "cannot write the results to stdout: it is closed"
+    for command, name, instead in (
+        (["info", str(paths["train"])], "info", ""),
+        (["self-influence", str(paths["train"])], "self-influence", "; give -o FILE to write them to a file"),
+        (_score(paths), "score", "; give -o FILE to write them to a file"),
+    ):
+        done = _run_with_closed(">&-", command)
+        assert (done.returncode, done.stderr) == (1, f"tracin {name}: error: {closed}{instead}\n")
+    assert main(_score(paths, "--side", "both", "-o", str(tmp_path / "expected.npz"))) == 0
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "expected.csv")]) == 0
+    for command in (
+        _score(paths, "--side", "both", "-o", str(tmp_path / "got.npz")),
+        ["self-influence", str(paths["train"]), "-o", str(tmp_path / "got.csv")],
+    ):
+        done = _run_with_closed(">&-", command)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr  # the "wrote" line dropped
+    got, expected = np.load(tmp_path / "got.npz"), np.load(tmp_path / "expected.npz")
+    assert sorted(got.files) == sorted(expected.files)
+    for name in expected.files:
+        np.testing.assert_array_equal(got[name], expected[name])
+    assert (tmp_path / "got.csv").read_text() == (tmp_path / "expected.csv").read_text()
+
+
+def test_closed_streams_in_process_are_restored_after(stores, capsys, monkeypatch):
+    paths, _, _ = stores
+    monkeypatch.setattr(sys, "stdout", None)
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["info", str(paths["train"])]) == 1
+    assert (sys.stdout, sys.stderr) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "metadata,expected",
+    [
+        ({"whitening": {"damping": 0.01}}, "whitened one in Python: tracin.self_influence(unwhitened_rows, whitening="),
+        ({"preconditioner": {"kind": "adam_update"}}, "exported with preconditioner None or 'adam'"),
+    ],
+)
+def test_self_influence_of_rows_without_one_is_refused_in_command_line_terms(
+    metadata, expected, tmp_path, rng, capsys, monkeypatch
+):
+    # review76 F7: the library's advice ("whitening=<the Whitening>", "the diagonal of scores(...)") reached
+    # the command line, which has neither
+    path = tmp_path / "rows"
+    w = tracin.GradientStore.create(path, 5, [3], weights=[1.0], metadata=metadata)
+    w.write(0, 0, rng.standard_normal((5, 3)).astype(np.float32))
+    w.finalize()
+    monkeypatch.setattr(tracin, "self_influence", lambda *a, **k: pytest.fail("refused only after a pass"))
+    assert main(["self-influence", str(path)]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert line.startswith(f"tracin self-influence: error: path: gradient store {path} holds ") and expected in line
+    assert "<the Whitening>" not in line and "scores(" not in line
+
+
+def test_an_interrupt_while_the_local_cluster_starts_leaves_nothing_to_dasks_exit_hook(monkeypatch):
+    # review76 F5: Ctrl-C inside LocalCluster(...) left the half-started cluster to Dask's exit hook
+    # (close_clusters), whose close failed on it and printed a traceback of 29-50 lines after "interrupted"
+    pytest.importorskip("distributed")
+    import distributed.deploy.spec as spec
+
+    import tracin.distributed._cluster as cluster_module
+
+    made = []
+
+    class Interrupted(cluster_module.LocalCluster):
+        def sync(self, func, *args, **kwargs):
+            if getattr(func, "__name__", "") == "_start" and not made:
+                made.append(self)
+                raise KeyboardInterrupt  # as Ctrl-C lands in the main thread's wait for the start
+            return super().sync(func, *args, **kwargs)
+
+        async def _close(self):  # as Dask's close of a cluster whose workers are still starting
+            raise AssertionError("Status.init")
+
+    monkeypatch.setattr(cluster_module, "LocalCluster", Interrupted)
+    with pytest.raises(KeyboardInterrupt), cluster_module.local_client(1):
+        pytest.fail("no client of an interrupted start")
+    (half,) = made
+    assert half in list(spec.SpecCluster._instances)
+    spec.close_clusters()  # what runs at exit: it raised AssertionError (Status.init), printed at exit
+    assert not half._loop_runner.is_started()

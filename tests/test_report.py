@@ -737,3 +737,28 @@ def test_diagnostics_tick_labels_do_not_overlap(count, name, tmp_path, monkeypat
             assert gaps.min() >= 1.2 * height, gaps
     rotated = fig.axes[0].get_xticklabels()[0].get_rotation() != 0
     assert rotated == (name.startswith("step") and count >= 12)
+
+
+def test_diagnostics_labels_are_drawn_as_given_not_as_math_text(tmp_path, monkeypatch):
+    # review76 F6: labels went to matplotlib as math text: r"$\step$1" failed (ParseFatalException) after the
+    # whole self-influence pass, and "cost $6 and $7" was typeset as math, its dollars dropped
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    rng = np.random.default_rng(76)
+    train = tracin.Gradients([rng.standard_normal((10, 3)).astype(np.float32) for _ in range(3)])
+    labels = [r"$\step$1", "cost $6 and $7", "cost S6 and S7"]  # '$' and 'S' are about as wide in the default font
+    path = checkpoint_diagnostics(train, path=tmp_path / "d.png", labels=labels, traced=1).figure
+    assert path.stat().st_size > 0
+    (fig,) = figures
+    for ax in fig.axes:
+        shown = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert [t.get_text() for t in shown] == labels
+        widths = [t.get_window_extent().width for t in shown]
+        assert widths[1] == pytest.approx(widths[2], abs=2), widths  # typeset as math: "6and" in italics, narrower
+    (legend,) = fig.legends
+    traced = [t for t in legend.get_texts() if t.get_text().startswith("traced")]
+    assert [t.get_text() for t in traced] == [r"traced: up to $\step$1"]
+    assert not traced[0].get_parse_math()

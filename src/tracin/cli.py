@@ -11,6 +11,10 @@ number; if the command ran to the end nonetheless, the message says so: its outp
 Strings from a store, which may come from elsewhere (ids, metadata keys), and error lines reach a
 terminal with control characters and bidi controls escaped (ESC as \\x1b): a store cannot drive the terminal.
 CSV written to a file or pipe holds the ids as they are (CSV-quoted).
+Started with a standard stream closed (`2>&-`, `>&-`, as some daemons and job runners start commands),
+what would go to it is dropped, nothing else changes: no message lands in stdout's results; results
+that need a closed stdout are the one-line error "cannot write the results to stdout: it is closed"
+(exit code 1; written with -o they are fine, and exit code 0).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ EXAMPLES = """examples:
   tracin bench                                  # tracin.top_k against NumPy on this machine
 """
 
+CLOSED = "tracin_closed"  # set on the stand-in for a standard stream the command started with closed
+WRITE_A_FILE = "; give -o FILE to write them to a file"  # for commands that take -o
 SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
@@ -186,10 +192,14 @@ def _output_file(out: Path, binary: bool = False) -> Iterator[IO]:
 
 
 @contextmanager
-def _stdout() -> Iterator[IO[str]]:
+def _stdout(instead: str = "") -> Iterator[IO[str]]:
     """sys.stdout for a command's results, flushed at the end: an OSError writing it (`> /dev/full`, a
     full disk) an error naming stdout, what is still buffered dropped (it would fail again at exit); a
-    closed pipe stays BrokenPipeError (exit code 141), Ctrl-C KeyboardInterrupt (130)."""
+    closed pipe stays BrokenPipeError (exit code 141), Ctrl-C KeyboardInterrupt (130). Where the command
+    started with stdout closed (_standard_streams), an error naming stdout before anything is written,
+    `instead` appended (what else the command can write to)."""
+    if getattr(sys.stdout, CLOSED, False):
+        raise CommandError(f"cannot write the results to stdout: it is closed{instead}")
     try:
         yield sys.stdout
         sys.stdout.flush()
@@ -370,7 +380,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         _write_csv(f, PAIRS_HEADER, _pair_rows(sides, test_ids, train_ids), pairs, _progress(args))
 
     if out is None:
-        with _stdout() as f:
+        with _stdout(WRITE_A_FILE) as f:
             write_csv(f)
         print(summary, file=sys.stderr)
     else:
@@ -430,6 +440,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     out = _check_output(args.output, (".csv",))
     _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
+    _check_self_influence_store(store, args.path)
     with _cluster(args) as client:
         if client is None:
             scores = tracin.self_influence(
@@ -450,13 +461,32 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         _write_csv(f, RANKING_HEADER, rows, len(order), _progress(args))
 
     if out is None:
-        with _stdout() as f:
+        with _stdout(WRITE_A_FILE) as f:
             write(f)
         print(summary, file=sys.stderr)
     else:
         with _output_file(out) as f:
             write(f)
         print(f"{summary}: wrote {out}")
+
+
+def _check_self_influence_store(store: Any, path: str) -> None:
+    """Refuses, before any work, the stores whose rows have no self-influence the command line can
+    compute, in the command line's terms (the library's errors advise Python calls)."""
+    from .scoring import _preconditioner_kind
+
+    if "whitening" in store.metadata:
+        raise CommandError(
+            f"path: gradient store {path} holds whitened rows, whose squared norms are not the whitened "
+            "self-influence; give the store of the unwhitened rows (unwhitened self-influence), or compute the "
+            "whitened one in Python: tracin.self_influence(unwhitened_rows, whitening=the_whitening)"
+        )
+    if _preconditioner_kind(store.metadata) == "adam_update":
+        raise CommandError(
+            f"path: gradient store {path} holds preconditioner='adam_update' rows (Adam's next steps, made to be "
+            "scored against plain test rows), whose squared norms are no self-influence; give a store of the same "
+            "examples exported with preconditioner None or 'adam'"
+        )
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -880,7 +910,44 @@ def _report_signal(command: str, signum: int, error: BaseException | None, ran_o
     return 128 + signum
 
 
+@contextmanager
+def _standard_streams() -> Iterator[None]:
+    """Where the command started with stdout or stderr closed (`>&-`, `2>&-`: Python's sys.stdout or
+    sys.stderr is None), a stand-in writing to /dev/null, marked CLOSED, for the command's run; without
+    it, print(file=None) writes to sys.stdout (a message amid the results) and print(file=sys.stdout)
+    fails with a traceback. A descriptor 1 or 2 that is itself closed is opened on /dev/null, so that no
+    file the command opens gets it (what a library's C code writes there would land in that file)."""
+    opened: list[tuple[str, IO[str]]] = []
+    try:
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            if getattr(sys, name) is not None:
+                continue
+            try:
+                os.fstat(fd)
+                stream = open(os.devnull, "w")  # noqa: SIM115 (closed below)
+            except OSError:  # the descriptor itself is closed
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                if devnull != fd:
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+                stream = open(fd, "w", closefd=False)  # noqa: SIM115
+            setattr(stream, CLOSED, True)
+            setattr(sys, name, stream)
+            opened.append((name, stream))
+        yield
+    finally:
+        for name, stream in opened:
+            if getattr(sys, name) is stream:
+                setattr(sys, name, None)
+            stream.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _standard_streams():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     received: list[int] = []
     try:

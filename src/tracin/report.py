@@ -226,9 +226,10 @@ def checkpoint_diagnostics(
     layers_per_checkpoint: slots of the set that belong to one checkpoint (factored exports store
     one slot per layer); default: what the set's metadata records (one fingerprint per checkpoint
     in metadata["fingerprints"]["checkpoints"], in memory or in a store), else 1.
-    labels: one name per checkpoint for the figure (default "1", "2", ...; of more than 15 checkpoints
-    every ceil(C / 15)-th is labelled, the last included, slanted where they would overlap); traced: the number of
-    checkpoints a recipe traces, marked in the figure (both checked whether or not a figure is drawn).
+    labels: one name per checkpoint for the figure, drawn as given ('$' starts no math text) (default "1",
+    "2", ...; of more than 15 checkpoints every ceil(C / 15)-th is labelled, the last included, slanted where
+    they would overlap); traced: the number of checkpoints a recipe traces, marked in the figure (both
+    checked whether or not a figure is drawn).
     whitening: a tracin.Whitening fitted on `train`: the terms are then the whitened self-influence
     w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) (tracin.self_influence's whitening=); an already whitened
     set is refused. Shares are of the summed terms: with negative checkpoint weights (a term below 0)
@@ -302,7 +303,7 @@ def plot_checkpoint_diagnostics(
     shown = np.arange(count - 1, -1, -math.ceil(count / _TICK_LABELS))[::-1]  # the last checkpoint labelled
     for ax in (shares, ranking):
         ax.set_xticks(x, minor=True)  # a tick at every checkpoint, a label at most at _TICK_LABELS of them
-        ax.set_xticks(shown, [labels[c] for c in shown], fontsize=8)
+        ax.set_xticks(shown, [labels[c] for c in shown], fontsize=8, parse_math=False)  # names drawn as given
         ax.set_xlabel("checkpoint" if ax is shares else "last checkpoint traced (c)")
         ax.grid(alpha=0.3, axis="y")
         if traced is not None:
@@ -318,6 +319,8 @@ def plot_checkpoint_diagnostics(
     order = sorted(range(len(names)), key=lambda i: names[i].startswith("traced"))  # the bars first
     handles, names = [handles[i] for i in order], [names[i] for i in order]
     legend = fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    for text in legend.get_texts():  # "traced: up to LABEL": as given, not as math text
+        text.set_parse_math(False)
     rect = (0, legend.get_window_extent().height / fig.bbox.height, 1, 1)
     fig.tight_layout(rect=rect)
     if any(_overlapping(ax.get_xticklabels()) for ax in (shares, ranking)):  # long labels: slanted

@@ -17,7 +17,7 @@ from typing import Any
 
 import dask
 from dask.utils import parse_timedelta
-from distributed import Client, LocalCluster, WorkerPlugin, default_client, get_worker
+from distributed import Client, LocalCluster, SpecCluster, WorkerPlugin, default_client, get_worker
 from distributed.comm import get_address_host
 
 from .._cpus import usable_cores
@@ -58,17 +58,7 @@ def local_client(n_workers: int) -> Iterator[Client]:
     only, its dashboard link printed on stderr; closed at the end. Its logs show warnings and errors
     (why a worker died or was restarted: out of memory, killed) but not a task's error, which reaches
     the caller as it is (the worker would also log it, with its traceback, before: QuietTaskErrors)."""
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as local,
-    ):
+    with _new_local_cluster(n_workers) as cluster, Client(cluster) as local:
         local.register_plugin(QuietTaskErrors())  # on every worker, restarted ones included
         needs = "" if importlib.util.find_spec("bokeh") else " (its plots need: pip install bokeh)"
         print(
@@ -77,6 +67,50 @@ def local_client(n_workers: int) -> Iterator[Client]:
             file=sys.stderr,
         )
         yield local
+
+
+def _new_local_cluster(n_workers: int) -> LocalCluster:
+    """LocalCluster(n_workers single-threaded processes on loopback). Interrupted while it starts (Ctrl-C,
+    or SIGTERM raised as an exception), the half-started cluster, which the caller never got, is closed
+    here, quietly, before the interrupt goes on: left to Dask's exit hook (close_clusters), its close
+    fails on the cluster's unfinished state and prints a traceback of some 30-50 lines after the
+    caller's own one-line message."""
+    before = {id(c) for c in list(SpecCluster._instances)}
+    try:
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.WARNING,
+        )
+    except BaseException:
+        for cluster in [c for c in list(SpecCluster._instances) if id(c) not in before]:
+            _close_quietly(cluster)
+        raise
+
+
+CLOSE_TIMEOUT_S = 10  # the longest closing a half-started LocalCluster may take (Dask's exit hook allows as long)
+
+
+def _close_quietly(cluster: Any) -> None:
+    """Closes `cluster` (its workers' processes, its scheduler, its event loop's thread), whatever state
+    it is in, without raising or logging; Dask's exit hook is told to leave it alone."""
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL + 1)  # 'Nanny failed to start' and the like, of a close we asked for
+    try:
+        cluster.close(timeout=CLOSE_TIMEOUT_S)
+    except BaseException:  # its unfinished state (AssertionError: Status.init), a timeout, another Ctrl-C
+        pass
+    finally:
+        cluster.shutdown_on_close = False  # close_clusters, at exit, skips it
+        try:
+            cluster._loop_runner.stop()
+        except BaseException:
+            pass
+        quiet.setLevel(level)
 
 
 class QuietTaskErrors(WorkerPlugin):
