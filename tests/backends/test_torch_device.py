@@ -918,3 +918,61 @@ def test_tiles_of_narrow_rows_hold_at_most_a_score_blocks_rows(rng, monkeypatch)
     prop, _ = backend.top_k(KernelSide(False, [test], [0]), rows, [1.0], 4, "proponents", num_threads=1)
     assert [w[0] for w in widths] == [30] * 3 + [30] * 3 + [10] * 3  # each tile meets the 3 test rows one by one
     np.testing.assert_array_equal(prop.indices, stable_top_k(exact_scores([test], [train], [1.0]), 4, -1))
+
+
+def _overflow_pair(message: str) -> tuple[int, int]:
+    """The (test row, train row) a float32 overflow error names."""
+    import re
+
+    found = re.search(r"first for test row ([0-9]+) and train row ([0-9]+);", message)
+    assert found is not None, message
+    return int(found[1]), int(found[2])
+
+
+@pytest.mark.parametrize("layout", ["whole", "tiles", "chunks and store pieces"])
+@pytest.mark.parametrize("factored", [False, True])
+def test_an_overflow_names_the_first_pair_as_the_cpu_kernel_does(rng, tmp_path, monkeypatch, layout, factored):
+    """base.Backend: a float32 overflow from finite inputs names its rows. torch:cpu raised a message
+    naming none (review75 F3); it names the C++ kernel's pair, the smallest train row with an overflowed
+    score, then its smallest test row (of the first test chunk holding one, as the kernel's passes),
+    counted from the start of the sets across train tiles, test blocks, test chunks (of 16 rows: the
+    first holds none) and store pieces. Overflowing pairs: (test 24, train 23) and (test 17, train 31)
+    (test-row order would name the second), and (test 28, train 23)."""
+    test, train = rng.standard_normal((36, 4)).astype(np.float32), rng.standard_normal((40, 4)).astype(np.float32)
+    test[24], train[23], test[17], train[31] = [1e20, 0, 0, 0], [1e20, 0, 0, 0], [0, 1e20, 0, 0], [0, 1e20, 0, 0]
+    test[28] = [-2e20, 0, 0, 0]
+    if layout != "whole":
+        monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 4 * 4 * 6)  # tiles of 6 train rows
+        monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 4 * 4 * 6)
+        monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 6 * 7)  # test blocks of 7 rows
+    ones_t, ones_x = np.ones((36, 1), np.float32), np.ones((40, 1), np.float32)
+    if factored:
+        t, x = tracin.FactoredGradients([test], [ones_t]), tracin.FactoredGradients([train], [ones_x])
+    else:
+        t, x = tracin.Gradients([test]), tracin.Gradients([train])
+    if layout == "chunks and store pieces" and not factored:
+        writer = tracin.GradientStore.create(tmp_path / "train", 40, [4], [1.0])
+        writer.write(0, 0, train)
+        writer.finalize()
+        x = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=4 * 4 * 9)  # pieces of 9 rows
+    calls = {  # name: (call, device bytes per test row beside its rows: top_k's selection, 12 B x k x sides)
+        "scores": (lambda device: tracin.scores(t, x, device=device, progress=False), 0),
+        "top_k": (lambda device: tracin.top_k(t, x, k=3, device=device, progress=False), 12 * 3),
+        "top_k both": (
+            lambda device: tracin.top_k(t, x, k=30, side="both", device=device, progress=False),
+            12 * 30 * 2,
+        ),
+    }
+    if factored:  # full rows' aggregate forms no pair score; the C++ kernel's names train rows
+        calls["aggregate"] = (lambda device: tracin.aggregate(t, x, device=device, progress=False), 0)
+    for name, (call, state) in calls.items():
+        if layout == "chunks and store pieces":  # test chunks of 16 rows (scoring._device_test_rows)
+            monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 16 * (4 * (5 if factored else 4) + state))
+        named = []
+        for device in ("cpu", "torch:cpu"):
+            if name == "aggregate" and device == "cpu":
+                continue
+            with pytest.raises(ValueError, match="overflowed float32 although every input is finite") as error:
+                call(device)
+            named.append(_overflow_pair(str(error.value)))
+        assert named == [(24, 23)] * len(named), name

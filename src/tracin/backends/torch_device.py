@@ -41,7 +41,11 @@ very first tile waits for its copy.
 
 Tolerance: float32 GEMMs in cuBLAS sum in another order than the C++ kernel, so results are not the
 same bits, but every score is within the contract's scale-aware bound of the exact value (1e-5 *
-sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py). TF32 is off unless
+sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py) where the C++ kernel's is: weighted
+test rows are packed as there (_fold_weights: one power of two per test row, from its largest weighted
+value over every checkpoint), so a checkpoint whose weighted values in that row pack below float32's
+normal range loses bits, and one at or below 2^-150 is lost whole (README "Numerical contract";
+tests/backends/test_weighted_packing.py). TF32 is off unless
 precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
 scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
@@ -225,15 +229,22 @@ class TorchBackend:
             if bool(call.bad_input):
                 raise ValueError(_non_finite_message(test, train))
             if bool(call.bad_score):
-                raise ValueError(_OVERFLOW)
+                raise ValueError(_overflow_message(call.first_overflow()))
 
 
 _TINY = 2.0**-64  # cosine scores: rows of a norm below it or above its inverse are first brought near 1
 _OVERFLOW = (
     "influence overflowed float32 although every input is finite: a score (or, for factored gradients, a "
     "product of left or of right factors; or a dot product of gradients before weights within 2^+-24 of 1) "
-    "exceeds float32's range; scale the gradients down"
+    "exceeds float32's range{where}; scale the gradients down"
 )
+
+
+def _overflow_message(pair: tuple[int, int] | None) -> str:
+    """The float32 overflow error naming the (test row, train row) pair as the C++ kernel does (the
+    generic loop's scoring.rows_shifted counts them from the start of the sets), or no rows for None."""
+    where = "" if pair is None else f", first for test row {pair[0]} and train row {pair[1]}"
+    return _OVERFLOW.format(where=where)
 
 
 def _self_influence_overflow(out: np.ndarray) -> str:
@@ -316,6 +327,29 @@ class _Call:
                 if checked:
                     self.bad_score |= _not_finite(s)
                 yield slice(t0, t1), slice(i0, i1), s
+
+    def first_overflow(self) -> tuple[int, int] | None:
+        """(test row, train row), local to the call, of its first non-finite score from finite inputs,
+        in the C++ kernel's order for one pass: the smallest train row holding one, then its smallest
+        test row. Found by scoring the call's test blocks again tile by tile (the error path only: the
+        normal path keeps one flag), up to the first train tile that holds one; None where none is
+        found again."""
+        self.following = None  # no upload of the loop's next piece (the call ends in an error)
+        found: tuple[int, int] | None = None  # (train row, test row)
+        products = self.products(checked=False)
+        try:
+            for t, i, s in products:
+                if found is not None and i.start > found[0]:
+                    break  # a later train tile: the first one's pair is found
+                bad = ~torch.isfinite(s)
+                columns = torch.nonzero(bad.any(0)).flatten()
+                if columns.numel():
+                    j = int(columns[0])
+                    pair = (i.start + j, t.start + int(torch.nonzero(bad[:, j]).flatten()[0]))
+                    found = pair if found is None else min(found, pair)
+        finally:
+            products.close()
+        return None if found is None else (found[1], found[0])
 
 
 @dataclass
@@ -594,7 +628,8 @@ def _fold_weights(
     product of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the
     rows r of each block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of
     w_c, which is exact but where the product is below float32's normal range (rounded once, as the
-    C++ kernel rounds w_c x value), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None
+    C++ kernel rounds w_c x value: a checkpoint far below the row's largest loses bits, or packs as 0
+    at or below 2^-150, README "Numerical contract"), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None
     when all are 0), by which _product multiplies each score row back, and the shifts k_c - e_r of
     the blocks that are the caller's rows (in_place[b]; None: none), which _product applies to a
     copy of one score block's rows at a time, so that a test set used in place is never copied

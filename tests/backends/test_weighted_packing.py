@@ -1,0 +1,102 @@
+"""Where the scale-aware bound holds for checkpoint slots of very different scales in one test row
+(README "Numerical contract", review75 F1): both backends pack w_c g_c(t) in float32 times one power of
+two 2^-e_t per test row, set by the row's largest weighted value M_t, so a slot whose packed values fall
+below float32's normal range loses bits and one at or below 2^-150 packs as 0. Pinned against float64
+on the C++ kernel and the torch backend, so that the README cannot go stale silently: a kernel that
+scales per slot instead fails the "lost" cases here, and its README must then say so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracin
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def devices() -> list[str]:
+    """The C++ kernel, and the torch backend on CPU tensors where torch is installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return ["cpu"]
+    return ["cpu", "torch:cpu"]
+
+
+def two_slots(a: float, b: float, x1: float, t1: float = 1.0, device: str = "cpu") -> tuple[float, float, float]:
+    """(score, exact float64 score, bound) of one test row [1] / [t1] against one train row [0] / [x1],
+    weights [2^a, 2^b]: slot 0 sets the row's exponent and adds nothing, slot 1 carries the score."""
+    w = [2.0**a, 2.0**b]
+    test = [np.array([[1.0]], np.float32), np.array([[t1]], np.float32)]
+    train = [np.array([[0.0]], np.float32), np.array([[x1]], np.float32)]
+    got = tracin.scores(tracin.Gradients(test, w), tracin.Gradients(train, w), device=device)[0, 0]
+    exact = w[1] * float(test[1][0, 0]) * float(train[1][0, 0])
+    bound = 1e-5 * sum(abs(c * float(t[0, 0]) * float(x[0, 0])) for c, t, x in zip(w, test, train, strict=True))
+    return float(got), exact, bound
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    ("a", "b", "x1", "t1"),
+    [
+        (0, -66, 2.0**60, 1.0),  # e_t = 0, slots 2^66 (7e19) apart: packed 2^-66
+        (0, -126, 2.0**100, 1 + 2**-23),  # e_t = 0: packed at 2^-126, float32's smallest normal
+        (-100, -129, 2.0**100, 1 + 2**-23),  # lifted by 2^4: 2^-129 packs at 2^-125
+        (130, -96, 2.0**100, 1 + 2**-23),  # brought down by 2^30: 2^-96 packs at 2^-126
+    ],
+)
+def test_slots_packed_in_the_normal_range_stay_within_the_bound(device, a, b, x1, t1):
+    got, exact, bound = two_slots(a, b, x1, t1, device)
+    assert abs(got - exact) <= bound, (got, exact)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    ("a", "b", "x1"),
+    [
+        (0, -150, 2.0**100),  # e_t = 0: packed at 2^-150, rounds to 0
+        (-100, -160, 2.0**100),  # lifted by 2^4 (slots 2^60 apart): packed at 2^-156
+        (130, -120, 2.0**100),  # brought down by 2^30: packed at 2^-150
+    ],
+)
+def test_a_slot_packed_at_or_below_2_to_the_minus_150_is_lost(device, a, b, x1):
+    """The documented failure region: slot 1's term is lost whole, far beyond the bound."""
+    got, exact, bound = two_slots(a, b, x1, device=device)
+    assert got == 0.0 and exact > 1e4 * bound
+
+
+@pytest.mark.parametrize("device", devices())
+def test_subnormal_packed_values_keep_24_minus_s_bits(device):
+    """Slot 1 packs at 2^-140 (s = 14: 10 bits): 1 + 2^-10 keeps its last bit at 2^-136, rounds to 1
+    (ties to even) at 2^-140, an error of 1e-3 of the score, 100 x the bound."""
+    got, exact, bound = two_slots(0, -136, 2.0**100, 1 + 2**-10, device)
+    assert abs(got - exact) <= bound
+    got, exact, bound = two_slots(0, -140, 2.0**100, 1 + 2**-10, device)
+    assert got == 2.0**-40 and abs(got - exact) > 50 * bound
+
+
+@pytest.mark.parametrize("device", devices())
+def test_the_readme_examples_are_what_the_backends_return(device):
+    """The Numerical contract's two examples, as written there, against float64."""
+    contract = " ".join(README.read_text().split("Numerical contract:")[1].split("### On a GPU")[0].split())
+    assert "one power of two 2^−e_t per test row t, shared by all its checkpoint slots" in contract
+    assert "weights 1 and 1e-20, test values 1 and 1e-30 and training values 1e-30 and 1e30 score 1e-30" in contract
+    assert "weights 1e10 and 1, test values 1e30 and 1e-36 and training values 1e-40 and 1e38, 1 for 101" in contract
+    assert "Slots 1e20 apart in a row whose largest is 1 stay within the bound" in contract
+    for w, t, x, said, exact in [
+        ([1.0, 1e-20], [1.0, 1e-30], [1e-30, 1e30], 1e-30, 1e-20 + 1e-30),
+        ([1e10, 1.0], [1e30, 1e-36], [1e-40, 1e38], 1.0, 101.0),
+        ([1.0, 1e-20], [1.0, 1.0], [1e-30, 1e20], None, 1.0 + 1e-30),
+    ]:
+        test = [np.array([[v]], np.float32) for v in t]
+        train = [np.array([[v]], np.float32) for v in x]
+        got = float(tracin.scores(tracin.Gradients(test, w), tracin.Gradients(train, w), device=device)[0, 0])
+        exact = sum(c * float(a[0, 0]) * float(b[0, 0]) for c, a, b in zip(w, test, train, strict=True))
+        bound = 1e-5 * sum(abs(c * float(a[0, 0]) * float(b[0, 0])) for c, a, b in zip(w, test, train, strict=True))
+        if said is None:
+            assert abs(got - exact) <= bound
+        else:
+            assert got == pytest.approx(said, rel=1e-5) and abs(got - exact) > 1e3 * bound
