@@ -158,8 +158,33 @@ def _check_same_gradient_space(
     if names == ("test", "train") and isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
         # then the space of the gradients the test side's whitening was fitted on: the train side's
         # too (bare test arrays carry no records of their own, their whitening's are checked)
-        space = SimpleNamespace(metadata=fitted["space"])  # what _check_same_gradient_space reads of a set
-        _check_same_gradient_space(space, train, ("the gradients the test side's whitening was fitted on", "train"))
+        _check_same_train_space(fitted["space"], train, "the gradients the test side's whitening was fitted on")
+
+
+def _check_same_train_space(space: dict, train: GradientSet, name: str) -> None:
+    """Refuses a train side whose records are not those of the gradients a whitening was fitted on
+    (`space`, WhiteningSpec.space, named `name` in messages). Both are train-side records, compared as
+    one side's: the same preconditioner kind (LESS's "adam_update" included: test rows pair with it, not
+    the whitening), its settings and optimizer states, and then as _check_same_gradient_space compares
+    two sides (mode, projection, parameters, checkpoints)."""
+    names = (name, "train")
+    problem = metadata_problem(space)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+    x = train.metadata
+    if "mode" in space and "mode" in x:  # else "preconditioner" is not read, as _check_same_preconditioner
+        kinds = [_preconditioner_kind(m) for m in (space, x)]
+        if kinds[0] != kinds[1]:
+            raise ValueError(
+                f"{name} are preconditioner={kinds[0]!r} but train gradients are preconditioner={kinds[1]!r}: "
+                "fit the whitening on the train side's gradients (Whitening.fit(train))"
+            )
+        if kinds[0] is not None:
+            _check_same_hyperparameters(space, x, names)
+            _check_same_optimizer_states(space, x, names)
+    plain = [SimpleNamespace(metadata={k: v for k, v in m.items() if k != "preconditioner"}) for m in (space, x)]
+    plain[1].path = getattr(train, "path", None)  # named in a projection message
+    _check_same_gradient_space(plain[0], plain[1], names)
 
 
 def _projection_of(spec: Any, name: str, path: Any = None) -> Any:
@@ -213,22 +238,24 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
 
 
 def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
-    """Refuses two preconditioner="adam" sides exported with different optimizer states of their
-    checkpoints (CheckpointMismatchError, optimizer_states True; `names` name the metadata `t` and `x`
-    in its message): Adam's second moments weigh each side's rows, so scores of two sides weighed by
+    """Refuses two preconditioner="adam" sides (or two "adam_update" records of one side: a whitening's
+    train rows and the train side) exported with different optimizer states of their checkpoints
+    (CheckpointMismatchError, optimizer_states True; `names` name the metadata `t` and `x` in its
+    message): Adam's second moments weigh each side's rows, so scores of two sides weighed by
     different states mean nothing. Checkpoint c's states are compared where both sides' digests of
     them (metadata["fingerprints"]["optimizer_states"]) were made the same way by the same framework
     (metadata["optimizer_state_sources"]: "file", the bytes at a path, or "state", an in-memory
     state's arrays). Sides without these records (older stores, sets built by hand) are trusted."""
-    if _preconditioner_kind(t) != "adam" or _preconditioner_kind(x) != "adam":
-        return
+    kind = _preconditioner_kind(t)
+    if kind not in ("adam", "adam_update") or _preconditioner_kind(x) != kind:
+        return  # ("adam_update" and "adam_update": one side's rows, as a whitening's are to its train side's)
     differ, _ = _differing_records(t, x, "optimizer_states", "optimizer_state_sources")
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported with different optimizer states: the optimizer states of "
             f"checkpoints {differ} differ (their digests in metadata['fingerprints']['optimizer_states'], made "
-            "alike: metadata['optimizer_state_sources']), and preconditioner='adam' weighs each side's gradients "
-            "by them; export both sides with the optimizer state saved with each checkpoint. If they are the "
+            f"alike: metadata['optimizer_state_sources']), and preconditioner={kind!r} rows are computed from "
+            "them; export both sides with the optimizer state saved with each checkpoint. If they are the "
             "same states saved differently (a file saved again), drop the record from one side to have the pair "
             "trusted: side.metadata.pop('optimizer_state_sources') (with tracin.distributed, from a side that "
             "is not a store: workers open stores again by path)",

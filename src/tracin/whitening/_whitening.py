@@ -95,10 +95,12 @@ class Whitening:
     amplifies R's float32 partial products (fit's precision) and, whatever the precision, the whitened
     test rows (float32) and the float32 scores made from them.
     The latter keep each score within the contract's bound of 1e-5 |g(t) (R + lambda I)^-1| |g(i)|,
-    but relative to the scores themselves the error can reach 1-4 x cond x 2^-24 (when test rows lie
-    much in directions the train rows lack, as with fewer train rows than dims): 3e-3 to 1.2e-2 of the
-    largest score at cond 5e4 (5 train rows of 200 dims, damping 0.001; 10 seeds, either precision),
-    4e-7 with 20,000 rows (where (largest + lambda) / lambda is 5e3).
+    but relative to the scores themselves the error can reach up to about (4 + sqrt(d) / 2) x cond x 2^-24
+    (when test rows lie much in directions the train rows lack, as with fewer train rows than dims; the
+    float32 sums over d products grow with d: measured up to 1.8, 6.8 and 9.1 x cond x 2^-24 at d = 50,
+    200 and 1000, see _conditioning): 3e-3 to 1.2e-2 of the largest score at cond 5e4 (5 train rows of
+    200 dims, damping 0.001; 10 seeds, either precision), 4e-7 with 20,000 rows (where (largest +
+    lambda) / lambda is 5e3).
     Factored gradients (left (n, p), right (n, q) per checkpoint): a Kronecker-
     factored approximation R ~ B (x) A with B = E[left left^T], A = E[right right^T] (K-FAC), damped
     per factor with lambda_B = sqrt(damping) * trace(B) / p and lambda_A = sqrt(damping) * trace(A) / q
@@ -160,8 +162,8 @@ class Whitening:
             best by mean LDS rank and by mean LDS, 3 and 30 being first by each; 1-3 did best where train
             rows outnumber dimensions, 30-100 where they are fewer; see the README). with_damping gives
             other dampings without a second pass. A damping so small that float32 scores may be off by
-            more than 4e-3 of the largest (cond x 2^-24 > 1e-3, see the class docstring) warns, naming
-            one that is not (fit and with_damping alike). cond is R + lambda I's own (its largest over
+            more than 4e-3 of the largest ((4 + sqrt(d) / 2) x cond x 2^-24 > 4e-3, see the class docstring)
+            warns, naming one that is not (fit and with_damping alike). cond is R + lambda I's own (its largest over
             its smallest eigenvalue; above 256 dims, Lanczos's estimate): a full-rank R stays well
             conditioned, and unwarned, at any damping.
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
@@ -174,7 +176,7 @@ class Whitening:
             "float64" multiplies in float64 (exact to float64 rounding) at about half the speed. At
             small damping it makes the whitened rows accurate (5 rows of 200 dims, damping 0.001: 5e-8
             against 8e-4 relative error), not the scores: those keep the float32 error of the class
-            docstring (1-4 x cond x 2^-24 of the scores), whatever the precision. Both hold at any
+            docstring (up to (4 + sqrt(d) / 2) x cond x 2^-24 of the scores), whatever the precision. Both hold at any
             finite scale of the gradients (see _moments). Where R's rounding exceeds lambda (R + lambda I
             not positive definite, or an inverse eigenvalue found above 1.01 / lambda, which no positive
             semidefinite R allows) fit and with_damping raise ValueError, advising precision="float64"
