@@ -704,6 +704,12 @@ def test_pair_errors(rng):
         tracin.scores(a3, random_set(rng, 5, [3, 3]))
     with pytest.raises(ValueError, match="different checkpoint weights"):
         tracin.scores(tracin.Gradients(a3, [1.0]), tracin.Gradients(a3, [2.0]))
+    with pytest.raises(ValueError, match="different checkpoint weights") as other:
+        tracin.scores(tracin.Gradients(a3, [0.1]), tracin.Gradients(a3, [0.2]))
+    assert "float32 rounding" not in str(other.value)
+    rates32 = np.array([0.1], dtype=np.float32)  # the same learning rate kept as float32 on one side
+    with pytest.raises(ValueError, match=r"differ only by float32 rounding: .*same float64 values"):
+        tracin.scores(tracin.Gradients(a3, rates32), tracin.Gradients(a3, [0.1]))
     f = tracin.FactoredGradients(a3, a3)
     with pytest.raises(ValueError, match=r"test is factored \(FactoredGradients\) but train is full \(Gradients\): "):
         tracin.scores(f, a3)

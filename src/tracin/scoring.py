@@ -65,9 +65,16 @@ def _weights(test: GradientSet, train: GradientSet) -> list[float]:
             "both sides must come from the same checkpoints"
         )
     if test.weights_given and train.weights_given and not np.array_equal(test.weights, train.weights):
+        rounding = np.array_equal(test.weights.astype(np.float32), train.weights.astype(np.float32))
         raise ValueError(
             f"test and train carry different checkpoint weights ({test.weights.tolist()} vs "
             f"{train.weights.tolist()}); they must come from the same checkpoints"
+            + (
+                " (these differ only by float32 rounding: one side's weights were float32, a float32 tensor of "
+                "learning rates?; give both sides the same float64 values)"
+                if rounding
+                else ""
+            )
         )
     return (train.weights if train.weights_given or not test.weights_given else test.weights).tolist()
 
