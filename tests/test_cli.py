@@ -1652,6 +1652,33 @@ def test_closed_streams_in_process_are_restored_after(stores, capsys, monkeypatc
     assert (sys.stdout, sys.stderr) == (None, None)
 
 
+@pytest.mark.parametrize("command", ["self-influence", "score", "score-local"])
+def test_with_stdout_closed_results_for_it_are_refused_before_any_pass(command, stores, capsys, monkeypatch):
+    # review77 G1: the refusal came from _stdout, entered only once the scores existed: the whole pass
+    # (on a cluster with --scheduler) ran first
+    import tracin.cli as cli
+
+    paths, _, _ = stores
+    argv = {
+        "self-influence": ["self-influence", str(paths["train"])],
+        "score": _score(paths),
+        "score-local": _score(paths, "--scheduler", "local", "--workers", "1"),
+    }[command]
+    for spied in ("_open_store", "_cluster"):
+        monkeypatch.setattr(cli, spied, lambda *a, **k: pytest.fail(f"{a} {k}: refused only after work"))
+    for spied in ("self_influence", "top_k"):
+        monkeypatch.setattr(tracin, spied, lambda *a, **k: pytest.fail("refused only after a pass"))
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(argv) == 1
+    assert sys.stdout is None
+    name = argv[0]
+    closed = "cannot write the results to stdout: it is closed; give -o FILE to write them to a file"
+    assert capsys.readouterr().err == f"tracin {name}: error: {closed}\n"
+    # a bad -o is still the error named (a good one is written: test_with_stdout_closed_results_are_one_error_line...)
+    assert main([*argv, "-o", str(paths["train"] / "in.csv")]) == 1
+    assert "is inside the gradient store" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "metadata,expected",
     [

@@ -191,6 +191,14 @@ def _output_file(out: Path, binary: bool = False) -> Iterator[IO]:
         raise CommandError(f"--output: {said}") from e
 
 
+def _check_stdout(out: Path | None, instead: str = WRITE_A_FILE) -> None:
+    """Refuses, before any work (stores opened, a pass, a cluster started), results bound for a stdout the
+    command started with closed (_standard_streams): `out` None (no -o), the error _stdout gives, `instead`
+    appended (what else the command can write to)."""
+    if out is None and getattr(sys.stdout, CLOSED, False):
+        raise CommandError(f"cannot write the results to stdout: it is closed{instead}")
+
+
 @contextmanager
 def _stdout(instead: str = "") -> Iterator[IO[str]]:
     """sys.stdout for a command's results, flushed at the end: an OSError writing it (`> /dev/full`, a
@@ -198,8 +206,7 @@ def _stdout(instead: str = "") -> Iterator[IO[str]]:
     closed pipe stays BrokenPipeError (exit code 141), Ctrl-C KeyboardInterrupt (130). Where the command
     started with stdout closed (_standard_streams), an error naming stdout before anything is written,
     `instead` appended (what else the command can write to)."""
-    if getattr(sys.stdout, CLOSED, False):
-        raise CommandError(f"cannot write the results to stdout: it is closed{instead}")
+    _check_stdout(None, instead)
     try:
         yield sys.stdout
         sys.stdout.flush()
@@ -346,6 +353,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .scoring import CheckpointMismatchError
 
     out = _check_output(args.output, (".npz", ".csv"))
+    _check_stdout(out)  # not after the whole pass
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
@@ -438,6 +446,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     out = _check_output(args.output, (".csv",))
+    _check_stdout(out)  # not after the whole pass
     _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
     _check_self_influence_store(store, args.path)
@@ -913,10 +922,13 @@ def _report_signal(command: str, signum: int, error: BaseException | None, ran_o
 @contextmanager
 def _standard_streams() -> Iterator[None]:
     """Where the command started with stdout or stderr closed (`>&-`, `2>&-`: Python's sys.stdout or
-    sys.stderr is None), a stand-in writing to /dev/null, marked CLOSED, for the command's run; without
-    it, print(file=None) writes to sys.stdout (a message amid the results) and print(file=sys.stdout)
-    fails with a traceback. A descriptor 1 or 2 that is itself closed is opened on /dev/null, so that no
-    file the command opens gets it (what a library's C code writes there would land in that file)."""
+    sys.stderr is None), a stand-in writing to /dev/null, marked CLOSED, for the command's run (sys.stdout
+    or sys.stderr is None again after it); without it, print(file=None) writes to sys.stdout (a message
+    amid the results) and print(file=sys.stdout) fails with a traceback. A descriptor 1 or 2 that is
+    itself closed is opened on /dev/null, so that no file the command opens gets it (what a library's C
+    code writes there would land in that file), and stays open on /dev/null after main returns, for the
+    rest of the process: closing it again would let the next file the process opens take descriptor 1
+    or 2, and what is written to that descriptor would land in it."""
     opened: list[tuple[str, IO[str]]] = []
     try:
         for name, fd in (("stdout", 1), ("stderr", 2)):
