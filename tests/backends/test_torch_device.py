@@ -976,3 +976,32 @@ def test_an_overflow_names_the_first_pair_as_the_cpu_kernel_does(rng, tmp_path, 
                 call(device)
             named.append(_overflow_pair(str(error.value)))
         assert named == [(24, 23)] * len(named), name
+
+
+@pytest.mark.parametrize(
+    ("columns", "second"),
+    [(4, 600), (2**16, 280)],  # passes of 512 rows; of 256 (64 MiB of packed rows of 256 KiB)
+)
+def test_an_overflow_names_the_cpu_kernels_pair_across_its_passes_of_test_rows(rng, columns, second):
+    """review78 F1: the C++ kernel scores test rows in passes (torch_device._kernel_pass_rows: up to 512,
+    fewer for wide rows) and names the smallest train row of the first pass holding an overflow; torch:cpu
+    took the smallest train row over all its test rows. Overflowing pairs (test 10, train 5) and (test
+    `second`, train 0), the second in the kernel's second pass: both name (10, 5)."""
+    test = rng.standard_normal((second + 20, columns)).astype(np.float32)
+    train = rng.standard_normal((8, columns)).astype(np.float32)
+    test[10, :2], train[5, :2], test[second, :2], train[0, :2] = [0, 1e20], [0, 1e20], [1e20, 0], [1e20, 0]
+    calls = {
+        "scores": lambda device: tracin.scores(test, train, device=device, progress=False),
+        "top_k": lambda device: tracin.top_k(test, train, k=3, device=device, progress=False),
+    }
+    if columns == 4:
+        ones_t, ones_x = np.ones((len(test), 1), np.float32), np.ones((8, 1), np.float32)
+        t, x = tracin.FactoredGradients([test], [ones_t]), tracin.FactoredGradients([train], [ones_x])
+        calls["factored"] = lambda device: tracin.scores(t, x, device=device, progress=False)
+    for name, call in calls.items():
+        named = []
+        for device in ("cpu", "torch:cpu"):
+            with pytest.raises(ValueError, match="overflowed float32 although every input is finite") as error:
+                call(device)
+            named.append(_overflow_pair(str(error.value)))
+        assert named == [(10, 5), (10, 5)], name

@@ -310,11 +310,13 @@ class _Call:
                 self.bad_input |= _not_finite(b)
             yield i0, i1, x
 
-    def products(self, checked: bool = True) -> Iterator[tuple[slice, slice, torch.Tensor]]:
-        """(test rows, train rows, float32 scores) of every test block x train tile, train tiles outer
-        (the call made with weights); each block checked for NaN / Inf into bad_score unless not
-        `checked` (the caller then checks each block itself)."""
-        blocks = self.test_blocks()
+    def products(
+        self, checked: bool = True, blocks: list[tuple[int, int]] | None = None
+    ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+        """(test rows, train rows, float32 scores) of every test block (`blocks`, default test_blocks())
+        x train tile, train tiles outer (the call made with weights); each block checked for NaN / Inf
+        into bad_score unless not `checked` (the caller then checks each block itself)."""
+        blocks = self.test_blocks() if blocks is None else blocks
         alphas, exponents, later = self.prepared.alphas, self.prepared.exponents, self.prepared.later
         for i0, i1, x in self.train_tiles():
             x, scales = self.cosine(x)
@@ -330,26 +332,51 @@ class _Call:
 
     def first_overflow(self) -> tuple[int, int] | None:
         """(test row, train row), local to the call, of its first non-finite score from finite inputs,
-        in the C++ kernel's order for one pass: the smallest train row holding one, then its smallest
-        test row. Found by scoring the call's test blocks again tile by tile (the error path only: the
+        in the C++ kernel's order: its passes of test rows (_kernel_pass_rows) in turn, and in the first
+        pass holding one, the smallest train row holding one, then its smallest test row. Found by
+        scoring the call's test blocks again, pass by pass and tile by tile (the error path only: the
         normal path keeps one flag), up to the first train tile that holds one; None where none is
         found again."""
         self.following = None  # no upload of the loop's next piece (the call ends in an error)
-        found: tuple[int, int] | None = None  # (train row, test row)
-        products = self.products(checked=False)
-        try:
-            for t, i, s in products:
-                if found is not None and i.start > found[0]:
-                    break  # a later train tile: the first one's pair is found
-                bad = ~torch.isfinite(s)
-                columns = torch.nonzero(bad.any(0)).flatten()
-                if columns.numel():
-                    j = int(columns[0])
-                    pair = (i.start + j, t.start + int(torch.nonzero(bad[:, j]).flatten()[0]))
-                    found = pair if found is None else min(found, pair)
-        finally:
-            products.close()
-        return None if found is None else (found[1], found[0])
+        step = _kernel_pass_rows(sum(4 * t.shape[1] for t in self.test))
+        for p0 in range(0, self.m, step):
+            p1 = min(p0 + step, self.m)
+            blocks = [(max(t0, p0), min(t1, p1)) for t0, t1 in self.test_blocks() if t0 < p1 and t1 > p0]
+            found: tuple[int, int] | None = None  # (train row, test row)
+            products = self.products(checked=False, blocks=blocks)
+            try:
+                for t, i, s in products:
+                    if found is not None and i.start > found[0]:
+                        break  # a later train tile: the first one's pair is found
+                    bad = ~torch.isfinite(s)
+                    columns = torch.nonzero(bad.any(0)).flatten()
+                    if columns.numel():
+                        j = int(columns[0])
+                        pair = (i.start + j, t.start + int(torch.nonzero(bad[:, j]).flatten()[0]))
+                        found = pair if found is None else min(found, pair)
+            finally:
+                products.close()
+            if found is not None:
+                return found[1], found[0]
+        return None
+
+
+# The C++ kernel's test rows per pass over the train side (csrc/src/tunables.hpp: kDefaultTestBlock,
+# kPassRowQuantum, kPackedTestBudget; csrc/src/engine.cpp: DefaultPassRows): an overflow error names a
+# pair of the first pass holding one, so first_overflow scans in the same passes. Keep them in step.
+_KERNEL_TEST_BLOCK = 512  # kDefaultTestBlock: most test rows per pass
+_KERNEL_PASS_ROW_QUANTUM = 32  # kPassRowQuantum: rows per pass are a multiple of it where the budget allows
+_KERNEL_PACKED_TEST_BUDGET = 64 * 2**20  # kPackedTestBudget: bytes of a pass's packed float32 test rows
+_KERNEL_THIN_LANES = 8  # KernelTable::thin.nr of the AVX2 / AVX-512 kernels (4 for the generic ones)
+
+
+def _kernel_pass_rows(row_bytes: int) -> int:
+    """Test rows per pass of the C++ kernel (DefaultPassRows) for test rows of `row_bytes` float32
+    bytes (all checkpoints' columns, both factors)."""
+    by_budget = _KERNEL_PACKED_TEST_BUDGET // max(row_bytes, 1)
+    if by_budget < _KERNEL_PASS_ROW_QUANTUM:
+        return max(by_budget // _KERNEL_THIN_LANES * _KERNEL_THIN_LANES, _KERNEL_THIN_LANES)
+    return min(by_budget // _KERNEL_PASS_ROW_QUANTUM * _KERNEL_PASS_ROW_QUANTUM, _KERNEL_TEST_BLOCK)
 
 
 @dataclass
