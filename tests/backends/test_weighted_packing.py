@@ -79,17 +79,18 @@ def test_subnormal_packed_values_keep_24_minus_s_bits(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_the_readme_examples_are_what_the_backends_return(device):
-    """The Numerical contract's two examples, as written there, against float64."""
+def test_the_readme_example_is_what_the_backends_return(device):
+    """The Numerical contract's example, as written there, and two more cases, against float64."""
     contract = " ".join(README.read_text().split("Numerical contract:")[1].split("### On a GPU")[0].split())
+    assert "apart within one test row (learning rates × gradient norms 30 orders of magnitude apart" in contract
     assert "one power of two 2^−e_t per test row t, shared by all its checkpoint slots" in contract
     assert "weights 1 and 1e-20, test values 1 and 1e-30 and training values 1e-30 and 1e30 score 1e-30" in contract
-    assert "weights 1e10 and 1, test values 1e30 and 1e-36 and training values 1e-40 and 1e38, 1 for 101" in contract
-    assert "Slots 1e20 apart in a row whose largest is 1 stay within the bound" in contract
+    assert "about 2³⁰ (cosine 2⁹⁴) below a lifted row's largest" in contract
+    assert "when every nonzero |w_c| is in [2⁻²⁴, 2²⁵)" in contract
     for w, t, x, said, exact in [
         ([1.0, 1e-20], [1.0, 1e-30], [1e-30, 1e30], 1e-30, 1e-20 + 1e-30),
-        ([1e10, 1.0], [1e30, 1e-36], [1e-40, 1e38], 1.0, 101.0),
-        ([1.0, 1e-20], [1.0, 1.0], [1e-30, 1e20], None, 1.0 + 1e-30),
+        ([1e10, 1.0], [1e30, 1e-36], [1e-40, 1e38], 1.0, 101.0),  # slots 1e76 apart: 1 for 101
+        ([1.0, 1e-20], [1.0, 1.0], [1e-30, 1e20], None, 1.0 + 1e-30),  # slots 1e20 apart: within the bound
     ]:
         test = [np.array([[v]], np.float32) for v in t]
         train = [np.array([[v]], np.float32) for v in x]
@@ -100,3 +101,26 @@ def test_the_readme_examples_are_what_the_backends_return(device):
             assert abs(got - exact) <= bound
         else:
             assert got == pytest.approx(said, rel=1e-5) and abs(got - exact) > 1e3 * bound
+
+
+@pytest.mark.parametrize("second", [None, 0.0, 2.0**-100, 1.0])
+def test_a_row_largest_in_2_to_the_127_to_128_is_brought_down_where_its_pass_is_rescaled(second):
+    """review78 F2 (README: the C++ kernel rescales a pass only if a row in it is all below 2^-96, zeros
+    too, or overflows float32): test row 0 = [1.5 x 2^127] / [2^-125] against train [0] / [2^100], exact
+    2^-25. Alone, or beside a row of 1 (no rescale), the C++ kernel keeps e_t = 0 and slot 1 packs at
+    2^-125: within the bound. Beside a row of 0 or 2^-100 the pass is rescaled, row 0 brought down by
+    2^27: slot 1 packs at 2^-152, lost. The torch backend always brings it down."""
+    w = [1.0, 1.0]
+    extra = [] if second is None else [second]
+    test = [
+        np.array([1.5 * 2.0**127, *extra], np.float32)[:, None],
+        np.array([2.0**-125, *[0.0] * len(extra)], np.float32)[:, None],
+    ]
+    train = [np.array([[0.0]], np.float32), np.array([[2.0**100]], np.float32)]
+    rescaled = second is not None and second < 2.0**-96
+    for device in devices():
+        got = float(tracin.scores(tracin.Gradients(test, w), tracin.Gradients(train, w), device=device)[0, 0])
+        if device == "cpu" and not rescaled:
+            assert abs(got - 2.0**-25) <= 1e-5 * 2.0**-25, got
+        else:
+            assert got == 0.0, (device, got)
