@@ -4,7 +4,8 @@ inside the backward pass, each layer's as soon as its output gradient exists."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ class HookGradients:
         self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
         # layers whose calls of batch 1 the last pass expanded to its batch (capture.stream), even when it raised
         self.expanded: set[str] = set()
+        # the floating tensors of the model's output in the last pass (output_leaves), detached; None when the
+        # model ran more or less than once in it: compared with the examples' outputs alone (per_example)
+        self.outputs: list[torch.Tensor] | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -94,10 +98,36 @@ class HookGradients:
                 written.add(name)
 
         self.expanded = set()
-        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
+        self.outputs = None
+        with model_outputs(self.model) as outputs:
+            counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
+        self.outputs = outputs[0] if len(outputs) == 1 else None
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
         return [m for m, count in counts.items() if not count], unusable
+
+
+def output_leaves(output: object) -> list[torch.Tensor]:
+    """The floating tensors of a model's output tree (a tensor; tuples and lists; dicts and other Mappings, Hugging
+    Face ModelOutput included, in their own order), detached, depth first."""
+    if isinstance(output, torch.Tensor):
+        return [output.detach()] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in output_leaves(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in output_leaves(v)]
+    return []
+
+
+@contextmanager
+def model_outputs(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
+    """A list receiving output_leaves of each output `model` returns while the context is open (a forward hook)."""
+    seen: list[list[torch.Tensor]] = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(output_leaves(output)))
+    try:
+        yield seen
+    finally:
+        handle.remove()
