@@ -36,6 +36,9 @@ from .losses import LossFn, losses_of, model_caller, random_forward
 # interleaved runs), 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and
 # 1.01-1.08x with one; 256 MiB gains 1-2% more. Other devices take the batch in one pass.
 _PASS_BYTES = 128 * 2**20
+# An output tensor of more elements per example is not compared batched vs alone (_depends_on_the_batch): keeping it
+# for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits).
+_COMPARED_ELEMENTS = 2**20
 
 
 class PerExampleGradients:
@@ -123,7 +126,7 @@ class PerExampleGradients:
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
         with model_outputs(self.model) as seen:
             loss = losses_of(self.model, {**rest, **chosen}, self.loss_fn, *one).sum()
-        return loss, tuple(seen[0]) if len(seen) == 1 else ()
+        return loss, tuple(_small(seen[0])) if len(seen) == 1 else ()
 
     def __call__(
         self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor | None = None
@@ -165,7 +168,7 @@ class PerExampleGradients:
             # hooks only: one example alone, the last row, against its output in the batch (no gradient)
             with torch.no_grad(), model_outputs(self.model) as seen:
                 call_model(model_caller(self.model, state), slice_rows(inputs, rows - 1, rows))
-            alone = [t.unsqueeze(0) for t in seen[0]] if len(seen) == 1 else None
+            alone = [t.unsqueeze(0) for t in _small(seen[0])] if len(seen) == 1 else None
             if self._depends_on_the_batch(state, batched, alone, inputs, targets):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         return out
@@ -322,7 +325,7 @@ class PerExampleGradients:
         if not batched.usable or len(seen) != rows or any(len(s) != len(batched.leaves) for s in seen):
             return None
         try:
-            alone = [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
+            alone = [torch.stack(leaf) for leaf in zip(*map(_small, seen), strict=True)]
         except RuntimeError:  # shapes differing from row to row
             return None
         head = [t[:rows] for t in batched.leaves]
@@ -390,7 +393,7 @@ class PerExampleGradients:
         if len(seen) != rows or len({len(s) for s in seen}) != 1:
             return None
         try:
-            return [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
+            return [torch.stack(leaf) for leaf in zip(*map(_small, seen), strict=True)]
         except RuntimeError:  # shapes differing from example to example
             return None
 
@@ -431,7 +434,8 @@ class _Outputs:
     """The model's outputs in a batch's hooked passes (hook_gradients.output_leaves of each pass): per output
     tensor, the largest finite |value| over the batch (`scales`) and the rows kept (`leaves`: every row when
     keep_all, else the last row only). Not `usable` when a pass's outputs are unknown or do not match. A tensor
-    that is not batch-first (no per-example rows) stands as an empty (rows, 0) one: it compares nothing."""
+    that is not batch-first (no per-example rows) or is too large (_per_row) stands as an empty (rows, 0) one: it
+    compares nothing."""
 
     def __init__(self, keep_all: bool):
         self.keep_all, self.usable, self.rows = keep_all, True, 0
@@ -440,7 +444,7 @@ class _Outputs:
         self._shapes: list | None = None
 
     def add(self, leaves: list[torch.Tensor] | None, rows: int) -> None:
-        shapes = None if leaves is None else [t.shape[1:] if t.dim() and t.shape[0] == rows else None for t in leaves]
+        shapes = None if leaves is None else [t.shape[1:] if _per_row(t, rows) else None for t in leaves]
         if shapes is None or (self._shapes is not None and shapes != self._shapes):
             self.usable = False
             return
@@ -451,7 +455,7 @@ class _Outputs:
             scales if not self.scales else [torch.maximum(a, b) for a, b in zip(self.scales, scales, strict=True)]
         )
         self.rows += rows
-        self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:] for t in leaves]]
+        self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:].clone() for t in leaves]]
 
     @property
     def leaves(self) -> list[torch.Tensor]:
@@ -459,6 +463,16 @@ class _Outputs:
         if len(self._parts) > 1:
             self._parts = [[torch.cat(p) for p in zip(*self._parts, strict=True)]]
         return self._parts[0] if self._parts else []
+
+
+def _per_row(t: torch.Tensor, rows: int) -> bool:
+    """Whether `t` holds (rows, ...) per-example outputs small enough to be compared (_COMPARED_ELEMENTS)."""
+    return t.dim() > 0 and t.shape[0] == rows and t.numel() <= rows * _COMPARED_ELEMENTS
+
+
+def _small(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One example's output tensors (1, ...), each over _COMPARED_ELEMENTS elements replaced by an empty (1, 0)."""
+    return [t if t.numel() <= _COMPARED_ELEMENTS else t.new_zeros(1, 0) for t in leaves]
 
 
 def _largest_finite(t: torch.Tensor) -> torch.Tensor:
