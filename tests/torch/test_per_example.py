@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import gc
 import re
 import threading
 import warnings
@@ -1144,3 +1145,56 @@ def test_a_store_of_a_batch_dependent_model_resumes_to_the_same_bytes(tmp_path):
     assert whole and whole == sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.suffix == ".npy")
     for name in whole:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+
+class _WideOutput(nn.Module):
+    """Logits (rows, 3) from a Linear (hooks) and a (rows, 2**20 + 1) output beside them, as a language model's
+    (T, vocabulary) logits: over the per-example size the batch-dependence check compares. Every forward first
+    notes the shapes of the tensors over that size still alive (`alive`). With `loop`, a scale (vmap) behind
+    data-dependent control flow: vmap cannot run the model, the per-example loop runs."""
+
+    def __init__(self, loop: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.g = nn.Parameter(torch.ones(())) if loop else None
+        self.alive: list[tuple[int, ...]] = []
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        large = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.numel() > 2**20]
+        self.alive += [tuple(t.shape) for t in large]
+        del large
+        h = self.fc(x)
+        if self.g is not None and bool((x > -1e9).all()):
+            h = h * self.g
+        return h, h[:, :1] * torch.ones(1, 2**20 + 1)
+
+
+def _wide_loss(out, y):
+    return LOSS(out[0], y) + out[1].mean(1)
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["hooks-only", "hooks-and-loop"])
+def test_outputs_too_large_to_compare_are_not_kept_past_their_forward(loop):
+    """review74 F1 (s4.py, s7.py): the hooks kept a batch's whole outputs until the next batch's pass (alive through
+    the spot check and the next pass), and the per-example loop kept every example's until it ended; a language
+    model's logits, never compared. No forward may start while an earlier one's large output is alive."""
+    model = _WideOutput(loop)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), _wide_loss, batch_size=4, progress=False)
+    said = [str(w.message) for w in caught]
+    assert not [s for s in said if "given up" in s or "depends on" in s], said
+    assert any("per-example loop" in s for s in said) == loop
+    assert model.forwards >= (20 if loop else 7)  # probe, 3 hooked passes, the first-rows check, spot checks, loop
+    assert model.alive == []
+    want = []
+    for i in range(12):  # the examples' gradients alone, independently
+        model.zero_grad()
+        _wide_loss(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
+        want.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,10 @@ from .data import Tree, batch_rows
 from .layer_rules import covers, token_form, write_per_example_grad
 from .losses import LossFn
 
+# An output tensor of more elements per example is not compared batched vs alone (per_example), so not kept past the
+# forward that made it (model_outputs): a language model's (T, vocabulary) logits would otherwise stay in memory.
+COMPARED_ELEMENTS = 2**20
+
 
 def parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
     """{id(parameter): [(module name, attribute), ...]}: every module holding it directly (tied
@@ -44,8 +48,9 @@ class HookGradients:
         self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
         # layers whose calls of batch 1 the last pass expanded to its batch (capture.stream), even when it raised
         self.expanded: set[str] = set()
-        # the floating tensors of the model's output in the last pass (output_leaves), detached; None when the
-        # model ran more or less than once in it: compared with the examples' outputs alone (per_example)
+        # the floating tensors of the model's output in the last pass (output_leaves), detached, those over
+        # COMPARED_ELEMENTS per example replaced by empty ones (model_outputs); None when the model ran more or less
+        # than once in it: compared with the examples' outputs alone (per_example, which sets it to None once read)
         self.outputs: list[torch.Tensor] | None = None
 
     @property
@@ -99,7 +104,7 @@ class HookGradients:
 
         self.expanded = set()
         self.outputs = None
-        with model_outputs(self.model) as outputs:
+        with model_outputs(self.model, rows) as outputs:
             counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
         self.outputs = outputs[0] if len(outputs) == 1 else None
         self.bytes_per_row = captured[0] / rows
@@ -123,10 +128,18 @@ def output_leaves(output: object) -> list[torch.Tensor]:
 
 
 @contextmanager
-def model_outputs(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
-    """A list receiving output_leaves of each output `model` returns while the context is open (a forward hook)."""
+def model_outputs(model: nn.Module, rows: int) -> Iterator[list[list[torch.Tensor]]]:
+    """A list receiving output_leaves of each output `model` returns while the context is open (a forward hook) on
+    batches of `rows` examples; a tensor of more than rows x COMPARED_ELEMENTS elements is replaced, as it is
+    captured, by an empty (its first dimension, 0) one (compared with nothing), so that it is freed with its pass."""
     seen: list[list[torch.Tensor]] = []
-    handle = model.register_forward_hook(lambda module, args, output: seen.append(output_leaves(output)))
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t if t.numel() <= rows * COMPARED_ELEMENTS else t.new_zeros(t.shape[0], 0)
+
+    handle = model.register_forward_hook(
+        lambda module, args, output: seen.append([kept(t) for t in output_leaves(output)])
+    )
     try:
         yield seen
     finally:

@@ -25,7 +25,7 @@ from .first_rows_check import (
     tokens_counted,
     tolerances,
 )
-from .hook_gradients import HookGradients, model_outputs
+from .hook_gradients import COMPARED_ELEMENTS, HookGradients, model_outputs
 from .layer_rules import mixes_examples, not_covered
 from .losses import LossFn, losses_of, model_caller, random_forward
 
@@ -37,8 +37,9 @@ from .losses import LossFn, losses_of, model_caller, random_forward
 # 1.01-1.08x with one; 256 MiB gains 1-2% more. Other devices take the batch in one pass.
 _PASS_BYTES = 128 * 2**20
 # An output tensor of more elements per example is not compared batched vs alone (_depends_on_the_batch): keeping it
-# for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits).
-_COMPARED_ELEMENTS = 2**20
+# for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits), so
+# model_outputs drops it as it is captured.
+_COMPARED_ELEMENTS = COMPARED_ELEMENTS
 
 
 class PerExampleGradients:
@@ -124,9 +125,9 @@ class PerExampleGradients:
         """The loss of one example and, as the auxiliary output, the floating tensors of its model output
         (hook_gradients.output_leaves; none when the model ran more or less than once)."""
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
-        with model_outputs(self.model) as seen:
+        with model_outputs(self.model, 1) as seen:
             loss = losses_of(self.model, {**rest, **chosen}, self.loss_fn, *one).sum()
-        return loss, tuple(_small(seen[0])) if len(seen) == 1 else ()
+        return loss, tuple(seen[0]) if len(seen) == 1 else ()
 
     def __call__(
         self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor | None = None
@@ -151,14 +152,16 @@ class PerExampleGradients:
                 break
             part = (slice_rows(inputs, start, stop), slice_rows(targets, start, stop))
             hooked = self._by_hooks(state, *part, out[start:stop])
+            leaves, self.hooks.outputs = self.hooks.outputs, None  # past the pass, `batched` keeps what it compares
+            if hooked:
+                batched.add(leaves, stop - start)
+            del leaves
             if hooked is None:  # the first-rows check saw this batch's outputs depend on it: the next one checks
                 self._dependent(start + self._first_row_off, state, inputs, targets)
                 self._by_autodiff(self.names, state, inputs, targets, out)
                 return out
             if not hooked:
                 self.hooks, self.others = None, list(self.names)
-            else:
-                batched.add(self.hooks.outputs, stop - start)
         checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
             alone = self._by_autodiff(self.others, state, inputs, targets, out)
@@ -166,9 +169,9 @@ class PerExampleGradients:
                 self._by_autodiff(self.names, state, inputs, targets, out)
         elif checked:
             # hooks only: one example alone, the last row, against its output in the batch (no gradient)
-            with torch.no_grad(), model_outputs(self.model) as seen:
+            with torch.no_grad(), model_outputs(self.model, 1) as seen:
                 call_model(model_caller(self.model, state), slice_rows(inputs, rows - 1, rows))
-            alone = [t.unsqueeze(0) for t in _small(seen[0])] if len(seen) == 1 else None
+            alone = [t.unsqueeze(0) for t in seen[0]] if len(seen) == 1 else None
             if self._depends_on_the_batch(state, batched, alone, inputs, targets):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         return out
@@ -267,7 +270,7 @@ class PerExampleGradients:
                 return False
         head_inputs, head_targets, rows = checked_rows(inputs, targets, out.shape[0])
         hooked = list(self.hooks.plan)
-        with model_outputs(self.model) as seen:  # each checked row's outputs alone (when run once each)
+        with model_outputs(self.model, 1) as seen:  # each checked row's outputs alone (when run once each)
             reference = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
         columns = [self.columns[n] for n in hooked]
         pairs = [(out[:rows, o : o + w], _stacked(reference.rows, k)) for k, (o, w) in enumerate(columns)]
@@ -325,7 +328,7 @@ class PerExampleGradients:
         if not batched.usable or len(seen) != rows or any(len(s) != len(batched.leaves) for s in seen):
             return None
         try:
-            alone = [torch.stack(leaf) for leaf in zip(*map(_small, seen), strict=True)]
+            alone = [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
         except RuntimeError:  # shapes differing from row to row
             return None
         head = [t[:rows] for t in batched.leaves]
@@ -384,7 +387,7 @@ class PerExampleGradients:
         """Columns of `names`, one example at a time with torch.autograd.grad; returns the examples' outputs as
         _by_autodiff does (None when the model ran more or less than once an example or their shapes differ)."""
         rows = out.shape[0]
-        with model_outputs(self.model) as seen:
+        with model_outputs(self.model, 1) as seen:  # each example's compared (small) outputs only
             grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
             for i, parts in enumerate(grads):
                 for n, g in zip(names, parts, strict=True):
@@ -393,7 +396,7 @@ class PerExampleGradients:
         if len(seen) != rows or len({len(s) for s in seen}) != 1:
             return None
         try:
-            return [torch.stack(leaf) for leaf in zip(*map(_small, seen), strict=True)]
+            return [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
         except RuntimeError:  # shapes differing from example to example
             return None
 
@@ -468,11 +471,6 @@ class _Outputs:
 def _per_row(t: torch.Tensor, rows: int) -> bool:
     """Whether `t` holds (rows, ...) per-example outputs small enough to be compared (_COMPARED_ELEMENTS)."""
     return t.dim() > 0 and t.shape[0] == rows and t.numel() <= rows * _COMPARED_ELEMENTS
-
-
-def _small(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One example's output tensors (1, ...), each over _COMPARED_ELEMENTS elements replaced by an empty (1, 0)."""
-    return [t if t.numel() <= _COMPARED_ELEMENTS else t.new_zeros(1, 0) for t in leaves]
 
 
 def _largest_finite(t: torch.Tensor) -> torch.Tensor:
