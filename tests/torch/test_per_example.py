@@ -1040,6 +1040,8 @@ def test_rows_of_a_model_whose_output_depends_on_its_batch_are_each_examples_own
     said = _said(caught)
     row = 0 if make is PackedGRU else 3  # every row checked, or by hooks alone the last one
     assert len(said) == 1 and f"row {row} of batch 2 " in said[0] and "padding to the batch's longest" in said[0]
+    # confirmed in float64 (review74 F2: a float32 gap alone is no longer taken for dependence)
+    assert re.search(r"\(tolerance 1\.1e-04\), and by [0-9.]+e-0[1-3] in float64", said[0]), said[0]
     alone = export_gradients(
         model, [(model.state_dict(), 1.0)], ((x[8:12], lengths[8:12]), y[8:12]), _logits_loss, progress=False
     )
@@ -1198,3 +1200,157 @@ def test_outputs_too_large_to_compare_are_not_kept_past_their_forward(loop):
         _wide_loss(model(x[i : i + 1]), y[i : i + 1]).sum().backward()
         want.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     np.testing.assert_allclose(got.matrices[0], torch.stack(want).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _cancelling(looped: bool = False) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """review74 F2 (s6.py), smaller: a regression on un-centred features (x0 + 1e-3 noise) whose last bias cancels
+    w.h ~ 8 into outputs ~1e-3, small differences of large sums: in float32 an output batched (16 rows) and alone
+    differs by rounding beyond 1.1e-4 of the batch's largest |output| (asserted where used), though no output
+    depends on the rest of its batch. `looped`: times a learned scale behind data-dependent control flow (the
+    per-example loop, whose outputs are each example's alone: every row compared; vmap's come from batched kernels)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 128) + 1e-3 * torch.randn(64, 128)
+    mlp = nn.Sequential(nn.Linear(128, 2048), nn.ReLU(), nn.Linear(2048, 1))
+    with torch.no_grad():
+        mlp[2].weight.abs_()
+        mlp[2].bias.sub_((mlp[:2](x) @ mlp[2].weight.T).mean())
+    return (_Scale(mlp) if looped else mlp), x, torch.randn(64, 1, generator=torch.Generator().manual_seed(1))
+
+
+class _Scale(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.g = inner, nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.inner(x) * self.g if bool((x > -1e9).all()) else self.inner(x)
+
+
+def _linear(out, y):
+    """A loss linear in the output: its gradient does not inherit the outputs' cancellation (rows comparable to
+    float64 within the check's tolerances)."""
+    return (out * y).sum(1)
+
+
+def _rows_in_float64(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss=_linear) -> np.ndarray:
+    wide = copy.deepcopy(model).double()
+    rows = []
+    for i in range(len(y)):
+        total = loss(wide(x[i : i + 1].double()), y[i : i + 1].double()).sum()
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(total, list(wide.parameters()))]))
+    return torch.stack(rows).numpy()
+
+
+def _float32_gap(model: nn.Module, x: torch.Tensor, batch: int) -> float:
+    """The largest |output batched - output alone| of a batch's last row over the batch's largest |output|."""
+    gaps = []
+    with torch.no_grad():
+        for k in range(0, len(x), batch):
+            out = model(x[k : k + batch])
+            gaps.append(((out[-1] - model(x[k + batch - 1 : k + batch])[0]).abs().max() / out.abs().max()).item())
+    return max(gaps)
+
+
+@pytest.mark.parametrize("looped", [False, True], ids=["hooks-only", "hooks-and-loop"])
+def test_outputs_differing_by_float32_rounding_alone_are_no_batch_dependence(looped):
+    """review74 F2: the float32 gap batched vs alone is beyond the tolerance, the float64 one is not: no warning, no
+    batch recomputed one example at a time (on 9b20534: "depends on the rest of its batch (padding?)" and every
+    batch recomputed), and the rows are the examples' float64 gradients within the check's tolerances."""
+    model, x, y = _cancelling(looped)
+    assert _float32_gap(model, x, 16) > 2 * 1.1e-4  # else this test would pass vacuously
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], _linear)
+    state = model.state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.cat([compute(state, x[k : k + 16], y[k : k + 16]) for k in range(0, 64, 16)])
+    said = [str(w.message) for w in caught if not re.search("vmap instead|per-example loop", str(w.message))]
+    assert not said, said
+    assert compute.batch_dependent == 0 and compute.rounding_only >= 1 and compute.hooks is not None
+    want = _rows_in_float64(model, x, y)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # through the export too: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(model, [(state, 1.0)], (x, y), _linear, batch_size=16, progress=False)
+    assert not [w for w in caught if "depends on" in str(w.message) or "given up" in str(w.message)]
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+class _Float32Only(nn.Module):
+    """_cancelling's MLP behind a forward that cannot run in float64: it casts its input to float32 and adds a
+    float32 buffer that is not in the state (a float64 weight then meets a float32 input), raises on float64
+    input, or returns float32 outputs whatever it computed in."""
+
+    def __init__(self, inner: nn.Module, how: str):
+        super().__init__()
+        self.inner, self.how = inner, how
+        self.register_buffer("shift", torch.zeros(128), persistent=False)
+
+    def forward(self, x):
+        if self.how == "casts":
+            return self.inner(x.float() + self.shift)
+        if self.how == "raises" and x.dtype == torch.float64:
+            raise TypeError("this model runs in float32 only")
+        return self.inner(x).float()
+
+
+@pytest.mark.parametrize("how", ["casts", "raises", "returns float32"])
+def test_a_model_that_cannot_run_in_float64_still_recomputes_saying_the_float64_check_could_not_run(how):
+    """Without a float64 look a float32 gap beyond the tolerance is taken for dependence, as before it: the batch is
+    recomputed one example at a time (its rows are right either way), and the warning says why the check that tells
+    rounding from dependence could not run."""
+    inner, x, y = _cancelling()
+    model = _Float32Only(inner, how)
+    assert _float32_gap(model, x, 16) > 2 * 1.1e-4
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], _linear)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.cat([compute(model.state_dict(), x[k : k + 16], y[k : k + 16]) for k in range(0, 64, 16)])
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and compute.batch_dependent >= 1 and compute.rounding_only == 0, said
+    why = {
+        "casts": "the model failed in float64: RuntimeError",
+        "raises": "the model failed in float64: TypeError: this model runs in float32 only",
+        "returns float32": "the model returned float32 outputs",
+    }[how]
+    assert "the float64 check telling rounding from dependence could not run" in said[0] and why in said[0], said
+    assert re.search(r"by [0-9.]+e-0[34] of the batch's largest \|output\| \(tolerance 1\.1e-04\)", said[0])
+    assert "taken as depending on the rest of its batch" in said[0]
+    want = _rows_in_float64(inner, x, y)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kept_bytes", [None, 0], ids=["kept", "too-large-to-keep"])
+def test_the_float64_copy_of_the_state_is_made_once_a_checkpoint_when_small(kept_bytes, monkeypatch):
+    """The float64 look at a batch copies the state once for all the batches of a checkpoint that need one (the same
+    tensors, not written in place since), again for another checkpoint or after an in-place write; a state over
+    _KEPT_FLOAT64_BYTES is copied for each look and not kept."""
+    if kept_bytes is not None:
+        monkeypatch.setattr(per_example, "_KEPT_FLOAT64_BYTES", kept_bytes)
+    copied: list[int] = []
+    widen = per_example.as_float64
+
+    def counted(tree):
+        if isinstance(tree, torch.Tensor) and tree.dim() == 2 and tree.shape[0] == 2048:  # the first weight
+            copied.append(id(tree))
+        return widen(tree)
+
+    monkeypatch.setattr(per_example, "as_float64", counted)
+    model, x, y = _cancelling()
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], _linear)
+    checkpoints = [model.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}]
+    for state in checkpoints:
+        for k in range(0, 64, 16):
+            compute(state, x[k : k + 16], y[k : k + 16])
+    looks = compute.rounding_only
+    assert looks >= 4 and compute.batch_dependent == 0  # at least 2 looks a checkpoint (4 batches each)
+    if kept_bytes is None:
+        assert copied == [id(checkpoints[0]["0.weight"]), id(checkpoints[1]["0.weight"])]
+        assert set(compute._float64) == set(checkpoints[1])
+        assert all(source() is checkpoints[1][n] for n, (source, _, _) in compute._float64.items())
+        checkpoints[1]["0.weight"].mul_(1.0)  # written in place: copied again at the next look
+        for k in range(0, 64, 16):
+            compute(checkpoints[1], x[k : k + 16], y[k : k + 16])
+        assert len(copied) == 3 and compute.rounding_only > looks
+    else:
+        assert len(copied) == looks and compute._float64 == {}

@@ -4,7 +4,9 @@ vmap(grad) for the rest, a per-example loop where vmap cannot run the model."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,10 +17,12 @@ from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_sha
 from .data import Tree, batch_rows, call_model, slice_rows, tree_map
 from .first_rows_check import (
     agrees,
+    as_float64,
     autocast_note,
     checked_rows,
     coarsest,
     example_gradients,
+    float64_room,
     gap,
     one_row_error,
     reference_gradients,
@@ -40,6 +44,15 @@ _PASS_BYTES = 128 * 2**20
 # for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits), so
 # model_outputs drops it as it is captured.
 _COMPARED_ELEMENTS = COMPARED_ELEMENTS
+# Outputs that differ batched vs alone beyond the tolerance are run again in float64 (_beyond_rounding) before the
+# batch is taken as depending on the rest of it. The float64 copy of the state that takes is kept from one such look
+# to the next of the same checkpoint (the same tensors, unmodified: the export loads a checkpoint once for all its
+# batches) when it is at most this many bytes, the size of a CPU pass's captured tensors: a model whose outputs are
+# small differences of large sums can need a look on every batch, and copying the state again for each costs about as
+# much as its float64 forward of a few rows. A larger copy is made for each look and freed after it, but for its
+# floating buffers (small, and FreshBuffers keeps a working copy of every buffer a forward of the checkpoint ran with
+# until the next checkpoint: a new float64 buffer on each look would pile up there).
+_KEPT_FLOAT64_BYTES = _PASS_BYTES
 
 
 class PerExampleGradients:
@@ -80,10 +93,15 @@ class PerExampleGradients:
       largest finite |output| of that tensor in the batch (first_rows_check.tolerances of the coarsest dtype of
       the state and outputs: 1.1e-4 in float32; a batch's scale, not a row's, so that float32 rounding of a
       well-fit output is not taken for dependence), or hold the same non-finite value; a tensor whose shape
-      alone is not one row of the batched one is not compared. A disagreement (an example's output depends on
-      the rest of its batch: padding to the batch's longest sequence, which the first rows of the first batch
-      need not show) recomputes that batch one example at a time (vmap or the loop) for every parameter, with a
-      warning naming the first such batch and row (once an export; `batch_dependent` counts them); the next
+      alone is not one row of the batched one is not compared. Rows that disagree are run again in float64, the
+      pass holding them and each of them alone (_beyond_rounding): outputs that are small differences of large
+      sums differ by float32 rounding beyond the tolerance, which float64 shrinks ~2e-9-fold (`rounding_only`
+      counts such batches: hooks kept, no warning). A disagreement still there in float64 (an example's output
+      depends on the rest of its batch: padding to the batch's longest sequence, which the first rows of the first
+      batch need not show), or one the float64 look could not judge (no room for the copy, the model failing or
+      not computing in float64; the warning says why), recomputes that batch one example at a time (vmap or the
+      loop) for every parameter, with a warning naming the first such batch and row, the gap and the tolerance
+      (once an export; `batch_dependent` counts them); the next
       batch takes the hooks again, so a batch's rows depend on its own rows only (a resumed or distributed
       export gets the same bytes: review72 F1, review73 F1/F2).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
@@ -117,8 +135,13 @@ class PerExampleGradients:
         self.checked_one = False  # by a check of one row: final for passes of one row
         self.vectorised = True
         self.batches = 0  # calls so far, for the warning naming a batch
-        self._first_row_off = 0  # the row _by_hooks found depending on its batch (returning None)
         self.batch_dependent = 0  # batches recomputed one example at a time (_depends_on_the_batch)
+        self.rounding_only = 0  # batches whose outputs differed in float32 only, not in float64 (_beyond_rounding)
+        self._found: tuple[int, str] = (0, "")  # the row _by_hooks found depending on its batch, and the words
+        # float64 copies of the state's floating tensors kept between looks (_float64_state): name -> (a weak
+        # reference to the tensor copied, its version counter then, the copy)
+        self._float64: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self._vmapped = vmap(grad(self._loss_of_one, has_aux=True), in_dims=(None, None, 0, 0))
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> tuple[torch.Tensor, tuple]:
@@ -145,6 +168,8 @@ class PerExampleGradients:
         if self.hooks is not None and not self.checked_one:
             self._skip_shared_ids(state, inputs)
         self.batches += 1
+        if any(state.get(n) is not source() for n, (source, _, _) in self._float64.items()):
+            self._float64 = {}  # another checkpoint's
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
         batched = _Outputs(keep_all=bool(self.others))  # the hooked passes' outputs, for _depends_on_the_batch
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
@@ -157,7 +182,7 @@ class PerExampleGradients:
                 batched.add(leaves, stop - start)
             del leaves
             if hooked is None:  # the first-rows check saw this batch's outputs depend on it: the next one checks
-                self._dependent(start + self._first_row_off, state, inputs, targets)
+                self._dependent(start + self._found[0], self._found[1], state, inputs, targets)
                 self._by_autodiff(self.names, state, inputs, targets, out)
                 return out
             if not hooked:
@@ -181,19 +206,138 @@ class PerExampleGradients:
     ) -> bool:
         """True (after a warning, the first time in the export: _dependent) when the outputs of the batch's hooked
         passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone) disagree
-        beyond first_rows_check's tolerances relative to the batch's largest |output| (see the class docstring)."""
+        beyond first_rows_check's tolerances relative to the batch's largest |output|, also in float64 or where
+        float64 cannot tell (_beyond_rounding; see the class docstring)."""
         if alone is None or len(alone) != len(batched.leaves):
             return False
-        row = _first_differing(batched.leaves, batched.scales, alone, coarsest(state.values()))
-        if row is None:
+        offset = batched.rows - alone[0].shape[0]
+        found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
+        if found is None:
             return False
-        self._dependent(batched.rows - alone[0].shape[0] + row, state, inputs, targets)
+        self._dependent(*found, state, inputs, targets)
         return True
 
-    def _dependent(self, row: int, state, inputs, targets) -> None:
-        """Counts a batch whose output for `row` depends on the rest of the batch; the first time in the export,
-        a warning. A forward drawing random numbers (dropout with training=True) gives the hooks up instead, as
-        the first-rows check does: its rows differ from run to run whatever computes them."""
+    def _beyond_rounding(
+        self,
+        state,
+        inputs: Tree,
+        leaves: list[torch.Tensor],
+        scales: list[torch.Tensor],
+        alone: list[torch.Tensor],
+        bounds: list[tuple[int, int]],
+        offset: int,
+    ) -> tuple[int, str] | None:
+        """(row, the words for the warning) of the first row whose outputs differ in the batch and alone (leaves,
+        scales: the batch's largest finite |output|, alone: as _row_gaps takes them; row = offset + their index)
+        beyond the tolerance, and still differ when run again in float64 (the pass of `bounds`, (start, stop) rows
+        of `inputs`, holding it, and the row alone: _float64_look), or could not be run so; None when none differs,
+        or every row that does agrees in float64 (`rounding_only` counts the batch).
+
+        Why float64: the tolerance is (rtol + atol) of the state's dtype (1.1e-4 in float32) times the batch's
+        largest |output|, but an output that is a small difference of large sums (a bias cancelling w.h ~ 8 into
+        outputs ~1e-2) carries float32 rounding of eps32 times those sums: batched vs alone (other kernels, other
+        summation orders; TF32 or another convolution algorithm for one row on a GPU) it can exceed that. The same
+        operations in float64 round eps64 / eps32 ~ 2e-9 times as much, while an output that depends on the rest
+        of its batch (padding to its longest sequence, a packed GRU, a batch mean) differs by as much as in
+        float32, where it was beyond the tolerance. So a row is taken as dependent only when its float64 outputs
+        still differ beyond the float64 tolerances (tolerances(float64): the same 1.1e-4, RTOL and ATOL being above
+        both eps) times its float64 batch's largest |output|: the change that counts as dependence is the same
+        size, measured where rounding cannot reach it (as the first-rows check's float64 look at Kronecker
+        segments, token_projection.KroneckerRows._beyond_rounding). Rows are looked at in order until one is
+        confirmed: at most one float64 forward of the pass and one of a row alone per differing row, no more
+        forwards than the one-example recompute the look may spare. Where no float64 look is possible the batch
+        is recomputed, as before it: one example at a time its rows are right either way."""
+        gaps, tolerance = _row_gaps(leaves, scales, alone, coarsest(state.values()))
+        differing = [] if gaps is None else (gaps > tolerance).nonzero()[:, 0].tolist()
+        if not differing:
+            return None
+        first = offset + differing[0]
+        said = f"by {gaps[differing[0]].item():.1e} of the batch's largest |output| (tolerance {tolerance:.1e})"
+        why = float64_room(state)
+        if why is None:
+            try:
+                look = self._float64_look(state, inputs, [offset + i for i in differing], bounds)
+            except _NoLook as e:
+                why = str(e)
+            except Exception as e:  # the model's error in float64 (KeyboardInterrupt and other BaseExceptions pass)
+                if device_failure(e):
+                    raise
+                message = str(e).splitlines()[0] if str(e) else ""
+                why = f"the model failed in float64: {type(e).__name__}: {message}"
+            else:
+                if look is None:
+                    self.rounding_only += 1
+                    return None
+                row, gap64, tolerance64 = look
+                gap32 = gaps[row - offset].item()
+                said = (
+                    f"by {gap32:.1e} of the batch's largest |output| (tolerance {tolerance:.1e}), and by {gap64:.1e} "
+                    f"in float64 (tolerance {tolerance64:.1e}), where rounding is ~2e-9 times smaller"
+                )
+                return row, said
+        return first, f"{said}; the float64 check telling rounding from dependence could not run ({why})"
+
+    def _float64_look(
+        self, state, inputs: Tree, rows: list[int], bounds: list[tuple[int, int]]
+    ) -> tuple[int, float, float] | None:
+        """The first of `rows` (ascending) whose output, in its pass (`bounds`) and alone, both run in float64
+        without gradients (the state and inputs as float64 copies: first_rows_check.as_float64, _float64_state),
+        differ beyond the float64 tolerances times the pass's largest |output| of that tensor: (row, its gap
+        relative to that, the tolerance); None when every row agrees. _NoLook when the float64 outputs cannot be
+        compared (not float64, not one output per forward, not the float32 run's count)."""
+        wide = self._float64_state(state)
+        held: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None  # the pass run: start, leaves, scales
+        for row in rows:
+            start, stop = next((a, b) for a, b in bounds if a <= row < b)
+            if held is None or held[0] != start:
+                held = None  # the previous pass's outputs go before the next forward
+                leaves = _float64_outputs(self.model, wide, slice_rows(inputs, start, stop), stop - start)
+                held = (start, leaves, [_largest_finite(t) for t in leaves])
+            one = _float64_outputs(self.model, wide, slice_rows(inputs, row, row + 1), 1)
+            if len(one) != len(held[1]):
+                raise _NoLook(f"the model returned {len(held[1])} floating outputs on its batch, {len(one)} alone")
+            i = row - start
+            got = [t[i : i + 1] for t in held[1]]
+            gaps, tolerance = _row_gaps(got, held[2], [t.unsqueeze(0) for t in one], torch.float64)
+            if gaps is None:
+                raise _NoLook("no float64 output of the batch and alone had the same shape")
+            if gaps[0] > tolerance:
+                return row, gaps[0].item(), tolerance
+        return None
+
+    def _float64_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with every floating tensor as a float64 copy: those kept from an earlier look at the same
+        checkpoint reused (the same tensor, its version counter unchanged: not written in place since); the copies
+        kept for the next look, all of them when at most _KEPT_FLOAT64_BYTES, else its buffers' only (see there)."""
+        wide: dict[str, torch.Tensor] = {}
+        made: dict[int, torch.Tensor] = {}  # one copy of a tensor under two names (tied weights stay tied)
+        with torch.no_grad():
+            for n, t in state.items():
+                kept = self._float64.get(n)
+                if not t.is_floating_point():
+                    wide[n] = t
+                elif id(t) in made:
+                    wide[n] = made[id(t)]
+                elif kept is not None and kept[0]() is t and kept[1] == _version(t):
+                    wide[n] = made[id(t)] = kept[2]
+                else:
+                    wide[n] = made[id(t)] = as_float64(t)
+        small = sum(t.numel() * 8 for t in made.values()) <= _KEPT_FLOAT64_BYTES
+        self._float64 = {  # not a float64 tensor of the state itself (as_float64 returns it): nothing to keep
+            n: (weakref.ref(t), _version(t), wide[n])
+            for n, t in state.items()
+            if t.is_floating_point()
+            and wide[n] is not t
+            and _version(t) is not None
+            and (small or n not in self._parameters)
+        }
+        return wide
+
+    def _dependent(self, row: int, said: str, state, inputs, targets) -> None:
+        """Counts a batch whose output for `row` depends on the rest of the batch (`said`: by how much, and whether
+        float64 confirmed it: _beyond_rounding); the first time in the export, a warning. A forward drawing random
+        numbers (dropout with training=True) gives the hooks up instead, as the first-rows check does: its rows
+        differ from run to run whatever computes them."""
         self.batch_dependent += 1
         if self.batch_dependent > 1:
             return
@@ -205,10 +349,17 @@ class PerExampleGradients:
             )
             self.hooks, self.others = None, list(self.names)
             return
+        unjudged = "float64 check" in said
         warnings.warn(
             f"the model's output for row {row} of batch {self.batches} (counted from 1 over the export's calls "
-            "to this gradient function) differs in its batch and alone beyond rounding: it depends on the rest of "
-            "its batch (padding to the batch's longest sequence?). A per-example gradient is that of the example "
+            f"to this gradient function) differs in its batch and alone {said}: "
+            + (
+                "taken as depending on the rest of its batch (padding to the batch's longest sequence? or float32 "
+                "rounding of outputs that are small differences of large sums)"
+                if unjudged
+                else "it depends on the rest of its batch (padding to the batch's longest sequence?)"
+            )
+            + ". A per-example gradient is that of the example "
             "alone: such a batch is computed one example at a time for every parameter (torch.func.vmap or a "
             "loop), the batch after it by the hooks again; this warning is not repeated for later batches",
             RuntimeWarning,
@@ -286,10 +437,10 @@ class PerExampleGradients:
                 )
             elif (
                 not self.hooks.expanded
-                and (row := self._checked_outputs_differ(state, seen, out.shape[0], rows)) is not None
+                and (found := self._checked_outputs_differ(state, inputs, seen, out.shape[0], rows)) is not None
             ):
                 # (a layer whose batch-1 calls the hooks expanded makes the hooked outputs differ by itself)
-                self._first_row_off = row
+                self._found = found
                 return None
             else:
                 _warn_leaving(
@@ -319,10 +470,13 @@ class PerExampleGradients:
             )
         return True
 
-    def _checked_outputs_differ(self, state, seen: list[list[torch.Tensor]], batch: int, rows: int) -> int | None:
-        """The first of the first-rows check's `rows` rows whose output alone (`seen`: the check's forwards, one
-        per row when run in the model's dtype) differs from its output in the hooked pass of `batch` rows, as
-        _depends_on_the_batch compares them; None when they agree or cannot be compared."""
+    def _checked_outputs_differ(
+        self, state, inputs: Tree, seen: list[list[torch.Tensor]], batch: int, rows: int
+    ) -> tuple[int, str] | None:
+        """(row, words) of the first of the first-rows check's `rows` rows whose output alone (`seen`: the check's
+        forwards, one per row when run in the model's dtype) differs from its output in the hooked pass of `batch`
+        rows (`inputs`), as _depends_on_the_batch compares them (float64 included: _beyond_rounding); None when they
+        agree or cannot be compared."""
         batched = _Outputs(keep_all=True)
         batched.add(self.hooks.outputs, batch)
         if not batched.usable or len(seen) != rows or any(len(s) != len(batched.leaves) for s in seen):
@@ -332,7 +486,7 @@ class PerExampleGradients:
         except RuntimeError:  # shapes differing from row to row
             return None
         head = [t[:rows] for t in batched.leaves]
-        return _first_differing(head, batched.scales, alone, coarsest(state.values()))
+        return self._beyond_rounding(state, inputs, head, batched.scales, alone, [(0, batch)], 0)
 
     def _one_at_a_time_layers(self, rows: int) -> str:
         """Words for the warning giving up the hooks, naming the layers the hooked pass ran on batch-1 tensors
@@ -411,26 +565,51 @@ class PerExampleGradients:
         return None
 
 
-def _first_differing(
+def _row_gaps(
     leaves: list[torch.Tensor], scales: list[torch.Tensor], alone: list[torch.Tensor], dtype: torch.dtype
-) -> int | None:
-    """The first row i where a batched output tensor (leaves: (n, ...) each, `scales` its batch's largest finite
-    |value|) and the same example's alone (n, 1, ...) differ by more than (rtol + atol) x scale (first_rows_check.
-    tolerances of the coarsest of `dtype` and the outputs' dtypes) and are not the same non-finite value; tensors of
-    other shapes or devices are not compared."""
+) -> tuple[torch.Tensor | None, float]:
+    """(gaps, tolerance): per row i, the largest |batched - alone| over the output tensors (leaves: (n, ...) each,
+    `scales` its batch's largest finite |value|; alone: the same examples' (n, 1, ...)) relative to that tensor's
+    scale (0 where both hold the same value or non-finite value, inf where only one is finite or the scale is 0),
+    float64 (n,), None when nothing was compared; a row differs where its gap is over the tolerance, rtol + atol of
+    first_rows_check.tolerances of the coarsest of `dtype` and the outputs' dtypes. Tensors of other shapes or
+    devices are not compared."""
     rtol, atol = tolerances(coarsest([torch.empty(0, dtype=dtype), *leaves]))
-    first = None
+    worst = None
     for got, want, scale in zip(leaves, alone, scales, strict=True):
         n = got.shape[0]
         if want.shape != (n, 1, *got.shape[1:]) or got.device != want.device or not got.numel():
             continue
-        wide = torch.float64 if torch.float64 in (got.dtype, want.dtype) else torch.float32
-        g, w = got.to(wide), want.reshape(got.shape).to(wide)
-        same = (g == w) | (g.isnan() & w.isnan()) | ((g - w).abs() <= (rtol + atol) * scale)
-        bad = (~same).reshape(n, -1).any(1).nonzero()
-        if len(bad):
-            first = int(bad[0]) if first is None else min(first, int(bad[0]))
-    return first
+        g, w = got.double(), want.reshape(got.shape).double()
+        same = (g == w) | (g.isnan() & w.isnan())
+        gaps = ((g - w).abs() / scale).nan_to_num(nan=math.inf).masked_fill(same, 0).reshape(n, -1).amax(1)
+        worst = gaps if worst is None else torch.maximum(worst, gaps)
+    return worst, rtol + atol
+
+
+def _float64_outputs(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree, rows: int) -> list:
+    """The floating outputs of one no-grad forward of `model` with `state` (float64) on `inputs` (`rows` rows,
+    widened to float64 here), a tensor that is not (rows, ...) or too large to compare (_per_row) as an empty
+    (rows, 0) one; _NoLook when the model ran more or less than once or returned a compared output of another
+    dtype (a forward casting to float32)."""
+    with torch.no_grad(), model_outputs(model, rows) as seen:
+        call_model(model_caller(model, state), as_float64(inputs))
+    if len(seen) != 1:
+        raise _NoLook(f"the model ran {len(seen)} times on one batch")
+    leaves = [t if _per_row(t, rows) else t.new_zeros(rows, 0) for t in seen[0]]
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in leaves if t.numel() and t.dtype != torch.float64})
+    if other:
+        raise _NoLook(f"with its state and inputs in float64 the model returned {', '.join(other)} outputs")
+    return leaves
+
+
+class _NoLook(Exception):
+    """The float64 look cannot judge a disagreement (_beyond_rounding): why."""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter of `t` (bumped by every in-place write), None for an inference tensor (none)."""
+    return None if t.is_inference() else t._version
 
 
 class _Outputs:
@@ -442,6 +621,7 @@ class _Outputs:
 
     def __init__(self, keep_all: bool):
         self.keep_all, self.usable, self.rows = keep_all, True, 0
+        self.bounds: list[tuple[int, int]] = []  # each pass's (start, stop) rows
         self.scales: list[torch.Tensor] = []
         self._parts: list[list[torch.Tensor]] = []
         self._shapes: list | None = None
@@ -457,6 +637,7 @@ class _Outputs:
         self.scales = (
             scales if not self.scales else [torch.maximum(a, b) for a, b in zip(self.scales, scales, strict=True)]
         )
+        self.bounds.append((self.rows, self.rows + rows))
         self.rows += rows
         self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:].clone() for t in leaves]]
 
