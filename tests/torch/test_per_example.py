@@ -1354,3 +1354,96 @@ def test_the_float64_copy_of_the_state_is_made_once_a_checkpoint_when_small(kept
         assert len(copied) == 3 and compute.rounding_only > looks
     else:
         assert len(copied) == looks and compute._float64 == {}
+
+
+class TrimmedTokens(nn.Module):
+    """Per-token logits over the batch's longest sequence, (batch, longest, 3): alone an example's are (1, its
+    length, 3), so its output shape (and, through the loss's mean over time with the padding, its values) changes
+    with its batch (review79 F1). With `rnn`, a GRU goes to vmap (then the loop: int(lengths.max()) stops vmap),
+    so every row is checked, each example's outputs alone differing in shape from the others'."""
+
+    def __init__(self, rnn: bool = False):
+        super().__init__()
+        self.inner = nn.GRU(4, 6, batch_first=True) if rnn else nn.Linear(4, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, lengths):
+        h = self.inner(x[:, : int(lengths.max())])
+        return self.fc(torch.tanh(h[0] if isinstance(h, tuple) else h))
+
+
+def _token_mean_loss(out, y):
+    return LOSS(out.mean(1), y)
+
+
+@pytest.mark.parametrize("rnn", [False, True], ids=["hooks-only", "hooks-and-loop"])
+def test_an_output_whose_shape_follows_the_batchs_longest_sequence_is_dependence(rnn):
+    """review79 F1: the only output is (batch, longest, 3); before, shapes differing batched vs alone were skipped
+    as not comparable: no warning, in-batch rows (up to 0.46 off batch_size=1). Now the batch is dependent by its
+    shape alone, the warning naming the shapes, and every row is the batch_size=1 export's within rounding."""
+    lengths = [7, 7, 7, 7, 3, 6, 2, 5, 7, 7, 7, 7, 4, 5, 1]
+    torch.manual_seed(0)
+    model = TrimmedTokens(rnn)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(len(lengths), 7, 4, generator=g), torch.randint(0, 3, (len(lengths),), generator=g)
+    data = ((x, torch.tensor(lengths)), y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(model.state_dict(), 1.0)], data, _token_mean_loss, batch_size=4, progress=False)
+    one = export_gradients(model, [(model.state_dict(), 1.0)], data, _token_mean_loss, batch_size=1, progress=False)
+    want = one.matrices[0]
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    said = _said(caught)
+    shapes = "(1, 3, 3) alone" if rnn else "(1, 5, 3) alone"  # every row checked (row 0 of the batch) or the last
+    assert len(said) == 1 and "of batch 2 " in said[0], said
+    assert f"in shape: output tensor 0 is (4, 6, 3) in its pass of 4 rows and {shapes}" in said[0], said[0]
+    assert "float64" not in said[0]  # no float64 look needed
+
+
+class SequenceFirst(nn.Module):
+    """A sequence-first GRU over sequences of 4 steps (the batch size): its (4, batch, 6) output is batch-first in
+    shape by chance, (4, 1, 6) alone; with it a 0-d output and the (1, batch, 6) final state (first dimension not
+    the batch). No output depends on the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.GRU(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        out, h = self.rnn(x.transpose(0, 1))
+        return {"logits": self.fc(out[-1]), "steps": out, "final": h, "size": out.pow(2).mean()}
+
+
+def test_sequence_first_outputs_of_the_batchs_size_are_not_taken_for_dependence():
+    """review79 F1's converse: (T, B, H) with T == B in the batch is (T, 1, H) alone, not (1, ...): not batch-first,
+    not compared, no warning; the rows are the batch_size=1 export's."""
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(12, 4, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), _logits_loss, batch_size=4, progress=False)
+    assert not [w for w in caught if "alone" in str(w.message)], [str(w.message) for w in caught]
+    one = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), _logits_loss, batch_size=1, progress=False)
+    want = one.matrices[0]
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_float64_model_depending_on_its_batch_is_not_looked_at_again_in_float64(monkeypatch):
+    """review79 F4: a float64 model's float64 look repeated the same forwards and the warning claimed rounding
+    ~2e-9 times smaller there. Now no look (no _float64_look call) and the warning says it computed in float64."""
+    model, (x, lengths, y) = _padded_case(PaddedMLP, [7, 7, 7, 7, 3, 6, 2, 5])
+    model = model.double()
+    looks = []
+    monkeypatch.setattr(PerExampleGradients, "_float64_look", lambda self, *a: looks.append(1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(
+            model, [(model.state_dict(), 1.0)], ((x.double(), lengths), y), _logits_loss, batch_size=4, progress=False
+        )
+    said = _said(caught)
+    assert len(said) == 1 and "row 3 of batch 2 " in said[0] and ", computed in float64" in said[0], said
+    assert "times smaller" not in said[0] and not looks
+    want = _alone_in_float64(model, x, lengths, y)
+    np.testing.assert_allclose(g.matrices[0], want, rtol=1e-6, atol=1e-8 * np.abs(want).max())  # stored float32

@@ -86,24 +86,25 @@ class PerExampleGradients:
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
       flow) or runs out of device memory: a warning, then one example at a time with
       torch.autograd.grad (about 1 / batch of vmap's memory). Other device failures are raised.
-    - every batch of 2 or more rows that used the hooks: the model's outputs in the hooked (batched) pass (the
-      floating tensors of its output tree, hook_gradients.output_leaves) against the same examples' outputs
-      alone: every row where vmap or the loop ran too (they return them: no extra forward), else the last row
-      by one forward of it alone without gradients (a spot check). They agree within (rtol + atol) x the
-      largest finite |output| of that tensor in the batch (first_rows_check.tolerances of the coarsest dtype of
-      the state and outputs: 1.1e-4 in float32; a batch's scale, not a row's, so that float32 rounding of a
-      well-fit output is not taken for dependence), or hold the same non-finite value; a tensor whose shape
-      alone is not one row of the batched one is not compared. Rows that disagree are run again in float64, the
-      pass holding them and each of them alone (_beyond_rounding): outputs that are small differences of large
-      sums differ by float32 rounding beyond the tolerance, which float64 shrinks ~2e-9-fold (`rounding_only`
-      counts such batches: hooks kept, no warning). A disagreement still there in float64 (an example's output
-      depends on the rest of its batch: padding to the batch's longest sequence, which the first rows of the first
-      batch need not show), or one the float64 look could not judge (no room for the copy, the model failing or
-      not computing in float64; the warning says why), recomputes that batch one example at a time (vmap or the
-      loop) for every parameter, with a warning naming the first such batch and row, the gap and the tolerance
-      (once an export; `batch_dependent` counts them); the next
-      batch takes the hooks again, so a batch's rows depend on its own rows only (a resumed or distributed
-      export gets the same bytes: review72 F1, review73 F1/F2).
+    - every batch of 2 or more rows that used the hooks: the model's outputs in the hooked (batched) pass (the floating
+      tensors of its output tree, hook_gradients.output_leaves) against the same examples' outputs alone: every row
+      where vmap or the loop ran too (they return them: no extra forward), else the last row by one forward of it alone
+      without gradients (a spot check). They agree within (rtol + atol) x the largest finite |output| of that tensor in
+      the batch (first_rows_check.tolerances of the coarsest dtype of the state and outputs: 1.1e-4 in float32; a
+      batch's scale, not a row's, so that float32 rounding of a well-fit output is not taken for dependence), or hold
+      the same non-finite value. A batch-first tensor, (rows, *rest) in the pass, that is (1, *other) alone, other !=
+      rest (per-token outputs over the batch's longest sequence), is dependence by its shape, without a float64 look
+      (_reshaped); another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not
+      compared. Rows that disagree are run again in float64, the pass holding them and each of them alone
+      (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
+      tolerance, which float64 shrinks ~2e-9-fold (`rounding_only` counts such batches: hooks kept, no warning). A
+      disagreement still there in float64 (an example's output depends on the rest of its batch: padding to the batch's
+      longest sequence, which the first rows of the first batch need not show), or one the float64 look could not judge
+      (no room for the copy, the model failing or not computing in float64; the warning says why), recomputes that batch
+      one example at a time (vmap or the loop) for every parameter, with a warning naming the first such batch and row,
+      the gap and the tolerance (once an export; `batch_dependent` counts them); the next batch takes the hooks again,
+      so a batch's rows depend on its own rows only (a resumed or distributed export gets the same bytes: review72 F1,
+      review73 F1/F2).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
     an output squeezed to 0-d).
@@ -137,6 +138,7 @@ class PerExampleGradients:
         self.batches = 0  # calls so far, for the warning naming a batch
         self.batch_dependent = 0  # batches recomputed one example at a time (_depends_on_the_batch)
         self.rounding_only = 0  # batches whose outputs differed in float32 only, not in float64 (_beyond_rounding)
+        self._alone_shapes: list[list[torch.Size]] | None = None  # _one_at_a_time's, where they differ by example
         self._found: tuple[int, str] = (0, "")  # the row _by_hooks found depending on its batch, and the words
         # float64 copies of the state's floating tensors kept between looks (_float64_state): name -> (a weak
         # reference to the tensor copied, its version counter then, the copy)
@@ -189,8 +191,10 @@ class PerExampleGradients:
                 self.hooks, self.others = None, list(self.names)
         checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
+            self._alone_shapes = None
             alone = self._by_autodiff(self.others, state, inputs, targets, out)
-            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets):
+            shapes, self._alone_shapes = self._alone_shapes, None
+            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, shapes):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         elif checked:
             # hooks only: one example alone, the last row, against its output in the batch (no gradient)
@@ -202,16 +206,28 @@ class PerExampleGradients:
         return out
 
     def _depends_on_the_batch(
-        self, state, batched: _Outputs, alone: list[torch.Tensor] | None, inputs, targets
+        self,
+        state,
+        batched: _Outputs,
+        alone: list[torch.Tensor] | None,
+        inputs,
+        targets,
+        shapes: list[list[torch.Size]] | None = None,
     ) -> bool:
         """True (after a warning, the first time in the export: _dependent) when the outputs of the batch's hooked
         passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone) disagree
         beyond first_rows_check's tolerances relative to the batch's largest |output|, also in float64 or where
-        float64 cannot tell (_beyond_rounding; see the class docstring)."""
-        if alone is None or len(alone) != len(batched.leaves):
+        float64 cannot tell (_beyond_rounding; see the class docstring), or differ in shape (_reshaped; `shapes`:
+        each example's output shapes alone, for the batch's last rows, where they differ from example to example
+        and `alone` is None)."""
+        if alone is not None:
+            shapes = [[t.shape[1:] for t in alone]] * alone[0].shape[0] if alone else None
+        if not shapes or any(len(s) != len(batched.leaves) for s in shapes):
             return False
-        offset = batched.rows - alone[0].shape[0]
-        found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
+        offset = batched.rows - len(shapes)
+        found = _reshaped(batched, shapes, offset)
+        if found is None and alone is not None:
+            found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
         if found is None:
             return False
         self._dependent(*found, state, inputs, targets)
@@ -253,6 +269,11 @@ class PerExampleGradients:
             return None
         first = offset + differing[0]
         said = f"by {gaps[differing[0]].item():.1e} of the batch's largest |output| (tolerance {tolerance:.1e})"
+        if coarsest([*state.values(), *leaves]) == torch.float64:
+            # the model computes in float64 already: a float64 look would repeat the same forwards (review79 F4)
+            return first, f"{said}, computed in float64"
+        # (review79 F2: the look copies the whole floating state, kept up to _KEPT_FLOAT64_BYTES, even where
+        # `layers` names a few parameters whose one-example recompute it spares; not weighed here)
         why = float64_room(state)
         if why is None:
             try:
@@ -308,7 +329,10 @@ class PerExampleGradients:
     def _float64_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` with every floating tensor as a float64 copy: those kept from an earlier look at the same
         checkpoint reused (the same tensor, its version counter unchanged: not written in place since); the copies
-        kept for the next look, all of them when at most _KEPT_FLOAT64_BYTES, else its buffers' only (see there)."""
+        kept for the next look, all of them when at most _KEPT_FLOAT64_BYTES, else its buffers' only (see there).
+        A write the version counter does not see (through `.data`, or a NumPy view of the tensor) between two looks
+        leaves the kept copy stale (review79 F3): only the judgement of rounding vs dependence reads it, never the
+        rows, which come from the live tensors."""
         wide: dict[str, torch.Tensor] = {}
         made: dict[int, torch.Tensor] = {}  # one copy of a tensor under two names (tied weights stay tied)
         with torch.no_grad():
@@ -481,6 +505,9 @@ class PerExampleGradients:
         batched.add(self.hooks.outputs, batch)
         if not batched.usable or len(seen) != rows or any(len(s) != len(batched.leaves) for s in seen):
             return None
+        reshaped = _reshaped(batched, [[t.shape for t in s] for s in seen], 0)
+        if reshaped is not None:
+            return reshaped
         try:
             alone = [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
         except RuntimeError:  # shapes differing from row to row
@@ -541,6 +568,7 @@ class PerExampleGradients:
         """Columns of `names`, one example at a time with torch.autograd.grad; returns the examples' outputs as
         _by_autodiff does (None when the model ran more or less than once an example or their shapes differ)."""
         rows = out.shape[0]
+        self._alone_shapes = None
         with model_outputs(self.model, 1) as seen:  # each example's compared (small) outputs only
             grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
             for i, parts in enumerate(grads):
@@ -551,7 +579,8 @@ class PerExampleGradients:
             return None
         try:
             return [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
-        except RuntimeError:  # shapes differing from example to example
+        except RuntimeError:  # shapes differing from example to example: kept for _reshaped
+            self._alone_shapes = [[t.shape for t in s] for s in seen]
             return None
 
     def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
@@ -585,6 +614,31 @@ def _row_gaps(
         gaps = ((g - w).abs() / scale).nan_to_num(nan=math.inf).masked_fill(same, 0).reshape(n, -1).amax(1)
         worst = gaps if worst is None else torch.maximum(worst, gaps)
     return worst, rtol + atol
+
+
+def _reshaped(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) -> tuple[int, str] | None:
+    """(row, the words for the warning) of the first example (row = offset + its index in `shapes`: per example,
+    the shape of each output tensor alone) whose output alone is (1, *rest) where the batch's is (rows, *other) in
+    its pass of `rows` rows (batch-first: _Outputs' shapes), `other` != `rest` of as many dimensions, both holding
+    elements: an output of the example alone whose shape changes with its batch (per-token outputs over the batch's
+    longest sequence) depends on the batch, whatever its values. None when there is none. An output that is not
+    batch-first is not taken: a sequence-first (T, B, ...) one is (T, 1, ...) alone, its first dimension not 1
+    (where T == B by chance too), and a 0-d one or one whose first dimension is not the pass's rows has no
+    batch-first shape (None in _Outputs' shapes)."""
+    if batched.shapes is None:
+        return None
+    for i, example in enumerate(shapes):
+        row = offset + i
+        start, stop = next((a, b) for a, b in batched.bounds if a <= row < b)
+        for k, (other, one) in enumerate(zip(batched.shapes, example, strict=True)):
+            if other is None or len(one) != len(other) + 1 or one[0] != 1 or tuple(one[1:]) == tuple(other):
+                continue
+            if math.prod(other) and math.prod(one):
+                return row, (
+                    f"in shape: output tensor {k} is {(stop - start, *other)} in its pass of {stop - start} rows "
+                    f"and {tuple(one)} alone"
+                )
+    return None
 
 
 def _float64_outputs(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree, rows: int) -> list:
@@ -640,6 +694,12 @@ class _Outputs:
         self.bounds.append((self.rows, self.rows + rows))
         self.rows += rows
         self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:].clone() for t in leaves]]
+
+    @property
+    def shapes(self) -> list[torch.Size | None] | None:
+        """Per output tensor, its shape past the rows in every pass (None: not batch-first or too large to
+        compare); None before a pass."""
+        return self._shapes
 
     @property
     def leaves(self) -> list[torch.Tensor]:
