@@ -209,7 +209,9 @@ def test_a_dataset_is_read_in_batches_of_batch_size(trained, mode):
         export_gradients(model, checkpoints[:1], TensorDataset(x, y), LOSS, mode=mode, batch_size=16, progress=False)
     finally:
         hook.remove()
-    assert sizes.count(16) >= 2 and sizes.count(1) <= 4  # the first-row and first-rows checks run on a few rows
+    # the first-row and first-rows checks run on a few rows; mode="full" also runs the last row of each of the 3
+    # batches alone (the hooks' spot check of an output depending on its batch, review72 F1)
+    assert sizes.count(16) >= 2 and sizes.count(1) <= 4 + (3 if mode == "full" else 0)
 
 
 def test_data_errors_are_explained(trained):

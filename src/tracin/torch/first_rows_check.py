@@ -43,7 +43,8 @@ CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a l
 # (in_float64, token_projection.KroneckerRows._beyond_rounding): rounding shrinks there by eps64 / eps32 ~ 2e-9,
 # a layer mixing the examples or a weight also used elsewhere does not; it is refused when the float64 rows
 # still disagree beyond atol times the size of its float32 numbers (either side's: at least its noise) or
-# their own.
+# their own. torch mode='full' looks at model outputs that differ batched vs alone the same way before taking a
+# batch as depending on the rest of it (per_example.PerExampleGradients._beyond_rounding).
 RTOL, ATOL = 1e-4, 1e-5
 OWN_FACTOR = 1.5
 
@@ -366,11 +367,12 @@ def in_float64(
     None when the copy would not fit in its device's memory (float64_room says why)."""
     if float64_room(state) is not None:
         return None
+    return {n: as_float64(t) for n, t in state.items()}, as_float64(inputs), as_float64(targets)
 
-    def wide(t: torch.Tensor) -> torch.Tensor:
-        return t.double() if t.is_floating_point() else t
 
-    return {n: wide(t) for n, t in state.items()}, tree_map(wide, inputs), tree_map(wide, targets)
+def as_float64(tree: Tree) -> Tree:
+    """`tree` with every floating tensor as a float64 copy (one already float64 as it is), the rest as it is."""
+    return tree_map(lambda t: t.double() if t.is_floating_point() else t, tree)
 
 
 def _widened_gradients(model, state, names, loss_fn, inputs, targets, rows) -> list[list[torch.Tensor]]:

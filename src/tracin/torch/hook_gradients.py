@@ -4,7 +4,8 @@ inside the backward pass, each layer's as soon as its output gradient exists."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -13,6 +14,10 @@ from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows
 from .layer_rules import covers, token_form, write_per_example_grad
 from .losses import LossFn
+
+# An output tensor of more elements per example is not compared batched vs alone (per_example), so not kept past the
+# forward that made it (model_outputs): a language model's (T, vocabulary) logits would otherwise stay in memory.
+COMPARED_ELEMENTS = 2**20
 
 
 def parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, str]]]:
@@ -43,6 +48,10 @@ class HookGradients:
         self.bytes_per_row: float | None = None  # captured inputs and output gradients per example, last pass
         # layers whose calls of batch 1 the last pass expanded to its batch (capture.stream), even when it raised
         self.expanded: set[str] = set()
+        # the floating tensors of the model's output in the last pass (output_leaves), detached, those over
+        # COMPARED_ELEMENTS per example replaced by empty ones (model_outputs); None when the model ran more or less
+        # than once in it: compared with the examples' outputs alone (per_example, which sets it to None once read)
+        self.outputs: list[torch.Tensor] | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -94,10 +103,44 @@ class HookGradients:
                 written.add(name)
 
         self.expanded = set()
-        counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
+        self.outputs = None
+        with model_outputs(self.model, rows) as outputs:
+            counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
+        self.outputs = outputs[0] if len(outputs) == 1 else None
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
         return [m for m, count in counts.items() if not count], unusable
+
+
+def output_leaves(output: object) -> list[torch.Tensor]:
+    """The floating tensors of a model's output tree (a tensor; tuples and lists; dicts and other Mappings, Hugging
+    Face ModelOutput included, in their own order), detached, depth first."""
+    if isinstance(output, torch.Tensor):
+        return [output.detach()] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in output_leaves(v)]
+    if isinstance(output, (tuple, list)):
+        return [t for v in output for t in output_leaves(v)]
+    return []
+
+
+@contextmanager
+def model_outputs(model: nn.Module, rows: int) -> Iterator[list[list[torch.Tensor]]]:
+    """A list receiving output_leaves of each output `model` returns while the context is open (a forward hook) on
+    batches of `rows` examples; a tensor of more than rows x COMPARED_ELEMENTS elements is replaced, as it is
+    captured, by an empty (its first dimension, 0) one (compared with nothing), so that it is freed with its pass."""
+    seen: list[list[torch.Tensor]] = []
+
+    def kept(t: torch.Tensor) -> torch.Tensor:
+        return t if t.numel() <= rows * COMPARED_ELEMENTS else t.new_zeros(t.shape[0], 0)
+
+    handle = model.register_forward_hook(
+        lambda module, args, output: seen.append([kept(t) for t in output_leaves(output)])
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()

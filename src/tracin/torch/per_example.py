@@ -4,7 +4,9 @@ vmap(grad) for the rest, a per-example loop where vmap cannot run the model."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,20 +14,24 @@ from torch import nn
 from torch.func import grad, vmap
 
 from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_shared_by_the_batch
-from .data import Tree, batch_rows, slice_rows, tree_map
+from .data import Tree, batch_rows, call_model, slice_rows, tree_map
 from .first_rows_check import (
     agrees,
+    as_float64,
     autocast_note,
     checked_rows,
+    coarsest,
     example_gradients,
+    float64_room,
     gap,
     one_row_error,
     reference_gradients,
     tokens_counted,
+    tolerances,
 )
-from .hook_gradients import HookGradients
+from .hook_gradients import COMPARED_ELEMENTS, HookGradients, model_outputs
 from .layer_rules import mixes_examples, not_covered
-from .losses import LossFn, losses_of, random_forward
+from .losses import LossFn, losses_of, model_caller, random_forward
 
 # On the CPU a batch goes through the hooks in passes of at most about this many bytes of captured layer
 # inputs and output gradients: a cap on those captured tensors only, not on all a pass allocates (the
@@ -34,6 +40,19 @@ from .losses import LossFn, losses_of, random_forward
 # interleaved runs), 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and
 # 1.01-1.08x with one; 256 MiB gains 1-2% more. Other devices take the batch in one pass.
 _PASS_BYTES = 128 * 2**20
+# An output tensor of more elements per example is not compared batched vs alone (_depends_on_the_batch): keeping it
+# for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits), so
+# model_outputs drops it as it is captured.
+_COMPARED_ELEMENTS = COMPARED_ELEMENTS
+# Outputs that differ batched vs alone beyond the tolerance are run again in float64 (_beyond_rounding) before the
+# batch is taken as depending on the rest of it. The float64 copy of the state that takes is kept from one such look
+# to the next of the same checkpoint (the same tensors, unmodified: the export loads a checkpoint once for all its
+# batches) when it is at most this many bytes, the size of a CPU pass's captured tensors: a model whose outputs are
+# small differences of large sums can need a look on every batch, and copying the state again for each costs about as
+# much as its float64 forward of a few rows. A larger copy is made for each look and freed after it, but for its
+# floating buffers (small, and FreshBuffers keeps a working copy of every buffer a forward of the checkpoint ran with
+# until the next checkpoint: a new float64 buffer on each look would pile up there).
+_KEPT_FLOAT64_BYTES = _PASS_BYTES
 
 
 class PerExampleGradients:
@@ -67,6 +86,25 @@ class PerExampleGradients:
     - if vmap cannot run the model (in-place ops, custom autograd functions, data-dependent control
       flow) or runs out of device memory: a warning, then one example at a time with
       torch.autograd.grad (about 1 / batch of vmap's memory). Other device failures are raised.
+    - every batch of 2 or more rows that used the hooks: the model's outputs in the hooked (batched) pass (the floating
+      tensors of its output tree, hook_gradients.output_leaves) against the same examples' outputs alone: every row
+      where vmap or the loop ran too (they return them: no extra forward), else the last row by one forward of it alone
+      without gradients (a spot check). They agree within (rtol + atol) x the largest finite |output| of that tensor in
+      the batch (first_rows_check.tolerances of the coarsest dtype of the state and outputs: 1.1e-4 in float32; a
+      batch's scale, not a row's, so that float32 rounding of a well-fit output is not taken for dependence), or hold
+      the same non-finite value. A batch-first tensor, (rows, *rest) in the pass, that is (1, *other) alone, other !=
+      rest (per-token outputs over the batch's longest sequence), is dependence by its shape, without a float64 look
+      (_reshaped); another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not
+      compared. Rows that disagree are run again in float64, the pass holding them and each of them alone
+      (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
+      tolerance, which float64 shrinks ~2e-9-fold (`rounding_only` counts such batches: hooks kept, no warning). A
+      disagreement still there in float64 (an example's output depends on the rest of its batch: padding to the batch's
+      longest sequence, which the first rows of the first batch need not show), or one the float64 look could not judge
+      (no room for the copy, the model failing or not computing in float64; the warning says why), recomputes that batch
+      one example at a time (vmap or the loop) for every parameter, with a warning naming the first such batch and row,
+      the gap and the tolerance (once an export; `batch_dependent` counts them); the next batch takes the hooks again,
+      so a batch's rows depend on its own rows only (a resumed or distributed export gets the same bytes: review72 F1,
+      review73 F1/F2).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
     an output squeezed to 0-d).
@@ -97,11 +135,24 @@ class PerExampleGradients:
         self.checked = False  # by a check of 2 or more rows: final
         self.checked_one = False  # by a check of one row: final for passes of one row
         self.vectorised = True
-        self._vmapped = vmap(grad(self._loss_of_one), in_dims=(None, None, 0, 0))
+        self.batches = 0  # calls so far, for the warning naming a batch
+        self.batch_dependent = 0  # batches recomputed one example at a time (_depends_on_the_batch)
+        self.rounding_only = 0  # batches whose outputs differed in float32 only, not in float64 (_beyond_rounding)
+        self._alone_shapes: list[list[torch.Size]] | None = None  # _one_at_a_time's, where they differ by example
+        self._found: tuple[int, str] = (0, "")  # the row _by_hooks found depending on its batch, and the words
+        # float64 copies of the state's floating tensors kept between looks (_float64_state): name -> (a weak
+        # reference to the tensor copied, its version counter then, the copy)
+        self._float64: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        self._vmapped = vmap(grad(self._loss_of_one, has_aux=True), in_dims=(None, None, 0, 0))
 
-    def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> torch.Tensor:
+    def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> tuple[torch.Tensor, tuple]:
+        """The loss of one example and, as the auxiliary output, the floating tensors of its model output
+        (hook_gradients.output_leaves; none when the model ran more or less than once)."""
         one = (tree_map(lambda t: t.unsqueeze(0), x), tree_map(lambda t: t.unsqueeze(0), y))
-        return losses_of(self.model, {**rest, **chosen}, self.loss_fn, *one).sum()
+        with model_outputs(self.model, 1) as seen:
+            loss = losses_of(self.model, {**rest, **chosen}, self.loss_fn, *one).sum()
+        return loss, tuple(seen[0]) if len(seen) == 1 else ()
 
     def __call__(
         self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree, out: torch.Tensor | None = None
@@ -118,16 +169,226 @@ class PerExampleGradients:
             self.hooks.bytes_per_row = bytes_of_one(self.model, self.hooks.layers, state, slice_rows(inputs, 0, 1))
         if self.hooks is not None and not self.checked_one:
             self._skip_shared_ids(state, inputs)
+        self.batches += 1
+        if any(state.get(n) is not source() for n, (source, _, _) in self._float64.items()):
+            self._float64 = {}  # another checkpoint's
         passes = 1 if self.hooks is None or out.device.type != "cpu" else -(-rows // self._pass_rows())
+        batched = _Outputs(keep_all=bool(self.others))  # the hooked passes' outputs, for _depends_on_the_batch
         for start, stop in itertools.pairwise(rows * k // passes for k in range(passes + 1)):
             if self.hooks is None:
                 break
             part = (slice_rows(inputs, start, stop), slice_rows(targets, start, stop))
-            if not self._by_hooks(state, *part, out[start:stop]):
+            hooked = self._by_hooks(state, *part, out[start:stop])
+            leaves, self.hooks.outputs = self.hooks.outputs, None  # past the pass, `batched` keeps what it compares
+            if hooked:
+                batched.add(leaves, stop - start)
+            del leaves
+            if hooked is None:  # the first-rows check saw this batch's outputs depend on it: the next one checks
+                self._dependent(start + self._found[0], self._found[1], state, inputs, targets)
+                self._by_autodiff(self.names, state, inputs, targets, out)
+                return out
+            if not hooked:
                 self.hooks, self.others = None, list(self.names)
+        checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
-            self._by_autodiff(self.others, state, inputs, targets, out)
+            self._alone_shapes = None
+            alone = self._by_autodiff(self.others, state, inputs, targets, out)
+            shapes, self._alone_shapes = self._alone_shapes, None
+            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, shapes):
+                self._by_autodiff(self.names, state, inputs, targets, out)
+        elif checked:
+            # hooks only: one example alone, the last row, against its output in the batch (no gradient)
+            with torch.no_grad(), model_outputs(self.model, 1) as seen:
+                call_model(model_caller(self.model, state), slice_rows(inputs, rows - 1, rows))
+            alone = [t.unsqueeze(0) for t in seen[0]] if len(seen) == 1 else None
+            if self._depends_on_the_batch(state, batched, alone, inputs, targets):
+                self._by_autodiff(self.names, state, inputs, targets, out)
         return out
+
+    def _depends_on_the_batch(
+        self,
+        state,
+        batched: _Outputs,
+        alone: list[torch.Tensor] | None,
+        inputs,
+        targets,
+        shapes: list[list[torch.Size]] | None = None,
+    ) -> bool:
+        """True (after a warning, the first time in the export: _dependent) when the outputs of the batch's hooked
+        passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone) disagree
+        beyond first_rows_check's tolerances relative to the batch's largest |output|, also in float64 or where
+        float64 cannot tell (_beyond_rounding; see the class docstring), or differ in shape (_reshaped; `shapes`:
+        each example's output shapes alone, for the batch's last rows, where they differ from example to example
+        and `alone` is None)."""
+        if alone is not None:
+            shapes = [[t.shape[1:] for t in alone]] * alone[0].shape[0] if alone else None
+        if not shapes or any(len(s) != len(batched.leaves) for s in shapes):
+            return False
+        offset = batched.rows - len(shapes)
+        found = _reshaped(batched, shapes, offset)
+        if found is None and alone is not None:
+            found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
+        if found is None:
+            return False
+        self._dependent(*found, state, inputs, targets)
+        return True
+
+    def _beyond_rounding(
+        self,
+        state,
+        inputs: Tree,
+        leaves: list[torch.Tensor],
+        scales: list[torch.Tensor],
+        alone: list[torch.Tensor],
+        bounds: list[tuple[int, int]],
+        offset: int,
+    ) -> tuple[int, str] | None:
+        """(row, the words for the warning) of the first row whose outputs differ in the batch and alone (leaves,
+        scales: the batch's largest finite |output|, alone: as _row_gaps takes them; row = offset + their index)
+        beyond the tolerance, and still differ when run again in float64 (the pass of `bounds`, (start, stop) rows
+        of `inputs`, holding it, and the row alone: _float64_look), or could not be run so; None when none differs,
+        or every row that does agrees in float64 (`rounding_only` counts the batch).
+
+        Why float64: the tolerance is (rtol + atol) of the state's dtype (1.1e-4 in float32) times the batch's
+        largest |output|, but an output that is a small difference of large sums (a bias cancelling w.h ~ 8 into
+        outputs ~1e-2) carries float32 rounding of eps32 times those sums: batched vs alone (other kernels, other
+        summation orders; TF32 or another convolution algorithm for one row on a GPU) it can exceed that. The same
+        operations in float64 round eps64 / eps32 ~ 2e-9 times as much, while an output that depends on the rest
+        of its batch (padding to its longest sequence, a packed GRU, a batch mean) differs by as much as in
+        float32, where it was beyond the tolerance. So a row is taken as dependent only when its float64 outputs
+        still differ beyond the float64 tolerances (tolerances(float64): the same 1.1e-4, RTOL and ATOL being above
+        both eps) times its float64 batch's largest |output|: the change that counts as dependence is the same
+        size, measured where rounding cannot reach it (as the first-rows check's float64 look at Kronecker
+        segments, token_projection.KroneckerRows._beyond_rounding). Rows are looked at in order until one is
+        confirmed: at most one float64 forward of the pass and one of a row alone per differing row, no more
+        forwards than the one-example recompute the look may spare. Where no float64 look is possible the batch
+        is recomputed, as before it: one example at a time its rows are right either way."""
+        gaps, tolerance = _row_gaps(leaves, scales, alone, coarsest(state.values()))
+        differing = [] if gaps is None else (gaps > tolerance).nonzero()[:, 0].tolist()
+        if not differing:
+            return None
+        first = offset + differing[0]
+        said = f"by {gaps[differing[0]].item():.1e} of the batch's largest |output| (tolerance {tolerance:.1e})"
+        if coarsest([*state.values(), *leaves]) == torch.float64:
+            # the model computes in float64 already: a float64 look would repeat the same forwards (review79 F4)
+            return first, f"{said}, computed in float64"
+        # (review79 F2: the look copies the whole floating state, kept up to _KEPT_FLOAT64_BYTES, even where
+        # `layers` names a few parameters whose one-example recompute it spares; not weighed here)
+        why = float64_room(state)
+        if why is None:
+            try:
+                look = self._float64_look(state, inputs, [offset + i for i in differing], bounds)
+            except _NoLook as e:
+                why = str(e)
+            except Exception as e:  # the model's error in float64 (KeyboardInterrupt and other BaseExceptions pass)
+                if device_failure(e):
+                    raise
+                message = str(e).splitlines()[0] if str(e) else ""
+                why = f"the model failed in float64: {type(e).__name__}: {message}"
+            else:
+                if look is None:
+                    self.rounding_only += 1
+                    return None
+                row, gap64, tolerance64 = look
+                gap32 = gaps[row - offset].item()
+                said = (
+                    f"by {gap32:.1e} of the batch's largest |output| (tolerance {tolerance:.1e}), and by {gap64:.1e} "
+                    f"in float64 (tolerance {tolerance64:.1e}), where rounding is ~2e-9 times smaller"
+                )
+                return row, said
+        return first, f"{said}; the float64 check telling rounding from dependence could not run ({why})"
+
+    def _float64_look(
+        self, state, inputs: Tree, rows: list[int], bounds: list[tuple[int, int]]
+    ) -> tuple[int, float, float] | None:
+        """The first of `rows` (ascending) whose output, in its pass (`bounds`) and alone, both run in float64
+        without gradients (the state and inputs as float64 copies: first_rows_check.as_float64, _float64_state),
+        differ beyond the float64 tolerances times the pass's largest |output| of that tensor: (row, its gap
+        relative to that, the tolerance); None when every row agrees. _NoLook when the float64 outputs cannot be
+        compared (not float64, not one output per forward, not the float32 run's count)."""
+        wide = self._float64_state(state)
+        held: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None  # the pass run: start, leaves, scales
+        for row in rows:
+            start, stop = next((a, b) for a, b in bounds if a <= row < b)
+            if held is None or held[0] != start:
+                held = None  # the previous pass's outputs go before the next forward
+                leaves = _float64_outputs(self.model, wide, slice_rows(inputs, start, stop), stop - start)
+                held = (start, leaves, [_largest_finite(t) for t in leaves])
+            one = _float64_outputs(self.model, wide, slice_rows(inputs, row, row + 1), 1)
+            if len(one) != len(held[1]):
+                raise _NoLook(f"the model returned {len(held[1])} floating outputs on its batch, {len(one)} alone")
+            i = row - start
+            got = [t[i : i + 1] for t in held[1]]
+            gaps, tolerance = _row_gaps(got, held[2], [t.unsqueeze(0) for t in one], torch.float64)
+            if gaps is None:
+                raise _NoLook("no float64 output of the batch and alone had the same shape")
+            if gaps[0] > tolerance:
+                return row, gaps[0].item(), tolerance
+        return None
+
+    def _float64_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with every floating tensor as a float64 copy: those kept from an earlier look at the same
+        checkpoint reused (the same tensor, its version counter unchanged: not written in place since); the copies
+        kept for the next look, all of them when at most _KEPT_FLOAT64_BYTES, else its buffers' only (see there).
+        A write the version counter does not see (through `.data`, or a NumPy view of the tensor) between two looks
+        leaves the kept copy stale (review79 F3): only the judgement of rounding vs dependence reads it, never the
+        rows, which come from the live tensors."""
+        wide: dict[str, torch.Tensor] = {}
+        made: dict[int, torch.Tensor] = {}  # one copy of a tensor under two names (tied weights stay tied)
+        with torch.no_grad():
+            for n, t in state.items():
+                kept = self._float64.get(n)
+                if not t.is_floating_point():
+                    wide[n] = t
+                elif id(t) in made:
+                    wide[n] = made[id(t)]
+                elif kept is not None and kept[0]() is t and kept[1] == _version(t):
+                    wide[n] = made[id(t)] = kept[2]
+                else:
+                    wide[n] = made[id(t)] = as_float64(t)
+        small = sum(t.numel() * 8 for t in made.values()) <= _KEPT_FLOAT64_BYTES
+        self._float64 = {  # not a float64 tensor of the state itself (as_float64 returns it): nothing to keep
+            n: (weakref.ref(t), _version(t), wide[n])
+            for n, t in state.items()
+            if t.is_floating_point()
+            and wide[n] is not t
+            and _version(t) is not None
+            and (small or n not in self._parameters)
+        }
+        return wide
+
+    def _dependent(self, row: int, said: str, state, inputs, targets) -> None:
+        """Counts a batch whose output for `row` depends on the rest of the batch (`said`: by how much, and whether
+        float64 confirmed it: _beyond_rounding); the first time in the export, a warning. A forward drawing random
+        numbers (dropout with training=True) gives the hooks up instead, as the first-rows check does: its rows
+        differ from run to run whatever computes them."""
+        self.batch_dependent += 1
+        if self.batch_dependent > 1:
+            return
+        if random_forward(self.model, state, self.loss_fn, inputs, targets):  # three passes, once an export
+            _warn_leaving(
+                f"the model's output for row {row} of batch {self.batches} differs in its batch and alone, and the "
+                "forward draws random numbers (three passes on the batch gave different losses: dropout with "
+                "training=True, sampling?): every method then gives other rows on every run"
+            )
+            self.hooks, self.others = None, list(self.names)
+            return
+        unjudged = "float64 check" in said
+        warnings.warn(
+            f"the model's output for row {row} of batch {self.batches} (counted from 1 over the export's calls "
+            f"to this gradient function) differs in its batch and alone {said}: "
+            + (
+                "taken as depending on the rest of its batch (padding to the batch's longest sequence? or float32 "
+                "rounding of outputs that are small differences of large sums)"
+                if unjudged
+                else "it depends on the rest of its batch (padding to the batch's longest sequence?)"
+            )
+            + ". A per-example gradient is that of the example "
+            "alone: such a batch is computed one example at a time for every parameter (torch.func.vmap or a "
+            "loop), the batch after it by the hooks again; this warning is not repeated for later batches",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _skip_shared_ids(self, state, inputs: Tree) -> None:
         """Sends to vmap the embeddings the hooks would take one id per example that are called on 1-D ids
@@ -146,9 +407,11 @@ class PerExampleGradients:
         per_row = self.hooks.bytes_per_row
         return max(1, int(_PASS_BYTES // max(per_row, 1.0)))
 
-    def _by_hooks(self, state, inputs, targets, out) -> bool:
+    def _by_hooks(self, state, inputs, targets, out) -> bool | None:
         """Hook-path columns of `out`; False (hooks to be given up) when the first batch of 2 or more rows (or a
-        batch of one before it) shows they cannot be trusted."""
+        batch of one before it) shows they cannot be trusted; None (unchecked: the batch to be recomputed one
+        example at a time, the next one checked) when the check's rows disagree and so do their outputs in the
+        batch and alone (an output depending on its batch: padding to the batch's longest sequence)."""
         try:
             silent, unusable = self.hooks(state, inputs, targets, out, self.columns)
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
@@ -182,7 +445,8 @@ class PerExampleGradients:
                 return False
         head_inputs, head_targets, rows = checked_rows(inputs, targets, out.shape[0])
         hooked = list(self.hooks.plan)
-        reference = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
+        with model_outputs(self.model, 1) as seen:  # each checked row's outputs alone (when run once each)
+            reference = reference_gradients(self.model, state, hooked, self.loss_fn, head_inputs, head_targets, rows)
         columns = [self.columns[n] for n in hooked]
         pairs = [(out[:rows, o : o + w], _stacked(reference.rows, k)) for k, (o, w) in enumerate(columns)]
         widened = reference.own is not None
@@ -195,6 +459,13 @@ class PerExampleGradients:
                     "random numbers (three passes on the same rows gave different losses: dropout with "
                     "training=True, sampling?): every method then gives other rows on every run"
                 )
+            elif (
+                not self.hooks.expanded
+                and (found := self._checked_outputs_differ(state, inputs, seen, out.shape[0], rows)) is not None
+            ):
+                # (a layer whose batch-1 calls the hooks expanded makes the hooked outputs differ by itself)
+                self._found = found
+                return None
             else:
                 _warn_leaving(
                     "they disagree with per-example autograd on the first batch: a layer mixes the "
@@ -223,6 +494,27 @@ class PerExampleGradients:
             )
         return True
 
+    def _checked_outputs_differ(
+        self, state, inputs: Tree, seen: list[list[torch.Tensor]], batch: int, rows: int
+    ) -> tuple[int, str] | None:
+        """(row, words) of the first of the first-rows check's `rows` rows whose output alone (`seen`: the check's
+        forwards, one per row when run in the model's dtype) differs from its output in the hooked pass of `batch`
+        rows (`inputs`), as _depends_on_the_batch compares them (float64 included: _beyond_rounding); None when they
+        agree or cannot be compared."""
+        batched = _Outputs(keep_all=True)
+        batched.add(self.hooks.outputs, batch)
+        if not batched.usable or len(seen) != rows or any(len(s) != len(batched.leaves) for s in seen):
+            return None
+        reshaped = _reshaped(batched, [[t.shape for t in s] for s in seen], 0)
+        if reshaped is not None:
+            return reshaped
+        try:
+            alone = [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
+        except RuntimeError:  # shapes differing from row to row
+            return None
+        head = [t[:rows] for t in batched.leaves]
+        return self._beyond_rounding(state, inputs, head, batched.scales, alone, [(0, batch)], 0)
+
     def _one_at_a_time_layers(self, rows: int) -> str:
         """Words for the warning giving up the hooks, naming the layers the hooked pass ran on batch-1 tensors
         in a batch of `rows` (a loop over the examples, or a call shared by the batch: capture.stream)."""
@@ -234,13 +526,14 @@ class PerExampleGradients:
             "time (a loop over the rows) then computes something else"
         )
 
-    def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> None:
-        """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed."""
+    def _by_autodiff(self, names: list[str], state, inputs, targets, out) -> list[torch.Tensor] | None:
+        """Columns of `names` by vmap(grad), or by the per-example loop once vmap has failed. Returns the
+        examples' model outputs, each run alone (per output tensor (batch, 1, ...)), or None when unknown."""
         if self.vectorised:
             chosen = {n: state[n] for n in names}
             rest = {n: t for n, t in state.items() if n not in chosen}
             try:
-                grads = self._vmapped(chosen, rest, inputs, targets)
+                grads, outputs = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
                 out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
                 if device_failure(e) and not out_of_memory:
@@ -266,16 +559,29 @@ class PerExampleGradients:
                 for n in names:
                     offset, width = self.columns[n]
                     out[:, offset : offset + width].copy_(grads[n].reshape(out.shape[0], width))
-                return
-        self._one_at_a_time(names, state, inputs, targets, out)
+                return list(outputs) if outputs else None
+        return self._one_at_a_time(names, state, inputs, targets, out)
 
-    def _one_at_a_time(self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor) -> None:
-        """Columns of `names`, one example at a time with torch.autograd.grad."""
-        grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, out.shape[0])
-        for i, parts in enumerate(grads):
-            for n, g in zip(names, parts, strict=True):
-                offset, width = self.columns[n]
-                out[i, offset : offset + width].copy_(g.reshape(-1))
+    def _one_at_a_time(
+        self, names: list[str], state, inputs: Tree, targets: Tree, out: torch.Tensor
+    ) -> list[torch.Tensor] | None:
+        """Columns of `names`, one example at a time with torch.autograd.grad; returns the examples' outputs as
+        _by_autodiff does (None when the model ran more or less than once an example or their shapes differ)."""
+        rows = out.shape[0]
+        self._alone_shapes = None
+        with model_outputs(self.model, 1) as seen:  # each example's compared (small) outputs only
+            grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
+            for i, parts in enumerate(grads):
+                for n, g in zip(names, parts, strict=True):
+                    offset, width = self.columns[n]
+                    out[i, offset : offset + width].copy_(g.reshape(-1))
+        if len(seen) != rows or len({len(s) for s in seen}) != 1:
+            return None
+        try:
+            return [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
+        except RuntimeError:  # shapes differing from example to example: kept for _reshaped
+            self._alone_shapes = [[t.shape for t in s] for s in seen]
+            return None
 
     def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
         """first_rows_check.one_row_error for an error of vmap, whose passes are of one row each (unsqueeze(0)):
@@ -286,6 +592,134 @@ class PerExampleGradients:
         except Exception as alone:
             return one_row_error(alone, self.model, state, self.loss_fn, inputs, targets)
         return None
+
+
+def _row_gaps(
+    leaves: list[torch.Tensor], scales: list[torch.Tensor], alone: list[torch.Tensor], dtype: torch.dtype
+) -> tuple[torch.Tensor | None, float]:
+    """(gaps, tolerance): per row i, the largest |batched - alone| over the output tensors (leaves: (n, ...) each,
+    `scales` its batch's largest finite |value|; alone: the same examples' (n, 1, ...)) relative to that tensor's
+    scale (0 where both hold the same value or non-finite value, inf where only one is finite or the scale is 0),
+    float64 (n,), None when nothing was compared; a row differs where its gap is over the tolerance, rtol + atol of
+    first_rows_check.tolerances of the coarsest of `dtype` and the outputs' dtypes. Tensors of other shapes or
+    devices are not compared."""
+    rtol, atol = tolerances(coarsest([torch.empty(0, dtype=dtype), *leaves]))
+    worst = None
+    for got, want, scale in zip(leaves, alone, scales, strict=True):
+        n = got.shape[0]
+        if want.shape != (n, 1, *got.shape[1:]) or got.device != want.device or not got.numel():
+            continue
+        g, w = got.double(), want.reshape(got.shape).double()
+        same = (g == w) | (g.isnan() & w.isnan())
+        gaps = ((g - w).abs() / scale).nan_to_num(nan=math.inf).masked_fill(same, 0).reshape(n, -1).amax(1)
+        worst = gaps if worst is None else torch.maximum(worst, gaps)
+    return worst, rtol + atol
+
+
+def _reshaped(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) -> tuple[int, str] | None:
+    """(row, the words for the warning) of the first example (row = offset + its index in `shapes`: per example,
+    the shape of each output tensor alone) whose output alone is (1, *rest) where the batch's is (rows, *other) in
+    its pass of `rows` rows (batch-first: _Outputs' shapes), `other` != `rest` of as many dimensions, both holding
+    elements: an output of the example alone whose shape changes with its batch (per-token outputs over the batch's
+    longest sequence) depends on the batch, whatever its values. None when there is none. An output that is not
+    batch-first is not taken: a sequence-first (T, B, ...) one is (T, 1, ...) alone, its first dimension not 1
+    (where T == B by chance too), and a 0-d one or one whose first dimension is not the pass's rows has no
+    batch-first shape (None in _Outputs' shapes)."""
+    if batched.shapes is None:
+        return None
+    for i, example in enumerate(shapes):
+        row = offset + i
+        start, stop = next((a, b) for a, b in batched.bounds if a <= row < b)
+        for k, (other, one) in enumerate(zip(batched.shapes, example, strict=True)):
+            if other is None or len(one) != len(other) + 1 or one[0] != 1 or tuple(one[1:]) == tuple(other):
+                continue
+            if math.prod(other) and math.prod(one):
+                return row, (
+                    f"in shape: output tensor {k} is {(stop - start, *other)} in its pass of {stop - start} rows "
+                    f"and {tuple(one)} alone"
+                )
+    return None
+
+
+def _float64_outputs(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree, rows: int) -> list:
+    """The floating outputs of one no-grad forward of `model` with `state` (float64) on `inputs` (`rows` rows,
+    widened to float64 here), a tensor that is not (rows, ...) or too large to compare (_per_row) as an empty
+    (rows, 0) one; _NoLook when the model ran more or less than once or returned a compared output of another
+    dtype (a forward casting to float32)."""
+    with torch.no_grad(), model_outputs(model, rows) as seen:
+        call_model(model_caller(model, state), as_float64(inputs))
+    if len(seen) != 1:
+        raise _NoLook(f"the model ran {len(seen)} times on one batch")
+    leaves = [t if _per_row(t, rows) else t.new_zeros(rows, 0) for t in seen[0]]
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in leaves if t.numel() and t.dtype != torch.float64})
+    if other:
+        raise _NoLook(f"with its state and inputs in float64 the model returned {', '.join(other)} outputs")
+    return leaves
+
+
+class _NoLook(Exception):
+    """The float64 look cannot judge a disagreement (_beyond_rounding): why."""
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter of `t` (bumped by every in-place write), None for an inference tensor (none)."""
+    return None if t.is_inference() else t._version
+
+
+class _Outputs:
+    """The model's outputs in a batch's hooked passes (hook_gradients.output_leaves of each pass): per output
+    tensor, the largest finite |value| over the batch (`scales`) and the rows kept (`leaves`: every row when
+    keep_all, else the last row only). Not `usable` when a pass's outputs are unknown or do not match. A tensor
+    that is not batch-first (no per-example rows) or is too large (_per_row) stands as an empty (rows, 0) one: it
+    compares nothing."""
+
+    def __init__(self, keep_all: bool):
+        self.keep_all, self.usable, self.rows = keep_all, True, 0
+        self.bounds: list[tuple[int, int]] = []  # each pass's (start, stop) rows
+        self.scales: list[torch.Tensor] = []
+        self._parts: list[list[torch.Tensor]] = []
+        self._shapes: list | None = None
+
+    def add(self, leaves: list[torch.Tensor] | None, rows: int) -> None:
+        shapes = None if leaves is None else [t.shape[1:] if _per_row(t, rows) else None for t in leaves]
+        if shapes is None or (self._shapes is not None and shapes != self._shapes):
+            self.usable = False
+            return
+        self._shapes = shapes
+        leaves = [t if s is not None else t.new_zeros(rows, 0) for t, s in zip(leaves, shapes, strict=True)]
+        scales = [_largest_finite(t) for t in leaves]
+        self.scales = (
+            scales if not self.scales else [torch.maximum(a, b) for a, b in zip(self.scales, scales, strict=True)]
+        )
+        self.bounds.append((self.rows, self.rows + rows))
+        self.rows += rows
+        self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:].clone() for t in leaves]]
+
+    @property
+    def shapes(self) -> list[torch.Size | None] | None:
+        """Per output tensor, its shape past the rows in every pass (None: not batch-first or too large to
+        compare); None before a pass."""
+        return self._shapes
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        """Per output tensor, the rows kept (the batch's last ones), in order."""
+        if len(self._parts) > 1:
+            self._parts = [[torch.cat(p) for p in zip(*self._parts, strict=True)]]
+        return self._parts[0] if self._parts else []
+
+
+def _per_row(t: torch.Tensor, rows: int) -> bool:
+    """Whether `t` holds (rows, ...) per-example outputs small enough to be compared (_COMPARED_ELEMENTS)."""
+    return t.dim() > 0 and t.shape[0] == rows and t.numel() <= rows * _COMPARED_ELEMENTS
+
+
+def _largest_finite(t: torch.Tensor) -> torch.Tensor:
+    """The largest finite |value| of `t` (0 when none), as a 0-d float64 tensor on its device."""
+    if not t.numel():
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    a = t.detach().abs()
+    return torch.where(a.isfinite(), a, 0).max().double()
 
 
 def _stacked(grads: list[list[torch.Tensor]], k: int) -> torch.Tensor:
