@@ -3,13 +3,29 @@
 Whitened test rows and the scores made from them are float32 whatever fit's precision. Rounding the
 whitened rows to float32 and, more, summing each score's d products in float32 (an error that grows
 with d) leave scores off, relative to the largest score, by up to about
-(4 + sqrt(d) / 2) x cond x 2^-24 (error_factor; Whitening's docstring), cond = (largest eigenvalue of
-R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint (the product of its two factors' for
-K-FAC, d then the product of their widths). It is at most (largest + lambda) / lambda, reached where
-the train rows do not span all d directions (fewer rows than dims); a full-rank R keeps it lower at any
-damping. Measured (review76 F4, 5 to 20 Gaussian train rows of d = 50 to 1000 dims, 10-20 seeds each,
-float64 NumPy reference): at most 1.8 (d 50), 6.8 (d 200), 9.1 (d 1000) x cond x 2^-24, means 1 to 5;
-the factor (7.5, 11.1, 19.8 there) has a margin of 1.6 to 4 over those.
+(4 + sqrt(d) / 2) x cond x 2^-24 (error_factor; the stated worst case), cond = (largest eigenvalue of
+R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint. For K-FAC cond is the product of its
+two factors' and d the larger of their widths: factored scores sum p and q products, never p x q
+(measured, review80: at most 0.16 x cond x 2^-24 for layers of 40 to 768 a side). cond is at most
+(largest + lambda) / lambda, reached where the train rows do not span all d directions (fewer rows than
+dims). Measured (review76/80 F4, 5 to 20 Gaussian train rows of d = 50 to 2000 dims, float64 NumPy
+reference): at most 1.8 (d 50), 6.8 (d 200), 9.1 (d 1000 and 2000) x cond x 2^-24, half the factor
+(7.5, 11.1, 19.8, 26.4) or less.
+
+When fit warns (warn_if_ill_conditioned) is decided apart from that worst case, on
+error_factor(d) x cond_seen x 2^-24 > WARN_ERROR (1e-2; measured errors then reach about 4e-3 to 5e-3):
+- cond_seen = min(cond, sqrt((largest + lambda) / smallest)). The second term is for a full-rank R: test
+  rows like the rows R was fitted on have components of about sqrt(eigenvalue) along each eigenvector,
+  which (R + lambda I)^-1 scales by at most 1 / sqrt(eigenvalue), so their whitened rows span a range of
+  sqrt(largest / smallest), not cond (review80 F3: d 1024, eigenvalue spread 1e-6, damping 1e-3, cond 1.5e4,
+  measured 5e-7 of the largest score). Where R is rank-deficient (smallest 0, or rounding's 1e-17) it is
+  cond: test rows have components R never saw, whitened by 1 / lambda.
+- The damping the warning advises (the smallest doubling of the given one) keeps the stated worst case,
+  error_factor(d) x cond x 2^-24, within SCORE_ERROR (4e-3), whatever the test rows.
+So a fit is silent where its worst case is up to WARN_ERROR (e.g. the quality suite's breast_cancer,
+1024 dims, 398 rows, damping 0.1: cond 3.5e3, worst case 4.2e-3, measured about 2e-3) and, for a full-rank R,
+at any damping while sqrt(largest / smallest) x error_factor(d) x 2^-24 <= WARN_ERROR (eigenvalue spreads
+down to about 1e-7 at d = 1024, 1e-8 at d = 256).
 """
 
 from __future__ import annotations
@@ -23,8 +39,10 @@ from ._inverse import LANCZOS_STEPS, lanczos_top
 
 FLOAT32_EPS = 2.0**-24
 SCORE_ERROR = 4e-3
-"""error_factor(d) x cond x 2^-24 (the float32 scores' error bound, relative to the largest score) above which fit
-and with_damping warn, naming a damping that keeps it under."""
+"""The float32 scores' error bound error_factor(d) x cond x 2^-24 (relative to the largest score) that the damping
+fit and with_damping advise keeps them within."""
+WARN_ERROR = 1e-2
+"""error_factor(d) x cond_seen x 2^-24 above which fit and with_damping warn (module docstring)."""
 
 
 def error_factor(width: int) -> float:
@@ -83,52 +101,59 @@ def warn_if_ill_conditioned(
     lambdas_at: Callable[[float], list[float]],
     per_checkpoint: int,
 ) -> None:
-    """RuntimeWarning when a checkpoint's error bound error_factor(d) x cond x 2^-24 exceeds SCORE_ERROR at
-    `damping`, naming the smallest power-of-two multiple of it that brings every checkpoint under: `ends` the
-    (largest, smallest or None) eigenvalues of each matrix R (eigenvalue_ends, kernel block order), `inverses`
-    their damped inverses at `damping` (where a smallest is None, it is found from them, but only if the bound
-    cond <= (largest + lambda) / lambda exceeds SCORE_ERROR; d a checkpoint's width, the product of its
-    matrices' sides), lambdas_at(d) their lambdas at damping d, per_checkpoint matrices per checkpoint (2 for
-    K-FAC). cond = (largest + lambda) / (smallest + lambda)."""
+    """RuntimeWarning when a checkpoint's error_factor(d) x cond_seen x 2^-24 exceeds WARN_ERROR at `damping`
+    (module docstring), stating its worst case error_factor(d) x cond x 2^-24 and naming the smallest power-of-two
+    multiple of `damping` that brings every checkpoint's worst case within SCORE_ERROR: `ends` the (largest,
+    smallest or None) eigenvalues of each matrix R (eigenvalue_ends, kernel block order), `inverses` their damped
+    inverses at `damping` (where a smallest is None, it is found from them, but only if cond_seen's bound
+    (largest + lambda) / lambda may warn), lambdas_at(d) their lambdas at damping d, per_checkpoint matrices per
+    checkpoint (2 for K-FAC: cond the product of the two, d the larger side; else d the matrix's side).
+    cond = (largest + lambda) / (smallest + lambda)."""
     widths = [
-        int(np.prod([x.shape[0] for x in inverses[i : i + per_checkpoint]]))
-        for i in range(0, len(inverses), per_checkpoint)
+        max(x.shape[0] for x in inverses[i : i + per_checkpoint]) for i in range(0, len(inverses), per_checkpoint)
     ]
     factors = [error_factor(w) for w in widths]
 
-    def worst(d: float, bottoms: list[float]) -> tuple[float, float, int]:
-        """(error bound, cond, checkpoint) of the checkpoint of the largest error bound at damping d."""
+    def worst(d: float, bottoms: list[float], seen: bool) -> tuple[float, float, int]:
+        """(error, cond, checkpoint) of the checkpoint of the largest error at damping d: with cond_seen (`seen`)
+        or cond."""
         lambdas = lambdas_at(d)
-        conds = [(top + lam) / (low + lam) for (top, _), low, lam in zip(ends, bottoms, lambdas, strict=True)]
+        conds = []
+        for (top, _), low, lam in zip(ends, bottoms, lambdas, strict=True):
+            cond = (top + lam) / (low + lam)
+            if seen and low > 0.0:
+                cond = min(cond, float(np.sqrt((top + lam) / low)))
+            conds.append(cond)
         per = [float(np.prod(conds[i : i + per_checkpoint])) for i in range(0, len(conds), per_checkpoint)]
         bounds = [f * c * FLOAT32_EPS for f, c in zip(factors, per, strict=True)]
         c = int(np.argmax(bounds))
         return bounds[c], per[c], c
 
-    if worst(damping, [0.0 if low is None else low for _, low in ends])[0] <= SCORE_ERROR:
-        return  # even the bound is under
+    if worst(damping, [0.0 if low is None else low for _, low in ends], True)[0] <= WARN_ERROR:
+        return  # even cond_seen's bound is under
     lambdas = lambdas_at(damping)
     bottoms = [
         smallest_from_inverse(x, lam) if low is None else low
         for (_, low), x, lam in zip(ends, inverses, lambdas, strict=True)
     ]
-    error, cond, checkpoint = worst(damping, bottoms)
-    if error <= SCORE_ERROR:
+    if worst(damping, bottoms, True)[0] <= WARN_ERROR:
         return
+    error, cond, checkpoint = worst(damping, bottoms, False)
     safe: float | None = damping
     while safe is not None:  # doublings: at most float64's 2^2098 range of dampings
         safe *= 2.0
         try:
-            if worst(safe, bottoms)[0] <= SCORE_ERROR:
+            if worst(safe, bottoms, False)[0] <= SCORE_ERROR:
                 break
         except ValueError:  # lambda beyond float64 (lambdas_at refuses it): no damping to name
             safe = None
     advice = "a larger damping" if safe is None else f"a damping of {safe:.3g} or more"
+    width = f"the larger side of checkpoint {checkpoint}'s factors" if per_checkpoint == 2 else "its dims"
     warnings.warn(
         f"whitening: damping {damping:.3g} leaves (R + lambda I) a condition number of about {cond:.3g} "
         f"(checkpoint {checkpoint}); whitened scores are float32, so they may be off by up to about "
-        f"{error:.2g} of the largest score ((4 + sqrt(d) / 2) x cond x 2^-24, d = {widths[checkpoint]}, whatever fit's "
-        f"precision); {advice} keeps that within {SCORE_ERROR:.2g} (Whitening.with_damping)",
+        f"{error:.2g} of the largest score ((4 + sqrt(d) / 2) x cond x 2^-24, d = {widths[checkpoint]}, {width}, "
+        f"whatever fit's precision); {advice} keeps that within {SCORE_ERROR:.2g} (Whitening.with_damping)",
         RuntimeWarning,
         stacklevel=4,  # the caller of fit or with_damping
     )
