@@ -1447,3 +1447,65 @@ def test_a_float64_model_depending_on_its_batch_is_not_looked_at_again_in_float6
     assert "times smaller" not in said[0] and not looks
     want = _alone_in_float64(model, x, lengths, y)
     np.testing.assert_allclose(g.matrices[0], want, rtol=1e-6, atol=1e-8 * np.abs(want).max())  # stored float32
+
+
+def _masked_token_loss(out, y):
+    """Per-token cross-entropy over each example's own tokens (-100 past its length), averaged per example: the
+    padding the batch's longest sequence adds is never read."""
+    t = y[:, : out.shape[1]]
+    ce = nn.functional.cross_entropy(out.transpose(1, 2), t, reduction="none", ignore_index=-100)
+    return ce.sum(1) / (t != -100).sum(1)
+
+
+@pytest.mark.parametrize("rnn", [False, True], ids=["hooks-only", "hooks-and-loop"])
+def test_a_trimmed_output_under_a_loss_masking_the_padding_is_not_dependence(rnn):
+    """review82 F1: outputs trimmed to the batch's longest sequence, (batch, longest, 3), change shape with the batch,
+    but a loss over each example's own tokens gives the same loss and gradient either way. Before, every such batch
+    was taken as dependent (a warning, recomputed one example at a time); now the example's loss in its batch and
+    alone decide: no warning, no batch recomputed, rows the batch_size=1 export's."""
+    lengths = [7, 7, 7, 7, 3, 6, 2, 5, 7, 7, 7, 7, 4, 5, 1, 3]
+    torch.manual_seed(0)
+    model = TrimmedTokens(rnn)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(len(lengths), 7, 4, generator=g), torch.randint(0, 3, (len(lengths), 7), generator=g)
+    y[torch.arange(7) >= torch.tensor(lengths)[:, None]] = -100
+    inputs = (x, torch.tensor(lengths))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(
+            model, [(model.state_dict(), 1.0)], (inputs, y), _masked_token_loss, batch_size=4, progress=False
+        )
+    assert not [w for w in caught if "alone" in str(w.message)], [str(w.message) for w in caught]
+    one = export_gradients(model, [(model.state_dict(), 1.0)], (inputs, y), _masked_token_loss, batch_size=1)
+    want = one.matrices[0]
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    names = [n for n, _ in model.named_parameters()]
+    compute = PerExampleGradients(model, names, _masked_token_loss)
+    state = dict(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(0, 16, 4):
+            rows = compute(state, (x[k : k + 4], torch.tensor(lengths[k : k + 4])), y[k : k + 4])
+            np.testing.assert_allclose(rows.numpy(), want[k : k + 4], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert compute.batch_dependent == 0 and compute.hooks is not None
+
+
+def test_a_trimmed_output_whose_loss_reads_the_padding_is_still_dependence():
+    """review82 F1's converse, with the loss comparison: the same trimmed model under a per-token loss that counts
+    the padded steps too (their targets are real classes) depends on the batch: warned, its loss gap named."""
+    lengths = [7, 7, 7, 7, 3, 6, 2, 5]
+    torch.manual_seed(0)
+    model = TrimmedTokens()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(len(lengths), 7, 4, generator=g), torch.randint(0, 3, (len(lengths), 7), generator=g)
+    inputs = (x, torch.tensor(lengths))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(
+            model, [(model.state_dict(), 1.0)], (inputs, y), _masked_token_loss, batch_size=4, progress=False
+        )
+    said = _said(caught)
+    assert len(said) == 1 and "in shape:" in said[0] and "of the batch's largest |loss|" in said[0], said
+    one = export_gradients(model, [(model.state_dict(), 1.0)], (inputs, y), _masked_token_loss, batch_size=1)
+    want = one.matrices[0]
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -4,6 +4,7 @@ inside the backward pass, each layer's as soon as its output gradient exists."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -52,6 +53,9 @@ class HookGradients:
         # COMPARED_ELEMENTS per example replaced by empty ones (model_outputs); None when the model ran more or less
         # than once in it: compared with the examples' outputs alone (per_example, which sets it to None once read)
         self.outputs: list[torch.Tensor] | None = None
+        # the per-example losses of the last pass ((rows,), detached; None when loss_fn returned another shape):
+        # compared with each example's loss alone where an output's shape changes with the batch (per_example)
+        self.losses: torch.Tensor | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -103,9 +107,13 @@ class HookGradients:
                 written.add(name)
 
         self.expanded = set()
-        self.outputs = None
+        self.outputs = self.losses = None
+        seen_losses: list[torch.Tensor] = []
+        loss_fn = _recording(self.loss_fn, seen_losses)
         with model_outputs(self.model, rows) as outputs:
-            counts = stream(self.model, self.layers, state, self.loss_fn, inputs, targets, consume, self.expanded)
+            counts = stream(self.model, self.layers, state, loss_fn, inputs, targets, consume, self.expanded)
+        if len(seen_losses) == 1 and isinstance(seen_losses[0], torch.Tensor) and seen_losses[0].shape == (rows,):
+            self.losses = seen_losses[0].detach().clone()
         self.outputs = outputs[0] if len(outputs) == 1 else None
         self.bytes_per_row = captured[0] / rows
         for name, holders in self.plan.items():
@@ -113,6 +121,22 @@ class HookGradients:
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
         return [m for m, count in counts.items() if not count], unusable
+
+
+def _recording(loss_fn: LossFn, seen: list) -> LossFn:
+    """loss_fn, appending what each call returns to `seen`; functools.wraps of the function (a module's forward,
+    unless the module overrides __call__) so that losses.loss_mismatch reads the user's signature and code."""
+    target = loss_fn
+    if isinstance(loss_fn, nn.Module) and type(loss_fn).__call__ is nn.Module.__call__:
+        target = loss_fn.forward
+
+    @functools.wraps(target)
+    def recorded(outputs, targets):
+        losses = loss_fn(outputs, targets)
+        seen.append(losses)
+        return losses
+
+    return recorded
 
 
 def output_leaves(output: object) -> list[torch.Tensor]:

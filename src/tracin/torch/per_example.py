@@ -7,11 +7,11 @@ import itertools
 import math
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import grad_and_value, vmap
 
 from .capture import NotCaptured, Refused, bytes_of_one, device_failure, ids_shared_by_the_batch
 from .data import Tree, batch_rows, call_model, slice_rows, tree_map
@@ -93,8 +93,9 @@ class PerExampleGradients:
       the batch (first_rows_check.tolerances of the coarsest dtype of the state and outputs: 1.1e-4 in float32; a
       batch's scale, not a row's, so that float32 rounding of a well-fit output is not taken for dependence), or hold
       the same non-finite value. A batch-first tensor, (rows, *rest) in the pass, that is (1, *other) alone, other !=
-      rest (per-token outputs over the batch's longest sequence), is dependence by its shape, without a float64 look
-      (_reshaped); another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not
+      rest (per-token outputs over the batch's longest sequence), is dependence when the example's loss in the pass
+      and alone differ too, without a float64 look (_reshaped_rows, _loss_differs: a loss masking the padding agrees,
+      review82 F1); another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not
       compared. Rows that disagree are run again in float64, the pass holding them and each of them alone
       (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
       tolerance, which float64 shrinks ~2e-9-fold (`rounding_only` counts such batches: hooks kept, no warning). A
@@ -144,7 +145,8 @@ class PerExampleGradients:
         # reference to the tensor copied, its version counter then, the copy)
         self._float64: dict[str, tuple[weakref.ref, int, torch.Tensor]] = {}
         self._parameters = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-        self._vmapped = vmap(grad(self._loss_of_one, has_aux=True), in_dims=(None, None, 0, 0))
+        self._alone_losses: torch.Tensor | None = None  # vmap's per-example losses, (rows,), for _loss_differs
+        self._vmapped = vmap(grad_and_value(self._loss_of_one, has_aux=True), in_dims=(None, None, 0, 0))
 
     def _loss_of_one(self, chosen: dict, rest: dict, x: Tree, y: Tree) -> tuple[torch.Tensor, tuple]:
         """The loss of one example and, as the auxiliary output, the floating tensors of its model output
@@ -181,7 +183,7 @@ class PerExampleGradients:
             hooked = self._by_hooks(state, *part, out[start:stop])
             leaves, self.hooks.outputs = self.hooks.outputs, None  # past the pass, `batched` keeps what it compares
             if hooked:
-                batched.add(leaves, stop - start)
+                batched.add(leaves, stop - start, self.hooks.losses)
             del leaves
             if hooked is None:  # the first-rows check saw this batch's outputs depend on it: the next one checks
                 self._dependent(start + self._found[0], self._found[1], state, inputs, targets)
@@ -191,17 +193,20 @@ class PerExampleGradients:
                 self.hooks, self.others = None, list(self.names)
         checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
-            self._alone_shapes = None
+            self._alone_shapes = self._alone_losses = None
             alone = self._by_autodiff(self.others, state, inputs, targets, out)
             shapes, self._alone_shapes = self._alone_shapes, None
-            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, shapes):
+            losses, self._alone_losses = self._alone_losses, None
+            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, shapes, losses):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         elif checked:
             # hooks only: one example alone, the last row, against its output in the batch (no gradient)
             with torch.no_grad(), model_outputs(self.model, 1) as seen:
-                call_model(model_caller(self.model, state), slice_rows(inputs, rows - 1, rows))
+                outputs = call_model(model_caller(self.model, state), slice_rows(inputs, rows - 1, rows))
+                loss = _loss_or_none(self.loss_fn, outputs, slice_rows(targets, rows - 1, rows))
+            del outputs
             alone = [t.unsqueeze(0) for t in seen[0]] if len(seen) == 1 else None
-            if self._depends_on_the_batch(state, batched, alone, inputs, targets):
+            if self._depends_on_the_batch(state, batched, alone, inputs, targets, None, loss):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         return out
 
@@ -213,25 +218,60 @@ class PerExampleGradients:
         inputs,
         targets,
         shapes: list[list[torch.Size]] | None = None,
+        losses: torch.Tensor | None = None,
     ) -> bool:
         """True (after a warning, the first time in the export: _dependent) when the outputs of the batch's hooked
         passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone) disagree
         beyond first_rows_check's tolerances relative to the batch's largest |output|, also in float64 or where
         float64 cannot tell (_beyond_rounding; see the class docstring), or differ in shape (_reshaped; `shapes`:
         each example's output shapes alone, for the batch's last rows, where they differ from example to example
-        and `alone` is None)."""
+        and `alone` is None) while the example's loss in the batch and alone (`losses`: the last rows', as `shapes`;
+        computed here where None) differ too (_loss_differs: a loss masking the padding gives the same loss and
+        gradient either way; review82 F1)."""
         if alone is not None:
             shapes = [[t.shape[1:] for t in alone]] * alone[0].shape[0] if alone else None
         if not shapes or any(len(s) != len(batched.leaves) for s in shapes):
             return False
         offset = batched.rows - len(shapes)
-        found = _reshaped(batched, shapes, offset)
+        found = None
+        for row, words in _reshaped_rows(batched, shapes, offset):
+            found = self._loss_differs(state, batched, row, words, inputs, targets, losses, offset)
+            if found is not None:
+                break
         if found is None and alone is not None:
             found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
         if found is None:
             return False
         self._dependent(*found, state, inputs, targets)
         return True
+
+    def _loss_differs(
+        self, state, batched: _Outputs, row: int, words: str, inputs, targets, losses, offset: int
+    ) -> tuple[int, str] | None:
+        """(row, words for the warning) when the loss of `row`, whose output's shape changes with its batch (`words`:
+        _reshaped_rows), differs in its hooked pass (batched.losses) and alone (losses[row - offset], else one no-grad
+        forward of the row with loss_fn) beyond first_rows_check's tolerances of the coarsest dtype of the state and
+        losses times the batch's largest finite |loss|, or the losses cannot be had; None when they agree (the same
+        value, non-finite included): an output trimmed to the batch's longest sequence under a loss that masks the
+        padding (review82 F1). No float64 look: a loss read from the pads differs as much as the pads' share."""
+        mine = None if batched.losses is None else batched.losses[row]
+        one = None if losses is None or len(losses) <= row - offset else losses[row - offset]
+        if mine is not None and one is None:
+            with torch.no_grad():
+                outputs = call_model(model_caller(self.model, state), slice_rows(inputs, row, row + 1))
+                alone = _loss_or_none(self.loss_fn, outputs, slice_rows(targets, row, row + 1))
+            one = None if alone is None else alone[0]
+        if mine is None or one is None:
+            return row, f"{words} (the loss of the example in its batch and alone could not be compared)"
+        mine, one = mine.detach().double(), one.detach().double().to(mine.device)
+        if mine == one or (mine.isnan() and one.isnan()):
+            return None
+        rtol, atol = tolerances(coarsest([torch.empty(0, dtype=self.dtype), batched.losses]))
+        scale = _largest_finite(batched.losses)
+        gap = ((mine - one).abs() / scale).nan_to_num(nan=math.inf).item() if scale > 0 else math.inf
+        if gap <= rtol + atol:
+            return None
+        return row, f"{words}, its loss by {gap:.1e} of the batch's largest |loss| (tolerance {rtol + atol:.1e})"
 
     def _beyond_rounding(
         self,
@@ -533,7 +573,7 @@ class PerExampleGradients:
             chosen = {n: state[n] for n in names}
             rest = {n: t for n, t in state.items() if n not in chosen}
             try:
-                grads, outputs = self._vmapped(chosen, rest, inputs, targets)
+                grads, (losses, outputs) = self._vmapped(chosen, rest, inputs, targets)
             except (RuntimeError, NotImplementedError) as e:
                 out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
                 if device_failure(e) and not out_of_memory:
@@ -559,6 +599,7 @@ class PerExampleGradients:
                 for n in names:
                     offset, width = self.columns[n]
                     out[:, offset : offset + width].copy_(grads[n].reshape(out.shape[0], width))
+                self._alone_losses = losses.detach()
                 return list(outputs) if outputs else None
         return self._one_at_a_time(names, state, inputs, targets, out)
 
@@ -617,16 +658,21 @@ def _row_gaps(
 
 
 def _reshaped(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) -> tuple[int, str] | None:
-    """(row, the words for the warning) of the first example (row = offset + its index in `shapes`: per example,
+    """The first of _reshaped_rows, None when there is none."""
+    return next(_reshaped_rows(batched, shapes, offset), None)
+
+
+def _reshaped_rows(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) -> Iterator[tuple[int, str]]:
+    """(row, the words for the warning) of each example (row = offset + its index in `shapes`: per example,
     the shape of each output tensor alone) whose output alone is (1, *rest) where the batch's is (rows, *other) in
     its pass of `rows` rows (batch-first: _Outputs' shapes), `other` != `rest` of as many dimensions, both holding
     elements: an output of the example alone whose shape changes with its batch (per-token outputs over the batch's
-    longest sequence) depends on the batch, whatever its values. None when there is none. An output that is not
+    longest sequence) may depend on the batch, whatever its values (_loss_differs decides). An output that is not
     batch-first is not taken: a sequence-first (T, B, ...) one is (T, 1, ...) alone, its first dimension not 1
     (where T == B by chance too), and a 0-d one or one whose first dimension is not the pass's rows has no
     batch-first shape (None in _Outputs' shapes)."""
     if batched.shapes is None:
-        return None
+        return
     for i, example in enumerate(shapes):
         row = offset + i
         start, stop = next((a, b) for a, b in batched.bounds if a <= row < b)
@@ -634,11 +680,14 @@ def _reshaped(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) ->
             if other is None or len(one) != len(other) + 1 or one[0] != 1 or tuple(one[1:]) == tuple(other):
                 continue
             if math.prod(other) and math.prod(one):
-                return row, (
-                    f"in shape: output tensor {k} is {(stop - start, *other)} in its pass of {stop - start} rows "
-                    f"and {tuple(one)} alone"
+                yield (
+                    row,
+                    (
+                        f"in shape: output tensor {k} is {(stop - start, *other)} in its pass of {stop - start} rows "
+                        f"and {tuple(one)} alone"
+                    ),
                 )
-    return None
+                break
 
 
 def _float64_outputs(model: nn.Module, state: Mapping[str, torch.Tensor], inputs: Tree, rows: int) -> list:
@@ -679,8 +728,9 @@ class _Outputs:
         self.scales: list[torch.Tensor] = []
         self._parts: list[list[torch.Tensor]] = []
         self._shapes: list | None = None
+        self._losses: list[torch.Tensor] | None = []  # each pass's per-example losses; None once one is unknown
 
-    def add(self, leaves: list[torch.Tensor] | None, rows: int) -> None:
+    def add(self, leaves: list[torch.Tensor] | None, rows: int, losses: torch.Tensor | None = None) -> None:
         shapes = None if leaves is None else [t.shape[1:] if _per_row(t, rows) else None for t in leaves]
         if shapes is None or (self._shapes is not None and shapes != self._shapes):
             self.usable = False
@@ -692,6 +742,7 @@ class _Outputs:
             scales if not self.scales else [torch.maximum(a, b) for a, b in zip(self.scales, scales, strict=True)]
         )
         self.bounds.append((self.rows, self.rows + rows))
+        self._losses = None if self._losses is None or losses is None else [*self._losses, losses]
         self.rows += rows
         self._parts = [*self._parts, leaves] if self.keep_all else [[t[-1:].clone() for t in leaves]]
 
@@ -700,6 +751,11 @@ class _Outputs:
         """Per output tensor, its shape past the rows in every pass (None: not batch-first or too large to
         compare); None before a pass."""
         return self._shapes
+
+    @property
+    def losses(self) -> torch.Tensor | None:
+        """The batch's per-example losses in its hooked passes, (rows,); None when a pass's are unknown."""
+        return torch.cat(self._losses) if self._losses else None
 
     @property
     def leaves(self) -> list[torch.Tensor]:
@@ -729,6 +785,16 @@ def _stacked(grads: list[list[torch.Tensor]], k: int) -> torch.Tensor:
 
 def _listed(items: Sequence[str]) -> str:
     return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+
+
+def _loss_or_none(loss_fn: LossFn, outputs: object, targets: Tree) -> torch.Tensor | None:
+    """loss_fn(outputs, targets) of one example, detached as a (1,) tensor; None when it raises or returns another
+    shape (compared where it can be: a loss failing on one row fails in the export's own paths too)."""
+    try:
+        losses = loss_fn(outputs, targets)
+    except Exception:
+        return None
+    return losses.detach().reshape(1) if isinstance(losses, torch.Tensor) and losses.numel() == 1 else None
 
 
 def _warn_leaving(reason: str) -> None:
