@@ -1729,3 +1729,54 @@ def test_an_interrupt_while_the_local_cluster_starts_leaves_nothing_to_dasks_exi
     assert half in list(spec.SpecCluster._instances)
     spec.close_clusters()  # what runs at exit: it raised AssertionError (Status.init), printed at exit
     assert not half._loop_runner.is_started()
+
+
+def test_score_with_a_whitened_test_store_names_its_whitening_in_refusals(tmp_path, stores, capsys):
+    """review80 F5: with a whitened --test store (plain rows, whitened by a whitening fitted on adam_update rows),
+    a --train of other optimizer states was "--test and --train were exported with different optimizer states",
+    and a --train of plain rows got Python advice (Whitening.fit(train)). Both name --test's whitening now, with
+    shell advice; the --train the whitening was fitted on scores."""
+    _, blocks, weights = stores
+
+    def records(states, kind):
+        return {
+            "framework": "torch",
+            "mode": "full",
+            "preconditioner": None if kind is None else {"kind": kind},
+            "fingerprints": {"data": "d", "checkpoints": ["a", "b"], "optimizer_states": states},
+            "checkpoint_sources": ["file", "file"],
+            "optimizer_state_sources": ["file", "file"],
+        }
+
+    def stored(name, gradients):
+        w = tracin.GradientStore.create(
+            tmp_path / name,
+            gradients.n_rows,
+            list(gradients.dims),
+            weights=list(gradients.weights),
+            metadata=gradients.metadata,
+        )
+        for c, m in enumerate(gradients.matrices):
+            w.write(c, 0, np.asarray(m))
+        w.finalize()
+        return tmp_path / name
+
+    fitted_rows = tracin.Gradients(blocks["train"], weights, metadata=records(["s0", "s1"], "adam_update"))
+    whitening = tracin.Whitening.fit(fitted_rows, damping=0.5, progress=False)
+    white = whitening.apply(tracin.Gradients(blocks["test"], weights, metadata=records(["s0", "s1"], None)))
+    test = stored("white", white)
+    cases = {
+        "states": (
+            records(["s0", "s9"], "adam_update"),
+            "fitted on gradients exported differently from --train (the optimizer states of checkpoints [1] differ)",
+        ),
+        "plain": (records(["s0", "s1"], None), "fitted on preconditioner='adam_update' gradients but --train holds "),
+    }
+    for name, (meta, expected) in cases.items():
+        train = stored(name, tracin.Gradients(blocks["train"], weights, metadata=meta))
+        assert main(_score({"test": test, "train": train}, "-k", "2")) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert f"--test's whitening was {expected}" in line or f"--test is whitened by a whitening {expected}" in line
+        assert "--test and --train" not in line and "Whitening.fit" not in line and "metadata" not in line, line
+        assert line.endswith("or whiten the test rows with a whitening fitted on --train"), line
+    assert main(_score({"test": test, "train": stored("same", fitted_rows)}, "-k", "2")) == 0

@@ -1595,3 +1595,30 @@ def test_a_full_rank_fit_at_a_small_damping_does_not_warn():
     exact = to_float64(test) @ np.linalg.solve(r + lam * np.eye(d), g.T)
     err = np.abs(to_float64(tracin.scores(fitted.apply([test]), [train])) - exact).max() / np.abs(exact).max()
     assert err <= 1e-4, err
+
+
+def _adam_update_records(checkpoints, states):
+    """tracin.torch-like records of adam_update rows exported at `checkpoints` with `states` (digests)."""
+    return {
+        "framework": "torch",
+        "mode": "full",
+        "preconditioner": {"kind": "adam_update"},
+        "fingerprints": {"data": "d", "checkpoints": checkpoints, "optimizer_states": states},
+        "checkpoint_sources": ["file"] * len(checkpoints),
+        "optimizer_state_sources": ["file"] * len(states),
+    }
+
+
+def test_a_whitening_fitted_at_other_checkpoints_is_named_so_before_optimizer_states(full):
+    """review80 F4: bare test arrays whitened by a whitening fitted on adam_update rows of other checkpoints (and so
+    of other optimizer states) than the train side's were reported as "different optimizer states"; checkpoints
+    are compared first, as for two sides."""
+    train, test = full
+    fitted = Whitening.fit(tracin.Gradients(train, WEIGHTS, metadata=_adam_update_records(["a", "b"], ["s", "t"])))
+    other = tracin.Gradients(train, WEIGHTS, metadata=_adam_update_records(["a", "c"], ["s", "u"]))
+    with pytest.raises(tracin.scoring.CheckpointMismatchError, match=r"at different checkpoints: checkpoints \[1\]"):
+        tracin.scores(fitted.apply(test), other)
+    states_only = tracin.Gradients(train, WEIGHTS, metadata=_adam_update_records(["a", "b"], ["s", "u"]))
+    with pytest.raises(tracin.scoring.CheckpointMismatchError, match=r"different optimizer states: .*\[1\]") as e:
+        tracin.scores(fitted.apply(test), states_only)
+    assert e.value.optimizer_states and e.value.names[0] == tracin.scoring.FITTED_ON

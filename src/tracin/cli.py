@@ -350,7 +350,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .scoring import CheckpointMismatchError
+    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError
 
     out = _check_output(args.output, (".npz", ".csv"))
     _check_stdout(out)  # not after the whole pass
@@ -359,7 +359,20 @@ def cmd_score(args: argparse.Namespace) -> None:
     train = _open_store(args.train, "--train", args.allow_partial)
     try:
         result = _top_k(args, test, train)
+    except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
+        raise CommandError(
+            f"--test is whitened by a whitening fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "
+            f"preconditioner={e.kinds[1]!r} ones; score --test against the gradients its whitening was fitted on, "
+            "or whiten the test rows with a whitening fitted on --train"
+        ) from e
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
+        if e.names[0] == FITTED_ON:  # --test's own records passed: its whitening's fitted-on gradients did not
+            what = "the optimizer states of checkpoints" if e.optimizer_states else "checkpoints"
+            raise CommandError(
+                f"--test's whitening was fitted on gradients exported differently from --train ({what} "
+                f"{e.checkpoints} differ); score --test against the gradients its whitening was fitted on, or "
+                "whiten the test rows with a whitening fitted on --train"
+            ) from e
         if e.optimizer_states:
             raise CommandError(
                 f"--test and --train were exported with different optimizer states (of checkpoints {e.checkpoints}); "

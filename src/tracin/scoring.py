@@ -165,15 +165,15 @@ def _check_same_gradient_space(
     if names == ("test", "train") and isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
         # then the space of the gradients the test side's whitening was fitted on: the train side's
         # too (bare test arrays carry no records of their own, their whitening's are checked)
-        _check_same_train_space(fitted["space"], train, "the gradients the test side's whitening was fitted on")
+        _check_same_train_space(fitted["space"], train, FITTED_ON)
 
 
 def _check_same_train_space(space: dict, train: GradientSet, name: str) -> None:
     """Refuses a train side whose records are not those of the gradients a whitening was fitted on
     (`space`, WhiteningSpec.space, named `name` in messages). Both are train-side records, compared as
     one side's: the same preconditioner kind (LESS's "adam_update" included: test rows pair with it, not
-    the whitening), its settings and optimizer states, and then as _check_same_gradient_space compares
-    two sides (mode, projection, parameters, checkpoints)."""
+    the whitening), then as _check_same_gradient_space compares two sides (mode, projection, parameters,
+    checkpoints), then the preconditioner's settings and optimizer states (checkpoints first, as for two sides)."""
     names = (name, "train")
     problem = metadata_problem(space)
     if problem is not None:
@@ -182,16 +182,17 @@ def _check_same_train_space(space: dict, train: GradientSet, name: str) -> None:
     if "mode" in space and "mode" in x:  # else "preconditioner" is not read, as _check_same_preconditioner
         kinds = [_preconditioner_kind(m) for m in (space, x)]
         if kinds[0] != kinds[1]:
-            raise ValueError(
+            raise FittedKindError(
                 f"{name} are preconditioner={kinds[0]!r} but train gradients are preconditioner={kinds[1]!r}: "
-                "fit the whitening on the train side's gradients (Whitening.fit(train))"
+                "fit the whitening on the train side's gradients (Whitening.fit(train))",
+                (kinds[0], kinds[1]),
             )
-        if kinds[0] is not None:
-            _check_same_hyperparameters(space, x, names)
-            _check_same_optimizer_states(space, x, names)
     plain = [SimpleNamespace(metadata={k: v for k, v in m.items() if k != "preconditioner"}) for m in (space, x)]
     plain[1].path = getattr(train, "path", None)  # named in a projection message
-    _check_same_gradient_space(plain[0], plain[1], names)
+    _check_same_gradient_space(plain[0], plain[1], names)  # checkpoints before optimizer states, as two sides
+    if "mode" in space and "mode" in x and kinds[0] is not None:
+        _check_same_hyperparameters(space, x, names)
+        _check_same_optimizer_states(space, x, names)
 
 
 def _projection_of(spec: Any, name: str, path: Any = None) -> Any:
@@ -217,10 +218,30 @@ class CheckpointMismatchError(ValueError):
     preconditioner="adam" sets exported with different optimizer states of their checkpoints
     (`optimizer_states` True); `checkpoints`: the indices of the real checkpoints that differ."""
 
-    def __init__(self, message: str, checkpoints: list[int] | None = None, optimizer_states: bool = False):
+    def __init__(
+        self,
+        message: str,
+        checkpoints: list[int] | None = None,
+        optimizer_states: bool = False,
+        names: tuple[str, str] = ("test", "train"),
+    ):
         super().__init__(message)
         self.checkpoints = [] if checkpoints is None else checkpoints
         self.optimizer_states = optimizer_states
+        self.names = names  # the two sides as the message names them (FITTED_ON first: a whitening's train side)
+
+
+FITTED_ON = "the gradients the test side's whitening was fitted on"
+"""How messages name the train-side records a whitened test side carries (metadata['whitening']['space'])."""
+
+
+class FittedKindError(ValueError):
+    """A whitened test side whose whitening was fitted on gradients of another preconditioner kind than the
+    train side's: `kinds` (the fitted-on gradients', the train side's)."""
+
+    def __init__(self, message: str, kinds: tuple[Any, Any]):
+        super().__init__(message)
+        self.kinds = kinds
 
 
 def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", "train")) -> None:
@@ -241,6 +262,7 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
             "store: workers open stores again by path)" + static_digest_note(t["framework"], kinds),
             differ,
+            names=names,
         )
 
 
@@ -268,6 +290,7 @@ def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("te
             "is not a store: workers open stores again by path)",
             differ,
             optimizer_states=True,
+            names=names,
         )
 
 
