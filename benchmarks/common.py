@@ -37,6 +37,33 @@ def at_least(low: int) -> Callable[[str], int]:
     return convert
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0, else a usage error saying so."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def description(doc: str) -> str:
+    """A parser's description: the first paragraph of a module docstring, its wrapped lines joined."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def quick_or_given(args, quick: dict, full: dict) -> None:
+    """Fills each size of `args` left at None: from `quick` with --quick, else from `full`. A size
+    given on the command line wins over both (so `--quick --n 1000` runs the quick run at n=1000)."""
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def time_interleaved(
     contenders: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, pause_s: float = 0.25
 ) -> dict[str, dict]:
@@ -175,3 +202,26 @@ def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:
 def missing_modules(names: tuple[str, ...] | list[str]) -> list[str]:
     """The modules of `names` that are not installed (found without importing them)."""
     return [m for m in names if importlib.util.find_spec(m) is None]
+
+
+def require_modules(prog: str, names: tuple[str, ...], extra: str) -> None:
+    """Ends the program (exit code 1, as kernel / quality / fact_tracing do) with one line naming the
+    modules of `names` that are not installed and `pip install 'tracin[EXTRA]'`, before any work."""
+    missing = missing_modules(names)
+    if missing:
+        print(f"{prog}: error: needs {', '.join(missing)} (pip install 'tracin[{extra}]')", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def peer_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution of `names` (None where it is not installed), for the
+    record of a run that compares against them."""
+    from importlib import metadata
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

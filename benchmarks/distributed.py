@@ -36,16 +36,27 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from distributed import Client, LocalCluster, get_task_stream
 
 import tracin
-import tracin.distributed as td
-from tracin.distributed._run import FAN_IN
-from tracin.distributed._shards import MAX_SHARD_BYTES, shard_ranges
 
-from .common import add_output_options, at_least, output_dir, time_interleaved, write_json
+from .common import (
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    peer_versions,
+    positive_float,
+    quick_or_given,
+    require_modules,
+    time_interleaved,
+    write_json,
+)
+
+if TYPE_CHECKING:
+    from distributed import Client
 from .store import write_store
 
 TIB = 2**40
@@ -66,6 +77,8 @@ def _compute_seconds(stream: list[dict], prefix: str) -> list[float]:
 def _fixed_cost(client: Client, root: Path, workers: int, shards: int, repeats: int) -> dict:
     """Extra wall time per extra task: a tiny store cut into `shards` one-row shards against one
     shard per worker, both doing (almost) no kernel work."""
+    import tracin.distributed as td  # here and below: the distributed extra, checked by main first
+
     small = write_store(root / "tiny", shards, [8]) and tracin.GradientStore.open(root / "tiny")
     test = tracin.Gradients(np.ones((1, 8), dtype=np.float16))
     times = time_interleaved(
@@ -91,6 +104,9 @@ def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: 
     whichever worker is free first (as Dask's scheduler does), each costing its bytes at the measured
     kernel time per byte plus the fixed cost per task; then the merge tree (its depth in merge
     tasks) and the fixed cost of one call."""
+    from tracin.distributed._run import FAN_IN
+    from tracin.distributed._shards import shard_ranges
+
     rows = []
     row_bytes = 2**14  # 16 KiB rows, as in the measured store; only the byte count matters
     for w in PROJECTED_WORKERS:
@@ -117,6 +133,8 @@ def _projection(shard_s_per_byte: float, merge_s: float, call_s: float, task_s: 
 
 def _cluster(args: argparse.Namespace, client: Client | None, stack: ExitStack) -> Client:
     """`client`, or a LocalCluster of --workers single-threaded processes on loopback for this run."""
+    from distributed import Client, LocalCluster
+
     if client is not None:
         return client
     cluster = stack.enter_context(
@@ -130,6 +148,11 @@ def _cluster(args: argparse.Namespace, client: Client | None, stack: ExitStack) 
 def run(args: argparse.Namespace, client: Client | None = None) -> dict:
     """The measurements as a JSON-ready dict; on `client` if given (with --workers single-threaded
     workers), else on a LocalCluster started for the run."""
+    from distributed import get_task_stream
+
+    import tracin.distributed as td
+    from tracin.distributed._shards import MAX_SHARD_BYTES
+
     dims = [args.dim] * args.checkpoints
     row_bytes = sum(dims) * 2
     n_rows = int(args.size * 2**30) // row_bytes
@@ -222,6 +245,7 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
     """Distributed export (one row range per worker) against one process, as a JSON-ready dict."""
     import torch
 
+    import tracin.distributed as td
     import tracin.torch
 
     model, checkpoints, data, loss = _export_problem(args.export_rows)
@@ -288,19 +312,28 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=float, default=1.0, help="store size in GiB (default 1)")
-    p.add_argument("--dim", type=int, default=4096, help="columns per checkpoint (default 4096)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=description(__doc__))
+    sizes = [
+        ("size", positive_float, "store size in GiB"),
+        ("dim", at_least(1), "columns per checkpoint"),
+        ("test_rows", at_least(1), "test examples"),
+        ("repeats", at_least(1), "timed rounds after a warm-up"),
+        ("tiny_shards", at_least(1), "tasks of the fixed-cost run"),
+        ("export_rows", at_least(1), "examples exported"),
+    ]
+    for name, kind, text in sizes:
+        flag = "--" + name.replace("_", "-")
+        size = f"default {FULL[name]:g}, {QUICK[name]:g} with --quick"
+        p.add_argument(flag, type=kind, default=None, help=f"{text} ({size})")
     p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
-    p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
-    p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
-    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers, one thread each (default 2)")
-    p.add_argument("--shards", type=int, default=None, help="shards (default: tracin.distributed's choice)")
-    p.add_argument("--repeats", type=at_least(1), default=5, help="timed rounds after a warm-up (default 5)")
-    p.add_argument("--tiny-shards", type=int, default=64, help="tasks of the fixed-cost run (default 64)")
+    p.add_argument("--k", type=at_least(1), default=10, help="top-k per side (default 10)")
+    p.add_argument("--workers", type=at_least(1), default=2, help="LocalCluster workers, one thread each (default 2)")
+    p.add_argument("--shards", type=at_least(1), default=None, help="shards (default: tracin.distributed's choice)")
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
     add_output_options(
-        p, "toy sizes (a 4 MiB store of 2 x 256 columns, 8 test rows, 8 tiny shards, 40 export rows), one timed round"
+        p,
+        "toy sizes (a 4 MiB store of 2 x 256 columns, 8 test rows, 8 tiny shards, 40 export rows), one timed "
+        "round; a size given as a flag wins",
     )
     p.add_argument(
         "--only",
@@ -308,24 +341,29 @@ def _parser() -> argparse.ArgumentParser:
         default="top_k",
         help="top_k: the scoring record; export: the export record, kept beside it",
     )
-    p.add_argument("--export-rows", type=int, default=4000, help="examples exported (default 4000)")
-    p.add_argument("--export-batch", type=int, default=50, help="export batch size (default 50)")
+    p.add_argument("--export-batch", type=at_least(1), default=50, help="export batch size (default 50)")
     return p
 
 
+FULL = {"size": 1.0, "dim": 4096, "test_rows": 64, "repeats": 5, "tiny_shards": 64, "export_rows": 4000}
 # --quick: a smoke run of every step (the LocalCluster too, on loopback), in seconds.
 QUICK = {"size": 4 / 1024, "dim": 256, "test_rows": 8, "repeats": 1, "tiny_shards": 8, "export_rows": 40}
+PEERS = ("dask", "distributed", "torch")  # versions recorded with the results
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    require_modules(parser.prog, ("dask", "distributed"), "distributed")
     if args.quick:
-        vars(args).update(QUICK, export_batch=min(args.export_batch, QUICK["export_rows"] // 2))
+        args.export_batch = min(args.export_batch, (args.export_rows or QUICK["export_rows"]) // 2 or 1)
+    quick_or_given(args, QUICK, FULL)
     args.out = output_dir(args.out, args.quick, "distributed")
     t0 = time.perf_counter()
     if args.only == "export":
         return _main_export(args, t0)
     result = run(args)
+    result["versions"] = peer_versions(PEERS)
     name = "distributed_quick" if args.quick else "distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib"
     path = write_json(name, result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
@@ -357,7 +395,7 @@ def _main_export(args: argparse.Namespace, t0: float) -> int:
     record = args.out / f"{name}.json"
     kept = json.loads(record.read_text()) if record.exists() else {}
     kept = {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
-    path = write_json(name, {**kept, "export": found}, args.out)
+    path = write_json(name, {**kept, "export": found, "versions": peer_versions(PEERS)}, args.out)
     med = {k: v["median_s"] for k, v in found["times"].items()}
     print(
         f"export of {args.export_rows} rows x 2 checkpoints: one process ({args.workers} torch threads) "

@@ -5,7 +5,7 @@
 Clones the repository's committed HEAD into a temporary folder, runs the README's demo command
 there (a new venv, `pip install --no-cache-dir ".[demo]"`, `tracin demo`), then every `tracin`
 command the demo printed, and writes results/first_install.json: seconds for the install and the
-demo, the venv's size in MB, and each printed command's exit status. Issue #17's targets: install
+demo, the venv's size in MB, and each printed command's exit status. The targets: install
 under 90 s and 1 GB. Packages come from whatever index pip is configured with (a registry mirror
 near the machine is faster than PyPI over the internet), so the time is a lower bound elsewhere.
 """
@@ -52,7 +52,11 @@ def _next_commands(demo_output: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.first_install",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--repo", type=Path, default=Path("."), help="the git checkout to clone (default: .)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary clone and its venv")
     add_output_options(parser)

@@ -108,15 +108,15 @@ def write_store(path: Path, train: np.ndarray) -> tracin.GradientStore:
     return tracin.GradientStore.open(path)
 
 
-def _faiss_search(test: np.ndarray, train: np.ndarray, device: torch.device) -> Callable[[int], object] | None:
-    """faiss IndexFlatIP search (GPU index on a CUDA device), or None when faiss (GPU) is missing."""
+def _faiss_search(test: np.ndarray, train: np.ndarray, device: torch.device) -> Callable[[int], object] | str:
+    """faiss IndexFlatIP search (GPU index on a CUDA device), or why faiss is left out (a string)."""
     try:
         import faiss
     except ImportError:
-        return None
+        return "faiss is not installed (pip install faiss-cpu, or faiss-gpu for the GPU index)"
     if device.type == "cuda":
         if not hasattr(faiss, "StandardGpuResources"):
-            return None
+            return "the installed faiss has no GPU support (pip install faiss-gpu)"
         resources = faiss.StandardGpuResources()
         index = faiss.GpuIndexFlatIP(resources, train.shape[1])
     else:
@@ -245,6 +245,10 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
     on_device = tracin.Gradients(test) if device.type == "cuda" else tracin.Gradients(test_host)
     train_set = tracin.Gradients(train) if device.type == "cuda" else tracin.Gradients(train_host)
     faiss_search = errors.guard("faiss", lambda: _faiss_search(test_host, train_host, device), device)
+    faiss_left_out = faiss_search if isinstance(faiss_search, str) else None
+    if faiss_left_out is not None:
+        faiss_search = None
+        print(f"faiss_index_flat_ip not timed: {faiss_left_out}", file=sys.stderr, flush=True)
     full_fits = device.type != "cuda" or 3 * 4 * m * n < torch.cuda.mem_get_info(device)[0]
 
     cases = []
@@ -297,6 +301,7 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             "device_tile_bytes": _tunables.DEVICE_TILE_BYTES,  # one upload per tile
             "device_resident_tile_bytes": _tunables.DEVICE_RESIDENT_TILE_BYTES,
             "faiss": faiss_search is not None,
+            "faiss_left_out": faiss_left_out,  # why faiss was not timed, where it was not installed
             "torch_whole_matrix": full_fits,
         },
         "limits": limits,

@@ -20,23 +20,31 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    quick_or_given,
+    require_modules,
+    time_interleaved,
+    write_json,
+)
 
-QUICK = {"n": 256, "hidden": 32, "batch": 64, "repeats": 1}  # --quick: a smoke run in seconds
+FULL = {"n": 4096, "features": 64, "hidden": 256, "classes": 10, "batch": 256, "repeats": 5}
+QUICK = {**FULL, "n": 256, "hidden": 32, "batch": 64, "repeats": 1}  # --quick: a smoke run in seconds
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4096, help="examples exported per call")
-    parser.add_argument("--features", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=at_least(1), default=5)
-    add_output_options(parser, f"small sizes {QUICK}, to check the script runs")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.jax_export", description=description(__doc__))
+    helps = {"n": "examples exported per call", "repeats": "timed rounds"}
+    for name, value in FULL.items():
+        size = f"default {value}, {QUICK[name]} with --quick"
+        parser.add_argument(f"--{name}", type=at_least(1), default=None, help=f"{helps.get(name, name)} ({size})")
+    add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     args = parser.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    require_modules(parser.prog, ("jax", "torch"), "bench,jax")
+    quick_or_given(args, QUICK, FULL)
     out = output_dir(args.out, args.quick, "jax-export")
 
     import jax

@@ -30,7 +30,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    peer_versions,
+    quick_or_given,
+    time_interleaved,
+    write_json,
+)
+
+FULL = {"n": 1000, "d": 200_000, "dim": 2048, "repeats": 3}
+QUICK = {"n": 200, "d": 5000, "dim": 256, "repeats": 1}  # --quick: a smoke run
 
 KINDS = ("rademacher", "gaussian", "sparse")
 
@@ -150,13 +162,13 @@ def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--d", type=int, default=200_000)
-    parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--repeats", type=at_least(1), default=3)
-    parser.add_argument("--k", type=int, default=10)
-    add_output_options(parser, "small sizes, to check the script runs")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.projection", description=description(__doc__))
+    helps = {"n": "gradients projected", "d": "their dims", "dim": "projected dims", "repeats": "timed rounds"}
+    for name, value in FULL.items():
+        size = f"default {value}, {QUICK[name]} with --quick"
+        parser.add_argument(f"--{name}", type=at_least(1), default=None, help=f"{helps[name]} ({size})")
+    parser.add_argument("--k", type=at_least(1), default=10, help="top-k of the recall (default 10)")
+    add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     parser.add_argument(
         "--isa",
         default="native",
@@ -173,12 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         isa = _core.resolve_isa("auto" if name == "native" else name)
         if isa not in isas:
             isas.append(isa)
-    if args.quick:
-        args.n, args.d, args.dim, args.repeats = 200, 5000, 256, 1
+    quick_or_given(args, QUICK, FULL)
     hidden = (32,) if args.quick else (256, 128)
     dims = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
 
-    result = {"speed": speed(args.n, args.d, args.dim, args.repeats, isas)}
+    result = {"speed": speed(args.n, args.d, args.dim, args.repeats, isas), "versions": peer_versions(("torch",))}
     s = result["speed"]
     load = s["load_average_1min"]
     print(f"project {args.n} x {args.d} -> {args.dim} (load average {load['before']:.1f} -> {load['after']:.1f}):")

@@ -26,9 +26,21 @@ import numpy as np
 
 import tracin
 
-from .common import add_output_options, at_least, output_dir, peak_rss_of, time_interleaved, write_json
+from .common import (
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    peak_rss_of,
+    positive_float,
+    quick_or_given,
+    time_interleaved,
+    write_json,
+)
 
 QUICK_GIB = 0.01  # --quick's store size
+FULL = {"size": 1.0, "repeats": 3}
+QUICK = {"size": QUICK_GIB, "repeats": 1}
 
 BLOCK_ROWS = 4096
 
@@ -143,24 +155,28 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.store", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.store", description=description(__doc__))
     p.add_argument(
-        "--size", type=float, default=1.0, help="store size in GiB (default 1; results/store_4gib.json used 4)"
+        "--size",
+        type=positive_float,
+        default=None,
+        help=f"store size in GiB (default 1, {QUICK_GIB} with --quick; results/store_4gib.json used 4)",
     )
-    p.add_argument("--dim", type=int, default=4096, help="columns per checkpoint (default 4096)")
+    p.add_argument("--dim", type=at_least(1), default=4096, help="columns per checkpoint (default 4096)")
     p.add_argument("--checkpoints", type=int, default=2, choices=(1, 2), help="checkpoints (default 2)")
-    p.add_argument("--test-rows", type=int, default=64, help="test examples (default 64)")
-    p.add_argument("--k", type=int, default=10, help="top-k per side (default 10)")
-    p.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds after a warm-up (default 3)")
+    p.add_argument("--test-rows", type=at_least(1), default=64, help="test examples (default 64)")
+    p.add_argument("--k", type=at_least(1), default=10, help="top-k per side (default 10)")
+    p.add_argument(
+        "--repeats", type=at_least(1), default=None, help="timed rounds after a warm-up (default 3, 1 with --quick)"
+    )
     p.add_argument("--dir", default=None, help="where to write the store (default: the system temp dir)")
-    add_output_options(p, f"a {QUICK_GIB} GiB store, one timed round: a smoke run")
+    add_output_options(p, f"a {QUICK_GIB} GiB store, one timed round: a smoke run (a size given as a flag wins)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.quick:
-        args.size, args.repeats = QUICK_GIB, 1
+    quick_or_given(args, QUICK, FULL)
     result = run(args)
     name = "store_quick" if args.quick else "store" if args.size == 1.0 else f"store_{args.size:g}gib"
     path = write_json(name, result, output_dir(args.out, args.quick, "store"))

@@ -43,8 +43,11 @@ from benchmarks.common import (  # noqa: E402
     SETTLE_S,
     add_output_options,
     at_least,
+    description,
     output_dir,
     peak_rss_of,
+    peer_versions,
+    require_modules,
     time_interleaved,
     write_json,
 )
@@ -286,16 +289,17 @@ def _keeping(last: dict[str, dict], contenders: dict[str, Callable[[], dict]]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_end_to_end", description=description(__doc__))
     parser.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds of tracin and plain")
     parser.add_argument(
         "--captum-train",
-        type=int,
+        type=at_least(1),
         default=None,
         help="train examples for the Captum comparison (default: all 1437; Captum is slow)",
     )
     add_output_options(parser, f"the first {QUICK_TRAIN} / {QUICK_TEST} examples, one timed call each: a smoke run")
     args = parser.parse_args(argv)
+    require_modules(parser.prog, ("sklearn", "captum"), "bench")  # before the tracin phase, not after it
     out = output_dir(args.out, args.quick, "torch-end-to-end")
     repeats, warmup, pause_s = (1, 0, 0.0) if args.quick else (args.repeats, 1, 0.25)
 
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
 
     payload = {
         "quick": args.quick,
+        "versions": peer_versions(("torch", "captum", "scikit-learn")),
         "task": {
             "dataset": "sklearn digits",
             "n_train": n_train,

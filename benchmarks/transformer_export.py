@@ -36,28 +36,45 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    quick_or_given,
+    require_modules,
+    time_interleaved,
+    write_json,
+)
 
-GOAL_SPEEDUP = 5.0  # issue 20: tracin >= 5x the per-example loop for GPT-2, 64 sequences of 128 tokens
+GOAL_SPEEDUP = 5.0  # the goal: tracin >= 5x the per-example loop for GPT-2, 64 sequences of 128 tokens
 
 
 # --quick: a smoke run in seconds (one tiny size, one repeat)
 QUICK = {"n": [4], "tokens": [16], "width": 32, "layers": 1, "vocab": 64, "repeats": 1}
+FULL = {"n": [64], "tokens": [128, 32], "width": 64, "layers": 2, "vocab": 512, "repeats": 5}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[64], help="sequences exported per call")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[128, 32], help="sequence lengths (before padding)")
-    parser.add_argument("--width", type=int, default=64, help="hidden size")
-    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--repeats", type=at_least(1), default=5)
-    parser.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1], help="torch intra-op threads")
-    add_output_options(parser, f"small sizes {QUICK}, to check the script runs")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transformer_export", description=description(__doc__))
+    helps = {
+        "n": "sequences exported per call",
+        "tokens": "sequence lengths (before padding)",
+        "width": "hidden size",
+        "layers": "transformer blocks",
+        "vocab": "vocabulary size",
+        "repeats": "timed rounds",
+    }
+    for name, value in FULL.items():
+        nargs = "+" if isinstance(value, list) else None
+        size = f"default {value}, {QUICK[name]} with --quick"
+        parser.add_argument(f"--{name}", type=at_least(1), nargs=nargs, default=None, help=f"{helps[name]} ({size})")
+    threads = [os.cpu_count() or 1]
+    parser.add_argument("--threads", type=at_least(1), nargs="+", default=threads, help="torch intra-op threads")
+    add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     args = parser.parse_args(argv)
-    if args.quick:
-        vars(args).update(QUICK)
+    require_modules(parser.prog, ("torch", "transformers"), "bench")
+    quick_or_given(args, QUICK, FULL)
     out = output_dir(args.out, args.quick, "transformer-export")
 
     import torch

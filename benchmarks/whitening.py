@@ -10,7 +10,7 @@ fit's accumulation: float32 products of up to 4096 rows added into float64, prec
 tracin_float64 (precision="float64"). Rates are GEMM-equivalent GFLOP/s, 2 n d^2 / seconds (a
 symmetric product does half that, so a rate above the sgemm rate is possible); sgemm is a square
 d x d float32 product (2 d^3 flops). Also timed once: the damped inverse of one d x d R (Cholesky and
-inverse in float64) and the whole Whitening.fit. The goal (issue 21): tracin_float32 at >= 70% of
+inverse in float64) and the whole Whitening.fit. The goal: tracin_float32 at >= 70% of
 this machine's sgemm rate, and of numpy_gtg. A recorded run times every contender at least
 MIN_REPEATS times (--quick may take fewer); the sgemm rate is that of its fastest call (the
 machine's limit), the others' of their medians.
@@ -28,7 +28,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tracin  # noqa: E402
-from benchmarks.common import add_output_options, at_least, output_dir, time_interleaved, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_output_options,
+    at_least,
+    description,
+    output_dir,
+    quick_or_given,
+    time_interleaved,
+    write_json,
+)
 from tracin.whitening import Whitening  # noqa: E402
 from tracin.whitening._inverse import damped_inverse  # noqa: E402
 from tracin.whitening._moments import second_moments  # noqa: E402
@@ -106,23 +114,26 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200_000, help="rows (default 200000)")
-    parser.add_argument("--d", type=int, default=4096, help="dims (default 4096)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.whitening", description=description(__doc__))
+    parser.add_argument("--n", type=at_least(1), default=None, help="rows (default 200000, 4096 with --quick)")
+    parser.add_argument("--d", type=at_least(1), default=None, help="dims (default 4096, 256 with --quick)")
     parser.add_argument(
         "--repeats",
         type=at_least(1),
         default=MIN_REPEATS,
         help=f"interleaved rounds, at least {MIN_REPEATS} but with --quick (default {MIN_REPEATS})",
     )
-    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: BLAS's own)")
-    add_output_options(parser, "small sizes, one warm-up call each, no verdict: to check the script runs")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="BLAS threads (default: BLAS's own)")
+    add_output_options(
+        parser, "small sizes, one warm-up call each, no verdict: to check the script runs (a size given as a flag wins)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < MIN_REPEATS and not args.quick:
         parser.error(
             f"--repeats must be at least {MIN_REPEATS} (fewer cannot tell a result from noise), got {args.repeats}"
         )
-    n, d = (4096, 256) if args.quick else (args.n, args.d)
+    quick_or_given(args, {"n": 4096, "d": 256}, {"n": 200_000, "d": 4096})
+    n, d = args.n, args.d
     result = measure(n, d, args.repeats, args.threads, warmup=1 if args.quick else 0, verdict=not args.quick)
     out = output_dir(args.out, args.quick, "whitening")
     path = write_json("whitening_quick" if args.quick else "whitening", result, out)

@@ -5,6 +5,7 @@ No timing assertions: speed is measured by the benchmark itself, not in tests.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -12,8 +13,10 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,32 @@ from benchmarks.roofline import bound
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHECKOUT = Path(__file__).resolve().parents[1]
+# The one line a benchmark script prints (exit code 1) when a module of its extra is not installed.
+_NEEDS_EXTRA = re.compile(r"^python -m benchmarks\.\w+: error: needs .*pip install 'tracin\[[\w,]+\]'")
+
+
+def _run_benchmark(script: str, *argv: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.SCRIPT ARGV` from the checkout (tracin as installed); the modules of
+    `blocked` unimportable, as if not installed, through a sitecustomize."""
+    with tempfile.TemporaryDirectory() as site:
+        Path(site, "sitecustomize.py").write_text(f"import sys\nfor m in {blocked!r}:\n    sys.modules[m] = None\n")
+        return subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{script}", *argv],
+            cwd=CHECKOUT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([site, str(CHECKOUT)])},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+
+def _skip_where_an_extra_is_missing(done: subprocess.CompletedProcess) -> None:
+    """Skips where the script said, in its one line, that a module of its extra is not installed; a
+    traceback for a missing module (where the one line was due) fails."""
+    assert "No module named" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    if done.returncode == 1 and len(lines) == 1 and _NEEDS_EXTRA.match(lines[0]):
+        pytest.skip(lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +311,9 @@ def test_projection_quick_writes_outside_the_checkout_or_to_out(monkeypatch, tmp
     assert projection.main(["--quick"]) == 0
     path = Path(re.search(r"^wrote (\S+)$", capsys.readouterr().out, re.MULTILINE)[1])
     assert path.name == "projection_quick.json" and not path.resolve().is_relative_to(CHECKOUT)
-    assert json.loads(path.read_text())["recall"]["n_train"] == 60 and not stray.exists()
+    record = json.loads(path.read_text())
+    assert record["recall"]["n_train"] == 60 and not stray.exists()
+    assert set(record["versions"]) == {"torch"}  # review81 F8: the peer's version recorded
     shutil.rmtree(path.parent)
     assert projection.main(["--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "projection_quick.json").exists() and not stray.exists()
@@ -392,8 +423,7 @@ def test_benchmark_repeats_below_one_are_a_usage_error(script):
         text=True,
         timeout=120,
     )
-    if "No module named" in done.stderr and "No module named 'tracin" not in done.stderr:
-        pytest.skip(done.stderr.strip().splitlines()[-1])  # a bench extra not installed
+    _skip_where_an_extra_is_missing(done)
     assert done.returncode == 2 and "--repeats: expected an integer >= 1, got '0'" in done.stderr
 
 
@@ -665,11 +695,16 @@ def test_every_benchmark_script_takes_out_and_the_small_ones_quick(script):
         text=True,
         timeout=120,
     )
-    if "No module named" in done.stderr and "No module named 'tracin" not in done.stderr:
-        pytest.skip(done.stderr.strip().splitlines()[-1])  # a bench extra not installed
+    _skip_where_an_extra_is_missing(done)
     assert done.returncode == 0, done.stderr
     assert "--out" in done.stdout
     assert ("--quick" in done.stdout) == (script in _HAS_QUICK)
+    # review81 F9: the description is a whole first paragraph (not its first wrapped line), the program
+    # named as it is run, and no internal issue numbers
+    usage, description = done.stdout.split("\n\n")[:2]
+    assert usage.startswith(f"usage: python -m benchmarks.{script} ")
+    assert description.rstrip()[-1] in ".?)", description
+    assert not re.search(r"\bissue\s*#?\d", done.stdout, re.IGNORECASE), done.stdout
 
 
 _DEVICE_CPU = {"gpu", "gpu_tiles"}  # their default device is cuda: --device cpu reaches the --out check here
@@ -692,8 +727,7 @@ def test_every_benchmark_script_refuses_an_out_it_cannot_write_before_running(sc
             text=True,
             timeout=120,
         )
-        if "No module named" in done.stderr and "No module named 'tracin" not in done.stderr:
-            pytest.skip(done.stderr.strip().splitlines()[-1])  # a bench extra not installed
+        _skip_where_an_extra_is_missing(done)
         last = done.stderr.strip().splitlines()[-1]
         assert done.returncode == 2 and not done.stdout, done.stdout + done.stderr
         assert re.search(rf"error: (argument )?--out: {re.escape(str(out))} cannot be written: \S", last), last
@@ -753,6 +787,9 @@ def test_distributed_quick_runs_a_local_cluster_and_writes_outside_the_checkout(
     assert not path.resolve().is_relative_to(CHECKOUT)
     record = json.loads(path.read_text())
     assert record["identical_results"] is True and len(record["times"]["distributed"]["times_s"]) == 1
+    from importlib import metadata
+
+    assert record["versions"]["distributed"] == metadata.version("distributed")  # review81 F8
     shutil.rmtree(path.parent)
 
 
@@ -773,3 +810,157 @@ def test_whitening_quick_gives_no_verdict_and_warms_up(monkeypatch, capsys, tmp_
     assert "goal met: no verdict (--quick)" in capsys.readouterr().out
     assert warmups[-1] == 1  # the contenders' timing: one untimed call each first
     assert whitening.measure(256, 32, 3, 1)["goal"]["met"] is True  # a recorded run is judged
+
+
+@pytest.mark.parametrize(
+    ("script", "module", "extra"),
+    [
+        ("jax_export", "jax", "tracin[bench,jax]"),
+        ("transformer_export", "transformers", "tracin[bench]"),
+        ("compiled_ceiling", "transformers", "tracin[bench]"),
+        ("distributed", "distributed", "tracin[distributed]"),
+        ("torch_end_to_end", "captum", "tracin[bench]"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it_before_any_work(script, module, extra, tmp_path):
+    # review81 F1/F3: a ModuleNotFoundError traceback (torch_end_to_end's after its whole tracin phase)
+    done = _run_benchmark(script, "--quick", "--out", str(tmp_path), blocked=(module,))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and not done.stdout, done.stdout + done.stderr
+    assert _NEEDS_EXTRA.match(lines[0]) and f"needs {module} " in lines[0] and f"pip install '{extra}'" in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "flag"),
+    [
+        ("store", ["--quick", "--dim", "0"], "--dim"),
+        ("store", ["--size", "0.1", "--k", "0"], "--k"),
+        ("store", ["--size", "0"], "--size"),
+        ("store", ["--size", "-1"], "--size"),
+        ("store", ["--size", "nan"], "--size"),
+        ("store", ["--quick", "--test-rows", "0"], "--test-rows"),
+        ("projection", ["--k", "0"], "--k"),
+        ("projection", ["--dim", "0"], "--dim"),
+        ("whitening", ["--n", "0"], "--n"),
+        ("whitening", ["--d", "-5"], "--d"),
+        ("whitening", ["--threads", "0"], "--threads"),
+        ("jax_export", ["--n", "0"], "--n"),
+        ("jax_export", ["--batch", "x"], "--batch"),
+        ("distributed", ["--quick", "--workers", "0"], "--workers"),
+        ("distributed", ["--shards", "0"], "--shards"),
+        ("distributed", ["--export-rows", "0"], "--export-rows"),
+        ("compiled_ceiling", ["--tokens", "0"], "--tokens"),
+        ("transformer_export", ["--n", "4", "0"], "--n"),
+        ("transformer_export", ["--threads", "0"], "--threads"),
+        ("torch_end_to_end", ["--captum-train", "0"], "--captum-train"),
+    ],
+)
+def test_a_bad_size_is_a_usage_error_naming_its_flag_before_any_work(script, argv, flag, tmp_path):
+    # review81 F2: tracebacks naming internal variables, some after long phases, and an empty
+    # workload (store --test-rows 0) recorded as a result
+    done = _run_benchmark(script, *argv, "--out", str(tmp_path))
+    assert done.returncode == 2 and not done.stdout, done.stdout + done.stderr
+    assert f"error: argument {flag}: expected " in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_sizes_given_as_flags_win_over_quick(monkeypatch, tmp_path):
+    # review81 F5: --quick replaced --n/--d/--dim/--repeats silently
+    from benchmarks import projection, whitening
+    from benchmarks.common import quick_or_given
+
+    args = argparse.Namespace(quick=True, n=None, d=7)
+    quick_or_given(args, {"n": 1, "d": 2}, {"n": 3, "d": 4})
+    assert (args.n, args.d) == (1, 7)
+    args = argparse.Namespace(quick=False, n=None, d=None)
+    quick_or_given(args, {"n": 1, "d": 2}, {"n": 3, "d": 4})
+    assert (args.n, args.d) == (3, 4)
+
+    asked = []  # the sizes each main would run at, then stopped there (before any work)
+    monkeypatch.setattr(projection, "speed", lambda *a: asked.append(a[:4]) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        projection.main(["--quick", "--n", "7", "--repeats", "2", "--out", str(tmp_path)])
+    assert asked == [(7, projection.QUICK["d"], projection.QUICK["dim"], 2)]
+
+    sizes = []
+    monkeypatch.setattr(whitening, "measure", lambda n, d, *a, **k: sizes.append((n, d)) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        whitening.main(["--quick", "--n", "100"])
+    assert sizes == [(100, 256)]
+
+
+def test_gpu_says_why_faiss_is_left_out(monkeypatch):
+    # review81 F4: without faiss the contender was dropped with no word
+    pytest.importorskip("torch")
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    why = gpu._faiss_search(np.ones((2, 4), np.float32), np.ones((3, 4), np.float32), torch.device("cpu"))
+    assert isinstance(why, str) and "faiss is not installed" in why and "pip install faiss-cpu" in why
+
+
+def test_quality_missing_trak_hint_names_its_pypi_package(monkeypatch):
+    # review81 F7: "pip install trak"; TRAK's PyPI package is traker
+    from benchmarks.quality import run
+
+    monkeypatch.setitem(sys.modules, "trak", None)
+    trak = next(name for name, module in run.methods.PEERS.items() if module == "trak")
+    out, why = run._call(trak, lambda case: 1 / 0, None)
+    assert out is None and "pip install traker" in why
+
+
+def test_peer_versions_are_the_installed_distributions():
+    # review81 F8: records compared against torch / dask / captum without their versions
+    from importlib import metadata
+
+    from benchmarks.common import peer_versions
+
+    found = peer_versions(("numpy", "no-such-distribution-tracin-test"))
+    assert found == {"numpy": metadata.version("numpy"), "no-such-distribution-tracin-test": None}
+    assert found["numpy"] == np.__version__
+
+
+def _timings_are_medians(node) -> int:
+    """How many {median_s, times_s} timings `node` holds; each median checked against its times."""
+    if isinstance(node, dict):
+        if "median_s" in node and "times_s" in node:
+            assert node["median_s"] == statistics.median(node["times_s"]) and all(t > 0 for t in node["times_s"])
+            return 1
+        return sum(_timings_are_medians(v) for v in node.values())
+    if isinstance(node, list):
+        return sum(_timings_are_medians(v) for v in node)
+    return 0
+
+
+def test_jax_export_measures_at_toy_sizes(tmp_path, capsys):
+    # review81 F6: the measuring code of jax_export ran in no test (seconds at these sizes)
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    from benchmarks import jax_export
+
+    jax_export.main(["--quick", "--n", "16", "--hidden", "8", "--batch", "8", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "jax_export_quick.json").read_text())
+    assert record["machine"]["tracin"] and record["config"]["n"] == 16 and record["config"]["hidden"] == 8
+    assert {"tracin.jax", "torch.func loop"} <= set(record["results"])
+    assert _timings_are_medians(record["results"]) == len(record["results"])
+    assert record["influence_rel_diff_vs_torch_func"] < 1e-5
+
+
+def test_transformer_export_measures_at_toy_sizes(tmp_path, capsys):
+    # review81 F6: the measuring code of transformer_export ran in no test (seconds at these sizes)
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import transformer_export
+
+    argv = ["--quick", "--n", "2", "--tokens", "4", "--width", "8", "--vocab", "16", "--threads", "1"]
+    transformer_export.main([*argv, "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "transformer_export_quick.json").read_text())
+    assert record["machine"]["tracin"] and record["args"]["n"] == [2] and record["args"]["width"] == 8
+    (run,) = record["runs"]
+    assert set(run["cases"]) == {"gpt2", "torch_native", "bert"}
+    for case in run["cases"].values():
+        assert {"tracin", "loop"} <= set(case["timings"])
+        assert _timings_are_medians(case["timings"]) == len(case["timings"])

@@ -23,13 +23,16 @@ from .training import accuracy, train
 TIE = 0.02  # detection: within this of the best fraction found counts as a tie
 
 
+PIP_NAMES = {"trak": "traker"}  # import name -> PyPI name, where they differ
+
+
 def _call(name: str, fn: Callable, case) -> tuple[np.ndarray | None, str | None]:
     """The method's output, or (None, why) for a peer that is not installed or fails."""
     needs = methods.PEERS.get(name)
     if needs is None:
         return fn(case), None
     if importlib.util.find_spec(needs) is None:
-        return None, f"not installed (pip install {needs})"
+        return None, f"not installed (pip install {PIP_NAMES.get(needs, needs)}, or pip install 'tracin[bench]')"
     try:
         return fn(case), None
     except Exception as e:  # a peer's failure is a result to report, not a crash of the suite
