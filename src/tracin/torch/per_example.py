@@ -93,10 +93,12 @@ class PerExampleGradients:
       the batch (first_rows_check.tolerances of the coarsest dtype of the state and outputs: 1.1e-4 in float32; a
       batch's scale, not a row's, so that float32 rounding of a well-fit output is not taken for dependence), or hold
       the same non-finite value. A batch-first tensor, (rows, *rest) in the pass, that is (1, *other) alone, other !=
-      rest (per-token outputs over the batch's longest sequence), is dependence when the example's loss in the pass
-      and alone differ too, without a float64 look (_reshaped_rows, _loss_differs: a loss masking the padding agrees,
-      review82 F1); another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not
-      compared. Rows that disagree are run again in float64, the pass holding them and each of them alone
+      rest (per-token outputs over the batch's longest sequence), is compared over the part the example has alone
+      (_row_gaps: the leading slice of the batched row), and the example's loss in the pass and alone is compared
+      relative to its own |loss| with a floor (_reshaped_rows, _loss_differs: a model and loss masking the padding
+      agree, review82 F1; a well-fit row reading the pads is not hidden by a large loss elsewhere, review83 F1);
+      another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not compared.
+      Rows (and such losses) that disagree are run again in float64, the pass holding them and each of them alone
       (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
       tolerance, which float64 shrinks ~2e-9-fold (`rounding_only` counts such batches: hooks kept, no warning). A
       disagreement still there in float64 (an example's output depends on the rest of its batch: padding to the batch's
@@ -139,7 +141,8 @@ class PerExampleGradients:
         self.batches = 0  # calls so far, for the warning naming a batch
         self.batch_dependent = 0  # batches recomputed one example at a time (_depends_on_the_batch)
         self.rounding_only = 0  # batches whose outputs differed in float32 only, not in float64 (_beyond_rounding)
-        self._alone_shapes: list[list[torch.Size]] | None = None  # _one_at_a_time's, where they differ by example
+        # _one_at_a_time's outputs per example ((1, ...) each), where their shapes differ from example to example
+        self._alone_outputs: list[list[torch.Tensor]] | None = None
         self._found: tuple[int, str] = (0, "")  # the row _by_hooks found depending on its batch, and the words
         # float64 copies of the state's floating tensors kept between looks (_float64_state): name -> (a weak
         # reference to the tensor copied, its version counter then, the copy)
@@ -193,11 +196,13 @@ class PerExampleGradients:
                 self.hooks, self.others = None, list(self.names)
         checked = self.hooks is not None and rows > 1 and batched.usable
         if self.others:
-            self._alone_shapes = self._alone_losses = None
+            self._alone_outputs = self._alone_losses = None
             alone = self._by_autodiff(self.others, state, inputs, targets, out)
-            shapes, self._alone_shapes = self._alone_shapes, None
+            examples, self._alone_outputs = self._alone_outputs, None
             losses, self._alone_losses = self._alone_losses, None
-            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, shapes, losses):
+            if alone is None and examples is not None:  # per output tensor, each example's (1, ...)
+                alone = [list(leaf) for leaf in zip(*examples, strict=True)]
+            if checked and self._depends_on_the_batch(state, batched, alone, inputs, targets, losses):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         elif checked:
             # hooks only: one example alone, the last row, against its output in the batch (no gradient)
@@ -206,7 +211,7 @@ class PerExampleGradients:
                 loss = _loss_or_none(self.loss_fn, outputs, slice_rows(targets, rows - 1, rows))
             del outputs
             alone = [t.unsqueeze(0) for t in seen[0]] if len(seen) == 1 else None
-            if self._depends_on_the_batch(state, batched, alone, inputs, targets, None, loss):
+            if self._depends_on_the_batch(state, batched, alone, inputs, targets, loss):
                 self._by_autodiff(self.names, state, inputs, targets, out)
         return out
 
@@ -214,32 +219,37 @@ class PerExampleGradients:
         self,
         state,
         batched: _Outputs,
-        alone: list[torch.Tensor] | None,
+        alone: list[torch.Tensor | list[torch.Tensor]] | None,
         inputs,
         targets,
-        shapes: list[list[torch.Size]] | None = None,
         losses: torch.Tensor | None = None,
     ) -> bool:
         """True (after a warning, the first time in the export: _dependent) when the outputs of the batch's hooked
-        passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone) disagree
-        beyond first_rows_check's tolerances relative to the batch's largest |output|, also in float64 or where
-        float64 cannot tell (_beyond_rounding; see the class docstring), or differ in shape (_reshaped; `shapes`:
-        each example's output shapes alone, for the batch's last rows, where they differ from example to example
-        and `alone` is None) while the example's loss in the batch and alone (`losses`: the last rows', as `shapes`;
-        computed here where None) differ too (_loss_differs: a loss masking the padding gives the same loss and
-        gradient either way; review82 F1)."""
-        if alone is not None:
-            shapes = [[t.shape[1:] for t in alone]] * alone[0].shape[0] if alone else None
-        if not shapes or any(len(s) != len(batched.leaves) for s in shapes):
+        passes and `alone` (per output tensor: (n, 1, ...), the last n rows of the batch each run alone, or a list of
+        their n (1, ...) where shapes differ from example to example) disagree beyond first_rows_check's tolerances
+        relative to the batch's largest |output|, also in float64 or where float64 cannot tell (_beyond_rounding; see
+        the class docstring). An output whose shape changes with the batch (_reshaped_rows: trimmed to the batch's
+        longest sequence) is compared so over the part the example has alone (_row_gaps), and the example's loss in
+        the batch and alone (`losses`: the last rows'; computed here where None) is compared too (_loss_differs): a
+        model that masks the padding (causal attention with a mask, a packed RNN) and a loss that masks it give the
+        same outputs there and the same loss and gradient (review82 F1); a model reading the pads does not, however
+        small the example's loss is beside the batch's (review83 F1)."""
+        if not alone:
+            return False
+        shapes = [[t[i].shape for t in alone] for i in range(len(alone[0]))]
+        if any(len(s) != len(batched.leaves) for s in shapes):
             return False
         offset = batched.rows - len(shapes)
         found = None
-        for row, words in _reshaped_rows(batched, shapes, offset):
+        reshaped = dict(_reshaped_rows(batched, shapes, offset))
+        for row, words in reshaped.items():
             found = self._loss_differs(state, batched, row, words, inputs, targets, losses, offset)
             if found is not None:
                 break
-        if found is None and alone is not None:
+        if found is None:
             found = self._beyond_rounding(state, inputs, batched.leaves, batched.scales, alone, batched.bounds, offset)
+            if found is not None and found[0] in reshaped:
+                found = (found[0], f"{reshaped[found[0]]}, over the part it has alone {found[1]}")
         if found is None:
             return False
         self._dependent(*found, state, inputs, targets)
@@ -251,9 +261,19 @@ class PerExampleGradients:
         """(row, words for the warning) when the loss of `row`, whose output's shape changes with its batch (`words`:
         _reshaped_rows), differs in its hooked pass (batched.losses) and alone (losses[row - offset], else one no-grad
         forward of the row with loss_fn) beyond first_rows_check's tolerances of the coarsest dtype of the state and
-        losses times the batch's largest finite |loss|, or the losses cannot be had; None when they agree (the same
+        losses times the larger of the two |losses| and 1e-3 of the batch's largest finite |loss|, and still does in
+        float64 (_float64_loss_gap) or float64 cannot tell; or the losses cannot be had. None when they agree (the same
         value, non-finite included): an output trimmed to the batch's longest sequence under a loss that masks the
-        padding (review82 F1). No float64 look: a loss read from the pads differs as much as the pads' share."""
+        padding (review82 F1).
+
+        Why the example's own loss (review83 F1): per-example losses spread far more than outputs (a well-fit row's
+        cross-entropy 1e-6, a mislabeled row's 50 in the same batch), so a gap relative to the batch's largest loss
+        hid a well-fit row's loss doubling. Why a floor and float64: a loss is often a small difference of large
+        terms (logsumexp(z) - z_y with logits ~40 rounds by ~40 x 2^-24 ~ 2e-6, a well-fit row's whole loss), so
+        relative to itself alone it differs by float32 rounding batched vs alone; the floor (1e-3 of the batch's
+        largest loss) keeps a near-zero loss from making every rounding a disagreement, and a gap past it is measured
+        again in float64, where rounding is ~2e-9 times smaller. A model reading the pads of a row whose loss is
+        under the floor is still found by its outputs over the part it has alone (_row_gaps)."""
         mine = None if batched.losses is None else batched.losses[row]
         one = None if losses is None or len(losses) <= row - offset else losses[row - offset]
         if mine is not None and one is None:
@@ -267,11 +287,44 @@ class PerExampleGradients:
         if mine == one or (mine.isnan() and one.isnan()):
             return None
         rtol, atol = tolerances(coarsest([torch.empty(0, dtype=self.dtype), batched.losses]))
-        scale = _largest_finite(batched.losses)
-        gap = ((mine - one).abs() / scale).nan_to_num(nan=math.inf).item() if scale > 0 else math.inf
+        gap = _loss_gap(mine, one, _largest_finite(batched.losses))
         if gap <= rtol + atol:
             return None
-        return row, f"{words}, its loss by {gap:.1e} of the batch's largest |loss| (tolerance {rtol + atol:.1e})"
+        said = f"{words}, its loss by {gap:.1e} of its |loss| (tolerance {rtol + atol:.1e})"
+        if coarsest([*state.values(), batched.losses]) == torch.float64:
+            return row, f"{said}, computed in float64"
+        why = float64_room(state)
+        if why is None:
+            try:
+                gap64 = self._float64_loss_gap(state, inputs, targets, row, batched.bounds)
+            except _NoLook as e:
+                why = str(e)
+            except Exception as e:  # the model's or loss's error in float64
+                if device_failure(e):
+                    raise
+                message = str(e).splitlines()[0] if str(e) else ""
+                why = f"the model or loss failed in float64: {type(e).__name__}: {message}"
+            else:
+                if gap64 <= rtol + atol:
+                    self.rounding_only += 1
+                    return None
+                return row, f"{said}, and by {gap64:.1e} in float64, where rounding is ~2e-9 times smaller"
+        return row, f"{said}; the float64 check telling rounding from dependence could not run ({why})"
+
+    def _float64_loss_gap(self, state, inputs: Tree, targets: Tree, row: int, bounds: list[tuple[int, int]]) -> float:
+        """_loss_gap of `row`'s loss in its pass (`bounds`) and alone, both run in float64 without gradients (state,
+        inputs and targets as float64 copies); _NoLook when the losses are not float64 (n,) and (1,)."""
+        wide = self._float64_state(state)
+        start, stop = next((a, b) for a, b in bounds if a <= row < b)
+        got = []
+        for a, b in ((start, stop), (row, row + 1)):
+            x, y = as_float64(slice_rows(inputs, a, b)), as_float64(slice_rows(targets, a, b))
+            with torch.no_grad():
+                losses = self.loss_fn(call_model(model_caller(self.model, wide), x), y)
+            if not isinstance(losses, torch.Tensor) or losses.shape != (b - a,) or losses.dtype != torch.float64:
+                raise _NoLook("the loss in float64 was not a float64 tensor of one value per example")
+            got.append(losses.detach())
+        return _loss_gap(got[0][row - start], got[1][0], _largest_finite(got[0]))
 
     def _beyond_rounding(
         self,
@@ -609,7 +662,7 @@ class PerExampleGradients:
         """Columns of `names`, one example at a time with torch.autograd.grad; returns the examples' outputs as
         _by_autodiff does (None when the model ran more or less than once an example or their shapes differ)."""
         rows = out.shape[0]
-        self._alone_shapes = None
+        self._alone_outputs = None
         with model_outputs(self.model, 1) as seen:  # each example's compared (small) outputs only
             grads = example_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
             for i, parts in enumerate(grads):
@@ -620,8 +673,8 @@ class PerExampleGradients:
             return None
         try:
             return [torch.stack(leaf) for leaf in zip(*seen, strict=True)]
-        except RuntimeError:  # shapes differing from example to example: kept for _reshaped
-            self._alone_shapes = [[t.shape for t in s] for s in seen]
+        except RuntimeError:  # shapes differing from example to example: kept for _depends_on_the_batch
+            self._alone_outputs = [list(s) for s in seen]
             return None
 
     def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
@@ -636,25 +689,70 @@ class PerExampleGradients:
 
 
 def _row_gaps(
-    leaves: list[torch.Tensor], scales: list[torch.Tensor], alone: list[torch.Tensor], dtype: torch.dtype
+    leaves: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    alone: list[torch.Tensor | list[torch.Tensor]],
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, float]:
     """(gaps, tolerance): per row i, the largest |batched - alone| over the output tensors (leaves: (n, ...) each,
-    `scales` its batch's largest finite |value|; alone: the same examples' (n, 1, ...)) relative to that tensor's
-    scale (0 where both hold the same value or non-finite value, inf where only one is finite or the scale is 0),
-    float64 (n,), None when nothing was compared; a row differs where its gap is over the tolerance, rtol + atol of
-    first_rows_check.tolerances of the coarsest of `dtype` and the outputs' dtypes. Tensors of other shapes or
-    devices are not compared."""
+    `scales` its batch's largest finite |value|; alone: the same examples' (n, 1, ...), or a list of n (1, ...) where
+    their shapes differ) relative to that tensor's scale (0 where both hold the same value or non-finite value, inf
+    where only one is finite or the scale is 0), float64 (n,), None when nothing was compared; a row differs where
+    its gap is over the tolerance, rtol + atol of first_rows_check.tolerances of the coarsest of `dtype` and the
+    outputs' dtypes. A row whose output alone has another shape than in the batch (its shape changes with the batch:
+    _reshaped_rows) is compared over the part it has alone, the leading slice batched[i][:T, ...] of the shape alone
+    where no dimension alone is larger (review83 F1: a model reading the pads of its trimmed batch differs there);
+    tensors of other shapes or devices are not compared."""
     rtol, atol = tolerances(coarsest([torch.empty(0, dtype=dtype), *leaves]))
     worst = None
     for got, want, scale in zip(leaves, alone, scales, strict=True):
         n = got.shape[0]
-        if want.shape != (n, 1, *got.shape[1:]) or got.device != want.device or not got.numel():
+        if not got.numel():
             continue
-        g, w = got.double(), want.reshape(got.shape).double()
-        same = (g == w) | (g.isnan() & w.isnan())
-        gaps = ((g - w).abs() / scale).nan_to_num(nan=math.inf).masked_fill(same, 0).reshape(n, -1).amax(1)
+        if isinstance(want, torch.Tensor) and want.shape == (n, 1, *got.shape[1:]):
+            if got.device != want.device:
+                continue
+            g, w = got.double(), want.reshape(got.shape).double()
+            gaps = _gaps(g, w, scale).reshape(n, -1).amax(1)
+        else:
+            ones = list(want)
+            if len(ones) != n:
+                continue
+            gaps = torch.zeros(n, dtype=torch.float64, device=got.device)
+            compared = False
+            for i, one in enumerate(ones):
+                rest = one.shape[1:]
+                if (
+                    one.dim() != got.dim()
+                    or one.shape[0] != 1
+                    or one.device != got.device
+                    or any(a > b for a, b in zip(rest, got.shape[1:], strict=True))
+                    or not one.numel()
+                ):
+                    continue
+                part = got[i][tuple(slice(0, a) for a in rest)]
+                gaps[i] = _gaps(part.double(), one[0].double(), scale).amax()
+                compared = True
+            if not compared:
+                continue
         worst = gaps if worst is None else torch.maximum(worst, gaps)
     return worst, rtol + atol
+
+
+def _loss_gap(mine: torch.Tensor, one: torch.Tensor, largest: torch.Tensor) -> float:
+    """|mine - one| of an example's loss in its batch and alone relative to the larger of |mine|, |one| and 1e-3 of
+    the batch's `largest` finite |loss| (_loss_differs says why); inf where one is not finite or that scale is 0."""
+    if mine == one or (mine.isnan() and one.isnan()):
+        return 0.0
+    scale = torch.stack([mine.abs(), one.abs(), 1e-3 * largest]).nan_to_num(nan=0, posinf=0).max()
+    return ((mine - one).abs() / scale).nan_to_num(nan=math.inf).item() if scale > 0 else math.inf
+
+
+def _gaps(g: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """|g - w| / scale elementwise (float64), 0 where both hold the same value or non-finite value, inf where only
+    one is finite or the scale is 0."""
+    same = (g == w) | (g.isnan() & w.isnan())
+    return ((g - w).abs() / scale).nan_to_num(nan=math.inf).masked_fill(same, 0)
 
 
 def _reshaped(batched: _Outputs, shapes: list[list[torch.Size]], offset: int) -> tuple[int, str] | None:
