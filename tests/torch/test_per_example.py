@@ -1490,6 +1490,49 @@ def test_a_trimmed_output_under_a_loss_masking_the_padding_is_not_dependence(rnn
     assert compute.batch_dependent == 0 and compute.hooks is not None
 
 
+class LeftTrimmedTokens(nn.Module):
+    """Per-token logits over the batch's longest sequence of left-padded examples (an example's tokens last, as
+    decoder-only models pad): the trailing part of a batched row is the example's own, each token's logits its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x, lengths):
+        return self.fc(torch.tanh(self.inner(x[:, x.shape[1] - int(lengths.max()) :])))
+
+
+def _left_masked_token_loss(out, y):
+    """_masked_token_loss of left-padded targets (-100 before each example's tokens)."""
+    t = y[:, y.shape[1] - out.shape[1] :]
+    ce = nn.functional.cross_entropy(out.transpose(1, 2), t, reduction="none", ignore_index=-100)
+    return ce.sum(1) / (t != -100).sum(1)
+
+
+def test_a_left_padded_trimmed_output_under_a_masking_loss_is_not_dependence():
+    """review84 F1: with left padding an example's part of its trimmed batched row is the trailing one; compared
+    over the leading one, its pads' outputs were taken for dependence (a warning, every batch recomputed one example
+    at a time). The closer of the two slices decides: no warning, the hooks kept, rows the batch_size=1 export's."""
+    lengths = [7, 7, 7, 7, 3, 6, 2, 5, 7, 7, 7, 7, 4, 5, 1, 3]
+    torch.manual_seed(0)
+    model = LeftTrimmedTokens()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(len(lengths), 7, 4, generator=g), torch.randint(0, 3, (len(lengths), 7), generator=g)
+    y[torch.arange(7) < 7 - torch.tensor(lengths)[:, None]] = -100
+    data = ((x, torch.tensor(lengths)), y)
+    checkpoint = [(model.state_dict(), 1.0)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, checkpoint, data, _left_masked_token_loss, batch_size=4, progress=False)
+    assert not [w for w in caught if "alone" in str(w.message)], [str(w.message) for w in caught]
+    want = export_gradients(model, checkpoint, data, _left_masked_token_loss, batch_size=1).matrices[0]
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], _left_masked_token_loss)
+    for k in range(0, 16, 4):
+        compute(dict(model.state_dict()), (x[k : k + 4], torch.tensor(lengths[k : k + 4])), y[k : k + 4])
+    assert compute.batch_dependent == 0 and compute.hooks is not None
+
+
 def test_a_trimmed_output_whose_loss_reads_the_padding_is_still_dependence():
     """review82 F1's converse, with the loss comparison: the same trimmed model under a per-token loss that counts
     the padded steps too (their targets are real classes) depends on the batch: warned, its loss gap named."""

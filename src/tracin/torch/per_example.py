@@ -94,9 +94,10 @@ class PerExampleGradients:
       batch's scale, not a row's, so that float32 rounding of a well-fit output is not taken for dependence), or hold
       the same non-finite value. A batch-first tensor, (rows, *rest) in the pass, that is (1, *other) alone, other !=
       rest (per-token outputs over the batch's longest sequence), is compared over the part the example has alone
-      (_row_gaps: the leading slice of the batched row), and the example's loss in the pass and alone is compared
-      relative to its own |loss| with a floor (_reshaped_rows, _loss_differs: a model and loss masking the padding
-      agree, review82 F1; a well-fit row reading the pads is not hidden by a large loss elsewhere, review83 F1);
+      (_row_gaps: the leading or trailing slice of the batched row, whichever is closer), and the example's loss in
+      the pass and alone is compared relative to its own |loss| with a floor (_reshaped_rows, _loss_differs: a model
+      and loss masking the padding agree, review82 F1; a well-fit row reading the pads is not hidden by a large loss
+      elsewhere, review83 F1);
       another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not compared.
       Rows (and such losses) that disagree are run again in float64, the pass holding them and each of them alone
       (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
@@ -701,7 +702,8 @@ def _row_gaps(
     its gap is over the tolerance, rtol + atol of first_rows_check.tolerances of the coarsest of `dtype` and the
     outputs' dtypes. A row whose output alone has another shape than in the batch (its shape changes with the batch:
     _reshaped_rows) is compared over the part it has alone, the leading slice batched[i][:T, ...] of the shape alone
-    where no dimension alone is larger (review83 F1: a model reading the pads of its trimmed batch differs there);
+    or the trailing one batched[i][-T:, ...] (left padding), whichever is closer, where no dimension alone is larger
+    (review83 F1: a model reading the pads of its trimmed batch differs in both; review84 F1: left padding);
     tensors of other shapes or devices are not compared."""
     rtol, atol = tolerances(coarsest([torch.empty(0, dtype=dtype), *leaves]))
     worst = None
@@ -730,8 +732,12 @@ def _row_gaps(
                     or not one.numel()
                 ):
                     continue
-                part = got[i][tuple(slice(0, a) for a in rest)]
-                gaps[i] = _gaps(part.double(), one[0].double(), scale).amax()
+                # right padding keeps the example's part leading, left padding trailing: the closer of the two
+                # (a model reading the pads differs in both; one not reading them agrees in one, review84 F1)
+                lead = got[i][tuple(slice(0, a) for a in rest)]
+                trail = got[i][tuple(slice(b - a, b) for a, b in zip(rest, got.shape[1:], strict=True))]
+                w = one[0].double()
+                gaps[i] = torch.minimum(_gaps(lead.double(), w, scale).amax(), _gaps(trail.double(), w, scale).amax())
                 compared = True
             if not compared:
                 continue
