@@ -206,7 +206,7 @@ def test_a_failing_or_missing_peer_is_reported_and_our_own_methods_raise():
     try:
         assert run._call("test missing", boom, None) == (
             None,
-            "not installed (pip install no_such_module_for_tracin_tests)",
+            "not installed (pip install no_such_module_for_tracin_tests, or pip install 'tracin[bench]')",
         )
     finally:
         del methods.PEERS["test missing"]
@@ -547,7 +547,9 @@ def test_quick_run_json_schema(quick_run):
             assert sw["values"] == list(methods.SWEEPS[m].values) and len(sw["validation"]) == len(sw["values"])
             i = sw["values"].index(sw["chosen"])
             assert sw["validation"][i] == max(sw["validation"]) and d["methods"][m]["mean"] == sw["test"][i]
-        assert d["errors"][MISSING_PEER] == "not installed (pip install no_such_module_for_tracin_tests)"
+        assert d["errors"][MISSING_PEER] == (
+            "not installed (pip install no_such_module_for_tracin_tests, or pip install 'tracin[bench]')"
+        )
         for r in d["methods"].values():
             assert -1.0 <= r["mean"] <= 1.0 and r["se"] > 0
 

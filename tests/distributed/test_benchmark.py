@@ -7,10 +7,15 @@ import pytest
 from benchmarks import distributed as bench
 
 
+def _arguments(argv: list[str]):
+    """The script's arguments for `argv`, the sizes not given filled in as main does (full sizes)."""
+    args = bench._parser().parse_args(argv)
+    bench.quick_or_given(args, bench.QUICK, bench.FULL)
+    return args
+
+
 def test_tiny_run_records_every_part(client):
-    args = bench._parser().parse_args(
-        ["--size", "0.002", "--dim", "64", "--shards", "9", "--repeats", "1", "--tiny-shards", "6"]
-    )
+    args = _arguments(["--size", "0.002", "--dim", "64", "--shards", "9", "--repeats", "1", "--tiny-shards", "6"])
     result = bench.run(args, client)
     assert result["identical_results"] is True
     times = {name: t["median_s"] for name, t in result["times"].items()}
@@ -40,9 +45,7 @@ def test_tiny_run_records_every_part(client):
 
 def test_tiny_export_run_records_identical_files(client):
     pytest.importorskip("torch")
-    args = bench._parser().parse_args(
-        ["--only", "export", "--export-rows", "60", "--export-batch", "7", "--repeats", "1"]
-    )
+    args = _arguments(["--only", "export", "--export-rows", "60", "--export-batch", "7", "--repeats", "1"])
     result = bench.run_export(args, client)
     assert result["identical_data_files_to_one_thread_export"] is True
     data = 60 * 11018 * 4 * 2  # float32 rows of every parameter, two checkpoints, and two .npy headers
