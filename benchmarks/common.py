@@ -56,6 +56,17 @@ def description(doc: str) -> str:
     return " ".join(doc.split("\n\n")[0].split())
 
 
+def add_size_options(parser, full: dict, quick: dict, helps: dict[str, str]) -> None:
+    """A --NAME flag per size of `full` (ints >= 1; several for a list), default None so that quick_or_given
+    fills it from `full` or `quick`; its help names both defaults."""
+    for name, value in full.items():
+        nargs = "+" if isinstance(value, list) else None
+        size = f"default {value}, {quick[name]} with --quick"
+        parser.add_argument(
+            f"--{name}", type=at_least(1), nargs=nargs, default=None, help=f"{helps.get(name, name)} ({size})"
+        )
+
+
 def quick_or_given(args, quick: dict, full: dict) -> None:
     """Fills each size of `args` left at None: from `quick` with --quick, else from `full`. A size
     given on the command line wins over both (so `--quick --n 1000` runs the quick run at n=1000)."""

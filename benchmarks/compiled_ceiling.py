@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     add_output_options,
+    add_size_options,
     at_least,
     description,
     output_dir,
@@ -48,9 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         "vocab": "vocabulary size",
         "repeats": "timed rounds",
     }
-    for name, value in FULL.items():
-        size = f"default {value}, {QUICK[name]} with --quick"
-        parser.add_argument(f"--{name}", type=at_least(1), default=None, help=f"{helps[name]} ({size})")
+    add_size_options(parser, FULL, QUICK, helps)
     parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1, help="torch intra-op threads")
     add_output_options(parser, "toy sizes, one timed round (a size given as a flag wins)")
     args = parser.parse_args(argv)

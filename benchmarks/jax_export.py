@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     add_output_options,
-    at_least,
+    add_size_options,
     description,
     output_dir,
     quick_or_given,
@@ -38,9 +38,7 @@ QUICK = {**FULL, "n": 256, "hidden": 32, "batch": 64, "repeats": 1}  # --quick: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.jax_export", description=description(__doc__))
     helps = {"n": "examples exported per call", "repeats": "timed rounds"}
-    for name, value in FULL.items():
-        size = f"default {value}, {QUICK[name]} with --quick"
-        parser.add_argument(f"--{name}", type=at_least(1), default=None, help=f"{helps.get(name, name)} ({size})")
+    add_size_options(parser, FULL, QUICK, helps)
     add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     args = parser.parse_args(argv)
     require_modules(parser.prog, ("jax", "torch"), "bench,jax")

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tracin  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_output_options,
+    add_size_options,
     at_least,
     description,
     output_dir,
@@ -164,9 +165,7 @@ def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.projection", description=description(__doc__))
     helps = {"n": "gradients projected", "d": "their dims", "dim": "projected dims", "repeats": "timed rounds"}
-    for name, value in FULL.items():
-        size = f"default {value}, {QUICK[name]} with --quick"
-        parser.add_argument(f"--{name}", type=at_least(1), default=None, help=f"{helps[name]} ({size})")
+    add_size_options(parser, FULL, QUICK, helps)
     parser.add_argument("--k", type=at_least(1), default=10, help="top-k of the recall (default 10)")
     add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     parser.add_argument(

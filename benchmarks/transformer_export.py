@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (  # noqa: E402
     add_output_options,
+    add_size_options,
     at_least,
     description,
     output_dir,
@@ -65,10 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         "vocab": "vocabulary size",
         "repeats": "timed rounds",
     }
-    for name, value in FULL.items():
-        nargs = "+" if isinstance(value, list) else None
-        size = f"default {value}, {QUICK[name]} with --quick"
-        parser.add_argument(f"--{name}", type=at_least(1), nargs=nargs, default=None, help=f"{helps[name]} ({size})")
+    add_size_options(parser, FULL, QUICK, helps)
     threads = [os.cpu_count() or 1]
     parser.add_argument("--threads", type=at_least(1), nargs="+", default=threads, help="torch intra-op threads")
     add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
