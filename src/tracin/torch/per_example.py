@@ -40,10 +40,6 @@ from .losses import LossFn, losses_of, model_caller, random_forward
 # interleaved runs), 128 MiB is 1.04-1.13x faster with two threads (64 x 128 and 256 x 32 tokens) and
 # 1.01-1.08x with one; 256 MiB gains 1-2% more. Other devices take the batch in one pass.
 _PASS_BYTES = 128 * 2**20
-# An output tensor of more elements per example is not compared batched vs alone (_depends_on_the_batch): keeping it
-# for the comparison past the pass that made it would cost memory (a language model's (T, vocabulary) logits), so
-# model_outputs drops it as it is captured.
-_COMPARED_ELEMENTS = COMPARED_ELEMENTS
 # Outputs that differ batched vs alone beyond the tolerance are run again in float64 (_beyond_rounding) before the
 # batch is taken as depending on the rest of it. The float64 copy of the state that takes is kept from one such look
 # to the next of the same checkpoint (the same tensors, unmodified: the export loads a checkpoint once for all its
@@ -870,8 +866,8 @@ class _Outputs:
 
 
 def _per_row(t: torch.Tensor, rows: int) -> bool:
-    """Whether `t` holds (rows, ...) per-example outputs small enough to be compared (_COMPARED_ELEMENTS)."""
-    return t.dim() > 0 and t.shape[0] == rows and t.numel() <= rows * _COMPARED_ELEMENTS
+    """Whether `t` holds (rows, ...) per-example outputs small enough to be compared (COMPARED_ELEMENTS)."""
+    return t.dim() > 0 and t.shape[0] == rows and t.numel() <= rows * COMPARED_ELEMENTS
 
 
 def _largest_finite(t: torch.Tensor) -> torch.Tensor:
