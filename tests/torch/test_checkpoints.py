@@ -185,8 +185,30 @@ class NotATensor:
 def test_unsafe_pickles_are_refused_by_weights_only(setup, tmp_path):
     model, _, data = setup
     torch.save({"state_dict": model.state_dict(), "extra": NotATensor()}, tmp_path / "unsafe.pt")
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"weights_only=True.*NotATensor") as info:
         export_gradients(model, [(str(tmp_path / "unsafe.pt"), 1.0)], data, LOSS, progress=False)
+    assert "not a torch.save file" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, hint",
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n", "git lfs pull"),
+        (b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }", "NumPy .npy"),
+        (b"not a checkpoint", "starts with b'not a checkpoint'"),
+    ],
+    ids=["lfs-pointer", "npy", "text"],
+)
+def test_a_file_that_is_no_torch_save_file_is_named_so(setup, tmp_path, content, hint):
+    model, _, data = setup
+    path = tmp_path / "ck.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        export_gradients(model, [(str(path), 1.0)], data, LOSS, progress=False)
+    message = str(info.value)
+    assert f"checkpoints[0] ({path}) is not a torch.save file" in message
+    assert hint in message
+    assert "weights_only" not in message  # no advice to load it unsafely
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -337,9 +338,7 @@ class OptimizerState:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.where}: no optimizer state at {os.path.abspath(self.source)}") from None
         except pickle.UnpicklingError as e:
-            raise ValueError(
-                f"{self.where} cannot be read with torch.load(weights_only=True): {str(e).splitlines()[0]}"
-            ) from None
+            raise ValueError(_refused(e, self.where, self.source)) from None
         except _UNREADABLE as e:
             _unreadable(e, self.where, self.source)
         _check_optimizer_dict(state, self.where)
@@ -1036,12 +1035,43 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) ->
     except FileNotFoundError:
         raise FileNotFoundError(f"{missing} at {os.path.abspath(path)}") from None
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{name} cannot be read with torch.load(weights_only=True), which only "
-            f"allows tensors and plain containers: {str(e).splitlines()[0]}"
-        ) from None
+        raise ValueError(_refused(e, name, path)) from None
     except _UNREADABLE as e:
         _unreadable(e, name, path)
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike) -> str:
+    """What to say when torch.load(weights_only=True) refuses file `path`: that it is not a torch.save
+    file at all when it starts as none does (a zip archive, a pickle of protocol 2 or later: the legacy
+    format, a tar archive: the oldest), naming its first bytes (a Git LFS pointer left by a clone
+    without `git lfs pull`, a NumPy .npy file, text); else that weights_only=True refused a pickled
+    object, with torch's first line and its WeightsUnpickler line (the object refused)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar"
+    where = name if f"({os.fspath(path)})" in name else f"{name} ({os.path.abspath(path)})"
+    if not torch_file:
+        hint = (
+            ": a Git LFS pointer, not the file it stands for; run `git lfs pull` in its repository"
+            if head.startswith(_LFS_POINTER)
+            else ": a NumPy .npy file"
+            if head.startswith(b"\x93NUMPY")
+            else ""
+        )
+        return f"{where} is not a torch.save file (it starts with {head[:40]!r}{hint})"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's bold markers
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if "WeightsUnpickler error:" in line), None)
+    detail = "" if at is None else lines[at].partition("WeightsUnpickler error:")[2].strip()
+    if at is not None and not detail and at + 1 < len(lines):  # torch 2.6+ puts some causes on the next line
+        detail = lines[at + 1]
+    return (
+        f"{name} cannot be read with torch.load(weights_only=True), which only allows tensors and plain "
+        f"containers: {lines[0] if lines else type(e).__name__}" + (f" ({detail})" if detail else "")
+    )
 
 
 # what torch.load and safetensors raise for a damaged file (an OSError from a truncated zip archive)
