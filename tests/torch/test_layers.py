@@ -57,6 +57,17 @@ def test_unmatched_patterns_list_the_modules():
         select_parameters(Net(), [])
 
 
+def test_unmatched_patterns_list_the_parameters_too():
+    """The parameter names are listed after the modules, and alone for a model without submodules (a bare
+    nn.Linear, whose 'weight' and 'bias' are what layers= can name: review88 F3 / review87 F1 listed [])."""
+    with pytest.raises(ValueError, match=r"modules are \['encoder'.*; parameters are \['encoder\.layer\.0\.weight'"):
+        select_parameters(Net(), ["decoder"])
+    message = r"'fc' matches no parameter; the model \(Linear\) has no submodules; its parameters are \['weight'"
+    with pytest.raises(ValueError, match=message):
+        select_parameters(nn.Linear(3, 2), ["fc"])
+    assert select_parameters(nn.Linear(3, 2), ["weight"]) == ["weight"]
+
+
 class _SharedAndScaled(nn.Module):
     def __init__(self):
         super().__init__()

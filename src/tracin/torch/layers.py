@@ -52,10 +52,13 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note
                     "parameter is chosen (and its gradient taken over all its uses) under its first name"
                 )
             modules = [m for m, _ in model.named_modules() if m]
-            raise ValueError(
-                f"layers: {pattern!r} matches no parameter; modules are {modules[:30]}"
-                f"{' ...' if len(modules) > 30 else ''}"
+            names = list(params)
+            shown = (
+                f"modules are {_listed(modules)}; parameters are {_listed(names)}"
+                if modules
+                else (f"the model ({type(model).__name__}) has no submodules; its parameters are {_listed(names)}")
             )
+            raise ValueError(f"layers: {pattern!r} matches no parameter; {shown}")
     only_frozen = {
         pattern: not any(p.requires_grad for n, p in params.items() if _matches(n, pattern)) for pattern in layers
     }
@@ -73,6 +76,11 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note
             stacklevel=4,  # export_gradients' caller
         )
     return chosen
+
+
+def _listed(names: Sequence[str], most: int = 30) -> str:
+    """The first `most` names as a list, '...' after it when there are more."""
+    return f"{list(names[:most])}{' ...' if len(names) > most else ''}"
 
 
 def _matched(name: str, patterns: Sequence[str]) -> bool:
