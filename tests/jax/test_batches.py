@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import UserDict
 
 import jax
@@ -188,8 +189,10 @@ def test_two_pairs_are_two_batches_and_the_error_says_why():
     both = BatchPlan(((x, y), (x, y)), None)  # inputs and targets both pairs: read as two batches (PAIR_RULE)
     assert both.n_rows == 8 and [b.count for b in both] == [4, 4]
     assert BatchPlan([((x, y), (x, y))], None).n_rows == 4  # as a list of one batch: one (inputs, targets)
+    with pytest.raises(ValueError, match=r"^data targets\[0\]: .*got an int in a Python list .*np\.asarray"):
+        list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list: scalar leaves, not an array (nor two batches)
     with pytest.raises(TypeError, match=r"data\[0\]: each batch .*got ndarray.*unless both items are themselves"):
-        list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list leaf: not arrays
+        list(BatchPlan([x, x, x], None))  # not two items: batches, none of them a pair
 
 
 @pytest.mark.parametrize("projection", [None, tracin.Projection(8, seed=0, per_layer=True, kronecker=True)])
@@ -243,3 +246,30 @@ def test_typed_prng_keys_in_inputs_and_params(per_example_jax_grad, tmp_path):
     stored = export_gradients(loss, ckpts, ((x, keys), y), batch_size=4, store=tmp_path / "g", progress=False)
     assert stored.metadata["fingerprints"] == grads.metadata["fingerprints"]
     np.testing.assert_array_equal(tracin.scores(grads, stored), tracin.scores(grads, grads))
+
+
+@pytest.mark.parametrize(
+    "data, where, got, setting",
+    [  # a setting in the inputs dict of a pair (not read as two batches), as a list of one batch, in the targets
+        (lambda x, y: ({"x": x, "temperature": 2.0}, y), "data inputs['temperature']", "a float", "temperature"),
+        (lambda x, y: ({"x": x, "temperature": "2.0"}, y), "data inputs['temperature']", "a str", "temperature"),
+        (lambda x, y: [({"x": x, "temperature": 2.0}, y)], "data[0] inputs['temperature']", "a float", "temperature"),
+        (lambda x, y: ((x, np.float32(1)), y), r"data inputs\[1\]", "a NumPy float32 scalar in a", "setting"),
+        (lambda x, y: (x, {"label": y, "weight": np.asarray(1.0)}), "data targets['weight']", "a 0-d array", "weight"),
+    ],
+)
+def test_a_leaf_without_rows_is_named_with_its_path_and_functools_partial_suggested(data, where, got, setting):
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int32)
+    message = re.escape(where) if "\\" not in where else where
+    with pytest.raises(ValueError, match=rf"^{message}: expected an array with a leading batch dimension .*got {got}"):
+        BatchPlan(data(x, y), None)
+    with pytest.raises(ValueError, match=rf"functools\.partial\(loss_fn, {setting}=\.\.\.\)"):
+        export_gradients(lambda p, i, t: jnp.zeros(8), [({"w": np.zeros(2, np.float32)}, 1.0)], data(x, y))
+
+
+def test_a_short_leaf_is_named_with_its_row_count():
+    x, y, w = np.zeros((8, 4), np.float32), np.zeros(8, np.int32), np.ones(5, np.float32)
+    with pytest.raises(ValueError, match=r"sizes \[5, 8\] \(rows of each leaf, 5: targets\['weight'\]; 8: inputs, "):
+        BatchPlan((x, {"label": y, "weight": w}), None)
+    with pytest.raises(ValueError, match=r"^data\[1\]: .*got sizes \[5, 8\] .*5: targets\['weight'\]"):
+        BatchPlan([(x, {"label": y, "weight": np.ones(8)}), (x, {"label": y, "weight": w})], None)

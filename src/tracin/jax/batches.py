@@ -44,16 +44,52 @@ def _as_array(a: Any) -> Any:
 
 
 def _rows(inputs: Any, targets: Any, where: str) -> int:
-    """The common leading dimension of every array in inputs and targets (targets may hold none: None)."""
-    sizes = set()
+    """The common leading dimension of every array in inputs and targets (targets may hold none: None).
+    ValueError naming the leaf (data inputs['temperature']) that is not an array with a leading dimension,
+    or the leaves of each size when the sizes differ."""
+    sizes: dict[int, list[str]] = {}
     for name, tree in (("inputs", inputs), ("targets", targets)):
-        for leaf in _leaves(tree, f"{where} {name}") if name == "inputs" else jax.tree_util.tree_leaves(tree):
+        if name == "inputs":
+            _leaves(tree, f"{where} {name}")
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            leaf_name = f"{name}{jax.tree_util.keystr(path)}"
             if np.ndim(leaf) == 0:
-                raise ValueError(f"{where} {name}: expected arrays with a leading batch dimension, got a scalar")
-            sizes.add(np.shape(leaf)[0])
+                raise ValueError(f"{where} {leaf_name}: {_not_rows(leaf, path)}")
+            sizes.setdefault(np.shape(leaf)[0], []).append(leaf_name)
     if len(sizes) != 1:
-        raise ValueError(f"{where}: inputs and targets must have the same number of rows, got sizes {sorted(sizes)}")
-    return sizes.pop()
+        which = "; ".join(
+            f"{n}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" for n, names in sorted(sizes.items())
+        )
+        raise ValueError(
+            f"{where}: inputs and targets must have the same number of rows, got sizes {sorted(sizes)} "
+            f"(rows of each leaf, {which}): every leaf needs one row per example (dimension 0)"
+        )
+    return next(iter(sizes))
+
+
+def _not_rows(leaf: Any, path: tuple) -> str:
+    """Why a leaf without a leading dimension (a scalar, a string, an object) cannot be data, and where a
+    setting shared by every example goes instead."""
+    if isinstance(leaf, (jax.Array, np.ndarray)):
+        got = f"a 0-d array ({leaf.dtype})"
+    elif isinstance(leaf, np.generic):
+        got = f"a NumPy {leaf.dtype} scalar"
+    else:
+        kind = type(leaf).__name__
+        got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+    if isinstance(path[-1] if path else None, jax.tree_util.SequenceKey):  # an item of a Python list or tuple
+        return (
+            f"expected an array with a leading batch dimension (one row per example), got {got} in a Python "
+            "list or tuple, which JAX reads as a pytree of scalars, not an array: pass np.asarray(...) of it; a "
+            "setting shared by every example belongs with loss_fn: functools.partial(loss_fn, setting=...)"
+        )
+    setting = key if isinstance(key, str) and key.isidentifier() else "setting"
+    return (
+        f"expected an array with a leading batch dimension (one row per example), got {got}; a setting "
+        f"shared by every example belongs with loss_fn, not in the data: functools.partial(loss_fn, "
+        f"{setting}=...)"
+    )
 
 
 PAIR_RULE = (
@@ -81,6 +117,10 @@ def _is_pair(node: Any) -> bool:
 
 def _pair_of_pairs(data: Any) -> bool:
     return _is_pair(data) and _is_pair(data[0]) and _is_pair(data[1])
+
+
+def _has_leaves(data: Any) -> bool:
+    return bool(jax.tree_util.tree_leaves(data))
 
 
 def _all_arrays(data: Any) -> bool:
@@ -154,11 +194,13 @@ class BatchPlan:
         if _is_array_pair(plain):  # a list of batches stays the caller's list (each batch converted as read)
             data = plain
         self._data = data
+        if _is_pair(plain) and not _pair_of_pairs(plain) and not _is_array_pair(plain) and _has_leaves(plain):
+            _rows(*plain, "data")  # can't be two batches (a batch is a pair): a pair with a non-array leaf, named
         self._pair = _is_array_pair(data)
         if self._pair:
+            self.n_rows: int | None = _rows(*data, "data")
             inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in data)
             self._data = (inputs, targets)
-            self.n_rows: int | None = _rows(inputs, targets, "data")
             if self.n_rows == 0:
                 raise ValueError("data has no rows")
             self.batch_size = batch_size or DEFAULT_BATCH_SIZE
@@ -200,8 +242,9 @@ class BatchPlan:
             return
         start = 0
         for i, batch in enumerate(self._data):
-            inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in _pair(batch, f"data[{i}]"))
-            rows = _rows(inputs, targets, f"data[{i}]")
+            raw = _pair(batch, f"data[{i}]")
+            rows = _rows(*raw, f"data[{i}]")
+            inputs, targets = (jax.tree_util.tree_map(_as_array, part) for part in raw)
             if rows == 0:
                 continue
             if self.size is None:

@@ -80,8 +80,11 @@ def export_gradients(
         are several checkpoints); inputs / targets may be pytrees of arrays,
         targets None for a loss that takes none (loss_fn gets None). A tuple or list of two is one
         (inputs, targets) dataset when all its leaves are arrays, unless both its items are pairs
-        themselves (then it is two batches): tracin.jax.batches.PAIR_RULE. Every checkpoint must see
-        the same inputs and targets in the same order (checked by fingerprints).
+        themselves (then it is two batches): tracin.jax.batches.PAIR_RULE. Every leaf needs a leading
+        row dimension: a scalar or other non-array leaf (a setting such as a temperature) is a
+        ValueError naming its path (inputs['temperature']); pass settings shared by every example with
+        functools.partial(loss_fn, temperature=...). Every checkpoint must see the same inputs and
+        targets in the same order (checked by fingerprints).
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
         leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
