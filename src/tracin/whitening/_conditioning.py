@@ -4,16 +4,21 @@ Whitened test rows and the scores made from them are float32 whatever fit's prec
 whitened rows to float32 and, more, summing each score's d products in float32 (an error that grows
 with d) leave scores off, relative to the largest score, by up to about
 (4 + sqrt(d) / 2) x cond x 2^-24 (error_factor; the stated worst case), cond = (largest eigenvalue of
-R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint. For K-FAC cond is the product of its
-two factors' and d the larger of their widths: factored scores sum p and q products, never p x q
-(measured, review80: at most 0.16 x cond x 2^-24 for layers of 40 to 768 a side). cond is at most
+R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint. K-FAC applies each factor's inverse
+on its own (left (B + lambda_B I)^-1 and right (A + lambda_A I)^-1, each rounded to float32) and its
+scores are products (left'_t . left_i) (right'_t . right_i) of a p- and a q-term float32 sum, so each
+factor adds its own relative error: the bound is the sum over the two factors, error_factor(p) x cond_B
++ error_factor(q) x cond_A (x 2^-24), not a product of conds (review85 F1: measured at most 0.40 of that
+sum, and at most 3.4 x (cond_B + cond_A) x 2^-24, over 240 fits: 1 to 400 rows, sides 30 to 768,
+dampings 1e-2 to 1e-10, flat or 1e-2 column spectra; the product overstated 5.7e-4 as 79). cond is at most
 (largest + lambda) / lambda, reached where the train rows do not span all d directions (fewer rows than
 dims). Measured (review76/80 F4, 5 to 20 Gaussian train rows of d = 50 to 2000 dims, float64 NumPy
 reference): at most 1.8 (d 50), 6.8 (d 200), 9.1 (d 1000 and 2000) x cond x 2^-24, half the factor
 (7.5, 11.1, 19.8, 26.4) or less.
 
 When fit warns (warn_if_ill_conditioned) is decided apart from that worst case, on
-error_factor(d) x cond_seen x 2^-24 > WARN_ERROR (1e-2; measured errors then reach about 4e-3 to 5e-3):
+error_factor(d) x cond_seen x 2^-24 > WARN_ERROR (1e-2; measured errors then reach about 4e-3 to 5e-3;
+for K-FAC the sum of the two factors' such terms, each with its own side and cond_seen):
 - cond_seen = min(cond, sqrt((largest + lambda) / smallest)). The second term is for a full-rank R: test
   rows like the rows R was fitted on have components of about sqrt(eigenvalue) along each eigenvector,
   which (R + lambda I)^-1 scales by at most 1 / sqrt(eigenvalue), so their whitened rows span a range of
@@ -107,16 +112,14 @@ def warn_if_ill_conditioned(
     smallest or None) eigenvalues of each matrix R (eigenvalue_ends, kernel block order), `inverses` their damped
     inverses at `damping` (where a smallest is None, it is found from them, but only if cond_seen's bound
     (largest + lambda) / lambda may warn), lambdas_at(d) their lambdas at damping d, per_checkpoint matrices per
-    checkpoint (2 for K-FAC: cond the product of the two, d the larger side; else d the matrix's side).
+    checkpoint (2 for K-FAC: the checkpoint's bound is the sum of its two factors' error_factor(side) x cond x
+    2^-24, each applied and rounded on its own; else d the matrix's side).
     cond = (largest + lambda) / (smallest + lambda)."""
-    widths = [
-        max(x.shape[0] for x in inverses[i : i + per_checkpoint]) for i in range(0, len(inverses), per_checkpoint)
-    ]
-    factors = [error_factor(w) for w in widths]
+    factors = [error_factor(x.shape[0]) for x in inverses]
 
-    def worst(d: float, bottoms: list[float], seen: bool) -> tuple[float, float, int]:
-        """(error, cond, checkpoint) of the checkpoint of the largest error at damping d: with cond_seen (`seen`)
-        or cond."""
+    def worst(d: float, bottoms: list[float], seen: bool) -> tuple[float, list[float], int]:
+        """(error, conds of its matrices, checkpoint) of the checkpoint of the largest error at damping d: with
+        cond_seen (`seen`) or cond."""
         lambdas = lambdas_at(d)
         conds = []
         for (top, _), low, lam in zip(ends, bottoms, lambdas, strict=True):
@@ -124,10 +127,10 @@ def warn_if_ill_conditioned(
             if seen and low > 0.0:
                 cond = min(cond, float(np.sqrt((top + lam) / low)))
             conds.append(cond)
-        per = [float(np.prod(conds[i : i + per_checkpoint])) for i in range(0, len(conds), per_checkpoint)]
-        bounds = [f * c * FLOAT32_EPS for f, c in zip(factors, per, strict=True)]
+        terms = [f * c * FLOAT32_EPS for f, c in zip(factors, conds, strict=True)]
+        bounds = [sum(terms[i : i + per_checkpoint]) for i in range(0, len(terms), per_checkpoint)]
         c = int(np.argmax(bounds))
-        return bounds[c], per[c], c
+        return bounds[c], conds[c * per_checkpoint : (c + 1) * per_checkpoint], c
 
     if worst(damping, [0.0 if low is None else low for _, low in ends], True)[0] <= WARN_ERROR:
         return  # even cond_seen's bound is under
@@ -138,7 +141,7 @@ def warn_if_ill_conditioned(
     ]
     if worst(damping, bottoms, True)[0] <= WARN_ERROR:
         return
-    error, cond, checkpoint = worst(damping, bottoms, False)
+    error, conds, checkpoint = worst(damping, bottoms, False)
     safe: float | None = damping
     while safe is not None:  # doublings: at most float64's 2^2098 range of dampings
         safe *= 2.0
@@ -148,12 +151,23 @@ def warn_if_ill_conditioned(
         except ValueError:  # lambda beyond float64 (lambdas_at refuses it): no damping to name
             safe = None
     advice = "a larger damping" if safe is None else f"a damping of {safe:.3g} or more"
-    width = f"the larger side of checkpoint {checkpoint}'s factors" if per_checkpoint == 2 else "its dims"
+    sides = [x.shape[0] for x in inverses[checkpoint * per_checkpoint : (checkpoint + 1) * per_checkpoint]]
+    if per_checkpoint == 2:
+        what = (
+            f"leaves checkpoint {checkpoint}'s K-FAC factors (B + lambda_B I) and (A + lambda_A I) condition numbers "
+            f"of about {conds[0]:.3g} and {conds[1]:.3g}"
+        )
+        how = (
+            f"the sum over the two factors of (4 + sqrt(side) / 2) x cond x 2^-24, sides {sides[0]} and {sides[1]}, "
+            "each factor applied on its own"
+        )
+    else:
+        what = f"leaves (R + lambda I) a condition number of about {conds[0]:.3g} (checkpoint {checkpoint})"
+        how = f"(4 + sqrt(d) / 2) x cond x 2^-24, d = {sides[0]}, its dims"
     warnings.warn(
-        f"whitening: damping {damping:.3g} leaves (R + lambda I) a condition number of about {cond:.3g} "
-        f"(checkpoint {checkpoint}); whitened scores are float32, so they may be off by up to about "
-        f"{error:.2g} of the largest score ((4 + sqrt(d) / 2) x cond x 2^-24, d = {widths[checkpoint]}, {width}, "
-        f"whatever fit's precision); {advice} keeps that within {SCORE_ERROR:.2g} (Whitening.with_damping)",
+        f"whitening: damping {damping:.3g} {what}; whitened scores are float32, so they may be off by up to about "
+        f"{error:.2g} of the largest score ({how}, whatever fit's precision); {advice} keeps that within "
+        f"{SCORE_ERROR:.2g} (Whitening.with_damping)",
         RuntimeWarning,
         stacklevel=4,  # the caller of fit or with_damping
     )

@@ -98,7 +98,8 @@ class Whitening:
     but relative to the scores themselves the error can reach up to about (4 + sqrt(d) / 2) x cond x 2^-24
     (when test rows lie much in directions the train rows lack, as with fewer train rows than dims; the
     float32 sums over d products grow with d: measured up to 1.8, 6.8 and 9.1 x cond x 2^-24 at d = 50,
-    200 and 1000, see _conditioning; K-FAC, whose scores sum p and q products, far less): 3e-3 to 1.2e-2
+    200 and 1000, see _conditioning; for K-FAC, whose factors are applied and rounded each on its own, the sum of
+    the two factors' such terms, with their own sides and conds, never a product): 3e-3 to 1.2e-2
     of the largest score at cond 5e4 (5 train rows of 200 dims, damping 0.001; 10 seeds, either precision),
     4e-7 with 20,000 rows (where (largest + lambda) / lambda is 5e3).
     Factored gradients (left (n, p), right (n, q) per checkpoint): a Kronecker-
@@ -163,9 +164,10 @@ class Whitening:
             rows outnumber dimensions, 30-100 where they are fewer; see the README). with_damping gives
             other dampings without a second pass. A damping so small that float32 scores may be off by
             more than about 1e-2 of the largest warns (fit and with_damping alike), stating the worst case
-            (4 + sqrt(d) / 2) x cond x 2^-24 (see the class docstring; for K-FAC d the larger factor's side)
-            and naming a damping that keeps that within 4e-3. cond is R + lambda I's own (its largest over
-            its smallest eigenvalue; above 256 dims, Lanczos's estimate). Whether it warns is decided on
+            (4 + sqrt(d) / 2) x cond x 2^-24 (see the class docstring; for K-FAC the sum of that over its two
+            factors, each with its side and its cond) and naming a damping that keeps that within 4e-3. cond is
+            R + lambda I's own (its largest over its smallest eigenvalue; above 256 dims, Lanczos's
+            estimate). Whether it warns is decided on
             (4 + sqrt(d) / 2) x min(cond, sqrt((largest + lambda) / smallest)) x 2^-24 > 1e-2
             (whitening._conditioning): a rank-deficient R (fewer rows than dims) warns as its cond grows
             (d = 1024: above about 8e3), a full-rank R, whose test rows' whitened range is about sqrt of
