@@ -641,6 +641,59 @@ def test_the_quality_report_refuses_another_benchmarks_record(capsys):
     assert e.value.code == 2 and "is not a quality record (its benchmark: 'kernel')" in capsys.readouterr().err
 
 
+def test_the_quality_report_refuses_a_binary_file_and_an_incomplete_record(tmp_path, capsys):
+    """review85 F3: a PNG given as --json ended in a UnicodeDecodeError traceback, a record without "config"
+    in a KeyError; each is one usage error naming the file and what was expected."""
+    png = tmp_path / "quality_lds.png"
+    png.write_bytes(PNG_MAGIC + bytes(range(256)))
+    with pytest.raises(SystemExit) as e:
+        report.main(["--json", str(png)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--json: cannot read {png}: not UTF-8 text (byte 0x89 at 0)" in err, err
+    assert "expected the quality JSON" in err and "Traceback" not in err
+    full = json.loads((RESULTS_DIR / "quality.json").read_text())
+    for drop, named in [
+        (("config",), "'config'"),
+        (("peers",), "'peers'"),
+        (("config", "noise"), "'config.noise'"),
+        (("winners", "tie"), "'winners.tie'"),
+    ]:
+        payload = json.loads(json.dumps(full))
+        del (payload if len(drop) == 1 else payload[drop[0]])[drop[-1]]
+        path = tmp_path / "partial.json"
+        path.write_text(json.dumps(payload))
+        with pytest.raises(SystemExit) as e:
+            report.main(["--json", str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--json: {path} is not a complete quality record: it lacks {named} " in err, err
+        assert "expected the JSON python -m benchmarks.quality writes" in err
+
+
+def test_the_quality_report_ends_quietly_when_its_reader_goes_away():
+    """review85 F3: `python -m benchmarks.quality.report | head -1` could end in a BrokenPipeError traceback;
+    it ends quietly with the tracin CLI's exit code (here the reader is gone before anything is written)."""
+    import os
+    import subprocess
+    import sys
+
+    from tracin.cli import BROKEN_PIPE_EXIT
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.quality.report"],
+            cwd=CHECKOUT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == BROKEN_PIPE_EXIT and done.stderr == "", done.stderr
+
+
 def test_the_cache_is_checked_before_running(tmp_path, monkeypatch, capsys):
     """review54 F2: a --cache that cannot be a folder failed with a raw FileExistsError after the first
     dataset's models were trained, saving nothing."""

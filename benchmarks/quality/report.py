@@ -285,21 +285,58 @@ def markdown(payload: dict) -> str:
     )
 
 
+# what markdown() reads of a record, beyond the keys that make it a quality record: {key: its required keys}
+REQUIRED = {
+    "config": ("datasets", "noise", "seeds", "lds_models", "lds_fraction", "lds_test"),
+    "winners": ("detection_at", "tie"),
+    "peers": ("captum",),
+}
+
+
+def _missing(payload: dict) -> list[str]:
+    """The keys of REQUIRED that `payload` lacks (or that are not objects), as 'config' or 'config.noise'."""
+    missing = []
+    for key, inner in REQUIRED.items():
+        value = payload.get(key)
+        if not isinstance(value, dict):
+            missing.append(key)
+        else:
+            missing += [f"{key}.{k}" for k in inner if k not in value]
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "quality.json", help="quality JSON to render")
     args = p.parse_args(argv)
     try:
-        payload = json.loads(args.json.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        payload = json.loads(args.json.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:  # a PNG or other binary file given by mistake
+        p.error(
+            f"--json: cannot read {args.json}: not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start}), "
+            "expected the quality JSON"
+        )
+    except (OSError, ValueError) as e:  # ValueError: json.JSONDecodeError, text that is not JSON
         p.error(f"--json: cannot read {args.json}: {e}")
     if not isinstance(payload, dict) or not {"detection", "lds", "winners"} <= payload.keys():
         kind = payload.get("benchmark") if isinstance(payload, dict) else None
         p.error(f"--json: {args.json} is not a quality record (its benchmark: {kind!r}); render it with its own report")
-    print(markdown(payload))
-    whitened = whitening_markdown(payload)
-    if whitened:
-        print(f"\n{whitened}")
+    if missing := _missing(payload):
+        p.error(
+            f"--json: {args.json} is not a complete quality record: it lacks {', '.join(map(repr, missing))} "
+            "(expected the JSON python -m benchmarks.quality writes)"
+        )
+    try:
+        print(markdown(payload))
+        whitened = whitening_markdown(payload)
+        if whitened:
+            print(f"\n{whitened}")
+        sys.stdout.flush()  # a reader gone away (| head) fails here, not at exit
+    except BrokenPipeError:  # quietly, with the exit code the tracin CLI gives
+        from tracin.cli import BROKEN_PIPE_EXIT, _drop_output
+
+        _drop_output(sys.stdout)
+        return BROKEN_PIPE_EXIT
     return 0
 
 
