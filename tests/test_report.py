@@ -762,3 +762,38 @@ def test_diagnostics_labels_are_drawn_as_given_not_as_math_text(tmp_path, monkey
     traced = [t for t in legend.get_texts() if t.get_text().startswith("traced")]
     assert [t.get_text() for t in traced] == [r"traced: up to $\step$1"]
     assert not traced[0].get_parse_math()
+
+
+@pytest.mark.parametrize("count,name", [(40, "epoch-{}-step-{}000"), (12, "step {}000"), (3, "{}")])
+def test_diagnostics_axis_labels_and_tick_labels_lie_inside_the_figure(count, name, tmp_path, monkeypatch):
+    # review85 F4: with 40 slanted labels the right panel's y-label "overlap of the top 10 with all checkpoints"
+    # was taller than its shortened axes and ran past the top of the PNG (cut off)
+    from matplotlib.figure import Figure
+
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or savefig(fig, *a, **kw))
+    rng = np.random.default_rng(85)
+    train = tracin.Gradients([rng.standard_normal((100, 4)).astype(np.float32) * (1 + c / 5) for c in range(count)])
+    labels = [name.format(c * 25, c) for c in range(count)]
+    checkpoint_diagnostics(train, path=tmp_path / "d.png", labels=labels, traced=min(17, count))
+    (fig,) = figures
+    outside = []
+    for ax in fig.axes:
+        texts = [ax.yaxis.label, ax.xaxis.label, ax.title, *(t for t in ax.get_xticklabels() if t.get_text())]
+        for text in texts:
+            box = text.get_window_extent()
+            if not (
+                fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+            ):
+                outside.append((text.get_text(), box.bounds))
+        label = ax.yaxis.label
+        assert label.get_window_extent().y0 >= fig.legends[0].get_window_extent().y1  # above the legend
+        assert not any(label.get_window_extent().overlaps(t.get_window_extent()) for t in ax.get_xticklabels())
+        assert " ".join(label.get_text().split()) in (
+            "share of summed self-influence",
+            "overlap of the top 10 with all checkpoints",
+        )
+        if count == 3:  # room enough: one line
+            assert "\n" not in label.get_text()
+    assert not outside, outside

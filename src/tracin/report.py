@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import textwrap
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -329,9 +330,30 @@ def plot_checkpoint_diagnostics(
             for label in ax.get_xticklabels():
                 label.set(horizontalalignment="right", rotation_mode="anchor")
         fig.tight_layout(rect=rect)
+    if [_wrap_to_fit(ax, rect[1] * fig.bbox.height) for ax in (shares, ranking)].count(True):  # a y-label too long
+        fig.tight_layout(rect=rect)
     with whole_file(path, binary=True) as f:  # a failed save (a full disk) leaves the old figure, not half a PNG
         fig.savefig(f, format="png")
     return path
+
+
+def _wrap_to_fit(ax: Any, bottom: float) -> bool:
+    """Wraps the y-label of `ax` onto as few lines as keep it (drawn centred on the axes) inside the figure,
+    above `bottom` (pixels; the legend's top) and clear of the x tick labels: slanted tick labels leave the
+    axes less height, and one line ran past the figure's top and was cut off. Whether it was wrapped."""
+    label, figure = ax.yaxis.label, ax.get_figure().bbox
+    ticks = [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()]
+    text = label.get_text()
+
+    def clashes() -> bool:
+        box = label.get_window_extent()
+        return box.y1 > figure.y1 or box.y0 < bottom or any(box.overlaps(t) for t in ticks)
+
+    lines = 1
+    while clashes() and lines < len(text.split()):
+        lines += 1
+        label.set_text("\n".join(textwrap.wrap(text, math.ceil(len(text) / lines))))
+    return lines > 1
 
 
 def _overlapping(texts: list[Any]) -> bool:
