@@ -6,6 +6,7 @@ import dataclasses
 import numbers
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +80,12 @@ class GradientStoreWriter:
     rows in the manifest atomically, so a killed process resumes where it stopped.
 
     One writer of the whole store at a time, and none beside range writers (GradientStoreRangeWriter),
-    enforced with a lock on the directory where the OS has flock; not thread-safe. Use it as a
-    context manager or call finalize() / close().
+    enforced with a lock on the directory where the OS has flock. One writer may be shared by threads
+    (blocks written from a thread pool): their write() calls write and sync the data side by side, and
+    record the rows one at a time (a lock of the writer's around its record of the rows written, so
+    each replace of the progress file holds every row recorded before it). recording_once() defers the
+    records of the calling thread's writes only. Use it as a context manager or call finalize() /
+    close().
     """
 
     def __init__(
@@ -98,7 +103,9 @@ class GradientStoreWriter:
         self._lock = lock
         self._files = files
         self._open_store = open_store
-        self._pending: list[tuple[int, int, int]] | None = None  # rows written, to record (recording_once)
+        # rows written, to record, of each thread inside recording_once (by threading.get_ident())
+        self._pending: dict[int, list[tuple[int, int, int]]] = {}
+        self._recording = threading.RLock()  # around the record of rows (the manifest and its file)
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -130,12 +137,15 @@ class GradientStoreWriter:
     def rows_done(self, checkpoint: int) -> int:
         """r such that rows [start, r) of `checkpoint` are durably written (start = self.rows[0])."""
         start = self.rows[0]
-        first = self._written(self._checkpoint(checkpoint))[:1]
+        with self._recording:
+            first = self._written(self._checkpoint(checkpoint))[:1]
         return first[0][1] if first and first[0][0] <= start < first[0][1] else start
 
     def missing(self, checkpoint: int) -> list[list[int]]:
         """[start, stop) row ranges of `checkpoint` within self.rows not written yet."""
-        return gaps(self._written(self._checkpoint(checkpoint)), *self.rows)
+        c = self._checkpoint(checkpoint)
+        with self._recording:
+            return gaps(self._written(c), *self.rows)
 
     @property
     def complete(self) -> bool:
@@ -182,10 +192,11 @@ class GradientStoreWriter:
                 write_all(fd, arr.reshape(-1).view(np.uint8), offset + start * arr.shape[1] * arr.itemsize, path)
             for fd, path in zip(fds, files.paths[c], strict=True):
                 sync(fd, path)
-        if self._pending is None:
-            self._record([(c, start, start + rows)])
+        pending = self._pending.get(threading.get_ident())
+        if pending is None:
+            self._commit([(c, start, start + rows)])
         else:
-            self._pending.append((c, start, start + rows))
+            pending.append((c, start, start + rows))
 
     @contextmanager
     def recording_once(self) -> Iterator[None]:
@@ -196,31 +207,40 @@ class GradientStoreWriter:
         finalize() inside the block records the rows first; a writer closed inside it records
         nothing on leaving (its lock is released: another writer may own the store by then), so
         a resume redoes those rows."""
-        if self._pending is not None:  # nested: the outer block records
+        me = threading.get_ident()
+        if me in self._pending:  # nested: the outer block records
             yield
             return
-        self._pending = []
+        self._pending[me] = []
         failed = True
         try:
             yield
             failed = False
         finally:
-            pending, self._pending = self._pending, None
+            pending = self._pending.pop(me)
             if pending and not self._closed:
                 try:
-                    self._record(pending)
+                    self._commit(pending)
                 except Exception:
                     if not failed:
                         raise
 
     def finalize(self) -> GradientSet:
         """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
+        with self._recording:
+            self._finish()
+        self.close()
+        return self._open_store(self.path)
+
+    def _finish(self) -> None:
+        """finalize()'s check and marking of the store complete (under the record lock)."""
         if not self._manifest.complete:
             if self._closed:
                 raise ValueError(f"the writer of {self.path} is closed; create() it again to finish it")
-            if self._pending:  # inside recording_once: the rows written so far count
-                self._record(self._pending)
-                self._pending.clear()
+            pending = self._pending.get(threading.get_ident())
+            if pending:  # inside recording_once: the rows written so far count
+                self._commit(pending)
+                pending.clear()
             missing = {c: self.missing(c) for c in range(self.n_checkpoints) if self.missing(c)}
             if missing:
                 detail = "; ".join(f"checkpoint {c}: rows {_ranges_text(r)}" for c, r in missing.items())
@@ -229,8 +249,6 @@ class GradientStoreWriter:
             write_json_atomic(self.path / MANIFEST, dataclasses.replace(self._manifest, complete=True).to_json())
             fsync_dir(self.path)
             self._manifest.complete = True
-        self.close()
-        return self._open_store(self.path)
 
     def close(self) -> None:
         """Closes the files and releases the lock; progress so far stays on disk."""
@@ -267,6 +285,11 @@ class GradientStoreWriter:
     def _written(self, c: int) -> Ranges:
         """Sorted, disjoint row ranges of checkpoint c known to be written."""
         return self._manifest.written[c]
+
+    def _commit(self, written: list[tuple[int, int, int]]) -> None:
+        """_record under the record lock: threads sharing the writer record their rows one at a time."""
+        with self._recording:
+            self._record(written)
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
         """Records rows [start, stop) of checkpoint c, for each (c, start, stop), as written, durably
