@@ -324,6 +324,29 @@ def test_iterable_of_batches_equals_arrays(mlp, data):
     np.testing.assert_allclose(once.matrices[0], whole.matrices[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["full", "last_layer", "kronecker"])
+@pytest.mark.parametrize("fault", ["trailing shape", "float targets"])
+def test_a_later_batch_the_loss_cannot_run_on_gets_the_first_batchs_error_naming_its_rows(mlp, data, mode, fault):
+    """Only the first batch is checked: a later batch of new shapes or dtypes is traced anew by jax.jit, and
+    when loss_fn fails there the error is the same ValueError as for the first batch, naming the rows."""
+    x, y = data
+    kwargs = {"progress": False}
+    if mode == "last_layer":
+        kwargs.update(mode="last_layer", layers=["l2"], layer_input=mlp.hidden)
+    if mode == "kronecker":
+        kwargs.update(projection=tracin.Projection(16, seed=1, per_layer=True, kronecker=True))
+    bad = (x[32:48, :4], y[32:48]) if fault == "trailing shape" else (x[32:48], y[32:48].astype(np.float32))
+    batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), bad, (x[48:64], y[48:64])]
+    with pytest.raises(ValueError) as first:
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], [bad, *batches[1:]], **kwargs)
+    assert str(first.value).startswith("loss_fn(params, inputs, targets) failed on a batch of 16: ")
+    with pytest.raises(ValueError) as later:
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], batches, **kwargs)
+    where = "loss_fn(params, inputs, targets) failed on a batch of 16 (rows 32 to 47 of the data, at checkpoint 0): "
+    assert str(later.value) == where + str(first.value).split(": ", 1)[1]
+    assert isinstance(later.value.__cause__, Exception)  # jax.jit's own error, kept as the cause
+
+
 def test_dict_inputs_pytree(mlp, data):
     x, y = data
 

@@ -22,6 +22,7 @@ from .._export.projection import check_projection
 from .._export.transforms import row_transforms
 from .._progress import check_progress
 from ..gradients import FactoredGradients, Gradients
+from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, host_array, layout_of
@@ -225,6 +226,7 @@ class _JaxExport:
         self.kronecker: Any = None  # the KroneckerRows computing the rows, if kronecker=True
         self.fingerprints = {"loss": callable_identity(loss_fn)}
         self._pending: Iterator[Batch] | None = None  # the batches after one read ahead (slot_dims), if any
+        self._index = 0  # the checkpoint loaded last (load), named by compute's errors
         if mode == "last_layer":
             self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers)
             self.layout = self.compute_rows.layout
@@ -300,6 +302,7 @@ class _JaxExport:
 
     def load(self, source: Any, index: int) -> tuple[list, list, Any]:
         """(selected leaves, other array leaves, params) of checkpoint `index`."""
+        self._index = index
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
@@ -315,7 +318,20 @@ class _JaxExport:
             self.compute_rows.check_layer_input(params, batch, eps)
 
     def compute(self, state: tuple[list, list, Any], batch: Batch) -> Any:
-        return self.compute_rows(state[0], state[1], batch)
+        """The batch's rows. A batch of shapes or dtypes not run before (only the first batch is checked)
+        is traced anew by jax.jit: when that fails, the error is check_per_example's ValueError naming the
+        batch's rows, as the first batch's (a batch of shapes already run is not traced again)."""
+        try:
+            return self.compute_rows(state[0], state[1], batch)
+        except NonFiniteRowError:
+            raise
+        except Exception as err:
+            where = f"rows {batch.start} to {batch.start + batch.count - 1} of the data, at checkpoint {self._index}"
+            try:  # traced abstractly, only on this error path: it raises if loss_fn cannot run on this batch
+                check_per_example(self.loss_fn, self.layout, state[0], state[1], batch, self.plan.note, where)
+            except ValueError as explained:
+                raise explained from err
+            raise
 
     def to_host(self, computed: Any, count: int, float32: bool) -> list[Any]:
         """Host views of the real rows of the computed block (no device-side slice copy); the

@@ -136,13 +136,21 @@ def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
 
 
 def check_per_example(
-    loss_fn: LossFn, layout: ParamLayout, selected: list, arrays: list, batch: Batch, note: str = ""
+    loss_fn: LossFn,
+    layout: ParamLayout,
+    selected: list,
+    arrays: list,
+    batch: Batch,
+    note: str = "",
+    where: str = "",
 ) -> float:
     """Raises ValueError unless loss_fn returns one loss per example (shape (batch,)), traced
     abstractly (nothing is computed); returns the eps it computes to (compute_eps), which the checks
-    on concrete values allow for. note: appended to the errors (how the data was read)."""
+    on concrete values allow for. note: appended to the errors (how the data was read); where: which
+    batch, put after its size ("rows 4 to 7 of the data, ...")."""
     size = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
-    padded = f" ({batch.count} rows padded to {size})" if batch.count < size else ""
+    padded = f", {batch.count} rows padded to {size}" if batch.count < size else ""
+    padded = f" ({where}{padded})" if where else f" ({padded[2:]})" if padded else ""
     try:
         closed, out = jax.make_jaxpr(lambda s, a, x, y: loss_fn(layout.merge(s, a), x, y), return_shape=True)(
             selected, arrays, batch.inputs, batch.targets
