@@ -138,7 +138,7 @@ def export_gradients(
         rank-one v, an approximation for Adam). Every checkpoint then carries its optax state
         holding one ScaleByAdamState (see tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
-        adamax, nadam, radam and yogi keep a ScaleByAdamState that cannot be told from Adam's).
+        adamax, nadam, radam, yogi and lamb keep a ScaleByAdamState that cannot be told from Adam's).
     preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
         1e-8); recorded in metadata["preconditioner"]. Unused with preconditioner=None: a UserWarning
         says so (as for an optimizer state).
