@@ -94,6 +94,25 @@ def test_info_describes_a_store(stores, capsys):
     assert "40" in out and "float32" in out and "complete" in out
 
 
+def test_info_on_the_folder_of_an_interrupted_create_says_so(tmp_path, monkeypatch, capsys):
+    """review88 F4: `tracin info` said only 'no manifest.json' for the leftovers of a create that failed
+    (or was killed) part-way; it names the interrupted create and how to redo it."""
+
+    def refuse(fd, length):
+        raise OSError(27, "File too large")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "ftruncate", refuse)
+        with pytest.raises(OSError):
+            tracin.GradientStore.create(tmp_path / "s", n_rows=10, dims=[4])
+    assert main(["info", str(tmp_path / "s")]) != 0
+    err = capsys.readouterr().err
+    assert "interrupted GradientStore.create" in err and "create-in-progress" in err
+    assert "same arguments" in err and "delete the folder" in err
+    tracin.GradientStore.create(tmp_path / "s", n_rows=10, dims=[4]).close()  # redone: a partial store now
+    assert main(["info", str(tmp_path / "s")]) == 0
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -381,3 +381,25 @@ def test_one_writer_shared_by_threads_records_every_block(tmp_path, rows):
     assert len(data) == 2 and data == sorted(p.name for p in (tmp_path / "thr").glob("*.npy"))
     for name in data:
         assert (tmp_path / "thr" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes()
+
+
+@pytest.mark.parametrize("code", [errno.EFBIG, errno.ENOSPC], ids=["EFBIG", "ENOSPC"])
+def test_a_data_file_the_file_system_refuses_is_named_with_its_size(tmp_path, monkeypatch, code):
+    """EFBIG (a file system's largest file is smaller) or ENOSPC while sizing a data file names the file and
+    its size in bytes, and what to do (review88 F4: '[Errno 27] File too large, while setting its size')."""
+    import os
+
+    def refuse(fd, length):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    size = 128 + 1000 * 300 * 2  # the .npy header and 1000 x 300 float16 values
+    with pytest.raises(OSError) as info:
+        tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300], dtype="float16")
+    assert info.value.errno == code and info.value.filename == str(tmp_path / "s" / "checkpoint_000.npy")
+    assert f"a data file of {size} bytes: n_rows=1000 x 300 float16 values" in str(info.value)
+    assert "split the rows between stores" in str(info.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "s")) == ["checkpoint_000.npy", "create-in-progress"]
+    with tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300], dtype="float16") as w:  # redone
+        assert w.missing(0) == [[0, 1000]]

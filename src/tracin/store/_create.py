@@ -3,6 +3,7 @@ one row range of it (rows=)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
@@ -167,7 +168,12 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
     for c, files in enumerate(wanted.files):
         for name, d in zip(files, wanted.dims[c], strict=True):
-            create_npy(root / name, DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+            try:
+                create_npy(root / name, DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+            except OSError as e:
+                if e.errno not in _TOO_BIG:
+                    raise
+                raise type(e)(e.errno, _too_big(e, wanted, d), e.filename) from e
     if ids is not None:
         write_npy(root / IDS_FILE, ids)
     wanted.store_id = new_store_id()
@@ -176,6 +182,21 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
     os.unlink(root / CREATING)
     fsync_dir(root)
+
+
+# what the OS says when a file of the asked size cannot be made: larger than the file system allows, no room
+_TOO_BIG = (errno.EFBIG, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _too_big(e: OSError, wanted: Manifest, d: int) -> str:
+    """The text of an OSError `e` met making a data file of n_rows x d values: the size asked, and what to do."""
+    size = npy_size(DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+    return (
+        f"{e.strerror or 'error'} (a data file of {size} bytes: n_rows={wanted.n_rows} x {d} {wanted.dtype} "
+        "values); the file system refuses that size or has no room for it: split the rows between stores, "
+        "project the gradients (a smaller dim) or use another file system. The folder holds an interrupted "
+        "create, which the next create replaces"
+    )
 
 
 def _refuse_directory(path: Path) -> None:
