@@ -1108,7 +1108,8 @@ def test_damping_whose_lambda_leaves_float64_is_refused():
     """lambda = damping x mean eigenvalue must be a finite positive float64: damping 1e308 on gradients
     ~100 overflowed to lambda = inf (all-zero inverse and scores, and a save that load refused); a tiny
     damping on tiny gradients underflowed to 0. Both are ValueErrors naming damping, in fit and
-    with_damping; a damping just inside the range still fits and matches the float64 reference."""
+    with_damping; a large damping that keeps the scores normal float32 numbers (1e30, d = 8) still fits and matches
+    the float64 reference."""
     rng = np.random.default_rng(0)
     big = (rng.standard_normal((20, 8)) * 100).astype(np.float32)
     for call in (
@@ -1120,11 +1121,79 @@ def test_damping_whose_lambda_leaves_float64_is_refused():
     tiny = (rng.standard_normal((20, 8)) * 1e-30).astype(np.float32)
     with pytest.raises(ValueError, match=r"damping 1e-300 gives checkpoint 0 lambda = 0.0"):
         Whitening.fit(tracin.Gradients([tiny]), damping=1e-300, precision="float64")
-    w = Whitening.fit(tracin.Gradients([big]), damping=1e300, precision="float64")
-    ref, lam = reference_inverse(big, 1e300)
+    with pytest.raises(ValueError, match=r"damping 1e\+300 leaves checkpoint 0's whitened scores at about"):
+        Whitening.fit(tracin.Gradients([big]), damping=1e300, precision="float64")  # review85 F2: they underflow
+    w = Whitening.fit(tracin.Gradients([big]), damping=1e30, precision="float64")
+    ref, lam = reference_inverse(big, 1e30)
     np.testing.assert_allclose(w.spec.lambdas[0], lam, rtol=1e-12)
     np.testing.assert_allclose(w.inverses[0], ref, rtol=1e-12)
     assert np.all(np.isfinite(w.inverses[0])) and np.all(w.inverses[0].diagonal() > 0)
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e15])
+def test_a_damping_whose_scores_underflow_float32_is_refused(scale):
+    """review85 F2: damping >= about 1e40 silently gave subnormal or all-zero whitened rows, scores and
+    self-influence (300 rows of 20 dims). Scores far above R's eigenvalues are about d / damping whatever the
+    gradients' scale, whitened rows about 1 / (damping x scale), so fit and with_damping (full and K-FAC) refuse
+    such a damping, naming it and a damping that is enough; at that advised damping the scores and self-influence
+    match float64 NumPy and are not 0."""
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal((300, 20)) * scale).astype(np.float32)
+    t = (rng.standard_normal((4, 20)) * scale).astype(np.float32)
+    left, right = ((rng.standard_normal((50, k)) * scale).astype(np.float32) for k in (6, 7))
+    for damping in (1e300, 1e50, 1e40):  # 1e300 at scale 1e15: lambda beyond float64, refused as before
+        pattern = rf"damping {damping!r} (leaves checkpoint 0's whitened .* at about|gives checkpoint 0 lambda = inf)"
+        pattern = pattern.replace("+", r"\+")
+        for call in (
+            lambda d=damping: Whitening.fit(tracin.FactoredGradients([left], [right]), damping=d),
+            lambda d=damping: Whitening.fit(tracin.Gradients([g]), damping=1.0).with_damping(d),
+            lambda d=damping: Whitening.fit(tracin.Gradients([g]), damping=d),
+        ):
+            with pytest.raises(ValueError, match=pattern) as caught:
+                call()
+    most = float(re.search(r"use a damping of about (\S+) or less", str(caught.value)).group(1))  # the last, full
+    # scores about d / damping: 1e32 whatever the scale; at 1e15 the rows (about 1 / (damping x scale)) first: 1e23
+    assert (1e31 <= most <= 1e34) if scale < 1e15 else (1e22 <= most <= 1e24), (most, str(caught.value))
+    assert ("whitened rows" in str(caught.value)) == (scale == 1e15)
+    w = Whitening.fit(tracin.Gradients([g]), damping=most, precision="float64")
+    g64 = to_float64(g)
+    r = g64.T @ g64 / len(g64)
+    inv = np.linalg.inv(r + most * np.trace(r) / 20 * np.eye(20))
+    exact = to_float64(t) @ inv @ g64.T
+    got = to_float64(tracin.scores(w.apply(tracin.Gradients([t])), tracin.Gradients([g])))
+    assert np.count_nonzero(got) == got.size
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+    self_exact = np.einsum("ij,jk,ik->i", g64, inv, g64)
+    np.testing.assert_allclose(w.self_influence(tracin.Gradients([g])), self_exact, rtol=1e-5)
+
+
+def test_whitened_rows_or_self_influence_that_underflow_float32_are_refused():
+    """review85 F2: rows far smaller than the train rows at a large (accepted) damping whitened to subnormals or 0
+    silently. apply and self_influence (full and K-FAC) raise a ValueError naming the rows and damping; an all-zero
+    row is not one of them."""
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((300, 20)).astype(np.float32)
+    w = Whitening.fit(tracin.Gradients([g]), damping=1e25)
+    small = (rng.standard_normal((4, 20)) * 1e-15).astype(np.float32)
+    small[1] = 0
+    pattern = r"whitened test checkpoint 0 underflowed float32 for rows \[0, 2, 3\] .* lower damping or rescale"
+    with pytest.raises(ValueError, match=pattern):
+        w.apply(tracin.Gradients([small]))
+    ok = w.apply(tracin.Gradients([small * 1e10]))  # whitened to about 1e-30: normal, and as float64 NumPy's
+    inv = np.linalg.inv(to_float64(g).T @ to_float64(g) / 300 + w.spec.lambdas[0] * np.eye(20))
+    np.testing.assert_allclose(ok.matrices[0], to_float64(small * 1e10) @ inv, rtol=1e-6)
+    tiny_rows = (g[:6] * 1e-8).astype(np.float32)
+    for fitted, rows in (
+        (w, tracin.Gradients([tiny_rows])),
+        (
+            Whitening.fit(tracin.FactoredGradients([g[:, :6]], [g[:, 6:13]]), damping=1e20),
+            tracin.FactoredGradients([tiny_rows[:, :6]], [tiny_rows[:, 6:13]]),
+        ),
+    ):
+        with pytest.raises(ValueError, match=r"whitened self-influence \(checkpoint 0\) underflowed float32 for rows"):
+            fitted.self_influence(rows)
+        with pytest.raises(ValueError, match=r"whitened self-influence \(checkpoint 0\) underflowed"):
+            tracin.self_influence(rows, whitening=fitted)
 
 
 @pytest.mark.parametrize("factored", [False, True])

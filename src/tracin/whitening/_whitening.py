@@ -50,6 +50,10 @@ _SPACE_KEYS = (
     "optimizer_state_sources",
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # float32's smallest normal number, 2^-126 (about 1.2e-38)
+_SCORE_FLOOR = (
+    _FLOAT32_TINY * 2.0**24
+)  # mean whitened self-influence below which fit refuses the damping (_check_scale)
 _MIX_WEIGHT = 0.5  # fit's default mix_weight (the mix set's share of R); another one without mix= is refused
 
 
@@ -172,6 +176,10 @@ class Whitening:
             (whitening._conditioning): a rank-deficient R (fewer rows than dims) warns as its cond grows
             (d = 1024: above about 8e3), a full-rank R, whose test rows' whitened range is about sqrt of
             its eigenvalue spread, only where that spread is below about 1e-7 (d = 1024), at any damping.
+            A damping so large that the whitened scores or rows would fall into float32's subnormal range (the
+            scores, about d / damping, from about 1e31 x d whatever the gradients' scale; rows, about
+            1 / (damping x scale), earlier for large gradients) is a ValueError naming a damping that is not
+            (fit and with_damping); apply and self_influence refuse rows that still underflow (see there).
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix
             (mix_weight default 0.5; without mix=, a mix_weight other than 0.5 or 0 is a ValueError).
@@ -293,7 +301,8 @@ class Whitening:
         self, test: Any, *, progress: bool | None = None, num_threads: int | None = None
     ) -> Gradients | FactoredGradients:
         """The test gradients times (R_c + lambda_c I)^-1 per checkpoint (float64 products, float32
-        rows; ValueError if one overflows float32), in memory: Gradients (or FactoredGradients) with
+        rows; ValueError if one overflows float32, or if a non-zero row's whitened largest entry is below float32's
+        smallest normal number, 1.2e-38: rounded to subnormals or 0), in memory: Gradients (or FactoredGradients) with
         test's weights and metadata plus metadata["whitening"] (spec.to_dict()). Score them against
         the untouched train side. progress: tqdm bar over rows (None: after a few seconds, if tqdm is
         installed), as in fit: n x d_c^2 multiply-adds per checkpoint, long for large stores."""
@@ -312,6 +321,9 @@ class Whitening:
                                 f"whitened test {block_name(self.factored, b)} overflowed float32 (rows from "
                                 f"{start}) although every input is finite; rescale the gradients or raise damping"
                             )
+                        _check_underflow(
+                            np.abs(white).max(axis=1), x, f"whitened test {block_name(self.factored, b)}", start
+                        )
                         dst[start:stop] = white
                     bar.update(stop - start)
         finally:
@@ -327,7 +339,9 @@ class Whitening:
     ) -> np.ndarray:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
-        per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term."""
+        per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term. ValueError where a term
+        overflows float32, or where a non-zero row's term (before its weight) is below float32's smallest normal
+        number (1.2e-38), which float32 would round to a subnormal or 0."""
         from ..scoring import _flag, check_self_influence_rows
 
         train = self._accept(train, "train")
@@ -340,10 +354,17 @@ class Whitening:
             with blas_threads(num_threads):
                 for start, stop in row_ranges(train):
                     forms = []
-                    for inv, x in zip(self._inverses, finite_float32(train, "train", start, stop), strict=True):
+                    blocks = finite_float32(train, "train", start, stop)
+                    per = 2 if self.factored else 1
+                    for inv, x in zip(self._inverses, blocks, strict=True):
                         x = x.astype(np.float64)
                         forms.append(np.einsum("ij,ij->i", x @ inv, x))
                     terms = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] if self.factored else forms
+                    for c, term in enumerate(terms):
+                        live = np.logical_and.reduce([x.any(axis=1) for x in blocks[c * per : (c + 1) * per]])
+                        _check_underflow(
+                            np.where(live, term, np.inf), None, f"whitened self-influence (checkpoint {c})", start
+                        )
                     with np.errstate(over="ignore"):  # checked below
                         total[start:stop] = np.stack(terms, axis=1) * train.weights
                     bar.update(stop - start)
@@ -543,11 +564,74 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision
         damped_inverse(r, lam, _what(i, factored), precision)
         for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
     ]
+    _check_scale(moments, inverses, _flat(lambdas), damping, factored)
     ends = [eigenvalue_ends(r) for r in moments]
     warn_if_ill_conditioned(
         ends, inverses, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1
     )
     return inverses, lambdas
+
+
+def _check_scale(
+    moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
+) -> None:
+    """ValueError naming `damping` if it leaves a checkpoint's whitened scores or rows in float32's subnormal range
+    (review85 F2; damping >= about 1e40 gave all-zero scores and self-influence silently):
+    - scores: the train rows' mean self-influence tr(R (R + lambda I)^-1) (for K-FAC the product of the two factors'
+      traces) below _SCORE_FLOOR (2^24 x float32's smallest normal number, so that scores down to 2^-24 of it stay
+      normal). Far above R's eigenvalues it is about d / damping whatever the gradients' scale.
+    - rows: a lower bound on the root mean square entry of a whitened train row, sqrt(tr(R X) / ((lambda + tr R) d))
+      (tr(X R X) >= tr(R X) / (lambda + largest eigenvalue) >= tr(R X) / (lambda + tr R)), below float32's smallest
+      normal number: about sqrt(mean eigenvalue) / lambda at such dampings, so it depends on the gradients' scale
+      (1e15: damping 1e23).
+    Both fall as 1 / damping there (a K-FAC factor's row as 1 / sqrt(damping)), from which the damping advised."""
+    traces = [float(np.einsum("ij,ij->", r, x)) for r, x in zip(moments, inverses, strict=True)]
+    per = 2 if factored else 1
+    for c in range(len(traces) // per):
+        problems = []  # (the largest damping that would do, what is too small)
+        mean = float(np.prod(traces[c * per : (c + 1) * per]))
+        if mean < _SCORE_FLOOR:
+            problems.append(
+                (
+                    damping * mean / _SCORE_FLOOR,
+                    f"whitened scores at about {mean:.3g} (the train rows' mean self-influence), too near "
+                    f"float32's smallest normal number ({_FLOAT32_TINY:.2g}), below which scores round to subnormals "
+                    f"or 0 (it must be at least {_SCORE_FLOOR:.2g}, 2^24 x that, for scores down to 2^-24 of it to "
+                    "stay normal)",
+                )
+            )
+        for i in range(c * per, (c + 1) * per):
+            r, lam = moments[i], lambdas[i]
+            # in logarithms: at dampings near float64's range the square root's argument underflows float64
+            log_rms = 0.5 * (math.log(max(traces[i], 1e-300)) - math.log(lam + float(np.trace(r))) - math.log(len(r)))
+            if log_rms < math.log(_FLOAT32_TINY):
+                rows = f"{('left', 'right')[i % 2]} factor's rows" if factored else "rows"
+                problems.append(
+                    (
+                        damping * math.exp((log_rms - math.log(_FLOAT32_TINY)) * (2 if factored else 1)),
+                        f"whitened {rows} at about {math.exp(log_rms):.3g} an entry (root mean square, at least), "
+                        f"below float32's smallest normal number ({_FLOAT32_TINY:.2g}): subnormals or 0",
+                    )
+                )
+        if problems:
+            most, what = min(problems)
+            raise ValueError(
+                f"damping {damping!r} leaves checkpoint {c}'s {what}; use a damping of about {0.95 * most:.2g} or less"
+            )  # 0.95: rounding to 2 digits never goes above the damping that would do
+
+
+def _check_underflow(largest: np.ndarray, x: np.ndarray | None, what: str, start: int) -> None:
+    """ValueError if a row's `largest` (its whitened row's largest magnitude, or its self-influence term; inf for rows
+    exempt) is below float32's smallest normal number while its input row in `x` (None: all rows) is not all zero."""
+    low = largest < _FLOAT32_TINY
+    if x is not None:
+        low &= x.any(axis=1)
+    if low.any():
+        rows = (start + np.flatnonzero(low)[:5]).tolist()
+        raise ValueError(
+            f"{what} underflowed float32 for rows {rows} (below its smallest normal number, {_FLOAT32_TINY:.2g}: "
+            "subnormal or 0) although their gradients are not zero; lower damping or rescale the gradients"
+        )
 
 
 _PROBES = 4  # random vectors each stored inverse is checked on at load
