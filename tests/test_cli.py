@@ -109,6 +109,16 @@ def test_info_on_the_folder_of_an_interrupted_create_says_so(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "interrupted GradientStore.create" in err and "create-in-progress" in err
     assert "same arguments" in err and "delete the folder" in err
+    info_line = _error_line(err, "info")
+    # score and self-influence say the same after the option they read the folder from (said only 'no manifest.json')
+    for command, option in (
+        (["self-influence", str(tmp_path / "s")], "path"),
+        (["score", "--test", str(tmp_path / "s"), "--train", str(tmp_path / "s")], "--test"),
+    ):
+        assert main(command) == 1
+        line = _error_line(capsys.readouterr().err, command[0])
+        assert line.startswith(f"tracin {command[0]}: error: {option}: ")
+        assert line.endswith(info_line.split("error: ", 1)[1]), (line, info_line)
     tracin.GradientStore.create(tmp_path / "s", n_rows=10, dims=[4]).close()  # redone: a partial store now
     assert main(["info", str(tmp_path / "s")]) == 0
 

@@ -337,18 +337,14 @@ def _check_device(args: argparse.Namespace) -> None:
 # -- commands ------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> None:
     from .store import describe
-    from .store._format import CREATING, MANIFEST
+    from .store._files import interrupted_create
 
     if not args.path:  # Path("") would be the current folder
         raise CommandError("expected a gradient store folder, got ''")
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
-    if (Path(args.path) / CREATING).exists() and not (Path(args.path) / MANIFEST).exists():
-        raise CommandError(
-            f"no gradient store at {args.path} yet: it holds what an interrupted GradientStore.create left (its "
-            f"{CREATING} marker, no {MANIFEST}); call GradientStore.create again with the same arguments (or "
-            "rerun the export) to redo it, or delete the folder"
-        )
+    if (interrupted := interrupted_create(args.path)) is not None:
+        raise CommandError(interrupted)
     text = describe(args.path)
     with _stdout() as f:
         print(text, file=f)

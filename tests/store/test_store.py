@@ -251,3 +251,35 @@ def test_the_read_ahead_hint_stays_within_the_view(tmp_path, monkeypatch):
     view.kernel_side(0, 50)
     base = hints[0][0] - 550 * row  # the data's offset in its file
     assert [((offset - base) // row, nbytes // row) for offset, nbytes in hints] == [(550, 50), (500, 100)]
+
+
+def test_opening_the_folder_of_an_interrupted_create_says_so_and_how_to_redo_it(tmp_path, monkeypatch):
+    """Opening what a create that failed part-way left (its create-in-progress marker, no manifest.json)
+    said only 'no manifest.json'; it names the interrupted create and what to do, as `tracin info` does."""
+
+    def refuse(fd, length):
+        raise OSError(27, "File too large")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "ftruncate", refuse)
+        with pytest.raises(OSError, match="File too large"):
+            tracin.GradientStore.create(tmp_path / "s", n_rows=6, dims=[4])
+    assert "create-in-progress" in os.listdir(tmp_path / "s") and "manifest.json" not in os.listdir(tmp_path / "s")
+    for allow_partial in (False, True):
+        with pytest.raises(FileNotFoundError) as caught:
+            tracin.GradientStore.open(tmp_path / "s", allow_partial=allow_partial)
+        text = str(caught.value)
+        assert text.startswith(f"no gradient store at {tmp_path / 's'} yet: ")
+        assert "interrupted GradientStore.create" in text and "create-in-progress marker, no manifest.json" in text
+        assert "same arguments" in text and "rerun the export" in text and "delete the folder" in text
+    (tmp_path / "e").mkdir()  # no marker: the message stays the plain one
+    with pytest.raises(FileNotFoundError, match=r"^no gradient store at .*e \(no manifest\.json\)$"):
+        tracin.GradientStore.open(tmp_path / "e")
+    rows = np.arange(24, dtype=np.float32).reshape(6, 4)
+    writer = tracin.GradientStore.create(tmp_path / "s", n_rows=6, dims=[4])  # redone, as the message says
+    writer.write(0, 0, rows)
+    writer.finalize()
+    (tmp_path / "s" / "create-in-progress").touch()  # a marker beside a manifest: a store, not an interrupted create
+    np.testing.assert_allclose(
+        tracin.self_influence(tracin.GradientStore.open(tmp_path / "s")), (rows.astype(np.float64) ** 2).sum(1)
+    )

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._format import MANIFEST, Manifest, StoreFormatError, parse_manifest
+from ._format import CREATING, MANIFEST, Manifest, StoreFormatError, parse_manifest
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -221,11 +221,24 @@ def read_manifest_bytes(root: Path) -> bytes:
     try:
         fd = open_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no gradient store at {root} (no {MANIFEST})") from None
+        raise FileNotFoundError(interrupted_create(root) or f"no gradient store at {root} (no {MANIFEST})") from None
     try:
         return read_all(fd, MAX_MANIFEST_BYTES, path)
     finally:
         os.close(fd)
+
+
+def interrupted_create(root: str | os.PathLike) -> str | None:
+    """What to say of the folder `root` when it holds the creation marker and no manifest (what a
+    GradientStore.create that failed or was killed part-way leaves): how to redo or drop it; else None."""
+    root = Path(root)
+    if not os.path.lexists(root / CREATING) or os.path.lexists(root / MANIFEST):
+        return None
+    return (
+        f"no gradient store at {root} yet: it holds what an interrupted GradientStore.create left (its "
+        f"{CREATING} marker, no {MANIFEST}); call GradientStore.create again with the same arguments (or "
+        "rerun the export) to redo it, or delete the folder"
+    )
 
 
 def enclosing_store(path: Path) -> Path | None:
