@@ -98,6 +98,20 @@ CASES = {
         ValueError,
         r"data gave 8 rows at checkpoint 0, but its length \(len\) was 12: .* must not change during the export",
     ),
+    # a setting shared by every example put in the data: named by its path, not read as two batches (f824587)
+    "a setting in the inputs": (
+        dict(checkpoints=TWO[:1], data=lambda: ({"x": X, "temperature": 2.0}, Y)),
+        ValueError,
+        r"^data inputs\['temperature'\]: expected an array.* with a leading batch dimension \(one row per example\), "
+        r"got a float; a setting shared by every example belongs with .*functools\.partial\(loss_fn, temperature=",
+    ),
+    "a setting in the targets": (
+        dict(checkpoints=TWO[:1], data=lambda: (X, {"y": Y, "smoothing": 0.1})),
+        ValueError,
+        r"^data targets\['smoothing'\]: expected an array.* with a leading batch dimension \(one row per example\), "
+        r"got a float; a setting shared by every example belongs with loss_fn, not in the data: "
+        r"functools\.partial\(loss_fn, smoothing=\.\.\.\)$",
+    ),
     "store not a path": (dict(checkpoints=TWO, data=None, store=3), TypeError, "store must be a directory path"),
     "store without a row count": (
         dict(checkpoints=TWO[:1], data=lambda: iter(_batches()), store="s"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import re
 import warnings
 from collections import UserDict
 
@@ -171,7 +172,9 @@ def test_which_pairs_of_two_are_one_pair_of_inputs_and_targets():
         ),
         (
             ({"x": torch.randn(6, 4)}, {"y": torch.arange(6), "t": torch.tensor(2.0)}),
-            r"targets\['t'\] has no dimension 0",
+            # a 0-d tensor: a setting, named as any leaf without rows is (as tracin.jax does)
+            r"data targets\['t'\]: expected an array or tensor with a leading batch dimension .*got a 0-d tensor "
+            r"\(float32\).*functools\.partial\(loss_fn, t=\.\.\.\)",
         ),
     ],
 )
@@ -911,3 +914,66 @@ def test_a_type_error_inside_a_wrapped_loss_supplied_its_arguments_surfaces_unch
         with pytest.raises(TypeError, match="smoothing") as caught:
             export_gradients(model, [(model.state_dict(), 1.0)], data, _wrapped_buggy_loss, mode=mode, progress=False)
         assert "loss_fn is called as" not in str(caught.value)
+
+
+class _Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.calls = 0
+
+    def forward(self, x, temperature=1.0):
+        self.calls += 1
+        return self.linear(x) / temperature
+
+
+_X5 = np.random.default_rng(3).normal(size=(6, 5)).astype(np.float32)
+_Y3 = np.arange(6) % 3
+
+
+@pytest.mark.parametrize(
+    "data, path, got, setting",
+    [
+        (({"x": _X5, "temperature": 2.0}, _Y3), "data inputs['temperature']", "a float", "temperature"),
+        (({"x": _X5, "temperature": "hot"}, _Y3), "data inputs['temperature']", "a str", "temperature"),
+        (({"x": _X5, "t": torch.tensor(2.0)}, _Y3), "data inputs['t']", r"a 0-d tensor \(float32\)", "t"),
+        (({"x": _X5, "t": np.float64(2.0)}, _Y3), "data inputs['t']", "a NumPy float64 scalar", "t"),
+        ((_X5, {"labels": _Y3, "smoothing": 0.1}), "data targets['smoothing']", "a float", "smoothing"),
+        (((_X5, 2.0), _Y3), "data inputs[1]", "a float in a Python list or tuple", "setting"),
+        ([({"x": _X5, "temperature": 2.0}, _Y3)], "batch 0 inputs['temperature']", "a float", "temperature"),
+    ],
+)
+def test_a_leaf_without_rows_is_named_with_what_it_is_and_where_a_setting_goes(data, path, got, setting):
+    """A setting in the data (({'x': x, 'temperature': 2.0}, y)) was read as a list of two batches ('batch 0 must
+    be an (inputs, targets) pair ... got dict') or a bare 'got float' from tree_map; it is a ValueError naming the
+    leaf's path and what it is, and pointing at functools.partial, as tracin.jax's batches do (f824587)."""
+    model = _Tempered()
+    with pytest.raises(ValueError) as caught:
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
+        )
+    text = str(caught.value)
+    assert re.match(
+        rf"{re.escape(path)}: expected an array or tensor with a leading batch dimension \(one row per example\), "
+        rf"got {got}",
+        text,
+    ), text
+    assert f"functools.partial(loss_fn, {setting}=...)" in text and "two batches" not in text
+    assert ("forward(self, ..., " in text) == (" inputs" in path), text  # inputs go to the model
+    assert model.calls == 0  # refused before any forward
+
+
+def test_a_setting_given_to_the_model_instead_exports_what_dividing_the_logits_gives():
+    """The remedy the message names: the setting as a default of forward, the data holding rows only."""
+
+    class Warm(_Tempered):
+        def forward(self, x):
+            return super().forward(x, temperature=2.0)
+
+    model = Warm()
+    got = export_gradients(
+        model, [(model.state_dict(), 1.0)], ({"x": _X5}, _Y3), nn.CrossEntropyLoss(reduction="none"), progress=False
+    )
+    examples = [({"x": torch.from_numpy(_X5[i : i + 1])}, torch.from_numpy(_Y3[i : i + 1])) for i in range(6)]
+    want = _float64_rows(model, examples, nn.CrossEntropyLoss(reduction="none"))
+    np.testing.assert_allclose(got.matrices[0], want, rtol=1e-5, atol=1e-7)

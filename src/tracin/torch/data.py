@@ -11,7 +11,10 @@ Accepted forms:
 Inputs and targets are "trees": a tensor, or a tuple (a namedtuple too)/list/dict of tensors, all
 sharing the batch dimension 0 (NumPy arrays are taken as tensors, without a copy). A tuple or list of inputs is passed
 to the model positionally, a dict by keyword. Any Mapping is a dict (transformers' BatchEncoding, what
-a tokenizer or DataCollatorWithPadding returns, is a UserDict), read as a plain dict.
+a tokenizer or DataCollatorWithPadding returns, is a UserDict), read as a plain dict. Every leaf needs dimension 0:
+one that is not a tensor or array with it (a float temperature, a string, a 0-d tensor) is a ValueError naming its
+path (data inputs['temperature']), and a pair holding one is never read as two batches; a setting shared by every
+example goes with the model (or with loss_fn: functools.partial).
 """
 
 from __future__ import annotations
@@ -245,7 +248,9 @@ class Batches:
         start = 0
         source = self.source.loader(self.max_rows) if isinstance(self.source, _InOrder) else self.source
         for i, batch in enumerate(source):
-            inputs, targets = (as_tensors(part) for part in _split_pair(batch, f"batch {i}"))
+            pair = _split_pair(batch, f"batch {i}")
+            _refuse_leaves_without_rows(pair, f"batch {i}")
+            inputs, targets = (as_tensors(part) for part in pair)
             rows = batch_rows(targets, f"the targets of batch {i}")
             in_rows = batch_rows(inputs, f"the inputs of batch {i}")
             if in_rows != rows:
@@ -351,6 +356,64 @@ def _named_leaves(node: Any, name: str) -> Iterator[tuple[str, Any]]:
             yield from _named_leaves(child, f"{name}[{i}]")
     else:
         yield name, node
+
+
+def _target_rows(batch: Any, name: str) -> int:
+    """The rows of the targets of `batch`, an (inputs, targets) pair whose every leaf has them."""
+    pair = _split_pair(batch, name)
+    _refuse_leaves_without_rows(pair, name)
+    return batch_rows(as_tensors(pair[1]), f"the targets of {name}")
+
+
+def _refuse_leaves_without_rows(pair: tuple[Tree, Tree] | list, where: str) -> None:
+    """ValueError naming the first leaf of an (inputs, targets) pair that is not a tensor (or NumPy array)
+    with a dimension 0 (a float temperature, a string, a 0-d tensor): `where` inputs['temperature'], what
+    it is, and where a setting shared by every example goes instead (as tracin.jax.batches says)."""
+    for part, name in ((pair[0], "inputs"), (pair[1], "targets")):
+        for path, key, leaf in _keyed_leaves(part, name, None):
+            if not isinstance(leaf, (torch.Tensor, np.ndarray)) or leaf.ndim == 0:
+                raise ValueError(f"{where} {path}: {_not_rows(leaf, key, name)}")
+
+
+def _keyed_leaves(node: Any, name: str, key: Any) -> Iterator[tuple[str, Any, Any]]:
+    """(path, key, leaf) of every leaf under `node` as _named_leaves, with the dict key (a str) or the
+    position (an int) of the leaf in its parent, None for `node` itself a leaf."""
+    if isinstance(node, Mapping):
+        for k, child in node.items():
+            yield from _keyed_leaves(child, f"{name}[{k!r}]", k)
+    elif isinstance(node, (tuple, list)):
+        for i, child in enumerate(node):
+            yield from _keyed_leaves(child, f"{name}[{i}]", i)
+    else:
+        yield name, key, node
+
+
+def _not_rows(leaf: Any, key: Any, part: str) -> str:
+    """Why a leaf without a dimension 0 cannot be data, and where a setting shared by every example goes."""
+    if isinstance(leaf, torch.Tensor):
+        got = f"a 0-d tensor ({_dtype_name(leaf.dtype)})"
+    elif isinstance(leaf, np.ndarray):
+        got = f"a 0-d array ({leaf.dtype})"
+    elif isinstance(leaf, np.generic):
+        got = f"a NumPy {leaf.dtype} scalar"
+    else:
+        kind = type(leaf).__name__
+        got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    setting = key if isinstance(key, str) and key.isidentifier() else "setting"
+    where = (
+        f"with the model, not in the data: an attribute of the module or a default of its forward "
+        f"(forward(self, ..., {setting}=...)), or, for loss_fn, functools.partial(loss_fn, {setting}=...)"
+        if part == "inputs"
+        else f"with loss_fn, not in the data: functools.partial(loss_fn, {setting}=...)"
+    )
+    expected = "expected an array or tensor with a leading batch dimension (one row per example)"
+    if isinstance(key, int):  # an item of a Python tuple or list: the inputs passed positionally, or a column
+        return (
+            f"{expected}, got {got} in a Python list or tuple, which tracin reads as a tree of values, not a "
+            f"tensor: pass torch.tensor(...) of it for a value per example; a setting shared by every example "
+            f"belongs {where}"
+        )
+    return f"{expected}, got {got}; a setting shared by every example belongs {where}"
 
 
 def check_sequential(loader: torch.utils.data.DataLoader) -> int | None:
@@ -586,6 +649,8 @@ def as_batches(data: Any, max_rows: int) -> Batches:
             f"data must be an (inputs, targets) pair of torch tensors (or NumPy arrays), a Dataset, "
             f"a DataLoader or an iterable of (inputs, targets) batches; got one {type(data).__name__}"
         )
+    if _is_pair(data) and not all(_is_pair(d) for d in data) and any(True for _ in _named_leaves(data, "data")):
+        _refuse_leaves_without_rows(data, "data")  # can't be two batches (a batch is a pair): the leaf, named
     if _is_tensor_pair(data):
         pair = tuple(as_tensors(part) for part in data)
         n = _no_rows(batch_rows(pair[1], "data targets"))
@@ -611,12 +676,7 @@ def as_batches(data: Any, max_rows: int) -> Batches:
         one_shot = iter(data) is data
         n = None
         if isinstance(data, (list, tuple)):
-            n = _no_rows(
-                sum(
-                    batch_rows(as_tensors(_split_pair(b, f"batch {i}")[1]), f"the targets of batch {i}")
-                    for i, b in enumerate(data)
-                )
-            )
+            n = _no_rows(sum(_target_rows(b, f"batch {i}") for i, b in enumerate(data)))
         two = _is_pair(data) and all(_is_pair(d) for d in data)
         two = two and all(isinstance(leaf, (torch.Tensor, np.ndarray)) for _, leaf in _named_leaves(data, "data"))
         return Batches(data, n, max_rows, one_shot=one_shot, note=TWO_BATCHES if two else None)
