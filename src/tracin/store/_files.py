@@ -236,8 +236,8 @@ def interrupted_create(root: str | os.PathLike) -> str | None:
         return None
     return (
         f"no gradient store at {root} yet: it holds what an interrupted GradientStore.create left (its "
-        f"{CREATING} marker, no {MANIFEST}); call GradientStore.create again with the same arguments (or "
-        "rerun the export) to redo it, or delete the folder"
+        f"{CREATING} marker, no {MANIFEST}); unless a create is still under way there, call "
+        "GradientStore.create again with the same arguments (or rerun the export) to redo it, or delete the folder"
     )
 
 

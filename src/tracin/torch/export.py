@@ -124,8 +124,11 @@ def export_gradients(
         too)/dict of tensors (which of the two a tuple of two is: data.PAIR_RULE; a one-shot iterator is
         read once, with one checkpoint). The model is called model(inputs), model(*inputs) for a tuple or
         list, model(**inputs) for a dict (its keys keyword arguments): a forward(self, batch) taking one
-        dict gets it from inputs (batch,). Every checkpoint must see the same targets in the same order
-        (checked by fingerprints: a ValueError otherwise).
+        dict gets it from inputs (batch,). Every leaf needs a dimension 0: a scalar or other non-tensor
+        leaf (a setting such as a temperature) is a ValueError naming its path (inputs['temperature']);
+        give such a setting to the model (an attribute, a default of forward) or to loss_fn with
+        functools.partial(loss_fn, temperature=...). Every checkpoint must see the same targets in the
+        same order (checked by fingerprints: a ValueError otherwise).
     loss_fn: loss_fn(outputs, targets) -> per-example losses of shape (batch,), called with the two
         positionally (a TypeError of that call says so when its signature cannot take them): an
         instance, nn.CrossEntropyLoss(reduction="none"), not the class (refused). An elementwise loss
