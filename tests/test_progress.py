@@ -126,3 +126,17 @@ def test_progress_true_without_tqdm_names_progress_and_the_install(function, mon
         getattr(tracin, function)(*args, progress=True)
     assert e.value.name.startswith("tqdm")
     getattr(tracin, function)(*args, progress=False)  # no bar: no tqdm needed
+
+
+@pytest.mark.parametrize("flag", [np.bool_(True), np.bool_(False)])
+def test_progress_takes_numpy_booleans_as_normalize_does(flag):
+    # review92 F1: np.bool_ was refused ("progress must be True, False or None") though normalize= takes it
+    assert _progress.check_progress(flag) is bool(flag)
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(tracin.top_k(a, a, k=2, progress=flag).indices, tracin.top_k(a, a, k=2).indices)
+
+
+@pytest.mark.parametrize("bad", [1, 0, "yes", np.int64(1)])
+def test_progress_refuses_what_is_not_a_boolean(bad):
+    with pytest.raises(TypeError, match="progress must be True, False or None"):
+        _progress.check_progress(bad)

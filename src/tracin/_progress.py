@@ -16,14 +16,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 AUTO_DELAY_S = 2.0  # seconds of work before an automatic (enabled=None) bar appears
 
 
 def check_progress(progress: Any) -> bool | None:
     """`progress` as the scoring and fitting functions take it; TypeError naming it otherwise."""
-    if progress is not None and not isinstance(progress, bool):
+    if progress is None:
+        return None
+    if not isinstance(progress, (bool, np.bool_)):  # np.bool_ as normalize= and per_checkpoint= take it
         raise TypeError(f"progress must be True, False or None (automatic), got {progress!r}")
-    return progress
+    return bool(progress)
 
 
 @functools.cache
