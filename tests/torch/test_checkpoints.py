@@ -211,6 +211,51 @@ def test_a_file_that_is_no_torch_save_file_is_named_so(setup, tmp_path, content,
     assert "weights_only" not in message  # no advice to load it unsafely
 
 
+SAVE_FORMATS = {
+    "zip": {},
+    "legacy-protocol-2": {"pickle_protocol": 2, "_use_new_zipfile_serialization": False},
+}
+
+
+@pytest.mark.parametrize("how", list(SAVE_FORMATS))
+def test_checkpoints_saved_in_each_loadable_format_give_the_in_memory_gradients(setup, tmp_path, how):
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    path = tmp_path / "saved.pt"
+    torch.save(state, path, **SAVE_FORMATS[how])
+    from_path = export_gradients(model, [(str(path), 1.0)], data, LOSS, progress=False)
+    from_dict = export_gradients(model, [(state, 1.0)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(from_path.matrices[0], from_dict.matrices[0])
+    # an object weights_only=True refuses, in the same format: named as such, not as a foreign file
+    torch.save({"state_dict": state, "extra": NotATensor()}, path, **SAVE_FORMATS[how])
+    with pytest.raises(ValueError, match=r"weights_only=True.*NotATensor") as info:
+        export_gradients(model, [(str(path), 1.0)], data, LOSS, progress=False)
+    assert "not a torch.save file" not in str(info.value)
+    assert "pickle_protocol" not in str(info.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 4, 5])
+@pytest.mark.parametrize("unsafe", [False, True], ids=["state_dict", "unsafe-object"])
+def test_a_legacy_file_of_protocol_0_1_4_or_5_is_named_a_torch_save_file_weights_only_cannot_read(
+    setup, tmp_path, protocol, unsafe
+):
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    path = tmp_path / "old.pt"
+    obj = {"state_dict": state, "extra": NotATensor()} if unsafe else state
+    torch.save(obj, path, pickle_protocol=protocol, _use_new_zipfile_serialization=False)
+    # torch's magic number pickled as text (protocols 0, 1) or in a FRAME (4, 5): both refused by weights_only=True
+    head = b"L119547037146038801333356L\n." if protocol < 2 else bytes([0x80, protocol, 0x95])
+    assert path.read_bytes().startswith(head)
+    with pytest.raises(ValueError) as info:
+        export_gradients(model, [(str(path), 1.0)], data, LOSS, progress=False)
+    message = str(info.value)
+    assert "not a torch.save file" not in message
+    assert message.startswith(f"checkpoints[0] ({path}) cannot be read with torch.load(weights_only=True)")
+    assert f"legacy torch.save file of pickle_protocol {'0 or 1' if protocol < 2 else protocol}," in message
+    assert "save it again with the default protocol" in message
+
+
 @pytest.mark.parametrize(
     "checkpoints, message",
     [

@@ -1041,17 +1041,24 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) ->
 
 
 _LFS_POINTER = b"version https://git-lfs"
+# how the legacy (non-zip) format starts when saved with pickle_protocol 0 or 1: torch's magic number
+# pickled as text (LONG opcode 'L'), which torch.load(weights_only=True) does not read ("Unsupported operand 76")
+_TEXT_MAGIC = b"L119547037146038801333356L\n."
 
 
 def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike) -> str:
     """What to say when torch.load(weights_only=True) refuses file `path`: that it is not a torch.save
-    file at all when it starts as none does (a zip archive, a pickle of protocol 2 or later: the legacy
-    format, a tar archive: the oldest), naming its first bytes (a Git LFS pointer left by a clone
-    without `git lfs pull`, a NumPy .npy file, text); else that weights_only=True refused a pickled
-    object, with torch's first line and its WeightsUnpickler line (the object refused)."""
+    file at all when it starts as none does (a zip archive; the legacy format: a pickle of protocol 2
+    or later, or torch's magic number as text for protocols 0 and 1; a tar archive: the oldest), naming
+    its first bytes (a Git LFS pointer left by a clone without `git lfs pull`, a NumPy .npy file, text);
+    else that weights_only=True refused a pickled object, with torch's first line and its
+    WeightsUnpickler line (the object refused), and for a legacy file of protocol 0, 1, 4 or 5 (which
+    weights_only=True refuses whatever it holds) that its protocol is why."""
     with open(path, "rb") as f:
         head = f.read(512)
-    torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[257:262] == b"ustar"
+    text_pickle = head.startswith(_TEXT_MAGIC)
+    framed = head[:2] in (b"\x80\x04", b"\x80\x05")  # torch's magic number in a FRAME (operand 149)
+    torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or text_pickle or head[257:262] == b"ustar"
     where = name if f"({os.fspath(path)})" in name else f"{name} ({os.path.abspath(path)})"
     if not torch_file:
         hint = (
@@ -1068,9 +1075,16 @@ def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike) -> s
     detail = "" if at is None else lines[at].partition("WeightsUnpickler error:")[2].strip()
     if at is not None and not detail and at + 1 < len(lines):  # torch 2.6+ puts some causes on the next line
         detail = lines[at + 1]
+    protocol = "0 or 1" if text_pickle else str(head[1]) if framed else None
+    protocol = (
+        f"; it is a legacy torch.save file of pickle_protocol {protocol}, which weights_only=True cannot read "
+        "whatever it holds: save it again with the default protocol"
+        if protocol
+        else ""
+    )
     return (
         f"{name} cannot be read with torch.load(weights_only=True), which only allows tensors and plain "
-        f"containers: {lines[0] if lines else type(e).__name__}" + (f" ({detail})" if detail else "")
+        f"containers: {lines[0] if lines else type(e).__name__}" + (f" ({detail})" if detail else "") + protocol
     )
 
 
