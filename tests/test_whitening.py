@@ -1167,33 +1167,85 @@ def test_a_damping_whose_scores_underflow_float32_is_refused(scale):
     np.testing.assert_allclose(w.self_influence(tracin.Gradients([g])), self_exact, rtol=1e-5)
 
 
-def test_whitened_rows_or_self_influence_that_underflow_float32_are_refused():
-    """review85 F2: rows far smaller than the train rows at a large (accepted) damping whitened to subnormals or 0
-    silently. apply and self_influence (full and K-FAC) raise a ValueError naming the rows and damping; an all-zero
-    row is not one of them."""
+_SUBNORMAL = 2.0**-149  # float32's subnormal spacing
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_row_with_a_tiny_gradient_is_whitened_not_refused(factored):
+    """review90 F1: one train row scaled by 1e-20 (a memorised example's gradient) among 200 N(0, 1) rows, damping 10:
+    Whitening.self_influence and tracin.self_influence(whitening=) refused the whole call ('underflowed float32 for
+    rows [7]') although plain self_influence gives that row its subnormal term. Now every row's term matches float64
+    NumPy (the tiny one to within float32's subnormal spacing), as does apply on a test row 1e-38 of the others
+    (scored by top_k); an all-zero row gives 0. K-FAC: the tiny rows in the left factor."""
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((200, 64)).astype(np.float32)
+    g[7] *= np.float32(1e-20)
+    g[9] = 0
+    t = rng.standard_normal((4, 64)).astype(np.float32)
+    t[2] *= np.float32(1e-38)  # a subnormal-scale row; whitened by about 1 / (10 x 1): still subnormal
+    if factored:
+        left, tl = g[:, :24], t[:, :24]  # the right factor's rows ordinary: row 7's term ~1e-40, not 1e-80
+        right, tr = (rng.standard_normal((k, 16)).astype(np.float32) for k in (200, 4))
+        train, test = tracin.FactoredGradients([left], [right]), tracin.FactoredGradients([tl], [tr])
+    else:
+        train, test = tracin.Gradients([g]), tracin.Gradients([t])
+    w = Whitening.fit(train, damping=10)
+    invs = w.inverses
+    if factored:
+
+        def quad(a, inv):
+            return np.einsum("ij,jk,ik->i", to_float64(a), inv, to_float64(a))
+
+        exact = quad(left, invs[0]) * quad(right, invs[1])
+        white = [to_float64(tl) @ invs[0], to_float64(tr) @ invs[1]]
+    else:
+        exact = np.einsum("ij,jk,ik->i", to_float64(g), invs[0], to_float64(g))
+        white = [to_float64(t) @ invs[0]]
+    assert 0 < exact[7] < 1e-37 and exact[9] == 0  # the term is subnormal in float32
+    for got in (w.self_influence(train), tracin.self_influence(train, whitening=w)):
+        others = np.delete(np.arange(200), 7)
+        np.testing.assert_allclose(got[others], exact[others], rtol=1e-5)
+        assert abs(float(got[7]) - exact[7]) <= 2 * _SUBNORMAL + 1e-5 * exact[7], (got[7], exact[7])
+        assert got[7] > 0 and got[9] == 0
+    applied = w.apply(test)
+    blocks = applied.left + applied.right if factored else applied.matrices
+    for b, (got, ref) in enumerate(zip(blocks, white, strict=True)):
+        rows = [0, 1, 3] if b == 0 else [0, 1, 2, 3]  # K-FAC's right factor: row 2 ordinary
+        np.testing.assert_allclose(got[rows], ref[rows], rtol=1e-6, atol=1e-6 * np.abs(ref[rows]).max())
+        if b == 0:
+            assert np.abs(to_float64(got[2]) - ref[2]).max() <= _SUBNORMAL
+            assert np.abs(ref[2]).max() < 1e-38 and np.any(got[2] != 0)
+    if factored:
+        ref_scores = (white[0] @ to_float64(left).T) * (white[1] @ to_float64(right).T)
+    else:
+        ref_scores = white[0] @ to_float64(g).T
+    top = tracin.top_k(applied, train, k=3)  # scoring a whitened set with a tiny row is not refused either
+    best = -np.sort(-ref_scores, axis=1)[:, :3]
+    np.testing.assert_allclose(top.values[[0, 1, 3]], best[[0, 1, 3]], rtol=0, atol=1e-5 * np.abs(best).max())
+    assert np.all(np.isfinite(top.values))
+
+
+def test_a_saved_whitening_whose_damping_fit_refuses_is_refused_at_load(tmp_path, monkeypatch):
+    """review90 F1: fit and with_damping refuse a damping that leaves the whitened scores or rows in float32's
+    subnormal range (review85 F2); a file an older version saved at such a damping is refused by load too, with
+    fit's message naming the damping and the file (full and K-FAC). Saved at an ordinary damping it loads."""
     rng = np.random.default_rng(1)
     g = rng.standard_normal((300, 20)).astype(np.float32)
-    w = Whitening.fit(tracin.Gradients([g]), damping=1e25)
-    small = (rng.standard_normal((4, 20)) * 1e-15).astype(np.float32)
-    small[1] = 0
-    pattern = r"whitened test checkpoint 0 underflowed float32 for rows \[0, 2, 3\] .* lower damping or rescale"
-    with pytest.raises(ValueError, match=pattern):
-        w.apply(tracin.Gradients([small]))
-    ok = w.apply(tracin.Gradients([small * 1e10]))  # whitened to about 1e-30: normal, and as float64 NumPy's
-    inv = np.linalg.inv(to_float64(g).T @ to_float64(g) / 300 + w.spec.lambdas[0] * np.eye(20))
-    np.testing.assert_allclose(ok.matrices[0], to_float64(small * 1e10) @ inv, rtol=1e-6)
-    tiny_rows = (g[:6] * 1e-8).astype(np.float32)
-    for fitted, rows in (
-        (w, tracin.Gradients([tiny_rows])),
-        (
-            Whitening.fit(tracin.FactoredGradients([g[:, :6]], [g[:, 6:13]]), damping=1e20),
-            tracin.FactoredGradients([tiny_rows[:, :6]], [tiny_rows[:, 6:13]]),
-        ),
-    ):
-        with pytest.raises(ValueError, match=r"whitened self-influence \(checkpoint 0\) underflowed float32 for rows"):
-            fitted.self_influence(rows)
-        with pytest.raises(ValueError, match=r"whitened self-influence \(checkpoint 0\) underflowed"):
-            tracin.self_influence(rows, whitening=fitted)
+    sets = [tracin.Gradients([g]), tracin.FactoredGradients([g[:, :6]], [g[:, 6:13]])]
+    with monkeypatch.context() as m:  # what a version without the check saved
+        m.setattr(_whitening, "_check_scale", lambda *a, **k: None)
+        huge = [Whitening.fit(s, damping=1e50) for s in sets]
+    for i, w in enumerate(huge):
+        path = tmp_path / f"huge{i}.npz"
+        w.save(path)
+        pattern = rf"{re.escape(str(path))} is a tracin.Whitening saved .* damping 1e\+50 leaves checkpoint 0's"
+        with pytest.raises(ValueError, match=pattern):
+            Whitening.load(path)
+        with pytest.raises(ValueError, match=r"damping 1e\+50 leaves checkpoint 0's whitened"):
+            Whitening.fit(sets[i], damping=1e50)
+        ok = tmp_path / f"ok{i}.npz"
+        Whitening.fit(sets[i], damping=1.0).save(ok)
+        assert Whitening.load(ok).spec.damping == 1.0
 
 
 @pytest.mark.parametrize("factored", [False, True])

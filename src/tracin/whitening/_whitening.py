@@ -301,8 +301,9 @@ class Whitening:
         self, test: Any, *, progress: bool | None = None, num_threads: int | None = None
     ) -> Gradients | FactoredGradients:
         """The test gradients times (R_c + lambda_c I)^-1 per checkpoint (float64 products, float32
-        rows; ValueError if one overflows float32, or if a non-zero row's whitened largest entry is below float32's
-        smallest normal number, 1.2e-38: rounded to subnormals or 0), in memory: Gradients (or FactoredGradients) with
+        rows; ValueError if one overflows float32. A row whose own gradient is tiny, e.g. 1e-38 of the others, may
+        whiten to float32 subnormals or 0, as it would unwhitened; a damping that would do so to every row is refused
+        by fit, with_damping and load), in memory: Gradients (or FactoredGradients) with
         test's weights and metadata plus metadata["whitening"] (spec.to_dict()). Score them against
         the untouched train side. progress: tqdm bar over rows (None: after a few seconds, if tqdm is
         installed), as in fit: n x d_c^2 multiply-adds per checkpoint, long for large stores."""
@@ -321,9 +322,6 @@ class Whitening:
                                 f"whitened test {block_name(self.factored, b)} overflowed float32 (rows from "
                                 f"{start}) although every input is finite; rescale the gradients or raise damping"
                             )
-                        _check_underflow(
-                            np.abs(white).max(axis=1), x, f"whitened test {block_name(self.factored, b)}", start
-                        )
                         dst[start:stop] = white
                     bar.update(stop - start)
         finally:
@@ -340,8 +338,9 @@ class Whitening:
         """float32 (n,): sum_c w_c g_c(i)^T (R_c + lambda_c I)^-1 g_c(i) per train row, in float64,
         streaming the rows (factored: the product of the left and right quadratic forms).
         per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term. ValueError where a term
-        overflows float32, or where a non-zero row's term (before its weight) is below float32's smallest normal
-        number (1.2e-38), which float32 would round to a subnormal or 0."""
+        overflows float32. A row whose own gradient is tiny beside the others (a memorised example's, 1e-20 of them)
+        has a term that float32 rounds to a subnormal or 0, as plain self_influence does; a damping that would do so
+        to every row is refused by fit, with_damping and load."""
         from ..scoring import _flag, check_self_influence_rows
 
         train = self._accept(train, "train")
@@ -355,16 +354,10 @@ class Whitening:
                 for start, stop in row_ranges(train):
                     forms = []
                     blocks = finite_float32(train, "train", start, stop)
-                    per = 2 if self.factored else 1
                     for inv, x in zip(self._inverses, blocks, strict=True):
                         x = x.astype(np.float64)
                         forms.append(np.einsum("ij,ij->i", x @ inv, x))
                     terms = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] if self.factored else forms
-                    for c, term in enumerate(terms):
-                        live = np.logical_and.reduce([x.any(axis=1) for x in blocks[c * per : (c + 1) * per]])
-                        _check_underflow(
-                            np.where(live, term, np.inf), None, f"whitened self-influence (checkpoint {c})", start
-                        )
                     with np.errstate(over="ignore"):  # checked below
                         total[start:stop] = np.stack(terms, axis=1) * train.weights
                     bar.update(stop - start)
@@ -461,10 +454,12 @@ class Whitening:
         as with_damping does), so a file holding another damping's inverse still whitens correctly.
         Either way the inverses pass fit's rounding guard (check_top_eigenvalue: no eigenvalue above
         1.01 / lambda): a file an older version saved at a damping below R's rounding is a ValueError
-        saying so, and to refit with precision='float64' or a larger damping.
-        ValueError too if the matrices (moments and inverses, plus one more of the largest) exceed half
-        the physical memory, or if `path` is not a regular file (a FIFO, device or directory: refused
-        before it is opened, so a FIFO cannot hang it). OSError if it cannot be opened."""
+        saying so, and to refit with precision='float64' or a larger damping. So does one saved at a damping
+        so large that fit refuses it (whitened scores or rows in float32's subnormal range: fit's ValueError
+        naming the damping, and one that is enough). ValueError too if the matrices (moments and inverses,
+        plus one more of the largest) exceed half the physical memory, or if `path` is not a regular file (a
+        FIFO, device or directory: refused before it is opened, so a FIFO cannot hang it). OSError if it cannot
+        be opened."""
         if not stat.S_ISREG(os.stat(path).st_mode):
             raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening (not a regular file)")
         with open(path, "rb", opener=_open_nonblocking) as file:
@@ -484,6 +479,13 @@ class Whitening:
             except _NOT_SAVED as e:
                 reason = str(e) or type(e).__name__
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({reason})") from None
+        try:  # fit's check: a file an older version saved at a damping that whitens every row to subnormals
+            _check_scale(moments, inverses, _flat(spec.lambdas), spec.damping, spec.kind == "kfac")
+        except ValueError as e:
+            raise ValueError(
+                f"{os.fspath(path)} is a tracin.Whitening saved (by a version that did not check it) at a damping "
+                f"fit refuses: {e}. Refit it from the train gradients (Whitening.fit) at such a damping"
+            ) from None
         return cls._owned(moments, inverses, spec)
 
     def __repr__(self) -> str:
@@ -618,20 +620,6 @@ def _check_scale(
             raise ValueError(
                 f"damping {damping!r} leaves checkpoint {c}'s {what}; use a damping of about {0.95 * most:.2g} or less"
             )  # 0.95: rounding to 2 digits never goes above the damping that would do
-
-
-def _check_underflow(largest: np.ndarray, x: np.ndarray | None, what: str, start: int) -> None:
-    """ValueError if a row's `largest` (its whitened row's largest magnitude, or its self-influence term; inf for rows
-    exempt) is below float32's smallest normal number while its input row in `x` (None: all rows) is not all zero."""
-    low = largest < _FLOAT32_TINY
-    if x is not None:
-        low &= x.any(axis=1)
-    if low.any():
-        rows = (start + np.flatnonzero(low)[:5]).tolist()
-        raise ValueError(
-            f"{what} underflowed float32 for rows {rows} (below its smallest normal number, {_FLOAT32_TINY:.2g}: "
-            "subnormal or 0) although their gradients are not zero; lower damping or rescale the gradients"
-        )
 
 
 _PROBES = 4  # random vectors each stored inverse is checked on at load
