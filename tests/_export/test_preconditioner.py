@@ -3,11 +3,13 @@ Adam's formulas against float64 NumPy on hand-made moments."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
 from tracin._export.preconditioner import AdamMoments, Preconditioned, adam_settings, check_preconditioner
-from tracin._export.rank_one import RankOneAdam, layer_groups
+from tracin._export.rank_one import RankOneAdam, _scales, layer_groups
 
 
 def _moments(rng, shapes, step=3.0, b1=0.9, b2=0.99, eps=1e-3):
@@ -112,3 +114,82 @@ def test_a_weight_whose_v_is_all_zero_beside_a_bias_that_is_not_is_named_too():
         adam = RankOneAdam(lambda c: moments, [(0, True, 4)], {}, ["fc.weight", "fc.bias"])
         _, got_r = adam.apply((left, right), 0, 0)
     assert not got_r[:, :3].any() and got_r[:, 3].all()
+
+
+def _with_zero_v(a: AdamMoments, shape, zero) -> AdamMoments:
+    v = a.v.reshape(shape).copy()
+    v[zero] = 0
+    return AdamMoments(a.m, v.reshape(-1), a.step, a.b1, a.b2, a.eps)
+
+
+def test_full_rows_warn_once_per_checkpoint_about_entries_whose_v_is_zero_and_divide_them_by_eps():
+    """Rows 1 and 3 of an embedding's v are 0 (tokens the training never held): "adam" divides their
+    gradient by eps, so they dominate the row; one RuntimeWarning per parameter per checkpoint, with the
+    counts, not one per block."""
+    rng = np.random.default_rng(5)
+    emb, bias = _moments(rng, [(5, 3), (4,)])
+    moments = [_with_zero_v(emb, (5, 3), [1, 3]), bias]
+    adam = Preconditioned("adam", lambda c: moments, {}, ["emb.weight", "b"], [(5, 3), (4,)])
+    g = rng.normal(size=(2, 19)).astype(np.float32)
+    with pytest.warns(RuntimeWarning) as caught:
+        out = adam.apply(g, 0, 0)
+        adam.apply(g, 0, 0)  # a second block of checkpoint 0: no second warning
+        adam.apply(g, 2, 0)
+    messages = [str(w.message) for w in caught]
+    assert [m[:111] for m in messages] == [
+        f"preconditioner='adam': 6 of 15 second moments (v) of 'emb.weight' are 0 (2 of its 5 rows all 0) "
+        f"in checkpoint {c}"
+        for c in (0, 2)
+    ]
+    assert all("by eps=0.001" in m and "scales whole zero rows and columns of v by 0" in m for m in messages)
+    rows = out[:, :15].reshape(2, 5, 3).astype(np.float64)
+    np.testing.assert_allclose(rows[:, [1, 3]], g[:, :15].reshape(2, 5, 3)[:, [1, 3]] / 1e-3, rtol=1e-6)
+    with warnings.catch_warnings():  # the next step's direction is not divided by eps alone: no warning
+        warnings.simplefilter("error")
+        Preconditioned("adam_update", lambda c: moments, {}, ["emb.weight", "b"]).apply(g, 0, 0)
+
+
+def test_rank_one_warns_once_per_layer_per_checkpoint_about_rows_and_columns_whose_v_is_zero():
+    """fc's v [weight | bias] has row 1 all 0, column 2 all 0 and one more zero entry: the factorisation
+    scales that row and column by 0 (the full rows divide them by eps), and says so once per checkpoint
+    naming the layer and the counts; a second layer with no zero v says nothing."""
+    rng = np.random.default_rng(6)
+    weight, bias, other = _moments(rng, [(4, 3), (4,), (2, 4)])
+    weight = _with_zero_v(_with_zero_v(_with_zero_v(weight, (4, 3), 1), (4, 3), (slice(None), 2)), (4, 3), (0, 0))
+    bias = _with_zero_v(bias, (4,), 1)
+    moments = [weight, bias, other]
+    adam = RankOneAdam(lambda c: moments, [(0, True, 4), (2, False, 2)], {}, ["fc.weight", "fc.bias", "out.weight"])
+    block = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    with pytest.warns(RuntimeWarning) as caught:
+        left, right = adam.apply(block, 2, 0)
+        adam.apply((block[0][:, :2], block[1]), 2, 1)
+        adam.apply(block, 2, 0)
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert text.startswith(
+        "preconditioner='adam': 8 of 16 second moments (v) of 'fc.weight' (bias as the last column) are 0 in "
+        "checkpoint 2: 1 of 4 rows and 1 of 4 columns of v are all 0"
+    )
+    assert "its 1 other zero entries get r c^T / s > 0" in text and "divides those entries by eps=0.001" in text
+    assert not left[:, 1].any() and not right[:, 2].any() and left[:, [0, 2, 3]].all() and right[:, [0, 1, 3]].all()
+
+
+def test_scales_without_a_name_describe_the_layer_by_its_shape():
+    rng = np.random.default_rng(7)
+    (emb,) = _moments(rng, [(6, 2)])
+    with pytest.warns(
+        RuntimeWarning, match=r"4 of 12 second moments \(v\) of a layer of 6 x 2 \(out, in\) are 0: 2 of"
+    ):
+        left, _ = _scales([_with_zero_v(emb, (6, 2), [0, 5])], 0, False, 6)
+    assert not left[[0, 5]].any() and left[1:5].all()
+
+
+def test_no_zero_v_no_warning():
+    rng = np.random.default_rng(8)
+    moments = _moments(rng, [(4, 3), (4,)])
+    block = rng.normal(size=(2, 16)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Preconditioned("adam", lambda c: moments, {}, ["w", "b"], [(4, 3), (4,)]).apply(block, 0, 0)
+        pair = rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
+        RankOneAdam(lambda c: moments, [(0, True, 4)], {}, ["w", "b"]).apply(pair, 0, 0)

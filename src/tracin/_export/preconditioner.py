@@ -24,6 +24,7 @@ rank-one factorisation of v (rank_one.py, an approximation for Adam); "adam_upda
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -78,13 +79,23 @@ class Preconditioned:
     kind: "adam" or "adam_update"; moments(checkpoint) -> the AdamMoments of each parameter of the
     row, in row order (called once per checkpoint, the first time a block of it comes);
     settings: what the metadata records besides the kind (the hyperparameters or where they
-    come from).
+    come from); names, shapes: the parameters' names and shapes in that order, for the warning about
+    entries whose v is 0 ("adam" divides them by eps, so a row with gradient there is that entry's, where the
+    rank-one factorisation of rank_one.py scales whole zero rows and columns by 0: warn_zero_v).
     """
 
     key = "preconditioner"
 
-    def __init__(self, kind: str, moments: Callable[[int], list[AdamMoments]], settings: Mapping[str, Any]):
+    def __init__(
+        self,
+        kind: str,
+        moments: Callable[[int], list[AdamMoments]],
+        settings: Mapping[str, Any],
+        names: Sequence[str] = (),
+        shapes: Sequence[Sequence[int]] = (),
+    ):
         self.kind, self._moments, self.settings = kind, moments, dict(settings)
+        self.names, self.shapes = list(names), [tuple(s) for s in shapes]
         self._checkpoint: int | None = None
         self._state: list[tuple[slice, tuple]] = []
 
@@ -98,8 +109,13 @@ class Preconditioned:
         """(rows, d) float32 -> (rows, d) float32, one parameter's columns at a time, in float32 with
         per-element constants computed in float64."""
         if checkpoint != self._checkpoint:
-            self._state = self._segments(self._moments(checkpoint), block.shape[1])
+            moments = self._moments(checkpoint)
+            self._state = self._segments(moments, block.shape[1])
             self._checkpoint = checkpoint
+            if self.kind == "adam":
+                for k, a in enumerate(moments):
+                    name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
+                    warn_zero_v(name, a.v, a.eps, checkpoint, self.shapes[k] if k < len(self.shapes) else None)
         g_all = np.asarray(block, np.float32)
         out = np.empty(g_all.shape, np.float32)
         for cols, consts in self._state:
@@ -188,3 +204,29 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
             f"{where}: the second moment of {name} has {bad} negative, NaN or infinite entries of {np.size(v)}; "
             "Adam's is a running mean of squared gradients (>= 0): the training diverged or the state is not Adam's"
         )
+
+
+def warn_zero_v(name: str, v: Any, eps: float, checkpoint: int, shape: Sequence[int] | None = None) -> None:
+    """RuntimeWarning when entries of a parameter's v are exactly 0, for the full-row "adam":
+    g / (sqrt(0) + eps) there, so a row with gradient on such an entry (the embedding of a token the
+    training never held, a unit never updated) is nearly all that entry's. With the parameter's `shape`
+    (2-D or more) it counts the rows (first axis) whose v is all 0 too. One O(size) pass, made once per
+    parameter per checkpoint."""
+    v = np.asarray(v)
+    zero = v.size - int(np.count_nonzero(v))
+    if not zero:
+        return
+    rows = ""
+    if shape is not None and len(shape) >= 2 and int(np.prod(shape)) == v.size:
+        nonzero_rows = int(np.count_nonzero(v.reshape(shape[0], -1).any(axis=1)))
+        rows = f" ({shape[0] - nonzero_rows} of its {shape[0]} rows all 0)"
+    warnings.warn(
+        f"preconditioner='adam': {zero} of {v.size} second moments (v) of {name} are 0{rows} in checkpoint "
+        f"{checkpoint} (parameters that had no gradient before it: embeddings of tokens the training never "
+        f"held, units never updated); the full-row 'adam' divides a gradient there by eps={eps:g}, so rows "
+        "with gradient on them are nearly all that part and dominate their scores, where a Kronecker or "
+        "factored projection (the rank-one factorisation of v) does the opposite: it scales whole zero "
+        "rows and columns of v by 0, so they add nothing",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -10,7 +10,12 @@ by its Adafactor-style factorisation r c^T / sum(r), r = row sums (p,), c = colu
 so the left factor is scaled by sqrt(s / r) and the right by 1 / sqrt(c). This equals the full
 "adam" row when v is exactly rank one and eps is 0 (as for a model trained with Adafactor's
 factored second moments); for Adam's full v it is an approximation, and eps is left out. Entries
-where r or c is 0 are scaled by 0 (a parameter row or column that never had a gradient).
+where r or c is 0 are scaled by 0 (a parameter row or column that never had a gradient: the
+embedding row of a token the training never held). The full-row "adam" (preconditioner.py) does
+the opposite there: it divides a gradient on a zero v by eps, so it dominates its row. _scales
+warns (RuntimeWarning, once per layer per checkpoint, from the sums r and c: O(size of v)) when
+some of a layer's v is 0, naming the layer, the zero entries, rows and columns and what each path
+does; and when all of the weight's v is 0 (its part of every row is zero).
 """
 
 from __future__ import annotations
@@ -79,18 +84,12 @@ class RankOneAdam:
         """(left (rows, p), right (rows, q)) float32 -> the scaled pair, float32."""
         if checkpoint != self._checkpoint:
             moments = self._moments(checkpoint)
-            self._scales = [_scales(moments, k, bias, p) for k, bias, p in self.groups]
+            names = [repr(self.names[k]) if k < len(self.names) else f"parameter {k}" for k, _, _ in self.groups]
+            self._scales = [
+                _scales(moments, k, bias, p, name, checkpoint)
+                for (k, bias, p), name in zip(self.groups, names, strict=True)
+            ]
             self._checkpoint = checkpoint
-            for (k, bias, _), (left, right) in zip(self.groups, self._scales, strict=True):
-                if not left.any() or not right[: len(right) - bias].any():  # all of v, or the weight's, is 0
-                    name = repr(self.names[k]) if k < len(self.names) else f"parameter {k}"
-                    warnings.warn(
-                        f"preconditioner='adam': every second moment (v) of {name} is 0 in checkpoint "
-                        f"{checkpoint}, so its part of every row is zero (a float16 optimizer state that "
-                        "underflowed, or a layer that had no gradient before the checkpoint)",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
         left_scale, right_scale = self._scales[slot]
         left, right = block
         return (
@@ -99,9 +98,12 @@ class RankOneAdam:
         )
 
 
-def _scales(moments: list[AdamMoments], k: int, bias: bool, p: int) -> tuple[np.ndarray, np.ndarray]:
+def _scales(
+    moments: list[AdamMoments], k: int, bias: bool, p: int, name: str | None = None, checkpoint: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
-    moments[k + 1] when `bias`)."""
+    moments[k + 1] when `bias`); called once per layer per checkpoint. Warns (_warn_zero_v) when some
+    or all of the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`."""
     w = moments[k]
     v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
     if bias:
@@ -111,4 +113,40 @@ def _scales(moments: list[AdamMoments], k: int, bias: bool, p: int) -> tuple[np.
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
         right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
+    zero = v.size - int(np.count_nonzero(v))
+    if zero:
+        where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
+        what = name if name is not None else f"a layer of {p} x {v.shape[1] - bias} (out, in)"
+        _warn_zero_v(what, where, v, r, c, zero, bias, w.eps)
     return left, right
+
+
+def _warn_zero_v(
+    name: str, where: str, v: np.ndarray, r: np.ndarray, c: np.ndarray, zero: int, bias: bool, eps: float
+) -> None:
+    """The RuntimeWarning about a layer's v ((p, q) [| bias]) holding `zero` zeros: all of the weight's
+    (its part of every row is zero), or some (the rows and columns of v that are all 0 are scaled by 0,
+    where the full-row "adam" divides those entries by eps). O(size of v) from its sums r, c."""
+    p, q = v.shape
+    if not r.any() or not c[: q - bias].any():  # all of v, or the weight's, is 0
+        warnings.warn(
+            f"preconditioner='adam': every second moment (v) of {name} is 0{where}, so its part of every "
+            "row is zero (a float16 optimizer state that underflowed, or a layer that had no gradient "
+            "before the checkpoint)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return
+    rows, cols = int(np.count_nonzero(r == 0)), int(np.count_nonzero(c == 0))
+    rest = zero - (rows * q + cols * p - rows * cols)
+    others = f"; its {rest} other zero entries get r c^T / s > 0" if rest else ""
+    warnings.warn(
+        f"preconditioner='adam': {zero} of {v.size} second moments (v) of {name}{' (bias as the last column)' * bias} "
+        f"are 0{where}: {rows} of {p} rows and {cols} of {q} columns of v are all 0 (parameters that had no gradient "
+        "before the checkpoint: embeddings of tokens the training never held, units never updated). The rank-one "
+        "factorisation (Kronecker or factored projection) scales those rows and columns by 0, so a gradient there "
+        f"adds nothing{others}; the full-row 'adam' (no projection or a flat one) does the opposite: it divides "
+        f"those entries by eps={eps:g}, so rows with gradient there are nearly all that part and dominate their scores",
+        RuntimeWarning,
+        stacklevel=4,
+    )

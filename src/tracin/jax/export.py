@@ -135,7 +135,11 @@ def export_gradients(
         score against test rows exported with None: LESS-style data selection); mode="full" only
         (tracin.torch also takes "adam" factored). "adam" also works with a kronecker=True projection
         through a rank-one factorisation of v for the weights projected per token (exact for a
-        rank-one v, an approximation for Adam). Every checkpoint then carries its optax state
+        rank-one v, an approximation for Adam). Where v is exactly 0 (embedding rows of tokens the
+        training never held) the two part ways: full rows divide the gradient there by eps, so it
+        dominates its row, while the factorisation scales the rows and columns of v that are all 0
+        by 0, so they add nothing; both warn (RuntimeWarning, once per leaf and checkpoint, with
+        counts). Every checkpoint then carries its optax state
         holding one ScaleByAdamState (see tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
         adamax, nadam, radam, yogi and lamb keep a ScaleByAdamState that cannot be told from Adam's).

@@ -183,6 +183,10 @@ def export_gradients(
         score against test rows exported with None: LESS-style data selection). "adam_update" needs
         mode="full"; "adam" also works factored / last_layer and with a kronecker=True projection
         through a rank-one factorisation of v (exact for a rank-one v, an approximation for Adam).
+        Where v is exactly 0 (embedding rows of tokens the training never held, units never
+        updated) the two part ways: full rows divide the gradient there by eps, so it dominates its
+        row, while the rank-one factorisation scales the rows and columns of v that are all 0 by 0,
+        so they add nothing; both warn (RuntimeWarning, once per layer and checkpoint, with counts).
         See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").
