@@ -326,7 +326,9 @@ def _preconditioning(
     if options.mode != "full":
         groups = layer_groups(framework.params, framework.slot_dims)
         return [RankOneAdam(moments, groups, settings, [name for name, _ in framework.params])]
-    return [Preconditioned(kind, moments, settings)]
+    names = [name for name, _ in framework.params]
+    shapes = [shape for _, shape in framework.params]
+    return [Preconditioned(kind, moments, settings, names, shapes)]
 
 
 def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: bool | None) -> int:

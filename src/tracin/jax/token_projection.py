@@ -123,7 +123,13 @@ class KroneckerRows:
         self._check_balanced()
         plain_params = [self.layout.describe()[k] for k in self.plain]
         self._plain_adam = (
-            Preconditioned("adam", lambda c: self.checkpoints[c].optimizer.moments(plain_params), {})
+            Preconditioned(
+                "adam",
+                lambda c: self.checkpoints[c].optimizer.moments(plain_params),
+                {},
+                [path for path, _ in plain_params],
+                [shape for _, shape in plain_params],
+            )
             if self.adam is not None and self.plain
             else None
         )
@@ -172,7 +178,7 @@ class KroneckerRows:
                     np.asarray(p, np.float64) for p in self.projection.layer_factors(k, layer, self.dims[k])
                 )
                 if moments is not None:
-                    left, right = _scales(moments, j, False, layer.rows)
+                    left, right = _scales(moments, j, False, layer.rows, repr(paths[k][0]), key)
                     p_rows, p_cols = p_rows * left, p_cols * right
                 factors.append((jnp.asarray(p_rows, self.dtype), jnp.asarray(p_cols, self.dtype)))
             self._built = (key, factors)

@@ -121,7 +121,9 @@ class KroneckerRows:
         plain_names = [n for s in self.plain for n in s.names]
         self._plain_rows = PerExampleGradients(model, plain_names, loss_fn) if plain_names else None
         self._plain_adam = (
-            Preconditioned("adam", lambda c: self._moments(c, plain_names), {})
+            Preconditioned(
+                "adam", lambda c: self._moments(c, plain_names), {}, plain_names, [self._shapes[n] for n in plain_names]
+            )
             if preconditioner and plain_names
             else None
         )
@@ -179,7 +181,7 @@ class KroneckerRows:
                 np.asarray(p, np.float64) for p in self.projection.layer_factors(seg.index, seg.layer, seg.dim)
             )
             if moments is not None:
-                left, right = _layer_scales(moments[k : k + len(seg.names)], seg.layer)
+                left, right = _layer_scales(moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint)
                 p_rows, p_cols = p_rows * left, p_cols * right
             k += len(seg.names)
             self._factors.append(
@@ -598,13 +600,16 @@ def _layer_matrices(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w, grads[1][:, :, None]], dim=2) if seg.layer.bias else w
 
 
-def _layer_scales(moments: list[AdamMoments], layer: LayerMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation."""
+def _layer_scales(
+    moments: list[AdamMoments], layer: LayerMatrix, name: str | None = None, checkpoint: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation (its warnings
+    about zero v naming the weight `name` and `checkpoint`)."""
     weight = moments[0]
     if layer.transposed:  # Conv1D: v stored (in, out); the factorisation wants (out, in)
         v = np.asarray(weight.v).reshape(layer.cols, layer.rows).T.reshape(-1)
         weight = replace(weight, v=v)
-    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows)
+    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows, name, checkpoint)
 
 
 def _spec(layer: LayerMatrix | int) -> Any:
