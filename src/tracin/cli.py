@@ -55,7 +55,7 @@ FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back 
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 # a missing module (its top-level name) -> the pip extra that installs it, before the command's own extra
-# (review69 F1: torch missing under `tracin demo --framework torch` was sent to the demo extra, which lacks it)
+# (torch missing under `tracin demo --framework torch` must not send the user to the demo extra, which lacks it)
 MODULE_EXTRAS = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "dask": "distributed", "distributed": "distributed"}
 
 

@@ -8,13 +8,13 @@ R + lambda) / (smallest eigenvalue of R + lambda) per checkpoint. K-FAC applies 
 on its own (left (B + lambda_B I)^-1 and right (A + lambda_A I)^-1, each rounded to float32) and its
 scores are products (left'_t . left_i) (right'_t . right_i) of a p- and a q-term float32 sum, so each
 factor adds its own relative error: the bound is the sum over the two factors, error_factor(p) x cond_B
-+ error_factor(q) x cond_A (x 2^-24), not a product of conds (review85 F1, review90 F3: the measured error was
++ error_factor(q) x cond_A (x 2^-24), not a product of conds (the measured error was
 below that sum in every case, up to 0.71 of it, and up to 6.9 x (cond_B + cond_A) x 2^-24, over 240 fits of 1 to
 400 rows, sides 30 to 768, dampings 1e-2 to 1e-10, flat or 1e-2 column spectra, and 340 of 1 to 3 rows, sides 16
 to 300, column scales random in 1e-3 to 1, dampings 1e-9 to 1e-2, where the largest ratios were; the product
 overstated 5.7e-4 as 79). cond is at most
 (largest + lambda) / lambda, reached where the train rows do not span all d directions (fewer rows than
-dims). Measured (review76/80 F4, 5 to 20 Gaussian train rows of d = 50 to 2000 dims, float64 NumPy
+dims). Measured (5 to 20 Gaussian train rows of d = 50 to 2000 dims, float64 NumPy
 reference): at most 1.8 (d 50), 6.8 (d 200), 9.1 (d 1000 and 2000) x cond x 2^-24, half the factor
 (7.5, 11.1, 19.8, 26.4) or less.
 
@@ -24,7 +24,7 @@ for K-FAC the sum of the two factors' such terms, each with its own side and con
 - cond_seen = min(cond, sqrt((largest + lambda) / smallest)). The second term is for a full-rank R: test
   rows like the rows R was fitted on have components of about sqrt(eigenvalue) along each eigenvector,
   which (R + lambda I)^-1 scales by at most 1 / sqrt(eigenvalue), so their whitened rows span a range of
-  sqrt(largest / smallest), not cond (review80 F3: d 1024, eigenvalue spread 1e-6, damping 1e-3, cond 1.5e4,
+  sqrt(largest / smallest), not cond (d 1024, eigenvalue spread 1e-6, damping 1e-3, cond 1.5e4,
   measured 5e-7 of the largest score). Where R is rank-deficient (smallest 0, or rounding's 1e-17) it is
   cond: test rows have components R never saw, whitened by 1 / lambda.
 - The damping the warning advises (the smallest doubling of the given one) keeps the stated worst case,
