@@ -179,7 +179,8 @@ class Whitening:
             A damping so large that the whitened scores or rows would fall into float32's subnormal range (the
             scores, about d / damping, from about 1e31 x d whatever the gradients' scale; rows, about
             1 / (damping x scale), earlier for large gradients) is a ValueError naming a damping that is not
-            (fit and with_damping); apply and self_influence refuse rows that still underflow (see there).
+            (fit and with_damping); apply and self_influence whiten a row that small to float32 subnormals or
+            0, as scoring it unwhitened would (see apply).
         mix: an optional second gradient set of the same checkpoints and dims (e.g. evaluation
             gradients, TrackStar's task-specific R): R = (1 - mix_weight) R_train + mix_weight R_mix
             (mix_weight default 0.5; without mix=, a mix_weight other than 0.5 or 0 is a ValueError).
@@ -578,7 +579,7 @@ def _check_scale(
     moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
 ) -> None:
     """ValueError naming `damping` if it leaves a checkpoint's whitened scores or rows in float32's subnormal range
-    (review85 F2; damping >= about 1e40 gave all-zero scores and self-influence silently):
+    (damping >= about 1e40 would give all-zero scores and self-influence silently):
     - scores: the train rows' mean self-influence tr(R (R + lambda I)^-1) (for K-FAC the product of the two factors'
       traces) below _SCORE_FLOOR (2^24 x float32's smallest normal number, so that scores down to 2^-24 of it stay
       normal). Far above R's eigenvalues it is about d / damping whatever the gradients' scale.
