@@ -1,7 +1,10 @@
-"""Tunable constants of the scoring loop, each documented here once with the evidence for it.
+"""Tunable constants of the scoring loop, the gradient store and the device backends, each documented
+here once with the evidence for it.
 
-Figures quoted are from the 2-core AMD EPYC benchmark machine (benchmarks/results/*.json).
-The C++ kernel's own constants (tile sizes, packing budgets) are in csrc/src/tunables.hpp.
+Figures quoted are from the 2-core AMD EPYC benchmark machine (benchmarks/results/*.json), except those of
+the DEVICE_* entries, which were measured on an NVIDIA H200 (benchmarks/results/gpu_tiles.json).
+The C++ kernel's own constants (tile sizes, packing budgets) are in csrc/src/tunables.hpp; the
+distributed scheduler's shard sizes are in distributed/_shards.py (its largest shard is STORE_CHUNK_BYTES).
 """
 
 AUTO_PROGRESS_MACS = 5e11
@@ -50,15 +53,35 @@ MIN_PIECE_ROWS = 4096
 """...but no piece is smaller than this many train rows: each kernel call packs the test side
 again and has a fixed cost. benchmarks/results/kernel.json, group "n" (top-10, m=256, d=128):
 70 GFLOP/s at n=10,000 against 189 at n=1,000,000, so small calls lose up to two thirds of the
-speed. The piece size itself has not been benchmarked; this floor only applies when a bar is shown,
-that is to calls of at least AUTO_PROGRESS_MACS.
+speed. The piece size itself has not been benchmarked. The floor applies to every cut of the train side:
+a bar's pieces (progress=True at any size, or a call of at least AUTO_PROGRESS_MACS) and the automatic
+cut of a shorter call that AUTO_RATE estimates to outlast _progress.AUTO_DELAY_S (AUTO_STEPS).
 """
+
+BAR_SHARE = 0.25
+"""With a bar (progress=True, or automatic for long work), the train side is cut into as many pieces as
+keep the estimated cost of the extra pieces (scoring._estimated_seconds) within this share of the call's
+estimated time, or within BAR_S, whichever is more (up to BAR_STEPS): at k=5e4, m=16, n=2e6, 100
+pieces took 179 s against 3.2 s in one call; at k=10, 98 pieces 0.50 s against 0.10 s (2 shared cores)."""
+
+BAR_S = 0.05
+"""...seconds that the extra pieces of a bar may always add: a short call's bar moves in a few steps."""
+
+SELECT_S = 7e-7
+"""Estimated seconds per test row, side and unit of k that top_k's candidate selection takes in each
+kernel call for k above 64 (csrc/src/topk.hpp: buffers of about 2k candidates per row and thread,
+cut back to k when full), on top of the multiply-adds (AUTO_RATE), whatever the threads and nearly
+whatever the piece's rows: m=16, d=16, both sides, k=5e4 took 1.2-1.6 s against 0.1 s at k=10 for
+n=2e6 and 2.4 s against 1.2 s for n=2.5e7; k=5000 0.3 s against 0.1 s (n=2e6); 10 calls of 2e5 rows
+at k=5e4 0.6 s each (2 shared cores)."""
 
 STORE_CHUNK_BYTES = 256 * 2**20
 """Default bytes of train rows a GradientStore maps for one kernel call (GradientStore.open's
-chunk_bytes). benchmarks/results/store.json and store_4gib.json (64 test rows, both sides, top-10,
-float16 rows of 2 x 4096): scoring the store from disk takes 1.02x (1 GiB, warm) to 1.30x (4 GiB,
-cold) the in-memory time, with a peak RSS of 293 MiB against 1057 / 4129 MiB in memory.
+chunk_bytes, store._store.DEFAULT_CHUNK_BYTES), and the largest default shard of a distributed call
+(distributed._shards.MAX_SHARD_BYTES: one shard, one kernel call). benchmarks/results/store.json and
+store_4gib.json (64 test rows, both sides, top-10, float16 rows of 2 x 4096): scoring the store from disk
+takes 1.02x (1 GiB, warm) to 1.30x (4 GiB, cold) the in-memory time, with a peak RSS of 293 MiB
+against 1057 / 4129 MiB in memory.
 """
 
 DEVICE_TILE_BYTES = 256 * 2**20

@@ -283,3 +283,15 @@ def test_opening_the_folder_of_an_interrupted_create_says_so_and_how_to_redo_it(
     np.testing.assert_allclose(
         tracin.self_influence(tracin.GradientStore.open(tmp_path / "s")), (rows.astype(np.float64) ** 2).sum(1)
     )
+
+
+def test_the_default_chunk_and_the_largest_default_shard_are_the_one_tunable():
+    import inspect
+
+    from tracin import _tunables
+    from tracin.distributed import _shards
+
+    # the same object, not an equal literal written again: changing _tunables.STORE_CHUNK_BYTES changes both
+    default = inspect.signature(tracin.GradientStore.open).parameters["chunk_bytes"].default
+    assert default is _tunables.STORE_CHUNK_BYTES
+    assert _shards.MAX_SHARD_BYTES is _tunables.STORE_CHUNK_BYTES

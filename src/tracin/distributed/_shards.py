@@ -9,12 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .. import _tunables
 from ..gradients import GradientSet
 from ..store import GradientStore, StoreChangedError
 from ..store._format import MANIFEST
 from ._cluster import worker_name
 
-MAX_SHARD_BYTES = 256 * 2**20  # no default shard larger (a store's default chunk: one kernel call)
+MAX_SHARD_BYTES = _tunables.STORE_CHUNK_BYTES  # no default shard larger (a store's default chunk: one kernel call)
 MIN_SHARD_BYTES = 16 * 2**20  # none smaller but the last: a task costs ~15 ms (benchmarks/results/distributed.json)
 UNSEEN_RECHECKS_S = (0.25, 0.5, 1.0, 1.5, 1.75)  # waits before looking again for a store not seen (5 s)
 GUIDE = 2  # each default shard takes 1 / (GUIDE * task slots) of the rows not yet given out

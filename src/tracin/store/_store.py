@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _tunables
 from .._arrays import DTYPE_CODES
 from ..gradients import GradientSet, KernelSide
 from ._create import create
@@ -35,7 +36,7 @@ try:
 except ImportError:  # no RLIMIT_NOFILE on this OS
     resource = None  # type: ignore[assignment]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = _tunables.STORE_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
