@@ -140,6 +140,17 @@ def test_self_influence_and_aggregate(rng, dtype):
     assert np.all(np.abs(agg - exact) <= score_bound(test, train, w).sum(0))
 
 
+@pytest.mark.parametrize("whiten", [False, True])
+def test_self_influence_refuses_a_device_of_the_wrong_type_with_a_type_error(rng, whiten):
+    train = tracin.Gradients(random_set(rng, 20, [6]), [1.0])
+    whitening = tracin.Whitening.fit(train, damping=0.1) if whiten else None
+    for device in (5, b"cpu", ["cpu"]):
+        with pytest.raises(TypeError, match=re.escape(f"got {device!r}")):
+            tracin.self_influence(train, whitening=whitening, device=device)
+    with pytest.raises(TypeError, match="device must be 'cpu'"):
+        tracin.top_k(train, train, 1, device=5)
+
+
 def test_memmap_and_torch_and_jax_inputs_agree(rng, tmp_path):
     torch = pytest.importorskip("torch")
     jnp = pytest.importorskip("jax.numpy")

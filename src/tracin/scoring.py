@@ -1070,6 +1070,8 @@ def self_influence(
         placement.check_precision(precision)
         if not isinstance(whitening, Whitening):
             raise TypeError(f"whitening must be a tracin.Whitening or None, got {type(whitening).__name__}")
+        if device is not None and not isinstance(device, str):
+            placement.choose(device, precision, {})  # raises placement's TypeError, as top_k and the rest do
         if device not in (None, "cpu"):
             raise ValueError(f"whitening runs on the CPU (float64 BLAS); device must be None or 'cpu', got {device!r}")
         if precision == "tf32":
