@@ -1,12 +1,14 @@
 """Conversion of written blocks to the store dtype, checked against ml_dtypes / NumPy casts."""
 
+import warnings
+
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
-from tracin.store._convert import BeyondRangeError, float32_to_bfloat16_bits, to_store_dtype
+from tracin.store._convert import BeyondRangeError, LowPrecisionRows, float32_to_bfloat16_bits, to_store_dtype
 
 SPECIAL = np.array(
     [
@@ -112,3 +114,93 @@ def test_rejects_other_dtypes_and_shapes():
         to_store_dtype(np.ones((2, 2)), "float32", "block")
     with pytest.raises(ValueError, match="block must be 2-D"):
         to_store_dtype(np.ones(3, dtype=np.float32), "float32", "block")
+
+
+def _tiny_block() -> np.ndarray:
+    """Rows: 0 normal with a few tiny values (harmless), 1 all zero (nothing lost), 2 all below float16's
+    smallest normal 2**-14 but kept as subnormals, 3 all at most 2**-25 (become 0), 4 at 2**-14 itself
+    (normal), 5 just below 2**-14 (rounds up to it: normal), 6 all below 2**-14, its largest negative."""
+    x = np.zeros((7, 4), np.float32)
+    x[0] = [1.0, 1e-9, -3e-7, 2.0]
+    x[2] = [1e-6, -3e-6, 0.0, 5e-7]
+    x[3] = [2e-8, -1e-9, 2.9e-8, 0.0]
+    x[4] = [2.0**-14, 0.0, -1e-7, 0.0]
+    x[5] = [np.nextafter(np.float32(2.0**-14), np.float32(0)), 0.0, 0.0, 0.0]
+    x[6] = [-4e-5, 1e-5, 0.0, 0.0]
+    return x
+
+
+def _lost_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reference (NumPy's float16 cast): rows, not all zero, whose float16 values are all below the
+    smallest normal; and which of those became all zero."""
+    f16 = x.astype(np.float32).astype(np.float16).astype(np.float64)
+    lost = (np.abs(f16).max(axis=1) < np.finfo(np.float16).smallest_normal) & (x != 0).any(axis=1)
+    return lost, lost & (f16 == 0).all(axis=1)
+
+
+@pytest.mark.parametrize("source", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_float16_rows_left_below_the_normal_range_warn_with_counts(source, kind):
+    """review94 F1: such rows (precision lost, or all zero) were stored without a word. The warning counts
+    them (rows 2, 3 and 6; row 3 became zero), gives their largest |x| and points to bfloat16; rows with a few
+    tiny values beside large ones, rows of zeros and rows that round to a normal number are not counted."""
+    x = _tiny_block()
+    if source == "bfloat16":
+        x = x.astype(ml_dtypes.bfloat16)
+    lost, zero = _lost_rows(x)
+    assert (
+        lost.tolist() == [False, False, True, True, False, False, True]
+        and zero.tolist() == [False] * 3 + [True] + [False] * 3
+    )
+    largest = np.abs(x.astype(np.float32)[lost]).max()
+    block = torch.from_numpy(x.astype(np.float32)).to(getattr(torch, source)) if kind == "torch" else x
+    message = (
+        rf"^3 of the 7 rows of block \(rows 10 to 16 of checkpoint 2\) hold only values below float16's smallest "
+        rf"normal number, 6.1e-05, in magnitude \(the largest: {largest:.3g}\), which float16 keeps with fewer "
+        r"significant bits \(subnormals\) or as 0, so their scores lose precision; 1 of them became all zero "
+        r"\(they score 0\); store them as bfloat16 \(float32's range\) or float32$"
+    )
+    with pytest.warns(RuntimeWarning, match=message):
+        out = to_store_dtype(block, "float16", "block", 10, " of checkpoint 2")
+    np.testing.assert_array_equal(out, x.astype(np.float32).astype(np.float16))  # stored all the same
+
+
+def test_a_writer_s_low_precision_rows_warns_once_whatever_the_blocks():
+    """One LowPrecisionRows (a writer's or an export's) warns at the first block holding such rows, in its
+    words, and not for later blocks; another one warns again."""
+    low = LowPrecisionRows("gradient store s", "use bfloat16")
+    normal = np.ones((3, 4), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_store_dtype(normal, "float16", "block", low=low)
+    with pytest.warns(
+        RuntimeWarning, match=r"^gradient store s: 3 of the 7 rows of block \(rows 0 to 6\) .*; use bfloat16$"
+    ):
+        to_store_dtype(_tiny_block(), "float16", "block", low=low)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_store_dtype(_tiny_block(), "float16", "block", low=low)
+        to_store_dtype(_tiny_block()[3:4], "float16", "block", low=low)
+    words = r"^the row of block \(row 5\) holds only .*, so its scores lose precision; it became all zero \(it scores"
+    with pytest.warns(RuntimeWarning, match=words):
+        to_store_dtype(_tiny_block()[3:4], "float16", "block", 5, low=LowPrecisionRows())
+
+
+@pytest.mark.parametrize(
+    "x, dtype",
+    [
+        (np.random.default_rng(2).standard_normal((64, 300)).astype(np.float32), "float16"),  # normal gradients
+        (np.random.default_rng(2).standard_normal((64, 300)).astype(np.float32) * 1e-3, "float16"),
+        (np.zeros((5, 3), np.float32), "float16"),  # rows of zeros lose nothing
+        (np.zeros((0, 3), np.float32), "float16"),
+        (np.zeros((3, 0), np.float32), "float16"),
+        (np.array([[np.nan, 1e-9], [np.inf, 0.0]], np.float32), "float16"),  # kept (no refuse_nonfinite)
+        (_tiny_block(), "bfloat16"),  # float32's range
+        (_tiny_block(), "float32"),
+        (_tiny_block().astype(np.float16), "float16"),  # already float16: nothing converted, nothing lost here
+    ],
+)
+def test_no_low_precision_warning_where_nothing_is_lost(x, dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_store_dtype(x, dtype, "block")

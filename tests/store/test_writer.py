@@ -4,6 +4,7 @@ import errno
 import json
 import subprocess
 import sys
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -403,3 +404,60 @@ def test_a_data_file_the_file_system_refuses_is_named_with_its_size(tmp_path, mo
     assert sorted(os.listdir(tmp_path / "s")) == ["checkpoint_000.npy", "create-in-progress"]
     with tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300], dtype="float16") as w:  # redone
         assert w.missing(0) == [[0, 1000]]
+
+
+def _tiny_rows(rows: int, d: int, seed: int = 0) -> np.ndarray:
+    """Normal-size rows, but for row 2 (all about 1e-6: float16 subnormals) and row 5 (all at most 2.5e-8:
+    float16 zeros); row 7 is all zero (nothing to lose)."""
+    x = np.random.default_rng(seed).standard_normal((rows, d)).astype(np.float32)
+    x[2] *= 1e-6
+    x[5] = np.linspace(-2.5e-8, 2.5e-8, d)
+    x[7] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_range(tmp_path, factored):
+    """review94 F1: rows whose values all lie below float16's smallest normal (2**-14) were stored as
+    subnormals or zeros without a word (gradients ~1e-8: every row zero, self-influence 0). The writer
+    warns at its first such block, naming the store, the rows, how many became zero and bfloat16, at the
+    caller's line; its other writes are silent, a writer of the store opened again warns again. Rows of
+    normal size (and rows of zeros) are silent, and a bfloat16 store keeps such rows."""
+    dims = [(3, 8)] * 2 if factored else [8, 8]
+    normal = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    tiny = _tiny_rows(10, 8)
+    below = np.abs(tiny.astype(np.float16)).max(1) < np.finfo(np.float16).smallest_normal  # the reference
+    assert np.flatnonzero(below).tolist() == [2, 5, 7] and not tiny[5].astype(np.float16).any()
+    pair = lambda x: (normal[:, :3], x) if factored else x  # noqa: E731  (the right factor holds the tiny rows)
+    name = "block\\[1\\] \\(the right factor\\)" if factored else "block"
+    w = tracin.GradientStore.create(tmp_path / "s", 20, dims, dtype="float16", factored=factored)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.write(0, 0, pair(normal))
+    message = (
+        rf"^gradient store {tmp_path / 's'}: 2 of the 10 rows of {name} \(rows 10 to 19 of checkpoint 0\) hold only "
+        rf"values below float16's smallest normal number, 6.1e-05, in magnitude \(the largest: "
+        rf"{np.abs(tiny[2]).max():.3g}\), .*; 1 of them became all zero \(they score 0\); use dtype=\"bfloat16\" "
+        r"\(float32's range in 16 bits\) or \"float32\" for such gradients, in a new store \(a store keeps the dtype "
+        r"it was created with\); this writer warns once$"
+    )
+    with pytest.warns(RuntimeWarning, match=message) as caught:
+        w.write(0, 10, pair(tiny))
+    assert len(caught) == 1 and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.write(1, 0, pair(tiny))
+        w.write(1, 10, pair(tiny))
+    w.close()
+    w = tracin.GradientStore.create(tmp_path / "s", 20, dims, dtype="float16", factored=factored)
+    with pytest.warns(RuntimeWarning, match="rows 0 to 9 of checkpoint 1"):
+        w.write(1, 0, pair(tiny))
+    stored = read_rows(w.finalize())
+    np.testing.assert_array_equal(stored[-1][10:], tiny.astype(np.float16))  # written all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bf16 = tracin.GradientStore.create(tmp_path / "b", 10, dims[:1], dtype="bfloat16", factored=factored)
+        bf16.write(0, 0, pair(tiny))
+    kept = read_rows(bf16.finalize())[-1]
+    np.testing.assert_array_equal(kept, _disk(tiny, "bfloat16"))
+    assert kept[5].any()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 from .._arrays import as_matrix, is_torch_tensor
+from .._caller import user_stacklevel
 
 
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -88,9 +90,67 @@ def _nonfinite(view: np.ndarray, source: str, name: str, first_row: int, where: 
 WIDER = {"float16": ("float32", "bfloat16"), "bfloat16": ("float32",)}
 LIMITS = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895314e38}
 
+# float16's smallest normal magnitude (2**-14 ~ 6.1e-5); below it float16 keeps fewer than its 11
+# significant bits (subnormals), and |x| <= 2**-25 becomes 0. As float16 bits (sign cleared):
+FLOAT16_TINY = 2.0**-14
+_TINY_BITS = np.uint16(0x0400)
+
+
+class LowPrecisionRows:
+    """Warns (a RuntimeWarning), once, when float16 conversions leave rows with little or no precision:
+    rows, not all zero, whose largest |x| is below float16's smallest normal number (FLOAT16_TINY), which
+    float16 holds as subnormals (fewer significant bits, the smaller the fewer) or as 0. A few tiny values
+    in a row do no harm (its large ones dominate its scores); a row of only tiny ones loses its scores.
+
+    A store writer or an export holds one and passes it to every to_store_dtype call (low=), so the
+    warning comes once per writer or export, not once per block; it names the rows of the first block
+    holding such rows, and later blocks are not checked. what: whose rows (e.g. "gradient store PATH");
+    advice: the sentence saying what to use instead (e.g. dtype="bfloat16", float32's range in 16 bits)."""
+
+    def __init__(self, what: str = "", advice: str = "store them as bfloat16 (float32's range) or float32"):
+        self.what, self.advice = what, advice
+        self.warned = False
+
+    def check(self, out: np.ndarray, as_f32: np.ndarray, name: str, first_row: int, where: str) -> None:
+        """Warns about the rows of `out` (float16, converted from the float32 `as_f32`) left below
+        float16's normal range, unless warned before. O(block): one pass over out's bits (a uint16
+        temporary), then the source rows of the rows found only."""
+        if self.warned or out.size == 0:
+            return
+        magnitude = out.view(np.uint16) & np.uint16(0x7FFF)  # ordered like |x| (NaN and Inf: at the top)
+        rows_max = magnitude.max(axis=1)
+        found = np.flatnonzero(rows_max < _TINY_BITS)
+        if found.size == 0:
+            return
+        largest = np.abs(as_f32[found]).max(axis=1)  # > 0: the row had a value float16 made tiny or 0
+        lost = largest > 0
+        if not lost.any():  # rows of zeros only: nothing lost
+            return
+        count, zero = int(lost.sum()), int((rows_max[found[lost]] == 0).sum())
+        self.warned = True  # before warning: warnings turned into errors still warn once
+        rows = out.shape[0]
+        span = f"row {first_row}" if rows == 1 else f"rows {first_row} to {first_row + rows - 1}"
+        one = count == 1
+        head = f"{count} of the {rows} rows" if rows > 1 else "the row"
+        zeros = "; it became all zero (it scores 0)" if one else f"; {zero} of them became all zero (they score 0)"
+        warnings.warn(
+            f"{self.what + ': ' if self.what else ''}{head} of {name} ({span}{where}) {'holds' if one else 'hold'} "
+            f"only values below float16's smallest normal number, {FLOAT16_TINY:.2g}, in magnitude (the largest: "
+            f"{float(largest[lost].max()):.3g}), which float16 keeps with fewer significant bits (subnormals) or as 0, "
+            f"so {'its' if one else 'their'} scores lose precision{zeros if zero else ''}; {self.advice}",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
 
 def to_store_dtype(
-    x: Any, dtype: str, name: str, first_row: int = 0, where: str = "", refuse_nonfinite: bool = False
+    x: Any,
+    dtype: str,
+    name: str,
+    first_row: int = 0,
+    where: str = "",
+    refuse_nonfinite: bool = False,
+    low: LowPrecisionRows | None = None,
 ) -> np.ndarray:
     """C-contiguous (rows, d) array of `x` in the store dtype (bfloat16 as uint16 bits).
 
@@ -100,6 +160,9 @@ def to_store_dtype(
     `name`, the first row holding one (counted from `first_row`, described by `where`: " of checkpoint
     0", say) and the dtypes that would hold it. refuse_nonfinite: NaN or Inf in `x` is a
     NonFiniteError naming the first such rows the same way (store writers; else they are kept).
+    Converting to float16, rows left with only values below float16's normal range (precision lost,
+    or all zero) are a RuntimeWarning (LowPrecisionRows): once per `low`, which a writer or an export
+    passes to each call; without it (None), once per call.
     """
     if is_torch_tensor(x) and x.device.type != "cpu":
         x = x.detach().cpu()
@@ -129,4 +192,6 @@ def to_store_dtype(
                 dtype,
                 LIMITS[dtype],
             )
+    if dtype == "float16":
+        (low if low is not None else LowPrecisionRows()).check(out, as_f32, name, first_row, where)
     return out

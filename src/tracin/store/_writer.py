@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import GradientSet
-from ._convert import NonFiniteError, to_store_dtype
+from ._convert import LowPrecisionRows, NonFiniteError, to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
 from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, StoreChangedError, gaps
 from ._locks import DirectoryLock
@@ -106,6 +106,12 @@ class GradientStoreWriter:
         # rows written, to record, of each thread inside recording_once (by threading.get_ident())
         self._pending: dict[int, list[tuple[int, int, int]]] = {}
         self._recording = threading.RLock()  # around the record of rows (the manifest and its file)
+        # float16 rows left below its normal range: one warning per writer (to_store_dtype's low=)
+        self._low = LowPrecisionRows(
+            f"gradient store {path}",
+            'use dtype="bfloat16" (float32\'s range in 16 bits) or "float32" for such gradients, in a new store '
+            "(a store keeps the dtype it was created with); this writer warns once",
+        )
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -159,7 +165,9 @@ class GradientStoreWriter:
         block: (rows, d_c) array (full) or a (left (rows, p_c), right (rows, q_c)) pair (factored);
         NumPy, torch or JAX, float32 / float16 / bfloat16, converted to the store dtype. NaN or Inf
         anywhere in it is a NonFiniteError (a ValueError) naming the store, the checkpoint (and factor)
-        and the first such rows, raised before anything of the write reaches the disk.
+        and the first such rows, raised before anything of the write reaches the disk. In a float16
+        store, rows whose values all lie below float16's normal range (|x| < 2**-14 ~ 6.1e-5: kept
+        with fewer bits, or as 0) are a RuntimeWarning, once per writer (bfloat16 keeps float32's range).
         Rewriting rows already written is allowed (the new values replace the old). An OSError
         (e.g. a full disk) names the file; the rows are then not recorded, and a resume redoes them.
         """
@@ -311,7 +319,9 @@ class GradientStoreWriter:
         """x in the store dtype; NaN / Inf (NonFiniteError) and values beyond its range (BeyondRangeError)
         refused, naming the checkpoint and the first such rows of the store."""
         try:
-            return to_store_dtype(x, self._manifest.dtype, name, start, f" of checkpoint {c}", refuse_nonfinite=True)
+            return to_store_dtype(
+                x, self._manifest.dtype, name, start, f" of checkpoint {c}", refuse_nonfinite=True, low=self._low
+            )
         except NonFiniteError as err:
             raise _refused_rows(err, self.path) from None
 
