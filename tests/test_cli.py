@@ -1131,9 +1131,10 @@ def test_bench_threads_beyond_the_usable_cores_say_and_record_the_threads_that_r
 
 def test_threads_beyond_tracins_bound_are_a_usage_error_naming_the_option(capsys):
     # `tracin bench --threads 9999` said "num_threads must be ...", the library's name, after parsing
-    from tracin._validate import thread_count
-    from tracin.cli import MAX_THREADS
+    from tracin import cli
+    from tracin._validate import MAX_THREADS, thread_count
 
+    assert cli.MAX_THREADS is MAX_THREADS  # one constant, not a copy
     assert thread_count(MAX_THREADS) == MAX_THREADS  # the option's bound is the library's
     with pytest.raises(ValueError, match="no larger than"):
         thread_count(MAX_THREADS + 1)

@@ -1814,3 +1814,22 @@ def test_a_whitening_fitted_at_other_checkpoints_is_named_so_before_optimizer_st
     with pytest.raises(tracin.scoring.CheckpointMismatchError, match=r"different optimizer states: .*\[1\]") as e:
         tracin.scores(fitted.apply(test), states_only)
     assert e.value.optimizer_states and e.value.names[0] == tracin.scoring.FITTED_ON
+
+
+@pytest.mark.parametrize("bad", [1.5, "1000000", np.float64(1e6), True, np.bool_(True)])
+def test_a_max_bytes_of_a_wrong_type_is_a_type_error(full, bad):
+    # the shared positive-integer check (tracin._validate.positive_int): a wrong type is a TypeError
+    with pytest.raises(TypeError, match="max_bytes must be a positive integer"):
+        Whitening.fit(tracin.Gradients(full[0]), max_bytes=bad)
+    with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+        Whitening.fit(tracin.Gradients(full[0]), max_bytes=-1)
+
+
+def test_whitening_threads_share_the_librarys_bound():
+    from tracin._validate import MAX_THREADS
+    from tracin.whitening._threads import blas_threads
+
+    with pytest.raises(ValueError, match=f"num_threads must be a positive integer no larger than {MAX_THREADS}"):
+        blas_threads(MAX_THREADS + 1)
+    with pytest.raises(TypeError, match="num_threads must be a positive integer"):
+        blas_threads(2.0)

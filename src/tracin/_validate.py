@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+MAX_THREADS = 4096  # the most num_threads tracin's functions (and the CLI's --num-threads) take
+
 
 def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
     """`value` as an int >= 1 (Python or NumPy integer, not bool); TypeError / ValueError otherwise."""
@@ -18,4 +20,4 @@ def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
 
 def thread_count(num_threads: Any) -> int:
     """Kernel thread count: None -> 0 (all cores), else a positive integer."""
-    return 0 if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
+    return 0 if num_threads is None else positive_int(num_threads, "num_threads", maximum=MAX_THREADS)

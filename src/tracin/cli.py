@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from ._validate import MAX_THREADS
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
 from .store._files import enclosing_store
@@ -602,7 +603,6 @@ def _argument_type(parse: Callable[[str], Any], accepts: Callable[[Any], bool], 
 positive_int = _argument_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _argument_type(int, lambda v: v >= 0, "an integer >= 0")
 fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # NaN is refused too
-MAX_THREADS = 4096  # the most num_threads tracin's functions take
 thread_count = _argument_type(int, lambda v: 1 <= v <= MAX_THREADS, f"a positive integer no larger than {MAX_THREADS}")
 
 

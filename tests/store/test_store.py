@@ -295,3 +295,20 @@ def test_the_default_chunk_and_the_largest_default_shard_are_the_one_tunable():
     default = inspect.signature(tracin.GradientStore.open).parameters["chunk_bytes"].default
     assert default is _tunables.STORE_CHUNK_BYTES
     assert _shards.MAX_SHARD_BYTES is _tunables.STORE_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("bad", [1.5, 4.0, "4", None, True, np.float64(4)])
+def test_a_wrong_type_of_row_count_or_chunk_size_is_a_type_error(tmp_path, bad):
+    # as every positive-integer argument (tracin._validate.positive_int): a wrong type is a TypeError
+    with pytest.raises(TypeError, match="n_rows must be a positive integer"):
+        tracin.GradientStore.create(tmp_path / "new", bad, [3], [1.0])
+    assert not (tmp_path / "new").exists()
+    store = write_store(tmp_path / "s", random_blocks(4, [3], "float32", False), [1.0])
+    with pytest.raises(TypeError, match="chunk_bytes must be a positive integer"):
+        tracin.GradientStore.open(store.path, chunk_bytes=bad)
+    for value in (0, -1):
+        with pytest.raises(ValueError, match="n_rows must be a positive integer"):
+            tracin.GradientStore.create(tmp_path / "new", value, [3], [1.0])
+        with pytest.raises(ValueError, match="chunk_bytes must be a positive integer"):
+            tracin.GradientStore.open(store.path, chunk_bytes=value)
+    assert tracin.GradientStore.open(store.path, chunk_bytes=np.int64(64)).chunk_bytes == 64

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validate import positive_int
 from ..gradients import GradientSet, _weights
 from ._files import (
     create_file,
@@ -220,8 +221,7 @@ def _drop_marker(root: Path) -> None:
 
 
 def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any, metadata: Any) -> Manifest:
-    if isinstance(n_rows, bool) or not isinstance(n_rows, numbers.Integral) or n_rows < 1:
-        raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}")
+    n_rows = positive_int(n_rows, "n_rows")
     if not isinstance(factored, bool):
         raise TypeError(f"factored must be True or False, got {factored!r}")
     if dtype not in DISK_DTYPES:

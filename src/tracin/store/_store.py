@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import _tunables
 from .._arrays import DTYPE_CODES
+from .._validate import positive_int
 from ..gradients import GradientSet, KernelSide
 from ._create import create
 from ._files import open_file, read_manifest_bytes, store_root
@@ -223,8 +224,7 @@ class GradientStore(GradientSet):
         to check that UTF-8 can encode every id: its cost grows with rows x the longest id (read_ids);
         `.ids` of the store or a view then checks only its own rows.
         """
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, numbers.Integral) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+        chunk_bytes = positive_int(chunk_bytes, "chunk_bytes")
         root = store_root(path)  # absolute: the files are opened again per call, a later chdir must not matter
         seen = read_manifest_bytes(root)
         m = parse_manifest(seen, str(root / MANIFEST))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from .._validate import positive_int
+from .._validate import MAX_THREADS, positive_int
 
 
 def blas_threads(num_threads: Any) -> contextlib.AbstractContextManager:
     """A context in which BLAS uses `num_threads` threads (None: BLAS's own default, all cores)."""
     if num_threads is None:
         return contextlib.nullcontext()
-    count = positive_int(num_threads, "num_threads", maximum=4096)
+    count = positive_int(num_threads, "num_threads", maximum=MAX_THREADS)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -17,6 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._progress import check_progress, progress_bar
+from .._validate import positive_int
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
@@ -244,7 +245,7 @@ class Whitening:
                     f"at least one column per {'factor' if train.factored else 'checkpoint'}: "
                     "drop the empty checkpoint from train" + ("" if mix is None else " and mix")
                 )
-        max_bytes = default_max_bytes() if max_bytes is None else _check_max_bytes(max_bytes)
+        max_bytes = default_max_bytes() if max_bytes is None else positive_int(max_bytes, "max_bytes")
         check_budget(matrix_sides(train), len(sets) + 1, max_bytes)  # moments, then inverses
         bar = fit_bar(sum(s.n_rows for _, s in sets), progress)
         try:
@@ -852,12 +853,3 @@ def _check_mix_weight(mix_weight: Any) -> float:
     if not 0 <= mix_weight <= 1:
         raise ValueError(f"mix_weight must be a number in [0, 1] (the mix set's share of R), got {mix_weight!r}")
     return float(mix_weight)
-
-
-def _check_max_bytes(max_bytes: Any) -> int:
-    """`max_bytes` as a positive int (TypeError / ValueError naming the argument otherwise)."""
-    if isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, numbers.Integral):
-        raise TypeError(f"max_bytes must be a positive integer (bytes) or None, got {max_bytes!r}")
-    if max_bytes < 1:
-        raise ValueError(f"max_bytes must be a positive integer (bytes) or None, got {max_bytes!r}")
-    return int(max_bytes)
