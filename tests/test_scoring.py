@@ -151,6 +151,24 @@ def test_self_influence_refuses_a_device_of_the_wrong_type_with_a_type_error(rng
         tracin.top_k(train, train, 1, device=5)
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_rows_shifted_counts_non_finite_rows_from_the_sets_start(factored):
+    from tracin.gradients import non_finite_message
+    from tracin.scoring import rows_shifted
+
+    for b in range(4):
+        for side, start in (("test", 7), ("train", 300)):
+            message = non_finite_message(side, factored, b, [0, 5])
+            assert rows_shifted(message, 7, 300) == non_finite_message(side, factored, b, [start, start + 5])
+            name = (
+                (("right" if b % 2 else "left") + f" factor of checkpoint {b // 2}") if factored else f"checkpoint {b}"
+            )
+            assert rows_shifted(message, 7, 300) == (
+                f"{side} {name} contains NaN or Inf values, first in rows [{start}, {start + 5}]"
+            )
+    assert rows_shifted("some other error", 7, 300) is None
+
+
 def test_memmap_and_torch_and_jax_inputs_agree(rng, tmp_path):
     torch = pytest.importorskip("torch")
     jnp = pytest.importorskip("jax.numpy")

@@ -39,6 +39,11 @@ _SELF_OVERFLOW = re.compile(
     r"^(self-influence overflowed float32(?: in checkpoint [0-9]+)?)( for train rows \[)([0-9, ]+)\]"
 )
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# self_influence's refusal of normalize=True, tracin.distributed's too.
+NO_SELF_NORMALIZE = (
+    "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every row would score "
+    "sum_c w_c; rank by self_influence(normalize=False)"
+)
 _KERNEL_OOM = "out of memory in the tracin kernel"  # the C++ kernel's MemoryError (csrc/src/guarded.hpp)
 
 
@@ -696,8 +701,10 @@ def rows_shifted(message: str, test_start: int, train_start: int) -> str | None:
         )
     side, block, rows = found.groups()
     start = test_start if side == "test" else train_start
-    shifted = ", ".join(str(start + int(r)) for r in rows.split(", "))
-    return f"{side} {block} contains NaN or Inf values, first in rows [{shifted}]"
+    factored = " factor of " in block  # block_name's "left/right factor of checkpoint c"
+    return non_finite_message(
+        side, factored, _block_number(block, factored), [start + int(r) for r in rows.split(", ")]
+    )
 
 
 def scores(
@@ -1060,10 +1067,7 @@ def self_influence(
     """
     normalize = _flag(normalize, "normalize")
     if normalize:
-        raise ValueError(
-            "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every "
-            "row would score sum_c w_c; rank by self_influence(normalize=False)"
-        )
+        raise ValueError(NO_SELF_NORMALIZE)
     train = as_gradient_set(train, "train")
     check_self_influence_rows(train)
     if whitening is not None:
@@ -1123,8 +1127,14 @@ def _block_shifted(message: str, factored: bool, first_block: int) -> str | None
     if found is None:
         return None
     side, block, rows = found.groups()
-    b = int(block.rsplit(" ", 1)[1]) * (2 if factored else 1) + block.startswith("right")
-    return non_finite_message(side, factored, first_block + b, [int(r) for r in rows.split(", ")])
+    return non_finite_message(
+        side, factored, first_block + _block_number(block, factored), [int(r) for r in rows.split(", ")]
+    )
+
+
+def _block_number(block: str, factored: bool) -> int:
+    """The kernel block that gradients.block_name calls `block`."""
+    return int(block.rsplit(" ", 1)[1]) * (2 if factored else 1) + block.startswith("right")
 
 
 def _checkpoint_of(side: KernelSide, c: int) -> KernelSide:

@@ -57,6 +57,15 @@ def test_bad_self_influence_options(tied, kwargs, error, words):
         td.self_influence(tied["store"], **kwargs)
 
 
+def test_normalize_is_refused_in_the_words_of_tracin_self_influence(tied):
+    with pytest.raises(ValueError) as one_machine:
+        tracin.self_influence(tied["store"], normalize=True)
+    with pytest.raises(ValueError) as cluster:
+        td.self_influence(tied["store"], normalize=True)
+    assert str(cluster.value) == str(one_machine.value)
+    assert "cosine of a gradient with itself is 1" in str(cluster.value)
+
+
 def test_aggregate_runs_on_the_cpu_only(tied):
     with pytest.raises(ValueError, match="device must be None or 'cpu', got 'cuda'"):
         td.aggregate(tied["test"], tied["store"], device="cuda")

@@ -15,6 +15,7 @@ from ..backends.placement import check_precision
 from ..gradients import GradientSet
 from ..scoring import (
     _SIDES,
+    NO_SELF_NORMALIZE,
     BothSides,
     TopK,
     _check_side,
@@ -143,10 +144,7 @@ def self_influence(
             "whitening=...) on one machine"
         )
     if _flag(normalize, "normalize"):
-        raise ValueError(
-            "self_influence takes no normalize=True: the cosine of a gradient with itself is 1, so every row "
-            "would score sum_c w_c; rank by self_influence(normalize=False)"
-        )
+        raise ValueError(NO_SELF_NORMALIZE)
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
     _check_usable(train_set)
