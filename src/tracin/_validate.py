@@ -5,7 +5,9 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-MAX_THREADS = 4096  # the most num_threads tracin's functions (and the CLI's --num-threads) take
+import numpy as np
+
+MAX_THREADS = 4096  # the most num_threads tracin's functions (and the CLI's --threads) take
 
 
 def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
@@ -16,6 +18,13 @@ def positive_int(value: Any, name: str, *, maximum: int | None = None) -> int:
         limit = f" no larger than {maximum}" if maximum is not None else ""
         raise ValueError(f"{name} must be a positive integer{limit}, got {value!r}")
     return int(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """`value` as a bool (Python's True / False or NumPy's np.True_ / np.False_); TypeError naming `name` otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def thread_count(num_threads: Any) -> int:

@@ -312,3 +312,23 @@ def test_a_wrong_type_of_row_count_or_chunk_size_is_a_type_error(tmp_path, bad):
         with pytest.raises(ValueError, match="chunk_bytes must be a positive integer"):
             tracin.GradientStore.open(store.path, chunk_bytes=value)
     assert tracin.GradientStore.open(store.path, chunk_bytes=np.int64(64)).chunk_bytes == 64
+
+
+def test_true_or_false_arguments_take_numpys_bools_and_refuse_anything_else(tmp_path):
+    # as normalize= and progress= do (tracin._validate.flag); allow_partial="no" used to open an unfinished store
+    blocks = random_blocks(4, [3], "float32", False)
+    for i, numpy_false in enumerate((np.False_, np.bool_(False))):
+        writer = tracin.GradientStore.create(tmp_path / f"n{i}", 4, [3], None, factored=numpy_false, overwrite=np.True_)
+        with writer:
+            writer.write(0, 0, blocks[0][:2])  # 2 of 4 rows: unfinished
+        assert not tracin.GradientStore.open(tmp_path / f"n{i}", allow_partial=numpy_false).allow_partial
+        partial = tracin.GradientStore.open(tmp_path / f"n{i}", allow_partial=np.True_)
+        assert partial.allow_partial is True and partial.n_rows == 2
+    for bad in ("no", 0, 1, None, np.array([True])):
+        with pytest.raises(TypeError, match="allow_partial must be True or False"):
+            tracin.GradientStore.open(tmp_path / "n0", allow_partial=bad)
+        with pytest.raises(TypeError, match="factored must be True or False"):
+            tracin.GradientStore.create(tmp_path / "bad", 4, [3], None, factored=bad)
+        with pytest.raises(TypeError, match="overwrite must be True or False"):
+            tracin.GradientStore.create(tmp_path / "bad", 4, [3], None, overwrite=bad)
+    assert not (tmp_path / "bad").exists()

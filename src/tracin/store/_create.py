@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import positive_int
+from .._validate import flag, positive_int
 from ..gradients import GradientSet, _weights
 from ._files import (
     create_file,
@@ -71,8 +71,7 @@ def create(
     wanted = _wanted_manifest(n_rows, dims, weights, dtype, factored, metadata)
     id_array = _check_ids(ids, wanted.n_rows)
     wanted.has_ids = id_array is not None
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    overwrite = flag(overwrite, "overwrite")
     root = store_root(path)  # absolute: the manifest is rewritten on every write, a later chdir must not matter
     if rows is not None:
         return _range_writer(root, wanted, id_array, _check_rows(rows, wanted.n_rows), overwrite, open_store, advice)
@@ -222,8 +221,7 @@ def _drop_marker(root: Path) -> None:
 
 def _wanted_manifest(n_rows: Any, dims: Any, weights: Any, dtype: Any, factored: Any, metadata: Any) -> Manifest:
     n_rows = positive_int(n_rows, "n_rows")
-    if not isinstance(factored, bool):
-        raise TypeError(f"factored must be True or False, got {factored!r}")
+    factored = flag(factored, "factored")
     if dtype not in DISK_DTYPES:
         raise ValueError(f"dtype must be 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     per = "(p_c, q_c) pair" if factored else "positive integer d_c"

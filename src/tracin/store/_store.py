@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _tunables
 from .._arrays import DTYPE_CODES
-from .._validate import positive_int
+from .._validate import flag, positive_int
 from ..gradients import GradientSet, KernelSide
 from ._create import create
 from ._files import open_file, read_manifest_bytes, store_root
@@ -224,6 +224,7 @@ class GradientStore(GradientSet):
         to check that UTF-8 can encode every id: its cost grows with rows x the longest id (read_ids);
         `.ids` of the store or a view then checks only its own rows.
         """
+        allow_partial = flag(allow_partial, "allow_partial")
         chunk_bytes = positive_int(chunk_bytes, "chunk_bytes")
         root = store_root(path)  # absolute: the files are opened again per call, a later chdir must not matter
         seen = read_manifest_bytes(root)
@@ -244,7 +245,7 @@ class GradientStore(GradientSet):
         stop = m.n_rows
         if allow_partial and not m.complete:
             stop = min(m.rows_done(c) for c in range(len(m.dims)))
-        return cls(root, m, files, 0, stop, bool(allow_partial), int(chunk_bytes), seen, ids_file)
+        return cls(root, m, files, 0, stop, allow_partial, chunk_bytes, seen, ids_file)
 
     # -- GradientSet ----------------------------------------------------------------------------
     @property

@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from .._progress import check_progress, progress_bar
-from .._validate import positive_int
+from .._validate import flag, positive_int
 from .._whole_file import whole_file
 from ..gradients import FactoredGradients, Gradients, GradientSet, block_name
 from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
@@ -343,11 +343,11 @@ class Whitening:
         overflows float32. A row whose own gradient is tiny beside the others (a memorised example's, 1e-20 of them)
         has a term that float32 rounds to a subnormal or 0, as plain self_influence does; a damping that would do so
         to every row is refused by fit, with_damping and load."""
-        from ..scoring import _flag, check_self_influence_rows
+        from ..scoring import check_self_influence_rows
 
         train = self._accept(train, "train")
         check_self_influence_rows(train)
-        per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
+        per_checkpoint = flag(per_checkpoint, "per_checkpoint")
         check_progress(progress)
         total = np.zeros((train.n_rows, train.n_checkpoints))
         bar = progress_bar(train.n_rows, progress, "tracin whitened self_influence", unit="row")
