@@ -66,7 +66,6 @@ def progress_bar(
     unit: str = "ex",
     *,
     passes: int = 1,
-    pass_name: str = "checkpoint",
     unit_scale: bool = True,
 ) -> Any:
     """A bar counting `unit`s towards `total` (None: unknown), with update(n), set_postfix_str(s)
@@ -82,13 +81,11 @@ def progress_bar(
     tqdm is needed only when enabled is True.
     """
     if enabled is None and shows_automatically():
-        return _Delayed(functools.partial(_bar, total, desc, unit, passes, pass_name, unit_scale, time.time()))
-    return _bar(total, desc, unit, passes, pass_name, unit_scale) if enabled else _Silent()
+        return _Delayed(functools.partial(_bar, total, desc, unit, passes, unit_scale, time.time()))
+    return _bar(total, desc, unit, passes, unit_scale) if enabled else _Silent()
 
 
-def _bar(
-    total: int | None, desc: str, unit: str, passes: int, pass_name: str, unit_scale: bool, start: float | None = None
-) -> Any:
+def _bar(total: int | None, desc: str, unit: str, passes: int, unit_scale: bool, start: float | None = None) -> Any:
     """A tqdm bar shown at once; `start`: when the work began (time.time()), if before now. Without tqdm,
     a ModuleNotFoundError naming progress=True and how to install tqdm (the core install has only NumPy)."""
     try:
@@ -108,24 +105,24 @@ def _bar(
         unit=unit,
         unit_scale=unit_scale,
         dynamic_ncols=True,
-        desc=desc if plain else _pass_desc(desc, pass_name, 0, passes),
+        desc=desc if plain else _pass_desc(desc, 0, passes),
     )
     if start is not None:  # elapsed time and rate counted from the start of the work
         bar.start_t = bar.last_print_t = start
-    return bar if plain else _Passes(bar, total, passes, desc, pass_name)
+    return bar if plain else _Passes(bar, total, passes, desc)
 
 
-def _pass_desc(desc: str, pass_name: str, i: int, passes: int) -> str:
-    return f"{desc} {pass_name} {i + 1}/{passes}"
+def _pass_desc(desc: str, i: int, passes: int) -> str:
+    return f"{desc} checkpoint {i + 1}/{passes}"
 
 
 class _Passes:
     """A tqdm bar over one pass of `total` units, restarted for each of `passes` passes; update()
     takes counts over all passes (a count that crosses a pass boundary moves to the next pass)."""
 
-    def __init__(self, bar: Any, total: int, passes: int, desc: str, pass_name: str):
+    def __init__(self, bar: Any, total: int, passes: int, desc: str):
         self._bar, self._total, self._passes = bar, total, passes
-        self._desc, self._pass_name = desc, pass_name
+        self._desc = desc
         self._pass, self._done = 0, 0  # current pass, units done in it
 
     def update(self, n: int = 1) -> None:
@@ -138,9 +135,7 @@ class _Passes:
                 self._pass, self._done = self._pass + 1, 0
                 # Not tqdm's reset(), which redraws at once: a bar still inside its delay stays hidden.
                 self._bar.n = self._bar.last_print_n = 0
-                self._bar.set_description_str(
-                    _pass_desc(self._desc, self._pass_name, self._pass, self._passes), refresh=False
-                )
+                self._bar.set_description_str(_pass_desc(self._desc, self._pass, self._passes), refresh=False)
             elif step == 0:
                 break  # more than every pass holds: nothing left to count
 

@@ -7,7 +7,7 @@ import numbers
 import re
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._tunables import PIECE_S as _PIECE_S
 from ._validate import positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
+from .backends.base import KeepsTopK
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
 from .store._format import metadata_problem
 from .whitening import Whitening
@@ -847,16 +848,16 @@ def top_k(
     sides = 2 if side == "both" else 1
     desc, timed = f"tracin top_k ({side})", backend.name == "cpu"
     cut = _device_test_rows(backend, test, run, _TOPK_STATE_BYTES * min(k, train.n_rows) * sides)
-    # A method of the backend's class (base.KeepsTopK), for train indices below 2^32 (its int64 keys' low half)
+    # A method of the backend's class (KeepsTopK), for train indices below 2^32 (its int64 keys' low half)
     keeps = hasattr(type(backend), "top_k_running") and train.n_rows < 2**32
-    on_backend = backend.top_k_running if keeps else None
+    on_backend = cast(KeepsTopK, backend).top_k_running if keeps else None
     with _Loop(
         test, train, progress, macs, desc, threads=threads, top_k=(k, sides), timed=timed, test_rows=cut
     ) as loop:
         for p in loop.pairs():
             i0, last = p.train_rows.start, p.train_rows.stop == train.n_rows  # last: the test chunk's last piece
             cache = loop.cache
-            if on_backend is not None:  # the backend keeps the chunk's best k across pieces (base.KeepsTopK)
+            if on_backend is not None:  # the backend keeps the chunk's best k across pieces (KeepsTopK)
                 kept = on_backend(
                     p.test, p.train, w, k, side, first=i0, last=last, num_threads=threads, normalize=run, cache=cache
                 )
@@ -986,11 +987,11 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
     )
     _refuse_repeated_rows(indices)
-    width = _merge_width(results, offsets) if k is None else positive_int(k, "k")
+    width = _merge_width(results) if k is None else positive_int(k, "k")
     return _select(values, indices, width, side)
 
 
-def _merge_width(results: list[TopK], offsets: list[int]) -> int:
+def _merge_width(results: list[TopK]) -> int:
     """merge_top_k's k when none is given: the width of a shard known to have more train rows than
     columns (which holds only at width k); a single shard is its own merge, its width in any case."""
     widths = [r.values.shape[1] for r in results]

@@ -359,7 +359,7 @@ def _script_identity(fn: Any) -> str | None:
             code = ""
         parts.append(f"[{path}] {getattr(m, 'original_name', '')}\n{_MANGLED.sub('', code)}")
         if "CONSTANTS." in code:  # values the code reads by name (a torch.jit.trace'd function's scalars, tensors)
-            for k, v in _script_constants(m, torch).items():
+            for k, v in _script_constants(m).items():
                 if isinstance(v, torch.Tensor) and v.dim() == 0:  # a scalar (a module's float, a tensor once saved)
                     parts.append(f"CONSTANTS.{k}={stable_repr(v.item())}")
                 elif isinstance(v, torch.Tensor):
@@ -388,7 +388,7 @@ def _script_identity(fn: Any) -> str | None:
     )
 
 
-def _script_constants(m: Any, torch: Any) -> dict[str, Any]:
+def _script_constants(m: Any) -> dict[str, Any]:
     """The values a TorchScript function or module's code reads as CONSTANTS.<name>: a module's by name
     (code_with_constants), a function's (which lacks it) as its graph's tensor constants, in order."""
     try:

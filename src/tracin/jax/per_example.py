@@ -220,6 +220,9 @@ def _product_eps(eqn: Any) -> float:
     return _ROUNDED_PRODUCTS.get(jax.default_backend(), 0.0)
 
 
+_CHECK_ROWS = 4  # examples of the first batch check_uncoupled and check_layer_input run on
+
+
 def check_uncoupled(
     loss_fn: LossFn,
     layout: ParamLayout,
@@ -228,10 +231,9 @@ def check_uncoupled(
     batch: Batch,
     eps: float,
     note: str = "",
-    rows: int = 4,
 ) -> None:
     """After check_per_example, on concrete params: raises ValueError when the losses of the batch's
-    first examples change with the batch they are in: loss_fn on its first `rows` real examples
+    first examples change with the batch they are in: loss_fn on its first _CHECK_ROWS real examples
     against loss_fn on the first half of them (run eagerly). Each example is differentiated alone, so
     a loss using the batch (a batch mean, batch norm in training mode, in-batch negatives) would give
     rows of another loss. Tolerance (uncoupled_rtol) relative to the largest loss.
@@ -240,7 +242,7 @@ def check_uncoupled(
     `arrays`, split by `layout`) and of the batch as JAX arrays, never the NumPy arrays of a NumPy
     pytree or a Flax msgpack checkpoint (a loss may use JAX-only behaviour: E.at[0].set(0.0), a
     gather clamping an id past the table). A loss failing here is a ValueError naming loss_fn."""
-    m = min(rows, batch.count)
+    m = min(_CHECK_ROWS, batch.count)
     if m < 2:
         return
     params = layout.merge([jnp.asarray(a) for a in selected], [jnp.asarray(a) for a in arrays])
@@ -426,7 +428,7 @@ class LastLayer:
         _check_float32_range(beyond, batch.count)
         return factors
 
-    def check_layer_input(self, params: Any, batch: Batch, eps: float, rows: int = 4) -> None:
+    def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
         """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel
         gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the coarsest dtype the loss
         computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products), the kernel is
@@ -448,7 +450,7 @@ class LastLayer:
                 f"layer_input(params, inputs) must return floating-point values, the input of {self.kernel_path}, "
                 f"got {x.dtype}"
             )
-        head = Batch(0, rows, *jax.tree_util.tree_map(lambda a: a[:rows], (batch.inputs, batch.targets)))
+        head = Batch(0, _CHECK_ROWS, *jax.tree_util.tree_map(lambda a: a[:_CHECK_ROWS], (batch.inputs, batch.targets)))
         try:
             left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
         except NonFiniteRowError:

@@ -78,9 +78,9 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | str | None, note
     return chosen
 
 
-def _listed(names: Sequence[str], most: int = 30) -> str:
-    """The first `most` names as a list, '...' after it when there are more."""
-    return f"{list(names[:most])}{' ...' if len(names) > most else ''}"
+def _listed(names: Sequence[str]) -> str:
+    """The first 30 names as a list, '...' after it when there are more."""
+    return f"{list(names[:30])}{' ...' if len(names) > 30 else ''}"
 
 
 def _matched(name: str, patterns: Sequence[str]) -> bool:

@@ -641,7 +641,7 @@ class PerExampleGradients:
                 self.vectorised = False
             except Exception as e:  # the model's or loss's error on the one-row batches vmap runs
                 one = (slice_rows(inputs, 0, 1), slice_rows(targets, 0, 1))
-                explained = self._one_row_error(e, state, *one)
+                explained = self._one_row_error(state, *one)
                 if explained is None:
                     raise
                 raise explained from e
@@ -674,9 +674,10 @@ class PerExampleGradients:
             self._alone_outputs = [list(s) for s in seen]
             return None
 
-    def _one_row_error(self, e: Exception, state, inputs: Tree, targets: Tree) -> Exception | None:
+    def _one_row_error(self, state, inputs: Tree, targets: Tree) -> Exception | None:
         """first_rows_check.one_row_error for an error of vmap, whose passes are of one row each (unsqueeze(0)):
-        None (raise `e` as it is) when the model and loss run on this example alone outside vmap."""
+        None (the caller raises vmap's error as it is) when the model and loss run on this example alone, outside
+        vmap."""
         try:
             with torch.enable_grad():
                 losses_of(self.model, state, self.loss_fn, inputs, targets)
