@@ -1356,7 +1356,7 @@ def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, c
         raise AssertionError("generated a problem that does not fit")
 
     monkeypatch.setattr(selfbench, "run", never)
-    monkeypatch.setattr(tracin.cli, "_physical_memory", lambda: 2**30)  # a 1 GiB machine
+    monkeypatch.setattr(tracin.cli, "physical_memory", lambda: 2**30)  # a 1 GiB machine
     for sizes in (["-n", str(10**20)], ["--quick", "-d", str(10**13)], ["--quick", "-m", str(10**8), "-d", "1"]):
         assert main(["bench", *sizes]) == 1
         line = _error_line(capsys.readouterr().err, "bench")

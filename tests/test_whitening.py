@@ -1833,3 +1833,38 @@ def test_whitening_threads_share_the_librarys_bound():
         blas_threads(MAX_THREADS + 1)
     with pytest.raises(TypeError, match="num_threads must be a positive integer"):
         blas_threads(2.0)
+
+
+@pytest.mark.parametrize("unreported", ["unknown name", "no sysconf", "undetermined"])
+def test_fit_and_load_where_the_os_does_not_report_physical_memory(full, tmp_path, monkeypatch, unreported):
+    # os.sysconf("SC_PHYS_PAGES") raised "ValueError: unrecognized configuration name" out of fit and load
+    import os
+
+    from tracin._memory import physical_memory
+    from tracin.whitening._moments import UNREPORTED_MEMORY_BUDGET, default_max_bytes
+
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    assert physical_memory() == os.sysconf("SC_PHYS_PAGES") * page_size
+    real = os.sysconf
+
+    def sysconf(name):
+        if name == "SC_PHYS_PAGES":
+            if unreported == "unknown name":
+                raise ValueError("unrecognized configuration name")
+            return -1
+        return real(name)
+
+    if unreported == "no sysconf":
+        monkeypatch.delattr(os, "sysconf")
+    else:
+        monkeypatch.setattr(os, "sysconf", sysconf)
+    assert physical_memory() is None
+    assert default_max_bytes() == UNREPORTED_MEMORY_BUDGET == 8 * 2**30
+    train = tracin.Gradients(full[0])
+    w = Whitening.fit(train, damping=0.1, precision="float64")
+    w.save(tmp_path / "w.npz")
+    again = Whitening.load(tmp_path / "w.npz")
+    for got, inv in zip(again.inverses, w.inverses, strict=True):
+        np.testing.assert_array_equal(got, inv)
+    for g, inv in zip(full[0], w.inverses, strict=True):  # the float64 reference solve
+        np.testing.assert_allclose(inv, reference_inverse(g, 0.1)[0], rtol=1e-6, atol=1e-9)

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from ._memory import physical_memory
 from ._validate import MAX_THREADS
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
@@ -521,7 +522,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     base = selfbench.QUICK if args.quick else selfbench.BenchConfig()
     sizes = {name: getattr(args, name) for name in ("m", "n", "d", "k", "repeats") if getattr(args, name) is not None}
     config = selfbench.BenchConfig(**{**base.__dict__, **sizes, "threads": args.threads})
-    need, have = _bench_bytes(config), _physical_memory()
+    need, have = _bench_bytes(config), physical_memory()
     if have is not None and need > have:
         raise CommandError(
             f"-m {config.m} -n {config.n} -d {config.d} -k {config.k} need about {need / 2**30:,.1f} GiB of memory "
@@ -544,14 +545,6 @@ def _bench_bytes(config: Any) -> int:
     m, n, d = config.m, config.n, config.d
     check = 17 * min(CHECKED_ROWS, m) * n + 8 * min(CHECK_TRAIN_ROWS, n) * d  # scores, bounds, their comparison
     return 4 * (m + n) * d + check + 12 * min(m, numpy_chunk_rows(n)) * n + 2 * 12 * m * min(config.k, n)
-
-
-def _physical_memory() -> int | None:
-    """This machine's RAM in bytes, or None where the OS does not say."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

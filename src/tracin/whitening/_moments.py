@@ -17,12 +17,12 @@ side, block and first rows.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from .._arrays import DTYPE_CODES
+from .._memory import physical_memory
 from .._progress import check_progress, progress_bar
 from ..gradients import GradientSet, non_finite_message
 from ..store._convert import bfloat16_bits_to_float32
@@ -30,13 +30,16 @@ from ..store._convert import bfloat16_bits_to_float32
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
 RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
+UNREPORTED_MEMORY_BUDGET = 8 * 2**30  # the default budget where the OS does not report physical memory
 TINY_PEAK = 2.0**-50  # a block with a non-zero column peak below this has its float32 partial redone scaled
 PRECISIONS = {"float32": np.float32, "float64": np.float64}  # the dtype of the block products
 
 
 def default_max_bytes() -> int:
-    """RAM_FRACTION of this machine's physical memory in bytes (os.sysconf)."""
-    return int(RAM_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    """RAM_FRACTION of this machine's physical memory in bytes (tracin._memory.physical_memory), or
+    UNREPORTED_MEMORY_BUDGET (8 GiB) where the OS does not report it."""
+    memory = physical_memory()
+    return UNREPORTED_MEMORY_BUDGET if memory is None else int(RAM_FRACTION * memory)
 
 
 def matrix_sides(s: GradientSet) -> list[int]:
