@@ -1,5 +1,6 @@
 """Conversion of written blocks to the store dtype, checked against ml_dtypes / NumPy casts."""
 
+import re
 import warnings
 
 import jax.numpy as jnp
@@ -91,10 +92,37 @@ def test_finite_values_beyond_the_store_range_are_refused(source, target, value)
     wider = "float32 or bfloat16" if target == "float16" else "float32"
     with pytest.raises(BeyondRangeError, match=f"block holds {source} values beyond the {target} range") as e:
         to_store_dtype(x, target, "block")
-    assert str(e.value).endswith(f", first in row 3; store them as {wider}")
+    cutoff = {"float16": "65520 rounds beyond 65504", "bfloat16": "3.3961775e+38 rounds beyond 3.3895314e+38"}
+    stated = f"beyond the {target} range (|x| >= {cutoff[target]}), first in row 3; store them as {wider}"
+    assert str(e.value).endswith(stated)
     assert (e.value.row, e.value.source, e.value.dtype) == (3, source, target)
     with pytest.raises(ValueError, match=r"first in row 13 of checkpoint 2; store them as"):
         to_store_dtype(x, target, "block", 10, " of checkpoint 2")
+
+
+@pytest.mark.parametrize("target", ["float16", "bfloat16"])
+def test_the_stated_range_is_the_one_applied(target):
+    """review94 F2: the error said |x| > 65504, but 65519 is stored (as 65504) and only |x| >= 65520 is
+    refused (the midpoint to the next power of two, a tie rounding to even, i.e. to inf). The stated
+    cutoff (read back as float32) is the smallest float32 refused; the float32 below it is kept, as the
+    dtype's largest value, the stated one (references: NumPy and ml_dtypes casts)."""
+    cast = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[target]
+    limit = float(np.finfo(cast).max)
+    cutoff = float(re.search(r"\|x\| >= (\S+) rounds beyond (\S+)\)", _refusal(np.float32(3.4e38), target))[1])
+    below = np.nextafter(np.float32(cutoff), np.float32(0))
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(cutoff).astype(cast)) and float(below.astype(cast)) == limit  # the reference
+    for sign in (1, -1):
+        kept = to_store_dtype(np.array([[sign * below]], np.float32), target, "block")
+        assert float(kept.view(cast)[0, 0]) == sign * limit
+        stated = re.search(r"rounds beyond (\S+)\)", _refusal(np.float32(sign * cutoff), target))[1]
+        assert np.float32(stated) == np.float32(limit)
+
+
+def _refusal(value: np.float32, target: str) -> str:
+    with pytest.raises(BeyondRangeError) as e:
+        to_store_dtype(np.array([[value]], np.float32), target, "block")
+    return str(e.value)
 
 
 def test_no_copy_when_the_dtype_already_matches():

@@ -12,6 +12,7 @@ import pytest
 
 import tracin
 from tracin.store import GradientStoreWriter, describe
+from tracin.store._convert import BeyondRangeError
 
 from .helpers import random_blocks, read_rows, write_store
 
@@ -461,3 +462,38 @@ def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_ran
     kept = read_rows(bf16.finalize())[-1]
     np.testing.assert_array_equal(kept, _disk(tiny, "bfloat16"))
     assert kept[5].any()
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("dtype, big", [("float16", 7e4), ("float16", -65520.0), ("bfloat16", 3.4e38)])
+def test_values_beyond_the_store_dtype_are_refused_in_the_writer_s_words(tmp_path, dtype, big, factored):
+    """review94 F2: the refusal said neither the store, nor that nothing was written, nor that the store's
+    dtype is fixed ('store them as float32' needs a new store), as the NaN / Inf refusal does, and its
+    cutoff '|x| > 65504' was not the one applied (65519 is kept, as 65504). Rows are numbered in the store."""
+    dims = [(2, 3)] if factored else [3]
+    w = tracin.GradientStore.create(tmp_path / "s", 9, dims, dtype=dtype, factored=factored)
+    ok = np.ones((4, 3), np.float32)
+    bad = ok.copy()
+    bad[2, 1] = big
+    block = (ok[:, :2], bad) if factored else bad
+    name = r"block\[1\] \(the right factor\)" if factored else "block"
+    cutoff = {"float16": "65520 rounds beyond 65504", "bfloat16": "3.3961775e\\+38 rounds beyond 3.3895314e\\+38"}
+    wider = '"float32" or "bfloat16"' if dtype == "float16" else '"float32"'
+    message = (
+        rf"^gradient store {tmp_path / 's'}: {name} holds float32 values beyond the {dtype} range \(\|x\| >= "
+        rf"{cutoff[dtype]}\), first in row 7 of checkpoint 0; nothing of this write was stored, and a store keeps "
+        rf"the dtype it was created with \({dtype}\): to store such values, create a new store with dtype={wider} "
+        r"\(at another path, or with overwrite=True\)$"
+    )
+    with pytest.raises(BeyondRangeError, match=message) as e:
+        w.write(0, 5, block)
+    assert (e.value.row, e.value.source, e.value.dtype) == (2, "float32", dtype)  # row in the block, as sinks read it
+    assert w.rows_done(0) == 0 and w.missing(0) == [[0, 9]]
+    assert all(not np.load(f).any() for f in (tmp_path / "s").glob("*.npy"))  # the data files are as created
+    if dtype == "float16":  # just below the cutoff: kept, as the largest float16
+        bad[2, 1] = np.copysign(np.nextafter(np.float32(65520), np.float32(0)), big)
+        w.write(0, 5, block)
+        w.write(0, 0, (np.ones((5, 2), np.float32), np.ones((5, 3), np.float32)) if factored else ok[:1].repeat(5, 0))
+        np.testing.assert_array_equal(read_rows(w.finalize())[-1][7], [1, np.copysign(65504, big), 1])
+    else:
+        w.close()

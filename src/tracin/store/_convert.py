@@ -85,15 +85,26 @@ def _nonfinite(view: np.ndarray, source: str, name: str, first_row: int, where: 
     )
 
 
-# per store dtype: the dtypes that hold the finite values beyond its range (LIMITS: the largest
-# magnitude below the midpoint to the next, infinite, value; float32 above bfloat16's rounds to inf)
+# per store dtype: the dtypes that hold the finite values beyond its range; LIMITS: the largest
+# magnitude it holds; OVERFLOWS: the smallest that rounds beyond it (to inf: the midpoint between LIMITS
+# and the next power of two, a tie rounding up to even), so LIMITS < |x| < OVERFLOWS rounds to LIMITS
 WIDER = {"float16": ("float32", "bfloat16"), "bfloat16": ("float32",)}
 LIMITS = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895314e38}
+OVERFLOWS = {"float16": 65520.0, "bfloat16": float(np.array(0x7F7F8000, np.uint32).view(np.float32))}
 
 # float16's smallest normal magnitude (2**-14 ~ 6.1e-5); below it float16 keeps fewer than its 11
 # significant bits (subnormals), and |x| <= 2**-25 becomes 0. As float16 bits (sign cleared):
 FLOAT16_TINY = 2.0**-14
 _TINY_BITS = np.uint16(0x0400)
+
+
+def beyond_range_text(name: str, source: str, dtype: str, row: int, where: str) -> str:
+    """'block holds float32 values beyond the float16 range (|x| >= 65520 rounds beyond 65504), first
+    in row 7 of checkpoint 0' (row: counted as the caller counts rows)."""
+    return (
+        f"{name} holds {source} values beyond the {dtype} range (|x| >= {OVERFLOWS[dtype]:.8g} rounds beyond "
+        f"{LIMITS[dtype]:.8g}), first in row {row}{where}"
+    )
 
 
 class LowPrecisionRows:
@@ -185,8 +196,7 @@ def to_store_dtype(
             row = int(np.argmax(beyond.any(axis=1)))
             wider = " or ".join(WIDER[dtype])
             raise BeyondRangeError(
-                f"{name} holds {source} values beyond the {dtype} range (|x| > {LIMITS[dtype]:g}), first in row "
-                f"{first_row + row}{where}; store them as {wider}",
+                f"{beyond_range_text(name, source, dtype, first_row + row, where)}; store them as {wider}",
                 row,
                 source,
                 dtype,

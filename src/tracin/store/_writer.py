@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..gradients import GradientSet
-from ._convert import LowPrecisionRows, NonFiniteError, to_store_dtype
+from ._convert import WIDER, BeyondRangeError, LowPrecisionRows, NonFiniteError, beyond_range_text, to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
 from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, StoreChangedError, gaps
 from ._locks import DirectoryLock
@@ -165,7 +165,8 @@ class GradientStoreWriter:
         block: (rows, d_c) array (full) or a (left (rows, p_c), right (rows, q_c)) pair (factored);
         NumPy, torch or JAX, float32 / float16 / bfloat16, converted to the store dtype. NaN or Inf
         anywhere in it is a NonFiniteError (a ValueError) naming the store, the checkpoint (and factor)
-        and the first such rows, raised before anything of the write reaches the disk. In a float16
+        and the first such rows, raised before anything of the write reaches the disk; so are finite
+        values the store dtype cannot hold (BeyondRangeError: |x| >= 65520 in float16). In a float16
         store, rows whose values all lie below float16's normal range (|x| < 2**-14 ~ 6.1e-5: kept
         with fewer bits, or as 0) are a RuntimeWarning, once per writer (bfloat16 keeps float32's range).
         Rewriting rows already written is allowed (the new values replace the old). An OSError
@@ -324,6 +325,8 @@ class GradientStoreWriter:
             )
         except NonFiniteError as err:
             raise _refused_rows(err, self.path) from None
+        except BeyondRangeError as err:
+            raise _beyond_range(err, self.path, name, start, f" of checkpoint {c}") from None
 
     def _blocks(self, c: int, block: Any, start: int) -> list[np.ndarray]:
         m = self._manifest
@@ -354,6 +357,21 @@ def _refused_rows(err: NonFiniteError, path: Path) -> NonFiniteError:
         err.count,
         err.name,
         err.where,
+    )
+
+
+def _beyond_range(err: BeyondRangeError, path: Path, name: str, start: int, where: str) -> BeyondRangeError:
+    """`err` (a block written at row `start`) in the writer's words, as _refused_rows: the store, that
+    nothing of the write was stored, and that a store keeps its dtype (the wider ones need a new store)."""
+    wider = " or ".join(f'"{d}"' for d in WIDER[err.dtype])
+    return BeyondRangeError(
+        f"gradient store {path}: {beyond_range_text(name, err.source, err.dtype, start + err.row, where)}; nothing "
+        f"of this write was stored, and a store keeps the dtype it was created with ({err.dtype}): to store such "
+        f"values, create a new store with dtype={wider} (at another path, or with overwrite=True)",
+        err.row,
+        err.source,
+        err.dtype,
+        err.limit,
     )
 
 
