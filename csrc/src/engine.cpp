@@ -120,8 +120,8 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // Cosine scores (unit test rows times w_c) lift further: a row whose packed values are all below
 // 2^-32 has its largest brought to [2^-32, 2^-31). Train rows of a norm from 2^-64 to 2^64 are not
 // rescaled (TileProducer::RunExponents), and with |w_c| below about 1e-21 their products with such
-// a row fell below float32's normal range before the epilogue divides by the train row's norm
-// (review55 F1). A largest packed value of at least 2^-32 keeps each product's rounding below 2^-150
+// a row fell below float32's normal range before the epilogue divides by the train row's norm.
+// A largest packed value of at least 2^-32 keeps each product's rounding below 2^-150
 // against scores of about 2^-32 x 2^-64 x (cosine), for rows of up to 2^36 values: within the bound.
 // Rows of larger weights (|w_c| >= 2^-32 sqrt(d) at least) keep e_r = 0 and their bits; a lifted row
 // is no nearer overflow than an unlifted one of weight 2^-31.

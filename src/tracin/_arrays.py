@@ -89,7 +89,7 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
     if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
         arr = arr.view(np.dtype(np.uint16).newbyteorder(arr.dtype.byteorder))  # the bits, same byte order
     elif dtype not in ("float32", "float16"):
-        # a list or other non-array has no .astype (review69 F6)
+        # a list or other non-array has no .astype
         convert = ".astype(np.float32)" if hasattr(x, "astype") else "np.asarray(x, dtype=np.float32)"
         raise TypeError(f"{name} has dtype {dtype}; expected float32, float16 or bfloat16 (convert with {convert})")
     return _check_2d(arr, dtype, name)

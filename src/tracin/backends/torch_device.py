@@ -649,7 +649,7 @@ def _fold_weights(
     kernel packs them (csrc/src/engine.cpp, PackedTest): e_r is 0 unless row r's largest |w_c x value|
     is below 2^-96 (e_r brings it to [2^-96, 2^-95)), for cosine scores (blocks of unit rows) below
     2^-32 (to [2^-32, 2^-31): products with train rows of norm down to 2^-64, which _unit_scaled leaves
-    as they are, stay in float32's normal range, review55 F1), or at least 2^127 (to [2^100, 2^101)); a
+    as they are, stay in float32's normal range), or at least 2^127 (to [2^100, 2^101)); a
     non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
     stay as they are and the GEMMs take the weights (returns (weights, None, None): no copy; a dot
     product of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the

@@ -248,7 +248,7 @@ def _run(
             log(row)
     else:
         log(NOTHING_FLIPPED)
-    checkpoints = f"{out / 'checkpoints'} ({counted(len(saved), 'checkpoint')})"  # not in files (review69 F9)
+    checkpoints = f"{out / 'checkpoints'} ({counted(len(saved), 'checkpoint')})"  # not in files
     log(f"wrote {', '.join(str(p) for p in files.values())}, {checkpoints}")
     log("next, try the command line on the gradient stores the demo wrote:")
     for command in result.next_commands:

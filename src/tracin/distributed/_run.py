@@ -172,8 +172,8 @@ class Job:
         float32-overflow ValueError (its rows already counted in the caller's sets by _retrying) is
         raised with a sentence naming the shard's rows: the first shard to fail, raised without
         waiting for the others, so the rows it names are those the shard's own call meets first, not
-        necessarily those tracin's own function names in one process (review68 F1/F2). A call of one
-        shard raises it as is: its rows are those one process names (review71)."""
+        necessarily those tracin's own function names in one process. A call of one shard raises it as
+        is: its rows are those one process names."""
         try:
             failed.result()
         except StoreNotVisible as e:

@@ -520,7 +520,7 @@ def _same_treedef(first: Any, other: Any) -> bool:
     used: it raises on an array of several values in an Equinox static field ("Exception raised while
     checking equality of metadata fields"), calls one holding NaN unequal to itself, and takes one-element
     and 0-d arrays of other dtypes as equal (NumPy's == reduced by bool(): uint8 [200] == float32 [200.]),
-    which reused one checkpoint's compiled function for another (review70 F1)."""
+    which reused one checkpoint's compiled function for another."""
     if first is other:
         return True
     try:

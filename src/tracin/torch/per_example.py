@@ -92,8 +92,7 @@ class PerExampleGradients:
       rest (per-token outputs over the batch's longest sequence), is compared over the part the example has alone
       (_row_gaps: the leading or trailing slice of the batched row, whichever is closer), and the example's loss in
       the pass and alone is compared relative to its own |loss| with a floor (_reshaped_rows, _loss_differs: a model
-      and loss masking the padding agree, review82 F1; a well-fit row reading the pads is not hidden by a large loss
-      elsewhere, review83 F1);
+      and loss masking the padding agree; a well-fit row reading the pads is not hidden by a large loss elsewhere);
       another tensor whose shape alone is not one row of the batched one (sequence-first, 0-d) is not compared.
       Rows (and such losses) that disagree are run again in float64, the pass holding them and each of them alone
       (_beyond_rounding): outputs that are small differences of large sums differ by float32 rounding beyond the
@@ -103,8 +102,7 @@ class PerExampleGradients:
       (no room for the copy, the model failing or not computing in float64; the warning says why), recomputes that batch
       one example at a time (vmap or the loop) for every parameter, with a warning naming the first such batch and row,
       the gap and the tolerance (once an export; `batch_dependent` counts them); the next batch takes the hooks again,
-      so a batch's rows depend on its own rows only (a resumed or distributed export gets the same bytes: review72 F1,
-      review73 F1/F2).
+      so a batch's rows depend on its own rows only (a resumed or distributed export gets the same bytes).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
     an output squeezed to 0-d).
@@ -229,8 +227,8 @@ class PerExampleGradients:
         longest sequence) is compared so over the part the example has alone (_row_gaps), and the example's loss in
         the batch and alone (`losses`: the last rows'; computed here where None) is compared too (_loss_differs): a
         model that masks the padding (causal attention with a mask, a packed RNN) and a loss that masks it give the
-        same outputs there and the same loss and gradient (review82 F1); a model reading the pads does not, however
-        small the example's loss is beside the batch's (review83 F1)."""
+        same outputs there and the same loss and gradient; a model reading the pads does not, however small the
+        example's loss is beside the batch's."""
         if not alone:
             return False
         shapes = [[t[i].shape for t in alone] for i in range(len(alone[0]))]
@@ -261,9 +259,9 @@ class PerExampleGradients:
         losses times the larger of the two |losses| and 1e-3 of the batch's largest finite |loss|, and still does in
         float64 (_float64_loss_gap) or float64 cannot tell; or the losses cannot be had. None when they agree (the same
         value, non-finite included): an output trimmed to the batch's longest sequence under a loss that masks the
-        padding (review82 F1).
+        padding.
 
-        Why the example's own loss (review83 F1): per-example losses spread far more than outputs (a well-fit row's
+        Why the example's own loss: per-example losses spread far more than outputs (a well-fit row's
         cross-entropy 1e-6, a mislabeled row's 50 in the same batch), so a gap relative to the batch's largest loss
         hid a well-fit row's loss doubling. Why a floor and float64: a loss is often a small difference of large
         terms (logsumexp(z) - z_y with logits ~40 rounds by ~40 x 2^-24 ~ 2e-6, a well-fit row's whole loss), so
@@ -360,9 +358,9 @@ class PerExampleGradients:
         first = offset + differing[0]
         said = f"by {gaps[differing[0]].item():.1e} of the batch's largest |output| (tolerance {tolerance:.1e})"
         if coarsest([*state.values(), *leaves]) == torch.float64:
-            # the model computes in float64 already: a float64 look would repeat the same forwards (review79 F4)
+            # the model computes in float64 already: a float64 look would repeat the same forwards
             return first, f"{said}, computed in float64"
-        # (review79 F2: the look copies the whole floating state, kept up to _KEPT_FLOAT64_BYTES, even where
+        # (the look copies the whole floating state, kept up to _KEPT_FLOAT64_BYTES, even where
         # `layers` names a few parameters whose one-example recompute it spares; not weighed here)
         why = float64_room(state)
         if why is None:
@@ -421,7 +419,7 @@ class PerExampleGradients:
         checkpoint reused (the same tensor, its version counter unchanged: not written in place since); the copies
         kept for the next look, all of them when at most _KEPT_FLOAT64_BYTES, else its buffers' only (see there).
         A write the version counter does not see (through `.data`, or a NumPy view of the tensor) between two looks
-        leaves the kept copy stale (review79 F3): only the judgement of rounding vs dependence reads it, never the
+        leaves the kept copy stale: only the judgement of rounding vs dependence reads it, never the
         rows, which come from the live tensors."""
         wide: dict[str, torch.Tensor] = {}
         made: dict[int, torch.Tensor] = {}  # one copy of a tensor under two names (tied weights stay tied)
@@ -700,7 +698,7 @@ def _row_gaps(
     outputs' dtypes. A row whose output alone has another shape than in the batch (its shape changes with the batch:
     _reshaped_rows) is compared over the part it has alone, the leading slice batched[i][:T, ...] of the shape alone
     or the trailing one batched[i][-T:, ...] (left padding), whichever is closer, where no dimension alone is larger
-    (review83 F1: a model reading the pads of its trimmed batch differs in both; review84 F1: left padding);
+    (a model reading the pads of its trimmed batch differs in both; the trailing slice is for left padding);
     tensors of other shapes or devices are not compared."""
     rtol, atol = tolerances(coarsest([torch.empty(0, dtype=dtype), *leaves]))
     worst = None
@@ -730,7 +728,7 @@ def _row_gaps(
                 ):
                     continue
                 # right padding keeps the example's part leading, left padding trailing: the closer of the two
-                # (a model reading the pads differs in both; one not reading them agrees in one, review84 F1)
+                # (a model reading the pads differs in both; one not reading them agrees in one)
                 lead = got[i][tuple(slice(0, a) for a in rest)]
                 trail = got[i][tuple(slice(b - a, b) for a, b in zip(rest, got.shape[1:], strict=True))]
                 w = one[0].double()
