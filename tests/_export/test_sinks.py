@@ -22,7 +22,7 @@ def test_memory_sink_puts_blocks_at_their_rows(n_rows):
     assert g.metadata == {"mode": "last_layer"}
 
 
-_LIMITS = {"float16": "65504", "bfloat16": "3.38953e+38"}
+_CUTOFFS = {"float16": "65520 rounds beyond 65504", "bfloat16": "3.3961775e+38 rounds beyond 3.3895314e+38"}
 
 
 @pytest.mark.parametrize("factored", [False, True])
@@ -46,7 +46,7 @@ def test_both_sinks_refuse_values_beyond_the_stored_range(tmp_path, dtype, big, 
         errors.append(str(e.value))
     expected = (
         f"dtype='{dtype}': row 7 of checkpoint 1 holds float32 gradient values beyond the {dtype} range "
-        f"(|x| > {_LIMITS[dtype]}), the first such row; "
+        f"(|x| >= {_CUTOFFS[dtype]}), the first such row; "
         f"export with dtype={wider}"
     )
     assert errors[0] == expected
@@ -137,3 +137,42 @@ def test_a_store_sink_never_advises_an_overwrite_the_export_does_not_take(tmp_pa
     message = _refusal(tmp_path, weights=[0.5])
     assert "so it is not a store tracin wrote: export into another directory, or delete this one" in message
     assert "overwrite" not in message
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_path, factored):
+    """review94 F1: float16 turned rows of gradients below 2**-14 (a loss near 0) into subnormals or zeros
+    without a word. Each sink warns once, at its first such block (in memory: dtype=, the rows of the data,
+    the checkpoint and factor pair, how many became zero, what to export instead; a store: its writer's
+    words), however many blocks follow; rows of normal size are silent."""
+    import warnings
+
+    tiny = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 1e-6
+    tiny[1] = [2e-8, -1e-8, 0.0]  # becomes all zero in float16
+    tiny[3] = 1.0  # normal
+    ones = np.ones((4, 2), np.float32)
+    block = (ones, tiny) if factored else tiny
+    dims = [(2, 3)] * 4 if factored else [3] * 4
+    memory = MemorySink(9, 4, "float16", factored, [1.0] * 4, slots=2)
+    store = StoreSink(tmp_path / "g", 9, dims, "float16", factored, [1.0] * 4, {}, slots=2)
+    part = "the right factors" if factored else "the gradients"
+    words = [
+        rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
+        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(they score 0\); "
+        r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32'; this "
+        r"export warns once$",
+        rf"^gradient store {tmp_path / 'g'}: 3 of the 4 rows of .* \(rows 5 to 8 of checkpoint 3\) hold only .*"
+        "this writer warns once$",
+    ]
+    for sink, message in zip((memory, store), words, strict=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sink.write(0, 0, (ones, ones[:, :1].repeat(3, 1)) if factored else ones[:, :1].repeat(3, 1))
+        with pytest.warns(RuntimeWarning, match=message) as caught:
+            sink.write(3, 5, block)
+        assert len(caught) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sink.write(2, 5, block)
+            sink.write(1, 0, block)
+    store.close()

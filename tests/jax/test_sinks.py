@@ -256,7 +256,7 @@ def test_an_export_beyond_its_dtype_names_dtype_the_checkpoint_and_the_first_row
     ckpts = [({"w": w}, 1.0), ({"w": 100 * w}, 1.0)]
     message = (
         r"^dtype='float16': row 13 of checkpoint 1 holds float32 gradient values beyond the float16 range "
-        r"\(\|x\| > 65504\), the first such row; export with dtype='float32' or dtype='bfloat16'"
+        r"\(\|x\| >= 65520 rounds beyond 65504\), the first such row; export with dtype='float32' or dtype='bfloat16'"
     )
     with pytest.raises(ValueError, match=message + "$"):
         export_gradients(loss, ckpts, (x, None), dtype="float16", batch_size=8, progress=False)

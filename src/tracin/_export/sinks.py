@@ -5,7 +5,9 @@ pair when factored; NumPy, torch or JAX, float32 / float16 / bfloat16. Both conv
 stored dtype the same way (tracin.store's to_store_dtype), so values beyond the range of float16 /
 bfloat16 are the same ValueError at export time, naming dtype=, the checkpoint and the first such row
 (beyond_range). A store also refuses NaN / Inf rows, naming them (nonfinite_rows); in memory they are
-kept, and scoring names them. The writes of one batch go inside `with sink.batch():` (a store records their progress
+kept, and scoring names them. float16 rows left below its normal range (values all under 2**-14 ~ 6.1e-5
+in magnitude: fewer bits, or 0) are a RuntimeWarning once per export (LowPrecisionRows; a store's writer
+warns in its own words). The writes of one batch go inside `with sink.batch():` (a store records their progress
 once). Close a sink on any error (close()).
 """
 
@@ -19,12 +21,25 @@ from typing import Any
 import numpy as np
 
 from ..gradients import FactoredGradients, Gradients
-from ..store._convert import WIDER, BeyondRangeError, NonFiniteError, rows_text, to_store_dtype
+from ..store._convert import (
+    OVERFLOWS,
+    WIDER,
+    BeyondRangeError,
+    LowPrecisionRows,
+    NonFiniteError,
+    rows_text,
+    to_store_dtype,
+)
 from ..store._format import DISK_DTYPES
 from .resume import refuse_another_export
 
 # How to get past a store that an export cannot resume (export_gradients has no overwrite=).
 EXPORT_ADVICE = "export into another directory, or delete this one"
+# What to export instead when float16 leaves rows with little or no precision (LowPrecisionRows).
+LOW_PRECISION_ADVICE = (
+    "export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32'; "
+    "this export warns once"
+)
 Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
 Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
 
@@ -50,6 +65,7 @@ class MemorySink:
         self.slots = slots  # per checkpoint: write's `checkpoint` is checkpoint * slots + slot
         self._full: list[list[np.ndarray] | None] = [None] * n_checkpoints
         self._parts: list[list[tuple[int, list[np.ndarray]]]] = [[] for _ in range(n_checkpoints)]
+        self._low = LowPrecisionRows(f"dtype={dtype!r}", LOW_PRECISION_ADVICE)  # warns once per export
 
     def rows_done(self, checkpoint: int) -> int:
         return 0
@@ -69,7 +85,8 @@ class MemorySink:
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         try:
-            pieces = _convert(block, self.factored, self.dtype)
+            where = f" of {_slot_text(checkpoint, self.slots)}"
+            pieces = _convert(block, self.factored, self.dtype, self._low, start, where)
         except BeyondRangeError as err:
             raise beyond_range(err, checkpoint, start, slots=self.slots) from None
         if self.n_rows is None:
@@ -102,14 +119,23 @@ class MemorySink:
         return Gradients([f[0] for f in per_ckpt], self.weights, metadata=metadata)
 
 
-def _convert(block: Block, factored: bool, dtype: str) -> list[np.ndarray]:
-    """The block's arrays in the stored dtype (bfloat16 as uint16 bits), named as the store
-    writer names them in its range error."""
+def _convert(
+    block: Block, factored: bool, dtype: str, low: LowPrecisionRows, start: int, where: str
+) -> list[np.ndarray]:
+    """The block's arrays in the stored dtype (bfloat16 as uint16 bits); `low` warns once about float16
+    rows left below its normal range, naming them from `start` as rows of the gradients `where`."""
     if factored:
         if not isinstance(block, (tuple, list)) or len(block) != 2:
             raise TypeError(f"block must be a (left, right) pair, got {type(block).__name__}")
-        return [to_store_dtype(b, dtype, f"block[{i}]") for i, b in enumerate(block)]
-    return [to_store_dtype(block, dtype, "block")]
+        names = ("the left factors", "the right factors")
+        return [to_store_dtype(b, dtype, names[i], start, where, low=low) for i, b in enumerate(block)]
+    return [to_store_dtype(block, dtype, "the gradients", start, where, low=low)]
+
+
+def _slot_text(slot: int, slots: int) -> str:
+    """'checkpoint 2', or 'checkpoint 2 (factor pair 1)' when a checkpoint has several slots."""
+    checkpoint, pair = divmod(slot, slots)
+    return f"checkpoint {checkpoint}" + (f" (factor pair {pair})" if slots > 1 else "")
 
 
 def beyond_range(
@@ -129,7 +155,8 @@ def beyond_range(
     )
     return ValueError(
         f"dtype={err.dtype!r}: row {start + err.row} of {where} holds {err.source} gradient values "
-        f"beyond the {err.dtype} range (|x| > {err.limit:g}), the first such row; export with {wider}{kept}"
+        f"beyond the {err.dtype} range (|x| >= {OVERFLOWS[err.dtype]:.8g} rounds beyond {err.limit:.8g}), the first "
+        f"such row; export with {wider}{kept}"
     )
 
 

@@ -111,7 +111,10 @@ def export_gradients(
         orientation), and Projection.apply(full rows, segments=that layout) gives the same rows.
         tracin.jax.token_projection says more; it needs JAX >= KRONECKER_JAX (an ImportError names it;
         `import tracin.jax` works on older JAX).
-    dtype: "float32" | "float16" | "bfloat16" of the stored rows.
+    dtype: "float32" | "float16" | "bfloat16" of the stored rows. float16 keeps its precision only for
+        |x| >= 2**-14 ~ 6.1e-5: rows whose values are all smaller (examples fit with a loss near 0) keep
+        fewer bits or become zero (a RuntimeWarning once per export, counting them); bfloat16 has
+        float32's range.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
         metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
