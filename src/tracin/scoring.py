@@ -7,7 +7,7 @@ import numbers
 import re
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -121,9 +121,14 @@ def _pair(test: Any, train: Any) -> tuple[GradientSet, GradientSet, list[float]]
     return test, train, weights
 
 
-def _check_same_gradient_space(
-    test: GradientSet, train: GradientSet, names: tuple[str, str] = ("test", "train")
-) -> None:
+class _Recorded(Protocol):
+    """What _check_same_gradient_space reads of a side: a GradientSet, or a stand-in holding its metadata
+    (and `path` where a store's is named)."""
+
+    metadata: dict[str, Any]
+
+
+def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[str, str] = ("test", "train")) -> None:
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
     the same thing: a different mode, different parameters (same framework), a different
     projection (metadata["projection"] None: unprojected), other checkpoints, or, both sides
@@ -174,7 +179,7 @@ def _check_same_gradient_space(
         _check_same_train_space(fitted["space"], train, FITTED_ON)
 
 
-def _check_same_train_space(space: dict, train: GradientSet, name: str) -> None:
+def _check_same_train_space(space: dict, train: _Recorded, name: str) -> None:
     """Refuses a train side whose records are not those of the gradients a whitening was fitted on
     (`space`, WhiteningSpec.space, named `name` in messages). Both are train-side records, compared as
     one side's: the same preconditioner kind (LESS's "adam_update" included: test rows pair with it, not

@@ -176,7 +176,7 @@ class ParamLayout:
     def dim(self) -> int:
         return sum(self.widths)
 
-    def describe(self) -> list[dict]:
+    def describe(self) -> list[tuple[str, tuple[int, ...]]]:
         """(path, shape) of each selected leaf, in row order (metadata["params"])."""
         return [(self.paths[i], self.shapes[i]) for i in self.selected]
 

@@ -17,6 +17,7 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -497,7 +498,7 @@ def _leaves(obj: Any) -> list[np.ndarray]:
 
 
 def state_digest(
-    source: Mapping, index: int, reference: Mapping[str, torch.Tensor], skip: set[str] = frozenset()
+    source: Mapping, index: int, reference: Mapping[str, torch.Tensor], skip: AbstractSet[str] = frozenset()
 ) -> str:
     """Fingerprint of an in-memory checkpoint as load_checkpoint uses it: per name of `reference`
     (the model's state_dict) less `skip` (tied second names), in name order, the name and the tensor
@@ -903,7 +904,7 @@ def load_checkpoint(
     source: Any,
     index: int,
     reference: Mapping[str, torch.Tensor],
-    skip: set[str] = frozenset(),
+    skip: AbstractSet[str] = frozenset(),
     written: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
@@ -935,7 +936,7 @@ def load_checkpoint(
 
 
 def _matched(
-    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: AbstractSet[str], name: str
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
     dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys, other shapes,
@@ -989,7 +990,7 @@ def _optional(key: str, ref: torch.Tensor) -> bool:
 
 
 def _check_tied(
-    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: set[str], name: str
+    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: AbstractSet[str], name: str
 ) -> None:
     """ValueError when the checkpoint holds a tied second name (in `skip`: head.weight tied to
     emb.weight) whose tensor differs from its first name's: the model can hold only one of them
