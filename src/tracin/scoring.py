@@ -19,11 +19,14 @@ from ._tunables import AUTO_OVERHEAD as _AUTO_OVERHEAD
 from ._tunables import AUTO_PROGRESS_MACS as _AUTO_PROGRESS_MACS
 from ._tunables import AUTO_RATE as _AUTO_RATE
 from ._tunables import AUTO_STEPS as _AUTO_STEPS
+from ._tunables import BAR_S as _BAR_S
+from ._tunables import BAR_SHARE as _BAR_SHARE
 from ._tunables import BAR_STEPS as _BAR_STEPS
 from ._tunables import MERGE_S as _MERGE_S
 from ._tunables import MIN_PIECE_ROWS as _MIN_PIECE_ROWS
 from ._tunables import PIECE_S as _PIECE_S
-from ._validate import positive_int, thread_count
+from ._tunables import SELECT_S as _SELECT_S
+from ._validate import flag, positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
 from .backends.base import KeepsTopK
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
@@ -415,17 +418,10 @@ def _checkpoint_run(s: GradientSet) -> int | None:
     return s.n_checkpoints // len(digests)
 
 
-def _flag(value: Any, name: str) -> bool:
-    """`value` as a bool (Python's or NumPy's); TypeError naming `name` otherwise."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int:
     """The backends' `normalize`: 0 for plain scores, else the checkpoint slots normalised together
     (the layers of one real checkpoint, from the sets' metadata; 1 when neither records it)."""
-    normalize = _flag(normalize, "normalize")
+    normalize = flag(normalize, "normalize")
     if not normalize:
         return 0
     if "whitening" in test.metadata or "whitening" in train.metadata:
@@ -613,24 +609,6 @@ class _Loop:
             f"float32, {32 * width / 2**20:,.0f} MiB here, besides the result); project the gradients "
             "to fewer dims first (tracin.Projection), or free memory"
         )
-
-
-_BAR_SHARE = 0.25
-"""With a bar (progress=True, or automatic for long work), the train side is cut into as many pieces as
-keep the estimated cost of the extra pieces (_estimated_seconds) within this share of the call's
-estimated time, or within _BAR_S, whichever is more. Measured on the CPU: at k=5e4, m=16, n=2e6, 100 pieces
-took 179 s against 3.2 s in one call; at k=10, 98 pieces 0.50 s against 0.10 s."""
-
-_BAR_S = 0.05
-"""...seconds that the extra pieces of a bar may always add: a short call's bar moves in a few steps."""
-
-_SELECT_S = 7e-7
-"""Estimated seconds per test row, side and unit of k that top_k's candidate selection takes in each
-kernel call for k above 64 (csrc/src/topk.hpp: buffers of about 2k candidates per row and thread,
-cut back to k when full), on top of the multiply-adds (_AUTO_RATE), whatever the threads and nearly
-whatever the piece's rows: m=16, d=16, both sides, k=5e4 took 1.2-1.6 s against 0.1 s at k=10 for
-n=2e6 and 2.4 s against 1.2 s for n=2.5e7; k=5000 0.3 s against 0.1 s (n=2e6); 10 calls of 2e5 rows
-at k=5e4 0.6 s each (2 shared cores)."""
 
 
 def _estimated_seconds(
@@ -1071,7 +1049,7 @@ def self_influence(
     is sum_c w_c (0 for a zero gradient), which ranks nothing; it is accepted as False for callers that
     pass the scoring functions one set of options.
     """
-    normalize = _flag(normalize, "normalize")
+    normalize = flag(normalize, "normalize")
     if normalize:
         raise ValueError(NO_SELF_NORMALIZE)
     train = as_gradient_set(train, "train")
@@ -1097,7 +1075,7 @@ def self_influence(
             "train is whitened (metadata['whitening']): the self-influence of whitened rows is not the whitened "
             "self-influence g^T (R + lambda I)^-1 g; pass the unwhitened gradients and whitening=<the Whitening>"
         )
-    per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
+    per_checkpoint = flag(per_checkpoint, "per_checkpoint")
     threads = thread_count(num_threads)
     backend = _backend(device, precision, train=train)
     w = train.weights.tolist()

@@ -10,7 +10,7 @@ from distributed import Future
 
 from .._progress import check_progress, shows_automatically
 from .._tunables import AUTO_PROGRESS_MACS
-from .._validate import positive_int
+from .._validate import flag, positive_int, thread_count
 from ..backends.placement import check_precision
 from ..gradients import GradientSet
 from ..scoring import (
@@ -19,7 +19,6 @@ from ..scoring import (
     BothSides,
     TopK,
     _check_side,
-    _flag,
     _normalize_run,
     _pair,
     _refuse_float32_overflow,
@@ -137,13 +136,13 @@ def self_influence(
     tracin.distributed.top_k (worker_timeout included); whitening is not run on a cluster (a ValueError: use
     tracin.self_influence), normalize=True is refused as by tracin.self_influence."""
     _check_cpu(device, precision)
-    per_checkpoint = _flag(per_checkpoint, "per_checkpoint")
+    per_checkpoint = flag(per_checkpoint, "per_checkpoint")
     if whitening is not None:
         raise ValueError(
             "whitening: tracin.distributed.self_influence does not whiten; use tracin.self_influence(train, "
             "whitening=...) on one machine"
         )
-    if _flag(normalize, "normalize"):
+    if flag(normalize, "normalize"):
         raise ValueError(NO_SELF_NORMALIZE)
     train_set = as_gradient_set(as_side(train, "train"), "train")
     _check_store(train_set, "train")
@@ -236,7 +235,7 @@ def _float32(total: np.ndarray) -> np.ndarray:
 def _options(shards: Any, num_threads: Any, progress: Any, macs: float) -> tuple[int | None, int | None, bool | None]:
     """Checked shards and num_threads (None or a positive int), and whether to show a bar."""
     shards = None if shards is None else positive_int(shards, "shards")
-    num_threads = None if num_threads is None else positive_int(num_threads, "num_threads", maximum=4096)
+    num_threads = thread_count(num_threads) or None  # the shared check and bound (_validate.MAX_THREADS)
     check_progress(progress)
     if progress is None and macs >= AUTO_PROGRESS_MACS and shows_automatically():
         progress = True  # long by its multiply-adds alone; None: a bar after _progress.AUTO_DELAY_S seconds
