@@ -963,6 +963,49 @@ def test_a_leaf_without_rows_is_named_with_what_it_is_and_where_a_setting_goes(d
     assert model.calls == 0  # refused before any forward
 
 
+@pytest.mark.parametrize(
+    "data, path, what, user",
+    [
+        (({"x": _X5, "mask": None}, _Y3), "data inputs['mask']", "the key 'mask'", "the model's forward"),
+        (((_X5, None), _Y3), "data inputs[1]", "it", "the model's forward"),
+        ((_X5, {"labels": _Y3, "weight": None}), "data targets['weight']", "the key 'weight'", "loss_fn"),
+        ([({"x": _X5, "mask": None}, _Y3)], "batch 0 inputs['mask']", "the key 'mask'", "the model's forward"),
+    ],
+)
+def test_a_none_leaf_is_to_be_left_out(data, path, what, user):
+    """review100 F3: {'attention_mask': None} was told that 'a setting shared by every example belongs with the
+    model'; None is an argument not given: leave the key out (forward's or loss_fn's default), or pass rows."""
+    model = _Tempered()
+    with pytest.raises(ValueError) as caught:
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
+        )
+    text = str(caught.value)
+    assert text == (
+        f"{path}: expected an array or tensor with a leading batch dimension (one row per example), got None: "
+        f"leave {what} out of the data ({user} then uses its default), or pass a tensor with one row per example"
+    ), text
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("value", [3, 0.5, True, np.int64(3)])
+def test_numbers_in_the_python_lists_of_a_dict_point_at_return_tensors_pt(value):
+    """review100 F3: a tokenizer's output made without return_tensors="pt" ({'x': [[...], ...]}) was told to pass
+    torch.tensor(...) 'for a value per example' and where a setting goes; it names the key whose value is a
+    Python list and return_tensors="pt" (or torch.tensor of the list)."""
+    model = _Tempered()
+    data = ({"x": [[value] * 5 for _ in range(6)]}, _Y3)
+    with pytest.raises(ValueError) as caught:
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
+        )
+    text = str(caught.value)
+    assert text.startswith("data inputs['x'][0][0]: expected an array or tensor with a leading batch dimension"), text
+    assert "in the Python list of 'x'" in text and 'return_tensors="pt"' in text, text
+    assert "torch.tensor(...) of the list" in text and "setting" not in text, text
+    assert model.calls == 0
+
+
 def test_a_setting_given_to_the_model_instead_exports_what_dividing_the_logits_gives():
     """The remedy the message names: the setting as a default of forward, the data holding rows only."""
 

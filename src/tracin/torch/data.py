@@ -20,6 +20,7 @@ example goes with the model (or with loss_fn: functools.partial).
 from __future__ import annotations
 
 import inspect
+import numbers
 import operator
 import re
 import warnings
@@ -370,26 +371,40 @@ def _refuse_leaves_without_rows(pair: tuple[Tree, Tree] | list, where: str) -> N
     with a dimension 0 (a float temperature, a string, a 0-d tensor): `where` inputs['temperature'], what
     it is, and where a setting shared by every example goes instead (as tracin.jax.batches says)."""
     for part, name in ((pair[0], "inputs"), (pair[1], "targets")):
-        for path, key, leaf in _keyed_leaves(part, name, None):
+        for path, key, leaf, column in _keyed_leaves(part, name, None):
             if not isinstance(leaf, (torch.Tensor, np.ndarray)) or leaf.ndim == 0:
-                raise ValueError(f"{where} {path}: {_not_rows(leaf, key, name)}")
+                raise ValueError(f"{where} {path}: {_not_rows(leaf, key, name, column)}")
 
 
-def _keyed_leaves(node: Any, name: str, key: Any) -> Iterator[tuple[str, Any, Any]]:
-    """(path, key, leaf) of every leaf under `node` as _named_leaves, with the dict key (a str) or the
-    position (an int) of the leaf in its parent, None for `node` itself a leaf."""
+def _keyed_leaves(
+    node: Any, name: str, key: Any, column: str | None = None
+) -> Iterator[tuple[str, Any, Any, str | None]]:
+    """(path, key, leaf, column) of every leaf under `node` as _named_leaves, with the dict key (a str) or
+    the position (an int) of the leaf in its parent, None for `node` itself a leaf; column: the dict key
+    whose value is the Python list or tuple holding the leaf (a tokenizer's lists: inputs['input_ids'][0][3]
+    has column 'input_ids'), None for a leaf that is a dict value itself or in no dict."""
     if isinstance(node, Mapping):
         for k, child in node.items():
-            yield from _keyed_leaves(child, f"{name}[{k!r}]", k)
+            yield from _keyed_leaves(child, f"{name}[{k!r}]", k, str(k) if isinstance(child, (tuple, list)) else None)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
-            yield from _keyed_leaves(child, f"{name}[{i}]", i)
+            yield from _keyed_leaves(child, f"{name}[{i}]", i, column)
     else:
-        yield name, key, node
+        yield name, key, node, column
 
 
-def _not_rows(leaf: Any, key: Any, part: str) -> str:
-    """Why a leaf without a dimension 0 cannot be data, and where a setting shared by every example goes."""
+def _not_rows(leaf: Any, key: Any, part: str, column: str | None = None) -> str:
+    """Why a leaf without a dimension 0 cannot be data, and what to pass instead: for None, to leave it out;
+    for numbers in the Python lists of a dict's key (`column`: a tokenizer's output without
+    return_tensors="pt"), tensors; otherwise where a setting shared by every example goes."""
+    expected = "expected an array or tensor with a leading batch dimension (one row per example)"
+    if leaf is None:
+        what = f"the key {key!r}" if isinstance(key, str) else "it"
+        user = "the model's forward" if part == "inputs" else "loss_fn"
+        return (
+            f"{expected}, got None: leave {what} out of the data ({user} then uses its default), or pass a "
+            "tensor with one row per example"
+        )
     if isinstance(leaf, torch.Tensor):
         got = f"a 0-d tensor ({_dtype_name(leaf.dtype)})"
     elif isinstance(leaf, np.ndarray):
@@ -399,6 +414,13 @@ def _not_rows(leaf: Any, key: Any, part: str) -> str:
     else:
         kind = type(leaf).__name__
         got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    if column is not None and isinstance(leaf, (numbers.Number, np.generic)):
+        return (
+            f"{expected}, got {got} in the Python list of {column!r}, which tracin reads as a tree of values, not "
+            f'a tensor (what a tokenizer returns without return_tensors="pt"): call the tokenizer with '
+            f'return_tensors="pt" (and padding=True for texts of different lengths), or pass '
+            f"torch.tensor(...) of the list"
+        )
     setting = key if isinstance(key, str) and key.isidentifier() else "setting"
     where = (
         f"with the model, not in the data: an attribute of the module or a default of its forward "
@@ -406,7 +428,6 @@ def _not_rows(leaf: Any, key: Any, part: str) -> str:
         if part == "inputs"
         else f"with loss_fn, not in the data: functools.partial(loss_fn, {setting}=...)"
     )
-    expected = "expected an array or tensor with a leading batch dimension (one row per example)"
     if isinstance(key, int):  # an item of a Python tuple or list: the inputs passed positionally, or a column
         return (
             f"{expected}, got {got} in a Python list or tuple, which tracin reads as a tree of values, not a "
