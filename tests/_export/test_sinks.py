@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_pat
     """review94 F1: float16 turned rows of gradients below 2**-14 (a loss near 0) into subnormals or zeros
     without a word. Each sink warns once, at its first such block (in memory: dtype=, the rows of the data,
     the checkpoint and factor pair, how many became zero, what to export instead; a store: its writer's
-    words), however many blocks follow; rows of normal size are silent."""
+    words: review100 F4), however many blocks follow; rows of normal size are silent."""
     import warnings
 
     tiny = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32) * 1e-6
@@ -161,8 +162,11 @@ def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_pat
         r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(they score 0\); "
         r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32'; this "
         r"export warns once$",
-        rf"^gradient store {tmp_path / 'g'}: 3 of the 4 rows of .* \(rows 5 to 8 of checkpoint 3\) hold only .*"
-        "this writer warns once$",
+        rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
+        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(they score 0\); "
+        r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32', into "
+        rf"another directory \(the store begun in {re.escape(os.fspath(tmp_path / 'g'))} keeps dtype='float16'\); "
+        r"this export warns once$",
     ]
     for sink, message in zip((memory, store), words, strict=True):
         with warnings.catch_warnings():
@@ -176,3 +180,39 @@ def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_pat
             sink.write(2, 5, block)
             sink.write(1, 0, block)
     store.close()
+
+
+def test_a_float16_export_into_a_store_warns_once_in_its_own_words(tmp_path):
+    """review100 F4: export_gradients(store=..., dtype="float16") warned in the store writer's words ("this writer
+    warns once", "in a new store", rows of a block): one warning for the whole export (2 checkpoints, 4 batches),
+    naming dtype=, the rows of the data and the checkpoint, pointing at the caller's line."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.arange(8) % 2
+
+    def tiny_loss(out, target):  # gradients ~1e-7: below float16's normal range
+        return torch.nn.functional.cross_entropy(out, target, reduction="none") * 1e-7
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    checkpoints = [(model.state_dict(), 1.0), (model.state_dict(), 0.5)]
+    store = tmp_path / "g"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(model, checkpoints, data, tiny_loss, dtype="float16", store=store, progress=False)
+    low = [w for w in caught if "float16's smallest normal number" in str(w.message)]
+    assert len(low) == 1, [str(w.message) for w in caught]
+    text = str(low[0].message)
+    assert re.match(r"dtype='float16': 2 of the 2 rows of the gradients \(rows 0 to 1 of checkpoint 0\) ", text), text
+    assert text.endswith(
+        f"export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32', into another "
+        f"directory (the store begun in {os.fspath(store)} keeps dtype='float16'); this export warns once"
+    ), text
+    assert "writer" not in text and "block" not in text and "new store" not in text, text
+    assert low[0].category is RuntimeWarning and low[0].filename == __file__
+    stored = tracin.store.GradientStore.open(store)  # the rows are kept (a warning, not a refusal)
+    assert stored.n_rows == 8

@@ -7,8 +7,8 @@ bfloat16 are the same ValueError at export time, naming dtype=, the checkpoint a
 (beyond_range). A store also refuses NaN / Inf rows, naming them (nonfinite_rows); in memory they are
 kept, and scoring names them. float16 rows left below its normal range (values all under 2**-14 ~ 6.1e-5
 in magnitude: fewer bits, or 0) are a RuntimeWarning once per export (LowPrecisionRows; a store's writer
-warns in its own words). The writes of one batch go inside `with sink.batch():` (a store records their progress
-once). Close a sink on any error (close()).
+is given the export's words: word_low_precision). The writes of one batch go inside `with sink.batch():`
+(a store records their progress once). Close a sink on any error (close()).
 """
 
 from __future__ import annotations
@@ -226,6 +226,16 @@ class StoreSink:
         )
         self._ranged = rows is not None
         self.slots = slots  # per checkpoint: write's `checkpoint` is checkpoint * slots + slot
+        # float16 rows left below its normal range: the export's words (dtype=, the checkpoint and factor
+        # pair), not the writer's own (its blocks, a new store, "this writer")
+        self._writer.word_low_precision(
+            f"dtype={dtype!r}",
+            f"export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32', into "
+            f"another directory (the store begun in {os.fspath(path)} keeps dtype={dtype!r}); this export warns "
+            + ("once per range of rows" if self._ranged else "once"),
+            lambda slot: _slot_text(slot, slots),
+            ("the gradients", "the left factors", "the right factors"),  # as _convert names them
+        )
 
     @property
     def complete(self) -> bool:

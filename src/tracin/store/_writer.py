@@ -112,6 +112,21 @@ class GradientStoreWriter:
             'use dtype="bfloat16" (float32\'s range in 16 bits) or "float32" for such gradients, in a new store '
             "(a store keeps the dtype it was created with); this writer warns once",
         )
+        # the words of the warning for the store's checkpoint c and its blocks (whole, left, right factors)
+        self._checkpoint_text: Callable[[int], str] = lambda c: f"checkpoint {c}"
+        self._names = ("block", "block[0] (the left factor)", "block[1] (the right factor)")
+
+    def word_low_precision(
+        self, what: str, advice: str, checkpoint_text: Callable[[int], str], names: tuple[str, str, str]
+    ) -> None:
+        """The words of this writer's float16 low-precision warning (LowPrecisionRows), for an owner whose
+        user never sees the writer (export_gradients(store=...)): what (whose rows, e.g. "dtype='float16'"),
+        advice (what to use instead, and how often it warns), checkpoint_text(c) (the store's checkpoint c,
+        e.g. 'checkpoint 1 (factor pair 1)') and names (of a block, its left and its right factors). Call it
+        before the first write. (The refusals name blocks and checkpoints the same way; the owner rewords
+        them anyway.)"""
+        self._low = LowPrecisionRows(what, advice)
+        self._checkpoint_text, self._names = checkpoint_text, names
 
     # -- facts ----------------------------------------------------------------------------------
     @property
@@ -320,9 +335,8 @@ class GradientStoreWriter:
         """x in the store dtype; NaN / Inf (NonFiniteError) and values beyond its range (BeyondRangeError)
         refused, naming the checkpoint and the first such rows of the store."""
         try:
-            return to_store_dtype(
-                x, self._manifest.dtype, name, start, f" of checkpoint {c}", refuse_nonfinite=True, low=self._low
-            )
+            where = f" of {self._checkpoint_text(c)}"
+            return to_store_dtype(x, self._manifest.dtype, name, start, where, refuse_nonfinite=True, low=self._low)
         except NonFiniteError as err:
             raise _refused_rows(err, self.path) from None
         except BeyondRangeError as err:
@@ -335,12 +349,11 @@ class GradientStoreWriter:
                 raise TypeError(
                     f"block must be a (left, right) pair of arrays for a factored store, got {type(block).__name__}"
                 )
-            names = ("block[0] (the left factor)", "block[1] (the right factor)")
-            arrays = [self._converted(b, names[i], start, c) for i, b in enumerate(block)]
+            arrays = [self._converted(b, self._names[1 + i], start, c) for i, b in enumerate(block)]
             if arrays[0].shape[0] != arrays[1].shape[0]:
                 raise ValueError(f"left has {arrays[0].shape[0]} rows but right has {arrays[1].shape[0]}")
         else:
-            arrays = [self._converted(block, "block", start, c)]
+            arrays = [self._converted(block, self._names[0], start, c)]
         for i, (arr, d) in enumerate(zip(arrays, m.dims[c], strict=True)):
             if arr.shape[1] != d:
                 what = ("left", "right")[i] if m.factored else "block"
