@@ -122,37 +122,75 @@ def _with_zero_v(a: AdamMoments, shape, zero) -> AdamMoments:
     return AdamMoments(a.m, v.reshape(-1), a.step, a.b1, a.b2, a.eps)
 
 
-def test_full_rows_warn_once_per_checkpoint_about_entries_whose_v_is_zero_and_divide_them_by_eps():
-    """Rows 1 and 3 of an embedding's v are 0 (tokens the training never held): "adam" divides their
-    gradient by eps, so they dominate the row; one RuntimeWarning per parameter per checkpoint, with the
-    counts, not one per block."""
+def test_full_rows_warn_once_per_checkpoint_about_rows_with_gradient_where_v_is_zero_and_divide_it_by_eps():
+    """Rows 1 and 3 of an embedding's v are 0 (tokens the training never held): "adam" divides a gradient
+    there by eps, so it dominates its row. A block whose rows have no gradient there says nothing; the
+    first block that has one warns, once per parameter per checkpoint, counting the block's rows that do
+    (float64 NumPy on the block), at the caller's line (this file)."""
     rng = np.random.default_rng(5)
     emb, bias = _moments(rng, [(5, 3), (4,)])
     moments = [_with_zero_v(emb, (5, 3), [1, 3]), bias]
     adam = Preconditioned("adam", lambda c: moments, {}, ["emb.weight", "b"], [(5, 3), (4,)])
-    g = rng.normal(size=(2, 19)).astype(np.float32)
+    g = rng.normal(size=(5, 19)).astype(np.float32)
+    zero_cols = [3, 4, 5, 9, 10, 11]  # emb rows 1 and 3 in the row
+    untouched = g.copy()
+    untouched[:, zero_cols] = 0
+    g[[0, 2, 4]] = untouched[[0, 2, 4]]  # rows 0, 2 and 4: nothing there ...
+    g[0, 3 * 3 + 1] = 0.5  # ... but row 0's emb row 3, column 1: one entry is enough
+    on_zero = g[:, :15].reshape(5, 5, 3)[:, [1, 3]].astype(np.float64)
+    touch = int(np.count_nonzero(np.abs(on_zero).sum(axis=(1, 2)) > 0))
+    touch_tail = int(np.count_nonzero(np.abs(on_zero[2:]).sum(axis=(1, 2)) > 0))
+    assert (touch, touch_tail) == (3, 1)  # rows 0, 1 and 3 (of g[2:], row 3 only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adam.apply(untouched, 0, 0)  # no row reaches them (a padding_idx row, an unused position): no warning
     with pytest.warns(RuntimeWarning) as caught:
         out = adam.apply(g, 0, 0)
         adam.apply(g, 0, 0)  # a second block of checkpoint 0: no second warning
-        adam.apply(g, 2, 0)
+        adam.apply(untouched, 2, 0)
+        adam.apply(g[2:], 2, 0)
     messages = [str(w.message) for w in caught]
-    assert [m[:111] for m in messages] == [
-        f"preconditioner='adam': 6 of 15 second moments (v) of 'emb.weight' are 0 (2 of its 5 rows all 0) "
-        f"in checkpoint {c}"
-        for c in (0, 2)
-    ]
-    assert all("by eps=0.001" in m and "scales whole zero rows and columns of v by 0" in m for m in messages)
-    rows = out[:, :15].reshape(2, 5, 3).astype(np.float64)
-    np.testing.assert_allclose(rows[:, [1, 3]], g[:, :15].reshape(2, 5, 3)[:, [1, 3]] / 1e-3, rtol=1e-6)
+    assert messages[0].startswith(
+        f"preconditioner='adam': {touch} of the 5 rows of a batch have gradient where the second moment (v) of "
+        "'emb.weight' is 0 in checkpoint 0 (6 of 15 entries; 2 of its 5 rows all 0: "
+    )
+    assert messages[1].startswith(
+        f"preconditioner='adam': {touch_tail} of the 3 rows of a batch have gradient where the second moment (v) of "
+        "'emb.weight' is 0 in checkpoint 2 (6 of 15 entries; 2 of its 5 rows all 0: "
+    )
+    assert len(messages) == 2 and all(
+        "by eps=0.001" in m and "scales whole zero rows and columns" in m for m in messages
+    )
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+    rows = out[:, :15].reshape(5, 5, 3).astype(np.float64)
+    np.testing.assert_allclose(rows[:, [1, 3]], on_zero / 1e-3, rtol=1e-6)
     with warnings.catch_warnings():  # the next step's direction is not divided by eps alone: no warning
         warnings.simplefilter("error")
         Preconditioned("adam_update", lambda c: moments, {}, ["emb.weight", "b"]).apply(g, 0, 0)
 
 
+def test_full_rows_do_not_warn_about_zero_v_that_no_row_reaches():
+    """A padding row (nn.Embedding(padding_idx=...)) or positions beyond the texts' length: v is 0 there in
+    every checkpoint, and so is every row's gradient: "adam" leaves those entries 0 and says nothing."""
+    rng = np.random.default_rng(9)
+    emb, w = _moments(rng, [(6, 4), (3, 2)])
+    moments = [_with_zero_v(emb, (6, 4), [0, 4, 5]), _with_zero_v(w, (3, 2), (1, 1))]
+    adam = Preconditioned("adam", lambda c: moments, {}, ["emb.weight", "w"], [(6, 4), (3, 2)])
+    g = rng.normal(size=(7, 30)).astype(np.float32)
+    g[:, [0, 1, 2, 3, *range(16, 24), 24 + 3]] = 0  # emb rows 0, 4, 5 and w[1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for c in range(3):
+            out = adam.apply(g, c, 0)
+            out = adam.apply(g[:2], c, 0)
+    assert not out[:, :24].reshape(2, 6, 4)[:, [0, 4, 5]].any() and not out[:, 27].any()
+
+
 def test_rank_one_warns_once_per_layer_per_checkpoint_about_rows_and_columns_whose_v_is_zero():
     """fc's v [weight | bias] has row 1 all 0, column 2 all 0 and one more zero entry: the factorisation
     scales that row and column by 0 (the full rows divide them by eps), and says so once per checkpoint
-    naming the layer and the counts; a second layer with no zero v says nothing."""
+    naming the layer and the counts (even when the checkpoints come back), at the caller's line; a second
+    layer with no zero v says nothing."""
     rng = np.random.default_rng(6)
     weight, bias, other = _moments(rng, [(4, 3), (4,), (2, 4)])
     weight = _with_zero_v(_with_zero_v(_with_zero_v(weight, (4, 3), 1), (4, 3), (slice(None), 2)), (4, 3), (0, 0))
@@ -164,7 +202,10 @@ def test_rank_one_warns_once_per_layer_per_checkpoint_about_rows_and_columns_who
         left, right = adam.apply(block, 2, 0)
         adam.apply((block[0][:, :2], block[1]), 2, 1)
         adam.apply(block, 2, 0)
-    assert len(caught) == 1
+        adam.apply(block, 3, 0)
+        adam.apply(block, 2, 0)  # checkpoint 2 again (its scales rebuilt): no second warning about it
+    assert [str(w.message).split(": ")[1][-12:] for w in caught] == ["checkpoint 2", "checkpoint 3"]
+    assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]  # the caller's line
     text = str(caught[0].message)
     assert text.startswith(
         "preconditioner='adam': 8 of 16 second moments (v) of 'fc.weight' (bias as the last column) are 0 in "

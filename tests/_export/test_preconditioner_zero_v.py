@@ -17,8 +17,9 @@ import tracin
 V, D, C = 10, 4, 3  # vocabulary, embedding width, classes
 SEEN = 6  # training ids are 0 .. SEEN - 1: rows SEEN .. V - 1 of the embedding's v stay 0
 EXACT = re.compile(
-    r"preconditioner='adam': (\d+) of (\d+) second moments \(v\) of (.+?) are 0"
-    r"(?: \((\d+) of its (\d+) rows all 0\))? in checkpoint (\d+) .*divides a gradient there by eps=(\S+),"
+    r"preconditioner='adam': (\d+) of the (\d+) rows of a batch have gradient where the second moment \(v\) of "
+    r"(.+?) is 0 in checkpoint (\d+) \((\d+) of (\d+) entries(?:; (\d+) of its (\d+) rows all 0)?: "
+    r".*divides a gradient there by eps=(\S+),"
 )
 KRON = re.compile(
     r"preconditioner='adam': (\d+) of (\d+) second moments \(v\) of (.+?) are 0(?: in checkpoint (\d+))?: "
@@ -27,10 +28,13 @@ KRON = re.compile(
 
 
 def _caught(run):
+    """run()'s result and its RuntimeWarnings' texts; each of them points at this file (the user's call)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run()
-    return out, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    caught = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert all(w.filename == __file__ for w in caught if "(v)" in str(w.message)), [w.filename for w in caught]
+    return out, [str(w.message) for w in caught]
 
 
 def _check(messages, v_emb, kron, checkpoints=2):
@@ -49,7 +53,8 @@ def _check(messages, v_emb, kron, checkpoints=2):
         else:
             m = EXACT.match(text)
             assert m, text
-            zero, size, _, rows, of_rows, checkpoint, eps = m.groups()
+            touch, n_rows, _, checkpoint, zero, size, rows, of_rows, eps = m.groups()
+            assert (touch, n_rows) == ("1", "1")  # the query, which holds id 8
             assert (zero, size, checkpoint, eps) == (str(zero_rows * D), str(V * D), str(c), "1e-08")
             assert (rows, of_rows) in ((None, None), (str(zero_rows), str(V)))
             assert "scales whole zero rows and columns of v by 0" in text
@@ -130,6 +135,26 @@ def test_torch_adam_without_zero_v_does_not_warn():
             export_gradients(model, checkpoints, query, loss, preconditioner="adam", progress=False, **kwargs)
 
 
+def test_torch_exact_adam_does_not_warn_when_no_exported_row_has_gradient_where_v_is_zero():
+    """Ids 6 .. 9 (as a padding_idx row, or positions beyond the texts' length) have v = 0 but no exported row
+    holds them: their gradient is 0, divided by eps still 0, so the full-row "adam" says nothing."""
+    import torch
+
+    from tracin.torch import export_gradients
+
+    model, loss, checkpoints, _ = _torch_setup()
+    v_emb = checkpoints[0][2]["state"][0]["exp_avg_sq"].double().numpy()
+    assert int((~v_emb.any(1)).sum()) == V - SEEN
+    seen = torch.tensor([[1, 2, 5, 3], [0, 4, 4, 1]]), torch.tensor([[0, 1, 2, 0], [2, 2, 1, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export_gradients(
+            model, checkpoints, seen, loss, layers=["emb"], preconditioner="adam", batch_size=1, progress=False
+        )
+    rows = np.asarray(out.matrices[1], np.float64).reshape(2, V, D)
+    assert rows[:, :SEEN].any() and not rows[:, SEEN:].any()
+
+
 # --- JAX ---
 
 
@@ -172,7 +197,7 @@ def test_jax_exact_and_kronecker_adam_warn_about_embedding_rows_whose_v_is_zero(
     full, messages = _caught(
         lambda: export_gradients(loss, checkpoints, query, preconditioner="adam", batch_size=1, progress=False)
     )
-    messages = [m for m in messages if "second moments" in m]
+    messages = [m for m in messages if "(v)" in m]
     _check(messages, nu[0], kron=False)
     row = np.asarray(full.matrices[1], np.float64)[0, : V * D].reshape(V, D)  # "emb" first (keys sorted)
     assert (row[8] ** 2).sum() / (np.asarray(full.matrices[1], np.float64)[0] ** 2).sum() > 0.999
@@ -180,7 +205,7 @@ def test_jax_exact_and_kronecker_adam_warn_about_embedding_rows_whose_v_is_zero(
     _, messages = _caught(
         lambda: export_gradients(loss, checkpoints, query, projection=proj, preconditioner="adam", progress=False)
     )
-    _check([m for m in messages if "second moments" in m], nu[0], kron=True)
+    _check([m for m in messages if "(v)" in m], nu[0], kron=True)
 
 
 def test_jax_adam_without_zero_v_does_not_warn():
@@ -192,3 +217,16 @@ def test_jax_adam_without_zero_v_does_not_warn():
         warnings.simplefilter("error")
         for kwargs in ({}, {"projection": proj}):  # the head only: every entry of its v is > 0
             export_gradients(loss, checkpoints, query, layers=["head"], preconditioner="adam", progress=False, **kwargs)
+
+
+def test_jax_exact_adam_does_not_warn_when_no_exported_row_has_gradient_where_v_is_zero():
+    from tracin.jax import export_gradients
+
+    loss, checkpoints, _, nu = _jax_setup()
+    assert int((~nu[0].any(1)).sum()) == V - SEEN
+    seen = np.asarray([[1, 2, 5, 3], [0, 4, 4, 1]]), np.asarray([[0, 1, 2, 0], [2, 2, 1, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export_gradients(loss, checkpoints, seen, layers=["emb"], preconditioner="adam", progress=False)
+    rows = np.asarray(out.matrices[1], np.float64).reshape(2, V, D)
+    assert rows[:, :SEEN].any() and not rows[:, SEEN:].any()

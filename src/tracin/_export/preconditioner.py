@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .._caller import user_stacklevel
+
 PRECONDITIONERS = ("adam", "adam_update")
 ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's and torch.optim.Adam's defaults
 
@@ -81,7 +83,10 @@ class Preconditioned:
     settings: what the metadata records besides the kind (the hyperparameters or where they
     come from); names, shapes: the parameters' names and shapes in that order, for the warning about
     entries whose v is 0 ("adam" divides them by eps, so a row with gradient there is that entry's, where the
-    rank-one factorisation of rank_one.py scales whole zero rows and columns by 0: warn_zero_v).
+    rank-one factorisation of rank_one.py scales whole zero rows and columns by 0: warn_zero_v). It warns once
+    per parameter per checkpoint, and only when a block has a row with non-zero gradient on such entries (a
+    token the training never held that a row does hold), not for zeros no row reaches (padding_idx rows,
+    positions beyond the exported texts' length).
     """
 
     key = "preconditioner"
@@ -98,6 +103,8 @@ class Preconditioned:
         self.names, self.shapes = list(names), [tuple(s) for s in shapes]
         self._checkpoint: int | None = None
         self._state: list[tuple[slice, tuple]] = []
+        self._zero_v: list[_ZeroV] = []  # this checkpoint's parameters with zero v not yet warned about
+        self._warned: set[tuple[int, int]] = set()  # (checkpoint, parameter) warned about
 
     def dims(self, dims: Any) -> Any:
         return dims
@@ -112,10 +119,9 @@ class Preconditioned:
             moments = self._moments(checkpoint)
             self._state = self._segments(moments, block.shape[1])
             self._checkpoint = checkpoint
-            if self.kind == "adam":
-                for k, a in enumerate(moments):
-                    name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
-                    warn_zero_v(name, a.v, a.eps, checkpoint, self.shapes[k] if k < len(self.shapes) else None)
+            self._zero_v = self._zero_entries(moments, checkpoint) if self.kind == "adam" else []
+        if self._zero_v:
+            self._warn_zero_v(block, checkpoint)
         g_all = np.asarray(block, np.float32)
         out = np.empty(g_all.shape, np.float32)
         for cols, consts in self._state:
@@ -133,6 +139,37 @@ class Preconditioned:
             o += m_part
             o /= den
         return out
+
+    def _zero_entries(self, moments: list[AdamMoments], checkpoint: int) -> list[_ZeroV]:
+        """The parameters of the row whose v has entries that are exactly 0 (one O(size of v) pass), but for
+        those already warned about in this checkpoint."""
+        out, start = [], 0
+        for k, a in enumerate(moments):
+            v = np.asarray(a.v).reshape(-1)
+            if (checkpoint, k) not in self._warned and np.count_nonzero(v) < v.size:
+                name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
+                shape = self.shapes[k] if k < len(self.shapes) else None
+                out.append(_ZeroV(k, name, start, v == 0, a.eps, shape))
+            start += v.size
+        return out
+
+    def _warn_zero_v(self, block: Any, checkpoint: int) -> None:
+        """One RuntimeWarning per parameter per checkpoint, once a block has rows with non-zero gradient on
+        entries whose v is 0 (divided by eps, those dominate the row); a gradient of 0 there is harmless.
+        O(block): the zero entries of each row, a few rows at a time."""
+        g = np.asarray(block)
+        for z in list(self._zero_v):
+            part = g[:, z.start : z.start + z.mask.size]
+            zero = int(np.count_nonzero(z.mask))
+            step = max(1, (1 << 22) // zero)
+            touch = sum(
+                int(np.count_nonzero((part[i : i + step, z.mask] != 0).any(axis=1))) for i in range(0, len(g), step)
+            )
+            if not touch:
+                continue
+            self._zero_v.remove(z)
+            self._warned.add((checkpoint, z.index))
+            warn_zero_v(z, touch, len(g), zero, checkpoint)
 
     def _segments(self, moments: list[AdamMoments], width: int) -> list[tuple[slice, tuple]]:
         """Per parameter its columns and float32 constants: "adam" (1 / (sqrt(v_hat) + eps),);
@@ -206,27 +243,33 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
         )
 
 
-def warn_zero_v(name: str, v: Any, eps: float, checkpoint: int, shape: Sequence[int] | None = None) -> None:
-    """RuntimeWarning when entries of a parameter's v are exactly 0, for the full-row "adam":
-    g / (sqrt(0) + eps) there, so a row with gradient on such an entry (the embedding of a token the
-    training never held, a unit never updated) is nearly all that entry's. With the parameter's `shape`
-    (2-D or more) it counts the rows (first axis) whose v is all 0 too. One O(size) pass, made once per
-    parameter per checkpoint."""
-    v = np.asarray(v)
-    zero = v.size - int(np.count_nonzero(v))
-    if not zero:
-        return
-    rows = ""
-    if shape is not None and len(shape) >= 2 and int(np.prod(shape)) == v.size:
-        nonzero_rows = int(np.count_nonzero(v.reshape(shape[0], -1).any(axis=1)))
-        rows = f" ({shape[0] - nonzero_rows} of its {shape[0]} rows all 0)"
+@dataclass(frozen=True, eq=False)
+class _ZeroV:
+    """A parameter of the row whose v has zeros: its index and name, its first column in the row, where its v
+    is 0 (bool, flattened), eps and its shape (or None)."""
+
+    index: int
+    name: str
+    start: int
+    mask: np.ndarray
+    eps: float
+    shape: tuple[int, ...] | None
+
+
+def warn_zero_v(z: _ZeroV, touch: int, rows: int, zero: int, checkpoint: int) -> None:
+    """The full-row "adam"'s RuntimeWarning: `touch` of the `rows` rows of a block have gradient on the `zero`
+    entries of z's parameter whose v is 0, which g / (sqrt(0) + eps) makes nearly all of those rows. With
+    a shape of 2-D or more it counts the parameter's rows (first axis) whose v is all 0 too."""
+    size, extra = z.mask.size, ""
+    if z.shape is not None and len(z.shape) >= 2 and int(np.prod(z.shape)) == size:
+        all_zero = int(np.count_nonzero(z.mask.reshape(z.shape[0], -1).all(axis=1)))
+        extra = f"; {all_zero} of its {z.shape[0]} rows all 0"
     warnings.warn(
-        f"preconditioner='adam': {zero} of {v.size} second moments (v) of {name} are 0{rows} in checkpoint "
-        f"{checkpoint} (parameters that had no gradient before it: embeddings of tokens the training never "
-        f"held, units never updated); the full-row 'adam' divides a gradient there by eps={eps:g}, so rows "
-        "with gradient on them are nearly all that part and dominate their scores, where a Kronecker or "
-        "factored projection (the rank-one factorisation of v) does the opposite: it scales whole zero "
-        "rows and columns of v by 0, so they add nothing",
+        f"preconditioner='adam': {touch} of the {rows} rows of a batch have gradient where the second moment (v) "
+        f"of {z.name} is 0 in checkpoint {checkpoint} ({zero} of {size} entries{extra}: no gradient before it, "
+        f"as for tokens the training never held); 'adam' divides a gradient there by eps={z.eps:g}, so it "
+        "dominates those rows' scores (a Kronecker or factored projection scales whole zero rows and columns "
+        "of v by 0 instead)",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )

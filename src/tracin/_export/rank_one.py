@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .._caller import user_stacklevel
 from .preconditioner import AdamMoments
 
 
@@ -69,6 +70,7 @@ class RankOneAdam:
         self.names = list(names)
         self._checkpoint: int | None = None
         self._scales: list[tuple[np.ndarray, np.ndarray]] = []
+        self._warned: set[int] = set()  # checkpoints whose zero v have been warned about
 
     def dims(self, dims: Any) -> Any:
         return dims
@@ -85,8 +87,9 @@ class RankOneAdam:
         if checkpoint != self._checkpoint:
             moments = self._moments(checkpoint)
             names = [repr(self.names[k]) if k < len(self.names) else f"parameter {k}" for k, _, _ in self.groups]
+            warn, self._warned = checkpoint not in self._warned, self._warned | {checkpoint}
             self._scales = [
-                _scales(moments, k, bias, p, name, checkpoint)
+                _scales(moments, k, bias, p, name, checkpoint, warn)
                 for (k, bias, p), name in zip(self.groups, names, strict=True)
             ]
             self._checkpoint = checkpoint
@@ -99,11 +102,18 @@ class RankOneAdam:
 
 
 def _scales(
-    moments: list[AdamMoments], k: int, bias: bool, p: int, name: str | None = None, checkpoint: int | None = None
+    moments: list[AdamMoments],
+    k: int,
+    bias: bool,
+    p: int,
+    name: str | None = None,
+    checkpoint: int | None = None,
+    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
-    moments[k + 1] when `bias`); called once per layer per checkpoint. Warns (_warn_zero_v) when some
-    or all of the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`."""
+    moments[k + 1] when `bias`). With `warn` (the callers pass it the first time they scale the layer
+    in a checkpoint: one warning per layer per checkpoint) it warns (_warn_zero_v) when some or all of
+    the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`."""
     w = moments[k]
     v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
     if bias:
@@ -113,7 +123,7 @@ def _scales(
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
         right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
-    zero = v.size - int(np.count_nonzero(v))
+    zero = v.size - int(np.count_nonzero(v)) if warn else 0
     if zero:
         where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
         what = name if name is not None else f"a layer of {p} x {v.shape[1] - bias} (out, in)"
@@ -134,7 +144,7 @@ def _warn_zero_v(
             "row is zero (a float16 optimizer state that underflowed, or a layer that had no gradient "
             "before the checkpoint)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return
     rows, cols = int(np.count_nonzero(r == 0)), int(np.count_nonzero(c == 0))
@@ -142,11 +152,10 @@ def _warn_zero_v(
     others = f"; its {rest} other zero entries get r c^T / s > 0" if rest else ""
     warnings.warn(
         f"preconditioner='adam': {zero} of {v.size} second moments (v) of {name}{' (bias as the last column)' * bias} "
-        f"are 0{where}: {rows} of {p} rows and {cols} of {q} columns of v are all 0 (parameters that had no gradient "
-        "before the checkpoint: embeddings of tokens the training never held, units never updated). The rank-one "
-        "factorisation (Kronecker or factored projection) scales those rows and columns by 0, so a gradient there "
-        f"adds nothing{others}; the full-row 'adam' (no projection or a flat one) does the opposite: it divides "
-        f"those entries by eps={eps:g}, so rows with gradient there are nearly all that part and dominate their scores",
+        f"are 0{where}: {rows} of {p} rows and {cols} of {q} columns of v are all 0 (no gradient before it, as for "
+        "tokens the training never held). The rank-one factorisation scales those rows and columns by 0, so a "
+        f"gradient there adds nothing{others}; the full-row 'adam' (no or a flat projection) divides those entries "
+        f"by eps={eps:g} instead, so they dominate the rows with gradient there",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )

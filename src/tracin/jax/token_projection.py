@@ -88,6 +88,7 @@ class KroneckerRows:
         self.checkpoints, self.adam = checkpoints, adam
         self._checkpoint = 0  # the checkpoint being exported
         self._built: tuple[int | None, list] = (None, [])  # (checkpoint, its factors) of _factors
+        self._warned: set[int] = set()  # checkpoints whose factors have been built (and zero v warned about)
         selected, arrays = layout.split(params)
         self._avals = _avals(selected), _avals(arrays)
         self.dtype = jnp.float64 if jnp.result_type(*selected) == jnp.float64 else jnp.float32
@@ -171,6 +172,8 @@ class KroneckerRows:
         if self._built[0] != key:
             paths = self.layout.describe()
             moments = self.checkpoints[key].optimizer.moments([paths[k] for k in self.mapped]) if self.adam else None
+            warn = key not in self._warned  # one zero-v warning per weight per checkpoint
+            self._warned.add(key)
             factors = []
             for j, k in enumerate(self.mapped):
                 layer = self.layers[k]
@@ -178,7 +181,7 @@ class KroneckerRows:
                     np.asarray(p, np.float64) for p in self.projection.layer_factors(k, layer, self.dims[k])
                 )
                 if moments is not None:
-                    left, right = _scales(moments, j, False, layer.rows, repr(paths[k][0]), key)
+                    left, right = _scales(moments, j, False, layer.rows, repr(paths[k][0]), key, warn)
                     p_rows, p_cols = p_rows * left, p_cols * right
                 factors.append((jnp.asarray(p_rows, self.dtype), jnp.asarray(p_cols, self.dtype)))
             self._built = (key, factors)

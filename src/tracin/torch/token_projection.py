@@ -132,6 +132,7 @@ class KroneckerRows:
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._checkpoint: int | None = None
+        self._warned: set[int] = set()  # checkpoints whose factors have been scaled (and zero v warned about)
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids without a batch dimension
         self._shared_ids: set[str] | None = None  # embeddings on ids shared by the batch (None: not probed)
 
@@ -171,7 +172,8 @@ class KroneckerRows:
         """The factors of checkpoint `checkpoint` (scaled by its optimizer state with "adam")."""
         if checkpoint == self._checkpoint:
             return
-        moments = None
+        moments, warn = None, checkpoint not in self._warned  # one zero-v warning per layer per checkpoint
+        self._warned.add(checkpoint)
         if self.preconditioner:  # every chosen parameter's: the state's checks (one learning rate) see them all
             by_name = dict(zip(self._shapes, self._moments(checkpoint, list(self._shapes)), strict=True))
             moments = [by_name[n] for s in self.kron for n in s.names]
@@ -181,7 +183,9 @@ class KroneckerRows:
                 np.asarray(p, np.float64) for p in self.projection.layer_factors(seg.index, seg.layer, seg.dim)
             )
             if moments is not None:
-                left, right = _layer_scales(moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint)
+                left, right = _layer_scales(
+                    moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint, warn
+                )
                 p_rows, p_cols = p_rows * left, p_cols * right
             k += len(seg.names)
             self._factors.append(
@@ -601,15 +605,19 @@ def _layer_matrices(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _layer_scales(
-    moments: list[AdamMoments], layer: LayerMatrix, name: str | None = None, checkpoint: int | None = None
+    moments: list[AdamMoments],
+    layer: LayerMatrix,
+    name: str | None = None,
+    checkpoint: int | None = None,
+    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation (its warnings
-    about zero v naming the weight `name` and `checkpoint`)."""
+    """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation (with `warn`, its
+    warnings about zero v naming the weight `name` and `checkpoint`)."""
     weight = moments[0]
     if layer.transposed:  # Conv1D: v stored (in, out); the factorisation wants (out, in)
         v = np.asarray(weight.v).reshape(layer.cols, layer.rows).T.reshape(-1)
         weight = replace(weight, v=v)
-    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows, name, checkpoint)
+    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows, name, checkpoint, warn)
 
 
 def _spec(layer: LayerMatrix | int) -> Any:
