@@ -189,7 +189,8 @@ def export_gradients(
         Where v is exactly 0 (embedding rows of tokens the training never held, units never
         updated) the two part ways: full rows divide the gradient there by eps, so it dominates its
         row, while the rank-one factorisation scales the rows and columns of v that are all 0 by 0,
-        so they add nothing; both warn (RuntimeWarning, once per layer and checkpoint, with counts).
+        so they add nothing; both warn (RuntimeWarning, once per layer and checkpoint, with counts;
+        full rows only when an exported row has gradient there, not for a padding_idx row).
         See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").
