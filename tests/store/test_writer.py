@@ -4,14 +4,16 @@ import errno
 import json
 import subprocess
 import sys
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import tracin
-from tracin.store import GradientStoreWriter, describe
+from tracin.store import GradientStoreWriter, _convert, describe
 from tracin.store._convert import BeyondRangeError
 
 from .helpers import random_blocks, read_rows, write_store
@@ -462,6 +464,45 @@ def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_ran
     kept = read_rows(bf16.finalize())[-1]
     np.testing.assert_array_equal(kept, _disk(tiny, "bfloat16"))
     assert kept[5].any()
+
+
+class _MeetingNumpy:
+    """numpy, except that flatnonzero (LowPrecisionRows.check's scan, between its look at `warned` and
+    its warning) waits until `parties` threads are there: every thread has scanned before any warns."""
+
+    def __init__(self, parties: int):
+        self._barrier = threading.Barrier(parties, timeout=5)
+
+    def __getattr__(self, name: str):
+        return getattr(np, name)
+
+    def flatnonzero(self, a):
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:  # a thread that never scans (warned already): go on
+            pass
+        return np.flatnonzero(a)
+
+
+def test_threads_sharing_a_float16_writer_get_one_low_precision_warning(tmp_path, monkeypatch):
+    """review102 F4: LowPrecisionRows looked at `warned`, scanned, then set it, so threads writing tiny
+    float16 blocks through one writer (a supported use since 4af6a87) warned once each (up to 8 of 8).
+    The threads now meet inside the scan (deterministic), and the writer still warns exactly once."""
+    n_threads, rows, d = 8, 4, 16
+    blocks = [np.full((rows, d), 1e-7 * (i + 1), np.float32) for i in range(n_threads)]
+    for trial in range(3):
+        monkeypatch.setattr(_convert, "np", _MeetingNumpy(n_threads))
+        w = tracin.GradientStore.create(tmp_path / f"s{trial}", n_threads * rows, [d], dtype="float16")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ThreadPoolExecutor(n_threads) as pool:
+                list(pool.map(w.write, [0] * n_threads, range(0, n_threads * rows, rows), blocks))
+        monkeypatch.setattr(_convert, "np", np)
+        low = [c for c in caught if "smallest normal number" in str(c.message)]
+        assert len(low) == 1, [str(c.message)[:120] for c in low]
+        assert issubclass(low[0].category, RuntimeWarning)
+        stored = read_rows(w.finalize())[0]
+        np.testing.assert_array_equal(stored, np.concatenate(blocks).astype(np.float16))  # all written
 
 
 @pytest.mark.parametrize("factored", [False, True])

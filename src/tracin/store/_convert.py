@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any
 
@@ -116,11 +117,13 @@ class LowPrecisionRows:
     A store writer or an export holds one and passes it to every to_store_dtype call (low=), so the
     warning comes once per writer or export, not once per block; it names the rows of the first block
     holding such rows, and later blocks are not checked. what: whose rows (e.g. "gradient store PATH");
-    advice: the sentence saying what to use instead (e.g. dtype="bfloat16", float32's range in 16 bits)."""
+    advice: the sentence saying what to use instead (e.g. dtype="bfloat16", float32's range in 16 bits).
+    Threads may share one (a writer's): the decision to warn is taken under a lock, so it warns once."""
 
     def __init__(self, what: str = "", advice: str = "store them as bfloat16 (float32's range) or float32"):
         self.what, self.advice = what, advice
         self.warned = False
+        self._lock = threading.Lock()  # around testing and setting `warned` (the scan runs outside it)
 
     def check(self, out: np.ndarray, as_f32: np.ndarray, name: str, first_row: int, where: str) -> None:
         """Warns about the rows of `out` (float16, converted from the float32 `as_f32`) left below
@@ -138,7 +141,10 @@ class LowPrecisionRows:
         if not lost.any():  # rows of zeros only: nothing lost
             return
         count, zero = int(lost.sum()), int((rows_max[found[lost]] == 0).sum())
-        self.warned = True  # before warning: warnings turned into errors still warn once
+        with self._lock:  # another thread may have scanned its block at the same time: one of them warns
+            if self.warned:
+                return
+            self.warned = True  # before warning: warnings turned into errors still warn once
         rows = out.shape[0]
         span = f"row {first_row}" if rows == 1 else f"rows {first_row} to {first_row + rows - 1}"
         one = count == 1
