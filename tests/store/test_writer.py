@@ -442,7 +442,7 @@ def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_ran
         rf"values below float16's smallest normal number, 6.1e-05, in magnitude \(the largest: "
         rf"{np.abs(tiny[2]).max():.3g}\), .*; 1 of them became all zero \(they score 0\); use dtype=\"bfloat16\" "
         r"\(float32's range in 16 bits\) or \"float32\" for such gradients, in a new store \(a store keeps the dtype "
-        r"it was created with\); this writer warns once$"
+        r"it was created with\); this writer warns once and does not check later rows$"
     )
     with pytest.warns(RuntimeWarning, match=message) as caught:
         w.write(0, 10, pair(tiny))

@@ -38,7 +38,7 @@ EXPORT_ADVICE = "export into another directory, or delete this one"
 # What to export instead when float16 leaves rows with little or no precision (LowPrecisionRows).
 LOW_PRECISION_ADVICE = (
     "export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32'; "
-    "this export warns once"
+    "this export warns once and does not check later rows"
 )
 Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
 Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
@@ -232,7 +232,11 @@ class StoreSink:
             f"dtype={dtype!r}",
             f"export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32', into "
             f"another directory (the store begun in {os.fspath(path)} keeps dtype={dtype!r}); this export warns "
-            + ("once per range of rows" if self._ranged else "once"),
+            + (
+                "once per range of rows and does not check that range's later rows"
+                if self._ranged
+                else "once and does not check later rows"
+            ),
             lambda slot: _slot_text(slot, slots),
             ("the gradients", "the left factors", "the right factors"),  # as _convert names them
         )

@@ -110,7 +110,7 @@ class GradientStoreWriter:
         self._low = LowPrecisionRows(
             f"gradient store {path}",
             'use dtype="bfloat16" (float32\'s range in 16 bits) or "float32" for such gradients, in a new store '
-            "(a store keeps the dtype it was created with); this writer warns once",
+            "(a store keeps the dtype it was created with); this writer warns once and does not check later rows",
         )
         # the words of the warning for the store's checkpoint c and its blocks (whole, left, right factors)
         self._checkpoint_text: Callable[[int], str] = lambda c: f"checkpoint {c}"
