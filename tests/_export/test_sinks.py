@@ -159,11 +159,11 @@ def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_pat
     part = "the right factors" if factored else "the gradients"
     words = [
         rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
-        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(they score 0\); "
+        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(it scores 0\); "
         r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32'; this "
         r"export warns once and does not check later rows$",
         rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
-        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(they score 0\); "
+        r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(it scores 0\); "
         r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32', into "
         rf"another directory \(the store begun in {re.escape(os.fspath(tmp_path / 'g'))} keeps dtype='float16'\); "
         r"this export warns once and does not check later rows$",

@@ -186,7 +186,7 @@ def test_float16_rows_left_below_the_normal_range_warn_with_counts(source, kind)
         rf"^3 of the 7 rows of block \(rows 10 to 16 of checkpoint 2\) hold only values below float16's smallest "
         rf"normal number, 6.1e-05, in magnitude \(the largest: {largest:.3g}\), which float16 keeps with fewer "
         r"significant bits \(subnormals\) or as 0, so their scores lose precision; 1 of them became all zero "
-        r"\(they score 0\); store them as bfloat16 \(float32's range\) or float32$"
+        r"\(it scores 0\); store them as bfloat16 \(float32's range\) or float32$"
     )
     with pytest.warns(RuntimeWarning, match=message):
         out = to_store_dtype(block, "float16", "block", 10, " of checkpoint 2")
@@ -212,6 +212,19 @@ def test_a_writer_s_low_precision_rows_warns_once_whatever_the_blocks():
     words = r"^the row of block \(row 5\) holds only .*, so its scores lose precision; it became all zero \(it scores"
     with pytest.warns(RuntimeWarning, match=words):
         to_store_dtype(_tiny_block()[3:4], "float16", "block", 5, low=LowPrecisionRows())
+
+
+@pytest.mark.parametrize("zeros", [1, 2])
+def test_the_rows_that_became_all_zero_are_counted_in_singular_or_plural(zeros):
+    """review102 F6: '1 of them became all zero (they score 0)'. Rows 0..zeros-1 round to all zero in
+    float16 (checked against NumPy's cast), the last keeps a subnormal."""
+    x = np.full((3, 2), 1e-6, np.float32)
+    x[:zeros] = 1e-9
+    lost, zero = _lost_rows(x)
+    assert lost.all() and zero.sum() == zeros
+    verb = "it scores 0" if zeros == 1 else "they score 0"
+    with pytest.warns(RuntimeWarning, match=rf"; {zeros} of them became all zero \({verb}\); store them"):
+        to_store_dtype(x, "float16", "block")
 
 
 @pytest.mark.parametrize(

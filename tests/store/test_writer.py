@@ -14,11 +14,12 @@ import pytest
 
 import tracin
 from tracin.store import GradientStoreWriter, _convert, describe
-from tracin.store._convert import BeyondRangeError
+from tracin.store._convert import BeyondRangeError, NonFiniteError
 
 from .helpers import random_blocks, read_rows, write_store
 
 DTYPES = ["float32", "float16", "bfloat16"]
+NAMES = ("the gradients", "the left factors", "the right factors")  # an owner's names (word_low_precision)
 
 
 def _disk(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -440,9 +441,9 @@ def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_ran
     message = (
         rf"^gradient store {tmp_path / 's'}: 2 of the 10 rows of {name} \(rows 10 to 19 of checkpoint 0\) hold only "
         rf"values below float16's smallest normal number, 6.1e-05, in magnitude \(the largest: "
-        rf"{np.abs(tiny[2]).max():.3g}\), .*; 1 of them became all zero \(they score 0\); use dtype=\"bfloat16\" "
-        r"\(float32's range in 16 bits\) or \"float32\" for such gradients, in a new store \(a store keeps the dtype "
-        r"it was created with\); this writer warns once and does not check later rows$"
+        rf"{np.abs(tiny[2]).max():.3g}\), .*; 1 of them became all zero \(it scores 0\); use dtype=\"bfloat16\" "
+        r"\(float32's range in 16 bits\) or dtype=\"float32\" for such gradients, in a new store \(a store keeps the "
+        r"dtype it was created with\); this writer warns once and does not check later rows$"
     )
     with pytest.warns(RuntimeWarning, match=message) as caught:
         w.write(0, 10, pair(tiny))
@@ -519,11 +520,11 @@ def test_values_beyond_the_store_dtype_are_refused_in_the_writer_s_words(tmp_pat
     block = (ok[:, :2], bad) if factored else bad
     name = r"block\[1\] \(the right factor\)" if factored else "block"
     cutoff = {"float16": "65520 rounds beyond 65504", "bfloat16": "3.3961775e\\+38 rounds beyond 3.3895314e\\+38"}
-    wider = '"float32" or "bfloat16"' if dtype == "float16" else '"float32"'
+    wider = 'dtype="float32" or dtype="bfloat16"' if dtype == "float16" else 'dtype="float32"'
     message = (
         rf"^gradient store {tmp_path / 's'}: {name} holds float32 values beyond the {dtype} range \(\|x\| >= "
         rf"{cutoff[dtype]}\), first in row 7 of checkpoint 0; nothing of this write was stored, and a store keeps "
-        rf"the dtype it was created with \({dtype}\): to store such values, create a new store with dtype={wider} "
+        rf"the dtype it was created with \({dtype}\): to store such values, create a new store with {wider} "
         r"\(at another path, or with overwrite=True\)$"
     )
     with pytest.raises(BeyondRangeError, match=message) as e:
@@ -538,3 +539,28 @@ def test_values_beyond_the_store_dtype_are_refused_in_the_writer_s_words(tmp_pat
         np.testing.assert_array_equal(read_rows(w.finalize())[-1][7], [1, np.copysign(65504, big), 1])
     else:
         w.close()
+
+
+def test_an_owner_s_words_name_the_checkpoint_and_block_of_both_refusals(tmp_path):
+    """review102 F6: word_low_precision says the refusals name blocks and checkpoints in the owner's words,
+    but values beyond the range were named "of checkpoint {c}" whatever checkpoint_text said; NaN / Inf
+    used checkpoint_text. Both now use the owner's checkpoint_text and names."""
+    w = tracin.GradientStore.create(tmp_path / "s", 8, [3, 3], dtype="float16")
+    w.word_low_precision("dtype='float16'", "advice", lambda c: f"checkpoint {c // 2} (factor pair {c % 2})", NAMES)
+    big = np.ones((2, 3), np.float32)
+    big[1, 2] = 1e5
+    with pytest.raises(
+        BeyondRangeError,
+        match=r": the gradients holds float32 .*, first in row 5 of checkpoint 0 "
+        r"\(factor pair 1\); nothing",
+    ):
+        w.write(1, 4, big)
+    nan = np.ones((2, 3), np.float32)
+    nan[0, 0] = np.nan
+    with pytest.raises(
+        NonFiniteError,
+        match=r": the gradients holds NaN or Inf values in row 4 of checkpoint 0 "
+        r"\(factor pair 1\); nothing",
+    ):
+        w.write(1, 4, nan)
+    w.close()

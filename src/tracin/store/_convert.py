@@ -149,7 +149,11 @@ class LowPrecisionRows:
         span = f"row {first_row}" if rows == 1 else f"rows {first_row} to {first_row + rows - 1}"
         one = count == 1
         head = f"{count} of the {rows} rows" if rows > 1 else "the row"
-        zeros = "; it became all zero (it scores 0)" if one else f"; {zero} of them became all zero (they score 0)"
+        zeros = (
+            "; it became all zero (it scores 0)"
+            if one
+            else f"; {zero} of them became all zero ({'it scores' if zero == 1 else 'they score'} 0)"
+        )
         warnings.warn(
             f"{self.what + ': ' if self.what else ''}{head} of {name} ({span}{where}) {'holds' if one else 'hold'} "
             f"only values below float16's smallest normal number, {FLOAT16_TINY:.2g}, in magnitude (the largest: "

@@ -109,7 +109,7 @@ class GradientStoreWriter:
         # float16 rows left below its normal range: one warning per writer (to_store_dtype's low=)
         self._low = LowPrecisionRows(
             f"gradient store {path}",
-            'use dtype="bfloat16" (float32\'s range in 16 bits) or "float32" for such gradients, in a new store '
+            'use dtype="bfloat16" (float32\'s range in 16 bits) or dtype="float32" for such gradients, in a new store '
             "(a store keeps the dtype it was created with); this writer warns once and does not check later rows",
         )
         # the words of the warning for the store's checkpoint c and its blocks (whole, left, right factors)
@@ -123,8 +123,8 @@ class GradientStoreWriter:
         user never sees the writer (export_gradients(store=...)): what (whose rows, e.g. "dtype='float16'"),
         advice (what to use instead, and how often it warns), checkpoint_text(c) (the store's checkpoint c,
         e.g. 'checkpoint 1 (factor pair 1)') and names (of a block, its left and its right factors). Call it
-        before the first write. (The refusals name blocks and checkpoints the same way; the owner rewords
-        them anyway.)"""
+        before the first write. (The refusals of NaN / Inf and of values beyond the dtype's range name blocks
+        and checkpoints the same way; the owner rewords them anyway.)"""
         self._low = LowPrecisionRows(what, advice)
         self._checkpoint_text, self._names = checkpoint_text, names
 
@@ -334,13 +334,13 @@ class GradientStoreWriter:
     def _converted(self, x: Any, name: str, start: int, c: int) -> np.ndarray:
         """x in the store dtype; NaN / Inf (NonFiniteError) and values beyond its range (BeyondRangeError)
         refused, naming the checkpoint and the first such rows of the store."""
+        where = f" of {self._checkpoint_text(c)}"
         try:
-            where = f" of {self._checkpoint_text(c)}"
             return to_store_dtype(x, self._manifest.dtype, name, start, where, refuse_nonfinite=True, low=self._low)
         except NonFiniteError as err:
             raise _refused_rows(err, self.path) from None
         except BeyondRangeError as err:
-            raise _beyond_range(err, self.path, name, start, f" of checkpoint {c}") from None
+            raise _beyond_range(err, self.path, name, start, where) from None
 
     def _blocks(self, c: int, block: Any, start: int) -> list[np.ndarray]:
         m = self._manifest
@@ -376,11 +376,11 @@ def _refused_rows(err: NonFiniteError, path: Path) -> NonFiniteError:
 def _beyond_range(err: BeyondRangeError, path: Path, name: str, start: int, where: str) -> BeyondRangeError:
     """`err` (a block written at row `start`) in the writer's words, as _refused_rows: the store, that
     nothing of the write was stored, and that a store keeps its dtype (the wider ones need a new store)."""
-    wider = " or ".join(f'"{d}"' for d in WIDER[err.dtype])
+    wider = " or ".join(f'dtype="{d}"' for d in WIDER[err.dtype])
     return BeyondRangeError(
         f"gradient store {path}: {beyond_range_text(name, err.source, err.dtype, start + err.row, where)}; nothing "
         f"of this write was stored, and a store keeps the dtype it was created with ({err.dtype}): to store such "
-        f"values, create a new store with dtype={wider} (at another path, or with overwrite=True)",
+        f"values, create a new store with {wider} (at another path, or with overwrite=True)",
         err.row,
         err.source,
         err.dtype,
