@@ -189,7 +189,7 @@ def test_two_pairs_are_two_batches_and_the_error_says_why():
     both = BatchPlan(((x, y), (x, y)), None)  # inputs and targets both pairs: read as two batches (PAIR_RULE)
     assert both.n_rows == 8 and [b.count for b in both] == [4, 4]
     assert BatchPlan([((x, y), (x, y))], None).n_rows == 4  # as a list of one batch: one (inputs, targets)
-    with pytest.raises(ValueError, match=r"^data targets\[0\]: .*got an int in a Python list .*np\.asarray"):
+    with pytest.raises(ValueError, match=r"^data targets\[0\]: .*got an int in the Python list targets, .*np\.asarray"):
         list(BatchPlan((x, [0, 1, 2, 3]), None))  # a Python list: scalar leaves, not an array (nor two batches)
     with pytest.raises(TypeError, match=r"data\[0\]: each batch .*got ndarray.*unless both items are themselves"):
         list(BatchPlan([x, x, x], None))  # not two items: batches, none of them a pair
@@ -254,7 +254,9 @@ def test_typed_prng_keys_in_inputs_and_params(per_example_jax_grad, tmp_path):
         (lambda x, y: ({"x": x, "temperature": 2.0}, y), "data inputs['temperature']", "a float", "temperature"),
         (lambda x, y: ({"x": x, "temperature": "2.0"}, y), "data inputs['temperature']", "a str", "temperature"),
         (lambda x, y: [({"x": x, "temperature": 2.0}, y)], "data[0] inputs['temperature']", "a float", "temperature"),
-        (lambda x, y: ((x, np.float32(1)), y), r"data inputs\[1\]", "a NumPy float32 scalar in a", "setting"),
+        (lambda x, y: ((x, np.float32(1)), y), r"data inputs\[1\]", "a NumPy float32 scalar; a setting", "setting"),
+        (lambda x, y: ((x, 0.5), y), r"data inputs\[1\]", "a float; a setting shared", "setting"),
+        (lambda x, y: ((x, np.asarray(0.5)), y), r"data inputs\[1\]", r"a 0-d array \(float64\); a setting", "setting"),
         (lambda x, y: (x, {"label": y, "weight": np.asarray(1.0)}), "data targets['weight']", "a 0-d array", "weight"),
     ],
 )
@@ -265,6 +267,46 @@ def test_a_leaf_without_rows_is_named_with_its_path_and_functools_partial_sugges
         BatchPlan(data(x, y), None)
     with pytest.raises(ValueError, match=rf"functools\.partial\(loss_fn, {setting}=\.\.\.\)"):
         export_gradients(lambda p, i, t: jnp.zeros(8), [({"w": np.zeros(2, np.float32)}, 1.0)], data(x, y))
+    with pytest.raises(ValueError) as caught:
+        BatchPlan(data(x, y), None)
+    assert "Python list" not in str(caught.value) and "of it" not in str(caught.value)  # review102 F1: not circular
+
+
+@pytest.mark.parametrize(
+    "data, path, column",
+    [
+        (lambda x, y: ((x, [0.5] * 8), y), "data inputs[1][0]", "inputs[1]"),
+        (lambda x, y: ((x, [[0.5, 1.0]] * 8), y), "data inputs[1][0][0]", "inputs[1]"),
+        (lambda x, y: (x, [int(v) for v in y]), "data targets[0]", "targets"),
+        (lambda x, y: [(x, [int(v) for v in y])], "data[0] targets[0]", "targets"),
+    ],
+)
+def test_numbers_in_a_python_list_of_values_point_at_an_array_of_the_list(data, path, column):
+    """review102 F1: numbers in a Python list that is a column of values are told to make an array of the list,
+    naming it, not where a setting goes (as tracin.torch says)."""
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int32)
+    with pytest.raises(ValueError) as caught:
+        BatchPlan(data(x, y), None)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: expected an array with a leading batch dimension"), text
+    assert text.endswith(
+        f"in the Python list {column}, which JAX reads as a pytree of scalars, not an array: pass np.asarray(...) of "
+        "the list"
+    ), text
+
+
+@pytest.mark.parametrize("wrap", [lambda e: e, _Encoding], ids=["dict", "mapping leaf"])
+def test_numbers_in_the_python_lists_of_a_dict_point_at_return_tensors_np(wrap):
+    """review102 F1: a tokenizer's output without return_tensors ({'input_ids': [[...], ...]}) was told to pass
+    np.asarray(...) of the leaf inputs['input_ids'][0][0] (an int); it names the key and return_tensors="np", as
+    tracin.torch names return_tensors="pt"."""
+    data = (wrap({"input_ids": [[1, 2, 3], [4, 5, 6]]}), np.zeros(2, np.int32))
+    with pytest.raises(ValueError) as caught:
+        BatchPlan(data, None)
+    text = str(caught.value)
+    assert text.startswith("data inputs['input_ids'][0][0]: expected an array with a leading batch dimension"), text
+    assert "got an int in the Python list of 'input_ids'" in text and 'return_tensors="np"' in text, text
+    assert "np.asarray(...) of the list" in text and "setting" not in text, text
 
 
 def test_a_short_leaf_is_named_with_its_row_count():

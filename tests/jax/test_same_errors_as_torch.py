@@ -112,6 +112,21 @@ CASES = {
         r"got a float; a setting shared by every example belongs with loss_fn, not in the data: "
         r"functools\.partial\(loss_fn, smoothing=\.\.\.\)$",
     ),
+    # review102 F1: a scalar among positional inputs is a setting (not told to make an array of it, again and again);
+    # numbers in a Python list of values are told to make one of the list
+    "a setting among the positional inputs": (
+        dict(checkpoints=TWO[:1], data=lambda: ((X, 2.0), Y)),
+        ValueError,
+        r"^data inputs\[1\]: expected an array.* with a leading batch dimension \(one row per example\), "
+        r"got a float; a setting shared by every example belongs with .*functools\.partial\(loss_fn, setting=\.\.\.\)$",
+    ),
+    "numbers in a Python list of values": (
+        dict(checkpoints=TWO[:1], data=lambda: (X, [int(v) for v in Y])),
+        ValueError,
+        r"^data targets\[0\]: expected an array.* with a leading batch dimension \(one row per example\), "
+        r"got an int in the Python list targets, which .* reads as a .*, not an? (array|tensor): "
+        r"pass (torch\.tensor|np\.asarray)\(\.\.\.\) of the list$",
+    ),
     "store not a path": (dict(checkpoints=TWO, data=None, store=3), TypeError, "store must be a directory path"),
     "store without a row count": (
         dict(checkpoints=TWO[:1], data=lambda: iter(_batches()), store="s"),

@@ -939,7 +939,8 @@ _Y3 = np.arange(6) % 3
         (({"x": _X5, "t": torch.tensor(2.0)}, _Y3), "data inputs['t']", r"a 0-d tensor \(float32\)", "t"),
         (({"x": _X5, "t": np.float64(2.0)}, _Y3), "data inputs['t']", "a NumPy float64 scalar", "t"),
         ((_X5, {"labels": _Y3, "smoothing": 0.1}), "data targets['smoothing']", "a float", "smoothing"),
-        (((_X5, 2.0), _Y3), "data inputs[1]", "a float in a Python list or tuple", "setting"),
+        (((_X5, 2.0), _Y3), "data inputs[1]", "a float; a setting shared", "setting"),
+        (((_X5, torch.tensor(2.0)), _Y3), "data inputs[1]", r"a 0-d tensor \(float32\); a setting", "setting"),
         ([({"x": _X5, "temperature": 2.0}, _Y3)], "batch 0 inputs['temperature']", "a float", "temperature"),
     ],
 )
@@ -960,6 +961,7 @@ def test_a_leaf_without_rows_is_named_with_what_it_is_and_where_a_setting_goes(d
     ), text
     assert f"functools.partial(loss_fn, {setting}=...)" in text and "two batches" not in text
     assert ("forward(self, ..., " in text) == (" inputs" in path), text  # inputs go to the model
+    assert "Python list" not in text and "tensor(...) of it" not in text, text  # review102 F1: not circular
     assert model.calls == 0  # refused before any forward
 
 
@@ -1004,6 +1006,58 @@ def test_numbers_in_the_python_lists_of_a_dict_point_at_return_tensors_pt(value)
     assert "in the Python list of 'x'" in text and 'return_tensors="pt"' in text, text
     assert "torch.tensor(...) of the list" in text and "setting" not in text, text
     assert model.calls == 0
+
+
+@pytest.mark.parametrize(
+    "data, path, column",
+    [
+        (((_X5, [0.5] * 6), _Y3), "data inputs[1][0]", "inputs[1]"),
+        (((_X5, [[0.5, 1.0]] * 6), _Y3), "data inputs[1][0][0]", "inputs[1]"),
+        ((_X5, [int(v) for v in _Y3]), "data targets[0]", "targets"),
+        ([(_X5, [int(v) for v in _Y3])], "batch 0 targets[0]", "targets"),
+    ],
+)
+def test_numbers_in_a_python_list_of_values_point_at_a_tensor_of_the_list(data, path, column):
+    """review102 F1: numbers in a Python list that is a column of values (targets [0, 1, 2, ...]) are told to make a
+    tensor of the list, naming it, not where a setting goes."""
+    model = _Tempered()
+    with pytest.raises(ValueError) as caught:
+        export_gradients(
+            model, [(model.state_dict(), 1.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
+        )
+    text = str(caught.value)
+    assert text.startswith(f"{path}: expected an array or tensor with a leading batch dimension"), text
+    assert text.endswith(
+        f"in the Python list {column}, which tracin reads as a tree of values, not a tensor: pass torch.tensor(...) "
+        "of the list"
+    ), text
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("data, where", [((_X5, None), "data"), ([(_X5, None)], "batch 0")])
+def test_targets_none_says_a_torch_pair_needs_targets_and_a_placeholder_works(data, where):
+    """review102 F3: (x, None) was told to leave the targets out (loss_fn's default), which torch refuses ((x,) is
+    not a pair) and loss_fn(outputs, targets) has no default for; it says targets are needed, and the placeholder
+    it names (torch.zeros(n)) exports what the loss alone gives."""
+    model = _Tempered()
+
+    def loss(outputs, targets):
+        return outputs.pow(2).sum(1)
+
+    with pytest.raises(ValueError) as caught:
+        export_gradients(model, [(model.state_dict(), 1.0)], data, loss, progress=False)
+    text = str(caught.value)
+    assert text.startswith(f"{where} targets: expected an array or tensor with a leading batch dimension"), text
+    assert "pair needs targets" in text and "torch.zeros(n)" in text and "leave" not in text, text
+    assert model.calls == 0
+    with pytest.raises(ValueError, match=r"^data inputs: .*got None: a torch \(inputs, targets\) pair needs inputs"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (None, _Y3), loss, progress=False)
+    placeholder = export_gradients(model, [(model.state_dict(), 1.0)], (_X5, torch.zeros(6)), loss, progress=False)
+    x = torch.as_tensor(_X5, dtype=torch.float64)
+    w, b = (t.detach().double() for t in (model.linear.weight, model.linear.bias))
+    z = x @ w.T + b  # d/dz of sum(z**2) is 2z: per-example gradients 2 z x^T (weight) and 2 z (bias)
+    expected = torch.cat([(2 * z[:, :, None] * x[:, None, :]).reshape(6, -1), 2 * z], 1).numpy()
+    np.testing.assert_allclose(np.asarray(placeholder.matrices[0]), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_setting_given_to_the_model_instead_exports_what_dividing_the_logits_gives():

@@ -5,6 +5,7 @@ shape has already run (BatchPlan.reuse)."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,7 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             leaf_name = f"{name}{jax.tree_util.keystr(path)}"
             if np.ndim(leaf) == 0:
-                raise ValueError(f"{where} {leaf_name}: {_not_rows(leaf, path)}")
+                raise ValueError(f"{where} {leaf_name}: {_not_rows(leaf, path, _column(tree, path, name))}")
             sizes.setdefault(np.shape(leaf)[0], []).append(leaf_name)
     if len(sizes) != 1:
         which = "; ".join(
@@ -67,9 +68,39 @@ def _rows(inputs: Any, targets: Any, where: str) -> int:
     return next(iter(sizes))
 
 
-def _not_rows(leaf: Any, path: tuple) -> str:
-    """Why a leaf without a leading dimension (a scalar, a string, an object) cannot be data, and where a
-    setting shared by every example goes instead."""
+def _number(leaf: Any) -> bool:
+    return isinstance(leaf, (numbers.Number, np.generic))
+
+
+def _numbers_tree(node: Any) -> bool:
+    """Whether `node` is a non-empty list or tuple of numbers or of such lists or tuples."""
+    return isinstance(node, (list, tuple)) and bool(node) and all(_number(item) or _numbers_tree(item) for item in node)
+
+
+def _column(tree: Any, path: tuple, name: str) -> tuple[str, str | None] | None:
+    """For a leaf of `tree` at `path` in a Python list of numbers (a column of values, not an argument or a
+    setting: a tokenizer's lists, inputs['input_ids'][0][3], or targets [0, 1, 1]): the outermost such list's
+    name and its dict key (None if it is no dict's value); None for other leaves (a float among the positional
+    inputs, a dict's value)."""
+    node, key = tree, None
+    for depth, entry in enumerate(path):
+        if isinstance(node, list) and _numbers_tree(node):
+            return f"{name}{jax.tree_util.keystr(path[:depth])}", key
+        if isinstance(entry, jax.tree_util.DictKey):
+            node, key = node[entry.key], entry.key if isinstance(entry.key, str) else None
+        elif isinstance(entry, jax.tree_util.SequenceKey):
+            node, key = node[entry.idx], None
+        else:
+            return None
+    return None
+
+
+def _not_rows(leaf: Any, path: tuple, column: tuple[str, str | None] | None = None) -> str:
+    """Why a leaf without a leading dimension (a scalar, a string, an object) cannot be data, and what to pass
+    instead: for numbers in a Python list of numbers (`column`: a tokenizer's output without return_tensors), an
+    array of the list; otherwise (a scalar or 0-d array anywhere, among the positional inputs too) rows, or
+    where a setting shared by every example goes."""
+    expected = "expected an array with a leading batch dimension (one row per example)"
     if isinstance(leaf, (jax.Array, np.ndarray)):
         got = f"a 0-d array ({leaf.dtype})"
     elif isinstance(leaf, np.generic):
@@ -77,18 +108,24 @@ def _not_rows(leaf: Any, path: tuple) -> str:
     else:
         kind = type(leaf).__name__
         got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
-    key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
-    if isinstance(path[-1] if path else None, jax.tree_util.SequenceKey):  # an item of a Python list or tuple
+    if column is not None and _number(leaf):
+        where_list, dict_key = column
+        if dict_key is not None:
+            return (
+                f"{expected}, got {got} in the Python list of {dict_key!r}, which JAX reads as a pytree of scalars, "
+                f'not an array (what a tokenizer returns without return_tensors="np"): call the tokenizer with '
+                f'return_tensors="np" (and padding=True for texts of different lengths), or pass np.asarray(...) '
+                "of the list"
+            )
         return (
-            f"expected an array with a leading batch dimension (one row per example), got {got} in a Python "
-            "list or tuple, which JAX reads as a pytree of scalars, not an array: pass np.asarray(...) of it; a "
-            "setting shared by every example belongs with loss_fn: functools.partial(loss_fn, setting=...)"
+            f"{expected}, got {got} in the Python list {where_list}, which JAX reads as a pytree of scalars, not an "
+            "array: pass np.asarray(...) of the list"
         )
+    key = getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
     setting = key if isinstance(key, str) and key.isidentifier() else "setting"
     return (
-        f"expected an array with a leading batch dimension (one row per example), got {got}; a setting "
-        f"shared by every example belongs with loss_fn, not in the data: functools.partial(loss_fn, "
-        f"{setting}=...)"
+        f"{expected}, got {got}; a setting shared by every example belongs with loss_fn, not in the data: "
+        f"functools.partial(loss_fn, {setting}=...)"
     )
 
 

@@ -373,19 +373,22 @@ def _refuse_leaves_without_rows(pair: tuple[Tree, Tree] | list, where: str) -> N
     for part, name in ((pair[0], "inputs"), (pair[1], "targets")):
         for path, key, leaf, column in _keyed_leaves(part, name, None):
             if not isinstance(leaf, (torch.Tensor, np.ndarray)) or leaf.ndim == 0:
-                raise ValueError(f"{where} {path}: {_not_rows(leaf, key, name, column)}")
+                raise ValueError(f"{where} {path}: {_not_rows(leaf, key, name, column, path)}")
 
 
 def _keyed_leaves(
-    node: Any, name: str, key: Any, column: str | None = None
-) -> Iterator[tuple[str, Any, Any, str | None]]:
+    node: Any, name: str, key: Any, column: tuple[str, str | None] | None = None
+) -> Iterator[tuple[str, Any, Any, tuple[str, str | None] | None]]:
     """(path, key, leaf, column) of every leaf under `node` as _named_leaves, with the dict key (a str) or
-    the position (an int) of the leaf in its parent, None for `node` itself a leaf; column: the dict key
-    whose value is the Python list or tuple holding the leaf (a tokenizer's lists: inputs['input_ids'][0][3]
-    has column 'input_ids'), None for a leaf that is a dict value itself or in no dict."""
+    the position (an int) of the leaf in its parent, None for `node` itself a leaf; column: for a leaf in a
+    Python list of numbers (a column of values, not an argument or setting: a tokenizer's lists,
+    inputs['input_ids'][0][3], or targets [0, 1, 1]), (the list's path, its dict key or None), the outermost
+    such list; None for other leaves (a float among the positional inputs, a dict's value)."""
+    if column is None and _numbers_list(node):
+        column = (name, str(key) if isinstance(key, str) else None)
     if isinstance(node, Mapping):
         for k, child in node.items():
-            yield from _keyed_leaves(child, f"{name}[{k!r}]", k, str(k) if isinstance(child, (tuple, list)) else None)
+            yield from _keyed_leaves(child, f"{name}[{k!r}]", k, column)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
             yield from _keyed_leaves(child, f"{name}[{i}]", i, column)
@@ -393,11 +396,40 @@ def _keyed_leaves(
         yield name, key, node, column
 
 
-def _not_rows(leaf: Any, key: Any, part: str, column: str | None = None) -> str:
-    """Why a leaf without a dimension 0 cannot be data, and what to pass instead: for None, to leave it out;
-    for numbers in the Python lists of a dict's key (`column`: a tokenizer's output without
-    return_tensors="pt"), tensors; otherwise where a setting shared by every example goes."""
+def _number(leaf: Any) -> bool:
+    return isinstance(leaf, (numbers.Number, np.generic))
+
+
+def _numbers_list(node: Any) -> bool:
+    """Whether `node` is a Python list of numbers or of such lists (or tuples) of numbers, none empty: values
+    that torch.tensor(node) would make a tensor of (a tokenizer's output without return_tensors)."""
+    return isinstance(node, list) and _numbers_tree(node)
+
+
+def _numbers_tree(node: Any) -> bool:
+    return bool(node) and all(
+        _number(item) or (isinstance(item, (list, tuple)) and _numbers_tree(item)) for item in node
+    )
+
+
+def _not_rows(leaf: Any, key: Any, part: str, column: tuple[str, str | None] | None = None, path: str = "") -> str:
+    """Why a leaf without a dimension 0 cannot be data, and what to pass instead: for the whole inputs or
+    targets None, that a pair needs them; for another None, to leave it out; for numbers in a Python list of
+    numbers (`column`: a tokenizer's output without return_tensors="pt"), a tensor of the list; otherwise (a
+    scalar or 0-d tensor anywhere, among the positional inputs too) rows, or where a setting shared by every
+    example goes."""
     expected = "expected an array or tensor with a leading batch dimension (one row per example)"
+    if leaf is None and path == part == "targets":
+        return (
+            f"{expected}, got None: a torch (inputs, targets) pair needs targets, as tracin calls "
+            "loss_fn(outputs, targets) with the batch's targets: pass the per-example targets; a loss that needs "
+            "none can take a placeholder with one row per example, e.g. torch.zeros(n) for n examples"
+        )
+    if leaf is None and path == part == "inputs":
+        return (
+            f"{expected}, got None: a torch (inputs, targets) pair needs inputs, as tracin calls the model with "
+            "them: pass the per-example inputs (a tensor, or a tuple or dict of tensors)"
+        )
     if leaf is None:
         what = f"the key {key!r}" if isinstance(key, str) else "it"
         user = "the model's forward" if part == "inputs" else "loss_fn"
@@ -414,12 +446,18 @@ def _not_rows(leaf: Any, key: Any, part: str, column: str | None = None) -> str:
     else:
         kind = type(leaf).__name__
         got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
-    if column is not None and isinstance(leaf, (numbers.Number, np.generic)):
+    if column is not None and _number(leaf):
+        where_list, dict_key = column
+        if dict_key is not None:
+            return (
+                f"{expected}, got {got} in the Python list of {dict_key!r}, which tracin reads as a tree of values, "
+                f'not a tensor (what a tokenizer returns without return_tensors="pt"): call the tokenizer with '
+                f'return_tensors="pt" (and padding=True for texts of different lengths), or pass '
+                f"torch.tensor(...) of the list"
+            )
         return (
-            f"{expected}, got {got} in the Python list of {column!r}, which tracin reads as a tree of values, not "
-            f'a tensor (what a tokenizer returns without return_tensors="pt"): call the tokenizer with '
-            f'return_tensors="pt" (and padding=True for texts of different lengths), or pass '
-            f"torch.tensor(...) of the list"
+            f"{expected}, got {got} in the Python list {where_list}, which tracin reads as a tree of values, not a "
+            f"tensor: pass torch.tensor(...) of the list"
         )
     setting = key if isinstance(key, str) and key.isidentifier() else "setting"
     where = (
@@ -428,12 +466,6 @@ def _not_rows(leaf: Any, key: Any, part: str, column: str | None = None) -> str:
         if part == "inputs"
         else f"with loss_fn, not in the data: functools.partial(loss_fn, {setting}=...)"
     )
-    if isinstance(key, int):  # an item of a Python tuple or list: the inputs passed positionally, or a column
-        return (
-            f"{expected}, got {got} in a Python list or tuple, which tracin reads as a tree of values, not a "
-            f"tensor: pass torch.tensor(...) of it for a value per example; a setting shared by every example "
-            f"belongs {where}"
-        )
     return f"{expected}, got {got}; a setting shared by every example belongs {where}"
 
 
