@@ -160,11 +160,13 @@ def test_a_float16_export_warns_once_of_rows_left_below_its_normal_range(tmp_pat
     words = [
         rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
         r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(it scores 0\); "
-        r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32'; this "
+        r"export such gradients with dtype='bfloat16' \(nearly float32's range, up to 3\.39e38, in 16 bits\) or "
+        r"dtype='float32'; this "
         r"export warns once and does not check later rows$",
         rf"^dtype='float16': 3 of the 4 rows of {part} \(rows 5 to 8 of checkpoint 1 \(factor pair 1\)\) hold only "
         r"values below float16's smallest normal number, 6.1e-05, .*; 1 of them became all zero \(it scores 0\); "
-        r"export such gradients with dtype='bfloat16' \(float32's range in 16 bits\) or dtype='float32', into "
+        r"export such gradients with dtype='bfloat16' \(nearly float32's range, up to 3\.39e38, in 16 bits\) or "
+        r"dtype='float32', into "
         rf"another directory \(the store begun in {re.escape(os.fspath(tmp_path / 'g'))} keeps dtype='float16'\); "
         r"this export warns once and does not check later rows$",
     ]
@@ -209,7 +211,8 @@ def test_a_float16_export_into_a_store_warns_once_in_its_own_words(tmp_path):
     text = str(low[0].message)
     assert re.match(r"dtype='float16': 2 of the 2 rows of the gradients \(rows 0 to 1 of checkpoint 0\) ", text), text
     assert text.endswith(
-        f"export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32', into another "
+        "export such gradients with dtype='bfloat16' (nearly float32's range, up to 3.39e38, in 16 bits) or "
+        f"dtype='float32', into another "
         f"directory (the store begun in {os.fspath(store)} keeps dtype='float16'); this export warns once and does "
         "not check later rows"
     ), text

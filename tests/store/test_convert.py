@@ -186,7 +186,7 @@ def test_float16_rows_left_below_the_normal_range_warn_with_counts(source, kind)
         rf"^3 of the 7 rows of block \(rows 10 to 16 of checkpoint 2\) hold only values below float16's smallest "
         rf"normal number, 6.1e-05, in magnitude \(the largest: {largest:.3g}\), which float16 keeps with fewer "
         r"significant bits \(subnormals\) or as 0, so their scores lose precision; 1 of them became all zero "
-        r"\(it scores 0\); store them as bfloat16 \(float32's range\) or float32$"
+        r"\(it scores 0\); store them as bfloat16 \(nearly float32's range\) or float32$"
     )
     with pytest.warns(RuntimeWarning, match=message):
         out = to_store_dtype(block, "float16", "block", 10, " of checkpoint 2")

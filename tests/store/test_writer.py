@@ -442,7 +442,8 @@ def test_a_float16_store_warns_once_per_writer_of_rows_left_below_its_normal_ran
         rf"^gradient store {tmp_path / 's'}: 2 of the 10 rows of {name} \(rows 10 to 19 of checkpoint 0\) hold only "
         rf"values below float16's smallest normal number, 6.1e-05, in magnitude \(the largest: "
         rf"{np.abs(tiny[2]).max():.3g}\), .*; 1 of them became all zero \(it scores 0\); use dtype=\"bfloat16\" "
-        r"\(float32's range in 16 bits\) or dtype=\"float32\" for such gradients, in a new store \(a store keeps the "
+        r"\(nearly float32's range, up to 3\.39e38, in 16 bits\) or dtype=\"float32\" for such gradients, in a new "
+        r"store \(a store keeps the "
         r"dtype it was created with\); this writer warns once and does not check later rows$"
     )
     with pytest.warns(RuntimeWarning, match=message) as caught:

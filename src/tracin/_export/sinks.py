@@ -37,8 +37,8 @@ from .resume import refuse_another_export
 EXPORT_ADVICE = "export into another directory, or delete this one"
 # What to export instead when float16 leaves rows with little or no precision (LowPrecisionRows).
 LOW_PRECISION_ADVICE = (
-    "export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32'; "
-    "this export warns once and does not check later rows"
+    "export such gradients with dtype='bfloat16' (nearly float32's range, up to 3.39e38, in 16 bits) or "
+    "dtype='float32'; this export warns once and does not check later rows"
 )
 Block = Any  # (rows, d) array, or a (left (rows, p), right (rows, q)) pair when factored
 Wrap = Callable[[np.ndarray, str], Any]  # (stored array, dtype name) -> the framework's array
@@ -230,7 +230,8 @@ class StoreSink:
         # pair), not the writer's own (its blocks, a new store, "this writer")
         self._writer.word_low_precision(
             f"dtype={dtype!r}",
-            f"export such gradients with dtype='bfloat16' (float32's range in 16 bits) or dtype='float32', into "
+            "export such gradients with dtype='bfloat16' (nearly float32's range, up to 3.39e38, in 16 bits) or "
+            f"dtype='float32', into "
             f"another directory (the store begun in {os.fspath(path)} keeps dtype={dtype!r}); this export warns "
             + (
                 "once per range of rows and does not check that range's later rows"

@@ -117,10 +117,10 @@ class LowPrecisionRows:
     A store writer or an export holds one and passes it to every to_store_dtype call (low=), so the
     warning comes once per writer or export, not once per block; it names the rows of the first block
     holding such rows, and later blocks are not checked. what: whose rows (e.g. "gradient store PATH");
-    advice: the sentence saying what to use instead (e.g. dtype="bfloat16", float32's range in 16 bits).
+    advice: the sentence saying what to use instead (e.g. dtype="bfloat16", nearly float32's range in 16 bits).
     Threads may share one (a writer's): the decision to warn is taken under a lock, so it warns once."""
 
-    def __init__(self, what: str = "", advice: str = "store them as bfloat16 (float32's range) or float32"):
+    def __init__(self, what: str = "", advice: str = "store them as bfloat16 (nearly float32's range) or float32"):
         self.what, self.advice = what, advice
         self.warned = False
         self._lock = threading.Lock()  # around testing and setting `warned` (the scan runs outside it)

@@ -109,7 +109,8 @@ class GradientStoreWriter:
         # float16 rows left below its normal range: one warning per writer (to_store_dtype's low=)
         self._low = LowPrecisionRows(
             f"gradient store {path}",
-            'use dtype="bfloat16" (float32\'s range in 16 bits) or dtype="float32" for such gradients, in a new store '
+            'use dtype="bfloat16" (nearly float32\'s range, up to 3.39e38, in 16 bits) or dtype="float32" for such '
+            "gradients, in a new store "
             "(a store keeps the dtype it was created with); this writer warns once and does not check later rows",
         )
         # the words of the warning for the store's checkpoint c and its blocks (whole, left, right factors)
@@ -183,7 +184,8 @@ class GradientStoreWriter:
         and the first such rows, raised before anything of the write reaches the disk; so are finite
         values the store dtype cannot hold (BeyondRangeError: |x| >= 65520 in float16). In a float16
         store, rows whose values all lie below float16's normal range (|x| < 2**-14 ~ 6.1e-5: kept
-        with fewer bits, or as 0) are a RuntimeWarning, once per writer (bfloat16 keeps float32's range).
+        with fewer bits, or as 0) are a RuntimeWarning, once per writer (bfloat16 keeps
+        float32's small values and nearly its range: it refuses |x| >= 3.3961775e38).
         Rewriting rows already written is allowed (the new values replace the old). An OSError
         (e.g. a full disk) names the file; the rows are then not recorded, and a resume redoes them.
         """
