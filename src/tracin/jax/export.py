@@ -114,7 +114,7 @@ def export_gradients(
     dtype: "float32" | "float16" | "bfloat16" of the stored rows. float16 keeps its precision only for
         |x| >= 2**-14 ~ 6.1e-5: rows whose values are all smaller (examples fit with a loss near 0) keep
         fewer bits or become zero (a RuntimeWarning once per export, at the first batch holding any: it
-        counts and names that batch's rows, and later rows are not checked); bfloat16 has float32's range.
+        counts and names that batch's rows, and later rows are not checked); bfloat16 has nearly float32's range.
     store: a directory: rows go to a tracin.GradientStore there as they are computed; an export
         killed part-way resumes where it stopped when run again with the same arguments. Its
         metadata (compared on resume) holds fingerprints of all the data (read once more, up front),

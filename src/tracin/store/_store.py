@@ -178,7 +178,7 @@ class GradientStore(GradientSet):
         n_rows: rows (examples); dims: per checkpoint d_c (full) or (p_c, q_c) (factored=True); weights: per checkpoint
         learning rate (default 1 each); dtype: "float32", "float16" or "bfloat16" (float16 keeps its precision
         only for |x| >= 2**-14 ~ 6.1e-5: rows whose values are all smaller keep fewer bits or become zero, a
-        RuntimeWarning once per writer; bfloat16 has float32's range); metadata: JSON-serialisable
+        RuntimeWarning once per writer; bfloat16 has nearly float32's range); metadata: JSON-serialisable
         provenance (layers, projection, ...), nested at most 63 levels, its "preconditioner" (null or {"kind": str,
         ...}) beside a "mode" and "params" (a list of {"name": str, ...}) beside a "framework" as the adapters record
         them, since scoring compares them (a ValueError otherwise: docs/format.md); ids: one int or str per row. An

@@ -170,7 +170,7 @@ def export_gradients(
     dtype: stored element type, "float32", "float16" or "bfloat16". float16 keeps its precision only for
         |x| >= 2**-14 ~ 6.1e-5: rows whose values are all smaller (examples fit with a loss near 0) keep
         fewer bits or become zero (a RuntimeWarning once per export, at the first batch holding any: it
-        counts and names that batch's rows, and later rows are not checked); bfloat16 has float32's range.
+        counts and names that batch's rows, and later rows are not checked); bfloat16 has nearly float32's range.
     store: a directory: write a GradientStore there as rows are computed, and resume it if an
         earlier call with the same arguments was interrupted. Returns the finished store. Its
         metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
