@@ -22,7 +22,7 @@ from .._export.driver import store_rows
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
-from ..store._convert import LowPrecisionRows
+from ..store._convert import LowPrecisionWarning
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
 from ._cluster import (
@@ -49,7 +49,7 @@ _WARNINGS_LOCK = threading.Lock()
 # "tasks": thread ident -> the warnings list of the export task running on it (recorded_warnings), "saved":
 # the process's warnings.showwarning and filters from before the first of them
 _recording: dict[str, Any] = {"tasks": {}, "saved": None}
-# a warning raised in an export task: category, message text, whether it is LowPrecisionRows' (once per export)
+# a warning raised in an export task: category, message text, whether it is a LowPrecisionWarning (once per export)
 Recorded = tuple[type[Warning], str, bool]
 
 
@@ -483,7 +483,7 @@ def export_part(
 
 @contextmanager
 def recorded_warnings() -> Iterator[list[Recorded]]:
-    """The distinct (category, message text, whether LowPrecisionRows.check raised it) of the warnings
+    """The distinct (category, message text, whether it is a LowPrecisionWarning) of the warnings
     raised inside, in order, each one whatever was shown before (an "always" filter first), none shown.
     Python's warnings filters and warnings.showwarning are the whole process's, and a worker may run
     several tasks on its threads at once (catch_warnings would restore one task's state over another's):
@@ -521,10 +521,7 @@ def recorded_warnings() -> Iterator[list[Recorded]]:
 def _record_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """warnings.showwarning while recorded_warnings is installed: (category, text) into the list of the
     task on this thread, else of every task inside (each list keeps one of each)."""
-    frame, low = sys._getframe(1), False
-    while frame is not None and not low:  # the float16 check's warning, whichever thread raised it
-        low, frame = frame.f_code is LowPrecisionRows.check.__code__, frame.f_back
-    entry = (category, str(message), low)
+    entry = (category, str(message), issubclass(category, LowPrecisionWarning))
     with _WARNINGS_LOCK:
         tasks = _recording["tasks"]
         mine = tasks.get(threading.get_ident())

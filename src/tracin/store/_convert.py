@@ -108,8 +108,13 @@ def beyond_range_text(name: str, source: str, dtype: str, row: int, where: str) 
     )
 
 
+class LowPrecisionWarning(RuntimeWarning):
+    """float16 left rows with little or no precision (LowPrecisionRows): a RuntimeWarning of its own kind, so
+    the Dask export can tell it from the others (once per export, where the others are once per message)."""
+
+
 class LowPrecisionRows:
-    """Warns (a RuntimeWarning), once, when float16 conversions leave rows with little or no precision:
+    """Warns (a LowPrecisionWarning), once, when float16 conversions leave rows with little or no precision:
     rows, not all zero, whose largest |x| is below float16's smallest normal number (FLOAT16_TINY), which
     float16 holds as subnormals (fewer significant bits, the smaller the fewer) or as 0. A few tiny values
     in a row do no harm (its large ones dominate its scores); a row of only tiny ones loses its scores.
@@ -159,7 +164,7 @@ class LowPrecisionRows:
             f"only values below float16's smallest normal number, {FLOAT16_TINY:.2g}, in magnitude (the largest: "
             f"{float(largest[lost].max()):.3g}), which float16 keeps with fewer significant bits (subnormals) or as 0, "
             f"so {'its' if one else 'their'} scores lose precision{zeros if zero else ''}; {self.advice}",
-            RuntimeWarning,
+            LowPrecisionWarning,
             stacklevel=user_stacklevel(),
         )
 
