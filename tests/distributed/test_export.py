@@ -10,7 +10,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections import UserDict
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
 from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _export  # noqa: E402
-from tracin.store._convert import LowPrecisionWarning  # noqa: E402
 from tracin.store._range_writer import GradientStoreRangeWriter  # noqa: E402
 
 
@@ -374,78 +372,6 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     reader.start()
     reader.join(30)
     assert seen == {"a": 1, "b": 1} and fresh == [3]
-
-
-def _tiny_loss(outputs, targets):
-    """Gradients below float16's smallest normal number (~6e-5) in every row."""
-    return 1e-7 * (outputs**2).sum(1)
-
-
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_export_warnings_of_the_tasks_reach_the_caller_once(client, tmp_path, dtype):
-    """The float16 low-precision RuntimeWarning, raised by each of the 3 tasks (each names its own rows),
-    is warned once at the caller, as one process warns once: the first task's, naming the user's line;
-    an ordinary export warns nothing."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    data = (torch.randn(24, 4), torch.zeros(24, dtype=torch.long))
-    checkpoints = [(model.state_dict(), 1.0)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        td.export_gradients(
-            "torch", model, checkpoints, data, _tiny_loss, dtype=dtype, batch_size=8, store=tmp_path / "s",
-            client=client, shards=3, num_threads=1, progress=False,
-        )  # fmt: skip
-    ours = [w for w in caught if "float16" in str(w.message) or issubclass(w.category, RuntimeWarning)]
-    if dtype == "float32":
-        assert ours == []
-        return
-    assert len(ours) == 1, [str(w.message) for w in caught]
-    assert ours[0].category is LowPrecisionWarning  # its own kind, kept through the worker
-    assert "rows 0 to 7 of checkpoint 0" in str(ours[0].message)
-    assert "below float16's smallest normal number" in str(ours[0].message)
-    assert ours[0].filename == __file__
-
-
-def test_recorded_warnings_of_overlapping_tasks_are_their_own_and_not_shown(monkeypatch):
-    """Two tasks of one process, inside at once on two threads: each records its own thread's warnings
-    (raised again: an "always" filter), a third thread's goes to both, none is shown, and once the last
-    has left, the process's showwarning and filters are those from before (which ignore UserWarning and
-    RuntimeWarning here, as a worker's may: the tasks record them all the same)."""
-    shown = []
-    monkeypatch.setattr(warnings, "showwarning", lambda *a, **k: shown.append(a))
-    monkeypatch.setattr(warnings, "filters", [("ignore", None, Warning, None, 0)])
-    before = list(warnings.filters)
-    a_in, b_in, a_warned = threading.Event(), threading.Event(), threading.Event()
-    found = {}
-
-    def task(name, inside, other):
-        with _export.recorded_warnings() as raised:
-            inside.set()
-            assert other.wait(30)
-            if name == "b":  # after a's warnings, a's side thread's too, and after a has left
-                assert a_warned.wait(30)
-            for _ in range(2):  # twice: recorded once
-                warnings.warn(f"from {name}", UserWarning, stacklevel=1)
-            if name == "a":
-                side = threading.Thread(target=warnings.warn, args=("from a side thread", RuntimeWarning))
-                side.start()
-                side.join(30)
-        found[name] = raised
-        if name == "a":
-            a_warned.set()
-
-    b = threading.Thread(target=task, args=("b", b_in, a_in))
-    b.start()
-    task("a", a_in, b_in)
-    b.join(30)
-    side = (RuntimeWarning, "from a side thread", False)
-    assert found["a"] == [(UserWarning, "from a", False), side]
-    assert found["b"] == [side, (UserWarning, "from b", False)]
-    assert shown == [] and warnings.filters == before
-    warnings.filters[:] = []
-    warnings.warn("after", UserWarning, stacklevel=1)
-    assert len(shown) == 1
 
 
 def _fresh_thread_count() -> int:

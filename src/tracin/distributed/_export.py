@@ -9,7 +9,6 @@ import re
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,12 +16,10 @@ from typing import IO, Any
 
 import cloudpickle
 
-from .._caller import user_stacklevel
 from .._export.driver import store_rows
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore
-from ..store._convert import LowPrecisionWarning
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
 from ._cluster import (
@@ -45,12 +42,6 @@ POLL_S = 1.0  # how often the bar of rows written reads the range writers' progr
 POLLER_JOIN_S = 5.0  # how long the end of rows_bar waits for a poll under way (a hung file system)
 _THREADS_LOCK = threading.Lock()
 _threads_users = [0, 0]  # [tasks inside torch_threads in this process, torch's default count before the first]
-_WARNINGS_LOCK = threading.Lock()
-# "tasks": thread ident -> the warnings list of the export task running on it (recorded_warnings), "saved":
-# the process's warnings.showwarning and filters from before the first of them
-_recording: dict[str, Any] = {"tasks": {}, "saved": None}
-# a warning raised in an export task: category, message text, whether it is a LowPrecisionWarning (once per export)
-Recorded = tuple[type[Warning], str, bool]
 
 
 def export_gradients(
@@ -179,7 +170,7 @@ def _write_ranges(
         ]
         try:
             with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
-                raised = job.wait(parts, False)
+                job.wait(parts, False)
         except (KeyboardInterrupt, TaskFailedError) as e:  # interrupted, or workers lost: a rerun resumes
             if outside:  # else the call's own LocalCluster, closed on the way out, stops its tasks
                 _noted(
@@ -189,20 +180,6 @@ def _write_ranges(
                     "calling again to resume, or call client.restart()",
                 )
             raise
-    reissue_warnings(raised)
-
-
-def reissue_warnings(raised: list[list[Recorded]]) -> None:
-    """The warnings the export tasks raised on the workers (export_part's results, in task order), each
-    distinct (category, message) warned once here, in that order, naming the user's call; of the float16
-    low-precision warnings (one per export in one process, naming the rows of the first block holding
-    such rows; each task's names its own), only the first task's."""
-    seen: set[tuple[type[Warning], str | None]] = set()
-    for category, message, once_per_export in (w for task in raised for w in task or ()):
-        kind = (category, None if once_per_export else message)
-        if kind not in seen:
-            seen.add(kind)
-            warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 def absolute_checkpoints(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -471,69 +448,10 @@ def _range_writers_named(path: str) -> Iterator[None]:
 
 def export_part(
     adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
-) -> list[Recorded]:
+) -> None:
     """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
     written into the store at `path`, which the client created (a ValueError naming this worker,
-    before any data is read, when it does not see it). Returns the warnings raised meanwhile
-    (recorded_warnings: not shown on the worker), for the client to warn (reissue_warnings)."""
-    with recorded_warnings() as raised:
-        _export_part(adapter, sent, path, start, stop, num_threads, slots)
-    return raised
-
-
-@contextmanager
-def recorded_warnings() -> Iterator[list[Recorded]]:
-    """The distinct (category, message text, whether it is a LowPrecisionWarning) of the warnings
-    raised inside, in order, each one whatever was shown before (an "always" filter first), none shown.
-    Python's warnings filters and warnings.showwarning are the whole process's, and a worker may run
-    several tasks on its threads at once (catch_warnings would restore one task's state over another's):
-    the first task inside installs the recording, the last one out restores what was there. A warning
-    raised on a task's thread goes to that task's list; one from another thread (say a writer thread of
-    a task) to every task's list inside then (the client warns each distinct one once)."""
-    raised: list[Recorded] = []
-    me = threading.get_ident()
-    with _WARNINGS_LOCK:
-        tasks = _recording["tasks"]
-        if not tasks:
-            _recording["saved"] = (warnings.showwarning, list(warnings.filters))
-            warnings.simplefilter("always")  # the filters' version changes: no registry keeps one quiet
-            warnings.showwarning = _record_warning
-        outer = tasks.get(me)  # a task inside another on this thread (a test calling export_part): its own list
-        tasks[me] = raised
-    try:
-        yield raised
-    finally:
-        with _WARNINGS_LOCK:
-            if outer is None:
-                del tasks[me]
-            else:
-                tasks[me] = outer
-            if not tasks:
-                showwarning, filters = _recording["saved"]
-                _recording["saved"] = None
-                warnings.showwarning = showwarning
-                warnings.filters[:] = filters
-                mutated = getattr(warnings, "_filters_mutated", None)  # the filters' version, as simplefilter does
-                if mutated is not None:
-                    mutated()
-
-
-def _record_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    """warnings.showwarning while recorded_warnings is installed: (category, text) into the list of the
-    task on this thread, else of every task inside (each list keeps one of each)."""
-    entry = (category, str(message), issubclass(category, LowPrecisionWarning))
-    with _WARNINGS_LOCK:
-        tasks = _recording["tasks"]
-        mine = tasks.get(threading.get_ident())
-        for raised in [mine] if mine is not None else list(tasks.values()):
-            if entry not in raised:
-                raised.append(entry)
-
-
-def _export_part(
-    adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
-) -> None:
-    """export_part's work."""
+    before any data is read, when it does not see it)."""
     refuse_unseen(path)
     args, kwargs = cloudpickle.loads(sent)
     export = _export_function(adapter)

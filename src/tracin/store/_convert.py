@@ -109,8 +109,8 @@ def beyond_range_text(name: str, source: str, dtype: str, row: int, where: str) 
 
 
 class LowPrecisionWarning(RuntimeWarning):
-    """float16 left rows with little or no precision (LowPrecisionRows): a RuntimeWarning of its own kind, so
-    the Dask export can tell it from the others (once per export, where the others are once per message)."""
+    """float16 left rows with little or no precision (LowPrecisionRows): a RuntimeWarning of its own kind,
+    to filter on its own (warnings.filterwarnings(..., category=LowPrecisionWarning))."""
 
 
 class LowPrecisionRows:
