@@ -149,21 +149,21 @@ class Preconditioned:
             if (checkpoint, k) not in self._warned and np.count_nonzero(v) < v.size:
                 name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
                 shape = self.shapes[k] if k < len(self.shapes) else None
-                out.append(_ZeroV(k, name, start, v == 0, a.eps, shape))
+                mask = v == 0
+                out.append(_ZeroV(k, name, start + np.flatnonzero(mask), mask, a.eps, shape))
             start += v.size
         return out
 
     def _warn_zero_v(self, block: Any, checkpoint: int) -> None:
         """One RuntimeWarning per parameter per checkpoint, once a block has rows with non-zero gradient on
         entries whose v is 0 (divided by eps, those dominate the row); a gradient of 0 there is harmless.
-        O(block): the zero entries of each row, a few rows at a time."""
+        O(block): the zero entries of each row (gathered by index), a few rows at a time."""
         g = np.asarray(block)
         for z in list(self._zero_v):
-            part = g[:, z.start : z.start + z.mask.size]
-            zero = int(np.count_nonzero(z.mask))
+            zero = z.columns.size
             step = max(1, (1 << 22) // zero)
             touch = sum(
-                int(np.count_nonzero((part[i : i + step, z.mask] != 0).any(axis=1))) for i in range(0, len(g), step)
+                int(np.count_nonzero((g[i : i + step, z.columns] != 0).any(axis=1))) for i in range(0, len(g), step)
             )
             if not touch:
                 continue
@@ -245,12 +245,12 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
 
 @dataclass(frozen=True, eq=False)
 class _ZeroV:
-    """A parameter of the row whose v has zeros: its index and name, its first column in the row, where its v
-    is 0 (bool, flattened), eps and its shape (or None)."""
+    """A parameter of the row whose v has zeros: its index and name, the row's columns where its v is 0
+    (int64), where its v is 0 (bool, flattened), eps and its shape (or None)."""
 
     index: int
     name: str
-    start: int
+    columns: np.ndarray
     mask: np.ndarray
     eps: float
     shape: tuple[int, ...] | None
