@@ -130,3 +130,14 @@ def _rows_are_runs(arr: np.ndarray) -> bool:
     if cols > 1 and col_stride != arr.itemsize:
         return False
     return rows < 2 or (row_stride >= cols * arr.itemsize and row_stride % arr.itemsize == 0)
+
+
+def scalar_leaf_kind(leaf: Any) -> str:
+    """What a data leaf with no dimension 0 is, for the torch and JAX data errors: 'a NumPy float32 scalar',
+    'a 0-d array (float32)' (a NumPy or JAX array), else by its type: 'a float', 'an int', 'a str'."""
+    if isinstance(leaf, np.generic):
+        return f"a NumPy {leaf.dtype} scalar"
+    if hasattr(leaf, "dtype") and getattr(leaf, "ndim", None) == 0:
+        return f"a 0-d array ({leaf.dtype})"
+    kind = type(leaf).__name__
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._arrays import scalar_leaf_kind
 from .._validate import positive_int
 
 DEFAULT_BATCH_SIZE = 64
@@ -101,13 +102,7 @@ def _not_rows(leaf: Any, path: tuple, column: tuple[str, str | None] | None = No
     array of the list; otherwise (a scalar or 0-d array anywhere, among the positional inputs too) rows, or
     where a setting shared by every example goes."""
     expected = "expected an array with a leading batch dimension (one row per example)"
-    if isinstance(leaf, (jax.Array, np.ndarray)):
-        got = f"a 0-d array ({leaf.dtype})"
-    elif isinstance(leaf, np.generic):
-        got = f"a NumPy {leaf.dtype} scalar"
-    else:
-        kind = type(leaf).__name__
-        got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    got = scalar_leaf_kind(leaf)
     if column is not None and _number(leaf):
         where_list, dict_key = column
         if dict_key is not None:

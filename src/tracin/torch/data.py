@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._arrays import scalar_leaf_kind
+
 Tree = Any  # a tensor, or a tuple / list / dict (any Mapping) of trees
 
 
@@ -437,15 +439,7 @@ def _not_rows(leaf: Any, key: Any, part: str, column: tuple[str, str | None] | N
             f"{expected}, got None: leave {what} out of the data ({user} then uses its default), or pass a "
             "tensor with one row per example"
         )
-    if isinstance(leaf, torch.Tensor):
-        got = f"a 0-d tensor ({_dtype_name(leaf.dtype)})"
-    elif isinstance(leaf, np.ndarray):
-        got = f"a 0-d array ({leaf.dtype})"
-    elif isinstance(leaf, np.generic):
-        got = f"a NumPy {leaf.dtype} scalar"
-    else:
-        kind = type(leaf).__name__
-        got = f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+    got = f"a 0-d tensor ({_dtype_name(leaf.dtype)})" if isinstance(leaf, torch.Tensor) else scalar_leaf_kind(leaf)
     if column is not None and _number(leaf):
         where_list, dict_key = column
         if dict_key is not None:
