@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{whitened}")
         sys.stdout.flush()  # a reader gone away (| head) fails here, not at exit
     except BrokenPipeError:  # quietly, with the exit code the tracin CLI gives
-        from tracin.cli import BROKEN_PIPE_EXIT, _drop_output
+        from tracin.cli import BROKEN_PIPE_EXIT, drop_output
 
-        _drop_output(sys.stdout)
+        drop_output(sys.stdout)
         return BROKEN_PIPE_EXIT
     return 0
 

@@ -216,7 +216,7 @@ def _stdout(instead: str = "") -> Iterator[IO[str]]:
         raise
     except OSError as e:
         try:
-            _drop_output(sys.stdout)
+            drop_output(sys.stdout)
         except (OSError, ValueError):  # no descriptor (an in-memory stream)
             pass
         raise CommandError(f"cannot write the results to stdout: {e.strerror or _one_line(e)}") from e
@@ -897,7 +897,7 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
 _SIGNAL_WORDS = {"SIGINT": "interrupted", "SIGHUP": "hung up (SIGHUP)"}
 
 
-def _drop_output(stream: IO[str]) -> None:
+def drop_output(stream: IO[str]) -> None:
     """Points `stream`'s descriptor at /dev/null, so that what is still buffered cannot fail again at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, stream.fileno())
@@ -922,7 +922,7 @@ def _report_signal(command: str, signum: int, error: BaseException | None, ran_o
             stream.flush()
         except OSError:  # a hangup closed the terminal (or a reader went away): the exit code stays
             try:
-                _drop_output(stream)
+                drop_output(stream)
             except (OSError, ValueError):  # no descriptor (an in-memory stream)
                 pass
     return 128 + signum
@@ -975,7 +975,7 @@ def _main(argv: list[str] | None) -> int:
         with _signals_unwind(received):
             code = _run(args, received)
     except BrokenPipeError:
-        _drop_output(sys.stdout)  # the reader went away
+        drop_output(sys.stdout)  # the reader went away
         if received:  # after a hangup, which closed the terminal: the hangup's exit code
             return _report_signal(args.command, received[0], None)
         return BROKEN_PIPE_EXIT
