@@ -656,6 +656,26 @@ def test_non_finite_test_rows_found_in_any_panel_and_weighting_overflow(rng):
         tracin.top_k(heavy, [np.ones((4, 5), np.float32)])
 
 
+def test_overflowing_checkpoint_does_not_wipe_out_the_rows_other_checkpoints():
+    """A test row whose weighted values overflow float32 in checkpoint 0 (1e30 x 1e30) beside ordinary
+    values in checkpoint 1 (1e-20, weight 1): rescaling the row by one power of two to bring the
+    overflow into range would take checkpoint 1's values to zero (review107 F1: scores 0.0 for an exact
+    4e-20, top_k ranking the smaller score first), so the overflow is reported instead. A row whose small
+    values stay in range (1e-28 beside 1e39) is still rescaled and scored within float32 rounding."""
+    d = 4
+    t0, t1 = np.full((1, d), 1e30, np.float32), np.full((1, d), 1e-20, np.float32)
+    x0, x1 = np.zeros((2, d), np.float32), np.array([[1.0] * d, [2.0] * d], np.float32)
+    w = [1e30, 1.0]
+    test, train = tracin.Gradients([t0, t1], w), tracin.Gradients([x0, x1], w)
+    with pytest.raises(ValueError, match="influence overflowed float32 although every input is finite"):
+        tracin.scores(test, train)
+    with pytest.raises(ValueError, match="influence overflowed float32 although every input is finite"):
+        tracin.top_k(test, train, k=1)
+    t0[:], t1[:] = 1e9, 1e-28
+    exact = w[0] * (to_float64(t0) @ to_float64(x0).T) + w[1] * (to_float64(t1) @ to_float64(x1).T)
+    np.testing.assert_allclose(tracin.scores(tracin.Gradients([t0, t1], w), train), exact, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

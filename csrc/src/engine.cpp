@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -113,8 +114,12 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // 2^e_r once computed: one exponent per row, since a score's column only sees its own row. e_r is 0
 // (the plain w_c, the same bits as ever) unless row r's weighted values leave float32's comfortable
 // range: when every one is below 2^-96 (subnormals lose bits) e_r brings the largest to 2^-96,
-// when one overflows it brings the largest to 2^100. Scaling by a power of two is exact, so only
-// the values that would have been subnormal or infinite change. Since e_r < 0 only when every packed
+// when one overflows it brings the largest to 2^100, unless that would take one of the row's
+// other values (in any checkpoint) from float32's normal range to a subnormal or zero: then e_r stays
+// 0 and the row overflows, reported as such (a row whose checkpoints' weighted values span more than
+// 2^226 cannot be scored in float32 without losing the small ones). Scaling by a power of two is
+// exact, so the values that change are the infinite ones (made finite) and, when e_r < 0, the
+// subnormal ones (made normal); a normal value never leaves the normal range. Since e_r < 0 only when every packed
 // value of row r is below 2^-96, a tile's column (a score times 2^-e_r) stays far from overflow;
 // e_r > 0 only makes it smaller than the scores.
 // Cosine scores (unit test rows times w_c) lift further: a row whose packed values are all below
@@ -269,9 +274,36 @@ class PackedTest {
       if (*largest < -96) exponents[static_cast<std::size_t>(r)] = *largest + 96;  // to [2^-96, 2^-95)
       if (normalize > 0 && *largest < kCosineFloor)  // to [2^-32, 2^-31)
         exponents[static_cast<std::size_t>(r)] = *largest - kCosineFloor;
-      if (*largest >= 127) exponents[static_cast<std::size_t>(r)] = *largest - 100;  // to [2^100, 2^101)
+      if (*largest >= 127 && !ShiftLeavesNormalRange(kernels, test, weights, begin + r, r, *largest - 100, normalize))
+        exponents[static_cast<std::size_t>(r)] = *largest - 100;  // to [2^100, 2^101)
     }
     return exponents;
+  }
+
+  // Whether packing row `row` (row r of the pass) with exponent e > 0 would take a value that is a
+  // normal float32 when packed with exponent 0 to a subnormal or zero: PackPanel's arithmetic, both
+  // ways, over the weighted blocks.
+  bool ShiftLeavesNormalRange(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+                              std::int64_t row, std::int64_t r, int e, std::int64_t normalize) const {
+    float piece[kSliceDepth];
+    for (std::size_t b = 0; b < test.blocks.size(); ++b) {
+      if (test.factored && b % 2 == 1) continue;
+      const MatrixView& m = test.blocks[b];
+      const double* scales = ScalesOf(test, b, normalize);
+      const double w = WeightOf(test, weights, b), shifted = std::ldexp(w, -e);
+      const double plain_lw = scales ? w * scales[static_cast<std::size_t>(r) * runs_] : w;
+      const double shifted_lw = scales ? shifted * scales[static_cast<std::size_t>(r) * runs_] : shifted;
+      for (std::int64_t k0 = 0; k0 < m.cols; k0 += kSliceDepth) {
+        const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
+        LoadRow(kernels, m, row, k0, kc, piece);
+        for (std::int64_t k = 0; k < kc; ++k) {
+          const float plain = std::fabs(static_cast<float>(plain_lw * static_cast<double>(piece[k])));
+          const float after = std::fabs(static_cast<float>(shifted_lw * static_cast<double>(piece[k])));
+          if (plain >= FLT_MIN && plain <= FLT_MAX && after < FLT_MIN) return true;
+        }
+      }
+    }
+    return false;
   }
 
   // Weights (times each row's 2^-e_r, PackPanel) go on the left factor (or the whole gradient) of

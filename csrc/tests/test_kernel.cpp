@@ -230,6 +230,49 @@ void TestWeightExponentPerTestRow() {
   }
 }
 
+// A test row whose weighted values overflow float32 in one checkpoint (1e30 x 1e30) while its other
+// checkpoint holds ordinary values (1e-20, weight 1): packing the row divided by 2^99 would take those
+// to zero (a score of 0 for the exact 4e-20, and TopK ranking train row 0 over row 1), so the row is
+// not rescaled and the overflow is reported. A row whose small values stay normal when divided
+// (1e-28 next to 1e9 x 1e30, divided by 2^29) is still rescaled and scores within the bound.
+void TestExponentShiftKeepsOtherCheckpoints() {
+  const Matrix t0{1, 4, std::vector<float>(4, 1e30f)}, t1{1, 4, std::vector<float>(4, 1e-20f)};
+  const Matrix x0{2, 4, std::vector<float>(8, 0.0f)}, x1{2, 4, {1, 1, 1, 1, 2, 2, 2, 2}};
+  const std::vector<double> w = {1e30, 1.0};
+  for (tracin::Isa isa : tracin_test::RunnableIsas("ExponentShiftKeepsOtherCheckpoints")) {
+    const std::string name = std::string("rescale would lose a checkpoint, isa ") + tracin::IsaName(isa);
+    tracin::Options o;
+    o.isa = isa;
+    std::vector<float> out(2, -1.0f);
+    tracin::Status s = tracin::Scores(Full({t0, t1}), Full({x0, x1}), w, out.data(), o);
+    Check(s.code == tracin::StatusCode::kNonFinite && s.message.find("overflowed float32") != std::string::npos,
+          name + ": Scores reports the overflow: " + s.message + " (scores " + std::to_string(out[0]) + ")");
+    std::vector<float> values(1);
+    std::vector<std::int64_t> indices(1);
+    tracin::TopKOutput top;
+    top.proponent_values = values.data();
+    top.proponent_indices = indices.data();
+    s = tracin::TopK(Full({t0, t1}), Full({x0, x1}), w, 1, tracin::Side::kProponents, top, o);
+    Check(s.code == tracin::StatusCode::kNonFinite, name + ": TopK reports the overflow: " + s.message);
+    // Factored (right factors of ones): the same.
+    const Matrix ones_t{1, 1, {1.0f}}, ones_x{2, 1, {1.0f, 1.0f}};
+    tracin::GradientSide ft, fx;
+    ft.factored = fx.factored = true;
+    ft.blocks = {t0.View(), ones_t.View(), t1.View(), ones_t.View()};
+    fx.blocks = {x0.View(), ones_x.View(), x1.View(), ones_x.View()};
+    s = tracin::Scores(ft, fx, w, out.data(), o);
+    Check(s.code == tracin::StatusCode::kNonFinite, name + ": factored Scores reports the overflow: " + s.message);
+    // Still rescaled: 1e9 x 1e30 = 1e39 overflows, 1e-28 / 2^29 is normal.
+    Matrix big{1, 4, std::vector<float>(4, 1e9f)}, small{1, 4, std::vector<float>(4, 1e-28f)};
+    std::vector<double> exact, bound;
+    Reference({big, small}, {x0, x1}, w, &exact, &bound);
+    s = tracin::Scores(Full({big, small}), Full({x0, x1}), w, out.data(), o);
+    Check(s.ok() && std::abs(out[0] - exact[0]) <= 1e-6 * exact[0] && std::abs(out[1] - exact[1]) <= 1e-6 * exact[1],
+          std::string("rescaled row beside normal values scores within 1e-6, isa ") + tracin::IsaName(isa) + ": " +
+              s.message + " " + std::to_string(out[0] / exact[0]));
+  }
+}
+
 void TestTopK() {
   std::mt19937 rng(2);
   const std::vector<Matrix> test = {Random(5, 33, rng)};
@@ -1117,6 +1160,7 @@ int main() {
   TestScoresAndDeterminism();
   TestWeightsFarFromOne();
   TestWeightExponentPerTestRow();
+  TestExponentShiftKeepsOtherCheckpoints();
   TestTopK();
   TestHalfPrecisionAndFactored();
   TestSelfInfluenceAndAggregate();
