@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ._cpus import usable_cores
+
 MAX_THREADS = 4096  # the most num_threads tracin's functions (and the CLI's --threads) take
 
 
@@ -30,3 +32,10 @@ def flag(value: Any, name: str) -> bool:
 def thread_count(num_threads: Any) -> int:
     """Kernel thread count: None -> 0 (all cores), else a positive integer."""
     return 0 if num_threads is None else positive_int(num_threads, "num_threads", maximum=MAX_THREADS)
+
+
+def capped_threads(num_threads: int) -> int:
+    """The thread count handed to the C++ kernel (scoring and projection): a thread_count capped at the
+    usable cores (0 stays 0: all of them). The kernel computes on every thread it starts, with scratch
+    of its own, so threads beyond the cores cost memory and time and gain nothing."""
+    return min(num_threads, usable_cores())

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import DTYPE_CODES, as_matrix
-from ._validate import thread_count
+from ._validate import capped_threads, thread_count
 from .store._convert import bfloat16_bits_to_float32
 
 KINDS = {"rademacher": 0, "gaussian": 1, "sparse": 2}
@@ -309,7 +309,7 @@ class Projection:
             column_offset: with per_layer=False, the columns of `matrix` are columns
                 [column_offset, column_offset + d) of P: projecting the pieces of a row at their
                 offsets and summing gives the projection of the whole row (up to rounding).
-            num_threads: kernel threads (default: all cores; 1 to 4096, as in scoring).
+            num_threads: kernel threads (default: all cores; 1 to 4096, capped at the usable cores, as in scoring).
 
         Returns:
             (n, dim) float32. NonFiniteRowError (a ValueError) names the first row that holds NaN or
@@ -527,7 +527,15 @@ class Projection:
         pieces = (False, [v for v, _ in views], [DTYPE_CODES[t] for _, t in views])
         try:
             _core.project(
-                KINDS[self.kind], self.seed, stream, dim, nonzeros, pieces, column_offset, out, num_threads=threads
+                KINDS[self.kind],
+                self.seed,
+                stream,
+                dim,
+                nonzeros,
+                pieces,
+                column_offset,
+                out,
+                num_threads=capped_threads(threads),  # at most the usable cores, as in scoring
             )
         except ValueError as e:  # a non-finite result: out is filled, the row the kernel names is kept
             if str(e).startswith("the projection of row"):

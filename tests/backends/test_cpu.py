@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import tracin
+from tracin import _validate
 from tracin.backends import cpu
 
 
@@ -17,7 +18,7 @@ def test_threads_above_the_usable_cores_are_capped(monkeypatch):
         monkeypatch.setattr(
             cpu._core, name, lambda *a, _real=real, **kw: seen.append(kw["num_threads"]) or _real(*a, **kw)
         )
-    monkeypatch.setattr(cpu, "usable_cores", lambda: 3)
+    monkeypatch.setattr(_validate, "usable_cores", lambda: 3)
     x = np.arange(8, dtype=np.float32).reshape(4, 2)
     for threads, expected in ((None, 0), (2, 2), (3, 3), (4, 3), (4096, 3)):
         seen.clear()

@@ -2,9 +2,10 @@
 
 It keeps nothing in the loop's ChunkCache: the kernel reads test rows in place and packs them into
 its tiles per call, which is part of its blocked GEMM. A num_threads above the CPUs this process may
-run on (tracin._cpus.usable_cores) is capped at them: the kernel computes on every thread it starts
-and gives each its own tiles and top-k candidate buffers, so more threads than cores cost memory and
-time (4096 threads on 2 cores: 19 s and 4.2 GiB against 1.3 s and 219 MiB) and gain nothing."""
+run on (tracin._cpus.usable_cores) is capped at them (tracin._validate.capped_threads, which projection
+shares): the kernel computes on every thread it starts and gives each its own tiles and top-k
+candidate buffers, so more threads than cores cost memory and time (4096 threads on 2 cores: 19 s
+and 4.2 GiB against 1.3 s and 219 MiB) and gain nothing."""
 
 from __future__ import annotations
 
@@ -13,16 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from .. import _core
-from .._cpus import usable_cores
+from .._validate import capped_threads
 from ..gradients import KernelSide
 from .base import ChunkCache, TopK
 
 _SIDE_CODES = {"proponents": 0, "opponents": 1, "both": 2}  # csrc/include/tracin/tracin.hpp: Side
-
-
-def _threads(num_threads: int) -> int:
-    """The kernel's thread count: num_threads capped at the usable cores (0 stays 0: all of them)."""
-    return min(num_threads, usable_cores())
 
 
 class CpuBackend:
@@ -40,7 +36,7 @@ class CpuBackend:
         normalize: int = 0,
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
-        return _core.scores(test, train, weights, num_threads=_threads(num_threads), normalize=normalize)
+        return _core.scores(test, train, weights, num_threads=capped_threads(num_threads), normalize=normalize)
 
     def top_k(
         self,
@@ -55,14 +51,14 @@ class CpuBackend:
         cache: ChunkCache | None = None,
     ) -> tuple[TopK | None, TopK | None]:
         pv, pi, ov, oi = _core.top_k(
-            test, train, weights, k, _SIDE_CODES[side], num_threads=_threads(num_threads), normalize=normalize
+            test, train, weights, k, _SIDE_CODES[side], num_threads=capped_threads(num_threads), normalize=normalize
         )
         return (TopK(pv, pi) if side != "opponents" else None, TopK(ov, oi) if side != "proponents" else None)
 
     def self_influence(
         self, train: KernelSide, weights: Sequence[float], *, num_threads: int, cache: ChunkCache | None = None
     ) -> np.ndarray:
-        return _core.self_influence(train, weights, num_threads=_threads(num_threads))
+        return _core.self_influence(train, weights, num_threads=capped_threads(num_threads))
 
     def aggregate(
         self,
@@ -74,4 +70,4 @@ class CpuBackend:
         normalize: int = 0,
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
-        return _core.aggregate(test, train, weights, num_threads=_threads(num_threads), normalize=normalize)
+        return _core.aggregate(test, train, weights, num_threads=capped_threads(num_threads), normalize=normalize)
