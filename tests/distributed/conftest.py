@@ -1,9 +1,11 @@
 """One real LocalCluster (two single-threaded worker processes on loopback) shared by these tests,
-and small gradient stores with their float64 NumPy references."""
+a cluster of its own for a test that kills a worker, and small gradient stores with their float64
+NumPy references."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask
@@ -17,15 +19,23 @@ from store_files import write_with_nonfinite
 ALLOWED_FAILURES = 1  # a task may lose one worker and be rerun; the second death fails it
 
 
-@pytest.fixture(scope="session")
-def client() -> Iterator[Client]:
+@contextmanager
+def own_client(n_workers: int = 2) -> Iterator[Client]:
+    """A client of a LocalCluster of its own, for a test that kills a worker: on a loaded machine the
+    nanny's new worker can take minutes to arrive, and the other tests share their cluster."""
     with (
         dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}),
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
         ) as cluster,
         Client(cluster, set_as_default=False) as c,
     ):
+        yield c
+
+
+@pytest.fixture(scope="session")
+def client() -> Iterator[Client]:
+    with own_client() as c:
         yield c
 
 

@@ -27,6 +27,8 @@ from tracin._export.driver import store_rows  # noqa: E402
 from tracin.distributed import _export  # noqa: E402
 from tracin.store._range_writer import GradientStoreRangeWriter  # noqa: E402
 
+from .conftest import own_client  # noqa: E402
+
 
 def _setup(n_rows: int, width: int, seed: int = 0) -> tuple:
     """(model, two in-memory checkpoints, (inputs, targets), per-example loss)."""
@@ -208,38 +210,38 @@ def test_interrupted_export_prints_its_note_before_python_3_11(client, tmp_path,
     assert "tasks already running on the workers go on until their rows are written" in capsys.readouterr().err
 
 
-def test_worker_killed_mid_export(client, tmp_path):
+def test_worker_killed_mid_export(tmp_path):
     model, checkpoints, data, loss = _setup(2000, 256, seed=1)
     kw = {"batch_size": 25}
     expected = tracin.torch.export_gradients(
         model, checkpoints, data, loss, store=tmp_path / "one", progress=False, **kw
     )
-    pids = client.run(os.getpid)
-    store = tmp_path / "many"
-    out: dict = {}
-    job = threading.Thread(
-        target=lambda: out.update(
-            found=td.export_gradients(
-                "torch", model, checkpoints, data, loss, store=store, client=client, shards=2, progress=False, **kw
+    with own_client() as client:
+        pids = client.run(os.getpid)
+        store = tmp_path / "many"
+        out: dict = {}
+        job = threading.Thread(
+            target=lambda: out.update(
+                found=td.export_gradients(
+                    "torch", model, checkpoints, data, loss, store=store, client=client, shards=2, progress=False, **kw
+                )
             )
         )
-    )
-    job.start()
-    victim = None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until a range has written rows, then kill a worker exporting one
-        written = [json.loads(p.read_text()) for p in store.glob("rows-*.json")] if store.exists() else []
-        busy = [w for w, keys in client.processing().items() if any("export_part" in str(k) for k in keys)]
-        if written and busy:
-            victim = busy[0]
-            break
-        time.sleep(0.01)
-    assert victim is not None and job.is_alive()
-    os.kill(pids[victim], signal.SIGKILL)
-    job.join(timeout=300)
-    assert not job.is_alive()
-    _same_store(out["found"], expected)
-    client.wait_for_workers(2, timeout=60)  # the nanny restarted it: leave the cluster as found
+        job.start()
+        victim = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until a range has written rows, then kill a worker exporting one
+            written = [json.loads(p.read_text()) for p in store.glob("rows-*.json")] if store.exists() else []
+            busy = [w for w, keys in client.processing().items() if any("export_part" in str(k) for k in keys)]
+            if written and busy:
+                victim = busy[0]
+                break
+            time.sleep(0.01)
+        assert victim is not None and job.is_alive()
+        os.kill(pids[victim], signal.SIGKILL)
+        job.join(timeout=300)
+        assert not job.is_alive()
+        _same_store(out["found"], expected)
 
 
 def test_bad_arguments_are_named(client, tmp_path):

@@ -24,7 +24,7 @@ from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
 
-from .conftest import ALLOWED_FAILURES, write_store
+from .conftest import ALLOWED_FAILURES, own_client, write_store
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,13 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"store": write_store(tmp_path_factory.mktemp("slow") / "store", train, None), "test": test}
 
 
-def test_worker_killed_mid_top_k(client, slow):
+def test_worker_killed_mid_top_k(slow):
     expected = tracin.top_k(slow["test"], slow["store"], 25, "both")
+    with own_client() as client:
+        _kill_a_worker_mid_top_k(client, slow, expected)
+
+
+def _kill_a_worker_mid_top_k(client: Client, slow: dict, expected: list) -> None:
     pids = client.run(os.getpid)
     out: dict = {}
     job = threading.Thread(
@@ -59,7 +64,6 @@ def test_worker_killed_mid_top_k(client, slow):
     for f, e in zip(out["found"], expected, strict=True):
         np.testing.assert_array_equal(f.values, e.values)
         np.testing.assert_array_equal(f.indices, e.indices)
-    client.wait_for_workers(2, timeout=60)  # the nanny restarted it: leave the cluster as found
 
 
 def _copy(store: tracin.GradientStore, path) -> tracin.GradientStore:
@@ -98,15 +102,7 @@ def _die() -> None:
 
 
 def test_task_that_keeps_killing_workers_is_named():
-    # A cluster of its own: restarting workers killed twice in a row can outlast any wait on a
-    # loaded machine, and the other tests share their cluster.
-    with (
-        dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}),
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-        ) as cluster,
-        Client(cluster, set_as_default=False) as own,
-    ):
+    with own_client(1) as own:
         job = Job(own, "test")
         doomed = job.submit(_die, label="rows [0, 10) of /some/store")
         with pytest.raises(RuntimeError, match=rf"rows \[0, 10\) of /some/store .* died {ALLOWED_FAILURES + 1} times"):
