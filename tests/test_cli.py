@@ -1810,3 +1810,26 @@ def test_score_with_a_whitened_test_store_names_its_whitening_in_refusals(tmp_pa
         assert "--test and --train" not in line and "Whitening.fit" not in line and "metadata" not in line, line
         assert line.endswith("or whiten the test rows with a whitening fitted on --train"), line
     assert main(_score({"test": test, "train": stored("same", fitted_rows)}, "-k", "2")) == 0
+
+
+def test_an_output_name_that_is_not_valid_text_is_written_and_named_escaped(stores, tmp_path):
+    """review108 F1: under a strict stdout encoding (PYTHONIOENCODING=utf-8, en_US.UTF-8 locales) an -o name
+    whose bytes are not UTF-8 was written, then the "wrote" line failed: a codec error, exit code 1."""
+    paths, blocks, weights = stores
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    folder = os.fsencode(tmp_path)
+    for command, name in (
+        (_score(paths, "-k", "1"), b"r\xff.csv"),
+        (_score(paths, "-k", "1", "--side", "both"), b"r\xff.npz"),
+        (["self-influence", str(paths["train"]), "--top", "2"], b"s\xff.csv"),
+    ):
+        out = os.path.join(folder, name)
+        argv = [os.fsencode(sys.executable), b"-m", b"tracin", *map(os.fsencode, command), b"-o", out]
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        said = (done.stdout + done.stderr).decode()
+        assert f": wrote {os.fsdecode(out)}".replace("\udcff", "\\udcff") in said and "codec" not in said
+        assert os.path.getsize(out) > 0
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    rows = list(csv.reader(io.StringIO(Path(os.fsdecode(os.path.join(folder, b"r\xff.csv"))).read_text())))
+    assert [int(r[4]) for r in rows[1:]] == list(np.argmax(exact, axis=1))

@@ -397,7 +397,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         with _output_file(out, binary=True) as f:
             np.savez(f, **arrays)
-        print(f"{summary}: wrote {out}")
+        print(f"{summary}: wrote {_path_text(out)}")
         return
     test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
     pairs = sum(r.indices.size for r in sides.values())
@@ -412,7 +412,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write_csv(f)
-        print(f"{summary}: wrote {out}")
+        print(f"{summary}: wrote {_path_text(out)}")
 
 
 def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
@@ -494,7 +494,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write(f)
-        print(f"{summary}: wrote {out}")
+        print(f"{summary}: wrote {_path_text(out)}")
 
 
 def _check_self_influence_store(store: Any, path: str) -> None:
@@ -755,6 +755,15 @@ def _bench_defaults(quick: bool = False) -> Any:
 
 
 # -- entry point ---------------------------------------------------------------------------------
+def _path_text(path: Path) -> str:
+    """`path` for a message line: store._format.printable's escapes (as `tracin info` shows a store's
+    path), so that a name that is not valid text (bytes undecodable in the file system's encoding,
+    lone surrogates in Python) prints under a strict stdout encoding instead of failing the command."""
+    from .store._format import printable
+
+    return printable(str(path))
+
+
 def _one_line(e: BaseException) -> str:
     """The message of `e` on one line, other control characters escaped (it may quote a store's strings)."""
     from .store._format import printable

@@ -1102,3 +1102,23 @@ def test_demo_command_line_framework_option(tmp_path, capsys):
     assert "training an MLP with torch" in capsys.readouterr().out
     assert len(list((tmp_path / "checkpoints").glob("checkpoint_*.pt"))) == 1
     assert GradientStore.open(tmp_path / "grads" / "test").n_rows == 397
+
+
+def test_an_output_folder_whose_name_is_not_valid_text_is_reported_escaped(tmp_path):
+    """review108 F1: `tracin demo -o $'d\\xff'` under a strict stdout encoding wrote its files, then failed
+    (exit code 1) on a codec error: writing report.md and printing the "wrote" and next-command lines."""
+    out = os.path.join(os.fsencode(tmp_path), b"d\xff")
+    argv = [os.fsencode(sys.executable), b"-m", b"tracin", b"demo", b"--epochs", b"2", b"--checkpoints", b"1"]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([*argv, b"-o", out, b"--no-progress"], env=env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.decode()
+    shown = os.fsdecode(out).replace("\udcff", "\\udcff")
+    assert f"wrote {shown}{os.sep}" in printed and f"  tracin info '{shown}{os.sep}grads{os.sep}train'" in printed
+    block = _report_block((Path(os.fsdecode(out)) / "report.md").read_text(errors="surrogateescape"))
+    assert block[0] == f"cd {shlex.quote(os.fsdecode(out))}"  # the folder as it is named: the commands run
+    script = 'tracin() { "$PYTHON" -m tracin "$@"; }\nset -e\n' + "\n".join(block[:2]) + "\n"
+    done = subprocess.run(
+        [b"bash", b"-c", os.fsencode(script)], env={**os.environ, "PYTHON": sys.executable}, capture_output=True
+    )
+    assert done.returncode == 0 and b"1400" in done.stdout, done.stderr

@@ -138,7 +138,9 @@ def write_report(path: Path, result: DemoResult, config: DemoConfig) -> Path:
         f"Settings: `{settings}`; run time {result.seconds:.1f} s.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    # the output folder's name as its bytes (surrogateescape): one undecodable in the file system's
+    # encoding is written, and the commands quoted in the report name it exactly
+    path.write_text("\n".join(lines), errors="surrogateescape")
     return path
 
 

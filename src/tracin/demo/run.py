@@ -18,7 +18,7 @@ from .._progress import progress_bar
 from ..report import checkpoint_diagnostics, plot_checkpoint_diagnostics
 from ..store import GradientStore
 from ..store._files import enclosing_store
-from ..store._format import MANIFEST
+from ..store._format import MANIFEST, printable
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
 from .framework import FRAMEWORKS, Train, checkpoint_path, trainer
@@ -249,10 +249,11 @@ def _run(
     else:
         log(NOTHING_FLIPPED)
     checkpoints = f"{out / 'checkpoints'} ({counted(len(saved), 'checkpoint')})"  # not in files
-    log(f"wrote {', '.join(str(p) for p in files.values())}, {checkpoints}")
+    # paths escaped as `tracin info` shows them: a name that is not valid text must not fail the log line
+    log(printable(f"wrote {', '.join(str(p) for p in files.values())}, {checkpoints}"))
     log("next, try the command line on the gradient stores the demo wrote:")
     for command in result.next_commands:
-        log(f"  {command}")
+        log(f"  {printable(command)}")
     return result
 
 
