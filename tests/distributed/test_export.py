@@ -275,7 +275,7 @@ def test_a_bad_client_is_refused_before_the_data_is_read_or_the_store_created(tm
     """As the scoring functions refuse it: not after the client's pass over the data (review64 F2)."""
     model, checkpoints, (inputs, targets), loss = _setup(20, 4)
     data = _Counted(inputs, targets)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         closed = Client(cluster)
         closed.close()
     for bad, error, message in (

@@ -417,7 +417,7 @@ def test_sent_side_is_made_again_when_the_only_worker_holding_it_dies():
     (scattered data would be lost, and the call fail with 'already forgotten')."""
     with (
         LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+            n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
         ) as cluster,
         Client(cluster, set_as_default=False) as own,
     ):
