@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+
 import numpy as np
 
 import tracin
@@ -28,3 +33,39 @@ def test_threads_above_the_usable_cores_are_capped(monkeypatch):
         np.testing.assert_array_equal(tracin.self_influence(x, **options), (x * x).sum(1))
         np.testing.assert_array_equal(tracin.aggregate(x, x, **options), (x @ x.T).sum(0))
         assert seen == [expected] * 4, (threads, seen)
+
+
+def test_ctrl_c_interrupts_scores_of_one_column():
+    """scores of 9000 x 11000 one-column rows counted as 1e8 multiply-adds, under the bar for the
+    interruptible path, so the kernel ran inline and a Ctrl-C 0.2 s in was answered only when the call
+    ended, 1.5 s in (review107 F2): the per-score work counts now. Sized to about 1.5 s on this runner."""
+    n = 11_000
+    train = np.ones((n, 1), np.float32)
+    start = time.perf_counter()
+    tracin.scores(np.ones((1000, 1), np.float32), train, progress=False)
+    m = int(np.clip(1000 * 1.5 / max(time.perf_counter() - start, 1e-3), 2000, 9000))  # <= 400 MB of scores
+    test = np.ones((m, 1), np.float32)
+    sent = []
+
+    def ctrl_c():
+        time.sleep(0.2)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    sender = threading.Thread(target=ctrl_c)
+    returned = None
+    try:
+        try:
+            sender.start()
+            start = time.perf_counter()
+            tracin.scores(test, train, num_threads=2, progress=False)
+            returned = time.perf_counter() - start
+            sender.join()
+        except KeyboardInterrupt:
+            late = time.perf_counter() - sent[0]
+        sender.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert returned is None, f"{m} x {n} scores returned after {returned:.2f} s, Ctrl-C at 0.2 s not answered"
+    assert late < 0.3, f"KeyboardInterrupt {late:.2f} s after Ctrl-C ({m} x {n} scores of one column)"
