@@ -164,7 +164,8 @@ def test_score_writes_npz_equal_to_reference(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "top.npz"
     assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(out))) == 0
-    assert str(out) in capsys.readouterr().out  # the path written is said
+    said = capsys.readouterr()
+    assert str(out) in said.err and said.out == ""  # the path written is said, on stderr
     got = np.load(out)
     exact = exact_scores(blocks["test"], blocks["train"], weights)
     np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
@@ -237,7 +238,7 @@ def test_score_normalize_writes_cosine_top_k(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "cos.npz"
     assert main(_score(paths, "-k", "4", "--side", "both", "--normalize", "-o", str(out))) == 0
-    assert "(cosine scores)" in capsys.readouterr().out
+    assert "(cosine scores)" in capsys.readouterr().err
     unit = {s: [m / np.linalg.norm(m.astype(np.float64), axis=1, keepdims=True) for m in b] for s, b in blocks.items()}
     exact = exact_scores(unit["test"], unit["train"], weights)  # float64, rows normalised per checkpoint
     with np.load(out) as got:
@@ -266,7 +267,8 @@ def test_self_influence_ranking(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     out = tmp_path / "rank.csv"
     assert main(["self-influence", str(paths["train"]), "-o", str(out), "--top", "7"]) == 0
-    assert str(out) in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert str(out) in said.err and said.out == ""
     rows = list(csv.DictReader(open(out)))
     exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])
@@ -1451,7 +1453,7 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
             [*cli, *command, "--scheduler", "local", "--workers", "2"], capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stderr
-        assert "LocalCluster of 2 workers" in done.stderr and "wrote" in done.stdout
+        assert "LocalCluster of 2 workers" in done.stderr and "wrote" in done.stderr
     for got, expected in (
         (np.load(spread), np.load(local)),
         (np.load(tmp_path / "cos-spread.npz"), np.load(tmp_path / "cos-local.npz")),
@@ -1550,7 +1552,7 @@ def test_bar_of_whole_units_without_unit_scale(capsys):
 def test_output_through_a_link_to_stdout_writes_to_the_pipe(stores, tmp_path):
     """-o a link to /dev/stdout with stdout a pipe: written to the pipe (it was refused: a new file was
     looked for in /proc/PID/fd, where the link leads)."""
-    paths, _, _ = stores
+    paths, blocks, weights = stores
     rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]
     expected = tmp_path / "expected.csv"
     assert main([*rank, str(expected)]) == 0
@@ -1558,7 +1560,19 @@ def test_output_through_a_link_to_stdout_writes_to_the_pipe(stores, tmp_path):
     link.symlink_to("/dev/stdout")
     command = [sys.executable, "-m", "tracin", *rank, str(link)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout.startswith(expected.read_text()), done.stderr  # then "wrote ..."
+    # review108 F3: the "wrote so.csv" summary went to stdout, a last row of the CSV there: now on stderr
+    assert done.returncode == 0 and done.stdout == expected.read_text(), done.stderr
+    assert done.stderr == f"self-influence of 40 rows, 3 ranked: wrote {link}\n"
+    npz = tmp_path / "so.npz"
+    npz.symlink_to("/dev/stdout")
+    done = subprocess.run(
+        [sys.executable, "-m", "tracin", *_score(paths, "-k", "2", "-o", str(npz))], capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"wrote" not in done.stdout and done.stderr.decode().endswith(f": wrote {npz}\n")
+    exact = exact_scores(blocks["test"], blocks["train"], weights)
+    got = np.load(io.BytesIO(done.stdout))["proponents_indices"]
+    np.testing.assert_array_equal(got, np.argsort(-exact, axis=1)[:, :2])
 
 
 def test_output_inside_a_gradient_store_is_refused_before_scoring(stores, tmp_path, capsys, monkeypatch):
@@ -1666,7 +1680,7 @@ def test_with_stdout_closed_results_are_one_error_line_and_files_are_written(sto
         ["self-influence", str(paths["train"]), "-o", str(tmp_path / "got.csv")],
     ):
         done = _run_with_closed(">&-", command)
-        assert (done.returncode, done.stderr) == (0, ""), done.stderr  # the "wrote" line dropped
+        assert done.returncode == 0 and done.stderr.count("\n") == 1 and ": wrote " in done.stderr, done.stderr
     got, expected = np.load(tmp_path / "got.npz"), np.load(tmp_path / "expected.npz")
     assert sorted(got.files) == sorted(expected.files)
     for name in expected.files:

@@ -397,7 +397,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         with _output_file(out, binary=True) as f:
             np.savez(f, **arrays)
-        print(f"{summary}: wrote {_path_text(out)}")
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
         return
     test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
     pairs = sum(r.indices.size for r in sides.values())
@@ -412,7 +412,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write_csv(f)
-        print(f"{summary}: wrote {_path_text(out)}")
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
 
 
 def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
@@ -494,7 +494,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write(f)
-        print(f"{summary}: wrote {_path_text(out)}")
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
 
 
 def _check_self_influence_store(store: Any, path: str) -> None:
