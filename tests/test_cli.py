@@ -1847,3 +1847,27 @@ def test_an_output_name_that_is_not_valid_text_is_written_and_named_escaped(stor
     exact = exact_scores(blocks["test"], blocks["train"], weights)
     rows = list(csv.reader(io.StringIO(Path(os.fsdecode(os.path.join(folder, b"r\xff.csv"))).read_text())))
     assert [int(r[4]) for r in rows[1:]] == list(np.argmax(exact, axis=1))
+
+
+def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_path, stores, capsys):
+    """review108 F2: --normalize with a whitened store said "the test side is whitened and the train side is
+    not" whichever side was, and advised Python's normalize=False; now it names the option and drop --normalize."""
+    paths, blocks, weights = stores
+    white = tracin.Whitening.fit(tracin.Gradients(blocks["train"], weights), damping=0.5, progress=False).apply(
+        tracin.Gradients(blocks["test"], weights)
+    )
+    w = tracin.GradientStore.create(
+        tmp_path / "white", white.n_rows, list(white.dims), weights=list(white.weights), metadata=white.metadata
+    )
+    for c, m in enumerate(white.matrices):
+        w.write(c, 0, np.asarray(m))
+    w.finalize()
+    for test, train, which in (
+        (tmp_path / "white", paths["train"], "--test is whitened and --train is not"),
+        (paths["test"], tmp_path / "white", "--train is whitened and --test is not"),
+    ):
+        assert main(_score({"test": test, "train": train}, "--normalize")) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert f"--normalize does not combine with whitened gradients (metadata['whitening']): {which}," in line
+        assert line.endswith("drop --normalize to score them") and "normalize=" not in line, line
+    assert main(_score({"test": tmp_path / "white", "train": paths["train"]}, "-k", "1")) == 0  # without it: scored

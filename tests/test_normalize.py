@@ -214,8 +214,14 @@ def test_refused_combinations(rng):
     with pytest.raises(ValueError, match="self_influence takes no normalize=True"):
         tracin.self_influence(train, normalize=True)
     whitened = tracin.Whitening.fit(train, damping=0.1).apply(full_set(rng, 3, [4], None))
-    with pytest.raises(ValueError, match="does not combine with whitened gradients"):
+    with pytest.raises(ValueError, match="does not combine with whitened gradients") as refused:
         tracin.top_k(whitened, train, 2, normalize=True)
+    # review108 F2: the side named is the one whitened (it was "the test side" whichever was)
+    assert "the test side is whitened and the train side is not" in str(refused.value)
+    assert refused.value.sides == ("test",)
+    with pytest.raises(ValueError, match="the train side is whitened and the test side is not") as refused:
+        tracin.scores(full_set(rng, 3, [4], None), whitened, normalize=True)
+    assert refused.value.sides == ("train",)
     assert tracin.top_k(whitened, train, 2).values.shape == (3, 2)
     two_layers = factored_set(rng, 4, [(2, 3), (4, 5)], None, checkpoints=1)
     one_layer = factored_set(rng, 6, [(2, 3), (4, 5)], None, checkpoints=2)

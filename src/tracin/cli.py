@@ -355,7 +355,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError
+    from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
 
     out = _check_output(args.output, (".npz", ".csv"))
     _check_stdout(out)  # not after the whole pass
@@ -364,6 +364,15 @@ def cmd_score(args: argparse.Namespace) -> None:
     train = _open_store(args.train, "--train", args.allow_partial)
     try:
         result = _top_k(args, test, train)
+    except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
+        if len(e.sides) == 2:
+            which = "--test and --train are both whitened"
+        else:
+            which = f"--{e.sides[0]} is whitened and --{'train' if e.sides == ('test',) else 'test'} is not"
+        raise CommandError(
+            f"--normalize does not combine with whitened gradients (metadata['whitening']): {which}, so their "
+            "cosine scores would compare different spaces; drop --normalize to score them"
+        ) from e
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
         raise CommandError(
             f"--test is whitened by a whitening fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "

@@ -418,17 +418,36 @@ def _checkpoint_run(s: GradientSet) -> int | None:
     return s.n_checkpoints // len(digests)
 
 
+class WhitenedNormalizeError(ValueError):
+    """normalize=True asked of a whitened side (metadata['whitening']): `sides`, those whitened ("test",
+    "train" or both, in that order)."""
+
+    def __init__(self, message: str, sides: tuple[str, ...]):
+        super().__init__(message)
+        self.sides = sides
+
+
 def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int:
     """The backends' `normalize`: 0 for plain scores, else the checkpoint slots normalised together
-    (the layers of one real checkpoint, from the sets' metadata; 1 when neither records it)."""
+    (the layers of one real checkpoint, from the sets' metadata; 1 when neither records it).
+    A whitened side is a WhitenedNormalizeError naming it."""
     normalize = flag(normalize, "normalize")
     if not normalize:
         return 0
-    if "whitening" in test.metadata or "whitening" in train.metadata:
-        raise ValueError(
-            "normalize=True does not combine with whitened gradients (metadata['whitening']): the test "
-            "side is whitened and the train side is not, so a cosine of the two compares different "
-            "spaces; score whitened sets with normalize=False"
+    whitened = tuple(name for name, s in (("test", test), ("train", train)) if "whitening" in s.metadata)
+    if whitened:
+        if len(whitened) == 2:
+            which = "both sides are whitened"
+        else:
+            other = "train" if whitened == ("test",) else "test"
+            which = (
+                f"the {whitened[0]} side is whitened and the {other} side is not, so a cosine of the two "
+                "compares different spaces"
+            )
+        raise WhitenedNormalizeError(
+            f"normalize=True does not combine with whitened gradients (metadata['whitening']): {which}; "
+            "score whitened sets with normalize=False",
+            whitened,
         )
     runs = {name: r for name, r in (("test", _checkpoint_run(test)), ("train", _checkpoint_run(train))) if r}
     if len(set(runs.values())) > 1:
