@@ -1480,6 +1480,12 @@ def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
     assert main(["self-influence", str(paths["train"]), "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"]) == 1
     assert "needs --scheduler local, not tcp://127.0.0.1:1" in _error_line(capsys.readouterr().err, "self-influence")
     monkeypatch.setattr(tracin.cli, "SCHEDULER_TIMEOUT_S", 1)
+    # review108 F4: '' was tried as an address ("cannot connect to a Dask scheduler at  (missing port ...)")
+    for command, name in ((_score(paths), "score"), (["self-influence", str(paths["train"])], "self-influence")):
+        assert main([*command, "--scheduler", ""]) == 1
+        assert _error_line(capsys.readouterr().err, name) == (
+            f"tracin {name}: error: --scheduler: expected a scheduler's address or local, got ''"
+        )
     assert main(_score(paths, "--scheduler", "tcp://127.0.0.1:1")) == 1
     line = _error_line(capsys.readouterr().err, "score")
     assert "--scheduler: cannot connect to a Dask scheduler at tcp://127.0.0.1:1" in line

@@ -284,6 +284,8 @@ def _is_terminal(f: IO[str]) -> bool:
 def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """None without --scheduler; else a Dask client: of a new LocalCluster of --workers processes
     (--scheduler local), or connected to the scheduler at the address given."""
+    if args.scheduler == "":  # not an address to try
+        raise CommandError("--scheduler: expected a scheduler's address or local, got ''")
     if args.scheduler is None:
         if args.workers is not None:
             raise CommandError("--workers needs --scheduler local (the workers of a LocalCluster to start)")
