@@ -1877,3 +1877,22 @@ def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_pat
         assert f"--normalize does not combine with whitened gradients (metadata['whitening']): {which}," in line
         assert line.endswith("drop --normalize to score them") and "normalize=" not in line, line
     assert main(_score({"test": tmp_path / "white", "train": paths["train"]}, "-k", "1")) == 0  # without it: scored
+
+
+def test_the_readme_states_the_exit_codes_of_pipes_and_signals_and_that_output_files_are_whole():
+    """review108 F5: only cli.py's docstring said that a closed pipe ends with 141, Ctrl-C 130, SIGTERM 143,
+    SIGHUP 129 and that an -o file is written whole or not at all; the README's Command line section now does."""
+    from tracin.cli import BROKEN_PIPE_EXIT
+
+    readme = (CHECKOUT / "README.md").read_text()
+    section = " ".join(readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0].split())
+    assert (
+        f"A closed pipe (`tracin info STORE | head -1`) ends a command quietly with exit code {BROKEN_PIPE_EXIT}"
+        in (section)
+    )
+    codes = (
+        f"Ctrl-C with exit code {128 + signal.SIGINT} (SIGTERM {128 + signal.SIGTERM}, SIGHUP {128 + signal.SIGHUP})"
+    )
+    assert codes in section
+    assert "An `-o` file is written whole or not at all" in section
+    assert "the one-line summary (with `-o`, ending `: wrote FILE`) goes to stderr" in section
