@@ -202,10 +202,120 @@ def test_checkpoint_contributions_of_a_normalized_result_sum_to_its_values():
     slots = _cosine_terms(test, train, w, result.indices, run=2)
     np.testing.assert_allclose(got, slots[:, :, 0::2] + slots[:, :, 1::2], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
-    plain = checkpoint_contributions(*sets, result)  # the parts of the plain score, as documented
-    np.testing.assert_allclose(plain.sum(2), (_pair_terms(test, train, w, result.indices)).sum(2), rtol=1e-12)
+    plain = tracin.top_k(*sets, k=90)
+    got = checkpoint_contributions(*sets, plain)  # the parts of the plain score
+    np.testing.assert_allclose(got.sum(2), (_pair_terms(test, train, w, plain.indices)).sum(2), rtol=1e-12)
     with pytest.raises(TypeError, match="normalize must be True or False"):
         checkpoint_contributions(*sets, result, normalize="yes")
+
+
+def _unequal_norms(rng, n, dims, scale):
+    """Full gradients whose norms spread over `scale`: plain scores and cosines differ."""
+    return [(rng.standard_normal((n, d)) * rng.uniform(0.1, scale, (n, 1))).astype(np.float32) for d in dims]
+
+
+@pytest.mark.parametrize("made_with", [True, False])
+def test_checkpoint_contributions_refuse_a_result_of_the_other_normalize(made_with):
+    # review109 F4: a top_k(..., normalize=True) result split without normalize=True (or the reverse)
+    # gave parts summing to about 3.9 for cosine scores of about 0.27, without an error
+    rng = np.random.default_rng(30)
+    dims, w = (16, 16, 16), [0.3, 0.2, 0.1]
+    sets = tracin.Gradients(_unequal_norms(rng, 4, dims, 3), w), tracin.Gradients(_unequal_norms(rng, 300, dims, 3), w)
+    result = tracin.top_k(*sets, k=5, normalize=made_with)
+    np.testing.assert_allclose(
+        checkpoint_contributions(*sets, result, normalize=made_with).sum(2), result.values, rtol=1e-5, atol=1e-6
+    )
+    message = (
+        rf"result.values do not match the parts' sums for normalize={not made_with} \(20 of 20 pairs; largest "
+        r"difference .* at test row \d, rank \d.*\): was result made by top_k with "
+        rf"normalize={made_with}, or from other test/train gradients\?"
+    )
+    with pytest.raises(ValueError, match=message):
+        checkpoint_contributions(*sets, result, normalize=not made_with)
+
+
+def test_checkpoint_contributions_refuse_a_result_of_other_gradients():
+    rng = np.random.default_rng(31)
+    dims, w = (8, 5), [1.0, 0.5]
+    test, train = tracin.Gradients(_full(rng, 3, dims), w), tracin.Gradients(_full(rng, 60, dims), w)
+    other = tracin.Gradients([m[::-1].copy() for m in train.matrices], w)  # the same rows, reordered
+    result = tracin.top_k(test, other, k=4)
+    with pytest.raises(ValueError, match=r"result.values do not match .* or from other test/train gradients\?"):
+        checkpoint_contributions(test, train, result)
+    with pytest.raises(ValueError, match="result.values do not match"):  # one value off, not only whole rows
+        bad = tracin.TopK(tracin.top_k(test, train, k=4).values.copy(), tracin.top_k(test, train, k=4).indices)
+        bad.values[2, 3] += 1
+        checkpoint_contributions(test, train, bad)
+    with pytest.raises(ValueError, match=r"result.values must be real numbers of the shape .* \(3, 4\)"):
+        checkpoint_contributions(test, train, bad._replace(values=bad.values[:, :2]))
+
+
+def _bound_scale(test, train, w, indices, normalize):
+    """float64 (m, k): sum_s |w_s| |g_s(t)| |g_s(i)| at the result's pairs, over |g(t)| |g(i)| (one
+    checkpoint per slot) for cosine scores: the scale of the contract's error bound."""
+    norm = lambda a: np.linalg.norm(a.astype(np.float64), axis=1)  # noqa: E731
+    size = sum(abs(wc) * norm(t)[:, None] * norm(x) for wc, t, x in zip(w, test, train, strict=True))
+    if normalize:
+        size = sum(abs(wc) for wc in w) * np.ones_like(size)
+    return np.take_along_axis(size, indices, 1)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_checkpoint_contributions_accept_errors_up_to_tf32s_but_not_far_beyond(normalize):
+    # precision="tf32" (CUDA) is within about 1e-3 of sum_s |w_s| |g_s(t)| |g_s(i)|: such a result passes
+    rng = np.random.default_rng(32)
+    dims, w = (40, 24), [0.7, -0.4]
+    test, train = _unequal_norms(rng, 3, dims, 5), _unequal_norms(rng, 50, dims, 5)
+    sets = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    result = tracin.top_k(*sets, k=6, normalize=normalize)
+    size = _bound_scale(test, train, w, result.indices, normalize)
+    sign = np.where(np.arange(size.size).reshape(size.shape) % 2, 1.0, -1.0)
+    near = tracin.TopK(result.values + 2e-3 * sign * size, result.indices)
+    np.testing.assert_allclose(
+        checkpoint_contributions(*sets, near, normalize=normalize).sum(2), result.values, rtol=1e-5, atol=1e-6
+    )
+    far = tracin.TopK(result.values + 2e-2 * sign * size, result.indices)
+    with pytest.raises(ValueError, match=r"\(18 of 18 pairs; largest difference"):
+        checkpoint_contributions(*sets, far, normalize=normalize)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_checkpoint_contributions_accept_cancelling_dot_products(normalize):
+    # train rows orthogonal (in float64) to every test row: scores far below |w| |g(t)| |g(i)|, of which
+    # float32's rounding in top_k is a large fraction (a check relative to the values would refuse them)
+    rng = np.random.default_rng(33)
+    d, w = 4096, [1.0, 0.5]
+    test = [rng.standard_normal((3, d)).astype(np.float32) for _ in w]
+    train = []
+    for t in test:
+        basis = np.linalg.qr(t.astype(np.float64).T)[0]  # (d, 3)
+        x = rng.standard_normal((40, d))
+        train.append((x - (x @ basis) @ basis.T).astype(np.float32))
+    sets = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    result = tracin.top_k(*sets, k=10, normalize=normalize)
+    got = checkpoint_contributions(*sets, result, normalize=normalize)
+    reference = _cosine_terms if normalize else lambda *a, run: _pair_terms(*a)
+    exact = reference(test, train, w, result.indices, run=1)
+    np.testing.assert_allclose(got, exact, rtol=1e-12, atol=1e-12)
+    sums, scale = got.sum(2), _bound_scale(test, train, w, result.indices, normalize)
+    assert np.abs(sums).max() < 1e-6 * scale.min()
+    assert np.abs(sums - result.values).max() <= 1e-5 * scale.min()  # within the contract
+    assert (np.abs(sums - result.values) / np.abs(sums)).max() > 1e-2  # but a large part of these scores
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_checkpoint_contributions_of_half_precision_stores_sum_to_their_values(tmp_path, dtype, normalize):
+    rng = np.random.default_rng(34)
+    dims, w = (64, 9, 30), [2.0, -0.5, 0.25]
+    test, train = _unequal_norms(rng, 5, dims, 4), _unequal_norms(rng, 200, dims, 4)
+    sets = _stored(tmp_path / "test", test, w, dtype), _stored(tmp_path / "train", train, w, dtype)
+    for side in ("proponents", "opponents"):
+        result = tracin.top_k(*sets, k=7, side=side, normalize=normalize)
+        got = checkpoint_contributions(*sets, result, normalize=normalize)
+        np.testing.assert_allclose(got.sum(2), result.values, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=f"was result made by top_k with normalize={normalize}"):
+            checkpoint_contributions(*sets, result, normalize=not normalize)
 
 
 def test_checkpoint_contributions_of_normalized_factored_gradients_match_float64():
@@ -266,8 +376,12 @@ def test_checkpoint_contributions_split_k_to_keep_the_budget_for_wide_rows(monke
     train[0][7] = 0  # a zero checkpoint gradient: its cosine part is 0
     tg, xg = tracin.Gradients(test, w), tracin.Gradients(train, w)
     result = tracin.top_k(tg, xg, k=64, normalize=normalize)
-    result = tracin.TopK(result.values, result.indices.copy())
-    result.indices[0, -1] = 7  # the zero row among the pairs
+    result = tracin.TopK(result.values.copy(), result.indices.copy())
+    result.indices[0, -1] = 7  # the zero row among the pairs, with its score
+    want = (
+        _cosine_terms(test, train, w, result.indices, 1) if normalize else _pair_terms(test, train, w, result.indices)
+    )
+    result.values[0, -1] = want[0, -1].sum()
     tracemalloc.start()
     try:
         got = checkpoint_contributions(tg, xg, result, normalize=normalize)
@@ -275,9 +389,6 @@ def test_checkpoint_contributions_split_k_to_keep_the_budget_for_wide_rows(monke
     finally:
         tracemalloc.stop()
     assert peak < got.nbytes + 2 * budget, f"peak {peak / 2**20:.1f} MiB for a 1 MiB budget"
-    want = (
-        _cosine_terms(test, train, w, result.indices, 1) if normalize else _pair_terms(test, train, w, result.indices)
-    )
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -55,9 +55,13 @@ def checkpoint_contributions(
 
     result: a TopK of top_k(test, train, ...) (for side="both", pass .proponents or .opponents).
     normalize: what the top_k call that made `result` used (a TopK does not record it). False: the
-    parts of the plain score above; given a normalize=True result they do not sum to its values.
-    True: each slot's term divided by |g(t)| |g(i)|, the norms over the slots of its checkpoint as
-    top_k groups them (0 for a zero gradient), so the parts sum to the cosine score.
+    parts of the plain score above. True: each slot's term divided by |g(t)| |g(i)|, the norms over
+    the slots of its checkpoint as top_k groups them (0 for a zero gradient), so the parts sum to
+    the cosine score.
+    The parts' sums are checked against result.values: a difference beyond 1e-2 sum_s |w_s| |g_s(t)|
+    |g_s(i)| (divided by the norms above for normalize=True; 1000x the float32 error bound, 10x
+    precision="tf32"'s) is a ValueError: result was made with the other `normalize` (the parts
+    would not sum to its values), or from other test or train gradients.
     layers_per_checkpoint: slots that form one checkpoint, as in checkpoint_diagnostics (factored
     exports store one slot per layer); default: what the metadata records, else 1.
     """
@@ -81,9 +85,16 @@ def checkpoint_contributions(
             f"{indices.min()} to {indices.max()}"
         )
     m, k = indices.shape
+    values = np.asarray(result.values)
+    if values.shape != indices.shape or not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise ValueError(
+            f"result.values must be real numbers of the shape of result.indices {indices.shape}, got "
+            f"{values.dtype} {values.shape}"
+        )
     w = np.asarray(weights, dtype=np.float64)
     count = len(weights) // per
     out = np.zeros((m, k, count))
+    scale = np.zeros((m, k))  # sum_s |w_s| |g_s(t)| |g_s(i)| (over the norms for cosines): the error bound's
     width = sum(b.shape[1] for b in train.kernel_side(0, 0).blocks)  # columns of one row, all blocks
     # Pieces of `step` test rows x `cols` result columns, sized so that their float64 rows fit the budget
     # together: the test rows, the train rows gathered for them and, one block at a time, those laid out
@@ -97,7 +108,7 @@ def checkpoint_contributions(
         side = test.kernel_side(t0, t1)
         ours = [_float64(b, code) for b, code in zip(side.blocks, side.dtypes, strict=True)]
         _refuse_non_finite("test", test.factored, ours, np.arange(t0, t1))
-        own = [np.einsum("td,td->t", a, a)[:, None] for a in ours] if run else []
+        own = [np.einsum("td,td->t", a, a)[:, None] for a in ours]
         for j0 in range(0, k, cols):
             j1 = min(k, j0 + cols)
             wanted, where = np.unique(indices[t0:t1, j0:j1], return_inverse=True)
@@ -110,11 +121,41 @@ def checkpoint_contributions(
                 squares.append(np.einsum("id,id->i", b, b)[where])
             del theirs
             terms = w * _per_slot(train.factored, dots)
+            sizes = np.abs(w) * np.sqrt(_per_slot(train.factored, own) * _per_slot(train.factored, squares))
             if run:
                 norms = _norms(train.factored, own, run) * _norms(train.factored, squares, run)
                 terms = np.divide(terms, norms, out=np.zeros_like(terms), where=norms > 0)
+                sizes = np.divide(sizes, norms, out=np.zeros_like(sizes), where=norms > 0)
             out[t0:t1, j0:j1] = terms.reshape(t1 - t0, j1 - j0, count, per).sum(3)
+            scale[t0:t1, j0:j1] = sizes.sum(2)
+    _check_sums(out, values, scale, normalize=bool(run))
     return out
+
+
+# How far the parts' sums may lie from result.values, in units of sum_s |w_s| |g_s(t)| |g_s(i)|: 1000x the
+# float32 contract's 1e-5 (DESIGN.md) and 10x precision="tf32"'s about 1e-3, so that a result top_k made
+# from these rows never trips it (cancelling dots, float16 / bfloat16 / factored rows, cosines); plus
+# float32's smallest normal, for scores that top_k rounds to a subnormal float32.
+_SUM_SLACK = 1e-2
+
+
+def _check_sums(parts: np.ndarray, values: np.ndarray, scale: np.ndarray, normalize: bool) -> None:
+    """ValueError if the parts (m, k, C), summed over C, differ from result.values (m, k) by more
+    than _SUM_SLACK x scale (the error bound's sum_s |w_s| |g_s(t)| |g_s(i)| per pair) + float32's
+    smallest normal: result was not made by top_k from these rows with this `normalize`."""
+    sums = parts.sum(2)
+    diff = np.abs(sums - values.astype(np.float64))
+    allowed = _SUM_SLACK * scale + float(np.finfo(np.float32).tiny)
+    bad = ~(diff <= allowed)  # NaN values too
+    if not bad.any():
+        return
+    t, j = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(diff, nan=np.inf), -np.inf)), bad.shape)
+    raise ValueError(
+        f"result.values do not match the parts' sums for normalize={normalize} ({int(bad.sum())} of "
+        f"{bad.size} pairs; largest difference {diff[t, j]:.6g} at test row {t}, rank {j}: parts sum to "
+        f"{sums[t, j]:.6g}, result.values has {values[t, j]:.6g}, allowed {allowed[t, j]:.3g}): was result "
+        f"made by top_k with normalize={not normalize}, or from other test/train gradients?"
+    )
 
 
 def _refuse_non_finite(side: str, factored: bool, blocks: list[np.ndarray], rows: np.ndarray) -> None:
