@@ -725,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)",
     )
 
-    from .demo.training import DEFAULT_CHECKPOINTS  # NumPy only: the demo extra is imported by cmd_demo
+    from .demo.training import DEFAULT_CHECKPOINTS, MAX_EPOCHS  # NumPy only: the demo extra is imported by cmd_demo
 
     p = command("demo", "find mislabelled digits with TracIn (needs tracin[demo])", cmd_demo)
     p.add_argument(
@@ -744,7 +744,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"checkpoints saved during training (the recipe: one every ~10%%) (default: {DEFAULT_CHECKPOINTS}, "
         "or --epochs if fewer)",
     )
-    p.add_argument("--epochs", type=positive_int, default=150, help="training epochs")
+    p.add_argument(
+        "--epochs",
+        type=_argument_type(int, lambda v: 1 <= v <= MAX_EPOCHS, f"a positive integer no larger than {MAX_EPOCHS}"),
+        default=150,
+        help=f"training epochs, at most {MAX_EPOCHS}",
+    )
     p.add_argument("-o", "--output", default="tracin-demo-output", help="output folder")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bars (none either where stderr is not a terminal)"

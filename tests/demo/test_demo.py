@@ -1070,7 +1070,7 @@ def test_bad_demo_settings_are_refused_before_the_previous_run_is_touched(tmp_pa
             DemoConfig(output=out, **settings)
     for settings, said in (
         (dict(seed=-3), "seed must be an integer >= 0, got -3"),
-        (dict(epochs=0), "epochs must be a positive integer, got 0"),
+        (dict(epochs=0), "epochs must be a positive integer at most 10000, got 0"),
         (dict(learning_rate=float("inf")), r"learning_rate must be a number in \(0, inf\), got inf"),
         (dict(momentum=1.0), r"momentum must be a number in \[0, 1\), got 1.0"),
         (dict(decay_at=-0.1), r"decay_at must be a number in \[0, 1\], got -0.1"),
@@ -1122,3 +1122,24 @@ def test_an_output_folder_whose_name_is_not_valid_text_is_reported_escaped(tmp_p
         [b"bash", b"-c", os.fsencode(script)], env={**os.environ, "PYTHON": sys.executable}, capture_output=True
     )
     assert done.returncode == 0 and b"1400" in done.stdout, done.stderr
+
+
+def test_absurd_epochs_are_refused_naming_the_cap(tmp_path, capsys):
+    """review108: `tracin demo --epochs 99999999999999999999999` trained for ever; --epochs and
+    TrainingConfig(epochs=) now stop at MAX_EPOCHS, named in the refusal, before anything is written."""
+    from tracin.demo.training import MAX_EPOCHS
+
+    for epochs in ("99999999999999999999999", str(MAX_EPOCHS + 1)):
+        with pytest.raises(SystemExit, match="2"):  # argparse: a usage error
+            main(["demo", "--epochs", epochs, "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert f"argument --epochs: expected a positive integer no larger than {MAX_EPOCHS}, got '{epochs}'" in err
+    assert not (tmp_path / "out").exists()
+    demo = build_parser()._subparsers._group_actions[0].choices["demo"]
+    assert demo.parse_args(["--epochs", str(MAX_EPOCHS)]).epochs == MAX_EPOCHS
+    assert f"training epochs, at most {MAX_EPOCHS} (default: 150)" in " ".join(demo.format_help().split())
+    assert TrainingConfig(epochs=MAX_EPOCHS).checkpoints == 10
+    with pytest.raises(
+        ValueError, match=f"epochs must be a positive integer at most {MAX_EPOCHS}, got {MAX_EPOCHS + 1}"
+    ):
+        TrainingConfig(epochs=MAX_EPOCHS + 1)
