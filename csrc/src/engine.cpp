@@ -80,9 +80,9 @@ bool IsFinite(DType dtype, const void* data, std::int64_t i) {
       return (bits & 0x7f800000u) != 0x7f800000u;
     }
     case DType::kFloat16:
-      return (static_cast<const std::uint16_t*>(data)[i] & 0x7c00u) != 0x7c00u;
+      return (LoadBits16(data, i) & 0x7c00u) != 0x7c00u;
     default:
-      return (static_cast<const std::uint16_t*>(data)[i] & 0x7f80u) != 0x7f80u;
+      return (LoadBits16(data, i) & 0x7f80u) != 0x7f80u;
   }
 }
 

@@ -6,6 +6,14 @@
 
 namespace tracin::detail {
 
+// Element i of an array of 16-bit values that may sit at any address (NumPy and the C++ API admit
+// misaligned float16 / bfloat16 rows): read through memcpy, never a uint16_t load.
+inline std::uint16_t LoadBits16(const void* data, std::int64_t i) {
+  std::uint16_t bits;
+  std::memcpy(&bits, static_cast<const unsigned char*>(data) + i * 2, sizeof bits);
+  return bits;
+}
+
 inline float BitsToFloat(std::uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof f);

@@ -26,7 +26,8 @@ inline constexpr std::int64_t kSliceDepth = 256;
 using MicroKernel = void (*)(std::int64_t kc, const float* a, std::int64_t lda, const float* b,
                              float* c, std::int64_t ldc);
 
-// dst[0, n) = float32(src[0, n)) for float16 / bfloat16 bits.
+// dst[0, n) = float32(src[0, n)) for float16 / bfloat16 bits. src may be at any address (NumPy admits
+// misaligned arrays): it is read by unaligned vector loads and LoadBits16 (half.hpp), never as uint16_t.
 using ConvertKernel = void (*)(const std::uint16_t* src, std::int64_t n, float* dst);
 
 // Squares of `rows` rows of n float32 values (row r at x + r * n) added in float64 to kNormLanes

@@ -42,7 +42,7 @@ void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(
                                   reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  for (; i < n; ++i) dst[i] = HalfToFloat(LoadBits16(src, i));
 }
 
 void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
@@ -52,7 +52,7 @@ void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
     _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
   }
-  for (; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
+  for (; i < n; ++i) dst[i] = BFloat16ToFloat(LoadBits16(src, i));
 }
 
 // SquaresKernel (kernels.hpp) in four registers of 4 doubles: the generic kernel's bits (an exact

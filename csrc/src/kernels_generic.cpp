@@ -36,11 +36,11 @@ void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, fl
 }
 
 void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
-  for (std::int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = HalfToFloat(LoadBits16(src, i));
 }
 
 void BFloatToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
-  for (std::int64_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = BFloat16ToFloat(LoadBits16(src, i));
 }
 
 void SquaresRun(const float* x, std::int64_t rows, std::int64_t n, double* sums) {

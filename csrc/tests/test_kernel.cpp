@@ -371,6 +371,77 @@ void TestHalfPrecisionAndFactored() {
   Check(self == 2.0f * (2.25f + 0.0625f), "float16 decoded exactly");
 }
 
+// float16 / bfloat16 blocks at an odd address (NumPy's frombuffer(..., offset=1); legal input) are
+// read through memcpy, never uint16_t loads (undefined behaviour, which UBSan reports): the same bits
+// as the aligned copy from Scores, TopK, SelfInfluence and Aggregate, for widths with SIMD runs and
+// scalar tails, every instruction set; a misaligned Inf is found and named.
+void TestMisalignedHalfPrecision() {
+  std::mt19937 rng(17);
+  const std::int64_t m = 5, n = 40;
+  for (const tracin::DType dtype : {tracin::DType::kFloat16, tracin::DType::kBFloat16})
+    for (const std::int64_t d : {std::int64_t{1}, std::int64_t{37}}) {
+      const bool half = dtype == tracin::DType::kFloat16;
+      // Finite values of moderate size: exponent fields 10-20 (float16) or 120-134 (bfloat16).
+      std::uniform_int_distribution<int> exponent(half ? 10 : 120, half ? 20 : 134), bit(0, 0xffff);
+      const auto random_bits = [&](std::int64_t count) {
+        std::vector<std::uint16_t> v(static_cast<std::size_t>(count));
+        for (std::uint16_t& b : v) {
+          const int e = exponent(rng), r = bit(rng);
+          b = static_cast<std::uint16_t>(half ? (r & 0x83ff) | (e << 10) : (r & 0x807f) | (e << 7));
+        }
+        return v;
+      };
+      const std::vector<std::uint16_t> t = random_bits(m * d), x = random_bits(n * d);
+      std::vector<unsigned char> t_odd(t.size() * 2 + 1), x_odd(x.size() * 2 + 1);
+      std::memcpy(t_odd.data() + 1, t.data(), t.size() * 2);
+      std::memcpy(x_odd.data() + 1, x.data(), x.size() * 2);
+      const auto side = [&](const void* data, std::int64_t rows) {
+        tracin::GradientSide s;
+        s.blocks = {{data, rows, d, d, dtype}};
+        return s;
+      };
+      const tracin::GradientSide ta = side(t.data(), m), xa = side(x.data(), n);
+      const tracin::GradientSide tm = side(t_odd.data() + 1, m), xm = side(x_odd.data() + 1, n);
+      const std::string name = std::string(half ? "float16" : "bfloat16") + " at an odd address, d " +
+                               std::to_string(d) + ", isa ";
+      for (tracin::Isa isa : tracin_test::RunnableIsas("MisalignedHalfPrecision")) {
+        tracin::Options o;
+        o.isa = isa;
+        std::vector<float> aligned(static_cast<std::size_t>(m * n)), odd(aligned.size());
+        Check(tracin::Scores(ta, xa, {0.5}, aligned.data(), o).ok() &&
+                  tracin::Scores(tm, xm, {0.5}, odd.data(), o).ok() &&
+                  std::memcmp(aligned.data(), odd.data(), aligned.size() * 4) == 0,
+              name + tracin::IsaName(isa) + ": Scores, the aligned copy's bits");
+        std::vector<float> va(static_cast<std::size_t>(m * 3)), vo(va.size());
+        std::vector<std::int64_t> ia(va.size()), io(va.size());
+        tracin::TopKOutput top_a, top_o;
+        top_a.proponent_values = va.data();
+        top_a.proponent_indices = ia.data();
+        top_o.proponent_values = vo.data();
+        top_o.proponent_indices = io.data();
+        Check(tracin::TopK(ta, xa, {0.5}, 3, tracin::Side::kProponents, top_a, o).ok() &&
+                  tracin::TopK(tm, xm, {0.5}, 3, tracin::Side::kProponents, top_o, o).ok() && va == vo && ia == io,
+              name + tracin::IsaName(isa) + ": TopK, the aligned copy's");
+        std::vector<float> sa(static_cast<std::size_t>(n)), so(sa.size());
+        Check(tracin::SelfInfluence(xa, {0.5}, sa.data(), o).ok() &&
+                  tracin::SelfInfluence(xm, {0.5}, so.data(), o).ok() && sa == so,
+              name + tracin::IsaName(isa) + ": SelfInfluence, the aligned copy's");
+        std::vector<double> aa(static_cast<std::size_t>(n)), ao(aa.size());
+        Check(tracin::Aggregate(ta, xa, {0.5}, aa.data(), o).ok() &&
+                  tracin::Aggregate(tm, xm, {0.5}, ao.data(), o).ok() && aa == ao,
+              name + tracin::IsaName(isa) + ": Aggregate, the aligned copy's");
+      }
+      // An Inf in row 3's last column, at an odd address: found by the finiteness check.
+      const std::uint16_t inf = half ? 0x7c00 : 0x7f80;
+      std::memcpy(t_odd.data() + 1 + (3 * d + d - 1) * 2, &inf, 2);
+      std::vector<float> out(static_cast<std::size_t>(m * n));
+      const tracin::Status s = tracin::Scores(tm, xm, {0.5}, out.data());
+      Check(s.code == tracin::StatusCode::kNonFinite &&
+                s.message.find("test checkpoint 0 contains NaN or Inf values, first in rows [3]") != std::string::npos,
+            name + "any: a misaligned Inf is named: " + s.message);
+    }
+}
+
 void TestSelfInfluenceAndAggregate() {
   std::mt19937 rng(4);
   const std::vector<Matrix> test = {Random(8, 40, rng), Random(8, 3, rng)};
@@ -1163,6 +1234,7 @@ int main() {
   TestExponentShiftKeepsOtherCheckpoints();
   TestTopK();
   TestHalfPrecisionAndFactored();
+  TestMisalignedHalfPrecision();
   TestSelfInfluenceAndAggregate();
   TestBadInput();
   TestOutOfMemoryIsAStatus();
