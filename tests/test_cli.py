@@ -573,6 +573,7 @@ def test_long_output_names_are_written_and_too_long_ones_refused_first(stores, t
     rank = ["self-influence", str(paths["train"]), "-o"]
     longest = tmp_path / ("a" * 251 + ".csv")  # 255 bytes, the usual limit
     assert main([*rank, str(longest)]) == 0 and longest.read_text().startswith("rank,")
+    assert capsys.readouterr().err.endswith(f": wrote {longest}\n")  # the summary, on stderr
     monkeypatch.setattr(tracin, "self_influence", lambda *a, **k: pytest.fail("scored before --output was checked"))
     assert main([*rank, str(tmp_path / ("a" * 252 + ".csv"))]) == 1
     assert "file name of 256 bytes" in _error_line(capsys.readouterr().err, "self-influence")
