@@ -251,6 +251,10 @@ def test_a_full_side_against_a_factored_side_is_named_in_its_exports_words(rng):
     expected = r"train is factored \(FactoredGradients, exported by tracin\.jax with mode='last_layer'\)"
     with pytest.raises(ValueError, match=expected):
         tracin.scores(tracin.Gradients(full, metadata={"framework": "jax", "mode": "full"}), jax_rows)
+    numpy_rows = tracin.FactoredGradients(left, right, metadata={"framework": "numpy", "mode": "factored"})
+    expected = r"train is factored \(FactoredGradients, exported with framework='numpy', mode='factored'\)"
+    with pytest.raises(ValueError, match=expected):  # review109 F1: there is no tracin.numpy to name
+        tracin.scores(full, numpy_rows)
 
 
 def test_merge_top_k_refuses_shards_sorted_for_the_other_side(rng):

@@ -102,11 +102,15 @@ def _count(n: int, noun: str) -> str:
 
 
 def _layout_text(s: GradientSet) -> str:
-    """'factored (FactoredGradients, exported by tracin.jax with mode='last_layer')', or without the
-    export's words where the metadata does not record them."""
+    """'factored (FactoredGradients, exported by tracin.jax with mode='last_layer')' ('exported with
+    framework='numpy', mode=...' for a framework tracin has no adapter for), or without the export's words where
+    the metadata does not record them."""
     kind = "factored" if s.factored else "full"
     framework, mode = s.metadata.get("framework"), s.metadata.get("mode")
-    how = f", exported by tracin.{framework} with mode={mode!r}" if isinstance(framework, str) and mode else ""
+    how = ""
+    if isinstance(framework, str) and mode:
+        by = f"by tracin.{framework} with" if framework in ("torch", "jax") else f"with framework={framework!r},"
+        how = f", exported {by} mode={mode!r}"
     return f"{kind} ({type(s).__name__}{how})"
 
 
