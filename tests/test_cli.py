@@ -827,6 +827,9 @@ def test_output_ending_in_a_separator_or_a_link_loop_is_refused_before_scoring(s
     for output, message in (
         (f"{tmp_path}/new.csv/", f"--output: {tmp_path}/new.csv/ ends in '/', which names a folder"),
         (f"{tmp_path}/existing.csv/", f"--output: {tmp_path}/existing.csv/ ends in '/', which names a folder"),
+        (".", "--output: . ends in '.', which names a folder"),  # review109 F2: it said "got ''"
+        ("..", "--output: .. ends in '..', which names a folder"),
+        (f"{tmp_path}/new.csv/.", f"--output: {tmp_path}/new.csv/. ends in '.', which names a folder"),
         (str(tmp_path / "loopA.csv"), f"--output: cannot write {tmp_path / 'loopA.csv'}: more than 40 symbolic links"),
     ):
         assert main(["self-influence", str(paths["train"]), "-o", output]) == 1

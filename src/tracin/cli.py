@@ -128,6 +128,9 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         raise CommandError("--output: expected a file name, got ''")
     if path.endswith(SEPARATORS):  # Path() would drop it
         raise CommandError(f"--output: {path} ends in {path[-1]!r}, which names a folder; give a file name")
+    last = os.path.basename(path)
+    if last in (".", ".."):  # Path(".").name is '', Path("x/.") is x
+        raise CommandError(f"--output: {path} ends in {last!r}, which names a folder; give a file name")
     out = Path(path)
     if suffixes:
         suffix = next((s for s in suffixes if out.name.lower().endswith(s)), None)
