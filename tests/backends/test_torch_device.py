@@ -159,6 +159,72 @@ def test_scores_beyond_float32_are_a_value_error(rng):
             call(tracin.Gradients([test], [1e300]), tracin.Gradients([train * 1e-20], [1e300]), device="torch:cpu")
 
 
+def _two_checkpoints(big: float, small: float, w: list[float], factored: bool, train: list[np.ndarray] | None = None):
+    """Gradients (or factored ones, right factors of ones) of one test row of 4 values `big` in
+    checkpoint 0 and `small` in checkpoint 1, and of train rows `train` (default: zeros, then rows of
+    1s and of 2s)."""
+    test = [np.full((1, 4), big, np.float32), np.full((1, 4), small, np.float32)]
+    if train is None:
+        train = [np.zeros((2, 4), np.float32), np.array([[1.0] * 4, [2.0] * 4], np.float32)]
+    if not factored:
+        return test, train, tracin.Gradients(test, w), tracin.Gradients(train, w)
+    ones_t, ones_x = [np.ones((1, 1), np.float32)] * 2, [np.ones((len(train[0]), 1), np.float32)] * 2
+    return test, train, tracin.FactoredGradients(test, ones_t, w), tracin.FactoredGradients(train, ones_x, w)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize(
+    ("big", "small", "w", "normalize"),
+    [
+        (1e30, 1e-20, [1e30, 1.0], False),  # review107 F1: 1e-20 / 2^99 packs as 0 (scores 0 for 4e-20)
+        (3e38, 1e-35, [2.0, 2.0], False),  # weights near 1: the rows were left in place, unweighted
+        (1.0, 1.0, [1e60, 1e-10], True),  # unit rows: 3.5e-11 / 2^97 is subnormal
+    ],
+)
+def test_a_row_whose_lowering_would_lose_another_checkpoint_overflows_as_on_the_cpu_kernel(
+    factored, big, small, w, normalize
+):
+    """A test row whose weighted values overflow float32 in checkpoint 0 is not lowered by 2^e_r when
+    that would take a value of the row that is a normal float32 unshifted (checkpoint 1's) below
+    2^-126: it is packed as it is, and the call is the overflow error of the C++ kernel (review107 F1,
+    csrc/src/engine.cpp ShiftLeavesNormalRange), naming no pair as the kernel's packing does. Before,
+    torch:cpu lowered the row and scored without checkpoint 1 (scores 0 for an exact 4e-20, top_k
+    ranking the smaller one first) or with it rounded to a subnormal. Scores and top_k, full and factored,
+    plain and cosine (train rows 1e-35 in checkpoint 0: cosine scores near 7e24)."""
+    train = None
+    if normalize:
+        train = [np.full((2, 4), 1e-35, np.float32), np.array([[1.0] * 4, [2.0] * 4], np.float32)]
+    _, _, t, x = _two_checkpoints(big, small, w, factored, train)
+    calls = {
+        "scores": lambda device: tracin.scores(t, x, device=device, normalize=normalize),
+        "top_k": lambda device: tracin.top_k(t, x, k=1, side="both", device=device, normalize=normalize),
+    }
+    for name, call in calls.items():
+        for device in ("cpu", "torch:cpu"):
+            with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite") as e:
+                call(device)
+            assert "first for test row" not in str(e.value), (name, device, str(e.value))
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_row_lowered_beside_values_that_stay_normal_keeps_the_bound(factored):
+    """The row of 1e9 x w = 1e30 (1e39, beyond float32) beside 1e-28 in checkpoint 1 is still lowered
+    (e_r = 29: 1e-28 / 2^29 stays normal), as on the C++ kernel, and both backends score it within the
+    contract of float64 (an exact 4e-28 and 8e-28: checkpoint 0's train rows are zeros); top_k too."""
+    w = [1e30, 1.0]
+    test, train, t, x = _two_checkpoints(1e9, 1e-28, w, factored)
+    exact, bound = exact_scores(test, train, w), score_bound(test, train, w)
+    assert np.all(exact > 0) and np.all(bound < 1e-4 * exact)
+    for device in ("cpu", "torch:cpu"):
+        got = tracin.scores(t, x, device=device)
+        assert np.all(np.abs(got - exact) <= bound), (device, got, exact)
+        best = tracin.top_k(t, x, k=1, device=device)
+        np.testing.assert_array_equal(best.indices, [[1]])
+        assert abs(best.values[0, 0] - exact[0, 1]) <= bound[0, 1], device
+    prepared = torch_device._DeviceTest.upload(t.kernel_side(), torch.device("cpu"), 0, w)
+    assert prepared.exponents.tolist() == [29] and prepared.overflowing is None  # floor(log2(1e39)) - 100
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     ("w", "test_scale", "train_scale"),

@@ -45,7 +45,8 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py) where the C++
 test rows are packed as there (_fold_weights: one power of two per test row, from its largest weighted
 value over every checkpoint), so a checkpoint whose weighted values in that row pack below float32's
 normal range loses bits, and one at or below 2^-150 is lost whole (README "Numerical contract";
-tests/backends/test_weighted_packing.py). TF32 is off unless
+tests/backends/test_weighted_packing.py); a row that lowering would take from float32's normal range
+overflows as there, the call's overflow error. TF32 is off unless
 precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
 scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
@@ -288,6 +289,10 @@ class _Call:
         key = ("torch", str(device), normalize, None if weights is None else tuple(weights))
         self.prepared = make() if cache is None else cache.get(key, make)
         self.test, self.m = self.prepared.blocks, test.blocks[0].shape[0]
+        if self.prepared.overflowing is not None and train.blocks[0].shape[0]:
+            # the C++ kernel's packing overflows (whatever the train rows, and where the GEMMs of rows
+            # left in place under weights near 1 would not)
+            self.bad_score = torch.ones((), dtype=torch.bool, device=device)
         self.bad_input = self.prepared.bad.clone()  # train tiles add to it: the cached flag stays the test's
 
     def cosine(self, x: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -339,8 +344,11 @@ class _Call:
         found again."""
         self.following = None  # no upload of the loop's next piece (the call ends in an error)
         step = _kernel_pass_rows(sum(4 * t.shape[1] for t in self.test))
+        overflowing = None if self.prepared is None else self.prepared.overflowing
         for p0 in range(0, self.m, step):
             p1 = min(p0 + step, self.m)
+            if overflowing is not None and bool(((overflowing >= p0) & (overflowing < p1)).any()):
+                return None  # the kernel's packing of the pass overflows: its error names no pair
             blocks = [(max(t0, p0), min(t1, p1)) for t0, t1 in self.test_blocks() if t0 < p1 and t1 > p0]
             found: tuple[int, int] | None = None  # (train row, test row)
             products = self.products(checked=False, blocks=blocks)
@@ -387,7 +395,9 @@ class _DeviceTest:
     (aggregate's, made on first use), and for weighted blocks the GEMM factor of each checkpoint,
     the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0) and, for
     blocks that are the caller's rows used in place (later[b], int64 (rows,); None: none), the powers
-    of two their rows are multiplied by in a copy of one score block's rows at a time (_product)."""
+    of two their rows are multiplied by in a copy of one score block's rows at a time (_product), and
+    the int64 rows (None: none) that _fold_weights left unshifted and that pack an infinite weighted
+    value (first_overflow then names no pair for their pass, as the C++ kernel's packing)."""
 
     blocks: list[torch.Tensor]
     bad: torch.Tensor
@@ -395,6 +405,7 @@ class _DeviceTest:
     alphas: list[float] | None = None
     exponents: torch.Tensor | None = None
     later: dict[int, torch.Tensor] | None = None
+    overflowing: torch.Tensor | None = None
 
     @classmethod
     def upload(
@@ -415,8 +426,9 @@ class _DeviceTest:
             return cls(blocks, bad)
         sources = [rows.host_tensor(b, code) for b, code in zip(test.blocks, test.dtypes, strict=True)]
         in_place = [not normalize and t.data_ptr() == s.data_ptr() for t, s in zip(blocks, sources, strict=True)]
-        alphas, exponents, later = _fold_weights(blocks, test.factored, weights, in_place, cosine=bool(normalize))
-        return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later)
+        folded = _fold_weights(blocks, test.factored, weights, in_place, cosine=bool(normalize))
+        alphas, exponents, later, overflowing = folded
+        return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later, overflowing=overflowing)
 
     def column_sums(self) -> list[torch.Tensor]:
         """float64 (d_c,) sums over the rows of each block."""
@@ -644,23 +656,30 @@ def _fold_weights(
     weights: Sequence[float],
     in_place: Sequence[bool],
     cosine: bool = False,
-) -> tuple[list[float], torch.Tensor | None, dict[int, torch.Tensor] | None]:
+) -> tuple[list[float], torch.Tensor | None, dict[int, torch.Tensor] | None, torch.Tensor | None]:
     """The weights put on the test side's float32 blocks (a factored set's left factors) as the C++
     kernel packs them (csrc/src/engine.cpp, PackedTest): e_r is 0 unless row r's largest |w_c x value|
     is below 2^-96 (e_r brings it to [2^-96, 2^-95)), for cosine scores (blocks of unit rows) below
     2^-32 (to [2^-32, 2^-31): products with train rows of norm down to 2^-64, which _unit_scaled leaves
     as they are, stay in float32's normal range), or at least 2^127 (to [2^100, 2^101)); a
-    non-finite row keeps e_r = 0. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks
-    stay as they are and the GEMMs take the weights (returns (weights, None, None): no copy; a dot
-    product of such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the
-    rows r of each block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of
-    w_c, which is exact but where the product is below float32's normal range (rounded once, as the
-    C++ kernel rounds w_c x value: a checkpoint far below the row's largest loses bits, or packs as 0
-    at or below 2^-150, README "Numerical contract"), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None
-    when all are 0), by which _product multiplies each score row back, and the shifts k_c - e_r of
-    the blocks that are the caller's rows (in_place[b]; None: none), which _product applies to a
-    copy of one score block's rows at a time, so that a test set used in place is never copied
-    whole; other blocks (uploaded copies) are replaced by their shifted copies, one at a time."""
+    non-finite row keeps e_r = 0, and so does a row of e_r > 0 where dividing by 2^e_r would take a
+    value that is a normal float32 at e_r = 0 (|float32(w_c x value)| >= 2^-126, any checkpoint) below
+    2^-126 (a row spanning more than about 2^226: _lowering_loses_values, the C++ kernel's
+    ShiftLeavesNormalRange, which gathers only those rare rows, never copying a block used in place):
+    such a row overflows, and the call is the overflow error rather than scores missing the row's small
+    checkpoints. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks stay as they are and
+    the GEMMs take the weights (returns (weights, None, None, overflowing): no copy; a dot product of
+    such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the rows r of each
+    block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of w_c, which is
+    exact but where the product is below float32's normal range (rounded once, as the C++ kernel rounds
+    w_c x value: a checkpoint far below the row's largest loses bits, or packs as 0 at or below 2^-150,
+    README "Numerical contract"), and the GEMMs take w_c / 2^k_c: returns those, e_r (int64, None when
+    all are 0), by which _product multiplies each score row back, the shifts k_c - e_r of the blocks
+    that are the caller's rows (in_place[b]; None: none), which _product applies to a copy of one score
+    block's rows at a time, so that a test set used in place is never copied whole (other blocks,
+    uploaded copies, are replaced by their shifted copies, one at a time), and `overflowing`: the int64
+    rows kept at e_r = 0 whose float32(w_c x value) is infinite (None: none), where the C++ kernel's
+    packing fails (the call's overflow error, naming no pair for their pass: _Call.first_overflow)."""
     per = 2 if factored else 1
     rows = blocks[0].shape[0]
     device = blocks[0].device
@@ -683,8 +702,15 @@ def _fold_weights(
     floor = _COSINE_FLOOR if cosine else -96
     shift = torch.where(largest < floor, largest - floor, torch.where(largest >= 127, largest - 100, 0))
     shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
+    lowered = torch.nonzero(shift > 0).flatten()  # rare: rows whose weighted values overflow float32
+    overflowing = None
+    if lowered.numel():
+        weighted = [blocks[c * per] for c in range(len(weights))]
+        kept, infinite = _lowering_loses_values(weighted, weights, lowered, shift[lowered])
+        shift[lowered[kept]] = 0  # packed unshifted: the row overflows, reported as such
+        overflowing = lowered[kept & infinite] if bool((kept & infinite).any()) else None
     if all(-24 <= k <= 24 for k in exps) and not bool(shift.any()):
-        return list(weights), None, None
+        return list(weights), None, None, overflowing
     later = {}
     for c, (w, k) in enumerate(zip(weights, exps, strict=True)):
         if w == 0:  # a block of weight 0 is not used (_add_checkpoint)
@@ -694,9 +720,39 @@ def _fold_weights(
         else:
             blocks[c * per] = _shifted(blocks[c * per], k - shift)
     alphas = [math.ldexp(w, -k) for w, k in zip(weights, exps, strict=True)]
-    return alphas, shift if bool(shift.any()) else None, later or None
+    return alphas, shift if bool(shift.any()) else None, later or None, overflowing
 
 
+def _lowering_loses_values(
+    blocks: list[torch.Tensor], weights: Sequence[float], rows: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool (len(rows),) each: whether packing row rows[j] of the weighted blocks (one per checkpoint,
+    weights[c]) divided by 2^shift[j] (> 0) would take a value that is a normal float32 when packed
+    undivided (|float32(w_c x value)| in [2^-126, FLT_MAX]) to a subnormal or zero, in any checkpoint
+    (the C++ kernel's PackedTest::ShiftLeavesNormalRange: the same float64 products rounded to float32),
+    and whether the row packed undivided holds an infinite float32(w_c x value) (where the C++ kernel's
+    packing reports the overflow, naming no pair). Only those rows are read (gathered in slices of at
+    most _NORM_SLICE values), never a block whole."""
+    half = torch.div(shift, 2, rounding_mode="floor")  # two exact steps: 2^-shift may be below float64's range
+    steps = (_power_of_two(-half, torch.float64), _power_of_two(half - shift, torch.float64))
+    loses = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    infinite = torch.zeros_like(loses)
+    for block, w in zip(blocks, weights, strict=True):
+        if w == 0 or block.shape[1] == 0:  # packed as zeros either way
+            continue
+        lowered = (w * steps[0]) * steps[1]  # ldexp(w, -shift), per row
+        step = max(1, _NORM_SLICE // block.shape[1])
+        for j in range(0, rows.numel(), step):
+            values = block.index_select(0, rows[j : j + step]).double()
+            plain = (values * w).float().abs()
+            after = (values * lowered[j : j + step, None]).float().abs()
+            normal = (plain >= _FLT_MIN) & torch.isfinite(plain)
+            loses[j : j + step] |= (normal & (after < _FLT_MIN)).any(1)
+            infinite[j : j + step] |= torch.isinf(plain).any(1)
+    return loses, infinite
+
+
+_FLT_MIN = 2.0**-126  # float32's smallest normal value
 _ALIGNMENT = 128  # float32 values in 512 bytes (_shifted)
 
 _NO_EXPONENT = -(2**40)
