@@ -4,6 +4,7 @@ export's, also when a worker is killed mid-export (docs/format.md, "Several writ
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -52,6 +53,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _sent(args: tuple, kwargs: dict) -> bytes:
+    """The bytes a task gets of the export's args and kwargs."""
+    into = io.BytesIO()
+    _export.pickle_arguments((args, kwargs), into)
+    return into.getvalue()
 
 
 def _same_store(found: tracin.GradientStore, expected: tracin.GradientStore) -> None:
@@ -361,7 +369,7 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     monkeypatch.setattr(_export, "refuse_unseen", lambda path: None)  # no store: the export is a stand-in
 
     def task(name):
-        _export.export_part("torch", cloudpickle.dumps(((name,), {})), "unused", 0, 1, 1, {})
+        _export.export_part("torch", _sent((name,), {}), "unused", 0, 1, 1, {})
 
     b = threading.Thread(target=lambda: (a_in.wait(30), task("b")))
     b.start()
@@ -397,7 +405,7 @@ def test_a_task_gives_its_thread_back_its_own_count(monkeypatch):
         reset = threading.Thread(target=torch.set_num_threads, args=(default,))
         reset.start()
         reset.join(30)
-        _export.export_part("torch", cloudpickle.dumps(((), {})), "unused", 0, 1, 1, {})
+        _export.export_part("torch", _sent((), {}), "unused", 0, 1, 1, {})
         after.append(torch.get_num_threads())
 
     thread = threading.Thread(target=worker_thread)

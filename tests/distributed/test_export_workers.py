@@ -4,11 +4,13 @@ and the rows a rerun gives its tasks."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
 import threading
 import tracemalloc
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,12 +25,18 @@ import tracin  # noqa: E402
 import tracin.distributed as td  # noqa: E402
 import tracin.torch  # noqa: E402
 from tracin._export.driver import store_rows  # noqa: E402
-from tracin.distributed import _shards  # noqa: E402
-from tracin.distributed._export import absolute_checkpoints, cut, export_part, pickle_arguments  # noqa: E402
+from tracin.distributed import _export, _shards  # noqa: E402
+from tracin.distributed._export import (  # noqa: E402
+    absolute_checkpoints,
+    cut,
+    export_part,
+    pickle_arguments,
+    unpickle_arguments,
+)
 from tracin.distributed._run import Job  # noqa: E402
 from tracin.store import StoreChangedError  # noqa: E402
 
-from .test_export import _same_store, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
+from .test_export import _same_store, _sent, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
 
 WORKER = r"worker tcp://127\.0\.0\.1:\d+"
 
@@ -137,7 +145,7 @@ def test_a_task_whose_worker_does_not_see_the_store_fails_at_once_naming_it(clie
     """No shared file system: a ValueError naming the worker, before the data is read, and not retried."""
     model, checkpoints, data, loss = _setup(20, 4)
     log = tmp_path / "reads"
-    sent = cloudpickle.dumps(((model, checkpoints, _logged(_batches(data), log), loss), {}))
+    sent = _sent((model, checkpoints, _logged(_batches(data), log), loss), {})
     job = Job(client, "test")
     task = job.submit(export_part, "torch", sent, str(tmp_path / "absent"), 0, 10, 1, {})
     with pytest.raises(ValueError, match=rf"store {tmp_path / 'absent'} is not visible on {WORKER} .*same path"):
@@ -420,7 +428,7 @@ def test_arguments_are_pickled_once_before_the_pass_and_their_bytes_not_kept(cli
         assert held[0] < 8 * 2**20  # traced since the call began: 32 MB if the pickled arguments were kept
     finally:
         tracemalloc.stop()
-    assert sum(isinstance(obj, tuple) and len(obj) == 2 and heavy in obj[0] for obj in dumped) == 1
+    assert sum(obj is heavy for obj in dumped) == 1
 
 
 def test_data_that_stops_pickling_once_read_travels_as_given(client, tmp_path):
@@ -448,3 +456,104 @@ def test_data_that_stops_pickling_once_read_travels_as_given(client, tmp_path):
             lazy.file.close()
     expected = tracin.torch.export_gradients(model, checkpoints, _batches(data), loss, store=tmp_path / "one")
     _same_store(found, expected)
+
+
+def _client_only_module(tmp_path: Path, monkeypatch) -> Any:
+    """A module (a per-example loss class) that the client imports from a folder on its own sys.path
+    only, as a project's model.py not installed on the workers: cloudpickled by reference."""
+    name = f"tracin_client_only_{uuid.uuid4().hex[:8]}"
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(
+        "import torch\n\n\nclass Loss(torch.nn.Module):\n"
+        "    def forward(self, outputs, targets):\n"
+        "        return torch.nn.functional.cross_entropy(outputs, targets, reduction='none')\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    return importlib.import_module(name)
+
+
+def test_an_argument_whose_module_only_the_client_imports_is_named(client, tmp_path, monkeypatch):
+    """Review110 F2: not a bare ModuleNotFoundError (which the client cannot reproduce): the argument, the
+    worker, the error and the fix, for a positional argument (its parameter's name too) and a keyword one."""
+    model, checkpoints, data, _ = _setup(20, 4)
+    module = _client_only_module(tmp_path, monkeypatch)
+    missing = rf"\(ModuleNotFoundError: No module named '{module.__name__}'\): the workers must import the modules"
+    with pytest.raises(ValueError, match=rf"^args\[3\] \(loss_fn\) cannot be unpickled on {WORKER} {missing}") as e:
+        td.export_gradients("torch", model, checkpoints, data, module.Loss(), store=tmp_path / "s", client=client)
+    assert "client.upload_file" in str(e.value)
+    with pytest.raises(ValueError, match=rf"^kwargs\['loss_fn'\] cannot be unpickled on {WORKER} {missing}"):
+        td.export_gradients(
+            "torch", model, checkpoints, data, loss_fn=module.Loss(), store=tmp_path / "k", client=client
+        )
+
+
+def test_arguments_sharing_an_object_share_it_once_unpickled():
+    """Each argument is a pickle of its own (a failing one is named), through one memo: what two arguments
+    share is one object on the worker too, as when (args, kwargs) was one pickle."""
+    shared = torch.nn.Linear(2, 2)
+    args, kwargs = unpickle_arguments(_sent((shared, [shared], {"m": shared}), {"loss_fn": (shared,)}), "torch")
+    assert isinstance(args[0], torch.nn.Linear) and args[1][0] is args[0] and args[2]["m"] is args[0]
+    assert list(kwargs) == ["loss_fn"] and kwargs["loss_fn"][0] is args[0]
+    assert torch.equal(args[0].weight, shared.weight)
+
+
+def _failing_on_workers(batches: list, error: Exception) -> object:
+    """Re-iterable batches (cloudpickled by value) that raise `error` when read on a Dask worker, as data
+    in a per-machine cache or a file missing there would."""
+
+    class Local:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            try:
+                get_worker()
+            except ValueError:  # the client
+                return iter(batches)
+            raise error
+
+    return Local()
+
+
+def test_an_error_of_the_data_on_a_worker_names_the_worker_rows_and_store(client, tmp_path):
+    """Review110 F3: the data's own exception, as it is (type and message), with a note naming the worker,
+    the rows, the store, and what differs when the same export works on the client."""
+    model, checkpoints, data, loss = _setup(20, 4)
+    local = _failing_on_workers(_batches(data), KeyError("sample 0"))
+    store = tmp_path / "s"
+    with pytest.raises(KeyError) as e:
+        td.export_gradients("torch", model, checkpoints, local, loss, store=store, client=client, shards=1)
+    assert type(e.value) is KeyError and e.value.args == ("sample 0",)
+    notes = getattr(e.value, "__notes__", [])
+    assert len(notes) == 1, notes
+    assert re.fullmatch(
+        rf"tracin\.distributed export \(torch\): raised on {WORKER} while exporting rows \[0, 20\) into the "
+        rf"gradient store {re.escape(str(store))} \(reading the data, running the model and the loss there\)\. "
+        r"Does the same export work in one process on the client\? Then the workers must read the same data.*",
+        notes[0],
+    )
+    expected = tracin.torch.export_gradients(model, checkpoints, local, loss, store=tmp_path / "one", progress=False)
+    assert expected.n_rows == 20  # the same export works in one process
+
+
+class _BeforeNotes(RuntimeError):
+    """A RuntimeError as Python 3.10 raises it: without add_note."""
+
+    def __getattribute__(self, name: str):
+        if name == "add_note":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_a_tasks_note_before_python_3_11_travels_in_notes_and_is_printed(capsys):
+    e = _BeforeNotes("cannot read /data/x.bin")
+    _export._noted_here(e, "first")
+    _export._noted_here(e, "second")
+    assert e.__notes__ == ["first", "second"]
+    _export._print_task_notes(e)
+    assert capsys.readouterr().err == "first\nsecond\n"
+    plain = RuntimeError("x")
+    plain.add_note("shown by Python itself")
+    _export._print_task_notes(plain)
+    assert capsys.readouterr().err == ""

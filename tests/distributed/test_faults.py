@@ -217,7 +217,14 @@ def test_a_workers_store_error_is_raised_as_is_when_the_clients_stores_are_uncha
         job._raise(Failed())
 
 
-def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch):
+@pytest.mark.parametrize(
+    ("what", "why"),
+    [
+        ("self_influence", r"\(out of memory\? a file changed while mapped\?\)$"),
+        ("export (torch)", r"\(a crash in the data loader, the model or the loss .*os\._exit.*in one process"),
+    ],
+)
+def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch, what, why):
     # KilledWorker injected where Job.wait collects results: no cluster needed for the error class.
     import tracin.distributed._run as run
 
@@ -231,11 +238,54 @@ def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch):
         raise run.KilledWorker(task="k-0", last_worker=None, allowed_failures=0)
 
     monkeypatch.setattr(run, "as_completed", killed)
-    job = Job(FakeClient(), "self_influence")
+    job = Job(FakeClient(), what)
     job.labels["k-0"] = "rows [0, 4) of /some/store"
     with pytest.raises(td.TaskFailedError, match=r"rows \[0, 4\) of /some/store .* died 1 time \(") as e:
         job.wait(["shard"], progress=False)
     assert isinstance(e.value, RuntimeError) and isinstance(e.value.__cause__, run.KilledWorker)
+    assert re.search(why, str(e.value)), str(e.value)
+    assert ("mapped" in str(e.value)) == (what == "self_influence")  # not a scoring cause for an export
+
+
+def _exiting_on_workers(batches: list) -> object:
+    """Re-iterable batches (a local class: cloudpickled by value) that end the process when read on a
+    Dask worker, as a native reader crashing there would."""
+
+    class Exiting:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            from distributed import get_worker
+
+            try:
+                get_worker()
+            except ValueError:  # the client
+                return iter(batches)
+            os._exit(3)
+
+    return Exiting()
+
+
+def test_an_export_whose_data_kills_its_workers_names_the_users_code(tmp_path):
+    """Review110 F4: for an export the suspects are the data loader, the model and the loss (a crash in native
+    code, os._exit), and the way to see the crash: the same export in one process; not a mapped file."""
+    pytest.importorskip("torch")
+    from .test_export import _setup
+
+    model, checkpoints, (inputs, targets), loss = _setup(20, 4)
+    data = _exiting_on_workers([(inputs[i : i + 10], targets[i : i + 10]) for i in (0, 10)])
+    store = tmp_path / "s"
+    with own_client(1) as own, pytest.raises(TaskFailedError) as e:
+        td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=own, shards=1)
+    message = str(e.value)
+    assert re.search(
+        rf"the task on rows \[0, 20\) of {re.escape(str(store))} failed because the workers running it died "
+        rf"{ALLOWED_FAILURES + 1} times \(a crash in the data loader, the model or the loss as run there: native "
+        r"code that crashed \(a segfault\), os\._exit, or out of memory\? Run the same export in one process",
+        message,
+    ), message
+    assert "mapped" not in message
 
 
 def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):

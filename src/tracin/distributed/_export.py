@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import heapq
 import importlib
+import inspect
+import io
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -176,9 +179,12 @@ def _write_ranges(
                 _noted(
                     e,
                     f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
-                    "their rows are written (cancelling stops only those not started); wait for them before "
-                    "calling again to resume, or call client.restart()",
+                    "their rows are written, or they fail (cancelling stops only those not started); wait for them "
+                    "before calling again to resume, or call client.restart()",
                 )
+            raise
+        except Exception as e:  # a task's own error: its note (worker, rows) is shown before Python 3.11 too
+            _print_task_notes(e)
             raise
 
 
@@ -219,13 +225,20 @@ def _rebuilt(given: tuple | list, items: list) -> Any:
 
 
 def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
-    """The export's (args, kwargs), which travel to the workers, cloudpickled into `file`; when that
-    fails, a TypeError naming the first of them that does not pickle (each tried into a sink that
-    keeps no bytes)."""
+    """The export's (args, kwargs), which travel to the workers, cloudpickled into `file` by one
+    pickler: a header (the count of args, the names of kwargs), then each argument as a pickle of its
+    own, in order (one memo: an object two arguments share is one object again once unpickled), so
+    that a worker that cannot unpickle one names it (unpickle_arguments). When pickling fails, a
+    TypeError naming the argument that does not pickle."""
     args, kwargs = arguments
     into = _Into(file)
+    pickler = cloudpickle.CloudPickler(into, protocol=cloudpickle.DEFAULT_PROTOCOL)
+    which = "the count of args and the names of kwargs"
     try:
-        cloudpickle.CloudPickler(into, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(arguments)
+        pickler.dump((len(args), list(kwargs)))
+        for name, value in _named(args, kwargs):
+            which = name  # named in the error if this one does not pickle
+            pickler.dump(value)
     except Exception as e:
         if into.failed is not None:  # the file, not the arguments (a full disk)
             raise OSError(
@@ -233,8 +246,6 @@ def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
                 f"cannot write the pickled args and kwargs into a temporary file in {tempfile.gettempdir()} "
                 f"({into.failed}); point TMPDIR to a folder with room",
             ) from e
-        named = [*((f"args[{i}]", a) for i, a in enumerate(args)), *((f"kwargs[{k!r}]", v) for k, v in kwargs.items())]
-        which = next((name for name, value in named if not _pickles(value)), "args or kwargs")
         raise TypeError(
             f"{which} cannot be pickled ({type(e).__name__}: {e}): tracin.distributed sends the export's "
             "args and kwargs to the workers with cloudpickle; pass data and checkpoints that pickle (say a "
@@ -242,12 +253,46 @@ def pickle_arguments(arguments: tuple[tuple, dict], file: IO[bytes]) -> None:
         ) from e
 
 
-def _pickles(value: Any) -> bool:
+def unpickle_arguments(sent: bytes, adapter: str) -> tuple[tuple, dict]:
+    """On a worker: the export's (args, kwargs) from pickle_arguments' bytes `sent`. An argument that
+    cannot be unpickled here (most often a module of the user's that only the client imports) is a
+    ValueError naming it, this worker, the error, and the fix."""
+    unpickler = pickle.Unpickler(io.BytesIO(sent))
+    count, names = unpickler.load()
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for i, name in enumerate([*range(count), *names]):
+        try:
+            value = unpickler.load()
+        except Exception as e:
+            which = f"args[{i}]" if i < count else f"kwargs[{name!r}]"
+            parameter = _parameter(adapter, i) if i < count else None
+            raise ValueError(
+                f"{which}{f' ({parameter})' if parameter else ''} cannot be unpickled on worker {worker_name()} "
+                f"({type(e).__name__}: {e}): the workers must import the modules the model, loss and data are "
+                "defined in, as the client does: install them on the workers (the same versions), or send a "
+                "module of your own with client.upload_file"
+            ) from e
+        if i < count:
+            args.append(value)
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+def _named(args: tuple, kwargs: dict) -> Iterator[tuple[str, Any]]:
+    yield from ((f"args[{i}]", a) for i, a in enumerate(args))
+    yield from ((f"kwargs[{k!r}]", v) for k, v in kwargs.items())
+
+
+def _parameter(adapter: str, i: int) -> str | None:
+    """The name of the adapter's export_gradients parameter that takes args[i] (None: none such)."""
     try:
-        _pickle_into_nothing(value)
-    except Exception:
-        return False
-    return True
+        parameters = list(inspect.signature(_export_function(adapter)).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return positional[i] if i < len(positional) else None
 
 
 class _Into:
@@ -262,18 +307,6 @@ class _Into:
         except OSError as e:
             self.failed = e
             raise
-
-
-class _Nothing:
-    """A file that drops what is written to it."""
-
-    def write(self, data: Any) -> int:
-        return memoryview(data).nbytes
-
-
-def _pickle_into_nothing(value: Any) -> None:
-    """cloudpickle.dumps(value) without keeping its bytes (its exceptions)."""
-    cloudpickle.CloudPickler(_Nothing(), protocol=cloudpickle.DEFAULT_PROTOCOL).dump(value)
 
 
 def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
@@ -449,11 +482,13 @@ def _range_writers_named(path: str) -> Iterator[None]:
 def export_part(
     adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
 ) -> None:
-    """On a worker: rows [start, stop) of the export (args and kwargs cloudpickled in `sent`),
-    written into the store at `path`, which the client created (a ValueError naming this worker,
-    before any data is read, when it does not see it)."""
+    """On a worker: rows [start, stop) of the export (args and kwargs as pickle_arguments wrote them
+    into `sent`), written into the store at `path`, which the client created (a ValueError naming this
+    worker, before any data is read, when it does not see it; another naming the argument when one
+    cannot be unpickled here). Any other error of the export (of the data, the model or the loss, as
+    read and run here) is raised with a note naming this worker, the rows and the store."""
     refuse_unseen(path)
-    args, kwargs = cloudpickle.loads(sent)
+    args, kwargs = unpickle_arguments(sent, adapter)
     export = _export_function(adapter)
     threads = torch_threads(kernel_threads(num_threads, slots)) if adapter == "torch" else nullcontext()
     try:
@@ -462,6 +497,7 @@ def export_part(
     except ValueError as e:  # the client created the store from its reading of the same arguments
         found = _OTHER_INPUTS.search(str(e))
         if found is None:
+            _noted_here(e, _task_note(adapter, path, start, stop))
             raise
         raise ValueError(
             f"the data or checkpoints as read on worker {worker_name()} differ from the client's "
@@ -469,6 +505,7 @@ def export_part(
         ) from e
     except AssertionError as e:  # multiprocessing's, when data starts processes in a daemonic worker
         if "daemonic processes are not allowed to have children" not in str(e):
+            _noted_here(e, _task_note(adapter, path, start, stop))
             raise
         raise ValueError(
             "data: reading it started worker processes (a torch DataLoader with num_workers > 0?), which a "
@@ -476,6 +513,37 @@ def export_part(
             "task reads all the data and computes only its rows), or start the workers with the Dask config "
             "distributed.worker.daemon=False"
         ) from e
+    except Exception as e:  # the data, the model or the loss failing here (or the store's files)
+        _noted_here(e, _task_note(adapter, path, start, stop))
+        raise
+
+
+def _task_note(adapter: str, path: str, start: int, stop: int) -> str:
+    return (
+        f"tracin.distributed export ({adapter}): raised on worker {worker_name()} while exporting rows "
+        f"[{start}, {stop}) into the gradient store {path} (reading the data, running the model and the loss "
+        "there). Does the same export work in one process on the client? Then the workers must read the "
+        "same data: the same files at the same paths, the same packages, nothing kept only on the client"
+    )
+
+
+def _noted_here(e: BaseException, note: str) -> None:
+    """`note` added to e's notes, which travel with e to the client; before Python 3.11 (no add_note)
+    recorded in e.__notes__ as add_note would, for the client to print (_print_task_notes)."""
+    if hasattr(e, "add_note"):
+        e.add_note(note)
+    else:
+        try:
+            e.__notes__ = [*getattr(e, "__notes__", ()), note]
+        except (AttributeError, TypeError):  # an exception that takes no attributes: as it is
+            pass
+
+
+def _print_task_notes(e: BaseException) -> None:
+    """Before Python 3.11, which does not show an exception's notes: those a task added, on stderr."""
+    if not hasattr(e, "add_note"):
+        for note in getattr(e, "__notes__", ()):
+            print(note, file=sys.stderr)
 
 
 @contextmanager

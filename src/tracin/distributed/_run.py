@@ -130,12 +130,23 @@ class Job:
             deaths = e.allowed_failures + 1
             raise TaskFailedError(
                 f"tracin.distributed {self.what}: the task on {task} failed because the workers "
-                f"running it died {deaths} time{'s' if deaths > 1 else ''} (out of memory? a file "
-                "changed while mapped?)"
+                f"running it died {deaths} time{'s' if deaths > 1 else ''} ({self._why_killed()})"
             ) from e
         finally:
             bar.close()
             self.release(*self.futures)
+
+    def _why_killed(self) -> str:
+        """The likely causes of a task that killed its workers: for an export, the user's code it runs
+        (the data loader, the model, the loss, or a native library under them); for scoring, memory or
+        a store file changed under its mapping."""
+        if self.what.split()[0] == "export":
+            return (
+                "a crash in the data loader, the model or the loss as run there: native code that crashed "
+                "(a segfault), os._exit, or out of memory? Run the same export in one process, on those rows "
+                "alone (the data cut to them, into another store), to see the crash"
+            )
+        return "out of memory? a file changed while mapped?"
 
     def then(self, fn: Callable, part: Future, *args: Any) -> Future:
         """fn(part's result, *args) as a task, named in errors as part's shard (a NaN/Inf error of
