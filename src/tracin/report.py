@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import DTYPE_CODES
+from ._caller import user_stacklevel
 from ._whole_file import whole_file
 from .backends import TopK
 from .gradients import GradientSet, non_finite_message
@@ -60,8 +61,11 @@ def checkpoint_contributions(
     the cosine score.
     The parts' sums are checked against result.values: a difference beyond 1e-2 sum_s |w_s| |g_s(t)|
     |g_s(i)| (divided by the norms above for normalize=True; 1000x the float32 error bound, 10x
-    precision="tf32"'s) is a ValueError: result was made with the other `normalize` (the parts
-    would not sum to its values), or from other test or train gradients.
+    precision="tf32"'s) is a RuntimeWarning naming the largest difference, and the parts are still
+    returned. Its causes: result was made with the other `normalize` (the parts would not sum to its
+    values), or from other test or train gradients, or its float32 score lost a checkpoint's term to
+    checkpoints about 1e30 or more apart in scale (README, "Numerical contract"), where the float64
+    parts are what explains the score.
     layers_per_checkpoint: slots that form one checkpoint, as in checkpoint_diagnostics (factored
     exports store one slot per layer); default: what the metadata records, else 1.
     """
@@ -133,16 +137,17 @@ def checkpoint_contributions(
 
 
 # How far the parts' sums may lie from result.values, in units of sum_s |w_s| |g_s(t)| |g_s(i)|: 1000x the
-# float32 contract's 1e-5 (DESIGN.md) and 10x precision="tf32"'s about 1e-3, so that a result top_k made
-# from these rows never trips it (cancelling dots, float16 / bfloat16 / factored rows, cosines); plus
-# float32's smallest normal, for scores that top_k rounds to a subnormal float32.
+# float32 contract's 1e-5 (README, "Numerical contract") and 10x precision="tf32"'s about 1e-3, so that a
+# result top_k made from these rows never trips it (cancelling dots, float16 / bfloat16 / factored rows,
+# cosines); plus float32's smallest normal, for scores that top_k rounds to a subnormal float32.
 _SUM_SLACK = 1e-2
 
 
 def _check_sums(parts: np.ndarray, values: np.ndarray, scale: np.ndarray, normalize: bool) -> None:
-    """ValueError if the parts (m, k, C), summed over C, differ from result.values (m, k) by more
+    """RuntimeWarning if the parts (m, k, C), summed over C, differ from result.values (m, k) by more
     than _SUM_SLACK x scale (the error bound's sum_s |w_s| |g_s(t)| |g_s(i)| per pair) + float32's
-    smallest normal: result was not made by top_k from these rows with this `normalize`."""
+    smallest normal: result was not made by top_k from these rows with this `normalize`, or its float32
+    score lost a checkpoint's term to checkpoints far apart in scale (the parts are then the exact split)."""
     sums = parts.sum(2)
     diff = np.abs(sums - values.astype(np.float64))
     allowed = _SUM_SLACK * scale + float(np.finfo(np.float32).tiny)
@@ -150,11 +155,15 @@ def _check_sums(parts: np.ndarray, values: np.ndarray, scale: np.ndarray, normal
     if not bad.any():
         return
     t, j = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(diff, nan=np.inf), -np.inf)), bad.shape)
-    raise ValueError(
+    warnings.warn(
         f"result.values do not match the parts' sums for normalize={normalize} ({int(bad.sum())} of "
         f"{bad.size} pairs; largest difference {diff[t, j]:.6g} at test row {t}, rank {j}: parts sum to "
         f"{sums[t, j]:.6g}, result.values has {values[t, j]:.6g}, allowed {allowed[t, j]:.3g}): was result "
-        f"made by top_k with normalize={not normalize}, or from other test/train gradients?"
+        f"made by top_k with normalize={not normalize}, or from other test/train gradients, or did its float32 "
+        "score lose a checkpoint's term to checkpoints about 1e30 or more apart in scale (README, 'Numerical "
+        "contract')? The parts returned are the float64 split of these test and train rows",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
     )
 
 
