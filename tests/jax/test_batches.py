@@ -12,7 +12,7 @@ import pytest
 
 import tracin
 from tracin.jax import export_gradients
-from tracin.jax.batches import BatchPlan, batch_signature
+from tracin.jax.batches import BatchPlan
 
 
 def test_arrays_are_cut_and_the_last_batch_padded_with_its_last_row():
@@ -26,41 +26,19 @@ def test_arrays_are_cut_and_the_last_batch_padded_with_its_last_row():
     np.testing.assert_array_equal(batches[2].inputs, x[[8, 9, 9, 9]])
 
 
-def test_a_short_array_set_is_padded_to_the_batch_size_only_where_that_shape_has_run():
-    """Default 64 capped at n = 10 (memory of 10 rows), unless reuse() is told a batch of 64 rows of the
-    same trailing shapes and dtypes has run: then padded to 64, that compilation's shape."""
+def test_a_short_array_set_runs_as_one_batch_of_its_row_count():
+    """Default 64 and batch_size=64 capped at n = 10 (memory of 10 rows, no padding): the batch shape
+    depends on the data and batch_size alone, never on what ran before (tests/jax/test_export.py checks
+    the bytes)."""
     x, y = np.arange(20.0).reshape(10, 2), np.arange(10)
-    asked = []
-
-    def ran(signature):
-        asked.append(signature)
-        return signature == batch_signature(np.zeros((64, 2)), np.zeros(64, np.int64))
-
-    small = BatchPlan((x, y), None)
-    assert small.size == 10 and [(b.start, b.count, b.inputs.shape) for b in small] == [(0, 10, (10, 2))]
-    small.reuse(lambda signature: False)
-    assert small.size == 10
-    small.reuse(ran)
-    assert small.size == 64 and [(b.start, b.count) for b in small] == [(0, 10)]
-    np.testing.assert_array_equal(next(iter(small)).inputs, x[[*range(10), *[9] * 54]])
-    other = BatchPlan((x.astype(np.float16), y), 64)  # another dtype (float64 runs as float32): not that shape
-    other.reuse(ran)
-    assert other.size == 10 and len(asked) == 2
-    large = BatchPlan((x, y), 4)  # n above the batch size: nothing to ask
-    large.reuse(ran)
-    assert large.size == 4 and len(asked) == 2
-
-
-def test_the_signature_tells_a_weak_typed_batch_from_a_strong_one():
-    """jax.jit compiles jnp.full(n, 0.5) (weak float32) and a float32 array apart: padding a small set
-    to a shape that ran with the other kind would compile again anyway, at batch_size rows."""
-    import jax.numpy as jnp
-
-    y = np.zeros(4, np.int32)
-    weak, strong = jnp.full((4, 3), 0.5), jnp.zeros((4, 3), jnp.float32)
-    assert weak.weak_type and not strong.weak_type
-    assert batch_signature(weak, y) != batch_signature(strong, y)
-    assert batch_signature(strong, y) == batch_signature(np.zeros((4, 3), np.float32), y)
+    for batch_size in (None, 64, 10):
+        small = BatchPlan((x, y), batch_size)
+        assert small.size == 10 and small.batch_size == (batch_size or 64)
+        batches = list(small)
+        assert [(b.start, b.count, b.inputs.shape, b.targets.shape) for b in batches] == [(0, 10, (10, 2), (10,))]
+        np.testing.assert_array_equal(batches[0].inputs, x)
+    large = BatchPlan((x, y), 4)  # n above the batch size: cut into batches of 4
+    assert large.size == 4 and [b.inputs.shape[0] for b in large] == [4, 4, 4]
 
 
 def test_iterables_take_the_first_batch_size_and_cut_longer_batches():

@@ -1,12 +1,14 @@
 """Data as fixed-size batches: shorter batches are padded to the batch size, so the row count never
 compiles again (the other axes, e.g. a sequence length, are kept: each of their shapes compiles once).
-Arrays of fewer rows than the batch size run at their row count, or padded to the batch size when that
-shape has already run (BatchPlan.reuse)."""
+Arrays of fewer rows than the batch size run as one batch of their row count. The batch shape is a
+function of the data and the batch size alone, never of what the process ran before: XLA compiles a
+batch of 8 rows and one of 64 rows to code whose results can differ in the last bits, so a shape
+chosen by history would make the same export give other bytes (on a fresh Dask worker, say)."""
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,17 +180,6 @@ def _two_batches_note(data: Any) -> str:
     )
 
 
-def batch_signature(inputs: Any, targets: Any, rows: int | None = None) -> tuple:
-    """What jax.jit compiles a batch's (inputs, targets) for: their pytree structure and every leaf's shape
-    (its leading dimension replaced by `rows` if given), dtype (canonical: int64 counts as int32
-    unless x64 is enabled) and weak type (a jax array made from a Python scalar: jnp.full(n, 0.5))."""
-    leaves, treedef = jax.tree_util.tree_flatten((inputs, targets))
-    dtypes = [jax.dtypes.canonicalize_dtype(a.dtype, allow_extended_dtype=True) for a in leaves]
-    shapes = [a.shape if rows is None else (rows, *a.shape[1:]) for a in leaves]
-    weak = [bool(getattr(a, "weak_type", False)) for a in leaves]
-    return treedef, tuple(zip(shapes, dtypes, weak, strict=True))
-
-
 def _slice(tree: Any, start: int, stop: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
 
@@ -212,11 +203,10 @@ class BatchPlan:
     ignores them (passed on as None). Which of the two a tuple or list of two is: PAIR_RULE.
     batch_size: the padded size (default: 64 for arrays, the first batch's size for iterables);
     longer batches are cut into pieces. Arrays of fewer rows n than the batch size run as one batch of
-    n rows (size = n: its memory and compute scale with n, not batch_size), unless reuse() finds that a
-    batch of batch_size rows of the same trailing shapes and dtypes has already run through the same
-    compiled function (a train export before this test export): then they are padded to batch_size and
-    reuse that compilation instead of compiling for n rows (the padded rows are computed, dropped and
-    never written). note: how ambiguous data was read, for loss_fn errors ("" if not).
+    n rows (size = n: its memory and compute scale with n, not batch_size), always: whatever compiled
+    function has run before (a train export at batch_size before this test export), so the same export
+    gives the same bytes in any process, a fresh Dask worker's too (that costs one compile for n rows).
+    note: how ambiguous data was read, for loss_fn errors ("" if not).
     """
 
     def __init__(self, data: Any, batch_size: int | None):
@@ -247,15 +237,6 @@ class BatchPlan:
             self.batch_size = self.size = batch_size
         self.one_shot = not self._pair and iter(data) is data
         self.note = _two_batches_note(data)
-
-    def reuse(self, ran: Callable[[tuple], bool]) -> None:
-        """Pads arrays of fewer rows than batch_size to batch_size when ran(batch_signature of such a
-        padded batch) says the compiled function has already run on that shape (so it needs no new
-        compile, and its memory is known to fit); else they stay one batch of n_rows."""
-        if not self._pair or self.size == self.batch_size:
-            return
-        if ran(batch_signature(*self._data, rows=self.batch_size)):
-            self.size = self.batch_size
 
     @staticmethod
     def _count_rows(data: Any) -> int | None:

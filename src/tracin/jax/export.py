@@ -26,7 +26,7 @@ from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
 from .params import as_patterns, host_array, layout_of
-from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled, ran_on
+from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
 KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
@@ -123,11 +123,11 @@ def export_gradients(
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it (longer ones split), so the row count never compiles the
         per-example function again. Arrays of fewer rows n than batch_size run as one batch of n rows
-        (memory and compute scale with n), except when this process has already run the same
-        compiled function (same loss_fn / layer_input objects, mode and params layout) on a batch of
-        batch_size rows of the same trailing shapes and dtypes, e.g. the train export before this test
-        export: then they are padded to batch_size (the padding computed and dropped) and reuse that
-        compilation instead of compiling for n rows. Its other axes do compile: once per distinct
+        (memory and compute scale with n), compiled once for n rows, also after an export of the same
+        loss at batch_size (a train export before this test export): XLA's code for n rows and for
+        batch_size rows can differ in the last bits, so the batch shape follows from the data and
+        batch_size alone and an export gives the same bytes whatever the process ran before
+        (tracin.distributed's fresh workers included). Its other axes do compile: once per distinct
         input shape (each new sequence length of variable-length batches is a new trace and XLA
         compile, seconds or more for a large model). To bound the compiles, pad sequences to a few
         fixed lengths (e.g. multiples of 64, or one max length) and mask the padding in loss_fn.
@@ -197,7 +197,6 @@ def export_gradients(
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
-    plan.reuse(framework.ran)
     if preconditioner is not None:
         framework.check_states(entries)
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it
@@ -226,7 +225,6 @@ class _JaxExport:
         kronecker: Any = None,
     ):
         self.loss_fn, self.plan = loss_fn, plan
-        self._cache_key: tuple = ((loss_fn,), ("rows",))  # (functions, key prefix) of the compiled function: ran()
         self.n_rows, self.one_shot = plan.n_rows, plan.one_shot
         self._first = restore(first, "checkpoints[0]")
         self.last_layer = None
@@ -244,14 +242,12 @@ class _JaxExport:
             layer = c.kernel_path.rpartition("/")[0] or c.kernel_path  # a bare leaf (x @ W) names itself
             self.last_layer = last_layer_entry(layer, c.kernel_path, c.bias_path)
             self.fingerprints["layer_input"] = callable_identity(layer_input)
-            self._cache_key = ((loss_fn, layer_input), ("last_layer",))
         else:
             self.layout = layout_of(self._first, layers)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
                 rows = _kronecker_rows()(loss_fn, self.layout, projection, self._first, entries, adam)
                 self.compute_rows = self.kronecker = rows
-                self._cache_key = ((loss_fn,), ("kronecker_rows",))
                 self._slot_dims, self.segments = [projection.dim], None
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
@@ -281,12 +277,6 @@ class _JaxExport:
         for entry in entries:
             if entry.optimizer is not None:
                 entry.optimizer.check_leaves(self._first)
-
-    def ran(self, signature: tuple) -> bool:
-        """Whether the compiled function of this export (the same functions, mode and params layout) has
-        already run on a batch of `signature` (BatchPlan.reuse)."""
-        fns, kind = self._cache_key
-        return ran_on(fns, (*kind, self.layout), signature)
 
     def batches(self) -> Iterator[Batch]:
         pending, self._pending = self._pending, None

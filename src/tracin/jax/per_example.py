@@ -1,8 +1,7 @@
 """Compiled per-example gradients: jax.vmap(jax.grad(loss of one example)), jit-compiled once per
 batch shape (BatchPlan pads every batch to one row count, so data of one input shape compiles once;
-each other shape of the other axes, a new sequence length, compiles again). A shared function records
-the batch shapes it has run on (ran_on), so that a data set smaller than the batch size is padded to a
-shape that has run rather than compiled once more.
+each other shape of the other axes, a new sequence length, compiles again; a data set smaller than the
+batch size compiles once for its row count).
 
 The compiled functions are shared by later exports with the same loss_fn object (shared_jit): like
 jax.jit, a loss is traced once, so one reading a Python setting must be passed as a new function
@@ -21,13 +20,13 @@ import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
 from ..projection import NonFiniteRowError
-from .batches import Batch, batch_signature
+from .batches import Batch
 from .params import ParamLayout, layout_of
 
 LossFn = Callable[[Any, Any, Any], Any]
 
 _CACHE_SIZE = 8
-_shared: OrderedDict[tuple, _Recording] = OrderedDict()
+_shared: OrderedDict[tuple, Callable] = OrderedDict()
 
 
 class _Held:
@@ -57,22 +56,6 @@ def _ident(fn: Callable) -> tuple[int, ...]:
     return (id(fn.__self__), id(fn.__func__)) if _bound(fn) else (id(fn),)
 
 
-class _Recording:
-    """jax.jit(fn), recording the batch_signature of the (inputs, targets) it has run on: its last two
-    arguments, once a call has returned."""
-
-    __slots__ = ("_jit", "ran")
-
-    def __init__(self, fn: Callable):
-        self._jit = jax.jit(fn)
-        self.ran: set[tuple] = set()
-
-    def __call__(self, *args: Any) -> Any:
-        out = self._jit(*args)
-        self.ran.add(batch_signature(*args[-2:]))
-        return out
-
-
 def _drop(dead: weakref.ref) -> None:
     """Removes the entries of a collected function (so the cache never keeps a loss or its closure
     alive, and an id reused by a later object never meets an old entry)."""
@@ -96,9 +79,8 @@ def shared_jit(fns: tuple[Callable, ...], key: tuple, build: Callable[..., Calla
     function; batch shapes and dtypes are jax.jit's own cache key), so exporting train and test sets
     traces once. `fns` are compared by identity and held weakly (build gets callers through weak
     references; an entry goes when one of its functions is collected) and the last _CACHE_SIZE entries
-    are kept. The last two arguments of the built function must be the batch's (inputs, targets): the
-    shapes it has run on are recorded for ran_on. Functions that cannot be weakly referenced, or an
-    unhashable key (a static params leaf), compile for this export only."""
+    are kept. Functions that cannot be weakly referenced, or an unhashable key (a static params leaf),
+    compile for this export only."""
     try:
         held = tuple(_Held(fn, _drop) for fn in fns)
         full = (held, key)
@@ -106,21 +88,11 @@ def shared_jit(fns: tuple[Callable, ...], key: tuple, build: Callable[..., Calla
     except TypeError:
         return jax.jit(build(*fns))
     if full not in _shared:
-        _shared[full] = _Recording(build(*(_calling(h.ref) for h in held)))
+        _shared[full] = jax.jit(build(*(_calling(h.ref) for h in held)))
         while len(_shared) > _CACHE_SIZE:
             _shared.popitem(last=False)
     _shared.move_to_end(full)
     return _shared[full]
-
-
-def ran_on(fns: tuple[Callable, ...], key: tuple, signature: tuple) -> bool:
-    """Whether a shared_jit function of the function objects `fns` (by identity), whose key begins with
-    `key` (the kind and the ParamLayout, say), has run on a batch of `signature` (batch_signature)."""
-    idents = tuple(_ident(fn) for fn in fns)
-    return any(
-        tuple(h.ident for h in held) == idents and full_key[: len(key)] == key and signature in compiled.ran
-        for (held, full_key), compiled in list(_shared.items())
-    )
 
 
 def _one_example_loss(loss_fn: LossFn, layout: ParamLayout) -> Callable:
