@@ -75,6 +75,31 @@ def quick_or_given(args, quick: dict, full: dict) -> None:
             setattr(args, name, value)
 
 
+def record_name(base: str, quick: bool, options: list[tuple[object, object, str]]) -> str:
+    """The name of a run's record: BASE (BASE_quick with --quick), then _LABEL for each (value, default,
+    LABEL) of `options` whose value is not its default. Only a run of the recorded workload (every
+    option at its default) writes the record README cites; any other (a subset of the cases, another
+    ISA, other dims, checkpoints or test rows) gets a file of its own instead of overwriting it."""
+    return "_".join(
+        [f"{base}_quick" if quick else base, *(label for value, default, label in options if value != default)]
+    )
+
+
+def size_options(
+    args, quick: dict, full: dict, skip: tuple[str, ...] = ("repeats",)
+) -> list[tuple[object, object, str]]:
+    """record_name's options for the sizes of quick_or_given (`skip`: those that change how often a
+    workload is timed, not what it is): "size" as NGIB (store_4gib), any other as NAMEVALUE."""
+    found = []
+    for name, default in (quick if args.quick else full).items():
+        if name in skip:
+            continue
+        value = getattr(args, name)
+        label = f"{value:g}gib" if name == "size" else f"{name.replace('_', '-')}{value:g}"
+        found.append((value, default, label))
+    return found
+
+
 def time_interleaved(
     contenders: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, pause_s: float = 0.25
 ) -> dict[str, dict]:

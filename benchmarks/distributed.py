@@ -50,7 +50,9 @@ from .common import (
     peer_versions,
     positive_float,
     quick_or_given,
+    record_name,
     require_modules,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -355,16 +357,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     require_modules(parser.prog, ("dask", "distributed"), "distributed")
+    given_batch = args.export_batch
     if args.quick:
         args.export_batch = min(args.export_batch, (args.export_rows or QUICK["export_rows"]) // 2 or 1)
     quick_or_given(args, QUICK, FULL)
+    # each part (scoring, export) writes the recorded file only at the defaults of what it runs
+    if args.only == "export":
+        options = size_options(args, QUICK, FULL, skip=tuple(k for k in FULL if k != "export_rows"))
+        options.append((given_batch, 50, f"export-batch{given_batch}"))
+    else:
+        options = size_options(args, QUICK, FULL, skip=("repeats", "export_rows"))
+        options += [(args.checkpoints, 2, f"checkpoints{args.checkpoints}"), (args.k, 10, f"k{args.k}")]
+        options.append((args.shards, None, f"shards{args.shards}"))
+    name = record_name("distributed", args.quick, [*options, (args.workers, 2, f"workers{args.workers}")])
     args.out = output_dir(args.out, args.quick, "distributed")
     t0 = time.perf_counter()
     if args.only == "export":
-        return _main_export(args, t0)
+        return _main_export(args, t0, name)
     result = run(args)
     result["versions"] = peer_versions(PEERS)
-    name = "distributed_quick" if args.quick else "distributed" if args.size == 1.0 else f"distributed_{args.size:g}gib"
+    # the export record (--only export) lives in the same file: a scoring run keeps it, as an export run
+    # keeps the scoring record (README cites both)
+    kept = _recorded(args.out / f"{name}.json")
+    if "export" in kept:
+        result["export"] = kept["export"]
     path = write_json(name, result, args.out)
     med = {k: v["median_s"] for k, v in result["times"].items()}
     print(
@@ -389,12 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_export(args: argparse.Namespace, t0: float) -> int:
-    found = run_export(args)
-    name = "distributed_quick" if args.quick else "distributed"
-    record = args.out / f"{name}.json"
+def _recorded(record: Path) -> dict:
+    """What `record` holds (nothing where it does not exist), less the facts write_json adds again."""
     kept = json.loads(record.read_text()) if record.exists() else {}
-    kept = {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
+    return {k: v for k, v in kept.items() if k not in ("benchmark", "machine")}
+
+
+def _main_export(args: argparse.Namespace, t0: float, name: str) -> int:
+    found = run_export(args)
+    kept = _recorded(args.out / f"{name}.json")
     path = write_json(name, {**kept, "export": found, "versions": peer_versions(PEERS)}, args.out)
     med = {k: v["median_s"] for k, v in found["times"].items()}
     print(

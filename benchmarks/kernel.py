@@ -29,7 +29,16 @@ from tracin._cpus import usable_cores
 
 from . import cases as case_defs
 from . import roofline
-from .common import RESULTS_DIR, SETTLE_S, machine_info, missing_modules, output_dir, time_interleaved, write_json
+from .common import (
+    RESULTS_DIR,
+    SETTLE_S,
+    machine_info,
+    missing_modules,
+    output_dir,
+    record_name,
+    time_interleaved,
+    write_json,
+)
 from .exactness import check_top_k
 from .peers import numpy_top_k, thread_limits
 
@@ -400,7 +409,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"output directory (default: {RESULTS_DIR}, or a new temporary folder with --quick)",
     )
-    p.add_argument("--name", default=None, help="result name (default kernel, or kernel_quick with --quick)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="result name (default kernel, or kernel_quick with --quick; a run of other --cases, --isa or "
+        "--threads than the defaults adds them: kernel_top10, kernel_avx2, kernel_threads1)",
+    )
     p.add_argument(
         "--readme",
         type=Path,
@@ -448,7 +462,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from . import plot, report
 
-    name = args.name or ("kernel_quick" if args.quick else "kernel")
+    # a subset of the cases, a forced ISA or fewer threads is not the recorded run: a name of its own
+    # (kernel_top10, kernel_avx2, ...) unless --name gives one, so that kernel.json and its plots stay
+    options = [
+        (groups, list(case_defs.GROUPS), "-".join(groups)),
+        (isa_names, ["native"], "-".join(isa_names)),
+        (args.threads, usable_cores(), f"threads{args.threads}"),
+    ]
+    name = args.name or record_name("kernel", args.quick, options)
     if args.readme:
         try:
             report.check_readme(args.readme, name)

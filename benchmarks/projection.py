@@ -38,6 +38,8 @@ from benchmarks.common import (  # noqa: E402
     output_dir,
     peer_versions,
     quick_or_given,
+    record_name,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         if isa not in isas:
             isas.append(isa)
     quick_or_given(args, QUICK, FULL)
+    isa_option = (isas, [_core.resolve_isa("auto")], "-".join(isas))  # another ISA: a record of its own
     hidden = (32,) if args.quick else (256, 128)
     dims = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
 
@@ -216,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     for dim in dims:
         print(f"  {dim:<6d} " + "  ".join(f"{table[kind][dim]:10.3f}" for kind in KINDS))
     out = output_dir(args.out, args.quick, "projection")
-    path = write_json("projection_quick" if args.quick else "projection", result, out)
+    name = record_name(
+        "projection", args.quick, [*size_options(args, QUICK, FULL), (args.k, 10, f"k{args.k}"), isa_option]
+    )
+    path = write_json(name, result, out)
     print(f"wrote {path}")
     return 0
 

@@ -34,6 +34,8 @@ from .common import (
     peak_rss_of,
     positive_float,
     quick_or_given,
+    record_name,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -178,7 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quick_or_given(args, QUICK, FULL)
     result = run(args)
-    name = "store_quick" if args.quick else "store" if args.size == 1.0 else f"store_{args.size:g}gib"
+    name = record_name(
+        "store",
+        args.quick,
+        [
+            *size_options(args, QUICK, FULL),
+            (args.dim, 4096, f"dim{args.dim}"),
+            (args.checkpoints, 2, f"checkpoints{args.checkpoints}"),
+            (args.test_rows, 64, f"test-rows{args.test_rows}"),
+            (args.k, 10, f"k{args.k}"),
+        ],
+    )
     path = write_json(name, result, output_dir(args.out, args.quick, "store"))
     med = {k: v["median_s"] for k, v in result["times"].items()}
     print(

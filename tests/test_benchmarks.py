@@ -964,3 +964,137 @@ def test_transformer_export_measures_at_toy_sizes(tmp_path, capsys):
     for case in run["cases"].values():
         assert {"tracin", "loop"} <= set(case["timings"])
         assert _timings_are_medians(case["timings"]) == len(case["timings"])
+
+
+def _fake_distributed_run(args):
+    t = {"median_s": 1.0, "times_s": [1.0]}
+    fixed = {"fixed_cost_per_task_s": 0.01, "call_s_one_shard_per_worker": 0.02}
+    return {
+        "times": {"single_machine": t, "distributed": t},
+        "store_bytes": 2**20,
+        "ratio_distributed_over_single_machine": 1.0,
+        "identical_results": True,
+        "shards": 2,
+        "shard_gib_per_s_per_worker": 1.0,
+        "merge_compute_s": [0.001],
+        "fixed_cost": fixed,
+        "projection": {"rows": []},
+    }
+
+
+def _fake_distributed_export(args):
+    t = {"median_s": 2.0, "times_s": [2.0]}
+    return {
+        "times": {"single_process": t, "distributed": t},
+        "speedup_distributed_over_single_process": 1.0,
+        "identical_data_files_to_one_thread_export": True,
+    }
+
+
+def test_a_distributed_scoring_run_keeps_the_export_record(monkeypatch, tmp_path, capsys):
+    # review111 F1: the plain (scoring) run rewrote distributed.json without the "export" record README cites
+    pytest.importorskip("distributed")
+    from benchmarks import distributed
+
+    monkeypatch.setattr(distributed, "run", _fake_distributed_run)
+    monkeypatch.setattr(distributed, "run_export", _fake_distributed_export)
+    assert distributed.main(["--only", "export", "--out", str(tmp_path)]) == 0
+    assert distributed.main(["--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "distributed.json").read_text())
+    assert record["export"]["times"]["single_process"]["median_s"] == 2.0
+    assert record["times"]["single_machine"]["median_s"] == 1.0
+    assert distributed.main(["--only", "export", "--out", str(tmp_path)]) == 0  # and the other way round
+    record = json.loads((tmp_path / "distributed.json").read_text())
+    assert "export" in record and record["times"]["single_machine"]["median_s"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distributed.json"]
+
+
+class _Written(Exception):
+    pass
+
+
+def _record_name_of(module, argv, monkeypatch, run: str | None = "run"):
+    """The name `module`.main(argv) writes its record under (its measuring `run` stubbed, unless None)."""
+
+    def written(name, *args, **kwargs):
+        raise _Written(name)
+
+    if run:
+        monkeypatch.setattr(module, run, lambda *a, **k: {})
+    monkeypatch.setattr(module, "write_json", written)
+    with pytest.raises(_Written) as e:
+        module.main(argv)
+    return e.value.args[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        ([], "store"),
+        (["--repeats", "1"], "store"),
+        (["--size", "4"], "store_4gib"),
+        (["--dim", "512"], "store_dim512"),
+        (["--checkpoints", "1", "--test-rows", "8"], "store_checkpoints1_test-rows8"),
+        (["--quick", "--k", "3"], "store_quick_k3"),
+    ],
+)
+def test_a_store_run_of_another_workload_does_not_overwrite_the_record(argv, name, monkeypatch, tmp_path):
+    # review111 F2: --dim / --checkpoints / --test-rows at the default size overwrote store.json
+    from benchmarks import store
+
+    assert _record_name_of(store, [*argv, "--out", str(tmp_path)], monkeypatch) == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        ([], "distributed"),
+        (["--repeats", "2", "--export-rows", "10"], "distributed"),  # export rows: not the scoring part's
+        (["--size", "2"], "distributed_2gib"),
+        (["--dim", "512", "--test-rows", "8"], "distributed_dim512_test-rows8"),
+        (["--shards", "4", "--workers", "3"], "distributed_shards4_workers3"),
+        (["--only", "export"], "distributed"),
+        (["--only", "export", "--size", "2"], "distributed"),  # the store size: not the export part's
+        (["--only", "export", "--export-rows", "10", "--export-batch", "5"], "distributed_export-rows10_export-batch5"),
+    ],
+)
+def test_a_distributed_run_of_another_workload_does_not_overwrite_the_record(argv, name, monkeypatch, tmp_path):
+    pytest.importorskip("distributed")
+    from benchmarks import distributed
+
+    run = "run_export" if "export" in argv else "run"
+    assert _record_name_of(distributed, [*argv, "--out", str(tmp_path)], monkeypatch, run) == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        ([], "kernel"),
+        (["--cases", "top10"], "kernel_top10"),
+        (["--isa", "avx2"], "kernel_avx2"),
+        (["--cases", "top10,both", "--isa", "generic,avx2"], "kernel_top10-both_generic-avx2"),
+        (["--isa", "avx2", "--name", "mine"], "mine"),
+        (["--quick", "--cases", "top10"], "kernel_quick_top10"),
+    ],
+)
+def test_a_kernel_run_of_other_cases_or_isa_does_not_overwrite_the_record(argv, name, monkeypatch, tmp_path):
+    # review111 F2: `--cases top10` (or `--isa avx2`) without --name rewrote kernel.json and two of its plots
+    from benchmarks import plot
+
+    monkeypatch.setattr(kernel, "missing_extra", lambda: [])
+    monkeypatch.setattr(plot, "plot_all", lambda payload, out, name: [out / f"{name}_speedups.png"])
+    assert _record_name_of(kernel, [*argv, "--out", str(tmp_path)], monkeypatch) == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [([], "projection"), (["--dim", "512"], "projection_dim512"), (["--quick", "--k", "3"], "projection_quick_k3")],
+)
+def test_a_projection_run_of_other_sizes_does_not_overwrite_the_record(argv, name, monkeypatch, tmp_path, rng):
+    from benchmarks import projection
+
+    no_timings = {"load_average_1min": {"before": 0.0, "after": 0.0}, "timings": {}, "by_isa": {}}
+    monkeypatch.setattr(projection, "speed", lambda *args: no_timings)
+    grads = (rng.standard_normal((60, 70)).astype(np.float32), rng.standard_normal((4, 70)).astype(np.float32))
+    monkeypatch.setattr(projection, "digits_gradients", lambda *args: grads)
+    assert _record_name_of(projection, [*argv, "--out", str(tmp_path)], monkeypatch, None) == name
