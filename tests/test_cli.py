@@ -1859,7 +1859,7 @@ def test_an_output_name_that_is_not_valid_text_is_written_and_named_escaped(stor
     assert [int(r[4]) for r in rows[1:]] == list(np.argmax(exact, axis=1))
 
 
-def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_path, stores, capsys):
+def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_path, stores, capsys, monkeypatch):
     """review108 F2: --normalize with a whitened store said "the test side is whitened and the train side is
     not" whichever side was, and advised Python's normalize=False; now it names the option and drop --normalize."""
     paths, blocks, weights = stores
@@ -1881,6 +1881,24 @@ def test_normalize_with_a_whitened_store_names_that_store_and_the_option(tmp_pat
         assert f"--normalize does not combine with whitened gradients (metadata['whitening']): {which}," in line
         assert line.endswith("drop --normalize to score them") and "normalize=" not in line, line
     assert main(_score({"test": tmp_path / "white", "train": paths["train"]}, "-k", "1")) == 0  # without it: scored
+    capsys.readouterr()
+    # review112 F6: with both stores whitened the rewrite said their cosines "would compare different spaces", false
+    # for the same whitening. Two whitened stores are refused first by the pair check (with or without --normalize,
+    # the whitening applies once, to the test rows); with that check out of the way the rewrite says the same.
+    both = {"test": tmp_path / "white", "train": tmp_path / "white"}
+    for extra in (["--normalize"], []):
+        assert main(_score(both, *extra)) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert "both whitened" in line and "whiten only the test side" in line and "different spaces" not in line
+    monkeypatch.setattr(tracin.scoring, "_check_same_gradient_space", lambda *a, **k: None)
+    assert main(_score(both, "--normalize")) == 1
+    line = _error_line(capsys.readouterr().err, "score")
+    assert line.endswith(
+        "--normalize does not combine with whitened gradients (metadata['whitening']), and --test and --train are "
+        "both whitened, which is refused without --normalize too: the whitening applies once, to the test rows; "
+        "score a whitened --test against an unwhitened --train, without --normalize"
+    ), line
+    assert "different spaces" not in line and "normalize=" not in line
 
 
 def test_the_readme_states_the_exit_codes_of_pipes_and_signals_and_that_output_files_are_whole():

@@ -9,6 +9,7 @@ import pytest
 
 import tracin
 from reference import factored_to_full, to_float64
+from tracin.scoring import WhitenedNormalizeError, _normalize_run
 
 SIDES = ("proponents", "opponents", "both")
 
@@ -223,6 +224,16 @@ def test_refused_combinations(rng):
         tracin.scores(full_set(rng, 3, [4], None), whitened, normalize=True)
     assert refused.value.sides == ("train",)
     assert tracin.top_k(whitened, train, 2).values.shape == (3, 2)
+    # review112 F6: both sides whitened (the same whitening) is no "different spaces"; _pair refuses it first
+    with pytest.raises(ValueError, match="test and train are both whitened .* whiten only the test side"):
+        tracin.top_k(whitened, whitened, 2, normalize=True)
+    with pytest.raises(WhitenedNormalizeError, match="does not combine with whitened gradients") as refused:
+        _normalize_run(True, whitened, whitened)  # as a caller that checks normalize before the pair
+    assert refused.value.sides == ("test", "train") and "different spaces" not in str(refused.value)
+    assert (
+        "both sides are whitened, which is refused with normalize=False too: the whitening applies once, to the "
+        "test side; whiten only the test side (Whitening.apply)" in str(refused.value)
+    )
     two_layers = factored_set(rng, 4, [(2, 3), (4, 5)], None, checkpoints=1)
     one_layer = factored_set(rng, 6, [(2, 3), (4, 5)], None, checkpoints=2)
     with pytest.raises(ValueError, match="same grouping on both sides"):

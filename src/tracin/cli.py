@@ -370,14 +370,20 @@ def cmd_score(args: argparse.Namespace) -> None:
     try:
         result = _top_k(args, test, train)
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
-        if len(e.sides) == 2:
-            which = "--test and --train are both whitened"
+        head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
+        if len(e.sides) == 2:  # the same whitening on both is no space mismatch: two whitened sides are refused
+            message = (
+                f"{head}, and --test and --train are both whitened, which is refused without --normalize too: the "
+                "whitening applies once, to the test rows; score a whitened --test against an unwhitened --train, "
+                "without --normalize"
+            )
         else:
             which = f"--{e.sides[0]} is whitened and --{'train' if e.sides == ('test',) else 'test'} is not"
-        raise CommandError(
-            f"--normalize does not combine with whitened gradients (metadata['whitening']): {which}, so their "
-            "cosine scores would compare different spaces; drop --normalize to score them"
-        ) from e
+            message = (
+                f"{head}: {which}, so their cosine scores would compare different spaces; drop --normalize to score "
+                "them"
+            )
+        raise CommandError(message) from e
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
         raise CommandError(
             f"--test is whitened by a whitening fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "

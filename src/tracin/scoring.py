@@ -440,19 +440,20 @@ def _normalize_run(normalize: Any, test: GradientSet, train: GradientSet) -> int
         return 0
     whitened = tuple(name for name, s in (("test", test), ("train", train)) if "whitening" in s.metadata)
     if whitened:
-        if len(whitened) == 2:
-            which = "both sides are whitened"
+        head = "normalize=True does not combine with whitened gradients (metadata['whitening'])"
+        if len(whitened) == 2:  # _pair refuses these first; kept accurate for a caller that checks normalize first
+            message = (
+                f"{head}, and both sides are whitened, which is refused with normalize=False too: the whitening "
+                "applies once, to the test side; whiten only the test side (Whitening.apply) and score it against "
+                "the unwhitened train gradients with normalize=False"
+            )
         else:
             other = "train" if whitened == ("test",) else "test"
-            which = (
-                f"the {whitened[0]} side is whitened and the {other} side is not, so a cosine of the two "
-                "compares different spaces"
+            message = (
+                f"{head}: the {whitened[0]} side is whitened and the {other} side is not, so a cosine of the two "
+                "compares different spaces; score whitened sets with normalize=False"
             )
-        raise WhitenedNormalizeError(
-            f"normalize=True does not combine with whitened gradients (metadata['whitening']): {which}; "
-            "score whitened sets with normalize=False",
-            whitened,
-        )
+        raise WhitenedNormalizeError(message, whitened)
     runs = {name: r for name, r in (("test", _checkpoint_run(test)), ("train", _checkpoint_run(train))) if r}
     if len(set(runs.values())) > 1:
         raise ValueError(
