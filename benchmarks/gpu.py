@@ -35,13 +35,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import tracin
-from tracin import _tunables
+from .common import RESULTS_DIR, at_least, output_dir, require_modules, time_interleaved, write_json
 
-from . import gpu_host_paths
-from .common import RESULTS_DIR, at_least, output_dir, time_interleaved, write_json
+if __name__ == "__main__":  # run as a script: a missing module is one line (before the imports below), no traceback
+    require_modules("python -m benchmarks.gpu", ("torch",), "bench")
+
+import torch  # noqa: E402
+
+import tracin  # noqa: E402
+from tracin import _tunables  # noqa: E402
+
+from . import gpu_host_paths  # noqa: E402
 
 FULL = {"m": 1000, "n": 1_000_000, "d": 512}
 QUICK = {"m": 64, "n": 20_000, "d": 64}

@@ -26,13 +26,17 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from .common import add_output_options, at_least, output_dir, require_modules, time_interleaved, write_json
 
-import tracin
-from tracin import _tunables
+if __name__ == "__main__":  # run as a script: a missing module is one line (before the imports below), no traceback
+    require_modules("python -m benchmarks.gpu_tiles", ("torch",), "bench")
 
-from .common import add_output_options, at_least, output_dir, time_interleaved, write_json
-from .gpu import FULL, QUICK, write_store
+import torch  # noqa: E402
+
+import tracin  # noqa: E402
+from tracin import _tunables  # noqa: E402
+
+from .gpu import FULL, QUICK, write_store  # noqa: E402
 
 MIB = 2**20
 TILE_BYTES = (64 * MIB, 256 * MIB, 1024 * MIB)

@@ -39,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     peer_versions,
     quick_or_given,
     record_name,
+    require_modules,
     size_options,
     time_interleaved,
     write_json,
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "here), avx512, avx2, generic (default: native)",
     )
     args = parser.parse_args(argv)
+    require_modules(parser.prog, ("torch", "sklearn"), "bench")  # the torch peer, the digits data: before any work
     from tracin import _core
 
     isas: list[str] = []

@@ -32,8 +32,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -51,6 +49,13 @@ from benchmarks.common import (  # noqa: E402
     time_interleaved,
     write_json,
 )
+
+EXTRA_MODULES = ("torch", "sklearn", "captum")  # of pip install 'tracin[bench]'
+if __name__ == "__main__":  # run as a script: a missing module is one line (before the imports below), no traceback
+    require_modules("python -m benchmarks.torch_end_to_end", EXTRA_MODULES, "bench")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 LRS = (0.2, 0.05, 0.01)
 QUICK_TRAIN, QUICK_TEST = 100, 20  # --quick: examples kept of each split
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_output_options(parser, f"the first {QUICK_TRAIN} / {QUICK_TEST} examples, one timed call each: a smoke run")
     args = parser.parse_args(argv)
-    require_modules(parser.prog, ("sklearn", "captum"), "bench")  # before the tracin phase, not after it
+    require_modules(parser.prog, EXTRA_MODULES, "bench")  # before the tracin phase, not after it
     out = output_dir(args.out, args.quick, "torch-end-to-end")
     repeats, warmup, pause_s = (1, 0, 0.0) if args.quick else (args.repeats, 1, 0.25)
 

@@ -820,6 +820,13 @@ def test_whitening_quick_gives_no_verdict_and_warms_up(monkeypatch, capsys, tmp_
         ("compiled_ceiling", "transformers", "tracin[bench]"),
         ("distributed", "distributed", "tracin[distributed]"),
         ("torch_end_to_end", "captum", "tracin[bench]"),
+        # review111 F4: a traceback (a top-level import torch), projection's sklearn after its speed section
+        ("torch_end_to_end", "torch", "tracin[bench]"),
+        ("torch_end_to_end", "sklearn", "tracin[bench]"),
+        ("projection", "torch", "tracin[bench]"),
+        ("projection", "sklearn", "tracin[bench]"),
+        ("gpu", "torch", "tracin[bench]"),
+        ("gpu_tiles", "torch", "tracin[bench]"),
     ],
 )
 def test_a_missing_extra_is_one_line_naming_it_before_any_work(script, module, extra, tmp_path):
