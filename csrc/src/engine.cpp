@@ -114,12 +114,14 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // 2^e_r once computed: one exponent per row, since a score's column only sees its own row. e_r is 0
 // (the plain w_c, the same bits as ever) unless row r's weighted values leave float32's comfortable
 // range: when every one is below 2^-96 (subnormals lose bits) e_r brings the largest to 2^-96,
-// when one overflows it brings the largest to 2^100, unless that would take one of the row's
-// other values (in any checkpoint) from float32's normal range to a subnormal or zero: then e_r stays
-// 0 and the row overflows, reported as such (a row whose checkpoints' weighted values span more than
-// 2^226 cannot be scored in float32 without losing the small ones). Scaling by a power of two is
-// exact, so the values that change are the infinite ones (made finite) and, when e_r < 0, the
-// subnormal ones (made normal); a normal value never leaves the normal range. Since e_r < 0 only when every packed
+// when one overflows it brings the largest to 2^100, unless that would lose bits of one of the row's
+// other values (in any checkpoint) that is normal at e_r = 0 (packed subnormal or zero not exactly:
+// 2^-100 lowered to 2^-130 stays exact, and is kept): then e_r stays 0 and the row overflows,
+// reported as such (a row whose checkpoints' weighted values span more than about 2^226 cannot be
+// scored in float32 without losing bits of the small ones; factored aggregate then sums in float64, api.cpp
+// ExactFactoredSums). Scaling by a power of two is exact, so the values that change are the infinite
+// ones (made finite) and, when e_r < 0, the subnormal ones (made normal); a normal value never loses
+// a bit. Since e_r < 0 only when every packed
 // value of row r is below 2^-96, a tile's column (a score times 2^-e_r) stays far from overflow;
 // e_r > 0 only makes it smaller than the scores.
 // Cosine scores (unit test rows times w_c) lift further: a row whose packed values are all below
@@ -274,16 +276,16 @@ class PackedTest {
       if (*largest < -96) exponents[static_cast<std::size_t>(r)] = *largest + 96;  // to [2^-96, 2^-95)
       if (normalize > 0 && *largest < kCosineFloor)  // to [2^-32, 2^-31)
         exponents[static_cast<std::size_t>(r)] = *largest - kCosineFloor;
-      if (*largest >= 127 && !ShiftLeavesNormalRange(kernels, test, weights, begin + r, r, *largest - 100, normalize))
+      if (*largest >= 127 && !ShiftLosesBits(kernels, test, weights, begin + r, r, *largest - 100, normalize))
         exponents[static_cast<std::size_t>(r)] = *largest - 100;  // to [2^100, 2^101)
     }
     return exponents;
   }
 
-  // Whether packing row `row` (row r of the pass) with exponent e > 0 would take a value that is a
-  // normal float32 when packed with exponent 0 to a subnormal or zero: PackPanel's arithmetic, both
-  // ways, over the weighted blocks.
-  bool ShiftLeavesNormalRange(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+  // Whether packing row `row` (row r of the pass) with exponent e > 0 would lose bits of a value that
+  // is a normal float32 when packed with exponent 0: float32(w v 2^-e) 2^e != float32(w v), PackPanel's
+  // arithmetic both ways over the weighted blocks (a value exact as a subnormal loses none).
+  bool ShiftLosesBits(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
                               std::int64_t row, std::int64_t r, int e, std::int64_t normalize) const {
     float piece[kSliceDepth];
     for (std::size_t b = 0; b < test.blocks.size(); ++b) {
@@ -297,9 +299,11 @@ class PackedTest {
         const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
         LoadRow(kernels, m, row, k0, kc, piece);
         for (std::int64_t k = 0; k < kc; ++k) {
-          const float plain = std::fabs(static_cast<float>(plain_lw * static_cast<double>(piece[k])));
-          const float after = std::fabs(static_cast<float>(shifted_lw * static_cast<double>(piece[k])));
-          if (plain >= FLT_MIN && plain <= FLT_MAX && after < FLT_MIN) return true;
+          const float plain = static_cast<float>(plain_lw * static_cast<double>(piece[k]));
+          const float after = static_cast<float>(shifted_lw * static_cast<double>(piece[k]));
+          if (std::fabs(plain) >= FLT_MIN && std::fabs(plain) <= FLT_MAX &&
+              std::ldexp(static_cast<double>(after), e) != static_cast<double>(plain))
+            return true;
         }
       }
     }

@@ -234,7 +234,8 @@ void TestWeightExponentPerTestRow() {
 // checkpoint holds ordinary values (1e-20, weight 1): packing the row divided by 2^99 would take those
 // to zero (a score of 0 for the exact 4e-20, and TopK ranking train row 0 over row 1), so the row is
 // not rescaled and the overflow is reported. A row whose small values stay normal when divided
-// (1e-28 next to 1e9 x 1e30, divided by 2^29) is still rescaled and scores within the bound.
+// (1e-28 next to 1e9 x 1e30, divided by 2^29), or become subnormals without losing a bit (2^-100
+// divided by 2^30), is still rescaled and scores within the bound (the latter exactly).
 void TestExponentShiftKeepsOtherCheckpoints() {
   const Matrix t0{1, 4, std::vector<float>(4, 1e30f)}, t1{1, 4, std::vector<float>(4, 1e-20f)};
   const Matrix x0{2, 4, std::vector<float>(8, 0.0f)}, x1{2, 4, {1, 1, 1, 1, 2, 2, 2, 2}};
@@ -270,6 +271,29 @@ void TestExponentShiftKeepsOtherCheckpoints() {
     Check(s.ok() && std::abs(out[0] - exact[0]) <= 1e-6 * exact[0] && std::abs(out[1] - exact[1]) <= 1e-6 * exact[1],
           std::string("rescaled row beside normal values scores within 1e-6, isa ") + tracin::IsaName(isa) + ": " +
               s.message + " " + std::to_string(out[0] / exact[0]));
+    // review112 F3: lowering by 2^e loses no bit of a value exact as a subnormal. w = [2^100, 1],
+    // test 2^30 and 2^-100 (2^130 and 2^-100 weighted: e = 30 takes 2^-100 to 2^-130, exact), train
+    // 2^-60 and 2^90: the score 2^70 + 2^-10 is a float32 (2^70), from both the full and factored
+    // kernels, and top_k's value; before, the row was refused as an overflow.
+    const Matrix p0{1, 1, {0x1p30f}}, p1{1, 1, {0x1p-100f}}, q0{1, 1, {0x1p-60f}}, q1{1, 1, {0x1p90f}};
+    const std::vector<double> wp = {0x1p100, 1.0};
+    const float score = static_cast<float>(0x1p70 + 0x1p-10);
+    s = tracin::Scores(Full({p0, p1}), Full({q0, q1}), wp, out.data(), o);
+    Check(s.ok() && out[0] == score, name + ": a lowered row exact as a subnormal scores 2^70 + 2^-10: " + s.message +
+                                         " " + std::to_string(out[0]));
+    s = tracin::TopK(Full({p0, p1}), Full({q0, q1}), wp, 1, tracin::Side::kProponents, top, o);
+    Check(s.ok() && values[0] == score && indices[0] == 0, name + ": its top_k: " + s.message);
+    const Matrix one{1, 1, {1.0f}};
+    tracin::GradientSide fp, fq;
+    fp.factored = fq.factored = true;
+    fp.blocks = {p0.View(), one.View(), p1.View(), one.View()};
+    fq.blocks = {q0.View(), one.View(), q1.View(), one.View()};
+    s = tracin::Scores(fp, fq, wp, out.data(), o);
+    Check(s.ok() && out[0] == score, name + ": factored, the same: " + s.message + " " + std::to_string(out[0]));
+    // (1 + 2^-23) 2^-100 (24 bits) lowered by 2^30 would lose its last bit (2^-153): refused.
+    const Matrix p2{1, 1, {0x1.000002p-100f}};
+    s = tracin::Scores(Full({p0, p2}), Full({q0, q1}), wp, out.data(), o);
+    Check(s.code == tracin::StatusCode::kNonFinite, name + ": a lowered row losing one bit is refused: " + s.message);
   }
 }
 

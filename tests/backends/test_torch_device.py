@@ -185,9 +185,9 @@ def test_a_row_whose_lowering_would_lose_another_checkpoint_overflows_as_on_the_
     factored, big, small, w, normalize
 ):
     """A test row whose weighted values overflow float32 in checkpoint 0 is not lowered by 2^e_r when
-    that would take a value of the row that is a normal float32 unshifted (checkpoint 1's) below
-    2^-126: it is packed as it is, and the call is the overflow error of the C++ kernel (review107 F1,
-    csrc/src/engine.cpp ShiftLeavesNormalRange), naming no pair as the kernel's packing does. Before,
+    that would lose bits of a value of the row that is a normal float32 unshifted (checkpoint 1's): it
+    is packed as it is, and the call is the overflow error of the C++ kernel (review107 F1,
+    csrc/src/engine.cpp ShiftLosesBits), naming no pair as the kernel's packing does. Before,
     torch:cpu lowered the row and scored without checkpoint 1 (scores 0 for an exact 4e-20, top_k
     ranking the smaller one first) or with it rounded to a subnormal. Scores and top_k, full and factored,
     plain and cosine (train rows 1e-35 in checkpoint 0: cosine scores near 7e24)."""
@@ -204,6 +204,66 @@ def test_a_row_whose_lowering_would_lose_another_checkpoint_overflows_as_on_the_
             with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite") as e:
                 call(device)
             assert "first for test row" not in str(e.value), (name, device, str(e.value))
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_row_lowered_to_subnormals_that_lose_no_bit_is_scored_exactly_as_on_the_cpu_kernel(factored):
+    """review112 F3: w = [2^100, 1], test [2^30] / [2^-100], train [2^-60] / [2^90]: lowering the row
+    by 2^30 (2^130 to 2^100) takes 2^-100 to 2^-130, a subnormal that holds it exactly, so the row is
+    lowered (e_r = 30) and scored, not refused: 2^70 + 2^-10 rounds to the float32 2^70 on both
+    backends, scores and top_k. 1f9a0db / 6ea28e8 refused any lowering that made a normal value
+    subnormal (the overflow error on both)."""
+    w = [2.0**100, 1.0]
+    test = [np.array([[2.0**30]], np.float32), np.array([[2.0**-100]], np.float32)]
+    train = [np.array([[2.0**-60]], np.float32), np.array([[2.0**90]], np.float32)]
+    if factored:
+        ones = [np.ones((1, 1), np.float32)] * 2
+        t, x = tracin.FactoredGradients(test, ones, w), tracin.FactoredGradients(train, ones, w)
+    else:
+        t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    exact = np.float32(2.0**70 + 2.0**-10)
+    for device in ("cpu", "torch:cpu"):
+        assert tracin.scores(t, x, device=device)[0, 0] == exact, device
+        assert tracin.top_k(t, x, k=1, device=device).values[0, 0] == exact, device
+    prepared = torch_device._DeviceTest.upload(t.kernel_side(), torch.device("cpu"), 0, w)
+    assert prepared.exponents.tolist() == [30] and prepared.overflowing is None
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("train_zero", [False, True])
+def test_a_factored_aggregate_of_a_row_kept_unlowered_sums_in_float64_as_on_the_cpu_kernel(normalize, train_zero):
+    """review112 F2: factored, w = [1e30, 1], test left factors 1e30 (checkpoint 0, weighted 1e60) and
+    1e-20 (checkpoint 1, which lowering by 2^99 would lose), right factors 1; train left factors 1e-30
+    (or 0) and 1. The row is kept unlowered and its packing overflows; the C++ kernel's aggregate then
+    sums in float64 (api.cpp ExactFactoredSums), and so does the torch backend's (_exact_factored_sums):
+    the exact 6e30 (6e-20 where checkpoint 0's train factors are 0, which lowering lost), cosine too
+    (1e30 + 1, or 1).
+    After 6ea28e8 torch:cpu raised the overflow error where the C++ kernel answered."""
+    w = [1e30, 1.0]
+    left = [np.full((1, 3), 1e30, np.float32), np.full((1, 3), 1e-20, np.float32)]
+    right = [np.ones((1, 2), np.float32)] * 2
+    train_left = [np.full((2, 3), 0.0 if train_zero else 1e-30, np.float32), np.ones((2, 3), np.float32)]
+    train_right = [np.ones((2, 2), np.float32)] * 2
+    t, x = tracin.FactoredGradients(left, right, w), tracin.FactoredGradients(train_left, train_right, w)
+    terms = [  # per checkpoint: w_c (L_t . L_i)(R_t . R_i) and the squared norms of both rows
+        (
+            c_w * float(lt.astype(np.float64) @ li[0].astype(np.float64)) * 2.0,
+            float(np.sum(lt.astype(np.float64) ** 2)) * 2.0,
+            float(np.sum(li[0].astype(np.float64) ** 2)) * 2.0,
+        )
+        for c_w, lt, li in zip(w, [v[0] for v in left], train_left, strict=True)
+    ]
+    if normalize:  # each checkpoint's rows unit-normalised (a zero row scores 0): 1e30 cos + cos
+        exact = sum(p / np.sqrt(n_t) / np.sqrt(n_x) for p, n_t, n_x in terms if n_x)
+    else:
+        exact = sum(p for p, _, _ in terms)
+    assert exact > 0
+    got = {device: tracin.aggregate(t, x, device=device, normalize=normalize) for device in ("cpu", "torch:cpu")}
+    for device, values in got.items():
+        np.testing.assert_allclose(values, [exact, exact], rtol=1e-6, err_msg=device)
+    prepared = torch_device._DeviceTest.upload(t.kernel_side(), torch.device("cpu"), int(normalize), w)
+    if not normalize:
+        assert prepared.overflowing is not None  # the row is kept at e_r = 0: its packing overflows
 
 
 @pytest.mark.parametrize("factored", [False, True])

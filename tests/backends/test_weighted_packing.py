@@ -72,13 +72,45 @@ def test_a_slot_packed_at_or_below_2_to_the_minus_150_is_lost(device, a, b, x1):
 @pytest.mark.parametrize(("a", "b"), [(130, -120), (130, -96 - 2**-10)])
 def test_a_row_is_not_brought_down_past_a_normal_slot(device, a, b):
     """review107 F1: a row whose slot 0 overflows float32 (2^130) is not brought down by 2^30 where that
-    would take slot 1, a normal float32 at e_t = 0 (2^-120; just below 2^-96), below 2^-126 (to 2^-150,
-    lost; to a subnormal): it is packed as it is, and the call is the overflow error, naming no pair
-    (the packing overflows), on both backends. Slot 1 at 2^-96 stays normal (2^-126): see
-    test_slots_packed_in_the_normal_range_stay_within_the_bound."""
+    would lose bits of slot 1, a normal float32 at e_t = 0 (2^-120: to 2^-150, lost; 24 bits just below
+    2^-96: to a subnormal holding fewer): it is packed as it is, and the call is the overflow error,
+    naming no pair (the packing overflows), on both backends. Slot 1 at 2^-96 stays normal (2^-126): see
+    test_slots_packed_in_the_normal_range_stay_within_the_bound; one exact as a subnormal is brought
+    down: test_a_row_is_brought_down_where_its_slots_stay_exact_as_subnormals."""
     with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite") as error:
         two_slots(a, b, 2.0**100, device=device)
     assert "first for test row" not in str(error.value)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("t1", [1.0, 1 + 2**-19, 1 + 2**-20, 1 + 2**-23])
+def test_a_row_is_brought_down_where_its_slots_stay_exact_as_subnormals(device, t1):
+    """review112 F3: weights [2^100, 1], test [2^30] / [2^-100 t1], train [2^-60] / [2^90]: slot 0 (2^130)
+    brings the row down by 2^30 and slot 1 packs at 2^-130 t1, a subnormal holding 19 bits (down to
+    2^-149). Where t1 fits them (1, 1 + 2^-19) nothing is lost: the row is scored, exactly 2^70 + 2^-10
+    t1 rounded to float32 (2^70), by scores and top_k, full and factored (the 1e-5 contract would
+    allow far more). Where it does not (1 + 2^-20: its last bit at 2^-150; 1 + 2^-23) the row keeps
+    e_t = 0 and its 2^130 overflows: the overflow error, naming no pair. Before (1f9a0db, 6ea28e8)
+    every case was refused, as any lowering that took a normal value to a subnormal."""
+    w = [2.0**100, 1.0]
+    test = [np.array([[2.0**30]], np.float32), np.array([[2.0**-100 * t1]], np.float32)]
+    train = [np.array([[2.0**-60]], np.float32), np.array([[2.0**90]], np.float32)]
+    ones = [np.ones((1, 1), np.float32)] * 2
+    pairs = {
+        "full": (tracin.Gradients(test, w), tracin.Gradients(train, w)),
+        "factored": (tracin.FactoredGradients(test, ones, w), tracin.FactoredGradients(train, ones, w)),
+    }
+    exact = 2.0**70 + 2.0**-10 * t1
+    fits = (t1 - 1) * 2.0**19 == int((t1 - 1) * 2.0**19)  # t1's bits end at or above 2^-19
+    for layout, (t, x) in pairs.items():
+        if not fits:
+            with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite") as e:
+                tracin.scores(t, x, device=device)
+            assert "first for test row" not in str(e.value), layout
+            continue
+        assert tracin.scores(t, x, device=device)[0, 0] == np.float32(exact), layout
+        best = tracin.top_k(t, x, k=1, device=device)
+        assert best.values[0, 0] == np.float32(exact) and best.indices[0, 0] == 0, layout
 
 
 @pytest.mark.parametrize("device", devices())

@@ -45,10 +45,10 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py) where the C++
 test rows are packed as there (_fold_weights: one power of two per test row, from its largest weighted
 value over every checkpoint), so a checkpoint whose weighted values in that row pack below float32's
 normal range loses bits, and one at or below 2^-150 is lost whole (README "Numerical contract";
-tests/backends/test_weighted_packing.py); a row that lowering would take from float32's normal range
-overflows as there, the call's overflow error. TF32 is off unless
-precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about 1e-3 of that
-scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
+tests/backends/test_weighted_packing.py); a row where lowering would lose bits of a value normal at
+e_r = 0 overflows as there, the call's overflow error (factored aggregate: float64 sums, as there).
+TF32 is off unless precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about
+1e-3 of that scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
 The precision is torch's process-wide setting, so the CUDA backend calls of one process run one at
 a time, whatever their devices and precisions (one _PRECISION_LOCK, held for each backend call: one
@@ -193,7 +193,11 @@ class TorchBackend:
     ) -> np.ndarray:
         with self._call(test, train, normalize, cache, weights if train.factored else None) as call:
             total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
-            if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
+            if train.factored and call.prepared.overflowing is not None:
+                # a test row's packing overflows (_fold_weights): where the C++ kernel sums in float64
+                call.bad_score = torch.zeros((), dtype=torch.bool, device=self.device)
+                total = _exact_factored_sums(call, test, weights)
+            elif train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
                 for _, i, s in call.products():
                     total[i] += s.sum(0, dtype=torch.float64)
             else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
@@ -650,6 +654,40 @@ def _add_checkpoint(
     return out.addmm_(left, train[c].T, alpha=alpha)
 
 
+def _exact_factored_sums(call: _Call, test: KernelSide, weights: Sequence[float]) -> torch.Tensor:
+    """float64 (n,) factored aggregate with every product and sum in float64, as the C++ kernel's
+    ExactFactoredSums (csrc/src/api.cpp), which its aggregate falls back to when its float32 packing or
+    scores overflow from finite inputs: out[i] = sum over test rows t and checkpoints c of
+    w_c s_t s_i (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), s the rows' float64 inverse norms over c's run
+    for cosine scores (else 1). Taken when a test row's packing overflows (_fold_weights), where the
+    float32 products would be refused; pair by pair over slices of test rows (the error path of rare
+    inputs: wide ranges of weighted values)."""
+    device, normalize = call.device, call.normalize
+    original = rows.whole(test, device)  # the caller's values (the prepared blocks are weighted)
+    run = normalize if normalize else len(weights)
+    test_scales = _inverse_norms([_squared_norms(b) for b in original], True, run) if normalize else None
+    total = torch.zeros(call.train.blocks[0].shape[0], dtype=torch.float64, device=device)
+    step = max(1, _NORM_SLICE // max(1, max(b.shape[1] for b in original)))
+    for i0, i1, x in call.train_tiles():
+        train_scales = _inverse_norms([_squared_norms(b) for b in x], True, run) if normalize else None
+        for c, w in enumerate(weights):
+            if w == 0:
+                continue
+            left, right = x[2 * c].double(), x[2 * c + 1].double()
+            part = torch.zeros(i1 - i0, dtype=torch.float64, device=device)
+            for t0 in range(0, original[0].shape[0], step):
+                pairs = (original[2 * c][t0 : t0 + step].double() @ left.T) * (
+                    original[2 * c + 1][t0 : t0 + step].double() @ right.T
+                )
+                if test_scales is not None:
+                    pairs *= test_scales[c // run][t0 : t0 + step, None]
+                part += pairs.sum(0)
+            if train_scales is not None:
+                part *= train_scales[c // run]
+            total[i0:i1] += w * part
+    return total
+
+
 def _fold_weights(
     blocks: list[torch.Tensor],
     factored: bool,
@@ -662,13 +700,16 @@ def _fold_weights(
     is below 2^-96 (e_r brings it to [2^-96, 2^-95)), for cosine scores (blocks of unit rows) below
     2^-32 (to [2^-32, 2^-31): products with train rows of norm down to 2^-64, which _unit_scaled leaves
     as they are, stay in float32's normal range), or at least 2^127 (to [2^100, 2^101)); a
-    non-finite row keeps e_r = 0, and so does a row of e_r > 0 where dividing by 2^e_r would take a
-    value that is a normal float32 at e_r = 0 (|float32(w_c x value)| >= 2^-126, any checkpoint) below
-    2^-126 (a row spanning more than about 2^226: _lowering_loses_values, the C++ kernel's
-    ShiftLeavesNormalRange, which gathers only those rare rows, never copying a block used in place):
-    such a row overflows, and the call is the overflow error rather than scores missing the row's small
-    checkpoints. Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks stay as they are and
-    the GEMMs take the weights (returns (weights, None, None, overflowing): no copy; a dot product of
+    non-finite row keeps e_r = 0, and so does a row of e_r > 0 where dividing by 2^e_r would lose bits
+    of a value that is a normal float32 at e_r = 0 (|float32(w_c x value)| >= 2^-126, any checkpoint:
+    float32(w_c x value x 2^-e_r) x 2^e_r != float32(w_c x value); a value that stays exact as a
+    subnormal, 2^-100 lowered to 2^-130, loses none) (a row spanning more than about 2^226:
+    _lowering_loses_values, the C++ kernel's ShiftLosesBits, which gathers only those rare rows, never
+    copying a block used in place, and runs torch.nonzero, a wait on CUDA, only when some row is
+    lowered): such a row overflows, and the call is the overflow error rather than scores missing the
+    row's small checkpoints (aggregate of factored gradients then sums in float64 instead, as the C++
+    kernel: _exact_factored_sums). Where every e_r is 0 and every |w_c| in [2^-24, 2^25) the blocks stay
+    as they are and the GEMMs take the weights (returns (weights, None, None, overflowing): no copy; a dot product of
     such rows exceeds float32 only for weighted scores beyond about 2^104). Otherwise the rows r of each
     block of nonzero weight are multiplied by 2^(k_c - e_r), k_c the binary exponent of w_c, which is
     exact but where the product is below float32's normal range (rounded once, as the C++ kernel rounds
@@ -702,9 +743,9 @@ def _fold_weights(
     floor = _COSINE_FLOOR if cosine else -96
     shift = torch.where(largest < floor, largest - floor, torch.where(largest >= 127, largest - 100, 0))
     shift = torch.where(finite & (largest > _NO_EXPONENT), shift, 0)
-    lowered = torch.nonzero(shift > 0).flatten()  # rare: rows whose weighted values overflow float32
     overflowing = None
-    if lowered.numel():
+    if bool((shift > 0).any()):  # rare: rows whose weighted values overflow (torch.nonzero, a wait, only then)
+        lowered = torch.nonzero(shift > 0).flatten()
         weighted = [blocks[c * per] for c in range(len(weights))]
         kept, infinite = _lowering_loses_values(weighted, weights, lowered, shift[lowered])
         shift[lowered[kept]] = 0  # packed unshifted: the row overflows, reported as such
@@ -727,14 +768,16 @@ def _lowering_loses_values(
     blocks: list[torch.Tensor], weights: Sequence[float], rows: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bool (len(rows),) each: whether packing row rows[j] of the weighted blocks (one per checkpoint,
-    weights[c]) divided by 2^shift[j] (> 0) would take a value that is a normal float32 when packed
-    undivided (|float32(w_c x value)| in [2^-126, FLT_MAX]) to a subnormal or zero, in any checkpoint
-    (the C++ kernel's PackedTest::ShiftLeavesNormalRange: the same float64 products rounded to float32),
+    weights[c]) divided by 2^shift[j] (> 0) would lose bits of a value that is a normal float32 when
+    packed undivided (|float32(w_c x value)| in [2^-126, FLT_MAX]): float32(w_c x value x 2^-shift[j])
+    x 2^shift[j] != float32(w_c x value), in any checkpoint (the C++ kernel's PackedTest::ShiftLosesBits:
+    the same float64 products rounded to float32; a value exact as a subnormal loses nothing),
     and whether the row packed undivided holds an infinite float32(w_c x value) (where the C++ kernel's
     packing reports the overflow, naming no pair). Only those rows are read (gathered in slices of at
     most _NORM_SLICE values), never a block whole."""
     half = torch.div(shift, 2, rounding_mode="floor")  # two exact steps: 2^-shift may be below float64's range
     steps = (_power_of_two(-half, torch.float64), _power_of_two(half - shift, torch.float64))
+    ups = (_power_of_two(half, torch.float64), _power_of_two(shift - half, torch.float64))
     loses = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
     infinite = torch.zeros_like(loses)
     for block, w in zip(blocks, weights, strict=True):
@@ -744,10 +787,11 @@ def _lowering_loses_values(
         step = max(1, _NORM_SLICE // block.shape[1])
         for j in range(0, rows.numel(), step):
             values = block.index_select(0, rows[j : j + step]).double()
-            plain = (values * w).float().abs()
-            after = (values * lowered[j : j + step, None]).float().abs()
-            normal = (plain >= _FLT_MIN) & torch.isfinite(plain)
-            loses[j : j + step] |= (normal & (after < _FLT_MIN)).any(1)
+            plain = (values * w).float()
+            after = (values * lowered[j : j + step, None]).float().double()
+            back = (after * ups[0][j : j + step, None]) * ups[1][j : j + step, None]  # after x 2^shift, exact
+            normal = (plain.abs() >= _FLT_MIN) & torch.isfinite(plain)
+            loses[j : j + step] |= (normal & (back != plain.double())).any(1)
             infinite[j : j + step] |= torch.isinf(plain).any(1)
     return loses, infinite
 
