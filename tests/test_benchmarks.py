@@ -1105,3 +1105,21 @@ def test_a_projection_run_of_other_sizes_does_not_overwrite_the_record(argv, nam
     grads = (rng.standard_normal((60, 70)).astype(np.float32), rng.standard_normal((4, 70)).astype(np.float32))
     monkeypatch.setattr(projection, "digits_gradients", lambda *args: grads)
     assert _record_name_of(projection, [*argv, "--out", str(tmp_path)], monkeypatch, None) == name
+
+
+def test_jax_export_refuses_to_time_an_export_that_disagrees_with_torch_func(monkeypatch, tmp_path, capsys):
+    # review111 F7: the agreement check was an assert, which python -O skips (a wrong export timed and recorded)
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    import types
+
+    import tracin.jax
+    from benchmarks import jax_export
+
+    wrong = types.SimpleNamespace(matrices=[np.ones((16, 3), np.float32)])
+    monkeypatch.setattr(tracin.jax, "export_gradients", lambda *a, **k: wrong)
+    monkeypatch.setattr(jax_export, "time_interleaved", lambda *a, **k: pytest.fail("timed a wrong export"))
+    with pytest.raises(SystemExit) as e:
+        jax_export.main(["--quick", "--n", "16", "--hidden", "8", "--batch", "8", "--out", str(tmp_path)])
+    assert e.value.code == 1 and not list(tmp_path.iterdir())
+    assert "gradients disagree with torch.func's" in capsys.readouterr().err
