@@ -6,7 +6,9 @@
 Writes a store of --size GiB (float16, two checkpoints of --dim columns), then times
 tracin.top_k(test, store) against tracin.top_k(test, the same matrices loaded in RAM), interleaved:
 the store warm (pages in the OS cache, as right after writing) and cold (its pages dropped from
-the cache with posix_fadvise before each call). Peak RSS of each, in a fresh process, shows the
+the cache with posix_fadvise before each call). Where the pages stay cached (a store on tmpfs:
+--dir there, or a /tmp that is tmpfs; checked with mincore, "cold_check" in the JSON) no cold read
+is timed, with a warning. Peak RSS of each, in a fresh process, shows the
 store is streamed in bounded chunks. The recorded large run is 4 GiB (--size 4,
 results/store_4gib.json). Writes results/store.json (store_SIZE.json for other sizes).
 """
@@ -14,7 +16,9 @@ results/store_4gib.json). Writes results/store.json (store_SIZE.json for other s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -76,6 +80,58 @@ def evict(store: tracin.GradientStore) -> None:
             os.close(fd)
 
 
+COLD_AT_MOST = 0.01  # resident fraction of the store's pages after evict() below which a read is cold
+
+
+def resident_fraction(paths: list[Path]) -> float | None:
+    """The fraction of the pages of `paths` in the OS page cache (mincore over a read-only shared
+    mapping of each file, which faults nothing in); None where that cannot be asked (no mincore)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_mmap, c_mincore, c_munmap = libc.mmap, libc.mincore, libc.munmap
+    except (OSError, AttributeError):
+        return None
+    c_mmap.restype = ctypes.c_void_p
+    c_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    c_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    c_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    resident = total = 0
+    for path in paths:
+        size = os.path.getsize(path)
+        if not size:
+            continue
+        pages = -(-size // mmap.PAGESIZE)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            addr = c_mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            if addr is None or addr == ctypes.c_void_p(-1).value:
+                return None
+            try:
+                vec = np.zeros(pages, np.uint8)
+                if c_mincore(addr, size, vec.ctypes.data) != 0:
+                    return None
+            finally:
+                c_munmap(addr, size)
+        finally:
+            os.close(fd)
+        resident += int(np.count_nonzero(vec & 1))
+        total += pages
+    return resident / total if total else None
+
+
+def cold_check(store: tracin.GradientStore) -> dict:
+    """Whether evict() leaves the store cold here: evicts, then measures the fraction of its pages still
+    cached. On tmpfs / ramfs (a --dir there, or a /tmp that is one) the pages are the files: nothing is
+    dropped, and a read after evict() is a warm read."""
+    evict(store)
+    fraction = resident_fraction(sorted(p for p in store.path.iterdir() if p.suffix == ".npy"))
+    return {
+        "cold": None if fraction is None else fraction <= COLD_AT_MOST,
+        "resident_fraction_after_evict": fraction,
+        "cold_at_most": COLD_AT_MOST,
+    }
+
+
 def load_in_ram(path: Path) -> tracin.Gradients:
     """The store's matrices read into RAM with plain NumPy (np.load of the files the manifest names)."""
     manifest = json.loads((path / "manifest.json").read_text())
@@ -116,8 +172,17 @@ def run(args: argparse.Namespace) -> dict:
         contenders = {
             "ram": lambda: tracin.top_k(test_set, in_ram["train"], k=args.k, side="both"),
             "store_warm": lambda: tracin.top_k(test_set, store, k=args.k, side="both"),
-            "store_cold": on_store_cold,
         }
+        cold = cold_check(store)
+        if cold["cold"] is False:  # a "cold" read would be a warm one: not timed, not labelled cold
+            print(
+                f"warning: the store's pages stay cached after posix_fadvise(DONTNEED) in {root} "
+                f"({cold['resident_fraction_after_evict']:.0%} resident; tmpfs?): no cold read timed "
+                "(give --dir a folder on a disk)",
+                file=sys.stderr,
+            )
+        else:
+            contenders["store_cold"] = on_store_cold
         times = time_interleaved(contenders, repeats=args.repeats)
         a, b = contenders["ram"](), contenders["store_warm"]()
         identical = all(
@@ -148,9 +213,10 @@ def run(args: argparse.Namespace) -> dict:
         "times": times,
         "ratios": {
             "store warm / ram time": med["store_warm"] / med["ram"],
-            "store cold / ram time": med["store_cold"] / med["ram"],
+            **({"store cold / ram time": med["store_cold"] / med["ram"]} if "store_cold" in med else {}),
         },
-        "cold_scored_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"],
+        "cold_scored_gib_per_s": n_rows * row_bytes / 2**30 / med["store_cold"] if "store_cold" in med else None,
+        "cold_check": cold,
         "peak_rss_mib": {"store": rss_store, "ram": rss_ram},
         "identical_results": identical,
     }
@@ -200,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"top-{args.k} both sides, {args.test_rows} test rows: RAM {med['ram']:.3f} s, "
         f"store warm {med['store_warm']:.3f} s ({result['ratios']['store warm / ram time']:.2f}x), "
-        f"store cold {med['store_cold']:.3f} s ({result['ratios']['store cold / ram time']:.2f}x)"
+        + (
+            f"store cold {med['store_cold']:.3f} s ({result['ratios']['store cold / ram time']:.2f}x)"
+            if "store_cold" in med
+            else "store cold: not timed (the pages could not be dropped)"
+        )
     )
     print(
         f"peak RSS: store {result['peak_rss_mib']['store']:.0f} MiB, RAM {result['peak_rss_mib']['ram']:.0f} MiB; "

@@ -1123,3 +1123,57 @@ def test_jax_export_refuses_to_time_an_export_that_disagrees_with_torch_func(mon
         jax_export.main(["--quick", "--n", "16", "--hidden", "8", "--batch", "8", "--out", str(tmp_path)])
     assert e.value.code == 1 and not list(tmp_path.iterdir())
     assert "gradients disagree with torch.func's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("resident", [1.0, 0.0])
+def test_store_times_no_cold_read_where_the_pages_stay_cached(resident, monkeypatch, tmp_path, capsys):
+    # review111 F3: on tmpfs posix_fadvise drops nothing, and "store_cold" was a warm read labelled cold
+    from benchmarks import store
+
+    monkeypatch.setattr(store, "resident_fraction", lambda paths: resident)
+    monkeypatch.setattr(store, "peak_rss", lambda *a: (1.0, 0.0))
+    assert store.main(["--quick", "--dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "store_quick.json").read_text())
+    assert record["cold_check"]["cold"] is (resident == 0.0)
+    assert record["cold_check"]["resident_fraction_after_evict"] == resident
+    assert ("store_cold" in record["times"]) is (resident == 0.0)
+    assert ("store cold / ram time" in record["ratios"]) is (resident == 0.0)
+    assert (record["cold_scored_gib_per_s"] is None) is (resident == 1.0)
+    assert ("warning: the store's pages stay cached" in capsys.readouterr().err) is (resident == 1.0)
+
+
+def test_store_resident_fraction_sees_what_evict_drops(tmp_path):
+    # review111 F3: the check behind "cold_check", on the file systems at hand (/dev/shm: tmpfs)
+    if not Path("/proc/self/mounts").exists() or not hasattr(os, "posix_fadvise"):
+        pytest.skip("Linux page cache checks")
+    import tracin
+    from benchmarks import store
+
+    bases = [tmp_path] + [Path("/dev/shm")] * Path("/dev/shm").is_dir()
+    for base in bases:
+        root = Path(tempfile.mkdtemp(dir=base))
+        try:
+            store.write_store(root / "store", 3000, [256])
+            opened = tracin.GradientStore.open(root / "store")
+            files = sorted((root / "store").glob("*.npy"))
+            for f in files:
+                f.read_bytes()  # every page cached
+            assert store.resident_fraction(files) == 1.0
+            check, fstype = store.cold_check(opened), _fs_type(root)
+            assert check["cold"] is (check["resident_fraction_after_evict"] <= store.COLD_AT_MOST)
+            if fstype in ("tmpfs", "ramfs"):  # the pages are the files: nothing dropped
+                assert check["resident_fraction_after_evict"] == 1.0 and check["cold"] is False
+            elif fstype in ("ext4", "xfs", "btrfs"):  # clean pages of a disk file: all dropped
+                assert check["resident_fraction_after_evict"] == 0.0 and check["cold"] is True, fstype
+        finally:
+            shutil.rmtree(root)
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of the mount holding `path` (/proc/self/mounts: the longest mount point above it)."""
+    best, kind = "", ""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, fstype = line.split()[:3]
+        if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+            best, kind = point, fstype
+    return kind
