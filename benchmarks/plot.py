@@ -1,7 +1,16 @@
-"""PNG plots of a kernel benchmark payload (benchmarks/kernel.py): speed-ups, k, threads, n, roofline."""
+"""PNG plots of a kernel benchmark payload (benchmarks/kernel.py): speed-ups, k, threads, n, roofline.
+
+    python -m benchmarks.plot --json benchmarks/results/kernel_avx2.json [--out DIR]
+
+draws the plots of a recorded run again, from its JSON alone (as NAME_<plot>.png, NAME its
+"benchmark", beside the JSON unless --out is given).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
 COLOURS = {"tracin": "tab:blue", "faiss": "tab:orange", "numpy": "tab:green", "torch": "tab:red", "sgemm": "tab:gray"}
@@ -176,3 +185,23 @@ def plot_all(payload: dict, directory: Path, name: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     made = [fn(payload, directory / f"{name}_{key}.png") for key, fn in PLOTS.items()]
     return [p for p in made if p is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, required=True, help="a kernel benchmark record (benchmarks.kernel's JSON)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: beside the JSON)")
+    args = p.parse_args(argv)
+    try:
+        payload = json.loads(args.json.read_text())
+    except (OSError, ValueError) as e:
+        p.error(f"--json: {args.json}: {e}")
+    if not isinstance(payload, dict) or "cases" not in payload or "benchmark" not in payload:
+        p.error(f"--json: {args.json} is not a kernel benchmark record")
+    made = plot_all(payload, args.out or args.json.parent, payload["benchmark"])
+    print("wrote " + ", ".join(str(m) for m in made) if made else "no plot: the record has no data for one")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1177,3 +1177,19 @@ def _fs_type(path: Path) -> str:
         if str(path.resolve()).startswith(point.rstrip("/") + "/") and len(point) > len(best):
             best, kind = point, fstype
     return kind
+
+
+def test_plots_are_drawn_again_from_a_recorded_json(tmp_path, capsys):
+    # review111 F6: no CLI drew a record's plots, so the PNGs kernel_avx2.json names could not be made
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    source = CHECKOUT / "benchmarks" / "results" / "kernel.json"
+    assert plot.main(["--json", str(source), "--out", str(tmp_path)]) == 0
+    made = sorted(p.name for p in tmp_path.iterdir())
+    assert made == sorted(json.loads(source.read_text())["plots"])
+    assert all((tmp_path / name).read_bytes().startswith(PNG_MAGIC) for name in made)
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "quality"}))
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--json", str(tmp_path / "other.json")])
+    assert e.value.code == 2 and "is not a kernel benchmark record" in capsys.readouterr().err
