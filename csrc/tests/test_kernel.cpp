@@ -235,7 +235,8 @@ void TestWeightExponentPerTestRow() {
 // to zero (a score of 0 for the exact 4e-20, and TopK ranking train row 0 over row 1), so the row is
 // not rescaled and the overflow is reported. A row whose small values stay normal when divided
 // (1e-28 next to 1e9 x 1e30, divided by 2^29), or become subnormals without losing a bit (2^-100
-// divided by 2^30), is still rescaled and scores within the bound (the latter exactly).
+// divided by 2^30) or rounded by at most 2^-20 of themselves, is still rescaled and scores within the
+// bound (the exact subnormal exactly).
 void TestExponentShiftKeepsOtherCheckpoints() {
   const Matrix t0{1, 4, std::vector<float>(4, 1e30f)}, t1{1, 4, std::vector<float>(4, 1e-20f)};
   const Matrix x0{2, 4, std::vector<float>(8, 0.0f)}, x1{2, 4, {1, 1, 1, 1, 2, 2, 2, 2}};
@@ -290,10 +291,46 @@ void TestExponentShiftKeepsOtherCheckpoints() {
     fq.blocks = {q0.View(), one.View(), q1.View(), one.View()};
     s = tracin::Scores(fp, fq, wp, out.data(), o);
     Check(s.ok() && out[0] == score, name + ": factored, the same: " + s.message + " " + std::to_string(out[0]));
-    // (1 + 2^-23) 2^-100 (24 bits) lowered by 2^30 would lose its last bit (2^-153): refused.
-    const Matrix p2{1, 1, {0x1.000002p-100f}};
-    s = tracin::Scores(Full({p0, p2}), Full({q0, q1}), wp, out.data(), o);
-    Check(s.code == tracin::StatusCode::kNonFinite, name + ": a lowered row losing one bit is refused: " + s.message);
+    // Lowered by 2^30, slot 1's value keeps 24 - k bits at 2^(-96-k) (k = 3: 2^-99 to 2^-129). It may
+    // lose bits while its rounding stays within 2^-20 of itself (ShiftLosesBits): then the row is
+    // lowered and scored within the bound (train row [0] / [2^90]: slot 1 carries the whole score, of
+    // which the bound is 1e-5); beyond 2^-20, or to 0, the row is refused (the overflow of its 2^130).
+    // Before, any lost bit was refused (32eaeb6), so the first four were the overflow too.
+    const Matrix zero{1, 1, {0.0f}};
+    struct Lowered {
+      float value;
+      bool scored;
+      const char* what;
+    };
+    const Lowered cases[] = {
+        {0x1.00000ap-99f, true, "3 bits lost (101 rounds up: 3 x 2^-23 of itself)"},
+        {0x1.000002p-100f, true, "4 bits lost (2^-23 of itself)"},
+        {0x1.000010p-101f, true, "5 bits lost, 8 x 2^-23 / (1 + 8 x 2^-23) of itself: just within 2^-20"},
+        {0x1.000012p-101f, false, "5 bits lost, 9 x 2^-23 / (1 + 9 x 2^-23) of itself: beyond 2^-20"},
+        {0x1.00001ep-101f, false, "5 bits lost, 15 x 2^-23 of itself"},
+        {0x1.0002p-106f, false, "10 bits lost, 2^-15 of itself"},
+        {0x1p-120f, false, "to 2^-150: 0"},
+        {0x1p-125f, false, "to 2^-155: 0"},
+    };
+    for (const Lowered& c : cases) {
+      const Matrix pc{1, 1, {c.value}};
+      std::vector<double> want, limit;
+      Reference({p0, pc}, {zero, q1}, wp, &want, &limit);
+      s = tracin::Scores(Full({p0, pc}), Full({zero, q1}), wp, out.data(), o);
+      const bool scored = s.ok() && std::abs(out[0] - want[0]) <= limit[0];
+      const bool refused = s.code == tracin::StatusCode::kNonFinite;
+      s = tracin::TopK(Full({p0, pc}), Full({zero, q1}), wp, 1, tracin::Side::kProponents, top, o);
+      const bool top_scored = s.ok() && std::abs(values[0] - want[0]) <= limit[0];
+      const bool top_refused = s.code == tracin::StatusCode::kNonFinite;
+      fp.blocks = {p0.View(), one.View(), pc.View(), one.View()};
+      fq.blocks = {zero.View(), one.View(), q1.View(), one.View()};
+      s = tracin::Scores(fp, fq, wp, out.data(), o);
+      const bool factored_scored = s.ok() && std::abs(out[0] - want[0]) <= limit[0];
+      const bool factored_refused = s.code == tracin::StatusCode::kNonFinite;
+      Check(c.scored ? scored && top_scored && factored_scored : refused && top_refused && factored_refused,
+            name + ": a row lowered with " + c.what + (c.scored ? " is scored within the bound" : " is refused") +
+                ": " + s.message + " " + std::to_string(out[0] / want[0]));
+    }
   }
 }
 

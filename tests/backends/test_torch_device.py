@@ -178,16 +178,17 @@ def _two_checkpoints(big: float, small: float, w: list[float], factored: bool, t
     [
         (1e30, 1e-20, [1e30, 1.0], False),  # review107 F1: 1e-20 / 2^99 packs as 0 (scores 0 for 4e-20)
         (3e38, 1e-35, [2.0, 2.0], False),  # weights near 1: the rows were left in place, unweighted
-        (1.0, 1.0, [1e60, 1e-10], True),  # unit rows: 3.5e-11 / 2^97 is subnormal
+        (1.0, 1.0, [1e60, 1e-12], True),  # unit rows: 5e-13 / 2^98 keeps 11 bits, rounded by 9e-5 of itself
     ],
 )
 def test_a_row_whose_lowering_would_lose_another_checkpoint_overflows_as_on_the_cpu_kernel(
     factored, big, small, w, normalize
 ):
     """A test row whose weighted values overflow float32 in checkpoint 0 is not lowered by 2^e_r when
-    that would lose bits of a value of the row that is a normal float32 unshifted (checkpoint 1's): it
-    is packed as it is, and the call is the overflow error of the C++ kernel (review107 F1,
-    csrc/src/engine.cpp ShiftLosesBits), naming no pair as the kernel's packing does. Before,
+    that would round a value of the row that is a normal float32 unshifted (checkpoint 1's) by more
+    than 2^-20 of itself (to 0 in the first case): it is packed as it is, and the call is the overflow
+    error of the C++ kernel (review107 F1, csrc/src/engine.cpp ShiftLosesBits), naming no pair as the
+    kernel's packing does. Before,
     torch:cpu lowered the row and scored without checkpoint 1 (scores 0 for an exact 4e-20, top_k
     ranking the smaller one first) or with it rounded to a subnormal. Scores and top_k, full and factored,
     plain and cosine (train rows 1e-35 in checkpoint 0: cosine scores near 7e24)."""
@@ -227,6 +228,52 @@ def test_a_row_lowered_to_subnormals_that_lose_no_bit_is_scored_exactly_as_on_th
         assert tracin.top_k(t, x, k=1, device=device).values[0, 0] == exact, device
     prepared = torch_device._DeviceTest.upload(t.kernel_side(), torch.device("cpu"), 0, w)
     assert prepared.exponents.tolist() == [30] and prepared.overflowing is None
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize(
+    ("small", "scored"),
+    [
+        (2.0**-99 * (1 + 5 * 2**-23), True),  # to 2^-129 (21 bits): 3 bits lost, 3 x 2^-23 of itself
+        (2.0**-100 * (1 + 2**-23), True),  # to 2^-130 (20 bits): 4 bits lost, 2^-23 of itself
+        (2.0**-101 * (1 + 8 * 2**-23), True),  # 5 bits lost, 8 x 2^-23 / (1 + 8 x 2^-23): within 2^-20
+        (2.0**-101 * (1 + 9 * 2**-23), False),  # 5 bits lost, 9 x 2^-23 / (1 + 9 x 2^-23): beyond 2^-20
+        (2.0**-106 * (1 + 2**-15), False),  # to 2^-136 (14 bits): 10 bits lost, 2^-15 of itself
+        (2.0**-125, False),  # to 2^-155: 0
+    ],
+)
+def test_a_row_lowered_where_its_values_round_within_2_to_the_minus_20_keeps_the_bound_as_on_the_cpu_kernel(
+    factored, small, scored
+):
+    """review112 W2: w = [2^100, 1], test [2^30] / [small], train [0] / [2^90] (checkpoint 1 carries the
+    whole score, its bound 1e-5 of it). Lowering the row by 2^30 (2^130 to 2^100) rounds `small` to a
+    subnormal; while that is within 2^-20 of itself (csrc/src/engine.cpp ShiftLosesBits,
+    _lowering_loses_values), the row is lowered (e_r = 30) and scored within the bound against float64,
+    scores and top_k, on both backends; beyond (or to 0) both refuse it with the overflow error of its
+    unlowered 2^130, naming no pair. Before (32eaeb6), any lost bit was refused."""
+    w = [2.0**100, 1.0]
+    test = [np.array([[2.0**30]], np.float32), np.array([[small]], np.float32)]
+    assert float(test[1][0, 0]) == small
+    train = [np.zeros((1, 1), np.float32), np.array([[2.0**90]], np.float32)]
+    if factored:
+        ones = [np.ones((1, 1), np.float32)] * 2
+        t, x = tracin.FactoredGradients(test, ones, w), tracin.FactoredGradients(train, ones, w)
+    else:
+        t, x = tracin.Gradients(test, w), tracin.Gradients(train, w)
+    exact = small * 2.0**90
+    for device in ("cpu", "torch:cpu"):
+        if not scored:
+            with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite") as e:
+                tracin.scores(t, x, device=device)
+            assert "first for test row" not in str(e.value), device
+            continue
+        assert abs(float(tracin.scores(t, x, device=device)[0, 0]) - exact) <= 1e-5 * exact, device
+        assert abs(float(tracin.top_k(t, x, k=1, device=device).values[0, 0]) - exact) <= 1e-5 * exact, device
+    prepared = torch_device._DeviceTest.upload(t.kernel_side(), torch.device("cpu"), 0, w)
+    if scored:
+        assert prepared.exponents.tolist() == [30] and prepared.overflowing is None
+    else:
+        assert prepared.exponents is None and prepared.overflowing.tolist() == [0]
 
 
 @pytest.mark.parametrize("normalize", [False, True])

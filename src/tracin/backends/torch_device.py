@@ -45,8 +45,9 @@ sum_c |w_c| |g_c(t)| |g_c(i)|; tests/backends/test_conformance.py) where the C++
 test rows are packed as there (_fold_weights: one power of two per test row, from its largest weighted
 value over every checkpoint), so a checkpoint whose weighted values in that row pack below float32's
 normal range loses bits, and one at or below 2^-150 is lost whole (README "Numerical contract";
-tests/backends/test_weighted_packing.py); a row where lowering would lose bits of a value normal at
-e_r = 0 overflows as there, the call's overflow error (factored aggregate: float64 sums, as there).
+tests/backends/test_weighted_packing.py); a row where lowering would round a value normal at e_r = 0
+by more than 2^-20 of itself overflows as there, the call's overflow error (factored aggregate:
+float64 sums, as there).
 TF32 is off unless precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about
 1e-3 of that scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
@@ -700,10 +701,11 @@ def _fold_weights(
     is below 2^-96 (e_r brings it to [2^-96, 2^-95)), for cosine scores (blocks of unit rows) below
     2^-32 (to [2^-32, 2^-31): products with train rows of norm down to 2^-64, which _unit_scaled leaves
     as they are, stay in float32's normal range), or at least 2^127 (to [2^100, 2^101)); a
-    non-finite row keeps e_r = 0, and so does a row of e_r > 0 where dividing by 2^e_r would lose bits
-    of a value that is a normal float32 at e_r = 0 (|float32(w_c x value)| >= 2^-126, any checkpoint:
-    float32(w_c x value x 2^-e_r) x 2^e_r != float32(w_c x value); a value that stays exact as a
-    subnormal, 2^-100 lowered to 2^-130, loses none) (a row spanning more than about 2^226:
+    non-finite row keeps e_r = 0, and so does a row of e_r > 0 where dividing by 2^e_r would round a
+    value that is a normal float32 at e_r = 0 (|float32(w_c x value)| >= 2^-126, any checkpoint) by
+    more than 2^-20 of itself: |float32(x 2^-e_r) 2^e_r - x| > 2^-20 |x|, x = w_c x value in float64
+    (a value that becomes 0 always is; one that stays exact as a subnormal, 2^-100 lowered to 2^-130,
+    or loses bits within 2^-20, is no obstacle) (a row spanning more than about 2^230:
     _lowering_loses_values, the C++ kernel's ShiftLosesBits, which gathers only those rare rows, never
     copying a block used in place, and runs torch.nonzero, a wait on CUDA, only when some row is
     lowered): such a row overflows, and the call is the overflow error rather than scores missing the
@@ -768,10 +770,15 @@ def _lowering_loses_values(
     blocks: list[torch.Tensor], weights: Sequence[float], rows: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """bool (len(rows),) each: whether packing row rows[j] of the weighted blocks (one per checkpoint,
-    weights[c]) divided by 2^shift[j] (> 0) would lose bits of a value that is a normal float32 when
-    packed undivided (|float32(w_c x value)| in [2^-126, FLT_MAX]): float32(w_c x value x 2^-shift[j])
-    x 2^shift[j] != float32(w_c x value), in any checkpoint (the C++ kernel's PackedTest::ShiftLosesBits:
-    the same float64 products rounded to float32; a value exact as a subnormal loses nothing),
+    weights[c]) divided by 2^shift[j] (> 0) would round a value that is a normal float32 when packed
+    undivided (|float32(w_c x value)| in [2^-126, FLT_MAX]) by more than 2^-20 of itself:
+    |float32(x 2^-shift[j]) 2^shift[j] - x| > 2^-20 |x| with x = w_c x value in float64, in any
+    checkpoint (the C++ kernel's PackedTest::ShiftLosesBits: the same float64 products rounded to
+    float32, the same float64 comparison, exact near the threshold; a value that becomes 0 always is,
+    one exact as a subnormal never). 2^-20 because a slot whose packed values carry relative errors up
+    to r moves a score by at most r times that slot's part of the contract's bound (1e-5 sum_c |w_c|
+    |g_c(t)| |g_c(i)|, by Cauchy-Schwarz); 2^-20 ~ 0.95e-6 leaves 9e-6 of it to float32's rounding
+    of the products and sums, as for any other row,
     and whether the row packed undivided holds an infinite float32(w_c x value) (where the C++ kernel's
     packing reports the overflow, naming no pair). Only those rows are read (gathered in slices of at
     most _NORM_SLICE values), never a block whole."""
@@ -787,16 +794,19 @@ def _lowering_loses_values(
         step = max(1, _NORM_SLICE // block.shape[1])
         for j in range(0, rows.numel(), step):
             values = block.index_select(0, rows[j : j + step]).double()
-            plain = (values * w).float()
+            exact = values * w  # x, what the packing rounds to float32
+            plain = exact.float()
             after = (values * lowered[j : j + step, None]).float().double()
             back = (after * ups[0][j : j + step, None]) * ups[1][j : j + step, None]  # after x 2^shift, exact
             normal = (plain.abs() >= _FLT_MIN) & torch.isfinite(plain)
-            loses[j : j + step] |= (normal & (back != plain.double())).any(1)
+            off = (back - exact).abs() > exact.abs() * _LOWERING_ERROR  # 2^-20 |x|: exact
+            loses[j : j + step] |= (normal & off).any(1)
             infinite[j : j + step] |= torch.isinf(plain).any(1)
     return loses, infinite
 
 
 _FLT_MIN = 2.0**-126  # float32's smallest normal value
+_LOWERING_ERROR = 2.0**-20  # the largest relative rounding a lowered row may give a value (_lowering_loses_values)
 _ALIGNMENT = 128  # float32 values in 512 bytes (_shifted)
 
 _NO_EXPONENT = -(2**40)
