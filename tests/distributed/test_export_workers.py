@@ -557,3 +557,40 @@ def test_a_tasks_note_before_python_3_11_travels_in_notes_and_is_printed(capsys)
     plain.add_note("shown by Python itself")
     _export._print_task_notes(plain)
     assert capsys.readouterr().err == ""
+
+
+class _Frozen(RuntimeError):
+    """An exception that refuses new attributes (its notes among them)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "__traceback__":
+            raise AttributeError(f"frozen: cannot set {name}")
+        super().__setattr__(name, value)
+
+
+def test_an_exception_that_takes_no_note_stays_the_users_error():
+    """Review113 F1: add_note's own AttributeError must not replace the user's exception."""
+    e = _Frozen("cannot read /data/x.bin")
+    _export._noted_here(e, "a note")
+    assert not getattr(e, "__notes__", None)
+
+
+class _Reopened:
+    """An argument that opens its file again when unpickled (a memory map, an h5py handle)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "rb"))
+
+
+def test_an_argument_failing_to_unpickle_for_another_reason_gets_no_module_advice(tmp_path):
+    """Review113 F2: install-the-modules advice only for a module or a name the worker lacks."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x")
+    sent = _sent((1, 2, _Reopened(str(path))), {})
+    path.unlink()
+    with pytest.raises(ValueError, match=r"^args\[2\] \(data\) cannot be unpickled on .*\(FileNotFoundError: ") as e:
+        unpickle_arguments(sent, "torch")
+    assert "install" not in str(e.value) and "upload_file" not in str(e.value)

@@ -267,11 +267,16 @@ def unpickle_arguments(sent: bytes, adapter: str) -> tuple[tuple, dict]:
         except Exception as e:
             which = f"args[{i}]" if i < count else f"kwargs[{name!r}]"
             parameter = _parameter(adapter, i) if i < count else None
+            advice = (  # a module or a name in it the worker lacks ("Can't get attribute ...")
+                ": the workers must import the modules the model, loss and data are defined in, as the client "
+                "does: install them on the workers (the same versions), or send a module of your own with "
+                "client.upload_file"
+                if isinstance(e, (ImportError, AttributeError))
+                else ""
+            )
             raise ValueError(
                 f"{which}{f' ({parameter})' if parameter else ''} cannot be unpickled on worker {worker_name()} "
-                f"({type(e).__name__}: {e}): the workers must import the modules the model, loss and data are "
-                "defined in, as the client does: install them on the workers (the same versions), or send a "
-                "module of your own with client.upload_file"
+                f"({type(e).__name__}: {e}){advice}"
             ) from e
         if i < count:
             args.append(value)
@@ -530,13 +535,13 @@ def _task_note(adapter: str, path: str, start: int, stop: int) -> str:
 def _noted_here(e: BaseException, note: str) -> None:
     """`note` added to e's notes, which travel with e to the client; before Python 3.11 (no add_note)
     recorded in e.__notes__ as add_note would, for the client to print (_print_task_notes)."""
-    if hasattr(e, "add_note"):
-        e.add_note(note)
-    else:
-        try:
+    try:
+        if hasattr(e, "add_note"):
+            e.add_note(note)
+        else:
             e.__notes__ = [*getattr(e, "__notes__", ()), note]
-        except (AttributeError, TypeError):  # an exception that takes no attributes: as it is
-            pass
+    except (AttributeError, TypeError):  # an exception that takes no attributes: as it is
+        pass
 
 
 def _print_task_notes(e: BaseException) -> None:
