@@ -727,9 +727,9 @@ def _inverse_at(damping: float):
             r"inverse_1 is \(9, 9\) float32, expected",
         ),
         (_indefinite_moment, "checkpoint 0: R \\+ lambda I is not positive definite"),
-        (_unknown_compression, "That compression method is not supported"),
+        (_unknown_compression, r"member spec.npy is compressed \(zip method 99\)"),
         (_encrypted, "is encrypted"),
-        (_corrupt_deflate, "Error -3 while decompressing"),
+        (_corrupt_deflate, r"member spec.npy is compressed \(zip method 8\)"),
         (lambda p, data: _raw_member(p, "spec.npy", _npy(np.array("[" * 200_000))), "JSON nested 200000 levels"),
         (lambda p, data: _saved_with(p, spec={"space": {"x": _nested(63)}}), "JSON nested 65 levels deep"),
         (lambda p, data: _raw_member(p, "moment_0.npy", _MINUS_HEADER), "[A-Za-z]"),  # a reason, not ()
@@ -814,7 +814,8 @@ def test_metadata_of_the_users_own_is_not_read_by_whitened_self_influence(tmp_pa
 
 
 def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path, full):
-    """A small compressed file with a 72 MB member the spec's dims do not allow, and members whose
+    """A small compressed file with a 72 MB member the spec's dims do not allow (refused as compressed, from
+    its directory entry), and members whose
     headers claim (1e7, 1e7) with or without the spec agreeing: ValueError naming the file, found from
     the headers (and the memory budget) before any data is read."""
     path = tmp_path / "w.npz"
@@ -825,7 +826,7 @@ def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path
     assert (tmp_path / "bomb.npz").stat().st_size < 2**20
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError, match=r"bomb.npz is not a saved .* inverse_0 is \(3000, 3000\) float64"):
+        with pytest.raises(ValueError, match=r"bomb.npz is not a saved .*\(member spec.npy is compressed"):
             Whitening.load(tmp_path / "bomb.npz")
         assert tracemalloc.get_traced_memory()[1] < 8 * 2**20
     finally:
@@ -844,6 +845,42 @@ def test_load_reads_no_member_data_its_header_and_the_spec_do_not_allow(tmp_path
                 z.writestr(f"{name}.npy", header.getvalue())
         with pytest.raises(ValueError, match=f"huge.npz{match}"):
             Whitening.load(tmp_path / "huge.npz")
+
+
+def test_load_refuses_a_compressed_or_oversized_member_before_reading_its_data(tmp_path, full):
+    """review114 F1: a 2048 x 2048 float64 moment of zeros deflated into a small file, the spec stored and
+    agreeing with it (dims [2048]), was read in full (2 x 32 MiB) before any content check. save never
+    compresses, so a compressed member is refused from its directory entry, as is a stored member whose
+    entry claims more bytes than the file holds; a saved Whitening still loads."""
+    saved = tmp_path / "w.npz"
+    w = Whitening.fit(tracin.Gradients(full[0]), damping=0.3)
+    w.save(saved)
+    again = Whitening.load(saved)
+    np.testing.assert_array_equal(again._inverses[0], w._inverses[0])
+    assert again.spec == w.spec
+    spec = json.loads(str(np.load(saved)["spec"]))
+    d = 2048
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (d, d)})
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w") as z:
+        z.writestr("spec.npy", _npy(np.array(json.dumps({**spec, "dims": [d]}))))
+        for name in ("moment_0", "inverse_0"):
+            z.writestr(f"{name}.npy", header.getvalue() + bytes(d * d * 8), compress_type=zipfile.ZIP_DEFLATED)
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"^{bomb} is not a saved .*member moment_0.npy is compressed"):
+            Whitening.load(bomb)
+        assert tracemalloc.get_traced_memory()[1] < 4 * 2**20
+    finally:
+        tracemalloc.stop()
+    big = tmp_path / "big.npz"
+    big.write_bytes(saved.read_bytes())
+    # every member's uncompressed size, in its local and central directory headers, claims 2^31 - 1 bytes
+    _zip_headers(big, 22, 24, lambda data, i: data.__setitem__(slice(i, i + 4), (2**31 - 1).to_bytes(4, "little")))
+    with pytest.raises(ValueError, match=rf"^{big} is not a saved .*member spec.npy claims 2147483647 bytes, more"):
+        Whitening.load(big)
 
 
 def test_factored_save_load_round_trip(tmp_path, rng):

@@ -739,9 +739,10 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
     exceed default_max_bytes()."""
     if not zipfile.is_zipfile(file):  # else np.load would read .npy files, and suggest unpickling others
         raise ValueError("not a complete .npz archive")
+    file_bytes = file.seek(0, os.SEEK_END)
     file.seek(0)
     with zipfile.ZipFile(file) as archive:
-        text = str(_read_member(archive, "spec", (), "U")[()])
+        text = str(_read_member(archive, "spec", (), "U", file_bytes=file_bytes)[()])
         depth = json_depth(text)
         if depth > MAX_JSON_DEPTH:
             raise ValueError(f"spec is JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH})")
@@ -755,7 +756,7 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
                 "machine with more memory"
             )
         moments, stored = (
-            [_read_member(archive, f"{kind}_{i}", (k, k), "f", spec.dims) for i, k in enumerate(sides)]
+            [_read_member(archive, f"{kind}_{i}", (k, k), "f", spec.dims, file_bytes) for i, k in enumerate(sides)]
             for kind in ("moment", "inverse")
         )
     if not all(np.all(np.isfinite(m)) for m in (*stored, *moments)):
@@ -808,13 +809,26 @@ def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
     return spec
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, shape: tuple, kind: str, dims: list | None = None) -> np.ndarray:
+def _read_member(
+    archive: zipfile.ZipFile, name: str, shape: tuple, kind: str, dims: list | None = None, file_bytes: int = 0
+) -> np.ndarray:
     """Member `name`.npy of the archive as an array of `shape` ("f": float64; "U": a string of at
-    most _SPEC_MAX_CHARS), its header checked before its data is read (ValueError otherwise)."""
+    most _SPEC_MAX_CHARS), its header checked before its data is read (ValueError otherwise).
+    file_bytes: the size of the archive's file. A member must be stored uncompressed, as save
+    (np.savez) writes it, and no larger than the file, so that what a load allocates is bounded by the
+    file's size (a compressed member of zeros would expand a small file to gigabytes); checked from
+    the member's directory entry, before any of its data is read."""
     try:
         info = archive.getinfo(f"{name}.npy")
     except KeyError:
         raise ValueError(f"{name} is missing") from None
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(
+            f"member {info.filename} is compressed (zip method {info.compress_type}); save stores its members "
+            "uncompressed"
+        )
+    if info.file_size > file_bytes:
+        raise ValueError(f"member {info.filename} claims {info.file_size} bytes, more than the file's {file_bytes}")
     with archive.open(info) as member:
         version = np.lib.format.read_magic(member)
         read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
