@@ -689,7 +689,8 @@ def test_an_integer_or_meta_tensor_for_a_float_parameter_is_a_clear_error(setup,
         ):
             export_gradients(model, [(source, 1.0)], data, LOSS, progress=False)
     with pytest.raises(ValueError, match=rf"checkpoints\[1\] \(state_dict\[1\]\): {key} has dtype bool"):
-        export_gradients(model, [(state, 1.0), ({**state, key: state[key] > 0}, 1.0)], data, LOSS, progress=False)
+        other = {k: v.clone() for k, v in state.items()} | {key: state[key] > 0}
+        export_gradients(model, [(state, 1.0), (other, 1.0)], data, LOSS, progress=False)
     meta = {k: v.to("meta") for k, v in state.items()}
     with pytest.raises(ValueError, match=rf"checkpoints\[0\] \(state_dict\[0\]\): {key} is a meta tensor \(no data"):
         export_gradients(model, [(meta, 1.0)], data, LOSS, progress=False)
@@ -705,3 +706,53 @@ def test_checkpoint_warnings_point_at_the_users_call():
             model, [(model.state_dict(), 0.0)], data, nn.CrossEntropyLoss(reduction="none"), progress=False
         )
     assert [w.filename for w in caught] == [__file__]
+
+
+def _trained_live(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list]:
+    """Three checkpoints of SGD training saved as model.state_dict() (live views) and as clones."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    live, cloned = [], []
+    for step in range(1, 7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step % 2 == 0:
+            live.append((model.state_dict(), 0.5))
+            cloned.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, 0.5))
+    return live, cloned
+
+
+def test_in_memory_checkpoints_that_are_views_of_the_live_model_are_refused():
+    """review115 F1: model.state_dict() appended during training without a copy: every checkpoint was the
+    final weights, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    live, cloned = _trained_live(model, x, y)
+    with pytest.raises(
+        ValueError,
+        match=r"checkpoints\[0\] and checkpoints\[1\] \(in-memory state_dicts\) hold the very same tensor for "
+        r"0\.weight.*views of the model's live parameters.*v\.detach\(\)\.clone\(\).*copy\.deepcopy",
+    ):
+        export_gradients(model, live, (x, y), LOSS, progress=False)
+    with pytest.raises(ValueError, match=r"checkpoints\[1\] and checkpoints\[2\] \(in-memory"):
+        export_gradients(model, [cloned[0], *live[1:]], (x, y), LOSS, progress=False)
+    # clones, the last one live (the model's current weights), and one object listed twice: each its own weights
+    given = [cloned[0], cloned[1], live[2], (cloned[1][0], 0.1)]
+    g = export_gradients(model, given, (x, y), LOSS, progress=False)
+    for c, (state, _) in enumerate(given):
+        np.testing.assert_allclose(g.matrices[c], _rows_of(model, state, x, y), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g.matrices[0], g.matrices[2])
+
+
+def test_checkpoints_sharing_only_frozen_tensors_are_taken():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model[0].requires_grad_(False)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    live, _ = _trained_live(model, x, y)
+    base = {k: v for k, v in live[0][0].items() if k.startswith("0.")}  # the frozen base, shared (no copy)
+    given = [(base | {k: v.clone() for k, v in live[0][0].items() if k.startswith("2.")}, 1.0) for _ in range(2)]
+    g = export_gradients(model, given, (x, y), LOSS, progress=False)
+    expected = _rows_of(copy.deepcopy(model).requires_grad_(True), given[0][0], x, y)[:, -18:]  # the trained layer's
+    np.testing.assert_allclose(g.matrices[0], expected, rtol=1e-5, atol=1e-6)

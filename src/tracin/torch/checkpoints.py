@@ -55,6 +55,7 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
     for index, entry in enumerate(parsed):
         if isinstance(entry.source, (str, os.PathLike)):
             check_whole(entry.source, f"checkpoints[{index}] ({describe(entry.source, index)})")
+    refuse_live_weights(parsed, model)
     snapshots = _Snapshots(parsed)
     for entry in parsed:
         if entry.optimizer is not None:
@@ -73,6 +74,47 @@ class _Snapshots:
         if not self.checked:
             refuse_live_states(self.entries)
             self.checked = True
+
+
+def refuse_live_weights(entries: Sequence[Checkpoint], model: torch.nn.Module | None) -> None:
+    """ValueError when two in-memory checkpoints, not one state_dict object, hold the very same tensor
+    (one storage, one start) for a trainable parameter of `model` (any floating tensor without a model):
+    `model.state_dict()` appended during training without a copy, whose tensors are views of the live
+    parameters, which every later step updates in place, so each such checkpoint holds the final
+    weights. One entry that is the model's current state_dict is taken, as are tensors shared by
+    checkpoints that the model does not train (a frozen base's, buffers), one state_dict object listed
+    twice on purpose (as refuse_live_states takes it) and entries that are paths."""
+    trainable = None if model is None else {n for n, p in model.named_parameters() if p.requires_grad}
+    reference = None if model is None else model.state_dict()
+    owners: dict[tuple, tuple[int, str]] = {}
+    for j, entry in enumerate(entries):
+        if not isinstance(entry.source, Mapping):
+            continue
+        if any(entries[i].source is entry.source for i in range(j)):
+            continue  # the same weights listed twice on purpose (other learning rates or optimizer states)
+        try:
+            state = _unwrap(entry.source, f"checkpoints[{j}]")
+        except ValueError:
+            continue  # refused with its name when it is loaded
+        if reference is not None:
+            state = _strip_prefix(state, reference)
+        for key, t in state.items():
+            trained = t.is_floating_point() if trainable is None else key in trainable
+            where = _storage_key(t) if isinstance(t, torch.Tensor) and trained else None
+            if where is None:
+                continue
+            i, _ = owners.setdefault((*where, t.data_ptr()), (j, key))
+            if i != j:
+                refuse_live_states(entries)  # live optimizer states too: said with the weights
+                raise ValueError(
+                    f"checkpoints[{i}] and checkpoints[{j}] (in-memory state_dicts) hold the very same tensor for "
+                    f"{key}, a parameter the model trains, so they cannot be weights of two points of training. "
+                    "If they were saved as model.state_dict() during training (without a copy), their tensors are "
+                    "views of the model's live parameters, which every later step updates in place, so each holds "
+                    "the final weights: save {k: v.detach().clone() for k, v in model.state_dict().items()} (or "
+                    "copy.deepcopy(model.state_dict()), or torch.save it and pass the path) with each checkpoint. "
+                    "The model's current model.state_dict() may be given as one checkpoint (the last)"
+                )
 
 
 def refuse_live_states(entries: Sequence[Checkpoint]) -> None:
