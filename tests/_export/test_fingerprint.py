@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import math
+import re
 import sys
 import threading
 import typing
@@ -16,7 +17,14 @@ import typing
 import numpy as np
 import pytest
 
-from tracin._export.fingerprint import DataFingerprint, callable_identity, digest_arrays, digest_path
+from tracin._export.fingerprint import (
+    DataFingerprint,
+    callable_identity,
+    checkpoint_file_digest,
+    digest_arrays,
+    digest_path,
+)
+from tracin._export.pretrained_folder import weight_files
 from tracin._export.resume import changed_inputs, without_code
 
 
@@ -1117,3 +1125,34 @@ def test_a_traced_loss_is_identified_by_the_constants_its_code_reads():
     torch.jit.save(traced[0], saved)
     saved.seek(0)
     assert callable_identity(torch.jit.load(saved)) == ids[0]  # saved, its 2.0 is a float64 tensor constant
+
+
+def _sharded_folder(tmp_path, shard) -> object:
+    """A save_pretrained folder whose index lists `shard`; a file outside it holds weights."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.bin").write_bytes(b"nested")
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "ok.bin", "b": shard}}))
+    (folder / "ok.bin").write_bytes(b"ok")
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../outside.bin", "OUTSIDE", "sub/x.bin", "sub/../ok.bin", ".", "..", "", 5])
+def test_an_index_listing_a_shard_outside_its_folder_is_refused_naming_checkpoint_index_and_name(tmp_path, shard):
+    """review114 F2: save_pretrained writes plain file names; "../x" was read and digested, an absolute
+    path ended in pathlib's "is not in the subpath" ValueError naming neither checkpoint nor index."""
+    if shard == "OUTSIDE":
+        shard = str(tmp_path / "outside.bin")
+    folder = _sharded_folder(tmp_path, shard)
+    expected = (
+        rf"^ckpt: pytorch_model.bin.index.json in the checkpoint folder {re.escape(str(folder))} lists the shard "
+        rf"{re.escape(repr(shard))}, which is not a file name in the folder"
+    )
+    with pytest.raises(ValueError, match=expected):
+        digest_path(folder, "ckpt")
+    with pytest.raises(ValueError, match=expected):
+        weight_files(folder, "ckpt")  # what tracin.torch's reader lists
+    with pytest.raises(ValueError, match=r"^checkpoints\[3\] \(.*ckpt\): pytorch_model.bin.index.json in the"):
+        checkpoint_file_digest(folder, 3)

@@ -33,17 +33,38 @@ class WeightFiles:
 def weight_files(path: str | os.PathLike, name: str) -> WeightFiles | None:
     """The weight files of folder `path`: model.safetensors, or the shards its index lists; else
     pytorch_model.bin, or its shards. None when it holds none of them. Errors name the checkpoint as
-    `name`: ValueError for an unreadable index, FileNotFoundError for a shard it lists but is absent."""
+    `name`: ValueError for an unreadable index or one listing a shard that is not a plain file name in
+    the folder ("../x", "/abs/x", "sub/x": save_pretrained writes none, and no file outside the folder
+    is read), FileNotFoundError for a shard it lists but is absent."""
     for single, index, safe in _LAYOUTS:
         if os.path.isfile(os.path.join(path, single)):
             return WeightFiles([single], None, safe)
         if os.path.isfile(os.path.join(path, index)):
             files = _shards(os.path.join(path, index), name)
             for f in files:
+                if not _plain_name(f):
+                    raise ValueError(
+                        f"{name}: {index} in the checkpoint folder {os.fspath(path)} lists the shard {f!r}, which is "
+                        "not a file name in the folder (save_pretrained writes plain names: no folders, '..' or "
+                        "absolute paths)"
+                    )
+            for f in files:
                 if not os.path.isfile(os.path.join(path, f)):
                     raise FileNotFoundError(f"{name}: no shard listed by its index at {os.path.join(path, f)}")
             return WeightFiles(files, index, safe)
     return None
+
+
+def _plain_name(f: object) -> bool:
+    """Whether a shard name is a plain file name, naming a file in the index's own folder."""
+    return (
+        isinstance(f, str)
+        and f not in ("", ".", "..")
+        and "\0" not in f
+        and not any(sep in f for sep in ("/", "\\", os.sep, os.altsep) if sep)
+        and not os.path.isabs(f)
+        and os.path.basename(f) == f
+    )
 
 
 def _shards(index_path: str, name: str) -> list[str]:
