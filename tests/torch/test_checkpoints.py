@@ -756,3 +756,28 @@ def test_checkpoints_sharing_only_frozen_tensors_are_taken():
     g = export_gradients(model, given, (x, y), LOSS, progress=False)
     expected = _rows_of(copy.deepcopy(model).requires_grad_(True), given[0][0], x, y)[:, -18:]  # the trained layer's
     np.testing.assert_allclose(g.matrices[0], expected, rtol=1e-5, atol=1e-6)
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 3)
+        self.register_buffer("drop", torch.tensor([True, False, False, True, False, False]))
+
+    def forward(self, x):
+        return self.l(x * ~self.drop)
+
+
+def test_a_checkpoint_tensor_of_another_dtype_is_converted_as_load_state_dict_does(tmp_path):
+    """review115 F2: a uint8 mask for the model's bool buffer kept uint8 (~ became bitwise)."""
+    torch.manual_seed(0)
+    model = _Masked()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    state = {k: v.clone() for k, v in model.state_dict().items()} | {"drop": model.drop.to(torch.uint8)}
+    torch.save(state, tmp_path / "uint8.pt")
+    for source in (state, str(tmp_path / "uint8.pt")):
+        g = export_gradients(model, [(source, 1.0)], (x, y), LOSS, progress=False)
+        np.testing.assert_allclose(g.matrices[0], _rows_of(model, state, x, y), rtol=1e-5, atol=1e-6)
+    complex_ = state | {"l.weight": state["l.weight"].to(torch.complex64)}
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] \(state_dict\[0\]\): l\.weight has dtype complex64, the"):
+        export_gradients(model, [(complex_, 1.0)], (x, y), LOSS, progress=False)

@@ -1020,6 +1020,12 @@ def _matched(
                 f"{str(ref.dtype).removeprefix('torch.')}: a floating tensor is expected (the wrong file, "
                 "or a quantized checkpoint tracin cannot read)"
             )
+        if t.is_complex() and not ref.is_complex():
+            raise ValueError(
+                f"{name}: {key} has dtype {str(t.dtype).removeprefix('torch.')}, the model's "
+                f"{str(ref.dtype).removeprefix('torch.')}: a complex tensor for a real one (the wrong file, or a "
+                "model of another version); give the real tensor the model holds"
+            )
         out[key] = t
     _check_tied(state, reference, skip, name)
     return out
@@ -1066,8 +1072,9 @@ def _place(t: torch.Tensor) -> tuple:
 
 
 def _dtype(t: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
-    """The dtype a checkpoint tensor is used in: the model's for floating tensors, its own otherwise."""
-    return ref.dtype if t.is_floating_point() else t.dtype
+    """The dtype a checkpoint tensor is used in: the model's, as load_state_dict's copy_ converts it (a
+    uint8 mask into the model's bool buffer: nonzero is True)."""
+    return ref.dtype
 
 
 def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:
