@@ -1156,3 +1156,31 @@ def test_an_index_listing_a_shard_outside_its_folder_is_refused_naming_checkpoin
         weight_files(folder, "ckpt")  # what tracin.torch's reader lists
     with pytest.raises(ValueError, match=r"^checkpoints\[3\] \(.*ckpt\): pytorch_model.bin.index.json in the"):
         checkpoint_file_digest(folder, 3)
+
+
+def test_a_deeply_nested_shard_index_is_a_value_error_naming_checkpoint_and_index(tmp_path):
+    """review114 F3: json's recursion limit made it a bare RecursionError."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    deep = "[" * 100_000 + "]" * 100_000
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + deep + "}")
+    message = r"^ckpt: model.safetensors.index.json is not a sharded checkpoint index \(JSON nested 100001 levels"
+    with pytest.raises(ValueError, match=message):
+        weight_files(folder, "ckpt")
+    with pytest.raises(ValueError, match=message):
+        digest_path(folder, "ckpt")
+    nested = {"weight_map": {"a": "s.bin"}, "metadata": _nested_list(63)}  # 64 levels: still read
+    (folder / "model.safetensors.index.json").write_text(json.dumps(nested))
+    (folder / "s.bin").write_bytes(b"s")
+    assert weight_files(folder, "ckpt").files == ["s.bin"]
+    nested["metadata"] = _nested_list(64)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(nested))
+    with pytest.raises(ValueError, match=r"^ckpt: .* \(JSON nested 65 levels deep, at most 64\)"):
+        weight_files(folder, "ckpt")
+
+
+def _nested_list(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value

@@ -8,6 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from ..store._format import MAX_JSON_DEPTH, json_depth
+
 # In the order looked for: (single weights file, index of its shards, safetensors format)
 _LAYOUTS = (
     ("model.safetensors", "model.safetensors.index.json", True),
@@ -68,10 +70,16 @@ def _plain_name(f: object) -> bool:
 
 
 def _shards(index_path: str, name: str) -> list[str]:
-    """The shard files of a sharded save_pretrained index, in first-use order."""
+    """The shard files of a sharded save_pretrained index, in first-use order. Its JSON may nest at
+    most MAX_JSON_DEPTH levels, as the store's (json's recursion limit would end a deeper one in a
+    RecursionError naming nothing)."""
     try:
         with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+            text = f.read()
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested {depth} levels deep, at most {MAX_JSON_DEPTH}")
+        weight_map = json.loads(text)["weight_map"]
         return list(dict.fromkeys(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None
