@@ -9,6 +9,7 @@ import functools
 import io
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -17,6 +18,7 @@ import typing
 import numpy as np
 import pytest
 
+from tracin._export import fingerprint
 from tracin._export.fingerprint import (
     DataFingerprint,
     callable_identity,
@@ -1184,3 +1186,75 @@ def _nested_list(levels: int) -> list:
     for _ in range(levels - 1):
         value = [value]
     return value
+
+
+def _without_hanging(call):
+    """call()'s exception (None if it returned), from a thread that a FIFO's blocking open cannot hang."""
+    outcome: list = []
+
+    def target():
+        try:
+            call()
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(20)
+    return outcome
+
+
+def test_a_checkpoint_or_state_path_that_is_a_fifo_is_refused_unopened(tmp_path):
+    """review114 F4: a FIFO was taken for an empty folder by digest_path (its digest recorded), then
+    torch.load blocked on it forever. It is refused naming the argument, before it is opened; so are a
+    FIFO in a folder's place and one among a save_pretrained folder's files (not read: not a weight file)."""
+    fifo = tmp_path / "ckpt_1.pt"
+    os.mkfifo(fifo)
+    try:
+        outcome = _without_hanging(lambda: checkpoint_file_digest(fifo, 2))
+        assert outcome and isinstance(outcome[0], ValueError), outcome
+        assert str(outcome[0]) == (
+            f"checkpoints[2] ({fifo}): {fifo} is not a regular file or a folder (a FIFO, device or socket: "
+            "refused unread)"
+        )
+        outcome = _without_hanging(lambda: digest_path(fifo))  # an optimizer state's path
+        assert outcome and isinstance(outcome[0], ValueError) and str(outcome[0]).startswith(f"{fifo} is not a regular")
+        outcome = _without_hanging(lambda: digest_path(fifo, "checkpoints[0][2] (optimizer state)"))
+        assert outcome and str(outcome[0]).startswith(f"checkpoints[0][2] (optimizer state): {fifo} is not a regular")
+    finally:
+        if not outcome:  # release an open the old code blocked in
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    with pytest.raises(ValueError, match=r"^checkpoints\[0\] \(/dev/null\): /dev/null is not a regular file"):
+        checkpoint_file_digest("/dev/null", 0)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"w")
+    os.mkfifo(folder / "optimizer.pt")
+    outcome = _without_hanging(lambda: digest_path(folder))
+    assert outcome == [None]
+
+
+def test_a_file_replaced_by_a_fifo_after_it_was_listed_is_refused_unblocked(tmp_path, monkeypatch):
+    """The open of each file is non-blocking and checked with fstat: a FIFO swapped in after the stat."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"weights")
+    real_stat = os.stat
+    swapped = []
+
+    def stat_then_swap(p, *args, **kwargs):
+        result = real_stat(p, *args, **kwargs)
+        if os.fspath(p) == str(path) and not swapped:
+            swapped.append(True)
+            os.unlink(path)
+            os.mkfifo(path)
+        return result
+
+    monkeypatch.setattr(fingerprint.os, "stat", stat_then_swap)
+    outcome = _without_hanging(lambda: digest_path(path, "ckpt"))
+    monkeypatch.undo()
+    if not outcome:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert swapped and outcome and isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]).startswith(f"ckpt: {path} is not a regular file or a folder")

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import os
 import re
+import stat
 import sys
 import threading
 import types
@@ -62,25 +63,46 @@ def checksum_arrays(arrays: Iterable[np.ndarray]) -> int:
 
 def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
     """Digest of a file's bytes, or of the files under a directory (relative names and bytes): the
-    weight files and index of a save_pretrained folder, every file of another. name: how errors in
-    a save_pretrained index name the checkpoint (default: the path)."""
+    weight files and index of a save_pretrained folder, every file of another. name: how errors
+    name the checkpoint or state (default: the path). ValueError naming it for a path that is neither
+    a regular file nor a folder (a FIFO, whose open would wait for a writer forever; a device, a
+    socket), refused before it is opened: files are opened without blocking and checked again."""
     root = Path(path)
-    if root.is_file():
-        files = [root]
+    where = name or os.fspath(root)
+    said = f"{name}: " if name else ""
+    mode = os.stat(root).st_mode
+    if stat.S_ISREG(mode):
+        files = [("", root)]
+    elif stat.S_ISDIR(mode):
+        found = weight_files(root, where)
+        if found is None:
+            files = [(p.relative_to(root).as_posix(), p) for p in sorted(p for p in root.rglob("*") if p.is_file())]
+        else:  # plain file names in the folder (weight_files refuses others)
+            files = [(f, root / f) for f in found.read]
     else:
-        found = weight_files(root, name or os.fspath(root))
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if found is None else [root / f for f in found.read]
+        raise ValueError(f"{said}{os.fspath(root)} is {_not_regular}")
     h = _hasher()
-    for f in files:
-        h.update(f"{f.relative_to(root).as_posix() if f != root else ''};".encode())
-        with open(f, "rb") as stream:
+    for relative, f in files:
+        h.update(f"{relative};".encode())
+        with open(f, "rb", opener=_open_nonblocking) as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):  # replaced since it was listed
+                raise ValueError(f"{said}{os.fspath(f)} is {_not_regular}")
             while chunk := stream.read(_CHUNK):
                 h.update(chunk)
     return h.hexdigest()
 
 
+_not_regular = "not a regular file or a folder (a FIFO, device or socket: refused unread)"
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    """os.open with O_NONBLOCK (open()'s opener): a FIFO swapped in after a check cannot block the open."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def checkpoint_file_digest(source: str | os.PathLike, index: int) -> str:
-    """digest_path of a checkpoint given by path; FileNotFoundError naming it when it is missing."""
+    """digest_path of a checkpoint given by path; FileNotFoundError naming it when it is missing,
+    ValueError naming it when it is neither a regular file nor a folder (a FIFO would hang the export)."""
     path = os.path.abspath(os.fspath(source))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {path}")
