@@ -781,3 +781,30 @@ def test_a_checkpoint_tensor_of_another_dtype_is_converted_as_load_state_dict_do
     complex_ = state | {"l.weight": state["l.weight"].to(torch.complex64)}
     with pytest.raises(ValueError, match=r"checkpoints\[0\] \(state_dict\[0\]\): l\.weight has dtype complex64, the"):
         export_gradients(model, [(complex_, 1.0)], (x, y), LOSS, progress=False)
+
+
+class _Extra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l(x)
+
+    def get_extra_state(self):
+        return {"version": 2}
+
+    def set_extra_state(self, state):
+        pass
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_model_whose_extra_state_is_no_tensor_takes_its_own_state_dict(first):
+    """review115 F3: a raw AttributeError (extra state first) or 'is not a state_dict' (later)."""
+    torch.manual_seed(0)
+    model = _Extra() if first else nn.Sequential(nn.Linear(6, 6), _Extra())
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    g = export_gradients(model, [(state, 1.0), (model.state_dict(), 0.5)], (x, y), LOSS, progress=False)
+    for c in range(2):
+        np.testing.assert_allclose(g.matrices[c], _rows_of(model, state, x, y), rtol=1e-5, atol=1e-6)

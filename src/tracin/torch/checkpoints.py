@@ -35,6 +35,8 @@ from .layers import tied_first_names
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 # what torch.nn.DataParallel / DistributedDataParallel and torch.compile prepend to the model's names
 _PREFIXES = ("module.", "_orig_mod.")
+# the last part of the name nn.Module.state_dict gives a module's get_extra_state()
+_EXTRA = "_extra_state"
 
 
 def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) -> list[Checkpoint]:
@@ -562,7 +564,7 @@ def legacy_state_digest(source: Mapping, index: int) -> str:
     returning, a store those versions wrote."""
     state = _unwrap(source, f"checkpoints[{index}] ({describe(source, index)})")
     arrays = []
-    for key in sorted(state):
+    for key in sorted(k for k, t in state.items() if isinstance(t, torch.Tensor)):
         arrays += [np.frombuffer(key.encode(), np.uint8), host_array(state[key])]
     return digest_arrays(arrays)
 
@@ -573,7 +575,13 @@ def describe(source: Any, index: int) -> str:
 
 
 def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    """The state_dict `obj` is or holds (under _NESTED_KEYS): names to tensors, but for a module's extra
+    state (get_extra_state), which may be anything under a name ending with _EXTRA."""
+    if (
+        isinstance(obj, Mapping)
+        and any(isinstance(v, torch.Tensor) for v in obj.values())
+        and all(isinstance(v, torch.Tensor) or str(k).endswith(_EXTRA) for k, v in obj.items())
+    ):
         return obj
     if isinstance(obj, Mapping):
         for key in _NESTED_KEYS:
@@ -958,7 +966,7 @@ def load_checkpoint(
     autograd cannot use: copied."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
-        device = next(iter(reference.values())).device if reference else "cpu"
+        device = next((t.device for t in reference.values() if isinstance(t, torch.Tensor)), "cpu")
         if os.path.isdir(source):
             obj = _read_folder(source, device, name)
         else:
@@ -986,7 +994,9 @@ def _matched(
     copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
     BatchNorm num_batches_tracked is the model's, as nn.Module.load_state_dict takes it (unused in
     eval mode)."""
-    state = _strip_prefix(state, reference)
+    # a module's get_extra_state() that is no tensor (version info): not a weight, left to the model
+    reference = {k: v for k, v in reference.items() if isinstance(v, torch.Tensor)}
+    state = _strip_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, reference)
     missing = [
         k
         for k in reference

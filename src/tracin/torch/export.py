@@ -304,7 +304,9 @@ class _TorchExport:
     ):
         self.model, self.loss_fn, self.buffers = model, loss_fn, buffers
         self.reference = model.state_dict()
-        self.device = next(iter(self.reference.values())).device if self.reference else torch.device("cpu")
+        # the first tensor's (a module's extra state, get_extra_state(), may be anything)
+        tensors = (t for t in self.reference.values() if isinstance(t, torch.Tensor))
+        self.device = next((t.device for t in tensors), torch.device("cpu"))
         self.copier = HostCopier(pinned=True) if self.device.type == "cuda" else None
         self.tied = tied_aliases(model)
         self.written = written_in_forward(model)
