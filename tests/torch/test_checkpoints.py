@@ -808,3 +808,26 @@ def test_a_model_whose_extra_state_is_no_tensor_takes_its_own_state_dict(first):
     g = export_gradients(model, [(state, 1.0), (model.state_dict(), 0.5)], (x, y), LOSS, progress=False)
     for c in range(2):
         np.testing.assert_allclose(g.matrices[c], _rows_of(model, state, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_keys_under_one_other_prefix_are_named_with_how_to_drop_it():
+    """review115 F4: a LightningModule's "model.", an AveragedModel's "module." with n_averaged, a base
+    model's keys lacking the head model's prefix: one line naming the prefix (not stripped on its own)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    data = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    lightning = {"model." + k: v for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"under the prefix 'model\.'.*k\.removeprefix\('model\.'\)"):
+        export_gradients(model, [(lightning, 1.0)], data, LOSS, progress=False)
+    swa = AveragedModel(model)
+    with pytest.raises(ValueError, match=r"prefix 'module\.'.*leaves out its other keys 'n_averaged'"):
+        export_gradients(model, [(swa.state_dict(), 1.0)], data, LOSS, progress=False)
+    head = nn.Sequential()
+    head.add_module("body", model)
+    with pytest.raises(ValueError, match=r"under 'body\.' without that prefix.*\{'body\.' \+ k: v"):
+        export_gradients(head, [(model.state_dict(), 1.0)], data, LOSS, progress=False)
+    mixed = lightning | {"other.0.weight": lightning.pop("model.0.weight")}  # no single prefix: no advice
+    with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):
+        export_gradients(model, [(mixed, 1.0)], data, LOSS, progress=False)

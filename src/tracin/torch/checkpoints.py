@@ -1007,7 +1007,7 @@ def _matched(
         raise ValueError(
             f"{name} does not match the model: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}"
+            f"{' ...' if len(unexpected) > 8 else ''}{_prefix_advice(missing, unexpected)}"
         )
     out = {}
     for key, ref in reference.items():
@@ -1039,6 +1039,38 @@ def _matched(
         out[key] = t
     _check_tied(state, reference, skip, name)
     return out
+
+
+def _prefix_advice(missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """When the missing keys are unexpected ones less one prefix (a LightningModule's "model.", an
+    AveragedModel's "module." with its n_averaged), or with one (a Hugging Face base model's folder for the
+    model with a head: "transformer."), that prefix and how to drop or add it; "" otherwise. Nothing is
+    stripped on its own: a key under another prefix may be another module's."""
+    if not missing or not unexpected:
+        return ""
+    held = set(unexpected)
+    added = {u[: -len(m)] for m in missing for u in unexpected if u.endswith("." + m)}
+    added = sorted(p for p in added if all(p + m in held for m in missing))
+    if len(added) == 1:
+        (prefix,) = added
+        others = [u for u in unexpected if not u.startswith(prefix)]
+        rest = f" (which leaves out its other keys {_few([repr(u) for u in others])})" if others else ""
+        return (
+            f": its keys are the model's under the prefix {prefix!r} (a checkpoint of a module holding the model as "
+            "an attribute: a LightningModule, torch.optim.swa_utils.AveragedModel, another wrapper). Drop the "
+            f"prefix: {{k.removeprefix({prefix!r}): v for k, v in state.items() if k.startswith({prefix!r})}}{rest}"
+        )
+    lacking = {m[: -len(u)] for u in unexpected for m in missing if m.endswith("." + u)}
+    wanted = set(missing)
+    lacking = sorted(p for p in lacking if all(p + u in wanted for u in unexpected))
+    if len(lacking) == 1 and all(m.startswith(lacking[0]) for m in missing):
+        (prefix,) = lacking
+        return (
+            f": its keys are the model's under {prefix!r} without that prefix (a checkpoint of the submodule "
+            f"model.{prefix[:-1]}, a Hugging Face base model's for the model with a head). Add the prefix to the "
+            f"loaded state_dict: {{{prefix!r} + k: v for k, v in state.items()}}"
+        )
+    return ""
 
 
 def _optional(key: str, ref: torch.Tensor) -> bool:
