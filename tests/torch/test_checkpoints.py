@@ -831,3 +831,14 @@ def test_keys_under_one_other_prefix_are_named_with_how_to_drop_it():
     mixed = lightning | {"other.0.weight": lightning.pop("model.0.weight")}  # no single prefix: no advice
     with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):
         export_gradients(model, [(mixed, 1.0)], data, LOSS, progress=False)
+
+
+def test_a_refused_global_says_to_load_the_file_with_weights_only_false(tmp_path):
+    """review115 F5: torch's own advice (allow-list argparse.Namespace) does not help tracin."""
+    import argparse
+
+    model = nn.Linear(3, 2)
+    data = (torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "l.ckpt")
+    with pytest.raises(ValueError, match=r"torch\.load\(path, weights_only=False\) and pass the state_dict"):
+        export_gradients(model, [(str(tmp_path / "l.ckpt"), 1.0)], data, LOSS, progress=False)

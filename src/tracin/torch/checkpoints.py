@@ -1176,7 +1176,16 @@ def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike) -> s
     )
     return (
         f"{name} cannot be read with torch.load(weights_only=True), which only allows tensors and plain "
-        f"containers: {lines[0] if lines else type(e).__name__}" + (f" ({detail})" if detail else "") + protocol
+        f"containers: {lines[0] if lines else type(e).__name__}"
+        + (f" ({detail})" if detail else "")
+        + protocol
+        + (
+            ". Rather than allow-listing it for torch: if you trust the file, load it yourself with "
+            "torch.load(path, weights_only=False) and pass the state_dict it holds (ckpt['state_dict'] of a "
+            "Lightning checkpoint, model.state_dict() of a torch.save(model) file)"
+            if "global" in detail.lower() and not protocol
+            else ""
+        )
     )
 
 
