@@ -842,3 +842,20 @@ def test_a_refused_global_says_to_load_the_file_with_weights_only_false(tmp_path
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "l.ckpt")
     with pytest.raises(ValueError, match=r"torch\.load\(path, weights_only=False\) and pass the state_dict"):
         export_gradients(model, [(str(tmp_path / "l.ckpt"), 1.0)], data, LOSS, progress=False)
+
+
+def test_a_tied_weight_held_under_its_second_name_only_is_named_with_its_twin(tmp_path):
+    """review115 F6: safetensors.torch.save_model keeps one name per shared tensor (head.weight); the
+    refusal said only "missing keys ['emb.weight']"."""
+    model = _Tied()
+    x, y = torch.randint(0, 5, (6, 4)), torch.randint(0, 5, (6,))
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "emb.weight"}
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \['emb\.weight'\], unexpected keys \[\]: emb\.weight \(as head\.weight\) tied in the "
+        r"model .* under the second name only; .*\{\*\*state, 'emb\.weight': state\['head\.weight'\]\}",
+    ):
+        export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False)
+    given = state | {"emb.weight": state["head.weight"]}  # the advice: the export then takes it
+    g = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False)
+    np.testing.assert_allclose(g.matrices[0], _rows_of(model, given, x, y), rtol=1e-5, atol=1e-6)

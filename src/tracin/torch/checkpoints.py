@@ -1008,6 +1008,7 @@ def _matched(
             f"{name} does not match the model: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}{_prefix_advice(missing, unexpected)}"
+            f"{_tied_advice(missing, state, reference, skip)}"
         )
     out = {}
     for key, ref in reference.items():
@@ -1071,6 +1072,27 @@ def _prefix_advice(missing: Sequence[str], unexpected: Sequence[str]) -> str:
             f"loaded state_dict: {{{prefix!r} + k: v for k, v in state.items()}}"
         )
     return ""
+
+
+def _tied_advice(
+    missing: Sequence[str],
+    state: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    skip: AbstractSet[str],
+) -> str:
+    """For missing first names of tied tensors whose second name (in `skip`) the checkpoint holds, that
+    twin and how to give it under the first name; "" when there is none."""
+    held = {_place(reference[k]): k for k in reference if k in skip and k in state and not reference[k].is_meta}
+    places = {m: _place(reference[m]) for m in missing if not reference[m].is_meta}
+    pairs = [(m, held[place]) for m, place in places.items() if place in held]
+    if not pairs:
+        return ""
+    m, twin = pairs[0]
+    return (
+        f": {_few([f'{a} (as {b})' for a, b in pairs])} tied in the model (one tensor under both names) "
+        f"{'is' if len(pairs) == 1 else 'are'} held by the checkpoint under the second name only; give "
+        f"{'it' if len(pairs) == 1 else 'each'} under the first name too: {{**state, {m!r}: state[{twin!r}]}}"
+    )
 
 
 def _optional(key: str, ref: torch.Tensor) -> bool:
