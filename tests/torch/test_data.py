@@ -429,7 +429,7 @@ def test_batch_size_none_samplers_of_index_chunks_are_checked_row_by_row(chunk):
         as_batches(DataLoader(ds, sampler=backwards, batch_size=None), 4)
     model, loss = nn.Linear(5, 3), nn.CrossEntropyLoss(reduction="none")
     in_order = DataLoader(ds, sampler=[chunk([0, 1, 2]), chunk([3, 4, 5, 6, 7])], batch_size=None)
-    g = export_gradients(model, [(model.state_dict(), 1.0), (model.state_dict(), 1.0)], in_order, loss, progress=False)
+    g = export_gradients(model, [(model.state_dict(), 1.0)] * 2, in_order, loss, progress=False)
     want = _float64_rows(model, [(x[i : i + 1], y[i : i + 1]) for i in range(8)], loss)
     for m in g.matrices:
         np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
@@ -508,7 +508,7 @@ def test_samplers_handing_out_rows_in_order_are_accepted_and_their_rows_are_the_
             warnings.simplefilter("error")
             assert as_batches(loader, 4).n_rows == (None if loader.batch_sampler is None else 8)
             g = export_gradients(
-                model, [(model.state_dict(), 1.0), (model.state_dict(), 1.0)], loader, loss, progress=False
+                model, [(model.state_dict(), 1.0)] * 2, loader, loss, progress=False
             )
         for m in g.matrices:
             np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
