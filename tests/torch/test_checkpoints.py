@@ -178,6 +178,20 @@ def test_a_weight_file_of_a_folder_cut_short_is_named_with_its_checkpoint(setup,
         export_gradients(model, [checkpoints[1], (str(folder), 1.0)], data, LOSS, progress=False)
 
 
+def test_a_safetensors_header_nested_too_deep_is_named_with_its_checkpoint(setup, tmp_path):
+    """Review114 F3: a hostile header of 100000 nested lists was a bare RecursionError."""
+    pytest.importorskip("safetensors")
+    model, checkpoints, data = setup
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    deep = "[" * 100_000 + "]" * 100_000
+    header = ('{"x": ' + deep + "}").encode()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    message = r"checkpoints\[1\] \(.*checkpoint-5\) cannot be read \(.*model.safetensors\): .*nested"
+    with pytest.raises(ValueError, match=message):
+        export_gradients(model, [checkpoints[1], (str(folder), 1.0)], data, LOSS, progress=False)
+
+
 class NotATensor:
     pass
 

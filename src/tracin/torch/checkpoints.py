@@ -28,6 +28,7 @@ from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, check_moments
 from .._export.pretrained_folder import weight_files
+from ..store._format import MAX_JSON_DEPTH, json_depth
 from .capture import device_failure
 from .data import host_array
 from .layers import tied_first_names
@@ -254,9 +255,13 @@ def _safetensors_short(path: str) -> str | None:
         if n is None or 8 + n > size:
             return f"a safetensors file of {size} bytes, shorter than its header: cut short"
         try:
-            header = json.loads(f.read(n))
+            text = f.read(n).decode("utf-8")
+            depth = json_depth(text)  # json's recursion limit would end a deeper one in a bare RecursionError
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON nested {depth} levels deep, at most {MAX_JSON_DEPTH}")
+            header = json.loads(text)
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             return f"a safetensors file whose header cannot be read ({e})"
     if 8 + n + end > size:
         return f"a safetensors file of {size} bytes whose header lists tensors up to byte {8 + n + end}: cut short"
@@ -313,7 +318,7 @@ class OptimizerState:
             path = os.path.abspath(os.fspath(self.source))
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{self.where}: no optimizer state at {path}")
-            return digest_path(path)
+            return digest_path(path, self.where)  # ValueError naming it for a FIFO (whose torch.load would hang)
         return digest_arrays(_leaves(self.source))
 
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
