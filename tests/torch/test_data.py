@@ -507,9 +507,7 @@ def test_samplers_handing_out_rows_in_order_are_accepted_and_their_rows_are_the_
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert as_batches(loader, 4).n_rows == (None if loader.batch_sampler is None else 8)
-            g = export_gradients(
-                model, [(model.state_dict(), 1.0)] * 2, loader, loss, progress=False
-            )
+            g = export_gradients(model, [(model.state_dict(), 1.0)] * 2, loader, loss, progress=False)
         for m in g.matrices:
             np.testing.assert_allclose(m, want, rtol=1e-5, atol=1e-7)
 
