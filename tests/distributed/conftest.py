@@ -4,14 +4,14 @@ NumPy references."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dask
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_worker
 
 import tracin
 from store_files import write_with_nonfinite
@@ -31,6 +31,25 @@ def own_client(n_workers: int = 2) -> Iterator[Client]:
         Client(cluster, set_as_default=False) as c,
     ):
         yield c
+
+
+def read_on_workers(batches: list, on_worker: Callable[[], object]) -> object:
+    """Re-iterable batches (a local class: cloudpickled by value) that the client reads as they are, while a
+    Dask worker reading them runs on_worker() instead (raising, ending the process), as data in a per-machine
+    cache, a file missing there or a native reader crashing there would."""
+
+    class OnWorkers:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            try:
+                get_worker()
+            except ValueError:  # the client
+                return iter(batches)
+            return on_worker()
+
+    return OnWorkers()
 
 
 @pytest.fixture(scope="session")

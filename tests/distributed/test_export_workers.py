@@ -36,6 +36,7 @@ from tracin.distributed._export import (  # noqa: E402
 from tracin.distributed._run import Job  # noqa: E402
 from tracin.store import StoreChangedError  # noqa: E402
 
+from .conftest import read_on_workers  # noqa: E402
 from .test_export import _same_store, _sent, _setup, one_torch_thread  # noqa: E402, F401 (an autouse fixture)
 
 WORKER = r"worker tcp://127\.0\.0\.1:\d+"
@@ -498,29 +499,16 @@ def test_arguments_sharing_an_object_share_it_once_unpickled():
     assert torch.equal(args[0].weight, shared.weight)
 
 
-def _failing_on_workers(batches: list, error: Exception) -> object:
-    """Re-iterable batches (cloudpickled by value) that raise `error` when read on a Dask worker, as data
-    in a per-machine cache or a file missing there would."""
-
-    class Local:
-        def __len__(self) -> int:
-            return len(batches)
-
-        def __iter__(self):
-            try:
-                get_worker()
-            except ValueError:  # the client
-                return iter(batches)
-            raise error
-
-    return Local()
-
-
 def test_an_error_of_the_data_on_a_worker_names_the_worker_rows_and_store(client, tmp_path):
     """Review110 F3: the data's own exception, as it is (type and message), with a note naming the worker,
     the rows, the store, and what differs when the same export works on the client."""
     model, checkpoints, data, loss = _setup(20, 4)
-    local = _failing_on_workers(_batches(data), KeyError("sample 0"))
+    error = KeyError("sample 0")
+
+    def fail() -> None:
+        raise error
+
+    local = read_on_workers(_batches(data), fail)
     store = tmp_path / "s"
     with pytest.raises(KeyError) as e:
         td.export_gradients("torch", model, checkpoints, local, loss, store=store, client=client, shards=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import io
 import logging
 import os
@@ -24,7 +25,7 @@ from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
 
-from .conftest import ALLOWED_FAILURES, own_client, write_store
+from .conftest import ALLOWED_FAILURES, own_client, read_on_workers, write_store
 
 
 @pytest.fixture(scope="module")
@@ -247,26 +248,6 @@ def test_killed_worker_is_a_task_failed_error_naming_the_shard(monkeypatch, what
     assert ("mapped" in str(e.value)) == (what == "self_influence")  # not a scoring cause for an export
 
 
-def _exiting_on_workers(batches: list) -> object:
-    """Re-iterable batches (a local class: cloudpickled by value) that end the process when read on a
-    Dask worker, as a native reader crashing there would."""
-
-    class Exiting:
-        def __len__(self) -> int:
-            return len(batches)
-
-        def __iter__(self):
-            from distributed import get_worker
-
-            try:
-                get_worker()
-            except ValueError:  # the client
-                return iter(batches)
-            os._exit(3)
-
-    return Exiting()
-
-
 def test_an_export_whose_data_kills_its_workers_names_the_users_code(tmp_path):
     """Review110 F4: for an export the suspects are the data loader, the model and the loss (a crash in native
     code, os._exit), and the way to see the crash: the same export in one process; not a mapped file."""
@@ -274,7 +255,7 @@ def test_an_export_whose_data_kills_its_workers_names_the_users_code(tmp_path):
     from .test_export import _setup
 
     model, checkpoints, (inputs, targets), loss = _setup(20, 4)
-    data = _exiting_on_workers([(inputs[i : i + 10], targets[i : i + 10]) for i in (0, 10)])
+    data = read_on_workers([(inputs[i : i + 10], targets[i : i + 10]) for i in (0, 10)], functools.partial(os._exit, 3))
     store = tmp_path / "s"
     with own_client(1) as own, pytest.raises(TaskFailedError) as e:
         td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=own, shards=1)
