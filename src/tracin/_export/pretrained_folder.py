@@ -4,11 +4,10 @@ optimizer, scheduler and RNG states, which neither needs)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
-from ..store._format import MAX_JSON_DEPTH, json_depth
+from ..store._format import shallow_json_loads
 
 # In the order looked for: (single weights file, index of its shards, safetensors format)
 _LAYOUTS = (
@@ -75,11 +74,7 @@ def _shards(index_path: str, name: str) -> list[str]:
     RecursionError naming nothing)."""
     try:
         with open(index_path) as f:
-            text = f.read()
-        depth = json_depth(text)
-        if depth > MAX_JSON_DEPTH:
-            raise ValueError(f"JSON nested {depth} levels deep, at most {MAX_JSON_DEPTH}")
-        weight_map = json.loads(text)["weight_map"]
+            weight_map = shallow_json_loads(f.read())["weight_map"]
         return list(dict.fromkeys(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None

@@ -328,6 +328,15 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return doc
 
 
+def shallow_json_loads(text: str) -> Any:
+    """json.loads(text) once `text` is checked to nest at most MAX_JSON_DEPTH levels (ValueError
+    otherwise: json's recursion limit would end a deeper one in a RecursionError naming nothing)."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep, at most {MAX_JSON_DEPTH}")
+    return json.loads(text)
+
+
 def json_depth(text: str) -> int:
     """How deeply arrays and objects nest in JSON `text` (strings skipped), counted without recursion
     (exact for valid JSON; for invalid text a figure the parser then refuses anyway)."""

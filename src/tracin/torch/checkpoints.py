@@ -7,7 +7,6 @@ checkpoint path may be a file for torch.load or a Hugging Face `save_pretrained`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -28,7 +27,7 @@ from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, check_moments
 from .._export.pretrained_folder import weight_files
-from ..store._format import MAX_JSON_DEPTH, json_depth
+from ..store._format import shallow_json_loads
 from .capture import device_failure
 from .data import host_array
 from .layers import tied_first_names
@@ -255,11 +254,7 @@ def _safetensors_short(path: str) -> str | None:
         if n is None or 8 + n > size:
             return f"a safetensors file of {size} bytes, shorter than its header: cut short"
         try:
-            text = f.read(n).decode("utf-8")
-            depth = json_depth(text)  # json's recursion limit would end a deeper one in a bare RecursionError
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"JSON nested {depth} levels deep, at most {MAX_JSON_DEPTH}")
-            header = json.loads(text)
+            header = shallow_json_loads(f.read(n).decode("utf-8"))
             end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
             return f"a safetensors file whose header cannot be read ({e})"
