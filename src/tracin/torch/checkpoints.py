@@ -554,7 +554,7 @@ def state_digest(
     arrays = []
     for key in sorted(state):
         t, ref = state[key].detach().cpu(), reference[key]
-        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(t.to(_dtype(t, ref)))]
+        arrays += [np.frombuffer(key.encode(), np.uint8), host_array(t.to(ref.dtype))]
     return digest_arrays(arrays)
 
 
@@ -978,7 +978,7 @@ def load_checkpoint(
     return {
         key: t.detach().to(
             device=reference[key].device,
-            dtype=_dtype(t, reference[key]),
+            dtype=reference[key].dtype,  # as load_state_dict's copy_ converts (a uint8 mask: nonzero is True)
             copy=(given and key in written) or t.is_inference(),
         )
         for key, t in state.items()
@@ -1133,12 +1133,6 @@ def _check_tied(
 def _place(t: torch.Tensor) -> tuple:
     """Where a state_dict tensor's data is (tied names share it)."""
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
-
-
-def _dtype(t: torch.Tensor, ref: torch.Tensor) -> torch.dtype:
-    """The dtype a checkpoint tensor is used in: the model's, as load_state_dict's copy_ converts it (a
-    uint8 mask into the model's bool buffer: nonzero is True)."""
-    return ref.dtype
 
 
 def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:
