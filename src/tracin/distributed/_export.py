@@ -36,6 +36,7 @@ from ._cluster import (
 )
 from ._run import Job, TaskFailedError
 from ._shards import refuse_unseen
+from ._warnings import add_note as _noted_here  # also the notes of the warnings a task raised
 
 ADAPTERS = ("torch", "jax")
 # what resume.refuse_another_export says of a store exported from other inputs (the changes in group 1)
@@ -530,18 +531,6 @@ def _task_note(adapter: str, path: str, start: int, stop: int) -> str:
         "there). Does the same export work in one process on the client? Then the workers must read the "
         "same data: the same files at the same paths, the same packages, nothing kept only on the client"
     )
-
-
-def _noted_here(e: BaseException, note: str) -> None:
-    """`note` added to e's notes, which travel with e to the client; before Python 3.11 (no add_note)
-    recorded in e.__notes__ as add_note would, for the client to print (_print_task_notes)."""
-    try:
-        if hasattr(e, "add_note"):
-            e.add_note(note)
-        else:
-            e.__notes__ = [*getattr(e, "__notes__", ()), note]
-    except (AttributeError, TypeError):  # an exception that takes no attributes: as it is
-        pass
 
 
 def _print_task_notes(e: BaseException) -> None:

@@ -14,6 +14,7 @@ from distributed import Client, Future, KilledWorker, as_completed
 from .._progress import progress_bar
 from ..scoring import rows_shifted
 from ..store import GradientStore, StoreChangedError, StoreFormatError
+from . import _warnings
 from ._cluster import scheduler_address
 from ._shards import StoreNotVisible, StoreRows
 
@@ -111,7 +112,8 @@ class Job:
         `final`, each shard's future is released once done (the tasks after it hold its result only
         until they have used it). Releases the job's futures either way, which drops the tasks not
         started (client.cancel would trip on those released already: Dask asserts someone wants each
-        task it cancels a dependent of)."""
+        task it cancels a dependent of). The warnings the tasks raised on the workers, which travel
+        with the results, are then warned here once each (_warnings.show)."""
         bar = progress_bar(len(shards), progress, f"tracin.distributed {self.what}", unit="shard", unit_scale=False)
         try:
             for done in as_completed(shards, loop=self.client.loop):
@@ -122,7 +124,7 @@ class Job:
                 if final is not None and done.key != final.key:
                     self.release(done)
                 bar.update(1)
-            return final.result() if final is not None else self.client.gather(shards)
+            result = final.result() if final is not None else self.client.gather(shards)
         except CancelledError as e:
             raise self._cancelled(getattr(e, "key", None)) from e  # Dask's FutureCancelledError names it
         except KilledWorker as e:
@@ -135,6 +137,9 @@ class Job:
         finally:
             bar.close()
             self.release(*self.futures)
+        (value,), raised, more = _warnings.unwrapped((result,))
+        _warnings.show(raised, more, self.what, self.labels, len(shards))
+        return value
 
     def _why_killed(self) -> str:
         """The likely causes of a task that killed its workers: for an export, the user's code it runs
@@ -203,17 +208,35 @@ class Job:
                 raise
             side, start, stop = shard
             rows = f"{side} row {start}" if stop - start == 1 else f"{side} rows {start} to {stop - 1}"
-            raise ValueError(
+            error = ValueError(
                 f"{str(e).rstrip('.')}. These rows are from the shard of {rows}, the first shard to fail; other "
                 f"shards may hold more such rows (tracin.{self.what.split()[0]} in one process names the first ones)"
-            ).with_traceback(e.__traceback__) from None
+            )
+            for note in getattr(e, "__notes__", ()):  # the warnings the task raised before it
+                _warnings.add_note(error, note)
+            raise error.with_traceback(e.__traceback__) from None
 
 
 def _retrying(fn: Callable, first_rows: tuple[int, int], shard: tuple[str, int, int] | None, *args: Any) -> Any:
     """fn(*args), called again up to RETRIES times while it raises an OSError other than NO_RETRY's.
     A NaN/Inf error counts its rows from the shard's first (test, train) rows `first_rows` in the
     caller's sets, here, so that a worker's log of it names the rows the caller gets; it carries
-    `shard` (side, start, stop in the caller's set) as tracin_shard, for Job._raise to name."""
+    `shard` (side, start, stop in the caller's set) as tracin_shard, for Job._raise to name. The
+    warnings fn raises are recorded (not shown on the worker) and travel with the result, with those
+    of the tasks whose results are its arguments (_warnings.carried), for Job.wait to show; those
+    raised before an error, in a note on it."""
+    args, earlier, more = _warnings.unwrapped(args)
+    with _warnings.recorded() as caught:
+        try:
+            value = _tried(fn, first_rows, shard, args)
+        except Exception as e:
+            _warnings.note_raised(e, caught)
+            raise
+    return _warnings.carried(value, earlier, more, caught)
+
+
+def _tried(fn: Callable, first_rows: tuple[int, int], shard: tuple[str, int, int] | None, args: tuple) -> Any:
+    """fn(*args) as _retrying runs it, its warnings aside."""
     try:
         for _ in range(RETRIES):
             try:
