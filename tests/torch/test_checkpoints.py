@@ -23,6 +23,7 @@ from tracin._export.driver import _Loop
 from tracin._export.fingerprint import callable_identity, digest_arrays
 from tracin.torch import export_gradients
 from tracin.torch.checkpoints import (
+    frozen_parameters,
     legacy_state_digest,
     load_checkpoint,
     parse_checkpoints,
@@ -873,3 +874,76 @@ def test_a_tied_weight_held_under_its_second_name_only_is_named_with_its_twin(tm
     given = state | {"emb.weight": state["head.weight"]}  # the advice: the export then takes it
     g = export_gradients(model, [(given, 1.0)], (x, y), LOSS, progress=False)
     np.testing.assert_allclose(g.matrices[0], _rows_of(model, given, x, y), rtol=1e-5, atol=1e-6)
+
+
+class _LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update, as LoRA adds one: base(x) + x A^T B^T."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int = 2):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A = nn.Parameter(0.3 * torch.randn(rank, d_in))
+        self.lora_B = nn.Parameter(0.3 * torch.randn(d_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ self.lora_A.T @ self.lora_B.T
+
+
+def _lora_model() -> tuple[nn.Module, dict]:
+    """The model and a checkpoint of its trainable parameters alone (moved as by training), as LoRA / PEFT
+    fine-tuning scripts save one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LoRALinear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = {k: v + 0.1 * torch.randn_like(v) for k, v in model.state_dict().items() if k in trainable}
+    return model, state
+
+
+@pytest.mark.parametrize("given", ["state_dict", "file"])
+def test_a_checkpoint_of_the_trainable_parameters_alone_is_refused_saying_how_to_complete_it(tmp_path, given):
+    model, trainable = _lora_model()
+    frozen = frozen_parameters(model)
+    assert frozen == {"0.base.weight", "0.base.bias"}
+    source = trainable
+    if given == "file":
+        source = str(tmp_path / "adapter.pt")
+        torch.save(trainable, source)
+    reference = model.state_dict()
+    said = (
+        r"missing keys \['0\.base\.weight', '0\.base\.bias'\], unexpected keys \[\]: the 2 missing keys are all "
+        r"parameters the model has frozen \(requires_grad=False\), so this checkpoint holds only the trainable "
+        r"ones .* if the frozen weights did not change during training, .*\{\*\*model\.state_dict\(\), \*\*trainable\}"
+    )
+    with pytest.raises(ValueError, match=said):
+        load_checkpoint(source, 0, reference, frozen=frozen)
+    if given == "state_dict":  # where an export refuses an in-memory checkpoint first
+        with pytest.raises(ValueError, match=said):
+            state_digest(trainable, 0, reference, frozen=frozen)
+    with pytest.raises(ValueError, match=r"unexpected keys \[\]$"):  # the frozen names not known: no advice
+        load_checkpoint(source, 0, reference)
+
+
+def test_a_partial_checkpoint_lacking_a_trainable_weight_or_with_unexpected_keys_gets_no_frozen_advice():
+    model, trainable = _lora_model()
+    frozen, reference = frozen_parameters(model), model.state_dict()
+    lacking = {k: v for k, v in trainable.items() if k != "2.bias"}
+    with pytest.raises(ValueError, match=r"missing keys \['0\.base\.weight', '0\.base\.bias', '2\.bias'\], [^:]*$"):
+        load_checkpoint(lacking, 0, reference, frozen=frozen)
+    extra = {**trainable, "2.scale": torch.ones(3)}
+    with pytest.raises(ValueError, match=r"unexpected keys \['2\.scale'\]$"):
+        load_checkpoint(extra, 0, reference, frozen=frozen)
+
+
+def test_the_advised_merge_with_the_models_frozen_weights_gives_the_checkpoints_gradients():
+    model, trainable = _lora_model()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    merged = {**model.state_dict(), **trainable}
+    g = export_gradients(model, [(merged, 1.0)], (x, y), LOSS, progress=False)
+    ref = copy.deepcopy(model).double()  # float64 reference: one backward per row, trainable parameters only
+    ref.load_state_dict({k: v.double() for k, v in merged.items()})
+    params = [p for p in ref.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        loss = nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1], reduction="sum")
+        rows.append(np.concatenate([t.reshape(-1).numpy() for t in torch.autograd.grad(loss, params)]))
+    np.testing.assert_allclose(g.matrices[0], np.stack(rows), rtol=1e-5, atol=1e-6)

@@ -11,13 +11,14 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import sys
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -222,42 +223,40 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
     else:
         files = [(os.fspath(path), False)] if os.path.isfile(path) else []
     for file, safe in files:
-        problem = _safetensors_short(file) if safe else _zip_short(file)
+        with _open_regular(file, name, f"{name}: no file") as f:
+            size = os.fstat(f.fileno()).st_size
+            problem = _safetensors_short(f, size) if safe else _zip_short(f, size)
         if problem:
             raise ValueError(f"{_cannot_read(name, file)}: {problem}")
 
 
-def _zip_short(path: str) -> str | None:
-    """What is wrong with a torch.save file under 4 bytes, or a zip archive whose central directory
-    cannot be read (None when it is readable, or the file is not a zip archive: the legacy format, which
-    has no such check)."""
-    size = os.path.getsize(path)
+def _zip_short(f: BinaryIO, size: int) -> str | None:
+    """What is wrong with a torch.save file (open `f` of `size` bytes) under 4 bytes, or a zip archive
+    whose central directory cannot be read (None when it is readable, or the file is not a zip archive:
+    the legacy format, which has no such check)."""
     if size < 4:  # no torch.save file, zip or legacy, is this short: a failed copy, a full disk
         return f"a file of {size} bytes, empty or cut short"
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            return None
+    if f.read(4) != b"PK\x03\x04":
+        return None
     try:
-        zipfile.ZipFile(path).close()
+        zipfile.ZipFile(f).close()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f"a torch.save zip archive without a readable central directory, cut short or damaged ({e})"
     return None
 
 
-def _safetensors_short(path: str) -> str | None:
-    """What is wrong with a safetensors file whose header cannot be read or whose size is less than its
-    header's tensors need (None when it is not)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or 8 + n > size:
-            return f"a safetensors file of {size} bytes, shorter than its header: cut short"
-        try:
-            header = shallow_json_loads(f.read(n).decode("utf-8"))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
-            return f"a safetensors file whose header cannot be read ({e})"
+def _safetensors_short(f: BinaryIO, size: int) -> str | None:
+    """What is wrong with a safetensors file (open `f` of `size` bytes) whose header cannot be read or
+    whose size is less than its header's tensors need (None when it is not)."""
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if n is None or 8 + n > size:
+        return f"a safetensors file of {size} bytes, shorter than its header: cut short"
+    try:
+        header = shallow_json_loads(f.read(n).decode("utf-8"))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+        return f"a safetensors file whose header cannot be read ({e})"
     if 8 + n + end > size:
         return f"a safetensors file of {size} bytes whose header lists tensors up to byte {8 + n + end}: cut short"
     return None
@@ -378,14 +377,7 @@ class OptimizerState:
     def _load(self) -> Mapping:
         if not isinstance(self.source, (str, os.PathLike)):
             return self.source
-        try:
-            state = torch.load(self.source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self.where}: no optimizer state at {os.path.abspath(self.source)}") from None
-        except pickle.UnpicklingError as e:
-            raise ValueError(_refused(e, self.where, self.source)) from None
-        except _UNREADABLE as e:
-            _unreadable(e, self.where, self.source)
+        state = _read_file(self.source, "cpu", self.where, f"{self.where}: no optimizer state")
         _check_optimizer_dict(state, self.where)
         return state
 
@@ -542,15 +534,19 @@ def _leaves(obj: Any) -> list[np.ndarray]:
 
 
 def state_digest(
-    source: Mapping, index: int, reference: Mapping[str, torch.Tensor], skip: AbstractSet[str] = frozenset()
+    source: Mapping,
+    index: int,
+    reference: Mapping[str, torch.Tensor],
+    skip: AbstractSet[str] = frozenset(),
+    frozen: AbstractSet[str] = frozenset(),
 ) -> str:
     """Fingerprint of an in-memory checkpoint as load_checkpoint uses it: per name of `reference`
     (the model's state_dict) less `skip` (tied second names), in name order, the name and the tensor
     cast on the host to the reference's floating dtype. A DataParallel or torch.compile prefix, a tied
     copy or float64 copies of float32 weights therefore leave it unchanged. (A checkpoint file is
-    fingerprinted by its bytes, in tracin._export.)"""
+    fingerprinted by its bytes, in tracin._export.) `frozen`: as for load_checkpoint."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
-    state = _matched(_unwrap(source, name), reference, skip, name)
+    state = _matched(_unwrap(source, name), reference, skip, name, frozen)
     arrays = []
     for key in sorted(state):
         t, ref = state[key].detach().cpu(), reference[key]
@@ -610,6 +606,12 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     """state_dict names that are second names of a tied parameter or buffer (e.g. a decoder weight
     shared with the embedding); functional_call takes each tied tensor under its first name only."""
     return set(tied_first_names(model, buffers=True))
+
+
+def frozen_parameters(model: torch.nn.Module) -> frozenset[str]:
+    """state_dict names of the parameters the model does not train (requires_grad=False), under every
+    name they have: what a checkpoint of the trainable parameters alone lacks (load_checkpoint's `frozen`)."""
+    return frozenset(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
 
 
 def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
@@ -956,6 +958,7 @@ def load_checkpoint(
     reference: Mapping[str, torch.Tensor],
     skip: AbstractSet[str] = frozenset(),
     written: frozenset[str] = frozenset(),
+    frozen: AbstractSet[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
@@ -963,7 +966,9 @@ def load_checkpoint(
     The tensors named in `written` (written_in_forward) of an in-memory checkpoint are copied, so the
     forward leaves the caller's dict as it was; the others are used as they are (no copy of the model),
     but for tensors made under torch.inference_mode() (a snapshot taken in an evaluation loop), which
-    autograd cannot use: copied."""
+    autograd cannot use: copied. `frozen`: the names of the model's frozen parameters (requires_grad=
+    False: frozen_parameters); a checkpoint lacking only some of them (the trainable parameters alone, as
+    LoRA / PEFT fine-tuning saves) is refused saying so and how to complete it."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next((t.device for t in reference.values() if isinstance(t, torch.Tensor)), "cpu")
@@ -973,7 +978,7 @@ def load_checkpoint(
             obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint")
     else:
         obj = source
-    state = _matched(_unwrap(obj, name), reference, skip, name)
+    state = _matched(_unwrap(obj, name), reference, skip, name, frozen)
     given = obj is source  # tensors read from a file are the loader's own
     return {
         key: t.detach().to(
@@ -986,10 +991,15 @@ def load_checkpoint(
 
 
 def _matched(
-    state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], skip: AbstractSet[str], name: str
+    state: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    skip: AbstractSet[str],
+    name: str,
+    frozen: AbstractSet[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
-    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys, other shapes,
+    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys (saying so when
+    the missing ones are all `frozen` parameters: _frozen_advice), other shapes,
     an integer or bool tensor for a floating one of the model, a meta tensor (no data), and a tied
     copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
     BatchNorm num_batches_tracked is the model's, as nn.Module.load_state_dict takes it (unused in
@@ -1008,7 +1018,7 @@ def _matched(
             f"{name} does not match the model: missing keys {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}{_prefix_advice(missing, unexpected)}"
-            f"{_tied_advice(missing, state, reference, skip)}"
+            f"{_tied_advice(missing, state, reference, skip)}{_frozen_advice(missing, unexpected, frozen)}"
         )
     out = {}
     for key, ref in reference.items():
@@ -1074,6 +1084,22 @@ def _prefix_advice(missing: Sequence[str], unexpected: Sequence[str]) -> str:
     return ""
 
 
+def _frozen_advice(missing: Sequence[str], unexpected: Sequence[str], frozen: AbstractSet[str]) -> str:
+    """When every missing key is a frozen parameter of the model and none is unexpected (a checkpoint
+    of the trainable parameters alone, as LoRA / PEFT fine-tuning saves), that, and how to give the
+    whole state_dict; "" otherwise. A partial checkpoint is never completed silently: the frozen
+    weights the model holds now are those of training only if nothing changed them."""
+    if not missing or unexpected or not all(k in frozen for k in missing):
+        return ""
+    return (
+        f": the {len(missing)} missing keys are all parameters the model has frozen (requires_grad=False), so "
+        "this checkpoint holds only the trainable ones (what LoRA / PEFT fine-tuning saves). tracin needs "
+        "every weight of each checkpoint: if the frozen weights did not change during training, give the "
+        "model's own with each checkpoint's trainable ones, as a new dict per checkpoint: "
+        "{**model.state_dict(), **trainable} (trainable = torch.load(path, weights_only=True) for a file)"
+    )
+
+
 def _tied_advice(
     missing: Sequence[str],
     state: Mapping[str, torch.Tensor],
@@ -1136,16 +1162,44 @@ def _place(t: torch.Tensor) -> tuple:
 
 
 def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:
-    """torch.load(weights_only=True) of a checkpoint file; errors name it (`missing`: how a missing
-    file is reported, before its path)."""
+    """torch.load(weights_only=True) of a checkpoint file, given the file _open_regular opened (a FIFO
+    swapped in after the fingerprint is refused, not waited on); errors name it (`missing`: how a
+    missing file is reported, before its path)."""
+    with _open_regular(path, name, missing) as f:
+        try:
+            return torch.load(f, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            f.seek(0)
+            raise ValueError(_refused(e, name, path, f.read(512))) from None
+        except _UNREADABLE as e:
+            _unreadable(e, name, path)
+
+
+def _open_regular(path: str | os.PathLike, name: str, missing: str) -> BinaryIO:
+    """The file `path` open for reading, opened once and without blocking (O_NONBLOCK: a FIFO put in
+    its place after it was fingerprinted cannot hang the open), then checked with fstat to be a regular
+    file and made blocking. ValueError naming checkpoint `name` for a FIFO, device or socket (refused
+    unread); FileNotFoundError "<missing> at <path>" for no file."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        f = open(path, "rb", opener=_open_nonblocking)  # closed by the caller
     except FileNotFoundError:
         raise FileNotFoundError(f"{missing} at {os.path.abspath(path)}") from None
-    except pickle.UnpicklingError as e:
-        raise ValueError(_refused(e, name, path)) from None
-    except _UNREADABLE as e:
-        _unreadable(e, name, path)
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(
+            f"{_cannot_read(name, path)}: not a regular file (a FIFO, device or socket, put in the checkpoint's "
+            "place?): refused unread"
+        )
+    if _NONBLOCK:
+        os.set_blocking(f.fileno(), True)
+    return f
+
+
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | _NONBLOCK)
 
 
 _LFS_POINTER = b"version https://git-lfs"
@@ -1154,16 +1208,15 @@ _LFS_POINTER = b"version https://git-lfs"
 _TEXT_MAGIC = b"L119547037146038801333356L\n."
 
 
-def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike) -> str:
-    """What to say when torch.load(weights_only=True) refuses file `path`: that it is not a torch.save
+def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike, head: bytes) -> str:
+    """What to say when torch.load(weights_only=True) refuses file `path`, which starts with `head`
+    (its first 512 bytes, read from the file torch.load was given): that it is not a torch.save
     file at all when it starts as none does (a zip archive; the legacy format: a pickle of protocol 2
     or later, or torch's magic number as text for protocols 0 and 1; a tar archive: the oldest), naming
     its first bytes (a Git LFS pointer left by a clone without `git lfs pull`, a NumPy .npy file, text);
     else that weights_only=True refused a pickled object, with torch's first line and its
     WeightsUnpickler line (the object refused), and for a legacy file of protocol 0, 1, 4 or 5 (which
     weights_only=True refuses whatever it holds) that its protocol is why."""
-    with open(path, "rb") as f:
-        head = f.read(512)
     text_pickle = head.startswith(_TEXT_MAGIC)
     framed = head[:2] in (b"\x80\x04", b"\x80\x05")  # torch's magic number in a FRAME (operand 149)
     torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or text_pickle or head[257:262] == b"ustar"
