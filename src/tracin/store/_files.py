@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._format import CREATING, MANIFEST, Manifest, StoreFormatError, parse_manifest
+from ._format import CREATING, MANIFEST, Manifest, StoreFormatError, check_containers, parse_manifest
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
@@ -173,10 +173,12 @@ def write_json_atomic(path: Path, doc: dict) -> None:
 
     Readers and a crashed writer see the old or the new document, never a mix. (The rename itself
     becomes durable against power loss with fsync_dir; until then a crash can only lose progress.)
-    A stale temporary (or a link planted in its place) is removed first, never written through.
+    A stale temporary (or a link planted in its place) is removed first, never written through. A
+    document with more JSON arrays and objects than readers accept is an OverCapError, nothing written.
     """
     tmp = path.with_name(path.name + ".tmp")
     data = json.dumps(doc, allow_nan=False).encode() + b"\n"  # one line: the C encoder, ~20x faster than indented
+    check_containers(data, str(path))
     remove_if_present(tmp)
     try:
         write_new_file(tmp, data)

@@ -40,9 +40,13 @@ _MAX_COUNT = 2**63 - 1  # rows and columns must fit a signed 64-bit integer
 # Deepest nesting of arrays and objects in a manifest, progress file or saved Whitening spec: a
 # manifest needs 5 levels, the adapters' metadata a few more; the bound is independent of the stack.
 MAX_JSON_DEPTH = 64
-_JSON_ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash and the character it escapes
-_JSON_STRING = re.compile(r'"[^"]*"')  # a string once its escapes are gone
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+# Most arrays and objects in a manifest or progress file, counted before parsing: bounds the memory
+# and time a reader spends on one (~150 bytes each once parsed). Each written [a, b) range is one;
+# writers coalesce adjacent ranges (one range per checkpoint and range writer when rows are written in
+# order), and refuse to record more (OverCapError). A hostile 64 MiB manifest could otherwise hold 10M.
+MAX_JSON_CONTAINERS = 2**20
+_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character (or byte) it escapes
+_JSON_STRING = re.compile(rb'"[^"]*"')  # a string once its escapes are gone
 _BRACKET_STEP = np.zeros(256, dtype=np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
@@ -56,6 +60,18 @@ class StoreFormatError(ValueError):
 
 class StoreChangedError(StoreFormatError):
     """The store was re-created, replaced or truncated after this reader opened it; open it again."""
+
+
+class OverCapError(ValueError):
+    """A store document a writer was about to write holds more JSON arrays and objects (`count`) than
+    readers accept (`cap`, MAX_JSON_CONTAINERS); nothing was written."""
+
+    def __init__(self, where: str, count: int, cap: int):
+        super().__init__(
+            f"{where} would hold {count} JSON arrays and objects, more than the {cap} a reader accepts "
+            "(each written [start, stop) row range is one); it was not written"
+        )
+        self.where, self.count, self.cap = where, count, cap
 
 
 def data_files(checkpoint: int, factored: bool) -> list[str]:
@@ -144,11 +160,8 @@ class Manifest:
         """Row ranges of the checkpoint not written yet."""
         return gaps(self.written[checkpoint], 0, self.n_rows)
 
-    def mark_written(self, checkpoint: int, start: int, stop: int) -> None:
-        self.written[checkpoint] = add_range(self.written[checkpoint], start, stop)
-
     def mark_all_written(self, checkpoint: int, ranges: Iterable[Sequence[int]]) -> None:
-        """mark_written of every [start, stop) of `ranges` at once (one sort)."""
+        """Adds every [start, stop) of `ranges` to the checkpoint's written rows at once (one sort)."""
         self.written[checkpoint] = merge_ranges([*self.written[checkpoint], *ranges])
 
     # -- JSON -----------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ class Manifest:
             check_ranges(ranges, 0, n_rows, fail, f"checkpoints[{c}].written")
             dims.append(d)
             weights.append(finite)
-            written.append([list(r) for r in ranges])
+            written.append(ranges)  # checked: lists of two ints, the document's own (no copy)
             files.append(names)
         manifest = cls(
             n_rows=n_rows,
@@ -300,15 +313,20 @@ def strict_json(data: bytes, where: str, what: str) -> Any:
 
     if data.startswith(codecs.BOM_UTF8):
         raise StoreFormatError(f"{where}: corrupt {what}, starts with a byte-order mark (expected UTF-8 without one)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise StoreFormatError(f"{where}: corrupt {what}, not UTF-8 ({short(e)})") from None
-    depth = json_depth(text)
+    depth, containers = json_shape(data)  # before decoding: one copy of the text less at a time
     if depth > MAX_JSON_DEPTH:
         raise StoreFormatError(
             f"{where}: corrupt {what}, JSON nested too deeply ({depth} levels; at most {MAX_JSON_DEPTH})"
         )
+    if containers > MAX_JSON_CONTAINERS:
+        raise StoreFormatError(
+            f"{where}: corrupt {what}, {containers} JSON arrays and objects (at most {MAX_JSON_CONTAINERS}, "
+            "each written [start, stop) row range one), refused unparsed"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StoreFormatError(f"{where}: corrupt {what}, not UTF-8 ({short(e)})") from None
     try:
         return json.loads(text, parse_constant=no_constant, parse_float=finite, object_pairs_hook=unique_keys)
     except ValueError as e:  # bad JSON, NaN / Infinity, duplicate keys, integers beyond Python's digit limit
@@ -337,18 +355,38 @@ def shallow_json_loads(text: str) -> Any:
     return json.loads(text)
 
 
-def json_depth(text: str) -> int:
-    """How deeply arrays and objects nest in JSON `text` (strings skipped), counted without recursion
-    (exact for valid JSON; for invalid text a figure the parser then refuses anyway)."""
+def json_depth(text: str | bytes) -> int:
+    """How deeply arrays and objects nest in JSON `text` (json_shape)."""
+    return json_shape(text)[0]
+
+
+def json_shape(text: str | bytes) -> tuple[int, int]:
+    """How deeply arrays and objects nest in JSON `text` (str, or bytes in UTF-8), and how many there
+    are (strings skipped), counted without recursion or parsing (exact for valid JSON; for invalid
+    text figures the parser then refuses anyway)."""
     # escapes first, then strings: linear in the text (one pattern for both retried from every quote of
     # an unclosed string full of escaped quotes: quadratic, a minute for 80 kB)
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text))).encode("ascii")
-    steps = _BRACKET_STEP[np.frombuffer(brackets, dtype=np.uint8)]
-    deepest, level = 0, 0
-    for a in range(0, len(steps), 1 << 20):  # in pieces: no int64 array as long as the text
-        levels = level + np.cumsum(steps[a : a + (1 << 20)], dtype=np.int64)
-        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
-    return deepest
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    bare = _JSON_STRING.sub(b"", _JSON_ESCAPE.sub(b"", data))
+    deepest, level, count = 0, 0, 0
+    for a in range(0, len(bare), 1 << 20):  # in pieces: no int64 array as long as the text
+        steps = _BRACKET_STEP[np.frombuffer(bare, np.uint8, min(1 << 20, len(bare) - a), a)]
+        steps = steps[steps != 0]
+        if steps.size:
+            levels = level + np.cumsum(steps, dtype=np.int64)
+            deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+            count += int(np.count_nonzero(steps > 0))
+    return deepest, count
+
+
+def check_containers(data: bytes, where: str) -> None:
+    """OverCapError naming `where` if the JSON document `data` holds more arrays and objects than
+    strict_json accepts (MAX_JSON_CONTAINERS): what a writer checks before writing it."""
+    if data.count(b"[") + data.count(b"{") <= MAX_JSON_CONTAINERS:  # brackets in strings only add to these
+        return
+    count = json_shape(data)[1]
+    if count > MAX_JSON_CONTAINERS:
+        raise OverCapError(where, count, MAX_JSON_CONTAINERS)
 
 
 def metadata_problem(metadata: dict) -> str | None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 from ..gradients import GradientSet
-from ._format import Manifest, Ranges, add_range
+from ._format import Manifest, OverCapError, Ranges, add_range
 from ._locks import DirectoryLock, RangeLock
 from ._ranges import RangeProgress, write_progress
-from ._writer import DataFiles, GradientStoreWriter
+from ._writer import DataFiles, GradientStoreWriter, over_cap, with_ranges
 
 
 class GradientStoreRangeWriter(GradientStoreWriter):
@@ -70,9 +71,12 @@ class GradientStoreRangeWriter(GradientStoreWriter):
         return self._progress.written[c]
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
-        for c, start, stop in written:
-            self._progress.written[c] = add_range(self._progress.written[c], start, stop)
-        write_progress(self.path, self._progress)
+        ranges = with_ranges(self._progress.written, written)
+        try:
+            write_progress(self.path, dataclasses.replace(self._progress, written=ranges))
+        except OverCapError as e:
+            raise over_cap(e, ranges, written) from None
+        self._progress.written = ranges
 
 
 def initial_progress(manifest: Manifest, found: RangeProgress | None, start: int, stop: int) -> RangeProgress:

@@ -13,7 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from ._files import MAX_MANIFEST_BYTES, fsync_dir, open_file, read_all, remove_if_present, write_json_atomic
-from ._format import MANIFEST, Manifest, Ranges, StoreFormatError, check_ranges, is_int, range_file, short, strict_json
+from ._format import (
+    MANIFEST,
+    Manifest,
+    OverCapError,
+    Ranges,
+    StoreFormatError,
+    check_ranges,
+    is_int,
+    range_file,
+    short,
+    strict_json,
+)
 from ._locks import range_files
 
 PROGRESS_FORMAT = "tracin-gradient-store-range"
@@ -67,7 +78,7 @@ class RangeProgress:
             )
         for c, ranges in enumerate(written):
             check_ranges(ranges, start, stop, fail, f"written[{c}]")
-        return cls(manifest.store_id, start, stop, [[list(r) for r in ranges] for ranges in written])
+        return cls(manifest.store_id, start, stop, written)  # checked: lists of lists of two ints
 
 
 def read_progress(root: Path, manifest: Manifest, start: int, stop: int) -> RangeProgress | None:
@@ -104,7 +115,15 @@ def merge_progress(root: Path, manifest: Manifest) -> None:
         for progress in found:
             for c, ranges in enumerate(progress.written if progress is not None else []):
                 manifest.mark_all_written(c, ranges)
-        write_json_atomic(root / MANIFEST, manifest.to_json())
+        try:
+            write_json_atomic(root / MANIFEST, manifest.to_json())
+        except OverCapError as e:
+            raise ValueError(
+                f"{e}: merging the {len(files)} range files (rows-*) of unfinished range writers would "
+                f"record {sum(map(len, manifest.written))} disjoint written row ranges over all checkpoints. Finish "
+                "those ranges first (GradientStore.create(path, <the same spec>, rows=(start, stop)) for each: rows "
+                "written in order merge into one range), then merge"
+            ) from None
         fsync_dir(root)
     for name, *_ in files:
         remove_if_present(root / name)

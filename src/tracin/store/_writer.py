@@ -17,7 +17,7 @@ import numpy as np
 from ..gradients import GradientSet
 from ._convert import WIDER, BeyondRangeError, LowPrecisionRows, NonFiniteError, beyond_range_text, to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
-from ._format import DISK_DTYPES, MANIFEST, Manifest, Ranges, StoreChangedError, gaps
+from ._format import DISK_DTYPES, MANIFEST, Manifest, OverCapError, Ranges, StoreChangedError, gaps, merge_ranges
 from ._locks import DirectoryLock
 from ._npy import check_npy
 
@@ -319,10 +319,13 @@ class GradientStoreWriter:
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
         """Records rows [start, stop) of checkpoint c, for each (c, start, stop), as written, durably
-        (their data is synced), with one replace of manifest.json."""
-        for c, start, stop in written:
-            self._manifest.mark_written(c, start, stop)
-        write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+        (their data is synced), with one replace of manifest.json; unrecorded if that fails."""
+        ranges = with_ranges(self._manifest.written, written)
+        try:
+            write_json_atomic(self.path / MANIFEST, dataclasses.replace(self._manifest, written=ranges).to_json())
+        except OverCapError as e:
+            raise over_cap(e, ranges, written) from None
+        self._manifest.written = ranges
 
     def _checkpoint(self, checkpoint: int) -> int:
         if (
@@ -387,6 +390,27 @@ def _beyond_range(err: BeyondRangeError, path: Path, name: str, start: int, wher
         err.source,
         err.dtype,
         err.limit,
+    )
+
+
+def with_ranges(ranges: list[Ranges], written: list[tuple[int, int, int]]) -> list[Ranges]:
+    """Each checkpoint's `ranges` with rows [start, stop) of checkpoint c added for each (c, start,
+    stop) of `written` (new lists where they change; one sort per checkpoint)."""
+    added: dict[int, Ranges] = {}
+    for c, start, stop in written:
+        added.setdefault(c, []).append([start, stop])
+    return [merge_ranges([*r, *added[c]]) if c in added else r for c, r in enumerate(ranges)]
+
+
+def over_cap(err: OverCapError, ranges: list[Ranges], written: list[tuple[int, int, int]]) -> ValueError:
+    """The writer's words for a record refused by OverCapError: the ranges it would hold, that the
+    rows are written but not recorded, and how rows written out of order leave that many."""
+    rows = "; ".join(f"checkpoint {c}: rows [{a}, {b})" for c, a, b in written[:3]) + ("; ..." if written[3:] else "")
+    return ValueError(
+        f"{err} ({sum(map(len, ranges))} disjoint written row ranges over all checkpoints): the rows just "
+        f"written ({rows}) are on disk but not recorded. Rows written out of order leave gaps, each written "
+        "stretch a range of its own: write the rows between them (adjacent ranges merge into one), or write "
+        "rows in order"
     )
 
 
