@@ -106,6 +106,37 @@ def test_a_checkpoint_swapped_for_a_fifo_after_its_fingerprint_is_refused(setup,
     assert str(outcome[0]).startswith(f"checkpoints[1] ({path}) cannot be read: {REFUSED}")
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_weight_file_of_a_folder_swapped_for_a_fifo_after_it_was_listed_is_refused(
+    setup, tmp_path, monkeypatch, weights
+):
+    """The folder's weight files are listed (regular files only), then each is opened: safetensors, which
+    opens a file by its path itself, is given the open descriptor's (/dev/fd/N)."""
+    model, checkpoints, _ = setup
+    state = torch.load(checkpoints[1][0], weights_only=True)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    if weights == "model.safetensors":
+        save_file = pytest.importorskip("safetensors.torch").save_file
+        save_file(state, str(folder / weights))
+    else:
+        torch.save(state, folder / weights)
+    loaded = load_checkpoint(str(folder), 0, model.state_dict())
+    for key, t in state.items():  # read whole through the descriptor
+        torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+    real_weight_files = checkpoints_module.weight_files
+
+    def list_then_swap(*args: Any) -> Any:
+        found = real_weight_files(*args)
+        _swap_for_fifo(folder / weights)
+        return found
+
+    monkeypatch.setattr(checkpoints_module, "weight_files", list_then_swap)
+    outcome = _without_hanging(lambda: load_checkpoint(str(folder), 0, model.state_dict()), folder / weights)
+    assert outcome and isinstance(outcome[0], ValueError), outcome
+    assert str(outcome[0]).startswith(f"checkpoints[0] ({folder}) cannot be read ({folder / weights}): {REFUSED}")
+
+
 def test_a_file_swapped_for_a_fifo_after_the_completeness_check_listed_it_is_refused(setup, tmp_path, monkeypatch):
     """check_whole looks for a file (os.path.isfile) before it reads the end of a zip archive."""
     model, checkpoints, _ = setup

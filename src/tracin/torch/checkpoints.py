@@ -1179,11 +1179,13 @@ def _open_regular(path: str | os.PathLike, name: str, missing: str) -> BinaryIO:
     """The file `path` open for reading, opened once and without blocking (O_NONBLOCK: a FIFO put in
     its place after it was fingerprinted cannot hang the open), then checked with fstat to be a regular
     file and made blocking. ValueError naming checkpoint `name` for a FIFO, device or socket (refused
-    unread); FileNotFoundError "<missing> at <path>" for no file."""
+    unread) and another failed open (_unreadable); FileNotFoundError "<missing> at <path>" for no file."""
     try:
         f = open(path, "rb", opener=_open_nonblocking)  # closed by the caller
     except FileNotFoundError:
         raise FileNotFoundError(f"{missing} at {os.path.abspath(path)}") from None
+    except OSError as e:  # a folder, no permission
+        _unreadable(e, name, path)
     if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
         f.close()
         raise ValueError(
@@ -1301,11 +1303,15 @@ def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torc
         from safetensors.torch import load_file
     except ImportError:
         raise ImportError(f"{name}: reading model.safetensors needs the safetensors package") from None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{name}: no shard listed by its index at {path}")
     from safetensors import SafetensorError
 
-    try:
-        return load_file(path, device=str(device))
-    except (SafetensorError, *_UNREADABLE) as e:
-        _unreadable(e, name, path)
+    with _open_regular(path, name, f"{name}: no shard listed by its index") as f:
+        # safetensors opens a path itself: the descriptor's (/dev/fd/N, that very file), else the path
+        opened = f"{_FD_FOLDER}/{f.fileno()}" if os.path.isdir(_FD_FOLDER) else path
+        try:
+            return load_file(opened, device=str(device))
+        except (SafetensorError, *_UNREADABLE) as e:
+            _unreadable(e, name, path)
+
+
+_FD_FOLDER = "/dev/fd"  # Linux, macOS, the BSDs: opening /dev/fd/N opens what descriptor N is open on
