@@ -71,6 +71,9 @@ def top_k(
     names anything else).
     normalize: cosine scores, as in tracin.top_k (each train row's norms are its own, so shards
     change nothing).
+    Warnings the tasks raise on the workers are warned here once the call is done, once each (not
+    left in the workers' logs): the message is prefixed with the call, the first shard that raised
+    it, its worker and how many shards did; those of a failed task are in a note on its error.
     """
     _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")
@@ -132,9 +135,10 @@ def self_influence(
 ) -> np.ndarray:
     """tracin.self_influence (float32 (n,), or (n, C) with per_checkpoint) of a GradientStore (or a
     path to one) on a Dask cluster, the same result bit for bit where the workers run the same
-    instruction set (tracin.detect_isa()), else within the error bound. Options as for
-    tracin.distributed.top_k (worker_timeout included); whitening is not run on a cluster (a ValueError: use
-    tracin.self_influence), normalize=True is refused as by tracin.self_influence."""
+    instruction set (tracin.detect_isa()), else within the error bound. Options (and the
+    workers' warnings) as for tracin.distributed.top_k (worker_timeout included); whitening is not
+    run on a cluster (a ValueError: use tracin.self_influence), normalize=True is refused as by
+    tracin.self_influence."""
     _check_cpu(device, precision)
     per_checkpoint = flag(per_checkpoint, "per_checkpoint")
     if whitening is not None:
@@ -177,10 +181,10 @@ def aggregate(
     normalize: bool = False,
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
-    for bit. Sides and options (normalize and worker_timeout included) as for
-    tracin.distributed.top_k. Each train shard sends back its rows' float64 sums; when the test
-    side is the one cut, its shards follow the store's row chunks and their per-chunk float64 sums
-    are added in order by a chain of tasks on the cluster, so only the (n,) total reaches the
+    for bit. Sides and options (normalize and worker_timeout included), and the workers' warnings,
+    as for tracin.distributed.top_k. Each train shard sends back its rows' float64 sums; when the
+    test side is the one cut, its shards follow the store's row chunks and their per-chunk float64
+    sums are added in order by a chain of tasks on the cluster, so only the (n,) total reaches the
     client."""
     _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")

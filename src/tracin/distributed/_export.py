@@ -94,6 +94,9 @@ def export_gradients(
     progress: tqdm bars (None: after a few seconds, if tqdm is installed) of the client's pass over the
         data, then of the rows written (times the checkpoints), read from the tasks' progress files
         every POLL_S seconds.
+    Warnings the tasks raise (the adapter's, the model's, the data's) are warned on the client once
+    every row is written, once each, the message prefixed with the first row range that raised it,
+    its worker and how many ranges did; those of a failed task are in a note on its error.
     """
     fn = _export_function(adapter)
     if not isinstance(store, (str, os.PathLike)):

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from dask.sizeof import sizeof
 from distributed import get_worker
 
 from .._caller import user_stacklevel
@@ -47,6 +48,12 @@ class Warned:
     value: Any
     raised: tuple[Raised, ...]
     more: int = 0
+
+
+@sizeof.register(Warned)
+def _sizeof(warned: Warned) -> int:
+    """The bytes of a Warned result, its value's as Dask counts them (for the worker's memory limits)."""
+    return sizeof(warned.value) + sizeof(list(warned.raised))
 
 
 @contextmanager
@@ -182,15 +189,18 @@ def _module_of(filename: str) -> str | None:
 def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], shards: int) -> None:
     """Each distinct (category, message) of `raised` warned once on the client, with warn_explicit at
     the line that raised it on the worker (so that the client's filters by category and module apply),
-    the message prefixed with the call (`what`), the first shard that raised it (`labels`: task key ->
-    shard), its worker, and how many of the call's `shards` shard tasks raised it."""
+    the message prefixed with the call (`what`), the first shard in the call's order that raised it
+    (`labels`: task key -> shard, in the order submitted), its worker, and how many of the call's
+    `shards` shard tasks raised it."""
+    order: dict[str, int] = {}  # shard -> its place among the call's (a chain's links share their part's)
+    for label in labels.values():
+        order.setdefault(label, len(order))
     grouped: dict[tuple, list[Raised]] = {}
     for r in raised:
         grouped.setdefault((r.category, r.message), []).append(r)
     for (category, message), found in grouped.items():
-        named = [labels[r.task] for r in found if r.task in labels]
-        shown = list(dict.fromkeys(named))  # distinct shards, in order
-        first = next((r for r in found if r.task in labels), found[0])
+        shown = sorted({labels[r.task] for r in found if r.task in labels}, key=order.__getitem__)
+        first = next((r for r in found if r.task in labels and labels[r.task] == shown[0]), found[0])
         where = shown[0] if shown else "a task merging shard results"
         count = f" (from {len(shown)} of {shards} shards)" if shown and shards > 1 else ""
         warnings.warn_explicit(
@@ -198,7 +208,7 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
             _category(category),
             first.filename,
             first.lineno,
-            module=first.module,
+            **({} if first.module is None else {"module": first.module}),  # module=None would drop it
         )
     if more:
         warnings.warn(

@@ -1,0 +1,237 @@
+"""Warnings raised by tasks on the workers reach the client once each, naming the call, the first shard
+that raised them, its worker and how many shards did (not only the workers' logs)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import tracin
+import tracin.distributed as td
+from tracin.distributed import _tasks, _warnings
+from tracin.distributed._shards import StoreRows
+
+from .conftest import read_on_workers, write_store
+
+WORKER = r"worker tcp://127\.0\.0\.1:\d+"
+_opened_before: dict[str, object] = {}  # on each worker while patched: _tasks._opened as it was
+
+
+class _OwnWarning(UserWarning):
+    """A warning class of this module, which the client has imported too."""
+
+
+def _warning_opened(side: object) -> object:
+    """_tasks._opened on a worker while patched: every store shard a task opens warns; the one starting at
+    row 0 warns once more, in a class of this module."""
+    if isinstance(side, StoreRows):
+        for _ in range(3):  # raised three times in a task: shown once
+            warnings.warn("every shard warns", RuntimeWarning, stacklevel=1)
+        if side.start == 0:
+            warnings.warn("the first shard warns", _OwnWarning, stacklevel=1)
+    return _opened_before["opened"](side)
+
+
+def _patch() -> None:
+    _opened_before["opened"], _tasks._opened = _tasks._opened, _warning_opened
+
+
+def _unpatch() -> None:
+    _tasks._opened = _opened_before.pop("opened")
+
+
+@pytest.fixture
+def warning_shards(client):
+    """The session cluster's workers with _tasks._opened warning (_warning_opened)."""
+    client.run(_patch)
+    try:
+        yield client
+    finally:
+        client.run(_unpatch)
+
+
+def _from_tracin(record: list) -> list[warnings.WarningMessage]:
+    return [w for w in record if str(w.message).startswith("tracin.distributed ")]
+
+
+def _only(record: list, text: str) -> warnings.WarningMessage:
+    (found,) = [w for w in _from_tracin(record) if str(w.message).endswith(f": {text}")]
+    return found
+
+
+@pytest.mark.parametrize("call", ["self_influence", "top_k", "aggregate"])
+def test_a_scoring_tasks_warnings_reach_the_client_once_with_their_shards(warning_shards, tied, floats, call):
+    """self_influence: shard results gathered; top_k of a train store: merged by a tree of tasks; aggregate of
+    a test store: added by a chain of tasks. The old code showed none of them on the client."""
+    if call == "self_influence":
+        store = tied["store"]
+        with pytest.warns((RuntimeWarning, _OwnWarning)) as record:
+            found = td.self_influence(store, client=warning_shards, shards=4)
+        train = tied["train"]
+        expected = 0.5 * (train[0].astype(np.float64) ** 2).sum(1) + 2.0 * (train[1].astype(np.float64) ** 2).sum(1)
+        np.testing.assert_allclose(found, expected, rtol=1e-6)
+        first = "rows [0, 250)"
+    elif call == "top_k":
+        store = tied["store"]
+        with pytest.warns((RuntimeWarning, _OwnWarning)) as record:
+            found = td.top_k(tied["test"], store, 5, client=warning_shards, shards=4)
+        np.testing.assert_array_equal(found.values, np.sort(tied["scores"], axis=1)[:, ::-1][:, :5])
+        first = "rows [0, 250)"
+    else:
+        store = floats["test_store"]  # cut on the test side, at its row chunks of 7 rows
+        train = tracin.Gradients(floats["train"], floats["weights"])
+        with pytest.warns((RuntimeWarning, _OwnWarning)) as record:
+            found = td.aggregate(store, train, client=warning_shards, shards=4)
+        np.testing.assert_allclose(found, floats["scores"].sum(0), rtol=1e-4, atol=1e-4)
+        first = "rows [0, 7)"
+    every, one = _only(record, "every shard warns"), _only(record, "the first shard warns")
+    assert len(_from_tracin(record)) == 2
+    assert every.category is RuntimeWarning and one.category is _OwnWarning
+    what = "top_k (proponents)" if call == "top_k" else call
+    prefix = rf"^tracin\.distributed {re.escape(what)}, {re.escape(first)} of {re.escape(str(store.path))} on {WORKER}"
+    assert re.match(rf"{prefix} \(from 4 of 4 shards\): every shard warns$", str(every.message)), str(every.message)
+    assert re.match(rf"{prefix} \(from 1 of 4 shards\): the first shard warns$", str(one.message)), str(one.message)
+    assert every.filename == __file__  # the line that raised it on the worker
+    assert "_tasks.py" not in one.filename and one.lineno > 0
+
+
+def test_the_clients_filters_apply_to_a_workers_warnings(warning_shards, tied):
+    """By category, and by module (the module that raised it on the worker), as for the call in one process."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", module=re.escape(__name__))
+        td.self_influence(tied["store"], client=warning_shards, shards=2)
+    assert _from_tracin(record) == []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        td.self_influence(tied["store"], client=warning_shards, shards=2)
+    assert [w.category for w in _from_tracin(record)] == [_OwnWarning]
+
+
+def test_a_failed_tasks_warnings_are_in_its_errors_notes(warning_shards, tmp_path):
+    rows = [np.ones((40, 4), dtype=np.float32)]
+    rows[0][3, 1] = np.nan
+    store = write_store(tmp_path / "bad", rows, None)
+    with pytest.raises(ValueError, match=r"first in rows \[3\]") as e:
+        td.self_influence(store, client=warning_shards, shards=4)
+    (note,) = [n for n in getattr(e.value, "__notes__", []) if "before this error" in n]
+    assert re.fullmatch(
+        rf"tracin\.distributed: the task warned on {WORKER} before this error: RuntimeWarning: every shard warns; "
+        "_OwnWarning: the first shard warns",
+        note,
+    ), note
+
+
+def _warned_batches(batches: list, failing: bool) -> object:
+    """The batches a worker reads, after a warning (and then an error, `failing`)."""
+    warnings.warn("read on a worker", UserWarning, stacklevel=1)
+    if failing:
+        raise ValueError("this worker cannot read the data")
+    return iter(batches)
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_an_export_tasks_warnings_reach_the_client_once_with_their_shards(client, tmp_path, failing):
+    torch = pytest.importorskip("torch")
+    from .test_export import _same_store, _setup
+
+    model, checkpoints, (inputs, targets), loss = _setup(20, 4)
+    batches = [(inputs[i : i + 10], targets[i : i + 10]) for i in (0, 10)]
+    data = read_on_workers(batches, functools.partial(_warned_batches, batches, failing))
+    store = tmp_path / "s"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if failing:
+            with pytest.raises(ValueError, match="this worker cannot read the data") as e:
+                td.export_gradients("torch", model, checkpoints, data, loss, store=store, client=client, shards=2)
+            assert any(
+                re.fullmatch(
+                    rf"tracin\.distributed: the task warned on {WORKER} before this error: UserWarning: read on a "
+                    "worker",
+                    n,
+                )
+                for n in e.value.__notes__
+            ), e.value.__notes__
+            return
+        with pytest.warns(UserWarning) as record:
+            found = td.export_gradients(
+                "torch",
+                model,
+                checkpoints,
+                data,
+                loss,
+                store=store,
+                client=client,
+                shards=2,
+                num_threads=1,
+                progress=False,
+            )
+        expected = tracin.torch.export_gradients(
+            model, checkpoints, batches, loss, store=tmp_path / "one", progress=False
+        )
+    finally:
+        torch.set_num_threads(before)
+    _same_store(found, expected)  # the rows as one process exports them
+    (shown,) = _from_tracin(record)  # each task read the data 3 times: once per checkpoint, once to check it
+    assert shown.category is UserWarning
+    assert re.fullmatch(
+        rf"tracin\.distributed export \(torch\), rows \[0, 10\) of {re.escape(str(store))} on {WORKER} "
+        r"\(from 2 of 2 shards\): read on a worker",
+        str(shown.message),
+    ), str(shown.message)
+
+
+def test_recording_is_per_thread_and_restores_the_filters():
+    """Two threads recording at once each get their own warnings; a thread recording none is shown its
+    warnings as before; once both are done the process's filters and showwarning are as they were."""
+    filters, show = list(warnings.filters), warnings.showwarning
+    inside, leave = threading.Barrier(3), threading.Event()
+    found: dict[str, list[str]] = {}
+
+    def task(name: str) -> None:
+        with _warnings.recorded() as caught:
+            inside.wait()
+            for _ in range(2):
+                warnings.warn(f"from {name}", RuntimeWarning, stacklevel=1)
+            leave.wait()
+        found[name] = [str(w.message) for w in caught]
+
+    threads = [threading.Thread(target=task, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    inside.wait()
+    with warnings.catch_warnings(record=True) as outside:  # this thread records none: its warning is its own
+        warnings.warn("not in a task", UserWarning, stacklevel=1)
+    leave.set()
+    for t in threads:
+        t.join()
+    assert found == {"a": ["from a", "from a"], "b": ["from b", "from b"]}
+    assert [str(w.message) for w in outside] == ["not in a task"]
+    assert warnings.filters == filters and warnings.showwarning is show
+
+
+def test_a_category_the_client_lacks_is_its_built_in_base_and_many_warnings_are_counted(monkeypatch):
+    raised = _warnings.Raised(("not_on_the_client", "Odd", "RuntimeWarning"), "odd", "x.py", 3, None, None, "w")
+    with pytest.warns(
+        RuntimeWarning, match=r"^tracin\.distributed test, a task merging shard results on worker w: odd$"
+    ):
+        _warnings.show([raised], 0, "test", {}, 1)
+    monkeypatch.setattr(_warnings, "KEPT", 2)
+    with _warnings.recorded() as caught:
+        for i in range(5):
+            warnings.warn(f"number {i}", UserWarning, stacklevel=1)
+    result = _warnings.carried("value", [], 0, caught)
+    assert [r.message for r in result.raised] == ["number 0", "number 1"] and result.more == 3
+    with pytest.warns(UserWarning) as record:
+        _warnings.show(list(result.raised), result.more, "test", {}, 1)
+    assert [str(w.message) for w in record][-1] == (
+        "tracin.distributed test: 3 more distinct warnings raised on the workers were not sent back (at most 2 a task)"
+    )
