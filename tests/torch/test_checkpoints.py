@@ -947,3 +947,16 @@ def test_the_advised_merge_with_the_models_frozen_weights_gives_the_checkpoints_
         loss = nn.functional.cross_entropy(ref(x[i : i + 1].double()), y[i : i + 1], reduction="sum")
         rows.append(np.concatenate([t.reshape(-1).numpy() for t in torch.autograd.grad(loss, params)]))
     np.testing.assert_allclose(g.matrices[0], np.stack(rows), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("given", ["state_dict", "file"])
+def test_an_export_from_a_trainable_only_checkpoint_names_the_frozen_parameters(tmp_path, given):
+    """The export passes frozen_parameters(model) to state_digest (in-memory) and load_checkpoint (files)."""
+    model, trainable = _lora_model()
+    source = trainable
+    if given == "file":
+        source = str(tmp_path / "adapter.pt")
+        torch.save(trainable, source)
+    data = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=r"unexpected keys \[\]: the 2 missing keys are all parameters the model has"):
+        export_gradients(model, [(source, 1.0)], data, LOSS, progress=False)

@@ -25,6 +25,7 @@ from .._progress import check_progress
 from .._validate import positive_int
 from .checkpoints import (
     FreshBuffers,
+    frozen_parameters,
     legacy_state_digest,
     load_checkpoint,
     parse_checkpoints,
@@ -310,6 +311,7 @@ class _TorchExport:
         self.copier = HostCopier(pinned=True) if self.device.type == "cuda" else None
         self.tied = tied_aliases(model)
         self.written = written_in_forward(model)
+        self.frozen = frozen_parameters(model)  # named when a checkpoint lacks only them (LoRA / PEFT)
         modules = dict(model.named_modules())
         self.last_layer = None
         extra: dict = {}
@@ -374,13 +376,13 @@ class _TorchExport:
         return host_arrays(batch.targets), host_arrays(batch.inputs)
 
     def state_digest(self, source: Any, index: int) -> str:
-        return state_digest(source, index, self.reference, self.tied)
+        return state_digest(source, index, self.reference, self.tied, self.frozen)
 
     def legacy_state_digest(self, source: Any, index: int) -> str:
         return legacy_state_digest(source, index)
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
-        state = load_checkpoint(source, index, self.reference, skip=self.tied, written=self.written)
+        state = load_checkpoint(source, index, self.reference, skip=self.tied, written=self.written, frozen=self.frozen)
         self.buffers.keep(state)  # each forward starts from the checkpoint's buffers
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.begin(index)
