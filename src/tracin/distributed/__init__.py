@@ -29,6 +29,13 @@ other shards dropped. A NaN/Inf or float32-overflow ValueError names the rows (i
 that the first shard to fail found, and that shard's rows: other shards may hold more, and tracin's
 own function in one process may name other rows first (it meets the rows in another order). A call of
 one shard raises the error as that function does in one process.
+
+Warnings a task raises on its worker (the adapter's, the model's, the data's, the kernel's) are not
+shown there: they travel back with its result and are warned on the client when the call returns,
+once each however many tasks raised them, in the same category and at the worker's line (the
+client's filters by category and module apply), the message prefixed with the call, the first shard
+that raised it, its worker and how many shards did ("(from 12 of 40 shards)"); those of a failed
+task are in a note on its error.
 """
 
 try:
