@@ -336,6 +336,12 @@ def _with_raw(store_path: Path, replace: str, by: str) -> None:
         ('"metadata": {}', '"metadata": {"framework": "jax", "params": [{"rows": 4}]}', r"\['params'\]\[0\] must be"),
         ('"metadata": {}', '"metadata": {"framework": "jax", "params": "fc.weight"}', r"\['params'\] must be a list"),
         ('"metadata": {}', '"metadata": {"deep": ' + "[" * 70 + "]" * 70 + "}", r"nested too deeply \(72 levels"),
+        # 3 MiB of empty arrays: hundreds of MiB once parsed, so refused unparsed (as are 2**20 written ranges)
+        (
+            '"metadata": {}',
+            '"metadata": {"x": [' + "[]," * 2**20 + "[]]}",
+            r"JSON arrays and objects \(at most 1048576,",
+        ),
     ],
 )
 def test_every_malformed_manifest_is_a_store_format_error(store, capsys, replace, by, message):
@@ -416,6 +422,12 @@ def test_create_refuses_metadata_that_open_would_refuse(tmp_path, metadata, mess
     with pytest.raises(ValueError, match=message):
         tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata=metadata)
     assert not (tmp_path / "s").exists()
+
+
+def test_create_never_writes_a_manifest_of_more_arrays_and_objects_than_open_accepts(tmp_path):
+    with pytest.raises(ValueError, match="JSON arrays and objects"):
+        tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata={"x": [[] for _ in range(2**20)]})
+    assert not (tmp_path / "s" / "manifest.json").exists()
 
 
 def test_metadata_of_the_users_own_is_not_read_whatever_its_values(tmp_path):
