@@ -5,7 +5,9 @@ refuse to record rows that would take their document past it, writing nothing.""
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 import tracin
 from tracin.store import StoreFormatError, _format
+from tracin.store._files import read_all
 
 from .helpers import read_rows
 
@@ -190,3 +193,31 @@ def test_json_shape_counts_as_a_walk_of_the_parsed_document():
     for doc in docs:
         text = json.dumps(doc, ensure_ascii=False)
         assert _format.json_shape(text) == _format.json_shape(text.encode()) == (_depth(doc), _containers(doc))
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 5001])
+def test_read_all_reads_a_file_whole_and_refuses_one_past_its_limit(tmp_path, size):
+    path = tmp_path / "f"
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if size > 5000:
+            with pytest.raises(StoreFormatError, match="larger than 5000 bytes, refused unread"):
+                read_all(fd, 5000, path)
+        else:
+            assert read_all(fd, 5000, path) == data
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc (its files have st_size 0)")
+def test_read_all_reads_on_past_the_size_the_file_had_when_opened():
+    with open("/proc/self/status", "rb") as f:
+        expected = f.read()
+    fd = os.open("/proc/self/status", os.O_RDONLY)
+    try:
+        got = read_all(fd, 1 << 20, Path("/proc/self/status"))
+    finally:
+        os.close(fd)
+    assert got.split(b"\n")[0] == expected.split(b"\n")[0] and len(got) > 100  # (VmRSS... may differ)

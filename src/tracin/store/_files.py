@@ -20,6 +20,7 @@ hard-linked snapshot of a finished store is a legitimate backup, and both copies
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
@@ -147,15 +148,25 @@ def sync(fd: int, path: Path) -> None:
 
 
 def read_all(fd: int, limit: int, path: Path) -> bytes:
-    """The whole file open at `fd`; StoreFormatError if it is longer than `limit` bytes."""
-    parts, size = [], 0
-    with naming(path, "reading"):
-        while chunk := os.read(fd, min(1 << 20, limit + 1 - size)):
-            parts.append(chunk)
-            size += len(chunk)
+    """The whole file open at `fd` (a bytearray: one buffer of the file's size, never a second copy);
+    StoreFormatError if it is longer than `limit` bytes."""
+    buf = bytearray(min(os.fstat(fd).st_size, limit) + 1)  # a byte more: a file longer than it was shows
+    size = 0
+    with naming(path, "reading"), io.FileIO(fd, closefd=False) as file:
+        while n := _read_into(file, buf, size):
+            size += n
             if size > limit:
                 raise StoreFormatError(f"{path}: larger than {limit} bytes, refused unread")
-    return b"".join(parts)
+            if size == len(buf):  # it grew: read on
+                buf.extend(bytes(min(size, limit + 1 - size)))
+    del buf[size:]
+    return buf
+
+
+def _read_into(file: io.FileIO, buf: bytearray, start: int) -> int:
+    """Reads into buf[start:] (releasing its views after, so that buf can grow); bytes read (0: end)."""
+    with memoryview(buf) as view, view[start:] as rest:
+        return file.readinto(rest) or 0
 
 
 def write_new_file(path: Path, data: bytes) -> None:
