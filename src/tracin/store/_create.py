@@ -31,11 +31,12 @@ from ._format import (
     DISK_DTYPES,
     IDS_FILE,
     MANIFEST,
+    MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     Manifest,
     StoreFormatError,
     is_own_file,
-    json_depth,
+    json_shape,
     metadata_problem,
     new_store_id,
     range_file,
@@ -289,9 +290,14 @@ def _json_metadata(metadata: Any) -> dict:
     except (ValueError, TypeError) as e:  # a NaN, a tuple or NumPy key: json's words name neither
         where = None if "Circular reference" in str(e) else _not_json(metadata)
         raise type(e)(f"metadata: {where}" if where is not None else f"metadata: {e}") from None
-    depth = json_depth(text)
+    depth, containers = json_shape(text)
     if depth > deepest:
         raise ValueError(f"metadata nests {depth} levels deep, but a store's manifest allows {deepest}")
+    if containers > MAX_JSON_CONTAINERS // 2:  # the other half: the checkpoints and their written ranges
+        raise ValueError(
+            f"metadata holds {containers} JSON arrays and objects, but a store's manifest allows "
+            f"{MAX_JSON_CONTAINERS // 2} there (of {MAX_JSON_CONTAINERS} in all): keep bulky data beside the store"
+        )
     try:
         plain_metadata = json.loads(text, object_pairs_hook=unique_keys)
     except ValueError as e:  # {1: ..., "1": ...}: keys become strings in JSON
