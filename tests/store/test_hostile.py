@@ -426,8 +426,8 @@ def test_create_refuses_metadata_that_open_would_refuse(tmp_path, metadata, mess
 
 def test_create_never_writes_a_manifest_of_more_arrays_and_objects_than_open_accepts(tmp_path):
     with pytest.raises(ValueError, match="JSON arrays and objects"):
-        tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata={"x": [[] for _ in range(2**20)]})
-    assert not (tmp_path / "s" / "manifest.json").exists()
+        tracin.GradientStore.create(tmp_path / "s", 2, [3], metadata={"x": [[] for _ in range(2**19 + 1)]})
+    assert not (tmp_path / "s").exists()  # refused before it creates anything
 
 
 def test_metadata_of_the_users_own_is_not_read_whatever_its_values(tmp_path):
