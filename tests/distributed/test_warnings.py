@@ -193,12 +193,13 @@ def test_recording_is_per_thread_and_restores_the_filters():
     """Two threads recording at once each get their own warnings; a thread recording none is shown its
     warnings as before; once both are done the process's filters and showwarning are as they were."""
     filters, show = list(warnings.filters), warnings.showwarning
-    inside, leave = threading.Barrier(3), threading.Event()
+    inside, go, leave = threading.Barrier(3), threading.Event(), threading.Event()
     found: dict[str, list[str]] = {}
 
     def task(name: str) -> None:
         with _warnings.recorded() as caught:
             inside.wait()
+            go.wait()  # not while this thread's catch_warnings(record=True) below, which takes every thread's
             for _ in range(2):
                 warnings.warn(f"from {name}", RuntimeWarning, stacklevel=1)
             leave.wait()
@@ -210,6 +211,7 @@ def test_recording_is_per_thread_and_restores_the_filters():
     inside.wait()
     with warnings.catch_warnings(record=True) as outside:  # this thread records none: its warning is its own
         warnings.warn("not in a task", UserWarning, stacklevel=1)
+    go.set()
     leave.set()
     for t in threads:
         t.join()
@@ -235,3 +237,40 @@ def test_a_category_the_client_lacks_is_its_built_in_base_and_many_warnings_are_
     assert [str(w.message) for w in record][-1] == (
         "tracin.distributed test: 3 more distinct warnings raised on the workers were not sent back (at most 2 a task)"
     )
+
+
+def test_a_catch_warnings_left_by_another_thread_after_a_recording_does_not_make_warnings_recurse():
+    """A thread recording none that leaves warnings.catch_warnings() after a task's recording ended (the
+    client's thread with Client(processes=False), pytest's catch_warnings of a test) puts _show back as
+    warnings.showwarning: the next recording must not take it for the showwarning before it (which a
+    thread recording none is then shown through: _show calling itself)."""
+    filters, show, seen = list(warnings.filters), warnings.showwarning, []
+    recording, entered, left = threading.Event(), threading.Event(), threading.Event()
+
+    def task() -> None:
+        with _warnings.recorded():
+            recording.set()
+            entered.wait()
+        left.set()
+
+    warnings.showwarning = lambda message, *args: seen.append(str(message))
+    try:
+        thread = threading.Thread(target=task)
+        thread.start()
+        recording.wait()
+        with warnings.catch_warnings():  # entered while the task records, left after it
+            entered.set()
+            left.wait()
+        thread.join()
+        recording.clear(), entered.clear()
+        thread = threading.Thread(target=task)
+        thread.start()
+        recording.wait()
+        try:
+            warnings.warn("not in a task", UserWarning, stacklevel=1)
+        finally:
+            entered.set()
+            thread.join()
+    finally:
+        warnings.showwarning, warnings.filters[:] = show, filters
+    assert seen == ["not in a task"]

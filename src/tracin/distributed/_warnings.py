@@ -62,14 +62,18 @@ def recorded() -> Iterator[list[warnings.WarningMessage]]:
     appended to the list yielded instead of shown. warnings.catch_warnings changes the whole process,
     and a worker runs tasks on several threads at once: the first thread in enters one catch_warnings
     for all (the "always" filter, and a showwarning handing each warning to its thread's list, or to the
-    showwarning before for a thread recording none), the last one out leaves it."""
+    showwarning before for a thread recording none), the last one out leaves it. The warnings state is
+    the process's: a warnings.catch_warnings() another thread (one recording none: the client's, with
+    Client(processes=False)) is in meanwhile takes or drops these threads' warnings while it lasts."""
     caught: list[warnings.WarningMessage] = []
     with _LOCK:
         if _state["users"] == 0:
             saved = warnings.catch_warnings()
             saved.__enter__()
             warnings.simplefilter("always")
-            _state["saved"], _state["show"] = saved, warnings.showwarning
+            _state["saved"] = saved
+            if warnings.showwarning is not _show:  # else left by another thread's catch_warnings (not thread-safe)
+                _state["show"] = warnings.showwarning
             warnings.showwarning = _show
         _state["users"] += 1
     outer = getattr(_local, "caught", None)
