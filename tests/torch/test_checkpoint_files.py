@@ -4,6 +4,7 @@ from the start or swapped in after the fingerprint, is refused naming the checkp
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -164,3 +165,12 @@ def test_a_file_read_through_its_open_descriptor_gives_the_state_torch_load_give
     assert loaded.keys() == expected.keys()
     for key, t in expected.items():
         torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("text", [b"hello world\n", b"a,b,c\n1,2,3\n"])
+def test_a_text_file_whose_first_byte_is_a_pickle_opcode_is_named_as_no_torch_save_file(tmp_path, text):
+    """torch's weights_only unpickler reads 'h' (BINGET: KeyError) and 'a' (APPEND: IndexError) as opcodes."""
+    path = tmp_path / "notes.pt"
+    path.write_bytes(text * 20)
+    with pytest.raises(ValueError, match=rf"\({re.escape(str(path))}\) is not a torch.save file \(it starts with"):
+        load_checkpoint(str(path), 0, nn.Linear(2, 2).state_dict())

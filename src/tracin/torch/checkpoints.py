@@ -1171,6 +1171,12 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) ->
         except pickle.UnpicklingError as e:
             f.seek(0)
             raise ValueError(_refused(e, name, path, f.read(512))) from None
+        except (KeyError, IndexError) as e:  # torch's unpickler on bytes no pickle starts with (text: 'h', 'a')
+            f.seek(0)
+            head = f.read(512)
+            if not _torch_head(head):
+                raise ValueError(_refused(e, name, path, head)) from None
+            _unreadable(e, name, path)
         except _UNREADABLE as e:
             _unreadable(e, name, path)
 
@@ -1210,7 +1216,7 @@ _LFS_POINTER = b"version https://git-lfs"
 _TEXT_MAGIC = b"L119547037146038801333356L\n."
 
 
-def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike, head: bytes) -> str:
+def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> str:
     """What to say when torch.load(weights_only=True) refuses file `path`, which starts with `head`
     (its first 512 bytes, read from the file torch.load was given): that it is not a torch.save
     file at all when it starts as none does (a zip archive; the legacy format: a pickle of protocol 2
@@ -1221,7 +1227,7 @@ def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike, head
     weights_only=True refuses whatever it holds) that its protocol is why."""
     text_pickle = head.startswith(_TEXT_MAGIC)
     framed = head[:2] in (b"\x80\x04", b"\x80\x05")  # torch's magic number in a FRAME (operand 149)
-    torch_file = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or text_pickle or head[257:262] == b"ustar"
+    torch_file = _torch_head(head)
     where = name if f"({os.fspath(path)})" in name else f"{name} ({os.path.abspath(path)})"
     if not torch_file:
         hint = (
@@ -1258,6 +1264,12 @@ def _refused(e: pickle.UnpicklingError, name: str, path: str | os.PathLike, head
             else ""
         )
     )
+
+
+def _torch_head(head: bytes) -> bool:
+    """Whether a file starting with `head` starts as a torch.save file does (a zip archive; the legacy
+    format: a pickle of protocol 2 or later, or torch's magic number as text; a tar archive)."""
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head.startswith(_TEXT_MAGIC) or head[257:262] == b"ustar"
 
 
 # what torch.load and safetensors raise for a damaged file (an OSError from a truncated zip archive)
