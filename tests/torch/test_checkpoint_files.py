@@ -83,12 +83,17 @@ def _swap_for_fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
-def test_a_checkpoint_swapped_for_a_fifo_after_its_fingerprint_is_refused(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_checkpoint_swapped_for_a_fifo_after_its_fingerprint_is_refused(setup, tmp_path, monkeypatch, suffix):
     """The digest opened the file without blocking, torch.load opened the path again, blocking: a FIFO put
-    in its place between the two hung the export forever."""
+    in its place between the two hung the export forever. A *.safetensors file is opened the same way."""
     model, checkpoints, data = setup
-    path = tmp_path / "swapped.pt"
-    path.write_bytes(Path(checkpoints[1][0]).read_bytes())
+    path = tmp_path / f"swapped{suffix}"
+    if suffix == ".pt":
+        path.write_bytes(Path(checkpoints[1][0]).read_bytes())
+    else:
+        save_file = pytest.importorskip("safetensors.torch").save_file
+        save_file(torch.load(checkpoints[1][0], weights_only=True), str(path))
     real_digest = driver.checkpoint_file_digest
     swapped = []
 

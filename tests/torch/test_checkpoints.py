@@ -911,8 +911,9 @@ def test_a_checkpoint_of_the_trainable_parameters_alone_is_refused_saying_how_to
     reference = model.state_dict()
     said = (
         r"missing keys \['0\.base\.weight', '0\.base\.bias'\], unexpected keys \[\]: the 2 missing keys are all "
-        r"parameters the model has frozen \(requires_grad=False\), so this checkpoint holds only the trainable "
-        r"ones .* if the frozen weights did not change during training, .*\{\*\*model\.state_dict\(\), \*\*trainable\}"
+        r"parameters the model has frozen \(requires_grad=False\) or buffers of modules whose parameters are all "
+        r"frozen, so this checkpoint holds only the trainable ones .* if the frozen weights did not change during "
+        r"training .*\{\*\*model\.state_dict\(\), \*\*trainable\}"
     )
     with pytest.raises(ValueError, match=said):
         load_checkpoint(source, 0, reference, frozen=frozen)
@@ -960,3 +961,116 @@ def test_an_export_from_a_trainable_only_checkpoint_names_the_frozen_parameters(
     data = (torch.randn(4, 6), torch.randint(0, 3, (4,)))
     with pytest.raises(ValueError, match=r"unexpected keys \[\]: the 2 missing keys are all parameters the model has"):
         export_gradients(model, [(source, 1.0)], data, LOSS, progress=False)
+
+
+def test_a_trainable_only_checkpoint_of_a_model_with_a_frozen_batchnorm_gets_the_advice_naming_its_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3), nn.BatchNorm1d(3))
+    for p in [*model[0].parameters(), *model[1].parameters()]:
+        p.requires_grad_(False)
+    model[1].register_buffer("scratch", torch.zeros(5), persistent=False)  # not in a state_dict: not named
+    stats = {f"1.{b}" for b in ("running_mean", "running_var", "num_batches_tracked")}
+    assert frozen_parameters(model) == {"0.weight", "0.bias", "1.weight", "1.bias", *stats}
+    reference = model.state_dict()
+    trainable = {k: v.clone() for k, v in reference.items() if k.startswith("2.") or k in ("3.weight", "3.bias")}
+    with_stats = {**trainable, **{k: reference[k].clone() for k in reference if k.startswith("3.running")}}
+    said = r"missing keys \['0\.weight', '0\.bias', '1\.weight', '1\.bias', '1\.running_mean', '1\.running_var'\]"
+    with pytest.raises(ValueError, match=said + r", unexpected keys \[\]: the 6 missing keys are all .* BatchNorm"):
+        load_checkpoint(with_stats, 0, reference, frozen=frozen_parameters(model))
+    # the trained BatchNorm's statistics are not the frozen modules': lacking them, no advice
+    with pytest.raises(ValueError, match=r"'3\.running_mean', '3\.running_var'\], unexpected keys \[\]$"):
+        load_checkpoint(trainable, 0, reference, frozen=frozen_parameters(model))
+
+
+class _PeftLinear(nn.Module):
+    """A frozen Linear plus a low-rank update under an adapter's name, laid out as PEFT's LoRA layers are
+    (base_layer, lora_A[name], lora_B[name]): state_dict names '<i>.lora_A.<name>.weight'."""
+
+    def __init__(self, d_in: int, d_out: int, adapter: str = "default", rank: int = 2):
+        super().__init__()
+        self.base_layer = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A = nn.ModuleDict({adapter: nn.Linear(d_in, rank, bias=False)})
+        self.lora_B = nn.ModuleDict({adapter: nn.Linear(rank, d_out, bias=False)})
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B[self.adapter](self.lora_A[self.adapter](x))
+
+
+@pytest.mark.parametrize("adapter", ["default", "task1"])
+def test_a_peft_adapter_state_whose_keys_lack_the_adapter_name_is_named_as_such(adapter):
+    torch.manual_seed(0)
+    model = nn.Sequential(_PeftLinear(6, 5, adapter), nn.Tanh(), _PeftLinear(5, 3, adapter))
+    reference, frozen = model.state_dict(), frozen_parameters(model)
+    # what PEFT's get_peft_model_state_dict saves: the adapter weights, the adapter's name dropped from the keys
+    saved = {k.replace(f".{adapter}.", "."): v + 1 for k, v in reference.items() if ".lora_" in k}
+    said = (
+        r"unexpected keys \['0\.lora_A\.weight', '0\.lora_B\.weight', '2\.lora_A\.weight', '2\.lora_B\.weight'\]: "
+        rf"its keys .* are the model's without the segment '{adapter}', and the other 4 missing keys are frozen in "
+        r"the model\. This looks like a PEFT adapter file .* peft\.set_peft_model_state_dict\(model, adapter_state"
+        + ("" if adapter == "default" else rf", adapter_name='{adapter}'")
+        + r"\) .*\{k: v\.clone\(\) for k, v in model\.state_dict\(\)\.items\(\)\}"
+    )
+    with pytest.raises(ValueError, match=said):
+        load_checkpoint(saved, 0, reference, frozen=frozen)
+    with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):  # the frozen names not known: no advice
+        load_checkpoint(saved, 0, reference)
+    # a trainable key missing besides the adapter's: not a PEFT adapter file as such, no advice
+    lacking = {k: v for k, v in saved.items() if k != "2.lora_B.weight"}
+    lacking["2.lora_B.extra.weight"] = saved["2.lora_B.weight"]
+    with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):
+        load_checkpoint({k: v for k, v in saved.items() if k != "2.lora_B.weight"}, 0, reference, frozen=frozen)
+    with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):
+        load_checkpoint(lacking, 0, reference, frozen=frozen)
+    # the advice followed (the adapter's weights put in the model's, as set_peft_model_state_dict does): accepted
+    named = {
+        k.replace(".lora_A.", f".lora_A.{adapter}.").replace(".lora_B.", f".lora_B.{adapter}."): v
+        for k, v in saved.items()
+    }
+    model.load_state_dict(named, strict=False)
+    loaded = load_checkpoint({k: v.clone() for k, v in model.state_dict().items()}, 0, reference, frozen=frozen)
+    assert loaded.keys() == reference.keys()
+    for key, t in named.items():
+        torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+
+
+def test_a_save_pretrained_folder_of_a_peft_adapter_is_named_as_such(tmp_path):
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    torch.save({"0.lora_A.weight": torch.zeros(2, 6)}, folder / "adapter_model.bin")
+    with pytest.raises(
+        ValueError, match=r"It holds adapter_model\.bin, a PEFT adapter's weights alone: .*from_pretrained"
+    ):
+        load_checkpoint(str(folder), 0, nn.Linear(6, 2).state_dict())
+
+
+def test_a_safetensors_file_is_read_as_safetensors_reads_it(setup, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[1][0], weights_only=True)
+    path = tmp_path / "step-1.safetensors"
+    safetensors_torch.save_file(state, str(path))
+    expected = safetensors_torch.load_file(str(path))
+    loaded = load_checkpoint(str(path), 0, model.state_dict())
+    assert loaded.keys() == expected.keys()
+    for key, t in expected.items():
+        torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+    from_file = export_gradients(model, [(str(path), 0.5)], data, LOSS, progress=False)
+    from_dict = export_gradients(model, [(state, 0.5)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(from_file.matrices[0], from_dict.matrices[0])
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match=rf"\({re.escape(str(cut))}\) cannot be read: a safetensors file .* cut short"):
+        parse_checkpoints([(str(cut), 1.0)], model)
+
+
+@pytest.mark.parametrize("padding", [0, 42])  # a JSON header of 128 bytes starts the file with b"\x80", as pickles do
+def test_a_safetensors_file_under_another_name_is_named_as_one(tmp_path, padding):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "model.pt"
+    state = {"w": torch.zeros(3)}
+    safetensors_torch.save_file(state, str(path), metadata={"k": "x" * padding})
+    assert (path.read_bytes()[:1] == b"\x80") == bool(padding)
+    with pytest.raises(ValueError, match=r"is not a torch\.save file .*: a safetensors file, which tracin reads when"):
+        load_checkpoint(str(path), 0, state)

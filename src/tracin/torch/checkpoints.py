@@ -2,8 +2,8 @@
 optimizer_state) triples, validated against the model, loaded one at a time (each exactly once) onto
 the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path,
 or a checkpoint folder holding it as optimizer.pt) read on the host and mapped to parameter names. A
-checkpoint path may be a file for torch.load or a Hugging Face `save_pretrained` folder
-(model.safetensors or pytorch_model.bin, sharded or not)."""
+checkpoint path may be a file for torch.load, a safetensors file (named *.safetensors) or a Hugging
+Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, sharded or not)."""
 
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
         found = weight_files(path, name)
         files = [] if found is None else [(os.path.join(path, f), found.safetensors) for f in found.files]
     else:
-        files = [(os.fspath(path), False)] if os.path.isfile(path) else []
+        files = [(os.fspath(path), _safetensors_name(path))] if os.path.isfile(path) else []
     for file, safe in files:
         with _open_regular(file, name, f"{name}: no file") as f:
             size = os.fstat(f.fileno()).st_size
@@ -610,8 +610,19 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
 
 def frozen_parameters(model: torch.nn.Module) -> frozenset[str]:
     """state_dict names of the parameters the model does not train (requires_grad=False), under every
-    name they have: what a checkpoint of the trainable parameters alone lacks (load_checkpoint's `frozen`)."""
-    return frozenset(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    name they have, and of the persistent buffers of modules holding parameters, all frozen (a frozen
+    BatchNorm's running statistics): what a checkpoint of the trainable parameters alone lacks
+    (load_checkpoint's `frozen`)."""
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            names.update(
+                f"{prefix}.{n}" if prefix else n
+                for n, b in module.named_buffers(recurse=False)
+                if b is not None and n not in module._non_persistent_buffers_set
+            )
+    return frozenset(names)
 
 
 def written_in_forward(model: torch.nn.Module) -> frozenset[str]:
@@ -962,18 +973,22 @@ def load_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
-    dtype. Files are read with torch.load(weights_only=True); a directory is a save_pretrained folder.
+    dtype. Files are read with torch.load(weights_only=True), those named *.safetensors with
+    safetensors.torch.load_file; a directory is a save_pretrained folder.
     The tensors named in `written` (written_in_forward) of an in-memory checkpoint are copied, so the
     forward leaves the caller's dict as it was; the others are used as they are (no copy of the model),
     but for tensors made under torch.inference_mode() (a snapshot taken in an evaluation loop), which
     autograd cannot use: copied. `frozen`: the names of the model's frozen parameters (requires_grad=
-    False: frozen_parameters); a checkpoint lacking only some of them (the trainable parameters alone, as
-    LoRA / PEFT fine-tuning saves) is refused saying so and how to complete it."""
+    False, and buffers of frozen modules: frozen_parameters); a checkpoint lacking only some of them (the
+    trainable parameters alone, as LoRA fine-tuning may save) is refused saying so and how to complete
+    it, as is a PEFT adapter file (_adapter_advice)."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
     if isinstance(source, (str, os.PathLike)):
         device = next((t.device for t in reference.values() if isinstance(t, torch.Tensor)), "cpu")
         if os.path.isdir(source):
             obj = _read_folder(source, device, name)
+        elif _safetensors_name(source):
+            obj = _read_safetensors(source, device, name, f"checkpoints[{index}]: no checkpoint")
         else:
             obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint")
     else:
@@ -999,7 +1014,7 @@ def _matched(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
     dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys (saying so when
-    the missing ones are all `frozen` parameters: _frozen_advice), other shapes,
+    the missing ones are all `frozen`: _frozen_advice; for a PEFT adapter's keys: _adapter_advice), other shapes,
     an integer or bool tensor for a floating one of the model, a meta tensor (no data), and a tied
     copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
     BatchNorm num_batches_tracked is the model's, as nn.Module.load_state_dict takes it (unused in
@@ -1019,6 +1034,7 @@ def _matched(
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}{_prefix_advice(missing, unexpected)}"
             f"{_tied_advice(missing, state, reference, skip)}{_frozen_advice(missing, unexpected, frozen)}"
+            f"{_adapter_advice(missing, unexpected, frozen)}"
         )
     out = {}
     for key, ref in reference.items():
@@ -1085,18 +1101,59 @@ def _prefix_advice(missing: Sequence[str], unexpected: Sequence[str]) -> str:
 
 
 def _frozen_advice(missing: Sequence[str], unexpected: Sequence[str], frozen: AbstractSet[str]) -> str:
-    """When every missing key is a frozen parameter of the model and none is unexpected (a checkpoint
-    of the trainable parameters alone, as LoRA / PEFT fine-tuning saves), that, and how to give the
-    whole state_dict; "" otherwise. A partial checkpoint is never completed silently: the frozen
-    weights the model holds now are those of training only if nothing changed them."""
+    """When every missing key is `frozen` (frozen_parameters) and none is unexpected (a checkpoint of the
+    trainable parameters alone, as a LoRA fine-tuning script may save), that, and how to give the whole
+    state_dict; "" otherwise. A partial checkpoint is never completed silently: the frozen weights the
+    model holds now are those of training only if nothing changed them."""
     if not missing or unexpected or not all(k in frozen for k in missing):
         return ""
     return (
-        f": the {len(missing)} missing keys are all parameters the model has frozen (requires_grad=False), so "
-        "this checkpoint holds only the trainable ones (what LoRA / PEFT fine-tuning saves). tracin needs "
-        "every weight of each checkpoint: if the frozen weights did not change during training, give the "
-        "model's own with each checkpoint's trainable ones, as a new dict per checkpoint: "
-        "{**model.state_dict(), **trainable} (trainable = torch.load(path, weights_only=True) for a file)"
+        f": the {len(missing)} missing keys are all parameters the model has frozen (requires_grad=False) or "
+        "buffers of modules whose parameters are all frozen, so this checkpoint holds only the trainable ones "
+        "(as saved by fine-tuning that keeps them alone, LoRA). tracin needs every weight of each checkpoint: "
+        f"if the frozen weights did not change during training{_BUFFERS_KEPT}, give the model's own with each "
+        "checkpoint's trainable ones, as a new dict per checkpoint: {**model.state_dict(), **trainable} "
+        "(trainable = torch.load(path, weights_only=True) for a torch.save file, "
+        "safetensors.torch.load_file(path) for a safetensors one)"
+    )
+
+
+_BUFFERS_KEPT = " (nor the buffers: a BatchNorm in train mode updates its running statistics, frozen or not)"
+
+
+def _adapter_advice(missing: Sequence[str], unexpected: Sequence[str], frozen: AbstractSet[str]) -> str:
+    """When each unexpected key is a missing one less the same inner dotted segment ('0.lora_A.weight' for
+    '0.lora_A.default.weight') and the other missing keys are `frozen`: that this looks like a PEFT
+    adapter file (PEFT saves the adapter weights alone, their keys without the adapter's name) and how
+    to give whole checkpoints; "" otherwise."""
+    if not missing or not unexpected or not frozen:
+        return ""
+    shortened: dict[str, list[tuple[str, str]]] = {}  # key less one inner segment -> [(missing key, segment)]
+    for m in missing:
+        parts = m.split(".")
+        for i in range(1, len(parts) - 1):
+            shortened.setdefault(".".join(parts[:i] + parts[i + 1 :]), []).append((m, parts[i]))
+    found = []
+    for segment in sorted({s for pairs in shortened.values() for _, s in pairs}):
+        matched = {u: [m for m, s in shortened.get(u, ()) if s == segment] for u in unexpected}
+        if all(len(ms) == 1 for ms in matched.values()):
+            named = {ms[0] for ms in matched.values()}
+            if len(named) == len(unexpected) and all(m in frozen for m in missing if m not in named):
+                found.append(segment)
+    if len(found) != 1:
+        return ""
+    (segment,) = found
+    rest = len(missing) - len(unexpected)
+    adapter = "" if segment == "default" else f", adapter_name={segment!r}"
+    return (
+        f": its keys {_few([repr(u) for u in unexpected])} are the model's without the segment {segment!r}"
+        + (f", and the other {rest} missing keys are frozen in the model" if rest else "")
+        + f". This looks like a PEFT adapter file (PEFT saves the adapter weights alone, dropping the adapter's "
+        f"name, {segment!r}, from their keys). Load each into the PeftModel, with "
+        f"peft.set_peft_model_state_dict(model, adapter_state{adapter}) (adapter_state = "
+        "safetensors.torch.load_file('adapter_model.safetensors')) or PeftModel.from_pretrained on its folder, and "
+        "give a copy of the whole state for each checkpoint: {k: v.clone() for k, v in model.state_dict().items()}"
+        f", if the frozen weights did not change during training{_BUFFERS_KEPT}"
     )
 
 
@@ -1235,6 +1292,9 @@ def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> s
             if head.startswith(_LFS_POINTER)
             else ": a NumPy .npy file"
             if head.startswith(b"\x93NUMPY")
+            else ": a safetensors file, which tracin reads when its name ends in .safetensors (a PEFT adapter file is "
+            "adapter_model.safetensors)"
+            if _safetensors_head(head)
             else ""
         )
         return f"{where} is not a torch.save file (it starts with {head[:40]!r}{hint})"
@@ -1269,7 +1329,15 @@ def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> s
 def _torch_head(head: bytes) -> bool:
     """Whether a file starting with `head` starts as a torch.save file does (a zip archive; the legacy
     format: a pickle of protocol 2 or later, or torch's magic number as text; a tar archive)."""
+    if _safetensors_head(head):  # a header of 128 bytes (mod 256) starts with b"\x80", as pickles do
+        return False
     return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head.startswith(_TEXT_MAGIC) or head[257:262] == b"ustar"
+
+
+def _safetensors_head(head: bytes) -> bool:
+    """Whether a file starting with `head` starts as a safetensors file does: the size of its JSON header
+    (8 bytes, little-endian; at most 100 MB, safetensors' own bound), then the header's '{'."""
+    return len(head) > 8 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= 100_000_000
 
 
 # what torch.load and safetensors raise for a damaged file (an OSError from a truncated zip archive)
@@ -1298,9 +1366,17 @@ def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, t
     (tracin._export.pretrained_folder, which the export's fingerprint digests too)."""
     found = weight_files(path, name)
     if found is None:
+        adapter = next((f for f in _ADAPTER_FILES if os.path.isfile(os.path.join(path, f))), None)
         raise ValueError(
             f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
             "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
+            + (
+                f". It holds {adapter}, a PEFT adapter's weights alone: load it into the PeftModel "
+                "(PeftModel.from_pretrained, or peft.set_peft_model_state_dict) and give a copy of the whole state "
+                "for each checkpoint: {k: v.clone() for k, v in model.state_dict().items()}"
+                if adapter
+                else ""
+            )
         )
     state: dict[str, torch.Tensor] = {}
     for f in found.files:
@@ -1308,16 +1384,32 @@ def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, t
     return state
 
 
+# what PEFT's save_pretrained writes: the adapter's weights, without the model's
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torch.Tensor]:
+    missing = f"{name}: no shard listed by its index"
     if not safe:
-        return _unwrap(_read_file(path, device, name, f"{name}: no shard listed by its index"), name)
+        return _unwrap(_read_file(path, device, name, missing), name)
+    return _read_safetensors(path, device, name, missing)
+
+
+def _safetensors_name(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint file is read as safetensors: its name ends in .safetensors (as torch.load's)."""
+    return os.fspath(path).endswith(".safetensors")
+
+
+def _read_safetensors(path: str | os.PathLike, device: Any, name: str, missing: str) -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file of a safetensors file, given the file _open_regular opened (as
+    _read_file); errors name checkpoint `name` and the file."""
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ImportError(f"{name}: reading model.safetensors needs the safetensors package") from None
+        raise ImportError(f"{name}: reading a safetensors file needs the safetensors package") from None
     from safetensors import SafetensorError
 
-    with _open_regular(path, name, f"{name}: no shard listed by its index") as f:
+    with _open_regular(path, name, missing) as f:
         # safetensors opens a path itself: the descriptor's (/dev/fd/N, that very file), else the path
         opened = f"{_FD_FOLDER}/{f.fileno()}" if os.path.isdir(_FD_FOLDER) else path
         try:
