@@ -1065,12 +1065,28 @@ def test_a_safetensors_file_is_read_as_safetensors_reads_it(setup, tmp_path):
         parse_checkpoints([(str(cut), 1.0)], model)
 
 
-@pytest.mark.parametrize("padding", [0, 42])  # a JSON header of 128 bytes starts the file with b"\x80", as pickles do
-def test_a_safetensors_file_under_another_name_is_named_as_one(tmp_path, padding):
+@pytest.mark.parametrize(
+    "like_a_pickle", [False, True]
+)  # a JSON header of 128 bytes starts with b"\x80", as pickles do
+def test_a_file_is_read_as_its_first_bytes_say_whatever_its_name(tmp_path, like_a_pickle):
     safetensors_torch = pytest.importorskip("safetensors.torch")
+    state = {"w": torch.arange(3.0)}
+    padded = (m for n in range(100) if safetensors_torch.save(state, m := {"k": "x" * n})[:1] == b"\x80")
     path = tmp_path / "model.pt"
-    state = {"w": torch.zeros(3)}
-    safetensors_torch.save_file(state, str(path), metadata={"k": "x" * padding})
-    assert (path.read_bytes()[:1] == b"\x80") == bool(padding)
-    with pytest.raises(ValueError, match=r"is not a torch\.save file .*: a safetensors file, which tracin reads when"):
-        load_checkpoint(str(path), 0, state)
+    safetensors_torch.save_file(state, str(path), metadata=next(padded) if like_a_pickle else None)
+    assert (path.read_bytes()[:1] == b"\x80") == like_a_pickle
+    expected = safetensors_torch.load_file(str(path))
+    loaded = load_checkpoint(str(path), 0, {k: torch.zeros_like(v) for k, v in state.items()})
+    assert loaded.keys() == expected.keys()
+    for key, t in expected.items():
+        torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+    named = tmp_path / "torch.safetensors"  # a torch.save file, named otherwise
+    torch.save({k: v + 1 for k, v in state.items()}, named)
+    loaded = load_checkpoint(str(named), 0, state)
+    for key, t in state.items():
+        torch.testing.assert_close(loaded[key], t + 1, rtol=0, atol=0)
+    folder = tmp_path / "checkpoint-3"  # where a torch.save file is expected: named a safetensors file
+    folder.mkdir()
+    shutil.copy(path, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"is not a torch\.save file \(it starts with .*: a safetensors file\)$"):
+        load_checkpoint(str(folder), 0, state)

@@ -2,8 +2,9 @@
 optimizer_state) triples, validated against the model, loaded one at a time (each exactly once) onto
 the model's device; optimizer states (torch.optim.Adam / AdamW `optimizer.state_dict()` or its path,
 or a checkpoint folder holding it as optimizer.pt) read on the host and mapped to parameter names. A
-checkpoint path may be a file for torch.load, a safetensors file (named *.safetensors) or a Hugging
-Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, sharded or not)."""
+checkpoint path may be a file for torch.load, a safetensors file (told by its first bytes, whatever its
+name) or a Hugging Face `save_pretrained` folder (model.safetensors or pytorch_model.bin, sharded or
+not)."""
 
 from __future__ import annotations
 
@@ -221,10 +222,13 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
         found = weight_files(path, name)
         files = [] if found is None else [(os.path.join(path, f), found.safetensors) for f in found.files]
     else:
-        files = [(os.fspath(path), _safetensors_name(path))] if os.path.isfile(path) else []
+        files = [(os.fspath(path), None)] if os.path.isfile(path) else []  # its format: told by its first bytes
     for file, safe in files:
         with _open_regular(file, name, f"{name}: no file") as f:
             size = os.fstat(f.fileno()).st_size
+            if safe is None:
+                safe = _safetensors_head(f.read(9))
+                f.seek(0)
             problem = _safetensors_short(f, size) if safe else _zip_short(f, size)
         if problem:
             raise ValueError(f"{_cannot_read(name, file)}: {problem}")
@@ -973,8 +977,8 @@ def load_checkpoint(
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
-    dtype. Files are read with torch.load(weights_only=True), those named *.safetensors with
-    safetensors.torch.load_file; a directory is a save_pretrained folder.
+    dtype. Files are read with torch.load(weights_only=True), safetensors files (told by their first
+    bytes) with safetensors.torch.load_file; a directory is a save_pretrained folder.
     The tensors named in `written` (written_in_forward) of an in-memory checkpoint are copied, so the
     forward leaves the caller's dict as it was; the others are used as they are (no copy of the model),
     but for tensors made under torch.inference_mode() (a snapshot taken in an evaluation loop), which
@@ -987,10 +991,8 @@ def load_checkpoint(
         device = next((t.device for t in reference.values() if isinstance(t, torch.Tensor)), "cpu")
         if os.path.isdir(source):
             obj = _read_folder(source, device, name)
-        elif _safetensors_name(source):
-            obj = _read_safetensors(source, device, name, f"checkpoints[{index}]: no checkpoint")
         else:
-            obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint")
+            obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint", sniff=True)
     else:
         obj = source
     state = _matched(_unwrap(obj, name), reference, skip, name, frozen)
@@ -1218,11 +1220,16 @@ def _place(t: torch.Tensor) -> tuple:
     return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
-def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str) -> Any:
+def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str, sniff: bool = False) -> Any:
     """torch.load(weights_only=True) of a checkpoint file, given the file _open_regular opened (a FIFO
-    swapped in after the fingerprint is refused, not waited on); errors name it (`missing`: how a
-    missing file is reported, before its path)."""
+    swapped in after the fingerprint is refused, not waited on); with `sniff`, a file that starts as
+    a safetensors file does is read with safetensors.torch.load_file. Errors name it (`missing`: how a
+    missing file is reported, before its path). torch.load of a path opens a Python file object
+    itself: reading the one opened here is no slower (384 MB in 0.12-0.22 s either way)."""
     with _open_regular(path, name, missing) as f:
+        if sniff and _safetensors_head(f.read(9)):
+            return _load_safetensors(f, path, device, name)
+        f.seek(0)
         try:
             return torch.load(f, map_location=device, weights_only=True)
         except pickle.UnpicklingError as e:
@@ -1292,8 +1299,7 @@ def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> s
             if head.startswith(_LFS_POINTER)
             else ": a NumPy .npy file"
             if head.startswith(b"\x93NUMPY")
-            else ": a safetensors file, which tracin reads when its name ends in .safetensors (a PEFT adapter file is "
-            "adapter_model.safetensors)"
+            else ": a safetensors file"
             if _safetensors_head(head)
             else ""
         )
@@ -1395,27 +1401,26 @@ def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torc
     return _read_safetensors(path, device, name, missing)
 
 
-def _safetensors_name(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint file is read as safetensors: its name ends in .safetensors (as torch.load's)."""
-    return os.fspath(path).endswith(".safetensors")
+def _read_safetensors(path: str, device: Any, name: str, missing: str) -> dict[str, torch.Tensor]:
+    with _open_regular(path, name, missing) as f:
+        return _load_safetensors(f, path, device, name)
 
 
-def _read_safetensors(path: str | os.PathLike, device: Any, name: str, missing: str) -> dict[str, torch.Tensor]:
-    """safetensors.torch.load_file of a safetensors file, given the file _open_regular opened (as
-    _read_file); errors name checkpoint `name` and the file."""
+def _load_safetensors(f: BinaryIO, path: str | os.PathLike, device: Any, name: str) -> dict[str, torch.Tensor]:
+    """safetensors.torch.load_file of safetensors file `path`, open as `f` (_open_regular); errors name
+    checkpoint `name` and the file."""
     try:
         from safetensors.torch import load_file
     except ImportError:
         raise ImportError(f"{name}: reading a safetensors file needs the safetensors package") from None
     from safetensors import SafetensorError
 
-    with _open_regular(path, name, missing) as f:
-        # safetensors opens a path itself: the descriptor's (/dev/fd/N, that very file), else the path
-        opened = f"{_FD_FOLDER}/{f.fileno()}" if os.path.isdir(_FD_FOLDER) else path
-        try:
-            return load_file(opened, device=str(device))
-        except (SafetensorError, *_UNREADABLE) as e:
-            _unreadable(e, name, path)
+    # safetensors opens a path itself: the descriptor's (/dev/fd/N, that very file), else the path
+    opened = f"{_FD_FOLDER}/{f.fileno()}" if os.path.isdir(_FD_FOLDER) else path
+    try:
+        return load_file(opened, device=str(device))
+    except (SafetensorError, *_UNREADABLE) as e:
+        _unreadable(e, name, path)
 
 
 _FD_FOLDER = "/dev/fd"  # Linux, macOS, the BSDs: opening /dev/fd/N opens what descriptor N is open on
