@@ -1445,12 +1445,16 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
     pytest.importorskip("distributed")
     paths, blocks, weights = stores
     local, spread = tmp_path / "local.npz", tmp_path / "spread.npz"
+    white, _ = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    whitened = ("-k", "5", "--side", "both", "--whitening", str(white), "-o")
     assert main(_score(paths, "-k", "5", "--side", "both", "-o", str(local))) == 0
     assert main(_score(paths, "-k", "5", "--side", "both", "--normalize", "-o", str(tmp_path / "cos-local.npz"))) == 0
+    assert main(_score(paths, *whitened, str(tmp_path / "white-local.npz"))) == 0
     cli = [sys.executable, "-m", "tracin"]  # as a user runs it: the spawned workers import __main__ again
     for command in (
         _score(paths, "-k", "5", "--side", "both", "-o", str(spread)),
         _score(paths, "-k", "5", "--side", "both", "--normalize", "-o", str(tmp_path / "cos-spread.npz")),
+        _score(paths, *whitened, str(tmp_path / "white-spread.npz")),  # the whitened test rows sent to the workers
         ["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.csv")],
     ):
         done = subprocess.run(
@@ -1461,6 +1465,7 @@ def test_scheduler_local_gives_the_local_results(stores, tmp_path):
     for got, expected in (
         (np.load(spread), np.load(local)),
         (np.load(tmp_path / "cos-spread.npz"), np.load(tmp_path / "cos-local.npz")),
+        (np.load(tmp_path / "white-spread.npz"), np.load(tmp_path / "white-local.npz")),
     ):
         assert sorted(got.files) == sorted(expected.files)
         for name in expected.files:
@@ -1736,7 +1741,7 @@ def test_with_stdout_closed_results_for_it_are_refused_before_any_pass(command, 
 @pytest.mark.parametrize(
     "metadata,expected",
     [
-        ({"whitening": {"damping": 0.01}}, "whitened one in Python: tracin.self_influence(unwhitened_rows, whitening="),
+        ({"whitening": {"damping": 0.01}}, "unwhitened rows, with --whitening FILE (the whitening's Whitening.save"),
         ({"preconditioner": {"kind": "adam_update"}}, "exported with preconditioner None or 'adam'"),
     ],
 )
@@ -1791,49 +1796,25 @@ def test_score_with_a_whitened_test_store_names_its_whitening_in_refusals(tmp_pa
     and a --train of plain rows got Python advice (Whitening.fit(train)). Both name --test's whitening now, with
     shell advice; the --train the whitening was fitted on scores."""
     _, blocks, weights = stores
-
-    def records(states, kind):
-        return {
-            "framework": "torch",
-            "mode": "full",
-            "preconditioner": None if kind is None else {"kind": kind},
-            "fingerprints": {"data": "d", "checkpoints": ["a", "b"], "optimizer_states": states},
-            "checkpoint_sources": ["file", "file"],
-            "optimizer_state_sources": ["file", "file"],
-        }
-
-    def stored(name, gradients):
-        w = tracin.GradientStore.create(
-            tmp_path / name,
-            gradients.n_rows,
-            list(gradients.dims),
-            weights=list(gradients.weights),
-            metadata=gradients.metadata,
-        )
-        for c, m in enumerate(gradients.matrices):
-            w.write(c, 0, np.asarray(m))
-        w.finalize()
-        return tmp_path / name
-
-    fitted_rows = tracin.Gradients(blocks["train"], weights, metadata=records(["s0", "s1"], "adam_update"))
+    fitted_rows = tracin.Gradients(blocks["train"], weights, metadata=_records(kind="adam_update"))
     whitening = tracin.Whitening.fit(fitted_rows, damping=0.5, progress=False)
-    white = whitening.apply(tracin.Gradients(blocks["test"], weights, metadata=records(["s0", "s1"], None)))
-    test = stored("white", white)
+    white = whitening.apply(tracin.Gradients(blocks["test"], weights, metadata=_records()))
+    test = _stored(tmp_path / "white", white)
     cases = {
         "states": (
-            records(["s0", "s9"], "adam_update"),
+            _records(states=("s0", "s9"), kind="adam_update"),
             "fitted on gradients exported differently from --train (the optimizer states of checkpoints [1] differ)",
         ),
-        "plain": (records(["s0", "s1"], None), "fitted on preconditioner='adam_update' gradients but --train holds "),
+        "plain": (_records(), "fitted on preconditioner='adam_update' gradients but --train holds "),
     }
     for name, (meta, expected) in cases.items():
-        train = stored(name, tracin.Gradients(blocks["train"], weights, metadata=meta))
+        train = _stored(tmp_path / name, tracin.Gradients(blocks["train"], weights, metadata=meta))
         assert main(_score({"test": test, "train": train}, "-k", "2")) == 1
         line = _error_line(capsys.readouterr().err, "score")
         assert f"--test's whitening was {expected}" in line or f"--test is whitened by a whitening {expected}" in line
         assert "--test and --train" not in line and "Whitening.fit" not in line and "metadata" not in line, line
         assert line.endswith("or whiten the test rows with a whitening fitted on --train"), line
-    assert main(_score({"test": test, "train": stored("same", fitted_rows)}, "-k", "2")) == 0
+    assert main(_score({"test": test, "train": _stored(tmp_path / "same", fitted_rows)}, "-k", "2")) == 0
 
 
 def test_an_output_name_that_is_not_valid_text_is_written_and_named_escaped(stores, tmp_path):
@@ -1918,3 +1899,263 @@ def test_the_readme_states_the_exit_codes_of_pipes_and_signals_and_that_output_f
     assert codes in section
     assert "An `-o` file is written whole or not at all" in section
     assert "the one-line summary (with `-o`, ending `: wrote FILE`) goes to stderr" in section
+
+
+# -- whitened TracIn (--whitening) ----------------------------------------------------------------
+DAMPING = 0.5
+
+
+def _whitened_reference(test: list, train: list, weights: list) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (m, n) whitened scores sum_c w_c t_c (R_c + lambda_c I)^-1 x_c^T and (n,) whitened self-influence,
+    from the documented definition: R_c = G_c^T G_c / n of the train rows, lambda_c = DAMPING * trace(R_c) / d_c."""
+    scores, self_scores = 0.0, 0.0
+    for w, t, x in zip(weights, test, train, strict=True):
+        g = x.astype(np.float64)
+        r = g.T @ g / len(g)
+        inverse = np.linalg.inv(r + DAMPING * np.trace(r) / len(r) * np.eye(len(r)))
+        scores = scores + w * t.astype(np.float64) @ inverse @ g.T
+        self_scores = self_scores + w * np.einsum("ij,jk,ik->i", g, inverse, g)
+    return scores, self_scores
+
+
+def _records(checkpoints=("a", "b"), states=("s0", "s1"), kind=None) -> dict:
+    """Metadata as an export records it: torch, full rows, `kind` preconditioner, digests of two checkpoints."""
+    return {
+        "framework": "torch",
+        "mode": "full",
+        "preconditioner": None if kind is None else {"kind": kind},
+        "fingerprints": {"data": "d", "checkpoints": list(checkpoints), "optimizer_states": list(states)},
+        "checkpoint_sources": ["file", "file"],
+        "optimizer_state_sources": ["file", "file"],
+    }
+
+
+def _stored(path: Path, gradients) -> Path:
+    """`gradients` (Gradients, in memory) written to a finished store at `path`, metadata included."""
+    w = tracin.GradientStore.create(
+        path, gradients.n_rows, list(gradients.dims), weights=list(gradients.weights), metadata=gradients.metadata
+    )
+    for c, m in enumerate(gradients.matrices):
+        w.write(c, 0, np.asarray(m))
+    w.finalize()
+    return path
+
+
+def _saved_whitening(path: Path, rows) -> tuple[Path, tracin.Whitening]:
+    whitening = tracin.Whitening.fit(rows, damping=DAMPING, progress=False)
+    whitening.save(path)
+    return path, whitening
+
+
+def test_score_whitening_matches_the_float64_whitened_scores(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    white, whitening = _saved_whitening(tmp_path / "white.npz", tracin.GradientStore.open(paths["train"]))
+    npz, table = tmp_path / "top.npz", tmp_path / "top.csv"
+    for out in (npz, table):
+        assert main(_score(paths, "-k", "5", "--side", "both", "--whitening", str(white), "-o", str(out))) == 0
+        assert "top-5 both (whitened) of 3 test rows over 40 train rows: wrote" in capsys.readouterr().err
+    exact, _ = _whitened_reference(blocks["test"], blocks["train"], weights)
+    got = np.load(npz)
+    np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
+    np.testing.assert_array_equal(got["opponents_indices"], np.argsort(exact, axis=1)[:, :5])
+    scale = np.abs(exact).max()
+    np.testing.assert_allclose(got["proponents_values"], -np.sort(-exact, axis=1)[:, :5], rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got["opponents_values"], np.sort(exact, axis=1)[:, :5], rtol=0, atol=1e-5 * scale)
+    unwhitened = exact_scores(blocks["test"], blocks["train"], weights)
+    assert not np.array_equal(got["proponents_indices"], np.argsort(-unwhitened, axis=1)[:, :5])  # it whitened
+    # the library's own path, bit for bit: top_k of Whitening.apply(test) against the train store as it is
+    python = tracin.top_k(
+        whitening.apply(tracin.GradientStore.open(paths["test"])),
+        tracin.GradientStore.open(paths["train"]),
+        k=5,
+        side="both",
+    )
+    for side in ("proponents", "opponents"):
+        for field in ("values", "indices"):
+            np.testing.assert_array_equal(got[f"{side}_{field}"], getattr(getattr(python, side), field))
+    rows = list(csv.DictReader(open(table)))
+    assert [(r["test_id"], r["side"], r["train_id"]) for r in rows[:2]] == [
+        ("test-0", "proponents", f"train-{i}") for i in np.argsort(-exact[0])[:2]
+    ]
+    assert [np.float32(r["influence"]) for r in rows[:5]] == got["proponents_values"][0].tolist()
+
+
+def test_self_influence_whitening_matches_the_float64_whitened_self_influence(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    white, whitening = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    out = tmp_path / "rank.csv"
+    assert main(["self-influence", str(paths["train"]), "--whitening", str(white), "-o", str(out)]) == 0
+    assert "whitened self-influence of 40 rows, 40 ranked: wrote" in capsys.readouterr().err
+    _, exact = _whitened_reference(blocks["test"], blocks["train"], weights)
+    rows = list(csv.DictReader(open(out)))
+    assert [int(r["train_row"]) for r in rows] == np.argsort(-exact).tolist()
+    np.testing.assert_allclose([float(r["self_influence"]) for r in rows], np.sort(exact)[::-1], rtol=1e-6)
+    python = tracin.self_influence(tracin.GradientStore.open(paths["train"]), whitening=whitening)
+    assert [np.float32(r["self_influence"]) for r in rows] == np.sort(python)[::-1].tolist()
+
+
+def test_help_names_the_whitening_option(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    parsers = _subparsers()
+    for name in ("score", "self-influence"):
+        text = " ".join(parsers[name].format_help().split())
+        assert "--whitening FILE" in text and "Whitening.save" in text, name
+    assert "--whitening" not in parsers["info"].format_help()
+    assert "--whitening white.npz" in build_parser().format_help()
+    readme = (CHECKOUT / "README.md").read_text()
+    section = " ".join(readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0].split())
+    assert (
+        "--whitening white.npz" in section and "`--whitening FILE` takes a file written by `Whitening.save`" in section
+    )
+
+
+def test_whitening_files_that_do_not_load_are_named_by_the_option(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    text = tmp_path / "notes.txt"
+    text.write_text("not a whitening\n")
+    cases = {
+        "": "--whitening: expected a file written by tracin.Whitening.save, got ''",
+        str(tmp_path / "gone.npz"): f"--whitening: no such file {tmp_path}/gone.npz",
+        str(text): f"--whitening: {text} is not a saved tracin.Whitening (not a complete .npz archive)",
+        str(tmp_path): f"--whitening: {tmp_path} is not a saved tracin.Whitening (not a regular file)",
+    }
+    for path, expected in cases.items():
+        for name, argv in (("score", _score(paths)), ("self-influence", ["self-influence", str(paths["train"])])):
+            assert main([*argv, "--whitening", path]) == 1
+            assert _error_line(capsys.readouterr().err, name) == f"tracin {name}: error: {expected}"
+    if os.geteuid() != 0:  # root reads any file
+        locked, _ = _saved_whitening(tmp_path / "locked.npz", tracin.Gradients(blocks["train"], weights))
+        locked.chmod(0)
+        assert main([*_score(paths), "--whitening", str(locked)]) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert line.endswith(f"--whitening: cannot read {locked} (Permission denied)"), line
+
+
+def test_whitening_with_options_it_does_not_combine_with_is_refused_before_any_work(
+    stores, tmp_path, capsys, monkeypatch
+):
+    paths, blocks, weights = stores
+    white, _ = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    monkeypatch.setattr(tracin.Whitening, "load", lambda *a: pytest.fail("refused only after loading"))
+    monkeypatch.setattr(tracin.GradientStore, "open", lambda *a, **k: pytest.fail("refused only after opening"))
+    cases = [
+        (
+            _score(paths, "--normalize"),
+            "--whitening and --normalize do not combine: the cosine of whitened --test rows and unwhitened --train "
+            "rows compares different spaces; drop --normalize to score whitened TracIn",
+        ),
+        (
+            ["self-influence", str(paths["train"]), "--scheduler", "local"],
+            "--whitening computes on this machine (tracin.distributed.self_influence does not whiten): give "
+            "--whitening or --scheduler, not both",
+        ),
+        (
+            ["self-influence", str(paths["train"]), "--device", "cuda"],
+            "--whitening computes in float64 on the CPU: give --whitening or --device cuda, not both",
+        ),
+    ]
+    for argv, expected in cases:
+        assert main([*argv, "--whitening", str(white)]) == 1
+        assert _error_line(capsys.readouterr().err, argv[0]) == f"tracin {argv[0]}: error: {expected}"
+
+
+def test_whitening_with_an_already_whitened_store_is_refused(stores, tmp_path, capsys):
+    paths, blocks, weights = stores
+    white, whitening = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    whitened = _stored(tmp_path / "whitened", whitening.apply(tracin.Gradients(blocks["test"], weights)))
+    for option, pair in (
+        ("--test", {"test": whitened, "train": paths["train"]}),
+        ("--train", {"test": paths["test"], "train": whitened}),
+    ):
+        assert main(_score(pair, "--whitening", str(white))) == 1
+        assert _error_line(capsys.readouterr().err, "score") == (
+            f"tracin score: error: --whitening: {option} store {whitened} is already whitened "
+            "(metadata['whitening']), and the whitening applies once, to the test rows: give the store of the "
+            "unwhitened rows, or leave --whitening out"
+        )
+    assert main(["self-influence", str(whitened), "--whitening", str(white)]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert line.endswith(
+        f"path: gradient store {whitened} holds whitened rows, whose squared norms are not the whitened "
+        "self-influence; give the store of the unwhitened rows, with --whitening FILE (the whitening's "
+        "Whitening.save file) for the whitened self-influence"
+    ), line
+
+
+def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(stores, tmp_path, capsys):
+    """The library's CheckpointMismatchError / FittedKindError / records checks, in command line terms: a
+    whitening fitted on other checkpoints than --test's (or path's), on another preconditioner or other
+    optimizer states or parameters than --train's, or of other dims."""
+    _, blocks, weights = stores
+    plain = _stored(tmp_path / "rec-train", tracin.Gradients(blocks["train"], weights, metadata=_records()))
+    test = _stored(tmp_path / "rec-test", tracin.Gradients(blocks["test"], weights, metadata=_records()))
+
+    def whitening(name, metadata=None, mats=blocks["train"], w=weights):
+        return _saved_whitening(tmp_path / f"{name}.npz", tracin.Gradients(mats, w, metadata=metadata))[0]
+
+    update = whitening("update", _records(kind="adam_update"))
+    refit = "give --whitening a whitening fitted on --train's gradients"
+    score_cases = [
+        (  # the whitening's checkpoints are not --test's: Whitening.apply's CheckpointMismatchError
+            test,
+            plain,
+            whitening("other", _records(checkpoints=("a", "c"))),
+            "--test and the gradients --whitening was fitted on were exported at different checkpoints (checkpoints "
+            "[1] differ); give --whitening a whitening fitted on gradients exported as --test was (same checkpoints "
+            "and optimizer states)",
+        ),
+        (  # LESS: plain test rows pair with adam_update ones, but --train is plain: FittedKindError
+            test,
+            plain,
+            update,
+            f"--whitening was fitted on preconditioner='adam_update' gradients but --train holds "
+            f"preconditioner=None ones; {refit}",
+        ),
+        (  # adam_update --train of other optimizer states: CheckpointMismatchError of the fitted-on gradients
+            test,
+            _stored(
+                tmp_path / "s9",
+                tracin.Gradients(blocks["train"], weights, metadata=_records(states=("s0", "s9"), kind="adam_update")),
+            ),
+            update,
+            f"--whitening was fitted on gradients exported differently from --train (the optimizer states of "
+            f"checkpoints [1] differ); {refit}",
+        ),
+        (  # test rows with no records: only the fitted-on gradients' records meet --train's
+            _stored(tmp_path / "bare", tracin.Gradients(blocks["test"], weights)),
+            _stored(
+                tmp_path / "b",
+                tracin.Gradients(blocks["train"], weights, metadata={"framework": "torch", "params": [{"name": "b"}]}),
+            ),
+            whitening("a", {"framework": "torch", "params": [{"name": "a"}]}),
+            "--whitening does not fit --train: the gradients --whitening was fitted on and train are gradients of "
+            f"different parameters: ['a'] vs ['b']; {refit}",
+        ),
+        (
+            test,
+            plain,
+            whitening("one", mats=blocks["train"][:1], w=weights[:1]),
+            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1",
+        ),
+    ]
+    for test_store, train_store, white, expected in score_cases:
+        assert main(_score({"test": test_store, "train": train_store}, "--whitening", str(white))) == 1
+        assert _error_line(capsys.readouterr().err, "score") == f"tracin score: error: {expected}"
+    assert main(_score({"test": test, "train": plain}, "--whitening", str(whitening("same", _records())))) == 0
+    capsys.readouterr()
+    self_cases = [
+        (
+            whitening("c", _records(checkpoints=("a", "c"))),
+            "path and the gradients --whitening was fitted on were exported at different checkpoints (checkpoints [1] "
+            "differ); give --whitening a whitening fitted on gradients exported as path was (same checkpoints and "
+            "optimizer states)",
+        ),
+        (
+            update,
+            "--whitening applied to path: train gradients are preconditioner=None but the whitening was fitted on "
+            "preconditioner='adam_update'",
+        ),
+    ]
+    for white, expected in self_cases:
+        assert main(["self-influence", str(plain), "--whitening", str(white)]) == 1
+        assert _error_line(capsys.readouterr().err, "self-influence") == f"tracin self-influence: error: {expected}"

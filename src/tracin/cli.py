@@ -46,6 +46,7 @@ EXAMPLES = """examples:
   tracin score --test grads/test --train grads/train -k 10 --side both -o top10.npz
   tracin score --test grads/test --train grads/train --scheduler local --workers 4   # on a Dask LocalCluster
   tracin score --test grads/test --train grads/train --device cuda                   # on the GPU (torch)
+  tracin score --test grads/test --train grads/train --whitening white.npz           # whitened TracIn
   tracin bench                                  # tracin.top_k against NumPy on this machine
 """
 
@@ -362,13 +363,31 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
 
+    if args.whitening is not None and args.normalize:
+        raise CommandError(
+            "--whitening and --normalize do not combine: the cosine of whitened --test rows and unwhitened --train "
+            "rows compares different spaces; drop --normalize to score whitened TracIn"
+        )
     out = _check_output(args.output, (".npz", ".csv"))
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
     train = _open_store(args.train, "--train", args.allow_partial)
+    whitening = None
+    if args.whitening is not None:
+        for option, store in (("--test", test), ("--train", train)):
+            if "whitening" in store.metadata:
+                raise CommandError(
+                    f"--whitening: {option} store {store.path} is already whitened (metadata['whitening']), and the "
+                    "whitening applies once, to the test rows: give the store of the unwhitened rows, or leave "
+                    "--whitening out"
+                )
+        whitening = _load_whitening(args.whitening)
+    # a whitened test side's whitening: --whitening, or the one a whitened --test store records
+    owner = "--test's whitening" if whitening is None else "--whitening"
     try:
-        result = _top_k(args, test, train)
+        scored = test if whitening is None else _whitened(whitening, test, "--test", args)
+        result = _top_k(args, scored, train)
     except WhitenedNormalizeError as e:  # the library's advice (normalize=False) is Python's
         head = "--normalize does not combine with whitened gradients (metadata['whitening'])"
         if len(e.sides) == 2:  # the same whitening on both is no space mismatch: two whitened sides are refused
@@ -385,18 +404,17 @@ def cmd_score(args: argparse.Namespace) -> None:
             )
         raise CommandError(message) from e
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
+        fitted = "--whitening was" if whitening is not None else "--test is whitened by a whitening"
         raise CommandError(
-            f"--test is whitened by a whitening fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "
-            f"preconditioner={e.kinds[1]!r} ones; score --test against the gradients its whitening was fitted on, "
-            "or whiten the test rows with a whitening fitted on --train"
+            f"{fitted} fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "
+            f"preconditioner={e.kinds[1]!r} ones; {_refit_advice(whitening)}"
         ) from e
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         if e.names[0] == FITTED_ON:  # --test's own records passed: its whitening's fitted-on gradients did not
             what = "the optimizer states of checkpoints" if e.optimizer_states else "checkpoints"
             raise CommandError(
-                f"--test's whitening was fitted on gradients exported differently from --train ({what} "
-                f"{e.checkpoints} differ); score --test against the gradients its whitening was fitted on, or "
-                "whiten the test rows with a whitening fitted on --train"
+                f"{owner} was fitted on gradients exported differently from --train ({what} {e.checkpoints} "
+                f"differ); {_refit_advice(whitening)}"
             ) from e
         if e.optimizer_states:
             raise CommandError(
@@ -408,10 +426,16 @@ def cmd_score(args: argparse.Namespace) -> None:
             f"--test and --train were exported at different checkpoints (checkpoints {e.checkpoints} differ); "
             "export both sides from the same checkpoints (same files or state dicts)"
         ) from e
+    except ValueError as e:  # another record of the fitted-on gradients than --train's (mode, projection, params)
+        if FITTED_ON not in str(e):
+            raise
+        said = _one_line(e).replace(FITTED_ON, f"the gradients {owner} was fitted on")
+        raise CommandError(f"{owner} does not fit --train: {said}; {_refit_advice(whitening)}") from e
     sides = result._asdict() if args.side == "both" else {args.side: result}
     scores = " (cosine scores)" if args.normalize else ""
     k = min(args.k, train.n_rows)  # what top_k returns
     capped = f" (k capped at the {train.n_rows} train rows)" if k < args.k else ""
+    scores += " (whitened)" if whitening is not None else ""
     summary = f"top-{k} {args.side}{scores} of {test.n_rows} test rows over {train.n_rows} train rows{capped}"
     if out is not None and out.suffix.lower() == ".npz":
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
@@ -433,6 +457,63 @@ def cmd_score(args: argparse.Namespace) -> None:
         with _output_file(out) as f:
             write_csv(f)
         print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
+
+
+def _refit_advice(whitening: Any) -> str:
+    """What to do about a whitening fitted on other gradients than --train's: `whitening` the --whitening
+    loaded, or None for the whitening a whitened --test store records."""
+    if whitening is not None:
+        return "give --whitening a whitening fitted on --train's gradients"
+    return (
+        "score --test against the gradients its whitening was fitted on, or whiten the test rows with a whitening "
+        "fitted on --train"
+    )
+
+
+def _load_whitening(path: str) -> Any:
+    """The tracin.Whitening that Whitening.save wrote to --whitening `path`; every failure to read it (no
+    such file, not a saved whitening, a damaged one: Whitening.load's errors) an error naming --whitening."""
+    from .whitening import Whitening
+
+    if not path:  # Path("") would be the current folder
+        raise CommandError("--whitening: expected a file written by tracin.Whitening.save, got ''")
+    if not os.path.lexists(path):
+        raise CommandError(f"--whitening: no such file {path}")
+    try:
+        return Whitening.load(path)
+    except OSError as e:
+        raise CommandError(f"--whitening: cannot read {path} ({e.strerror or _one_line(e)})") from e
+    except ValueError as e:  # its message names the file and what is wrong with it
+        raise CommandError(f"--whitening: {_one_line(e)}") from e
+
+
+def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) -> Any:
+    """Whitening.apply(rows) (the store of `option`): its whitened rows in memory, float32; a refusal of the
+    rows (another layout, dims or gradient space than the whitening was fitted on, a NaN row) names both options."""
+    from .scoring import CheckpointMismatchError
+    from .store import StoreFormatError
+
+    try:
+        return whitening.apply(rows, progress=_progress(args), num_threads=args.threads)
+    except StoreFormatError:  # a store changed or damaged while read: _run names it as such
+        raise
+    except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
+        raise CommandError(_fitted_mismatch(e, option)) from e
+    except ValueError as e:
+        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}") from e
+
+
+def _fitted_mismatch(e: Any, option: str) -> str:
+    """A CheckpointMismatchError between the rows of `option` and the gradients --whitening was fitted on, in
+    command line terms."""
+    if e.optimizer_states:
+        what = f"with different optimizer states (of checkpoints {e.checkpoints})"
+    else:
+        what = f"at different checkpoints (checkpoints {e.checkpoints} differ)"
+    return (
+        f"{option} and the gradients --whitening was fitted on were exported {what}; give --whitening a whitening "
+        f"fitted on gradients exported as {option} was (same checkpoints and optimizer states)"
+    )
 
 
 def _top_k(args: argparse.Namespace, test: Any, train: Any) -> Any:
@@ -483,13 +564,23 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
 
     import tracin
 
+    if args.whitening is not None and args.scheduler is not None:
+        raise CommandError(
+            "--whitening computes on this machine (tracin.distributed.self_influence does not whiten): give "
+            "--whitening or --scheduler, not both"
+        )
+    if args.whitening is not None and args.device == "cuda":
+        raise CommandError("--whitening computes in float64 on the CPU: give --whitening or --device cuda, not both")
     out = _check_output(args.output, (".csv",))
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
     _check_self_influence_store(store, args.path)
+    whitening = None if args.whitening is None else _load_whitening(args.whitening)
     with _cluster(args) as client:
-        if client is None:
+        if whitening is not None:
+            scores = _whitened_self_influence(whitening, store, args)
+        elif client is None:
             scores = tracin.self_influence(
                 store, num_threads=args.threads, progress=_progress(args), device=args.device
             )
@@ -501,7 +592,8 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
             )
     order = np.argsort(-scores, kind="stable")[: args.top]
     ids = _ids(store, "path")  # before the output is opened
-    summary = f"self-influence of {store.n_rows} rows, {len(order)} ranked"
+    whitened = "whitened " if whitening is not None else ""
+    summary = f"{whitened}self-influence of {store.n_rows} rows, {len(order)} ranked"
 
     def write(f: IO[str]) -> None:
         rows = ([rank, i, ids[i] if ids else i, f"{scores[i]:{FLOAT32}}"] for rank, i in enumerate(order.tolist(), 1))
@@ -517,6 +609,24 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
         print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
 
 
+def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespace) -> Any:
+    """tracin.self_influence(store, whitening=whitening); a refusal of the store's rows (another layout, dims or
+    gradient space than the whitening was fitted on, a NaN row) names path and --whitening."""
+    import tracin
+
+    from .scoring import CheckpointMismatchError
+    from .store import StoreFormatError
+
+    try:
+        return tracin.self_influence(store, num_threads=args.threads, progress=_progress(args), whitening=whitening)
+    except StoreFormatError:  # a store changed or damaged while read: _run names it as such
+        raise
+    except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
+        raise CommandError(_fitted_mismatch(e, "path")) from e
+    except ValueError as e:
+        raise CommandError(f"--whitening applied to path: {_one_line(e)}") from e
+
+
 def _check_self_influence_store(store: Any, path: str) -> None:
     """Refuses, before any work, the stores whose rows have no self-influence the command line can
     compute, in the command line's terms (the library's errors advise Python calls)."""
@@ -525,8 +635,8 @@ def _check_self_influence_store(store: Any, path: str) -> None:
     if "whitening" in store.metadata:
         raise CommandError(
             f"path: gradient store {path} holds whitened rows, whose squared norms are not the whitened "
-            "self-influence; give the store of the unwhitened rows (unwhitened self-influence), or compute the "
-            "whitened one in Python: tracin.self_influence(unwhitened_rows, whitening=the_whitening)"
+            "self-influence; give the store of the unwhitened rows, with --whitening FILE (the whitening's "
+            "Whitening.save file) for the whitened self-influence"
         )
     if _preconditioner_kind(store.metadata) == "adam_update":
         raise CommandError(
@@ -700,12 +810,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="cosine scores: each gradient unit-normalised per checkpoint, then weighted and summed "
         "(tracin.top_k(normalize=True))",
     )
+    p.add_argument(
+        "--whitening",
+        default=None,
+        metavar="FILE",
+        help="whitened TracIn, sum_c w_c g_c(test)^T (R_c + lambda_c I)^-1 g_c(train): FILE is a tracin.Whitening "
+        "saved with Whitening.save, fitted on --train's gradients; the --test rows are whitened with it "
+        "(Whitening.apply, held in memory: float32, test rows x dims) and scored against --train as it is; "
+        "not with --normalize",
+    )
     _scoring_options(p)
 
     p = command("self-influence", "rank training rows by self-influence (mislabel search)", cmd_self_influence)
     p.add_argument("path", help="train gradient store")
     p.add_argument("-o", "--output", default=None, help="CSV ranking (.csv), highest first (default: stdout)")
     p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
+    p.add_argument(
+        "--whitening",
+        default=None,
+        metavar="FILE",
+        help="whitened self-influence, sum_c w_c g_c^T (R_c + lambda_c I)^-1 g_c: FILE is a tracin.Whitening "
+        "saved with Whitening.save, fitted on these gradients (tracin.self_influence(whitening=)); float64 on "
+        "this machine's CPU: not with --scheduler or --device cuda",
+    )
     _scoring_options(p)
 
     p = command("bench", "time tracin.top_k against NumPy (matmul + argpartition) on generated data", cmd_bench)
