@@ -106,7 +106,8 @@ def export_gradients(
         float32 gradients. Under the caller's torch.autocast the gradients carry its rounding (a
         UserWarning says so).
     checkpoints: sequence of (state_dict or path, learning_rate); each is loaded once (files with
-        torch.load(weights_only=True); a directory is a Hugging Face save_pretrained folder holding
+        torch.load(weights_only=True), a safetensors file with safetensors.torch.load_file, told by its
+        first bytes; a directory is a Hugging Face save_pretrained folder holding
         model.safetensors or pytorch_model.bin, sharded or not; tied weights it leaves out are taken
         from their first name); DataParallel's "module." and torch.compile's "_orig_mod." prefixes
         are removed (a model wrapped in nn.DataParallel, DistributedDataParallel or torch.compile is
