@@ -1980,6 +1980,21 @@ def test_score_whitening_matches_the_float64_whitened_scores(stores, tmp_path, c
     assert [np.float32(r["influence"]) for r in rows[:5]] == got["proponents_values"][0].tolist()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_score_whitening_on_a_device_matches_the_float64_whitened_scores(stores, tmp_path, device):
+    if device == "cuda" and not _cuda_available():
+        pytest.skip("no CUDA device torch sees")
+    paths, blocks, weights = stores
+    white, _ = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    out = tmp_path / "top.npz"
+    assert main(_score(paths, "-k", "5", "--whitening", str(white), "--device", device, "-o", str(out))) == 0
+    exact, _ = _whitened_reference(blocks["test"], blocks["train"], weights)
+    got = np.load(out)
+    np.testing.assert_array_equal(got["proponents_indices"], np.argsort(-exact, axis=1)[:, :5])
+    expected = -np.sort(-exact, axis=1)[:, :5]
+    np.testing.assert_allclose(got["proponents_values"], expected, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 def test_self_influence_whitening_matches_the_float64_whitened_self_influence(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     white, whitening = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
@@ -2143,6 +2158,14 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
         assert _error_line(capsys.readouterr().err, "score") == f"tracin score: error: {expected}"
     assert main(_score({"test": test, "train": plain}, "--whitening", str(whitening("same", _records())))) == 0
     capsys.readouterr()
+    # the same refusal for a --test store whitened by hand (Whitening.apply written to a store) names its whitening
+    handmade = tracin.Whitening.load(tmp_path / "a.npz").apply(tracin.Gradients(blocks["test"], weights))
+    assert main(_score({"test": _stored(tmp_path / "handmade", handmade), "train": tmp_path / "b"})) == 1
+    assert _error_line(capsys.readouterr().err, "score") == (
+        "tracin score: error: --test's whitening does not fit --train: the gradients --test's whitening was fitted on "
+        "and train are gradients of different parameters: ['a'] vs ['b']; score --test against the gradients its "
+        "whitening was fitted on, or whiten the test rows with a whitening fitted on --train"
+    )
     self_cases = [
         (
             whitening("c", _records(checkpoints=("a", "c"))),
