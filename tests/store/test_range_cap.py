@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,40 @@ def test_json_shape_counts_as_a_walk_of_the_parsed_document():
     for doc in docs:
         text = json.dumps(doc, ensure_ascii=False)
         assert _format.json_shape(text) == _format.json_shape(text.encode()) == (_depth(doc), _containers(doc))
+
+
+@pytest.mark.parametrize("backslashes", range(4))
+@pytest.mark.parametrize("quote", [False, True])
+@pytest.mark.parametrize("shift", range(-3, 4))
+def test_json_shape_is_exact_where_a_run_of_backslashes_meets_a_piece_boundary(backslashes, quote, shift):
+    # json_shape looks at 2**20 bytes at a time: the escapes ending a string end at byte 2**20 + shift
+    tail = "\\" * backslashes + ('"[' if quote else "")
+    prefix, written_tail = '[{"k": ["', json.dumps(tail)[1:-1]
+    pad = 2**20 + shift - len(prefix) - len(written_tail)
+    doc = [{"k": ["x" * pad + tail, [[]]]}, "[\\", {}]
+    text = json.dumps(doc)
+    assert text.startswith(prefix + "x" * pad + written_tail + '", [[]]')
+    assert _format.json_shape(text.encode()) == (_depth(doc), _containers(doc)) == (5, 6)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\\" * 2**23, b'["' + b'\\"[' * 2**21 + b'"]', b'["' + b"\\\\" * 2**22 + b'", []]'],
+    ids=["backslashes", "escaped-quotes", "escaped-backslashes"],
+)
+def test_json_shape_of_8_mib_of_escapes_costs_little_memory(data):
+    # what read_all hands it (a bytearray); a pass removing each escape made an object of each (~0.3 GiB here)
+    text = bytearray(data)
+    tracemalloc.start()
+    try:
+        shape = _format.json_shape(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20
+    if data != b"\\" * 2**23:  # (that one is not JSON)
+        doc = json.loads(text)
+        assert shape == (_depth(doc), _containers(doc))
 
 
 @pytest.mark.parametrize("size", [0, 1, 5000, 5001])

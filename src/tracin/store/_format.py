@@ -45,7 +45,8 @@ MAX_JSON_DEPTH = 64
 # writers coalesce adjacent ranges (one range per checkpoint and range writer when rows are written in
 # order), and refuse to record more (OverCapError). A hostile 64 MiB manifest could otherwise hold 10M.
 MAX_JSON_CONTAINERS = 2**20
-_JSON_ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character (or byte) it escapes
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_PIECE = 1 << 20  # bytes json_shape looks at a time
 _BRACKET_STEP = np.zeros(256, dtype=np.int8)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
@@ -362,14 +363,18 @@ def json_depth(text: str | bytes) -> int:
 def json_shape(text: str | bytes) -> tuple[int, int]:
     """How deeply arrays and objects nest in JSON `text` (str, or bytes in UTF-8), and how many there
     are (strings skipped), counted without recursion or parsing (exact for valid JSON; for invalid
-    text figures the parser then refuses anyway). Memory: a copy of the text if it holds escapes."""
+    text figures the parser then refuses anyway). Memory: a few arrays of one piece (1 MiB) each,
+    whatever the text (no copy of it, nor an object per escape)."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    if b"\\" in data:  # escapes first: then every quote opens or closes a string (linear in the text)
-        data = _JSON_ESCAPE.sub(b"", data)
-    deepest, level, count, quoted = 0, 0, 0, 0
-    for a in range(0, len(data), 1 << 20):  # in pieces: no array as long as the text
-        piece = np.frombuffer(data, np.uint8, min(1 << 20, len(data) - a), a)
-        parity = np.cumsum(piece == ord('"'), dtype=np.uint8)  # quotes so far, odd within a string (mod 256)
+    escapes = b"\\" in data
+    deepest, level, count, quoted, run = 0, 0, 0, 0, 0
+    for a in range(0, len(data), _PIECE):  # in pieces: no array as long as the text
+        piece = np.frombuffer(data, np.uint8, min(_PIECE, len(data) - a), a)
+        quotes = piece == _QUOTE
+        if escapes:  # a quote after an odd run of backslashes is escaped: it neither opens nor closes a string
+            run, escaped = _escaped(piece, run)
+            quotes &= ~escaped
+        parity = np.cumsum(quotes, dtype=np.uint8)  # quotes so far, odd within a string (mod 256)
         parity += quoted
         steps = np.take(_BRACKET_STEP, piece)
         steps = steps[(steps != 0) & (parity & 1 == 0)]
@@ -379,6 +384,17 @@ def json_shape(text: str | bytes) -> tuple[int, int]:
             deepest, level = max(deepest, int(levels.max())), int(levels[-1])
             count += int(np.count_nonzero(steps > 0))
     return deepest, count
+
+
+def _escaped(piece: np.ndarray, run: int) -> tuple[int, np.ndarray]:
+    """Which bytes of `piece` (uint8) follow an odd run of backslashes, given the `run` of backslashes
+    that ended the text before it; and the run that ends `piece` (for the next)."""
+    index = np.arange(piece.size, dtype=np.int64)
+    # the last byte at or before each that is not a backslash (-1 - run where none is in the piece)
+    last = np.maximum.accumulate(np.where(piece == _BACKSLASH, -1 - run, index))
+    before = np.empty_like(last)
+    before[0], before[1:] = -1 - run, last[:-1]
+    return int(piece.size - 1 - last[-1]), (index - 1 - before) & 1 == 1
 
 
 def check_containers(data: bytes, where: str) -> None:
