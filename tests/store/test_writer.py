@@ -565,3 +565,31 @@ def test_an_owner_s_words_name_the_checkpoint_and_block_of_both_refusals(tmp_pat
     ):
         w.write(1, 4, nan)
     w.close()
+
+
+@pytest.mark.parametrize("rows", [None, (0, 8)], ids=["whole store", "range writer"])
+def test_an_interrupt_right_after_the_record_is_replaced_loses_no_recorded_rows(tmp_path, monkeypatch, rows):
+    # KeyboardInterrupt between write_json_atomic's os.replace and the writer's own bookkeeping: the
+    # rows are on disk and recorded, so the next record must keep them
+    import tracin.store._files as files
+
+    if rows is not None:
+        tracin.GradientStore.create(tmp_path / "s", 8, [2]).close()
+    writer = tracin.GradientStore.create(tmp_path / "s", 8, [2], **({} if rows is None else {"rows": rows}))
+    writer.write(0, 0, np.ones((2, 2), np.float32))
+    real = files.os.replace
+
+    def replace_then_interrupt(a, b):
+        real(a, b)
+        monkeypatch.setattr(files.os, "replace", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write(0, 2, np.ones((2, 2), np.float32))
+    writer.write(0, 6, np.ones((2, 2), np.float32))
+    writer.close()
+    assert writer.missing(0) == [[4, 6]]
+    reopened = tracin.GradientStore.create(tmp_path / "s", 8, [2])  # merges a range writer's progress
+    assert reopened.missing(0) == [[4, 6]]
+    reopened.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,12 +70,14 @@ class GradientStoreRangeWriter(GradientStoreWriter):
         return self._progress.written[c]
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
-        ranges = with_ranges(self._progress.written, written)
-        try:
-            write_progress(self.path, dataclasses.replace(self._progress, written=ranges))
-        except OverCapError as e:
-            raise over_cap(e, ranges, written) from None
+        """As GradientStoreWriter._record, into the range's progress file."""
+        before, ranges = self._progress.written, with_ranges(self._progress.written, written)
         self._progress.written = ranges
+        try:
+            write_progress(self.path, self._progress)
+        except OverCapError as e:
+            self._progress.written = before
+            raise over_cap(e, ranges, written) from None
 
 
 def initial_progress(manifest: Manifest, found: RangeProgress | None, start: int, stop: int) -> RangeProgress:

@@ -187,7 +187,8 @@ class GradientStoreWriter:
         with fewer bits, or as 0) are a RuntimeWarning, once per writer (bfloat16 keeps
         float32's small values and nearly its range: it refuses |x| >= 3.3961775e38).
         Rewriting rows already written is allowed (the new values replace the old). An OSError
-        (e.g. a full disk) names the file; the rows are then not recorded, and a resume redoes them.
+        (e.g. a full disk) names the file; the rows are then not recorded on disk (a later write of this
+        writer records them if their data was synced), and a resume redoes them.
         """
         if self._manifest.complete:
             raise ValueError(
@@ -319,13 +320,16 @@ class GradientStoreWriter:
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
         """Records rows [start, stop) of checkpoint c, for each (c, start, stop), as written, durably
-        (their data is synced), with one replace of manifest.json; unrecorded if that fails."""
-        ranges = with_ranges(self._manifest.written, written)
-        try:
-            write_json_atomic(self.path / MANIFEST, dataclasses.replace(self._manifest, written=ranges).to_json())
-        except OverCapError as e:
-            raise over_cap(e, ranges, written) from None
+        (their data is synced), with one replace of manifest.json. They are marked in memory first, so an
+        interrupt after the replace loses no recorded rows; a failed replace leaves them for the next
+        record (their data is on disk), and a record past the cap (OverCapError) is undone."""
+        before, ranges = self._manifest.written, with_ranges(self._manifest.written, written)
         self._manifest.written = ranges
+        try:
+            write_json_atomic(self.path / MANIFEST, self._manifest.to_json())
+        except OverCapError as e:
+            self._manifest.written = before
+            raise over_cap(e, ranges, written) from None
 
     def _checkpoint(self, checkpoint: int) -> int:
         if (
