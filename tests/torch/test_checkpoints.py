@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -1032,6 +1033,78 @@ def test_a_peft_adapter_state_whose_keys_lack_the_adapter_name_is_named_as_such(
     assert loaded.keys() == reference.keys()
     for key, t in named.items():
         torch.testing.assert_close(loaded[key], t, rtol=0, atol=0)
+
+
+class _PeftEmbedding(nn.Module):
+    """A frozen Embedding plus a low-rank update, laid out as PEFT's LoRA Embedding (ParameterDicts: the
+    adapter's name is the last segment of the keys)."""
+
+    def __init__(self, n: int, d: int, rank: int = 2):
+        super().__init__()
+        self.base_layer = nn.Embedding(n, d).requires_grad_(False)
+        self.lora_embedding_A = nn.ParameterDict({"default": nn.Parameter(torch.randn(rank, n))})
+        self.lora_embedding_B = nn.ParameterDict({"default": nn.Parameter(torch.randn(d, rank))})
+
+
+class _ModulesToSave(nn.Module):
+    """A frozen module and its trained copy, laid out as PEFT's ModulesToSaveWrapper (a classifier head)."""
+
+    def __init__(self, module: nn.Linear):
+        super().__init__()
+        self.original_module = module.requires_grad_(False)
+        self.modules_to_save = nn.ModuleDict({"default": nn.Linear(module.in_features, module.out_features)})
+
+
+def test_peft_adapters_of_embeddings_and_modules_to_save_are_named_as_such():
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"emb": _PeftEmbedding(10, 6), "q": _PeftLinear(6, 6), "classifier": _ModulesToSave(nn.Linear(6, 3))}
+    )
+    reference, frozen = model.state_dict(), frozen_parameters(model)
+    # what PEFT saves: 'emb.lora_embedding_A', 'q.lora_A.weight', 'classifier.weight'
+    saved = {
+        k.replace(".modules_to_save.default.", ".").replace(".default.", ".").removesuffix(".default"): v + 1
+        for k, v in reference.items()
+        if ".lora_" in k or ".modules_to_save." in k
+    }
+    assert {"emb.lora_embedding_A", "q.lora_A.weight", "classifier.weight"} <= saved.keys()
+    with pytest.raises(ValueError, match=r"without the segment 'default', and the other 5 missing keys are frozen"):
+        load_checkpoint(saved, 0, reference, frozen=frozen)
+
+
+def test_a_model_whose_keys_differ_from_the_checkpoints_by_a_wrapper_module_gets_no_peft_advice():
+    """A checkpoint of an earlier version of the model (before a refactor put each block's layers under
+    'net'), with a frozen embedding: the keys differ by one segment, but no PEFT adapter is involved."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+    model = nn.ModuleDict(
+        {"emb": nn.Embedding(5, 4).requires_grad_(False), "blocks": nn.ModuleList([Block(), Block()])}
+    )
+    reference, frozen = model.state_dict(), frozen_parameters(model)
+    old = {k.replace(".net.", "."): v for k, v in reference.items()}  # 'blocks.0.0.weight'
+    for checkpoint in (old, {k: v for k, v in old.items() if not k.startswith("emb.")}):
+        with pytest.raises(ValueError, match=r"unexpected keys \[[^]]*\]$"):
+            load_checkpoint(checkpoint, 0, reference, frozen=frozen)
+
+
+def test_a_safetensors_file_without_the_safetensors_package_is_refused_before_any_checkpoint_is_read(
+    tmp_path, monkeypatch
+):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = nn.Linear(3, 2)
+    path = tmp_path / "weights.bin"  # a safetensors file under another name: told by its first bytes
+    safetensors.save_file(model.state_dict(), str(path))
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)
+    said = rf"checkpoints\[1\] \({re.escape(str(path))}\) cannot be read: .*pip install safetensors"
+    with pytest.raises(ImportError, match=said):
+        parse_checkpoints([(model.state_dict(), 0.1), (str(path), 0.1)], model)
+    with pytest.raises(ImportError, match=said.replace("1", "0", 1)):
+        load_checkpoint(str(path), 0, model.state_dict())
 
 
 def test_a_save_pretrained_folder_of_a_peft_adapter_is_named_as_such(tmp_path):

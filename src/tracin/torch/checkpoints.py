@@ -8,6 +8,7 @@ not)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import pickle
@@ -230,6 +231,8 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
                 safe = _safetensors_head(f.read(9))
                 f.seek(0)
             problem = _safetensors_short(f, size) if safe else _zip_short(f, size)
+        if safe and not problem and importlib.util.find_spec("safetensors") is None:  # before any checkpoint is read
+            raise ImportError(f"{_cannot_read(name, file)}: {_NO_SAFETENSORS}")
         if problem:
             raise ValueError(f"{_cannot_read(name, file)}: {problem}")
 
@@ -1124,23 +1127,33 @@ _BUFFERS_KEPT = " (nor the buffers: a BatchNorm in train mode updates its runnin
 
 
 def _adapter_advice(missing: Sequence[str], unexpected: Sequence[str], frozen: AbstractSet[str]) -> str:
-    """When each unexpected key is a missing one less the same inner dotted segment ('0.lora_A.weight' for
-    '0.lora_A.default.weight') and the other missing keys are `frozen`: that this looks like a PEFT
-    adapter file (PEFT saves the adapter weights alone, their keys without the adapter's name) and how
-    to give whole checkpoints; "" otherwise."""
+    """When each unexpected key is a missing one less the same segment where PEFT puts the adapter's name
+    (second to last for a module's tensor: '0.lora_A.weight' for '0.lora_A.default.weight'; last for a
+    parameter: '0.lora_embedding_A' for '0.lora_embedding_A.default'; 'modules_to_save.default' dropped
+    whole from a copy PEFT trains: 'head.weight' for 'head.modules_to_save.default.weight') and the other
+    missing keys, at least one (the base weights, which an adapter file never holds), are `frozen`: that
+    this looks like a PEFT adapter file (PEFT saves the adapter weights alone, their keys without the
+    adapter's name) and how to give whole checkpoints; "" otherwise."""
     if not missing or not unexpected or not frozen:
         return ""
-    shortened: dict[str, list[tuple[str, str]]] = {}  # key less one inner segment -> [(missing key, segment)]
+    shortened: dict[str, list[tuple[str, str]]] = {}  # key less the adapter's name -> [(missing key, name)]
     for m in missing:
         parts = m.split(".")
-        for i in range(1, len(parts) - 1):
-            shortened.setdefault(".".join(parts[:i] + parts[i + 1 :]), []).append((m, parts[i]))
+        forms = [(parts[:-1], parts[-1])] if len(parts) > 1 else []
+        if len(parts) > 2:
+            forms.append((parts[:-2] + parts[-1:], parts[-2]))
+        forms += [
+            (parts[:i] + parts[i + 2 :], parts[i + 1]) for i in range(len(parts) - 2) if parts[i] == "modules_to_save"
+        ]
+        for short, segment in forms:
+            shortened.setdefault(".".join(short), []).append((m, segment))
     found = []
     for segment in sorted({s for pairs in shortened.values() for _, s in pairs}):
         matched = {u: [m for m, s in shortened.get(u, ()) if s == segment] for u in unexpected}
         if all(len(ms) == 1 for ms in matched.values()):
             named = {ms[0] for ms in matched.values()}
-            if len(named) == len(unexpected) and all(m in frozen for m in missing if m not in named):
+            rest = [m for m in missing if m not in named]
+            if len(named) == len(unexpected) and rest and all(m in frozen for m in rest):
                 found.append(segment)
     if len(found) != 1:
         return ""
@@ -1149,7 +1162,7 @@ def _adapter_advice(missing: Sequence[str], unexpected: Sequence[str], frozen: A
     adapter = "" if segment == "default" else f", adapter_name={segment!r}"
     return (
         f": its keys {_few([repr(u) for u in unexpected])} are the model's without the segment {segment!r}"
-        + (f", and the other {rest} missing keys are frozen in the model" if rest else "")
+        + f", and the other {rest} missing keys are frozen in the model"
         + f". This looks like a PEFT adapter file (PEFT saves the adapter weights alone, dropping the adapter's "
         f"name, {segment!r}, from their keys). Load each into the PeftModel, with "
         f"peft.set_peft_model_state_dict(model, adapter_state{adapter}) (adapter_state = "
@@ -1412,7 +1425,7 @@ def _load_safetensors(f: BinaryIO, path: str | os.PathLike, device: Any, name: s
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ImportError(f"{name}: reading a safetensors file needs the safetensors package") from None
+        raise ImportError(f"{_cannot_read(name, path)}: {_NO_SAFETENSORS}") from None
     from safetensors import SafetensorError
 
     # safetensors opens a path itself: the descriptor's (/dev/fd/N, that very file), else the path
@@ -1423,4 +1436,5 @@ def _load_safetensors(f: BinaryIO, path: str | os.PathLike, device: Any, name: s
         _unreadable(e, name, path)
 
 
+_NO_SAFETENSORS = "it is a safetensors file, which needs the safetensors package: pip install safetensors"
 _FD_FOLDER = "/dev/fd"  # Linux, macOS, the BSDs: opening /dev/fd/N opens what descriptor N is open on
