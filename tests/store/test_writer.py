@@ -388,10 +388,11 @@ def test_one_writer_shared_by_threads_records_every_block(tmp_path, rows):
         assert (tmp_path / "thr" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes()
 
 
-@pytest.mark.parametrize("code", [errno.EFBIG, errno.ENOSPC], ids=["EFBIG", "ENOSPC"])
+@pytest.mark.parametrize("code", [errno.EFBIG], ids=["EFBIG"])
 def test_a_data_file_the_file_system_refuses_is_named_with_its_size(tmp_path, monkeypatch, code):
-    """EFBIG (a file system's largest file is smaller) or ENOSPC while sizing a data file names the file and
-    its size in bytes, and what to do (review88 F4: '[Errno 27] File too large, while setting its size')."""
+    """EFBIG (a file system's largest file is smaller) while sizing a data file names the file and its size
+    in bytes, and what to do (review88 F4: '[Errno 27] File too large, while setting its size'). A full
+    disk (ENOSPC) has its own advice: test_a_full_disk_at_create_says_to_free_space."""
     import os
 
     def refuse(fd, length):
@@ -593,3 +594,55 @@ def test_an_interrupt_right_after_the_record_is_replaced_loses_no_recorded_rows(
     reopened = tracin.GradientStore.create(tmp_path / "s", 8, [2])  # merges a range writer's progress
     assert reopened.missing(0) == [[4, 6]]
     reopened.close()
+
+
+class _FileSystem:
+    """What os.statvfs returns, for a file system of `total` bytes of which `free` are free."""
+
+    def __init__(self, total: int, free: int):
+        self.f_frsize, self.f_blocks, self.f_bavail = 512, total // 512, free // 512
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("total", [10**9, 512 * 1024], ids=["room", "too-small"])
+def test_a_full_disk_at_create_says_to_free_space(tmp_path, monkeypatch, code, total):
+    """ENOSPC / EDQUOT while making a store's files says the disk is full, how many bytes the store's files
+    take and how many are free, and to free space and create again; not the advice for a file too big for the
+    file system (split the rows, project), unless the whole file system is smaller than the store (review117 F3)."""
+    import os
+
+    def refuse(fd, length):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "ftruncate", refuse)
+    monkeypatch.setattr(os, "statvfs", lambda path: _FileSystem(total, 512 * 100))
+    need = 2 * (128 + 1000 * 300 * 2)  # two data files: each a .npy header and 1000 x 300 float16 values
+    with pytest.raises(OSError) as info:
+        tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300, 300], dtype="float16")
+    text = str(info.value)
+    assert info.value.errno == code and info.value.filename == str(tmp_path / "s" / "checkpoint_000.npy")
+    assert "the disk is full" in text and f"the store's files take about {need} bytes" in text
+    assert "51200 bytes are free now: free space on that disk (or quota), then create again" in text
+    assert ("split the rows between stores" in text) == (total < need)
+    assert "interrupted create, which the next create replaces" in text
+    monkeypatch.undo()
+    with tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300, 300], dtype="float16") as w:  # redone
+        assert w.missing(1) == [[0, 1000]]
+
+
+def test_a_full_disk_while_writing_the_ids_at_create_says_to_free_space(tmp_path, monkeypatch):
+    """ENOSPC on the ids file (after the data files were made) gets the same advice, the ids counted."""
+    import os
+
+    from tracin.store import _create
+
+    def refuse(path, ids):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(_create, "write_npy", refuse)
+    ids = np.arange(10, dtype=np.int64)
+    with pytest.raises(OSError) as info:
+        tracin.GradientStore.create(tmp_path / "s", n_rows=10, dims=[4], ids=ids)
+    need = (128 + 10 * 4 * 4) + (128 + 10 * 8)
+    assert f"the disk is full (No space left on device); the store's files take about {need} bytes" in str(info.value)
+    assert "split the rows" not in str(info.value)

@@ -167,16 +167,21 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
         if n != CREATING:
             remove_if_present(root / n)
     fsync_dir(root)
-    for c, files in enumerate(wanted.files):
-        for name, d in zip(files, wanted.dims[c], strict=True):
-            try:
-                create_npy(root / name, DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
-            except OSError as e:
-                if e.errno not in _TOO_BIG:
-                    raise
-                raise type(e)(e.errno, _too_big(e, wanted, d), e.filename) from e
-    if ids is not None:
-        write_npy(root / IDS_FILE, ids)
+    try:
+        for c, files in enumerate(wanted.files):
+            for name, d in zip(files, wanted.dims[c], strict=True):
+                try:
+                    create_npy(root / name, DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+                except OSError as e:
+                    if e.errno != errno.EFBIG:
+                        raise
+                    raise type(e)(e.errno, _too_big(e, wanted, d), e.filename) from e
+        if ids is not None:
+            write_npy(root / IDS_FILE, ids)
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        raise type(e)(e.errno, _disk_full(e, root, wanted, ids), e.filename) from e
     wanted.store_id = new_store_id()
     fsync_dir(root)
     write_json_atomic(root / MANIFEST, wanted.to_json())
@@ -185,19 +190,46 @@ def _build(root: Path, wanted: Manifest, ids: np.ndarray | None, overwrite: bool
     fsync_dir(root)
 
 
-# what the OS says when a file of the asked size cannot be made: larger than the file system allows, no room
-_TOO_BIG = (errno.EFBIG, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# what the OS says when the disk (or the user's quota) has no room left
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def _too_big(e: OSError, wanted: Manifest, d: int) -> str:
-    """The text of an OSError `e` met making a data file of n_rows x d values: the size asked, and what to do."""
+    """The text of EFBIG met making a data file of n_rows x d values: the size asked, and what to do."""
     size = npy_size(DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
     return (
         f"{e.strerror or 'error'} (a data file of {size} bytes: n_rows={wanted.n_rows} x {d} {wanted.dtype} "
-        "values); the file system refuses that size or has no room for it: split the rows between stores, "
-        "project the gradients (a smaller dim) or use another file system. The folder holds an interrupted "
-        "create, which the next create replaces"
+        "values); the file system refuses files that large: split the rows between stores, project the "
+        "gradients (a smaller dim) or use another file system. The folder holds an interrupted create, which "
+        "the next create replaces"
     )
+
+
+def _disk_full(e: OSError, root: Path, wanted: Manifest, ids: np.ndarray | None) -> str:
+    """The text of ENOSPC / EDQUOT met making the store's files in `root`: the disk is full, how many
+    bytes the store's files take once written and how many the file system has free, and what to do."""
+    need = sum(npy_size(DISK_DTYPES[wanted.dtype], (wanted.n_rows, d)) for dims in wanted.dims for d in dims)
+    if ids is not None:
+        need += ids.nbytes + 128  # the ids' values and (about) their .npy header
+    reason = e.strerror or "error"
+    if "the disk is full" not in reason:
+        reason = f"the disk is full ({reason})"
+    try:
+        fs = os.statvfs(root)
+        room = f"; {fs.f_bavail * fs.f_frsize} bytes are free now"
+        whole = fs.f_blocks * fs.f_frsize
+    except (OSError, AttributeError):  # no statvfs (Windows) or it failed: the need alone
+        room, whole = "", 0
+    text = (
+        f"{reason}; the store's files take about {need} bytes once every row is written{room}: free space on "
+        "that disk (or quota), then create again"
+    )
+    if whole and need > whole:
+        text += (
+            f" (the file system holds {whole} bytes in all, less than the store needs: split the rows between "
+            "stores, project the gradients (a smaller dim) or use another file system)"
+        )
+    return text + ". The folder holds an interrupted create, which the next create replaces"
 
 
 def _refuse_directory(path: Path) -> None:
