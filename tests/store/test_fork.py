@@ -473,3 +473,192 @@ def test_a_fifo_in_place_of_the_store_directory_is_refused_at_once(tmp_path):
     a FIFO put in its place until some process opens the FIFO for writing."""
     os.mkfifo(tmp_path / "s")
     _run(_FIFO, str(tmp_path / "s"), timeout=30)
+
+
+@contextmanager
+def _child(work: Callable[[], str]) -> Iterator[Callable[[], str]]:
+    """Forks a child (the writers open now are inherited) that waits for the parent's go, then runs
+    work() and sends back what it returned, or what it raised as 'Type: text'. Yields go(): it lets
+    the child run and returns what the child sent (once the child exited)."""
+    out_r, out_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            os.close(out_r)
+            os.close(go_w)
+            os.read(go_r, 1)
+            try:
+                sent = work()
+            except BaseException as e:
+                sent = f"{type(e).__name__}: {e}"
+            os.write(out_w, sent.encode())
+        finally:
+            os._exit(0)
+    os.close(out_w)
+    os.close(go_r)
+    done = False
+
+    def go() -> str:
+        nonlocal done
+        os.write(go_w, b"g")
+        chunks = []
+        while _readable(out_r, 60) and (chunk := os.read(out_r, 1 << 16)):
+            chunks.append(chunk)
+        os.waitpid(pid, 0)
+        done = True
+        return b"".join(chunks).decode()
+
+    try:
+        yield go
+    finally:
+        os.close(go_w)
+        os.close(out_r)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _tried(*calls: Callable[[], object]) -> str:
+    """Each call's outcome on a line: 'accepted', or what it raised as 'Type: text'."""
+    lines = []
+    for call in calls:
+        try:
+            call()
+            lines.append("accepted")
+        except Exception as e:
+            lines.append(f"{type(e).__name__}: {e}")
+    return "\n".join(lines)
+
+
+def _refused_for_fork(outcome: str) -> bool:
+    return outcome.startswith("RuntimeError: this writer of gradient store ") and (
+        f"was opened by process {os.getpid()} before a fork" in outcome and "open a writer in the child" in outcome
+    )
+
+
+def test_a_writer_inherited_by_a_forked_child_refuses_to_write_and_its_close_touches_nothing(tmp_path):
+    """write() and finalize() through the parent's writer in a forked child are refused naming the parent
+    (the child holds no lock); close() there writes nothing and leaves the parent's lock taken; the parent
+    writes on and finalizes (review117 F2)."""
+    root = tmp_path / "s"
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    w = tracin.GradientStore.create(root, **SPEC)
+    w.write(0, 0, rows[:5])
+    files = {p.name: p.read_bytes() for p in root.iterdir()}
+
+    def child() -> str:
+        outcome = _tried(lambda: w.write(0, 5, -rows[5:]), w.finalize, lambda: w.write(0, 0, -rows[:5]))
+        w.close()
+        return f"{outcome}\nrefused={_refused(root)}"  # closing the child's copy released nothing
+
+    with _child(child) as go:
+        *outcomes, still_locked = go().split("\n")
+    assert len(outcomes) == 3 and all(_refused_for_fork(o) for o in outcomes), outcomes
+    assert still_locked == "refused=True"
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == files
+    assert _refused(root)  # the parent's writer holds the store and writes on
+    w.write(0, 5, rows[5:])
+    np.testing.assert_array_equal(np.load(w.finalize().path / "checkpoint_000.npy"), rows)
+
+
+def test_a_writer_inherited_by_a_child_cannot_reopen_a_store_another_writer_finished(tmp_path):
+    """review117 fork_inherited_writer.py: the parent closes its writer, a new one finishes the store, then
+    the child writes through its copy of the first: refused, and the finished store is unchanged (before,
+    its manifest went back to unfinished, the rows of the second writer unrecorded)."""
+    root = tmp_path / "s"
+    spec = {"n_rows": 20, "dims": [4]}
+    w = tracin.GradientStore.create(root, **spec)
+    w.write(0, 0, np.ones((10, 4), np.float32))
+    with _child(lambda: _tried(lambda: w.write(0, 0, np.full((10, 4), 7, np.float32)), w.close)) as go:
+        w.close()
+        w2 = tracin.GradientStore.create(root, **spec)
+        w2.write(0, 10, np.full((10, 4), 2, np.float32))
+        w2.finalize()
+        files = {p.name: p.read_bytes() for p in root.iterdir()}
+        write, close = go().split("\n")
+    assert _refused_for_fork(write) and close == "accepted"
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == files
+    store = tracin.GradientStore.open(root)
+    assert store.complete
+    expected = np.concatenate([np.ones((10, 4)), np.full((10, 4), 2.0)])
+    np.testing.assert_array_equal(np.load(root / "checkpoint_000.npy"), expected)
+
+
+def test_a_range_writer_inherited_by_a_forked_child_refuses_to_write_and_records_nothing(tmp_path):
+    """The same for a range writer: the child's write() and finalize() are refused, its progress file
+    and data are not rewritten, and the parent writes on."""
+    root = tmp_path / "s"
+    tracin.GradientStore.create(root, **SPEC).close()
+    w = tracin.GradientStore.create(root, **SPEC, rows=(0, 5))
+    w.write(0, 0, np.ones((2, 4), np.float32))
+    files = {p.name: p.read_bytes() for p in root.iterdir()}
+    with _child(lambda: _tried(lambda: w.write(0, 2, np.full((3, 4), 7, np.float32)), w.finalize, w.close)) as go:
+        write, finalize, close = go().split("\n")
+    assert _refused_for_fork(write) and _refused_for_fork(finalize) and close == "accepted"
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == files
+    w.write(0, 2, np.ones((3, 4), np.float32))
+    w.close()
+    np.testing.assert_array_equal(np.load(_finish_whole(root).path / "checkpoint_000.npy")[:5], np.ones((5, 4)))
+
+
+def _fork_inside_recording(w, progress: Path) -> int:
+    """Forks inside a recording_once block of `w` holding a written row; the child leaves the block, then
+    exits 0 if `progress` is unchanged (1 if changed, 2 if leaving raised). The parent waits for the child
+    before it leaves the block itself; returns the child's exit status."""
+    pid = -1
+    try:
+        with w.recording_once():
+            w.write(0, 2, np.ones((1, 4), np.float32))
+            before = progress.read_bytes()
+            pid = os.fork()
+            if pid:
+                status = os.waitpid(pid, 0)[1]
+    except BaseException:
+        if pid == 0:
+            os._exit(2)
+        raise
+    if pid == 0:
+        os._exit(0 if progress.read_bytes() == before else 1)
+    return status
+
+
+def test_a_child_forked_inside_a_recording_block_leaves_it_without_recording(tmp_path):
+    """The rows pending in the block are the parent's: the child leaves the block quietly, recording
+    nothing, and the parent records them on leaving."""
+    root = tmp_path / "s"
+    tracin.GradientStore.create(root, **SPEC).close()
+    w = tracin.GradientStore.create(root, **SPEC, rows=(0, 5))
+    w.write(0, 0, np.ones((2, 4), np.float32))
+    assert _fork_inside_recording(w, root / "rows-0-5.json") == 0
+    assert w.rows_done(0) == 3
+    w.close()
+    assert tracin.GradientStore.create(root, **SPEC, rows=(0, 5)).rows_done(0) == 3  # recorded on disk
+
+
+def _finish_whole(root: Path) -> tracin.GradientStore:
+    """The store at `root` finalized after a writer of the whole store wrote rows 5-10 as twos."""
+    w = tracin.GradientStore.create(root, **SPEC)
+    w.write(0, 5, np.full((5, 4), 2, np.float32))
+    return w.finalize()
+
+
+def _sum_of_squares(x: int) -> int:
+    return x * x
+
+
+def test_multiprocessing_fork_workers_that_leave_the_writer_alone_change_nothing(tmp_path):
+    """A fork Pool started while a writer is open (as DataLoader workers): the workers run and exit, the
+    parent writes and finalizes meanwhile, and the workers kept no lock (a new writer opens at once)."""
+    import multiprocessing
+
+    root = tmp_path / "s"
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    w = tracin.GradientStore.create(root, **SPEC)
+    w.write(0, 0, rows[:5])
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.map(_sum_of_squares, range(8)) == [x * x for x in range(8)]
+        w.write(0, 5, rows[5:])
+        np.testing.assert_array_equal(np.load(w.finalize().path / "checkpoint_000.npy"), rows)
+        with tracin.GradientStore.create(root, **SPEC, overwrite=True) as again:  # the workers hold no lock
+            assert again.missing(0) == [[0, 10]]

@@ -8,7 +8,8 @@ the OS or the file system has no flock the locks are no-ops (the overlap check o
 A flock belongs to the open file description, which a forked child shares: a child forked while a
 writer is open (a DataLoader worker, say) would keep the store locked after the parent closed its
 writer. So the child closes its copies of every held lock's descriptor right after the fork (close
-only: unlocking would release the parent's lock too); the child must not use a writer it inherited.
+only: unlocking would release the parent's lock too); a writer it inherited refuses to write or
+finalize there (the writer checks the process that opened it) and its close() touches no file.
 The parent does not wait for that: a lock found taken is tried again for up to RETRY_S seconds
 before the writer is refused, unless this process itself holds the conflicting lock.
 """

@@ -47,7 +47,9 @@ class GradientStoreRangeWriter(GradientStoreWriter):
         return self._progress.start, self._progress.stop
 
     def finalize(self) -> GradientSet:
-        """Refused: a range writer closes; the store is finalized by a writer of the whole store."""
+        """Refused: a range writer closes; the store is finalized by a writer of the whole store (in a
+        forked child's copy of the writer: RuntimeError, as GradientStoreWriter.finalize)."""
+        self._check_process()
         raise ValueError(
             f"a range writer of {self.path} (rows [{self.rows[0]}, {self.rows[1]})) does not finalize the "
             "store: close() it, and once every range is written call GradientStore.create(path, <the same "

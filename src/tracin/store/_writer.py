@@ -86,6 +86,10 @@ class GradientStoreWriter:
     each replace of the progress file holds every row recorded before it). recording_once() defers the
     records of the calling thread's writes only. Use it as a context manager or call finalize() /
     close().
+
+    A writer belongs to the process that opened it: in a child forked while it was open (a DataLoader
+    worker, say), which does not hold the store's lock, write() and finalize() raise RuntimeError and
+    close() only marks the child's copy closed (no file is touched, the parent's lock stays).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class GradientStoreWriter:
         """Takes ownership of `lock` and `files` (None for a finished store); `open_store(path)` is
         what finalize() returns (GradientStore.open)."""
         self.path = path
+        self._pid = os.getpid()  # the process owning `lock`; a forked child's copy of the writer refuses to write
         self._manifest = manifest
         self._lock = lock
         self._files = files
@@ -188,8 +193,10 @@ class GradientStoreWriter:
         float32's small values and nearly its range: it refuses |x| >= 3.3961775e38).
         Rewriting rows already written is allowed (the new values replace the old). An OSError
         (e.g. a full disk) names the file; the rows are then not recorded on disk (a later write of this
-        writer records them if their data was synced), and a resume redoes them.
+        writer records them if their data was synced), and a resume redoes them. RuntimeError in a
+        child forked while the writer was open (see the class).
         """
+        self._check_process()
         if self._manifest.complete:
             raise ValueError(
                 f"gradient store {self.path} is finalized; it cannot be written again "
@@ -233,7 +240,7 @@ class GradientStoreWriter:
         recorded (if that fails too, the block's error is the one raised; a resume redoes them).
         finalize() inside the block records the rows first; a writer closed inside it records
         nothing on leaving (its lock is released: another writer may own the store by then), so
-        a resume redoes those rows."""
+        a resume redoes those rows; so does a child forked inside the block (its parent records them)."""
         me = threading.get_ident()
         if me in self._pending:  # nested: the outer block records
             yield
@@ -245,7 +252,7 @@ class GradientStoreWriter:
             failed = False
         finally:
             pending = self._pending.pop(me)
-            if pending and not self._closed:
+            if pending and not self._closed and not self._inherited:
                 try:
                     self._commit(pending)
                 except Exception:
@@ -253,7 +260,9 @@ class GradientStoreWriter:
                         raise
 
     def finalize(self) -> GradientSet:
-        """Marks the store complete and returns it opened for reading; ValueError if rows are missing."""
+        """Marks the store complete and returns it opened for reading; ValueError if rows are missing,
+        RuntimeError in a child forked while the writer was open (see the class)."""
+        self._check_process()
         with self._recording:
             self._finish()
         self.close()
@@ -278,7 +287,9 @@ class GradientStoreWriter:
             self._manifest.complete = True
 
     def close(self) -> None:
-        """Closes the files and releases the lock; progress so far stays on disk."""
+        """Closes the files and releases the lock; progress so far stays on disk. In a child forked
+        while the writer was open it writes nothing: the release closes only the child's copy of the
+        lock's descriptor, if the fork left one (it never unlocks), and the parent's lock stays."""
         if self._files is not None:
             self._files.close()
         self._lock.release()
@@ -309,12 +320,29 @@ class GradientStoreWriter:
     def _closed(self) -> bool:
         return self._files is None or self._files.closed
 
+    @property
+    def _inherited(self) -> bool:
+        """Whether this is a forked child's copy of a writer its parent opened (holding no lock)."""
+        return os.getpid() != self._pid
+
+    def _check_process(self) -> None:
+        """RuntimeError if this process did not open the writer (a forked child's copy of it)."""
+        if self._inherited:
+            raise RuntimeError(
+                f"this writer of gradient store {self.path} was opened by process {self._pid} before a fork: "
+                f"this process ({os.getpid()}) does not hold the store's lock and may not write through it; "
+                "open a writer in the child (GradientStore.create with the same arguments, once the parent's "
+                "writer is closed)"
+            )
+
     def _written(self, c: int) -> Ranges:
         """Sorted, disjoint row ranges of checkpoint c known to be written."""
         return self._manifest.written[c]
 
     def _commit(self, written: list[tuple[int, int, int]]) -> None:
-        """_record under the record lock: threads sharing the writer record their rows one at a time."""
+        """_record under the record lock: threads sharing the writer record their rows one at a time;
+        RuntimeError in a forked child (it holds no lock)."""
+        self._check_process()
         with self._recording:
             self._record(written)
 
