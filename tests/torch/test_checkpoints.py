@@ -1163,3 +1163,13 @@ def test_a_file_is_read_as_its_first_bytes_say_whatever_its_name(tmp_path, like_
     shutil.copy(path, folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"is not a torch\.save file \(it starts with .*: a safetensors file\)$"):
         load_checkpoint(str(folder), 0, state)
+
+
+def test_a_file_safetensors_refuses_says_it_was_read_as_safetensors_by_its_first_bytes(tmp_path):
+    pytest.importorskip("safetensors.torch")
+    header = json.dumps({"w": {"dtype": "NOT_A_DTYPE", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "weights.pt"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))  # whole, as check_whole sees it
+    refused = r"\(.*weights\.pt\) cannot be read: as a safetensors file \(its first bytes, .* make it one\): \S"
+    with pytest.raises(ValueError, match=refused):
+        load_checkpoint(str(path), 0, {"w": torch.zeros(1)})
