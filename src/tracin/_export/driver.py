@@ -30,7 +30,7 @@ from .fingerprint import DataFingerprint, checkpoint_file_digest
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
-from .resume import as_exported_before, refuse_unrecorded_static
+from .resume import as_exported_before, refuse_unrecorded_static, replace_empty_export
 from .sinks import COUNTABLE, MemorySink, StoreSink, Wrap, need_row_count
 from .transforms import Dims, RowTransform, apply_all, chained_dims
 
@@ -219,18 +219,30 @@ def export(
         if n_rows is not None and counted != n_rows:
             raise ValueError(f"data gave {counted} rows, expected {n_rows} (its length)")
         n_rows = counted
+        fresh = metadata(fingerprint.data)
+        meta = as_exported_before(options.store, fresh, legacy_digest)
+        spec = {
+            "n_rows": n_rows,
+            "dims": dims * len(checkpoints),
+            "weights": rates,
+            "dtype": options.dtype,
+            "factored": factored,
+        }
+        # a store that records no rows holds nothing to mix: one left by an export that failed at its first
+        # batch is made again for this one (never by a range writer: the store is its whole export's)
+        if (rows is None or rows[0] == rows[1]) and replace_empty_export(options.store, spec, meta, fresh):
+            meta = fresh
         arrays_only = getattr(framework, "array_state_digest", None)
         if arrays_only is not None:
-            meta = metadata(fingerprint.data)
-            refuse_unrecorded_static(options.store, meta, lambda c: arrays_only(checkpoints[c].source, c))
+            refuse_unrecorded_static(options.store, fresh, lambda c: arrays_only(checkpoints[c].source, c))
         sink: Any = StoreSink(
             options.store,
             n_rows,
-            dims * len(checkpoints),
+            spec["dims"],
             options.dtype,
             factored,
             rates,
-            as_exported_before(options.store, metadata(fingerprint.data), legacy_digest),
+            meta,
             rows=None if rows is None or rows[0] == rows[1] else rows,
             slots=slots,
         )

@@ -8,7 +8,9 @@ structure alone (before the rest was fingerprinted) resumes with the same struct
 metadata["checkpoint_sources"] was recorded resumes without it, with the digests it holds of
 in-memory checkpoints (as_exported_before), and likewise one exported before
 metadata["optimizer_state_sources"] was; one whose loss function identity was recorded before
-code was digested, or under a script's __main__ name, resumes with the same function.
+code was digested, or under a script's __main__ name, resumes with the same function. An unfinished
+store that records no rows (left by an export that failed at its first batch) holds nothing to mix:
+an export that is not a range writer makes it again for its own inputs (replace_empty_export).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ _WHAT = {
     "layer_input": "layer_input differs",
     "optimizer_states": "the optimizer states saved with the checkpoints differ",
 }
+# how to get past a store that an export cannot resume (export_gradients has no overwrite=)
+_ELSEWHERE = "export into another directory, or delete this one"
 # export options a store's metadata records, compared (after the inputs) when an export would resume it
 _SETTINGS = ("framework", "mode", "dtype", "projection", "preconditioner", "last_layer")
 
@@ -368,6 +372,83 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     return {k: v for k, v in metadata.items() if k != "checkpoint_sources"} | {"fingerprints": fingerprints}
 
 
+def replace_empty_export(path: str | os.PathLike, spec: dict, resumed: dict, fresh: dict) -> bool:
+    """Replaces the store at `path` by a new one of this export's spec (GradientStore.create's n_rows,
+    dims, weights, dtype, factored) with metadata `fresh` when it is an unfinished export's store
+    (fingerprinted metadata, no ids) that records no rows, in its manifest or in a range writer's
+    progress file, and whose spec or metadata differs from this export's (`resumed`: `fresh` as
+    as_exported_before matched it to the store). It holds nothing to mix: an export that failed at its
+    first batch (a loss without reduction='none', a bug in the model's forward) or was interrupted
+    before it left it. Decided again under the store's exclusive lock (a RuntimeError while another
+    writer or range writers hold it). Whether it was replaced; any other store is left as it is (for
+    refuse_another_export and the store to say what differs)."""
+    from ..store._create import _build, _wanted_manifest
+    from ..store._files import store_root
+    from ..store._locks import DirectoryLock
+
+    root = store_root(path)
+    if not _replaceable(root, _wanted_manifest(**spec, metadata=resumed)):
+        return False
+    lock = DirectoryLock(root)
+    try:
+        if not _replaceable(root, _wanted_manifest(**spec, metadata=resumed)):
+            return False
+        _build(root, _wanted_manifest(**spec, metadata=fresh), None, overwrite=True, advice=None)
+    finally:
+        lock.release()
+    return True
+
+
+def _replaceable(root: Any, wanted: Any) -> bool:
+    """Whether the store at `root` is an unfinished export's without ids that records no rows
+    (_holds_no_rows) and differs from the Manifest `wanted`."""
+    from ..store._files import read_manifest
+
+    try:
+        found = read_manifest(root)
+    except (OSError, ValueError):  # none, or one whose defects the store reports
+        return False
+    if found.has_ids or not isinstance(found.metadata.get("fingerprints"), dict) or not _holds_no_rows(root, found):
+        return False
+    given = [(m.weights if m.weights_given else None) for m in (found, wanted)]
+    return (found.n_rows, found.factored, found.dtype, found.dims, given[0], found.metadata) != (
+        wanted.n_rows,
+        wanted.factored,
+        wanted.dtype,
+        wanted.dims,
+        given[1],
+        wanted.metadata,
+    )
+
+
+def _holds_no_rows(root: Any, manifest: Any) -> bool:
+    """Whether the store at `root` (its Manifest `manifest`) is unfinished and records no rows, in its
+    manifest or in any range writer's progress file (one unreadable counts as holding rows)."""
+    from ..store._locks import range_files
+    from ..store._ranges import read_progress
+
+    if manifest.complete or any(manifest.written):
+        return False
+    try:
+        progress = [read_progress(root, manifest, a, b) for _, a, b, kind in range_files(root) if kind == "json"]
+    except (OSError, ValueError):
+        return False
+    return not any(any(p.written) for p in progress if p is not None)
+
+
+def _advice(path: str | os.PathLike, lead: str) -> str:
+    """How to get past a store an export refuses, after `lead`: export elsewhere or delete it; when it
+    records no rows, "; it holds no rows yet: delete it" instead."""
+    from ..store._files import read_manifest, store_root
+
+    root = store_root(path)
+    try:
+        empty = _holds_no_rows(root, read_manifest(root))
+    except (OSError, ValueError):
+        empty = False
+    return "; it holds no rows yet: delete it, or export into another directory" if empty else lead + _ELSEWHERE
+
+
 def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequence[float] | None = None) -> None:
     """ValueError naming what changed when `path` holds a store exported with other parameters,
     fingerprints, settings (_SETTINGS) than `metadata`'s, or other learning rates than `weights` (the
@@ -382,7 +463,7 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
         raise ValueError(
             f"{os.fspath(path)} holds gradients of other parameters than this export's: {params}; another "
             "model or layers=, or a tracin version that differentiates other leaves. Rows of other columns "
-            "cannot be mixed: export into another directory, or delete this one"
+            f"cannot be mixed{_advice(path, ': ')}"
         )
     kinds = [_kind(m.get("preconditioner")) for m in (existing, metadata)]
     if "preconditioner" in existing and "preconditioner" in metadata and kinds[0] != kinds[1]:
@@ -393,7 +474,7 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
             f"({kinds[0]!r} there, {kinds[1]!r} here). Rows from both cannot be mixed: resume with "
             f"preconditioner={kinds[0]!r}"
             + (" (and the optimizer states it was exported with)" if kinds[0] is not None else "")
-            + ", export into another directory, or delete this one"
+            + _advice(path, ", ")
         )
     sources = (existing.get("checkpoint_sources"), metadata.get("checkpoint_sources"))
     states = (existing.get("optimizer_state_sources"), metadata.get("optimizer_state_sources"))
@@ -402,7 +483,8 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported from other inputs: "
             + "; ".join(changes)
-            + ". Rows from both cannot be mixed: export into another directory, or delete this one"
+            + ". Rows from both cannot be mixed"
+            + _advice(path, ": ")
         )
     settings = [
         f"{key} {existing[key]!r} there vs {metadata[key]!r} here"
@@ -419,7 +501,8 @@ def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequ
         raise ValueError(
             f"{os.fspath(path)} holds gradients exported with other settings: "
             + "; ".join(settings)
-            + ". Rows from both cannot be mixed: export into another directory, or delete this one"
+            + ". Rows from both cannot be mixed"
+            + _advice(path, ": ")
         )
 
 
@@ -449,8 +532,7 @@ def refuse_unrecorded_static(path: str | os.PathLike, metadata: dict, array_dige
             f"{os.fspath(path)} records checkpoints {unknown} by their arrays alone, as tracin did before it "
             "fingerprinted the non-array leaves and static fields of in-memory params (an Equinox float or "
             "static field, an int in a dict); whether those changed cannot be told, so the store cannot be "
-            "resumed: finish it with the tracin version that started it, export into another directory, or "
-            "delete this one"
+            "resumed: finish it with the tracin version that started it" + _advice(path, ", ")
         )
 
 
