@@ -18,11 +18,16 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .fingerprint import identity_before_code
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..store._format import Manifest
 
 _WHAT = {
     "data": "the data (inputs or targets) differ, or the batch size does (the data is fingerprinted batch by batch: "
@@ -399,7 +404,7 @@ def replace_empty_export(path: str | os.PathLike, spec: dict, resumed: dict, fre
     return True
 
 
-def _replaceable(root: Any, wanted: Any) -> bool:
+def _replaceable(root: Path, wanted: Manifest) -> bool:
     """Whether the store at `root` is an unfinished export's without ids that records no rows
     (_holds_no_rows) and differs from the Manifest `wanted`."""
     from ..store._files import read_manifest
@@ -421,7 +426,7 @@ def _replaceable(root: Any, wanted: Any) -> bool:
     )
 
 
-def _holds_no_rows(root: Any, manifest: Any) -> bool:
+def _holds_no_rows(root: Path, manifest: Manifest) -> bool:
     """Whether the store at `root` (its Manifest `manifest`) is unfinished and records no rows, in its
     manifest or in any range writer's progress file (one unreadable counts as holding rows)."""
     from ..store._locks import range_files
