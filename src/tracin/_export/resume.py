@@ -38,7 +38,7 @@ _WHAT = {
     "optimizer_states": "the optimizer states saved with the checkpoints differ",
 }
 # how to get past a store that an export cannot resume (export_gradients has no overwrite=)
-_ELSEWHERE = "export into another directory, or delete this one"
+EXPORT_ADVICE = "export into another directory, or delete this one"
 # export options a store's metadata records, compared (after the inputs) when an export would resume it
 _SETTINGS = ("framework", "mode", "dtype", "projection", "preconditioner", "last_layer")
 
@@ -451,7 +451,7 @@ def _advice(path: str | os.PathLike, lead: str) -> str:
         empty = _holds_no_rows(root, read_manifest(root))
     except (OSError, ValueError):
         empty = False
-    return "; it holds no rows yet: delete it, or export into another directory" if empty else lead + _ELSEWHERE
+    return "; it holds no rows yet: delete it, or export into another directory" if empty else lead + EXPORT_ADVICE
 
 
 def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequence[float] | None = None) -> None:

@@ -31,10 +31,8 @@ from ..store._convert import (
     to_store_dtype,
 )
 from ..store._format import DISK_DTYPES
-from .resume import refuse_another_export
+from .resume import EXPORT_ADVICE, refuse_another_export
 
-# How to get past a store that an export cannot resume (export_gradients has no overwrite=).
-EXPORT_ADVICE = "export into another directory, or delete this one"
 # What to export instead when float16 leaves rows with little or no precision (LowPrecisionRows).
 LOW_PRECISION_ADVICE = (
     "export such gradients with dtype='bfloat16' (nearly float32's range, up to 3.39e38, in 16 bits) or "

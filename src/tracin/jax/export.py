@@ -119,7 +119,9 @@ def export_gradients(
         killed part-way resumes where it stopped when run again with the same arguments. Its
         metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
         of every checkpoint and of loss_fn / layer_input (by qualified name), so a resume with any of
-        them changed is a ValueError naming what changed rather than rows mixed from two exports.
+        them changed is a ValueError naming what changed rather than rows mixed from two exports; a
+        store that records no rows yet (an export that failed at its first batch) is made again for
+        this call's inputs.
     batch_size: rows per compiled call (default 64, or the first batch's size for an iterable);
         shorter batches are padded to it (longer ones split), so the row count never compiles the
         per-example function again. Arrays of fewer rows n than batch_size run as one batch of n rows

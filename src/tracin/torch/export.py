@@ -178,7 +178,8 @@ def export_gradients(
         metadata (compared on resume) holds fingerprints of all the data (read once more, up front),
         of every checkpoint, of the model's structure (module types and settings, parameter names,
         shapes and dtypes) and of loss_fn, so a resume with any of them changed is a ValueError
-        naming what changed rather than rows mixed from two exports.
+        naming what changed rather than rows mixed from two exports; a store that records no rows yet
+        (an export that failed at its first batch) is made again for this call's inputs.
     batch_size: at most this many rows per gradient computation (larger incoming batches are
         split); default from the gradient size.
     progress: True, False or None: a tqdm bar over the examples of each checkpoint (None: only once
