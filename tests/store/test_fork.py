@@ -662,3 +662,33 @@ def test_multiprocessing_fork_workers_that_leave_the_writer_alone_change_nothing
         np.testing.assert_array_equal(np.load(w.finalize().path / "checkpoint_000.npy"), rows)
         with tracin.GradientStore.create(root, **SPEC, overwrite=True) as again:  # the workers hold no lock
             assert again.missing(0) == [[0, 10]]
+
+
+def test_an_inherited_writer_answers_in_a_child_forked_while_another_thread_recorded(tmp_path):
+    """A child forked while another thread of the parent held the writer's record lock (recording its
+    rows) gets a lock of its own: rows_done(), missing() and repr() of its copy answer, not hang."""
+    w = tracin.GradientStore.create(tmp_path / "s", **SPEC)
+    w.write(0, 0, np.ones((3, 4), np.float32))
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with w._recording:  # as a thread inside _record when the fork comes
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(60)
+
+        def answers() -> bool:
+            signal.signal(signal.SIGALRM, lambda *_: os._exit(4))  # hung on the inherited lock
+            signal.alarm(10)
+            return w.rows_done(0) == 3 and w.missing(0) == [[3, 10]] and "rows_done=[3]" in repr(w)
+
+        with _forked(answers):
+            pass
+    finally:
+        release.set()
+        thread.join()
+    w.close()

@@ -7,6 +7,7 @@ import numbers
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,21 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_size
 
 
+# The writers open in this process: a forked child gives each a fresh record lock, as another thread of
+# the parent may have held it across the fork (the child's copy would stay locked: rows_done(), missing()
+# or repr() of an inherited writer would hang).
+_WRITERS: weakref.WeakSet[GradientStoreWriter] = weakref.WeakSet()
+
+
+def _fresh_record_locks() -> None:
+    for w in list(_WRITERS):
+        w._recording = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_record_locks)
+
+
 class GradientStoreWriter:
     """Writes rows of a store, durably: each write() flushes and fsyncs the data, then records the
     rows in the manifest atomically, so a killed process resumes where it stopped.
@@ -111,6 +127,7 @@ class GradientStoreWriter:
         # rows written, to record, of each thread inside recording_once (by threading.get_ident())
         self._pending: dict[int, list[tuple[int, int, int]]] = {}
         self._recording = threading.RLock()  # around the record of rows (the manifest and its file)
+        _WRITERS.add(self)
         # float16 rows left below its normal range: one warning per writer (to_store_dtype's low=)
         self._low = LowPrecisionRows(
             f"gradient store {path}",
