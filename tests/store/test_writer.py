@@ -622,7 +622,7 @@ def test_a_full_disk_at_create_says_to_free_space(tmp_path, monkeypatch, code, t
     text = str(info.value)
     assert info.value.errno == code and info.value.filename == str(tmp_path / "s" / "checkpoint_000.npy")
     assert "the disk is full" in text and f"the store's files take about {need} bytes" in text
-    assert "51200 bytes are free now: free space on that disk (or quota), then create again" in text
+    assert "51200 bytes are free now" in text and "free space on that disk (or quota), then create again" in text
     assert ("split the rows between stores" in text) == (total < need)
     assert "interrupted create, which the next create replaces" in text
     monkeypatch.undo()
@@ -646,3 +646,27 @@ def test_a_full_disk_while_writing_the_ids_at_create_says_to_free_space(tmp_path
     need = (128 + 10 * 4 * 4) + (128 + 10 * 8)
     assert f"the disk is full (No space left on device); the store's files take about {need} bytes" in str(info.value)
     assert "split the rows" not in str(info.value)
+
+
+def test_a_full_disk_at_create_counts_the_space_the_interrupted_create_holds(tmp_path, monkeypatch):
+    """The free bytes told at ENOSPC leave out nothing the next create frees: the ids file written in part
+    (here 256 KiB of it) is counted as what this interrupted create holds."""
+    import os
+    import re
+
+    from tracin.store import _create
+
+    def part_then_full(path, ids):
+        with open(path, "wb") as f:
+            f.write(b"x" * (256 * 1024))
+            f.flush()
+            os.fsync(f.fileno())
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(_create, "write_npy", part_then_full)
+    monkeypatch.setattr(os, "statvfs", lambda path: _FileSystem(10**9, 0))
+    with pytest.raises(OSError) as info:
+        tracin.GradientStore.create(tmp_path / "s", n_rows=10, dims=[4], ids=np.arange(10))
+    text = str(info.value)
+    held = re.search(r"0 bytes are free now \(and the (\d+) bytes this interrupted create's files hold", text)
+    assert held is not None and int(held[1]) >= 256 * 1024, text

@@ -216,7 +216,12 @@ def _disk_full(e: OSError, root: Path, wanted: Manifest, ids: np.ndarray | None)
         reason = f"the disk is full ({reason})"
     try:
         fs = os.statvfs(root)
-        room = f"; {fs.f_bavail * fs.f_frsize} bytes are free now"
+        held = _bytes_held(root)  # the next create removes them first
+        room = f"; {fs.f_bavail * fs.f_frsize} bytes are free now" + (
+            f" (and the {held} bytes this interrupted create's files hold, which the next create removes first)"
+            if held
+            else ""
+        )
         whole = fs.f_blocks * fs.f_frsize
     except (OSError, AttributeError):  # no statvfs (Windows) or it failed: the need alone
         room, whole = "", 0
@@ -230,6 +235,21 @@ def _disk_full(e: OSError, root: Path, wanted: Manifest, ids: np.ndarray | None)
             "stores, project the gradients (a smaller dim) or use another file system)"
         )
     return text + ". The folder holds an interrupted create, which the next create replaces"
+
+
+def _bytes_held(root: Path) -> int:
+    """The bytes the files in `root` take on disk (st_blocks; 0 where the OS does not say)."""
+    held = 0
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            held += os.lstat(root / name).st_blocks * 512
+        except (OSError, AttributeError):
+            pass
+    return held
 
 
 def _refuse_directory(path: Path) -> None:
