@@ -606,9 +606,10 @@ class _FileSystem:
 @pytest.mark.parametrize("code", [errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)], ids=["ENOSPC", "EDQUOT"])
 @pytest.mark.parametrize("total", [10**9, 512 * 1024], ids=["room", "too-small"])
 def test_a_full_disk_at_create_says_to_free_space(tmp_path, monkeypatch, code, total):
-    """ENOSPC / EDQUOT while making a store's files says the disk is full, how many bytes the store's files
-    take and how many are free, and to free space and create again; not the advice for a file too big for the
-    file system (split the rows, project), unless the whole file system is smaller than the store (review117 F3)."""
+    """ENOSPC while making a store's files says the disk is full, how many bytes the store's files take and
+    how many are free, and to free space and create again; not the advice for a file too big for the file
+    system (split the rows, project), unless the whole file system is smaller than the store (review117 F3).
+    EDQUOT says the quota is exceeded, without the file system's free bytes (review122 F3)."""
     import os
 
     def refuse(fd, length):
@@ -621,9 +622,14 @@ def test_a_full_disk_at_create_says_to_free_space(tmp_path, monkeypatch, code, t
         tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300, 300], dtype="float16")
     text = str(info.value)
     assert info.value.errno == code and info.value.filename == str(tmp_path / "s" / "checkpoint_000.npy")
-    assert "the disk is full" in text and f"the store's files take about {need} bytes" in text
-    assert "51200 bytes are free now" in text and "free space on that disk (or quota), then create again" in text
-    assert ("split the rows between stores" in text) == (total < need)
+    assert f"the store's files take about {need} bytes" in text
+    if code == errno.ENOSPC:
+        assert "the disk is full" in text and "51200 bytes are free now" in text
+        assert "free space on that disk (or quota), then create again" in text
+        assert ("split the rows between stores" in text) == (total < need)
+    else:  # the file system's free bytes say nothing of the user's quota
+        assert "the disk quota is exceeded" in text and "free space within the quota" in text
+        assert "bytes are free now" not in text and "split the rows" not in text
     assert "interrupted create, which the next create replaces" in text
     monkeypatch.undo()
     with tracin.GradientStore.create(tmp_path / "s", n_rows=1000, dims=[300, 300], dtype="float16") as w:  # redone

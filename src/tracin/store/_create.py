@@ -212,6 +212,12 @@ def _disk_full(e: OSError, root: Path, wanted: Manifest, ids: np.ndarray | None)
     if ids is not None:
         need += ids.nbytes + 128  # the ids' values and (about) their .npy header
     reason = e.strerror or "error"
+    if e.errno != errno.ENOSPC:  # EDQUOT: the file system's free bytes say nothing of the user's quota
+        return (
+            f"the disk quota is exceeded ({reason}); the store's files take about {need} bytes once every row is "
+            "written: free space within the quota (or have it raised), then create again. The folder holds an "
+            "interrupted create, which the next create replaces"
+        )
     if "the disk is full" not in reason:
         reason = f"the disk is full ({reason})"
     try:
