@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 import threading
 import warnings
 
@@ -190,8 +191,9 @@ def test_an_export_tasks_warnings_reach_the_client_once_with_their_shards(client
 
 
 def test_recording_is_per_thread_and_restores_the_filters():
-    """Two threads recording at once each get their own warnings; a thread recording none is shown its
-    warnings as before; once both are done the process's filters and showwarning are as they were."""
+    """Two threads recording at once each get their own warnings (the first of identical ones); a
+    thread recording none is shown its warnings as before; once both are done the process's filters
+    and showwarning are as they were."""
     filters, show = list(warnings.filters), warnings.showwarning
     inside, go, leave = threading.Barrier(3), threading.Event(), threading.Event()
     found: dict[str, list[str]] = {}
@@ -203,7 +205,7 @@ def test_recording_is_per_thread_and_restores_the_filters():
             for _ in range(2):
                 warnings.warn(f"from {name}", RuntimeWarning, stacklevel=1)
             leave.wait()
-        found[name] = [str(w.message) for w in caught]
+        found[name] = [str(w.message) for w in caught.kept.values()]
 
     threads = [threading.Thread(target=task, args=(n,)) for n in "ab"]
     for t in threads:
@@ -215,7 +217,7 @@ def test_recording_is_per_thread_and_restores_the_filters():
     leave.set()
     for t in threads:
         t.join()
-    assert found == {"a": ["from a", "from a"], "b": ["from b", "from b"]}
+    assert found == {"a": ["from a"], "b": ["from b"]}
     assert [str(w.message) for w in outside] == ["not in a task"]
     assert warnings.filters == filters and warnings.showwarning is show
 
@@ -237,6 +239,49 @@ def test_a_category_the_client_lacks_is_its_built_in_base_and_many_warnings_are_
     assert [str(w.message) for w in record][-1] == (
         "tracin.distributed test: 3 more distinct warnings raised on the workers were not sent back (at most 2 a task)"
     )
+
+
+def test_a_task_keeps_the_first_of_each_warning_and_at_most_kept_whatever_it_raises():
+    """10^5 identical warnings and 10^4 distinct ones (raised in turn): the task keeps the first
+    occurrence of KEPT distinct ones, in the order first raised, each where it was first raised, and
+    counts the others (the identical one once); a failed task's note lists NOTED and counts the rest."""
+    with _warnings.recorded() as caught:
+        line = sys._getframe().f_lineno + 1
+        warnings.warn("the same", DeprecationWarning, stacklevel=1)  # first here, then below
+        for i in range(10**5):
+            warnings.warn("the same", DeprecationWarning, stacklevel=1)
+            if i % 10 == 0:
+                warnings.warn(f"row {i // 10}", RuntimeWarning, stacklevel=1)
+    assert len(caught.kept) == _warnings.KEPT and caught.more == 10**4 + 1 - _warnings.KEPT
+    result = _warnings.carried("value", [], 7, caught)
+    assert result.value == "value" and result.more == 7 + 10**4 + 1 - _warnings.KEPT
+    expected = ["the same", *(f"row {i}" for i in range(_warnings.KEPT - 1))]
+    assert [r.message for r in result.raised] == expected
+    first = result.raised[0]
+    assert first.category == ("builtins", "DeprecationWarning", "DeprecationWarning")
+    assert (first.filename, first.lineno, first.module) == (__file__, line, __name__)
+    assert {r.category[1] for r in result.raised[1:]} == {"RuntimeWarning"}
+
+    error = ValueError("failed")
+    _warnings.note_raised(error, caught)
+    listed = "; ".join(
+        ["DeprecationWarning: the same", *(f"RuntimeWarning: row {i}" for i in range(_warnings.NOTED - 1))]
+    )
+    assert error.__notes__[-1].endswith(f"before this error: {listed}; and {10**4 + 1 - _warnings.NOTED} more")
+
+
+def test_a_task_counts_distinct_warnings_beyond_kept_up_to_counted(monkeypatch):
+    """Distinct warnings beyond KEPT are told apart up to COUNTED of them (so memory stays bounded),
+    repeats of one counted once; none is kept."""
+    monkeypatch.setattr(_warnings, "KEPT", 3)
+    monkeypatch.setattr(_warnings, "COUNTED", 50)
+    with _warnings.recorded() as caught:
+        for i in range(200):
+            warnings.warn(f"number {i % 20}", UserWarning, stacklevel=1)
+        for i in range(200):
+            warnings.warn(f"other {i}", UserWarning, stacklevel=1)
+    assert [key[1] for key in caught.kept] == ["number 0", "number 1", "number 2"]
+    assert caught.more == 50  # 17 "number" beyond the 3 kept, then 33 "other" until COUNTED
 
 
 def test_a_catch_warnings_left_by_another_thread_after_a_recording_does_not_make_warnings_recurse():

@@ -18,11 +18,12 @@ from distributed import get_worker
 from .._caller import user_stacklevel
 from ._cluster import worker_name
 
-KEPT = 100  # distinct warnings a task sends back; more are counted (Warned.more), not sent
+KEPT = 100  # distinct warnings a task keeps and sends back; more are counted (Warned.more), not kept
+COUNTED = 10_000  # distinct warnings beyond KEPT a task tells apart (by hash) to count them; later ones are not counted
 NOTED = 10  # warnings a failed task's error lists in its note
 
 _LOCK = threading.Lock()
-_local = threading.local()  # .caught: the list of the innermost recorded() of this thread
+_local = threading.local()  # .caught: the Caught of the innermost recorded() of this thread
 _state: dict[str, Any] = {"users": 0, "saved": None, "show": None}  # the catch_warnings all recorders share
 
 
@@ -56,16 +57,41 @@ def _sizeof(warned: Warned) -> int:
     return sizeof(warned.value) + sizeof(list(warned.raised))
 
 
+class Caught:
+    """The warnings a thread raised inside recorded(), deduplicated as they come, so that memory stays
+    bounded however many are raised: the first occurrence of each of the first KEPT distinct (category,
+    message) (`kept`, in order), and the number of distinct ones beyond (`more`, told apart by hash, at
+    most COUNTED of them)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[type[Warning], str], warnings.WarningMessage] = {}
+        self._beyond: set[int] = set()
+
+    @property
+    def more(self) -> int:
+        return len(self._beyond)
+
+    def add(self, message: Any, category: type[Warning], filename: str, lineno: int) -> None:
+        key = (category, str(message))
+        if key in self.kept:
+            return
+        if len(self.kept) < KEPT:
+            self.kept[key] = warnings.WarningMessage(message, category, filename, lineno)
+        elif len(self._beyond) < COUNTED:
+            self._beyond.add(hash(key))
+
+
 @contextmanager
-def recorded() -> Iterator[list[warnings.WarningMessage]]:
+def recorded() -> Iterator[Caught]:
     """Every warning raised on this thread inside, whatever the filters (as simplefilter("always")),
-    appended to the list yielded instead of shown. warnings.catch_warnings changes the whole process,
-    and a worker runs tasks on several threads at once: the first thread in enters one catch_warnings
-    for all (the "always" filter, and a showwarning handing each warning to its thread's list, or to the
-    showwarning before for a thread recording none), the last one out leaves it. The warnings state is
-    the process's: a warnings.catch_warnings() another thread (one recording none: the client's, with
-    Client(processes=False)) is in meanwhile takes or drops these threads' warnings while it lasts."""
-    caught: list[warnings.WarningMessage] = []
+    added to the Caught yielded instead of shown (its first occurrence, see Caught).
+    warnings.catch_warnings changes the whole process, and a worker runs tasks on several threads at
+    once: the first thread in enters one catch_warnings for all (the "always" filter, and a showwarning
+    handing each warning to its thread's Caught, or to the showwarning before for a thread recording
+    none), the last one out leaves it. The warnings state is the process's: a warnings.catch_warnings()
+    another thread (one recording none: the client's, with Client(processes=False)) is in meanwhile
+    takes or drops these threads' warnings while it lasts."""
+    caught = Caught()
     with _LOCK:
         if _state["users"] == 0:
             saved = warnings.catch_warnings()
@@ -95,7 +121,7 @@ def _show(
     if caught is None:  # a thread recording nothing (the worker's own): shown as before
         _state["show"](message, category, filename, lineno, file, line)
     else:
-        caught.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+        caught.add(message, category, filename, lineno)
 
 
 def unwrapped(args: tuple) -> tuple[tuple, list[Raised], int]:
@@ -116,22 +142,23 @@ def unwrapped(args: tuple) -> tuple[tuple, list[Raised], int]:
     return out, raised, more
 
 
-def carried(value: Any, earlier: list[Raised], more: int, caught: list[warnings.WarningMessage]) -> Any:
+def carried(value: Any, earlier: list[Raised], more: int, caught: Caught) -> Any:
     """A task's result: `value`, or a Warned with the `earlier` warnings (of the tasks before it) and the
-    first KEPT distinct ones of `caught` (raised here; the others counted in `more`)."""
+    distinct ones `caught` kept (raised here; those beyond KEPT counted in `more`)."""
     mine = _distinct(caught)
-    if not earlier and not mine and not more:
+    if not earlier and not mine and not more and not caught.more:
         return value
-    return Warned(value, (*earlier, *mine[:KEPT]), more + max(len(mine) - KEPT, 0))
+    return Warned(value, (*earlier, *mine), more + caught.more)
 
 
-def note_raised(e: BaseException, caught: list[warnings.WarningMessage]) -> None:
+def note_raised(e: BaseException, caught: Caught) -> None:
     """A note on a task's error `e` listing the warnings it raised before it (the first NOTED), if any."""
     mine = _distinct(caught)
     if not mine:
         return
     listed = "; ".join(f"{r.category[1]}: {r.message}" for r in mine[:NOTED])
-    rest = f"; and {len(mine) - NOTED} more" if len(mine) > NOTED else ""
+    unlisted = max(len(mine) - NOTED, 0) + caught.more
+    rest = f"; and {unlisted} more" if unlisted else ""
     add_note(e, f"tracin.distributed: the task warned on worker {mine[0].worker} before this error: {listed}{rest}")
 
 
@@ -147,21 +174,20 @@ def add_note(e: BaseException, note: str) -> None:
         pass
 
 
-def _distinct(caught: list[warnings.WarningMessage]) -> list[Raised]:
-    """One Raised per distinct (category, message) of `caught`, where it was first raised, in order."""
-    if not caught:
+def _distinct(caught: Caught) -> list[Raised]:
+    """One Raised per warning `caught` kept (a distinct category and message, where it was first raised),
+    in order; the module of each file looked up in one pass over sys.modules."""
+    if not caught.kept:
         return []
     try:
         task, worker = get_worker().get_current_task(), worker_name()
     except (ValueError, KeyError):  # not running on a Dask worker (a task called directly)
         task, worker = None, worker_name()
-    found: dict[tuple, Raised] = {}
-    for w in caught:
-        category = _category_named(w.category)
-        key = (category, str(w.message))
-        if key not in found:
-            found[key] = Raised(category, str(w.message), w.filename, w.lineno, _module_of(w.filename), task, worker)
-    return list(found.values())
+    modules = _modules_by_file()
+    return [
+        Raised(_category_named(w.category), message, w.filename, w.lineno, modules.get(w.filename), task, worker)
+        for (_, message), w in caught.kept.items()
+    ]
 
 
 def _category_named(category: type[Warning]) -> tuple[str, str, str]:
@@ -181,13 +207,15 @@ def _category(named: tuple[str, str, str]) -> type[Warning]:
     return getattr(builtins, named[2])
 
 
-def _module_of(filename: str) -> str | None:
-    """The name of the imported module whose file is `filename` (which warning filters' module=
-    matches, as warnings.warn names it), or None."""
+def _modules_by_file() -> dict[str, str]:
+    """The imported modules' names by their file (which warning filters' module= matches, as
+    warnings.warn names it; the first name of a file imported under two)."""
+    found: dict[str, str] = {}
     for name, module in list(sys.modules.items()):
-        if getattr(module, "__file__", None) == filename:
-            return name
-    return None
+        filename = getattr(module, "__file__", None)
+        if isinstance(filename, str):
+            found.setdefault(filename, name)
+    return found
 
 
 def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], shards: int) -> None:
