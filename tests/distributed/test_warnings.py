@@ -237,7 +237,8 @@ def test_a_category_the_client_lacks_is_its_built_in_base_and_many_warnings_are_
     with pytest.warns(UserWarning) as record:
         _warnings.show(list(result.raised), result.more, "test", {}, 1)
     assert [str(w.message) for w in record][-1] == (
-        "tracin.distributed test: 3 more distinct warnings raised on the workers were not sent back (at most 2 a task)"
+        "tracin.distributed test: 3 more distinct warnings raised on the workers were not sent back "
+        "(at most 2 a task; each task counts at most 10000 more)"
     )
 
 

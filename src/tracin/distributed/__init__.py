@@ -35,7 +35,11 @@ shown there: they travel back with its result and are warned on the client when 
 once each however many tasks raised them, in the same category and at the worker's line (the
 client's filters by category and module apply), the message prefixed with the call, the first shard
 that raised it, its worker and how many shards did ("(from 12 of 40 shards)"); those of a failed
-task are in a note on its error.
+task are in a note on its error. A task sends back the first 100 distinct ones (by category and
+message) and counts (up to 10,000) the others. A task rerun after its worker died shows only the
+warnings of the rows it computes again: Dask's rerun resumes after the blocks written before, whose
+warnings died with the worker (as those of the rows an earlier, interrupted call wrote are not
+raised again).
 """
 
 try:

@@ -22,9 +22,10 @@ import cloudpickle
 from .._export.driver import store_rows
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
-from ..store import GradientStore
+from ..store import GradientStore, _locks
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
+from ..store._locks import range_files
 from ._cluster import (
     check_client,
     check_worker_timeout,
@@ -96,7 +97,9 @@ def export_gradients(
         every POLL_S seconds.
     Warnings the tasks raise (the adapter's, the model's, the data's) are warned on the client once
     every row is written, once each, the message prefixed with the first row range that raised it,
-    its worker and how many ranges did; those of a failed task are in a note on its error.
+    its worker and how many ranges did; those of a failed task are in a note on its error. Rows
+    written before (by an earlier call, or by a task whose worker died: its rerun resumes after them)
+    are not computed again, so their warnings are not raised again.
     """
     fn = _export_function(adapter)
     if not isinstance(store, (str, os.PathLike)):
@@ -473,19 +476,67 @@ def _noted(e: BaseException, note: str) -> None:
 @contextmanager
 def _range_writers_named(path: str) -> Iterator[None]:
     """The store's lock refusing a writer of the whole store while range writers (tasks) hold it: a
-    RuntimeError saying which, and that they may be the tasks of an interrupted export."""
+    RuntimeError saying which (the lock files held; how many others no process holds), and that they
+    may be the tasks of an interrupted export."""
     try:
         yield
     except RuntimeError as e:
-        ranges = sorted(p.name for p in Path(path).glob("rows-*.lock"))
-        if "is being written by" not in str(e) or not ranges:
+        if "is being written by" not in str(e):
             raise
+        try:
+            held, stale = _range_locks(Path(path))
+        except OSError:  # the directory unreadable now: as the lock said
+            raise e from None
+        if not held and not stale:
+            raise
+        names = f" ({', '.join(held)})" if held else ""
+        files, were = ("files", "were") if stale > 1 else ("file", "was")
+        ignored = (
+            f" ({stale}{' other' if held else ''} rows-*.lock {files} of this store, held by no process, {were} "
+            "left by range writers that ended or died: not listed)"
+            if stale
+            else ""
+        )
         raise RuntimeError(
-            f"{e}. Range writers of this store ({', '.join(ranges)}) may be the tasks of an interrupted or failed "
+            f"{e}. Range writers of this store{names} may be the tasks of an interrupted or failed "
             "tracin.distributed export, still running on the workers (cancelling a Dask task does not stop one "
             "that started, and the scheduler no longer lists it): wait for them to finish, or call "
-            "client.restart(), then call again to resume"
+            f"client.restart(), then call again to resume{ignored}"
         ) from e
+
+
+def _range_locks(root: Path) -> tuple[list[str], int]:
+    """The names of the range writers' lock files (rows-<start>-<stop>.lock) in `root` that a writer
+    holds, and how many no process holds (a flock dies with its process; the file stays until finalize)."""
+    held, stale = [], 0
+    for name, _, _, kind in range_files(root):
+        if kind == "lock":
+            found = _lock_held(root / name)
+            if found:
+                held.append(name)
+            elif found is not None:
+                stale += 1
+    return held, stale
+
+
+def _lock_held(path: Path) -> bool | None:
+    """Whether a process holds the flock on the lock file at `path` (a shared flock tried without waiting
+    fails; taken, it is released at once); True where that cannot be told, None if the file is gone."""
+    if _locks.fcntl is None:  # no flocks here: none is known to be stale
+        return True
+    probe = _locks._Held()  # its descriptor is closed in a child forked meanwhile (never keeps the flock)
+    try:
+        fd = probe._open(path, os.O_RDONLY | _locks._NOFOLLOW)
+    except FileNotFoundError:  # removed meanwhile (the store finalized)
+        return None
+    except OSError:
+        return True
+    try:
+        return not _locks._try_flock(fd, exclusive=False)
+    except OSError:
+        return True
+    finally:
+        probe.release()
 
 
 def export_part(

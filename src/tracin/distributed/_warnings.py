@@ -245,7 +245,7 @@ def show(raised: list[Raised], more: int, what: str, labels: dict[str, str], sha
     if more:
         warnings.warn(
             f"tracin.distributed {what}: {more} more distinct warnings raised on the workers were not sent back "
-            f"(at most {KEPT} a task)",
+            f"(at most {KEPT} a task; each task counts at most {COUNTED} more)",
             UserWarning,
             stacklevel=user_stacklevel(),
         )

@@ -1,0 +1,73 @@
+"""A whole-store writer refused while range writers hold a store: the error names only the range
+lock files a writer holds, and counts those no process holds (left by writers that ended or died)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import tracin
+from tracin.distributed._export import _range_writers_named
+from tracin.store import _locks as locks
+
+SPEC = {"n_rows": 60, "dims": [4], "weights": None}
+
+
+def _refused(path: Path) -> str:
+    """The error of a writer of the whole store opened at `path` as an export's client does."""
+    with pytest.raises(RuntimeError) as raised, _range_writers_named(str(path)):
+        tracin.GradientStore.create(path, **SPEC)
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("stale", [["rows-40-60.lock"], ["rows-0-20.lock", "rows-40-60.lock"]])
+def test_only_held_range_locks_are_named_and_stale_ones_counted(tmp_path, stale):
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    writer = tracin.GradientStore.create(path, **SPEC, rows=(20, 40))  # holds rows-20-40.lock
+    try:
+        for name in stale:  # a killed writer's lock file: no process holds its flock
+            (path / name).touch()
+        message = _refused(path)
+    finally:
+        writer.close()
+    assert "Range writers of this store (rows-20-40.lock) may be the tasks of an interrupted" in message
+    assert not any(name in message for name in stale), message
+    plural = (
+        "2 other rows-*.lock files of this store, held by no process, were"
+        if len(stale) == 2
+        else ("1 other rows-*.lock file of this store, held by no process, was")
+    )
+    assert message.endswith(f"({plural} left by range writers that ended or died: not listed)"), message
+    assert sorted(p.name for p in path.glob("rows-*.lock")) == sorted(["rows-20-40.lock", *stale])  # left as is
+
+
+def test_no_held_range_lock_names_none_and_counts_the_stale_ones(tmp_path):
+    """The store's directory held by a range writer between its locks (none of its lock files held)."""
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    (path / "rows-0-20.lock").touch()
+    held = locks.DirectoryLock(path, shared=True)
+    try:
+        message = _refused(path)
+    finally:
+        held.release()
+    assert re.search(r"\. Range writers of this store may be the tasks of an interrupted", message), message
+    assert "rows-0-20.lock" not in message
+    assert message.endswith(
+        "(1 rows-*.lock file of this store, held by no process, was left by range writers "
+        "that ended or died: not listed)"
+    ), message
+
+
+def test_without_range_lock_files_the_error_is_the_stores(tmp_path):
+    path = tmp_path / "store"
+    tracin.GradientStore.create(path, **SPEC).close()
+    held = locks.DirectoryLock(path, shared=True)
+    try:
+        message = _refused(path)
+    finally:
+        held.release()
+    assert "Range writers" not in message and "is being written by" in message
