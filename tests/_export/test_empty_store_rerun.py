@@ -112,6 +112,21 @@ def test_mean_reduced_loss_then_fixed_loss(problem, tmp_path):
     _check_finished(tmp_path / "s", tmp_path / "fresh", checkpoints, data)
 
 
+def test_an_empty_store_holding_the_users_own_file_is_refused_not_replaced(problem, tmp_path):
+    """A file of the user's in the store's folder: the export's own refusal (other inputs), not the store's
+    "remove those to replace the store", and nothing replaced (review123 F3)."""
+    checkpoints, data = problem
+    with pytest.raises(ValueError, match="reduction='none'"):
+        _export(_net(bug=False), checkpoints, data, mean_loss, tmp_path / "s")
+    (tmp_path / "s" / "NOTES.txt").write_text("mine")
+    store_id = GradientStore.open(tmp_path / "s", allow_partial=True).store_id
+    with pytest.raises(ValueError, match="other inputs") as err:
+        _export(_net(bug=False), checkpoints, data, good_loss, tmp_path / "s")
+    assert "remove those" not in str(err.value)
+    assert GradientStore.open(tmp_path / "s", allow_partial=True).store_id == store_id
+    assert (tmp_path / "s" / "NOTES.txt").read_text() == "mine"
+
+
 def test_forward_bug_then_fixed_forward(problem, tmp_path):
     checkpoints, data = problem
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
@@ -180,7 +195,9 @@ def test_a_range_writer_refuses_an_empty_store_saying_so(problem, tmp_path):
     store_id = GradientStore.open(path, allow_partial=True).store_id
     with store_rows(0, 4), pytest.raises(ValueError, match="other inputs") as err:
         _export(_net(bug=False), checkpoints, data, other_loss, path)
-    assert "Rows from both cannot be mixed; it holds no rows yet: delete it" in str(err.value)
+    assert "Rows from both cannot be mixed; it holds no rows yet: unless an export is writing it now, delete it" in str(
+        err.value
+    )
     assert GradientStore.open(path, allow_partial=True).store_id == store_id
 
 

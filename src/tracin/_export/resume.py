@@ -408,12 +408,15 @@ def _replaceable(root: Path, wanted: Manifest) -> bool:
     """Whether the store at `root` is an unfinished export's without ids that records no rows
     (_holds_no_rows) and differs from the Manifest `wanted`."""
     from ..store._files import read_manifest
+    from ..store._format import is_own_file
 
     try:
         found = read_manifest(root)
     except (OSError, ValueError):  # none, or one whose defects the store reports
         return False
     if found.has_ids or not isinstance(found.metadata.get("fingerprints"), dict) or not _holds_no_rows(root, found):
+        return False
+    if not all(is_own_file(name) for name in os.listdir(root)):  # the user's own files: left to the refusal
         return False
     given = [(m.weights if m.weights_given else None) for m in (found, wanted)]
     return (found.n_rows, found.factored, found.dtype, found.dims, given[0], found.metadata) != (
@@ -443,7 +446,7 @@ def _holds_no_rows(root: Path, manifest: Manifest) -> bool:
 
 def _advice(path: str | os.PathLike, lead: str) -> str:
     """How to get past a store an export refuses, after `lead`: export elsewhere or delete it; when it
-    records no rows, "; it holds no rows yet: delete it" instead."""
+    records no rows, "; it holds no rows yet: unless an export is writing it now, delete it" instead."""
     from ..store._files import read_manifest, store_root
 
     root = store_root(path)
@@ -451,7 +454,9 @@ def _advice(path: str | os.PathLike, lead: str) -> str:
         empty = _holds_no_rows(root, read_manifest(root))
     except (OSError, ValueError):
         empty = False
-    return "; it holds no rows yet: delete it, or export into another directory" if empty else lead + EXPORT_ADVICE
+    if empty:  # an export in its first batch may be writing it: deleting it then would break that export
+        return "; it holds no rows yet: unless an export is writing it now, delete it, or export into another directory"
+    return lead + EXPORT_ADVICE
 
 
 def refuse_another_export(path: str | os.PathLike, metadata: dict, weights: Sequence[float] | None = None) -> None:
