@@ -25,7 +25,7 @@ from .._validate import positive_int
 from ..store import GradientStore, _locks
 from ..store._files import MAX_MANIFEST_BYTES, open_file, read_all, read_manifest
 from ..store._format import Manifest, merge_ranges, strict_json
-from ..store._locks import range_files
+from ..store._locks import DirectoryLock, range_files
 from ._cluster import (
     check_client,
     check_worker_timeout,
@@ -137,7 +137,15 @@ def _export(
         return GradientStore.open(path)
     missing = missing_rows(manifest)
     if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-        _write_ranges(adapter, pickled, path, manifest, missing, client, worker_timeout, shards, num_threads, progress)
+        # the store's shared lock while the tasks run (range writers share it): another export, with other inputs,
+        # cannot make it again under them while it records no rows (tasks still reading the data or queued)
+        shared = DirectoryLock(Path(path), shared=True)
+        try:
+            _write_ranges(
+                adapter, pickled, path, manifest, missing, client, worker_timeout, shards, num_threads, progress
+            )
+        finally:
+            shared.release()
     if progress:
         print(
             f"tracin.distributed export ({adapter}): every row written; the client reads the data once more, "

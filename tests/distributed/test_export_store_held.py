@@ -1,0 +1,50 @@
+"""While a tracin.distributed export's tasks run, its store (recording no rows until a task's first batch) is
+held: another export of other inputs into the same path is refused instead of making the store again under them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+torch = pytest.importorskip("torch")
+
+import tracin.distributed as td  # noqa: E402
+import tracin.torch  # noqa: E402
+from tracin.distributed import _export  # noqa: E402
+
+
+def _loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def _other_loss(outputs, targets):
+    return 2.0 * torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def test_another_export_cannot_remake_the_store_while_tasks_run(client, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(30, 6), torch.randint(0, 3, (30,)))
+    kw = {"batch_size": 10, "progress": False}
+    store = tmp_path / "s"
+    write_ranges = _export._write_ranges
+    refused = []
+
+    def other_export_first(*args, **kwargs):  # before any task takes its range: the store records no rows
+        with pytest.raises(RuntimeError, match="is being written by"):
+            tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **kw)
+        refused.append(True)
+        return write_ranges(*args, **kwargs)
+
+    monkeypatch.setattr(_export, "_write_ranges", other_export_first)
+    found = td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **kw)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, _loss, store=tmp_path / "one", **kw)
+    assert refused == [True]
+    assert found.complete
+    name = "checkpoint_000.npy"
+    assert (Path(found.path) / name).read_bytes() == (Path(expected.path) / name).read_bytes()
+    assert found.metadata == expected.metadata
