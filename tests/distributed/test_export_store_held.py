@@ -48,3 +48,24 @@ def test_another_export_cannot_remake_the_store_while_tasks_run(client, tmp_path
     name = "checkpoint_000.npy"
     assert (Path(found.path) / name).read_bytes() == (Path(expected.path) / name).read_bytes()
     assert found.metadata == expected.metadata
+
+
+def test_a_store_made_again_before_the_lock_is_taken_is_refused(client, tmp_path, monkeypatch):
+    """Between the client's create step and its shared lock another export of other inputs makes the empty
+    store again (and finishes it): the call refuses it, naming both store ids, rather than writing into it
+    or returning that export's store."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(30, 6), torch.randint(0, 3, (30,)))
+    kw = {"batch_size": 10, "progress": False}
+    store = tmp_path / "s"
+    lock = _export.DirectoryLock
+
+    def other_export_then_lock(*args, **kwargs):
+        tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **kw)
+        return lock(*args, **kwargs)
+
+    monkeypatch.setattr(_export, "DirectoryLock", other_export_then_lock)
+    with pytest.raises(RuntimeError, match=r"was made again by another export \(store id \S+, now \S+\)"):
+        td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **kw)

@@ -132,20 +132,27 @@ def _export(
     """export_gradients once its arguments are checked and `pickled` (a finished store: for nothing)."""
     with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
         fn(*args, store=path, progress=progress, **kwargs)
-    manifest = read_manifest(Path(path))  # every range writer's progress merged into it
-    if manifest.complete:  # finished before: checked against these inputs, nothing to write
-        return GradientStore.open(path)
-    missing = missing_rows(manifest)
-    if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-        # the store's shared lock while the tasks run (range writers share it): another export, with other inputs,
-        # cannot make it again under them while it records no rows (tasks still reading the data or queued)
+    checked = read_manifest(Path(path)).store_id  # the store the step above created or checked
+    # the store's shared lock while the tasks run (range writers share it): another export, with other inputs,
+    # cannot make it again under them while it records no rows (tasks still reading the data or queued)
+    with _range_writers_named(path):
         shared = DirectoryLock(Path(path), shared=True)
-        try:
+    try:
+        manifest = read_manifest(Path(path))  # every range writer's progress merged into it
+        if manifest.store_id != checked:  # made again by another export between the check and the lock
+            raise RuntimeError(
+                f"gradient store {path} was made again by another export (store id {checked}, now "
+                f"{manifest.store_id}) while this call began: call again once that export has ended"
+            )
+        if manifest.complete:  # finished before: checked against these inputs, nothing to write
+            return GradientStore.open(path)
+        missing = missing_rows(manifest)
+        if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
             _write_ranges(
                 adapter, pickled, path, manifest, missing, client, worker_timeout, shards, num_threads, progress
             )
-        finally:
-            shared.release()
+    finally:
+        shared.release()
     if progress:
         print(
             f"tracin.distributed export ({adapter}): every row written; the client reads the data once more, "
@@ -497,7 +504,12 @@ def _range_writers_named(path: str) -> Iterator[None]:
             raise e from None
         if not held and not stale:
             raise
-        names = f" ({', '.join(held)})" if held else ""
+        whose = (  # no range lock file held: the holder may be another call's client, its tasks not started
+            f"Range writers of this store ({', '.join(held)}) may be"
+            if held
+            else "It may be held by another tracin.distributed export of this store (its client holds it while its "
+            "tasks run: wait for that call to end), or by"
+        )
         files, were = ("files", "were") if stale > 1 else ("file", "was")
         ignored = (
             f" ({stale}{' other' if held else ''} rows-*.lock {files} of this store, held by no process, {were} "
@@ -506,7 +518,7 @@ def _range_writers_named(path: str) -> Iterator[None]:
             else ""
         )
         raise RuntimeError(
-            f"{e}. Range writers of this store{names} may be the tasks of an interrupted or failed "
+            f"{e}. {whose} the tasks of an interrupted or failed "
             "tracin.distributed export, still running on the workers (cancelling a Dask task does not stop one "
             "that started, and the scheduler no longer lists it): wait for them to finish, or call "
             f"client.restart(), then call again to resume{ignored}"
