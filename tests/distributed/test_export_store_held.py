@@ -23,26 +23,33 @@ def _other_loss(outputs, targets):
     return 2.0 * torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
-def test_another_export_cannot_remake_the_store_while_tasks_run(client, tmp_path, monkeypatch):
+KW = {"batch_size": 10, "progress": False}
+
+
+@pytest.fixture
+def problem():
+    """A Linear(6, 3) model, one checkpoint of it and 30 rows of data."""
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = torch.nn.Sequential(torch.nn.Linear(6, 3))
     checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
-    data = (torch.randn(30, 6), torch.randint(0, 3, (30,)))
-    kw = {"batch_size": 10, "progress": False}
+    return model, checkpoints, (torch.randn(30, 6), torch.randint(0, 3, (30,)))
+
+
+def test_another_export_cannot_remake_the_store_while_tasks_run(client, problem, tmp_path, monkeypatch):
+    model, checkpoints, data = problem
     store = tmp_path / "s"
     write_ranges = _export._write_ranges
     refused = []
 
     def other_export_first(*args, **kwargs):  # before any task takes its range: the store records no rows
         with pytest.raises(RuntimeError, match="is being written by"):
-            tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **kw)
+            tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **KW)
         refused.append(True)
         return write_ranges(*args, **kwargs)
 
     monkeypatch.setattr(_export, "_write_ranges", other_export_first)
-    found = td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **kw)
-    expected = tracin.torch.export_gradients(model, checkpoints, data, _loss, store=tmp_path / "one", **kw)
+    found = td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **KW)
+    expected = tracin.torch.export_gradients(model, checkpoints, data, _loss, store=tmp_path / "one", **KW)
     assert refused == [True]
     assert found.complete
     name = "checkpoint_000.npy"
@@ -50,22 +57,18 @@ def test_another_export_cannot_remake_the_store_while_tasks_run(client, tmp_path
     assert found.metadata == expected.metadata
 
 
-def test_a_store_made_again_before_the_lock_is_taken_is_refused(client, tmp_path, monkeypatch):
+def test_a_store_made_again_before_the_lock_is_taken_is_refused(client, problem, tmp_path, monkeypatch):
     """Between the client's create step and its shared lock another export of other inputs makes the empty
     store again (and finishes it): the call refuses it, naming both store ids, rather than writing into it
     or returning that export's store."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
-    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
-    data = (torch.randn(30, 6), torch.randint(0, 3, (30,)))
-    kw = {"batch_size": 10, "progress": False}
+    model, checkpoints, data = problem
     store = tmp_path / "s"
     lock = _export.DirectoryLock
 
     def other_export_then_lock(*args, **kwargs):
-        tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **kw)
+        tracin.torch.export_gradients(model, checkpoints, data, _other_loss, store=store, **KW)
         return lock(*args, **kwargs)
 
     monkeypatch.setattr(_export, "DirectoryLock", other_export_then_lock)
     with pytest.raises(RuntimeError, match=r"was made again by another export \(store id \S+, now \S+\)"):
-        td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **kw)
+        td.export_gradients("torch", model, checkpoints, data, _loss, store=store, client=client, **KW)
