@@ -2150,7 +2150,8 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
             test,
             plain,
             whitening("one", mats=blocks["train"][:1], w=weights[:1]),
-            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1",
+            "--whitening applied to --test: test has 2 checkpoints but the whitening has 1; give --whitening a "
+            "whitening fitted on --train's gradients (tracin.Whitening.fit, then save)",
         ),
     ]
     for test_store, train_store, white, expected in score_cases:
@@ -2176,7 +2177,8 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
         (
             update,
             "--whitening applied to path: train gradients are preconditioner=None but the whitening was fitted on "
-            "preconditioner='adam_update'",
+            "preconditioner='adam_update'; give --whitening a whitening fitted on path's gradients "
+            "(tracin.Whitening.fit, then save)",
         ),
     ]
     for white, expected in self_cases:

@@ -500,7 +500,15 @@ def _whitened(whitening: Any, rows: Any, option: str, args: argparse.Namespace) 
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         raise CommandError(_fitted_mismatch(e, option)) from e
     except ValueError as e:
-        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}") from e
+        raise CommandError(f"--whitening applied to {option}: {_one_line(e)}{_mismatch_advice(e, '--train')}") from e
+
+
+def _mismatch_advice(e: ValueError, fitted_on: str) -> str:
+    """What to do when the library refused rows for not matching the whitening (kind, checkpoints, dims,
+    parameters, preconditioner: its messages name "the whitening"); "" for other refusals (a NaN row)."""
+    if "the whitening" not in str(e):
+        return ""
+    return f"; give --whitening a whitening fitted on {fitted_on}'s gradients (tracin.Whitening.fit, then save)"
 
 
 def _fitted_mismatch(e: Any, option: str) -> str:
@@ -624,7 +632,7 @@ def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespac
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         raise CommandError(_fitted_mismatch(e, "path")) from e
     except ValueError as e:
-        raise CommandError(f"--whitening applied to path: {_one_line(e)}") from e
+        raise CommandError(f"--whitening applied to path: {_one_line(e)}{_mismatch_advice(e, 'path')}") from e
 
 
 def _check_self_influence_store(store: Any, path: str) -> None:
