@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from drifted_states import drifted_states
 from tracin._export.driver import store_rows
 from tracin.store import GradientStore
 from tracin.store._locks import DirectoryLock
@@ -60,12 +61,7 @@ def _net(bug: bool) -> nn.Module:
 def problem():
     torch.manual_seed(1)
     model = _net(bug=False)
-    states = []
-    for _ in range(2):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+    states = drifted_states(model, 2)
     return [(states[0], 0.5), (states[1], 0.25)], (torch.randn(N_ROWS, 4), torch.randint(0, 3, (N_ROWS,)))
 
 

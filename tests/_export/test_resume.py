@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from drifted_states import drifted_states
 from tracin._export.fingerprint import callable_identity, identity_before_code
 from tracin._export.resume import changed_inputs, refuse_another_export, same_function, without_code
 from tracin.torch import export_gradients
@@ -68,12 +69,7 @@ def _loss(tmp_path: Path, module: str, extra: str = "", before: str = "", name: 
 def problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    states = []
-    for _ in range(2):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+    states = drifted_states(model, 2)
     x = torch.randn(11, 4)
     y = torch.randint(0, 3, (11,))
     return model, [(states[0], 0.5), (states[1], 0.25)], (x, y)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from drifted_states import drifted_states
 from interrupts import FailingBatches, Killed
 from tracin._export.resume import model_changes
 from tracin.torch import export_gradients
@@ -55,12 +56,7 @@ LOSS = nn.CrossEntropyLoss(reduction="none")
 def _problem():
     torch.manual_seed(0)
     model = Net()
-    states = []
-    for _ in range(2):
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+    states = drifted_states(model, 2)
     x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
     return [(states[0], 0.5), (states[1], 0.25)], [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
 
