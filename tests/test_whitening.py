@@ -710,7 +710,12 @@ def _inverse_at(damping: float):
         (lambda p, data: _saved_with(p, spec={"n_rows": "many"}), "n_rows 'many' is not an integer >= 1"),
         (lambda p, data: _saved_with(p, spec={"mix_weight": 2}), "mix_weight must be a number in"),
         (lambda p, data: _saved_with(p, spec={"fingerprint": 5}), "fingerprint 5 is not 16 hex digits"),
-        (lambda p, data: _saved_with(p, spec={"lambdas": "junk"}), "lambdas junk are not damping 0.3 times"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": "junk"}), "lambdas junk are not finite positive numbers"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [1.0]}), r"lambdas \[1.0\] are not finite positive"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [0.0, 1.0]}), "are not finite positive numbers per"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [1.0, -2.0]}), "are not finite positive numbers per"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [float("nan"), 1.0]}), "are not finite positive numbers"),
+        (lambda p, data: _saved_with(p, spec={"lambdas": [float("inf"), 1.0]}), "are not finite positive numbers"),
         (lambda p, data: _saved_with(p, spec={"lambdas": [1.0, 2.0]}), r"lambdas \[1.0, 2.0\] are not damping"),
         (lambda p, data: _saved_with(p, moment_0=np.eye(24)), "the moments' fingerprint is [0-9a-f]{16}, but the spec"),
         (
@@ -754,6 +759,25 @@ def test_load_refuses_what_save_did_not_write(tmp_path, full, damage, match):
         Whitening.load(path)
     with pytest.raises(FileNotFoundError):
         Whitening.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("recorded", [1e-19, 0.0, 1e-9 * (1 + 1e-6)])
+def test_load_compares_lambdas_relatively_and_uses_the_recomputed_ones(tmp_path, rng, recorded):
+    """Gradients of small scale (entries ~1e-5: lambda ~1e-9): a recorded lambda within an absolute 1e-8 of
+    damping x mean eigenvalue but not within 1e-9 of it relatively is refused with load's ValueError naming
+    the file (review127 F1: 1e-19 loaded and whitened at an effective damping of 1e-9; 0.0 raised
+    ZeroDivisionError). An honest file loads with lambdas and whitened rows those of the float64 reference."""
+    g = (rng.standard_normal((200, 20)) * 1e-5).astype(np.float32)
+    path = tmp_path / "w.npz"
+    Whitening.fit(g, damping=10.0, precision="float64").save(path)
+    exact, lam = reference_inverse(g, 10.0)
+    loaded = Whitening.load(path)
+    assert loaded.spec.lambdas[0] == pytest.approx(lam, rel=1e-12, abs=0)
+    test = rng.standard_normal((5, 20)).astype(np.float32) * np.float32(1e-5)
+    assert_rows_close(loaded.apply(test).matrices[0], to_float64(test) @ exact)
+    _saved_with(path, spec={"lambdas": [recorded * lam / 1e-9]})
+    with pytest.raises(ValueError, match=f"^{path} is not a saved tracin.Whitening \\(lambdas .* are not"):
+        Whitening.load(path)
 
 
 def test_load_refuses_a_fifo_or_a_folder_without_opening_it(tmp_path):

@@ -448,7 +448,8 @@ class Whitening:
         counts, mix_weight, fingerprint, space: its 'preconditioner' and 'params' as scoring reads
         them), matrices missing, of other shapes or dtypes (read
         from their headers, before their data), not finite, moments of another fingerprint, lambdas
-        that are not damping times the moments' mean eigenvalues, or stored inverses that fail the
+        that are not finite positive numbers or not damping times the moments' mean eigenvalues (to 1e-9
+        relative; the recomputed ones are used), or stored inverses that fail the
         O(d^2) checks of _checked_inverses (symmetry, positive diagonals, the residual of (R + lambda
         I) X v = v on a few random v, within float64 rounding): the inverses are kept as stored, not
         recomputed, except where the damping is so small that rounding hides a wrong inverse from the
@@ -766,10 +767,12 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
         raise ValueError(f"the moments' fingerprint is {fingerprint}, but the spec records {spec.fingerprint}")
     factored = spec.kind == "kfac"
     lambdas = _lambdas(moments, spec.damping, factored)
-    recorded = np.asarray(spec.lambdas, dtype=np.float64) if _numbers(spec.lambdas) else None
-    if recorded is None or recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9):
+    recorded = np.asarray(spec.lambdas, dtype=np.float64)
+    # relative only: an absolute tolerance would pass any lambdas of gradients of small scale (lambda ~1e-9)
+    if recorded.shape != np.shape(lambdas) or not np.allclose(recorded, lambdas, rtol=1e-9, atol=0.0):
         raise ValueError(f"lambdas {spec.lambdas} are not damping {spec.damping} times the moments' mean eigenvalues")
-    inverses = _checked_inverses(moments, stored, _flat(spec.lambdas), spec.damping, factored, spec.precision)
+    spec = dataclasses.replace(spec, lambdas=lambdas)  # the recomputed ones (fit's, bit for bit) from here on
+    inverses = _checked_inverses(moments, stored, _flat(lambdas), spec.damping, factored, spec.precision)
     return moments, inverses, spec
 
 
@@ -792,6 +795,13 @@ def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
         raise ValueError(f"dims {spec.dims} are not positive sizes per checkpoint of a {spec.kind} whitening")
     check_damping(spec.damping)
     check_precision(spec.precision)
+    lambdas = [v if isinstance(v, list) else [v] for v in spec.lambdas] if _numbers(spec.lambdas) else []
+    if [len(v) for v in lambdas] != [len(s) for s in sides] or not all(
+        math.isfinite(x) and x > 0 for v in lambdas for x in v
+    ):
+        raise ValueError(
+            f"lambdas {spec.lambdas} are not finite positive numbers per checkpoint of a {spec.kind} whitening"
+        )
     for name, least in (("n_rows", 1), ("mix_rows", 0)):
         value = getattr(spec, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
