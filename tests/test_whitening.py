@@ -174,6 +174,41 @@ def test_self_influence_two_sided(full):
     )
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_whitened_self_influence_holds_no_float64_array_of_the_whole_set(rng, factored, monkeypatch):
+    """review127 F6: per_checkpoint=False summed each row block's terms into a float64 (n, C) array of the whole
+    set (8 n C bytes beside plain self_influence's 4 n). Now the extra memory is the float32 result and a block's
+    work; the values are the float64 reference's, the float64 sum of per_checkpoint=True's terms, and the same bits
+    for any row block size."""
+    n, checkpoints = 100_000, 16
+    left = [rng.standard_normal((n, 2)).astype(np.float32) for _ in range(checkpoints)]
+    right = [rng.standard_normal((n, 1)).astype(np.float32) + 2 for _ in range(checkpoints)]
+    weights = rng.uniform(0.5, 2.0, checkpoints).tolist()
+    train = tracin.FactoredGradients(left, right, weights) if factored else tracin.Gradients(left, weights)
+    w = Whitening.fit(train, damping=1.0)
+    tracemalloc.start()
+    try:
+        ours = w.self_influence(train)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ours.dtype == np.float32 and ours.shape == (n,)
+    assert peak < 8 * n * checkpoints / 4, f"peak {peak / 2**20:.1f} MiB"  # before: above 8 n C bytes
+    exact = np.zeros(n)
+    for c, wc in enumerate(weights):
+        form = np.einsum("ij,ij->i", to_float64(left[c]) @ reference_inverse(left[c], 1.0)[0], to_float64(left[c]))
+        if factored:
+            r = to_float64(right[c])
+            form *= np.einsum("ij,ij->i", r @ reference_inverse(r, 1.0)[0], r)
+        exact += wc * form
+    np.testing.assert_allclose(ours, exact, rtol=1e-5)
+    columns = w.self_influence(train, per_checkpoint=True)
+    np.testing.assert_allclose(ours, columns.astype(np.float64).sum(axis=1), rtol=1e-6)
+    monkeypatch.setattr(_moments, "BLOCK_ROWS", 777)
+    assert np.array_equal(w.self_influence(train).view(np.uint32), ours.view(np.uint32))
+    assert np.array_equal(w.self_influence(train, per_checkpoint=True).view(np.uint32), columns.view(np.uint32))
+
+
 def test_public_self_influence_takes_the_whitening(full):
     train, _ = full
     sets = tracin.Gradients(train, WEIGHTS)
@@ -1055,10 +1090,13 @@ def test_self_influence_overflow_to_nan_is_refused(full):
         w.self_influence(huge)
 
 
+@pytest.mark.parametrize("block_rows", [_moments.BLOCK_ROWS, 50])
 @pytest.mark.parametrize("factored", [False, True])
-def test_self_influence_overflow_names_the_rows_and_checkpoint(rng, factored):
+def test_self_influence_overflow_names_the_rows_and_checkpoint(rng, factored, block_rows, monkeypatch):
     """review59 G2: the whitened message names the first train rows beyond float32 (per_checkpoint: and
-    the first checkpoint with such a term), the rows the unwhitened message names."""
+    the first checkpoint with such a term), the rows the unwhitened message names, also when they lie in
+    different row blocks (block_rows 50)."""
+    monkeypatch.setattr(_moments, "BLOCK_ROWS", block_rows)
     left = [anisotropic(rng, 120, 6), anisotropic(rng, 120, 4)]
     right = [anisotropic(rng, 120, 3), anisotropic(rng, 120, 2)]
     make = (lambda a, b: tracin.FactoredGradients(a, b)) if factored else (lambda a, b: tracin.Gradients(a))

@@ -349,7 +349,8 @@ class Whitening:
         check_self_influence_rows(train)
         per_checkpoint = flag(per_checkpoint, "per_checkpoint")
         check_progress(progress)
-        total = np.zeros((train.n_rows, train.n_checkpoints))
+        result = np.empty((train.n_rows, train.n_checkpoints) if per_checkpoint else train.n_rows, dtype=np.float32)
+        beyond = []  # (first row, its rows' |result| > float32's largest) of the blocks holding such a row
         bar = progress_bar(train.n_rows, progress, "tracin whitened self_influence", unit="row")
         try:
             with blas_threads(num_threads):
@@ -360,25 +361,20 @@ class Whitening:
                         x = x.astype(np.float64)
                         forms.append(np.einsum("ij,ij->i", x @ inv, x))
                     terms = [a * b for a, b in zip(forms[0::2], forms[1::2], strict=True)] if self.factored else forms
-                    with np.errstate(over="ignore"):  # checked below
-                        total[start:stop] = np.stack(terms, axis=1) * train.weights
+                    with np.errstate(over="ignore", invalid="ignore"):  # checked below (Inf - Inf: NaN)
+                        total = np.stack(terms, axis=1) * train.weights  # float64 (rows, C), this block only
+                        if not per_checkpoint:
+                            total = total.sum(axis=1)
+                        result[start:stop] = total
+                    over = ~(np.abs(total) <= _FLOAT32_MAX)  # NaN (Inf - Inf) counts too
+                    if over.any():
+                        beyond.append((start, over))
                     bar.update(stop - start)
         finally:
             bar.close()
-        with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, refused below
-            result = total if per_checkpoint else total.sum(axis=1)
-        beyond = ~(np.abs(result) <= _FLOAT32_MAX)  # NaN (Inf - Inf) counts too
-        if beyond.any():
-            where = ""
-            if per_checkpoint:  # the first checkpoint with such a term, as the unwhitened message
-                checkpoint = int(np.flatnonzero(beyond.any(axis=0))[0])
-                where, beyond = f" in checkpoint {checkpoint}", beyond[:, checkpoint]
-            rows = np.flatnonzero(beyond)[:5].tolist()
-            raise ValueError(
-                f"whitened self-influence overflowed float32{where} for train rows {rows} "
-                "although every input is finite; rescale the gradients (or the learning-rate weights) or raise damping"
-            )
-        return result.astype(np.float32)
+        if beyond:
+            _overflowed(beyond, per_checkpoint)
+        return result
 
     def _accept(self, s: Any, name: str) -> GradientSet:
         """`s` as a gradient set of the fitted kind, dims and gradient space, not already whitened."""
@@ -497,6 +493,20 @@ class Whitening:
             f"Whitening(kind={s.kind!r}, damping={s.damping}, dims={s.dims}, n_rows={s.n_rows}, "
             f"fingerprint={s.fingerprint!r})"
         )
+
+
+def _overflowed(beyond: list[tuple[int, np.ndarray]], per_checkpoint: bool) -> None:
+    """Raises self_influence's overflow error from its blocks' masks (first row, (rows,) or (rows, C) bools):
+    the first rows (per_checkpoint: of the first checkpoint with such a term, as the unwhitened message)."""
+    where = ""
+    if per_checkpoint:
+        checkpoint = min(int(np.flatnonzero(over.any(axis=0))[0]) for _, over in beyond)
+        where, beyond = f" in checkpoint {checkpoint}", [(start, over[:, checkpoint]) for start, over in beyond]
+    rows = np.concatenate([start + np.flatnonzero(over) for start, over in beyond])[:5].tolist()
+    raise ValueError(
+        f"whitened self-influence overflowed float32{where} for train rows {rows} "
+        "although every input is finite; rescale the gradients (or the learning-rate weights) or raise damping"
+    )
 
 
 def _matching(s: GradientSet, fitted: Any, name: str, against: str = "the whitening") -> GradientSet:
