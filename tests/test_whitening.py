@@ -1324,6 +1324,33 @@ def test_a_row_with_a_tiny_gradient_is_whitened_not_refused(factored):
     assert np.all(np.isfinite(top.values))
 
 
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_gradients_too_large_for_any_damping_are_told_to_rescale(precision):
+    """review127 F3: for gradients of scale about 3e38 (finite float32) fit advised ever smaller dampings, each
+    refused again: the whitened rows' lower bound sqrt(tr(R X) / ((lambda + tr R) d)) only rises to
+    sqrt(rank / (tr R d)) (float64 NumPy: below float32's smallest normal number) as damping -> 0. Now fit names
+    no damping but a factor to rescale the gradients by; so rescaled, the fit goes through at the same damping and
+    its scores are the float64 reference's (those of the original rows: whitened scores do not change with scale)."""
+    rng = np.random.default_rng(1)
+    g = rng.standard_normal((5, 40))
+    h = (g / np.abs(g).max() * 3e38).astype(np.float32)
+    g64 = to_float64(h)
+    r = g64.T @ g64 / len(g64)
+    assert np.sqrt(5 / (np.trace(r) * 40)) < np.finfo(np.float32).tiny  # rank 5: no damping lifts the rows
+    for damping in (1e-3, 1.0):
+        with pytest.raises(ValueError, match=rf"^damping {damping!r} leaves checkpoint 0's whitened rows") as caught:
+            Whitening.fit(h, damping=damping, precision=precision)
+        message = str(caught.value)
+        assert "use a damping" not in message and "no damping avoids it" in message, message
+    factor = float(re.search(r"multiplying them by about (\S+) or less for this damping", message).group(1))
+    scaled = (h * np.float32(factor)).astype(np.float32)
+    w = Whitening.fit(scaled, damping=1.0, precision=precision)
+    t = (rng.standard_normal((3, 40)) * 1e38).astype(np.float32)
+    exact = to_float64(t) @ reference_inverse(g64, 1.0)[0] @ g64.T  # unscaled, float64
+    got = to_float64(tracin.scores(w.apply(t * np.float32(factor)), scaled))
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+
+
 def test_a_saved_whitening_whose_damping_fit_refuses_is_refused_at_load(tmp_path, monkeypatch):
     """review90 F1: fit and with_damping refuse a damping that leaves the whitened scores or rows in float32's
     subnormal range (review85 F2); a file an older version saved at such a damping is refused by load too, with

@@ -599,7 +599,9 @@ def _check_scale(
       (tr(X R X) >= tr(R X) / (lambda + largest eigenvalue) >= tr(R X) / (lambda + tr R)), below float32's smallest
       normal number: about sqrt(mean eigenvalue) / lambda at such dampings, so it depends on the gradients' scale
       (1e15: damping 1e23).
-    Both fall as 1 / damping there (a K-FAC factor's row as 1 / sqrt(damping)), from which the damping advised."""
+    Both fall as 1 / damping there (a K-FAC factor's row as 1 / sqrt(damping)), from which the damping advised.
+    Where the rows' bound stays below float32's smallest normal number even as damping -> 0 (_log_rows_limit:
+    gradients of scale about 1e37 and more) no damping is advised: the gradients must be rescaled."""
     traces = [float(np.einsum("ij,ij->", r, x)) for r, x in zip(moments, inverses, strict=True)]
     per = 2 if factored else 1
     for c in range(len(traces) // per):
@@ -621,18 +623,36 @@ def _check_scale(
             log_rms = 0.5 * (math.log(max(traces[i], 1e-300)) - math.log(lam + float(np.trace(r))) - math.log(len(r)))
             if log_rms < math.log(_FLOAT32_TINY):
                 rows = f"{('left', 'right')[i % 2]} factor's rows" if factored else "rows"
-                problems.append(
-                    (
-                        damping * math.exp((log_rms - math.log(_FLOAT32_TINY)) * (2 if factored else 1)),
-                        f"whitened {rows} at about {math.exp(log_rms):.3g} an entry (root mean square, at least), "
-                        f"below float32's smallest normal number ({_FLOAT32_TINY:.2g}): subnormals or 0",
+                what = (
+                    f"whitened {rows} at about {math.exp(log_rms):.3g} an entry (root mean square, at least), "
+                    f"below float32's smallest normal number ({_FLOAT32_TINY:.2g}): subnormals or 0"
+                )
+                log_limit = _log_rows_limit(r)
+                if log_limit < math.log(_FLOAT32_TINY):  # no damping lifts them: the gradients are too large
+                    raise ValueError(
+                        f"damping {damping!r} leaves checkpoint {c}'s {what}; no damping avoids it (as damping -> 0 "
+                        f"that bound rises only to {math.exp(log_limit):.3g}, about 1 / the gradients' scale): "
+                        f"rescale the gradients, multiplying them by about "
+                        f"{0.95 * math.exp(log_rms - math.log(_FLOAT32_TINY)):.2g} or less for this damping (the "
+                        "whitened rows scale as 1 / the gradients, the whitened scores not at all)"
                     )
+                problems.append(
+                    (damping * math.exp((log_rms - math.log(_FLOAT32_TINY)) * (2 if factored else 1)), what)
                 )
         if problems:
             most, what = min(problems)
             raise ValueError(
                 f"damping {damping!r} leaves checkpoint {c}'s {what}; use a damping of about {0.95 * most:.2g} or less"
             )  # 0.95: rounding to 2 digits never goes above the damping that would do
+
+
+def _log_rows_limit(r: np.ndarray) -> float:
+    """log of _check_scale's row bound sqrt(tr(R X) / ((lambda + tr R) d)) as damping -> 0, where tr(R X) -> the
+    rank of R (its eigenvalues above d x float64 epsilon of the largest): the most any damping gives. O(d^3),
+    only where the bound failed."""
+    eigenvalues = np.linalg.eigvalsh(r)
+    rank = int(np.count_nonzero(eigenvalues > len(r) * np.finfo(np.float64).eps * eigenvalues[-1]))
+    return 0.5 * (math.log(max(rank, 1)) - math.log(float(np.trace(r))) - math.log(len(r)))
 
 
 _PROBES = 4  # random vectors each stored inverse is checked on at load
