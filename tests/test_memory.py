@@ -1,4 +1,5 @@
-"""top_k never materialises the test x train matrix: extra memory is independent of n_train."""
+"""top_k never materialises the test x train matrix: extra memory is independent of n_train. The memory a
+process may use (tracin._memory: physical memory, cgroup limits, RLIMIT_AS) read from mocked files and limits."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.skipif(
+import tracin
+from tracin import _memory
+from tracin.whitening import _moments
+
+measures_rss = pytest.mark.skipif(
     not os.access("/proc/self/clear_refs", os.W_OK),
     reason="needs a writable /proc/self/clear_refs (Linux) to reset the peak RSS the tests measure",
 )
@@ -41,6 +47,7 @@ print((after - before) / 2**20)
 """
 
 
+@measures_rss
 def test_top_k_memory_is_bounded():
     out = subprocess.run([sys.executable, "-c", PEAK + SCRIPT], capture_output=True, text=True, check=True)
     growth_mib = float(out.stdout.strip().splitlines()[-1])
@@ -61,6 +68,7 @@ print((peak() - before) / 2**20)
 """
 
 
+@measures_rss
 def test_packed_test_copy_is_the_size_of_its_columns():
     # 512 test rows of 400 factors of 16 columns: 13 MiB packed. Padding every factor to a whole
     # slice of 256 columns, written, would take 200 MiB.
@@ -85,6 +93,7 @@ print((after - before) / size)
 """
 
 
+@measures_rss
 @pytest.mark.skipif(
     "libasan" in os.environ.get("LD_PRELOAD", ""),
     reason="AddressSanitizer's quarantine keeps freed blocks resident (2.73x here; 1.00x with quarantine_size_mb=0)",
@@ -118,6 +127,7 @@ assert np.allclose(tracin.self_influence(train), exact, rtol=1e-5)  # row-wise: 
 """
 
 
+@measures_rss
 @pytest.mark.skipif(
     "libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer reserves more address space than the limit"
 )
@@ -163,6 +173,7 @@ except MemoryError as e:
 """
 
 
+@measures_rss
 @pytest.mark.skipif(
     "libasan" in os.environ.get("LD_PRELOAD", ""), reason="AddressSanitizer reserves more address space than the limit"
 )
@@ -177,3 +188,100 @@ def test_top_k_candidates_for_large_k_are_documented_and_named_when_they_run_out
     assert message.startswith("out of memory in the tracin kernel (top_k's candidates for k=500,000"), message
     assert "16 test rows per pass x about 1,000,000 candidates" in message and "244 MiB here" in message
     assert "tracin.Projection" not in message
+
+
+def _cgroups(tmp_path, monkeypatch, proc: str, files: dict) -> None:
+    """A made-up /proc/self/cgroup (`proc`) and cgroup tree under tmp_path (path -> content)."""
+    (tmp_path / "proc_cgroup").write_text(proc)
+    for path, content in files.items():
+        (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / path).write_text(content)
+    monkeypatch.setattr(_memory, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
+    monkeypatch.setattr(_memory, "CGROUP_ROOT", str(tmp_path / "fs"))
+
+
+GIB = 2**30
+V1 = "4:memory:/job/task\n1:cpu:/\n0::/\n"
+
+
+@pytest.mark.parametrize(
+    ("proc", "files", "limit"),
+    [
+        (
+            "0::/job/task\n",
+            {"memory.max": "max\n", "job/memory.max": f"{3 * GIB}\n", "job/task/memory.max": "max\n"},
+            3,
+        ),
+        ("0::/\n", {"memory.max": f"{5 * GIB}\n"}, 5),  # a container's own cgroup namespace: its root
+        ("0::/job\n", {"job/memory.max": "max\n"}, None),
+        (
+            V1,
+            {
+                "memory/job/task/memory.limit_in_bytes": f"{2 * GIB}\n",
+                "memory/memory.limit_in_bytes": "9223372036854771712\n",
+            },
+            2,
+        ),
+        (
+            V1,
+            {"memory/job/memory.limit_in_bytes": f"{4 * GIB}\n", "memory/job/task/memory.limit_in_bytes": f"{6 * GIB}"},
+            4,
+        ),
+        (V1, {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "no limit"
+        ("garbage\n", {"memory.max": f"{GIB}\n"}, None),
+    ],
+)
+def test_cgroup_memory_limit_is_the_least_of_the_process_cgroup_and_its_ancestors(
+    tmp_path, monkeypatch, proc, files, limit
+):
+    _cgroups(tmp_path, monkeypatch, proc, files)
+    assert _memory.cgroup_memory_limit() == (None if limit is None else limit * GIB)
+
+
+def test_no_proc_cgroup_file_is_no_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(_memory, "PROC_CGROUP", str(tmp_path / "missing"))
+    assert _memory.cgroup_memory_limit() is None
+
+
+@pytest.mark.parametrize(
+    ("physical", "cgroup", "address_space", "budget"),
+    [
+        (16, None, None, 8),
+        (16, 3, None, 1.5),  # review127 F5: a container's limit below half the machine's memory
+        (16, None, 2, 1),  # ulimit -v
+        (16, 6, 4, 2),
+        (None, None, 2, 1),
+        (None, None, None, 8),  # nothing reported: UNREPORTED_MEMORY_BUDGET
+        (4, 40, 60, 2),
+    ],
+)
+def test_default_budget_is_half_the_least_memory_the_process_may_use(
+    tmp_path, monkeypatch, physical, cgroup, address_space, budget
+):
+    monkeypatch.setattr(_memory, "physical_memory", lambda: None if physical is None else physical * GIB)
+    _cgroups(tmp_path, monkeypatch, "0::/\n", {"memory.max": "max" if cgroup is None else str(cgroup * GIB)})
+    import resource
+
+    soft = resource.RLIM_INFINITY if address_space is None else address_space * GIB
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    assert _memory.address_space_limit() == (None if address_space is None else address_space * GIB)
+    assert _moments.default_max_bytes() == int(budget * GIB)
+
+
+def test_fit_and_load_refuse_what_the_process_limit_does_not_allow(tmp_path, monkeypatch):
+    """review127 F5: with RLIMIT_AS (or a cgroup limit) far below the machine's memory, a fit the limit cannot
+    hold passed the budget and died in NumPy (MemoryError; in a container, an OOM kill). Now it is fit's
+    ValueError pointing to projection, as is load of a saved one too large for the limit."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((40, 300)).astype(np.float32)
+    path = tmp_path / "w.npz"
+    tracin.Whitening.fit(train, damping=1.0).save(path)
+    need = 8 * 300 * 300 * 3  # the moments and inverses of 300 dims, plus a copy: below 3 MB, above 2 x 1 MB
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2 * need // 3, resource.RLIM_INFINITY))
+    assert _moments.default_max_bytes() < need
+    with pytest.raises(ValueError, match=r"project the gradients to fewer dimensions"):
+        tracin.Whitening.fit(train, damping=1.0)
+    with pytest.raises(ValueError, match=rf"^{path}: its float64 matrices .* the memory this process may use"):
+        tracin.Whitening.load(path)

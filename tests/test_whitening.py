@@ -1985,6 +1985,10 @@ def test_fit_and_load_where_the_os_does_not_report_physical_memory(full, tmp_pat
     else:
         monkeypatch.setattr(os, "sysconf", sysconf)
     assert physical_memory() is None
+    from tracin import _memory
+
+    monkeypatch.setattr(_memory, "cgroup_memory_limit", lambda: None)  # nor any limit (whatever this machine's)
+    monkeypatch.setattr(_memory, "address_space_limit", lambda: None)
     assert default_max_bytes() == UNREPORTED_MEMORY_BUDGET == 8 * 2**30
     train = tracin.Gradients(full[0])
     w = Whitening.fit(train, damping=0.1, precision="float64")

@@ -22,23 +22,24 @@ from typing import Any
 import numpy as np
 
 from .._arrays import DTYPE_CODES
-from .._memory import physical_memory
+from .._memory import process_memory
 from .._progress import check_progress, progress_bar
 from ..gradients import GradientSet, non_finite_message
 from ..store._convert import bfloat16_bits_to_float32
 
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
-RAM_FRACTION = 0.5  # default memory budget: this share of physical memory
-UNREPORTED_MEMORY_BUDGET = 8 * 2**30  # the default budget where the OS does not report physical memory
+RAM_FRACTION = 0.5  # default memory budget: this share of the memory the process may use
+UNREPORTED_MEMORY_BUDGET = 8 * 2**30  # the default budget where the OS reports neither memory nor a limit
 TINY_PEAK = 2.0**-50  # a block with a non-zero column peak below this has its float32 partial redone scaled
 PRECISIONS = {"float32": np.float32, "float64": np.float64}  # the dtype of the block products
 
 
 def default_max_bytes() -> int:
-    """RAM_FRACTION of this machine's physical memory in bytes (tracin._memory.physical_memory), or
-    UNREPORTED_MEMORY_BUDGET (8 GiB) where the OS does not report it."""
-    memory = physical_memory()
+    """RAM_FRACTION of the memory this process may use in bytes (tracin._memory.process_memory: the least of
+    physical memory, its cgroup's memory limit and RLIMIT_AS, where set), or UNREPORTED_MEMORY_BUDGET (8 GiB)
+    where the OS reports none of them."""
+    memory = process_memory()
     return UNREPORTED_MEMORY_BUDGET if memory is None else int(RAM_FRACTION * memory)
 
 

@@ -197,8 +197,9 @@ class Whitening:
             not positive definite, or an inverse eigenvalue found above 1.01 / lambda, which no positive
             semidefinite R allows) fit and with_damping raise ValueError, advising precision="float64"
             when R was summed in float32.
-        max_bytes: memory allowed for the float64 matrices (default half of the physical RAM, or 8 GiB
-            where the OS does not report it); above it a ValueError points to projection.
+        max_bytes: memory allowed for the float64 matrices (default half of the memory the process may use:
+            the least of the physical RAM, its cgroup's memory limit (a container's) and RLIMIT_AS, where set;
+            8 GiB where the OS reports none); above it a ValueError points to projection.
         progress: tqdm bar over rows (None: after a few seconds, if tqdm is installed).
         num_threads: BLAS threads (None: BLAS's default, all cores; a number needs threadpoolctl).
         Reproducibility: R, and so the fingerprint, lambdas, inverses and whitened scores, is the same
@@ -456,7 +457,7 @@ class Whitening:
         saying so, and to refit with precision='float64' or a larger damping. So does one saved at a damping
         so large that fit refuses it (whitened scores or rows in float32's subnormal range: fit's ValueError
         naming the damping, and one that is enough). ValueError too if the matrices (moments and inverses,
-        plus one more of the largest) exceed half the physical memory (8 GiB where the OS does not report it),
+        plus one more of the largest) exceed fit's default max_bytes (half the memory the process may use),
         or if `path` is not a regular file (a FIFO, device or directory: refused before it is opened, so a FIFO
         cannot hang it). OSError if it cannot be opened."""
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -783,8 +784,8 @@ def _read_saved(file: IO[bytes]) -> tuple[list[np.ndarray], list[np.ndarray], Wh
         if need > budget:
             raise _TooLarge(
                 f"its float64 matrices (dims {sides}) need {need / 2**30:.2f} GiB, above the {budget / 2**30:.2f} GiB "
-                "load allows (half the physical memory, 8 GiB where the OS does not report it); load it on a "
-                "machine with more memory"
+                "load allows (half the memory this process may use: the least of the physical memory, its cgroup's "
+                "limit and RLIMIT_AS; 8 GiB where the OS reports none); load it where more memory is allowed"
             )
         moments, stored = (
             [_read_member(archive, f"{kind}_{i}", (k, k), "f", spec.dims, file_bytes) for i, k in enumerate(sides)]
