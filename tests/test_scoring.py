@@ -1284,3 +1284,40 @@ def test_long_work_shows_no_automatic_bar_where_stderr_is_no_terminal(rng, capsy
     assert capsys.readouterr().err == ""  # captured: not a terminal
     tracin.top_k(test, train, progress=True)
     assert "tracin top_k" in capsys.readouterr().err
+
+
+def _at_checkpoint(rows: np.ndarray, digest: str) -> tracin.Gradients:
+    metadata = {"mode": "full", "framework": "torch", "fingerprints": {"checkpoints": [digest]}}
+    return tracin.Gradients([rows], metadata={**metadata, "checkpoint_sources": ["file"]})
+
+
+def test_a_whitened_train_side_is_checked_against_the_test_side_as_a_whitened_test_side_is(rng):
+    """review127 F2: a whitening fitted on checkpoint-A rows, applied to bare rows (no records of their own),
+    was checked against the other side only as the test argument; as the train argument (the score is symmetric)
+    checkpoint-B test rows were scored against it silently. Now both are refused naming the fitted-on gradients;
+    with checkpoint-A rows on the other side the scores are the float64 reference's, either way round."""
+    fitted = _at_checkpoint(rng.standard_normal((50, 8)).astype(np.float32), "a" * 64)
+    w = tracin.Whitening.fit(fitted, damping=1.0)
+    bare = rng.standard_normal((4, 8)).astype(np.float32)
+    whitened = w.apply(bare)
+    other = rng.standard_normal((6, 8)).astype(np.float32)
+    elsewhere = _at_checkpoint(other, "b" * 64)
+    for call in (
+        lambda: tracin.scores(elsewhere, whitened),
+        lambda: tracin.top_k(elsewhere, whitened, k=2),
+        lambda: tracin.aggregate(elsewhere, whitened),
+    ):
+        with pytest.raises(
+            tracin.scoring.CheckpointMismatchError, match="^the gradients the train side's whitening was fitted"
+        ):
+            call()
+    with pytest.raises(
+        tracin.scoring.CheckpointMismatchError, match="^the gradients the test side's whitening was fitted"
+    ):
+        tracin.scores(whitened, elsewhere)
+    same = _at_checkpoint(other, "a" * 64)
+    g = to_float64(fitted.matrices[0])
+    r = g.T @ g / len(g)
+    exact = to_float64(other) @ np.linalg.inv(r + np.trace(r) / 8 * np.eye(8)) @ to_float64(bare).T
+    for got in (tracin.scores(same, whitened), tracin.scores(whitened, same).T):
+        np.testing.assert_allclose(to_float64(got), exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())

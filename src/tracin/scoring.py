@@ -141,8 +141,9 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
     projection (metadata["projection"] None: unprojected), other checkpoints, or, both sides
     preconditioner="adam", other optimizer states of them (`names` name the two sides in messages).
     Sets without metadata are trusted; recorded keys of another shape than the adapters'
-    (metadata_problem) are a ValueError. A whitened test side is then also checked by the
-    records of the gradients its whitening was fitted on (metadata['whitening']['space'])."""
+    (metadata_problem) are a ValueError. A whitened side is then also checked by the records of the
+    gradients its whitening was fitted on (metadata['whitening']['space']): against the other side, which
+    plays the untouched train gradients' part whichever argument it is (the score is symmetric)."""
     t, x = test.metadata, train.metadata
     for name, m in zip(names, (t, x), strict=True):
         problem = metadata_problem(m)
@@ -179,20 +180,24 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
         )
     _check_same_checkpoints(t, x, names)
     _check_same_optimizer_states(t, x, names)
-    fitted = t.get("whitening")
-    if names == ("test", "train") and isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
-        # then the space of the gradients the test side's whitening was fitted on: the train side's
-        # too (bare test arrays carry no records of their own, their whitening's are checked)
-        _check_same_train_space(fitted["space"], train, FITTED_ON)
+    if names != ("test", "train"):
+        return
+    for whitened, other, name, fitted_on in ((t, train, "train", FITTED_ON), (x, test, "test", FITTED_ON_TRAIN)):
+        fitted = whitened.get("whitening")
+        if isinstance(fitted, dict) and isinstance(fitted.get("space"), dict):
+            # then the space of the gradients the whitening was fitted on: the other side's too (bare
+            # arrays carry no records of their own, their whitening's are checked)
+            _check_same_train_space(fitted["space"], other, fitted_on, name)
 
 
-def _check_same_train_space(space: dict, train: _Recorded, name: str) -> None:
+def _check_same_train_space(space: dict, train: _Recorded, name: str, side: str = "train") -> None:
     """Refuses a train side whose records are not those of the gradients a whitening was fitted on
-    (`space`, WhiteningSpec.space, named `name` in messages). Both are train-side records, compared as
+    (`space`, WhiteningSpec.space, named `name` in messages; the train side named `side`: "test" where
+    the whitened set is the train argument). Both are train-side records, compared as
     one side's: the same preconditioner kind (LESS's "adam_update" included: test rows pair with it, not
     the whitening), then as _check_same_gradient_space compares two sides (mode, projection, parameters,
     checkpoints), then the preconditioner's settings and optimizer states (checkpoints first, as for two sides)."""
-    names = (name, "train")
+    names = (name, side)
     problem = metadata_problem(space)
     if problem is not None:
         raise ValueError(f"{name}: {problem}")
@@ -201,8 +206,8 @@ def _check_same_train_space(space: dict, train: _Recorded, name: str) -> None:
         kinds = [_preconditioner_kind(m) for m in (space, x)]
         if kinds[0] != kinds[1]:
             raise FittedKindError(
-                f"{name} are preconditioner={kinds[0]!r} but train gradients are preconditioner={kinds[1]!r}: "
-                "fit the whitening on the train side's gradients (Whitening.fit(train))",
+                f"{name} are preconditioner={kinds[0]!r} but {side} gradients are preconditioner={kinds[1]!r}: "
+                f"fit the whitening on the {side} side's gradients (Whitening.fit({side}))",
                 (kinds[0], kinds[1]),
             )
     plain = [SimpleNamespace(metadata={k: v for k, v in m.items() if k != "preconditioner"}) for m in (space, x)]
@@ -251,6 +256,8 @@ class CheckpointMismatchError(ValueError):
 
 FITTED_ON = "the gradients the test side's whitening was fitted on"
 """How messages name the train-side records a whitened test side carries (metadata['whitening']['space'])."""
+FITTED_ON_TRAIN = "the gradients the train side's whitening was fitted on"
+"""As FITTED_ON, for a whitened set passed as the train side (checked against the test side)."""
 
 
 class FittedKindError(ValueError):
