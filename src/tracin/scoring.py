@@ -823,7 +823,10 @@ def top_k(
     the same scale-aware bound of the exact scores, but not the same bits as "cpu".
     "torch:cpu": the torch backend on the CPU (for tests and debugging).
     precision: "float32" (default) or "tf32" (TF32 GEMMs on a CUDA device: faster, errors up to
-    about 1e-3 of sum_c |w_c| |g_c(t)| |g_c(i)|).
+    about 1e-3 of sum_c |w_c| |g_c(t)| |g_c(i)|). Whitened rows (Whitening.apply): TF32's input rounding
+    (2^-11) is amplified by the whitening's condition number, by analysis up to about
+    (4 + sqrt(d) / 2) x cond x 2^-11 of the largest score, which fit's warning (for float32) does not
+    cover: see Whitening.
     normalize: cosine scores instead: each row's gradient is unit-normalised per checkpoint (over all
     its layers: for mode="factored" exports the norm of checkpoint c is sqrt(sum_l |L_l|^2 |R_l|^2)),
     then weighted and summed: sum_c w_c <g_c(t), g_c(i)> / (|g_c(t)| |g_c(i)|); a zero gradient scores

@@ -107,6 +107,14 @@ class Whitening:
     the two factors' such terms, with their own sides and conds, never a product): 3e-3 to 1.2e-2
     of the largest score at cond 5e4 (5 train rows of 200 dims, damping 0.001; 10 seeds, either precision),
     4e-7 with 20,000 rows (where (largest + lambda) / lambda is 5e3).
+    Scored with precision="tf32" (CUDA), the GEMM inputs are rounded to TF32's 10-bit mantissa, 2^-11
+    instead of 2^-24, and that rounding is amplified by the same cond: by analysis up to about
+    (4 + sqrt(d) / 2) x cond x 2^-11 of the largest score, 2^13 times the float32 figure, and fit's
+    warning (calibrated at 2^-24) does not cover it. Not measured on a GPU; emulating TF32's input rounding
+    on the CPU (review127), 1024 dims at damping 0.1 with 124 and 50 train rows gave 1e-2 and 4.5e-2 of the
+    largest score (unwhitened TF32 3e-4, whitened float32 9e-6 and 3e-5), at damping 10 with 124 rows
+    5e-4 (unwhitened 3e-4). Score whitened rows with precision="float32" (the default) unless the damping is
+    large or that error is acceptable.
     Factored gradients (left (n, p), right (n, q) per checkpoint): a Kronecker-
     factored approximation R ~ B (x) A with B = E[left left^T], A = E[right right^T] (K-FAC), damped
     per factor with lambda_B = sqrt(damping) * trace(B) / p and lambda_A = sqrt(damping) * trace(A) / q
