@@ -1143,3 +1143,116 @@ def test_absurd_epochs_are_refused_naming_the_cap(tmp_path, capsys):
         ValueError, match=f"epochs must be a positive integer at most {MAX_EPOCHS}, got {MAX_EPOCHS + 1}"
     ):
         TrainingConfig(epochs=MAX_EPOCHS + 1)
+
+
+def test_a_framework_that_is_installed_but_fails_to_import_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """review128 F2: an ImportError that is not a ModuleNotFoundError (a torch wheel missing its .so, a
+    jax / jaxlib mismatch) was a 30-line traceback from `tracin demo --framework torch`."""
+    import importlib
+
+    import tracin.demo.framework as framework
+
+    import_module = importlib.import_module
+
+    def broken(name, *args):
+        if name.endswith((".with_torch", ".with_jax")):
+            raise ImportError("libtorch_cpu.so: cannot open shared object file\nmore lines")
+        return import_module(name, *args)
+
+    monkeypatch.setattr(framework, "available", lambda: list(framework.FRAMEWORKS))  # as if both were installed
+    monkeypatch.setattr(importlib, "import_module", broken)
+    for name, packages in (("torch", "torch"), ("jax", "jax jaxlib")):
+        with pytest.raises(ValueError) as raised:
+            trainer(name)
+        assert str(raised.value) == (
+            f"framework {name!r} is installed but fails to import (libtorch_cpu.so: cannot open shared object "
+            f"file); reinstall it: pip uninstall -y {packages} && pip install 'tracin[{name}]'"
+        )
+    argv = ["demo", "--framework", "torch", "--epochs", "2", "-o", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "framework 'torch' is installed but fails to import (libtorch_cpu.so" in captured.err
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
+
+
+def test_a_store_whose_writing_fails_leaves_no_partial_folder(tmp_path):
+    """review128 F3: a store export that raised (a full disk) left its half-written folder and its
+    record behind until the next run into that folder."""
+    store = tmp_path / "grads" / "train"
+
+    def disk_full(path):
+        writer = GradientStore.create(path, 10, [4], [1.0])
+        writer.write(0, 0, np.ones((5, 4), np.float32))  # half the rows written
+        raise OSError(28, "No space left on device")
+
+    with DemoFiles(tmp_path) as files:
+        with pytest.raises(OSError, match="No space left on device"):
+            files.store(store, disk_full)
+        assert files.entries == {}
+    assert list((tmp_path / "grads").iterdir()) == []
+    assert json.loads((tmp_path / LEDGER).read_text()) == {"files": {}}
+    with DemoFiles(tmp_path) as files:  # the next store is written as if nothing had failed
+        files.store(store, _own_store)
+    assert GradientStore.open(store).n_rows == 30
+
+
+def _layers_bytes(framework):
+    """Bytes of one example's float32 gradient at one checkpoint in the demo's stores, from its MLP
+    (64 -> 128 -> 10): jax stores every weight and bias, numpy and torch each layer's factors."""
+    if framework == "jax":
+        return 4 * ((64 + 1) * 128 + (128 + 1) * 10)  # 38440
+    return 4 * ((128 + 64 + 1) + (10 + 128 + 1))  # 1328
+
+
+@pytest.mark.parametrize("framework", ["numpy", "jax", "torch"])
+def test_the_disk_estimate_per_example_is_what_the_stores_hold(framework, tmp_path):
+    """The free-space check's bytes per example and checkpoint, against the arrays a store holds."""
+    from tracin.demo.framework import row_bytes
+
+    pytest.importorskip(framework)
+    data = load_noisy_digits(0.2, 0)
+    config = TrainingConfig(epochs=2, checkpoints=2)
+    _, train = trainer(framework)
+    model = train(data, config, _saver(tmp_path / "checkpoints", framework), lambda _: None)
+    model.export(data.x_train[:3], data.y_train[:3], tmp_path / "store", False, 2)
+    stored = sum(np.load(f, mmap_mode="r").nbytes for f in (tmp_path / "store").glob("*.npy"))
+    assert stored == 3 * 2 * _layers_bytes(framework)
+    assert row_bytes(framework, [(64, 128), (128, 10)]) == _layers_bytes(framework)
+
+
+def test_the_demo_refuses_to_start_without_the_disk_space_it_needs(tmp_path, monkeypatch, capsys):
+    """review128 F5: `--framework jax` writes ~600 MB at its defaults, and a run that filled the disk
+    failed only after training. Now the free space is checked before training (for the least the run
+    writes: one checkpoint traced) and again once the recipe has chosen, before any store is written."""
+    import tracin.demo.run as demo_run
+
+    usage = shutil.disk_usage
+    free = iter([0])
+
+    def disk_usage(path):
+        return usage(path)._replace(free=next(free))
+
+    monkeypatch.setattr(demo_run.shutil, "disk_usage", disk_usage)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as raised:
+        run_demo(_small(out, checkpoints=2, epochs=4), **QUIET)
+    row = _layers_bytes("numpy")
+    params = 4 * ((64 + 1) * 128 + (128 + 1) * 10)
+    least = row * 1400 * 2 + row * (1400 + 397) + 2 * params + 16 * 2**20  # all checkpoints, one traced
+    assert str(raised.value) == (
+        f"not enough free disk space: the demo writes about {least / 1e6:,.1f} MB in {out}, mostly gradient "
+        f"stores (numpy: per-layer factors, {row} bytes per example and checkpoint), and 0.0 MB are free "
+        "there: free some space, choose another output folder (-o / DemoConfig.output), or save fewer "
+        "checkpoints (--checkpoints)"
+    )
+    assert list(out.iterdir()) == []  # nothing trained, nothing written
+
+    free = iter([least, 1])  # enough to train, then too little for the stores the recipe traces
+    argv = ["demo", "--epochs", "4", "--checkpoints", "2", "-o", str(out), "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tracin demo: error: not enough free disk space: ") and err.count("\n") == 1
+    assert "0.0 MB are free there" in err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0002.npz", "checkpoint_0004.npz"]
+    assert not (out / "grads").exists() or list((out / "grads").iterdir()) == []

@@ -166,10 +166,18 @@ class DemoFiles:
         return path
 
     def store(self, path: Path, write: Callable[[Path], Any]) -> Path:
-        """Writes a gradient store at `path` by write(folder) into a new folder, then renames it there."""
+        """Writes a gradient store at `path` by write(folder) into a new folder, then renames it there.
+        If write raises an Exception (a full disk), the new folder and its record go before it propagates;
+        an interrupted or killed run's (null in the record) are the next run's to remove."""
         partial = self._partial(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write(partial)
+        try:
+            write(partial)
+        except Exception:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not os.path.lexists(partial):  # else its null record keeps it the next run's to remove
+                self._forget(partial)
+            raise
         self.entries[self._key(path)] = _digest(partial)
         self._save()
         os.rename(partial, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shlex
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from ..store._files import enclosing_store
 from ..store._format import MANIFEST, printable
 from .data import NoisyDigits, load_noisy_digits
 from .detection import detection_curve, found_at, perfect_curve, random_curve
-from .framework import FRAMEWORKS, Train, checkpoint_path, trainer
+from .framework import FRAMEWORKS, FULL_ROWS, Train, checkpoint_path, parameters, row_bytes, trainer
 from .mlp import cross_entropy
 from .outputs import OUTPUTS, STORES, WHERE, DemoFiles
 from .plots import GridExample, plot_detection, plot_held_out_accuracy, plot_influence_grid
@@ -34,6 +35,8 @@ MAX_EXAMPLES, MAX_K = 20, 20  # a figure row per example, a column per proponent
 DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostics look at
 TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
 LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
+CLASSES = 10  # digits: the MLP's outputs
+DISK_MARGIN = 16 * 2**20  # bytes kept free beyond the stores and checkpoints: figures, report, ranking, record
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,17 @@ def _run(
     saved = {e: checkpoint_path(out / "checkpoints", e, framework) for e in epochs}
     named = {name: out / file for name, file in OUTPUTS.items()}
     owned.clear([*stores.values(), *saved.values(), *named.values()])
+    hidden, n_train, n_test = config.training.hidden, len(data.x_train), len(data.x_test)
+    layers = [(data.x_train.shape[1], hidden), (hidden, CLASSES)]
+    row = row_bytes(framework, layers)
+    every_store = row * n_train * len(epochs)  # grads/train_all_checkpoints
+
+    def stores_of(traced: int) -> int:  # bytes of all three stores when the recipe traces `traced` checkpoints
+        return every_store + row * traced * (n_train + n_test)
+
+    # before training the least the run writes (one checkpoint traced); once the recipe chose, what it writes
+    checkpoint_bytes = len(epochs) * 4 * parameters(layers)  # float32 weights and biases
+    _check_free_space(stores["train"].parent, stores_of(1) + checkpoint_bytes, framework, layers)
     flipped = data.flipped
     log(
         f"digits: {len(flipped)} train, {flipped.sum()} of their labels flipped ({data.flip_rate:.1%}), "
@@ -155,6 +169,8 @@ def _run(
         f"test accuracy peaked at {model.held_out_accuracy.max():.1%} (epoch {best_epoch}), "
         f"{model.held_out_accuracy[-1]:.1%} at the end: tracing {tracing}"
     )
+
+    _check_free_space(stores["train"].parent, stores_of(traced), framework, layers)
 
     def export(x: np.ndarray, y: np.ndarray, store: str, checkpoints: int) -> GradientStore:
         owned.store(stores[store], lambda path: model.export(x, y, path, progress, checkpoints))
@@ -286,6 +302,29 @@ def _output_folder(out: Path) -> Path:
     os.close(fd)
     os.unlink(probe)
     return out
+
+
+def _check_free_space(folder: Path, need: int, framework: str, layers: list[tuple[int, int]]) -> None:
+    """ValueError if the file system of `folder` (OUT/grads, or OUT before that exists) has fewer free
+    bytes than `need` (what the run is still to write there) and DISK_MARGIN, saying what takes the space."""
+    where = folder if folder.exists() else folder.parent
+    free = shutil.disk_usage(where).free
+    if need + DISK_MARGIN <= free:
+        return
+    row, factors = row_bytes(framework, layers), row_bytes("numpy", layers)
+    rows = "full gradient rows" if framework in FULL_ROWS else "per-layer factors"
+    smaller = f", or train with numpy or torch, whose stores hold per-layer factors ({factors} bytes)"
+    raise ValueError(
+        f"not enough free disk space: the demo writes about {_megabytes(need + DISK_MARGIN)} in {where}, "
+        "mostly gradient stores "
+        f"({framework}: {rows}, {row} bytes per example and checkpoint), and {_megabytes(free)} are "
+        f"free there: free some space, choose another {WHERE}, or save fewer checkpoints "
+        f"(--checkpoints){smaller if framework in FULL_ROWS else ''}"
+    )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def _shown_test_rows(predicted: np.ndarray, truth: np.ndarray, count: int) -> list[int]:
