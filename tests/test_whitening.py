@@ -923,7 +923,7 @@ def test_load_refuses_a_compressed_or_oversized_member_before_reading_its_data(t
     np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (d, d)})
     bomb = tmp_path / "bomb.npz"
     with zipfile.ZipFile(bomb, "w") as z:
-        z.writestr("spec.npy", _npy(np.array(json.dumps({**spec, "dims": [d]}))))
+        z.writestr("spec.npy", _npy(np.array(json.dumps({**spec, "dims": [d], "lambdas": [1.0]}))))
         for name in ("moment_0", "inverse_0"):
             z.writestr(f"{name}.npy", header.getvalue() + bytes(d * d * 8), compress_type=zipfile.ZIP_DEFLATED)
     assert bomb.stat().st_size < 2**20
