@@ -7,8 +7,8 @@ on right-padded sequences with attention masks, all parameters chosen; vmap cann
 plain-PyTorch causal transformer of the same size (Embedding, Linear, LayerNorm, scaled dot-product
 attention), which vmap can run, puts the hook path beside vmap. Every contender produces the
 same float32 (n, d) matrix for the same weights and data, one checkpoint; the rows of tracin and of
-vmap are checked against the loop's before timing. Timed interleaved, median of repeats, at each
-sequence length of --tokens.
+vmap are checked against the loop's before timing (above AGREEMENT_TOL: exit 1, nothing timed or
+written). Timed interleaved, median of repeats, at each sequence length of --tokens.
 
 The ceiling: "batched_pass" is one forward and backward pass of the whole batch's summed losses down
 to the input embeddings, with no parameter gradient at all, the least any batched method computes
@@ -49,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 GOAL_SPEEDUP = 5.0  # the goal: tracin >= 5x the per-example loop for GPT-2, 64 sequences of 128 tokens
+AGREEMENT_TOL = 1e-5  # largest |rows - loop's| / max |loop's| of tracin's (and vmap's) rows, checked before timing
 
 
 # --quick: a smoke run in seconds (one tiny size, one repeat)
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             for tokens in args.tokens:
                 results = {}
                 for name, (model, loss_fn, inputs, targets, embedding) in _cases(args, n, tokens).items():
-                    results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats)
+                    where = f"{parser.prog}: error: {name} (n={n}, tokens={tokens}, threads={threads})"
+                    results[name] = _run_case(model, loss_fn, inputs, targets, embedding, args.repeats, where)
                     summary = {k: v for k, v in results[name].items() if k != "timings"}
                     print(threads, n, tokens, name, summary, flush=True)
                 runs.append({"threads": threads, "n": n, "tokens": tokens, "cases": results})
@@ -257,7 +259,10 @@ def per_example_loop(model, loss_fn, inputs: dict, targets) -> Callable[[], np.n
     return run
 
 
-def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int) -> dict:
+def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int, where: str) -> dict:
+    """Times one model's contenders; exits 1 with a line starting with `where` (nothing timed or
+    written) when tracin fails or its rows (or vmap's, where vmap runs) differ from the loop's by more
+    than AGREEMENT_TOL."""
     import torch
     from torch.func import functional_call, grad, vmap
     from torch.utils.flop_counter import FlopCounterMode
@@ -327,6 +332,17 @@ def _run_case(model, loss_fn, inputs, targets, embedding, repeats: int) -> dict:
             errors[label] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
             continue
         contenders[label] = fn
+    for label, error in errors.items():
+        # a check that python -O keeps: a wrong export is never timed or recorded
+        if isinstance(error, float) and error < AGREEMENT_TOL or (label == "vmap" and isinstance(error, str)):
+            continue
+        detail = (
+            f"{label} {error}"
+            if isinstance(error, str)
+            else f"{label}'s rows differ from the loop's by {error:.3g} (relative, max), above {AGREEMENT_TOL:g}"
+        )
+        print(f"{where}: {detail}; nothing timed", file=sys.stderr)
+        raise SystemExit(1)
     flops = {}
     for label in ("tracin", "loop", "batched_pass"):
         with FlopCounterMode(display=False) as counter:

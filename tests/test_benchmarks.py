@@ -971,6 +971,31 @@ def test_transformer_export_measures_at_toy_sizes(tmp_path, capsys):
     for case in run["cases"].values():
         assert {"tracin", "loop"} <= set(case["timings"])
         assert _timings_are_medians(case["timings"]) == len(case["timings"])
+        assert case["max_relative_error_vs_loop"]["tracin"] < 1e-5
+
+
+def test_transformer_export_refuses_to_time_a_wrong_export(tmp_path, capsys, monkeypatch):
+    # review129 F1: tracin's error against the loop was recorded, never checked; a wrong export was timed
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import tracin
+    import tracin.torch
+    from benchmarks import transformer_export
+
+    real = tracin.torch.export_gradients
+
+    def scaled(*args, **kwargs):
+        return tracin.Gradients([m * 1.5 for m in real(*args, **kwargs).matrices])
+
+    monkeypatch.setattr(tracin.torch, "export_gradients", scaled)
+    argv = ["--quick", "--n", "2", "--tokens", "4", "--width", "8", "--vocab", "16", "--threads", "1"]
+    with pytest.raises(SystemExit) as raised:
+        transformer_export.main([*argv, "--out", str(tmp_path)])
+    assert raised.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m benchmarks.transformer_export: error: gpt2 (n=2, tokens=4, threads=1)")
+    assert "tracin's rows differ from the loop's by 0.5 " in line
+    assert not list(tmp_path.iterdir())
 
 
 def _fake_distributed_run(args):
