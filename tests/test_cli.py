@@ -1362,11 +1362,12 @@ def test_bench_sizes_beyond_memory_are_refused_naming_the_options(monkeypatch, c
         raise AssertionError("generated a problem that does not fit")
 
     monkeypatch.setattr(selfbench, "run", never)
-    monkeypatch.setattr(tracin.cli, "physical_memory", lambda: 2**30)  # a 1 GiB machine
+    monkeypatch.setattr(tracin.cli, "process_memory", lambda: 2**30)  # a process allowed 1 GiB
     for sizes in (["-n", str(10**20)], ["--quick", "-d", str(10**13)], ["--quick", "-m", str(10**8), "-d", "1"]):
         assert main(["bench", *sizes]) == 1
         line = _error_line(capsys.readouterr().err, "bench")
-        assert "GiB of memory" in line and "more than this machine's 1.0 GiB; give smaller -m / -n / -d" in line
+        assert "GiB of memory" in line
+        assert "more than the 1.0 GiB this process may use (physical memory, cgroup limit, ulimit -v); give" in line
     assert main(["bench", "--quick", "-n", str(3 * 10**6)]) == 1  # 2.1 GiB with d=64
     assert "-n 3000000 -d 64" in _error_line(capsys.readouterr().err, "bench")
 

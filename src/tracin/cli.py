@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from ._memory import physical_memory
+from ._memory import process_memory
 from ._validate import MAX_THREADS
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
@@ -660,11 +660,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     base = selfbench.QUICK if args.quick else selfbench.BenchConfig()
     sizes = {name: getattr(args, name) for name in ("m", "n", "d", "k", "repeats") if getattr(args, name) is not None}
     config = selfbench.BenchConfig(**{**base.__dict__, **sizes, "threads": args.threads})
-    need, have = _bench_bytes(config), physical_memory()
+    need, have = _bench_bytes(config), process_memory()
     if have is not None and need > have:
         raise CommandError(
             f"-m {config.m} -n {config.n} -d {config.d} -k {config.k} need about {need / 2**30:,.1f} GiB of memory "
-            f"(float32 data, its float64 check, the results), more than this machine's {have / 2**30:,.1f} GiB; "
+            f"(float32 data, its float64 check, the results), more than the {have / 2**30:,.1f} GiB this process may "
+            "use (physical memory, cgroup limit, ulimit -v); "
             "give smaller -m / -n / -d"
         )
     with _stdout() as out:  # a stdout that cannot be written is refused before the timing runs
