@@ -1197,6 +1197,23 @@ def test_a_store_whose_writing_fails_leaves_no_partial_folder(tmp_path):
     assert GradientStore.open(store).n_rows == 30
 
 
+def test_a_demo_whose_store_export_fails_midway_leaves_only_finished_files(tmp_path, monkeypatch):
+    import tracin.demo.with_numpy as with_numpy
+
+    def disk_full_midway(self, x, y, path, progress, traced):
+        writer = GradientStore.create(path, len(x), [(128, 65), (10, 129)], [0.1, 0.1], factored=True)
+        writer.write(0, 0, (np.ones((7, 128), np.float32), np.ones((7, 65), np.float32)))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(with_numpy.NumpyMLP, "export", disk_full_midway)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left on device"):
+        run_demo(_small(out), **QUIET)
+    assert list((out / "grads").iterdir()) == []
+    recorded = json.loads((out / LEDGER).read_text())["files"]
+    assert sorted(recorded) == ["checkpoints/checkpoint_0002.npz"] and None not in recorded.values()
+
+
 def _layers_bytes(framework):
     """Bytes of one example's float32 gradient at one checkpoint in the demo's stores, from its MLP
     (64 -> 128 -> 10): jax stores every weight and bias, numpy and torch each layer's factors."""
