@@ -101,17 +101,25 @@ def size_options(
 
 
 def time_interleaved(
-    contenders: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1, pause_s: float = 0.25
+    contenders: dict[str, Callable[[], object]],
+    repeats: int = 5,
+    warmup: int = 1,
+    pause_s: float = 0.25,
+    after: Callable[[str], object] | None = None,
 ) -> dict[str, dict]:
     """Runs every contender `warmup` times, then `repeats` rounds of one call each (interleaved, so
     machine noise hits all alike). Returns per name {"median_s", "times_s"}.
 
     Each timed call starts `pause_s` after the previous one ends: OpenMP and BLAS worker threads
     keep spinning for a while after a call, and would otherwise tax whichever contender runs next.
+    after(name), where given, runs after every call (warm-up ones too), outside the timed part and
+    before the pause: e.g. to delete what the call wrote.
     """
-    for fn in contenders.values():
+    for name, fn in contenders.items():
         for _ in range(warmup):
             fn()
+            if after is not None:
+                after(name)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, fn in contenders.items():
@@ -119,6 +127,8 @@ def time_interleaved(
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if after is not None:
+                after(name)
     return {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()}
 
 

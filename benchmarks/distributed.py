@@ -16,9 +16,9 @@ in a new temporary folder).
 
 times tracin.distributed.export_gradients("torch", ...) on the LocalCluster (one row range per
 worker) against tracin.torch.export_gradients with --workers torch threads, both into a fresh store
-each call, checks that the data files are byte-identical to a one-thread export (a task's threads),
-and records it under "export"
-in results/distributed.json (the rest of the record kept).
+each call (deleted after the call, outside the timed part), checks that the data files are
+byte-identical to a one-thread export (a task's threads), and records it under "export" in
+results/distributed.json (the rest of the record kept).
 """
 
 from __future__ import annotations
@@ -253,19 +253,19 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
     model, checkpoints, data, loss = _export_problem(args.export_rows)
     kw = {"batch_size": args.export_batch}
     root = Path(tempfile.mkdtemp(prefix="tracin-distributed-export-bench-", dir=args.dir))
-    calls = iter(range(10**6))
+    stores = {"single_process": root / "one", "distributed": root / "many"}  # each deleted after each call
     try:
         with ExitStack() as stack:
             client = _cluster(args, client, stack)
 
             def single() -> Path:
                 torch.set_num_threads(args.workers)
-                path = root / f"one-{next(calls)}"
+                path = stores["single_process"]
                 tracin.torch.export_gradients(model, checkpoints, data, loss, store=path, progress=False, **kw)
                 return path
 
             def spread() -> Path:
-                path = root / f"many-{next(calls)}"
+                path = stores["distributed"]
                 td.export_gradients(
                     "torch",
                     model,
@@ -280,7 +280,11 @@ def run_export(args: argparse.Namespace, client: Client | None = None) -> dict:
                 )
                 return path
 
-            times = time_interleaved({"single_process": single, "distributed": spread}, repeats=args.repeats)
+            times = time_interleaved(
+                {"single_process": single, "distributed": spread},
+                repeats=args.repeats,
+                after=lambda name: shutil.rmtree(stores[name]),  # outside the timed part: one store on disk at a time
+            )
             torch.set_num_threads(1)  # the bits of torch's kernels depend on its threads: compare like with like
             path = root / "one-thread"
             tracin.torch.export_gradients(model, checkpoints, data, loss, store=path, progress=False, **kw)
@@ -402,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             f"(scoring {r['scoring_s']:.0f} s, ideal {r['ideal_scoring_s']:.0f} s)"
         )
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    if not result["identical_results"]:  # written first: the figures kept for diagnosis
+        print(
+            f"{_parser().prog}: error: the distributed top-{args.k} differs from the single machine's", file=sys.stderr
+        )
+        return 1
     return 0
 
 
@@ -423,6 +432,12 @@ def _main_export(args: argparse.Namespace, t0: float, name: str) -> int:
         f"{found['identical_data_files_to_one_thread_export']}"
     )
     print(f"wrote {path} in {time.perf_counter() - t0:.0f} s")
+    if not found["identical_data_files_to_one_thread_export"]:  # written first: the figures kept for diagnosis
+        print(
+            f"{_parser().prog}: error: the distributed export's data files differ from a one-thread export's",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

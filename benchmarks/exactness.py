@@ -80,3 +80,43 @@ def check_top_k(test: np.ndarray, train: np.ndarray, ours: tuple, reference: tup
         "max_value_error": value_error,
         "ok": wrong == 0 and value_error <= RELATIVE_TOLERANCE,
     }
+
+
+class SampledReference:
+    """The exact (float64) top-k of a sample of test rows, to check top-k results of all m rows on that
+    sample: a check of a large problem at the cost of `count` rows.
+
+    test (m, d) and train (n, d) float arrays (train may be an np.memmap); the reference is computed
+    once per side, train converted to float64 `block` rows at a time.
+    """
+
+    def __init__(self, test: np.ndarray, train: np.ndarray, k: int, sides: tuple[str, ...], count: int = 32):
+        self.test, self.train = test, train
+        self.rows = np.unique(np.linspace(0, test.shape[0] - 1, min(count, test.shape[0])).astype(np.int64))
+        self.reference = {side: _exact_top_k(test[self.rows], train, k, side) for side in sides}
+
+    def check(self, values: np.ndarray, indices: np.ndarray, side: str = "proponents") -> dict:
+        """check_top_k of one side's result (values (m, k'), indices (m, k'), k' <= the reference's k)
+        on the sampled rows."""
+        k = np.shape(indices)[1]
+        ref_values, ref_indices = (a[:, :k] for a in self.reference[side])
+        ours = (np.asarray(values)[self.rows], np.asarray(indices)[self.rows])
+        return check_top_k(self.test[self.rows], self.train, ours, (ref_values, ref_indices), side)
+
+
+def _exact_top_k(test: np.ndarray, train: np.ndarray, k: int, side: str, block: int = 65536) -> tuple:
+    """float64 (values (m, k), indices (m, k)), best first: the k largest (proponents) or smallest
+    (opponents) exact scores test @ train.T per row."""
+    sign = 1.0 if side == "proponents" else -1.0
+    q = np.asarray(test, np.float64)
+    best = np.empty((q.shape[0], 0))
+    best_at = np.empty((q.shape[0], 0), np.int64)
+    for a in range(0, train.shape[0], block):
+        scores = sign * (q @ np.asarray(train[a : a + block], np.float64).T)
+        best = np.concatenate([best, scores], axis=1)
+        best_at = np.concatenate([best_at, np.broadcast_to(np.arange(a, a + scores.shape[1]), scores.shape)], axis=1)
+        if best.shape[1] > k:
+            keep = np.argpartition(-best, k - 1, axis=1)[:, :k]
+            best, best_at = np.take_along_axis(best, keep, 1), np.take_along_axis(best_at, keep, 1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    return sign * np.take_along_axis(best, order, 1), np.take_along_axis(best_at, order, 1)

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .common import RESULTS_DIR, at_least, output_dir, require_modules, time_interleaved, write_json
+from .exactness import SampledReference
 
 if __name__ == "__main__":  # run as a script: a missing module is one line (before the imports below), no traceback
     require_modules("python -m benchmarks.gpu", ("torch",), "bench")
@@ -99,10 +100,11 @@ def h2d_gbs(nbytes: int, device: torch.device, repeats: int) -> float:
     return nbytes / best / 1e9
 
 
-def whole_matrix_top_k(test: torch.Tensor, train: torch.Tensor, k: int) -> None:
-    """The peer: torch.topk over the whole (m, n) score matrix, waited for."""
-    torch.topk(test @ train.T, k, dim=1)
+def whole_matrix_top_k(test: torch.Tensor, train: torch.Tensor, k: int) -> object:
+    """The peer: torch.topk over the whole (m, n) score matrix, waited for; its (values, indices)."""
+    result = torch.topk(test @ train.T, k, dim=1)
     _sync(train.device)
+    return result
 
 
 def write_store(path: Path, train: np.ndarray) -> tracin.GradientStore:
@@ -255,11 +257,13 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
         faiss_search = None
         print(f"faiss_index_flat_ip not timed: {faiss_left_out}", file=sys.stderr, flush=True)
     full_fits = device.type != "cuda" or 3 * 4 * m * n < torch.cuda.mem_get_info(device)[0]
+    ks = [k for k in (10, 1000) if k <= n]
+    reference = errors.guard(
+        "reference", lambda: SampledReference(test_host, train_host, max(ks), ("proponents", "opponents")), device
+    )
 
     cases = []
-    for k in (10, 1000):
-        if k > n:
-            continue
+    for k in ks:
         contenders: dict[str, Callable[[], object]] = {
             "tracin_device_resident": lambda k=k: tracin.top_k(
                 on_device, train_set, k, device=tracin_device, progress=False
@@ -272,16 +276,20 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
             contenders["torch_matmul_topk_whole_matrix"] = lambda k=k: whole_matrix_top_k(test, train, k)
         if faiss_search is not None and (device.type != "cuda" or k <= 2048):
             contenders["faiss_index_flat_ip"] = lambda k=k: faiss_search(k)
-        cases.append(
-            {"k": k, "side": "proponents", "times": _timed(contenders, args.repeats, f"k={k}", errors, device)}
-        )
+        last: dict[str, object] = {}
+        times = _timed(contenders, args.repeats, f"k={k}", errors, device, last)
+        checks = _checks(last, times, reference, f"k={k}", errors, device)
+        cases.append({"k": k, "side": "proponents", "times": times, "checks": checks})
         partial(cases)
     both = {
         "tracin_device_resident_both_sides": lambda: tracin.top_k(
             on_device, train_set, 10, side="both", device=tracin_device, progress=False
         )
     }
-    cases.append({"k": 10, "side": "both", "times": _timed(both, args.repeats, "k=10 both", errors, device)})
+    last = {}
+    times = _timed(both, args.repeats, "k=10 both", errors, device, last)
+    checks = _checks(last, times, reference, "k=10 both", errors, device)
+    cases.append({"k": 10, "side": "both", "times": times, "checks": checks})
     for case in cases:
         for t in case["times"].values():
             t["tflops"] = 2.0 * m * n * test.shape[1] / t["median_s"] / 1e12
@@ -316,18 +324,64 @@ def _measure(args, device, tracin_device, test, train, test_host, train_host, st
     }
 
 
-def _timed(contenders: dict[str, Callable[[], object]], repeats: int, case: str, errors: Errors, device) -> dict:
+def _timed(
+    contenders: dict[str, Callable[[], object]], repeats: int, case: str, errors: Errors, device, last: dict
+) -> dict:
     """time_interleaved of the contenders that run: each is tried once first, and one that fails is
-    recorded (as "CASE NAME") and left out of the timing."""
+    recorded (as "CASE NAME") and left out of the timing. `last` receives each one's result of its
+    last call, for _checks."""
+    kept = {name: lambda name=name, fn=fn: last.__setitem__(name, fn()) for name, fn in contenders.items()}
     working = {
-        name: fn
-        for name, fn in contenders.items()
-        if errors.guard(f"{case} {name}", lambda fn=fn: fn() or True, device)
+        name: fn for name, fn in kept.items() if errors.guard(f"{case} {name}", lambda fn=fn: fn() or True, device)
     }
     if not working:
         return {}
     times = errors.guard(case, lambda: time_interleaved(working, repeats=repeats, warmup=0, pause_s=0.05), device)
     return times or {}
+
+
+def _sides(result: object) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """side -> (values, indices) as NumPy arrays, of a tracin TopK or BothSides, torch.topk's result
+    (on any device) or faiss's (values, indices)."""
+    if hasattr(result, "proponents"):
+        return {
+            "proponents": _sides(result.proponents)["proponents"],
+            "opponents": _sides(result.opponents)["proponents"],
+        }
+    values, indices = (a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in result)
+    return {"proponents": (values, indices)}
+
+
+def _checks(last: dict, times: dict, reference: SampledReference | None, case: str, errors: Errors, device) -> dict:
+    """Each timed contender's last result checked (benchmarks.exactness.check_top_k, tie-aware, float64)
+    on the reference's sampled rows, per side; a result that is not ok, or that could not be checked,
+    is recorded in `errors` (as "CASE NAME check": exit status 1)."""
+    checks = {}
+    for name in times:
+        part = f"{case} {name} check"
+        if reference is None:
+            errors[part] = "not checked: the float64 reference failed"
+            continue
+        found = errors.guard(
+            part, lambda name=name: {s: reference.check(*r, s) for s, r in _sides(last[name]).items()}, device
+        )
+        if found is None:
+            continue
+        checks[name] = found
+        wrong = {s: c for s, c in found.items() if not c["ok"]}
+        if wrong:
+            errors[part] = "; ".join(f"{s}: {_why(c)}" for s, c in wrong.items())
+    return checks
+
+
+def _why(check: dict) -> str:
+    """One line: why a check_top_k result is not ok."""
+    if "problem" in check:
+        return check["problem"]
+    return (
+        f"{check['wrong_rows']} of {check['rows']} sampled rows wrong, values off by up to "
+        f"{check['max_value_error']:.3g} (relative)"
+    )
 
 
 def _agreement(on_device, train_set, tracin_device, test, train) -> dict:
@@ -345,11 +399,16 @@ def _agreement(on_device, train_set, tracin_device, test, train) -> dict:
 
 
 def _goals(cases: list[dict], limits: dict, store_bytes: int) -> dict:
-    """Each goal's figure (None where a part it needs failed), whether it is met, and the targets."""
-    by_k = {c["k"]: c["times"] for c in cases if c["side"] == "proponents"}
+    """Each goal's figure (None where a part it needs failed or gave a result that failed its check),
+    whether it is met, and the targets."""
+    by_k = {c["k"]: c for c in cases if c["side"] == "proponents"}
 
     def median(k: int, name: str) -> float | None:
-        return by_k.get(k, {}).get(name, {}).get("median_s")
+        case = by_k.get(k, {})
+        checked = case.get("checks", {}).get(name, {})
+        if not checked or not all(c["ok"] for c in checked.values()):
+            return None
+        return case["times"].get(name, {}).get("median_s")
 
     resident, streamed = median(10, "tracin_device_resident"), median(10, "tracin_host_store_streamed")
     figures = {

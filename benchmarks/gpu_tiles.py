@@ -9,7 +9,9 @@ checkpoint; --quick or --device cpu: m=64, n=20,000, d=64 and smaller tiles, wit
 torch backend on the CPU, a smoke test whose figures say nothing about a GPU). Three workloads per
 pair: top-10 and top-1000 with the train rows on the device, and top-10 with them in a GradientStore
 on the host, streamed to the device. All pairs of a workload are timed interleaved (median of
---repeats rounds); each median is also given over the default pair's, where it is among them. Writes
+--repeats rounds); each median is also given over the default pair's, where it is among them. The
+last result of each pair is checked against an exact (float64) top-k of a sample of test rows
+(benchmarks.exactness, tie-aware): one that is wrong is recorded under "errors", exit status 1. Writes
 DIR/gpu_tiles.json (--quick or --device cpu: gpu_tiles_quick.json in a new temporary folder, unless
 --out says). On an H200 (2026-12-04) 256 MiB tiles with 2^27 scores per block were the fastest of
 pairs up to those sizes for all three workloads; probes then found 1 GiB tiles with 2^28 scores
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .common import add_output_options, at_least, output_dir, require_modules, time_interleaved, write_json
+from .exactness import SampledReference
 
 if __name__ == "__main__":  # run as a script: a missing module is one line (before the imports below), no traceback
     require_modules("python -m benchmarks.gpu_tiles", ("torch",), "bench")
@@ -36,7 +39,7 @@ import torch  # noqa: E402
 import tracin  # noqa: E402
 from tracin import _tunables  # noqa: E402
 
-from .gpu import FULL, QUICK, write_store  # noqa: E402
+from .gpu import FULL, QUICK, _sides, _why, write_store  # noqa: E402
 
 MIB = 2**20
 TILE_BYTES = (64 * MIB, 256 * MIB, 1024 * MIB)
@@ -65,8 +68,18 @@ def with_tiles(tile_bytes: int, tile_scores: int, fn: Callable[[], object]) -> C
     return call
 
 
+def _keeping(last: dict, label: str, fn: Callable[[], object]) -> Callable[[], None]:
+    """fn, its result of each call kept as last[label] (for the check after the timing)."""
+
+    def call() -> None:
+        last[label] = fn()
+
+    return call
+
+
 def sweep(args: argparse.Namespace) -> dict:
-    """The record: config and, per workload, each pair's times (see the module docstring)."""
+    """The record: config, per workload each pair's times and check, and errors (see the module
+    docstring)."""
     device = torch.device(args.device)
     quick = args.quick or device.type == "cpu"
     size = QUICK if quick else FULL
@@ -87,7 +100,9 @@ def sweep(args: argparse.Namespace) -> dict:
     streamed = (_tunables.DEVICE_TILE_BYTES, _tunables.DEVICE_TILE_SCORES)
     folder = Path(tempfile.mkdtemp(prefix="tracin-gpu-tiles-", dir=args.dir))
     try:
-        store = write_store(folder / "train", train.cpu().numpy())
+        train_host = train.cpu().numpy()
+        store = write_store(folder / "train", train_host)
+        reference = SampledReference(test_host, train_host, 1000, ("proponents",))
         workloads: dict[str, Callable[[], object]] = {
             "device_resident_k10": lambda: tracin.top_k(on_device, train_set, 10, device=tracin_device, progress=False),
             "device_resident_k1000": lambda: tracin.top_k(
@@ -95,15 +110,20 @@ def sweep(args: argparse.Namespace) -> dict:
             ),
             "host_store_streamed_k10": lambda: tracin.top_k(test_host, store, 10, device=tracin_device, progress=False),
         }
-        results = {}
+        results, errors = {}, {}
         for name, fn in workloads.items():
+            last: dict[str, object] = {}
             contenders = {f"{b // 1024}KiB_{s}": with_tiles(b, s, fn) for b, s in pairs}
+            contenders = {label: _keeping(last, label, tiled) for label, tiled in contenders.items()}
             times = time_interleaved(contenders, repeats=args.repeats, warmup=1, pause_s=0.02)
             default = streamed if name.startswith("host") else resident
             base = times.get(f"{default[0] // 1024}KiB_{default[1]}")
             for label, t in times.items():
                 b, s = label.split("_")
                 t.update(tile_bytes=int(b[:-3]) * 1024, tile_scores=int(s))
+                t["check"] = reference.check(*_sides(last[label])["proponents"])
+                if not t["check"]["ok"]:
+                    errors[f"{name} {label} check"] = _why(t["check"])
                 if base:
                     t["over_default"] = t["median_s"] / base["median_s"]
             results[name] = times
@@ -124,6 +144,7 @@ def sweep(args: argparse.Namespace) -> dict:
             "store_chunk_bytes": store.chunk_bytes,
         },
         "workloads": results,
+        "errors": errors,
     }
 
 
@@ -140,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     smoke = args.quick or torch.device(args.device).type == "cpu"
     name = "gpu_tiles_quick" if smoke else "gpu_tiles"
     args.out = output_dir(args.out, smoke, "gpu_tiles")
-    path = write_json(name, sweep(args), args.out)
+    record = sweep(args)
+    path = write_json(name, record, args.out)
+    for part, message in record["errors"].items():
+        print(f"FAILED {part}: {message}", file=sys.stderr)
     print(f"wrote {path}")
-    return 0
+    return 1 if record["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         f"peak RSS: store {result['peak_rss_mib']['store']:.0f} MiB, RAM {result['peak_rss_mib']['ram']:.0f} MiB; "
         f"identical results: {result['identical_results']}; wrote {path}"
     )
+    if not result["identical_results"]:  # written first: the figures kept for diagnosis
+        print(f"{_parser().prog}: error: the store's top-{args.k} differs from the same rows' in RAM", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -347,6 +347,49 @@ def test_gpu_smoke_runs_write_outside_the_checkout_or_to_out(monkeypatch, tmp_pa
     assert (tmp_path / "gpu_quick.json").exists() and stray.exists() == existed
 
 
+def test_gpu_cpu_smoke_checks_every_timed_result_and_a_wrong_one_exits_1(monkeypatch, tmp_path, capsys):
+    # review129 F2: only one resident k=10 result was compared (and the comparison never used): a wrong
+    # streamed, k=1000 or opponents result was timed, judged against the goals, and the exit status was 0
+    pytest.importorskip("torch")
+    import tracin
+    from benchmarks import gpu
+
+    real = tracin.top_k
+
+    def shifted(t, n):  # well formed (distinct rows, sorted values), but not these rows' scores
+        return tracin.TopK(t.values, (t.indices + 1) % n)
+
+    def wrong_where_streamed_or_opponents(test, train, k=10, side="proponents", **kwargs):
+        result = real(test, train, k, side, **kwargs)
+        if isinstance(train, tracin.GradientStore):
+            return shifted(result, gpu.QUICK["n"])
+        if side == "both":
+            return type(result)(result.proponents, shifted(result.opponents, gpu.QUICK["n"]))
+        return result
+
+    monkeypatch.setattr(tracin, "top_k", wrong_where_streamed_or_opponents)
+    assert gpu.main(["--device", "cpu", "--repeats", "1", "--out", str(tmp_path)]) == 1
+    record = json.loads((tmp_path / "gpu_quick.json").read_text())  # written: the figures kept for diagnosis
+    assert record["complete"] is True
+    streamed = {f"k={k} tracin_host_store_streamed check" for k in (10, 1000)}
+    assert set(record["errors"]) == streamed | {"k=10 both tracin_device_resident_both_sides check"}
+    assert record["errors"]["k=10 both tracin_device_resident_both_sides check"].startswith("opponents: ")
+    for case in record["cases"]:
+        assert set(case["checks"]) == set(case["times"]) and case["times"]
+        for name, sides in case["checks"].items():
+            wrong = name == "tracin_host_store_streamed" or case["side"] == "both"
+            assert sides["proponents"]["ok"] == (name != "tracin_host_store_streamed")
+            assert all(c["rows"] == 32 for c in sides.values()) and wrong == (not all(c["ok"] for c in sides.values()))
+    goals = record["goals"]
+    assert (
+        goals["host_streamed_fraction_of_h2d_bound"] is None
+        and goals["met"]["host_streamed_fraction_of_h2d_bound"] is None
+    )
+    assert goals["device_resident_fraction_of_sgemm"] is not None and goals["k1000_over_k10"] is not None
+    err = capsys.readouterr().err
+    assert "FAILED k=1000 tracin_host_store_streamed check: proponents: 32 of 32 sampled rows wrong" in err
+
+
 def test_gpu_host_paths_move_every_piece_and_record_a_path_that_moves_wrong_bytes(monkeypatch, tmp_path):
     torch = pytest.importorskip("torch")
     from benchmarks import gpu, gpu_host_paths
@@ -764,6 +807,9 @@ def test_gpu_tiles_smoke_run_times_every_pair_and_restores_the_tunables(tmp_path
     for times in record["workloads"].values():
         assert {(t["tile_bytes"], t["tile_scores"]) for t in times.values()} == pairs
         assert all(t["median_s"] > 0 and len(t["times_s"]) == 1 for t in times.values())
+        # review129 F2: every pair's last result checked against the float64 reference
+        assert all(t["check"]["ok"] and t["check"]["identical_rows"] == t["check"]["rows"] for t in times.values())
+    assert record["errors"] == {}
     assert record["config"]["quick"] is True and "wrote" in capsys.readouterr().out
 
 
@@ -1039,6 +1085,43 @@ def test_a_distributed_scoring_run_keeps_the_export_record(monkeypatch, tmp_path
     record = json.loads((tmp_path / "distributed.json").read_text())
     assert "export" in record and record["times"]["single_machine"]["median_s"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["distributed.json"]
+
+
+def test_distributed_results_that_differ_exit_1_after_writing_the_record(monkeypatch, tmp_path, capsys):
+    # review129 F2: identical_results False was printed, and the exit status was 0
+    pytest.importorskip("distributed")
+    from benchmarks import distributed
+
+    monkeypatch.setattr(distributed, "run", lambda args: {**_fake_distributed_run(args), "identical_results": False})
+    different = {**_fake_distributed_export(None), "identical_data_files_to_one_thread_export": False}
+    monkeypatch.setattr(distributed, "run_export", lambda args: different)
+    assert distributed.main(["--out", str(tmp_path)]) == 1
+    assert json.loads((tmp_path / "distributed.json").read_text())["identical_results"] is False
+    assert "error: the distributed top-10 differs from the single machine's" in capsys.readouterr().err
+    assert distributed.main(["--only", "export", "--out", str(tmp_path)]) == 1
+    record = json.loads((tmp_path / "distributed.json").read_text())
+    assert record["export"]["identical_data_files_to_one_thread_export"] is False
+    assert "error: the distributed export's data files differ" in capsys.readouterr().err
+
+
+def test_store_results_that_differ_from_ram_exit_1_after_writing_the_record(monkeypatch, tmp_path, capsys):
+    # review129 F2: identical_results False was printed, and the exit status was 0
+    import tracin
+    from benchmarks import store
+
+    real = tracin.top_k
+
+    def wrong_from_a_store(test, train, *args, **kwargs):
+        result = real(test, train, *args, **kwargs)
+        if not isinstance(train, tracin.GradientStore):
+            return result
+        return type(result)(*(tracin.TopK(t.values, t.indices[:, ::-1].copy()) for t in result))
+
+    monkeypatch.setattr(tracin, "top_k", wrong_from_a_store)
+    monkeypatch.setattr(store, "peak_rss", lambda *a: (1.0, 0.0))
+    assert store.main(["--quick", "--dir", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert json.loads((tmp_path / "store_quick.json").read_text())["identical_results"] is False
+    assert "error: the store's top-10 differs from the same rows' in RAM" in capsys.readouterr().err
 
 
 class _Written(Exception):
