@@ -10,7 +10,9 @@ Limits: cuBLAS sgemm throughput of the same (m x d) @ (d x n) product, and pinne
 copy bandwidth. Goals (issue 14): device-resident >= 80% of that sgemm throughput, host-streamed
 >= 80% of the store's bytes over the copy bandwidth, k=1000 <= 1.3x k=10. Also timed: an export
 (tracin.torch.export_gradients of an MLP, modes "factored" and "full") on the device and on the CPU,
-measured first.
+measured first. Every timed contender's last result (each k, each side) is checked against the exact
+(float64) top-k of 32 sampled test rows (benchmarks.exactness, tie-aware): a wrong one is recorded
+under "errors" and the goals it bears on are left None.
 `--device cpu` runs the same script at the --quick sizes on the torch backend on the CPU
 ("torch:cpu") as a smoke test; its figures say nothing about a GPU. Writes results/gpu.json
 (--quick or --device cpu: gpu_quick.json in a new temporary folder, unless --out says). A part that
