@@ -1070,8 +1070,11 @@ def self_influence(
     High values flag mislabelled or unusual examples. Rows exported with preconditioner="adam_update"
     (Adam's next steps, for pairing with plain test rows) are refused (ValueError): rank them by the
     diagonal of scores(plain rows, adam_update rows).
-    per_checkpoint: float32 (n, C) instead, column c holding checkpoint c's term w_c |g_c(i)|^2
-    (the columns sum to the (n,) result up to float32 rounding); tracin.report plots them.
+    per_checkpoint: float32 (n, S) instead, one column per checkpoint slot of train (S =
+    train.n_checkpoints), column s holding slot s's term w_s |g_s(i)|^2 (the columns sum to the (n,)
+    result up to float32 rounding). A factored export of several layers (mode="factored", the NumPy and
+    PyTorch demos' stores) holds one slot per layer, checkpoint by checkpoint: .reshape(n, -1, layers).sum(2)
+    gives each checkpoint's term, as tracin.report.checkpoint_diagnostics(train).terms does (and plots).
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     device, precision: where and how to score, as in top_k.
