@@ -24,6 +24,7 @@ from ..store._format import MAX_JSON_DEPTH, json_depth, metadata_problem
 from ._conditioning import eigenvalue_ends, warn_if_ill_conditioned
 from ._inverse import check_damping, check_top_eigenvalue, damped_inverse, mean_eigenvalue
 from ._moments import (
+    PRECISIONS,
     check_budget,
     check_precision,
     default_max_bytes,
@@ -488,7 +489,7 @@ class Whitening:
                 reason = str(e) or type(e).__name__
                 raise ValueError(f"{os.fspath(path)} is not a saved tracin.Whitening ({reason})") from None
         try:  # fit's check: a file an older version saved at a damping that whitens every row to subnormals
-            _check_scale(moments, inverses, _flat(spec.lambdas), spec.damping, spec.kind == "kfac")
+            _check_scale(moments, inverses, _flat(spec.lambdas), spec.damping, spec.kind == "kfac", spec.precision)
         except ValueError as e:
             raise ValueError(
                 f"{os.fspath(path)} is a tracin.Whitening saved (by a version that did not check it) at a damping "
@@ -588,7 +589,7 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision
         damped_inverse(r, lam, _what(i, factored), precision)
         for i, (r, lam) in enumerate(zip(moments, _flat(lambdas), strict=True))
     ]
-    _check_scale(moments, inverses, _flat(lambdas), damping, factored)
+    _check_scale(moments, inverses, _flat(lambdas), damping, factored, precision)
     ends = [eigenvalue_ends(r) for r in moments]
     warn_if_ill_conditioned(
         ends, inverses, damping, lambda d: _flat(_lambdas(moments, d, factored)), 2 if factored else 1
@@ -597,7 +598,12 @@ def _invert(moments: list[np.ndarray], damping: float, factored: bool, precision
 
 
 def _check_scale(
-    moments: list[np.ndarray], inverses: list[np.ndarray], lambdas: list[float], damping: float, factored: bool
+    moments: list[np.ndarray],
+    inverses: list[np.ndarray],
+    lambdas: list[float],
+    damping: float,
+    factored: bool,
+    precision: str,
 ) -> None:
     """ValueError naming `damping` if it leaves a checkpoint's whitened scores or rows in float32's subnormal range
     (damping >= about 1e40 would give all-zero scores and self-influence silently):
@@ -610,7 +616,8 @@ def _check_scale(
       (1e15: damping 1e23).
     Both fall as 1 / damping there (a K-FAC factor's row as 1 / sqrt(damping)), from which the damping advised.
     Where the rows' bound stays below float32's smallest normal number even as damping -> 0 (_log_rows_limit:
-    gradients of scale about 1e37 and more) no damping is advised: the gradients must be rescaled."""
+    gradients of scale about 1e37 and more) no damping is advised: the gradients must be rescaled. `precision`:
+    fit's, whose rounding of R sets the eigenvalues _log_rows_limit counts."""
     traces = [float(np.einsum("ij,ij->", r, x)) for r, x in zip(moments, inverses, strict=True)]
     per = 2 if factored else 1
     for c in range(len(traces) // per):
@@ -636,7 +643,7 @@ def _check_scale(
                     f"whitened {rows} at about {math.exp(log_rms):.3g} an entry (root mean square, at least), "
                     f"below float32's smallest normal number ({_FLOAT32_TINY:.2g}): subnormals or 0"
                 )
-                log_limit = _log_rows_limit(r)
+                log_limit = _log_rows_limit(r, precision)
                 if log_limit < math.log(_FLOAT32_TINY):  # no damping lifts them: the gradients are too large
                     raise ValueError(
                         f"damping {damping!r} leaves checkpoint {c}'s {what}; no damping avoids it (as damping -> 0 "
@@ -655,12 +662,14 @@ def _check_scale(
             )  # 0.95: rounding to 2 digits never goes above the damping that would do
 
 
-def _log_rows_limit(r: np.ndarray) -> float:
+def _log_rows_limit(r: np.ndarray, precision: str) -> float:
     """log of _check_scale's row bound sqrt(tr(R X) / ((lambda + tr R) d)) as damping -> 0, where tr(R X) -> the
-    rank of R (its eigenvalues above d x float64 epsilon of the largest): the most any damping gives. O(d^3),
+    rank of R (its eigenvalues above d x the epsilon of `precision`, the dtype R was summed in, of the largest:
+    below that they are R's rounding, which fit refuses a lambda under): the most any damping gives. O(d^3),
     only where the bound failed."""
     eigenvalues = np.linalg.eigvalsh(r)
-    rank = int(np.count_nonzero(eigenvalues > len(r) * np.finfo(np.float64).eps * eigenvalues[-1]))
+    epsilon = np.finfo(PRECISIONS[precision]).eps
+    rank = int(np.count_nonzero(eigenvalues > len(r) * epsilon * eigenvalues[-1]))
     return 0.5 * (math.log(max(rank, 1)) - math.log(float(np.trace(r))) - math.log(len(r)))
 
 
