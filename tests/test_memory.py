@@ -190,12 +190,12 @@ def test_top_k_candidates_for_large_k_are_documented_and_named_when_they_run_out
     assert "tracin.Projection" not in message
 
 
-def _cgroups(tmp_path, monkeypatch, proc: str, files: dict) -> None:
+def _cgroups(tmp_path, monkeypatch, proc: str | bytes, files: dict) -> None:
     """A made-up /proc/self/cgroup (`proc`) and cgroup tree under tmp_path (path -> content)."""
-    (tmp_path / "proc_cgroup").write_text(proc)
+    (tmp_path / "proc_cgroup").write_bytes(proc if isinstance(proc, bytes) else proc.encode())
     for path, content in files.items():
         (tmp_path / "fs" / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "fs" / path).write_text(content)
+        (tmp_path / "fs" / path).write_bytes(content if isinstance(content, bytes) else content.encode())
     monkeypatch.setattr(_memory, "PROC_CGROUP", str(tmp_path / "proc_cgroup"))
     monkeypatch.setattr(_memory, "CGROUP_ROOT", str(tmp_path / "fs"))
 
@@ -229,6 +229,9 @@ V1 = "4:memory:/job/task\n1:cpu:/\n0::/\n"
         ),
         (V1, {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1's "no limit"
         ("garbage\n", {"memory.max": f"{GIB}\n"}, None),
+        ("0::/job\n", {"job/memory.max": "\u00b2\n", "memory.max": "\uff11\n"}, None),  # not ASCII digits (fr130)
+        ("0::/job\n", {"job/memory.max": b"\xff\xfe\n"}, None),  # not text at all
+        (b"0::/caf\xe9\n", {}, None),  # a cgroup name not valid UTF-8 (fr130: UnicodeDecodeError)
     ],
 )
 def test_cgroup_memory_limit_is_the_least_of_the_process_cgroup_and_its_ancestors(

@@ -43,8 +43,8 @@ def cgroup_memory_limit() -> int | None:
     memory.limit_in_bytes, under CGROUP_ROOT; the cgroups named by PROC_CGROUP), or None where no limit is set
     ("max", v1's about 2^63) or none can be read (no cgroups, another OS)."""
     try:
-        with open(PROC_CGROUP) as f:
-            lines = f.read().splitlines()
+        with open(PROC_CGROUP, "rb") as f:  # bytes: a cgroup's name need not be valid in the locale's encoding
+            lines = os.fsdecode(f.read()).splitlines()
     except OSError:
         return None
     limits = []
@@ -69,13 +69,14 @@ def cgroup_memory_limit() -> int | None:
 
 
 def _limit_in(path: str) -> int | None:
-    """The byte count a cgroup limit file holds, or None where it is missing, unreadable, "max" or about 2^63."""
+    """The byte count a cgroup limit file holds, or None where it is missing, unreadable, "max", about 2^63 or
+    anything but ASCII digits."""
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             text = f.read().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and 0 < int(text) < _UNLIMITED else None
+    return int(text) if text.isdigit() and 0 < int(text) < _UNLIMITED else None  # bytes: ASCII digits only
 
 
 def address_space_limit() -> int | None:
