@@ -234,3 +234,42 @@ def test_no_zero_v_no_warning():
         Preconditioned("adam", lambda c: moments, {}, ["w", "b"], [(4, 3), (4,)]).apply(block, 0, 0)
         pair = rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
         RankOneAdam(lambda c: moments, [(0, True, 4)], {}, ["w", "b"]).apply(pair, 0, 0)
+
+
+def test_eps_root_enters_under_the_square_root_of_both_kinds():
+    """optax's eps_root (review126 F1): g / (sqrt(v_hat + eps_root) + eps) and the next step's
+    m_hat' / (sqrt(v_hat' + eps_root) + eps), against float64 NumPy; largest where v is 0."""
+    rng = np.random.default_rng(5)
+    (a,) = _moments(rng, [(6,)], step=4.0, b1=0.8, b2=0.95, eps=1e-6)
+    v = a.v.copy()
+    v[[1, 4]] = 0.0  # never a gradient there: divided by sqrt(eps_root) + eps, not eps
+    moments = [AdamMoments(a.m, v, a.step, a.b1, a.b2, a.eps, eps_root=1e-4)]
+    g = rng.normal(size=(3, 6)).astype(np.float32)
+    g64, m, v64, t = g.astype(np.float64), a.m.astype(np.float64), v.astype(np.float64), a.step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the zero-v warning, tested on its own
+        adam = Preconditioned("adam", lambda c: moments, {}).apply(g, 0, 0)
+    expected = g64 / (np.sqrt(v64 / (1 - 0.95**t) + 1e-4) + 1e-6)
+    np.testing.assert_allclose(adam, expected, rtol=1e-6)
+    assert np.abs(adam[:, [1, 4]]).max() < 1e3 * np.abs(g[:, [1, 4]]).max()  # not g / eps
+    update = Preconditioned("adam_update", lambda c: moments, {}).apply(g, 0, 0)
+    m2, v2 = 0.8 * m + 0.2 * g64, 0.95 * v64 + 0.05 * g64**2
+    expected = (m2 / (1 - 0.8 ** (t + 1))) / (np.sqrt(v2 / (1 - 0.95 ** (t + 1)) + 1e-4) + 1e-6)
+    np.testing.assert_allclose(update, expected, rtol=1e-5)
+
+
+def test_eps_root_is_an_option_kept_only_when_not_zero():
+    assert adam_settings({"eps_root": 1e-8}) == {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-8}
+    assert adam_settings({"eps_root": 0.0}) == {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # metadata as before
+    assert adam_settings({"eps_root": 2}) == {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 2.0}
+    with pytest.raises(ValueError, match=r"preconditioner_options\['eps_root'\] must be in \[0, inf\), got -1e-08"):
+        adam_settings({"eps_root": -1e-8})
+    with pytest.raises(ValueError, match=r"unknown keys \['epsroot'\]; expected b1, b2, eps, eps_root"):
+        adam_settings({"epsroot": 1e-8})
+
+
+def test_the_zero_v_warning_names_the_divisor_with_eps_root():
+    v = np.array([0.0, 1.0, 1.0], np.float32)
+    moments = [AdamMoments(np.zeros(3, np.float32), v, 2.0, 0.9, 0.99, 1e-8, eps_root=1e-6)]
+    with pytest.warns(RuntimeWarning, match=r"divides a gradient there by sqrt\(eps_root\) \+ eps=0\.00100001"):
+        Preconditioned("adam", lambda c: moments, {}, ["w"], [(3,)]).apply(np.ones((1, 3), np.float32), 0, 0)

@@ -201,6 +201,25 @@ def test_a_loss_failing_on_two_pairs_read_as_two_batches_says_how_they_were_read
         export_gradients(loss, [(params, 1.0)], (x, y), progress=False)
 
 
+def test_two_batches_of_different_sizes_get_no_note_about_one_dataset():
+    """A list of two batches whose row counts differ cannot be one (inputs, targets) dataset: a loss failing
+    on the second (float labels) says so without the 'pass it as a list of one batch' note (review126 F4)."""
+    r = np.random.default_rng(4)
+    params = {"w": r.standard_normal((4, 3)).astype(np.float32)}
+
+    def loss(p, inputs, targets):
+        logits = inputs["x"] @ p["w"]
+        return targets["w"] * -jnp.take_along_axis(jax.nn.log_softmax(logits), targets["y"][:, None], axis=1)[:, 0]
+
+    def batch(n, labels_dtype):
+        x, w = r.standard_normal((n, 4)).astype(np.float32), np.ones(n, np.float32)
+        return {"x": x}, {"y": r.integers(0, 3, n).astype(labels_dtype), "w": w}
+
+    with pytest.raises(ValueError, match=r"failed on a batch of 10 .*must be of integer type") as caught:
+        export_gradients(loss, [(params, 1.0)], [batch(10, np.int32), batch(13, np.float32)], progress=False)
+    assert "read as two batches" not in str(caught.value) and "list of one batch" not in str(caught.value)
+
+
 def test_typed_prng_keys_in_inputs_and_params(per_example_jax_grad, tmp_path):
     """New-style keys (jax.random.key, a key dtype NumPy cannot hold) in the inputs and in the params:
     fingerprinted by their key_data; rows vs the per-example jax.grad loop, with and without a store."""

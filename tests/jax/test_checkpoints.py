@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -666,3 +667,26 @@ def test_checkpoint_warnings_point_at_the_users_call(mlp, data):
     with pytest.warns(UserWarning, match=r"\(learning rate\) is 0") as caught:
         export_gradients(mlp.loss_fn, [(mlp.params[0], 0.0), (mlp.params[1], 0.5)], (x, y), progress=False)
     assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("kind", ["pickle", "npz"])
+def test_a_pickle_or_npz_checkpoint_file_says_which_formats_are_read(mlp, data, tmp_path, kind):
+    """A pickled pytree or an np.savez archive given as a path (review126 F5): the error names the format,
+    the formats tracin.jax reads and how to load the file, not msgpack's 'extra data'."""
+    x, y = data
+    params = jax.tree_util.tree_map(np.asarray, mlp.params[0])
+    path = tmp_path / f"ckpt.{'pkl' if kind == 'pickle' else 'npz'}"
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps(params))
+        how = r"pickle\.load"
+    else:
+        np.savez(path, w1=params["l1"]["kernel"])
+        how = r"np\.load"
+    with pytest.raises(ValueError) as caught:
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0), (path, 1.0)], (x, y), progress=False)
+    message = str(caught.value)
+    what = "a pickle" if kind == "pickle" else "a zip archive"
+    assert re.search(rf"checkpoints\[1\] \({re.escape(str(path))}\) cannot be read: it is {what}", message)
+    assert "reads orbax checkpoint directories and Flax msgpack files" in message
+    assert re.search(how + r".*pass the params pytree", message)
+    assert "extra data" not in message

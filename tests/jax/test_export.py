@@ -573,3 +573,33 @@ def _blocks(grads) -> list[np.ndarray]:
     if hasattr(grads, "left"):  # factored: the scale is in the left factor only
         return [np.asarray(grads.left[0], np.float64)]
     return [np.asarray(grads.matrices[0], np.float64)]
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer", "kronecker"])
+def test_examples_whose_loss_is_not_finite_are_named_in_one_warning(mlp, data, per_example_jax_grad, mode):
+    """A label outside [0, classes) read with take_along_axis gives a NaN loss and a gradient of exactly 0
+    (review126 F3): its row would score as 'no influence'. A RuntimeWarning names those rows of the data,
+    once per export (not again at the second checkpoint); the other rows are the per-example gradients."""
+    x, y = data
+    x, y = x[:12], y[:12].copy()
+    y[[3, 9]] = [-100, 3]  # Hugging Face's 'ignore' label, and label == classes
+    kwargs = {
+        "full": {},
+        "last_layer": {"mode": "last_layer", "layers": ["l2"], "layer_input": mlp.hidden},
+        "kronecker": {"projection": tracin.Projection(16, seed=0, per_layer=True, kronecker=True)},
+    }[mode]
+    checkpoints = list(zip(mlp.params, mlp.lrs, strict=True))
+    with pytest.warns(RuntimeWarning, match="NaN or infinite loss") as caught:
+        g = export_gradients(mlp.loss_fn, checkpoints, (x, y), batch_size=8, progress=False, **kwargs)
+    ours = [w for w in caught if "NaN or infinite loss" in str(w.message)]
+    assert len(ours) == 2  # one per batch holding such rows, at checkpoint 0 only
+    assert "loss for row 3 of the data at checkpoint 0: " in str(ours[0].message)
+    assert "loss for row 9 of the data at checkpoint 0: " in str(ours[1].message)
+    assert ours[0].filename == __file__
+    if mode == "full":
+        losses = np.asarray(mlp.loss_fn(mlp.params[0], x, y))
+        assert np.isnan(losses[[3, 9]]).all()
+        rows = np.asarray(g.matrices[0], np.float64)
+        expected = per_example_jax_grad(mlp.loss_fn, mlp.params[0], x, y)
+        assert not rows[[3, 9]].any()  # the zero rows the warning is about
+        np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-6)

@@ -413,3 +413,141 @@ def test_a_leaf_masked_out_of_adam_is_named_and_layers_without_it_follow_adam(ml
     np.testing.assert_allclose(
         np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
     )
+
+
+EPS_ROOT = 1e-3
+
+
+def _per_example_trees(mlp, params, x, y):
+    """float64 per-example gradients (the conftest's backprop) as a params-shaped tree, leading axis n."""
+    ref = mlp.reference_grads(_torch_weights(params), x, y)
+    return {
+        "l1": {"kernel": np.swapaxes(ref["w1"], 1, 2), "bias": ref["b1"]},
+        "l2": {"kernel": np.swapaxes(ref["w2"], 1, 2), "bias": ref["b2"]},
+    }
+
+
+def _flat_rows(tree) -> np.ndarray:
+    """(n, d) float64 rows of a params-shaped tree with a leading axis n, in the row order."""
+    return np.concatenate([np.asarray(tree[a][b], np.float64).reshape(len(tree[a][b]), -1) for a, b, _ in ORDER], 1)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adam_update"])
+def test_eps_root_is_taken_from_the_options_and_follows_optax(mlp, data, kind):
+    """optax.adam(eps_root=...) steps by m_hat / (sqrt(v_hat + eps_root) + eps) (review126 F1): "adam" rows
+    against that formula in float64, "adam_update" rows against optax's own scale_by_adam update of each
+    example's gradient from the saved state; a state recording eps_root it is not given is refused."""
+    x, y = data
+    opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=B1, b2=B2, eps=EPS, eps_root=EPS_ROOT)
+    checkpoints = _trained(mlp, x, y, opt=opt)
+    options = {"b1": B1, "b2": B2, "eps": EPS}
+    with pytest.raises(
+        ValueError,
+        match=r"records eps_root=0\.001 \(inject_hyperparams\), but the export uses eps_root=0: pass "
+        r"preconditioner_options=\{'eps_root': 0\.001, \.\.\.\}",
+    ):
+        export_gradients(
+            mlp.loss_fn, checkpoints, (x, y), preconditioner=kind, preconditioner_options=options, progress=False
+        )
+    g = export_gradients(
+        mlp.loss_fn,
+        checkpoints,
+        (x, y),
+        preconditioner=kind,
+        preconditioner_options={**options, "eps_root": EPS_ROOT},
+        progress=False,
+    )
+    assert g.metadata["preconditioner"] == {"kind": kind, **options, "eps_root": EPS_ROOT}
+    for c, (params, _, state) in enumerate(checkpoints):
+        adam = _adam_state(state)
+        grads = _per_example_trees(mlp, params, x, y)
+        if kind == "adam":
+            v_hat = _flat(adam.nu) / (1 - B2 ** float(adam.count))
+            expected = _flat_rows(grads) / (np.sqrt(v_hat + EPS_ROOT) + EPS)
+            without = _flat_rows(grads) / (np.sqrt(v_hat) + EPS)
+        else:
+            step = optax.scale_by_adam(b1=B1, b2=B2, eps=EPS, eps_root=EPS_ROOT)
+            direction = jax.vmap(lambda gi, s=step, a=adam: s.update(gi, a)[0])
+            expected = _flat_rows(direction(jax.tree_util.tree_map(jnp.float32, grads)))
+            without = _reference(mlp, params, state, x, y, kind)
+        assert np.abs(expected - without).max() > 0.05 * np.abs(expected).max()  # eps_root matters here
+        np.testing.assert_allclose(
+            np.asarray(g.matrices[c], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+        )
+
+
+def _batchnorm_model(with_batch_norm=True):
+    """(loss_fn, variables, x, y) of a small Flax linen classifier, with a BatchNorm in inference mode whose
+    running mean and var (the "batch_stats" collection) are moved off their initial values."""
+    nn = pytest.importorskip("flax.linen")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(8)(x)
+            if with_batch_norm:
+                x = nn.BatchNorm(use_running_average=True)(x)
+            return nn.Dense(3)(jnp.tanh(x))
+
+    net = Net()
+    r = np.random.default_rng(3)
+    x, y = r.standard_normal((16, 4)).astype(np.float32), r.integers(0, 3, 16)
+    variables = dict(net.init(jax.random.PRNGKey(0), x))
+    if with_batch_norm:
+        variables["batch_stats"] = jax.tree_util.tree_map(lambda a: a + 0.3, variables["batch_stats"])
+
+    def loss_fn(v, inputs, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(net.apply(v, inputs), labels)
+
+    return loss_fn, variables, x, y
+
+
+def _params_rows(per_example_jax_grad, loss_fn, variables, x, y) -> np.ndarray:
+    """Per-example jax.grad rows w.r.t. variables["params"] alone, the other collections held fixed."""
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    return per_example_jax_grad(lambda p, a, b: loss_fn({"params": p, **rest}, a, b), variables["params"], x, y)
+
+
+def test_linen_variables_with_batch_stats_export_the_params_collection_by_default(per_example_jax_grad):
+    """BatchNorm's running mean and var are no parameters a gradient trains (review126 F2a): by default only
+    the "params" collection becomes columns; layers= naming batch_stats still exports them."""
+    loss_fn, variables, x, y = _batchnorm_model()
+    g = export_gradients(loss_fn, [(variables, 0.1)], (x, y), progress=False)
+    names = [q["name"] for q in g.metadata["params"]]
+    assert names and all(n.startswith("params/") for n in names)
+    expected = _params_rows(per_example_jax_grad, loss_fn, variables, x, y)
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), expected, rtol=1e-5, atol=1e-6)
+    both = export_gradients(loss_fn, [(variables, 0.1)], (x, y), layers=["batch_stats", "params"], progress=False)
+    assert [q["name"] for q in both.metadata["params"]][:2] == [
+        "batch_stats/BatchNorm_0/mean",
+        "batch_stats/BatchNorm_0/var",
+    ]
+
+
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_a_train_state_optimizer_on_variables_params_preconditions_linen_variables(per_example_jax_grad, batch_norm):
+    """A TrainState's optax state is initialised on variables["params"] (paths 'Dense_0/kernel') while the
+    checkpoint is the linen variables ('params/Dense_0/kernel'): its moments are matched under "params/"
+    (review126 F2b), with or without batch_stats, against g / (sqrt(v_hat) + eps) in float64."""
+    from flax.training import train_state
+
+    loss_fn, variables, x, y = _batchnorm_model(batch_norm)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    state = train_state.TrainState.create(apply_fn=None, params=variables["params"], tx=optax.adam(1e-2))
+    for _ in range(2):
+        grads = jax.grad(lambda p: loss_fn({"params": p, **rest}, x, y).mean())(state.params)
+        state = state.apply_gradients(grads=grads)
+    checkpoint = ({"params": state.params, **rest}, 0.01, state.opt_state)
+    g = export_gradients(loss_fn, [checkpoint], (x, y), preconditioner="adam", progress=False)
+    adam = _adam_state(state.opt_state)
+    v = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in jax.tree_util.tree_leaves(adam.nu)])
+    plain = _params_rows(per_example_jax_grad, loss_fn, checkpoint[0], x, y)
+    expected = plain / (np.sqrt(v / (1 - 0.999 ** float(adam.count))) + 1e-8)
+    np.testing.assert_allclose(
+        np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
+    )
+    if batch_norm:  # batch_stats chosen by name: no Adam moments for them, said so
+        with pytest.raises(ValueError, match=r"'params' collection, which has no leaf 'batch_stats/BatchNorm_0/mean'"):
+            export_gradients(
+                loss_fn, [checkpoint], (x, y), layers=["batch_stats"], preconditioner="adam", progress=False
+            )

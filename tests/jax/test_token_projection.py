@@ -196,7 +196,8 @@ def test_an_example_with_nan_is_stored_and_named_by_scoring_with_plain_leaves_to
     inputs, labels, lengths = _tokens(r, 9, 7)
     inputs["x"][4, 0, 0] = np.nan
     proj = tracin.Projection(5 * 12, 3, per_layer=True, kronecker=True)
-    g = _export(mlp_loss, params, (inputs, labels), proj, batch_size=4)
+    with pytest.warns(RuntimeWarning, match=r"NaN or infinite loss for row 4 of the data at checkpoint 0"):
+        g = _export(mlp_loss, params, (inputs, labels), proj, batch_size=4)
     finite = [i for i in range(9) if i != 4]
     for c, p in enumerate(params):
         rows = np.asarray(g.matrices[c])

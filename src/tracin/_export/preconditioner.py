@@ -5,13 +5,16 @@ trained with Adam moves along preconditioned gradients instead. Two row transfor
 any projection, use the optimizer state saved with each checkpoint (step t, betas b1 / b2, eps,
 first and second moments m and v, per parameter):
 
-    "adam"         g / (sqrt(v / (1 - b2^t)) + eps) on BOTH sides (TrackStar's optimizer
+    "adam"         g / (sqrt(v / (1 - b2^t) + eps_root) + eps) on BOTH sides (TrackStar's optimizer
                    correction, for attribution: which training examples a prediction leans on).
     "adam_update"  the direction of one Adam step from the saved state, for TRAIN rows only:
                    m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,
-                   (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps)
+                   (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1)) + eps_root) + eps)
                    scored against PLAIN test gradients (preconditioner=None), as LESS selects
                    training data for a target task.
+
+eps_root is optax's (scale_by_adam's eps_root, added under the square root); torch.optim.Adam has none
+(0). It is left out of the rank-one factorisation of rank_one.py, as eps is.
 
 Weight decay (AdamW) is not part of the direction; the torch adapter refuses optimizer states
 whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam; SparseAdam for "adam_update": its step
@@ -35,13 +38,15 @@ from .._caller import user_stacklevel
 
 PRECONDITIONERS = ("adam", "adam_update")
 ADAM_DEFAULTS = {"b1": 0.9, "b2": 0.999, "eps": 1e-8}  # optax.adam's and torch.optim.Adam's defaults
+EPS_ROOT = "eps_root"  # optax's term under the square root: an option of its own, default 0 (kept only when not 0)
 
 
 @dataclass(frozen=True)
 class AdamMoments:
     """One parameter's Adam state: m, v flattened row-major (shape (size,), the optimizer's float
     dtype), the number of steps taken `step` (>= 1), and the optimizer's b1, b2, eps; `sparse`: the
-    optimizer steps only the rows a gradient reaches (torch.optim.SparseAdam)."""
+    optimizer steps only the rows a gradient reaches (torch.optim.SparseAdam); eps_root: optax's term
+    added to v_hat under the square root (0 for torch)."""
 
     m: np.ndarray
     v: np.ndarray
@@ -50,6 +55,7 @@ class AdamMoments:
     b2: float
     eps: float
     sparse: bool = False
+    eps_root: float = 0.0
 
 
 class OptimizerState(Protocol):
@@ -150,7 +156,7 @@ class Preconditioned:
                 name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
                 shape = self.shapes[k] if k < len(self.shapes) else None
                 mask = v == 0
-                out.append(_ZeroV(k, name, start + np.flatnonzero(mask), mask, a.eps, shape))
+                out.append(_ZeroV(k, name, start + np.flatnonzero(mask), mask, a.eps, shape, a.eps_root))
             start += v.size
         return out
 
@@ -172,8 +178,8 @@ class Preconditioned:
             warn_zero_v(z, touch, len(g), zero, checkpoint)
 
     def _segments(self, moments: list[AdamMoments], width: int) -> list[tuple[slice, tuple]]:
-        """Per parameter its columns and float32 constants: "adam" (1 / (sqrt(v_hat) + eps),);
-        "adam_update" (b1 m / c1, (1 - b1) / c1, b2 v / c2, (1 - b2) / c2, eps), c = 1 - b^(t + 1)."""
+        """Per parameter its columns and float32 constants: "adam" (1 / (sqrt(v_hat + eps_root) + eps),);
+        "adam_update" (b1 m / c1, (1 - b1) / c1, b2 v / c2 + eps_root, (1 - b2) / c2, eps), c = 1 - b^(t + 1)."""
         total = sum(a.v.size for a in moments)
         if total != width:
             raise ValueError(f"the optimizer state has {total} entries for a row of {width}")
@@ -187,10 +193,10 @@ class Preconditioned:
         for a in moments:
             m, v = np.asarray(a.m, np.float64), np.asarray(a.v, np.float64)
             if self.kind == "adam":
-                consts: tuple = (1.0 / (np.sqrt(v / (1 - a.b2**a.step)) + a.eps),)
+                consts: tuple = (1.0 / (np.sqrt(v / (1 - a.b2**a.step) + a.eps_root) + a.eps),)
             else:
                 c1, c2 = 1 - a.b1 ** (a.step + 1), 1 - a.b2 ** (a.step + 1)
-                consts = (a.b1 * m / c1, (1 - a.b1) / c1, a.b2 * v / c2, (1 - a.b2) / c2, a.eps)
+                consts = (a.b1 * m / c1, (1 - a.b1) / c1, a.b2 * v / c2 + a.eps_root, (1 - a.b2) / c2, a.eps)
             out.append(
                 (
                     slice(start, start + v.size),
@@ -202,25 +208,28 @@ class Preconditioned:
 
 
 def adam_settings(options: Any) -> dict[str, float]:
-    """{"b1", "b2", "eps"} from a user's preconditioner_options (None: ADAM_DEFAULTS; missing keys
-    take their default); ValueError / TypeError naming the bad key."""
+    """{"b1", "b2", "eps"[, "eps_root"]} from a user's preconditioner_options (None: ADAM_DEFAULTS;
+    missing keys take their default; "eps_root" (optax's, default 0) is kept only when not 0, so the
+    metadata of an export without it is as before); ValueError / TypeError naming the bad key."""
     if options is None:
         return dict(ADAM_DEFAULTS)
     if not isinstance(options, Mapping):
-        raise TypeError(f"preconditioner_options must be a dict with keys b1, b2, eps, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(ADAM_DEFAULTS), key=str)
+        raise TypeError(
+            f"preconditioner_options must be a dict with keys b1, b2, eps, eps_root, got {type(options).__name__}"
+        )
+    unknown = sorted(set(options) - {*ADAM_DEFAULTS, EPS_ROOT}, key=str)
     if unknown:
-        raise ValueError(f"preconditioner_options: unknown keys {unknown}; expected b1, b2, eps")
-    settings = {**ADAM_DEFAULTS, **options}
+        raise ValueError(f"preconditioner_options: unknown keys {unknown}; expected b1, b2, eps, eps_root")
+    settings = {**ADAM_DEFAULTS, EPS_ROOT: 0.0, **options}
     for key, value in settings.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"preconditioner_options[{key!r}] must be a real number, got {value!r}")
         low_ok = value > 0 if key == "eps" else value >= 0
-        if not (low_ok and (key == "eps" or value < 1) and np.isfinite(value)):
-            raise ValueError(
-                f"preconditioner_options[{key!r}] must be in {'(0, inf)' if key == 'eps' else '[0, 1)'}, got {value!r}"
-            )
-    return {k: float(v) for k, v in settings.items()}
+        below_one = key in ("eps", EPS_ROOT) or value < 1
+        if not (low_ok and below_one and np.isfinite(value)):
+            allowed = {"eps": "(0, inf)", EPS_ROOT: "[0, inf)"}.get(key, "[0, 1)")
+            raise ValueError(f"preconditioner_options[{key!r}] must be in {allowed}, got {value!r}")
+    return {k: float(v) for k, v in settings.items() if k != EPS_ROOT or v != 0}
 
 
 def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str, hint: str = "") -> None:
@@ -246,7 +255,7 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
 @dataclass(frozen=True, eq=False)
 class _ZeroV:
     """A parameter of the row whose v has zeros: its index and name, the row's columns where its v is 0
-    (int64), where its v is 0 (bool, flattened), eps and its shape (or None)."""
+    (int64), where its v is 0 (bool, flattened), eps, its shape (or None) and eps_root."""
 
     index: int
     name: str
@@ -254,6 +263,7 @@ class _ZeroV:
     mask: np.ndarray
     eps: float
     shape: tuple[int, ...] | None
+    eps_root: float = 0.0
 
 
 def warn_zero_v(z: _ZeroV, touch: int, rows: int, zero: int, checkpoint: int) -> None:
@@ -261,13 +271,14 @@ def warn_zero_v(z: _ZeroV, touch: int, rows: int, zero: int, checkpoint: int) ->
     entries of z's parameter whose v is 0, which g / (sqrt(0) + eps) makes nearly all of those rows. With
     a shape of 2-D or more it counts the parameter's rows (first axis) whose v is all 0 too."""
     size, extra = z.mask.size, ""
+    divisor = f"eps={z.eps:g}" if not z.eps_root else f"sqrt(eps_root) + eps={np.sqrt(z.eps_root) + z.eps:g}"
     if z.shape is not None and len(z.shape) >= 2 and int(np.prod(z.shape)) == size:
         all_zero = int(np.count_nonzero(z.mask.reshape(z.shape[0], -1).all(axis=1)))
         extra = f"; {all_zero} of its {z.shape[0]} rows all 0"
     warnings.warn(
         f"preconditioner='adam': {touch} of the {rows} rows of a batch have gradient where the second moment (v) "
         f"of {z.name} is 0 in checkpoint {checkpoint} ({zero} of {size} entries{extra}: no gradient before it, "
-        f"as for tokens the training never held); 'adam' divides a gradient there by eps={z.eps:g}, so it "
+        f"as for tokens the training never held); 'adam' divides a gradient there by {divisor}, so it "
         "dominates those rows' scores (a Kronecker or factored projection scales whole zero rows and columns "
         "of v by 0 instead)",
         RuntimeWarning,

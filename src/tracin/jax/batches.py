@@ -170,8 +170,11 @@ def _is_array_pair(data: Any) -> bool:
 
 def _two_batches_note(data: Any) -> str:
     """For data that PAIR_RULE reads as two batches although it could be one dataset (both items pairs of
-    arrays): how it was read and the workaround, added to a loss_fn error ("" otherwise)."""
+    arrays, every leaf of both with the same number of rows): how it was read and the workaround, added to a
+    loss_fn error ("" otherwise: two batches of different sizes cannot be one dataset)."""
     if not (_pair_of_pairs(data) and _all_arrays(data)):
+        return ""
+    if len({np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(data)}) != 1:
         return ""
     return (
         "; data was read as two batches, (inputs, targets) = data[0] then data[1], as both its items are pairs: "

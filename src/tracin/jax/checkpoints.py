@@ -20,8 +20,8 @@ from .params import host_array, is_array_leaf, leaf_path, scalars_are_parameters
 
 def parse_checkpoints(checkpoints: Any, adam: Mapping[str, float] | None = None) -> list[Checkpoint]:
     """Checkpoints from a sequence of (params or path, learning_rate[, optimizer state]) entries (see
-    tracin._export.checkpoints); `adam`: the b1, b2, eps the optimizer states were made with. A
-    checkpoint path that is an empty file or an empty directory is a ValueError naming it, before any
+    tracin._export.checkpoints); `adam`: the b1, b2, eps (and eps_root) the optimizer states were made
+    with. A checkpoint path that is an empty file or an empty directory is a ValueError naming it, before any
     checkpoint is exported (as in tracin.torch); other damage is found when it is read (`restore`)."""
     parsed = shared_parse(
         checkpoints, "params pytree or path", optimizer=lambda state, i: OptimizerState(state, i, adam or {})
@@ -90,11 +90,13 @@ _SUPPORTED = (
 class OptimizerState:
     """An optax optimizer state (in memory) holding one ScaleByAdamState (mu, nu, count), as
     optax.adam / adamw and chains containing them make it; mu and nu must have the params' pytree
-    structure (the optimizer was initialised on the same params pytree): moments at paths the params
-    lack are refused (check_leaves), and a chosen leaf without moments (masked out by optax.masked) is
-    a ValueError naming it. b1, b2, eps are not in
-    the state: they are given (`adam`), and checked against the state's own when it was made with
-    optax.inject_hyperparams.
+    structure (the optimizer was initialised on the same params pytree), or that of the "params"
+    collection of Flax linen variables ({"params": ..., "batch_stats": ...}, whose TrainState's
+    optimizer was initialised on variables["params"]): then they are looked up under "params/".
+    Moments at paths the params lack are refused (check_leaves), and a chosen leaf without moments
+    (masked out by optax.masked, or another linen collection) is a ValueError naming it. b1, b2, eps
+    and eps_root are not in the state: they are given (`adam`; eps_root 0 when absent), and checked
+    against the state's own when it was made with optax.inject_hyperparams.
 
     Refused: a state holding the second moment of another optimizer (optax.amsgrad, adabelief,
     novograd, rmsprop: _OTHER_SECOND_MOMENTS) or one whose injected hyperparameters are another's
@@ -130,6 +132,7 @@ class OptimizerState:
         if other:
             raise ValueError(f"{self.where} is the state of {other[0]}, whose steps are not Adam's; {_SUPPORTED}")
         self.adam, self.settings = found[0], dict(adam)
+        self.prefix = ""  # "params/" when the moments are those of linen variables' "params" (check_leaves)
 
     def digest(self) -> str:
         """Fingerprint: paths and contents of the state's mu, nu and count."""
@@ -140,16 +143,23 @@ class OptimizerState:
         self._check_settings()
         step = float(np.asarray(self.adam.count))
         mu, nu = (_by_path(tree) for tree in (self.adam.mu, self.adam.nu))
-        out = []
+        out, prefix, adam = [], self.prefix, self.settings
+        mu, nu = ({prefix + k: a for k, a in tree.items()} for tree in (mu, nu))
         for name, shape in params:
             if name not in mu or name not in nu:
-                masked = _masked_paths(self.adam.mu)
+                masked = {prefix + k for k in _masked_paths(self.adam.mu)}
+                kept = [n for n, _ in params if n in mu and n in nu]
                 if name in masked:
-                    kept = [n for n, _ in params if n in mu and n in nu]
                     raise ValueError(
                         f"{self.where}: leaf {name!r} is masked out of Adam (optax.masked: a MaskedNode in the "
                         "moments), so the state holds no Adam moments for it; pass layers= naming only the "
                         f"leaves Adam updates{f', e.g. layers={kept}' if kept else ''}"
+                    )
+                if prefix and not name.startswith(prefix):
+                    raise ValueError(
+                        f"{self.where}: the Adam moments are those of the linen variables' 'params' collection, "
+                        f"which has no leaf {name!r} (no gradient steps it: batch statistics, a cache); pass "
+                        f"layers= naming only leaves under 'params/'{f', e.g. layers={kept}' if kept else ''}"
                     )
                 raise ValueError(
                     f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
@@ -159,7 +169,13 @@ class OptimizerState:
             check_moments(name, shape, m, v, step, self.where)
             out.append(
                 AdamMoments(
-                    m.reshape(-1), v.reshape(-1), step, self.settings["b1"], self.settings["b2"], self.settings["eps"]
+                    m.reshape(-1),
+                    v.reshape(-1),
+                    step,
+                    adam["b1"],
+                    adam["b2"],
+                    adam["eps"],
+                    eps_root=adam.get("eps_root", 0.0),
                 )
             )
         return out
@@ -168,9 +184,15 @@ class OptimizerState:
         """ValueError naming the paths of the Adam moments' leaves that `params` (a checkpoint's pytree)
         has no leaf at: the optimizer was initialised on another pytree (one with more leaves), whose
         moments tracin would otherwise look up by path and use in part. Moments may hold fewer leaves
-        (optax.masked, an Equinox module's non-array fields): moments() names the missing ones used."""
+        (optax.masked, an Equinox module's non-array fields): moments() names the missing ones used.
+        Moments that all lie under "params/" of linen variables (a Mapping holding "params" and other
+        collections, or "params" alone) are taken from there on (`prefix`)."""
         have = set(_by_path(params))
-        extra = sorted({name for tree in (self.adam.mu, self.adam.nu) for name in _by_path(tree)} - have)
+        paths = {name for tree in (self.adam.mu, self.adam.nu) for name in _by_path(tree)}
+        extra = sorted(paths - have)
+        linen = isinstance(params, Mapping) and "params" in params
+        if extra and linen and paths and all(f"params/{name}" in have for name in paths):
+            self.prefix, extra = "params/", []
         if extra:
             raise ValueError(
                 f"{self.where}: the Adam moments have leaves the params do not: {extra[:5]}"
@@ -179,16 +201,17 @@ class OptimizerState:
             )
 
     def _check_settings(self) -> None:
-        """ValueError when the state was made with inject_hyperparams and its b1, b2 or eps is not the
-        one given (preconditioner_options, or optax.adam's defaults)."""
+        """ValueError when the state was made with inject_hyperparams and its b1, b2, eps or eps_root is not
+        the one given (preconditioner_options, or optax.adam's defaults: eps_root 0)."""
+        given = {"eps_root": 0.0, **self.settings}
         for hyperparams in self.hyperparams:
-            for key in ("b1", "b2", "eps"):
+            for key in ("b1", "b2", "eps", "eps_root"):
                 if key in hyperparams and not np.isclose(
-                    float(np.asarray(hyperparams[key])), self.settings[key], rtol=1e-6, atol=0
+                    float(np.asarray(hyperparams[key])), given[key], rtol=1e-6, atol=0
                 ):
                     raise ValueError(
                         f"{self.where} records {key}={float(np.asarray(hyperparams[key])):.6g} "
-                        f"(inject_hyperparams), but the export uses {key}={self.settings[key]:.6g}: pass "
+                        f"(inject_hyperparams), but the export uses {key}={given[key]:.6g}: pass "
                         f"preconditioner_options={{'{key}': {float(np.asarray(hyperparams[key])):.6g}, ...}}"
                     )
 
@@ -253,7 +276,9 @@ def restore(source: Any, where: str) -> Any:
     A directory is read with orbax (`StandardCheckpointer`); a file as Flax msgpack
     (`flax.serialization.msgpack_restore`). Both give the nested dicts of arrays that were saved. A
     file or directory that cannot be read (cut short, damaged, not in that format) is a ValueError
-    naming `where`, the path and the reader's error; so is a pytree with no leaves (None, {}).
+    naming `where`, the path and the reader's error; so is a pytree with no leaves (None, {}). A file
+    that starts as a pickle or a zip archive (.npz) does: it names that format and says to load the
+    file and pass the pytree.
     """
     if not isinstance(source, (str, os.PathLike)):
         if not jax.tree_util.tree_leaves(source):
@@ -270,6 +295,13 @@ def restore(source: Any, where: str) -> Any:
         serialization = _reader("flax.serialization", "flax", f"{where}: {path} is a file (a Flax msgpack checkpoint)")
         with open(path, "rb") as f:
             content = f.read()
+        other = _other_format(content)
+        if other:
+            raise ValueError(
+                f"{_cannot_read(where, path)}: it is {other[0]}, which tracin.jax does not read (it reads orbax "
+                f"checkpoint directories and Flax msgpack files): load it yourself ({other[1]}) and pass the "
+                "params pytree in its place"
+            )
         try:
             return serialization.msgpack_restore(content)
         except _UNREADABLE as e:  # msgpack's errors ('incomplete input', ExtraData) are ValueErrors
@@ -278,6 +310,17 @@ def restore(source: Any, where: str) -> Any:
                 f"{_cannot_read(where, path)} as a Flax msgpack checkpoint ({len(content)} bytes): {cause}"
             ) from e
     raise FileNotFoundError(f"{where}: no checkpoint at {path}")
+
+
+def _other_format(content: bytes) -> tuple[str, str] | None:
+    """(format, how to load it) of a checkpoint file in a format restore does not read, told by its first
+    bytes: a pickle (protocol 2 and up: 0x80, the protocol, ...) or a zip archive (np.savez's .npz); None
+    otherwise (msgpack, or anything else, is left to the msgpack reader)."""
+    if content[:1] == b"\x80" and len(content) > 1 and 2 <= content[1] <= 5:
+        return "a pickle", "pickle.load, or torch.load for a torch file"
+    if content[:4] == b"PK\x03\x04":
+        return "a zip archive (an .npz of np.savez, or a torch.save file)", "np.load, or torch.load"
+    return None
 
 
 # what the readers raise for a damaged checkpoint (a missing orbax _METADATA file is a FileNotFoundError)

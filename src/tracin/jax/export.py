@@ -25,8 +25,8 @@ from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
-from .params import as_patterns, host_array, layout_of
-from .per_example import FullRows, LastLayer, check_per_example, check_uncoupled
+from .params import as_patterns, host_array, layout_of, linen_collections
+from .per_example import FullRows, LastLayer, LossWatch, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
 KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
@@ -87,7 +87,11 @@ def export_gradients(
         functools.partial(loss_fn, temperature=...). Every checkpoint must see the same inputs and
         targets in the same order (checked by fingerprints).
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
-        leaves. Rows concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"].
+        leaves, but for Flax linen variables holding collections besides "params" (BatchNorm's
+        "batch_stats", a "cache"): the "params" collection alone, as no gradient step trains the others
+        (name them in layers to export them too). Rows concatenate the chosen leaves in PARAM_ORDER,
+        recorded in metadata["params"]. An optax state initialised on variables["params"] (a
+        TrainState's) is matched under "params/".
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input. A bias-free
@@ -148,17 +152,24 @@ def export_gradients(
         carries its optax state holding one ScaleByAdamState (see tracin._export.preconditioner and
         tracin.jax.checkpoints.OptimizerState: optax.amsgrad / adabelief states are refused; optax's
         adamax, nadam, radam, yogi and lamb keep a ScaleByAdamState that cannot be told from Adam's).
-    preconditioner_options: {"b1", "b2", "eps"} the optimizer used (default optax.adam's 0.9, 0.999,
-        1e-8); recorded in metadata["preconditioner"]. Unused with preconditioner=None: a UserWarning
-        says so (as for an optimizer state).
+    preconditioner_options: {"b1", "b2", "eps", "eps_root"} the optimizer used (default optax.adam's
+        0.9, 0.999, 1e-8, 0; eps_root as optax adds it under the square root: g / (sqrt(v_hat +
+        eps_root) + eps), left out of the rank-one factorisation as eps is); recorded in
+        metadata["preconditioner"] (eps_root only when not 0). A state made with
+        optax.inject_hyperparams that records other values is refused, naming them. Unused with
+        preconditioner=None: a UserWarning says so (as for an optimizer state).
 
     Returns Gradients / FactoredGradients (metadata: the schema of tracin._export.metadata, framework
     "jax", parameter names are the leaf paths), or the finalized GradientStore when store is given.
     Errors shared with tracin.torch (tracin._export.driver): a one-shot iterator with several
     checkpoints, data with no rows or rows changing between checkpoints are ValueError; a missing
-    checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it. An example
-    whose gradient holds NaN or Inf (a NaN loss, say) is not an export error: its row is stored as it
-    is (projected: a row of NaN) and scoring refuses the set, naming the rows; a finite gradient whose
+    checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it (a pickle or
+    .npz file says to load it and pass the pytree). An example whose gradient holds NaN or Inf is not
+    an export error: its row is stored as it is (projected: a row of NaN) and scoring refuses the set,
+    naming the rows. An example whose loss is NaN or Inf gets a RuntimeWarning naming its row (once per
+    export): its gradient may be NaN (refused by scoring, as above) or exactly 0 (a label outside
+    [0, classes) read with take_along_axis, such as the -100 'ignore' label: a zero row, which scoring
+    takes as no influence; drop such examples); a finite gradient whose
     projection overflows float32 is a ValueError naming the row (kronecker=True stores it: scoring
     names it), as is a finite float64 gradient (x64 params) beyond float32's range (rows are float32
     at most; mode="full" and "last_layer").
@@ -234,8 +245,9 @@ class _JaxExport:
         self.fingerprints = {"loss": callable_identity(loss_fn)}
         self._pending: Iterator[Batch] | None = None  # the batches after one read ahead (slot_dims), if any
         self._index = 0  # the checkpoint loaded last (load), named by compute's errors
+        self.watch = LossWatch()  # warns about examples whose loss is NaN or infinite
         if mode == "last_layer":
-            self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers)
+            self.compute_rows: Any = LastLayer(loss_fn, layer_input, self._first, layers, self.watch)
             self.layout = self.compute_rows.layout
             c = self.compute_rows
             self._slot_dims: list | None = [c.dims] if c.dims is not None else None  # bias-free: the first batch's
@@ -245,16 +257,20 @@ class _JaxExport:
             self.last_layer = last_layer_entry(layer, c.kernel_path, c.bias_path)
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
-            self.layout = layout_of(self._first, layers)
+            default = ["params"] if layers is None and linen_collections(self._first) else None
+            self.layout = layout_of(self._first, layers if layers is not None else default)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
                 rows = _kronecker_rows()(loss_fn, self.layout, projection, self._first, entries, adam)
                 self.compute_rows = self.kronecker = rows
+                rows.watch = self.watch
                 self._slot_dims, self.segments = [projection.dim], None
                 if adam is not None:
                     self.fingerprints["optimizer_states"] = [entry.optimizer.digest() for entry in entries]
             else:
-                self.compute_rows = FullRows(loss_fn, self.layout, jnp.float32)  # float64 beyond float32: an error
+                self.compute_rows = FullRows(
+                    loss_fn, self.layout, jnp.float32, watch=self.watch
+                )  # float64 beyond float32: an error
                 self._slot_dims, self.segments = [self.layout.dim], self.layout.widths
             self.params = self.layout.describe()
 
@@ -301,7 +317,7 @@ class _JaxExport:
 
     def load(self, source: Any, index: int) -> tuple[list, list, Any]:
         """(selected leaves, other array leaves, params) of checkpoint `index`."""
-        self._index = index
+        self._index = self.watch.checkpoint = index
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")

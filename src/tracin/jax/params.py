@@ -571,6 +571,21 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static), kinds)
 
 
+def linen_collections(params: Any) -> list[str]:
+    """The collections besides "params" of Flax linen variables ({"params": ..., "batch_stats": ...}: a
+    dict or FrozenDict whose "params" entry is a Mapping with floating leaves, and other keys), sorted; []
+    for other pytrees (an NNX State, a Mapping too, is keyed by module attributes). No gradient step trains
+    them (BatchNorm's running mean and var, a cache), so an export takes the "params" collection alone by
+    default (layers=None)."""
+    variables = isinstance(params, dict) or type(params).__name__ == "FrozenDict"
+    if not variables or not isinstance(params.get("params"), Mapping):
+        return []
+    scalars = scalars_are_parameters(params)
+    if not any(is_float_leaf(leaf, scalars) for leaf in jax.tree_util.tree_leaves(params["params"])):
+        return []
+    return sorted((str(key) for key in params if key != "params"), key=str)
+
+
 def as_patterns(layers: Any) -> list[str]:
     """layers as a list of path patterns (a single string is one pattern)."""
     return shared_patterns(layers, "['l2'] or ['params/Dense_1/*']")

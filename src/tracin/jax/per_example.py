@@ -9,6 +9,7 @@ jax.jit, a loss is traced once, so one reading a Python setting must be passed a
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, jaxprs_in_params
 
+from .._caller import user_stacklevel
 from ..projection import NonFiniteRowError
 from .batches import Batch
 from .params import ParamLayout, layout_of
@@ -293,32 +295,79 @@ def _check_float32_range(beyond: Any, count: int) -> None:
         )
 
 
+class LossWatch:
+    """Warns about the examples whose loss is NaN or infinite, from the per-example losses the compiled
+    functions give with their gradients (jax.value_and_grad). Such a loss need not give a NaN row: an
+    out-of-range label read with jnp.take_along_axis (the -100 'ignore' label of Hugging Face data, or
+    label == classes) gives a NaN loss and a gradient of exactly 0, a row that scoring takes as "no
+    influence". One RuntimeWarning per batch holding such rows, naming each row once per export (rows
+    of the data, the checkpoint `checkpoint`, set by the export as it loads each one)."""
+
+    _SHOWN = 10
+
+    def __init__(self) -> None:
+        self.checkpoint = 0
+        self._warned: set[int] = set()
+
+    def __call__(self, losses: Any, batch: Batch) -> None:
+        values = np.asarray(losses)[: batch.count]
+        bad = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
+        new = [row for row in bad if row not in self._warned]
+        if not new:
+            return
+        self._warned.update(new)
+        listed = ", ".join(map(str, new[: self._SHOWN]))
+        more = f" and {len(new) - self._SHOWN} more" if len(new) > self._SHOWN else ""
+        rows = f"row {listed}" if len(new) == 1 else f"{len(new)} rows ({listed}{more})"
+        warnings.warn(
+            f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
+            "their gradient rows are stored as jax.grad gives them, which may be NaN (scoring then refuses the "
+            "set, naming the rows) or all 0 (a label outside [0, classes) read with take_along_axis or optax's "
+            "integer-label cross entropy, such as the -100 'ignore' label: those examples then score as having "
+            "no influence); drop those examples or fix their targets",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _watch(watch: LossWatch | None, losses: Any, batch: Batch) -> None:
+    if watch is not None:
+        watch(losses, batch)
+
+
 class FullRows:
     """Per-example gradient rows (batch, d) of the selected parameters, in layout order.
 
     __call__ returns a device array of `dtype`; rows past batch.count are padding. narrow=False keeps
     the gradients' own dtype up to the cast to `dtype` (a float64 reference: no float32 range check).
+    watch: given the per-example losses of each batch (LossWatch), if not None.
     """
 
-    def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any, narrow: bool = True):
+    def __init__(
+        self, loss_fn: LossFn, layout: ParamLayout, dtype: Any, narrow: bool = True, watch: LossWatch | None = None
+    ):
         def build(loss: LossFn) -> Callable:
-            per_example = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
+            one = jax.value_and_grad(_one_example_loss(loss, layout))
+            per_example = jax.vmap(one, in_axes=(None, None, 0, 0))
 
             def rows(selected, arrays, inputs, targets):
-                flat = [g.reshape(g.shape[0], -1) for g in per_example(selected, arrays, inputs, targets)]
+                losses, grads = per_example(selected, arrays, inputs, targets)
+                flat = [g.reshape(g.shape[0], -1) for g in grads]
                 narrowed, beyond = _float32_rows(flat) if narrow else (flat, None)
-                return jnp.concatenate(narrowed, axis=1).astype(dtype), beyond
+                return jnp.concatenate(narrowed, axis=1).astype(dtype), beyond, losses
 
             return rows
 
         self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name, narrow), build)
+        self.watch = watch
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
         """The rows; a ValueError (naming the row of the block, which the export renumbers as the data's)
         when a float64 gradient (x64 params) of a real row is finite but beyond float32's range, as the
         rows are float32 from here on (rather than stored as inf and refused by scoring as a NaN loss)."""
-        rows, beyond = self._rows(selected, arrays, batch.inputs, batch.targets)
+        rows, beyond, losses = self._rows(selected, arrays, batch.inputs, batch.targets)
         _check_float32_range(beyond, batch.count)
+        _watch(self.watch, losses, batch)
         return rows
 
 
@@ -335,7 +384,10 @@ class LastLayer:
     dot_general by `orient`, on the first batch.
     """
 
-    def __init__(self, loss_fn: LossFn, layer_input: Callable, params: Any, layers: Any):
+    def __init__(
+        self, loss_fn: LossFn, layer_input: Callable, params: Any, layers: Any, watch: LossWatch | None = None
+    ):
+        self.watch = watch
         matched = layout_of(params, layers)
         shapes = {i: matched.shapes[i] for i in matched.selected}
         biases = [i for i, s in shapes.items() if len(s) == 1]
@@ -396,8 +448,9 @@ class LastLayer:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
         float32's range. A bias-free layer is oriented by `batch` first if it was not yet."""
         self.orient(batch)
-        factors, beyond = self._factors(selected, arrays, batch.inputs, batch.targets)
+        factors, beyond, losses = self._factors(selected, arrays, batch.inputs, batch.targets)
         _check_float32_range(beyond, batch.count)
+        _watch(self.watch, losses, batch)
         return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
@@ -423,10 +476,13 @@ class LastLayer:
                 f"got {x.dtype}"
             )
         head = Batch(0, _CHECK_ROWS, *jax.tree_util.tree_map(lambda a: a[:_CHECK_ROWS], (batch.inputs, batch.targets)))
+        watch, self.watch = self.watch, None  # the export's own pass of these rows warns about their losses
         try:
             left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
         except NonFiniteRowError:
             return  # factors beyond float32: the export's own pass of these rows refuses them, naming the row
+        finally:
+            self.watch = watch
         ksel, karrs = self._kernel_layout.split(params)
         wide = jnp.result_type(jnp.float32, *(a.dtype for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)))
         reference = FullRows(self._loss_fn, self._kernel_layout, wide, narrow=False)  # only factors are stored
@@ -468,14 +524,14 @@ def _bias_factors(layout: ParamLayout) -> Callable[..., Callable]:
     right = [layer_input, 1]."""
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
-        delta = jax.vmap(jax.grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
+        delta = jax.vmap(jax.value_and_grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
 
         def factors(selected, arrays, inputs, targets):
-            left = delta(selected, arrays, inputs, targets)[0]
+            losses, grads = delta(selected, arrays, inputs, targets)
             x = inputs_of(layout.merge(selected, arrays), inputs)
-            (left, x), beyond = _float32_rows([left, x])
+            (left, x), beyond = _float32_rows([grads[0], x])
             right = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-            return (left, right), beyond
+            return (left, right), beyond, losses
 
         return factors
 
@@ -535,12 +591,13 @@ def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int)
                     args = jax.tree_util.tree_leaves((selected, arrays, x, y))
                     return run_tapped(closed, {0: site}, args, {0: perturb})[0][0]
 
-                return jax.grad(loss_at)(jnp.zeros(site.out_shape, site.out_dtype)).reshape(-1)
+                value, grad = jax.value_and_grad(loss_at)(jnp.zeros(site.out_shape, site.out_dtype))
+                return value, grad.reshape(-1)
 
-            left = jax.vmap(one)(inputs, targets)
+            losses, left = jax.vmap(one)(inputs, targets)
             x = inputs_of(layout.merge(selected, arrays), inputs)
             (left, x), beyond = _float32_rows([left, x])
-            return (left, x), beyond
+            return (left, x), beyond, losses
 
         return factors
 

@@ -48,7 +48,7 @@ from ..projection import LayerMatrix, Projection
 from .batches import Batch
 from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
-from .per_example import _one_example_loss, check_per_example, shared_jit
+from .per_example import LossWatch, _one_example_loss, check_per_example, shared_jit
 
 _FACTORED_ADAM = (
     "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
@@ -95,6 +95,7 @@ class KroneckerRows:
         self.dims = projection.segment_dims(len(selected))
         self.starts = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
         self.sites: dict[int, Site] | None = None
+        self.watch: LossWatch | None = None  # given each batch's per-example losses, if set (the export's)
 
     # --- the layout, fixed by the first batch ---
 
@@ -191,7 +192,10 @@ class KroneckerRows:
         """(per mapped weight its (batch, k_rows * k_cols) block, (batch, plain width) full rows), on the device."""
         mapped = [selected[k] for k in self.mapped]
         plain = [selected[k] for k in self.plain]
-        return self._rows(mapped, plain, arrays, self._factors(), batch.inputs, batch.targets)
+        blocks, rows, losses = self._rows(mapped, plain, arrays, self._factors(), batch.inputs, batch.targets)
+        if self.watch is not None:
+            self.watch(losses, batch)
+        return blocks, rows
 
     def to_host(self, computed: tuple[list, Any], count: int) -> np.ndarray:
         """The (count, dim) float32 rows: the mapped blocks in place, the plain leaves projected flat. An
@@ -231,10 +235,11 @@ class _Layout(Recorded):
 
 
 def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...], splits: tuple[int, ...]) -> Callable:
-    """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows) for
-    the weights `mapped` (selected leaf indices) seen as matrices of their first `splits` axes by the rest:
-    per example the jaxpr of its loss run with taps (traced for the batch's shapes), differentiated
-    w.r.t. the taps and the plain leaves only, the taps projected token by token in the factors' dtype."""
+    """rows(mapped leaves, plain leaves, other arrays, factors, inputs, targets) -> (blocks, plain rows,
+    per-example losses) for the weights `mapped` (selected leaf indices) seen as matrices of their first
+    `splits` axes by the rest: per example the jaxpr of its loss run with taps (traced for the batch's
+    shapes), differentiated w.r.t. the taps and the plain leaves only, the taps projected token by token
+    in the factors' dtype."""
 
     def rows(mapped_leaves, plain_leaves, arrays, factors, inputs, targets):
         selected = _merge(mapped, mapped_leaves, plain_leaves)
@@ -255,13 +260,15 @@ def rows_function(loss_fn: Callable, layout: ParamLayout, mapped: tuple[int, ...
                 return outs[0], acts
 
             zeros = {k: jnp.zeros(s.out_shape, s.out_dtype) for k, s in sites.items()}
-            (grads, plain_grads), acts = jax.grad(loss, argnums=(0, 1), has_aux=True)(zeros, plain_leaves)
+            (value, acts), (grads, plain_grads) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+                zeros, plain_leaves
+            )
             blocks = [
                 _token_sum(sites[k], acts[k], grads[k], p_rows, p_cols).reshape(-1).astype(jnp.float32)
                 for k, (p_rows, p_cols) in zip(mapped, factors, strict=True)
             ]
             flat = [g.reshape(-1).astype(jnp.float32) for g in plain_grads]
-            return blocks, jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32)
+            return blocks, jnp.concatenate(flat) if flat else jnp.zeros((0,), jnp.float32), value
 
         return jax.vmap(one)(inputs, targets)
 
