@@ -3,7 +3,8 @@
 An example whose gradient holds NaN or Inf is kept in memory (a row of NaN), as exports without a
 projection keep it as it is, and scoring names it; a gradient store refuses it, naming the row in the
 data's numbering; a finite gradient whose projection overflows float32 fails the export, naming the
-row in the data's numbering (not the batch's) and the checkpoint.
+row in the data's numbering (not the batch's) and the checkpoint. tracin.jax warns (RuntimeWarning)
+once about an example whose loss is NaN, naming its row.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def test_torch_keeps_the_row_of_an_example_whose_gradient_is_not_finite(projecti
     assert tracin.GradientStore.open(tmp_path / "g", allow_partial=True).info()["rows_written"] == [BATCH]
 
 
+# tracin.jax's warning about an example whose loss is not finite, naming it in the data's numbering
+NAN_LOSS = rf"loss_fn gives a NaN or infinite loss for row {NAN_ROW} of the data at checkpoint 0"
+
+
 def _jax_loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
     return -jax.nn.log_softmax(x @ p["w"] + p["b"])[jnp.arange(len(y)), y]
 
@@ -84,7 +89,11 @@ def test_jax_stores_the_row_of_an_example_whose_gradient_is_not_finite(projectio
     r, (x, y) = np.random.default_rng(1), _data()
     w, b = r.normal(size=(3, 4)), r.normal(size=3)
     params = {"w": jnp.asarray(w.T, jnp.float32), "b": jnp.asarray(b, jnp.float32)}
-    g = tj.export_gradients(_jax_loss, [(params, 1.0)], (x, y), projection=projection, batch_size=BATCH, progress=False)
+    with pytest.warns(RuntimeWarning, match=NAN_LOSS) as caught:
+        g = tj.export_gradients(
+            _jax_loss, [(params, 1.0)], (x, y), projection=projection, batch_size=BATCH, progress=False
+        )
+    assert sum(issubclass(w.category, RuntimeWarning) for w in caught) == 1  # once, for the one NaN row
     w32, b32 = np.asarray(params["w"], np.float64).T, np.asarray(params["b"], np.float64)
     dw, db = _softmax_gradients(x, y, w32, b32)
     # leaves in key order: b (3,), then w (4, 3) (in, out) row-major
@@ -142,10 +151,12 @@ def test_jax_names_the_row_whose_projection_overflows_in_the_data():
     def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
         return (x @ p["w1"]) * p["w2"] * y
 
-    with pytest.raises(ValueError, match=OVERFLOW):
+    # the NaN row's loss (NaN x 0 at checkpoint 0) is warned about once, before checkpoint 1 fails
+    with pytest.warns(RuntimeWarning, match=NAN_LOSS) as caught, pytest.raises(ValueError, match=OVERFLOW):
         tj.export_gradients(
             loss, states, (x, y), projection=tracin.Projection(1, seed=5), batch_size=BATCH, progress=False
         )
+    assert sum(issubclass(w.category, RuntimeWarning) for w in caught) == 1
 
 
 def test_a_projected_block_keeps_nonfinite_rows_as_nan():
