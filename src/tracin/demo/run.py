@@ -36,7 +36,8 @@ DIAGNOSED = 0.2  # the top fraction of the ranking the per-checkpoint diagnostic
 TRACIN, TRACIN_ALL = "TracIn self-influence (recipe)", "TracIn self-influence, all checkpoints"
 LOSS, RANDOM, PERFECT = "loss (final model)", "random", "perfect detector"
 CLASSES = 10  # digits: the MLP's outputs
-DISK_MARGIN = 16 * 2**20  # bytes kept free beyond the stores and checkpoints: figures, report, ranking, record
+DISK_MARGIN = 4 * 2**20  # bytes kept free beyond the stores and checkpoints: figures, report, ranking, record (2 MB
+# at --examples 20 -k 20, 0.5 MB at the defaults)
 
 
 @dataclass(frozen=True)
@@ -315,8 +316,8 @@ def _check_free_space(folder: Path, need: int, framework: str, layers: list[tupl
     rows = "full gradient rows" if framework in FULL_ROWS else "per-layer factors"
     smaller = f", or train with numpy or torch, whose stores hold per-layer factors ({factors} bytes)"
     raise ValueError(
-        f"not enough free disk space: the demo writes about {_megabytes(need + DISK_MARGIN)} in {where}, "
-        "mostly gradient stores "
+        f"not enough free disk space: the demo needs about {_megabytes(need + DISK_MARGIN)} free in {where}, "
+        "mostly for gradient stores "
         f"({framework}: {rows}, {row} bytes per example and checkpoint), and {_megabytes(free)} are "
         f"free there: free some space, choose another {WHERE}, or save fewer checkpoints "
         f"(--checkpoints){smaller if framework in FULL_ROWS else ''}"
