@@ -40,13 +40,21 @@ def _well_formed(indices: np.ndarray, values: np.ndarray, m: int, k: int, n: int
     return None
 
 
-def check_top_k(test: np.ndarray, train: np.ndarray, ours: tuple, reference: tuple, side: str = "proponents") -> dict:
+def check_top_k(
+    test: np.ndarray,
+    train: np.ndarray,
+    ours: tuple,
+    reference: tuple,
+    side: str = "proponents",
+    max_train_norm: float | None = None,
+) -> dict:
     """Compares one side's top-k result `ours` = (values (m, k), indices (m, k)) with `reference`.
 
     test (m, d) and train (n, d) are the data both results are about (weights folded in, factors
     materialised). Returns counts of identical rows, rows equal up to ties, wrong rows, the
     largest error of our reported values against the exact scores (relative to |q| max|x|), and
-    ok (no wrong rows, values within the tolerance, well formed).
+    ok (no wrong rows, values within the tolerance, well formed). max_train_norm: max |x| over train's
+    rows where the caller has it (else read from train: a pass over all of it).
     """
     values, indices = (np.asarray(a) for a in ours)
     ref_indices = np.asarray(reference[1])
@@ -55,7 +63,8 @@ def check_top_k(test: np.ndarray, train: np.ndarray, ours: tuple, reference: tup
     problem = _well_formed(indices, values, m, k, train.shape[0], descending)
     if problem:
         return {"rows": m, "ok": False, "problem": problem}
-    scale = row_norms(test) * row_norms(train).max() + np.finfo(np.float64).tiny
+    largest = row_norms(train).max() if max_train_norm is None else max_train_norm
+    scale = row_norms(test) * largest + np.finfo(np.float64).tiny
     identical = tie_only = wrong = 0
     value_error = 0.0
     step = max(1, _GATHER_ELEMENTS // max(1, k * test.shape[1]))
@@ -94,6 +103,7 @@ class SampledReference:
         self.test, self.train = test, train
         self.rows = np.unique(np.linspace(0, test.shape[0] - 1, min(count, test.shape[0])).astype(np.int64))
         self.reference = {side: _exact_top_k(test[self.rows], train, k, side) for side in sides}
+        self.max_train_norm = float(row_norms(train).max(initial=0.0))  # once: every check needs it
 
     def check(self, values: np.ndarray, indices: np.ndarray, side: str = "proponents") -> dict:
         """check_top_k of one side's result (values (m, k'), indices (m, k'), k' <= the reference's k)
@@ -101,7 +111,7 @@ class SampledReference:
         k = np.shape(indices)[1]
         ref_values, ref_indices = (a[:, :k] for a in self.reference[side])
         ours = (np.asarray(values)[self.rows], np.asarray(indices)[self.rows])
-        return check_top_k(self.test[self.rows], self.train, ours, (ref_values, ref_indices), side)
+        return check_top_k(self.test[self.rows], self.train, ours, (ref_values, ref_indices), side, self.max_train_norm)
 
 
 def _exact_top_k(test: np.ndarray, train: np.ndarray, k: int, side: str, block: int = 65536) -> tuple:
