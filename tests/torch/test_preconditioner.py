@@ -219,8 +219,84 @@ def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match
     opt_state = copy.deepcopy(checkpoints[0][2])
     group = opt_state["param_groups"][0]
     group["params"] = group["params"][::-1]  # as Adam(reversed(list(model.parameters())))
-    with pytest.raises(ValueError, match=r"the first moment of 0.weight has shape \(3,\).*matched by position"):
+    with pytest.raises(
+        ValueError,
+        match=r"matched by position .*position 0 does not fit: the model's parameter there is 0.weight of shape "
+        r"\(8, 5\), while the optimizer's exp_avg there has shape \(3,\) \(the shape of the model's 2.bias\)",
+    ):
         export_gradients(model, [(*checkpoints[0][:2], opt_state)], data, _loss, preconditioner="adam", progress=False)
+
+
+def test_one_unnamed_group_in_another_order_is_refused_at_any_position_not_only_the_chosen():
+    """review134 e17_position.py: a GPT-2 trained by AdamW over one group [matrices..., vectors...] gave
+    the chosen h.0.mlp.c_proj.bias and h.1.ln_1.weight the exp_avg_sq of the same-shaped
+    h.0.attn.c_proj.bias and h.0.ln_2.weight (rows 90% off), silently; every position is now checked. The
+    refusal's advice (name the parameters) then gives each its own state."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=50,
+        n_positions=8,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(out, labels):
+        return nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none").sum(1)
+
+    named = list(model.named_parameters())
+    order = [(n, p) for n, p in named if p.dim() >= 2] + [(n, p) for n, p in named if p.dim() < 2]
+    opt = torch.optim.AdamW([p for _, p in order], lr=1e-2, betas=(0.8, 0.9), eps=1e-6)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(ids), ids).sum().backward()
+        opt.step()
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    chosen = ["transformer.h.0.mlp.c_proj.bias", "transformer.h.1.ln_1.weight"]
+    at = [[n for n, _ in named].index(c) for c in chosen]
+    assert [order[i][0] for i in at] == ["transformer.h.0.attn.c_proj.bias", "transformer.h.0.ln_2.weight"]
+    checkpoints = [(state, 1e-2, opt_state)]
+    with pytest.raises(
+        ValueError,
+        match=r"matched by position in model.named_parameters\(\) order \(28 parameters\), and position 2 does not "
+        r"fit: the model's parameter there is transformer.h.0.ln_1.weight of shape \(16,\), while the optimizer's "
+        r"exp_avg there has shape \(16, 48\) \(the shape of the model's transformer.h.0.attn.c_attn.weight, "
+        r"transformer.h.1.attn.c_attn.weight\)\. The optimizer was built over the parameters in another order\. "
+        r"Build the optimizer over named parameters",
+    ):
+        export_gradients(model, checkpoints, (ids, ids), loss_fn, layers=chosen, preconditioner="adam", progress=False)
+
+    opt_state["param_groups"][0]["param_names"] = [n for n, _ in order]
+    got = export_gradients(
+        model, checkpoints, (ids, ids), loss_fn, layers=chosen, preconditioner="adam", progress=False
+    ).matrices[0]
+    ref = copy.deepcopy(model).double()
+    params = dict(ref.named_parameters())
+    own = {n: opt_state["state"][i] for i, (n, _) in enumerate(order)}
+    v_hat = np.concatenate([own[n]["exp_avg_sq"].double().numpy().reshape(-1) / (1 - 0.9**2) for n in chosen])
+    grads = np.stack(
+        [
+            np.concatenate(
+                [
+                    g.numpy().reshape(-1)
+                    for g in torch.autograd.grad(
+                        loss_fn(ref(ids[i : i + 1]), ids[i : i + 1]).sum(), [params[n] for n in chosen]
+                    )
+                ]
+            )
+            for i in range(len(ids))
+        ]
+    )
+    expected = grads / (np.sqrt(v_hat) + 1e-6)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
 def test_plain_export_ignores_optimizer_states_with_a_warning_and_records_no_preconditioner():

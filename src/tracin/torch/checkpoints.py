@@ -277,7 +277,11 @@ class OptimizerState:
     them (torch >= 2.6 with named parameters: `AdamW(model.named_parameters())`, or groups of
     named parameters), else by position, which is only taken from a single param group: the
     optimizer must have been built over the model's parameters in `model.named_parameters()` order
-    (`Adam(model.parameters())`), all of them or the trainable ones; shapes are checked. Unnamed
+    (`Adam(model.parameters())`), all of them or the trainable ones. Every position's exp_avg and
+    exp_avg_sq are checked to have the shape of the model's parameter there (a ValueError names the
+    first that differs: an optimizer built over another order), which cannot reveal an order that only
+    permutes parameters of equal shapes (two LayerNorms' weights swapped): those take each other's
+    moments silently. Unnamed
     param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
     checked (the refusal says how to add the names to a saved state, a transformers Trainer's too).
     Recorded names may carry the prefixes DataParallel and torch.compile add ("module.", "_orig_mod.");
@@ -307,6 +311,7 @@ class OptimizerState:
         self.source = source
         self.snapshots: _Snapshots | None = None  # set by parse_checkpoints
         named = list(model.named_parameters())
+        self.shapes = {n: tuple(p.shape) for n, p in named}
         self.all_names = [n for n, _ in named]
         self.trainable_names = [n for n, p in named if p.requires_grad]
         self.frozen = {n for n, p in named if not p.requires_grad}
@@ -330,7 +335,7 @@ class OptimizerState:
         if self.snapshots is not None:
             self.snapshots.check()
         state = self._load()
-        owner, by_position = self._owners(state["param_groups"])
+        owner, by_position = self._owners(state)
         moments, rates = [], {}
         for name, shape in params:
             key, group = owner.get(name, (None, None))
@@ -388,9 +393,11 @@ class OptimizerState:
         _check_optimizer_dict(state, self.where)
         return state
 
-    def _owners(self, groups: Sequence[Mapping]) -> tuple[dict[str, tuple[Any, Mapping]], bool]:
+    def _owners(self, state: Mapping) -> tuple[dict[str, tuple[Any, Mapping]], bool]:
         """parameter name -> (its key in state["state"], its param group); and whether the names
-        were given by position (the optimizer recorded none)."""
+        were given by position (the optimizer recorded none), every position's moments then checked
+        to have its parameter's shape (_check_positions)."""
+        groups = state["param_groups"]
         keys = [(k, g) for g in groups for k in g["params"]]
         if all("param_names" in g for g in groups):
             known = set(self.all_names)
@@ -413,7 +420,36 @@ class OptimizerState:
                 f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
                 f"({len(self.trainable_names)} trainable){_BY_POSITION}"
             )
+        self._check_positions(state["state"], names, [k for k, _ in keys])
         return dict(zip(names, keys, strict=True)), True
+
+    def _check_positions(self, entries: Mapping, names: Sequence[str], keys: Sequence[Any]) -> None:
+        """ValueError naming the first position whose exp_avg or exp_avg_sq has another shape than the
+        model's parameter at that position (an optimizer built over the parameters in another order),
+        read from the tensors' shapes alone; positions without Adam state are skipped. A permutation of
+        parameters of one shape passes: it cannot be told from the state."""
+        for position, (name, key) in enumerate(zip(names, keys, strict=True)):
+            entry = entries.get(key, entries.get(str(key)))
+            if not _adam_entry(entry):
+                continue
+            for moment in ("exp_avg", "exp_avg_sq"):
+                shape = getattr(entry[moment], "shape", None)
+                if shape is None or tuple(shape) == self.shapes[name]:
+                    continue
+                alike = [n for n in names if self.shapes[n] == tuple(shape)]
+                held = (
+                    f"the shape of the model's {_few(alike)}"
+                    if alike
+                    else "the shape of none of the model's parameters"
+                )
+                raise ValueError(
+                    f"{self.where}: without parameter names (param_names) its parameters are matched by position "
+                    f"in model.named_parameters() order ({len(names)} "
+                    f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
+                    f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
+                    f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). The optimizer was "
+                    f"built over the parameters in another order{_NAMED_HINT}"
+                )
 
 
 _STATE_FILE = "optimizer.pt"  # a transformers Trainer's checkpoint-N/optimizer.pt

@@ -115,7 +115,12 @@ def export_gradients(
         or without the wrappers' prefix), and a file
         that cannot be read is a ValueError naming it. An entry may be (state_dict or path,
         learning_rate, optimizer.state_dict() or its path) for a preconditioner (with
-        preconditioner=None the state is unused: a UserWarning says so). A learning rate must not be
+        preconditioner=None the state is unused: a UserWarning says so); a state without parameter
+        names (param_names, recorded by an optimizer over model.named_parameters(), torch >= 2.6) is
+        matched by position, one param group in model.named_parameters() order: an order whose
+        moments' shapes differ from the model's at some position is a ValueError naming it, one that
+        only permutes parameters of equal shapes cannot be told and gives them each other's moments
+        (see tracin.torch.checkpoints.OptimizerState). A learning rate must not be
         negative (ValueError); a zero one is taken with a UserWarning (it adds nothing to any score).
     data: (inputs, targets) tensors (NumPy arrays are taken without a copy, never cast: float64 ones,
         NumPy's default, fed to a float32 model are a TypeError saying so), a map-style Dataset, a
