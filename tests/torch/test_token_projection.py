@@ -248,6 +248,41 @@ def test_adam_scales_layers_by_the_rank_one_factorisation_and_other_parameters_e
     assert_rows_close(g.matrices[0], projected_reference(proj, layout, scaled, chosen))
 
 
+@pytest.mark.parametrize("unseen", [None, VOCAB - 1])
+def test_adam_zero_v_warning_leaves_out_the_padding_row_and_names_tokens_never_held(unseen):
+    """review134 e16_padidx_warn.py: Kronecker "adam" warned at every checkpoint that the padding_idx row's
+    zero v (torch never gives it a gradient; its rows are masked) would be divided by eps by full rows,
+    which say nothing there. A token the training never held still warns, counted without that row."""
+    model, _ = model_and_checkpoints(seed=3)
+    ids = torch.arange(48).reshape(6, 8) % (VOCAB - 1) + 1  # every token 1 .. VOCAB - 1 ...
+    ids[:, -2:] = 0  # ... and padding
+    if unseen is not None:
+        ids[ids == unseen] = 1
+    labels = torch.randint(0, CLASSES, ids.shape, generator=torch.Generator().manual_seed(4)).masked_fill(
+        ids == 0, -100
+    )
+    checkpoint = _adam_checkpoint(model, ids, labels)
+    v = checkpoint[2]["state"][0]["exp_avg_sq"]
+    zero_rows = sorted(torch.nonzero((v == 0).all(1)).flatten().tolist())
+    assert zero_rows == ([0] if unseen is None else [0, unseen])
+    proj = tracin.Projection(4 * 4, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model, [checkpoint] * 2, (ids, labels), token_loss, layers=["emb"], projection=proj, preconditioner="adam"
+        )
+    said = [str(w.message) for w in caught if "second moments (v)" in str(w.message)]
+    if unseen is None:
+        assert said == []
+    else:
+        assert len(said) == 2  # once per checkpoint
+        assert said[0].startswith(
+            f"preconditioner='adam': {WIDTH} of {(VOCAB - 1) * WIDTH} second moments (v) of 'emb.weight' (its "
+            "padding_idx row 0 left out: it never has gradient) are 0 in checkpoint 0: "
+            f"1 of {VOCAB - 1} rows and 0 of {WIDTH} columns of v are all 0"
+        )
+
+
 def test_a_layer_whose_weight_is_also_used_outside_its_forward_is_refused():
     class Penalised(TokenModel):
         def forward(self, ids):

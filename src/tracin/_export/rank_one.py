@@ -15,7 +15,8 @@ embedding row of a token the training never held). The full-row "adam" (precondi
 the opposite there: it divides a gradient on a zero v by eps, so it dominates its row. _scales
 warns (RuntimeWarning, once per layer per checkpoint, from the sums r and c: O(size of v)) when
 some of a layer's v is 0, naming the layer, the zero entries, rows and columns and what each path
-does; and when all of the weight's v is 0 (its part of every row is zero).
+does; and when all of the weight's v is 0 (its part of every row is zero). An embedding's padding_idx
+row (no gradient ever, masked in its rows) is left out of that count.
 """
 
 from __future__ import annotations
@@ -109,11 +110,14 @@ def _scales(
     name: str | None = None,
     checkpoint: int | None = None,
     warn: bool = True,
+    padding_row: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
     moments[k + 1] when `bias`). With `warn` (the callers pass it the first time they scale the layer
     in a checkpoint: one warning per layer per checkpoint) it warns (_warn_zero_v) when some or all of
-    the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`."""
+    the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`; row `padding_row` (an
+    nn.Embedding's padding_idx, whose row never has gradient and is masked by the caller) is left out
+    of that count."""
     w = moments[k]
     v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
     if bias:
@@ -123,11 +127,14 @@ def _scales(
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
         right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
-    zero = v.size - int(np.count_nonzero(v)) if warn else 0
+    counted = v if padding_row is None else np.delete(v, padding_row, axis=0)
+    zero = counted.size - int(np.count_nonzero(counted)) if warn else 0
     if zero:
         where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
         what = name if name is not None else f"a layer of {p} x {v.shape[1] - bias} (out, in)"
-        _warn_zero_v(what, where, v, r, c, zero, bias, w.eps)
+        if padding_row is not None:
+            what += f" (its padding_idx row {padding_row} left out: it never has gradient)"
+        _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps)
     return left, right
 
 

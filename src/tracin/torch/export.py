@@ -198,7 +198,8 @@ def export_gradients(
         updated) the two part ways: full rows divide the gradient there by eps, so it dominates its
         row, while the rank-one factorisation scales the rows and columns of v that are all 0 by 0,
         so they add nothing; both warn (RuntimeWarning, once per layer and checkpoint, with counts;
-        full rows only when an exported row has gradient there, not for a padding_idx row).
+        full rows only when an exported row has gradient there; neither for an nn.Embedding's
+        padding_idx row, which never has gradient).
         See tracin._export.preconditioner and tracin.torch.checkpoints.OptimizerState.
 
     Metadata: the schema of tracin._export.metadata (framework "torch").

@@ -183,8 +183,9 @@ class KroneckerRows:
                 np.asarray(p, np.float64) for p in self.projection.layer_factors(seg.index, seg.layer, seg.dim)
             )
             if moments is not None:
+                padding = self._modules[seg.module].padding_idx if seg.kind == "embedding" else None
                 left, right = _layer_scales(
-                    moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint, warn
+                    moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint, warn, padding
                 )
                 p_rows, p_cols = p_rows * left, p_cols * right
             k += len(seg.names)
@@ -610,14 +611,16 @@ def _layer_scales(
     name: str | None = None,
     checkpoint: int | None = None,
     warn: bool = True,
+    padding_row: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(row scales (rows,), column scales (cols [+ 1],)) of the rank-one Adam factorisation (with `warn`, its
-    warnings about zero v naming the weight `name` and `checkpoint`)."""
+    warnings about zero v naming the weight `name` and `checkpoint`, an embedding's padding_idx row
+    `padding_row` left out of them: _token_product masks it)."""
     weight = moments[0]
     if layer.transposed:  # Conv1D: v stored (in, out); the factorisation wants (out, in)
         v = np.asarray(weight.v).reshape(layer.cols, layer.rows).T.reshape(-1)
         weight = replace(weight, v=v)
-    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows, name, checkpoint, warn)
+    return _scales([weight, *moments[1:]], 0, layer.bias, layer.rows, name, checkpoint, warn, padding_row)
 
 
 def _spec(layer: LayerMatrix | int) -> Any:
