@@ -524,6 +524,32 @@ def test_linen_variables_with_batch_stats_export_the_params_collection_by_defaul
     ]
 
 
+def test_a_plain_dict_with_a_params_entry_keeps_its_other_trainable_entries_or_warns(per_example_jax_grad):
+    """A user's dict {"params": ..., "head": ...} is not linen variables whose other collections no gradient
+    trains: a top-level array keeps every leaf; a Mapping entry that is not a linen state collection
+    (batch_stats, cache, ...) is left out by default with a UserWarning naming it and layers=['*']."""
+    r = np.random.default_rng(4)
+    x, y = r.standard_normal((6, 3)).astype(np.float32), r.standard_normal(6).astype(np.float32)
+    params = {"params": {"w": jnp.ones(3)}, "bias": jnp.float32(0.5)}
+
+    def loss_fn(p, inputs, targets):
+        head = p["head"]["v"] if "head" in p else jnp.ones(3)
+        return ((inputs @ p["params"]["w"]) * (inputs @ head) + p["bias"] - targets) ** 2
+
+    g = export_gradients(loss_fn, [(params, 0.1)], (x, y), progress=False)
+    assert [q["name"] for q in g.metadata["params"]] == ["bias", "params/w"]
+    expected = per_example_jax_grad(loss_fn, params, x, y)
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), expected, rtol=1e-5, atol=1e-6)
+    params = {**params, "head": {"v": jnp.full(3, 0.5)}}
+    del params["bias"]
+    params["cache"] = {"c": jnp.zeros(2)}
+    with pytest.warns(
+        UserWarning, match=r"leaving out \['head'\]; if those are trained parameters, pass layers=\['\*'\]"
+    ):
+        g = export_gradients(lambda p, a, b: loss_fn({**p, "bias": 0.0}, a, b), [(params, 0.1)], (x, y), progress=False)
+    assert [q["name"] for q in g.metadata["params"]] == ["params/w"]
+
+
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_a_train_state_optimizer_on_variables_params_preconditions_linen_variables(per_example_jax_grad, batch_norm):
     """A TrainState's optax state is initialised on variables["params"] (paths 'Dense_0/kernel') while the

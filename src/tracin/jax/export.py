@@ -25,7 +25,7 @@ from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
-from .params import as_patterns, host_array, layout_of, linen_collections
+from .params import LINEN_STATE, as_patterns, host_array, layout_of, linen_collections
 from .per_example import FullRows, LastLayer, LossWatch, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -89,9 +89,10 @@ def export_gradients(
     layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
         leaves, but for Flax linen variables holding collections besides "params" (BatchNorm's
         "batch_stats", a "cache"): the "params" collection alone, as no gradient step trains the others
-        (name them in layers to export them too). Rows concatenate the chosen leaves in PARAM_ORDER,
-        recorded in metadata["params"]. An optax state initialised on variables["params"] (a
-        TrainState's) is matched under "params/".
+        (name them in layers to export them too; a UserWarning names those left out that are not a linen
+        state collection, tracin.jax.params.LINEN_STATE: a plain dict's trained entries). Rows
+        concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"]. An optax state
+        initialised on variables["params"] (a TrainState's) is matched under "params/".
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
         `layers` names (one 2-D kernel, one 1-D bias): left dL/d(output) (n, p), right [input, 1]
         (n, q + 1), where layer_input(params, inputs) -> (batch, q) gives the layer's input. A bias-free
@@ -257,7 +258,7 @@ class _JaxExport:
             self.last_layer = last_layer_entry(layer, c.kernel_path, c.bias_path)
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
-            default = ["params"] if layers is None and linen_collections(self._first) else None
+            default = _linen_default(self._first) if layers is None else None
             self.layout = layout_of(self._first, layers if layers is not None else default)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
@@ -362,6 +363,25 @@ class _JaxExport:
         """A stored array as NumPy in its dtype (bfloat16 bits viewed as ml_dtypes' bfloat16, no copy): how
         Gradients, which keeps and returns bfloat16 as its uint16 bits (Gradients.matrices), learns the dtype."""
         return array.view(jnp.bfloat16) if dtype == "bfloat16" else array
+
+
+def _linen_default(params: Any) -> list[str] | None:
+    """layers=None for Flax linen variables holding collections besides "params": ["params"] (None for other
+    params), with a UserWarning naming the collections left out when some are not LINEN_STATE's (a plain
+    dict with a "params" entry and other trainable entries would otherwise lose them without a word)."""
+    others = linen_collections(params)
+    if not others:
+        return None
+    unknown = [name for name in others if name not in LINEN_STATE]
+    if unknown:
+        warnings.warn(
+            f"params were read as Flax linen variables (a 'params' collection and {others}): only the 'params' "
+            f"collection is exported by default, leaving out {unknown}; if those are trained parameters, pass "
+            "layers=['*'] (or name them in layers=)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return ["params"]
 
 
 def _kronecker_rows() -> type:

@@ -571,14 +571,22 @@ def layout_of(params: Any, layers: Sequence[str] | None) -> ParamLayout:
     return ParamLayout(treedef, paths, shapes, tuple(selected), tuple(arrays), tuple(static), kinds)
 
 
+# Flax linen's collections that no gradient step trains: BatchNorm's running statistics, a decoder's cache,
+# sow()'s intermediates, perturb()'s zeros, partitioning metadata
+LINEN_STATE = ("batch_stats", "cache", "intermediates", "perturbations", "params_axes")
+
+
 def linen_collections(params: Any) -> list[str]:
     """The collections besides "params" of Flax linen variables ({"params": ..., "batch_stats": ...}: a
-    dict or FrozenDict whose "params" entry is a Mapping with floating leaves, and other keys), sorted; []
-    for other pytrees (an NNX State, a Mapping too, is keyed by module attributes). No gradient step trains
+    dict or FrozenDict whose "params" entry is a Mapping with floating leaves, and whose other entries are
+    Mappings too, as collections are), sorted; [] for other pytrees (an NNX State, a Mapping too, is keyed
+    by module attributes; a dict holding a top-level array is not variables). No gradient step trains
     them (BatchNorm's running mean and var, a cache), so an export takes the "params" collection alone by
-    default (layers=None)."""
+    default (layers=None); see LINEN_STATE for the names it leaves out without a warning."""
     variables = isinstance(params, dict) or type(params).__name__ == "FrozenDict"
     if not variables or not isinstance(params.get("params"), Mapping):
+        return []
+    if not all(isinstance(value, Mapping) for value in params.values()):
         return []
     scalars = scalars_are_parameters(params)
     if not any(is_float_leaf(leaf, scalars) for leaf in jax.tree_util.tree_leaves(params["params"])):
