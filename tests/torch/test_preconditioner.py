@@ -227,6 +227,27 @@ def test_one_unnamed_group_in_another_order_is_refused_naming_the_position_match
         export_gradients(model, [(*checkpoints[0][:2], opt_state)], data, _loss, preconditioner="adam", progress=False)
 
 
+def test_an_unnamed_state_of_another_model_is_not_said_to_be_in_another_order():
+    """review135: a state whose moments fit none of the model's parameter shapes (a wider model's, or one saved
+    before resize_token_embeddings) was said to come from an optimizer built over another order, with advice
+    to name the parameters that could not help."""
+    model, checkpoints, data = _trained()
+    torch.manual_seed(0)
+    wider = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    opt = torch.optim.Adam(wider.parameters())
+    nn.functional.cross_entropy(wider(data[0]), data[1]).backward()
+    opt.step()
+    with pytest.raises(
+        ValueError,
+        match=r"position 0 does not fit.*\(the shape of none of the model's parameters\)\. "
+        r"The state is not this model's",
+    ) as caught:
+        export_gradients(
+            model, [(*checkpoints[0][:2], opt.state_dict())], data, _loss, preconditioner="adam", progress=False
+        )
+    assert "another order" not in str(caught.value)
+
+
 def test_one_unnamed_group_in_another_order_is_refused_at_any_position_not_only_the_chosen():
     """review134 e17_position.py: a GPT-2 trained by AdamW over one group [matrices..., vectors...] gave
     the chosen h.0.mlp.c_proj.bias and h.1.ln_1.weight the exp_avg_sq of the same-shaped

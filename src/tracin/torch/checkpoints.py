@@ -437,18 +437,24 @@ class OptimizerState:
                 if shape is None or tuple(shape) == self.shapes[name]:
                     continue
                 alike = [n for n in names if self.shapes[n] == tuple(shape)]
-                held = (
-                    f"the shape of the model's {_few(alike)}"
+                held, cause = (
+                    (
+                        f"the shape of the model's {_few(alike)}",
+                        f"The optimizer was built over the parameters in another order{_NAMED_HINT}",
+                    )
                     if alike
-                    else "the shape of none of the model's parameters"
+                    else (
+                        "the shape of none of the model's parameters",
+                        "The state is not this model's: another model's (another width or vocabulary), or one saved "
+                        "before a parameter was resized (resize_token_embeddings)",
+                    )
                 )
                 raise ValueError(
                     f"{self.where}: without parameter names (param_names) its parameters are matched by position "
                     f"in model.named_parameters() order ({len(names)} "
                     f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
                     f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
-                    f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). The optimizer was "
-                    f"built over the parameters in another order{_NAMED_HINT}"
+                    f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). {cause}"
                 )
 
 
