@@ -117,6 +117,34 @@ def test_numbers_of_another_dtype_get_the_astype_advice(numbers):
         tracin.Gradients(numbers)
 
 
+@pytest.mark.parametrize("bits_dtype", [np.uint16, np.int16])
+def test_16_bit_integers_are_taken_for_bfloat16_bits_never_given_astype_advice(bits_dtype, rng):
+    # review136 F1: a bfloat16 GradientSet's .matrices are uint16 bits; ".astype(np.float32)" made integers of them
+    values = rng.standard_normal((4, 10)).astype(ml_dtypes.bfloat16)
+    bits = tracin.Gradients([values]).matrices[0].view(bits_dtype)
+    projection = tracin.Projection(6, seed=0)
+    advice = r"^matrix has dtype u?int16; .*bfloat16 bit patterns.*view\(ml_dtypes\.bfloat16\)"
+    with pytest.raises(TypeError, match=advice) as e:
+        projection.apply(bits)
+    assert "astype" not in str(e.value)
+    with pytest.raises(TypeError, match=r"^matrices\[0\] has dtype u?int16; .*view\(ml_dtypes\.bfloat16\)"):
+        tracin.Gradients([bits])
+    exact = values.astype(np.float64) @ _dense(projection, 10).T  # the advice followed, against float64
+    np.testing.assert_allclose(projection.apply(bits.view(ml_dtypes.bfloat16)), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_16_bit_integer_torch_tensors_get_the_bfloat16_view_advice(rng):
+    torch = pytest.importorskip("torch")
+    bits = torch.from_numpy(rng.standard_normal((3, 4)).astype(np.float32)).to(torch.bfloat16).view(torch.int16)
+    with pytest.raises(TypeError, match=r"^matrix has dtype torch\.int16; .*x\.view\(torch\.bfloat16\)"):
+        tracin.Projection(4).apply(bits)
+
+
+def _dense(projection: tracin.Projection, d: int) -> np.ndarray:
+    """P (dim, d) in float64, read column by column from the projections of the unit vectors."""
+    return projection.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
+
+
 @pytest.mark.parametrize("rows", [[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], ([1, 2, 3], [4, 5, 6])])
 def test_a_list_of_rows_gets_np_asarray_advice_not_astype(rows):
     # review69 F6: a Python list has no .astype

@@ -994,3 +994,58 @@ def test_ctrl_c_inside_one_long_task(kind):
     finally:
         timer.cancel()
     assert late < 1.0, f"KeyboardInterrupt {late:.2f} s after SIGINT"
+
+
+def test_factored_rows_refuse_a_per_layer_projection_naming_the_one_to_use(rng):
+    # review136 F3: per_layer=True was ignored by apply_factored (same bits as per_layer=False) yet recorded
+    left, right = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    expected = r"per_layer=True projection .* use Projection\(16, seed=3, kind='sparse'\) \(per_layer=False\)"
+    with pytest.raises(ValueError, match=expected):
+        tracin.Projection(16, 3, "sparse", per_layer=True).apply_factored(left, right)
+    lp, rp = tracin.Projection(16, 3, "sparse").apply_factored(left, right)
+    assert lp.shape == (3, 4) and rp.shape == (3, 4)
+
+
+def test_no_columns_are_refused_naming_the_argument(rng):
+    # review136 F4: the kernel's "the matrix to project has no columns" named no argument
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    proj = tracin.Projection(8)
+    with pytest.raises(ValueError, match=r"^matrix has no columns"):
+        proj.apply(x[:, :0])
+    with pytest.raises(ValueError, match=r"^matrix \(its pieces together\) has no columns"):
+        proj.apply([x[:, :0], x[:, :0]])
+    with pytest.raises(ValueError, match=r"^left has no columns"):
+        proj.apply_factored(x[:, :0], x)
+    with pytest.raises(ValueError, match=r"^right has no columns"):
+        proj.apply_factored(x, x[:, :0])
+
+
+def test_kronecker_factors_are_freed_with_their_owner_beyond_a_small_cache(monkeypatch):
+    # review136 F2: an lru_cache of 64 factors kept 516 MiB for the life of the process
+    import gc
+    import tracemalloc
+    from collections import OrderedDict
+
+    from tracin import projection as module
+
+    monkeypatch.setattr(module, "_FACTOR_CACHE", OrderedDict(), raising=False)
+    monkeypatch.setattr(module, "_FACTOR_CACHE_BYTES", 1 << 20, raising=False)
+    layer = LayerMatrix(256, 511, bias=True)  # 128 x 128 factors at 16384 dims: 128 + 256 KiB
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        proj = tracin.Projection(16 * 16384, per_layer=True, kronecker=True)
+        made = sum(f.nbytes for j in range(16) for f in proj.layer_factors(j, layer, 16384))
+        again = proj.layer_factors(15, layer, 16384)  # the most recent: kept, not computed again
+        assert all(a is b for a, b in zip(again, proj.layer_factors(15, layer, 16384), strict=True))
+        del proj, again
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert made == 16 * (128 * 256 + 128 * 512) * 4
+    assert kept <= (1 << 20) + (64 << 10), kept
+    assert sum(f.nbytes for f in module._FACTOR_CACHE.values()) <= 1 << 20
+    assert module._FACTOR_CACHE_BYTES <= 1 << 20  # the patched bound; the default below
+    monkeypatch.undo()
+    assert module._FACTOR_CACHE_BYTES <= 64 << 20

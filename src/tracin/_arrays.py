@@ -11,6 +11,13 @@ import numpy as np
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 # DLPack device types in host memory: kDLCPU (1) and kDLCUDAHost (3, pinned). Anything else is on a device.
 _DLPACK_HOST = (1, 3)
+# 16-bit integers are most likely bfloat16 bit patterns, as tracin hands them out (GradientSet.matrices, a
+# bfloat16 store's .npy files): converting them with .astype would read the bits as integers.
+_BITS_ADVICE = (
+    "16-bit integers here are most likely bfloat16 bit patterns (how a bfloat16 GradientSet's .matrices "
+    "and a bfloat16 GradientStore's .npy files hold them): pass arr.view(ml_dtypes.bfloat16) (no copy; "
+    "import ml_dtypes), not a conversion to float, which would read the bits as integers"
+)
 
 
 def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
@@ -26,6 +33,11 @@ def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
     if x.dtype == torch.bfloat16:
         # NumPy has no bfloat16: hand over the raw bits, shared with the tensor.
         return x.view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    if x.dtype in (torch.int16, torch.uint16):
+        raise TypeError(
+            f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16. 16-bit integers here are most "
+            "likely bfloat16 bit patterns: pass x.view(torch.bfloat16), not x.float(), which reads them as integers"
+        )
     if x.dtype not in (torch.float32, torch.float16):
         raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
     return x.numpy(), str(x.numpy().dtype)
@@ -88,6 +100,8 @@ def as_matrix(x: Any, name: str, *, device_arrays: bool = False) -> tuple[Any, s
         )
     if dtype == "bfloat16":  # ml_dtypes (also what JAX bfloat16 arrays convert to)
         arr = arr.view(np.dtype(np.uint16).newbyteorder(arr.dtype.byteorder))  # the bits, same byte order
+    elif dtype in ("uint16", "int16"):
+        raise TypeError(f"{name} has dtype {dtype}; expected float32, float16 or bfloat16. {_BITS_ADVICE}")
     elif dtype not in ("float32", "float16"):
         # a list or other non-array has no .astype
         convert = ".astype(np.float32)" if hasattr(x, "astype") else "np.asarray(x, dtype=np.float32)"

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +54,10 @@ _LEFT_STREAM, _RIGHT_STREAM = 1 << 62, (1 << 62) + 1
 _KRONECKER_STREAM = 1 << 61
 _IDENTITY_ROWS = 256  # rows of the identity projected at a time to materialise a Kronecker factor
 _BLOCK_BYTES = 64 * 2**20  # float32 intermediates of a Kronecker segment's rows projected at a time
+# Kronecker factors (layer_factors) kept for reuse across checkpoints, least recently used dropped first.
+_FACTOR_CACHE_BYTES = 64 * 2**20
+_FACTOR_CACHE: OrderedDict[tuple[str, int, int, int, int], np.ndarray] = OrderedDict()
+_FACTOR_LOCK = threading.Lock()
 
 _View = tuple[np.ndarray, str]
 _OVERFLOW = "the projection of row {} is not finite: the input holds NaN or Inf, or its values overflow float32"
@@ -335,6 +341,9 @@ class Projection:
             )
         out = np.empty((n, self.dim), dtype=np.float32)
         if not self.per_layer:
+            if d == 0:
+                together = " (its pieces together)" if isinstance(matrix, (list, tuple)) else ""
+                raise ValueError(f"matrix{together} has no columns: a row to project needs >= 1 column")
             self._project(views, 0, self.dim, column_offset, out, threads)
             return out
         if segments is None:
@@ -384,10 +393,21 @@ class Projection:
             (left' (n, dl) float32, right' (n, dr) float32) with (dl, dr) = `factored_dims`.
             P_L and P_R are independent matrices of this kind scaled for dl and dr dims, so
             E[<l' (x) r', m' (x) s'>] = <l (x) r, m (x) s>.
+            Refused for per_layer=True projections (kronecker=True included), which project full rows.
         """
         if self.kronecker:
             raise ValueError("a kronecker=True projection projects full rows layer by layer, not factored rows")
+        if self.per_layer:
+            raise ValueError(
+                "a per_layer=True projection projects full rows segment by segment; factored rows (apply_factored, "
+                "mode='factored' / 'last_layer' exports) take one pair of matrices: use "
+                f"Projection({self.dim}, seed={self.seed}, kind={self.kind!r}) (per_layer=False), or mode='full' "
+                "for per-layer maps"
+            )
         lv, rv = as_matrix(left, "left"), as_matrix(right, "right")
+        for name, (arr, _) in (("left", lv), ("right", rv)):
+            if arr.shape[1] == 0:
+                raise ValueError(f"{name} has no columns: a factor to project needs >= 1 column")
         if lv[0].shape[0] != rv[0].shape[0]:
             raise ValueError(
                 f"left and right must have the same number of rows, got {lv[0].shape[0]} and {rv[0].shape[0]}"
@@ -646,10 +666,27 @@ def _widened(arr: np.ndarray, dtype: str) -> np.ndarray:
     return bfloat16_bits_to_float32(arr) if dtype == "bfloat16" else arr.astype(np.float32, copy=False)
 
 
-@functools.lru_cache(maxsize=64)
 def _factor(kind: str, seed: int, stream: int, dim: int, d: int) -> np.ndarray:
-    """P (dim, d) float32 of one stream, read-only: the projections of the unit vectors, a block of
-    the identity at a time (column offsets), so memory stays O(dim * d); the identity when dim == d."""
+    """P (dim, d) float32 of one stream, read-only, kept in a cache of at most _FACTOR_CACHE_BYTES (the
+    least recently used dropped first; a larger factor is not kept), so that the factors of an export's
+    checkpoints are built once without holding memory for the life of the process."""
+    key = (kind, seed, stream, dim, d)
+    with _FACTOR_LOCK:
+        if key in _FACTOR_CACHE:
+            _FACTOR_CACHE.move_to_end(key)
+            return _FACTOR_CACHE[key]
+    p = _build_factor(kind, seed, stream, dim, d)
+    with _FACTOR_LOCK:
+        if p.nbytes <= _FACTOR_CACHE_BYTES:
+            _FACTOR_CACHE[key] = p
+            while sum(f.nbytes for f in _FACTOR_CACHE.values()) > _FACTOR_CACHE_BYTES:
+                _FACTOR_CACHE.popitem(last=False)
+    return p
+
+
+def _build_factor(kind: str, seed: int, stream: int, dim: int, d: int) -> np.ndarray:
+    """`_factor` computed: the projections of the unit vectors, a block of the identity at a time
+    (column offsets), so memory stays O(dim * d); the identity when dim == d."""
     if dim == d:
         p = np.eye(d, dtype=np.float32)
         p.flags.writeable = False
