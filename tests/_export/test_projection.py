@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -27,8 +28,8 @@ def test_widths_read_from_a_projection_equal_the_probe(kind, layout, dim):
     d = sum(segments)
     assert projected_dims(p, d, segments) == project(p, np.zeros((1, d), np.float32), segments).shape[1]
     assert projected_dims(p, d, None) == project(p, np.zeros((1, d), np.float32), None).shape[1]
-    if layout == "kronecker":
-        with pytest.raises(ValueError, match="not factored rows"):
+    if layout != "flat":  # per_layer=True projects full rows (review136 F3: apply_factored ignored it)
+        with pytest.raises(ValueError, match="not factored rows" if layout == "kronecker" else "projects full rows"):
             projected_dims(p, (6, 40), None)
     else:
         left, right = project(p, (np.zeros((1, 6), np.float32), np.zeros((1, 40), np.float32)), None)
@@ -51,6 +52,7 @@ def test_a_projection_is_not_probed_with_whole_rows(monkeypatch):
     monkeypatch.setattr(tracin.Projection, "apply_factored", counting_factored)
     p = tracin.Projection(16, per_layer=True)
     assert projected_dims(p, 3_000_000, [1_000_000, 2_000_000]) == 16
+    p = tracin.Projection(16)  # factored rows take a whole-row projection
     assert projected_dims(p, (50_000, 60_000), None) == p.factored_dims
     assert max(widths, default=0) <= 1  # no projection of d columns for a width read off the projection
     with pytest.raises(ValueError, match="3 segments need dim >= 3, got dim=2"):
@@ -119,3 +121,57 @@ def test_an_export_keeps_a_finite_projection_whose_kernel_sums_pass_float32(layo
     with pytest.raises(NonFiniteRowError, match="the projection of row 2 is not finite") as caught:
         project(p, block, segments)
     assert caught.value.row == 2
+
+
+def test_another_projection_is_told_how_to_read_a_bfloat16_store_right(tmp_path, rng):
+    # review136 F1: "project the stored rows yourself" led to .astype(np.float32) on bfloat16 bits (integers)
+    with pytest.raises(TypeError, match=r"project the stored rows yourself: .*view\(ml_dtypes\.bfloat16\)") as e:
+        check_projection(object(), factored=False)
+    assert "astype" not in str(e.value)
+    rows = rng.standard_normal((5, 12)).astype(np.float32)
+    writer = tracin.GradientStore.create(tmp_path / "s", n_rows=5, dims=[12], dtype="bfloat16")
+    writer.write(0, 0, rows)
+    writer.finalize()
+    stored = np.load(tmp_path / "s" / "checkpoint_000.npy", mmap_mode="r")
+    assert stored.dtype == np.uint16
+    proj = tracin.Projection(4, seed=2)
+    exact = rows.astype(ml_dtypes.bfloat16).astype(np.float64) @ _dense(proj, 12).T  # float64 of the stored values
+    np.testing.assert_allclose(proj.apply(stored.view(ml_dtypes.bfloat16)), exact, rtol=1e-5, atol=1e-6)
+
+
+def _dense(projection: tracin.Projection, d: int) -> np.ndarray:
+    """P (dim, d) in float64, from the projections of the unit vectors."""
+    return projection.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)
+
+
+def test_factored_exports_refuse_a_per_layer_projection_before_any_work():
+    # review136 F3: per_layer=True was ignored in factored rows, yet recorded (scoring then refused equal rows)
+    expected = (
+        r"per_layer=True\) projects full rows .* pass Projection\(16, seed=1, kind='gaussian'\) \(per_layer=False\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        check_projection(tracin.Projection(16, 1, "gaussian", per_layer=True), factored=True)
+    check_projection(tracin.Projection(16, 1, "gaussian", per_layer=True), factored=False)
+    check_projection(tracin.Projection(16, 1, "gaussian"), factored=True)
+
+
+def test_a_torch_factored_export_refuses_a_per_layer_projection():
+    torch = pytest.importorskip("torch")
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,)))]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    for mode in ("factored", "last_layer"):
+        with pytest.raises(ValueError, match=r"per_layer=True\) projects full rows .*mode='full' for per-layer maps"):
+            export_gradients(
+                model,
+                checkpoints,
+                data,
+                loss,
+                mode=mode,
+                projection=tracin.Projection(16, per_layer=True),
+                progress=False,
+            )

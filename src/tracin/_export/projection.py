@@ -11,16 +11,26 @@ from ..projection import NonFiniteRowError, Projection, _finite_rows
 
 
 def check_projection(projection: Any, factored: bool) -> None:
-    """TypeError unless `projection` is None or a tracin.Projection (a subclass included, whose
+    """ValueError for a per_layer=True tracin.Projection of factored rows (apply_factored refuses it), and
+    TypeError unless `projection` is None or a tracin.Projection (a subclass included, whose
     .apply / .apply_factored take the keyword arguments Projection's take). Another object with
     .apply and .to_dict is refused here, before any work: the export calls apply(rows, segments=...)
     for per-layer projections, and its rows' widths, layout and spec are those of a tracin.Projection."""
     need = "apply_factored" if factored else "apply"
+    if factored and isinstance(projection, Projection) and projection.per_layer and not projection.kronecker:
+        raise ValueError(  # kronecker=True is refused with its own message (it needs mode="full")
+            f"projection {projection!r} projects full rows segment by segment; factored rows (mode='factored' / "
+            f"'last_layer') are projected by one pair of matrices: pass Projection({projection.dim}, "
+            f"seed={projection.seed}, kind={projection.kind!r}) (per_layer=False), or use mode='full' for "
+            "per-layer maps"
+        )
     if projection is not None and not isinstance(projection, Projection):
         raise TypeError(
             f"projection must be a tracin.Projection (with .{need} and .to_dict), or an instance of a subclass "
             f"of it; got {type(projection).__name__}, which is not one (for another projection, export without "
-            "projection= and project the stored rows yourself)"
+            "projection= and project the stored rows yourself: a bfloat16 store's .npy files, like a bfloat16 "
+            "GradientSet's .matrices, hold uint16 bits, to read as bfloat16 with .view(ml_dtypes.bfloat16), e.g. "
+            "np.load(path, mmap_mode='r').view(ml_dtypes.bfloat16); a conversion to float reads them as integers)"
         )
 
 
