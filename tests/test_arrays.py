@@ -140,6 +140,17 @@ def test_16_bit_integer_torch_tensors_get_the_bfloat16_view_advice(rng):
         tracin.Projection(4).apply(bits)
 
 
+def test_torch_tensors_are_read_without_torch_uint16(monkeypatch, rng):
+    # torch 2.1 / 2.2 (pyproject allows them) have no torch.uint16: every float tensor raised AttributeError
+    torch = pytest.importorskip("torch")
+    monkeypatch.delattr(torch, "uint16", raising=False)
+    rows = rng.standard_normal((3, 4)).astype(np.float32)
+    projection = tracin.Projection(4)
+    np.testing.assert_array_equal(projection.apply(torch.from_numpy(rows)), projection.apply(rows))
+    with pytest.raises(TypeError, match=r"^matrix has dtype torch\.int16; .*x\.view\(torch\.bfloat16\)"):
+        projection.apply(torch.from_numpy(rows).to(torch.bfloat16).view(torch.int16))
+
+
 def _dense(projection: tracin.Projection, d: int) -> np.ndarray:
     """P (dim, d) in float64, read column by column from the projections of the unit vectors."""
     return projection.apply(np.eye(d, dtype=np.float32)).T.astype(np.float64)

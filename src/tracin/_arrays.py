@@ -33,7 +33,7 @@ def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
     if x.dtype == torch.bfloat16:
         # NumPy has no bfloat16: hand over the raw bits, shared with the tensor.
         return x.view(torch.int16).numpy().view(np.uint16), "bfloat16"
-    if x.dtype in (torch.int16, torch.uint16):
+    if x.dtype in (torch.int16, getattr(torch, "uint16", torch.int16)):  # torch.uint16 is new in torch 2.3
         raise TypeError(
             f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16. 16-bit integers here are most "
             "likely bfloat16 bit patterns: pass x.view(torch.bfloat16), not x.float(), which reads them as integers"
