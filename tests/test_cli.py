@@ -2010,6 +2010,30 @@ def test_self_influence_whitening_matches_the_float64_whitened_self_influence(st
     assert [np.float32(r["self_influence"]) for r in rows] == np.sort(python)[::-1].tolist()
 
 
+def test_output_that_is_the_whitening_file_is_refused_and_the_whitening_kept(stores, tmp_path, capsys):
+    """review138 F1: -o naming the --whitening file (or a link to it) replaced the saved whitening with the
+    results and exited 0; it is refused before any work and the file still loads as the same whitening."""
+    paths, blocks, weights = stores
+    white, whitening = _saved_whitening(tmp_path / "white.npz", tracin.Gradients(blocks["train"], weights))
+    link = tmp_path / "link.npz"
+    os.link(white, link)
+    before = white.read_bytes()
+    for out in (white, link):
+        assert main(_score(paths, "-k", "5", "--whitening", str(white), "-o", str(out))) == 1
+        line = _error_line(capsys.readouterr().err, "score")
+        assert f"--output {out} is the --whitening file" in line and "give another --output" in line
+    assert white.read_bytes() == before
+    named_csv, _ = _saved_whitening(tmp_path / "white.csv", tracin.Gradients(blocks["train"], weights))
+    saved = named_csv.read_bytes()
+    assert main(["self-influence", str(paths["train"]), "--whitening", str(named_csv), "-o", str(named_csv)]) == 1
+    assert "is the --whitening file" in _error_line(capsys.readouterr().err, "self-influence")
+    assert named_csv.read_bytes() == saved
+    test = tracin.GradientStore.open(paths["test"])
+    np.testing.assert_array_equal(
+        tracin.Whitening.load(white).apply(test).matrices[0], whitening.apply(test).matrices[0]
+    )
+
+
 def test_help_names_the_whitening_option(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     parsers = _subparsers()

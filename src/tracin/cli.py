@@ -369,6 +369,7 @@ def cmd_score(args: argparse.Namespace) -> None:
             "rows compares different spaces; drop --normalize to score whitened TracIn"
         )
     out = _check_output(args.output, (".npz", ".csv"))
+    _check_not_whitening(out, args.whitening)
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
@@ -468,6 +469,22 @@ def _refit_advice(whitening: Any) -> str:
         "score --test against the gradients its whitening was fitted on, or whiten the test rows with a whitening "
         "fitted on --train"
     )
+
+
+def _check_not_whitening(out: Path | None, whitening: str | None) -> None:
+    """Refuses an --output that is the --whitening file itself (by device and inode, links included):
+    writing the results there would replace the saved whitening."""
+    if out is None or not whitening:
+        return
+    try:
+        same = os.path.samefile(out, whitening)
+    except OSError:  # either one missing: not the same file
+        return
+    if same:
+        raise CommandError(
+            f"--output {out} is the --whitening file: writing the results there would replace the saved whitening; "
+            "give another --output"
+        )
 
 
 def _load_whitening(path: str) -> Any:
@@ -580,6 +597,7 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     if args.whitening is not None and args.device == "cuda":
         raise CommandError("--whitening computes in float64 on the CPU: give --whitening or --device cuda, not both")
     out = _check_output(args.output, (".csv",))
+    _check_not_whitening(out, args.whitening)
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
