@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import inspect
 import io
 import os
@@ -204,7 +205,7 @@ def test_device_option_scores_there_or_says_in_one_line_why_not(stores, tmp_path
 def test_device_cuda_with_a_scheduler_is_refused_naming_both(stores, capsys):
     paths, _, _ = stores
     for command in (_score(paths), ["self-influence", str(paths["train"])]):
-        assert main([*command, "--device", "cuda", "--scheduler", "local"]) == 1
+        assert main([*command, "--device", "cuda", "--scheduler", "local"]) == 2  # usage
         line = _error_line(capsys.readouterr().err, command[0])
         assert "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs" in line
 
@@ -685,9 +686,10 @@ def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, ca
     with pytest.raises(SystemExit) as e:
         main(_score(paths, "-k", "0"))
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
-    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path)]) == 1  # a directory
+    (tmp_path / "folder.csv").mkdir()
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "folder.csv")]) == 1  # a directory
     _error_line(capsys.readouterr().err, "self-influence")
-    assert main(_score(paths, "-o", str(tmp_path / "x.txt"))) == 1
+    assert main(_score(paths, "-o", str(tmp_path / "x.txt"))) == 2  # usage: the name itself is wrong
     assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
     assert main(["score", "--test", str(tmp_path / "nowhere"), "--train", str(paths["train"])]) == 1
     assert "--test: no gradient store" in _error_line(capsys.readouterr().err, "score")
@@ -777,9 +779,9 @@ def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch)
     ):
         assert main([*command, "-o", str(output)]) == 1
         assert f"--output: folder {missing} does not exist" in _error_line(capsys.readouterr().err, command[0])
-    assert main(_score(paths, "-o", str(tmp_path))) == 1
+    assert main(_score(paths, "-o", str(tmp_path))) == 2
     assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
-    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.npz")]) == 1
+    assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.npz")]) == 2
     assert "--output must end in .csv, got 'rank.npz'" in _error_line(capsys.readouterr().err, "self-influence")
     (tmp_path / "dir.csv").mkdir()
     for command in (_score(paths), ["self-influence", str(paths["train"])]):
@@ -794,14 +796,14 @@ def test_output_names_without_a_stem_in_a_file_or_empty_are_refused_and_suffixes
     paths, blocks, weights = stores
     (tmp_path / "afile").write_text("x")
     monkeypatch.chdir(tmp_path)
-    for output, message in (
-        ("afile/x.csv", f"--output: {tmp_path / 'afile'} is not a folder, so afile/x.csv cannot be written in it"),
-        (".csv", "--output: '.csv' has no name before .csv; give one, as in out.csv"),
-        (".NPZ", "--output: '.NPZ' has no name before .npz; give one, as in out.npz"),
-        ("", "--output: expected a file name, got ''"),
-        ("x.txt", "--output must end in .npz or .csv, got 'x.txt'"),
+    for output, message, code in (
+        ("afile/x.csv", f"--output: {tmp_path / 'afile'} is not a folder, so afile/x.csv cannot be written in it", 1),
+        (".csv", "--output: '.csv' has no name before .csv; give one, as in out.csv", 2),
+        (".NPZ", "--output: '.NPZ' has no name before .npz; give one, as in out.npz", 2),
+        ("", "--output: expected a file name, got ''", 2),
+        ("x.txt", "--output must end in .npz or .csv, got 'x.txt'", 2),
     ):
-        assert main(_score(paths, "-o", output)) == 1
+        assert main(_score(paths, "-o", output)) == code
         assert _error_line(capsys.readouterr().err, "score").endswith(message)
     assert main(_score(paths, "-k", "3", "-o", "UP.NPZ")) == 0
     expected = np.argsort(-exact_scores(blocks["test"], blocks["train"], weights), axis=1, kind="stable")[:, :3]
@@ -824,15 +826,19 @@ def test_output_ending_in_a_separator_or_a_link_loop_is_refused_before_scoring(s
     (tmp_path / "loopA.csv").symlink_to("loopB.csv")
     (tmp_path / "loopB.csv").symlink_to("loopA.csv")
     (tmp_path / "existing.csv").write_text("keep\n")
-    for output, message in (
-        (f"{tmp_path}/new.csv/", f"--output: {tmp_path}/new.csv/ ends in '/', which names a folder"),
-        (f"{tmp_path}/existing.csv/", f"--output: {tmp_path}/existing.csv/ ends in '/', which names a folder"),
-        (".", "--output: . ends in '.', which names a folder"),  # review109 F2: it said "got ''"
-        ("..", "--output: .. ends in '..', which names a folder"),
-        (f"{tmp_path}/new.csv/.", f"--output: {tmp_path}/new.csv/. ends in '.', which names a folder"),
-        (str(tmp_path / "loopA.csv"), f"--output: cannot write {tmp_path / 'loopA.csv'}: more than 40 symbolic links"),
+    for output, message, code in (
+        (f"{tmp_path}/new.csv/", f"--output: {tmp_path}/new.csv/ ends in '/', which names a folder", 2),
+        (f"{tmp_path}/existing.csv/", f"--output: {tmp_path}/existing.csv/ ends in '/', which names a folder", 2),
+        (".", "--output: . ends in '.', which names a folder", 2),  # review109 F2: it said "got ''"
+        ("..", "--output: .. ends in '..', which names a folder", 2),
+        (f"{tmp_path}/new.csv/.", f"--output: {tmp_path}/new.csv/. ends in '.', which names a folder", 2),
+        (
+            str(tmp_path / "loopA.csv"),
+            f"--output: cannot write {tmp_path / 'loopA.csv'}: more than 40 symbolic links",
+            1,
+        ),
     ):
-        assert main(["self-influence", str(paths["train"]), "-o", output]) == 1
+        assert main(["self-influence", str(paths["train"]), "-o", output]) == code
         assert message in _error_line(capsys.readouterr().err, "self-influence")
     assert (tmp_path / "existing.csv").read_text() == "keep\n" and not (tmp_path / "new.csv").exists()
 
@@ -871,10 +877,10 @@ def test_every_store_that_does_not_open_is_named_by_its_option(stores, tmp_path,
             (["score", "--test", str(paths["test"]), "--train", str(bad)], "--train"),
             (["self-influence", str(bad)], "path"),
         ):
-            assert main(command) == 1
+            assert main(command) == (2 if bad == "" else 1)  # '' is a usage error, whatever the files
             line = _error_line(capsys.readouterr().err, command[0])
             assert line.startswith(f"tracin {command[0]}: error: {option}: ") and message in line, line
-    assert main(["info", ""]) == 1
+    assert main(["info", ""]) == 2
     assert "expected a gradient store folder, got ''" in _error_line(capsys.readouterr().err, "info")
 
 
@@ -1485,14 +1491,14 @@ def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
     import tracin.cli
 
     paths, _, _ = stores
-    assert main(_score(paths, "--workers", "2")) == 1
+    assert main(_score(paths, "--workers", "2")) == 2  # usage errors
     assert "--workers needs --scheduler local" in _error_line(capsys.readouterr().err, "score")
-    assert main(["self-influence", str(paths["train"]), "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"]) == 1
+    assert main(["self-influence", str(paths["train"]), "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"]) == 2
     assert "needs --scheduler local, not tcp://127.0.0.1:1" in _error_line(capsys.readouterr().err, "self-influence")
     monkeypatch.setattr(tracin.cli, "SCHEDULER_TIMEOUT_S", 1)
     # review108 F4: '' was tried as an address ("cannot connect to a Dask scheduler at  (missing port ...)")
     for command, name in ((_score(paths), "score"), (["self-influence", str(paths["train"])], "self-influence")):
-        assert main([*command, "--scheduler", ""]) == 1
+        assert main([*command, "--scheduler", ""]) == 2
         assert _error_line(capsys.readouterr().err, name) == (
             f"tracin {name}: error: --scheduler: expected a scheduler's address or local, got ''"
         )
@@ -2061,7 +2067,7 @@ def test_whitening_files_that_do_not_load_are_named_by_the_option(stores, tmp_pa
     }
     for path, expected in cases.items():
         for name, argv in (("score", _score(paths)), ("self-influence", ["self-influence", str(paths["train"])])):
-            assert main([*argv, "--whitening", path]) == 1
+            assert main([*argv, "--whitening", path]) == (2 if path == "" else 1)
             assert _error_line(capsys.readouterr().err, name) == f"tracin {name}: error: {expected}"
     if os.geteuid() != 0:  # root reads any file
         locked, _ = _saved_whitening(tmp_path / "locked.npz", tracin.Gradients(blocks["train"], weights))
@@ -2095,7 +2101,7 @@ def test_whitening_with_options_it_does_not_combine_with_is_refused_before_any_w
         ),
     ]
     for argv, expected in cases:
-        assert main([*argv, "--whitening", str(white)]) == 1
+        assert main([*argv, "--whitening", str(white)]) == 2  # options that do not combine: usage
         assert _error_line(capsys.readouterr().err, argv[0]) == f"tracin {argv[0]}: error: {expected}"
 
 
@@ -2209,3 +2215,142 @@ def test_a_whitening_fitted_on_other_gradients_is_refused_naming_the_options(sto
     for white, expected in self_cases:
         assert main(["self-influence", str(plain), "--whitening", str(white)]) == 1
         assert _error_line(capsys.readouterr().err, "self-influence") == f"tracin self-influence: error: {expected}"
+
+
+# -- review138 F2-F7 -------------------------------------------------------------------------------
+def test_output_that_is_a_hard_link_to_a_stores_file_is_refused_and_the_store_kept(stores, tmp_path, capsys):
+    """review138 F2: -o a hard link to a store's .npy (a `cp -al` copy's) was rewritten in place, exit 0, and the
+    store was then refused as malformed; one to a file the command reads, or holding a .npy array or a store's
+    manifest, is refused before any work; a hard-linked output of other contents is still written in place."""
+    paths, _, _ = stores
+    other = tmp_path / "other"  # a store the command does not read
+    _write_store(other, [np.ones((4, 3), np.float32)], [1.0])
+    store_files = {p: p.read_bytes() for store in (paths["train"], paths["test"], other) for p in store.iterdir()}
+    cases = [
+        (_score(paths), paths["train"] / "checkpoint_000.npy", "a file of the --train gradient store"),
+        (_score(paths), paths["test"] / "manifest.json", "a file of the --test gradient store"),
+        (["self-influence", str(paths["train"])], paths["train"] / "ids.npy", "a file of the path gradient store"),
+        (_score(paths), other / "checkpoint_000.npy", "holds a NumPy array (.npy)"),
+        (["self-influence", str(paths["train"])], other / "manifest.json", "holds a gradient store's manifest"),
+    ]
+    for i, (argv, source, said) in enumerate(cases):
+        link = tmp_path / f"link{i}.{'csv' if argv[0] == 'self-influence' else 'npz'}"
+        os.link(source, link)
+        assert main([*argv, "-o", str(link)]) == 1
+        line = _error_line(capsys.readouterr().err, argv[0])
+        assert f"--output {link} " in line and said in line and "give another --output" in line, line
+    assert {p: p.read_bytes() for p in store_files} == store_files
+    assert tracin.GradientStore.open(other).n_rows == 4
+    shared = tmp_path / "shared.csv"  # an earlier ranking with a second name: rewritten under both
+    shared.write_text("rank,train_row,train_id,self_influence\n")
+    os.link(shared, tmp_path / "second-name.csv")
+    assert main(["self-influence", str(paths["train"]), "--top", "2", "-o", str(shared)]) == 0
+    assert len((tmp_path / "second-name.csv").read_text().splitlines()) == 3
+
+
+def test_a_second_signal_while_the_first_is_reported_exits_quietly(monkeypatch, capsys, signals_as_in_a_terminal):
+    """review138 F3: a second Ctrl-C just after the first, once the handlers were restored, ended the process
+    with a KeyboardInterrupt traceback instead of the one line and exit code 130."""
+    import tracin.cli
+
+    report = tracin.cli._report_signal
+
+    def impatient(*args, **kwargs):  # the second Ctrl-C lands while the first is reported
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        return report(*args, **kwargs)
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", lambda args: signal.raise_signal(signal.SIGINT))
+    monkeypatch.setattr(tracin.cli, "_report_signal", impatient)
+    try:
+        code = main(["info", "x"])
+    except KeyboardInterrupt:  # not pytest's own: that would end the session
+        pytest.fail("the second Ctrl-C escaped main: a traceback")
+    assert code == 130
+    assert capsys.readouterr().err == "tracin info: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_usage_mistakes_exit_2_and_problems_with_files_exit_1(stores, tmp_path, capsys, monkeypatch):
+    """review138 F4: options that do not combine, an empty value or an -o name without the suffix exited 1, as
+    a missing file does, while argparse's own usage errors exit 2; all of them exit 2 now, before any work."""
+    paths, _, _ = stores
+    monkeypatch.setattr(tracin.GradientStore, "open", lambda *a, **k: pytest.fail("opened a store"))
+    train = str(paths["train"])
+    for argv in (
+        _score(paths, "-o", str(tmp_path / "out.json")),
+        _score(paths, "--workers", "2"),
+        _score(paths, "--scheduler", ""),
+        _score(paths, "--whitening", "w.npz", "--normalize"),
+        _score(paths, "--device", "cuda", "--scheduler", "local"),
+        ["self-influence", train, "--whitening", "w.npz", "--scheduler", "local"],
+        ["self-influence", train, "--whitening", "w.npz", "--device", "cuda"],
+        ["self-influence", train, "--whitening", ""],
+        ["self-influence", train, "--scheduler", "tcp://127.0.0.1:1", "--workers", "2"],
+        ["self-influence", train, "-o", ""],
+        ["self-influence", ""],
+        ["info", ""],
+        ["demo", "--checkpoints", "5", "--epochs", "2", "-o", str(tmp_path / "demo")],
+        ["demo", "-o", ""],
+    ):
+        assert main(argv) == 2, argv
+        _error_line(capsys.readouterr().err, argv[0])
+        with pytest.raises(SystemExit) as e:  # argparse's own
+            main([*argv[:1], "--no-such-option"])
+        assert e.value.code == 2
+        capsys.readouterr()
+    assert not (tmp_path / "demo").exists()
+    (tmp_path / "folder.csv").mkdir()
+    for argv in (  # the command line is fine, the files are not
+        ["info", str(tmp_path / "nowhere")],
+        ["self-influence", str(tmp_path / "nowhere")],
+        ["self-influence", train, "-o", str(tmp_path / "no" / "rank.csv")],
+        ["self-influence", train, "-o", str(tmp_path / "folder.csv")],
+    ):
+        assert main(argv) == 1, argv
+        _error_line(capsys.readouterr().err, argv[0])
+    readme = (CHECKOUT / "README.md").read_text()
+    section = " ".join(readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0].split())
+    assert "exit code 2 for a command line wrong in itself" in section
+    assert "exit code 2" in " ".join(tracin.cli.__doc__.split())
+
+
+def test_a_folder_refusing_new_files_is_named_with_the_output_not_a_temporary_file(
+    stores, tmp_path, capsys, monkeypatch
+):
+    """review138 F5: the error named the hidden temporary file tried ('.tracin-4c35tw88.tmp'), which the user
+    never gave: it names --output's path, the folder and the system's reason."""
+    paths, _, _ = stores
+    rank = ["self-influence", str(paths["train"]), "-o"]
+
+    def refused(*args, dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, ".tracin-4c35tw88.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    out = tmp_path / "new.csv"
+    assert main([*rank, str(out)]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert line.endswith(f"--output: cannot create {out}: folder {tmp_path} refuses new files (Permission denied)")
+    assert ".tracin-" not in line
+    monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # Linux: no file can be created in /proc
+        assert main([*rank, "/proc/new.csv"]) == 1
+        line = _error_line(capsys.readouterr().err, "self-influence")
+        assert line.endswith(
+            "--output: cannot create /proc/new.csv: folder /proc refuses new files (No such file or directory)"
+        )
+
+
+def test_csv_ids_a_spreadsheet_would_run_are_written_as_they_are_and_documented(tmp_path, capsys):
+    """review138 F6: ids starting with = + - @ are data, written and read back unchanged (numbers stay numbers);
+    the README's Command line section says a spreadsheet would run them as formulas."""
+    ids = ['=HYPERLINK("http://example.invalid/","x")', "+1+1", "-2", "@SUM(1,1)", "ok"]
+    store = _write_store(tmp_path / "s", [np.eye(5, 4, dtype=np.float32) + 1], [1.0], ids=ids)
+    assert main(["self-influence", str(store), "-o", str(tmp_path / "r.csv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "r.csv", newline="")))
+    assert sorted(r["train_id"] for r in rows) == sorted(ids)
+    assert all(float(r["self_influence"]) > 0 for r in rows)
+    readme = (CHECKOUT / "README.md").read_text()
+    section = " ".join(readme.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0].split())
+    assert "run as a formula" in section and "`=`, `+`, `-` or `@`" in section

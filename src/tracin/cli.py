@@ -1,16 +1,21 @@
 """The `tracin` command line: info, score, self-influence, bench, demo.
 
-Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 1 (2 for usage
-errors, from argparse); one writing the results (a full disk) names --output or stdout. Output cut
+Every failure is one line on stderr, `tracin COMMAND: error: ...`, with exit code 2 for a command line
+wrong in itself (argparse's checks, which print the usage lines first, and UsageError: options that do not
+combine, an empty value, an -o name without the command's suffix) and 1 for everything else (files,
+stores, data, the system); one writing the results (a full disk) names --output or stdout. Output cut
 short by a closed pipe (`tracin info STORE | head -1`) ends quietly with exit code 141, as for a
 process killed by SIGPIPE. An -o file is written whole or not
 at all: an error, Ctrl-C (exit code 130), SIGTERM or SIGHUP (143, 129) while writing leaves the
-file that was there before (a FIFO, a device or a file with other hard links is written in place).
+file that was there before (a FIFO, a device or a file with other hard links is written in place;
+an -o that is a file the command reads, or a hard link holding a .npy array or a store's manifest, is
+refused). A second signal while the first is reported is recorded, not raised: no traceback.
 A signal whose exception something swallowed (JAX's gc callback does) still exits 128 + the signal's
 number; if the command ran to the end nonetheless, the message says so: its output was written.
 Strings from a store, which may come from elsewhere (ids, metadata keys), and error lines reach a
 terminal with control characters and bidi controls escaped (ESC as \\x1b): a store cannot drive the terminal.
-CSV written to a file or pipe holds the ids as they are (CSV-quoted).
+CSV written to a file or pipe holds the ids as they are (CSV-quoted), also ones a spreadsheet would run
+as formulas (starting with = + - @): they are data, read back by programs unchanged.
 Started with a standard stream closed (`2>&-`, `>&-`, as some daemons and job runners start commands),
 what would go to it is dropped, nothing else changes: no message lands in stdout's results; results
 that need a closed stdout are the one-line error "cannot write the results to stdout: it is closed"
@@ -55,6 +60,7 @@ WRITE_A_FILE = "; give -o FILE to write them to a file"  # for commands that tak
 SCHEDULER_TIMEOUT_S = 10  # seconds --scheduler ADDRESS may take to answer
 BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a reader that went away
 FLOAT32 = ".9g"  # CSV format of float32 scores: 9 significant digits read back to the same float32
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file (a store's checkpoints, its ids) starts
 CSV_CHUNK = 65536  # CSV rows formatted and written at a time (one progress-bar step)
 EXTRAS = {"demo": "demo"}  # command -> the pip extra its optional imports come from
 # a missing module (its top-level name) -> the pip extra that installs it, before the command's own extra
@@ -64,6 +70,11 @@ MODULE_EXTRAS = {"torch": "torch", "jax": "jax", "jaxlib": "jax", "dask": "distr
 
 class CommandError(Exception):
     """A problem the user can fix; printed as one line without a traceback, exit code 1."""
+
+
+class UsageError(CommandError):
+    """A command line wrong in itself, whatever the files (options that do not combine, an empty or
+    malformed value argparse cannot check); one line, exit code 2, as argparse's own usage errors."""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -84,7 +95,7 @@ def _open_store(path: str, option: str, allow_partial: bool):
     from .store import GradientStore, StoreChangedError, StoreFormatError
 
     if not path:
-        raise CommandError(f"{option}: expected a gradient store folder, got ''")
+        raise UsageError(f"{option}: expected a gradient store folder, got ''")
     if not Path(path).exists():
         raise CommandError(f"{option}: no gradient store at {path}")
     try:
@@ -126,19 +137,19 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
     if path is None:
         return None
     if not path:  # Path("") would be the current folder
-        raise CommandError("--output: expected a file name, got ''")
+        raise UsageError("--output: expected a file name, got ''")
     if path.endswith(SEPARATORS):  # Path() would drop it
-        raise CommandError(f"--output: {path} ends in {path[-1]!r}, which names a folder; give a file name")
+        raise UsageError(f"--output: {path} ends in {path[-1]!r}, which names a folder; give a file name")
     last = os.path.basename(path)
     if last in (".", ".."):  # Path(".").name is '', Path("x/.") is x
-        raise CommandError(f"--output: {path} ends in {last!r}, which names a folder; give a file name")
+        raise UsageError(f"--output: {path} ends in {last!r}, which names a folder; give a file name")
     out = Path(path)
     if suffixes:
         suffix = next((s for s in suffixes if out.name.lower().endswith(s)), None)
         if suffix is None:
-            raise CommandError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
+            raise UsageError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
         if len(out.name) == len(suffix):  # Path(".csv").suffix is "": a dot file
-            raise CommandError(f"--output: {out.name!r} has no name before {suffix}; give one, as in out{suffix}")
+            raise UsageError(f"--output: {out.name!r} has no name before {suffix}; give one, as in out{suffix}")
     limit, size = _name_max(out.parent), len(os.fsencode(out.name))
     if limit is not None and size > limit:
         raise CommandError(f"--output: file name of {size} bytes; {out.parent} allows at most {limit}")
@@ -175,8 +186,9 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         raise CommandError(f"--output: folder {folder} does not exist")
     try:  # what writing will do first: a temporary file in that folder
         fd, temp = tempfile.mkstemp(dir=folder, prefix=TEMP_PREFIX, suffix=".tmp")
-    except OSError as e:
-        raise CommandError(f"--output: cannot create a file in {folder} ({_one_line(e)})") from e
+    except OSError as e:  # not the temporary file's name: the user never gave it
+        reason = e.strerror or _one_line(e)
+        raise CommandError(f"--output: cannot create {out}: folder {folder} refuses new files ({reason})") from e
     os.close(fd)
     os.unlink(temp)
     return out
@@ -287,12 +299,8 @@ def _is_terminal(f: IO[str]) -> bool:
 @contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """None without --scheduler; else a Dask client: of a new LocalCluster of --workers processes
-    (--scheduler local), or connected to the scheduler at the address given."""
-    if args.scheduler == "":  # not an address to try
-        raise CommandError("--scheduler: expected a scheduler's address or local, got ''")
+    (--scheduler local), or connected to the scheduler at the address given (_check_scheduler first)."""
     if args.scheduler is None:
-        if args.workers is not None:
-            raise CommandError("--workers needs --scheduler local (the workers of a LocalCluster to start)")
         yield None
         return
     try:
@@ -304,11 +312,6 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         raise CommandError(f"--scheduler needs Dask: pip install 'tracin[distributed]' ({e})") from e
     if args.scheduler == "local":
         connection = local_client(args.workers or usable_cores())
-    elif args.workers is not None:
-        raise CommandError(
-            f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
-            "the workers of a running scheduler are its own"
-        )
     else:
         try:
             connection = Client(args.scheduler, timeout=SCHEDULER_TIMEOUT_S)
@@ -323,13 +326,28 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
             raise CommandError(_one_line(e)) from e
 
 
+def _check_scheduler(args: argparse.Namespace) -> None:
+    """--scheduler and --workers, checked before any work (usage errors): an address or local, and
+    --workers only with --scheduler local."""
+    if args.scheduler == "":  # not an address to try
+        raise UsageError("--scheduler: expected a scheduler's address or local, got ''")
+    if args.workers is None or args.scheduler == "local":
+        return
+    if args.scheduler is None:
+        raise UsageError("--workers needs --scheduler local (the workers of a LocalCluster to start)")
+    raise UsageError(
+        f"--workers starts a LocalCluster and needs --scheduler local, not {args.scheduler}: "
+        "the workers of a running scheduler are its own"
+    )
+
+
 def _check_device(args: argparse.Namespace) -> None:
     """--device, checked before any work: cuda needs a CUDA device torch sees, and no --scheduler
-    (whose workers run the CPU kernel)."""
+    (whose workers run the CPU kernel; a usage error)."""
     if args.device != "cuda":
         return
     if args.scheduler is not None:
-        raise CommandError(
+        raise UsageError(
             "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs: give one of them"
         )
     from .backends import placement
@@ -348,7 +366,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .store._files import interrupted_create
 
     if not args.path:  # Path("") would be the current folder
-        raise CommandError("expected a gradient store folder, got ''")
+        raise UsageError("expected a gradient store folder, got ''")
     if not Path(args.path).exists():
         raise CommandError(f"no gradient store at {args.path}")
     if (interrupted := interrupted_create(args.path)) is not None:
@@ -364,12 +382,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     from .scoring import FITTED_ON, CheckpointMismatchError, FittedKindError, WhitenedNormalizeError
 
     if args.whitening is not None and args.normalize:
-        raise CommandError(
+        raise UsageError(
             "--whitening and --normalize do not combine: the cosine of whitened --test rows and unwhitened --train "
             "rows compares different spaces; drop --normalize to score whitened TracIn"
         )
+    _check_scheduler(args)
+    _check_whitening_name(args.whitening)
     out = _check_output(args.output, (".npz", ".csv"))
-    _check_not_whitening(out, args.whitening)
+    _check_not_read(out, {"--whitening": args.whitening, "--test": args.test, "--train": args.train})
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     test = _open_store(args.test, "--test", args.allow_partial)
@@ -442,7 +462,8 @@ def cmd_score(args: argparse.Namespace) -> None:
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         with _output_file(out, binary=True) as f:
             np.savez(f, **arrays)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
         return
     test_ids, train_ids = _ids(test, "--test"), _ids(train, "--train")  # before the CSV's output is opened
     pairs = sum(r.indices.size for r in sides.values())
@@ -457,7 +478,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write_csv(f)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
 
 
 def _refit_advice(whitening: Any) -> str:
@@ -471,20 +493,83 @@ def _refit_advice(whitening: Any) -> str:
     )
 
 
-def _check_not_whitening(out: Path | None, whitening: str | None) -> None:
-    """Refuses an --output that is the --whitening file itself (by device and inode, links included):
-    writing the results there would replace the saved whitening."""
-    if out is None or not whitening:
+def _check_not_read(out: Path | None, reads: dict[str, str | None]) -> None:
+    """Refuses, before any work, an existing regular --output that is a file the command reads (by
+    device and inode: hard and symbolic links included), as `reads` names them (option -> the
+    --whitening file or a store's folder, whose own files are compared), and one with other hard links
+    that holds a NumPy array (.npy) or a gradient store's manifest: a file with other links is
+    rewritten in place, and such a one is likely some store's own file (a `cp -al` copy's)."""
+    if out is None:
         return
     try:
-        same = os.path.samefile(out, whitening)
-    except OSError:  # either one missing: not the same file
+        own = os.stat(out)
+    except OSError:  # not there yet: a new file
         return
-    if same:
+    if not stat.S_ISREG(own.st_mode):  # a FIFO or a device
+        return
+    for option, path in reads.items():
+        if not path:
+            continue
+        for name in _files_read(path):
+            try:
+                other = os.stat(name)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) != (own.st_dev, own.st_ino):
+                continue
+            if name == path:
+                raise CommandError(
+                    f"--output {out} is the {option} file: writing the results there would replace it; "
+                    "give another --output"
+                )
+            raise CommandError(
+                f"--output {out} is {name}, a file of the {option} gradient store (a link to it): writing the "
+                "results there would corrupt the store; give another --output"
+            )
+    if own.st_nlink > 1 and (held := _store_like(out)) is not None:
         raise CommandError(
-            f"--output {out} is the --whitening file: writing the results there would replace the saved whitening; "
-            "give another --output"
+            f"--output {out} has {own.st_nlink - 1} other hard link(s) and holds {held}, likely a gradient "
+            "store's own file: it would be rewritten in place, under every name; give another --output"
         )
+
+
+def _files_read(path: str) -> list[str]:
+    """The files the command reads at `path`: the file itself, or the entries of a store's (flat) folder."""
+    if not os.path.isdir(path):
+        return [path]
+    try:
+        return [entry.path for entry in os.scandir(path)]
+    except OSError:  # _open_store names the problem
+        return []
+
+
+def _store_like(path: Path) -> str | None:
+    """What in `path` looks like a gradient store's file: 'a NumPy array (.npy)' for the .npy magic,
+    "a gradient store's manifest" for a manifest that parses; else None. Reads at most MAX_MANIFEST_BYTES."""
+    from .store._files import MAX_MANIFEST_BYTES
+    from .store._format import parse_manifest
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+            if head == NPY_MAGIC:
+                return "a NumPy array (.npy)"
+            if not head.lstrip().startswith(b"{"):
+                return None
+            data = head + f.read(MAX_MANIFEST_BYTES)
+    except OSError:  # _check_output tried writing it; reading is no concern here
+        return None
+    try:
+        parse_manifest(data, str(path))
+    except ValueError:  # StoreFormatError included
+        return None
+    return "a gradient store's manifest"
+
+
+def _check_whitening_name(path: str | None) -> None:
+    """Refuses, before any work, an empty --whitening (Path("") would be the current folder): a usage error."""
+    if path == "":
+        raise UsageError("--whitening: expected a file written by tracin.Whitening.save, got ''")
 
 
 def _load_whitening(path: str) -> Any:
@@ -492,8 +577,6 @@ def _load_whitening(path: str) -> Any:
     such file, not a saved whitening, a damaged one: Whitening.load's errors) an error naming --whitening."""
     from .whitening import Whitening
 
-    if not path:  # Path("") would be the current folder
-        raise CommandError("--whitening: expected a file written by tracin.Whitening.save, got ''")
     if not os.path.lexists(path):
         raise CommandError(f"--whitening: no such file {path}")
     try:
@@ -590,14 +673,16 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     import tracin
 
     if args.whitening is not None and args.scheduler is not None:
-        raise CommandError(
+        raise UsageError(
             "--whitening computes on this machine (tracin.distributed.self_influence does not whiten): give "
             "--whitening or --scheduler, not both"
         )
     if args.whitening is not None and args.device == "cuda":
-        raise CommandError("--whitening computes in float64 on the CPU: give --whitening or --device cuda, not both")
+        raise UsageError("--whitening computes in float64 on the CPU: give --whitening or --device cuda, not both")
+    _check_scheduler(args)
+    _check_whitening_name(args.whitening)
     out = _check_output(args.output, (".csv",))
-    _check_not_whitening(out, args.whitening)
+    _check_not_read(out, {"--whitening": args.whitening, "path": args.path})
     _check_stdout(out)  # not after the whole pass
     _check_device(args)
     store = _open_store(args.path, "path", args.allow_partial)
@@ -632,7 +717,8 @@ def cmd_self_influence(args: argparse.Namespace) -> None:
     else:
         with _output_file(out) as f:
             write(f)
-        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)  # stdout may be the output (-o /dev/stdout)
+        # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
+        print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
 
 
 def _whitened_self_influence(whitening: Any, store: Any, args: argparse.Namespace) -> Any:
@@ -708,7 +794,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from ._progress import stderr_is_a_terminal
 
     if not args.output:  # Path("") would be the current folder
-        raise CommandError("-o/--output must name a folder, got ''")
+        raise UsageError("-o/--output must name a folder, got ''")
+    if args.checkpoints is not None and args.checkpoints > args.epochs:
+        raise UsageError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
     bars = not args.no_progress and stderr_is_a_terminal()  # none drawn into a log
     try:  # the demo extra, imported up front: found missing only after training, it would waste the run
         import matplotlib  # noqa: F401
@@ -723,8 +811,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     except ImportError as e:
         instead = ", or pass --no-progress (tqdm draws only the progress bars)" if e.name == "tqdm" else ""
         raise CommandError(f"the demo needs the demo extra: pip install 'tracin[demo]'{instead} ({e})") from e
-    if args.checkpoints is not None and args.checkpoints > args.epochs:
-        raise CommandError(f"--checkpoints ({args.checkpoints}) must be at most --epochs ({args.epochs})")
     # no --checkpoints: None, TrainingConfig's default, min(DEFAULT_CHECKPOINTS, epochs), as in the Python API
     training = TrainingConfig(epochs=args.epochs, checkpoints=args.checkpoints, seed=args.seed)
     config = DemoConfig(
@@ -1007,7 +1093,7 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
         raise
     except CommandError as e:
         print(f"{prefix} {_one_line(e)}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except StoreChangedError as e:
         print(f"{prefix} gradient store changed while reading: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -1030,15 +1116,17 @@ _DEFAULTS = {"SIGINT": signal.default_int_handler, "SIGTERM": signal.SIG_DFL, "S
 
 
 @contextmanager
-def _signals_unwind(received: list[int]) -> Iterator[None]:
-    """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM and SIGHUP raise _Terminated
-    (where they would kill the process outright), each signal appended to `received` first, so that
-    main reports it even if something swallows the exception. One swallowed where Python can only print
-    it ('Exception ignored in' a gc callback, as JAX's) is raised again in the main thread REDELIVER_S
-    later instead of printed. Only Python's default handlers are replaced (an ignored SIGINT stays
-    ignored); they and sys.unraisablehook are restored after."""
+def _signals_unwind(received: list[int]) -> Iterator[Callable[[], None]]:
+    """Until the yielded stop_raising() is called (once the command has run), SIGINT raises KeyboardInterrupt
+    and SIGTERM and SIGHUP raise _Terminated (where they would kill the process outright), each signal
+    appended to `received` first, so that main reports it even if something swallows the exception. One
+    swallowed where Python can only print it ('Exception ignored in' a gc callback, as JAX's) is raised
+    again in the main thread REDELIVER_S later instead of printed. After stop_raising(), until the block
+    ends, a signal is only appended (a second Ctrl-C while main reports the first prints no traceback).
+    Only Python's default handlers are replaced (an ignored SIGINT stays ignored); they and
+    sys.unraisablehook are restored after the block."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
     active, lock = [True], threading.Lock()
 
@@ -1063,6 +1151,10 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
         else:
             hook(u)
 
+    def stop_raising() -> None:
+        with lock:  # no redelivery either
+            active[0] = False
+
     signums = [getattr(signal, n) for n in _DEFAULTS if hasattr(signal, n)]
     before = {s: signal.getsignal(s) for s in signums}
     hook = sys.unraisablehook
@@ -1071,11 +1163,10 @@ def _signals_unwind(received: list[int]) -> Iterator[None]:
         for s, h in before.items():
             if h is _DEFAULTS[s.name]:
                 signal.signal(s, handler)
-        yield
+        yield stop_raising
     finally:
         try:
-            with lock:  # no redelivery once the handlers are restored
-                active[0] = False
+            stop_raising()
         finally:
             for s, h in before.items():
                 signal.signal(s, h)
@@ -1152,28 +1243,34 @@ def _standard_streams() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with _standard_streams():
-        return _main(argv)
+    try:
+        with _standard_streams():
+            return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the command's handlers are set or after they are restored
+        return 128 + signal.SIGINT
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     received: list[int] = []
-    try:
-        with _signals_unwind(received):
-            code = _run(args, received)
-    except BrokenPipeError:
-        drop_output(sys.stdout)  # the reader went away
-        if received:  # after a hangup, which closed the terminal: the hangup's exit code
-            return _report_signal(args.command, received[0], None)
-        return BROKEN_PIPE_EXIT
-    except KeyboardInterrupt as e:
-        return _report_signal(args.command, signal.SIGINT, e)
-    except _Terminated as e:
-        return _report_signal(args.command, e.signum, e)
-    if received:  # the command ran on: something swallowed the signal's exception
-        return _report_signal(args.command, received[0], None, ran_on=code == 0)
-    return code
+    with _signals_unwind(received) as stop_raising:  # a second signal while the first is reported: recorded
+        try:
+            try:
+                code = _run(args, received)
+            finally:
+                stop_raising()
+        except BrokenPipeError:
+            drop_output(sys.stdout)  # the reader went away
+            if received:  # after a hangup, which closed the terminal: the hangup's exit code
+                return _report_signal(args.command, received[0], None)
+            return BROKEN_PIPE_EXIT
+        except KeyboardInterrupt as e:
+            return _report_signal(args.command, signal.SIGINT, e)
+        except _Terminated as e:
+            return _report_signal(args.command, e.signum, e)
+        if received:  # the command ran on: something swallowed the signal's exception
+            return _report_signal(args.command, received[0], None, ran_on=code == 0)
+        return code
 
 
 if __name__ == "__main__":
