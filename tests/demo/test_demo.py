@@ -928,7 +928,7 @@ def test_a_gradient_store_or_an_empty_name_is_refused_as_output_folder(tmp_path,
     with pytest.raises(ValueError, match="output must name a folder .*got ''"):
         DemoConfig(output="")
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", "", "--no-progress"]) == 1
+    assert main(["demo", "--epochs", "2", "--checkpoints", "1", "-o", "", "--no-progress"]) == 2  # usage
     assert "tracin demo: error: -o/--output must name a folder, got ''" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     web = tmp_path / "web"  # another program's manifest.json above the folder is no store
@@ -990,7 +990,7 @@ def test_demo_command_line_options(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "saving 2 checkpoints" in out and "report.md" in out and "140 of their labels flipped (10.0%)" in out
     assert len(list((tmp_path / "out" / "checkpoints").glob("checkpoint_*.npz"))) == 2  # numpy by default
-    assert main(["demo", "--epochs", "3", "--checkpoints", "5", "-o", str(tmp_path / "bad")]) == 1
+    assert main(["demo", "--epochs", "3", "--checkpoints", "5", "-o", str(tmp_path / "bad")]) == 2  # usage
     assert "--checkpoints (5) must be at most --epochs (3)" in capsys.readouterr().err
 
 
@@ -1033,7 +1033,7 @@ def test_the_default_checkpoints_are_one_rule_for_the_api_and_the_command_line(t
     for epochs in (3, 150):  # the command line builds the TrainingConfig the API would, seed aside
         assert main(["demo", "--epochs", str(epochs), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
         assert ran.pop().training == TrainingConfig(epochs=epochs, seed=0)
-    assert main(["demo", "--epochs", "3", "--checkpoints", "4", "-o", str(tmp_path / "out")]) == 1
+    assert main(["demo", "--epochs", "3", "--checkpoints", "4", "-o", str(tmp_path / "out")]) == 2  # usage
     assert "--checkpoints (4) must be at most --epochs (3)" in capsys.readouterr().err
 
 
