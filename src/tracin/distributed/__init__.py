@@ -19,6 +19,13 @@ data file of another size or modification time than the client recorded. A clien
 died is a ConnectionError naming it (once Dask gives up reconnecting); a call under way when it dies
 fails with TaskFailedError saying so. A script that lets client=None start a LocalCluster must call
 from under `if __name__ == "__main__":` (the worker processes are spawned and import the script).
+Every worker must run the client's tracin version: before any task is sent, a call asks each worker
+for tracin.__version__ (with a standard-library function that any worker can run) and raises a
+RuntimeError naming those that cannot import tracin or run another version, which would fail to read
+the tasks (Dask drops such a worker and the call waits, silently). Workers that join later (a
+cluster with none when the call starts, an adaptive one growing) are not asked:
+client.run(pkgutil.resolve_name, "tracin:__version__") shows theirs. An in-memory side holding NaN or
+Inf is refused on the client, with the error tracin's own function raises, before anything is sent.
 
 export_gradients("torch" | "jax", *args, store=path, client=None, shards=None, ...) runs the
 adapter's export as row ranges written by the tasks into one store (see its docstring).

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 from distributed import Future
 
+from .._arrays import DTYPE_CODES, is_torch_tensor
 from .._progress import check_progress, shows_automatically
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import flag, positive_int, thread_count
 from ..backends.placement import check_precision
-from ..gradients import GradientSet
+from ..gradients import GradientSet, non_finite_message
 from ..scoring import (
     _SIDES,
     NO_SELF_NORMALIZE,
@@ -27,6 +28,7 @@ from ..scoring import (
     check_self_influence_rows,
 )
 from ..store import GradientStore
+from ..store._convert import bfloat16_bits_to_float32
 from . import _tasks
 from ._cluster import check_worker_timeout, client_for, slots_by_host
 from ._run import Job
@@ -86,6 +88,7 @@ def top_k(
     )
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
+    _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, f"top_k ({side})") as job:
         slots = slots_by_host(c, worker_timeout)
@@ -194,6 +197,7 @@ def aggregate(
     shards, num_threads, progress = _options(shards, num_threads, progress, macs * _width(train_set))
     _check_cuttable(test_set, train_set)
     _check_usable(test_set, train_set)
+    _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "aggregate") as job:
         slots = slots_by_host(c, worker_timeout)
@@ -306,3 +310,37 @@ def _per_shard(
 def _sent(job: Job, s: GradientSet) -> Any:
     """A store side by path; an in-memory side copied to the workers once."""
     return job.rows_of(s) if isinstance(s, GradientStore) else job.send(s)
+
+
+def _check_finite(test: GradientSet, train: GradientSet) -> None:
+    """The ValueError tracin's own functions raise for NaN or Inf in the in-memory side (the one not a
+    store), raised on the client before it is sent: every task would meet it, and name its own shard."""
+    name, s = ("test", test) if isinstance(train, GradientStore) else ("train", train)
+    if isinstance(s, GradientStore):
+        return
+    side = s.kernel_side(0, s.n_rows)
+    for b, (block, code) in enumerate(zip(side.blocks, side.dtypes, strict=True)):
+        bad = _non_finite_rows(block, code)
+        if bad:
+            raise ValueError(non_finite_message(name, side.factored, b, bad))
+
+
+FINITE_CHECK_BYTES = 64 * 2**20  # float32 rows checked at a time (bounds the check's temporary arrays)
+
+
+def _non_finite_rows(block: Any, code: int) -> list[int]:
+    """The first rows (up to 5, as the C++ kernel names them) of a kernel block holding NaN or Inf."""
+    if is_torch_tensor(block):  # a side on a GPU
+        import torch
+
+        return torch.nonzero(~torch.isfinite(block).all(dim=1)).flatten()[:5].tolist()
+    block = np.asarray(block)
+    step = max(1, FINITE_CHECK_BYTES // (4 * max(1, block.shape[1])))
+    found: list[int] = []
+    for start in range(0, block.shape[0], step):
+        rows = block[start : start + step]
+        values = bfloat16_bits_to_float32(rows) if code == DTYPE_CODES["bfloat16"] else rows
+        found += (start + np.flatnonzero(~np.isfinite(values).all(axis=1))[: 5 - len(found)]).tolist()
+        if len(found) == 5:
+            break
+    return found

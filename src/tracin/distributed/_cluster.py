@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
+import multiprocessing
 import numbers
+import pkgutil
 import socket
 import sys
 import time
@@ -74,8 +77,10 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
     or SIGTERM raised as an exception), the half-started cluster, which the caller never got, is closed
     here, quietly, before the interrupt goes on: left to Dask's exit hook (close_clusters), its close
     fails on the cluster's unfinished state and prints a traceback of some 30-50 lines after the
-    caller's own one-line message."""
+    caller's own one-line message; the worker processes its nannies had started by then, which that
+    close leaves running, are ended too (_end_processes)."""
     before = {id(c) for c in list(SpecCluster._instances)}
+    children = set(multiprocessing.active_children())
     try:
         return LocalCluster(
             n_workers=n_workers,
@@ -88,6 +93,7 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
     except BaseException:
         for cluster in [c for c in list(SpecCluster._instances) if id(c) not in before]:
             _close_quietly(cluster)
+        _end_processes([p for p in multiprocessing.active_children() if p not in children])
         raise
 
 
@@ -111,6 +117,20 @@ def _close_quietly(cluster: Any) -> None:
         except BaseException:
             pass
         quiet.setLevel(level)
+
+
+def _end_processes(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """Terminates `processes` (SIGTERM), then kills those still alive after CLOSE_TIMEOUT_S seconds
+    (SIGKILL), and reaps them, whatever interrupts this meanwhile."""
+    for p in processes:
+        with contextlib.suppress(BaseException):
+            p.terminate()
+    for p in processes:
+        with contextlib.suppress(BaseException):
+            p.join(CLOSE_TIMEOUT_S)
+            if p.is_alive():
+                p.kill()
+                p.join(CLOSE_TIMEOUT_S)
 
 
 class QuietTaskErrors(WorkerPlugin):
@@ -228,10 +248,41 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
         finally:
             placeholder.release()
         workers = _workers(client, where)
+    check_workers_tracin(client, where)
     slots: Counter[str] = Counter()
     for w in workers.values():
         slots[w["host"]] += w["nthreads"]
     return dict(slots)
+
+
+def check_workers_tracin(client: Client, address: str) -> None:
+    """A RuntimeError naming each worker of the cluster at `address` that cannot import tracin, or whose
+    tracin.__version__ differs from this process's: the tasks travel as references to tracin's own
+    functions, which such a worker fails to unpickle (Dask then drops its connection and the call waits
+    for good, printing nothing) or runs as another release. The probe, pkgutil.resolve_name, is the
+    standard library's, so any worker can run it. Workers that join after this check are not probed."""
+    from .. import __version__ as ours
+
+    found = client.run(pkgutil.resolve_name, "tracin:__version__", on_error="return")
+    bad = {w: v for w, v in found.items() if v != ours and not isinstance(v, OSError)}  # OSError: gone since
+    if not bad:
+        return
+    named = "; ".join(
+        f"{w}: {_probe_failure(v)}" if isinstance(v, BaseException) else f"{w}: tracin {v}"
+        for w, v in sorted(bad.items())
+    )
+    raise RuntimeError(
+        f"tracin.distributed needs tracin {ours}, this client's version, on every worker; "
+        f"{len(bad)} of the {len(found)} workers of the cluster at {address} differ ({named}): install "
+        f"tracin=={ours} in the workers' environment"
+    )
+
+
+def _probe_failure(e: BaseException) -> str:
+    """A worker's failure to import tracin, in words."""
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "tracin":
+        return "no tracin (cannot import it)"
+    return f"cannot import tracin ({type(e).__name__}: {e})"
 
 
 def _workers(client: Client, address: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from distributed import Client, Future, KilledWorker, as_completed
 
 from .._progress import progress_bar
-from ..scoring import rows_shifted
+from ..scoring import _NON_FINITE, rows_shifted
 from ..store import GradientStore, StoreChangedError, StoreFormatError
 from . import _warnings
 from ._cluster import scheduler_address
@@ -189,7 +189,8 @@ class Job:
         raised with a sentence naming the shard's rows: the first shard to fail, raised without
         waiting for the others, so the rows it names are those the shard's own call meets first, not
         necessarily those tracin's own function names in one process. A call of one shard raises it as
-        is: its rows are those one process names."""
+        is: its rows are those one process names; so is a NaN/Inf error of the side sent whole, whose
+        rows are no shard's (the client checks that side before sending it: _api._check_finite)."""
         try:
             failed.result()
         except StoreNotVisible as e:
@@ -207,6 +208,8 @@ class Job:
             if shard is None or len(self.shards) == 1:  # one shard: no other shard may hold more such rows
                 raise
             side, start, stop = shard
+            if _other_sides_rows(str(e), side):  # the rows of the side sent whole, not of this shard
+                raise
             rows = f"{side} row {start}" if stop - start == 1 else f"{side} rows {start} to {stop - 1}"
             error = ValueError(
                 f"{str(e).rstrip('.')}. These rows are from the shard of {rows}, the first shard to fail; other "
@@ -215,6 +218,12 @@ class Job:
             for note in getattr(e, "__notes__", ()):  # the warnings the task raised before it
                 _warnings.add_note(error, note)
             raise error.with_traceback(e.__traceback__) from None
+
+
+def _other_sides_rows(message: str, cut: str) -> bool:
+    """Whether `message` is a NaN/Inf error naming rows of the side not cut into shards (not `cut`)."""
+    found = _NON_FINITE.match(message)
+    return found is not None and found[1] != cut
 
 
 def _retrying(fn: Callable, first_rows: tuple[int, int], shard: tuple[str, int, int] | None, *args: Any) -> Any:
