@@ -430,18 +430,26 @@ def test_non_finite_inputs_name_checkpoint_and_rows(rng):
         tracin.scores(big, big)
 
 
+def _overflowing_in_its_first_slice(d: int) -> np.ndarray:
+    """A float32 (d,) row whose dot product with ones is 3.3e38 (in float32's range), all in the first
+    256 values (192 of +v, then 64 of -v): the float32 chain of that slice passes float32's largest
+    value (at its 132nd product) before it comes back."""
+    row = np.zeros(d, np.float32)
+    v = np.float32(3.3e38 / 128)
+    row[:192], row[192:256] = v, -v
+    return row
+
+
 def test_overflowed_partial_sum_is_reported_as_such_with_its_pair():
-    """A score of 3.3e38 (in float32's range) whose slices of 256 products sum to +3.3e38, +3.3e38 and
-    -3.3e38 overflows the kernel's float32 partial sums: the error says so (not that the score is
-    beyond range) and names the pair, here test row 1 and train row 2."""
+    """A score of 3.3e38 (in float32's range) whose first slice of 256 products overflows the
+    kernel's float32 chain: the error says so (not that the score is beyond range) and names the pair,
+    here test row 1 and train row 2."""
     d = 768
     test = np.ones((3, d), np.float32)
     test[0] = 0.5
     test[2] = -1.0
     train = np.ones((4, d), np.float32)
-    v = np.float32(3.3e38 / 256)
-    train[2, :512], train[2, 512:] = v, -v
-    train[3, :512], train[3, 512:] = v, -v
+    train[2] = train[3] = _overflowing_in_its_first_slice(d)
     exact = test[1].astype(np.float64) @ train[2].astype(np.float64)
     assert abs(exact) < np.finfo(np.float32).max
     pattern = r"a score or one of its partial sums .*overflowed float32, first for test row 1 and train row 2;"
@@ -455,8 +463,7 @@ def test_overflowed_pair_is_named_in_the_whole_sets_rows_when_scored_in_pieces(t
     (and a test side over two pieces' worth of train rows) must have it named as rows of the sets."""
     d, n = 768, 5000
     train = np.ones((n, d), np.float32)
-    v = np.float32(3.3e38 / 256)
-    train[4321, :512], train[4321, 512:] = v, -v
+    train[4321] = _overflowing_in_its_first_slice(d)
     writer = tracin.GradientStore.create(tmp_path / "s", n, [d])
     writer.write(0, 0, train)
     writer.finalize()

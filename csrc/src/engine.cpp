@@ -444,6 +444,7 @@ class RowPrefetcher {
 
 struct ThreadScratch {
   AlignedFloats tile, left, right, rows, run;
+  std::vector<double> slice_sums;  // a block of more than one slice: its slices' float64 sums (Accumulate)
   std::vector<double> norms;                  // cosine scores: per tile row, its squared norm over the run,
   std::vector<double> left_sums, right_sums;  // kNormLanes partial sums per row of a block,
   std::vector<float> scales;                  // and its inverse norm
@@ -667,7 +668,9 @@ class TileProducer {
     return true;
   }
 
-  // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes;
+  // c[i][lane] += sum over k of train block b row (begin + i) times the packed test lanes: each
+  // slice's float32 chain, and for a block of more than one slice, the chains summed in float64
+  // (s.slice_sums) and rounded once, so that the error does not grow with the width;
   // sums (when not null): row i's kNormLanes partial sums of squares (kernels.sum_of_squares) at
   // sums + i * kNormLanes, added to slice by slice. exponents (when not null): row i is multiplied
   // by 2^exponents[i] as it is loaded.
@@ -675,6 +678,8 @@ class TileProducer {
                   ThreadScratch& s, const NextTile& next, const int* exponents) const {
     const MatrixView& m = train_.blocks[b];
     const std::int64_t ldc = packed_.lanes(), nr = micro_.nr, mr = micro_.mr;
+    const bool in_double = Slices(m.cols) > 1;
+    if (in_double) s.slice_sums.assign(static_cast<std::size_t>(RoundUp(rows, mr) * ldc), 0.0);
     for (std::int64_t slice = 0; slice < Slices(m.cols); ++slice) {
       const std::int64_t k0 = slice * kSliceDepth;
       const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
@@ -699,10 +704,16 @@ class TileProducer {
         const float* a = a_block + i * kc;
         const std::int64_t lda = kc;
         for (std::int64_t p = 0; p < ldc; p += nr)
-          micro_.kernel(kc, a, lda, panels + p * kc, c + i * ldc + p, ldc);
+          if (in_double)
+            micro_.double_kernel(kc, a, lda, panels + p * kc, s.slice_sums.data() + i * ldc + p, ldc);
+          else
+            micro_.kernel(kc, a, lda, panels + p * kc, c + i * ldc + p, ldc);
         s.prefetch.Advance(i / mr + 1, steps);
       }
     }
+    if (!in_double) return;
+    const double* wide = s.slice_sums.data();
+    for (std::int64_t i = 0; i < rows * ldc; ++i) c[i] += static_cast<float>(wide[i]);
   }
 
   const KernelTable& kernels_;

@@ -17,14 +17,20 @@
 namespace tracin::detail {
 
 // Depth of one slice of the inner dimension. Every dot product is summed as fixed slices of this
-// many terms (a sequential multiply-add chain each) added in order, whatever the tiling and thread
-// count, so results are bit-identical for any block size and number of threads.
+// many terms (a sequential float32 multiply-add chain each) added in order (in float64 where a block
+// has more than one slice: MicroTile::double_kernel), whatever the tiling and thread count, so results
+// are bit-identical for any block size and number of threads.
 inline constexpr std::int64_t kSliceDepth = 256;
 
 // C[i * ldc + j] += sum_{k < kc} a[i * lda + k] * b[k * nr + j]   for i < mr, j < nr.
 // a: mr train rows of float32 (broadcast side); b: a packed panel of nr test lanes.
 using MicroKernel = void (*)(std::int64_t kc, const float* a, std::int64_t lda, const float* b,
                              float* c, std::int64_t ldc);
+
+// The same float32 chains, each converted exactly to float64 and added to a float64 C: the slices of a
+// wide block are summed in float64, so their error does not grow with the number of slices.
+using MicroKernelToDouble = void (*)(std::int64_t kc, const float* a, std::int64_t lda, const float* b,
+                                     double* c, std::int64_t ldc);
 
 // dst[0, n) = float32(src[0, n)) for float16 / bfloat16 bits. src may be at any address (NumPy admits
 // misaligned arrays): it is read by unaligned vector loads and LoadBits16 (half.hpp), never as uint16_t.
@@ -48,6 +54,7 @@ struct MicroTile {
   int mr = 0;  // train rows per micro tile
   int nr = 0;  // test lanes per micro tile
   MicroKernel kernel = nullptr;
+  MicroKernelToDouble double_kernel = nullptr;
 };
 
 struct KernelTable {

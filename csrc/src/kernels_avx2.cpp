@@ -8,9 +8,17 @@
 namespace tracin::detail {
 namespace {
 
-// MR train rows x (NV * 8) test lanes; each lane is one fused multiply-add chain over k.
-template <int MR, int NV>
-void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+// Adds the 8 float32 sums to c[0, 8), in float32 or converted exactly to float64.
+inline void AddTo(float* c, __m256 sums) { _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), sums)); }
+inline void AddTo(double* c, __m256 sums) {
+  _mm256_storeu_pd(c, _mm256_add_pd(_mm256_loadu_pd(c), _mm256_cvtps_pd(_mm256_castps256_ps128(sums))));
+  _mm256_storeu_pd(c + 4, _mm256_add_pd(_mm256_loadu_pd(c + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(sums, 1))));
+}
+
+// MR train rows x (NV * 8) test lanes; each lane is one fused multiply-add chain over k. Out: float
+// (MicroKernel) or double (MicroKernelToDouble).
+template <int MR, int NV, typename Out>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, Out* c,
            std::int64_t ldc) {
   __m256 acc[MR][NV];
   TRACIN_UNROLL
@@ -31,10 +39,7 @@ void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, fl
   TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
     TRACIN_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      float* ci = c + i * ldc + v * 8;
-      _mm256_storeu_ps(ci, _mm256_add_ps(_mm256_loadu_ps(ci), acc[i][v]));
-    }
+    for (int v = 0; v < NV; ++v) AddTo(c + i * ldc + v * 8, acc[i][v]);
 }
 
 void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
@@ -95,8 +100,11 @@ void DotRun(const double* a, const float* x, std::int64_t n, double* sums) {
 }  // namespace
 
 const KernelTable& Avx2Kernels() {
-  static const KernelTable table{Isa::kAvx2, {6, 16, &Micro<6, 2>}, {12, 8, &Micro<12, 1>},
-                                 {12, 8, &Micro<12, 1>}, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
+  static const KernelTable table{Isa::kAvx2,
+                                 {6, 16, &Micro<6, 2, float>, &Micro<6, 2, double>},
+                                 {12, 8, &Micro<12, 1, float>, &Micro<12, 1, double>},
+                                 {12, 8, &Micro<12, 1, float>, &Micro<12, 1, double>},
+                                 &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
                                  &DotRun};
   return table;
 }

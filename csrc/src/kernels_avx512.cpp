@@ -7,9 +7,17 @@
 namespace tracin::detail {
 namespace {
 
-// MR train rows x (NV * 16) test lanes; each lane is one fused multiply-add chain over k.
-template <int MR, int NV>
-void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+// Adds the 16 float32 sums to c[0, 16), in float32 or converted exactly to float64.
+inline void AddTo(float* c, __m512 sums) { _mm512_storeu_ps(c, _mm512_add_ps(_mm512_loadu_ps(c), sums)); }
+inline void AddTo(double* c, __m512 sums) {
+  _mm512_storeu_pd(c, _mm512_add_pd(_mm512_loadu_pd(c), _mm512_cvtps_pd(_mm512_castps512_ps256(sums))));
+  _mm512_storeu_pd(c + 8, _mm512_add_pd(_mm512_loadu_pd(c + 8), _mm512_cvtps_pd(_mm512_extractf32x8_ps(sums, 1))));
+}
+
+// MR train rows x (NV * 16) test lanes; each lane is one fused multiply-add chain over k. Out: float
+// (MicroKernel) or double (MicroKernelToDouble).
+template <int MR, int NV, typename Out>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, Out* c,
            std::int64_t ldc) {
   __m512 acc[MR][NV];
   TRACIN_UNROLL
@@ -30,10 +38,7 @@ void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, fl
   TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
     TRACIN_UNROLL
-    for (int v = 0; v < NV; ++v) {
-      float* ci = c + i * ldc + v * 16;
-      _mm512_storeu_ps(ci, _mm512_add_ps(_mm512_loadu_ps(ci), acc[i][v]));
-    }
+    for (int v = 0; v < NV; ++v) AddTo(c + i * ldc + v * 16, acc[i][v]);
 }
 
 void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
@@ -106,7 +111,8 @@ void DotRun(const double* a, const float* x, std::int64_t n, double* sums) {
 const KernelTable& Avx512Kernels() {
   // Thin: the AVX2 narrow tile (8 lanes; AVX-512 CPUs run AVX2, and each lane is the same
   // multiply-add chain, so the bits are the same).
-  static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2>}, {12, 16, &Micro<12, 1>},
+  static const KernelTable table{Isa::kAvx512, {12, 32, &Micro<12, 2, float>, &Micro<12, 2, double>},
+                                 {12, 16, &Micro<12, 1, float>, &Micro<12, 1, double>},
                                  Avx2Kernels().narrow, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
                                  &DotRun};
   return table;

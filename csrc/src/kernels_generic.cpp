@@ -16,8 +16,9 @@ inline float MulAdd(float a, float b, float c) {
 #endif
 }
 
-template <int MR, int NR>
-void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, float* c,
+// Out: float (MicroKernel) or double (MicroKernelToDouble): the chains are float32 either way.
+template <int MR, int NR, typename Out>
+void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, Out* c,
            std::int64_t ldc) {
   float acc[MR][NR] = {};
   for (std::int64_t k = 0; k < kc; ++k) {
@@ -32,7 +33,7 @@ void Micro(std::int64_t kc, const float* a, std::int64_t lda, const float* b, fl
   TRACIN_UNROLL
   for (int i = 0; i < MR; ++i)
     TRACIN_UNROLL
-    for (int j = 0; j < NR; ++j) c[i * ldc + j] += acc[i][j];
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += static_cast<Out>(acc[i][j]);
 }
 
 void HalfToFloatRun(const std::uint16_t* src, std::int64_t n, float* dst) {
@@ -70,8 +71,11 @@ void DotRun(const double* a, const float* x, std::int64_t n, double* sums) {
 }  // namespace
 
 const KernelTable& GenericKernels() {
-  static const KernelTable table{Isa::kGeneric, {4, 8, &Micro<4, 8>}, {4, 4, &Micro<4, 4>},
-                                 {4, 4, &Micro<4, 4>}, &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
+  static const KernelTable table{Isa::kGeneric,
+                                 {4, 8, &Micro<4, 8, float>, &Micro<4, 8, double>},
+                                 {4, 4, &Micro<4, 4, float>, &Micro<4, 4, double>},
+                                 {4, 4, &Micro<4, 4, float>, &Micro<4, 4, double>},
+                                 &HalfToFloatRun, &BFloatToFloatRun, &SquaresRun,
                                  &DotRun};
   return table;
 }

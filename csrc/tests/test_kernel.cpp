@@ -582,6 +582,35 @@ void TestWideRows() {
   }
 }
 
+// Same-sign rows of 2^20 columns (every product just above 1: 4096 slices whose float32 sums each
+// round the same way) stay within the scale-aware bound, since the slices of a block are added in
+// float64 (added in float32 they missed it 5x at 10^6 columns); so does a score whose slices sum to
+// +3.3e38, +3.3e38 and -3.3e38 (a float32 total of the slices would overflow, the float64 one is the
+// score).
+void TestSlicesAddedInDouble() {
+  const std::int64_t d = std::int64_t{1} << 20;
+  const std::vector<Matrix> test = {Matrix{1, d, std::vector<float>(d, 1.0f)}};
+  Matrix wide{3, d, std::vector<float>(3 * d)};
+  for (std::int64_t k = 0; k < d; ++k) {
+    wide.data[k] = 1.0f + 0.03f / 256;
+    wide.data[d + k] = 1.0f + 0.1f / 256;
+    wide.data[2 * d + k] = k < 512 ? 3.3e38f / 256 / 1024 : k < 768 ? -3.3e38f / 256 / 1024 : 0.0f;
+  }
+  const std::vector<Matrix> train = {wide};
+  std::vector<double> exact, bound;
+  Reference(test, train, {1024.0}, &exact, &bound);
+  for (tracin::Isa isa : tracin_test::RunnableIsas("slices added in double")) {
+    tracin::Options o;
+    o.isa = isa;
+    std::vector<float> out(exact.size());
+    const tracin::Status s = tracin::Scores(Full(test), Full(train), {1024.0}, out.data(), o);
+    bool close = s.ok();
+    for (std::size_t i = 0; i < out.size(); ++i) close = close && std::abs(out[i] - exact[i]) <= bound[i];
+    Check(close, std::string("same-sign wide rows within the scale-aware bound, isa ") + tracin::IsaName(isa) +
+                     ": " + s.message);
+  }
+}
+
 // A cancellation flag set before the call stops every entry point with kCancelled; one set by
 // another thread during a long call stops it early.
 void TestCancellation() {
@@ -951,16 +980,17 @@ void TestAggregateDotSameBitsEveryIsa() {
 }
 
 
-// A score whose float32 partial sums overflow although the score itself fits float32 (slices of 256
-// products summing to +3.3e38, +3.3e38, -3.3e38), and a score beyond float32 in the middle of many
-// rows: the error says a score or a partial sum overflowed and names the first such (test, train)
-// pair, the same one for every thread count and block size.
+// A score whose float32 partial sums overflow although the score itself fits float32 (a first slice
+// of 192 products +v and 64 products -v, v = 3.3e38 / 128: its float32 chain passes float32's largest
+// value at the 132nd product), and a score beyond float32 in the middle of many rows: the error says
+// a score or a partial sum overflowed and names the first such (test, train) pair, the same one for
+// every thread count and block size.
 void TestOverflowNamesThePair() {
   const std::int64_t d = 768;
   Matrix test{1, d, std::vector<float>(d, 1.0f)};
   Matrix train{2, d, std::vector<float>(2 * d, 1.0f)};
-  const float v = 3.3e38f / 256;
-  for (std::int64_t k = 0; k < d; ++k) train.data[k] = k < 512 ? v : -v;
+  const float v = 3.3e38f / 128;
+  for (std::int64_t k = 0; k < d; ++k) train.data[k] = k < 192 ? v : k < 256 ? -v : 0.0f;
   std::vector<float> out(2);
   tracin::Status s = tracin::Scores(Full({test}), Full({train}), {1.0}, out.data());
   Check(s.code == tracin::StatusCode::kNonFinite &&
@@ -1300,6 +1330,7 @@ int main() {
   TestBadInput();
   TestOutOfMemoryIsAStatus();
   TestWideRows();
+  TestSlicesAddedInDouble();
   TestCancellation();
   TestCancellationDuringTheSelection();
   TestBlocksBeyondTheRows();

@@ -1178,3 +1178,46 @@ def test_an_overflow_names_the_cpu_kernels_pair_across_its_passes_of_test_rows(r
                 call(device)
             named.append(_overflow_pair(str(error.value)))
         assert named == [(10, 5), (10, 5)], name
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_same_sign_wide_rows_keep_the_bound(m):
+    """Rows of 2^18 columns whose every product is just above 1: BLAS sums a whole row in one float32
+    chain, which missed the contract's bound 1.6x (m=4) to 11x (m=1, the matrix-vector path); the
+    backend multiplies slices of DEVICE_SUM_DEPTH columns and adds them in float64."""
+    d = 2**18
+    test = np.ones((m, d), np.float32)
+    train = np.stack([np.full(d, 1 + eps / 256, np.float32) for eps in (0.03, 0.06, 0.1)])
+    exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
+    for device in ("torch:cpu", "cpu"):
+        assert np.all(np.abs(tracin.scores(test, train, device=device) - exact) <= bound), device
+        best = tracin.top_k(test, train, k=3, device=device)
+        assert np.all(np.abs(best.values - np.take_along_axis(exact, best.indices, 1)) <= bound[:, :3]), device
+
+
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_blocks_wider_than_the_sum_depth_are_summed_in_slices(rng, small_tiles, monkeypatch, factored, normalize):
+    """DEVICE_SUM_DEPTH of 16 columns: blocks of 37 and 9 columns (factored: left factors of 20 and 4,
+    right of 3 and 2), weights of both signs, cosine scores too: scores, top_k and aggregate against
+    float64, as for one GEMM."""
+    monkeypatch.setattr(_tunables, "DEVICE_SUM_DEPTH", 16)
+    w = [0.7, -1.3]
+    widths = [(20, 3), (4, 2)] if factored else [(37,), (9,)]
+    sides = [[[rng.standard_normal((rows, c), dtype=np.float32) for c in dims] for dims in widths] for rows in (6, 50)]
+    if factored:
+        t, x = (tracin.FactoredGradients([b[0] for b in v], [b[1] for b in v], w) for v in sides)
+        full_t, full_x = (factored_to_full([b[0] for b in v], [b[1] for b in v]) for v in sides)
+    else:
+        t, x = (tracin.Gradients([b[0] for b in v], w) for v in sides)
+        full_t, full_x = ([b[0].astype(np.float64) for b in v] for v in sides)
+    if normalize:
+        full_t, full_x = normalized(full_t, 1), normalized(full_x, 1)
+    exact, bound = exact_scores(full_t, full_x, w), score_bound(full_t, full_x, w)
+    ours = tracin.scores(t, x, device="torch:cpu", normalize=normalize)
+    assert np.all(np.abs(ours - exact) <= bound)
+    summed = tracin.aggregate(t, x, device="torch:cpu", normalize=normalize)
+    assert np.all(np.abs(summed - exact.sum(0)) <= bound.sum(0))
+    got = tracin.top_k(t, x, k=5, side="both", device="torch:cpu", normalize=normalize)
+    np.testing.assert_array_equal(got.proponents.indices, stable_top_k(exact, 5, -1))
+    np.testing.assert_array_equal(got.opponents.indices, stable_top_k(exact, 5, 1))

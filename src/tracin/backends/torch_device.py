@@ -9,7 +9,8 @@ streamed from the host one tile ahead of the compute through two staging slots k
 public call, or of DEVICE_RESIDENT_TILE_BYTES used in place when all are on the device already
 (wider GEMMs, which cuBLAS runs faster), and each tile meets the test side in blocks of at most
 DEVICE_TILE_SCORES scores: one float32 GEMM per checkpoint (two for factored sets, multiplied
-elementwise), scaled by the weight and added in float32. Weights go on the test rows as in the C++
+elementwise; a block wider than DEVICE_SUM_DEPTH columns one GEMM per slice of that many, added in
+float64: _gemm), scaled by the weight and added in float32. Weights go on the test rows as in the C++
 kernel, so that a GEMM sees the magnitudes of weighted rows (a dot product of rows may exceed
 float32 where the weighted score does not): unless every weight is within 2^+-24 of 1 and every
 weighted test row in float32's comfortable range, each test block (a factored set's left factor) is
@@ -309,8 +310,13 @@ class _Call:
         return x, _unit_scaled(x, self.factored, self.normalize)
 
     def test_blocks(self) -> list[tuple[int, int]]:
-        """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile."""
-        step = max(1, _tunables.DEVICE_TILE_SCORES // self.tile_rows)
+        """Test rows per score tile: at most DEVICE_TILE_SCORES scores with a full train tile, a quarter
+        of that where a block is wider than DEVICE_SUM_DEPTH (_gemm's float64 sum and float32 slice
+        results take three times the block's float32 scores)."""
+        scores = _tunables.DEVICE_TILE_SCORES
+        if max((t.shape[1] for t in self.test), default=0) > _tunables.DEVICE_SUM_DEPTH:
+            scores //= 4
+        step = max(1, scores // self.tile_rows)
         return [(t0, min(t0 + step, self.m)) for t0 in range(0, self.m, step)]
 
     def train_tiles(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
@@ -637,14 +643,14 @@ def _add_checkpoint(
             return out
         if out is None:  # +0 (as the C++ tile starts), NaN where the right factors' GEMM overflows
             out = torch.zeros(test[1].shape[0], train[1].shape[0], dtype=torch.float32, device=train[1].device)
-        return out.add_(torch.mm(test[2 * c + 1], train[2 * c + 1].T), alpha=0.0)  # the left GEMM is 0
+        return out.add_(_gemm(test[2 * c + 1], train[2 * c + 1]), alpha=0.0)  # the left GEMM is 0
     per = 2 if factored else 1
     left = test[c * per] if fold is None or c * per not in fold else _shifted(test[c * per], *fold[c * per])
-    if factored or scales is not None:
+    if factored or scales is not None or left.shape[1] > _tunables.DEVICE_SUM_DEPTH:
         part = (
-            torch.mm(left, train[2 * c].T).mul_(torch.mm(test[2 * c + 1], train[2 * c + 1].T))
+            _gemm(left, train[2 * c]).mul_(_gemm(test[2 * c + 1], train[2 * c + 1]))
             if factored
-            else torch.mm(left, train[c].T)
+            else _gemm(left, train[c])
         )
         if scales is not None:
             part.mul_(scales[c // run])
@@ -653,6 +659,22 @@ def _add_checkpoint(
         out = torch.empty(left.shape[0], train[c].shape[0], dtype=torch.float32, device=train[c].device)
         return out.addmm_(left, train[c].T, beta=0, alpha=alpha)
     return out.addmm_(left, train[c].T, alpha=alpha)
+
+
+def _gemm(test: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """float32 (m, r) test @ train.T of float32 (m, d) and (r, d) blocks; for d beyond
+    _tunables.DEVICE_SUM_DEPTH, one GEMM per slice of that many columns (views, no copies), the slices'
+    results added in float64 and rounded once, so that the error does not grow with d (BLAS and cuBLAS
+    sum a whole row in one float32 chain: same-sign rows of 2^18 columns missed the contract's bound
+    1.5x, of 2^20 5x)."""
+    depth = _tunables.DEVICE_SUM_DEPTH
+    d = test.shape[1]
+    if d <= depth:
+        return torch.mm(test, train.T)
+    total = torch.zeros(test.shape[0], train.shape[0], dtype=torch.float64, device=train.device)
+    for k0 in range(0, d, depth):
+        total.add_(torch.mm(test[:, k0 : k0 + depth], train[:, k0 : k0 + depth].T))
+    return total.float()
 
 
 def _exact_factored_sums(call: _Call, test: KernelSide, weights: Sequence[float]) -> torch.Tensor:
