@@ -3,6 +3,8 @@ refused where the store's ids are read (opening, resuming, .ids), naming the fil
 Opening checks the whole file; .ids checks the file is the one opened, and only the view's rows (review66 N1)."""
 
 import os
+import re
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -135,29 +137,95 @@ def test_ids_of_an_unfinished_store_read_while_its_writer_resumes(tmp_path):
     assert tracin.GradientStore.open(tmp_path / "s")[2:].ids.tolist() == IDS[2:]
 
 
-def test_the_first_unencodable_row_is_named_across_chunks_as_a_per_string_check_finds_it(monkeypatch):
-    # the check runs a chunk of rows at a time, on code points: compared with a check per Python string
+@pytest.mark.parametrize(("checked", "width"), [(10, 3), (3, 7), (1, 4)])
+def test_the_first_unencodable_row_is_named_across_chunks_as_a_per_string_check_finds_it(monkeypatch, checked, width):
+    # the check runs a piece at a time, on code points: compared with a check per Python string. (10, 3): 3 rows of
+    # 3 code points a piece; (3, 7) and (1, 4): ids wider than a piece, checked in parts of one row (review140 F1)
     rng = np.random.default_rng(7)
-    monkeypatch.setattr(_npy, "_CHECKED_CODES", 10)  # 3 rows of 3 code points per chunk
+    monkeypatch.setattr(_npy, "_CHECKED_CODES", checked)
     pool = np.array([0x41, 0x4E2D, 0xD7FF, 0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0xE000, 0xFFFF, 0x1F600, 0x10FFFF, 0x110000])
     invalid = {0xD800, 0xDBFF, 0xDC00, 0xDFFF, 0x110000}
-    found = set()
+    found, pieces = set(), set()
     for _ in range(300):
         n = int(rng.integers(1, 12))
-        codes = rng.choice(pool, size=(n, 3), p=[0.3] + [0.7 / 11] * 11 if rng.random() < 0.5 else None)
-        codes[rng.random((n, 3)) < 0.6] = 0x41  # many rows of valid ids only
+        codes = rng.choice(pool, size=(n, width), p=[0.3] + [0.7 / 11] * 11 if rng.random() < 0.5 else None)
+        codes[rng.random((n, width)) < 0.6] = 0x41  # many rows of valid ids only
+        codes[rng.random(n) < 0.4] = 0x41  # also when the ids are wide
         for order in "<>":
-            ids = codes.astype(f"{order}u4").view(f"{order}U3").reshape(n)
+            ids = codes.astype(f"{order}u4").view(f"{order}U{width}").reshape(n)
             expected = next((r for r in range(n) if any(int(c) in invalid for c in codes[r])), None)
             said = unencodable_id(ids)
             if expected is None:
                 assert said is None, (codes, said)
             else:
+                col = next(j for j, c in enumerate(codes[expected]) if int(c) in invalid)
+                first = int(codes[expected, col])  # the row's first bad code point
+                pieces.add(col // checked)
+                what = f"(U+{first:04X})" if first <= 0xDFFF else f"{first:#x}, beyond"
                 assert said is not None and said.startswith(f"ids[{expected}] = "), (codes, said)
+                assert what in said, (codes, said)
                 found.add(expected)
     assert len(found) > 5  # first bad rows in several chunks were found
+    assert len(pieces) > 1 or width <= checked  # and first bad code points in several pieces of one row
     assert unencodable_id(np.array([], "U3")) is None and unencodable_id(np.array(["", ""])) is None
     assert unencodable_id(np.array([1, 2])) is None
     assert unencodable_id(np.array(["ok", "no\ud800", "x"])[::2]) is None  # a strided view is checked as it is
     assert unencodable_id(np.array(["ok", "x", "no\ud800"])[::2]).startswith("ids[1] = 'no\\ud800'")
     assert unencodable_id(np.array(["ok", "no\ud800"]), first_row=40).startswith("ids[41] = 'no\\ud800'")
+
+
+def _plant_header(path, descr: str, n: int, size: int, codes: dict | None = None) -> None:
+    """Rewrites ids.npy with a crafted header of `descr` (one NumPy never writes, or of any width) for n ids,
+    `size` bytes of data (a sparse file) and {(row, column): code point} written at those places."""
+    head = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': ({n},), }}".encode()
+    head += b" " * (63 - (10 + len(head)) % 64) + b"\n"
+    head = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head
+    width = size // (4 * n) if n else 0
+    with open(path / "ids.npy", "wb") as f:
+        f.write(head)
+        for (r, c), code in (codes or {}).items():
+            f.seek(len(head) + 4 * (r * width + c))
+            f.write(code.to_bytes(4, "little"))
+        f.truncate(len(head) + size)
+
+
+def _peak_bytes(call) -> tuple[int, Exception | None]:
+    """The peak of memory traced (NumPy's arrays included) while `call()` runs, and what it raised."""
+    error = None
+    tracemalloc.start()
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001
+        error = e
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, error
+
+
+def test_ids_of_a_huge_width_are_checked_in_bounded_memory(path):
+    # review140 F1: a crafted '<U16777216' header makes each id 64 MiB (sparse on disk); the check allocated a
+    # whole id's width per piece (a '<U2000000000' one would ask for 8 GB): now at most _CHECKED_CODES code points
+    width = 1 << 24
+    assert width > 8 * _npy._CHECKED_CODES
+    valid = {(r, c): 0xE000 for r in range(6) for c in (0, width - 1)}  # >= U+D800: each piece is checked closely
+    _plant_header(path, f"<U{width}", 6, 6 * 4 * width, valid)
+    peak, error = _peak_bytes(lambda: tracin.GradientStore.open(path)[2:4].ids)
+    assert error is None and peak < 24 << 20, (peak, error)
+    assert tracin.GradientStore.open(path).ids[5] == "\ue000" + "\0" * (width - 2) + "\ue000"
+    _plant_header(path, f"<U{width}", 6, 6 * 4 * width, {**valid, (4, width - 2): 0xDC00})  # in row 4's last piece
+    peak, error = _peak_bytes(lambda: tracin.GradientStore.open(path))
+    said = rf"^{path / 'ids.npy'}: ids\[4\] = .* holds a lone surrogate \(U\+DC00\), which UTF-8 cannot encode"
+    assert isinstance(error, StoreFormatError) and re.match(said, str(error)) and peak < 24 << 20, (peak, error)
+
+
+def test_ids_of_width_zero_are_refused_naming_the_file(path):
+    # review140 F2: a '<U0' header (NumPy never writes one) opened, since NumPy maps it as '<U1'; .ids then mapped
+    # 4 bytes a row from a file holding none: a bare "mmap length is greater than file size"
+    _plant_header(path, "<U0", 6, 0)
+    said = rf"^{path / 'ids.npy'}: string ids of width 0 \(dtype <U0\)"
+    for allow_partial in (False, True):
+        with pytest.raises(StoreFormatError, match=said):
+            tracin.GradientStore.open(path, allow_partial=allow_partial)
+    with pytest.raises(StoreFormatError, match=said + ".*; pass overwrite=True"):  # resume: the spec check reads them
+        tracin.GradientStore.create(path, 6, [2], ids=IDS)

@@ -195,6 +195,8 @@ def open_ids(path: Path, n_rows: int) -> tuple[np.ndarray, int, os.stat_result]:
         dtype, shape, _, _ = read_header(fd, path)
         if shape != (n_rows,) or dtype.kind not in "iuU":
             raise StoreFormatError(f"{path}: expected {n_rows} integer or string ids, got shape {shape} dtype {dtype}")
+        if dtype.itemsize == 0:  # NumPy never writes one, and maps it as '<U1' (reading beyond the file)
+            raise StoreFormatError(f"{path}: string ids of width 0 (dtype {dtype.str}); expected at least 1 character")
         offset = check_npy(fd, path, dtype, shape)
         ids = map_array(fd, dtype, offset, shape, path)
         with naming(path, "reading"):
@@ -206,7 +208,7 @@ def open_ids(path: Path, n_rows: int) -> tuple[np.ndarray, int, os.stat_result]:
     return ids, offset, st
 
 
-_CHECKED_CODES = 1 << 20  # code points checked at a time: a 4 MiB buffer
+_CHECKED_CODES = 1 << 20  # code points checked at a time: a 4 MiB buffer, whatever the ids' width
 
 
 def unencodable_id(ids: np.ndarray, first_row: int = 0) -> str | None:
@@ -216,34 +218,40 @@ def unencodable_id(ids: np.ndarray, first_row: int = 0) -> str | None:
     Such an id could be stored, but not written out (tracin score / self-influence failed on it after
     part of their CSV). A Python string can hold a lone surrogate (U+D800..U+DFFF); only a file can hold
     a code point beyond U+10FFFF (NumPy turns it into a string that encodes to invalid UTF-8). Checked on
-    NumPy's UTF-32 code points, a chunk at a time, without a Python string per id: a maximum below
-    U+D800 (ASCII, most scripts) clears a chunk in one pass, else the minimum of code - 0xD800 (unsigned:
-    below U+D800 wraps around) is at least 0x800 when the chunk holds no surrogate."""
+    NumPy's UTF-32 code points, a piece of at most _CHECKED_CODES at a time (whole rows, or part of one
+    row for ids wider than that: a crafted header can make one id hundreds of MB), without a Python
+    string per id: a maximum below U+D800 (ASCII, most scripts) clears a piece in one pass, else the
+    minimum of code - 0xD800 (unsigned: below U+D800 wraps around) is at least 0x800 when the piece holds
+    no surrogate. Pieces go in row order, a row's from its start, so the first bad piece holds the first
+    bad row and that row's first bad code point."""
     if ids.dtype.kind != "U" or ids.dtype.itemsize == 0 or ids.size == 0:
         return None
     width = ids.dtype.itemsize // 4
     ids = np.ascontiguousarray(ids)
     codes = ids.view(np.dtype(np.uint32).newbyteorder(ids.dtype.byteorder)).reshape(ids.shape[0], width)
-    step = max(1, _CHECKED_CODES // width)
-    shifted = np.empty((min(step, codes.shape[0]), width), np.uint32)
-    for start in range(0, codes.shape[0], step):
-        block = codes[start : start + step]
-        top = block.max()
-        if top < 0xD800:
-            continue
-        if top <= 0x10FFFF:
-            np.subtract(block, np.uint32(0xD800), out=shifted[: len(block)])
-            if shifted[: len(block)].min() >= 0x800:
+    rows = max(1, _CHECKED_CODES // width)  # > 1 only when a piece holds whole rows
+    cols = min(width, _CHECKED_CODES)
+    shifted = np.empty((min(rows, codes.shape[0]), cols), np.uint32)
+    for start in range(0, codes.shape[0], rows):
+        for col in range(0, width, cols):
+            piece = codes[start : start + rows, col : col + cols]
+            top = piece.max()
+            if top < 0xD800:
                 continue
-        bad = ((block - np.uint32(0xD800)) < 0x800) | (block > 0x10FFFF)
-        r = int(bad.any(axis=1).argmax())
-        code = int(block[r][bad[r]][0])
-        what = (
-            f"a lone surrogate (U+{code:04X})"
-            if code <= 0xDFFF
-            else f"the code point {code:#x}, beyond Unicode's last (U+10FFFF)"
-        )
-        return f"ids[{first_row + start + r}] = {_shown(block[r])} holds {what}, which UTF-8 cannot encode"
+            if top <= 0x10FFFF:
+                out = shifted[: piece.shape[0], : piece.shape[1]]
+                np.subtract(piece, np.uint32(0xD800), out=out)
+                if out.min() >= 0x800:
+                    continue
+            bad = ((piece - np.uint32(0xD800)) < 0x800) | (piece > 0x10FFFF)
+            r = int(bad.any(axis=1).argmax())
+            code = int(piece[r][bad[r]][0])
+            what = (
+                f"a lone surrogate (U+{code:04X})"
+                if code <= 0xDFFF
+                else f"the code point {code:#x}, beyond Unicode's last (U+10FFFF)"
+            )
+            return f"ids[{first_row + start + r}] = {_shown(codes[start + r])} holds {what}, which UTF-8 cannot encode"
     return None
 
 
