@@ -238,3 +238,20 @@ def test_refused_combinations(rng):
     one_layer = factored_set(rng, 6, [(2, 3), (4, 5)], None, checkpoints=2)
     with pytest.raises(ValueError, match="same grouping on both sides"):
         tracin.scores(two_layers, one_layer, normalize=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_huge_weight_times_train_norm_is_refused_and_scaling_the_rows_down_cures_it(rng, device):
+    """Cosine scores meet train rows as they are up to norm 2^64 (README): weight 1e30 with rows of
+    norm ~3e10 overflows float32 (refused, as documented), and the same rows scaled down by 1e10 (the
+    advice) give the same cosines, within the bound of sum |w| = 1e30."""
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+    test = rng.standard_normal((3, 8)).astype(np.float32)
+    train = rng.standard_normal((5, 8)).astype(np.float32)
+    t = tracin.Gradients([test], [1e30])
+    with pytest.raises(ValueError, match="influence overflowed float32"):
+        tracin.scores(t, tracin.Gradients([train * np.float32(1e10)], [1e30]), normalize=True, device=device)
+    ours = tracin.scores(t, tracin.Gradients([train], [1e30]), normalize=True, device=device)
+    unit = [to_float64(a) / np.linalg.norm(to_float64(a), axis=1, keepdims=True) for a in (test, train)]
+    np.testing.assert_allclose(ours, 1e30 * unit[0] @ unit[1].T, rtol=0, atol=1e-5 * 1e30)

@@ -834,7 +834,10 @@ def top_k(
     piece as they stream; nothing is kept between calls) and makes no normalised copy of the data.
     Rows of any norm are scored: every device brings train rows of a norm below 2^-64 or above 2^64
     near norm 1 by powers of two first (exactly, so the cosines do not change; device "cpu" brings
-    such a factored row's left factor near norm 1 and its right factor takes the rest). Device "cpu"
+    such a factored row's left factor near norm 1 and its right factor takes the rest). Other train
+    rows are used as they are, so |w_c| times a train row's norm beyond float32's range (weight 1e30,
+    norm 1e10) is refused as an overflow although a cosine is at most sum_c |w_c|: scale those rows
+    (or every weight) down. Device "cpu"
     refuses (ValueError, overflow) factored rows of any norm whose left and right factors are out of
     balance by more than about 1e19 (left x1e20, right /1e20) where two such rows meet: the product
     of their left factors overflows float32 ("influence overflowed float32"), as it does for plain
