@@ -18,7 +18,17 @@ import numpy as np
 from ..gradients import GradientSet
 from ._convert import WIDER, BeyondRangeError, LowPrecisionRows, NonFiniteError, beyond_range_text, to_store_dtype
 from ._files import fsync_dir, open_file, sync, write_all, write_json_atomic
-from ._format import DISK_DTYPES, MANIFEST, Manifest, OverCapError, Ranges, StoreChangedError, gaps, merge_ranges
+from ._format import (
+    DISK_DTYPES,
+    MANIFEST,
+    Manifest,
+    OverCapError,
+    Ranges,
+    StoreChangedError,
+    StoreFormatError,
+    gaps,
+    merge_ranges,
+)
 from ._locks import DirectoryLock
 from ._npy import check_npy
 
@@ -30,7 +40,8 @@ class DataFiles:
     any number of checkpoints needs at most two descriptors. close() is idempotent."""
 
     def __init__(self, root: Path, manifest: Manifest):
-        """Checks every data file (no links, right header and size), one open file at a time."""
+        """Checks every data file (there, no links, right header and size), one open file at a time; a
+        damaged one is a StoreFormatError naming it."""
         self.paths = [[root / n for n in names] for names in manifest.files]
         self.offsets: list[list[int]] = []
         self._identities: list[list[tuple[int, int, int]]] = []
@@ -38,7 +49,10 @@ class DataFiles:
         for c, paths in enumerate(self.paths):
             offsets, identities = [], []
             for path, d in zip(paths, manifest.dims[c], strict=True):
-                fd = open_file(path, writable=True)
+                try:
+                    fd = open_file(path, writable=True)
+                except FileNotFoundError:  # as the reader says it; resuming adds how to start over
+                    raise StoreFormatError(f"{path}: data file is missing") from None
                 try:
                     offsets.append(check_npy(fd, path, DISK_DTYPES[manifest.dtype], (manifest.n_rows, d)))
                     identities.append(_identity(os.fstat(fd)))
