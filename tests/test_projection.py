@@ -392,6 +392,43 @@ def test_mismatch_names_what_differs():
         tracin.Projection.from_dict({"dim": 3})
 
 
+def test_values_of_a_spec_are_quoted_cut_short_in_errors():
+    # review140 F4: a store's metadata['projection'] (up to a 64 MiB manifest) was quoted whole: a 1 MB error line
+    long = "x" * 100_000
+    spec = tracin.Projection(8).to_dict()
+    cases = [
+        (lambda: tracin.Projection.from_dict({**spec, "kind": long}), ValueError, "kind must be one of"),
+        (lambda: tracin.Projection.from_dict({**spec, "kind": [long]}), TypeError, "kind must be a str"),
+        (lambda: tracin.Projection.from_dict({**spec, "generator": long}), ValueError, "generator version 'xxx"),
+        (lambda: tracin.Projection.from_dict({"type": long}), ValueError, "not a tracin.Projection spec"),
+        (lambda: tracin.Projection(8).check_compatible({**spec, "kind": long}), ValueError, "kind: 'rademacher' here"),
+        (lambda: tracin.Projection(8).check_compatible({**spec, "seed": long}), ValueError, "seed: 0 here, 'xxx"),
+        (lambda: tracin.Projection(8).check_compatible({**spec, "dim": [long]}), ValueError, "dim: 8 here, ['xxx"),
+        (
+            lambda: tracin.Projection(8, kronecker=True, per_layer=True).apply(
+                np.ones((1, 4), np.float32), segments=[{long: 1}]
+            ),
+            ValueError,
+            "segments entry {'xxx",
+        ),
+        (
+            lambda: tracin.Projection(8, kronecker=True, per_layer=True).kronecker_dims(8, {long: 1}),
+            TypeError,
+            "layer: {'xxx",
+        ),
+        (
+            lambda: tracin.Projection(8, per_layer=True).apply(np.ones((1, 4), np.float32), segments=long),
+            TypeError,
+            "segments must be a sequence",
+        ),
+    ]
+    for call, error, start in cases:
+        with pytest.raises(error) as failure:
+            call()
+        text = str(failure.value)
+        assert start in text and len(text) < 600, (start, len(text), text[:300])
+
+
 # --- bad input ---
 
 

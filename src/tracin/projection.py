@@ -41,6 +41,7 @@ from . import _core
 from ._arrays import DTYPE_CODES, as_matrix
 from ._validate import capped_threads, thread_count
 from .store._convert import bfloat16_bits_to_float32
+from .store._format import short
 
 KINDS = {"rademacher": 0, "gaussian": 1, "sparse": 2}
 SPARSE_NONZEROS = 8
@@ -211,9 +212,9 @@ class Projection:
         self.dim = _check_dim(dim, "dim")
         self.seed = _check_int(seed, "seed", 0, 2**64 - 1)
         if not isinstance(kind, str):
-            raise TypeError(f"kind must be a str, one of {sorted(KINDS)}, got {type(kind).__name__} {kind!r}")
+            raise TypeError(f"kind must be a str, one of {sorted(KINDS)}, got {type(kind).__name__} {short(kind)}")
         if kind not in KINDS:
-            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {short(kind)}")
         self.kind = kind
         if not isinstance(per_layer, (bool, np.bool_)):
             raise TypeError(f"per_layer must be a bool, got {type(per_layer).__name__}")
@@ -428,7 +429,7 @@ class Projection:
         except TypeError:
             raise TypeError(
                 "segments must be a sequence of the segments' widths (ints; LayerMatrix entries with "
-                f"kronecker=True), one per layer, got {type(segments).__name__} {segments!r}"
+                f"kronecker=True), one per layer, got {type(segments).__name__} {short(segments)}"
             ) from None
         layout = [self._segment(entry) for entry in entries]
         if not layout:
@@ -443,7 +444,7 @@ class Projection:
             try:
                 entry = LayerMatrix(**entry)
             except TypeError as e:
-                raise ValueError(f"segments entry {entry!r} is not a LayerMatrix spec: {e}") from None
+                raise ValueError(f"segments entry {short(entry)} is not a LayerMatrix spec: {short(e)}") from None
         if isinstance(entry, LayerMatrix):
             if not self.kronecker:
                 raise ValueError("segments: a LayerMatrix entry needs a Projection(..., kronecker=True)")
@@ -579,10 +580,10 @@ class Projection:
     @classmethod
     def from_dict(cls, spec: dict) -> Projection:
         if not isinstance(spec, dict) or spec.get("type") != "tracin.Projection":
-            raise ValueError(f"not a tracin.Projection spec: {spec!r}")
+            raise ValueError(f"not a tracin.Projection spec: {short(spec)}")
         if spec.get("generator") != GENERATOR_VERSION:
             raise ValueError(
-                f"projection spec from generator version {spec.get('generator')!r}; this "
+                f"projection spec from generator version {short(spec.get('generator'))}; this "
                 f"tracin generates version {GENERATOR_VERSION} and cannot reproduce it"
             )
         missing = {"kind", "dim", "seed", "per_layer"} - spec.keys()
@@ -608,7 +609,7 @@ class Projection:
         mine = {**self.to_dict(), "kronecker": self.kronecker}
         spec = {**spec, "kronecker": spec.get("kronecker", False)}
         diffs = [
-            f"{key}: {mine[key]!r} {here}, {spec.get(key, '<missing>')!r} in {what}"
+            f"{key}: {short(mine[key])} {here}, {short(spec.get(key, '<missing>'))} in {what}"
             for key in mine
             if spec.get(key, "<missing>") != mine[key]
         ]
@@ -639,7 +640,7 @@ def _layer(layer: Any, name: str) -> LayerMatrix:
         try:
             return LayerMatrix(**layer)
         except TypeError as e:
-            raise TypeError(f"{name}: {layer!r} is not a LayerMatrix spec ({e})") from None
+            raise TypeError(f"{name}: {short(layer)} is not a LayerMatrix spec ({short(e)})") from None
     if not isinstance(layer, LayerMatrix):
         raise TypeError(f"{name} must be a LayerMatrix (or its to_dict()), got {type(layer).__name__}")
     return layer

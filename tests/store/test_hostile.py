@@ -11,6 +11,7 @@ import gc
 import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -219,6 +220,61 @@ def test_an_os_error_on_resume_gives_no_advice_to_overwrite(tmp_path, monkeypatc
     assert "checkpoint_000.npy" in str(failure.value) and "overwrite" not in str(failure.value)
 
 
+def test_resuming_a_store_whose_data_file_is_missing_says_so_and_how_to_start_over(tmp_path):
+    # review140 F3: the reader said "data file is missing"; create (same spec) and a range writer raised a bare
+    # FileNotFoundError from lstat instead: no advice, and past code that catches StoreFormatError to start over
+    path = tmp_path / "s"
+    rows = _unfinished(path)
+    os.remove(path / "checkpoint_000.npy")
+    missing = re.escape(f"{path / 'checkpoint_000.npy'}: data file is missing")
+    with pytest.raises(StoreFormatError, match=f"^{missing}$"):
+        tracin.GradientStore.open(path, allow_partial=True)
+    with pytest.raises(StoreFormatError, match=f"^{missing}; pass overwrite=True to replace it$"):
+        tracin.GradientStore.create(path, 6, [4])
+    with pytest.raises(
+        StoreFormatError, match=f"^{missing}; create the store again without rows= \\(overwrite=True\\)"
+    ):
+        tracin.GradientStore.create(path, 6, [4], rows=(3, 6))
+    w = tracin.GradientStore.create(path, 6, [4], overwrite=True)  # as advised
+    w.write(0, 0, np.concatenate([rows, -rows]))
+    assert np.array_equal(read_rows(w.finalize())[0], np.concatenate([rows, -rows]))
+
+
+_EXPORT_BATCHES_LEFT: list[int] = []  # outside the loss's closure: a closure value is part of the export's identity
+
+
+def _stopping_loss(out, t):
+    if _EXPORT_BATCHES_LEFT and len(t) == 4:  # a batch of the export, not one of its checks on 1 or 2 rows
+        _EXPORT_BATCHES_LEFT[0] -= 1
+        if _EXPORT_BATCHES_LEFT[0] < 0:
+            raise RuntimeError("stopped")
+    return (out.squeeze(-1) - t) ** 2
+
+
+def test_an_export_resuming_a_store_whose_data_file_is_missing_says_so_and_how_to_start_over(tmp_path):
+    # review140 F3, through tracin.torch.export_gradients(store=): its own advice, as for the other damage
+    torch = pytest.importorskip("torch")
+    import tracin.torch as tt
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3), torch.randn(12)
+    model = torch.nn.Linear(3, 1)
+    states = [({k: v.detach() * s for k, v in model.state_dict().items()}, 0.1) for s in (1.0, 0.5)]
+    _EXPORT_BATCHES_LEFT[:] = [4]
+    try:
+        with pytest.raises(RuntimeError, match="stopped"):
+            tt.export_gradients(
+                model, states, (x, y), _stopping_loss, store=tmp_path / "g", batch_size=4, progress=False
+            )
+    finally:
+        _EXPORT_BATCHES_LEFT.clear()
+    assert json.loads((tmp_path / "g" / "manifest.json").read_text())["checkpoints"][0]["written"]  # not replaced
+    os.remove(tmp_path / "g" / "checkpoint_001.npy")
+    said = re.escape(f"{tmp_path / 'g' / 'checkpoint_001.npy'}: data file is missing; export into another directory")
+    with pytest.raises(StoreFormatError, match=f"^{said}"):
+        tt.export_gradients(model, states, (x, y), _stopping_loss, store=tmp_path / "g", batch_size=4, progress=False)
+
+
 def test_an_os_error_on_the_ids_file_is_not_called_unreadable_ids(store, monkeypatch):
     _deny(monkeypatch, "ids.npy", errno.EACCES)
     with pytest.raises(PermissionError, match="ids.npy"):
@@ -359,6 +415,19 @@ def test_a_data_file_name_of_ten_megabytes_is_refused_in_a_short_message(store, 
         tracin.GradientStore.open(store.path)
     assert len(str(e.value)) < 500
     assert len(_one_line_cli_error(capsys, ["info", str(store.path)])) < 600
+
+
+def test_a_projection_spec_of_a_megabyte_in_the_metadata_is_quoted_short(tmp_path, capsys):
+    # review140 F4: metadata['projection'] with a 1e6-character kind: `tracin score` wrote a 1 MB error line
+    blocks = random_blocks(3, [4], "float32", False)
+    hostile = {**tracin.Projection(4, 1).to_dict(), "kind": "x" * 1_000_000}
+    test = write_store(tmp_path / "t", blocks, [1.0], metadata={"projection": hostile})
+    train = write_store(tmp_path / "x", blocks, [1.0], metadata={"projection": tracin.Projection(4, 1).to_dict()})
+    with pytest.raises(ValueError, match=r"metadata\['projection'\] is not a projection spec .*kind must be") as e:
+        tracin.top_k(test, train, k=1)
+    assert len(str(e.value)) < 800
+    argv = ["score", "--test", str(test.path), "--train", str(train.path), "-o", str(tmp_path / "s.csv")]
+    assert "kind must be one of" in (err := _one_line_cli_error(capsys, argv)) and len(err) < 800
 
 
 @pytest.mark.parametrize(
