@@ -34,21 +34,26 @@ main()
 """
 
 
-@pytest.mark.parametrize("mode, named", [("missing", "no tracin (cannot import it)"), ("other", "tracin 0.0.9")])
-def test_a_worker_without_the_clients_tracin_is_named(tied, tmp_path: Path, mode: str, named: str):
+def start_worker(tmp_path: Path, mode: str, scheduler: str) -> subprocess.Popen:
+    """A worker process of the cluster at `scheduler` whose tracin is "missing" or "other"."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
+    return subprocess.Popen(
+        [sys.executable, str(script), mode, scheduler, "--nthreads", "1", "--no-nanny"]
+        + ["--host", "127.0.0.1", "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("mode, named", [("missing", "no tracin (cannot import it)"), ("other", "tracin 0.0.9")])
+def test_a_worker_without_the_clients_tracin_is_named(tied, tmp_path: Path, mode: str, named: str):
     with (
         LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
         Client(cluster, set_as_default=False) as c,
     ):
         good = set(c.scheduler_info()["workers"])
-        worker = subprocess.Popen(
-            [sys.executable, str(script), mode, cluster.scheduler_address, "--nthreads", "1", "--no-nanny"]
-            + ["--host", "127.0.0.1", "--no-dashboard"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        worker = start_worker(tmp_path, mode, cluster.scheduler_address)
         try:
             c.wait_for_workers(2, timeout=120)
             (bad,) = set(c.scheduler_info()["workers"]) - good
@@ -71,3 +76,25 @@ def test_a_worker_without_the_clients_tracin_is_named(tied, tmp_path: Path, mode
         finally:
             worker.kill()
             worker.wait()
+
+
+def test_a_first_worker_without_tracin_is_named_after_the_wait_for_it(tied, tmp_path: Path):
+    """A cluster with no worker yet: the task kept pending while the first worker is waited for is
+    the standard library's, so a first worker without tracin stays to be named (a task of tracin broke
+    its connection before the check, and the call waited for good)."""
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,  # left last: closing the client ends a hung call
+        LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        call = pool.submit(td.self_influence, tied["store"], client=c, shards=2, progress=False, worker_timeout=300)
+        worker = start_worker(tmp_path, "missing", cluster.scheduler_address)
+        try:
+            error = call.exception(timeout=60)
+        except concurrent.futures.TimeoutError:
+            pytest.fail("the call neither returned nor raised")
+        finally:
+            worker.kill()
+            worker.wait()
+        assert isinstance(error, RuntimeError), error
+        assert "1 of the 1 workers" in str(error) and ": no tracin (cannot import it)" in str(error)

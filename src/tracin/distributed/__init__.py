@@ -22,8 +22,9 @@ from under `if __name__ == "__main__":` (the worker processes are spawned and im
 Every worker must run the client's tracin version: before any task is sent, a call asks each worker
 for tracin.__version__ (with a standard-library function that any worker can run) and raises a
 RuntimeError naming those that cannot import tracin or run another version, which would fail to read
-the tasks (Dask drops such a worker and the call waits, silently). Workers that join later (a
-cluster with none when the call starts, an adaptive one growing) are not asked:
+the tasks (Dask drops such a worker and the call waits, silently). Workers that join later are not
+asked (an adaptive cluster's new ones; all of them when a scoring call with worker_timeout=None starts
+on a cluster with none: with worker_timeout, or in an export, the first worker, waited for, is):
 client.run(pkgutil.resolve_name, "tracin:__version__") shows theirs. An in-memory side holding NaN or
 Inf is refused on the client, with the error tracin's own function raises, before anything is sent.
 

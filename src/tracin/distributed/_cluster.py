@@ -219,7 +219,8 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
     which cuts one row range per slot), else not at all: the call goes on with no slots and its tasks
     wait in the scheduler's queue. While it waits, a placeholder task is pending on the scheduler, so
     that an adaptive cluster, which starts workers only for pending work, starts one; it is released
-    once a worker has come (or the wait ends)."""
+    once a worker has come (or the wait ends). The workers found are then asked for their tracin
+    version (check_workers_tracin)."""
     where = scheduler_address(client)
     workers = _workers(client, where)
     if not workers:
@@ -236,7 +237,9 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
             "(interrupt to stop)",
             file=sys.stderr,
         )
-        placeholder = client.submit(_placeholder, pure=False, key=f"tracin-wait-for-a-worker-{uuid.uuid4().hex}")
+        # int() does nothing, and is the standard library's: a first worker without tracin runs it and stays (a
+        # function of tracin would break its connection, before check_workers_tracin could name it)
+        placeholder = client.submit(int, pure=False, key=f"tracin-wait-for-a-worker-{uuid.uuid4().hex}")
         try:
             client.wait_for_workers(1, timeout=worker_timeout)
         except TimeoutError:
@@ -297,11 +300,6 @@ def _workers(client: Client, address: str) -> dict[str, Any]:
             "pass a client of a running scheduler"
         )
     return info["workers"]
-
-
-def _placeholder() -> None:
-    """The task kept pending while a cluster's first worker is waited for (adaptive clusters scale
-    up only for pending tasks); it does nothing."""
 
 
 def worker_name() -> str:
