@@ -1328,3 +1328,16 @@ def test_a_whitened_train_side_is_checked_against_the_test_side_as_a_whitened_te
     exact = to_float64(other) @ np.linalg.inv(r + np.trace(r) / 8 * np.eye(8)) @ to_float64(bare).T
     for got in (tracin.scores(same, whitened), tracin.scores(whitened, same).T):
         np.testing.assert_allclose(to_float64(got), exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+
+
+def test_metadata_values_of_any_length_are_quoted_short_in_errors(rng):
+    """A set whose metadata holds a 1e6-character mode or preconditioner (a hostile store's manifest)
+    is refused with an error of a few hundred characters, not one quoting the whole value."""
+    rows = rng.standard_normal((3, 4)).astype(np.float32)
+    huge = "x" * 1_000_000
+    for key, value, usual in (("mode", huge, "full"), ("preconditioner", {"kind": huge}, {"kind": "adam"})):
+        odd = tracin.Gradients([rows], metadata={"framework": "torch", "mode": "full", key: value})
+        plain = tracin.Gradients([rows], metadata={"framework": "torch", "mode": "full", key: usual})
+        with pytest.raises(ValueError) as refused:
+            tracin.scores(odd, plain)
+        assert "xxxx" in str(refused.value) and len(str(refused.value)) < 1000, key

@@ -43,6 +43,7 @@ from ._validate import MAX_THREADS
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
 from .store._files import enclosing_store
+from .store._format import short
 
 EXAMPLES = """examples:
   tracin demo                                   # the mislabelled-digits demo (pip install 'tracin[demo]')
@@ -427,8 +428,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     except FittedKindError as e:  # the library's advice (Whitening.fit(train)) is Python's
         fitted = "--whitening was" if whitening is not None else "--test is whitened by a whitening"
         raise CommandError(
-            f"{fitted} fitted on preconditioner={e.kinds[0]!r} gradients but --train holds "
-            f"preconditioner={e.kinds[1]!r} ones; {_refit_advice(whitening)}"
+            f"{fitted} fitted on preconditioner={short(e.kinds[0])} gradients but --train holds "
+            f"preconditioner={short(e.kinds[1])} ones; {_refit_advice(whitening)}"
         ) from e
     except CheckpointMismatchError as e:  # the library's advice (drop a metadata record) is not for a shell
         if e.names[0] == FITTED_ON:  # --test's own records passed: its whitening's fitted-on gradients did not

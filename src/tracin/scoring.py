@@ -30,7 +30,7 @@ from ._validate import flag, positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
 from .backends.base import KeepsTopK
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
-from .store._format import metadata_problem
+from .store._format import metadata_problem, short
 from .whitening import Whitening
 
 _SIDES = ("proponents", "opponents", "both")
@@ -109,8 +109,8 @@ def _layout_text(s: GradientSet) -> str:
     framework, mode = s.metadata.get("framework"), s.metadata.get("mode")
     how = ""
     if isinstance(framework, str) and mode:
-        by = f"by tracin.{framework} with" if framework in ("torch", "jax") else f"with framework={framework!r},"
-        how = f", exported {by} mode={mode!r}"
+        by = f"by tracin.{framework} with" if framework in ("torch", "jax") else f"with framework={short(framework)},"
+        how = f", exported {by} mode={short(mode)}"
     return f"{kind} ({type(s).__name__}{how})"
 
 
@@ -151,7 +151,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             raise ValueError(f"{name}: {problem}")
     first, second = (_gradients(n) for n in names)
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
-        raise ValueError(f"{first} are mode={t['mode']!r} but {second} are mode={x['mode']!r}")
+        raise ValueError(f"{first} are mode={short(t['mode'])} but {second} are mode={short(x['mode'])}")
     _check_same_preconditioner(t, x, names)
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         specs = {}
@@ -206,7 +206,8 @@ def _check_same_train_space(space: dict, train: _Recorded, name: str, side: str 
         kinds = [_preconditioner_kind(m) for m in (space, x)]
         if kinds[0] != kinds[1]:
             raise FittedKindError(
-                f"{name} are preconditioner={kinds[0]!r} but {side} gradients are preconditioner={kinds[1]!r}: "
+                f"{name} are preconditioner={short(kinds[0])} but {side} gradients are "
+                f"preconditioner={short(kinds[1])}: "
                 f"fit the whitening on the {side} side's gradients (Whitening.fit({side}))",
                 (kinds[0], kinds[1]),
             )
@@ -372,13 +373,13 @@ def _check_same_preconditioner(t: dict, x: dict, names: tuple[str, str] = ("test
     if kx == "adam_update" and kt is not None:
         raise ValueError(
             f"{second} are preconditioner='adam_update', which pairs with plain test rows, but {first} are "
-            f"preconditioner={kt!r}: export {_rows(names[0])} with preconditioner=None (from the same "
+            f"preconditioner={short(kt)}: export {_rows(names[0])} with preconditioner=None (from the same "
             "checkpoints, without their optimizer states)"
         )
     if kt != kx and kx != "adam_update":
         raise ValueError(
-            f"{first} are preconditioner={kt!r} but {second} are "
-            f"preconditioner={kx!r}: export both sides with the same one"
+            f"{first} are preconditioner={short(kt)} but {second} are "
+            f"preconditioner={short(kx)}: export both sides with the same one"
         )
 
 
@@ -391,7 +392,7 @@ def _check_same_hyperparameters(t: dict, x: dict, names: tuple[str, str] = ("tes
     ours, theirs = t["preconditioner"], x["preconditioner"]
     differ = {key: (ours[key], theirs[key]) for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]}
     if differ:
-        settings = ", ".join(f"{key} {a!r} vs {b!r}" for key, (a, b) in sorted(differ.items()))
+        settings = ", ".join(f"{key:.80} {short(a)} vs {short(b)}" for key, (a, b) in sorted(differ.items()))
         raise ValueError(
             f"{names[0]} and {names[1]} were preconditioned with other settings "
             f"(metadata['preconditioner']: {settings}), which weigh each side's rows differently: export "
