@@ -27,3 +27,15 @@ class RunningMean(nn.Module):
             mean = self.mean.data if self.through_data else self.mean
             mean.mul_(0.5).add_(x.detach().mean(0))
         return out
+
+
+def tiny_gpt2(vocab_size: int = 50, n_positions: int = 16, seed: int = 0, **config) -> nn.Module:
+    """A GPT-2 language model of 2 layers, 2 heads and width 16 (float32, eval mode), initialised from
+    torch seed `seed`; `config`: further GPT2Config fields (dropouts, ...). Needs transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    settings = {"n_embd": 16, "n_layer": 2, "n_head": 2, "bos_token_id": 0, "eos_token_id": 0, **config}
+    gpt2_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, **settings)
+    return transformers.GPT2LMHeadModel(gpt2_config).eval()

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import tiny_gpt2
 from torch import nn
 
 import tracin
@@ -71,12 +72,7 @@ def hugging_face():
 
 
 def gpt2(seed: int = 0) -> nn.Module:
-    transformers = hugging_face()
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).double().eval()
+    return tiny_gpt2(seed=seed).double()
 
 
 def padded_sequences(n: int, length: int, vocab: int, seed: int) -> tuple[dict, torch.Tensor]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _models import tiny_gpt2
 from torch import nn
 
 import tracin
@@ -30,11 +31,7 @@ def token_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
 
 
 def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(VOCAB, LENGTH)
 
 
 def padded(n: int, seed: int) -> tuple[dict, torch.Tensor, list[int]]:

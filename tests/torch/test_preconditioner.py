@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from _models import tiny_gpt2
 from torch import nn
 
 import tracin
@@ -253,21 +254,7 @@ def test_one_unnamed_group_in_another_order_is_refused_at_any_position_not_only_
     the chosen h.0.mlp.c_proj.bias and h.1.ln_1.weight the exp_avg_sq of the same-shaped
     h.0.attn.c_proj.bias and h.0.ln_2.weight (rows 90% off), silently; every position is now checked. The
     refusal's advice (name the parameters) then gives each its own state."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50,
-        n_positions=8,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = tiny_gpt2(50, 8, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
     ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(1))
 
     def loss_fn(out, labels):
