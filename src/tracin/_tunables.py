@@ -125,13 +125,15 @@ re-streaming the train side per chunk stays hidden behind the compute up to d of
 Not yet measured on a GPU: rerun benchmarks/gpu.py.
 """
 
-DEVICE_SUM_DEPTH = 4096
+DEVICE_SUM_DEPTH = 1024
 """Device backends: most columns per float32 GEMM (torch_device._gemm). A wider block is multiplied in
 slices of this many columns whose results are added in float64, so that the error stays within the
 numerical contract whatever d is: BLAS and cuBLAS sum each dot product in one float32 chain, and
-same-sign rows (every product just above 1) missed the bound 1.6x at 2^18 columns and 5x at 2^20 on
-torch:cpu (one test row: 10x from 2^16), at most 0.44x at 4096 (one test row; 64 x 64 GEMMs 0.11x). Costs one float64 add of the score block per slice; blocks of d <= 4096 are one GEMM as
-before. Not yet measured on a GPU."""
+same-sign rows (products 1 + eps/256, every eps of a fine grid in [0.005, 0.12]) missed the bound on
+torch:cpu from about 3000 columns for test sets of a few rows (matrix-vector path: 1.5x at 4096, and
+so at any d in slices of 4096; 64 test rows 0.25x), 5x at 2^20 in one GEMM; at most 0.39x in slices of
+1024 (0.19x of 512). Costs one float64 add of the score block per slice; blocks of d <= 1024 are one
+GEMM as before. Not yet measured on a GPU."""
 
 DEVICE_TILE_SCORES = 2**28
 """Device backends: scores per score block (test rows x train rows of a tile, float32: 1 GiB); the

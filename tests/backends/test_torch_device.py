@@ -1195,6 +1195,19 @@ def test_same_sign_wide_rows_keep_the_bound(m):
         assert np.all(np.abs(best.values - np.take_along_axis(exact, best.indices, 1)) <= bound[:, :3]), device
 
 
+@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("d", [3000, 2**14])
+def test_same_sign_rows_keep_the_bound_for_every_small_difference(m, d):
+    """Few test rows (BLAS's matrix-vector path, one float32 chain per row) against same-sign rows of
+    products 1 + eps/256 for 96 eps in [0.005, 0.12]: some eps round the same way at every step, which
+    missed the bound 1.0x at 3000 columns and 1.5x at 4096 (and, slice after slice, at any d) while
+    DEVICE_SUM_DEPTH was 4096; at most 0.39x in slices of 1024."""
+    test = np.ones((m, d), np.float32)
+    train = np.stack([np.full(d, 1 + eps / 256, np.float32) for eps in np.linspace(0.005, 0.12, 96)])
+    exact, bound = exact_scores([test], [train], [1.0]), score_bound([test], [train], [1.0])
+    assert np.all(np.abs(tracin.scores(test, train, device="torch:cpu") - exact) <= bound)
+
+
 @pytest.mark.parametrize("factored", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_blocks_wider_than_the_sum_depth_are_summed_in_slices(rng, small_tiles, monkeypatch, factored, normalize):
