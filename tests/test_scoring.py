@@ -1341,3 +1341,19 @@ def test_metadata_values_of_any_length_are_quoted_short_in_errors(rng):
         with pytest.raises(ValueError) as refused:
             tracin.scores(odd, plain)
         assert "xxxx" in str(refused.value) and len(str(refused.value)) < 1000, key
+
+
+def test_recorded_parameter_names_are_quoted_short_in_errors(rng):
+    """Sets of one framework recording other params: the names are listed, each cut to 80 characters and at
+    most 40 of them (a hostile store's manifest can record a 1e6-character name, or 200000 names)."""
+    rows = rng.standard_normal((3, 4)).astype(np.float32)
+    plain = tracin.Gradients([rows], metadata={"framework": "torch", "params": [{"name": "w"}]})
+    for params, shown in (
+        ([{"name": "x" * 1_000_000}], "['" + "x" * 79 + "...] vs ['w']"),
+        ([{"name": f"p{i}"} for i in range(200_000)], "'p38', 'p39', ... (199960 more)] vs ['w']"),
+        ([{"name": "a"}, {"name": "b"}], "['a', 'b'] vs ['w']"),  # ordinary names: as before
+    ):
+        odd = tracin.Gradients([rows], metadata={"framework": "torch", "params": params})
+        with pytest.raises(ValueError, match="different parameters") as refused:
+            tracin.scores(odd, plain)
+        assert str(refused.value).endswith(shown) and len(str(refused.value)) < 1000, str(refused.value)[:300]

@@ -176,7 +176,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
     ):
         raise ValueError(
             f"{names[0]} and {names[1]} are gradients of different parameters: "
-            f"{[p['name'] for p in t['params']]} vs {[p['name'] for p in x['params']]}"
+            f"{_param_names(t['params'])} vs {_param_names(x['params'])}"
         )
     _check_same_checkpoints(t, x, names)
     _check_same_optimizer_states(t, x, names)
@@ -188,6 +188,13 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             # then the space of the gradients the whitening was fitted on: the other side's too (bare
             # arrays carry no records of their own, their whitening's are checked)
             _check_same_train_space(fitted["space"], other, fitted_on, name)
+
+
+def _param_names(params: list[dict], limit: int = 40) -> str:
+    """The recorded params' names as a list's repr ("['fc.weight', 'fc.bias']"), each cut to 80 characters
+    and at most `limit` of them: a hostile manifest can record huge names, or millions of them."""
+    names = ", ".join(short(p["name"]) for p in params[:limit])
+    return f"[{names}{f', ... ({len(params) - limit} more)' if len(params) > limit else ''}]"
 
 
 def _check_same_train_space(space: dict, train: _Recorded, name: str, side: str = "train") -> None:
@@ -392,7 +399,7 @@ def _check_same_hyperparameters(t: dict, x: dict, names: tuple[str, str] = ("tes
     ours, theirs = t["preconditioner"], x["preconditioner"]
     differ = {key: (ours[key], theirs[key]) for key in ours.keys() & theirs.keys() if ours[key] != theirs[key]}
     if differ:
-        settings = ", ".join(f"{key:.80} {short(a)} vs {short(b)}" for key, (a, b) in sorted(differ.items()))
+        settings = ", ".join(f"{str(key):.80} {short(a)} vs {short(b)}" for key, (a, b) in sorted(differ.items()))
         raise ValueError(
             f"{names[0]} and {names[1]} were preconditioned with other settings "
             f"(metadata['preconditioner']: {settings}), which weigh each side's rows differently: export "
