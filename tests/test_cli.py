@@ -2272,6 +2272,55 @@ def test_a_second_signal_while_the_first_is_reported_exits_quietly(monkeypatch, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_a_second_signal_while_the_first_unwinds_lets_the_cleanup_finish(monkeypatch, capsys, signals_as_in_a_terminal):
+    """fr138: a second Ctrl-C a few ms after the first was raised inside the cleanup the first ran (an -o's
+    temporary file was left beside it in ~2 of 60 double Ctrl-Cs); within UNWIND_S of the first it is recorded."""
+    import tracin.cli
+
+    cleaned = []
+
+    def command(args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        finally:  # the impatient second Ctrl-C (and a SIGTERM) while the first unwinds
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGTERM)
+            cleaned.append(True)
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", command)
+    assert main(["info", "x"]) == 130
+    assert cleaned == [True] and capsys.readouterr().err == "tracin info: interrupted\n"
+    steps = []
+
+    def insists(args):  # a signal UNWIND_S after the first, whose exception was swallowed, is raised again
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(tracin.cli, "UNWIND_S", 0.0)
+        signal.raise_signal(signal.SIGINT)
+        steps.append("ran on")
+
+    monkeypatch.setattr(tracin.cli, "cmd_info", insists)
+    assert main(["info", "x"]) == 130 and steps == []
+
+
+@pytest.mark.parametrize(("code", "ignored"), [(0, False), (1, False), (130, True), (143, True), (129, True)])
+def test_the_program_ignores_signals_while_it_exits_after_one_ended_the_command(monkeypatch, code, ignored):
+    """fr138: a second Ctrl-C during Python's finalization, which restores SIGINT's default action, killed the
+    process by SIGINT (returncode -2) instead of exit code 130, in ~1 of 6 double Ctrl-Cs."""
+    import tracin.cli
+
+    set_to = {}
+    monkeypatch.setattr(tracin.cli, "main", lambda: code)
+    monkeypatch.setattr(tracin.cli.signal, "signal", lambda s, h: set_to.__setitem__(s, h))
+    with pytest.raises(SystemExit) as e:
+        tracin.cli.console()
+    assert e.value.code == code
+    expected = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN, signal.SIGHUP: signal.SIG_IGN}
+    assert set_to == (expected if ignored else {})
+
+
 def test_usage_mistakes_exit_2_and_problems_with_files_exit_1(stores, tmp_path, capsys, monkeypatch):
     """review138 F4: options that do not combine, an empty value or an -o name without the suffix exited 1, as
     a missing file does, while argparse's own usage errors exit 2; all of them exit 2 now, before any work."""

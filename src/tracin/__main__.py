@@ -1,8 +1,6 @@
 """python -m tracin: the command line."""
 
-import sys
-
-from .cli import main
+from .cli import console
 
 if __name__ == "__main__":  # spawned Dask workers import the main module again: they must not run the CLI
-    sys.exit(main())
+    console()

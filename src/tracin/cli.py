@@ -33,6 +33,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -328,10 +329,14 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
 
 
 def _check_scheduler(args: argparse.Namespace) -> None:
-    """--scheduler and --workers, checked before any work (usage errors): an address or local, and
-    --workers only with --scheduler local."""
+    """--scheduler, --workers and --device, checked before any work (usage errors): an address or local,
+    not with --device cuda, and --workers only with --scheduler local."""
     if args.scheduler == "":  # not an address to try
         raise UsageError("--scheduler: expected a scheduler's address or local, got ''")
+    if args.scheduler is not None and args.device == "cuda":
+        raise UsageError(
+            "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs: give one of them"
+        )
     if args.workers is None or args.scheduler == "local":
         return
     if args.scheduler is None:
@@ -343,14 +348,10 @@ def _check_scheduler(args: argparse.Namespace) -> None:
 
 
 def _check_device(args: argparse.Namespace) -> None:
-    """--device, checked before any work: cuda needs a CUDA device torch sees, and no --scheduler
-    (whose workers run the CPU kernel; a usage error)."""
+    """--device, checked before any work: cuda needs a CUDA device torch sees (with no --scheduler, whose
+    workers run the CPU kernel: _check_scheduler)."""
     if args.device != "cuda":
         return
-    if args.scheduler is not None:
-        raise UsageError(
-            "--device cuda scores on this machine's GPU, --scheduler on the Dask workers' CPUs: give one of them"
-        )
     from .backends import placement
 
     try:
@@ -1113,6 +1114,8 @@ def _run(args: argparse.Namespace, received: list[int]) -> int:
 
 
 REDELIVER_S = 0.05  # after this delay a signal's exception that Python could only print is raised again
+UNWIND_S = 1.0  # after a signal's exception is raised, further signals this long are only recorded (the cleanup
+# it runs, as removing an -o's temporary file, is not cut short by an impatient second Ctrl-C)
 _DEFAULTS = {"SIGINT": signal.default_int_handler, "SIGTERM": signal.SIG_DFL, "SIGHUP": signal.SIG_DFL}
 
 
@@ -1122,23 +1125,32 @@ def _signals_unwind(received: list[int]) -> Iterator[Callable[[], None]]:
     and SIGTERM and SIGHUP raise _Terminated (where they would kill the process outright), each signal
     appended to `received` first, so that main reports it even if something swallows the exception. One
     swallowed where Python can only print it ('Exception ignored in' a gc callback, as JAX's) is raised
-    again in the main thread REDELIVER_S later instead of printed. After stop_raising(), until the block
-    ends, a signal is only appended (a second Ctrl-C while main reports the first prints no traceback).
+    again in the main thread REDELIVER_S later instead of printed. A signal within UNWIND_S of the one
+    whose exception was raised is only appended (an impatient second Ctrl-C does not cut short the cleanup
+    the first runs, as removing an -o's temporary file), as is every signal after stop_raising(), until the
+    block ends (a second Ctrl-C while main reports the first prints no traceback).
     Only Python's default handlers are replaced (an ignored SIGINT stays ignored); they and
     sys.unraisablehook are restored after the block."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
     active, lock = [True], threading.Lock()
+    raised_at: list[float | None] = [None]  # when a signal's exception was last raised (time.monotonic)
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
-        if active[0]:
-            raise _signal_exception(signum)
+        if not active[0]:
+            return
+        now = time.monotonic()
+        if raised_at[0] is not None and now - raised_at[0] < UNWIND_S:  # the command is unwinding: let it clean up
+            return
+        raised_at[0] = now
+        raise _signal_exception(signum)
 
     def redeliver(signum: int) -> None:
         with lock:
             if active[0]:
+                raised_at[0] = None  # the exception raised was swallowed: nothing is unwinding
                 if hasattr(signal, "pthread_kill"):
                     signal.pthread_kill(threading.main_thread().ident, signum)  # wakes a blocked wait
                 else:  # Windows: raised at the main thread's next bytecode
@@ -1274,5 +1286,17 @@ def _main(argv: list[str] | None) -> int:
         return code
 
 
+def console() -> None:
+    """The `tracin` program (console script, python -m tracin): main(), then, where a signal ended the command,
+    SIGINT, SIGTERM and SIGHUP ignored while the process exits (Python's finalization restores their default
+    action, by which a late second Ctrl-C would kill the process by SIGINT instead of exit code 130)."""
+    code = main()
+    if code in {128 + getattr(signal, n) for n in _DEFAULTS if hasattr(signal, n)}:
+        for name in _DEFAULTS:
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
