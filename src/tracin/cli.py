@@ -309,7 +309,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         from distributed import Client
 
         from .distributed import TaskFailedError
-        from .distributed._cluster import local_client, usable_cores
+        from .distributed._cluster import WorkersTracinError, local_client, usable_cores
     except ImportError as e:
         raise CommandError(f"--scheduler needs Dask: pip install 'tracin[distributed]' ({e})") from e
     if args.scheduler == "local":
@@ -324,7 +324,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     with connection as client:
         try:
             yield client
-        except TaskFailedError as e:  # workers that kept dying: one line, not a traceback
+        except (TaskFailedError, WorkersTracinError) as e:  # workers that kept dying, or without our tracin: one line
             raise CommandError(_one_line(e)) from e
 
 

@@ -3,11 +3,13 @@ anything is sent (review141 F2: every task raised it, and the error named a shar
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 import tracin
 import tracin.distributed as td
+from tracin.distributed import _api
 from tracin.distributed._run import Job
 
 
@@ -55,6 +57,26 @@ def test_first_five_non_finite_rows_of_the_first_block_are_named(client, tied):
     with pytest.raises(ValueError) as got:
         td.top_k(test, tied["store"], 3, client=client, shards=4, progress=False)
     assert str(got.value) == "test checkpoint 1 contains NaN or Inf values, first in rows [1, 3, 4, 5, 7]"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_rows_read_in_pieces_are_named_as_one_read_would(monkeypatch, client, tied, dtype):
+    """The side is read a few rows at a time (FINITE_CHECK_BYTES): rows found across pieces, every dtype,
+    bfloat16 NaN payloads and its largest finite values, against a float64 reference of the values."""
+    monkeypatch.setattr(_api, "FINITE_CHECK_BYTES", 3 * 4 * 6)  # 3 rows of checkpoint 0 at a time
+    rng = np.random.default_rng(5)
+    blocks = [rng.standard_normal((40, d)).astype(np.float32) for d in (6, 3)]
+    blocks[1][[4, 17, 18, 29, 33, 38], [0, 2, 1, 0, 2, 1]] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]
+    blocks = [b.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype) for b in blocks]
+    if dtype == "bfloat16":
+        bits = blocks[1].view(np.uint16)
+        bits[4, 0], bits[29, 0], bits[5, 1], bits[6, 2] = 0x7F81, 0xFFC1, 0x7F7F, 0xFF7F  # NaNs; +-largest finite
+    with np.errstate(invalid="ignore"):  # the signalling NaN 0x7F81, cast
+        reference = np.flatnonzero(~np.isfinite(blocks[1].astype(np.float64)).all(axis=1))[:5].tolist()
+    assert reference == [4, 17, 18, 29, 33]
+    with pytest.raises(ValueError) as got:
+        td.top_k(tracin.Gradients(blocks, [0.5, 2.0]), tied["store"], 3, client=client, shards=4, progress=False)
+    assert str(got.value) == f"test checkpoint 1 contains NaN or Inf values, first in rows {reference}"
 
 
 class _Failed:

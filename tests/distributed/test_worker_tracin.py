@@ -15,7 +15,8 @@ import tracin
 import tracin.distributed as td
 
 # A `dask worker` process (no nanny) whose tracin is missing (an import hook refuses it, as an
-# environment without tracin would) or reports another version (as another release would).
+# environment without tracin would), unreadable (an OSError, as files without read permission give)
+# or reports another version (as another release would).
 WORKER = """
 import sys
 mode = sys.argv.pop(1)
@@ -25,6 +26,12 @@ if mode == "missing":
             if name.split(".")[0] == "tracin":
                 raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     sys.meta_path.insert(0, Refuse())
+elif mode == "unreadable":
+    class Unreadable:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "tracin":
+                raise PermissionError(13, "Permission denied", "tracin/__init__.py")
+    sys.meta_path.insert(0, Unreadable())
 else:
     import tracin
     tracin.__version__ = "0.0.9"
@@ -35,7 +42,7 @@ main()
 
 
 def start_worker(tmp_path: Path, mode: str, scheduler: str) -> subprocess.Popen:
-    """A worker process of the cluster at `scheduler` whose tracin is "missing" or "other"."""
+    """A worker process of the cluster at `scheduler` whose tracin is "missing", "unreadable" or "other"."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     return subprocess.Popen(
@@ -46,7 +53,14 @@ def start_worker(tmp_path: Path, mode: str, scheduler: str) -> subprocess.Popen:
     )
 
 
-@pytest.mark.parametrize("mode, named", [("missing", "no tracin (cannot import it)"), ("other", "tracin 0.0.9")])
+@pytest.mark.parametrize(
+    "mode, named",
+    [
+        ("missing", "no tracin (cannot import it)"),
+        ("unreadable", "cannot import tracin (PermissionError: [Errno 13] Permission denied: 'tracin/__init__.py')"),
+        ("other", "tracin 0.0.9"),
+    ],
+)
 def test_a_worker_without_the_clients_tracin_is_named(tied, tmp_path: Path, mode: str, named: str):
     with (
         LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,

@@ -21,7 +21,7 @@ from typing import Any
 import dask
 from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, SpecCluster, WorkerPlugin, default_client, get_worker
-from distributed.comm import get_address_host
+from distributed.comm import CommClosedError, get_address_host
 
 from .._cpus import usable_cores
 
@@ -78,7 +78,8 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
     here, quietly, before the interrupt goes on: left to Dask's exit hook (close_clusters), its close
     fails on the cluster's unfinished state and prints a traceback of some 30-50 lines after the
     caller's own one-line message; the worker processes its nannies had started by then, which that
-    close leaves running, are ended too (_end_processes)."""
+    close leaves running, are ended too (_end_processes); other processes started meanwhile (by another
+    thread of the caller's) are left alone."""
     before = {id(c) for c in list(SpecCluster._instances)}
     children = set(multiprocessing.active_children())
     try:
@@ -93,10 +94,13 @@ def _new_local_cluster(n_workers: int) -> LocalCluster:
     except BaseException:
         for cluster in [c for c in list(SpecCluster._instances) if id(c) not in before]:
             _close_quietly(cluster)
-        _end_processes([p for p in multiprocessing.active_children() if p not in children])
+        _end_processes(
+            [p for p in multiprocessing.active_children() if p not in children and p.name == NANNY_PROCESS_NAME]
+        )
         raise
 
 
+NANNY_PROCESS_NAME = "Dask Worker process (from Nanny)"  # a Dask nanny's worker process: those alone are ended
 CLOSE_TIMEOUT_S = 10  # the longest closing a half-started LocalCluster may take (Dask's exit hook allows as long)
 
 
@@ -258,27 +262,39 @@ def slots_by_host(client: Client, worker_timeout: float | None = None, wait: boo
     return dict(slots)
 
 
+class WorkersTracinError(RuntimeError):
+    """Workers that cannot import tracin, or run another version than the client's (check_workers_tracin)."""
+
+
 def check_workers_tracin(client: Client, address: str) -> None:
-    """A RuntimeError naming each worker of the cluster at `address` that cannot import tracin, or whose
-    tracin.__version__ differs from this process's: the tasks travel as references to tracin's own
-    functions, which such a worker fails to unpickle (Dask then drops its connection and the call waits
-    for good, printing nothing) or runs as another release. The probe, pkgutil.resolve_name, is the
-    standard library's, so any worker can run it. Workers that join after this check are not probed."""
+    """A WorkersTracinError (a RuntimeError) naming each worker of the cluster at `address` that cannot
+    import tracin, or whose tracin.__version__ differs from this process's: the tasks travel as references
+    to tracin's own functions, which such a worker fails to unpickle (Dask then drops its connection and
+    the call waits for good, printing nothing) or runs as another release. The probe,
+    pkgutil.resolve_name, is the standard library's, so any worker can run it. Workers that join after
+    this check are not probed."""
     from .. import __version__ as ours
 
     found = client.run(pkgutil.resolve_name, "tracin:__version__", on_error="return")
-    bad = {w: v for w, v in found.items() if v != ours and not isinstance(v, OSError)}  # OSError: gone since
+    bad = {w: v for w, v in found.items() if v != ours and not _left(v)}
     if not bad:
         return
     named = "; ".join(
         f"{w}: {_probe_failure(v)}" if isinstance(v, BaseException) else f"{w}: tracin {v}"
         for w, v in sorted(bad.items())
     )
-    raise RuntimeError(
+    raise WorkersTracinError(
         f"tracin.distributed needs tracin {ours}, this client's version, on every worker; "
         f"{len(bad)} of the {len(found)} workers of the cluster at {address} differ ({named}): install "
         f"tracin=={ours} in the workers' environment"
     )
+
+
+def _left(answer: Any) -> bool:
+    """Whether a worker's answer to the probe is the scheduler's failure to reach it (it left since: the
+    connection closed, or Dask's connect timed out), not an error of its own import (a PermissionError
+    reading tracin's files is an OSError too, and such a worker cannot read the tasks either)."""
+    return isinstance(answer, CommClosedError) or type(answer) is OSError
 
 
 def _probe_failure(e: BaseException) -> str:
