@@ -8,7 +8,13 @@ import warnings
 import numpy as np
 import pytest
 
-from tracin._export.preconditioner import AdamMoments, Preconditioned, adam_settings, check_preconditioner
+from tracin._export.preconditioner import (
+    AdamMoments,
+    Preconditioned,
+    adam_settings,
+    check_moments,
+    check_preconditioner,
+)
 from tracin._export.rank_one import RankOneAdam, _scales, layer_groups
 
 
@@ -273,3 +279,14 @@ def test_the_zero_v_warning_names_the_divisor_with_eps_root():
     moments = [AdamMoments(np.zeros(3, np.float32), v, 2.0, 0.9, 0.99, 1e-8, eps_root=1e-6)]
     with pytest.warns(RuntimeWarning, match=r"divides a gradient there by sqrt\(eps_root\) \+ eps=0\.00100001"):
         Preconditioned("adam", lambda c: moments, {}, ["w"], [(3,)]).apply(np.ones((1, 3), np.float32), 0, 0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_first_moment_that_is_not_finite_is_refused_naming_the_parameter_and_the_state(bad):
+    """A NaN or infinite m (a diverged run, a damaged file) would make every "adam_update" row NaN there."""
+    v = np.ones((2, 3), np.float32)
+    m = np.zeros((2, 3), np.float32)
+    check_moments("fc.weight", (2, 3), m, v, 2.0, "checkpoints[1][2] (opt.pt)")
+    m[1, 2] = bad
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\]\[2\] \(opt.pt\): the first moment of fc.weight has 1 NaN"):
+        check_moments("fc.weight", (2, 3), m, v, 2.0, "checkpoints[1][2] (opt.pt)")

@@ -234,8 +234,9 @@ def adam_settings(options: Any) -> dict[str, float]:
 
 def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, where: str, hint: str = "") -> None:
     """ValueError naming the parameter unless m and v have its shape (`hint` appended to that message),
-    step is a count >= 1 and every entry of v is finite and >= 0 (Adam's running mean of squares: a
-    negative or NaN entry makes every row NaN there, an infinite one zero)."""
+    step is a count >= 1, every entry of m is finite (a NaN or infinite one makes "adam_update"'s rows NaN
+    there) and every entry of v is finite and >= 0 (Adam's running mean of squares: a negative or NaN
+    entry makes every row NaN there, an infinite one zero)."""
     for label, a in (("first moment", m), ("second moment", v)):
         if tuple(np.shape(a)) != tuple(shape):
             raise ValueError(
@@ -244,6 +245,12 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
             )
     if not np.isfinite(step) or step < 1:
         raise ValueError(f"{where}: the step count of {name} is {step}; Adam state after at least one step is needed")
+    bad = int(np.count_nonzero(~np.isfinite(m)))
+    if bad:
+        raise ValueError(
+            f"{where}: the first moment of {name} has {bad} NaN or infinite entries of {np.size(m)}; Adam's is a "
+            "running mean of gradients: the training diverged or the state is damaged"
+        )
     bad = int(np.count_nonzero(~(np.asarray(v) >= 0) | ~np.isfinite(v)))
     if bad:
         raise ValueError(
