@@ -1173,3 +1173,196 @@ def test_a_file_safetensors_refuses_says_it_was_read_as_safetensors_by_its_first
     refused = r"\(.*weights\.pt\) cannot be read: as a safetensors file \(its first bytes, .* make it one\): \S"
     with pytest.raises(ValueError, match=refused):
         load_checkpoint(str(path), 0, {"w": torch.zeros(1)})
+
+
+def _rot_one_byte(path, record: str) -> None:
+    """Flips the bits of one byte in the middle of a torch.save archive's `record` (its name's end),
+    leaving the archive's structure whole: bit rot that only the record's CRC-32 shows."""
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(record))
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _adam_state(model: nn.Module, data: tuple) -> dict:
+    """copy.deepcopy(optimizer.state_dict()) of an Adam over model.parameters() after two steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        LOSS(model(data[0]), data[1]).mean().backward()
+        opt.step()
+    return copy.deepcopy(opt.state_dict())
+
+
+def test_a_bit_rotted_torch_save_record_is_refused_naming_it_before_any_checkpoint_is_exported(setup, tmp_path):
+    """review142 F2: torch.load checks no CRC, so a flipped byte of a weight loaded silently."""
+    model, checkpoints, data = setup
+    bad = tmp_path / "bad.pt"
+    shutil.copy(checkpoints[2][0], bad)
+    _rot_one_byte(bad, "data/0")
+    with pytest.raises(
+        ValueError, match=r"checkpoints\[2\] \(.*bad.pt\) cannot be read: .*record '.*data/0' is damaged"
+    ):
+        export_gradients(model, [*checkpoints[:2], (str(bad), 1.0)], data, LOSS, progress=False)
+    folder = tmp_path / "checkpoint-5"  # a shard of a folder, and an optimizer.pt
+    folder.mkdir()
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    weight_map = {}
+    for i, shard in enumerate(_shards(state, 2)):
+        torch.save(shard, folder / f"pytorch_model-{i}.bin")
+        weight_map.update(dict.fromkeys(shard, f"pytorch_model-{i}.bin"))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _rot_one_byte(folder / "pytorch_model-1.bin", "data/0")
+    with pytest.raises(ValueError, match=r"checkpoints\[0\] .*cannot be read \(.*pytorch_model-1.bin\): .*damaged"):
+        parse_checkpoints([(str(folder), 1.0)], model)
+    torch.save(_adam_state(model, data), tmp_path / "optimizer.pt")
+    _rot_one_byte(tmp_path / "optimizer.pt", "data/0")
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\) cannot be read .*damaged"):
+        parse_checkpoints([(checkpoints[0][0], 1.0, str(tmp_path / "optimizer.pt"))], model)
+
+
+def test_a_torch_save_file_written_without_crcs_is_read(setup, tmp_path):
+    """torch.serialization.set_crc32_options(False) writes 0 for every CRC: not damage."""
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[1][0], weights_only=True)
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "no_crc.pt")
+    finally:
+        torch.serialization.set_crc32_options(before)
+    with zipfile.ZipFile(tmp_path / "no_crc.pt") as z:
+        assert z.testzip() is not None  # what a zip reader makes of it
+    got = export_gradients(model, [(str(tmp_path / "no_crc.pt"), 1.0)], data, LOSS, progress=False)
+    want = export_gradients(model, [(state, 1.0)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(got.matrices[0], want.matrices[0])
+
+
+def _set(path: tuple, value) -> callable:
+    def change(state: dict) -> None:
+        target = state
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+_GROUP = ("param_groups", 0)
+_BAD_FIELDS = [  # review142 F3 (ranges) and F5 (types): each was rows of 0 or NaN, or a bare Python error
+    (_set((*_GROUP, "betas"), (0.9, 1.0)), r"param_groups\[0\]\['betas'\]\[1\] must be in \[0, 1\), got 1.0"),
+    (_set((*_GROUP, "betas"), (0.9, 1.5)), r"\['betas'\]\[1\] must be in \[0, 1\), got 1.5"),
+    (_set((*_GROUP, "betas"), (float("nan"), 0.99)), r"\['betas'\]\[0\] must be in \[0, 1\), got nan"),
+    (_set((*_GROUP, "betas"), (-0.1, 0.99)), r"\['betas'\]\[0\] must be in \[0, 1\), got -0.1"),
+    (_set((*_GROUP, "eps"), float("nan")), r"param_groups\[0\]\['eps'\] must be a finite number >= 0, got nan"),
+    (_set((*_GROUP, "eps"), -1e-8), r"\['eps'\] must be a finite number >= 0, got -1e-08"),
+    (_set((*_GROUP, "eps"), float("inf")), r"\['eps'\] must be a finite number >= 0, got inf"),
+    (_set((*_GROUP, "lr"), float("nan")), r"param_groups\[0\]\['lr'\] must be a finite number >= 0, got nan"),
+    (_set((*_GROUP, "lr"), -0.1), r"\['lr'\] must be a finite number >= 0, got -0.1"),
+    (_set((*_GROUP, "lr"), "fast"), r"\['lr'\] must be a number, got 'fast'"),
+    (_set((*_GROUP, "betas"), ("a", "b")), r"\['betas'\]\[0\] must be a number, got 'a'"),
+    (_set((*_GROUP, "betas"), (0.9,)), r"\['betas'\] must be 2 numbers \(beta1, beta2\), got \(0.9,\)"),
+    (_set((*_GROUP, "betas"), 0.9), r"\['betas'\] must be 2 numbers"),
+    (_set((*_GROUP, "eps"), None), r"\['eps'\] must be a number, got None"),
+    (_set((*_GROUP, "eps"), True), r"\['eps'\] must be a number, got True"),
+    (_set((*_GROUP, "params"), 5), r"param_groups\[0\]\['params'\] must be a list of parameter ids"),
+    (_set((*_GROUP, "param_names"), ["0.weight"]), r"param_groups\[0\] has 6 params and 1 param_names"),
+    (_set((*_GROUP, "param_names"), [1, 2, 3, 4, 5, 6]), r"\['param_names'\] must be a list of parameter names"),
+    (_set(("state", 0, "step"), "two"), r"the step of the state's entry 0 must be a number .*got 'two'"),
+    (_set(("state", 0, "step"), torch.tensor([2.0, 3.0])), r"step of the state's entry 0 .*tensor of shape \(2,\)"),
+]
+
+
+@pytest.mark.parametrize("change, message", _BAD_FIELDS, ids=range(len(_BAD_FIELDS)))
+def test_bad_optimizer_settings_and_fields_are_named_with_the_group_and_key(setup, tmp_path, change, message):
+    model, checkpoints, data = setup
+    state = _adam_state(mlp(), data)
+    change(state)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]\[2\] \(optimizer state\): .*" + message):
+        parse_checkpoints([(checkpoints[0][0], 0.1, state)], model)
+    torch.save(state, tmp_path / "opt.pt")
+    where = re.escape(f"checkpoints[0][2] (optimizer state) ({tmp_path / 'opt.pt'}): ")
+    with pytest.raises(ValueError, match=where + ".*" + message):
+        export_gradients(
+            model,
+            [(checkpoints[0][0], 0.1, str(tmp_path / "opt.pt"))],
+            data,
+            LOSS,
+            preconditioner="adam",
+            progress=False,
+        )
+
+
+def test_a_step_of_a_named_parameter_is_named_by_it_and_tensor_settings_are_taken(setup):
+    model, checkpoints, data = setup
+    state = _adam_state(mlp(), data)
+    state["param_groups"][0]["param_names"] = [n for n, _ in model.named_parameters()]
+    state["param_groups"][0]["lr"] = torch.tensor(0.01)  # capturable optimizers keep tensors
+    state["param_groups"][0]["betas"] = (torch.tensor(0.9), torch.tensor(0.999))
+    parse_checkpoints([(checkpoints[0][0], 0.1, state)], model)
+    state["state"][2]["step"] = "two"
+    with pytest.raises(ValueError, match=r"the step of parameter 2.weight must be a number"):
+        parse_checkpoints([(checkpoints[0][0], 0.1, state)], model)
+
+
+def test_a_safetensors_offset_beyond_any_integer_is_named_with_its_checkpoint(setup, tmp_path):
+    """review142 F6: data_offsets [0, 1e400] was a bare OverflowError naming no file."""
+    pytest.importorskip("safetensors")
+    model, checkpoints, data = setup
+    header = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e400]}}'
+    (tmp_path / "inf.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    message = r"checkpoints\[1\] \(.*inf.safetensors\) cannot be read: a safetensors file whose header cannot be read"
+    with pytest.raises(ValueError, match=message):
+        export_gradients(model, [checkpoints[0], (str(tmp_path / "inf.safetensors"), 1.0)], data, LOSS, progress=False)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "bin"])
+def test_a_stale_copy_of_a_weight_in_another_shard_than_its_index_gives_is_left_out(setup, tmp_path, ext):
+    """review142 F7: a shard also holding a weight the index assigns to another (left by a save with other
+    sharding) overrode it: the rows were of the stale weight."""
+    if ext == "safetensors":
+        pytest.importorskip("safetensors")
+        from safetensors.torch import save_file
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    stale = torch.load(checkpoints[2][0], weights_only=True)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    first, second = _shards(state, 2)
+    key = next(iter(first))
+    second = {**second, key: stale[key]}  # the index gives key to the first shard
+    weight_map = {}
+    for i, shard in enumerate((first, second)):
+        name = f"model-{i}.{ext}"
+        save_file(shard, str(folder / name)) if ext == "safetensors" else torch.save(shard, folder / name)
+        weight_map.update({k: name for k in shard if k in (first if i == 0 else state) and k not in weight_map})
+    assert weight_map[key] == f"model-0.{ext}"
+    stem = "model" if ext == "safetensors" else "pytorch_model"
+    (folder / f"{stem}.{ext}.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = export_gradients(model, [(str(folder), 0.5)], data, LOSS, progress=False)
+    want = export_gradients(model, [(state, 0.5)], data, LOSS, progress=False)
+    np.testing.assert_array_equal(got.matrices[0], want.matrices[0])
+
+
+def test_a_refused_shard_of_a_pytorch_model_bin_folder_is_named(setup, tmp_path):
+    """review142 F8: the refusal named the folder alone, not which of its shards holds the global."""
+    model, checkpoints, data = setup
+    state = torch.load(checkpoints[0][0], weights_only=True)
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    weight_map = {}
+    for i, shard in enumerate(_shards(state, 2)):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({**shard, "extra": NotATensor()} if i else shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shard = re.escape(str(folder / "pytorch_model-00002-of-00002.bin"))
+    message = rf"checkpoints\[0\] \(.*checkpoint-5\) cannot be read \({shard}\) with torch.load\(weights_only=True\)"
+    with pytest.raises(ValueError, match=message + ".*NotATensor"):
+        export_gradients(model, [(str(folder), 1.0)], data, LOSS, progress=False)

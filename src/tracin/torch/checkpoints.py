@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 import pickle
 import re
@@ -18,6 +19,7 @@ import struct
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, BinaryIO
@@ -28,7 +30,7 @@ import torch
 from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
-from .._export.preconditioner import AdamMoments, check_moments
+from .._export.preconditioner import AdamMoments, adam_settings, check_moments
 from .._export.pretrained_folder import weight_files
 from ..store._format import shallow_json_loads
 from .capture import device_failure
@@ -216,9 +218,10 @@ def _step_of(state: Mapping, key: Any) -> float | None:
 
 def check_whole(path: str | os.PathLike, name: str) -> None:
     """ValueError naming checkpoint `name` and the file when a checkpoint file, or a weight file of a
-    save_pretrained folder, is cut short, found from its header and end alone (before any checkpoint is
-    exported): a torch.save zip archive without its central directory, a safetensors file shorter than
-    its header says. A missing file is left to the digest's error; other damage to the loader's."""
+    save_pretrained folder, is cut short or damaged (before any checkpoint is exported): a torch.save
+    zip archive without its central directory or with a record that fails its CRC-32 (_zip_damaged: one
+    read of the archive), a safetensors file shorter than its header says. A missing file is left to
+    the digest's error; other damage to the loader's."""
     if os.path.isdir(path):
         found = weight_files(path, name)
         files = [] if found is None else [(os.path.join(path, f), found.safetensors) for f in found.files]
@@ -239,16 +242,34 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
 
 def _zip_short(f: BinaryIO, size: int) -> str | None:
     """What is wrong with a torch.save file (open `f` of `size` bytes) under 4 bytes, or a zip archive
-    whose central directory cannot be read (None when it is readable, or the file is not a zip archive:
-    the legacy format, which has no such check)."""
+    whose central directory cannot be read or whose records fail their CRC (None when it is whole, or
+    the file is not a zip archive: the legacy format, which has no such check)."""
     if size < 4:  # no torch.save file, zip or legacy, is this short: a failed copy, a full disk
         return f"a file of {size} bytes, empty or cut short"
     if f.read(4) != b"PK\x03\x04":
         return None
     try:
-        zipfile.ZipFile(f).close()
+        archive = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         return f"a torch.save zip archive without a readable central directory, cut short or damaged ({e})"
+    with archive:
+        return _zip_damaged(archive)
+
+
+def _zip_damaged(archive: zipfile.ZipFile) -> str | None:
+    """What is wrong with a record of a torch.save zip archive whose bytes do not match its CRC-32 (None
+    when all do): torch.load checks none, so a bit-rotted weight would load silently. Read in one pass
+    (100 MB in about 0.1 s). A record whose CRC is 0 is skipped: torch writes 0 for every record after
+    torch.serialization.set_crc32_options(False)."""
+    for info in archive.infolist():
+        if info.CRC == 0 or info.is_dir():
+            continue
+        try:
+            with archive.open(info) as record:
+                while record.read(1 << 22):
+                    pass
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error) as e:
+            return f"a torch.save zip archive whose record {info.filename!r} is damaged ({e}): bit rot or a bad copy"
     return None
 
 
@@ -262,7 +283,7 @@ def _safetensors_short(f: BinaryIO, size: int) -> str | None:
     try:
         header = shallow_json_loads(f.read(n).decode("utf-8"))
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, OverflowError) as e:
         return f"a safetensors file whose header cannot be read ({e})"
     if 8 + n + end > size:
         return f"a safetensors file of {size} bytes whose header lists tensors up to byte {8 + n + end}: cut short"
@@ -390,7 +411,7 @@ class OptimizerState:
         if not isinstance(self.source, (str, os.PathLike)):
             return self.source
         state = _read_file(self.source, "cpu", self.where, f"{self.where}: no optimizer state")
-        _check_optimizer_dict(state, self.where)
+        _check_optimizer_dict(state, f"{self.where} ({os.path.abspath(self.source)})")
         return state
 
     def _owners(self, state: Mapping) -> tuple[dict[str, tuple[Any, Mapping]], bool]:
@@ -566,6 +587,70 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
             raise ValueError(f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps)")
+    for i, g in enumerate(state["param_groups"]):
+        _check_group(g, f"{where}: param_groups[{i}]")
+    groups = [g for g in state["param_groups"] if "param_names" in g]
+    names = {k: n for g in groups for k, n in zip(g["params"], g["param_names"], strict=True)}
+    for key, entry in state["state"].items():
+        step = entry.get("step", 0) if isinstance(entry, Mapping) else 0
+        if _real(step) is None:
+            label = f"parameter {names[key]}" if key in names else f"the state's entry {key!r}"
+            raise ValueError(f"{where}: the step of {label} must be a number or a 1-element tensor, got {_kind(step)}")
+
+
+def _check_group(group: Mapping, where: str) -> None:
+    """ValueError naming param group `where` and the key unless its params is a list of ids (its
+    param_names, if any, as many str), its betas 2 reals in [0, 1) (adam_settings' range, as JAX's
+    b1, b2), its eps and lr (if any) finite reals >= 0 (reals: numbers or 1-element tensors). A beta2 of
+    1 made every row 0, a beta of 1.5 or a NaN eps every row NaN."""
+    params = group["params"]
+    if not isinstance(params, (list, tuple)) or not all(isinstance(k, (int, str)) for k in params):
+        raise ValueError(f"{where}['params'] must be a list of parameter ids (int), got {_kind(params)}")
+    names = group.get("param_names", [])
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}['param_names'] must be a list of parameter names (str), got {_kind(names)}")
+    if len(names) != len(params) and "param_names" in group:
+        raise ValueError(
+            f"{where} has {len(params)} params and {len(names)} param_names: one name is needed for each parameter"
+        )
+    betas = group["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise ValueError(f"{where}['betas'] must be 2 numbers (beta1, beta2), got {_kind(betas)}")
+    for key, field, value in (("b1", "['betas'][0]", betas[0]), ("b2", "['betas'][1]", betas[1])):
+        real = _real(value)
+        if real is None:
+            raise ValueError(f"{where}{field} must be a number, got {_kind(value)}")
+        try:
+            adam_settings({key: real})
+        except ValueError as e:  # "preconditioner_options['b1'] must be in [0, 1), got 1.0"
+            raise ValueError(f"{where}{field} {str(e).partition('] ')[2]}") from None
+    # eps: torch.optim.Adam's bound, [0, inf), not adam_settings' (0, inf): a state of eps=0 is torch's own
+    for key in ("eps", "lr"):
+        value = group.get(key, 0.0)
+        real = _real(value)
+        if real is None:
+            raise ValueError(f"{where}['{key}'] must be a number, got {_kind(value)}")
+        if not (math.isfinite(real) and real >= 0):
+            raise ValueError(f"{where}['{key}'] must be a finite number >= 0, got {_kind(value)}")
+
+
+def _real(value: Any) -> float | None:
+    """A real number or a 1-element real tensor as a float (None for anything else: a str, a bool,
+    None, a longer tensor)."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+        return float(value) if ok else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _kind(value: Any) -> str:
+    """A short description of a field's value for an error: its repr when short, else its type."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
 
 
 def _leaves(obj: Any) -> list[np.ndarray]:
@@ -1373,7 +1458,7 @@ def _refused(e: Exception, name: str, path: str | os.PathLike, head: bytes) -> s
         else ""
     )
     return (
-        f"{name} cannot be read with torch.load(weights_only=True), which only allows tensors and plain "
+        f"{_cannot_read(name, path)} with torch.load(weights_only=True), which only allows tensors and plain "
         f"containers: {lines[0] if lines else type(e).__name__}"
         + (f" ({detail})" if detail else "")
         + protocol
@@ -1439,10 +1524,24 @@ def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, t
                 else ""
             )
         )
+    assigned = None if found.index is None else _weight_map(os.path.join(path, found.index), name)
     state: dict[str, torch.Tensor] = {}
     for f in found.files:
-        state.update(_read_shard(os.path.join(path, f), device, found.safetensors, name))
+        shard = _read_shard(os.path.join(path, f), device, found.safetensors, name)
+        state.update(shard if assigned is None else {k: t for k, t in shard.items() if assigned.get(k) == f})
     return state
+
+
+def _weight_map(index: str, name: str) -> dict[str, str]:
+    """The weight_map of a sharded folder's index: tensor name -> its shard. A shard's tensors that the
+    index assigns to another shard (a stale copy left by a save with other sharding) are left out: the
+    index says which file holds each weight."""
+    try:
+        with open(index, "rb") as f:
+            weight_map = shallow_json_loads(f.read().decode("utf-8"))["weight_map"]
+        return {str(k): v for k, v in weight_map.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ValueError(f"{name}: {os.path.basename(index)} is not a sharded checkpoint index ({e})") from None
 
 
 # what PEFT's save_pretrained writes: the adapter's weights, without the model's
