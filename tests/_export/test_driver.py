@@ -4,6 +4,7 @@ so that resume, transforms, the in-place path and the errors are checked without
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -397,3 +398,56 @@ def test_an_empty_store_path_is_refused_naming_store():
     with pytest.raises(ValueError, match=r"^store must name a gradient store folder, got ''"):
         check_store("")
     check_store(None)
+
+
+class _Changed(_Files):
+    """_Files whose checkpoint 1 is changed by `change` after the export fingerprinted it, just before it
+    is loaded (a training job still saving it, a re-save); a folder's scale is its scale.npy."""
+
+    def __init__(self, batches, change):
+        super().__init__(batches)
+        self.change = change
+
+    def load(self, source, index):
+        if index == 1:
+            self.change()
+        if isinstance(source, str) and os.path.isdir(source):
+            source = os.path.join(source, "scale.npy")
+        return super().load(source, index)
+
+
+def _rewrite_in_place(path) -> None:
+    """The same number of bytes written over the file (same inode), its modification time moved on."""
+    before = os.stat(path)
+    np.save(path, np.float32(5.0))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+def _replace(path) -> None:
+    np.save(str(path) + ".new.npy", np.float32(5.0))
+    os.replace(str(path) + ".new.npy", path)
+
+
+@pytest.mark.parametrize("change", [_rewrite_in_place, _replace])
+@pytest.mark.parametrize("store", [False, True])
+def test_a_checkpoint_file_changed_after_its_fingerprint_is_refused_before_any_of_its_rows(tmp_path, change, store):
+    """Rows of the new file under the old file's fingerprint would be taken as the old file's rows later."""
+    path = tmp_path / "scale.npy"
+    np.save(path, np.float32(-1.0))
+    framework = _Changed(_data(), lambda: change(path))
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\] \(.*scale\.npy\) changed while it was exported \(its"):
+        export(framework, [CKPTS[0], (str(path), 0.25)], _options(tmp_path / "g" if store else None), [])
+    assert framework.computed == [0, 4, 8]  # checkpoint 0's batches only
+
+
+def test_a_checkpoint_folder_whose_files_changed_after_its_fingerprint_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    np.save(folder / "scale.npy", np.float32(-1.0))
+    checkpoints = [CKPTS[0], (str(folder), 0.25)]
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\] \(.*ckpt\): .*ckpt/scale\.npy changed while it was"):
+        export(_Changed(_data(), lambda: _replace(folder / "scale.npy")), checkpoints, _options(), [])
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\] \(.*ckpt\): the files it holds changed while it was"):
+        export(_Changed(_data(), lambda: (folder / "notes.txt").write_text("x")), checkpoints, _options(), [])
+    g = export(_Changed(_data(), lambda: None), checkpoints, _options(), [])  # read, not changed: no error
+    np.testing.assert_allclose(g.matrices[1], np.concatenate(_data()) * 5.0, rtol=1e-6)

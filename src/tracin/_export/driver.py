@@ -26,7 +26,7 @@ from .._progress import progress_bar
 from ..projection import NonFiniteRowError
 from ..store._files import store_root
 from .checkpoints import Checkpoint
-from .fingerprint import DataFingerprint, checkpoint_file_digest
+from .fingerprint import DataFingerprint, FileStat, check_unchanged, checkpoint_file_digest, checkpoint_file_stats
 from .metadata import export_metadata
 from .preconditioner import Preconditioned, check_preconditioner
 from .rank_one import RankOneAdam, layer_groups
@@ -181,10 +181,12 @@ def export(
     if options.store is not None and n_rows is None and framework.one_shot:
         need_row_count(n_rows, getattr(framework, "countable_data", None))
     files = [isinstance(entry.source, (str, os.PathLike)) for entry in checkpoints]
-    digests = [
-        checkpoint_file_digest(entry.source, c) if file else framework.state_digest(entry.source, c)
-        for c, (entry, file) in enumerate(zip(checkpoints, files, strict=True))
-    ]
+    # the files each path's digest reads, as os.stat sees them first: checked again once the checkpoint is loaded
+    stats: list[list[FileStat] | None] = []
+    digests = []
+    for c, (entry, file) in enumerate(zip(checkpoints, files, strict=True)):
+        stats.append(checkpoint_file_stats(entry.source, c) if file else None)
+        digests.append(checkpoint_file_digest(entry.source, c) if file else framework.state_digest(entry.source, c))
     extra = {"optimizer_states": [entry.optimizer.digest() for entry in checkpoints]} if options.preconditioner else {}
     # how each optimizer-state digest was made, wherever they are recorded (the driver's preconditioner, or the
     # adapter's with a Kronecker projection): scoring compares two "adam" sides' digests made alike
@@ -265,6 +267,7 @@ def export(
             options.progress,
             n_rows,
             stop=None if rows is None else rows[1],
+            stats=stats,
         )
         if not sink.complete:
             for c, entry in enumerate(checkpoints):
@@ -374,7 +377,8 @@ _READ_ONCE = (
 class _Loop:
     """The pass over the data at each checkpoint, with the progress bar, the one-time check of the
     user's functions and the data fingerprint check. stop: the end of the range the sink writes
-    (None: every row); rows from there on are not computed."""
+    (None: every row); rows from there on are not computed. stats: per checkpoint the FileStats of the
+    files its digest read (None: in memory), compared once it is loaded (check_unchanged)."""
 
     def __init__(
         self,
@@ -387,11 +391,13 @@ class _Loop:
         progress: bool | None,
         n_rows: int | None,
         stop: int | None = None,
+        stats: Sequence[list[FileStat] | None] = (),
     ):
         self.framework, self.sink, self.fingerprint, self.transforms = framework, sink, fingerprint, transforms
         self.slots, self.n_checkpoints = slots, n_checkpoints
         self.n_rows = n_rows
         self.stop = stop
+        self.stats = stats
         self.countable = getattr(framework, "countable_data", None) or COUNTABLE
         self.checked = False
         self.progress = progress
@@ -413,6 +419,8 @@ class _Loop:
             self.bar.update(self.n_rows)
             return
         state = self.framework.load(source, c)
+        if c < len(self.stats) and self.stats[c] is not None:  # before any of its rows is written
+            check_unchanged(source, c, self.stats[c])
         seen = 0
         self.fingerprint.begin(f"checkpoint {c}")
         for batch in self.framework.batches():

@@ -23,7 +23,7 @@ import types
 import zlib
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -61,6 +61,21 @@ def checksum_arrays(arrays: Iterable[np.ndarray]) -> int:
     return value
 
 
+class FileStat(NamedTuple):
+    """What os.stat says of a file a digest reads: a file changed since has another size, modification
+    time or inode (a re-save replaces it; a copy over it rewrites it)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> FileStat:
+        return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
 def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
     """Digest of a file's bytes, or of the files under a directory (relative names and bytes): the
     weight files and index of a save_pretrained folder, every file of another. name: how errors
@@ -68,21 +83,9 @@ def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
     a regular file nor a folder (a FIFO, whose open would wait for a writer forever; a device, a
     socket), refused before it is opened: files are opened without blocking and checked again."""
     root = Path(path)
-    where = name or os.fspath(root)
     said = f"{name}: " if name else ""
-    mode = os.stat(root).st_mode
-    if stat.S_ISREG(mode):
-        files = [("", root)]
-    elif stat.S_ISDIR(mode):
-        found = weight_files(root, where)
-        if found is None:
-            files = [(p.relative_to(root).as_posix(), p) for p in sorted(p for p in root.rglob("*") if p.is_file())]
-        else:  # plain file names in the folder (weight_files refuses others)
-            files = [(f, root / f) for f in found.read]
-    else:
-        raise ValueError(f"{said}{os.fspath(root)} is {_not_regular}")
     h = _hasher()
-    for relative, f in files:
+    for relative, f in _files_digested(root, name):
         h.update(f"{relative};".encode())
         with open(f, "rb", opener=_open_nonblocking) as stream:
             if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):  # replaced since it was listed
@@ -90,6 +93,21 @@ def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
             while chunk := stream.read(_CHUNK):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def _files_digested(root: Path, name: str | None) -> list[tuple[str, Path]]:
+    """(relative name, path) of the files digest_path reads of `root`, in order ("" for a file itself);
+    its errors, naming the path as `name` when given."""
+    where, said = name or os.fspath(root), f"{name}: " if name else ""
+    mode = os.stat(root).st_mode
+    if stat.S_ISREG(mode):
+        return [("", root)]
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"{said}{os.fspath(root)} is {_not_regular}")
+    found = weight_files(root, where)
+    if found is None:
+        return [(p.relative_to(root).as_posix(), p) for p in sorted(p for p in root.rglob("*") if p.is_file())]
+    return [(f, root / f) for f in found.read]  # plain file names in the folder (weight_files refuses others)
 
 
 _not_regular = "not a regular file or a folder (a FIFO, device or socket: refused unread)"
@@ -103,10 +121,54 @@ def _open_nonblocking(path: str, flags: int) -> int:
 def checkpoint_file_digest(source: str | os.PathLike, index: int) -> str:
     """digest_path of a checkpoint given by path; FileNotFoundError naming it when it is missing,
     ValueError naming it when it is neither a regular file nor a folder (a FIFO would hang the export)."""
+    return digest_path(_existing(source, index), _checkpoint_name(source, index))
+
+
+def checkpoint_file_stats(source: str | os.PathLike, index: int) -> list[FileStat]:
+    """The FileStat of every file checkpoint_file_digest reads of a checkpoint given by path (its errors
+    alike), taken before it digests them: check_unchanged compares them once the checkpoint is loaded."""
+    name = _checkpoint_name(source, index)
+    return [FileStat.of(os.fspath(f), os.stat(f)) for _, f in _files_digested(Path(_existing(source, index)), name)]
+
+
+def _existing(source: str | os.PathLike, index: int) -> str:
     path = os.path.abspath(os.fspath(source))
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoints[{index}]: no checkpoint at {path}")
-    return digest_path(path, f"checkpoints[{index}] ({os.fspath(source)})")
+    return path
+
+
+def _checkpoint_name(source: str | os.PathLike, index: int) -> str:
+    return f"checkpoints[{index}] ({os.fspath(source)})"
+
+
+def check_unchanged(source: str | os.PathLike, index: int, stats: list[FileStat]) -> None:
+    """ValueError naming checkpoint `index` and the file unless the files of `source` are those of
+    `stats` (checkpoint_file_stats, taken before its digest) with the same size, modification time and
+    inode: called once it is loaded, so that rows computed from another file than the one fingerprinted
+    (a training job still saving it, a re-save) are never written under its fingerprint. A change that
+    keeps all three (an in-place rewrite of the same size within the file system's time resolution)
+    goes unseen."""
+    name = _checkpoint_name(source, index)
+    path = os.path.abspath(os.fspath(source))
+    again = "the rows would not be those of the fingerprinted checkpoint; export again"
+    try:
+        files = [os.fspath(f) for _, f in _files_digested(Path(path), name)]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name} changed while it was exported ({e}): {again}") from None
+    if files != [s.path for s in stats]:
+        raise ValueError(f"{name}: the files it holds changed while it was exported: {again}")
+    for before in stats:
+        subject = name if before.path == path else f"{name}: {before.path}"
+        try:
+            now = FileStat.of(before.path, os.stat(before.path))
+        except OSError as e:
+            raise ValueError(f"{subject} changed while it was exported ({e}): {again}") from None
+        if now != before:
+            raise ValueError(
+                f"{subject} changed while it was exported (its size, modification time or inode differ from "
+                f"when it was fingerprinted): {again}"
+            )
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
