@@ -56,6 +56,28 @@ def weight_files(path: str | os.PathLike, name: str) -> WeightFiles | None:
     return None
 
 
+def without_weights(path: str | os.PathLike, name: str) -> ValueError:
+    """The error for a folder given as checkpoint `name` whose weight_files are None (a training run's
+    directory, a PEFT adapter's folder), told from its file names alone: raised before the export digests
+    (reads) every file under such a folder."""
+    adapter = next((f for f in ADAPTER_FILES if os.path.isfile(os.path.join(path, f))), None)
+    return ValueError(
+        f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
+        "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
+        + (
+            f". It holds {adapter}, a PEFT adapter's weights alone: load it into the PeftModel "
+            "(PeftModel.from_pretrained, or peft.set_peft_model_state_dict) and give a copy of the whole state "
+            "for each checkpoint: {k: v.clone() for k, v in model.state_dict().items()}"
+            if adapter
+            else ""
+        )
+    )
+
+
+# what PEFT's save_pretrained writes: the adapter's weights, without the model's
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 def _plain_name(f: object) -> bool:
     """Whether a shard name is a plain file name, naming a file in the index's own folder."""
     return (
