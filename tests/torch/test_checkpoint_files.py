@@ -179,3 +179,19 @@ def test_a_text_file_whose_first_byte_is_a_pickle_opcode_is_named_as_no_torch_sa
     path.write_bytes(text * 20)
     with pytest.raises(ValueError, match=rf"\({re.escape(str(path))}\) is not a torch.save file \(it starts with"):
         load_checkpoint(str(path), 0, nn.Linear(2, 2).state_dict())
+
+
+def test_a_folder_without_weight_files_is_refused_before_anything_under_it_is_digested(setup, tmp_path, monkeypatch):
+    """A training run's directory given in place of one of its checkpoints: every file under it (other
+    checkpoints, hundreds of GB) was read and hashed before the loader said it held no weights."""
+    model, checkpoints, data = setup
+    run = tmp_path / "run"
+    (run / "checkpoint-10").mkdir(parents=True)
+    with open(run / "checkpoint-10" / "big.bin", "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used
+    digested = []
+    real_digest = driver.checkpoint_file_digest
+    monkeypatch.setattr(driver, "checkpoint_file_digest", lambda s, i: digested.append(i) or real_digest(s, i))
+    with pytest.raises(ValueError, match=r"^checkpoints\[1\] \(.*run\) is a directory without model\.safetensors"):
+        export_gradients(model, [checkpoints[0], (str(run), 1.0)], data, LOSS, progress=False)
+    assert digested == []

@@ -31,7 +31,7 @@ from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
 from .._export.fingerprint import digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, adam_settings, check_moments
-from .._export.pretrained_folder import weight_files
+from .._export.pretrained_folder import weight_files, without_weights
 from ..store._format import shallow_json_loads
 from .capture import device_failure
 from .data import host_array
@@ -221,10 +221,13 @@ def check_whole(path: str | os.PathLike, name: str) -> None:
     save_pretrained folder, is cut short or damaged (before any checkpoint is exported): a torch.save
     zip archive without its central directory or with a record that fails its CRC-32 (_zip_damaged: one
     read of the archive), a safetensors file shorter than its header says. A missing file is left to
-    the digest's error; other damage to the loader's."""
+    the digest's error; other damage to the loader's. A folder without weight files is refused here, from
+    its file names, before the export's digest reads every file under it (a training run's directory)."""
     if os.path.isdir(path):
         found = weight_files(path, name)
-        files = [] if found is None else [(os.path.join(path, f), found.safetensors) for f in found.files]
+        if found is None:
+            raise without_weights(path, name)
+        files = [(os.path.join(path, f), found.safetensors) for f in found.files]
     else:
         files = [(os.fspath(path), None)] if os.path.isfile(path) else []  # its format: told by its first bytes
     for file, safe in files:
@@ -1512,18 +1515,7 @@ def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, t
     (tracin._export.pretrained_folder, which the export's fingerprint digests too)."""
     found = weight_files(path, name)
     if found is None:
-        adapter = next((f for f in _ADAPTER_FILES if os.path.isfile(os.path.join(path, f))), None)
-        raise ValueError(
-            f"{name} is a directory without model.safetensors, pytorch_model.bin or their sharded index "
-            "(*.index.json): give a Hugging Face save_pretrained folder, a checkpoint file or a state_dict"
-            + (
-                f". It holds {adapter}, a PEFT adapter's weights alone: load it into the PeftModel "
-                "(PeftModel.from_pretrained, or peft.set_peft_model_state_dict) and give a copy of the whole state "
-                "for each checkpoint: {k: v.clone() for k, v in model.state_dict().items()}"
-                if adapter
-                else ""
-            )
-        )
+        raise without_weights(path, name)
     assigned = None if found.index is None else _weight_map(os.path.join(path, found.index), name)
     state: dict[str, torch.Tensor] = {}
     for f in found.files:
@@ -1542,10 +1534,6 @@ def _weight_map(index: str, name: str) -> dict[str, str]:
         return {str(k): v for k, v in weight_map.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{name}: {os.path.basename(index)} is not a sharded checkpoint index ({e})") from None
-
-
-# what PEFT's save_pretrained writes: the adapter's weights, without the model's
-_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torch.Tensor]:
