@@ -1366,3 +1366,27 @@ def test_a_refused_shard_of_a_pytorch_model_bin_folder_is_named(setup, tmp_path)
     message = rf"checkpoints\[0\] \(.*checkpoint-5\) cannot be read \({shard}\) with torch.load\(weights_only=True\)"
     with pytest.raises(ValueError, match=message + ".*NotATensor"):
         export_gradients(model, [(str(folder), 1.0)], data, LOSS, progress=False)
+
+
+def test_an_optimizer_state_file_saved_again_between_its_digest_and_its_read_is_refused(tmp_path):
+    """fr142: the moments are read long after the state file's digest; a re-save in between gave rows of
+    the new state under the old fingerprint. The file's stat from before the digest is compared once the
+    file is read."""
+    from tracin.torch.checkpoints import OptimizerState
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), path)
+    state = OptimizerState(path, 0, model)
+    state.digest()
+    optimizer.step()
+    optimizer.step()
+    torch.save({**optimizer.state_dict(), "extra": torch.zeros(100)}, path)  # a new file of another size
+    with pytest.raises(ValueError, match=r"changed while it was exported .* export again"):
+        state._load()
+    fresh = OptimizerState(path, 0, model)
+    fresh.digest()
+    assert fresh._load()["state"]  # unchanged since its digest: read

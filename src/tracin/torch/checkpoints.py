@@ -29,7 +29,7 @@ import torch
 
 from .._export.checkpoints import Checkpoint
 from .._export.checkpoints import parse_checkpoints as shared_parse
-from .._export.fingerprint import digest_arrays, digest_path
+from .._export.fingerprint import FileStat, digest_arrays, digest_path
 from .._export.preconditioner import AdamMoments, adam_settings, check_moments
 from .._export.pretrained_folder import weight_files, without_weights
 from ..store._format import shallow_json_loads
@@ -334,6 +334,7 @@ class OptimizerState:
             check_whole(source, self.where)
         self.source = source
         self.snapshots: _Snapshots | None = None  # set by parse_checkpoints
+        self.stat: FileStat | None = None  # the file's, taken before its digest: compared once it is read
         named = list(model.named_parameters())
         self.shapes = {n: tuple(p.shape) for n, p in named}
         self.all_names = [n for n, _ in named]
@@ -348,6 +349,7 @@ class OptimizerState:
             path = os.path.abspath(os.fspath(self.source))
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{self.where}: no optimizer state at {path}")
+            self.stat = FileStat.of(path, os.stat(path))
             return digest_path(path, self.where)  # ValueError naming it for a FIFO (whose torch.load would hang)
         return digest_arrays(_leaves(self.source))
 
@@ -414,6 +416,17 @@ class OptimizerState:
         if not isinstance(self.source, (str, os.PathLike)):
             return self.source
         state = _read_file(self.source, "cpu", self.where, f"{self.where}: no optimizer state")
+        if self.stat is not None:  # the bytes read must be those digested: a re-save between would mix them
+            try:
+                now = FileStat.of(self.stat.path, os.stat(self.stat.path))
+            except OSError as e:
+                now = e
+            if now != self.stat:
+                raise ValueError(
+                    f"{self.where} ({self.stat.path}) changed while it was exported (its size, modification time or "
+                    "inode differ from when it was fingerprinted): the rows would not be those of the fingerprinted "
+                    "optimizer state; export again"
+                )
         _check_optimizer_dict(state, f"{self.where} ({os.path.abspath(self.source)})")
         return state
 
