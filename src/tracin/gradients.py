@@ -38,6 +38,27 @@ def non_finite_message(side: str, factored: bool, b: int, rows: Sequence[int]) -
     return f"{side} {block_name(factored, b)} contains NaN or Inf values, first in rows [{', '.join(map(str, rows))}]"
 
 
+FINITE_CHECK_BYTES = 64 * 2**20  # float32 rows checked at a time by non_finite_rows (bounds its temporaries)
+
+
+def non_finite_rows(block: np.ndarray, code: int, limit: int = 5) -> list[int]:
+    """The first `limit` rows (5: as many as the C++ kernel names) of a kernel block (bfloat16 as uint16
+    bits, `code` in DTYPE_CODES) holding NaN or Inf, checked a piece of rows at a time: bfloat16 by its
+    exponent bits (all ones: Inf or NaN), float16 and float32 as they are, so nothing is copied whole."""
+    step = max(1, FINITE_CHECK_BYTES // (4 * max(1, block.shape[1])))
+    found: list[int] = []
+    for start in range(0, block.shape[0], step):
+        if len(found) >= limit:
+            break
+        rows = block[start : start + step]
+        if code == DTYPE_CODES["bfloat16"]:
+            finite = ((rows & 0x7F80) != 0x7F80).all(axis=1)
+        else:
+            finite = np.isfinite(rows).all(axis=1)
+        found += (start + np.flatnonzero(~finite)[: limit - len(found)]).tolist()
+    return found
+
+
 def _as_list(x: Any, name: str) -> list[Any]:
     if isinstance(x, (list, tuple)):
         if not x:

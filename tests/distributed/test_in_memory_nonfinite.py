@@ -9,7 +9,7 @@ import pytest
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed import _api
+from tracin import gradients
 from tracin.distributed._run import Job
 
 
@@ -63,7 +63,7 @@ def test_first_five_non_finite_rows_of_the_first_block_are_named(client, tied):
 def test_rows_read_in_pieces_are_named_as_one_read_would(monkeypatch, client, tied, dtype):
     """The side is read a few rows at a time (FINITE_CHECK_BYTES): rows found across pieces, every dtype,
     bfloat16 NaN payloads and its largest finite values, against a float64 reference of the values."""
-    monkeypatch.setattr(_api, "FINITE_CHECK_BYTES", 3 * 4 * 6)  # 3 rows of checkpoint 0 at a time
+    monkeypatch.setattr(gradients, "FINITE_CHECK_BYTES", 3 * 4 * 6)  # 3 rows of checkpoint 0 at a time
     rng = np.random.default_rng(5)
     blocks = [rng.standard_normal((40, d)).astype(np.float32) for d in (6, 3)]
     blocks[1][[4, 17, 18, 29, 33, 38], [0, 2, 1, 0, 2, 1]] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan]

@@ -75,6 +75,13 @@ class FileStat(NamedTuple):
     def of(cls, path: str, st: os.stat_result) -> FileStat:
         return cls(path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
+    def again(self) -> FileStat | OSError:
+        """The file's FileStat now (unequal to this one where it changed), or the error of its os.stat."""
+        try:
+            return FileStat.of(self.path, os.stat(self.path))
+        except OSError as e:
+            return e
+
 
 def digest_path(path: str | os.PathLike, name: str | None = None) -> str:
     """Digest of a file's bytes, or of the files under a directory (relative names and bytes): the
@@ -160,10 +167,9 @@ def check_unchanged(source: str | os.PathLike, index: int, stats: list[FileStat]
         raise ValueError(f"{name}: the files it holds changed while it was exported: {again}")
     for before in stats:
         subject = name if before.path == path else f"{name}: {before.path}"
-        try:
-            now = FileStat.of(before.path, os.stat(before.path))
-        except OSError as e:
-            raise ValueError(f"{subject} changed while it was exported ({e}): {again}") from None
+        now = before.again()
+        if isinstance(now, OSError):
+            raise ValueError(f"{subject} changed while it was exported ({now}): {again}") from None
         if now != before:
             raise ValueError(
                 f"{subject} changed while it was exported (its size, modification time or inode differ from "

@@ -19,11 +19,13 @@ _LAYOUTS = (
 @dataclass(frozen=True)
 class WeightFiles:
     """files: the weight files (names relative to the folder) in reading order; index: the shard index
-    read to list them (None for a single file); safetensors: their format."""
+    read to list them (None for a single file); safetensors: their format; weight_map: the index's
+    tensor name -> shard file (None for a single file)."""
 
     files: list[str]
     index: str | None
     safetensors: bool
+    weight_map: dict[str, str] | None = None
 
     @property
     def read(self) -> list[str]:
@@ -41,7 +43,8 @@ def weight_files(path: str | os.PathLike, name: str) -> WeightFiles | None:
         if os.path.isfile(os.path.join(path, single)):
             return WeightFiles([single], None, safe)
         if os.path.isfile(os.path.join(path, index)):
-            files = _shards(os.path.join(path, index), name)
+            weight_map = _weight_map(os.path.join(path, index), name)
+            files = list(dict.fromkeys(weight_map.values()))  # in first-use order
             for f in files:
                 if not _plain_name(f):
                     raise ValueError(
@@ -52,7 +55,7 @@ def weight_files(path: str | os.PathLike, name: str) -> WeightFiles | None:
             for f in files:
                 if not os.path.isfile(os.path.join(path, f)):
                     raise FileNotFoundError(f"{name}: no shard listed by its index at {os.path.join(path, f)}")
-            return WeightFiles(files, index, safe)
+            return WeightFiles(files, index, safe, weight_map)
     return None
 
 
@@ -90,13 +93,12 @@ def _plain_name(f: object) -> bool:
     )
 
 
-def _shards(index_path: str, name: str) -> list[str]:
-    """The shard files of a sharded save_pretrained index, in first-use order. Its JSON may nest at
-    most MAX_JSON_DEPTH levels, as the store's (json's recursion limit would end a deeper one in a
+def _weight_map(index_path: str, name: str) -> dict[str, str]:
+    """The weight_map of a sharded save_pretrained index: tensor name -> its shard file. Its JSON may nest
+    at most MAX_JSON_DEPTH levels, as the store's (json's recursion limit would end a deeper one in a
     RecursionError naming nothing)."""
     try:
         with open(index_path) as f:
-            weight_map = shallow_json_loads(f.read())["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
+            return dict(shallow_json_loads(f.read())["weight_map"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ValueError(f"{name}: {os.path.basename(index_path)} is not a sharded checkpoint index ({e})") from None

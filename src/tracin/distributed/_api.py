@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 from distributed import Future
 
-from .._arrays import DTYPE_CODES, is_torch_tensor
+from .._arrays import is_torch_tensor
 from .._progress import check_progress, shows_automatically
 from .._tunables import AUTO_PROGRESS_MACS
 from .._validate import flag, positive_int, thread_count
 from ..backends.placement import check_precision
-from ..gradients import GradientSet, non_finite_message
+from ..gradients import GradientSet, non_finite_message, non_finite_rows
 from ..scoring import (
     _SIDES,
     NO_SELF_NORMALIZE,
@@ -324,29 +324,10 @@ def _check_finite(test: GradientSet, train: GradientSet) -> None:
             raise ValueError(non_finite_message(name, side.factored, b, bad))
 
 
-FINITE_CHECK_BYTES = 64 * 2**20  # float32 rows checked at a time (bounds the check's temporary arrays)
-
-
 def _non_finite_rows(block: Any, code: int) -> list[int]:
     """The first rows (up to 5, as the C++ kernel names them) of a kernel block holding NaN or Inf."""
     if is_torch_tensor(block):  # a side on a GPU
         import torch
 
         return torch.nonzero(~torch.isfinite(block).all(dim=1)).flatten()[:5].tolist()
-    block = np.asarray(block)
-    step = max(1, FINITE_CHECK_BYTES // (4 * max(1, block.shape[1])))
-    found: list[int] = []
-    for start in range(0, block.shape[0], step):
-        bad = np.flatnonzero(~_finite_rows(block[start : start + step], code))
-        found += (start + bad[: 5 - len(found)]).tolist()
-        if len(found) == 5:
-            break
-    return found
-
-
-def _finite_rows(rows: np.ndarray, code: int) -> np.ndarray:
-    """bool (rows,): whether each row of a block's rows holds finite values only. bfloat16 (uint16 bits) is
-    read from its bits (exponent all ones: Inf or NaN), float16 and float32 as they are: no float32 copy."""
-    if code == DTYPE_CODES["bfloat16"]:
-        return ((rows & 0x7F80) != 0x7F80).all(axis=1)
-    return np.isfinite(rows).all(axis=1)
+    return non_finite_rows(np.asarray(block), code)

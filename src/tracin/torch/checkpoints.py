@@ -416,17 +416,12 @@ class OptimizerState:
         if not isinstance(self.source, (str, os.PathLike)):
             return self.source
         state = _read_file(self.source, "cpu", self.where, f"{self.where}: no optimizer state")
-        if self.stat is not None:  # the bytes read must be those digested: a re-save between would mix them
-            try:
-                now = FileStat.of(self.stat.path, os.stat(self.stat.path))
-            except OSError as e:
-                now = e
-            if now != self.stat:
-                raise ValueError(
-                    f"{self.where} ({self.stat.path}) changed while it was exported (its size, modification time or "
-                    "inode differ from when it was fingerprinted): the rows would not be those of the fingerprinted "
-                    "optimizer state; export again"
-                )
+        if self.stat is not None and self.stat.again() != self.stat:  # a re-save since the digest
+            raise ValueError(
+                f"{self.where} ({self.stat.path}) changed while it was exported (its size, modification time or "
+                "inode differ from when it was fingerprinted): the rows would not be those of the fingerprinted "
+                "optimizer state; export again"
+            )
         _check_optimizer_dict(state, f"{self.where} ({os.path.abspath(self.source)})")
         return state
 
@@ -1529,24 +1524,13 @@ def _read_folder(path: str | os.PathLike, device: Any, name: str) -> dict[str, t
     found = weight_files(path, name)
     if found is None:
         raise without_weights(path, name)
-    assigned = None if found.index is None else _weight_map(os.path.join(path, found.index), name)
+    assigned = found.weight_map  # a shard's tensors the index assigns to another shard (a stale copy left by
+    # a save with other sharding) are left out: the index says which file holds each weight
     state: dict[str, torch.Tensor] = {}
     for f in found.files:
         shard = _read_shard(os.path.join(path, f), device, found.safetensors, name)
         state.update(shard if assigned is None else {k: t for k, t in shard.items() if assigned.get(k) == f})
     return state
-
-
-def _weight_map(index: str, name: str) -> dict[str, str]:
-    """The weight_map of a sharded folder's index: tensor name -> its shard. A shard's tensors that the
-    index assigns to another shard (a stale copy left by a save with other sharding) are left out: the
-    index says which file holds each weight."""
-    try:
-        with open(index, "rb") as f:
-            weight_map = shallow_json_loads(f.read().decode("utf-8"))["weight_map"]
-        return {str(k): v for k, v in weight_map.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-        raise ValueError(f"{name}: {os.path.basename(index)} is not a sharded checkpoint index ({e})") from None
 
 
 def _read_shard(path: str, device: Any, safe: bool, name: str) -> dict[str, torch.Tensor]:

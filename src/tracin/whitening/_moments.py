@@ -24,7 +24,7 @@ import numpy as np
 from .._arrays import DTYPE_CODES
 from .._memory import process_memory
 from .._progress import check_progress, progress_bar
-from ..gradients import GradientSet, non_finite_message
+from ..gradients import GradientSet, non_finite_message, non_finite_rows
 from ..store._convert import bfloat16_bits_to_float32
 
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
@@ -136,8 +136,7 @@ def non_finite_error(s: GradientSet, name: str) -> ValueError:
         rows: list[int] = []
         for start, stop in row_ranges(s):
             side = s.kernel_side(start, stop)
-            bad = np.flatnonzero(~np.isfinite(as_float32(side.blocks[b], side.dtypes[b])).all(axis=1))
-            rows.extend(int(start + r) for r in bad[: 5 - len(rows)])
+            rows.extend(start + r for r in non_finite_rows(side.blocks[b], side.dtypes[b], 5 - len(rows)))
             if len(rows) == 5:
                 break
         if rows:
