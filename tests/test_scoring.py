@@ -1280,6 +1280,19 @@ def test_factored_sets_compare_digests_per_real_checkpoint(rng):
         tracin.scores(test, side(6, ["a", "c"]), normalize=True)
 
 
+def test_a_long_run_differing_everywhere_is_named_in_a_short_message(rng):
+    """200 checkpoints that all differ: the message names the first few and the count, not 200 indices; the
+    error keeps them all."""
+    c = 200
+    test = _exported(random_set(rng, 1, [2] * c), [str(i) for i in range(c)], ["state"] * c, "torch")
+    train = _exported(random_set(rng, 3, [2] * c), [f"x{i}" for i in range(c)], ["state"] * c, "torch")
+    with pytest.raises(ValueError) as e:
+        tracin.scores(test, train)
+    assert "checkpoints [0, 1, 2, 3, 4, 5, 6, 7, ...] (200 in all) differ" in str(e.value)
+    assert "199" not in str(e.value) and len(str(e.value)) < 1000
+    assert e.value.checkpoints == list(range(c))
+
+
 def test_long_work_shows_no_automatic_bar_where_stderr_is_no_terminal(rng, capsys, monkeypatch):
     # a log collected every frame of the bar that long work (by its multiply-adds) showed at once
     import tracin.scoring

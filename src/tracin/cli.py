@@ -436,17 +436,17 @@ def cmd_score(args: argparse.Namespace) -> None:
         if e.names[0] == FITTED_ON:  # --test's own records passed: its whitening's fitted-on gradients did not
             what = "the optimizer states of checkpoints" if e.optimizer_states else "checkpoints"
             raise CommandError(
-                f"{owner} was fitted on gradients exported differently from --train ({what} {e.checkpoints} "
+                f"{owner} was fitted on gradients exported differently from --train ({what} {e.listed} "
                 f"differ); {_refit_advice(whitening)}"
             ) from e
         if e.optimizer_states:
             raise CommandError(
-                f"--test and --train were exported with different optimizer states (of checkpoints {e.checkpoints}); "
+                f"--test and --train were exported with different optimizer states (of checkpoints {e.listed}); "
                 "export both sides with the same optimizer states (same files or state dicts; a state saved "
                 "again under another file name digests differently)"
             ) from e
         raise CommandError(
-            f"--test and --train were exported at different checkpoints (checkpoints {e.checkpoints} differ); "
+            f"--test and --train were exported at different checkpoints (checkpoints {e.listed} differ); "
             "export both sides from the same checkpoints (same files or state dicts)"
         ) from e
     except ValueError as e:  # another record of the fitted-on gradients than --train's (mode, projection, params)
@@ -617,9 +617,9 @@ def _fitted_mismatch(e: Any, option: str) -> str:
     """A CheckpointMismatchError between the rows of `option` and the gradients --whitening was fitted on, in
     command line terms."""
     if e.optimizer_states:
-        what = f"with different optimizer states (of checkpoints {e.checkpoints})"
+        what = f"with different optimizer states (of checkpoints {e.listed})"
     else:
-        what = f"at different checkpoints (checkpoints {e.checkpoints} differ)"
+        what = f"at different checkpoints (checkpoints {e.listed} differ)"
     return (
         f"{option} and the gradients --whitening was fitted on were exported {what}; give --whitening a whitening "
         f"fitted on gradients exported as {option} was (same checkpoints and optimizer states)"

@@ -261,6 +261,18 @@ class CheckpointMismatchError(ValueError):
         self.optimizer_states = optimizer_states
         self.names = names  # the two sides as the message names them (FITTED_ON first: a whitening's train side)
 
+    @property
+    def listed(self) -> str:
+        """`checkpoints` as messages show them: the first few indices, then how many differ in all."""
+        return listed_indices(self.checkpoints)
+
+
+def listed_indices(indices: list[int], limit: int = 8) -> str:
+    """'[0, 3]', or past `limit` indices '[0, 1, 2, 3, 4, 5, 6, 7, ...] (1000 in all)'."""
+    if len(indices) <= limit:
+        return str(list(indices))
+    return f"[{', '.join(str(i) for i in indices[:limit])}, ...] ({len(indices)} in all)"
+
 
 FITTED_ON = "the gradients the test side's whitening was fitted on"
 """How messages name the train-side records a whitened test side carries (metadata['whitening']['space'])."""
@@ -288,8 +300,9 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
     differ, kinds = _differing_records(t, x, "checkpoints", "checkpoint_sources")
     if differ:
         raise CheckpointMismatchError(
-            f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints {differ} differ "
-            "(their digests in metadata['fingerprints']['checkpoints'], made alike: metadata['checkpoint_sources']); "
+            f"{names[0]} and {names[1]} were exported at different checkpoints: checkpoints "
+            f"{listed_indices(differ)} differ (their digests in metadata['fingerprints']['checkpoints'], made alike: "
+            "metadata['checkpoint_sources']); "
             "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
             "saved again, renamed keys), drop the record from one side to have the pair trusted: "
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
@@ -315,8 +328,9 @@ def _check_same_optimizer_states(t: dict, x: dict, names: tuple[str, str] = ("te
     if differ:
         raise CheckpointMismatchError(
             f"{names[0]} and {names[1]} were exported with different optimizer states: the optimizer states of "
-            f"checkpoints {differ} differ (their digests in metadata['fingerprints']['optimizer_states'], made "
-            f"alike: metadata['optimizer_state_sources']), and preconditioner={kind!r} rows are computed from "
+            f"checkpoints {listed_indices(differ)} differ (their digests in "
+            "metadata['fingerprints']['optimizer_states'], made alike: metadata['optimizer_state_sources']), and "
+            f"preconditioner={kind!r} rows are computed from "
             "them; export both sides with the optimizer state saved with each checkpoint. If they are the "
             "same states saved differently (a file saved again), drop the record from one side to have the pair "
             "trusted: side.metadata.pop('optimizer_state_sources') (with tracin.distributed, from a side that "
