@@ -1299,6 +1299,24 @@ def test_bad_optimizer_settings_and_fields_are_named_with_the_group_and_key(setu
         )
 
 
+def test_damaged_moments_in_an_optimizer_state_file_are_named_with_its_path(setup, tmp_path):
+    """A NaN first moment found once the export reads the file names the file, not only its position."""
+    model, checkpoints, data = setup
+    state = _adam_state(model, data)
+    state["state"][0]["exp_avg"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "opt.pt")
+    where = re.escape(f"checkpoints[0][2] (optimizer state) ({tmp_path / 'opt.pt'}): the first moment of 0.weight")
+    with pytest.raises(ValueError, match=where + " has 1 NaN or infinite entries"):
+        export_gradients(
+            model,
+            [(checkpoints[0][0], 0.1, str(tmp_path / "opt.pt"))],
+            data,
+            LOSS,
+            preconditioner="adam",
+            progress=False,
+        )
+
+
 def test_a_step_of_a_named_parameter_is_named_by_it_and_tensor_settings_are_taken(setup):
     model, checkpoints, data = setup
     state = _adam_state(mlp(), data)

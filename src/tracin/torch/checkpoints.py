@@ -369,44 +369,44 @@ class OptimizerState:
             has_state = _adam_entry(entry)
             if name in self.frozen and not has_state:
                 raise ValueError(
-                    f"{self.where}: parameter {name} is frozen (requires_grad=False) and the optimizer holds no "
+                    f"{self.located}: parameter {name} is frozen (requires_grad=False) and the optimizer holds no "
                     "state for it; leave it out of layers="
                 )
             if group is None:
                 raise ValueError(
-                    f"{self.where}: parameter {name} is in none of the optimizer's param_groups"
+                    f"{self.located}: parameter {name} is in none of the optimizer's param_groups"
                     + _named_otherwise(name, state["param_groups"], by_position)
                 )
             if not has_state and any(_adam_entry(e) for e in state["state"].values()):
                 raise ValueError(
-                    f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}, while the optimizer "
+                    f"{self.located}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}, while the optimizer "
                     "holds some for other parameters: it never received a gradient in training (a module the "
                     "training did not use); leave it out of layers="
                 )
             if not has_state:
                 raise ValueError(
-                    f"{self.where}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
+                    f"{self.located}: no Adam state (exp_avg, exp_avg_sq) for parameter {name}: "
                     "an Adam / AdamW optimizer that has taken at least one step is needed"
                 )
             other = _not_adam(group, entry)
             if other:
                 raise ValueError(
-                    f"{self.where}: parameter {name} was trained with {other}; the preconditioner follows plain "
+                    f"{self.located}: parameter {name} was trained with {other}; the preconditioner follows plain "
                     "Adam / AdamW steps and does not take it as one"
                 )
             if "lr" in group:  # a tensor lr and its float are one rate: equal to 1e-6 relative
                 lr = float(group["lr"])
                 rates.setdefault(next((r for r in rates if math.isclose(r, lr, rel_tol=1e-6)), lr), []).append(name)
             step = float(entry.get("step", 0))
-            m, v = (_float_array(entry[k], f"{name}'s {k}", self.where) for k in ("exp_avg", "exp_avg_sq"))
-            check_moments(name, shape, m, v, step, self.where, _BY_POSITION if by_position else "")
+            m, v = (_float_array(entry[k], f"{name}'s {k}", self.located) for k in ("exp_avg", "exp_avg_sq"))
+            check_moments(name, shape, m, v, step, self.located, _BY_POSITION if by_position else "")
             b1, b2 = (float(b) for b in group["betas"])
             sparse = "maximize" in group and "weight_decay" not in group and "amsgrad" not in group
             moments.append(AdamMoments(m.reshape(-1), v.reshape(-1), step, b1, b2, float(group["eps"]), sparse))
         if len(rates) > 1:
             listed = "; ".join(f"lr {lr!r}: {_few(names)}" for lr, names in rates.items())
             raise ValueError(
-                f"{self.where}: the chosen parameters are in param groups of different learning rates ({listed}); "
+                f"{self.located}: the chosen parameters are in param groups of different learning rates ({listed}); "
                 "a row is weighted by one rate, the checkpoint's. Export each group's parameters apart "
                 "(layers=...) with its own learning rate and add their scores"
             )
@@ -422,8 +422,15 @@ class OptimizerState:
                 "inode differ from when it was fingerprinted): the rows would not be those of the fingerprinted "
                 "optimizer state; export again"
             )
-        _check_optimizer_dict(state, f"{self.where} ({os.path.abspath(self.source)})")
+        _check_optimizer_dict(state, self.located)
         return state
+
+    @property
+    def located(self) -> str:
+        """`where`, with the file's absolute path when the state was given as one (messages about its contents)."""
+        if isinstance(self.source, (str, os.PathLike)):
+            return f"{self.where} ({os.path.abspath(self.source)})"
+        return self.where
 
     def _owners(self, state: Mapping) -> tuple[dict[str, tuple[Any, Mapping]], bool]:
         """parameter name -> (its key in state["state"], its param group); and whether the names
@@ -437,7 +444,7 @@ class OptimizerState:
             return dict(zip(names, keys, strict=True)), False
         if len(groups) > 1:
             raise ValueError(
-                f"{self.where} has {len(groups)} param groups and no parameter names (param_names): "
+                f"{self.located} has {len(groups)} param groups and no parameter names (param_names): "
                 f"its parameters would be matched by position, and the order of several groups cannot be checked"
                 f"{_NAMED_HINT}; or name the parameters of a saved state: load it (torch.load) and give each "
                 "param group 'param_names', the names of its 'params' in their order. A transformers Trainer's "
@@ -449,7 +456,7 @@ class OptimizerState:
         names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
         if names is None:
             raise ValueError(
-                f"{self.where} holds {len(keys)} parameters, the model has {len(self.all_names)} "
+                f"{self.located} holds {len(keys)} parameters, the model has {len(self.all_names)} "
                 f"({len(self.trainable_names)} trainable){_BY_POSITION}"
             )
         self._check_positions(state["state"], names, [k for k, _ in keys])
@@ -482,7 +489,7 @@ class OptimizerState:
                     )
                 )
                 raise ValueError(
-                    f"{self.where}: without parameter names (param_names) its parameters are matched by position "
+                    f"{self.located}: without parameter names (param_names) its parameters are matched by position "
                     f"in model.named_parameters() order ({len(names)} "
                     f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
                     f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
