@@ -690,3 +690,36 @@ def test_a_pickle_or_npz_checkpoint_file_says_which_formats_are_read(mlp, data, 
     assert "reads orbax checkpoint directories and Flax msgpack files" in message
     assert re.search(how + r".*pass the params pytree", message)
     assert "extra data" not in message
+
+
+@pytest.mark.parametrize("saver", ["msgpack", "orbax"])
+def test_a_train_state_file_exports_its_params_alone_and_warns(mlp, data, tmp_path, saver):
+    """A Flax TrainState saved whole restores as {"step", "params", "opt_state"} (review143 F1): by default
+    only "params" is exported (the Adam moments' all-zero columns tripled the width), with a UserWarning
+    naming the keys left out and layers=; rows against the float64 NumPy reference."""
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    x, y = data
+    state = train_state.TrainState.create(apply_fn=None, params=mlp.params[0], tx=optax.adam(1e-2))
+    state = state.apply_gradients(grads=jax.grad(lambda p: mlp.loss_fn(p, x, y).mean())(state.params))
+    state = state.replace(params=mlp.params[0])  # the reference's weights, the moments of one step
+    if saver == "msgpack":
+        path = tmp_path / "state.msgpack"
+        path.write_bytes(serialization.to_bytes(state))
+    else:
+        path = tmp_path / "state"
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path, state)
+        checkpointer.wait_until_finished()
+    left_out = r"leaving out \['opt_state', 'step'\]; to export other leaves, name them in layers= \(layers=\['\*'\]"
+    with pytest.warns(UserWarning, match=r"Flax TrainState restored as a dict.*" + left_out):
+        g = export_gradients(lambda p, a, b: mlp.loss_fn(p["params"], a, b), [(path, 1.0)], (x, y), progress=False)
+    names = [q["name"] for q in g.metadata["params"]]
+    assert names == ["params/l1/bias", "params/l1/kernel", "params/l2/bias", "params/l2/kernel"]
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), ref, rtol=1e-4, atol=1e-6)
+    everything = export_gradients(
+        lambda p, a, b: mlp.loss_fn(p["params"], a, b), [(path, 1.0)], (x, y), layers=["*"], progress=False
+    )
+    assert np.asarray(everything.matrices[0]).shape[1] == 3 * ref.shape[1]  # params, mu and nu

@@ -25,7 +25,7 @@ from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
-from .params import LINEN_STATE, as_patterns, host_array, layout_of, linen_collections
+from .params import LINEN_STATE, as_patterns, host_array, layout_of, linen_collections, train_state_entries
 from .per_example import FullRows, LastLayer, LossWatch, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -90,7 +90,9 @@ def export_gradients(
         leaves, but for Flax linen variables holding collections besides "params" (BatchNorm's
         "batch_stats", a "cache"): the "params" collection alone, as no gradient step trains the others
         (name them in layers to export them too; a UserWarning names those left out that are not a linen
-        state collection, tracin.jax.params.LINEN_STATE: a plain dict's trained entries). Rows
+        state collection, tracin.jax.params.LINEN_STATE: a plain dict's trained entries); so for a Flax
+        TrainState restored as a dict ({"step", "params", "opt_state"}), with a UserWarning naming the
+        keys left out. Rows
         concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"]. An optax state
         initialised on variables["params"] (a TrainState's) is matched under "params/".
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -368,7 +370,19 @@ class _JaxExport:
 def _linen_default(params: Any) -> list[str] | None:
     """layers=None for Flax linen variables holding collections besides "params": ["params"] (None for other
     params), with a UserWarning naming the collections left out when some are not LINEN_STATE's (a plain
-    dict with a "params" entry and other trainable entries would otherwise lose them without a word)."""
+    dict with a "params" entry and other trainable entries would otherwise lose them without a word). A Flax
+    TrainState restored as a dict ({"step", "params", "opt_state"}) gives ["params"] too, with a UserWarning
+    naming the top-level keys left out (its optimizer moments would triple the row width with zero columns)."""
+    state = train_state_entries(params)
+    if state:
+        warnings.warn(
+            f"params look like a Flax TrainState restored as a dict (top-level keys 'params' and {state}): only "
+            f"'params' is exported by default, leaving out {state}; to export other leaves, name them in layers= "
+            "(layers=['*'] exports every floating leaf), or pass the TrainState's params alone",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return ["params"]
     others = linen_collections(params)
     if not others:
         return None

@@ -594,6 +594,27 @@ def linen_collections(params: Any) -> list[str]:
     return sorted((str(key) for key in params if key != "params"), key=str)
 
 
+# the fields of a Flax TrainState that a restored checkpoint file keeps, besides "params"
+TRAIN_STATE = ("step", "opt_state")
+
+
+def train_state_entries(params: Any) -> list[str]:
+    """The top-level keys besides "params" of a Flax TrainState restored as a dict ({"step": ...,
+    "params": ..., "opt_state": ...}, as flax.serialization or orbax give it back from a saved
+    TrainState): a dict or FrozenDict holding a "params" Mapping with floating leaves and "step" or
+    "opt_state", sorted; [] for other pytrees. Its optimizer moments are no parameters (their gradients
+    are zero), so an export takes "params" alone by default (layers=None)."""
+    variables = isinstance(params, dict) or type(params).__name__ == "FrozenDict"
+    if not variables or not isinstance(params.get("params"), Mapping):
+        return []
+    if not any(key in params for key in TRAIN_STATE):
+        return []
+    scalars = scalars_are_parameters(params)
+    if not any(is_float_leaf(leaf, scalars) for leaf in jax.tree_util.tree_leaves(params["params"])):
+        return []
+    return sorted((str(key) for key in params if key != "params"), key=str)
+
+
 def as_patterns(layers: Any) -> list[str]:
     """layers as a list of path patterns (a single string is one pattern)."""
     return shared_patterns(layers, "['l2'] or ['params/Dense_1/*']")
