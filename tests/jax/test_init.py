@@ -1,0 +1,13 @@
+"""Importing tracin.jax where jax is not installed names the extra to install."""
+
+import subprocess
+import sys
+
+
+def test_a_missing_jax_names_the_extra_to_install():
+    hide = "import sys; sys.modules['jax'] = None; import tracin.jax"  # what an uninstalled package raises
+    run = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("ModuleNotFoundError: tracin.jax needs "), last
+    assert "pip install 'tracin[jax]'" in last
