@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ def test_dims_are_probed_from_the_projection():
     assert projected_dims(p, (3, 5), None) == (left.shape[1], right.shape[1])
 
 
+@pytest.mark.filterwarnings("ignore:projection .* not fewer than the gradient's row width:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
 @pytest.mark.parametrize("layout", ["flat", "per_layer", "kronecker"])
 @pytest.mark.parametrize("dim", [1, 7, 64, 2048])
@@ -175,3 +178,31 @@ def test_a_torch_factored_export_refuses_a_per_layer_projection():
                 projection=tracin.Projection(16, per_layer=True),
                 progress=False,
             )
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_projection_no_narrower_than_the_rows_warns(per_layer):
+    """review143 F4: Projection(200_000) of a 45-wide gradient silently stored 4,400 times the bytes."""
+    for dim, d in ((45, 45), (200_000, 45)):
+        with pytest.warns(RuntimeWarning, match=rf"rows of dim {dim}, not fewer than the gradient's row width {d}"):
+            assert projected_dims(tracin.Projection(dim, 0, per_layer=per_layer), d, [40, 5]) == dim
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert projected_dims(tracin.Projection(44, 0, per_layer=per_layer), 45, [40, 5]) == 44
+        projected_dims(tracin.Projection(4, 0), (3, 5), None)  # factored rows: not compared
+
+
+def test_a_torch_export_with_a_projection_wider_than_the_gradient_warns_at_the_call():
+    torch = pytest.importorskip("torch")
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))  # d = 57
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,)))]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    expected = r"dim 64, not fewer than the gradient's row width 57: .*drop projection= to store the exact rows"
+    with pytest.warns(RuntimeWarning, match=expected) as caught:
+        g = export_gradients(model, checkpoints, data, loss, projection=tracin.Projection(64, seed=1), progress=False)
+    assert np.asarray(g.matrices[0]).shape == (4, 64)
+    assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]

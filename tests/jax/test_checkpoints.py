@@ -723,3 +723,76 @@ def test_a_train_state_file_exports_its_params_alone_and_warns(mlp, data, tmp_pa
         lambda p, a, b: mlp.loss_fn(p["params"], a, b), [(path, 1.0)], (x, y), layers=["*"], progress=False
     )
     assert np.asarray(everything.matrices[0]).shape[1] == 3 * ref.shape[1]  # params, mu and nu
+
+
+class _Hostile:
+    """A pickled object whose loading would create `path` (a folder): restore must never unpickle."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 5])
+def test_a_hostile_pickle_checkpoint_is_named_and_never_unpickled(mlp, data, tmp_path, protocol):
+    """review143 F2 / the test gap at test_a_pickle_or_npz...: a pickle of any protocol is told by its bytes
+    (protocols 0 and 1 got msgpack's 'extra data') and its __reduce__ never runs."""
+    x, y = data
+    pwned = tmp_path / "pwned"
+    path = tmp_path / "ckpt.pkl"
+    path.write_bytes(pickle.dumps({"l1": _Hostile(str(pwned))}, protocol=protocol))
+    with pytest.raises(ValueError, match=r"cannot be read: it is a pickle, .*load it yourself \(pickle\.load"):
+        export_gradients(mlp.loss_fn, [(path, 1.0)], (x, y), progress=False)
+    assert not pwned.exists()
+    pickle.loads(path.read_bytes())  # the check above could fail: loading it does run __reduce__
+    assert pwned.is_dir()
+
+
+@pytest.mark.parametrize("kind", ["npy", "safetensors", "pickle0", "pickle1"])
+def test_npy_safetensors_and_old_pickle_files_name_their_format(mlp, data, tmp_path, kind):
+    """review143 F2: these got "cannot be read as a Flax msgpack checkpoint ... extra data"."""
+    x, y = data
+    kernel = np.asarray(mlp.params[0]["l1"]["kernel"])
+    path = tmp_path / f"ckpt.{kind}"
+    if kind == "npy":
+        np.save(path, kernel)
+        what, how = r"a NumPy \.npy array", r"np\.load"
+    elif kind == "safetensors":
+        header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}  '
+        path.write_bytes(len(header).to_bytes(8, "little") + header + np.ones(2, np.float32).tobytes())
+        what, how = "a safetensors file", r"safetensors\.flax\.load_file"
+    else:
+        params = jax.tree_util.tree_map(np.asarray, mlp.params[0])
+        path.write_bytes(pickle.dumps(params if kind == "pickle0" else [params], protocol=int(kind[-1])))
+        what, how = "a pickle", r"pickle\.load"
+    with pytest.raises(ValueError) as caught:
+        export_gradients(mlp.loss_fn, [(path, 1.0)], (x, y), progress=False)
+    message = str(caught.value)
+    assert re.search(rf"checkpoints\[0\] \({re.escape(str(path))}\) cannot be read: it is {what}", message)
+    assert re.search(rf"load it yourself \({how}.*pass the params pytree", message)
+    assert "extra data" not in message
+
+
+def test_a_checkpoint_manager_step_folder_or_root_names_the_item_folder_to_pass(mlp, data, tmp_path):
+    """review143 F5: CheckpointManager writes root/<step>/default; root/<step> was refused without a hint."""
+    x, y = data
+    manager = ocp.CheckpointManager(tmp_path / "run")
+    for step in (2, 10):
+        manager.save(step, args=ocp.args.StandardSave(mlp.params[0]))
+    manager.wait_until_finished()
+    step = tmp_path / "run" / "2"
+    with pytest.raises(
+        ValueError, match=r"_METADATA.*; pass the orbax checkpoint item folder it holds: 'default', e\.g\. "
+    ) as caught:
+        export_gradients(mlp.loss_fn, [(step, 1.0)], (x, y), progress=False)
+    assert str(caught.value).endswith(str(step / "default"))
+    with pytest.raises(ValueError, match=r"CheckpointManager's root\?\): '2/default', '10/default', e\.g\. ") as caught:
+        export_gradients(mlp.loss_fn, [(tmp_path / "run", 1.0)], (x, y), progress=False)
+    assert str(caught.value).endswith(str(step / "default"))
+    g = export_gradients(mlp.loss_fn, [(step / "default", 1.0)], (x, y), progress=False)
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), ref, rtol=1e-4, atol=1e-6)

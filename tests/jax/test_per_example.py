@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,39 @@ def test_a_failing_loss_is_reported_with_its_argument(mlp, data):
         export_gradients(
             lambda p, a, b: mlp.loss_fn(p["missing"], a, b), [(mlp.params[0], 1.0)], (x, y), progress=False
         )
+
+
+@pytest.mark.parametrize(
+    "lookup, error",
+    [
+        (lambda p: p["L1"], "KeyError: 'L1'"),
+        (lambda p: p.kernel, "AttributeError: 'dict' object has no attribute 'kernel'"),
+        (lambda p: list(p.values())[2], r"IndexError: list index out of range"),
+        (lambda p: list(p)[0]["l1"], "TypeError: string indices must be integers"),
+        (lambda p: p["l1"]["kernel"]["w"], "TypeError: JAX does not support string indexing"),
+    ],
+    ids=["KeyError", "AttributeError", "IndexError", "TypeError", "array"],
+)
+def test_a_failed_lookup_names_the_error_type_and_the_params_top_level_paths(mlp, data, lookup, error):
+    """review143 F3: a checkpoint of another model version ('W' where the loss reads p["w"]) failed with
+    "...: 'w'", the KeyError's type lost and the params' paths unnamed."""
+    x, y = data
+    with pytest.raises(ValueError) as caught:
+        export_gradients(
+            lambda p, a, b: lookup(p) + mlp.loss_fn(p, a, b), [(mlp.params[0], 1.0)], (x, y), progress=False
+        )
+    message = str(caught.value)
+    assert re.search(r"failed on a batch of 64: " + error, message), message
+    assert message.endswith(
+        "; the params' top-level paths are 'l1', 'l2' (a checkpoint of another model version than the loss reads?)"
+    )
+
+
+def test_other_errors_of_the_loss_name_their_type_without_the_paths(mlp, data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"failed on a batch of 64: TypeError: .*dot_general") as caught:
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0)], (x[:, :4], y), progress=False)
+    assert "top-level paths" not in str(caught.value)
 
 
 def test_errors_on_a_padded_batch_count_the_rows_given(mlp, data):

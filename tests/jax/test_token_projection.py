@@ -260,7 +260,8 @@ def test_lookups_of_rows_and_columns_by_ids(x64):
         grads = example_grads(lookup_loss, p, inputs, labels, lengths)
         assert_rows_close(g.matrices[c], projected_reference(proj, layout, grads))
     kw = dict(layers=["typ", "head"], progress=False)  # tok and pos then are arrays, not candidates
-    chosen = export_gradients(lookup_loss, [(params[0], 1.0)], (inputs, labels), projection=proj, **kw)
+    with pytest.warns(RuntimeWarning, match="rows of dim 64, not fewer than the gradient's row width 48"):
+        chosen = export_gradients(lookup_loss, [(params[0], 1.0)], (inputs, labels), projection=proj, **kw)
     assert chosen.metadata["projection"]["segments"] == [layout[0], layout[3]]
     full = export_gradients(lookup_loss, [(params[0], 1.0)], (inputs, labels), **kw)
     assert_rows_close(chosen.matrices[0], proj.apply(full.matrices[0], segments=[layout[0], layout[3]]).astype(float))
@@ -793,3 +794,18 @@ def _values(jaxpr):
         yield from eqn.outvars
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             yield from _values(sub)
+
+
+def test_a_kronecker_projection_no_narrower_than_the_rows_warns(x64):
+    """review143 F4: per-token rows of dim columns at least the gradient's width d widen what is stored."""
+    r = np.random.default_rng(3)
+    params = [mlp_params(r)]
+    d = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params[0]))
+    inputs, labels, _ = _tokens(r, 3, 4)
+    proj = tracin.Projection(5 * 48, 2, per_layer=True, kronecker=True)
+    assert proj.dim >= d
+    expected = rf"dim {proj.dim}, not fewer than the gradient's row width {d}: .*drop projection= to store the exact"
+    with pytest.warns(RuntimeWarning, match=expected) as caught:
+        g = _export(mlp_loss, params, (inputs, labels), proj, batch_size=4)
+    assert list(g.dims) == [proj.dim]
+    assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from .._caller import user_stacklevel
 from ..projection import NonFiniteRowError, Projection, _finite_rows
 
 
@@ -79,7 +81,8 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
     summing to d, no more segments than dim), and one whose apply_factored is Projection's, the
     widths of a one-column pair, which do not depend on (p, q). A subclass overriding the method
     (whose width may differ) is probed by projecting one zero row of `dims` (other objects are
-    refused by `check_projection`)."""
+    refused by `check_projection`). Full rows projected to `dims` columns or more get warn_widening's
+    RuntimeWarning."""
     if projection is None:
         return dims
     if isinstance(dims, tuple):
@@ -91,5 +94,22 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
         if projection.per_layer:
             layout = projection._segments([dims] if segments is None else segments, dims)
             projection.segment_dims(len(layout))  # too many segments for dim: refused now
-        return projection.dim
-    return project(projection, np.zeros((1, dims), np.float32), segments).shape[1]
+        width = projection.dim
+    else:
+        width = project(projection, np.zeros((1, dims), np.float32), segments).shape[1]
+    warn_widening(projection, width, dims)
+    return width
+
+
+def warn_widening(projection: Any, width: int, exact: int) -> None:
+    """RuntimeWarning when projected rows of `width` columns are no narrower than the `exact` rows they
+    project (Projection(200_000) of a 45-wide gradient stores 4,400 times the bytes, and adds the
+    sketch's error to rows that would fit exactly)."""
+    if width >= exact:
+        warnings.warn(
+            f"projection {projection!r} stores rows of dim {width}, not fewer than the gradient's row width "
+            f"{exact}: it widens the rows (or keeps their width) and adds its approximation error; drop "
+            f"projection= to store the exact rows of width {exact}, or pass a dim below {exact}",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )

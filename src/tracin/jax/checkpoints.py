@@ -277,8 +277,10 @@ def restore(source: Any, where: str) -> Any:
     (`flax.serialization.msgpack_restore`). Both give the nested dicts of arrays that were saved. A
     file or directory that cannot be read (cut short, damaged, not in that format) is a ValueError
     naming `where`, the path and the reader's error; so is a pytree with no leaves (None, {}). A file
-    that starts as a pickle or a zip archive (.npz) does: it names that format and says to load the
-    file and pass the pytree.
+    that starts as a pickle (any protocol; never unpickled), a NumPy .npy array, a safetensors file or a
+    zip archive (.npz) does: it names that format and says to load the file and pass the pytree. A
+    directory holding orbax checkpoints a level or two down (a CheckpointManager's step folder or root)
+    names the item folders to pass.
     """
     if not isinstance(source, (str, os.PathLike)):
         if not jax.tree_util.tree_leaves(source):
@@ -290,7 +292,9 @@ def restore(source: Any, where: str) -> Any:
         try:
             return ocp.StandardCheckpointer().restore(path)
         except _UNREADABLE as e:  # tensorstore's errors (DATA_LOSS, OUT_OF_RANGE) are ValueErrors
-            raise ValueError(f"{_cannot_read(where, path)} as an orbax checkpoint: {_first_line(e)}") from e
+            raise ValueError(
+                f"{_cannot_read(where, path)} as an orbax checkpoint: {_first_line(e).rstrip('.')}{_item_hint(path)}"
+            ) from e
     if os.path.isfile(path):
         serialization = _reader("flax.serialization", "flax", f"{where}: {path} is a file (a Flax msgpack checkpoint)")
         with open(path, "rb") as f:
@@ -312,12 +316,52 @@ def restore(source: Any, where: str) -> Any:
     raise FileNotFoundError(f"{where}: no checkpoint at {path}")
 
 
+def _item_hint(path: str) -> str:
+    """For a directory that is no orbax checkpoint itself (no _METADATA) but holds some a level down (a
+    CheckpointManager's step folder root/<step>, holding the item root/<step>/default) or two (its root):
+    "; pass ..." naming them; "" otherwise."""
+    if os.path.exists(os.path.join(path, "_METADATA")):
+        return ""
+    found = [name for name in _subfolders(path) if os.path.isfile(os.path.join(path, name, "_METADATA"))]
+    what = "the orbax checkpoint item folder it holds"
+    if not found:  # a CheckpointManager's root: its steps' items
+        found = [
+            f"{step}/{item}"
+            for step in _subfolders(path)
+            for item in _subfolders(os.path.join(path, step))
+            if os.path.isfile(os.path.join(path, step, item, "_METADATA"))
+        ]
+        what = "a step's orbax checkpoint item folder (a CheckpointManager's root?)"
+    if not found:
+        return ""
+    shown = ", ".join(repr(name) for name in found[:4]) + (f", ... ({len(found)} in all)" if len(found) > 4 else "")
+    return f"; pass {what}: {shown}, e.g. {os.path.join(path, found[0])}"
+
+
+def _subfolders(path: str) -> list[str]:
+    """The names of the folders in `path`, step numbers in numeric order, then the other names."""
+    try:
+        names = [entry.name for entry in os.scandir(path) if entry.is_dir()]
+    except OSError:
+        return []
+    return sorted(names, key=lambda name: (0, int(name), "") if name.isdigit() else (1, 0, name))
+
+
 def _other_format(content: bytes) -> tuple[str, str] | None:
     """(format, how to load it) of a checkpoint file in a format restore does not read, told by its first
-    bytes: a pickle (protocol 2 and up: 0x80, the protocol, ...) or a zip archive (np.savez's .npz); None
-    otherwise (msgpack, or anything else, is left to the msgpack reader)."""
-    if content[:1] == b"\x80" and len(content) > 1 and 2 <= content[1] <= 5:
-        return "a pickle", "pickle.load, or torch.load for a torch file"
+    bytes (nothing is unpickled): a NumPy .npy array, a safetensors file (8-byte header length, then a JSON
+    header), a pickle (protocol 2 and up: 0x80, the protocol, ...; protocols 0 and 1: an opening opcode
+    such as "(d", "}q", "]q" or "c<module>", and the STOP opcode "." last) or a zip archive (np.savez's .npz);
+    None otherwise (msgpack, or anything else, is left to the msgpack reader: a Flax msgpack file is a map,
+    whose first byte is none of these)."""
+    if content[:6] == b"\x93NUMPY":
+        return "a NumPy .npy array (np.save)", "np.load, and put the array in a params pytree"
+    header = int.from_bytes(content[:8], "little") if len(content) > 8 else 0
+    if content[8:9] == b"{" and 2 <= header <= len(content) - 8 and content[7 + header : 8 + header] in b"} ":
+        return "a safetensors file", "safetensors.flax.load_file or safetensors.numpy.load_file"
+    old_pickle = content[:1] in (b"(", b"}", b"]", b")", b"c") and content[-1:] == b"."
+    if old_pickle or (content[:1] == b"\x80" and len(content) > 1 and 2 <= content[1] <= 5):
+        return "a pickle", "pickle.load, or torch.load for a torch file, only if you trust the file"
     if content[:4] == b"PK\x03\x04":
         return "a zip archive (an .npz of np.savez, or a torch.save file)", "np.load, or torch.load"
     return None

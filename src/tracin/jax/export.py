@@ -18,7 +18,7 @@ from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
 from .._export.preconditioner import adam_settings
-from .._export.projection import check_projection
+from .._export.projection import check_projection, warn_widening
 from .._export.transforms import row_transforms
 from .._progress import check_progress
 from ..gradients import FactoredGradients, Gradients
@@ -216,6 +216,7 @@ def export_gradients(
     if preconditioner is not None:
         framework.check_states(entries)
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it
+        warn_widening(projection, projection.dim, framework.layout.dim)
         options = Options(mode, layers, dtype, store, progress)
         return export(framework, entries, options, framework.compute_rows.recorded())
     options = Options(mode, layers, dtype, store, progress, preconditioner, adam if preconditioner else None)

@@ -130,7 +130,10 @@ def check_per_example(
             selected, arrays, batch.inputs, batch.targets
         )
     except Exception as err:  # noqa: BLE001 - re-raised with the argument named
-        raise ValueError(f"loss_fn(params, inputs, targets) failed on a batch of {size}{padded}: {err}{note}") from err
+        raise ValueError(
+            f"loss_fn(params, inputs, targets) failed on a batch of {size}{padded}: {type(err).__name__}: {err}"
+            f"{_lookup_hint(err, layout)}{note}"
+        ) from err
     shape = getattr(out, "shape", None)
     if shape != (size,):
         hint = " (a mean or sum over the batch?)" if shape == () else ""
@@ -142,6 +145,24 @@ def check_per_example(
     if not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(f"loss_fn must return floating-point losses, got dtype {out.dtype}")
     return compute_eps(closed)
+
+
+def _lookup_hint(err: Exception, layout: ParamLayout) -> str:
+    """For a failed lookup in loss_fn (a KeyError, AttributeError or IndexError, a TypeError indexing a
+    container: "list indices must be integers or slices, not str", "'NoneType' object is not subscriptable",
+    JAX's "does not support string indexing" for an array where the loss expects a dict),
+    the params' top-level paths (the first 8), so a checkpoint of another model version ('W' where the loss
+    reads p["w"]) is recognised; "" for other errors."""
+    indexing = isinstance(err, TypeError) and any(
+        words in str(err) for words in ("not subscriptable", "indices must be integers", "string indexing")
+    )
+    if not indexing and not isinstance(err, (KeyError, AttributeError, IndexError)):
+        return ""
+    top = [name for name in dict.fromkeys(path.split("/")[0] for path in layout.paths) if name]
+    if not top:
+        return ""
+    shown = ", ".join(repr(name) for name in top[:8]) + (f", ... ({len(top)} in all)" if len(top) > 8 else "")
+    return f"; the params' top-level paths are {shown} (a checkpoint of another model version than the loss reads?)"
 
 
 def compute_eps(closed: ClosedJaxpr) -> float:
