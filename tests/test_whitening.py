@@ -433,6 +433,17 @@ def test_refuses_what_would_not_fit_in_memory():
         Whitening.fit(tracin.Gradients([np.ones((3, 24), np.float32), np.ones((3, 9), np.float32)]), max_bytes=10_000)
 
 
+def test_a_small_budget_refusal_gives_the_bytes_needed_and_they_are_enough():
+    g = tracin.Gradients(np.random.default_rng(0).standard_normal((10, 300)).astype(np.float32))
+    need = 8 * (2 + 3) * 300**2  # moments and inverses, then three d x d of work space, float64
+    message = rf"need 3,600,000 bytes \(3\.4 MiB\), above max_bytes=1440000 \(1\.4 MiB\);.* at least {need}$"
+    with pytest.raises(ValueError, match=message):
+        Whitening.fit(g, max_bytes=1_440_000)
+    with pytest.raises(ValueError, match=rf"above max_bytes={need - 1} \(3\.4 MiB\);.* at least {need}$"):
+        Whitening.fit(g, max_bytes=need - 1)
+    assert Whitening.fit(g, max_bytes=need).spec.dims == [300]
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf")])
 def test_bad_damping_values(full, bad):
     with pytest.raises(ValueError, match="damping must be a finite number > 0"):

@@ -26,6 +26,7 @@ from .._memory import process_memory
 from .._progress import check_progress, progress_bar
 from ..gradients import GradientSet, non_finite_message, non_finite_rows
 from ..store._convert import bfloat16_bits_to_float32
+from ..store._store import _human
 
 BLOCK_ROWS = 4096  # rows per float32 partial: large enough for BLAS to run at full speed (benchmarks/whitening.py)
 BLOCK_BYTES = 128 * 2**20  # at most this many bytes of float32 rows per partial (wide rows get fewer rows)
@@ -55,14 +56,15 @@ def matrix_bytes(sides: list[int], copies: int, work: int) -> int:
 
 def check_budget(sides: list[int], copies: int, max_bytes: int) -> None:
     """ValueError when `copies` float64 sets of (side, side) matrices plus the inversion's work
-    space (three more of the largest) exceed max_bytes."""
+    space (three more of the largest) exceed max_bytes; it gives both in bytes and in units by size
+    (store._store._human) and the max_bytes that would be enough."""
     need = matrix_bytes(sides, copies, 3)
     if need > max_bytes:
         raise ValueError(
-            f"whitening keeps a float64 d x d matrix per checkpoint: dims {sides} need {need / 2**30:.2f} GiB, "
-            f"above max_bytes={max_bytes} ({max_bytes / 2**30:.2f} GiB); project the gradients to fewer "
-            "dimensions first (tracin.Projection, projection= on the exports), use factored gradients "
-            "(Kronecker-factored whitening), or raise max_bytes"
+            f"whitening keeps a float64 d x d matrix per checkpoint: dims {sides} need {need:,} bytes "
+            f"({_human(need)}), above max_bytes={max_bytes} ({_human(max_bytes)}); project the gradients to "
+            "fewer dimensions first (tracin.Projection, projection= on the exports), use factored gradients "
+            f"(Kronecker-factored whitening), or raise max_bytes to at least {need}"
         )
 
 
