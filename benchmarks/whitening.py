@@ -7,11 +7,12 @@ float32 G.T @ G and this machine's sgemm throughput.
 Contenders, interleaved (benchmarks.common.time_interleaved), on the same in-memory (n, d) float32 G:
 numpy_gtg (G.T @ G in float32: OpenBLAS ssyrk, float32 sums over all n rows), tracin_float32 (the
 fit's accumulation: float32 products of up to 4096 rows added into float64, precision="float32"),
-tracin_float64 (precision="float64"). Rates are GEMM-equivalent GFLOP/s, 2 n d^2 / seconds (a
-symmetric product does half that, so a rate above the sgemm rate is possible); sgemm is a square
-d x d float32 product (2 d^3 flops). Also timed once: the damped inverse of one d x d R (Cholesky and
-inverse in float64) and the whole Whitening.fit. The goal: tracin_float32 at >= 70% of
-this machine's sgemm rate, and of numpy_gtg. A recorded run times every contender at least
+tracin_float64 (precision="float64"). Rates are GFLOP/s of the flops done: n d (d + 1) / seconds for
+the three contenders (a symmetric rank-n update computes the d (d + 1) / 2 entries of one triangle, 2 n
+flops each), 2 d^3 / seconds for sgemm, a square d x d float32 product; so fraction_of_sgemm is the
+share of the machine's sgemm throughput a contender reaches. Also timed once: the damped inverse of one
+d x d R (Cholesky and inverse in float64) and the whole Whitening.fit. The goal: tracin_float32 at
+>= 70% of this machine's sgemm rate, and of numpy_gtg. A recorded run times every contender at least
 MIN_REPEATS times (--quick may take fewer); the sgemm rate is that of its fastest call (the
 machine's limit), the others' of their medians.
 """
@@ -60,6 +61,12 @@ def random_rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     return g
 
 
+def symmetric_flops(n: int, d: int) -> int:
+    """Flops of G^T G for an (n, d) G computed as a symmetric product: one triangle, d (d + 1) / 2
+    entries of n multiply-adds each."""
+    return n * d * (d + 1)
+
+
 def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, verdict: bool = True) -> dict:
     """Times the contenders (`warmup` untimed calls each first) and judges the goal (met: None
     without `verdict`, as for --quick's toy sizes)."""
@@ -88,7 +95,7 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
         fit_s = time.perf_counter() - t0
     sgemm_rate = 2 * d**3 / min(sgemm["times_s"]) / 1e9
     for t in timings.values():
-        t["gflops"] = 2 * n * d * d / t["median_s"] / 1e9
+        t["gflops"] = symmetric_flops(n, d) / t["median_s"] / 1e9
         t["fraction_of_sgemm"] = t["gflops"] / sgemm_rate
     ours = timings["tracin_float32"]
     return {

@@ -446,7 +446,9 @@ def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeyp
     result = whitening.measure(512, d, 3, 1)
     assert result["sgemm"]["gflops"] == pytest.approx(2 * d**3 / 1.0 / 1e9)
     ours = result["timings"]["tracin_float32"]
-    assert ours["fraction_of_sgemm"] == pytest.approx((2 * 512 * d * d / 2.5) / (2 * d**3 / 1.0))
+    # a symmetric product computes one triangle: d (d + 1) / 2 entries of 512 multiply-adds each
+    assert ours["gflops"] == pytest.approx(512 * d * (d + 1) / 2.5 / 1e9)
+    assert ours["fraction_of_sgemm"] == pytest.approx((512 * d * (d + 1) / 2.5) / (2 * d**3 / 1.0))
     with pytest.raises(SystemExit):
         whitening.main(["--repeats", "2"])
     assert "--repeats must be at least 3" in capsys.readouterr().err

@@ -1034,7 +1034,7 @@ def test_benchmark_quick_run_writes_consistent_json(tmp_path, capsys):
     assert (result["n"], result["d"]) == (4096, 256)
     t = result["timings"]
     for name in ("numpy_gtg", "tracin_float32", "tracin_float64"):
-        assert t[name]["gflops"] == pytest.approx(2 * 4096 * 256**2 / t[name]["median_s"] / 1e9)
+        assert t[name]["gflops"] == pytest.approx(4096 * 256 * 257 / t[name]["median_s"] / 1e9)  # n d (d + 1)
     assert result["float32_vs_numpy_gtg"] == pytest.approx(t["numpy_gtg"]["median_s"] / t["tracin_float32"]["median_s"])
     assert result["goal"]["fraction"] == 0.7 and result["goal"]["met"] is None  # --quick: toy sizes, no verdict
     assert "whitening_quick.json" in capsys.readouterr().out
