@@ -1,6 +1,6 @@
 """tracin._core itself: the instruction set a call runs with, Ctrl-C during a long call, the
-packed test copy's and top-k selection's memory bounds, self_influence's weight checks, and the type
-stub against the module."""
+packed test copy's and top-k selection's memory bounds, argument checks (k, block formats),
+self_influence's weight checks, and the type stub against the module."""
 
 from __future__ import annotations
 
@@ -520,6 +520,83 @@ def test_top_k_memory_does_not_grow_with_unused_threads():
     # by 250 MiB at 64 threads; 11 threads run, each holding about the 96 train rows it scores.
     extra = runs[64][0] - runs[1][0]
     assert extra < 40, f"num_threads=64 grew the peak RSS by {extra:.0f} MiB more than num_threads=1"
+
+
+# top_k with k = 5000 of 20,000 train rows on both sides (partition buffers), every thread given
+# tiles, num_threads from argv: peak RSS growth in MiB, and whether the results are a stable sort of
+# the kernel's own float32 scores (ties: smaller index first), as digests.
+RUNNING_THREADS = """
+import hashlib, resource, sys, numpy as np, tracin
+from tracin import _core
+rng = np.random.default_rng(0)
+test = rng.standard_normal((512, 8), dtype=np.float32)
+train = rng.standard_normal((20_000, 8), dtype=np.float32)
+train[1::9] = train[0]  # ties
+side = lambda a: (False, [a], [0])
+_core.top_k(side(test[:1]), side(train[:2]), [1.0], 1, 2)  # load everything lazily imported
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+r = _core.top_k(side(test), side(train), [1.0], 5000, 2, num_threads=int(sys.argv[1]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+s = _core.scores(side(test), side(train), [1.0])
+pi, oi = np.argsort(-s, axis=1, kind="stable")[:, :5000], np.argsort(s, axis=1, kind="stable")[:, :5000]
+ok = all(np.array_equal(a, b) for a, b in zip(r, (np.take_along_axis(s, pi, 1), pi, np.take_along_axis(s, oi, 1), oi)))
+print((after - before) / 1024, ok, hashlib.sha256(b"".join(a.tobytes() for a in r)).hexdigest())
+"""
+
+
+def test_top_k_selector_memory_does_not_grow_with_running_threads():
+    runs = {}
+    for threads in (1, 16):
+        out = subprocess.run(
+            [sys.executable, "-c", RUNNING_THREADS, str(threads)], capture_output=True, text=True, check=True
+        )
+        growth, ok, digest = out.stdout.split()
+        assert ok == "True", f"num_threads={threads}: top_k differs from a stable sort of the scores"
+        runs[threads] = float(growth), digest
+    assert runs[1][1] == runs[16][1]
+    # The outputs are 61 MiB. Passes of 512 rows, 2 sides, 16 threads each holding ~1560 candidates
+    # of 16 B per row (1.25 x its share of the train rows) grew the peak by 450 MiB (1 thread: 215
+    # MiB). Passes are cut to keep threads x sides x rows x 10,000 (the buffer's capacity) x 16 B
+    # within 64 MiB: 80 MiB at 16 threads, 120 MiB at 1.
+    assert runs[16][0] < 100, f"num_threads=16 grew the peak RSS by {runs[16][0]:.0f} MiB"
+    assert runs[16][0] < runs[1][0] + 20, f"16 threads: {runs[16][0]:.0f} MiB, 1 thread: {runs[1][0]:.0f} MiB"
+
+
+def test_top_k_checks_k_before_making_its_outputs():
+    test = tracin.Gradients([np.ones((3, 4), np.float32)]).kernel_side()
+    train = tracin.Gradients([np.ones((20, 4), np.float32)]).kernel_side()
+    # k = 2**62 overflowed the (m, k) outputs' strides (UBSan); 1e10 asked for 112 GiB.
+    for k in (-1, 21, 10**10, 2**62):
+        with pytest.raises(ValueError, match="^k must be between 0 and the number of train rows$"):
+            _core.top_k(test, train, [1.0], k, 0)
+    with pytest.raises(ValueError, match="^side code must be 0, 1 or 2$"):
+        _core.top_k(test, train, [1.0], 2**62, 3)
+    assert [a.shape for a in _core.top_k(test, train, [1.0], 20, 1)] == [(0, 20), (0, 20), (3, 20), (3, 20)]
+
+
+def test_blocks_must_have_the_format_of_their_dtype_code():
+    x = np.arange(1, 13, dtype=np.float32).reshape(4, 3)
+    half = x.astype(np.float16)
+    bf16_bits = (x.view(np.uint32) >> 16).astype(np.uint16)  # exact: small integers
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)
+    for block, code in ((x, 0), (half, 1), (half.view(np.uint16), 1), (bf16_bits, 2)):
+        side = (False, [block], [code])
+        np.testing.assert_array_equal(_core.scores(side, side, [1.0]), exact)
+    bad = (
+        (x.view(np.int32), 0, "float32 ('f')", "i"),  # integers were read as float bits
+        (x.astype(">f4"), 0, "float32 ('f')", ">f"),
+        (x.astype(np.float64), 0, "float32 ('f')", "d"),
+        (half, 2, "uint16 bits of bfloat16 ('H')", "e"),  # float16 was read as bfloat16
+        (half.view(np.int16), 1, "float16 ('e', or its uint16 bits 'H')", "h"),
+        (x, 1, "float16 ('e', or its uint16 bits 'H')", "f"),
+    )
+    good = (False, [x], [0])
+    for block, code, expected, got in bad:
+        message = f"test: block 0 (dtype code {code}) must be a 2-D buffer of {expected} elements"
+        with pytest.raises(ValueError, match=re.escape(message) + f".*format '{re.escape(got)}'$"):
+            _core.scores((False, [block], [code]), good, [1.0])
+        with pytest.raises(ValueError, match="^train: block 0"):
+            _core.top_k(good, (False, [block], [code]), [1.0], 1, 0)
 
 
 def test_self_influence_checks_its_weights():

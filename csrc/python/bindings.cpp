@@ -26,8 +26,30 @@ namespace py = pybind11;
 namespace {
 
 // One side as passed from Python: (factored, blocks, dtype codes). Blocks are 2-D buffers whose
-// rows are contiguous; float16 / bfloat16 arrive as uint16 views with their dtype code.
+// rows are contiguous: float32 (code 0), float16 (code 1; its uint16 bits also taken) or bfloat16
+// as its uint16 bits (code 2), in native byte order.
 using SideSpec = std::tuple<bool, std::vector<py::buffer>, std::vector<int>>;
+
+// Whether a buffer's struct-module format is the single type character `type` in native byte order
+// and size ("f", "=f", "<f" on a little-endian machine).
+bool HasFormat(const std::string& format, char type) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+  constexpr char kNative = '>';
+#else
+  constexpr char kNative = '<';
+#endif
+  const bool prefixed = format.size() == 2 && (format[0] == '@' || format[0] == '=' || format[0] == kNative);
+  return (format.size() == 1 && format[0] == type) || (prefixed && format[1] == type);
+}
+
+// Whether the format fits dtype code `code` (see SideSpec); the expected formats, for messages.
+bool FormatFits(const std::string& format, int code) {
+  if (code == 0) return HasFormat(format, 'f');
+  if (code == 1) return HasFormat(format, 'e') || HasFormat(format, 'H');
+  return HasFormat(format, 'H');
+}
+const char* const kExpectedFormats[] = {"float32 ('f')", "float16 ('e', or its uint16 bits 'H')",
+                                        "uint16 bits of bfloat16 ('H')"};
 
 struct HeldSide {
   std::vector<py::buffer_info> buffers;  // keeps the memory alive and pinned
@@ -43,12 +65,12 @@ HeldSide Hold(const SideSpec& spec, const char* name) {
   for (std::size_t b = 0; b < blocks.size(); ++b) {
     py::buffer_info info = blocks[b].request();
     const int code = dtypes[b];
-    const py::ssize_t expected_size = code == 0 ? 4 : 2;
     if (code < 0 || code > 2) throw py::value_error(std::string(name) + ": unknown dtype code");
-    if (info.ndim != 2 || info.itemsize != expected_size)
-      throw py::value_error(std::string(name) + ": block " + std::to_string(b) +
-                            " must be a 2-D buffer of " + std::to_string(expected_size) +
-                            "-byte elements");
+    if (info.ndim != 2 || !FormatFits(info.format, code))
+      throw py::value_error(std::string(name) + ": block " + std::to_string(b) + " (dtype code " +
+                            std::to_string(code) + ") must be a 2-D buffer of " + kExpectedFormats[code] +
+                            " elements in native byte order; got " + std::to_string(info.ndim) +
+                            "-D, format '" + info.format + "'");
     if ((info.shape[1] > 1 && info.strides[1] != info.itemsize) || info.strides[0] < 0 ||
         info.strides[0] % info.itemsize != 0)
       throw py::value_error(std::string(name) + ": block " + std::to_string(b) +
@@ -221,6 +243,9 @@ PYBIND11_MODULE(_core, m) {
           const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
           if (side < 0 || side > 2) throw py::value_error("side code must be 0, 1 or 2");
           HeldSide t = Hold(test, "test"), x = Hold(train, "train");
+          // Before the (m, k) outputs are made: a k beyond the rows would size them past memory
+          // (or overflow their strides).
+          if (k < 0 || k > x.side.rows()) throw py::value_error("k must be between 0 and the number of train rows");
           const std::int64_t m_rows = t.side.rows();
           const auto which = static_cast<tracin::Side>(side);
           const bool prop = which != tracin::Side::kOpponents;

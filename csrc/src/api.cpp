@@ -72,6 +72,18 @@ class TopKConsumer final : public TileConsumer {
       : k_(k), n_(n), want_prop_(side != Side::kOpponents), want_opp_(side != Side::kProponents),
         out_(out), threads_(threads) {}
 
+  // Rows whose selectors, on every thread and side, fit kSelectorBudget at their largest (k
+  // candidates of 16 B a row for the heap, BufferCapacity for the buffer), at least 1. Fewer rows
+  // per pass change no result: scores and selection are the same bits for any pass rows.
+  std::int64_t MaxPassRows(std::int64_t threads) const override {
+    const std::int64_t per_row = std::is_same_v<Selector, BufferSelector> ? BufferCapacity(k_, n_) : k_;
+    const std::int64_t sides = (want_prop_ ? 1 : 0) + (want_opp_ ? 1 : 0);
+    const std::int64_t rows = kSelectorBudget / static_cast<std::int64_t>(sizeof(Candidate)) /
+                              std::max<std::int64_t>(threads, 1) / std::max<std::int64_t>(sides, 1) /
+                              std::max<std::int64_t>(per_row, 1);
+    return std::max<std::int64_t>(rows, 1);
+  }
+
   void BeginPass(std::int64_t begin, std::int64_t count, int threads) override {
     begin_ = begin;
     count_ = count;

@@ -38,6 +38,14 @@ std::int64_t DefaultPassRows(std::int64_t row_bytes, const KernelTable& kernels)
   return std::min(by_budget / kPassRowQuantum * kPassRowQuantum, kDefaultTestBlock);
 }
 
+// A cap on the test rows per pass (at least 1) rounded down to a multiple of kPassRowQuantum, or
+// of the thin micro-tile's lanes when below it.
+std::int64_t RoundDownPassRows(std::int64_t cap, const KernelTable& kernels) {
+  const std::int64_t lanes = kernels.thin.nr;
+  if (cap >= kPassRowQuantum) return cap / kPassRowQuantum * kPassRowQuantum;
+  return cap >= lanes ? cap / lanes * lanes : std::max<std::int64_t>(cap, 1);
+}
+
 // The micro-tile for passes of `rows` test rows: of the wide and narrow ones, the one padding
 // fewer lanes; the thin one when the narrow one's padded copy would exceed kPackedTestBudget.
 const MicroTile& TileFor(std::int64_t rows, std::int64_t row_bytes, const KernelTable& kernels) {
@@ -882,10 +890,13 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t row_bytes = PackedRowBytes(test);
   // Blocks larger than the rows are the rows: clamped before any size is computed from them (a
   // train_block near INT64_MAX would overflow its round-up and the tile's size).
-  const std::int64_t pass_rows =
-      std::min(options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels), m);
-  const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
   const int threads = ResolveThreads(options.num_threads);
+  std::int64_t pass_rows =
+      std::min(options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels), m);
+  // The consumer's cap (top-k selectors), for at most one thread per train row.
+  const std::int64_t cap = consumer.MaxPassRows(std::min<std::int64_t>(threads, n));
+  if (cap < pass_rows) pass_rows = RoundDownPassRows(cap, kernels);
+  const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
   const std::int64_t block =
       options.train_block > 0 ? RoundUp(std::min(options.train_block, n), micro.mr) : DefaultTrainBlock(n, threads, micro.mr);
   const std::int64_t tasks = (n + block - 1) / block;

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "kernels.hpp"
@@ -18,6 +19,9 @@ namespace tracin::detail {
 class TileConsumer {
  public:
   virtual ~TileConsumer() = default;
+  // Most test rows per pass for passes run on `threads` threads (the consumer's state per thread
+  // and row within a budget; the engine may pass fewer), at least 1.
+  virtual std::int64_t MaxPassRows(std::int64_t /*threads*/) const { return std::numeric_limits<std::int64_t>::max(); }
   // threads: Consume's `thread` is below it.
   virtual void BeginPass(std::int64_t test_begin, std::int64_t test_count, int threads) = 0;
   virtual void Consume(int thread, std::int64_t train_begin, std::int64_t rows, const float* tile,

@@ -65,6 +65,9 @@ class HeapSelector {
   std::vector<float> thresholds_;
 };
 
+// Candidates one row of a BufferSelector for top-k of n holds at most (see below).
+inline std::int64_t BufferCapacity(std::int64_t k, std::int64_t n) { return std::max(k + 1, std::min(2 * k, n)); }
+
 // Per row, an append buffer cut back to the best k by partition when it holds `capacity`
 // candidates: min(2k, n) for n train rows, at least k + 1. Best for large k: amortised O(1) per
 // accepted candidate. Rows share one array with room for `share` (the train rows this thread is
@@ -76,7 +79,7 @@ class BufferSelector {
   BufferSelector(std::int64_t rows, std::int64_t k, std::int64_t n, std::int64_t share)
       : k_(k),
         rows_(rows),
-        capacity_(std::max(k + 1, std::min(2 * k, n))),
+        capacity_(BufferCapacity(k, n)),
         counts_(static_cast<std::size_t>(rows), 0),
         kth_(static_cast<std::size_t>(rows), Candidate{0.0f, -1}),
         thresholds_(static_cast<std::size_t>(rows), -std::numeric_limits<float>::infinity()) {

@@ -49,6 +49,13 @@ inline constexpr std::size_t kParallelPackBytes = std::size_t{8} << 20;
 // Heap selection up to this k, partition buffers above. Record: kernel.json case "k" (commit 5fb2acf).
 inline constexpr std::int64_t kHeapMaxK = 64;
 
+// Bytes of the top-k selectors of one pass, every thread and side together, at their largest
+// (each row's buffer at its capacity): test rows per pass are cut to keep threads x sides x rows x
+// capacity x 16 B within it, so that the selectors' memory does not grow with the thread count
+// (on 2 threads, passes keep 512 rows up to k = 2048 one-sided, 1024 both sides).
+// Record: kernel.json case "k" (k = 1000 keeps 512 rows).
+inline constexpr std::int64_t kSelectorBudget = std::int64_t{64} << 20;
+
 // Rows per task in self_influence and aggregate.
 // Record: torch_end_to_end.json "tracin_full_stages_s"."self_influence" (commit 5fb2acf).
 inline constexpr std::int64_t kRowsPerTask = 256;

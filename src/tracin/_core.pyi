@@ -2,9 +2,10 @@
 
 Internal: use the functions of the tracin package. A side is (factored, blocks, dtype codes):
 full gradients one (rows, d_c) block per checkpoint, factored ones (left_0, right_0, left_1, ...);
-blocks are 2-D buffers with contiguous rows (float32, or uint16 bits with code 1 float16 /
-2 bfloat16). Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about
-0.1 s. Errors: ValueError (bad input, NaN / Inf, float32 overflow), MemoryError, RuntimeError.
+blocks are 2-D buffers with contiguous rows in native byte order, of the format their code names
+(0 float32; 1 float16, or its uint16 bits; 2 bfloat16 as uint16 bits; another is a ValueError).
+Every call releases the GIL and answers Ctrl-C (KeyboardInterrupt) within about 0.1 s.
+Errors: ValueError (bad input, NaN / Inf, float32 overflow), MemoryError, RuntimeError.
 isa: "auto", "generic", "avx2" or "avx512"; a set the CPU lacks runs as resolve_isa(isa).
 normalize: 0 plain scores; L > 0 cosine scores, each row unit-normalised over every run of L
 consecutive checkpoints (float64 norms, a zero gradient scores 0); L must divide the checkpoints.
@@ -46,7 +47,8 @@ def top_k(
     normalize: SupportsIndex = 0,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """(proponent values, proponent indices, opponent values, opponent indices), each (m, k);
-    side 0 proponents, 1 opponents, 2 both; a side not asked for is (0, k). k <= train rows."""
+    side 0 proponents, 1 opponents, 2 both; a side not asked for is (0, k). 0 <= k <= train rows
+    (a ValueError before any output is made)."""
 
 def self_influence(
     train: Side,
