@@ -599,6 +599,30 @@ def test_blocks_must_have_the_format_of_their_dtype_code():
             _core.top_k(good, (False, [block], [code]), [1.0], 1, 0)
 
 
+def test_factored_aggregate_sums_groups_of_32_test_rows_for_any_test_block(rng):
+    # Test rows over 50 orders of magnitude: a sum in another order differs in the last bits (review146
+    # F2: each pass's rows were summed first, so test_block changed the result).
+    m, n = 700, 50
+    left = (rng.standard_normal((m, 3)) * np.exp(rng.uniform(-25, 25, (m, 1)))).astype(np.float32)
+    test = (True, [left, rng.standard_normal((m, 5), dtype=np.float32)], [0, 0])
+    train = (
+        True,
+        [rng.standard_normal((n, 3), dtype=np.float32), rng.standard_normal((n, 5), dtype=np.float32)],
+        [0, 0],
+    )
+    scores = _core.scores(test, train, [0.5]).astype(np.float64)  # the float32 scores the sums take
+    expected = np.zeros(n)
+    for g in range(0, m, 32):
+        group = np.zeros(n)
+        for t in range(g, min(g + 32, m)):
+            group += scores[t]
+        expected += group
+    for block in (0, 1, 7, 32, 33, 100, 512, 700):
+        for threads in (1, 3):
+            got = _core.aggregate(test, train, [0.5], test_block=block, num_threads=threads)
+            np.testing.assert_array_equal(got, expected, err_msg=f"test_block={block}, num_threads={threads}")
+
+
 def test_self_influence_checks_its_weights():
     side = tracin.Gradients([np.ones((3, 4), np.float32)]).kernel_side()
     for w in (np.nan, np.inf):

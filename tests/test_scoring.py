@@ -198,6 +198,17 @@ def test_same_bits_for_any_thread_count_and_block_size(rng):
                 g_test.kernel_side(), g_train.kernel_side(), w, num_threads=threads, train_block=block, test_block=block
             )
             assert np.array_equal(got, reference), (threads, block)
+    # Factored aggregate sums float32 pair scores in float64 (review146 F2: in an order that changed
+    # with test_block); test rows over 20 orders of magnitude make another order show.
+    scale = np.exp(rng.uniform(-25, 25, (70, 1))).astype(np.float32)
+    factored_test = tracin.FactoredGradients(test, [t[:, :5] * scale for t in test], [0.7, 0.2])
+    factored_train = tracin.FactoredGradients(train, [x[:, :5] for x in train])
+    sides = factored_test.kernel_side(), factored_train.kernel_side()
+    summed = _core.aggregate(*sides, w, num_threads=1)
+    for threads in (2, 3, 8):
+        for block in (0, 1, 13, 500):
+            got = _core.aggregate(*sides, w, num_threads=threads, train_block=block, test_block=block)
+            assert np.array_equal(got, summed), ("factored aggregate", threads, block)
     top = tracin.top_k(g_test, g_train, k=17, side="both", num_threads=1)
     for threads in (2, 5):
         again = tracin.top_k(g_test, g_train, k=17, side="both", num_threads=threads)

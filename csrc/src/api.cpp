@@ -41,25 +41,50 @@ class DenseConsumer final : public TileConsumer {
   std::int64_t n_, begin_ = 0, count_ = 0;
 };
 
-// Sums each train row's scores over all test rows, in a fixed order.
+// Test rows per group of factored aggregate's float64 sums (SumConsumer): part of the numerical
+// contract, not a tunable (every pass-row count gives the same bits).
+constexpr std::int64_t kSumGroupRows = 32;
+
+// Sums each train row's scores over all test rows, in a fixed order for any pass rows: each group
+// of kSumGroupRows consecutive test rows (counted from row 0) summed in float64 in row order, the
+// groups' sums added in turn. A group split between passes (passes not a multiple of
+// kSumGroupRows rows) carries its partial sums per train row to the next pass.
 class SumConsumer final : public TileConsumer {
  public:
-  explicit SumConsumer(std::int64_t n) : sums_(static_cast<std::size_t>(n), 0.0) {}
-  void BeginPass(std::int64_t, std::int64_t count, int) override { count_ = count; }
+  SumConsumer(std::int64_t m, std::int64_t n) : m_(m), sums_(static_cast<std::size_t>(n), 0.0) {}
+  void BeginPass(std::int64_t begin, std::int64_t count, int) override {
+    begin_ = begin;
+    count_ = count;
+    const std::int64_t end = begin + count;
+    if (end % kSumGroupRows != 0 && end != m_ && carried_.empty()) carried_.assign(sums_.size(), 0.0);
+  }
   void Consume(int, std::int64_t j0, std::int64_t rows, const float* tile,
                std::int64_t ldc) override {
+    const bool carry_in = begin_ % kSumGroupRows != 0;
+    const std::int64_t end = begin_ + count_;
+    const bool carry_out = end % kSumGroupRows != 0 && end != m_;
     for (std::int64_t j = 0; j < rows; ++j) {
-      double s = 0.0;
-      for (std::int64_t r = 0; r < count_; ++r) s += tile[j * ldc + r];
-      sums_[static_cast<std::size_t>(j0 + j)] += s;
+      const auto i = static_cast<std::size_t>(j0 + j);
+      double s = carry_in ? carried_[i] : 0.0;
+      for (std::int64_t r = 0; r < count_; ++r) {
+        s += tile[j * ldc + r];
+        const std::int64_t t = begin_ + r + 1;  // test rows summed so far
+        if (t % kSumGroupRows == 0 || t == m_) {
+          sums_[i] += s;
+          s = 0.0;
+        }
+      }
+      if (carry_out) carried_[i] = s;
     }
   }
   Status EndPass(const std::atomic<bool>*) override { return Status::Ok(); }
   const std::vector<double>& sums() const { return sums_; }
 
  private:
+  std::int64_t m_;
   std::vector<double> sums_;
-  std::int64_t count_ = 0;
+  std::vector<double> carried_;  // per train row, the open group's partial sum (passes cutting groups)
+  std::int64_t begin_ = 0, count_ = 0;
 };
 
 // Selectors are made per pass for the threads that run, each on its thread's first tile (a thread
@@ -490,7 +515,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
     if (!s.ok()) return s;
     const std::int64_t n = train.rows();
     if (train.factored) {
-      detail::SumConsumer consumer(n);
+      detail::SumConsumer consumer(test.rows(), n);
       s = detail::RunTiles(test, train, weights, options, consumer);
       // A float32 pair score (or factor product) beyond range with finite inputs: the float64 sums
       // of ExactFactoredSums, which the full-gradient path's column sums agree with.
