@@ -530,6 +530,59 @@ void TestSelfInfluenceAndAggregate() {
   Check(ok_agg, "aggregate within bound");
 }
 
+// Results that do not depend on the test rows per pass (review146): factored aggregate sums groups
+// of 32 test rows in float64 for any test_block (test rows over ~20 orders of magnitude make
+// another order show), and top-k with partition buffers, whose passes are cut by the selector
+// budget as the threads grow, gives the same bits on 1 and 16 threads.
+void TestSameBitsForAnyPassRows() {
+  std::mt19937 rng(23);
+  Matrix left_t = Random(100, 3, rng), right_t = Random(100, 5, rng);
+  const Matrix left_x = Random(40, 3, rng), right_x = Random(40, 5, rng);
+  std::uniform_real_distribution<float> exponent(-25.0f, 25.0f);
+  for (std::int64_t i = 0; i < left_t.rows; ++i) {
+    const float scale = std::exp(exponent(rng));
+    for (std::int64_t c = 0; c < left_t.cols; ++c) left_t.data[i * left_t.cols + c] *= scale;
+  }
+  tracin::GradientSide t, x;
+  t.factored = x.factored = true;
+  t.blocks = {left_t.View(), right_t.View()};
+  x.blocks = {left_x.View(), right_x.View()};
+  std::vector<float> scores(100 * 40);
+  Check(tracin::Scores(t, x, {0.5}, scores.data()).ok(), "factored scores for the sums");
+  std::vector<double> expected(40, 0.0);
+  for (std::int64_t j = 0; j < 40; ++j)
+    for (std::int64_t g = 0; g < 100; g += 32) {
+      double group = 0.0;
+      for (std::int64_t i = g; i < std::min<std::int64_t>(g + 32, 100); ++i) group += scores[i * 40 + j];
+      expected[j] += group;
+    }
+  bool same = true;
+  for (std::int64_t block : {0, 1, 7, 33, 64, 100})
+    for (int threads : {1, 3}) {
+      tracin::Options o;
+      o.test_block = block;
+      o.num_threads = threads;
+      std::vector<double> got(40);
+      same = same && tracin::Aggregate(t, x, {0.5}, got.data(), o).ok() && got == expected;
+    }
+  Check(same, "factored aggregate: groups of 32 test rows summed in order, for any test_block and threads");
+
+  const std::vector<Matrix> test = {Random(64, 4, rng)}, train = {Random(3000, 4, rng)};
+  const std::int64_t k = 1500;
+  std::vector<std::vector<float>> values;
+  std::vector<std::vector<std::int64_t>> indices;
+  for (int threads : {1, 16}) {
+    values.emplace_back(2 * 64 * k);
+    indices.emplace_back(2 * 64 * k);
+    const tracin::TopKOutput out{values.back().data(), indices.back().data(), values.back().data() + 64 * k,
+                                 indices.back().data() + 64 * k};
+    tracin::Options o;
+    o.num_threads = threads;
+    Check(tracin::TopK(Full(test), Full(train), {1.0}, k, tracin::Side::kBoth, out, o).ok(), "top-k of 1500");
+  }
+  Check(values[0] == values[1] && indices[0] == indices[1], "top-k with cut passes: the same bits on 1 and 16 threads");
+}
+
 void TestBadInput() {
   std::mt19937 rng(5);
   std::vector<Matrix> test = {Random(4, 8, rng)};
@@ -1327,6 +1380,7 @@ int main() {
   TestHalfPrecisionAndFactored();
   TestMisalignedHalfPrecision();
   TestSelfInfluenceAndAggregate();
+  TestSameBitsForAnyPassRows();
   TestBadInput();
   TestOutOfMemoryIsAStatus();
   TestWideRows();
