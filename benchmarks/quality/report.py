@@ -266,8 +266,9 @@ def markdown(payload: dict) -> str:
     head += f" Peers: {', '.join(versions) or 'none installed'}."
     code = payload.get("code") or {}
     if code.get("commit"):
+        changes = code["uncommitted_changes"]
         head += f" Code: commit {code['commit'][:12]}" + (
-            " with uncommitted changes." if code["uncommitted_changes"] else "."
+            "." if changes is False else " with uncommitted changes." if changes else " (checkout state not recorded)."
         )
     if payload.get("provenance"):
         head += f" {payload['provenance']}"
