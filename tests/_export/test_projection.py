@@ -202,7 +202,8 @@ def test_a_torch_export_with_a_projection_wider_than_the_gradient_warns_at_the_c
     data = [(torch.randn(4, 5), torch.randint(0, 3, (4,)))]
     loss = torch.nn.CrossEntropyLoss(reduction="none")
     expected = r"dim 64, not fewer than the gradient's row width 57: .*drop projection= to store the exact rows"
-    with pytest.warns(RuntimeWarning, match=expected) as caught:
-        g = export_gradients(model, checkpoints, data, loss, projection=tracin.Projection(64, seed=1), progress=False)
-    assert np.asarray(g.matrices[0]).shape == (4, 64)
-    assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]
+    for projection in (tracin.Projection(64, seed=1), tracin.Projection(64, seed=1, per_layer=True, kronecker=True)):
+        with pytest.warns(RuntimeWarning, match=expected) as caught:
+            g = export_gradients(model, checkpoints, data, loss, projection=projection, progress=False)
+        assert np.asarray(g.matrices[0]).shape == (4, 64)
+        assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]
