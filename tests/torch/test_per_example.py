@@ -1605,3 +1605,87 @@ def test_a_well_fit_row_reading_the_pads_is_not_hidden_by_a_mislabeled_rows_loss
     want = np.asarray(want, dtype=np.float64)
     rel = np.linalg.norm(np.asarray(got.matrices[0]) - want, axis=1) / np.linalg.norm(want, axis=1)
     assert rel.max() < 1e-4, np.round(rel, 4).tolist()
+
+
+def _float64_rows_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str] | None = None) -> np.ndarray:
+    """Independent reference: float64 autograd of each example's loss alone w.r.t. `names` (every parameter when
+    None), zeros for a parameter its loss does not reach."""
+    wide = copy.deepcopy(model).double()
+    params = dict(wide.named_parameters())
+    chosen = [params[n] for n in names or params]
+    rows = []
+    for i in range(len(x)):
+        loss = LOSS(wide(x[i : i + 1].double()), y[i : i + 1]).sum()
+        grads = torch.autograd.grad(loss, chosen, allow_unused=True) if loss.requires_grad else [None] * len(chosen)
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(chosen, grads, strict=True)]
+            )
+        )
+    return torch.stack(rows).numpy()
+
+
+class PerExampleBranch(nn.Module):
+    """Adds `extra` only for examples whose first feature is positive (a per-example branch vmap cannot run)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.extra = nn.Linear(6, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        return h + self.extra if x[:, 0].sum().item() > 0 else h
+
+
+class HardRouted(nn.Module):
+    """Each example goes through one of two experts, chosen by the sign of its first feature."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p, self.q, self.head = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        mask = x[:, 0] > 0
+        h = x.new_zeros(x.shape[0], 5)
+        if mask.any():
+            h[mask] = self.p(x[mask])
+        if (~mask).any():
+            h[~mask] = self.q(x[~mask])
+        return self.head(torch.tanh(h))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("layers", [["extra"], None])
+def test_an_example_whose_loss_does_not_reach_the_chosen_parameters_gets_a_zero_row(layers, batch_size):
+    """review147 F2: the per-example loop raised torch's 'element 0 of tensors does not require grad' for an example
+    whose loss depends on none of the chosen parameters; now that example's row is zero, every row float64's."""
+    model = PerExampleBranch()
+    x, y = classification_data(8, seed=1)
+    x[:, 0] = torch.tensor([1.0, -1, 1, 1, -1, -1, -1, 1])  # rows 1, 4, 5, 6 alone do not reach `extra`
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = export_gradients(
+            model, [(model.state_dict(), 1.0)], (x, y), LOSS, layers=layers, batch_size=batch_size, progress=False
+        ).matrices[0]
+    want = _float64_rows_of(model, x, y, layers)
+    extra = want[:, :4]  # `extra` is the model's own parameter: first in named_parameters
+    assert not extra[[1, 4, 5, 6]].any() and extra[[0, 2, 3, 7]].all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_routing_model_whose_first_batch_takes_one_expert_is_exact(batch_size):
+    """review147 F2: a hard-routed model whose first batch sends every row to expert p crashed in the per-example
+    loop (q's parameters unreached); now q's columns of those rows are zero, every row float64's."""
+    model = HardRouted()
+    x, y = classification_data(12, seed=2)
+    x[:4, 0] = x[:4, 0].abs() + 0.1
+    x[4:, 0] = torch.tensor([1.0, -1, -1, 1, -1, 1, -1, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = export_gradients(
+            model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=batch_size, progress=False
+        ).matrices[0]
+    np.testing.assert_allclose(got, _float64_rows_of(model, x, y), rtol=1e-5, atol=1e-6)

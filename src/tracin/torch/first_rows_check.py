@@ -137,8 +137,9 @@ def example_gradients(
     rows: int,
 ) -> Iterator[list[torch.Tensor]]:
     """For example i = 0 .. rows - 1 in turn, the dense gradients of its loss w.r.t. `names` (in that
-    order, zeros for an unused parameter), by torch.autograd.grad on that example alone; ValueError for a
-    model checkpointing its activations (losses.refuse_checkpointing). A model or loss failing on one row
+    order, zeros for an unused parameter, all zeros where its loss depends on none of them: a per-example
+    branch, a routed expert), by torch.autograd.grad on that example alone; ValueError for a model
+    checkpointing its activations (losses.refuse_checkpointing). A model or loss failing on one row
     that runs on two raises its error saying so (one_row_error)."""
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     for i in range(rows):
@@ -151,11 +152,14 @@ def example_gradients(
                 if explained is None:
                     raise
                 raise explained from e
-            try:
-                parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
-            except RuntimeError as e:
-                refuse_checkpointing(e)
-                raise
+            if loss.grad_fn is None:  # the example's loss depends on none of `names` (a branch, a routed expert)
+                parts = [None] * len(names)
+            else:
+                try:
+                    parts = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+                except RuntimeError as e:
+                    refuse_checkpointing(e)
+                    raise
         # nn.Embedding(sparse=True) gives a sparse gradient
         yield [_dense(g, leaves[n]) for n, g in zip(names, parts, strict=True)]
 
