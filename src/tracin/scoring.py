@@ -645,9 +645,9 @@ class _Loop:
         m, n = self.test.n_rows, self.train.n_rows
         if self.current is not None:
             m, n = _span(self.current.test_rows), _span(self.current.train_rows)
-        rows = _pass_rows(m, width)
         threads = min(self.threads, max(-(-n // 96), 1))  # the kernel runs no more than its tiles
         k, sides = self.top_k or (0, 0)
+        rows = _pass_rows(m, width, _selector_row_cap(min(k, n), n, min(self.threads, n), sides))
         per_row = _candidates_per_row(min(k, n), n, threads)
         candidates = 16 * rows * per_row * threads * sides
         if candidates > 4 * width * rows:
@@ -701,12 +701,25 @@ def _span(rows: slice) -> int:
     return rows.stop - rows.start
 
 
-def _pass_rows(m: int, width: int) -> int:
+def _pass_rows(m: int, width: int, cap: int | None = None) -> int:
     """Test rows the kernel scores per pass over the train side (csrc/src/engine.cpp DefaultPassRows:
-    up to 512, fewer when their float32 copy would pass 64 MiB, at least 8)."""
+    up to 512, fewer when their float32 copy would pass 64 MiB, at least 8; then RoundDownPassRows of
+    `cap`, top_k's _selector_row_cap, when below)."""
     by_budget = 2**26 // max(4 * width, 1)
     rows = min(by_budget // 32 * 32, 512) if by_budget >= 32 else max(by_budget // 8 * 8, 8)
-    return max(min(rows, m), 1)
+    rows = min(rows, m)
+    if cap is not None and cap < rows:
+        rows = cap // 32 * 32 if cap >= 32 else cap // 8 * 8 if cap >= 8 else cap
+    return max(rows, 1)
+
+
+def _selector_row_cap(k: int, n: int, threads: int, sides: int) -> int | None:
+    """Most test rows per pass whose top-k candidates, at their largest, fit 64 MiB on `threads` threads
+    and `sides` sides (csrc/src/api.cpp TopKConsumer::MaxPassRows); None without top_k."""
+    if sides == 0:
+        return None
+    per_row = k if k <= 64 else max(k + 1, min(2 * k, n))
+    return max(2**22 // threads // sides // max(per_row, 1), 1)
 
 
 def _candidates_per_row(k: int, n: int, threads: int) -> int:
@@ -873,10 +886,11 @@ def top_k(
     8 rows of full depth: 32 bytes per column, 512 MiB at 2^24 columns, 64 GiB at 2^31. Rows that
     wide fail with a MemoryError saying so: project them first (tracin.Projection). For k > 64,
     top_k also keeps 16-byte candidates per test row of a pass, thread and side: room for
-    min(1.25 n / threads, min(2k, n)) of them over n train rows (doubling, up to min(2k, n), when a
-    thread gets more than its share), so about rows x 16 B x min(1.25 n, threads x min(2k, n)) per
-    side: 977 MiB for 64 test rows at k=5e5, n=1e6, 1 thread. When that is what runs out, the
-    MemoryError names k: lower it, or pass fewer test rows per call.
+    min(1.25 n / threads, c) of them over n train rows, c = min(2k, n) (doubling, up to c, when a
+    thread gets more than its share); a pass takes fewer test rows where threads x sides x rows x c x
+    16 B would pass 64 MiB, so they stay within that unless one row's are more: 15 MiB a thread and
+    side at k=5e5, n=1e6. When that is what runs out, the MemoryError names k: lower it, or pass
+    fewer test rows per call.
     """
     test, train, w = _pair(test, train)
     k = positive_int(k, "k")
