@@ -1689,3 +1689,59 @@ def test_a_routing_model_whose_first_batch_takes_one_expert_is_exact(batch_size)
             model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=batch_size, progress=False
         ).matrices[0]
     np.testing.assert_allclose(got, _float64_rows_of(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+class LateReuse(nn.Module):
+    """a.weight also used by F.linear outside a's forward, for examples whose first feature is over 1.5 only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype)
+        return self.b(torch.tanh(self.a(x)) + extra)
+
+
+def _reusing_hook(module, args, output):
+    """A user's forward hook on a Linear reusing its weight for examples whose first feature is over 1.5."""
+    (x,) = args
+    return output + nn.functional.linear(x, module.weight) * (x[:, :1] > 1.5).to(x.dtype)
+
+
+def _with_user_hook() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
+    model[0].register_forward_hook(_reusing_hook)
+    return model
+
+
+@pytest.mark.parametrize("make", [LateReuse, _with_user_hook])
+def test_a_weight_reused_outside_its_layer_after_the_checked_rows_is_caught_by_the_batch_sum(make):
+    """review147 F1: a hooked layer's weight also used outside its forward (F.linear on it, a user's forward hook)
+    only for rows past the first batch's checked rows gave rows 30-39 50% off with no warning. Now every batch's
+    hooked rows must sum to the gradient of its summed loss: that batch is recomputed one example at a time with a
+    warning naming the layer, every row float64 autograd's."""
+    model = make()
+    x, y = classification_data(40, seed=4)
+    x[:, 0] = torch.where(torch.arange(40) >= 30, 3.0, 0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=8, progress=False)
+    said = [str(w.message) for w in caught if "do not sum to the gradient" in str(w.message)]
+    assert len(said) == 1 and ("layer 'a'" in said[0] or "layer '0'" in said[0]), said
+    assert "of batch 4's" in said[0], said
+    np.testing.assert_allclose(got.matrices[0], _float64_rows_of(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_that_sum_to_the_batch_gradient_keep_the_hooks_without_a_warning(recwarn):
+    """The batch-sum check passes a model whose weights are used inside their layers only (float32 rounding of a
+    deep MLP's rows and of the batch's gradient agree within its tolerance): no warning, hooks kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 4))
+    x, y = classification_data(64, seed=5, features=16)
+    compute = PerExampleGradients(model, [n for n, _ in model.named_parameters()], LOSS)
+    got = compute(dict(model.state_dict()), x, y)
+    assert compute.hooks is not None and compute.unsummed_batches == 0 and not recwarn.list
+    np.testing.assert_allclose(got.numpy(), _float64_rows_of(model, x, y), rtol=1e-4, atol=1e-6)

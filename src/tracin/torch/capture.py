@@ -75,18 +75,19 @@ def capture(
     inputs: Tree,
     targets: Tree,
     expanded: set[str] | None = None,
+    summed: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, list[Call]]:
     """{module name: its calls, in order} for the modules `names`, from one forward pass of the model
     with `state`'s tensors and one backward pass of the summed (batch,) losses. A call whose input (of 2
     or more dimensions) and output have batch size 1 in a batch of more rows (shared by all, broadcast
     later) is recorded expanded to the batch, its output replaced by the expanded tensor; `expanded` as
-    stream's."""
+    stream's; `summed` as stream's (the gradients of the summed losses w.r.t. the tensors of `state` it names)."""
     calls: dict[str, dict[int, Call]] = {n: {} for n in names}
 
     def keep(name: str, index: int, call: Call) -> None:
         calls[name][index] = call
 
-    stream(model, names, state, loss_fn, inputs, targets, keep, expanded)
+    stream(model, names, state, loss_fn, inputs, targets, keep, expanded, summed=summed)
     return {n: [by_index[i] for i in sorted(by_index)] for n, by_index in calls.items()}
 
 
@@ -100,6 +101,7 @@ def stream(
     consume: Consumer,
     expanded: set[str] | None = None,
     expanded_shapes: dict[str, tuple[int, ...]] | None = None,
+    summed: dict[str, torch.Tensor | None] | None = None,
 ) -> dict[str, int]:
     """The pass of `capture`, handing each call to consume(name, index, call) instead of keeping it:
     inside the backward pass when its output gradient is complete (in backward order), after it with
@@ -108,8 +110,14 @@ def stream(
     pass raises): a module run on one example at a time (a loop over the rows) is expanded too, which
     changes what the model computes, and so is one called on a tensor without a batch dimension whose first
     dimension is 1 (T5's relative_attention_bias on a (1, k_len) grid of buckets when the decoder has one
-    position). `expanded_shapes`, when given, gets each such module's input shape before its first expansion."""
+    position). `expanded_shapes`, when given, gets each such module's input shape before its first expansion.
+    `summed`, when given, names tensors of `state` (its keys) that get, from the same backward pass, the gradient of
+    the summed losses w.r.t. each, all its uses in the model included (None where the losses do not reach it): the
+    reference a consumer's per-example rows must sum to (hook_gradients)."""
     modules = dict(model.named_modules())
+    leaves = {n: state[n].detach().requires_grad_(True) for n in summed or {}}
+    if leaves:
+        state = {**state, **leaves}
     rows = batch_rows(targets, "targets")
     sources: list[torch.Tensor] = []  # the captured outputs as the layers returned them
     pending: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # calls whose gradient is not yet in
@@ -157,13 +165,15 @@ def stream(
     if sources and losses.requires_grad:
         # the gradients returned are those the taps already handed over: dropped at once
         try:
-            torch.autograd.grad(losses.sum(), sources, allow_unused=True)
+            grads = torch.autograd.grad(losses.sum(), [*sources, *leaves.values()], allow_unused=True)
         except RuntimeError as e:
             try:
                 refuse_checkpointing(e)
             except ValueError as refusal:
                 raise Refused(str(refusal)) from e
             raise
+        if summed is not None:
+            summed.update(zip(leaves, grads[len(sources) :], strict=True))
     for key, (_, y) in list(pending.items()):
         hand_over(key, torch.zeros_like(y))
     return counts

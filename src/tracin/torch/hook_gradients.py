@@ -5,6 +5,7 @@ inside the backward pass, each layer's as soon as its output gradient exists."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -13,7 +14,8 @@ from torch import nn
 
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows
-from .layer_rules import covers, token_form, write_per_example_grad
+from .first_rows_check import tolerances
+from .layer_rules import covers, per_example_grad, token_form, write_per_example_grad
 from .losses import LossFn
 
 # An output tensor of more elements per example is not compared batched vs alone (per_example), so not kept past the
@@ -56,6 +58,8 @@ class HookGradients:
         # the per-example losses of the last pass ((rows,), detached; None when loss_fn returned another shape):
         # compared with each example's loss alone where an output's shape changes with the batch (per_example)
         self.losses: torch.Tensor | None = None
+        # {layer: (gap, tolerance)} of the last pass's layers whose rows do not sum to the batch's gradient (_unsummed)
+        self.unsummed: dict[str, tuple[float, float]] = {}
 
     @property
     def layers(self) -> list[str]:
@@ -80,7 +84,8 @@ class HookGradients:
         """Writes each planned parameter's (batch, width) gradients into out[:, offset:offset + width]
         (columns: name -> (offset, width)). Returns the captured layers that did not run (they add
         nothing) and {layer: why} for those that ran on tensors that are not batch-first (their
-        parameters' columns are left unwritten)."""
+        parameters' columns are left unwritten). Sets `unsummed` (_unsummed): the layers whose rows do not sum
+        to the gradient of the batch's summed loss, taken from the same backward pass."""
         rows = batch_rows(targets, "targets")
         held: dict[str, list[tuple[str, str]]] = {}  # layer -> [(parameter, attribute)] it holds
         for name, holders in self.plan.items():
@@ -105,13 +110,21 @@ class HookGradients:
                 dest = out[:, offset : offset + width].view(rows, *getattr(module, leaf).shape)
                 write_per_example_grad(module, leaf, a, b, dest, accumulate=name in written)
                 written.add(name)
+                # the call's rows summed: its tokens of every example as one example's (a GEMM for a Linear)
+                part = per_example_grad(module, leaf, a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, b.shape[-1]))
+                hooked[name] = part[0] if name not in hooked else hooked[name] + part[0]
 
         self.expanded = set()
         self.outputs = self.losses = None
+        self.unsummed = {}
+        summed: dict[str, torch.Tensor | None] = dict.fromkeys(self.plan)  # autograd's, every use included
+        hooked: dict[str, torch.Tensor] = {}  # the captured calls' gradients summed over the batch
         seen_losses: list[torch.Tensor] = []
         loss_fn = _recording(self.loss_fn, seen_losses)
         with model_outputs(self.model, rows) as outputs:
-            counts = stream(self.model, self.layers, state, loss_fn, inputs, targets, consume, self.expanded)
+            counts = stream(
+                self.model, self.layers, state, loss_fn, inputs, targets, consume, self.expanded, summed=summed
+            )
         if len(seen_losses) == 1 and isinstance(seen_losses[0], torch.Tensor) and seen_losses[0].shape == (rows,):
             self.losses = seen_losses[0].detach().clone()
         self.outputs = outputs[0] if len(outputs) == 1 else None
@@ -120,7 +133,43 @@ class HookGradients:
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
+        for name, holders in self.plan.items():
+            if not any(m in unusable for m, _ in holders) and name in hooked:
+                offset, width = columns[name]
+                found = _unsummed(hooked[name], summed[name], out[:, offset : offset + width])
+                if found is not None:
+                    self.unsummed.setdefault(holders[0][0], found)
         return [m for m, count in counts.items() if not count], unusable
+
+
+def _unsummed(hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tensor) -> tuple[float, float] | None:
+    """(gap, tolerance) when `hooked`, a parameter's gradient from the captured calls summed over the batch (what its
+    per-example `rows`, (batch, width), sum to: each call's tokens of every example taken as one example's), differs
+    from `total` (autograd's gradient of the batch's summed loss, every use of the parameter included; None: zero) by
+    more than first_rows_check.tolerances of their dtype (rtol + atol) times the larger of the norm of `total` and
+    the Frobenius norm of `rows`, the gap measured in the 2-norm: a use of the parameter outside its layer's forward
+    (a functional call, a forward hook) that the hooks do not see. Rounding makes about eps times that scale (random
+    signs over the rows; the norm of `total` where the rows point one way), while a use missed in one row of a batch
+    of B rows misses about that row's norm, ~1 / sqrt(B) of the rows' norm (at least 1 / B of the scale): in float32
+    one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
+    it). Costs one GEMM-sized sum per call (no pass over `rows`) and the parameter's gradient in the hooked backward
+    pass; the rows' norms (one pass over them) only where the gap is over the tolerance times |total| (rows that
+    cancel: a well-fit batch)."""
+    wide = torch.float32 if rows.element_size() < 4 else rows.dtype
+    sums = hooked.reshape(-1).double()
+    if total is not None and total.is_sparse:  # nn.Embedding(sparse=True)
+        total = total.to_dense()
+    want = sums.new_zeros(sums.shape) if total is None else total.reshape(-1).double()
+
+    tolerance = sum(tolerances(rows.dtype))
+    gap, size = (t.item() for t in torch.linalg.vector_norm(torch.stack([sums - want, want]), dim=1))
+    if not math.isfinite(gap) or gap <= tolerance * size:
+        return None
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=wide).double()  # rows' norms: no (batch, width) temporary
+    scale = max(torch.linalg.vector_norm(norms).item(), size)
+    if not math.isfinite(scale) or gap <= tolerance * scale:
+        return None
+    return gap / scale, tolerance
 
 
 def _recording(loss_fn: LossFn, seen: list) -> LossFn:
