@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -712,8 +713,8 @@ def test_a_train_state_file_exports_its_params_alone_and_warns(mlp, data, tmp_pa
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(path, state)
         checkpointer.wait_until_finished()
-    left_out = r"leaving out \['opt_state', 'step'\]; to export other leaves, name them in layers= \(layers=\['\*'\]"
-    with pytest.warns(UserWarning, match=r"Flax TrainState restored as a dict.*" + left_out):
+    left_out = r"leaving out \['opt_state'\]; to export other leaves, name them in layers= \(layers=\['\*'\]"
+    with pytest.warns(UserWarning, match=r"Flax TrainState \(a 'params' and an 'opt_state' entry\).*" + left_out):
         g = export_gradients(lambda p, a, b: mlp.loss_fn(p["params"], a, b), [(path, 1.0)], (x, y), progress=False)
     names = [q["name"] for q in g.metadata["params"]]
     assert names == ["params/l1/bias", "params/l1/kernel", "params/l2/bias", "params/l2/kernel"]
@@ -796,3 +797,29 @@ def test_a_checkpoint_manager_step_folder_or_root_names_the_item_folder_to_pass(
     g = export_gradients(mlp.loss_fn, [(step / "default", 1.0)], (x, y), progress=False)
     ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
     np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_a_train_state_in_memory_exports_its_params_alone_and_a_dict_with_a_step_is_not_one(mlp, data):
+    """The TrainState object itself (not restored as a dict) exports "params" alone too, with the warning
+    (its mu and nu were exported as columns); a plain dict with "params", an int "step" and a trainable
+    float scalar is no TrainState (no "opt_state"): every floating leaf is exported, without a warning."""
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    x, y = data
+    state = train_state.TrainState.create(apply_fn=None, params=mlp.params[0], tx=optax.adam(1e-2))
+    state = state.apply_gradients(grads=jax.grad(lambda p: mlp.loss_fn(p, x, y).mean())(state.params))
+    state = state.replace(params=mlp.params[0])
+    with pytest.warns(UserWarning, match=r"Flax TrainState .*leaving out \['opt_state'\]"):
+        g = export_gradients(lambda s, a, b: mlp.loss_fn(s.params, a, b), [(state, 1.0)], (x, y), progress=False)
+    names = [q["name"] for q in g.metadata["params"]]
+    assert names == ["params/l1/bias", "params/l1/kernel", "params/l2/bias", "params/l2/kernel"]
+    ref = mlp.reference_rows(mlp.reference_grads(mlp.weights[0], x, y), ["b1", "w1", "b2", "w2"], {"w1", "w2"})
+    np.testing.assert_allclose(np.asarray(g.matrices[0], np.float64), ref, rtol=1e-4, atol=1e-6)
+    plain = {"params": mlp.params[0], "step": np.int32(3), "scale": np.float32(2.0)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = export_gradients(
+            lambda p, a, b: mlp.loss_fn(p["params"], a, b) * p["scale"], [(plain, 1.0)], (x, y), progress=False
+        )
+    assert "scale" in [q["name"] for q in g.metadata["params"]]

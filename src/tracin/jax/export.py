@@ -91,8 +91,8 @@ def export_gradients(
         "batch_stats", a "cache"): the "params" collection alone, as no gradient step trains the others
         (name them in layers to export them too; a UserWarning names those left out that are not a linen
         state collection, tracin.jax.params.LINEN_STATE: a plain dict's trained entries); so for a Flax
-        TrainState restored as a dict ({"step", "params", "opt_state"}), with a UserWarning naming the
-        keys left out. Rows
+        TrainState, restored as a dict ({"step", "params", "opt_state"}) or not, with a UserWarning naming
+        the entries holding floating leaves left out. Rows
         concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"]. An optax state
         initialised on variables["params"] (a TrainState's) is matched under "params/".
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -372,12 +372,13 @@ def _linen_default(params: Any) -> list[str] | None:
     """layers=None for Flax linen variables holding collections besides "params": ["params"] (None for other
     params), with a UserWarning naming the collections left out when some are not LINEN_STATE's (a plain
     dict with a "params" entry and other trainable entries would otherwise lose them without a word). A Flax
-    TrainState restored as a dict ({"step", "params", "opt_state"}) gives ["params"] too, with a UserWarning
-    naming the top-level keys left out (its optimizer moments would triple the row width with zero columns)."""
+    TrainState (restored as a dict, {"step", "params", "opt_state"}, or not) whose opt_state holds floating
+    leaves gives ["params"] too, with a UserWarning naming the entries left out (its optimizer moments would
+    triple the row width with zero columns)."""
     state = train_state_entries(params)
     if state:
         warnings.warn(
-            f"params look like a Flax TrainState restored as a dict (top-level keys 'params' and {state}): only "
+            f"params look like a Flax TrainState (a 'params' and an 'opt_state' entry): only "
             f"'params' is exported by default, leaving out {state}; to export other leaves, name them in layers= "
             "(layers=['*'] exports every floating leaf), or pass the TrainState's params alone",
             UserWarning,

@@ -594,25 +594,32 @@ def linen_collections(params: Any) -> list[str]:
     return sorted((str(key) for key in params if key != "params"), key=str)
 
 
-# the fields of a Flax TrainState that a restored checkpoint file keeps, besides "params"
-TRAIN_STATE = ("step", "opt_state")
-
-
 def train_state_entries(params: Any) -> list[str]:
-    """The top-level keys besides "params" of a Flax TrainState restored as a dict ({"step": ...,
-    "params": ..., "opt_state": ...}, as flax.serialization or orbax give it back from a saved
-    TrainState): a dict or FrozenDict holding a "params" Mapping with floating leaves and "step" or
-    "opt_state", sorted; [] for other pytrees. Its optimizer moments are no parameters (their gradients
+    """The top-level entries besides "params" that hold floating leaves, of a Flax TrainState: restored as
+    a dict ({"step": ..., "params": ..., "opt_state": ...}, as flax.serialization or orbax give it back
+    from a saved TrainState) or the TrainState itself (a dataclass with those fields, subclasses' extra
+    fields such as batch_stats included): one with a "params" Mapping of floating leaves and an
+    "opt_state" entry, sorted; [] for other pytrees, and for a TrainState whose other entries hold no
+    floating leaf (an int step, an SGD state). Its optimizer moments are no parameters (their gradients
     are zero), so an export takes "params" alone by default (layers=None)."""
-    variables = isinstance(params, dict) or type(params).__name__ == "FrozenDict"
-    if not variables or not isinstance(params.get("params"), Mapping):
+    if isinstance(params, dict) or type(params).__name__ == "FrozenDict":
+        entries = dict(params)
+    elif dataclasses.is_dataclass(params) and not isinstance(params, type):
+        fields = dataclasses.fields(params)
+        entries = {f.name: getattr(params, f.name) for f in fields if f.metadata.get("pytree_node", True)}
+    else:
         return []
-    if not any(key in params for key in TRAIN_STATE):
+    if not isinstance(entries.get("params"), Mapping) or "opt_state" not in entries:
         return []
     scalars = scalars_are_parameters(params)
-    if not any(is_float_leaf(leaf, scalars) for leaf in jax.tree_util.tree_leaves(params["params"])):
+    floating = [
+        str(key)
+        for key, value in entries.items()
+        if any(is_float_leaf(leaf, scalars) for leaf in jax.tree_util.tree_leaves(value))
+    ]
+    if "params" not in floating:
         return []
-    return sorted((str(key) for key in params if key != "params"), key=str)
+    return sorted((key for key in floating if key != "params"), key=str)
 
 
 def as_patterns(layers: Any) -> list[str]:
