@@ -685,3 +685,50 @@ def test_per_element_losses_are_refused_with_a_per_example_reduction():
     x, y = torch.randn(10, 8), torch.randn(10, 3)
     with pytest.raises(ValueError, match=r"got shape \(10, 3\)\..*\.flatten\(1\)\.sum\(1\)"):
         export_gradients(model, [(model.state_dict(), 0.1)], (x, y), nn.MSELoss(reduction="none"), progress=False)
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_model_and_to_empty():
+    """review147 F3: a model built on device='meta' failed deep inside ('Tensor.item() cannot be called on meta
+    tensors'); now refused up front, naming `model` and model.to_empty(device=...)."""
+    state = mlp().state_dict()
+    with torch.device("meta"):
+        model = mlp()
+    x, y = classification_data(4, seed=0)
+    with pytest.raises(ValueError, match=r"model: .*meta device .*to_empty\(device=\.\.\.\)"):
+        export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False)
+
+
+def test_a_model_moved_off_meta_with_to_empty_exports_the_checkpoints_rows():
+    state = mlp().state_dict()
+    with torch.device("meta"):
+        model = mlp()
+    model.to_empty(device="cpu")
+    x, y = classification_data(4, seed=0)
+    got = export_gradients(model, [(state, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    want = export_gradients(mlp(), [(state, 1.0)], (x, y), LOSS, progress=False).matrices[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["full", "last_layer"])
+def test_integer_inputs_for_a_float_model_are_named_as_the_datas_inputs(mode):
+    """review147 F5: torch's 'mat1 and mat2 must have the same dtype, but got Long and Float' named no argument."""
+    model = mlp()
+    x, y = classification_data(4, seed=0)
+    with pytest.raises(TypeError, match=r"data: batch 0 has integer inputs \(inputs int64\).*x\.float\(\)"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x.long(), y), LOSS, mode=mode, progress=False)
+
+
+def test_floating_targets_for_cross_entropy_are_named_as_the_datas_targets():
+    model = mlp()
+    x, y = classification_data(4, seed=0)
+    with pytest.raises(TypeError, match=r"data: batch 0 has floating targets \(targets float32\).*y\.long\(\)"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (x, y.float()), LOSS, progress=False)
+
+
+def test_a_store_path_that_is_a_file_is_refused_naming_store(tmp_path):
+    model = mlp()
+    path = tmp_path / "taken"
+    path.write_text("not a store")
+    with pytest.raises(ValueError, match=r"^store: .*taken exists and is not a directory"):
+        export_gradients(model, [(model.state_dict(), 1.0)], classification_data(4, seed=0), LOSS, store=path)
+    assert path.read_text() == "not a store"

@@ -227,6 +227,56 @@ def dtype_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, 
     )
 
 
+_INTEGER_NAMES = {
+    "long": torch.int64,
+    "int": torch.int32,
+    "short": torch.int16,
+    "byte": torch.uint8,
+    "char": torch.int8,
+}
+_TARGET_DTYPE = re.compile(r"\btarget\b.*\b(?:long|byte|int)\b", re.IGNORECASE)
+
+
+def integer_mismatch(params: Iterable[torch.Tensor], inputs: Tree, targets: Tree, error: RuntimeError) -> str | None:
+    """Why the model's forward (or loss_fn) raised `error` on the first batch, where dtype_mismatch (floating data)
+    has no answer: integer inputs meeting the model's floating parameters `params` (torch's mismatch naming an
+    integer dtype of the inputs: "mat1 and mat2 must have the same dtype, but got Long and Float"), or floating
+    targets for a loss wanting class indices (cross_entropy: "expected target dtype to be Long or Byte"). None
+    otherwise. The data is not cast."""
+    message = str(error)
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    said = f"({type(error).__name__}: {first})"
+    floating = [
+        (path, leaf.dtype)
+        for path, leaf in _named_leaves(targets, "targets")
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+    ]
+    if floating and _TARGET_DTYPE.search(message):
+        listed = ", ".join(f"{path} {_dtype_name(dtype)}" for path, dtype in floating[:4])
+        return (
+            f"data: batch 0 has floating targets ({listed}), and loss_fn wants integer class indices {said}: give "
+            "the targets as int64 (y.long() for a tensor, y.astype(np.int64) for a NumPy array)"
+        )
+    if not _MISMATCH_PHRASES.search(message) or not any(p.is_floating_point() for p in params):
+        return None
+    words = {w.lower().removesuffix("tensor").removesuffix("type") for w in re.findall(r"[A-Za-z0-9]+", message)}
+    named = {_INTEGER_NAMES[w] for w in words if w in _INTEGER_NAMES}
+    integer = [
+        (path, leaf.dtype)
+        for path, leaf in _named_leaves(inputs, "inputs")
+        if isinstance(leaf, torch.Tensor) and leaf.dtype in named
+    ]
+    if not integer or not _floating_named(message):
+        return None
+    listed = ", ".join(f"{path} {_dtype_name(dtype)}" for path, dtype in integer[:4])
+    return (
+        f"data: batch 0 has integer inputs ({listed}) where the model computes in floating point, and its forward "
+        f"failed on them {said}. tracin does not cast the data (a cast could change the results): give floating "
+        "inputs in the model's dtype (x.float() for a float32 model); integer inputs are for index layers such as "
+        "nn.Embedding"
+    )
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ from .data import (
     first_row,
     host_arrays,
     inputs_mismatch,
+    integer_mismatch,
     slice_rows,
     tree_map,
 )
@@ -215,6 +217,7 @@ def export_gradients(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model, wrapper_prefix = _unwrapped(model)
+    _refuse_meta(model)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if dtype not in _DTYPES:
@@ -225,7 +228,13 @@ def export_gradients(
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
+    if store is not None and os.path.exists(store) and not os.path.isdir(store):
+        raise ValueError(
+            f"store: {os.fspath(store)} exists and is not a directory; give a directory path (a new one, or the "
+            "store of an earlier export to resume)"
+        )
     _warn_autocast()
+
     # gradients whatever the caller's context: evaluation code under torch.no_grad() or inference_mode()
     with torch.inference_mode(False), torch.enable_grad():
         entries = parse_checkpoints(checkpoints, model)
@@ -255,6 +264,18 @@ def _warn_autocast() -> None:
             "fail on it; call export_gradients outside autocast for float32 gradients",
             UserWarning,
             stacklevel=3,  # export_gradients' caller
+        )
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    """ValueError naming `model` when any of its parameters or buffers is on the meta device (built with
+    device="meta" or under torch.device("meta"): shapes without data, which no forward can run on)."""
+    meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.device.type == "meta"]
+    if meta:
+        listed = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ValueError(
+            f"model: its parameters or buffers are on the meta device ({listed}): they have no data for the "
+            "forward passes. Call model.to_empty(device=...) first (the checkpoints then give the values)"
         )
 
 
@@ -433,7 +454,9 @@ class _TorchExport:
                 raise TypeError(why) from e
             check_loss_on(self.model, state, self.names, self.loss_fn, inputs, targets, batch.count)
         except RuntimeError as e:  # float64 NumPy data for a float32 model: torch's own words name no data
-            why = dtype_mismatch(state.values(), inputs, targets, e)
+            why = dtype_mismatch(state.values(), inputs, targets, e) or integer_mismatch(
+                state.values(), inputs, targets, e
+            )
             if why is None:
                 raise
             raise TypeError(why) from e
@@ -499,7 +522,9 @@ def _last_layer_name(model: nn.Module, layers: list[str] | None, batches: Batche
                 raise
             raise TypeError(why) from e
         except RuntimeError as e:
-            why = dtype_mismatch(model.parameters(), inputs, (), e)
+            why = dtype_mismatch(model.parameters(), inputs, (), e) or integer_mismatch(
+                model.parameters(), inputs, (), e
+            )
             if why is None:
                 raise
             raise TypeError(why) from e
