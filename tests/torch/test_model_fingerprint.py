@@ -152,3 +152,39 @@ def test_model_digest_covers_settings_buffers_and_code_not_paths_private_or_trai
     assert "resume in a fresh process, with the model as loaded" in model_changes(base, rewritten)[0]
     bumped = {**base, "code": {k: "3.99:" + v.partition(":")[2] for k, v in base["code"].items()}}
     assert "this is Python 3.99" in model_changes(base, bumped)[0]
+
+
+class WithTensorAndActivation(nn.Module):
+    """A plain tensor attribute (not a buffer) and an activation function held as an attribute."""
+
+    def __init__(self, scale: float = 2.0, act=torch.tanh):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.scale, self.act = torch.tensor(scale), act
+
+    def forward(self, x):
+        return self.l2(self.act(self.l1(x)) * self.scale)
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (dict(scale=3.0), r"attributes differ: scale tensor float32 \(\) \w+ there, tensor float32 \(\) \w+ here"),
+        (dict(act=torch.sigmoid), r"attributes differ: act function torch\.\S*tanh there, function torch\.\S*sigmoid"),
+    ],
+    ids=["tensor attribute", "function attribute"],
+)
+def test_a_changed_tensor_or_function_attribute_refuses_the_resume(tmp_path, changed, message):
+    """review147 F4: a plain tensor attribute (self.scale = torch.tensor(2.0)) or a function attribute (self.act =
+    torch.tanh) changed between an interrupted export and its resume silently returned the old store's rows (max
+    |diff| 1.8 and 1.4 against a fresh export); now the resume is refused naming the attribute."""
+    torch.manual_seed(0)
+    model = WithTensorAndActivation()
+    states = drifted_states(model, 2)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    checkpoints, batches = [(states[0], 0.5), (states[1], 0.25)], [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
+    with pytest.raises(Killed):
+        _export(WithTensorAndActivation(), checkpoints, FailingBatches(batches, on=3, after=1), tmp_path / "s")
+    with pytest.raises(ValueError, match=message):
+        _export(WithTensorAndActivation(**changed), checkpoints, batches, tmp_path / "s")
+    assert _export(WithTensorAndActivation(), checkpoints, batches, tmp_path / "s").complete

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import types
 from typing import Any
 
 import torch
@@ -20,7 +21,8 @@ def model_digest(model: nn.Module) -> dict[str, Any]:
     sizes, strides, slopes...), and of its own parameters' and buffers' names, shapes and dtypes (the
     whole fingerprint of versions before the others were recorded);
     "settings": {"module.attribute": repr} of each module's public attributes holding a bool, int,
-    float, str or None (a custom module's temperature or scale, a Dropout's p), except `training` and
+    float, str or None (a custom module's temperature or scale, a Dropout's p), a tensor that is not a
+    parameter or buffer (its dtype, shape and value digest) or a function (its qualified name), except `training` and
     `gradient_checkpointing` (modes that leave the gradients as they are: checkpointing turned on to
     resume an export that ran out of memory is the same model) and attributes named *path or *dir
     (where a model was read from: another folder is the same model);
@@ -30,7 +32,7 @@ def model_digest(model: nn.Module) -> dict[str, Any]:
     its bases outside torch (and JAX, Flax, Equinox): bytecode, so for that Python version.
     Parameter and persistent buffer values are not included (the checkpoints are fingerprinted on
     their own), nor private attributes (a leading _: where a forward may keep a call counter), other
-    objects a module holds, helper functions forward calls, or hooks."""
+    objects a module holds (a function's code), helper functions forward calls, or hooks."""
     h = hashlib.blake2b(digest_size=16)
     settings: dict[str, str] = {}
     buffers: dict[str, str] = {}
@@ -43,7 +45,7 @@ def model_digest(model: nn.Module) -> dict[str, Any]:
         prefix = f"{name}." if name else ""
         for attr, value in sorted(vars(module).items()):
             if _setting(attr, value):
-                settings[prefix + attr] = without_addresses(repr(value))
+                settings[prefix + attr] = _shown(value)
         for bname in sorted(getattr(module, "_non_persistent_buffers_set", ())):
             t = module._buffers.get(bname)
             if t is not None:
@@ -65,9 +67,27 @@ _NOT_SETTINGS = ("training", "gradient_checkpointing")  # modes that leave the g
 
 
 def _setting(attr: str, value: Any) -> bool:
-    if attr.startswith("_") or attr in _NOT_SETTINGS or not isinstance(value, _PLAIN):
+    """Whether a module's attribute is fingerprinted: a public one (not a mode, not *path / *dir) holding a plain
+    value, a tensor (not a parameter or buffer: self.scale = torch.tensor(2.0)) or a function (self.act =
+    torch.sigmoid)."""
+    if attr.startswith("_") or attr in _NOT_SETTINGS or not isinstance(value, (*_PLAIN, torch.Tensor, *_FUNCTIONS)):
         return False
     return not attr.lower().endswith(("path", "dir"))
+
+
+_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _shown(value: Any) -> str:
+    """A setting as recorded: a plain value's repr, a tensor's dtype, shape and value digest, a function's
+    qualified name (its code is not digested)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)} {_tensor_digest(value)[:16]}"
+    if isinstance(value, _FUNCTIONS):
+        module = getattr(value, "__module__", None) or getattr(getattr(value, "__self__", None), "__name__", "")
+        name = getattr(value, "__qualname__", None) or getattr(value, "__name__", repr(value))
+        return f"function {module}.{name}" if module else f"function {name}"
+    return without_addresses(repr(value))
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
