@@ -599,6 +599,20 @@ def test_blocks_must_have_the_format_of_their_dtype_code():
             _core.top_k(good, (False, [block], [code]), [1.0], 1, 0)
 
 
+def test_top_k_overflow_names_the_same_pair_for_any_thread_count(rng):
+    # Passes cut by the selector budget (k > 64: fewer test rows a pass as the threads grow) named the
+    # overflowing pair of the first cut pass, so num_threads changed it (fr146). Overflowing pairs (test
+    # 10, train 5) and (test 150, train 0), one uncut pass of 300 rows: the smallest train row's.
+    test = rng.standard_normal((300, 4), dtype=np.float32)
+    train = rng.standard_normal((20_000, 4), dtype=np.float32)
+    test[10, :2], train[5, :2], test[150, :2], train[0, :2] = [0, 1e20], [0, 1e20], [1e20, 0], [1e20, 0]
+    sides = (False, [test], [0]), (False, [train], [0])
+    for threads in (1, 2, 7):
+        for k, side in ((3, 2), (5000, 2), (20_000, 0)):
+            with pytest.raises(ValueError, match="first for test row 150 and train row 0;"):
+                _core.top_k(*sides, [1.0], k, side, num_threads=threads)
+
+
 def test_factored_aggregate_sums_groups_of_32_test_rows_for_any_test_block(rng):
     # Test rows over 50 orders of magnitude: a sum in another order differs in the last bits (review146
     # F2: each pass's rows were summed first, so test_block changed the result).

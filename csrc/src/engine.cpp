@@ -893,9 +893,14 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const int threads = ResolveThreads(options.num_threads);
   std::int64_t pass_rows =
       std::min(options.test_block > 0 ? options.test_block : DefaultPassRows(row_bytes, kernels), m);
-  // The consumer's cap (top-k selectors), for at most one thread per train row.
+  // The consumer's cap (top-k selectors), for at most one thread per train row. An overflowing
+  // score is still named as in passes of the uncut rows (`window`): the smallest (train row, test
+  // row) of the first window holding one, for any thread count.
+  const std::int64_t window = pass_rows;
   const std::int64_t cap = consumer.MaxPassRows(std::min<std::int64_t>(threads, n));
   if (cap < pass_rows) pass_rows = RoundDownPassRows(cap, kernels);
+  bool any_bad = false;
+  std::int64_t first_bad[2] = {0, 0};  // (test row, train row) named for the current window
   const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
   const std::int64_t block =
       options.train_block > 0 ? RoundUp(std::min(options.train_block, n), micro.mr) : DefaultTrainBlock(n, threads, micro.mr);
@@ -910,8 +915,8 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
     return {StatusCode::kOutOfMemory, "out of memory for the per-thread scratch of " + std::to_string(workers) +
                                           " threads (num_threads " + std::to_string(options.num_threads) + ")"};
   }
-  for (std::int64_t begin = 0; begin < m; begin += pass_rows) {
-    const std::int64_t count = std::min(pass_rows, m - begin);
+  for (std::int64_t begin = 0, count = 0; begin < m; begin += count) {
+    count = std::min({pass_rows, m - begin, window - begin % window});  // within one window
     const Status packing =
         packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
@@ -943,9 +948,18 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
       consumer.Consume(thread, j0, rows, s.tile.data(), packed.lanes());
     });
     if (!status.ok()) return status;
-    if (bad_task.load() < tasks) return NonFiniteError(&test, train, bad);
-    status = consumer.EndPass(options.cancel);
-    if (!status.ok()) return status;
+    if (bad_task.load() < tasks) {
+      if (!any_bad || bad[1] < first_bad[1] || (bad[1] == first_bad[1] && bad[0] < first_bad[0])) {
+        first_bad[0] = bad[0];
+        first_bad[1] = bad[1];
+      }
+      any_bad = true;
+    } else if (!any_bad) {
+      status = consumer.EndPass(options.cancel);
+      if (!status.ok()) return status;
+    }
+    const std::int64_t end = begin + count;
+    if (any_bad && (end % window == 0 || end == m)) return NonFiniteError(&test, train, first_bad);
   }
   return Status::Ok();
 }
