@@ -147,8 +147,9 @@ def _unsummed(hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tens
     per-example `rows`, (batch, width), sum to: each call's tokens of every example taken as one example's), differs
     from `total` (autograd's gradient of the batch's summed loss, every use of the parameter included; None: zero) by
     more than first_rows_check.tolerances of their dtype (rtol + atol) times the larger of the norm of `total` and
-    the Frobenius norm of `rows`, the gap measured in the 2-norm: a use of the parameter outside its layer's forward
-    (a functional call, a forward hook) that the hooks do not see. Rounding makes about eps times that scale (random
+    the Frobenius norm of `rows` (plus one subnormal step of their dtype an element), the gap measured in the
+    2-norm: a use of the parameter outside its layer's forward (a functional call, a forward hook) that the hooks do
+    not see. Rounding makes about eps times that scale (random
     signs over the rows; the norm of `total` where the rows point one way), while a use missed in one row of a batch
     of B rows misses about that row's norm, ~1 / sqrt(B) of the rows' norm (at least 1 / B of the scale): in float32
     one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
@@ -160,14 +161,15 @@ def _unsummed(hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tens
     if total is not None and total.is_sparse:  # nn.Embedding(sparse=True)
         total = total.to_dense()
     want = sums.new_zeros(sums.shape) if total is None else total.reshape(-1).double()
-
     tolerance = sum(tolerances(rows.dtype))
+    # one subnormal step an element: 16-bit gradients underflow, each side in its own way
+    floor = math.sqrt(sums.numel()) * torch.finfo(rows.dtype).tiny * torch.finfo(rows.dtype).eps
     gap, size = (t.item() for t in torch.linalg.vector_norm(torch.stack([sums - want, want]), dim=1))
-    if not math.isfinite(gap) or gap <= tolerance * size:
+    if not math.isfinite(gap) or gap <= tolerance * size + floor:
         return None
     norms = torch.linalg.vector_norm(rows, dim=1, dtype=wide).double()  # rows' norms: no (batch, width) temporary
     scale = max(torch.linalg.vector_norm(norms).item(), size)
-    if not math.isfinite(scale) or gap <= tolerance * scale:
+    if not math.isfinite(scale) or gap <= tolerance * scale + floor:
         return None
     return gap / scale, tolerance
 
