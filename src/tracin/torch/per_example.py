@@ -108,9 +108,10 @@ class PerExampleGradients:
       summed loss from the same backward pass (hook_gradients._unsummed, scale-aware): a parameter also used outside
       its layer's forward (F.linear(x, layer.weight), a forward hook) for examples past the first rows checked is
       missed by the hooks. Such a batch is recomputed one example at a time for every parameter (vmap or the loop),
-      with a warning naming the layer (once an export; `unsummed_batches` counts them). Cost: about 17% of a hooked
-      batch of MLPs on one CPU thread (the parameter gradients in the backward pass and the summed factors, 7%
-      each; digits 64-128-128-10 and 256-512-512-10, batch 256, min of 30 interleaved runs).
+      with a warning naming the layer (once an export; `unsummed_batches` counts them). Cost: 18-20% of a hooked
+      batch of MLPs on one CPU thread (the parameter gradients in the backward pass and the summed factors, about
+      7% each; digits 64-128-128-10 and 256-512-512-10, batch 256, min of 30 interleaved runs); 10% of the digits
+      MLP's whole export (3 checkpoints, two threads).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
 
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
