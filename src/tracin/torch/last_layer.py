@@ -19,10 +19,20 @@ from torch.nn.utils import parametrize
 
 from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
-from .first_rows_check import DIRECTIONS, autocast_note, checked_rows, directions, directions_agree, one_row_error
+from .first_rows_check import (
+    DIRECTIONS,
+    autocast_note,
+    checked_rows,
+    directions,
+    directions_agree,
+    one_row_error,
+    tolerances,
+)
 from .layer_rules import token_form
 from .layers import qualified, tied_first_names
 from .losses import LossFn, losses_of, random_forward
+
+SUM_SIGMAS = 4.0  # a mismatch along a Gaussian pair is ~ its Frobenius norm: room for rounding's tail
 
 
 class LinearFactors:
@@ -38,6 +48,9 @@ class LinearFactors:
             [n for n, m in model.named_modules(remove_duplicate=False) if m is layer] for layer in self.layers
         ]
         self.checked = False
+        self.batches = 0  # calls so far, for the error naming a batch
+        # per layer, state names of its weight and bias: autograd's gradients of the batch's summed loss (_captured)
+        self._summed: dict[str, torch.Tensor | None] = {}
         self._refuse_parametrized()
 
     def _refuse_parametrized(self) -> None:
@@ -67,10 +80,58 @@ class LinearFactors:
             factors = self._row_factors(state, inputs, targets)
         except NotCaptured as e:
             raise ValueError(f"mode={self.mode!r}: {e}. Use mode='full' with layers={self._full_layers()!r}.") from None
+        self.batches += 1
+        summed = self._summed  # this pass's (the first-rows check below runs passes of its own)
         if not self.checked:
             self._check(state, inputs, targets, factors)
             self.checked = True
+        self._check_sums(factors, summed)
         return factors
+
+    def _check_sums(
+        self, factors: list[tuple[torch.Tensor, torch.Tensor]], summed: dict[str, torch.Tensor | None]
+    ) -> None:
+        """ValueError naming the layers whose factors summed over the batch, left^T right (out, in [+1]), differ
+        from autograd's gradient G = [dW | db] of the batch's summed loss (taken in the same backward pass:
+        _captured): a weight also used outside its layer's forward for examples past the first batch's checked
+        rows, which the factors cannot hold (such a gradient is not one outer product). Compared along the
+        DIRECTIONS fixed Gaussian pairs (u, v) of first_rows_check.directions, (left u) . (right v) against
+        u^T G v (whose square is ||G||_F^2 on average), each within SUM_SIGMAS times rtol + atol of the weight's
+        dtype (first_rows_check.tolerances) times the larger of ||G||_F and the rows' Frobenius norm
+        (sqrt(sum_i |left_i|^2 |right_i|^2)), plus one subnormal step of the dtype per element (16-bit
+        gradients underflow). Every batch: matrix-vector products, no (out, in) copy."""
+        bad = []
+        for name, layer, (left, right) in zip(self.names, self.layers, factors, strict=True):
+            weight, bias = summed.get(qualified(name, "weight")), summed.get(qualified(name, "bias"))
+            if weight is None and bias is None and not summed:
+                continue  # the pass did not reach the backward (no losses needing gradients)
+            u, v = directions(left.shape[1], right.shape[1], left.device)
+            l64, r64 = left.double(), right.double()
+            got = ((l64 @ u.double().T) * (r64 @ v.double().T)).sum(0)
+            want = torch.zeros_like(got)
+            size = 0.0
+            for grad, columns in ((weight, v[:, : layer.in_features]), (bias, v[:, -1:])):
+                if grad is not None:
+                    g = grad.float().reshape(len(u[0]), -1)
+                    want += ((u @ g) * columns).sum(1).double()
+                    size = math.hypot(size, torch.linalg.vector_norm(g).item())
+            rows = torch.linalg.vector_norm(l64, dim=1) * torch.linalg.vector_norm(r64, dim=1)
+            scale = max(size, torch.linalg.vector_norm(rows).item())
+            gap = torch.max(torch.abs(got - want)).item()
+            tolerance = sum(tolerances(left.dtype))
+            floor = (
+                math.sqrt(left.shape[1] * right.shape[1]) * torch.finfo(left.dtype).tiny * torch.finfo(left.dtype).eps
+            )
+            if math.isfinite(gap) and math.isfinite(scale) and gap > SUM_SIGMAS * (tolerance * scale + floor):
+                bad.append(f"{name!r} (by {gap / scale:.1e} of its size, tolerance {tolerance:.1e})")
+        if bad:
+            raise ValueError(
+                f"mode={self.mode!r}: the factors of {', '.join(bad)} do not sum to the gradient of batch "
+                f"{self.batches}'s summed loss: a weight also used outside its layer's forward (a functional call "
+                "such as F.linear(x, layer.weight), a forward hook) for some examples past the first rows checked, "
+                "whose gradient is then not one outer product. "
+                f"Use mode='full' with layers={self._full_layers()!r}."
+            )
 
     def _check(self, state, inputs: Tree, targets: Tree, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """The factors of the first rows against per-example autograd along random directions (no dense
@@ -195,8 +256,16 @@ class LinearFactors:
         """(x (batch, in), dL/dy (batch, out)) per layer; NotCaptured unless each ran once on (batch, in)."""
         expanded: set[str] = set()
         rows = batch_rows(targets, "targets")
+        names = [
+            qualified(n, leaf)
+            for n, layer in zip(self.names, self.layers, strict=True)
+            for leaf in ("weight", "bias")
+            if getattr(layer, leaf) is not None
+        ]
+        self._summed = dict.fromkeys(n for n in names if n in state)
         try:
-            calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets, expanded)
+            calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets, expanded, self._summed)
+
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             if not expanded or isinstance(e, NotCaptured):
                 raise
