@@ -113,7 +113,6 @@ class PerExampleGradients:
       7% each; digits 64-128-128-10 and 256-512-512-10, batch 256, min of 30 interleaved runs); 10% of the digits
       MLP's whole export (3 checkpoints, two threads).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
-
     and loss that run on two rows but not one is raised saying so (first_rows_check.one_row_error:
     an output squeezed to 0-d).
     """
@@ -147,7 +146,6 @@ class PerExampleGradients:
         self.batch_dependent = 0  # batches recomputed one example at a time (_depends_on_the_batch)
         self.rounding_only = 0  # batches whose outputs differed in float32 only, not in float64 (_beyond_rounding)
         self.unsummed_batches = 0  # batches recomputed one example at a time as their hooked rows did not sum up
-
         # _one_at_a_time's outputs per example ((1, ...) each), where their shapes differ from example to example
         self._alone_outputs: list[list[torch.Tensor]] | None = None
         self._found: tuple[int, str] = (0, "")  # the row _by_hooks found depending on its batch, and the words
