@@ -397,6 +397,7 @@ def test_progress_bar(mlp, data, capsys):
         (dict(dtype=np.int8), ValueError, "dtype must be one of"),
         (dict(projection=16), TypeError, "projection must be a tracin.Projection"),
         (dict(store=3), TypeError, "store must be a directory path"),
+        (dict(store=__file__), ValueError, "^store: .*test_export.py exists and is not a directory"),
         (dict(progress="no"), TypeError, "progress must be True, False or None .*got 'no'"),
         (dict(progress=1), TypeError, "progress must be True, False or None .*got 1"),
         (dict(layers=[3]), TypeError, "layers must be a non-empty list of name patterns"),

@@ -144,11 +144,17 @@ def store_rows(start: int, stop: int) -> Iterator[None]:
 
 
 def check_store(store: Any) -> None:
-    """TypeError unless `store` is None or a directory path; ValueError for an empty one (before any work)."""
+    """TypeError unless `store` is None or a directory path; ValueError for an empty one or an existing file
+    (before any work)."""
     if store is not None and not isinstance(store, (str, os.PathLike)):
         raise TypeError(f"store must be a directory path or None, got {type(store).__name__}")
     if store is not None:
         store_root(store, "store")  # "" is refused naming store= (the store layer would name its path)
+        if os.path.exists(store) and not os.path.isdir(store):
+            raise ValueError(
+                f"store: {os.fspath(store)} exists and is not a directory; give a directory path (a new one, or "
+                "the store of an earlier export to resume)"
+            )
 
 
 def export(

@@ -228,13 +228,7 @@ def export_gradients(
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
-    if store is not None and os.path.exists(store) and not os.path.isdir(store):
-        raise ValueError(
-            f"store: {os.fspath(store)} exists and is not a directory; give a directory path (a new one, or the "
-            "store of an earlier export to resume)"
-        )
     _warn_autocast()
-
     # gradients whatever the caller's context: evaluation code under torch.no_grad() or inference_mode()
     with torch.inference_mode(False), torch.enable_grad():
         entries = parse_checkpoints(checkpoints, model)
