@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -98,6 +99,36 @@ def size_options(
         label = f"{value:g}gib" if name == "size" else f"{name.replace('_', '-')}{value:g}"
         found.append((value, default, label))
     return found
+
+
+def agreement_gap(got: object, ref: object) -> float:
+    """max |got - ref| / max |ref| in float64: inf where the shapes differ or `ref` is all zeros, nan
+    where either holds a nan, so that only a result close to a non-zero reference passes a `<= tol`."""
+    import numpy as np
+
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    if got.shape != ref.shape or scale == 0.0:
+        return math.inf
+    return float(np.abs(got - ref).max()) / scale
+
+
+def check_agreement(prog: str, name: str, got: object, ref: object, tol: float, against: str) -> float:
+    """agreement_gap of a contender `name`'s result, checked once before any timing: above `tol` (or of
+    another shape) the program ends (exit code 1) with a line naming the contender and the gap, so that
+    a wrong answer is never timed or recorded (python -O keeps the check). Returns the gap."""
+    gap = agreement_gap(got, ref)
+    if not gap <= tol:
+        import numpy as np
+
+        shapes = f" (shape {np.shape(got)}, expected {np.shape(ref)})" if np.shape(got) != np.shape(ref) else ""
+        print(
+            f"{prog}: error: {name} disagrees with {against}: max |difference| / max |reference| = {gap:.3g}, "
+            f"above {tol:g}{shapes}; nothing timed",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+    return gap
 
 
 def time_interleaved(

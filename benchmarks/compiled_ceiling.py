@@ -7,7 +7,9 @@ per-example gradients, so "compiled_pass_vs_loop" below 5 means no batched expor
 reaches the goal here.
 
 Same model, data and loss as benchmarks/transformer_export.py (GPT-2 from a config, right-padded
-sequences); timed interleaved, median of repeats; the compile time is reported apart.
+sequences); timed interleaved, median of repeats; the compile time is reported apart. Before timing, each
+pass's input gradient, and the sum of the loop's rows, are checked once against float64 eager autograd
+(above AGREEMENT_TOL: exit 1, nothing timed or written).
 
     python -m benchmarks.compiled_ceiling [--n 64] [--tokens 128] [--threads 2] [--repeats 7] [--quick]
 """
@@ -26,6 +28,7 @@ from benchmarks.common import (  # noqa: E402
     add_output_options,
     add_size_options,
     at_least,
+    check_agreement,
     description,
     output_dir,
     quick_or_given,
@@ -35,12 +38,14 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.transformer_export import GOAL_SPEEDUP, _cases, per_example_loop  # noqa: E402
 
+PROG = "python -m benchmarks.compiled_ceiling"
+AGREEMENT_TOL = 1e-4  # largest |result - float64 eager's| / max |float64 eager's| of a contender, before timing
 FULL = {"n": 64, "tokens": 128, "width": 64, "layers": 2, "vocab": 512, "repeats": 7}
 QUICK = {"n": 4, "tokens": 16, "width": 32, "layers": 1, "vocab": 64, "repeats": 1}  # --quick: toy sizes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled_ceiling", description=description(__doc__))
+    parser = argparse.ArgumentParser(prog=PROG, description=description(__doc__))
     helps = {
         "n": "sequences",
         "tokens": "sequence length (before padding)",
@@ -66,19 +71,36 @@ def main(argv: list[str] | None = None) -> None:
         p.requires_grad_(False)
     compiled = torch.compile(model)
 
-    def bare_pass(run_model):
-        def run() -> None:
-            embeds = embedding(inputs["input_ids"]).detach().requires_grad_(True)
+    def bare_pass(run_model, embed=embedding):
+        def run() -> torch.Tensor:
+            embeds = embed(inputs["input_ids"]).detach().requires_grad_(True)
             with torch.enable_grad():
                 out = run_model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
-                torch.autograd.grad(loss_fn(out, targets).sum(), embeds)
+                return torch.autograd.grad(loss_fn(out, targets).sum(), embeds)[0]
 
         return run
 
+    # The references, eager in float64: the batch's summed loss's gradient in the input embeddings (the
+    # passes') and in the parameters (the sum of the loop's per-example rows).
+    model64 = copy.deepcopy(model).double()
+    embeds_ref = bare_pass(model64, lambda ids: model64.get_input_embeddings()(ids))()
+    for p in model64.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        loss64 = loss_fn(model64(**inputs), targets).sum()
+        params_ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss64, list(model64.parameters()))])
+
     start = time.perf_counter()
-    bare_pass(compiled)()
+    compiled_grad = bare_pass(compiled)()  # its first call compiles
     compile_s = time.perf_counter() - start
     contenders = {"loop": loop, "eager_pass": bare_pass(model), "compiled_pass": bare_pass(compiled)}
+    results = {"loop": loop().sum(axis=0), "eager_pass": contenders["eager_pass"](), "compiled_pass": compiled_grad}
+    gaps = {
+        name: check_agreement(
+            PROG, name, got, (params_ref if name == "loop" else embeds_ref).numpy(), AGREEMENT_TOL, "float64 eager"
+        )
+        for name, got in results.items()
+    }
     timings = time_interleaved(contenders, repeats=args.repeats, warmup=1)
     rates = {k: args.n / t["median_s"] for k, t in timings.items()}
     payload = {
@@ -91,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         "eager_pass_vs_loop": rates["eager_pass"] / rates["loop"],
         "compiled_pass_vs_loop": rates["compiled_pass"] / rates["loop"],
         "goal_speedup_vs_loop": GOAL_SPEEDUP,
+        "agreement": {"tol": AGREEMENT_TOL, "rel_gap": gaps},
         "timings": timings,
     }
     print({k: v for k, v in payload.items() if k != "timings"})

@@ -10,7 +10,8 @@ one it picks on this CPU, or one forced through tracin._core.project(isa=...)) a
 
 Speed: project n gradients of d dims to `dim` dims (default 1000 x 200 000 -> 2048). The peer
 draws a (d, dim) Gaussian matrix with torch.randn and multiplies (creation counted). Medians of
-interleaved repeats.
+interleaved repeats. Before timing, the first rows of each contender's result are checked once against
+float64 products with its explicit matrix (above AGREEMENT_TOL: exit 1, nothing timed or written).
 
 Recall: an MLP trained briefly on sklearn digits; per-example gradients of all its parameters by
 torch.func (vmap of grad); exact influence = test . train^T; for each kind and dim, the fraction of
@@ -34,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     add_output_options,
     add_size_options,
     at_least,
+    check_agreement,
     description,
     output_dir,
     peer_versions,
@@ -49,6 +51,9 @@ FULL = {"n": 1000, "d": 200_000, "dim": 2048, "repeats": 3}
 QUICK = {"n": 200, "d": 5000, "dim": 256, "repeats": 1}  # --quick: a smoke run
 
 KINDS = ("rademacher", "gaussian", "sparse")
+PROG = "python -m benchmarks.projection"
+AGREEMENT_TOL = 1e-3  # largest |rows - reference| / max |reference| of a contender's checked rows
+CHECKED_ROWS = 4  # rows of each contender's projection checked against float64 products before timing
 
 
 def _project(kind: str, dim: int, isa: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -69,6 +74,46 @@ def _project(kind: str, dim: int, isa: str) -> Callable[[np.ndarray], np.ndarray
     return forced
 
 
+def reference_rows(rows: np.ndarray, kind: str, dim: int, block: int = 512) -> np.ndarray:
+    """(r, dim) float64 products of (r, d) float32 `rows` with the explicit matrix of
+    tracin.Projection(dim, 0, kind): its columns made `block` at a time (the projections of unit
+    vectors at their column offset, the native kernel), products and sums in float64."""
+    proj = tracin.Projection(dim, 0, kind)
+    out = np.zeros((len(rows), dim))
+    for a in range(0, rows.shape[1], block):
+        b = min(rows.shape[1], a + block)
+        columns = proj.apply(np.eye(b - a, dtype=np.float32), column_offset=a)  # (b - a, dim)
+        out += rows[:, a:b].astype(np.float64) @ columns.astype(np.float64)
+    return out
+
+
+def torch_reference_rows(rows: np.ndarray, dim: int, block: int = 8192) -> np.ndarray:
+    """(r, dim) float64 products of `rows` with the torch peer's matrix (the same generator and seed)."""
+    import torch
+
+    matrix = torch.randn(rows.shape[1], dim, generator=torch.Generator().manual_seed(0)).numpy()
+    out = np.zeros((len(rows), dim))
+    for a in range(0, rows.shape[1], block):
+        out += rows[:, a : a + block].astype(np.float64) @ matrix[a : a + block].astype(np.float64)
+    return out / dim**0.5
+
+
+def check_contenders(x: np.ndarray, dim: int, contenders: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """The first CHECKED_ROWS rows of each contender's projection of `x` (one call each) against
+    reference_rows (torch_reference_rows for the peer): a gap above AGREEMENT_TOL, or another shape,
+    ends the program (exit code 1) naming the contender (common.check_agreement). Returns the gaps."""
+    rows = x[:CHECKED_ROWS]
+    refs = {kind: reference_rows(rows, kind, dim) for kind in KINDS}
+    refs["torch_randn_matmul"] = torch_reference_rows(rows, dim)
+    gaps = {}
+    for name, fn in contenders.items():
+        got = np.asarray(fn())
+        got = got[:CHECKED_ROWS] if got.ndim == 2 and len(got) == len(x) else got
+        ref = refs[name.split()[0]]
+        gaps[name] = check_agreement(PROG, name, got, ref, AGREEMENT_TOL, "float64 products with its matrix")
+    return gaps
+
+
 def speed(n: int, d: int, dim: int, repeats: int, isas: list[str]) -> dict:
     """Per kernel instruction set of `isas`, each kind against torch, timed interleaved in one run."""
     import torch
@@ -84,6 +129,7 @@ def speed(n: int, d: int, dim: int, repeats: int, isas: list[str]) -> dict:
     for isa in isas:
         for kind in KINDS:
             contenders[f"{kind} {isa}"] = (lambda f: lambda: f(x))(_project(kind, dim, isa))
+    gaps = check_contenders(x, dim, contenders)
     load_before = os.getloadavg()[0]
     timings = time_interleaved(contenders, repeats=repeats)
     gigabytes = x.nbytes / 1e9
@@ -106,6 +152,7 @@ def speed(n: int, d: int, dim: int, repeats: int, isas: list[str]) -> dict:
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "timings": timings,
+        "agreement": {"checked_rows": min(n, CHECKED_ROWS), "tol": AGREEMENT_TOL, "rel_gap": gaps},
         "by_isa": by_isa,
     }
 
@@ -166,7 +213,7 @@ def recall(train: np.ndarray, test: np.ndarray, dims: list[int], k: int) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.projection", description=description(__doc__))
+    parser = argparse.ArgumentParser(prog=PROG, description=description(__doc__))
     helps = {"n": "gradients projected", "d": "their dims", "dim": "projected dims", "repeats": "timed rounds"}
     add_size_options(parser, FULL, QUICK, helps)
     parser.add_argument("--k", type=at_least(1), default=10, help="top-k of the recall (default 10)")

@@ -5,16 +5,17 @@ float32 G.T @ G and this machine's sgemm throughput.
     PYTHONPATH=src python benchmarks/whitening.py --quick    # a smoke run (JSON in a new temporary folder)
 
 Contenders, interleaved (benchmarks.common.time_interleaved), on the same in-memory (n, d) float32 G:
-numpy_gtg (G.T @ G in float32: OpenBLAS ssyrk, float32 sums over all n rows), tracin_float32 (the
-fit's accumulation: float32 products of up to 4096 rows added into float64, precision="float32"),
-tracin_float64 (precision="float64"). Rates are GFLOP/s of the flops done: n d (d + 1) / seconds for
-the three contenders (a symmetric rank-n update computes the d (d + 1) / 2 entries of one triangle, 2 n
-flops each), 2 d^3 / seconds for sgemm, a square d x d float32 product; so fraction_of_sgemm is the
-share of the machine's sgemm throughput a contender reaches. Also timed once: the damped inverse of one
-d x d R (Cholesky and inverse in float64) and the whole Whitening.fit. The goal: tracin_float32 at
->= 70% of this machine's sgemm rate, and of numpy_gtg. A recorded run times every contender at least
-MIN_REPEATS times (--quick may take fewer); the sgemm rate is that of its fastest call (the
-machine's limit), the others' of their medians.
+numpy_gtg (G.T @ G in float32: OpenBLAS ssyrk, float32 sums over all n rows), tracin_float32 (the fit's
+accumulation: float32 products of up to 4096 rows added into float64, precision="float32"),
+tracin_float64 (precision="float64"). Before any timing, each contender's R is checked once at 32
+columns against float64 NumPy (above AGREEMENT_TOL: exit 1, nothing timed or written). Rates are GFLOP/s
+of the flops done: n d (d + 1) / seconds for the three contenders (a symmetric rank-n update computes
+the d (d + 1) / 2 entries of one triangle, 2 n flops each), 2 d^3 / seconds for sgemm, a square d x d
+float32 product; so fraction_of_sgemm is the share of the machine's sgemm throughput a contender
+reaches. Also timed once: the damped inverse of one d x d R (Cholesky and inverse in float64) and the
+whole Whitening.fit. The goal: tracin_float32 at >= 70% of this machine's sgemm rate, and of numpy_gtg.
+A recorded run times every contender at least MIN_REPEATS times (--quick may take fewer); the sgemm rate
+is that of its fastest call (the machine's limit), the others' of their medians.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import tracin  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_output_options,
     at_least,
+    check_agreement,
     description,
     output_dir,
     quick_or_given,
@@ -43,6 +45,9 @@ from tracin.whitening._inverse import damped_inverse  # noqa: E402
 from tracin.whitening._moments import second_moments  # noqa: E402
 from tracin.whitening._threads import blas_threads  # noqa: E402
 
+PROG = "python -m benchmarks.whitening"
+AGREEMENT_TOL = 1e-3  # largest |R - reference| / max |reference| of a contender, checked before timing
+CHECKED_COLUMNS = 32  # columns of R checked against float64 NumPy (all d of them cost a float64 G.T @ G)
 GOAL = 0.7  # fraction of the sgemm rate (and of NumPy's G.T @ G) the float32 fit must reach
 MIN_REPEATS = 3  # fewer timed calls cannot tell a result from the noise of a shared machine
 
@@ -67,6 +72,32 @@ def symmetric_flops(n: int, d: int) -> int:
     return n * d * (d + 1)
 
 
+def reference_columns(g: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """(d, len(columns)) float64 columns of R = G^T G / n of an (n, d) float32 G, products and sums
+    in float64 over blocks of rows (no float64 copy of the whole)."""
+    ref = np.zeros((g.shape[1], len(columns)))
+    for a in range(0, len(g), 8192):
+        block = g[a : a + 8192].astype(np.float64)
+        ref += block.T @ block[:, columns]
+    return ref / len(g)
+
+
+def check_contenders(g: np.ndarray, contenders: dict, seed: int = 0) -> dict[str, float]:
+    """Each contender's R (numpy_gtg's G^T G divided by n) against reference_columns at CHECKED_COLUMNS
+    random columns, once: a gap above AGREEMENT_TOL ends the program (exit code 1) naming the
+    contender (common.check_agreement). Returns the gaps."""
+    n, d = g.shape
+    columns = np.sort(np.random.default_rng(seed).choice(d, min(d, CHECKED_COLUMNS), replace=False))
+    ref = reference_columns(g, columns)
+    gaps = {}
+    for name, fn in contenders.items():
+        r = fn()
+        r = r[0] if isinstance(r, list) else np.asarray(r) / n
+        got = r[:, columns] if np.ndim(r) == 2 and r.shape[0] == d else r
+        gaps[name] = check_agreement(PROG, name, got, ref, AGREEMENT_TOL, "float64 NumPy's G.T @ G / n")
+    return gaps
+
+
 def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, verdict: bool = True) -> dict:
     """Times the contenders (`warmup` untimed calls each first) and judges the goal (met: None
     without `verdict`, as for --quick's toy sizes)."""
@@ -74,14 +105,16 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
     grads = tracin.Gradients(g)
     square = g[:d] if n >= d else random_rows(d, d, 1)
     square_t = np.ascontiguousarray(square.T)
+    contenders = {
+        "numpy_gtg": lambda: g.T @ g,
+        "tracin_float32": lambda: second_moments(grads, _NoBar(), "float32"),
+        "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
+    }
     with blas_threads(threads):
+        gaps = check_contenders(g, contenders)
         sgemm = time_interleaved({"sgemm": lambda: square @ square_t}, repeats=max(repeats, MIN_REPEATS))["sgemm"]
         timings = time_interleaved(
-            {
-                "numpy_gtg": lambda: g.T @ g,
-                "tracin_float32": lambda: second_moments(grads, _NoBar(), "float32"),
-                "tracin_float64": lambda: second_moments(grads, _NoBar(), "float64"),
-            },
+            contenders,
             repeats=repeats,
             warmup=warmup,
             pause_s=1.0,
@@ -105,6 +138,7 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
         "threads": threads,
         "sgemm": {**sgemm, "gflops": sgemm_rate, "rate_of": "fastest call"},
         "timings": timings,
+        "agreement": {"checked_columns": min(d, CHECKED_COLUMNS), "tol": AGREEMENT_TOL, "rel_gap": gaps},
         "float32_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / ours["median_s"],
         "float64_vs_numpy_gtg": timings["numpy_gtg"]["median_s"] / timings["tracin_float64"]["median_s"],
         "damped_inverse_s": inverse_s,
@@ -121,7 +155,7 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.whitening", description=description(__doc__))
+    parser = argparse.ArgumentParser(prog=PROG, description=description(__doc__))
     parser.add_argument("--n", type=at_least(1), default=None, help="rows (default 200000, 4096 with --quick)")
     parser.add_argument("--d", type=at_least(1), default=None, help="dims (default 4096, 256 with --quick)")
     parser.add_argument(

@@ -454,6 +454,78 @@ def test_whitening_limit_is_the_fastest_sgemm_and_a_recorded_run_repeats(monkeyp
     assert "--repeats must be at least 3" in capsys.readouterr().err
 
 
+def test_whitening_checks_every_contender_against_float64_numpy_before_timing(monkeypatch, capsys):
+    # review148 F4: a second_moments that returned an identity was timed at 11.6x the sgemm rate
+    from benchmarks import whitening
+
+    g = whitening.random_rows(300, 40)
+    grads = whitening.tracin.Gradients(g)
+    contenders = {
+        "numpy_gtg": lambda: g.T @ g,
+        "tracin_float32": lambda: whitening.second_moments(grads, whitening._NoBar(), "float32"),
+    }
+    gaps = whitening.check_contenders(g, contenders)
+    assert set(gaps) == set(contenders) and all(gap < 1e-5 for gap in gaps.values())
+
+    timed = []
+    monkeypatch.setattr(whitening, "time_interleaved", lambda *a, **k: timed.append(1) or 1 / 0)
+    monkeypatch.setattr(whitening, "second_moments", lambda grads, bar, precision: [np.eye(40)])
+    with pytest.raises(SystemExit) as exit_info:
+        whitening.measure(300, 40, 3, 1)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "tracin_float32 disagrees with float64 NumPy's G.T @ G / n" in err
+    gap = float(re.search(r"= (\S+), above", err)[1])
+    r = g.astype(np.float64).T @ g.astype(np.float64) / 300  # the gap of an identity, worked out apart
+    columns = np.sort(np.random.default_rng(0).choice(40, 32, replace=False))
+    expected = np.abs(np.eye(40)[:, columns] - r[:, columns]).max() / np.abs(r[:, columns]).max()
+    assert gap == pytest.approx(expected, rel=1e-2) and not timed
+
+
+def test_projection_checks_every_contender_against_float64_products_before_timing(monkeypatch, capsys):
+    # review148 F4: a _project that returned an empty array was recorded as ~1100x faster than torch
+    pytest.importorskip("torch")
+    from benchmarks import projection
+
+    x = np.random.default_rng(3).standard_normal((6, 700), dtype=np.float32)
+    ref = projection.reference_rows(x[:4], "gaussian", 16, block=128)  # in blocks at column offsets
+    p = projection.tracin.Projection(16, 0, "gaussian").apply(np.eye(700, dtype=np.float32))  # (d, dim), whole
+    np.testing.assert_allclose(ref, x[:4].astype(np.float64) @ p.astype(np.float64), rtol=1e-6, atol=1e-6)
+
+    timed = []
+    monkeypatch.setattr(projection, "time_interleaved", lambda *a, **k: timed.append(1) or 1 / 0)
+    right = projection._project
+    wrong = {"sparse": lambda x: right("sparse", 16, "generic")(x)[:, ::-1]}  # columns in the wrong order
+    monkeypatch.setattr(projection, "_project", lambda kind, dim, isa: wrong.get(kind, right(kind, dim, isa)))
+    with pytest.raises(SystemExit) as exit_info:
+        projection.speed(6, 700, 16, 1, ["generic"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "sparse generic disagrees with float64 products" in err and not timed
+    monkeypatch.setattr(projection, "_project", lambda kind, dim, isa: lambda x: np.zeros((0, dim), np.float32))
+    with pytest.raises(SystemExit):
+        projection.speed(6, 700, 16, 1, ["generic"])
+    assert "rademacher generic disagrees" in capsys.readouterr().err and not timed
+
+
+def test_compiled_ceiling_checks_each_pass_against_float64_eager_before_timing(monkeypatch, tmp_path, capsys):
+    # review148 F4: the compiled pass's gradient was never compared with the eager one
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import compiled_ceiling
+
+    def wrong_compile(model):  # a "compiled" model whose input gradient is twice the true one
+        return lambda inputs_embeds, **kw: model(inputs_embeds=inputs_embeds * 2 - inputs_embeds.detach(), **kw)
+
+    timed = []
+    monkeypatch.setattr(torch, "compile", wrong_compile)
+    monkeypatch.setattr(compiled_ceiling, "time_interleaved", lambda *a, **k: timed.append(1) or 1 / 0)
+    with pytest.raises(SystemExit) as exit_info:
+        compiled_ceiling.main(["--quick", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "compiled_pass disagrees with float64 eager" in err, err
+    assert float(re.search(r"= (\S+), above", err)[1]) == pytest.approx(1.0, rel=1e-3)  # 2 g - g over |g|
+    assert not timed and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "script",
     [
