@@ -14,7 +14,7 @@ from torch import nn
 
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows
-from .first_rows_check import tolerances
+from .first_rows_check import coarsest, tolerances
 from .layer_rules import covers, per_example_grad, token_form, write_per_example_grad
 from .losses import LossFn
 
@@ -113,12 +113,14 @@ class HookGradients:
                 # the call's rows summed: its tokens of every example as one example's (a GEMM for a Linear)
                 part = per_example_grad(module, leaf, a.reshape(1, -1, *a.shape[2:]), b.reshape(1, -1, b.shape[-1]))
                 hooked[name] = part[0] if name not in hooked else hooked[name] + part[0]
+                tokens[name] = tokens.get(name, 0) + a.shape[0] * a.shape[1]
 
         self.expanded = set()
         self.outputs = self.losses = None
         self.unsummed = {}
         summed: dict[str, torch.Tensor | None] = dict.fromkeys(self.plan)  # autograd's, every use included
         hooked: dict[str, torch.Tensor] = {}  # the captured calls' gradients summed over the batch
+        tokens: dict[str, int] = {}  # the positions those sums add up (examples x tokens, over the calls)
         seen_losses: list[torch.Tensor] = []
         loss_fn = _recording(self.loss_fn, seen_losses)
         with model_outputs(self.model, rows) as outputs:
@@ -136,20 +138,24 @@ class HookGradients:
         for name, holders in self.plan.items():
             if not any(m in unusable for m, _ in holders) and name in hooked:
                 offset, width = columns[name]
-                found = _unsummed(hooked[name], summed[name], out[:, offset : offset + width])
+                found = _unsummed(hooked[name], summed[name], out[:, offset : offset + width], tokens[name])
                 if found is not None:
                     self.unsummed.setdefault(holders[0][0], found)
         return [m for m, count in counts.items() if not count], unusable
 
 
-def _unsummed(hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tensor) -> tuple[float, float] | None:
+def _unsummed(
+    hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tensor, tokens: int = 1
+) -> tuple[float, float] | None:
     """(gap, tolerance) when `hooked`, a parameter's gradient from the captured calls summed over the batch (what its
     per-example `rows`, (batch, width), sum to: each call's tokens of every example taken as one example's), differs
     from `total` (autograd's gradient of the batch's summed loss, every use of the parameter included; None: zero) by
-    more than first_rows_check.tolerances of their dtype (rtol + atol) times the larger of the norm of `total` and
-    the Frobenius norm of `rows` (plus one subnormal step of their dtype an element), the gap measured in the
-    2-norm: a use of the parameter outside its layer's forward (a functional call, a forward hook) that the hooks do
-    not see. Rounding makes about eps times that scale (random
+    more than first_rows_check.tolerances of the coarser of their dtypes (rtol + atol; in 16 bits at least those of a
+    reference summed over `tokens` positions in that dtype: torch's CPU LayerNorm backward sums its weight's gradient
+    over the batch's tokens in 16 bits, 4 (bfloat16) to 6 (float16) eps off at 2048 tokens) times the larger of the
+    norm of `total` and the Frobenius norm of `rows` (plus one subnormal step of their dtype an element), the gap
+    measured in the 2-norm: a use of the parameter outside its layer's forward (a functional call, a forward hook)
+    that the hooks do not see. Rounding makes about eps times that scale (random
     signs over the rows; the norm of `total` where the rows point one way), while a use missed in one row of a batch
     of B rows misses about that row's norm, ~1 / sqrt(B) of the rows' norm (at least 1 / B of the scale): in float32
     one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
@@ -161,9 +167,10 @@ def _unsummed(hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tens
     if total is not None and total.is_sparse:  # nn.Embedding(sparse=True)
         total = total.to_dense()
     want = sums.new_zeros(sums.shape) if total is None else total.reshape(-1).double()
-    tolerance = sum(tolerances(rows.dtype))
+    dtype = coarsest([rows, hooked])
+    tolerance = max(sum(tolerances(dtype)), sum(tolerances(dtype, tokens, widened=False)))
     # one subnormal step an element: 16-bit gradients underflow, each side in its own way
-    floor = math.sqrt(sums.numel()) * torch.finfo(rows.dtype).tiny * torch.finfo(rows.dtype).eps
+    floor = math.sqrt(sums.numel()) * torch.finfo(dtype).tiny * torch.finfo(dtype).eps
     gap, size = (t.item() for t in torch.linalg.vector_norm(torch.stack([sums - want, want]), dim=1))
     if not math.isfinite(gap) or gap <= tolerance * size + floor:
         return None
