@@ -188,3 +188,32 @@ def test_a_changed_tensor_or_function_attribute_refuses_the_resume(tmp_path, cha
     with pytest.raises(ValueError, match=message):
         _export(WithTensorAndActivation(**changed), checkpoints, batches, tmp_path / "s")
     assert _export(WithTensorAndActivation(), checkpoints, batches, tmp_path / "s").complete
+
+
+class KeepsAttention(WithTensorAndActivation):
+    """Stores a tensor for inspection in its forward (self.attn), absent until the model first runs."""
+
+    def forward(self, x):
+        hidden = self.act(self.l1(x))
+        self.attn = hidden.detach()
+        return self.l2(hidden * self.scale)
+
+
+def test_a_tensor_the_forward_stores_does_not_refuse_a_resume_in_the_same_process(tmp_path):
+    """fr147: a public tensor attribute set by forward (none before the first run, one after) refused the resume of
+    an export interrupted in the same process; a tensor attribute on one side only is not a change of the model."""
+    torch.manual_seed(0)
+    model = KeepsAttention()
+    states = drifted_states(model, 2)
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    checkpoints, batches = [(states[0], 0.5), (states[1], 0.25)], [(x[i : i + 4], y[i : i + 4]) for i in (0, 4, 8)]
+    with pytest.raises(Killed):
+        _export(model, checkpoints, FailingBatches(batches, on=3, after=1), tmp_path / "s")
+    assert hasattr(model, "attn")
+    resumed = _export(model, checkpoints, batches, tmp_path / "s")
+    fresh = _export(KeepsAttention(), checkpoints, batches, tmp_path / "fresh")
+    assert resumed.complete and fresh.complete
+    got, want = _rows(tmp_path / "s"), _rows(tmp_path / "fresh")
+    assert len(got) == len(want) == 2
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

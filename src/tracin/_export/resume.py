@@ -137,11 +137,29 @@ _MODEL_PARTS = {
 }
 
 
+def _without_forward_tensors(before: Any, now: Any) -> tuple[Any, Any]:
+    """Two "model" fingerprints without the tensor attributes that only one of them records: those a forward
+    stores for inspection (self.attn = weights.detach()), absent before the model first ran; not a change of
+    the model."""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return before, now
+    old, new = before.get("settings"), now.get("settings")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return before, now
+    one_sided = {n for n in set(old) ^ set(new) if str(old.get(n, new.get(n))).startswith("tensor ")}
+    return (
+        {**before, "settings": {n: v for n, v in old.items() if n not in one_sided}},
+        {**now, "settings": {n: v for n, v in new.items() if n not in one_sided}},
+    )
+
+
 def model_changes(before: Any, now: Any) -> list[str]:
     """How two exports' fingerprints["model"] (tracin.torch model_digest) differ, in words: the structure,
     then the modules' attributes (with both values), non-persistent buffers and classes' forward code
     by name. A record without settings, buffers and code (written before they were recorded) is
-    compared by its structure alone."""
+    compared by its structure alone; tensor attributes only one side records are left out
+    (_without_forward_tensors)."""
+    before, now = _without_forward_tensors(before, now)
     if before == now:
         return []
     if _structure(before) != _structure(now) or not isinstance(before, dict) or not isinstance(now, dict):
@@ -340,7 +358,8 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     same function (same_function: a store written before code was digested, or a script's __main__
     function imported by name), and with the store's model fingerprint where it is the digest of this
     model's structure alone (versions before the settings, buffer values and forward code were
-    recorded), so that the store resumes; and `metadata` as a store exported before
+    recorded) or differs from it only by tensor attributes a forward stored (_without_forward_tensors),
+    so that the store resumes; and `metadata` as a store exported before
     "checkpoint_sources" was recorded holds it, when `path` holds such a store (its spec lacks the
     key), so that the store resumes, or is returned when finished, as it is: without
     "checkpoint_sources", and with the stored digest of each in-memory checkpoint whose digest
@@ -358,9 +377,11 @@ def as_exported_before(path: str | os.PathLike, metadata: dict, legacy_digest: C
     }
     if functions:
         metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], **functions}}
-    model = existing["fingerprints"].get("model")
-    if isinstance(model, str) and model == _structure(metadata["fingerprints"].get("model")):
-        # recorded before the model's settings, buffer values and code were: compared by its structure
+    model, ours = existing["fingerprints"].get("model"), metadata["fingerprints"].get("model")
+    stripped = _without_forward_tensors(model, ours)
+    if (isinstance(model, str) and model == _structure(ours)) or (model != ours and stripped[0] == stripped[1]):
+        # recorded before the model's settings, buffer values and code were: compared by its structure; or
+        # differing only by tensors a forward stored (_without_forward_tensors)
         metadata = {**metadata, "fingerprints": {**metadata["fingerprints"], "model": model}}
     if "optimizer_state_sources" in metadata and "optimizer_state_sources" not in existing:
         # a store exported before it was recorded resumes without it (scoring trusts its optimizer states)
