@@ -265,7 +265,6 @@ class LinearFactors:
         self._summed = dict.fromkeys(n for n in names if n in state)
         try:
             calls = capture(self.model, self.names, state, self.loss_fn, inputs, targets, expanded, self._summed)
-
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             if not expanded or isinstance(e, NotCaptured):
                 raise
