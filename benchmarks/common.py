@@ -90,13 +90,15 @@ def size_options(
     args, quick: dict, full: dict, skip: tuple[str, ...] = ("repeats",)
 ) -> list[tuple[object, object, str]]:
     """record_name's options for the sizes of quick_or_given (`skip`: those that change how often a
-    workload is timed, not what it is): "size" as NGIB (store_4gib), any other as NAMEVALUE."""
+    workload is timed, not what it is): "size" as NGIB (store_4gib), a list as NAMEV1-V2 (threads1-2),
+    any other as NAMEVALUE."""
     found = []
     for name, default in (quick if args.quick else full).items():
         if name in skip:
             continue
         value = getattr(args, name)
-        label = f"{value:g}gib" if name == "size" else f"{name.replace('_', '-')}{value:g}"
+        shown = "-".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+        label = f"{shown}gib" if name == "size" else f"{name.replace('_', '-')}{shown}"
         found.append((value, default, label))
     return found
 

@@ -27,12 +27,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     add_output_options,
     add_size_options,
-    at_least,
     check_agreement,
     description,
     output_dir,
     quick_or_given,
+    record_name,
     require_modules,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -40,8 +41,9 @@ from benchmarks.transformer_export import GOAL_SPEEDUP, _cases, per_example_loop
 
 PROG = "python -m benchmarks.compiled_ceiling"
 AGREEMENT_TOL = 1e-4  # largest |result - float64 eager's| / max |float64 eager's| of a contender, before timing
-FULL = {"n": 64, "tokens": 128, "width": 64, "layers": 2, "vocab": 512, "repeats": 7}
-QUICK = {"n": 4, "tokens": 16, "width": 32, "layers": 1, "vocab": 64, "repeats": 1}  # --quick: toy sizes
+# the recorded run (results/compiled_ceiling.json): 2 torch threads
+FULL = {"n": 64, "tokens": 128, "width": 64, "layers": 2, "vocab": 512, "threads": 2, "repeats": 7}
+QUICK = {"n": 4, "tokens": 16, "width": 32, "layers": 1, "vocab": 64, "threads": 1, "repeats": 1}  # --quick
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,10 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         "width": "hidden size",
         "layers": "transformer blocks",
         "vocab": "vocabulary size",
+        "threads": "torch intra-op threads",
         "repeats": "timed rounds",
     }
     add_size_options(parser, FULL, QUICK, helps)
-    parser.add_argument("--threads", type=at_least(1), default=os.cpu_count() or 1, help="torch intra-op threads")
     add_output_options(parser, "toy sizes, one timed round (a size given as a flag wins)")
     args = parser.parse_args(argv)
     require_modules(parser.prog, ("torch", "transformers"), "bench")
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "timings": timings,
     }
     print({k: v for k, v in payload.items() if k != "timings"})
-    name = "compiled_ceiling_quick" if args.quick else "compiled_ceiling"
+    # other sizes or threads than the recorded run's: a record of their own (compiled_ceiling_n16, ...)
+    name = record_name("compiled_ceiling", args.quick, size_options(args, QUICK, FULL))
     print(write_json(name, payload, output_dir(args.out, args.quick, "compiled-ceiling")))
 
 

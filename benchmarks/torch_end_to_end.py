@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     output_dir,
     peak_rss_of,
     peer_versions,
+    record_name,
     require_modules,
     time_interleaved,
     write_json,
@@ -293,6 +294,12 @@ def _keeping(last: dict[str, dict], contenders: dict[str, Callable[[], dict]]) -
     return {name: keep(name, fn) for name, fn in contenders.items()}
 
 
+def record_of(args: argparse.Namespace) -> str:
+    """The record's name: torch_end_to_end (_quick with --quick), and _captum-trainN for a Captum comparison
+    on other train examples than the recorded run's (all of them), so that it never overwrites the record."""
+    return record_name("torch_end_to_end", args.quick, [(args.captum_train, None, f"captum-train{args.captum_train}")])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.torch_end_to_end", description=description(__doc__))
     parser.add_argument("--repeats", type=at_least(1), default=3, help="timed rounds of tracin and plain")
@@ -411,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
             "factored_vs_captum": factored_vs_captum,
         },
     }
-    path = write_json("torch_end_to_end_quick" if args.quick else "torch_end_to_end", payload, out)
+    path = write_json(record_of(args), payload, out)
     print(f"wrote {path}")
     for key in ("time_s", "peak_rss_mib", "speedup", "tracin_full_stages_s", "full_mode_floor"):
         print(key, {k: (v["median_s"] if isinstance(v, dict) else v) for k, v in payload[key].items()})

@@ -39,11 +39,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     add_output_options,
     add_size_options,
-    at_least,
     description,
     output_dir,
     quick_or_given,
+    record_name,
     require_modules,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -53,8 +54,9 @@ AGREEMENT_TOL = 1e-5  # largest |rows - loop's| / max |loop's| of tracin's (and 
 
 
 # --quick: a smoke run in seconds (one tiny size, one repeat)
-QUICK = {"n": [4], "tokens": [16], "width": 32, "layers": 1, "vocab": 64, "repeats": 1}
-FULL = {"n": [64], "tokens": [128, 32], "width": 64, "layers": 2, "vocab": 512, "repeats": 5}
+QUICK = {"n": [4], "tokens": [16], "width": 32, "layers": 1, "vocab": 64, "threads": [1], "repeats": 1}
+# the recorded run (results/transformer_export.json)
+FULL = {"n": [64, 256], "tokens": [128, 32], "width": 64, "layers": 2, "vocab": 512, "threads": [1, 2], "repeats": 5}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,11 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         "width": "hidden size",
         "layers": "transformer blocks",
         "vocab": "vocabulary size",
+        "threads": "torch intra-op threads",
         "repeats": "timed rounds",
     }
     add_size_options(parser, FULL, QUICK, helps)
-    threads = [os.cpu_count() or 1]
-    parser.add_argument("--threads", type=at_least(1), nargs="+", default=threads, help="torch intra-op threads")
     add_output_options(parser, "small sizes, to check the script runs (a size given as a flag wins)")
     args = parser.parse_args(argv)
     require_modules(parser.prog, ("torch", "transformers"), "bench")
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         "goal_speedup_vs_loop": GOAL_SPEEDUP,
         "runs": runs,
     }
-    print(f"wrote {write_json('transformer_export_quick' if args.quick else 'transformer_export', payload, out)}")
+    # other sizes or threads than the recorded run's: a record of their own (transformer_export_n64, ...)
+    name = record_name("transformer_export", args.quick, size_options(args, QUICK, FULL))
+    print(f"wrote {write_json(name, payload, out)}")
 
 
 def _cases(args, n: int, tokens: int) -> dict:

@@ -37,6 +37,8 @@ from benchmarks.common import (  # noqa: E402
     description,
     output_dir,
     quick_or_given,
+    record_name,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -48,6 +50,8 @@ from tracin.whitening._threads import blas_threads  # noqa: E402
 PROG = "python -m benchmarks.whitening"
 AGREEMENT_TOL = 1e-3  # largest |R - reference| / max |reference| of a contender, checked before timing
 CHECKED_COLUMNS = 32  # columns of R checked against float64 NumPy (all d of them cost a float64 G.T @ G)
+FULL = {"n": 200_000, "d": 4096}  # the recorded sizes (results/whitening.json)
+QUICK = {"n": 4096, "d": 256}  # --quick: a smoke run
 GOAL = 0.7  # fraction of the sgemm rate (and of NumPy's G.T @ G) the float32 fit must reach
 MIN_REPEATS = 3  # fewer timed calls cannot tell a result from the noise of a shared machine
 
@@ -173,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--repeats must be at least {MIN_REPEATS} (fewer cannot tell a result from noise), got {args.repeats}"
         )
-    quick_or_given(args, {"n": 4096, "d": 256}, {"n": 200_000, "d": 4096})
+    quick_or_given(args, QUICK, FULL)
     n, d = args.n, args.d
     result = measure(n, d, args.repeats, args.threads, warmup=1 if args.quick else 0, verdict=not args.quick)
     out = output_dir(args.out, args.quick, "whitening")
-    path = write_json("whitening_quick" if args.quick else "whitening", result, out)
+    # other sizes or BLAS threads than the recorded run's: a record of their own (whitening_n512_d32, ...)
+    options = [*size_options(args, QUICK, FULL), (args.threads, None, f"threads{args.threads}")]
+    path = write_json(record_name("whitening", args.quick, options), result, out)
     t = result["timings"]
     print(
         f"R of {n} x {d}: sgemm (fastest call) {result['sgemm']['gflops']:.1f} GFLOP/s; numpy G.T @ G "

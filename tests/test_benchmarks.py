@@ -1028,6 +1028,76 @@ def test_sizes_given_as_flags_win_over_quick(monkeypatch, tmp_path):
     assert sizes == [(100, 256)]
 
 
+@pytest.mark.parametrize(
+    ("script", "keys"),
+    [
+        ("whitening", ("n", "d")),
+        ("compiled_ceiling", ("n", "tokens", "width", "layers", "vocab", "threads")),
+        ("transformer_export", ("n", "tokens", "width", "layers", "vocab", "threads")),
+    ],
+)
+def test_the_default_run_is_the_recorded_one_and_other_sizes_get_their_own_record(script, keys):
+    # review148 F2: other sizes overwrote the cited record; transformer_export's defaults (n [64],
+    # threads [cpu_count]) replaced a record of n [64, 256] at threads [1, 2]
+    import importlib
+
+    from benchmarks.common import record_name, size_options
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    stored = _stored(f"{script}.json")
+    recorded = stored.get("args", stored)
+    assert {k: recorded[k] for k in keys} == {k: module.FULL[k] for k in keys}
+
+    def name(quick: bool, **given) -> str:
+        args = argparse.Namespace(quick=quick, **{**(module.QUICK if quick else module.FULL), **given})
+        return record_name(script, quick, size_options(args, module.QUICK, module.FULL))
+
+    assert name(False) == script and name(True) == f"{script}_quick"
+    assert name(False, repeats=9) == script  # how often it is timed, not what: the same record
+    first, second = keys[0], keys[-1]
+    other = [7, 8] if isinstance(module.FULL[first], list) else 7
+    assert name(False, **{first: other}) == f"{script}_{first}{'7-8' if isinstance(other, list) else 7}"
+    assert name(True, **{second: module.QUICK[second]}) == f"{script}_quick"
+
+
+def test_whitening_writes_other_sizes_and_threads_to_records_of_their_own(monkeypatch, tmp_path, capsys):
+    from benchmarks import whitening
+
+    real = whitening.measure
+    monkeypatch.setattr(whitening, "measure", lambda n, d, repeats, threads, **k: real(n, d, 1, threads, **k))
+    monkeypatch.setattr(whitening, "MIN_REPEATS", 1)
+    assert whitening.main(["--n", "64", "--d", "8", "--out", str(tmp_path)]) == 0
+    assert whitening.main(["--n", "64", "--d", "8", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert whitening.main(["--quick", "--n", "64", "--d", "256", "--out", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["whitening_n64_d8.json", "whitening_n64_d8_threads1.json", "whitening_quick_n64.json"]
+    assert json.loads((tmp_path / "whitening_n64_d8.json").read_text())["n"] == 64
+
+
+def test_transformer_export_and_torch_end_to_end_name_a_run_not_the_recorded_one_apart(monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks import torch_end_to_end, transformer_export
+
+    monkeypatch.setattr(transformer_export, "_cases", lambda *a: {})  # the workload skipped: the naming only
+    monkeypatch.setattr(transformer_export, "_sgemm_gflops", lambda: 1.0)
+    transformer_export.main(["--out", str(tmp_path)])
+    transformer_export.main(["--threads", "2", "--out", str(tmp_path)])
+    transformer_export.main(["--n", "64", "--out", str(tmp_path)])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["transformer_export.json", "transformer_export_n64.json", "transformer_export_threads2.json"]
+    recorded = json.loads((tmp_path / "transformer_export.json").read_text())["args"]
+    assert (recorded["n"], recorded["threads"]) == ([64, 256], [1, 2])
+
+    for quick, captum_train, expected in [
+        (False, None, "torch_end_to_end"),
+        (False, 200, "torch_end_to_end_captum-train200"),
+        (True, None, "torch_end_to_end_quick"),
+        (True, 50, "torch_end_to_end_quick_captum-train50"),
+    ]:
+        assert torch_end_to_end.record_of(argparse.Namespace(quick=quick, captum_train=captum_train)) == expected
+
+
 def test_gpu_says_why_faiss_is_left_out(monkeypatch):
     # review81 F4: without faiss the contender was dropped with no word
     pytest.importorskip("torch")
@@ -1095,7 +1165,7 @@ def test_transformer_export_measures_at_toy_sizes(tmp_path, capsys):
 
     argv = ["--quick", "--n", "2", "--tokens", "4", "--width", "8", "--vocab", "16", "--threads", "1"]
     transformer_export.main([*argv, "--out", str(tmp_path)])
-    record = json.loads((tmp_path / "transformer_export_quick.json").read_text())
+    record = json.loads((tmp_path / "transformer_export_quick_n2_tokens4_width8_vocab16.json").read_text())
     assert record["machine"]["tracin"] and record["args"]["n"] == [2] and record["args"]["width"] == 8
     (run,) = record["runs"]
     assert set(run["cases"]) == {"gpt2", "torch_native", "bert"}
