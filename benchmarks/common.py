@@ -187,8 +187,33 @@ def peak_rss_of(code: str, timeout: float = 1800) -> tuple[float, float]:
     return float(rss), float(wall)
 
 
+CHECKOUT = Path(__file__).resolve().parent.parent  # the repository the benchmarks run from
+
+
+def code_version(root: Path = CHECKOUT) -> dict:
+    """The git commit checked out at `root` (the checkout the benchmarks run from) and whether tracked files
+    differ from it; each None where git, or a repository whose top folder is `root`, is absent. Local
+    only: no fetch."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout
+
+    top = git("rev-parse", "--show-toplevel")  # not a repository that merely contains `root`
+    commit = git("rev-parse", "--verify", "HEAD") if top and Path(top.strip()).resolve() == root.resolve() else None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "commit": commit.strip() if commit else None,
+        "uncommitted_changes": None if status is None else bool(status.strip()),
+    }
+
+
 def machine_info() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on, and with which code: code_version() (the commit, and whether
+    tracked files differed from it)."""
     import numpy as np
 
     import tracin
@@ -202,6 +227,7 @@ def machine_info() -> dict:
         "tracin": tracin.__version__,
         "tracin_isa": tracin.detect_isa(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **code_version(),
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -1098,6 +1098,24 @@ def test_transformer_export_and_torch_end_to_end_name_a_run_not_the_recorded_one
         assert torch_end_to_end.record_of(argparse.Namespace(quick=quick, captum_train=captum_train)) == expected
 
 
+def test_every_record_says_which_commit_it_measured(tmp_path):
+    # review148 F3: 15 of 16 records named no commit, so a claim older than the code could not be told
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git not installed")
+    from benchmarks.common import write_json
+
+    head = subprocess.run([git, "-C", str(CHECKOUT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("the checkout is not a git repository")
+    status = subprocess.run(
+        [git, "-C", str(CHECKOUT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout
+    machine = json.loads(write_json("probe", {}, tmp_path).read_text())["machine"]
+    assert machine["commit"] == head.stdout.strip() and len(machine["commit"]) == 40
+    assert machine["uncommitted_changes"] is bool(status.strip())
+
+
 def test_gpu_says_why_faiss_is_left_out(monkeypatch):
     # review81 F4: without faiss the contender was dropped with no word
     pytest.importorskip("torch")

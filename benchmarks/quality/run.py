@@ -4,13 +4,13 @@ every registered method side by side; the payload that becomes quality.json."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from ..common import code_version
 from . import methods, metrics, peers
 from .cases import AttributionCase, DetectionCase
 from .config import Suite, dataset_of
@@ -169,30 +169,6 @@ def winners(detect: dict[str, dict], lds_results: dict[str, dict], at: float) ->
     (LDS, of all methods and of the tracin recipes, report.lds_winners); both leave the fixed whitened
     dampings out of "best"."""
     return {"detection_at": at, "tie": TIE, **detection_winners(detect, at, TIE), **lds_winners(lds_results)}
-
-
-CHECKOUT = Path(__file__).resolve().parents[2]  # the repository the suite runs from
-
-
-def code_version(root: Path = CHECKOUT) -> dict:
-    """The git commit checked out at `root` (the checkout the suite runs from) and whether tracked files
-    differ from it; each None where git, or a repository whose top folder is `root`, is absent. Local
-    only: no fetch."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=60, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout
-
-    top = git("rev-parse", "--show-toplevel")  # not a repository that merely contains `root`
-    commit = git("rev-parse", "--verify", "HEAD") if top and Path(top.strip()).resolve() == root.resolve() else None
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {
-        "commit": commit.strip() if commit else None,
-        "uncommitted_changes": None if status is None else bool(status.strip()),
-    }
 
 
 def run(suite: Suite, cache: Path, log: Callable[[str], None] = print) -> dict:
