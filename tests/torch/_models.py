@@ -39,3 +39,16 @@ def tiny_gpt2(vocab_size: int = 50, n_positions: int = 16, seed: int = 0, **conf
     settings = {"n_embd": 16, "n_layer": 2, "n_head": 2, "bos_token_id": 0, "eos_token_id": 0, **config}
     gpt2_config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, **settings)
     return transformers.GPT2LMHeadModel(gpt2_config).eval()
+
+
+class LateReuse(nn.Module):
+    """a.weight also used by F.linear outside a's forward, for examples whose first feature is over 1.5 only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype)
+        return self.b(torch.tanh(self.a(x)) + extra)

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _models import LateReuse
 from torch import nn
 from torch_oracle import (
     SharedQuery,
@@ -673,25 +674,12 @@ class _Doubled(nn.Module):
         return 2 * w
 
 
-class _LateReuse(nn.Module):
-    """a.weight also used by F.linear outside a's forward, for examples whose first feature is over 1.5 only."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
-
-    def forward(self, x):
-        extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype)
-        return self.b(torch.tanh(self.a(x)) + extra)
-
-
 def test_a_weight_reused_outside_its_layer_after_the_checked_rows_is_refused_on_its_batch():
     """review147 F1: rows 30-39 of a model reusing a.weight outside a's forward for those rows only were factored
     silently (Gram 53% off). Now each batch's factors, summed, must equal autograd's gradient of its summed loss:
     refused naming the layer and the batch, with the mode='full' layers to use; the same model with the reuse in no
     row exports without error."""
-    model = _LateReuse()
+    model = LateReuse()
     x, y = classification_data(40, seed=4)
     x[:, 0] = torch.where(torch.arange(40) >= 30, 3.0, 0.0)
     state = model.state_dict()

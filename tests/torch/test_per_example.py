@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _models import LateReuse
 from torch import nn
 from torch_oracle import MeanMix, classification_data
 
@@ -1689,19 +1690,6 @@ def test_a_routing_model_whose_first_batch_takes_one_expert_is_exact(batch_size)
             model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=batch_size, progress=False
         ).matrices[0]
     np.testing.assert_allclose(got, _float64_rows_of(model, x, y), rtol=1e-5, atol=1e-6)
-
-
-class LateReuse(nn.Module):
-    """a.weight also used by F.linear outside a's forward, for examples whose first feature is over 1.5 only."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 4)
-
-    def forward(self, x):
-        extra = nn.functional.linear(x, self.a.weight) * (x[:, :1] > 1.5).to(x.dtype)
-        return self.b(torch.tanh(self.a(x)) + extra)
 
 
 def _reusing_hook(module, args, output):
