@@ -151,11 +151,12 @@ def _unsummed(
     per-example `rows`, (batch, width), sum to: each call's tokens of every example taken as one example's), differs
     from `total` (autograd's gradient of the batch's summed loss, every use of the parameter included; None: zero) by
     more than first_rows_check.tolerances of the coarser of their dtypes (rtol + atol; in 16 bits at least those of a
-    reference summed over `tokens` positions in that dtype: torch's CPU LayerNorm backward sums its weight's gradient
-    over the batch's tokens in 16 bits, 4 (bfloat16) to 6 (float16) eps off at 2048 tokens) times the larger of the
-    norm of `total` and the Frobenius norm of `rows` (plus one subnormal step of their dtype an element), the gap
-    measured in the 2-norm: a use of the parameter outside its layer's forward (a functional call, a forward hook)
-    that the hooks do not see. Rounding makes about eps times that scale (random
+    reference summed over `tokens` positions in that dtype, and eps x `tokens`, the bound of such a sum: torch's CPU
+    LayerNorm backward sums its weight's gradient over the batch's tokens in 16 bits, 4 (bfloat16) to 6 (float16) eps
+    off at 2048 tokens on 4 threads, 34 eps (bfloat16) on one, so a 16-bit check sees gross misses only) times the
+    larger of the norm of `total` and the Frobenius norm of `rows` (plus one subnormal step of their dtype an element),
+    the gap measured in the 2-norm: a use of the parameter outside its layer's forward (a functional call, a forward
+    hook) that the hooks do not see. Rounding makes about eps times that scale (random
     signs over the rows; the norm of `total` where the rows point one way), while a use missed in one row of a batch
     of B rows misses about that row's norm, ~1 / sqrt(B) of the rows' norm (at least 1 / B of the scale): in float32
     one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
@@ -169,6 +170,8 @@ def _unsummed(
     want = sums.new_zeros(sums.shape) if total is None else total.reshape(-1).double()
     dtype = coarsest([rows, hooked])
     tolerance = max(sum(tolerances(dtype)), sum(tolerances(dtype, tokens, widened=False)))
+    if torch.finfo(dtype).bits <= 16:  # autograd's own 16-bit sum over the positions: eps each, at worst
+        tolerance = max(tolerance, torch.finfo(dtype).eps * tokens)
     # one subnormal step an element: 16-bit gradients underflow, each side in its own way
     floor = math.sqrt(sums.numel()) * torch.finfo(dtype).tiny * torch.finfo(dtype).eps
     gap, size = (t.item() for t in torch.linalg.vector_norm(torch.stack([sums - want, want]), dim=1))
