@@ -1039,3 +1039,103 @@ def test_an_error_of_the_batch_itself_is_not_blamed_on_a_shared_call():
         with pytest.raises(IndexError, match="out of bounds"):
             export_gradients(model, ck, (x, y), loss, projection=projection, batch_size=4, progress=False)
     assert not [w for w in caught if "batch-1 tensors" in str(w.message)]
+
+
+class _ReusedLater(TokenModel):
+    """TokenModel whose `reused` layer's weight is also used outside its forward (F.linear / F.embedding) for the
+    examples whose first id is FLAGGED only."""
+
+    FLAGGED = 3
+
+    def __init__(self, reused: str):
+        super().__init__()
+        self.reused = reused
+
+    def forward(self, ids):
+        flagged = (ids[:, :1] == self.FLAGGED).to(self.fc.weight.dtype)[..., None]  # (B, 1, 1)
+        e = self.emb(ids)
+        if self.reused == "emb":
+            e = e + flagged * nn.functional.embedding(ids, self.emb.weight)
+        h = torch.tanh(self.fc(e))
+        if self.reused == "fc":
+            h = h + flagged * torch.tanh(nn.functional.linear(e, self.fc.weight))
+        h = self.ln(h)
+        h = h + torch.tanh(self.mix(torch.tanh(self.mix(h))))
+        h = torch.cumsum(h, 1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reused", ["fc", "emb"])
+def test_a_weight_also_used_outside_its_forward_in_a_later_batch_is_caught_by_the_sum_check(reused):
+    """Review151 F1: the first-rows check sees rows 0-1 of the first batch only; a weight also used outside its
+    module's forward for later examples gave silently wrong rows. Each batch's per-token rows, summed, are checked
+    against the projection of autograd's summed gradient; batches that miss are projected from full per-example
+    gradients: one warning an export, and rows equal to float64 autograd projected per the documented formula."""
+    torch.manual_seed(0)
+    model = _ReusedLater(reused)
+    first = copy.deepcopy(model.state_dict())
+    checkpoints = [(first, 0.5), ({k: v + 0.05 * torch.randn_like(v) for k, v in first.items()}, 0.1)]
+    ids, labels, lengths = sequences(12, 7, seed=1)
+    ids[:, 0] = 1
+    ids[[5, 9, 10], 0] = _ReusedLater.FLAGGED  # in the second and third batches of 4, not the checked rows
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(
+            model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=4, progress=False
+        )
+    said = [str(w.message) for w in caught if "do not sum" in str(w.message)]
+    assert len(said) == 1, said
+    assert re.search(
+        rf"per-token rows of layer '{reused}' \(by .* of its size, tolerance 1.1e-04\) do not sum to the "
+        r"projection of the gradient of batch 2's summed loss",
+        said[0],
+    )
+    layout = g.metadata["projection"]["segments"]
+    names = [n for n, _ in model.named_parameters()]
+    for c, (state, _) in enumerate(checkpoints):
+        want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
+        assert_rows_close(g.matrices[c], want)
+
+
+class _RowLoopIndexed(_RowLoop):
+    """_RowLoop whose loop takes [0] of each call and stacks them (fc(h[i:i + 1])[0]), not torch.cat."""
+
+    def forward(self, x):
+        h = torch.stack([self.b(x[i : i + 1])[0] for i in range(x.shape[0])]) if self.looped else self.b(x)
+        return self.fc(torch.tanh(h))
+
+
+def test_a_layer_run_on_one_example_at_a_time_and_indexed_is_projected_from_its_full_gradients():
+    """Review151 F2: the hooks expand each batch-1 call to the batch and [0] sends every example's gradient to row
+    0; the first-rows check refused the model with a ValueError blaming a mixing layer or a weight used outside its
+    forward. Now the layer is named as run on one example at a time and projected from its full per-example
+    gradients: rows equal float64 autograd projected per the documented formula."""
+    torch.manual_seed(0)
+    model = _RowLoopIndexed(True)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    state = copy.deepcopy(model.state_dict())
+    projection = tracin.Projection(16, per_layer=True, kronecker=True)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    with pytest.warns(
+        UserWarning,
+        match=r"rows disagree with per-example autograd on the first rows: layer 'b' ran on batch-1 tensors in a "
+        r"batch of 2 rows.*computed \(vmap\)",
+    ):
+        got = export_gradients(model, [(state, 1.0)], (x, y), loss, projection=projection, batch_size=4, progress=False)
+    ref = _RowLoopIndexed(False).double()
+    ref.load_state_dict({k: v.double() for k, v in state.items()})
+    params = dict(ref.named_parameters())
+    grads = [
+        {
+            n: t.numpy()
+            for n, t in zip(
+                params,
+                torch.autograd.grad(loss(ref(x[i : i + 1].double()), y[i : i + 1]).sum(), list(params.values())),
+                strict=True,
+            )
+        }
+        for i in range(len(x))
+    ]
+    want = projected_reference(projection, got.metadata["projection"]["segments"], grads, list(params))
+    assert_rows_close(got.matrices[0], want)

@@ -145,7 +145,11 @@ class HookGradients:
 
 
 def _unsummed(
-    hooked: torch.Tensor, total: torch.Tensor | None, rows: torch.Tensor, tokens: int = 1
+    hooked: torch.Tensor,
+    total: torch.Tensor | None,
+    rows: torch.Tensor,
+    tokens: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> tuple[float, float] | None:
     """(gap, tolerance) when `hooked`, a parameter's gradient from the captured calls summed over the batch (what its
     per-example `rows`, (batch, width), sum to: each call's tokens of every example taken as one example's), differs
@@ -162,13 +166,15 @@ def _unsummed(
     one row of up to ~8000 is seen. None when they agree or either side is not finite (a NaN example: scoring names
     it). Costs one GEMM-sized sum per call (no pass over `rows`) and the parameter's gradient in the hooked backward
     pass; the rows' norms (one pass over them) only where the gap is over the tolerance times |total| (rows that
-    cancel: a well-fit batch)."""
+    cancel: a well-fit batch). `dtype`: the dtype whose tolerances apply, where the gradients were computed in a
+    coarser one than `rows` and `hooked` are held in (token_projection: 16-bit output gradients projected in
+    float32); default the coarser of theirs."""
     wide = torch.float32 if rows.element_size() < 4 else rows.dtype
     sums = hooked.reshape(-1).double()
     if total is not None and total.is_sparse:  # nn.Embedding(sparse=True)
         total = total.to_dense()
     want = sums.new_zeros(sums.shape) if total is None else total.reshape(-1).double()
-    dtype = coarsest([rows, hooked])
+    dtype = coarsest([rows, hooked]) if dtype is None else dtype
     tolerance = max(sum(tolerances(dtype)), sum(tolerances(dtype, tokens, widened=False)))
     if torch.finfo(dtype).bits <= 16:  # autograd's own 16-bit sum over the positions: eps each, at worst
         tolerance = max(tolerance, torch.finfo(dtype).eps * tokens)

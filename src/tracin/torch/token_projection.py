@@ -18,7 +18,14 @@ nn.MultiheadAttention, whose weight the attention reads without running out_proj
 warning) is one plain segment: its per-example gradient is computed in full
 (PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and
 the chosen parameters only (train and test exports agree), and is recorded in the metadata. The result
-equals Projection.apply on the full rows with the same layout.
+equals Projection.apply on the full rows with the same layout where the hooks see every use of a Kronecker
+layer's weight and each example's rows stay its own: the first rows are checked against per-example autograd
+(check: a layer mixing the examples, or its weight used outside its forward there, is refused; one run on one
+example at a time is projected from full gradients), and every batch's per-token rows of a layer, summed, against
+the projection of autograd's gradient of its summed loss (_sum_checked: a weight also used outside its forward for
+later examples; that batch's rows of the layer are then projected from full gradients). A use within the sum
+check's tolerances (in 16 bits eps x the positions summed: gross misses only), or a model reordering the rows of a
+later batch, which leaves the sum alone, is not seen.
 
 preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
 columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint; plain
@@ -47,9 +54,11 @@ from .capture import Call, NotCaptured, fails_without_hooks, ids_alone_and_twice
 from .data import Tree, batch_rows, slice_rows
 from .first_rows_check import (
     Reference,
+    _dense,
     agrees,
     autocast_note,
     checked_rows,
+    coarsest,
     counts_tokens,
     example_gradients,
     float64_room,
@@ -58,7 +67,7 @@ from .first_rows_check import (
     reference_gradients,
     tokens_counted,
 )
-from .hook_gradients import parameter_owners
+from .hook_gradients import _unsummed, parameter_owners
 from .layer_rules import covers, token_form
 from .layers import qualified
 from .losses import LossFn
@@ -135,6 +144,11 @@ class KroneckerRows:
         self._warned: set[int] = set()  # checkpoints whose factors have been scaled (and zero v warned about)
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids without a batch dimension
         self._shared_ids: set[str] | None = None  # embeddings on ids shared by the batch (None: not probed)
+        self._expanded: set[str] = set()  # layers whose calls the last pass of _projected expanded to the batch
+        # layers whose per-token rows of a batch did not sum up (_unsummed), computed from full gradients for it
+        self._exact: dict[tuple[str, ...], PerExampleGradients] = {}
+        self.batches = 0  # calls so far, for the warning naming a batch
+        self.unsummed_batches = 0  # batches whose per-token rows of a layer did not sum to its summed-loss gradient
 
     # --- what the export records ---
 
@@ -197,8 +211,10 @@ class KroneckerRows:
     def __call__(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> torch.Tensor:
         rows = batch_rows(targets, "targets")
         out = torch.empty((rows, self.projection.dim), dtype=torch.float32)
+        self.batches += 1
         if self.kron:
-            for seg, block in zip(self.kron, self._projected(state, inputs, targets, rows), strict=True):
+            blocks = self._projected(state, inputs, targets, rows, summing=True)
+            for seg, block in zip(self.kron, blocks, strict=True):
                 used = seg.start + block.shape[1]
                 out[:, seg.start : used] = block.to("cpu", torch.float32)
                 out[:, used : seg.start + seg.dim] = 0  # a small layer's unused columns (kronecker_dims)
@@ -217,6 +233,7 @@ class KroneckerRows:
             return
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         got = self._projected(state, inputs, targets, rows)
+        expanded = set(self._expanded)
         names = [n for s in self.kron for n in s.names]
         reference = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
         wide = self._reference_projected(reference.rows)
@@ -235,6 +252,10 @@ class KroneckerRows:
             skipped = float64_room(state)
             bad = self._beyond_rounding(bad, state, inputs, targets, rows, names)
         bad = [self.kron[j] for j in bad]
+        # run on one example at a time, each call indexed (fc(h[i:i + 1])[0]): the hooks' expansion to the batch
+        # sends every example's gradient to row 0 (the sum holds, the rows do not); full gradients are exact
+        looped = [s.module for s in bad if s.module in expanded]
+        bad = [s for s in bad if s.module not in expanded]
         if bad:
             raise ValueError(
                 f"projection with kronecker=True: the per-token gradients of {sorted(s.module for s in bad)} "
@@ -248,6 +269,8 @@ class KroneckerRows:
                 "(Projection(dim, per_layer=True)), or leave them out: "
                 + self._leaving_out([n for seg in bad for n in seg.names])
             )
+        if looped:
+            self._in_full(looped, "their per-token rows disagree with per-example autograd on the first rows", rows)
 
     def _beyond_rounding(
         self, bad: dict[int, float], state, inputs: Tree, targets: Tree, rows: int, names: list[str]
@@ -342,7 +365,7 @@ class KroneckerRows:
 
     # --- the pieces ---
 
-    def _projected(self, state, inputs: Tree, targets: Tree, rows: int) -> list[torch.Tensor]:
+    def _projected(self, state, inputs: Tree, targets: Tree, rows: int, summing: bool = False) -> list[torch.Tensor]:
         """Per Kronecker segment its (rows, k_rows * k_cols) projected gradients, on the device; each call is
         projected inside the backward pass as soon as its output gradient exists (capture.stream); the
         output gradients themselves stay held by autograd until the pass ends. An embedding called on ids
@@ -353,7 +376,8 @@ class KroneckerRows:
         row per example (a class, user or timestep embedding (B,), tokens (B, T): per token) unless forwards
         of example 0 alone and twice showed that dimension not growing (_ids_without_batch, decided on the
         first batch: wpe(arange(T)) with T == rows, even where T is the batch's trimmed length, or a grid with
-        q_len == rows)."""
+        q_len == rows). With `summing` (an export's batch), each streamed layer's rows are then summed and checked
+        against its summed-loss gradient from the same backward pass (_sum_checked)."""
         if self._shared_ids is None:
             embeddings = [s.module for s in self.kron if s.kind == "embedding"]
             self._shared_ids = _ids_without_batch(self.model, embeddings, state, inputs) if embeddings else set()
@@ -365,6 +389,8 @@ class KroneckerRows:
         }
         unusable: dict[str, str] = {}
         unbatched: dict[str, tuple[int, ...]] = {}  # embedding: the shape of its first ids without a batch dimension
+        tokens: dict[str, int] = {}  # positions (examples x tokens, over the calls) the layer's rows sum
+        grad_dtypes: dict[str, set[torch.dtype]] = {}  # the dtypes of its output gradients
 
         def consume(layer: str, index: int, call: Call) -> None:
             if layer in unusable or layer in unbatched:
@@ -380,12 +406,26 @@ class KroneckerRows:
                 unusable[layer] = str(e)
                 return
             totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
+            tokens[layer] = tokens.get(layer, 0) + b.shape[0] * b.shape[1]
+            grad_dtypes.setdefault(layer, set()).add(b.dtype)
 
         streamed = [m for m in by_module if m not in self._unbatched]
         expanded: set[str] = set()
         expanded_shapes: dict[str, tuple[int, ...]] = {}
+        summed = dict.fromkeys(n for m in streamed for n in by_module[m][0].names) if summing else None
         try:
-            stream(self.model, streamed, state, self.loss_fn, inputs, targets, consume, expanded, expanded_shapes)
+            stream(
+                self.model,
+                streamed,
+                state,
+                self.loss_fn,
+                inputs,
+                targets,
+                consume,
+                expanded,
+                expanded_shapes,
+                summed=summed,
+            )
         except Exception as e:  # KeyboardInterrupt and other BaseExceptions pass
             looped = sorted(expanded & set(streamed))
             if not looped or isinstance(e, NotCaptured):
@@ -404,15 +444,18 @@ class KroneckerRows:
             }
             self._by_full_gradients(grids)
             if len(grids) < len(looped):
-                self._in_full([m for m in looped if m not in grids], e, rows)
-            return self._projected(state, inputs, targets, rows)
+                first = str(e).splitlines()[0] if str(e) else ""
+                self._in_full(
+                    [m for m in looped if m not in grids], f"the hooked pass failed ({type(e).__name__}: {first})", rows
+                )
+            return self._projected(state, inputs, targets, rows, summing)
+        self._expanded = expanded
         self._by_full_gradients({k: v for k, v in sorted(unbatched.items()) if k not in unusable})
         for layer, full in self._unbatched.items():
-            seg, (p_rows, p_cols) = by_module[layer]
-            flat = full(state, inputs, targets).to(self.dtype)
-            parts = torch.split(flat, [state[n].numel() for n in seg.names], dim=1)
-            g = _layer_matrices(seg, [t.reshape(rows, *state[n].shape) for t, n in zip(parts, seg.names, strict=True)])
-            totals[layer] = p_rows @ g @ p_cols.T
+            totals.update(self._from_full([layer], full, state, inputs, targets, rows))
+        if summed is not None:
+            checked = [m for m in streamed if m in tokens and m not in unusable and m not in self._unbatched]
+            self._sum_checked(checked, totals, summed, tokens, grad_dtypes, state, inputs, targets, rows)
         if unusable:
             layer, why = next(iter(unusable.items()))
             seg = by_module[layer][0]
@@ -429,22 +472,96 @@ class KroneckerRows:
             )
         return [totals[seg.module].reshape(rows, -1) for seg in self.kron]
 
-    def _in_full(self, layers: list[str], error: Exception, rows: int) -> None:
-        """Layers `layers`, whose hooked pass failed after running them on batch-1 tensors in a batch of `rows`
-        (a loop over the examples), projected from full per-example gradients (PerExampleGradients: vmap, or its
-        per-example loop) from now on, with one warning."""
+    def _in_full(self, layers: list[str], why: str, rows: int) -> None:
+        """Layers `layers`, run on batch-1 tensors in a batch of `rows` (a loop over the examples), after which
+        `why` (the hooked pass failed, or their rows disagree with per-example autograd: each call indexed, [0]),
+        projected from full per-example gradients (PerExampleGradients: vmap, or its per-example loop) from now on,
+        with one warning."""
         for layer in layers:
             names = next(s.names for s in self.kron if s.module == layer)
             self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
-        first = str(error).splitlines()[0] if str(error) else ""
         warnings.warn(
-            f"projection with kronecker=True: the hooked pass failed ({type(error).__name__}: {first}): "
+            f"projection with kronecker=True: {why}: "
             f"{one_at_a_time(set(layers), rows)}; their full per-example gradients are computed (vmap) and "
             "projected by the same factors, exact but slower: run the layer on the whole batch to project it "
             "per token",
             UserWarning,
             stacklevel=5,
         )
+
+    def _from_full(
+        self, layers: list[str], full: PerExampleGradients, state, inputs: Tree, targets: Tree, rows: int
+    ) -> dict[str, torch.Tensor]:
+        """{layer: (rows, k_rows, k_cols)}: the Kronecker segments of `layers` projected by their factors from
+        their full per-example gradients (`full`, of their parameters in the segments' order)."""
+        segments = [
+            next((s, f) for s, f in zip(self.kron, self._factors, strict=True) if s.module == m) for m in layers
+        ]
+        names = [n for seg, _ in segments for n in seg.names]
+        parts = iter(torch.split(full(state, inputs, targets).to(self.dtype), [state[n].numel() for n in names], dim=1))
+        out = {}
+        for seg, (p_rows, p_cols) in segments:
+            g = _layer_matrices(seg, [next(parts).reshape(rows, *state[n].shape) for n in seg.names])
+            out[seg.module] = p_rows @ g @ p_cols.T
+        return out
+
+    def _sum_checked(
+        self,
+        layers: list[str],
+        totals: dict[str, torch.Tensor],
+        summed: Mapping[str, torch.Tensor | None],
+        tokens: Mapping[str, int],
+        grad_dtypes: Mapping[str, set[torch.dtype]],
+        state,
+        inputs: Tree,
+        targets: Tree,
+        rows: int,
+    ) -> None:
+        """Each of `layers`' per-token rows (totals[layer], (rows, k_rows, k_cols)) summed over the batch against
+        P_rows [G | g] P_cols^T of autograd's gradient of the batch's summed loss (`summed`: from the same backward
+        pass, every use of the weight included), within hook_gradients._unsummed's tolerances of the coarsest dtype
+        of the layer's parameters, their summed gradients and its output gradients, over tokens[layer] positions
+        (in float32 1.1e-4 of the rows' norm; in 16 bits eps x the positions: gross misses only). A weight also used
+        outside its module's forward (F.linear(x, layer.weight), a functional tied head, a forward hook) for examples
+        past the first rows checked is missed by the hooks: such a layer's rows of this batch are replaced by its
+        full per-example gradients (PerExampleGradients) projected by the same factors, with a warning naming the
+        layers the first time in the export (`unsummed_batches` counts such batches); the next batch takes the hooks
+        again. Costs autograd's weight gradients in the backward pass and one projection of a weight-sized matrix
+        per layer."""
+        factors = {seg.module: (seg, f) for seg, f in zip(self.kron, self._factors, strict=True)}
+        missed: dict[str, tuple[float, float]] = {}
+        for layer in layers:
+            seg, (p_rows, p_cols) = factors[layer]
+            grads = [_dense(summed[n], state[n]) for n in seg.names]
+            want = p_rows @ _layer_matrix(seg, [g.to(self.dtype) for g in grads]) @ p_cols.T
+            dtype = coarsest(
+                [*(state[n] for n in seg.names), *grads, *(torch.empty(0, dtype=d) for d in grad_dtypes[layer])]
+            )
+            found = _unsummed(totals[layer].sum(0), want, totals[layer].reshape(rows, -1), tokens[layer], dtype)
+            if found is not None:
+                missed[layer] = found
+        if not missed:
+            return
+        self.unsummed_batches += 1
+        if self.unsummed_batches == 1:
+            named = ", ".join(f"{m!r} (by {g:.1e} of its size, tolerance {t:.1e})" for m, (g, t) in missed.items())
+            warnings.warn(
+                f"projection with kronecker=True: the per-token rows of layer {named} do not sum to the projection "
+                f"of the gradient of batch {self.batches}'s summed loss (counted from 1 over the export's batches, "
+                "checkpoint after checkpoint): its weight is also used outside the layer's forward for some examples "
+                "(a functional call such as F.linear(x, layer.weight), a forward hook), which the hooks do not see. "
+                "Such a batch's rows of the layer are computed from its full per-example gradients (vmap) and "
+                "projected by the same factors, exact but slower; this warning is not repeated for later batches",
+                UserWarning,
+                stacklevel=5,
+            )
+        key = tuple(missed)
+        if key not in self._exact:
+            names = [n for m in key for n in factors[m][0].names]
+            exact = PerExampleGradients(self.model, names, self.loss_fn)
+            exact.hooks, exact.others = None, names  # its hooks would miss the same use: vmap (or its loop) only
+            self._exact[key] = exact
+        totals.update(self._from_full(list(key), self._exact[key], state, inputs, targets, rows))
 
     def _by_full_gradients(self, layers: dict[str, tuple[int, ...]]) -> None:
         """Embeddings `layers` (with the shape of their ids), called on ids without a batch dimension, projected
