@@ -155,3 +155,21 @@ def test_printable_text_of_any_script_is_shown_as_it_is(tmp_path):
     w.finalize()
     shown = _line(describe(tmp_path / "s"), "metadata").removeprefix("metadata        ")
     assert shown.split(", ") == [k if k in keys[:4] else repr(k) for k in sorted(keys)]
+
+
+def test_many_or_huge_metadata_keys_and_many_range_files_are_listed_cut(tmp_path):
+    """review150 F3: a 20 MB key, 300000 keys or 50000 stale range files printed lines of megabytes."""
+    path = tmp_path / "s"
+    long_key, unsafe_key = "a" * 100_000, "b\x1b" + "c" * 200
+    keys = [long_key, unsafe_key] + [f"key{i:02d}" for i in range(30)]
+    tracin.GradientStore.create(path, 100, [2], metadata=dict.fromkeys(keys, 1)).close()
+    for i in range(25):  # what 25 range writers killed before their first block leave
+        (path / f"rows-{2 * i}-{2 * i + 1}.lock").touch()
+    text = describe(path)
+    shown = ["a" * 80 + "...", r"'b\x1bccc" + "c" * 71 + "...", *(f"key{i:02d}" for i in range(18))]
+    assert _line(text, "metadata") == f"metadata        {', '.join(shown)}, ... and 12 more"
+    spans = ", ".join(f"[{2 * i}, {2 * i + 1})" for i in range(20))
+    assert _line(text, "range writers").startswith(
+        f"range writers   25 with files (rows {spans}, ... and 5 more); their"
+    )
+    assert len(text) < 3000

@@ -229,3 +229,15 @@ def test_ids_of_width_zero_are_refused_naming_the_file(path):
             tracin.GradientStore.open(path, allow_partial=allow_partial)
     with pytest.raises(StoreFormatError, match=said + ".*; pass overwrite=True"):  # resume: the spec check reads them
         tracin.GradientStore.create(path, 6, [2], ids=IDS)
+
+
+def test_string_ids_ending_in_nul_are_refused_at_create_naming_the_row(tmp_path):
+    """review150 F1: NumPy's fixed-width strings drop trailing NULs, so "a\\x00" was stored as "a" (equal to the
+    next id) and "\\x00" as "". NULs elsewhere in an id are kept."""
+    with pytest.raises(ValueError, match=r"ids\[2\] = 'b\\x00' ends with a NUL character.*without trailing NULs"):
+        tracin.GradientStore.create(tmp_path / "s", 4, [2], ids=["a", "b", "b\x00", "\x00"])
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    ids = ["a\x00b", "\x00c", "d", "e\x00\x00f"]
+    w = tracin.GradientStore.create(tmp_path / "kept", 4, [2], ids=ids)
+    w.write(0, 0, np.ones((4, 2), np.float32))
+    assert w.finalize().ids.tolist() == ids

@@ -145,6 +145,28 @@ def test_overlapping_ranges_are_refused_and_leave_nothing_behind(tmp_path):
     whole.close()
 
 
+def test_the_overlap_refusal_says_how_to_clear_what_a_killed_range_writer_left(tmp_path):
+    """review150 F4: a partition re-chunked after a range writer was killed was refused with no way out
+    but the old range; the refusal names the merge that clears it (and at most 20 of the other ranges)."""
+    path = tmp_path / "s"
+    _create(path)
+    with tracin.GradientStore.create(path, **SPEC, rows=(0, 300)) as w:
+        w.write(0, 0, np.ones((BLOCK, DIMS[0]), np.float32))  # then left unfinished, as if killed
+    for i in range(24):
+        (path / f"rows-{300 + i}-{301 + i}.lock").touch()  # killed before their first block
+    advice = (
+        r"if no writer of those rows is running \(one was killed, or finished unmerged\), open a writer of the "
+        r"whole store once \(GradientStore.create with the same arguments, without rows=\): it merges"
+    )
+    named = ", ".join(f"rows-{300 + i}-{301 + i}\\.\\*" for i in range(19))
+    with pytest.raises(ValueError, match=rf"\(files rows-0-300\.\*, {named}, \.\.\. and 5 more\).*{advice}"):
+        tracin.GradientStore.create(path, **SPEC, rows=(0, 400))
+    tracin.GradientStore.create(path, **SPEC).close()  # the advice: merge
+    assert not [n for n in os.listdir(path) if n.startswith("rows-")]
+    with tracin.GradientStore.create(path, **SPEC, rows=(0, 400)) as w:
+        assert w.rows_done(0) == BLOCK
+
+
 def test_finalize_names_the_rows_a_range_writer_left_unwritten(tmp_path):
     path = tmp_path / "s"
     _create(path)

@@ -40,6 +40,7 @@ from ._format import (
     metadata_problem,
     new_store_id,
     range_file,
+    short,
     unique_keys,
 )
 from ._locks import DirectoryLock, RangeLock
@@ -409,6 +410,13 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
         raise ValueError(f"ids must be a 1-D sequence of {n_rows} entries (one per row), got shape {arr.shape}")
     if arr.dtype.kind not in "iuU":
         raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}")
+    if arr.dtype.kind == "U" and not isinstance(ids, np.ndarray):  # an array's strings have lost theirs
+        for row, x in enumerate(ids):
+            if isinstance(x, str) and x.endswith("\x00"):
+                raise ValueError(
+                    f"ids[{row}] = {short(x)} ends with a NUL character, which NumPy's fixed-width strings "
+                    "(ids.npy) drop (two ids could become one); give ids without trailing NULs"
+                )
     if (bad := unencodable_id(arr)) is not None:
         raise ValueError(f"{bad}: give ids as valid text")
     return arr

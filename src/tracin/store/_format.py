@@ -305,10 +305,15 @@ def strict_json(data: bytes, where: str, what: str) -> Any:
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not a JSON number")
 
+    underflows: list[_Underflow] = []
+
     def finite(text: str) -> float:
         value = float(text)
         if not math.isfinite(value):
             raise ValueError(f"number {text[:40]} is beyond the float64 range")
+        if value == 0 and any(c in "123456789" for c in re.split("[eE]", text)[0]):
+            underflows.append(_Underflow(text))  # refused below, naming where it is
+            return underflows[-1]
         return value
 
     if data.startswith(codecs.BOM_UTF8):
@@ -328,9 +333,42 @@ def strict_json(data: bytes, where: str, what: str) -> Any:
     except UnicodeDecodeError as e:
         raise StoreFormatError(f"{where}: corrupt {what}, not UTF-8 ({short(e)})") from None
     try:
-        return json.loads(text, parse_constant=no_constant, parse_float=finite, object_pairs_hook=unique_keys)
+        doc = json.loads(text, parse_constant=no_constant, parse_float=finite, object_pairs_hook=unique_keys)
     except ValueError as e:  # bad JSON, NaN / Infinity, duplicate keys, integers beyond Python's digit limit
         raise StoreFormatError(f"{where}: corrupt {what}, not valid JSON ({short(e)})") from None
+    if underflows:
+        first = underflows[0]
+        raise StoreFormatError(
+            f"{where}: corrupt {what}, {_json_path(doc, first) or 'the document'} is {first.text[:40]}, which is "
+            "not 0 but rounds to 0 in float64 (numbers must be 0 or within the float64 range)"
+        )
+    return doc
+
+
+class _Underflow(float):
+    """0.0 read from a JSON number that is not 0 but underflows float64 (1e-400), holding its text."""
+
+    text: str
+
+    def __new__(cls, text: str) -> _Underflow:
+        self = super().__new__(cls, 0.0)
+        self.text = text
+        return self
+
+
+def _json_path(doc: Any, target: object) -> str:
+    """Where `target` (found by identity) sits in the parsed JSON `doc`: 'checkpoints[0].weight'."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        x, path = stack.pop()
+        if x is target:
+            return path
+        if isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((v, (f"{path}.{k}" if path else k) if k.isidentifier() else f"{path}[{short(k)}]"))
+        elif isinstance(x, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(x))
+    raise AssertionError("target not in doc")
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict:

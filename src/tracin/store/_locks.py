@@ -215,12 +215,13 @@ class RangeLock(_Held):
             if others:
                 if created:  # a refused claim leaves nothing that would block a correct range later
                     remove_if_present(path)
-                names = ", ".join(range_file(a, b, "*") for a, b in others)
                 whose = "another range writer" if len(others) == 1 else "other range writers"
                 raise ValueError(
                     f"rows [{start}, {stop}) overlap rows {_text(others)} of {whose} of gradient store {root} "
-                    f"(files {names}): range writers of one store need disjoint row ranges (or the same range, "
-                    "to resume it)"
+                    f"(files {_names(others)}): range writers of one store need disjoint row ranges (or the same "
+                    "range, to resume it); if no writer of those rows is running (one was killed, or finished "
+                    "unmerged), open a writer of the whole store once (GradientStore.create with the same "
+                    "arguments, without rows=): it merges their progress and removes those files"
                 )
         except BaseException:
             self.release()
@@ -278,5 +279,17 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+# An overlap refusal names at most this many of the other ranges (a store may hold thousands of stale ones).
+_NAMED = 20
+
+
 def _text(ranges: list[tuple[int, int]]) -> str:
-    return ", ".join(f"[{a}, {b})" for a, b in ranges)
+    return ", ".join(f"[{a}, {b})" for a, b in ranges[:_NAMED]) + _more(ranges)
+
+
+def _names(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(range_file(a, b, "*") for a, b in ranges[:_NAMED]) + _more(ranges)
+
+
+def _more(ranges: list[tuple[int, int]]) -> str:
+    return f", ... and {len(ranges) - _NAMED} more" if len(ranges) > _NAMED else ""

@@ -499,14 +499,14 @@ class GradientStore(GradientSet):
             f"ids             {ids}",
         ]
         if i["range_writers"]:
-            spans = ", ".join(f"[{a}, {b})" for a, b in i["range_writers"])
+            spans = _listed([f"[{a}, {b})" for a, b in i["range_writers"][:_LISTED]], len(i["range_writers"]))
             lines.append(
                 f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
         if i["metadata"]:
-            keys = (k if printable(k) == k else repr(k) for k in sorted(i["metadata"]))
-            lines.append(f"metadata        {', '.join(keys)}")
+            keys = [_key_text(k) for k in sorted(i["metadata"])[:_LISTED]]
+            lines.append(f"metadata        {_listed(keys, len(i['metadata']))}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -563,6 +563,25 @@ def _checkpoints_text(i: dict[str, Any]) -> str:
     if layers == 1:
         return f"{slots}  ({shown})"
     return f"{slots // layers} x {layers} layers  ({slots} factor pairs; {shown})"
+
+
+# describe() lists at most this many metadata keys and range writers, then says how many more there are
+# (a store from elsewhere may hold 300000 keys or 50000 stale range files: one line of megabytes).
+_LISTED = 20
+
+
+def _listed(shown: list[str], total: int) -> str:
+    """The first of `total` items, joined by ', ', then ', ... and N more' for those not shown."""
+    more = total - len(shown)
+    return ", ".join(shown) + (f", ... and {more} more" if more else "")
+
+
+def _key_text(key: str, limit: int = 80) -> str:
+    """A metadata key as describe() shows it: as it is, or as its repr where it holds a character that
+    could drive a terminal (printable()), cut to `limit` characters and '...' (a key may be megabytes)."""
+    head = key[: limit + 1]
+    text = head if printable(head) == head else repr(head)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _dims_text(i: dict[str, Any]) -> str:
