@@ -173,3 +173,18 @@ def test_many_or_huge_metadata_keys_and_many_range_files_are_listed_cut(tmp_path
         f"range writers   25 with files (rows {spans}, ... and 5 more); their"
     )
     assert len(text) < 3000
+
+
+def test_the_weights_dims_and_counts_of_many_checkpoints_are_listed_cut(tmp_path):
+    weights = [(c + 1) / 4 for c in range(25)]
+    w = tracin.GradientStore.create(tmp_path / "s", 3, [c + 1 for c in range(25)], weights)
+    w.write(0, 0, np.ones((2, 1), np.float32))
+    w.close()
+    text = describe(tmp_path / "s")
+    assert _line(text, "checkpoints") == (
+        f"checkpoints     25  (weights {', '.join(str(x).removesuffix('.0') for x in weights[:20])}, ... and 5 more)"
+    )
+    assert _line(text, "dims") == f"dims            {', '.join(str(c + 1) for c in range(20))}, ... and 5 more"
+    assert (
+        _line(text, "complete") == f"complete        no (rows recorded per checkpoint: 2{', 0' * 19}, ... and 5 more)"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -485,7 +485,7 @@ class GradientStore(GradientSet):
         else:
             layers = i["layers_per_checkpoint"]
             per = "per checkpoint" if layers == 1 else f"per factor pair ({layers} layers per checkpoint)"
-            state = f"no (rows recorded {per}: {', '.join(map(str, i['rows_recorded']))})"
+            state = f"no (rows recorded {per}: {_first(i['rows_recorded'])})"
         ids = "yes (ids.npy)" if i["ids"] else f"no (rows are named by their index 0..{i['rows'] - 1})"
         lines = [
             f"gradient store  {printable(i['path'])}  (format v{i['format_version']})",
@@ -499,14 +499,13 @@ class GradientStore(GradientSet):
             f"ids             {ids}",
         ]
         if i["range_writers"]:
-            spans = _listed([f"[{a}, {b})" for a, b in i["range_writers"][:_LISTED]], len(i["range_writers"]))
+            spans = _first(i["range_writers"], lambda r: f"[{r[0]}, {r[1]})")
             lines.append(
                 f"range writers   {len(i['range_writers'])} with files (rows {spans}); their progress is "
                 "merged into the counts above when the store is next opened to write the whole of it"
             )
         if i["metadata"]:
-            keys = [_key_text(k) for k in sorted(i["metadata"])[:_LISTED]]
-            lines.append(f"metadata        {_listed(keys, len(i['metadata']))}")
+            lines.append(f"metadata        {_first(sorted(i['metadata']), _key_text)}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -559,21 +558,22 @@ def _checkpoints_text(i: dict[str, Any]) -> str:
     slots, layers, weights = i["checkpoints"], i["layers_per_checkpoint"], i["weights"]
     if layers > 1 and all(len(set(weights[c : c + layers])) == 1 for c in range(0, slots, layers)):
         weights = weights[::layers]
-    shown = f"weights {', '.join(f'{w:g}' for w in weights)}{'' if i['weights_given'] else ', the default'}"
+    shown = f"weights {_first(weights, lambda w: f'{w:g}')}{'' if i['weights_given'] else ', the default'}"
     if layers == 1:
         return f"{slots}  ({shown})"
     return f"{slots // layers} x {layers} layers  ({slots} factor pairs; {shown})"
 
 
-# describe() lists at most this many metadata keys and range writers, then says how many more there are
-# (a store from elsewhere may hold 300000 keys or 50000 stale range files: one line of megabytes).
+# describe() lists at most this many metadata keys, range writers, checkpoints' weights, dims or counts,
+# then says how many more there are (a store from elsewhere may hold 300000 keys, 50000 stale range
+# files or 300000 checkpoints: one line of megabytes).
 _LISTED = 20
 
 
-def _listed(shown: list[str], total: int) -> str:
-    """The first of `total` items, joined by ', ', then ', ... and N more' for those not shown."""
-    more = total - len(shown)
-    return ", ".join(shown) + (f", ... and {more} more" if more else "")
+def _first(items: Sequence[Any], show: Callable[[Any], str] = str) -> str:
+    """The first _LISTED of `items` as `show` writes them, joined by ', ', then ', ... and N more'."""
+    more = len(items) - _LISTED
+    return ", ".join(map(show, items[:_LISTED])) + (f", ... and {more} more" if more > 0 else "")
 
 
 def _key_text(key: str, limit: int = 80) -> str:
@@ -588,8 +588,8 @@ def _dims_text(i: dict[str, Any]) -> str:
     """The dims of every slot, or of one checkpoint's layers when every checkpoint has the same."""
     dims, layers = i["dims"], i["layers_per_checkpoint"]
     if layers > 1 and all(dims[c : c + layers] == dims[:layers] for c in range(0, len(dims), layers)):
-        return f"{', '.join(str(d) for d in dims[:layers])} (each checkpoint's layers)"
-    return ", ".join(str(d) for d in dims)
+        return f"{_first(dims[:layers])} (each checkpoint's layers)"
+    return _first(dims)
 
 
 # Chunks whose maps may be alive at once: the scoring loop holds the previous, current and next
