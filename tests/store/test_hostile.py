@@ -374,6 +374,7 @@ def _with_raw(store_path: Path, replace: str, by: str) -> None:
         # review150 F2: read as 0.0 (the checkpoint counted for nothing), where create refuses the same value
         ('"weight": 0.5', '"weight": -1.5e-400', r"checkpoints\[0\]\.weight is -1.5e-400, which is not 0 but rounds"),
         ('"metadata": {}', '"metadata": {"a b": [0.0, 2E-999]}', r"metadata\['a b'\]\[1\] is 2E-999, which is not 0"),
+        ('"metadata": {}', '"metadata": {"' + "k" * 1000 + '": 1e-400}', r"metadata\['k{79}\.\.\.\] is 1e-400"),
         ('"weight": 0.5', '"weight": NaN', "NaN is not a JSON number"),
         ('"n_rows": 6', '"n_rows": 1' + "0" * 5000, "not valid JSON"),
         ('"n_rows": 6', '"n_rows": 100000000000000000000', "n_rows must be a positive integer below 2"),

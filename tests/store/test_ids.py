@@ -236,6 +236,8 @@ def test_string_ids_ending_in_nul_are_refused_at_create_naming_the_row(tmp_path)
     next id) and "\\x00" as "". NULs elsewhere in an id are kept."""
     with pytest.raises(ValueError, match=r"ids\[2\] = 'b\\x00' ends with a NUL character.*without trailing NULs"):
         tracin.GradientStore.create(tmp_path / "s", 4, [2], ids=["a", "b", "b\x00", "\x00"])
+    with pytest.raises(ValueError, match=r"ids\[1\] = 'b\\x00' ends with a NUL"):  # np.str_'s repr drops them
+        tracin.GradientStore.create(tmp_path / "s", 2, [2], ids=[np.str_("a"), np.str_("b\x00")])
     assert not (tmp_path / "s" / "manifest.json").exists()
     ids = ["a\x00b", "\x00c", "d", "e\x00\x00f"]
     w = tracin.GradientStore.create(tmp_path / "kept", 4, [2], ids=ids)

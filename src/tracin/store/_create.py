@@ -413,8 +413,8 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
     if arr.dtype.kind == "U" and not isinstance(ids, np.ndarray):  # an array's strings have lost theirs
         for row, x in enumerate(ids):
             if isinstance(x, str) and x.endswith("\x00"):
-                raise ValueError(
-                    f"ids[{row}] = {short(x)} ends with a NUL character, which NumPy's fixed-width strings "
+                raise ValueError(  # x[:]: a plain str, as np.str_'s repr drops trailing NULs
+                    f"ids[{row}] = {short(x[:])} ends with a NUL character, which NumPy's fixed-width strings "
                     "(ids.npy) drop (two ids could become one); give ids without trailing NULs"
                 )
     if (bad := unencodable_id(arr)) is not None:

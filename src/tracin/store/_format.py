@@ -365,7 +365,8 @@ def _json_path(doc: Any, target: object) -> str:
             return path
         if isinstance(x, dict):
             for k, v in x.items():
-                stack.append((v, (f"{path}.{k}" if path else k) if k.isidentifier() else f"{path}[{short(k)}]"))
+                named = k.isidentifier() and len(k) <= 80  # a longer key is cut (a manifest's keys may be megabytes)
+                stack.append((v, (f"{path}.{k}" if path else k) if named else f"{path}[{short(k)}]"))
         elif isinstance(x, list):
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(x))
     raise AssertionError("target not in doc")
