@@ -479,7 +479,9 @@ class KroneckerRows:
         with one warning."""
         for layer in layers:
             names = next(s.names for s in self.kron if s.module == layer)
-            self._unbatched[layer] = PerExampleGradients(self.model, names, self.loss_fn)
+            full = PerExampleGradients(self.model, names, self.loss_fn)
+            full.hooks, full.others = None, names  # its hooks would meet the same batch-1 calls: vmap (or its loop)
+            self._unbatched[layer] = full
         warnings.warn(
             f"projection with kronecker=True: {why}: "
             f"{one_at_a_time(set(layers), rows)}; their full per-example gradients are computed (vmap) and "
