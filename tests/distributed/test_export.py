@@ -369,7 +369,7 @@ def test_overlapping_tasks_of_one_process_keep_the_thread_count_until_the_last_e
     monkeypatch.setattr(_export, "refuse_unseen", lambda path: None)  # no store: the export is a stand-in
 
     def task(name):
-        _export.export_part("torch", _sent((name,), {}), "unused", 0, 1, 1, {})
+        _export.export_part("torch", _sent((name,), {}), "unused", 0, 1, 1)
 
     b = threading.Thread(target=lambda: (a_in.wait(30), task("b")))
     b.start()
@@ -405,7 +405,7 @@ def test_a_task_gives_its_thread_back_its_own_count(monkeypatch):
         reset = threading.Thread(target=torch.set_num_threads, args=(default,))
         reset.start()
         reset.join(30)
-        _export.export_part("torch", _sent((), {}), "unused", 0, 1, 1, {})
+        _export.export_part("torch", _sent((), {}), "unused", 0, 1, 1)
         after.append(torch.get_num_threads())
 
     thread = threading.Thread(target=worker_thread)

@@ -124,9 +124,8 @@ def test_shard_ranges_aligned_to_chunks():
 
 def test_kernel_threads_share_the_host_cores_among_its_task_slots(client):
     cores = len(os.sched_getaffinity(0))  # the workers are this process's children: same cores
-    assert client.submit(kernel_threads, None, {"127.0.0.1": 1}, pure=False).result() == cores
-    assert client.submit(kernel_threads, None, {"127.0.0.1": 2 * cores}, pure=False).result() == 1
-    assert client.submit(kernel_threads, 3, {"127.0.0.1": 2}, pure=False).result() == 3
+    assert client.submit(kernel_threads, None, pure=False).result() == max(1, cores // 2)  # 2 workers here
+    assert client.submit(kernel_threads, 3, pure=False).result() == 3
     assert slots_by_host(client) == {"127.0.0.1": 2}
 
 

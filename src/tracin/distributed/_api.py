@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +66,10 @@ def top_k(
     pending, so that an adaptive cluster (cluster.adapt(minimum=0)) starts one. Only the first
     worker is waited for: a cluster that loses its workers mid-call waits for new ones, as Dask does.
     shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
-    small ones last so that the workers finish together).
-    num_threads: kernel threads per task (None: each host's cores shared among its worker threads).
+    small ones last so that the workers finish together; 16 MiB each when the cluster has no workers
+    at the call's start, whose number is then unknown).
+    num_threads: kernel threads per task (None: each host's cores shared among the worker threads on
+    it, as the scheduler records them when the task runs: workers that joined later count too).
     progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
     device, precision: the tasks run the C++ CPU kernel: None or "cpu", and "float32" (a ValueError
     names anything else).
@@ -90,7 +93,7 @@ def top_k(
     _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, f"top_k ({side})") as job:
-        slots = slots_by_host(c, worker_timeout)
+        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -99,7 +102,7 @@ def top_k(
                 train_set,
                 shards,
                 slots,
-                lambda rows, first: (other, rows, k, side, first, num_threads, slots, normalize),
+                lambda rows, first: (other, rows, k, side, first, num_threads, normalize),
             )
             found = job.wait(parts, progress, job.reduce(parts, _tasks.merge_parts, k, side))
         else:
@@ -110,7 +113,7 @@ def top_k(
                 test_set,
                 shards,
                 slots,
-                lambda rows, _: (rows, other, k, side, 0, num_threads, slots, normalize),
+                lambda rows, _: (rows, other, k, side, 0, num_threads, normalize),
                 side="test",
             )
             pieces = job.wait(parts, progress)
@@ -157,14 +160,14 @@ def self_influence(
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "self_influence") as job:
-        slots = slots_by_host(c, worker_timeout)
+        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
         parts = _per_shard(
             job,
             _tasks.self_influence_part,
             train_set,
             shards,
             slots,
-            lambda rows, _: (rows, num_threads, slots, per_checkpoint),
+            lambda rows, _: (rows, num_threads, per_checkpoint),
         )
         return np.concatenate(job.wait(parts, progress))
 
@@ -187,7 +190,9 @@ def aggregate(
     as for tracin.distributed.top_k. Each train shard sends back its rows' float64 sums; when the
     test side is the one cut, its shards follow the store's row chunks and their per-chunk float64
     sums are added in order by a chain of tasks on the cluster, so only the (n,) total reaches the
-    client."""
+    client. The test side is then cut at most into its row chunks (a chunk's sum is one kernel call of
+    tracin.aggregate): shards= asking for more warns and gets that many; open the test store with a
+    smaller chunk_bytes to cut it finer (tracin.aggregate of that opening is the result, bit for bit)."""
     _check_cpu(device, precision)
     test, train = as_side(test, "test"), as_side(train, "train")
     test_set, train_set, _ = _pair(test, train)
@@ -199,7 +204,7 @@ def aggregate(
     _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "aggregate") as job:
-        slots = slots_by_host(c, worker_timeout)
+        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -208,10 +213,11 @@ def aggregate(
                 train_set,
                 shards,
                 slots,
-                lambda rows, _: (other, rows, num_threads, slots, normalize, False),
+                lambda rows, _: (other, rows, num_threads, normalize, False),
             )
             total = np.concatenate(job.wait(parts, progress))  # (n,) float64 in all
         else:  # test shards start on the store's row chunks, so their chunk sums are tracin.aggregate's
+            _warn_chunks(test_set, shards)
             other = _sent(job, train_set)
             parts = _per_shard(
                 job,
@@ -219,7 +225,7 @@ def aggregate(
                 test_set,
                 shards,
                 slots,
-                lambda rows, _: (rows, other, num_threads, slots, normalize, True),
+                lambda rows, _: (rows, other, num_threads, normalize, True),
                 align=test_set.row_chunks(),
                 side="test",
             )
@@ -231,6 +237,18 @@ def aggregate(
             job.release(*parts)  # each (test chunks, n) partial is freed once its link has added it
             total = job.wait(links, progress, summed)
     return _float32(total)
+
+
+def _warn_chunks(test: GradientStore, shards: int | None) -> None:
+    """A warning when shards= asks for more test shards than the test store has row chunks."""
+    chunks = max(1, -(-test.n_rows // test.row_chunks()))
+    if shards is not None and shards > chunks:
+        warnings.warn(
+            f"tracin.distributed.aggregate: shards={shards}, but the test store (the side cut) has {chunks} row "
+            f"chunk(s) of {test.row_chunks()} rows, and its shards start on them: {chunks} shard(s) run; open it "
+            "with a smaller chunk_bytes (GradientStore.open(path, chunk_bytes=...)) to cut it finer",
+            stacklevel=3,
+        )
 
 
 def _float32(total: np.ndarray) -> np.ndarray:
@@ -291,15 +309,15 @@ def _per_shard(
     fn: Callable,
     cut: GradientStore,
     shards: int | None,
-    slots: dict[str, int],
+    slots: int,
     args: Callable[[StoreRows, int], tuple],
     align: int = 1,
     side: str = "train",
 ) -> list[Future]:
     """One task fn(*args(rows, first row)) per row shard of `cut` (the `side`, "test" or "train"),
-    in row order."""
+    in row order; `slots`: the cluster's task slots at the call's start (0: no workers yet)."""
     whole, futures = job.rows_of(cut), []
-    for a, b in shard_ranges(cut.n_rows, cut.row_bytes, sum(slots.values()), shards, align):
+    for a, b in shard_ranges(cut.n_rows, cut.row_bytes, slots, shards, align):
         rows = whole.rows(a, b)
         first = (a, 0) if side == "test" else (0, a)
         futures.append(job.submit(fn, *args(rows, a), label=str(rows), first_rows=first, shard=(side, a, b)))

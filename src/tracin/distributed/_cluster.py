@@ -11,6 +11,7 @@ import numbers
 import pkgutil
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -22,6 +23,7 @@ import dask
 from dask.utils import parse_timedelta
 from distributed import Client, LocalCluster, SpecCluster, WorkerPlugin, default_client, get_worker
 from distributed.comm import CommClosedError, get_address_host
+from distributed.utils import sync
 
 from .._cpus import usable_cores
 
@@ -326,11 +328,56 @@ def worker_name() -> str:
         return f"{socket.gethostname()} (not a Dask worker)"
 
 
-def kernel_threads(num_threads: int | None, slots: dict[str, int]) -> int:
-    """On a worker: num_threads if given, else this host's cores shared evenly among its task
-    slots (1 with the default LocalCluster), so that tasks running at once do not oversubscribe."""
+def kernel_threads(num_threads: int | None) -> int:
+    """On a worker: num_threads if given, else this host's cores shared evenly among the task slots
+    (worker threads) on it as the scheduler records them now (host_slots; 1 with the default
+    LocalCluster), so that tasks running at once do not oversubscribe, workers that joined after the
+    call began included."""
     if num_threads is not None:
         return num_threads
-    worker = get_worker()
-    here = slots.get(get_address_host(worker.address), worker.state.nthreads)
-    return max(1, usable_cores() // max(here, 1))
+    return max(1, usable_cores() // host_slots(get_worker()))
+
+
+HOST_SLOTS_TTL_S = 5.0  # how long a worker process reuses its count of its host's task slots
+SCHEDULER_ASK_S = 10.0  # the longest a worker waits for the scheduler's answer (then: its own threads)
+_HOST_SLOTS_LOCK = threading.Lock()
+_host_slots: dict[str, tuple[float, int]] = {}  # worker address -> (time.monotonic() counted, slots)
+
+
+def host_slots(worker: Any) -> int:
+    """The threads of all workers on `worker`'s host, this one's included, as the scheduler records
+    them (its ncores: one small reply), asked at most once every HOST_SLOTS_TTL_S per worker process,
+    not per task; the worker's own threads where the scheduler does not answer."""
+    now = time.monotonic()
+    with _HOST_SLOTS_LOCK:
+        known = _host_slots.get(worker.address)
+    if known is not None and now - known[0] < HOST_SLOTS_TTL_S:
+        return known[1]
+    own, host = worker.state.nthreads, get_address_host(worker.address)
+    try:
+        threads = sync(worker.loop, worker.scheduler.ncores, callback_timeout=SCHEDULER_ASK_S)
+    except Exception:  # the scheduler gone or slow: the task runs, sharing its host as far as known here
+        return own
+    count = sum(n for address, n in threads.items() if get_address_host(address) == host)
+    count = max(count, own)
+    with _HOST_SLOTS_LOCK:
+        _host_slots[worker.address] = (now, count)
+    return count
+
+
+def planned_slots(client: Client, slots: dict[str, int]) -> int:
+    """The task slots the cluster heads for: those seen now (`slots`, per host), or more where this
+    client holds its cluster object (a LocalCluster, dask-jobqueue's clusters): the workers it was asked
+    for (scale(n), jobs still queued included), or its adaptive maximum when finite (adapt(maximum=n)),
+    each counted with the threads of the workers seen (on average; 1 with none)."""
+    seen = sum(slots.values())
+    cluster = getattr(client, "cluster", None)
+    if cluster is None:
+        return seen
+    threads = list(client.nthreads().values())
+    per_worker = max(1, round(sum(threads) / len(threads))) if threads else 1
+    requested = len(getattr(cluster, "plan", ()))  # the workers asked for, started or not
+    adaptive = getattr(cluster, "_adaptive", None)
+    maximum = getattr(adaptive, "maximum", math.inf)
+    planned = max(requested, maximum if isinstance(maximum, int) else 0)
+    return max(seen, planned * per_worker)

@@ -32,6 +32,7 @@ from ._cluster import (
     client_for,
     default_client_or_none,
     kernel_threads,
+    planned_slots,
     slots_by_host,
     worker_name,
 )
@@ -84,14 +85,19 @@ def export_gradients(
         cluster starts one), then a TimeoutError naming worker_timeout (the store is created, no row
         written: a later call resumes it); None (the default): no limit.
     shards: this many row ranges, one task each, of the rows some checkpoint lacks (None: one per
-        worker thread); a rerun's gaps, when more, are packed together only where few written rows
-        lie between them, else more tasks queue (see cut()). Each task reads all the data once per
+        worker thread of the cluster once its first worker is there, or of the cluster it heads for
+        where this client holds its cluster object: the workers asked for with scale(n), queued jobs
+        included, or adapt(maximum=n) when finite, each with the threads of those seen), at most one
+        per batch of batch_size rows (when given), cut on its multiples; a rerun's gaps, when more,
+        are packed together only where few written rows lie between them, else more tasks queue
+        (see cut()). Each task reads all the data once per
         checkpoint it writes, plus once to check its fingerprint, so more shards read more. A
         finished store is returned once the client has checked it against these inputs; no task
         runs. Once every row is written, the client reads the data once more (its fingerprint) and
         finalizes the store.
-    num_threads: torch intra-op threads per task (None: each host's cores shared among its worker
-        threads, 1 on the default LocalCluster); the JAX adapter leaves its threads as they are.
+    num_threads: torch intra-op threads per task (None: each host's cores shared among the worker
+        threads on it as the scheduler records them when the task runs, 1 on the default
+        LocalCluster); the JAX adapter leaves its threads as they are.
     progress: tqdm bars (None: after a few seconds, if tqdm is installed) of the client's pass over the
         data, then of the rows written (times the checkpoints), read from the tasks' progress files
         every POLL_S seconds.
@@ -148,8 +154,10 @@ def _export(
             return GradientStore.open(path)
         missing = missing_rows(manifest)
         if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
+            batch = kwargs.get("batch_size")  # checked by the adapter above
+            batch = batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else 1
             _write_ranges(
-                adapter, pickled, path, manifest, missing, client, worker_timeout, shards, num_threads, progress
+                adapter, pickled, path, manifest, missing, batch, client, worker_timeout, shards, num_threads, progress
             )
     finally:
         shared.release()
@@ -171,6 +179,7 @@ def _write_ranges(
     path: str,
     manifest: Manifest,
     missing: list[tuple[int, int]],
+    batch_rows: int,
     client: Any,
     worker_timeout: float | None,
     shards: int | None,
@@ -178,20 +187,17 @@ def _write_ranges(
     progress: bool | None,
 ) -> None:
     """The `missing` rows of the store at `path` written by tasks on the cluster, cut into about
-    `shards` ranges (see cut()); `pickled`: a file holding the export's (args, kwargs), cloudpickled,
-    whose bytes are sent once per worker."""
+    `shards` ranges (see cut(); `batch_rows`: the export's batch_size, 1 when not given); `pickled`:
+    a file holding the export's (args, kwargs), cloudpickled, whose bytes are sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c, Job(c, f"export ({adapter})") as job:
-        slots = slots_by_host(c, worker_timeout, wait=True)
+        slots = planned_slots(c, slots_by_host(c, worker_timeout, wait=True))
         # cloudpickled as they are: Dask's own serializer of torch modules loses their hook dicts' type
         pickled.seek(0)
         sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call
-        slot_count = sum(slots.values())
         parts = [
-            job.submit(
-                export_part, adapter, sent_once, path, a, b, num_threads, slots, label=f"rows [{a}, {b}) of {path}"
-            )
-            for a, b in cut(missing, shards or slot_count, manifest.n_rows)
+            job.submit(export_part, adapter, sent_once, path, a, b, num_threads, label=f"rows [{a}, {b}) of {path}")
+            for a, b in cut(missing, shards or slots, manifest.n_rows, batch_rows)
         ]
         try:
             with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
@@ -342,7 +348,33 @@ def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
     return [(a, b) for a, b in union]
 
 
-def cut(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[int, int]]:
+def cut(missing: list[tuple[int, int]], shards: int, n_rows: int, batch: int = 1) -> list[tuple[int, int]]:
+    """Row ranges, one task each, covering the rows `missing` (sorted, disjoint gaps) of a store of
+    `n_rows` rows (by_rows), no more than the batches of `batch` rows the missing rows fill, and each
+    range's end inside a gap moved to the nearest multiple of `batch` (on_batch_edges): a task computes
+    every batch its range touches whole, so a batch cut by two ranges is computed twice. `batch`: the
+    export's batch_size (1: not given), the batch edges of data batched from row 0 (tensors, arrays, a
+    Dataset); other data's edges may fall elsewhere, the count is still capped."""
+    missing_rows = sum(b - a for a, b in missing)
+    return on_batch_edges(by_rows(missing, min(shards, max(1, -(-missing_rows // batch))), n_rows), batch)
+
+
+def on_batch_edges(ranges: list[tuple[int, int]], batch: int) -> list[tuple[int, int]]:
+    """`ranges` (sorted, disjoint), each boundary between two adjacent ones moved to the nearest
+    multiple of `batch` within the two (the first of equals), a range left empty dropped."""
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a and batch > 1:  # a cut inside a gap: to the nearest batch edge
+            a = min(max((a + (batch - 1) // 2) // batch * batch, out[-1][0]), b)
+            out[-1][1] = a
+            if out[-1][0] == a:
+                out.pop()
+        if a < b:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def by_rows(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[int, int]]:
     """Row ranges, one task each, covering the rows `missing` (sorted, disjoint gaps) of a store of
     `n_rows` rows. Fewer gaps than `shards`: each gap cut into near-equal parts, `shards` in all (none
     empty), a part more at a time to the gap whose parts are longest (the first of equals). More
@@ -559,9 +591,7 @@ def _lock_held(path: Path) -> bool | None:
         probe.release()
 
 
-def export_part(
-    adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None, slots: dict[str, int]
-) -> None:
+def export_part(adapter: str, sent: bytes, path: str, start: int, stop: int, num_threads: int | None) -> None:
     """On a worker: rows [start, stop) of the export (args and kwargs as pickle_arguments wrote them
     into `sent`), written into the store at `path`, which the client created (a ValueError naming this
     worker, before any data is read, when it does not see it; another naming the argument when one
@@ -570,7 +600,7 @@ def export_part(
     refuse_unseen(path)
     args, kwargs = unpickle_arguments(sent, adapter)
     export = _export_function(adapter)
-    threads = torch_threads(kernel_threads(num_threads, slots)) if adapter == "torch" else nullcontext()
+    threads = torch_threads(kernel_threads(num_threads)) if adapter == "torch" else nullcontext()
     try:
         with threads, store_rows(start, stop):
             export(*args, store=path, progress=False, **kwargs)

@@ -193,7 +193,9 @@ def shard_ranges(n_rows: int, row_bytes: int, slots: int, shards: int | None, al
     shards: that many near-equal ranges (at most one per `align` rows). None: guided sizes, each
     range 1 / (GUIDE * slots) of the rows not yet given out, within [MIN_SHARD_BYTES,
     MAX_SHARD_BYTES] (the last may be smaller): large ranges run first and small ones fill the
-    end, so that the `slots` task slots finish close together even when some run slower.
+    end, so that the `slots` task slots finish close together even when some run slower. slots 0
+    (a cluster with no workers yet, whose size is unknown): ranges of MIN_SHARD_BYTES, as many as
+    the rows give, for the workers that join (and for an adaptive cluster to scale up for).
     """
     units = max(1, math.ceil(n_rows / align))
     if shards is not None:
@@ -205,6 +207,7 @@ def shard_ranges(n_rows: int, row_bytes: int, slots: int, shards: int | None, al
         high = max(low, MAX_SHARD_BYTES // unit_bytes)
         cuts, given = [0], 0
         while given < units:
-            given += min(units - given, max(low, min(high, math.ceil((units - given) / (GUIDE * max(slots, 1))))))
+            guided = math.ceil((units - given) / (GUIDE * slots)) if slots > 0 else low
+            given += min(units - given, max(low, min(high, guided)))
             cuts.append(min(n_rows, given * align))
     return list(zip(cuts[:-1], cuts[1:], strict=True))

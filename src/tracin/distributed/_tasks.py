@@ -26,12 +26,11 @@ def top_k_part(
     side: str,
     offset: int,
     num_threads: int | None,
-    slots: dict[str, int],
     normalize: bool,
 ) -> tuple[TopK, ...]:
     """tracin.top_k of one shard: a TopK per name in SIDE_NAMES[side], values float32 (m, <= k),
     indices int64 (m, <= k) shifted by `offset` (the shard's first train row)."""
-    threads = kernel_threads(num_threads, slots)
+    threads = kernel_threads(num_threads)
     found = top_k(_opened(test), _opened(train), k, side, num_threads=threads, progress=False, normalize=normalize)
     parts = tuple(found) if side == "both" else (found,)
     return tuple(p._replace(indices=p.indices + offset) for p in parts)
@@ -60,16 +59,14 @@ def _merged(found: list[TopK], k: int, side: str) -> TopK:
     return out
 
 
-def self_influence_part(
-    train: Side, num_threads: int | None, slots: dict[str, int], per_checkpoint: bool
-) -> np.ndarray:
+def self_influence_part(train: Side, num_threads: int | None, per_checkpoint: bool) -> np.ndarray:
     """tracin.self_influence of one shard: float32 (rows,), or (rows, C) with per_checkpoint."""
-    threads = kernel_threads(num_threads, slots)
+    threads = kernel_threads(num_threads)
     return self_influence(_opened(train), per_checkpoint=per_checkpoint, num_threads=threads, progress=False)
 
 
 def aggregate_part(
-    test: Side, train: Side, num_threads: int | None, slots: dict[str, int], normalize: bool, per_test_chunk: bool
+    test: Side, train: Side, num_threads: int | None, normalize: bool, per_test_chunk: bool
 ) -> np.ndarray:
     """The kernel's float64 sums over each chunk of test rows (as tracin.aggregate cuts them; cosine
     scores with normalize), added in order from zero per train row: float64 (train rows,), the
@@ -78,7 +75,7 @@ def aggregate_part(
     the test shards before this one."""
     test_set, train_set, w = _pair(_opened(test), _opened(train))
     run = _normalize_run(normalize, test_set, train_set)
-    threads, cpu = kernel_threads(num_threads, slots), backends.get("cpu")
+    threads, cpu = kernel_threads(num_threads), backends.get("cpu")
     test_chunks = _chunks(test_set)
     out = np.zeros((len(test_chunks), train_set.n_rows) if per_test_chunk else train_set.n_rows, dtype=np.float64)
     for j, (t0, t1) in enumerate(test_chunks):

@@ -1,0 +1,167 @@
+"""Clusters whose workers join after a call began (dask-jobqueue's queued jobs, cluster.adapt(minimum=0)):
+kernel threads decided on the worker when its task runs, default shards and export ranges cut for the
+cluster's size rather than for the workers present at the call's start (review149 F1-F4)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, WorkerPlugin
+
+import tracin
+import tracin.distributed as td
+from tracin.distributed import _api, _export
+from tracin.distributed._export import cut
+from tracin.distributed._shards import MIN_SHARD_BYTES, shard_ranges
+
+from .conftest import write_store
+
+CORES = len(os.sched_getaffinity(0))  # the workers are this process's children: the same cores
+
+
+@contextmanager
+def empty_cluster() -> Iterator[tuple[LocalCluster, Client]]:
+    """A LocalCluster with no workers yet (single-threaded ones when scaled) and its client."""
+    with (
+        LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as c,
+    ):
+        yield cluster, c
+
+
+def recording_threads() -> WorkerPlugin:
+    """A plugin recording, on each worker (joined later too), the kernel threads each task decides on
+    (in dask_worker.tracin_threads). A local class: cloudpickled by value."""
+
+    class Recording(WorkerPlugin):
+        name = "tracin-test-record-threads"
+
+        def setup(self, worker) -> None:
+            from tracin.distributed import _tasks
+
+            worker.tracin_threads = []
+            decide = _tasks.kernel_threads
+
+            def recorded(*args):
+                n = decide(*args)
+                worker.tracin_threads.append(n)
+                return n
+
+            _tasks.kernel_threads = recorded
+
+    return Recording()
+
+
+def test_kernel_threads_count_workers_that_joined_after_the_call_began(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((64, 8)).astype(np.float32)
+    store = write_store(tmp_path / "s", [train], [0.5])
+    seen = []
+    with empty_cluster() as (cluster, c):
+        c.register_plugin(recording_threads())
+        real = _api.slots_by_host
+
+        def then_two_workers(*args, **kwargs):  # no workers at the call's start; two before its tasks run
+            seen.append(real(*args, **kwargs))
+            cluster.scale(2)
+            c.wait_for_workers(2)
+            return seen[-1]
+
+        monkeypatch.setattr(_api, "slots_by_host", then_two_workers)
+        got = td.self_influence(store, client=c, shards=4)
+        threads = [n for each in c.run(lambda dask_worker: dask_worker.tracin_threads).values() for n in each]
+    assert seen == [{}]
+    assert sorted(threads) == [max(1, CORES // 2)] * 4  # two single-threaded workers share the host's cores
+    np.testing.assert_allclose(got, 0.5 * (train.astype(np.float64) ** 2).sum(1), rtol=1e-6)
+
+
+def test_default_shards_without_workers_are_cut_by_size():
+    n_rows, row_bytes = 400_000, 1024  # ~390 MiB
+    ranges = shard_ranges(n_rows, row_bytes, 0, None)
+    per = MIN_SHARD_BYTES // row_bytes
+    assert ranges == [(a, min(a + per, n_rows)) for a in range(0, n_rows, per)]
+    assert len(ranges) == 25
+    assert shard_ranges(n_rows, row_bytes, 1, None)[0] == (0, n_rows // 2)  # one slot known: guided, as before
+
+
+def _export_setup(n_rows: int) -> tuple:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1)]
+    data = (torch.randn(n_rows, 6), torch.randint(0, 3, (n_rows,)))
+    return model, checkpoints, data, torch.nn.CrossEntropyLoss(reduction="none")
+
+
+def _recording_cut(monkeypatch) -> list:
+    cuts: list = []
+    real = _export.cut
+    monkeypatch.setattr(_export, "cut", lambda *args: cuts.append(real(*args)) or cuts[-1])
+    return cuts
+
+
+def test_export_on_an_adaptive_cluster_from_zero_cuts_for_its_maximum(tmp_path, monkeypatch):
+    cuts = _recording_cut(monkeypatch)
+    with empty_cluster() as (cluster, c):
+        cluster.adapt(minimum=0, maximum=2)
+        store = td.export_gradients("torch", *_export_setup(64), store=tmp_path / "s", client=c)
+    assert cuts == [[(0, 32), (32, 64)]]  # two ranges for the two workers it may start, not one for the first
+    assert store.complete and store.n_rows == 64
+
+
+def test_export_heads_for_the_workers_asked_for(tmp_path, monkeypatch):
+    from tracin.distributed._cluster import planned_slots
+
+    with empty_cluster() as (cluster, c):
+        cluster.scale(3)
+        assert planned_slots(c, {}) == 3  # none there yet: the three asked for
+        c.wait_for_workers(3)
+        assert planned_slots(c, {"127.0.0.1": 3}) == 3
+        cluster.adapt(minimum=0, maximum=5)
+        assert planned_slots(c, {"127.0.0.1": 3}) >= 5
+
+
+def test_export_ranges_follow_batches(tmp_path, monkeypatch, client):
+    cuts = _recording_cut(monkeypatch)
+    store = td.export_gradients(
+        "torch", *_export_setup(100), store=tmp_path / "s", client=client, shards=1000, batch_size=16
+    )
+    (ranges,) = cuts
+    assert 2 <= len(ranges) <= 7  # at most one per batch of 16 rows (7), not 100 one-row tasks
+    assert ranges[0][0] == 0 and ranges[-1][1] == 100
+    assert all(b == c and b % 16 == 0 for (_, b), (c, _) in zip(ranges[:-1], ranges[1:], strict=True))  # on batch edges
+    assert store.complete and store.n_rows == 100
+
+
+@pytest.mark.parametrize(
+    "missing, shards, batch, expected",
+    [
+        ([(0, 3000)], 10_000, 256, [(a, min(a + 256, 3000)) for a in range(0, 3000, 256)]),
+        ([(0, 3000)], 2, 256, [(0, 1536), (1536, 3000)]),  # 1500 moved to the nearest edge
+        ([(0, 100)], 3, 10, [(0, 30), (30, 70), (70, 100)]),  # 33, 66 -> 30, 70
+        ([(5, 25), (40, 47)], 8, 10, [(5, 10), (10, 25), (40, 47)]),  # 3 batches' rows; gap edges stay
+        ([(0, 10)], 4, 1, [(0, 2), (2, 5), (5, 7), (7, 10)]),  # batch not given: by rows, as before
+    ],
+)
+def test_cut_on_batch_edges(missing, shards, batch, expected):
+    ranges = cut(missing, shards, 3000, batch)
+    assert ranges == expected
+    covered = {r for a, b in ranges for r in range(a, b)}
+    assert covered == {r for a, b in missing for r in range(a, b)}
+
+
+def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client):
+    train = tracin.Gradients(floats["train"], floats["weights"])  # in memory: the test store is the side cut
+    with pytest.warns(UserWarning, match=r"shards=8, but the test store .* has 6 row chunk\(s\) of 7 rows"):
+        got = td.aggregate(floats["test_store"], train, client=client, shards=8)  # 40 rows, 7-row chunks
+    np.testing.assert_allclose(got, floats["scores"].sum(0), rtol=1e-5, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        td.aggregate(floats["test_store"], train, client=client, shards=6)
