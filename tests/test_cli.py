@@ -569,6 +569,30 @@ def test_output_through_a_symlink_fifo_or_hard_link_writes_the_file_named(stores
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_fifo_or_device_output_is_streamed_whatever_its_name(stores, tmp_path):
+    """review152 F3: -o /dev/stdout or a FIFO named without .csv/.npz was refused by the suffix check, while
+    the README says a FIFO or a device is streamed: CSV goes to it (score's NPZ only to a name ending in .npz)."""
+    paths, _, _ = stores
+    rank = ["self-influence", str(paths["train"]), "--top", "3", "-o"]
+    pairs = _score(paths, "-k", "2", "-o")
+    expected_rank, expected_pairs = tmp_path / "rank.csv", tmp_path / "pairs.csv"
+    assert main([*rank, str(expected_rank)]) == 0 and main([*pairs, str(expected_pairs)]) == 0
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for command, expected in ((rank, expected_rank), (pairs, expected_pairs)):
+        read: list[str] = []
+        reader = threading.Thread(target=lambda got=read: got.append(fifo.read_text()))
+        reader.start()
+        assert main([*command, str(fifo)]) == 0
+        reader.join(timeout=60)
+        assert read == [expected.read_text()]
+    done = subprocess.run(
+        [sys.executable, "-m", "tracin", *rank, "/dev/stdout"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout == expected_rank.read_text(), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv", "pipe", "rank.csv", "test", "train"]
+
+
 def test_long_output_names_are_written_and_too_long_ones_refused_first(stores, tmp_path, capsys, monkeypatch):
     paths, _, _ = stores
     rank = ["self-influence", str(paths["train"]), "-o"]
@@ -782,7 +806,8 @@ def test_output_is_checked_before_scoring(stores, tmp_path, capsys, monkeypatch)
     assert main(_score(paths, "-o", str(tmp_path))) == 2
     assert ".npz or .csv" in _error_line(capsys.readouterr().err, "score")
     assert main(["self-influence", str(paths["train"]), "-o", str(tmp_path / "rank.npz")]) == 2
-    assert "--output must end in .csv, got 'rank.npz'" in _error_line(capsys.readouterr().err, "self-influence")
+    line = _error_line(capsys.readouterr().err, "self-influence")  # review152 F3: the whole path, not 'rank.npz'
+    assert f"--output must end in .csv or be a FIFO or a device, got '{tmp_path / 'rank.npz'}'" in line
     (tmp_path / "dir.csv").mkdir()
     for command in (_score(paths), ["self-influence", str(paths["train"])]):
         assert main([*command, "-o", str(tmp_path / "dir.csv")]) == 1
@@ -801,7 +826,7 @@ def test_output_names_without_a_stem_in_a_file_or_empty_are_refused_and_suffixes
         (".csv", "--output: '.csv' has no name before .csv; give one, as in out.csv", 2),
         (".NPZ", "--output: '.NPZ' has no name before .npz; give one, as in out.npz", 2),
         ("", "--output: expected a file name, got ''", 2),
-        ("x.txt", "--output must end in .npz or .csv, got 'x.txt'", 2),
+        ("x.txt", "--output must end in .npz or .csv or be a FIFO or a device, got 'x.txt'", 2),
     ):
         assert main(_score(paths, "-o", output)) == code
         assert _error_line(capsys.readouterr().err, "score").endswith(message)
@@ -1507,7 +1532,23 @@ def test_scheduler_options_misused_are_one_line(stores, capsys, monkeypatch):
     assert "--scheduler: cannot connect to a Dask scheduler at tcp://127.0.0.1:1" in line
     with pytest.raises(SystemExit, match="2"):  # argparse: a usage error
         main(_score(paths, "--workers", "0"))
-    assert "argument --workers: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert "argument --workers: expected a positive integer no larger than" in capsys.readouterr().err
+
+
+def test_workers_beyond_four_per_usable_core_are_a_usage_error(monkeypatch, capsys):
+    """review152 F1: --workers 100000 (a typo) sat in Dask's LocalCluster setup for good, its memory growing
+    and Ctrl-C ignored: refused by argparse (exit code 2) above 4 workers per usable core."""
+    import tracin.cli
+
+    monkeypatch.setattr(tracin.cli, "usable_cores", lambda: 3)
+    parser = build_parser()
+    command = ["score", "--test", "t", "--train", "r", "--scheduler", "local", "--workers"]
+    assert parser.parse_args([*command, "12"]).workers == 12
+    for value in ("13", "100000"):
+        with pytest.raises(SystemExit, match="2"):
+            parser.parse_args([*command, value])
+        message = "argument --workers: expected a positive integer no larger than 12 (4 per usable core, 3 here)"
+        assert f"{message}, got '{value}'" in capsys.readouterr().err
 
 
 def test_workers_that_keep_dying_are_one_line(stores, capsys, monkeypatch):

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from ._cpus import usable_cores
 from ._memory import process_memory
 from ._validate import MAX_THREADS
 from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
@@ -130,8 +131,8 @@ def _per_slot(info: dict[str, Any]) -> str:
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | None:
-    """--output as a Path, checked before any work: a name before one of `suffixes` (any case;
-    if given), not a folder; a FIFO or a device (also through links: /dev/stdout) writable; else not
+    """--output as a Path, checked before any work: a FIFO or a device (also through links: /dev/stdout),
+    whatever its name, writable; else a name before one of `suffixes` (any case; if given), not a folder, not
     in a gradient store's folder (whose files are the store's own), writable if it exists, else a
     name its folder (existing, writable) accepts, as the system says when it tries (a read-only file
     system, permissions); links resolved as writing will (_whole_file.resolve: loops and others'
@@ -146,12 +147,21 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
     if last in (".", ".."):  # Path(".").name is '', Path("x/.") is x
         raise UsageError(f"--output: {path} ends in {last!r}, which names a folder; give a file name")
     out = Path(path)
+    try:
+        mode = os.stat(out).st_mode  # through links: /dev/stdout is the pipe or file it stands for
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        # a FIFO or a device, streamed whatever its name: opening it to try it would use it
+        if not os.access(out, os.W_OK):
+            raise CommandError(f"--output: cannot write {out} (permission denied)")
+        return out
     if suffixes:
         suffix = next((s for s in suffixes if out.name.lower().endswith(s)), None)
         if suffix is None:
-            raise UsageError(f"--output must end in {' or '.join(suffixes)}, got {out.name!r}")
+            raise UsageError(f"--output must end in {' or '.join(suffixes)} or be a FIFO or a device, got {path!r}")
         if len(out.name) == len(suffix):  # Path(".csv").suffix is "": a dot file
-            raise UsageError(f"--output: {out.name!r} has no name before {suffix}; give one, as in out{suffix}")
+            raise UsageError(f"--output: {path!r} has no name before {suffix}; give one, as in out{suffix}")
     limit, size = _name_max(out.parent), len(os.fsencode(out.name))
     if limit is not None and size > limit:
         raise CommandError(f"--output: file name of {size} bytes; {out.parent} allows at most {limit}")
@@ -161,14 +171,6 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         target = Path(resolve(out))
     except OSError as e:
         raise CommandError(f"--output: {e.strerror}") from e
-    try:
-        mode = os.stat(out).st_mode  # through links: /dev/stdout is the pipe or file it stands for
-    except OSError:
-        mode = None
-    if mode is not None and not stat.S_ISREG(mode):  # a FIFO or a device: opening it to try it would use it
-        if not os.access(out, os.W_OK):
-            raise CommandError(f"--output: cannot write {out} (permission denied)")
-        return out
     store = enclosing_store(target)
     if store is not None:
         raise CommandError(
@@ -309,7 +311,7 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         from distributed import Client
 
         from .distributed import TaskFailedError
-        from .distributed._cluster import WorkersTracinError, local_client, usable_cores
+        from .distributed._cluster import WorkersTracinError, local_client
     except ImportError as e:
         raise CommandError(f"--scheduler needs Dask: pip install 'tracin[distributed]' ({e})") from e
     if args.scheduler == "local":
@@ -842,6 +844,19 @@ positive_int = _argument_type(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _argument_type(int, lambda v: v >= 0, "an integer >= 0")
 fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # NaN is refused too
 thread_count = _argument_type(int, lambda v: 1 <= v <= MAX_THREADS, f"a positive integer no larger than {MAX_THREADS}")
+WORKERS_PER_CORE = 4  # the most --workers per usable core: more single-threaded processes only share the cores
+
+
+def _worker_count() -> Callable[[str], int]:
+    """The argparse type of --workers: a LocalCluster of at most WORKERS_PER_CORE processes per usable core
+    (one starting 100000, a typo, sat in Dask's setup for good, growing, deaf to Ctrl-C)."""
+    cores = usable_cores()
+    most = WORKERS_PER_CORE * cores
+    return _argument_type(
+        int,
+        lambda v: 1 <= v <= most,
+        f"a positive integer no larger than {most} ({WORKERS_PER_CORE} per usable core, {cores} here)",
+    )
 
 
 def _scoring_options(p: argparse.ArgumentParser) -> None:
@@ -861,9 +876,10 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=positive_int,
+        type=_worker_count(),
         default=None,
-        help="with --scheduler local: worker processes, one thread each (default: one per core)",
+        help=f"with --scheduler local: worker processes, one thread each, at most {WORKERS_PER_CORE} per core "
+        "(default: one per core)",
     )
     p.add_argument(
         "--device",
@@ -917,7 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         default=None,
-        help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv (default: CSV on stdout)",
+        help="result file, .npz (arrays SIDE_values, SIDE_indices) or .csv; a FIFO or a device (/dev/stdout) gets "
+        "CSV unless its name ends in .npz (default: CSV on stdout)",
     )
     p.add_argument(
         "--normalize",
@@ -938,7 +955,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("self-influence", "rank training rows by self-influence (mislabel search)", cmd_self_influence)
     p.add_argument("path", help="train gradient store")
-    p.add_argument("-o", "--output", default=None, help="CSV ranking (.csv), highest first (default: stdout)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="CSV ranking (.csv, or a FIFO or a device), highest first (default: stdout)",
+    )
     p.add_argument("--top", type=positive_int, default=None, help="keep only the first N rows (default: all)")
     p.add_argument(
         "--whitening",
@@ -1286,11 +1308,12 @@ def _main(argv: list[str] | None) -> int:
         return code
 
 
-def console() -> None:
-    """The `tracin` program (console script, python -m tracin): main(), then, where a signal ended the command,
-    SIGINT, SIGTERM and SIGHUP ignored while the process exits (Python's finalization restores their default
-    action, by which a late second Ctrl-C would kill the process by SIGINT instead of exit code 130)."""
-    code = main()
+def console(argv: list[str] | None = None) -> None:
+    """The `tracin` program (console script, python -m tracin; python -m tracin.demo with `argv` ["demo", ...]):
+    main(argv), then, where a signal ended the command, SIGINT, SIGTERM and SIGHUP ignored while the process exits
+    (Python's finalization restores their default action, by which a late second Ctrl-C would kill the process
+    by SIGINT instead of exit code 130)."""
+    code = main(argv)
     if code in {128 + getattr(signal, n) for n in _DEFAULTS if hasattr(signal, n)}:
         for name in _DEFAULTS:
             if hasattr(signal, name):
