@@ -1273,3 +1273,20 @@ def test_the_demo_refuses_to_start_without_the_disk_space_it_needs(tmp_path, mon
     assert "0.0 MB are free there" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_0002.npz", "checkpoint_0004.npz"]
     assert not (out / "grads").exists() or list((out / "grads").iterdir()) == []
+
+
+def test_python_m_tracin_demo_runs_the_demo_command(tmp_path):
+    """review152 F4: `python -m tracin.demo` failed ("No module named tracin.demo.__main__"); it is
+    `tracin demo` (as `python -m tracin demo` is): the same lines printed, options and errors."""
+    runs = {}
+    for name, module in (("package", ["tracin.demo"]), ("command", ["tracin", "demo"])):
+        (tmp_path / name).mkdir()
+        argv = [sys.executable, "-m", *module, "--epochs", "2", "--checkpoints", "1", "--no-progress"]
+        runs[name] = subprocess.run([*argv, "-o", "out"], cwd=tmp_path / name, capture_output=True, timeout=300)
+        assert runs[name].returncode == 0, runs[name].stderr
+        assert GradientStore.open(tmp_path / name / "out" / "grads" / "train").n_rows == 1400
+        runs[f"{name} error"] = subprocess.run([*argv, "--noise", "2"], capture_output=True, timeout=300)
+        assert runs[f"{name} error"].returncode == 2
+    assert runs["package"].stdout == runs["command"].stdout and b"saving 1 checkpoint\n" in runs["package"].stdout
+    assert runs["package error"].stderr == runs["command error"].stderr
+    assert runs["package error"].stderr.splitlines()[-1].startswith(b"tracin demo: error: argument --noise:")
