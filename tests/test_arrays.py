@@ -140,6 +140,24 @@ def test_16_bit_integer_torch_tensors_get_the_bfloat16_view_advice(rng):
         tracin.Projection(4).apply(bits)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "int32"])
+def test_torch_tensors_of_another_dtype_get_the_float_advice(dtype, rng):
+    # review152 F5: a float64 tensor (torch.set_default_dtype, data from NumPy) was refused with no fix,
+    # while a NumPy array gets ".astype(np.float32)"
+    torch = pytest.importorskip("torch")
+    from tracin._arrays import _device_tensor
+
+    rows = rng.standard_normal((3, 4))
+    tensor = torch.from_numpy(rows).to(getattr(torch, dtype))
+    advice = rf" has dtype torch\.{dtype}; expected float32, float16 or bfloat16 \(convert with \.float\(\)\)$"
+    with pytest.raises(TypeError, match=r"^matrices\[0\]" + advice):
+        tracin.Gradients([tensor])
+    with pytest.raises(TypeError, match="^x" + advice):  # a tensor on a GPU, as _device_tensor checks it there
+        _device_tensor(tensor, "x")
+    values = tensor.numpy().astype(np.float32).astype(np.float64)  # the advice followed, against float64
+    np.testing.assert_allclose(tracin.self_influence(tensor.float()), (values**2).sum(1), rtol=1e-6)
+
+
 def test_torch_tensors_are_read_without_torch_uint16(monkeypatch, rng):
     # torch 2.1 / 2.2 (pyproject allows them) have no torch.uint16: every float tensor raised AttributeError
     torch = pytest.importorskip("torch")

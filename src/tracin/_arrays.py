@@ -19,6 +19,8 @@ _BITS_ADVICE = (
     "import ml_dtypes), not a conversion to float, which would read the bits as integers"
 )
 
+_TORCH_ADVICE = "(convert with .float())"  # float64 gradients, as NumPy's .astype advice; on a GPU it stays there
+
 
 def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
     import torch
@@ -39,7 +41,7 @@ def _from_torch(x: Any, name: str, device_arrays: bool) -> tuple[Any, str]:
             "likely bfloat16 bit patterns: pass x.view(torch.bfloat16), not x.float(), which reads them as integers"
         )
     if x.dtype not in (torch.float32, torch.float16):
-        raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
+        raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16 {_TORCH_ADVICE}")
     return x.numpy(), str(x.numpy().dtype)
 
 
@@ -50,7 +52,7 @@ def _device_tensor(x: Any, name: str) -> tuple[Any, str]:
 
     x = x.detach().resolve_neg().resolve_conj()
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16")
+        raise TypeError(f"{name} has dtype {x.dtype}; expected float32, float16 or bfloat16 {_TORCH_ADVICE}")
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows, dims), got shape {tuple(x.shape)}")
     rows, cols = x.shape
