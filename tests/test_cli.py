@@ -2353,7 +2353,7 @@ def test_the_program_ignores_signals_while_it_exits_after_one_ended_the_command(
     import tracin.cli
 
     set_to = {}
-    monkeypatch.setattr(tracin.cli, "main", lambda: code)
+    monkeypatch.setattr(tracin.cli, "main", lambda argv=None: code)
     monkeypatch.setattr(tracin.cli.signal, "signal", lambda s, h: set_to.__setitem__(s, h))
     with pytest.raises(SystemExit) as e:
         tracin.cli.console()
