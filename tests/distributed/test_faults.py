@@ -275,6 +275,7 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
     rows = [rng.standard_normal((400, 16)).astype(np.float32)]
     rows[0][[250, 251]] = np.nan
     store = write_store(tmp_path / "bad", rows, None)
+    by_100 = tracin.GradientStore.open(store.path, chunk_bytes=100 * store.row_bytes)
     small = tracin.Gradients(rng.standard_normal((3, 16)).astype(np.float32))
     as_train = r"train checkpoint 0 contains NaN or Inf values, first in rows \[250, 251\]"
     as_test = as_train.replace("train", "test")
@@ -283,7 +284,7 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
         (lambda: td.self_influence(store, client=client, shards=4), as_train),
         (lambda: td.aggregate(small, store, client=client, shards=4), as_train),
         (lambda: td.top_k(store, small, 2, client=client, shards=4), as_test),
-        (lambda: td.aggregate(store, small, client=client, shards=4), as_test),
+        (lambda: td.aggregate(by_100, small, client=client, shards=4), as_test),  # cut on its 4 row chunks
     ):
         with pytest.raises(ValueError, match=message):
             call()

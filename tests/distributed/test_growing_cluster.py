@@ -133,10 +133,7 @@ def test_export_ranges_follow_batches(tmp_path, monkeypatch, client):
     store = td.export_gradients(
         "torch", *_export_setup(100), store=tmp_path / "s", client=client, shards=1000, batch_size=16
     )
-    (ranges,) = cuts
-    assert 2 <= len(ranges) <= 7  # at most one per batch of 16 rows (7), not 100 one-row tasks
-    assert ranges[0][0] == 0 and ranges[-1][1] == 100
-    assert all(b == c and b % 16 == 0 for (_, b), (c, _) in zip(ranges[:-1], ranges[1:], strict=True))  # on batch edges
+    assert cuts == [[(a, min(a + 16, 100)) for a in range(0, 100, 16)]]  # a task per batch (7), not 100
     assert store.complete and store.n_rows == 100
 
 
@@ -144,22 +141,28 @@ def test_export_ranges_follow_batches(tmp_path, monkeypatch, client):
     "missing, shards, batch, expected",
     [
         ([(0, 3000)], 10_000, 256, [(a, min(a + 256, 3000)) for a in range(0, 3000, 256)]),
-        ([(0, 3000)], 2, 256, [(0, 1536), (1536, 3000)]),  # 1500 moved to the nearest edge
-        ([(0, 100)], 3, 10, [(0, 30), (30, 70), (70, 100)]),  # 33, 66 -> 30, 70
-        ([(5, 25), (40, 47)], 8, 10, [(5, 10), (10, 25), (40, 47)]),  # 3 batches' rows; gap edges stay
+        ([(0, 3000)], 2, 256, [(0, 1536), (1536, 3000)]),  # 12 batches in 2 parts
+        ([(0, 100)], 3, 10, [(0, 30), (30, 60), (60, 100)]),  # 10 batches in 3 parts
+        ([(5, 25), (40, 47)], 8, 10, [(5, 10), (10, 20), (20, 25), (40, 47)]),  # 4 batches touched
         ([(0, 10)], 4, 1, [(0, 2), (2, 5), (5, 7), (7, 10)]),  # batch not given: by rows, as before
+        # batch [20, 30) holds rows of two gaps: one task computes it, writing rows 25-27 again (the same bytes)
+        ([(0, 25), (28, 50), (90, 95)], 8, 10, [(0, 10), (10, 20), (20, 30), (30, 40), (40, 50), (90, 95)]),
     ],
 )
 def test_cut_on_batch_edges(missing, shards, batch, expected):
     ranges = cut(missing, shards, 3000, batch)
     assert ranges == expected
+    assert all(b <= c for (_, b), (c, _) in zip(ranges[:-1], ranges[1:], strict=True))  # disjoint, in order
     covered = {r for a, b in ranges for r in range(a, b)}
-    assert covered == {r for a, b in missing for r in range(a, b)}
+    wanted = {r for a, b in missing for r in range(a, b)}
+    assert wanted <= covered and all(r // batch in {w // batch for w in wanted} for r in covered - wanted)
+    gap_edges = {x for gap in missing for x in gap}
+    assert all(x % batch == 0 or x in gap_edges for r in ranges for x in r)  # on batch or gap edges
 
 
 def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client):
     train = tracin.Gradients(floats["train"], floats["weights"])  # in memory: the test store is the side cut
-    with pytest.warns(UserWarning, match=r"shards=8, but the test store .* has 6 row chunk\(s\) of 7 rows"):
+    with pytest.warns(UserWarning, match=r"shards=8, but the test store .* has 6 row chunk\(s\) \(up to 7 rows each\)"):
         got = td.aggregate(floats["test_store"], train, client=client, shards=8)  # 40 rows, 7-row chunks
     np.testing.assert_allclose(got, floats["scores"].sum(0), rtol=1e-5, atol=1e-4)
     with warnings.catch_warnings():

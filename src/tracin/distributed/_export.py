@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import importlib
 import inspect
@@ -350,28 +351,20 @@ def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
 
 def cut(missing: list[tuple[int, int]], shards: int, n_rows: int, batch: int = 1) -> list[tuple[int, int]]:
     """Row ranges, one task each, covering the rows `missing` (sorted, disjoint gaps) of a store of
-    `n_rows` rows (by_rows), no more than the batches of `batch` rows the missing rows fill, and each
-    range's end inside a gap moved to the nearest multiple of `batch` (on_batch_edges): a task computes
-    every batch its range touches whole, so a batch cut by two ranges is computed twice. `batch`: the
-    export's batch_size (1: not given), the batch edges of data batched from row 0 (tensors, arrays, a
-    Dataset); other data's edges may fall elsewhere, the count is still capped."""
-    missing_rows = sum(b - a for a, b in missing)
-    return on_batch_edges(by_rows(missing, min(shards, max(1, -(-missing_rows // batch))), n_rows), batch)
+    `n_rows` rows, cut by by_rows in batches of `batch` rows (the export's batch_size; 1: not given):
+    no more ranges than the batches the missing rows touch, every range's ends on batch edges or gap
+    edges (a task computes every batch its range touches whole: a batch cut by two ranges would be
+    computed twice), a batch two gaps touch in one range. The edges are those of data batched from
+    row 0 (tensors, arrays, a Dataset); other data's edges may fall elsewhere, the count is still capped."""
+    units = merge_ranges((a // batch, -(-b // batch)) for a, b in missing)  # the batches each gap touches
+    ranges = by_rows(units, min(shards, sum(b - a for a, b in units)), -(-n_rows // batch))
+    starts, ends = [a for a, _ in missing], [b for _, b in missing]
 
+    def rows(u0: int, u1: int) -> tuple[int, int]:  # batches [u0, u1) to the missing rows in them, and between
+        first, last = bisect.bisect_right(ends, u0 * batch), bisect.bisect_left(starts, u1 * batch) - 1
+        return max(starts[first], u0 * batch), min(ends[last], u1 * batch)
 
-def on_batch_edges(ranges: list[tuple[int, int]], batch: int) -> list[tuple[int, int]]:
-    """`ranges` (sorted, disjoint), each boundary between two adjacent ones moved to the nearest
-    multiple of `batch` within the two (the first of equals), a range left empty dropped."""
-    out: list[list[int]] = []
-    for a, b in ranges:
-        if out and out[-1][1] == a and batch > 1:  # a cut inside a gap: to the nearest batch edge
-            a = min(max((a + (batch - 1) // 2) // batch * batch, out[-1][0]), b)
-            out[-1][1] = a
-            if out[-1][0] == a:
-                out.pop()
-        if a < b:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+    return [rows(u0, u1) for u0, u1 in ranges]
 
 
 def by_rows(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[int, int]]:
