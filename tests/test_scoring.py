@@ -287,6 +287,30 @@ def test_merge_top_k_refuses_shards_sorted_for_the_other_side(rng):
     np.testing.assert_array_equal(merged.values, whole.opponents.values)
 
 
+def test_merge_top_k_asks_for_the_side_where_no_shard_shows_its_order(rng):
+    # review154 F4: k=1 opponents shards merged without side= gave the largest of their minima
+    test, train = random_set(rng, 4, [3]), random_set(rng, 100, [3])
+    dense = to_float64(test[0]) @ to_float64(train[0]).T
+    for side in ("opponents", "proponents"):
+        shards = [tracin.top_k(test, [train[0][a : a + 50]], k=1, side=side) for a in (0, 50)]
+        with pytest.raises(ValueError, match=r"side .* not known: no shard shows an order \(widths \[1, 1\].*side="):
+            tracin.merge_top_k(shards, [0, 50])
+        values, order = reference_topk(dense, 1, side)
+        merged = tracin.merge_top_k(shards, [0, 50], side=side)
+        np.testing.assert_array_equal(merged.indices, order)
+        np.testing.assert_allclose(merged.values, values, rtol=1e-5, atol=1e-5)
+    # Rows all tied show no order either; one shard of one column, or no test rows, merge as they are.
+    tied = [tracin.TopK(np.full((2, 3), v, np.float32), np.tile(np.arange(3), (2, 1))) for v in (1.0, 2.0)]
+    with pytest.raises(ValueError, match="no shard shows an order"):
+        tracin.merge_top_k(tied, [0, 3])
+    np.testing.assert_array_equal(tracin.merge_top_k(tied, [0, 3], k=3, side="opponents").indices[0], [0, 1, 2])
+    np.testing.assert_array_equal(tracin.merge_top_k(shards[:1], [0]).indices, shards[0].indices)
+    assert tracin.merge_top_k([tracin.TopK(t.values[:0], t.indices[:0]) for t in tied], [0, 3], k=3).values.shape == (
+        0,
+        3,
+    )
+
+
 def test_merge_top_k_without_k_takes_the_common_width(rng):
     test, train = random_set(rng, 4, [6]), random_set(rng, 30, [6])
     cuts = [0, 10, 20, 30]

@@ -986,13 +986,15 @@ def _order_keys(key: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return ordered
 
 
-def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None, side: str = "proponents") -> TopK:
+def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None, side: str | None = None) -> TopK:
     """Merge top-k results computed on row shards of the train side into the result on the whole.
 
     results: TopK per shard (indices local to the shard); offsets: the first global train row of
-    each shard. side: the side the shards were scored for, "proponents" (default) or "opponents";
-    a shard sorted the other way (values rising along a row for proponents, falling for opponents)
-    is refused, naming the side to pass (shards in no order are taken). k: the k the shards were
+    each shard. side: the side the shards were scored for, "proponents" or "opponents"; a shard
+    sorted the other way (values rising along a row for proponents, falling for opponents) is
+    refused, naming the side to pass. None (default) merges as proponents where a shard shows its
+    order; where none can (every shard one column wide, as with k=1, or its rows all tied) and the
+    side would matter, it is a ValueError asking for side=. k: the k the shards were
     scored with; exactly equal to top_k(k=k) on the unsharded data, ties included (smaller global
     index first). k None takes it from a shard that shows it: one with more train rows than
     columns, known from a local index at or past its width. Where none shows k (every shard may be
@@ -1000,7 +1002,8 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     disagree, it is a ValueError asking for k. A train row present twice (the same shard given
     twice, or overlapping shards) is refused.
     """
-    _check_side(side, ("proponents", "opponents"))
+    if side is not None:
+        _check_side(side, ("proponents", "opponents"))
     for name, value in (("results", results), ("offsets", offsets)):
         if isinstance(value, (str, bytes, TopK)) or not hasattr(value, "__iter__"):
             raise TypeError(f"{name} must be a sequence (one entry per shard), got {type(value).__name__}")
@@ -1009,6 +1012,7 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
         raise ValueError(f"results has {len(results)} entries but offsets has {len(offsets)}")
     if not results:
         raise ValueError("results must hold at least one TopK")
+    shown = False  # whether a shard shows the order it was sorted in
     for i, (r, o) in enumerate(zip(results, offsets, strict=True)):
         if not isinstance(r, TopK):
             raise TypeError(
@@ -1028,16 +1032,25 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
             raise ValueError(f"offsets[{i}] must be a non-negative integer, got {o!r}")
         steps = np.diff(np.asarray(r.values, dtype=np.float64), axis=1)
         rising, falling = bool(np.any(steps > 0)), bool(np.any(steps < 0))
-        if (rising and not falling) if side == "proponents" else (falling and not rising):
-            other = "opponents" if side == "proponents" else "proponents"
+        shown = shown or rising or falling
+        if (rising and not falling) if side in (None, "proponents") else (falling and not rising):
+            other = "opponents" if side in (None, "proponents") else "proponents"
             way = "rise" if other == "opponents" else "fall"
             raise ValueError(
                 f"results[{i}] is sorted as {other} results are (its values {way} along a row), but "
-                f"side={side!r}: merge {other} with side={other!r}"
+                f"side={side or 'proponents'!r}: merge {other} with side={other!r}"
             )
     rows = {r.values.shape[0] for r in results}
     if len(rows) != 1:
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
+    if side is None:
+        if not shown and rows.pop() and sum(r.values.shape[1] for r in results) > 1:
+            raise ValueError(
+                "the side the shards were scored for is not known: no shard shows an order (widths "
+                f"{[r.values.shape[1] for r in results]}: one column, as with k=1, or values all tied along "
+                "a row); pass side='proponents' or side='opponents'"
+            )
+        side = "proponents"
     values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     indices = np.concatenate(
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
