@@ -15,7 +15,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 import tracin
 import tracin.distributed as td
-from tracin.distributed import _api, _export
+from tracin.distributed import _api, _export, _shards
 from tracin.distributed._export import cut
 from tracin.distributed._shards import MIN_SHARD_BYTES, shard_ranges
 
@@ -89,6 +89,25 @@ def test_default_shards_without_workers_are_cut_by_size():
     assert ranges == [(a, min(a + per, n_rows)) for a in range(0, n_rows, per)]
     assert len(ranges) == 25
     assert shard_ranges(n_rows, row_bytes, 1, None)[0] == (0, n_rows // 2)  # one slot known: guided, as before
+
+
+def test_default_shards_are_cut_for_the_workers_an_adaptive_cluster_may_start(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    train = rng.standard_normal((400, 16)).astype(np.float32)  # 64 bytes a row
+    store = write_store(tmp_path / "s", [train], [1.0])
+    monkeypatch.setattr(_shards, "MIN_SHARD_BYTES", 64)  # a shard of one row at least, not 16 MiB
+    cuts: list = []
+    real = _api.shard_ranges
+    monkeypatch.setattr(_api, "shard_ranges", lambda *args: cuts.append(real(*args)) or cuts[-1])
+    with empty_cluster() as (cluster, c):
+        cluster.scale(1)
+        c.wait_for_workers(1)
+        cluster.adapt(minimum=1, maximum=8)
+        got = td.self_influence(store, client=c)
+    (ranges,) = cuts
+    assert ranges[0] == (0, 25)  # guided for 8 slots (400 / 16), not for the one worker there (200 rows)
+    assert ranges[-1][1] == 400
+    np.testing.assert_allclose(got, (train.astype(np.float64) ** 2).sum(1), rtol=1e-6)
 
 
 def _export_setup(n_rows: int) -> tuple:

@@ -30,7 +30,7 @@ from ..scoring import (
 )
 from ..store import GradientStore
 from . import _tasks
-from ._cluster import check_worker_timeout, client_for, slots_by_host
+from ._cluster import check_worker_timeout, client_for, planned_slots, slots_by_host
 from ._run import Job
 from ._shards import StoreRows, as_side, shard_ranges
 
@@ -66,8 +66,9 @@ def top_k(
     pending, so that an adaptive cluster (cluster.adapt(minimum=0)) starts one. Only the first
     worker is waited for: a cluster that loses its workers mid-call waits for new ones, as Dask does.
     shards: number of equal row shards (None: by bytes, at most 256 MiB, large ones first and
-    small ones last so that the workers finish together; 16 MiB each when the cluster has no workers
-    at the call's start, whose number is then unknown).
+    small ones last so that the task slots finish together: those of the workers at the call's start,
+    or of the workers the cluster heads for where this client holds its cluster object (scale(n),
+    adapt(maximum=n)); 16 MiB each when the cluster has no workers then and none are known to come).
     num_threads: kernel threads per task (None: each host's cores shared among the worker threads on
     it, as the scheduler records them when the task runs: workers that joined later count too).
     progress: a tqdm bar over shards (None: after a few seconds, if tqdm is installed).
@@ -93,7 +94,7 @@ def top_k(
     _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, f"top_k ({side})") as job:
-        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
+        slots = planned_slots(c, slots_by_host(c, worker_timeout))  # 0: no workers yet, none planned
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -160,7 +161,7 @@ def self_influence(
     shards, num_threads, progress = _options(shards, num_threads, progress, train_set.n_rows * _width(train_set))
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "self_influence") as job:
-        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
+        slots = planned_slots(c, slots_by_host(c, worker_timeout))  # 0: no workers yet, none planned
         parts = _per_shard(
             job,
             _tasks.self_influence_part,
@@ -204,7 +205,7 @@ def aggregate(
     _check_finite(test_set, train_set)
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "aggregate") as job:
-        slots = sum(slots_by_host(c, worker_timeout).values())  # 0: no workers yet
+        slots = planned_slots(c, slots_by_host(c, worker_timeout))  # 0: no workers yet, none planned
         if isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
@@ -315,7 +316,8 @@ def _per_shard(
     side: str = "train",
 ) -> list[Future]:
     """One task fn(*args(rows, first row)) per row shard of `cut` (the `side`, "test" or "train"),
-    in row order; `slots`: the cluster's task slots at the call's start (0: no workers yet)."""
+    in row order; `slots`: the task slots the cluster heads for (planned_slots; 0: no workers yet, none
+    planned)."""
     whole, futures = job.rows_of(cut), []
     for a, b in shard_ranges(cut.n_rows, cut.row_bytes, slots, shards, align):
         rows = whole.rows(a, b)
