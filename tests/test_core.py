@@ -112,6 +112,33 @@ def test_each_test_row_gets_its_own_weight_exponent(rng, isa):
     assert np.all(np.take_along_axis(exact + 2 * bound, indices, 1) >= fourth)
 
 
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_a_row_near_float32s_top_gets_its_exponent_whatever_else_the_pass_holds(isa):
+    """review154 F1: a test row whose largest weighted value is in [2^127, 2^128) was lowered only when
+    another row of its pass was tiny or overflowed, so its bits changed with the pass's rows (thread
+    count, k, a store's chunks). Row [2^127, 2^-100 (1 + 2^-23)] against train rows scoring exactly 1
+    and 1 + 2^-23: the same bits alone, beside a zero row, and in top_k passes of any size."""
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    row = np.array([[2.0**127, np.float32(2.0**-100) * np.float32(1 + 2.0**-23)]], np.float32)
+    train = np.zeros((20000, 2), np.float32)
+    train[0], train[1], train[2:, 1] = [2.0**-127, 0.0], [0.0, 2.0**100], 2.0**90
+    side = lambda x: tracin.Gradients([x]).kernel_side()  # noqa: E731
+    alone = _core.scores(side(row), side(train[:2]), [1.0], isa=isa)
+    for others in (np.zeros((1, 2), np.float32), np.ones((1, 2), np.float32)):
+        beside = _core.scores(side(np.vstack([row, others])), side(train[:2]), [1.0], isa=isa)
+        np.testing.assert_array_equal(beside[:1], alone)
+    # 600 test rows, a zero row 200 rows after it: top_k passes of 416 (1 thread) or 192 rows (2).
+    test = np.ones((600, 2), np.float32)
+    test[200], test[400] = row[0], 0.0
+    order = np.lexsort((np.arange(2), -alone[0]))  # by score, ties to the smaller index
+    for k in (10, 5000):
+        for threads in (1, 2):
+            values, indices, _, _ = _core.top_k(side(test), side(train), [1.0], k, 0, num_threads=threads, isa=isa)
+            np.testing.assert_array_equal(indices[200, :2], order)
+            np.testing.assert_array_equal(values[200, :2], alone[0, order])
+
+
 def test_scaling_the_weight_by_a_power_of_two_scales_the_scores_exactly(rng):
     """Weights are packed divided by a power of two and the tile multiplied back: exact, so scaling
     the weight by 2^j scales every score by 2^j, bit for bit, with or without cosine normalisation

@@ -122,7 +122,7 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // 2^e_r once computed: one exponent per row, since a score's column only sees its own row. e_r is 0
 // (the plain w_c, the same bits as ever) unless row r's weighted values leave float32's comfortable
 // range: when every one is below 2^-96 (subnormals lose bits) e_r brings the largest to 2^-96,
-// when one overflows it brings the largest to 2^100, unless that would round one of the row's other
+// when one is at least 2^127 (or overflows) it brings the largest to 2^100, unless that would round one of the row's other
 // values (in any checkpoint) that is normal at e_r = 0 by more than 2^-20 of itself (packed as a
 // subnormal of fewer than about 20 bits, or as zero; ShiftLosesBits): then e_r stays 0 and the row
 // overflows, reported as such (a row whose checkpoints' weighted values span more than about 2^230
@@ -163,7 +163,7 @@ class PackedTest {
     factors_.clear();
     Outcome outcome;
     Status status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
-    if (status.ok() && (!outcome.finite || outcome.tiny)) {
+    if (status.ok() && (!outcome.finite || outcome.tiny || outcome.huge)) {
       std::vector<int> exponents = ExponentsFor(kernels, test, weights, begin, count, normalize);
       if (std::any_of(exponents.begin(), exponents.end(), [](int e) { return e != 0; })) {
         exponents_ = std::move(exponents);
@@ -194,6 +194,8 @@ class PackedTest {
     bool finite = true;  // no packed value is NaN or Inf
     bool tiny = false;   // some row's weighted packed values are all below 2^-96, cosine scores 2^0
                          // (zeros included): ExponentsFor decides
+    bool huge = false;   // some row has a weighted packed value of at least 2^127: ExponentsFor
+                         // decides, whatever the pass's other rows (so e_r is a function of row r alone)
   };
 
   // Packs every panel of the pass with weights w_c * 2^-e_r, one panel of one block per task.
@@ -222,16 +224,21 @@ class PackedTest {
     });
     outcome.finite = (all & 0x80000000u) == 0;
     outcome.tiny = false;
+    outcome.huge = false;
     // Cosine scores read the cosine flags (stored after the plain ones; no sign bit to drop: it can
     // only be set by a value above 2^96), other scores the plain ones.
     const std::size_t first = normalize > 0 ? entries : 0;
     const std::uint32_t mask = normalize > 0 ? 0xffffffffu : 0x7fffffffu;
     const std::uint32_t below = normalize > 0 ? kCosineTinyBits : kTinyBits;
-    for (std::int64_t r = 0; r < count && !outcome.tiny; ++r) {
-      std::uint32_t weighted = 0;
+    for (std::int64_t r = 0; r < count && !(outcome.tiny && outcome.huge); ++r) {
+      std::uint32_t weighted = 0, plain = 0;
       for (std::size_t b = 0; b < test.blocks.size(); ++b)
-        if (!(test.factored && b % 2 == 1)) weighted |= row_flags[first + b * static_cast<std::size_t>(count) + r];
-      outcome.tiny = (weighted & mask) < below;
+        if (!(test.factored && b % 2 == 1)) {
+          weighted |= row_flags[first + b * static_cast<std::size_t>(count) + r];
+          plain |= row_flags[b * static_cast<std::size_t>(count) + r];
+        }
+      outcome.tiny = outcome.tiny || (weighted & mask) < below;
+      outcome.huge = outcome.huge || (plain & kHugeBit) != 0;
     }
     return status;
   }
@@ -239,6 +246,9 @@ class PackedTest {
   // PackPanel's flags have their low 31 bits below this (a power of two) exactly when every value's
   // exponent field + 1 is below 32: every value is below 2^-96.
   static constexpr std::uint32_t kTinyBits = 32u << 23;
+  // Set in PackPanel's flags (whose low 23 bits are otherwise 0) by a value of at least 2^127 (exponent
+  // field 254 or more): ExponentsFor may lower the row (the OR of the exponent fields cannot tell).
+  static constexpr std::uint32_t kHugeBit = 1u;
   // Its cosine flags (the OR of exponent field + kCosineOffset) are below this exactly when every
   // exponent field is below 96: every value is below 2^-31. That admits the rows ExponentsFor lifts
   // for cosine scores (largest packed value below 2^kCosineFloor; float rounding never takes a value
@@ -366,7 +376,8 @@ class PackedTest {
   // when not null). row_flags[r] gets the OR of row r's flags, cosine_flags[r] the OR of its values'
   // (bits & exponent) + kCosineOffset.
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
-  // (bits & exponent) + 1 ulp of exponent over the values: the sign bit is set only for NaN or Inf.
+  // (bits & exponent) + 1 ulp of exponent over the values, with kHugeBit where a value is at least
+  // 2^127: the sign bit is set only for NaN or Inf.
   std::uint32_t PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
                           const int* exponents, const double* scales, std::int64_t begin, std::int64_t count,
                           std::int64_t panel, int nr, std::uint32_t* row_flags, std::uint32_t* cosine_flags) {
@@ -387,7 +398,7 @@ class PackedTest {
           const float v = static_cast<float>(lw * static_cast<double>(piece[kk]));
           std::uint32_t bits;
           std::memcpy(&bits, &v, sizeof bits);
-          lane_flags |= (bits & 0x7f800000u) + 0x00800000u;
+          lane_flags |= ((bits & 0x7f800000u) + 0x00800000u) | ((bits & 0x7f800000u) >= 0x7f000000u ? kHugeBit : 0u);
           lane_cosine |= (bits & 0x7f800000u) + kCosineOffset;
           slice[kk * nr + lane] = v;
         }
