@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -427,6 +428,25 @@ def test_values_of_a_spec_are_quoted_cut_short_in_errors():
             call()
         text = str(failure.value)
         assert start in text and len(text) < 600, (start, len(text), text[:300])
+
+
+@pytest.mark.parametrize(
+    "field,value,shown",
+    [
+        ("dim", 10**4000, "got 100000000000... (4001 digits)"),
+        ("dim", 2 * 10**5000 + 7, "got 200000000000... (5001 digits)"),  # beyond str(int)'s 4300 digits
+        ("dim", -(10**30) - 1, "got -100000000000... (31 digits)"),
+        ("seed", 10**4000 - 1, "got 999999999999... (4000 digits)"),
+        ("dim", 10**23, "got 100000000000000000000000"),  # below 10**24: in full
+    ],
+    ids=["4001-digits", "5001-digits", "negative", "seed", "in-full"],
+)
+def test_huge_ints_of_a_spec_are_cut_short_in_errors(field, value, shown):
+    # review153 F5: a 4001-digit dim in a store's metadata['projection'] made a 4497-character error line
+    with pytest.raises(ValueError) as failure:
+        tracin.Projection.from_dict({**tracin.Projection(8).to_dict(), field: value})
+    text = str(failure.value)
+    assert text.endswith(shown) and len(text) < 300, text[:300]
 
 
 # --- bad input ---
@@ -1086,3 +1106,67 @@ def test_kronecker_factors_are_freed_with_their_owner_beyond_a_small_cache(monke
     assert module._FACTOR_CACHE_BYTES <= 1 << 20  # the patched bound; the default below
     monkeypatch.undo()
     assert module._FACTOR_CACHE_BYTES <= 64 << 20
+
+
+def test_apply_and_apply_factored_warn_when_the_output_is_no_narrower(rng):
+    """review153 F2: Projection(4096).apply of 10 columns and apply_factored of (3, 9) widened silently."""
+    rows = rng.standard_normal((2, 10)).astype(np.float32)
+    for proj in (tracin.Projection(4096), tracin.Projection(10, per_layer=True)):
+        with pytest.warns(
+            RuntimeWarning, match=rf"\.apply projects rows of width 10 to {proj.dim} columns, not fewer"
+        ) as w:
+            proj.apply(rows, segments=[6, 4] if proj.per_layer else None)
+        assert [x.filename for x in w] == [__file__]
+    with pytest.warns(RuntimeWarning) as w:
+        left, right = tracin.Projection(4096).apply_factored(rows[:, :3], rows[:, :9])
+    assert (left.shape, right.shape) == ((2, 64), (2, 64))
+    texts = [str(x.message) for x in w if x.category is RuntimeWarning]
+    assert len(texts) == 2 and "left factors of width 3 to 64 columns" in texts[0]
+    assert "right factors of width 9 to 64 columns" in texts[1] and "factored_dims are below (3, 9)" in texts[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracin.Projection(9).apply(rows)
+        tracin.Projection(9, per_layer=True).apply(rows, segments=[6, 4])
+        tracin.Projection(64).apply(rows, column_offset=5)  # a piece of a wider row
+        tracin.Projection(16).apply_factored(rows[:, :5], rows)  # (4, 4) below (5, 10)
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_a_gradient_set_is_refused_by_name_with_the_call_to_use(store, tmp_path, rng):
+    """review153 F1: apply(gradient set) failed with "gradient sets can be sliced by contiguous row ranges only"."""
+    rows = rng.standard_normal((4, 6)).astype(np.float32)
+    g = tracin.Gradients([rows, rows])
+    if store:
+        writer = tracin.GradientStore.create(tmp_path / "s", 4, [6, 6])
+        writer.write(0, 0, rows)
+        writer.write(1, 0, rows)
+        writer.finalize()
+        g = tracin.GradientStore.open(tmp_path / "s")
+    proj = tracin.Projection(4)
+    expected = r"np\.load\(path, mmap_mode='r'\)" if store else r"P\.apply\(g\.matrices\[c\]\)"
+    for call in (lambda: proj.apply(g), lambda: proj.apply([g]), lambda: proj.apply_factored(g, rows)):
+        with pytest.raises(TypeError, match=rf"is a {type(g).__name__}, a gradient set .*{expected}") as e:
+            call()
+        assert "sliced" not in str(e.value)
+    factored = tracin.FactoredGradients([rows[:, :2]], [rows])
+    with pytest.raises(TypeError, match=r"matrix is a FactoredGradients.*P\.apply_factored\(g\.left\[c\], g\.right"):
+        proj.apply(factored)
+
+
+def test_apply_warns_of_a_kronecker_share_an_export_refuses(rng):
+    """review153 F4: dim=2049 over three 64 x 65 layers (share 683, prime: factors (10, 65)) is refused by the
+    exports, suggesting 2046, but apply took it silently."""
+    from tracin._export.kronecker_share import check_balanced
+
+    layer = LayerMatrix(64, 64, bias=True)
+    rows = rng.standard_normal((2, 3 * layer.width)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"e\.g\. 3 x 682 = 2046"):
+        check_balanced(2049, [(f"layer {j}", 683, layer) for j in range(3)], 3)
+    proj = tracin.Projection(2049, per_layer=True, kronecker=True)
+    with pytest.warns(
+        RuntimeWarning, match=r"segment 0 \(LayerMatrix.*gets 683 outputs, factored \(10, 65\).*3 x 682 = 2046"
+    ):
+        assert proj.apply(rows, segments=[layer] * 3).shape == (2, 2049)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracin.Projection(2046, per_layer=True, kronecker=True).apply(rows, segments=[layer] * 3)

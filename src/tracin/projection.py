@@ -27,11 +27,13 @@ A factor is capped at its side's size (see `kronecker_dims`): a small side is ke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ import numpy as np
 from . import _core
 from ._arrays import DTYPE_CODES, as_matrix
 from ._validate import capped_threads, thread_count
+from .gradients import GradientSet
 from .store._convert import bfloat16_bits_to_float32
 from .store._format import short
 
@@ -61,6 +64,7 @@ _FACTOR_CACHE: OrderedDict[tuple[str, int, int, int, int], np.ndarray] = Ordered
 _FACTOR_LOCK = threading.Lock()
 
 _View = tuple[np.ndarray, str]
+_QUIET = threading.local()  # .on: apply / apply_factored do not warn of widening (see quiet_widening)
 _OVERFLOW = "the projection of row {} is not finite: the input holds NaN or Inf, or its values overflow float32"
 
 
@@ -80,14 +84,54 @@ class NonFiniteRowError(ValueError):
         self.message, self.row = message, row
 
 
+@contextlib.contextmanager
+def quiet_widening() -> Iterator[None]:
+    """Within it (in this thread), apply and apply_factored do not warn when their output is no narrower than
+    their input: for exports, which warn once, up front, for the whole export rather than at every batch."""
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise ValueError(f"{name} must be {bound}, got {_int_text(value)}")
     return value
+
+
+def _int_text(value: int) -> str:
+    """`value` for an error message: its digits, or for a huge one (a hostile spec's 4000-digit dim) its
+    first 12 digits and its digit count, so the message stays one short line."""
+    if abs(value) < 10**24:
+        return str(value)
+    digits = int(abs(value).bit_length() * math.log10(2)) + 1  # exact, or one too many
+    digits -= abs(value) < 10 ** (digits - 1)
+    return f"{'-' if value < 0 else ''}{abs(value) // 10 ** (digits - 12)}... ({digits} digits)"
+
+
+def _as_matrix(x: Any, name: str) -> _View:
+    """as_matrix(x, name), refusing a gradient set (whose rows are per checkpoint) by name first."""
+    if isinstance(x, GradientSet):
+        rows = (
+            "e.g. P.apply(g.matrices[c])"
+            if hasattr(x, "matrices")
+            else "e.g. P.apply_factored(g.left[c], g.right[c])"
+            if hasattr(x, "left")
+            else "read from its checkpoint_*.npy files with np.load(path, mmap_mode='r')"
+        )
+        raise TypeError(
+            f"{name} is a {type(x).__name__}, a gradient set with rows per checkpoint, not a matrix: project each "
+            f"checkpoint's rows, {rows} (bfloat16 rows are uint16 bits: .view(ml_dtypes.bfloat16) them), or "
+            "export with projection=P to store projected rows"
+        )
+    return as_matrix(x, name)
 
 
 def _views(matrix: Any) -> list[_View]:
@@ -96,6 +140,8 @@ def _views(matrix: Any) -> list[_View]:
         if not matrix:
             raise ValueError("matrix: an empty sequence of pieces")
         for j, piece in enumerate(matrix):  # a list of rows is not a sequence of pieces
+            if isinstance(piece, GradientSet):
+                _as_matrix(piece, f"matrix[{j}]")
             ndim = getattr(piece, "ndim", None)
             if ndim != 2:
                 what = f"a {type(piece).__name__}" if ndim is None else f"of shape {tuple(piece.shape)}"
@@ -104,12 +150,12 @@ def _views(matrix: Any) -> list[_View]:
                     f"{type(matrix).__name__} whose item {j} is {what} (rows given as a list: stack them "
                     "first, e.g. np.asarray(rows, dtype=np.float32))"
                 )
-        views = [as_matrix(piece, f"matrix[{j}]") for j, piece in enumerate(matrix)]
+        views = [_as_matrix(piece, f"matrix[{j}]") for j, piece in enumerate(matrix)]
         rows = {v.shape[0] for v, _ in views}
         if len(rows) != 1:
             raise ValueError(f"matrix: the pieces must have the same number of rows, got {sorted(rows)}")
         return views
-    return [as_matrix(matrix, "matrix")]
+    return [_as_matrix(matrix, "matrix")]
 
 
 def _column_slice(views: list[_View], start: int, stop: int) -> list[_View]:
@@ -144,7 +190,7 @@ def _check_dim(value: Any, name: str) -> int:
     if value > MAX_DIM:
         raise ValueError(
             f"{name} must be at most 2**31 = {MAX_DIM} (a projection to more dims holds over 8 GiB of float32 "
-            f"per row; it is meant to reduce the gradient's dims), got {value}"
+            f"per row; it is meant to reduce the gradient's dims), got {_int_text(value)}"
         )
     return value
 
@@ -345,6 +391,8 @@ class Projection:
             if d == 0:
                 together = " (its pieces together)" if isinstance(matrix, (list, tuple)) else ""
                 raise ValueError(f"matrix{together} has no columns: a row to project needs >= 1 column")
+            if not column_offset:  # a piece at an offset is part of a wider row
+                self._warn_widening("apply", "rows", self.dim, d, "the rows as they are, or a dim below {exact}")
             self._project(views, 0, self.dim, column_offset, out, threads)
             return out
         if segments is None:
@@ -358,6 +406,8 @@ class Projection:
         else:
             layout = self._segments(segments, d)
         dims = self.segment_dims(len(layout))
+        self._warn_widening("apply", "rows", self.dim, d, "the rows as they are, or a dim below {exact}")
+        self._warn_unbalanced(layout, dims)
         start = out_start = 0
         for j, (segment, dim) in enumerate(zip(layout, dims, strict=True)):
             piece = _column_slice(views, start, start + _width(segment))
@@ -374,7 +424,7 @@ class Projection:
         `dim` is its entry of segment_dims. For exports that compute some segments another way (tracin.torch)."""
         if not self.per_layer:
             raise ValueError("project_segment needs a Projection(..., per_layer=True)")
-        view = as_matrix(matrix, "matrix")
+        view = _as_matrix(matrix, "matrix")
         segment = self._segment(segment)
         if view[0].shape[1] != _width(segment):
             raise ValueError(f"matrix has {view[0].shape[1]} columns, segment {segment!r} covers {_width(segment)}")
@@ -405,7 +455,7 @@ class Projection:
                 f"Projection({self.dim}, seed={self.seed}, kind={self.kind!r}) (per_layer=False), or mode='full' "
                 "for per-layer maps"
             )
-        lv, rv = as_matrix(left, "left"), as_matrix(right, "right")
+        lv, rv = _as_matrix(left, "left"), _as_matrix(right, "right")
         for name, (arr, _) in (("left", lv), ("right", rv)):
             if arr.shape[1] == 0:
                 raise ValueError(f"{name} has no columns: a factor to project needs >= 1 column")
@@ -415,11 +465,47 @@ class Projection:
             )
         threads = thread_count(num_threads)
         dl, dr = self.factored_dims
+        widths = (lv[0].shape[1], rv[0].shape[1])
+        advice = f"the factors as they are, or a dim whose factored_dims are below {widths}"
+        for side, width, exact in zip(("left", "right"), (dl, dr), widths, strict=True):
+            self._warn_widening("apply_factored", f"{side} factors", width, exact, advice)
         out_l = np.empty((lv[0].shape[0], dl), dtype=np.float32)
         out_r = np.empty((rv[0].shape[0], dr), dtype=np.float32)
         self._project([lv], _LEFT_STREAM, dl, 0, out_l, threads)
         self._project([rv], _RIGHT_STREAM, dr, 0, out_r, threads)
         return out_l, out_r
+
+    def _warn_widening(self, method: str, what: str, width: int, exact: int, advice: str) -> None:
+        """RuntimeWarning at the caller of `method` when `what` of `exact` columns are projected to `width` >= exact
+        (not within `quiet_widening`: an export warns once, up front). `advice` may name {exact}."""
+        if width >= exact and not getattr(_QUIET, "on", False):
+            warnings.warn(
+                f"{self!r}.{method} projects {what} of width {exact} to {width} columns, not fewer: it widens them (or "
+                f"keeps their width) and adds its approximation error; use {advice.format(exact=exact)}",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of apply / apply_factored
+            )
+
+    def _warn_unbalanced(self, layout: list[Segment], dims: list[int]) -> None:
+        """RuntimeWarning at apply's caller for the first LayerMatrix segment whose share factors so badly that
+        an export refuses it (kronecker_share.check_balanced: a prime share projects a side to 1), with the
+        dim the export would suggest."""
+        from ._export.kronecker_share import balanced_share, unbalanced  # it imports this module
+
+        layers = [s for s in layout if isinstance(s, LayerMatrix)]
+        for j, (segment, share) in enumerate(zip(layout, dims, strict=True)):
+            if isinstance(segment, LayerMatrix) and unbalanced(share, segment) is not None:
+                k = balanced_share(layers, share, len(layout))
+                warnings.warn(
+                    f"{self!r}.apply: segment {j} ({segment!r}) gets {share} outputs, factored "
+                    f"{self.kronecker_dims(share, segment)}: a factor below both its side's size and "
+                    f"isqrt({share}) // 2, which tracin.torch / tracin.jax exports refuse; choose dim = "
+                    f"{len(layout)} segments x k with k whose factors balance, e.g. {len(layout)} x {k} = "
+                    f"{len(layout) * k}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return
 
     def _segments(self, segments: Sequence[Any], d: int) -> list[Segment]:
         try:

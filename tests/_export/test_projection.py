@@ -21,7 +21,7 @@ def test_dims_are_probed_from_the_projection():
     assert projected_dims(p, (3, 5), None) == (left.shape[1], right.shape[1])
 
 
-@pytest.mark.filterwarnings("ignore:projection .* not fewer than the gradient's row width:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:projection .* not fewer than the gradient's:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sparse"])
 @pytest.mark.parametrize("layout", ["flat", "per_layer", "kronecker"])
 @pytest.mark.parametrize("dim", [1, 7, 64, 2048])
@@ -65,7 +65,8 @@ def test_a_projection_is_not_probed_with_whole_rows(monkeypatch):
 @pytest.mark.parametrize(
     "d,segments,message",
     [
-        (4, [4, 0], "segments entry must be >= 1, got 0"),
+        (4, [4, 0], r"parameter 1 \(0-based, in the exported parameters' order\) has no elements.*with layers="),
+        (4, [0, 4, 0], r"parameters 0, 2 \(0-based, in the exported parameters' order\) have no elements"),
         (0, None, "segments entry must be >= 1, got 0"),
         (7, [3, 3], "segments must sum to the number of columns 7, got sum 6"),
         (3, [], "segments must hold at least one width"),
@@ -207,3 +208,39 @@ def test_a_torch_export_with_a_projection_wider_than_the_gradient_warns_at_the_c
             g = export_gradients(model, checkpoints, data, loss, projection=projection, progress=False)
         assert np.asarray(g.matrices[0]).shape == (4, 64)
         assert [w.filename for w in caught if w.category is RuntimeWarning] == [__file__]
+
+
+def test_factored_rows_projected_no_narrower_warn_per_factor():
+    """review153 F2: Projection(4096) stored a last layer's (3, 9) factors as (64, 64) without a warning."""
+    with pytest.warns(RuntimeWarning) as caught:
+        assert projected_dims(tracin.Projection(4096), (3, 9), None) == (64, 64)
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(messages) == 2
+    assert "left factors of dim 64, not fewer than the gradient's left factor width 3" in messages[0]
+    assert "right factors of dim 64, not fewer than the gradient's right factor width 9" in messages[1]
+    with pytest.warns(
+        RuntimeWarning, match="right factors of dim 4, not fewer than the gradient's right factor width 4"
+    ):
+        assert projected_dims(tracin.Projection(16), (100, 4), None) == (4, 4)  # only the right factor widens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert projected_dims(tracin.Projection(16), (5, 5), None) == (4, 4)
+        project(tracin.Projection(4096), (np.ones((2, 3), np.float32), np.ones((2, 9), np.float32)), None)
+        project(tracin.Projection(64), np.ones((2, 10), np.float32), None)  # the export warned up front
+
+
+def test_a_torch_last_layer_export_with_a_wide_projection_warns_per_factor_at_the_call():
+    torch = pytest.importorskip("torch")
+    from tracin.torch import export_gradients
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))  # factors (3, 9)
+    checkpoints = [({k: v.clone() for k, v in model.state_dict().items()}, 1.0)]
+    data = [(torch.randn(5, 6), torch.randint(0, 3, (5,)))]
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    with pytest.warns(RuntimeWarning, match="factors of dim 64, not fewer than the gradient's") as caught:
+        g = export_gradients(model, checkpoints, data, loss, mode="last_layer", projection=tracin.Projection(4096))
+    widened = [w for w in caught if w.category is RuntimeWarning and "factor width" in str(w.message)]
+    assert [w.filename for w in widened] == [__file__] * 2
+    assert "left factor width 3" in str(widened[0].message) and "right factor width 9" in str(widened[1].message)
+    assert (np.asarray(g.left[0]).shape, np.asarray(g.right[0]).shape) == ((5, 64), (5, 64))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._caller import user_stacklevel
-from ..projection import NonFiniteRowError, Projection, _finite_rows
+from ..projection import NonFiniteRowError, Projection, _finite_rows, quiet_widening
 
 
 def check_projection(projection: Any, factored: bool) -> None:
@@ -40,14 +40,16 @@ def project(projection: Any, block: Any, segments: Sequence[int] | None) -> Any:
     """A host block projected: (rows, d) float32 -> (rows, k) float32 with the parameter widths
     `segments`, or a (left (rows, p), right (rows, q)) pair through apply_factored; rows holding NaN
     or Inf are NaN (see `keeping_nonfinite`). The widths go to apply as segments= only when the
-    projection is per_layer (a whole-row projection refuses them)."""
-    if isinstance(block, tuple):
-        left, right = keeping_nonfinite(projection.apply_factored, *block)
-        return np.asarray(left), np.asarray(right)
-    per_layer = getattr(projection, "per_layer", False)
-    kwargs = {"segments": list(segments)} if segments is not None and per_layer else {}
-    (out,) = keeping_nonfinite(lambda rows: (projection.apply(rows, **kwargs),), block)
-    return np.asarray(out)
+    projection is per_layer (a whole-row projection refuses them). Projection's warnings of widened rows
+    are not given here (projected_dims gives the export's, once)."""
+    with quiet_widening():
+        if isinstance(block, tuple):
+            left, right = keeping_nonfinite(projection.apply_factored, *block)
+            return np.asarray(left), np.asarray(right)
+        per_layer = getattr(projection, "per_layer", False)
+        kwargs = {"segments": list(segments)} if segments is not None and per_layer else {}
+        (out,) = keeping_nonfinite(lambda rows: (projection.apply(rows, **kwargs),), block)
+        return np.asarray(out)
 
 
 def keeping_nonfinite(project_rows: Callable[..., Sequence[Any]], *parts: Any) -> list[np.ndarray]:
@@ -81,15 +83,28 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
     summing to d, no more segments than dim), and one whose apply_factored is Projection's, the
     widths of a one-column pair, which do not depend on (p, q). A subclass overriding the method
     (whose width may differ) is probed by projecting one zero row of `dims` (other objects are
-    refused by `check_projection`). Full rows projected to `dims` columns or more get warn_widening's
-    RuntimeWarning."""
+    refused by `check_projection`). Full rows projected to `dims` columns or more, or a factor to its
+    width or more, get warn_widening's RuntimeWarning. A per_layer layout holding a parameter with no
+    elements is refused, naming its position."""
     if projection is None:
         return dims
     if isinstance(dims, tuple):
+        probe = dims
         if isinstance(projection, Projection) and type(projection).apply_factored is Projection.apply_factored:
-            dims = (1, 1)
-        left, right = project(projection, tuple(np.zeros((1, d), np.float32) for d in dims), None)
-        return left.shape[1], right.shape[1]
+            probe = (1, 1)
+        left, right = project(projection, tuple(np.zeros((1, d), np.float32) for d in probe), None)
+        widths = left.shape[1], right.shape[1]
+        for side, width, exact in zip(("left", "right"), widths, dims, strict=True):
+            warn_widening(projection, width, exact, f"{side} factor")
+        return widths
+    if isinstance(projection, Projection) and projection.per_layer and segments is not None and 0 in segments:
+        empty = [j for j, w in enumerate(segments) if isinstance(w, int) and w == 0]
+        raise ValueError(
+            f"projection {projection!r}: parameter{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} "
+            "(0-based, in the exported parameters' order) ha" + ("ve" if len(empty) > 1 else "s") + " no elements, "
+            "and per_layer=True projects each parameter as a segment of >= 1 column: leave the empty "
+            "parameter(s) out with layers=, or use per_layer=False"
+        )
     if isinstance(projection, Projection) and type(projection).apply is Projection.apply:
         if projection.per_layer:
             layout = projection._segments([dims] if segments is None else segments, dims)
@@ -101,15 +116,21 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
     return width
 
 
-def warn_widening(projection: Any, width: int, exact: int) -> None:
+def warn_widening(projection: Any, width: int, exact: int, factor: str | None = None) -> None:
     """RuntimeWarning when projected rows of `width` columns are no narrower than the `exact` rows they
     project (Projection(200_000) of a 45-wide gradient stores 4,400 times the bytes, and adds the
-    sketch's error to rows that would fit exactly)."""
-    if width >= exact:
-        warnings.warn(
-            f"projection {projection!r} stores rows of dim {width}, not fewer than the gradient's row width "
-            f"{exact}: it widens the rows (or keeps their width) and adds its approximation error; drop "
-            f"projection= to store the exact rows of width {exact}, or pass a dim below {exact}",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
-        )
+    sketch's error to rows that would fit exactly); with `factor` ("left factor", "right factor"), the
+    same for that factor of factored rows (Projection(4096) stores a last layer's (3, 9) factors as (64, 64))."""
+    if width < exact:
+        return
+    if factor is None:
+        what, advice = "rows", f"store the exact rows of width {exact}, or pass a dim below {exact}"
+    else:
+        what, advice = f"{factor}s", "store the exact factors, or pass a dim whose factored_dims are below their widths"
+    warnings.warn(
+        f"projection {projection!r} stores {what} of dim {width}, not fewer than the gradient's "
+        f"{factor or 'row'} width {exact}: it widens the {what} (or keeps their width) and adds its approximation "
+        f"error; drop projection= to {advice}",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
