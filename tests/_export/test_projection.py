@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tracin
-from tracin._export.projection import check_projection, project, projected_dims
+from tracin._export.projection import check_projection, project, projected_dims, refuse_empty_parameters
 from tracin.projection import NonFiniteRowError
 
 
@@ -244,3 +244,14 @@ def test_a_torch_last_layer_export_with_a_wide_projection_warns_per_factor_at_th
     assert [w.filename for w in widened] == [__file__] * 2
     assert "left factor width 3" in str(widened[0].message) and "right factor width 9" in str(widened[1].message)
     assert (np.asarray(g.left[0]).shape, np.asarray(g.right[0]).shape) == ((5, 64), (5, 64))
+
+
+def test_empty_parameters_are_refused_by_name_for_per_layer_projections():
+    """review153 F6: for the adapters, which know the names projected_dims does not."""
+    params = [("fc.weight", (3, 4)), ("prompt", (0,)), ("fc.bias", (3,)), ("pad", (2, 0))]
+    for projection in (tracin.Projection(8, per_layer=True), tracin.Projection(8, per_layer=True, kronecker=True)):
+        with pytest.raises(ValueError, match=r"parameters 'prompt', 'pad' have no elements.*out with layers="):
+            refuse_empty_parameters(projection, params)
+        refuse_empty_parameters(projection, [p for p in params if p[0].startswith("fc")])
+    refuse_empty_parameters(tracin.Projection(8), params)  # flat rows: an empty parameter adds no column
+    refuse_empty_parameters(None, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -97,14 +98,9 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
         for side, width, exact in zip(("left", "right"), widths, dims, strict=True):
             warn_widening(projection, width, exact, f"{side} factor")
         return widths
-    if isinstance(projection, Projection) and projection.per_layer and segments is not None and 0 in segments:
-        empty = [j for j, w in enumerate(segments) if isinstance(w, int) and w == 0]
-        raise ValueError(
-            f"projection {projection!r}: parameter{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} "
-            "(0-based, in the exported parameters' order) ha" + ("ve" if len(empty) > 1 else "s") + " no elements, "
-            "and per_layer=True projects each parameter as a segment of >= 1 column: leave the empty "
-            "parameter(s) out with layers=, or use per_layer=False"
-        )
+    if isinstance(projection, Projection) and projection.per_layer and segments is not None:
+        empty = [str(j) for j, w in enumerate(segments) if isinstance(w, int) and w == 0]
+        _refuse_empty(projection, empty, " (0-based, in the exported parameters' order)")
     if isinstance(projection, Projection) and type(projection).apply is Projection.apply:
         if projection.per_layer:
             layout = projection._segments([dims] if segments is None else segments, dims)
@@ -114,6 +110,24 @@ def projected_dims(projection: Any, dims: int | tuple[int, int], segments: Seque
         width = project(projection, np.zeros((1, dims), np.float32), segments).shape[1]
     warn_widening(projection, width, dims)
     return width
+
+
+def refuse_empty_parameters(projection: Any, params: Sequence[tuple[str, Sequence[int]]]) -> None:
+    """ValueError naming the parameters of `params` ((name, shape) in the export's order) that have no
+    elements when `projection` is per_layer, which projects each parameter as a segment of >= 1 column
+    (for an adapter to call before any work, with the names projected_dims does not know)."""
+    if getattr(projection, "per_layer", False):
+        _refuse_empty(projection, [repr(name) for name, shape in params if math.prod(shape) == 0], "")
+
+
+def _refuse_empty(projection: Any, empty: Sequence[str], note: str) -> None:
+    if empty:
+        several = len(empty) > 1
+        raise ValueError(
+            f"projection {projection!r}: parameter{'s' if several else ''} {', '.join(empty)}{note} "
+            f"ha{'ve' if several else 's'} no elements, and per_layer=True projects each parameter as a segment "
+            "of >= 1 column: leave the empty parameter(s) out with layers=, or use per_layer=False"
+        )
 
 
 def warn_widening(projection: Any, width: int, exact: int, factor: str | None = None) -> None:
