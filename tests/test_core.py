@@ -402,18 +402,18 @@ def _factored_aggregate_exact(test, train, weights, normalize):
 @pytest.mark.parametrize("normalize", [0, 1, 2])
 @pytest.mark.parametrize("shape", [(9, 31, 3, 2), (2, 30, 40, 37)], ids=["outer-product-sums", "pair-by-pair"])
 def test_factored_aggregate_float64_fallback_matches_float64_numpy(rng, normalize, shape):
-    # Pair scores beyond float32 (a test row and a train row x 1e20 in the first checkpoint's left
-    # factors; cosine scores: weights of ~1e39) send factored aggregate to its float64 fallback: per
-    # checkpoint the p x q matrix w_c sum_t s_t L_t R_t^T ((m + n) p q) or, when p q is far above m,
-    # pair by pair (m n (p + q)); both must equal float64 NumPy to float64 rounding, over two
-    # checkpoints, weights and cosine runs, with a zero train row.
+    # Pair scores beyond float32 for every train row (a product of left factors of 1e40: test row 1
+    # and every train row have 1e20 in the first checkpoint's first left column; cosine scores:
+    # weights of ~1e45) send every train row of factored aggregate to its float64 fallback: per
+    # checkpoint the p x q matrix w_c sum_t s_t L_t R_t^T ((m + n) p q) or, when p q is above
+    # m (p + q), pair by pair (m n (p + q)); both must equal float64 NumPy to float64 rounding, over
+    # two checkpoints, weights and cosine runs, with a zero train row.
     m, n, p, q = shape
     # Cosine scores are at most the weights: weights beyond float32 overflow them instead.
-    weights = [0.7, -1.3] if normalize == 0 else [0.7e39, -1.3e39]
+    weights = [0.7, -1.3] if normalize == 0 else [0.7e45, -1.3e45]
     test = [[rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)] for _ in weights]
     train = [[rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)] for _ in weights]
-    test[0][0][1] *= 1e20
-    train[0][0][3] *= 1e20
+    test[0][0][1, 0] = train[0][0][:, 0] = 1e20
     for c in range(2):
         train[c][1][5] = 0.0
 
@@ -435,9 +435,10 @@ def test_factored_aggregate_float64_fallback_matches_float64_numpy(rng, normaliz
 
 
 def test_factored_aggregate_float64_fallback_is_fast_and_cancellable(rng):
-    # One overflowing pair among 4e7 sends the call to the float64 fallback, which must cost about
-    # the float32 pass (outer-product sums: (m + n) p q), not m n (p + q) scalar multiply-adds (30x
-    # the float32 pass before), and a signal handler raising inside it ends it early.
+    # A test row whose pair scores with every train row overflow sends every train row to the float64
+    # fallback, which must cost about the float32 pass (outer-product sums: (m + n) p q), not
+    # m n (p + q) scalar multiply-adds (30x the float32 pass before), and a signal handler raising
+    # inside it ends it early.
     m, n, p, q = 400, 100_000, 64, 64
     test = [rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)]
     train = [rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)]
@@ -446,7 +447,7 @@ def test_factored_aggregate_float64_fallback_is_fast_and_cancellable(rng):
     _core.aggregate(*sides, [1.0], num_threads=2)
     fast = time.perf_counter() - start
     test[0][0] *= 1e20
-    train[0][0] *= 1e20
+    train[0] *= 1e20
     start = time.perf_counter()
     got = _core.aggregate(*sides, [1.0], num_threads=2)
     fallback = time.perf_counter() - start
@@ -458,8 +459,8 @@ def test_factored_aggregate_float64_fallback_is_fast_and_cancellable(rng):
     ).sum(axis=0)
     np.testing.assert_allclose(got[rows], exact, rtol=1e-10)
 
-    # Few test rows: the float32 pass (stopped at its first overflow) takes ~0.05 s, the fallback's
-    # 32 x 4096 + 400,000 x 4096 float64 multiply-adds ~1 s; the signal lands in the fallback.
+    # Few test rows: the float32 pass takes ~0.05 s, the fallback's 32 x 4096 + 400,000 x 4096
+    # float64 multiply-adds ~1 s; the signal lands in the fallback.
     m, n = 32, 400_000
     test = [rng.standard_normal((m, k), dtype=np.float32) for k in (p, q)]
     train = [rng.standard_normal((n, k), dtype=np.float32) for k in (p, q)]
@@ -468,7 +469,7 @@ def test_factored_aggregate_float64_fallback_is_fast_and_cancellable(rng):
     _core.aggregate(*sides, [1.0], num_threads=2)
     at = 2 * (time.perf_counter() - start) + 0.1
     test[0][0] *= 1e20
-    train[0][0] *= 1e20
+    train[0] *= 1e20
 
     def handler(signum, frame):
         raise TimeoutError("alarm")

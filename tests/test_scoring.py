@@ -422,6 +422,42 @@ def test_aggregate_beyond_float32_is_an_error(factored):
     np.testing.assert_allclose(tracin.aggregate(gradients(1.2e19), gradients(1.2e19)), 2 * near**2, rtol=1e-6)
 
 
+def test_factored_aggregate_recomputes_only_the_rows_of_an_overflowing_pair(rng, tmp_path):
+    """review154 F3: one float32 pair score beyond range (finite inputs, sums in range) sent the whole
+    kernel call to the float64 sums, so the other rows' bits changed with how the train rows were
+    pieced. Train row 7's pair scores with test rows 0 and 1 overflow and cancel: its sum is within the
+    bound of float64's, every other row has the bits it has without the overflow, in memory and in a
+    store read 100 rows a chunk, on 1 or 2 threads."""
+    m, n, p, q = 50, 400, 6, 6
+    left, right = rng.standard_normal((m, p), dtype=np.float32), rng.standard_normal((m, q), dtype=np.float32)
+    left[1], right[1] = -left[0], right[0]  # test rows 0 and 1 cancel exactly
+    left[2:, 0] = 0
+    train_left, train_right = (
+        rng.standard_normal((n, p), dtype=np.float32),
+        rng.standard_normal((n, q), dtype=np.float32),
+    )
+    tame = tracin.aggregate(
+        tracin.FactoredGradients([left], [right]), tracin.FactoredGradients([train_left], [train_right])
+    )
+    train_left[7], train_right[7] = 0, train_right[7] * np.float32(1e20)
+    train_left[7, 0] = 1e20
+    test = tracin.FactoredGradients([left], [right])
+    with pytest.raises(ValueError, match="overflowed float32 although every input is finite"):
+        tracin.scores(test, tracin.FactoredGradients([train_left[7:8]], [train_right[7:8]]))
+    writer = tracin.GradientStore.create(tmp_path / "x", n, [(p, q)], factored=True)
+    writer.write(0, 0, (train_left, train_right))
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "x", chunk_bytes=4 * (p + q) * 100)
+    assert store.row_chunks() == 100
+    pairs = to_float64(left) @ to_float64(train_left).T * (to_float64(right) @ to_float64(train_right).T)
+    for threads in (1, 2):
+        whole = tracin.aggregate(test, tracin.FactoredGradients([train_left], [train_right]), num_threads=threads)
+        np.testing.assert_array_equal(tracin.aggregate(test, store, num_threads=threads), whole)
+        others = np.arange(n) != 7
+        np.testing.assert_array_equal(whole[others], tame[others])
+        assert abs(whole[7] - pairs[:, 7].sum()) <= 1e-5 * np.abs(pairs[:, 7]).sum()
+
+
 def test_float32_overflow_check_follows_rounding():
     from tracin.scoring import _refuse_float32_overflow
 

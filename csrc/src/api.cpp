@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -78,6 +79,9 @@ class SumConsumer final : public TileConsumer {
     }
   }
   Status EndPass(const std::atomic<bool>*) override { return Status::Ok(); }
+  // Tiles with NaN or Inf scores are summed too: a train row's sum is then not finite (a float64 sum
+  // of finite float32 scores cannot overflow), and Aggregate recomputes that row alone.
+  bool TakesNonFinite() const override { return true; }
   const std::vector<double>& sums() const { return sums_; }
 
  private:
@@ -269,21 +273,26 @@ bool AllFinite(const T* v, std::int64_t n) {
   return true;
 }
 
-// Aggregate of factored gradients in float64: out[i] = sum over test rows t and checkpoints c of
-// w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), every product and sum in float64 (cosine scores: each
-// run's sum times both rows' inverse norms over it). The fallback for factored sums whose float32
-// pair scores overflow although every input is finite: it forms no float32 score, like the
-// full-gradient path (float64 column sums), so both layouts give the same influence.
-// Two exact ways, the cheaper taken: the sum over t factorises, sum_t w_c s_t (L_t . L_i)(R_t . R_i)
-// = L_i^T M_c R_i with the p x q matrix M_c = w_c sum_t s_t L_t R_t^T (s_t: test row t's inverse
-// norm over c's run, or 1), (m + n) p q multiply-adds per checkpoint; or pair by pair, m n (p + q)
-// (when p q is far above m, e.g. a few test rows of wide factors).
+// Aggregate of factored gradients in float64 for train rows `rows` (out[i] for i in rows; the others
+// untouched): out[i] = sum over test rows t and checkpoints c of w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i)),
+// every product and sum in float64 (cosine scores: each run's sum times both rows' inverse norms over
+// it). The fallback for the train rows whose float32 pair scores overflow although every input is
+// finite: it forms no float32 score, like the full-gradient path (float64 column sums), so both
+// layouts give the same influence.
+// Two exact ways: the sum over t factorises, sum_t w_c s_t (L_t . L_i)(R_t . R_i) = L_i^T M_c R_i with
+// the p x q matrix M_c = w_c sum_t s_t L_t R_t^T (s_t: test row t's inverse norm over c's run, or 1),
+// m p q multiply-adds per checkpoint, then p q per train row; or pair by pair, m (p + q) per train
+// row (when p q is above m (p + q), e.g. a few test rows of wide factors). Each gives a row the same
+// bits whatever the other rows; the way is chosen by its cost per train row, not by the number of
+// rows, so that a row's bits do not depend on which other rows of the call overflow.
 Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, const GradientSide& train,
-                         const std::vector<double>& weights, const Options& options, double* out) {
+                         const std::vector<double>& weights, const Options& options,
+                         const std::vector<std::int64_t>& rows, double* out) {
   const std::size_t checkpoints = train.checkpoints();
   const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
   const std::size_t runs = checkpoints / run;
-  const std::int64_t m = test.rows(), n = train.rows(), width = MaxCols(test);
+  const auto n = static_cast<std::int64_t>(rows.size());
+  const std::int64_t m = test.rows(), width = MaxCols(test);
   const bool cosine = options.normalize > 0;
   std::vector<std::size_t> offsets;  // of each block in a row holding all of a train row's blocks
   std::size_t all_cols = 0;
@@ -293,8 +302,8 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
     all_cols += static_cast<std::size_t>(train.blocks[b].cols);
     if (b % 2 == 1) {
       const double p = static_cast<double>(train.blocks[b - 1].cols), q = static_cast<double>(train.blocks[b].cols);
-      pair_cost += static_cast<double>(m) * static_cast<double>(n) * (p + q);
-      matrix_cost += static_cast<double>(m + n) * p * q;
+      pair_cost += static_cast<double>(m) * (p + q);  // per train row
+      matrix_cost += p * q;
     }
   }
   std::vector<double> test_scales;  // cosine scores: inverse norm of test row t over run g at t * runs + g
@@ -307,11 +316,11 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
     for (std::int64_t j = 0; j < k; ++j) sum += static_cast<double>(a[j]) * static_cast<double>(b[j]);
     return sum;
   };
-  // Cosine scores: inverse norm of train row i over run g at i * runs + g, in float64.
+  // Cosine scores: inverse norm of train row rows[j] over run g at j * runs + g, in float64.
   std::vector<double> train_scales(cosine ? static_cast<std::size_t>(n) * runs : 0);
   Status s = ForEachRow(cosine ? n : 0, static_cast<std::int64_t>(all_cols), options, [&](std::int64_t i, float* row) {
     for (std::size_t b = 0; b < train.blocks.size(); ++b)
-      LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row + offsets[b]);
+      LoadRow(kernels, train.blocks[b], rows[static_cast<std::size_t>(i)], 0, train.blocks[b].cols, row + offsets[b]);
     for (std::size_t g = 0; g < runs; ++g) {
       double squares = 0.0;
       for (std::size_t c = g * run; c < (g + 1) * run; ++c)
@@ -322,7 +331,7 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
   });
   if (!s.ok()) return s;
   if (matrix_cost <= pair_cost) {
-    std::fill(out, out + n, 0.0);
+    for (const std::int64_t i : rows) out[i] = 0.0;
     const int threads = ResolveThreads(options.num_threads);
     for (std::size_t c = 0; c < checkpoints; ++c) {
       const MatrixView &lt = test.blocks[2 * c], &rt = test.blocks[2 * c + 1];
@@ -360,15 +369,16 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
       const MatrixView &li = train.blocks[2 * c], &ri = train.blocks[2 * c + 1];
       const std::int64_t tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
       const int row_threads = static_cast<int>(std::min<std::int64_t>(threads, std::max<std::int64_t>(tasks, 1)));
-      std::vector<std::vector<float>> rows(static_cast<std::size_t>(row_threads),
-                                           std::vector<float>(static_cast<std::size_t>(p + q)));
+      std::vector<std::vector<float>> loaded(static_cast<std::size_t>(row_threads),
+                                             std::vector<float>(static_cast<std::size_t>(p + q)));
       std::vector<std::vector<double>> sums(static_cast<std::size_t>(row_threads),
                                             std::vector<double>(static_cast<std::size_t>(q)));
       std::atomic<bool> stop{false};
       s = ParallelFor(tasks, row_threads, stop, options.cancel, [&](std::int64_t task, int thread) {
-        float* row = rows[static_cast<std::size_t>(thread)].data();
+        float* row = loaded[static_cast<std::size_t>(thread)].data();
         double* v = sums[static_cast<std::size_t>(thread)].data();
-        for (std::int64_t i = task * kRowsPerTask; i < std::min(n, (task + 1) * kRowsPerTask); ++i) {
+        for (std::int64_t j = task * kRowsPerTask; j < std::min(n, (task + 1) * kRowsPerTask); ++j) {
+          const std::int64_t i = rows[static_cast<std::size_t>(j)];
           LoadRow(kernels, li, i, 0, p, row);
           LoadRow(kernels, ri, i, 0, q, row + p);
           std::fill(v, v + q, 0.0);
@@ -380,13 +390,14 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
           }
           double total = 0.0;
           for (std::int64_t b = 0; b < q; ++b) total += v[b] * static_cast<double>(row[p + b]);
-          out[i] += cosine ? total * train_scales[static_cast<std::size_t>(i) * runs + g] : total;
+          out[i] += cosine ? total * train_scales[static_cast<std::size_t>(j) * runs + g] : total;
         }
       });
       if (!s.ok()) return s;
     }
   } else {
-    s = ForEachRow(n, 1, options, [&](std::int64_t i, float*) {
+    s = ForEachRow(n, 1, options, [&](std::int64_t j, float*) {
+      const std::int64_t i = rows[static_cast<std::size_t>(j)];
       std::vector<float> row(all_cols), other(static_cast<std::size_t>(width));
       for (std::size_t b = 0; b < train.blocks.size(); ++b)
         LoadRow(kernels, train.blocks[b], i, 0, train.blocks[b].cols, row.data() + offsets[b]);
@@ -403,7 +414,7 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
             score += product;
           }
           total += cosine ? score * test_scales[static_cast<std::size_t>(t) * runs + g] *
-                                train_scales[static_cast<std::size_t>(i) * runs + g]
+                                train_scales[static_cast<std::size_t>(j) * runs + g]
                           : score;
         }
       out[i] = total;
@@ -411,7 +422,8 @@ Status ExactFactoredSums(const KernelTable& kernels, const GradientSide& test, c
     if (!s.ok()) return s;
   }
   if (IsCancelled(options.cancel)) return Cancelled();  // a row given up on in the last task
-  if (!AllFinite(out, n)) return NonFiniteError(&test, train);
+  for (const std::int64_t i : rows)
+    if (!std::isfinite(out[i])) return NonFiniteError(&test, train);
   return Status::Ok();
 }
 
@@ -517,13 +529,25 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
     if (train.factored) {
       detail::SumConsumer consumer(test.rows(), n);
       s = detail::RunTiles(test, train, weights, options, consumer);
-      // A float32 pair score (or factor product) beyond range with finite inputs: the float64 sums
-      // of ExactFactoredSums, which the full-gradient path's column sums agree with.
-      if (s.code == StatusCode::kNonFinite && detail::CheckAllFinite(&test, train).ok())
-        return detail::ExactFactoredSums(detail::KernelsFor(options.isa), test, train, weights, options, out);
+      const std::vector<double>& sums = consumer.sums();
+      std::vector<std::int64_t> rows;  // train rows to sum in float64
+      if (s.code == StatusCode::kNonFinite) {  // a test row beyond range once packed: every train row
+        rows.resize(static_cast<std::size_t>(n));
+        std::iota(rows.begin(), rows.end(), std::int64_t{0});
+      } else if (!s.ok()) {
+        return s;
+      } else {
+        for (std::int64_t i = 0; i < n; ++i)
+          if (!std::isfinite(sums[static_cast<std::size_t>(i)])) rows.push_back(i);
+      }
+      if (!rows.empty()) s = detail::CheckAllFinite(&test, train);  // NaN or Inf inputs are named as such
       if (!s.ok()) return s;
-      std::copy(consumer.sums().begin(), consumer.sums().end(), out);
-      return Status::Ok();
+      std::copy(sums.begin(), sums.end(), out);
+      // Train rows with a float32 pair score (or factor product) beyond range although every input is
+      // finite: the float64 sums of ExactFactoredSums, which the full-gradient path's column sums agree
+      // with. Only those rows, so that the others keep their bits however the train rows are pieced.
+      if (rows.empty()) return Status::Ok();
+      return detail::ExactFactoredSums(detail::KernelsFor(options.isa), test, train, weights, options, rows, out);
     }
     // Full gradients: the sum over test rows commutes with the inner product, so one weighted
     // column sum of the test side per checkpoint, then one dot product per train row. Cosine

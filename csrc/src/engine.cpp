@@ -910,6 +910,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t window = pass_rows;
   const std::int64_t cap = consumer.MaxPassRows(std::min<std::int64_t>(threads, n));
   if (cap < pass_rows) pass_rows = RoundDownPassRows(cap, kernels);
+  const bool takes_non_finite = consumer.TakesNonFinite();
   bool any_bad = false;
   std::int64_t first_bad[2] = {0, 0};  // (test row, train row) named for the current window
   const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
@@ -947,7 +948,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
       const std::int64_t j0 = task * block, rows = std::min(block, n - j0);
       const std::int64_t next0 = upcoming * block, next_rows = std::max<std::int64_t>(0, std::min(block, n - next0));
       ThreadScratch& s = scratch[static_cast<std::size_t>(thread)];
-      if (!producer.Compute(j0, rows, next0, next_rows, count, s)) {
+      if (!producer.Compute(j0, rows, next0, next_rows, count, s) && !takes_non_finite) {
         const std::lock_guard<std::mutex> lock(bad_mutex);
         if (task < bad_task.load()) {
           bad_task = task;

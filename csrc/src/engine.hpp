@@ -29,6 +29,10 @@ class TileConsumer {
   // After every tile of the pass; `cancel` (Options::cancel, may be null) is checked between units
   // of its work (rows of the pass), ending it with kCancelled.
   virtual Status EndPass(const std::atomic<bool>* cancel) = 0;
+  // Whether Consume also gets tiles holding NaN or Inf scores: the run then goes on past them (its
+  // input checks still stand), leaving the consumer to tell. Otherwise such a tile ends the run with
+  // kNonFinite, naming its first score.
+  virtual bool TakesNonFinite() const { return false; }
 };
 
 // Shape checks shared by every entry point; `name` names the side ("test", "train") in messages.

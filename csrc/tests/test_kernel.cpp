@@ -935,6 +935,63 @@ void TestAggregateLayoutsAgree() {
   }
 }
 
+// review154 F3: factored aggregate recomputes in float64 only the train rows with a float32 pair score
+// beyond range, so every row's sum is the same bits whether the train rows come in one call or in
+// pieces, and the other rows keep the float32 path's sums. Train row 7's pair scores with test rows 0
+// and 1 overflow (1e20 x 1e20) and cancel.
+void TestAggregateFallbackPerTrainRow() {
+  std::mt19937 rng(154);
+  const std::int64_t m = 40, n = 90;
+  Matrix lt = Random(m, 4, rng), rt = Random(m, 3, rng), lx = Random(n, 4, rng), rx = Random(n, 3, rng);
+  for (std::int64_t k = 0; k < 4; ++k) lt.data[4 + k] = -lt.data[k];
+  for (std::int64_t k = 0; k < 3; ++k) rt.data[3 + k] = rt.data[k];
+  for (std::int64_t t = 2; t < m; ++t) lt.data[t * 4] = 0.0f;
+  const auto side = [](const Matrix& l, const Matrix& r, std::int64_t first, std::int64_t rows) {
+    tracin::GradientSide s;
+    s.factored = true;
+    s.blocks = {{l.data.data() + first * l.cols, rows, l.cols, l.cols, tracin::DType::kFloat32},
+                {r.data.data() + first * r.cols, rows, r.cols, r.cols, tracin::DType::kFloat32}};
+    return s;
+  };
+  std::vector<double> tame(n);
+  Check(tracin::Aggregate(side(lt, rt, 0, m), side(lx, rx, 0, n), {1.0}, tame.data()).ok(), "aggregate ok");
+  for (std::int64_t k = 0; k < 4; ++k) lx.data[7 * 4 + k] = k == 0 ? 1e20f : 0.0f;
+  for (std::int64_t k = 0; k < 3; ++k) rx.data[7 * 3 + k] *= 1e20f;
+  for (int threads : {1, 2}) {
+    tracin::Options o;
+    o.num_threads = threads;
+    std::vector<double> whole(n), pieced(n);
+    bool ok = tracin::Aggregate(side(lt, rt, 0, m), side(lx, rx, 0, n), {1.0}, whole.data(), o).ok();
+    for (std::int64_t first = 0; first < n; first += 20)
+      ok = ok && tracin::Aggregate(side(lt, rt, 0, m), side(lx, rx, first, std::min<std::int64_t>(20, n - first)),
+                                   {1.0}, pieced.data() + first, o).ok();
+    bool others = true;
+    for (std::int64_t i = 0; i < n; ++i) others = others && (i == 7 || whole[i] == tame[i]);
+    double exact = 0.0, magnitude = 0.0;
+    for (std::int64_t t = 0; t < m; ++t) {
+      const double pair = Dot(lt, t, lx, 7) * Dot(rt, t, rx, 7);
+      exact += pair;
+      magnitude += std::abs(pair);
+    }
+    Check(ok && whole == pieced && others && std::abs(whole[7] - exact) <= 1e-12 * magnitude,
+          "factored aggregate: only the overflowing train row is summed in float64, the same bits in pieces, " +
+              std::to_string(threads) + " threads");
+  }
+}
+
+// review154 F1: a test row whose largest weighted value is in [2^127, 2^128) gets the same exponent (and
+// scores) alone as beside a zero row, whose pass used to be the only one to lower it.
+void TestRowNearFloat32sTop() {
+  const Matrix row{1, 2, {std::ldexp(1.0f, 127), std::ldexp(1.0f, -100) * (1.0f + std::ldexp(1.0f, -23))}};
+  const Matrix pair{2, 2, {row.data[0], row.data[1], 0.0f, 0.0f}};
+  const Matrix train{2, 2, {std::ldexp(1.0f, -127), 0.0f, 0.0f, std::ldexp(1.0f, 100)}};
+  std::vector<float> alone(2), beside(4);
+  const bool ok = tracin::Scores(Full({row}), Full({train}), {1.0}, alone.data()).ok() &&
+                  tracin::Scores(Full({pair}), Full({train}), {1.0}, beside.data()).ok();
+  Check(ok && alone[0] == beside[0] && alone[1] == beside[1],
+        "a row with a value of 2^127 has the same scores alone and beside a zero row");
+}
+
 
 // Aggregate's float64 dot products (KernelTable::dot): every instruction set gives the bits of the
 // contract in kernels.hpp (product k rounded, then added to partial sum k % 16, the sums carried on
@@ -1391,6 +1448,8 @@ int main() {
   TestBadOutputsAndEnums();
   TestHugeThreadCount();
   TestAggregateLayoutsAgree();
+  TestAggregateFallbackPerTrainRow();
+  TestRowNearFloat32sTop();
   TestAggregateDotSameBitsEveryIsa();
   TestOverflowNamesThePair();
   TestCosineRowsOfExtremeNorms();

@@ -1231,10 +1231,11 @@ def aggregate(
     float32's range is a ValueError, as in the other scoring functions. Single pair scores beyond
     float32 are no error here when their sum is in range (top_k and scores refuse them) for full
     gradients, which are summed by columns and form no pair score, on every device, and for factored
-    gradients on device "cpu", whose pair scores that overflow float32 are summed again in float64
-    (through per-checkpoint p x q matrices: about as many multiply-adds as the float32 pass, each
-    slower), so both layouts give the same sums there; the torch devices refuse factored pair scores
-    that overflow float32.
+    gradients on device "cpu", whose train rows with a pair score that overflows float32 are summed
+    again in float64 (through per-checkpoint p x q matrices or pair by pair), so both layouts give the
+    same sums there; the other rows keep their bits however the train rows are pieced (a test row
+    beyond float32 once weighted sends every train row of its chunk to float64, so the test side's
+    chunking can change those bits); the torch devices refuse factored pair scores that overflow float32.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
