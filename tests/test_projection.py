@@ -1143,7 +1143,7 @@ def test_a_gradient_set_is_refused_by_name_with_the_call_to_use(store, tmp_path,
         writer.finalize()
         g = tracin.GradientStore.open(tmp_path / "s")
     proj = tracin.Projection(4)
-    expected = r"np\.load\(path, mmap_mode='r'\)" if store else r"P\.apply\(g\.matrices\[c\]\)"
+    expected = r"P\.apply_store\(store, path\)" if store else r"P\.apply\(g\.matrices\[c\]\)"
     for call in (lambda: proj.apply(g), lambda: proj.apply([g]), lambda: proj.apply_factored(g, rows)):
         with pytest.raises(TypeError, match=rf"is a {type(g).__name__}, a gradient set .*{expected}") as e:
             call()
@@ -1170,3 +1170,99 @@ def test_apply_warns_of_a_kronecker_share_an_export_refuses(rng):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracin.Projection(2046, per_layer=True, kronecker=True).apply(rows, segments=[layer] * 3)
+
+
+# --- apply_store: store in, store out (review153 F1) ---
+
+
+def _source_store(path, rows, dtype, chunk_rows, **kwargs):
+    """A finished store of `rows` (one float32 matrix, or (left, right) pair, per checkpoint), opened with
+    chunks of `chunk_rows` rows."""
+    factored = isinstance(rows[0], tuple)
+    dims = [(r[0].shape[1], r[1].shape[1]) if factored else r.shape[1] for r in rows]
+    n_rows = (rows[0][0] if factored else rows[0]).shape[0]
+    writer = tracin.GradientStore.create(path, n_rows, dims, dtype=dtype, factored=factored, **kwargs)
+    for c, r in enumerate(rows):
+        writer.write(c, 0, r)
+    writer.finalize()
+    row_bytes = tracin.GradientStore.open(path).row_bytes
+    return tracin.GradientStore.open(path, chunk_bytes=chunk_rows * row_bytes)
+
+
+def _stored_float64(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """The values a store of `dtype` holds for float32 `rows`, in float64 (ml_dtypes rounds as the store does)."""
+    narrow = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    return rows.astype(narrow).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_apply_store_matches_float64_and_resumes_after_an_interrupt(dtype, tmp_path, rng, monkeypatch):
+    import tracin._export.projection as host
+
+    rows = [rng.standard_normal((37, d)).astype(np.float32) for d in (20, 24)]
+    ids = [f"ex{i}" for i in range(37)]
+    source = _source_store(tmp_path / "src", rows, dtype, 5, weights=[0.5, 2.0], ids=ids, metadata={"note": "x"})
+    proj = tracin.Projection(8, seed=3, kind="sparse")
+    project, calls = host.project, []
+
+    def interrupted(*args):
+        calls.append(args[1])
+        if len(calls) == 11:  # 8 chunks of 5 rows make checkpoint 0; checkpoint 1's third chunk
+            raise KeyboardInterrupt
+        return project(*args)
+
+    monkeypatch.setattr(host, "project", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        proj.apply_store(source, tmp_path / "out")
+    partial = tracin.GradientStore.open(tmp_path / "out", allow_partial=True)
+    assert not partial.complete and partial.n_rows == 10  # checkpoint 0 whole, checkpoint 1 to row 10
+    calls.clear()
+    out = proj.apply_store(source, tmp_path / "out")  # the same call
+    assert len(calls) == 6  # the 27 rows left of checkpoint 1, in chunks of 5 rows
+    assert out.complete and out.dims == (8, 8) and out.dtype == "float32"
+    blocks = out.kernel_side().blocks
+    for c, r in enumerate(rows):
+        dense = proj.apply(np.eye(r.shape[1], dtype=np.float32)).T.astype(np.float64)  # P (8, d)
+        want = _stored_float64(r, dtype) @ dense.T
+        np.testing.assert_allclose(blocks[c], want, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(blocks[c], proj.apply(_stored_float64(r, dtype).astype(np.float32)))
+    assert out.metadata == {"note": "x", "projection": proj.to_dict()}
+    assert out.weights.tolist() == [0.5, 2.0] and list(out.ids) == ids
+    calls.clear()  # a finished store is returned as it is; the source by its path
+    assert proj.apply_store(tmp_path / "src", tmp_path / "out").complete and not calls
+
+
+def test_apply_store_is_checked_by_scoring_and_refuses_a_mix(tmp_path, rng):
+    rows = [rng.standard_normal((6, 30)).astype(np.float32)]
+    source = _source_store(tmp_path / "src", rows, "float32", 4, metadata={"note": "x"})
+    a = tracin.Projection(8, seed=1).apply_store(source, tmp_path / "a")
+    b = tracin.Projection(8, seed=2).apply_store(source, tmp_path / "b")
+    want = rows[0].astype(np.float64) @ rows[0].astype(np.float64).T  # E<Pg, Pg'> = <g, g'>: finite, same shape
+    assert tracin.scores(a, a).shape == want.shape
+    with pytest.raises(ValueError, match="projection mismatch.*seed"):
+        tracin.scores(a, b)
+    with pytest.raises(ValueError, match="is already projected"):
+        tracin.Projection(4).apply_store(a, tmp_path / "c")
+    with pytest.raises(ValueError, match="seed"):  # resuming with another projection
+        tracin.Projection(8, seed=3).apply_store(source, tmp_path / "a")
+    replaced = tracin.Projection(8, seed=3).apply_store(source, tmp_path / "a", overwrite=True)
+    assert replaced.metadata["projection"]["seed"] == 3
+    with pytest.raises(ValueError, match=r"no metadata\['params'\] .*pass segments="):
+        tracin.Projection(8, per_layer=True).apply_store(source, tmp_path / "d")
+
+
+def test_apply_store_per_layer_and_factored(tmp_path, rng):
+    rows = [rng.standard_normal((9, 30)).astype(np.float32)]
+    params = [{"name": "w", "shape": [4, 6]}, {"name": "b", "shape": [6]}]
+    source = _source_store(tmp_path / "src", rows, "bfloat16", 4, metadata={"params": params})
+    proj = tracin.Projection(6, seed=5, per_layer=True)
+    out = proj.apply_store(source, tmp_path / "out")
+    widened = _stored_float64(rows[0], "bfloat16").astype(np.float32)
+    assert np.array_equal(out.kernel_side().blocks[0], proj.apply(widened, segments=[24, 6]))
+    factors = [(rng.standard_normal((9, 5)).astype(np.float32), rng.standard_normal((9, 7)).astype(np.float32))]
+    source = _source_store(tmp_path / "fsrc", factors, "float32", 4)
+    proj = tracin.Projection(4, seed=6)
+    out = proj.apply_store(source, tmp_path / "fout")
+    assert out.factored and out.dims == ((2, 2),)
+    left, right = proj.apply_factored(*factors[0])
+    assert np.array_equal(out.kernel_side().blocks[0], left) and np.array_equal(out.kernel_side().blocks[1], right)

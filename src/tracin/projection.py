@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 import warnings
 from collections import OrderedDict
@@ -119,17 +120,16 @@ def _int_text(value: int) -> str:
 def _as_matrix(x: Any, name: str) -> _View:
     """as_matrix(x, name), refusing a gradient set (whose rows are per checkpoint) by name first."""
     if isinstance(x, GradientSet):
-        rows = (
-            "e.g. P.apply(g.matrices[c])"
-            if hasattr(x, "matrices")
-            else "e.g. P.apply_factored(g.left[c], g.right[c])"
-            if hasattr(x, "left")
-            else "read from its checkpoint_*.npy files with np.load(path, mmap_mode='r')"
-        )
+        bits = " (bfloat16 rows are uint16 bits: .view(ml_dtypes.bfloat16) them)"
+        if hasattr(x, "matrices"):
+            how = f"project each checkpoint's rows, e.g. P.apply(g.matrices[c]){bits}"
+        elif hasattr(x, "left"):
+            how = f"project each checkpoint's factors, e.g. P.apply_factored(g.left[c], g.right[c]){bits}"
+        else:
+            how = "project it into a new store with P.apply_store(store, path)"
         raise TypeError(
-            f"{name} is a {type(x).__name__}, a gradient set with rows per checkpoint, not a matrix: project each "
-            f"checkpoint's rows, {rows} (bfloat16 rows are uint16 bits: .view(ml_dtypes.bfloat16) them), or "
-            "export with projection=P to store projected rows"
+            f"{name} is a {type(x).__name__}, a gradient set with rows per checkpoint, not a matrix: {how}; "
+            "or export with projection=P to store projected rows"
         )
     return as_matrix(x, name)
 
@@ -474,6 +474,44 @@ class Projection:
         self._project([lv], _LEFT_STREAM, dl, 0, out_l, threads)
         self._project([rv], _RIGHT_STREAM, dr, 0, out_r, threads)
         return out_l, out_r
+
+    def apply_store(
+        self,
+        source: Any,
+        path: str | os.PathLike,
+        *,
+        segments: Sequence[Any] | None = None,
+        dtype: str = "float32",
+        progress: bool | None = None,
+        overwrite: bool = False,
+    ) -> Any:
+        """Projects the rows of a finished GradientStore into a new store: store in, store out, for rows
+        exported without projection= (projecting at export time is cheaper: the exact rows are never written).
+
+        Args:
+            source: a finished, unprojected GradientStore (or its path): full rows (float32, float16 or
+                bfloat16, read a chunk of rows at a time) go through `apply`, factored ones through
+                `apply_factored`.
+            path: the new store's directory. A call interrupted (Ctrl-C, a crash) leaves an unfinished
+                store there, which the same call resumes, projecting only the rows not written yet; one with
+                another projection, source or dtype is refused, naming what differs, unless overwrite=True,
+                which replaces it.
+            segments: with per_layer=True, the layout (as in `apply`); default: one segment per parameter
+                of source.metadata["params"], the layout of the adapters' per_layer exports. kronecker=True
+                needs it (LayerMatrix entries), and records it under metadata["projection"]["segments"].
+            dtype: the new store's element type, "float32" (default), "float16" or "bfloat16".
+            progress: True, False or None, a bar over the rows as in the exports.
+
+        Returns:
+            The new GradientStore, opened. Its metadata is the source's with "projection" set to this
+            projection's spec, so scoring refuses it against rows projected otherwise or not at all (as for
+            exports with projection=). Its weights and ids are the source's; its rows are bit-identical to
+            `apply` (or `apply_factored`) of the source's rows widened to float32. A row of the source
+            whose projection is beyond float32 is a NonFiniteRowError naming the store, checkpoint and row.
+        """
+        from ._export.projection import project_store  # it imports this module
+
+        return project_store(self, source, path, segments=segments, dtype=dtype, progress=progress, overwrite=overwrite)
 
     def _warn_widening(self, method: str, what: str, width: int, exact: int, advice: str) -> None:
         """RuntimeWarning at the caller of `method` when `what` of `exact` columns are projected to `width` >= exact

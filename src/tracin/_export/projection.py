@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,7 +11,10 @@ from typing import Any
 import numpy as np
 
 from .._caller import user_stacklevel
-from ..projection import NonFiniteRowError, Projection, _finite_rows, quiet_widening
+from .._progress import progress_bar
+from ..projection import LayerMatrix, NonFiniteRowError, Projection, _finite_rows, quiet_widening
+from ..store._convert import bfloat16_bits_to_float32
+from ..store._format import short
 
 
 def check_projection(projection: Any, factored: bool) -> None:
@@ -148,3 +152,98 @@ def warn_widening(projection: Any, width: int, exact: int, factor: str | None = 
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def project_store(
+    projection: Projection,
+    source: Any,
+    path: str | os.PathLike,
+    *,
+    segments: Sequence[Any] | None = None,
+    dtype: str = "float32",
+    progress: bool | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Projection.apply_store: the rows of `source` (a finished GradientStore, or its path) projected into a
+    new store at `path`, resumed where an earlier call with the same arguments stopped (see that method)."""
+    from ..store import GradientStore
+
+    if isinstance(source, (str, os.PathLike)):
+        source = GradientStore.open(source)
+    if not isinstance(source, GradientStore):
+        raise TypeError(f"source must be a GradientStore or its path, got {type(source).__name__}")
+    metadata = dict(source.metadata or {})
+    if metadata.get("projection") is not None:
+        raise ValueError(
+            f"gradient store {source.path} is already projected (metadata['projection'] = "
+            f"{short(metadata['projection'])}); project the exact rows instead"
+        )
+    check_projection(projection, source.factored)
+    spec = projection.to_dict()
+    if source.factored:
+        if segments is not None:
+            raise ValueError("segments applies to full rows; a factored store's rows are projected by apply_factored")
+    elif projection.per_layer:
+        segments = _store_segments(projection, source, segments)
+        if projection.kronecker:
+            spec["segments"] = [s.to_dict() if isinstance(s, LayerMatrix) else s for s in segments]
+    elif segments is not None:
+        raise ValueError("segments applies with per_layer=True only (this projection projects whole rows)")
+    dims = [projected_dims(projection, d, segments) for d in source.dims]
+    writer = GradientStore.create(
+        path,
+        source.n_rows,
+        dims,
+        source.weights.tolist() if source.weights_given else None,
+        dtype,
+        factored=source.factored,
+        metadata={**metadata, "projection": spec},
+        ids=source.ids,
+        overwrite=overwrite,
+    )
+    try:
+        missing = [(c, start, stop) for c in range(source.n_checkpoints) for start, stop in writer.missing(c)]
+        bar = progress_bar(sum(stop - start for _, start, stop in missing), progress, "projecting", unit="row")
+        try:
+            step = source.row_chunks()
+            for c, first, last in missing:
+                for start in range(first, last, step):
+                    stop = min(start + step, last)
+                    side = source.kernel_side(start, stop)
+                    blocks = side.blocks[2 * c : 2 * c + 2] if source.factored else side.blocks[c : c + 1]
+                    rows = [_float32(b, source.dtype) for b in blocks]
+                    block = tuple(rows) if source.factored else rows[0]
+                    try:
+                        out = project(projection, block, segments)
+                    except NonFiniteRowError as e:
+                        where = f"gradient store {source.path}, checkpoint {c}: ".replace("{", "{{").replace("}", "}}")
+                        raise NonFiniteRowError(where + e.message, start + e.row) from None
+                    writer.write(c, start, out)
+                    bar.update(stop - start)
+        finally:
+            bar.close()
+        return writer.finalize()
+    finally:
+        writer.close()
+
+
+def _store_segments(projection: Projection, source: Any, segments: Sequence[Any] | None) -> list[Any]:
+    """The per_layer layout of a full-row store: `segments` if given, else the widths of its
+    metadata["params"] (one segment per parameter, as the adapters' per_layer exports take them)."""
+    if segments is not None:
+        return list(segments)
+    params = (source.metadata or {}).get("params")
+    try:
+        widths = [math.prod(int(s) for s in p["shape"]) for p in params]
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(
+            f"gradient store {source.path} records no metadata['params'] with shapes to take the per_layer "
+            "layout from: pass segments= (the column widths of its layers)"
+        ) from None
+    _refuse_empty(projection, [repr(p.get("name")) for p, w in zip(params, widths, strict=True) if w == 0], "")
+    return widths
+
+
+def _float32(block: np.ndarray, dtype: str) -> np.ndarray:
+    """A store block as float32 (bfloat16 bits widened exactly; float16 converted exactly)."""
+    return bfloat16_bits_to_float32(block) if dtype == "bfloat16" else np.asarray(block, np.float32)
