@@ -154,7 +154,11 @@ class TopKConsumer final : public TileConsumer {
     // The best k of every selector's candidates for pass row r, into the side's output row.
     const auto select = [&](const std::vector<std::optional<Selector>>& selectors, std::int64_t r, bool negate,
                             float* values, std::int64_t* indices) {
+      std::size_t kept = 0;  // reserved at once: no growth by doubling past the candidates
+      for (const auto& s : selectors)
+        if (s) kept += static_cast<std::size_t>(s->Kept(r));
       std::vector<Candidate> pool;
+      pool.reserve(kept);
       for (const auto& s : selectors)
         if (s) s->AppendKept(r, &pool);
       if (static_cast<std::int64_t>(pool.size()) < k_) {

@@ -53,6 +53,7 @@ class HeapSelector {
     if (count == k_) thresholds_[static_cast<std::size_t>(row)] = heap[0].value;
   }
 
+  std::int64_t Kept(std::int64_t row) const { return counts_[static_cast<std::size_t>(row)]; }
   void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
     const Candidate* heap = &items_[static_cast<std::size_t>(row * k_)];
     out->insert(out->end(), heap, heap + counts_[static_cast<std::size_t>(row)]);
@@ -103,6 +104,7 @@ class BufferSelector {
     }
   }
 
+  std::int64_t Kept(std::int64_t row) const { return counts_[static_cast<std::size_t>(row)]; }
   void AppendKept(std::int64_t row, std::vector<Candidate>* out) const {
     const auto r = static_cast<std::size_t>(row);
     const Candidate* buffer = items_.get() + r * static_cast<std::size_t>(room_);

@@ -888,8 +888,11 @@ def top_k(
     top_k also keeps 16-byte candidates per test row of a pass, thread and side: room for
     min(1.25 n / threads, c) of them over n train rows, c = min(2k, n) (doubling, up to c, when a
     thread gets more than its share); a pass takes fewer test rows where threads x sides x rows x c x
-    16 B would pass 64 MiB, so they stay within that unless one row's are more: 15 MiB a thread and
-    side at k=5e5, n=1e6. When that is what runs out, the MemoryError names k: lower it, or pass
+    16 B would pass 64 MiB, so they stay within that at capacity unless one row's are more: 15 MiB a
+    thread and side at k=5e5, n=1e6. The peak is up to twice that, 128 MiB: a buffer being doubled
+    holds its old and new room at once, and the pass's final selection gathers each row's candidates
+    from every thread (measured beyond the result at k=1e5, n=3e5, both sides: 47 MiB on 1 thread,
+    73 to 98 MiB on 2). When that is what runs out, the MemoryError names k: lower it, or pass
     fewer test rows per call.
     """
     test, train, w = _pair(test, train)
