@@ -1259,6 +1259,13 @@ def test_apply_store_per_layer_and_factored(tmp_path, rng):
     out = proj.apply_store(source, tmp_path / "out")
     widened = _stored_float64(rows[0], "bfloat16").astype(np.float32)
     assert np.array_equal(out.kernel_side().blocks[0], proj.apply(widened, segments=[24, 6]))
+    with pytest.raises(ValueError, match="kronecker=True projection needs segments="):
+        tracin.Projection(6, per_layer=True, kronecker=True).apply_store(source, tmp_path / "kron")
+    layout = [LayerMatrix(4, 6).to_dict(), 6]  # a Kronecker layer and a plain segment, as exports record it
+    kron = tracin.Projection(6, seed=5, per_layer=True, kronecker=True)
+    out = kron.apply_store(source, tmp_path / "kron", segments=layout)
+    assert out.metadata["projection"] == {**kron.to_dict(), "segments": layout}
+    assert np.array_equal(out.kernel_side().blocks[0], kron.apply(widened, segments=layout))
     factors = [(rng.standard_normal((9, 5)).astype(np.float32), rng.standard_normal((9, 7)).astype(np.float32))]
     source = _source_store(tmp_path / "fsrc", factors, "float32", 4)
     proj = tracin.Projection(4, seed=6)

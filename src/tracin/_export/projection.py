@@ -184,6 +184,11 @@ def project_store(
         if segments is not None:
             raise ValueError("segments applies to full rows; a factored store's rows are projected by apply_factored")
     elif projection.per_layer:
+        if projection.kronecker and segments is None:  # metadata["params"] has no layer matrices
+            raise ValueError(
+                "apply_store with a kronecker=True projection needs segments= (the layout, LayerMatrix entries "
+                "for the layers, as metadata['projection']['segments'] of a Kronecker export records it)"
+            )
         segments = _store_segments(projection, source, segments)
         if projection.kronecker:
             spec["segments"] = [s.to_dict() if isinstance(s, LayerMatrix) else s for s in segments]
