@@ -593,6 +593,91 @@ def test_a_fifo_or_device_output_is_streamed_whatever_its_name(stores, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv", "pipe", "rank.csv", "test", "train"]
 
 
+def test_dev_stdout_redirected_to_a_file_or_closed_is_refused_naming_what_it_is(stores, tmp_path):
+    """fr152: with stdout redirected to a file, /dev/stdout is that regular file, not a device: refused for its
+    name, the error saying which file it is (not only "be a FIFO or a device, got '/dev/stdout'"). With stdout
+    closed (`>&-`), /dev/stdout is the /dev/null the command puts there: -o /dev/stdout exited 0, the results
+    dropped, where leaving -o out is an error."""
+    paths, _, _ = stores
+    redirected = tmp_path / "out" / "results"
+    redirected.parent.mkdir()
+    with open(redirected, "w") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "tracin", "self-influence", str(paths["train"]), "-o", "/dev/stdout"],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    said = f"--output must end in .csv or be a FIFO or a device, got '/dev/stdout', which is the file {redirected}"
+    assert (done.returncode, done.stderr.splitlines()[-1]) == (2, f"tracin self-influence: error: {said}")
+    assert redirected.read_text() == "" and os.listdir(redirected.parent) == ["results"]
+    closed = "cannot write the results to stdout: it is closed; give -o FILE to write them to a file"
+    for command in (_score(paths, "-o", "/dev/stdout"), ["self-influence", str(paths["train"]), "-o", "/dev/fd/1"]):
+        done = _run_with_closed(">&-", command)
+        assert (done.returncode, done.stderr) == (1, f"tracin {command[0]}: error: {closed}\n")
+    done = _run_with_closed(">&-", ["self-influence", str(paths["train"]), "-o", "/dev/null"])  # not stdout
+    assert (done.returncode, done.stderr) == (0, "self-influence of 40 rows, 40 ranked: wrote /dev/null\n")
+
+
+def test_a_socket_output_is_no_device_and_is_refused_before_any_work(stores, tmp_path, capsys, monkeypatch):
+    """fr152: a Unix socket passed as a FIFO or a device (anything not a file or a folder): refused for its
+    name by no check, it failed to open (ENXIO, exit code 1) only after the whole pass."""
+    import socket
+
+    paths, _, _ = stores
+    monkeypatch.setattr(tracin, "self_influence", lambda *a, **k: pytest.fail("scored before --output was checked"))
+    rank = ["self-influence", str(paths["train"]), "-o"]
+    with socket.socket(socket.AF_UNIX) as named, socket.socket(socket.AF_UNIX) as suffixed:
+        named.bind(str(tmp_path / "sock"))
+        suffixed.bind(str(tmp_path / "sock.csv"))
+        assert main([*rank, str(tmp_path / "sock")]) == 2
+        line = _error_line(capsys.readouterr().err, "self-influence")
+        assert line.endswith(f"--output must end in .csv or be a FIFO or a device, got '{tmp_path / 'sock'}'")
+        assert main([*rank, str(tmp_path / "sock.csv")]) == 1
+        line = _error_line(capsys.readouterr().err, "self-influence")
+        assert line.endswith(f"--output: cannot write {tmp_path / 'sock.csv'} (No such device or address)"), line
+
+
+def test_one_ctrl_c_ends_score_streaming_npz_to_a_fifo_whose_reader_stopped_reading(tmp_path, rng):
+    """fr152: score's NPZ to a FIFO whose reader holds it open but reads no more took three Ctrl-Cs, each at
+    least a second apart: the first interrupted a blocked write, then zipfile's closing records, written while
+    the interrupt unwound, blocked again. The archive is staged whole and written at once, as the CSV is."""
+    import fcntl
+    import termios
+
+    test = _write_store(tmp_path / "test", [rng.standard_normal((2000, 4)).astype(np.float32)], [1.0])
+    train = _write_store(tmp_path / "train", [rng.standard_normal((40, 4)).astype(np.float32)], [1.0])
+    fifo = tmp_path / "pipe.npz"  # 2000 x 40 x 2 sides x 12 bytes: far more than a pipe holds
+    os.mkfifo(fifo)
+    command = ["score", "--test", str(test), "--train", str(train), "-k", "40", "--side", "both", "-o", str(fifo)]
+    script = f"""
+import signal, sys, tracin.cli as cli
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also where pytest runs with it ignored
+sys.exit(cli.main({command!r}))
+"""
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # holds the FIFO open, never reads
+    try:
+        done = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+        held, deadline = [-1], time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the pipe is full: the writer is blocked
+            time.sleep(0.5)
+            held.append(int.from_bytes(fcntl.ioctl(reader, termios.FIONREAD, bytes(4)), sys.byteorder))
+            if held[-1] > 0 and held[-1] == held[-2]:
+                break
+        assert done.poll() is None and held[-1] > 0, held
+        done.send_signal(signal.SIGINT)
+        try:
+            code = done.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            done.kill()
+            done.wait()
+            pytest.fail("one Ctrl-C did not end score writing NPZ to a FIFO whose reader stopped reading")
+        assert (code, done.stderr.read()) == (130, "tracin score: interrupted\n")
+    finally:
+        os.close(reader)
+
+
 def test_long_output_names_are_written_and_too_long_ones_refused_first(stores, tmp_path, capsys, monkeypatch):
     paths, _, _ = stores
     rank = ["self-influence", str(paths["train"]), "-o"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import csv
+import io
 import os
 import signal
 import stat
@@ -42,7 +43,7 @@ from typing import IO, Any
 from ._cpus import usable_cores
 from ._memory import process_memory
 from ._validate import MAX_THREADS
-from ._whole_file import SEPARATORS, TEMP_PREFIX, resolve
+from ._whole_file import MAX_LINKS, SEPARATORS, TEMP_PREFIX, resolve
 from ._whole_file import whole_file as _whole_file
 from .store._files import enclosing_store
 from .store._format import short
@@ -151,7 +152,7 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
         mode = os.stat(out).st_mode  # through links: /dev/stdout is the pipe or file it stands for
     except OSError:
         mode = None
-    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+    if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
         # a FIFO or a device, streamed whatever its name: opening it to try it would use it
         if not os.access(out, os.W_OK):
             raise CommandError(f"--output: cannot write {out} (permission denied)")
@@ -159,7 +160,11 @@ def _check_output(path: str | None, suffixes: tuple[str, ...] = ()) -> Path | No
     if suffixes:
         suffix = next((s for s in suffixes if out.name.lower().endswith(s)), None)
         if suffix is None:
-            raise UsageError(f"--output must end in {' or '.join(suffixes)} or be a FIFO or a device, got {path!r}")
+            where = os.path.realpath(out)  # /dev/stdout with stdout redirected to a file is that file
+            named = f", which is the file {where}" if stat.S_ISREG(mode or 0) and where != os.path.abspath(out) else ""
+            raise UsageError(
+                f"--output must end in {' or '.join(suffixes)} or be a FIFO or a device, got {path!r}{named}"
+            )
         if len(out.name) == len(suffix):  # Path(".csv").suffix is "": a dot file
             raise UsageError(f"--output: {path!r} has no name before {suffix}; give one, as in out{suffix}")
     limit, size = _name_max(out.parent), len(os.fsencode(out.name))
@@ -216,9 +221,23 @@ def _output_file(out: Path, binary: bool = False) -> Iterator[IO]:
 def _check_stdout(out: Path | None, instead: str = WRITE_A_FILE) -> None:
     """Refuses, before any work (stores opened, a pass, a cluster started), results bound for a stdout the
     command started with closed (_standard_streams): `out` None (no -o), the error _stdout gives, `instead`
-    appended (what else the command can write to)."""
-    if out is None and getattr(sys.stdout, CLOSED, False):
+    appended (what else the command can write to); also for an `out` whose links lead to descriptor 1
+    (-o /dev/stdout), which is /dev/null then: the results would be dropped."""
+    if getattr(sys.stdout, CLOSED, False) and (out is None or _reaches_stdout(out)):
         raise CommandError(f"cannot write the results to stdout: it is closed{instead}")
+
+
+def _reaches_stdout(path: Path) -> bool:
+    """Whether `path` is descriptor 1's name in /proc/self/fd (or /dev/fd), itself or by its links."""
+    name = os.path.abspath(path)
+    fds = os.path.realpath("/proc/self/fd")
+    for _ in range(MAX_LINKS):
+        if os.path.basename(name) == "1" and os.path.realpath(os.path.dirname(name)) == fds:
+            return True
+        if not os.path.islink(name):
+            return False
+        name = os.path.join(os.path.dirname(name), os.readlink(name))
+    return False
 
 
 @contextmanager
@@ -465,7 +484,13 @@ def cmd_score(args: argparse.Namespace) -> None:
     if out is not None and out.suffix.lower() == ".npz":
         arrays = {f"{name}_{field}": getattr(r, field) for name, r in sides.items() for field in ("values", "indices")}
         with _output_file(out, binary=True) as f:
-            np.savez(f, **arrays)
+            if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                np.savez(f, **arrays)
+            else:  # streamed (a FIFO, a device): the archive whole first, written at once; zipfile's closing records,
+                # written while an interrupt unwinds, blocked again on a reader that stopped reading (one Ctrl-C hung)
+                staged = io.BytesIO()
+                np.savez(staged, **arrays)
+                f.write(staged.getbuffer())
         # to stderr: stdout may be the output (-o x.csv, a link to /dev/stdout or to a FIFO)
         print(f"{summary}: wrote {_path_text(out)}", file=sys.stderr)
         return
