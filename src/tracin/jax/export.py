@@ -18,7 +18,7 @@ from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.metadata import last_layer_entry
 from .._export.preconditioner import adam_settings
-from .._export.projection import check_projection, warn_widening
+from .._export.projection import check_projection, refuse_empty_parameters, warn_widening
 from .._export.transforms import row_transforms
 from .._progress import check_progress
 from ..gradients import FactoredGradients, Gradients
@@ -214,6 +214,7 @@ def export_gradients(
     plan = BatchPlan(data, batch_size)
     kron = (projection, entries, adam if preconditioner else None) if kronecker else None
     framework = _JaxExport(loss_fn, layer_input, layers, mode, plan, entries[0].source, kron)
+    refuse_empty_parameters(projection, framework.params)  # per_layer: a segment per parameter
     if preconditioner is not None:
         framework.check_states(entries)
     if kronecker:  # taken per token by the adapter, the preconditioner folded into it

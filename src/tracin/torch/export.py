@@ -21,7 +21,7 @@ from .._export.driver import Options, check_store, export, kronecker_projection
 from .._export.fingerprint import callable_identity
 from .._export.layers import as_patterns
 from .._export.metadata import last_layer_entry
-from .._export.projection import check_projection, warn_widening
+from .._export.projection import check_projection, refuse_empty_parameters, warn_widening
 from .._export.transforms import row_transforms
 from .._progress import check_progress
 from .._validate import positive_int
@@ -242,6 +242,7 @@ def export_gradients(
         with _evaluating(model), FreshBuffers(model) as buffers:
             kron = (projection, entries, preconditioner) if kronecker else None
             framework = _TorchExport(model, loss_fn, layers, mode, data, batch_size, buffers, kron)
+            refuse_empty_parameters(projection, framework.params)  # per_layer: a segment per parameter
             if kronecker:  # the exact rows' width: every chosen parameter's element count
                 warn_widening(projection, projection.dim, sum(math.prod(shape) for _, shape in framework.params))
                 return export(framework, entries, options, framework.compute_rows.recorded())
