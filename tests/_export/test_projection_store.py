@@ -34,7 +34,7 @@ class _WithEmpty(nn.Module):
 def test_a_zero_width_layer_is_refused_before_the_store_is_made(tmp_path):
     model = _WithEmpty()
     # review153 F6: the refusal named no parameter ("segments entry must be >= 1, got 0")
-    expected = r"parameter 0 \(0-based, in the exported parameters' order\) has no elements.*leave the empty"
+    expected = r"parameter 'empty' has no elements.*leave the empty"
     with pytest.raises(ValueError, match=expected):
         export_gradients(
             model,
