@@ -305,6 +305,11 @@ def test_merge_top_k_asks_for_the_side_where_no_shard_shows_its_order(rng):
         tracin.merge_top_k(tied, [0, 3])
     np.testing.assert_array_equal(tracin.merge_top_k(tied, [0, 3], k=3, side="opponents").indices[0], [0, 1, 2])
     np.testing.assert_array_equal(tracin.merge_top_k(shards[:1], [0]).indices, shards[0].indices)
+    # Where the side changes nothing (every row's values equal across the shards, e.g. a zero test
+    # gradient), no side is needed: both sides give the smaller global indices first.
+    zero = [tracin.top_k([np.zeros((1, 3), np.float32)], [train[0][a : a + 50]], k=2) for a in (0, 50)]
+    np.testing.assert_array_equal(tracin.merge_top_k(zero, [0, 50], k=2).indices, [[0, 1]])
+    np.testing.assert_array_equal(tracin.merge_top_k(tied[:1], [0], k=3).indices, tied[0].indices)
     assert tracin.merge_top_k([tracin.TopK(t.values[:0], t.indices[:0]) for t in tied], [0, 3], k=3).values.shape == (
         0,
         3,

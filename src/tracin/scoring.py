@@ -997,9 +997,9 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     sorted the other way (values rising along a row for proponents, falling for opponents) is
     refused, naming the side to pass. None (default) merges as proponents where a shard shows its
     order; where none can (every shard one column wide, as with k=1, or its rows all tied) and the
-    side would matter, it is a ValueError asking for side=. k: the k the shards were
-    scored with; exactly equal to top_k(k=k) on the unsharded data, ties included (smaller global
-    index first). k None takes it from a shard that shows it: one with more train rows than
+    side would matter (a row's values differ between shards), it is a ValueError asking for side=.
+    k: the k the shards were scored with; exactly equal to top_k(k=k) on the unsharded data, ties
+    included (smaller global index first). k None takes it from a shard that shows it: one with more train rows than
     columns, known from a local index at or past its width. Where none shows k (every shard may be
     as wide as its rows, as any larger k also gives; always so with no test rows), or shards
     disagree, it is a ValueError asking for k. A train row present twice (the same shard given
@@ -1046,15 +1046,16 @@ def merge_top_k(results: list[TopK], offsets: list[int], *, k: int | None = None
     rows = {r.values.shape[0] for r in results}
     if len(rows) != 1:
         raise ValueError(f"every result must cover the same test rows, got row counts {sorted(rows)}")
+    values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     if side is None:
-        if not shown and rows.pop() and sum(r.values.shape[1] for r in results) > 1:
+        # Every shard's rows constant: the side matters only where a row's values differ between shards.
+        if not shown and bool(np.any(values != values[:, :1])):
             raise ValueError(
                 "the side the shards were scored for is not known: no shard shows an order (widths "
                 f"{[r.values.shape[1] for r in results]}: one column, as with k=1, or values all tied along "
                 "a row); pass side='proponents' or side='opponents'"
             )
         side = "proponents"
-    values = np.concatenate([np.asarray(r.values, dtype=np.float32) for r in results], axis=1)
     indices = np.concatenate(
         [np.asarray(r.indices, dtype=np.int64) + int(o) for r, o in zip(results, offsets, strict=True)], axis=1
     )
