@@ -182,6 +182,7 @@ def _jl_epsilon(k: int, m: int) -> float:
     return hi
 
 
+@pytest.mark.filterwarnings("ignore:.*widens them:RuntimeWarning")  # dim above the width, on purpose
 @pytest.mark.parametrize("kind", KINDS)
 def test_distortion_within_jl_bound(kind, rng):
     m, d = 30, 2000
@@ -1053,6 +1054,7 @@ def test_ctrl_c_inside_one_long_task(kind):
     assert late < 1.0, f"KeyboardInterrupt {late:.2f} s after SIGINT"
 
 
+@pytest.mark.filterwarnings("ignore:.*widens them:RuntimeWarning")  # dim above the width, on purpose
 def test_factored_rows_refuse_a_per_layer_projection_naming_the_one_to_use(rng):
     # review136 F3: per_layer=True was ignored by apply_factored (same bits as per_layer=False) yet recorded
     left, right = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
@@ -1249,6 +1251,15 @@ def test_apply_store_is_checked_by_scoring_and_refuses_a_mix(tmp_path, rng):
     assert replaced.metadata["projection"]["seed"] == 3
     with pytest.raises(ValueError, match=r"no metadata\['params'\] .*pass segments="):
         tracin.Projection(8, per_layer=True).apply_store(source, tmp_path / "d")
+    with pytest.raises(ValueError, match="source store's own directory"):  # fr153: overwrite deleted the source
+        tracin.Projection(8).apply_store(source, tmp_path / "src" / ".." / "src", overwrite=True)
+    assert tracin.GradientStore.open(tmp_path / "src").dims == source.dims
+    writer = tracin.GradientStore.create(tmp_path / "partial", 6, [30])
+    writer.write(0, 0, rows[0][:4])
+    writer.close()
+    partial = tracin.GradientStore.open(tmp_path / "partial", allow_partial=True)
+    with pytest.raises(ValueError, match="unfinished"):  # fr153: its 4 usable rows became a finished store
+        tracin.Projection(8).apply_store(partial, tmp_path / "e")
 
 
 def test_apply_store_per_layer_and_factored(tmp_path, rng):

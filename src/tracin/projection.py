@@ -506,7 +506,9 @@ class Projection:
             The new GradientStore, opened. Its metadata is the source's with "projection" set to this
             projection's spec, so scoring refuses it against rows projected otherwise or not at all (as for
             exports with projection=). Its weights and ids are the source's; its rows are bit-identical to
-            `apply` (or `apply_factored`) of the source's rows widened to float32. A row of the source
+            `apply` (or `apply_factored`) of the source's rows widened to float32: from a float32 source the
+            same bits as exporting with projection=, from a 16-bit one not (an export projects its float32
+            rows before rounding; here the rounded rows are projected). A row of the source
             whose projection is beyond float32 is a NonFiniteRowError naming the store, checkpoint and row.
         """
         from ._export.projection import project_store  # it imports this module

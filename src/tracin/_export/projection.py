@@ -172,6 +172,14 @@ def project_store(
         source = GradientStore.open(source)
     if not isinstance(source, GradientStore):
         raise TypeError(f"source must be a GradientStore or its path, got {type(source).__name__}")
+    if os.path.realpath(path) == os.path.realpath(source.path):  # overwrite=True would delete the rows being read
+        raise ValueError(
+            f"path {os.fspath(path)!r} is the source store's own directory: choose another for the projected store"
+        )
+    if not source.complete:  # opened with allow_partial=True: its usable rows would make a smaller, finished store
+        raise ValueError(
+            f"gradient store {source.path} is unfinished (opened with allow_partial=True): finish writing it first"
+        )
     metadata = dict(source.metadata or {})
     if metadata.get("projection") is not None:
         raise ValueError(
