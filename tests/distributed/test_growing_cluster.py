@@ -187,3 +187,37 @@ def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         td.aggregate(floats["test_store"], train, client=client, shards=6)
+
+
+def test_a_scheduler_that_does_not_answer_is_asked_once_per_retry_period(monkeypatch):
+    """host_slots where the scheduler's ncores times out: the last count (not the worker's own threads,
+    which would give a single-threaded worker all its host's cores), kept HOST_SLOTS_RETRY_S, so that
+    the tasks after the first do not wait SCHEDULER_ASK_S each."""
+    from types import SimpleNamespace
+
+    from tracin.distributed import _cluster
+
+    asked, answers = [], [{"tcp://10.0.0.1:1": 1, "tcp://10.0.0.1:2": 1, "tcp://10.0.0.2:1": 1}]
+
+    def fake_sync(loop, fn, callback_timeout):
+        asked.append(callback_timeout)
+        if answers:
+            return answers.pop()
+        raise TimeoutError
+
+    clock = [1000.0]
+    monkeypatch.setattr(_cluster, "sync", fake_sync)
+    monkeypatch.setattr(_cluster.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(_cluster, "_host_slots", {})
+    state, scheduler = SimpleNamespace(nthreads=1), SimpleNamespace(ncores=None)
+    worker = SimpleNamespace(address="tcp://10.0.0.1:1", state=state, loop=None, scheduler=scheduler)
+    assert _cluster.host_slots(worker) == 2  # the two workers on 10.0.0.1
+    clock[0] += _cluster.HOST_SLOTS_TTL_S
+    assert _cluster.host_slots(worker) == 2  # asked again, no answer: the last count
+    assert len(asked) == 2
+    clock[0] += _cluster.HOST_SLOTS_RETRY_S - 1
+    assert _cluster.host_slots(worker) == 2 and len(asked) == 2  # not asked again before the retry period
+    clock[0] += 1
+    assert _cluster.host_slots(worker) == 2 and len(asked) == 3
+    monkeypatch.setattr(_cluster, "_host_slots", {})
+    assert _cluster.host_slots(worker) == 1  # never answered: the worker's own threads

@@ -339,29 +339,34 @@ def kernel_threads(num_threads: int | None) -> int:
 
 
 HOST_SLOTS_TTL_S = 5.0  # how long a worker process reuses its count of its host's task slots
-SCHEDULER_ASK_S = 10.0  # the longest a worker waits for the scheduler's answer (then: its own threads)
+SCHEDULER_ASK_S = 10.0  # the longest a worker waits for the scheduler's answer (then: its last count)
+HOST_SLOTS_RETRY_S = 60.0  # how long a worker process goes on with that count before asking again
 _HOST_SLOTS_LOCK = threading.Lock()
-_host_slots: dict[str, tuple[float, int]] = {}  # worker address -> (time.monotonic() counted, slots)
+_host_slots: dict[str, tuple[float, int]] = {}  # worker address -> (time.monotonic() to ask again by, slots)
 
 
 def host_slots(worker: Any) -> int:
     """The threads of all workers on `worker`'s host, this one's included, as the scheduler records
     them (its ncores: one small reply), asked at most once every HOST_SLOTS_TTL_S per worker process,
-    not per task; the worker's own threads where the scheduler does not answer."""
+    not per task. Where the scheduler does not answer within SCHEDULER_ASK_S: the last count (the
+    worker's own threads if none), kept HOST_SLOTS_RETRY_S, so that its tasks do not each wait."""
     now = time.monotonic()
     with _HOST_SLOTS_LOCK:
         known = _host_slots.get(worker.address)
-    if known is not None and now - known[0] < HOST_SLOTS_TTL_S:
+    if known is not None and now < known[0]:
         return known[1]
     own, host = worker.state.nthreads, get_address_host(worker.address)
     try:
         threads = sync(worker.loop, worker.scheduler.ncores, callback_timeout=SCHEDULER_ASK_S)
     except Exception:  # the scheduler gone or slow: the task runs, sharing its host as far as known here
-        return own
+        count = known[1] if known is not None else own
+        with _HOST_SLOTS_LOCK:
+            _host_slots[worker.address] = (time.monotonic() + HOST_SLOTS_RETRY_S, count)
+        return count
     count = sum(n for address, n in threads.items() if get_address_host(address) == host)
     count = max(count, own)
     with _HOST_SLOTS_LOCK:
-        _host_slots[worker.address] = (now, count)
+        _host_slots[worker.address] = (now + HOST_SLOTS_TTL_S, count)
     return count
 
 
