@@ -148,6 +148,8 @@ def _dense_write(weight_is_out_by_in: bool):
         left, right = (b.transpose(1, 2), a) if weight_is_out_by_in else (a.transpose(1, 2), b)
         if accumulate:
             out.baddbmm_(left, right)
+        elif a.shape[1] == 1:  # one position per example (an MLP): an outer product, each entry one rounded
+            torch.mul(left, right, out=out)  # product as bmm's, written in place (bmm and a copy took 3.9x as long)
         elif _batched_gemm_pays(out):
             step = _examples_per_temporary(out)
             for start in range(0, out.shape[0], step):
