@@ -173,6 +173,10 @@ print(grown / 2**20)
 
 
 @measures_rss
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="AddressSanitizer's allocator keeps freed buffers in quarantine (309 MiB here), not the candidates held",
+)
 def test_top_k_candidates_peak_within_the_documented_twice_the_budget():
     """review154 F2: the docs said the candidates stay within 64 MiB for any thread count; at k=1e5,
     n=3e5, both sides, 2 threads the peak beyond the result was 79 to 104 MiB (buffers doubled hold old
