@@ -479,9 +479,7 @@ class KroneckerRows:
         with one warning."""
         for layer in layers:
             names = next(s.names for s in self.kron if s.module == layer)
-            full = PerExampleGradients(self.model, names, self.loss_fn)
-            full.hooks, full.others = None, names  # its hooks would meet the same batch-1 calls: vmap (or its loop)
-            self._unbatched[layer] = full
+            self._unbatched[layer] = self._without_hooks(names)  # its hooks would meet the same batch-1 calls
         warnings.warn(
             f"projection with kronecker=True: {why}: "
             f"{one_at_a_time(set(layers), rows)}; their full per-example gradients are computed (vmap) and "
@@ -490,6 +488,13 @@ class KroneckerRows:
             UserWarning,
             stacklevel=5,
         )
+
+    def _without_hooks(self, names: list[str]) -> PerExampleGradients:
+        """Full per-example gradients of parameters `names` by vmap (or its per-example loop) only, never the
+        batched hooks: for layers whose hooked rows are known to be wrong."""
+        full = PerExampleGradients(self.model, names, self.loss_fn)
+        full.hooks, full.others = None, names
+        return full
 
     def _from_full(
         self, layers: list[str], full: PerExampleGradients, state, inputs: Tree, targets: Tree, rows: int
@@ -560,9 +565,7 @@ class KroneckerRows:
         key = tuple(missed)
         if key not in self._exact:
             names = [n for m in key for n in factors[m][0].names]
-            exact = PerExampleGradients(self.model, names, self.loss_fn)
-            exact.hooks, exact.others = None, names  # its hooks would miss the same use: vmap (or its loop) only
-            self._exact[key] = exact
+            self._exact[key] = self._without_hooks(names)  # its hooks would miss the same use
         totals.update(self._from_full(list(key), self._exact[key], state, inputs, targets, rows))
 
     def _by_full_gradients(self, layers: dict[str, tuple[int, ...]]) -> None:
