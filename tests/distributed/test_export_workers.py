@@ -355,15 +355,17 @@ class _Stopping:
     ("shards", "expected"),
     [
         (4, [(10, 40), (60, 80), (110, 120), (130, 160)]),
-        (2, [(10, 40), (60, 80), (110, 160)]),  # (10, 80) would hold 50 missing rows, over half of 90
-        (6, [(10, 25), (25, 40), (60, 80), (110, 120), (130, 145), (145, 160)]),  # at most 20 rows each
+        # in its 10-row batches: 9 missing, (10, 80) holds 5, half; 2 batches lie between, no more than a gap's
+        (2, [(10, 80), (110, 160)]),
+        # at most 2 batches each, cut on batch edges (a batch split between two tasks would be computed twice)
+        (6, [(10, 20), (20, 40), (60, 80), (110, 120), (130, 140), (140, 160)]),
     ],
 )
 def test_rerun_of_an_interrupted_export_cuts_at_its_gaps(client, tmp_path, monkeypatch, shards, expected):
     """Each of an interrupted export's 4 range tasks wrote its rows at the first checkpoint, then only
     some at the second: the rerun gives each gap to a task (shards=4), packs neighbouring gaps into one
-    task where few rows lie between (shards=2: those rows are written again; a range more queues) or
-    splits the longest (shards=6)."""
+    task where few batches lie between (shards=2: those rows are written again) or splits the longest
+    on its batch edges (shards=6)."""
     model, checkpoints, data, loss = _setup(160, 6)
     batches = _batches(data)
     expected_store = tracin.torch.export_gradients(model, checkpoints, batches, loss, store=tmp_path / "one")

@@ -130,7 +130,7 @@ def test_export_on_an_adaptive_cluster_from_zero_cuts_for_its_maximum(tmp_path, 
     cuts = _recording_cut(monkeypatch)
     with empty_cluster() as (cluster, c):
         cluster.adapt(minimum=0, maximum=2)
-        store = td.export_gradients("torch", *_export_setup(64), store=tmp_path / "s", client=c)
+        store = td.export_gradients("torch", *_export_setup(64), store=tmp_path / "s", client=c, batch_size=16)
     assert cuts == [[(0, 32), (32, 64)]]  # two ranges for the two workers it may start, not one for the first
     assert store.complete and store.n_rows == 64
 
@@ -156,6 +156,47 @@ def test_export_ranges_follow_batches(tmp_path, monkeypatch, client):
     assert store.complete and store.n_rows == 100
 
 
+def test_export_ranges_follow_a_data_loaders_batches(tmp_path, monkeypatch, client):
+    """No batch_size=: the edges are those of the DataLoader's batches, which the client's first pass
+    records (not one range per row, cutting batches that two tasks would both compute)."""
+    cuts = _recording_cut(monkeypatch)
+    model, checkpoints, (x, y), loss = _export_setup(100)
+    torch = pytest.importorskip("torch")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=24)
+    store = td.export_gradients(
+        "torch", model, checkpoints, loader, loss, store=tmp_path / "s", client=client, shards=3
+    )
+    assert cuts == [[(0, 24), (24, 72), (72, 100)]]  # 5 batches (24, 24, 24, 24, 4) in 3 ranges on their edges
+    assert store.complete and store.n_rows == 100
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_cut_on_uneven_batch_edges(seed):
+    """Batches of varied sizes: each range's ends on batch or gap edges, the missing rows all covered,
+    no batch split between two ranges, no more ranges than shards or than the batches touched."""
+    rng = np.random.default_rng(seed)
+    n_rows = int(rng.integers(1, 400))
+    starts = sorted({0, *rng.integers(0, n_rows, int(rng.integers(0, 30))).tolist()})
+    edges = [*starts, n_rows]
+    marks = sorted(set(rng.integers(0, n_rows + 1, 2 * int(rng.integers(1, 5))).tolist()))
+    missing = [(a, b) for a, b in zip(marks[::2], marks[1::2], strict=False) if b > a] or [(0, n_rows)]
+    shards = int(rng.integers(1, 12))
+    ranges = cut(missing, shards, n_rows, starts)
+    batch = {r: i for i in range(len(starts)) for r in range(edges[i], edges[i + 1])}
+    touched = {batch[r] for a, b in missing for r in range(a, b)}
+    assert len(ranges) <= len(touched)
+    covered = [r for a, b in ranges for r in range(a, b)]
+    assert len(covered) == len(set(covered))  # disjoint
+    assert {r for a, b in missing for r in range(a, b)} <= set(covered)
+    assert {batch[r] for r in covered} == touched
+    owner = {}
+    for i, (a, b) in enumerate(ranges):
+        for r in range(a, b):
+            assert owner.setdefault(batch[r], i) == i  # a batch's missing rows in one range
+    gap_edges = {x for gap in missing for x in gap}
+    assert all(x in edges or x in gap_edges for r in ranges for x in r)
+
+
 @pytest.mark.parametrize(
     "missing, shards, batch, expected",
     [
@@ -169,7 +210,7 @@ def test_export_ranges_follow_batches(tmp_path, monkeypatch, client):
     ],
 )
 def test_cut_on_batch_edges(missing, shards, batch, expected):
-    ranges = cut(missing, shards, 3000, batch)
+    ranges = cut(missing, shards, 3000, range(0, 3000, batch))
     assert ranges == expected
     assert all(b <= c for (_, b), (c, _) in zip(ranges[:-1], ranges[1:], strict=True))  # disjoint, in order
     covered = {r for a, b in ranges for r in range(a, b)}

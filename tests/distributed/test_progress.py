@@ -54,10 +54,12 @@ def _export_setup(n_rows: int) -> tuple:
 def test_export_runs_one_range_per_worker_thread(client, tmp_path):
     """Each range reads all the data (once per checkpoint): the default is one per worker thread."""
     model, checkpoints, data, loss = _export_setup(30)
-    for rows, tasks in ((30, 2), (1, 1)):  # 2 worker threads; at most one range per row
+    for rows, tasks in ((30, 2), (1, 1), (10, 1)):  # 2 worker threads; at most one range per batch (of 10 rows)
         with get_task_stream(client) as stream:
             one = (data[0][:rows], data[1][:rows])
-            td.export_gradients("torch", model, checkpoints, one, loss, store=tmp_path / f"{rows}", client=client)
+            td.export_gradients(
+                "torch", model, checkpoints, one, loss, store=tmp_path / f"{rows}", client=client, batch_size=10
+            )
         assert sum("export_part" in t["key"] for t in stream.data) == tasks
 
 

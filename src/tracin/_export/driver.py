@@ -125,6 +125,19 @@ class Options:
 
 
 _ROWS: ContextVar[tuple[int, int] | None] = ContextVar("tracin_export_rows", default=None)
+_BATCH_STARTS: ContextVar[list[int] | None] = ContextVar("tracin_export_batch_starts", default=None)
+
+
+@contextmanager
+def batch_starts() -> Iterator[list[int]]:
+    """Inside, an export into a store appends the first row of each batch of its reading pass to the
+    list yielded (tracin.distributed cuts its row ranges on these edges)."""
+    starts: list[int] = []
+    token = _BATCH_STARTS.set(starts)
+    try:
+        yield starts
+    finally:
+        _BATCH_STARTS.reset(token)
 
 
 @contextmanager
@@ -358,10 +371,12 @@ def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: 
     bar = progress_bar(
         framework.n_rows, progress, f"tracin.{framework.name} export: reading the data", unit_scale=False
     )
-    rows = 0
+    rows, starts = 0, _BATCH_STARTS.get()
     try:
         fingerprint.begin("data")
         for batch in framework.batches():
+            if starts is not None:
+                starts.append(batch.start)
             fingerprint.batch(*framework.fingerprint_arrays(batch))
             rows = batch.start + batch.count
             bar.update(batch.count)

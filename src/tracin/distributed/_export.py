@@ -13,14 +13,14 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any
 
 import cloudpickle
 
-from .._export.driver import store_rows
+from .._export.driver import batch_starts, store_rows
 from .._progress import check_progress, progress_bar
 from .._validate import positive_int
 from ..store import GradientStore, _locks
@@ -89,7 +89,8 @@ def export_gradients(
         worker thread of the cluster once its first worker is there, or of the cluster it heads for
         where this client holds its cluster object: the workers asked for with scale(n), queued jobs
         included, or adapt(maximum=n) when finite, each with the threads of those seen), at most one
-        per batch of batch_size rows (when given), cut on its multiples; a rerun's gaps, when more,
+        per batch of the data (as the client's first pass over it found them), cut on their edges
+        (a task computes every batch its range touches whole); a rerun's gaps, when more,
         are packed together only where few written rows lie between them, else more tasks queue
         (see cut()). Each task reads all the data once per
         checkpoint it writes, plus once to check its fingerprint, so more shards read more. A
@@ -137,7 +138,8 @@ def _export(
     progress: bool | None,
 ) -> GradientStore:
     """export_gradients once its arguments are checked and `pickled` (a finished store: for nothing)."""
-    with _range_writers_named(path), store_rows(0, 0):  # creates the store (or checks the one there)
+    # creates the store (or checks the one there), reading the data once: where its batches begin
+    with _range_writers_named(path), store_rows(0, 0), batch_starts() as starts:
         fn(*args, store=path, progress=progress, **kwargs)
     checked = read_manifest(Path(path)).store_id  # the store the step above created or checked
     # the store's shared lock while the tasks run (range writers share it): another export, with other inputs,
@@ -155,10 +157,8 @@ def _export(
             return GradientStore.open(path)
         missing = missing_rows(manifest)
         if missing:  # else every row is written (all ranges of an interrupted call were done): finalizing is left
-            batch = kwargs.get("batch_size")  # checked by the adapter above
-            batch = batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else 1
             _write_ranges(
-                adapter, pickled, path, manifest, missing, batch, client, worker_timeout, shards, num_threads, progress
+                adapter, pickled, path, manifest, missing, starts, client, worker_timeout, shards, num_threads, progress
             )
     finally:
         shared.release()
@@ -180,7 +180,7 @@ def _write_ranges(
     path: str,
     manifest: Manifest,
     missing: list[tuple[int, int]],
-    batch_rows: int,
+    batch_starts: Sequence[int],
     client: Any,
     worker_timeout: float | None,
     shards: int | None,
@@ -188,7 +188,7 @@ def _write_ranges(
     progress: bool | None,
 ) -> None:
     """The `missing` rows of the store at `path` written by tasks on the cluster, cut into about
-    `shards` ranges (see cut(); `batch_rows`: the export's batch_size, 1 when not given); `pickled`:
+    `shards` ranges (see cut(); `batch_starts`: the first row of each of the data's batches); `pickled`:
     a file holding the export's (args, kwargs), cloudpickled, whose bytes are sent once per worker."""
     outside = client is not None or default_client_or_none() is not None  # else a LocalCluster of the call's own
     with client_for(client) as c, Job(c, f"export ({adapter})") as job:
@@ -198,7 +198,7 @@ def _write_ranges(
         sent_once = job.send(pickled.read())  # bytes read only for tasks, not kept by this call
         parts = [
             job.submit(export_part, adapter, sent_once, path, a, b, num_threads, label=f"rows [{a}, {b}) of {path}")
-            for a, b in cut(missing, shards or slots, manifest.n_rows, batch_rows)
+            for a, b in cut(missing, shards or slots, manifest.n_rows, batch_starts)
         ]
         try:
             with rows_bar(path, manifest, progress, f"tracin.distributed export ({adapter})"):
@@ -349,20 +349,26 @@ def missing_rows(manifest: Manifest) -> list[tuple[int, int]]:
     return [(a, b) for a, b in union]
 
 
-def cut(missing: list[tuple[int, int]], shards: int, n_rows: int, batch: int = 1) -> list[tuple[int, int]]:
+def cut(
+    missing: list[tuple[int, int]], shards: int, n_rows: int, batch_starts: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
     """Row ranges, one task each, covering the rows `missing` (sorted, disjoint gaps) of a store of
-    `n_rows` rows, cut by by_rows in batches of `batch` rows (the export's batch_size; 1: not given):
-    no more ranges than the batches the missing rows touch, every range's ends on batch edges or gap
-    edges (a task computes every batch its range touches whole: a batch cut by two ranges would be
-    computed twice), a batch two gaps touch in one range. The edges are those of data batched from
-    row 0 (tensors, arrays, a Dataset); other data's edges may fall elsewhere, the count is still capped."""
-    units = merge_ranges((a // batch, -(-b // batch)) for a, b in missing)  # the batches each gap touches
-    ranges = by_rows(units, min(shards, sum(b - a for a, b in units)), -(-n_rows // batch))
+    `n_rows` rows, cut by by_rows in the data's batches, which begin at the rows `batch_starts`
+    (sorted, from 0; None: a batch per row): no more ranges than the batches the missing rows touch,
+    every range's ends on batch edges or gap edges (a task computes every batch its range touches
+    whole: a batch cut by two ranges would be computed twice), a batch two gaps touch in one range."""
+    edges = range(n_rows + 1) if batch_starts is None else [*batch_starts, n_rows]  # batch u: [edges[u], edges[u + 1])
+
+    def batch_of(row: int) -> int:
+        return bisect.bisect_right(edges, row) - 1
+
+    units = merge_ranges((batch_of(a), batch_of(b - 1) + 1) for a, b in missing)  # the batches each gap touches
+    ranges = by_rows(units, min(shards, sum(b - a for a, b in units)), len(edges) - 1)
     starts, ends = [a for a, _ in missing], [b for _, b in missing]
 
     def rows(u0: int, u1: int) -> tuple[int, int]:  # batches [u0, u1) to the missing rows in them, and between
-        first, last = bisect.bisect_right(ends, u0 * batch), bisect.bisect_left(starts, u1 * batch) - 1
-        return max(starts[first], u0 * batch), min(ends[last], u1 * batch)
+        first, last = bisect.bisect_right(ends, edges[u0]), bisect.bisect_left(starts, edges[u1]) - 1
+        return max(starts[first], edges[u0]), min(ends[last], edges[u1])
 
     return [rows(u0, u1) for u0, u1 in ranges]
 
