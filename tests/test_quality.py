@@ -160,6 +160,16 @@ def test_flip_labels_changes_exactly_the_fraction_each_to_another_class():
     assert set(np.unique(noisy)) <= {0, 1, 2}
     with pytest.raises(ValueError, match="fraction must be in"):
         data.flip_labels(y, 3, 1.0, seed=0)
+    for fraction, n in ((0.0, 500), (0.01, 20)):  # none flipped: detection would divide by zero
+        with pytest.raises(ValueError, match=rf"fraction={fraction} of {n} labels flips none"):
+            data.flip_labels(y[:n], 3, fraction, seed=0)
+
+
+def test_detection_metrics_refuse_no_flipped_labels():
+    with pytest.raises(ValueError, match="flipped marks no example"):
+        metrics.found_fractions(np.arange(5.0), np.zeros(5, bool), (0.2,))
+    with pytest.raises(ValueError, match="n_flipped must be at least 1, got 0"):
+        metrics.perfect_fractions(5, 0, (0.2,))
 
 
 def test_unknown_dataset_is_named():

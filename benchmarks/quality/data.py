@@ -86,11 +86,16 @@ def load(name: str, seed: int = 0) -> Split:
 
 def flip_labels(y: np.ndarray, classes: int, fraction: float, seed: int) -> np.ndarray:
     """A copy of `y` with exactly round(fraction * len(y)) labels, chosen at random, each changed to
-    a different random class."""
+    a different random class; at least one (mislabel detection measures the share of them found)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    count = round(fraction * len(y))
+    if count < 1:
+        raise ValueError(
+            f"fraction={fraction} of {len(y)} labels flips none; mislabel detection needs at least one flipped label"
+        )
     rng = np.random.default_rng(seed)
-    rows = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+    rows = rng.choice(len(y), size=count, replace=False)
     noisy = y.copy()
     noisy[rows] = (y[rows] + rng.integers(1, classes, len(rows))) % classes
     return noisy

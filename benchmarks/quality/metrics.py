@@ -14,9 +14,11 @@ def inspected_count(n: int, fraction: float) -> int:
 def found_fractions(scores: np.ndarray, flipped: np.ndarray, fractions: tuple[float, ...]) -> list[float]:
     """Fraction of the flipped examples among the round(q * n) highest `scores` (ties: lower index
     first), for each q in `fractions`. scores: (n,); flipped: bool (n,)."""
+    total = int(flipped.sum())
+    if total == 0:
+        raise ValueError("flipped marks no example: there is nothing to find")
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     hits = np.cumsum(flipped[order])
-    total = int(flipped.sum())
     return [
         float(hits[inspected_count(len(order), q) - 1] / total) if inspected_count(len(order), q) else 0.0
         for q in fractions
@@ -25,6 +27,8 @@ def found_fractions(scores: np.ndarray, flipped: np.ndarray, fractions: tuple[fl
 
 def perfect_fractions(n: int, n_flipped: int, fractions: tuple[float, ...]) -> list[float]:
     """What a detector that ranks every flipped example first finds."""
+    if n_flipped < 1:
+        raise ValueError(f"n_flipped must be at least 1, got {n_flipped}")
     return [min(1.0, inspected_count(n, q) / n_flipped) for q in fractions]
 
 
