@@ -313,6 +313,120 @@ def test_a_factored_aggregate_of_a_row_kept_unlowered_sums_in_float64_as_on_the_
         assert prepared.overflowing is not None  # the row is kept at e_r = 0: its packing overflows
 
 
+def _factored_aggregate(left, right, train_left, train_right, w) -> np.ndarray:
+    """float64 (n,) sum over test rows t and checkpoints c of w_c (L_c(t) . L_c(i)) (R_c(t) . R_c(i))."""
+    f64 = [[b.astype(np.float64) for b in side] for side in (left, right, train_left, train_right)]
+    return sum(c_w * ((lt @ li.T) * (rt @ ri.T)).sum(0) for c_w, lt, rt, li, ri in zip(w, *f64, strict=True))
+
+
+def test_a_factored_aggregate_whose_right_factors_product_overflows_sums_in_float64_as_on_the_cpu_kernel():
+    """review157 F1: w = [1e-20], factors 1 (left) and 2e25 (right) on both sides: the right factors'
+    float32 GEMM (4e50) overflows, the weighted scores (4e30) do not. The C++ kernel's aggregate sums
+    such train rows in float64 (api.cpp ExactFactoredSums), and so does the torch backend now (before: the
+    overflow error); scores and top_k, which hold the float32 scores, stay the overflow error on both."""
+    left, right = [np.ones((2, 1), np.float32)], [np.full((2, 1), 2e25, np.float32)]
+    train_left, train_right = [np.ones((3, 1), np.float32)], [np.full((3, 1), 2e25, np.float32)]
+    w = [1e-20]
+    t, x = tracin.FactoredGradients(left, right, w), tracin.FactoredGradients(train_left, train_right, w)
+    exact = _factored_aggregate(left, right, train_left, train_right, w)
+    assert np.allclose(exact, 2 * 1e-20 * float(np.float32(2e25)) ** 2, rtol=1e-12)  # 8e30
+    for device in ("cpu", "torch:cpu"):
+        np.testing.assert_allclose(tracin.aggregate(t, x, device=device), exact, rtol=1e-6, err_msg=device)
+        with pytest.raises(ValueError, match="^influence overflowed float32 although every input is finite"):
+            tracin.scores(t, x, device=device)
+
+
+def _overflowing_train_rows(rng, n: int, huge: list[int], zero_left: list[int]):
+    """Factored sets of two checkpoints, w = [1e-20, 1] (positive values: no cancellation): 5 test rows,
+    right factors near 2e25 in checkpoint 0, and n train rows whose right factors in checkpoint 0 are
+    near 1 except in rows `huge` and `zero_left` (near 2e25: the right GEMM overflows float32, the
+    weighted scores near 1e30 do not), the rows `zero_left` with zero left factors there (0 x inf: NaN
+    scores, an exact score of checkpoint 1 alone). Returns (left, right, train_left, train_right, w)."""
+    w = [1e-20, 1.0]
+    left = [rng.uniform(0.5, 1.5, (5, 3)).astype(np.float32) for _ in w]
+    right = [(rng.uniform(0.5, 1.5, (5, 2)) * s).astype(np.float32) for s in (2e25, 1.0)]
+    train_left = [rng.uniform(0.5, 1.5, (n, 3)).astype(np.float32) for _ in w]
+    train_right = [rng.uniform(0.5, 1.5, (n, 2)).astype(np.float32) for _ in w]
+    train_right[0][huge + zero_left] *= np.float32(2e25)
+    train_left[0][zero_left] = 0
+    return left, right, train_left, train_right, w
+
+
+def test_a_factored_aggregate_sums_only_its_overflowing_train_rows_in_float64(rng, small_tiles, monkeypatch):
+    """review157 F1: train rows whose float32 scores overflow (or are NaN, 0 x inf) from finite inputs,
+    in several tiles, are summed by _exact_factored_sums alone, as the C++ kernel recomputes only those
+    rows; the other rows keep the bits of the same call with those rows zero (no fallback). All within
+    1e-6 of float64 NumPy and of the C++ kernel. A NaN input is still the non-finite error, no fallback."""
+    huge, zero_left = [3, 17, 18, 39], [25]
+    left, right, train_left, train_right, w = _overflowing_train_rows(rng, 40, huge, zero_left)
+    t = tracin.FactoredGradients(left, right, w)
+    x = tracin.FactoredGradients(train_left, train_right, w)
+    exact = _factored_aggregate(left, right, train_left, train_right, w)
+    assert np.all(exact[huge] > 1e29) and np.all(np.abs(exact) < 1e35)
+    calls = []
+    fallback = torch_device._exact_factored_sums
+    monkeypatch.setattr(
+        torch_device,
+        "_exact_factored_sums",
+        lambda call, test, weights, selected=None: calls.append(selected) or fallback(call, test, weights, selected),
+    )
+    got = tracin.aggregate(t, x, device="torch:cpu")
+    assert len(calls) == 1 and calls[0].tolist() == sorted(huge + zero_left)
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+    np.testing.assert_allclose(tracin.aggregate(t, x, device="cpu"), exact, rtol=1e-6)
+    zeroed = [b.copy() for b in train_right]
+    zeroed[0][huge + zero_left] = 0
+    plain = tracin.aggregate(t, tracin.FactoredGradients(train_left, zeroed, w), device="torch:cpu")
+    assert len(calls) == 1  # no fallback: every row finite
+    kept = np.setdiff1d(np.arange(40), huge + zero_left)
+    np.testing.assert_array_equal(got[kept], plain[kept])
+    train_left[1][30, 2] = np.nan
+    with pytest.raises(
+        ValueError, match=r"train left factor of checkpoint 1 contains NaN or Inf values, first in rows \[30\]"
+    ):
+        tracin.aggregate(t, tracin.FactoredGradients(train_left, train_right, w), device="torch:cpu")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("cause", ["packing", "scores"])
+def test_the_float64_fallback_keeps_its_blocks_within_the_score_budget(rng, monkeypatch, cause):
+    """review157 F2: _exact_factored_sums cuts train tiles into slices of at most _NORM_SLICE float64
+    values and the test rows into slices of at most DEVICE_TILE_SCORES // 4 pairs per float64 block (it
+    took _NORM_SLICE // d test rows against a whole tile: two (65536 x tile rows) float64 blocks on a
+    GPU). With both shrunk (tiny budgets: blocks of one test row against 4 train rows), every block
+    (counted) is within them, every pair is summed once, and the rows it sums are those of the default
+    budgets; all rows within 1e-6 of float64 NumPy. Both ways in: a test row whose packing overflows
+    (every train row; review112 F2) and train rows whose float32 scores overflow (those rows)."""
+    if cause == "packing":  # test row 0's weighted left factor 1e60 is kept unlowered beside 1e-20
+        w = [1e30, 1.0]
+        left = [rng.uniform(0.5, 1.5, (9, 3)).astype(np.float32) for _ in w]
+        left[0][0], left[1][0] = 1e30, 1e-20
+        right = [rng.uniform(0.5, 1.5, (9, 2)).astype(np.float32) for _ in w]
+        train_left = [rng.uniform(0.5, 1.5, (30, 3)).astype(np.float32) * s for s in (1e-30, 1.0)]
+        train_right = [rng.uniform(0.5, 1.5, (30, 2)).astype(np.float32) for _ in w]
+        summed = list(range(30))  # the rows _exact_factored_sums sums
+    else:
+        summed = [*range(0, 30, 3), 7]
+        left, right, train_left, train_right, w = _overflowing_train_rows(rng, 30, summed[:-1], summed[-1:])
+        summed.sort()
+    t = tracin.FactoredGradients(left, right, w)
+    x = tracin.FactoredGradients(train_left, train_right, w)
+    exact = _factored_aggregate(left, right, train_left, train_right, w)
+    default = tracin.aggregate(t, x, device="torch:cpu")
+    blocks = []
+    pair_block = torch_device._pair_block
+    monkeypatch.setattr(torch_device, "_pair_block", lambda a, b: blocks.append((a.shape, b.shape)) or pair_block(a, b))
+    monkeypatch.setattr(torch_device, "_NORM_SLICE", 12)  # 4 train rows of 3 columns
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 4 * 6)  # 6 pairs per float64 block
+    small = tracin.aggregate(t, x, device="torch:cpu")
+    np.testing.assert_allclose(small[summed], default[summed], rtol=1e-12)  # the others: float32 blocks cut anew
+    np.testing.assert_allclose(small, exact, rtol=1e-6)
+    assert blocks and all(a[0] * b[0] <= 6 and a[0] * a[1] <= 12 and b[0] * b[1] <= 12 for a, b in blocks)
+    assert max(b[0] for _, b in blocks) == 4 and ((1, 3), (4, 3)) in blocks  # 6 // 4: one test row
+    # each pair of rows meets once per factor of each checkpoint
+    assert sum(a[0] * b[0] for a, b in blocks) == 2 * len(w) * len(left[0]) * len(summed)
+
+
 @pytest.mark.parametrize("factored", [False, True])
 def test_a_row_lowered_beside_values_that_stay_normal_keeps_the_bound(factored):
     """The row of 1e9 x w = 1e30 (1e39, beyond float32) beside 1e-28 in checkpoint 1 is still lowered
@@ -1136,19 +1250,19 @@ def test_an_overflow_names_the_first_pair_as_the_cpu_kernel_does(rng, tmp_path, 
             12 * 30 * 2,
         ),
     }
-    if factored:  # full rows' aggregate forms no pair score; the C++ kernel's names train rows
-        calls["aggregate"] = (lambda device: tracin.aggregate(t, x, device=device, progress=False), 0)
     for name, (call, state) in calls.items():
         if layout == "chunks and store pieces":  # test chunks of 16 rows (scoring._device_test_rows)
             monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", 16 * (4 * (5 if factored else 4) + state))
         named = []
         for device in ("cpu", "torch:cpu"):
-            if name == "aggregate" and device == "cpu":
-                continue
             with pytest.raises(ValueError, match="overflowed float32 although every input is finite") as error:
                 call(device)
             named.append(_overflow_pair(str(error.value)))
         assert named == [(24, 23)] * len(named), name
+    if factored:  # aggregate's overflowing rows are summed in float64 (review157 F1): their sums name them
+        for device in ("cpu", "torch:cpu"):
+            with pytest.raises(ValueError, match=r"^aggregate influence overflowed float32 for train rows \[23, 31\]"):
+                tracin.aggregate(t, x, device=device, progress=False)
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,8 @@ value over every checkpoint), so a checkpoint whose weighted values in that row 
 normal range loses bits, and one at or below 2^-150 is lost whole (README "Numerical contract";
 tests/backends/test_weighted_packing.py); a row where lowering would round a value normal at e_r = 0
 by more than 2^-20 of itself overflows as there, the call's overflow error (factored aggregate:
-float64 sums, as there).
+float64 sums, as there, of every train row; and of each train row whose float32 scores overflow from
+finite inputs, which scores and top_k refuse: _factored_sums).
 TF32 is off unless precision="tf32", which rounds GEMM inputs to 10-bit mantissas: errors up to about
 1e-3 of that scale. Bits may also change with the tiling (cuBLAS picks kernels by shape), so near-equal scores
 may swap places between runs cut differently; exact ties always go to the smaller train index.
@@ -194,24 +195,22 @@ class TorchBackend:
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
         with self._call(test, train, normalize, cache, weights if train.factored else None) as call:
-            total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
             if train.factored and call.prepared.overflowing is not None:
                 # a test row's packing overflows (_fold_weights): where the C++ kernel sums in float64
                 call.bad_score = torch.zeros((), dtype=torch.bool, device=self.device)
-                total = _exact_factored_sums(call, test, weights)
-            elif train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
-                for _, i, s in call.products():
-                    total[i] += s.sum(0, dtype=torch.float64)
-            else:  # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
-                sums = call.prepared.column_sums()
-                for i0, i1, x in call.train_tiles():
-                    x, scales = call.cosine(x)
-                    total[i0:i1] = sum(
-                        w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
-                        for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
-                    )
-            out = total.cpu().numpy()  # read once: no wait for the device per tile
-        return out
+                return _exact_factored_sums(call, test, weights).cpu().numpy()
+            if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
+                return _factored_sums(call, test, weights)
+            # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
+            total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
+            sums = call.prepared.column_sums()
+            for i0, i1, x in call.train_tiles():
+                x, scales = call.cosine(x)
+                total[i0:i1] = sum(
+                    w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
+                    for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
+                )
+            return total.cpu().numpy()  # read once: no wait for the device per tile
 
     # -- the work of one call --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -677,38 +676,89 @@ def _gemm(test: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
     return total.float()
 
 
-def _exact_factored_sums(call: _Call, test: KernelSide, weights: Sequence[float]) -> torch.Tensor:
-    """float64 (n,) factored aggregate with every product and sum in float64, as the C++ kernel's
+def _factored_sums(call: _Call, test: KernelSide, weights: Sequence[float]) -> np.ndarray:
+    """float64 (n,) factored aggregate of a call made with weights: each train row's float32 scores
+    summed over the test rows in float64, read back once. A train row whose scores overflow float32
+    from finite inputs (its sum then not finite: a float64 sum of finite float32 scores cannot be) is
+    summed again by _exact_factored_sums, as the C++ kernel's Aggregate (csrc/src/api.cpp) recomputes
+    such rows alone, so that the other rows keep their bits; where an input is NaN or Inf, the call's
+    non-finite error instead."""
+    total = torch.zeros(call.train.blocks[0].shape[0], dtype=torch.float64, device=call.device)
+    for _, i, s in call.products(checked=False):  # no overflow flag: a non-finite score leaves its sum so
+        total[i] += s.sum(0, dtype=torch.float64)
+    out = total.cpu().numpy()
+    overflowed = np.flatnonzero(~np.isfinite(out))
+    if overflowed.size and not bool(call.bad_input):
+        out[overflowed] = _exact_factored_sums(call, test, weights, overflowed).cpu().numpy()
+    return out
+
+
+def _exact_factored_sums(
+    call: _Call, test: KernelSide, weights: Sequence[float], selected: np.ndarray | None = None
+) -> torch.Tensor:
+    """float64 factored aggregate with every product and sum in float64, as the C++ kernel's
     ExactFactoredSums (csrc/src/api.cpp), which its aggregate falls back to when its float32 packing or
     scores overflow from finite inputs: out[i] = sum over test rows t and checkpoints c of
     w_c s_t s_i (L_c(t) . L_c(i)) (R_c(t) . R_c(i)), s the rows' float64 inverse norms over c's run
-    for cosine scores (else 1). Taken when a test row's packing overflows (_fold_weights), where the
-    float32 products would be refused; pair by pair over slices of test rows (the error path of rare
-    inputs: wide ranges of weighted values)."""
+    for cosine scores (else 1). Of the train rows `selected` (int64, ascending, counted from the call's
+    first row; shape (len(selected),)), or of all (n,) for None: when a test row's packing overflows
+    (_fold_weights), where the float32 products would be refused. Pair by pair (the error path of rare
+    inputs: wide ranges of weighted values), over slices of train rows whose float64 copies hold at
+    most _NORM_SLICE values each and slices of test rows whose pair blocks hold at most a quarter of
+    DEVICE_TILE_SCORES (two float64 blocks at once: the normal path's float32 score block in bytes)."""
     device, normalize = call.device, call.normalize
     original = rows.whole(test, device)  # the caller's values (the prepared blocks are weighted)
     run = normalize if normalize else len(weights)
     test_scales = _inverse_norms([_squared_norms(b) for b in original], True, run) if normalize else None
-    total = torch.zeros(call.train.blocks[0].shape[0], dtype=torch.float64, device=device)
-    step = max(1, _NORM_SLICE // max(1, max(b.shape[1] for b in original)))
+    parts = []
     for i0, i1, x in call.train_tiles():
-        train_scales = _inverse_norms([_squared_norms(b) for b in x], True, run) if normalize else None
-        for c, w in enumerate(weights):
-            if w == 0:
+        if selected is not None:
+            lo, hi = np.searchsorted(selected, (i0, i1))
+            if lo == hi:
                 continue
-            left, right = x[2 * c].double(), x[2 * c + 1].double()
-            part = torch.zeros(i1 - i0, dtype=torch.float64, device=device)
-            for t0 in range(0, original[0].shape[0], step):
-                pairs = (original[2 * c][t0 : t0 + step].double() @ left.T) * (
-                    original[2 * c + 1][t0 : t0 + step].double() @ right.T
-                )
-                if test_scales is not None:
-                    pairs *= test_scales[c // run][t0 : t0 + step, None]
-                part += pairs.sum(0)
-            if train_scales is not None:
-                part *= train_scales[c // run]
-            total[i0:i1] += w * part
+            picked = torch.from_numpy(selected[lo:hi] - i0).to(device)
+            x = [b.index_select(0, picked) for b in x]
+        step = max(1, _NORM_SLICE // max(1, max(b.shape[1] for b in x)))
+        for r0 in range(0, x[0].shape[0], step):
+            parts.append(_exact_tile_sums(original, [b[r0 : r0 + step] for b in x], weights, run, test_scales))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)  # no train rows
+
+
+def _exact_tile_sums(
+    test: list[torch.Tensor],
+    train: list[torch.Tensor],
+    weights: Sequence[float],
+    run: int,
+    test_scales: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """float64 (r,) _exact_factored_sums of the float32 factored train rows `train` (r rows) against
+    every test row (`test`, float32 (m, .) factors; `test_scales`: their float64 inverse norms per run
+    for cosine scores, else None), over slices of test rows of at most DEVICE_TILE_SCORES // 4 // r."""
+    r = train[0].shape[0]
+    train_scales = _inverse_norms([_squared_norms(b) for b in train], True, run) if test_scales is not None else None
+    step = max(1, min(_NORM_SLICE // max(1, max(t.shape[1] for t in test)), _tunables.DEVICE_TILE_SCORES // 4 // r))
+    total = torch.zeros(r, dtype=torch.float64, device=train[0].device)
+    for c, w in enumerate(weights):
+        if w == 0:
+            continue
+        left, right = train[2 * c].double(), train[2 * c + 1].double()
+        part = torch.zeros(r, dtype=torch.float64, device=train[0].device)
+        for t0 in range(0, test[0].shape[0], step):
+            pairs = _pair_block(test[2 * c][t0 : t0 + step], left).mul_(
+                _pair_block(test[2 * c + 1][t0 : t0 + step], right)
+            )
+            if test_scales is not None:
+                pairs *= test_scales[c // run][t0 : t0 + step, None]
+            part += pairs.sum(0)
+        if train_scales is not None:
+            part *= train_scales[c // run]
+        total += w * part
     return total
+
+
+def _pair_block(test: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """float64 (t, r) products of float32 test rows (t, d) and float64 train rows (r, d)."""
+    return test.double() @ train.T
 
 
 def _fold_weights(
