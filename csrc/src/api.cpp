@@ -82,6 +82,9 @@ class SumConsumer final : public TileConsumer {
   // Tiles with NaN or Inf scores are summed too: a train row's sum is then not finite (a float64 sum
   // of finite float32 scores cannot overflow), and Aggregate recomputes that row alone.
   bool TakesNonFinite() const override { return true; }
+  // A test row whose packing overflows sums every train row in float64 instead (Aggregate), closer
+  // than the float32 scores of its balanced packing.
+  bool BalancesOverflowingRows() const override { return false; }
   const std::vector<double>& sums() const { return sums_; }
 
  private:

@@ -142,15 +142,27 @@ std::vector<std::int64_t> NonFiniteRows(const MatrixView& m, std::size_t limit) 
 // against scores of about 2^-32 x 2^-64 x (cosine), for rows of up to 2^36 values: within the bound.
 // Rows of larger weights (|w_c| >= 2^-32 sqrt(d) at least) keep e_r = 0 and their bits; a lifted row
 // is no nearer overflow than an unlifted one of weight 2^-31.
+// Cosine scores of factored rows: the weight and the run's inverse norm go on the left factor, so a
+// row with a small norm (a tiny right factor) packs w_c s L_c beyond float32 (e.g. w_c 1e20, L_c 2e25,
+// R_c 1e-40: 1e60), which lowering cannot cure when another checkpoint of the row would be lost.
+// Such a row (packed values still infinite at its e_r; with `balance`, as Pack is asked) is packed
+// balanced instead: per checkpoint c a power of two 2^k_rc moves from its left factor to its right
+// one, bringing |R_c| 2^k_rc into [0.5, 1) (when R_c is 0, the term is 0 and k_rc brings s |L_c| 2^-k_rc
+// there instead), so that the left factor's norm is about |w_c| times the checkpoint's share of the
+// run's norm (at most |w_c|) and the right factor a unit; e_r is then decided on the balanced values
+// as above. A product of powers of two: the score is unchanged but for roundings below float32's
+// normal range. Every other row (every row of a pass without one) is packed as before, to the same bits.
 class PackedTest {
  public:
   // Packs one panel of one block per task, on up to `threads` threads when the pass holds at
-  // least kParallelPackBytes. normalize: as Options::normalize. Status kNonFinite (with no
-  // message) if an input value is NaN or Inf; kCancelled if `cancel` is set.
+  // least kParallelPackBytes. normalize: as Options::normalize. balance: pack factored cosine rows
+  // that overflow balanced (see the class comment). Status kNonFinite (with no message) if an input
+  // value is NaN or Inf or a packed value overflows; kCancelled if `cancel` is set.
   Status Pack(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
               std::int64_t begin, std::int64_t count, int nr, int threads, std::int64_t normalize,
-              const std::atomic<bool>* cancel) {
+              bool balance, const std::atomic<bool>* cancel) {
     InverseNorms(kernels, test, begin, count, normalize);
+    balance_.clear();
     lanes_ = RoundUp(std::max<std::int64_t>(count, 1), nr);
     offsets_.clear();
     std::size_t total = 0;
@@ -165,11 +177,16 @@ class PackedTest {
     Status status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
     if (status.ok() && (!outcome.finite || outcome.tiny || outcome.huge)) {
       std::vector<int> exponents = ExponentsFor(kernels, test, weights, begin, count, normalize);
-      if (std::any_of(exponents.begin(), exponents.end(), [](int e) { return e != 0; })) {
+      if (!outcome.finite && balance && normalize > 0 && test.factored &&
+          Balance(kernels, test, weights, begin, count, normalize, exponents))
+        exponents = ExponentsFor(kernels, test, weights, begin, count, normalize);  // the balanced rows' own
+      const bool shifted = std::any_of(exponents.begin(), exponents.end(), [](int e) { return e != 0; });
+      if (shifted) {
         exponents_ = std::move(exponents);
         for (const int e : exponents_) factors_.push_back(e >= -126 && e <= 127 ? std::ldexp(1.0f, e) : 0.0f);
-        status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
       }
+      if (shifted || !balance_.empty())
+        status = PackAll(kernels, test, weights, begin, count, nr, threads, normalize, cancel, outcome);
     }
     if (!status.ok()) return status;
     return outcome.finite ? Status::Ok() : Status{StatusCode::kNonFinite, ""};
@@ -216,9 +233,8 @@ class PackedTest {
       const bool weighted = !(test.factored && b % 2 == 1);
       const int* exponents = weighted && !exponents_.empty() ? exponents_.data() : nullptr;
       std::uint32_t* flags_of_rows = row_flags.data() + b * static_cast<std::size_t>(count);
-      const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b), exponents,
-                                            ScalesOf(test, b, normalize), begin, count, task % panels, nr,
-                                            flags_of_rows, flags_of_rows + entries);
+      const std::uint32_t flags = PackPanel(kernels, test, b, WeightOf(test, weights, b), exponents, normalize,
+                                            begin, count, task % panels, nr, flags_of_rows, flags_of_rows + entries);
       all |= flags;
       if (flags & 0x80000000u) stop = true;  // NaN or Inf
     });
@@ -275,9 +291,8 @@ class PackedTest {
       for (std::size_t b = 0; b < test.blocks.size() && finite; ++b) {
         if (test.factored && b % 2 == 1) continue;
         const MatrixView& m = test.blocks[b];
-        const double* scales = ScalesOf(test, b, normalize);
-        const double scale = scales ? scales[static_cast<std::size_t>(r) * runs_] : 1.0;
-        double row_max = 0.0;  // the largest |scale x value|: finite, scales are at most 2^537
+        const double scale = RowScale(test, b, r, normalize);
+        double row_max = 0.0;  // the largest |scale x value|: finite (at most 2^537 x 2^128, or 2 balanced)
         for (std::int64_t k0 = 0; k0 < m.cols && finite; k0 += kSliceDepth) {
           const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
           LoadRow(kernels, m, begin + r, k0, kc, piece);
@@ -320,10 +335,8 @@ class PackedTest {
     for (std::size_t b = 0; b < test.blocks.size(); ++b) {
       if (test.factored && b % 2 == 1) continue;
       const MatrixView& m = test.blocks[b];
-      const double* scales = ScalesOf(test, b, normalize);
-      const double w = WeightOf(test, weights, b), shifted = std::ldexp(w, -e);
-      const double plain_lw = scales ? w * scales[static_cast<std::size_t>(r) * runs_] : w;
-      const double shifted_lw = scales ? shifted * scales[static_cast<std::size_t>(r) * runs_] : shifted;
+      const double scale = RowScale(test, b, r, normalize);
+      const double w = WeightOf(test, weights, b), plain_lw = w * scale, shifted_lw = std::ldexp(w, -e) * scale;
       for (std::int64_t k0 = 0; k0 < m.cols; k0 += kSliceDepth) {
         const std::int64_t kc = std::min(kSliceDepth, m.cols - k0);
         LoadRow(kernels, m, row, k0, kc, piece);
@@ -363,23 +376,75 @@ class PackedTest {
             InverseNorm(RunSquaredNorm(kernels, test, g * group, group, begin + r, buf.data()));
   }
 
-  // The inverse norms block b is scaled by (stride runs_, one per row of the pass), or null: plain
-  // scores, or a right factor (a checkpoint's scale goes on its left factor, with its weight).
-  const double* ScalesOf(const GradientSide& test, std::size_t b, std::int64_t normalize) const {
-    if (runs_ == 0 || (test.factored && b % 2 == 1)) return nullptr;
+  // What row r of the pass is multiplied by in block b besides its weight and 2^-e_r: cosine scores,
+  // its inverse norm over the checkpoint's run (on a factored checkpoint's left factor, with the
+  // weight), and for a balanced row 2^-k_rc on the left factor, 2^k_rc on the right one; else 1.
+  double RowScale(const GradientSide& test, std::size_t b, std::int64_t r, std::int64_t normalize) const {
+    const bool right = test.factored && b % 2 == 1;
     const std::size_t checkpoint = test.factored ? b / 2 : b;
-    return scales_.data() + checkpoint / static_cast<std::size_t>(normalize);
+    const double scale =
+        runs_ == 0 || right
+            ? 1.0
+            : scales_[static_cast<std::size_t>(r) * runs_ + checkpoint / static_cast<std::size_t>(normalize)];
+    if (balance_.empty()) return scale;
+    const int k = balance_[static_cast<std::size_t>(r) * test.checkpoints() + checkpoint];
+    return std::ldexp(scale, right ? k : -k);
+  }
+
+  // Cosine scores of factored rows: sets balance_ (k_rc, row-major: count x checkpoints) for each row
+  // of the pass whose inputs are finite and whose packing at its exponent (exponents[r]; one that
+  // overflows has e_r = 0) holds an infinite value; returns whether there is one (else balance_ stays
+  // empty). See the class comment.
+  bool Balance(const KernelTable& kernels, const GradientSide& test, const std::vector<double>& weights,
+               std::int64_t begin, std::int64_t count, std::int64_t normalize, const std::vector<int>& exponents) {
+    const std::size_t checkpoints = test.checkpoints();
+    std::vector<int> balance(static_cast<std::size_t>(count) * checkpoints, 0);
+    std::vector<float> row(static_cast<std::size_t>(std::max<std::int64_t>(MaxWidth(test), 1)));
+    std::vector<double> squares(test.blocks.size());  // of row r's blocks
+    bool any = false;
+    for (std::int64_t r = 0; r < count; ++r) {
+      if (exponents[static_cast<std::size_t>(r)] != 0) continue;
+      bool finite = true, overflows = false;
+      for (std::size_t b = 0; b < test.blocks.size() && finite; ++b) {
+        const MatrixView& m = test.blocks[b];
+        LoadRow(kernels, m, begin + r, 0, m.cols, row.data());
+        const double lw = WeightOf(test, weights, b) * RowScale(test, b, r, normalize);
+        for (std::int64_t k = 0; k < m.cols; ++k) {
+          finite = finite && std::isfinite(row[k]);
+          overflows = overflows || std::isinf(static_cast<float>(lw * static_cast<double>(row[k])));
+        }
+        squares[b] = SumOfSquares(kernels, row.data(), m.cols);
+      }
+      if (!finite || !overflows) continue;
+      any = true;
+      for (std::size_t c = 0; c < checkpoints; ++c) {
+        const double left = squares[2 * c], right = squares[2 * c + 1];
+        // |R_c| 2^k in [0.5, 1); a zero right factor: s |L_c| 2^-k in [0.5, 1) (s: the left's scale).
+        const double norm = right > 0.0 ? std::sqrt(right) : RowScale(test, 2 * c, r, normalize) * std::sqrt(left);
+        if (norm == 0.0) continue;
+        int e = 0;
+        std::frexp(norm, &e);
+        balance[static_cast<std::size_t>(r) * checkpoints + c] = right > 0.0 ? -e : e;
+      }
+    }
+    if (any) balance_ = std::move(balance);
+    return any;
+  }
+
+  static std::int64_t MaxWidth(const GradientSide& side) {
+    std::int64_t width = 0;
+    for (const MatrixView& m : side.blocks) width = std::max(width, m.cols);
+    return width;
   }
 
   // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
-  // each scaled by w (times 2^-exponents[r] when not null, and its entry of `scales`, stride runs_,
-  // when not null). row_flags[r] gets the OR of row r's flags, cosine_flags[r] the OR of its values'
+  // each scaled by w (times 2^-exponents[r] when not null) times RowScale. row_flags[r] gets the OR of row r's flags, cosine_flags[r] the OR of its values'
   // (bits & exponent) + kCosineOffset.
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
   // (bits & exponent) + 1 ulp of exponent over the values, with kHugeBit where a value is at least
   // 2^127: the sign bit is set only for NaN or Inf.
   std::uint32_t PackPanel(const KernelTable& kernels, const GradientSide& test, std::size_t b, double w,
-                          const int* exponents, const double* scales, std::int64_t begin, std::int64_t count,
+                          const int* exponents, std::int64_t normalize, std::int64_t begin, std::int64_t count,
                           std::int64_t panel, int nr, std::uint32_t* row_flags, std::uint32_t* cosine_flags) {
     const MatrixView& m = test.blocks[b];
     const std::int64_t rows = std::clamp<std::int64_t>(count - panel * nr, 0, nr);
@@ -391,7 +456,7 @@ class PackedTest {
       for (std::int64_t lane = 0; lane < rows; ++lane) {
         const std::int64_t r = panel * nr + lane;
         const double rw = exponents ? std::ldexp(w, -exponents[r]) : w;
-        const double lw = scales ? rw * scales[static_cast<std::size_t>(r) * runs_] : rw;
+        const double lw = rw * RowScale(test, b, r, normalize);
         LoadRow(kernels, m, begin + r, k0, kc, piece);
         std::uint32_t lane_flags = 0, lane_cosine = 0;
         for (std::int64_t kk = 0; kk < kc; ++kk) {
@@ -418,6 +483,7 @@ class PackedTest {
   std::vector<int> exponents_;  // e_r per row of the pass, empty when all are 0
   std::vector<float> factors_;  // 2^e_r, or 0 where that is not a normal float
   std::vector<double> scales_;  // InverseNorms
+  std::vector<int> balance_;    // Balance's k_rc, empty when no row of the pass is balanced
   std::size_t runs_ = 0;
 };
 
@@ -910,7 +976,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   const std::int64_t window = pass_rows;
   const std::int64_t cap = consumer.MaxPassRows(std::min<std::int64_t>(threads, n));
   if (cap < pass_rows) pass_rows = RoundDownPassRows(cap, kernels);
-  const bool takes_non_finite = consumer.TakesNonFinite();
+  const bool takes_non_finite = consumer.TakesNonFinite(), balance = consumer.BalancesOverflowingRows();
   bool any_bad = false;
   std::int64_t first_bad[2] = {0, 0};  // (test row, train row) named for the current window
   const MicroTile& micro = TileFor(pass_rows, row_bytes, kernels);
@@ -930,7 +996,7 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   for (std::int64_t begin = 0, count = 0; begin < m; begin += count) {
     count = std::min({pass_rows, m - begin, window - begin % window});  // within one window
     const Status packing =
-        packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, options.cancel);
+        packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, balance, options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed, block, options.normalize);

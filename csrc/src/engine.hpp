@@ -33,6 +33,10 @@ class TileConsumer {
   // input checks still stand), leaving the consumer to tell. Otherwise such a tile ends the run with
   // kNonFinite, naming its first score.
   virtual bool TakesNonFinite() const { return false; }
+  // Cosine scores of factored test rows whose packed left factors (weight times inverse norm times
+  // L_c) overflow float32: whether the engine packs them balanced and scores them (PackedTest in
+  // engine.cpp), or ends the run with kNonFinite as for any other overflow.
+  virtual bool BalancesOverflowingRows() const { return true; }
 };
 
 // Shape checks shared by every entry point; `name` names the side ("test", "train") in messages.
