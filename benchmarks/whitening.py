@@ -14,8 +14,9 @@ the d (d + 1) / 2 entries of one triangle, 2 n flops each), 2 d^3 / seconds for 
 float32 product; so fraction_of_sgemm is the share of the machine's sgemm throughput a contender
 reaches. Also timed once: the damped inverse of one d x d R (Cholesky and inverse in float64) and the
 whole Whitening.fit. The goal: tracin_float32 at >= 70% of this machine's sgemm rate, and of numpy_gtg.
-A recorded run times every contender at least MIN_REPEATS times (--quick may take fewer); the sgemm rate
-is that of its fastest call (the machine's limit), the others' of their medians.
+A recorded run times every contender and sgemm, interleaved in the same rounds, at least MIN_REPEATS
+times (--quick may take fewer); the sgemm rate is that of its fastest call (the machine's limit), the
+others' of their medians.
 """
 
 from __future__ import annotations
@@ -116,13 +117,13 @@ def measure(n: int, d: int, repeats: int, threads: int | None, warmup: int = 0, 
     }
     with blas_threads(threads):
         gaps = check_contenders(g, contenders)
-        sgemm = time_interleaved({"sgemm": lambda: square @ square_t}, repeats=max(repeats, MIN_REPEATS))["sgemm"]
-        timings = time_interleaved(
-            contenders,
+        timings = time_interleaved(  # the sgemm ceiling among them: machine noise hits all alike
+            {**contenders, "sgemm": lambda: square @ square_t},
             repeats=repeats,
             warmup=warmup,
             pause_s=1.0,
         )
+        sgemm = timings.pop("sgemm")
         (r,) = second_moments(grads, _NoBar(), "float64")
         t0 = time.perf_counter()
         damped_inverse(r, float(np.trace(r)) / d, "benchmark")
