@@ -391,12 +391,13 @@ def test_a_factored_aggregate_sums_only_its_overflowing_train_rows_in_float64(rn
 @pytest.mark.parametrize("cause", ["packing", "scores"])
 def test_the_float64_fallback_keeps_its_blocks_within_the_score_budget(rng, monkeypatch, cause):
     """review157 F2: _exact_factored_sums cuts train tiles into slices of at most _NORM_SLICE float64
-    values and the test rows into slices of at most DEVICE_TILE_SCORES // 4 pairs per float64 block (it
-    took _NORM_SLICE // d test rows against a whole tile: two (65536 x tile rows) float64 blocks on a
-    GPU). With both shrunk (tiny budgets: blocks of one test row against 4 train rows), every block
-    (counted) is within them, every pair is summed once, and the rows it sums are those of the default
-    budgets; all rows within 1e-6 of float64 NumPy. Both ways in: a test row whose packing overflows
-    (every train row; review112 F2) and train rows whose float32 scores overflow (those rows)."""
+    values and the test rows into slices of a quarter of the normal path's test block (it took
+    _NORM_SLICE // d test rows against a whole tile: two (65536 x tile rows) float64 blocks on a GPU,
+    48 GB at m=1000). With tiles of 3 train rows, blocks of 4 x 3 float32 scores (12) and _NORM_SLICE
+    of 6 (2 rows of 3 columns), every float64 block (counted) is a slice of one test row against at
+    most 2 train rows (both budgets binding), each pair of rows meets once, and the rows it sums are
+    those of the default budgets; all rows within 1e-6 of float64 NumPy. Both ways in: a test row whose
+    packing overflows (every train row; review112 F2) and train rows whose float32 scores overflow."""
     if cause == "packing":  # test row 0's weighted left factor 1e60 is kept unlowered beside 1e-20
         w = [1e30, 1.0]
         left = [rng.uniform(0.5, 1.5, (9, 3)).astype(np.float32) for _ in w]
@@ -416,13 +417,15 @@ def test_the_float64_fallback_keeps_its_blocks_within_the_score_budget(rng, monk
     blocks = []
     pair_block = torch_device._pair_block
     monkeypatch.setattr(torch_device, "_pair_block", lambda a, b: blocks.append((a.shape, b.shape)) or pair_block(a, b))
-    monkeypatch.setattr(torch_device, "_NORM_SLICE", 12)  # 4 train rows of 3 columns
-    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 4 * 6)  # 6 pairs per float64 block
+    monkeypatch.setattr(torch_device, "_NORM_SLICE", 6)  # float64 copies of 2 rows of 3 columns
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_BYTES", 3 * 40)  # tiles of 3 train rows (40 bytes each)
+    monkeypatch.setattr(_tunables, "DEVICE_RESIDENT_TILE_BYTES", 3 * 40)
+    monkeypatch.setattr(_tunables, "DEVICE_TILE_SCORES", 4 * 3)  # normal blocks of 4 test rows: slices of 1
     small = tracin.aggregate(t, x, device="torch:cpu")
     np.testing.assert_allclose(small[summed], default[summed], rtol=1e-12)  # the others: float32 blocks cut anew
     np.testing.assert_allclose(small, exact, rtol=1e-6)
-    assert blocks and all(a[0] * b[0] <= 6 and a[0] * a[1] <= 12 and b[0] * b[1] <= 12 for a, b in blocks)
-    assert max(b[0] for _, b in blocks) == 4 and ((1, 3), (4, 3)) in blocks  # 6 // 4: one test row
+    assert blocks and all(a[0] == 1 and b[0] <= 2 and b[1] <= 3 for a, b in blocks)
+    assert ((1, 3), (2, 3)) in blocks and ((1, 3), (1, 3)) in blocks  # a tile's 3 rows: slices of 2 and 1
     # each pair of rows meets once per factor of each checkpoint
     assert sum(a[0] * b[0] for a, b in blocks) == 2 * len(w) * len(left[0]) * len(summed)
 

@@ -704,12 +704,15 @@ def _exact_factored_sums(
     first row; shape (len(selected),)), or of all (n,) for None: when a test row's packing overflows
     (_fold_weights), where the float32 products would be refused. Pair by pair (the error path of rare
     inputs: wide ranges of weighted values), over slices of train rows whose float64 copies hold at
-    most _NORM_SLICE values each and slices of test rows whose pair blocks hold at most a quarter of
-    DEVICE_TILE_SCORES (two float64 blocks at once: the normal path's float32 score block in bytes)."""
+    most _NORM_SLICE values each and slices of test rows of at most a quarter of the normal path's test
+    block (_Call.test_blocks), so that the two float64 pair blocks of a slice take at most the bytes of
+    the normal path's float32 score block, and at most _NORM_SLICE values each."""
     device, normalize = call.device, call.normalize
     original = rows.whole(test, device)  # the caller's values (the prepared blocks are weighted)
     run = normalize if normalize else len(weights)
     test_scales = _inverse_norms([_squared_norms(b) for b in original], True, run) if normalize else None
+    width = max(1, max(b.shape[1] for b in original))
+    step = max(1, min(max((t1 - t0 for t0, t1 in call.test_blocks()), default=1) // 4, _NORM_SLICE // width))
     parts = []
     for i0, i1, x in call.train_tiles():
         if selected is not None:
@@ -718,9 +721,9 @@ def _exact_factored_sums(
                 continue
             picked = torch.from_numpy(selected[lo:hi] - i0).to(device)
             x = [b.index_select(0, picked) for b in x]
-        step = max(1, _NORM_SLICE // max(1, max(b.shape[1] for b in x)))
-        for r0 in range(0, x[0].shape[0], step):
-            parts.append(_exact_tile_sums(original, [b[r0 : r0 + step] for b in x], weights, run, test_scales))
+        cut = max(1, _NORM_SLICE // max(1, max(b.shape[1] for b in x)))  # train rows per float64 copy
+        for r0 in range(0, x[0].shape[0], cut):
+            parts.append(_exact_tile_sums(original, [b[r0 : r0 + cut] for b in x], weights, run, test_scales, step))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)  # no train rows
 
 
@@ -730,13 +733,13 @@ def _exact_tile_sums(
     weights: Sequence[float],
     run: int,
     test_scales: list[torch.Tensor] | None,
+    step: int,
 ) -> torch.Tensor:
     """float64 (r,) _exact_factored_sums of the float32 factored train rows `train` (r rows) against
     every test row (`test`, float32 (m, .) factors; `test_scales`: their float64 inverse norms per run
-    for cosine scores, else None), over slices of test rows of at most DEVICE_TILE_SCORES // 4 // r."""
+    for cosine scores, else None), in slices of `step` test rows: two float64 (step, r) blocks at once."""
     r = train[0].shape[0]
     train_scales = _inverse_norms([_squared_norms(b) for b in train], True, run) if test_scales is not None else None
-    step = max(1, min(_NORM_SLICE // max(1, max(t.shape[1] for t in test)), _tunables.DEVICE_TILE_SCORES // 4 // r))
     total = torch.zeros(r, dtype=torch.float64, device=train[0].device)
     for c, w in enumerate(weights):
         if w == 0:
