@@ -1250,6 +1250,119 @@ void TestCosineRowsOfExtremeNorms() {
   }
 }
 
+
+// Cosine scores of a factored test row whose weighted unit left factor w_c L_c / |row| overflows
+// float32 (review157 F3): a tiny right factor makes the row's norm tiny (w 1e20, L 2e25, R 1e-40:
+// about 1e60 packed), and lowering the row would lose its other checkpoint (w 1e-20, packed about
+// 1e-20 alone, 1e-31 sharing the row's norm with the other). The kernel packs
+// such a row balanced and scores it within the bound; rows of the same pass keep the bits they
+// have in a call without it; aggregate sums in float64 as for any overflowing row.
+void TestCosineFactoredRowPackedBeyondFloat32() {
+  std::mt19937 rng(34);
+  const std::int64_t m = 5, n = 23;
+  const std::vector<std::int64_t> cols = {3, 4, 2, 5};  // (left, right) of checkpoints 0 and 1
+  std::vector<Matrix> test, train;
+  for (std::int64_t c : cols) {
+    test.push_back(Random(m, c, rng));
+    train.push_back(Random(n, c, rng));
+  }
+  const auto scale_row = [](Matrix& x, std::int64_t row, float factor) {
+    for (std::int64_t k = 0; k < x.cols; ++k) x.data[row * x.cols + k] *= factor;
+  };
+  const std::int64_t bad = 2;  // the test row packed beyond float32
+  scale_row(test[0], bad, 1e-25f);
+  scale_row(test[2], bad, 2e25f);
+  scale_row(test[3], bad, 1e-40f);  // subnormal values
+  scale_row(train[1], 4, 1e-25f);   // a train row of a tiny norm (rescaled as it is loaded)
+  scale_row(train[3], 4, 1e-25f);
+  scale_row(train[2], 9, 0.0f);  // a zero term
+  const std::vector<double> w = {1e-20, 1e20};
+  tracin::GradientSide test_side = Full(test), train_side = Full(train);
+  test_side.factored = train_side.factored = true;
+  // The other test rows alone: the same bits as in the call with the bad row.
+  std::vector<Matrix> others;
+  for (const Matrix& t : test) {
+    Matrix o{m - 1, t.cols, {}};
+    for (std::int64_t i = 0; i < m; ++i)
+      if (i != bad) o.data.insert(o.data.end(), t.data.begin() + i * t.cols, t.data.begin() + (i + 1) * t.cols);
+    others.push_back(o);
+  }
+  tracin::GradientSide others_side = Full(others);
+  others_side.factored = true;
+  const auto term = [&](const std::vector<Matrix>& a, std::int64_t i, const std::vector<Matrix>& b, std::int64_t j,
+                        std::size_t c) { return Dot(a[2 * c], i, b[2 * c], j) * Dot(a[2 * c + 1], i, b[2 * c + 1], j); };
+  for (std::int64_t run : {1, 2}) {
+    std::vector<double> exact(static_cast<std::size_t>(m * n), 0.0), bound(exact.size(), 8 * std::ldexp(1.0, -149));
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j)
+        for (std::size_t c0 = 0; c0 < 2; c0 += static_cast<std::size_t>(run)) {
+          double tn = 0, xn = 0;
+          for (std::size_t c = c0; c < c0 + static_cast<std::size_t>(run); ++c) {
+            tn += term(test, i, test, i, c);
+            xn += term(train, j, train, j, c);
+          }
+          if (tn == 0 || xn == 0) continue;
+          for (std::size_t c = c0; c < c0 + static_cast<std::size_t>(run); ++c) {
+            exact[i * n + j] += w[c] * term(test, i, train, j, c) / std::sqrt(tn * xn);
+            bound[i * n + j] += 1e-5 * std::abs(w[c]) * std::sqrt(term(test, i, test, i, c) * term(train, j, train, j, c) / (tn * xn));
+          }
+        }
+    const std::string what = "normalize " + std::to_string(run);
+    for (tracin::Isa isa : tracin_test::RunnableIsas("cosine factored row beyond float32")) {
+      std::vector<float> first;
+      for (int threads : {1, 3})
+        for (std::int64_t block : {0, 1, 2}) {
+          tracin::Options o;
+          o.isa = isa;
+          o.num_threads = threads;
+          o.train_block = o.test_block = block;
+          o.normalize = run;
+          std::vector<float> out(exact.size()), alone(static_cast<std::size_t>((m - 1) * n));
+          const tracin::Status s = tracin::Scores(test_side, train_side, w, out.data(), o);
+          Check(s.ok(), "cosine factored row beyond float32 scored, " + what + ": " + s.message);
+          double worst = 0;  // error / bound
+          for (std::size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::abs(out[i] - exact[i]) / bound[i]);
+          Check(s.ok() && worst <= 1.0, "cosine factored row beyond float32 within the bound, " + what + ", isa " +
+                                            tracin::IsaName(isa) + ": error / bound " + std::to_string(worst));
+          if (first.empty()) first = out;
+          Check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0,
+                "cosine factored row beyond float32: identical bits for any threads and blocks, " + what);
+          const bool ok = tracin::Scores(others_side, train_side, w, alone.data(), o).ok();
+          bool same = ok;
+          for (std::int64_t i = 0, k = 0; i < m; ++i)
+            if (i != bad) same = same && std::memcmp(&out[i * n], &alone[k++ * n], n * 4) == 0;
+          Check(same, "cosine factored row beyond float32: the other rows' bits as without it, " + what);
+          // top_k: the best 3 of each row, by the float64 scores (no near ties in this data).
+          const std::int64_t k = 3;
+          std::vector<float> pv(m * k), ov(m * k);
+          std::vector<std::int64_t> pi(m * k), oi(m * k);
+          const tracin::Status t = tracin::TopK(test_side, train_side, w, k, tracin::Side::kBoth,
+                                                {pv.data(), pi.data(), ov.data(), oi.data()}, o);
+          bool best = t.ok();
+          for (std::int64_t i = 0; i < m && best; ++i) {
+            std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(),
+                             [&](std::int64_t a, std::int64_t b) { return exact[i * n + a] > exact[i * n + b]; });
+            for (std::int64_t r = 0; r < k; ++r)
+              best = best && pi[i * k + r] == order[r] && oi[i * k + r] == order[n - 1 - r] &&
+                     pv[i * k + r] == out[i * n + order[r]];
+          }
+          Check(best, "cosine factored row beyond float32: top_k picks the float64 best, " + what + ": " + t.message);
+          std::vector<double> agg(static_cast<std::size_t>(n));
+          const tracin::Status a = tracin::Aggregate(test_side, train_side, w, agg.data(), o);
+          bool close = a.ok();
+          for (std::int64_t j = 0; j < n; ++j) {
+            double sum = 0, slack = 0;
+            for (std::int64_t i = 0; i < m; ++i) sum += exact[i * n + j], slack += bound[i * n + j];
+            close = close && std::abs(agg[j] - sum) <= slack;
+          }
+          Check(close, "cosine factored row beyond float32: aggregate within the bound, " + what + ": " + a.message);
+        }
+    }
+  }
+}
+
 }  // namespace
 
 // An allocation the machine cannot satisfy is a Status, not an exception. The views claim 2^40
@@ -1455,6 +1568,7 @@ int main() {
   TestCosineRowsOfExtremeNorms();
   TestCosineScores();
   TestCosineTinyWeights();
+  TestCosineFactoredRowPackedBeyondFloat32();
   TestDefaultThreadsFollowAffinity();
   return tracin_test::Report();
 }
