@@ -704,6 +704,49 @@ def test_cosine_scores_with_tiny_weights_keep_the_bound(rng, device, factored):
             assert np.abs(agg - exact.sum(0)).max() <= m * 1e-5 * w
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_cosine_factored_test_row_packed_beyond_float32_is_scored(rng, device):
+    """review157 F3: normalize=True, a factored test row whose tiny right factor makes its weighted unit
+    left factor overflow float32 (w 1e20 x 2e25 / (2e25 x 1e-40) = 1e60), with another checkpoint that
+    lowering the row would lose (w 1e-30): the C++ kernel raised the float32 overflow error for an exact
+    score of 1e20. Both backends now score it within 1e-5 sum|w| of the float64 cosines, and rows of the
+    same shape among random ones (scores, top_k, aggregate)."""
+    if device == "torch:cpu":
+        pytest.importorskip("torch")
+
+    def one(v: float) -> np.ndarray:
+        return np.array([[v]], np.float32)
+
+    w = [1e-30, 1e20]
+    test = tracin.FactoredGradients([one(1e-25), one(2e25)], [one(1.0), one(1e-40)], w)
+    train = tracin.FactoredGradients([one(1.0), one(1.0)], [one(1e-25), one(1e-25)], w)
+    got = tracin.scores(test, train, normalize=True, device=device)
+    assert abs(float(got[0, 0]) - (1e-30 + 1e20)) <= 1e-5 * (1e-30 + 1e20)
+
+    w = [1e-20, 1e20]
+    m, n, dims = 5, 23, [(3, 4), (2, 5)]
+    left, right = random_set(rng, m, [p for p, _ in dims]), random_set(rng, m, [q for _, q in dims])
+    train_left, train_right = random_set(rng, n, [p for p, _ in dims]), random_set(rng, n, [q for _, q in dims])
+    left[0][2] *= np.float32(1e-25)
+    left[1][2] *= np.float32(2e25)
+    right[1][2] *= np.float32(1e-40)  # subnormal values
+    train_left[1][4] *= np.float32(1e-25)
+    train_right[1][4] *= np.float32(1e-25)
+    test, train = tracin.FactoredGradients(left, right, w), tracin.FactoredGradients(train_left, train_right, w)
+    units = [
+        [g / np.linalg.norm(g, axis=1, keepdims=True) for g in factored_to_full(a, b)]
+        for a, b in ((left, right), (train_left, train_right))
+    ]
+    exact, bound = exact_scores(*units, w), score_bound(*units, w)
+    got = tracin.scores(test, train, normalize=True, device=device)
+    assert np.all(np.abs(got - exact) <= bound), float((np.abs(got - exact) / bound).max())
+    top = tracin.top_k(test, train, k=3, normalize=True, device=device)
+    np.testing.assert_array_equal(top.indices, np.argsort(-exact, axis=1, kind="stable")[:, :3])
+    np.testing.assert_array_equal(top.values, np.take_along_axis(got, top.indices, 1))
+    agg = tracin.aggregate(test, train, normalize=True, device=device)
+    assert np.all(np.abs(agg - exact.sum(0)) <= bound.sum(0))
+
+
 def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path):
     """A store is scored in chunks of rows; the rows named are the store's, not the chunk's."""
     from store.helpers import write_store
