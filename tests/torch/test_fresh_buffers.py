@@ -5,6 +5,8 @@ buffer at most. Rows against float64 per-example autograd from the checkpoint's 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -542,6 +544,14 @@ def test_a_compiled_recursive_forward_shares_the_outer_forwards_copies():
         for _ in range(3):
             torch.testing.assert_close(compiled(x), 3 * model.lin(x), rtol=1e-6, atol=1e-6)
     assert model.count.item() == 0
+
+
+def test_importing_tracin_torch_leaves_dynamo_unloaded():
+    """The stack walk's dynamo exemption is lazy: torch.compiler.disable as a decorator imported
+    torch._dynamo (sympy, inductor, onnx: +73 MiB resident, ~2 s) with every import of tracin.torch."""
+    code = "import sys, tracin.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "False"
 
 
 class _ViewsScaled(_Views):

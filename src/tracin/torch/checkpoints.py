@@ -1033,13 +1033,18 @@ class _Copy:
             )
 
 
+# torch.compiler.disable as a decorator imports torch._dynamo (sympy, torch.onnx, ...) with this module: +73 MiB
+# resident and ~0.3 s for every import of tracin.torch; torch's own lazy form imports it at the first call
+_untraced = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
 def _clone(t: torch.Tensor) -> torch.Tensor:
     """A copy with a version counter, also when made under torch.inference_mode."""
     with torch.inference_mode(False):
         return t.detach().clone()
 
 
-@torch.compiler.disable  # dynamo cannot trace the frame walk (it asserted on the module's mutation)
+@_untraced  # dynamo cannot trace the frame walk (it asserted on the module's mutation)
 def _calls_running(model: torch.nn.Module) -> int:
     """How many calls of `model` are on the Python stack (more than one: a forward inside its own)."""
     count, frame = 0, sys._getframe(1)
