@@ -738,14 +738,16 @@ class _Hostile:
         return os.mkdir, (self.path,)
 
 
+@pytest.mark.parametrize("trailing", [b"", b"\n", b" \r\n"])
 @pytest.mark.parametrize("protocol", [0, 1, 2, 5])
-def test_a_hostile_pickle_checkpoint_is_named_and_never_unpickled(mlp, data, tmp_path, protocol):
+def test_a_hostile_pickle_checkpoint_is_named_and_never_unpickled(mlp, data, tmp_path, protocol, trailing):
     """review143 F2 / the test gap at test_a_pickle_or_npz...: a pickle of any protocol is told by its bytes
-    (protocols 0 and 1 got msgpack's 'extra data') and its __reduce__ never runs."""
+    (protocols 0 and 1 got msgpack's 'extra data'; review155 F6: they still did with a trailing newline)
+    and its __reduce__ never runs."""
     x, y = data
     pwned = tmp_path / "pwned"
     path = tmp_path / "ckpt.pkl"
-    path.write_bytes(pickle.dumps({"l1": _Hostile(str(pwned))}, protocol=protocol))
+    path.write_bytes(pickle.dumps({"l1": _Hostile(str(pwned))}, protocol=protocol) + trailing)
     with pytest.raises(ValueError, match=r"cannot be read: it is a pickle, .*load it yourself \(pickle\.load"):
         export_gradients(mlp.loss_fn, [(path, 1.0)], (x, y), progress=False)
     assert not pwned.exists()

@@ -513,9 +513,9 @@ def test_a_loss_is_traced_once_and_a_new_partial_is_traced_again(mlp, data, mode
     if mode == "kronecker":
         kwargs.update(projection=tracin.Projection(16, seed=1, per_layer=True, kronecker=True))
     first = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
-    # full: one trace; last_layer: + the factors and kernel rows of check_layer_input on 4 examples;
-    # kronecker: + the weight-mapping jaxpr (traced by every export, not compiled)
-    assert len(per_example_traces) == {"full": 1, "last_layer": 3, "kronecker": 2}[mode], per_example_traces
+    # full: one trace; last_layer: the factors and, in the same compiled call, the kernel gradient of the
+    # rows the layer_input check probes; kronecker: + the weight-mapping jaxpr (traced by every export, not compiled)
+    assert len(per_example_traces) == {"full": 1, "last_layer": 2, "kronecker": 2}[mode], per_example_traces
     first_count = len(per_example_traces) - (mode == "kronecker")
     config["scale"] = 3.0
     again = export_gradients(loss, [(mlp.params[0], 1.0)], (x, y), **kwargs)
@@ -546,7 +546,7 @@ def test_the_shared_compilation_does_not_keep_the_loss_alive(mlp, data):
     alive = weakref.ref(loss)
     before = len(per_example._shared)
     own = sum(any(h.ref() is loss for h in held) for held, _ in per_example._shared)
-    assert own == 3  # full rows, last-layer factors, and check_layer_input's kernel rows
+    assert own == 2  # full rows, last-layer factors (with the layer_input check's kernel rows)
     del loss
     gc.collect()
     assert alive() is None, "the compiled-function cache keeps the loss (and what it closes over) alive"
@@ -593,9 +593,8 @@ def test_examples_whose_loss_is_not_finite_are_named_in_one_warning(mlp, data, p
     with pytest.warns(RuntimeWarning, match="NaN or infinite loss") as caught:
         g = export_gradients(mlp.loss_fn, checkpoints, (x, y), batch_size=8, progress=False, **kwargs)
     ours = [w for w in caught if "NaN or infinite loss" in str(w.message)]
-    assert len(ours) == 2  # one per batch holding such rows, at checkpoint 0 only
-    assert "loss for row 3 of the data at checkpoint 0: " in str(ours[0].message)
-    assert "loss for row 9 of the data at checkpoint 0: " in str(ours[1].message)
+    assert len(ours) == 1  # one per checkpoint holding such rows (review155 F3: was one per batch), rows named once
+    assert "loss for 2 rows (3, 9) of the data at checkpoint 0: " in str(ours[0].message)
     assert ours[0].filename == __file__
     if mode == "full":
         losses = np.asarray(mlp.loss_fn(mlp.params[0], x, y))

@@ -112,6 +112,72 @@ def test_flax_nnx_state(mlp, data):
     _close(grads.matrices[0], mlp.reference_rows(mlp.reference_grads(w, x, y), ["b2", "w2"], KERNELS))
 
 
+def test_an_nnx_state_exports_its_params_alone_by_default(data, per_example_jax_grad):
+    """review155 F2: the State of nnx.split(model) exported BatchNorm's running mean and var (BatchStat) as
+    parameters, with non-zero gradients in eval mode (1-15% of the self-influence), without a word. By default
+    only the nnx.Param leaves are exported, as linen's "params", with one warning naming what is left out."""
+    import optax
+
+    x, y = data
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.bn, self.l2 = (
+                nnx.Linear(5, 4, rngs=rngs),
+                nnx.BatchNorm(4, rngs=rngs),
+                nnx.Linear(4, 3, rngs=rngs),
+            )
+
+        def __call__(self, v):
+            return self.l2(jax.nn.relu(self.bn(self.l1(v))))
+
+    model = Net(nnx.Rngs(0))
+    model.bn.mean[...] = jnp.linspace(-0.5, 0.5, 4)
+    model.bn.var[...] = jnp.linspace(0.5, 2.0, 4)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(s, inputs, targets):
+        logits = nnx.merge(graphdef, s)(inputs)
+        return -jax.nn.log_softmax(logits)[jnp.arange(targets.shape[0]), targets]
+
+    def params_loss(p, inputs, targets):
+        logits = nnx.merge(graphdef, p, rest)(inputs)
+        return -jax.nn.log_softmax(logits)[jnp.arange(targets.shape[0]), targets]
+
+    with pytest.warns(
+        UserWarning, match=r"NNX State: only its nnx.Param .*BatchStat \(bn/mean/value, bn/var/value\)"
+    ) as caught:
+        grads = export_gradients(loss, [(state, 1.0)], (x, y), progress=False)
+    assert sum("NNX State" in str(w.message) for w in caught) == 1
+    names = [p["name"] for p in grads.metadata["params"]]
+    assert names == [
+        f"{m}/{k}/value"
+        for m, ks in (("bn", ("bias", "scale")), ("l1", ("bias", "kernel")), ("l2", ("bias", "kernel")))
+        for k in ks
+    ]
+    expected = per_example_jax_grad(params_loss, params, x, y)  # jax.grad of each example, Params alone
+    np.testing.assert_allclose(np.asarray(grads.matrices[0]), expected, rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Params alone, or the BatchStat named: no warning
+        export_gradients(params_loss, [(params, 1.0)], (x, y), progress=False)
+        every = export_gradients(loss, [(state, 1.0)], (x, y), layers=["*"], progress=False)
+    assert {"bn/mean/value", "bn/var/value"} <= {p["name"] for p in every.metadata["params"]}
+    # an optimizer on the Params (as nnx.Optimizer(model, tx, wrt=nnx.Param) keeps): the default fits it
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+    step = jax.grad(lambda p: params_loss(p, x, y).mean())(params)
+    opt = tx.update(step, opt, params)[1]
+    with pytest.warns(UserWarning, match="NNX State"):
+        adam = export_gradients(loss, [(state, 1.0, opt)], (x, y), preconditioner="adam", progress=False)
+    assert [p["name"] for p in adam.metadata["params"]] == names
+    with pytest.raises(
+        ValueError, match=r"no leaf 'bn/mean/value'.*pass layers= naming only .*nnx.split\(model, nnx.Param"
+    ):
+        export_gradients(loss, [(state, 1.0, opt)], (x, y), layers=["*"], preconditioner="adam", progress=False)
+
+
 def _equinox_mlp(w):
     model = eqx.nn.MLP(5, 3, 8, depth=1, activation=jnp.tanh, key=jax.random.key(0))
     f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731

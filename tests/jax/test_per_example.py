@@ -200,7 +200,10 @@ def test_a_bias_free_last_layer_needs_its_kernel_in_one_dot_general(mlp, data, m
 @pytest.mark.parametrize(
     "layer_input, message",
     [
-        (lambda p, x: x[:, :3] @ jnp.ones((3, 8)), "does not return the input of l2/kernel: its per-example"),
+        (
+            lambda p, x: x[:, :3] @ jnp.ones((3, 8)),
+            r"does not return the input of l2/kernel at checkpoint 0, row 0 of the data .*: its per-example",
+        ),
         (lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]), "does not return the input of l2/kernel"),  # no b1
         (lambda p, x: x, r"must return the \(batch, 8\) input of l2/kernel, got shape \(64, 5\)"),
     ],
@@ -504,3 +507,81 @@ def test_a_loss_failing_in_the_eager_check_is_reported_with_its_argument(mlp, da
         ValueError, match=r"loss_fn\(params, inputs, targets\) failed on the first 2 examples .*: needs 4 rows"
     ):
         export_gradients(picky, [(mlp.params[0], 1.0)], (x, y), progress=False)
+
+
+def _rows_after_4_doubled(mlp):
+    """A layer_input right on rows 0-3 and doubled from row 4 on (marked by a sixth input column)."""
+    return lambda p, i: mlp.hidden(p, i[:, :5]) * (1 + i[:, 5:])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, data, bias):
+    """review155 F1: the check ran on 4 rows of the first batch only; a layer_input wrong from row 4 on
+    (batch_size=4) was exported, its factors scoring 2.5-4x the full rows. Every batch's first and last
+    rows are checked."""
+    x, y = data
+    x = np.c_[x, np.arange(len(x)) >= 4].astype(np.float32)
+    params, loss = (mlp.params[0], mlp.loss_fn) if bias else _bias_free_head(mlp)
+    wrapped = lambda p, i, t: loss(p, i[:, :5], t)  # noqa: E731
+    kw = dict(mode="last_layer", layers=["l2"], progress=False)
+    with pytest.raises(
+        ValueError, match=r"^layer_input\(params, inputs\) does not return the input of l2/kernel at "
+    ) as e:
+        export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), batch_size=4, **kw)
+    assert "at checkpoint 0, row 4 of the data (the first and last rows of every batch are checked; " in str(e.value)
+    assert "this batch holds rows 4 to 7)" in str(e.value)
+    assert re.search(
+        r"differs from dL/d\(output\) \(x\) layer_input by [0-9.]+ of its norm \(allowed: 0.0001\)", str(e.value)
+    )
+    # within the first batch too: its last row (63) is checked
+    with pytest.raises(ValueError, match=r"at checkpoint 0, row 63 of the data .*holds rows 0 to 63\)"):
+        export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), **kw)
+    right = lambda p, i: mlp.hidden(p, i[:, :5])  # noqa: E731
+    got = export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=right, batch_size=4, **kw)
+    h = mlp.reference_grads(mlp.weights[0], x[:, :5], y)["hidden"]
+    np.testing.assert_allclose(got.right[0], np.c_[h, np.ones(len(h))] if bias else h, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_input_closing_over_one_checkpoints_params_is_refused_at_the_next(mlp, data):
+    """review155 F1: a layer_input reading checkpoint 0's params instead of its argument passed the check
+    (checkpoint 0 only) and gave checkpoint 1 the wrong factors. Every checkpoint is checked."""
+    x, y = data
+    stale = lambda p, i: mlp.hidden(mlp.params[0], i)  # noqa: E731
+    checkpoints = list(zip(mlp.params, mlp.lrs, strict=True))
+    with pytest.raises(
+        ValueError, match=r"input of l2/kernel at checkpoint 1, row 0 of the data .*its params argument"
+    ):
+        export_gradients(
+            mlp.loss_fn, checkpoints, (x, y), mode="last_layer", layers=["l2"], layer_input=stale, progress=False
+        )
+
+
+def test_a_layer_input_ignoring_the_padding_mask_is_refused(mlp):
+    """review155 F1: length-sorted data (the first batch unpadded) and a layer_input pooling over every token
+    while the loss pools over the unmasked ones: the padded batches got wrong factors without a word."""
+    r = np.random.default_rng(0)
+    n, t = 12, 6
+    tokens = r.normal(size=(n, t, 5)).astype(np.float32)
+    lengths = np.r_[[t] * 4, np.sort(r.integers(2, t, n - 4))[::-1]]
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+    y = r.integers(0, 3, n)
+    params = mlp.params[0]
+
+    def pooled(p, inputs, weights):
+        h = jnp.tanh(inputs["x"] @ p["l1"]["kernel"] + p["l1"]["bias"])
+        return (h * weights[..., None]).sum(1) / weights.sum(1, keepdims=True)
+
+    def loss(p, inputs, targets):
+        return mlp.cross_entropy(pooled(p, inputs, inputs["mask"]) @ p["l2"]["kernel"] + p["l2"]["bias"], targets)
+
+    kw = dict(mode="last_layer", layers=["l2"], batch_size=4, progress=False)
+    data = ({"x": tokens, "mask": mask}, y)
+    with pytest.raises(ValueError, match=r"at checkpoint 0, row (4|7) of the data .*the same padding mask\)?$"):
+        export_gradients(
+            loss, [(params, 1.0)], data, layer_input=lambda p, i: pooled(p, i, jnp.ones_like(i["mask"])), **kw
+        )
+    got = export_gradients(loss, [(params, 1.0)], data, layer_input=lambda p, i: pooled(p, i, i["mask"]), **kw)
+    w1, b1 = (np.asarray(params["l1"][k], np.float64) for k in ("kernel", "bias"))
+    h = np.tanh(tokens.astype(np.float64) @ w1 + b1)
+    expected = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # float64 masked mean
+    np.testing.assert_allclose(got.right[0][:, :-1], expected, rtol=1e-5, atol=1e-6)

@@ -115,8 +115,23 @@ def test_missing_or_wrong_optimizer_states_are_clear_errors(mlp, data):
             mlp.loss_fn, checkpoints, (x, y), preconditioner="adam", preconditioner_options={"b2": 1.0}, progress=False
         )
     fresh = optax.adam(0.1).init(mlp.params[0])
-    with pytest.raises(ValueError, match="the step count of l1/bias is 0.0; Adam state after at least one step"):
+    count = r"checkpoints\[0\]\[2\] \(optimizer state\): its 'count' \(the Adam step count\)"
+    with pytest.raises(ValueError, match=rf"{count} is 0; a whole number >= 1 is needed"):
         export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, fresh)], (x, y), preconditioner="adam", progress=False)
+    # review155 F5: the count is the state's, named as such (not a leaf's: "the step count of b1" read as
+    # Adam's b1), and a count of another shape, or not a whole number, is refused too
+    trained = checkpoints[0][2]
+    for bad, why in ((jnp.ones((1, 1), jnp.int32), r"must be a scalar \(0-d\), got shape \(1, 1\)"), (1.5, "is 1.5")):
+        state = jax.tree_util.tree_map(
+            lambda n, bad=bad: n._replace(count=bad) if type(n).__name__ == "ScaleByAdamState" else n,
+            trained,
+            is_leaf=lambda n: type(n).__name__ == "ScaleByAdamState",
+        )
+        with pytest.raises(ValueError, match=rf"{count} {why}") as info:
+            export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, state)], (x, y), preconditioner="adam", progress=False)
+        assert "l1/" not in str(info.value) and "l2/" not in str(info.value)
+    with pytest.warns(UserWarning, match="preconditioner=None ignores it"):  # an unused state's count is not checked
+        export_gradients(mlp.loss_fn, [(mlp.params[0], 1.0, fresh)], (x, y), progress=False)
     with pytest.raises(ValueError, match="preconditioner='adam' needs mode='full' in tracin.jax"):
         export_gradients(
             mlp.loss_fn,

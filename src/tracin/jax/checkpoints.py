@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,13 @@ class OptimizerState:
         self.adam, self.settings = found[0], dict(adam)
         self.prefix = ""  # "params/" when the moments are those of linen variables' "params" (check_leaves)
 
+    @functools.cached_property
+    def step(self) -> float:
+        """The step count (`count`), validated once (check_leaves, up front; a state left unused by
+        preconditioner=None is not): a ValueError naming this state and 'count' unless it is one whole
+        number >= 1."""
+        return _step_count(self.adam.count, self.where)
+
     def digest(self) -> str:
         """Fingerprint: paths and contents of the state's mu, nu and count."""
         return state_digest({"mu": self.adam.mu, "nu": self.adam.nu, "count": self.adam.count})
@@ -141,7 +149,7 @@ class OptimizerState:
     def moments(self, params: Sequence[tuple[str, Sequence[int]]]) -> list[AdamMoments]:
         """The Adam moments of `params` ((leaf path, shape) in row order), on the host."""
         self._check_settings()
-        step = float(np.asarray(self.adam.count))
+        step = self.step
         mu, nu = (_by_path(tree) for tree in (self.adam.mu, self.adam.nu))
         out, prefix, adam = [], self.prefix, self.settings
         mu, nu = ({prefix + k: a for k, a in tree.items()} for tree in (mu, nu))
@@ -163,7 +171,10 @@ class OptimizerState:
                     )
                 raise ValueError(
                     f"{self.where}: the Adam moments have no leaf {name!r}; the optimizer must have "
-                    "been initialised on the same params pytree"
+                    "been initialised on the same params pytree, or on part of it: then pass layers= naming only "
+                    f"the leaves it updates{f', e.g. layers={kept}' if kept else ''} (for an NNX model whose "
+                    "optimizer holds its nnx.Param variables, as nnx.Optimizer(model, tx, wrt=nnx.Param) does, "
+                    "the Param leaves, or the State of nnx.split(model, nnx.Param, ...) as the params)"
                 )
             m, v = np.asarray(mu[name]), np.asarray(nu[name])
             check_moments(name, shape, m, v, step, self.where)
@@ -187,6 +198,7 @@ class OptimizerState:
         (optax.masked, an Equinox module's non-array fields): moments() names the missing ones used.
         Moments that all lie under "params/" of linen variables (a Mapping holding "params" and other
         collections, or "params" alone) are taken from there on (`prefix`)."""
+        self.step  # noqa: B018 - validates the step count before any row is computed
         have = set(_by_path(params))
         paths = {name for tree in (self.adam.mu, self.adam.nu) for name in _by_path(tree)}
         extra = sorted(paths - have)
@@ -214,6 +226,26 @@ class OptimizerState:
                         f"(inject_hyperparams), but the export uses {key}={given[key]:.6g}: pass "
                         f"preconditioner_options={{'{key}': {float(np.asarray(hyperparams[key])):.6g}, ...}}"
                     )
+
+
+def _step_count(count: Any, where: str) -> float:
+    """The Adam state's step count (optax's `count`, bias correction's t) as a float, or a ValueError naming
+    `where` and "count" unless it is one whole number >= 1 (0: a state no step has updated)."""
+    try:
+        value = np.asarray(count)
+    except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(f"{where}: its 'count' (the Adam step count) is not an array: {err}") from err
+    if value.shape != ():
+        raise ValueError(f"{where}: its 'count' (the Adam step count) must be a scalar (0-d), got shape {value.shape}")
+    if value.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: its 'count' (the Adam step count) must be a number, got dtype {value.dtype}")
+    step = float(value)
+    if not np.isfinite(step) or step != np.floor(step) or step < 1:
+        raise ValueError(
+            f"{where}: its 'count' (the Adam step count) is {value.item()!r}; a whole number >= 1 is needed: "
+            "the state after at least one optimizer step (count 0 is a state no step has updated)"
+        )
+    return step
 
 
 def _by_path(tree: Any) -> dict[str, Any]:
@@ -351,7 +383,8 @@ def _other_format(content: bytes) -> tuple[str, str] | None:
     """(format, how to load it) of a checkpoint file in a format restore does not read, told by its first
     bytes (nothing is unpickled): a NumPy .npy array, a safetensors file (8-byte header length, then a JSON
     header), a pickle (protocol 2 and up: 0x80, the protocol, ...; protocols 0 and 1: an opening opcode
-    such as "(d", "}q", "]q" or "c<module>", and the STOP opcode "." last) or a zip archive (np.savez's .npz);
+    such as "(d", "}q", "]q" or "c<module>", and the STOP opcode "." last, but for trailing whitespace: a
+    newline added by an editor or `echo >>`) or a zip archive (np.savez's .npz);
     None otherwise (msgpack, or anything else, is left to the msgpack reader: a Flax msgpack file is a map,
     whose first byte is none of these)."""
     if content[:6] == b"\x93NUMPY":
@@ -359,7 +392,7 @@ def _other_format(content: bytes) -> tuple[str, str] | None:
     header = int.from_bytes(content[:8], "little") if len(content) > 8 else 0
     if content[8:9] == b"{" and 2 <= header <= len(content) - 8 and content[7 + header : 8 + header] in b"} ":
         return "a safetensors file", "safetensors.flax.load_file or safetensors.numpy.load_file"
-    old_pickle = content[:1] in (b"(", b"}", b"]", b")", b"c") and content[-1:] == b"."
+    old_pickle = content[:1] in (b"(", b"}", b"]", b")", b"c") and content.rstrip()[-1:] == b"."
     if old_pickle or (content[:1] == b"\x80" and len(content) > 1 and 2 <= content[1] <= 5):
         return "a pickle", "pickle.load, or torch.load for a torch file, only if you trust the file"
     if content[:4] == b"PK\x03\x04":

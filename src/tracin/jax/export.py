@@ -25,8 +25,16 @@ from ..gradients import FactoredGradients, Gradients
 from ..projection import NonFiniteRowError
 from .batches import Batch, BatchPlan
 from .checkpoints import parse_checkpoints, restore, state_digest
-from .params import LINEN_STATE, as_patterns, host_array, layout_of, linen_collections, train_state_entries
-from .per_example import FullRows, LastLayer, LossWatch, check_per_example, check_uncoupled
+from .params import (
+    LINEN_STATE,
+    as_patterns,
+    host_array,
+    layout_of,
+    linen_collections,
+    nnx_variables,
+    train_state_entries,
+)
+from .per_example import FullRows, LastLayer, LayerInputError, LossWatch, check_per_example, check_uncoupled
 
 DTYPES = ("float32", "float16", "bfloat16")
 KRONECKER_JAX = "0.10.0"  # jax.extend.core.jaxprs_in_params, Primitive.get_bind_params giving the params dict
@@ -86,13 +94,14 @@ def export_gradients(
         ValueError naming its path (inputs['temperature']); pass settings shared by every example with
         functools.partial(loss_fn, temperature=...). Every checkpoint must see the same inputs and
         targets in the same order (checked by fingerprints).
-    layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating
-        leaves, but for Flax linen variables holding collections besides "params" (BatchNorm's
-        "batch_stats", a "cache"): the "params" collection alone, as no gradient step trains the others
-        (name them in layers to export them too; a UserWarning names those left out that are not a linen
-        state collection, tracin.jax.params.LINEN_STATE: a plain dict's trained entries); so for a Flax
-        TrainState, restored as a dict ({"step", "params", "opt_state"}) or not, with a UserWarning naming
-        the entries holding floating leaves left out. Rows
+    layers: path patterns choosing the parameters ("l2", "params/Dense_1/*"); default all floating leaves, but
+        for an NNX State (nnx.split(model)): its nnx.Param leaves alone, with a UserWarning naming the
+        floating leaves of other Variable types left out (BatchNorm's BatchStat); for Flax linen variables
+        holding collections besides "params" (BatchNorm's "batch_stats", a "cache"): the "params" collection
+        alone, as no gradient step trains the others (name them in layers to export them too; a UserWarning
+        names those left out that are not a linen state collection, tracin.jax.params.LINEN_STATE: a plain
+        dict's trained entries); so for a Flax TrainState, restored as a dict ({"step", "params",
+        "opt_state"}) or not, with a UserWarning naming the entries holding floating leaves left out. Rows
         concatenate the chosen leaves in PARAM_ORDER, recorded in metadata["params"]. An optax state
         initialised on variables["params"] (a TrainState's) is matched under "params/".
     mode: "full" -> Gradients, rows (n, d); "last_layer" -> FactoredGradients of the dense layer that
@@ -102,7 +111,12 @@ def export_gradients(
         as tracin.torch factors a bias-free nn.Linear; its dL/d(output) is read exactly at the one
         dot_general using the kernel (x @ K, x @ K.T: which side x meets gives p and q), one output row
         per example; a kernel used otherwise (twice, inside scan / while / cond, per token) is a ValueError
-        saying how.
+        saying how. layer_input is checked on the first and last rows of every batch at every checkpoint:
+        there the kernel's per-example gradient, computed with the factors, must be dL/d(output) (x)
+        layer_input (to 1e-4 relative, or 8 eps of a coarser dtype computed in), else a ValueError names
+        the checkpoint, the row and the relative difference (a layer_input ignoring the padding mask the
+        loss applies, or closing over one checkpoint's params instead of its argument); rows between them
+        are not checked.
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
@@ -170,11 +184,12 @@ def export_gradients(
     checkpoint file is FileNotFoundError, an empty or damaged one a ValueError naming it (a pickle or
     .npz file says to load it and pass the pytree). An example whose gradient holds NaN or Inf is not
     an export error: its row is stored as it is (projected: a row of NaN) and scoring refuses the set,
-    naming the rows. An example whose loss is NaN or Inf gets a RuntimeWarning naming its row (once per
-    export): its gradient may be NaN (refused by scoring, as above) or exactly 0 (a label outside
-    [0, classes) read with take_along_axis, such as the -100 'ignore' label: a zero row, which scoring
-    takes as no influence; drop such examples); a finite gradient whose
-    projection overflows float32 is a ValueError naming the row (kronecker=True stores it: scoring
+    naming the rows. An example whose loss is NaN or Inf gets a RuntimeWarning naming its row (one warning
+    per checkpoint holding such rows, at the end of its pass, counting them and naming the first 10; a
+    row named at one checkpoint is not counted again at later ones): its gradient may be NaN (refused by
+    scoring, as above) or exactly 0 (a label outside [0, classes) read with take_along_axis, such as the
+    -100 'ignore' label: a zero row, which scoring takes as no influence; drop such examples); a finite
+    gradient whose projection overflows float32 is a ValueError naming the row (kronecker=True stores it: scoring
     names it), as is a finite float64 gradient (x64 params) beyond float32's range (rows are float32
     at most; mode="full" and "last_layer").
     """
@@ -303,11 +318,14 @@ class _JaxExport:
                 entry.optimizer.check_leaves(self._first)
 
     def batches(self) -> Iterator[Batch]:
+        """The data's batches, once per pass; at the end of a pass, the one warning about the rows whose loss
+        was not finite in it (LossWatch.flush)."""
         pending, self._pending = self._pending, None
         for batch in pending if pending is not None else self.plan:
             if self.kronecker is not None:
                 self.kronecker.prepare(batch, self.plan.note)  # the first batch fixes the layout
             yield batch
+        self.watch.flush()
 
     def fingerprint_arrays(self, batch: Batch) -> tuple[list[np.ndarray] | None, list[np.ndarray]]:
         """(targets, inputs) for the fingerprint; targets None when they hold no arrays (DataFingerprint
@@ -324,6 +342,8 @@ class _JaxExport:
     def load(self, source: Any, index: int) -> tuple[list, list, Any]:
         """(selected leaves, other array leaves, params) of checkpoint `index`."""
         self._index = self.watch.checkpoint = index
+        if isinstance(self.compute_rows, LastLayer):
+            self.compute_rows.checkpoint = index  # named by its layer_input check
         params = self._first if index == 0 else restore(source, f"checkpoints[{index}]")
         self._first = None  # checkpoint 0 is loaded once
         self.layout.check_same(layout_of(params, None), f"checkpoints[{index}]")
@@ -344,7 +364,7 @@ class _JaxExport:
         batch's rows, as the first batch's (a batch of shapes already run is not traced again)."""
         try:
             return self.compute_rows(state[0], state[1], batch)
-        except NonFiniteRowError:
+        except (NonFiniteRowError, LayerInputError):
             raise
         except Exception as err:
             where = f"rows {batch.start} to {batch.start + batch.count - 1} of the data, at checkpoint {self._index}"
@@ -371,12 +391,32 @@ class _JaxExport:
 
 
 def _linen_default(params: Any) -> list[str] | None:
-    """layers=None for Flax linen variables holding collections besides "params": ["params"] (None for other
+    """layers=None for a Flax NNX State: the paths of its nnx.Param leaves, with a UserWarning naming the other
+    floating Variables left out (BatchStat), if any (nnx_variables). For Flax linen variables holding
+    collections besides "params": ["params"] (None for other
     params), with a UserWarning naming the collections left out when some are not LINEN_STATE's (a plain
     dict with a "params" entry and other trainable entries would otherwise lose them without a word). A Flax
     TrainState (restored as a dict, {"step", "params", "opt_state"}, or not) whose opt_state holds floating
     leaves gives ["params"] too, with a UserWarning naming the entries left out (its optimizer moments would
     triple the row width with zero columns)."""
+    nnx = nnx_variables(params)
+    if nnx is not None:
+        chosen, others = nnx
+        if not others:
+            return None
+        left_out = "; ".join(
+            f"{kind} ({', '.join(paths[:4])}{f', ... ({len(paths)} leaves)' if len(paths) > 4 else ''})"
+            for kind, paths in others.items()
+        )
+        warnings.warn(
+            f"params are a Flax NNX State: only its nnx.Param variables are exported by default, leaving out the "
+            f"floating leaves of {left_out}, which no gradient step trains (BatchNorm's running statistics); to "
+            "export them too, name them in layers= (layers=['*'] exports every floating leaf); to say the Params "
+            "alone are meant, pass the State of nnx.split(model, nnx.Param, ...)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return chosen
     state = train_state_entries(params)
     if state:
         warnings.warn(

@@ -594,6 +594,31 @@ def linen_collections(params: Any) -> list[str]:
     return sorted((str(key) for key in params if key != "params"), key=str)
 
 
+def nnx_variables(params: Any) -> tuple[list[str], dict[str, list[str]]] | None:
+    """For a Flax NNX State (nnx.split(model)): (the paths of the floating leaves of its nnx.Param
+    variables, subclasses included, {Variable type name: paths of its floating leaves} for the other
+    Variable types: BatchNorm's BatchStat, a Cache, Intermediates); None for other pytrees and for a State
+    holding no floating Param leaf. Leaves outside any Variable count as Params. flax is not imported:
+    a State exists only where it is."""
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None or not isinstance(params, getattr(nnx, "State", ())):
+        return None
+    # older flax's State holds VariableStates; newer ones hold Variables (VariableState: a deprecated alias, from
+    # a module __getattr__, so read from vars() without its warning)
+    kinds = tuple(k for k in (vars(nnx).get("Variable"), vars(nnx).get("VariableState")) if isinstance(k, type))
+    scalars = scalars_are_parameters(params)
+    chosen: list[str] = []
+    others: dict[str, list[str]] = {}
+    for path, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda n: isinstance(n, kinds))[0]:
+        kind = getattr(node, "type", type(node)) if isinstance(node, kinds) else None
+        trained = not isinstance(kind, type) or issubclass(kind, nnx.Param)
+        for inner, leaf in jax.tree_util.tree_flatten_with_path(node)[0]:
+            if is_float_leaf(leaf, scalars):
+                name = leaf_path(path + inner)
+                chosen.append(name) if trained else others.setdefault(kind.__name__, []).append(name)
+    return (chosen, others) if chosen else None
+
+
 def train_state_entries(params: Any) -> list[str]:
     """The top-level entries besides "params" that hold floating leaves, of a Flax TrainState: restored as
     a dict ({"step": ..., "params": ..., "opt_state": ...}, as flax.serialization or orbax give it back

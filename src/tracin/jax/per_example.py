@@ -215,7 +215,7 @@ def _product_eps(eqn: Any) -> float:
     return _ROUNDED_PRODUCTS.get(jax.default_backend(), 0.0)
 
 
-_CHECK_ROWS = 4  # examples of the first batch check_uncoupled and check_layer_input run on
+_CHECK_ROWS = 4  # examples of the first batch check_uncoupled runs on
 
 
 def check_uncoupled(
@@ -321,25 +321,35 @@ class LossWatch:
     functions give with their gradients (jax.value_and_grad). Such a loss need not give a NaN row: an
     out-of-range label read with jnp.take_along_axis (the -100 'ignore' label of Hugging Face data, or
     label == classes) gives a NaN loss and a gradient of exactly 0, a row that scoring takes as "no
-    influence". One RuntimeWarning per batch holding such rows, naming each row once per export (rows
-    of the data, the checkpoint `checkpoint`, set by the export as it loads each one)."""
+    influence". One RuntimeWarning per checkpoint holding such rows (`flush`, at the end of its pass),
+    counting them and listing the first _SHOWN; each row is counted once per export (rows of the data, the
+    checkpoint `checkpoint`, set by the export as it loads each one)."""
 
     _SHOWN = 10
 
     def __init__(self) -> None:
         self.checkpoint = 0
         self._warned: set[int] = set()
+        self._count = 0  # rows found since the last flush
+        self._first: list[int] = []  # the first _SHOWN of them
 
     def __call__(self, losses: Any, batch: Batch) -> None:
         values = np.asarray(losses)[: batch.count]
-        bad = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
-        new = [row for row in bad if row not in self._warned]
-        if not new:
-            return
+        new = [batch.start + int(i) for i in np.flatnonzero(~np.isfinite(values))]
+        new = [row for row in new if row not in self._warned]
         self._warned.update(new)
-        listed = ", ".join(map(str, new[: self._SHOWN]))
-        more = f" and {len(new) - self._SHOWN} more" if len(new) > self._SHOWN else ""
-        rows = f"row {listed}" if len(new) == 1 else f"{len(new)} rows ({listed}{more})"
+        self._count += len(new)
+        self._first.extend(new[: self._SHOWN - len(self._first)])
+
+    def flush(self) -> None:
+        """The warning about the rows found since the last flush (the checkpoint's pass), if any."""
+        count, first = self._count, self._first
+        self._count, self._first = 0, []
+        if not count:
+            return
+        listed = ", ".join(map(str, first))
+        more = f" and {count - len(first)} more" if count > len(first) else ""
+        rows = f"row {listed}" if count == 1 else f"{count} rows ({listed}{more})"
         warnings.warn(
             f"loss_fn gives a NaN or infinite loss for {rows} of the data at checkpoint {self.checkpoint}: "
             "their gradient rows are stored as jax.grad gives them, which may be NaN (scoring then refuses the "
@@ -439,8 +449,14 @@ class LastLayer:
         self._layer_input = layer_input
         self._avals = tuple(_avals(part) for part in self.layout.split(params))
         self._factors: Callable | None = None
+        self._rtol: float | None = None  # the layer_input check's tolerance (check_layer_input), once known
+        self.checkpoint = 0  # the checkpoint computed, named by the layer_input check (set by the export)
         if self.bias_path is not None:
-            self._factors = shared_jit((loss_fn, layer_input), ("last_layer", self.layout), _bias_factors(self.layout))
+            # the kernel (p, q) as in torch / Equinox, (q, p) as in Flax; a square one either way
+            sides = ("px", "xp") if rows == cols else ("px",) if rows == self.p else ("xp",)
+            build = _probed(_bias_factors(self.layout), self.layout, self._kernel_layout, sides)
+            key = ("last_layer", self.layout, self._kernel_layout)
+            self._factors = shared_jit((loss_fn, layer_input), key, build)
 
     @property
     def dims(self) -> tuple[int, int] | None:
@@ -463,22 +479,32 @@ class LastLayer:
         self.p, self.q = (cols, rows) if site.contract == 0 else (rows, cols)
         key = ("last_layer", self.layout, "bias-free", self.contract)
         build = _tapped_factors(self.layout, self.kernel_path, self.kernel_shape, self.contract)
-        self._factors = shared_jit((self._loss_fn, self._layer_input), key, build)
+        sides = ("xp",) if self.contract == 0 else ("px",)  # x K: the kernel is (q, p); K x: (p, q)
+        self._factors = shared_jit(
+            (self._loss_fn, self._layer_input), key, _probed(build, self.layout, self._kernel_layout, sides)
+        )
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
-        float32's range. A bias-free layer is oriented by `batch` first if it was not yet."""
+        float32's range, and a LayerInputError when the factors of the batch's first or last row are not its
+        kernel gradient (once check_layer_input has set the tolerance). A bias-free layer is oriented by
+        `batch` first if it was not yet."""
         self.orient(batch)
-        factors, beyond, losses = self._factors(selected, arrays, batch.inputs, batch.targets)
+        probe = np.array([0, batch.count - 1], np.int32)
+        factors, beyond, losses, probed = self._factors(selected, arrays, batch.inputs, batch.targets, probe)
         _check_float32_range(beyond, batch.count)
         _watch(self.watch, losses, batch)
+        if self._rtol is not None:
+            self._verify(probed, batch, probe)
         return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
-        """Raises ValueError unless layer_input gives the layer's input: on a few examples, the kernel
-        gradient must equal dL/dy (x) x, to 1e-4 relative or 8 eps of the coarsest dtype the loss
-        computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products), the kernel is
-        stored in or layer_input returns. Run once per export, on its first batch."""
+        """Raises ValueError unless layer_input runs on `batch` and returns floating (batch, q) values, and sets
+        the tolerance to which every batch's factors are then checked (__call__): on the first and last rows
+        of each batch, at every checkpoint, the kernel's per-example gradient (computed with the factors, in
+        the same compiled call) must equal dL/dy (x) layer_input to 1e-4 relative or 8 eps of the coarsest
+        dtype the loss computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products),
+        the kernel is stored in or layer_input returns. Run once per export, on its first batch."""
         self.orient(batch)
         sel, arrs = self.layout.split(params)
         try:
@@ -496,43 +522,55 @@ class LastLayer:
                 f"layer_input(params, inputs) must return floating-point values, the input of {self.kernel_path}, "
                 f"got {x.dtype}"
             )
-        head = Batch(0, _CHECK_ROWS, *jax.tree_util.tree_map(lambda a: a[:_CHECK_ROWS], (batch.inputs, batch.targets)))
-        watch, self.watch = self.watch, None  # the export's own pass of these rows warns about their losses
-        try:
-            left, right = (np.asarray(f, np.float64) for f in self(sel, arrs, head))
-        except NonFiniteRowError:
-            return  # factors beyond float32: the export's own pass of these rows refuses them, naming the row
-        finally:
-            self.watch = watch
-        ksel, karrs = self._kernel_layout.split(params)
-        wide = jnp.result_type(jnp.float32, *(a.dtype for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)))
-        reference = FullRows(self._loss_fn, self._kernel_layout, wide, narrow=False)  # only factors are stored
-        grad = np.asarray(reference(ksel, karrs, head), np.float64)
-        inputs = right[:, :-1] if self.bias_path is not None else right
-        outer_px = np.einsum("np,nq->npq", left, inputs).reshape(len(left), -1)
-        outer_xp = np.einsum("nq,np->nqp", inputs, left).reshape(len(left), -1)
-        # a bias-free kernel's orientation is known (its dot_general); with a bias, a square kernel may be either
-        sides = {None: (outer_px, outer_xp), 0: (outer_xp,), 1: (outer_px,)}[self.contract]
-        scale = np.linalg.norm(grad, axis=1) + 1e-30
         # rounding of the coarsest dtype the loss computes in (a float32 model running
         # nn.Dense(dtype=bfloat16), TF32 products), the kernel's gradient is stored in (bfloat16 / float16
         # params) or layer_input returns: a fraction of its eps
+        _, karrs = self._kernel_layout.split(params)
         stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
-        rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
-        fits = [
-            np.all(np.linalg.norm(grad - o, axis=1) <= rtol * scale + 1e-6 * np.linalg.norm(o, axis=1)) for o in sides
-        ]
-        if not any(fits) and self.bias_path is None:
-            raise ValueError(
-                f"layer_input(params, inputs) does not return the input of {self.kernel_path}: its per-example "
-                "gradient is not dL/d(output) (x) input (dL/d(output) read at its one dot_general)"
+        self._rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
+
+    def _verify(self, probed: Any, batch: Batch, probe: np.ndarray) -> None:
+        """Raises LayerInputError when, on a probed row, the kernel gradient differs from dL/dy (x) layer_input
+        by more than the tolerance in every orientation the kernel may have (rows whose values are not
+        finite are left to the other checks: scoring refuses NaN rows)."""
+        probed = np.asarray(probed, np.float64)  # one transfer: (2 + orientations, probed rows)
+        gnorm, onorm, residuals = probed[0], probed[1], probed[2:]
+        with np.errstate(invalid="ignore"):
+            bound = self._rtol * (gnorm + 1e-30) + 1e-6 * onorm
+            finite = np.isfinite(gnorm) & np.isfinite(onorm) & np.isfinite(residuals).all(axis=0)
+            fits = [np.all((r <= bound) | ~finite) for r in residuals]
+        if any(fits):
+            return
+        rel = residuals.min(axis=0) / (gnorm + 1e-30)
+        bad = np.flatnonzero(finite & (residuals.min(axis=0) > bound))
+        worst = int(bad[0]) if bad.size else 0  # else each row fits another orientation of a square kernel
+        row = batch.start + int(probe[worst])
+        where = (
+            f"at checkpoint {self.checkpoint}, row {row} of the data (the first and last rows of every batch are "
+            f"checked; this batch holds rows {batch.start} to {batch.start + batch.count - 1})"
+        )
+        differs = (
+            f"its per-example gradient differs from dL/d(output) (x) layer_input by {rel[worst]:.3g} of its norm "
+            f"(allowed: {self._rtol:.3g})"
+        )
+        hint = (
+            "; layer_input must compute from its params argument (not a checkpoint's params it closes over) and "
+            "treat every row as the loss does (the same padding mask)"
+        )
+        if self.bias_path is None:
+            raise LayerInputError(
+                f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}: {differs}, "
+                f"dL/d(output) read at its one dot_general{hint}"
             )
-        if not any(fits):
-            raise ValueError(
-                f"layer_input(params, inputs) does not return the input of {self.kernel_path}, or the loss uses "
-                f"{self.kernel_path} or {self.bias_path} outside y = x K + b (weight decay or another penalty on "
-                "them, tied weights): its per-example gradient is not dL/d(output) (x) input"
-            )
+        raise LayerInputError(
+            f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}, or the loss uses "
+            f"{self.kernel_path} or {self.bias_path} outside y = x K + b (weight decay or another penalty on "
+            f"them, tied weights): {differs}{hint}"
+        )
+
+
+class LayerInputError(ValueError):
+    """layer_input's values are not the last layer's input on a checked row (LastLayer._verify)."""
 
 
 def _avals(tree: Any, strip: int = 0) -> Any:
@@ -557,6 +595,39 @@ def _bias_factors(layout: ParamLayout) -> Callable[..., Callable]:
         return factors
 
     return build
+
+
+def _probed(build: Callable[..., Callable], layout: ParamLayout, kernel: ParamLayout, sides: tuple) -> Callable:
+    """shared_jit's build of factors (`build`, of `layout`) that also give, for the rows `probe` (indices
+    into the batch), one array: the norms of the kernel's per-example gradient (`kernel`: its layout), of
+    the outer product of the factors and of their difference in each orientation `sides` ("px": a (p, q)
+    kernel, "xp": (q, p)), shape (2 + len(sides), rows): LastLayer's check of layer_input, in the same
+    compiled call."""
+
+    def probed_build(loss: LossFn, inputs_of: Callable) -> Callable:
+        factors = build(loss, inputs_of)
+        kernel_grad = jax.vmap(jax.grad(_one_example_loss(loss, kernel)), in_axes=(None, None, 0, 0))
+
+        def run(selected, arrays, inputs, targets, probe):
+            (left, right), beyond, losses = factors(selected, arrays, inputs, targets)
+            rows = jax.tree_util.tree_map(lambda a: a[probe], (inputs, targets))
+            grad = kernel_grad(*kernel.split(layout.merge(selected, arrays)), *rows)[0]
+            wide = jnp.result_type(jnp.float32, grad.dtype)
+            grad = grad.reshape(probe.shape[0], -1).astype(wide)
+            d, x = left[probe].astype(wide), right[probe][:, : grad.shape[1] // left.shape[1]].astype(wide)
+            outer = {"px": lambda: d[:, :, None] * x[:, None, :], "xp": lambda: x[:, :, None] * d[:, None, :]}
+            residuals = jnp.stack([jnp.linalg.norm(grad - outer[s]().reshape(grad.shape), axis=1) for s in sides])
+            norms = jnp.linalg.norm(d, axis=1) * jnp.linalg.norm(x, axis=1)
+            return (
+                (left, right),
+                beyond,
+                losses,
+                jnp.concatenate([jnp.linalg.norm(grad, axis=1)[None], norms[None], residuals]),
+            )
+
+        return run
+
+    return probed_build
 
 
 def _kernel_site(
