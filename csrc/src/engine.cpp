@@ -366,9 +366,7 @@ class PackedTest {
                     std::int64_t count, std::int64_t normalize) {
     runs_ = normalize > 0 ? test.checkpoints() / static_cast<std::size_t>(normalize) : 0;
     scales_.assign(static_cast<std::size_t>(count) * runs_, 0.0);
-    std::int64_t width = 1;
-    for (const MatrixView& m : test.blocks) width = std::max(width, m.cols);
-    std::vector<float> buf(runs_ > 0 ? static_cast<std::size_t>(width) : 0);
+    std::vector<float> buf(runs_ > 0 ? static_cast<std::size_t>(MaxWidth(test)) : 0);
     const auto group = static_cast<std::size_t>(normalize);
     for (std::int64_t r = 0; r < count && runs_ > 0; ++r)
       for (std::size_t g = 0; g < runs_; ++g)
@@ -399,7 +397,7 @@ class PackedTest {
                std::int64_t begin, std::int64_t count, std::int64_t normalize, const std::vector<int>& exponents) {
     const std::size_t checkpoints = test.checkpoints();
     std::vector<int> balance(static_cast<std::size_t>(count) * checkpoints, 0);
-    std::vector<float> row(static_cast<std::size_t>(std::max<std::int64_t>(MaxWidth(test), 1)));
+    std::vector<float> row(static_cast<std::size_t>(MaxWidth(test)));
     std::vector<double> squares(test.blocks.size());  // of row r's blocks
     bool any = false;
     for (std::int64_t r = 0; r < count; ++r) {
@@ -431,14 +429,16 @@ class PackedTest {
     return any;
   }
 
+  // The widest block's columns, at least 1.
   static std::int64_t MaxWidth(const GradientSide& side) {
-    std::int64_t width = 0;
+    std::int64_t width = 1;
     for (const MatrixView& m : side.blocks) width = std::max(width, m.cols);
     return width;
   }
 
   // Panel `panel` of block b: lanes are test rows begin + panel * nr + lane, zero past `count`,
-  // each scaled by w (times 2^-exponents[r] when not null) times RowScale. row_flags[r] gets the OR of row r's flags, cosine_flags[r] the OR of its values'
+  // each scaled by w (times 2^-exponents[r] when not null) times RowScale. row_flags[r] gets the OR
+  // of row r's flags, cosine_flags[r] the OR of its values'
   // (bits & exponent) + kCosineOffset.
   // Slice by slice, so that the kc x nr slice being filled stays in the L1 cache. Returns the OR of
   // (bits & exponent) + 1 ulp of exponent over the values, with kHugeBit where a value is at least
@@ -996,7 +996,8 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
   for (std::int64_t begin = 0, count = 0; begin < m; begin += count) {
     count = std::min({pass_rows, m - begin, window - begin % window});  // within one window
     const Status packing =
-        packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, balance, options.cancel);
+        packed.Pack(kernels, test, weights, begin, count, micro.nr, threads, options.normalize, balance,
+                    options.cancel);
     if (packing.code == StatusCode::kNonFinite) return NonFiniteError(&test, train);
     if (!packing.ok()) return packing;
     const TileProducer producer(kernels, micro, train, packed, block, options.normalize);

@@ -1290,7 +1290,9 @@ void TestCosineFactoredRowPackedBeyondFloat32() {
   tracin::GradientSide others_side = Full(others);
   others_side.factored = true;
   const auto term = [&](const std::vector<Matrix>& a, std::int64_t i, const std::vector<Matrix>& b, std::int64_t j,
-                        std::size_t c) { return Dot(a[2 * c], i, b[2 * c], j) * Dot(a[2 * c + 1], i, b[2 * c + 1], j); };
+                        std::size_t c) {
+    return Dot(a[2 * c], i, b[2 * c], j) * Dot(a[2 * c + 1], i, b[2 * c + 1], j);
+  };
   for (std::int64_t run : {1, 2}) {
     std::vector<double> exact(static_cast<std::size_t>(m * n), 0.0), bound(exact.size(), 8 * std::ldexp(1.0, -149));
     for (std::int64_t i = 0; i < m; ++i)
@@ -1304,7 +1306,8 @@ void TestCosineFactoredRowPackedBeyondFloat32() {
           if (tn == 0 || xn == 0) continue;
           for (std::size_t c = c0; c < c0 + static_cast<std::size_t>(run); ++c) {
             exact[i * n + j] += w[c] * term(test, i, train, j, c) / std::sqrt(tn * xn);
-            bound[i * n + j] += 1e-5 * std::abs(w[c]) * std::sqrt(term(test, i, test, i, c) * term(train, j, train, j, c) / (tn * xn));
+            const double share = term(test, i, test, i, c) * term(train, j, train, j, c) / (tn * xn);
+            bound[i * n + j] += 1e-5 * std::abs(w[c]) * std::sqrt(share);
           }
         }
     const std::string what = "normalize " + std::to_string(run);
