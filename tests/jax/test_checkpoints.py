@@ -825,3 +825,33 @@ def test_a_train_state_in_memory_exports_its_params_alone_and_a_dict_with_a_step
             lambda p, a, b: mlp.loss_fn(p["params"], a, b) * p["scale"], [(plain, 1.0)], (x, y), progress=False
         )
     assert "scale" in [q["name"] for q in g.metadata["params"]]
+
+
+def test_an_orbax_folder_saved_again_is_another_checkpoint_to_scoring_as_the_readme_says(mlp, data, tmp_path):
+    """review155 F4 (documented, not changed): a path's checkpoint digest is its bytes, which orbax writes
+    anew on every save (timestamps, random file names); the README's workarounds are checked here: a byte
+    copy, the restored pytrees on both sides, or the record dropped from one side."""
+    import shutil
+
+    import tracin
+    from tracin.scoring import CheckpointMismatchError
+
+    x, y = data
+    saver = ocp.StandardCheckpointer()
+    for name in ("a", "b"):
+        saver.save(tmp_path / name, mlp.params[0])
+        saver.wait_until_finished()
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+
+    def sides(train_ckpt, test_ckpt):
+        train = export_gradients(mlp.loss_fn, [(train_ckpt, 1.0)], (x, y), progress=False)
+        return export_gradients(mlp.loss_fn, [(test_ckpt, 1.0)], (x[:4], y[:4]), progress=False), train
+
+    with pytest.raises(CheckpointMismatchError, match="saved again"):
+        tracin.scores(*sides(tmp_path / "a", tmp_path / "b"))
+    expected = tracin.scores(*sides(tmp_path / "a", tmp_path / "copy"))
+    restored = [saver.restore(tmp_path / name) for name in ("a", "b")]
+    np.testing.assert_array_equal(tracin.scores(*sides(*restored)), expected)
+    test, train = sides(tmp_path / "a", tmp_path / "b")
+    test.metadata.pop("checkpoint_sources")
+    np.testing.assert_array_equal(tracin.scores(test, train), expected)
