@@ -369,14 +369,11 @@ def _watch(watch: LossWatch | None, losses: Any, batch: Batch) -> None:
 class FullRows:
     """Per-example gradient rows (batch, d) of the selected parameters, in layout order.
 
-    __call__ returns a device array of `dtype`; rows past batch.count are padding. narrow=False keeps
-    the gradients' own dtype up to the cast to `dtype` (a float64 reference: no float32 range check).
+    __call__ returns a device array of `dtype`; rows past batch.count are padding.
     watch: given the per-example losses of each batch (LossWatch), if not None.
     """
 
-    def __init__(
-        self, loss_fn: LossFn, layout: ParamLayout, dtype: Any, narrow: bool = True, watch: LossWatch | None = None
-    ):
+    def __init__(self, loss_fn: LossFn, layout: ParamLayout, dtype: Any, watch: LossWatch | None = None):
         def build(loss: LossFn) -> Callable:
             one = jax.value_and_grad(_one_example_loss(loss, layout))
             per_example = jax.vmap(one, in_axes=(None, None, 0, 0))
@@ -384,12 +381,12 @@ class FullRows:
             def rows(selected, arrays, inputs, targets):
                 losses, grads = per_example(selected, arrays, inputs, targets)
                 flat = [g.reshape(g.shape[0], -1) for g in grads]
-                narrowed, beyond = _float32_rows(flat) if narrow else (flat, None)
+                narrowed, beyond = _float32_rows(flat)
                 return jnp.concatenate(narrowed, axis=1).astype(dtype), beyond, losses
 
             return rows
 
-        self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name, narrow), build)
+        self._rows = shared_jit((loss_fn,), ("rows", layout, jnp.dtype(dtype).name), build)
         self.watch = watch
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> jax.Array:
