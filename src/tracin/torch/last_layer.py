@@ -150,8 +150,8 @@ class LinearFactors:
         if bad:
             raise ValueError(
                 f"mode={self.mode!r}: the factors of {bad} disagree with per-example autograd on the first rows: "
-                "a weight also used outside its layer's forward, a forward hook changing a layer's output, or "
-                "a layer mixing the examples of a batch"
+                "a weight also used outside its layer's forward (in the model, or in loss_fn), a forward hook "
+                "changing a layer's output, or a layer or loss_fn mixing the examples of a batch"
                 + (" (the forward draws random numbers, e.g. dropout with training=True)" if random else "")
                 + autocast_note()
                 + f". Use mode='full' with layers={self._full_layers()!r}."

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.checkpoint import CheckpointError, CheckpointFunction
 
-from .data import Tree, call_model
+from .data import Tree, call_model, slice_rows, tree_map
 
 LossFn = Callable[[object, Tree], torch.Tensor]
 # torch.utils.checkpoint(use_reentrant=True) warns so when no input of the checkpointed block requires
@@ -190,7 +190,11 @@ def losses_of(
 ) -> torch.Tensor:
     """loss_fn(model(inputs) with `state`'s tensors, targets); a TypeError of the loss call explained when
     loss_fn's signature cannot take (outputs, targets) (loss_mismatch)."""
-    outputs = call_model(model_caller(model, state, tie_weights), inputs)
+    return _loss_call(loss_fn, call_model(model_caller(model, state, tie_weights), inputs), targets)
+
+
+def _loss_call(loss_fn: LossFn, outputs: object, targets: Tree) -> torch.Tensor:
+    """loss_fn(outputs, targets), a TypeError explained as losses_of does."""
     try:
         return loss_fn(outputs, targets)
     except TypeError as e:
@@ -233,8 +237,10 @@ def check_loss_on(
     model = _uncompiled(model)
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
-        losses = losses_of(model, {**state, **leaves}, loss_fn, inputs, targets)
+        outputs = call_model(model_caller(model, {**state, **leaves}), inputs)
+        losses = _loss_call(loss_fn, outputs, targets)
     check_losses(losses, rows)
+    _refuse_live_parameters(model, {**state, **leaves}, losses)
     if cut or cut.elsewhere:
         unreached = _unreached(losses, leaves)
         used = _used_without_grad(model, state, leaves, loss_fn, inputs, targets)
@@ -258,6 +264,125 @@ def check_loss_on(
             "detached from the model's outputs (.detach(), .item(), a NumPy round trip, torch.no_grad()), so "
             "every gradient would be zero. Compute the losses from the outputs with torch operations"
         )
+    _refuse_coupled(loss_fn, outputs, targets, losses.detach(), rows)
+
+
+def _refuse_live_parameters(model: nn.Module, called: Mapping[str, torch.Tensor], losses: torch.Tensor) -> None:
+    """ValueError when the losses depend on one of the model's own trainable parameters, as the model holds it (not
+    a tensor of `called`, the state the forward ran with): loss_fn reads it directly (the model returns hidden
+    states and loss_fn applies model.head, a weight penalty in loss_fn), or the forward reaches it other than as a
+    registered parameter. tracin swaps a checkpoint's tensors in for the forward only: such a loss sees the model's
+    current values, whose gradient is never taken, and every row would be silently wrong. One backward pass of the
+    checked rows, pruned to the paths reaching those parameters (none: no work)."""
+    given = {id(t) for t in called.values()}
+    live = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in given}
+    if not live or not losses.requires_grad:
+        return
+    try:
+        grads = torch.autograd.grad(losses.sum(), [p for _, p in live.values()], retain_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        refuse_checkpointing(e)
+        raise
+    read = [n for (n, _), g in zip(live.values(), grads, strict=True) if g is not None]
+    if read:
+        raise ValueError(
+            f"loss_fn reads the model's parameter{'s' if len(read) > 1 else ''} {_listed([repr(n) for n in read])} "
+            "directly, outside the model's forward: loss_fn applies a layer of the model to its outputs (e.g. "
+            "model.head(hidden)) or adds a weight penalty (e.g. model.fc.weight.pow(2).sum()). tracin runs the "
+            "forward with each checkpoint's tensors in place of the parameters and calls loss_fn after it, where "
+            "it sees the model's current values, whose gradients are not taken: every row would be wrong. Apply "
+            "the layer inside the model's forward (wrap the model and its head in one nn.Module returning what "
+            "loss_fn needs), and leave regularizers out of loss_fn: TracIn traces each example's own loss. (A "
+            "forward reaching the parameter other than through its module, e.g. a reference kept in a plain "
+            "list, is refused so too)"
+        )
+
+
+_COUPLING_ROWS = 4  # rows whose loss in the batch is compared with their loss alone (_refuse_coupled)
+_COUPLING_TOLERANCE = 1e-2  # |in batch - alone| over the larger |loss| (floor: 1e-3 of the rows' largest)
+
+
+def _refuse_coupled(loss_fn: LossFn, outputs: object, targets: Tree, losses: torch.Tensor, rows: int) -> None:
+    """ValueError when loss_fn's loss of one of the first _COUPLING_ROWS examples differs, given the same model
+    outputs, in the batch of `rows` (`losses`) and alone (loss_fn on that row of `outputs` and `targets`) by more
+    than _COUPLING_TOLERANCE of the larger |loss| (at least 1e-3 of the rows' largest) and still does in float64
+    (the outputs and targets as float64 copies: rounding of a loss that is a small difference of large terms
+    shrinks ~2e-9-fold, a coupling does not). Such a loss (centred or scaled by the batch, contrastive over it)
+    has no per-example gradient: its rows would be zero or of another loss. Not judged (nothing raised) for a
+    batch of one row, outputs with a tensor that is not (rows, ...) (sequence-first, a 0-d auxiliary loss), or
+    a loss_fn that fails on one row or in float64 (the export's other paths explain those), or one drawing random
+    numbers (_random_loss). Costs loss_fn calls only, no forward pass."""
+    flat, spec = tree_flatten(outputs)
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+    if rows < 2 or not tensors or any(t.dim() == 0 or t.shape[0] != rows for t in tensors):
+        return
+    found = _coupled_row(loss_fn, flat, spec, targets, losses, rows)
+    if found is None:
+        return
+    if all(t.dtype == torch.float64 for t in tensors + [losses] if t.is_floating_point()):
+        wide = found
+    else:
+        wide_flat = [_float64(t) if isinstance(t, torch.Tensor) else t for t in flat]
+        try:
+            wide_targets = tree_map(_float64, targets)
+            with torch.no_grad():
+                wide_losses = loss_fn(tree_unflatten(wide_flat, spec), wide_targets)
+        except Exception:
+            return
+        if not isinstance(wide_losses, torch.Tensor) or wide_losses.shape != (rows,):
+            return
+        wide = _coupled_row(loss_fn, wide_flat, spec, wide_targets, wide_losses, rows)
+    if wide is None or _random_loss(loss_fn, outputs, targets, losses):
+        return
+    row, mine, one, gap = wide
+    raise ValueError(
+        f"loss_fn's loss of one example depends on the other examples of its batch: given the same model outputs, "
+        f"row {row}'s loss is {mine:.6g} in a batch of {rows} rows and {one:.6g} alone (by {gap:.1e} of its size, "
+        f"tolerance {_COUPLING_TOLERANCE:.0e}, also in float64). A loss centred or scaled by the batch "
+        "(loss - loss.mean(), loss / len(batch)), contrastive over the batch (InfoNCE: softmax over the batch's "
+        "similarities) or weighted across it has no per-example gradient (a centred loss's rows are all zero). "
+        "loss_fn must return each example's own loss, computed from its own outputs and targets only"
+    )
+
+
+def _coupled_row(
+    loss_fn: LossFn, flat: list, spec: TreeSpec, targets: Tree, losses: torch.Tensor, rows: int
+) -> tuple[int, float, float, float] | None:
+    """(row, its loss in the batch, alone, their gap) of the first of the first _COUPLING_ROWS rows whose loss
+    alone (loss_fn on that row of the outputs `flat` (tree_flatten's leaves, of `spec`) and of `targets`) differs
+    from `losses[row]` (the batch's) beyond _COUPLING_TOLERANCE; None when all agree, or a loss alone cannot be
+    had (loss_fn fails on one row, returns no (1,) tensor, or a non-finite loss on one side only)."""
+    largest = losses[: min(rows, _COUPLING_ROWS)].detach().abs().nan_to_num(0, 0, 0).max().double()
+    for i in range(min(rows, _COUPLING_ROWS)):
+        one_row = [t[i : i + 1] if isinstance(t, torch.Tensor) else t for t in flat]
+        try:
+            with torch.no_grad():
+                alone = loss_fn(tree_unflatten(one_row, spec), slice_rows(targets, i, i + 1))
+        except Exception:
+            return None
+        if not isinstance(alone, torch.Tensor) or alone.numel() != 1:
+            return None
+        mine, one = losses[i].detach().double(), alone.detach().reshape(()).double().to(losses.device)
+        if mine == one or (mine.isnan() and one.isnan()):
+            continue
+        if not (mine.isfinite() and one.isfinite()):
+            return None
+        gap = ((mine - one).abs() / torch.stack([mine.abs(), one.abs(), 1e-3 * largest]).max()).item()
+        if gap > _COUPLING_TOLERANCE:
+            return i, mine.item() + 0.0, one.item() + 0.0, gap  # + 0.0: no -0 in the error
+    return None
+
+
+def _random_loss(loss_fn: LossFn, outputs: object, targets: Tree, losses: torch.Tensor) -> bool:
+    """Whether loss_fn gives other `losses` on the same outputs (it draws random numbers: a loss alone then differs
+    from run to run, whatever the batch)."""
+    with torch.no_grad():
+        again = loss_fn(outputs, targets)
+    return not (torch.equal(again.detach(), losses) or torch.allclose(again.detach(), losses, equal_nan=True))
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().double() if t.is_floating_point() else t
 
 
 class _Uncompiled(nn.Module):

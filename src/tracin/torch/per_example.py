@@ -588,8 +588,9 @@ class PerExampleGradients:
                 return None
             else:
                 _warn_leaving(
-                    "they disagree with per-example autograd on the first batch: a layer mixes the "
-                    "examples of a batch, or a parameter is also used outside its module's forward"
+                    "they disagree with per-example autograd on the first batch: a layer or loss_fn mixes the "
+                    "examples of a batch, or a parameter is also used outside its module's forward (by the model, "
+                    "or by loss_fn)"
                     + (", or a layer ran on one example at a time" if self.hooks.expanded else "")
                     + self._one_at_a_time_layers(out.shape[0])
                     + autocast_note()
