@@ -198,11 +198,25 @@ def test_cut_on_uneven_batch_edges(seed):
 
 
 @pytest.mark.parametrize(
+    ("sizes", "shards", "expected"),
+    [
+        ([1] * 50 + [50], 2, [(0, 50), (50, 100)]),  # 50 batches each side: (0, 25), (25, 100) in batches
+        ([64] * 10 + [8] * 80, 4, [(0, 320), (320, 640), (640, 960), (960, 1280)]),  # 736 rows first in batches
+        ([7, 33, 1, 49, 10], 3, [(0, 40), (40, 90), (90, 100)]),  # the edges nearest rows 33 and 67
+    ],
+)
+def test_cut_shares_uneven_batches_out_by_rows(sizes, shards, expected):
+    """A gap's parts hold near-equal rows (up to a batch), not near-equal batch counts."""
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    assert cut([(0, sum(sizes))], shards, sum(sizes), starts) == expected
+
+
+@pytest.mark.parametrize(
     "missing, shards, batch, expected",
     [
         ([(0, 3000)], 10_000, 256, [(a, min(a + 256, 3000)) for a in range(0, 3000, 256)]),
         ([(0, 3000)], 2, 256, [(0, 1536), (1536, 3000)]),  # 12 batches in 2 parts
-        ([(0, 100)], 3, 10, [(0, 30), (30, 60), (60, 100)]),  # 10 batches in 3 parts
+        ([(0, 100)], 3, 10, [(0, 30), (30, 70), (70, 100)]),  # 10 batches in 3 parts, by rows 33 and 67
         ([(5, 25), (40, 47)], 8, 10, [(5, 10), (10, 20), (20, 25), (40, 47)]),  # 4 batches touched
         ([(0, 10)], 4, 1, [(0, 2), (2, 5), (5, 7), (7, 10)]),  # batch not given: by rows, as before
         # batch [20, 30) holds rows of two gaps: one task computes it, writing rows 25-27 again (the same bytes)

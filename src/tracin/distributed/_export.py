@@ -356,14 +356,15 @@ def cut(
     `n_rows` rows, cut by by_rows in the data's batches, which begin at the rows `batch_starts`
     (sorted, from 0; None: a batch per row): no more ranges than the batches the missing rows touch,
     every range's ends on batch edges or gap edges (a task computes every batch its range touches
-    whole: a batch cut by two ranges would be computed twice), a batch two gaps touch in one range."""
+    whole: a batch cut by two ranges would be computed twice), a batch two gaps touch in one range,
+    a gap's ranges of near-equal rows (balanced())."""
     edges = range(n_rows + 1) if batch_starts is None else [*batch_starts, n_rows]  # batch u: [edges[u], edges[u + 1])
 
     def batch_of(row: int) -> int:
         return bisect.bisect_right(edges, row) - 1
 
     units = merge_ranges((batch_of(a), batch_of(b - 1) + 1) for a, b in missing)  # the batches each gap touches
-    ranges = by_rows(units, min(shards, sum(b - a for a, b in units)), len(edges) - 1)
+    ranges = balanced(by_rows(units, min(shards, sum(b - a for a, b in units)), len(edges) - 1), edges)
     starts, ends = [a for a, _ in missing], [b for _, b in missing]
 
     def rows(u0: int, u1: int) -> tuple[int, int]:  # batches [u0, u1) to the missing rows in them, and between
@@ -371,6 +372,31 @@ def cut(
         return max(starts[first], edges[u0]), min(ends[last], edges[u1])
 
     return [rows(u0, u1) for u0, u1 in ranges]
+
+
+def balanced(ranges: list[tuple[int, int]], edges: Sequence[int]) -> list[tuple[int, int]]:
+    """`ranges` of batches (by_rows' parts, in order) with each run of adjacent ones (the parts of one
+    gap, near-equal in batches) cut again into as many parts, each of at least one batch, of near-equal
+    rows (`edges`: batch u holds rows [edges[u], edges[u + 1])): batches of uneven sizes are shared out
+    by their rows."""
+    out: list[tuple[int, int]] = []
+    i = 0
+    while i < len(ranges):
+        j = i + 1
+        while j < len(ranges) and ranges[j][0] == ranges[j - 1][1]:
+            j += 1
+        u0, u1, k = ranges[i][0], ranges[j - 1][1], j - i
+        cuts = [u0]
+        for p in range(1, k):  # the edge nearest the p-th k-th of the run's rows
+            target = edges[u0] + p * (edges[u1] - edges[u0]) / k
+            u = bisect.bisect_left(edges, target, u0, u1)
+            if target - edges[u - 1] <= edges[u] - target:
+                u -= 1
+            cuts.append(min(max(u, cuts[-1] + 1), u1 - (k - p)))
+        cuts.append(u1)
+        out += zip(cuts[:-1], cuts[1:], strict=True)
+        i = j
+    return out
 
 
 def by_rows(missing: list[tuple[int, int]], shards: int, n_rows: int) -> list[tuple[int, int]]:
