@@ -488,11 +488,13 @@ class LastLayer:
         `batch` first if it was not yet."""
         self.orient(batch)
         probe = np.array([0, batch.count - 1], np.int32)
-        factors, beyond, losses, probed = self._factors(selected, arrays, batch.inputs, batch.targets, probe)
+        rtol = np.inf if self._rtol is None else self._rtol
+        factors, beyond, losses, probed = self._factors(selected, arrays, batch.inputs, batch.targets, probe, rtol)
         _check_float32_range(beyond, batch.count)
         _watch(self.watch, losses, batch)
-        if self._rtol is not None:
-            self._verify(probed, batch, probe)
+        probed = np.asarray(probed, np.float64)  # one transfer: [fits, then _probed's norms]
+        if not probed[0]:
+            self._refuse(probed[1:].reshape(-1, len(probe)), batch, probe)
         return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
@@ -526,19 +528,15 @@ class LastLayer:
         stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
         self._rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
 
-    def _verify(self, probed: Any, batch: Batch, probe: np.ndarray) -> None:
-        """Raises LayerInputError when, on a probed row, the kernel gradient differs from dL/dy (x) layer_input
-        by more than the tolerance in every orientation the kernel may have (rows whose values are not
-        finite are left to the other checks: scoring refuses NaN rows)."""
-        probed = np.asarray(probed, np.float64)  # one transfer: (2 + orientations, probed rows)
-        gnorm, onorm, residuals = probed[0], probed[1], probed[2:]
-        with np.errstate(invalid="ignore"):
+    def _refuse(self, norms: np.ndarray, batch: Batch, probe: np.ndarray) -> None:
+        """Raises LayerInputError naming the first probed row whose kernel gradient differs from dL/dy (x)
+        layer_input by more than the tolerance in every orientation the kernel may have. norms: _probed's
+        (2 + orientations, probed rows)."""
+        gnorm, onorm, residuals = norms[0], norms[1], norms[2:]
+        with np.errstate(invalid="ignore", divide="ignore"):
             bound = self._rtol * (gnorm + 1e-30) + 1e-6 * onorm
             finite = np.isfinite(gnorm) & np.isfinite(onorm) & np.isfinite(residuals).all(axis=0)
-            fits = [np.all((r <= bound) | ~finite) for r in residuals]
-        if any(fits):
-            return
-        rel = residuals.min(axis=0) / (gnorm + 1e-30)
+            rel = residuals.min(axis=0) / (gnorm + 1e-30)
         bad = np.flatnonzero(finite & (residuals.min(axis=0) > bound))
         worst = int(bad[0]) if bad.size else 0  # else each row fits another orientation of a square kernel
         row = batch.start + int(probe[worst])
@@ -567,7 +565,7 @@ class LastLayer:
 
 
 class LayerInputError(ValueError):
-    """layer_input's values are not the last layer's input on a checked row (LastLayer._verify)."""
+    """layer_input's values are not the last layer's input on a checked row (LastLayer._refuse)."""
 
 
 def _avals(tree: Any, strip: int = 0) -> Any:
@@ -595,17 +593,18 @@ def _bias_factors(layout: ParamLayout) -> Callable[..., Callable]:
 
 
 def _probed(build: Callable[..., Callable], layout: ParamLayout, kernel: ParamLayout, sides: tuple) -> Callable:
-    """shared_jit's build of factors (`build`, of `layout`) that also give, for the rows `probe` (indices
-    into the batch), one array: the norms of the kernel's per-example gradient (`kernel`: its layout), of
-    the outer product of the factors and of their difference in each orientation `sides` ("px": a (p, q)
-    kernel, "xp": (q, p)), shape (2 + len(sides), rows): LastLayer's check of layer_input, in the same
-    compiled call."""
+    """shared_jit's build of factors (`build`, of `layout`) that also check them on the rows `probe` (indices
+    into the batch), in the same compiled call: it gives the vector [fits, then the norms of the kernel's
+    per-example gradient (`kernel`: its layout), of the outer product of the factors and of their difference
+    in each orientation `sides` ("px": a (p, q) kernel, "xp": (q, p)), row-major (2 + len(sides), rows)];
+    fits: 1.0 when in one orientation every probed row's difference is within `rtol` of the gradient's norm
+    (+ 1e-6 of the product's), or not finite (left to the checks of non-finite rows), else 0.0."""
 
     def probed_build(loss: LossFn, inputs_of: Callable) -> Callable:
         factors = build(loss, inputs_of)
         kernel_grad = jax.vmap(jax.grad(_one_example_loss(loss, kernel)), in_axes=(None, None, 0, 0))
 
-        def run(selected, arrays, inputs, targets, probe):
+        def run(selected, arrays, inputs, targets, probe, rtol):
             (left, right), beyond, losses = factors(selected, arrays, inputs, targets)
             rows = jax.tree_util.tree_map(lambda a: a[probe], (inputs, targets))
             grad = kernel_grad(*kernel.split(layout.merge(selected, arrays)), *rows)[0]
@@ -614,13 +613,11 @@ def _probed(build: Callable[..., Callable], layout: ParamLayout, kernel: ParamLa
             d, x = left[probe].astype(wide), right[probe][:, : grad.shape[1] // left.shape[1]].astype(wide)
             outer = {"px": lambda: d[:, :, None] * x[:, None, :], "xp": lambda: x[:, :, None] * d[:, None, :]}
             residuals = jnp.stack([jnp.linalg.norm(grad - outer[s]().reshape(grad.shape), axis=1) for s in sides])
-            norms = jnp.linalg.norm(d, axis=1) * jnp.linalg.norm(x, axis=1)
-            return (
-                (left, right),
-                beyond,
-                losses,
-                jnp.concatenate([jnp.linalg.norm(grad, axis=1)[None], norms[None], residuals]),
-            )
+            gnorm, onorm = jnp.linalg.norm(grad, axis=1), jnp.linalg.norm(d, axis=1) * jnp.linalg.norm(x, axis=1)
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(onorm) & jnp.isfinite(residuals).all(axis=0)
+            within = (residuals <= rtol * (gnorm + 1e-30) + 1e-6 * onorm) | ~finite
+            fits = within.all(axis=1).any().astype(wide)
+            return (left, right), beyond, losses, jnp.concatenate([fits[None], gnorm, onorm, residuals.reshape(-1)])
 
         return run
 
