@@ -141,6 +141,23 @@ def test_losses_reading_only_the_outputs_are_not_refused():
     assert _relerr(got, _reference(model, state, ids, y, CE)) < 1e-5
 
 
+class TiedHidden(TiedLM):
+    def forward(self, ids):
+        return torch.tanh(self.frozen(self.emb(ids).mean(1)) + self.shift)
+
+
+def test_a_tied_head_applied_in_loss_fn_is_named_under_both_names():
+    model = TiedHidden()
+    g = torch.Generator().manual_seed(3)
+    ids, y = torch.randint(0, 7, (4, 5), generator=g), torch.randint(0, 7, (4,), generator=g)
+
+    def loss(hidden, targets):
+        return CE(model.head(hidden), targets)
+
+    with pytest.raises(ValueError, match=r"parameter 'emb.weight' \(also 'head.weight'\) directly"):
+        export_gradients(model, [(model.state_dict(), 1.0)], (ids, y), loss, progress=False)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_takes_a_correct_loss_on_a_checkpoint_other_than_the_live_weights(mode):
     torch.manual_seed(0)

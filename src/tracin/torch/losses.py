@@ -275,18 +275,21 @@ def _refuse_live_parameters(model: nn.Module, called: Mapping[str, torch.Tensor]
     current values, whose gradient is never taken, and every row would be silently wrong. One backward pass of the
     checked rows, pruned to the paths reaching those parameters (none: no work)."""
     given = {id(t) for t in called.values()}
-    live = {id(p): (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in given}
+    live = {id(p): p for p in model.parameters() if p.requires_grad and id(p) not in given}
     if not live or not losses.requires_grad:
         return
     try:
-        grads = torch.autograd.grad(losses.sum(), [p for _, p in live.values()], retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), list(live.values()), retain_graph=True, allow_unused=True)
     except RuntimeError as e:
         refuse_checkpointing(e)
         raise
-    read = [n for (n, _), g in zip(live.values(), grads, strict=True) if g is not None]
+    aliases: dict[int, list[str]] = {}  # a tied parameter's every name: loss_fn may read it under its second
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    read = [_named(aliases[i]) for i, g in zip(live, grads, strict=True) if g is not None]
     if read:
         raise ValueError(
-            f"loss_fn reads the model's parameter{'s' if len(read) > 1 else ''} {_listed([repr(n) for n in read])} "
+            f"loss_fn reads the model's parameter{'s' if len(read) > 1 else ''} {_listed(read)} "
             "directly, outside the model's forward: loss_fn applies a layer of the model to its outputs (e.g. "
             "model.head(hidden)) or adds a weight penalty (e.g. model.fc.weight.pow(2).sum()). tracin runs the "
             "forward with each checkpoint's tensors in place of the parameters and calls loss_fn after it, where "
@@ -296,6 +299,11 @@ def _refuse_live_parameters(model: nn.Module, called: Mapping[str, torch.Tensor]
             "forward reaching the parameter other than through its module, e.g. a reference kept in a plain "
             "list, is refused so too)"
         )
+
+
+def _named(names: list[str]) -> str:
+    """A parameter's names quoted: 'a', or 'a' (also 'b') for a tied one."""
+    return repr(names[0]) + (f" (also {', '.join(map(repr, names[1:]))})" if len(names) > 1 else "")
 
 
 _COUPLING_ROWS = 4  # rows whose loss in the batch is compared with their loss alone (_refuse_coupled)
