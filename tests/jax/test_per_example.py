@@ -202,7 +202,8 @@ def test_a_bias_free_last_layer_needs_its_kernel_in_one_dot_general(mlp, data, m
     [
         (
             lambda p, x: x[:, :3] @ jnp.ones((3, 8)),
-            r"does not return the input of l2/kernel at checkpoint 0, row 0 of the data .*: its per-example",
+            r"input of l2/kernel at checkpoint 0, row 0 of the data \(every row is checked.*: layer_input differs "
+            "from the input its dot_general gets by",
         ),
         (lambda p, x: jnp.tanh(x @ p["l1"]["kernel"]), "does not return the input of l2/kernel"),  # no b1
         (lambda p, x: x, r"must return the \(batch, 8\) input of l2/kernel, got shape \(64, 5\)"),
@@ -518,7 +519,7 @@ def _rows_after_4_doubled(mlp):
 def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, data, bias):
     """review155 F1: the check ran on 4 rows of the first batch only; a layer_input wrong from row 4 on
     (batch_size=4) was exported, its factors scoring 2.5-4x the full rows. Every batch's first and last
-    rows are checked."""
+    rows are checked (with a bias), every row (without: against the input tapped at the kernel's product)."""
     x, y = data
     x = np.c_[x, np.arange(len(x)) >= 4].astype(np.float32)
     params, loss = (mlp.params[0], mlp.loss_fn) if bias else _bias_free_head(mlp)
@@ -528,13 +529,17 @@ def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, dat
         ValueError, match=r"^layer_input\(params, inputs\) does not return the input of l2/kernel at "
     ) as e:
         export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), batch_size=4, **kw)
-    assert "at checkpoint 0, row 4 of the data (the first and last rows of every batch are checked; " in str(e.value)
-    assert "this batch holds rows 4 to 7)" in str(e.value)
-    assert re.search(
-        r"differs from dL/d\(output\) \(x\) layer_input by [0-9.]+ of its norm \(allowed: 0.0001\)", str(e.value)
+    checked = "the first and last rows of every batch are" if bias else "every row is"
+    assert f"at checkpoint 0, row 4 of the data ({checked} checked; this batch holds rows 4 to 7)" in str(e.value)
+    differs = (
+        r"layer_input gives dL/d\(output\) \(x\) layer_input, which differs from the kernel's per-example gradient"
+        if bias
+        else "layer_input differs from the input its dot_general gets"
     )
-    # within the first batch too: its last row (63) is checked
-    with pytest.raises(ValueError, match=r"at checkpoint 0, row 63 of the data .*holds rows 0 to 63\)"):
+    assert re.search(differs + r" by [0-9.]+ of its norm \(allowed: 0.0001\)", str(e.value)), str(e.value)
+    # within the first batch too: its last row (63) with a bias, every row (the first wrong one, 4) without
+    first = 63 if bias else 4
+    with pytest.raises(ValueError, match=rf"at checkpoint 0, row {first} of the data .*holds rows 0 to 63\)"):
         export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), **kw)
     right = lambda p, i: mlp.hidden(p, i[:, :5])  # noqa: E731
     got = export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=right, batch_size=4, **kw)

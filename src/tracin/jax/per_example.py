@@ -476,32 +476,34 @@ class LastLayer:
         self.p, self.q = (cols, rows) if site.contract == 0 else (rows, cols)
         key = ("last_layer", self.layout, "bias-free", self.contract)
         build = _tapped_factors(self.layout, self.kernel_path, self.kernel_shape, self.contract)
-        sides = ("xp",) if self.contract == 0 else ("px",)  # x K: the kernel is (q, p); K x: (p, q)
-        self._factors = shared_jit(
-            (self._loss_fn, self._layer_input), key, _probed(build, self.layout, self._kernel_layout, sides)
-        )
+        self._factors = shared_jit((self._loss_fn, self._layer_input), key, build)
 
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
-        float32's range, and a LayerInputError when the factors of the batch's first or last row are not its
-        kernel gradient (once check_layer_input has set the tolerance). A bias-free layer is oriented by
-        `batch` first if it was not yet."""
+        float32's range, and a LayerInputError when layer_input is not the layer's input (once check_layer_input
+        has set the tolerance): on the batch's first and last rows, the kernel's gradient is not dL/dy (x)
+        layer_input (_probed); without a bias, on any row, layer_input is not the input tapped at the kernel's
+        dot_general (_tapped_factors). A bias-free layer is oriented by `batch` first if it was not yet."""
         self.orient(batch)
         probe = np.array([0, batch.count - 1], np.int32)
         rtol = np.inf if self._rtol is None else self._rtol
         factors, beyond, losses, probed = self._factors(selected, arrays, batch.inputs, batch.targets, probe, rtol)
         _check_float32_range(beyond, batch.count)
         _watch(self.watch, losses, batch)
-        probed = np.asarray(probed, np.float64)  # one transfer: [fits, then _probed's norms]
+        probed = np.asarray(probed, np.float64)  # one transfer: [fits, then _probed's norms or each row's error]
+        if not probed[0] and self.bias_path is None:
+            row = int(np.argmax(probed[1:] > self._rtol))
+            self._refuse(batch, row, probed[1 + row], "differs from the input its dot_general gets by")
         if not probed[0]:
-            self._refuse(probed[1:].reshape(-1, len(probe)), batch, probe)
+            self._refuse_probed(probed[1:].reshape(-1, len(probe)), batch, probe)
         return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
         """Raises ValueError unless layer_input runs on `batch` and returns floating (batch, q) values, and sets
-        the tolerance to which every batch's factors are then checked (__call__): on the first and last rows
-        of each batch, at every checkpoint, the kernel's per-example gradient (computed with the factors, in
-        the same compiled call) must equal dL/dy (x) layer_input to 1e-4 relative or 8 eps of the coarsest
+        the tolerance to which every batch's factors are then checked (__call__), at every checkpoint: on the
+        first and last rows of each batch, the kernel's per-example gradient (computed with the factors, in
+        the same compiled call) must equal dL/dy (x) layer_input (without a bias: on every row, layer_input
+        must equal the input the kernel's dot_general gets) to 1e-4 relative or 8 eps of the coarsest
         dtype the loss computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products),
         the kernel is stored in or layer_input returns. Run once per export, on its first batch."""
         self.orient(batch)
@@ -528,10 +530,10 @@ class LastLayer:
         stored = [float(jnp.finfo(a.dtype).eps) for a in karrs if jnp.issubdtype(a.dtype, jnp.floating)]
         self._rtol = min(max(1e-4, 8 * max(eps, float(jnp.finfo(x.dtype).eps), *stored)), _RTOL_CAP)
 
-    def _refuse(self, norms: np.ndarray, batch: Batch, probe: np.ndarray) -> None:
-        """Raises LayerInputError naming the first probed row whose kernel gradient differs from dL/dy (x)
-        layer_input by more than the tolerance in every orientation the kernel may have. norms: _probed's
-        (2 + orientations, probed rows)."""
+    def _refuse_probed(self, norms: np.ndarray, batch: Batch, probe: np.ndarray) -> None:
+        """_refuse naming the first probed row whose kernel gradient differs from dL/dy (x) layer_input by
+        more than the tolerance in every orientation the kernel may have. norms: _probed's (2 +
+        orientations, probed rows)."""
         gnorm, onorm, residuals = norms[0], norms[1], norms[2:]
         with np.errstate(invalid="ignore", divide="ignore"):
             bound = self._rtol * (gnorm + 1e-30) + 1e-6 * onorm
@@ -539,23 +541,25 @@ class LastLayer:
             rel = residuals.min(axis=0) / (gnorm + 1e-30)
         bad = np.flatnonzero(finite & (residuals.min(axis=0) > bound))
         worst = int(bad[0]) if bad.size else 0  # else each row fits another orientation of a square kernel
-        row = batch.start + int(probe[worst])
+        what = "gives dL/d(output) (x) layer_input, which differs from the kernel's per-example gradient by"
+        self._refuse(batch, int(probe[worst]), rel[worst], what)
+
+    def _refuse(self, batch: Batch, row: int, rel: float, what: str) -> None:
+        """Raises LayerInputError naming the checkpoint, the data's row (`row` of `batch`) and the relative
+        difference `rel` (`what` says of what)."""
+        checked = "every row is" if self.bias_path is None else "the first and last rows of every batch are"
         where = (
-            f"at checkpoint {self.checkpoint}, row {row} of the data (the first and last rows of every batch are "
-            f"checked; this batch holds rows {batch.start} to {batch.start + batch.count - 1})"
+            f"at checkpoint {self.checkpoint}, row {batch.start + row} of the data ({checked} checked; this "
+            f"batch holds rows {batch.start} to {batch.start + batch.count - 1})"
         )
-        differs = (
-            f"its per-example gradient differs from dL/d(output) (x) layer_input by {rel[worst]:.3g} of its norm "
-            f"(allowed: {self._rtol:.3g})"
-        )
+        differs = f"layer_input {what} {rel:.3g} of its norm (allowed: {self._rtol:.3g})"
         hint = (
             "; layer_input must compute from its params argument (not a checkpoint's params it closes over) and "
             "treat every row as the loss does (the same padding mask)"
         )
         if self.bias_path is None:
             raise LayerInputError(
-                f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}: {differs}, "
-                f"dL/d(output) read at its one dot_general{hint}"
+                f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}: {differs}{hint}"
             )
         raise LayerInputError(
             f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}, or the loss uses "
@@ -659,11 +663,13 @@ def _kernel_site(
 def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int) -> Callable[..., Callable]:
     """shared_jit's build of a bias-free layer (layout: the kernel, met by x on its axis `contract`): left =
     the gradient of a zero added to the output of the kernel's dot_general, per example (the jaxpr traced
-    for the batch's shapes), right = layer_input."""
+    for the batch's shapes), right = layer_input, and the check of layer_input on every real row (up to
+    probe[1]): the vector [fits, then per row |layer_input - x| / |x|], x the kernel's dot_general's input
+    read at that tap; fits 1.0 when every finite one is within `rtol`."""
     from .jaxpr_taps import run_tapped
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
-        def factors(selected, arrays, inputs, targets):
+        def factors(selected, arrays, inputs, targets, probe, rtol):
             example = _avals((inputs, targets), strip=1)
             closed, site = _kernel_site(loss, layout, _avals(selected), _avals(arrays), example, path, shape)
             if site.contract != contract:
@@ -675,15 +681,22 @@ def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int)
             def one(x, y):
                 def loss_at(perturb):
                     args = jax.tree_util.tree_leaves((selected, arrays, x, y))
-                    return run_tapped(closed, {0: site}, args, {0: perturb})[0][0]
+                    outs, acts = run_tapped(closed, {0: site}, args, {0: perturb})
+                    return outs[0], acts[0]
 
-                value, grad = jax.value_and_grad(loss_at)(jnp.zeros(site.out_shape, site.out_dtype))
-                return value, grad.reshape(-1)
+                zero = jnp.zeros(site.out_shape, site.out_dtype)
+                (value, tapped), grad = jax.value_and_grad(loss_at, has_aux=True)(zero)
+                return value, grad.reshape(-1), tapped.reshape(-1)
 
-            losses, left = jax.vmap(one)(inputs, targets)
+            losses, left, tapped = jax.vmap(one)(inputs, targets)
             x = inputs_of(layout.merge(selected, arrays), inputs)
+            wide = jnp.result_type(jnp.float32, x.dtype, tapped.dtype)
+            norm = jnp.linalg.norm(tapped.astype(wide), axis=1)
+            rel = jnp.linalg.norm(x.astype(wide) - tapped.astype(wide), axis=1) / (norm + 1e-30)
+            real = jnp.arange(rel.shape[0]) <= probe[1]  # the batch's real rows (probe: its first and last)
+            fits = jnp.all((rel <= rtol) | ~jnp.isfinite(rel) | ~real).astype(wide)
             (left, x), beyond = _float32_rows([left, x])
-            return (left, x), beyond, losses
+            return (left, x), beyond, losses, jnp.concatenate([fits[None], jnp.where(real, rel, 0.0)])
 
         return factors
 
