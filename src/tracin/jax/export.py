@@ -111,12 +111,12 @@ def export_gradients(
         as tracin.torch factors a bias-free nn.Linear; its dL/d(output) is read exactly at the one
         dot_general using the kernel (x @ K, x @ K.T: which side x meets gives p and q), one output row
         per example; a kernel used otherwise (twice, inside scan / while / cond, per token) is a ValueError
-        saying how. layer_input is checked on the first and last rows of every batch at every checkpoint:
-        there the kernel's per-example gradient, computed with the factors, must be dL/d(output) (x)
-        layer_input (to 1e-4 relative, or 8 eps of a coarser dtype computed in), else a ValueError names
-        the checkpoint, the row and the relative difference (a layer_input ignoring the padding mask the
-        loss applies, or closing over one checkpoint's params instead of its argument); rows between them
-        are not checked.
+        saying how. layer_input is checked at every checkpoint, with the factors: without a bias on every
+        row, against the input the kernel's dot_general gets; with a bias on the first and last rows of
+        every batch, where the kernel's per-example gradient must be dL/d(output) (x) layer_input (rows
+        between them are not checked); to 1e-4 relative, or 8 eps of a coarser dtype computed in, else a
+        ValueError names the checkpoint, the row and the relative difference (a layer_input ignoring the
+        padding mask the loss applies, or closing over one checkpoint's params instead of its argument).
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax
