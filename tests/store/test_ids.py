@@ -243,3 +243,62 @@ def test_string_ids_ending_in_nul_are_refused_at_create_naming_the_row(tmp_path)
     w = tracin.GradientStore.create(tmp_path / "kept", 4, [2], ids=ids)
     w.write(0, 0, np.ones((4, 2), np.float32))
     assert w.finalize().ids.tolist() == ids
+
+
+@pytest.mark.parametrize(
+    "ids, said",
+    [
+        ([10, "b", 12], r"not a mix: ids\[0\] = 10 is an int but ids\[1\] = 'b' is a str"),
+        (["a", "b", np.int64(3)], r"not a mix: ids\[0\] = 'a' is a str but ids\[2\] = .*3.* is an int"),
+        ([1.5, "b", True], r"ids\[0\] = 1\.5 is of type float"),
+        (["a", "b", True], r"ids\[2\] = True is of type bool"),
+        ([1, True, 3], r"ids\[1\] = True is of type bool"),  # NumPy makes it an int64 array
+        ([1, 2, np.float32(3)], r"ids\[2\] = .*3.* is of type float32"),
+        (["a", None, "c"], r"ids\[1\] = None is of type NoneType"),
+        ([b"a", b"b", b"c"], r"ids\[0\] = b'a' is of type bytes"),
+    ],
+)
+def test_ids_mixing_types_or_not_int_or_str_are_refused_naming_the_first_offender(tmp_path, ids, said):
+    """review165 F1: NumPy made [10, "b", 12] strings, and floats and bools mixed with a str slipped through."""
+    accepted = r"ids must be all integers \(int64, or uint64 if none is negative\) or all strings"
+    with pytest.raises(TypeError, match=rf"^{accepted}.*{said}$"):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2], ids=ids)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "ids, said",
+    [
+        ([2**64, 1, 2], r"ids\[0\] = 18446744073709551616 does not fit in uint64 \(at most 2\*\*64 - 1\)"),
+        ([1, -(2**63) - 1, 2], r"ids\[1\] = -9223372036854775809 does not fit in int64$"),
+        ([1, 2**63, -1], r"ids\[1\] = 9223372036854775808 does not fit in int64, and ids\[2\] = -1 rules out uint64"),
+        ([1, 2, 10**2000], r"ids\[2\] = an integer of 6644 bits does not fit in uint64"),
+    ],
+)
+def test_int_ids_beyond_int64_and_uint64_are_refused_naming_the_first(tmp_path, ids, said):
+    """review165 F2: they were refused as "got dtype float64" (or object), though the user gave ints."""
+    with pytest.raises(
+        ValueError, match=rf"^ids must be all integers \(int64, or uint64 if none is negative\).*{said}"
+    ):
+        tracin.GradientStore.create(tmp_path / "s", 3, [2], ids=ids)
+
+
+@pytest.mark.parametrize(
+    "ids, dtype",
+    [
+        ([10, 11, 12], np.int64),
+        ((-1, np.int32(5), np.uint8(7)), np.int64),
+        (range(3), np.int64),
+        ([2**63, 0, 2**64 - 1], np.uint64),  # beyond int64, none negative: NumPy gave float64
+        ([np.array(4), np.array(5), np.array(6)], np.int64),  # 0-d arrays
+        (["a", np.str_("b"), "c"], np.str_),
+        (np.array([7, 8, 9], np.uint32), np.uint32),
+        (np.array(["x", "y", "z"]), np.str_),
+    ],
+)
+def test_homogeneous_int_or_str_ids_round_trip(tmp_path, ids, dtype):
+    w = tracin.GradientStore.create(tmp_path / "s", 3, [2], ids=ids)
+    w.write(0, 0, np.ones((3, 2), np.float32))
+    got = w.finalize().ids
+    assert got.dtype.type is dtype
+    assert got.tolist() == [x.item() if isinstance(x, np.ndarray) else x for x in ids]

@@ -190,7 +190,7 @@ def test_one_writer_at_a_time(tmp_path):
         ((3, [2, 3], [1.0]), {}, ValueError, "weights: expected one per checkpoint"),
         ((3, [2], None, "float64"), {}, ValueError, "dtype must be 'float32', 'float16' or 'bfloat16'"),
         ((3, [2]), {"ids": [1, 2]}, ValueError, "ids must be a 1-D sequence of 3 entries"),
-        ((3, [2]), {"ids": [1.5, 2, 3]}, TypeError, "ids must be integers or strings"),
+        ((3, [2]), {"ids": [1.5, 2, 3]}, TypeError, r"ids must be all integers .* or all strings: ids\[0\] = 1\.5"),
         ((3, [2]), {"metadata": {"x": object()}}, TypeError, r"metadata: the value at \['x'\] is of type object"),
         ((3, [2]), {"metadata": [1]}, TypeError, "metadata must be a dict"),
     ],

@@ -408,8 +408,10 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
     arr = np.asarray(ids)
     if arr.ndim != 1 or arr.shape[0] != n_rows:
         raise ValueError(f"ids must be a 1-D sequence of {n_rows} entries (one per row), got shape {arr.shape}")
+    if not hasattr(ids, "dtype"):  # Python objects: NumPy would make a mix of them strings, or ints floats
+        arr = _id_values(ids, arr)
     if arr.dtype.kind not in "iuU":
-        raise TypeError(f"ids must be integers or strings, got dtype {arr.dtype}")
+        raise TypeError(f"ids must be all integers or all strings, got dtype {arr.dtype}")
     if arr.dtype.kind == "U" and not isinstance(ids, np.ndarray):  # an array's strings have lost theirs
         for row, x in enumerate(ids):
             if isinstance(x, str) and x.endswith("\x00"):
@@ -420,6 +422,50 @@ def _check_ids(ids: Any, n_rows: int) -> np.ndarray | None:
     if (bad := unencodable_id(arr)) is not None:
         raise ValueError(f"{bad}: give ids as valid text")
     return arr
+
+
+def _id_values(ids: Sequence, arr: np.ndarray) -> np.ndarray:
+    """`arr` (np.asarray(ids), 1-D) checked against the elements of `ids`: all int (int64, or uint64
+    when none is negative) or all str, else a TypeError / ValueError naming the first that is not."""
+    accepted = "ids must be all integers (int64, or uint64 if none is negative) or all strings"
+    kinds = {_id_kind(t) for t in set(map(type, ids))}  # the types first: a loop over rows is slow
+    if len(kinds) != 1 or None in kinds:
+        first = None
+        for row, x in enumerate(ids):
+            zero_d = getattr(x, "ndim", None) == 0 and hasattr(x, "item")  # a 0-d array or tensor
+            kind = _id_kind(type(x.item() if zero_d else x))
+            if kind is None:
+                raise TypeError(f"{accepted}: ids[{row}] = {short(x)} is of type {type(x).__name__}")
+            if first is None:
+                first = (kind, short(x))
+            elif kind != first[0]:
+                raise TypeError(
+                    f"{accepted}, not a mix: ids[0] = {first[1]} is {first[0]} but ids[{row}] = {short(x)} is {kind}"
+                )
+        kinds = {first[0]} if first is not None else set()
+    if kinds != {"an int"} or arr.dtype.kind in "iu":
+        return arr
+    values = [int(x) for x in ids]  # some beyond int64: NumPy gave float64 or object
+    if min(values) >= 0:
+        big = next((row for row, v in enumerate(values) if v >= 2**64), None)
+        if big is None:
+            return np.array(values, dtype=np.uint64)
+        raise ValueError(f"{accepted}: ids[{big}] = {short(values[big])} does not fit in uint64 (at most 2**64 - 1)")
+    big = next(row for row, v in enumerate(values) if not -(2**63) <= v < 2**63)
+    negative = next(row for row, v in enumerate(values) if v < 0)
+    raise ValueError(
+        f"{accepted}: ids[{big}] = {short(values[big])} does not fit in int64"
+        + (f", and ids[{negative}] = {values[negative]} rules out uint64" if values[big] >= 0 else "")
+    )
+
+
+def _id_kind(t: type) -> str | None:
+    """ "a str" or "an int" (not a bool) for an id of type `t`, else None."""
+    if issubclass(t, str):
+        return "a str"
+    if issubclass(t, numbers.Integral) and not issubclass(t, (bool, np.bool_)):
+        return "an int"
+    return None
 
 
 def _resumable(root: Path, wanted: Manifest, ids: np.ndarray | None, advice: str) -> Manifest:
