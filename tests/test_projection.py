@@ -1262,6 +1262,30 @@ def test_apply_store_is_checked_by_scoring_and_refuses_a_mix(tmp_path, rng):
         tracin.Projection(8).apply_store(partial, tmp_path / "e")
 
 
+def test_apply_store_of_an_unfinished_source_names_the_rows_written_however_it_was_opened(tmp_path, rng):
+    """review165 F4: the error said "opened with allow_partial=True" for a path or a store opened without it."""
+    rows = rng.standard_normal((6, 30)).astype(np.float32)
+    writer = tracin.GradientStore.create(tmp_path / "src", 6, [30])
+    writer.write(0, 0, rows[:3])
+    writer.close()
+    said = r"is unfinished \(rows written per checkpoint: \[3\] of 6\): finish writing it first$"
+    for source in (
+        tmp_path / "src",
+        tracin.GradientStore.open(tmp_path / "src"),
+        tracin.GradientStore.open(tmp_path / "src", allow_partial=True),
+    ):
+        with pytest.raises(ValueError, match=said) as refused:
+            tracin.Projection(8).apply_store(source, tmp_path / "out")
+        assert "opened with" not in str(refused.value)
+    with tracin.GradientStore.create(tmp_path / "src", 6, [30]) as writer:  # every row, but not finalized
+        writer.write(0, 3, rows[3:])
+    with pytest.raises(
+        ValueError, match=r"every row is written .*\[6\] of 6.*GradientStore\.create\(.*\)\.finalize\(\)"
+    ):
+        tracin.Projection(8).apply_store(tmp_path / "src", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_apply_store_per_layer_and_factored(tmp_path, rng):
     rows = [rng.standard_normal((9, 30)).astype(np.float32)]
     params = [{"name": "w", "shape": [4, 6]}, {"name": "b", "shape": [6]}]

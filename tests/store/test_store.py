@@ -73,6 +73,26 @@ def test_an_unfinished_store_is_refused_unless_partial_use_is_asked_for(tmp_path
     assert partial.n_rows == 4
 
 
+def test_a_store_with_every_row_written_but_not_finalized_is_refused_naming_finalize(tmp_path):
+    """review165 F3: leaving the writer's `with` block closes it without finalizing, and the error then said
+    "[4] of 4 ... finish writing it", not what was left to do."""
+    blocks = random_blocks(4, [3, 2], "float32", False)
+    with tracin.GradientStore.create(tmp_path / "s", 4, [3, 2], W) as w:
+        w.write(0, 0, blocks[0])
+        w.write(1, 0, blocks[1])
+        assert w.complete
+    store = tracin.GradientStore.open(tmp_path / "s")
+    assert not store.complete
+    with pytest.raises(ValueError, match="unfinished") as refused:
+        tracin.self_influence(store)
+    said = str(refused.value)
+    assert "every row is written (per checkpoint: [4, 4] of 4) but the store was never finalized" in said
+    assert "GradientStore.create(<the same arguments>).finalize()" in said and "finish writing" not in said
+    done = tracin.GradientStore.create(tmp_path / "s", 4, [3, 2], W).finalize()  # as the message says
+    want = sum(w * (b.astype(np.float64) ** 2).sum(axis=1) for w, b in zip(W, blocks, strict=True))
+    np.testing.assert_allclose(tracin.self_influence(done), want, rtol=1e-5)
+
+
 def test_shards_cover_the_rows_and_merge_to_the_whole_ties_included(tmp_path):
     rng = np.random.default_rng(3)
     # Few distinct rows, so that many train rows score exactly the same (ties across shards).

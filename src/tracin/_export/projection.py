@@ -176,9 +176,14 @@ def project_store(
         raise ValueError(
             f"path {os.fspath(path)!r} is the source store's own directory: choose another for the projected store"
         )
-    if not source.complete:  # opened with allow_partial=True: its usable rows would make a smaller, finished store
+    if not source.complete:  # even with allow_partial=True: its usable rows would make a smaller, finished store
+        info = source.info()
+        written = f"rows written per checkpoint: {info['rows_recorded']} of {info['rows']}"
         raise ValueError(
-            f"gradient store {source.path} is unfinished (opened with allow_partial=True): finish writing it first"
+            f"gradient store {source.path} is unfinished: every row is written ({written}) but the store was never "
+            "finalized; call GradientStore.create(<the same arguments>).finalize() on it first"
+            if all(r == info["rows"] for r in info["rows_recorded"])
+            else f"gradient store {source.path} is unfinished ({written}): finish writing it first"
         )
     metadata = dict(source.metadata or {})
     if metadata.get("projection") is not None:

@@ -181,13 +181,15 @@ class GradientStore(GradientSet):
         RuntimeWarning once per writer; bfloat16 has nearly float32's range); metadata: JSON-serialisable
         provenance (layers, projection, ...), nested at most 63 levels, its "preconditioner" (null or {"kind": str,
         ...}) beside a "mode" and "params" (a list of {"name": str, ...}) beside a "framework" as the adapters record
-        them, since scoring compares them (a ValueError otherwise: docs/format.md); ids: one int or str per row. An
+        them, since scoring compares them (a ValueError otherwise: docs/format.md); ids: one per row, all ints (int64,
+        or uint64 if none is negative) or all str (a mix, floats or bools are a TypeError naming the first). An
         unfinished store with the same spec is reopened (see writer.rows_done), a finished one gives a writer whose
         .complete is True; a different spec is a ValueError naming what differs, unless overwrite=True, which replaces
         the old store. A folder holding anything but a store's files is refused; one holding files named like a store's
         but no manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True. A store that another writer
         holds is a RuntimeError: at once if that writer is in this process, after trying again for 2 s if in another (a
-        child forked just before a close may hold it briefly).
+        child forked just before a close may hold it briefly). Only the writer's finalize() finishes the store, so
+        that it can be scored: leaving a `with` block, like close(), does not, even with every row written.
 
         rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
         must already be at `path` with this spec: several may write disjoint ranges at once, in
@@ -303,6 +305,12 @@ class GradientStore(GradientSet):
         it was opened."""
         if not (self.complete or self._allow_partial):
             done = [self._manifest.rows_done(c) for c in range(self.n_checkpoints)]
+            if all(d == self._manifest.n_rows for d in done):
+                raise ValueError(
+                    f"gradient store {self.path} is unfinished: every row is written (per checkpoint: {done} of "
+                    f"{self._manifest.n_rows}) but the store was never finalized; call "
+                    "GradientStore.create(<the same arguments>).finalize(), or rerun the export that wrote it"
+                )
             raise ValueError(
                 f"gradient store {self.path} is unfinished (rows usable from row 0, per checkpoint: {done} of "
                 f"{self._manifest.n_rows}); finish writing it (GradientStore.create with the same "

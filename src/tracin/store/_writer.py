@@ -114,8 +114,9 @@ class GradientStoreWriter:
     (blocks written from a thread pool): their write() calls write and sync the data side by side, and
     record the rows one at a time (a lock of the writer's around its record of the rows written, so
     each replace of the progress file holds every row recorded before it). recording_once() defers the
-    records of the calling thread's writes only. Use it as a context manager or call finalize() /
-    close().
+    records of the calling thread's writes only. finalize() marks the store finished (scoring refuses
+    an unfinished one) and closes the writer; close(), or leaving a `with` block, only closes it, even
+    when every row is written (writer.complete): call finalize() inside the block.
 
     A writer belongs to the process that opened it: in a child forked while it was open (a DataLoader
     worker, say), which does not hold the store's lock, write() and finalize() raise RuntimeError and
