@@ -740,6 +740,15 @@ def test_unfinished_store_is_named_before_a_shape_mismatch(stores, tmp_path, rng
     assert "--allow-partial" in _error_line(capsys.readouterr().err, "self-influence")
 
 
+def test_a_store_written_whole_but_never_finalized_names_finalize(tmp_path, rng, capsys):
+    mats = [rng.standard_normal((12, 5)).astype(np.float32) for _ in range(2)]
+    whole = _write_store(tmp_path / "whole", mats, [1.0, 0.5], rows=12)  # every row, no finalize()
+    assert main(["self-influence", str(whole)]) == 1
+    line = _error_line(capsys.readouterr().err, "self-influence")
+    assert "every row is written" in line and "never finalized" in line and ".finalize()" in line
+    assert "12, 12 of 12" in line
+
+
 def test_allow_partial_scores_the_rows_written(stores, tmp_path, capsys):
     paths, blocks, weights = stores
     partial = _write_store(tmp_path / "partial", blocks["train"], weights, rows=25)

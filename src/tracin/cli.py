@@ -113,6 +113,11 @@ def _open_store(path: str, option: str, allow_partial: bool):
     except OSError as e:  # not a folder, no manifest, unreadable
         raise CommandError(f"{option}: {_one_line(e)}") from e
     usable = f"rows usable from row 0, {_per_slot(info)}: {', '.join(map(str, info['rows_written']))} of {info['rows']}"
+    if not store.complete and not allow_partial and all(r == info["rows"] for r in info["rows_written"]):
+        raise CommandError(
+            f"{option}: gradient store {path} is unfinished: every row is written ({usable}) but the store was "
+            "never finalized; call GradientStore.create(<the same arguments>).finalize(), or rerun the export"
+        )
     if not store.complete and not allow_partial:
         raise CommandError(
             f"{option}: gradient store {path} is unfinished ({usable}); finish the export, "
