@@ -304,7 +304,8 @@ def _check_same_checkpoints(t: dict, x: dict, names: tuple[str, str] = ("test", 
             f"{listed_indices(differ)} differ (their digests in metadata['fingerprints']['checkpoints'], made alike: "
             "metadata['checkpoint_sources']); "
             "score gradients of the same checkpoints. If they are the same weights saved differently (a file "
-            "saved again, renamed keys), drop the record from one side to have the pair trusted: "
+            "or an orbax checkpoint folder saved again: orbax writes timestamps and randomly named files; "
+            "renamed keys), drop the record from one side to have the pair trusted: "
             "side.metadata.pop('checkpoint_sources') (with tracin.distributed, from a side that is not a "
             "store: workers open stores again by path)" + static_digest_note(t["framework"], kinds),
             differ,
