@@ -291,6 +291,8 @@ def test_int_ids_beyond_int64_and_uint64_are_refused_naming_the_first(tmp_path, 
         (range(3), np.int64),
         ([2**63, 0, 2**64 - 1], np.uint64),  # beyond int64, none negative: NumPy gave float64
         ([np.array(4), np.array(5), np.array(6)], np.int64),  # 0-d arrays
+        ([np.uint64(1), np.int64(-1), np.int64(2)], np.int64),  # all fit in int64: NumPy gave float64
+        ([np.uint64(1), np.int64(2), np.int64(3)], np.int64),
         (["a", np.str_("b"), "c"], np.str_),
         (np.array([7, 8, 9], np.uint32), np.uint32),
         (np.array(["x", "y", "z"]), np.str_),

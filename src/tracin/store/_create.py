@@ -445,13 +445,15 @@ def _id_values(ids: Sequence, arr: np.ndarray) -> np.ndarray:
         kinds = {first[0]} if first is not None else set()
     if kinds != {"an int"} or arr.dtype.kind in "iu":
         return arr
-    values = [int(x) for x in ids]  # some beyond int64: NumPy gave float64 or object
+    values = [int(x) for x in ids]  # some beyond int64, or np.uint64 beside np.int64: NumPy gave float64 or object
+    big = next((row for row, v in enumerate(values) if not -(2**63) <= v < 2**63), None)
+    if big is None:  # e.g. [np.uint64(1), np.int64(-1)]
+        return np.array(values, dtype=np.int64)
     if min(values) >= 0:
         big = next((row for row, v in enumerate(values) if v >= 2**64), None)
         if big is None:
             return np.array(values, dtype=np.uint64)
         raise ValueError(f"{accepted}: ids[{big}] = {short(values[big])} does not fit in uint64 (at most 2**64 - 1)")
-    big = next(row for row, v in enumerate(values) if not -(2**63) <= v < 2**63)
     negative = next(row for row, v in enumerate(values) if v < 0)
     raise ValueError(
         f"{accepted}: ids[{big}] = {short(values[big])} does not fit in int64"
