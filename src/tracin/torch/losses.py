@@ -316,7 +316,7 @@ def _refuse_coupled(loss_fn: LossFn, outputs: object, targets: Tree, losses: tor
     than _COUPLING_TOLERANCE of the larger |loss| (at least 1e-3 of the rows' largest) and still does in float64
     (the outputs and targets as float64 copies: rounding of a loss that is a small difference of large terms
     shrinks ~2e-9-fold, a coupling does not). Such a loss (centred or scaled by the batch, contrastive over it)
-    has no per-example gradient: its rows would be zero or of another loss. Not judged (nothing raised) for a
+    is no per-example loss: its rows would be zero or change with the batch. Not judged (nothing raised) for a
     batch of one row, outputs with a tensor that is not (rows, ...) (sequence-first, a 0-d auxiliary loss), or
     a loss_fn that fails on one row or in float64 (the export's other paths explain those), or one drawing random
     numbers (_random_loss). Costs loss_fn calls only, no forward pass."""
@@ -348,8 +348,10 @@ def _refuse_coupled(loss_fn: LossFn, outputs: object, targets: Tree, losses: tor
         f"row {row}'s loss is {mine:.6g} in a batch of {rows} rows and {one:.6g} alone (by {gap:.1e} of its size, "
         f"tolerance {_COUPLING_TOLERANCE:.0e}, also in float64). A loss centred or scaled by the batch "
         "(loss - loss.mean(), loss / len(batch)), contrastive over the batch (InfoNCE: softmax over the batch's "
-        "similarities) or weighted across it has no per-example gradient (a centred loss's rows are all zero). "
-        "loss_fn must return each example's own loss, computed from its own outputs and targets only"
+        "similarities) or weighted across it is no per-example loss: its rows would be zero (a centred loss) or "
+        "change with the batch they are computed in (a scaled one: with batch_size, and in a last, shorter batch). "
+        "loss_fn must return each example's own loss, computed from its own outputs and targets only "
+        "(reduction='none', nothing divided by the batch size)"
     )
 
 
