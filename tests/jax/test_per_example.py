@@ -515,36 +515,80 @@ def _rows_after_4_doubled(mlp):
     return lambda p, i: mlp.hidden(p, i[:, :5]) * (1 + i[:, 5:])
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, data, bias):
+def _split_head(mlp):
+    """The l2 head with a bias, its kernel used in two products (halves): no tap, its gradient still that of
+    y = x K + b."""
+    return lambda p, x, y: mlp.cross_entropy(
+        mlp.hidden(p, x) @ (0.5 * p["l2"]["kernel"]) + mlp.hidden(p, x) @ (0.5 * p["l2"]["kernel"]) + p["l2"]["bias"],
+        y,
+    )
+
+
+@pytest.mark.parametrize("head", ["bias", "bias, no tap", "bias-free"])
+def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, data, head):
     """review155 F1: the check ran on 4 rows of the first batch only; a layer_input wrong from row 4 on
-    (batch_size=4) was exported, its factors scoring 2.5-4x the full rows. Every batch's first and last
-    rows are checked (with a bias), every row (without: against the input tapped at the kernel's product)."""
+    (batch_size=4) was exported, its factors scoring 2.5-4x the full rows. Every row is checked against the
+    input tapped at the kernel's product, with a bias or without; a kernel with a bias but no such product,
+    on every batch's first and last rows (its per-example gradient)."""
     x, y = data
     x = np.c_[x, np.arange(len(x)) >= 4].astype(np.float32)
-    params, loss = (mlp.params[0], mlp.loss_fn) if bias else _bias_free_head(mlp)
+    loss = {"bias": mlp.loss_fn, "bias, no tap": _split_head(mlp)}.get(head)
+    params, loss = (mlp.params[0], loss) if loss is not None else _bias_free_head(mlp)
     wrapped = lambda p, i, t: loss(p, i[:, :5], t)  # noqa: E731
     kw = dict(mode="last_layer", layers=["l2"], progress=False)
     with pytest.raises(
         ValueError, match=r"^layer_input\(params, inputs\) does not return the input of l2/kernel at "
     ) as e:
         export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), batch_size=4, **kw)
-    checked = "the first and last rows of every batch are" if bias else "every row is"
+    probed = head == "bias, no tap"
+    checked = "the first and last rows of every batch are" if probed else "every row is"
     assert f"at checkpoint 0, row 4 of the data ({checked} checked; this batch holds rows 4 to 7)" in str(e.value)
     differs = (
         r"layer_input gives dL/d\(output\) \(x\) layer_input, which differs from the kernel's per-example gradient"
-        if bias
+        if probed
         else "layer_input differs from the input its dot_general gets"
     )
     assert re.search(differs + r" by [0-9.]+ of its norm \(allowed: 0.0001\)", str(e.value)), str(e.value)
-    # within the first batch too: its last row (63) with a bias, every row (the first wrong one, 4) without
-    first = 63 if bias else 4
+    # within the first batch too: its last row (63) where rows are probed, else every row (the first wrong one, 4)
+    first = 63 if probed else 4
     with pytest.raises(ValueError, match=rf"at checkpoint 0, row {first} of the data .*holds rows 0 to 63\)"):
         export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=_rows_after_4_doubled(mlp), **kw)
     right = lambda p, i: mlp.hidden(p, i[:, :5])  # noqa: E731
     got = export_gradients(wrapped, [(params, 1.0)], (x, y), layer_input=right, batch_size=4, **kw)
-    h = mlp.reference_grads(mlp.weights[0], x[:, :5], y)["hidden"]
-    np.testing.assert_allclose(got.right[0], np.c_[h, np.ones(len(h))] if bias else h, rtol=1e-5, atol=1e-6)
+    ref = mlp.reference_grads(mlp.weights[0], x[:, :5], y)  # float64
+    h = ref["hidden"]
+    np.testing.assert_allclose(
+        got.right[0], h if head == "bias-free" else np.c_[h, np.ones(len(h))], rtol=1e-5, atol=1e-6
+    )
+    if head != "bias-free":
+        np.testing.assert_allclose(got.left[0], ref["b2"], rtol=1e-5, atol=1e-6)  # dL/d(logits)
+
+
+def test_a_bias_outside_y_equals_xk_plus_b_is_refused_at_each_checkpoints_first_batch(mlp, data):
+    """With a bias, layer_input is checked on every row at the kernel's tap, which cannot see how the bias
+    enters: the kernel's per-example gradient is checked against dL/db (x) layer_input on the first and last
+    rows of each checkpoint's first batch. A penalty on the bias alone (a right layer_input) is refused
+    there, at checkpoint 1 when only its bias is away from 0."""
+    x, y = data
+    checkpoints = [(mlp.params[0], 1.0), (mlp.params[1], 1.0)]
+
+    def penalised(p, i, t):
+        return mlp.loss_fn(p, i, t) + 10.0 * jnp.sum(p["l2"]["bias"] ** 2)
+
+    zero_bias = jax.tree_util.tree_map(lambda a: a, mlp.params[0])
+    zero_bias["l2"]["bias"] = jnp.zeros_like(zero_bias["l2"]["bias"])  # no penalty gradient at checkpoint 0
+    kw = dict(mode="last_layer", layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"at checkpoint 1, row 0 of the data \(the kernel's gradient is on the first and last rows of "
+        r"each checkpoint's first batch, .*: layer_input gives dL/d\(output\) \(x\) layer_input, which differs",
+    ) as e:
+        export_gradients(penalised, [(zero_bias, 1.0), checkpoints[1]], (x, y), **kw)
+    assert "or the loss uses l2/kernel or l2/bias outside y = x K + b" in str(e.value)
+    got = export_gradients(mlp.loss_fn, checkpoints, (x, y), **kw)  # the same loss without the penalty
+    for k, w in enumerate(mlp.weights):
+        h = mlp.reference_grads(w, x, y)["hidden"]
+        np.testing.assert_allclose(got.right[k][:, :-1], h, rtol=1e-5, atol=1e-6)
 
 
 def test_a_layer_input_closing_over_one_checkpoints_params_is_refused_at_the_next(mlp, data):

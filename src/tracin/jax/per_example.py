@@ -448,10 +448,13 @@ class LastLayer:
         self._factors: Callable | None = None
         self._rtol: float | None = None  # the layer_input check's tolerance (check_layer_input), once known
         self.checkpoint = 0  # the checkpoint computed, named by the layer_input check (set by the export)
+        self._tapped = self.bias_path is None  # layer_input checked on every row at the kernel's tap (__call__)
+        self._probed_at: int | None = None  # with a bias, the checkpoint whose kernel gradient was checked
         if self.bias_path is not None:
             # the kernel (p, q) as in torch / Equinox, (q, p) as in Flax; a square one either way
             sides = ("px", "xp") if rows == cols else ("px",) if rows == self.p else ("xp",)
-            build = _probed(_bias_factors(self.layout), self.layout, self._kernel_layout, sides)
+            kernel_pos = self.layout.arrays.index(self._kernel_layout.selected[0])
+            build = _bias_factors(self.layout, self._kernel_layout, kernel_pos, self.q, sides)
             key = ("last_layer", self.layout, self._kernel_layout)
             self._factors = shared_jit((loss_fn, layer_input), key, build)
 
@@ -481,31 +484,40 @@ class LastLayer:
     def __call__(self, selected: list, arrays: list, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
         float32's range, and a LayerInputError when layer_input is not the layer's input (once check_layer_input
-        has set the tolerance): on the batch's first and last rows, the kernel's gradient is not dL/dy (x)
-        layer_input (_probed); without a bias, on any row, layer_input is not the input tapped at the kernel's
-        dot_general (_tapped_factors). A bias-free layer is oriented by `batch` first if it was not yet."""
+        has set the tolerance): on any row, layer_input is not the input tapped at the kernel's dot_general
+        (_tap_check); with a bias, on the first and last rows of the checkpoint's first batch (of every batch
+        when the kernel has no tap), the kernel's gradient is not dL/dy (x) layer_input (_probe_check). The
+        factors are compiled for `batch` first (orient) if they were not yet."""
         self.orient(batch)
         probe = np.array([0, batch.count - 1], np.int32)
         rtol = np.inf if self._rtol is None else self._rtol
-        factors, beyond, losses, probed = self._factors(selected, arrays, batch.inputs, batch.targets, probe, rtol)
+        probing = self.bias_path is not None and self._probed_at != self.checkpoint
+        factors, beyond, losses, checks = self._factors(
+            selected, arrays, batch.inputs, batch.targets, probe, rtol, np.bool_(probing)
+        )
         _check_float32_range(beyond, batch.count)
         _watch(self.watch, losses, batch)
-        probed = np.asarray(probed, np.float64)  # one transfer: [fits, then _probed's norms or each row's error]
-        if not probed[0] and self.bias_path is None:
-            row = int(np.argmax(probed[1:] > self._rtol))
-            self._refuse(batch, row, probed[1 + row], "differs from the input its dot_general gets by")
-        if not probed[0]:
-            self._refuse_probed(probed[1:].reshape(-1, len(probe)), batch, probe)
+        checks = np.asarray(checks, np.float64)  # one transfer: [fits, tapped, each row's error, norms]
+        self._tapped = bool(checks[1])
+        rel = checks[2 : 2 + jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]]
+        if not checks[0] and (rel > self._rtol).any():
+            row = int(np.argmax(rel > self._rtol))
+            self._refuse(batch, row, rel[row], "differs from the input its dot_general gets by", "every row is")
+        if not checks[0]:
+            self._refuse_probed(checks[2 + rel.size :].reshape(-1, len(probe)), batch, probe)
+        if probing and self._rtol is not None:
+            self._probed_at = self.checkpoint
         return factors
 
     def check_layer_input(self, params: Any, batch: Batch, eps: float) -> None:
         """Raises ValueError unless layer_input runs on `batch` and returns floating (batch, q) values, and sets
-        the tolerance to which every batch's factors are then checked (__call__), at every checkpoint: on the
-        first and last rows of each batch, the kernel's per-example gradient (computed with the factors, in
-        the same compiled call) must equal dL/dy (x) layer_input (without a bias: on every row, layer_input
-        must equal the input the kernel's dot_general gets) to 1e-4 relative or 8 eps of the coarsest
-        dtype the loss computes in (`eps`, check_per_example: bfloat16 / float16 compute, TF32 products),
-        the kernel is stored in or layer_input returns. Run once per export, on its first batch."""
+        the tolerance to which every batch's factors are then checked (__call__, in their compiled call), at
+        every checkpoint: on every row, layer_input must equal the input the kernel's dot_general gets; with a
+        bias, on the first and last rows of each checkpoint's first batch (of every batch when the kernel has
+        no such tap), the kernel's per-example gradient must equal dL/dy (x) layer_input; to 1e-4 relative or
+        8 eps of the coarsest dtype the loss computes in (`eps`, check_per_example: bfloat16 / float16
+        compute, TF32 products), the kernel is stored in or layer_input returns. Run once per export, on its
+        first batch."""
         self.orient(batch)
         sel, arrs = self.layout.split(params)
         try:
@@ -542,12 +554,18 @@ class LastLayer:
         bad = np.flatnonzero(finite & (residuals.min(axis=0) > bound))
         worst = int(bad[0]) if bad.size else 0  # else each row fits another orientation of a square kernel
         what = "gives dL/d(output) (x) layer_input, which differs from the kernel's per-example gradient by"
-        self._refuse(batch, int(probe[worst]), rel[worst], what)
+        checked = (
+            "the kernel's gradient is on the first and last rows of each checkpoint's first batch, layer_input on "
+            "every row at the kernel's dot_general"
+            if self._tapped
+            else "the first and last rows of every batch are"
+        )
+        self._refuse(batch, int(probe[worst]), rel[worst], what, checked, tapped=False)
 
-    def _refuse(self, batch: Batch, row: int, rel: float, what: str) -> None:
-        """Raises LayerInputError naming the checkpoint, the data's row (`row` of `batch`) and the relative
-        difference `rel` (`what` says of what)."""
-        checked = "every row is" if self.bias_path is None else "the first and last rows of every batch are"
+    def _refuse(self, batch: Batch, row: int, rel: float, what: str, checked: str, tapped: bool = True) -> None:
+        """Raises LayerInputError naming the checkpoint, the data's row (`row` of `batch`), which rows are
+        `checked` and the relative difference `rel` (`what` says of what); tapped: layer_input differs from the
+        input tapped at the kernel's dot_general (else the kernel's gradient from the factors' product)."""
         where = (
             f"at checkpoint {self.checkpoint}, row {batch.start + row} of the data ({checked} checked; this "
             f"batch holds rows {batch.start} to {batch.start + batch.count - 1})"
@@ -557,7 +575,7 @@ class LastLayer:
             "; layer_input must compute from its params argument (not a checkpoint's params it closes over) and "
             "treat every row as the loss does (the same padding mask)"
         )
-        if self.bias_path is None:
+        if self.bias_path is None or tapped:
             raise LayerInputError(
                 f"layer_input(params, inputs) does not return the input of {self.kernel_path} {where}: {differs}{hint}"
             )
@@ -577,55 +595,124 @@ def _avals(tree: Any, strip: int = 0) -> Any:
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[strip:], a.dtype), tree)
 
 
-def _bias_factors(layout: ParamLayout) -> Callable[..., Callable]:
-    """shared_jit's build of a layer with a bias (layout: the bias): left = per-example bias gradient,
-    right = [layer_input, 1]."""
+def _bias_factors(
+    layout: ParamLayout, kernel: ParamLayout, kernel_pos: int, q: int, sides: tuple
+) -> Callable[..., Callable]:
+    """shared_jit's build of a layer with a bias (layout: the bias; kernel: the kernel's layout, the kernel
+    arrays[kernel_pos], met by x (q,)): left = the per-example bias gradient, right = [layer_input, 1], and
+    the checks of layer_input. Where the kernel has a tap (_bias_site, per batch shape), the bias gradient
+    is computed in the pass that taps the input of the kernel's dot_general, against which layer_input is
+    checked on every real row (_tap_check), and, when `probing`, the kernel's gradient on the rows `probe`
+    (_probe_check), which the tap cannot see: that the bias enters as y = x K + b. Without a tap, the kernel's
+    gradient on the rows `probe` of every batch. The last value is [fits, tapped (1.0 or 0.0), then
+    _tap_check's per row values (0.0 without a tap), then _probe_check's norms (1.0 when not probed)]."""
+    from .jaxpr_taps import run_tapped
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
+        check = _probe_check(loss, layout, kernel, sides)
         delta = jax.vmap(jax.value_and_grad(_one_example_loss(loss, layout)), in_axes=(None, None, 0, 0))
 
-        def factors(selected, arrays, inputs, targets):
-            losses, grads = delta(selected, arrays, inputs, targets)
+        def factors(selected, arrays, inputs, targets, probe, rtol, probing):
+            example = _avals((inputs, targets), strip=1)
+            closed, site = _bias_site(loss, layout, _avals(selected), _avals(arrays), example, kernel_pos, q)
+
+            def one(x, y):
+                def loss_at(bias):
+                    args = jax.tree_util.tree_leaves((bias, arrays, x, y))
+                    outs, acts = run_tapped(closed, {0: site}, args, {0: jnp.zeros(site.out_shape, site.out_dtype)})
+                    return outs[0], acts[0]
+
+                (value, tapped), grad = jax.value_and_grad(loss_at, has_aux=True)(selected)
+                return value, grad, tapped.reshape(-1)
+
             x = inputs_of(layout.merge(selected, arrays), inputs)
+            wide = jnp.result_type(jnp.float32, x.dtype, arrays[kernel_pos].dtype)
+            if site is not None:
+                losses, grads, tapped = jax.vmap(one)(inputs, targets)
+                fits, rel = _tap_check(x, tapped, probe, rtol)
+            else:
+                losses, grads = delta(selected, arrays, inputs, targets)
+                fits, rel = jnp.ones((), wide), jnp.zeros(x.shape[0], wide)
             (left, x), beyond = _float32_rows([grads[0], x])
-            right = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
-            return (left, right), beyond, losses
+            right = _with_ones(x)
+            args = (selected, arrays, inputs, targets, left, right, probe, rtol)
+            if site is not None:
+                passed = jnp.ones((), wide), jnp.ones((2 + len(sides)) * probe.shape[0], wide)
+                checked = lambda: tuple(a.astype(wide) for a in check(*args))  # noqa: E731
+                probe_fits, norms = jax.lax.cond(probing, checked, lambda: passed)
+            else:
+                probe_fits, norms = check(*args)
+            head = jnp.stack(
+                [jnp.minimum(fits.astype(wide), probe_fits.astype(wide)), jnp.asarray(site is not None, wide)]
+            )
+            return (left, right), beyond, losses, jnp.concatenate([head, rel.astype(wide), norms.astype(wide)])
 
         return factors
 
     return build
 
 
-def _probed(build: Callable[..., Callable], layout: ParamLayout, kernel: ParamLayout, sides: tuple) -> Callable:
-    """shared_jit's build of factors (`build`, of `layout`) that also check them on the rows `probe` (indices
-    into the batch), in the same compiled call: it gives the vector [fits, then the norms of the kernel's
-    per-example gradient (`kernel`: its layout), of the outer product of the factors and of their difference
-    in each orientation `sides` ("px": a (p, q) kernel, "xp": (q, p)), row-major (2 + len(sides), rows)];
-    fits: 1.0 when in one orientation every probed row's difference is within `rtol` of the gradient's norm
-    (+ 1e-6 of the product's), or not finite (left to the checks of non-finite rows), else 0.0."""
+def _with_ones(x: jax.Array) -> jax.Array:
+    """[x, 1]: the right factor (batch, q + 1) of a layer with a bias, from float32 x (batch, q)."""
+    return jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
 
-    def probed_build(loss: LossFn, inputs_of: Callable) -> Callable:
-        factors = build(loss, inputs_of)
-        kernel_grad = jax.vmap(jax.grad(_one_example_loss(loss, kernel)), in_axes=(None, None, 0, 0))
 
-        def run(selected, arrays, inputs, targets, probe, rtol):
-            (left, right), beyond, losses = factors(selected, arrays, inputs, targets)
-            rows = jax.tree_util.tree_map(lambda a: a[probe], (inputs, targets))
-            grad = kernel_grad(*kernel.split(layout.merge(selected, arrays)), *rows)[0]
-            wide = jnp.result_type(jnp.float32, grad.dtype)
-            grad = grad.reshape(probe.shape[0], -1).astype(wide)
-            d, x = left[probe].astype(wide), right[probe][:, : grad.shape[1] // left.shape[1]].astype(wide)
-            outer = {"px": lambda: d[:, :, None] * x[:, None, :], "xp": lambda: x[:, :, None] * d[:, None, :]}
-            residuals = jnp.stack([jnp.linalg.norm(grad - outer[s]().reshape(grad.shape), axis=1) for s in sides])
-            gnorm, onorm = jnp.linalg.norm(grad, axis=1), jnp.linalg.norm(d, axis=1) * jnp.linalg.norm(x, axis=1)
-            finite = jnp.isfinite(gnorm) & jnp.isfinite(onorm) & jnp.isfinite(residuals).all(axis=0)
-            within = (residuals <= rtol * (gnorm + 1e-30) + 1e-6 * onorm) | ~finite
-            fits = within.all(axis=1).any().astype(wide)
-            return (left, right), beyond, losses, jnp.concatenate([fits[None], gnorm, onorm, residuals.reshape(-1)])
+def _probe_check(loss: LossFn, layout: ParamLayout, kernel: ParamLayout, sides: tuple) -> Callable:
+    """(selected, arrays, inputs, targets, left, right, probe, rtol) -> (fits, norms), traced in the factors'
+    compiled call: the kernel's (`kernel`: its layout) per-example gradient on the rows `probe` (indices into
+    the batch) against the outer product of the factors (left, right; of `layout`) in each orientation
+    `sides` ("px": a (p, q) kernel, "xp": (q, p)). norms: those of the gradient, of the outer product and of
+    their difference per orientation, row-major (2 + len(sides), rows); fits: 1.0 when in one orientation
+    every probed row's difference is within `rtol` of the gradient's norm (+ 1e-6 of the product's), or not
+    finite (left to the checks of non-finite rows), else 0.0."""
+    kernel_grad = jax.vmap(jax.grad(_one_example_loss(loss, kernel)), in_axes=(None, None, 0, 0))
 
-        return run
+    def check(selected, arrays, inputs, targets, left, right, probe, rtol):
+        rows = jax.tree_util.tree_map(lambda a: a[probe], (inputs, targets))
+        grad = kernel_grad(*kernel.split(layout.merge(selected, arrays)), *rows)[0]
+        wide = jnp.result_type(jnp.float32, grad.dtype)
+        grad = grad.reshape(probe.shape[0], -1).astype(wide)
+        d, x = left[probe].astype(wide), right[probe][:, : grad.shape[1] // left.shape[1]].astype(wide)
+        outer = {"px": lambda: d[:, :, None] * x[:, None, :], "xp": lambda: x[:, :, None] * d[:, None, :]}
+        residuals = jnp.stack([jnp.linalg.norm(grad - outer[s]().reshape(grad.shape), axis=1) for s in sides])
+        gnorm, onorm = jnp.linalg.norm(grad, axis=1), jnp.linalg.norm(d, axis=1) * jnp.linalg.norm(x, axis=1)
+        finite = jnp.isfinite(gnorm) & jnp.isfinite(onorm) & jnp.isfinite(residuals).all(axis=0)
+        within = (residuals <= rtol * (gnorm + 1e-30) + 1e-6 * onorm) | ~finite
+        return within.all(axis=1).any().astype(wide), jnp.concatenate([gnorm, onorm, residuals.reshape(-1)])
 
-    return probed_build
+    return check
+
+
+def _tap_check(x: jax.Array, tapped: jax.Array, probe: jax.Array, rtol: Any) -> tuple[jax.Array, jax.Array]:
+    """(fits, per row |x - tapped| / |tapped|): layer_input's values x (batch, q) against the input `tapped`
+    (batch, q) the kernel's dot_general got, on the batch's real rows (up to probe[1], its last; 0 on the
+    padding); fits 1.0 when every finite one is within `rtol`, else 0.0."""
+    wide = jnp.result_type(jnp.float32, x.dtype, tapped.dtype)
+    norm = jnp.linalg.norm(tapped.astype(wide), axis=1)
+    rel = jnp.linalg.norm(x.astype(wide) - tapped.astype(wide), axis=1) / (norm + 1e-30)
+    real = jnp.arange(rel.shape[0]) <= probe[1]
+    fits = jnp.all((rel <= rtol) | ~jnp.isfinite(rel) | ~real).astype(wide)
+    return fits, jnp.where(real, rel, 0.0)
+
+
+def _bias_site(
+    loss_fn: LossFn, layout: ParamLayout, selected: Any, arrays: Any, example: Any, kernel_pos: int, q: int
+) -> tuple[Any, Any]:
+    """(closed jaxpr of one example's loss, for the avals of the bias (`layout`'s one selected leaf), the other
+    array leaves and one (input, target) example; the Site of the kernel, arrays[kernel_pos], or None): the
+    kernel's one dot_general, met by x (q,) on its side of size q and giving one output row per example,
+    where its input is tapped; None when the kernel is used otherwise (twice: weight decay, tied weights;
+    inside scan; per token)."""
+    from .jaxpr_taps import find_sites
+
+    closed = jax.make_jaxpr(_one_example_loss(loss_fn, layout))(selected, arrays, *example)
+    site = find_sites(closed, {len(selected) + kernel_pos: 0})[0].get(0)
+    if site is None or site.lookup:
+        return closed, None
+    p = int(np.prod([site.out_shape[a] for a in site.out_axes], dtype=np.int64))
+    if int(np.prod(site.out_shape, dtype=np.int64)) != p or arrays[kernel_pos].shape[site.contract] != q:
+        return closed, None
+    return closed, site
 
 
 def _kernel_site(
@@ -663,13 +750,13 @@ def _kernel_site(
 def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int) -> Callable[..., Callable]:
     """shared_jit's build of a bias-free layer (layout: the kernel, met by x on its axis `contract`): left =
     the gradient of a zero added to the output of the kernel's dot_general, per example (the jaxpr traced
-    for the batch's shapes), right = layer_input, and the check of layer_input on every real row (up to
-    probe[1]): the vector [fits, then per row |layer_input - x| / |x|], x the kernel's dot_general's input
-    read at that tap; fits 1.0 when every finite one is within `rtol`."""
+    for the batch's shapes), right = layer_input, and layer_input checked on every real row against the input
+    of the kernel's dot_general read at that tap (_tap_check): the vector [fits, then per row
+    |layer_input - x| / |x|] after [fits, 1.0] (tapped, as _bias_factors'). `probing` is ignored."""
     from .jaxpr_taps import run_tapped
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
-        def factors(selected, arrays, inputs, targets, probe, rtol):
+        def factors(selected, arrays, inputs, targets, probe, rtol, probing):
             example = _avals((inputs, targets), strip=1)
             closed, site = _kernel_site(loss, layout, _avals(selected), _avals(arrays), example, path, shape)
             if site.contract != contract:
@@ -690,13 +777,9 @@ def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int)
 
             losses, left, tapped = jax.vmap(one)(inputs, targets)
             x = inputs_of(layout.merge(selected, arrays), inputs)
-            wide = jnp.result_type(jnp.float32, x.dtype, tapped.dtype)
-            norm = jnp.linalg.norm(tapped.astype(wide), axis=1)
-            rel = jnp.linalg.norm(x.astype(wide) - tapped.astype(wide), axis=1) / (norm + 1e-30)
-            real = jnp.arange(rel.shape[0]) <= probe[1]  # the batch's real rows (probe: its first and last)
-            fits = jnp.all((rel <= rtol) | ~jnp.isfinite(rel) | ~real).astype(wide)
+            fits, rel = _tap_check(x, tapped, probe, rtol)
             (left, x), beyond = _float32_rows([left, x])
-            return (left, x), beyond, losses, jnp.concatenate([fits[None], jnp.where(real, rel, 0.0)])
+            return (left, x), beyond, losses, jnp.concatenate([jnp.stack([fits, jnp.ones_like(fits)]), rel])
 
         return factors
 
