@@ -111,12 +111,15 @@ def export_gradients(
         as tracin.torch factors a bias-free nn.Linear; its dL/d(output) is read exactly at the one
         dot_general using the kernel (x @ K, x @ K.T: which side x meets gives p and q), one output row
         per example; a kernel used otherwise (twice, inside scan / while / cond, per token) is a ValueError
-        saying how. layer_input is checked at every checkpoint, with the factors: without a bias on every
-        row, against the input the kernel's dot_general gets; with a bias on the first and last rows of
-        every batch, where the kernel's per-example gradient must be dL/d(output) (x) layer_input (rows
-        between them are not checked); to 1e-4 relative, or 8 eps of a coarser dtype computed in, else a
-        ValueError names the checkpoint, the row and the relative difference (a layer_input ignoring the
-        padding mask the loss applies, or closing over one checkpoint's params instead of its argument).
+        saying how. layer_input is checked at every checkpoint, with the factors, on every row against
+        the input the kernel's dot_general gets (read in the same pass, with or without a bias); with a
+        bias, the kernel's per-example gradient must also be dL/d(output) (x) layer_input (the bias enters
+        as y = x K + b) on the first and last rows of each checkpoint's first batch, and on those of every
+        batch where the kernel is used otherwise than in one such dot_general (twice, in scan, per token:
+        rows between them are then not checked); to 1e-4 relative, or 8 eps of a coarser dtype computed
+        in, else a ValueError names the checkpoint, the row and the relative difference (a layer_input
+        ignoring the padding mask the loss applies, or closing over one checkpoint's params instead of its
+        argument). With a bias, the check adds 2-12% of an export's CPU time (README, JAX quick start).
     projection: a tracin.Projection applied to each batch of rows (segments = parameter widths).
         Projection(dim, seed, kind, per_layer=True, kronecker=True) (mode="full"; language models):
         every chosen weight whose one use in the loss is a dot_general (x @ W, W @ x, einsum, Flax

@@ -491,7 +491,7 @@ class LastLayer:
         self.orient(batch)
         probe = np.array([0, batch.count - 1], np.int32)
         rtol = np.inf if self._rtol is None else self._rtol
-        probing = self.bias_path is not None and self._probed_at != self.checkpoint
+        probing = self.bias_path is not None and self._rtol is not None and self._probed_at != self.checkpoint
         factors, beyond, losses, checks = self._factors(
             selected, arrays, batch.inputs, batch.targets, probe, rtol, np.bool_(probing)
         )
@@ -500,12 +500,13 @@ class LastLayer:
         checks = np.asarray(checks, np.float64)  # one transfer: [fits, tapped, each row's error, norms]
         self._tapped = bool(checks[1])
         rel = checks[2 : 2 + jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]]
-        if not checks[0] and (rel > self._rtol).any():
+        fits, norms = checks[0], checks[2 + rel.size :]
+        if not fits and (rel > self._rtol).any():
             row = int(np.argmax(rel > self._rtol))
             self._refuse(batch, row, rel[row], "differs from the input its dot_general gets by", "every row is")
-        if not checks[0]:
-            self._refuse_probed(checks[2 + rel.size :].reshape(-1, len(probe)), batch, probe)
-        if probing and self._rtol is not None:
+        if not fits:
+            self._refuse_probed(norms.reshape(-1, len(probe)), batch, probe)
+        if probing:
             self._probed_at = self.checkpoint
         return factors
 
@@ -602,10 +603,11 @@ def _bias_factors(
     arrays[kernel_pos], met by x (q,)): left = the per-example bias gradient, right = [layer_input, 1], and
     the checks of layer_input. Where the kernel has a tap (_bias_site, per batch shape), the bias gradient
     is computed in the pass that taps the input of the kernel's dot_general, against which layer_input is
-    checked on every real row (_tap_check), and, when `probing`, the kernel's gradient on the rows `probe`
-    (_probe_check), which the tap cannot see: that the bias enters as y = x K + b. Without a tap, the kernel's
-    gradient on the rows `probe` of every batch. The last value is [fits, tapped (1.0 or 0.0), then
-    _tap_check's per row values (0.0 without a tap), then _probe_check's norms (1.0 when not probed)]."""
+    checked on every real row (_tap_check), and, when `probing` (a checkpoint's first batch), the kernel's
+    gradient on the rows `probe` (_probe_check, under lax.cond), which the tap cannot see: that the bias
+    enters as y = x K + b. Without a tap, the kernel's gradient on the rows `probe` of every batch. The last
+    value is [fits, tapped (1.0 or 0.0), then _tap_check's per row values (0.0 without a tap), then
+    _probe_check's norms (1.0 when not probed)]."""
     from .jaxpr_taps import run_tapped
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
@@ -636,15 +638,14 @@ def _bias_factors(
             (left, x), beyond = _float32_rows([grads[0], x])
             right = _with_ones(x)
             args = (selected, arrays, inputs, targets, left, right, probe, rtol)
-            if site is not None:
+            if site is None:
+                probe_fits, norms = check(*args)
+            else:
                 passed = jnp.ones((), wide), jnp.ones((2 + len(sides)) * probe.shape[0], wide)
                 checked = lambda: tuple(a.astype(wide) for a in check(*args))  # noqa: E731
                 probe_fits, norms = jax.lax.cond(probing, checked, lambda: passed)
-            else:
-                probe_fits, norms = check(*args)
-            head = jnp.stack(
-                [jnp.minimum(fits.astype(wide), probe_fits.astype(wide)), jnp.asarray(site is not None, wide)]
-            )
+            fits = jnp.minimum(fits.astype(wide), probe_fits.astype(wide))
+            head = jnp.stack([fits, jnp.asarray(site is not None, wide)])
             return (left, right), beyond, losses, jnp.concatenate([head, rel.astype(wide), norms.astype(wide)])
 
         return factors
