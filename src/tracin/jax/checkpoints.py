@@ -128,6 +128,13 @@ class OptimizerState:
             raise ValueError(
                 f"{self.where} must hold exactly one optax ScaleByAdamState (mu, nu, count), found {len(found)} "
                 f"(its states: {', '.join(kinds) if kinds else 'none'}); {_SUPPORTED}"
+                + (
+                    "; a pytree of dicts and lists holds none: nnx.state(optimizer), or a state restored "
+                    "without a target, has lost optax's state types: pass the optax state itself (an "
+                    "nnx.Optimizer's .opt_state attribute, a TrainState's opt_state)"
+                    if not nodes
+                    else ""
+                )
             )
         other = [why for h in self.hyperparams for key, why in _OTHER_HYPERPARAMS.items() if key in h]
         if other:
