@@ -634,3 +634,35 @@ def test_a_layer_input_ignoring_the_padding_mask_is_refused(mlp):
     h = np.tanh(tokens.astype(np.float64) @ w1 + b1)
     expected = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # float64 masked mean
     np.testing.assert_allclose(got.right[0][:, :-1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float16_head_with_a_bias_on_confident_examples_is_not_refused():
+    """A float16 model predicting rows 0 and 1 with near certainty: their dL/d(output) is below float16's
+    smallest normal, where the kernel's gradient is rounded to multiples of its smallest subnormal, not to a
+    fraction of itself; the layer_input check must allow that rounding (it refused a correct layer_input,
+    by 4.5% of the gradient's norm). The factors' outer products equal float64 NumPy's kernel gradient."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 5)).astype(np.float32)
+    p = {
+        "w1": jnp.asarray(rng.standard_normal((5, 8)), jnp.float16),
+        "k": jnp.asarray(12 * rng.standard_normal((8, 3)), jnp.float16),
+        "b": jnp.asarray(rng.standard_normal(3), jnp.float16),
+    }
+    feats = lambda p, x: jnp.tanh(x.astype(jnp.float16) @ p["w1"])  # noqa: E731
+    logits = lambda p, x: feats(p, x) @ p["k"] + p["b"]  # noqa: E731
+
+    def loss_fn(p, x, y):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits(p, x).astype(jnp.float32)), y[:, None], 1)[:, 0]
+
+    y = np.asarray(jnp.argmax(logits(p, x), axis=1))
+    y = np.where(np.arange(8) >= 2, (y + 1) % 3, y)  # rows 0 and 1 (the probed first row) predicted right
+    assert float(loss_fn(p, x, y)[0]) < 1e-6  # dL/dy of row 0 is float16-subnormal
+    g = export_gradients(loss_fn, [(p, 1.0)], (x, y), mode="last_layer", layers=["k", "b"], layer_input=feats)
+    left, right = np.asarray(g.left[0], np.float64), np.asarray(g.right[0], np.float64)
+    f = np.asarray(feats(p, x), np.float64)
+    lg = np.asarray(logits(p, x), np.float64)
+    soft = np.exp(lg - lg.max(1, keepdims=True))
+    soft /= soft.sum(1, keepdims=True)
+    dy = soft - np.eye(3)[y]
+    np.testing.assert_allclose(right[:, :-1], f, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(left[2:], dy[2:], rtol=2e-2, atol=2e-3)  # rows not subnormal: to float16 rounding

@@ -413,9 +413,10 @@ def _linen_default(params: Any) -> list[str] | None:
         )
         warnings.warn(
             f"params are a Flax NNX State: only its nnx.Param variables are exported by default, leaving out the "
-            f"floating leaves of {left_out}, which no gradient step trains (BatchNorm's running statistics); to "
-            "export them too, name them in layers= (layers=['*'] exports every floating leaf); to say the Params "
-            "alone are meant, pass the State of nnx.split(model, nnx.Param, ...)",
+            f"floating leaves of {left_out}, taken as not trained by gradient steps (as BatchNorm's running "
+            "statistics are); if they are (a Variable type of your own holding weights, not a subclass of "
+            "nnx.Param), name them in layers= to export them too (layers=['*'] exports every floating leaf); to "
+            "say the Params alone are meant, pass the State of nnx.split(model, nnx.Param, ...)",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
