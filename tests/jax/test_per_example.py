@@ -564,11 +564,10 @@ def test_a_layer_input_wrong_on_later_batches_is_refused_naming_the_row(mlp, dat
         np.testing.assert_allclose(got.left[0], ref["b2"], rtol=1e-5, atol=1e-6)  # dL/d(logits)
 
 
-def test_a_bias_outside_y_equals_xk_plus_b_is_refused_at_each_checkpoints_first_batch(mlp, data):
-    """With a bias, layer_input is checked on every row at the kernel's tap, which cannot see how the bias
-    enters: the kernel's per-example gradient is checked against dL/db (x) layer_input on the first and last
-    rows of each checkpoint's first batch. A penalty on the bias alone (a right layer_input) is refused
-    there, at checkpoint 1 when only its bias is away from 0."""
+def test_a_bias_outside_y_equals_xk_plus_b_is_refused_at_each_checkpoint(mlp, data):
+    """With a bias, layer_input is checked on every row at the kernel's tap, and the bias gradient (the left
+    factor) against dL/d(output) read at that tap: a penalty on the bias alone (a right layer_input) is
+    refused at checkpoint 1 when only its bias is away from 0."""
     x, y = data
     checkpoints = [(mlp.params[0], 1.0), (mlp.params[1], 1.0)]
 
@@ -580,8 +579,8 @@ def test_a_bias_outside_y_equals_xk_plus_b_is_refused_at_each_checkpoints_first_
     kw = dict(mode="last_layer", layers=["l2"], layer_input=mlp.hidden, batch_size=16, progress=False)
     with pytest.raises(
         ValueError,
-        match=r"at checkpoint 1, row 0 of the data \(the kernel's gradient is on the first and last rows of "
-        r"each checkpoint's first batch, .*: layer_input gives dL/d\(output\) \(x\) layer_input, which differs",
+        match=r"at checkpoint 1, row 0 of the data \(every row is checked; .*: layer_input gives the bias "
+        r"gradient as the kernel's dL/d\(output\), which differs",
     ) as e:
         export_gradients(penalised, [(zero_bias, 1.0), checkpoints[1]], (x, y), **kw)
     assert "or the loss uses l2/kernel or l2/bias outside y = x K + b" in str(e.value)
@@ -589,6 +588,31 @@ def test_a_bias_outside_y_equals_xk_plus_b_is_refused_at_each_checkpoints_first_
     for k, w in enumerate(mlp.weights):
         h = mlp.reference_grads(w, x, y)["hidden"]
         np.testing.assert_allclose(got.right[k][:, :-1], h, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bias_scaled_per_example_is_refused_on_the_first_such_row(mlp, data):
+    """y = x K + b * s with s 1 on the first batch and 3 from row 20 on: the bias gradient is not dL/dy
+    there, and the factors dL/db (x) [layer_input, 1] are not the kernel's gradient; refused at that row
+    (the kernel-gradient check on each checkpoint's first batch alone passed it)."""
+    x, y = data
+    scale = np.where(np.arange(len(x)) >= 20, 3.0, 1.0).astype(np.float32)
+
+    def scaled(p, i, t):
+        h = mlp.hidden(p, i["x"])
+        logits = h @ p["l2"]["kernel"] + p["l2"]["bias"] * i["s"][:, None]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], 1)[:, 0]
+
+    kw = dict(mode="last_layer", layers=["l2"], batch_size=16, progress=False)
+    with pytest.raises(
+        ValueError, match=r"at checkpoint 0, row 20 of the data \(every row is checked; .*bias gradient"
+    ):
+        export_gradients(
+            scaled,
+            [(mlp.params[0], 1.0)],
+            ({"x": x, "s": scale}, y),
+            layer_input=lambda p, i: mlp.hidden(p, i["x"]),
+            **kw,
+        )
 
 
 def test_a_layer_input_closing_over_one_checkpoints_params_is_refused_at_the_next(mlp, data):

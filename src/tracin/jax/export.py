@@ -113,7 +113,8 @@ def export_gradients(
         per example; a kernel used otherwise (twice, inside scan / while / cond, per token) is a ValueError
         saying how. layer_input is checked at every checkpoint, with the factors, on every row against
         the input the kernel's dot_general gets (read in the same pass, with or without a bias); with a
-        bias, the kernel's per-example gradient must also be dL/d(output) (x) layer_input (the bias enters
+        bias, every row's bias gradient against that dot_general's dL/d(output), and the kernel's
+        per-example gradient must also be dL/d(output) (x) layer_input (the bias enters
         as y = x K + b) on the first and last rows of each checkpoint's first batch, and on those of every
         batch where the kernel is used otherwise than in one such dot_general (twice, in scan, per token:
         rows between them are then not checked); to 1e-4 relative, or 8 eps of a coarser dtype computed

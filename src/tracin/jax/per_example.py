@@ -485,9 +485,10 @@ class LastLayer:
         """The (left, right) factors; a ValueError naming the row, as FullRows', for float64 values beyond
         float32's range, and a LayerInputError when layer_input is not the layer's input (once check_layer_input
         has set the tolerance): on any row, layer_input is not the input tapped at the kernel's dot_general
-        (_tap_check); with a bias, on the first and last rows of the checkpoint's first batch (of every batch
-        when the kernel has no tap), the kernel's gradient is not dL/dy (x) layer_input (_probe_check). The
-        factors are compiled for `batch` first (orient) if they were not yet."""
+        (_tap_check), or the bias gradient is not dL/d(output) there; with a bias, on the first and last rows
+        of the checkpoint's first batch (of every batch when the kernel has no tap), the kernel's gradient is
+        not dL/dy (x) layer_input (_probe_check). The factors are compiled for `batch` first (orient) if they
+        were not yet."""
         self.orient(batch)
         probe = np.array([0, batch.count - 1], np.int32)
         rtol = np.inf if self._rtol is None else self._rtol
@@ -499,11 +500,17 @@ class LastLayer:
         _watch(self.watch, losses, batch)
         checks = np.asarray(checks, np.float64)  # one transfer: [fits, tapped, each row's error, norms]
         self._tapped = bool(checks[1])
-        rel = checks[2 : 2 + jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]]
-        fits, norms = checks[0], checks[2 + rel.size :]
+        n = jax.tree_util.tree_leaves(batch.inputs)[0].shape[0]
+        rel, brel, norms = checks[2 : 2 + n], checks[2 + n : 2 + 2 * n], checks[2 + 2 * n :]
+        fits = checks[0]
         if not fits and (rel > self._rtol).any():
             row = int(np.argmax(rel > self._rtol))
             self._refuse(batch, row, rel[row], "differs from the input its dot_general gets by", "every row is")
+        brtol = max(self._rtol, 8 * float(jnp.finfo(selected[0].dtype).eps)) if self._rtol is not None else 0.0
+        if not fits and (brel > brtol).any():  # the bias's own dtype's tolerance, as in _bias_factors
+            row = int(np.argmax(brel > brtol))
+            what = "gives the bias gradient as the kernel's dL/d(output), which differs from it by"
+            self._refuse(batch, row, brel[row], what, "every row is", tapped=False)
         if not fits:
             self._refuse_probed(norms.reshape(-1, len(probe)), batch, probe)
         if probing:
@@ -603,11 +610,12 @@ def _bias_factors(
     arrays[kernel_pos], met by x (q,)): left = the per-example bias gradient, right = [layer_input, 1], and
     the checks of layer_input. Where the kernel has a tap (_bias_site, per batch shape), the bias gradient
     is computed in the pass that taps the input of the kernel's dot_general, against which layer_input is
-    checked on every real row (_tap_check), and, when `probing` (a checkpoint's first batch), the kernel's
-    gradient on the rows `probe` (_probe_check, under lax.cond), which the tap cannot see: that the bias
-    enters as y = x K + b. Without a tap, the kernel's gradient on the rows `probe` of every batch. The last
-    value is [fits, tapped (1.0 or 0.0), then _tap_check's per row values (0.0 without a tap), then
-    _probe_check's norms (1.0 when not probed)]."""
+    checked on every real row (_tap_check), as the bias gradient is against dL/d(output) of that dot_general
+    (y = x K + b: else dL/db (x) layer_input is not the kernel's gradient; a bias scaled or used again), and,
+    when `probing` (a checkpoint's first batch), the kernel's gradient on the rows `probe` (_probe_check,
+    under lax.cond). Without a tap, the kernel's gradient on the rows `probe` of every batch. The last
+    value is [fits, tapped (1.0 or 0.0), then _tap_check's per row values of layer_input, then of the bias
+    gradient (0.0 without a tap), then _probe_check's norms (1.0 when not probed)]."""
     from .jaxpr_taps import run_tapped
 
     def build(loss: LossFn, inputs_of: Callable) -> Callable:
@@ -619,22 +627,30 @@ def _bias_factors(
             closed, site = _bias_site(loss, layout, _avals(selected), _avals(arrays), example, kernel_pos, q)
 
             def one(x, y):
-                def loss_at(bias):
+                def loss_at(bias, zero):
                     args = jax.tree_util.tree_leaves((bias, arrays, x, y))
-                    outs, acts = run_tapped(closed, {0: site}, args, {0: jnp.zeros(site.out_shape, site.out_dtype)})
+                    outs, acts = run_tapped(closed, {0: site}, args, {0: zero})
                     return outs[0], acts[0]
 
-                (value, tapped), grad = jax.value_and_grad(loss_at, has_aux=True)(selected)
-                return value, grad, tapped.reshape(-1)
+                zero = jnp.zeros(site.out_shape, site.out_dtype)
+                (value, tapped), (grad, dy) = jax.value_and_grad(loss_at, (0, 1), has_aux=True)(selected, zero)
+                return value, grad, tapped.reshape(-1), dy.reshape(-1)
 
             x = inputs_of(layout.merge(selected, arrays), inputs)
             wide = jnp.result_type(jnp.float32, x.dtype, arrays[kernel_pos].dtype)
             if site is not None:
-                losses, grads, tapped = jax.vmap(one)(inputs, targets)
+                losses, grads, tapped, dy = jax.vmap(one)(inputs, targets)
                 fits, rel = _tap_check(x, tapped, probe, rtol)
+                # y = x K + b: the bias gradient (the left factor) must be dL/dy at the kernel's dot_general
+                db = grads[0].reshape(dy.shape)
+                sub = float(jnp.finfo(db.dtype).smallest_subnormal) * dy.shape[1] ** 0.5  # db in the bias dtype
+                brtol = jnp.maximum(rtol, 8 * float(jnp.finfo(db.dtype).eps))  # a bias stored coarser than the kernel
+                bfits, brel = _tap_check(db, dy, probe, brtol, floor=4 * sub)
+                fits = jnp.minimum(fits, bfits)
             else:
                 losses, grads = delta(selected, arrays, inputs, targets)
                 fits, rel = jnp.ones((), wide), jnp.zeros(x.shape[0], wide)
+                brel = rel
             (left, x), beyond = _float32_rows([grads[0], x])
             right = _with_ones(x)
             args = (selected, arrays, inputs, targets, left, right, probe, rtol)
@@ -646,7 +662,12 @@ def _bias_factors(
                 probe_fits, norms = jax.lax.cond(probing, checked, lambda: passed)
             fits = jnp.minimum(fits.astype(wide), probe_fits.astype(wide))
             head = jnp.stack([fits, jnp.asarray(site is not None, wide)])
-            return (left, right), beyond, losses, jnp.concatenate([head, rel.astype(wide), norms.astype(wide)])
+            return (
+                (left, right),
+                beyond,
+                losses,
+                jnp.concatenate([head, rel.astype(wide), brel.astype(wide), norms.astype(wide)]),
+            )
 
         return factors
 
@@ -688,13 +709,15 @@ def _probe_check(loss: LossFn, layout: ParamLayout, kernel: ParamLayout, sides: 
     return check
 
 
-def _tap_check(x: jax.Array, tapped: jax.Array, probe: jax.Array, rtol: Any) -> tuple[jax.Array, jax.Array]:
+def _tap_check(
+    x: jax.Array, tapped: jax.Array, probe: jax.Array, rtol: Any, floor: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
     """(fits, per row |x - tapped| / |tapped|): layer_input's values x (batch, q) against the input `tapped`
     (batch, q) the kernel's dot_general got, on the batch's real rows (up to probe[1], its last; 0 on the
     padding); fits 1.0 when every finite one is within `rtol`, else 0.0."""
     wide = jnp.result_type(jnp.float32, x.dtype, tapped.dtype)
     norm = jnp.linalg.norm(tapped.astype(wide), axis=1)
-    rel = jnp.linalg.norm(x.astype(wide) - tapped.astype(wide), axis=1) / (norm + 1e-30)
+    rel = jnp.linalg.norm(x.astype(wide) - tapped.astype(wide), axis=1) / (norm + 1e-30 + floor / rtol)
     real = jnp.arange(rel.shape[0]) <= probe[1]
     fits = jnp.all((rel <= rtol) | ~jnp.isfinite(rel) | ~real).astype(wide)
     return fits, jnp.where(real, rel, 0.0)
@@ -784,7 +807,12 @@ def _tapped_factors(layout: ParamLayout, path: str, shape: tuple, contract: int)
             x = inputs_of(layout.merge(selected, arrays), inputs)
             fits, rel = _tap_check(x, tapped, probe, rtol)
             (left, x), beyond = _float32_rows([left, x])
-            return (left, x), beyond, losses, jnp.concatenate([jnp.stack([fits, jnp.ones_like(fits)]), rel])
+            return (
+                (left, x),
+                beyond,
+                losses,
+                jnp.concatenate([jnp.stack([fits, jnp.ones_like(fits)]), rel, jnp.zeros_like(rel)]),
+            )
 
         return factors
 
