@@ -13,6 +13,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dask
 import numpy as np
@@ -579,3 +581,76 @@ def test_tasks_cancelled_with_a_lost_scheduler_are_named_so():
     message = str(job._cancelled("k-0"))
     assert "rows [0, 4) of /some/store was cancelled because the client lost its scheduler at tcp://10" in message
     assert "(status 'connecting'); call again once it is back" in message
+
+
+def _held(started: str, release: str):
+    """A task body that sets the distributed.Event `started`, then waits for `release` and fails (no
+    rows written): a call's task known to run when the test closes the call's client."""
+
+    def held(*args):
+        from distributed import Event
+
+        Event(started).set()
+        Event(release).wait(60)
+        raise RuntimeError("released by the test")
+
+    return held
+
+
+@contextmanager
+def _closed_once_started(client: Client) -> Iterator[tuple[Client, str, str]]:
+    """(a second client of `client`'s scheduler, the names of two distributed.Events): the second client
+    is closed from another thread once a task sets the first Event, as a notebook cell or an atexit hook
+    could close it during a call; the second Event, which ends the task, is set on the way out."""
+    closing = Client(client.scheduler.address, set_as_default=False)
+    started, release = (f"{what}-{uuid.uuid4().hex}" for what in ("started", "release"))
+
+    def close() -> None:
+        Event(started, client=client).wait(60)
+        closing.close()
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    try:
+        yield closing, started, release
+    finally:
+        Event(release, client=client).set()
+        closer.join(60)
+        closing.close()
+
+
+def test_a_client_closed_during_a_call_is_named_so(client):
+    """Not a lost scheduler, whose address a closed client no longer knows (review175 F1): the client
+    was closed, and the scheduler it was a client of is named."""
+    with _closed_once_started(client) as (closing, started, release):
+        job = Job(closing, "top_k")
+        shard = job.submit(_held(started, release), label="rows [0, 4) of /some/store")
+        with pytest.raises(TaskFailedError) as e:
+            job.wait([shard], progress=False)
+    assert closing.status == "closed"
+    assert str(e.value) == (
+        "tracin.distributed top_k: the task on rows [0, 4) of /some/store was cancelled because the client of "
+        f"the scheduler at {client.scheduler.address} was closed during the call (client.close(), or it lost "
+        "the scheduler and gave up reconnecting); call again with a running client"
+    )
+
+
+def test_an_export_whose_client_is_closed_during_the_call_gives_no_restart_advice(client, tmp_path):
+    """A closed client cannot restart: the export's note says to call again with a running client."""
+    pytest.importorskip("torch")
+    from .test_export import _setup
+
+    model, checkpoints, (inputs, targets), loss = _setup(8, 4)
+    batches = [(inputs, targets)]
+    store = tmp_path / "s"
+    with _closed_once_started(client) as (closing, started, release):
+        data = read_on_workers(batches, _held(started, release))
+        with pytest.raises(TaskFailedError, match=r"client of the scheduler at .* was closed during the call") as e:
+            td.export_gradients(
+                "torch", model, checkpoints, data, loss, store=store, client=closing, shards=1, progress=False
+            )
+    assert e.value.__notes__ == [
+        f"tracin.distributed export of {store}: its tasks already running on the workers go on until their rows "
+        "are written, or they fail (cancelling stops only those not started); wait for them before calling again "
+        "to resume (with a running client)"
+    ]

@@ -242,6 +242,11 @@ def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         td.aggregate(floats["test_store"], train, client=client, shards=6)
+    whole = tracin.GradientStore.open(floats["test_store"].path)  # one row chunk, its bound beyond the 40 rows
+    assert whole.row_chunks() > 40
+    with pytest.warns(UserWarning, match=r"has 1 row chunk\(s\) \(up to 40 rows each\)"):  # review175 F2
+        got = td.aggregate(whole, train, client=client, shards=3)
+    np.testing.assert_allclose(got, floats["scores"].sum(0), rtol=1e-5, atol=1e-4)
 
 
 def test_a_scheduler_that_does_not_answer_is_asked_once_per_retry_period(monkeypatch):

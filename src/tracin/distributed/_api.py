@@ -246,7 +246,8 @@ def _warn_chunks(test: GradientStore, shards: int | None) -> None:
     if shards is not None and shards > chunks:
         warnings.warn(
             f"tracin.distributed.aggregate: shards={shards}, but the test store (the side cut) has {chunks} row "
-            f"chunk(s) (up to {test.row_chunks()} rows each), and its shards start on them: {chunks} shard(s) run; "
+            f"chunk(s) (up to {min(test.row_chunks(), test.n_rows)} rows each), and its shards start on them: "
+            f"{chunks} shard(s) run; "
             "open it with a smaller chunk_bytes (GradientStore.open(path, chunk_bytes=...)) to cut it finer",
             stacklevel=3,
         )

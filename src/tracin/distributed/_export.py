@@ -205,11 +205,12 @@ def _write_ranges(
                 job.wait(parts, False)
         except (KeyboardInterrupt, TaskFailedError) as e:  # interrupted, or workers lost: a rerun resumes
             if outside:  # else the call's own LocalCluster, closed on the way out, stops its tasks
+                restart = ", or call client.restart()" if c.status == "running" else " (with a running client)"
                 _noted(
                     e,
                     f"tracin.distributed export of {path}: its tasks already running on the workers go on until "
                     "their rows are written, or they fail (cancelling stops only those not started); wait for them "
-                    "before calling again to resume, or call client.restart()",
+                    f"before calling again to resume{restart}",
                 )
             raise
         except Exception as e:  # a task's own error: its note (worker, rows) is shown before Python 3.11 too

@@ -39,6 +39,7 @@ class Job:
     def __init__(self, client: Client, what: str):
         self.client = client
         self.what = what
+        self.address = scheduler_address(client)  # a closed client forgets it: named in _cancelled
         self.token = uuid.uuid4().hex[:12]
         self.numbers = itertools.count()  # task keys: never reused, though release() drops futures
         self.futures: list[Future] = []
@@ -168,10 +169,16 @@ class Job:
     def _cancelled(self, key: str | None) -> TaskFailedError:
         task = self.labels.get(key, key) if key is not None else "one of its shards"
         status = getattr(self.client, "status", "running")
+        if status in ("closing", "closed"):  # closed during the call, here or after a lost scheduler
+            return TaskFailedError(
+                f"tracin.distributed {self.what}: the task on {task} was cancelled because the client of the "
+                f"scheduler at {self.address} was closed during the call (client.close(), or it lost the scheduler "
+                "and gave up reconnecting); call again with a running client"
+            )
         if status != "running":  # Dask cancels every future of a client that lost its scheduler
             return TaskFailedError(
                 f"tracin.distributed {self.what}: the task on {task} was cancelled because the client lost its "
-                f"scheduler at {scheduler_address(self.client)} (status {status!r}); call again once it is back, "
+                f"scheduler at {self.address} (status {status!r}); call again once it is back, "
                 "or with a client of a running scheduler"
             )
         return TaskFailedError(
