@@ -176,9 +176,12 @@ def _dense(projection: tracin.Projection, d: int) -> np.ndarray:
 
 @pytest.mark.parametrize("rows", [[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], ([1, 2, 3], [4, 5, 6])])
 def test_a_list_of_rows_gets_np_asarray_advice_not_astype(rows):
-    # review69 F6: a Python list has no .astype
+    # review69 F6: a Python list has no .astype; review173 F3: a list of rows is not read as checkpoints
     expected = r"^train: matrices\[0\] has dtype \w+; .* \(convert with np\.asarray\(x, dtype=np\.float32\)\)$"
     with pytest.raises(TypeError, match=expected):
+        tracin.self_influence([rows])  # one checkpoint
+    stack = r"^train: matrices: a \w+ is read as one .* 2 1-D rows: .*\(np\.asarray\(rows, dtype=np\.float32\)\)$"
+    with pytest.raises(ValueError, match=stack):
         tracin.self_influence(rows)
     np.testing.assert_allclose(
         tracin.self_influence(np.asarray(rows, dtype=np.float32)), (np.asarray(rows, np.float64) ** 2).sum(1), rtol=1e-6

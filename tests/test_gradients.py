@@ -86,6 +86,28 @@ def test_gradients_validation(matrices, weights, error, match):
         tracin.Gradients(matrices, weights)
 
 
+def test_a_list_of_one_d_rows_is_told_to_stack_them(rng):
+    """review173 F3: per-example rows collected in a list were read as checkpoints ("matrices[0] must be
+    2-D", or for lists of floats a dtype error whose advice only led there)."""
+    rows = [rng.standard_normal(4, dtype=np.float32) for _ in range(3)]
+    advice = r"a (list|tuple) is read as one \(rows, dims\) array per checkpoint; got a \1 of 3 1-D rows: "
+    advice += r".*np\.(stack|asarray)"
+    for value in (rows, tuple(rows), [r.tolist() for r in rows]):
+        with pytest.raises(ValueError, match="^matrices: " + advice):
+            tracin.Gradients(value)
+    with pytest.raises(ValueError, match="^train: matrices: " + advice):
+        tracin.scores(rng.standard_normal((2, 4), dtype=np.float32), rows)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"3 1-D rows: .*\(torch\.stack\(rows\)\)$"):
+        tracin.Gradients([torch.from_numpy(r) for r in rows])
+    with pytest.raises(ValueError, match="^right: a list is read as one"):
+        tracin.FactoredGradients(np.ones((3, 2), np.float32), rows)
+    # A list with one 2-D element is still one checkpoint; a mix of 1-D and 2-D keeps the per-checkpoint error.
+    assert tracin.Gradients([np.stack(rows)]).n_rows == 3
+    with pytest.raises(ValueError, match=r"matrices\[1\] must be 2-D"):
+        tracin.Gradients([np.stack(rows), rows[0]])
+
+
 _TWO = [np.zeros((2, 2), np.float32)] * 2
 
 

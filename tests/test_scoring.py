@@ -473,6 +473,20 @@ def test_float32_overflow_check_follows_rounding():
         _refuse_float32_overflow(np.array([0.0, largest + half_step, -1e39]))
 
 
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_aggregate_whose_float64_terms_overflow_both_ways_is_an_error_not_nan(device):
+    """review173 F1: weights 1e300 and -1e300 on rows of 3e38 make float64 per-checkpoint terms of +inf
+    and -inf; their NaN sum came back from torch:cpu with no error (the C++ kernel refuses it)."""
+    pytest.importorskip("torch")
+    test = np.full((2, 1), 3e38, np.float32)
+    train = np.array([[1.0], [2.0]], np.float32)
+    weights = [1e300, -1e300]
+    with pytest.raises(ValueError, match="overflowed float32"):
+        tracin.aggregate(
+            tracin.Gradients([test, test], weights), tracin.Gradients([train, train], weights), device=device
+        )
+
+
 @pytest.mark.parametrize("view", ["broadcast_to", "sliding_window_view"])
 def test_overlapping_row_views_are_scored_like_copies(rng, view):
     base = rng.standard_normal(40).astype(np.float32)

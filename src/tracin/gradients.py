@@ -60,11 +60,28 @@ def non_finite_rows(block: np.ndarray, code: int, limit: int = 5) -> list[int]:
 
 
 def _as_list(x: Any, name: str) -> list[Any]:
+    """A list or tuple as one array per checkpoint, anything else as the only one. A list whose elements
+    are all 1-D (per-example rows) is refused with the advice to stack them."""
     if isinstance(x, (list, tuple)):
         if not x:
             raise ValueError(f"{name} must hold at least one checkpoint")
+        if all(_is_row(e) for e in x):
+            stack = "np.asarray(rows, dtype=np.float32)"
+            if hasattr(x[0], "ndim"):
+                stack = "torch.stack(rows)" if is_torch_tensor(x[0]) else "np.stack(rows)"
+            raise ValueError(
+                f"{name}: a {type(x).__name__} is read as one (rows, dims) array per checkpoint; got a "
+                f"{type(x).__name__} of {len(x)} 1-D rows: stack them into one array first ({stack})"
+            )
         return list(x)
     return [x]
+
+
+def _is_row(x: Any) -> bool:
+    """Whether x is one 1-D row: an array with ndim 1, or a non-empty list or tuple of real numbers."""
+    if hasattr(x, "ndim"):
+        return x.ndim == 1
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(v, numbers.Real) for v in x)
 
 
 def _check_not_path(x: Any, name: str | None) -> None:

@@ -1240,7 +1240,7 @@ def aggregate(
     again in float64 (through per-checkpoint p x q matrices or pair by pair), so both layouts give the
     same sums there; the other rows keep their bits however the train rows are pieced (a test row
     beyond float32 once weighted sends every train row of its chunk to float64, so the test side's
-    chunking can change those bits); the torch devices refuse factored pair scores that overflow float32.
+    chunking can change those bits); the torch devices sum such train rows in float64 the same way.
     progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
     On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
@@ -1281,11 +1281,12 @@ def aggregate(
 
 
 def _refuse_float32_overflow(total: np.ndarray) -> None:
-    """ValueError naming the first rows of float64 (n,) sums that round to inf in float32."""
-    if np.abs(total).max(initial=0.0) <= _FLOAT32_MAX:
+    """ValueError naming the first rows of float64 (n,) sums that round to inf in float32 (or are NaN:
+    float64 terms that overflowed to +inf and -inf)."""
+    if np.abs(total).max(initial=0.0) <= _FLOAT32_MAX:  # False for a NaN
         return
     with np.errstate(over="ignore"):
-        overflowed = np.flatnonzero(np.isinf(total.astype(np.float32)))
+        overflowed = np.flatnonzero(~np.isfinite(total.astype(np.float32)))
     if overflowed.size:
         raise ValueError(
             f"aggregate influence overflowed float32 for train rows {overflowed[:5].tolist()} "
