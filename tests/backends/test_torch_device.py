@@ -88,6 +88,30 @@ def test_half_precision_rows_widen_exactly(rng, small_tiles, dtype):
     np.testing.assert_allclose(tracin.self_influence(x, device="torch:cpu"), own, rtol=1e-5)
 
 
+def test_host_rows_on_the_cpu_device_are_copied_once_and_aggregate_widens_slices(rng, small_tiles, monkeypatch):
+    """review173: torch:cpu peaked about two tiles above device "cpu" on a float32 memmap: each tile was
+    copied into a host buffer and again into a "device" buffer, and aggregate widened whole tiles to
+    float64. Now a CPU device's slots are their host buffers, and aggregate's float64 copies hold at
+    most _NORM_SLICE values (here 3 rows of a tile's 10), with the sums of float64 NumPy."""
+    from tracin.backends import _torch_rows
+
+    staging = _torch_rows._Staging(((0, 12, 0),), 10, torch.device("cpu"))
+    assert all(d is h for slot in range(2) for d, h in zip(staging.dev[slot], staging.host[slot], strict=True))
+    monkeypatch.setattr(torch_device, "_NORM_SLICE", 3 * 12)
+    widened, double = [], torch.Tensor.double
+
+    def recording_double(tensor):
+        widened.append(tensor.numel())
+        return double(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "double", recording_double)
+    test, train = rng.standard_normal((5, 12), dtype=np.float32), rng.standard_normal((95, 12), dtype=np.float32)
+    exact, bound = exact_scores([test], [train], [1.5]), score_bound([test], [train], [1.5])
+    got = tracin.aggregate(tracin.Gradients(test, [1.5]), tracin.Gradients(train, [1.5]), device="torch:cpu")
+    assert np.all(np.abs(got - exact.sum(0)) <= bound.sum(0))
+    assert widened and max(widened) <= 3 * 12
+
+
 def test_factored_sets(rng, small_tiles):
     left_t, right_t = [rng.standard_normal((7, 3), dtype=np.float32)], [rng.standard_normal((7, 6), dtype=np.float32)]
     left_x, right_x = [rng.standard_normal((60, 3), dtype=np.float32)], [rng.standard_normal((60, 6), dtype=np.float32)]

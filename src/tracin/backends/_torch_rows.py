@@ -5,8 +5,8 @@ Other blocks (NumPy views, memory-mapped store chunks, bfloat16 as uint16 bits, 
 GPU) are copied in tiles: on a CUDA device through two pinned staging buffers, each copied to one
 of two device buffers on a side stream, so that the copy of tile j + 1 overlaps the compute on
 tile j, and the copy of the next train piece's first tile overlaps the compute on this piece's last
-(TrainStream, kept for a whole public call); on a CPU device through the same two buffers without
-streams.
+(TrainStream, kept for a whole public call); on a CPU device through two host buffers (one copy
+of each tile) without streams.
 Everything reaches the compute as float32 (float16 / bfloat16 widen exactly on the device).
 """
 
@@ -73,8 +73,8 @@ def tile_rows(side: KernelSide, tile_bytes: int) -> int:
 
 class _Staging:
     """Two slots, each a host buffer (pinned on CUDA) and a device buffer per host block of a layout,
-    with the CUDA events that order their reuse. On a CPU device the events are absent: each step is
-    done when the call returns."""
+    with the CUDA events that order their reuse. On a CPU device a slot's host buffers are its device
+    buffers and the events are absent: each step is done when the call returns."""
 
     def __init__(self, layout: tuple, rows: int, device: torch.device):
         self.layout, self.rows = layout, rows  # layout: (block index, columns, host dtype code) per host block
@@ -85,7 +85,9 @@ class _Staging:
         for _ in range(2):
             shapes = [(rows, columns, _HOST_DTYPES[code]) for _, columns, code in layout]
             self.host.append([torch.empty(r, c, dtype=t, pin_memory=self.cuda) for r, c, t in shapes])
-            self.dev.append([torch.empty(r, c, dtype=t, device=device) for r, c, t in shapes])
+            # on a CPU device the host buffers are the device's: one copy of each tile, not two
+            dev = [torch.empty(r, c, dtype=t, device=device) for r, c, t in shapes] if self.cuda else self.host[-1]
+            self.dev.append(dev)
             self.copied.append(torch.cuda.Event() if self.cuda else None)
             self.consumed.append(torch.cuda.Event() if self.cuda else None)
         if self.cuda:
@@ -106,8 +108,6 @@ class _Staging:
         for buffer, piece in zip(self.host[slot], pieces, strict=True):
             buffer[:rows].copy_(piece)
         if not self.cuda:
-            for dev, buffer in zip(self.dev[slot], self.host[slot], strict=True):
-                dev[:rows].copy_(buffer[:rows])
             return
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.consumed[slot])

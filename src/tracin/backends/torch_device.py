@@ -207,7 +207,7 @@ class TorchBackend:
             for i0, i1, x in call.train_tiles():
                 x, scales = call.cosine(x)
                 total[i0:i1] = sum(
-                    w * (b.double() @ s) * (1.0 if scales is None else scales[c // normalize])
+                    w * _float64_products(b, s) * (1.0 if scales is None else scales[c // normalize])
                     for c, (w, b, s) in enumerate(zip(weights, x, sums, strict=True))
                 )
             return total.cpu().numpy()  # read once: no wait for the device per tile
@@ -572,7 +572,16 @@ def _squared_norms(block: torch.Tensor) -> torch.Tensor:
     return torch.cat([block[r : r + step].double().square().sum(1) for r in range(0, block.shape[0], step)])
 
 
-_NORM_SLICE = 2**22  # values per float64 slice of _squared_norms (32 MiB)
+def _float64_products(block: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """float64 (rows,) products of the float32 block's rows with a float64 vector, over slices of rows
+    (at most _NORM_SLICE values each), so that the float64 copy is a slice's, not the block's."""
+    step = max(1, _NORM_SLICE // max(block.shape[1], 1))
+    if block.shape[0] <= step:
+        return block.double() @ vector
+    return torch.cat([block[r : r + step].double() @ vector for r in range(0, block.shape[0], step)])
+
+
+_NORM_SLICE = 2**22  # values per float64 slice of _squared_norms and _float64_products (32 MiB)
 
 
 def _times_power_of_two(block: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
