@@ -169,6 +169,7 @@ def test_interrupted_export_says_its_running_tasks_go_on(client, tmp_path, monke
     with pytest.raises(KeyboardInterrupt) as e:
         td.export_gradients("torch", model, checkpoints, data, loss, store=tmp_path / "s", client=client)
     assert "tasks already running on the workers go on until their rows are written" in "".join(e.value.__notes__)
+    assert e.value.__notes__[-1].endswith("before calling again to resume, or call client.restart()")  # running
 
 
 @pytest.mark.parametrize(

@@ -615,6 +615,7 @@ def _closed_once_started(client: Client) -> Iterator[tuple[Client, str, str]]:
         yield closing, started, release
     finally:
         Event(release, client=client).set()
+        Event(started, client=client).set()  # a call that failed before its task started: no 60 s wait
         closer.join(60)
         closing.close()
 

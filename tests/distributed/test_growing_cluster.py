@@ -247,6 +247,11 @@ def test_aggregate_warns_when_shards_exceed_the_test_store_chunks(floats, client
     with pytest.warns(UserWarning, match=r"has 1 row chunk\(s\) \(up to 40 rows each\)"):  # review175 F2
         got = td.aggregate(whole, train, client=client, shards=3)
     np.testing.assert_allclose(got, floats["scores"].sum(0), rtol=1e-5, atol=1e-4)
+    with warnings.catch_warnings():  # no finer cut to advise: an empty or a one-row test store
+        warnings.simplefilter("error")
+        for rows in (slice(3, 3), slice(3, 4)):
+            got = td.aggregate(whole[rows], train, client=client, shards=3)
+            np.testing.assert_allclose(got, floats["scores"][rows].sum(0), rtol=1e-5, atol=1e-4)
 
 
 def test_a_scheduler_that_does_not_answer_is_asked_once_per_retry_period(monkeypatch):

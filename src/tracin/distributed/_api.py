@@ -241,9 +241,10 @@ def aggregate(
 
 
 def _warn_chunks(test: GradientStore, shards: int | None) -> None:
-    """A warning when shards= asks for more test shards than the test store has row chunks."""
+    """A warning when shards= asks for more test shards than the test store has row chunks, and it
+    has more rows than chunks (an empty or one-row store cannot be cut finer)."""
     chunks = max(1, -(-test.n_rows // test.row_chunks()))
-    if shards is not None and shards > chunks:
+    if shards is not None and shards > chunks and test.n_rows > chunks:
         warnings.warn(
             f"tracin.distributed.aggregate: shards={shards}, but the test store (the side cut) has {chunks} row "
             f"chunk(s) (up to {min(test.row_chunks(), test.n_rows)} rows each), and its shards start on them: "
