@@ -290,3 +290,52 @@ def test_a_first_moment_that_is_not_finite_is_refused_naming_the_parameter_and_t
     m[1, 2] = bad
     with pytest.raises(ValueError, match=r"^checkpoints\[1\]\[2\] \(opt.pt\): the first moment of fc.weight has 1 NaN"):
         check_moments("fc.weight", (2, 3), m, v, 2.0, "checkpoints[1][2] (opt.pt)")
+
+
+def _near_zero_message(caught) -> list[str]:
+    return [str(w.message) for w in caught if "near 0 but not 0" in str(w.message)]
+
+
+@pytest.mark.parametrize("tiny", [3e-18, 1e-9])
+def test_rank_one_warns_about_a_column_of_v_near_zero_whose_scale_is_far_over_the_layers(tiny):
+    """review174 F1: an attention key's bias has gradient 0 in exact arithmetic, its v ~1e-18 against ~1e-3 for
+    the weight; the rank-one scale of that column, 1 / sqrt(c), is then millions of times the others, so float32
+    rounding of its gradient dominates the layer's rows. Such a column (and row) is named in a RuntimeWarning
+    with its scale over the median of float64 NumPy's; the scales themselves stay the factorisation's."""
+    rng = np.random.default_rng(11)
+    weight, bias = _moments(rng, [(4, 3), (4,)], eps=1e-8)
+    bias = AdamMoments(bias.m, np.full(4, tiny, np.float32), bias.step, bias.b1, bias.b2, bias.eps)
+    v = weight.v.reshape(4, 3).astype(np.float64)
+    v[2] *= tiny  # row 2 near 0 too (a row of v scaled by 1e-18, 1e-9: scale 1e9, 3e4 times the median)
+    weight = AdamMoments(weight.m, v.reshape(-1).astype(np.float32), weight.step, weight.b1, weight.b2, weight.eps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        left, right = _scales([weight, bias], 0, True, 4, "'k.weight'", 1)
+    full = np.hstack([weight.v.reshape(4, 3), bias.v[:, None]]).astype(np.float64) / (1 - weight.b2**weight.step)
+    r, c = full.sum(1), full.sum(0)
+    np.testing.assert_allclose(left, np.sqrt(r.sum() / r), rtol=1e-12)
+    np.testing.assert_allclose(right, 1 / np.sqrt(c), rtol=1e-12)
+    ratio = max(np.max(np.sqrt(r.sum() / r)) / np.median(np.sqrt(r.sum() / r)), np.max(c**-0.5) / np.median(c**-0.5))
+    assert ratio > 1e4  # the setting the test means
+    (text,) = _near_zero_message(caught)
+    assert text.startswith(
+        "preconditioner='adam': 1 of 4 rows and 1 of 4 columns (the bias's, the last, among them) of the second "
+        "moments (v) of 'k.weight' are near 0 but not 0 in checkpoint 1: the rank-one factorisation scales them by "
+        f"up to {ratio:.1e} times the layer's median scale"
+    ), text
+    assert "attention key" in text and "layers=" in text and "preconditioner=None" in text
+
+
+def test_rank_one_does_not_warn_about_a_spread_of_scales_under_the_threshold():
+    """A row and a column of v 1e6 times smaller than the rest: scales 1e3 times the median, under 1e4 (float32
+    rounding there is then under 0.1% of a typical scaled entry): no warning."""
+    rng = np.random.default_rng(12)
+    (weight,) = _moments(rng, [(5, 4)])
+    v = np.ones((5, 4))
+    v[1] *= 1e-6
+    v[:, 3] *= 1e-6
+    weight = AdamMoments(weight.m, v.reshape(-1).astype(np.float32), weight.step, weight.b1, weight.b2, weight.eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        left, right = _scales([weight], 0, False, 5, "'w'")
+    assert 5e2 < left[1] / np.median(left) < 1e4 and 5e2 < right[3] / np.median(right) < 1e4

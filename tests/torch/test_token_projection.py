@@ -1149,3 +1149,158 @@ def test_a_layer_run_on_one_example_at_a_time_and_indexed_is_projected_from_its_
     ]
     want = projected_reference(projection, got.metadata["projection"]["segments"], grads, list(params))
     assert_rows_close(got.matrices[0], want)
+
+
+class _KeyBias(nn.Module):
+    """Embedding -> causal single-head attention whose key nn.Linear has a bias (as BERT's, ViT's, OPT's k_proj)
+    -> head. The key bias shifts every score of a query by the same q . b: softmax is shift-invariant, so its
+    gradient is 0 in exact arithmetic and its Adam v rounding noise squared (~1e-18 against ~1e-3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, WIDTH, padding_idx=0)
+        self.q, self.k, self.v = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / WIDTH**0.5
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        attended = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ self.v(h)
+        return self.head(torch.tanh(h + attended))
+
+
+def test_adam_on_a_key_bias_near_zero_v_is_named_and_not_blamed_on_a_use_outside_the_forward():
+    """review174 F1: with "adam", the rank-one scale of the key bias's column of v (~1e-18) was ~1e7 times the
+    weight's; the sum check compared the scaled rows, where float32 rounding of the ~0 bias gradient times that
+    scale missed its 1.1e-4 tolerance, and warned that k's weight is used outside its forward (false). The sum
+    check now projects by the unscaled factors (no such warning, as without "adam"), and the near-0 column is
+    named once per checkpoint in a RuntimeWarning with its scale over the median, float64 NumPy's from v."""
+    torch.manual_seed(0)
+    model = _KeyBias()
+    ids, labels, _ = sequences(12, 7, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoints = []
+    for _ in range(2):
+        for _ in range(3):
+            opt.zero_grad()
+            token_loss(model(ids), labels).sum().backward()
+            opt.step()
+        checkpoints.append((copy.deepcopy(model.state_dict()), 1e-3, copy.deepcopy(opt.state_dict())))
+    names = [n for n, _ in model.named_parameters()]
+    proj = tracin.Projection(5 * 16, 2, per_layer=True, kronecker=True)
+    for preconditioner in (None, "adam"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_gradients(
+                model,
+                checkpoints,
+                (ids, labels),
+                token_loss,
+                projection=proj,
+                batch_size=4,
+                preconditioner=preconditioner,
+                progress=False,
+            )
+        said = [str(w.message) for w in caught]
+        assert not [t for t in said if "do not sum" in t], said
+        near = [t for t in said if "near 0 but not 0" in t]
+        assert len(near) == (2 if preconditioner else 0), said
+    for c, (_, _, opt_state) in enumerate(checkpoints):
+        state = opt_state["state"]
+        step = float(state[names.index("k.weight")]["step"])
+        v = np.hstack(
+            [state[names.index(n)]["exp_avg_sq"].double().numpy().reshape(WIDTH, -1) for n in ("k.weight", "k.bias")]
+        ) / (1 - 0.999**step)
+        right = v.sum(0) ** -0.5
+        assert v[:, -1].max() < 1e-12 < v[:, :-1].min()  # the setting the test means
+        assert near[c].startswith(
+            f"preconditioner='adam': 0 of {WIDTH} rows and 1 of {WIDTH + 1} columns (the bias's, the last, among "
+            f"them) of the second moments (v) of 'k.weight' are near 0 but not 0 in checkpoint {c}: the rank-one "
+            f"factorisation scales them by up to {right[-1] / np.median(right):.1e} times the layer's median scale"
+        ), near[c]
+
+
+def test_with_adam_the_sum_check_still_catches_a_weight_also_used_outside_its_forward():
+    """The sum check projects by the unscaled factors with "adam" too: fc's weight used by F.linear for the flagged
+    examples of the second batch is still caught there, in one warning."""
+    torch.manual_seed(0)
+    model = _ReusedLater("fc")
+    ids, labels, _ = sequences(12, 7, seed=1)
+    ids[:, 0] = 1
+    ids[[5, 9, 10], 0] = _ReusedLater.FLAGGED
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        token_loss(model(ids), labels).sum().backward()
+        opt.step()
+    checkpoint = (copy.deepcopy(model.state_dict()), 0.01, copy.deepcopy(opt.state_dict()))
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_gradients(
+            model,
+            [checkpoint],
+            (ids, labels),
+            token_loss,
+            projection=proj,
+            batch_size=4,
+            preconditioner="adam",
+            progress=False,
+        )
+    said = [str(w.message) for w in caught if "do not sum" in str(w.message)]
+    assert len(said) == 1 and "rows of layer 'fc' (by" in said[0] and "batch 2's summed loss" in said[0], said
+
+
+class _KeyBiasInFloat32(_KeyBias):
+    """_KeyBias casting its embeddings to float32: it cannot run in float64 (float32 activations meet float64
+    weights), so the first-rows check has no float64 second look."""
+
+    def forward(self, ids):
+        h = self.emb(ids).float()
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / WIDTH**0.5
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+        attended = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ self.v(h)
+        return self.head(torch.tanh(h + attended))
+
+
+def test_with_adam_the_first_rows_check_does_not_refuse_a_key_bias_near_zero_v_without_float64():
+    """review174 F1, the first-rows check: it compared rows projected by the Adam-scaled factors, where float32
+    rounding of the key bias's ~0 gradient times a scale ~1e7 over the median is beyond its tolerances; only its
+    float64 second look accepted k, and a model that cannot run in float64 was refused (a layer "mixes the
+    examples"). It now checks by the unscaled factors; a real use outside the forward is still refused with "adam"."""
+    torch.manual_seed(0)
+    model = _KeyBiasInFloat32()
+    ids, labels, _ = sequences(12, 7, seed=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        token_loss(model(ids), labels).sum().backward()
+        opt.step()
+    checkpoint = (copy.deepcopy(model.state_dict()), 1e-3, copy.deepcopy(opt.state_dict()))
+    proj = tracin.Projection(5 * 16, 1, per_layer=True, kronecker=True)
+    with pytest.warns(RuntimeWarning, match="of 'k.weight' are near 0 but not 0"):
+        g = export_gradients(
+            model,
+            [checkpoint],
+            (ids, labels),
+            token_loss,
+            projection=proj,
+            batch_size=4,
+            preconditioner="adam",
+            progress=False,
+        )
+    assert np.isfinite(g.matrices[0]).all()
+    penalised = _Penalised()
+    ids, labels, _ = sequences(4, 5, seed=1)
+    with pytest.raises(ValueError, match=r"per-token gradients of \['head'\] disagree"):
+        export_gradients(
+            penalised,
+            [_adam_checkpoint(penalised, ids, labels)],
+            (ids, labels),
+            token_loss,
+            layers=["head"],
+            projection=tracin.Projection(4, per_layer=True, kronecker=True),
+            preconditioner="adam",
+            progress=False,
+        )

@@ -16,7 +16,13 @@ the opposite there: it divides a gradient on a zero v by eps, so it dominates it
 warns (RuntimeWarning, once per layer per checkpoint, from the sums r and c: O(size of v)) when
 some of a layer's v is 0, naming the layer, the zero entries, rows and columns and what each path
 does; and when all of the weight's v is 0 (its part of every row is zero). An embedding's padding_idx
-row (no gradient ever, masked in its rows) is left out of that count.
+row (no gradient ever, masked in its rows) is left out of that count. eps is left out because it cannot
+bound the rank-one scales: a row or column of v near 0 but not 0 (the bias of an attention key, whose
+gradient is 0 in exact arithmetic: v ~1e-18 against ~1e-3) gets a scale millions of times its layer's
+median, so that float32 rounding of its ~0 gradient dominates the layer's rows; a floor of eps^2 on r
+and c still leaves it 1e6 times the median. _scales warns about such rows and columns instead (over
+_NEAR_ZERO times the median: float32 rounding of a typical entry there is over 0.1% of a typical scaled
+one), in the same call as the zero-v warning.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import numpy as np
 
 from .._caller import user_stacklevel
 from .preconditioner import AdamMoments
+
+_NEAR_ZERO = 1e4  # a rank-one scale over this times its layer's median: float32 rounding becomes 0.1% of an entry
 
 
 def layer_groups(params: Sequence[tuple[str, Sequence[int]]], slot_dims: Sequence[Any]) -> list[tuple[int, bool, int]]:
@@ -115,9 +123,9 @@ def _scales(
     """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
     moments[k + 1] when `bias`). With `warn` (the callers pass it the first time they scale the layer
     in a checkpoint: one warning per layer per checkpoint) it warns (_warn_zero_v) when some or all of
-    the layer's v is 0, naming it `name` (else by its shape) and `checkpoint`; row `padding_row` (an
-    nn.Embedding's padding_idx, whose row never has gradient and is masked by the caller) is left out
-    of that count."""
+    the layer's v is 0, and (_warn_near_zero_v) when some of its rows or columns are near 0 but not 0,
+    naming it `name` (else by its shape) and `checkpoint`; row `padding_row` (an nn.Embedding's
+    padding_idx, whose row never has gradient and is masked by the caller) is left out of both."""
     w = moments[k]
     v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
     if bias:
@@ -127,15 +135,49 @@ def _scales(
     with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
         left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
         right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
+    if not warn:
+        return left, right
     counted = v if padding_row is None else np.delete(v, padding_row, axis=0)
-    zero = counted.size - int(np.count_nonzero(counted)) if warn else 0
+    zero = counted.size - int(np.count_nonzero(counted))
+    where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
+    what = name if name is not None else f"a layer of {p} x {v.shape[1] - bias} (out, in)"
+    if padding_row is not None:
+        what += f" (its padding_idx row {padding_row} left out: it never has gradient)"
     if zero:
-        where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
-        what = name if name is not None else f"a layer of {p} x {v.shape[1] - bias} (out, in)"
-        if padding_row is not None:
-            what += f" (its padding_idx row {padding_row} left out: it never has gradient)"
         _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps)
+    rows = left if padding_row is None else np.delete(left, padding_row)
+    _warn_near_zero_v(what, where, _outliers(rows), _outliers(right), len(rows), bias)
     return left, right
+
+
+def _outliers(scales: np.ndarray) -> np.ndarray:
+    """Each of `scales` over the median of the positive ones (0 where a scale is 0: v all 0 there)."""
+    positive = scales[scales > 0]
+    return scales / np.median(positive) if positive.size else np.zeros_like(scales)
+
+
+def _warn_near_zero_v(name: str, where: str, rows: np.ndarray, cols: np.ndarray, p: int, bias: bool) -> None:
+    """The RuntimeWarning about the rows and columns of a layer's v whose rank-one scales are over _NEAR_ZERO
+    times the layer's median (`rows`, `cols`: each scale over that median): a v sum 1e8 times smaller than
+    typical, as for a gradient that is 0 in exact arithmetic and only float32 rounding in practice."""
+    far_rows, far_cols = rows > _NEAR_ZERO, cols > _NEAR_ZERO
+    if not far_rows.any() and not far_cols.any():
+        return
+    q = cols.size
+    bias_col = " (the bias's, the last, among them)" if bias and far_cols[-1] else ""
+    warnings.warn(
+        f"preconditioner='adam': {int(far_rows.sum())} of {p} rows and {int(far_cols.sum())} of {q} columns"
+        f"{bias_col} of the second moments (v) of {name} are near 0 but not 0{where}: the rank-one factorisation "
+        f"scales them by up to {max(rows.max(), cols.max()):.1e} times the layer's median scale (warned over "
+        f"{_NEAR_ZERO:.0e}: a row or column sum of v 1e8 times the median's or less), so float32 rounding there "
+        "(eps 1.2e-7 of a typical entry) weighs over 0.1% of a typical scaled entry. Where their gradient is 0 in "
+        "exact arithmetic (the bias of an attention key: softmax is shift-invariant), the layer's rows are then "
+        "mostly amplified rounding noise; where it is small but real (a token last seen long before the "
+        "checkpoint), mostly those entries. Leave those parameters out of layers= (a key bias adds nothing), or "
+        "export with preconditioner=None",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _warn_zero_v(

@@ -28,8 +28,11 @@ check's tolerances (in 16 bits eps x the positions summed: gross misses only), o
 later batch, which leaves the sum alone, is not seen.
 
 preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
-columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint; plain
-segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their projection.
+columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint (a row or
+column of v near 0 but not 0, whose scale is then millions of times the layer's, is warned about: rank_one.py);
+plain segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their projection. The first-rows
+check and the sum check project by the unscaled factors (the latter by a second per-token product per call):
+they do not depend on the scales.
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ class KroneckerRows:
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.device = first.device
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._unscaled: list[tuple[torch.Tensor, torch.Tensor]] = []  # with "adam": the sum check's factors
         self._checkpoint: int | None = None
         self._warned: set[int] = set()  # checkpoints whose factors have been scaled (and zero v warned about)
         self._unbatched: dict[str, PerExampleGradients] = {}  # embeddings called on ids without a batch dimension
@@ -191,12 +195,15 @@ class KroneckerRows:
         if self.preconditioner:  # every chosen parameter's: the state's checks (one learning rate) see them all
             by_name = dict(zip(self._shapes, self._moments(checkpoint, list(self._shapes)), strict=True))
             moments = [by_name[n] for s in self.kron for n in s.names]
-        self._factors, k = [], 0
+        self._factors, self._unscaled, k = [], [], 0
         for seg in self.kron:
             p_rows, p_cols = (
                 np.asarray(p, np.float64) for p in self.projection.layer_factors(seg.index, seg.layer, seg.dim)
             )
             if moments is not None:
+                self._unscaled.append(
+                    tuple(torch.as_tensor(p, dtype=self.dtype, device=self.device) for p in (p_rows, p_cols))
+                )
                 padding = self._modules[seg.module].padding_idx if seg.kind == "embedding" else None
                 left, right = _layer_scales(
                     moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint, warn, padding
@@ -228,9 +235,21 @@ class KroneckerRows:
         also used outside its module's forward), and the layers= that leaves them out. Tolerances of the
         state's coarsest dtype against a reference with 16-bit state widened to float32, widened by the
         own-dtype autograd's gap to it, per segment (first_rows_check); a float32 segment beyond them is
-        refused only if its float64 rows disagree too (_beyond_rounding)."""
+        refused only if its float64 rows disagree too (_beyond_rounding). With "adam", by the unscaled
+        factors: whether a layer's rows are its examples' does not depend on the preconditioner, whose
+        scales would multiply the rounding of a row or column of v near 0 (an attention key's bias) by
+        millions, beyond the tolerances, and refuse the layer where the model cannot run in float64."""
         if not self.kron:
             return
+        scaled = self._factors
+        self._factors = self._unscaled or scaled
+        try:
+            self._check_rows(state, inputs, targets)
+        finally:
+            self._factors = scaled
+
+    def _check_rows(self, state: Mapping[str, torch.Tensor], inputs: Tree, targets: Tree) -> None:
+        """check, by the factors self._factors."""
         inputs, targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         got = self._projected(state, inputs, targets, rows)
         expanded = set(self._expanded)
@@ -391,6 +410,16 @@ class KroneckerRows:
         unbatched: dict[str, tuple[int, ...]] = {}  # embedding: the shape of its first ids without a batch dimension
         tokens: dict[str, int] = {}  # positions (examples x tokens, over the calls) the layer's rows sum
         grad_dtypes: dict[str, set[torch.dtype]] = {}  # the dtypes of its output gradients
+        # with "adam" the sum check projects by the unscaled factors too (_sum_checked)
+        unscaled = (
+            {seg.module: f for seg, f in zip(self.kron, self._unscaled, strict=True)}
+            if summing and self._unscaled
+            else {}
+        )
+        unscaled_totals = {
+            m: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
+            for m, (p_rows, p_cols) in unscaled.items()
+        }
 
         def consume(layer: str, index: int, call: Call) -> None:
             if layer in unusable or layer in unbatched:
@@ -406,6 +435,8 @@ class KroneckerRows:
                 unusable[layer] = str(e)
                 return
             totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
+            if layer in unscaled:
+                unscaled_totals[layer] += _token_product(seg, a, b, *unscaled[layer], self._modules[layer], self.dtype)
             tokens[layer] = tokens.get(layer, 0) + b.shape[0] * b.shape[1]
             grad_dtypes.setdefault(layer, set()).add(b.dtype)
 
@@ -455,7 +486,9 @@ class KroneckerRows:
             totals.update(self._from_full([layer], full, state, inputs, targets, rows))
         if summed is not None:
             checked = [m for m in streamed if m in tokens and m not in unusable and m not in self._unbatched]
-            self._sum_checked(checked, totals, summed, tokens, grad_dtypes, state, inputs, targets, rows)
+            self._sum_checked(
+                checked, totals, unscaled_totals, summed, tokens, grad_dtypes, state, inputs, targets, rows
+            )
         if unusable:
             layer, why = next(iter(unusable.items()))
             seg = by_module[layer][0]
@@ -516,6 +549,7 @@ class KroneckerRows:
         self,
         layers: list[str],
         totals: dict[str, torch.Tensor],
+        unscaled_totals: Mapping[str, torch.Tensor],
         summed: Mapping[str, torch.Tensor | None],
         tokens: Mapping[str, int],
         grad_dtypes: Mapping[str, set[torch.dtype]],
@@ -526,25 +560,30 @@ class KroneckerRows:
     ) -> None:
         """Each of `layers`' per-token rows (totals[layer], (rows, k_rows, k_cols)) summed over the batch against
         P_rows [G | g] P_cols^T of autograd's gradient of the batch's summed loss (`summed`: from the same backward
-        pass, every use of the weight included), within hook_gradients._unsummed's tolerances of the coarsest dtype
-        of the layer's parameters, their summed gradients and its output gradients, over tokens[layer] positions
-        (in float32 1.1e-4 of the rows' norm; in 16 bits eps x the positions: gross misses only). A weight also used
-        outside its module's forward (F.linear(x, layer.weight), a functional tied head, a forward hook) for examples
-        past the first rows checked is missed by the hooks: such a layer's rows of this batch are replaced by its
-        full per-example gradients (PerExampleGradients) projected by the same factors, with a warning naming the
-        layers the first time in the export (`unsummed_batches` counts such batches); the next batch takes the hooks
-        again. Costs autograd's weight gradients in the backward pass and one projection of a weight-sized matrix
-        per layer."""
-        factors = {seg.module: (seg, f) for seg, f in zip(self.kron, self._factors, strict=True)}
+        pass, every use of the weight included), both by the projection's own factors (with "adam" its unscaled
+        ones: the rows in `unscaled_totals`, not the exported ones: whether the hooks saw
+        every use does not depend on the preconditioner, whose scales would multiply the rounding of a row or
+        column of v near 0, as an attention key's bias, by millions and blame it on a missed use), within
+        hook_gradients._unsummed's tolerances of the coarsest dtype of the layer's parameters, their summed
+        gradients and its output gradients, over tokens[layer] positions (in float32 1.1e-4 of the rows' norm; in 16
+        bits eps x the positions: gross misses only). A weight also used outside its module's forward (F.linear(x,
+        layer.weight), a functional tied head, a forward hook) for examples past the first rows checked is missed by
+        the hooks: such a layer's rows of this batch are replaced by its full per-example gradients
+        (PerExampleGradients) projected by the same (scaled) factors, with a warning naming the layers the first time
+        in the export (`unsummed_batches` counts such batches); the next batch takes the hooks again. Costs
+        autograd's weight gradients in the backward pass and one projection of a weight-sized matrix per layer (with
+        "adam", the per-token products twice: scaled for the rows, unscaled for the check)."""
+        factors = {seg.module: (seg, f) for seg, f in zip(self.kron, self._unscaled or self._factors, strict=True)}
         missed: dict[str, tuple[float, float]] = {}
         for layer in layers:
             seg, (p_rows, p_cols) = factors[layer]
+            hooked = unscaled_totals.get(layer, totals[layer])
             grads = [_dense(summed[n], state[n]) for n in seg.names]
             want = p_rows @ _layer_matrix(seg, [g.to(self.dtype) for g in grads]) @ p_cols.T
             dtype = coarsest(
                 [*(state[n] for n in seg.names), *grads, *(torch.empty(0, dtype=d) for d in grad_dtypes[layer])]
             )
-            found = _unsummed(totals[layer].sum(0), want, totals[layer].reshape(rows, -1), tokens[layer], dtype)
+            found = _unsummed(hooked.sum(0), want, hooked.reshape(rows, -1), tokens[layer], dtype)
             if found is not None:
                 missed[layer] = found
         if not missed:
