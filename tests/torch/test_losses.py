@@ -5,6 +5,7 @@ equal to float64 per-example autograd."""
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -298,3 +299,112 @@ def test_outputs_that_are_not_batch_first_are_not_judged():
     state = model.state_dict()
     got = export_gradients(model, [(state, 1.0)], (x, y), loss, progress=False, batch_size=2).matrices[0]
     assert _relerr(got, _reference(model, state, x, y, loss)) < 1e-5
+
+
+class Checkpointed(nn.Module):
+    """A block between two layers run under torch.utils.checkpoint (reentrant or not)."""
+
+    def __init__(self, reentrant: bool | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.h = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.reentrant = reentrant
+
+    def block(self, t):
+        return torch.tanh(self.b(t))
+
+    def forward(self, x):
+        t = torch.tanh(self.a(x))
+        if self.reentrant is not None:  # None: the same model without checkpointing, the reference's
+            return self.h(torch.utils.checkpoint.checkpoint(self.block, t, use_reentrant=self.reentrant))
+        return self.h(self.block(t))
+
+
+_CHECKPOINTING = r"checkpoints its activations .* model\.gradient_checkpointing_disable\(\)"
+HOW = {
+    "full": {},
+    "factored": {"mode": "factored"},
+    "last_layer": {"mode": "last_layer"},
+    "kronecker": {"projection": tracin.Projection(16, seed=0, per_layer=True, kronecker=True)},
+}
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_non_reentrant_checkpointing_is_refused_at_a_checkpoint_other_than_the_live_weights(how):
+    """Was exported with no warning, rows silently wrong (full: layer a's 20-60% off, factored: 57%): the backward
+    recomputed the block from the model's own weights, the checkpoint's swapped out (review183 F1)."""
+    model = Checkpointed(reentrant=False)
+    x, y = _data()
+    with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=False.*model's own weights"):
+        export_gradients(model, [(_later(model), 1.0)], (x, y), CE, progress=False, batch_size=3, **HOW[how])
+    assert torch.utils.checkpoint._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reentrant_checkpointing_at_a_checkpoint_other_than_the_live_weights_is_refused_or_right(mode):
+    model = Checkpointed(reentrant=True)
+    state = _later(model)
+    x, y = _data()
+    try:
+        got = export_gradients(model, [(state, 1.0)], (x, y), CE, mode=mode, progress=False, batch_size=3)
+    except ValueError as e:
+        assert re.search(_CHECKPOINTING, str(e))
+        return
+    names = ["h.weight", "h.bias"] if mode == "last_layer" else None
+    want = _reference(Checkpointed(reentrant=None), state, x, y, CE, names)
+    np.testing.assert_allclose(tracin.scores(got, got), want @ want.T, rtol=1e-4, atol=1e-5 * np.abs(want).max() ** 2)
+
+
+class Prior(nn.Module):
+    """Logits, and a class prior (a buffer) and a temperature (a frozen parameter) a logit-adjusted loss reads."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        self.register_buffer("log_prior", torch.log(torch.tensor([0.5, 0.3, 0.2])))
+        self.temperature = nn.Parameter(torch.tensor(1.5), requires_grad=False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("read", ["log_prior", "temperature"])
+def test_a_loss_fn_reading_a_buffer_or_frozen_parameter_the_checkpoint_holds_otherwise_is_refused(read, mode):
+    """Was exported with the live buffer: rows 49% off those of the checkpoint's (review183 F2)."""
+    model = Prior()
+    state = _later(model)  # its buffer and frozen parameter differ from the live ones
+    live = {n: t.clone() for n, t in model.state_dict().items()}
+
+    def loss(logits, targets):
+        if read == "log_prior":
+            return CE(logits + model.log_prior, targets)
+        return CE(logits / model.temperature, targets)
+
+    x, y = _data()
+    with pytest.raises(ValueError, match=rf"loss_fn reads the model's buffer or frozen parameter '{read}' directly"):
+        export_gradients(model, [(state, 1.0)], (x, y), loss, mode=mode, progress=False, batch_size=4)
+    for n, t in model.state_dict().items():  # the values tried are put back
+        assert torch.equal(t, live[n]), n
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_loss_fn_reading_a_buffer_the_checkpoint_holds_unchanged_is_not_refused(mode):
+    """A fixed prior, equal in every checkpoint: the loss sees the checkpoint's value, the rows are right."""
+    model = Prior()
+    state = _later(model)
+    state["log_prior"] = model.log_prior.clone()
+    state["temperature"] = model.temperature.detach().clone()
+
+    def loss(logits, targets):
+        return CE(logits / model.temperature + model.log_prior, targets)
+
+    def reference_loss(logits, targets):
+        return CE(logits / state["temperature"].double() + state["log_prior"].double(), targets)
+
+    x, y = _data(10)
+    got = export_gradients(model, [(state, 1.0)], (x, y), loss, mode=mode, progress=False, batch_size=4)
+    names = ["net.2.weight", "net.2.bias"] if mode == "last_layer" else None
+    want = _reference(model, state, x, y, reference_loss, names)
+    np.testing.assert_allclose(tracin.scores(got, got), want @ want.T, rtol=1e-4, atol=1e-5 * np.abs(want).max() ** 2)

@@ -1,6 +1,6 @@
 """The loss function: checked up front (callable, reduction), run on a model with a checkpoint's tensors swapped in, and
-its output checked (one loss per example, depending on the parameters); activation checkpointing,
-which per-example gradients cannot run through, refused."""
+its output checked (one loss per example, depending on the parameters, not on the model's own tensors in place of the
+checkpoint's); activation checkpointing, which per-example gradients cannot run through, refused."""
 
 from __future__ import annotations
 
@@ -233,14 +233,26 @@ def check_loss_on(
     nn.DataParallel does, or an unrelated thread's) costs the same passes; it refuses the chosen parameters
     used inside a cut block in whichever thread, when they then get no gradient or also one from outside.
     A torch.compile'd model is checked uncompiled (_uncompiled); a compiled submodule of an uncompiled
-    model is not (its cut block's warning comes when it is traced only: such a block goes unseen)."""
+    model is not (its cut block's warning comes when it is traced only: such a block goes unseen).
+    A block run under torch.utils.checkpoint(use_reentrant=False) is refused whenever the forward runs one: its
+    backward recomputes the block after the checkpoint's tensors are swapped out, from the model's own weights
+    (the rows would be silently wrong at any checkpoint but those weights). A loss_fn reading one of the model's
+    own parameters (_refuse_live_parameters) or buffers or frozen parameters that the checkpoint holds otherwise
+    (_refuse_live_buffers) is refused."""
     model = _uncompiled(model)
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
         outputs = call_model(model_caller(model, {**state, **leaves}), inputs)
         losses = _loss_call(loss_fn, outputs, targets)
+    if cut.recomputed:
+        raise _checkpointing(
+            "torch.utils.checkpoint(use_reentrant=False) recomputes its block in the backward pass, after the "
+            "checkpoint's tensors are swapped out, from the model's own weights: every row but those at the "
+            "model's current weights would be silently wrong"
+        )
     check_losses(losses, rows)
     _refuse_live_parameters(model, {**state, **leaves}, losses)
+    _refuse_live_buffers(model, state, loss_fn, outputs, targets, losses)
     if cut or cut.elsewhere:
         unreached = _unreached(losses, leaves)
         used = _used_without_grad(model, state, leaves, loss_fn, inputs, targets)
@@ -298,6 +310,67 @@ def _refuse_live_parameters(model: nn.Module, called: Mapping[str, torch.Tensor]
             "loss_fn needs), and leave regularizers out of loss_fn: TracIn traces each example's own loss. (A "
             "forward reaching the parameter other than through its module, e.g. a reference kept in a plain "
             "list, is refused so too)"
+        )
+
+
+def _refuse_live_buffers(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    loss_fn: LossFn,
+    outputs: object,
+    targets: Tree,
+    losses: torch.Tensor,
+) -> None:
+    """ValueError when loss_fn reads one of the model's buffers or frozen parameters (autograd cannot see them:
+    _refuse_live_parameters does not) as the model holds it, where `state` holds another value: loss_fn is called
+    again on the same `outputs` with those tensors' values set in place to the state's (put back after: a loss_fn
+    holding the tensor itself, not reading the attribute, is caught too), and when its losses then change, with
+    each alone, to name it. Not judged for a loss_fn whose losses change on a second call as they are (it draws
+    random numbers). Costs loss_fn calls only (two; one more per such tensor when it reads one), no forward
+    pass."""
+    own = {n: t for n, t in model.named_buffers(remove_duplicate=False)}
+    own.update((n, p) for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
+    differing: dict[int, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+    for n, t in own.items():
+        given = state.get(n)
+        if id(t) in differing:
+            differing[id(t)][0].append(n)
+        elif isinstance(given, torch.Tensor) and given is not t and given.shape == t.shape:
+            value = given.detach().to(t.device, t.dtype)
+            if not torch.equal(value, t):
+                differing[id(t)] = ([n], t, value)
+    if not differing:
+        return
+    detached = tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, outputs)
+    before = losses.detach()
+
+    def changed() -> bool:
+        with torch.no_grad():
+            again = _loss_call(loss_fn, detached, targets).detach()
+        return not (torch.equal(again, before) or torch.allclose(again, before, rtol=1e-6, atol=0, equal_nan=True))
+
+    def changed_with(tried: list[tuple[list[str], torch.Tensor, torch.Tensor]]) -> bool:
+        kept = [tensor.detach().clone() for _, tensor, _ in tried]
+        try:  # through .data: no version counter bumped (FreshBuffers would take it for a forward's write)
+            for _, tensor, value in tried:
+                tensor.data.copy_(value)
+            return changed()
+        finally:
+            for (_, tensor, _), old in zip(tried, kept, strict=True):
+                tensor.data.copy_(old)
+
+    # an inference tensor (a model loaded under torch.inference_mode) cannot be set in place here
+    settable = [d for d in differing.values() if torch.is_inference_mode_enabled() or not d[1].is_inference()]
+    if not settable or changed() or not changed_with(settable):  # changed(): random losses, nothing to compare
+        return
+    read = [_named(names) for names, tensor, value in settable if changed_with([(names, tensor, value)])]
+    if read:
+        raise ValueError(
+            f"loss_fn reads the model's buffer or frozen parameter{'s' if len(read) > 1 else ''} {_listed(read)} "
+            "directly, outside the model's forward (e.g. logits + model.log_prior): tracin runs the forward with "
+            "each checkpoint's tensors, buffers included, in place of the model's and calls loss_fn after it, "
+            "where it sees the model's current values, not the checkpoint's (they differ): every row would be "
+            "wrong. Use it inside the model's forward (wrap the model in an nn.Module returning what loss_fn needs)"
         )
 
 
@@ -433,9 +506,26 @@ def _checkpointing(why: str) -> ValueError:
 
 class _Cut(list):
     """A _checkpoint_warnings' list of its thread's _NO_INPUT_GRAD warnings; `elsewhere`: one came meanwhile
-    from a thread collecting none."""
+    from a thread collecting none; `recomputed`: a block ran under torch.utils.checkpoint(use_reentrant=False)
+    meanwhile in its thread, or in a thread collecting none."""
 
     elsewhere = False
+    recomputed = False
+
+
+def _noting_recomputed(generator: Callable) -> Callable:
+    """torch.utils.checkpoint's non-reentrant `generator`, noting each block it runs in _Cut.recomputed: the
+    calling thread's innermost list, or every active one when that thread collects none (the model's block run
+    in a worker thread)."""
+
+    def noted(*args, **kwargs):
+        cut = getattr(_collecting, "cut", None)
+        with _INSTALL:
+            for other in [cut] if cut is not None else _installed["active"].values():
+                other.recomputed = True
+        return generator(*args, **kwargs)
+
+    return noted
 
 
 class _CheckpointWarnings:
@@ -464,7 +554,8 @@ class _CheckpointWarnings:
 
 
 _collecting = threading.local()  # .cut: the _Cut of the innermost _checkpoint_warnings of this thread
-# "active": the _Cut of every _checkpoint_warnings under way; "saved": torch.utils.checkpoint's own `warnings`
+# "active": the _Cut of every _checkpoint_warnings under way; "saved": torch.utils.checkpoint's own `warnings`,
+# "generator": its own _checkpoint_without_reentrant_generator
 _installed: dict[str, object] = {"active": {}}  # "active" by id: a _Cut equals any list with its items
 _INSTALL = threading.Lock()
 
@@ -473,10 +564,11 @@ _INSTALL = threading.Lock()
 def _checkpoint_warnings() -> Iterator[_Cut]:
     """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, in this
     thread, whatever the caller's filters and whatever was shown before, and notes (`elsewhere`) one shown
-    meanwhile by a thread collecting none; every other warning, and every warning of other threads, is shown
-    as it would have been (no catch_warnings: its change of the filters' version makes Python forget the
-    warnings it showed once per location, and the model's own would then be shown again on every export; no
-    swap of warnings.showwarning, filters or registries, which are the whole process's). Safe in several
+    meanwhile by a thread collecting none, and (`recomputed`) a non-reentrant checkpointed block run (torch's
+    _checkpoint_without_reentrant_generator swapped alike); every other warning, and every warning of other
+    threads, is shown as it would have been (no catch_warnings: its change of the filters' version makes Python
+    forget the warnings it showed once per location, and the model's own would then be shown again on every
+    export; no swap of warnings.showwarning, filters or registries, which are the whole process's). Safe in several
     threads at once and nested: torch.utils.checkpoint's `warnings` is replaced by the first entry and put
     back by the last exit (under a lock)."""
     cut = _Cut()
@@ -486,6 +578,8 @@ def _checkpoint_warnings() -> Iterator[_Cut]:
         if not _installed["active"]:
             _installed["saved"] = torch.utils.checkpoint.warnings
             torch.utils.checkpoint.warnings = _CheckpointWarnings()
+            _installed["generator"] = generator = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+            torch.utils.checkpoint._checkpoint_without_reentrant_generator = _noting_recomputed(generator)
         _installed["active"][id(cut)] = cut
     try:
         yield cut
@@ -494,6 +588,7 @@ def _checkpoint_warnings() -> Iterator[_Cut]:
             del _installed["active"][id(cut)]
             if not _installed["active"]:
                 torch.utils.checkpoint.warnings = _installed.pop("saved")
+                torch.utils.checkpoint._checkpoint_without_reentrant_generator = _installed.pop("generator")
         _collecting.cut = outer
 
 
