@@ -690,3 +690,43 @@ def test_a_float16_head_with_a_bias_on_confident_examples_is_not_refused():
     dy = soft - np.eye(3)[y]
     np.testing.assert_allclose(right[:, :-1], f, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(left[2:], dy[2:], rtol=2e-2, atol=2e-3)  # rows not subnormal: to float16 rounding
+
+
+@pytest.mark.parametrize("in_scan", [False, True])
+def test_a_float16_product_with_a_float32_bias_on_confident_examples_is_not_refused(in_scan):
+    """A float32 head whose product runs in float16 and whose float32 bias is added after it (y = (x16 @ K16) + b):
+    on confidently fit rows dL/dy is float16-subnormal at the product but not in the bias gradient, and the
+    kernel's gradient is rounded to float16's subnormal steps; a correct layer_input must not be refused
+    (it was: the bias check by 1.1%, the kernel-gradient probe by 2.4%). Outer products match float64 NumPy's."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 5)).astype(np.float32)
+    p = {
+        "w1": rng.standard_normal((5, 6)).astype(np.float32),
+        "k": 8 * rng.standard_normal((6, 4)).astype(np.float32),
+        "b": rng.standard_normal(4).astype(np.float32),
+    }
+    feats = lambda p, x: jnp.tanh(x @ p["w1"])  # noqa: E731
+
+    def head(p, x):
+        return (feats(p, x).astype(jnp.float16) @ p["k"].astype(jnp.float16)).astype(jnp.float32) + p["b"]
+
+    def logits(p, x):
+        if not in_scan:
+            return head(p, x)
+        return jax.lax.scan(lambda c, _: (head(p, x), None), jnp.zeros((x.shape[0], 4)), None, length=1)[0]
+
+    def loss_fn(p, x, y):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits(p, x)), y[:, None], 1)[:, 0]
+
+    y = np.asarray(jnp.argmax(logits(p, x), axis=1))  # every row fit, many with a loss below 1e-6
+    assert (np.asarray(loss_fn(p, x, y)) < 1e-6).sum() >= 5
+    g = export_gradients(
+        loss_fn, [(p, 1.0)], (x, y), mode="last_layer", layers=["k", "b"], layer_input=feats, batch_size=8
+    )
+    f = np.tanh(x.astype(np.float64) @ p["w1"])
+    np.testing.assert_allclose(np.asarray(g.right[0], np.float64)[:, :-1], f, rtol=1e-5, atol=1e-6)
+    half = lambda a: a.astype(np.float16).astype(np.float64)  # noqa: E731
+    lg = half(half(f) @ half(p["k"])) + p["b"]  # the product rounded to float16, as the loss computes it
+    soft = np.exp(lg - lg.max(1, keepdims=True))
+    dy = soft / soft.sum(1, keepdims=True) - np.eye(4)[y]
+    np.testing.assert_allclose(np.asarray(g.left[0], np.float64), dy, rtol=0, atol=1e-3)

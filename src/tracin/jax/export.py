@@ -30,6 +30,7 @@ from .params import (
     as_patterns,
     host_array,
     layout_of,
+    leaf_path,
     linen_collections,
     nnx_variables,
     train_state_entries,
@@ -283,6 +284,8 @@ class _JaxExport:
             self.fingerprints["layer_input"] = callable_identity(layer_input)
         else:
             default = _linen_default(self._first) if layers is None else None
+            if layers is None and isinstance(first, (str, os.PathLike)):
+                _warn_saved_nnx(self._first, first)
             self.layout = layout_of(self._first, layers if layers is not None else default)
             if kronecker is not None:  # (projection, checkpoints, Adam's settings or None), taken per token
                 projection, entries, adam = kronecker
@@ -445,6 +448,25 @@ def _linen_default(params: Any) -> list[str] | None:
             stacklevel=user_stacklevel(),
         )
     return ["params"]
+
+
+def _warn_saved_nnx(params: Any, source: Any) -> None:
+    """A UserWarning when a checkpoint path restores what looks like a Flax NNX State saved whole (every leaf at a
+    'value' key, as orbax / flax.serialization save nnx.split(model)'s State): the restored dicts have lost the
+    Variable types, so every floating leaf is exported by default, BatchNorm's running statistics (BatchStat) too,
+    which the in-memory State would leave out."""
+    paths = [leaf_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    if not paths or not all(path == "value" or path.endswith("/value") for path in paths):
+        return
+    warnings.warn(
+        f"checkpoint {os.fspath(source)!r} looks like a Flax NNX State saved whole (every leaf at a 'value' key); "
+        "restored from the file it has lost its Variable types, so every floating leaf is exported, non-trained "
+        "ones such as BatchNorm's running statistics (BatchStat) too: restore it yourself with the abstract State "
+        "as target (ocp.StandardCheckpointer().restore(path, nnx.state(abstract_model))) and pass that State, save "
+        "the State of nnx.split(model, nnx.Param, ...), or name the trained leaves in layers=",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _kronecker_rows() -> type:

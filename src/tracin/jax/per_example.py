@@ -643,7 +643,8 @@ def _bias_factors(
                 fits, rel = _tap_check(x, tapped, probe, rtol)
                 # y = x K + b: the bias gradient (the left factor) must be dL/dy at the kernel's dot_general
                 db = grads[0].reshape(dy.shape)
-                sub = float(jnp.finfo(db.dtype).smallest_subnormal) * dy.shape[1] ** 0.5  # db in the bias dtype
+                # db in the bias dtype, dy in the product's output dtype (float16, a float32 bias added after it)
+                sub = max(float(jnp.finfo(t.dtype).smallest_subnormal) for t in (db, dy)) * dy.shape[1] ** 0.5
                 brtol = jnp.maximum(rtol, 8 * float(jnp.finfo(db.dtype).eps))  # a bias stored coarser than the kernel
                 bfits, brel = _tap_check(db, dy, probe, brtol, floor=4 * sub)
                 fits = jnp.minimum(fits, bfits)
@@ -654,11 +655,12 @@ def _bias_factors(
             (left, x), beyond = _float32_rows([grads[0], x])
             right = _with_ones(x)
             args = (selected, arrays, inputs, targets, left, right, probe, rtol)
+            out_sub = _coarsest_subnormal(closed)  # dL/dy may be rounded in a coarser dtype than the kernel's
             if site is None:
-                probe_fits, norms = check(*args)
+                probe_fits, norms = check(*args, out_sub)
             else:
                 passed = jnp.ones((), wide), jnp.ones((2 + len(sides)) * probe.shape[0], wide)
-                checked = lambda: tuple(a.astype(wide) for a in check(*args))  # noqa: E731
+                checked = lambda: tuple(a.astype(wide) for a in check(*args, out_sub))  # noqa: E731
                 probe_fits, norms = jax.lax.cond(probing, checked, lambda: passed)
             fits = jnp.minimum(fits.astype(wide), probe_fits.astype(wide))
             head = jnp.stack([fits, jnp.asarray(site is not None, wide)])
@@ -672,6 +674,24 @@ def _bias_factors(
         return factors
 
     return build
+
+
+def _coarsest_subnormal(closed: ClosedJaxpr) -> float:
+    """The smallest subnormal of the coarsest floating dtype the values of a traced function have (nested jaxprs
+    included): the step a float16 product (dL/dy of a confident example) rounds tiny values to."""
+    subs = [0.0]
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                dtype = getattr(getattr(v, "aval", None), "dtype", None)
+                if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+                    subs.append(float(jnp.finfo(dtype).smallest_subnormal))
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(closed.jaxpr)
+    return max(subs)
 
 
 def _with_ones(x: jax.Array) -> jax.Array:
@@ -689,12 +709,13 @@ def _probe_check(loss: LossFn, layout: ParamLayout, kernel: ParamLayout, sides: 
     finite (left to the checks of non-finite rows), else 0.0."""
     kernel_grad = jax.vmap(jax.grad(_one_example_loss(loss, kernel)), in_axes=(None, None, 0, 0))
 
-    def check(selected, arrays, inputs, targets, left, right, probe, rtol):
+    def check(selected, arrays, inputs, targets, left, right, probe, rtol, out_sub=0.0):
         rows = jax.tree_util.tree_map(lambda a: a[probe], (inputs, targets))
         grad = kernel_grad(*kernel.split(layout.merge(selected, arrays)), *rows)[0]
         # a 16-bit gradient's entries below its smallest normal (dL/dy of a confident example) are rounded to
         # multiples of its smallest subnormal, not to a fraction of themselves: a few of those per entry allowed
         sub = float(jnp.finfo(grad.dtype).smallest_subnormal) if jnp.issubdtype(grad.dtype, jnp.floating) else 0.0
+        sub = max(sub, out_sub)  # dL/dy rounded in a coarser output dtype (a float16 product) than the kernel's
         wide = jnp.result_type(jnp.float32, grad.dtype)
         grad = grad.reshape(probe.shape[0], -1).astype(wide)
         d, x = left[probe].astype(wide), right[probe][:, : grad.shape[1] // left.shape[1]].astype(wide)
