@@ -10,6 +10,7 @@ import torch
 from _models import LateReuse
 from torch import nn
 from torch_oracle import (
+    MeanMix,
     SharedQuery,
     assert_scores_match,
     captum_scores,
@@ -21,7 +22,8 @@ from torch_oracle import (
 
 import tracin
 from tracin._export.metadata import LEFT, RIGHT
-from tracin.torch import export_gradients
+from tracin.torch import export_gradients, last_layer
+from tracin.torch.last_layer import LinearFactors
 
 LOSS = nn.CrossEntropyLoss(reduction="none")
 
@@ -459,6 +461,67 @@ def test_a_half_precision_weight_used_outside_its_forward_is_still_refused(mode,
         export_gradients(model, [(model.state_dict(), 1.0)], (x, y), loss, mode=mode, progress=False)
 
 
+def _per_example_mse(o, t):
+    return (o - t).pow(2).mean(1)
+
+
+def well_fit_regression(mix: float | None = None, seed: int = 0):
+    """review183 F3: an MLP 8-32-16 (MeanMix(mix) before its head: examples mixed) at a well-fit checkpoint, targets
+    its own outputs plus 1e-4 noise (residuals 1e-4 of outputs ~1): (model, state, x, y)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), *([MeanMix(mix)] if mix else []), nn.Linear(32, 16))
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        y = model(x) + 1e-4 * torch.randn(64, 16)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}, x, y
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(("mode", "layers"), [("factored", ["0", "2"]), ("last_layer", ["2"])])
+def test_a_well_fit_float32_regression_passes_the_check_and_matches_float64(mode, layers, seed):
+    """Was refused ('the factors of ['0', '2'] disagree ... a layer or loss_fn mixing the examples'): the residual,
+    the left factor, differs batched vs alone by float32 rounding of the outputs, ~1e-3 of itself. A float32 layer
+    that disagrees is now checked again in float64, where it agrees; the rows are float64 autograd's to float32
+    rounding of that residual."""
+    model, state, x, y = well_fit_regression(seed=seed)
+    g = export_gradients(model, [(state, 1.0)], (x, y), _per_example_mse, mode=mode, layers=layers, progress=False)
+    for c, layer in enumerate(layers):
+        got = as_full(g.left[c].astype(np.float64), g.right[c].astype(np.float64))
+        want = float64_rows(model, state, x, y, _per_example_mse, [f"{layer}.weight", f"{layer}.bias"])
+        err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+        assert err.max() < 5e-3, (layer, err.max())  # float32 rounding of residuals 1e-4 of the outputs
+
+
+@pytest.mark.parametrize(("mode", "bad"), [("factored", r"\['0', '3'\]"), ("last_layer", r"\['3'\]")])
+def test_a_well_fit_regression_mixing_its_examples_is_still_refused_after_the_float64_look(mode, bad):
+    """The float64 look sees a batch mean (1% of it added before the head) as float32 did."""
+    model, state, x, y = well_fit_regression(mix=0.01)
+    with pytest.raises(ValueError, match=rf"mode='{mode}': the factors of {bad} disagree.*Use mode='full'"):
+        export_gradients(model, [(state, 1.0)], (x, y), _per_example_mse, mode=mode, progress=False)
+
+
+def test_the_float64_look_is_made_only_for_a_disagreement(monkeypatch):
+    """Its cost (a float64 copy of the state and a pass) only where float32 disagrees: not for a classifier."""
+    looks = []
+    widened = LinearFactors._verdict_widened
+    monkeypatch.setattr(LinearFactors, "_verdict_widened", lambda *a: looks.append(a[-1]) or widened(*a))
+    model = mlp()
+    x, y = classification_data(16, seed=1)
+    export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, mode="factored", progress=False)
+    assert looks == []
+    model, state, x, y = well_fit_regression()
+    export_gradients(model, [(state, 1.0)], (x, y), _per_example_mse, mode="last_layer", layers=["2"], progress=False)
+    assert [f.__name__ for f in looks] == ["as_float64"]
+
+
+def test_under_autocast_the_float64_look_is_not_made():
+    """The exported factors carry autocast's rounding: a disagreement there is refused naming autocast."""
+    model, state, x, y = well_fit_regression()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="torch.autocast"):
+        with pytest.raises(ValueError, match=r"disagree.*under torch.autocast, cpu bfloat16"):
+            export_gradients(model, [(state, 1.0)], (x, y), _per_example_mse, mode="last_layer", progress=False)
+
+
 class MCDropout(nn.Module):
     """Dropout kept on in eval mode (MC dropout): the forward draws random numbers."""
 
@@ -687,3 +750,11 @@ def test_a_weight_reused_outside_its_layer_after_the_checked_rows_is_refused_on_
         export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode="factored", batch_size=8, progress=False)
     x[:, 0] = 0.0
     export_gradients(model, [(state, 1.0)], (x, y), LOSS, mode="factored", batch_size=8, progress=False)
+
+
+def test_a_well_fit_regression_without_room_for_the_float64_look_is_refused_saying_so(monkeypatch):
+    """Where the float64 copy would not fit, the float32 verdict stands, the refusal saying why."""
+    monkeypatch.setattr(last_layer, "float64_room", lambda state: "the float64 check was skipped (simulated)")
+    model, state, x, y = well_fit_regression()
+    with pytest.raises(ValueError, match=r"disagree.*\(the float64 check was skipped \(simulated\)\)\. Use mode="):
+        export_gradients(model, [(state, 1.0)], (x, y), _per_example_mse, mode="last_layer", progress=False)

@@ -21,10 +21,13 @@ from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import (
     DIRECTIONS,
+    active_autocast,
+    as_float64,
     autocast_note,
     checked_rows,
     directions,
     directions_agree,
+    float64_room,
     one_row_error,
     tolerances,
 )
@@ -141,12 +144,20 @@ class LinearFactors:
         weight also used outside its forward, a hook changing the output, examples mixed). A forward
         drawing random numbers (dropout with training=True) is checked row by row instead, each row's
         factors and derivatives under one RNG state (examples mixed then go unseen). Half-precision
-        layers that disagree are checked again in float32 (below)."""
+        layers that disagree are checked again in float32, and layers that still disagree there (or in a
+        float32 model) again in float64 (_verdict_widened), outside torch.autocast (whose rounding the
+        exported factors carry: refused)."""
         head_inputs, head_targets, rows = checked_rows(inputs, targets, batch_rows(targets, "targets"))
         heads = [(left[:rows], right[:rows]) for left, right in factors]
         bad, random = self._verdict(state, head_inputs, head_targets, rows, heads)
         if bad and any(t.dtype in _HALF for t in state.values()):
-            bad, random = self._verdict_in_float32(state, head_inputs, head_targets, rows) or (bad, random)
+            bad, random = self._verdict_widened(state, head_inputs, head_targets, rows, _upcast) or (bad, random)
+        skipped = None  # why the float64 look was not made
+        narrower = any(t.dtype != torch.float64 for t in state.values() if t.is_floating_point())
+        if bad and narrower and not active_autocast():
+            skipped = float64_room(state)
+            if skipped is None:
+                bad, random = self._verdict_widened(state, head_inputs, head_targets, rows, as_float64) or (bad, random)
         if bad:
             raise ValueError(
                 f"mode={self.mode!r}: the factors of {bad} disagree with per-example autograd on the first rows: "
@@ -154,6 +165,7 @@ class LinearFactors:
                 "changing a layer's output, or a layer or loss_fn mixing the examples of a batch"
                 + (" (the forward draws random numbers, e.g. dropout with training=True)" if random else "")
                 + autocast_note()
+                + (f" ({skipped})" if skipped else "")
                 + f". Use mode='full' with layers={self._full_layers()!r}."
             )
 
@@ -166,15 +178,20 @@ class LinearFactors:
             bad = self._disagreeing(state, apart, inputs, targets, rows, None)
         return bad, random
 
-    def _verdict_in_float32(self, state, inputs: Tree, targets: Tree, rows: int) -> tuple[list[str], bool] | None:
-        """_verdict on a float32 copy of the half-precision state and inputs, the factors recomputed on
-        these rows: float16 and bfloat16 backward passes round per-row weight gradients to subnormals
-        or zero (a depth-8 MLP: every entry, 1e-2 off float64), so their derivatives are no reference,
-        while a weight used outside its forward, a hook or examples mixed disagree in float32 too. A
-        forward that cannot run in float32 (a hard-coded cast) gives None: the half-precision verdict stands."""
-        copies = {id(t): _upcast(t) for t in state.values()}  # a tied tensor's names share one copy
+    def _verdict_widened(
+        self, state, inputs: Tree, targets: Tree, rows: int, widen: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[list[str], bool] | None:
+        """_verdict on copies of the state and inputs `widen`ed (_upcast: 16-bit to float32; as_float64: every
+        floating tensor to float64; a tied tensor's names share one copy), the factors recomputed on these rows.
+        Why: float16 and bfloat16 backward passes round per-row weight gradients to subnormals or zero (a depth-8
+        MLP: every entry, 1e-2 off float64), and a well-fit float32 regression's left factor, its residual
+        (output - target ~1e-4 of outputs ~1), differs batched vs alone by float32 rounding of the outputs beyond
+        rtol; so their derivatives are no reference, while a weight used outside its forward, a hook or examples
+        mixed disagree when widened too (float64 rounds ~2e-9 times as much as float32). A forward that cannot
+        run widened (a hard-coded cast) gives None: the verdict stands."""
+        copies = {id(t): widen(t) for t in state.values()}
         up = {n: copies[id(t)] for n, t in state.items()}
-        inputs, targets = tree_map(_upcast, inputs), tree_map(_upcast, targets)
+        inputs, targets = tree_map(widen, inputs), tree_map(widen, targets)
         try:
             return self._verdict(up, inputs, targets, rows, self._row_factors(up, inputs, targets))
         except (RuntimeError, NotCaptured):

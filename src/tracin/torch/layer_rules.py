@@ -21,6 +21,7 @@ holders (GPT-2's Embedding and lm_head) accumulate in place.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .capture import Call, NotCaptured
+from .first_rows_check import _autocast_dtype
 
 Tokens = tuple[torch.Tensor, torch.Tensor]
 
@@ -77,8 +79,8 @@ def token_form(module: nn.Module, call: Call, rows: int) -> Tokens:
 
 def per_example_grad(module: nn.Module, leaf: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, *shape) gradients of the parameter `leaf` ("weight" or "bias") of a covered module, from
-    one call's token form."""
-    out = b.new_empty((b.shape[0], *getattr(module, leaf).shape))
+    one call's token form, in the dtype of b, or of a where it is wider (_computed_in)."""
+    out = b.new_empty((b.shape[0], *getattr(module, leaf).shape), dtype=_computed_in(a, b))
     write_per_example_grad(module, leaf, a, b, out, accumulate=False)
     return out
 
@@ -87,15 +89,33 @@ def write_per_example_grad(
     module: nn.Module, leaf: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool
 ) -> None:
     """per_example_grad written into `out` (B, *shape), or added to it when `accumulate`; `out` may be
-    a strided view (its last dimension contiguous) and of another dtype than b."""
-    if out.dtype != b.dtype:  # computed in the layer's dtype, converted once
+    a strided view (its last dimension contiguous) and of another dtype than the one computed in. Outside
+    the caller's torch.autocast (which casts the products to its dtype, not out's): under it a layer's
+    input a is float32 and its output gradient b bfloat16, computed in float32."""
+    dtype = _computed_in(a, b)
+    if out.dtype != dtype:  # computed in the layer's dtype, converted once
         part = per_example_grad(module, leaf, a, b)
         if accumulate:
             out.add_(part)
         else:
             out.copy_(part)
         return
-    _rule_of(module).write(module, a, b, leaf, out, accumulate)
+    a = a.to(dtype) if a.is_floating_point() else a  # an Embedding's ids stay integers
+    with _autocast_off(out.device):
+        _rule_of(module).write(module, a, b.to(dtype), leaf, out, accumulate)
+
+
+def _computed_in(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype a call's gradients are computed in: b's, or floating a's where it is wider (autocast)."""
+    return torch.promote_types(a.dtype, b.dtype) if a.is_floating_point() else b.dtype
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast disabled on `device` (CPU, CUDA) where the caller's is on; else nothing (entering an
+    autocast context costs a few microseconds, twice a hooked parameter and pass)."""
+    if device.type in ("cpu", "cuda") and _autocast_dtype(device.type) is not None:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def mixes_examples(module: nn.Module) -> bool:

@@ -72,7 +72,9 @@ class PerExampleGradients:
       first rows, against the per-example loop (16-bit state widened to float32 for it), within tolerances of
       the state's coarsest dtype widened by the gap of the loop in the model's own dtype to that reference
       (first_rows_check.tolerances): a disagreement (a layer that mixes examples, a parameter also used
-      outside its module's forward) sends every parameter to vmap, with a warning; equal non-finite values on
+      outside its module's forward) sends every parameter to vmap, with a warning, where a float32 one is still
+      there when the checked rows' hooked pass and autograd are run again in float64 (_disagree_in_float64: a
+      well-fit regression's residuals differ by float32 rounding alone, batched vs alone); equal non-finite values on
       both sides agree (an example with a NaN loss is exported as it is; scoring refuses it, naming its row).
       Calls shared by the batch (batch size 1, broadcast later, as Hugging Face position embeddings)
       are covered; unbatched ones are not: an embedding whose 1-D ids do not grow from example 0 alone to
@@ -573,29 +575,34 @@ class PerExampleGradients:
         own_gap = gap((_stacked(reference.own, k), want) for k, (_, want) in enumerate(pairs)) if widened else 0.0
         tokens = tokens_counted(reference, self.model, self.hooks.layers, state, slice_rows(head_inputs, 0, 1))
         if not agrees(pairs, reference.dtype, tokens, widened, own_gap):
+            dtype32 = reference.dtype == torch.float32 and not widened  # (autocast's dtype is not)
             if random_forward(self.model, state, self.loss_fn, head_inputs, head_targets):
                 _warn_leaving(
                     "they disagree with per-example autograd on the first batch, and the forward draws "
                     "random numbers (three passes on the same rows gave different losses: dropout with "
                     "training=True, sampling?): every method then gives other rows on every run"
                 )
-            elif (
+                return False
+            if (
                 not self.hooks.expanded
                 and (found := self._checked_outputs_differ(state, inputs, seen, out.shape[0], rows)) is not None
             ):
                 # (a layer whose batch-1 calls the hooks expanded makes the hooked outputs differ by itself)
                 self._found = found
                 return None
-            else:
+            unjudged = self._disagree_in_float64(state, head_inputs, head_targets, hooked) if dtype32 else ""
+            if unjudged is not None:
                 _warn_leaving(
-                    "they disagree with per-example autograd on the first batch: a layer or loss_fn mixes the "
-                    "examples of a batch, or a parameter is also used outside its module's forward (by the model, "
-                    "or by loss_fn)"
+                    "they disagree with per-example autograd on the first batch"
+                    + (", also in float64" if dtype32 and not unjudged else "")
+                    + ": a layer or loss_fn mixes the examples of a batch, or a parameter is also used outside its "
+                    "module's forward (by the model, or by loss_fn)"
                     + (", or a layer ran on one example at a time" if self.hooks.expanded else "")
                     + self._one_at_a_time_layers(out.shape[0])
                     + autocast_note()
+                    + (f" ({unjudged})" if unjudged else "")
                 )
-            return False
+                return False
         first, self.checked_one = not self.checked_one, True
         self.checked = rows > 1  # one row cannot show a layer mixing the examples: checked again
         if self.others and first:
@@ -614,6 +621,40 @@ class PerExampleGradients:
                 stacklevel=4,
             )
         return True
+
+    def _disagree_in_float64(self, state, inputs: Tree, targets: Tree, hooked: list[str]) -> str | None:
+        """For a float32 first-rows check that failed: None when the hooked rows of `hooked` on these rows (`inputs`,
+        `targets`: the checked rows, as one pass) agree with per-example autograd when both are run again in float64
+        (the state, inputs and targets as float64 copies: _float64_state), within the float64 tolerances
+        (first_rows_check.agrees); "" when they still disagree; else why float64 could not judge. Why: a well-fit
+        regression's per-example gradients carry its residual (output - target, ~1e-4 of outputs ~1), which batched vs
+        alone differs by float32 rounding of the outputs, beyond rtol of the residual; float64 shrinks that rounding
+        ~2e-9-fold, while a layer or loss_fn mixing the examples or a parameter used outside its module's forward
+        disagrees as much as in float32 (as _beyond_rounding for outputs). Once an export at most (the first batch)."""
+        why = float64_room(state)
+        if why is not None:
+            return why
+        wide, x, y = self._float64_state(state), as_float64(inputs), as_float64(targets)
+        rows = batch_rows(y, "targets")
+        device = state[hooked[0]].device
+        out = torch.zeros((rows, self.width), dtype=torch.float64, device=device)
+        hooks = self.hooks
+        kept = hooks.expanded, hooks.outputs, hooks.losses, hooks.unsummed, hooks.bytes_per_row
+        try:
+            _, unusable = hooks(wide, x, y, out, self.columns)
+            reference = list(example_gradients(self.model, wide, hooked, self.loss_fn, x, y, rows))
+        except Exception as e:  # the model's or loss's error in float64; KeyboardInterrupt passes
+            if device_failure(e):
+                raise
+            message = str(e).splitlines()[0] if str(e) else ""
+            return f"the float64 check could not run: {type(e).__name__}: {message}"
+        finally:
+            hooks.expanded, hooks.outputs, hooks.losses, hooks.unsummed, hooks.bytes_per_row = kept
+        if unusable:
+            return f"the float64 check could not run: layers {_listed(sorted(unusable))} unusable there"
+        columns = [self.columns[n] for n in hooked]
+        pairs = [(out[:, o : o + w], _stacked(reference, k)) for k, (o, w) in enumerate(columns)]
+        return None if agrees(pairs, torch.float64) else ""
 
     def _checked_outputs_differ(
         self, state, inputs: Tree, seen: list[list[torch.Tensor]], batch: int, rows: int
