@@ -44,7 +44,10 @@ CHECKED_ROWS = 2  # rows of the first batch recomputed one by one (>= 2 sees a l
 # a layer mixing the examples or a weight also used elsewhere does not; it is refused when the float64 rows
 # still disagree beyond atol times the size of its float32 numbers (either side's: at least its noise) or
 # their own. torch mode='full' looks at model outputs that differ batched vs alone the same way before taking a
-# batch as depending on the rest of it (per_example.PerExampleGradients._beyond_rounding).
+# batch as depending on the rest of it (per_example.PerExampleGradients._beyond_rounding), and so at hooked rows
+# that disagree in float32 before giving the hooks up (_disagree_in_float64), as mode='factored' / 'last_layer' at
+# their factors (last_layer.LinearFactors._verdict_widened; not under the caller's torch.autocast): a well-fit
+# float32 regression's residual (output - target, 1e-4 of outputs ~1) differs batched vs alone by float32 rounding.
 RTOL, ATOL = 1e-4, 1e-5
 OWN_FACTOR = 1.5
 
