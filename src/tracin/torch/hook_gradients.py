@@ -158,7 +158,8 @@ class HookGradients:
                     u = self._along(getattr(self._modules[m], leaf).shape[0], hooked[name].dtype, hooked[name].device)
                     found = _unsummed_along(hooked[name], summed[name], u, rows_of, tokens[name], dtypes[name])
                 else:
-                    found = _unsummed(hooked[name], summed[name], rows_of, tokens[name])
+                    # dtypes: autocast's where it ran the layer (its output gradient b in bfloat16)
+                    found = _unsummed(hooked[name], summed[name], rows_of, tokens[name], dtypes[name])
                 if found is not None:
                     self.unsummed.setdefault(holders[0][0], found)
         return [m for m, count in counts.items() if not count], unusable

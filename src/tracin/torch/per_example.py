@@ -106,12 +106,13 @@ class PerExampleGradients:
       the gap and the tolerance (once an export; `batch_dependent` counts them); the next batch takes the hooks again,
       so a batch's rows depend on its own rows only (a resumed or distributed export gets the same bytes).
     - every hooked pass: each hooked parameter's rows summed over the batch (from the captured calls, each call's
-      tokens of all examples taken as one example's: a GEMM for a Linear) against autograd's gradient of the batch's
-      summed loss from the same backward pass (hook_gradients._unsummed, scale-aware): a parameter also used outside
-      its layer's forward (F.linear(x, layer.weight), a forward hook) for examples past the first rows checked is
-      missed by the hooks. Such a batch is recomputed one example at a time for every parameter (vmap or the loop),
-      with a warning naming the layer (once an export; `unsummed_batches` counts them). Cost: 18-20% of a hooked
-      batch of MLPs on one CPU thread (the parameter gradients in the backward pass and the summed factors, about
+      tokens of all examples taken as one example's: a GEMM for a Linear; a large Linear, Conv1D or Embedding weight
+      along 16 fixed Gaussian directions instead, hook_gradients._unsummed_along) against autograd's gradient of
+      the batch's summed loss from the same backward pass (hook_gradients._unsummed, scale-aware): a parameter also
+      used outside its layer's forward (F.linear(x, layer.weight), a forward hook) for examples past the first rows
+      checked is missed by the hooks. Such a batch is recomputed one example at a time for every parameter (vmap or
+      the loop), with a warning naming the layer (once an export; `unsummed_batches` counts them). Cost: 18-20% of a
+      hooked batch of MLPs on one CPU thread (the parameter gradients in the backward pass and the summed factors, about
       7% each; digits 64-128-128-10 and 256-512-512-10, batch 256, min of 30 interleaved runs); 10% of the digits
       MLP's whole export (3 checkpoints, two threads).
     Every path runs the model on batches of one row (the check, vmap, the loop): an error of a model
