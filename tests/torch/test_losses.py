@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -329,7 +330,7 @@ HOW = {
 }
 
 
-@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("how", [h for h in HOW if h != "last_layer"])
 def test_non_reentrant_checkpointing_is_refused_at_a_checkpoint_other_than_the_live_weights(how):
     """Was exported with no warning, rows silently wrong (full: layer a's 20-60% off, factored: 57%): the backward
     recomputed the block from the model's own weights, the checkpoint's swapped out (review183 F1)."""
@@ -338,6 +339,48 @@ def test_non_reentrant_checkpointing_is_refused_at_a_checkpoint_other_than_the_l
     with pytest.raises(ValueError, match=_CHECKPOINTING + r".*use_reentrant=False.*model's own weights"):
         export_gradients(model, [(_later(model), 1.0)], (x, y), CE, progress=False, batch_size=3, **HOW[how])
     assert torch.utils.checkpoint._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
+
+
+@pytest.mark.parametrize("how", [{"mode": "last_layer"}, {"layers": ["h"]}])
+def test_a_head_after_a_non_reentrant_checkpointed_block_is_exported_right(how):
+    """The backward to the head alone never recomputes the block: was refused as soon as the block ran (fr189)."""
+    model = Checkpointed(reentrant=False)
+    state = _later(model)
+    x, y = _data()
+    got = export_gradients(model, [(state, 1.0)], (x, y), CE, progress=False, batch_size=3, **how)
+    want = _reference(Checkpointed(reentrant=None), state, x, y, CE, ["h.weight", "h.bias"])
+    np.testing.assert_allclose(tracin.scores(got, got), want @ want.T, rtol=1e-4, atol=1e-5 * np.abs(want).max() ** 2)
+
+
+def test_another_threads_non_reentrant_checkpointing_during_the_check_is_not_the_models():
+    """User code in another thread running its own checkpointed block while the export checks the loss: the
+    model (no checkpointing) was refused as checkpointing its activations (fr189)."""
+    other = Checkpointed(reentrant=False)
+    steps = []
+
+    def step():  # forward and backward: the block run and recomputed
+        other(torch.randn(2, 6)).sum().backward()
+        steps.append(1)
+
+    class Waiting(nn.Module):  # the loss check's forwards (torch's generator swapped) wait for another thread's step
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.h = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            if torch.utils.checkpoint._checkpoint_without_reentrant_generator.__module__ != "torch.utils.checkpoint":
+                worker = threading.Thread(target=step)
+                worker.start()
+                worker.join()
+            return self.h(torch.tanh(self.a(x)))
+
+    model = Waiting()
+    state = _later(model)
+    x, y = _data()
+    got = export_gradients(model, [(state, 1.0)], (x, y), CE, progress=False, batch_size=3)
+    assert steps
+    assert _relerr(got.matrices[0], _reference(model, state, x, y, CE)) < 1e-5
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -234,17 +234,19 @@ def check_loss_on(
     used inside a cut block in whichever thread, when they then get no gradient or also one from outside.
     A torch.compile'd model is checked uncompiled (_uncompiled); a compiled submodule of an uncompiled
     model is not (its cut block's warning comes when it is traced only: such a block goes unseen).
-    A block run under torch.utils.checkpoint(use_reentrant=False) is refused whenever the forward runs one: its
-    backward recomputes the block after the checkpoint's tensors are swapped out, from the model's own weights
-    (the rows would be silently wrong at any checkpoint but those weights). A loss_fn reading one of the model's
-    own parameters (_refuse_live_parameters) or buffers or frozen parameters that the checkpoint holds otherwise
+    A block run under torch.utils.checkpoint(use_reentrant=False) is refused when the backward to the chosen
+    parameters recomputes it (one backward pass of the rows, only when the forward ran such a block): it
+    recomputes the block after the checkpoint's tensors are swapped out, from the model's own weights (the rows
+    would be silently wrong at any checkpoint but those weights); a head after the block alone is exported, and
+    another thread's block is not taken for the model's. A loss_fn reading one of the model's own parameters
+    (_refuse_live_parameters) or buffers or frozen parameters that the checkpoint holds otherwise
     (_refuse_live_buffers) is refused."""
     model = _uncompiled(model)
     leaves = {n: state[n].detach().requires_grad_(True) for n in names}
     with torch.enable_grad(), _checkpoint_warnings() as cut:
         outputs = call_model(model_caller(model, {**state, **leaves}), inputs)
         losses = _loss_call(loss_fn, outputs, targets)
-    if cut.recomputed:
+    if cut.ran and losses.requires_grad and _recomputes(cut, losses, leaves):
         raise _checkpointing(
             "torch.utils.checkpoint(use_reentrant=False) recomputes its block in the backward pass, after the "
             "checkpoint's tensors are swapped out, from the model's own weights: every row but those at the "
@@ -323,7 +325,7 @@ def _refuse_live_buffers(
 ) -> None:
     """ValueError when loss_fn reads one of the model's buffers or frozen parameters (autograd cannot see them:
     _refuse_live_parameters does not) as the model holds it, where `state` holds another value: loss_fn is called
-    again on the same `outputs` with those tensors' values set in place to the state's (put back after: a loss_fn
+    again on the same `outputs` with those tensors' .data swapped for the state's (put back after: a loss_fn
     holding the tensor itself, not reading the attribute, is caught too), and when its losses then change, with
     each alone, to name it. Not judged for a loss_fn whose losses change on a second call as they are (it draws
     random numbers). Costs loss_fn calls only (two; one more per such tensor when it reads one), no forward
@@ -350,14 +352,15 @@ def _refuse_live_buffers(
         return not (torch.equal(again, before) or torch.allclose(again, before, rtol=1e-6, atol=0, equal_nan=True))
 
     def changed_with(tried: list[tuple[list[str], torch.Tensor, torch.Tensor]]) -> bool:
-        kept = [tensor.detach().clone() for _, tensor, _ in tried]
-        try:  # through .data: no version counter bumped (FreshBuffers would take it for a forward's write)
+        kept = [tensor.data for _, tensor, _ in tried]
+        try:  # .data swapped, not written: no copy of the model's tensors (a frozen base model's), no version
+            # counter bumped (FreshBuffers would take it for a forward's write), an expanded buffer settable
             for _, tensor, value in tried:
-                tensor.data.copy_(value)
+                tensor.data = value
             return changed()
         finally:
             for (_, tensor, _), old in zip(tried, kept, strict=True):
-                tensor.data.copy_(old)
+                tensor.data = old
 
     # an inference tensor (a model loaded under torch.inference_mode) cannot be set in place here
     settable = [d for d in differing.values() if torch.is_inference_mode_enabled() or not d[1].is_inference()]
@@ -506,24 +509,54 @@ def _checkpointing(why: str) -> ValueError:
 
 class _Cut(list):
     """A _checkpoint_warnings' list of its thread's _NO_INPUT_GRAD warnings; `elsewhere`: one came meanwhile
-    from a thread collecting none; `recomputed`: a block ran under torch.utils.checkpoint(use_reentrant=False)
-    meanwhile in its thread, or in a thread collecting none."""
+    from a thread collecting none; `ran`: a block ran under torch.utils.checkpoint(use_reentrant=False)
+    meanwhile in its thread, or in a thread collecting none; `recomputed`: the backward passes (autograd graph
+    tasks) that recomputed such a block since (which may come after the list is closed)."""
 
     elsewhere = False
-    recomputed = False
+    ran = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recomputed: set[int] = set()  # the autograd graph tasks a block was recomputed in
+
+
+def _recomputes(cut: _Cut, losses: torch.Tensor, leaves: Mapping[str, torch.Tensor]) -> bool:
+    """Whether the backward pass from the summed `losses` to `leaves` (the one the rows take) recomputes a
+    block run under torch.utils.checkpoint(use_reentrant=False) (one backward pass of the checked rows): a
+    block of another thread's model, or one the chosen parameters' gradients do not pass through (a head
+    after it, mode="last_layer"), is not."""
+    total = losses.sum()
+    tasks: list[int] = []
+    total.grad_fn.register_prehook(lambda grads: tasks.append(torch._C._current_graph_task_id()))
+    try:
+        torch.autograd.grad(total, list(leaves.values()), retain_graph=True, allow_unused=True)
+    except RuntimeError as e:
+        refuse_checkpointing(e)
+        raise
+    return bool(cut.recomputed.intersection(tasks))
 
 
 def _noting_recomputed(generator: Callable) -> Callable:
-    """torch.utils.checkpoint's non-reentrant `generator`, noting each block it runs in _Cut.recomputed: the
-    calling thread's innermost list, or every active one when that thread collects none (the model's block run
-    in a worker thread)."""
+    """torch.utils.checkpoint's non-reentrant `generator`, noting each block it runs in _Cut.ran, and each
+    recomputation of it (torch calls the block's function it is given in the backward only) in _Cut.recomputed:
+    the calling thread's innermost list, or every active one when that thread collects none (the model's block
+    run in a worker thread)."""
 
-    def noted(*args, **kwargs):
+    def noted(fn: Callable, *args, **kwargs):
         cut = getattr(_collecting, "cut", None)
         with _INSTALL:
-            for other in [cut] if cut is not None else _installed["active"].values():
-                other.recomputed = True
-        return generator(*args, **kwargs)
+            cuts = [cut] if cut is not None else list(_installed["active"].values())
+        for other in cuts:
+            other.ran = True
+
+        def recomputing(*a, **k):
+            task = torch._C._current_graph_task_id()
+            for other in cuts:
+                other.recomputed.add(task)
+            return fn(*a, **k)
+
+        return generator(recomputing, *args, **kwargs)
 
     return noted
 
