@@ -1,28 +1,28 @@
 """Adam's "adam" preconditioner for factored rows, through a rank-one factorisation of v.
 
 A factored row of a linear layer is a pair (left b (p,), right a (q,)) whose outer product b a^T is
-the gradient of the layer's [weight | bias] matrix (p, q). Dividing it elementwise by sqrt(v_hat)
-would break the rank-one structure, so v_hat (bias-corrected, bias as the last column) is replaced
-by its Adafactor-style factorisation r c^T / sum(r), r = row sums (p,), c = column sums (q,):
+the gradient of the layer's [weight | bias] matrix (p, q). Dividing it elementwise by sqrt(v_hat) + eps
+would break the rank-one structure, so v_hat (bias-corrected, bias as the last column) plus eps^2 is
+replaced by its Adafactor-style factorisation r c^T / s (Adafactor adds its eps1 to g^2 the same way),
+r = row sums (p,), c = column sums (q,) of v_hat + eps^2, s = sum(r):
 
-    b a^T / sqrt(r c^T / s)  =  (b * sqrt(s) / sqrt(r)) (a / sqrt(c))^T,   s = sum(r)
+    b a^T / sqrt(r c^T / s)  =  (b * sqrt(s / r)) (a / sqrt(c))^T
 
-so the left factor is scaled by sqrt(s / r) and the right by 1 / sqrt(c). This equals the full
-"adam" row when v is exactly rank one and eps is 0 (as for a model trained with Adafactor's
-factored second moments); for Adam's full v it is an approximation, and eps is left out. Entries
-where r or c is 0 are scaled by 0 (a parameter row or column that never had a gradient: the
-embedding row of a token the training never held). The full-row "adam" (preconditioner.py) does
-the opposite there: it divides a gradient on a zero v by eps, so it dominates its row. _scales
-warns (RuntimeWarning, once per layer per checkpoint, from the sums r and c: O(size of v)) when
-some of a layer's v is 0, naming the layer, the zero entries, rows and columns and what each path
-does; and when all of the weight's v is 0 (its part of every row is zero). An embedding's padding_idx
-row (no gradient ever, masked in its rows) is left out of that count. eps is left out because it cannot
-bound the rank-one scales: a row or column of v near 0 but not 0 (the bias of an attention key, whose
-gradient is 0 in exact arithmetic: v ~1e-18 against ~1e-3) gets a scale millions of times its layer's
-median, so that float32 rounding of its ~0 gradient dominates the layer's rows; a floor of eps^2 on r
-and c still leaves it 1e6 times the median. _scales warns about such rows and columns instead (over
-_NEAR_ZERO times the median: float32 rounding of a typical entry there is over 0.1% of a typical scaled
-one), in the same call as the zero-v warning.
+so the left factor is scaled by sqrt(s / r) and the right by 1 / sqrt(c). eps^2 plays eps's part:
+sqrt(v + eps^2) is within sqrt(2) of sqrt(v) + eps, and a row whose v is ~0 gets r_i ~ q eps^2, so
+its entries' denominator is sqrt(q eps^2 c_j / s) ~ eps where c_j is a typical column's (c's mean
+is s / q), as Adam's 1 / (0 + eps); likewise a column whose v is ~0 (an attention key's bias: its
+gradient is 0 in exact arithmetic, v ~1e-18). Where v's entries are far above eps^2 the sums change by
+eps^2 / v relatively, and a rank-one v is still factorised exactly to that. eps^2 bounds a row or a
+column near 0, not an entry whose row and column are both near 0 (denominator ~eps^2 sqrt(pq / s)):
+_scales warns where some entry's scale exceeds _OVER_ADAM times the most the full-row "adam" gives any
+(1 / eps). Rows and columns where v is exactly 0 are scaled by 0 (a parameter row or column that never
+had a gradient: the embedding row of a token the training never held); the full-row "adam"
+(preconditioner.py) divides a gradient there by eps, so it dominates its row. _scales warns
+(RuntimeWarning, once per layer per checkpoint, from the sums: O(size of v)) when some of a layer's
+v is 0, naming the layer, the zero entries, rows and columns and what each path does; and when all of
+the weight's v is 0 (its part of every row is zero). An embedding's padding_idx row (no gradient ever,
+masked in its rows) is left out of both warnings.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from .._caller import user_stacklevel
 from .preconditioner import AdamMoments
 
-_NEAR_ZERO = 1e4  # a rank-one scale over this times its layer's median: float32 rounding becomes 0.1% of an entry
+_OVER_ADAM = 100.0  # an entry scaled over this times 1 / eps, full Adam's largest weight, is warned about
 
 
 def layer_groups(params: Sequence[tuple[str, Sequence[int]]], slot_dims: Sequence[Any]) -> list[tuple[int, bool, int]]:
@@ -87,7 +87,7 @@ class RankOneAdam:
     def to_dict(self) -> dict:
         return {
             "kind": "adam",
-            "factored": "rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out)",
+            "factored": "rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam)",
             **self.settings,
         }
 
@@ -120,23 +120,23 @@ def _scales(
     warn: bool = True,
     padding_row: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(sqrt(s / r), 1 / sqrt(c)) of the layer of p outputs whose weight is moments[k] (its bias
-    moments[k + 1] when `bias`). With `warn` (the callers pass it the first time they scale the layer
-    in a checkpoint: one warning per layer per checkpoint) it warns (_warn_zero_v) when some or all of
-    the layer's v is 0, and (_warn_near_zero_v) when some of its rows or columns are near 0 but not 0,
-    naming it `name` (else by its shape) and `checkpoint`; row `padding_row` (an nn.Embedding's
-    padding_idx, whose row never has gradient and is masked by the caller) is left out of both."""
-    w = moments[k]
-    v = np.asarray(w.v, np.float64).reshape(p, -1) / (1 - w.b2**w.step)
-    if bias:
-        b = moments[k + 1]
-        v = np.hstack([v, np.asarray(b.v, np.float64).reshape(p, 1) / (1 - b.b2**b.step)])
+    """(sqrt(s / r), 1 / sqrt(c)) of v_hat + eps^2 (+ eps_root) of the layer of p outputs whose weight
+    is moments[k] (its bias moments[k + 1] when `bias`); rows and columns whose v is all 0 are scaled by
+    0. With `warn` (the callers pass it the first time they scale the layer in a checkpoint: one warning
+    per layer per checkpoint) it warns (_warn_zero_v) when some or all of the layer's v is 0, and
+    (_warn_over_adam) when some entry's scale is over _OVER_ADAM / eps, naming it `name` (else by its
+    shape) and `checkpoint`; row `padding_row` (an nn.Embedding's padding_idx, whose row never has
+    gradient and is masked by the caller) is left out of both."""
+    parts = [moments[k], moments[k + 1]] if bias else [moments[k]]
+    v = np.hstack([np.asarray(m.v, np.float64).reshape(p, -1) / (1 - m.b2**m.step) for m in parts])
+    floor = np.hstack([np.full((1, np.size(m.v) // p), m.eps**2 + m.eps_root) for m in parts])
     r, c = v.sum(1), v.sum(0)
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0 / 0 where every v is 0: scaled by 0
-        left = np.where(r > 0, np.sqrt(r.sum() / r), 0.0)
-        right = np.where(c > 0, 1 / np.sqrt(c), 0.0)
+    rows, cols = (v + floor).sum(1), (v + floor).sum(0)
+    left = np.where(r > 0, np.sqrt(rows.sum() / rows), 0.0)
+    right = np.where(c > 0, 1 / np.sqrt(cols), 0.0)
     if not warn:
         return left, right
+    w = moments[k]
     counted = v if padding_row is None else np.delete(v, padding_row, axis=0)
     zero = counted.size - int(np.count_nonzero(counted))
     where = f" in checkpoint {checkpoint}" if checkpoint is not None else ""
@@ -145,36 +145,30 @@ def _scales(
         what += f" (its padding_idx row {padding_row} left out: it never has gradient)"
     if zero:
         _warn_zero_v(what, where, counted, counted.sum(1), counted.sum(0), zero, bias, w.eps)
-    rows = left if padding_row is None else np.delete(left, padding_row)
-    _warn_near_zero_v(what, where, _outliers(rows), _outliers(right), len(rows), bias)
+    kept = left if padding_row is None else np.delete(left, padding_row)
+    bound = min(1 / (np.sqrt(m.eps_root) + m.eps) for m in parts)
+    _warn_over_adam(what, where, kept, right, bound, bias)
     return left, right
 
 
-def _outliers(scales: np.ndarray) -> np.ndarray:
-    """Each of `scales` over the median of the positive ones (0 where a scale is 0: v all 0 there)."""
-    positive = scales[scales > 0]
-    return scales / np.median(positive) if positive.size else np.zeros_like(scales)
-
-
-def _warn_near_zero_v(name: str, where: str, rows: np.ndarray, cols: np.ndarray, p: int, bias: bool) -> None:
-    """The RuntimeWarning about the rows and columns of a layer's v whose rank-one scales are over _NEAR_ZERO
-    times the layer's median (`rows`, `cols`: each scale over that median): a v sum 1e8 times smaller than
-    typical, as for a gradient that is 0 in exact arithmetic and only float32 rounding in practice."""
-    far_rows, far_cols = rows > _NEAR_ZERO, cols > _NEAR_ZERO
-    if not far_rows.any() and not far_cols.any():
+def _warn_over_adam(name: str, where: str, left: np.ndarray, right: np.ndarray, bound: float, bias: bool) -> None:
+    """The RuntimeWarning about the rows and columns of a layer whose rank-one scale of some entry,
+    left_i right_j, is over _OVER_ADAM times `bound`, the most the full-row "adam" weighs any entry
+    (1 / (sqrt(eps_root) + eps)): a row and a column of v both near 0, where eps^2 bounds neither."""
+    top = left.max(initial=0.0) * right.max(initial=0.0)
+    if top <= _OVER_ADAM * bound:
         return
-    q = cols.size
+    far_rows = left * right.max() > _OVER_ADAM * bound
+    far_cols = right * left.max() > _OVER_ADAM * bound
     bias_col = " (the bias's, the last, among them)" if bias and far_cols[-1] else ""
     warnings.warn(
-        f"preconditioner='adam': {int(far_rows.sum())} of {p} rows and {int(far_cols.sum())} of {q} columns"
-        f"{bias_col} of the second moments (v) of {name} are near 0 but not 0{where}: the rank-one factorisation "
-        f"scales them by up to {max(rows.max(), cols.max()):.1e} times the layer's median scale (warned over "
-        f"{_NEAR_ZERO:.0e}: a row or column sum of v 1e8 times the median's or less), so float32 rounding there "
-        "(eps 1.2e-7 of a typical entry) weighs over 0.1% of a typical scaled entry. Where their gradient is 0 in "
-        "exact arithmetic (the bias of an attention key: softmax is shift-invariant), the layer's rows are then "
-        "mostly amplified rounding noise; where it is small but real (a token last seen long before the "
-        "checkpoint), mostly those entries. Leave those parameters out of layers= (a key bias adds nothing), or "
-        "export with preconditioner=None",
+        f"preconditioner='adam': the rank-one factorisation of the second moments (v) of {name}{where} weighs "
+        f"gradient entries in {int(far_rows.sum())} of {left.size} rows and {int(far_cols.sum())} of {right.size} "
+        f"columns{bias_col} by up to {top / bound:.1e} times the most the full-row 'adam' weighs any entry "
+        f"(1 / eps): their v is near 0 in both the row and the column, where eps^2 added to v bounds neither "
+        "sum. A gradient there (rounding of one that is 0 in exact arithmetic, or a small real one) then "
+        "outweighs the layer's other entries far more than Adam itself would; where those scores matter, leave "
+        "the layer out of layers= or export without preconditioner='adam'",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
