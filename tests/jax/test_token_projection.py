@@ -679,14 +679,14 @@ def test_an_attribute_error_importing_the_kronecker_machinery_is_raised_as_it_is
 
 def adam_preconditioned(grads: list[list[np.ndarray]], layout: list, nu: list, step: float, b2: float, eps: float):
     """Per example its gradients preconditioned as "adam" with a Kronecker projection: a mapped weight's G
-    by the rank-one r c^T / sum(r) of v_hat (G * sqrt(s / r) / sqrt(c), eps left out), the others exactly."""
+    by the rank-one r c^T / sum(r) of v_hat + eps^2 (G * sqrt(s / r) / sqrt(c)), the others exactly."""
     v_hats = [np.asarray(v, np.float64) / (1 - b2**step) for v in nu]
     out = []
     for g in grads:
         parts = []
         for segment, gj, v in zip(layout, g, v_hats, strict=True):
             if isinstance(segment, dict):
-                v = v.reshape(segment["rows"], segment["cols"])
+                v = v.reshape(segment["rows"], segment["cols"]) + eps**2
                 r, c = v.sum(1), v.sum(0)
                 parts.append(gj.reshape(v.shape) * np.sqrt(r.sum() / r)[:, None] / np.sqrt(c)[None, :])
             else:

@@ -14,7 +14,7 @@ first and second moments m and v, per parameter):
                    training data for a target task.
 
 eps_root is optax's (scale_by_adam's eps_root, added under the square root); torch.optim.Adam has none
-(0). It is left out of the rank-one factorisation of rank_one.py, as eps is.
+(0). The rank-one factorisation of rank_one.py adds it to v_hat with eps^2 (v_hat + eps_root + eps^2).
 
 Weight decay (AdamW) is not part of the direction; the torch adapter refuses optimizer states
 whose steps are not Adam's (amsgrad, maximize, RAdam, NAdam; SparseAdam for "adam_update": its step

@@ -51,7 +51,7 @@ from .params import ParamLayout
 from .per_example import LossWatch, _one_example_loss, check_per_example, shared_jit
 
 _FACTORED_ADAM = (
-    "mapped weights: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left out); "
+    "mapped weights: rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam); "
     "other parameters: g / (sqrt(v_hat) + eps)"
 )
 

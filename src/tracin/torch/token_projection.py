@@ -27,9 +27,9 @@ later examples; that batch's rows of the layer are then projected from full grad
 check's tolerances (in 16 bits eps x the positions summed: gross misses only), or a model reordering the rows of a
 later batch, which leaves the sum alone, is not seen.
 
-preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v (rank_one.py): the
-columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint (a row or
-column of v near 0 but not 0, whose scale is then millions of times the layer's, is warned about: rank_one.py);
+preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v + eps^2 (rank_one.py): the
+columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint (eps^2 bounds a
+row or column of v near 0 as eps bounds full Adam's; an entry weighted far over 1 / eps is warned about);
 plain segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their projection. The first-rows
 check and the sum check project by the unscaled factors (the latter by a second per-token product per call):
 they do not depend on the scales.
