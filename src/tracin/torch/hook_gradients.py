@@ -14,7 +14,7 @@ from torch import nn
 
 from .capture import Call, NotCaptured, stream
 from .data import Tree, batch_rows
-from .first_rows_check import coarsest, tolerances
+from .first_rows_check import _autocast_dtype, coarsest, tolerances
 from .layer_rules import covers, per_example_grad, token_form, write_per_example_grad
 from .losses import LossFn
 
@@ -149,17 +149,22 @@ class HookGradients:
             if name not in written and not any(m in unusable for m, _ in holders):
                 offset, width = columns[name]
                 out[:, offset : offset + width].zero_()  # its layers did not run
+        # under torch.autocast, autograd's `summed` rounds once in its dtype (GEMMs accumulate in float32), not once a
+        # position as a 16-bit model's own sums: that dtype's tolerances for one position (tokens: real misses pass)
+        autocast = _autocast_dtype(out.device.type) if out.device.type in ("cpu", "cuda") else None
         for name, holders in self.plan.items():
             if not any(m in unusable for m, _ in holders) and name in hooked:
                 offset, width = columns[name]
                 rows_of = out[:, offset : offset + width]
+                count, dtype = tokens[name], dtypes[name]
+                if autocast is not None:
+                    count, dtype = 1, max(dtype, autocast, key=lambda d: torch.finfo(d).eps)
                 if name in self.directional:
                     m, leaf = holders[0]
                     u = self._along(getattr(self._modules[m], leaf).shape[0], hooked[name].dtype, hooked[name].device)
-                    found = _unsummed_along(hooked[name], summed[name], u, rows_of, tokens[name], dtypes[name])
+                    found = _unsummed_along(hooked[name], summed[name], u, rows_of, count, dtype)
                 else:
-                    # dtypes: autocast's where it ran the layer (its output gradient b in bfloat16)
-                    found = _unsummed(hooked[name], summed[name], rows_of, tokens[name], dtypes[name])
+                    found = _unsummed(hooked[name], summed[name], rows_of, count, dtype)
                 if found is not None:
                     self.unsummed.setdefault(holders[0][0], found)
         return [m for m, count in counts.items() if not count], unusable
