@@ -79,8 +79,8 @@ from .per_example import PerExampleGradients
 _TOKENS_PER_EXAMPLE = 256  # tokens an example is assumed to have when choosing the default batch size
 _SPREAD = 4  # standard deviations of the projected own-dtype gap the hook rows' largest gap may reach
 _FACTORED_ADAM = (
-    "Kronecker layers: rank-one r c^T / sum(r) of v (exact for Adafactor, approximate for Adam, eps left "
-    "out); other parameters: g / (sqrt(v_hat) + eps)"
+    "Kronecker layers: rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam); "
+    "other parameters: g / (sqrt(v_hat) + eps)"
 )
 
 
