@@ -258,10 +258,11 @@ def _unsummed_along(
     `total` (rows pointing one way: the 1 / B case) keeps its exact ratio to the size. Otherwise a miss's estimate
     is its norm times sqrt(chi^2_K / K) at worst (rank one; a miss of rank r and even singular values has r K
     degrees of freedom): with K = 16 a rank-one miss twice the tolerance escapes with probability 1e-3, three times
-    4e-6, and a miss in one row of B in float32, ~1 / sqrt(B) of the scale where the rows point every way, is 100x
-    the tolerance at B = 8000; rounding, spread over many ranks, is inflated by at most 2x (chi^2_16 > 64: 1e-7),
-    far within the tolerance's margin over it. Costs K (p + q) a token (_sketch) and one pass over `total`, against
-    p q a token for the full sum."""
+    4e-6, where the rows' norm sets the scale (4e-3 and 3e-5, an F(16, 16) law, where the estimated size of a near
+    rank-one `total` does), and a miss in one row of B in float32, ~1 / sqrt(B) of the scale where the rows point
+    every way, is 100x the tolerance at B = 8000; rounding, spread over many ranks, is inflated by at most 2x
+    (chi^2_16 > 64: 1e-7), far within the tolerance's margin over it. Costs K (p + q) a token (_sketch) and one pass
+    over `total`, against p q a token for the full sum."""
     k, first = u.shape
     want = torch.zeros_like(hooked) if total is None else u @ _dense(total, u).reshape(first, -1).to(u.dtype)
     sums, want = ((t / math.sqrt(k)).reshape(-1).double() for t in (hooked, want))
