@@ -157,7 +157,9 @@ class HookGradients:
                 offset, width = columns[name]
                 rows_of = out[:, offset : offset + width]
                 count, dtype = tokens[name], dtypes[name]
-                if autocast is not None:
+                # (a 16-bit model's parameter keeps its own sums' tolerance: its LayerNorm sums positions in 16 bits)
+                own = getattr(self._modules[holders[0][0]], holders[0][1]).dtype
+                if autocast is not None and torch.finfo(own).eps < torch.finfo(autocast).eps:
                     count, dtype = 1, max(dtype, autocast, key=lambda d: torch.finfo(d).eps)
                 if name in self.directional:
                     m, leaf = holders[0]

@@ -558,6 +558,7 @@ def _noting_recomputed(generator: Callable) -> Callable:
 
         return generator(recomputing, *args, **kwargs)
 
+    noted.__wrapped__ = generator  # a module importing the name while it is swapped holds this: put back too
     return noted
 
 
@@ -588,16 +589,32 @@ class _CheckpointWarnings:
 
 _collecting = threading.local()  # .cut: the _Cut of the innermost _checkpoint_warnings of this thread
 # "active": the _Cut of every _checkpoint_warnings under way; "saved": torch.utils.checkpoint's own `warnings`,
-# "generator": its own _checkpoint_without_reentrant_generator
+# "generator": its own _checkpoint_without_reentrant_generator, "holders": the modules it is swapped in
 _installed: dict[str, object] = {"active": {}}  # "active" by id: a _Cut equals any list with its items
 _INSTALL = threading.Lock()
+_GENERATOR = "_checkpoint_without_reentrant_generator"
+
+
+def _generator_holders() -> list[types.ModuleType]:
+    """torch.utils.checkpoint and each loaded torch module calling its _GENERATOR by a name of its own."""
+    names = ("torch.utils.checkpoint", "torch.distributed._composable.checkpoint_activation")
+    return [sys.modules[n] for n in names if n in sys.modules]
+
+
+def _original(generator: object) -> object:
+    """torch's generator behind a _noting_recomputed wrapper (itself if it is none)."""
+    return (
+        getattr(generator, "__wrapped__", generator)
+        if getattr(generator, "__module__", None) == __name__
+        else generator
+    )
 
 
 @contextmanager
 def _checkpoint_warnings() -> Iterator[_Cut]:
     """Collects (message, category, filename, lineno) of every _NO_INPUT_GRAD warning raised inside, in this
     thread, whatever the caller's filters and whatever was shown before, and notes (`elsewhere`) one shown
-    meanwhile by a thread collecting none, and (`recomputed`) a non-reentrant checkpointed block run (torch's
+    meanwhile by a thread collecting none, and (`ran`) a non-reentrant checkpointed block run (torch's
     _checkpoint_without_reentrant_generator swapped alike); every other warning, and every warning of other
     threads, is shown as it would have been (no catch_warnings: its change of the filters' version makes Python
     forget the warnings it showed once per location, and the model's own would then be shown again on every
@@ -612,7 +629,14 @@ def _checkpoint_warnings() -> Iterator[_Cut]:
             _installed["saved"] = torch.utils.checkpoint.warnings
             torch.utils.checkpoint.warnings = _CheckpointWarnings()
             _installed["generator"] = generator = torch.utils.checkpoint._checkpoint_without_reentrant_generator
-            torch.utils.checkpoint._checkpoint_without_reentrant_generator = _noting_recomputed(generator)
+            noted = _noting_recomputed(generator)
+            # torch.distributed._composable.checkpoint took the name at its import: swapped there too (also where
+            # it took an earlier swap's wrapper, imported during an export: torch imports it lazily)
+            _installed["holders"] = [
+                m for m in _generator_holders() if _original(m.__dict__.get(_GENERATOR)) is generator
+            ]
+            for holder in _installed["holders"]:
+                setattr(holder, _GENERATOR, noted)
         _installed["active"][id(cut)] = cut
     try:
         yield cut
@@ -621,7 +645,9 @@ def _checkpoint_warnings() -> Iterator[_Cut]:
             del _installed["active"][id(cut)]
             if not _installed["active"]:
                 torch.utils.checkpoint.warnings = _installed.pop("saved")
-                torch.utils.checkpoint._checkpoint_without_reentrant_generator = _installed.pop("generator")
+                generator = _installed.pop("generator")
+                for holder in _installed.pop("holders"):
+                    setattr(holder, _GENERATOR, generator)
         _collecting.cut = outer
 
 
