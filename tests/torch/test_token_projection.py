@@ -794,6 +794,20 @@ def softmax_head(share: float | None = None) -> nn.Module:
 SEEDS = range(24)
 
 
+def _float64_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: nn.Module) -> np.ndarray:
+    """(n, parameters) float64 per-example gradients of `model`'s parameters, one autograd call per example."""
+    wide = copy.deepcopy(model).double()
+    params = list(wide.parameters())
+    return np.stack(
+        [
+            torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(loss(wide(x[i : i + 1].double()), y[i : i + 1]), params)]
+            ).numpy()
+            for i in range(len(x))
+        ]
+    )
+
+
 def test_a_softmax_head_whose_projected_rows_cancel_is_accepted_at_every_seed():
     """Was refused for seeds 7 and 12 (review28 F1, kron_sweep.py), blaming the model: at dim 16 the
     head's share is LayerMatrix(3, 5, bias) -> (2, 4) dims, its output gradient b sums to 0 over the 3
@@ -806,16 +820,7 @@ def test_a_softmax_head_whose_projected_rows_cancel_is_accepted_at_every_seed():
     model = softmax_head()
     x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
     loss = nn.CrossEntropyLoss(reduction="none")
-    wide = copy.deepcopy(model).double()
-    params = list(wide.parameters())
-    full = np.stack(
-        [
-            torch.cat(
-                [g.reshape(-1) for g in torch.autograd.grad(loss(wide(x[i : i + 1].double()), y[i : i + 1]), params)]
-            ).numpy()
-            for i in range(len(x))
-        ]
-    )
+    full = _float64_rows(model, x, y, loss)
     cancelled = []
     for seed in SEEDS:
         proj = tracin.Projection(16, seed=seed, per_layer=True, kronecker=True)
@@ -865,16 +870,7 @@ def test_a_missed_use_is_caught_by_the_sum_check_at_every_seed_where_the_head_ca
     x[:, 0] = 0.0
     x[[5, 9], 0] = 2.0
     loss = nn.CrossEntropyLoss(reduction="none")
-    wide = copy.deepcopy(model).double()
-    params = list(wide.parameters())
-    full = np.stack(
-        [
-            torch.cat(
-                [g.reshape(-1) for g in torch.autograd.grad(loss(wide(x[i : i + 1].double()), y[i : i + 1]), params)]
-            ).numpy()
-            for i in range(len(x))
-        ]
-    )
+    full = _float64_rows(model, x, y, loss)
     for seed in (7, 12, *(s for s in SEEDS if s not in (7, 12))):
         proj = tracin.Projection(16, seed=seed, per_layer=True, kronecker=True)
         with warnings.catch_warnings(record=True) as caught:
