@@ -196,13 +196,19 @@ def test_store_resume_dtype_and_scoring(tmp_path):
         tracin.scores(flat, memory)
 
 
+def _trained(model: nn.Module, opt: torch.optim.Optimizer, ids, labels, steps: int, reduce=torch.sum) -> tuple:
+    """`steps` steps of `opt` on the token loss `reduce`d over the batch, then a checkpoint: copies of
+    (state_dict, learning rate, optimizer state)."""
+    for _ in range(steps):
+        opt.zero_grad()
+        reduce(token_loss(model(ids), labels)).backward()
+        opt.step()
+    return copy.deepcopy(model.state_dict()), opt.param_groups[0]["lr"], copy.deepcopy(opt.state_dict())
+
+
 def _adam_checkpoint(model: nn.Module, ids, labels) -> tuple[dict, float, dict]:
     opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.99), eps=1e-6)
-    for _ in range(3):
-        opt.zero_grad()
-        token_loss(model(ids), labels).mean().backward()
-        opt.step()
-    return copy.deepcopy(model.state_dict()), 0.02, copy.deepcopy(opt.state_dict())
+    return _trained(model, opt, ids, labels, 3, torch.mean)
 
 
 def test_adam_scales_layers_by_the_rank_one_factorisation_and_other_parameters_exactly():
@@ -1240,13 +1246,7 @@ def test_adam_on_a_key_bias_near_zero_v_is_weighted_as_full_adam_and_not_blamed_
     model = _KeyBias()
     ids, labels, _ = sequences(12, 7, seed=3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    checkpoints = []
-    for _ in range(2):
-        for _ in range(3):
-            opt.zero_grad()
-            token_loss(model(ids), labels).sum().backward()
-            opt.step()
-        checkpoints.append((copy.deepcopy(model.state_dict()), 1e-3, copy.deepcopy(opt.state_dict())))
+    checkpoints = [_trained(model, opt, ids, labels, 3) for _ in range(2)]
     names = [n for n, _ in model.named_parameters()]
     proj = tracin.Projection(5 * 16, 2, per_layer=True, kronecker=True)
     for preconditioner in (None, "adam"):
@@ -1292,12 +1292,7 @@ def test_with_adam_the_sum_check_still_catches_a_weight_also_used_outside_its_fo
     ids, labels, _ = sequences(12, 7, seed=1)
     ids[:, 0] = 1
     ids[[5, 9, 10], 0] = _ReusedLater.FLAGGED
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(2):
-        opt.zero_grad()
-        token_loss(model(ids), labels).sum().backward()
-        opt.step()
-    checkpoint = (copy.deepcopy(model.state_dict()), 0.01, copy.deepcopy(opt.state_dict()))
+    checkpoint = _trained(model, torch.optim.Adam(model.parameters(), lr=0.01), ids, labels, 2)
     proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1335,12 +1330,7 @@ def test_with_adam_the_first_rows_check_does_not_refuse_a_key_bias_near_zero_v_w
     torch.manual_seed(0)
     model = _KeyBiasInFloat32()
     ids, labels, _ = sequences(12, 7, seed=3)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        token_loss(model(ids), labels).sum().backward()
-        opt.step()
-    checkpoint = (copy.deepcopy(model.state_dict()), 1e-3, copy.deepcopy(opt.state_dict()))
+    checkpoint = _trained(model, torch.optim.AdamW(model.parameters(), lr=1e-3), ids, labels, 3)
     proj = tracin.Projection(5 * 16, 1, per_layer=True, kronecker=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
