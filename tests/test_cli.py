@@ -816,6 +816,19 @@ def test_errors_are_one_line_with_one_prefix_and_exit_codes(tmp_path, stores, ca
     assert e.value.code == 2
 
 
+def test_an_unknown_option_is_the_commands_usage_error(stores, capsys):
+    # A mistyped option printed the top-level usage and "tracin: error:", not the command's (review199 F1)
+    paths, _, _ = stores
+    with pytest.raises(SystemExit) as e:
+        main(_score(paths, "--normalise"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: tracin score" in err
+    assert "tracin score: error: unrecognized arguments: --normalise (did you mean --normalize?)" in err
+    with pytest.raises(SystemExit) as e:
+        main(["info", str(paths["train"]), "extra"])
+    assert e.value.code == 2 and "tracin info: error: unrecognized arguments: extra" in capsys.readouterr().err
+
+
 def test_stores_of_other_checkpoints_are_one_line_naming_them(tmp_path, stores, capsys):
     """Stores whose exports recorded other checkpoints: the CLI names the checkpoints that differ and
     what to do from a shell, not the library's advice to edit metadata; the same checkpoints score."""

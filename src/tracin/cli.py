@@ -27,6 +27,7 @@ from __future__ import annotations
 import _thread
 import argparse
 import csv
+import difflib
 import io
 import os
 import signal
@@ -939,6 +940,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(commands=sub.choices)  # each command's parser, for its errors (_parse)
 
     def command(name: str, help: str, func) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
@@ -1315,8 +1317,21 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line parsed; an unknown option or extra argument is the command's usage error
+    (`tracin COMMAND: error: ...` after that command's usage), naming a close option where there is one."""
+    args, extra = build_parser().parse_known_args(argv)
+    command = args.commands[args.command]
+    if extra:
+        close = difflib.get_close_matches(extra[0], list(command._option_string_actions), n=1)
+        hint = f" (did you mean {close[0]}?)" if close and extra[0].startswith("-") else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    del args.commands
+    return args
+
+
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     received: list[int] = []
     with _signals_unwind(received) as stop_raising:  # a second signal while the first is reported: recorded
         try:
