@@ -472,7 +472,7 @@ def test_bad_arguments(full, kwargs, match):
 
 
 def test_refuses_all_zero_or_empty_gradients():
-    with pytest.raises(ValueError, match="checkpoint 0: .* mean eigenvalue 0.0"):
+    with pytest.raises(ValueError, match="checkpoint 0: .* mean eigenvalue 0.0 .* drop that checkpoint"):
         Whitening.fit(tracin.Gradients(np.zeros((5, 3), dtype=np.float32)))
     with pytest.raises(ValueError, match="train has no rows"):
         Whitening.fit(tracin.Gradients(np.zeros((0, 3), dtype=np.float32)))
@@ -757,6 +757,8 @@ def _inverse_at(damping: float):
         (lambda p, data: _saved_with(p, spec={"mix_weight": 2}), "mix_weight must be a number in"),
         (lambda p, data: _saved_with(p, spec={"fingerprint": 5}), "fingerprint 5 is not 16 hex digits"),
         (lambda p, data: _saved_with(p, spec={"lambdas": "junk"}), "lambdas junk are not finite positive numbers"),
+        (lambda p, data: _saved_with(p, spec={"dims": [[24], [9]]}), "are not positive sizes per checkpoint"),
+        (lambda p, data: _saved_with(p, spec={"mix_weight": 0.5}), "mix_weight 0.5 with mix_rows 0"),
         (lambda p, data: _saved_with(p, spec={"lambdas": [1.0]}), r"lambdas \[1.0\] are not finite positive"),
         (lambda p, data: _saved_with(p, spec={"lambdas": [0.0, 1.0]}), "are not finite positive numbers per"),
         (lambda p, data: _saved_with(p, spec={"lambdas": [1.0, -2.0]}), "are not finite positive numbers per"),

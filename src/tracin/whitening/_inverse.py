@@ -26,7 +26,8 @@ def mean_eigenvalue(r: np.ndarray, what: str) -> float:
     if not (math.isfinite(mean) and mean > 0):
         raise ValueError(
             f"{what}: the gradients' second moment has mean eigenvalue {mean} (all-zero or "
-            "non-finite gradients); whitening needs finite, not all-zero gradients"
+            "non-finite gradients); whitening needs finite, not all-zero gradients: all-zero gradients add "
+            "nothing to any score, so drop that checkpoint from the train, test and mix sets"
         )
     return mean
 

@@ -835,7 +835,12 @@ def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
     if spec.kind not in ("full", "kfac"):
         raise ValueError(f"kind {spec.kind!r} is neither 'full' nor 'kfac'")
     per_checkpoint = 2 if spec.kind == "kfac" else 1
-    sides = [d if isinstance(d, list) else [d] for d in spec.dims] if isinstance(spec.dims, list) else []
+    kfac = spec.kind == "kfac"  # fit records a kfac checkpoint's dims as [p, q], a full one's as d
+    sides = (
+        [d if kfac else [d] for d in spec.dims]
+        if isinstance(spec.dims, list) and all(isinstance(d, list) == kfac for d in spec.dims)
+        else []
+    )
     if not sides or any(
         len(s) != per_checkpoint or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in s)
         for s in sides
@@ -855,6 +860,8 @@ def _checked_spec(spec: WhiteningSpec) -> WhiteningSpec:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} {value!r} is not an integer >= {least}")
     _check_mix_weight(spec.mix_weight)
+    if spec.mix_rows == 0 and spec.mix_weight != 0.0:  # fit records mix_weight 0.0 without a mix set
+        raise ValueError(f"mix_weight {spec.mix_weight!r} with mix_rows 0: fit records 0.0 without a mix set")
     if not (isinstance(spec.fingerprint, str) and len(spec.fingerprint) == 16 and set(spec.fingerprint) <= _HEX):
         raise ValueError(f"fingerprint {spec.fingerprint!r} is not 16 hex digits")
     if spec.fitted_on is not None and not isinstance(spec.fitted_on, str):
