@@ -101,7 +101,7 @@ def test_corrupt_manifest(store_dir):
         (lambda d: d["checkpoints"][0].update(weight="fast"), r"checkpoints\[0\] weight must be a finite number"),
         (lambda d: d["checkpoints"][1].update(written=[[0, 9]]), r"checkpoints\[1\].written must be sorted"),
         (lambda d: d["checkpoints"][1].update(file="../elsewhere.npy"), "names unexpected data files"),
-        (lambda d: d["checkpoints"][1].pop("file"), r"checkpoints\[1\] is malformed"),
+        (lambda d: d["checkpoints"][1].pop("file"), r"checkpoints\[1\] lacks the key .file."),
         (
             lambda d: d["checkpoints"][1].update(written=[[0, 2]]),
             re.escape("complete, but checkpoints[1].written records rows [[0, 2]] of n_rows=6 (missing [[2, 6]])"),

@@ -230,8 +230,10 @@ class Manifest:
             )
         if not isinstance(entries, list) or not entries:
             raise fail("checkpoints must be a non-empty list")
-        if not isinstance(metadata, dict) or ids not in (None, IDS_FILE):
-            raise fail(f"metadata must be an object and ids null or {IDS_FILE!r}")
+        if not isinstance(metadata, dict):
+            raise fail(f"metadata must be an object, got {short(metadata)}")
+        if ids is not None and ids != IDS_FILE:
+            raise fail(f"ids must be null or {IDS_FILE!r}, got {short(ids)}")
         problem = metadata_problem(metadata)
         if problem is not None:
             raise fail(problem)
@@ -243,7 +245,13 @@ class Manifest:
                 d = tuple(entry["dims"]) if factored else (entry["dim"],)
                 names = [entry["left"], entry["right"]] if factored else [entry["file"]]
                 weight, ranges = entry["weight"], entry["written"]
-            except (KeyError, TypeError, IndexError) as e:
+            except KeyError as e:
+                keys = "dims, left, right" if factored else "dim, file"
+                raise fail(
+                    f"checkpoints[{c}] lacks the key {short(e.args[0])} (a {mode} store's entries need {keys}, "
+                    "weight and written)"
+                ) from None
+            except (TypeError, IndexError) as e:
                 raise fail(f"checkpoints[{c}] is malformed ({short(e)})") from None
             if len(d) != (2 if factored else 1) or not all(_is_count(x) for x in d):
                 raise fail(f"checkpoints[{c}] dims must be positive integers below 2**63, got {short(list(d))}")
