@@ -380,6 +380,60 @@ def test_full_aggregate_sums_in_the_documented_order_on_every_instruction_set(rn
         np.testing.assert_array_equal(got, ordered)
 
 
+@pytest.mark.parametrize("isa", list(ISA_FEATURES))
+def test_column_sums_then_aggregate_sums_give_the_documented_bits_for_any_chunks(rng, isa):
+    # The two steps of full-gradient aggregate (column_sums carried over test chunks in row order,
+    # then aggregate_sums per train piece) give the kernel's documented order (the float64 NumPy
+    # above) bit for bit, whatever the chunks, pieces, thread count and instruction set.
+    if missing_cpu_features(isa):
+        pytest.skip(f"this CPU lacks {', '.join(missing_cpu_features(isa))}, needed by {isa}")
+    widths, weights = (200, 37, 5), [0.5, -3.0, 7.0]
+    test = [rng.standard_normal((41, d), dtype=np.float32) for d in widths]
+    train = [rng.standard_normal((90, d), dtype=np.float32) for d in widths]
+    test[1] = test[1].astype(np.float16)
+    ordered = _full_aggregate_in_kernel_order([t.astype(np.float32) for t in test], train, weights)
+    codes = [0, 1, 0]
+    for chunk, piece, threads in ((41, 90, 1), (1, 7, 3), (16, 45, 2)):
+        sums = [np.zeros(d) for d in widths]
+        for a in range(0, 41, chunk):
+            _core.column_sums((False, [t[a : a + chunk] for t in test], codes), sums, isa=isa, num_threads=threads)
+        got = np.concatenate(
+            [
+                _core.aggregate_sums(sums, (False, [x[i : i + piece] for x in train], [0] * 3), weights, isa=isa)
+                for i in range(0, 90, piece)
+            ]
+        )
+        np.testing.assert_array_equal(got, ordered)
+
+
+def test_column_sums_and_aggregate_sums_refuse_bad_sums_and_name_non_finite_rows(rng):
+    test = (False, [rng.standard_normal((4, 6), dtype=np.float32)], [0])
+    train = (False, [rng.standard_normal((3, 6), dtype=np.float32)], [0])
+    for sums, what in (
+        ([], "one array per checkpoint"),
+        ([np.zeros(5)], "1-D float64 array of 6 values"),
+        ([np.zeros(6, np.float32)], "1-D float64 array of 6 values"),
+        ([np.zeros(12)[::2]], "contiguous"),
+        ([np.zeros((1, 6))], "1-D float64"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            _core.column_sums(test, sums)
+        with pytest.raises(ValueError, match=what):
+            _core.aggregate_sums(sums, train, [1.0])
+    read_only = np.zeros(6)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only|writable"):
+        _core.column_sums(test, [read_only])
+    with pytest.raises(ValueError, match="factored"):
+        _core.column_sums((True, [test[1][0], test[1][0]], [0, 0]), [np.zeros(6), np.zeros(6)])
+    test[1][0][2, 4] = np.inf
+    with pytest.raises(ValueError, match=r"test checkpoint 0 contains NaN or Inf values, first in rows \[2\]"):
+        _core.column_sums(test, [np.zeros(6)])
+    train[1][0][1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"train checkpoint 0 contains NaN or Inf values, first in rows \[1\]"):
+        _core.aggregate_sums([np.zeros(6)], train, [1.0])
+
+
 def _factored_aggregate_exact(test, train, weights, normalize):
     """float64 NumPy: sum over test rows of the (cosine) factored scores, pair by pair."""
     run = normalize or len(weights)

@@ -784,8 +784,44 @@ def test_non_finite_rows_of_a_store_are_counted_from_its_first_row(rng, tmp_path
     test[1][[260, 499]] = np.inf
     write_store(tmp_path / "test", test, step=100)
     tests = tracin.GradientStore.open(tmp_path / "test", chunk_bytes=4000)
-    with pytest.raises(ValueError, match=r"test checkpoint 1 contains NaN or Inf values, first in rows \[260\]"):
-        tracin.top_k(tests, random_set(rng, 5, [8, 4]), k=2)
+    bad = r"test checkpoint 1 contains NaN or Inf values, first in rows \[260\]"
+    for call in (
+        lambda: tracin.top_k(tests, random_set(rng, 5, [8, 4]), k=2),
+        lambda: tracin.aggregate(tests, random_set(rng, 5, [8, 4])),  # column sums, chunk by chunk
+        lambda: tracin.aggregate(tests, store),
+    ):
+        with pytest.raises(ValueError, match=bad):
+            call()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_full_aggregate_has_the_same_bits_however_either_store_is_chunked(rng, tmp_path, normalize):
+    """Full gradients: the test side's float64 column sums carried across its chunks, then one pass
+    over the train rows, so one chunk per side and many (not aligned to each other) give equal bits,
+    within the bound of the float64 NumPy sums."""
+    from store.helpers import write_store
+
+    w = [0.3, -1.7]
+    test, train = random_set(rng, 450, [37, 20]), random_set(rng, 300, [37, 20])
+    write_store(tmp_path / "test", test, w, step=100)
+    write_store(tmp_path / "train", train, w, step=100)
+    results = []
+    for chunk_bytes in (2**26, 57 * 4 * 13, 57 * 4 * 64):  # 1 chunk; chunks of 13 and 64 rows
+        t = tracin.GradientStore.open(tmp_path / "test", chunk_bytes=chunk_bytes)
+        x = tracin.GradientStore.open(tmp_path / "train", chunk_bytes=chunk_bytes)
+        results += [
+            tracin.aggregate(t, x, normalize=normalize),
+            tracin.aggregate(t, x, normalize=normalize, progress=True),
+        ]
+    results.append(tracin.aggregate(tracin.Gradients(test, w), tracin.Gradients(train, w), normalize=normalize))
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+    t64, x64 = [b.astype(np.float64) for b in test], [b.astype(np.float64) for b in train]
+    if normalize:  # each checkpoint's rows unit-normalised
+        t64, x64 = ([b / np.linalg.norm(b, axis=1)[:, None] for b in side] for side in (t64, x64))
+    exact = sum(c * (a @ b.T) for c, a, b in zip(w, t64, x64, strict=True)).sum(0)
+    scale = sum(abs(c) * np.abs(a @ b.T) for c, a, b in zip(w, t64, x64, strict=True)).sum(0)
+    assert np.all(np.abs(results[0] - exact) <= 1e-6 * scale)
 
 
 def test_non_finite_test_rows_found_in_any_panel_and_weighting_overflow(rng):
@@ -1050,7 +1086,8 @@ def test_progress_bar_moves_over_pieces_and_leaves_results_unchanged(rng, capsys
 def test_a_device_bar_over_test_chunks_says_so(rng, capsys, monkeypatch):
     """On a device a test set cut into chunks passes over the train rows once per chunk: the bar's
     total is train rows x chunks and its description names the chunks (review7: 90/90 for 30 train
-    rows, unexplained); one chunk (or the C++ kernel) keeps a bar over the train rows alone."""
+    rows, unexplained); one chunk (or the C++ kernel) keeps a bar over the train rows alone. aggregate
+    of full gradients reads each side once, its chunks too: its bar counts test rows + train rows."""
     pytest.importorskip("torch")
     from tracin import _tunables
 
@@ -1063,10 +1100,13 @@ def test_a_device_bar_over_test_chunks_says_so(rng, capsys, monkeypatch):
             monkeypatch.setattr(_tunables, "DEVICE_TEST_BYTES", budget)
             call(t, x, device=device, progress=True)
             bars[device, name] = capsys.readouterr().err.strip().split("\r")[-1]
-    for name in ("top_k", "scores", "aggregate"):
+    for name in ("top_k", "scores"):
         assert "test chunks" not in bars["cpu", name] and re.search(r" 30(\.0)?/30(\.0)? ", bars["cpu", name]), bars
         assert f"tracin {name}" in bars["torch:cpu", name] and "3 test chunks" in bars["torch:cpu", name], bars
         assert re.search(r" 90(\.0)?/90(\.0)? ", bars["torch:cpu", name]), bars
+    for device in ("cpu", "torch:cpu"):
+        bar = bars[device, "aggregate"]
+        assert "test chunks" not in bar and "100%" in bar and re.search(r" 50(\.0)?/50(\.0)? ", bar), bars
 
 
 def test_progress_cuts_the_train_side_into_pieces_covering_it(rng):

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "../src/engine.hpp"  // AggregateColumnSums, AggregateFromColumnSums
 #include "tracin/projection.hpp"
 #include "tracin/tracin.hpp"
 
@@ -195,6 +196,26 @@ tracin::Status RunInterruptibly(tracin::Options options, double work, Kernel&& k
   return status;
 }
 
+// Float64 column sums passed from Python, one 1-D array per block of `side` of the block's columns,
+// contiguous (and writable when `writable`); their buffers are held in `held`.
+std::vector<double*> SumArrays(const std::vector<py::buffer>& sums, const tracin::GradientSide& side, bool writable,
+                               std::vector<py::buffer_info>* held) {
+  if (sums.size() != side.blocks.size())
+    throw py::value_error("sums: expected one array per checkpoint (" + std::to_string(side.blocks.size()) +
+                          "), got " + std::to_string(sums.size()));
+  std::vector<double*> out;
+  for (std::size_t c = 0; c < sums.size(); ++c) {
+    py::buffer_info info = sums[c].request(writable);
+    if (info.ndim != 1 || !HasFormat(info.format, 'd') || info.shape[0] != side.blocks[c].cols ||
+        (info.shape[0] > 1 && info.strides[0] != 8))
+      throw py::value_error("sums: array " + std::to_string(c) + " must be a contiguous 1-D float64 array of " +
+                            std::to_string(side.blocks[c].cols) + " values (the checkpoint's columns)");
+    out.push_back(static_cast<double*>(info.ptr));
+    held->push_back(std::move(info));
+  }
+  return out;
+}
+
 void Raise(const tracin::Status& s) {
   switch (s.code) {
     case tracin::StatusCode::kOk:
@@ -297,6 +318,39 @@ PYBIND11_MODULE(_core, m) {
           return out;
         },
         py::arg("test"), py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
+
+  m.def("column_sums",
+        [](const SideSpec& test, const std::vector<py::buffer>& sums, int num_threads, std::int64_t train_block,
+           std::int64_t test_block, const std::string& isa, std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
+          HeldSide t = Hold(test, "test");
+          std::vector<py::buffer_info> held;
+          const std::vector<double*> into = SumArrays(sums, t.side, true, &held);
+          const tracin::Status s = RunInterruptibly(options, Work(1, t.side), [&](const tracin::Options& o) {
+            return tracin::AggregateColumnSums(t.side, into, o);
+          });
+          Raise(s);
+        },
+        py::arg("test"), py::arg("sums"), TRACIN_OPTION_ARGS);
+
+  m.def("aggregate_sums",
+        [](const std::vector<py::buffer>& sums, const SideSpec& train, const std::vector<double>& weights,
+           int num_threads, std::int64_t train_block, std::int64_t test_block, const std::string& isa,
+           std::int64_t normalize) {
+          const auto options = MakeOptions(num_threads, train_block, test_block, isa, normalize);
+          HeldSide x = Hold(train, "train");
+          std::vector<py::buffer_info> held;
+          const std::vector<double*> read = SumArrays(sums, x.side, false, &held);
+          const std::vector<const double*> from(read.begin(), read.end());
+          py::array_t<double> out(x.side.rows());
+          double* ptr = out.mutable_data();
+          const tracin::Status s = RunInterruptibly(options, Work(1, x.side), [&](const tracin::Options& o) {
+            return tracin::AggregateFromColumnSums(from, x.side, weights, ptr, o);
+          });
+          Raise(s);
+          return out;
+        },
+        py::arg("sums"), py::arg("train"), py::arg("weights"), TRACIN_OPTION_ARGS);
 
   m.def("project",
         [](int kind, std::uint64_t seed, std::uint64_t stream, std::int64_t dim, int nonzeros,

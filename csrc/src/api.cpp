@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "engine.hpp"
@@ -557,36 +558,121 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
       return detail::ExactFactoredSums(detail::KernelsFor(options.isa), test, train, weights, options, rows, out);
     }
     // Full gradients: the sum over test rows commutes with the inner product, so one weighted
-    // column sum of the test side per checkpoint, then one dot product per train row. Cosine
-    // scores: test rows enter the sums scaled by their inverse norms, and each train row's dot
-    // products over a run of checkpoints by its own (summed from the row as it is read). Each dot
-    // product is kernels.dot's 16 float64 partial sums (vectorised; the same bits for every
+    // column sum of the test side per checkpoint, then one dot product per train row.
+    std::vector<std::vector<double>> sums(train.checkpoints());
+    std::vector<double*> into;
+    for (std::size_t c = 0; c < sums.size(); ++c) {
+      sums[c].assign(static_cast<std::size_t>(test.blocks[c].cols), 0.0);
+      into.push_back(sums[c].data());
+    }
+    s = AggregateColumnSums(test, into, options);
+    if (!s.ok()) return s;
+    return AggregateFromColumnSums(std::vector<const double*>(into.begin(), into.end()), train, weights, out, options);
+  });
+}
+
+namespace {
+
+// Columns of a block per task of AggregateColumnSums: each task sums its columns over every row.
+constexpr std::int64_t kSumColumns = 64;
+
+}  // namespace
+
+Status AggregateColumnSums(const GradientSide& test, const std::vector<double*>& sums, const Options& options) {
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidateSide(test, "test");
+    if (s.ok()) s = detail::ValidateNormalize(test, options.normalize);
+    if (!s.ok()) return s;
+    if (test.factored)
+      return {StatusCode::kInvalidArgument, "column sums are for full gradients; test is factored"};
+    if (sums.size() != test.checkpoints())
+      return {StatusCode::kInvalidArgument, "expected one column-sum array per checkpoint (" +
+                                                std::to_string(test.checkpoints()) + "), got " +
+                                                std::to_string(sums.size())};
+    for (std::size_t c = 0; c < sums.size(); ++c)
+      if (sums[c] == nullptr && test.blocks[c].cols > 0)
+        return {StatusCode::kInvalidArgument, "column sums of checkpoint " + std::to_string(c) + " are null"};
+    const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
+    const std::size_t checkpoints = test.checkpoints();
+    const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
+    const std::size_t runs = checkpoints / run;
+    const std::int64_t m = test.rows();
+    // Cosine scores: the inverse norm of test row r over run g at r * runs + g, a row per task.
+    std::vector<double> scales(options.normalize > 0 ? static_cast<std::size_t>(m) * runs : 0);
+    if (options.normalize > 0) {
+      s = detail::ForEachRow(m, detail::MaxCols(test), options, [&](std::int64_t r, float* buf) {
+        for (std::size_t g = 0; g < runs; ++g)
+          scales[static_cast<std::size_t>(r) * runs + g] =
+              detail::InverseNorm(detail::RunSquaredNorm(kernels, test, g * run, run, r, buf));
+      });
+      if (!s.ok()) return s;
+    }
+    // One task per band of kSumColumns columns of a block: its columns summed over the rows in row
+    // order, so each column gets the bits of one serial pass whatever the threads or bands.
+    std::vector<std::pair<std::size_t, std::int64_t>> bands;  // (checkpoint, first column)
+    for (std::size_t c = 0; c < checkpoints; ++c)
+      for (std::int64_t k0 = 0; k0 < test.blocks[c].cols; k0 += kSumColumns) bands.emplace_back(c, k0);
+    const auto tasks = static_cast<std::int64_t>(bands.size());
+    const int threads = static_cast<int>(
+        std::min<std::int64_t>(detail::ResolveThreads(options.num_threads), std::max<std::int64_t>(tasks, 1)));
+    std::vector<std::vector<float>> scratch(static_cast<std::size_t>(threads),
+                                            std::vector<float>(static_cast<std::size_t>(kSumColumns)));
+    std::atomic<bool> stop{false};
+    s = detail::ParallelFor(tasks, threads, stop, options.cancel, [&](std::int64_t task, int thread) {
+      const auto [c, k0] = bands[static_cast<std::size_t>(task)];
+      const MatrixView& b = test.blocks[c];
+      const std::int64_t width = std::min(kSumColumns, b.cols - k0);
+      float* row = scratch[static_cast<std::size_t>(thread)].data();
+      double* sum = sums[c] + k0;
+      for (std::int64_t r = 0; r < m; ++r) {
+        if (detail::IsCancelled(options.cancel)) return;  // ParallelFor's caller reports it
+        detail::LoadRow(kernels, b, r, k0, width, row);
+        if (options.normalize > 0) {
+          const double scale = scales[static_cast<std::size_t>(r) * runs + c / run];
+          for (std::int64_t k = 0; k < width; ++k) sum[k] += scale * row[k];
+        } else {
+          for (std::int64_t k = 0; k < width; ++k) sum[k] += row[k];
+        }
+      }
+    });
+    if (!s.ok()) return s;
+    if (detail::IsCancelled(options.cancel)) return detail::Cancelled();
+    for (std::size_t c = 0; c < checkpoints; ++c)
+      if (!detail::AllFinite(sums[c], test.blocks[c].cols)) return detail::NonFiniteError(&test, GradientSide{});
+    return Status::Ok();
+  });
+}
+
+Status AggregateFromColumnSums(const std::vector<const double*>& sums, const GradientSide& train,
+                               const std::vector<double>& weights, double* out, const Options& options) {
+  return detail::Guarded([&]() -> Status {
+    Status s = detail::ValidateSide(train, "train");
+    if (s.ok()) s = detail::ValidateNormalize(train, options.normalize);
+    if (s.ok()) s = detail::ValidateWeights(weights, train.checkpoints());
+    if (s.ok()) s = detail::CheckOut(out, train.rows() > 0);
+    if (!s.ok()) return s;
+    if (train.factored)
+      return {StatusCode::kInvalidArgument, "aggregate from column sums is for full gradients; train is factored"};
+    if (sums.size() != train.checkpoints())
+      return {StatusCode::kInvalidArgument, "expected one column-sum array per checkpoint (" +
+                                                std::to_string(train.checkpoints()) + "), got " +
+                                                std::to_string(sums.size())};
+    for (std::size_t c = 0; c < sums.size(); ++c)
+      if (sums[c] == nullptr && train.blocks[c].cols > 0)
+        return {StatusCode::kInvalidArgument, "column sums of checkpoint " + std::to_string(c) + " are null"};
+    // Each train row's dot products with the weighted sums (cosine scores: the dot products over a
+    // run of checkpoints times the row's own inverse norm over it, summed from the row as it is read).
+    // Each dot product is kernels.dot's 16 float64 partial sums (vectorised; the same bits for every
     // instruction set and thread count), reading aligned float32 rows in place.
     const detail::KernelTable& kernels = detail::KernelsFor(options.isa);
     const std::size_t checkpoints = train.checkpoints();
     const std::size_t run = options.normalize > 0 ? static_cast<std::size_t>(options.normalize) : checkpoints;
-    std::vector<std::vector<double>> column_sums;
-    std::vector<float> row(static_cast<std::size_t>(detail::MaxCols(test)));
-    std::vector<double> scales;  // cosine scores: inverse norm of test row r over run g at r * runs + g
-    const std::size_t runs = checkpoints / run;
-    for (std::int64_t r = 0; r < test.rows() && options.normalize > 0; ++r)
-      for (std::size_t g = 0; g < runs; ++g)
-        scales.push_back(detail::InverseNorm(detail::RunSquaredNorm(kernels, test, g * run, run, r, row.data())));
+    const std::int64_t n = train.rows();
+    std::vector<std::vector<double>> weighted(checkpoints);
+    bool finite = true;
     for (std::size_t c = 0; c < checkpoints; ++c) {
-      const MatrixView& m = test.blocks[c];
-      std::vector<double> sum(static_cast<std::size_t>(m.cols), 0.0);
-      for (std::int64_t r = 0; r < m.rows; ++r) {
-        if (detail::IsCancelled(options.cancel)) return detail::Cancelled();
-        detail::LoadRow(kernels, m, r, 0, m.cols, row.data());
-        if (options.normalize > 0) {
-          const double scale = scales[static_cast<std::size_t>(r) * runs + c / run];
-          for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += scale * row[k];
-        } else {
-          for (std::int64_t k = 0; k < m.cols; ++k) sum[k] += row[k];
-        }
-      }
-      for (double& v : sum) v *= weights[c];
-      column_sums.push_back(std::move(sum));
+      for (std::int64_t k = 0; k < train.blocks[c].cols; ++k) weighted[c].push_back(sums[c][k] * weights[c]);
+      finite = finite && detail::AllFinite(weighted[c].data(), train.blocks[c].cols);
     }
     s = detail::ForEachRow(n, detail::MaxCols(train), options, [&](std::int64_t i, float* buf) {
       double total = 0.0;
@@ -595,7 +681,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
         for (std::size_t c = c0; c < c0 + run; ++c) {
           const MatrixView& m = train.blocks[c];
           const float* x = detail::RowValues(kernels, m, i, buf);
-          dot += detail::DotWithSums(kernels, column_sums[c].data(), x, m.cols);
+          dot += detail::DotWithSums(kernels, weighted[c].data(), x, m.cols);
           if (options.normalize > 0) squares += detail::SumOfSquares(kernels, x, m.cols);
         }
         total += options.normalize > 0 ? dot * detail::InverseNorm(squares) : dot;
@@ -603,10 +689,7 @@ Status Aggregate(const GradientSide& test, const GradientSide& train,
       out[i] = total;
     });
     if (!s.ok()) return s;
-    bool finite = detail::AllFinite(out, n);
-    for (const auto& sum : column_sums)
-      for (double v : sum) finite = finite && std::isfinite(v);
-    if (!finite) return detail::NonFiniteError(&test, train);
+    if (!finite || !detail::AllFinite(out, n)) return detail::NonFiniteError(nullptr, train);
     return Status::Ok();
   });
 }

@@ -85,3 +85,26 @@ Status RunTiles(const GradientSide& test, const GradientSide& train,
                 TileConsumer& consumer);
 
 }  // namespace tracin::detail
+
+namespace tracin {
+
+// Aggregate of full gradients in two steps, for a test side read in chunks (the Python package's
+// stores): AggregateColumnSums for each chunk in row order, then AggregateFromColumnSums for each
+// piece of the train rows. Together they give Aggregate's bits whatever the chunks and pieces.
+
+// Adds the test rows' columns to the float64 running sums: sums[c][k] += s_t g_c(t)[k] for each test
+// row t in order (s_t: the row's float64 inverse norm over c's run for options.normalize > 0, else
+// 1), one array of test.blocks[c].cols values per checkpoint. Each column is summed in row order
+// (threads take bands of columns), so sums carried from chunk to chunk get the bits of one call over
+// all the rows. kNonFinite naming the test rows for a NaN or Inf input.
+Status AggregateColumnSums(const GradientSide& test, const std::vector<double*>& sums, const Options& options = {});
+
+// out[i] = sum_c w_c <sums_c, g_c(i)> for the train rows i (cosine scores: each run's dot products
+// times the row's inverse norm over it), out (train.rows(),) float64: Aggregate's second half, with
+// the column sums of every test row (AggregateColumnSums), one array of train.blocks[c].cols values
+// per checkpoint. kNonFinite naming the train rows for a NaN or Inf input, else for a result beyond
+// float64's range.
+Status AggregateFromColumnSums(const std::vector<const double*>& sums, const GradientSide& train,
+                               const std::vector<double>& weights, double* out, const Options& options = {});
+
+}  // namespace tracin

@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "../src/engine.hpp"
 #include "../src/kernels.hpp"
 #include "../src/parallel.hpp"
 #include "check.hpp"
@@ -993,6 +994,85 @@ void TestRowNearFloat32sTop() {
 }
 
 
+// Aggregate of full gradients in two steps (AggregateColumnSums over test chunks in row order, then
+// AggregateFromColumnSums over train pieces) gives Aggregate's bits for any cut of either side and
+// any thread count, plain and cosine; NaN / Inf name their side, checkpoint and rows; bad input and
+// Options::cancel are refused.
+void TestAggregateInTwoSteps() {
+  std::mt19937 rng(17);
+  const std::int64_t m = 301, n = 257;
+  const std::int64_t widths[] = {150, 9};
+  std::vector<Matrix> test, train;
+  for (std::int64_t w : widths) {
+    test.push_back(Random(m, w, rng));
+    train.push_back(Random(n, w, rng));
+  }
+  const std::vector<double> w = {0.7, -1.3};
+  const auto rows = [](const std::vector<Matrix>& ms, std::int64_t first, std::int64_t count) {
+    tracin::GradientSide s = Full(ms);
+    for (tracin::MatrixView& b : s.blocks) {
+      b.data = static_cast<const float*>(b.data) + first * b.cols;
+      b.rows = count;
+    }
+    return s;
+  };
+  for (std::int64_t normalize : {0, 1, 2}) {
+    tracin::Options o;
+    o.normalize = normalize;
+    std::vector<double> expected(static_cast<std::size_t>(n));
+    Check(tracin::Aggregate(Full(test), Full(train), w, expected.data(), o).ok(), "Aggregate ok");
+    for (std::int64_t chunk : {std::int64_t{1}, std::int64_t{64}, std::int64_t{100}, m})
+      for (int threads : {1, 3}) {
+        o.num_threads = threads;
+        std::vector<std::vector<double>> sums = {std::vector<double>(150), std::vector<double>(9)};
+        const std::vector<double*> into = {sums[0].data(), sums[1].data()};
+        bool ok = true;
+        for (std::int64_t a = 0; a < m; a += chunk)
+          ok = ok && tracin::AggregateColumnSums(rows(test, a, std::min(chunk, m - a)), into, o).ok();
+        std::vector<double> got(static_cast<std::size_t>(n));
+        for (std::int64_t i = 0; i < n; i += 50)
+          ok = ok && tracin::AggregateFromColumnSums({sums[0].data(), sums[1].data()},
+                                                     rows(train, i, std::min<std::int64_t>(50, n - i)), w,
+                                                     got.data() + i, o)
+                         .ok();
+        Check(ok && std::memcmp(got.data(), expected.data(), expected.size() * sizeof(double)) == 0,
+              "two-step aggregate: Aggregate's bits, normalize " + std::to_string(normalize) + ", test chunks of " +
+                  std::to_string(chunk) + ", threads " + std::to_string(threads));
+      }
+  }
+  std::vector<double> s0(150), s1(9), out(static_cast<std::size_t>(n));
+  const std::vector<double*> into = {s0.data(), s1.data()};
+  std::vector<Matrix> bad = test;
+  bad[1].data[5 * 9 + 2] = std::nanf("");
+  tracin::Status s = tracin::AggregateColumnSums(Full(bad), into);
+  Check(s.code == tracin::StatusCode::kNonFinite && s.message.find("test checkpoint 1") != std::string::npos &&
+            s.message.find("rows [5]") != std::string::npos,
+        "column sums name a NaN test row: " + s.message);
+  std::fill(s0.begin(), s0.end(), 0.0);
+  std::fill(s1.begin(), s1.end(), 0.0);
+  bad = train;
+  bad[0].data[9 * 150] = INFINITY;
+  s = tracin::AggregateFromColumnSums({s0.data(), s1.data()}, Full(bad), w, out.data());
+  Check(s.code == tracin::StatusCode::kNonFinite && s.message.find("train checkpoint 0") != std::string::npos &&
+            s.message.find("rows [9]") != std::string::npos,
+        "products name an Inf train row: " + s.message);
+  s = tracin::AggregateColumnSums(Full(test), {s0.data()});
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "column sums with one array for two checkpoints: " + s.message);
+  s = tracin::AggregateFromColumnSums({s0.data(), nullptr}, Full(train), w, out.data());
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "products with a null sum: " + s.message);
+  tracin::GradientSide factored{true, {test[0].View(), test[1].View()}};
+  s = tracin::AggregateColumnSums(factored, {s0.data()});
+  Check(s.code == tracin::StatusCode::kInvalidArgument, "column sums of factored rows refused: " + s.message);
+  std::atomic<bool> cancel{true};
+  tracin::Options o;
+  o.cancel = &cancel;
+  Check(tracin::AggregateColumnSums(Full(test), into, o).code == tracin::StatusCode::kCancelled,
+        "column sums cancelled");
+  Check(tracin::AggregateFromColumnSums({s0.data(), s1.data()}, Full(train), w, out.data(), o).code ==
+            tracin::StatusCode::kCancelled,
+        "products cancelled");
+}
+
 // Aggregate's float64 dot products (KernelTable::dot): every instruction set gives the bits of the
 // contract in kernels.hpp (product k rounded, then added to partial sum k % 16, the sums carried on
 // from their values on entry), for lengths around the 16-value step; and Aggregate itself gives the
@@ -1567,6 +1647,7 @@ int main() {
   TestAggregateFallbackPerTrainRow();
   TestRowNearFloat32sTop();
   TestAggregateDotSameBitsEveryIsa();
+  TestAggregateInTwoSteps();
   TestOverflowNamesThePair();
   TestCosineRowsOfExtremeNorms();
   TestCosineScores();

@@ -75,6 +75,35 @@ def aggregate(
 ) -> npt.NDArray[np.float64]:
     """float64 (train rows,): influence of each train row summed over the test rows."""
 
+def column_sums(
+    test: Side,
+    sums: Sequence[Buffer],
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+    normalize: SupportsIndex = 0,
+) -> None:
+    """Full gradients' aggregate, first step: adds the test rows (each times its inverse norm over
+    each run for normalize) to sums, one writable contiguous float64 (d_c,) array per checkpoint,
+    each column in row order (threads take bands of columns): sums carried over chunks of rows in
+    order get the bits of one call over all of them. Factored sides are refused."""
+
+def aggregate_sums(
+    sums: Sequence[Buffer],
+    train: Side,
+    weights: Sequence[SupportsFloat],
+    *,
+    num_threads: SupportsIndex = 0,
+    train_block: SupportsIndex = 0,
+    test_block: SupportsIndex = 0,
+    isa: str = "auto",
+    normalize: SupportsIndex = 0,
+) -> npt.NDArray[np.float64]:
+    """Full gradients' aggregate, second step: float64 (train rows,), each row's dot products with the
+    column sums of column_sums times the weights; with every test row summed, aggregate's bits."""
+
 def project(
     kind: SupportsIndex,
     seed: SupportsIndex,

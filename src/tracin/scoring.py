@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -28,7 +28,7 @@ from ._tunables import PIECE_S as _PIECE_S
 from ._tunables import SELECT_S as _SELECT_S
 from ._validate import flag, positive_int, thread_count
 from .backends import Backend, BothSides, ChunkCache, TopK, placement
-from .backends.base import KeepsTopK
+from .backends.base import KeepsTopK, SumsColumns
 from .gradients import Gradients, GradientSet, KernelSide, non_finite_message
 from .store._format import metadata_problem, short
 from .whitening import Whitening
@@ -566,7 +566,8 @@ class _Loop:
     them). `cache` is the backends' ChunkCache for the current test chunk (what a device backend
     uploads once per chunk, not once per piece), emptied when the loop ends; its `next_train` is the
     train side of the next pair, taken one pair ahead, so that a device backend can start uploading
-    it while it scores the current one.
+    it while it scores the current one. `lead`: rows the caller advances the bar by (advance) before
+    the pairs, counted in its total (aggregate's test rows, summed by columns ahead of the train pass).
     """
 
     def __init__(
@@ -582,6 +583,7 @@ class _Loop:
         top_k: tuple[int, int] | None = None,
         timed: bool = False,
         test_rows: int | None = None,
+        lead: int = 0,
     ):
         check_progress(progress)
         # The CPU backend caps num_threads at the usable cores (backends/cpu.py); so do the estimates.
@@ -603,7 +605,7 @@ class _Loop:
             self.pieces = [(s, min(s + step, b)) for a, b in self.pieces for s in range(a, max(b, a + 1), step)]
         if len(self.test_chunks) > 1:  # the train rows are passed over once per chunk
             desc = f"{desc}, {len(self.test_chunks)} test chunks"
-        self.bar = progress_bar(len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
+        self.bar = progress_bar(lead + len(self.test_chunks) * train.n_rows, progress, desc, unit="row")
         self.cache = ChunkCache()
         self.current: _Pair | None = None
 
@@ -621,6 +623,10 @@ class _Loop:
             self.current = _Pair(slice(t0, t1), test, slice(i0, i1), current)
             yield self.current
             self.bar.update(i1 - i0)
+
+    def advance(self, rows: int) -> None:
+        """Moves the bar by `rows` of the caller's `lead`."""
+        self.bar.update(rows)
 
     def _train(self, piece: tuple[int, int]) -> KernelSide:
         return KernelSide._make(self.train.kernel_side(*piece))
@@ -1233,18 +1239,22 @@ def aggregate(
 ) -> np.ndarray:
     """float32 (n,): influence of each training example summed over the whole test set
     (group influence, for data selection). Summed in float64 whatever the chunking; a sum beyond
-    float32's range is a ValueError, as in the other scoring functions. Single pair scores beyond
-    float32 are no error here when their sum is in range (top_k and scores refuse them) for full
-    gradients, which are summed by columns and form no pair score, on every device, and for factored
+    float32's range is a ValueError, as in the other scoring functions. Full gradients are summed by
+    columns: the test side's float64 column sums per checkpoint over all its rows (a store's chunks
+    in turn, each column in row order), then one pass over the train rows, (m + n) x d multiply-adds
+    and one read of each side; on device "cpu" the bits do not depend on either side's chunks.
+    Single pair scores beyond float32 are no error here when their sum is in range (top_k and scores
+    refuse them) for full gradients, which form no pair score, on every device, and for factored
     gradients on device "cpu", whose train rows with a pair score that overflows float32 are summed
     again in float64 (through per-checkpoint p x q matrices or pair by pair), so both layouts give the
     same sums there; the other rows keep their bits however the train rows are pieced (a test row
     beyond float32 once weighted sends every train row of its chunk to float64, so the test side's
     chunking can change those bits); the torch devices sum such train rows in float64 the same way.
-    progress: a tqdm bar over train rows (None: if tqdm is installed and stderr is a terminal or
+    progress: a tqdm bar over rows, as below (None: if tqdm is installed and stderr is a terminal or
     Jupyter, for calls that run over about 2 s).
-    On a device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the
-    train rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
+    The bar counts the test rows then the train rows for full gradients; for factored ones, on a
+    device, a test set of over 1 GiB of float32 rows is scored in chunks, each passing over the train
+    rows: the bar then counts train rows x chunks (its description: "..., 3 test chunks").
     device, precision, normalize: where and how to score, as in top_k (normalize: the sum of the
     cosine scores).
 
@@ -1265,19 +1275,56 @@ def aggregate(
     threads = thread_count(num_threads)
     backend = _backend(device, precision, test=test, train=train)
     total = np.zeros(train.n_rows, dtype=np.float64)  # float64 partial sums from the backend
-    # Full gradients: one column sum of the test side per call plus a product per train row, so
-    # (m + n) * d work, and pieces smaller than the chunks would repeat the column sums.
-    macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
     timed = backend.name == "cpu"
     cut = _device_test_rows(backend, test, run)
     desc = "tracin aggregate"
-    with _Loop(test, train, progress, macs, desc, train.factored, threads=threads, timed=timed, test_rows=cut) as loop:
-        for p in loop.pairs():
-            total[p.train_rows] += backend.aggregate(
-                p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
-            )
+    if not train.factored and all(hasattr(type(backend), f) for f in ("column_sums", "aggregate_sums")):
+        # Full gradients (SumsColumns): the test side's column sums once, carried across its chunks,
+        # then one pass over the train rows; (m + n) * d work, and the bar counts the rows of both.
+        columns = cast(SumsColumns, backend)
+        macs = (test.n_rows + train.n_rows) * _width(train)
+        with _Loop(None, train, progress, macs, desc, threads=threads, timed=timed, lead=test.n_rows) as loop:
+            sums = _column_sums(columns, test, None, threads, run, cut, loop.advance)
+            for p in loop.pairs():
+                total[p.train_rows] = columns.aggregate_sums(
+                    sums, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
+                )
+    else:  # factored (pairwise), or a backend without SumsColumns: each test chunk against every piece
+        macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
+        split = train.factored  # full gradients: a piece more would sum the test chunk's columns again
+        with _Loop(test, train, progress, macs, desc, split, threads=threads, timed=timed, test_rows=cut) as loop:
+            for p in loop.pairs():
+                total[p.train_rows] += backend.aggregate(
+                    p.test, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
+                )
     _refuse_float32_overflow(total)
     return total.astype(np.float32)
+
+
+def _column_sums(
+    backend: SumsColumns,
+    test: GradientSet,
+    sums: Any,
+    threads: int,
+    run: int,
+    cut: int | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> Any:
+    """backend.column_sums of `test`'s chunks (of at most `cut` rows) in turn, carried on from `sums`
+    (None: zero), advance(rows) after each; NaN / Inf errors name rows counted from the set's start."""
+    for t0, t1 in _chunks(test, cut):
+        try:
+            sums = backend.column_sums(
+                KernelSide._make(test.kernel_side(t0, t1)), sums, num_threads=threads, normalize=run
+            )
+        except ValueError as e:
+            message = rows_shifted(str(e), t0, 0)
+            if message is None:
+                raise
+            raise ValueError(message) from None
+        if advance is not None:
+            advance(t1 - t0)
+    return sums
 
 
 def _refuse_float32_overflow(total: np.ndarray) -> None:

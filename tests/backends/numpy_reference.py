@@ -80,3 +80,12 @@ class NumpyReference:
 
     def aggregate(self, test, train, weights, *, num_threads, normalize=0, cache=None):
         return self._exact(test, train, weights, normalize).sum(0)
+
+    def column_sums(self, test, sums, *, num_threads, normalize=0):
+        """SumsColumns: per checkpoint the float64 column sums of the (normalised) rows, added to `sums`."""
+        chunk = [b.sum(0) for b in normalized(side_float64(test), normalize)]
+        return chunk if sums is None else [a + b for a, b in zip(sums, chunk, strict=True)]
+
+    def aggregate_sums(self, sums, train, weights, *, num_threads, normalize=0, cache=None):
+        x = normalized(side_float64(train), normalize)
+        return sum((w * b @ s for w, b, s in zip(weights, x, sums, strict=True)), np.zeros(len(train.blocks[0])))

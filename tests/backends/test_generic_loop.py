@@ -58,6 +58,14 @@ class Recording(NumpyReference):
         self._note(test, train)
         return super().aggregate(test, train, weights, num_threads=num_threads, normalize=normalize)
 
+    def column_sums(self, test, sums, *, num_threads, normalize=0):
+        self._note(test, KernelSide(False, [np.zeros((0, 1))], [0]))
+        return super().column_sums(test, sums, num_threads=num_threads, normalize=normalize)
+
+    def aggregate_sums(self, sums, train, weights, *, num_threads, normalize=0, cache=None):
+        self._note(None, train)
+        return super().aggregate_sums(sums, train, weights, num_threads=num_threads, normalize=normalize)
+
 
 @pytest.fixture
 def recording(monkeypatch):
@@ -113,6 +121,23 @@ def test_each_test_chunk_meets_every_train_row_once_in_order(recording, rng, mon
     recording.seen.clear()
     tracin.self_influence(x, progress=False)
     assert [train_ids for _, train_ids in recording.seen] == [list(range(a, min(a + 11, 40))) for a in (0, 11, 22, 33)]
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_full_aggregate_reads_each_side_once(recording, rng, monkeypatch, progress):
+    """Full gradients: the test chunks' column sums in row order, then each train row once (its store
+    chunks, cut for a bar), not the train rows once per test chunk."""
+    monkeypatch.setattr(tracin.scoring, "_MIN_PIECE_ROWS", 3)
+    w = [0.5, -2.0]
+    test, train = with_ids(rng, 17, [4, 3]), with_ids(rng, 40, [4, 3])
+    t, x = Chunked(tracin.Gradients(test, w), 7), Chunked(tracin.Gradients(train, w), 11)
+    np.testing.assert_array_equal(tracin.aggregate(t, x, progress=progress), whole(test, train, w).sum(0))
+    sums = [ids for ids, train_ids in recording.seen if not train_ids]
+    assert sums == [list(range(a, min(a + 7, 17))) for a in (0, 7, 14)]
+    pieces = [train_ids for ids, train_ids in recording.seen[len(sums) :]]
+    assert recording.seen[: len(sums)] == [(ids, []) for ids in sums]
+    assert sum(pieces, []) == list(range(40)) and all(0 < len(p) <= 11 for p in pieces)
+    assert (len(pieces) > 4) == progress  # store chunks, cut for the bar
 
 
 def test_factored_sides_reach_the_backend_factored(recording, rng):

@@ -145,7 +145,7 @@ def test_aggregate_over_train_shards(client, floats):
     np.testing.assert_allclose(found, floats["scores"].sum(0), rtol=1e-4, atol=1e-4)
 
 
-def test_aggregate_over_test_shards_adds_float64_partials_in_order(client, floats):
+def test_aggregate_over_test_shards_carries_the_column_sums_in_order(client, floats):
     train = tracin.Gradients([m[:300] for m in floats["train"]], floats["weights"])
     found = td.aggregate(floats["test_store"], train, client=client, shards=3)  # 40 rows in chunks of 7
     np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
@@ -173,12 +173,14 @@ def test_aggregate_sends_the_client_one_float64_per_train_row(client, floats, mo
 
 
 def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats, monkeypatch):
-    """When the result is in, the cluster holds no (test chunks, n) partial of a test shard, and of the
-    chain adding them only its last link (the result): each was released once used."""
+    """Full gradients: when the result is in, the cluster holds none of the chain's column sums (one
+    link per test shard, each adding its rows to the sums before it), only the train rows' result
+    (the one task after the chain): each link was released once used."""
+    done = {"column_sums_part": 0, "aggregate_sums_part": 1}
 
     def held() -> dict[str, int]:
         def count(dask_scheduler) -> dict[str, int]:
-            found = {"aggregate_part": 0, "add_in_order": 0}
+            found = {"column_sums_part": 0, "aggregate_sums_part": 0}
             for ts in dask_scheduler.tasks.values():
                 for name in found:
                     found[name] += ts.state == "memory" and str(ts.key).startswith(f"tracin_{name}-")
@@ -192,7 +194,7 @@ def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats
     def measured_result(future, *args, **kwargs):  # Job.wait's final.result(): the result is in
         found = result(future, *args, **kwargs)
         deadline = time.monotonic() + 10  # the scheduler frees what was released a moment later
-        while (now := held()) != {"aggregate_part": 0, "add_in_order": 1} and time.monotonic() < deadline:
+        while (now := held()) != done and time.monotonic() < deadline:
             time.sleep(0.05)
         seen.append(now)
         return found
@@ -201,7 +203,7 @@ def test_aggregate_over_test_shards_frees_each_partial_once_added(client, floats
     monkeypatch.setattr(Future, "result", measured_result)
     found = td.aggregate(floats["test_store"], train, client=client, shards=4)
     np.testing.assert_array_equal(found, tracin.aggregate(floats["test_store"], train))
-    assert seen == [{"aggregate_part": 0, "add_in_order": 1}]
+    assert seen == [done]
 
 
 def test_aggregate_beyond_float32_is_refused(client, tmp_path):

@@ -6,10 +6,12 @@ drives the progress bar. A backend holds no state of its own across pieces: what
 test chunk and reuses for that chunk's next pieces (a device copy, scaled rows, a running top-k
 selection) goes in the ChunkCache the loop hands it, which lives for one public call.
 
-One optional capability: a backend whose class has a `top_k_running` method (KeepsTopK; the torch
+Two optional capabilities: a backend whose class has a `top_k_running` method (KeepsTopK; the torch
 device backend) keeps each test chunk's best k across the train pieces itself, and the loop calls that
 instead of `top_k` and its host merge per piece (scoring.top_k). Backends without it (the C++
-kernel) are merged on the host, piece by piece.
+kernel) are merged on the host, piece by piece. One whose class has `column_sums` and
+`aggregate_sums` (SumsColumns: both built-in backends) aggregates full gradients from the test side's
+column sums, taken once over all its chunks, in one pass over the train rows.
 """
 
 from __future__ import annotations
@@ -177,3 +179,32 @@ class KeepsTopK(Protocol):
         top_k's, indices global, min(k, first + n) columns (None for a side not asked for), and the
         selection is dropped from the cache. k: the call's k (not capped by the piece's rows).
         Equal to the host merge of top_k per piece (scoring._select), ties to the smaller global index."""
+
+
+class SumsColumns(Protocol):
+    """The optional capability of a backend that aggregates full gradients in two steps, so that the
+    generic loop reads each side once ((m + n) x d work) instead of the train rows once per test
+    chunk: column_sums over the test chunks in turn, then aggregate_sums per train piece. The loop
+    uses it where the backend's class has both methods (looked up on the type, as KeepsTopK), else
+    `aggregate` per (test chunk, train piece)."""
+
+    def column_sums(self, test: KernelSide, sums: Any, *, num_threads: int, normalize: int = 0) -> Any:
+        """Full gradients' aggregate, first step: the running float64 column sums per checkpoint of the
+        test rows seen so far (cosine scores: each row scaled by its inverse norm over each run) with
+        this chunk's rows added in row order; `sums` None starts them at zero, else it is what the
+        previous chunk's call returned (which it may update in place). The form is the backend's own.
+        NaN or Inf in `test` raises ValueError naming its side, checkpoint and rows."""
+
+    def aggregate_sums(
+        self,
+        sums: Any,
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
+    ) -> np.ndarray:
+        """Full gradients' aggregate, second step: float64 (n,) aggregate of the train piece against
+        every test row summed by column_sums (the train rows' dot products with the weighted sums);
+        the same as `aggregate` of all those test rows at once, whatever the chunks and pieces."""

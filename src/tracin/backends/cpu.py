@@ -1,7 +1,9 @@
 """The CPU backend: the C++ kernel tracin._core (blocked tiles, its own threads, GIL released).
 
 It keeps nothing in the loop's ChunkCache: the kernel reads test rows in place and packs them into
-its tiles per call, which is part of its blocked GEMM. A num_threads above the CPUs this process may
+its tiles per call, which is part of its blocked GEMM. Aggregate of full gradients runs in two steps
+(column_sums per test chunk, into float64 arrays carried across the chunks; aggregate_sums per train
+piece), the bits of one _core.aggregate call however the sides are cut. A num_threads above the CPUs this process may
 run on (tracin._cpus.usable_cores) is capped at them (tracin._validate.capped_threads, which projection
 shares): the kernel computes on every thread it starts and gives each its own tiles and top-k
 candidate buffers, so more threads than cores cost memory and time (4096 threads on 2 cores: 19 s
@@ -71,3 +73,23 @@ class CpuBackend:
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
         return _core.aggregate(test, train, weights, num_threads=capped_threads(num_threads), normalize=normalize)
+
+    def column_sums(
+        self, test: KernelSide, sums: list[np.ndarray] | None, *, num_threads: int, normalize: int = 0
+    ) -> list[np.ndarray]:
+        if sums is None:
+            sums = [np.zeros(b.shape[1], dtype=np.float64) for b in test.blocks]
+        _core.column_sums(test, sums, num_threads=capped_threads(num_threads), normalize=normalize)
+        return sums
+
+    def aggregate_sums(
+        self,
+        sums: list[np.ndarray],
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
+    ) -> np.ndarray:
+        return _core.aggregate_sums(sums, train, weights, num_threads=capped_threads(num_threads), normalize=normalize)

@@ -194,16 +194,42 @@ class TorchBackend:
         normalize: int = 0,
         cache: ChunkCache | None = None,
     ) -> np.ndarray:
-        with self._call(test, train, normalize, cache, weights if train.factored else None) as call:
-            if train.factored and call.prepared.overflowing is not None:
+        if not train.factored:  # the two steps scoring.aggregate takes over a test set's chunks
+            sums = self.column_sums(test, None, num_threads=num_threads, normalize=normalize)
+            return self.aggregate_sums(sums, train, weights, num_threads=num_threads, normalize=normalize, cache=cache)
+        with self._call(test, train, normalize, cache, weights) as call:
+            if call.prepared.overflowing is not None:
                 # a test row's packing overflows (_fold_weights): where the C++ kernel sums in float64
                 call.bad_score = torch.zeros((), dtype=torch.bool, device=self.device)
                 return _exact_factored_sums(call, test, weights).cpu().numpy()
-            if train.factored:  # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
-                return _factored_sums(call, test, weights)
-            # sum_t <t, x> = <sum_t t, x>: column sums of the test side in float64, once per chunk
+            # no shortcut: (L_t L_i^T) * (R_t R_i^T) summed over the test rows
+            return _factored_sums(call, test, weights)
+
+    def column_sums(
+        self, test: KernelSide, sums: list[torch.Tensor] | None, *, num_threads: int, normalize: int = 0
+    ) -> list[torch.Tensor]:
+        """sum_t <t, x> = <sum_t t, x>: the chunk's float64 column sums on the device (of its cosine-scaled
+        float32 copy for normalize), added to `sums`."""
+        rows.check_device(test, "test", self.device)
+        with _device_scope(self.device, self.tf32):
+            prepared = _DeviceTest.upload(test, self.device, normalize)
+            if bool(prepared.bad):
+                raise ValueError(_non_finite_message(test, None))
+            chunk = prepared.column_sums()
+            return chunk if sums is None else [a.add_(b) for a, b in zip(sums, chunk, strict=True)]
+
+    def aggregate_sums(
+        self,
+        sums: list[torch.Tensor],
+        train: KernelSide,
+        weights: Sequence[float],
+        *,
+        num_threads: int,
+        normalize: int = 0,
+        cache: ChunkCache | None = None,
+    ) -> np.ndarray:
+        with self._call(None, train, normalize, cache) as call:
             total = torch.zeros(train.blocks[0].shape[0], dtype=torch.float64, device=self.device)
-            sums = call.prepared.column_sums()
             for i0, i1, x in call.train_tiles():
                 x, scales = call.cosine(x)
                 total[i0:i1] = sum(
@@ -401,9 +427,8 @@ def _kernel_pass_rows(row_bytes: int) -> int:
 class _DeviceTest:
     """A test chunk on the device, kept in the loop's ChunkCache for the train pieces it meets: float32
     blocks (cosine scores: a copy scaled by the rows' inverse norms; weighted: see _fold_weights), a
-    bool scalar saying whether any input value is NaN or Inf, the blocks' float64 column sums
-    (aggregate's, made on first use), and for weighted blocks the GEMM factor of each checkpoint,
-    the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0) and, for
+    bool scalar saying whether any input value is NaN or Inf, and for weighted blocks the GEMM factor
+    of each checkpoint, the int64 (rows,) binary exponents each score row is multiplied back by (None: all 0) and, for
     blocks that are the caller's rows used in place (later[b], int64 (rows,); None: none), the powers
     of two their rows are multiplied by in a copy of one score block's rows at a time (_product), and
     the int64 rows (None: none) that _fold_weights left unshifted and that pack an infinite weighted
@@ -411,7 +436,6 @@ class _DeviceTest:
 
     blocks: list[torch.Tensor]
     bad: torch.Tensor
-    sums: list[torch.Tensor] | None = None
     alphas: list[float] | None = None
     exponents: torch.Tensor | None = None
     later: dict[int, torch.Tensor] | None = None
@@ -441,10 +465,8 @@ class _DeviceTest:
         return cls(blocks, bad, alphas=alphas, exponents=exponents, later=later, overflowing=overflowing)
 
     def column_sums(self) -> list[torch.Tensor]:
-        """float64 (d_c,) sums over the rows of each block."""
-        if self.sums is None:
-            self.sums = [t.sum(0, dtype=torch.float64) for t in self.blocks]
-        return self.sums
+        """float64 (d_c,) sums over the rows of each block (new tensors)."""
+        return [t.sum(0, dtype=torch.float64) for t in self.blocks]
 
 
 def _running(call: _Call, k: int, sides: list[str]) -> dict[tuple[int, int, str], RunningTopK]:
@@ -919,7 +941,7 @@ def _shifted(block: torch.Tensor, shift: torch.Tensor, first: int | None = None)
     return out
 
 
-def _non_finite_message(test: KernelSide | None, train: KernelSide) -> str:
+def _non_finite_message(test: KernelSide | None, train: KernelSide | None) -> str:
     """The C++ kernel's message for the first block holding NaN or Inf, naming its first rows."""
     for what, side in (("test", test), ("train", train)):
         if side is None:

@@ -188,10 +188,14 @@ def aggregate(
 ) -> np.ndarray:
     """tracin.aggregate (float32 (n,), summed in float64) on a Dask cluster, the same result bit
     for bit. Sides and options (normalize and worker_timeout included), and the workers' warnings,
-    as for tracin.distributed.top_k. Each train shard sends back its rows' float64 sums; when the
-    test side is the one cut, its shards follow the store's row chunks and their per-chunk float64
-    sums are added in order by a chain of tasks on the cluster, so only the (n,) total reaches the
-    client. The test side is then cut at most into its row chunks (a chunk's sum is one kernel call of
+    as for tracin.distributed.top_k. Full gradients, as tracin.aggregate: the test side's float64
+    column sums first, carried in row order (one task; a test store that is the side cut: a chain of
+    tasks over its shards in order, each adding its rows to the sums before it), then a task per train
+    shard (or one over an in-memory train side) for its rows' products with them, so each side is read
+    once. Factored gradients: each train shard sends back its rows' float64 sums; when the test side is
+    the one cut, its per-chunk float64 sums are added in order by a chain of tasks on the cluster.
+    Only the (n,) total reaches the client. A test side that is cut follows the store's row chunks,
+    at most one shard per chunk (for factored gradients a chunk's sum is one kernel call of
     tracin.aggregate): shards= asking for more warns and gets that many; open the test store with a
     smaller chunk_bytes to cut it finer (tracin.aggregate of that opening is the result, bit for bit)."""
     _check_cpu(device, precision)
@@ -206,7 +210,9 @@ def aggregate(
     worker_timeout = check_worker_timeout(worker_timeout)
     with client_for(client) as c, Job(c, "aggregate") as job:
         slots = planned_slots(c, slots_by_host(c, worker_timeout))  # 0: no workers yet, none planned
-        if isinstance(train_set, GradientStore):
+        if not train_set.factored:
+            total = _full_aggregate(job, test_set, train_set, shards, slots, num_threads, normalize, progress)
+        elif isinstance(train_set, GradientStore):
             other = _sent(job, test_set)
             parts = _per_shard(
                 job,
@@ -238,6 +244,57 @@ def aggregate(
             job.release(*parts)  # each (test chunks, n) partial is freed once its link has added it
             total = job.wait(links, progress, summed)
     return _float32(total)
+
+
+def _full_aggregate(
+    job: Job,
+    test: GradientSet,
+    train: GradientSet,
+    shards: int | None,
+    slots: int,
+    num_threads: int | None,
+    normalize: bool,
+    progress: bool | None,
+) -> np.ndarray:
+    """aggregate of full gradients as tracin.aggregate computes it, float64 (n,): the test side's column
+    sums carried from chunk to chunk in row order (one task over an in-memory or uncut test side; for a
+    test store that is the side cut, a chain of tasks over its shards in order, each adding its rows
+    to the sums of the shards before it), then the train rows' products with them (a task per train
+    shard, or one over the in-memory train side)."""
+    _, _, weights = _pair(test, train)
+    run = _normalize_run(normalize, test, train)
+    if isinstance(train, GradientStore):
+        whole = _sent(job, test)
+        label = str(whole) if isinstance(test, GradientStore) else None
+        sums = job.submit(_tasks.column_sums_part, whole, None, num_threads, run, label=label)
+        parts = _per_shard(
+            job,
+            _tasks.aggregate_sums_part,
+            train,
+            shards,
+            slots,
+            lambda rows, _: (sums, rows, weights, num_threads, run),
+        )
+        return np.concatenate(job.wait(parts, progress))
+    assert isinstance(test, GradientStore)
+    _warn_chunks(test, shards)
+    whole, links = job.rows_of(test), []
+    summed: Future | None = None
+    for a, b in shard_ranges(test.n_rows, test.row_bytes, slots, shards, test.row_chunks()):
+        rows = whole.rows(a, b)
+        summed = job.submit(
+            _tasks.column_sums_part,
+            rows,
+            summed,
+            num_threads,
+            run,
+            label=str(rows),
+            first_rows=(a, 0),
+            shard=("test", a, b),
+        )
+        links.append(summed)
+    final = job.submit(_tasks.aggregate_sums_part, summed, _sent(job, train), weights, num_threads, run)
+    return job.wait(links, progress, final)
 
 
 def _warn_chunks(test: GradientStore, shards: int | None) -> None:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backends
-from ..gradients import GradientSet
-from ..scoring import TopK, _chunks, _normalize_run, _pair, merge_top_k, self_influence, top_k
+from ..gradients import GradientSet, KernelSide
+from ..scoring import (
+    TopK,
+    _chunks,
+    _column_sums,
+    _normalize_run,
+    _pair,
+    merge_top_k,
+    rows_shifted,
+    self_influence,
+    top_k,
+)
 from ._cluster import kernel_threads
 from ._shards import StoreRows
 
@@ -65,10 +75,39 @@ def self_influence_part(train: Side, num_threads: int | None, per_checkpoint: bo
     return self_influence(_opened(train), per_checkpoint=per_checkpoint, num_threads=threads, progress=False)
 
 
+def column_sums_part(test: Side, sums: list[np.ndarray] | None, num_threads: int | None, run: int) -> list[np.ndarray]:
+    """Full gradients' aggregate, first step, on one test shard: its rows' float64 column sums per
+    checkpoint (cosine-scaled for run > 0) added chunk by chunk in row order to a copy of `sums`
+    (the shards before it; None: zeros), as tracin.aggregate carries them across the test chunks:
+    a chain of these over the shards in order gives its sums bit for bit."""
+    sums = None if sums is None else [s.copy() for s in sums]  # a retried task starts from the same sums
+    return _column_sums(backends.get("cpu"), _opened(test), sums, kernel_threads(num_threads), run)
+
+
+def aggregate_sums_part(
+    sums: list[np.ndarray], train: Side, weights: list[float], num_threads: int | None, run: int
+) -> np.ndarray:
+    """Full gradients' aggregate, second step, on one train shard: float64 (rows,) dot products of its
+    rows with the weighted column sums of every test row (column_sums_part), chunk by chunk; the
+    shard's rows of tracin.aggregate's float64 total bit for bit."""
+    train_set, cpu, threads = _opened(train), backends.get("cpu"), kernel_threads(num_threads)
+    out = np.zeros(train_set.n_rows, dtype=np.float64)
+    for i0, i1 in _chunks(train_set):
+        piece = KernelSide._make(train_set.kernel_side(i0, i1))
+        try:
+            out[i0:i1] = cpu.aggregate_sums(sums, piece, weights, num_threads=threads, normalize=run)
+        except ValueError as e:
+            message = rows_shifted(str(e), 0, i0)
+            if message is None:
+                raise
+            raise ValueError(message) from None
+    return out
+
+
 def aggregate_part(
     test: Side, train: Side, num_threads: int | None, normalize: bool, per_test_chunk: bool
 ) -> np.ndarray:
-    """The kernel's float64 sums over each chunk of test rows (as tracin.aggregate cuts them; cosine
+    """Factored gradients: the kernel's float64 sums over each chunk of test rows (as tracin.aggregate cuts them; cosine
     scores with normalize), added in order from zero per train row: float64 (train rows,), the
     shard's share of tracin.aggregate's float64 total bit for bit. per_test_chunk: float64 (test
     chunks, train rows) instead, one row per chunk, for the caller to add in order after the rows of
