@@ -137,7 +137,10 @@ def test_rows_too_wide_for_memory_name_the_cause_and_the_remedy():
     assert len(lines) == 3, out.stdout
     for line in lines:  # scores, top_k, aggregate
         assert line.startswith("out of memory in the tracin kernel (rows of 16,777,216 columns"), line
-        assert "512 MiB here" in line and "tracin.Projection" in line
+        assert "tracin.Projection" in line
+    assert all("512 MiB here" in line for line in lines[:2]), lines  # 8 packed test rows
+    # aggregate: float64 column sums and their weighted copy, a float32 row on one thread (2 train rows)
+    assert "column sums, their weighted copy and a float32 row per kernel thread (1), 320 MiB here" in lines[2]
 
 
 LARGE_K = """

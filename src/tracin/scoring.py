@@ -1283,12 +1283,17 @@ def aggregate(
         # then one pass over the train rows; (m + n) * d work, and the bar counts the rows of both.
         columns = cast(SumsColumns, backend)
         macs = (test.n_rows + train.n_rows) * _width(train)
-        with _Loop(None, train, progress, macs, desc, threads=threads, timed=timed, lead=test.n_rows) as loop:
-            sums = _column_sums(columns, test, None, threads, run, cut, loop.advance)
-            for p in loop.pairs():
-                total[p.train_rows] = columns.aggregate_sums(
-                    sums, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
-                )
+        try:
+            with _Loop(None, train, progress, macs, desc, threads=threads, timed=timed, lead=test.n_rows) as loop:
+                sums = _column_sums(columns, test, None, threads, run, cut, loop.advance)
+                for p in loop.pairs():
+                    total[p.train_rows] = columns.aggregate_sums(
+                        sums, p.train, w, num_threads=threads, normalize=run, cache=loop.cache
+                    )
+        except MemoryError as e:
+            if str(e) != _KERNEL_OOM:
+                raise
+            raise MemoryError(_sums_oom_message(train, threads)) from None
     else:  # factored (pairwise), or a backend without SumsColumns: each test chunk against every piece
         macs = (test.n_rows * train.n_rows if train.factored else test.n_rows + train.n_rows) * _width(train)
         split = train.factored  # full gradients: a piece more would sum the test chunk's columns again
@@ -1299,6 +1304,20 @@ def aggregate(
                 )
     _refuse_float32_overflow(total)
     return total.astype(np.float32)
+
+
+def _sums_oom_message(train: GradientSet, threads: int) -> str:
+    """The kernel's MemoryError in full-gradient aggregate with its cause: the float64 column sums and
+    their weighted copy (8 bytes per column each), and a float32 row per kernel thread (csrc/src/api.cpp
+    AggregateFromColumnSums: a thread per 256 train rows at most)."""
+    width = _width(train)
+    threads = min(min(threads or usable_cores(), usable_cores()), max(-(-train.n_rows // 256), 1))
+    need = (16 + 4 * threads) * width
+    return (
+        f"{_KERNEL_OOM} (rows of {width:,} columns: aggregate holds the test side's float64 column sums, "
+        f"their weighted copy and a float32 row per kernel thread ({threads}), {need / 2**20:,.0f} MiB here, "
+        "besides the result); project the gradients to fewer dims first (tracin.Projection), or free memory"
+    )
 
 
 def _column_sums(
