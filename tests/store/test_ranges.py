@@ -22,7 +22,8 @@ import tracin
 from store_files import assert_same_store_files
 from tracin.store import GradientStoreRangeWriter, StoreFormatError
 from tracin.store import _locks as locks
-from tracin.store._format import add_range, merge_ranges
+from tracin.store._format import add_range, insert_range, merge_ranges
+from tracin.store._writer import add_written, with_ranges
 
 from .ranges_task import BLOCK, DIMS, N_ROWS, SPEC, WEIGHTS, range_task, rows, write_missing
 
@@ -423,3 +424,68 @@ def test_merge_ranges_covers_what_its_ranges_cover_in_one_sort():
         for a, b in ranges:
             one_by_one = add_range(one_by_one, a, b)
         assert merged == one_by_one
+
+
+def _runs(covered: np.ndarray) -> list[list[int]]:
+    """The [start, stop) runs of True in `covered`: the naive reference of a sorted merge."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], covered.astype(np.int8), [0]])))
+    return edges.reshape(-1, 2).tolist()
+
+
+def test_ranges_added_out_of_order_equal_a_sorted_merge_and_undo_exactly():
+    # writers add each written block with insert_range (bisect and splice; re-sorting every range per
+    # write made shuffled writes quadratic, review196 F1): gaps filled, neighbours touched or overlapped
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n = int(rng.integers(1, 80))
+        covered = np.zeros(n, bool)
+        ranges: list = []
+        states, undos = [], []
+        for _ in range(int(rng.integers(1, 30))):
+            a = int(rng.integers(0, n))
+            b = int(rng.integers(a + 1, min(n, a + 1 + (1 if trial % 2 else 9)) + 1))  # single rows: many gaps
+            states.append([list(r) for r in ranges])
+            kept = add_range(ranges, a, b)
+            assert ranges == states[-1]  # add_range leaves its argument as it was
+            undos.append(insert_range(ranges, a, b))
+            assert ranges == kept
+            covered[a:b] = True
+            assert ranges == _runs(covered), (a, b)
+        for state, undo in zip(reversed(states), reversed(undos), strict=True):
+            undo()
+            assert ranges == state
+
+
+def test_adding_written_rows_reads_a_logarithmic_number_of_ranges():
+    # operation count, not time: each add is two bisections and a splice of the ranges it merges
+    class Counted(list):
+        reads = 0
+
+        def __getitem__(self, i):
+            Counted.reads += 1 if isinstance(i, int) else len(range(*i.indices(len(self))))
+            return super().__getitem__(i)
+
+        def __iter__(self):
+            raise AssertionError("the ranges were iterated (copied or sorted)")
+
+    for n in (2**6, 2**16):
+        ranges = Counted([2 * i, 2 * i + 1] for i in range(n))
+        covered = np.arange(2 * n + 8) % 2 == 0
+        covered[2 * n :] = False
+        cost = []
+        # past the end, filling a gap, joining two, spanning a gap to the one past the end, over 4, inside one
+        for a, b in [(2 * n + 5, 2 * n + 6), (1, 2), (n + 1, n + 2), (2 * n - 1, 2 * n + 5), (7, 12), (0, 1)]:
+            Counted.reads = 0
+            add_written([[], ranges], [(1, a, b)])
+            cost.append(Counted.reads)
+            covered[a:b] = True
+        bound = 2 * (n.bit_length() + 1) + 4  # two bisections of at most log2(n) + 1 steps, the ranges merged
+        assert max(cost) <= bound, (n, cost)
+        assert list.copy(ranges) == _runs(covered)
+
+
+def test_with_ranges_copies_only_the_checkpoints_it_changes():
+    ranges = [[[0, 2], [4, 6]], [[1, 3]]]
+    added = with_ranges(ranges, [(0, 2, 4), (0, 8, 9)])
+    assert added == [[[0, 6], [8, 9]], [[1, 3]]] and added[1] is ranges[1]
+    assert ranges == [[[0, 2], [4, 6]], [[1, 3]]]  # left as it was: a refused record puts it back

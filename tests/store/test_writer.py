@@ -75,6 +75,50 @@ def test_rows_done_tracks_the_written_prefix_and_out_of_order_writes(tmp_path):
     assert w.finalize().complete
 
 
+def _runs(covered: np.ndarray) -> list[list[int]]:
+    """The [start, stop) runs of True in `covered` (a naive sorted merge of the rows written)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], covered.astype(np.int8), [0]])))
+    return edges.reshape(-1, 2).tolist()
+
+
+def test_shuffled_writes_record_the_ranges_a_sorted_merge_gives(tmp_path):
+    # blocks in random order (a shuffled DataLoader writing by dataset index), overlapping and rewriting
+    # rows, some recorded together (recording_once): the manifest and missing() hold the merged ranges
+    rng = np.random.default_rng(3)
+    n, dims = 90, [3, 2]
+    w = tracin.GradientStore.create(tmp_path / "s", n, dims)
+    expected = [np.zeros((n, d), np.float32) for d in dims]
+    covered = np.zeros((2, n), bool)
+
+    def write(c: int, a: int, b: int) -> None:
+        block = rng.standard_normal((b - a, dims[c])).astype(np.float32)
+        w.write(c, a, block)
+        expected[c][a:b], covered[c, a:b] = block, True
+
+    for k in range(60):
+        c, a = int(rng.integers(0, 2)), int(rng.integers(0, n))
+        b = min(n, a + int(rng.integers(1, 4)))
+        if k % 10 == 9:
+            with w.recording_once():
+                write(c, a, b)
+                write(1 - c, n - b, n - a)
+        else:
+            write(c, a, b)
+        written = json.loads((tmp_path / "s" / "manifest.json").read_text())["checkpoints"]
+        assert [e["written"] for e in written] == [_runs(covered[c]) for c in range(2)]
+        assert [w.missing(c) for c in range(2)] == [_runs(~covered[c]) for c in range(2)]
+    assert max(len(_runs(covered[c])) for c in range(2)) > 10  # many disjoint ranges at once
+    w.close()
+    w = tracin.GradientStore.create(tmp_path / "s", n, dims)  # the manifest reads back as written
+    assert [w.missing(c) for c in range(2)] == [_runs(~covered[c]) for c in range(2)]
+    for c in range(2):
+        gaps = _runs(~covered[c])
+        for i in rng.permutation(len(gaps)):
+            write(c, *gaps[i])
+    for got, want in zip(read_rows(w.finalize()), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_reopening_an_unfinished_store_resumes_it(tmp_path):
     blocks = random_blocks(12, [3], "float32", False)
     w = tracin.GradientStore.create(tmp_path / "s", 12, [3], [0.1], metadata={"layers": ["fc"]})

@@ -6,6 +6,7 @@ in factored mode) and optionally `ids.npy`.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import math
@@ -14,6 +15,7 @@ import secrets
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -91,13 +93,32 @@ def range_file(start: int, stop: int, kind: str) -> str:
 
 
 def add_range(ranges: Ranges, start: int, stop: int) -> Ranges:
-    """`ranges` with [start, stop) added, merged into sorted, disjoint ranges (a new list)."""
-    return merge_ranges([*ranges, [start, stop]])
+    """Sorted, disjoint `ranges` with [start, stop) added (a new list; `ranges` is left as it was)."""
+    added = list(ranges)
+    insert_range(added, start, stop)
+    return added
+
+
+def insert_range(ranges: Ranges, start: int, stop: int) -> Callable[[], None]:
+    """Adds [start, stop) to sorted, disjoint `ranges` in place, merged with the ranges it overlaps or
+    touches only: two bisections and one splice, no sort. Returns the function that undoes it (undo
+    the latest insert first): the [a, b) lists it replaces are taken out whole, never changed."""
+    lo = bisect.bisect_left(ranges, start, key=itemgetter(1))  # the first range ending at or after start
+    hi = bisect.bisect_right(ranges, stop, lo, key=itemgetter(0))  # the first range starting after stop
+    replaced = ranges[lo:hi]
+    if replaced:
+        start, stop = min(start, replaced[0][0]), max(stop, replaced[-1][1])
+    ranges[lo:hi] = [[start, stop]]
+
+    def undo() -> None:
+        ranges[lo : lo + 1] = replaced
+
+    return undo
 
 
 def merge_ranges(ranges: Iterable[Sequence[int]]) -> Ranges:
     """[start, stop) `ranges` in any order, merged into sorted, disjoint ranges (a new list): one sort,
-    where adding them one at a time (add_range) sorts once per range."""
+    for many ranges at once (a range file's, when merged)."""
     merged: Ranges = []
     for a, b in sorted(list(r) for r in ranges):
         if merged and a <= merged[-1][1]:
