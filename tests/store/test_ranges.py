@@ -23,7 +23,7 @@ from store_files import assert_same_store_files
 from tracin.store import GradientStoreRangeWriter, StoreFormatError
 from tracin.store import _locks as locks
 from tracin.store._format import add_range, insert_range, merge_ranges
-from tracin.store._writer import add_written, with_ranges
+from tracin.store._writer import add_written
 
 from .ranges_task import BLOCK, DIMS, N_ROWS, SPEC, WEIGHTS, range_task, rows, write_missing
 
@@ -482,10 +482,3 @@ def test_adding_written_rows_reads_a_logarithmic_number_of_ranges():
         bound = 2 * (n.bit_length() + 1) + 4  # two bisections of at most log2(n) + 1 steps, the ranges merged
         assert max(cost) <= bound, (n, cost)
         assert list.copy(ranges) == _runs(covered)
-
-
-def test_with_ranges_copies_only_the_checkpoints_it_changes():
-    ranges = [[[0, 2], [4, 6]], [[1, 3]]]
-    added = with_ranges(ranges, [(0, 2, 4), (0, 8, 9)])
-    assert added == [[[0, 6], [8, 9]], [[1, 3]]] and added[1] is ranges[1]
-    assert ranges == [[[0, 2], [4, 6]], [[1, 3]]]  # left as it was: a refused record puts it back

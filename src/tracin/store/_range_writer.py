@@ -9,7 +9,7 @@ from ..gradients import GradientSet
 from ._format import Manifest, OverCapError, Ranges, add_range
 from ._locks import DirectoryLock, RangeLock
 from ._ranges import RangeProgress, write_progress
-from ._writer import DataFiles, GradientStoreWriter, over_cap, with_ranges
+from ._writer import DataFiles, GradientStoreWriter, add_written, over_cap
 
 
 class GradientStoreRangeWriter(GradientStoreWriter):
@@ -73,13 +73,13 @@ class GradientStoreRangeWriter(GradientStoreWriter):
 
     def _record(self, written: list[tuple[int, int, int]]) -> None:
         """As GradientStoreWriter._record, into the range's progress file."""
-        before, ranges = self._progress.written, with_ranges(self._progress.written, written)
-        self._progress.written = ranges
+        undo = add_written(self._progress.written, written)
         try:
             write_progress(self.path, self._progress)
         except OverCapError as e:
-            self._progress.written = before
-            raise over_cap(e, ranges, written) from None
+            refusal = over_cap(e, self._progress.written, written)
+            undo()
+            raise refusal from None
 
 
 def initial_progress(manifest: Manifest, found: RangeProgress | None, start: int, stop: int) -> RangeProgress:

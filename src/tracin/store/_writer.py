@@ -478,15 +478,6 @@ def add_written(ranges: list[Ranges], written: list[tuple[int, int, int]]) -> Ca
     return undo
 
 
-def with_ranges(ranges: list[Ranges], written: list[tuple[int, int, int]]) -> list[Ranges]:
-    """As add_written, into new lists (a copy of each checkpoint's list it changes, no sort): `ranges`
-    is left as it was."""
-    touched = {c for c, _, _ in written}
-    added = [list(r) if c in touched else r for c, r in enumerate(ranges)]
-    add_written(added, written)
-    return added
-
-
 def over_cap(err: OverCapError, ranges: list[Ranges], written: list[tuple[int, int, int]]) -> ValueError:
     """The writer's words for a record refused by OverCapError: the ranges it would hold, that the
     rows are written but not recorded, and how rows written out of order leave that many."""
