@@ -1358,3 +1358,26 @@ def test_with_adam_the_first_rows_check_does_not_refuse_a_key_bias_near_zero_v_w
             preconditioner="adam",
             progress=False,
         )
+
+
+def test_under_cpu_bfloat16_autocast_embeddings_are_not_blamed_for_a_use_outside_their_forward():
+    """Was review201 F1: the per-token products and the sum check's projection ran in the caller's
+    autocast dtype (bfloat16) while an embedding's output gradient is float32, whose tolerance the check
+    took: every batch warned of a use outside the forward and was recomputed from full gradients. Now
+    they run outside autocast: no warning, rows within bfloat16 rounding of the float64 reference."""
+    model, checkpoints = model_and_checkpoints(seed=2)
+    ids, labels, lengths = sequences(8, 7, seed=4)
+    proj = tracin.Projection(6 * 12, 3, per_layer=True, kronecker=True)
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "export_gradients is called under torch.autocast")
+        g = export_gradients(
+            model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=4, progress=False
+        )
+    layout = g.metadata["projection"]["segments"]
+    assert layout[0] == LayerMatrix(VOCAB, WIDTH).to_dict()  # the embedding stays a Kronecker segment
+    names = [n for n, _ in model.named_parameters()]
+    eps = torch.finfo(torch.bfloat16).eps
+    for c, (state, _) in enumerate(checkpoints):
+        want = projected_reference(proj, layout, autograd_grads(model, state, ids, labels, lengths), names)
+        np.testing.assert_allclose(g.matrices[c], want, rtol=0, atol=2 * eps * np.abs(want).max())

@@ -71,7 +71,7 @@ from .first_rows_check import (
     tokens_counted,
 )
 from .hook_gradients import _unsummed, parameter_owners
-from .layer_rules import covers, token_form
+from .layer_rules import _autocast_off, covers, token_form
 from .layers import qualified
 from .losses import LossFn
 from .per_example import PerExampleGradients
@@ -369,7 +369,8 @@ class KroneckerRows:
             k = 0
             for j, (seg, (p_rows, p_cols)) in enumerate(zip(self.kron, self._factors, strict=True)):
                 g = _layer_matrix(seg, [t.to(self.dtype) for t in grads[k : k + len(seg.names)]])
-                out[j].append((p_rows @ g @ p_cols.T).reshape(-1))
+                with _autocast_off(g.device):
+                    out[j].append((p_rows @ g @ p_cols.T).reshape(-1))
                 k += len(seg.names)
         return out
 
@@ -533,7 +534,8 @@ class KroneckerRows:
         out = {}
         for seg, (p_rows, p_cols) in segments:
             g = _layer_matrices(seg, [next(parts).reshape(rows, *state[n].shape) for n in seg.names])
-            out[seg.module] = p_rows @ g @ p_cols.T
+            with _autocast_off(g.device):
+                out[seg.module] = p_rows @ g @ p_cols.T
         return out
 
     def _sum_checked(
@@ -574,7 +576,8 @@ class KroneckerRows:
             hooked = unscaled_totals.get(layer, totals[layer])
             grads = [_dense(summed[n], state[n]) for n in seg.names]
             matrix = _layer_matrix(seg, [g.to(self.dtype) for g in grads])
-            want = p_rows @ matrix @ p_cols.T
+            with _autocast_off(matrix.device):
+                want = p_rows @ matrix @ p_cols.T
             dtype = coarsest(
                 [*(state[n] for n in seg.names), *grads, *(torch.empty(0, dtype=d) for d in grad_dtypes[layer])]
             )
@@ -739,28 +742,30 @@ def _token_product(
     x = b (output gradient), y = [a, 1]; for an embedding x = one-hot ids (a gather), y = b."""
     layer = seg.layer
     b = b.to(dtype)
-    if seg.kind == "embedding":
-        left = p_rows.T[a]  # (B, T, k_rows)
-        if module.padding_idx is not None:
-            left = left * (a != module.padding_idx).unsqueeze(-1).to(dtype)
-        right = b @ p_cols.T
-    else:
-        left = b @ p_rows.T
-        right = a.to(dtype) @ p_cols[:, : layer.cols].T
-        if layer.bias:
-            right = right + p_cols[:, layer.cols]
-    return left.transpose(1, 2) @ right
+    with _autocast_off(b.device):  # in `dtype`, not the caller's autocast dtype (an embedding's are float32)
+        if seg.kind == "embedding":
+            left = p_rows.T[a]  # (B, T, k_rows)
+            if module.padding_idx is not None:
+                left = left * (a != module.padding_idx).unsqueeze(-1).to(dtype)
+            right = b @ p_cols.T
+        else:
+            left = b @ p_rows.T
+            right = a.to(dtype) @ p_cols[:, : layer.cols].T
+            if layer.bias:
+                right = right + p_cols[:, layer.cols]
+        return left.transpose(1, 2) @ right
 
 
 def _uncancelled(p_rows: torch.Tensor, p_cols: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """sqrt(P_rows^2 M^2 P_cols^2^T), (k_rows, k_cols): the standard deviation of each of P_rows M P_cols^T had M
     random signs, its size before any cancellation (non-finite entries of M as 0; M scaled by its largest |entry|
-    first: no overflow)."""
+    first: no overflow), outside the caller's autocast."""
     m = m.nan_to_num(0, 0, 0)  # a copy: scaled in place
     size = m.abs().max().item() if m.numel() else 0.0
     if size == 0:
         return torch.zeros((p_rows.shape[0], p_cols.shape[0]), dtype=m.dtype, device=m.device)
-    return size * (p_rows.square() @ m.div_(size).square_() @ p_cols.square().T).sqrt()
+    with _autocast_off(m.device):
+        return size * (p_rows.square() @ m.div_(size).square_() @ p_cols.square().T).sqrt()
 
 
 def _layer_matrix(seg: _Segment, grads: list[torch.Tensor]) -> torch.Tensor:
