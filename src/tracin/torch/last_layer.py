@@ -21,6 +21,7 @@ from .capture import NotCaptured, capture, fails_without_hooks, one_at_a_time
 from .data import Tree, batch_rows, slice_rows, tree_map
 from .first_rows_check import (
     DIRECTIONS,
+    _autocast_dtype,
     active_autocast,
     as_float64,
     autocast_note,
@@ -222,7 +223,9 @@ class LinearFactors:
         return [
             name
             for name, g, w, s in zip(self.names, got, want, scale, strict=True)
-            if not directions_agree(torch.cat(g), torch.cat(w), torch.cat(s), apart[qualified(name, "weight")].dtype)
+            if not directions_agree(
+                torch.cat(g), torch.cat(w), torch.cat(s), _judged_dtype(apart[qualified(name, "weight")])
+            )
         ]
 
     def _derivatives(self, apart, inputs: Tree, targets: Tree, dirs) -> list[torch.Tensor]:
@@ -324,6 +327,17 @@ def _one_row_explained(model: nn.Module, state, loss_fn: LossFn, inputs: Tree, t
         if explained is None:
             raise
         raise explained from e
+
+
+def _judged_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype whose tolerance judges a layer's factors: its weight's, or torch.autocast's on the weight's
+    device where that is coarser (autocast runs the layer, and the factors and derivatives carry its rounding:
+    as hook_gradients judges the hooked rows)."""
+    device = weight.device.type
+    autocast = _autocast_dtype(device) if device in ("cpu", "cuda") else None
+    if autocast is None or torch.finfo(autocast).eps <= torch.finfo(weight.dtype).eps:
+        return weight.dtype
+    return autocast
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
