@@ -88,3 +88,29 @@ def test_scoring_reaches_the_kernel_through_the_registry(registry, rng):
     np.testing.assert_array_equal(tracin.self_influence(train), (train.astype(np.float64) ** 2).sum(1))
     np.testing.assert_array_equal(tracin.aggregate(test, train), exact.sum(0))
     assert calls == ["scores", "top_k", "self_influence", "aggregate"]
+
+
+def test_torch_devices_after_an_interrupted_torch_import_are_refused_not_reimported(monkeypatch):
+    """review202 F1: Ctrl-C during the first torch-device call left torch half imported (its submodules
+    in sys.modules, torch itself not); importing it again aborted the process in torch's C++ code."""
+    pytest.importorskip("torch")
+    import sys
+
+    monkeypatch.delitem(sys.modules, "torch")  # the state a KeyboardInterrupt during `import torch` leaves
+    assert any(name.startswith("torch.") for name in sys.modules)
+    with pytest.raises(ValueError, match=r"device='torch:cpu' .* import of torch in this process was interrupted"):
+        backends.torch_module("torch:cpu")
+
+
+@pytest.mark.parametrize(("installed", "why"), [(False, "is not installed"), (True, "failed to import")])
+def test_a_missing_or_broken_torch_names_the_device_asked_for(monkeypatch, installed, why):
+    """review202 F2: device='torch:cpu' without torch named device='cpu' and offered it as the way out."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setitem(sys.modules, "tracin.backends.torch_device", None)  # its import raises ImportError
+    monkeypatch.delattr(backends, "torch_device", raising=False)  # else `from . import` takes the attribute
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if installed else None)
+    with pytest.raises(ValueError, match=f"^device='torch:cpu' scores with torch, which {why} "):
+        backends.get("torch:cpu")

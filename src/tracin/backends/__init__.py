@@ -7,6 +7,8 @@ device). A factory runs on first use only, so registering costs no import of its
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from types import ModuleType
 
@@ -70,21 +72,32 @@ def _cpu() -> Backend:
 
 
 def torch_module(device: str) -> ModuleType:
-    """The module tracin.backends.torch_device (the torch backend), imported for `device`;
-    ValueError naming the device when torch is not installed."""
+    """The module tracin.backends.torch_device (the torch backend), imported for `device` (the name
+    the caller passed: "cuda", "cuda:N" or "torch:cpu"); ValueError naming it when torch is not
+    installed, or when an earlier import of torch in this process was interrupted (importing torch
+    again then aborts the process in torch's C++ type registration)."""
+    if "torch" not in sys.modules and any(name.startswith("torch.") for name in sys.modules):
+        raise ValueError(
+            f"device={device!r} scores with torch, but an earlier import of torch in this process was "
+            "interrupted (e.g. Ctrl-C during the first call on a torch device) and torch cannot be imported "
+            "again; restart Python"
+        )
     try:
         from . import torch_device as module
     except ImportError as e:
+        installed = importlib.util.find_spec("torch") is not None
+        why = "failed to import" if installed else "is not installed"
         raise ValueError(
-            f"device={device!r} scores with torch, which is not installed ({e}); pip install torch, or use device='cpu'"
+            f"device={device!r} scores with torch, which {why} ({e}); pip install torch, or use device='cpu'"
         ) from None
     return module
 
 
-def _torch(device: str) -> Backend:
-    return torch_module(device).make(device)
+def _torch(device: str, name: str | None = None) -> Backend:
+    """The torch backend on `device`, loaded for the device name `name` (default: `device`)."""
+    return torch_module(device if name is None else name).make(device)
 
 
 register("cpu", _cpu)
 register("cuda", lambda index: _torch("cuda" if index is None else f"cuda:{index}"), indexed=True)
-register("torch:cpu", lambda: _torch("cpu"))
+register("torch:cpu", lambda: _torch("cpu", "torch:cpu"))

@@ -274,7 +274,9 @@ _OVERFLOW = (
 
 def _overflow_message(pair: tuple[int, int] | None) -> str:
     """The float32 overflow error naming the (test row, train row) pair as the C++ kernel does (the
-    generic loop's scoring.rows_shifted counts them from the start of the sets), or no rows for None."""
+    generic loop's scoring.rows_shifted counts them from the start of the sets), or no rows for None.
+    A test set cut into chunks (scoring._device_test_rows) may name another overflowing pair than the
+    kernel, whose passes of test rows need not line up with the chunks."""
     where = "" if pair is None else f", first for test row {pair[0]} and train row {pair[1]}"
     return _OVERFLOW.format(where=where)
 
