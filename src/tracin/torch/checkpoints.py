@@ -20,7 +20,7 @@ import sys
 import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, BinaryIO
 
@@ -691,14 +691,15 @@ def state_digest(
     reference: Mapping[str, torch.Tensor],
     skip: AbstractSet[str] = frozenset(),
     frozen: AbstractSet[str] = frozenset(),
+    ignored: IgnoredKeys | None = None,
 ) -> str:
     """Fingerprint of an in-memory checkpoint as load_checkpoint uses it: per name of `reference`
     (the model's state_dict) less `skip` (tied second names), in name order, the name and the tensor
     cast on the host to the reference's floating dtype. A DataParallel or torch.compile prefix, a tied
-    copy or float64 copies of float32 weights therefore leave it unchanged. (A checkpoint file is
-    fingerprinted by its bytes, in tracin._export.) `frozen`: as for load_checkpoint."""
+    copy, an ignored key or float64 copies of float32 weights therefore leave it unchanged. (A checkpoint
+    file is fingerprinted by its bytes, in tracin._export.) `frozen`, `ignored`: as for load_checkpoint."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
-    state = _matched(_unwrap(source, name), reference, skip, name, frozen)
+    state = _matched(_unwrap(source, name), reference, skip, name, frozen, ignored)
     arrays = []
     for key in sorted(state):
         t, ref = state[key].detach().cpu(), reference[key]
@@ -741,7 +742,7 @@ def _unwrap(obj: Any, name: str) -> Mapping[str, torch.Tensor]:
     )
 
 
-def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict:
+def _strip_prefix(state: Mapping[str, torch.Tensor], expected: Container[str]) -> dict:
     """Drops the prefixes of _PREFIXES (DataParallel's 'module.', torch.compile's '_orig_mod.', in any
     order and number) that every key has, while some key is not one of the model's (a model may have a
     submodule named 'module')."""
@@ -758,6 +759,49 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     """state_dict names that are second names of a tied parameter or buffer (e.g. a decoder weight
     shared with the embedding); functional_call takes each tied tensor under its first name only."""
     return set(tied_first_names(model, buffers=True))
+
+
+class IgnoredKeys:
+    """Checkpoint keys that name no tensor of the model's state_dict and are left out of a load, as
+    Hugging Face's from_pretrained leaves them out (older checkpoints hold them): the model's
+    non-persistent buffers (BERT's embeddings.position_ids, saved before transformers 4.31), which the
+    model makes itself, under every name; and, in a save_pretrained folder, the keys that a pattern of
+    the model's modules' _keys_to_ignore_on_load_unexpected (GPT-2's attn.bias) or from_pretrained's own
+    rotary_emb.inv_freq / position_ids patterns (where the model has such buffers) finds."""
+
+    def __init__(self, buffers: AbstractSet[str] = frozenset(), patterns: Sequence[str] = ()):
+        self.buffers = frozenset(buffers)
+        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+    def covers(self, key: str, folder: bool) -> bool:
+        """Whether `key`, a key of a checkpoint (`folder`: of a save_pretrained folder), is left out."""
+        return key in self.buffers or (folder and self.pattern is not None and self.pattern.search(key) is not None)
+
+
+def ignored_keys(model: torch.nn.Module) -> IgnoredKeys:
+    """The IgnoredKeys of `model`."""
+    buffers = {
+        f"{prefix}.{n}" if prefix else n
+        for prefix, module in model.named_modules(remove_duplicate=False)
+        for n in module._non_persistent_buffers_set
+    }
+    patterns = {p for m in model.modules() for p in getattr(m, "_keys_to_ignore_on_load_unexpected", None) or ()}
+    names = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in names):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in names):
+        patterns.add(r"(^|\.)position_ids$")
+    return IgnoredKeys(buffers, sorted(patterns))
+
+
+class _Known:
+    """The keys a checkpoint may hold: `reference`'s, and those `ignored` covers (_strip_prefix's `expected`)."""
+
+    def __init__(self, reference: Container[str], ignored: IgnoredKeys, folder: bool):
+        self.reference, self.ignored, self.folder = reference, ignored, folder
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.reference or (isinstance(key, str) and self.ignored.covers(key, self.folder))
 
 
 def frozen_parameters(model: torch.nn.Module) -> frozenset[str]:
@@ -1127,6 +1171,7 @@ def load_checkpoint(
     skip: AbstractSet[str] = frozenset(),
     written: frozenset[str] = frozenset(),
     frozen: AbstractSet[str] = frozenset(),
+    ignored: IgnoredKeys | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, keyed like `reference` (the model's state_dict) less the names in
     `skip` (tied second names, which a checkpoint may lack), each on the reference tensor's device and
@@ -1138,17 +1183,20 @@ def load_checkpoint(
     autograd cannot use: copied. `frozen`: the names of the model's frozen parameters (requires_grad=
     False, and buffers of frozen modules: frozen_parameters); a checkpoint lacking only some of them (the
     trainable parameters alone, as LoRA fine-tuning may save) is refused saying so and how to complete
-    it, as is a PEFT adapter file (_adapter_advice)."""
+    it, as is a PEFT adapter file (_adapter_advice). `ignored` (ignored_keys): the keys left out (a non-persistent
+    buffer an older checkpoint holds), not loaded."""
     name = f"checkpoints[{index}] ({describe(source, index)})"
+    folder = False
     if isinstance(source, (str, os.PathLike)):
         device = next((t.device for t in reference.values() if isinstance(t, torch.Tensor)), "cpu")
-        if os.path.isdir(source):
+        folder = os.path.isdir(source)
+        if folder:
             obj = _read_folder(source, device, name)
         else:
             obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint", sniff=True)
     else:
         obj = source
-    state = _matched(_unwrap(obj, name), reference, skip, name, frozen)
+    state = _matched(_unwrap(obj, name), reference, skip, name, frozen, ignored, folder)
     given = obj is source  # tensors read from a file are the loader's own
     return {
         key: t.detach().to(
@@ -1166,9 +1214,12 @@ def _matched(
     skip: AbstractSet[str],
     name: str,
     frozen: AbstractSet[str] = frozenset(),
+    ignored: IgnoredKeys | None = None,
+    folder: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
-    dropped (_strip_prefix); ValueError naming `name` for missing or unexpected keys (saying so when
+    dropped (_strip_prefix), the keys `ignored` covers (IgnoredKeys.covers; `folder`: a save_pretrained
+    folder's) left out; ValueError naming `name` for missing or unexpected keys (saying so when
     the missing ones are all `frozen`: _frozen_advice; for a PEFT adapter's keys: _adapter_advice), other shapes,
     an integer or bool tensor for a floating one of the model, a meta tensor (no data), and a tied
     copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
@@ -1176,7 +1227,11 @@ def _matched(
     eval mode)."""
     # a module's get_extra_state() that is no tensor (version info): not a weight, left to the model
     reference = {k: v for k, v in reference.items() if isinstance(v, torch.Tensor)}
-    state = _strip_prefix({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, reference)
+    ignored = ignored or IgnoredKeys()
+    state = _strip_prefix(
+        {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, _Known(reference, ignored, folder)
+    )
+    state = {k: v for k, v in state.items() if k in reference or not ignored.covers(k, folder)}
     missing = [
         k
         for k in reference
