@@ -101,12 +101,14 @@ def test_a_plain_modules_non_persistent_buffer_in_a_checkpoint_is_left_out(tmp_p
 
 
 def test_an_old_gpt2_folder_loads_without_its_attention_masks(tmp_path):
-    """GPT-2's attn.bias is no buffer of the model now; from_pretrained ignores it by the class's patterns."""
+    """GPT-2's attn.bias (and the older attn.masked_bias) are no buffers of the model now; from_pretrained
+    ignores attn.bias by the class's patterns and loads past masked_bias."""
     model = tiny_gpt2(n_positions=8)
     reference = model.state_dict()
     state = {k: v.clone() for k, v in reference.items()}
     mask = torch.tril(torch.ones(8, 8, dtype=torch.bool)).view(1, 1, 8, 8)
     old = {**state, **{f"transformer.h.{i}.attn.bias": mask for i in range(2)}}
+    old.update({f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})  # older still
     path = _folder(tmp_path, model, old)
     assert type(transformers.GPT2LMHeadModel.from_pretrained(path)) is transformers.GPT2LMHeadModel
     loaded = load_checkpoint(path, 0, reference, ignored=ignored_keys(model))

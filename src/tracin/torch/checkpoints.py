@@ -791,6 +791,8 @@ def ignored_keys(model: torch.nn.Module) -> IgnoredKeys:
         patterns.add(r"rotary_emb\.inv_freq")
     if any(n.endswith("position_ids") for n in names):
         patterns.add(r"(^|\.)position_ids$")
+    if any(p.startswith("attn") and p.endswith("bias") for p in patterns):  # GPT-2: older folders also saved
+        patterns.add(r"attn\.masked_bias$")  # the constant -1e4 fill of masked scores, no longer a buffer
     return IgnoredKeys(buffers, sorted(patterns))
 
 

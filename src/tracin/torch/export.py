@@ -28,6 +28,7 @@ from .._validate import positive_int
 from .checkpoints import (
     FreshBuffers,
     frozen_parameters,
+    ignored_keys,
     legacy_state_digest,
     load_checkpoint,
     parse_checkpoints,
@@ -339,6 +340,7 @@ class _TorchExport:
         self.tied = tied_aliases(model)
         self.written = written_in_forward(model)
         self.frozen = frozen_parameters(model)  # named when a checkpoint lacks only them (LoRA / PEFT)
+        self.ignored = ignored_keys(model)  # an older checkpoint's keys the model no longer holds
         modules = dict(model.named_modules())
         self.last_layer = None
         extra: dict = {}
@@ -403,13 +405,13 @@ class _TorchExport:
         return host_arrays(batch.targets), host_arrays(batch.inputs)
 
     def state_digest(self, source: Any, index: int) -> str:
-        return state_digest(source, index, self.reference, self.tied, self.frozen)
+        return state_digest(source, index, self.reference, self.tied, self.frozen, self.ignored)
 
     def legacy_state_digest(self, source: Any, index: int) -> str:
         return legacy_state_digest(source, index)
 
     def load(self, source: Any, index: int) -> dict[str, torch.Tensor]:
-        state = load_checkpoint(source, index, self.reference, skip=self.tied, written=self.written, frozen=self.frozen)
+        state = load_checkpoint(source, index, self.reference, self.tied, self.written, self.frozen, self.ignored)
         self.buffers.keep(state)  # each forward starts from the checkpoint's buffers
         if isinstance(self.compute_rows, KroneckerRows):
             self.compute_rows.begin(index)
