@@ -7,25 +7,26 @@ gradient, a: input with a 1 appended for the bias). Its segment of the projected
 
 computed in one batched forward and backward pass (capture.stream, layer_rules) without forming G_i:
 O(T (rows k_rows + cols k_cols + k_rows k_cols)) per example. Tokens whose output gradient is zero
-(padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too) of
-every nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is
-a gather of P_rows' columns; the padding_idx row gets no gradient), each held by that module alone (an
-embedding called on ids without a batch dimension, whose first dimension is not the batch's, as
-wpe(arange(T)) or T5's relative_attention_bias on a (q_len, k_len) grid, keeps its segment, projected from
-its full per-example gradients, one warning; ids of shape (B,), one per example, are projected per token). Every other
-chosen parameter (LayerNorm, tied weights, other layer types, and the out_proj of an
-nn.MultiheadAttention, whose weight the attention reads without running out_proj's forward: one
-warning) is one plain segment: its per-example gradient is computed in full
-(PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and
-the chosen parameters only (train and test exports agree), and is recorded in the metadata. The result
-equals Projection.apply on the full rows with the same layout where the hooks see every use of a Kronecker
-layer's weight and each example's rows stay its own: the first rows are checked against per-example autograd
-(check: a layer mixing the examples, or its weight used outside its forward there, is refused; one run on one
-example at a time is projected from full gradients), and every batch's per-token rows of a layer, summed, against
-the projection of autograd's gradient of its summed loss (_sum_checked: a weight also used outside its forward for
-later examples; that batch's rows of the layer are then projected from full gradients). A use within the sum
-check's tolerances (in 16 bits eps x the positions summed: gross misses only), or a model reordering the rows of a
-later batch, which leaves the sum alone, is not seen.
+(padding the loss masks) add nothing. Kronecker segments: the weight (and its bias, when chosen too) of every
+nn.Linear and Hugging Face Conv1D, and the weight of every nn.Embedding (the one-hot input side is a gather of
+P_rows' columns; the padding_idx row gets no gradient); a weight tied between such modules, all nn.Linear or
+nn.Embedding (GPT-2's wte and lm_head: vocab x hidden both), is one segment whose per-token products of every use
+add up, as its gradient does (an embedding called on ids without a batch dimension, whose first dimension is not
+the batch's, as wpe(arange(T)) or T5's relative_attention_bias on a (q_len, k_len) grid, keeps its segment,
+projected from its full per-example gradients, one warning; ids of shape (B,), one per example, are projected per
+token). Every other chosen parameter (LayerNorm, a weight tied to a Conv1D or another layer type: one warning,
+other layer types, and the out_proj of an nn.MultiheadAttention, whose weight the attention reads without running
+out_proj's forward: one warning) is one plain segment: its per-example gradient is computed in full
+(PerExampleGradients, a second pass) and projected flat. The layout depends on the model's structure and the chosen
+parameters only (train and test exports agree), and is recorded in the metadata. The result equals Projection.apply
+on the full rows with the same layout where the hooks see every use of a Kronecker layer's weight and each
+example's rows stay its own: the first rows are checked against per-example autograd (check: a layer mixing the
+examples, or its weight used outside its forward there, is refused; one run on one example at a time is projected
+from full gradients), and every batch's per-token rows of a layer, summed, against the projection of autograd's
+gradient of its summed loss (_sum_checked: a weight also used outside its forward for later examples; that batch's
+rows of the layer are then projected from full gradients). A use within the sum check's tolerances (in 16 bits eps
+x the positions summed: gross misses only), or a model reordering the rows of a later batch, which leaves the sum
+alone, is not seen.
 
 preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v + eps^2 (rank_one.py): the
 columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint (eps^2 bounds a
@@ -95,6 +96,9 @@ class _Segment:
     start: int  # first output column
     module: str | None = None
     kind: str | None = None  # "dense" (Linear, Conv1D) or "embedding" for Kronecker segments
+    # Kronecker segments: (module, kind) of every module holding the weight; a tied weight has several (GPT-2's
+    # wte and lm_head), whose per-token products add up in the one segment
+    uses: tuple[tuple[str, str], ...] = ()
 
 
 class KroneckerRows:
@@ -123,10 +127,12 @@ class KroneckerRows:
         dims = projection.segment_dims(len(plan))
         self.segments: list[_Segment] = []
         start = 0
-        for j, ((seg_names, layer, module, kind), dim) in enumerate(zip(plan, dims, strict=True)):
-            self.segments.append(_Segment(j, seg_names, layer, dim, start, module, kind))
+        for j, ((seg_names, layer, uses), dim) in enumerate(zip(plan, dims, strict=True)):
+            module, kind = uses[0] if uses else (None, None)
+            self.segments.append(_Segment(j, seg_names, layer, dim, start, module, kind, uses))
             start += dim
         self.kron = [s for s in self.segments if s.module is not None]
+        self._segment_of = {m: s.module for s in self.kron for m, _ in s.uses}  # a module: its segment's key
         shares = [(f"layer {s.module!r}", s.dim, s.layer) for s in self.kron]
         check_balanced(projection.dim, shares, len(self.segments))
         self.plain = [s for s in self.segments if s.module is None]
@@ -161,7 +167,7 @@ class KroneckerRows:
         """Elements held per example, for the default batch size: the projected row, the plain
         segments' full gradients, the captured inputs and output gradients of _TOKENS_PER_EXAMPLE tokens."""
         plain = sum(s.layer for s in self.plain)
-        captured = sum(s.layer.rows + s.layer.cols for s in self.kron) * _TOKENS_PER_EXAMPLE
+        captured = sum((s.layer.rows + s.layer.cols) * len(s.uses) for s in self.kron) * _TOKENS_PER_EXAMPLE
         return self.projection.dim + plain + captured
 
     def recorded(self) -> list[Recorded]:
@@ -204,7 +210,8 @@ class KroneckerRows:
                 self._unscaled.append(
                     tuple(torch.as_tensor(p, dtype=self.dtype, device=self.device) for p in (p_rows, p_cols))
                 )
-                padding = self._modules[seg.module].padding_idx if seg.kind == "embedding" else None
+                # the padding_idx row's zero v is the embedding's doing unless a tied head uses the row too
+                padding = self._modules[seg.module].padding_idx if {k for _, k in seg.uses} == {"embedding"} else None
                 left, right = _layer_scales(
                     moments[k : k + len(seg.names)], seg.layer, repr(seg.names[0]), checkpoint, warn, padding
                 )
@@ -257,7 +264,8 @@ class KroneckerRows:
         reference = reference_gradients(self.model, state, names, self.loss_fn, inputs, targets, rows)
         wide = self._reference_projected(reference.rows)
         own = None if reference.own is None else self._reference_projected(reference.own)
-        tokens = tokens_counted(reference, self.model, [s.module for s in self.kron], state, slice_rows(inputs, 0, 1))
+        modules = [m for s in self.kron for m, _ in s.uses]
+        tokens = tokens_counted(reference, self.model, modules, state, slice_rows(inputs, 0, 1))
         dtype, widened = reference.dtype, reference.own is not None
         bad: dict[int, float] = {}  # disagreeing segment: the size of its float32 numbers, either side's
         for j in range(len(self.kron)):
@@ -390,15 +398,17 @@ class KroneckerRows:
         q_len == rows). With `summing` (an export's batch), each streamed layer's rows are then summed and checked
         against its summed-loss gradient from the same backward pass (_sum_checked)."""
         if self._shared_ids is None:
-            embeddings = [s.module for s in self.kron if s.kind == "embedding"]
+            embeddings = [m for s in self.kron for m, kind in s.uses if kind == "embedding"]
             self._shared_ids = _ids_without_batch(self.model, embeddings, state, inputs) if embeddings else set()
         shared_ids = self._shared_ids
         by_module = {seg.module: (seg, factors) for seg, factors in zip(self.kron, self._factors, strict=True)}
+        kinds = {m: kind for seg in self.kron for m, kind in seg.uses}  # every module holding a segment's weight
         totals = {
             seg.module: torch.zeros((rows, p_rows.shape[0], p_cols.shape[0]), dtype=self.dtype, device=self.device)
             for seg, (p_rows, p_cols) in zip(self.kron, self._factors, strict=True)
         }
-        unusable: dict[str, str] = {}
+        # by segment (its first module; a tied weight's other modules add to it): the module and why
+        unusable: dict[str, tuple[str, str]] = {}
         unbatched: dict[str, tuple[int, ...]] = {}  # embedding: the shape of its first ids without a batch dimension
         tokens: dict[str, int] = {}  # positions (examples x tokens, over the calls) the layer's rows sum
         grad_dtypes: dict[str, set[torch.dtype]] = {}  # the dtypes of its output gradients
@@ -413,29 +423,33 @@ class KroneckerRows:
             for m, (p_rows, p_cols) in unscaled.items()
         }
 
-        def consume(layer: str, index: int, call: Call) -> None:
+        def consume(module: str, index: int, call: Call) -> None:
+            layer, kind = self._segment_of[module], kinds[module]
             if layer in unusable or layer in unbatched:
                 return
             seg, (p_rows, p_cols) = by_module[layer]
             ids = call.input
-            if seg.kind == "embedding" and (ids.dim() == 0 or ids.shape[0] != rows or layer in shared_ids):
+            if kind == "embedding" and (ids.dim() == 0 or ids.shape[0] != rows or module in shared_ids):
                 unbatched[layer] = tuple(ids.shape)
                 return
             try:
-                a, b = token_form(self._modules[layer], call, rows)
+                a, b = token_form(self._modules[module], call, rows)
             except NotCaptured as e:  # raised after the pass, not inside autograd's hook
-                unusable[layer] = str(e)
+                unusable[layer] = (module, str(e))
                 return
-            totals[layer] += _token_product(seg, a, b, p_rows, p_cols, self._modules[layer], self.dtype)
+            args = (kind, seg.layer, a, b)
+            totals[layer] += _token_product(*args, p_rows, p_cols, self._modules[module], self.dtype)
             if layer in unscaled:
-                unscaled_totals[layer] += _token_product(seg, a, b, *unscaled[layer], self._modules[layer], self.dtype)
+                unscaled_totals[layer] += _token_product(*args, *unscaled[layer], self._modules[module], self.dtype)
             tokens[layer] = tokens.get(layer, 0) + b.shape[0] * b.shape[1]
             grad_dtypes.setdefault(layer, set()).add(b.dtype)
 
-        streamed = [m for m in by_module if m not in self._unbatched]
+        streamed = [m for m in kinds if self._segment_of[m] not in self._unbatched]
         expanded: set[str] = set()
         expanded_shapes: dict[str, tuple[int, ...]] = {}
-        summed = dict.fromkeys(n for m in streamed for n in by_module[m][0].names) if summing else None
+        summed = (
+            dict.fromkeys(n for m in streamed for n in by_module[self._segment_of[m]][0].names) if summing else None
+        )
         try:
             stream(
                 self.model,
@@ -461,33 +475,32 @@ class KroneckerRows:
             # relative_attention_bias on the (1, k_len) grid of a one-position decoder) and its output is not
             # broadcast over the batch. The others: a layer run on one example at a time (a loop over the rows)
             grids = {
-                m: expanded_shapes[m]
+                self._segment_of[m]: expanded_shapes[m]
                 for m in looped
-                if by_module[m][0].kind == "embedding" and m not in shared_ids and m in expanded_shapes
+                if kinds[m] == "embedding" and m not in shared_ids and m in expanded_shapes
             }
             self._by_full_gradients(grids)
-            if len(grids) < len(looped):
+            rest = sorted({self._segment_of[m] for m in looped} - set(grids))
+            if rest:
                 first = str(e).splitlines()[0] if str(e) else ""
-                self._in_full(
-                    [m for m in looped if m not in grids], f"the hooked pass failed ({type(e).__name__}: {first})", rows
-                )
+                self._in_full(rest, f"the hooked pass failed ({type(e).__name__}: {first})", rows)
             return self._projected(state, inputs, targets, rows, summing)
-        self._expanded = expanded
+        self._expanded = {self._segment_of[m] for m in expanded}
         self._by_full_gradients({k: v for k, v in sorted(unbatched.items()) if k not in unusable})
         for layer, full in self._unbatched.items():
             totals.update(self._from_full([layer], full, state, inputs, targets, rows))
         if summed is not None:
-            checked = [m for m in streamed if m in tokens and m not in unusable and m not in self._unbatched]
+            checked = [m for m in by_module if m in tokens and m not in unusable and m not in self._unbatched]
             self._sum_checked(
                 checked, totals, unscaled_totals, summed, tokens, grad_dtypes, state, inputs, targets, rows
             )
         if unusable:
-            layer, why = next(iter(unusable.items()))
-            seg = by_module[layer][0]
+            key, (layer, why) = next(iter(unusable.items()))
+            seg = by_module[key][0]
             shared = (
                 " (a position embedding shared by the batch is projected per example when called on ids of shape "
                 "(1, T): wpe(pos[None]), not wpe(pos)[None])"
-                if seg.kind == "embedding"
+                if kinds[layer] == "embedding"
                 else ""
             )
             raise ValueError(
@@ -680,24 +693,32 @@ def _kind(module: nn.Module) -> str | None:
     return "embedding" if isinstance(module, nn.Embedding) else None
 
 
-def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatrix | int, str | None, str | None]]:
-    """The segments in row order: (parameter names, LayerMatrix or plain width, module, kind)."""
+def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatrix | int, tuple[tuple[str, str], ...]]]:
+    """The segments in row order: (parameter names, LayerMatrix or plain width, (module, kind) of each module
+    holding a Kronecker segment's weight; () for a plain segment). A weight tied between modules (an
+    nn.Embedding and an nn.Linear head: rows and columns alike) is one Kronecker segment of all its uses."""
     modules, params, owners = dict(model.named_modules()), dict(model.named_parameters()), parameter_owners(model)
     read_by_parent = _read_by_parent(modules)
-    plan, i, demoted = [], 0, []
+    plan, i, demoted, tied = [], 0, [], []
     while i < len(names):
         name = names[i]
         holders = owners[id(params[name])]
-        module_name, leaf = holders[0]
+        module_name, _ = holders[0]
         module = modules[module_name]
-        kind = _kind(module) if len(holders) == 1 and leaf == "weight" else None
-        if kind is not None and module_name in read_by_parent:
-            demoted.append(module_name)
-            kind = None
-        if kind is None:
-            plan.append(([name], params[name].numel(), None, None))
+        uses = tuple((m, _kind(modules[m]) if leaf == "weight" else None) for m, leaf in holders)
+        tied_conv = len(holders) > 1 and any(type(modules[m]).__name__ == "Conv1D" for m, _ in holders)
+        if any(kind is None for _, kind in uses) or tied_conv:  # Conv1D's weight is transposed: not tied by rows
+            uses = ()
+        elif any(m in read_by_parent for m, _ in uses):
+            demoted += [m for m, _ in uses if m in read_by_parent]
+            uses = ()
+        if not uses and len(holders) > 1:
+            tied.append(f"{name} (held by {[m for m, _ in holders]}, {params[name].numel()} numbers per example)")
+        if not uses:
+            plan.append(([name], params[name].numel(), ()))
             i += 1
             continue
+        kind = uses[0][1]
         bias_param = getattr(module, "bias", None) if kind == "dense" else None
         bias_name = qualified(module_name, "bias")
         bias = (
@@ -705,18 +726,27 @@ def _plan(model: nn.Module, names: list[str]) -> list[tuple[list[str], LayerMatr
             and i + 1 < len(names)
             and names[i + 1] == bias_name
             and len(owners[id(bias_param)]) == 1
+            and len(uses) == 1
         )
         w = params[name]
         if isinstance(module, nn.Linear) or kind == "embedding":
             layer = LayerMatrix(w.shape[0], w.shape[1], bias=bias)
         else:  # Conv1D: weight (in, out)
             layer = LayerMatrix(w.shape[1], w.shape[0], bias=bias, transposed=True)
-        plan.append(([name, bias_name] if bias else [name], layer, module_name, kind))
+        plan.append(([name, bias_name] if bias else [name], layer, uses))
         i += 2 if bias else 1
     if demoted:
         warnings.warn(
             f"projection with kronecker=True: {demoted} are read by their nn.MultiheadAttention without running "
             "their own forward; their gradients are computed in full and projected as plain segments",
+            UserWarning,
+            stacklevel=5,
+        )
+    if tied:
+        warnings.warn(
+            f"projection with kronecker=True: {'; '.join(tied)}: tied between modules that are not all "
+            "nn.Embedding / nn.Linear (a Conv1D holds its weight transposed); their full per-example gradients are "
+            "computed and projected as plain segments",
             UserWarning,
             stacklevel=5,
         )
@@ -730,7 +760,8 @@ def _read_by_parent(modules: Mapping[str, nn.Module]) -> set[str]:
 
 
 def _token_product(
-    seg: _Segment,
+    kind: str,
+    layer: LayerMatrix,
     a: torch.Tensor,
     b: torch.Tensor,
     p_rows: torch.Tensor,
@@ -739,11 +770,11 @@ def _token_product(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """sum_t (P_rows x_t)(P_cols y_t)^T of one call in token form, (B, k_rows, k_cols): for a dense layer
-    x = b (output gradient), y = [a, 1]; for an embedding x = one-hot ids (a gather), y = b."""
-    layer = seg.layer
+    x = b (output gradient), y = [a, 1]; for an embedding x = one-hot ids (a gather), y = b. `kind`: the
+    module's ("dense" or "embedding"), `layer`: its segment's matrix."""
     b = b.to(dtype)
     with _autocast_off(b.device):  # in `dtype`, not the caller's autocast dtype (an embedding's are float32)
-        if seg.kind == "embedding":
+        if kind == "embedding":
             left = p_rows.T[a]  # (B, T, k_rows)
             if module.padding_idx is not None:
                 left = left * (a != module.padding_idx).unsqueeze(-1).to(dtype)
