@@ -23,6 +23,7 @@ from distributed import Client, Event, LocalCluster
 
 import tracin
 import tracin.distributed as td
+from store_files import write_with_nonfinite
 from tracin.distributed._cluster import local_client, slots_by_host
 from tracin.distributed._run import Job, TaskFailedError, _retrying
 from tracin.store import StoreChangedError, StoreFormatError
@@ -290,6 +291,25 @@ def test_non_finite_rows_are_named_in_the_callers_sets(client, tmp_path):
     ):
         with pytest.raises(ValueError, match=message):
             call()
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_factored_aggregate_names_non_finite_rows_in_a_shards_later_chunks(client, tmp_path, shards):
+    """A factored aggregate task scores its shard chunk by chunk: a NaN/Inf error in a later chunk counts
+    its rows from the set's start, not from the chunk's (rows 44 and 70, in chunks of 7 rows)."""
+    rng = np.random.default_rng(6)
+    left, right = rng.standard_normal((91, 4)).astype(np.float32), rng.standard_normal((91, 5)).astype(np.float32)
+    left[[44, 70]] = np.nan
+    writer = tracin.GradientStore.create(tmp_path / "bad", 91, [(4, 5)], factored=True)
+    write_with_nonfinite(writer, 0, 0, (left, right))
+    writer.finalize()
+    store = tracin.GradientStore.open(tmp_path / "bad", chunk_bytes=7 * 36)
+    small = tracin.FactoredGradients([np.ones((3, 4), np.float32)], [right[:3]])
+    named = r" left factor of checkpoint 0 contains NaN or Inf values, first in rows \[(44|70)\b"
+    with pytest.raises(ValueError, match="train" + named):
+        td.aggregate(small, store, client=client, shards=shards)
+    with pytest.raises(ValueError, match="test" + named):
+        td.aggregate(store, small, client=client, shards=shards)
 
 
 @pytest.fixture(scope="module")

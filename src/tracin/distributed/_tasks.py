@@ -120,7 +120,15 @@ def aggregate_part(
     for j, (t0, t1) in enumerate(test_chunks):
         t_side, total = test_set.kernel_side(t0, t1), out[j] if per_test_chunk else out
         for i0, i1 in _chunks(train_set):
-            total[i0:i1] += cpu.aggregate(t_side, train_set.kernel_side(i0, i1), w, num_threads=threads, normalize=run)
+            try:
+                total[i0:i1] += cpu.aggregate(
+                    t_side, train_set.kernel_side(i0, i1), w, num_threads=threads, normalize=run
+                )
+            except ValueError as e:  # rows counted from the chunks' starts: from the shard's instead
+                message = rows_shifted(str(e), t0, i0)
+                if message is None:
+                    raise
+                raise ValueError(message) from None
     return out
 
 
