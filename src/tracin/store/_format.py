@@ -102,7 +102,10 @@ def add_range(ranges: Ranges, start: int, stop: int) -> Ranges:
 def insert_range(ranges: Ranges, start: int, stop: int) -> Callable[[], None]:
     """Adds [start, stop) to sorted, disjoint `ranges` in place, merged with the ranges it overlaps or
     touches only: two bisections and one splice, no sort. Returns the function that undoes it (undo
-    the latest insert first): the [a, b) lists it replaces are taken out whole, never changed."""
+    the latest insert first): the [a, b) lists it replaces are taken out whole, never changed. An
+    empty range (start >= stop) adds nothing: recorded, [s, s) would make the manifest unreadable."""
+    if start >= stop:
+        return lambda: None
     lo = bisect.bisect_left(ranges, start, key=itemgetter(1))  # the first range ending at or after start
     hi = bisect.bisect_right(ranges, stop, lo, key=itemgetter(0))  # the first range starting after stop
     replaced = ranges[lo:hi]
