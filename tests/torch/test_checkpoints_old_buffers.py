@@ -94,7 +94,8 @@ def test_a_plain_modules_non_persistent_buffer_in_a_checkpoint_is_left_out(tmp_p
     path = os.path.join(tmp_path, "old.pt")
     torch.save({"state_dict": {f"module.{k}": v for k, v in old.items()}}, path)  # DataParallel's prefix too
     for source in (old, path):
-        loaded = load_checkpoint(source, 0, model.state_dict(), ignored=ignored_keys(model))
+        with pytest.warns(UserWarning, match=r"\(.*\): its table differ from the model's non-persistent buffers"):
+            loaded = load_checkpoint(source, 0, model.state_dict(), ignored=ignored_keys(model))
         assert sorted(loaded) == ["lin.bias", "lin.weight", "scale"]
         assert torch.equal(loaded["lin.weight"], model.lin.weight)
     assert torch.equal(model.table, torch.arange(4.0))
@@ -114,8 +115,14 @@ def test_an_old_gpt2_folder_loads_without_its_attention_masks(tmp_path):
     loaded = load_checkpoint(path, 0, reference, ignored=ignored_keys(model))
     assert sorted(loaded) == sorted(reference) and all(torch.equal(loaded[k], state[k]) for k in reference)
     # a state dict is matched as load_state_dict does: the class's patterns are from_pretrained's, for folders
-    with pytest.raises(ValueError, match=r"unexpected keys \['transformer.h.0.attn.bias', 'transformer.h.1"):
-        load_checkpoint(old, 0, reference, ignored=ignored_keys(model))
+    bare = os.path.join(path, "pytorch_model.bin")  # the folder's file alone is no folder either
+    for source in (old, bare):
+        with pytest.raises(
+            ValueError,
+            match=r"unexpected keys \['transformer.h.0.attn.bias', 'transformer.h.1.*"
+            r"pass the save_pretrained folder holding the file, or drop these keys",
+        ):
+            load_checkpoint(source, 0, reference, ignored=ignored_keys(model))
 
 
 @pytest.mark.parametrize("as_folder", [False, True])
@@ -135,3 +142,22 @@ def test_ignored_keys_without_patterns_cover_only_their_buffers():
     ignored = IgnoredKeys({"a.b"})
     assert ignored.covers("a.b", folder=True) and not ignored.covers("a.c", folder=True)
     assert not IgnoredKeys().covers("a.b", folder=True)
+
+
+def test_an_ignored_buffer_whose_values_differ_from_the_models_is_named(recwarn):
+    """A checkpoint's rotary inv_freq of another rope_theta (the model built with another config) was left out
+    silently; the same values, or the same rounded to the checkpoint's dtype, pass without a warning."""
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    state = model.state_dict()
+    mine = model.model.rotary_emb.inv_freq
+    for same in (mine.clone(), mine.half()):
+        load_checkpoint({**state, "model.rotary_emb.inv_freq": same}, 0, state, ignored=ignored_keys(model))
+    assert not [w for w in recwarn if "non-persistent" in str(w.message)]
+    other = 1.0 / (500000.0 ** (torch.arange(0, 8, 2).float() / 8))
+    with pytest.warns(UserWarning, match=r"its model.rotary_emb.inv_freq differ .*another config \(rope_theta"):
+        loaded = load_checkpoint({**state, "model.rotary_emb.inv_freq": other}, 0, state, ignored=ignored_keys(model))
+    assert sorted(loaded) == sorted(state)

@@ -767,11 +767,29 @@ class IgnoredKeys:
     non-persistent buffers (BERT's embeddings.position_ids, saved before transformers 4.31), which the
     model makes itself, under every name; and, in a save_pretrained folder, the keys that a pattern of
     the model's modules' _keys_to_ignore_on_load_unexpected (GPT-2's attn.bias) or from_pretrained's own
-    rotary_emb.inv_freq / position_ids patterns (where the model has such buffers) finds."""
+    rotary_emb.inv_freq / position_ids patterns (where the model has such buffers) finds. `values`: the
+    model's tensors of `buffers`, which a checkpoint's tensor of the same name is compared with (differs)."""
 
-    def __init__(self, buffers: AbstractSet[str] = frozenset(), patterns: Sequence[str] = ()):
+    def __init__(
+        self,
+        buffers: AbstractSet[str] = frozenset(),
+        patterns: Sequence[str] = (),
+        values: Mapping[str, torch.Tensor] | None = None,
+    ):
         self.buffers = frozenset(buffers)
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+        self.values = dict(values or {})
+
+    def differs(self, key: str, t: torch.Tensor) -> bool:
+        """Whether `t`, a checkpoint's tensor for the model's non-persistent buffer `key`, is not that buffer
+        (another shape, or other values than the buffer rounded to `t`'s dtype: a model built with another
+        config than the checkpoint's, such as rope_theta)."""
+        mine = self.values.get(key)
+        if mine is None or t.is_meta:
+            return False
+        if t.shape != mine.shape:
+            return True
+        return not torch.equal(t.detach().cpu(), mine.detach().cpu().to(t.dtype))
 
     def covers(self, key: str, folder: bool) -> bool:
         """Whether `key`, a key of a checkpoint (`folder`: of a save_pretrained folder), is left out."""
@@ -780,8 +798,8 @@ class IgnoredKeys:
 
 def ignored_keys(model: torch.nn.Module) -> IgnoredKeys:
     """The IgnoredKeys of `model`."""
-    buffers = {
-        f"{prefix}.{n}" if prefix else n
+    values = {
+        f"{prefix}.{n}" if prefix else n: module._buffers.get(n)
         for prefix, module in model.named_modules(remove_duplicate=False)
         for n in module._non_persistent_buffers_set
     }
@@ -793,7 +811,7 @@ def ignored_keys(model: torch.nn.Module) -> IgnoredKeys:
         patterns.add(r"(^|\.)position_ids$")
     if any(p.startswith("attn") and p.endswith("bias") for p in patterns):  # GPT-2: older folders also saved
         patterns.add(r"attn\.masked_bias$")  # the constant -1e4 fill of masked scores, no longer a buffer
-    return IgnoredKeys(buffers, sorted(patterns))
+    return IgnoredKeys(set(values), sorted(patterns), {k: v for k, v in values.items() if v is not None})
 
 
 class _Known:
@@ -1198,7 +1216,7 @@ def load_checkpoint(
             obj = _read_file(source, device, name, f"checkpoints[{index}]: no checkpoint", sniff=True)
     else:
         obj = source
-    state = _matched(_unwrap(obj, name), reference, skip, name, frozen, ignored, folder)
+    state = _matched(_unwrap(obj, name), reference, skip, name, frozen, ignored, folder, warn=True)
     given = obj is source  # tensors read from a file are the loader's own
     return {
         key: t.detach().to(
@@ -1218,10 +1236,12 @@ def _matched(
     frozen: AbstractSet[str] = frozenset(),
     ignored: IgnoredKeys | None = None,
     folder: bool = False,
+    warn: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the names of `reference` less `skip`, a wrapper's prefix
     dropped (_strip_prefix), the keys `ignored` covers (IgnoredKeys.covers; `folder`: a save_pretrained
-    folder's) left out; ValueError naming `name` for missing or unexpected keys (saying so when
+    folder's) left out (`warn`: a UserWarning naming those that differ from the model's buffer of that name,
+    IgnoredKeys.differs); ValueError naming `name` for missing or unexpected keys (saying so when
     the missing ones are all `frozen`: _frozen_advice; for a PEFT adapter's keys: _adapter_advice), other shapes,
     an integer or bool tensor for a floating one of the model, a meta tensor (no data), and a tied
     copy (a name in `skip` the checkpoint holds) that differs from its first name's tensor. A missing
@@ -1233,6 +1253,16 @@ def _matched(
     state = _strip_prefix(
         {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, _Known(reference, ignored, folder)
     )
+    differ = [k for k, v in state.items() if k not in reference and ignored.differs(k, v)]
+    if warn and differ:
+        warnings.warn(
+            f"{name}: its {_few(differ)} differ from the model's non-persistent buffers of those names, which the "
+            "model computes itself and uses (the checkpoint's are left out, as from_pretrained leaves them out): "
+            "the checkpoint was saved from a model with another config (rope_theta, rope_scaling, "
+            "max_position_embeddings)? The gradients are the model's as built.",
+            UserWarning,
+            stacklevel=3,
+        )
     state = {k: v for k, v in state.items() if k in reference or not ignored.covers(k, folder)}
     missing = [
         k
@@ -1246,7 +1276,7 @@ def _matched(
             f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}{_prefix_advice(missing, unexpected)}"
             f"{_tied_advice(missing, state, reference, skip)}{_frozen_advice(missing, unexpected, frozen)}"
-            f"{_adapter_advice(missing, unexpected, frozen)}"
+            f"{_adapter_advice(missing, unexpected, frozen)}{_ignorable_advice(missing, unexpected, ignored, folder)}"
         )
     out = {}
     for key, ref in reference.items():
@@ -1278,6 +1308,18 @@ def _matched(
         out[key] = t
     _check_tied(state, reference, skip, name)
     return out
+
+
+def _ignorable_advice(missing: Sequence[str], unexpected: Sequence[str], ignored: IgnoredKeys, folder: bool) -> str:
+    """When every unexpected key (none missing) is one that `ignored`'s patterns leave out of a save_pretrained
+    folder (GPT-2's attn.bias of an older checkpoint) but the checkpoint is no folder: how to load it; "" otherwise."""
+    if missing or folder or not unexpected or not all(ignored.covers(k, folder=True) for k in unexpected):
+        return ""
+    return (
+        ": these keys are ones the model class leaves out of an older checkpoint (its "
+        "_keys_to_ignore_on_load_unexpected, as from_pretrained does): pass the save_pretrained folder holding the "
+        "file, or drop these keys from the state dict"
+    )
 
 
 def _prefix_advice(missing: Sequence[str], unexpected: Sequence[str]) -> str:
