@@ -26,7 +26,9 @@ from benchmarks.common import (  # noqa: E402
     description,
     output_dir,
     quick_or_given,
+    record_name,
     require_modules,
+    size_options,
     time_interleaved,
     write_json,
 )
@@ -127,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['jax_speedup']:.2f}x)"
         )
     d = sum(v.numel() for v in state.values())
+    # other sizes than the recorded run's: a record of their own (jax_export_n64, ...), never jax_export.json
     path = write_json(
-        "jax_export_quick" if args.quick else "jax_export",
+        record_name("jax_export", args.quick, size_options(args, QUICK, FULL)),
         {
             "config": {
                 **{k: v for k, v in vars(args).items() if k != "out"},

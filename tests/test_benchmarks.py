@@ -1039,6 +1039,7 @@ def test_sizes_given_as_flags_win_over_quick(monkeypatch, tmp_path):
         ("whitening", ("n", "d")),
         ("compiled_ceiling", ("n", "tokens", "width", "layers", "vocab", "threads")),
         ("transformer_export", ("n", "tokens", "width", "layers", "vocab", "threads")),
+        ("jax_export", ("n", "features", "hidden", "classes", "batch")),  # review208 F3
     ],
 )
 def test_the_default_run_is_the_recorded_one_and_other_sizes_get_their_own_record(script, keys):
@@ -1050,7 +1051,7 @@ def test_the_default_run_is_the_recorded_one_and_other_sizes_get_their_own_recor
 
     module = importlib.import_module(f"benchmarks.{script}")
     stored = _stored(f"{script}.json")
-    recorded = stored.get("args", stored)
+    recorded = stored.get("args", stored.get("config", stored))
     assert {k: recorded[k] for k in keys} == {k: module.FULL[k] for k in keys}
 
     def name(quick: bool, **given) -> str:
@@ -1101,6 +1102,29 @@ def test_transformer_export_and_torch_end_to_end_name_a_run_not_the_recorded_one
         (True, 50, "torch_end_to_end_quick_captum-train50"),
     ]:
         assert torch_end_to_end.record_of(argparse.Namespace(quick=quick, captum_train=captum_train)) == expected
+
+
+def test_torch_end_to_end_exits_on_a_disagreement_before_writing(capsys):
+    # review208 F2: agreement() was recorded beside the speed-ups but never checked
+    pytest.importorskip("torch")
+    from benchmarks.torch_end_to_end import AGREEMENT_TOL, agreement, require_agreement
+
+    rng = np.random.default_rng(0)
+    idx = np.argsort(-rng.random((4, 20)), axis=1)[:, :3]
+    ref = {"self": rng.random(20), "pro": (idx, rng.random((4, 3))), "opp": (idx[:, ::-1], -rng.random((4, 3)))}
+    require_agreement("prog", "a and b", agreement(ref, ref))  # the same results pass
+
+    reordered = {**ref, "pro": (ref["pro"][0][:, ::-1], ref["pro"][1])}  # the same sets, in another order
+    require_agreement("prog", "a and b", agreement(reordered, ref))
+
+    shifted = {**ref, "pro": ((ref["pro"][0] + 1) % 20, ref["pro"][1])}  # other rows, the same values
+    off_value = {**ref, "opp": (ref["opp"][0], ref["opp"][1] * (1 + 20 * AGREEMENT_TOL))}
+    off_self = {**ref, "self": ref["self"] + 20 * AGREEMENT_TOL}
+    for wrong in (shifted, off_value, off_self):
+        with pytest.raises(SystemExit) as e:
+            require_agreement("prog", "a and b", agreement(wrong, ref))
+        assert e.value.code == 1
+        assert "prog: error: a and b disagree" in capsys.readouterr().err
 
 
 def test_every_record_says_which_commit_it_measured(tmp_path):
@@ -1336,6 +1360,22 @@ def test_a_store_run_of_another_workload_does_not_overwrite_the_record(argv, nam
     from benchmarks import store
 
     assert _record_name_of(store, [*argv, "--out", str(tmp_path)], monkeypatch) == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["--n", "64", "--hidden", "16", "--batch", "32"], "jax_export_n64_hidden16_batch32"),
+        (["--quick", "--n", "64"], "jax_export_quick_n64"),
+    ],
+)
+def test_a_jax_export_run_of_another_size_does_not_overwrite_the_record(argv, name, monkeypatch, tmp_path):
+    # review208 F3: any size without --quick was written to jax_export.json, the record README cites
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    from benchmarks import jax_export
+
+    assert _record_name_of(jax_export, [*argv, "--repeats", "1", "--out", str(tmp_path)], monkeypatch, None) == name
 
 
 @pytest.mark.parametrize(
