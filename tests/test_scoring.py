@@ -972,6 +972,24 @@ def test_gradients_under_different_projections_are_refused(rng):
     assert_close_to_exact(same, a, b, [1.0])
 
 
+def test_gradients_over_different_segment_layouts_are_refused(rng):
+    """fr209: the same per-layer Projection over two layouts (a tied embedding: a plain segment before 6c3ffa7,
+    one Kronecker segment since) projects with other random matrices: refused, not scored."""
+    a, b = random_set(rng, 2, [8]), random_set(rng, 5, [8])
+    spec = tracin.Projection(8, seed=1, per_layer=True, kronecker=True).to_dict()
+    kron = {**spec, "segments": [{"rows": 3, "cols": 2, "bias": False, "transposed": False}, 4]}
+    plain = {**spec, "segments": [6, 4]}
+    with pytest.raises(ValueError, match=r"different segment layouts .*segment 0: 6 in test, \{'rows': 3"):
+        tracin.scores(
+            tracin.Gradients(a, metadata={"projection": plain}), tracin.Gradients(b, metadata={"projection": kron})
+        )
+    old_form = {**spec, "segments": [{"rows": 3, "cols": 2}, 4]}  # a dict without its defaults: the same layout
+    same = tracin.scores(
+        tracin.Gradients(a, metadata={"projection": old_form}), tracin.Gradients(b, metadata={"projection": kron})
+    )
+    assert_close_to_exact(same, a, b, [1.0])
+
+
 def test_projection_metadata_scoring_cannot_read_names_the_side_and_the_form_expected(rng, tmp_path):
     """review67 F2: a side whose metadata['projection'] is not what Projection.to_dict() writes (the
     {"dim", "seed", "kind"} form docs/format.md once showed) is named, with its store's path, and the

@@ -135,6 +135,42 @@ class _Recorded(Protocol):
     metadata: dict[str, Any]
 
 
+def _layout(spec: Any) -> list | None:
+    """A per-layer projection's recorded segment layout (metadata['projection']['segments']), each
+    LayerMatrix dict in to_dict()'s form; None where none is recorded."""
+    from .projection import LayerMatrix
+
+    segments = spec.get("segments") if isinstance(spec, dict) else None
+    if not isinstance(segments, list):
+        return None
+
+    def normal(s: Any) -> Any:  # an older dict lacking default keys as to_dict() writes it; else as recorded
+        try:
+            return LayerMatrix(**s).to_dict()
+        except (TypeError, ValueError):
+            return s
+
+    return [normal(s) if isinstance(s, dict) else s for s in segments]
+
+
+def _check_same_layout(test: Any, train: Any, names: tuple[str, str]) -> None:
+    """Refuses two sides projected by one Projection over different segment layouts: each segment has its
+    own random matrices (a Kronecker segment P_rows G P_cols^T, a plain one P g), so rows of two layouts
+    are not comparable though their parameters are the same (a weight tied between an embedding and a
+    Linear head is a plain segment in exports before it became one Kronecker segment)."""
+    layouts = [_layout(spec) for spec in (test, train)]
+    if None in layouts or layouts[0] == layouts[1]:
+        return
+    j = next((j for j, (s, o) in enumerate(zip(*layouts, strict=False)) if s != o), min(map(len, layouts)))
+    shown = [short(layout[j]) if j < len(layout) else "<none>" for layout in layouts]
+    raise ValueError(
+        f"projection mismatch: {_gradients(names[0])} and {_gradients(names[1])} are projected over different "
+        f"segment layouts (metadata['projection']['segments'], {len(layouts[0])} and {len(layouts[1])} "
+        f"segments; segment {j}: {shown[0]} in {names[0]}, {shown[1]} in {names[1]}), their rows are not "
+        "comparable: exported by different tracin versions? Export both sides with this one"
+    )
+
+
 def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[str, str] = ("test", "train")) -> None:
     """Refuses pairs whose metadata (as the adapters record it) shows they are not gradients of
     the same thing: a different mode, different parameters (same framework), a different
@@ -162,6 +198,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             :: 1 if x["projection"] is not None else -1
         ]
         specs[projected_name].check_compatible(other["projection"], what=other_name, this=projected_name)
+        _check_same_layout(t["projection"], x["projection"], names)
     if "whitening" in t and "whitening" in x:
         raise ValueError(
             f"{names[0]} and {names[1]} are both whitened (metadata['whitening']); whiten only the test side "
