@@ -41,6 +41,36 @@ def tiny_gpt2(vocab_size: int = 50, n_positions: int = 16, seed: int = 0, **conf
     return transformers.GPT2LMHeadModel(gpt2_config).eval()
 
 
+def tiny_bert() -> nn.Module:
+    """A BERT sequence classifier (hidden 32, 2 layers, 2 heads, 3 classes, 12 positions; float32, eval
+    mode) from torch seed 0. Needs transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=12,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def old_pretrained_folder(tmp_path, model: nn.Module, state: dict) -> str:
+    """A save_pretrained folder of `model` as older transformers wrote it: `state` in pytorch_model.bin."""
+    import os
+
+    path = os.path.join(tmp_path, "old")
+    os.makedirs(path)
+    torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    model.config.save_pretrained(path)
+    return path
+
+
 class LateReuse(nn.Module):
     """a.weight also used by F.linear outside a's forward, for examples whose first feature is over 1.5 only."""
 

@@ -7,26 +7,12 @@ import os
 
 import pytest
 import torch
-from _models import tiny_gpt2
+from _models import old_pretrained_folder, tiny_bert, tiny_gpt2
 from torch import nn
 
 from tracin.torch.checkpoints import IgnoredKeys, ignored_keys, load_checkpoint, state_digest
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=12,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config).eval()
 
 
 class WithCache(nn.Module):
@@ -40,15 +26,6 @@ class WithCache(nn.Module):
 
     def forward(self, x):
         return self.lin(x + self.table) * self.scale
-
-
-def _folder(tmp_path, model, state) -> str:
-    """A save_pretrained folder as older transformers wrote it: `state` in pytorch_model.bin."""
-    path = os.path.join(tmp_path, "old")
-    os.makedirs(path)
-    torch.save(state, os.path.join(path, "pytorch_model.bin"))
-    model.config.save_pretrained(path)
-    return path
 
 
 def _old_bert(model):
@@ -77,7 +54,7 @@ def test_an_old_bert_checkpoint_loads_without_its_position_ids(tmp_path, as_fold
     model = tiny_bert()
     reference = model.state_dict()
     state, old = _old_bert(model)
-    source = _folder(tmp_path, model, old) if as_folder else old
+    source = old_pretrained_folder(tmp_path, model, old) if as_folder else old
     with pytest.raises(ValueError, match=r"unexpected keys \['bert.embeddings.position_ids'\]"):
         load_checkpoint(source, 0, reference)  # without the model's ignored keys: as before
     loaded = load_checkpoint(source, 0, reference, ignored=ignored_keys(model))
@@ -110,7 +87,7 @@ def test_an_old_gpt2_folder_loads_without_its_attention_masks(tmp_path):
     mask = torch.tril(torch.ones(8, 8, dtype=torch.bool)).view(1, 1, 8, 8)
     old = {**state, **{f"transformer.h.{i}.attn.bias": mask for i in range(2)}}
     old.update({f"transformer.h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)})  # older still
-    path = _folder(tmp_path, model, old)
+    path = old_pretrained_folder(tmp_path, model, old)
     assert type(transformers.GPT2LMHeadModel.from_pretrained(path)) is transformers.GPT2LMHeadModel
     loaded = load_checkpoint(path, 0, reference, ignored=ignored_keys(model))
     assert sorted(loaded) == sorted(reference) and all(torch.equal(loaded[k], state[k]) for k in reference)
@@ -130,7 +107,7 @@ def test_another_models_keys_are_still_refused(tmp_path, as_folder):
     model = tiny_bert()
     _, old = _old_bert(model)
     stray = {**old, "bert.encoder.layer.2.output.dense.weight": torch.zeros(32, 64)}
-    source = _folder(tmp_path, model, stray) if as_folder else stray
+    source = old_pretrained_folder(tmp_path, model, stray) if as_folder else stray
     with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['bert.encoder.layer.2.output.dense"):
         load_checkpoint(source, 0, model.state_dict(), ignored=ignored_keys(model))
     gpt = tiny_gpt2()

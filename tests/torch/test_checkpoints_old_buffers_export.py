@@ -3,12 +3,10 @@ the rows equal those of the same weights saved without them; another model's key
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-from _models import tiny_gpt2
+from _models import old_pretrained_folder, tiny_bert, tiny_gpt2
 from torch import nn
 
 from tracin.torch import export_gradients
@@ -24,33 +22,15 @@ def _lm_loss(outputs, ids):
     return nn.functional.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").sum(1)
 
 
-def _folder(tmp_path, model, state) -> str:
-    path = os.path.join(tmp_path, "old")
-    os.makedirs(path)
-    torch.save(state, os.path.join(path, "pytorch_model.bin"))
-    model.config.save_pretrained(path)
-    return path
-
-
 def test_an_old_bert_checkpoint_exports_as_the_current_one(tmp_path):
     """Was refused: 'unexpected keys ['bert.embeddings.position_ids']' (folder and state dict alike)."""
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=12,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     old = {**state, "bert.embeddings.position_ids": torch.arange(12).expand((1, -1))}
     ids = torch.randint(1, 97, (4, 12), generator=torch.Generator().manual_seed(2))
     data = ({"input_ids": ids}, torch.tensor([0, 1, 2, 0]))
     want = export_gradients(model, [(state, 1.0)], data, _cls_loss, layers=["classifier"], progress=False)
-    for source in (old, _folder(tmp_path, model, old)):
+    for source in (old, old_pretrained_folder(tmp_path, model, old)):
         got = export_gradients(model, [(source, 1.0)], data, _cls_loss, layers=["classifier"], progress=False)
         np.testing.assert_array_equal(np.concatenate(got.matrices, axis=1), np.concatenate(want.matrices, axis=1))
     stray = {**old, "classifier.extra": torch.zeros(3)}
@@ -68,6 +48,6 @@ def test_an_old_gpt2_folder_exports_as_the_current_one(tmp_path):
     data = ({"input_ids": ids}, ids)
     want = export_gradients(model, [(state, 1.0)], data, _lm_loss, layers=["*mlp*"], progress=False)
     got = export_gradients(
-        model, [(_folder(tmp_path, model, old), 1.0)], data, _lm_loss, layers=["*mlp*"], progress=False
+        model, [(old_pretrained_folder(tmp_path, model, old), 1.0)], data, _lm_loss, layers=["*mlp*"], progress=False
     )
     np.testing.assert_array_equal(np.concatenate(got.matrices, axis=1), np.concatenate(want.matrices, axis=1))

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _models import LateReuse
+from _models import LateReuse, tiny_bert
 from torch import nn
 from torch_oracle import (
     MeanMix,
@@ -768,18 +768,7 @@ def test_a_well_fit_regression_without_room_for_the_float64_look_is_refused_sayi
 
 def _tiny_bert_classifier():
     """BERT (hidden 32, 2 layers) with a 3-class head, built from its config (no download)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=12,
-        num_labels=3,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert()
     ids = torch.randint(1, 97, (6, 12), generator=torch.Generator().manual_seed(2))
     mask = (torch.arange(12)[None, :] < torch.tensor([12, 9, 5, 12, 3, 7])[:, None]).long()
     return model, {"input_ids": ids * mask, "attention_mask": mask}, torch.tensor([0, 1, 2, 0, 1, 2])
