@@ -65,3 +65,17 @@ def test_sources_are_checked_by_the_adapter_rule():
         parse_checkpoints({"a": 1.0}, "path")
     with pytest.raises(ValueError, match="empty"):
         parse_checkpoints([], "path")
+
+
+def test_an_optimizer_state_in_the_learning_rates_place_is_named_as_the_learning_rate():
+    """review212 F2: (params, state, lr) was read state first and blamed checkpoints[0][2], the float,
+    for holding no optimizer state; the rate is read first and its message shows its type, cut short."""
+
+    def optimizer(state, i):
+        raise AssertionError("the state is read after the learning rate")
+
+    state = ({"mu": list(range(1000))},)
+    message = r"^checkpoints\[0\]\[1\] \(learning rate\) must be a real number, got tuple "
+    with pytest.raises(TypeError, match=message) as e:
+        parse_checkpoints([("a", state, 0.1)], "params", optimizer=optimizer)
+    assert len(str(e.value)) < 200

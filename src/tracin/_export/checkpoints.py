@@ -30,7 +30,7 @@ def learning_rate(lr: Any, where: str) -> float:
     if getattr(lr, "shape", None) == () and callable(getattr(lr, "item", None)):
         lr = lr.item()  # a 0-d torch / NumPy / JAX array (torch.tensor(0.1), a scheduler's value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{where} (learning rate) must be a real number, got {lr!r}")
+        raise TypeError(f"{where} (learning rate) must be a real number, got {type(lr).__name__} {lr!r:.80}")
     if not math.isfinite(lr):
         raise ValueError(f"{where} (learning rate) must be finite, got {lr!r}")
     if lr < 0:
@@ -76,8 +76,9 @@ def parse_checkpoints(
             )
         if not accepts(entry[0]):
             raise TypeError(f"checkpoints[{i}][0] must be a {source}, got {type(entry[0]).__name__}")
+        rate = learning_rate(entry[1], f"checkpoints[{i}][1]")  # before the state: a swapped pair names the rate
         state = None if len(entry) == 2 or entry[2] is None else optimizer(entry[2], i)
-        parsed.append(Checkpoint(entry[0], learning_rate(entry[1], f"checkpoints[{i}][1]"), state))
+        parsed.append(Checkpoint(entry[0], rate, state))
     return parsed
 
 
