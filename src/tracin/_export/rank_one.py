@@ -85,6 +85,7 @@ class RankOneAdam:
         return dims
 
     def to_dict(self) -> dict:
+        # of v_hat + eps^2; "v" as earlier versions recorded it (resume and scoring compare this record)
         return {
             "kind": "adam",
             "factored": "rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam)",

@@ -50,6 +50,8 @@ from .jaxpr_taps import Site, find_sites, run_tapped
 from .params import ParamLayout
 from .per_example import LossWatch, _one_example_loss, check_per_example, shared_jit
 
+# the factorisation is of v_hat + eps^2; the recorded text keeps "v" as earlier versions wrote it (resume and
+# scoring compare metadata["preconditioner"]: stores exported before would otherwise be refused)
 _FACTORED_ADAM = (
     "mapped weights: rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam); "
     "other parameters: g / (sqrt(v_hat) + eps)"

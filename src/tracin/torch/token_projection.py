@@ -28,7 +28,7 @@ rows of the layer are then projected from full gradients). A use within the sum 
 x the positions summed: gross misses only), or a model reordering the rows of a later batch, which leaves the sum
 alone, is not seen.
 
-preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v + eps^2 (rank_one.py): the
+preconditioner="adam": a Kronecker segment uses the rank-one factorisation of v_hat + eps^2 (rank_one.py): the
 columns of P_rows scaled by sqrt(s / r) and those of P_cols by 1 / sqrt(c), once per checkpoint (eps^2 bounds a
 row or column of v near 0 as eps bounds full Adam's; an entry weighted far over 1 / eps is warned about);
 plain segments are preconditioned exactly, g / (sqrt(v_hat) + eps), before their projection. The first-rows
@@ -79,6 +79,8 @@ from .per_example import PerExampleGradients
 
 _TOKENS_PER_EXAMPLE = 256  # tokens an example is assumed to have when choosing the default batch size
 _SPREAD = 4  # standard deviations of the projected own-dtype gap the hook rows' largest gap may reach
+# the factorisation is of v_hat + eps^2; the recorded text keeps "v" as earlier versions wrote it (resume and
+# scoring compare metadata["preconditioner"]: stores exported before would otherwise be refused)
 _FACTORED_ADAM = (
     "Kronecker layers: rank-one r c^T / sum(r) of v + eps^2 (exact for Adafactor, approximate for Adam); "
     "other parameters: g / (sqrt(v_hat) + eps)"
