@@ -9,6 +9,7 @@ not)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import numbers
 import os
@@ -62,6 +63,8 @@ def parse_checkpoints(checkpoints: Any, model: torch.nn.Module | None = None) ->
     for index, entry in enumerate(parsed):
         if isinstance(entry.source, (str, os.PathLike)):
             check_whole(entry.source, f"checkpoints[{index}] ({describe(entry.source, index)})")
+            if entry.optimizer is not None:
+                entry.optimizer.global_step = _global_step(entry.source)
     refuse_live_weights(parsed, model)
     snapshots = _Snapshots(parsed)
     for entry in parsed:
@@ -216,6 +219,23 @@ def _step_of(state: Mapping, key: Any) -> float | None:
     return float(step) if isinstance(step, (int, float)) else None
 
 
+_TRAINER_STATE = "trainer_state.json"  # a transformers Trainer's checkpoint-N/trainer_state.json
+
+
+def _global_step(folder: str | os.PathLike) -> int | None:
+    """The global_step recorded in a checkpoint folder's trainer_state.json (a transformers Trainer's
+    checkpoint-N: the optimizer steps taken to its weights); None without one or without an integer."""
+    path = os.path.join(folder, _TRAINER_STATE)
+    if not os.path.isdir(folder) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            step = json.load(f).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def check_whole(path: str | os.PathLike, name: str) -> None:
     """ValueError naming checkpoint `name` and the file when a checkpoint file, or a weight file of a
     save_pretrained folder, is cut short or damaged (before any checkpoint is exported): a torch.save
@@ -305,9 +325,12 @@ class OptimizerState:
     exp_avg_sq are checked to have the shape of the model's parameter there (a ValueError names the
     first that differs: an optimizer built over another order), which cannot reveal an order that only
     permutes parameters of equal shapes (two LayerNorms' weights swapped): those take each other's
-    moments silently. Unnamed
-    param groups (a weight-decay split, per-layer learning rates) are refused: their order cannot be
-    checked (the refusal says how to add the names to a saved state, a transformers Trainer's too).
+    moments silently. Several
+    unnamed param groups (a weight-decay split, per-layer learning rates) are refused, their order
+    unknown (the refusal says how to add the names to a saved state), except a transformers Trainer's
+    (_trainer_split: two groups, the model a PreTrainedModel or the state beside trainer_state.json):
+    the trainable parameters the installed Trainer decays, then the rest, each in
+    model.named_parameters() order, taken when the group sizes and every position's moment shapes fit.
     Recorded names may carry the prefixes DataParallel and torch.compile add ("module.", "_orig_mod.");
     a name under another prefix (a LightningModule's "model.") is refused, naming the prefix to drop.
     betas and eps come from each parameter's group, the step count from its state. States whose steps
@@ -320,7 +343,10 @@ class OptimizerState:
 
     A folder given as the path is a checkpoint folder holding the state as optimizer.pt (the layout of
     a transformers Trainer's checkpoint-N, whose folder may be the checkpoint's weights too): that file
-    is read; a folder without one is a ValueError naming it.
+    is read; a folder without one is a ValueError naming it. When the checkpoint's weights are a folder
+    whose trainer_state.json records its global_step (parse_checkpoints sets `global_step`), a state
+    whose step count exceeds it (a later checkpoint's) is refused, and one below it is warned about
+    (a mixed-precision run skips the optimizer's step on overflowing gradients).
     """
 
     def __init__(self, source: Any, index: int, model: torch.nn.Module):
@@ -340,6 +366,8 @@ class OptimizerState:
         self.all_names = [n for n, _ in named]
         self.trainable_names = [n for n, p in named if p.requires_grad]
         self.frozen = {n for n, p in named if not p.requires_grad}
+        self.model = model  # for a Trainer's decay / no-decay split (_trainer_split)
+        self.global_step: int | None = None  # of the checkpoint's weights, where recorded (parse_checkpoints)
 
     def digest(self) -> str:
         """Fingerprint: a file's bytes, or the tensors and settings of the in-memory state."""
@@ -361,6 +389,7 @@ class OptimizerState:
         if self.snapshots is not None:
             self.snapshots.check()
         state = self._load()
+        self._check_step(state)
         owner, by_position = self._owners(state)
         moments, rates = [], {}
         for name, shape in params:
@@ -425,6 +454,27 @@ class OptimizerState:
         _check_optimizer_dict(state, self.located)
         return state
 
+    def _check_step(self, state: Mapping) -> None:
+        """ValueError when the state's largest step count exceeds the global_step of its checkpoint's
+        weights (another, later checkpoint's state); a UserWarning when it is below it."""
+        steps = [_real(e.get("step")) for e in state["state"].values() if isinstance(e, Mapping)]
+        steps = [s for s in steps if s is not None]
+        if self.global_step is None or not steps:
+            return
+        step = max(steps)
+        said = f"{self.located} has taken {step:g} steps, while its checkpoint's {_TRAINER_STATE} records global_step "
+        if step > self.global_step:
+            raise ValueError(
+                f"{said}{self.global_step}: a state saved after those weights, another checkpoint's (pass each "
+                "checkpoint's own optimizer.pt)"
+            )
+        if step < self.global_step:
+            warnings.warn(
+                f"{said}{self.global_step}: fewer, as when mixed-precision training skipped steps on overflowing "
+                "gradients, or another, earlier checkpoint's state; check that it is this checkpoint's",
+                stacklevel=3,
+            )
+
     @property
     def located(self) -> str:
         """`where`, with the file's absolute path when the state was given as one (messages about its contents)."""
@@ -443,6 +493,9 @@ class OptimizerState:
             names = [_strip(n, known) for g in groups for n in g["param_names"]]
             return dict(zip(names, keys, strict=True)), False
         if len(groups) > 1:
+            split = self._trainer_split(state, [k for k, _ in keys])
+            if isinstance(split, list):
+                return dict(zip(split, keys, strict=True)), True
             raise ValueError(
                 f"{self.located} has {len(groups)} param groups and no parameter names (param_names): "
                 f"its parameters would be matched by position, and the order of several groups cannot be checked"
@@ -452,6 +505,7 @@ class OptimizerState:
                 "model)); names = [n for n, p in model.named_parameters() if p.requires_grad]; "
                 "state['param_groups'][0]['param_names'] = [n for n in names if n in decay]; "
                 "state['param_groups'][1]['param_names'] = [n for n in names if n not in decay]"
+                + (f". Read as a Trainer's split it does not fit: {split}" if split else "")
             )
         names = next((n for n in (self.all_names, self.trainable_names) if len(n) == len(keys)), None)
         if names is None:
@@ -462,39 +516,89 @@ class OptimizerState:
         self._check_positions(state["state"], names, [k for k, _ in keys])
         return dict(zip(names, keys, strict=True)), True
 
-    def _check_positions(self, entries: Mapping, names: Sequence[str], keys: Sequence[Any]) -> None:
-        """ValueError naming the first position whose exp_avg or exp_avg_sq has another shape than the
-        model's parameter at that position (an optimizer built over the parameters in another order),
-        read from the tensors' shapes alone; positions without Adam state are skipped. A permutation of
-        parameters of one shape passes: it cannot be told from the state."""
+    def _trainer_split(self, state: Mapping, keys: Sequence[Any]) -> list[str] | str | None:
+        """The parameter names of a transformers Trainer's two unnamed groups (Trainer.create_optimizer:
+        the trainable parameters in Trainer.get_decay_parameter_names, then the others, each in
+        model.named_parameters() order), when the model is a PreTrainedModel or the state file lies beside
+        trainer_state.json; else None, or why the state does not fit that split (group sizes, or a
+        position whose moments have another shape than its parameter)."""
+        groups = state["param_groups"]
+        beside = isinstance(self.source, (str, os.PathLike)) and os.path.isfile(
+            os.path.join(os.path.dirname(os.path.abspath(self.source)), _TRAINER_STATE)
+        )
+        hf = sys.modules.get("transformers")
+        if len(groups) != 2 or not (beside or (hf is not None and isinstance(self.model, hf.PreTrainedModel))):
+            return None
+        try:
+            from transformers import Trainer
+
+            # an instance method that reads nothing of the instance: the decay set of the installed version
+            decay = set(Trainer.get_decay_parameter_names(None, self.model))
+        except (ImportError, AttributeError, TypeError) as e:
+            return f"the installed transformers does not give its Trainer's decay set ({type(e).__name__}: {e})"
+        names = [n for n in self.trainable_names if n in decay], [n for n in self.trainable_names if n not in decay]
+        sizes = tuple(len(g["params"]) for g in groups)
+        if sizes != tuple(map(len, names)):
+            return (
+                f"its groups hold {sizes[0]} and {sizes[1]} parameters, while the Trainer puts {len(names[0])} of "
+                f"this model's trainable parameters in the decay group and {len(names[1])} in the other"
+            )
+        ordered = names[0] + names[1]
+        misfit = self._misfit(state["state"], ordered, keys)
+        if misfit is not None:
+            position, moment, shape = misfit
+            group = "decay" if position < len(names[0]) else "no-decay"
+            name = ordered[position]
+            return (
+                f"position {position} ({group} group) is {name} of shape {self.shapes[name]}, while the "
+                f"optimizer's {moment} there has shape {shape}"
+            )
+        return ordered
+
+    def _misfit(self, entries: Mapping, names: Sequence[str], keys: Sequence[Any]) -> tuple[int, str, tuple] | None:
+        """(position, moment, its shape) of the first position whose exp_avg or exp_avg_sq has another
+        shape than the model's parameter named there; None when all fit (positions without Adam state
+        skipped)."""
         for position, (name, key) in enumerate(zip(names, keys, strict=True)):
             entry = entries.get(key, entries.get(str(key)))
             if not _adam_entry(entry):
                 continue
             for moment in ("exp_avg", "exp_avg_sq"):
                 shape = getattr(entry[moment], "shape", None)
-                if shape is None or tuple(shape) == self.shapes[name]:
-                    continue
-                alike = [n for n in names if self.shapes[n] == tuple(shape)]
-                held, cause = (
-                    (
-                        f"the shape of the model's {_few(alike)}",
-                        f"The optimizer was built over the parameters in another order{_NAMED_HINT}",
-                    )
-                    if alike
-                    else (
-                        "the shape of none of the model's parameters",
-                        "The state is not this model's: another model's (another width or vocabulary), or one saved "
-                        "before a parameter was resized (resize_token_embeddings)",
-                    )
-                )
-                raise ValueError(
-                    f"{self.located}: without parameter names (param_names) its parameters are matched by position "
-                    f"in model.named_parameters() order ({len(names)} "
-                    f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
-                    f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
-                    f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). {cause}"
-                )
+                if shape is not None and tuple(shape) != self.shapes[name]:
+                    return position, moment, tuple(shape)
+        return None
+
+    def _check_positions(self, entries: Mapping, names: Sequence[str], keys: Sequence[Any]) -> None:
+        """ValueError naming the first position whose exp_avg or exp_avg_sq has another shape than the
+        model's parameter at that position (an optimizer built over the parameters in another order),
+        read from the tensors' shapes alone; positions without Adam state are skipped. A permutation of
+        parameters of one shape passes: it cannot be told from the state."""
+        misfit = self._misfit(entries, names, keys)
+        if misfit is None:
+            return
+        position, moment, shape = misfit
+        name = names[position]
+        alike = [n for n in names if self.shapes[n] == tuple(shape)]
+        held, cause = (
+            (
+                f"the shape of the model's {_few(alike)}",
+                f"The optimizer was built over the parameters in another order{_NAMED_HINT}",
+            )
+            if alike
+            else (
+                "the shape of none of the model's parameters",
+                "The state is not this model's: another model's (another width or vocabulary), or one saved "
+                "before a parameter was resized (resize_token_embeddings)",
+            )
+        )
+        raise ValueError(
+            f"{self.located}: without parameter names (param_names) its parameters are matched by position "
+            f"in model.named_parameters() order ({len(names)} "
+            f"{'parameters' if names is self.all_names else 'trainable parameters'}), and position "
+            f"{position} does not fit: the model's parameter there is {name} of shape {self.shapes[name]}, "
+            f"while the optimizer's {moment} there has shape {tuple(shape)} ({held}). {cause}"
+        )
 
 
 _STATE_FILE = "optimizer.pt"  # a transformers Trainer's checkpoint-N/optimizer.pt
