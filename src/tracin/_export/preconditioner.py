@@ -111,6 +111,7 @@ class Preconditioned:
         self._state: list[tuple[slice, tuple]] = []
         self._zero_v: list[_ZeroV] = []  # this checkpoint's parameters with zero v not yet warned about
         self._warned: set[tuple[int, int]] = set()  # (checkpoint, parameter) warned about
+        self._rounding_warned = False  # warn_rounding has warned in this export (once per export)
 
     def dims(self, dims: Any) -> Any:
         return dims
@@ -126,6 +127,9 @@ class Preconditioned:
             self._state = self._segments(moments, block.shape[1])
             self._checkpoint = checkpoint
             self._zero_v = self._zero_entries(moments, checkpoint) if self.kind == "adam" else []
+            rounding = moments if self.kind == "adam" and not self._rounding_warned else None
+        else:
+            rounding = None
         if self._zero_v:
             self._warn_zero_v(block, checkpoint)
         g_all = np.asarray(block, np.float32)
@@ -144,7 +148,45 @@ class Preconditioned:
             np.multiply(g, m_rate, out=o)
             o += m_part
             o /= den
+        if rounding is not None:
+            self._check_rounding(g_all, out, rounding, checkpoint)
         return out
+
+    def _check_rounding(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
+        """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose module's
+        gradients are 16-bit (rounding_unit: a cancelling sum leaves few bits in float32 too, so a parameter's own
+        entries do not tell) and whose estimated rounding noise, amplified by 1 / (sqrt(v_hat) + eps),
+        makes over ROUNDING_SHARE of the preconditioned rows' norm^2 (mean over the block's rows: a row whose
+        16-bit sum came out exact has none). The noise of
+        an entry with gradient is taken as the unit roundoff times the RMS of the row's non-zero gradients over
+        the parameter's module (its name up to the last "/" or "."): an entry that is 0 in exact arithmetic
+        (an attention key's bias) carries the rounding of the terms that cancel there. Entries whose v is 0
+        are left to warn_zero_v. O(block)."""
+        total = np.einsum("ij,ij->i", out, out, dtype=np.float64)
+        rows = total > 0
+        if not rows.any():
+            return
+        modules: dict[str, list[slice]] = {}
+        for k, (cols, _) in enumerate(self._state):
+            modules.setdefault(_module(self.names[k] if k < len(self.names) else str(k)), []).append(cols)
+        flagged = []
+        for k, (cols, consts) in enumerate(self._state):
+            parts = modules[_module(self.names[k] if k < len(self.names) else str(k))]
+            unit = rounding_unit(np.concatenate([g[:, c] for c in parts], axis=1))
+            if unit is None:
+                continue
+            square = sum(np.einsum("ij,ij->i", g[:, c], g[:, c], dtype=np.float64) for c in parts)
+            count = sum(np.count_nonzero(g[:, c], axis=1) for c in parts)
+            weight = np.square(np.broadcast_to(np.asarray(consts[0], np.float64), (cols.stop - cols.start,)))
+            weight = np.where(np.asarray(moments[k].v).reshape(-1) > 0, weight, 0.0)
+            noise = (g[:, cols] != 0) @ weight * unit**2 * square / np.maximum(count, 1)
+            share = float(np.mean(noise[rows] / total[rows]))
+            if share > ROUNDING_SHARE:
+                name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
+                flagged.append((name, unit, share))
+        if flagged:
+            self._rounding_warned = True
+            warn_rounding(flagged, checkpoint)
 
     def _zero_entries(self, moments: list[AdamMoments], checkpoint: int) -> list[_ZeroV]:
         """The parameters of the row whose v has entries that are exactly 0 (one O(size of v) pass), but for
@@ -257,6 +299,47 @@ def check_moments(name: str, shape: Sequence[int], m: Any, v: Any, step: Any, wh
             f"{where}: the second moment of {name} has {bad} negative, NaN or infinite entries of {np.size(v)}; "
             "Adam's is a running mean of squared gradients (>= 0): the training diverged or the state is not Adam's"
         )
+
+
+ROUNDING_SHARE = 0.1  # warn_rounding: estimated rounding noise's share of the "adam" rows' norm^2 warned about
+
+
+def rounding_unit(g: np.ndarray) -> float | None:
+    """The unit roundoff of the 16-bit format that every non-zero entry of float32 `g` fits exactly: 2^-8 for
+    bfloat16 (the low 16 bits of each float32 0), 2^-11 for float16 (the low 13), else None (float32, or fewer
+    than 8 non-zero entries to tell by: a float32 entry fits by chance with probability 2^-13)."""
+    bits = np.ascontiguousarray(g, np.float32).view(np.uint32)
+    bits = bits[(bits & 0x7FFFFFFF) != 0]
+    if bits.size < 8:
+        return None
+    low = np.bitwise_or.reduce(bits & 0xFFFF)
+    if not low:
+        return 2.0**-8
+    return 2.0**-11 if not low & 0x1FFF else None
+
+
+def _module(name: str) -> str:
+    """A parameter's module: its name up to the last "/" (JAX paths) or "." (torch names)."""
+    return name[: max(name.rfind("/"), name.rfind("."), 0)]
+
+
+def warn_rounding(flagged: list[tuple[str, float, float]], checkpoint: int) -> None:
+    """The RuntimeWarning of Preconditioned._check_rounding: (name, unit roundoff, share) per flagged parameter."""
+    kinds = {2.0**-8: "bfloat16", 2.0**-11: "float16"}
+    listed = ", ".join(
+        f"{name} ({kinds[unit]}, {'~' + format(share, '.0%') if share <= 1 else 'over 100%'})"
+        for name, unit, share in flagged
+    )
+    warnings.warn(
+        f"preconditioner='adam': the 16-bit gradients of {listed} are near their rounding where their second "
+        f"moment v is far smaller (checkpoint {checkpoint}: a parameter whose gradient is ~0 in exact arithmetic, "
+        "such as an attention key's bias, trained at a higher precision): g / (sqrt(v_hat) + eps) amplifies their "
+        "rounding noise to about the share of the rows' norm^2 in parentheses (an estimate, mean over the first "
+        "batch's rows), so the scores follow that noise. Drop them with layers=, or export for 'adam' with the "
+        "params in float32 (outside torch.autocast), the training's precision",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 @dataclass(frozen=True, eq=False)
