@@ -24,12 +24,12 @@ def _data():
     return rng.standard_normal((N, D)).astype(np.float32), rng.integers(0, C, N).astype(np.int32)
 
 
-def _caught(run) -> tuple:
-    """run()'s result and the texts of its rounding warnings."""
+def _caught(run, pattern: re.Pattern | str = WARNED) -> tuple:
+    """run()'s result and the texts of its warnings that `pattern` finds (the rounding one by default)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run()
-    return out, [str(w.message) for w in caught if WARNED.match(str(w.message))]
+    return out, [str(w.message) for w in caught if re.search(pattern, str(w.message))]
 
 
 def _shift_share(rows: np.ndarray) -> float:
@@ -100,7 +100,9 @@ def test_jax_16_bit_gradients_with_a_tiny_v_warn_once_naming_the_parameter(dtype
     assert len(messages) == 1, messages  # once per export, not per checkpoint or batch
     assert WARNED.match(messages[0]).group(1).startswith(f"'head/shift' ({dtype}, ")
     assert "layers=" in messages[0] and "float32" in messages[0]
-    assert _shift_share(out.matrices[0]) > 0.3  # the noise it names does dominate the rows (a row whose sum came out exact has none)
+    assert (
+        _shift_share(out.matrices[0]) > 0.3
+    )  # the noise it names does dominate the rows (a row whose sum came out exact has none)
 
 
 @pytest.mark.parametrize(("dtype", "v_shift"), [("float32", TINY), ("bfloat16", 1e-2), ("float16", 1e-2)])
@@ -113,7 +115,7 @@ def test_jax_float32_gradients_or_a_v_of_their_size_do_not_warn(dtype, v_shift):
 # --- torch ---
 
 
-def _torch_export(dtype: str, v_shift: float):
+def _torch_export(dtype: str, v_shift: float, preconditioner: str | None = "adam", pattern: re.Pattern | str = WARNED):
     torch = pytest.importorskip("torch")
     nn = torch.nn
     from tracin.torch import export_gradients
@@ -146,8 +148,12 @@ def _torch_export(dtype: str, v_shift: float):
         weights = {k: t.detach().to(getattr(torch, dtype), copy=True) for k, t in model.state_dict().items()}
         checkpoints.append((weights, 0.05, state))
     model = model.to(getattr(torch, dtype))
+    checkpoints = checkpoints if preconditioner else [(w, lr) for w, lr, _ in checkpoints]
     return _caught(
-        lambda: export_gradients(model, checkpoints, (x, y), loss, preconditioner="adam", batch_size=8, progress=False)
+        lambda: export_gradients(
+            model, checkpoints, (x, y), loss, preconditioner=preconditioner, batch_size=8, progress=False
+        ),
+        pattern,
     )
 
 
@@ -164,3 +170,12 @@ def test_torch_float32_gradients_or_a_v_of_their_size_do_not_warn(dtype, v_shift
     out, messages = _torch_export(dtype, v_shift)
     assert messages == []
     assert _shift_share(out.matrices[0]) < 0.1
+
+
+@pytest.mark.parametrize("preconditioner", ["adam", None])
+def test_torch_autocast_warning_says_what_adam_does_to_its_rounding(preconditioner):
+    torch = pytest.importorskip("torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, texts = _torch_export("float32", TINY, preconditioner, "called under torch.autocast")
+    assert len(texts) == 1, texts
+    assert ("preconditioner='adam' divides it by sqrt(v_hat) + eps" in texts[0]) == (preconditioner == "adam")

@@ -153,9 +153,10 @@ class Preconditioned:
         return out
 
     def _check_rounding(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
-        """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose module's
-        gradients are 16-bit (rounding_unit: a cancelling sum leaves few bits in float32 too, so a parameter's own
-        entries do not tell) and whose estimated rounding noise, amplified by 1 / (sqrt(v_hat) + eps),
+        """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose gradients
+        are 16-bit (rounding_unit of the coarsest other parameter of its module, its own only when it has none: a
+        cancelling float32 sum leaves few bits too, and under autocast a bias's sum may be float32 of 16-bit
+        terms) and whose estimated rounding noise, amplified by 1 / (sqrt(v_hat) + eps),
         makes over ROUNDING_SHARE of the preconditioned rows' norm^2 (mean over the block's rows: a row whose
         16-bit sum came out exact has none). The noise of
         an entry with gradient is taken as the unit roundoff times the RMS of the row's non-zero gradients over
@@ -172,7 +173,8 @@ class Preconditioned:
         flagged = []
         for k, (cols, consts) in enumerate(self._state):
             parts = modules[_module(self.names[k] if k < len(self.names) else str(k))]
-            unit = rounding_unit(np.concatenate([g[:, c] for c in parts], axis=1))
+            units = [rounding_unit(g[:, c]) for c in parts if c != cols] or [rounding_unit(g[:, cols])]
+            unit = max((u for u in units if u is not None), default=None)
             if unit is None:
                 continue
             square = sum(np.einsum("ij,ij->i", g[:, c], g[:, c], dtype=np.float64) for c in parts)

@@ -230,7 +230,7 @@ def export_gradients(
     check_loss_fn(loss_fn)
     check_projection(projection, mode != "full")
     check_store(store)
-    _warn_autocast()
+    _warn_autocast(preconditioner)
     # gradients whatever the caller's context: evaluation code under torch.no_grad() or inference_mode()
     with torch.inference_mode(False), torch.enable_grad():
         entries = parse_checkpoints(checkpoints, model)
@@ -250,15 +250,24 @@ def export_gradients(
             return export(framework, entries, options, row_transforms(projection, framework.segments))
 
 
-def _warn_autocast() -> None:
-    """A UserWarning when the caller runs the export under torch.autocast."""
+def _warn_autocast(preconditioner: str | None) -> None:
+    """A UserWarning when the caller runs the export under torch.autocast; with "adam" it says how Adam's
+    division amplifies that rounding (the 16-bit check of tracin._export.preconditioner does not see gradients
+    that autocast sums in float32)."""
     active = active_autocast()
     if active:
+        adam = (
+            "; preconditioner='adam' divides it by sqrt(v_hat) + eps, so where a parameter's gradient is ~0 in exact "
+            "arithmetic and its v of a float32 training tiny (an attention key's bias: GPT-2's c_attn.bias) that "
+            "rounding becomes most of the rows"
+            if preconditioner == "adam"
+            else ""
+        )
         warnings.warn(
             f"export_gradients is called under torch.autocast ({', '.join(active)}): the model runs in that "
             "precision, so the gradients carry its rounding (relative errors near 1e-2 for bfloat16), and the "
             "checks of the batched hooks, mode='last_layer' / 'factored' and kronecker=True on the first rows may "
-            "fail on it; call export_gradients outside autocast for float32 gradients",
+            f"fail on it{adam}; call export_gradients outside autocast for float32 gradients",
             UserWarning,
             stacklevel=3,  # export_gradients' caller
         )
