@@ -4,6 +4,7 @@ param groups, weight decay and none) read as the Trainer built them, and a state
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -117,8 +118,18 @@ def test_trainer_state_is_read_as_its_decay_split(run, tmp_path):
 
 
 def test_trainer_state_that_does_not_fit_is_refused(run, tmp_path):
+    """Beside a trainer_state.json, a two-group state that is not the Trainer's split is refused saying
+    why; away from one (another optimizer's groups may fit by chance), the plain refusal."""
     model = _model(run)
     folder = os.path.join(run, "checkpoint-2")
+    with pytest.raises(ValueError, match=r"2 param groups and no parameter names.*decay\]$"):
+        _export(model, [(folder, 1e-2, _state(run, 2))])
+    shutil.copy(os.path.join(folder, "trainer_state.json"), tmp_path)
+    rates = _state(run, 2)
+    rates["param_groups"][1]["lr"] /= 10
+    torch.save(rates, tmp_path / "rates.pt")
+    with pytest.raises(ValueError, match=r"learning rates .* while a Trainer's share one rate"):
+        _export(model, [(folder, 1e-2, str(tmp_path / "rates.pt"))])
     swapped = _state(run, 2)
     swapped["param_groups"].reverse()
     torch.save(swapped, tmp_path / "swapped.pt")

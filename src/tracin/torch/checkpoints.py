@@ -328,7 +328,8 @@ class OptimizerState:
     moments silently. Several
     unnamed param groups (a weight-decay split, per-layer learning rates) are refused, their order
     unknown (the refusal says how to add the names to a saved state), except a transformers Trainer's
-    (_trainer_split: two groups, the model a PreTrainedModel or the state beside trainer_state.json):
+    (_trainer_split: two groups of one learning rate, the second not decayed, the state file beside
+    trainer_state.json):
     the trainable parameters the installed Trainer decays, then the rest, each in
     model.named_parameters() order, taken when the group sizes and every position's moment shapes fit.
     Recorded names may carry the prefixes DataParallel and torch.compile add ("module.", "_orig_mod.");
@@ -519,22 +520,28 @@ class OptimizerState:
     def _trainer_split(self, state: Mapping, keys: Sequence[Any]) -> list[str] | str | None:
         """The parameter names of a transformers Trainer's two unnamed groups (Trainer.create_optimizer:
         the trainable parameters in Trainer.get_decay_parameter_names, then the others, each in
-        model.named_parameters() order), when the model is a PreTrainedModel or the state file lies beside
-        trainer_state.json; else None, or why the state does not fit that split (group sizes, or a
-        position whose moments have another shape than its parameter)."""
+        model.named_parameters() order), when the state file lies beside trainer_state.json (a Trainer's
+        checkpoint-N: another optimizer's two groups may fit the sizes and shapes with parameters of one
+        shape permuted); else None, or why the state does not fit that split (the groups' learning rates
+        or no-decay group's weight_decay, group sizes, or a position whose moments have another shape)."""
         groups = state["param_groups"]
         beside = isinstance(self.source, (str, os.PathLike)) and os.path.isfile(
             os.path.join(os.path.dirname(os.path.abspath(self.source)), _TRAINER_STATE)
         )
-        hf = sys.modules.get("transformers")
-        if len(groups) != 2 or not (beside or (hf is not None and isinstance(self.model, hf.PreTrainedModel))):
+        if len(groups) != 2 or not beside:
             return None
+        rates = [g.get("lr") for g in groups]
+        if rates[0] != rates[1] or groups[1].get("weight_decay") != 0.0:
+            return (
+                f"its groups have learning rates {rates[0]} and {rates[1]} and the second weight_decay "
+                f"{groups[1].get('weight_decay')}, while a Trainer's share one rate and do not decay the second"
+            )
         try:
             from transformers import Trainer
 
             # an instance method that reads nothing of the instance: the decay set of the installed version
             decay = set(Trainer.get_decay_parameter_names(None, self.model))
-        except (ImportError, AttributeError, TypeError) as e:
+        except (ImportError, AttributeError, TypeError, RuntimeError) as e:  # transformers 4.x: a RuntimeError
             return f"the installed transformers does not give its Trainer's decay set ({type(e).__name__}: {e})"
         names = [n for n in self.trainable_names if n in decay], [n for n in self.trainable_names if n not in decay]
         sizes = tuple(len(g["params"]) for g in groups)
