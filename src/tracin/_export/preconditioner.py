@@ -154,41 +154,44 @@ class Preconditioned:
 
     def _check_rounding(self, g: np.ndarray, out: np.ndarray, moments: list[AdamMoments], checkpoint: int) -> None:
         """The first block of a checkpoint: warn_rounding (once per export) about the parameters whose gradients
-        are 16-bit (rounding_unit of the coarsest other parameter of its module, its own only when it has none: a
-        cancelling float32 sum leaves few bits too, and under autocast a bias's sum may be float32 of 16-bit
-        terms) and whose estimated rounding noise, amplified by 1 / (sqrt(v_hat) + eps),
-        makes over ROUNDING_SHARE of the preconditioned rows' norm^2 (mean over the block's rows: a row whose
-        16-bit sum came out exact has none). The noise of
-        an entry with gradient is taken as the unit roundoff times the RMS of the row's non-zero gradients over
-        the parameter's module (its name up to the last "/" or "."): an entry that is 0 in exact arithmetic
-        (an attention key's bias) carries the rounding of the terms that cancel there. Entries whose v is 0
-        are left to warn_zero_v. O(block)."""
+        are 16-bit and whose estimated rounding noise, amplified by 1 / (sqrt(v_hat) + eps), makes over
+        ROUNDING_SHARE of the preconditioned rows' norm^2 (mean over the block's rows: a row whose 16-bit sum came
+        out exact has none). A parameter's format is rounding_unit's of the coarsest other parameter of its module
+        (its name up to the last "/" or "."), its own only when it has none: a cancelling float32 sum leaves few
+        bits too, and under autocast a bias may be summed in float32 from 16-bit terms. The noise of an entry with
+        gradient is the unit roundoff times the RMS of the row's non-zero gradients over the module: an entry
+        that is 0 in exact arithmetic (an attention key's bias) carries the rounding of the terms that cancel
+        there. Entries whose v is 0 are left to warn_zero_v. O(block)."""
         total = np.einsum("ij,ij->i", out, out, dtype=np.float64)
         rows = total > 0
         if not rows.any():
             return
-        modules: dict[str, list[slice]] = {}
-        for k, (cols, _) in enumerate(self._state):
-            modules.setdefault(_module(self.names[k] if k < len(self.names) else str(k)), []).append(cols)
+        names = [self.names[k] if k < len(self.names) else str(k) for k in range(len(self._state))]
+        units = [rounding_unit(g[:, cols]) for cols, _ in self._state]
+        modules: dict[str, list[int]] = {}
+        for k, name in enumerate(names):
+            modules.setdefault(_module(name), []).append(k)
+        square = [np.einsum("ij,ij->i", g[:, c], g[:, c], dtype=np.float64) for c, _ in self._state]
+        count = [np.count_nonzero(g[:, c], axis=1) for c, _ in self._state]
         flagged = []
-        for k, (cols, consts) in enumerate(self._state):
-            parts = modules[_module(self.names[k] if k < len(self.names) else str(k))]
-            units = [rounding_unit(g[:, c]) for c in parts if c != cols] or [rounding_unit(g[:, cols])]
-            unit = max((u for u in units if u is not None), default=None)
-            if unit is None:
-                continue
-            square = sum(np.einsum("ij,ij->i", g[:, c], g[:, c], dtype=np.float64) for c in parts)
-            count = sum(np.count_nonzero(g[:, c], axis=1) for c in parts)
-            weight = np.square(np.broadcast_to(np.asarray(consts[0], np.float64), (cols.stop - cols.start,)))
-            weight = np.where(np.asarray(moments[k].v).reshape(-1) > 0, weight, 0.0)
-            noise = (g[:, cols] != 0) @ weight * unit**2 * square / np.maximum(count, 1)
-            share = float(np.mean(noise[rows] / total[rows]))
-            if share > ROUNDING_SHARE:
-                name = repr(self.names[k]) if k < len(self.names) else f"parameter {k} of the row"
-                flagged.append((name, unit, share))
+        for module in modules.values():
+            mean_square = sum(square[j] for j in module) / np.maximum(sum(count[j] for j in module), 1)
+            for k in module:
+                others = [units[j] for j in module if j != k] or [units[k]]
+                unit = max((u for u in others if u is not None), default=None)
+                if unit is None:
+                    continue
+                cols, consts = self._state[k]
+                weight = np.square(np.broadcast_to(np.asarray(consts[0], np.float64), (cols.stop - cols.start,)))
+                weight = np.where(np.asarray(moments[k].v).reshape(-1) > 0, weight, 0.0)
+                noise = (g[:, cols] != 0) @ weight * unit**2 * mean_square
+                share = float(np.mean(noise[rows] / total[rows]))
+                if share > ROUNDING_SHARE:
+                    label = repr(names[k]) if k < len(self.names) else f"parameter {k} of the row"
+                    flagged.append((k, label, unit, share))
         if flagged:
             self._rounding_warned = True
-            warn_rounding(flagged, checkpoint)
+            warn_rounding([f[1:] for f in sorted(flagged)], checkpoint)
 
     def _zero_entries(self, moments: list[AdamMoments], checkpoint: int) -> list[_ZeroV]:
         """The parameters of the row whose v has entries that are exactly 0 (one O(size of v) pass), but for
