@@ -1197,7 +1197,7 @@ def test_jax_export_measures_at_toy_sizes(tmp_path, capsys):
     from benchmarks import jax_export
 
     jax_export.main(["--quick", "--n", "16", "--hidden", "8", "--batch", "8", "--out", str(tmp_path)])
-    record = json.loads((tmp_path / "jax_export_quick.json").read_text())
+    record = json.loads((tmp_path / "jax_export_quick_n16_hidden8_batch8.json").read_text())  # its own record
     assert record["machine"]["tracin"] and record["config"]["n"] == 16 and record["config"]["hidden"] == 8
     assert {"tracin.jax", "torch.func loop"} <= set(record["results"])
     assert _timings_are_medians(record["results"]) == len(record["results"])
