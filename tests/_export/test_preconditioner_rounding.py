@@ -179,3 +179,34 @@ def test_torch_autocast_warning_says_what_adam_does_to_its_rounding(precondition
         _, texts = _torch_export("float32", TINY, preconditioner, "called under torch.autocast")
     assert len(texts) == 1, texts
     assert ("preconditioner='adam' divides it by sqrt(v_hat) + eps" in texts[0]) == (preconditioner == "adam")
+
+
+def test_torch_float32_gradients_that_fit_16_bits_do_not_warn():
+    """A float32 linear model on integer counts with a margin loss (-t * output): its gradients (+-counts, +-1) are
+    exact and fit bfloat16's bits, and the rarely active features' v is tiny; the params are float32: no warning."""
+    torch = pytest.importorskip("torch")
+    from tracin.torch import export_gradients
+
+    rng = np.random.default_rng(3)
+    x = np.zeros((N, D), np.float32)
+    x[:, 0] = rng.integers(1000, 5000, N)  # a large count
+    x[: N // 2, 1:] = rng.integers(0, 2, (N // 2, D - 1))  # 0/1 features
+    t = (rng.integers(0, 2, N) * 2 - 1).astype(np.float32)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(D, 1))
+
+    def margin(out, t):
+        return -t * out.squeeze(-1)
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    margin(model(torch.from_numpy(x)), torch.from_numpy(t)).mean().backward()
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    state["state"][0]["exp_avg_sq"][:, 1:] = TINY  # the 0/1 features, unseen for many steps
+    checkpoints = [(copy.deepcopy(model.state_dict()), 1e-3, state)]
+    data = (torch.from_numpy(x), torch.from_numpy(t))
+    out, messages = _caught(
+        lambda: export_gradients(model, checkpoints, data, margin, preconditioner="adam", batch_size=N, progress=False)
+    )
+    assert (np.asarray(out.matrices[0]) != 0).any()
+    assert messages == []

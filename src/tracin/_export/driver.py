@@ -362,7 +362,8 @@ def _preconditioning(
         return [RankOneAdam(moments, groups, settings, [name for name, _ in framework.params])]
     names = [name for name, _ in framework.params]
     shapes = [shape for _, shape in framework.params]
-    return [Preconditioned(kind, moments, settings, names, shapes)]
+    sixteen_bit = getattr(framework, "sixteen_bit", True)  # an adapter that cannot tell: the gradients' bits
+    return [Preconditioned(kind, moments, settings, names, shapes, sixteen_bit)]
 
 
 def _read_through(framework: Framework, fingerprint: DataFingerprint, progress: bool | None) -> int:

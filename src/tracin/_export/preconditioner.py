@@ -104,8 +104,10 @@ class Preconditioned:
         settings: Mapping[str, Any],
         names: Sequence[str] = (),
         shapes: Sequence[Sequence[int]] = (),
+        sixteen_bit: bool = True,
     ):
         self.kind, self._moments, self.settings = kind, moments, dict(settings)
+        self.sixteen_bit = sixteen_bit  # False: the adapter knows the gradients are float32 (no rounding check)
         self.names, self.shapes = list(names), [tuple(s) for s in shapes]
         self._checkpoint: int | None = None
         self._state: list[tuple[slice, tuple]] = []
@@ -127,7 +129,8 @@ class Preconditioned:
             self._state = self._segments(moments, block.shape[1])
             self._checkpoint = checkpoint
             self._zero_v = self._zero_entries(moments, checkpoint) if self.kind == "adam" else []
-            rounding = moments if self.kind == "adam" and not self._rounding_warned else None
+            check = self.kind == "adam" and self.sixteen_bit and not self._rounding_warned
+            rounding = moments if check else None
         else:
             rounding = None
         if self._zero_v:
@@ -168,6 +171,8 @@ class Preconditioned:
             return
         names = [self.names[k] if k < len(self.names) else str(k) for k in range(len(self._state))]
         units = [rounding_unit(g[:, cols]) for cols, _ in self._state]
+        if all(u is None for u in units):  # float32 gradients throughout: nothing to estimate
+            return
         modules: dict[str, list[int]] = {}
         for k, name in enumerate(names):
             modules.setdefault(_module(name), []).append(k)
@@ -313,6 +318,9 @@ def rounding_unit(g: np.ndarray) -> float | None:
     """The unit roundoff of the 16-bit format that every non-zero entry of float32 `g` fits exactly: 2^-8 for
     bfloat16 (the low 16 bits of each float32 0), 2^-11 for float16 (the low 13), else None (float32, or fewer
     than 8 non-zero entries to tell by: a float32 entry fits by chance with probability 2^-13)."""
+    first = np.ascontiguousarray(g[:1], np.float32).view(np.uint32)
+    if np.bitwise_or.reduce(first & 0x1FFF, axis=None):  # float32 bits in the first row: None, no full pass
+        return None
     bits = np.ascontiguousarray(g, np.float32).view(np.uint32)
     bits = bits[(bits & 0x7FFFFFFF) != 0]
     if bits.size < 8:

@@ -374,6 +374,9 @@ class _TorchExport:
             self.slot_dims: list = [self.compute_rows.width]
             row_elems = self.compute_rows.width
             inplace = self.compute_rows.dtype == torch.float32
+            # gradients in 16 bits (checked by preconditioner="adam"): 16-bit params, or autocast's compute
+            half = (torch.bfloat16, torch.float16)
+            self.sixteen_bit = any(all_params[n].dtype in half for n in names) or bool(active_autocast())
             self.inplace_width = self.compute_rows.width if inplace else None
         else:
             if mode == "last_layer":
