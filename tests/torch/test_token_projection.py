@@ -50,13 +50,16 @@ def token_loss(logits, labels):
     return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
 
 
-def sequences(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded ids (padding 0), labels (-100 on padding) and the true lengths."""
+def sequences(
+    n: int, length: int, seed: int, vocab: int = VOCAB, labels: tuple[int, int] = (0, CLASSES)
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded ids below `vocab` (padding 0), labels in [labels[0], labels[1]) (-100 on padding) and
+    the true lengths."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, length + 1, (n,), generator=g)
     mask = torch.arange(length)[None, :] < lengths[:, None]
-    ids = torch.randint(1, VOCAB, (n, length), generator=g) * mask
-    labels = torch.randint(0, CLASSES, (n, length), generator=g).masked_fill(~mask, -100)
+    ids = torch.randint(1, vocab, (n, length), generator=g) * mask
+    labels = torch.randint(*labels, (n, length), generator=g).masked_fill(~mask, -100)
     return ids, labels, lengths.tolist()
 
 

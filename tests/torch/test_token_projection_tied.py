@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from test_token_projection import projected_reference
+from test_token_projection import sequences as padded_sequences
+from test_token_projection import token_loss as lm_loss
 from torch import nn
 
 import tracin
@@ -38,18 +40,9 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.fc(self.emb(ids))))
 
 
-def lm_loss(logits, labels):
-    return nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
-
-
 def sequences(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Right-padded ids (padding 0), next-token labels (-100 on padding) and the true lengths."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, length + 1, (n,), generator=g)
-    mask = torch.arange(length)[None, :] < lengths[:, None]
-    ids = torch.randint(1, VOCAB, (n, length), generator=g) * mask
-    labels = torch.randint(1, VOCAB, (n, length), generator=g).masked_fill(~mask, -100)
-    return ids, labels, lengths.tolist()
+    return padded_sequences(n, length, seed, vocab=VOCAB, labels=(1, VOCAB))
 
 
 def checkpoints_of(model: nn.Module) -> list[tuple[dict, float]]:
