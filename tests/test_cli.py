@@ -262,6 +262,8 @@ def test_score_csv_carries_ids(stores, tmp_path):
     assert len(rows) == 3 * 2
     best = int(np.argmax(exact_scores(blocks["test"], blocks["train"], weights)[0]))
     assert rows[0]["test_id"] == "test-0" and rows[0]["train_id"] == f"train-{best}"
+    # review221 F1: csv's default \r\n line ends left "24.25\r" in awk's and cut's last column
+    assert b"\r" not in out.read_bytes()
 
 
 def test_self_influence_ranking(stores, tmp_path, capsys):
@@ -270,6 +272,7 @@ def test_self_influence_ranking(stores, tmp_path, capsys):
     assert main(["self-influence", str(paths["train"]), "-o", str(out), "--top", "7"]) == 0
     said = capsys.readouterr()
     assert str(out) in said.err and said.out == ""
+    assert b"\r" not in out.read_bytes()
     rows = list(csv.DictReader(open(out)))
     exact = sum(w * (b.astype(np.float64) ** 2).sum(1) for w, b in zip(weights, blocks["train"], strict=True))
     assert [int(r["train_row"]) for r in rows] == list(np.argsort(-exact)[:7])

@@ -307,7 +307,7 @@ def _write_csv(f: IO[str], header: list[str], rows: Iterator[list], total: int, 
 
     if _is_terminal(f):
         rows = ([printable(x) if isinstance(x, str) else x for x in row] for row in rows)
-    w = csv.writer(f)
+    w = csv.writer(f, lineterminator="\n")  # Unix line ends: shell tools (awk, cut) see no trailing \r
     w.writerow(header)
     bar = progress_bar(total, progress, "tracin writing CSV", unit="row")
     try:
