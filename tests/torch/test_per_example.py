@@ -80,8 +80,34 @@ class InPlace(nn.Module):
 def test_models_vmap_cannot_run_fall_back_with_a_warning_and_stay_exact(cls):
     model = cls()
     x, y = classification_data(9, seed=3)
-    with pytest.warns(RuntimeWarning, match="falling back to a slower per-example loop"):
+    # review222 F1: the loop's warning names the modules it takes (here `scale`, the model's own parameter)
+    with pytest.warns(RuntimeWarning, match="falling back to a slower per-example loop for .*the model itself"):
         g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=4, progress=False)
+    np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
+
+
+class LinearOnSequenceFirst(nn.Module):
+    """A Linear on (T, B, F) activations: the hooks' batch axis is not the examples'."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.transpose(0, 1))).mean(0))
+
+
+def test_hooks_given_up_on_sequence_first_input_say_why():
+    """review222 F2: with T equal to the batch (3) the hooks' check could not run and the warning
+    guessed a layer mixing the batch, dropping the recorded reason (the input's shape)."""
+    model = LinearOnSequenceFirst()
+    x, y = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = export_gradients(model, [(model.state_dict(), 1.0)], (x, y), LOSS, batch_size=3, progress=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert re.search(r"a \(input of shape \(3, (\d), 5\) is not \(batch=\1, \.\.\., 5\)\)", said), said
     np.testing.assert_allclose(g.matrices[0], autograd_rows(model, x, y), rtol=1e-5, atol=1e-6)
 
 

@@ -653,7 +653,8 @@ class PerExampleGradients:
         finally:
             hooks.expanded, hooks.outputs, hooks.losses, hooks.unsummed, hooks.bytes_per_row = kept
         if unusable:
-            return f"the float64 check could not run: layers {_listed(sorted(unusable))} unusable there"
+            why = _listed([f"{m} ({unusable[m]})" for m in sorted(unusable)])
+            return f"the float64 check could not run: the hooks cannot take layers {why} on the checked rows"
         columns = [self.columns[n] for n in hooked]
         pairs = [(out[:, o : o + w], _stacked(reference, k)) for k, (o, w) in enumerate(columns)]
         return None if agrees(pairs, torch.float64) else ""
@@ -706,9 +707,11 @@ class PerExampleGradients:
                 if "saved tensor hooks" in why:  # torch.utils.checkpoint(use_reentrant=False), CPU offloading
                     why += " (the forward saves tensors through hooks: activation checkpointing or offloading)"
                 cannot = "ran out of device memory on a batch" if out_of_memory else "cannot run this model"
+                modules = _listed(list(dict.fromkeys(n.rpartition(".")[0] or "the model itself" for n in names)))
                 warnings.warn(
                     f"torch.func.vmap {cannot} ({type(e).__name__}: {why}); falling back to a slower "
-                    "per-example loop" + (" (about 1 / batch of vmap's memory)" if out_of_memory else ""),
+                    f"per-example loop for {modules} (any warning saying they are computed with vmap is "
+                    "superseded)" + (" (about 1 / batch of vmap's memory)" if out_of_memory else ""),
                     RuntimeWarning,
                     stacklevel=4,
                 )
