@@ -565,6 +565,31 @@ def test_a_plain_dict_with_a_params_entry_keeps_its_other_trainable_entries_or_w
     assert [q["name"] for q in g.metadata["params"]] == ["params/w"]
 
 
+def test_a_train_state_object_as_checkpoint_takes_its_own_optimizer_state(per_example_jax_grad):
+    """The TrainState object itself as the checkpoint (its params exported under 'params/') with its own
+    opt_state (initialised on state.params: paths 'Dense_0/kernel'): the moments are matched under
+    "params/" as for the state restored as a dict, giving the same rows (review219 F1)."""
+    from flax.training import train_state
+
+    loss_fn, variables, x, y = _batchnorm_model(False)
+    state = train_state.TrainState.create(apply_fn=None, params=variables["params"], tx=optax.adam(1e-2))
+    for _ in range(2):
+        grads = jax.grad(lambda p: loss_fn({"params": p}, x, y).mean())(state.params)
+        state = state.apply_gradients(grads=grads)
+
+    def state_loss(s, inputs, labels):
+        return loss_fn({"params": s.params}, inputs, labels)
+
+    with pytest.warns(UserWarning, match=r"Flax TrainState .*leaving out \['opt_state'\]"):
+        g = export_gradients(
+            state_loss, [(state, 0.01, state.opt_state)], (x, y), preconditioner="adam", progress=False
+        )
+    dict_form = ({"params": state.params}, 0.01, state.opt_state)
+    expected = export_gradients(loss_fn, [dict_form], (x, y), preconditioner="adam", progress=False)
+    assert [q["name"] for q in g.metadata["params"]] == [q["name"] for q in expected.metadata["params"]]
+    np.testing.assert_array_equal(np.asarray(g.matrices[0]), np.asarray(expected.matrices[0]))
+
+
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_a_train_state_optimizer_on_variables_params_preconditions_linen_variables(per_example_jax_grad, batch_norm):
     """A TrainState's optax state is initialised on variables["params"] (paths 'Dense_0/kernel') while the
@@ -587,6 +612,12 @@ def test_a_train_state_optimizer_on_variables_params_preconditions_linen_variabl
     np.testing.assert_allclose(
         np.asarray(g.matrices[0], np.float64), expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max()
     )
+    renamed = {**state.params, "Dense_9": state.params["Dense_0"]}
+    del renamed["Dense_0"]
+    other = optax.adam(1e-2).init(renamed)  # one layer differs: named alone, not every other collection's leaf
+    other = (other[0]._replace(count=jnp.asarray(2, jnp.int32)), *other[1:])
+    with pytest.raises(ValueError, match=r"do not: \['params/Dense_9/bias', 'params/Dense_9/kernel'\];"):
+        export_gradients(loss_fn, [(checkpoint[0], 0.01, other)], (x, y), preconditioner="adam", progress=False)
     if batch_norm:  # batch_stats chosen by name: no Adam moments for them, said so
         with pytest.raises(ValueError, match=r"'params' collection, which has no leaf 'batch_stats/BatchNorm_0/mean'"):
             export_gradients(

@@ -204,14 +204,21 @@ class OptimizerState:
         moments tracin would otherwise look up by path and use in part. Moments may hold fewer leaves
         (optax.masked, an Equinox module's non-array fields): moments() names the missing ones used.
         Moments that all lie under "params/" of linen variables (a Mapping holding "params" and other
-        collections, or "params" alone) are taken from there on (`prefix`)."""
+        collections, or "params" alone, or a Flax TrainState's `params` field) are taken from there on
+        (`prefix`); moments most of which lie there are reported by the paths missing there."""
         self.step  # noqa: B018 - validates the step count before any row is computed
         have = set(_by_path(params))
         paths = {name for tree in (self.adam.mu, self.adam.nu) for name in _by_path(tree)}
         extra = sorted(paths - have)
-        linen = isinstance(params, Mapping) and "params" in params
-        if extra and linen and paths and all(f"params/{name}" in have for name in paths):
-            self.prefix, extra = "params/", []
+        linen = (isinstance(params, Mapping) and "params" in params) or isinstance(
+            getattr(params, "params", None), Mapping
+        )  # linen variables, or a TrainState (a dataclass whose "params" field holds them)
+        if extra and linen and paths:
+            missing = sorted(f"params/{name}" for name in paths if f"params/{name}" not in have)
+            if not missing:
+                self.prefix, extra = "params/", []
+            elif len(missing) < len(extra):  # the moments are the "params" collection's, one layer differs
+                extra = missing
         if extra:
             raise ValueError(
                 f"{self.where}: the Adam moments have leaves the params do not: {extra[:5]}"
