@@ -121,6 +121,7 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
             errors[name] = error
             continue
         scores[name], validation[name] = measure(attributions)
+        log(f"  {split.name} LDS {name}: {scores[name]['mean']:.3f} ({seconds[name]:.0f} s)")
     for name, sw in methods.SWEEPS.items():
         t0 = time.perf_counter()
         tried: list[tuple[dict, dict]] = []
@@ -131,6 +132,7 @@ def lds(split: Split, suite: Suite, cache: Path, log: Callable[[str], None]) -> 
                 break
             tried.append(measure(attributions))
         seconds[name] = time.perf_counter() - t0
+        log(f"  {split.name} LDS sweep {name}: {len(tried)}/{len(sw.values)} settings ({seconds[name]:.0f} s)")
         if name in errors:
             continue
         best = max(range(len(tried)), key=lambda i: tried[i][1]["mean"])  # ties: the first (smaller) value

@@ -59,7 +59,7 @@ def subset_models(
         run = train(split.x_train[masks[k]], split.y_train[masks[k]], split.classes, spec, 10_000 + k)
         losses[k] = test_losses(run.model, split.x_test[:n_test], split.y_test[:n_test])
         params.append(torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).numpy())
-        if (k + 1) % 10 == 0:
+        if (k + 1) % 10 == 0 or k + 1 == models:
             log(f"  {split.name}: {k + 1}/{models} subset models")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")

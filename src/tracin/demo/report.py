@@ -168,8 +168,8 @@ def _detection(result: DemoResult, checkpoints: int) -> list[str]:
         *summary_rows(result),
         "",
         f"With {result.flip_rate:.1%} of the labels flipped, inspecting {first:.0%} of the training set can "
-        f"find at most {found[PERFECT]:.1%} of them (the perfect detector: every inspected example a flipped "
-        f"one). TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over {all_checkpoints(checkpoints)} "
+        f"find at most {found[PERFECT]:.1%} of them (the perfect detector: the flipped examples ranked first). "
+        f"TracIn self-influence with the recipe found {found[TRACIN]:.1%} (over {all_checkpoints(checkpoints)} "
         f"{found[TRACIN_ALL]:.1%}), ranking by the final model's loss {found[LOSS]:.1%}, and inspecting at random "
         f"finds {found[RANDOM]:.1%} on average.",
         "",
