@@ -213,7 +213,8 @@ def code_version(root: Path = CHECKOUT) -> dict:
 
 def machine_info() -> dict:
     """What the numbers were measured on, and with which code: code_version() (the commit, and whether
-    tracked files differed from it)."""
+    tracked files differed from it), and how busy the machine was (the 1, 5 and 15 minute load averages
+    when the record is written: the 5 and 15 minute ones span most runs)."""
     import numpy as np
 
     import tracin
@@ -227,6 +228,7 @@ def machine_info() -> dict:
         "tracin": tracin.__version__,
         "tracin_isa": tracin.detect_isa(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average": list(os.getloadavg()),
         **code_version(),
     }
     try:

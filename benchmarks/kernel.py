@@ -482,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json(name, payload, directory=out)
     print(report.markdown(payload))
     print(f"wrote {path} and {', '.join(payload['plots'])}")
+    wrong = [(c["name"], ch["ours"], ch["reference"]) for c in payload["cases"] for ch in c["checks"] if not ch["ok"]]
+    if wrong:  # written first: the figures kept for diagnosis, but never put in a README or passed as a run
+        print(
+            f"{parser.prog}: error: top-k differs from the reference in {len(wrong)} checks: {wrong}",
+            file=sys.stderr,
+        )
+        return 1
     if args.readme:
         report.update_readme(args.readme, payload, os.path.relpath(path, args.readme.parent), block=name)
         print(f"updated {args.readme}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tracin
 from benchmarks import cases, kernel, report, roofline
 from benchmarks.exactness import check_top_k
 from benchmarks.roofline import bound
@@ -1202,6 +1203,43 @@ def test_jax_export_measures_at_toy_sizes(tmp_path, capsys):
     assert {"tracin.jax", "torch.func loop"} <= set(record["results"])
     assert _timings_are_medians(record["results"]) == len(record["results"])
     assert record["influence_rel_diff_vs_torch_func"] < 1e-5
+    assert len(record["machine"]["load_average"]) == 3  # review224 F3: how busy the machine was
+
+
+def test_jax_export_refuses_a_wrong_torch_contender_before_timing(tmp_path, monkeypatch, capsys):
+    # review224 F2: only tracin.jax was checked; tracin.torch's rows were timed and recorded unchecked
+    pytest.importorskip("jax")
+    torch_export = pytest.importorskip("tracin.torch")
+    from benchmarks import jax_export
+
+    exact = torch_export.export_gradients
+
+    def zeros(*args, **kwargs):
+        return tracin.Gradients([np.zeros_like(m) for m in exact(*args, **kwargs).matrices])
+
+    monkeypatch.setattr(torch_export, "export_gradients", zeros)
+    with pytest.raises(SystemExit) as exit_:
+        jax_export.main(["--quick", "--n", "16", "--hidden", "8", "--batch", "8", "--out", str(tmp_path)])
+    assert exit_.value.code == 1 and "tracin.torch's gradients disagree" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_kernel_run_with_a_wrong_top_k_exits_1_and_leaves_the_readme(tmp_path, monkeypatch, capsys):
+    # review224 F1: failed checks were a table cell; the run returned 0 and wrote the README block
+    exact = cases._tracin
+
+    def shifted(*args, **kwargs):
+        run = exact(*args, **kwargs)
+        return lambda: (lambda r: tracin.TopK(r.values, (r.indices + 1) % 4000))(run())
+
+    monkeypatch.setattr(cases, "_tracin", shifted)
+    readme = tmp_path / "README.md"
+    start, end = report._markers("kernel_quick_top10_threads1")
+    readme.write_text(f"x\n{start}\n{end}\n")
+    argv = ["--quick", "--cases", "top10", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    assert kernel.main([*argv, "--out", str(tmp_path), "--readme", str(readme)]) == 1
+    assert "top-k differs from the reference" in capsys.readouterr().err
+    assert readme.read_text() == f"x\n{start}\n{end}\n"
 
 
 def test_transformer_export_measures_at_toy_sizes(tmp_path, capsys):
