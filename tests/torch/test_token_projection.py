@@ -1374,10 +1374,6 @@ def test_under_cpu_bfloat16_autocast_embeddings_are_not_blamed_for_a_use_outside
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", "export_gradients is called under torch.autocast")
-        # the plain segments' batched hooks may be given up for vmap (same rows) on their first-batch check's
-        # bfloat16 rounding: with one torch thread the summation order takes it past the tolerance (a known
-        # false warning of that check under autocast, not the Kronecker segments' warning this test is about)
-        warnings.filterwarnings("ignore", "per-example gradients by batched hooks given up")
         g = export_gradients(
             model, checkpoints, (ids, labels), token_loss, projection=proj, batch_size=4, progress=False
         )
