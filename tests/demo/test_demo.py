@@ -665,6 +665,37 @@ def test_demo_replaces_its_own_stores_and_checkpoints_and_refuses_anyone_elses(t
         run_demo(_small(other), **QUIET)
 
 
+@pytest.mark.parametrize("record", ["fifo", "nested", "huge"])
+def test_a_hostile_record_is_refused_in_one_line_without_hanging(tmp_path, record):
+    """review223 F1: a FIFO as the record hung DemoFiles, deep nesting raised RecursionError, and any size
+    was read whole. Each is now 'not the record' (the FIFO is never opened)."""
+    ledger = tmp_path / LEDGER
+    if record == "fifo":
+        os.mkfifo(ledger)
+    else:
+        ledger.write_text("[" * 100_000 + "]" * 100_000 if record == "nested" else " " * (2 << 20) + "{}")
+    with pytest.raises(ValueError, match="is not the record tracin demo keeps of its files"):
+        DemoFiles(tmp_path)
+
+
+def test_a_recorded_path_turned_into_a_fifo_or_a_link_is_not_read(tmp_path):
+    """review223 F2: clear() hashed recorded paths with read_bytes: a FIFO as report.md hung the rerun, a
+    store manifest linked to /dev/zero filled the memory. Neither is opened now: both are refused."""
+    report, store = tmp_path / "report.md", tmp_path / "grads" / "train"
+    with DemoFiles(tmp_path) as files:
+        files.put(report, lambda p: p.write_text("old"))
+        files.store(store, _own_store)
+    report.unlink()
+    os.mkfifo(report)
+    (store / "manifest.json").unlink()
+    (store / "manifest.json").symlink_to("/dev/zero")
+    with DemoFiles(tmp_path) as files:
+        with pytest.raises(ValueError, match="report.md"):
+            files.clear([report])
+        with pytest.raises(ValueError, match="train"):
+            files.clear([store])
+
+
 def test_the_leftovers_of_an_interrupted_demo_run_are_its_own(tmp_path):
     store, checkpoint = tmp_path / "grads" / "train", tmp_path / "checkpoints" / "checkpoint_0001.pt"
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..store._files import read_manifest
+from ..store._files import open_file, read_all, read_manifest, read_manifest_bytes
 from ..store._format import IDS_FILE, MANIFEST
 
 try:
@@ -54,6 +54,7 @@ _LEFTOVER_KEY = re.compile(
     )
 )
 _SHA256 = re.compile("[0-9a-f]{64}")
+_MAX_RECORD_BYTES = 1 << 20  # a record names a few dozen paths (~100 bytes each): a bigger file is not one
 # flock errors that mean "no locks on this file system" (some network ones): the demo then runs unlocked
 _NO_LOCKS = {errno.ENOLCK, errno.EBADF, errno.EINVAL, getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
 
@@ -95,13 +96,16 @@ class DemoFiles:
             self._lock = None
 
     def _load(self) -> dict[str, str | None]:
-        try:
-            if self.path.is_symlink():
-                raise TypeError
-            entries = json.loads(self.path.read_text())["files"]
+        try:  # a regular file (never a link or FIFO, which could hang the read), read to a bound
+            fd = open_file(self.path)
+            try:
+                data = read_all(fd, _MAX_RECORD_BYTES, self.path)
+            finally:
+                os.close(fd)
+            entries = json.loads(data)["files"]
             if not isinstance(entries, dict):
                 raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: deeply nested
             raise ValueError(self._not_a_record("")) from None
         for key, digest in entries.items():
             if digest is None:
@@ -294,9 +298,19 @@ def _strays(store: Path) -> list[str]:
 
 
 def _digest(path: Path) -> str | None:
-    """SHA-256 of a store's manifest (a folder) or of a file; None if there is neither."""
-    source = path / MANIFEST if path.is_dir() else path
+    """SHA-256 of a store's manifest (a folder) or of a file; None if there is neither, or it is not a
+    regular file (a link, FIFO or device is never opened: a FIFO would hang the read, /dev/zero fill the
+    memory) or a manifest beyond the store's bound. A file is hashed a piece at a time."""
     try:
-        return hashlib.sha256(source.read_bytes()).hexdigest()
-    except OSError:
+        if path.is_dir():
+            return hashlib.sha256(read_manifest_bytes(path)).hexdigest()
+        fd = open_file(path)
+        try:
+            h = hashlib.sha256()
+            while piece := os.read(fd, 1 << 20):
+                h.update(piece)
+            return h.hexdigest()
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
         return None
