@@ -983,6 +983,12 @@ def test_gradients_over_different_segment_layouts_are_refused(rng):
         tracin.scores(
             tracin.Gradients(a, metadata={"projection": plain}), tracin.Gradients(b, metadata={"projection": kron})
         )
+    torch_side = {"framework": "torch", "projection": kron}  # review229 F2: not a version difference
+    with pytest.raises(ValueError, match=r"exported by tracin.jax and tracin.torch \(tracin.torch projects"):
+        tracin.scores(
+            tracin.Gradients(a, metadata={"framework": "jax", "projection": plain}),
+            tracin.Gradients(b, metadata=torch_side),
+        )
     old_form = {**spec, "segments": [{"rows": 3, "cols": 2}, 4]}  # a dict without its defaults: the same layout
     same = tracin.scores(
         tracin.Gradients(a, metadata={"projection": old_form}), tracin.Gradients(b, metadata={"projection": kron})

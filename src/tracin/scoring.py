@@ -153,7 +153,9 @@ def _layout(spec: Any) -> list | None:
     return [normal(s) if isinstance(s, dict) else s for s in segments]
 
 
-def _check_same_layout(test: Any, train: Any, names: tuple[str, str]) -> None:
+def _check_same_layout(
+    test: Any, train: Any, names: tuple[str, str], frameworks: tuple[Any, Any] = (None, None)
+) -> None:
     """Refuses two sides projected by one Projection over different segment layouts: each segment has its
     own random matrices (a Kronecker segment P_rows G P_cols^T, a plain one P g), so rows of two layouts
     are not comparable though their parameters are the same (a weight tied between an embedding and a
@@ -167,7 +169,13 @@ def _check_same_layout(test: Any, train: Any, names: tuple[str, str]) -> None:
         f"projection mismatch: {_gradients(names[0])} and {_gradients(names[1])} are projected over different "
         f"segment layouts (metadata['projection']['segments'], {len(layouts[0])} and {len(layouts[1])} "
         f"segments; segment {j}: {shown[0]} in {names[0]}, {shown[1]} in {names[1]}), their rows are not "
-        "comparable: exported by different tracin versions? Export both sides with this one"
+        "comparable: "
+        + (
+            f"exported by tracin.{frameworks[0]} and tracin.{frameworks[1]} (tracin.torch projects an nn.Linear's bias "
+            "as its weight's last column, tracin.jax projects biases flat): export both sides with one framework"
+            if None not in frameworks and frameworks[0] != frameworks[1]
+            else "exported by different tracin versions? Export both sides with this one"
+        )
     )
 
 
@@ -189,6 +197,22 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
     if "mode" in t and "mode" in x and t["mode"] != x["mode"]:
         raise ValueError(f"{first} are mode={short(t['mode'])} but {second} are mode={short(x['mode'])}")
     _check_same_preconditioner(t, x, names)
+    if (
+        t.get("framework") is not None
+        and x.get("framework") is not None
+        and t["framework"] != x["framework"]
+        and "params" in t
+        and "params" in x
+        and [p["shape"] for p in t["params"]] != [p["shape"] for p in x["params"]]
+    ):  # names differ across frameworks, but the rows' layout (the shapes in order) must be the same
+        raise ValueError(
+            f"{names[0]} ({short(t['framework'])}) and {names[1]} ({short(x['framework'])}) lay out their rows "
+            f"differently: parameter shapes {short([p['shape'] for p in t['params']])} vs "
+            f"{short([p['shape'] for p in x['params']])} ({_param_names(t['params'])} vs {_param_names(x['params'])}); "
+            "tracin.jax concatenates leaves in tracin.jax.PARAM_ORDER (dict keys sorted), tracin.torch in "
+            "named_parameters() order: give the JAX params in the torch module's order and orientation (e.g. a "
+            "list of (weight (out, in), bias) pairs), or export both sides with one framework"
+        )
     if "projection" in t and "projection" in x and t["projection"] != x["projection"]:
         specs = {}
         for name, side, m in zip(names, (test, train), (t, x), strict=True):
@@ -198,7 +222,7 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
             :: 1 if x["projection"] is not None else -1
         ]
         specs[projected_name].check_compatible(other["projection"], what=other_name, this=projected_name)
-        _check_same_layout(t["projection"], x["projection"], names)
+        _check_same_layout(t["projection"], x["projection"], names, (t.get("framework"), x.get("framework")))
     if "whitening" in t and "whitening" in x:
         raise ValueError(
             f"{names[0]} and {names[1]} are both whitened (metadata['whitening']); whiten only the test side "

@@ -327,3 +327,27 @@ def test_bias_free_last_layer_matches_tracin_torch(mlp, split, kernel_layout):
             tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
             tracin.top_k(torch_test, torch_train, k=5, side=side).indices,
         )
+
+
+def test_torch_and_jax_sides_score_together_only_when_their_rows_are_laid_out_alike(mlp, split):
+    """review229 F1: a tracin.torch side scored against a tracin.jax side of another parameter layout (dict
+    keys sorted, kernels (in, out)) gave silently wrong scores; now refused naming both layouts. JAX params
+    in torch's order and orientation score as torch against torch does."""
+    import tracin.torch
+
+    (xtr, ytr), (xte, yte) = split
+    states = [{k: v.detach().clone() for k, v in _torch_model(w).state_dict().items()} for w in mlp.weights]
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    data = (torch.as_tensor(xte), torch.as_tensor(yte))
+    torch_test = tracin.torch.export_gradients(
+        _torch_model(mlp.weights[0]), list(zip(states, mlp.lrs, strict=True)), data, ce, progress=False
+    )
+    dict_train = export_gradients(mlp.loss_fn, list(zip(mlp.params, mlp.lrs, strict=True)), (xtr, ytr), progress=False)
+    with pytest.raises(ValueError, match=r"\('torch'\) and train \('jax'\) lay out their rows differently"):
+        tracin.scores(torch_test, dict_train)
+    aligned = [_torch_layout_params(w) for w in mlp.weights]
+    train = export_gradients(
+        _torch_layout_loss(mlp), list(zip(aligned, mlp.lrs, strict=True)), (xtr, ytr), progress=False
+    )
+    ref_train = [torch_rows(w, xtr, ytr, ["0.weight", "0.bias", "2.weight", "2.bias"]) for w in mlp.weights]
+    assert_close_to_exact(tracin.scores(torch_test, train), list(torch_test.matrices), ref_train, mlp.lrs)
