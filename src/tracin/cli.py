@@ -895,7 +895,8 @@ def _scoring_options(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=thread_count,
         default=None,
-        help="kernel threads (default: all cores; with --scheduler, per task: each host's cores shared)",
+        help="kernel threads (default: every CPU this process may run on; with --scheduler, per task: each host's "
+        "cores shared)",
     )
     p.add_argument(
         "--scheduler",
@@ -1027,7 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=thread_count,
         default=None,
-        help="tracin's threads (default: all cores); NumPy's BLAS keeps its own (OPENBLAS_NUM_THREADS)",
+        help="tracin's threads (default: every CPU this process may run on); NumPy's BLAS keeps its own "
+        "(OPENBLAS_NUM_THREADS)",
     )
 
     from .demo.training import DEFAULT_CHECKPOINTS, MAX_EPOCHS  # NumPy only: the demo extra is imported by cmd_demo

@@ -261,7 +261,8 @@ class Gradients(_InMemory):
     matrices: a 2-D array or a sequence of them (NumPy, np.memmap, torch tensors on the CPU or a
         GPU, JAX / CuPy arrays)
         in float32, float16 or bfloat16; d_c may differ between checkpoints. Views, not copies.
-    weights: one learning-rate weight w_c per checkpoint (float64); default 1 each. Signed weights are
+    weights: one learning-rate weight w_c per checkpoint (float64); default 1 each, taking the other side's weights
+        when scored against a set given weights (weights given on both sides must be equal). Signed weights are
         taken as given (unlike the torch / jax exports, which refuse a negative learning rate): a negative
         one flips its checkpoint's contribution, and with it the self-influence ranking.
     metadata: free-form provenance (layers, projection, ...), kept with the set.
