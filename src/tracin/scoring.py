@@ -954,7 +954,7 @@ def top_k(
     8 rows of full depth: 32 bytes per column, 512 MiB at 2^24 columns, 64 GiB at 2^31. Rows that
     wide fail with a MemoryError saying so: project them first (tracin.Projection). For k > 64,
     top_k also keeps 16-byte candidates per test row of a pass, thread and side: room for
-    min(1.25 n / threads, c) of them over n train rows, c = min(2k, n) (doubling, up to c, when a
+    min(1.25 n / threads, c) of them over n train rows, c = max(k + 1, min(2k, n)) (doubling, up to c, when a
     thread gets more than its share); a pass takes fewer test rows where threads x sides x rows x c x
     16 B would pass 64 MiB, so they stay within that at capacity unless one row's are more: 15 MiB a
     thread and side at k=5e5, n=1e6. The peak is up to twice that, 128 MiB: a buffer being doubled
