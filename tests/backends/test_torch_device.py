@@ -1375,3 +1375,53 @@ def test_blocks_wider_than_the_sum_depth_are_summed_in_slices(rng, small_tiles, 
     got = tracin.top_k(t, x, k=5, side="both", device="torch:cpu", normalize=normalize)
     np.testing.assert_array_equal(got.proponents.indices, stable_top_k(exact, 5, -1))
     np.testing.assert_array_equal(got.opponents.indices, stable_top_k(exact, 5, 1))
+
+
+@pytest.mark.parametrize("kind", ["wide", "factored", "cosine"])
+def test_a_callers_autocast_does_not_reach_the_backends_products(rng, kind):
+    """review231 F1: under a caller's torch.autocast, torch.mm ran in bfloat16 (float16 on CUDA): wide
+    blocks 20x the bound off, factored and cosine scores a TypeError. Every call equals the one outside."""
+    m, n = 6, 40
+    if kind == "factored":
+        test = tracin.FactoredGradients(
+            [rng.standard_normal((m, 16)).astype(np.float32)], [rng.standard_normal((m, 8)).astype(np.float32)]
+        )
+        train = tracin.FactoredGradients(
+            [rng.standard_normal((n, 16)).astype(np.float32)], [rng.standard_normal((n, 8)).astype(np.float32)]
+        )
+    else:
+        d = 3000 if kind == "wide" else 64  # wide: past DEVICE_SUM_DEPTH, summed by torch.mm in slices
+        test, train = (rng.standard_normal((r, d)).astype(np.float32) for r in (m, n))
+    options = dict(device="torch:cpu", normalize=kind == "cosine")
+    calls = {
+        "scores": lambda: tracin.scores(test, train, **options),
+        "top_k": lambda: tracin.top_k(test, train, k=5, side="both", **options),
+        "aggregate": lambda: tracin.aggregate(test, train, **options),
+    }
+    for name, call in calls.items():
+        outside = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = call()
+        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (outside, inside)), strict=True):
+            for field in ("values", "indices") if hasattr(a, "indices") else (None,):
+                got, want = (b, a) if field is None else (getattr(b, field), getattr(a, field))
+                np.testing.assert_array_equal(got, want, err_msg=f"{kind} {name} {field}")
+
+
+def test_host_buffers_stay_on_the_host_under_a_default_device(rng):
+    """review231 F2: host staging buffers followed torch.set_default_device (on CUDA: pinned memory asked
+    of the GPU); under a 'meta' default every call failed copying from meta. Each now gives float64's."""
+    test, train = rng.standard_normal((4, 32)).astype(np.float32), rng.standard_normal((100, 32)).astype(np.float32)
+    exact = test.astype(np.float64) @ train.T.astype(np.float64)
+    torch.set_default_device("meta")
+    try:
+        scores = tracin.scores(test, train, device="torch:cpu")
+        top = tracin.top_k(test, train, k=3, device="torch:cpu")
+        total = tracin.aggregate(test, train, device="torch:cpu")
+        own = tracin.self_influence(train, device="torch:cpu")
+    finally:
+        torch.set_default_device(None)
+    np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    np.testing.assert_array_equal(top.indices, stable_top_k(exact, 3, -1))
+    np.testing.assert_allclose(total, exact.sum(0), rtol=1e-5, atol=1e-5 * np.abs(exact).sum(0).max())
+    np.testing.assert_allclose(own, (train.astype(np.float64) ** 2).sum(1), rtol=1e-5)

@@ -84,7 +84,8 @@ class _Staging:
         self.host, self.dev, self.copied, self.consumed = [], [], [], []
         for _ in range(2):
             shapes = [(rows, columns, _HOST_DTYPES[code]) for _, columns, code in layout]
-            self.host.append([torch.empty(r, c, dtype=t, pin_memory=self.cuda) for r, c, t in shapes])
+            # device="cpu": host memory whatever torch.set_default_device says
+            self.host.append([torch.empty(r, c, dtype=t, device="cpu", pin_memory=self.cuda) for r, c, t in shapes])
             # on a CPU device the host buffers are the device's: one copy of each tile, not two
             dev = [torch.empty(r, c, dtype=t, device=device) for r, c, t in shapes] if self.cuda else self.host[-1]
             self.dev.append(dev)

@@ -202,7 +202,7 @@ def _host_flag(flag: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | Non
     waiting and the event recorded after the copy on the current stream (valid once it is reached)."""
     if flag.device.type != "cuda":
         return flag, None
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host = torch.empty((), dtype=torch.bool, device="cpu", pin_memory=True)
     host.copy_(flag, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(flag.device))

@@ -178,7 +178,7 @@ class TorchBackend:
                 if train.factored:
                     norms = [a * b for a, b in zip(norms[0::2], norms[1::2], strict=True)]
                 parts.append(sum(w * n for w, n in zip(weights, norms, strict=True)))
-            total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            total = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=self.device)
             out = total.float().cpu().numpy()
         if not np.all(np.isfinite(out)):
             raise ValueError(_self_influence_overflow(out))
@@ -519,7 +519,7 @@ def _read(
             if not device.is_cuda:
                 torch.from_numpy(host[t0:t1]).copy_(device)
                 continue
-            pinned = torch.empty(device.shape, dtype=device.dtype, pin_memory=True)
+            pinned = torch.empty(device.shape, dtype=device.dtype, device="cpu", pin_memory=True)
             staged.append((host[t0:t1], pinned.copy_(device, non_blocking=True), device.device))
     if staged:
         torch.cuda.current_stream(staged[0][2]).synchronize()
@@ -966,13 +966,14 @@ own global; re-entrant for nested calls."""
 
 @contextlib.contextmanager
 def _device_scope(device: torch.device, tf32: bool) -> Iterator[None]:
-    """On a CUDA device: it is the current device, and float32 GEMMs use TF32 or not as asked
-    (_matmul_precision); nothing to set for CPU tensors."""
-    if device.type != "cuda":
-        yield
-        return
-    with _matmul_precision(tf32), torch.cuda.device(device):
-        yield
+    """A caller's torch.autocast is off (it would run torch.mm in float16 / bfloat16); on a CUDA device:
+    it is the current device, and float32 GEMMs use TF32 or not as asked (_matmul_precision)."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        with _matmul_precision(tf32), torch.cuda.device(device):
+            yield
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ class HostCopier:
 
     def copy(self, source: torch.Tensor) -> torch.Tensor:
         """A new host tensor equal to `source` (any shape and dtype, on any device)."""
-        out = torch.empty(source.shape, dtype=source.dtype)
+        out = torch.empty(source.shape, dtype=source.dtype, device="cpu")
         self.into(out, source)
         return out
 
@@ -56,5 +56,6 @@ class HostCopier:
         nbytes = piece.numel() * piece.element_size()  # at most piece_bytes, or one element
         if self._staging is None or self._staging.numel() < nbytes:
             self._staging = None  # the old buffer goes back before the new one is taken
-            self._staging = torch.empty(max(nbytes, self.piece_bytes), dtype=torch.uint8, pin_memory=self.pinned)
+            size = max(nbytes, self.piece_bytes)
+            self._staging = torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=self.pinned)
         return self._staging[:nbytes].view(piece.dtype)
