@@ -13,9 +13,10 @@ is given the export's words: word_low_precision). The writes of one batch go ins
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -252,16 +253,19 @@ class StoreSink:
 
     def write(self, checkpoint: int, start: int, block: Block) -> None:
         try:
-            self._writer.write(checkpoint, start, block)
+            with _resumable_when_full():
+                self._writer.write(checkpoint, start, block)
         except BeyondRangeError as err:
             raise beyond_range(err, checkpoint, start, self._writer.path, self.slots) from None
         except NonFiniteError as err:
             raise nonfinite_rows(err, checkpoint, self._writer.path, self.slots) from None
 
-    def batch(self) -> AbstractContextManager[None]:
+    @contextmanager
+    def batch(self) -> Iterator[None]:
         """Writes of one batch, of every slot: the store records their rows once, on leaving, after
         each block's data is synced (writer.recording_once), not once per slot."""
-        return self._writer.recording_once()
+        with _resumable_when_full(), self._writer.recording_once():
+            yield
 
     def close(self) -> None:
         """Releases the store (and its lock); the rows written so far stay for a resume."""
@@ -273,4 +277,25 @@ class StoreSink:
         if self._ranged:
             self._writer.close()
             return None
-        return self._writer.finalize()
+        with _resumable_when_full():
+            return self._writer.finalize()
+
+
+# what the OS says when the disk (or the user's quota) has no room left
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+RESUMES_WHEN_FULL = (
+    "the rows recorded so far are kept: free space on that disk (or quota), then rerun the same export call, "
+    "which resumes where it stopped"
+)
+
+
+@contextmanager
+def _resumable_when_full() -> Iterator[None]:
+    """Re-raises an OSError of a full disk or quota met writing the store's rows or their record (the
+    writer's, naming the file) saying that the rows recorded so far are kept and how to resume."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL or RESUMES_WHEN_FULL in (e.strerror or ""):  # said once (a write in a batch)
+            raise
+        raise type(e)(e.errno, f"{e.strerror or 'error'}; {RESUMES_WHEN_FULL}", e.filename) from e

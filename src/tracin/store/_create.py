@@ -9,12 +9,14 @@ import math
 import numbers
 import os
 import stat
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._caller import user_stacklevel
 from .._validate import flag, positive_int
 from ..gradients import GradientSet, _weights
 from ._files import (
@@ -96,6 +98,8 @@ def create(
     except BaseException:
         lock.release()
         raise
+    if files is not None:
+        _warn_short_of_space(root, manifest)
     return GradientStoreWriter(root, manifest, lock, files, open_store)
 
 
@@ -198,12 +202,28 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 def _too_big(e: OSError, wanted: Manifest, d: int) -> str:
     """The text of EFBIG met making a data file of n_rows x d values: the size asked, and what to do."""
     size = npy_size(DISK_DTYPES[wanted.dtype], (wanted.n_rows, d))
+    limit = _file_size_limit()
+    cause = (
+        f"this process's file size limit (RLIMIT_FSIZE, ulimit -f) is {limit} bytes: raise it (ulimit -f unlimited), "
+        "split the rows between stores or project the gradients (a smaller dim)"
+        if limit is not None and limit < size
+        else "the file system refuses files that large: split the rows between stores, project the "
+        "gradients (a smaller dim) or use another file system"
+    )
     return (
         f"{e.strerror or 'error'} (a data file of {size} bytes: n_rows={wanted.n_rows} x {d} {wanted.dtype} "
-        "values); the file system refuses files that large: split the rows between stores, project the "
-        "gradients (a smaller dim) or use another file system. The folder holds an interrupted create, which "
-        "the next create replaces"
+        f"values); {cause}. The folder holds an interrupted create, which the next create replaces"
     )
+
+
+def _file_size_limit() -> int | None:
+    """The process's soft RLIMIT_FSIZE in bytes (None: unlimited, or not known on this platform)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _disk_full(e: OSError, root: Path, wanted: Manifest, ids: np.ndarray | None) -> str:
@@ -257,6 +277,43 @@ def _bytes_held(root: Path) -> int:
         except (OSError, AttributeError):
             pass
     return held
+
+
+def bytes_to_write(manifest: Manifest) -> int:
+    """The bytes of the rows of `manifest` not recorded as written yet (data files are made sparse:
+    these are the bytes the disk still has to find room for)."""
+    itemsize = DISK_DTYPES[manifest.dtype].itemsize
+    need = 0
+    for dims, written in zip(manifest.dims, manifest.written, strict=True):
+        missing = manifest.n_rows - sum(stop - start for start, stop in written)
+        need += missing * sum(dims) * itemsize
+    return need
+
+
+def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
+    """A UserWarning when the file system holding `root` has fewer bytes free (statvfs) than the rows
+    still to be written take: a warning, not an error, as space may be freed meanwhile and some file
+    systems report their free space oddly. Nothing where there is no statvfs (Windows) or it fails."""
+    statvfs = getattr(os, "statvfs", None)
+    if statvfs is None:
+        return
+    need = bytes_to_write(manifest)
+    try:
+        fs = statvfs(root)
+    except OSError:
+        return
+    free = fs.f_bavail * fs.f_frsize
+    if need <= free:
+        return
+    warnings.warn(
+        f"gradient store {root}: its rows still to be written take {need} bytes, but its file system has "
+        f"{free} bytes free (the data files are made sparse, so writes fail once the disk is full); free space "
+        "on that disk, or use another one. A write that fails for lack of space keeps the rows recorded before "
+        "it: rerunning the same call (the export, or GradientStore.create with the same arguments) resumes "
+        "where it stopped",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _refuse_directory(path: Path) -> None:
