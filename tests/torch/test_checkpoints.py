@@ -212,8 +212,9 @@ def test_unsafe_pickles_are_refused_by_weights_only(setup, tmp_path):
         (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n", "git lfs pull"),
         (b"\x93NUMPY\x01\x00v\x00{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }", "NumPy .npy"),
         (b"not a checkpoint", "starts with b'not a checkpoint'"),
+        (b"junk", "starts with b'junk'"),  # torch's unpickler raised struct.error on 'j' (a 4-byte opcode)
     ],
-    ids=["lfs-pointer", "npy", "text"],
+    ids=["lfs-pointer", "npy", "text", "short-text"],
 )
 def test_a_file_that_is_no_torch_save_file_is_named_so(setup, tmp_path, content, hint):
     model, _, data = setup
@@ -1408,3 +1409,25 @@ def test_an_optimizer_state_file_saved_again_between_its_digest_and_its_read_is_
     fresh = OptimizerState(path, 0, model)
     fresh.digest()
     assert fresh._load()["state"]  # unchanged since its digest: read
+
+
+def test_an_optimizer_state_beside_the_model_in_one_general_checkpoint_file_is_found(setup, tmp_path):
+    """torch.save({"model_state_dict": ..., "optimizer_state_dict": ..., "epoch": ...}) (PyTorch's general
+    checkpoint recipe) given as both the weights and the optimizer state: the same rows as the two apart."""
+    model, _, data = setup
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        LOSS(model(data[0]), data[1]).sum().backward()
+        optimizer.step()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path = tmp_path / "general.pt"
+    torch.save({"model_state_dict": weights, "optimizer_state_dict": optimizer.state_dict(), "epoch": 3}, path)
+    together = export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")
+    apart = export_gradients(
+        model, [(weights, 1e-2, optimizer.state_dict())], data, LOSS, progress=False, preconditioner="adam"
+    )
+    np.testing.assert_array_equal(together.matrices[0], apart.matrices[0])
+    torch.save({"model": weights, "epoch": 3}, path)
+    with pytest.raises(ValueError, match=r"nor a dict holding one under 'optimizer'.*its keys: \['epoch', 'model'\]"):
+        export_gradients(model, [(path, 1e-2, path)], data, LOSS, progress=False, preconditioner="adam")

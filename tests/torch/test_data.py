@@ -1072,3 +1072,10 @@ def test_a_setting_given_to_the_model_instead_exports_what_dividing_the_logits_g
     examples = [({"x": torch.from_numpy(_X5[i : i + 1])}, torch.from_numpy(_Y3[i : i + 1])) for i in range(6)]
     want = _float64_rows(model, examples, nn.CrossEntropyLoss(reduction="none"))
     np.testing.assert_allclose(got.matrices[0], want, rtol=1e-5, atol=1e-7)
+
+
+def test_inputs_of_other_batch_sizes_are_named_by_their_keys():
+    """A (1, T) position_ids beside (B, T) input_ids: the refusal names each key's shape and says size 1 is not
+    broadcast."""
+    with pytest.raises(ValueError, match=r"input_ids: \(6, 7\), position_ids: \(1, 7\).*not broadcast"):
+        batch_rows({"input_ids": torch.zeros(6, 7), "position_ids": torch.zeros(1, 7)}, "inputs")

@@ -452,6 +452,7 @@ class OptimizerState:
                 "inode differ from when it was fingerprinted): the rows would not be those of the fingerprinted "
                 "optimizer state; export again"
             )
+        state = _nested_optimizer(state)
         _check_optimizer_dict(state, self.located)
         return state
 
@@ -704,6 +705,19 @@ def _strip(name: str, known: set[str]) -> str:
     return name
 
 
+# where a general checkpoint file keeps the optimizer beside the model ({"model": ..., "optimizer": ...})
+_NESTED_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim")
+
+
+def _nested_optimizer(state: Any) -> Any:
+    """The optimizer.state_dict() a general checkpoint file holds under _NESTED_OPTIMIZER_KEYS, else `state`."""
+    if isinstance(state, Mapping) and "param_groups" not in state:
+        for key in _NESTED_OPTIMIZER_KEYS:
+            if isinstance(state.get(key), Mapping) and "param_groups" in state[key]:
+                return state[key]
+    return state
+
+
 def _check_optimizer_dict(state: Any, where: str) -> None:
     """ValueError unless `state` looks like an optimizer.state_dict(): "state" and "param_groups"."""
     if (
@@ -712,7 +726,11 @@ def _check_optimizer_dict(state: Any, where: str) -> None:
         or not isinstance(state.get("param_groups"), (list, tuple))
         or not all(isinstance(g, Mapping) and "params" in g for g in state["param_groups"])
     ):
-        raise ValueError(f"{where} is not an optimizer.state_dict() (a dict with 'state' and 'param_groups')")
+        keys = f"; its keys: {sorted(map(str, state))[:10]}" if isinstance(state, Mapping) else ""
+        raise ValueError(
+            f"{where} is not an optimizer.state_dict() (a dict with 'state' and 'param_groups'), nor a dict holding "
+            f"one under {', '.join(map(repr, _NESTED_OPTIMIZER_KEYS))}{keys}"
+        )
     for g in state["param_groups"]:
         if "betas" not in g or "eps" not in g:
             raise ValueError(f"{where} is not the state of an Adam-type optimizer (a param group lacks betas / eps)")
@@ -1608,7 +1626,7 @@ def _read_file(path: str | os.PathLike, device: Any, name: str, missing: str, sn
         except pickle.UnpicklingError as e:
             f.seek(0)
             raise ValueError(_refused(e, name, path, f.read(512))) from None
-        except (KeyError, IndexError) as e:  # torch's unpickler on bytes no pickle starts with (text: 'h', 'a')
+        except (KeyError, IndexError, struct.error) as e:  # torch's unpickler on bytes no pickle starts with ('h', 'j')
             f.seek(0)
             head = f.read(512)
             if not _torch_head(head):

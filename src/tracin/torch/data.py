@@ -101,7 +101,11 @@ def batch_rows(tree: Tree, name: str) -> int:
     sizes = {t.shape[0] if t.dim() else None for t in leaves}
     if None in sizes or len(sizes) != 1:
         shapes = [tuple(t.shape) for t in leaves]
-        raise ValueError(f"every tensor in {name} must share the batch dimension 0; got shapes {shapes}")
+        # a dict of tensors (not nested): name each key's shape
+        keyed = isinstance(tree, Mapping) and [id(v) for v in tree.values()] == [id(t) for t in leaves]
+        named = f" ({', '.join(f'{k}: {s}' for k, s in zip(tree, shapes, strict=True))})" if keyed else ""
+        hint = " (a size 1 is not broadcast: repeat such a tensor per row, t.expand(rows, ...))" if 1 in sizes else ""
+        raise ValueError(f"every tensor in {name} must share the batch dimension 0; got shapes {shapes}{named}{hint}")
     return sizes.pop()
 
 
