@@ -279,7 +279,7 @@ def _bytes_held(root: Path) -> int:
     return held
 
 
-def bytes_to_write(manifest: Manifest) -> int:
+def _bytes_to_write(manifest: Manifest) -> int:
     """The bytes of the rows of `manifest` not recorded as written yet (data files are made sparse:
     these are the bytes the disk still has to find room for)."""
     itemsize = DISK_DTYPES[manifest.dtype].itemsize
@@ -297,7 +297,7 @@ def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
     statvfs = getattr(os, "statvfs", None)
     if statvfs is None:
         return
-    need = bytes_to_write(manifest)
+    need = _bytes_to_write(manifest)
     try:
         fs = statvfs(root)
     except OSError:
