@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import errno
+import importlib.metadata
 import inspect
 import io
 import os
@@ -1188,6 +1189,8 @@ def test_version_names_the_package_version_and_the_kernel_instruction_set():
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"tracin {tracin.__version__} (kernel: {tracin.detect_isa()})\n"
     assert tracin.detect_isa() in ("avx512", "avx2", "generic")
+    # review237 F2: one version, src/tracin/__init__.py's, which the wheel's metadata is built from
+    assert importlib.metadata.version("tracin") == tracin.__version__
 
 
 def test_help_shows_every_default_and_no_internal_references(monkeypatch):
