@@ -1567,3 +1567,16 @@ def test_recorded_parameter_names_are_quoted_short_in_errors(rng):
         with pytest.raises(ValueError, match="different parameters") as refused:
             tracin.scores(odd, plain)
         assert str(refused.value).endswith(shown) and len(str(refused.value)) < 1000, str(refused.value)[:300]
+
+
+def test_metadata_params_of_the_users_own_without_shapes_are_not_compared_across_frameworks(rng):
+    """metadata['params'] entries need a 'name' only (store._format.metadata_problem): a user's sets of two
+    frameworks whose entries record no 'shape' are scored as sets without them (the layout check was a KeyError)."""
+    a, b = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((5, 4)).astype(np.float32)
+    own = [{"name": "w"}]
+    got = tracin.scores(
+        tracin.Gradients(a, metadata={"framework": "jax", "params": own}),
+        tracin.Gradients(b, metadata={"framework": "torch", "params": own}),
+    )
+    want = a.astype(np.float64) @ b.T.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

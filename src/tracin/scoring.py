@@ -153,6 +153,14 @@ def _layout(spec: Any) -> list | None:
     return [normal(s) if isinstance(s, dict) else s for s in segments]
 
 
+def _param_shapes(params: Any) -> list | None:
+    """The shapes of metadata["params"] in row order, None where it is absent or an entry records none
+    (metadata of the user's own: only a 'name' is required of it)."""
+    if not isinstance(params, list) or not all(isinstance(p, dict) and "shape" in p for p in params):
+        return None
+    return [list(p["shape"]) for p in params]
+
+
 def _check_same_layout(
     test: Any, train: Any, names: tuple[str, str], frameworks: tuple[Any, Any] = (None, None)
 ) -> None:
@@ -201,14 +209,15 @@ def _check_same_gradient_space(test: _Recorded, train: _Recorded, names: tuple[s
         t.get("framework") is not None
         and x.get("framework") is not None
         and t["framework"] != x["framework"]
-        and "params" in t
-        and "params" in x
-        and [p["shape"] for p in t["params"]] != [p["shape"] for p in x["params"]]
-    ):  # names differ across frameworks, but the rows' layout (the shapes in order) must be the same
+        and t.get("mode", "full") == "full"
+        and None not in (shapes := (_param_shapes(t.get("params")), _param_shapes(x.get("params"))))
+        and shapes[0] != shapes[1]
+    ):  # names differ across frameworks, but full rows' layout (the shapes in order) must be the same; factored /
+        # last_layer rows are the factors (dL/d(output), input with a 1), whatever way a kernel is stored
         raise ValueError(
             f"{names[0]} ({short(t['framework'])}) and {names[1]} ({short(x['framework'])}) lay out their rows "
-            f"differently: parameter shapes {short([p['shape'] for p in t['params']])} vs "
-            f"{short([p['shape'] for p in x['params']])} ({_param_names(t['params'])} vs {_param_names(x['params'])}); "
+            f"differently: parameter shapes {short(shapes[0])} vs "
+            f"{short(shapes[1])} ({_param_names(t['params'])} vs {_param_names(x['params'])}); "
             "tracin.jax concatenates leaves in tracin.jax.PARAM_ORDER (dict keys sorted), tracin.torch in "
             "named_parameters() order: give the JAX params in the torch module's order and orientation (e.g. a "
             "list of (weight (out, in), bias) pairs), or export both sides with one framework"

@@ -322,6 +322,8 @@ def test_bias_free_last_layer_matches_tracin_torch(mlp, split, kernel_layout):
     ref_test = [torch_rows(w, xte, yte, ["2.weight"]) for w in zero_bias]
     ref_train = [torch_rows(w, xtr, ytr, ["2.weight"]) for w in zero_bias]
     _check_influence(jax_test, jax_train, ref_test, ref_train, mlp.lrs)
+    # across frameworks too: last_layer rows are the factors, whichever way the JAX kernel is stored
+    assert_close_to_exact(tracin.scores(torch_test, jax_train), ref_test, ref_train, mlp.lrs)
     for side in ("proponents", "opponents"):
         np.testing.assert_array_equal(
             tracin.top_k(jax_test, jax_train, k=5, side=side).indices,
