@@ -189,7 +189,10 @@ class GradientStore(GradientSet):
         but no manifest (e.g. your own checkpoint_000.npy) is refused unless overwrite=True. A store that another writer
         holds is a RuntimeError: at once if that writer is in this process, after trying again for 2 s if in another (a
         child forked just before a close may hold it briefly). Only the writer's finalize() finishes the store, so
-        that it can be scored: leaving a `with` block, like close(), does not, even with every row written.
+        that it can be scored: leaving a `with` block, like close(), does not, even with every row written. The data
+        files are made sparse: when the file system has fewer bytes free (statvfs) than the rows still to write take,
+        a UserWarning says so (once per call; none where there is no statvfs, as on Windows); a write that then
+        finds the disk full keeps the rows recorded before it, and this call, repeated, resumes after them.
 
         rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
         must already be at `path` with this spec: several may write disjoint ranges at once, in
