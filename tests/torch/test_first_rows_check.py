@@ -259,7 +259,8 @@ class Autocast(TokenModel):
 def test_a_reference_that_cannot_be_float32_is_allowed_its_rounding_at_thousands_of_tokens(make, length):
     """Were given up (review9 autocast_in.py: 3.8x at 4096 tokens; casts_inside.py: the tolerance of
     that reference, eps / 4 sqrt(T), had T capped at 256). autocast seen inside the forward makes the
-    reference autocast's dtype, held to eps sqrt(T) (was eps / 4 sqrt(T)) as a model that cannot be widened."""
+    reference autocast's dtype, held to max(2 eps, eps / 2 sqrt(T)) (was eps / 4 sqrt(T)) as a model that
+    cannot be widened."""
     model = make() if make is CastsInside else make().bfloat16()
     data = tokens(3, length)
     _, warned = export(model, data)

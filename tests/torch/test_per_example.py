@@ -2001,8 +2001,8 @@ def test_under_cpu_bfloat16_autocast_with_one_thread_a_clean_mlp_keeps_the_hooks
     with per-example autograd') under CPU bfloat16 autocast: both sides round in bfloat16 (the batched pass's output
     gradients flip by an ulp where its GEMMs sum in another order than one example's, and the LayerNorm weight's sum
     over 7 tokens cancels, keeping them), 0.86 u sqrt(T) of the compared scale against atol eps / 4 sqrt(T) = 0.5 u
-    sqrt(T). atol is now eps sqrt(T) = 2 u sqrt(T): the hooks kept, no warning, rows within bfloat16 rounding of
-    float64 autograd."""
+    sqrt(T). atol is now max(2 eps, eps / 2 sqrt(T)) = max(4 u, u sqrt(T)): the hooks kept, no warning, rows within
+    bfloat16 rounding of float64 autograd."""
     torch.manual_seed(30)
     model = _token_mlp()
     x, y = torch.randn(4, 7, 6), torch.randint(0, 5, (4, 7))
@@ -2032,9 +2032,9 @@ class _HeadUsedTwice(nn.Module):
 def test_under_cpu_bfloat16_autocast_with_one_thread_a_weight_used_outside_its_forward_still_gives_the_hooks_up(
     one_torch_thread,
 ):
-    """The first-rows check's wider autocast tolerance (eps sqrt(T)) still catches what it is for at 16 tokens
-    (measured 10-14 u sqrt(T) against 2): the head's weight also used outside its forward, its outputs the same
-    batched and alone. The rows are then vmap's or the loop's: float64 autograd's to bfloat16 rounding."""
+    """The first-rows check's wider autocast tolerance (max(2 eps, eps / 2 sqrt(T))) still catches what it is for
+    at 16 tokens (measured 10-14 u sqrt(T) against 1): the head's weight also used outside its forward, its outputs
+    the same batched and alone. The rows are then vmap's or the loop's: float64 autograd's to bfloat16 rounding."""
     torch.manual_seed(0)
     model = _HeadUsedTwice()
     x, y = torch.randn(4, 16, 6), torch.randint(0, 5, (4, 16))
