@@ -230,3 +230,17 @@ def test_a_process_file_size_limit_is_named_with_how_to_raise_it(tmp_path):
     assert "a data file of 2462528 bytes" in out.stdout
     assert "file size limit (RLIMIT_FSIZE, ulimit -f) is 2048000 bytes: raise it" in out.stdout
     assert "the file system refuses" not in out.stdout
+
+
+def test_the_warning_made_an_error_leaves_the_store_unlocked(tmp_path, monkeypatch):
+    """Under -W error the warning raises from create: the store's lock is released, so the same call, once
+    space is found (or the warning let through), opens it again instead of a RuntimeError."""
+    _fake_statvfs(monkeypatch, free=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=SHORT):
+            tracin.GradientStore.create(tmp_path / "g", 100, [7])
+    _fake_statvfs(monkeypatch, free=10**6, frsize=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracin.GradientStore.create(tmp_path / "g", 100, [7]).close()

@@ -95,11 +95,11 @@ def create(
             _build(root, wanted, id_array, overwrite, advice)
             manifest = wanted
             files = DataFiles(root, manifest)
+        if files is not None:  # inside: a warning made an error (-W error) must not keep the store locked
+            _warn_short_of_space(root, manifest)
     except BaseException:
         lock.release()
         raise
-    if files is not None:
-        _warn_short_of_space(root, manifest)
     return GradientStoreWriter(root, manifest, lock, files, open_store)
 
 
@@ -309,8 +309,8 @@ def _warn_short_of_space(root: Path, manifest: Manifest) -> None:
         f"gradient store {root}: its rows still to be written take {need} bytes, but its file system has "
         f"{free} bytes free (the data files are made sparse, so writes fail once the disk is full); free space "
         "on that disk, or use another one. A write that fails for lack of space keeps the rows recorded before "
-        "it: rerunning the same call (the export, or GradientStore.create with the same arguments) resumes "
-        "where it stopped",
+        "it: rerunning the same call (the export, or GradientStore.create with the same arguments, without "
+        "overwrite=True, which starts over) resumes where it stopped",
         UserWarning,
         stacklevel=user_stacklevel(),
     )

@@ -192,7 +192,8 @@ class GradientStore(GradientSet):
         that it can be scored: leaving a `with` block, like close(), does not, even with every row written. The data
         files are made sparse: when the file system has fewer bytes free (statvfs) than the rows still to write take,
         a UserWarning says so (once per call; none where there is no statvfs, as on Windows); a write that then
-        finds the disk full keeps the rows recorded before it, and this call, repeated, resumes after them.
+        finds the disk full keeps the rows recorded before it, and this call, repeated (without overwrite=True), resumes
+        after them.
 
         rows=(start, stop): a GradientStoreRangeWriter of rows [start, stop) only, of the store that
         must already be at `path` with this spec: several may write disjoint ranges at once, in
