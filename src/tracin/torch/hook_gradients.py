@@ -165,7 +165,9 @@ class HookGradients:
                 count, dtype = tokens[name], dtypes[name]
                 # (a 16-bit model's parameter keeps its own sums' tolerance: its LayerNorm sums positions in 16 bits)
                 own = getattr(self._modules[holders[0][0]], holders[0][1]).dtype
-                layer_norm = any(isinstance(self._modules[m], nn.LayerNorm) for m, _ in holders)
+                layer_norm = out.device.type == "cpu" and any(
+                    isinstance(self._modules[m], nn.LayerNorm) for m, _ in holders
+                )
                 if autocast is not None and torch.finfo(own).eps < torch.finfo(autocast).eps and not layer_norm:
                     count, dtype = 1, max(dtype, autocast, key=lambda d: torch.finfo(d).eps)
                 if name in self.directional:
