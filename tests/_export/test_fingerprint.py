@@ -1258,3 +1258,47 @@ def test_a_file_replaced_by_a_fifo_after_it_was_listed_is_refused_unblocked(tmp_
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
     assert swapped and outcome and isinstance(outcome[0], ValueError), outcome
     assert str(outcome[0]).startswith(f"ckpt: {path} is not a regular file or a folder")
+
+
+def _unpickled(fn: typing.Any) -> typing.Any:
+    """fn cloudpickled and unpickled, as a Dask worker gets an export's loss_fn."""
+    import pickle
+
+    import cloudpickle
+
+    return pickle.loads(cloudpickle.dumps(fn))
+
+
+_DECORATED = (
+    "import functools\n\n\ndef twice(fn):\n    @functools.wraps(fn)\n    def wrapper(o, t, s=0.1):\n"
+    "        return 2 * fn(o, t, s)\n    return wrapper\n\n\n@twice\n" + _F
+)
+
+
+def test_a_jitted_function_unpickled_is_identified_as_the_function_before_pickling():
+    """r245 F2: jax restores an unpickled jax.jit function without __wrapped__ (a Dask worker's loss_fn):
+    it was named "jaxlib._jax.PjitFunction: <PjitFunction>", not as the client's jitted function (every
+    distributed task failed, blaming the data), and without a code digest (any two were alike)."""
+    jax = pytest.importorskip("jax")
+    f = _compiled(_F)
+    jitted = jax.jit(f)
+    back = _unpickled(jitted)
+    assert back is not jitted and not hasattr(back, "__wrapped__")  # what the identity reads past
+    identity = callable_identity(jitted)
+    assert identity == callable_identity(f) and " code[" in identity
+    assert callable_identity(back) == identity
+    assert callable_identity(_unpickled(jax.jit(jax.jit(f)))) == identity  # jitted twice
+    decorated = jax.jit(_compiled(_DECORATED))  # the wrapper's code counts, here and unpickled
+    assert callable_identity(_unpickled(decorated)) == callable_identity(decorated) != identity
+    edited = _unpickled(jax.jit(_compiled(_F.replace("x * s", "x * s * 2"))))
+    assert callable_identity(edited) != identity
+    assert without_code(callable_identity(edited)) == without_code(identity) == "lossmod.f"
+
+    def closing_over(fn):
+        def loss(o, t):
+            return fn(o, t)
+
+        return loss
+
+    held = closing_over(jax.jit(f))  # a closure over a jitted function: the jitted function named as f
+    assert callable_identity(_unpickled(held)) == callable_identity(held)

@@ -381,6 +381,7 @@ def _identity(fn: Any, seen: set[int], mode: _Mode = "full") -> str:
     if script is not None:
         return script
     h = _hasher()
+    fn = _jit_unpickled(fn)
     if mode == "full":
         _digest_wrappers(fn, h)
     owner = _bound_object(fn)  # read before unwrapping: a Flax module's method unwraps to its plain function
@@ -599,6 +600,19 @@ def _in_framework(module: Any) -> bool:
     return isinstance(module, str) and module.partition(".")[0] in _FRAMEWORKS
 
 
+def _jit_unpickled(fn: Any) -> Any:
+    """The function a jax.jit function compiles where the jitted function was unpickled (jax restores
+    only that function, not __wrapped__: a Dask worker's loss_fn), so that it is named, and its code
+    digested, as the same function jitted before pickling is (inspect.unwrap); else fn."""
+    while (
+        type(fn).__name__ == "PjitFunction"
+        and type(fn).__module__.startswith("jaxlib")
+        and not hasattr(fn, "__wrapped__")
+    ):  # a loop: a jitted jitted function
+        fn = fn.__getstate__()["fun"]
+    return fn
+
+
 def _digest_wrappers(fn: Any, h: Any) -> None:
     """Fold into `h` the code and closure settings of each Python function that wraps another (the
     __wrapped__ chain inspect.unwrap follows: a functools.wraps decorator's wrapper), but those the
@@ -812,6 +826,9 @@ def _is_function(value: Any) -> bool:
         return True
     if isinstance(value, type) or not callable(value):
         return False
+    value = _jit_unpickled(value)
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial)):
+        return True
     if inspect.getattr_static(value, "__wrapped__", None) is None:  # not hasattr: a bound Flax module would run setup()
         return False
     try:
@@ -833,7 +850,7 @@ def _function_text(fn: Any, seen: Set[int]) -> str:
     while isinstance(inner, functools.partial):
         inner = inner.func
     try:
-        inner = inspect.unwrap(inner)
+        inner = inspect.unwrap(_jit_unpickled(inner))
     except ValueError:  # a cycle of __wrapped__
         return text
     inner = getattr(inner, "__func__", inner)  # a method's function
